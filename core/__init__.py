@@ -1,0 +1,1 @@
+"""Domain core of the gateway: money, members, payments, refunds, disputes, outbox."""

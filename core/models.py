@@ -1,0 +1,383 @@
+"""SQLAlchemy 2 typed models: every table of the gateway, scoped by cooperative."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from core.db import Base, JSONType, UTCDateTime, UUIDStr, new_id, utcnow
+
+
+def _id() -> Mapped[str]:
+    return mapped_column(UUIDStr, primary_key=True, default=new_id)
+
+
+def _created() -> Mapped[datetime]:
+    return mapped_column(UTCDateTime, default=utcnow, nullable=False)
+
+
+def _updated() -> Mapped[datetime]:
+    return mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow, nullable=False)
+
+
+def _coop_fk(nullable: bool = False) -> Mapped[Any]:
+    return mapped_column(UUIDStr, ForeignKey("cooperatives.id"), nullable=nullable, index=True)
+
+
+class Cooperative(Base):
+    __tablename__ = "cooperatives"
+
+    id: Mapped[str] = _id()
+    name: Mapped[str] = mapped_column(String(200))
+    short_code: Mapped[str] = mapped_column(String(32), unique=True)
+    country: Mapped[str] = mapped_column(String(2))
+    currency: Mapped[str] = mapped_column(String(3))
+    timezone: Mapped[str] = mapped_column(String(64), default="Africa/Kigali")
+    ussd_extension: Mapped[str | None] = mapped_column(String(16), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="ACTIVE")  # ACTIVE | SUSPENDED
+    contact_phone: Mapped[str | None] = mapped_column(String(32))
+    self_registration: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class Member(Base):
+    __tablename__ = "members"
+    __table_args__ = (UniqueConstraint("cooperative_id", "phone_index"),)
+
+    id: Mapped[str] = _id()
+    cooperative_id: Mapped[str] = _coop_fk()
+    name: Mapped[str] = mapped_column(String(200))
+    phone_enc: Mapped[str] = mapped_column(String(255))
+    phone_index: Mapped[str] = mapped_column(String(64), index=True)
+    phone_masked: Mapped[str] = mapped_column(String(32))
+    language: Mapped[str] = mapped_column(String(2), default="en")
+    unit: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="ACTIVE")  # PENDING | ACTIVE | SUSPENDED
+    reminders_opt_out: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class AdminUser(Base):
+    __tablename__ = "admin_users"
+
+    id: Mapped[str] = _id()
+    username: Mapped[str] = mapped_column(String(120), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(24))  # SUPER_ADMIN | COOP_ADMIN | TENANT
+    cooperative_id: Mapped[str | None] = _coop_fk(nullable=True)
+    member_id: Mapped[str | None] = mapped_column(UUIDStr, ForeignKey("members.id"))
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = _id()
+    cooperative_id: Mapped[str] = _coop_fk()
+    name: Mapped[str] = mapped_column(String(120))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    created_by: Mapped[str | None] = mapped_column(UUIDStr)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = _created()
+
+
+class PaymentType(Base):
+    __tablename__ = "payment_types"
+
+    id: Mapped[str] = _id()
+    cooperative_id: Mapped[str] = _coop_fk()
+    name: Mapped[str] = mapped_column(String(120))
+    description: Mapped[str | None] = mapped_column(String(500))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    allow_custom_amount: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_recurring: Mapped[bool] = mapped_column(Boolean, default=False)
+    recurring_interval: Mapped[str | None] = mapped_column(String(16))  # MONTHLY | QUARTERLY | YEARLY
+    due_day: Mapped[int | None] = mapped_column(Integer)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class Payment(Base):
+    __tablename__ = "payments"
+    __table_args__ = (
+        UniqueConstraint("cooperative_id", "idempotency_key"),
+        UniqueConstraint("provider", "provider_reference"),
+        Index("ix_payments_coop_created", "cooperative_id", "created_at"),
+        Index("ix_payments_member_created", "member_id", "created_at"),
+        Index("ix_payments_status_poll", "status", "next_poll_at"),
+    )
+
+    id: Mapped[str] = _id()
+    cooperative_id: Mapped[str] = _coop_fk()
+    member_id: Mapped[str | None] = mapped_column(UUIDStr, ForeignKey("members.id"))
+    payment_type_id: Mapped[str] = mapped_column(UUIDStr, ForeignKey("payment_types.id"))
+    reference: Mapped[str] = mapped_column(String(32), unique=True)
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    fee_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    refunded_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str] = mapped_column(String(24), default="PENDING")
+    method: Mapped[str] = mapped_column(String(32))
+    provider: Mapped[str] = mapped_column(String(24))
+    provider_reference: Mapped[str] = mapped_column(String(64))
+    provider_transaction_id: Mapped[str | None] = mapped_column(String(128))
+    gateway_reference: Mapped[str | None] = mapped_column(String(128))
+    payment_url: Mapped[str | None] = mapped_column(String(500))
+    payment_account_enc: Mapped[str] = mapped_column(String(255))
+    payment_account_index: Mapped[str] = mapped_column(String(64), index=True)
+    payment_account_masked: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str] = mapped_column(String(128))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str | None] = mapped_column(String(500))
+    due_date: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    channel: Mapped[str] = mapped_column(String(8))  # ussd | api | sms
+    failure_reason: Mapped[str | None] = mapped_column(String(200))
+    mismatch: Mapped[bool] = mapped_column(Boolean, default=False)
+    mismatch_detail: Mapped[str | None] = mapped_column(String(300))
+    late: Mapped[bool] = mapped_column(Boolean, default=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    next_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ProviderEvent(Base):
+    """A provider callback as received, kept raw; unique per provider and event id."""
+
+    __tablename__ = "provider_events"
+    __table_args__ = (UniqueConstraint("provider", "event_id"),)
+
+    id: Mapped[str] = _id()
+    provider: Mapped[str] = mapped_column(String(24))
+    event_id: Mapped[str] = mapped_column(String(200))
+    payment_id: Mapped[str | None] = mapped_column(UUIDStr, ForeignKey("payments.id"), index=True)
+    refund_id: Mapped[str | None] = mapped_column(UUIDStr)
+    kind: Mapped[str] = mapped_column(String(24))  # collection | refund
+    status: Mapped[str] = mapped_column(String(24))
+    payload: Mapped[Any] = mapped_column(JSONType)
+    outcome: Mapped[str | None] = mapped_column(String(64))
+    received_at: Mapped[datetime] = _created()
+
+
+class Refund(Base):
+    __tablename__ = "refunds"
+    __table_args__ = (UniqueConstraint("payment_id", "idempotency_key"),)
+
+    id: Mapped[str] = _id()
+    cooperative_id: Mapped[str] = _coop_fk()
+    payment_id: Mapped[str] = mapped_column(UUIDStr, ForeignKey("payments.id"), index=True)
+    reference: Mapped[str] = mapped_column(String(32), unique=True)
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16), default="PENDING")
+    reason: Mapped[str | None] = mapped_column(String(300))
+    idempotency_key: Mapped[str] = mapped_column(String(128))
+    provider_reference: Mapped[str] = mapped_column(String(64), unique=True)
+    provider_transaction_id: Mapped[str | None] = mapped_column(String(128))
+    failure_reason: Mapped[str | None] = mapped_column(String(200))
+    dispute_id: Mapped[str | None] = mapped_column(UUIDStr)
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Dispute(Base):
+    __tablename__ = "disputes"
+
+    id: Mapped[str] = _id()
+    cooperative_id: Mapped[str] = _coop_fk()
+    payment_id: Mapped[str] = mapped_column(UUIDStr, ForeignKey("payments.id"), index=True)
+    member_id: Mapped[str | None] = mapped_column(UUIDStr, ForeignKey("members.id"))
+    reference: Mapped[str] = mapped_column(String(32), unique=True)
+    reason: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="OPEN")
+    channel: Mapped[str] = mapped_column(String(8))
+    notes: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    resolution: Mapped[str | None] = mapped_column(String(500))
+    refund_id: Mapped[str | None] = mapped_column(UUIDStr)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class SmsMessage(Base):
+    __tablename__ = "sms_messages"
+
+    id: Mapped[str] = _id()
+    cooperative_id: Mapped[str | None] = _coop_fk(nullable=True)
+    member_id: Mapped[str | None] = mapped_column(UUIDStr)
+    phone_enc: Mapped[str] = mapped_column(String(255))
+    phone_index: Mapped[str] = mapped_column(String(64), index=True)
+    phone_masked: Mapped[str] = mapped_column(String(32))
+    template: Mapped[str] = mapped_column(String(48))
+    language: Mapped[str] = mapped_column(String(2))
+    body: Mapped[str] = mapped_column(Text)
+    encoding: Mapped[str] = mapped_column(String(8))  # GSM-7 | UCS-2
+    length: Mapped[int] = mapped_column(Integer)
+    segments: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="QUEUED")
+    idempotency_key: Mapped[str] = mapped_column(String(160), unique=True)
+    provider_message_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    provider_status: Mapped[str | None] = mapped_column(String(32))
+    failure_reason: Mapped[str | None] = mapped_column(String(64))
+    cost: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class OutboxJob(Base):
+    """A side effect to perform after commit; claimed with FOR UPDATE SKIP LOCKED."""
+
+    __tablename__ = "outbox_jobs"
+    __table_args__ = (Index("ix_outbox_due", "status", "run_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(48))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    dedupe_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    cooperative_id: Mapped[str | None] = mapped_column(UUIDStr)
+    status: Mapped[str] = mapped_column(String(12), default="PENDING")  # PENDING|RUNNING|DONE|PARKED
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=8)
+    run_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    locked_by: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ApprovedDomain(Base):
+    __tablename__ = "approved_domains"
+    __table_args__ = (UniqueConstraint("cooperative_id", "domain"),)
+
+    id: Mapped[str] = _id()
+    cooperative_id: Mapped[str] = _coop_fk()
+    domain: Mapped[str] = mapped_column(String(253))
+    status: Mapped[str] = mapped_column(String(16), default="PENDING")  # PENDING | APPROVED | REJECTED
+    decided_by: Mapped[str | None] = mapped_column(String(64))
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = _created()
+
+
+class WebhookEndpoint(Base):
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = _id()
+    cooperative_id: Mapped[str] = _coop_fk()
+    url: Mapped[str] = mapped_column(String(500))
+    secret_enc: Mapped[str] = mapped_column(String(255))
+    events: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    status: Mapped[str] = mapped_column(String(16), default="ACTIVE")  # ACTIVE | DISABLED
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+
+
+class WebhookDelivery(Base):
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("endpoint_id", "event_id"),)
+
+    id: Mapped[str] = _id()
+    cooperative_id: Mapped[str] = _coop_fk()
+    endpoint_id: Mapped[str] = mapped_column(UUIDStr, ForeignKey("webhook_endpoints.id"), index=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(48))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(String(16), default="PENDING")  # PENDING | DELIVERED | FAILED
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    created_at: Mapped[datetime] = _created()
+    updated_at: Mapped[datetime] = _updated()
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class UssdSession(Base):
+    __tablename__ = "ussd_sessions"
+    __table_args__ = (UniqueConstraint("aggregator", "session_id"),)
+
+    id: Mapped[str] = _id()
+    aggregator: Mapped[str] = mapped_column(String(24))
+    session_id: Mapped[str] = mapped_column(String(128))
+    cooperative_id: Mapped[str | None] = mapped_column(UUIDStr, index=True)
+    member_id: Mapped[str | None] = mapped_column(UUIDStr)
+    phone_index: Mapped[str] = mapped_column(String(64), index=True)
+    phone_masked: Mapped[str] = mapped_column(String(32))
+    service_code: Mapped[str] = mapped_column(String(32))
+    network_code: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="OPEN")  # OPEN|Success|Incomplete|Failed
+    hops: Mapped[int] = mapped_column(Integer, default=0)
+    last_screen: Mapped[str | None] = mapped_column(String(48))
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    cost: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(String(300))
+    payment_id: Mapped[str | None] = mapped_column(UUIDStr)
+    started_at: Mapped[datetime] = _created()
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditEvent(Base):
+    """Append-only record of every financial event: who, what, when, from which channel."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_entity", "entity_type", "entity_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    cooperative_id: Mapped[str | None] = mapped_column(UUIDStr, index=True)
+    actor: Mapped[str] = mapped_column(String(96))
+    channel: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(64))
+    entity_type: Mapped[str] = mapped_column(String(32))
+    entity_id: Mapped[str] = mapped_column(String(64))
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class ReferenceCounter(Base):
+    """Per-day counters for human references (PAY_20251016_001)."""
+
+    __tablename__ = "reference_counters"
+
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ReminderSent(Base):
+    __tablename__ = "reminders_sent"
+    __table_args__ = (UniqueConstraint("member_id", "payment_type_id", "period"),)
+
+    id: Mapped[str] = _id()
+    member_id: Mapped[str] = mapped_column(UUIDStr, ForeignKey("members.id"))
+    payment_type_id: Mapped[str] = mapped_column(UUIDStr, ForeignKey("payment_types.id"))
+    period: Mapped[date] = mapped_column(Date)
+    created_at: Mapped[datetime] = _created()

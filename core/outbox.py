@@ -1,0 +1,238 @@
+"""Transactional outbox: jobs written with the state change, run by workers claiming with SKIP LOCKED."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core.db import insert_ignore, utcnow
+from core.models import OutboxJob
+
+log = logging.getLogger("gateway.outbox")
+
+
+class PermanentJobError(Exception):
+    """A failure that retrying will not fix: the job is parked at once."""
+
+
+class RetryLater(Exception):  # noqa: N818 - a signal, not an error
+    """Not a failure: run the job again after `delay` seconds (e.g. a payment still pending)."""
+
+    def __init__(self, delay: float, reason: str = "") -> None:
+        super().__init__(reason or f"retry in {delay:.0f}s")
+        self.delay = delay
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+
+
+Handler = Callable[[Job], Awaitable[None]]
+
+
+async def enqueue(
+    session: AsyncSession,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    dedupe_key: str | None = None,
+    run_at: datetime | None = None,
+    cooperative_id: str | None = None,
+    max_attempts: int = 8,
+) -> None:
+    """Add a job in the caller's transaction. A job with the same dedupe key is not added twice."""
+    values = {
+        "kind": kind,
+        "payload": payload,
+        "dedupe_key": dedupe_key,
+        "cooperative_id": cooperative_id,
+        "status": "PENDING",
+        "attempts": 0,
+        "max_attempts": max_attempts,
+        "run_at": run_at or utcnow(),
+        "created_at": utcnow(),
+        "updated_at": utcnow(),
+    }
+    stmt = insert_ignore(session.bind.dialect.name, OutboxJob).values(**values)
+    if dedupe_key is not None:
+        stmt = stmt.on_conflict_do_nothing(index_elements=["dedupe_key"])
+    await session.execute(stmt)
+
+
+def backoff(attempt: int, *, base: float = 2.0, cap: float = 3600.0) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt)), at least 1 s."""
+    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
+    return max(1.0, random.uniform(ceiling / 2, ceiling))
+
+
+class OutboxWorker:
+    """Claims due jobs in batches, runs the handler for each kind, retries, parks, and leases.
+
+    A claimed job is marked RUNNING with run_at moved to the lease's end, so one index
+    (status, run_at) finds both due jobs and jobs whose worker died mid-run.
+    """
+
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        handlers: Mapping[str, Handler],
+        *,
+        batch_size: int = 50,
+        lease_seconds: int = 60,
+        concurrency: int = 16,
+        idle_sleep: float = 0.2,
+        worker_id: str | None = None,
+        on_job: Callable[[str, str, float], None] | None = None,
+    ) -> None:
+        self._sm = sessionmaker
+        self._handlers = dict(handlers)
+        self._batch = batch_size
+        self._lease = lease_seconds
+        self._sem = asyncio.Semaphore(concurrency)
+        self._idle = idle_sleep
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(24):06x}"
+        self._on_job = on_job
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def claim(self) -> list[Job]:
+        now = utcnow()
+        async with self._sm.begin() as session:
+            rows = (
+                await session.execute(
+                    select(OutboxJob)
+                    .where(OutboxJob.status.in_(("PENDING", "RUNNING")), OutboxJob.run_at <= now)
+                    .order_by(OutboxJob.run_at)
+                    .limit(self._batch)
+                    .with_for_update(skip_locked=True)
+                )
+            ).scalars().all()
+            if not rows:
+                return []
+            ids = [r.id for r in rows]
+            await session.execute(
+                update(OutboxJob)
+                .where(OutboxJob.id.in_(ids))
+                .values(status="RUNNING", run_at=now + timedelta(seconds=self._lease),
+                        locked_by=self.worker_id, attempts=OutboxJob.attempts + 1, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            return [Job(r.id, r.kind, dict(r.payload), r.attempts + 1, r.max_attempts, r.created_at)
+                    for r in rows]
+
+    async def _finish(self, job: Job, **values: Any) -> None:
+        values.setdefault("updated_at", utcnow())
+        async with self._sm.begin() as session:
+            # Only the lease holder may finish the job; a job re-claimed after a lapse belongs to another.
+            await session.execute(
+                update(OutboxJob)
+                .where(OutboxJob.id == job.id, OutboxJob.locked_by == self.worker_id,
+                       OutboxJob.status == "RUNNING")
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+
+    async def run_job(self, job: Job) -> None:
+        handler = self._handlers.get(job.kind)
+        started = time.perf_counter()
+        outcome = "done"
+        try:
+            if handler is None:
+                raise PermanentJobError(f"no handler for job kind {job.kind!r}")
+            await asyncio.wait_for(handler(job), timeout=max(5, self._lease - 5))
+        except RetryLater as later:
+            outcome = "later"
+            # Waiting is not failing: give the attempt back.
+            await self._finish(job, status="PENDING", locked_by=None, attempts=job.attempts - 1,
+                               run_at=utcnow() + timedelta(seconds=later.delay), last_error=str(later))
+        except PermanentJobError as exc:
+            outcome = "parked"
+            log.error("job parked", extra={"job_id": job.id, "kind": job.kind, "error": str(exc)})
+            await self._finish(job, status="PARKED", locked_by=None, last_error=str(exc)[:2000])
+        except Exception as exc:  # noqa: BLE001 - any handler failure is retried or parked
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            if job.attempts >= job.max_attempts:
+                outcome = "parked"
+                log.error("job parked after retries",
+                          extra={"job_id": job.id, "kind": job.kind, "attempts": job.attempts, "error": error})
+                await self._finish(job, status="PARKED", locked_by=None, last_error=error)
+            else:
+                outcome = "retry"
+                delay = backoff(job.attempts)
+                log.warning("job failed, will retry",
+                            extra={"job_id": job.id, "kind": job.kind, "attempts": job.attempts,
+                                   "delay_s": round(delay, 1), "error": error})
+                await self._finish(job, status="PENDING", locked_by=None, last_error=error,
+                                   run_at=utcnow() + timedelta(seconds=delay))
+        else:
+            await self._finish(job, status="DONE", locked_by=None, done_at=utcnow(), last_error=None)
+        finally:
+            if self._on_job:
+                self._on_job(job.kind, outcome, time.perf_counter() - started)
+
+    async def _guarded(self, job: Job) -> None:
+        try:
+            await self.run_job(job)
+        except Exception:  # the database went away while finishing: the lease brings the job back
+            log.exception("could not record job result", extra={"job_id": job.id})
+        finally:
+            self._sem.release()
+
+    async def run_once(self) -> int:
+        """Claim one batch and run it to completion; returns how many jobs ran."""
+        jobs = await self.claim()
+        await asyncio.gather(*(self.run_job(j) for j in jobs))
+        return len(jobs)
+
+    async def run_forever(self) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        while not self._stopping.is_set():
+            try:
+                jobs = await self.claim()
+            except Exception:
+                log.exception("claiming jobs failed; backing off")
+                jobs = []
+                await self._sleep(2.0)
+                continue
+            for job in jobs:
+                await self._sem.acquire()
+                task = asyncio.create_task(self._guarded(job))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if not jobs:
+                await self._sleep(self._idle)
+        # Graceful stop: let running jobs finish (their lease covers a hard kill).
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._lease)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+
+async def queue_depth(session: AsyncSession) -> dict[str, int]:
+    rows = await session.execute(
+        select(OutboxJob.status, func.count()).where(
+            or_(OutboxJob.status != "DONE")).group_by(OutboxJob.status))
+    return {status: count for status, count in rows.all()}

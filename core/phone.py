@@ -1,0 +1,132 @@
+"""Phone numbers: E.164 normalisation, operator detection by number range, masking."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import phonenumbers
+from phonenumbers import NumberParseException, PhoneNumberType
+
+from core.errors import ValidationError
+
+DEFAULT_REGION = "RW"
+
+# Operator by E.164 prefix (country code + national prefix). Longest prefix wins.
+# Sources: the national numbering plans of RURA, CA Kenya, UCC, TCRA, NCA.
+_OPERATOR_PREFIXES: dict[str, str] = {
+    # Rwanda
+    "25078": "MTN", "25079": "MTN", "25072": "AIRTEL", "25073": "AIRTEL",
+    # Kenya
+    "25470": "SAFARICOM", "254710": "SAFARICOM", "254711": "SAFARICOM", "254712": "SAFARICOM",
+    "254713": "SAFARICOM", "254714": "SAFARICOM", "254715": "SAFARICOM", "254716": "SAFARICOM",
+    "254717": "SAFARICOM", "254718": "SAFARICOM", "254719": "SAFARICOM", "254720": "SAFARICOM",
+    "254721": "SAFARICOM", "254722": "SAFARICOM", "254723": "SAFARICOM", "254724": "SAFARICOM",
+    "254725": "SAFARICOM", "254726": "SAFARICOM", "254727": "SAFARICOM", "254728": "SAFARICOM",
+    "254729": "SAFARICOM", "254740": "SAFARICOM", "254741": "SAFARICOM", "254742": "SAFARICOM",
+    "254743": "SAFARICOM", "254745": "SAFARICOM", "254746": "SAFARICOM", "254748": "SAFARICOM",
+    "254757": "SAFARICOM", "254758": "SAFARICOM", "254759": "SAFARICOM", "254768": "SAFARICOM",
+    "254769": "SAFARICOM", "25479": "SAFARICOM", "254110": "SAFARICOM", "254111": "SAFARICOM",
+    "25473": "AIRTEL", "254750": "AIRTEL", "254751": "AIRTEL", "254752": "AIRTEL",
+    "254753": "AIRTEL", "254754": "AIRTEL", "254755": "AIRTEL", "254756": "AIRTEL",
+    "25478": "AIRTEL", "254100": "AIRTEL", "254101": "AIRTEL", "254102": "AIRTEL",
+    # Uganda
+    "25677": "MTN", "25678": "MTN", "25676": "MTN", "25639": "MTN", "25670": "AIRTEL",
+    "25675": "AIRTEL", "25674": "AIRTEL",
+    # Tanzania
+    "25568": "AIRTEL", "25569": "AIRTEL", "25578": "AIRTEL", "25574": "VODACOM",
+    "25575": "VODACOM", "25576": "VODACOM",
+    # Ghana
+    "23324": "MTN", "23354": "MTN", "23355": "MTN", "23359": "MTN", "23320": "TELECEL",
+    "23350": "TELECEL", "23326": "AIRTELTIGO", "23356": "AIRTELTIGO", "23327": "AIRTELTIGO",
+    "23357": "AIRTELTIGO",
+    # Zambia
+    "26096": "MTN", "26076": "MTN", "26097": "AIRTEL", "26077": "AIRTEL",
+}
+_MAX_PREFIX = max(len(p) for p in _OPERATOR_PREFIXES)
+_DIGITS = re.compile(r"[\s\-().]")
+
+
+class PhoneError(ValidationError):
+    """A value that is not a valid mobile number."""
+
+
+@dataclass(frozen=True, slots=True)
+class Phone:
+    e164: str  # "+250788000001"
+
+    @property
+    def digits(self) -> str:
+        return self.e164[1:]
+
+    @property
+    def region(self) -> str:
+        return phonenumbers.region_code_for_number(phonenumbers.parse(self.e164)) or ""
+
+    @property
+    def national(self) -> str:
+        """National significant number with the trunk 0: '0788000001'."""
+        parsed = phonenumbers.parse(self.e164)
+        return "0" + str(parsed.national_number)
+
+    @property
+    def national_significant(self) -> str:
+        return str(phonenumbers.parse(self.e164).national_number)
+
+    @property
+    def operator(self) -> str | None:
+        return operator_of(self.e164)
+
+    def masked(self) -> str:
+        return mask(self.e164)
+
+    def __str__(self) -> str:
+        return self.e164
+
+    def __repr__(self) -> str:
+        return f"Phone({self.masked()})"
+
+
+def normalize(raw: str, region: str = DEFAULT_REGION) -> Phone:
+    """Parse a number in any common form into E.164, refusing non-mobile or invalid ones."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise PhoneError("phone number is required", field="phone")
+    text = _DIGITS.sub("", raw.strip())
+    if len(text) > 20:
+        raise PhoneError("phone number is too long", field="phone")
+    if text.startswith("00"):
+        text = "+" + text[2:]
+    elif not text.startswith("+") and len(text) >= 11 and text[:3] in _COUNTRY_PREFIXES:
+        text = "+" + text
+    try:
+        parsed = phonenumbers.parse(text, region)
+    except NumberParseException:
+        raise PhoneError("not a phone number", field="phone") from None
+    if not phonenumbers.is_valid_number(parsed):
+        raise PhoneError("not a valid phone number", field="phone")
+    kind = phonenumbers.number_type(parsed)
+    if kind not in (PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE):
+        raise PhoneError("not a mobile phone number", field="phone")
+    return Phone(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+
+
+_COUNTRY_PREFIXES = {"250", "254", "256", "255", "233", "260", "257", "265", "234", "27"}
+
+
+def operator_of(e164: str) -> str | None:
+    digits = e164.lstrip("+")
+    for size in range(min(_MAX_PREFIX, len(digits)), 2, -1):
+        op = _OPERATOR_PREFIXES.get(digits[:size])
+        if op:
+            return op
+    return None
+
+
+def mask(e164: str) -> str:
+    """'+250788000456' -> '+25078****456': country and operator prefix, last three digits."""
+    if not e164:
+        return ""
+    head = 6 if e164.startswith("+") else 5
+    if len(e164) <= head + 3:
+        return "*" * len(e164)
+    return e164[:head] + "*" * (len(e164) - head - 3) + e164[-3:]

@@ -1,0 +1,171 @@
+"""Core types the edges translate into and out of, and the interfaces adapters implement.
+
+Nothing in here knows a provider's or an aggregator's field names or status strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+from core.money import Money
+from core.phone import Phone
+
+
+class ProviderOutcome(StrEnum):
+    """What a provider says about a collection or refund, in core words."""
+
+    PENDING = "PENDING"  # accepted, waiting for the payer / still in progress
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    EXPIRED = "EXPIRED"  # the payer never approved in time
+    CANCELLED = "CANCELLED"  # the payer declined
+    AMBIGUOUS = "AMBIGUOUS"  # provider cannot tell yet; keep polling
+
+
+class EventKind(StrEnum):
+    COLLECTION = "collection"
+    REFUND = "refund"
+
+
+@dataclass(frozen=True)
+class ProviderEvent:
+    """A provider's callback or status answer, translated."""
+
+    provider: str
+    kind: EventKind
+    event_id: str  # unique per provider event: used to drop duplicates
+    reference: str  # our provider reference (payment.provider_reference or refund.provider_reference)
+    outcome: ProviderOutcome
+    amount: Money | None = None
+    provider_transaction_id: str | None = None
+    reason: str | None = None  # provider's failure reason, in plain words
+    needs_confirmation: bool = False  # unsigned callback: confirm with a status query first
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CollectionRequest:
+    provider_reference: str  # our UUID, saved on the payment before the call
+    payment_reference: str  # human reference (PAY_...)
+    amount: Money
+    payer: Phone | None  # None for bank payments through an invoice
+    payer_account: str  # phone in E.164, or account/email for banks
+    description: str
+    callback_url: str
+    method: str  # MOBILE_MONEY_MTN, MOBILE_MONEY_AIRTEL, MPESA, BANK_BK, BANK_IM, BANK_ECOBANK
+    language: str = "en"
+    payer_name: str = ""
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class CollectionAccepted:
+    """The provider took the request; the outcome comes later."""
+
+    provider_transaction_id: str | None = None
+    gateway_reference: str | None = None  # e.g. an invoice number
+    payment_url: str | None = None  # where a bank payer completes the payment
+
+
+@dataclass(frozen=True)
+class RefundRequest:
+    provider_reference: str  # our UUID for the refund
+    original_provider_reference: str
+    original_provider_transaction_id: str | None
+    amount: Money
+    full: bool  # the refund covers the whole collected amount
+    payer: Phone | None
+    reason: str
+    callback_url: str
+
+
+@dataclass(frozen=True)
+class StatusResult:
+    outcome: ProviderOutcome
+    amount: Money | None = None
+    provider_transaction_id: str | None = None
+    reason: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ProviderError(Exception):
+    """A provider call failed. `retryable` says whether the same call may be sent again."""
+
+    def __init__(self, message: str, *, retryable: bool, code: str | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.code = code
+
+
+class ProviderTimeout(ProviderError):
+    """We do not know whether the provider received the request: ask its status, never resend blind."""
+
+    def __init__(self, message: str = "provider did not answer in time") -> None:
+        super().__init__(message, retryable=False, code="TIMEOUT")
+
+
+class CallbackRejected(Exception):
+    """A callback that failed verification or could not be parsed; answered 4xx, nothing changes."""
+
+    def __init__(self, message: str, *, status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class InboundCallback:
+    """What an HTTP callback carried, independent of aiohttp."""
+
+    method: str
+    headers: Mapping[str, str]
+    query: Mapping[str, str]
+    body: bytes
+
+
+class PaymentProvider(Protocol):
+    """Implemented by each package under providers/."""
+
+    name: str
+    supports_partial_refund: bool
+    # Payment methods this provider collects (MOBILE_MONEY_MTN, ...).
+    methods: frozenset[str]
+
+    async def request_collection(self, request: CollectionRequest) -> CollectionAccepted: ...
+
+    async def collection_status(self, provider_reference: str, provider_transaction_id: str | None,
+                                currency: str) -> StatusResult: ...
+
+    async def request_refund(self, request: RefundRequest) -> CollectionAccepted: ...
+
+    async def refund_status(self, provider_reference: str, currency: str) -> StatusResult: ...
+
+    async def verify_callback(self, callback: InboundCallback) -> None:
+        """Raise CallbackRejected when the signature, secret or timestamp does not hold."""
+
+    def parse_callback(self, callback: InboundCallback) -> ProviderEvent: ...
+
+
+@dataclass(frozen=True)
+class SendResult:
+    provider_message_id: str | None
+    accepted: bool
+    provider_status: str
+    cost: str | None = None
+    failure_reason: str | None = None
+    permanent: bool = False  # a rejection that a retry would not fix
+
+
+class SmsSender(Protocol):
+    async def send(self, phone: Phone, body: str) -> SendResult: ...
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    provider_message_id: str
+    status: str  # core SmsStatus value: SENT | DELIVERED | FAILED | REJECTED | EXPIRED
+    provider_status: str
+    failure_reason: str | None = None

@@ -1,0 +1,47 @@
+"""The running process's resources, built by app.py from settings and handed to every edge."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from aiohttp import web
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from core.config import Settings
+from core.crypto import PiiCipher
+
+if TYPE_CHECKING:
+    from core.ports import PaymentProvider, SmsSender
+
+
+@dataclass
+class Runtime:
+    """Everything with a socket or a secret, built once per process (never at import time)."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+    redis: Redis
+    http: httpx.AsyncClient
+    cipher: PiiCipher
+    providers: Mapping[str, PaymentProvider] = field(default_factory=dict)
+    # payment method (MOBILE_MONEY_MTN, ...) -> provider name
+    routes: Mapping[str, str] = field(default_factory=dict)
+    sms: SmsSender | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def provider_for(self, method: str) -> PaymentProvider:
+        from core.errors import ValidationError
+
+        name = self.routes.get(method)
+        if name is None or name not in self.providers:
+            raise ValidationError(f"payment method {method!r} is not available", field="paymentMethod")
+        return self.providers[name]
+
+
+SETTINGS = web.AppKey("settings", Settings)
+RUNTIME = web.AppKey("runtime", Runtime)

@@ -1,0 +1,42 @@
+"""Payment states and the moves between them."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from core.models import Payment
+from core.state.machine import StateMachine
+
+
+class PaymentStatus(StrEnum):
+    PENDING = "PENDING"
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMEOUT = "TIMEOUT"
+    PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
+    REFUNDED = "REFUNDED"
+
+
+P = PaymentStatus
+OPEN = frozenset({P.PENDING, P.PROCESSING})
+COLLECTED = frozenset({P.COMPLETED, P.PARTIALLY_REFUNDED, P.REFUNDED})
+
+PAYMENT = StateMachine(
+    name="payment",
+    states=PaymentStatus,
+    model=Payment,
+    table={
+        P.PENDING: frozenset({P.PROCESSING, P.COMPLETED, P.FAILED, P.CANCELLED, P.TIMEOUT}),
+        P.PROCESSING: frozenset({P.COMPLETED, P.FAILED, P.CANCELLED, P.TIMEOUT}),
+        P.COMPLETED: frozenset({P.PARTIALLY_REFUNDED, P.REFUNDED}),
+        P.PARTIALLY_REFUNDED: frozenset({P.PARTIALLY_REFUNDED, P.REFUNDED}),
+        P.REFUNDED: frozenset(),
+        P.FAILED: frozenset(),
+        # Money reported taken after we gave up: recorded, flagged late, audited.
+        P.CANCELLED: frozenset({P.COMPLETED}),
+        P.TIMEOUT: frozenset({P.COMPLETED}),
+    },
+    exceptional=frozenset({(P.CANCELLED, P.COMPLETED), (P.TIMEOUT, P.COMPLETED)}),
+)

@@ -1,0 +1,1 @@
+"""Mobile-money provider adapters, one package each, with a simulator that speaks its protocol."""
