@@ -1,0 +1,81 @@
+"""Every answer that is not a success takes the seed's shape: {statusCode, message, error, timestamp, path}."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+
+from aiohttp import web
+
+from core.db import utcnow
+from core.errors import DomainError, ValidationError
+from core.ratelimit import Decision
+
+log = logging.getLogger("gateway.api")
+RATE_DECISION = "ratelimit"  # request key holding the Decision for the X-RateLimit-* headers
+
+
+class ApiError(DomainError):
+    """An HTTP-level refusal raised by the API layer itself (413, 415, 429...)."""
+
+    def __init__(self, status: int, message: str | list[str], *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message if isinstance(message, str) else "; ".join(message))
+        self.status = status
+        self.code = HTTPStatus(status).phrase
+        self.payload = message
+        self.headers = headers or {}
+
+
+def timestamp() -> str:
+    return utcnow().strftime("%Y-%m-%dT%H:%M:%S.") + f"{utcnow().microsecond // 1000:03d}Z"
+
+
+def error_body(status: int, message: str | list[str], path: str) -> dict[str, object]:
+    return {"statusCode": status, "message": message, "error": HTTPStatus(status).phrase,
+            "timestamp": timestamp(), "path": path}
+
+
+def error_response(request: web.Request, status: int, message: str | list[str],
+                   headers: dict[str, str] | None = None) -> web.Response:
+    response = web.json_response(error_body(status, message, request.path_qs), status=status,
+                                 headers=headers)
+    apply_rate_headers(request, response)
+    return response
+
+
+def apply_rate_headers(request: web.Request, response: web.StreamResponse) -> None:
+    decision: Decision | None = request.get(RATE_DECISION)
+    if decision is None or response.prepared:
+        return
+    response.headers["X-RateLimit-Limit"] = str(decision.limit)
+    response.headers["X-RateLimit-Remaining"] = str(decision.remaining)
+    response.headers["X-RateLimit-Reset"] = str(decision.reset)
+    if not decision.allowed:
+        response.headers["Retry-After"] = str(decision.retry_after)
+
+
+@web.middleware
+async def error_middleware(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        return error_response(request, exc.status, exc.payload, exc.headers)
+    except ValidationError as exc:
+        return error_response(request, exc.status, list(exc.errors))
+    except DomainError as exc:
+        return error_response(request, exc.status, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text if exc.status != 404 else f"Cannot {request.method} {request.path}"
+        if exc.status == 413:
+            message = "request body is too large"
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return error_response(request, exc.status, message or HTTPStatus(exc.status).phrase, headers)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(request, 500, "Internal server error")
+    apply_rate_headers(request, response)
+    return response

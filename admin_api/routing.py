@@ -1,0 +1,161 @@
+"""The route table: each route declares its access, limits and schemas once; the router and OpenAPI read it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from admin_api.errors import RATE_DECISION, ApiError
+from admin_api.validation import Param, parse_json, parse_query, read_body, validate
+from core import auth
+from core.auth import Principal, Unauthorized
+from core.errors import Forbidden
+from core.ratelimit import Limit, RateLimiter
+from core.runtime import RUNTIME, Runtime
+
+JSON_BODY_LIMIT = 64 * 1024
+RATE_MULTIPLIER = web.AppKey("rate_multiplier", float)
+
+
+@dataclass
+class Ctx:
+    """What a handler gets besides the request: the runtime, one session, the caller and checked input."""
+
+    rt: Runtime
+    session: AsyncSession
+    principal: Principal | None
+    body: Any
+    query: dict[str, Any]
+    request: web.Request
+
+    @property
+    def who(self) -> Principal:
+        assert self.principal is not None
+        return self.principal
+
+
+Handler = Callable[[web.Request, Ctx], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # below /v1
+    handler: Handler
+    summary: str
+    tag: str
+    scope: str | None  # None: public; else a scope the caller needs (payments:read, admin, super...)
+    status: int = 200
+    body: Mapping[str, Any] | None = None  # JSON Schema of the request body
+    query: Mapping[str, Param] = field(default_factory=dict)
+    response: Mapping[str, Any] | None = None  # JSON Schema of the success body
+    limit: Limit | None = None  # None: the default bucket for the method
+    body_limit: int = JSON_BODY_LIMIT
+    raw_body: str | None = None  # media type when the handler reads the body itself (CSV import)
+    produces: str = "application/json"
+    tenants: bool = False  # may a TENANT call it at all
+    alt_statuses: tuple[int, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.handler.__name__
+
+    def effective_limit(self) -> Limit:
+        if self.limit is not None:
+            return self.limit
+        if self.method == "GET":
+            return Limit(f"{self.tag}:read", 100)
+        return Limit(f"{self.tag}:write", 60)
+
+
+def _client_ip(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+async def authenticate(request: web.Request, session: AsyncSession, rt: Runtime) -> Principal:
+    api_key = request.headers.get("X-API-Key")
+    header = request.headers.get("Authorization", "")
+    if api_key:
+        return await auth.principal_from_api_key(session, api_key.strip())
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Unauthorized")
+    claims = auth.decode_token(token.strip(), secret=rt.settings.jwt_secret.get(), expected_type="access")
+    return auth.principal_from_access(claims)
+
+
+def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        rt = request.config_dict[RUNTIME]
+        async with rt.sessionmaker() as session:
+            principal: Principal | None = None
+            if route.scope is not None:
+                principal = await authenticate(request, session, rt)
+                if not principal.has(route.scope) or (principal.is_tenant and not route.tenants):
+                    raise Forbidden("Forbidden resource")
+            limit = route.effective_limit()
+            limiter = RateLimiter(rt.redis, multiplier=request.config_dict[RATE_MULTIPLIER])
+            if request.config_dict[RATE_MULTIPLIER] > 0:
+                subject = principal.rate_key if principal else f"ip:{_client_ip(request)}"
+                decision = await limiter.hit(limit, subject)
+                request[RATE_DECISION] = decision
+                if not decision.allowed:
+                    raise ApiError(429, "Too many requests. Please try again later.")
+            query = parse_query(request.query, route.query)
+            body: Any = None
+            if route.body is not None:
+                raw = await read_body(request, route.body_limit)
+                body = parse_json(raw, request)
+                validate(body, route.body)
+            elif route.raw_body is None and request.body_exists and request.method in ("POST", "PUT", "PATCH"):
+                raw = await read_body(request, route.body_limit)
+                if raw.strip() and parse_json(raw, request) not in ({}, None):
+                    raise ApiError(400, ["this endpoint takes no request body"])
+            ctx = Ctx(rt=rt, session=session, principal=principal, body=body, query=query, request=request)
+            response = await route.handler(request, ctx)
+            if session.in_transaction():
+                await session.commit()
+            return response
+
+    endpoint.__name__ = route.name
+    endpoint.__doc__ = route.summary
+    return endpoint
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    """Anything under /v1 that no route matches, answered in the API's error shape."""
+    for resource in request.app.router.resources():
+        if resource.canonical.endswith("{tail}"):
+            continue
+        match, allowed = await resource.resolve(request)
+        if match is None and allowed:
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
+def register(app: web.Application, routes: list[Route]) -> None:
+    seen: set[tuple[str, str]] = set()
+    for route in routes:
+        key = (route.method, route.path)
+        if key in seen:
+            raise RuntimeError(f"route declared twice: {key}")
+        seen.add(key)
+        app.router.add_route(route.method, route.path, _wrap(route), name=route.name)
+    app.router.add_route("*", "/{tail:.*}", not_found, name="not_found")
+
+
+def rate_multiplier(settings_extra: Mapping[str, Any]) -> float:
+    """RATE_LIMIT_MULTIPLIER scales every limit (benchmarks raise it); 0 turns limits off."""
+    raw = settings_extra.get("rate_limit_multiplier", os.environ.get("RATE_LIMIT_MULTIPLIER", "1"))
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"RATE_LIMIT_MULTIPLIER must be a number, got {raw!r}") from None
+    if value < 0:
+        raise ValueError("RATE_LIMIT_MULTIPLIER must not be negative")
+    return value

@@ -1,0 +1,220 @@
+"""Request checking: bounded body reads, JSON Schema validation listing every bad field, typed query params."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema.exceptions import ValidationError as SchemaError
+
+from admin_api.errors import ApiError
+from core.errors import ValidationError
+
+_FORMATS = FormatChecker()
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """Read at most `limit` bytes; 413 as soon as the declared or actual size is over it."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise ApiError(413, f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes, request: web.Request) -> Any:
+    ctype = request.content_type
+    if raw and ctype not in ("application/json", "") and not ctype.endswith("+json"):
+        raise ApiError(415, "Content-Type must be application/json")
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationError("body is not valid JSON") from None
+
+
+def _where(error: SchemaError) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "body"
+
+
+def _describe(error: SchemaError) -> list[str]:
+    where = _where(error)
+    instance = error.instance
+    value = error.validator_value
+    match error.validator:
+        case "required":
+            return [f"{name} is required" if where == "body" else f"{where}.{name} is required"
+                    for name in value if isinstance(instance, dict) and name not in instance]
+        case "additionalProperties":
+            allowed = set(error.schema.get("properties", {}))
+            extra = sorted(k for k in instance if k not in allowed) if isinstance(instance, dict) else []
+            prefix = "" if where == "body" else f"{where}."
+            return [f"property {prefix}{name} should not exist" for name in extra]
+        case "type":
+            kinds = value if isinstance(value, list) else [value]
+            readable = " or ".join("an integer" if k == "integer" else f"a {k}" if k != "array"
+                                   else "an array" for k in kinds if k != "null")
+            return [f"{where} must be {readable}"]
+        case "enum":
+            return [f"{where} must be one of: {', '.join(str(v) for v in value)}"]
+        case "minLength":
+            return [f"{where} must be at least {value} characters" if value > 1 else f"{where} must not be empty"]
+        case "maxLength":
+            return [f"{where} must be at most {value} characters"]
+        case "minimum":
+            return [f"{where} must not be less than {value}"]
+        case "exclusiveMinimum":
+            return [f"{where} must be greater than {value}"]
+        case "maximum":
+            return [f"{where} must not be greater than {value}"]
+        case "format":
+            return [f"{where} must be a valid {value}"]
+        case "pattern":
+            return [f"{where} has an invalid format"]
+        case "minItems":
+            return [f"{where} must contain at least {value} items"]
+        case "maxItems":
+            return [f"{where} must contain at most {value} items"]
+        case "uniqueItems":
+            return [f"{where} must not contain duplicates"]
+        case "minProperties":
+            return ["body must contain at least one field" if where == "body" else f"{where} is empty"]
+        case _:
+            return [f"{where}: {error.message}"]
+
+
+_VALIDATORS: dict[int, Draft202012Validator] = {}
+
+
+def validator_for(schema: Mapping[str, Any]) -> Draft202012Validator:
+    key = id(schema)
+    found = _VALIDATORS.get(key)
+    if found is None:
+        found = _VALIDATORS[key] = Draft202012Validator(schema, format_checker=_FORMATS)
+    return found
+
+
+def validate(instance: Any, schema: Mapping[str, Any]) -> None:
+    """Raise a ValidationError whose message list names every bad field, not just the first."""
+    messages: list[str] = []
+    for error in sorted(validator_for(schema).iter_errors(instance), key=lambda e: list(e.absolute_path)):
+        for text in _describe(error):
+            if text not in messages:
+                messages.append(text)
+    if messages:
+        raise ValidationError(messages[0], errors=messages)
+
+
+# --- query parameters -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Param:
+    """A query parameter: its type for parsing and for the OpenAPI document."""
+
+    type: str = "string"  # string | integer | boolean | date-time | uuid
+    description: str = ""
+    default: Any = None
+    minimum: int | None = None
+    maximum: int | None = None
+    enum: tuple[str, ...] | None = None
+    max_length: int = 200
+
+    def schema(self) -> dict[str, Any]:
+        schema: dict[str, Any]
+        if self.type == "date-time":
+            schema = {"type": "string", "format": "date-time"}
+        elif self.type == "uuid":
+            schema = {"type": "string", "format": "uuid"}
+        else:
+            schema = {"type": self.type}
+        if self.enum:
+            schema["enum"] = list(self.enum)
+        if self.minimum is not None:
+            schema["minimum"] = self.minimum
+        if self.maximum is not None:
+            schema["maximum"] = self.maximum
+        if self.default is not None:
+            schema["default"] = self.default
+        return schema
+
+
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+PAGE = Param("integer", "Page number", 1, minimum=1, maximum=100000)
+LIMIT = Param("integer", "Items per page (max 100)", 10, minimum=1, maximum=100)
+
+
+def parse_datetime(text: str) -> datetime:
+    value = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "+"))
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[str, Any]:
+    """Typed values for every declared parameter; unknown or bad parameters are all reported."""
+    errors: list[str] = []
+    values: dict[str, Any] = {name: p.default for name, p in params.items()}
+    for name in query:
+        if name not in params:
+            errors.append(f"query parameter {name} is not allowed")
+    for name, param in params.items():
+        raw = query.get(name)
+        if raw is None:
+            continue
+        raw = raw.strip()
+        if len(raw) > param.max_length:
+            errors.append(f"{name} is too long")
+            continue
+        try:
+            if param.type == "integer":
+                number = int(raw)
+                if param.minimum is not None and number < param.minimum:
+                    errors.append(f"{name} must not be less than {param.minimum}")
+                    continue
+                if param.maximum is not None and number > param.maximum:
+                    errors.append(f"{name} must not be greater than {param.maximum}")
+                    continue
+                values[name] = number
+            elif param.type == "boolean":
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                values[name] = raw.lower() in ("true", "1")
+            elif param.type == "date-time":
+                values[name] = parse_datetime(raw)
+            elif param.type == "uuid":
+                if not _UUID.match(raw):
+                    raise ValueError
+                values[name] = raw.lower()
+            else:
+                if param.enum and raw not in param.enum:
+                    errors.append(f"{name} must be one of: {', '.join(param.enum)}")
+                    continue
+                values[name] = raw
+        except ValueError:
+            kind = {"integer": "an integer", "boolean": "true or false", "date-time": "an ISO 8601 date-time",
+                    "uuid": "a UUID"}.get(param.type, "valid")
+            errors.append(f"{name} must be {kind}")
+    if errors:
+        raise ValidationError(errors[0], errors=errors)
+    return values
+
+
+def check_path_id(value: str, name: str = "id") -> str:
+    """Ids are UUIDs; anything else cannot exist, so it is a 404 rather than a database error."""
+    if not _UUID.match(value or ""):
+        from core.errors import NotFound
+
+        raise NotFound(f"{name} not found")
+    return value.lower()

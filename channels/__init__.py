@@ -1,0 +1,1 @@
+"""Edges that talk to people: USSD sessions and SMS."""

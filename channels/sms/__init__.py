@@ -1,0 +1,1 @@
+"""SMS through Africa's Talking: sender, simulator, templates, delivery reports and inbound keywords."""

@@ -1,0 +1,63 @@
+"""English SMS texts."""
+
+MESSAGES = {
+    "payment_receipt": "Payment received: {amount} for {type}, {coop}. Ref: {ref}. Transaction: {txn}. "
+                       "Date: {date}. Thank you!",
+    "payment_failed": "Your payment of {amount} for {type} ({coop}) failed: {reason}. Ref: {ref}. "
+                      "To try again, dial {dial}.",
+    "payment_timeout": "Your payment of {amount} for {type} ({coop}) was not approved in time. Ref: {ref}. "
+                       "To try again, dial {dial}.",
+    "payment_status": "Payment {ref}: {amount} for {type} ({coop}) - {status}. Date: {date}.",
+    "refund_completed": "Refund of {amount} for payment {payment_ref} ({coop}) completed. Ref: {ref}.",
+    "refund_failed": "Refund of {amount} for payment {payment_ref} ({coop}) failed: {reason}. "
+                     "Your cooperative will contact you. Ref: {ref}.",
+    "dispute_opened": "Your dispute {ref} about payment {payment_ref} ({coop}) is registered. "
+                      "We will keep you informed.",
+    "dispute_updated": "Dispute {ref} about payment {payment_ref}: {status}.",
+    "dispute_resolved": "Dispute {ref} about payment {payment_ref} is closed: {status}. Thank you.",
+    "payment_reminder": "Reminder: {type} ({amount}) for {coop} is due on {due}. Dial {dial} to pay.",
+    "webhook_disabled": "{coop}: webhook to {host} was disabled after {failures} failed deliveries. "
+                        "Re-enable it in the API.",
+    "help": "Dial {dial} to pay. SMS: RECEIPT <ref>, STATUS <ref>, STOP (no reminders), START.",
+    "not_found": "No payment {ref} found for this phone number.",
+    "opted_out": "You will no longer get reminders. Receipts still come. Send START to get them again.",
+    "opted_in": "Reminders are on again. Send STOP to turn them off.",
+    "unknown": "Sorry, we did not understand. Send HELP or dial {dial}.",
+}
+
+PAYMENT_STATUS = {
+    "PENDING": "waiting for your approval",
+    "PROCESSING": "being processed",
+    "COMPLETED": "paid",
+    "FAILED": "failed",
+    "CANCELLED": "cancelled",
+    "TIMEOUT": "not approved in time",
+    "PARTIALLY_REFUNDED": "paid, partly refunded",
+    "REFUNDED": "refunded",
+}
+
+DISPUTE_STATUS = {
+    "OPEN": "received",
+    "UNDER_REVIEW": "under review",
+    "RESOLVED": "resolved in your favour",
+    "REJECTED": "not accepted",
+    "WITHDRAWN": "withdrawn",
+}
+
+REASONS = {
+    "insufficient_funds": "not enough money on the account",
+    "declined": "you declined the request",
+    "not_approved": "the request was not approved in time",
+    "limit": "an account limit was reached",
+    "invalid_account": "the account cannot receive this payment",
+    "provider_error": "the mobile money service had a problem",
+    "unknown": "the payment was not completed",
+}
+
+KEYWORDS = {
+    "RECEIPT": ("RECEIPT",),
+    "STATUS": ("STATUS",),
+    "HELP": ("HELP",),
+    "STOP": ("STOP",),
+    "START": ("START",),
+}

@@ -1,0 +1,65 @@
+"""French SMS texts (no ç, ê, û: they would force UCS-2 and cost twice as much)."""
+
+MESSAGES = {
+    "payment_receipt": "Paiement confirmé: {amount} pour {type}, {coop}. Réf: {ref}. Transaction: {txn}. "
+                       "Date: {date}. Merci!",
+    "payment_failed": "Votre paiement de {amount} pour {type} ({coop}) a échoué: {reason}. Réf: {ref}. "
+                      "Pour réessayer, composez {dial}.",
+    "payment_timeout": "Votre paiement de {amount} pour {type} ({coop}) n'a pas été approuvé à temps. "
+                       "Réf: {ref}. Pour réessayer, composez {dial}.",
+    "payment_status": "Paiement {ref}: {amount} pour {type} ({coop}) - {status}. Date: {date}.",
+    "refund_completed": "Remboursement de {amount} effectué pour le paiement {payment_ref} ({coop}). "
+                        "Réf: {ref}.",
+    "refund_failed": "Le remboursement de {amount} pour le paiement {payment_ref} ({coop}) a échoué: "
+                     "{reason}. Votre coopérative vous contactera. Réf: {ref}.",
+    "dispute_opened": "Votre réclamation {ref} sur le paiement {payment_ref} ({coop}) est enregistrée. "
+                      "Nous vous tiendrons informé.",
+    "dispute_updated": "Réclamation {ref} sur le paiement {payment_ref}: {status}.",
+    "dispute_resolved": "Réclamation {ref} sur le paiement {payment_ref} close: {status}. Merci.",
+    "payment_reminder": "Rappel: {type} ({amount}) pour {coop}, échéance le {due}. Composez {dial} pour payer.",
+    "webhook_disabled": "{coop}: le webhook vers {host} est désactivé après {failures} échecs. "
+                        "Réactivez-le via l'API.",
+    "help": "Composez {dial} pour payer. SMS: RECU <réf>, STATUT <réf>, STOP (rappels), START.",
+    "not_found": "Aucun paiement {ref} trouvé pour ce numéro.",
+    "opted_out": "Vous ne recevrez plus de rappels. Les confirmations de paiement continuent. "
+                 "Envoyez START pour les rappels.",
+    "opted_in": "Rappels réactivés. Envoyez STOP pour les arrêter.",
+    "unknown": "Message non compris. Envoyez AIDE ou composez {dial}.",
+}
+
+PAYMENT_STATUS = {
+    "PENDING": "en attente de votre approbation",
+    "PROCESSING": "en cours",
+    "COMPLETED": "payé",
+    "FAILED": "échoué",
+    "CANCELLED": "annulé",
+    "TIMEOUT": "non approuvé à temps",
+    "PARTIALLY_REFUNDED": "payé, remboursé en partie",
+    "REFUNDED": "remboursé",
+}
+
+DISPUTE_STATUS = {
+    "OPEN": "reçue",
+    "UNDER_REVIEW": "en cours d'examen",
+    "RESOLVED": "résolue en votre faveur",
+    "REJECTED": "non retenue",
+    "WITHDRAWN": "retirée",
+}
+
+REASONS = {
+    "insufficient_funds": "solde insuffisant",
+    "declined": "vous avez refusé la demande",
+    "not_approved": "la demande n'a pas été approuvée à temps",
+    "limit": "une limite du compte est atteinte",
+    "invalid_account": "le compte ne peut pas recevoir ce paiement",
+    "provider_error": "le service mobile money a eu un problème",
+    "unknown": "le paiement n'a pas abouti",
+}
+
+KEYWORDS = {
+    "RECEIPT": ("RECU", "REÇU", "RECUS"),
+    "STATUS": ("STATUT", "ETAT", "ÉTAT"),
+    "HELP": ("AIDE",),
+    "STOP": ("ARRET", "ARRÊT", "ARRETER"),
+    "START": ("REPRENDRE", "DEMARRER"),
+}

@@ -1,0 +1,64 @@
+"""Kinyarwanda SMS texts."""
+
+MESSAGES = {
+    "payment_receipt": "Twakiriye {amount} ya {type}, {coop}. Nimero: {ref}. Nimero y'ihererekanya: {txn}. "
+                       "Itariki: {date}. Murakoze!",
+    "payment_failed": "Kwishyura {amount} ya {type} ({coop}) ntibyakunze: {reason}. Nimero: {ref}. "
+                      "Ongera ugerageze ukanda {dial}.",
+    "payment_timeout": "Kwishyura {amount} ya {type} ({coop}) ntibyemejwe ku gihe. Nimero: {ref}. "
+                       "Ongera ugerageze ukanda {dial}.",
+    "payment_status": "Kwishyura {ref}: {amount} ya {type} ({coop}) - {status}. Itariki: {date}.",
+    "refund_completed": "Twagusubije {amount} yo kwishyura {payment_ref} ({coop}). Nimero: {ref}.",
+    "refund_failed": "Gusubizwa {amount} yo kwishyura {payment_ref} ({coop}) ntibyakunze: {reason}. "
+                     "Koperative yawe izakuvugisha. Nimero: {ref}.",
+    "dispute_opened": "Ikirego cyawe {ref} ku kwishyura {payment_ref} ({coop}) cyakiriwe. Tuzakumenyesha.",
+    "dispute_updated": "Ikirego {ref} ku kwishyura {payment_ref}: {status}.",
+    "dispute_resolved": "Ikirego {ref} ku kwishyura {payment_ref} cyarangiye: {status}. Murakoze.",
+    "payment_reminder": "Kwibutsa: {type} ({amount}) ya {coop} igomba kwishyurwa ku wa {due}. "
+                        "Kanda {dial} wishyure.",
+    "webhook_disabled": "{coop}: webhook ya {host} yahagaritswe nyuma yo kunanirwa inshuro {failures}. "
+                        "Yisubizeho muri API.",
+    "help": "Kanda {dial} wishyure. SMS: INYEMEZABUGUZI <nimero>, IMIMERERE <nimero>, HAGARIKA, TANGIRA.",
+    "not_found": "Nta kwishyura {ref} kwabonetse kuri iyi nimero ya telefone.",
+    "opted_out": "Ntuzongera kubona ubutumwa bwo kwibutsa. Inyemezabuguzi zizakomeza. "
+                 "Ohereza TANGIRA kubisubizaho.",
+    "opted_in": "Ubutumwa bwo kwibutsa bwasubijweho. Ohereza HAGARIKA kubihagarika.",
+    "unknown": "Ntitwabyumvise. Ohereza UBUFASHA cyangwa ukande {dial}.",
+}
+
+PAYMENT_STATUS = {
+    "PENDING": "dutegereje ko wemeza",
+    "PROCESSING": "biri gukorwa",
+    "COMPLETED": "byishyuwe",
+    "FAILED": "ntibyakunze",
+    "CANCELLED": "byahagaritswe",
+    "TIMEOUT": "ntibyemejwe ku gihe",
+    "PARTIALLY_REFUNDED": "byishyuwe, igice cyasubijwe",
+    "REFUNDED": "byasubijwe",
+}
+
+DISPUTE_STATUS = {
+    "OPEN": "cyakiriwe",
+    "UNDER_REVIEW": "kiri gusuzumwa",
+    "RESOLVED": "cyakemuwe uko wabisabye",
+    "REJECTED": "nticyemewe",
+    "WITHDRAWN": "cyakuweho",
+}
+
+REASONS = {
+    "insufficient_funds": "amafaranga ntahagije kuri konti",
+    "declined": "wanze kwemeza",
+    "not_approved": "ntiwemeje ku gihe",
+    "limit": "konti yageze ku rugero ntarengwa",
+    "invalid_account": "konti ntishobora kwakira ubu bwishyu",
+    "provider_error": "serivisi ya mobile money yagize ikibazo",
+    "unknown": "ubwishyu ntibwarangiye",
+}
+
+KEYWORDS = {
+    "RECEIPT": ("INYEMEZABUGUZI", "INYEMEZA"),
+    "STATUS": ("IMIMERERE",),
+    "HELP": ("UBUFASHA",),
+    "STOP": ("HAGARIKA",),
+    "START": ("TANGIRA",),
+}

@@ -1,0 +1,63 @@
+"""Swahili SMS texts."""
+
+MESSAGES = {
+    "payment_receipt": "Tumepokea {amount} kwa {type}, {coop}. Kumb: {ref}. Muamala: {txn}. "
+                       "Tarehe: {date}. Asante!",
+    "payment_failed": "Malipo yako ya {amount} kwa {type} ({coop}) hayakufanikiwa: {reason}. Kumb: {ref}. "
+                      "Jaribu tena kwa kupiga {dial}.",
+    "payment_timeout": "Malipo yako ya {amount} kwa {type} ({coop}) hayakuthibitishwa kwa wakati. "
+                       "Kumb: {ref}. Jaribu tena kwa kupiga {dial}.",
+    "payment_status": "Malipo {ref}: {amount} kwa {type} ({coop}) - {status}. Tarehe: {date}.",
+    "refund_completed": "Umerudishiwa {amount} ya malipo {payment_ref} ({coop}). Kumb: {ref}.",
+    "refund_failed": "Kurudisha {amount} ya malipo {payment_ref} ({coop}) hakukufanikiwa: {reason}. "
+                     "Chama chako kitawasiliana nawe. Kumb: {ref}.",
+    "dispute_opened": "Malalamiko yako {ref} kuhusu malipo {payment_ref} ({coop}) yamepokelewa. "
+                      "Tutakujulisha.",
+    "dispute_updated": "Malalamiko {ref} kuhusu malipo {payment_ref}: {status}.",
+    "dispute_resolved": "Malalamiko {ref} kuhusu malipo {payment_ref} yamefungwa: {status}. Asante.",
+    "payment_reminder": "Kumbusho: {type} ({amount}) ya {coop} inadaiwa tarehe {due}. Piga {dial} kulipa.",
+    "webhook_disabled": "{coop}: webhook ya {host} imezimwa baada ya kushindwa mara {failures}. "
+                        "Iwashe tena kupitia API.",
+    "help": "Piga {dial} kulipa. SMS: RISITI <kumb>, HALI <kumb>, SITISHA (vikumbusho), ANZA.",
+    "not_found": "Hakuna malipo {ref} kwa namba hii ya simu.",
+    "opted_out": "Hutapokea vikumbusho tena. Risiti zitaendelea. Tuma ANZA kuvirudisha.",
+    "opted_in": "Vikumbusho vimerudishwa. Tuma SITISHA kuvizima.",
+    "unknown": "Hatukuelewa. Tuma MSAADA au piga {dial}.",
+}
+
+PAYMENT_STATUS = {
+    "PENDING": "inasubiri uthibitisho wako",
+    "PROCESSING": "inashughulikiwa",
+    "COMPLETED": "imelipwa",
+    "FAILED": "imeshindwa",
+    "CANCELLED": "imesitishwa",
+    "TIMEOUT": "haikuthibitishwa kwa wakati",
+    "PARTIALLY_REFUNDED": "imelipwa, sehemu imerudishwa",
+    "REFUNDED": "imerudishwa",
+}
+
+DISPUTE_STATUS = {
+    "OPEN": "yamepokelewa",
+    "UNDER_REVIEW": "yanachunguzwa",
+    "RESOLVED": "yametatuliwa kwa faida yako",
+    "REJECTED": "hayakukubaliwa",
+    "WITHDRAWN": "yameondolewa",
+}
+
+REASONS = {
+    "insufficient_funds": "salio halitoshi",
+    "declined": "ulikataa ombi",
+    "not_approved": "ombi halikuthibitishwa kwa wakati",
+    "limit": "kikomo cha akaunti kimefikiwa",
+    "invalid_account": "akaunti haiwezi kupokea malipo haya",
+    "provider_error": "huduma ya pesa kwa simu ilikuwa na tatizo",
+    "unknown": "malipo hayakukamilika",
+}
+
+KEYWORDS = {
+    "RECEIPT": ("RISITI",),
+    "STATUS": ("HALI",),
+    "HELP": ("MSAADA",),
+    "STOP": ("SITISHA",),
+    "START": ("ANZA",),
+}

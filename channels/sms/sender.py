@@ -1,0 +1,143 @@
+"""Africa's Talking SMS sender: one REST call per message through the shared httpx client.
+
+Why httpx and not the official `africastalking` SDK (v2.0.3): the SDK hard-codes its base URL
+(`https://api.africastalking.com` or the sandbox host, chosen from the username) in
+`Service.__init__`/`APIService._init_service`, with no parameter or setting to point it elsewhere, so it
+cannot reach our simulator or a proxy without overwriting a private attribute (`_baseUrl`) that any
+release may rename. It also turns every non-2xx answer into `AfricasTalkingException(response.text)`,
+dropping the HTTP status, so a 5xx (retry) cannot be told from a 4xx (do not retry); it opens a new
+`requests` connection per call, and being synchronous it would need a thread pool next to the event loop.
+The call itself is small and documented (`POST {base}/version1/messaging`, form body, `apiKey` header),
+so we send exactly what the SDK sends (same fields, `bulkSMSMode=1`, `enqueue=1`) through the process's
+pooled httpx client, with a configurable base URL, a 10 s timeout and the status code kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from core import metrics
+from core.config import Secret, Settings
+from core.phone import Phone
+from core.ports import SendResult, SmsSender
+
+log = logging.getLogger("gateway.sms.sender")
+
+# Recipient statusCode values (Africa's Talking messaging API).
+ACCEPTED_CODES = frozenset({100, 101, 102})  # Processed, Sent, Queued
+# 401 RiskHold, 402 InvalidSenderId, 403 InvalidPhoneNumber, 404 UnsupportedNumberType,
+# 405 InsufficientBalance, 406 UserInBlacklist, 407 CouldNotRoute, 409 DoNotDisturbRejection:
+# sending the same message again gives the same answer.
+PERMANENT_CODES = frozenset(range(401, 410))
+
+
+class SmsTemporaryError(Exception):
+    """The message may not have left: network error, timeout, 5xx or throttling. Retry later."""
+
+
+@dataclass(frozen=True)
+class AfricasTalkingConfig:
+    base_url: str
+    username: str
+    api_key: Secret
+    sender_id: str | None = None
+    timeout: float = 10.0
+
+
+class AfricasTalkingSender:
+    """Implements core.ports.SmsSender against the Africa's Talking messaging API."""
+
+    def __init__(self, http: httpx.AsyncClient, config: AfricasTalkingConfig) -> None:
+        self._http = http
+        self._config = config
+        self._url = config.base_url.rstrip("/") + "/version1/messaging"
+
+    @property
+    def sender_id(self) -> str:
+        return self._config.sender_id or self._config.username
+
+    async def send(self, phone: Phone, body: str) -> SendResult:
+        form = {
+            "username": self._config.username,
+            "to": phone.e164,
+            "message": body,
+            "bulkSMSMode": "1",
+            "enqueue": "1",
+        }
+        if self._config.sender_id:
+            form["from"] = self._config.sender_id
+        headers = {"apiKey": self._config.api_key.get(), "Accept": "application/json"}
+        started = time.perf_counter()
+        try:
+            response = await self._http.post(self._url, data=form, headers=headers,
+                                              timeout=self._config.timeout)
+        except httpx.HTTPError as exc:
+            metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.send").inc()
+            raise SmsTemporaryError(f"network error talking to Africa's Talking: {type(exc).__name__}") from exc
+        finally:
+            metrics.PROVIDER_CALLS.labels(provider="africastalking", operation="sms.send").observe(
+                time.perf_counter() - started)
+        return self._parse(phone, response)
+
+    def _parse(self, phone: Phone, response: httpx.Response) -> SendResult:
+        status = response.status_code
+        if status >= 500 or status in (408, 429):
+            metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.send").inc()
+            raise SmsTemporaryError(f"Africa's Talking answered HTTP {status}")
+        if status == 401:
+            # Wrong username or key is our configuration, not the message: retry so it goes out once fixed.
+            raise SmsTemporaryError("Africa's Talking refused the credentials (HTTP 401)")
+        if status >= 400:
+            text = response.text[:200]
+            log.warning("sms request refused", extra={"http_status": status, "answer": text,
+                                                      "to": phone.masked()})
+            return SendResult(None, accepted=False, provider_status=f"HTTP{status}",
+                              failure_reason=text or f"HTTP {status}", permanent=True)
+        try:
+            data: Any = response.json()
+            message_data = data["SMSMessageData"]
+            recipients = message_data.get("Recipients") or []
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise SmsTemporaryError(f"unreadable answer from Africa's Talking (HTTP {status})") from None
+        if not recipients:
+            # e.g. {"Message": "InvalidSenderId", "Recipients": []}: nothing was queued, nothing will be.
+            reason = str(message_data.get("Message") or "no recipient accepted")[:64]
+            return SendResult(None, accepted=False, provider_status=reason, failure_reason=reason,
+                              permanent=True)
+        recipient = _recipient_for(recipients, phone)
+        try:
+            code = int(recipient.get("statusCode"))
+        except (TypeError, ValueError):
+            raise SmsTemporaryError("answer without a recipient statusCode") from None
+        provider_status = str(recipient.get("status") or code)[:32]
+        message_id = recipient.get("messageId") or None
+        cost = recipient.get("cost") or None
+        if code in ACCEPTED_CODES:
+            if not message_id or message_id == "None":
+                raise SmsTemporaryError("accepted without a messageId")
+            return SendResult(str(message_id), accepted=True, provider_status=provider_status, cost=cost)
+        if code in PERMANENT_CODES:
+            return SendResult(None, accepted=False, provider_status=provider_status,
+                              failure_reason=provider_status, permanent=True, cost=None)
+        raise SmsTemporaryError(f"recipient status {code} {provider_status}")
+
+
+def _recipient_for(recipients: list[dict[str, Any]], phone: Phone) -> dict[str, Any]:
+    for recipient in recipients:
+        if recipient.get("number") == phone.e164:
+            return recipient
+    return recipients[0]
+
+
+def build_sender(settings: Settings, http: httpx.AsyncClient) -> SmsSender:
+    return AfricasTalkingSender(http, AfricasTalkingConfig(
+        base_url=settings.sms_base_url,
+        username=settings.sms_username,
+        api_key=settings.sms_api_key,
+        sender_id=settings.sms_sender_id or None,
+    ))

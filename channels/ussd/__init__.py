@@ -1,0 +1,1 @@
+"""USSD channel: aggregator adapters, Redis sessions, the menu engine, screens and translations."""

@@ -1,0 +1,315 @@
+"""A small engine that navigates screens declared as data: menus, inputs, confirmations, ends."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from channels.ussd import gsm
+from channels.ussd.i18n import translate
+from channels.ussd.types import UssdReply, UssdTurn
+from core.errors import DomainError
+
+log = logging.getLogger("gateway.ussd")
+
+MORE, BACK, HOME = "98", "0", "00"
+MAX_ITEMS = 90  # numbers stay clear of the navigation keys (98, 0, 00)
+
+
+class Invalid(Exception):  # noqa: N818 - a validation outcome shown to the user
+    """Raised by a validator: the input screen is shown again with this message on top."""
+
+    def __init__(self, msgid: str, **args: Any) -> None:
+        super().__init__(msgid)
+        self.msgid = msgid
+        self.args_ = args
+
+
+@dataclass
+class State:
+    """Everything a session remembers between hops; serialised compactly by the session store."""
+
+    screen: str
+    stack: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    page: int = 0
+    ids: list[str] = field(default_factory=list)  # entry keys shown on the current page
+    first: int = 1  # number of the first entry on the current page
+    lang: str = "en"
+    ended: bool = False
+
+
+@dataclass
+class Ctx:
+    """What a screen's functions see: the runtime, this hop and the session state."""
+
+    rt: Any  # core.runtime.Runtime (Any keeps the engine testable without one)
+    turn: UssdTurn | None
+    state: State
+    limit: int
+    cache: dict[str, Any] = field(default_factory=dict)  # per-hop memo for loaders
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.state.data
+
+    def t(self, msgid: str, **args: Any) -> str:
+        return translate(self.state.lang, msgid, **args)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One dynamic list entry: `key` is kept in the session, `label` is shown."""
+
+    key: str
+    label: str
+
+
+Args = Callable[[Ctx], Awaitable[dict[str, Any]]]
+Loader = Callable[[Ctx], Awaitable[list[Item]]]
+# A handler returns the id of the next screen (an End screen closes the session).
+Handler = Callable[[Ctx, str], Awaitable[str]]
+Validator = Callable[[Ctx, str], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class Option:
+    label: str  # msgid
+    action: str | Handler  # a screen id, or a handler deciding the next screen
+
+
+@dataclass(frozen=True)
+class Menu:
+    """A numbered list: static options after dynamic items; paged to fit the screen limit."""
+
+    id: str
+    title: str  # msgid
+    options: tuple[Option, ...] = ()
+    items: Loader | None = None
+    on_item: Handler | None = None
+    args: Args | None = None
+    remember: bool = True  # pushed on the back stack when left
+
+
+@dataclass(frozen=True)
+class Input:
+    """Free text: validated, then handed to `on_valid`; a bad value shows the error message."""
+
+    id: str
+    prompt: str  # msgid
+    validate: Validator
+    on_valid: Handler
+    error: str = "error.invalid_input"  # default message when the validator gives none
+    args: Args | None = None
+    remember: bool = True
+
+
+@dataclass(frozen=True)
+class Confirm:
+    """A summary with 1. Confirm / 2. Cancel."""
+
+    id: str
+    body: str  # msgid
+    on_confirm: Handler
+    on_cancel: Handler | str
+    args: Args | None = None
+    yes: str = "confirm.yes"
+    no: str = "confirm.no"
+    remember: bool = True
+
+
+@dataclass(frozen=True)
+class End:
+    """The last screen: its text is sent with END and the session closes."""
+
+    id: str
+    text: str  # msgid
+    args: Args | None = None
+    remember: bool = False
+
+
+Screen = Menu | Input | Confirm | End
+
+
+def fit(text: str, limit: int) -> str:
+    """Cut a text to the limit in GSM-7 septets (dynamic data can be longer than planned)."""
+    text = gsm.to_gsm(text)
+    if gsm.length(text) <= limit:
+        return text
+    out, used = [], 0
+    for ch in text:
+        cost = gsm.length(ch)
+        if used + cost > limit - 2:
+            break
+        out.append(ch)
+        used += cost
+    return "".join(out).rstrip() + ".."
+
+
+def _join(lines: list[str]) -> str:
+    return "\n".join(line for line in lines if line)
+
+
+class Engine:
+    def __init__(self, screens: Mapping[str, Screen], home: str = "home") -> None:
+        missing = [s.id for s in screens.values() if s.id not in screens]
+        if missing or home not in screens:
+            raise ValueError(f"screen ids do not match their keys: {missing or home}")
+        self.screens = screens
+        self.home = home
+
+    # -- navigation -------------------------------------------------------------------------------
+
+    async def show(self, ctx: Ctx, screen_id: str, *, push: bool = True) -> UssdReply:
+        """Move to a screen (remembering the current one for Back) and render it."""
+        state = ctx.state
+        current = self.screens.get(state.screen)
+        if push and current is not None and current.remember and screen_id != state.screen:
+            state.stack.append(state.screen)
+            del state.stack[:-12]  # a bounded stack keeps the session small
+        state.screen, state.page = screen_id, 0
+        return await self.render(ctx)
+
+    async def step(self, ctx: Ctx, text: str) -> UssdReply:
+        """Apply one input to the current screen."""
+        state = ctx.state
+        screen = self.screens.get(state.screen)
+        if screen is None or isinstance(screen, End):
+            state.stack.clear()
+            return await self.show(ctx, self.home, push=False)
+        text = text.strip()
+        if text == HOME:
+            state.stack.clear()
+            return await self.show(ctx, self.home, push=False)
+        if text == BACK:
+            if state.page > 0:
+                state.page -= 1
+                return await self.render(ctx)
+            previous = state.stack.pop() if state.stack else self.home
+            return await self.show(ctx, previous, push=False)
+        if text == MORE and state.ids and state.data.get("_more"):
+            state.page += 1
+            return await self.render(ctx)
+        try:
+            if isinstance(screen, Input):
+                try:
+                    value = await screen.validate(ctx, text)
+                except Invalid as bad:
+                    return await self.render(ctx, error=ctx.t(bad.msgid, **bad.args_))
+                return await self.show(ctx, await screen.on_valid(ctx, value))
+            key = self._chosen(state, text)
+            if key is None:
+                return await self.render(ctx, error=ctx.t("error.invalid_choice"))
+            return await self.show(ctx, await self._dispatch(ctx, screen, key))
+        except Invalid as bad:
+            return await self.render(ctx, error=ctx.t(bad.msgid, **bad.args_))
+        except DomainError as exc:
+            log.info("ussd flow refused", extra={"screen": screen.id, "error": exc.message})
+            state.data["_err"] = exc.message[:80]
+            return await self.show(ctx, "failed") if "failed" in self.screens else UssdReply(
+                ctx.t("error.generic"), True)
+
+    def _chosen(self, state: State, text: str) -> str | None:
+        if not text.isdigit() or text.startswith("0"):
+            return None
+        index = int(text) - state.first
+        if 0 <= index < len(state.ids):
+            return state.ids[index]
+        return None
+
+    async def _dispatch(self, ctx: Ctx, screen: Screen, key: str) -> str:
+        if isinstance(screen, Confirm):
+            if key == "o0":
+                return await screen.on_confirm(ctx, key)
+            return screen.on_cancel if isinstance(screen.on_cancel, str) else await screen.on_cancel(ctx, key)
+        assert isinstance(screen, Menu)
+        if key.startswith("i:"):
+            assert screen.on_item is not None
+            return await screen.on_item(ctx, key[2:])
+        action = screen.options[int(key[1:])].action
+        return action if isinstance(action, str) else await action(ctx, key)
+
+    # -- rendering --------------------------------------------------------------------------------
+
+    async def render(self, ctx: Ctx, error: str | None = None) -> UssdReply:
+        state = ctx.state
+        screen = self.screens[state.screen]
+        args = await screen.args(ctx) if screen.args else {}
+        if isinstance(screen, End):
+            state.ended = True
+            state.ids, state.first = [], 1
+            return UssdReply(fit(ctx.t(screen.text, **args), ctx.limit), True)
+        if isinstance(screen, Input):
+            state.ids, state.first = [], 1
+            header = ctx.t(screen.prompt, **args)
+            footer = self._footer(ctx, more=False)
+            return UssdReply(self._assemble(ctx, error, header, [], footer), False)
+        if isinstance(screen, Confirm):
+            header = ctx.t(screen.body, **args)
+            entries = [("o0", ctx.t(screen.yes)), ("o1", ctx.t(screen.no))]
+        else:
+            header = ctx.t(screen.title, **args)
+            entries = []
+            if screen.items is not None:
+                entries += [("i:" + it.key, it.label) for it in (await screen.items(ctx))[:MAX_ITEMS]]
+            entries += [(f"o{n}", ctx.t(opt.label)) for n, opt in enumerate(screen.options)]
+        return self._page(ctx, header, entries, error)
+
+    def _footer(self, ctx: Ctx, *, more: bool) -> list[str]:
+        state = ctx.state
+        lines = []
+        if more:
+            lines.append(ctx.t("nav.more"))
+        if state.page > 0 or state.stack:
+            lines.append(ctx.t("nav.back"))
+        if state.screen != self.home and len(state.stack) >= 2:
+            lines.append(ctx.t("nav.home"))
+        return lines
+
+    def _assemble(self, ctx: Ctx, error: str | None, header: str, body: list[str], footer: list[str]) -> str:
+        text = _join([error or "", header, *body, *footer])
+        if gsm.length(gsm.to_gsm(text)) > ctx.limit and error:
+            text = _join([error, *body, *footer])  # the error replaces the title rather than an option
+        if gsm.length(gsm.to_gsm(text)) > ctx.limit:
+            # The header is the only free-length part; shorten it, keep every numbered line whole.
+            rest = _join([*body, *footer])
+            room = ctx.limit - gsm.length(gsm.to_gsm(rest)) - 1
+            lead = _join([error or "", header])
+            text = _join([fit(lead, room) if room > 4 else "", rest])
+        return fit(text, ctx.limit)
+
+    def _pages(self, ctx: Ctx, header: str, lines: list[str]) -> list[tuple[int, int]]:
+        """Greedy page boundaries: as many lines as fit with the header and the footer."""
+        pages: list[tuple[int, int]] = []
+        start, saved_page = 0, ctx.state.page
+        while start < len(lines) and len(pages) <= MAX_ITEMS:
+            ctx.state.page = len(pages)  # footer depends on the page (Back shows from page 2)
+            end = start + 1
+            while end < len(lines):
+                candidate = _join([header, *lines[start:end + 1],
+                                   *self._footer(ctx, more=end + 1 < len(lines))])
+                if gsm.length(gsm.to_gsm(candidate)) > ctx.limit:
+                    break
+                end += 1
+            pages.append((start, end))
+            start = end
+        ctx.state.page = saved_page
+        return pages or [(0, 0)]
+
+    def _page(self, ctx: Ctx, header: str, entries: list[tuple[str, str]], error: str | None) -> UssdReply:
+        state = ctx.state
+        lines = [f"{n}. {label}" for n, (_, label) in enumerate(entries, start=1)]
+        lines = [fit(line, 60) for line in lines]  # a huge name must not eat the whole screen
+        pages = self._pages(ctx, header, lines)
+        state.page = min(state.page, len(pages) - 1)
+        start, end = pages[state.page]
+        more = state.page + 1 < len(pages)
+        state.ids = [key for key, _ in entries[start:end]]
+        state.first = start + 1
+        state.data["_more"] = more
+        if not more:
+            state.data.pop("_more", None)
+        text = self._assemble(ctx, error, header, lines[start:end], self._footer(ctx, more=more))
+        return UssdReply(text, False)

@@ -1,0 +1,35 @@
+"""Gettext-style catalogs (msgid -> text) per language, loaded once from locale/<lang>.json."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from channels.ussd.gsm import to_gsm
+
+LANGUAGES = ("en", "rw", "fr", "sw")
+DEFAULT = "en"
+_DIR = Path(__file__).with_name("locale")
+
+
+@cache
+def catalog(lang: str) -> dict[str, str]:
+    with (_DIR / f"{lang}.json").open(encoding="utf-8") as fh:
+        data = json.load(fh)
+    return {k: v for k, v in data.items() if not k.startswith("#")}
+
+
+def language(lang: str | None) -> str:
+    return lang if lang in LANGUAGES else DEFAULT
+
+
+def translate(lang: str | None, msgid: str, **args: Any) -> str:
+    """The message in `lang`, falling back to English, formatted and made GSM-7 safe."""
+    text = catalog(language(lang)).get(msgid)
+    if text is None:
+        text = catalog(DEFAULT)[msgid]  # a missing English msgid is a programming error: KeyError
+    if args:
+        text = text.format(**args)
+    return to_gsm(text)

@@ -1,0 +1,251 @@
+"""Who is calling: JWT access/refresh tokens, hashed API keys with scopes, and the one scoping rule."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import jwt
+from redis.asyncio import Redis
+from sqlalchemy import false, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.audit import Actor, record
+from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
+from core.db import utcnow
+from core.errors import DomainError, Forbidden, NotFound, ValidationError
+from core.models import AdminUser, ApiKey, Cooperative, Member
+
+ALGORITHM = "HS256"  # pinned: tokens naming any other algorithm (none, RS256...) are refused
+ISSUER = "coop-gateway"
+AUDIENCE = "coop-gateway-api"
+REFRESH_TTL_SECONDS = 7 * 24 * 3600
+
+SUPER_ADMIN, COOP_ADMIN, TENANT, API_KEY = "SUPER_ADMIN", "COOP_ADMIN", "TENANT", "API_KEY"
+ROLES = (SUPER_ADMIN, COOP_ADMIN, TENANT)
+SCOPES = ("payments:write", "payments:read", "admin")
+_ROLE_SCOPES = {
+    SUPER_ADMIN: frozenset({*SCOPES, "super"}),
+    COOP_ADMIN: frozenset(SCOPES),
+    TENANT: frozenset({"payments:write", "payments:read"}),
+}
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A password check that always runs, so an unknown username takes as long as a wrong password."""
+    return hash_password("not-a-real-password")
+
+
+class Unauthorized(DomainError):
+    status = 401
+    code = "Unauthorized"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller. `scope` is the only place rows are filtered by who may see them."""
+
+    kind: str  # user | api_key
+    id: str
+    role: str  # SUPER_ADMIN | COOP_ADMIN | TENANT | API_KEY
+    cooperative_id: str | None
+    member_id: str | None = None
+    scopes: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def is_super(self) -> bool:
+        return self.role == SUPER_ADMIN
+
+    @property
+    def is_tenant(self) -> bool:
+        return self.role == TENANT
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(f"{'admin' if self.kind == 'user' else 'apikey'}:{self.id}", "api")
+
+    @property
+    def rate_key(self) -> str:
+        return f"{self.kind}:{self.id}"
+
+    def has(self, scope: str) -> bool:
+        return scope in self.scopes
+
+    def scope(self, query: Any, model: Any) -> Any:
+        """Restrict a SELECT on `model` to the rows this caller may see."""
+        if self.is_super:
+            return query
+        if model is Cooperative:
+            return query.where(Cooperative.id == self.cooperative_id)
+        coop_col = getattr(model, "cooperative_id", None)
+        if coop_col is None:
+            return query.where(false())
+        query = query.where(coop_col == self.cooperative_id)
+        if not self.is_tenant:
+            return query
+        # Tenants see their own member row and rows tied to it; payment types are shared reading.
+        if model is Member:
+            return query.where(Member.id == self.member_id)
+        member_col = getattr(model, "member_id", None)
+        if member_col is not None:
+            return query.where(member_col == self.member_id)
+        if getattr(model, "__tablename__", "") == "payment_types":
+            return query
+        return query.where(false())
+
+    def target_cooperative(self, requested: str | None) -> str:
+        """The cooperative a write goes to: the caller's own, or (super admin) the one named."""
+        if self.is_super:
+            if not requested:
+                raise ValidationError("cooperativeId is required for a super admin", field="cooperativeId")
+            return requested
+        if requested and requested != self.cooperative_id:
+            raise NotFound("cooperative not found")
+        assert self.cooperative_id is not None
+        return self.cooperative_id
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    role: str
+    cooperative_id: str | None
+
+
+def _encode(secret: str, claims: dict[str, Any]) -> str:
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def issue_tokens(user: AdminUser, *, secret: str, ttl_seconds: int) -> TokenPair:
+    now = utcnow()
+    base = {"sub": user.id, "role": user.role, "coop": user.cooperative_id, "mid": user.member_id,
+            "iss": ISSUER, "aud": AUDIENCE, "iat": now}
+    access = _encode(secret, {**base, "typ": "access", "jti": uuid.uuid4().hex,
+                              "exp": now + timedelta(seconds=ttl_seconds)})
+    refresh = _encode(secret, {"sub": user.id, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "typ": "refresh",
+                               "jti": uuid.uuid4().hex, "exp": now + timedelta(seconds=REFRESH_TTL_SECONDS)})
+    return TokenPair(access, refresh, ttl_seconds, user.role, user.cooperative_id)
+
+
+def decode_token(token: str, *, secret: str, expected_type: str) -> dict[str, Any]:
+    """Verify signature, algorithm, issuer, audience, expiry and token type; 401 on any failure."""
+    try:
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], audience=AUDIENCE, issuer=ISSUER,
+                            options={"require": ["exp", "iat", "sub", "typ", "jti"]}, leeway=5)
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("token has expired") from None
+    except jwt.InvalidTokenError:
+        raise Unauthorized("invalid token") from None
+    if claims.get("typ") != expected_type:
+        raise Unauthorized("invalid token")
+    return claims
+
+
+def principal_from_access(claims: dict[str, Any]) -> Principal:
+    role = claims.get("role")
+    if role not in ROLES:
+        raise Unauthorized("invalid token")
+    if role != SUPER_ADMIN and not claims.get("coop"):
+        raise Unauthorized("invalid token")
+    if role == TENANT and not claims.get("mid"):
+        raise Unauthorized("invalid token")
+    return Principal("user", str(claims["sub"]), role, claims.get("coop"), claims.get("mid"),
+                     _ROLE_SCOPES[role])
+
+
+async def login(session: AsyncSession, username: str, password: str) -> AdminUser:
+    """Check a username and password with the slow KDF; the same answer for every failure."""
+    query = select(AdminUser).where(AdminUser.username == username)
+    user = (await session.execute(query)).scalar_one_or_none()
+    # scrypt takes tens of milliseconds of CPU: keep it off the event loop.
+    ok = await asyncio.to_thread(verify_password, password, user.password_hash if user else _dummy_hash())
+    if user is None or not ok or not user.is_active:
+        raise Unauthorized("invalid username or password")
+    return user
+
+
+async def refresh(session: AsyncSession, redis: Redis, token: str, *, secret: str,
+                  ttl_seconds: int) -> TokenPair:
+    """Trade a refresh token for a new pair; each refresh token works once (rotation)."""
+    claims = decode_token(token, secret=secret, expected_type="refresh")
+    used = await redis.set(f"auth:{{refresh:{claims['jti']}}}:used", b"1", nx=True,
+                           ex=REFRESH_TTL_SECONDS + 60)
+    if not used:
+        raise Unauthorized("refresh token already used")
+    user = await session.get(AdminUser, str(claims["sub"]))
+    if user is None or not user.is_active:
+        raise Unauthorized("invalid token")
+    return issue_tokens(user, secret=secret, ttl_seconds=ttl_seconds)
+
+
+async def create_user(session: AsyncSession, *, username: str, password: str, role: str,
+                      cooperative_id: str | None = None, member_id: str | None = None) -> AdminUser:
+    if role not in ROLES:
+        raise ValidationError(f"role must be one of {', '.join(ROLES)}", field="role")
+    if role != SUPER_ADMIN and not cooperative_id:
+        raise ValidationError("cooperative is required for this role", field="cooperativeId")
+    if role == TENANT and not member_id:
+        raise ValidationError("a tenant must be linked to a member", field="memberId")
+    user = AdminUser(username=username, password_hash=hash_password(password), role=role,
+                     cooperative_id=cooperative_id, member_id=member_id, is_active=True)
+    session.add(user)
+    await session.flush()
+    return user
+
+
+# --- API keys ---------------------------------------------------------------------------------------
+
+async def create_api_key(session: AsyncSession, *, cooperative_id: str, name: str, scopes: list[str],
+                         actor: Actor) -> tuple[ApiKey, str]:
+    """Returns the row and the clear key; the clear key is never stored and never shown again."""
+    bad = sorted(set(scopes) - set(SCOPES))
+    if bad or not scopes:
+        raise ValidationError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}", field="scopes")
+    clear = new_api_key()
+    key = ApiKey(cooperative_id=cooperative_id, name=name.strip(), prefix=clear[:12],
+                 key_hash=hash_api_key(clear), scopes=sorted(set(scopes)), created_by=actor.id)
+    session.add(key)
+    await session.flush()
+    await record(session, actor=actor, action="api_key.created", entity_type="api_key", entity_id=key.id,
+                 after={"name": key.name, "scopes": key.scopes, "prefix": key.prefix},
+                 cooperative_id=cooperative_id)
+    return key, clear
+
+
+async def revoke_api_key(session: AsyncSession, key: ApiKey, *, actor: Actor) -> ApiKey:
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        await session.flush()
+        await record(session, actor=actor, action="api_key.revoked", entity_type="api_key", entity_id=key.id,
+                     cooperative_id=key.cooperative_id)
+    return key
+
+
+async def principal_from_api_key(session: AsyncSession, clear: str) -> Principal:
+    """Look the key up by its hash; revoked keys and suspended cooperatives are refused."""
+    if not clear or len(clear) > 200:
+        raise Unauthorized("invalid or inactive API key")
+    row = (await session.execute(
+        select(ApiKey, Cooperative.status).join(Cooperative, Cooperative.id == ApiKey.cooperative_id)
+        .where(ApiKey.key_hash == hash_api_key(clear))
+    )).first()
+    if row is None or row[0].revoked_at is not None or row[1] != "ACTIVE":
+        raise Unauthorized("invalid or inactive API key")
+    key: ApiKey = row[0]
+    # Best effort and cheap: one UPDATE per call, skipped when used in the last minute.
+    now = utcnow()
+    if key.last_used_at is None or now - key.last_used_at > timedelta(minutes=1):
+        await session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
+    return Principal("api_key", key.id, API_KEY, key.cooperative_id, None, frozenset(key.scopes))
+
+
+def require(principal: Principal, scope: str) -> None:
+    if not principal.has(scope):
+        raise Forbidden("insufficient permissions")

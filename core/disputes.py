@@ -1,0 +1,123 @@
+"""Disputes: opened by a member (USSD) or an admin, moved through their state machine, SMS on each change."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.audit import Actor, record
+from core.db import utcnow
+from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
+from core.models import Dispute, Payment
+from core.money import Money
+from core.notify import emit_event, send_sms
+from core.references import next_reference
+from core.state import transition
+from core.state.dispute import DISPUTE, DisputeReason, DisputeStatus
+
+if TYPE_CHECKING:
+    from core.crypto import PiiCipher
+    from core.runtime import Runtime
+
+D = DisputeStatus
+OPEN_STATES = (D.OPEN.value, D.UNDER_REVIEW.value)
+
+
+def dispute_data(dispute: Dispute) -> dict[str, Any]:
+    return {"id": dispute.id, "reference": dispute.reference, "paymentId": dispute.payment_id,
+            "status": dispute.status, "reason": dispute.reason, "resolution": dispute.resolution,
+            "refundId": dispute.refund_id, "createdAt": dispute.created_at.isoformat() if dispute.created_at else None}
+
+
+async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, template: str, event_type: str,
+                  step: str) -> None:
+    if dispute.member_id:
+        await send_sms(session, template=template, cooperative_id=dispute.cooperative_id,
+                       context={"dispute_id": dispute.id}, cipher=cipher, member_id=dispute.member_id,
+                       dedupe=f"{template}:{dispute.id}:{step}")
+    await emit_event(session, cooperative_id=dispute.cooperative_id, event_type=event_type,
+                     event_id=f"evt_{event_type.replace('.', '_')}_{dispute.id}_{step}", data=dispute_data(dispute))
+
+
+async def open_dispute(session: AsyncSession, *, payment: Payment, reason: DisputeReason | str, channel: str,
+                       actor: Actor, cipher: PiiCipher, note: str | None = None) -> Dispute:
+    try:
+        reason = DisputeReason(reason)
+    except ValueError:
+        raise ValidationError(f"reason must be one of {', '.join(r.value for r in DisputeReason)}",
+                              field="reason") from None
+    if note is not None and len(note) > 1000:
+        raise ValidationError("note must be at most 1000 characters", field="note")
+    already = (await session.execute(select(Dispute).where(Dispute.payment_id == payment.id,
+                                                           Dispute.status.in_(OPEN_STATES)))).scalar_one_or_none()
+    if already is not None:
+        raise Conflict(f"dispute {already.reference} is already open for this payment")
+    dispute = Dispute(
+        id=str(uuid.uuid4()), cooperative_id=payment.cooperative_id, payment_id=payment.id,
+        member_id=payment.member_id, reference=await next_reference(session, "DSP"), reason=reason.value,
+        status=D.OPEN.value, channel=channel,
+        notes=[{"at": utcnow().isoformat(), "actor": actor.id, "text": note}] if note else [],
+    )
+    session.add(dispute)
+    await session.flush()
+    await record(session, actor=actor, action="dispute.opened", entity_type="dispute", entity_id=dispute.id,
+                 after={"paymentId": payment.id, "reason": reason.value}, cooperative_id=payment.cooperative_id)
+    await _notify(session, cipher, dispute, "dispute_opened", "dispute.opened", "opened")
+    return dispute
+
+
+async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, cooperative_id: str | None,
+                       target: DisputeStatus | str, actor: Actor, note: str | None = None,
+                       evidence: str | None = None, refund_amount: Money | None = None) -> Dispute:
+    try:
+        target = DisputeStatus(target)
+    except ValueError:
+        raise ValidationError(f"status must be one of {', '.join(s.value for s in DisputeStatus)}",
+                              field="status") from None
+    query = select(Dispute).where(Dispute.id == dispute_id).with_for_update()
+    if cooperative_id is not None:
+        query = query.where(Dispute.cooperative_id == cooperative_id)
+    dispute = (await session.execute(query)).scalar_one_or_none()
+    if dispute is None:
+        raise NotFound("dispute not found")
+    if refund_amount is not None and target is not D.RESOLVED:
+        raise BusinessRuleError("a refund can only come with a resolution in the customer's favour",
+                                field="refundAmount")
+    for text, name in ((note, "note"), (evidence, "evidence")):
+        if text is not None and len(text) > 2000:
+            raise ValidationError(f"{name} must be at most 2000 characters", field=name)
+    notes = list(dispute.notes or [])
+    if note or evidence:
+        notes.append({"at": utcnow().isoformat(), "actor": actor.id, "text": note, "evidence": evidence,
+                      "status": target.value})
+    values: dict[str, Any] = {"notes": notes}
+    if target in (D.RESOLVED, D.REJECTED, D.WITHDRAWN):
+        values["resolved_at"] = utcnow()
+        values["resolution"] = (note or target.value.lower())[:500]
+    if refund_amount is not None:
+        from core.refunds import request_refund
+
+        refund, _ = await request_refund(session, rt, payment_id=dispute.payment_id,
+                                         cooperative_id=dispute.cooperative_id, amount=refund_amount,
+                                         reason=f"dispute {dispute.reference}",
+                                         idempotency_key=f"dispute:{dispute.id}", actor=actor, dispute_id=dispute.id)
+        values["refund_id"] = refund.id
+    updated = await transition(session, DISPUTE, dispute.id, DisputeStatus(dispute.status), target, actor=actor,
+                               values=values, audit={"note": note} if note else None)
+    final = target in (D.RESOLVED, D.REJECTED, D.WITHDRAWN)
+    await _notify(session, rt.cipher, updated, "dispute_resolved" if final else "dispute_updated",
+                  "dispute.updated", target.value.lower())
+    return updated
+
+
+async def get_payment_for_dispute(session: AsyncSession, payment_id: str, cooperative_id: str | None) -> Payment:
+    query = select(Payment).where(Payment.id == payment_id)
+    if cooperative_id is not None:
+        query = query.where(Payment.cooperative_id == cooperative_id)
+    payment = (await session.execute(query)).scalar_one_or_none()
+    if payment is None:
+        raise NotFound("payment not found", field="paymentId")
+    return payment

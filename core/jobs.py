@@ -1,0 +1,204 @@
+"""Worker jobs owned by the core: collect, poll and time out payments; submit and poll refunds."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from core import metrics
+from core.audit import Actor
+from core.db import utcnow
+from core.models import Member, Payment, Refund
+from core.money import Money
+from core.outbox import Handler, Job, RetryLater
+from core.payments import apply_collection_outcome, payment_account
+from core.phone import Phone
+from core.ports import CollectionRequest, ProviderError, ProviderOutcome, ProviderTimeout, RefundRequest
+from core.refunds import apply_refund_outcome
+from core.state import StaleTransition, transition
+from core.state.payment import OPEN, PAYMENT, PaymentStatus
+from core.state.refund import REFUND, RefundStatus
+
+if TYPE_CHECKING:
+    from core.runtime import Runtime
+
+log = logging.getLogger("gateway.jobs")
+WORKER = Actor("system", "worker")
+
+
+def poll_delay(age_seconds: float) -> float:
+    """Poll often while the payer is likely at the PIN prompt, then back off (cap 2 minutes)."""
+    if age_seconds < 60:
+        return 15
+    if age_seconds < 180:
+        return 30
+    return min(120, 30 * 2 ** int(age_seconds // 300))
+
+
+def _callback_url(rt: Runtime, provider: str) -> str:
+    from providers.routes import callback_url
+
+    return callback_url(rt.settings, provider)
+
+
+async def _timed(provider: str, operation: str, coro):  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
+    try:
+        return await coro
+    except ProviderError:
+        metrics.PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
+        raise
+    finally:
+        metrics.PROVIDER_CALLS.labels(provider=provider, operation=operation).observe(time.perf_counter() - started)
+
+
+def job_handlers(rt: Runtime) -> dict[str, Handler]:
+    async def collect(job: Job) -> None:
+        async with rt.sessionmaker() as session:
+            payment = await session.get(Payment, job.payload["payment_id"])
+            member = await session.get(Member, payment.member_id) if payment and payment.member_id else None
+        if payment is None or payment.status != PaymentStatus.PENDING.value:
+            return  # already moved on: running twice is harmless
+        provider = rt.providers[payment.provider]
+        account = payment_account(rt, payment)
+        request = CollectionRequest(
+            provider_reference=payment.provider_reference, payment_reference=payment.reference,
+            amount=Money(payment.amount_minor, payment.currency),
+            payer=Phone(account) if account.startswith("+") else None, payer_account=account,
+            description=payment.description or payment.reference, callback_url=_callback_url(rt, payment.provider),
+            method=payment.method, language=member.language if member else "en",
+            payer_name=member.name if member else "", expires_at=payment.expires_at)
+        try:
+            accepted = await _timed(provider.name, "collect", provider.request_collection(request))
+        except ProviderTimeout:
+            # The provider may have the request: ask its status (poll job) instead of sending it again.
+            log.warning("collection request timed out; status polling will settle it",
+                        extra={"payment": payment.reference})
+            return
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            async with rt.sessionmaker.begin() as session:
+                fresh = await session.get(Payment, payment.id)
+                if fresh is not None and fresh.status in OPEN:
+                    await apply_collection_outcome(session, rt, fresh, ProviderOutcome.FAILED, actor=WORKER,
+                                                   reason=str(exc)[:200])
+            return
+        async with rt.sessionmaker.begin() as session:
+            values = {"provider_transaction_id": accepted.provider_transaction_id or payment.provider_transaction_id,
+                      "gateway_reference": accepted.gateway_reference, "payment_url": accepted.payment_url}
+            try:
+                await transition(session, PAYMENT, payment.id, PaymentStatus.PENDING, PaymentStatus.PROCESSING,
+                                 actor=WORKER, values={k: v for k, v in values.items() if v is not None})
+                metrics.PAYMENTS.labels(status="PROCESSING", method=payment.method).inc()
+            except StaleTransition:
+                pass  # a callback already settled it
+
+    async def poll(job: Job) -> None:
+        async with rt.sessionmaker() as session:
+            payment = await session.get(Payment, job.payload["payment_id"])
+        if payment is None or PaymentStatus(payment.status) not in OPEN:
+            return
+        provider = rt.providers[payment.provider]
+        now = utcnow()
+        expired = now >= payment.expires_at
+        try:
+            status = await _timed(provider.name, "status", provider.collection_status(
+                payment.provider_reference, payment.provider_transaction_id, payment.currency))
+        except ProviderError as exc:
+            if exc.code == "NOT_FOUND" and not expired:
+                # The collection never reached the provider (e.g. a timeout on send): send it again with
+                # the same reference, which the provider deduplicates.
+                from core.outbox import enqueue
+
+                async with rt.sessionmaker.begin() as session:
+                    await enqueue(session, "payment.collect", {"payment_id": payment.id},
+                                  dedupe_key=f"collect:{payment.id}:{job.attempts}", cooperative_id=payment.cooperative_id)
+            if not expired:
+                raise RetryLater(poll_delay((now - payment.created_at).total_seconds()), str(exc)) from exc
+            status = None
+        outcome = status.outcome if status else ProviderOutcome.PENDING
+        if outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
+            if not expired:
+                async with rt.sessionmaker.begin() as session:
+                    fresh = await session.get(Payment, payment.id)
+                    if fresh is not None:
+                        fresh.next_poll_at = now + timedelta(seconds=poll_delay((now - payment.created_at).total_seconds()))
+                raise RetryLater(poll_delay((now - payment.created_at).total_seconds()), "still pending")
+            outcome = ProviderOutcome.EXPIRED
+        async with rt.sessionmaker.begin() as session:
+            fresh = (await session.execute(select(Payment).where(Payment.id == payment.id).with_for_update())
+                     ).scalar_one()
+            await apply_collection_outcome(
+                session, rt, fresh, outcome, actor=WORKER,
+                amount=status.amount if status else None,
+                provider_transaction_id=status.provider_transaction_id if status else None,
+                reason=(status.reason if status and status.reason else
+                        "not approved in time" if outcome is ProviderOutcome.EXPIRED else None))
+
+    async def submit_refund(job: Job) -> None:
+        async with rt.sessionmaker() as session:
+            refund = await session.get(Refund, job.payload["refund_id"])
+            payment = await session.get(Payment, refund.payment_id) if refund else None
+        if refund is None or payment is None or refund.status != RefundStatus.PENDING.value:
+            return
+        provider = rt.providers[payment.provider]
+        account = payment_account(rt, payment)
+        request = RefundRequest(
+            provider_reference=refund.provider_reference, original_provider_reference=payment.provider_reference,
+            original_provider_transaction_id=payment.provider_transaction_id,
+            amount=Money(refund.amount_minor, refund.currency), full=refund.amount_minor == payment.amount_minor,
+            payer=Phone(account) if account.startswith("+") else None, reason=refund.reason or "refund",
+            callback_url=_callback_url(rt, payment.provider))
+        try:
+            accepted = await _timed(provider.name, "refund", provider.request_refund(request))
+        except ProviderTimeout:
+            accepted = None
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            async with rt.sessionmaker.begin() as session:
+                fresh = await session.get(Refund, refund.id)
+                if fresh is not None:
+                    await apply_refund_outcome(session, rt, fresh, ProviderOutcome.FAILED, actor=WORKER,
+                                               reason=str(exc)[:200])
+            return
+        async with rt.sessionmaker.begin() as session:
+            values = {}
+            if accepted and accepted.provider_transaction_id:
+                values["provider_transaction_id"] = accepted.provider_transaction_id
+            try:
+                await transition(session, REFUND, refund.id, RefundStatus.PENDING, RefundStatus.PROCESSING,
+                                 actor=WORKER, values=values)
+            except StaleTransition:
+                return
+            from core.outbox import enqueue
+
+            await enqueue(session, "refund.poll", {"refund_id": refund.id}, dedupe_key=f"refund-poll:{refund.id}",
+                          run_at=utcnow() + timedelta(seconds=rt.settings.poll_after_seconds),
+                          cooperative_id=refund.cooperative_id, max_attempts=30)
+
+    async def poll_refund(job: Job) -> None:
+        async with rt.sessionmaker() as session:
+            refund = await session.get(Refund, job.payload["refund_id"])
+            payment = await session.get(Payment, refund.payment_id) if refund else None
+        if refund is None or payment is None or refund.status != RefundStatus.PROCESSING.value:
+            return
+        provider = rt.providers[payment.provider]
+        status = await _timed(provider.name, "refund_status",
+                              provider.refund_status(refund.provider_reference, refund.currency))
+        age = (utcnow() - refund.created_at).total_seconds()
+        if status.outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
+            raise RetryLater(poll_delay(age), "refund still pending")
+        async with rt.sessionmaker.begin() as session:
+            fresh = (await session.execute(select(Refund).where(Refund.id == refund.id).with_for_update())
+                     ).scalar_one()
+            await apply_refund_outcome(session, rt, fresh, status.outcome, actor=WORKER,
+                                       provider_transaction_id=status.provider_transaction_id, reason=status.reason)
+
+    return {"payment.collect": collect, "payment.poll": poll, "refund.submit": submit_refund,
+            "refund.poll": poll_refund}

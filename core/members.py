@@ -1,0 +1,125 @@
+"""Members of cooperatives: created, found by phone through a blind index, phone kept encrypted."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.audit import Actor, record
+from core.crypto import PiiCipher
+from core.errors import Conflict, NotFound, ValidationError
+from core.models import Cooperative, Member
+from core.phone import Phone
+
+LANGUAGES = ("en", "rw", "fr", "sw")
+MEMBER_STATUSES = ("PENDING", "ACTIVE", "SUSPENDED")
+
+
+def _context(cooperative_id: str) -> str:
+    return f"member:{cooperative_id}"
+
+
+def member_phone(cipher: PiiCipher, member: Member) -> Phone:
+    return Phone(cipher.decrypt(member.phone_enc, context=_context(member.cooperative_id)))
+
+
+def check_language(language: str) -> str:
+    language = (language or "en").strip().lower()
+    if language not in LANGUAGES:
+        raise ValidationError(f"language must be one of {', '.join(LANGUAGES)}", field="language")
+    return language
+
+
+async def find_memberships(session: AsyncSession, cipher: PiiCipher, phone: Phone) -> list[tuple[Member, Cooperative]]:
+    """Every non-suspended membership of this phone number, across cooperatives."""
+    rows = await session.execute(
+        select(Member, Cooperative)
+        .join(Cooperative, Cooperative.id == Member.cooperative_id)
+        .where(Member.phone_index == cipher.blind_index(phone.e164),
+               Member.status != "SUSPENDED", Cooperative.status == "ACTIVE")
+        .order_by(Cooperative.name)
+    )
+    return [(m, c) for m, c in rows.all()]
+
+
+async def get_member(session: AsyncSession, member_id: str, cooperative_id: str | None = None) -> Member:
+    query = select(Member).where(Member.id == member_id)
+    if cooperative_id is not None:
+        query = query.where(Member.cooperative_id == cooperative_id)
+    member = (await session.execute(query)).scalar_one_or_none()
+    if member is None:
+        raise NotFound("member not found")
+    return member
+
+
+async def create_member(
+    session: AsyncSession,
+    cipher: PiiCipher,
+    *,
+    cooperative_id: str,
+    name: str,
+    phone: Phone,
+    actor: Actor,
+    language: str = "en",
+    unit: str | None = None,
+    status: str = "ACTIVE",
+) -> Member:
+    name = (name or "").strip()
+    if not 2 <= len(name) <= 200:
+        raise ValidationError("name must be 2 to 200 characters", field="name")
+    if status not in MEMBER_STATUSES:
+        raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
+    index = cipher.blind_index(phone.e164)
+    existing = (await session.execute(
+        select(Member.id).where(Member.cooperative_id == cooperative_id, Member.phone_index == index)
+    )).scalar_one_or_none()
+    if existing:
+        raise Conflict("a member with this phone number already exists in this cooperative", field="phone")
+    member = Member(
+        cooperative_id=cooperative_id,
+        name=name,
+        phone_enc=cipher.encrypt(phone.e164, context=_context(cooperative_id)),
+        phone_index=index,
+        phone_masked=phone.masked(),
+        language=check_language(language),
+        unit=(unit or "").strip() or None,
+        status=status,
+    )
+    session.add(member)
+    await session.flush()
+    await record(session, actor=actor, action="member.created", entity_type="member", entity_id=member.id,
+                 after={"status": status, "phone": member.phone_masked}, cooperative_id=cooperative_id)
+    return member
+
+
+async def update_member(session: AsyncSession, member: Member, *, actor: Actor, name: str | None = None,
+                        language: str | None = None, unit: str | None = None, status: str | None = None) -> Member:
+    before = {"name": member.name, "language": member.language, "unit": member.unit, "status": member.status}
+    if name is not None:
+        if not 2 <= len(name.strip()) <= 200:
+            raise ValidationError("name must be 2 to 200 characters", field="name")
+        member.name = name.strip()
+    if language is not None:
+        member.language = check_language(language)
+    if unit is not None:
+        member.unit = unit.strip() or None
+    if status is not None:
+        if status not in MEMBER_STATUSES:
+            raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
+        member.status = status
+    await session.flush()
+    after = {"name": member.name, "language": member.language, "unit": member.unit, "status": member.status}
+    await record(session, actor=actor, action="member.updated", entity_type="member", entity_id=member.id,
+                 before=before, after=after, cooperative_id=member.cooperative_id)
+    return member
+
+
+async def approve_member(session: AsyncSession, member: Member, *, actor: Actor) -> Member:
+    if member.status != "PENDING":
+        raise Conflict(f"member is {member.status}, not PENDING")
+    return await update_member(session, member, actor=actor, status="ACTIVE")
+
+
+async def set_language(session: AsyncSession, member_id: str, language: str, *, actor: Actor) -> None:
+    member = await get_member(session, member_id)
+    await update_member(session, member, actor=actor, language=language)

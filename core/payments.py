@@ -1,0 +1,392 @@
+"""Payments: creation with idempotency, provider outcomes applied through the state machine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core import metrics
+from core.audit import Actor, record
+from core.db import insert_ignore, utcnow
+from core.errors import Conflict, NotFound, ValidationError
+from core.models import Cooperative, Member, Payment, PaymentType, ProviderEvent
+from core.money import Money
+from core.notify import emit_event, send_sms
+from core.outbox import enqueue
+from core.phone import PhoneError, normalize
+from core.ports import EventKind, ProviderOutcome
+from core.ports import ProviderEvent as ProviderEventData
+from core.references import next_reference
+from core.state import StaleTransition, transition
+from core.state.payment import OPEN, PAYMENT, PaymentStatus
+
+if TYPE_CHECKING:
+    from core.runtime import Runtime
+
+log = logging.getLogger("gateway.payments")
+
+METHODS = ("MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL", "MPESA", "BANK_BK", "BANK_IM", "BANK_ECOBANK")
+# Which mobile operator a mobile-money method collects from (checked against the payer's number).
+METHOD_OPERATOR = {"MOBILE_MONEY_MTN": "MTN", "MOBILE_MONEY_AIRTEL": "AIRTEL", "MPESA": "SAFARICOM"}
+CHANNELS = ("ussd", "api", "sms")
+P = PaymentStatus
+
+
+@dataclass(frozen=True)
+class NewPayment:
+    cooperative_id: str
+    payment_type_id: str
+    method: str
+    account: str
+    idempotency_key: str
+    channel: str
+    amount: Money | None = None
+    member_id: str | None = None
+    description: str | None = None
+    due_date: datetime | None = None
+
+
+def _account_context(cooperative_id: str) -> str:
+    return f"payment:{cooperative_id}"
+
+
+def payment_account(rt: Runtime, payment: Payment) -> str:
+    return rt.cipher.decrypt(payment.payment_account_enc, context=_account_context(payment.cooperative_id))
+
+
+def _request_hash(new: NewPayment, amount: Money, account: str) -> str:
+    canonical = json.dumps({
+        "paymentTypeId": new.payment_type_id, "amount": amount.minor, "currency": amount.currency,
+        "method": new.method, "account": account, "description": new.description,
+        "dueDate": new.due_date.isoformat() if new.due_date else None, "member": new.member_id,
+    }, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _check_key(key: str) -> str:
+    key = (key or "").strip()
+    if not 8 <= len(key) <= 128 or not key.isprintable():
+        raise ValidationError("idempotencyKey must be 8 to 128 printable characters", field="idempotencyKey")
+    return key
+
+
+async def _find_by_key(session: AsyncSession, cooperative_id: str, key: str) -> Payment | None:
+    return (await session.execute(
+        select(Payment).where(Payment.cooperative_id == cooperative_id, Payment.idempotency_key == key)
+    )).scalar_one_or_none()
+
+
+def _replay(existing: Payment, request_hash: str) -> tuple[Payment, bool]:
+    if existing.request_hash != request_hash:
+        raise Conflict("Payment with this idempotency key already exists with a different request",
+                       field="idempotencyKey")
+    return existing, False
+
+
+async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *, actor: Actor
+                         ) -> tuple[Payment, bool]:
+    """Create a PENDING payment and queue its collection; a replayed key returns the first payment.
+
+    The provider reference (a UUID) is on the row before the provider is ever called, so every
+    retry of the collection reuses it.
+    """
+    key = _check_key(new.idempotency_key)
+    if new.method not in METHODS:
+        raise ValidationError(f"paymentMethod must be one of {', '.join(METHODS)}", field="paymentMethod")
+    if new.channel not in CHANNELS:
+        raise ValidationError("unknown channel", field="channel")
+    if new.description is not None and len(new.description) > 500:
+        raise ValidationError("description must be at most 500 characters", field="description")
+
+    coop = await session.get(Cooperative, new.cooperative_id)
+    if coop is None or coop.status != "ACTIVE":
+        raise NotFound("cooperative not found")
+    ptype = (await session.execute(
+        select(PaymentType).where(PaymentType.id == new.payment_type_id,
+                                  PaymentType.cooperative_id == coop.id))).scalar_one_or_none()
+    if ptype is None:
+        raise NotFound("payment type not found", field="paymentTypeId")
+
+    amount = new.amount or Money(ptype.amount_minor, ptype.currency)
+    if amount.currency != ptype.currency:
+        raise ValidationError(f"amount must be in {ptype.currency}", field="amount")
+    if not amount.is_positive():
+        raise ValidationError("amount must be a positive number", field="amount")
+    if amount.minor != ptype.amount_minor and not ptype.allow_custom_amount:
+        raise ValidationError(f"{ptype.name} costs {Money(ptype.amount_minor, ptype.currency)}; "
+                              "this payment type does not accept another amount", field="amount")
+
+    account = _normalise_account(new.method, new.account, coop.country)
+    request_hash = _request_hash(new, amount, account)
+    existing = await _find_by_key(session, coop.id, key)
+    if existing is not None:
+        return _replay(existing, request_hash)
+    if not ptype.is_active:
+        raise ValidationError("payment type is not active", field="paymentTypeId")
+    if new.member_id is not None:
+        member = await session.get(Member, new.member_id)
+        if member is None or member.cooperative_id != coop.id:
+            raise NotFound("member not found", field="member")
+
+    provider = rt.provider_for(new.method)
+    now = utcnow()
+    payment_id = str(uuid.uuid4())
+    values: dict[str, Any] = {
+        "id": payment_id,
+        "cooperative_id": coop.id,
+        "member_id": new.member_id,
+        "payment_type_id": ptype.id,
+        "reference": await next_reference(session, "PAY"),
+        "amount_minor": amount.minor,
+        "currency": amount.currency,
+        "fee_minor": 0,
+        "refunded_minor": 0,
+        "status": P.PENDING.value,
+        "method": new.method,
+        "provider": provider.name,
+        "provider_reference": str(uuid.uuid4()),
+        "payment_account_enc": rt.cipher.encrypt(account, context=_account_context(coop.id)),
+        "payment_account_index": rt.cipher.blind_index(account),
+        "payment_account_masked": _mask_account(account),
+        "idempotency_key": key,
+        "request_hash": request_hash,
+        "description": new.description,
+        "due_date": new.due_date,
+        "channel": new.channel,
+        "mismatch": False,
+        "late": False,
+        "expires_at": now + timedelta(seconds=rt.settings.payment_timeout_seconds),
+        "next_poll_at": now + timedelta(seconds=rt.settings.poll_after_seconds),
+        "created_by": actor.id,
+        "created_at": now,
+        "updated_at": now,
+    }
+    stmt = (insert_ignore(session.bind.dialect.name, Payment).values(**values)
+            .on_conflict_do_nothing(index_elements=["cooperative_id", "idempotency_key"])
+            .returning(Payment.id))
+    inserted = (await session.execute(stmt)).scalar_one_or_none()
+    if inserted is None:  # a concurrent request with the same key won
+        existing = await _find_by_key(session, coop.id, key)
+        if existing is None:
+            raise Conflict("a request with this idempotency key is in flight", field="idempotencyKey")
+        return _replay(existing, request_hash)
+
+    await record(session, actor=actor, action="payment.created", entity_type="payment", entity_id=payment_id,
+                 after={"status": "PENDING", "amount": amount.minor, "currency": amount.currency,
+                        "method": new.method, "reference": values["reference"]},
+                 cooperative_id=coop.id)
+    await enqueue(session, "payment.collect", {"payment_id": payment_id}, dedupe_key=f"collect:{payment_id}",
+                  cooperative_id=coop.id)
+    await enqueue(session, "payment.poll", {"payment_id": payment_id}, dedupe_key=f"poll:{payment_id}",
+                  run_at=values["next_poll_at"], cooperative_id=coop.id, max_attempts=30)
+    metrics.PAYMENTS.labels(status="PENDING", method=new.method).inc()
+    payment = await session.get(Payment, payment_id)
+    assert payment is not None
+    return payment, True
+
+
+def _normalise_account(method: str, account: str, country: str) -> str:
+    account = (account or "").strip()
+    operator = METHOD_OPERATOR.get(method)
+    if operator is None:  # bank payments: an account number or an e-mail for the invoice
+        if not 3 <= len(account) <= 120 or not account.isprintable():
+            raise ValidationError("paymentAccount must be 3 to 120 characters", field="paymentAccount")
+        return account
+    try:
+        phone = normalize(account, country)
+    except PhoneError as exc:
+        raise ValidationError(f"paymentAccount: {exc.message}", field="paymentAccount") from None
+    if phone.operator is not None and phone.operator != operator:
+        raise ValidationError(f"paymentAccount is a {phone.operator} number; {method} needs an {operator} number",
+                              field="paymentAccount")
+    return phone.e164
+
+
+def _mask_account(account: str) -> str:
+    if account.startswith("+"):
+        from core.phone import mask
+
+        return mask(account)
+    if "@" in account:
+        user, _, domain = account.partition("@")
+        return f"{user[:1]}***@{domain}"
+    return "*" * max(0, len(account) - 4) + account[-4:]
+
+
+async def get_by_reference(session: AsyncSession, reference: str) -> Payment | None:
+    return (await session.execute(select(Payment).where(Payment.reference == reference.strip().upper())
+                                  )).scalar_one_or_none()
+
+
+async def recent_payments_for_member(session: AsyncSession, member_id: str, limit: int = 5) -> list[Payment]:
+    rows = await session.execute(select(Payment).where(Payment.member_id == member_id)
+                                 .order_by(Payment.created_at.desc()).limit(limit))
+    return list(rows.scalars())
+
+
+def event_data(payment: Payment) -> dict[str, Any]:
+    """The payment as cooperatives' systems receive it in webhooks (no full phone number)."""
+    money = Money(payment.amount_minor, payment.currency)
+    return {
+        "id": payment.id, "reference": payment.reference, "status": payment.status,
+        "amount": money.to_api(), "currency": payment.currency, "paymentMethod": payment.method,
+        "paymentAccount": payment.payment_account_masked, "paymentTypeId": payment.payment_type_id,
+        "memberId": payment.member_id, "gatewayTransactionId": payment.provider_transaction_id,
+        "failureReason": payment.failure_reason, "late": payment.late, "mismatch": payment.mismatch,
+        "completedAt": payment.completed_at.isoformat() if payment.completed_at else None,
+        "createdAt": payment.created_at.isoformat(),
+    }
+
+
+async def _notify(session: AsyncSession, rt: Runtime, payment: Payment, template: str, event_type: str) -> None:
+    if payment.member_id is not None:
+        await send_sms(session, template=template, cooperative_id=payment.cooperative_id,
+                       context={"payment_id": payment.id}, cipher=rt.cipher, member_id=payment.member_id,
+                       dedupe=f"{template}:{payment.id}")
+    elif payment.method in METHOD_OPERATOR:
+        from core.phone import Phone
+
+        await send_sms(session, template=template, cooperative_id=payment.cooperative_id,
+                       context={"payment_id": payment.id}, cipher=rt.cipher,
+                       phone=Phone(payment_account(rt, payment)), dedupe=f"{template}:{payment.id}")
+    await emit_event(session, cooperative_id=payment.cooperative_id, event_type=event_type,
+                     event_id=f"evt_{event_type.replace('.', '_')}_{payment.id}", data=event_data(payment))
+
+
+_FAILED_TARGET = {
+    ProviderOutcome.FAILED: (P.FAILED, "payment_failed", "payment.failed"),
+    ProviderOutcome.CANCELLED: (P.CANCELLED, "payment_failed", "payment.failed"),
+    ProviderOutcome.EXPIRED: (P.TIMEOUT, "payment_timeout", "payment.timeout"),
+}
+
+
+async def apply_collection_outcome(
+    session: AsyncSession,
+    rt: Runtime,
+    payment: Payment,
+    outcome: ProviderOutcome,
+    *,
+    actor: Actor,
+    amount: Money | None = None,
+    provider_transaction_id: str | None = None,
+    reason: str | None = None,
+) -> str:
+    """Apply what the provider says to a payment; returns what happened, in one word."""
+    current = P(payment.status)
+    if outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
+        return "pending"
+    if outcome is ProviderOutcome.SUCCEEDED:
+        if current in (P.COMPLETED, P.PARTIALLY_REFUNDED, P.REFUNDED):
+            return "already_completed"
+        if current is P.FAILED:
+            # Money taken after a definite failure: never reopen, but never drop it either.
+            await record(session, actor=actor, action="payment.success_after_failure", entity_type="payment",
+                         entity_id=payment.id, before={"status": current.value},
+                         after={"providerTransactionId": provider_transaction_id}, cooperative_id=payment.cooperative_id)
+            payment.mismatch = True
+            payment.mismatch_detail = "provider reported success after the payment had failed"
+            return "flagged_success_after_failure"
+        values: dict[str, Any] = {"completed_at": utcnow()}
+        if provider_transaction_id:
+            values["provider_transaction_id"] = provider_transaction_id
+        if PAYMENT.is_exceptional(current, P.COMPLETED):
+            values["late"] = True
+        expected = Money(payment.amount_minor, payment.currency)
+        if amount is not None and amount != expected:
+            values["mismatch"] = True
+            values["mismatch_detail"] = f"provider reported {amount}, expected {expected}"
+            await record(session, actor=actor, action="payment.amount_mismatch", entity_type="payment",
+                         entity_id=payment.id, after={"reported": amount.minor, "reportedCurrency": amount.currency,
+                                                      "expected": expected.minor}, cooperative_id=payment.cooperative_id)
+        updated = await transition(session, PAYMENT, payment.id, current, P.COMPLETED, actor=actor, values=values)
+        metrics.PAYMENTS.labels(status="COMPLETED", method=payment.method).inc()
+        await _notify(session, rt, updated, "payment_receipt", "payment.completed")
+        return "late_completed" if values.get("late") else "completed"
+    target, template, event_type = _FAILED_TARGET[outcome]
+    if current not in OPEN:
+        return "ignored_final"
+    updated = await transition(session, PAYMENT, payment.id, current, target, actor=actor,
+                               values={"failure_reason": (reason or outcome.value.lower())[:200]})
+    metrics.PAYMENTS.labels(status=target.value, method=payment.method).inc()
+    await _notify(session, rt, updated, template, event_type)
+    return target.value.lower()
+
+
+async def _find_payment(session: AsyncSession, event: ProviderEventData, *, lock: bool = False) -> Payment | None:
+    column = (Payment.provider_transaction_id if event.raw.get("lookup") == "provider_transaction_id"
+              else Payment.provider_reference)
+    query = select(Payment).where(Payment.provider == event.provider, column == event.reference)
+    if lock:
+        query = query.with_for_update()
+    return (await session.execute(query)).scalar_one_or_none()
+
+
+async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
+    """Store the raw callback once, confirm it if unsigned, and apply it. Returns the outcome."""
+    if event.kind is EventKind.REFUND:
+        from core.refunds import handle_refund_event
+
+        return await handle_refund_event(rt, event)
+    outcome, amount, txn, reason = event.outcome, event.amount, event.provider_transaction_id, event.reason
+    if event.needs_confirmation:
+        async with rt.sessionmaker() as session:
+            payment = await _find_payment(session, event)
+        if payment is None:
+            return await _store_unmatched(rt, event)
+        provider = rt.providers[payment.provider]
+        status = await provider.collection_status(payment.provider_reference, payment.provider_transaction_id,
+                                                  payment.currency)
+        outcome, amount = status.outcome, status.amount or amount
+        txn, reason = status.provider_transaction_id or txn, status.reason or reason
+
+    actor = Actor(f"provider:{event.provider}", "provider")
+    for _ in range(3):
+        try:
+            async with rt.sessionmaker.begin() as session:
+                stmt = (insert_ignore(session.bind.dialect.name, ProviderEvent)
+                        .values(id=str(uuid.uuid4()), provider=event.provider, event_id=event.event_id[:200],
+                                kind=event.kind.value, status=outcome.value, payload=dict(event.raw),
+                                received_at=utcnow())
+                        .on_conflict_do_nothing(index_elements=["provider", "event_id"])
+                        .returning(ProviderEvent.id))
+                event_row_id = (await session.execute(stmt)).scalar_one_or_none()
+                if event_row_id is None:
+                    return "duplicate"
+                payment = await _find_payment(session, event, lock=True)
+                if payment is None:
+                    await _set_outcome(session, event_row_id, "unknown_payment", None)
+                    log.warning("callback for an unknown payment", extra={"provider": event.provider})
+                    return "unknown_payment"
+                result = await apply_collection_outcome(session, rt, payment, outcome, actor=actor, amount=amount,
+                                                        provider_transaction_id=txn, reason=reason)
+                await _set_outcome(session, event_row_id, result, payment.id)
+                return result
+        except StaleTransition:
+            continue  # the row moved under us (a poll or a parallel callback): re-read and re-apply
+    return "conflict"
+
+
+async def _set_outcome(session: AsyncSession, event_row_id: str, outcome: str, payment_id: str | None) -> None:
+    row = await session.get(ProviderEvent, event_row_id)
+    if row is not None:
+        row.outcome = outcome
+        row.payment_id = payment_id
+
+
+async def _store_unmatched(rt: Runtime, event: ProviderEventData) -> str:
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(
+            insert_ignore(session.bind.dialect.name, ProviderEvent)
+            .values(id=str(uuid.uuid4()), provider=event.provider, event_id=event.event_id[:200],
+                    kind=event.kind.value, status=event.outcome.value, payload=dict(event.raw),
+                    outcome="unknown_payment", received_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["provider", "event_id"]))
+    return "unknown_payment"

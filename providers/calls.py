@@ -1,0 +1,78 @@
+"""One outbound provider call: timeouts, latency and error metrics, transport failures in core words."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from core.config import ProviderConfig
+from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS
+from core.ports import ProviderError, ProviderTimeout
+
+DEFAULT_CONNECT_TIMEOUT = 3.0
+DEFAULT_READ_TIMEOUT = 10.0
+
+
+def timeout_from(config: ProviderConfig) -> httpx.Timeout:
+    """Per-provider timeouts from options connect_timeout / read_timeout (seconds)."""
+    try:
+        connect = float(config.options.get("connect_timeout") or DEFAULT_CONNECT_TIMEOUT)
+        read = float(config.options.get("read_timeout") or DEFAULT_READ_TIMEOUT)
+    except ValueError:
+        raise ValueError("provider connect_timeout / read_timeout must be numbers") from None
+    return httpx.Timeout(read, connect=connect)
+
+
+async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method: str, url: str,
+               timeout: httpx.Timeout, creates: bool, headers: Mapping[str, str] | None = None,
+               json: Any = None, auth: httpx.Auth | tuple[str, str] | None = None) -> httpx.Response:
+    """Send once. `creates`: the request starts a payment or refund, so an unanswered one is ambiguous.
+
+    A failure to connect is retryable (nothing reached the provider). A request that may have
+    reached the provider but got no answer raises ProviderTimeout when it `creates`: the caller must
+    ask the status of the same reference rather than send it again.
+    """
+    started = time.perf_counter()
+    try:
+        response = await http.request(method, url, headers=dict(headers or {}), json=json, auth=auth,
+                                      timeout=timeout)
+    except (httpx.ConnectTimeout, httpx.ConnectError) as exc:
+        PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
+        raise ProviderError(f"{provider} could not be reached ({type(exc).__name__})", retryable=True,
+                            code="UNREACHABLE") from None
+    except (httpx.TimeoutException, httpx.TransportError) as exc:
+        PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
+        if creates:
+            raise ProviderTimeout(f"{provider} did not answer {operation} ({type(exc).__name__}); "
+                                  "ask its status before sending again") from None
+        raise ProviderError(f"{provider} did not answer {operation} ({type(exc).__name__})", retryable=True,
+                            code="TIMEOUT") from None
+    finally:
+        PROVIDER_CALLS.labels(provider=provider, operation=operation).observe(time.perf_counter() - started)
+    if response.status_code >= 400:
+        PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
+    return response
+
+
+def http_error(provider: str, operation: str, response: httpx.Response, detail: str) -> ProviderError:
+    """5xx may be retried with the same reference; 4xx will fail the same way again."""
+    status = response.status_code
+    if status >= 500:
+        return ProviderError(f"{provider} {operation} failed on the provider's side (HTTP {status}): {detail}",
+                             retryable=True, code=f"HTTP_{status}")
+    return ProviderError(f"{provider} refused {operation} (HTTP {status}): {detail}", retryable=False,
+                         code=f"HTTP_{status}")
+
+
+def json_body(response: httpx.Response) -> dict[str, Any]:
+    """The answer as a JSON object, or {} when it is empty or not JSON."""
+    if not response.content:
+        return {}
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -1,0 +1,325 @@
+"""IremboPay adapter: invoices, mobile-money push, bank payment URLs, signed webhooks with replay refusal."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from core.config import ProviderConfig
+from core.logs import scrub
+from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS
+from core.money import Money, MoneyError
+from core.ports import (
+    CallbackRejected,
+    CollectionAccepted,
+    CollectionRequest,
+    EventKind,
+    InboundCallback,
+    ProviderError,
+    ProviderEvent,
+    ProviderOutcome,
+    ProviderTimeout,
+    RefundRequest,
+    StatusResult,
+)
+
+log = logging.getLogger(__name__)
+
+# Invoice paymentStatus -> core outcome. PROTOCOLS.md documents NEW and PAID only; EXPIRED,
+# CANCELLED and FAILED are assumed (an invoice past expiryAt, one withdrawn, a declined push) and
+# mapped conservatively. Anything else raises: we would rather stop than guess about money.
+STATUS: dict[str, ProviderOutcome] = {
+    "NEW": ProviderOutcome.PENDING,
+    "PAID": ProviderOutcome.SUCCEEDED,
+    "EXPIRED": ProviderOutcome.EXPIRED,
+    "CANCELLED": ProviderOutcome.CANCELLED,
+    "FAILED": ProviderOutcome.FAILED,
+}
+# Error code -> may the same call be sent again?
+ERRORS: dict[str, bool] = {
+    "INVOICE_EXPIRED": False,  # a new invoice is needed
+    "INVOICE_ALREADY_PAID": False,  # nothing to push; the status query tells the outcome
+    "PAYMENT_PROVIDER_ERROR": True,  # MTN / Airtel behind IremboPay failed for now
+    "BAD_PHONE_NUMBER": False,
+    "INVOICE_NOT_FOUND": False,
+}
+BANK_METHODS = frozenset({"BANK_BK", "BANK_IM", "BANK_ECOBANK"})
+MOBILE_PROVIDERS: dict[str, str] = {"MOBILE_MONEY_MTN": "MTN", "MOBILE_MONEY_AIRTEL": "AIRTEL"}
+LANGUAGES: dict[str, str] = {"en": "EN", "fr": "FR", "rw": "RW", "kin": "RW"}
+SIGNATURE_HEADER = "irembopay-signature"
+DEFAULT_TOLERANCE = 300  # seconds a signed webhook stays acceptable
+
+NonceStore = Callable[[str, int], Awaitable[bool]]
+
+
+class MemoryNonceStore:
+    """Process-local one-time check: True the first time a key is seen within its TTL."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._seen: dict[str, float] = {}
+        self._clock = clock
+
+    async def __call__(self, key: str, ttl: int) -> bool:
+        now = self._clock()
+        if len(self._seen) > 1024:  # prune now and then, so the dict stays bounded by the TTL window
+            self._seen = {k: exp for k, exp in self._seen.items() if exp > now}
+        expires = self._seen.get(key)
+        if expires is not None and expires > now:
+            return False
+        self._seen[key] = now + ttl
+        return True
+
+
+def redis_nonce_store(redis: Any) -> NonceStore:
+    """One-time check shared by every gateway process: SET key 1 NX EX ttl, in one round trip."""
+
+    async def first_time(key: str, ttl: int) -> bool:
+        return bool(await redis.set(key, b"1", nx=True, ex=ttl))
+
+    return first_time
+
+
+def sign(secret: str, timestamp_ms: int, body: bytes) -> str:
+    """IremboPay's signature: hex HMAC-SHA256(secretKey, "<t>#<raw body>")."""
+    return hmac.new(secret.encode(), str(timestamp_ms).encode() + b"#" + body, hashlib.sha256).hexdigest()
+
+
+def signature_header(secret: str, timestamp_ms: int, body: bytes) -> str:
+    return f"t={timestamp_ms},s={sign(secret, timestamp_ms, body)}"
+
+
+class IremboPayAdapter:
+    """PaymentProvider for IremboPay: MTN / Airtel pushes and bank payments (BK, I&M, Ecobank)."""
+
+    name = "irembopay"
+    supports_partial_refund = False
+    methods = frozenset({"BANK_BK", "BANK_IM", "BANK_ECOBANK", "MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL"})
+
+    def __init__(self, http: httpx.AsyncClient, config: ProviderConfig, *,
+                 nonce_store: NonceStore | None = None, tolerance: int = DEFAULT_TOLERANCE,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self._http = http
+        self._config = config
+        self._base = config.base_url.rstrip("/")
+        self._nonce_store = nonce_store or MemoryNonceStore()
+        self._tolerance = tolerance
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    # --- outbound -------------------------------------------------------------------------------
+
+    async def request_collection(self, request: CollectionRequest) -> CollectionAccepted:
+        if request.method not in self.methods:
+            raise ProviderError(f"IremboPay does not collect {request.method}", retryable=False,
+                                code="METHOD_UNSUPPORTED")
+        if request.amount.currency != "RWF":
+            raise ProviderError(f"IremboPay collects RWF only, not {request.amount.currency}", retryable=False,
+                                code="CURRENCY_UNSUPPORTED")
+        if not request.amount.is_positive():
+            raise ProviderError("IremboPay amount must be positive", retryable=False, code="BAD_AMOUNT")
+        mobile = MOBILE_PROVIDERS.get(request.method)
+        if mobile and (request.payer is None or not request.payer.digits.startswith("250")):
+            raise ProviderError("IremboPay mobile money needs a Rwandan number (07...)", retryable=False,
+                                code="BAD_PHONE_NUMBER")
+        invoice = await self._create_invoice(request)
+        invoice_number = invoice.get("invoiceNumber")
+        if not isinstance(invoice_number, str) or not invoice_number:
+            raise self._fail("invoice", "answer has no invoiceNumber")
+        status = invoice.get("paymentStatus", "NEW")
+        if mobile and status == "NEW":
+            assert request.payer is not None
+            body = {"accountIdentifier": request.payer.national, "paymentProvider": mobile,
+                    "invoiceNumber": invoice_number, "transactionReference": request.provider_reference}
+            resp = await self._send("push", "POST", "/payments/transactions/initiate", json=body)
+            answer = self._json(resp)
+            if resp.status_code not in (200, 201) or answer.get("success") is False:
+                raise self._error("push", resp, answer)
+        payment_url = invoice.get("paymentLinkUrl") if request.method in BANK_METHODS else None
+        log.info("irembopay collection accepted",
+                 extra={"invoice_number": invoice_number, "method": request.method,
+                        "payer": request.payer.masked() if request.payer else None,
+                        "provider_reference": request.provider_reference})
+        # The invoice number is what the status query needs, so it doubles as the transaction id.
+        return CollectionAccepted(provider_transaction_id=invoice_number, gateway_reference=invoice_number,
+                                  payment_url=payment_url if isinstance(payment_url, str) else None)
+
+    async def _create_invoice(self, request: CollectionRequest) -> Mapping[str, Any]:
+        customer: dict[str, str] = {}
+        if request.payer is not None:
+            customer["phoneNumber"] = request.payer.national
+        if "@" in request.payer_account:
+            customer["email"] = request.payer_account
+        if request.payer_name:
+            customer["name"] = request.payer_name
+        body: dict[str, Any] = {
+            # Our provider reference, saved before this call: a retry after a timeout sends the same
+            # transactionId, which IremboPay keeps unique (assumed to answer the existing invoice).
+            "transactionId": request.provider_reference,
+            "paymentAccountIdentifier": self._config.options.get("payment_account", ""),
+            "paymentItems": [{"code": self._config.options.get("payment_item_code", ""), "quantity": 1,
+                              "unitAmount": request.amount.to_api()}],
+            "description": request.description[:200] or request.payment_reference,
+            "customer": customer,
+            "language": LANGUAGES.get(request.language.lower(), "EN"),
+        }
+        if request.expires_at is not None:
+            body["expiryAt"] = request.expires_at.astimezone(UTC).isoformat(timespec="seconds")
+        resp = await self._send("invoice", "POST", "/payments/invoices", json=body)
+        answer = self._json(resp)
+        data = answer.get("data")
+        if resp.status_code not in (200, 201) or answer.get("success") is False or not isinstance(data, dict):
+            raise self._error("invoice", resp, answer)
+        return data
+
+    async def collection_status(self, provider_reference: str, provider_transaction_id: str | None,
+                                currency: str) -> StatusResult:
+        if not provider_transaction_id:
+            # Invoices are looked up by invoice number only; without one the invoice answer never
+            # arrived and the core's payment timeout decides.
+            return StatusResult(ProviderOutcome.AMBIGUOUS,
+                                reason="no invoice number: the invoice answer never arrived")
+        resp = await self._send("status", "GET", f"/payments/invoices/{quote(provider_transaction_id, safe='')}")
+        answer = self._json(resp)
+        data = answer.get("data")
+        if resp.status_code != 200 or not isinstance(data, dict):
+            raise self._error("status", resp, answer)
+        status = str(data.get("paymentStatus"))
+        outcome = STATUS.get(status)
+        if outcome is None:
+            PROVIDER_ERRORS.labels(self.name, "status").inc()
+            log.error("irembopay unknown paymentStatus", extra={"payment_status": status,
+                                                                "invoice_number": provider_transaction_id})
+            raise ProviderError(f"IremboPay: unknown paymentStatus {status!r}", retryable=False,
+                                code="UNKNOWN_STATUS")
+        amount = None
+        if data.get("amount") is not None:
+            try:
+                amount = Money.from_api(data["amount"], str(data.get("currency") or currency))
+            except MoneyError:
+                raise self._fail("status", f"amount {data['amount']!r} is not a number") from None
+        return StatusResult(outcome, amount=amount, provider_transaction_id=provider_transaction_id,
+                            reason=None if outcome is not ProviderOutcome.FAILED else "payment failed",
+                            raw=dict(data))
+
+    async def request_refund(self, request: RefundRequest) -> CollectionAccepted:
+        raise ProviderError("IremboPay has no refund API: refund bank payments through the bank and "
+                            "mobile-money payments by a transfer, then record the refund manually",
+                            retryable=False, code="REFUND_UNSUPPORTED")
+
+    async def refund_status(self, provider_reference: str, currency: str) -> StatusResult:
+        raise ProviderError("IremboPay has no refund API; refunds are recorded manually", retryable=False,
+                            code="REFUND_UNSUPPORTED")
+
+    # --- inbound --------------------------------------------------------------------------------
+
+    async def verify_callback(self, callback: InboundCallback) -> None:
+        header = _header(callback.headers, SIGNATURE_HEADER)
+        if not header:
+            raise CallbackRejected("missing irembopay-signature header")
+        parts = dict(p.strip().split("=", 1) for p in header.split(",") if "=" in p)
+        t, s = parts.get("t", ""), parts.get("s", "")
+        if not t.isdigit() or not s:
+            raise CallbackRejected("malformed irembopay-signature header")
+        expected = sign(self._config.secret("secret_key"), int(t), callback.body)
+        if not hmac.compare_digest(expected, s.lower()):
+            raise CallbackRejected("irembopay signature does not match")
+        # The timestamp is in milliseconds (PROTOCOLS.md); a skew either way beyond the tolerance fails.
+        now_ms = int(self._clock().timestamp() * 1000)
+        if abs(now_ms - int(t)) > self._tolerance * 1000:
+            raise CallbackRejected("irembopay signature timestamp outside the tolerance")
+        # Checked last, so only a genuine signature can use up its one-time key.
+        if not await self._nonce_store(f"nonce:{{irembopay}}:{s.lower()}", 2 * self._tolerance):
+            raise CallbackRejected("irembopay webhook already received (replay)", status=409)
+
+    def parse_callback(self, callback: InboundCallback) -> ProviderEvent:
+        try:
+            body = json.loads(callback.body)
+        except (ValueError, UnicodeDecodeError):
+            raise CallbackRejected("IremboPay webhook is not JSON", status=400) from None
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, dict):
+            raise CallbackRejected("IremboPay webhook has no data object", status=400)
+        reference, invoice = data.get("transactionId"), data.get("invoiceNumber")
+        if not isinstance(reference, str) or not reference or not isinstance(invoice, str) or not invoice:
+            raise CallbackRejected("IremboPay webhook without transactionId or invoiceNumber", status=400)
+        status = str(data.get("paymentStatus"))
+        outcome = STATUS.get(status)
+        if outcome is None:
+            PROVIDER_ERRORS.labels(self.name, "callback").inc()
+            log.error("irembopay webhook with unknown paymentStatus",
+                      extra={"payment_status": status, "invoice_number": invoice})
+            raise CallbackRejected(f"unknown IremboPay paymentStatus {status!r}", status=400)
+        amount = None
+        if data.get("amount") is not None:
+            try:
+                amount = Money.from_api(data["amount"], str(data.get("currency") or "RWF"))
+            except MoneyError:
+                raise CallbackRejected(f"IremboPay amount {data['amount']!r} / currency "
+                                       f"{data.get('currency')!r} not understood", status=400) from None
+        return ProviderEvent(
+            provider=self.name, kind=EventKind.COLLECTION, event_id=f"{invoice}:{status}", reference=reference,
+            outcome=outcome, amount=amount, provider_transaction_id=invoice,
+            reason="payment failed" if outcome is ProviderOutcome.FAILED else None,
+            needs_confirmation=False, raw=dict(data))
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    async def _send(self, operation: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        headers = {"irembopay-secretKey": self._config.secret("secret_key"), "X-API-Version": "2",
+                   "Accept": "application/json"}
+        started = time.perf_counter()
+        try:
+            return await self._http.request(method, self._base + path, headers=headers, **kwargs)
+        except httpx.ConnectError as exc:
+            PROVIDER_ERRORS.labels(self.name, operation).inc()
+            log.warning("irembopay %s: cannot connect", operation)
+            raise ProviderError(f"IremboPay {operation}: cannot connect", retryable=True,
+                                code="UNREACHABLE") from exc
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            PROVIDER_ERRORS.labels(self.name, operation).inc()
+            log.warning("irembopay %s: no answer (%s)", operation, type(exc).__name__)
+            raise ProviderTimeout(f"IremboPay {operation}: no answer in time") from exc
+        finally:
+            PROVIDER_CALLS.labels(self.name, operation).observe(time.perf_counter() - started)
+
+    @staticmethod
+    def _json(resp: httpx.Response) -> dict[str, Any]:
+        try:
+            body = resp.json()
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def _error(self, operation: str, resp: httpx.Response, answer: Mapping[str, Any]) -> ProviderError:
+        errors = answer.get("errors")
+        first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
+        code = str(first.get("code") or answer.get("code") or resp.status_code)
+        detail = first.get("detail") or answer.get("message") or resp.reason_phrase
+        message = scrub(str(detail))
+        retryable = ERRORS.get(code, resp.status_code >= 500 or resp.status_code == 429)
+        PROVIDER_ERRORS.labels(self.name, operation).inc()
+        log.warning("irembopay %s refused", operation,
+                    extra={"http_status": resp.status_code, "error_code": code, "error": message})
+        return ProviderError(f"IremboPay {operation} refused ({resp.status_code} {code}): {message}",
+                             retryable=retryable, code=code)
+
+    def _fail(self, operation: str, message: str) -> ProviderError:
+        PROVIDER_ERRORS.labels(self.name, operation).inc()
+        log.warning("irembopay %s: %s", operation, message)
+        return ProviderError(f"IremboPay {operation}: {message}", retryable=False, code="BAD_ANSWER")
+
+
+def _header(headers: Mapping[str, str], name: str) -> str:
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    return next((v for k, v in headers.items() if k.lower() == lowered), "")

@@ -1,0 +1,442 @@
+"""Safaricom M-Pesa Daraja adapter: STK push, STK query, reversal as refund, callback parsing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+
+from core.config import ProviderConfig
+from core.logs import scrub
+from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS
+from core.money import Money, MoneyError
+from core.phone import mask
+from core.ports import (
+    CallbackRejected,
+    CollectionAccepted,
+    CollectionRequest,
+    EventKind,
+    InboundCallback,
+    ProviderError,
+    ProviderEvent,
+    ProviderOutcome,
+    ProviderTimeout,
+    RefundRequest,
+    StatusResult,
+)
+from providers.tokens import TokenCache
+
+log = logging.getLogger(__name__)
+
+try:
+    from zoneinfo import ZoneInfo
+
+    _NAIROBI: Any = ZoneInfo("Africa/Nairobi")
+except Exception:  # noqa: BLE001 - no tz database: Kenya has kept UTC+3 without DST since 1942
+    _NAIROBI = timezone(timedelta(hours=3), "EAT")
+
+# STK ResultCode -> core outcome. Callbacks send it as a number, the STK query as a string.
+# 1037 ("DS timeout, user cannot be reached") is FAILED, not EXPIRED: the prompt never reached the
+# phone, so the payer did not let it lapse; Safaricom has closed the request (no late success can
+# follow) and the useful message to the payer is "switch your phone on and try again".
+STATUS: dict[str, ProviderOutcome] = {
+    "0": ProviderOutcome.SUCCEEDED,
+    "1": ProviderOutcome.FAILED,
+    "1032": ProviderOutcome.CANCELLED,
+    "1037": ProviderOutcome.FAILED,
+    "2001": ProviderOutcome.FAILED,
+    "1019": ProviderOutcome.EXPIRED,
+}
+REASONS: dict[str, str] = {
+    "1": "insufficient funds",
+    "1032": "cancelled by the payer",
+    "1037": "payer's phone could not be reached",
+    "2001": "wrong M-Pesa PIN",
+    "1019": "the request expired before the payer approved it",
+}
+# Reversal Result ResultCode -> core outcome (Daraja's documented reversal answers).
+REFUND_STATUS: dict[str, ProviderOutcome] = {
+    "0": ProviderOutcome.SUCCEEDED,
+    "1": ProviderOutcome.FAILED,  # the organisation's balance cannot cover the reversal
+    "11": ProviderOutcome.FAILED,  # debit party in an invalid state
+    "21": ProviderOutcome.FAILED,  # initiator not allowed
+    "2001": ProviderOutcome.FAILED,  # initiator credentials invalid
+    "R000001": ProviderOutcome.FAILED,  # transaction already reversed
+    "R000002": ProviderOutcome.FAILED,  # original transaction id invalid
+}
+# The STK query answers this error code while the payer has not acted yet.
+_STILL_PENDING = "500.001.1001"
+_INVALID_TOKEN = "404.001.03"
+_ACCOUNT_REFERENCE_MAX = 12
+_DESCRIPTION_MAX = 13
+_NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
+
+
+def account_reference(reference: str) -> str:
+    """Our human reference cut to Daraja's 12 characters, keeping its most specific (last) part.
+
+    'PAY_20251016_001' -> '20251016001': separators go first, then the leading prefix letters.
+    Matching never depends on it (callbacks carry the CheckoutRequestID); it is what the payer
+    sees on the phone and in the M-Pesa statement.
+    """
+    text = _NOT_ALNUM.sub("", reference)
+    if len(text) > _ACCOUNT_REFERENCE_MAX:
+        text = text.lstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz") or text
+    return text[-_ACCOUNT_REFERENCE_MAX:] or "PAYMENT"
+
+
+def transaction_desc(description: str) -> str:
+    text = " ".join(re.sub(r"[^A-Za-z0-9 ]", " ", description).split())
+    return (text[:_DESCRIPTION_MAX].strip() or "Payment")
+
+
+def _whole_shillings(amount: Money) -> int:
+    if amount.currency != "KES":
+        raise ProviderError(f"M-Pesa collects KES only, not {amount.currency}", retryable=False,
+                            code="CURRENCY_UNSUPPORTED")
+    if amount.minor % 100:
+        raise ProviderError(f"M-Pesa takes whole shillings; {amount.format()} has cents", retryable=False,
+                            code="AMOUNT_HAS_CENTS")
+    if amount.minor <= 0:
+        raise ProviderError("M-Pesa amount must be at least 1 KES", retryable=False, code="BAD_AMOUNT")
+    return amount.minor // 100
+
+
+class MpesaAdapter:
+    """PaymentProvider for Safaricom M-Pesa (Daraja API)."""
+
+    name = "mpesa"
+    supports_partial_refund = False
+    methods = frozenset({"MPESA"})
+
+    def __init__(self, http: httpx.AsyncClient, config: ProviderConfig, *,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self._http = http
+        self._config = config
+        self._base = config.base_url.rstrip("/")
+        self._shortcode = config.options.get("shortcode", "")
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._tokens = TokenCache(self._fetch_token)
+
+    # --- outbound -------------------------------------------------------------------------------
+
+    def _password(self) -> tuple[str, str]:
+        """(Password, Timestamp): base64(shortcode + passkey + timestamp), Nairobi local time."""
+        timestamp = self._clock().astimezone(_NAIROBI).strftime("%Y%m%d%H%M%S")
+        raw = f"{self._shortcode}{self._config.secret('passkey')}{timestamp}"
+        return base64.b64encode(raw.encode()).decode(), timestamp
+
+    async def request_collection(self, request: CollectionRequest) -> CollectionAccepted:
+        if request.method not in self.methods:
+            raise ProviderError(f"M-Pesa does not collect {request.method}", retryable=False,
+                                code="METHOD_UNSUPPORTED")
+        amount = _whole_shillings(request.amount)
+        if request.payer is None or not request.payer.digits.startswith("254"):
+            raise ProviderError("M-Pesa needs a Kenyan mobile number (2547...)", retryable=False,
+                                code="BAD_PHONE_NUMBER")
+        password, timestamp = self._password()
+        phone = request.payer.digits
+        body = {
+            "BusinessShortCode": self._shortcode,
+            "Password": password,
+            "Timestamp": timestamp,
+            "TransactionType": "CustomerPayBillOnline",
+            "Amount": amount,
+            "PartyA": phone,
+            "PartyB": self._shortcode,
+            "PhoneNumber": phone,
+            "CallBackURL": request.callback_url,
+            "AccountReference": account_reference(request.payment_reference),
+            "TransactionDesc": transaction_desc(request.description),
+        }
+        resp = await self._post("stk_push", "/mpesa/stkpush/v1/processrequest", body)
+        answer = self._json(resp)
+        if resp.status_code != 200 or str(answer.get("ResponseCode")) != "0":
+            raise self._error("stk_push", resp, answer)
+        checkout = answer.get("CheckoutRequestID")
+        if not isinstance(checkout, str) or not checkout:
+            raise self._fail("stk_push", "answer has no CheckoutRequestID", retryable=False)
+        log.info("mpesa stk push accepted", extra={"checkout_request_id": checkout,
+                                                   "payer": request.payer.masked(),
+                                                   "provider_reference": request.provider_reference})
+        return CollectionAccepted(provider_transaction_id=checkout,
+                                  gateway_reference=answer.get("MerchantRequestID") or None)
+
+    async def collection_status(self, provider_reference: str, provider_transaction_id: str | None,
+                                currency: str) -> StatusResult:
+        if not provider_transaction_id:
+            # Daraja can only be asked by CheckoutRequestID; without it (the push answer never
+            # arrived) nobody can tell, and the core's payment timeout closes the payment.
+            return StatusResult(ProviderOutcome.AMBIGUOUS,
+                                reason="no CheckoutRequestID: the STK push answer never arrived")
+        password, timestamp = self._password()
+        body = {"BusinessShortCode": self._shortcode, "Password": password, "Timestamp": timestamp,
+                "CheckoutRequestID": provider_transaction_id}
+        resp = await self._post("stk_query", "/mpesa/stkpushquery/v1/query", body)
+        answer = self._json(resp)
+        if answer.get("errorCode") == _STILL_PENDING:
+            return StatusResult(ProviderOutcome.PENDING, raw=_scrubbed(answer))
+        if resp.status_code != 200 or "ResultCode" not in answer:
+            raise self._error("stk_query", resp, answer)
+        code = str(answer["ResultCode"])
+        outcome = STATUS.get(code)
+        if outcome is None:
+            PROVIDER_ERRORS.labels(self.name, "stk_query").inc()
+            log.error("mpesa unknown STK ResultCode", extra={"result_code": code,
+                                                             "checkout_request_id": provider_transaction_id})
+            raise ProviderError(f"M-Pesa STK query: unknown ResultCode {code!r} "
+                                f"({scrub(str(answer.get('ResultDesc', '')))})",
+                                retryable=False, code="UNKNOWN_STATUS")
+        return StatusResult(outcome, reason=REASONS.get(code), raw=_scrubbed(answer))
+
+    async def request_refund(self, request: RefundRequest) -> CollectionAccepted:
+        if not request.full:
+            raise ProviderError("M-Pesa reverses whole transactions only; partial refunds are not possible",
+                                retryable=False, code="PARTIAL_REFUND_UNSUPPORTED")
+        amount = _whole_shillings(request.amount)
+        receipt = request.original_provider_transaction_id
+        if not receipt or receipt.startswith("ws_CO_"):
+            raise ProviderError("a reversal needs the M-Pesa receipt number (MpesaReceiptNumber) of the "
+                                "payment, which is not known", retryable=False, code="RECEIPT_UNKNOWN")
+        body = {
+            "Initiator": self._config.secret("initiator"),
+            "SecurityCredential": self._config.secret("security_credential"),
+            "CommandID": "TransactionReversal",
+            "TransactionID": receipt,
+            "Amount": amount,
+            "ReceiverParty": self._shortcode,
+            "RecieverIdentifierType": "11",  # Safaricom's spelling; 11 = the organisation's shortcode
+            "ResultURL": request.callback_url,
+            "QueueTimeOutURL": request.callback_url,
+            "Remarks": transaction_desc(request.reason or "Refund")[:100],
+            "Occasion": request.provider_reference[:100],
+        }
+        resp = await self._post("reversal", "/mpesa/reversal/v1/request", body)
+        answer = self._json(resp)
+        if resp.status_code != 200 or str(answer.get("ResponseCode")) != "0":
+            raise self._error("reversal", resp, answer)
+        conversation = answer.get("ConversationID")
+        if not isinstance(conversation, str) or not conversation:
+            raise self._fail("reversal", "answer has no ConversationID", retryable=False)
+        log.info("mpesa reversal accepted", extra={"conversation_id": conversation,
+                                                   "provider_reference": request.provider_reference})
+        return CollectionAccepted(provider_transaction_id=conversation,
+                                  gateway_reference=answer.get("OriginatorConversationID") or None)
+
+    async def refund_status(self, provider_reference: str, currency: str) -> StatusResult:
+        # Daraja's Transaction Status API answers asynchronously too; the reversal Result callback
+        # is the only report, so a poll can only say "still in progress".
+        return StatusResult(ProviderOutcome.PENDING,
+                            reason="M-Pesa reports reversals only through the Result callback")
+
+    # --- inbound --------------------------------------------------------------------------------
+
+    async def verify_callback(self, callback: InboundCallback) -> None:
+        # Daraja does not sign callbacks: check the shape here; the URL secret is checked by the
+        # route and every STK result is confirmed by a query (needs_confirmation=True).
+        self._parse_body(callback)
+
+    def parse_callback(self, callback: InboundCallback) -> ProviderEvent:
+        kind, payload = self._parse_body(callback)
+        if kind == "stk":
+            return self._stk_event(payload)
+        return self._reversal_event(payload)
+
+    def _parse_body(self, callback: InboundCallback) -> tuple[str, Mapping[str, Any]]:
+        try:
+            body = json.loads(callback.body)
+        except (ValueError, UnicodeDecodeError):
+            raise CallbackRejected("M-Pesa callback is not JSON", status=400) from None
+        if not isinstance(body, dict):
+            raise CallbackRejected("M-Pesa callback is not a JSON object", status=400)
+        stk = body.get("Body", {}).get("stkCallback") if isinstance(body.get("Body"), dict) else None
+        if isinstance(stk, dict):
+            if not isinstance(stk.get("CheckoutRequestID"), str) or not stk["CheckoutRequestID"]:
+                raise CallbackRejected("stkCallback without CheckoutRequestID", status=400)
+            if not isinstance(stk.get("ResultCode"), int | str):
+                raise CallbackRejected("stkCallback without ResultCode", status=400)
+            return "stk", stk
+        result = body.get("Result")
+        if isinstance(result, dict):
+            if not isinstance(result.get("ConversationID"), str) or not result["ConversationID"]:
+                raise CallbackRejected("Result without ConversationID", status=400)
+            if not isinstance(result.get("ResultCode"), int | str):
+                raise CallbackRejected("Result without ResultCode", status=400)
+            return "result", result
+        raise CallbackRejected("not an M-Pesa stkCallback or Result body", status=400)
+
+    def _stk_event(self, stk: Mapping[str, Any]) -> ProviderEvent:
+        checkout = stk["CheckoutRequestID"]
+        code = str(stk["ResultCode"])
+        outcome = STATUS.get(code)
+        if outcome is None:
+            PROVIDER_ERRORS.labels(self.name, "callback").inc()
+            log.error("mpesa callback with unknown ResultCode", extra={"result_code": code,
+                                                                       "checkout_request_id": checkout})
+            raise CallbackRejected(f"unknown M-Pesa ResultCode {code!r}", status=400)
+        items = _metadata(stk.get("CallbackMetadata"))
+        amount = None
+        if "Amount" in items:
+            try:
+                amount = Money.from_api(items["Amount"], "KES")
+            except MoneyError:
+                raise CallbackRejected(f"M-Pesa callback Amount {items['Amount']!r} is not a number",
+                                       status=400) from None
+        receipt = items.get("MpesaReceiptNumber")
+        phone = str(items.get("PhoneNumber", ""))
+        raw = {
+            # The callback names no reference of ours: the core finds the payment by the
+            # CheckoutRequestID it saved as provider_transaction_id.
+            "lookup": "provider_transaction_id",
+            "MerchantRequestID": stk.get("MerchantRequestID"),
+            "CheckoutRequestID": checkout,
+            "ResultCode": code,
+            "ResultDesc": stk.get("ResultDesc"),
+            "MpesaReceiptNumber": receipt,
+            "TransactionDate": items.get("TransactionDate"),
+            "Amount": items.get("Amount"),
+            "PhoneNumber": mask("+" + phone) if phone else None,
+        }
+        return ProviderEvent(
+            provider=self.name, kind=EventKind.COLLECTION, event_id=f"{checkout}:{code}", reference=checkout,
+            outcome=outcome, amount=amount, provider_transaction_id=str(receipt) if receipt else None,
+            reason=REASONS.get(code), needs_confirmation=True, raw=raw)
+
+    def _reversal_event(self, result: Mapping[str, Any]) -> ProviderEvent:
+        conversation = result["ConversationID"]
+        code = str(result["ResultCode"])
+        outcome = REFUND_STATUS.get(code)
+        if outcome is None:
+            PROVIDER_ERRORS.labels(self.name, "callback").inc()
+            log.error("mpesa reversal Result with unknown ResultCode",
+                      extra={"result_code": code, "conversation_id": conversation})
+            raise CallbackRejected(f"unknown M-Pesa reversal ResultCode {code!r}", status=400)
+        params = _result_parameters(result.get("ResultParameters"))
+        amount = None
+        if "Amount" in params:
+            try:
+                amount = Money.from_api(params["Amount"], "KES")
+            except MoneyError:
+                amount = None
+        raw = {
+            "lookup": "provider_transaction_id",
+            "ResultType": result.get("ResultType"),
+            "ResultCode": code,
+            "ResultDesc": result.get("ResultDesc"),
+            "OriginatorConversationID": result.get("OriginatorConversationID"),
+            "ConversationID": conversation,
+            "TransactionID": result.get("TransactionID"),
+            "OriginalTransactionID": params.get("OriginalTransactionID"),
+        }
+        # Not confirmable: Daraja has no synchronous reversal status. The callback URL secret
+        # (checked by the route) is what authenticates it.
+        return ProviderEvent(
+            provider=self.name, kind=EventKind.REFUND, event_id=f"reversal:{conversation}:{code}",
+            reference=conversation, outcome=outcome, amount=amount,
+            provider_transaction_id=result.get("TransactionID") or None,
+            reason=None if code == "0" else scrub(str(result.get("ResultDesc") or f"ResultCode {code}")),
+            needs_confirmation=False, raw=raw)
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    async def _fetch_token(self) -> tuple[str, float]:
+        basic = base64.b64encode(
+            f"{self._config.secret('consumer_key')}:{self._config.secret('consumer_secret')}".encode()).decode()
+        try:
+            resp = await self._send("token", "GET", "/oauth/v1/generate",
+                                    params={"grant_type": "client_credentials"},
+                                    headers={"Authorization": f"Basic {basic}"})
+        except ProviderTimeout as exc:
+            # Nothing was sent to the payer yet, so this one is safe to retry.
+            raise ProviderError("M-Pesa token: no answer in time", retryable=True, code="TOKEN_TIMEOUT") from exc
+        answer = self._json(resp)
+        if resp.status_code != 200:
+            raise self._error("token", resp, answer)
+        token = answer.get("access_token")
+        if not isinstance(token, str) or not token:
+            raise self._fail("token", "token answer has no access_token", retryable=True)
+        try:
+            lifetime = float(answer.get("expires_in", 3599))
+        except (TypeError, ValueError):
+            lifetime = 3599.0
+        return token, lifetime
+
+    async def _post(self, operation: str, path: str, body: dict[str, Any]) -> httpx.Response:
+        resp = None
+        for _attempt in range(2):
+            token = await self._tokens.get()
+            resp = await self._send(operation, "POST", path, json=body,
+                                    headers={"Authorization": f"Bearer {token}"})
+            if resp.status_code != 401 and self._json(resp).get("errorCode") != _INVALID_TOKEN:
+                return resp
+            # A revoked or expired token was refused before anything ran: fetch a new one once.
+            self._tokens.invalidate()
+        assert resp is not None
+        return resp
+
+    async def _send(self, operation: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        started = time.perf_counter()
+        try:
+            return await self._http.request(method, self._base + path, **kwargs)
+        except httpx.ConnectError as exc:
+            PROVIDER_ERRORS.labels(self.name, operation).inc()
+            log.warning("mpesa %s: cannot connect", operation)
+            raise ProviderError(f"M-Pesa {operation}: cannot connect", retryable=True,
+                                code="UNREACHABLE") from exc
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            PROVIDER_ERRORS.labels(self.name, operation).inc()
+            log.warning("mpesa %s: no answer (%s)", operation, type(exc).__name__)
+            raise ProviderTimeout(f"M-Pesa {operation}: no answer in time") from exc
+        finally:
+            PROVIDER_CALLS.labels(self.name, operation).observe(time.perf_counter() - started)
+
+    @staticmethod
+    def _json(resp: httpx.Response) -> dict[str, Any]:
+        try:
+            body = resp.json()
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def _error(self, operation: str, resp: httpx.Response, answer: Mapping[str, Any]) -> ProviderError:
+        code = answer.get("errorCode") or answer.get("ResponseCode") or str(resp.status_code)
+        message = scrub(str(answer.get("errorMessage") or answer.get("ResponseDescription")
+                            or resp.reason_phrase))
+        retryable = resp.status_code >= 500 or resp.status_code == 429
+        PROVIDER_ERRORS.labels(self.name, operation).inc()
+        log.warning("mpesa %s refused", operation,
+                    extra={"http_status": resp.status_code, "error_code": code, "error": message})
+        return ProviderError(f"M-Pesa {operation} refused ({resp.status_code} {code}): {message}",
+                             retryable=retryable, code=str(code))
+
+    def _fail(self, operation: str, message: str, *, retryable: bool) -> ProviderError:
+        PROVIDER_ERRORS.labels(self.name, operation).inc()
+        log.warning("mpesa %s: %s", operation, message)
+        return ProviderError(f"M-Pesa {operation}: {message}", retryable=retryable, code="BAD_ANSWER")
+
+
+def _metadata(meta: object) -> dict[str, Any]:
+    items = meta.get("Item") if isinstance(meta, dict) else None
+    if not isinstance(items, list):
+        return {}
+    return {item["Name"]: item.get("Value") for item in items if isinstance(item, dict) and "Name" in item}
+
+
+def _result_parameters(params: object) -> dict[str, Any]:
+    items = params.get("ResultParameter") if isinstance(params, dict) else None
+    if isinstance(items, dict):  # Daraja sends a lone parameter as an object, not a list
+        items = [items]
+    if not isinstance(items, list):
+        return {}
+    return {item["Key"]: item.get("Value") for item in items if isinstance(item, dict) and "Key" in item}
+
+
+def _scrubbed(answer: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in answer.items() if k not in ("Password",)}

@@ -1,0 +1,422 @@
+"""What every provider simulator shares: options, outcome by payer number, PIN prompts, callback delivery."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+from aiohttp import web
+
+from core.config import ConfigError
+from core.phone import mask
+
+log = logging.getLogger("gateway.simulator")
+
+
+@dataclass
+class SimulatorOptions:
+    """How a simulator misbehaves. Mutable on purpose: POST /_control/options changes a running one."""
+
+    delay: float = 1.0  # seconds between the request and the payer's decision / the callback
+    drop_callback: bool = False  # decide, but never call back (the gateway must poll)
+    duplicate_callback: bool = False  # send the final callback twice
+    out_of_order: bool = False  # after the final callback, send a stale one (PENDING) again
+    fail_request_500: bool = False  # answer collection and refund requests with 500, store nothing
+    hang_request: float = 0.0  # sleep this long before answering a collection or refund request
+    pending_forever: frozenset[str] = frozenset()  # extra payer numbers that never approve
+    interactive: bool = False  # wait for POST /_control/decide instead of deciding by number
+    prompt_timeout: float = 300.0  # an undecided PIN prompt expires (MTN: about 5 minutes)
+    callback_method: str = "PUT"  # MTN calls back with PUT or POST
+    callback_url: str = ""  # for providers whose callback URL is configured, not sent (Airtel)
+    # Expected credentials by ProviderConfig name (api_user, client_id, ...); a missing one accepts any
+    # non-empty value. callback_key, when present, signs callbacks (Airtel `hash`).
+    credentials: Mapping[str, str] = field(default_factory=dict)
+    token_lifetime: int | None = None  # None: the provider's own (MTN 3600 s, Airtel 180 s)
+
+
+_BOOL_OPTIONS = ("drop_callback", "duplicate_callback", "out_of_order", "fail_request_500", "interactive")
+_FLOAT_OPTIONS = ("delay", "hang_request", "prompt_timeout")
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"must be a boolean, got {raw!r}")
+
+
+def _parse_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a number, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(name, "must not be negative")
+    return value
+
+
+def _numbers(raw: str) -> frozenset[str]:
+    return frozenset(_digits(part) for part in raw.split(",") if _digits(part))
+
+
+def options_from_env(env: Mapping[str, str], *, prefix: str = "SIM_",
+                     base: SimulatorOptions | None = None) -> SimulatorOptions:
+    """SIM_DELAY, SIM_DROP_CALLBACK, SIM_PENDING_FOREVER=+250788000009,..., SIM_CALLBACK_METHOD=POST..."""
+    values: dict[str, Any] = {}
+    for name in _BOOL_OPTIONS:
+        raw = env.get(prefix + name.upper())
+        if raw:
+            values[name] = _parse_bool(prefix + name.upper(), raw)
+    for name in _FLOAT_OPTIONS:
+        raw = env.get(prefix + name.upper())
+        if raw:
+            values[name] = _parse_float(prefix + name.upper(), raw)
+    if env.get(prefix + "PENDING_FOREVER"):
+        values["pending_forever"] = _numbers(env[prefix + "PENDING_FOREVER"])
+    method = env.get(prefix + "CALLBACK_METHOD", "").upper()
+    if method:
+        if method not in ("PUT", "POST"):
+            raise ConfigError(prefix + "CALLBACK_METHOD", "must be PUT or POST")
+        values["callback_method"] = method
+    if env.get(prefix + "CALLBACK_URL"):
+        values["callback_url"] = env[prefix + "CALLBACK_URL"]
+    return replace(base or SimulatorOptions(), **values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI flags matching SimulatorOptions, for `main.py simulate <provider> --port ...`."""
+    parser.add_argument("--delay", type=float, help="seconds before the payer decides and the callback")
+    parser.add_argument("--drop-callback", action="store_true", default=None)
+    parser.add_argument("--duplicate-callback", action="store_true", default=None)
+    parser.add_argument("--out-of-order", action="store_true", default=None)
+    parser.add_argument("--fail-request-500", action="store_true", default=None)
+    parser.add_argument("--hang-request", type=float, help="seconds to sleep before answering a request")
+    parser.add_argument("--pending-forever", help="comma list of payer numbers that never approve")
+    parser.add_argument("--interactive", action="store_true", default=None)
+    parser.add_argument("--prompt-timeout", type=float)
+    parser.add_argument("--callback-method", choices=("PUT", "POST"))
+    parser.add_argument("--callback-url", help="where to call back when requests carry no callback URL")
+
+
+def options_from_args(args: argparse.Namespace, base: SimulatorOptions | None = None) -> SimulatorOptions:
+    """Flags given on the command line override `base` (typically options_from_env(os.environ))."""
+    values: dict[str, Any] = {}
+    for f in fields(SimulatorOptions):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name == "pending_forever":
+            value = _numbers(value)
+        elif f.name in _FLOAT_OPTIONS and value < 0:
+            raise ConfigError(f"--{f.name.replace('_', '-')}", "must not be negative")
+        values[f.name] = value
+    return replace(base or SimulatorOptions(), **values)
+
+
+class Outcome(StrEnum):
+    """What the simulated payer (or the provider's sandbox) does with a request."""
+
+    SUCCEED = "succeed"
+    FAIL = "fail"  # not enough funds / could not perform
+    REJECT = "reject"  # the payer declined the PIN prompt
+    EXPIRE = "expire"  # the payer never answered
+    PENDING = "pending"  # never approves: the gateway's timeout decides
+    DELAYED = "delayed"  # succeeds, but much later than `delay`
+    PAYER_NOT_FOUND = "payer_not_found"
+
+
+# Payer number (digits, with country code) -> outcome; anything else succeeds.
+OUTCOMES: dict[str, Outcome] = {
+    "250788000001": Outcome.SUCCEED,
+    "250733000001": Outcome.SUCCEED,
+    "250788000002": Outcome.FAIL,
+    "250733000002": Outcome.FAIL,
+    "250788000003": Outcome.PENDING,
+    "250733000003": Outcome.PENDING,
+    # MTN sandbox magic numbers, as documented.
+    "46733123450": Outcome.FAIL,
+    "46733123451": Outcome.REJECT,
+    "46733123452": Outcome.EXPIRE,
+    "46733123453": Outcome.PENDING,  # "ongoing"
+    "46733123454": Outcome.DELAYED,
+    "46733123455": Outcome.PAYER_NOT_FOUND,
+}
+DELAYED_FACTOR = 10  # a "delayed" payer answers after 10 x delay
+
+
+def _digits(number: str) -> str:
+    return "".join(ch for ch in number if ch.isdigit())
+
+
+def outcome_for(number: str, options: SimulatorOptions) -> Outcome:
+    digits = _digits(number)
+    if digits in options.pending_forever:
+        return Outcome.PENDING
+    return OUTCOMES.get(digits, Outcome.SUCCEED)
+
+
+def same_number(a: str, b: str) -> bool:
+    """Compare numbers written with or without country code: the last nine digits decide."""
+    da, db = _digits(a), _digits(b)
+    return bool(da) and bool(db) and da[-9:] == db[-9:]
+
+
+@dataclass
+class Prompt:
+    """A PIN prompt on a simulated phone, waiting for the person holding it."""
+
+    reference: str
+    msisdn: str  # digits with country code
+    amount: str
+    currency: str
+    note: str
+    created: float
+    decision: asyncio.Future[bool]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reference": self.reference, "msisdn": "+" + self.msisdn, "amount": self.amount,
+                "currency": self.currency, "note": self.note,
+                "ageSeconds": round(time.monotonic() - self.created, 1)}
+
+
+class PromptBook:
+    """Open prompts by reference; the demo phone page lists them and decides."""
+
+    def __init__(self) -> None:
+        self._prompts: dict[str, Prompt] = {}
+
+    def open(self, reference: str, msisdn: str, amount: str, currency: str, note: str) -> Prompt:
+        prompt = Prompt(reference, _digits(msisdn), amount, currency, note, time.monotonic(),
+                        asyncio.get_running_loop().create_future())
+        self._prompts[reference] = prompt
+        return prompt
+
+    def pending(self, msisdn: str) -> list[Prompt]:
+        return [p for p in self._prompts.values() if same_number(p.msisdn, msisdn)]
+
+    def decide(self, reference: str, approve: bool) -> Prompt:
+        prompt = self._prompts.pop(reference, None)
+        if prompt is None:
+            raise KeyError(reference)
+        if not prompt.decision.done():
+            prompt.decision.set_result(approve)
+        return prompt
+
+    async def wait(self, prompt: Prompt, timeout: float) -> bool | None:
+        """True approved, False declined, None expired."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(prompt.decision), timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self._prompts.pop(prompt.reference, None)
+
+
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class CallbackPoster:
+    """Sends one callback, once (like MTN: no retry), and only to this machine."""
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+        self.sent = 0  # attempts made, for tests
+
+    async def send(self, url: str, payload: Mapping[str, Any], *, method: str = "POST",
+                   headers: Mapping[str, str] | None = None) -> int | None:
+        """Returns the receiver's HTTP status, or None when nothing was delivered."""
+        host = urlparse(url).hostname
+        if host not in LOOPBACK:
+            log.warning("simulator callback refused: not a loopback host", extra={"host": host})
+            return None
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
+        self.sent += 1
+        try:
+            async with self._session.request(method, url, json=dict(payload), headers=headers) as resp:
+                await resp.read()
+                return resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("simulator callback failed", extra={"error": type(exc).__name__})
+            return None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class SimulatorState:
+    """One running simulator: its options, tokens, prompts, callbacks and background tasks."""
+
+    def __init__(self, name: str, options: SimulatorOptions) -> None:
+        self.name = name
+        self.options = options
+        self.prompts = PromptBook()
+        self.poster = CallbackPoster()
+        self.requests = 0  # collection / refund requests received, faults included
+        self._tokens: dict[str, tuple[str, float]] = {}  # token -> (product, expires at)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # tokens -----------------------------------------------------------------
+    def issue_token(self, product: str, lifetime: int) -> str:
+        token = secrets.token_urlsafe(24)
+        self._tokens[token] = (product, time.monotonic() + lifetime)
+        return token
+
+    def bearer_valid(self, request: web.Request, product: str) -> bool:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        entry = self._tokens.get(token.strip()) if scheme.lower() == "bearer" else None
+        return entry is not None and entry[0] == product and entry[1] > time.monotonic()
+
+    def credential_ok(self, name: str, given: str | None) -> bool:
+        expected = self.options.credentials.get(name)
+        if not given:
+            return False
+        return expected is None or secrets.compare_digest(expected.encode(), given.encode())
+
+    # faults -----------------------------------------------------------------
+    async def faults(self) -> web.Response | None:
+        """Apply hang / 500 to a collection or refund request; a response means answer with it."""
+        self.requests += 1
+        if self.options.hang_request:
+            await asyncio.sleep(self.options.hang_request)
+        if self.options.fail_request_500:
+            return web.json_response({"message": "simulated internal error"}, status=500)
+        return None
+
+    # the payer --------------------------------------------------------------
+    async def payer_decides(self, reference: str, msisdn: str, amount: str, currency: str,
+                            note: str) -> Outcome:
+        """Wait like a payer would and say what happened."""
+        if self.options.interactive:
+            prompt = self.prompts.open(reference, msisdn, amount, currency, note)
+            approved = await self.prompts.wait(prompt, self.options.prompt_timeout)
+            if approved is None:
+                return Outcome.EXPIRE
+            return Outcome.SUCCEED if approved else Outcome.REJECT
+        outcome = outcome_for(msisdn, self.options)
+        if outcome is Outcome.PENDING:
+            return outcome
+        delay = self.options.delay * (DELAYED_FACTOR if outcome is Outcome.DELAYED else 1)
+        await asyncio.sleep(delay)
+        return Outcome.SUCCEED if outcome is Outcome.DELAYED else outcome
+
+    async def deliver(self, url: str | None, final: Mapping[str, Any], stale: Mapping[str, Any] | None,
+                      *, method: str = "POST", sign: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None
+                      = None) -> None:
+        """Send the final callback, honouring drop / duplicate / out-of-order."""
+        if not url:
+            return
+        if self.options.drop_callback:
+            log.info("simulator dropped a callback", extra={"simulator": self.name})
+            return
+        sign = sign or (lambda body: body)
+        await self.poster.send(url, sign(final), method=method)
+        if self.options.duplicate_callback:
+            await self.poster.send(url, sign(final), method=method)
+        if self.options.out_of_order and stale is not None:
+            await asyncio.sleep(min(self.options.delay, 0.2))
+            await self.poster.send(url, sign(stale), method=method)
+
+    # background work --------------------------------------------------------
+    def spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("simulator task failed", exc_info=task.exception(), extra={"simulator": self.name})
+
+    async def idle(self) -> None:
+        """Wait until every scheduled decision and callback is done (tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def context(self, _app: web.Application) -> AsyncIterator[None]:
+        yield
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.poster.close()
+
+
+STATE = web.AppKey("simulator_state", SimulatorState)
+
+
+def new_simulator_app(name: str, options: SimulatorOptions) -> tuple[web.Application, SimulatorState]:
+    """An aiohttp app with the shared state and the control API; each simulator adds its own routes."""
+    app = web.Application(client_max_size=64 * 1024)
+    state = SimulatorState(name, replace(options))  # a copy: control changes stay with this simulator
+    app[STATE] = state
+    app.cleanup_ctx.append(state.context)
+    app.router.add_get("/_control/pending", _pending)
+    app.router.add_post("/_control/decide", _decide)
+    app.router.add_post("/_control/options", _set_options)
+    return app, state
+
+
+async def _pending(request: web.Request) -> web.Response:
+    msisdn = request.query.get("msisdn", "")
+    if not _digits(msisdn):
+        return web.json_response({"error": "msisdn query parameter is required"}, status=400)
+    prompts = request.app[STATE].prompts.pending(msisdn)
+    return web.json_response({"prompts": [p.to_json() for p in prompts]})
+
+
+async def _json_object(request: web.Request) -> dict[str, Any] | None:
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        body = await request.json()
+        if isinstance(body, dict):
+            return body
+    return None
+
+
+async def _decide(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    if body is None or not isinstance(body.get("reference"), str) or not isinstance(body.get("approve"), bool):
+        return web.json_response({"error": "body must be {reference: string, approve: boolean}"}, status=400)
+    try:
+        prompt = request.app[STATE].prompts.decide(body["reference"], body["approve"])
+    except KeyError:
+        return web.json_response({"error": "no prompt waiting with that reference"}, status=404)
+    log.info("simulated payer decided", extra={"payer": mask("+" + prompt.msisdn), "approve": body["approve"]})
+    return web.json_response({"reference": prompt.reference, "approved": body["approve"]})
+
+
+async def _set_options(request: web.Request) -> web.Response:
+    """Change a running simulator (an outage in the middle of a burst, say)."""
+    body = await _json_object(request)
+    state = request.app[STATE]
+    allowed = set(_BOOL_OPTIONS) | set(_FLOAT_OPTIONS)
+    if body is None or not body or not set(body) <= allowed:
+        return web.json_response({"error": f"body must be an object with keys from {sorted(allowed)}"},
+                                 status=400)
+    for key, value in body.items():
+        ok = isinstance(value, bool) if key in _BOOL_OPTIONS else (
+            isinstance(value, int | float) and not isinstance(value, bool) and value >= 0)
+        if not ok:
+            return web.json_response({"error": f"{key} has the wrong type"}, status=400)
+    for key, value in body.items():
+        setattr(state.options, key, value)
+    return web.json_response({key: getattr(state.options, key) for key in sorted(allowed)})
+
+
+def new_id(size: int = 10) -> str:
+    """A provider-side transaction id made of digits."""
+    return str(secrets.randbelow(10**size)).zfill(size)

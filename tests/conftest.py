@@ -1,0 +1,152 @@
+"""Shared fixtures: real PostgreSQL and Redis from DATABASE_URL / REDIS_URL, else the embedded default."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.config import Settings, load_settings
+from core.db import Base, make_engine
+
+_TMP = tempfile.mkdtemp(prefix="gateway-tests-")
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MTN_MOMO_", "AIRTEL_", "MPESA_", "IREMBOPAY_", "SMS_", "CALLBACK_SECRET_"))}
+    env.setdefault("DATABASE_URL", f"sqlite+aiosqlite:///{_TMP}/test.db")
+    env.setdefault("REDIS_URL", "embedded")
+    env["GATEWAY_ENV"] = "test"
+    env["SIMULATORS_IN_PROCESS"] = "0"
+    env.setdefault("PUBLIC_BASE_URL", "http://127.0.0.1:9")
+    env["LOG_LEVEL"] = "INFO"
+    return env
+
+
+def make_settings(**overrides: str) -> Settings:
+    """Settings for a test: the suite's database and Redis plus any variables the test sets."""
+    env = _base_env()
+    env.update(overrides)
+    return load_settings(env)
+
+
+@pytest.fixture(scope="session")
+def settings_factory() -> Callable[..., Settings]:
+    return make_settings
+
+
+def is_postgres() -> bool:
+    return _base_env()["DATABASE_URL"].startswith("postgresql")
+
+
+requires_pg = pytest.mark.skipif(not is_postgres(), reason="needs PostgreSQL (run scripts/test.sh)")
+
+
+@pytest.fixture(scope="session")
+def migrated_database() -> str:
+    """Drop everything and apply the alembic migrations once per test session."""
+    from main import migrate
+
+    settings = make_settings()
+
+    async def reset() -> None:
+        engine = make_engine(settings.database_url)
+        async with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execute(text("DROP SCHEMA public CASCADE"))
+                await conn.execute(text("CREATE SCHEMA public"))
+            else:
+                await conn.run_sync(Base.metadata.drop_all)
+                await conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        await engine.dispose()
+
+    asyncio.run(reset())
+    migrate(settings)
+    return settings.database_url
+
+
+@pytest.fixture
+def settings(migrated_database: str) -> Settings:
+    return make_settings()
+
+
+async def clean_database(rt: Any) -> None:
+    tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
+    async with rt.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        else:
+            for table in tables:
+                await conn.execute(text(f"DELETE FROM {table}"))  # noqa: S608 - table names from metadata
+
+
+@pytest.fixture
+async def rt(settings: Settings) -> AsyncIterator[Any]:
+    """A Runtime on a clean database and an empty Redis database."""
+    from app import open_runtime
+
+    async with open_runtime(settings) as runtime:
+        await clean_database(runtime)
+        await runtime.redis.flushdb()
+        yield runtime
+
+
+@pytest.fixture
+async def session(rt: Any) -> AsyncIterator[AsyncSession]:
+    async with rt.sessionmaker() as s:
+        yield s
+
+
+@pytest.fixture
+async def demo(rt: Any) -> dict[str, Any]:
+    from core.demo import seed_demo
+
+    async with rt.sessionmaker.begin() as s:
+        return await seed_demo(s, rt.cipher)
+
+
+@pytest.fixture
+async def client(rt: Any, aiohttp_client: Any) -> Any:
+    from app import create_app
+
+    return await aiohttp_client(create_app(rt.settings, runtime=rt))
+
+
+@pytest.fixture
+def worker(rt: Any) -> Any:
+    from app import create_worker
+
+    return create_worker(rt)
+
+
+async def drain(worker: Any, *, rounds: int = 50) -> int:
+    """Run due outbox jobs until none are due; returns how many ran."""
+    total = 0
+    for _ in range(rounds):
+        ran = await worker.run_once()
+        total += ran
+        if not ran:
+            break
+    return total
+
+
+@pytest.fixture
+async def sm(settings: Settings) -> AsyncIterator[Any]:
+    """A sessionmaker on a clean database, for tests of the core that need no other resource."""
+    from types import SimpleNamespace
+
+    from core.db import make_sessionmaker
+
+    engine = make_engine(settings.database_url)
+    await clean_database(SimpleNamespace(engine=engine))
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        await engine.dispose()

@@ -1,0 +1,91 @@
+"""PII encryption with key rotation, blind indexes, password hashing, and configuration errors."""
+
+import base64
+import os
+import subprocess
+import sys
+
+import pytest
+
+from core.config import ConfigError, Secret, load_settings
+from core.crypto import CryptoError, PiiCipher, hash_password, verify_password
+
+K1 = os.urandom(32)
+K2 = os.urandom(32)
+
+
+def test_encrypt_round_trip_and_rotation():
+    old = PiiCipher({"k1": K1}, "k1", "index-key")
+    token = old.encrypt("+250788000001", context="member:c1")
+    assert token.startswith("k1:") and "250788000001" not in token
+    rotated = PiiCipher({"k1": K1, "k2": K2}, "k2", "index-key")
+    assert rotated.decrypt(token, context="member:c1") == "+250788000001"
+    assert rotated.encrypt("x").startswith("k2:")
+    with pytest.raises(CryptoError):
+        rotated.decrypt(token, context="member:other")  # bound to its context
+    with pytest.raises(CryptoError):
+        PiiCipher({"k2": K2}, "k2", "index-key").decrypt(token)
+
+
+def test_blind_index_is_keyed_and_deterministic():
+    a = PiiCipher({"k1": K1}, "k1", "index-a")
+    b = PiiCipher({"k1": K1}, "k1", "index-b")
+    assert a.blind_index("+250788000001") == a.blind_index("+250788000001")
+    assert a.blind_index("+250788000001") != b.blind_index("+250788000001")
+    assert "250788000001" not in a.blind_index("+250788000001")
+
+
+def test_password_hash():
+    stored = hash_password("s3cret-pass")
+    assert stored.startswith("scrypt$") and "s3cret" not in stored
+    assert verify_password("s3cret-pass", stored)
+    assert not verify_password("wrong", stored)
+    assert not verify_password("s3cret-pass", "garbage")
+
+
+def test_secret_never_shows():
+    s = Secret("abc123")
+    assert "abc123" not in repr(s) and "abc123" not in str(s) and "abc123" not in f"{s}"
+    assert s.get() == "abc123"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"PORT": "eighty"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"PII_ENCRYPTION_KEYS": "k1:notbase64!"}, "PII_ENCRYPTION_KEYS"),
+        ({"PII_ENCRYPTION_KEYS": "k1:" + base64.b64encode(b"short").decode()}, "PII_ENCRYPTION_KEYS"),
+        ({"PII_ACTIVE_KEY_ID": "nope"}, "PII_ACTIVE_KEY_ID"),
+        ({"GATEWAY_ENV": "staging"}, "GATEWAY_ENV"),
+        ({"GATEWAY_ENV": "production"}, "PII_ENCRYPTION_KEYS"),
+        ({"GATEWAY_ENV": "production", "PII_ENCRYPTION_KEYS": "k1:" + base64.b64encode(b"k" * 32).decode(),
+          "BLIND_INDEX_KEY": "x", "JWT_SECRET": "y", "SMS_API_KEY": "z"}, "MTN_MOMO_API_USER"),
+        ({"MTN_MOMO_BASE_URL": "ftp://x"}, "MTN_MOMO_BASE_URL"),
+        ({"SIMULATORS_IN_PROCESS": "maybe"}, "SIMULATORS_IN_PROCESS"),
+        ({"OUTBOX_BATCH_SIZE": "0"}, "OUTBOX_BATCH_SIZE"),
+    ],
+)
+def test_invalid_configuration_names_the_variable(env, variable):
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert info.value.variable == variable
+    assert variable in str(info.value)
+
+
+def test_defaults_are_embedded():
+    s = load_settings({})
+    assert s.is_embedded and s.redis_url == "embedded"
+    assert s.providers["mtn_momo"].base_url.endswith("/_sim/mtn_momo")
+    assert "sim-dev-credential" not in repr(s.providers["mtn_momo"])
+
+
+def test_process_exits_with_one_line_naming_the_variable():
+    env = {**os.environ, "DATABASE_URL": "mysql://nope"}
+    result = subprocess.run([sys.executable, "main.py", "serve"], capture_output=True, text=True, env=env,
+                            timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "configuration error: DATABASE_URL: must be postgresql+asyncpg://... or sqlite+aiosqlite://..."]

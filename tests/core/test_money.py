@@ -1,0 +1,77 @@
+"""Money: exact minor units, currency exponents, parsing and formatting."""
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from core.money import EXPONENTS, Money, MoneyError
+
+
+@pytest.mark.parametrize(
+    ("value", "currency", "minor"),
+    [
+        ("50000", "RWF", 50_000),
+        (50000, "RWF", 50_000),
+        ("12.50", "KES", 1250),
+        ("12.5", "KES", 1250),
+        ("0.01", "USD", 1),
+        (7, "UGX", 7),
+        (Decimal("3.20"), "GHS", 320),
+        ("1000000", "TZS", 100_000_000),
+        ("5.00", "ZMW", 500),
+        ("2.10", "EUR", 210),
+    ],
+)
+def test_parse(value, currency, minor):
+    assert Money.parse(value, currency) == Money(minor, currency)
+
+
+@pytest.mark.parametrize(
+    ("value", "currency"),
+    [("50000.5", "RWF"), ("1.001", "KES"), ("abc", "RWF"), ("", "RWF"), ("1e5", "RWF"), ("--1", "KES"),
+     ("12", "XXX"), (12.5, "KES"), (True, "RWF")],
+)
+def test_parse_refuses(value, currency):
+    with pytest.raises(MoneyError):
+        Money.parse(value, currency)
+
+
+def test_from_api_accepts_integral_json_floats_only():
+    assert Money.from_api(50000.0, "RWF") == Money(50000, "RWF")
+    with pytest.raises(MoneyError):
+        Money.from_api(50000.5, "RWF")
+    with pytest.raises(MoneyError):
+        Money.from_api([1], "RWF")
+
+
+def test_format_and_api():
+    assert Money(50_000, "RWF").format() == "50,000 RWF"
+    assert Money(123450, "KES").format() == "1,234.50 KES"
+    assert Money(50_000, "RWF").to_api() == 50_000
+    assert Money(1250, "KES").to_api() == "12.50"
+
+
+def test_arithmetic_refuses_mixed_currencies():
+    assert Money(5, "RWF") + Money(7, "RWF") == Money(12, "RWF")
+    with pytest.raises(MoneyError):
+        Money(5, "RWF") + Money(5, "KES")
+
+
+def test_minor_must_be_int():
+    with pytest.raises(MoneyError):
+        Money(1.5, "RWF")  # type: ignore[arg-type]
+    with pytest.raises(MoneyError):
+        Money(10**16, "RWF")
+
+
+@given(st.sampled_from(sorted(EXPONENTS)), st.integers(min_value=-(10**12), max_value=10**12))
+def test_round_trip_through_major_units(currency, minor):
+    money = Money(minor, currency)
+    assert Money.parse(str(money.major()), currency) == money
+
+
+@given(st.integers(0, 10**9), st.integers(0, 10**9))
+def test_addition_is_exact(a, b):
+    assert (Money(a, "KES") + Money(b, "KES")).minor == a + b

@@ -1,0 +1,44 @@
+"""Phone numbers: E.164 normalisation, operator detection, masking, refusal of bad values."""
+
+import pytest
+
+from core.phone import PhoneError, mask, normalize
+
+
+@pytest.mark.parametrize(
+    ("raw", "region", "e164", "operator"),
+    [
+        ("+250788000001", "RW", "+250788000001", "MTN"),
+        ("0788000001", "RW", "+250788000001", "MTN"),
+        ("250733000001", "RW", "+250733000001", "AIRTEL"),
+        ("0788 000 001", "RW", "+250788000001", "MTN"),
+        ("00250722123456", "RW", "+250722123456", "AIRTEL"),
+        ("0712345678", "KE", "+254712345678", "SAFARICOM"),
+        ("254733123456", "KE", "+254733123456", "AIRTEL"),
+        ("+256772123456", "RW", "+256772123456", "MTN"),
+        ("0244123456", "GH", "+233244123456", "MTN"),
+    ],
+)
+def test_normalize(raw, region, e164, operator):
+    phone = normalize(raw, region)
+    assert phone.e164 == e164
+    assert phone.operator == operator
+
+
+@pytest.mark.parametrize("raw", ["", "   ", "abc", "123", "+2507880000011111111", "0252123456", "+1"])
+def test_refuses(raw):
+    with pytest.raises(PhoneError):
+        normalize(raw)
+
+
+def test_mask_keeps_prefix_and_last_three():
+    assert mask("+250788000456") == "+25078****456"
+    assert normalize("+250788000456").masked() == "+25078****456"
+    assert "000456" not in repr(normalize("+250788000456"))
+
+
+def test_national_forms():
+    phone = normalize("+250788000001")
+    assert phone.national == "0788000001"
+    assert phone.national_significant == "788000001"
+    assert phone.region == "RW"
