@@ -27,7 +27,7 @@ def timeout_from(config: ProviderConfig) -> httpx.Timeout:
 
 
 async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method: str, url: str,
-               timeout: httpx.Timeout, creates: bool, headers: Mapping[str, str] | None = None,
+               timeouts: httpx.Timeout, creates: bool, headers: Mapping[str, str] | None = None,
                json: Any = None, auth: httpx.Auth | tuple[str, str] | None = None) -> httpx.Response:
     """Send once. `creates`: the request starts a payment or refund, so an unanswered one is ambiguous.
 
@@ -38,7 +38,7 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
     started = time.perf_counter()
     try:
         response = await http.request(method, url, headers=dict(headers or {}), json=json, auth=auth,
-                                      timeout=timeout)
+                                      timeout=timeouts)
     except (httpx.ConnectTimeout, httpx.ConnectError) as exc:
         PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
         raise ProviderError(f"{provider} could not be reached ({type(exc).__name__})", retryable=True,
@@ -61,8 +61,8 @@ def http_error(provider: str, operation: str, response: httpx.Response, detail: 
     """5xx may be retried with the same reference; 4xx will fail the same way again."""
     status = response.status_code
     if status >= 500:
-        return ProviderError(f"{provider} {operation} failed on the provider's side (HTTP {status}): {detail}",
-                             retryable=True, code=f"HTTP_{status}")
+        return ProviderError(f"{provider} {operation} failed on the provider's side (HTTP {status}): "
+                             f"{detail}", retryable=True, code=f"HTTP_{status}")
     return ProviderError(f"{provider} refused {operation} (HTTP {status}): {detail}", retryable=False,
                          code=f"HTTP_{status}")
 

@@ -214,10 +214,10 @@ class PromptBook:
             prompt.decision.set_result(approve)
         return prompt
 
-    async def wait(self, prompt: Prompt, timeout: float) -> bool | None:
+    async def wait(self, prompt: Prompt, within: float) -> bool | None:
         """True approved, False declined, None expired."""
         try:
-            return await asyncio.wait_for(asyncio.shield(prompt.decision), timeout)
+            return await asyncio.wait_for(asyncio.shield(prompt.decision), within)
         except TimeoutError:
             return None
         finally:
@@ -389,13 +389,15 @@ async def _json_object(request: web.Request) -> dict[str, Any] | None:
 
 async def _decide(request: web.Request) -> web.Response:
     body = await _json_object(request)
-    if body is None or not isinstance(body.get("reference"), str) or not isinstance(body.get("approve"), bool):
+    if body is None or not isinstance(body.get("reference"), str) \
+            or not isinstance(body.get("approve"), bool):
         return web.json_response({"error": "body must be {reference: string, approve: boolean}"}, status=400)
     try:
         prompt = request.app[STATE].prompts.decide(body["reference"], body["approve"])
     except KeyError:
         return web.json_response({"error": "no prompt waiting with that reference"}, status=404)
-    log.info("simulated payer decided", extra={"payer": mask("+" + prompt.msisdn), "approve": body["approve"]})
+    log.info("simulated payer decided",
+             extra={"payer": mask("+" + prompt.msisdn), "approve": body["approve"]})
     return web.json_response({"reference": prompt.reference, "approved": body["approve"]})
 
 

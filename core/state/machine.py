@@ -93,7 +93,8 @@ async def transition(
         .where(model.id == entity_id, model.status == source.value)
         .values(**changes)
         .returning(model)
-        .execution_options(synchronize_session=False)
+        # Refresh an instance already in the session so callers never see the old status.
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
     row = (await session.execute(stmt)).scalar_one_or_none()
     if row is None:

@@ -121,8 +121,8 @@ class IremboPayAdapter:
             raise ProviderError(f"IremboPay does not collect {request.method}", retryable=False,
                                 code="METHOD_UNSUPPORTED")
         if request.amount.currency != "RWF":
-            raise ProviderError(f"IremboPay collects RWF only, not {request.amount.currency}", retryable=False,
-                                code="CURRENCY_UNSUPPORTED")
+            raise ProviderError(f"IremboPay collects RWF only, not {request.amount.currency}",
+                                retryable=False, code="CURRENCY_UNSUPPORTED")
         if not request.amount.is_positive():
             raise ProviderError("IremboPay amount must be positive", retryable=False, code="BAD_AMOUNT")
         mobile = MOBILE_PROVIDERS.get(request.method)
@@ -186,7 +186,8 @@ class IremboPayAdapter:
             # arrived and the core's payment timeout decides.
             return StatusResult(ProviderOutcome.AMBIGUOUS,
                                 reason="no invoice number: the invoice answer never arrived")
-        resp = await self._send("status", "GET", f"/payments/invoices/{quote(provider_transaction_id, safe='')}")
+        path = f"/payments/invoices/{quote(provider_transaction_id, safe='')}"
+        resp = await self._send("status", "GET", path)
         answer = self._json(resp)
         data = answer.get("data")
         if resp.status_code != 200 or not isinstance(data, dict):
@@ -265,8 +266,8 @@ class IremboPayAdapter:
                 raise CallbackRejected(f"IremboPay amount {data['amount']!r} / currency "
                                        f"{data.get('currency')!r} not understood", status=400) from None
         return ProviderEvent(
-            provider=self.name, kind=EventKind.COLLECTION, event_id=f"{invoice}:{status}", reference=reference,
-            outcome=outcome, amount=amount, provider_transaction_id=invoice,
+            provider=self.name, kind=EventKind.COLLECTION, event_id=f"{invoice}:{status}",
+            reference=reference, outcome=outcome, amount=amount, provider_transaction_id=invoice,
             reason="payment failed" if outcome is ProviderOutcome.FAILED else None,
             needs_confirmation=False, raw=dict(data))
 

@@ -39,7 +39,7 @@ try:
     from zoneinfo import ZoneInfo
 
     _NAIROBI: Any = ZoneInfo("Africa/Nairobi")
-except Exception:  # noqa: BLE001 - no tz database: Kenya has kept UTC+3 without DST since 1942
+except Exception:  # no tz database: Kenya has kept UTC+3 without DST since 1942
     _NAIROBI = timezone(timedelta(hours=3), "EAT")
 
 # STK ResultCode -> core outcome. Callbacks send it as a number, the STK query as a string.
@@ -355,7 +355,8 @@ class MpesaAdapter:
                                     headers={"Authorization": f"Basic {basic}"})
         except ProviderTimeout as exc:
             # Nothing was sent to the payer yet, so this one is safe to retry.
-            raise ProviderError("M-Pesa token: no answer in time", retryable=True, code="TOKEN_TIMEOUT") from exc
+            raise ProviderError("M-Pesa token: no answer in time", retryable=True,
+                                code="TOKEN_TIMEOUT") from exc
         answer = self._json(resp)
         if resp.status_code != 200:
             raise self._error("token", resp, answer)

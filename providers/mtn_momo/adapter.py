@@ -119,7 +119,8 @@ def _status_result(body: Mapping[str, Any]) -> StatusResult:
         raise ProviderError(f"MTN MoMo sent an amount we cannot read: {exc}", retryable=False) from None
     return StatusResult(outcome=outcome, amount=amount,
                         provider_transaction_id=body.get("financialTransactionId") or None,
-                        reason=words if outcome is not ProviderOutcome.SUCCEEDED else None, raw=_scrubbed(body))
+                        reason=words if outcome is not ProviderOutcome.SUCCEEDED else None,
+                        raw=_scrubbed(body))
 
 
 def _detail(response: httpx.Response) -> str:
@@ -158,7 +159,7 @@ class MtnMomoAdapter:
     async def _fetch_token(self, product: str) -> tuple[str, float]:
         user, key, subscription = self._product_credentials(product)
         response = await send(self._http, provider=NAME, operation=f"{product}_token", method="POST",
-                              url=f"{self._base}/{product}/token/", timeout=self._timeout, creates=False,
+                              url=f"{self._base}/{product}/token/", timeouts=self._timeout, creates=False,
                               headers={"Ocp-Apim-Subscription-Key": subscription}, auth=(user, key))
         if response.status_code != 200:
             raise http_error(NAME, f"{product} token", response, _detail(response))
@@ -181,7 +182,7 @@ class MtnMomoAdapter:
             all_headers = {"Authorization": f"Bearer {token}", "Ocp-Apim-Subscription-Key": subscription,
                            "X-Target-Environment": self._environment, **(headers or {})}
             response = await send(self._http, provider=NAME, operation=operation, method=method,
-                                  url=f"{self._base}{path}", timeout=self._timeout, creates=creates,
+                                  url=f"{self._base}{path}", timeouts=self._timeout, creates=creates,
                                   headers=all_headers, json=body)
             if response.status_code == 401 and attempt == 1:
                 # A 401 means nothing was processed, so sending the same reference again is safe.

@@ -51,7 +51,8 @@ def _public(tx: dict[str, Any]) -> dict[str, Any]:
 
 
 def _subscription_ok(state: SimulatorState, request: web.Request, product: str) -> bool:
-    return state.credential_ok(_PRODUCT_CREDENTIALS[product][2], request.headers.get("Ocp-Apim-Subscription-Key"))
+    given = request.headers.get("Ocp-Apim-Subscription-Key")
+    return state.credential_ok(_PRODUCT_CREDENTIALS[product][2], given)
 
 
 async def _token(request: web.Request) -> web.Response:
@@ -65,11 +66,12 @@ async def _token(request: web.Request) -> web.Response:
         user, _, key = base64.b64decode(encoded, validate=True).decode().partition(":")
     except (binascii.Error, UnicodeDecodeError):
         user = key = ""
-    if scheme.lower() != "basic" or not state.credential_ok(user_name, user) or not state.credential_ok(key_name, key):
+    if scheme.lower() != "basic" or not state.credential_ok(user_name, user) \
+            or not state.credential_ok(key_name, key):
         return web.json_response({"error": "login_failed"}, status=401)
     lifetime = state.options.token_lifetime or TOKEN_LIFETIME
-    return web.json_response({"access_token": state.issue_token(product, lifetime), "token_type": "access_token",
-                              "expires_in": lifetime})
+    return web.json_response({"access_token": state.issue_token(product, lifetime),
+                              "token_type": "access_token", "expires_in": lifetime})
 
 
 def _authorized(request: web.Request, product: str) -> web.Response | None:
@@ -101,7 +103,8 @@ async def _body(request: web.Request, required: tuple[str, ...]) -> dict[str, An
     missing = [name for name in required if name not in body]
     if missing:
         return _error(400, "BAD_REQUEST", f"Missing fields: {', '.join(missing)}.")
-    if not isinstance(body["amount"], str) or not _AMOUNT.match(body["amount"]) or Decimal(body["amount"]) <= 0:
+    amount = body["amount"]
+    if not isinstance(amount, str) or not _AMOUNT.match(amount) or Decimal(amount) <= 0:
         return _error(400, "INVALID_AMOUNT", "amount must be a positive decimal string.")
     if not isinstance(body["currency"], str) or not _CURRENCY.match(body["currency"]):
         return _error(400, "INVALID_CURRENCY", "currency must be an ISO 4217 code.")
@@ -138,7 +141,8 @@ async def _request_to_pay(request: web.Request) -> web.Response:
     return web.Response(status=202)
 
 
-async def _settle_payment(state: SimulatorState, reference: str, tx: dict[str, Any], callback: str | None) -> None:
+async def _settle_payment(state: SimulatorState, reference: str, tx: dict[str, Any],
+                          callback: str | None) -> None:
     outcome = await state.payer_decides(reference, tx["payer"]["partyId"], tx["amount"], tx["currency"],
                                         tx["payeeNote"])
     if outcome is Outcome.PENDING:

@@ -1,0 +1,102 @@
+"""Disputes over the API: open one on a payment, list them, and move them through their state machine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import select
+
+from admin_api.common import AMOUNT_IN, DATETIME, ID, NULL_DATETIME, NULL_STRING, iso, json_response, obj, one
+from admin_api.common import out, page_of, paged
+from admin_api.routing import Ctx, Route
+from admin_api.validation import LIMIT, PAGE, Param, check_path_id
+from core.disputes import move_dispute, open_dispute
+from core.errors import NotFound
+from core.models import Dispute, Payment
+from core.money import Money
+from core.state.dispute import DisputeReason, DisputeStatus
+
+STATUSES = [s.value for s in DisputeStatus]
+REASONS = [r.value for r in DisputeReason]
+NOTE = {"type": "object", "properties": {"at": {"type": "string"}, "actor": {"type": "string"},
+                                         "text": NULL_STRING, "evidence": NULL_STRING,
+                                         "status": NULL_STRING}}
+DISPUTE = out({
+    "id": ID, "reference": {"type": "string"}, "paymentId": ID, "memberId": {"type": ["string", "null"]},
+    "reason": {"enum": REASONS}, "status": {"enum": STATUSES}, "channel": {"type": "string"},
+    "notes": {"type": "array", "items": NOTE}, "resolution": NULL_STRING, "refundId": {"type": ["string", "null"]},
+    "createdAt": DATETIME, "updatedAt": DATETIME, "resolvedAt": NULL_DATETIME,
+})
+CREATE = obj({"paymentId": {"type": "string", "minLength": 1, "maxLength": 64}, "reason": {"enum": REASONS},
+              "note": {"type": ["string", "null"], "maxLength": 1000}}, ["paymentId", "reason"])
+TRANSITION = obj({"status": {"enum": STATUSES}, "note": {"type": ["string", "null"], "maxLength": 2000},
+                  "evidence": {"type": ["string", "null"], "maxLength": 2000},
+                  "refundAmount": {**AMOUNT_IN, "description": "with RESOLVED: refund this much in the same step"}},
+                 ["status"])
+
+
+def present(d: Dispute) -> dict[str, Any]:
+    return {"id": d.id, "reference": d.reference, "paymentId": d.payment_id, "memberId": d.member_id,
+            "reason": d.reason, "status": d.status, "channel": d.channel, "notes": list(d.notes or []),
+            "resolution": d.resolution, "refundId": d.refund_id, "createdAt": iso(d.created_at),
+            "updatedAt": iso(d.updated_at), "resolvedAt": iso(d.resolved_at)}
+
+
+async def create_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    try:
+        payment_id = check_path_id(ctx.body["paymentId"], "payment")
+    except NotFound:
+        raise NotFound("payment not found", field="paymentId") from None
+    payment = (await ctx.session.execute(ctx.who.scope(select(Payment).where(Payment.id == payment_id), Payment))
+               ).scalar_one_or_none()
+    if payment is None:
+        raise NotFound("payment not found", field="paymentId")
+    dispute = await open_dispute(ctx.session, payment=payment, reason=ctx.body["reason"], channel="api",
+                                 actor=ctx.who.actor, cipher=ctx.rt.cipher, note=ctx.body.get("note"))
+    await ctx.session.commit()
+    return json_response(present(dispute), status=201)
+
+
+async def list_disputes(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    q = ctx.query
+    query = ctx.who.scope(select(Dispute), Dispute)
+    if q.get("status"):
+        query = query.where(Dispute.status == q["status"])
+    if q.get("paymentId"):
+        query = query.where(Dispute.payment_id == q["paymentId"])
+    return await paged(ctx, query.order_by(Dispute.created_at.desc(), Dispute.id.desc()), present)
+
+
+async def get_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    return json_response(present(await one(ctx, Dispute, request.match_info["id"], "dispute")))
+
+
+async def transition_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    dispute = await one(ctx, Dispute, request.match_info["id"], "dispute")
+    body = ctx.body
+    refund_amount = None
+    if body.get("refundAmount") is not None:
+        payment = await ctx.session.get(Payment, dispute.payment_id)
+        assert payment is not None
+        refund_amount = Money.from_api(body["refundAmount"], payment.currency)
+    updated = await move_dispute(ctx.session, ctx.rt, dispute_id=dispute.id, cooperative_id=dispute.cooperative_id,
+                                 target=body["status"], actor=ctx.who.actor, note=body.get("note"),
+                                 evidence=body.get("evidence"), refund_amount=refund_amount)
+    await ctx.session.commit()
+    return json_response(present(updated))
+
+
+ROUTES = [
+    Route("POST", "/disputes", create_dispute, "Open a dispute on a payment", "disputes", "payments:write",
+          status=201, body=CREATE, response=DISPUTE, tenants=True),
+    Route("GET", "/disputes", list_disputes, "List disputes", "disputes", "payments:read",
+          response=page_of(DISPUTE), tenants=True,
+          query={"page": PAGE, "limit": LIMIT, "status": Param(enum=tuple(STATUSES)),
+                 "paymentId": Param("uuid", "Disputes of one payment")}),
+    Route("GET", "/disputes/{id}", get_dispute, "Get a dispute", "disputes", "payments:read", response=DISPUTE,
+          tenants=True),
+    Route("POST", "/disputes/{id}/transitions", transition_dispute,
+          "Move a dispute (review, resolve with optional refund, reject, withdraw)", "disputes", "admin",
+          body=TRANSITION, response=DISPUTE),
+]

@@ -1,0 +1,85 @@
+"""Refunds over the API: request one for a payment (full by default) and list them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import select
+
+from admin_api.common import AMOUNT_IN, AMOUNT_OUT, DATETIME, ID, NULL_DATETIME, NULL_STRING, iso, json_response
+from admin_api.common import money_out, obj, one, out, page_of, paged
+from admin_api.routing import Ctx, Route
+from admin_api.validation import LIMIT, PAGE, Param
+from core.models import Payment, Refund
+from core.money import Money
+from core.refunds import request_refund
+from core.state.refund import RefundStatus
+
+REFUND = out({
+    "id": ID, "paymentId": ID, "reference": {"type": "string"}, "amount": AMOUNT_OUT,
+    "currency": {"type": "string"}, "status": {"enum": [s.value for s in RefundStatus]}, "reason": NULL_STRING,
+    "failureReason": NULL_STRING, "disputeId": {"type": ["string", "null"]}, "createdAt": DATETIME,
+    "updatedAt": DATETIME, "completedAt": NULL_DATETIME,
+})
+CREATE = obj({
+    "amount": {**AMOUNT_IN, "description": "major units; omitted = everything still refundable"},
+    "reason": {"type": ["string", "null"], "maxLength": 300},
+    "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128},
+}, ["idempotencyKey"])
+LIST_QUERY = {"page": PAGE, "limit": LIMIT, "status": Param(enum=tuple(s.value for s in RefundStatus)),
+              "from": Param("date-time"), "to": Param("date-time")}
+
+
+def present(r: Refund) -> dict[str, Any]:
+    return {"id": r.id, "paymentId": r.payment_id, "reference": r.reference,
+            "amount": money_out(r.amount_minor, r.currency), "currency": r.currency, "status": r.status,
+            "reason": r.reason, "failureReason": r.failure_reason, "disputeId": r.dispute_id,
+            "createdAt": iso(r.created_at), "updatedAt": iso(r.updated_at), "completedAt": iso(r.completed_at)}
+
+
+async def create_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    payment = await one(ctx, Payment, request.match_info["id"], "payment")
+    body = ctx.body
+    amount = Money.from_api(body["amount"], payment.currency) if body.get("amount") is not None else None
+    refund, created = await request_refund(
+        ctx.session, ctx.rt, payment_id=payment.id, cooperative_id=payment.cooperative_id, amount=amount,
+        reason=body.get("reason"), idempotency_key=body["idempotencyKey"], actor=ctx.who.actor)
+    await ctx.session.commit()
+    return json_response(present(refund), status=201 if created else 200)
+
+
+def _filters(ctx: Ctx, query: Any) -> Any:
+    q = ctx.query
+    if q.get("status"):
+        query = query.where(Refund.status == q["status"])
+    if q.get("from"):
+        query = query.where(Refund.created_at >= q["from"])
+    if q.get("to"):
+        query = query.where(Refund.created_at < q["to"])
+    return query.order_by(Refund.created_at.desc(), Refund.id.desc())
+
+
+async def list_payment_refunds(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    payment = await one(ctx, Payment, request.match_info["id"], "payment")
+    query = ctx.who.scope(select(Refund), Refund).where(Refund.payment_id == payment.id)
+    return await paged(ctx, _filters(ctx, query), present)
+
+
+async def list_refunds(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    return await paged(ctx, _filters(ctx, ctx.who.scope(select(Refund), Refund)), present)
+
+
+async def get_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    return json_response(present(await one(ctx, Refund, request.match_info["id"], "refund")))
+
+
+ROUTES = [
+    Route("POST", "/payments/{id}/refunds", create_refund, "Refund a payment (amount optional = full)",
+          "refunds", "admin", status=201, body=CREATE, response=REFUND, alt_statuses=(200,)),
+    Route("GET", "/payments/{id}/refunds", list_payment_refunds, "List a payment's refunds", "refunds",
+          "payments:read", query=LIST_QUERY, response=page_of(REFUND)),
+    Route("GET", "/refunds", list_refunds, "List refunds", "refunds", "payments:read", query=LIST_QUERY,
+          response=page_of(REFUND)),
+    Route("GET", "/refunds/{id}", get_refund, "Get a refund", "refunds", "payments:read", response=REFUND),
+]

@@ -1,0 +1,204 @@
+"""Africa's Talking SMS callbacks: delivery reports and incoming keyword messages."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import select, update
+
+from channels.sms.templates import CATALOGS
+from core import metrics
+from core.audit import Actor, record
+from core.db import utcnow
+from core.models import Member, Payment, SmsMessage
+from core.notify import send_sms
+from core.phone import Phone, PhoneError, normalize
+from core.ratelimit import Limit, RateLimiter
+from core.runtime import RUNTIME, Runtime
+from core.state import StaleTransition, transition
+from core.state.payment import COLLECTED
+from core.state.sms import SMS, SmsStatus
+
+log = logging.getLogger("gateway.sms.routes")
+PROVIDER = Actor("provider:africastalking", "sms")
+
+# Delivery report status -> core SMS status. Sent/Submitted/Buffered are progress: the row stays SENT.
+DELIVERY_STATUS: dict[str, SmsStatus] = {
+    "Sent": SmsStatus.SENT,
+    "Submitted": SmsStatus.SENT,
+    "Buffered": SmsStatus.SENT,
+    "Success": SmsStatus.DELIVERED,
+    "Rejected": SmsStatus.REJECTED,
+    "Failed": SmsStatus.FAILED,
+    "Expired": SmsStatus.EXPIRED,
+}
+
+# Keyword replies: at most 5 per phone per 10 minutes, so a loop with another robot costs little.
+REPLY_LIMIT = Limit("sms:reply", count=5, window=600, sliding=False)
+_REF = re.compile(r"^[A-Z]{2,5}_\d{8}_\d{1,9}$")
+
+
+def _check_secret(request: web.Request, rt: Runtime) -> None:
+    expected = rt.settings.callback_secrets.get("sms")
+    if expected:
+        given = request.query.get("secret", "")
+        if not hmac.compare_digest(given.encode(), expected.get().encode()):
+            metrics.CALLBACK_REJECTED.labels(source="sms").inc()
+            raise web.HTTPForbidden(text="bad callback secret")
+
+
+def _field(form: Any, name: str, limit: int = 200) -> str:
+    return str(form.get(name, "") or "").strip()[:limit]
+
+
+# --------------------------------------------------------------------------------------- delivery reports
+
+async def delivery_report(request: web.Request) -> web.Response:
+    rt = request.config_dict[RUNTIME]
+    _check_secret(request, rt)
+    form = await request.post()
+    message_id, status = _field(form, "id", 128), _field(form, "status", 32)
+    if not message_id or not status:
+        raise web.HTTPBadRequest(text="id and status are required")
+    target = DELIVERY_STATUS.get(status)
+    if target is None:
+        log.error("unknown SMS delivery status", extra={"status": status})
+        raise web.HTTPBadRequest(text=f"unknown status {status!r}; expected one of {', '.join(DELIVERY_STATUS)}")
+    reason = _field(form, "failureReason", 64) or None
+    outcome = await apply_delivery_report(rt, message_id, target, status, reason)
+    return web.Response(text=outcome)
+
+
+async def apply_delivery_report(rt: Runtime, message_id: str, target: SmsStatus, provider_status: str,
+                                reason: str | None) -> str:
+    """Idempotent: a repeated or late report leaves a final status alone. Returns what happened."""
+    async with rt.sessionmaker.begin() as session:
+        message = (await session.execute(select(SmsMessage).where(SmsMessage.provider_message_id == message_id))
+                   ).scalar_one_or_none()
+        if message is None:
+            log.warning("delivery report for an unknown message", extra={"provider_message_id": message_id})
+            return "unknown"
+        current = SmsStatus(message.status)
+        if current == target:
+            if target == SmsStatus.SENT and message.provider_status != provider_status:
+                message.provider_status = provider_status  # progress: Submitted -> Buffered, ...
+                return "progress"
+            return "duplicate"
+        if not SMS.allowed(current, target):
+            log.info("late delivery report ignored",
+                     extra={"sms_id": message.id, "status": current.value, "report": provider_status})
+            return "ignored"
+        values: dict[str, Any] = {"provider_status": provider_status}
+        if target == SmsStatus.DELIVERED:
+            values["delivered_at"] = utcnow()
+        if reason:
+            values["failure_reason"] = reason
+        try:
+            await transition(session, SMS, message.id, current, target, actor=PROVIDER, values=values)
+        except StaleTransition:
+            return "race"
+    metrics.SMS.labels(status=target.value).inc()
+    return target.value.lower()
+
+
+# --------------------------------------------------------------------------------------- inbound keywords
+
+def parse_keyword(text: str) -> tuple[str | None, str | None, str | None]:
+    """'risiti pay_20251016_001' -> ('RECEIPT', 'sw', 'PAY_20251016_001'). Unknown -> (None, None, None)."""
+    words = (text or "").strip().upper().split()
+    if not words:
+        return None, None, None
+    word = words[0].strip(".,:;!?")
+    argument = words[1].strip(".,:;!?") if len(words) > 1 else None
+    # English first so STOP/START stay English when another catalog shares them.
+    for language in ("en", *[lang for lang in CATALOGS if lang != "en"]):
+        for command, spellings in CATALOGS[language].KEYWORDS.items():
+            if word in spellings:
+                return command, language, argument
+    return None, None, argument
+
+
+async def _owns(session: Any, rt: Runtime, payment: Payment, phone: Phone) -> bool:
+    """The sender paid it (account index) or is the member it was for (member phone index)."""
+    index = rt.cipher.blind_index(phone.e164)
+    if hmac.compare_digest(payment.payment_account_index, index):
+        return True
+    if payment.member_id:
+        member = await session.get(Member, payment.member_id)
+        return member is not None and hmac.compare_digest(member.phone_index, index)
+    return False
+
+
+async def inbound(request: web.Request) -> web.Response:
+    rt = request.config_dict[RUNTIME]
+    _check_secret(request, rt)
+    form = await request.post()
+    sender, text = _field(form, "from", 32), _field(form, "text", 480)
+    if not sender:
+        raise web.HTTPBadRequest(text="from is required")
+    try:
+        phone = normalize(sender)
+    except PhoneError:
+        log.warning("inbound SMS from an unusable number")
+        raise web.HTTPBadRequest(text="from is not a valid mobile number") from None
+    inbound_id = _field(form, "id", 128) or hashlib.sha256(
+        f"{sender}|{_field(form, 'date')}|{text}".encode()).hexdigest()[:32]
+    command, keyword_language, argument = parse_keyword(text)
+    index = rt.cipher.blind_index(phone.e164)
+    actor = Actor(f"phone:{phone.masked()}", "sms")
+
+    async with rt.sessionmaker.begin() as session:
+        members = (await session.execute(select(Member).where(Member.phone_index == index)
+                                         .order_by(Member.created_at))).scalars().all()
+        language = (keyword_language if keyword_language not in (None, "en") else None) \
+            or (members[0].language if members else None) or keyword_language or "en"
+        reply: tuple[str, dict[str, Any], str | None] | None = None  # template, context, cooperative
+        if command in ("STOP", "START"):
+            opt_out = command == "STOP"
+            for member in members:
+                if member.reminders_opt_out != opt_out:
+                    await session.execute(update(Member).where(Member.id == member.id)
+                                          .values(reminders_opt_out=opt_out, updated_at=utcnow()))
+                    await record(session, actor=actor, action="member.reminders_opt_out",
+                                 entity_type="member", entity_id=member.id,
+                                 before={"reminders_opt_out": not opt_out}, after={"reminders_opt_out": opt_out},
+                                 cooperative_id=member.cooperative_id)
+            reply = ("opted_out" if opt_out else "opted_in", {}, None)
+        elif command in ("RECEIPT", "STATUS"):
+            reference = (argument or "")[:32]
+            payment = None
+            if _REF.match(reference):
+                payment = (await session.execute(select(Payment).where(Payment.reference == reference))
+                           ).scalar_one_or_none()
+            if payment is not None and await _owns(session, rt, payment, phone):
+                template = "payment_receipt" if command == "RECEIPT" and payment.status in COLLECTED \
+                    else "payment_status"
+                reply = (template, {"payment_id": payment.id}, payment.cooperative_id)
+            else:
+                # Someone else's reference gets exactly the answer a made-up one gets.
+                reply = ("not_found", {"reference": reference or "-"}, None)
+        elif command == "HELP":
+            reply = ("help", {}, members[0].cooperative_id if members else None)
+        else:
+            reply = ("unknown", {}, members[0].cooperative_id if members else None)
+
+        decision = await RateLimiter(rt.redis).hit(REPLY_LIMIT, index)
+        if not decision.allowed:
+            log.info("keyword reply suppressed: rate limit", extra={"phone": phone.masked()})
+            return web.Response(text="")
+        template, context, cooperative_id = reply
+        context = {**context, "language": language}
+        await send_sms(session, template=template, cooperative_id=cooperative_id, context=context,
+                       cipher=rt.cipher, phone=phone, dedupe=f"inbound:{inbound_id}")
+    log.info("keyword SMS", extra={"command": command or "unknown", "reply": template})
+    return web.Response(text="")
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_post("/sms/africastalking/delivery", delivery_report)
+    app.router.add_post("/sms/africastalking/inbound", inbound)

@@ -1,0 +1,181 @@
+"""SMS templates in the member's language, and the loader that fills them from database rows."""
+
+from __future__ import annotations
+
+import string
+from datetime import date, datetime
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlparse
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from channels.sms.catalogs import en, fr, rw, sw
+from core.crypto import PiiCipher
+from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, WebhookEndpoint
+from core.money import Money
+from core.phone import Phone
+
+CATALOGS: dict[str, ModuleType] = {"en": en, "rw": rw, "fr": fr, "sw": sw}
+LANGUAGES = tuple(CATALOGS)
+TEMPLATES = tuple(en.MESSAGES)
+# Templates a member may opt out of with STOP; receipts and updates always go.
+OPTIONAL_TEMPLATES = frozenset({"payment_reminder"})
+PHONE_CONTEXT = "sms"  # AES-GCM context core.notify uses for payload["phone_enc"]
+DATE_FORMAT = "%d/%m/%Y %H:%M"
+DAY_FORMAT = "%d/%m/%Y"
+
+
+class TemplateError(Exception):
+    """A message cannot be built: unknown template, missing value, or a row that does not exist."""
+
+
+def _placeholders(text: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name}
+
+
+def render(template: str, language: str, values: dict[str, Any]) -> str:
+    """Fill one template; unknown languages fall back to English, missing values are an error."""
+    catalog = CATALOGS.get(language, en)
+    text = catalog.MESSAGES.get(template)
+    if text is None:
+        raise TemplateError(f"unknown SMS template {template!r}")
+    missing = _placeholders(text) - values.keys()
+    if missing:
+        raise TemplateError(f"template {template!r} needs {sorted(missing)}")
+    return text.format(**{k: _clean(v) for k, v in values.items()})
+
+
+def _clean(value: Any) -> str:
+    # Names typed by admins may carry newlines or braces; an SMS gets one flat line per value.
+    return " ".join(str(value).split())
+
+
+def reason_key(reason: str | None) -> str:
+    """A provider's failure text, sorted into a reason a payer understands in any language."""
+    text = (reason or "").lower()
+    rules = (
+        ("insufficient_funds", ("insufficient", "not enough", "balance", "funds")),
+        ("declined", ("declin", "reject", "cancel", "refus")),
+        ("not_approved", ("expire", "timeout", "timed out", "time")),
+        ("limit", ("limit", "exceed")),
+        ("invalid_account", ("invalid", "not found", "not registered", "unknown account", "payee")),
+        ("provider_error", ("error", "unavailable", "internal", "service")),
+    )
+    for key, words in rules:
+        if any(w in text for w in words):
+            return key
+    return "unknown"
+
+
+def dial_code(service_code: str, extension: str | None) -> str:
+    """'*384*123#' with extension '12' -> '*384*123*12#'."""
+    if not extension:
+        return service_code
+    return f"{service_code.rstrip('#')}*{extension}#"
+
+
+def local_time(moment: datetime | None, timezone: str) -> str:
+    if moment is None:
+        return "-"
+    try:
+        zone = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = ZoneInfo("UTC")
+    return moment.astimezone(zone).strftime(DATE_FORMAT)
+
+
+async def _one(session: AsyncSession, model: Any, entity_id: Any, what: str) -> Any:
+    if not entity_id:
+        raise TemplateError(f"{what} id missing from the SMS context")
+    row = await session.get(model, entity_id)
+    if row is None:
+        raise TemplateError(f"{what} {entity_id} not found")
+    return row
+
+
+async def _payment_values(session: AsyncSession, payment: Payment, coop: Cooperative,
+                          language: str, service_code: str) -> dict[str, Any]:
+    catalog = CATALOGS.get(language, en)
+    ptype = await session.get(PaymentType, payment.payment_type_id)
+    return {
+        "amount": Money(payment.amount_minor, payment.currency).format(),
+        "type": ptype.name if ptype else "-",
+        "coop": coop.name,
+        "ref": payment.reference,
+        "txn": payment.provider_transaction_id or "-",
+        "date": local_time(payment.completed_at or payment.updated_at, coop.timezone),
+        "status": catalog.PAYMENT_STATUS.get(payment.status, payment.status),
+        "reason": catalog.REASONS[reason_key(payment.failure_reason)],
+        "dial": dial_code(service_code, coop.ussd_extension),
+    }
+
+
+async def build_message(
+    session: AsyncSession,
+    cipher: PiiCipher,
+    payload: dict[str, Any],
+    *,
+    service_code: str = "*384*123#",
+) -> tuple[Phone, str, str]:
+    """From an 'sms.send' job payload to (phone, language, body), reading the rows the template names."""
+    from core.members import member_phone
+
+    template = payload.get("template")
+    if template not in TEMPLATES:
+        raise TemplateError(f"unknown SMS template {template!r}")
+    context: dict[str, Any] = dict(payload.get("context") or {})
+    member: Member | None = None
+    if payload.get("member_id"):
+        member = await _one(session, Member, payload["member_id"], "member")
+    if payload.get("phone_enc"):
+        phone = Phone(cipher.decrypt(payload["phone_enc"], context=PHONE_CONTEXT))
+    elif member is not None:
+        phone = member_phone(cipher, member)
+    else:
+        raise TemplateError("SMS payload names neither a member nor a phone number")
+    language = context.get("language") or (member.language if member else None) or "en"
+    if language not in CATALOGS:
+        language = "en"
+    catalog = CATALOGS[language]
+
+    coop: Cooperative | None = None
+    if payload.get("cooperative_id"):
+        coop = await _one(session, Cooperative, payload["cooperative_id"], "cooperative")
+    dial = dial_code(service_code, coop.ussd_extension if coop else None)
+    values: dict[str, Any] = {"dial": dial, "ref": str(context.get("reference") or "-")[:32]}
+
+    if template.startswith("payment_") and template != "payment_reminder":
+        payment = await _one(session, Payment, context.get("payment_id"), "payment")
+        coop = coop or await _one(session, Cooperative, payment.cooperative_id, "cooperative")
+        values.update(await _payment_values(session, payment, coop, language, service_code))
+    elif template.startswith("refund_"):
+        refund = await _one(session, Refund, context.get("refund_id"), "refund")
+        payment = await _one(session, Payment, refund.payment_id, "payment")
+        coop = coop or await _one(session, Cooperative, refund.cooperative_id, "cooperative")
+        values.update(
+            amount=Money(refund.amount_minor, refund.currency).format(), ref=refund.reference,
+            payment_ref=payment.reference, coop=coop.name,
+            reason=catalog.REASONS[reason_key(refund.failure_reason)],
+        )
+    elif template.startswith("dispute_"):
+        dispute = await _one(session, Dispute, context.get("dispute_id"), "dispute")
+        payment = await _one(session, Payment, dispute.payment_id, "payment")
+        coop = coop or await _one(session, Cooperative, dispute.cooperative_id, "cooperative")
+        values.update(ref=dispute.reference, payment_ref=payment.reference, coop=coop.name,
+                      status=catalog.DISPUTE_STATUS.get(dispute.status, dispute.status))
+    elif template == "payment_reminder":
+        ptype = await _one(session, PaymentType, context.get("payment_type_id"), "payment type")
+        coop = coop or await _one(session, Cooperative, ptype.cooperative_id, "cooperative")
+        due = context.get("due_date")
+        due_text = date.fromisoformat(str(due)[:10]).strftime(DAY_FORMAT) if due else "-"
+        values.update(type=ptype.name, amount=Money(ptype.amount_minor, ptype.currency).format(),
+                      coop=coop.name, due=due_text, dial=dial_code(service_code, coop.ussd_extension))
+    elif template == "webhook_disabled":
+        endpoint = await _one(session, WebhookEndpoint, context.get("endpoint_id"), "webhook endpoint")
+        coop = coop or await _one(session, Cooperative, endpoint.cooperative_id, "cooperative")
+        values.update(coop=coop.name, host=urlparse(endpoint.url).hostname or endpoint.url,
+                      failures=context.get("failures") or endpoint.consecutive_failures)
+    return phone, language, render(template, language, values)

@@ -1,0 +1,496 @@
+"""What the screens do: loaders and handlers of the pay, my payments, dispute, language and help flows.
+
+Every side effect goes through a core service inside `async with rt.sessionmaker.begin()`; the few
+reads with no core helper (cooperative by code or extension) are small private queries here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+
+from channels.ussd import sessions
+from channels.ussd.engine import Ctx, Invalid, Item
+from channels.ussd.i18n import LANGUAGES, translate
+from core.audit import Actor
+from core.errors import Conflict, DomainError
+from core.models import Cooperative, Member, Payment, PaymentType
+from core.money import Money, MoneyError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+COLLECTED = ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED")
+REASONS = ("CHARGED_NOT_RECORDED", "WRONG_AMOUNT", "NOT_AUTHORISED", "OTHER")
+# Above these (major units) a USSD payment is refused: mobile-money wallets cap single transfers.
+MAX_AMOUNT = {"RWF": 5_000_000, "UGX": 5_000_000, "TZS": 5_000_000, "KES": 250_000, "GHS": 10_000,
+              "ZMW": 50_000}
+DEFAULT_MAX = 1_000_000
+_NAME = re.compile(r"^[^\W\d_](?:[^\W\d_]|[ '.-]){1,59}$")
+_DSP_REF = re.compile(r"DSP_\w+")
+
+
+def actor(ctx: Ctx) -> Actor:
+    member_id = ctx.data.get("mb")
+    return Actor(f"member:{member_id}" if member_id else f"phone:{ctx.turn.phone.masked()}", "ussd")
+
+
+# -- reads (memoised per hop) ---------------------------------------------------------------------
+
+async def memberships(ctx: Ctx) -> list[tuple[Member, Cooperative]]:
+    """This phone's memberships, narrowed to the cooperative the dialled extension names."""
+    if "ms" not in ctx.cache:
+        from core.members import find_memberships
+
+        async with ctx.rt.sessionmaker() as session:
+            found = await find_memberships(session, ctx.rt.cipher, ctx.turn.phone)
+        only = ctx.data.get("x")
+        ctx.cache["ms"] = [(m, c) for m, c in found if not only or c.id == only]
+    return ctx.cache["ms"]
+
+
+async def current(ctx: Ctx) -> tuple[Member | None, Cooperative | None]:
+    coop_id = ctx.data.get("c")
+    for member, coop in await memberships(ctx):
+        if coop.id == coop_id:
+            return member, coop
+    return None, None
+
+
+async def cooperative(ctx: Ctx, coop_id: str) -> Cooperative | None:
+    key = f"coop:{coop_id}"
+    if key not in ctx.cache:
+        async with ctx.rt.sessionmaker() as session:
+            ctx.cache[key] = await session.get(Cooperative, coop_id)
+    return ctx.cache[key]
+
+
+async def cooperative_by_code(session: AsyncSession, code: str) -> Cooperative | None:
+    # No core helper finds a cooperative by its short code yet; a read, not a side effect.
+    return (await session.execute(
+        select(Cooperative).where(func.upper(Cooperative.short_code) == code.strip().upper(),
+                                  Cooperative.status == "ACTIVE"))).scalar_one_or_none()
+
+
+async def cooperative_by_extension(rt: Any, extension: str) -> Cooperative | None:
+    async with rt.sessionmaker() as session:
+        return (await session.execute(
+            select(Cooperative).where(Cooperative.ussd_extension == extension,
+                                      Cooperative.status == "ACTIVE"))).scalar_one_or_none()
+
+
+async def payment_types(ctx: Ctx) -> list[PaymentType]:
+    if "pts" not in ctx.cache:
+        from core.payment_types import active_payment_types
+
+        async with ctx.rt.sessionmaker() as session:
+            ctx.cache["pts"] = await active_payment_types(session, ctx.data["c"])
+    return ctx.cache["pts"]
+
+
+async def payment_type(ctx: Ctx) -> PaymentType | None:
+    for pt in await payment_types(ctx):
+        if pt.id == ctx.data.get("pt"):
+            return pt
+    return None
+
+
+async def recent_payments(ctx: Ctx) -> list[tuple[Payment, str]]:
+    """The member's last five payments with their type names."""
+    if "recent" not in ctx.cache:
+        from core.payment_types import list_payment_types
+        from core.payments import recent_payments_for_member
+
+        async with ctx.rt.sessionmaker() as session:
+            payments = await recent_payments_for_member(session, ctx.data["mb"], limit=5)
+            types, _ = await list_payment_types(session, ctx.data["c"], include_inactive=True, limit=200)
+        names = {t.id: t.name for t in types}
+        ctx.cache["recent"] = [(p, names.get(p.payment_type_id, "")) for p in payments]
+    return ctx.cache["recent"]
+
+
+async def chosen_payment(ctx: Ctx) -> tuple[Payment, str] | None:
+    for payment, name in await recent_payments(ctx):
+        if payment.id == ctx.data.get("py"):
+            return payment, name
+    return None
+
+
+def short(name: str, size: int = 22) -> str:
+    name = " ".join(name.split())
+    return name if len(name) <= size else name[:size - 1].rstrip() + "."
+
+
+# -- home and membership --------------------------------------------------------------------------
+
+async def home_args(ctx: Ctx) -> dict[str, Any]:
+    if "hn" not in ctx.data:
+        ms = await memberships(ctx)
+        ctx.data["hn"] = short(ms[0][1].name, 40) if len({c.id for _, c in ms}) == 1 else "CoopPay"
+    return {"name": ctx.data["hn"]}
+
+
+async def enter(ctx: Ctx, flow: str) -> str:
+    """Start a flow that needs a membership: pick the cooperative first when there are several."""
+    ctx.data["nx"] = flow
+    if ctx.data.get("c") and ctx.data.get("mb"):
+        return await _start(ctx, flow)
+    ms = await memberships(ctx)
+    if not ms:
+        if flow == "help":
+            return "help_general"
+        if flow != "pay":
+            return "member_none"
+        extension_coop = ctx.data.get("x")
+        if extension_coop:
+            coop = await cooperative(ctx, extension_coop)
+            if coop is not None:
+                return _registration(ctx, coop)
+        return "reg_code"
+    if len(ms) == 1:
+        return await _choose(ctx, ms[0][0], ms[0][1])
+    return "coop_pick"
+
+
+async def _choose(ctx: Ctx, member: Member, coop: Cooperative) -> str:
+    ctx.data["c"], ctx.data["mb"], ctx.data["cn"] = coop.id, member.id, short(coop.name, 40)
+    if member.status == "PENDING" and ctx.data["nx"] != "help":
+        return "member_pending"
+    return await _start(ctx, ctx.data["nx"])
+
+
+async def _start(ctx: Ctx, flow: str) -> str:
+    if flow == "pay":
+        return "pay_type" if await payment_types(ctx) else "pay_none"
+    if flow in ("my", "dsp"):
+        if not await recent_payments(ctx):
+            return "my_none"
+        return "my_list" if flow == "my" else "dsp_pick"
+    _member, coop = await current(ctx)
+    return "help" if coop and coop.contact_phone else "help_office"
+
+
+async def pay(ctx: Ctx, _key: str) -> str:
+    return await enter(ctx, "pay")
+
+
+async def my_payments(ctx: Ctx, _key: str) -> str:
+    return await enter(ctx, "my")
+
+
+async def problem(ctx: Ctx, _key: str) -> str:
+    return await enter(ctx, "dsp")
+
+
+async def help_(ctx: Ctx, _key: str) -> str:
+    return await enter(ctx, "help")
+
+
+async def coop_items(ctx: Ctx) -> list[Item]:
+    return [Item(c.id, short(c.name, 30)) for _, c in await memberships(ctx)]
+
+
+async def coop_chosen(ctx: Ctx, coop_id: str) -> str:
+    for member, coop in await memberships(ctx):
+        if coop.id == coop_id:
+            return await _choose(ctx, member, coop)
+    raise Invalid("error.invalid_choice")
+
+
+async def coop_args(ctx: Ctx) -> dict[str, Any]:
+    return {"coop": ctx.data.get("cn", "CoopPay")}
+
+
+# -- registration of a non-member -----------------------------------------------------------------
+
+def _registration(ctx: Ctx, coop: Cooperative) -> str:
+    ctx.data["rc"], ctx.data["cn"] = coop.id, short(coop.name, 40)
+    return "reg_name" if coop.self_registration else "reg_closed"
+
+
+async def validate_code(ctx: Ctx, text: str) -> str:
+    code = text.strip()
+    if not 2 <= len(code) <= 32:
+        raise Invalid("reg.code_unknown")
+    async with ctx.rt.sessionmaker() as session:
+        coop = await cooperative_by_code(session, code)
+    if coop is None:
+        raise Invalid("reg.code_unknown")
+    ctx.cache[f"coop:{coop.id}"] = coop
+    return coop.id
+
+
+async def code_entered(ctx: Ctx, coop_id: str) -> str:
+    coop = await cooperative(ctx, coop_id)
+    assert coop is not None
+    return _registration(ctx, coop)
+
+
+async def validate_name(_ctx: Ctx, text: str) -> str:
+    name = " ".join(text.split())
+    if not _NAME.match(name):
+        raise Invalid("reg.name_invalid")
+    return name
+
+
+async def name_entered(ctx: Ctx, name: str) -> str:
+    from core.members import create_member
+
+    try:
+        async with ctx.rt.sessionmaker.begin() as session:
+            member = await create_member(session, ctx.rt.cipher, cooperative_id=ctx.data["rc"], name=name,
+                                         phone=ctx.turn.phone, language=ctx.state.lang, status="PENDING",
+                                         actor=actor(ctx))
+    except Conflict:
+        return "reg_exists"
+    ctx.data["mb"], ctx.data["nm"] = member.id, short(name, 30)
+    return "reg_done"
+
+
+async def reg_args(ctx: Ctx) -> dict[str, Any]:
+    return {"coop": ctx.data.get("cn", ""), "name": ctx.data.get("nm", "")}
+
+
+# -- pay ------------------------------------------------------------------------------------------
+
+async def type_items(ctx: Ctx) -> list[Item]:
+    items = []
+    for pt in await payment_types(ctx):
+        amount = Money(pt.amount_minor, pt.currency).format()
+        if pt.due_day:
+            label = ctx.t("pay.type_line_due", name=short(pt.name), amount=amount, day=pt.due_day)
+        else:
+            label = ctx.t("pay.type_line", name=short(pt.name), amount=amount)
+        items.append(Item(pt.id, label))
+    return items
+
+
+async def type_chosen(ctx: Ctx, type_id: str) -> str:
+    ctx.data["pt"] = type_id
+    pt = await payment_type(ctx)
+    if pt is None:
+        raise Invalid("error.invalid_choice")
+    ctx.data["cur"] = pt.currency
+    if pt.allow_custom_amount:
+        return "pay_amount"
+    ctx.data["amt"] = pt.amount_minor
+    return await _method_step(ctx)
+
+
+async def amount_args(ctx: Ctx) -> dict[str, Any]:
+    pt = await payment_type(ctx)
+    currency = ctx.data.get("cur", "RWF")
+    usual = Money(pt.amount_minor, currency).format() if pt and pt.amount_minor else "-"
+    return {"currency": currency, "amount": usual}
+
+
+async def validate_amount(ctx: Ctx, text: str) -> str:
+    currency = ctx.data.get("cur", "RWF")
+    example = "5000"
+    # Whole units only: a "." or "," typed on a keypad is a mistake more often than cents.
+    if not text.isdigit():
+        raise Invalid("pay.amount_invalid", currency=currency, example=example)
+    try:
+        amount = Money.parse(text, currency)
+    except MoneyError:
+        raise Invalid("pay.amount_invalid", currency=currency, example=example) from None
+    if not amount.is_positive():
+        raise Invalid("pay.amount_invalid", currency=currency, example=example)
+    cap = Money.parse(MAX_AMOUNT.get(currency, DEFAULT_MAX), currency)
+    if amount > cap:
+        raise Invalid("pay.amount_too_big", max=cap.format())
+    return str(amount.minor)
+
+
+async def amount_entered(ctx: Ctx, minor: str) -> str:
+    ctx.data["amt"] = int(minor)
+    return await _method_step(ctx)
+
+
+def methods_for(country: str, operator: str | None, routed: Any) -> list[str]:
+    """Methods this payer can use, the one of the number's operator first."""
+    if country == "KE":
+        by_operator = {"SAFARICOM": "MPESA", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
+    else:
+        by_operator = {"MTN": "MOBILE_MONEY_MTN", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
+    if operator in by_operator:
+        # The wallet must belong to the number's operator, so there is nothing to choose.
+        candidates = [by_operator[operator]]
+    else:
+        candidates = list(by_operator.values())
+    return [m for m in candidates if not routed or m in routed]
+
+
+async def _method_step(ctx: Ctx) -> str:
+    coop = await cooperative(ctx, ctx.data["c"])
+    options = methods_for(coop.country if coop else "", ctx.turn.phone.operator, ctx.rt.routes)
+    if not options:
+        return "pay_no_method"
+    if len(options) == 1:
+        ctx.data["mt"] = options[0]
+        return "pay_confirm"
+    ctx.data["mts"] = options
+    return "pay_method"
+
+
+async def method_items(ctx: Ctx) -> list[Item]:
+    return [Item(m, ctx.t(f"method.{m}")) for m in ctx.data.get("mts", [])]
+
+
+async def method_chosen(ctx: Ctx, method: str) -> str:
+    ctx.data["mt"] = method
+    return "pay_confirm"
+
+
+async def confirm_args(ctx: Ctx) -> dict[str, Any]:
+    pt = await payment_type(ctx)
+    currency = ctx.data.get("cur", "RWF")
+    return {"type": short(pt.name if pt else "", 30), "amount": Money(ctx.data["amt"], currency).format(),
+            "fee": Money(0, currency).format(), "method": ctx.t(f"method.{ctx.data['mt']}")}
+
+
+async def confirmed(ctx: Ctx, _key: str) -> str:
+    from core.payments import NewPayment, create_payment
+
+    turn = ctx.turn
+    new = NewPayment(
+        cooperative_id=ctx.data["c"], payment_type_id=ctx.data["pt"], method=ctx.data["mt"],
+        account=turn.phone.e164, idempotency_key=f"ussd:{turn.aggregator}:{turn.session_id}"[:128],
+        channel="ussd", amount=Money(ctx.data["amt"], ctx.data["cur"]), member_id=ctx.data["mb"],
+    )
+    async with ctx.rt.sessionmaker.begin() as session:
+        payment, _created = await create_payment(session, ctx.rt, new, actor=actor(ctx))
+    ctx.data.update(ref=payment.reference, pid=payment.id,
+                    amtf=Money(payment.amount_minor, payment.currency).format())
+    return "pay_done"
+
+
+async def done_args(ctx: Ctx) -> dict[str, Any]:
+    return {"amount": ctx.data.get("amtf", ""), "ref": ctx.data.get("ref", ""), "coop": ctx.data.get("cn", "")}
+
+
+# -- my payments and disputes ---------------------------------------------------------------------
+
+async def payment_items(ctx: Ctx) -> list[Item]:
+    return [Item(p.id, ctx.t("my.line", amount=Money(p.amount_minor, p.currency).format(), type=short(name, 14),
+                             status=ctx.t(f"status.{p.status}"), ref=p.reference))
+            for p, name in await recent_payments(ctx)]
+
+
+async def payment_chosen(ctx: Ctx, payment_id: str) -> str:
+    ctx.data["py"] = payment_id
+    if await chosen_payment(ctx) is None:
+        raise Invalid("error.invalid_choice")
+    return "my_detail" if ctx.data.get("nx") == "my" else "dsp_reason"
+
+
+async def detail_args(ctx: Ctx) -> dict[str, Any]:
+    found = await chosen_payment(ctx)
+    if found is None:
+        raise DomainError("payment no longer listed")
+    payment, name = found
+    return {"ref": payment.reference, "type": short(name, 30),
+            "amount": Money(payment.amount_minor, payment.currency).format(),
+            "status": ctx.t(f"status.{payment.status}"), "date": payment.created_at.strftime("%d/%m/%Y")}
+
+
+async def send_receipt(ctx: Ctx, _key: str) -> str:
+    from core.notify import send_sms
+
+    found = await chosen_payment(ctx)
+    if found is None:
+        raise Invalid("error.invalid_choice")
+    payment = found[0]
+    template = "payment_receipt" if payment.status in COLLECTED else "payment_status"
+    async with ctx.rt.sessionmaker.begin() as session:
+        await send_sms(session, template=template, cooperative_id=payment.cooperative_id,
+                       context={"payment_id": payment.id}, cipher=ctx.rt.cipher, member_id=ctx.data["mb"],
+                       dedupe=f"ussd-receipt:{payment.id}:{ctx.turn.session_id}"[:190])
+    ctx.data["ref"] = payment.reference
+    return "my_receipt_sent"
+
+
+def _reason_handler(reason: str) -> Any:
+    async def chosen(ctx: Ctx, _key: str) -> str:
+        return await open_dispute(ctx, reason)
+
+    chosen.__name__ = f"reason_{reason.lower()}"
+    return chosen
+
+
+REASON_HANDLERS = {reason: _reason_handler(reason) for reason in REASONS}
+
+
+async def open_dispute(ctx: Ctx, reason: str) -> str:
+    from core.disputes import open_dispute as open_
+    from core.payments import recent_payments_for_member
+
+    try:
+        async with ctx.rt.sessionmaker.begin() as session:
+            # Loaded again in this transaction, and only among the member's own payments.
+            mine = await recent_payments_for_member(session, ctx.data["mb"], limit=5)
+            payment = next((p for p in mine if p.id == ctx.data.get("py")), None)
+            if payment is None:
+                raise Invalid("error.invalid_choice")
+            dispute = await open_(session, payment=payment, reason=reason, channel="ussd", actor=actor(ctx),
+                                  cipher=ctx.rt.cipher)
+    except Conflict as exc:
+        found = _DSP_REF.search(exc.message)
+        ctx.data["ref"] = found.group(0) if found else ""
+        return "dsp_exists"
+    ctx.data["ref"] = dispute.reference
+    return "dsp_done"
+
+
+# -- language, help, resume -----------------------------------------------------------------------
+
+def _language_handler(lang: str) -> Any:
+    async def chosen(ctx: Ctx, _key: str) -> str:
+        return await set_language(ctx, lang)
+
+    chosen.__name__ = f"language_{lang}"
+    return chosen
+
+
+LANGUAGE_HANDLERS = {lang: _language_handler(lang) for lang in LANGUAGES}
+
+
+async def set_language(ctx: Ctx, lang: str) -> str:
+    from core.members import set_language as remember
+
+    ctx.state.lang = lang
+    ms = await memberships(ctx)
+    if ms:
+        async with ctx.rt.sessionmaker.begin() as session:
+            for member, _coop in ms:
+                if member.language != lang:
+                    await remember(session, member.id, lang, actor=actor(ctx))
+    ctx.state.stack.clear()
+    return "home"
+
+
+async def help_args(ctx: Ctx) -> dict[str, Any]:
+    _member, coop = await current(ctx)
+    return {"coop": short(coop.name, 40) if coop else "", "phone": (coop.contact_phone if coop else "") or ""}
+
+
+async def resume_continue(ctx: Ctx, _key: str) -> str:
+    saved = await sessions.load_resume(ctx.rt.redis, ctx.rt.cipher, ctx.turn.phone)
+    if saved is None:
+        ctx.state.stack.clear()
+        return "home"
+    ctx.state.stack, ctx.state.data, ctx.state.lang = saved.stack, saved.data, saved.lang
+    ctx.state.data["rs"] = 1  # counted as a resumed session
+    return saved.screen
+
+
+async def resume_restart(ctx: Ctx, _key: str) -> str:
+    await sessions.drop_resume(ctx.rt.redis, ctx.rt.cipher, ctx.turn.phone)
+    ctx.state.stack.clear()
+    return "home"
+
+
+def unavailable_text(lang: str | None) -> str:
+    return translate(lang, "unavailable")

@@ -1,0 +1,64 @@
+"""Every USSD screen, declared as data; the text of each lives in the locale catalogs."""
+
+from __future__ import annotations
+
+from channels.ussd import flows as f
+from channels.ussd.engine import Confirm, End, Engine, Input, Menu, Option, Screen
+
+_SCREENS: tuple[Screen, ...] = (
+    Menu("home", "home.title", args=f.home_args, options=(
+        Option("menu.pay", f.pay),
+        Option("menu.my", f.my_payments),
+        Option("menu.dsp", f.problem),
+        Option("menu.lang", "language"),
+        Option("menu.help", f.help_),
+    )),
+    Menu("resume", "resume.title", remember=False, options=(
+        Option("resume.continue", f.resume_continue),
+        Option("resume.restart", f.resume_restart),
+    )),
+    Menu("coop_pick", "coop.pick", items=f.coop_items, on_item=f.coop_chosen),
+    Menu("language", "lang.title", remember=False, options=tuple(
+        Option(f"lang.{lang}", handler) for lang, handler in f.LANGUAGE_HANDLERS.items())),
+    # Registration of a phone that belongs to no cooperative.
+    Input("reg_code", "reg.code", validate=f.validate_code, on_valid=f.code_entered, error="reg.code_unknown"),
+    Input("reg_name", "reg.name", validate=f.validate_name, on_valid=f.name_entered, error="reg.name_invalid",
+          args=f.coop_args),
+    End("reg_closed", "reg.closed", args=f.coop_args),
+    End("reg_done", "reg.done", args=f.reg_args),
+    End("reg_exists", "reg.exists", args=f.coop_args),
+    End("member_pending", "member.pending", args=f.coop_args),
+    End("member_none", "member.none"),
+    # Pay.
+    Menu("pay_type", "pay.types", items=f.type_items, on_item=f.type_chosen),
+    End("pay_none", "pay.none", args=f.coop_args),
+    Input("pay_amount", "pay.amount", validate=f.validate_amount, on_valid=f.amount_entered,
+          error="pay.amount_invalid", args=f.amount_args),
+    Menu("pay_method", "pay.method", items=f.method_items, on_item=f.method_chosen),
+    End("pay_no_method", "pay.no_method", args=f.coop_args),
+    Confirm("pay_confirm", "pay.confirm", on_confirm=f.confirmed, on_cancel="pay_cancelled", args=f.confirm_args),
+    End("pay_done", "pay.done", args=f.done_args),
+    End("pay_cancelled", "pay.cancelled"),
+    # My payments.
+    Menu("my_list", "my.title", items=f.payment_items, on_item=f.payment_chosen),
+    End("my_none", "my.none"),
+    Menu("my_detail", "my.detail", args=f.detail_args, options=(Option("my.receipt", f.send_receipt),)),
+    End("my_receipt_sent", "my.receipt_sent", args=f.done_args),
+    # Problem with a payment.
+    Menu("dsp_pick", "dsp.pick", items=f.payment_items, on_item=f.payment_chosen),
+    Menu("dsp_reason", "dsp.reason", options=tuple(
+        Option(f"reason.{reason}", handler) for reason, handler in f.REASON_HANDLERS.items())),
+    End("dsp_done", "dsp.done", args=f.done_args),
+    End("dsp_exists", "dsp.exists", args=f.done_args),
+    # Help.
+    End("help", "help.text", args=f.help_args),
+    End("help_office", "help.office", args=f.help_args),
+    End("help_general", "help.general"),
+    End("failed", "error.generic"),
+)
+
+SCREENS: dict[str, Screen] = {screen.id: screen for screen in _SCREENS}
+
+
+def build_engine() -> Engine:
+    return Engine(SCREENS, home="home")

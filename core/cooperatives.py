@@ -1,0 +1,114 @@
+"""Cooperatives: the tenants of the gateway; created and suspended by a super admin, never deleted."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.audit import Actor, record
+from core.db import utcnow
+from core.errors import Conflict, NotFound, ValidationError
+from core.models import Cooperative
+from core.money import EXPONENTS
+from core.phone import normalize
+
+STATUSES = ("ACTIVE", "SUSPENDED")
+COUNTRY_CURRENCY = {"RW": "RWF", "KE": "KES", "UG": "UGX", "TZ": "TZS", "GH": "GHS", "ZM": "ZMW",
+                    "BI": "BIF", "MW": "MWK", "NG": "NGN", "ZA": "ZAR"}
+_SHORT_CODE = re.compile(r"^[A-Za-z0-9_-]{2,32}$")
+_EXTENSION = re.compile(r"^[0-9]{1,8}$")
+_FIELDS = ("name", "short_code", "country", "currency", "timezone", "ussd_extension", "status",
+           "contact_phone", "self_registration")
+
+
+def _validate(values: dict[str, Any]) -> list[str]:
+    errors: list[str] = []
+    if "name" in values and not (2 <= len((values["name"] or "").strip()) <= 200):
+        errors.append("name must be 2 to 200 characters")
+    if "short_code" in values and not _SHORT_CODE.match(values["short_code"] or ""):
+        errors.append("shortCode must be 2 to 32 letters, digits, '-' or '_'")
+    if "country" in values and values["country"] not in COUNTRY_CURRENCY:
+        errors.append(f"country must be one of {', '.join(sorted(COUNTRY_CURRENCY))}")
+    if "currency" in values and values["currency"] not in EXPONENTS:
+        errors.append("currency is not supported")
+    if "timezone" in values:
+        try:
+            ZoneInfo(values["timezone"])
+        except (ZoneInfoNotFoundError, ValueError):
+            errors.append("timezone must be an IANA time zone name")
+    if values.get("ussd_extension") is not None and not _EXTENSION.match(values["ussd_extension"]):
+        errors.append("ussdExtension must be 1 to 8 digits")
+    if "status" in values and values["status"] not in STATUSES:
+        errors.append(f"status must be one of {', '.join(STATUSES)}")
+    if values.get("contact_phone") is not None:
+        try:
+            values["contact_phone"] = normalize(values["contact_phone"], values.get("country") or "RW").e164
+        except ValidationError:
+            errors.append("contactPhone must be a valid mobile number")
+    return errors
+
+
+async def _unique(session: AsyncSession, values: dict[str, Any], exclude: str | None) -> None:
+    for column, label in (("short_code", "shortCode"), ("ussd_extension", "ussdExtension")):
+        if values.get(column) is None:
+            continue
+        stmt = select(Cooperative.id).where(getattr(Cooperative, column) == values[column])
+        if exclude:
+            stmt = stmt.where(Cooperative.id != exclude)
+        if (await session.execute(stmt)).first() is not None:
+            raise Conflict(f"{label} {values[column]!r} is already used", field=label)
+
+
+def snapshot(coop: Cooperative) -> dict[str, Any]:
+    return {k: getattr(coop, k) for k in _FIELDS if k != "contact_phone"}
+
+
+async def create_cooperative(session: AsyncSession, *, values: dict[str, Any], actor: Actor) -> Cooperative:
+    """Add a cooperative; the currency defaults to the country's. Caller commits."""
+    values = dict(values)
+    values.setdefault("currency", COUNTRY_CURRENCY.get(values.get("country", ""), ""))
+    values.setdefault("timezone", "Africa/Kigali")
+    values.setdefault("status", "ACTIVE")
+    missing = [f for f in ("name", "short_code", "country") if not values.get(f)]
+    errors = [f"{m} is required" for m in missing] + _validate(values)
+    if errors:
+        raise ValidationError(errors[0], errors=errors)
+    await _unique(session, values, None)
+    coop = Cooperative(**{k: v for k, v in values.items() if k in _FIELDS})
+    session.add(coop)
+    await session.flush()
+    await record(session, actor=actor, action="cooperative.created", entity_type="cooperative",
+                 entity_id=coop.id, after=snapshot(coop), cooperative_id=coop.id)
+    return coop
+
+
+async def get_cooperative(session: AsyncSession, cooperative_id: str) -> Cooperative:
+    coop = await session.get(Cooperative, cooperative_id)
+    if coop is None:
+        raise NotFound("cooperative not found")
+    return coop
+
+
+async def update_cooperative(session: AsyncSession, coop: Cooperative, *, changes: dict[str, Any],
+                             actor: Actor) -> Cooperative:
+    unknown = set(changes) - set(_FIELDS)
+    if unknown:
+        raise ValidationError(f"cannot change {', '.join(sorted(unknown))}")
+    if "currency" in changes and changes["currency"] != coop.currency:
+        raise ValidationError("currency cannot change once a cooperative exists", field="currency")
+    errors = _validate({"country": coop.country, **changes} if "contact_phone" in changes else dict(changes))
+    if errors:
+        raise ValidationError(errors[0], errors=errors)
+    await _unique(session, changes, coop.id)
+    before = snapshot(coop)
+    for key, value in changes.items():
+        setattr(coop, key, value)
+    coop.updated_at = utcnow()
+    await session.flush()
+    await record(session, actor=actor, action="cooperative.updated", entity_type="cooperative",
+                 entity_id=coop.id, before=before, after=snapshot(coop), cooperative_id=coop.id)
+    return coop

@@ -1,0 +1,153 @@
+"""CSV member import: every row is checked first, and nothing is imported unless every row is good."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.audit import Actor, record
+from core.crypto import PiiCipher
+from core.errors import ValidationError
+from core.members import LANGUAGES, create_member
+from core.models import Cooperative, Member
+from core.phone import Phone, PhoneError, normalize
+
+COLUMNS = ("name", "phone", "unit", "language")
+REQUIRED = ("name", "phone")
+MAX_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class RowError:
+    row: int  # line number in the file, the header being line 1
+    field: str
+    message: str
+
+    def text(self) -> str:
+        return f"row {self.row}: {self.field}: {self.message}"
+
+
+@dataclass(frozen=True)
+class ImportRow:
+    row: int
+    name: str
+    phone: Phone
+    unit: str | None
+    language: str
+
+
+class ImportRejected(ValidationError):
+    """The file had bad rows; the list says which, and nothing was imported."""
+
+    def __init__(self, errors: list[RowError]) -> None:
+        texts = [e.text() for e in errors]
+        super().__init__(f"{len(errors)} problem(s) in the file; nothing was imported", errors=texts)
+        self.row_errors = errors
+
+
+def parse_rows(data: bytes, *, region: str) -> list[ImportRow]:
+    """Decode and check the whole file; raise ImportRejected listing every problem found."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ImportRejected([RowError(0, "file", "must be UTF-8 text")]) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+    except StopIteration:
+        raise ImportRejected([RowError(1, "header", "the file is empty")]) from None
+    except csv.Error as exc:
+        raise ImportRejected([RowError(1, "header", f"not CSV: {exc}")]) from None
+    errors: list[RowError] = []
+    unknown = [h for h in header if h not in COLUMNS]
+    if unknown:
+        errors.append(RowError(1, "header", f"unknown column(s): {', '.join(unknown)}; "
+                                            f"expected {', '.join(COLUMNS)}"))
+    for col in REQUIRED:
+        if col not in header:
+            errors.append(RowError(1, "header", f"column {col} is required"))
+    if len(set(header)) != len(header):
+        errors.append(RowError(1, "header", "a column appears twice"))
+    if errors:
+        raise ImportRejected(errors)
+
+    rows: list[ImportRow] = []
+    seen: dict[str, int] = {}
+    line = 1
+    try:
+        for cells in reader:
+            line = reader.line_num
+            if not any(c.strip() for c in cells):
+                continue
+            if len(rows) + len(errors) >= MAX_ROWS:
+                errors.append(RowError(line, "file", f"more than {MAX_ROWS} rows"))
+                break
+            if len(cells) != len(header):
+                errors.append(RowError(line, "row", f"has {len(cells)} fields, expected {len(header)}"))
+                continue
+            values = {h: c.strip() for h, c in zip(header, cells, strict=True)}
+            row_errors: list[RowError] = []
+            name = values.get("name", "")
+            if not 2 <= len(name) <= 200:
+                row_errors.append(RowError(line, "name", "must be 2 to 200 characters"))
+            phone: Phone | None = None
+            try:
+                phone = normalize(values.get("phone", ""), region)
+            except PhoneError as exc:
+                row_errors.append(RowError(line, "phone", exc.message))
+            unit = values.get("unit") or None
+            if unit is not None and len(unit) > 64:
+                row_errors.append(RowError(line, "unit", "must be at most 64 characters"))
+            language = (values.get("language") or "en").lower()
+            if language not in LANGUAGES:
+                row_errors.append(RowError(line, "language", f"must be one of {', '.join(LANGUAGES)}"))
+            if phone is not None:
+                first = seen.get(phone.e164)
+                if first is not None:
+                    row_errors.append(RowError(line, "phone", f"same number as row {first}"))
+                else:
+                    seen[phone.e164] = line
+            if row_errors or phone is None:
+                errors.extend(row_errors)
+                continue
+            rows.append(ImportRow(line, name, phone, unit, language))
+    except csv.Error as exc:
+        errors.append(RowError(line + 1, "row", f"not valid CSV: {exc}"))
+    if errors:
+        raise ImportRejected(errors)
+    if not rows:
+        raise ImportRejected([RowError(2, "file", "no member rows")])
+    return rows
+
+
+async def import_members(session: AsyncSession, cipher: PiiCipher, *, cooperative: Cooperative, data: bytes,
+                         actor: Actor, status: str = "ACTIVE") -> list[Member]:
+    """Validate the file, refuse numbers already in the cooperative, then create every member.
+
+    The caller commits; on any error nothing has been written (the caller rolls back).
+    """
+    rows = parse_rows(data, region=cooperative.country)
+    by_index = {cipher.blind_index(r.phone.e164): r for r in rows}
+    existing: set[str] = set()
+    keys = list(by_index)
+    for start in range(0, len(keys), 500):
+        chunk = keys[start:start + 500]
+        found = await session.execute(select(Member.phone_index).where(
+            Member.cooperative_id == cooperative.id, Member.phone_index.in_(chunk)))
+        existing.update(found.scalars())
+    if existing:
+        errors = sorted((RowError(by_index[i].row, "phone", "already a member of this cooperative")
+                         for i in existing), key=lambda e: e.row)
+        raise ImportRejected(errors)
+    members = [
+        await create_member(session, cipher, cooperative_id=cooperative.id, name=r.name, phone=r.phone,
+                            actor=actor, language=r.language, unit=r.unit, status=status)
+        for r in rows
+    ]
+    await record(session, actor=actor, action="member.imported", entity_type="cooperative",
+                 entity_id=cooperative.id, after={"count": len(members)}, cooperative_id=cooperative.id)
+    return members

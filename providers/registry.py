@@ -1,0 +1,110 @@
+"""Which adapter class and simulator serve each provider name, and which provider serves each method.
+
+Routes: by default MOBILE_MONEY_MTN -> mtn_momo, MOBILE_MONEY_AIRTEL -> airtel, MPESA -> mpesa and the
+banks (BANK_BK, BANK_IM, BANK_ECOBANK) -> irembopay. PAYMENT_ROUTES overrides some or all of them, e.g.
+PAYMENT_ROUTES="MOBILE_MONEY_MTN=irembopay,MOBILE_MONEY_AIRTEL=irembopay"; it is read from
+settings.extra["PAYMENT_ROUTES"] when present, else from the environment, when the routes are built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+
+import httpx
+from aiohttp import web
+
+from core.config import ConfigError, Settings
+from core.ports import PaymentProvider
+from providers.airtel.adapter import AirtelAdapter
+from providers.airtel.simulator import create_simulator as airtel_simulator
+from providers.irembopay.adapter import IremboPayAdapter
+from providers.irembopay.simulator import create_simulator as irembopay_simulator
+from providers.mpesa.adapter import MpesaAdapter
+from providers.mpesa.simulator import create_simulator as mpesa_simulator
+from providers.mtn_momo.adapter import MtnMomoAdapter
+from providers.mtn_momo.simulator import create_simulator as mtn_momo_simulator
+from providers.routes import callback_url
+from providers.simulation import SimulatorOptions, options_from_env
+
+log = logging.getLogger("gateway.providers")
+
+ADAPTERS: dict[str, type] = {
+    "mtn_momo": MtnMomoAdapter,
+    "airtel": AirtelAdapter,
+    "mpesa": MpesaAdapter,
+    "irembopay": IremboPayAdapter,
+}
+
+SIMULATORS: dict[str, Callable[[SimulatorOptions], web.Application]] = {
+    "mtn_momo": mtn_momo_simulator,
+    "airtel": airtel_simulator,
+    "mpesa": mpesa_simulator,
+    "irembopay": irembopay_simulator,
+}
+
+DEFAULT_ROUTES: dict[str, str] = {
+    "MOBILE_MONEY_MTN": "mtn_momo",
+    "MOBILE_MONEY_AIRTEL": "airtel",
+    "MPESA": "mpesa",
+    "BANK_BK": "irembopay",
+    "BANK_IM": "irembopay",
+    "BANK_ECOBANK": "irembopay",
+}
+
+
+def build_providers(settings: Settings, http: httpx.AsyncClient) -> dict[str, PaymentProvider]:
+    """One adapter per configured provider, sharing the process's HTTP client."""
+    providers: dict[str, PaymentProvider] = {}
+    for name, config in settings.providers.items():
+        adapter_class = ADAPTERS.get(name)
+        if adapter_class is None:
+            raise ConfigError(f"{name.upper()}_BASE_URL", f"no adapter is registered for provider {name!r}")
+        providers[name] = adapter_class(http, config)
+    return providers
+
+
+def _route_overrides(settings: Settings, env: Mapping[str, str]) -> dict[str, str]:
+    raw = settings.extra.get("PAYMENT_ROUTES")
+    if raw is None:
+        raw = env.get("PAYMENT_ROUTES", "")
+    overrides: dict[str, str] = {}
+    for part in str(raw).split(","):
+        if not part.strip():
+            continue
+        method, sep, provider = (s.strip() for s in part.partition("="))
+        if not sep or not method or not provider:
+            raise ConfigError("PAYMENT_ROUTES", f"expected METHOD=provider, got {part.strip()!r}")
+        overrides[method.upper()] = provider
+    return overrides
+
+
+def build_routes(settings: Settings, providers: Mapping[str, PaymentProvider],
+                 env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Payment method -> provider name; every route must land on a provider that collects that method."""
+    routes = {**DEFAULT_ROUTES, **_route_overrides(settings, os.environ if env is None else env)}
+    for method, name in routes.items():
+        provider = providers.get(name)
+        if provider is None:
+            raise ConfigError("PAYMENT_ROUTES", f"{method} routes to {name!r}, which is not configured")
+        if method not in provider.methods:
+            raise ConfigError("PAYMENT_ROUTES", f"{name} does not collect {method}")
+    return routes
+
+
+def simulator_options(settings: Settings, name: str,
+                      env: Mapping[str, str] | None = None) -> SimulatorOptions:
+    """Options for an in-process simulator: SIM_* variables, the provider's own credentials, our callback."""
+    base = options_from_env(os.environ if env is None else env)
+    config = settings.providers[name]
+    credentials = {key: secret.get() for key, secret in config.credentials.items() if secret}
+    return SimulatorOptions(**{**vars(base), "credentials": credentials,
+                               "callback_url": base.callback_url or callback_url(settings, name)})
+
+
+def mount_simulators(app: web.Application, settings: Settings) -> None:
+    """Each simulator at /_sim/<name>; callbacks go back to this same process over 127.0.0.1."""
+    for name, create in SIMULATORS.items():
+        app.add_subapp(f"/_sim/{name}", create(simulator_options(settings, name)))
+        log.info("simulator mounted", extra={"provider": name, "path": f"/_sim/{name}"})

@@ -1,0 +1,91 @@
+"""POST/PUT /webhooks/payments/{provider}: check the URL secret, verify, parse, hand the event to core."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from core.config import Settings
+from core.metrics import CALLBACK_REJECTED
+from core.ports import CallbackRejected, InboundCallback
+from core.runtime import RUNTIME
+
+log = logging.getLogger("gateway.providers.callbacks")
+
+MAX_CALLBACK_BODY = 64 * 1024  # provider callbacks are a few hundred bytes
+# What each provider expects as an acknowledgement; the rest take any 200.
+_ACKS: dict[str, dict[str, Any]] = {
+    "mpesa": {"ResultCode": 0, "ResultDesc": "Accepted"},
+}
+PATH = "/webhooks/payments/{provider}"
+
+
+def callback_url(settings: Settings, provider: str) -> str:
+    """Where `provider` should call us back, with the per-provider secret when one is configured."""
+    url = f"{settings.public_base_url}/webhooks/payments/{provider}"
+    secret = settings.callback_secrets.get(provider)
+    return f"{url}?{urlencode({'secret': secret.get()})}" if secret else url
+
+
+def _error(request: web.Request, status: int, message: str) -> web.Response:
+    return web.json_response({"statusCode": status, "message": message, "error": HTTPStatus(status).phrase,
+                              "timestamp": datetime.now(UTC).isoformat(), "path": request.path},
+                             status=status)
+
+
+def _refuse(request: web.Request, provider: str, status: int, reason: str) -> web.Response:
+    CALLBACK_REJECTED.labels(source=provider).inc()
+    log.warning("provider callback refused", extra={"provider": provider, "reason": reason, "status": status})
+    return _error(request, status, reason)
+
+
+async def _read_body(request: web.Request) -> bytes | None:
+    """The raw body, or None when it is larger than a callback can be."""
+    if request.content_length is not None and request.content_length > MAX_CALLBACK_BODY:
+        return None
+    body = await request.content.read(MAX_CALLBACK_BODY + 1)
+    return None if len(body) > MAX_CALLBACK_BODY else body
+
+
+async def provider_callback(request: web.Request) -> web.Response:
+    from core.payments import handle_provider_event
+
+    rt = request.config_dict[RUNTIME]
+    name = request.match_info["provider"]
+    adapter = rt.providers.get(name)
+    if adapter is None:
+        return _error(request, 404, f"unknown payment provider {name!r}")
+
+    expected = rt.settings.callback_secrets.get(name)
+    given = request.query.get("secret", "")
+    if expected and not hmac.compare_digest(given.encode(), expected.get().encode()):
+        return _refuse(request, name, 401, "callback secret is missing or wrong")
+
+    body = await _read_body(request)
+    if body is None:
+        return _refuse(request, name, 413, f"callback body is larger than {MAX_CALLBACK_BODY} bytes")
+    callback = InboundCallback(method=request.method, headers=dict(request.headers),
+                               query={k: v for k, v in request.query.items() if k != "secret"}, body=body)
+    try:
+        await adapter.verify_callback(callback)
+        event = adapter.parse_callback(callback)
+    except CallbackRejected as exc:
+        return _refuse(request, name, exc.status, str(exc))
+    except ValueError as exc:  # an adapter's unknown-status or malformed-field error
+        return _refuse(request, name, 400, str(exc))
+
+    outcome = await handle_provider_event(rt, event)
+    log.info("provider callback handled", extra={"provider": name, "event_id": event.event_id,
+                                                 "outcome": event.outcome.value, "result": outcome})
+    return web.json_response(_ACKS.get(name, {"status": "accepted", "result": outcome}))
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_post(PATH, provider_callback)
+    app.router.add_put(PATH, provider_callback)

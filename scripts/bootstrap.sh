@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates .venv with Python 3.11+ and installs the project (and, with --dev, its test tools).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=""
+for candidate in python3.11 python3.12 python3.13 python3; do
+  if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    py=$candidate; break
+  fi
+done
+[ -n "$py" ] || { echo "Python 3.11 or newer is required" >&2; exit 1; }
+if ! "$py" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv
+fi
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+extra=""; [ "${1:-}" = "--dev" ] && extra="[dev]"
+.venv/bin/python -m pip install -q -e ".${extra}"

@@ -1,0 +1,173 @@
+"""Outbox: jobs commit with the state change, run once at a time across processes, retry, park, lease."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from core.db import utcnow
+from core.models import OutboxJob
+from core.outbox import OutboxWorker, PermanentJobError, RetryLater, backoff, enqueue
+from tests.conftest import requires_pg
+
+PROC = Path(__file__).with_name("outbox_proc.py")
+
+
+async def _add_jobs(sm, n: int, kind: str = "test.record") -> None:
+    async with sm.begin() as session:
+        for i in range(n):
+            await enqueue(session, kind, {"n": i})
+
+
+async def test_enqueue_joins_the_callers_transaction_and_dedupes(sm):
+    async with sm.begin() as session:
+        await enqueue(session, "k", {"a": 1}, dedupe_key="same")
+        await enqueue(session, "k", {"a": 2}, dedupe_key="same")
+    with pytest.raises(RuntimeError):
+        async with sm.begin() as session:
+            await enqueue(session, "k", {"a": 3}, dedupe_key="rolled-back")
+            raise RuntimeError("the caller's transaction fails")
+    async with sm() as session:
+        jobs = (await session.execute(select(OutboxJob))).scalars().all()
+    assert [(j.dedupe_key, j.payload) for j in jobs] == [("same", {"a": 1})]
+
+
+async def test_failing_job_is_retried_with_backoff_then_parked(sm):
+    calls = []
+
+    async def boom(job):
+        calls.append(job.attempts)
+        raise ValueError("provider said no")
+
+    async with sm.begin() as session:
+        await enqueue(session, "test.boom", {}, max_attempts=3)
+    worker = OutboxWorker(sm, {"test.boom": boom})
+    for _ in range(3):
+        assert await worker.run_once() == 1
+        async with sm.begin() as session:
+            job = (await session.execute(select(OutboxJob))).scalar_one()
+            if job.status == "PENDING":
+                assert job.run_at > utcnow()  # backed off into the future
+                job.run_at = utcnow()  # pretend the wait is over
+    async with sm() as session:
+        job = (await session.execute(select(OutboxJob))).scalar_one()
+    assert calls == [1, 2, 3]
+    assert job.status == "PARKED" and job.attempts == 3
+    assert job.last_error == "ValueError: provider said no"
+    assert await worker.run_once() == 0  # parked jobs stay parked until replayed
+
+
+async def test_permanent_error_parks_at_once_and_retry_later_keeps_attempts(sm):
+    async def permanent(job):
+        raise PermanentJobError("refused for good")
+
+    async def later(job):
+        raise RetryLater(30, "still pending")
+
+    async with sm.begin() as session:
+        await enqueue(session, "p", {})
+        await enqueue(session, "l", {})
+        await enqueue(session, "unknown.kind", {})
+    worker = OutboxWorker(sm, {"p": permanent, "l": later})
+    assert await worker.run_once() == 3
+    async with sm() as session:
+        jobs = {j.kind: j for j in (await session.execute(select(OutboxJob))).scalars()}
+    assert jobs["p"].status == "PARKED" and jobs["p"].last_error == "refused for good"
+    assert jobs["l"].status == "PENDING" and jobs["l"].attempts == 0
+    assert jobs["l"].run_at > utcnow() + timedelta(seconds=25)
+    assert jobs["unknown.kind"].status == "PARKED"
+
+
+def test_backoff_grows_and_is_capped():
+    assert 1 <= backoff(1) <= 2
+    assert 8 <= backoff(4) <= 16
+    assert backoff(30) <= 3600
+
+
+def _start(url: str, out: Path, hold: float, lease: int, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(PROC), url, str(out), str(hold), str(lease), str(seconds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _runs(out: Path) -> dict[int, list[tuple[str, float, float]]]:
+    runs: dict[int, list[tuple[str, float, float]]] = defaultdict(list)
+    if out.exists():
+        for line in out.read_text().splitlines():
+            n, worker, start, end = line.split()
+            runs[int(n)].append((worker, float(start), float(end)))
+    return runs
+
+
+@requires_pg
+async def test_two_worker_processes_never_run_the_same_job(sm, settings, tmp_path):
+    out = tmp_path / "runs.txt"
+    procs = [_start(settings.database_url, out, 0.05, 30, 6.0) for _ in range(2)]
+    await _add_jobs(sm, 60)  # both workers are polling when the jobs appear
+    for proc in procs:
+        await asyncio.to_thread(proc.wait, 60)
+        assert proc.returncode == 0, proc.stderr.read()
+    runs = _runs(out)
+    assert sorted(runs) == list(range(60))
+    assert all(len(r) == 1 for r in runs.values()), "a job ran twice"
+    assert len({w for r in runs.values() for w, _, _ in r}) == 2, "both workers took jobs"
+    async with sm() as session:
+        statuses = (await session.execute(select(OutboxJob.status))).scalars().all()
+    assert set(statuses) == {"DONE"}
+
+
+@requires_pg
+async def test_killed_workers_jobs_run_again_after_the_lease(sm, settings, tmp_path):
+    out = tmp_path / "runs.txt"
+    await _add_jobs(sm, 3)
+    victim = _start(settings.database_url, out, 60.0, 2, 60.0)  # holds its jobs for a minute
+    for _ in range(100):
+        async with sm() as session:
+            running = (await session.execute(select(OutboxJob).where(OutboxJob.status == "RUNNING"))).scalars().all()
+        if len(running) == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert len(running) == 3
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(10)
+    assert not out.exists()  # nothing finished
+
+    ran = []
+
+    async def record(job):
+        ran.append(job.payload["n"])
+
+    rescuer = OutboxWorker(sm, {"test.record": record}, lease_seconds=30)
+    assert await rescuer.run_once() == 0  # the lease has not lapsed yet
+    await asyncio.sleep(2.2)
+    assert await rescuer.run_once() == 3
+    assert sorted(ran) == [0, 1, 2]
+    async with sm() as session:
+        jobs = (await session.execute(select(OutboxJob))).scalars().all()
+    assert {(j.status, j.attempts) for j in jobs} == {("DONE", 2)}
+
+
+@requires_pg
+async def test_late_finish_by_a_worker_that_lost_its_lease_is_ignored(sm):
+    await _add_jobs(sm, 1)
+    slow = OutboxWorker(sm, {}, lease_seconds=30)
+    [job] = await slow.claim()
+    async with sm.begin() as session:  # the lease lapses and another worker takes the job
+        await session.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
+    other = OutboxWorker(sm, {}, lease_seconds=30)
+    [again] = await other.claim()
+    assert again.id == job.id
+    await slow._finish(job, status="DONE")  # the first worker wakes up late
+    async with sm() as session:
+        row = (await session.execute(select(OutboxJob))).scalar_one()
+    assert row.status == "RUNNING" and row.locked_by == other.worker_id

@@ -1,0 +1,114 @@
+"""State machines: every allowed move succeeds, every other is refused, races have one winner."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import select
+
+from core.audit import Actor
+from core.models import AuditEvent
+from core.state import IllegalTransition, StaleTransition, transition
+from core.state.dispute import DISPUTE
+from core.state.payment import PAYMENT, PaymentStatus
+from core.state.refund import REFUND
+from core.state.sms import SMS
+from tests.conftest import requires_pg
+from tests.core.factories import row_in_state
+
+MACHINES = [PAYMENT, REFUND, DISPUTE, SMS]
+ACTOR = Actor("admin:test", "api")
+ALLOWED = [(m, s, t) for m in MACHINES for s, t in m.pairs()]
+REFUSED = [(m, s, t) for m in MACHINES for s in m.states for t in m.states if not m.allowed(s, t)]
+
+
+def test_tables_cover_every_state():
+    for machine in MACHINES:
+        assert set(machine.table) == set(machine.states)
+
+
+def test_final_states():
+    assert PAYMENT.final == {PaymentStatus.FAILED, PaymentStatus.REFUNDED}
+    # TIMEOUT and CANCELLED are final except for money reported taken late, which is flagged.
+    assert PAYMENT.is_exceptional(PaymentStatus.TIMEOUT, PaymentStatus.COMPLETED)
+    assert not PAYMENT.is_exceptional(PaymentStatus.PENDING, PaymentStatus.COMPLETED)
+    assert not PAYMENT.allowed(PaymentStatus.FAILED, PaymentStatus.COMPLETED)
+
+
+@pytest.mark.parametrize(("machine", "source", "target"), ALLOWED,
+                         ids=[f"{m.name}:{s}->{t}" for m, s, t in ALLOWED])
+async def test_allowed_pair_succeeds_and_is_audited(sm, machine, source, target):
+    async with sm.begin() as session:
+        row = await row_in_state(session, machine.name, source.value)
+        updated = await transition(session, machine, row.id, source, target, actor=ACTOR)
+        assert updated.status == target.value
+    async with sm() as session:
+        fresh = await session.get(machine.model, row.id)
+        assert fresh.status == target.value
+        audit = (await session.execute(select(AuditEvent).where(AuditEvent.entity_id == row.id))).scalars().all()
+        assert [(a.action, a.before, a.after["status"], a.actor, a.channel) for a in audit] == [
+            (f"{machine.name}.{target.value.lower()}", {"status": source.value}, target.value, "admin:test", "api")]
+        if machine.is_exceptional(source, target):
+            assert audit[0].after["exceptional"] is True
+
+
+@pytest.mark.parametrize(("machine", "source", "target"), REFUSED,
+                         ids=[f"{m.name}:{s}->{t}" for m, s, t in REFUSED])
+async def test_refused_pair_raises_typed_error_and_changes_nothing(sm, machine, source, target):
+    async with sm.begin() as session:
+        row = await row_in_state(session, machine.name, source.value)
+    async with sm.begin() as session:
+        with pytest.raises(IllegalTransition) as info:
+            await transition(session, machine, row.id, source, target, actor=ACTOR)
+        assert (info.value.source, info.value.target) == (source.value, target.value)
+    async with sm() as session:
+        assert (await session.get(machine.model, row.id)).status == source.value
+
+
+async def test_stale_source_is_refused(sm):
+    async with sm.begin() as session:
+        row = await row_in_state(session, "payment", "COMPLETED")
+    async with sm.begin() as session:
+        with pytest.raises(StaleTransition):
+            await transition(session, PAYMENT, row.id, PaymentStatus.PENDING, PaymentStatus.FAILED, actor=ACTOR)
+
+
+@requires_pg
+async def test_concurrent_transitions_from_same_state_exactly_one_wins(sm):
+    async with sm.begin() as session:
+        row = await row_in_state(session, "payment", "PENDING")
+
+    async def attempt(target: PaymentStatus) -> str:
+        try:
+            async with sm.begin() as session:
+                await transition(session, PAYMENT, row.id, PaymentStatus.PENDING, target, actor=ACTOR)
+                await asyncio.sleep(0.05)  # hold the row lock so the other writer really waits
+            return target.value
+        except StaleTransition:
+            return "lost"
+
+    for _ in range(5):
+        async with sm.begin() as session:
+            fresh = await session.get(PAYMENT.model, row.id)
+            fresh.status = "PENDING"
+        results = await asyncio.gather(*(attempt(t) for t in
+                                         (PaymentStatus.COMPLETED, PaymentStatus.FAILED, PaymentStatus.TIMEOUT)))
+        winners = [r for r in results if r != "lost"]
+        assert len(winners) == 1
+        async with sm() as session:
+            assert (await session.get(PAYMENT.model, row.id)).status == winners[0]
+
+
+@given(st.lists(st.sampled_from(list(PaymentStatus)), min_size=1, max_size=12))
+def test_any_walk_through_the_table_only_uses_declared_moves(walk):
+    state = PaymentStatus.PENDING
+    for target in walk:
+        if PAYMENT.allowed(state, target):
+            state = target
+        else:
+            with pytest.raises(IllegalTransition):
+                PAYMENT.check(state, target)
+    assert state in PaymentStatus

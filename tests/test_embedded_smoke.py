@@ -1,0 +1,57 @@
+"""The embedded default boots from nothing: `python main.py run` migrates, seeds and answers /readyz."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_boots_embedded_default_and_is_ready(tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "PUBLIC_BASE_URL")}
+    env.update({"PORT": str(port), "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/gateway.db",
+                "REDIS_URL": "embedded", "GATEWAY_ENV": "development"})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "run"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stderr.read()
+        assert ready is not None and ready.status_code == 200
+        assert ready.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok"}}
+        types = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert types.json() == {"status": "ok"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert f"http://127.0.0.1:{port}/simulator" in out
+    assert "+250788000001" in out
+    assert "250788000001" not in err  # no full phone number in the logs
