@@ -7,8 +7,20 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import select
 
-from admin_api.common import AMOUNT_IN, DATETIME, ID, NULL_DATETIME, NULL_STRING, iso, json_response, obj, one
-from admin_api.common import out, page_of, paged
+from admin_api.common import (
+    AMOUNT_IN,
+    DATETIME,
+    ID,
+    NULL_DATETIME,
+    NULL_STRING,
+    iso,
+    json_response,
+    obj,
+    one,
+    out,
+    page_of,
+    paged,
+)
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param, check_path_id
 from core.disputes import move_dispute, open_dispute

@@ -7,8 +7,22 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import select
 
-from admin_api.common import AMOUNT_IN, AMOUNT_OUT, DATETIME, ID, NULL_DATETIME, NULL_STRING, iso, json_response
-from admin_api.common import money_out, obj, one, out, page_of, paged
+from admin_api.common import (
+    AMOUNT_IN,
+    AMOUNT_OUT,
+    DATETIME,
+    ID,
+    NULL_DATETIME,
+    NULL_STRING,
+    iso,
+    json_response,
+    money_out,
+    obj,
+    one,
+    out,
+    page_of,
+    paged,
+)
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param
 from core.models import Payment, Refund

@@ -55,7 +55,7 @@ def _clean(value: Any) -> str:
 
 def reason_key(reason: str | None) -> str:
     """A provider's failure text, sorted into a reason a payer understands in any language."""
-    text = (reason or "").lower()
+    text = (reason or "").lower().replace("_", " ")
     rules = (
         ("insufficient_funds", ("insufficient", "not enough", "balance", "funds")),
         ("declined", ("declin", "reject", "cancel", "refus")),

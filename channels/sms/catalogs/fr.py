@@ -23,7 +23,7 @@ MESSAGES = {
     "not_found": "Aucun paiement {ref} trouvé pour ce numéro.",
     "opted_out": "Vous ne recevrez plus de rappels. Les confirmations de paiement continuent. "
                  "Envoyez START pour les rappels.",
-    "opted_in": "Rappels réactivés. Envoyez STOP pour les arrêter.",
+    "opted_in": "Rappels réactivés. Envoyez STOP pour ne plus les recevoir.",
     "unknown": "Message non compris. Envoyez AIDE ou composez {dial}.",
 }
 

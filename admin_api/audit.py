@@ -1,0 +1,51 @@
+"""The audit log over the API: read-only, filtered by entity, actor and period, paged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import select
+
+from admin_api.common import DATETIME, iso, out, page_of, paged
+from admin_api.routing import Ctx, Route
+from admin_api.validation import LIMIT, PAGE, Param
+from core.models import AuditEvent
+
+AUDIT_EVENT = out({
+    "id": {"type": "integer"}, "cooperativeId": {"type": ["string", "null"]}, "actor": {"type": "string"},
+    "channel": {"type": "string"}, "action": {"type": "string"}, "entityType": {"type": "string"},
+    "entityId": {"type": "string"}, "before": {"type": ["object", "null"]}, "after": {"type": ["object", "null"]},
+    "at": DATETIME,
+})
+
+
+def present(e: AuditEvent) -> dict[str, Any]:
+    return {"id": e.id, "cooperativeId": e.cooperative_id, "actor": e.actor, "channel": e.channel,
+            "action": e.action, "entityType": e.entity_type, "entityId": e.entity_id, "before": e.before,
+            "after": e.after, "at": iso(e.at)}
+
+
+async def list_audit_events(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    q = ctx.query
+    query = ctx.who.scope(select(AuditEvent), AuditEvent)
+    for param, column in (("entityType", AuditEvent.entity_type), ("entityId", AuditEvent.entity_id),
+                          ("actor", AuditEvent.actor), ("action", AuditEvent.action)):
+        if q.get(param):
+            query = query.where(column == q[param])
+    if q.get("from"):
+        query = query.where(AuditEvent.at >= q["from"])
+    if q.get("to"):
+        query = query.where(AuditEvent.at < q["to"])
+    return await paged(ctx, query.order_by(AuditEvent.at.desc(), AuditEvent.id.desc()), present)
+
+
+ROUTES = [
+    Route("GET", "/audit-events", list_audit_events, "Audit events", "audit", "admin",
+          response=page_of(AUDIT_EVENT),
+          query={"page": PAGE, "limit": LIMIT, "entityType": Param(description="payment, refund, dispute..."),
+                 "entityId": Param(description="The entity's id"),
+                 "actor": Param(description="admin:<id>, apikey:<id>, member:<id>, system..."),
+                 "action": Param(description="e.g. payment.completed"),
+                 "from": Param("date-time"), "to": Param("date-time")}),
+]

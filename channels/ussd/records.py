@@ -1,0 +1,92 @@
+"""The durable record of each USSD session (ussd_sessions row): opened, closed, end-of-session events.
+
+The channel owns this table and no core service writes it, so the few statements live here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import update
+
+from core.db import insert_ignore, utcnow
+from core.models import UssdSession
+from core.phone import Phone
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """Africa's Talking end-of-session notification, translated."""
+
+    aggregator: str
+    session_id: str
+    phone: Phone
+    service_code: str
+    network: str | None
+    status: str  # Success | Incomplete | Failed
+    hops: int | None
+    duration_ms: int | None
+    cost: str | None
+    error: str | None
+    at: datetime | None = None
+
+
+async def opened(rt: Any, *, aggregator: str, session_id: str, phone: Phone, service_code: str,
+                 network: str | None, cooperative_id: str | None, member_id: str | None) -> None:
+    async with rt.sessionmaker.begin() as session:
+        stmt = insert_ignore(session.bind.dialect.name, UssdSession).values(
+            id=_new_id(), aggregator=aggregator, session_id=session_id[:128], cooperative_id=cooperative_id,
+            member_id=member_id, phone_index=rt.cipher.blind_index(phone.e164), phone_masked=phone.masked(),
+            service_code=service_code[:32], network_code=(network or "")[:16] or None, status="OPEN", hops=1,
+            last_screen=None, started_at=utcnow(),
+        ).on_conflict_do_nothing(index_elements=["aggregator", "session_id"])
+        await session.execute(stmt)
+
+
+async def closed(rt: Any, *, aggregator: str, session_id: str, hops: int, last_screen: str,
+                 data: dict[str, Any], status: str = "Success", duration_ms: int | None = None) -> None:
+    values: dict[str, Any] = {"hops": hops, "last_screen": last_screen[:48], "ended_at": utcnow()}
+    if duration_ms is not None:
+        values["duration_ms"] = duration_ms
+    for column, key in (("cooperative_id", "c"), ("member_id", "mb"), ("payment_id", "pid")):
+        if data.get(key):
+            values[column] = data[key]
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(
+            update(UssdSession).where(UssdSession.aggregator == aggregator,
+                                      UssdSession.session_id == session_id[:128]).values(**values))
+        # An aggregator's own end-of-session status, if it came first, is not overwritten.
+        await session.execute(
+            update(UssdSession).where(UssdSession.aggregator == aggregator,
+                                      UssdSession.session_id == session_id[:128],
+                                      UssdSession.status == "OPEN").values(status=status))
+
+
+async def record_event(rt: Any, event: SessionEvent) -> None:
+    """Upsert by (aggregator, session id): the notification may arrive before, after or without hops."""
+    values: dict[str, Any] = {"status": event.status, "ended_at": event.at or utcnow()}
+    if event.hops is not None:
+        values["hops"] = event.hops
+    if event.duration_ms is not None:
+        values["duration_ms"] = event.duration_ms
+    if event.cost:
+        values["cost"] = event.cost[:32]
+    if event.error:
+        values["error"] = event.error[:300]
+    async with rt.sessionmaker.begin() as session:
+        stmt = insert_ignore(session.bind.dialect.name, UssdSession).values(
+            id=_new_id(), aggregator=event.aggregator, session_id=event.session_id[:128],
+            phone_index=rt.cipher.blind_index(event.phone.e164), phone_masked=event.phone.masked(),
+            service_code=event.service_code[:32], network_code=(event.network or "")[:16] or None,
+            started_at=utcnow(), **{"hops": 0, **values},
+        )
+        stmt = stmt.on_conflict_do_update(index_elements=["aggregator", "session_id"], set_=values)
+        await session.execute(stmt)
+
+
+def _new_id() -> str:
+    from core.db import new_id
+
+    return new_id()

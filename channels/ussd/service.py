@@ -1,0 +1,153 @@
+"""One USSD hop from turn to reply: session load, retry replay, resume, the engine, session save."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+from channels.ussd import flows, records, sessions
+from channels.ussd.engine import Ctx, Engine, State
+from channels.ussd.i18n import language
+from channels.ussd.types import UssdReply, UssdTurn
+from core import metrics
+
+log = logging.getLogger("gateway.ussd")
+
+# Screens not worth resuming: starting over lands there anyway.
+NO_RESUME = frozenset({"home", "resume", "language"})
+
+
+class LanguageMemory:
+    """A bounded in-process memory of each phone's language, for the answer when Redis is down."""
+
+    def __init__(self, size: int = 20_000) -> None:
+        self._size = size
+        self._items: OrderedDict[str, str] = OrderedDict()
+
+    def get(self, key: str) -> str | None:
+        return self._items.get(key)
+
+    def put(self, key: str, lang: str) -> None:
+        self._items[key] = lang
+        self._items.move_to_end(key)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+
+def latest_input(previous: str | None, accumulated: str) -> str:
+    """What was typed since the last hop, given every input so far joined by '*'.
+
+    A naive split would break inputs that contain '*'; the consumed prefix is known, so the new
+    input is whatever follows it.
+    """
+    if not previous:
+        return accumulated
+    if accumulated.startswith(previous + "*"):
+        return accumulated[len(previous) + 1:]
+    # The aggregator's text no longer extends ours (it dropped or rewrote a part): best effort.
+    log.warning("ussd accumulated text does not extend the previous one")
+    return accumulated.rsplit("*", 1)[-1]
+
+
+class UssdService:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.languages = LanguageMemory()
+
+    async def handle(self, rt: Any, turn: UssdTurn, limit: int) -> tuple[UssdReply, str]:
+        """Answer one hop; returns the reply and the screen id (for metrics and logs)."""
+        stored = await sessions.load(rt.redis, turn.aggregator, turn.session_id)
+        if turn.closed:
+            await self._abandoned(rt, turn, stored)
+            return UssdReply("", True), "closed"
+        if stored is not None and stored.reply is not None and turn.hop_key is not None \
+                and stored.hop == turn.hop_key:
+            # The aggregator retried a hop we already answered: same screen, no side effect again.
+            return UssdReply(*stored.reply), "retry"
+        if stored is not None and stored.state.ended and stored.reply is not None:
+            return UssdReply(stored.reply[0], True), stored.state.screen
+
+        if stored is None:
+            stored, reply = await self._first_hop(rt, turn, limit)
+        else:
+            ctx = Ctx(rt=rt, turn=turn, state=stored.state, limit=limit)
+            if turn.accumulated is not None:
+                text = latest_input(stored.acc, turn.accumulated)
+                stored.acc = turn.accumulated
+            else:
+                text = turn.input or ""
+            reply = await self.engine.step(ctx, text)
+            stored.hops += 1
+        stored.hop, stored.reply = turn.hop_key, (reply.text, reply.end)
+        state = stored.state
+        keep_route = None if state.screen in NO_RESUME and not reply.end else not reply.end
+        await sessions.save(rt.redis, turn.aggregator, turn.session_id, stored,
+                            resume=None if keep_route is None else (rt.cipher, turn.phone, keep_route))
+        self.languages.put(rt.cipher.blind_index(turn.phone.e164), state.lang)
+        if reply.end:
+            await self._ended(rt, turn, stored)
+        return reply, state.screen
+
+    async def _first_hop(self, rt: Any, turn: UssdTurn, limit: int) -> tuple[sessions.Stored, UssdReply]:
+        state = State(screen="home")
+        stored = sessions.Stored(state=state, hops=1, started=time.time())
+        ctx = Ctx(rt=rt, turn=turn, state=state, limit=limit)
+        extension = turn.extension
+        if turn.accumulated:
+            # Text on the very first hop is the end of the dialled code (*384*123*3# sent as
+            # serviceCode *384*123# with text 3): it names a cooperative, it is not a menu choice.
+            extension = extension or turn.accumulated
+        stored.acc = turn.accumulated
+        if extension:
+            coop = await flows.cooperative_by_extension(rt, extension.split("*")[0])
+            if coop is not None:
+                state.data["x"] = coop.id
+                ctx.cache[f"coop:{coop.id}"] = coop
+        ms = await flows.memberships(ctx)
+        if ms:
+            state.lang = language(ms[0][0].language)
+        else:
+            state.lang = language(self.languages.get(rt.cipher.blind_index(turn.phone.e164)))
+        resumable = await sessions.peek_resume(rt.redis, rt.cipher, turn.phone)
+        reply = await self.engine.show(ctx, "resume" if resumable else "home", push=False)
+        member_id = ms[0][0].id if len(ms) == 1 else None
+        coop_id = ms[0][1].id if len(ms) == 1 else state.data.get("x")
+        await records.opened(rt, aggregator=turn.aggregator, session_id=turn.session_id, phone=turn.phone,
+                             service_code=turn.service_code, network=turn.network, cooperative_id=coop_id,
+                             member_id=member_id)
+        return stored, reply
+
+    async def _ended(self, rt: Any, turn: UssdTurn, stored: sessions.Stored) -> None:
+        screen = stored.state.screen
+        outcome = "payment" if screen == "pay_done" else "completed"
+        metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome=outcome).inc()
+        if stored.state.data.get("rs"):
+            metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome="resumed").inc()
+        try:
+            await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id, hops=stored.hops,
+                                 last_screen=screen, data=stored.state.data,
+                                 duration_ms=int((time.time() - stored.started) * 1000))
+        except Exception:  # the user's answer matters more than the bookkeeping row
+            log.exception("ussd session record not updated", extra={"session_id": turn.session_id})
+
+    async def _abandoned(self, rt: Any, turn: UssdTurn, stored: sessions.Stored | None) -> None:
+        metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome="abandoned").inc()
+        if stored is None:
+            return
+        try:
+            await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id, hops=stored.hops,
+                                 last_screen=stored.state.screen, data=stored.state.data, status="Incomplete",
+                                 duration_ms=int((time.time() - stored.started) * 1000))
+        except Exception:
+            log.exception("ussd session record not updated", extra={"session_id": turn.session_id})
+
+    def unavailable(self, rt: Any, turn: UssdTurn | None) -> UssdReply:
+        lang = None
+        if turn is not None:
+            try:
+                lang = self.languages.get(rt.cipher.blind_index(turn.phone.e164))
+            except Exception:  # noqa: BLE001 - the fallback answer must never fail
+                lang = None
+        return UssdReply(flows.unavailable_text(lang), True)

@@ -1,0 +1,135 @@
+"""USSD sessions in Redis: one compact key per session, written with its TTL in one round trip.
+
+Keys carry a hash tag so Redis Cluster keeps each key on one slot:
+  ussd:{at:<session id>}           the whole session (screen, back stack, data, last hop and reply)
+  ussd:{ph:<blind index>}:resume   the route of a session dropped before END, offered on the next dial
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from channels.ussd.engine import State
+from core.crypto import PiiCipher
+from core.phone import Phone
+
+SESSION_TTL = 300  # aggregators end a session after about 180 s; the margin covers their retries
+RESUME_TTL = 300
+ABBREVIATIONS = {"africastalking": "at", "hubtel": "hb", "nalo": "nl"}
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+
+
+@dataclass
+class Stored:
+    """A session as kept between hops."""
+
+    state: State
+    acc: str | None = None  # accumulated text already consumed (accumulating aggregators)
+    hop: str | None = None  # hop key of the last hop answered
+    reply: tuple[str, bool] | None = None  # the last answer, replayed when the same hop comes again
+    hops: int = 0
+    started: float = 0.0  # epoch seconds
+
+
+def session_key(aggregator: str, session_id: str) -> str:
+    tag = ABBREVIATIONS.get(aggregator, aggregator[:8])
+    # Braces or odd bytes in an aggregator's id must not break the hash tag.
+    safe = session_id if _SAFE_ID.match(session_id) else hashlib.sha256(session_id.encode()).hexdigest()[:40]
+    return f"ussd:{{{tag}:{safe}}}"
+
+
+def resume_key(cipher: PiiCipher, phone: Phone) -> str:
+    return f"ussd:{{ph:{cipher.blind_index(phone.e164)}}}:resume"
+
+
+def _state(obj: dict[str, Any]) -> dict[str, Any]:
+    return {"s": obj["s"], "k": obj.get("k", []), "d": obj.get("d", {}), "l": obj.get("l", "en")}
+
+
+def encode_state(state: State) -> dict[str, Any]:
+    out: dict[str, Any] = {"s": state.screen, "l": state.lang}
+    if state.stack:
+        out["k"] = state.stack
+    if state.data:
+        out["d"] = state.data
+    if state.page:
+        out["p"] = state.page
+    if state.ids:
+        out["i"], out["f"] = state.ids, state.first
+    if state.ended:
+        out["e"] = 1
+    return out
+
+
+def decode_state(obj: dict[str, Any]) -> State:
+    return State(screen=obj["s"], stack=list(obj.get("k", [])), data=dict(obj.get("d", {})),
+                 page=int(obj.get("p", 0)), ids=list(obj.get("i", [])), first=int(obj.get("f", 1)),
+                 lang=obj.get("l", "en"), ended=bool(obj.get("e")))
+
+
+def encode(stored: Stored) -> bytes:
+    out: dict[str, Any] = {"st": encode_state(stored.state), "h": stored.hops, "t": round(stored.started, 3)}
+    if stored.acc is not None:
+        out["a"] = stored.acc
+    if stored.hop is not None:
+        out["hk"] = stored.hop
+    if stored.reply is not None:
+        out["r"] = [stored.reply[0], 1 if stored.reply[1] else 0]
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode(raw: bytes) -> Stored:
+    obj = json.loads(raw)
+    reply = obj.get("r")
+    return Stored(state=decode_state(obj["st"]), acc=obj.get("a"), hop=obj.get("hk"),
+                  reply=(reply[0], bool(reply[1])) if reply else None, hops=int(obj.get("h", 0)),
+                  started=float(obj.get("t", 0.0)))
+
+
+async def load(redis: Any, aggregator: str, session_id: str) -> Stored | None:
+    raw = await redis.get(session_key(aggregator, session_id))
+    return decode(raw) if raw else None
+
+
+async def save(redis: Any, aggregator: str, session_id: str, stored: Stored, *,
+               resume: tuple[PiiCipher, Phone, bool] | None = None) -> None:
+    """Write the session (and set or clear the phone's resume route) in one round trip.
+
+    `resume` is (cipher, phone, keep): keep=True stores the current route, False clears it.
+    """
+    if stored.started == 0.0:
+        stored.started = time.time()
+    pipe = redis.pipeline(transaction=False)
+    pipe.set(session_key(aggregator, session_id), encode(stored), ex=SESSION_TTL)
+    if resume is not None:
+        cipher, phone, keep = resume
+        key = resume_key(cipher, phone)
+        if keep:
+            route = json.dumps(_state(encode_state(stored.state)), separators=(",", ":"), ensure_ascii=False)
+            pipe.set(key, route.encode(), ex=RESUME_TTL)
+        else:
+            pipe.delete(key)
+    await pipe.execute()
+
+
+async def peek_resume(redis: Any, cipher: PiiCipher, phone: Phone) -> bool:
+    return bool(await redis.exists(resume_key(cipher, phone)))
+
+
+async def load_resume(redis: Any, cipher: PiiCipher, phone: Phone) -> State | None:
+    raw = await redis.get(resume_key(cipher, phone))
+    if not raw:
+        return None
+    try:
+        return decode_state(json.loads(raw))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def drop_resume(redis: Any, cipher: PiiCipher, phone: Phone) -> None:
+    await redis.delete(resume_key(cipher, phone))

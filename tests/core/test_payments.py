@@ -1,0 +1,282 @@
+"""Payment service: idempotent creation, provider outcomes, late and mismatched money, refunds, polling."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from core.audit import Actor
+from core.db import utcnow
+from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
+from core.models import AuditEvent, OutboxJob, Payment, PaymentType, ProviderEvent, Refund
+from core.money import Money
+from core.payments import NewPayment, create_payment, handle_provider_event
+from core.ports import CollectionAccepted, EventKind, ProviderError, ProviderEvent as Event, ProviderOutcome, StatusResult
+from core.refunds import request_refund
+from tests.conftest import drain, requires_pg
+
+ADMIN = Actor("admin:test", "api")
+
+
+class RecordingProvider:
+    """A provider double for core tests: records what the core asked, answers what the test set."""
+
+    def __init__(self, name="mtn_momo", partial=True):
+        self.name = name
+        self.supports_partial_refund = partial
+        self.methods = frozenset({"MOBILE_MONEY_MTN"})
+        self.collections = []
+        self.refunds = []
+        self.status = StatusResult(ProviderOutcome.PENDING)
+        self.refund_answer = StatusResult(ProviderOutcome.SUCCEEDED, provider_transaction_id="RF-1")
+        self.fail_collect = None
+
+    async def request_collection(self, request):
+        self.collections.append(request)
+        if self.fail_collect:
+            raise self.fail_collect
+        return CollectionAccepted(provider_transaction_id=None)
+
+    async def collection_status(self, reference, txn, currency):
+        return self.status
+
+    async def request_refund(self, request):
+        self.refunds.append(request)
+        return CollectionAccepted()
+
+    async def refund_status(self, reference, currency):
+        return self.refund_answer
+
+    async def verify_callback(self, callback):
+        return None
+
+    def parse_callback(self, callback):
+        raise NotImplementedError
+
+
+@pytest.fixture
+def provider(rt):
+    fake = RecordingProvider()
+    rt.providers = {**rt.providers, "mtn_momo": fake}
+    return fake
+
+
+def _new(demo, key="key-0001-abcdef", **kw):
+    base = dict(cooperative_id=demo["cooperative_id"], payment_type_id=demo["payment_types"]["Monthly Rent"],
+                method="MOBILE_MONEY_MTN", account="0788000001", idempotency_key=key, channel="api",
+                member_id=demo["members"]["+250788000001"])
+    base.update(kw)
+    return NewPayment(**base)
+
+
+async def _create(rt, new):
+    async with rt.sessionmaker.begin() as session:
+        return await create_payment(session, rt, new, actor=ADMIN)
+
+
+async def test_create_writes_payment_audit_and_jobs_in_one_transaction(rt, demo, provider):
+    payment, created = await _create(rt, _new(demo))
+    assert created and payment.status == "PENDING" and payment.amount_minor == 50_000
+    assert payment.reference.startswith("PAY_") and payment.provider == "mtn_momo"
+    assert payment.payment_account_masked == "+25078****001"
+    assert "250788000001" not in payment.payment_account_enc
+    async with rt.sessionmaker() as s:
+        jobs = (await s.execute(select(OutboxJob.kind, OutboxJob.dedupe_key))).all()
+        audit = (await s.execute(select(AuditEvent.action).where(AuditEvent.entity_id == payment.id))).scalars().all()
+    assert sorted(jobs) == [("payment.collect", f"collect:{payment.id}"), ("payment.poll", f"poll:{payment.id}")]
+    assert audit == ["payment.created"]
+
+
+async def test_same_key_same_body_returns_first_payment_and_other_body_conflicts(rt, demo, provider):
+    first, _ = await _create(rt, _new(demo))
+    again, created = await _create(rt, _new(demo, account="+250788000001"))  # same number, other spelling
+    assert not created and again.id == first.id
+    with pytest.raises(Conflict):
+        await _create(rt, _new(demo, description="another body"))
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(func.count()).select_from(Payment))).scalar_one() == 1
+
+
+@requires_pg
+async def test_concurrent_duplicates_create_one_payment(rt, demo, provider):
+    results = await asyncio.gather(*(_create(rt, _new(demo)) for _ in range(8)), return_exceptions=True)
+    ids = {r[0].id for r in results if not isinstance(r, BaseException)}
+    assert len(ids) == 1, results
+    assert sum(1 for r in results if not isinstance(r, BaseException) and r[1]) == 1
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(func.count()).select_from(Payment))).scalar_one() == 1
+        assert (await s.execute(select(func.count()).select_from(OutboxJob))).scalar_one() == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "field"),
+    [
+        ({"method": "PAYPAL"}, ValidationError, "paymentMethod"),
+        ({"account": "0733000001"}, ValidationError, "paymentAccount"),  # Airtel number for MTN
+        ({"account": "12"}, ValidationError, "paymentAccount"),
+        ({"amount": Money(40_000, "RWF")}, ValidationError, "amount"),  # fixed-price type
+        ({"amount": Money(50_000, "KES")}, ValidationError, "amount"),
+        ({"idempotency_key": "short"}, ValidationError, "idempotencyKey"),
+        ({"payment_type_id": "00000000-0000-0000-0000-000000000000"}, NotFound, "paymentTypeId"),
+        ({"member_id": "00000000-0000-0000-0000-000000000000"}, NotFound, "member"),
+    ],
+)
+async def test_bad_input_is_refused_with_the_field(rt, demo, provider, change, error, field):
+    with pytest.raises(error) as info:
+        await _create(rt, replace(_new(demo), **change))
+    assert info.value.field == field
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(func.count()).select_from(Payment))).scalar_one() == 0
+
+
+async def test_custom_amount_when_the_type_allows_it(rt, demo, provider):
+    async with rt.sessionmaker.begin() as s:
+        ptype = await s.get(PaymentType, demo["payment_types"]["Water"])
+        ptype.allow_custom_amount = True
+    payment, _ = await _create(rt, _new(demo, payment_type_id=ptype.id, amount=Money(7_500, "RWF")))
+    assert payment.amount_minor == 7_500
+
+
+def _event(payment, outcome, event_id="e1", **kw):
+    return Event(provider="mtn_momo", kind=EventKind.COLLECTION, event_id=event_id,
+                 reference=payment.provider_reference, outcome=outcome, **kw)
+
+
+async def _payment(rt, id_):
+    async with rt.sessionmaker() as s:
+        return await s.get(Payment, id_)
+
+
+async def _job_kinds(rt):
+    async with rt.sessionmaker() as s:
+        return sorted((await s.execute(select(OutboxJob.kind))).scalars())
+
+
+async def test_success_callback_completes_and_queues_receipt_and_webhook(rt, demo, provider):
+    payment, _ = await _create(rt, _new(demo))
+    result = await handle_provider_event(rt, _event(payment, ProviderOutcome.SUCCEEDED, amount=Money(50_000, "RWF"),
+                                                    provider_transaction_id="MTN-123"))
+    assert result == "completed"
+    done = await _payment(rt, payment.id)
+    assert (done.status, done.provider_transaction_id, done.late, done.mismatch) == ("COMPLETED", "MTN-123", False, False)
+    assert done.completed_at is not None
+    assert await _job_kinds(rt) == ["payment.collect", "payment.poll", "sms.send", "webhook.event"]
+    # the same callback again is acknowledged and ignored
+    assert await handle_provider_event(rt, _event(payment, ProviderOutcome.SUCCEEDED)) == "duplicate"
+    # an out-of-order failure after success never reopens the payment
+    assert await handle_provider_event(rt, _event(payment, ProviderOutcome.FAILED, "e2")) == "ignored_final"
+    assert (await _payment(rt, payment.id)).status == "COMPLETED"
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(func.count()).select_from(ProviderEvent))).scalar_one() == 2
+    assert await _job_kinds(rt) == ["payment.collect", "payment.poll", "sms.send", "webhook.event"]
+
+
+async def test_amount_mismatch_is_flagged_and_audited(rt, demo, provider):
+    payment, _ = await _create(rt, _new(demo))
+    await handle_provider_event(rt, _event(payment, ProviderOutcome.SUCCEEDED, amount=Money(5_000, "RWF")))
+    done = await _payment(rt, payment.id)
+    assert done.status == "COMPLETED" and done.mismatch
+    assert "5,000 RWF" in done.mismatch_detail
+    async with rt.sessionmaker() as s:
+        actions = (await s.execute(select(AuditEvent.action).where(AuditEvent.entity_id == payment.id))).scalars().all()
+    assert "payment.amount_mismatch" in actions
+
+
+async def test_late_success_after_timeout_completes_with_late_flag(rt, demo, provider, worker):
+    payment, _ = await _create(rt, _new(demo))
+    async with rt.sessionmaker.begin() as s:  # the approval window has passed
+        row = await s.get(Payment, payment.id)
+        row.expires_at = utcnow() - timedelta(seconds=1)
+        await s.execute(OutboxJob.__table__.update().values(run_at=utcnow()))
+    await drain(worker)
+    timed_out = await _payment(rt, payment.id)
+    assert timed_out.status == "TIMEOUT" and timed_out.failure_reason == "not approved in time"
+    assert await handle_provider_event(rt, _event(payment, ProviderOutcome.SUCCEEDED, "late")) == "late_completed"
+    late = await _payment(rt, payment.id)
+    assert (late.status, late.late) == ("COMPLETED", True)
+
+
+async def test_collect_job_calls_provider_once_with_saved_reference(rt, demo, provider, worker):
+    payment, _ = await _create(rt, _new(demo))
+    await drain(worker)
+    assert len(provider.collections) == 1
+    sent = provider.collections[0]
+    assert sent.provider_reference == payment.provider_reference
+    assert sent.amount == Money(50_000, "RWF") and sent.payer.e164 == "+250788000001"
+    assert sent.callback_url.endswith("/webhooks/payments/mtn_momo")
+    assert (await _payment(rt, payment.id)).status == "PROCESSING"
+    await drain(worker)  # running again sends nothing more
+    assert len(provider.collections) == 1
+
+
+async def test_permanent_provider_refusal_fails_the_payment(rt, demo, provider, worker):
+    provider.fail_collect = ProviderError("payer not found", retryable=False)
+    payment, _ = await _create(rt, _new(demo))
+    await drain(worker)
+    failed = await _payment(rt, payment.id)
+    assert (failed.status, failed.failure_reason) == ("FAILED", "payer not found")
+
+
+async def test_poll_settles_a_payment_whose_callback_never_came(rt, demo, provider, worker):
+    payment, _ = await _create(rt, _new(demo))
+    provider.status = StatusResult(ProviderOutcome.SUCCEEDED, amount=Money(50_000, "RWF"), provider_transaction_id="T9")
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(OutboxJob.__table__.update().values(run_at=utcnow()))
+    await drain(worker)
+    done = await _payment(rt, payment.id)
+    assert (done.status, done.provider_transaction_id) == ("COMPLETED", "T9")
+
+
+async def _completed(rt, demo, key="key-0001-abcdef"):
+    payment, _ = await _create(rt, _new(demo, key=key))
+    await handle_provider_event(rt, _event(payment, ProviderOutcome.SUCCEEDED, f"ok-{key}"))
+    return payment
+
+
+async def test_partial_refunds_never_exceed_what_was_collected(rt, demo, provider, worker):
+    payment = await _completed(rt, demo)
+    async with rt.sessionmaker.begin() as s:
+        r1, created = await request_refund(s, rt, payment_id=payment.id, cooperative_id=demo["cooperative_id"],
+                                           amount=Money(20_000, "RWF"), reason="overpaid",
+                                           idempotency_key="refund-key-1", actor=ADMIN)
+    assert created
+    with pytest.raises(BusinessRuleError):
+        async with rt.sessionmaker.begin() as s:
+            await request_refund(s, rt, payment_id=payment.id, cooperative_id=demo["cooperative_id"],
+                                 amount=Money(30_001, "RWF"), reason=None, idempotency_key="refund-key-2", actor=ADMIN)
+    await drain(worker)  # submit, then the refund poll finds it completed
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(OutboxJob.__table__.update().where(OutboxJob.status == "PENDING").values(run_at=utcnow()))
+    await drain(worker)
+    async with rt.sessionmaker() as s:
+        refund = await s.get(Refund, r1.id)
+    assert refund.status == "COMPLETED"
+    partial = await _payment(rt, payment.id)
+    assert (partial.status, partial.refunded_minor) == ("PARTIALLY_REFUNDED", 20_000)
+    assert provider.refunds[0].amount == Money(20_000, "RWF") and not provider.refunds[0].full
+    async with rt.sessionmaker.begin() as s:  # the rest, with amount omitted = everything left
+        r2, _ = await request_refund(s, rt, payment_id=payment.id, cooperative_id=demo["cooperative_id"], amount=None,
+                                     reason=None, idempotency_key="refund-key-3", actor=ADMIN)
+    assert r2.amount_minor == 30_000
+
+
+async def test_refund_refusals(rt, demo, provider):
+    pending, _ = await _create(rt, _new(demo, key="pending-payment-1"))
+    with pytest.raises(BusinessRuleError):
+        async with rt.sessionmaker.begin() as s:
+            await request_refund(s, rt, payment_id=pending.id, cooperative_id=demo["cooperative_id"], amount=None,
+                                 reason=None, idempotency_key="refund-key-9", actor=ADMIN)
+    provider.supports_partial_refund = False
+    done = await _completed(rt, demo, key="completed-payment-1")
+    with pytest.raises(BusinessRuleError, match="only the full amount"):
+        async with rt.sessionmaker.begin() as s:
+            await request_refund(s, rt, payment_id=done.id, cooperative_id=demo["cooperative_id"],
+                                 amount=Money(1_000, "RWF"), reason=None, idempotency_key="refund-key-8", actor=ADMIN)
+    with pytest.raises(NotFound):
+        async with rt.sessionmaker.begin() as s:
+            await request_refund(s, rt, payment_id=done.id, cooperative_id="another-coop", amount=None,
+                                 reason=None, idempotency_key="refund-key-7", actor=ADMIN)
