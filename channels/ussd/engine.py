@@ -18,7 +18,7 @@ MORE, BACK, HOME = "98", "0", "00"
 MAX_ITEMS = 90  # numbers stay clear of the navigation keys (98, 0, 00)
 
 
-class Invalid(Exception):  # noqa: N818 - a validation outcome shown to the user
+class Invalid(Exception):
     """Raised by a validator: the input screen is shown again with this message on top."""
 
     def __init__(self, msgid: str, **args: Any) -> None:

@@ -368,14 +368,15 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
 
 
 async def done_args(ctx: Ctx) -> dict[str, Any]:
-    return {"amount": ctx.data.get("amtf", ""), "ref": ctx.data.get("ref", ""), "coop": ctx.data.get("cn", "")}
+    data = ctx.data
+    return {"amount": data.get("amtf", ""), "ref": data.get("ref", ""), "coop": data.get("cn", "")}
 
 
 # -- my payments and disputes ---------------------------------------------------------------------
 
 async def payment_items(ctx: Ctx) -> list[Item]:
-    return [Item(p.id, ctx.t("my.line", amount=Money(p.amount_minor, p.currency).format(), type=short(name, 14),
-                             status=ctx.t(f"status.{p.status}"), ref=p.reference))
+    return [Item(p.id, ctx.t("my.line", amount=Money(p.amount_minor, p.currency).format(),
+                             type=short(name, 14), status=ctx.t(f"status.{p.status}"), ref=p.reference))
             for p, name in await recent_payments(ctx)]
 
 

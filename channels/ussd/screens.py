@@ -21,7 +21,8 @@ _SCREENS: tuple[Screen, ...] = (
     Menu("language", "lang.title", remember=False, options=tuple(
         Option(f"lang.{lang}", handler) for lang, handler in f.LANGUAGE_HANDLERS.items())),
     # Registration of a phone that belongs to no cooperative.
-    Input("reg_code", "reg.code", validate=f.validate_code, on_valid=f.code_entered, error="reg.code_unknown"),
+    Input("reg_code", "reg.code", validate=f.validate_code, on_valid=f.code_entered,
+          error="reg.code_unknown"),
     Input("reg_name", "reg.name", validate=f.validate_name, on_valid=f.name_entered, error="reg.name_invalid",
           args=f.coop_args),
     End("reg_closed", "reg.closed", args=f.coop_args),
@@ -36,7 +37,8 @@ _SCREENS: tuple[Screen, ...] = (
           error="pay.amount_invalid", args=f.amount_args),
     Menu("pay_method", "pay.method", items=f.method_items, on_item=f.method_chosen),
     End("pay_no_method", "pay.no_method", args=f.coop_args),
-    Confirm("pay_confirm", "pay.confirm", on_confirm=f.confirmed, on_cancel="pay_cancelled", args=f.confirm_args),
+    Confirm("pay_confirm", "pay.confirm", on_confirm=f.confirmed, on_cancel="pay_cancelled",
+            args=f.confirm_args),
     End("pay_done", "pay.done", args=f.done_args),
     End("pay_cancelled", "pay.cancelled"),
     # My payments.

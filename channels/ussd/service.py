@@ -148,6 +148,6 @@ class UssdService:
         if turn is not None:
             try:
                 lang = self.languages.get(rt.cipher.blind_index(turn.phone.e164))
-            except Exception:  # noqa: BLE001 - the fallback answer must never fail
+            except Exception:
                 lang = None
         return UssdReply(flows.unavailable_text(lang), True)

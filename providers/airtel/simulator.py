@@ -88,10 +88,10 @@ async def _collect(request: web.Request) -> web.Response:
     denied = _authorized(request)
     if denied:
         return denied
-    fault = await state.faults()
+    body = await _json(request)
+    fault = await state.faults()  # after reading the body: a provider that hangs has received it
     if fault:
         return fault
-    body = await _json(request)
     subscriber = body.get("subscriber") if body else None
     tx = body.get("transaction") if body else None
     if not isinstance(subscriber, dict) or not isinstance(tx, dict) \
@@ -167,10 +167,10 @@ async def _refund(request: web.Request) -> web.Response:
     denied = _authorized(request)
     if denied:
         return denied
+    body = await _json(request)
     fault = await state.faults()
     if fault:
         return fault
-    body = await _json(request)
     tx = body.get("transaction") if body else None
     money_id = tx.get("airtel_money_id") if isinstance(tx, dict) else None
     if not isinstance(money_id, str) or not money_id:

@@ -119,12 +119,12 @@ async def _request_to_pay(request: web.Request) -> web.Response:
     reference = _reference(request)
     if isinstance(reference, web.Response):
         return reference
-    fault = await state.faults()
-    if fault:
-        return fault
     body = await _body(request, ("amount", "currency", "externalId", "payer"))
     if isinstance(body, web.Response):
         return body
+    fault = await state.faults()
+    if fault:
+        return fault
     payer = body["payer"]
     if not isinstance(payer, dict) or payer.get("partyIdType") != "MSISDN" \
             or not _PARTY.match(str(payer.get("partyId", ""))):
@@ -175,12 +175,12 @@ async def _refund(request: web.Request) -> web.Response:
     reference = _reference(request)
     if isinstance(reference, web.Response):
         return reference
-    fault = await state.faults()
-    if fault:
-        return fault
     body = await _body(request, ("amount", "currency", "externalId", "referenceIdToRefund"))
     if isinstance(body, web.Response):
         return body
+    fault = await state.faults()
+    if fault:
+        return fault
     refunds = request.app[REFUNDS]
     if reference in refunds:
         return _error(409, "RESOURCE_ALREADY_EXIST", "Duplicated reference id. Creation of resource failed.")

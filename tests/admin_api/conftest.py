@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from jsonschema import Draft202012Validator, FormatChecker
+
+from admin_api import all_routes
+from admin_api.openapi import build_document
 
 from core import auth
 from core.audit import Actor
@@ -15,6 +20,26 @@ from core.models import Cooperative, PaymentType
 from core.phone import normalize
 
 _keys = itertools.count(1)
+_DOC = build_document(all_routes())
+_TEMPLATES = [(re.compile("^" + re.sub(r"{\w+}", "[^/]+", path) + "$"), path) for path in _DOC["paths"]]
+
+
+def check_shape(method: str, url: str, status: int, body: Any) -> None:
+    """Every answer a test sees must match the schema the OpenAPI document promises for it."""
+    path = url.split("?", 1)[0]
+    matches = [t for rx, t in _TEMPLATES if rx.match(path) and method.lower() in _DOC["paths"][t]]
+    # Fixed segments win over {id} patterns, as in the router.
+    matches.sort(key=lambda t: t.count("{"))
+    assert matches, f"{method} {path} is not in the OpenAPI document"
+    responses = _DOC["paths"][matches[0]][method.lower()]["responses"]
+    assert str(status) in responses, f"{method} {path} answered {status}, which the document does not list"
+    content = responses[str(status)].get("content", {}).get("application/json")
+    if content is None:
+        return
+    schema = content["schema"]
+    if "$ref" in schema:
+        schema = _DOC["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    Draft202012Validator(schema, format_checker=FormatChecker()).validate(body)
 
 
 def idem() -> str:
@@ -33,9 +58,11 @@ class Caller:
         return await self.client.request(method, path, headers=headers, **kw)
 
     async def json(self, method: str, path: str, status: int, **kw: Any) -> Any:
+        """Call, check the status, and check the body against the OpenAPI document's schema for it."""
         resp = await self.req(method, path, **kw)
         body = await resp.json()
         assert resp.status == status, (resp.status, body)
+        check_shape(method, path, status, body)
         return body
 
 
@@ -113,3 +140,19 @@ async def client(rt: Any, aiohttp_client: Any) -> Any:
         app[RUNTIME] = rt
         app.add_subapp("/v1", create_admin_app(rt.settings))
     return await aiohttp_client(app)
+
+
+async def complete_payment(rt: Any, payment_id: str, *, fee: int = 0) -> None:
+    """Move a payment to COMPLETED the way a provider callback would (through the state machine)."""
+    from core.db import utcnow
+    from core.state import transition
+    from core.state.payment import PAYMENT, PaymentStatus
+
+    async with rt.sessionmaker.begin() as s:
+        await transition(s, PAYMENT, payment_id, PaymentStatus.PENDING, PaymentStatus.COMPLETED,
+                         actor=Actor("provider:test", "provider"),
+                         values={"completed_at": utcnow(), "fee_minor": fee, "provider_transaction_id": "TX1"})
+
+
+async def make_payment(caller: Caller, payment_type_id: str, **over: Any) -> dict[str, Any]:
+    return await caller.json("POST", "/v1/payments", 201, json=payment_body(payment_type_id, **over))

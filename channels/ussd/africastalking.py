@@ -1,0 +1,68 @@
+"""Africa's Talking USSD: form callbacks with every input so far joined by '*', CON/END text replies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from channels.ussd.types import UssdReply, UssdTurn, extension_of
+from channels.ussd.wire import MalformedRequest, Parsed, Rendered, phone_field, text_field
+from core.phone import Phone
+
+NAME = "africastalking"
+LIMIT = 182  # GSM-7 characters per screen
+
+
+def parse(form: Mapping[str, Any], base_code: str) -> Parsed:
+    """A session hop. `text` is accumulated; the session store works out the latest input."""
+    session_id = text_field(form, "sessionId", max_len=128)
+    phone = phone_field(form, "phoneNumber")
+    service_code = text_field(form, "serviceCode", max_len=32)
+    text = text_field(form, "text", required=False, max_len=500)
+    turn = UssdTurn(
+        aggregator=NAME, session_id=session_id, phone=phone, service_code=service_code, input=None,
+        is_new=text == "", network=text_field(form, "networkCode", required=False, max_len=16) or None,
+        accumulated=text, hop_key=text, extension=extension_of(service_code, base_code),
+    )
+    return Parsed(turn)
+
+
+def render(reply: UssdReply, _parsed: Parsed | None = None) -> Rendered:
+    prefix = "END " if reply.end else "CON "
+    return Rendered(200, (prefix + reply.text).encode(), "text/plain")
+
+
+def render_malformed(message: str) -> Rendered:
+    # Africa's Talking ends the user's session on a 4xx anyway; a clean END tells them why.
+    return render(UssdReply(message, True))
+
+
+def parse_event(form: Mapping[str, Any]) -> dict[str, Any]:
+    """End-of-session notification fields, checked; the route turns them into a SessionEvent."""
+    status = text_field(form, "status", max_len=16)
+    if status not in ("Success", "Incomplete", "Failed"):
+        raise MalformedRequest(f"status {status!r} is not Success, Incomplete or Failed")
+    phone: Phone = phone_field(form, "phoneNumber")
+
+    def number(name: str) -> int | None:
+        raw = text_field(form, name, required=False, max_len=12)
+        if not raw:
+            return None
+        if not raw.isdigit():
+            raise MalformedRequest(f"{name} must be a whole number")
+        return int(raw)
+
+    return {
+        "session_id": text_field(form, "sessionId", max_len=128),
+        "phone": phone,
+        "service_code": text_field(form, "serviceCode", required=False, max_len=32),
+        "network": text_field(form, "networkCode", required=False, max_len=16) or None,
+        "status": status,
+        "hops": number("hopsCount"),
+        "duration_ms": number("durationInMillis"),
+        "cost": text_field(form, "cost", required=False, max_len=32) or None,
+        "error": text_field(form, "errorMessage", required=False, max_len=1000) or None,
+    }
+
+
+__all__ = ["LIMIT", "NAME", "MalformedRequest", "parse", "parse_event", "render", "render_malformed"]

@@ -1,0 +1,57 @@
+"""Hubtel USSD (Ghana): JSON callbacks with the latest input only, Response/Release JSON replies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from channels.ussd.types import UssdReply, UssdTurn, extension_of
+from channels.ussd.wire import MalformedRequest, Parsed, Rendered, phone_field, text_field
+
+NAME = "hubtel"
+LIMIT = 182
+_TYPES = ("Initiation", "Response", "Release", "Timeout")
+
+
+def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
+    if not isinstance(body, Mapping):
+        raise MalformedRequest("body must be a JSON object")
+    kind = text_field(body, "Type", max_len=16)
+    if kind not in _TYPES:
+        raise MalformedRequest(f"Type {kind!r} is not one of {', '.join(_TYPES)}")
+    session_id = text_field(body, "SessionId", max_len=128)
+    phone = phone_field(body, "Mobile")
+    service_code = text_field(body, "ServiceCode", required=False, max_len=32)
+    message = text_field(body, "Message", required=kind == "Response", max_len=200)
+    sequence = body.get("Sequence")
+    if sequence is not None and (isinstance(sequence, bool) or not isinstance(sequence, int | str)):
+        raise MalformedRequest("Sequence must be a number")
+    dialled = message if kind == "Initiation" and message.startswith("*") else ""
+    base = service_code if service_code.startswith("*") else f"*{service_code}#"
+    turn = UssdTurn(
+        aggregator=NAME, session_id=session_id, phone=phone, service_code=dialled or base,
+        input=message if kind == "Response" else None, is_new=kind == "Initiation",
+        network=text_field(body, "Operator", required=False, max_len=16) or None,
+        hop_key=f"{kind}:{sequence}" if sequence is not None else None,
+        extension=extension_of(dialled, base) if dialled else None,
+        closed=kind in ("Release", "Timeout"),
+    )
+    return Parsed(turn, {"ClientState": body.get("ClientState", "")})
+
+
+def render(reply: UssdReply, parsed: Parsed | None = None) -> Rendered:
+    body = {
+        "Type": "Release" if reply.end else "Response",
+        "Message": reply.text,
+        "Label": "CoopPay",
+        "ClientState": (parsed.echo.get("ClientState") if parsed else "") or "",
+        "DataType": "display" if reply.end else "input",
+        "FieldType": "text",
+    }
+    return Rendered(200, json.dumps(body, ensure_ascii=False).encode(), "application/json")
+
+
+def render_malformed(message: str) -> Rendered:
+    body = json.dumps({"error": "Bad Request", "message": message}).encode()
+    return Rendered(400, body, "application/json")

@@ -1,0 +1,162 @@
+"""HTTP routes of the USSD channel: callback authentication, a time budget per hop, wire in and out."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+from typing import Any
+
+from aiohttp import web
+
+from channels.ussd import africastalking, hubtel, nalo, records
+from channels.ussd.screens import build_engine
+from channels.ussd.service import UssdService
+from channels.ussd.wire import MalformedRequest, Parsed, Rendered
+from core import metrics
+from core.runtime import RUNTIME, SETTINGS
+
+log = logging.getLogger("gateway.ussd")
+
+AGGREGATORS: dict[str, ModuleType] = {m.NAME: m for m in (africastalking, hubtel, nalo)}
+# Well under the aggregators' 10-15 s limit, and near what the strictest operators allow (~2-3 s).
+HOP_BUDGET_SECONDS = 3.0
+MAX_BODY = 16 * 1024
+
+
+class UssdChannel:
+    def __init__(self, allowlist: tuple[str, ...]) -> None:
+        self.service = UssdService(build_engine())
+        self.budget = HOP_BUDGET_SECONDS
+        self.networks = [ipaddress.ip_network(entry, strict=False) for entry in allowlist]
+
+
+USSD = web.AppKey("ussd_channel", UssdChannel)
+
+
+def setup(app: web.Application) -> None:
+    settings = app[SETTINGS]
+    app[USSD] = UssdChannel(settings.ussd_ip_allowlist)
+    missing = [name for name in AGGREGATORS if not settings.callback_secrets.get(name)]
+    if missing:
+        log.warning("USSD callbacks accepted without a URL secret; set CALLBACK_SECRET_<AGGREGATOR>",
+                    extra={"aggregators": ",".join(missing)})
+    for name in AGGREGATORS:
+        app.router.add_post(f"/ussd/{name}", _hop_handler(name))
+    app.router.add_post("/ussd/africastalking/events", _events)
+
+
+def _authorised(request: web.Request, aggregator: str) -> bool:
+    channel = request.app[USSD]
+    settings = request.app[SETTINGS]
+    if channel.networks:
+        try:
+            source = ipaddress.ip_address(request.remote or "")
+        except ValueError:
+            source = None
+        if source is None or not any(source in net for net in channel.networks):
+            log.warning("ussd callback refused: source address not allowed",
+                        extra={"aggregator": aggregator, "remote": request.remote})
+            return False
+    secret = settings.callback_secrets.get(aggregator)
+    if secret:
+        given = request.query.get("secret", "")
+        if not hmac.compare_digest(given.encode(), secret.get().encode()):
+            log.warning("ussd callback refused: wrong or missing secret", extra={"aggregator": aggregator})
+            return False
+    return True
+
+
+def _respond(rendered: Rendered) -> web.Response:
+    return web.Response(status=rendered.status, body=rendered.body,
+                        headers={"Content-Type": f"{rendered.content_type}; charset=utf-8"})
+
+
+async def _read(request: web.Request, aggregator: str) -> Any:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise MalformedRequest("body too large")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise MalformedRequest("body too large")
+    if aggregator == africastalking.NAME:
+        from urllib.parse import parse_qsl
+
+        try:
+            return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
+        except UnicodeDecodeError:
+            raise MalformedRequest("body is not UTF-8") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedRequest("body is not JSON") from None
+
+
+def _hop_handler(aggregator: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    module = AGGREGATORS[aggregator]
+
+    async def handle(request: web.Request) -> web.Response:
+        if not _authorised(request, aggregator):
+            metrics.CALLBACK_REJECTED.labels(source=f"ussd_{aggregator}").inc()
+            raise web.HTTPForbidden(text="forbidden")
+        rt = request.app[RUNTIME]
+        channel = request.app[USSD]
+        settings = request.app[SETTINGS]
+        started = time.perf_counter()
+        parsed: Parsed | None = None
+        try:
+            parsed = module.parse(await _read(request, aggregator), settings.ussd_service_code)
+        except MalformedRequest as exc:
+            log.warning("ussd callback malformed", extra={"aggregator": aggregator, "error": str(exc)})
+            return _respond(module.render_malformed(str(exc)))
+        turn = parsed.turn
+        screen = "unavailable"
+        try:
+            reply, screen = await asyncio.wait_for(channel.service.handle(rt, turn, module.LIMIT),
+                                                   timeout=channel.budget)
+        except Exception as exc:
+            log.warning("ussd hop failed; answering service unavailable",
+                        extra={"aggregator": aggregator, "session_id": turn.session_id,
+                               "phone": turn.phone.masked(), "error": type(exc).__name__},
+                        exc_info=not isinstance(exc, TimeoutError | ConnectionError | OSError))
+            reply = channel.service.unavailable(rt, turn)
+            metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="unavailable").inc()
+        elapsed = time.perf_counter() - started
+        metrics.USSD_HOPS.labels(aggregator=aggregator, screen=screen).inc()
+        metrics.USSD_HOP_LATENCY.labels(aggregator=aggregator, screen=screen).observe(elapsed)
+        log.info("ussd hop", extra={"aggregator": aggregator, "session_id": turn.session_id,
+                                    "phone": turn.phone.masked(), "screen": screen, "end": reply.end,
+                                    "ms": round(elapsed * 1000, 1)})
+        return _respond(module.render(reply, parsed))
+
+    handle.__name__ = f"ussd_{aggregator}"
+    return handle
+
+
+async def _events(request: web.Request) -> web.Response:
+    """Africa's Talking end-of-session notification, recorded on the session row."""
+    if not _authorised(request, africastalking.NAME):
+        metrics.CALLBACK_REJECTED.labels(source="ussd_africastalking_events").inc()
+        raise web.HTTPForbidden(text="forbidden")
+    rt = request.app[RUNTIME]
+    try:
+        fields = africastalking.parse_event(await _read(request, africastalking.NAME))
+    except MalformedRequest as exc:
+        log.warning("ussd event malformed", extra={"error": str(exc)})
+        return web.json_response({"error": "Bad Request", "message": str(exc)}, status=400)
+    event = records.SessionEvent(aggregator=africastalking.NAME, **fields)
+    try:
+        await asyncio.wait_for(records.record_event(rt, event), timeout=5.0)
+    except Exception as exc:
+        log.warning("ussd event not recorded", extra={"session_id": event.session_id,
+                                                      "error": type(exc).__name__})
+        return web.json_response({"error": "Service Unavailable"}, status=503)
+    if event.status != "Success":
+        metrics.USSD_SESSIONS.labels(aggregator=africastalking.NAME, outcome=event.status.lower()).inc()
+    log.info("ussd session ended", extra={"session_id": event.session_id, "phone": event.phone.masked(),
+                                          "status": event.status, "hops": event.hops})
+    return web.Response(text="OK")

@@ -1,0 +1,49 @@
+"""What every aggregator module returns from parsing: the core turn plus fields to echo back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from channels.ussd.types import UssdTurn
+from core.phone import Phone, PhoneError, normalize
+
+
+class MalformedRequest(ValueError):
+    """A callback body the adapter cannot turn into a turn; the message says which field."""
+
+
+@dataclass(frozen=True)
+class Parsed:
+    turn: UssdTurn
+    echo: Mapping[str, Any] = field(default_factory=dict)  # private to the aggregator module
+
+
+@dataclass(frozen=True)
+class Rendered:
+    status: int
+    body: bytes
+    content_type: str
+
+
+def text_field(data: Mapping[str, Any], name: str, *, required: bool = True, max_len: int = 200) -> str:
+    value = data.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise MalformedRequest(f"{name} is required")
+        return ""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise MalformedRequest(f"{name} must be a string")
+    text = str(value)
+    if len(text) > max_len:
+        raise MalformedRequest(f"{name} is too long")
+    return text
+
+
+def phone_field(data: Mapping[str, Any], name: str) -> Phone:
+    raw = text_field(data, name, max_len=32)
+    try:
+        return normalize(raw)
+    except PhoneError as exc:
+        raise MalformedRequest(f"{name}: {exc.message}") from None

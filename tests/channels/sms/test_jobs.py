@@ -1,0 +1,227 @@
+"""'sms.send' through the outbox and the simulator over HTTP: sent once, permanent vs temporary, throttled."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from channels.sms.jobs import SmsJobs, message_key, send_limit
+from core.db import utcnow
+from core.models import Member, OutboxJob, SmsMessage
+from core.notify import send_sms
+from core.outbox import RetryLater
+from core.phone import Phone
+from tests.channels.sms.helpers import as_job, jobs_of, make_payment
+from tests.conftest import drain
+
+ALINE = "+250788000001"
+
+
+async def queue_receipt(rt: Any, demo: dict[str, Any], payment_id: str, *, dedupe: str = "receipt-1",
+                        phone: str = ALINE, template: str = "payment_receipt") -> None:
+    async with rt.sessionmaker.begin() as session:
+        await send_sms(session, template=template, cooperative_id=demo["cooperative_id"],
+                       context={"payment_id": payment_id}, cipher=rt.cipher, member_id=demo["members"][phone],
+                       dedupe=dedupe)
+
+
+async def sms_rows(rt: Any) -> list[SmsMessage]:
+    async with rt.sessionmaker() as session:
+        return list((await session.execute(select(SmsMessage).order_by(SmsMessage.created_at))).scalars())
+
+
+async def test_receipt_goes_out_through_the_simulator(rt: Any, demo: dict[str, Any], sim: Any, worker: Any) -> None:
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    await queue_receipt(rt, demo, payment.id)
+    assert await drain(worker) == 1
+
+    inbox = sim.messages(ALINE)
+    assert len(inbox) == 1
+    assert payment.reference in inbox[0]["message"] and "50,000 RWF" in inbox[0]["message"]
+    assert inbox[0]["message"].startswith("Twakiriye")  # Aline reads Kinyarwanda
+    assert sim.requests[0]["from"] == "COOPPAY"
+    [row] = await sms_rows(rt)
+    assert row.status == "SENT"
+    assert row.provider_message_id == inbox[0]["id"]
+    assert row.cost == inbox[0]["cost"]
+    assert (row.encoding, row.segments, row.length) == ("GSM-7", inbox[0]["segments"], len(row.body))
+    assert row.idempotency_key == "receipt-1" and row.language == "rw" and row.phone_masked == "+25078****001"
+    assert row.sent_at is not None
+
+
+async def test_duplicate_events_send_one_sms(rt: Any, demo: dict[str, Any], sim: Any, worker: Any) -> None:
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    await queue_receipt(rt, demo, payment.id, dedupe="same")
+    await queue_receipt(rt, demo, payment.id, dedupe="same")  # enqueued twice: one job
+    assert len(await jobs_of(rt, "sms.send")) == 1
+    await drain(worker)
+    [job] = await jobs_of(rt, "sms.send")
+    # The same job run again, as after a worker lost its lease: no second SMS.
+    await SmsJobs(rt).send(as_job(job, attempts=2))
+    # A second job carrying the same message key (e.g. re-enqueued under another dedupe key).
+    await SmsJobs(rt).send(dataclasses.replace(as_job(job), id=job.id + 1000))
+    assert len(sim.messages(ALINE)) == 1
+    assert len(await sms_rows(rt)) == 1
+
+
+async def test_permanent_rejection_is_recorded_not_retried(rt: Any, demo: dict[str, Any], sim: Any,
+                                                           worker: Any) -> None:
+    sim.set_failure("UserInBlackList", number=ALINE)
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    await queue_receipt(rt, demo, payment.id)
+    await drain(worker)
+    [row] = await sms_rows(rt)
+    assert row.status == "REJECTED" and row.failure_reason == "UserInBlacklist"
+    [job] = await jobs_of(rt, "sms.send")
+    assert job.status == "DONE" and job.attempts == 1  # an outcome, not a failure: no retry
+    assert sim.messages(ALINE) == []
+    assert len(sim.requests) == 1
+
+
+async def test_insufficient_balance_is_failed(rt: Any, demo: dict[str, Any], sim: Any, worker: Any) -> None:
+    sim.set_failure("InsufficientBalance")
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    await queue_receipt(rt, demo, payment.id)
+    await drain(worker)
+    [row] = await sms_rows(rt)
+    assert row.status == "FAILED" and row.failure_reason == "InsufficientBalance"
+
+
+async def _make_due(rt: Any) -> None:
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
+
+
+async def test_temporary_failure_is_retried_then_sent(rt: Any, demo: dict[str, Any], sim: Any,
+                                                      worker: Any) -> None:
+    sim.set_failure("http500", times=2)
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    await queue_receipt(rt, demo, payment.id)
+    await worker.run_once()
+    [job] = await jobs_of(rt, "sms.send")
+    assert job.status == "PENDING" and job.attempts == 1 and "HTTP 500" in job.last_error
+    assert job.run_at > utcnow()  # backoff
+    [row] = await sms_rows(rt)
+    assert row.status == "QUEUED"
+    await _make_due(rt)
+    await worker.run_once()
+    await _make_due(rt)
+    await worker.run_once()
+    [job] = await jobs_of(rt, "sms.send")
+    assert job.status == "DONE" and job.attempts == 3
+    [row] = await sms_rows(rt)
+    assert row.status == "SENT"
+    assert len(sim.messages(ALINE)) == 1
+    assert len(sim.requests) == 3
+
+
+async def test_temporary_failure_exhausted_marks_failed_and_parks(rt: Any, demo: dict[str, Any], sim: Any,
+                                                                  worker: Any) -> None:
+    sim.set_failure("http503")
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    await queue_receipt(rt, demo, payment.id)
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(OutboxJob).values(attempts=9))  # max_attempts is 10 for SMS
+    await worker.run_once()
+    [job] = await jobs_of(rt, "sms.send")
+    assert job.status == "PARKED"
+    [row] = await sms_rows(rt)
+    assert row.status == "FAILED" and row.provider_status == "RetriesExhausted"
+
+
+async def test_network_error_is_retried(rt: Any, demo: dict[str, Any], worker: Any) -> None:
+    from channels.sms.sender import AfricasTalkingConfig, AfricasTalkingSender
+    from core.config import Secret
+
+    # Nothing listens on port 9 of 127.0.0.1: connection refused.
+    rt.sms = AfricasTalkingSender(rt.http, AfricasTalkingConfig(base_url="http://127.0.0.1:9", username="u",
+                                                                api_key=Secret("k")))
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    await queue_receipt(rt, demo, payment.id)
+    await worker.run_once()
+    [job] = await jobs_of(rt, "sms.send")
+    assert job.status == "PENDING" and "network error" in job.last_error
+
+
+async def test_reminders_respect_opt_out_but_receipts_do_not(rt: Any, demo: dict[str, Any], sim: Any,
+                                                             worker: Any) -> None:
+    member_id = demo["members"][ALINE]
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(Member).where(Member.id == member_id).values(reminders_opt_out=True))
+    type_id = demo["payment_types"]["Monthly Rent"]
+    async with rt.sessionmaker.begin() as session:
+        await send_sms(session, template="payment_reminder", cooperative_id=demo["cooperative_id"],
+                       context={"member_id": member_id, "payment_type_id": type_id, "due_date": "2026-02-01"},
+                       cipher=rt.cipher, member_id=member_id, dedupe="reminder-1")
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=member_id)
+    await queue_receipt(rt, demo, payment.id)
+    await drain(worker)
+    inbox = sim.messages(ALINE)
+    assert len(inbox) == 1 and payment.reference in inbox[0]["message"]
+    # Opted back in: the reminder goes, with the due date and the dial code.
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(Member).where(Member.id == member_id).values(reminders_opt_out=False))
+        await send_sms(session, template="payment_reminder", cooperative_id=demo["cooperative_id"],
+                       context={"member_id": member_id, "payment_type_id": type_id, "due_date": "2026-03-01"},
+                       cipher=rt.cipher, member_id=member_id, dedupe="reminder-2")
+    await drain(worker)
+    assert "01/03/2026" in sim.messages(ALINE)[-1]["message"]
+    assert "*384*123*123#" in sim.messages(ALINE)[-1]["message"]
+
+
+async def test_bad_template_is_parked(rt: Any, demo: dict[str, Any], sim: Any, worker: Any) -> None:
+    await queue_receipt(rt, demo, "no-such-payment")
+    await drain(worker)
+    [job] = await jobs_of(rt, "sms.send")
+    assert job.status == "PARKED" and "payment no-such-payment not found" in job.last_error
+    assert sim.requests == []
+
+
+async def test_throttle_per_sender_id(rt: Any, demo: dict[str, Any], sim: Any) -> None:
+    slow = dataclasses.replace(rt, settings=dataclasses.replace(rt.settings, sms_rate_per_second=2.0))
+    jobs = SmsJobs(slow)
+    await jobs.throttle()
+    await jobs.throttle()
+    with pytest.raises(RetryLater) as raised:
+        await jobs.throttle()
+    assert 0 < raised.value.delay <= 1
+    keys = [k.decode() async for k in rt.redis.scan_iter("rl:{sms:send:*")]
+    assert keys and all("{sms:send:COOPPAY}" in k for k in keys)
+    assert await rt.redis.ttl(keys[0]) > 0
+
+
+async def test_throttled_job_is_rescheduled_without_counting_a_failure(rt: Any, demo: dict[str, Any], sim: Any,
+                                                                       worker: Any) -> None:
+    limit = send_limit(rt.settings.sms_rate_per_second)
+    import time
+
+    # Fill this second's window for the sender id, then send: the job waits instead of failing.
+    window_key = f"rl:{{sms:send:COOPPAY}}:{int(time.time())}"
+    await rt.redis.set(window_key, limit.count + 100, ex=5)
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    await queue_receipt(rt, demo, payment.id)
+    await worker.run_once()
+    [job] = await jobs_of(rt, "sms.send")
+    if job.status == "PENDING":  # the second did not roll over between set and send
+        assert job.attempts == 0 and "rate" in job.last_error
+        assert sim.requests == []
+
+
+def test_send_limit_shapes() -> None:
+    assert (send_limit(50).count, send_limit(50).window) == (50, 1)
+    assert (send_limit(0.2).count, send_limit(0.2).window) == (1, 5)
+
+
+def test_message_key_without_core_key_ignores_the_phone_nonce() -> None:
+    a = {"template": "help", "cooperative_id": None, "member_id": None, "phone_enc": "x:1", "context": {}}
+    b = {**a, "phone_enc": "x:2"}
+    assert message_key(a) == message_key(b)
+    assert message_key({**a, "key": "k"}) == "k"
+
+
+def test_phone_type() -> None:
+    assert Phone(ALINE).masked() == "+25078****001"

@@ -1,0 +1,571 @@
+"""IremboPay adapter over recorded wire bodies, webhook signatures and replays, and its simulator over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from core.config import ProviderConfig, Secret
+from core.logs import JsonFormatter
+from core.money import Money
+from core.phone import normalize
+from core.ports import (
+    CallbackRejected,
+    CollectionRequest,
+    EventKind,
+    InboundCallback,
+    ProviderError,
+    ProviderOutcome,
+    ProviderTimeout,
+    RefundRequest,
+)
+from providers.irembopay import IremboPayAdapter, redis_nonce_store
+from providers.irembopay.adapter import STATUS, MemoryNonceStore, signature_header
+from providers.irembopay.simulator import create_simulator
+from providers.simulation import STATE, SimulatorOptions
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "irembopay"
+BASE = "https://api.irembopay.test"
+SECRET = "irembo-secret-test-4f9b2c7d1e"
+NOW = datetime(2026, 11, 22, 5, 0, 0, tzinfo=UTC)
+NOW_MS = int(NOW.timestamp() * 1000)
+TX = "7d1f0c2a-4b5e-4c6d-8e9f-0a1b2c3d4e5f"
+
+
+def fixture(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def config(base: str = BASE, secret: str = SECRET) -> ProviderConfig:
+    return ProviderConfig(base_url=base, credentials={"secret_key": Secret(secret)},
+                          options={"payment_account": "PI-test", "payment_item_code": "PC-test"})
+
+
+class Wire:
+    """httpx.MockTransport that answers only the requests a test declared, in order; anything else fails."""
+
+    def __init__(self) -> None:
+        self.expected: list[tuple[str, str, int, Any]] = []
+        self.requests: list[httpx.Request] = []
+
+    def on(self, method: str, path: str, status: int, body: Any) -> Wire:
+        self.expected.append((method, path, status, body))
+        return self
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if not self.expected:
+            raise AssertionError(f"unexpected request {request.method} {request.url}")
+        method, path, status, body = self.expected.pop(0)
+        if (request.method, request.url.path) != (method, path):
+            raise AssertionError(f"expected {method} {path}, got {request.method} {request.url.path}")
+        if isinstance(body, Exception):
+            raise body
+        return httpx.Response(status, json=body)
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.MockTransport(self.handler))
+
+    def done(self) -> None:
+        assert not self.expected, f"requests never sent: {self.expected}"
+
+
+def collection(method: str = "MOBILE_MONEY_MTN", phone: str | None = "+250788000001", **kw: Any) -> CollectionRequest:
+    values: dict[str, Any] = dict(
+        provider_reference=TX, payment_reference="PAY_20261122_001", amount=Money(50000, "RWF"),
+        payer=normalize(phone) if phone else None, payer_account=phone or "jane@example.test",
+        description="Monthly rent", callback_url="https://gateway.test/webhooks/payments/irembopay",
+        method=method, language="rw", payer_name="Jane Uwase", expires_at=NOW + timedelta(minutes=10))
+    values.update(kw)
+    return CollectionRequest(**values)
+
+
+def body_of(request: httpx.Request) -> Any:
+    return json.loads(request.content)
+
+
+def assert_headers(request: httpx.Request, secret: str = SECRET) -> None:
+    assert request.headers["irembopay-secretKey"] == secret
+    assert request.headers["X-API-Version"] == "2"
+
+
+# --- outbound -----------------------------------------------------------------------------------
+
+async def test_mobile_money_invoice_then_push() -> None:
+    rec = fixture("invoice.json")
+    wire = (Wire().on("POST", "/payments/invoices", 201, rec["invoice_answer"])
+            .on("POST", "/payments/transactions/initiate", 200, rec["push_answer"]))
+    async with wire.client() as http:
+        accepted = await IremboPayAdapter(http, config()).request_collection(collection())
+    wire.done()
+    invoice, push = wire.requests
+    assert body_of(invoice) == rec["mobile_invoice_request"]
+    assert body_of(push) == rec["push_request"]
+    for request in wire.requests:
+        assert_headers(request)
+    assert accepted.gateway_reference == accepted.provider_transaction_id == "880123456789"
+    assert accepted.payment_url is None  # a mobile payer approves on the phone
+
+
+@pytest.mark.parametrize(("method", "provider"), [("BANK_BK", None), ("BANK_IM", None), ("BANK_ECOBANK", None),
+                                                  ("MOBILE_MONEY_AIRTEL", "AIRTEL")])
+async def test_bank_invoice_carries_payment_url(method: str, provider: str | None) -> None:
+    rec = fixture("invoice.json")
+    wire = Wire().on("POST", "/payments/invoices", 201, rec["invoice_answer"])
+    if provider:
+        wire.on("POST", "/payments/transactions/initiate", 200, rec["push_answer"])
+    phone = "+250733000001" if provider else None
+    request = collection(method, phone, language="en")
+    async with wire.client() as http:
+        accepted = await IremboPayAdapter(http, config()).request_collection(request)
+    wire.done()
+    if provider:
+        assert body_of(wire.requests[1])["paymentProvider"] == provider
+        assert body_of(wire.requests[1])["accountIdentifier"] == "0733000001"
+        assert accepted.payment_url is None
+    else:
+        assert body_of(wire.requests[0]) == rec["bank_invoice_request"]
+        assert accepted.payment_url == rec["invoice_answer"]["data"]["paymentLinkUrl"]
+
+
+@pytest.mark.parametrize("case", fixture("invoice.json")["push_errors"], ids=lambda c: c["name"])
+async def test_push_errors(case: dict[str, Any]) -> None:
+    rec = fixture("invoice.json")
+    wire = (Wire().on("POST", "/payments/invoices", 201, rec["invoice_answer"])
+            .on("POST", "/payments/transactions/initiate", case["status"], case["json"]))
+    async with wire.client() as http:
+        with pytest.raises(ProviderError) as err:
+            await IremboPayAdapter(http, config()).request_collection(collection())
+    wire.done()
+    assert err.value.code == case.get("code", case["json"].get("errors", [{}])[0].get("code"))
+    assert err.value.retryable is case["retryable"]
+    assert "0788000001" not in str(err.value)
+
+
+@pytest.mark.parametrize(("kw", "code"), [
+    ({"amount": Money(5000, "KES")}, "CURRENCY_UNSUPPORTED"),
+    ({"method": "MPESA"}, "METHOD_UNSUPPORTED"),
+    ({"payer": normalize("+254708000001")}, "BAD_PHONE_NUMBER"),
+    ({"payer": None}, "BAD_PHONE_NUMBER"),
+    ({"amount": Money(0, "RWF")}, "BAD_AMOUNT"),
+])
+async def test_refuses_bad_requests_before_calling(kw: dict[str, Any], code: str) -> None:
+    wire = Wire()
+    async with wire.client() as http:
+        with pytest.raises(ProviderError) as err:
+            await IremboPayAdapter(http, config()).request_collection(collection(**kw))
+    assert (err.value.code, err.value.retryable) == (code, False)
+    assert wire.requests == []
+
+
+async def test_invoice_timeout_is_a_provider_timeout() -> None:
+    wire = Wire().on("POST", "/payments/invoices", 0, httpx.ReadTimeout("slow"))
+    async with wire.client() as http:
+        with pytest.raises(ProviderTimeout):
+            await IremboPayAdapter(http, config()).request_collection(collection())
+
+
+async def test_invoice_server_error_is_retryable() -> None:
+    wire = Wire().on("POST", "/payments/invoices", 502, {"success": False, "message": "bad gateway"})
+    async with wire.client() as http:
+        with pytest.raises(ProviderError) as err:
+            await IremboPayAdapter(http, config()).request_collection(collection())
+    assert err.value.retryable is True
+
+
+@pytest.mark.parametrize("case", fixture("status.json")["cases"], ids=lambda c: c["name"])
+async def test_status(case: dict[str, Any]) -> None:
+    wire = Wire().on("GET", "/payments/invoices/880123456789", case["status"], case["json"])
+    async with wire.client() as http:
+        adapter = IremboPayAdapter(http, config())
+        if "error" in case["expect"]:
+            with pytest.raises(ProviderError) as err:
+                await adapter.collection_status(TX, "880123456789", "RWF")
+            assert (err.value.code, err.value.retryable) == (case["expect"]["error"], case["expect"]["retryable"])
+        else:
+            result = await adapter.collection_status(TX, "880123456789", "RWF")
+            assert result.outcome == ProviderOutcome(case["expect"]["outcome"])
+            assert result.amount == Money(50000, "RWF")
+            assert result.provider_transaction_id == "880123456789"
+    wire.done()
+    assert_headers(wire.requests[0])
+
+
+def test_every_status_row_has_a_recorded_case() -> None:
+    recorded = {c["json"]["data"]["paymentStatus"] for c in fixture("status.json")["cases"] if "data" in c["json"]}
+    assert set(STATUS) <= recorded
+
+
+async def test_status_without_invoice_number_is_ambiguous() -> None:
+    wire = Wire()
+    async with wire.client() as http:
+        result = await IremboPayAdapter(http, config()).collection_status(TX, None, "RWF")
+    assert result.outcome is ProviderOutcome.AMBIGUOUS
+    assert wire.requests == []
+
+
+async def test_refund_is_refused_clearly() -> None:
+    wire = Wire()
+    async with wire.client() as http:
+        adapter = IremboPayAdapter(http, config())
+        assert adapter.supports_partial_refund is False
+        with pytest.raises(ProviderError) as err:
+            await adapter.request_refund(RefundRequest(
+                provider_reference="r1", original_provider_reference=TX, original_provider_transaction_id="880",
+                amount=Money(50000, "RWF"), full=True, payer=None, reason="x", callback_url="https://x"))
+    assert (err.value.code, err.value.retryable) == ("REFUND_UNSUPPORTED", False)
+    assert "through the bank" in str(err.value) and "manually" in str(err.value)
+    assert wire.requests == []
+
+
+# --- webhooks -----------------------------------------------------------------------------------
+
+def signed(body: Any, t: int = NOW_MS, secret: str = SECRET, raw: bytes | None = None) -> InboundCallback:
+    data = raw if raw is not None else json.dumps(body).encode()
+    return InboundCallback(method="POST", headers={"irembopay-signature": signature_header(secret, t, data),
+                                                   "Content-Type": "application/json"}, query={}, body=data)
+
+
+def adapter_at(now: datetime = NOW, **kw: Any) -> IremboPayAdapter:
+    return IremboPayAdapter(httpx.AsyncClient(transport=httpx.MockTransport(Wire().handler)), config(),
+                            clock=lambda: now, **kw)
+
+
+@pytest.mark.parametrize("case", fixture("webhooks.json")["cases"], ids=lambda c: c["name"])
+async def test_webhooks(case: dict[str, Any]) -> None:
+    adapter = adapter_at()
+    callback = signed(case["body"])
+    await adapter.verify_callback(callback)
+    event = adapter.parse_callback(callback)
+    want = case["expect"]
+    assert (event.provider, event.kind) == ("irembopay", EventKind.COLLECTION)
+    assert (event.event_id, event.reference, event.outcome) == (want["event_id"], want["reference"],
+                                                                ProviderOutcome(want["outcome"]))
+    assert event.amount == Money(want["amount_minor"], want["currency"])
+    assert event.provider_transaction_id == want["provider_transaction_id"]
+    assert event.needs_confirmation is False  # signed: no status query needed
+
+
+@pytest.mark.parametrize("case", fixture("webhooks.json")["rejected"], ids=lambda c: c["name"])
+async def test_rejected_webhooks(case: dict[str, Any]) -> None:
+    adapter = adapter_at()
+    callback = signed(case["body"])
+    await adapter.verify_callback(callback)  # genuine, but not understood
+    with pytest.raises(CallbackRejected) as err:
+        adapter.parse_callback(callback)
+    assert err.value.status == case["status"]
+
+
+PAID = fixture("webhooks.json")["cases"][0]["body"]
+
+
+async def test_signature_good_then_replay_refused() -> None:
+    adapter = adapter_at()
+    callback = signed(PAID)
+    await adapter.verify_callback(callback)
+    with pytest.raises(CallbackRejected) as err:
+        await adapter.verify_callback(callback)
+    assert err.value.status == 409
+    # A fresh delivery of the same event (new timestamp) is genuine; the core drops it by event id.
+    await adapter.verify_callback(signed(PAID, t=NOW_MS + 1000))
+
+
+@pytest.mark.parametrize(("name", "make"), [
+    ("wrong_secret", lambda: signed(PAID, secret="not-the-secret")),
+    ("tampered_body", lambda: InboundCallback("POST", signed(PAID).headers, {},
+                                              json.dumps({**PAID, "data": {**PAID["data"], "amount": 1}}).encode())),
+    ("stale", lambda: signed(PAID, t=NOW_MS - 301_000)),
+    ("future", lambda: signed(PAID, t=NOW_MS + 301_000)),
+    ("seconds_not_ms", lambda: signed(PAID, t=NOW_MS // 1000)),
+    ("missing", lambda: InboundCallback("POST", {}, {}, json.dumps(PAID).encode())),
+    ("malformed", lambda: InboundCallback("POST", {"irembopay-signature": "sha256=abc"}, {}, b"{}")),
+])
+async def test_signature_refused(name: str, make: Any) -> None:
+    adapter = adapter_at()
+    with pytest.raises(CallbackRejected) as err:
+        await adapter.verify_callback(make())
+    assert err.value.status == 401
+
+
+async def test_signature_within_tolerance_and_header_case() -> None:
+    adapter = adapter_at()
+    callback = signed(PAID, t=NOW_MS - 299_000)
+    upper = InboundCallback("POST", {"IremboPay-Signature": callback.headers["irembopay-signature"]}, {},
+                            callback.body)
+    await adapter.verify_callback(upper)
+
+
+async def test_forged_signature_does_not_use_up_the_nonce() -> None:
+    seen: list[str] = []
+
+    async def store(key: str, ttl: int) -> bool:
+        seen.append(key)
+        return True
+
+    adapter = adapter_at(nonce_store=store)
+    with pytest.raises(CallbackRejected):
+        await adapter.verify_callback(signed(PAID, secret="forged"))
+    assert seen == []
+    await adapter.verify_callback(signed(PAID))
+    assert len(seen) == 1 and seen[0].startswith("nonce:{irembopay}:")
+
+
+async def test_memory_nonce_store_expires() -> None:
+    clock = [0.0]
+    store = MemoryNonceStore(clock=lambda: clock[0])
+    assert await store("k", 10) is True
+    assert await store("k", 10) is False
+    clock[0] = 11.0
+    assert await store("k", 10) is True
+
+
+@pytest.mark.redis
+async def test_redis_nonce_store_refuses_replay_across_adapters() -> None:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(os.environ.get("TEST_REDIS_NONCE_URL", "redis://127.0.0.1:39279/4"))
+    try:
+        await redis.ping()
+    except Exception:  # noqa: BLE001
+        await redis.aclose()
+        pytest.skip("no Redis at db 4")
+    try:
+        await redis.flushdb()
+        callback = signed(PAID)
+        await adapter_at(nonce_store=redis_nonce_store(redis)).verify_callback(callback)
+        with pytest.raises(CallbackRejected) as err:  # another gateway process, same Redis
+            await adapter_at(nonce_store=redis_nonce_store(redis)).verify_callback(callback)
+        assert err.value.status == 409
+        keys = [k async for k in redis.scan_iter("nonce:{irembopay}:*")]
+        assert len(keys) == 1
+        assert 0 < await redis.ttl(keys[0]) <= 600
+    finally:
+        await redis.flushdb()
+        await redis.aclose()
+
+
+# --- logs ---------------------------------------------------------------------------------------
+
+async def test_logs_carry_no_secret_and_no_full_phone(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    rec = fixture("invoice.json")
+    wire = (Wire().on("POST", "/payments/invoices", 201, rec["invoice_answer"])
+            .on("POST", "/payments/transactions/initiate", 200, rec["push_answer"])
+            .on("POST", "/payments/invoices", 201, rec["invoice_answer"])
+            .on("POST", "/payments/transactions/initiate", 400, rec["push_errors"][4]["json"])
+            .on("GET", "/payments/invoices/880123456789", 200, fixture("status.json")["cases"][5]["json"]))
+    async with wire.client() as http:
+        adapter = IremboPayAdapter(http, config(), clock=lambda: NOW)
+        await adapter.request_collection(collection())
+        with pytest.raises(ProviderError) as err:
+            await adapter.request_collection(collection())
+        with pytest.raises(ProviderError):
+            await adapter.collection_status(TX, "880123456789", "RWF")
+        with pytest.raises(CallbackRejected):
+            await adapter.verify_callback(signed(PAID, secret="forged"))
+        with pytest.raises(CallbackRejected):
+            adapter.parse_callback(signed(fixture("webhooks.json")["rejected"][0]["body"]))
+    assert caplog.records
+    formatter = JsonFormatter()
+    text = "\n".join([caplog.text, *(str(r.__dict__) for r in caplog.records),
+                      *(formatter.format(r) for r in caplog.records), str(err.value)])
+    for secret in (SECRET, "250788000001", "0788000001"):
+        assert secret not in text
+
+
+# --- simulator over real HTTP --------------------------------------------------------------------
+
+class Receiver:
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict[str, str], bytes]] = []
+        self.arrived = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.calls.append((dict(request.headers), await request.read()))
+        self.arrived.set()
+        return web.json_response({"ok": True})
+
+    async def wait(self, count: int = 1, timeout: float = 5.0) -> None:
+        async def enough() -> None:
+            while len(self.calls) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        await asyncio.wait_for(enough(), timeout)
+
+    def inbound(self, index: int) -> InboundCallback:
+        headers, body = self.calls[index]
+        return InboundCallback("POST", headers, {}, body)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    rec = Receiver()
+    app = web.Application()
+    app.router.add_post("/webhooks/payments/irembopay", rec.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield rec, str(server.make_url("/webhooks/payments/irembopay"))
+    await server.close()
+
+
+async def start_sim(callback_url: str, prefix: str = "", **opts: Any) -> tuple[TestServer, web.Application, str]:
+    sim = create_simulator(SimulatorOptions(delay=0.05, callback_url=callback_url,
+                                            credentials={"secret_key": SECRET}, **opts))
+    app = sim
+    if prefix:
+        app = web.Application()
+        app.add_subapp(prefix, sim)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server, sim, str(server.make_url(prefix or "/")).rstrip("/")
+
+
+def live(base: str, http: httpx.AsyncClient) -> IremboPayAdapter:
+    return IremboPayAdapter(http, config(base))
+
+
+async def test_simulator_mobile_money_success(receiver: tuple[Receiver, str]) -> None:
+    rec, url = receiver
+    server, _sim, base = await start_sim(url)
+    try:
+        async with httpx.AsyncClient() as http:
+            adapter = live(base, http)
+            accepted = await adapter.request_collection(collection(expires_at=None))
+            await rec.wait()
+            callback = rec.inbound(0)
+            await adapter.verify_callback(callback)
+            event = adapter.parse_callback(callback)
+            assert (event.reference, event.outcome) == (TX, ProviderOutcome.SUCCEEDED)
+            assert event.amount == Money(50000, "RWF")
+            status = await adapter.collection_status(TX, accepted.provider_transaction_id, "RWF")
+            assert status.outcome is ProviderOutcome.SUCCEEDED
+            with pytest.raises(CallbackRejected):  # the same delivery again is a replay
+                await adapter.verify_callback(callback)
+            # Retrying the whole collection reuses the invoice and finds it paid.
+            with pytest.raises(ProviderError) as err:
+                await adapter.request_collection(collection(expires_at=None))
+            assert (err.value.code, err.value.retryable) == ("INVOICE_ALREADY_PAID", False)
+    finally:
+        await server.close()
+
+
+async def test_simulator_mobile_money_failure(receiver: tuple[Receiver, str]) -> None:
+    rec, url = receiver
+    server, _sim, base = await start_sim(url)
+    try:
+        async with httpx.AsyncClient() as http:
+            adapter = live(base, http)
+            accepted = await adapter.request_collection(collection(phone="+250788000002"))
+            await rec.wait()
+            await adapter.verify_callback(rec.inbound(0))
+            assert adapter.parse_callback(rec.inbound(0)).outcome is ProviderOutcome.FAILED
+            status = await adapter.collection_status(TX, accepted.provider_transaction_id, "RWF")
+            assert status.outcome is ProviderOutcome.FAILED
+    finally:
+        await server.close()
+
+
+async def test_simulator_pending(receiver: tuple[Receiver, str]) -> None:
+    rec, url = receiver
+    server, sim, base = await start_sim(url)
+    try:
+        async with httpx.AsyncClient() as http:
+            adapter = live(base, http)
+            accepted = await adapter.request_collection(collection(phone="+250788000003"))
+            await sim[STATE].idle()
+            status = await adapter.collection_status(TX, accepted.provider_transaction_id, "RWF")
+            assert status.outcome is ProviderOutcome.PENDING
+            assert rec.calls == []
+    finally:
+        await server.close()
+
+
+async def test_simulator_bank_payment_page(receiver: tuple[Receiver, str]) -> None:
+    rec, url = receiver
+    server, _sim, base = await start_sim(url, prefix="/_sim/irembopay")
+    try:
+        async with httpx.AsyncClient() as http:
+            adapter = live(base, http)
+            accepted = await adapter.request_collection(collection("BANK_BK", None))
+            assert accepted.payment_url == f"{base}/pay/{accepted.gateway_reference}"
+            page = await http.get(accepted.payment_url)
+            assert page.status_code == 200 and "Pay with BK" in page.text and "50,000 RWF" in page.text
+            paid = await http.post(accepted.payment_url, data={"bank": "BK"})
+            assert paid.status_code == 200
+            again = await http.post(accepted.payment_url, data={"bank": "BK"})
+            assert again.status_code == 409  # a double click pays nothing twice
+            await rec.wait()
+            await adapter.verify_callback(rec.inbound(0))
+            event = adapter.parse_callback(rec.inbound(0))
+            assert event.outcome is ProviderOutcome.SUCCEEDED
+            assert event.raw["paymentMethod"] == "BANK_BK"
+            assert len(rec.calls) == 1
+    finally:
+        await server.close()
+
+
+async def test_simulator_duplicate_and_out_of_order_webhooks(receiver: tuple[Receiver, str]) -> None:
+    rec, url = receiver
+    server, _sim, base = await start_sim(url, duplicate_callback=True, out_of_order=True)
+    try:
+        async with httpx.AsyncClient() as http:
+            adapter = live(base, http)
+            await adapter.request_collection(collection())
+            await rec.wait(3)
+            events = [adapter.parse_callback(rec.inbound(i)) for i in range(3)]
+            assert events[0].event_id == events[1].event_id  # the core drops the duplicate
+            assert events[2].outcome is ProviderOutcome.PENDING  # stale NEW after PAID
+            await adapter.verify_callback(rec.inbound(0))
+            await adapter.verify_callback(rec.inbound(2))
+    finally:
+        await server.close()
+
+
+async def test_simulator_checks_secret_and_validates() -> None:
+    server, _sim, base = await start_sim("")
+    try:
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(ProviderError) as err:
+                await IremboPayAdapter(http, config(base, secret="wrong")).request_collection(collection())
+            assert (err.value.code, err.value.retryable) == ("UNAUTHORIZED", False)
+            headers = {"irembopay-secretKey": SECRET, "X-API-Version": "2"}
+            resp = await http.post(f"{base}/payments/invoices", headers=headers,
+                                   json={**fixture("invoice.json")["mobile_invoice_request"],
+                                         "customer": {"phoneNumber": "+250788000001"}})
+            assert resp.status_code == 400
+            assert resp.json()["errors"][0]["code"] == "BAD_PHONE_NUMBER"
+            resp = await http.post(f"{base}/payments/transactions/initiate", headers=headers,
+                                   json={**fixture("invoice.json")["push_request"], "invoiceNumber": "nope"})
+            assert resp.status_code == 404
+            assert resp.json()["errors"][0]["code"] == "INVOICE_NOT_FOUND"
+            resp = await http.get(f"{base}/payments/invoices/nope", headers={**headers, "X-API-Version": "1"})
+            assert resp.status_code == 400
+    finally:
+        await server.close()
+
+
+async def test_simulator_outage_and_hang() -> None:
+    server, sim, base = await start_sim("", fail_request_500=True)
+    try:
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(ProviderError) as err:
+                await live(base, http).request_collection(collection())
+            assert err.value.retryable is True
+            sim[STATE].options.fail_request_500 = False
+            sim[STATE].options.hang_request = 2.0
+        async with httpx.AsyncClient(timeout=httpx.Timeout(0.3)) as http:
+            with pytest.raises(ProviderTimeout):
+                await live(base, http).request_collection(collection())
+    finally:
+        await server.close()
