@@ -76,7 +76,8 @@ async def create_api_key(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     _people_only(ctx)
     coop_id = ctx.who.target_cooperative(ctx.body.get("cooperativeId"))
     key, clear = await auth.create_api_key(ctx.session, cooperative_id=coop_id, name=ctx.body["name"],
-                                           scopes=ctx.body["scopes"], actor=ctx.who.actor)
+                                           scopes=ctx.body["scopes"], actor=ctx.who.actor,
+                                           created_by=ctx.who.id)
     await ctx.session.commit()
     response = json_response({**present_key(key), "key": clear}, status=201)
     response.headers["Cache-Control"] = "no-store"

@@ -203,14 +203,14 @@ async def create_user(session: AsyncSession, *, username: str, password: str, ro
 # --- API keys ---------------------------------------------------------------------------------------
 
 async def create_api_key(session: AsyncSession, *, cooperative_id: str, name: str, scopes: list[str],
-                         actor: Actor) -> tuple[ApiKey, str]:
+                         actor: Actor, created_by: str | None = None) -> tuple[ApiKey, str]:
     """Returns the row and the clear key; the clear key is never stored and never shown again."""
     bad = sorted(set(scopes) - set(SCOPES))
     if bad or not scopes:
         raise ValidationError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}", field="scopes")
     clear = new_api_key()
     key = ApiKey(cooperative_id=cooperative_id, name=name.strip(), prefix=clear[:12],
-                 key_hash=hash_api_key(clear), scopes=sorted(set(scopes)), created_by=actor.id)
+                 key_hash=hash_api_key(clear), scopes=sorted(set(scopes)), created_by=created_by)
     session.add(key)
     await session.flush()
     await record(session, actor=actor, action="api_key.created", entity_type="api_key", entity_id=key.id,

@@ -1,4 +1,4 @@
-"""Signed webhooks to cooperatives' systems: endpoints, approved domains, fan-out, delivery, retries, disabling.
+"""Signed webhooks to cooperatives' systems: endpoints, domains, fan-out, delivery, retries, disabling.
 
 Every delivery is signed Stripe-style: header `X-Gateway-Signature: t=<unix seconds>,v1=<hex>` where
 `<hex> = HMAC-SHA256(endpoint secret, f"{t}.{raw body}")`. The event id (`X-Gateway-Event-Id` and the
@@ -37,8 +37,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.webhooks")
 
-EVENTS = ("payment.completed", "payment.failed", "payment.timeout", "refund.completed", "refund.failed",
-          "dispute.opened", "dispute.updated")
+EVENTS = (
+    "payment.completed",
+    "payment.failed",
+    "payment.timeout",
+    "refund.completed",
+    "refund.failed",
+    "dispute.opened",
+    "dispute.updated",
+)
 SIGNATURE_HEADER = "X-Gateway-Signature"
 EVENT_ID_HEADER = "X-Gateway-Event-Id"
 EVENT_HEADER = "X-Gateway-Event"
@@ -51,18 +58,22 @@ MAX_RETRY_SECONDS = 6 * 3600.0
 DISABLE_AFTER = 20
 MAX_ENDPOINTS_PER_COOPERATIVE = 10
 MAX_EVENT_ID = 64  # WebhookDelivery.event_id column width
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
 
 
 # ---------------------------------------------------------------------------------------------- signing
+
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
     digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
     return f"t={timestamp},v1={digest}"
 
 
-def verify_signature(secret: str, header: str, body: bytes, tolerance: int = TOLERANCE_SECONDS,
-                     *, now: float | None = None) -> bool:
+def verify_signature(
+    secret: str, header: str, body: bytes, tolerance: int = TOLERANCE_SECONDS, *, now: float | None = None
+) -> bool:
     """Receiver side: True when `header` signs `body` with `secret` and its timestamp is recent.
 
     Accepts several `v1=` values (sent while a secret is being rotated); compares in constant time.
@@ -86,6 +97,7 @@ def verify_signature(secret: str, header: str, body: bytes, tolerance: int = TOL
 
 # ------------------------------------------------------------------------------------ domains, endpoints
 
+
 def normalize_domain(domain: str, *, embedded: bool = False) -> str:
     """Lower-case host name; IP literals and localhost only in the embedded default (no SSRF into a LAN)."""
     host = (domain or "").strip().lower().rstrip(".")
@@ -100,8 +112,9 @@ def normalize_domain(domain: str, *, embedded: bool = False) -> str:
         is_ip = False
     if is_ip or host == "localhost":
         if not embedded:
-            raise ValidationError("webhook domains must be public host names, not IP addresses or localhost",
-                                  field="domain")
+            raise ValidationError(
+                "webhook domains must be public host names, not IP addresses or localhost", field="domain"
+            )
         return host
     if not _HOSTNAME.match(host) or "." not in host:
         raise ValidationError(f"{host!r} is not a valid domain name", field="domain")
@@ -116,12 +129,18 @@ def endpoint_secret(cipher: PiiCipher, endpoint: WebhookEndpoint) -> str:
     return cipher.decrypt(endpoint.secret_enc, context=_endpoint_secret_context(endpoint.cooperative_id))
 
 
-async def request_domain(session: AsyncSession, *, cooperative_id: str, domain: str, actor: Actor,
-                         embedded: bool = False) -> ApprovedDomain:
+async def request_domain(
+    session: AsyncSession, *, cooperative_id: str, domain: str, actor: Actor, embedded: bool = False
+) -> ApprovedDomain:
     """A cooperative asks for a domain; a super admin decides. Asking again returns the same request."""
     host = normalize_domain(domain, embedded=embedded)
-    existing = (await session.execute(select(ApprovedDomain).where(
-        ApprovedDomain.cooperative_id == cooperative_id, ApprovedDomain.domain == host))).scalar_one_or_none()
+    existing = (
+        await session.execute(
+            select(ApprovedDomain).where(
+                ApprovedDomain.cooperative_id == cooperative_id, ApprovedDomain.domain == host
+            )
+        )
+    ).scalar_one_or_none()
     if existing is not None:
         if existing.status == "REJECTED":
             existing.status, existing.decided_by, existing.decided_at = "PENDING", None, None
@@ -130,13 +149,21 @@ async def request_domain(session: AsyncSession, *, cooperative_id: str, domain: 
     row = ApprovedDomain(cooperative_id=cooperative_id, domain=host, status="PENDING")
     session.add(row)
     await session.flush()
-    await record(session, actor=actor, action="webhook_domain.requested", entity_type="approved_domain",
-                 entity_id=row.id, after={"domain": host, "status": "PENDING"}, cooperative_id=cooperative_id)
+    await record(
+        session,
+        actor=actor,
+        action="webhook_domain.requested",
+        entity_type="approved_domain",
+        entity_id=row.id,
+        after={"domain": host, "status": "PENDING"},
+        cooperative_id=cooperative_id,
+    )
     return row
 
 
-async def approve_domain(session: AsyncSession, *, domain_id: str, actor: Actor, is_super_admin: bool,
-                         approve: bool = True) -> ApprovedDomain:
+async def approve_domain(
+    session: AsyncSession, *, domain_id: str, actor: Actor, is_super_admin: bool, approve: bool = True
+) -> ApprovedDomain:
     """Only a super admin approves or rejects a cooperative's webhook domain."""
     if not is_super_admin:
         raise Forbidden("only a super admin can approve webhook domains")
@@ -148,15 +175,24 @@ async def approve_domain(session: AsyncSession, *, domain_id: str, actor: Actor,
     row.decided_by = actor.id
     row.decided_at = utcnow()
     await session.flush()
-    await record(session, actor=actor, action=f"webhook_domain.{row.status.lower()}",
-                 entity_type="approved_domain", entity_id=row.id, before={"status": before},
-                 after={"status": row.status, "domain": row.domain}, cooperative_id=row.cooperative_id)
+    await record(
+        session,
+        actor=actor,
+        action=f"webhook_domain.{row.status.lower()}",
+        entity_type="approved_domain",
+        entity_id=row.id,
+        before={"status": before},
+        after={"status": row.status, "domain": row.domain},
+        cooperative_id=row.cooperative_id,
+    )
     return row
 
 
 def check_events(events: Any) -> list[str]:
     if not isinstance(events, list | tuple) or not events or not all(isinstance(e, str) for e in events):
-        raise ValidationError(f"events must be a non-empty list drawn from {', '.join(EVENTS)}", field="events")
+        raise ValidationError(
+            f"events must be a non-empty list drawn from {', '.join(EVENTS)}", field="events"
+        )
     unknown = sorted(set(events) - set(EVENTS))
     if unknown:
         raise ValidationError(f"unknown events {unknown}; allowed: {', '.join(EVENTS)}", field="events")
@@ -179,46 +215,89 @@ def check_url(url: str, *, embedded: bool = False) -> tuple[str, str]:
     return url.strip(), host
 
 
-async def register_endpoint(session: AsyncSession, cipher: PiiCipher, *, cooperative_id: str, url: str,
-                            events: list[str], actor: Actor, embedded: bool = False
-                            ) -> tuple[WebhookEndpoint, str]:
+async def register_endpoint(
+    session: AsyncSession,
+    cipher: PiiCipher,
+    *,
+    cooperative_id: str,
+    url: str,
+    events: list[str],
+    actor: Actor,
+    embedded: bool = False,
+) -> tuple[WebhookEndpoint, str]:
     """Create an endpoint on an approved domain; the signing secret is returned once and stored encrypted."""
     url, host = check_url(url, embedded=embedded)
     chosen = check_events(events)
-    approved = (await session.execute(select(ApprovedDomain.status).where(
-        ApprovedDomain.cooperative_id == cooperative_id, ApprovedDomain.domain == host))).scalar_one_or_none()
+    approved = (
+        await session.execute(
+            select(ApprovedDomain.status).where(
+                ApprovedDomain.cooperative_id == cooperative_id, ApprovedDomain.domain == host
+            )
+        )
+    ).scalar_one_or_none()
     if approved != "APPROVED":
         state = "pending approval" if approved == "PENDING" else "not approved"
         raise Forbidden(f"domain {host} is {state}: request it and have a super admin approve it first")
-    count = len((await session.execute(select(WebhookEndpoint.id).where(
-        WebhookEndpoint.cooperative_id == cooperative_id))).all())
+    count = len(
+        (
+            await session.execute(
+                select(WebhookEndpoint.id).where(WebhookEndpoint.cooperative_id == cooperative_id)
+            )
+        ).all()
+    )
     if count >= MAX_ENDPOINTS_PER_COOPERATIVE:
         raise Conflict(f"a cooperative may have at most {MAX_ENDPOINTS_PER_COOPERATIVE} webhook endpoints")
     secret = "whsec_" + secrets.token_urlsafe(32)
-    endpoint = WebhookEndpoint(cooperative_id=cooperative_id, url=url, events=chosen, status="ACTIVE",
-                               consecutive_failures=0,
-                               secret_enc=cipher.encrypt(secret, context=_endpoint_secret_context(cooperative_id)))
+    endpoint = WebhookEndpoint(
+        cooperative_id=cooperative_id,
+        url=url,
+        events=chosen,
+        status="ACTIVE",
+        consecutive_failures=0,
+        secret_enc=cipher.encrypt(secret, context=_endpoint_secret_context(cooperative_id)),
+    )
     session.add(endpoint)
     await session.flush()
-    await record(session, actor=actor, action="webhook_endpoint.created", entity_type="webhook_endpoint",
-                 entity_id=endpoint.id, after={"url": url, "events": chosen}, cooperative_id=cooperative_id)
+    await record(
+        session,
+        actor=actor,
+        action="webhook_endpoint.created",
+        entity_type="webhook_endpoint",
+        entity_id=endpoint.id,
+        after={"url": url, "events": chosen},
+        cooperative_id=cooperative_id,
+    )
     return endpoint, secret
 
 
-async def enable_endpoint(session: AsyncSession, *, endpoint_id: str, cooperative_id: str,
-                          actor: Actor) -> WebhookEndpoint:
-    endpoint = (await session.execute(select(WebhookEndpoint).where(
-        WebhookEndpoint.id == endpoint_id, WebhookEndpoint.cooperative_id == cooperative_id))).scalar_one_or_none()
+async def enable_endpoint(
+    session: AsyncSession, *, endpoint_id: str, cooperative_id: str, actor: Actor
+) -> WebhookEndpoint:
+    endpoint = (
+        await session.execute(
+            select(WebhookEndpoint).where(
+                WebhookEndpoint.id == endpoint_id, WebhookEndpoint.cooperative_id == cooperative_id
+            )
+        )
+    ).scalar_one_or_none()
     if endpoint is None:
         raise NotFound("webhook endpoint not found")
     endpoint.status, endpoint.consecutive_failures, endpoint.disabled_at = "ACTIVE", 0, None
     await session.flush()
-    await record(session, actor=actor, action="webhook_endpoint.enabled", entity_type="webhook_endpoint",
-                 entity_id=endpoint.id, after={"status": "ACTIVE"}, cooperative_id=cooperative_id)
+    await record(
+        session,
+        actor=actor,
+        action="webhook_endpoint.enabled",
+        entity_type="webhook_endpoint",
+        entity_id=endpoint.id,
+        after={"status": "ACTIVE"},
+        cooperative_id=cooperative_id,
+    )
     return endpoint
 
 
 # ------------------------------------------------------------------------------------ fan-out, delivery
+
 
 def stored_event_id(event_id: str) -> str:
     """Event ids longer than the column are replaced by a stable digest, the same on every run."""
@@ -227,10 +306,16 @@ def stored_event_id(event_id: str) -> str:
     return "evt_" + hashlib.sha256(event_id.encode()).hexdigest()[:48]
 
 
-def envelope(event_id: str, event_type: str, cooperative_id: str, data: dict[str, Any],
-             created: str) -> dict[str, Any]:
-    return {"id": event_id, "type": event_type, "created": created, "cooperativeId": cooperative_id,
-            "data": data}
+def envelope(
+    event_id: str, event_type: str, cooperative_id: str, data: dict[str, Any], created: str
+) -> dict[str, Any]:
+    return {
+        "id": event_id,
+        "type": event_type,
+        "created": created,
+        "cooperativeId": cooperative_id,
+        "data": data,
+    }
 
 
 def body_bytes(payload: dict[str, Any]) -> bytes:
@@ -249,26 +334,60 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
     body = envelope(event_id, event_type, cooperative_id, payload.get("data") or {}, created)
     made = 0
     async with rt.sessionmaker.begin() as session:
-        endpoints = (await session.execute(select(WebhookEndpoint).where(
-            WebhookEndpoint.cooperative_id == cooperative_id, WebhookEndpoint.status == "ACTIVE"))).scalars().all()
-        approved = set((await session.execute(select(ApprovedDomain.domain).where(
-            ApprovedDomain.cooperative_id == cooperative_id, ApprovedDomain.status == "APPROVED"))).scalars())
+        endpoints = (
+            (
+                await session.execute(
+                    select(WebhookEndpoint).where(
+                        WebhookEndpoint.cooperative_id == cooperative_id, WebhookEndpoint.status == "ACTIVE"
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+        approved = set(
+            (
+                await session.execute(
+                    select(ApprovedDomain.domain).where(
+                        ApprovedDomain.cooperative_id == cooperative_id, ApprovedDomain.status == "APPROVED"
+                    )
+                )
+            ).scalars()
+        )
         for endpoint in endpoints:
             if event_type not in (endpoint.events or []):
                 continue
             if (urlparse(endpoint.url).hostname or "").lower() not in approved:
-                log.warning("webhook endpoint skipped: domain no longer approved",
-                            extra={"endpoint_id": endpoint.id, "event_id": event_id})
+                log.warning(
+                    "webhook endpoint skipped: domain no longer approved",
+                    extra={"endpoint_id": endpoint.id, "event_id": event_id},
+                )
                 continue
             now = utcnow()
-            stmt = insert_ignore(session.bind.dialect.name, WebhookDelivery).values(
-                id=new_id(), cooperative_id=cooperative_id, endpoint_id=endpoint.id, event_id=event_id,
-                event_type=event_type, payload=body, status="PENDING", attempts=[], created_at=now,
-                updated_at=now,
-            ).on_conflict_do_nothing(index_elements=["endpoint_id", "event_id"])
+            stmt = (
+                insert_ignore(session.bind.dialect.name, WebhookDelivery)
+                .values(
+                    id=new_id(),
+                    cooperative_id=cooperative_id,
+                    endpoint_id=endpoint.id,
+                    event_id=event_id,
+                    event_type=event_type,
+                    payload=body,
+                    status="PENDING",
+                    attempts=[],
+                    created_at=now,
+                    updated_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["endpoint_id", "event_id"])
+            )
             await session.execute(stmt)
-            await enqueue(session, "webhook.deliver", {"endpoint_id": endpoint.id, "event_id": event_id},
-                          dedupe_key=f"whd:{endpoint.id}:{event_id}", cooperative_id=cooperative_id)
+            await enqueue(
+                session,
+                "webhook.deliver",
+                {"endpoint_id": endpoint.id, "event_id": event_id},
+                dedupe_key=f"whd:{endpoint.id}:{event_id}",
+                cooperative_id=cooperative_id,
+            )
             made += 1
     return made
 
@@ -287,16 +406,30 @@ async def deliver(rt: Runtime, job: Job) -> str:
     """
     endpoint_id, event_id = job.payload.get("endpoint_id"), job.payload.get("event_id")
     async with rt.sessionmaker() as session:
-        delivery = (await session.execute(select(WebhookDelivery).where(
-            WebhookDelivery.endpoint_id == endpoint_id, WebhookDelivery.event_id == event_id))).scalar_one_or_none()
+        delivery = (
+            await session.execute(
+                select(WebhookDelivery).where(
+                    WebhookDelivery.endpoint_id == endpoint_id, WebhookDelivery.event_id == event_id
+                )
+            )
+        ).scalar_one_or_none()
         endpoint = await session.get(WebhookEndpoint, endpoint_id) if endpoint_id else None
     if delivery is None or endpoint is None:
         raise PermanentJobError(f"webhook delivery {endpoint_id}/{event_id} not found")
     if delivery.status != "PENDING":
         return delivery.status.lower()  # already delivered or given up
     if endpoint.status != "ACTIVE":
-        await _finish(rt, delivery.id, status="FAILED", attempt={"at": utcnow().isoformat(), "status_code": None,
-                                                                  "latency_ms": 0, "error": "endpoint disabled"})
+        await _finish(
+            rt,
+            delivery.id,
+            status="FAILED",
+            attempt={
+                "at": utcnow().isoformat(),
+                "status_code": None,
+                "latency_ms": 0,
+                "error": "endpoint disabled",
+            },
+        )
         return "endpoint_disabled"
 
     body = body_bytes(delivery.payload)
@@ -313,37 +446,68 @@ async def deliver(rt: Runtime, job: Job) -> str:
     status_code: int | None = None
     error: str | None = None
     try:
-        response = await rt.http.post(endpoint.url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT,
-                                      follow_redirects=False)
+        response = await rt.http.post(
+            endpoint.url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT, follow_redirects=False
+        )
         status_code = response.status_code
         if not 200 <= status_code < 300:
             error = f"HTTP {status_code}"
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"[:300] or type(exc).__name__
     latency_ms = int((time.perf_counter() - started) * 1000)
-    attempt = {"at": utcnow().isoformat(), "status_code": status_code, "latency_ms": latency_ms, "error": error}
+    attempt = {
+        "at": utcnow().isoformat(),
+        "status_code": status_code,
+        "latency_ms": latency_ms,
+        "error": error,
+    }
 
     if error is None:
-        await _finish(rt, delivery.id, status="DELIVERED", attempt=attempt, endpoint_id=endpoint.id, success=True)
+        await _finish(
+            rt, delivery.id, status="DELIVERED", attempt=attempt, endpoint_id=endpoint.id, success=True
+        )
         return "delivered"
 
-    log.warning("webhook delivery failed", extra={"endpoint_id": endpoint.id, "event_id": delivery.event_id,
-                                                  "status_code": status_code, "error": error})
+    log.warning(
+        "webhook delivery failed",
+        extra={
+            "endpoint_id": endpoint.id,
+            "event_id": delivery.event_id,
+            "status_code": status_code,
+            "error": error,
+        },
+    )
     failed_attempts = sum(1 for a in (delivery.attempts or []) if a.get("error")) + 1
     delay = retry_delay(failed_attempts)
     give_up = utcnow() + timedelta(seconds=delay) > delivery.created_at + RETRY_FOR
-    await _finish(rt, delivery.id, status="FAILED" if give_up else "PENDING", attempt=attempt,
-                  endpoint_id=endpoint.id, success=False)
+    await _finish(
+        rt,
+        delivery.id,
+        status="FAILED" if give_up else "PENDING",
+        attempt=attempt,
+        endpoint_id=endpoint.id,
+        success=False,
+    )
     if give_up:
         raise PermanentJobError(f"webhook {delivery.event_id} not delivered within {RETRY_FOR.days} days")
     raise RetryLater(delay, f"webhook attempt {failed_attempts} failed: {error}")
 
 
-async def _finish(rt: Runtime, delivery_id: str, *, status: str, attempt: dict[str, Any],
-                  endpoint_id: str | None = None, success: bool | None = None) -> None:
+async def _finish(
+    rt: Runtime,
+    delivery_id: str,
+    *,
+    status: str,
+    attempt: dict[str, Any],
+    endpoint_id: str | None = None,
+    success: bool | None = None,
+) -> None:
     async with rt.sessionmaker.begin() as session:
-        delivery = (await session.execute(select(WebhookDelivery).where(WebhookDelivery.id == delivery_id)
-                                          .with_for_update())).scalar_one()
+        delivery = (
+            await session.execute(
+                select(WebhookDelivery).where(WebhookDelivery.id == delivery_id).with_for_update()
+            )
+        ).scalar_one()
         delivery.attempts = [*(delivery.attempts or []), attempt]
         if delivery.status == "PENDING":
             delivery.status = status
@@ -352,34 +516,52 @@ async def _finish(rt: Runtime, delivery_id: str, *, status: str, attempt: dict[s
         if endpoint_id is None or success is None:
             return
         if success:
-            await session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id)
-                                  .values(consecutive_failures=0, updated_at=utcnow()))
+            await session.execute(
+                update(WebhookEndpoint)
+                .where(WebhookEndpoint.id == endpoint_id)
+                .values(consecutive_failures=0, updated_at=utcnow())
+            )
             return
-        failures = (await session.execute(
-            update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id)
-            .values(consecutive_failures=WebhookEndpoint.consecutive_failures + 1, updated_at=utcnow())
-            .returning(WebhookEndpoint.consecutive_failures))).scalar_one()
+        failures = (
+            await session.execute(
+                update(WebhookEndpoint)
+                .where(WebhookEndpoint.id == endpoint_id)
+                .values(consecutive_failures=WebhookEndpoint.consecutive_failures + 1, updated_at=utcnow())
+                .returning(WebhookEndpoint.consecutive_failures)
+            )
+        ).scalar_one()
         if failures >= DISABLE_AFTER:
             await _disable(rt, session, endpoint_id, failures)
 
 
 async def _disable(rt: Runtime, session: AsyncSession, endpoint_id: str, failures: int) -> None:
     now = utcnow()
-    row = (await session.execute(
-        update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.status == "ACTIVE")
-        .values(status="DISABLED", disabled_at=now, updated_at=now)
-        .returning(WebhookEndpoint.cooperative_id))).scalar_one_or_none()
+    row = (
+        await session.execute(
+            update(WebhookEndpoint)
+            .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.status == "ACTIVE")
+            .values(status="DISABLED", disabled_at=now, updated_at=now)
+            .returning(WebhookEndpoint.cooperative_id)
+        )
+    ).scalar_one_or_none()
     if row is None:
         return  # another worker disabled it first
     cooperative_id = row
-    await record(session, actor=Actor("system", "worker"), action="webhook_endpoint.disabled",
-                 entity_type="webhook_endpoint", entity_id=endpoint_id,
-                 after={"status": "DISABLED", "consecutive_failures": failures}, cooperative_id=cooperative_id)
+    await record(
+        session,
+        actor=Actor("system", "worker"),
+        action="webhook_endpoint.disabled",
+        entity_type="webhook_endpoint",
+        entity_id=endpoint_id,
+        after={"status": "DISABLED", "consecutive_failures": failures},
+        cooperative_id=cooperative_id,
+    )
     log.warning("webhook endpoint disabled", extra={"endpoint_id": endpoint_id, "failures": failures})
     coop = await session.get(Cooperative, cooperative_id)
     if coop is None or not coop.contact_phone:
-        log.warning("cooperative has no contact phone; endpoint disabled silently",
-                    extra={"endpoint_id": endpoint_id})
+        log.warning(
+            "cooperative has no contact phone; endpoint disabled silently", extra={"endpoint_id": endpoint_id}
+        )
         return
     from core.notify import send_sms
     from core.phone import PhoneError, normalize
@@ -389,9 +571,15 @@ async def _disable(rt: Runtime, session: AsyncSession, endpoint_id: str, failure
     except PhoneError:
         log.warning("cooperative contact phone is invalid", extra={"cooperative_id": cooperative_id})
         return
-    await send_sms(session, template="webhook_disabled", cooperative_id=cooperative_id,
-                   context={"endpoint_id": endpoint_id, "failures": failures}, cipher=rt.cipher, phone=phone,
-                   dedupe=f"webhook_disabled:{endpoint_id}:{_stamp(now)}")
+    await send_sms(
+        session,
+        template="webhook_disabled",
+        cooperative_id=cooperative_id,
+        context={"endpoint_id": endpoint_id, "failures": failures},
+        cipher=rt.cipher,
+        phone=phone,
+        dedupe=f"webhook_disabled:{endpoint_id}:{_stamp(now)}",
+    )
 
 
 def _stamp(moment: datetime) -> str:

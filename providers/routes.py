@@ -54,8 +54,6 @@ async def _read_body(request: web.Request) -> bytes | None:
 
 
 async def provider_callback(request: web.Request) -> web.Response:
-    from core.payments import handle_provider_event
-
     rt = request.config_dict[RUNTIME]
     name = request.match_info["provider"]
     adapter = rt.providers.get(name)
@@ -79,6 +77,8 @@ async def provider_callback(request: web.Request) -> web.Response:
         return _refuse(request, name, exc.status, str(exc))
     except ValueError as exc:  # an adapter's unknown-status or malformed-field error
         return _refuse(request, name, 400, str(exc))
+
+    from core.payments import handle_provider_event  # core imports providers' callers, not the reverse
 
     outcome = await handle_provider_event(rt, event)
     log.info("provider callback handled", extra={"provider": name, "event_id": event.event_id,

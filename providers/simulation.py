@@ -291,12 +291,21 @@ class SimulatorState:
     # faults -----------------------------------------------------------------
     async def faults(self) -> web.Response | None:
         """Apply hang / 500 to a collection or refund request; a response means answer with it."""
+        await self.hang()
+        return self.fail_now()
+
+    def fail_now(self) -> web.Response | None:
+        """Count a collection or refund request; answer 500 (storing nothing) when told to fail."""
         self.requests += 1
-        if self.options.hang_request:
-            await asyncio.sleep(self.options.hang_request)
         if self.options.fail_request_500:
             return web.json_response({"message": "simulated internal error"}, status=500)
         return None
+
+    async def hang(self) -> None:
+        """Delay the answer. Called after the request is stored: the provider has it, we just never
+        hear back in time (the case where the gateway must ask the status rather than resend)."""
+        if self.options.hang_request:
+            await asyncio.sleep(self.options.hang_request)
 
     # the payer --------------------------------------------------------------
     async def payer_decides(self, reference: str, msisdn: str, amount: str, currency: str,

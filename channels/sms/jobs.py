@@ -59,11 +59,14 @@ class SmsJobs:
 
     async def send(self, job: Job) -> None:
         rt = self.rt
+        if rt.sms is None:
+            raise PermanentJobError("no SMS sender configured")
         payload = job.payload
         key = message_key(payload)
         async with rt.sessionmaker() as session:
-            existing = (await session.execute(select(SmsMessage).where(SmsMessage.idempotency_key == key))
-                        ).scalar_one_or_none()
+            existing = (
+                await session.execute(select(SmsMessage).where(SmsMessage.idempotency_key == key))
+            ).scalar_one_or_none()
             if existing is not None and existing.status != SmsStatus.QUEUED.value:
                 return  # sent (or refused) already: a duplicate job or a re-run after a crash
             if payload.get("template") in OPTIONAL_TEMPLATES and payload.get("member_id"):
@@ -77,58 +80,100 @@ class SmsJobs:
         message = existing
         phone = _phone(rt, message)
         try:
-            result = await rt.sms.send(phone, message.body) if rt.sms else None
+            result = await rt.sms.send(phone, message.body)
         except SmsTemporaryError as exc:
             if job.attempts >= job.max_attempts:
-                await self._move(message.id, SmsStatus.FAILED, failure_reason=str(exc)[:64],
-                                 provider_status="RetriesExhausted")
+                await self._move(
+                    message.id,
+                    SmsStatus.FAILED,
+                    failure_reason=str(exc)[:64],
+                    provider_status="RetriesExhausted",
+                )
             raise
-        if result is None:
-            raise PermanentJobError("no SMS sender configured")
         if result.accepted:
-            await self._move(message.id, SmsStatus.SENT, provider_message_id=result.provider_message_id,
-                             provider_status=result.provider_status, cost=result.cost, sent_at=utcnow())
+            await self._move(
+                message.id,
+                SmsStatus.SENT,
+                provider_message_id=result.provider_message_id,
+                provider_status=result.provider_status,
+                cost=result.cost,
+                sent_at=utcnow(),
+            )
             return
         if not result.permanent:
             if job.attempts >= job.max_attempts:
-                await self._move(message.id, SmsStatus.FAILED, failure_reason=result.failure_reason,
-                                 provider_status=result.provider_status)
+                await self._move(
+                    message.id,
+                    SmsStatus.FAILED,
+                    failure_reason=result.failure_reason,
+                    provider_status=result.provider_status,
+                )
             raise SmsTemporaryError(f"SMS not accepted: {result.provider_status}")
         # A permanent refusal is an outcome, not a job failure: record it and finish the job.
         target = SmsStatus.FAILED if result.provider_status == "InsufficientBalance" else SmsStatus.REJECTED
-        log.warning("SMS refused by the aggregator",
-                    extra={"sms_id": message.id, "status": result.provider_status, "to": message.phone_masked})
-        await self._move(message.id, target, provider_status=result.provider_status,
-                         failure_reason=(result.failure_reason or result.provider_status)[:64])
+        log.warning(
+            "SMS refused by the aggregator",
+            extra={"sms_id": message.id, "status": result.provider_status, "to": message.phone_masked},
+        )
+        await self._move(
+            message.id,
+            target,
+            provider_status=result.provider_status,
+            failure_reason=(result.failure_reason or result.provider_status)[:64],
+        )
 
     async def _create(self, payload: dict[str, Any], key: str) -> SmsMessage:
         rt = self.rt
         async with rt.sessionmaker.begin() as session:
             try:
                 phone, language, body = await build_message(
-                    session, rt.cipher, payload, service_code=rt.settings.ussd_service_code)
+                    session, rt.cipher, payload, service_code=rt.settings.ussd_service_code
+                )
             except TemplateError as exc:
                 raise PermanentJobError(f"cannot build SMS: {exc}") from exc
             size = measure(body)
             now = utcnow()
-            stmt = insert_ignore(session.bind.dialect.name, SmsMessage).values(
-                id=new_id(), cooperative_id=payload.get("cooperative_id"), member_id=payload.get("member_id"),
-                phone_enc=rt.cipher.encrypt(phone.e164, context="sms"),
-                phone_index=rt.cipher.blind_index(phone.e164), phone_masked=phone.masked(),
-                template=payload["template"], language=language, body=body, encoding=size.encoding,
-                length=size.length, segments=size.segments, status=SmsStatus.QUEUED.value,
-                idempotency_key=key, created_at=now, updated_at=now,
-            ).on_conflict_do_nothing(index_elements=["idempotency_key"])
+            stmt = (
+                insert_ignore(session.bind.dialect.name, SmsMessage)
+                .values(
+                    id=new_id(),
+                    cooperative_id=payload.get("cooperative_id"),
+                    member_id=payload.get("member_id"),
+                    phone_enc=rt.cipher.encrypt(phone.e164, context="sms"),
+                    phone_index=rt.cipher.blind_index(phone.e164),
+                    phone_masked=phone.masked(),
+                    template=payload["template"],
+                    language=language,
+                    body=body,
+                    encoding=size.encoding,
+                    length=size.length,
+                    segments=size.segments,
+                    status=SmsStatus.QUEUED.value,
+                    idempotency_key=key,
+                    created_at=now,
+                    updated_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["idempotency_key"])
+            )
             await session.execute(stmt)
-            row = (await session.execute(select(SmsMessage).where(SmsMessage.idempotency_key == key))).scalar_one()
+            row = (
+                await session.execute(select(SmsMessage).where(SmsMessage.idempotency_key == key))
+            ).scalar_one()
         metrics.SMS.labels(status="QUEUED").inc()
         return row
 
     async def _move(self, message_id: str, target: SmsStatus, **values: Any) -> None:
         async with self.rt.sessionmaker.begin() as session:
             try:
-                await transition(session, SMS, message_id, SmsStatus.QUEUED, target, actor=WORKER,
-                                 values={k: v for k, v in values.items() if v is not None})
+                await transition(
+                    session,
+                    SMS,
+                    message_id,
+                    SmsStatus.QUEUED,
+                    target,
+                    actor=WORKER,
+                    values={k: v for k, v in values.items() if v is not None},
+                )
             except StaleTransition:
                 log.info("SMS already moved on", extra={"sms_id": message_id, "target": target.value})
                 return

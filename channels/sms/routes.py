@@ -58,6 +58,7 @@ def _field(form: Any, name: str, limit: int = 200) -> str:
 
 # --------------------------------------------------------------------------------------- delivery reports
 
+
 async def delivery_report(request: web.Request) -> web.Response:
     rt = request.config_dict[RUNTIME]
     _check_secret(request, rt)
@@ -68,18 +69,22 @@ async def delivery_report(request: web.Request) -> web.Response:
     target = DELIVERY_STATUS.get(status)
     if target is None:
         log.error("unknown SMS delivery status", extra={"status": status})
-        raise web.HTTPBadRequest(text=f"unknown status {status!r}; expected one of {', '.join(DELIVERY_STATUS)}")
+        raise web.HTTPBadRequest(
+            text=f"unknown status {status!r}; expected one of {', '.join(DELIVERY_STATUS)}"
+        )
     reason = _field(form, "failureReason", 64) or None
     outcome = await apply_delivery_report(rt, message_id, target, status, reason)
     return web.Response(text=outcome)
 
 
-async def apply_delivery_report(rt: Runtime, message_id: str, target: SmsStatus, provider_status: str,
-                                reason: str | None) -> str:
+async def apply_delivery_report(
+    rt: Runtime, message_id: str, target: SmsStatus, provider_status: str, reason: str | None
+) -> str:
     """Idempotent: a repeated or late report leaves a final status alone. Returns what happened."""
     async with rt.sessionmaker.begin() as session:
-        message = (await session.execute(select(SmsMessage).where(SmsMessage.provider_message_id == message_id))
-                   ).scalar_one_or_none()
+        message = (
+            await session.execute(select(SmsMessage).where(SmsMessage.provider_message_id == message_id))
+        ).scalar_one_or_none()
         if message is None:
             log.warning("delivery report for an unknown message", extra={"provider_message_id": message_id})
             return "unknown"
@@ -90,8 +95,10 @@ async def apply_delivery_report(rt: Runtime, message_id: str, target: SmsStatus,
                 return "progress"
             return "duplicate"
         if not SMS.allowed(current, target):
-            log.info("late delivery report ignored",
-                     extra={"sms_id": message.id, "status": current.value, "report": provider_status})
+            log.info(
+                "late delivery report ignored",
+                extra={"sms_id": message.id, "status": current.value, "report": provider_status},
+            )
             return "ignored"
         values: dict[str, Any] = {"provider_status": provider_status}
         if target == SmsStatus.DELIVERED:
@@ -107,6 +114,7 @@ async def apply_delivery_report(rt: Runtime, message_id: str, target: SmsStatus,
 
 
 # --------------------------------------------------------------------------------------- inbound keywords
+
 
 def parse_keyword(text: str) -> tuple[str | None, str | None, str | None]:
     """'risiti pay_20251016_001' -> ('RECEIPT', 'sw', 'PAY_20251016_001'). Unknown -> (None, None, None)."""
@@ -146,38 +154,64 @@ async def inbound(request: web.Request) -> web.Response:
     except PhoneError:
         log.warning("inbound SMS from an unusable number")
         raise web.HTTPBadRequest(text="from is not a valid mobile number") from None
-    inbound_id = _field(form, "id", 128) or hashlib.sha256(
-        f"{sender}|{_field(form, 'date')}|{text}".encode()).hexdigest()[:32]
+    inbound_id = (
+        _field(form, "id", 128)
+        or hashlib.sha256(f"{sender}|{_field(form, 'date')}|{text}".encode()).hexdigest()[:32]
+    )
     command, keyword_language, argument = parse_keyword(text)
     index = rt.cipher.blind_index(phone.e164)
     actor = Actor(f"phone:{phone.masked()}", "sms")
 
     async with rt.sessionmaker.begin() as session:
-        members = (await session.execute(select(Member).where(Member.phone_index == index)
-                                         .order_by(Member.created_at))).scalars().all()
-        language = (keyword_language if keyword_language not in (None, "en") else None) \
-            or (members[0].language if members else None) or keyword_language or "en"
+        members = (
+            (
+                await session.execute(
+                    select(Member).where(Member.phone_index == index).order_by(Member.created_at)
+                )
+            )
+            .scalars()
+            .all()
+        )
+        language = (
+            (keyword_language if keyword_language not in (None, "en") else None)
+            or (members[0].language if members else None)
+            or keyword_language
+            or "en"
+        )
         reply: tuple[str, dict[str, Any], str | None] | None = None  # template, context, cooperative
         if command in ("STOP", "START"):
             opt_out = command == "STOP"
             for member in members:
                 if member.reminders_opt_out != opt_out:
-                    await session.execute(update(Member).where(Member.id == member.id)
-                                          .values(reminders_opt_out=opt_out, updated_at=utcnow()))
-                    await record(session, actor=actor, action="member.reminders_opt_out",
-                                 entity_type="member", entity_id=member.id,
-                                 before={"reminders_opt_out": not opt_out}, after={"reminders_opt_out": opt_out},
-                                 cooperative_id=member.cooperative_id)
+                    await session.execute(
+                        update(Member)
+                        .where(Member.id == member.id)
+                        .values(reminders_opt_out=opt_out, updated_at=utcnow())
+                    )
+                    await record(
+                        session,
+                        actor=actor,
+                        action="member.reminders_opt_out",
+                        entity_type="member",
+                        entity_id=member.id,
+                        before={"reminders_opt_out": not opt_out},
+                        after={"reminders_opt_out": opt_out},
+                        cooperative_id=member.cooperative_id,
+                    )
             reply = ("opted_out" if opt_out else "opted_in", {}, None)
         elif command in ("RECEIPT", "STATUS"):
             reference = (argument or "")[:32]
             payment = None
             if _REF.match(reference):
-                payment = (await session.execute(select(Payment).where(Payment.reference == reference))
-                           ).scalar_one_or_none()
+                payment = (
+                    await session.execute(select(Payment).where(Payment.reference == reference))
+                ).scalar_one_or_none()
             if payment is not None and await _owns(session, rt, payment, phone):
-                template = "payment_receipt" if command == "RECEIPT" and payment.status in COLLECTED \
+                template = (
+                    "payment_receipt"
+                    if command == "RECEIPT" and payment.status in COLLECTED
                     else "payment_status"
+                )
                 reply = (template, {"payment_id": payment.id}, payment.cooperative_id)
             else:
                 # Someone else's reference gets exactly the answer a made-up one gets.
@@ -193,8 +227,15 @@ async def inbound(request: web.Request) -> web.Response:
             return web.Response(text="")
         template, context, cooperative_id = reply
         context = {**context, "language": language}
-        await send_sms(session, template=template, cooperative_id=cooperative_id, context=context,
-                       cipher=rt.cipher, phone=phone, dedupe=f"inbound:{inbound_id}")
+        await send_sms(
+            session,
+            template=template,
+            cooperative_id=cooperative_id,
+            context=context,
+            cipher=rt.cipher,
+            phone=phone,
+            dedupe=f"inbound:{inbound_id}",
+        )
     log.info("keyword SMS", extra={"command": command or "unknown", "reply": template})
     return web.Response(text="")
 

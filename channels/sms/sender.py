@@ -74,14 +74,18 @@ class AfricasTalkingSender:
         headers = {"apiKey": self._config.api_key.get(), "Accept": "application/json"}
         started = time.perf_counter()
         try:
-            response = await self._http.post(self._url, data=form, headers=headers,
-                                              timeout=self._config.timeout)
+            response = await self._http.post(
+                self._url, data=form, headers=headers, timeout=self._config.timeout
+            )
         except httpx.HTTPError as exc:
             metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.send").inc()
-            raise SmsTemporaryError(f"network error talking to Africa's Talking: {type(exc).__name__}") from exc
+            raise SmsTemporaryError(
+                f"network error talking to Africa's Talking: {type(exc).__name__}"
+            ) from exc
         finally:
             metrics.PROVIDER_CALLS.labels(provider="africastalking", operation="sms.send").observe(
-                time.perf_counter() - started)
+                time.perf_counter() - started
+            )
         return self._parse(phone, response)
 
     def _parse(self, phone: Phone, response: httpx.Response) -> SendResult:
@@ -94,10 +98,16 @@ class AfricasTalkingSender:
             raise SmsTemporaryError("Africa's Talking refused the credentials (HTTP 401)")
         if status >= 400:
             text = response.text[:200]
-            log.warning("sms request refused", extra={"http_status": status, "answer": text,
-                                                      "to": phone.masked()})
-            return SendResult(None, accepted=False, provider_status=f"HTTP{status}",
-                              failure_reason=text or f"HTTP {status}", permanent=True)
+            log.warning(
+                "sms request refused", extra={"http_status": status, "answer": text, "to": phone.masked()}
+            )
+            return SendResult(
+                None,
+                accepted=False,
+                provider_status=f"HTTP{status}",
+                failure_reason=text or f"HTTP {status}",
+                permanent=True,
+            )
         try:
             data: Any = response.json()
             message_data = data["SMSMessageData"]
@@ -107,8 +117,9 @@ class AfricasTalkingSender:
         if not recipients:
             # e.g. {"Message": "InvalidSenderId", "Recipients": []}: nothing was queued, nothing will be.
             reason = str(message_data.get("Message") or "no recipient accepted")[:64]
-            return SendResult(None, accepted=False, provider_status=reason, failure_reason=reason,
-                              permanent=True)
+            return SendResult(
+                None, accepted=False, provider_status=reason, failure_reason=reason, permanent=True
+            )
         recipient = _recipient_for(recipients, phone)
         try:
             code = int(recipient.get("statusCode"))
@@ -122,8 +133,14 @@ class AfricasTalkingSender:
                 raise SmsTemporaryError("accepted without a messageId")
             return SendResult(str(message_id), accepted=True, provider_status=provider_status, cost=cost)
         if code in PERMANENT_CODES:
-            return SendResult(None, accepted=False, provider_status=provider_status,
-                              failure_reason=provider_status, permanent=True, cost=None)
+            return SendResult(
+                None,
+                accepted=False,
+                provider_status=provider_status,
+                failure_reason=provider_status,
+                permanent=True,
+                cost=None,
+            )
         raise SmsTemporaryError(f"recipient status {code} {provider_status}")
 
 
@@ -135,9 +152,12 @@ def _recipient_for(recipients: list[dict[str, Any]], phone: Phone) -> dict[str, 
 
 
 def build_sender(settings: Settings, http: httpx.AsyncClient) -> SmsSender:
-    return AfricasTalkingSender(http, AfricasTalkingConfig(
-        base_url=settings.sms_base_url,
-        username=settings.sms_username,
-        api_key=settings.sms_api_key,
-        sender_id=settings.sms_sender_id or None,
-    ))
+    return AfricasTalkingSender(
+        http,
+        AfricasTalkingConfig(
+            base_url=settings.sms_base_url,
+            username=settings.sms_username,
+            api_key=settings.sms_api_key,
+            sender_id=settings.sms_sender_id or None,
+        ),
+    )

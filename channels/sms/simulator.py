@@ -11,11 +11,13 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
 
 from channels.sms.encoding import measure
+from core.config import Settings
 from core.phone import mask
 
 log = logging.getLogger("gateway.sms.simulator")
@@ -48,8 +50,15 @@ ALL_FAILURES = frozenset(SEND_FAILURES) | frozenset(DELIVERY_FAILURES) | frozens
 
 _E164 = re.compile(r"^\+\d{8,15}$")
 _CURRENCY = {"250": "RWF", "254": "KES", "256": "UGX", "255": "TZS", "233": "GHS", "260": "ZMW"}
-_PRICE = {"RWF": "20.0000", "KES": "0.8000", "UGX": "25.0000", "TZS": "20.0000", "GHS": "0.0600",
-          "ZMW": "0.2000", "USD": "0.0100"}
+_PRICE = {
+    "RWF": "20.0000",
+    "KES": "0.8000",
+    "UGX": "25.0000",
+    "TZS": "20.0000",
+    "GHS": "0.0600",
+    "ZMW": "0.2000",
+    "USD": "0.0100",
+}
 
 
 @dataclass
@@ -137,24 +146,38 @@ async def _messaging(request: web.Request) -> web.Response:
             failure = "InvalidPhoneNumber"
         if failure in SEND_FAILURES:
             code, status = SEND_FAILURES[failure]
-            recipients.append({"statusCode": code, "number": number, "status": status, "cost": "0",
-                               "messageId": "None"})
+            recipients.append(
+                {"statusCode": code, "number": number, "status": status, "cost": "0", "messageId": "None"}
+            )
             continue
         message_id = f"ATXid_{uuid.uuid4().hex}"
         cost = _cost(number, size.segments)
-        entry = {"id": message_id, "from": sender, "to": number, "message": message, "cost": cost,
-                 "encoding": size.encoding, "segments": size.segments, "status": "Submitted",
-                 "at": datetime.now(UTC).isoformat()}
+        entry = {
+            "id": message_id,
+            "from": sender,
+            "to": number,
+            "message": message,
+            "cost": cost,
+            "encoding": size.encoding,
+            "segments": size.segments,
+            "status": "Submitted",
+            "at": datetime.now(UTC).isoformat(),
+        }
         state.inbox.setdefault(number, []).append(entry)
         state.by_id[message_id] = entry
-        recipients.append({"statusCode": 101, "number": number, "status": "Success", "cost": cost,
-                           "messageId": message_id})
+        recipients.append(
+            {"statusCode": 101, "number": number, "status": "Success", "cost": cost, "messageId": message_id}
+        )
         status, reason = DELIVERY_FAILURES.get(failure or "", ("Success", None))
         _schedule_report(request.app, entry, status, reason)
     sent = sum(1 for r in recipients if r["statusCode"] == 101)
     return web.json_response(
-        {"SMSMessageData": {"Message": f"Sent to {sent}/{len(to)} Total Cost: {recipients[0]['cost']}",
-                            "Recipients": recipients}},
+        {
+            "SMSMessageData": {
+                "Message": f"Sent to {sent}/{len(to)} Total Cost: {recipients[0]['cost']}",
+                "Recipients": recipients,
+            }
+        },
         status=201,
     )
 
@@ -173,8 +196,13 @@ def _schedule_report(app: web.Application, entry: dict[str, Any], status: str, r
 async def _post_report(state: SimulatorState, entry: dict[str, Any], status: str, reason: str | None) -> None:
     await asyncio.sleep(state.delivery_delay)
     entry["status"] = status
-    form = {"id": entry["id"], "status": status, "phoneNumber": entry["to"], "networkCode": "63510",
-            "retryCount": "0"}
+    form = {
+        "id": entry["id"],
+        "status": status,
+        "phoneNumber": entry["to"],
+        "networkCode": "63510",
+        "retryCount": "0",
+    }
     if reason:
         form["failureReason"] = reason
     if state.session is None or state.session.closed:
@@ -218,8 +246,9 @@ async def _control(request: web.Request) -> web.Response:
     try:
         body = await request.json()
         times = body.get("times")
-        state.set_failure(body.get("failure"), number=body.get("number"),
-                          times=int(times) if times is not None else None)
+        state.set_failure(
+            body.get("failure"), number=body.get("number"), times=int(times) if times is not None else None
+        )
     except (ValueError, TypeError, AttributeError) as exc:
         return web.json_response({"error": str(exc)}, status=400)
     return web.json_response({"ok": True})
@@ -250,8 +279,9 @@ def create_simulator(
     `failures` maps a phone number to a failure name (see SEND_FAILURES, DELIVERY_FAILURES,
     HTTP_FAILURES); `global_failure` applies to every message.
     """
-    state = SimulatorState(username=username, api_key=api_key, delivery_url=delivery_url,
-                           delivery_delay=delivery_delay)
+    state = SimulatorState(
+        username=username, api_key=api_key, delivery_url=delivery_url, delivery_delay=delivery_delay
+    )
     for number, name in (failures or {}).items():
         state.set_failure(name, number=number)
     if global_failure:
@@ -265,3 +295,18 @@ def create_simulator(
     app.router.add_post("/_control", _control)
     app.on_cleanup.append(_on_cleanup)
     return app
+
+
+def simulator_from_settings(settings: Settings, *, delivery_delay: float = 0.5) -> web.Application:
+    """The simulator as the gateway's own settings expect it: same username and key, reports sent back to
+    `{PUBLIC_BASE_URL}/sms/africastalking/delivery` (with the callback secret when one is set)."""
+    delivery_url = f"{settings.public_base_url}/sms/africastalking/delivery"
+    secret = settings.callback_secrets.get("sms")
+    if secret:
+        delivery_url += "?" + urlencode({"secret": secret.get()})
+    return create_simulator(
+        username=settings.sms_username,
+        api_key=settings.sms_api_key.get(),
+        delivery_url=delivery_url,
+        delivery_delay=delivery_delay,
+    )

@@ -9,7 +9,6 @@ from typing import Any
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from channels.sms.catalogs import en, fr, rw, sw
@@ -96,8 +95,9 @@ async def _one(session: AsyncSession, model: Any, entity_id: Any, what: str) -> 
     return row
 
 
-async def _payment_values(session: AsyncSession, payment: Payment, coop: Cooperative,
-                          language: str, service_code: str) -> dict[str, Any]:
+async def _payment_values(
+    session: AsyncSession, payment: Payment, coop: Cooperative, language: str, service_code: str
+) -> dict[str, Any]:
     catalog = CATALOGS.get(language, en)
     ptype = await session.get(PaymentType, payment.payment_type_id)
     return {
@@ -156,26 +156,40 @@ async def build_message(
         payment = await _one(session, Payment, refund.payment_id, "payment")
         coop = coop or await _one(session, Cooperative, refund.cooperative_id, "cooperative")
         values.update(
-            amount=Money(refund.amount_minor, refund.currency).format(), ref=refund.reference,
-            payment_ref=payment.reference, coop=coop.name,
+            amount=Money(refund.amount_minor, refund.currency).format(),
+            ref=refund.reference,
+            payment_ref=payment.reference,
+            coop=coop.name,
             reason=catalog.REASONS[reason_key(refund.failure_reason)],
         )
     elif template.startswith("dispute_"):
         dispute = await _one(session, Dispute, context.get("dispute_id"), "dispute")
         payment = await _one(session, Payment, dispute.payment_id, "payment")
         coop = coop or await _one(session, Cooperative, dispute.cooperative_id, "cooperative")
-        values.update(ref=dispute.reference, payment_ref=payment.reference, coop=coop.name,
-                      status=catalog.DISPUTE_STATUS.get(dispute.status, dispute.status))
+        values.update(
+            ref=dispute.reference,
+            payment_ref=payment.reference,
+            coop=coop.name,
+            status=catalog.DISPUTE_STATUS.get(dispute.status, dispute.status),
+        )
     elif template == "payment_reminder":
         ptype = await _one(session, PaymentType, context.get("payment_type_id"), "payment type")
         coop = coop or await _one(session, Cooperative, ptype.cooperative_id, "cooperative")
         due = context.get("due_date")
         due_text = date.fromisoformat(str(due)[:10]).strftime(DAY_FORMAT) if due else "-"
-        values.update(type=ptype.name, amount=Money(ptype.amount_minor, ptype.currency).format(),
-                      coop=coop.name, due=due_text, dial=dial_code(service_code, coop.ussd_extension))
+        values.update(
+            type=ptype.name,
+            amount=Money(ptype.amount_minor, ptype.currency).format(),
+            coop=coop.name,
+            due=due_text,
+            dial=dial_code(service_code, coop.ussd_extension),
+        )
     elif template == "webhook_disabled":
         endpoint = await _one(session, WebhookEndpoint, context.get("endpoint_id"), "webhook endpoint")
         coop = coop or await _one(session, Cooperative, endpoint.cooperative_id, "cooperative")
-        values.update(coop=coop.name, host=urlparse(endpoint.url).hostname or endpoint.url,
-                      failures=context.get("failures") or endpoint.consecutive_failures)
+        values.update(
+            coop=coop.name,
+            host=urlparse(endpoint.url).hostname or endpoint.url,
+            failures=context.get("failures") or endpoint.consecutive_failures,
+        )
     return phone, language, render(template, language, values)

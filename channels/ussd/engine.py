@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from channels.ussd import gsm
-from channels.ussd.i18n import translate
+from channels.ussd.i18n import translate, translate_fit
 from channels.ussd.types import UssdReply, UssdTurn
 from core.errors import DomainError
 
@@ -57,6 +57,9 @@ class Ctx:
 
     def t(self, msgid: str, **args: Any) -> str:
         return translate(self.state.lang, msgid, **args)
+
+    def t_fit(self, msgid: str, room: int, **args: Any) -> str:
+        return translate_fit(self.state.lang, msgid, room, **args)
 
 
 @dataclass(frozen=True)
@@ -240,21 +243,27 @@ class Engine:
         if isinstance(screen, End):
             state.ended = True
             state.ids, state.first = [], 1
-            return UssdReply(fit(ctx.t(screen.text, **args), ctx.limit), True)
+            return UssdReply(fit(ctx.t_fit(screen.text, ctx.limit, **args), ctx.limit), True)
         if isinstance(screen, Input):
             state.ids, state.first = [], 1
-            header = ctx.t(screen.prompt, **args)
             footer = self._footer(ctx, more=False)
+            room = ctx.limit - gsm.length(_join(footer)) - 1 - (gsm.length(error) + 1 if error else 0)
+            header = ctx.t_fit(screen.prompt, room, **args)
             return UssdReply(self._assemble(ctx, error, header, [], footer), False)
         if isinstance(screen, Confirm):
-            header = ctx.t(screen.body, **args)
             entries = [("o0", ctx.t(screen.yes)), ("o1", ctx.t(screen.no))]
+            room = ctx.limit - gsm.length(_join([f"1. {entries[0][1]}", f"2. {entries[1][1]}",
+                                                 *self._footer(ctx, more=False)])) - 1
+            header = ctx.t_fit(screen.body, room, **args)
         else:
-            header = ctx.t(screen.title, **args)
             entries = []
             if screen.items is not None:
                 entries += [("i:" + it.key, it.label) for it in (await screen.items(ctx))[:MAX_ITEMS]]
             entries += [(f"o{n}", ctx.t(opt.label)) for n, opt in enumerate(screen.options)]
+            # A shorter title when it is what keeps the whole menu off one screen.
+            whole = _join([f"{n}. {label}" for n, (_, label) in enumerate(entries, start=1)]
+                          + self._footer(ctx, more=False))
+            header = ctx.t_fit(screen.title, ctx.limit - gsm.length(gsm.to_gsm(whole)) - 1, **args)
         return self._page(ctx, header, entries, error)
 
     def _footer(self, ctx: Ctx, *, more: bool) -> list[str]:
@@ -301,8 +310,11 @@ class Engine:
     def _page(self, ctx: Ctx, header: str, entries: list[tuple[str, str]], error: str | None) -> UssdReply:
         state = ctx.state
         lines = [f"{n}. {label}" for n, (_, label) in enumerate(entries, start=1)]
-        lines = [fit(line, 60) for line in lines]  # a huge name must not eat the whole screen
-        pages = self._pages(ctx, header, lines)
+        lines = [fit(line, 72) for line in lines]  # a huge name must not eat the whole screen
+        # Page breaks leave room for an error line in place of the title, so they never move.
+        error_line = error or ctx.t("error.invalid_choice")
+        layout = header if gsm.length(header) >= gsm.length(error_line) else error_line
+        pages = self._pages(ctx, layout, lines)
         state.page = min(state.page, len(pages) - 1)
         start, end = pages[state.page]
         more = state.page + 1 < len(pages)

@@ -376,7 +376,7 @@ async def done_args(ctx: Ctx) -> dict[str, Any]:
 
 async def payment_items(ctx: Ctx) -> list[Item]:
     return [Item(p.id, ctx.t("my.line", amount=Money(p.amount_minor, p.currency).format(),
-                             type=short(name, 14), status=ctx.t(f"status.{p.status}"), ref=p.reference))
+                             type=short(name, 12), status=ctx.t(f"status.{p.status}"), ref=p.reference))
             for p, name in await recent_payments(ctx)]
 
 

@@ -25,6 +25,20 @@ def language(lang: str | None) -> str:
     return lang if lang in LANGUAGES else DEFAULT
 
 
+def has(lang: str | None, msgid: str) -> bool:
+    return msgid in catalog(language(lang)) or msgid in catalog(DEFAULT)
+
+
+def translate_fit(lang: str | None, msgid: str, room: int, **args: Any) -> str:
+    """The message, or its `.short` variant when the full one does not fit in `room` septets."""
+    from channels.ussd.gsm import length
+
+    text = translate(lang, msgid, **args)
+    if length(text) > room and has(lang, msgid + ".short"):
+        return translate(lang, msgid + ".short", **args)
+    return text
+
+
 def translate(lang: str | None, msgid: str, **args: Any) -> str:
     """The message in `lang`, falling back to English, formatted and made GSM-7 safe."""
     text = catalog(language(lang)).get(msgid)

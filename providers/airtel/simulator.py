@@ -89,7 +89,7 @@ async def _collect(request: web.Request) -> web.Response:
     if denied:
         return denied
     body = await _json(request)
-    fault = await state.faults()  # after reading the body: a provider that hangs has received it
+    fault = state.fail_now()
     if fault:
         return fault
     subscriber = body.get("subscriber") if body else None
@@ -119,6 +119,7 @@ async def _collect(request: web.Request) -> web.Response:
               "msisdn": _e164(country, msisdn), "refunded": False}
     transactions[tx_id] = record
     state.spawn(_settle(state, record))
+    await state.hang()
     return web.json_response({"data": {"transaction": {"id": tx_id, "status": "Success."}},
                               "status": _status("200", "Success.", "ESB000010", success=True,
                                                 response_code="DP00800001006")})
@@ -168,7 +169,7 @@ async def _refund(request: web.Request) -> web.Response:
     if denied:
         return denied
     body = await _json(request)
-    fault = await state.faults()
+    fault = state.fail_now()
     if fault:
         return fault
     tx = body.get("transaction") if body else None
@@ -184,6 +185,7 @@ async def _refund(request: web.Request) -> web.Response:
                                                     "ESB000045", success=False,
                                                     response_code="DP00800001000")})
     record["refunded"] = True
+    await state.hang()
     refund = {"airtel_money_id": "RF" + new_id(12), "status": "SUCCESS"}
     return web.json_response({"data": {"transaction": refund},
                               "status": _status("200", "SUCCESS", "ESB000010", success=True)})

@@ -40,6 +40,7 @@ DEV_SECRET = "sim-dev-credential"
 PROVIDERS = ("MTN", "AIRTEL")
 LANGUAGES = ("EN", "FR", "RW")
 BANKS = {"BK": "Bank of Kigali", "IM": "I&M Bank", "ECOBANK": "Ecobank"}
+BUTTONS = {"BK": "BK", "IM": "I&M", "ECOBANK": "Ecobank"}
 
 
 @dataclass
@@ -317,8 +318,8 @@ async def _pay_page(request: web.Request) -> web.Response:
     if invoice.status() != "NEW":
         body = f"<h1>Invoice {number}</h1><p>Status: {html.escape(invoice.status())}</p>"
         return web.Response(text=_page(body), content_type="text/html")
-    buttons = "".join(f'<button name="bank" value="{code}">Pay with {html.escape(name.split()[0])}</button> '
-                      for code, name in BANKS.items())
+    buttons = "".join(f'<button name="bank" value="{code}">Pay with {html.escape(label)}</button> '
+                      for code, label in BUTTONS.items())
     body = (f"<h1>Invoice {number}</h1><p>{html.escape(invoice.description)}</p>"
             f"<p>Amount: <b>{invoice.amount:,} RWF</b></p>"
             f'<form method="post" action="{number}">{buttons}</form>')

@@ -122,7 +122,7 @@ async def _request_to_pay(request: web.Request) -> web.Response:
     body = await _body(request, ("amount", "currency", "externalId", "payer"))
     if isinstance(body, web.Response):
         return body
-    fault = await state.faults()
+    fault = state.fail_now()
     if fault:
         return fault
     payer = body["payer"]
@@ -138,6 +138,7 @@ async def _request_to_pay(request: web.Request) -> web.Response:
           "status": "PENDING", "_refunded": Decimal(0)}
     transactions[reference] = tx
     state.spawn(_settle_payment(state, reference, tx, request.headers.get("X-Callback-Url")))
+    await state.hang()
     return web.Response(status=202)
 
 
@@ -178,7 +179,7 @@ async def _refund(request: web.Request) -> web.Response:
     body = await _body(request, ("amount", "currency", "externalId", "referenceIdToRefund"))
     if isinstance(body, web.Response):
         return body
-    fault = await state.faults()
+    fault = state.fail_now()
     if fault:
         return fault
     refunds = request.app[REFUNDS]
@@ -193,6 +194,7 @@ async def _refund(request: web.Request) -> web.Response:
               "status": "PENDING"}
     refunds[reference] = refund
     state.spawn(_settle_refund(state, refund, original, request.headers.get("X-Callback-Url")))
+    await state.hang()
     return web.Response(status=202)
 
 

@@ -195,8 +195,8 @@ async def test_refused_token_is_refetched_once() -> None:
 
 
 async def test_bad_credentials_are_not_retryable() -> None:
-    wire = Wire().on("GET", "/oauth/v1/generate", 400,
-                     {"requestId": "", "errorCode": "400.008.01", "errorMessage": "Invalid Authentication passed"})
+    refused = {"requestId": "", "errorCode": "400.008.01", "errorMessage": "Invalid Authentication passed"}
+    wire = Wire().on("GET", "/oauth/v1/generate", 400, refused)
     async with wire.client() as http:
         with pytest.raises(ProviderError) as err:
             await MpesaAdapter(http, config()).request_collection(collection())
@@ -356,7 +356,8 @@ async def test_logs_carry_no_secret_and_no_full_phone(caplog: pytest.LogCaptureF
             .on("POST", "/mpesa/stkpushquery/v1/query", 200, query[0]["json"])
             .on("POST", "/mpesa/stkpushquery/v1/query", 200, query[-3]["json"])  # unknown code
             .on("POST", "/mpesa/stkpush/v1/processrequest", 400,
-                {"errorCode": "400.002.02", "errorMessage": "Bad Request - Invalid PhoneNumber 254708000001"}))
+                {"errorCode": "400.002.02",
+                 "errorMessage": "Bad Request - Invalid PhoneNumber 254708000001"}))
     async with wire.client() as http:
         adapter = MpesaAdapter(http, config(), clock=lambda: NOW)
         await adapter.request_collection(collection())
@@ -392,12 +393,12 @@ class Receiver:
         self.arrived.set()
         return web.json_response({"ResultCode": 0, "ResultDesc": "Accepted"})
 
-    async def wait(self, count: int = 1, timeout: float = 5.0) -> None:
+    async def wait(self, count: int = 1) -> None:
         async def enough() -> None:
             while len(self.bodies) < count:
                 self.arrived.clear()
                 await self.arrived.wait()
-        await asyncio.wait_for(enough(), timeout)
+        await asyncio.wait_for(enough(), 5.0)
 
 
 @pytest.fixture
@@ -428,7 +429,7 @@ async def start_sim(prefix: str = "", **opts: Any) -> tuple[TestServer, web.Appl
 
 async def test_simulator_success_callback_and_query(receiver: tuple[Receiver, str]) -> None:
     rec, url = receiver
-    server, sim, base = await start_sim(prefix="/_sim/mpesa")  # mounted like the embedded default
+    server, _sim, base = await start_sim(prefix="/_sim/mpesa")  # mounted like the embedded default
     try:
         async with httpx.AsyncClient() as http:
             adapter = MpesaAdapter(http, config(base))
@@ -446,15 +447,14 @@ async def test_simulator_success_callback_and_query(receiver: tuple[Receiver, st
             assert status.outcome is ProviderOutcome.SUCCEEDED
 
             # Reversal of that payment: accepted now, reported by the Result callback.
-            await adapter.request_refund(refund(original_provider_transaction_id=event.provider_transaction_id,
-                                                callback_url=url))
+            receipt = event.provider_transaction_id
+            await adapter.request_refund(refund(original_provider_transaction_id=receipt, callback_url=url))
             await rec.wait(2)
             result = adapter.parse_callback(inbound(None, rec.bodies[1].decode()))
             assert (result.kind, result.outcome) == (EventKind.REFUND, ProviderOutcome.SUCCEEDED)
             assert result.amount == Money(15000, "KES")
             # A second reversal of the same receipt is refused by M-Pesa.
-            await adapter.request_refund(refund(original_provider_transaction_id=event.provider_transaction_id,
-                                                callback_url=url))
+            await adapter.request_refund(refund(original_provider_transaction_id=receipt, callback_url=url))
             await rec.wait(3)
             again = adapter.parse_callback(inbound(None, rec.bodies[2].decode()))
             assert again.outcome is ProviderOutcome.FAILED
@@ -498,7 +498,7 @@ async def test_simulator_pending_query(receiver: tuple[Receiver, str]) -> None:
 
 async def test_simulator_duplicate_and_out_of_order_callbacks(receiver: tuple[Receiver, str]) -> None:
     rec, url = receiver
-    server, sim, base = await start_sim(duplicate_callback=True, out_of_order=True)
+    server, _sim, base = await start_sim(duplicate_callback=True, out_of_order=True)
     try:
         async with httpx.AsyncClient() as http:
             adapter = MpesaAdapter(http, config(base))
@@ -539,7 +539,8 @@ async def test_simulator_checks_password_and_credentials() -> None:
             assert (err.value.code, err.value.retryable) == ("400.002.02", False)
             assert "Password" in str(err.value)
             with pytest.raises(ProviderError) as err:
-                await MpesaAdapter(http, config(base, consumer_secret="wrong")).request_collection(collection())
+                wrong = MpesaAdapter(http, config(base, consumer_secret="wrong"))
+                await wrong.request_collection(collection())
             assert err.value.retryable is False
             resp = await http.post(f"{base}/mpesa/stkpush/v1/processrequest", json={},
                                    headers={"Authorization": "Bearer forged"})

@@ -2,22 +2,22 @@
 
 MESSAGES = {
     "payment_receipt": "Payment received: {amount} for {type}, {coop}. Ref: {ref}. Transaction: {txn}. "
-                       "Date: {date}. Thank you!",
+    "Date: {date}. Thank you!",
     "payment_failed": "Your payment of {amount} for {type} ({coop}) failed: {reason}. Ref: {ref}. "
-                      "To try again, dial {dial}.",
+    "To try again, dial {dial}.",
     "payment_timeout": "Your payment of {amount} for {type} ({coop}) was not approved in time. Ref: {ref}. "
-                       "To try again, dial {dial}.",
+    "To try again, dial {dial}.",
     "payment_status": "Payment {ref}: {amount} for {type} ({coop}) - {status}. Date: {date}.",
     "refund_completed": "Refund of {amount} for payment {payment_ref} ({coop}) completed. Ref: {ref}.",
     "refund_failed": "Refund of {amount} for payment {payment_ref} ({coop}) failed: {reason}. "
-                     "Your cooperative will contact you. Ref: {ref}.",
+    "Your cooperative will contact you. Ref: {ref}.",
     "dispute_opened": "Your dispute {ref} about payment {payment_ref} ({coop}) is registered. "
-                      "We will keep you informed.",
+    "We will keep you informed.",
     "dispute_updated": "Dispute {ref} about payment {payment_ref}: {status}.",
     "dispute_resolved": "Dispute {ref} about payment {payment_ref} is closed: {status}. Thank you.",
     "payment_reminder": "Reminder: {type} ({amount}) for {coop} is due on {due}. Dial {dial} to pay.",
     "webhook_disabled": "{coop}: webhook to {host} was disabled after {failures} failed deliveries. "
-                        "Re-enable it in the API.",
+    "Re-enable it in the API.",
     "help": "Dial {dial} to pay. SMS: RECEIPT <ref>, STATUS <ref>, STOP (no reminders), START.",
     "not_found": "No payment {ref} found for this phone number.",
     "opted_out": "You will no longer get reminders. Receipts still come. Send START to get them again.",

@@ -2,27 +2,29 @@
 
 MESSAGES = {
     "payment_receipt": "Paiement confirmé: {amount} pour {type}, {coop}. Réf: {ref}. Transaction: {txn}. "
-                       "Date: {date}. Merci!",
+    "Date: {date}. Merci!",
     "payment_failed": "Votre paiement de {amount} pour {type} ({coop}) a échoué: {reason}. Réf: {ref}. "
-                      "Pour réessayer, composez {dial}.",
+    "Pour réessayer, composez {dial}.",
     "payment_timeout": "Votre paiement de {amount} pour {type} ({coop}) n'a pas été approuvé à temps. "
-                       "Réf: {ref}. Pour réessayer, composez {dial}.",
+    "Réf: {ref}. Pour réessayer, composez {dial}.",
     "payment_status": "Paiement {ref}: {amount} pour {type} ({coop}) - {status}. Date: {date}.",
     "refund_completed": "Remboursement de {amount} effectué pour le paiement {payment_ref} ({coop}). "
-                        "Réf: {ref}.",
+    "Réf: {ref}.",
     "refund_failed": "Le remboursement de {amount} pour le paiement {payment_ref} ({coop}) a échoué: "
-                     "{reason}. Votre coopérative vous contactera. Réf: {ref}.",
+    "{reason}. Votre coopérative vous contactera. Réf: {ref}.",
     "dispute_opened": "Votre réclamation {ref} sur le paiement {payment_ref} ({coop}) est enregistrée. "
-                      "Nous vous tiendrons informé.",
+    "Nous vous tiendrons informé.",
     "dispute_updated": "Réclamation {ref} sur le paiement {payment_ref}: {status}.",
     "dispute_resolved": "Réclamation {ref} sur le paiement {payment_ref} close: {status}. Merci.",
-    "payment_reminder": "Rappel: {type} ({amount}) pour {coop}, échéance le {due}. Composez {dial} pour payer.",
+    "payment_reminder": (
+        "Rappel: {type} ({amount}) pour {coop}, échéance le {due}. Composez {dial} pour payer."
+    ),
     "webhook_disabled": "{coop}: le webhook vers {host} est désactivé après {failures} échecs. "
-                        "Réactivez-le via l'API.",
+    "Réactivez-le via l'API.",
     "help": "Composez {dial} pour payer. SMS: RECU <réf>, STATUT <réf>, STOP (rappels), START.",
     "not_found": "Aucun paiement {ref} trouvé pour ce numéro.",
     "opted_out": "Vous ne recevrez plus de rappels. Les confirmations de paiement continuent. "
-                 "Envoyez START pour les rappels.",
+    "Envoyez START pour les rappels.",
     "opted_in": "Rappels réactivés. Envoyez STOP pour ne plus les recevoir.",
     "unknown": "Message non compris. Envoyez AIDE ou composez {dial}.",
 }

@@ -2,26 +2,26 @@
 
 MESSAGES = {
     "payment_receipt": "Twakiriye {amount} ya {type}, {coop}. Nimero: {ref}. Nimero y'ihererekanya: {txn}. "
-                       "Itariki: {date}. Murakoze!",
+    "Itariki: {date}. Murakoze!",
     "payment_failed": "Kwishyura {amount} ya {type} ({coop}) ntibyakunze: {reason}. Nimero: {ref}. "
-                      "Ongera ugerageze ukanda {dial}.",
+    "Ongera ugerageze ukanda {dial}.",
     "payment_timeout": "Kwishyura {amount} ya {type} ({coop}) ntibyemejwe ku gihe. Nimero: {ref}. "
-                       "Ongera ugerageze ukanda {dial}.",
+    "Ongera ugerageze ukanda {dial}.",
     "payment_status": "Kwishyura {ref}: {amount} ya {type} ({coop}) - {status}. Itariki: {date}.",
     "refund_completed": "Twagusubije {amount} yo kwishyura {payment_ref} ({coop}). Nimero: {ref}.",
     "refund_failed": "Gusubizwa {amount} yo kwishyura {payment_ref} ({coop}) ntibyakunze: {reason}. "
-                     "Koperative yawe izakuvugisha. Nimero: {ref}.",
+    "Koperative yawe izakuvugisha. Nimero: {ref}.",
     "dispute_opened": "Ikirego cyawe {ref} ku kwishyura {payment_ref} ({coop}) cyakiriwe. Tuzakumenyesha.",
     "dispute_updated": "Ikirego {ref} ku kwishyura {payment_ref}: {status}.",
     "dispute_resolved": "Ikirego {ref} ku kwishyura {payment_ref} cyarangiye: {status}. Murakoze.",
     "payment_reminder": "Kwibutsa: {type} ({amount}) ya {coop} igomba kwishyurwa ku wa {due}. "
-                        "Kanda {dial} wishyure.",
+    "Kanda {dial} wishyure.",
     "webhook_disabled": "{coop}: webhook ya {host} yahagaritswe nyuma yo kunanirwa inshuro {failures}. "
-                        "Yisubizeho muri API.",
+    "Yisubizeho muri API.",
     "help": "Kanda {dial} wishyure. SMS: INYEMEZABUGUZI <nimero>, IMIMERERE <nimero>, HAGARIKA, TANGIRA.",
     "not_found": "Nta kwishyura {ref} kwabonetse kuri iyi nimero ya telefone.",
     "opted_out": "Ntuzongera kubona ubutumwa bwo kwibutsa. Inyemezabuguzi zizakomeza. "
-                 "Ohereza TANGIRA kubisubizaho.",
+    "Ohereza TANGIRA kubisubizaho.",
     "opted_in": "Ubutumwa bwo kwibutsa bwasubijweho. Ohereza HAGARIKA kubihagarika.",
     "unknown": "Ntitwabyumvise. Ohereza UBUFASHA cyangwa ukande {dial}.",
 }

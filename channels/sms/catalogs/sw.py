@@ -2,22 +2,22 @@
 
 MESSAGES = {
     "payment_receipt": "Tumepokea {amount} kwa {type}, {coop}. Kumb: {ref}. Muamala: {txn}. "
-                       "Tarehe: {date}. Asante!",
+    "Tarehe: {date}. Asante!",
     "payment_failed": "Malipo yako ya {amount} kwa {type} ({coop}) hayakufanikiwa: {reason}. Kumb: {ref}. "
-                      "Jaribu tena kwa kupiga {dial}.",
+    "Jaribu tena kwa kupiga {dial}.",
     "payment_timeout": "Malipo yako ya {amount} kwa {type} ({coop}) hayakuthibitishwa kwa wakati. "
-                       "Kumb: {ref}. Jaribu tena kwa kupiga {dial}.",
+    "Kumb: {ref}. Jaribu tena kwa kupiga {dial}.",
     "payment_status": "Malipo {ref}: {amount} kwa {type} ({coop}) - {status}. Tarehe: {date}.",
     "refund_completed": "Umerudishiwa {amount} ya malipo {payment_ref} ({coop}). Kumb: {ref}.",
     "refund_failed": "Kurudisha {amount} ya malipo {payment_ref} ({coop}) hakukufanikiwa: {reason}. "
-                     "Chama chako kitawasiliana nawe. Kumb: {ref}.",
+    "Chama chako kitawasiliana nawe. Kumb: {ref}.",
     "dispute_opened": "Malalamiko yako {ref} kuhusu malipo {payment_ref} ({coop}) yamepokelewa. "
-                      "Tutakujulisha.",
+    "Tutakujulisha.",
     "dispute_updated": "Malalamiko {ref} kuhusu malipo {payment_ref}: {status}.",
     "dispute_resolved": "Malalamiko {ref} kuhusu malipo {payment_ref} yamefungwa: {status}. Asante.",
     "payment_reminder": "Kumbusho: {type} ({amount}) ya {coop} inadaiwa tarehe {due}. Piga {dial} kulipa.",
     "webhook_disabled": "{coop}: webhook ya {host} imezimwa baada ya kushindwa mara {failures}. "
-                        "Iwashe tena kupitia API.",
+    "Iwashe tena kupitia API.",
     "help": "Piga {dial} kulipa. SMS: RISITI <kumb>, HALI <kumb>, SITISHA (vikumbusho), ANZA.",
     "not_found": "Hakuna malipo {ref} kwa namba hii ya simu.",
     "opted_out": "Hutapokea vikumbusho tena. Risiti zitaendelea. Tuma ANZA kuvirudisha.",

@@ -22,29 +22,64 @@ async def start_simulator(aiohttp_server: Any, rt: Any, **options: Any) -> tuple
     options.setdefault("delivery_delay", 0.05)
     app = create_simulator(username="coop-test", api_key=SIM_KEY, **options)
     server = await aiohttp_server(app)
-    rt.sms = AfricasTalkingSender(rt.http, AfricasTalkingConfig(
-        base_url=str(server.make_url("")).rstrip("/"), username="coop-test", api_key=Secret(SIM_KEY),
-        sender_id="COOPPAY"))
+    rt.sms = AfricasTalkingSender(
+        rt.http,
+        AfricasTalkingConfig(
+            base_url=str(server.make_url("")).rstrip("/"),
+            username="coop-test",
+            api_key=Secret(SIM_KEY),
+            sender_id="COOPPAY",
+        ),
+    )
     return server, app[STATE]
 
 
-async def make_payment(rt: Any, cooperative_id: str, *, account: str, member_id: str | None = None,
-                       status: str = "COMPLETED", reference: str | None = None,
-                       failure_reason: str | None = None) -> Payment:
+async def make_payment(
+    rt: Any,
+    cooperative_id: str,
+    *,
+    account: str,
+    member_id: str | None = None,
+    status: str = "COMPLETED",
+    reference: str | None = None,
+    failure_reason: str | None = None,
+) -> Payment:
     async with rt.sessionmaker.begin() as session:
-        ptype = (await session.execute(select(PaymentType).where(
-            PaymentType.cooperative_id == cooperative_id).order_by(PaymentType.name))).scalars().first()
+        ptype = (
+            (
+                await session.execute(
+                    select(PaymentType)
+                    .where(PaymentType.cooperative_id == cooperative_id)
+                    .order_by(PaymentType.name)
+                )
+            )
+            .scalars()
+            .first()
+        )
         now = datetime(2026, 1, 15, 21, 30, tzinfo=UTC)  # 23:30 in Kigali: the date is local
         payment = Payment(
-            cooperative_id=cooperative_id, member_id=member_id, payment_type_id=ptype.id,
-            reference=reference or f"PAY_20260115_{uuid.uuid4().int % 10**6:06d}", amount_minor=50_000,
-            currency="RWF", status=status, method="MOBILE_MONEY_MTN", provider="mtn_momo",
-            provider_reference=str(uuid.uuid4()), provider_transaction_id="MTN-TX-778899",
+            cooperative_id=cooperative_id,
+            member_id=member_id,
+            payment_type_id=ptype.id,
+            reference=reference or f"PAY_20260115_{uuid.uuid4().int % 10**6:06d}",
+            amount_minor=50_000,
+            currency="RWF",
+            status=status,
+            method="MOBILE_MONEY_MTN",
+            provider="mtn_momo",
+            provider_reference=str(uuid.uuid4()),
+            provider_transaction_id="MTN-TX-778899",
             payment_account_enc=rt.cipher.encrypt(account, context=f"payment:{cooperative_id}"),
-            payment_account_index=rt.cipher.blind_index(account), payment_account_masked=account[:6] + "***",
-            idempotency_key=str(uuid.uuid4()), request_hash="x" * 64, channel="ussd",
-            failure_reason=failure_reason, expires_at=now + timedelta(minutes=5),
-            completed_at=now if status == "COMPLETED" else None, created_at=now, updated_at=now,
+            payment_account_index=rt.cipher.blind_index(account),
+            payment_account_masked=account[:6] + "***",
+            idempotency_key=str(uuid.uuid4()),
+            request_hash="x" * 64,
+            channel="ussd",
+            failure_reason=failure_reason,
+            expires_at=now + timedelta(minutes=5),
+            completed_at=now if status == "COMPLETED" else None,
+            created_at=now,
+            updated_at=now,
         )
         session.add(payment)
     return payment
@@ -57,8 +92,11 @@ async def cooperative(rt: Any, cooperative_id: str) -> Cooperative:
 
 async def jobs_of(rt: Any, kind: str) -> list[OutboxJob]:
     async with rt.sessionmaker() as session:
-        return list((await session.execute(select(OutboxJob).where(OutboxJob.kind == kind)
-                                           .order_by(OutboxJob.id))).scalars())
+        return list(
+            (
+                await session.execute(select(OutboxJob).where(OutboxJob.kind == kind).order_by(OutboxJob.id))
+            ).scalars()
+        )
 
 
 def as_job(row: OutboxJob, attempts: int = 1) -> Job:

@@ -5,21 +5,24 @@ import pytest
 from channels.sms.encoding import GSM7, UCS2, is_gsm7, measure
 
 
-@pytest.mark.parametrize(("text", "encoding", "length", "segments"), [
-    ("", GSM7, 0, 0),
-    ("a" * 160, GSM7, 160, 1),
-    ("a" * 161, GSM7, 161, 2),
-    ("a" * 306, GSM7, 306, 2),
-    ("a" * 307, GSM7, 307, 3),
-    ("€" * 80, GSM7, 160, 1),  # extension table: two septets each
-    ("€" * 81, GSM7, 162, 2),
-    ("Réf: é è à ù ì ò Ç ß Ñ", GSM7, 22, 1),
-    ("ç" * 70, UCS2, 70, 1),  # lower-case ç is not in GSM 03.38
-    ("ç" * 71, UCS2, 71, 2),
-    ("ê" * 134, UCS2, 134, 2),
-    ("ê" * 135, UCS2, 135, 3),
-    ("😀" * 35, UCS2, 70, 1),  # surrogate pairs count two
-])
+@pytest.mark.parametrize(
+    ("text", "encoding", "length", "segments"),
+    [
+        ("", GSM7, 0, 0),
+        ("a" * 160, GSM7, 160, 1),
+        ("a" * 161, GSM7, 161, 2),
+        ("a" * 306, GSM7, 306, 2),
+        ("a" * 307, GSM7, 307, 3),
+        ("€" * 80, GSM7, 160, 1),  # extension table: two septets each
+        ("€" * 81, GSM7, 162, 2),
+        ("Réf: é è à ù ì ò Ç ß Ñ", GSM7, 22, 1),
+        ("ç" * 70, UCS2, 70, 1),  # lower-case ç is not in GSM 03.38
+        ("ç" * 71, UCS2, 71, 2),
+        ("ê" * 134, UCS2, 134, 2),
+        ("ê" * 135, UCS2, 135, 3),
+        ("😀" * 35, UCS2, 70, 1),  # surrogate pairs count two
+    ],
+)
 def test_measure(text: str, encoding: str, length: int, segments: int) -> None:
     size = measure(text)
     assert (size.encoding, size.length, size.segments) == (encoding, length, segments)

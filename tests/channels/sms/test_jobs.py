@@ -21,12 +21,25 @@ from tests.conftest import drain
 ALINE = "+250788000001"
 
 
-async def queue_receipt(rt: Any, demo: dict[str, Any], payment_id: str, *, dedupe: str = "receipt-1",
-                        phone: str = ALINE, template: str = "payment_receipt") -> None:
+async def queue_receipt(
+    rt: Any,
+    demo: dict[str, Any],
+    payment_id: str,
+    *,
+    dedupe: str = "receipt-1",
+    phone: str = ALINE,
+    template: str = "payment_receipt",
+) -> None:
     async with rt.sessionmaker.begin() as session:
-        await send_sms(session, template=template, cooperative_id=demo["cooperative_id"],
-                       context={"payment_id": payment_id}, cipher=rt.cipher, member_id=demo["members"][phone],
-                       dedupe=dedupe)
+        await send_sms(
+            session,
+            template=template,
+            cooperative_id=demo["cooperative_id"],
+            context={"payment_id": payment_id},
+            cipher=rt.cipher,
+            member_id=demo["members"][phone],
+            dedupe=dedupe,
+        )
 
 
 async def sms_rows(rt: Any) -> list[SmsMessage]:
@@ -34,7 +47,9 @@ async def sms_rows(rt: Any) -> list[SmsMessage]:
         return list((await session.execute(select(SmsMessage).order_by(SmsMessage.created_at))).scalars())
 
 
-async def test_receipt_goes_out_through_the_simulator(rt: Any, demo: dict[str, Any], sim: Any, worker: Any) -> None:
+async def test_receipt_goes_out_through_the_simulator(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any
+) -> None:
     payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
     await queue_receipt(rt, demo, payment.id)
     assert await drain(worker) == 1
@@ -68,8 +83,9 @@ async def test_duplicate_events_send_one_sms(rt: Any, demo: dict[str, Any], sim:
     assert len(await sms_rows(rt)) == 1
 
 
-async def test_permanent_rejection_is_recorded_not_retried(rt: Any, demo: dict[str, Any], sim: Any,
-                                                           worker: Any) -> None:
+async def test_permanent_rejection_is_recorded_not_retried(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any
+) -> None:
     sim.set_failure("UserInBlackList", number=ALINE)
     payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
     await queue_receipt(rt, demo, payment.id)
@@ -96,8 +112,9 @@ async def _make_due(rt: Any) -> None:
         await session.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
 
 
-async def test_temporary_failure_is_retried_then_sent(rt: Any, demo: dict[str, Any], sim: Any,
-                                                      worker: Any) -> None:
+async def test_temporary_failure_is_retried_then_sent(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any
+) -> None:
     sim.set_failure("http500", times=2)
     payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
     await queue_receipt(rt, demo, payment.id)
@@ -119,8 +136,9 @@ async def test_temporary_failure_is_retried_then_sent(rt: Any, demo: dict[str, A
     assert len(sim.requests) == 3
 
 
-async def test_temporary_failure_exhausted_marks_failed_and_parks(rt: Any, demo: dict[str, Any], sim: Any,
-                                                                  worker: Any) -> None:
+async def test_temporary_failure_exhausted_marks_failed_and_parks(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any
+) -> None:
     sim.set_failure("http503")
     payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
     await queue_receipt(rt, demo, payment.id)
@@ -138,8 +156,9 @@ async def test_network_error_is_retried(rt: Any, demo: dict[str, Any], worker: A
     from core.config import Secret
 
     # Nothing listens on port 9 of 127.0.0.1: connection refused.
-    rt.sms = AfricasTalkingSender(rt.http, AfricasTalkingConfig(base_url="http://127.0.0.1:9", username="u",
-                                                                api_key=Secret("k")))
+    rt.sms = AfricasTalkingSender(
+        rt.http, AfricasTalkingConfig(base_url="http://127.0.0.1:9", username="u", api_key=Secret("k"))
+    )
     payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
     await queue_receipt(rt, demo, payment.id)
     await worker.run_once()
@@ -147,16 +166,23 @@ async def test_network_error_is_retried(rt: Any, demo: dict[str, Any], worker: A
     assert job.status == "PENDING" and "network error" in job.last_error
 
 
-async def test_reminders_respect_opt_out_but_receipts_do_not(rt: Any, demo: dict[str, Any], sim: Any,
-                                                             worker: Any) -> None:
+async def test_reminders_respect_opt_out_but_receipts_do_not(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any
+) -> None:
     member_id = demo["members"][ALINE]
     async with rt.sessionmaker.begin() as session:
         await session.execute(update(Member).where(Member.id == member_id).values(reminders_opt_out=True))
     type_id = demo["payment_types"]["Monthly Rent"]
     async with rt.sessionmaker.begin() as session:
-        await send_sms(session, template="payment_reminder", cooperative_id=demo["cooperative_id"],
-                       context={"member_id": member_id, "payment_type_id": type_id, "due_date": "2026-02-01"},
-                       cipher=rt.cipher, member_id=member_id, dedupe="reminder-1")
+        await send_sms(
+            session,
+            template="payment_reminder",
+            cooperative_id=demo["cooperative_id"],
+            context={"member_id": member_id, "payment_type_id": type_id, "due_date": "2026-02-01"},
+            cipher=rt.cipher,
+            member_id=member_id,
+            dedupe="reminder-1",
+        )
     payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=member_id)
     await queue_receipt(rt, demo, payment.id)
     await drain(worker)
@@ -165,9 +191,15 @@ async def test_reminders_respect_opt_out_but_receipts_do_not(rt: Any, demo: dict
     # Opted back in: the reminder goes, with the due date and the dial code.
     async with rt.sessionmaker.begin() as session:
         await session.execute(update(Member).where(Member.id == member_id).values(reminders_opt_out=False))
-        await send_sms(session, template="payment_reminder", cooperative_id=demo["cooperative_id"],
-                       context={"member_id": member_id, "payment_type_id": type_id, "due_date": "2026-03-01"},
-                       cipher=rt.cipher, member_id=member_id, dedupe="reminder-2")
+        await send_sms(
+            session,
+            template="payment_reminder",
+            cooperative_id=demo["cooperative_id"],
+            context={"member_id": member_id, "payment_type_id": type_id, "due_date": "2026-03-01"},
+            cipher=rt.cipher,
+            member_id=member_id,
+            dedupe="reminder-2",
+        )
     await drain(worker)
     assert "01/03/2026" in sim.messages(ALINE)[-1]["message"]
     assert "*384*123*123#" in sim.messages(ALINE)[-1]["message"]
@@ -194,8 +226,9 @@ async def test_throttle_per_sender_id(rt: Any, demo: dict[str, Any], sim: Any) -
     assert await rt.redis.ttl(keys[0]) > 0
 
 
-async def test_throttled_job_is_rescheduled_without_counting_a_failure(rt: Any, demo: dict[str, Any], sim: Any,
-                                                                       worker: Any) -> None:
+async def test_throttled_job_is_rescheduled_without_counting_a_failure(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any
+) -> None:
     limit = send_limit(rt.settings.sms_rate_per_second)
     import time
 

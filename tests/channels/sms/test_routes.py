@@ -28,10 +28,21 @@ STRANGER = "+250788777666"
 
 async def sent_message(rt: Any, provider_id: str = "ATXid_X", status: str = "SENT") -> str:
     async with rt.sessionmaker.begin() as session:
-        row = SmsMessage(phone_enc=rt.cipher.encrypt(ALINE, context="sms"), phone_index=rt.cipher.blind_index(ALINE),
-                         phone_masked="+25078****001", template="help", language="en", body="hi", encoding="GSM-7",
-                         length=2, segments=1, status=status, idempotency_key=f"k-{provider_id}",
-                         provider_message_id=provider_id, sent_at=utcnow())
+        row = SmsMessage(
+            phone_enc=rt.cipher.encrypt(ALINE, context="sms"),
+            phone_index=rt.cipher.blind_index(ALINE),
+            phone_masked="+25078****001",
+            template="help",
+            language="en",
+            body="hi",
+            encoding="GSM-7",
+            length=2,
+            segments=1,
+            status=status,
+            idempotency_key=f"k-{provider_id}",
+            provider_message_id=provider_id,
+            sent_at=utcnow(),
+        )
         session.add(row)
     return row.id
 
@@ -65,26 +76,37 @@ async def test_delivery_report(rt: Any, sms_client: Any, case: dict[str, Any]) -
 async def test_final_status_is_not_reopened_by_a_late_report(rt: Any, sms_client: Any) -> None:
     sms_id = await sent_message(rt)
     await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_X", "status": "Success"})
-    late = await sms_client.post("/sms/africastalking/delivery",
-                                 data={"id": "ATXid_X", "status": "Failed", "failureReason": "DeliveryFailure"})
+    late = await sms_client.post(
+        "/sms/africastalking/delivery",
+        data={"id": "ATXid_X", "status": "Failed", "failureReason": "DeliveryFailure"},
+    )
     assert late.status == 200 and await late.text() == "ignored"
     assert (await status_of(rt, sms_id)).status == "DELIVERED"
     async with rt.sessionmaker() as session:
-        audits = (await session.execute(select(AuditEvent).where(AuditEvent.entity_id == sms_id))).scalars().all()
+        audits = (
+            (await session.execute(select(AuditEvent).where(AuditEvent.entity_id == sms_id))).scalars().all()
+        )
     assert [a.action for a in audits] == ["sms.delivered"]
 
 
 async def test_unknown_message_id_is_acknowledged(rt: Any, sms_client: Any) -> None:
-    response = await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_nope", "status": "Success"})
+    response = await sms_client.post(
+        "/sms/africastalking/delivery", data={"id": "ATXid_nope", "status": "Success"}
+    )
     assert response.status == 200 and await response.text() == "unknown"
 
 
-@pytest.mark.parametrize(("form", "message"), [
-    ({"id": "ATXid_X", "status": "Delivered"}, "unknown status 'Delivered'"),
-    ({"id": "ATXid_X"}, "id and status are required"),
-    ({"status": "Success"}, "id and status are required"),
-])
-async def test_bad_delivery_reports_are_400(rt: Any, sms_client: Any, form: dict[str, str], message: str) -> None:
+@pytest.mark.parametrize(
+    ("form", "message"),
+    [
+        ({"id": "ATXid_X", "status": "Delivered"}, "unknown status 'Delivered'"),
+        ({"id": "ATXid_X"}, "id and status are required"),
+        ({"status": "Success"}, "id and status are required"),
+    ],
+)
+async def test_bad_delivery_reports_are_400(
+    rt: Any, sms_client: Any, form: dict[str, str], message: str
+) -> None:
     sms_id = await sent_message(rt)
     response = await sms_client.post("/sms/africastalking/delivery", data=form)
     assert response.status == 400
@@ -93,31 +115,48 @@ async def test_bad_delivery_reports_are_400(rt: Any, sms_client: Any, form: dict
 
 
 async def test_callback_secret(rt: Any, aiohttp_client: Any) -> None:
-    guarded = dataclasses.replace(rt, settings=dataclasses.replace(
-        rt.settings, callback_secrets={**rt.settings.callback_secrets, "sms": Secret("s3cret")}))
+    guarded = dataclasses.replace(
+        rt,
+        settings=dataclasses.replace(
+            rt.settings, callback_secrets={**rt.settings.callback_secrets, "sms": Secret("s3cret")}
+        ),
+    )
     client = await aiohttp_client(gateway_app(guarded, guarded.settings))
     sms_id = await sent_message(rt)
     form = {"id": "ATXid_X", "status": "Success"}
     assert (await client.post("/sms/africastalking/delivery", data=form)).status == 403
     assert (await client.post("/sms/africastalking/delivery?secret=wrong", data=form)).status == 403
-    assert (await client.post("/sms/africastalking/inbound", data={"from": ALINE, "text": "HELP"})).status == 403
+    assert (
+        await client.post("/sms/africastalking/inbound", data={"from": ALINE, "text": "HELP"})
+    ).status == 403
     assert (await status_of(rt, sms_id)).status == "SENT"
     assert (await client.post("/sms/africastalking/delivery?secret=s3cret", data=form)).status == 200
     assert (await status_of(rt, sms_id)).status == "DELIVERED"
 
 
-async def test_full_loop_simulator_posts_reports_to_the_gateway(rt: Any, demo: dict[str, Any],
-                                                                aiohttp_server: Any, worker: Any) -> None:
+async def test_full_loop_simulator_posts_reports_to_the_gateway(
+    rt: Any, demo: dict[str, Any], aiohttp_server: Any, worker: Any
+) -> None:
     gateway = await aiohttp_server(gateway_app(rt))
-    _, sim = await start_simulator(aiohttp_server, rt,
-                                   delivery_url=str(gateway.make_url("/sms/africastalking/delivery")),
-                                   failures={JEAN: "InsufficientCredit"})
+    _, sim = await start_simulator(
+        aiohttp_server,
+        rt,
+        delivery_url=str(gateway.make_url("/sms/africastalking/delivery")),
+        failures={JEAN: "InsufficientCredit"},
+    )
     from core.notify import send_sms
 
     async with rt.sessionmaker.begin() as session:
         for phone in (ALINE, JEAN):
-            await send_sms(session, template="help", cooperative_id=demo["cooperative_id"], context={},
-                           cipher=rt.cipher, member_id=demo["members"][phone], dedupe=f"help-{phone}")
+            await send_sms(
+                session,
+                template="help",
+                cooperative_id=demo["cooperative_id"],
+                context={},
+                cipher=rt.cipher,
+                member_id=demo["members"][phone],
+                dedupe=f"help-{phone}",
+            )
     await drain(worker)
     for _ in range(100):
         if len(sim.reports_posted) == 2:
@@ -132,44 +171,58 @@ async def test_full_loop_simulator_posts_reports_to_the_gateway(rt: Any, demo: d
 
 # ------------------------------------------------------------------------------------------------ inbound
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("RECEIPT PAY_20260115_000001", ("RECEIPT", "en", "PAY_20260115_000001")),
-    ("risiti pay_20260115_000001", ("RECEIPT", "sw", "PAY_20260115_000001")),
-    ("Reçu PAY_1", ("RECEIPT", "fr", "PAY_1")),
-    ("INYEMEZABUGUZI PAY_1", ("RECEIPT", "rw", "PAY_1")),
-    ("status PAY_1.", ("STATUS", "en", "PAY_1")),
-    ("HALI PAY_1", ("STATUS", "sw", "PAY_1")),
-    ("statut PAY_1", ("STATUS", "fr", "PAY_1")),
-    ("imimerere PAY_1", ("STATUS", "rw", "PAY_1")),
-    ("help", ("HELP", "en", None)),
-    ("AIDE", ("HELP", "fr", None)),
-    ("ubufasha", ("HELP", "rw", None)),
-    ("msaada", ("HELP", "sw", None)),
-    ("STOP", ("STOP", "en", None)),
-    ("hagarika", ("STOP", "rw", None)),
-    ("sitisha", ("STOP", "sw", None)),
-    ("arret", ("STOP", "fr", None)),
-    ("START", ("START", "en", None)),
-    ("tangira", ("START", "rw", None)),
-    ("anza", ("START", "sw", None)),
-    ("reprendre", ("START", "fr", None)),
-    ("hello there", (None, None, "THERE")),
-    ("", (None, None, None)),
-])
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("RECEIPT PAY_20260115_000001", ("RECEIPT", "en", "PAY_20260115_000001")),
+        ("risiti pay_20260115_000001", ("RECEIPT", "sw", "PAY_20260115_000001")),
+        ("Reçu PAY_1", ("RECEIPT", "fr", "PAY_1")),
+        ("INYEMEZABUGUZI PAY_1", ("RECEIPT", "rw", "PAY_1")),
+        ("status PAY_1.", ("STATUS", "en", "PAY_1")),
+        ("HALI PAY_1", ("STATUS", "sw", "PAY_1")),
+        ("statut PAY_1", ("STATUS", "fr", "PAY_1")),
+        ("imimerere PAY_1", ("STATUS", "rw", "PAY_1")),
+        ("help", ("HELP", "en", None)),
+        ("AIDE", ("HELP", "fr", None)),
+        ("ubufasha", ("HELP", "rw", None)),
+        ("msaada", ("HELP", "sw", None)),
+        ("STOP", ("STOP", "en", None)),
+        ("hagarika", ("STOP", "rw", None)),
+        ("sitisha", ("STOP", "sw", None)),
+        ("arret", ("STOP", "fr", None)),
+        ("START", ("START", "en", None)),
+        ("tangira", ("START", "rw", None)),
+        ("anza", ("START", "sw", None)),
+        ("reprendre", ("START", "fr", None)),
+        ("hello there", (None, None, "THERE")),
+        ("", (None, None, None)),
+    ],
+)
 def test_parse_keyword(text: str, expected: tuple[Any, ...]) -> None:
     assert parse_keyword(text) == expected
 
 
 async def inbound(client: Any, phone: str, text: str, message_id: str) -> Any:
-    response = await client.post("/sms/africastalking/inbound", data={
-        "date": "2026-01-15 10:00:00", "from": phone, "id": message_id, "linkId": "L1", "text": text,
-        "to": "12345", "networkCode": "63510"})
+    response = await client.post(
+        "/sms/africastalking/inbound",
+        data={
+            "date": "2026-01-15 10:00:00",
+            "from": phone,
+            "id": message_id,
+            "linkId": "L1",
+            "text": text,
+            "to": "12345",
+            "networkCode": "63510",
+        },
+    )
     assert response.status == 200
     return response
 
 
-async def test_receipt_keyword_for_own_payment(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any,
-                                               worker: Any) -> None:
+async def test_receipt_keyword_for_own_payment(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
     payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
     await inbound(sms_client, ALINE, f"receipt {payment.reference.lower()}", "in-1")
     await inbound(sms_client, ALINE, f"receipt {payment.reference.lower()}", "in-1")  # the aggregator retried
@@ -180,7 +233,8 @@ async def test_receipt_keyword_for_own_payment(rt: Any, demo: dict[str, Any], sm
 
 
 async def test_status_keyword_in_swahili_for_a_payment_made_from_this_phone(
-        rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any) -> None:
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
     # Paid from Jean's phone for no member (an API payment): the account index proves ownership.
     payment = await make_payment(rt, demo["cooperative_id"], account=JEAN, status="PENDING")
     await inbound(sms_client, JEAN, f"HALI {payment.reference}", "in-2")
@@ -190,8 +244,9 @@ async def test_status_keyword_in_swahili_for_a_payment_made_from_this_phone(
     assert "inasubiri uthibitisho wako" in reply["message"]
 
 
-async def test_someone_elses_reference_is_refused_without_leaking(rt: Any, demo: dict[str, Any],
-                                                                  sms_client: Any, sim: Any, worker: Any) -> None:
+async def test_someone_elses_reference_is_refused_without_leaking(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
     payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
     await inbound(sms_client, STRANGER, f"RECEIPT {payment.reference}", "in-3")
     await inbound(sms_client, STRANGER, "RECEIPT PAY_20260115_999999", "in-4")
@@ -209,8 +264,9 @@ async def test_someone_elses_reference_is_refused_without_leaking(rt: Any, demo:
     assert sim.messages(JEAN)[-1]["message"] == render("not_found", "en", {"ref": payment.reference})
 
 
-async def test_stop_and_start_switch_reminders_on_every_membership(rt: Any, demo: dict[str, Any],
-                                                                   sms_client: Any, sim: Any, worker: Any) -> None:
+async def test_stop_and_start_switch_reminders_on_every_membership(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
     await inbound(sms_client, ALINE, "STOP", "in-6")
     async with rt.sessionmaker() as session:
         member = await session.get(Member, demo["members"][ALINE])
@@ -221,13 +277,17 @@ async def test_stop_and_start_switch_reminders_on_every_membership(rt: Any, demo
     async with rt.sessionmaker() as session:
         member = await session.get(Member, demo["members"][ALINE])
         assert member.reminders_opt_out is False
-        audits = (await session.execute(select(AuditEvent).where(
-            AuditEvent.action == "member.reminders_opt_out"))).scalars().all()
+        audits = (
+            (await session.execute(select(AuditEvent).where(AuditEvent.action == "member.reminders_opt_out")))
+            .scalars()
+            .all()
+        )
     assert len(audits) == 2 and all("+250788000001" not in a.actor for a in audits)
 
 
-async def test_help_and_anything_else(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any,
-                                      worker: Any) -> None:
+async def test_help_and_anything_else(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
     await inbound(sms_client, STRANGER, "AIDE", "in-8")
     await inbound(sms_client, STRANGER, "what is this", "in-9")
     await drain(worker)
@@ -236,8 +296,9 @@ async def test_help_and_anything_else(rt: Any, demo: dict[str, Any], sms_client:
     assert unknown == render("unknown", "en", {"dial": "*384*123#"})
 
 
-async def test_replies_are_rate_limited_per_phone(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any,
-                                                  worker: Any) -> None:
+async def test_replies_are_rate_limited_per_phone(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
     for i in range(7):
         await inbound(sms_client, STRANGER, "HELP", f"flood-{i}")
     await inbound(sms_client, ALINE, "HELP", "other-phone")
@@ -248,10 +309,13 @@ async def test_replies_are_rate_limited_per_phone(rt: Any, demo: dict[str, Any],
     assert keys and not any("250788" in k for k in keys)  # keyed by blind index, not the number
 
 
-@pytest.mark.parametrize(("form", "message"), [
-    ({"text": "HELP"}, "from is required"),
-    ({"from": "hello", "text": "HELP"}, "not a valid mobile number"),
-])
+@pytest.mark.parametrize(
+    ("form", "message"),
+    [
+        ({"text": "HELP"}, "from is required"),
+        ({"from": "hello", "text": "HELP"}, "not a valid mobile number"),
+    ],
+)
 async def test_bad_inbound(rt: Any, sms_client: Any, form: dict[str, str], message: str) -> None:
     response = await sms_client.post("/sms/africastalking/inbound", data=form)
     assert response.status == 400 and message in await response.text()

@@ -23,14 +23,24 @@ def make_sender(handler) -> tuple[AfricasTalkingSender, list[httpx.Request]]:  #
 
     def transport(request: httpx.Request) -> httpx.Response:
         # Fail closed: anything but the messaging endpoint is a bug.
-        if request.url != httpx.URL("https://sms.example.test/version1/messaging") or request.method != "POST":
+        if (
+            request.url != httpx.URL("https://sms.example.test/version1/messaging")
+            or request.method != "POST"
+        ):
             raise AssertionError(f"unexpected request {request.method} {request.url}")
         seen.append(request)
         return handler(request)
 
     client = httpx.AsyncClient(transport=httpx.MockTransport(transport))
-    sender = AfricasTalkingSender(client, AfricasTalkingConfig(
-        base_url="https://sms.example.test/", username="coop", api_key=Secret("k-123"), sender_id="COOPPAY"))
+    sender = AfricasTalkingSender(
+        client,
+        AfricasTalkingConfig(
+            base_url="https://sms.example.test/",
+            username="coop",
+            api_key=Secret("k-123"),
+            sender_id="COOPPAY",
+        ),
+    )
     return sender, seen
 
 
@@ -59,8 +69,14 @@ async def test_send_cases(name: str) -> None:
     assert request.headers["apiKey"] == "k-123"
     assert request.headers["Accept"] == "application/json"
     form = {k: v[0] for k, v in parse_qs(request.content.decode()).items()}
-    assert form == {"username": "coop", "to": "+250788000001", "message": "Hello", "from": "COOPPAY",
-                    "bulkSMSMode": "1", "enqueue": "1"}
+    assert form == {
+        "username": "coop",
+        "to": "+250788000001",
+        "message": "Hello",
+        "from": "COOPPAY",
+        "bulkSMSMode": "1",
+        "enqueue": "1",
+    }
 
 
 async def test_network_error_is_temporary() -> None:

@@ -13,10 +13,19 @@ from tests.channels.sms.helpers import make_payment
 
 # Long but realistic values: the longest names an admin would type.
 WORST_CASE: dict[str, Any] = {
-    "amount": "1,250,000 RWF", "type": "Monthly Rent and Service Charge", "coop": "Kigali Heights Housing Coop",
-    "ref": "PAY_20260115_000123", "txn": "MTN-1234567890123456", "date": "15/01/2026 23:30",
-    "status": "", "reason": "", "dial": "*384*123*123#", "payment_ref": "PAY_20260115_000123",
-    "due": "01/02/2026", "host": "hooks.kigali-heights.example.rw", "failures": 20,
+    "amount": "1,250,000 RWF",
+    "type": "Monthly Rent and Service Charge",
+    "coop": "Kigali Heights Housing Coop",
+    "ref": "PAY_20260115_000123",
+    "txn": "MTN-1234567890123456",
+    "date": "15/01/2026 23:30",
+    "status": "",
+    "reason": "",
+    "dial": "*384*123*123#",
+    "payment_ref": "PAY_20260115_000123",
+    "due": "01/02/2026",
+    "host": "hooks.kigali-heights.example.rw",
+    "failures": 20,
 }
 
 
@@ -25,9 +34,11 @@ WORST_CASE: dict[str, Any] = {
 def test_every_template_fits(template: str, language: str) -> None:
     catalog = CATALOGS[language]
     # The longest status and reason phrases of that language, to measure the worst case.
-    values = {**WORST_CASE, "status": max([*catalog.PAYMENT_STATUS.values(), *catalog.DISPUTE_STATUS.values()],
-                                          key=len),
-              "reason": max(catalog.REASONS.values(), key=len)}
+    values = {
+        **WORST_CASE,
+        "status": max([*catalog.PAYMENT_STATUS.values(), *catalog.DISPUTE_STATUS.values()], key=len),
+        "reason": max(catalog.REASONS.values(), key=len),
+    }
     body = render(template, language, values)
     assert "{" not in body and "}" not in body
     size = measure(body)
@@ -46,8 +57,9 @@ def test_catalogs_have_the_same_templates_and_placeholders() -> None:
         assert set(catalog.REASONS) == set(english.REASONS), language
         assert set(catalog.KEYWORDS) == set(english.KEYWORDS), language
         for name, text in catalog.MESSAGES.items():
-            assert templates._placeholders(text) <= templates._placeholders(english.MESSAGES[name]) | {"dial"}, \
-                (language, name)
+            assert templates._placeholders(text) <= templates._placeholders(english.MESSAGES[name]) | {
+                "dial"
+            }, (language, name)
 
 
 def test_render_refuses_unknown_template_and_missing_values() -> None:
@@ -64,17 +76,20 @@ def test_values_are_flattened() -> None:
     assert "\n" not in body and "A B {x}" in body
 
 
-@pytest.mark.parametrize(("reason", "key"), [
-    ("Payer has insufficient funds", "insufficient_funds"),
-    ("NOT_ENOUGH_FUNDS", "insufficient_funds"),
-    ("APPROVAL_REJECTED", "declined"),
-    ("Request cancelled by user", "declined"),
-    ("Transaction expired", "not_approved"),
-    ("Daily limit exceeded", "limit"),
-    ("Payee not found", "invalid_account"),
-    ("Internal error", "provider_error"),
-    (None, "unknown"),
-])
+@pytest.mark.parametrize(
+    ("reason", "key"),
+    [
+        ("Payer has insufficient funds", "insufficient_funds"),
+        ("NOT_ENOUGH_FUNDS", "insufficient_funds"),
+        ("APPROVAL_REJECTED", "declined"),
+        ("Request cancelled by user", "declined"),
+        ("Transaction expired", "not_approved"),
+        ("Daily limit exceeded", "limit"),
+        ("Payee not found", "invalid_account"),
+        ("Internal error", "provider_error"),
+        (None, "unknown"),
+    ],
+)
 def test_reason_key(reason: str | None, key: str) -> None:
     assert templates.reason_key(reason) == key
 
@@ -84,14 +99,23 @@ def test_dial_code() -> None:
     assert templates.dial_code("*384*123#", None) == "*384*123#"
 
 
-async def test_build_receipt_from_rows_in_member_language_and_local_time(rt: Any, demo: dict[str, Any]) -> None:
+async def test_build_receipt_from_rows_in_member_language_and_local_time(
+    rt: Any, demo: dict[str, Any]
+) -> None:
     member_id = demo["members"]["+250788000003"]  # Grace, English
     payment = await make_payment(rt, demo["cooperative_id"], account="+250788000003", member_id=member_id)
-    payload = {"template": "payment_receipt", "cooperative_id": demo["cooperative_id"], "member_id": member_id,
-               "phone_enc": None, "context": {"payment_id": payment.id}, "key": "k1"}
+    payload = {
+        "template": "payment_receipt",
+        "cooperative_id": demo["cooperative_id"],
+        "member_id": member_id,
+        "phone_enc": None,
+        "context": {"payment_id": payment.id},
+        "key": "k1",
+    }
     async with rt.sessionmaker() as session:
-        phone, language, body = await templates.build_message(session, rt.cipher, payload,
-                                                              service_code="*384*123#")
+        phone, language, body = await templates.build_message(
+            session, rt.cipher, payload, service_code="*384*123#"
+        )
     assert phone.e164 == "+250788000003"
     assert language == "en"
     assert "50,000 RWF" in body and payment.reference in body and "MTN-TX-778899" in body
@@ -101,12 +125,24 @@ async def test_build_receipt_from_rows_in_member_language_and_local_time(rt: Any
 
 async def test_build_failed_in_kinyarwanda_with_reason_and_dial(rt: Any, demo: dict[str, Any]) -> None:
     member_id = demo["members"]["+250788000001"]  # Aline, Kinyarwanda
-    payment = await make_payment(rt, demo["cooperative_id"], account="+250788000001", member_id=member_id,
-                                 status="FAILED", failure_reason="Insufficient balance")
-    payload = {"template": "payment_failed", "cooperative_id": demo["cooperative_id"], "member_id": member_id,
-               "context": {"payment_id": payment.id}}
+    payment = await make_payment(
+        rt,
+        demo["cooperative_id"],
+        account="+250788000001",
+        member_id=member_id,
+        status="FAILED",
+        failure_reason="Insufficient balance",
+    )
+    payload = {
+        "template": "payment_failed",
+        "cooperative_id": demo["cooperative_id"],
+        "member_id": member_id,
+        "context": {"payment_id": payment.id},
+    }
     async with rt.sessionmaker() as session:
-        _, language, body = await templates.build_message(session, rt.cipher, payload, service_code="*384*123#")
+        _, language, body = await templates.build_message(
+            session, rt.cipher, payload, service_code="*384*123#"
+        )
     assert language == "rw"
     assert CATALOGS["rw"].REASONS["insufficient_funds"] in body
     assert "*384*123*123#" in body  # the cooperative's extension
@@ -115,18 +151,28 @@ async def test_build_failed_in_kinyarwanda_with_reason_and_dial(rt: Any, demo: d
 async def test_build_for_a_phone_without_member(rt: Any, demo: dict[str, Any]) -> None:
     from core.phone import Phone
 
-    payload = {"template": "help", "cooperative_id": None, "member_id": None,
-               "phone_enc": rt.cipher.encrypt("+250788999999", context="sms"), "context": {"language": "sw"}}
+    payload = {
+        "template": "help",
+        "cooperative_id": None,
+        "member_id": None,
+        "phone_enc": rt.cipher.encrypt("+250788999999", context="sms"),
+        "context": {"language": "sw"},
+    }
     async with rt.sessionmaker() as session:
-        phone, language, body = await templates.build_message(session, rt.cipher, payload,
-                                                              service_code="*384*123#")
+        phone, language, body = await templates.build_message(
+            session, rt.cipher, payload, service_code="*384*123#"
+        )
     assert phone == Phone("+250788999999") and language == "sw"
     assert body.startswith("Piga *384*123# kulipa")
 
 
 async def test_build_refuses_missing_rows(rt: Any, demo: dict[str, Any]) -> None:
-    payload = {"template": "payment_receipt", "cooperative_id": demo["cooperative_id"],
-               "member_id": demo["members"]["+250788000001"], "context": {"payment_id": "nope"}}
+    payload = {
+        "template": "payment_receipt",
+        "cooperative_id": demo["cooperative_id"],
+        "member_id": demo["members"]["+250788000001"],
+        "context": {"payment_id": "nope"},
+    }
     async with rt.sessionmaker() as session:
         with pytest.raises(TemplateError, match="payment nope not found"):
             await templates.build_message(session, rt.cipher, payload)

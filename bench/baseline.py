@@ -1,0 +1,64 @@
+"""Baselines measured in the same run as the gateway: a bare aiohttp form handler and a bare asyncpg INSERT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import uuid
+
+import asyncpg
+from aiohttp import web
+
+MENU = "CON Welcome to Kigali Heights\n1. Pay\n2. My payments\n3. Problem with a payment\n4. Language\n5. Help"
+
+
+def form_app() -> web.Application:
+    async def handle(request: web.Request) -> web.Response:
+        form = await request.post()
+        _ = (form.get("sessionId"), form.get("phoneNumber"), form.get("text"))
+        return web.Response(text=MENU, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_post("/", handle)
+    return app
+
+
+def insert_app(dsn: str) -> web.Application:
+    app = web.Application()
+
+    async def pool_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+        pool = await asyncpg.create_pool(dsn, min_size=4, max_size=20)
+        async with pool.acquire() as conn:
+            await conn.execute("CREATE TABLE IF NOT EXISTS bench_baseline (id uuid PRIMARY KEY, key text UNIQUE, "
+                               "amount bigint NOT NULL, body jsonb NOT NULL, created_at timestamptz DEFAULT now())")
+        app["pool"] = pool
+        yield
+        await pool.close()
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.json()
+        row_id = uuid.uuid4()
+        async with request.app["pool"].acquire() as conn:
+            await conn.execute("INSERT INTO bench_baseline (id, key, amount, body) VALUES ($1, $2, $3, $4)",
+                               row_id, body["idempotencyKey"], int(body["amount"]), json.dumps(body))
+        return web.json_response({"id": str(row_id)}, status=201)
+
+    app.cleanup_ctx.append(pool_ctx)
+    app.router.add_post("/", handle)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=["form", "insert"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--dsn", default="")
+    args = parser.parse_args()
+    app = form_app() if args.kind == "form" else insert_app(args.dsn)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=lambda *_: None)
+
+
+if __name__ == "__main__":
+    asyncio.set_event_loop_policy(None)
+    main()

@@ -1,0 +1,134 @@
+"""The Africa's Talking simulator speaks the messaging API over HTTP, keeps inboxes and posts reports."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from channels.sms.sender import AfricasTalkingConfig, AfricasTalkingSender, SmsTemporaryError
+from channels.sms.simulator import create_simulator
+from core.config import Secret
+from core.phone import Phone
+
+KEY = "k-sim"
+
+
+@pytest.fixture
+async def http() -> Any:
+    async with httpx.AsyncClient() as client:
+        yield client
+
+
+async def serve(aiohttp_server: Any, **options: Any) -> tuple[str, Any]:
+    app = create_simulator(username="coop", api_key=KEY, **options)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/"), app
+
+
+def sender(
+    http: httpx.AsyncClient, base: str, key: str = KEY, username: str = "coop"
+) -> AfricasTalkingSender:
+    return AfricasTalkingSender(
+        http, AfricasTalkingConfig(base_url=base, username=username, api_key=Secret(key), sender_id="COOPPAY")
+    )
+
+
+async def test_send_and_inbox_over_http(aiohttp_server: Any, http: httpx.AsyncClient) -> None:
+    base, _ = await serve(aiohttp_server)
+    result = await sender(http, base).send(Phone("+250788000001"), "Murakoze cyane €")
+    assert result.accepted and result.provider_message_id.startswith("ATXid_")
+    assert result.cost == "RWF 20.0000"
+    inbox = (await http.get(f"{base}/_inbox/+250788000001")).json()
+    assert inbox["messages"][0]["message"] == "Murakoze cyane €"
+    assert inbox["messages"][0]["id"] == result.provider_message_id
+    assert (await http.get(f"{base}/_inbox/250788000001")).json()["messages"]  # '+' optional in the path
+    everything = (await http.get(f"{base}/_inbox")).json()
+    assert list(everything["inboxes"]) == ["+250788000001"]
+    assert (await http.delete(f"{base}/_inbox")).status_code == 200
+    assert (await http.get(f"{base}/_inbox")).json() == {"inboxes": {}}
+
+
+async def test_wrong_credentials(aiohttp_server: Any, http: httpx.AsyncClient) -> None:
+    base, _ = await serve(aiohttp_server)
+    with pytest.raises(SmsTemporaryError, match="401"):
+        await sender(http, base, key="wrong").send(Phone("+250788000001"), "x")
+    with pytest.raises(SmsTemporaryError, match="401"):
+        await sender(http, base, username="other").send(Phone("+250788000001"), "x")
+    raw = await http.post(
+        f"{base}/version1/messaging",
+        headers={"apiKey": KEY},
+        data={"username": "coop", "to": "", "message": ""},
+    )
+    assert raw.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [
+        ("UserInBlackList", "UserInBlacklist", 406),
+        ("InvalidPhoneNumber", "InvalidPhoneNumber", 403),
+        ("InsufficientBalance", "InsufficientBalance", 405),
+    ],
+)
+async def test_configured_send_failures(
+    aiohttp_server: Any, http: httpx.AsyncClient, failure: str, status: str, code: int
+) -> None:
+    base, _ = await serve(aiohttp_server, failures={"+250788000009": failure})
+    answer = await http.post(
+        f"{base}/version1/messaging",
+        headers={"apiKey": KEY, "Accept": "application/json"},
+        data={"username": "coop", "to": "+250788000009", "message": "x"},
+    )
+    recipient = answer.json()["SMSMessageData"]["Recipients"][0]
+    assert (recipient["statusCode"], recipient["status"]) == (code, status)
+    result = await sender(http, base).send(Phone("+250788000009"), "x")
+    assert result.permanent and result.provider_status == status
+    # Other numbers are unaffected.
+    assert (await sender(http, base).send(Phone("+250788000001"), "x")).accepted
+
+
+async def test_http_failures_through_the_control_endpoint(
+    aiohttp_server: Any, http: httpx.AsyncClient
+) -> None:
+    base, _ = await serve(aiohttp_server)
+    assert (await http.post(f"{base}/_control", json={"failure": "http500", "times": 1})).status_code == 200
+    with pytest.raises(SmsTemporaryError, match="HTTP 500"):
+        await sender(http, base).send(Phone("+250788000001"), "x")
+    assert (await sender(http, base).send(Phone("+250788000001"), "x")).accepted
+    bad = await http.post(f"{base}/_control", json={"failure": "Nope"})
+    assert bad.status_code == 400 and "unknown failure" in bad.json()["error"]
+
+
+async def test_delivery_reports_are_posted(aiohttp_server: Any, http: httpx.AsyncClient) -> None:
+    received: list[dict[str, str]] = []
+
+    async def receiver(request: web.Request) -> web.Response:
+        received.append(dict(await request.post()))
+        return web.Response(text="ok")
+
+    hook = web.Application()
+    hook.router.add_post("/dlr", receiver)
+    hook_server = await aiohttp_server(hook)
+    base, _ = await serve(
+        aiohttp_server,
+        delivery_url=str(hook_server.make_url("/dlr")),
+        delivery_delay=0.01,
+        failures={"+250788000002": "InsufficientCredit", "+250788000003": "Expired"},
+    )
+    ids = {}
+    for number in ("+250788000001", "+250788000002", "+250788000003"):
+        ids[number] = (await sender(http, base).send(Phone(number), "x")).provider_message_id
+    for _ in range(100):
+        if len(received) == 3:
+            break
+        await asyncio.sleep(0.02)
+    by_id = {r["id"]: r for r in received}
+    assert by_id[ids["+250788000001"]]["status"] == "Success"
+    assert by_id[ids["+250788000002"]]["status"] == "Failed"
+    assert by_id[ids["+250788000002"]]["failureReason"] == "InsufficientCredit"
+    assert by_id[ids["+250788000003"]]["status"] == "Expired"
+    assert by_id[ids["+250788000001"]]["phoneNumber"] == "+250788000001"

@@ -1,0 +1,45 @@
+"""Small drivers that speak each aggregator's wire format to the app under test."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+_ids = itertools.count(1)
+
+
+def new_session_id(prefix: str = "ATUid") -> str:
+    return f"{prefix}_{next(_ids):06d}"
+
+
+class AtPhone:
+    """A phone dialling through Africa's Talking: keeps the accumulated text like the aggregator does."""
+
+    def __init__(self, client: Any, phone: str, *, service_code: str = "*384*123#", session_id: str | None = None,
+                 query: str = "") -> None:
+        self.client, self.phone, self.service_code = client, phone, service_code
+        self.session_id = session_id or new_session_id()
+        self.inputs: list[str] = []
+        self.query = query
+
+    def form(self) -> dict[str, str]:
+        return {"sessionId": self.session_id, "serviceCode": self.service_code, "phoneNumber": self.phone,
+                "networkCode": "63510", "text": "*".join(self.inputs)}
+
+    async def post(self, form: dict[str, str]) -> tuple[int, str]:
+        resp = await self.client.post(f"/ussd/africastalking{self.query}", data=form)
+        return resp.status, await resp.text()
+
+    async def dial(self) -> str:
+        status, body = await self.post(self.form())
+        assert status == 200, body
+        assert body.startswith(("CON ", "END ")), body
+        return body
+
+    async def send(self, key: str) -> str:
+        self.inputs.append(key)
+        return await self.dial()
+
+    async def resend(self) -> str:
+        """The aggregator retrying the last hop."""
+        return await self.dial()

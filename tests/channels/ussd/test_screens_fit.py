@@ -1,0 +1,141 @@
+"""Every screen, in every language, fits the aggregator's limit in GSM-7 without being cut."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from channels.ussd import gsm
+from channels.ussd.engine import Ctx, End, Engine, Item, Menu, State
+from channels.ussd.i18n import LANGUAGES, catalog, translate
+from channels.ussd.screens import SCREENS
+
+LIMITS = (182, 120)  # Africa's Talking and Hubtel; Nalo
+COOP = "Kigali Heights Housing Cooperative"
+
+
+def sample_args(lang: str) -> dict[str, Any]:
+    longest_status = max((translate(lang, f"status.{s}") for s in (
+        "PENDING", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PARTIALLY_REFUNDED",
+        "REFUNDED")), key=len)
+    return {"name": COOP, "coop": COOP, "amount": "5,000,000 RWF", "ref": "PAY_20261122_001",
+            "type": "Monthly Rent", "phone": "+250788123456", "currency": "RWF",
+            "method": translate(lang, "method.MOBILE_MONEY_AIRTEL"), "status": longest_status,
+            "date": "22/11/2026", "max": "5,000,000 RWF", "example": "5000", "fee": "0 RWF"}
+
+
+def sample_items(screen_id: str, lang: str) -> list[Item]:
+    t = lambda msgid, **kw: translate(lang, msgid, **kw)  # noqa: E731
+    if screen_id == "pay_type":
+        return [Item(f"t{i}", t("pay.type_line_due", name=name, amount="50,000 RWF", day=28))
+                for i, name in enumerate(["Monthly Rent", "Water", "Security levy", "Garbage collection",
+                                          "Parking space", "Electricity", "Maintenance fund"])]
+    if screen_id in ("my_list", "dsp_pick"):
+        return [Item(f"p{i}", t("my.line", amount="50,000 RWF", type="Monthly Rent",
+                                status=t("status.PARTIALLY_REFUNDED"), ref=f"PAY_20261122_00{i}"))
+                for i in range(5)]
+    if screen_id == "coop_pick":
+        return [Item(f"c{i}", name) for i, name in enumerate(
+            [COOP, "Nyamirambo Savings Group", "Remera Teachers SACCO"])]
+    if screen_id == "pay_method":
+        return [Item(m, t(f"method.{m}")) for m in ("MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL")]
+    return []
+
+
+def sampled_engine(lang: str) -> Engine:
+    async def args(_ctx: Ctx) -> dict[str, Any]:
+        return sample_args(lang)
+
+    async def person_args(_ctx: Ctx) -> dict[str, Any]:
+        return {**sample_args(lang), "name": "Jean Bosco Habimana"}
+
+    screens = {}
+    for sid, screen in SCREENS.items():
+        changes: dict[str, Any] = {"args": person_args if sid.startswith("reg_") else args}
+        if isinstance(screen, Menu) and screen.items is not None:
+            items = sample_items(sid, lang)
+
+            async def load(_ctx: Ctx, items: list[Item] = items) -> list[Item]:
+                return items
+            changes["items"] = load
+        screens[sid] = dataclasses.replace(screen, **changes)
+    return Engine(screens)
+
+
+def problems(text: str, limit: int, where: str) -> list[str]:
+    found = []
+    if not gsm.is_gsm(text):
+        found.append(f"{where}: not GSM-7: {text!r}")
+    if gsm.length(text) > limit:
+        found.append(f"{where}: {gsm.length(text)} > {limit}: {text!r}")
+    if ".." in text:
+        found.append(f"{where}: cut to fit: {text!r}")
+    return found
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("lang", LANGUAGES)
+async def test_every_screen_fits(lang: str, limit: int) -> None:
+    engine = sampled_engine(lang)
+    failures: list[str] = []
+
+    def check(text: str, limit: int, where: str) -> None:
+        failures.extend(problems(text, limit, where))
+
+    for sid, screen in SCREENS.items():
+        # Deep in a flow: Back and Home both shown, the longest footer.
+        state = State(screen=sid, stack=["home", "pay_type"], lang=lang)
+        ctx = Ctx(rt=None, turn=None, state=state, limit=limit)
+        reply = await engine.render(ctx)
+        check(reply.text, limit, f"{lang}/{sid}")
+        assert reply.end == isinstance(screen, End)
+        if isinstance(screen, End):
+            continue
+        pages, shown = 0, 0
+        while True:
+            shown += len(state.ids)
+            assert state.ids or sid == "reg_code" or sid.endswith(("_amount", "_name")), f"{sid} page empty"
+            errored = await engine.render(ctx, error=translate(lang, "error.invalid_choice"))
+            check(errored.text, limit, f"{lang}/{sid}/error")
+            if not errored.text.startswith(translate(lang, "error.invalid_choice")):
+                failures.append(f"{lang}/{sid}: error line missing")
+            if not state.data.get("_more"):
+                break
+            state.page += 1
+            pages += 1
+            check((await engine.render(ctx)).text, limit, f"{lang}/{sid}/page{pages}")
+        if isinstance(screen, Menu):
+            assert shown == len(sample_items(sid, lang)) + len(screen.options), f"{lang}/{sid}: items lost"
+    assert not failures, "\n".join(failures)
+
+
+def test_catalogs_have_the_same_messages() -> None:
+    english = set(catalog("en"))
+    for lang in LANGUAGES:
+        assert set(catalog(lang)) == english, f"{lang}: {sorted(set(catalog(lang)) ^ english)}"
+
+
+def test_every_message_a_screen_uses_exists() -> None:
+    english = catalog("en")
+    for screen in SCREENS.values():
+        for attr in ("title", "prompt", "body", "text", "yes", "no", "error"):
+            msgid = getattr(screen, attr, None)
+            if msgid:
+                assert msgid in english, f"{screen.id}.{attr}: {msgid}"
+        for option in getattr(screen, "options", ()):
+            assert option.label in english
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_translations_keep_their_placeholders(lang: str) -> None:
+    import string
+
+    def fields(text: str) -> set[str]:
+        return {name for _, name, _, _ in string.Formatter().parse(text) if name}
+
+    for msgid, text in catalog("en").items():
+        if msgid.endswith(".short"):
+            continue
+        assert fields(catalog(lang)[msgid]) == fields(text), f"{lang}/{msgid}"

@@ -1,0 +1,433 @@
+"""Signed webhooks: registration rules, fan-out, signature checked by hand, retries, disabling, re-runs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from aiohttp import web
+from sqlalchemy import select, update
+
+from core import webhooks
+from core.audit import Actor
+from core.db import utcnow
+from core.errors import Conflict, Forbidden, NotFound, ValidationError
+from core.models import ApprovedDomain, OutboxJob, WebhookDelivery, WebhookEndpoint
+from core.notify import emit_event
+from core.outbox import PermanentJobError, RetryLater
+from tests.channels.sms.helpers import as_job, jobs_of, start_simulator
+from tests.conftest import drain
+
+ADMIN = Actor("admin:1", "api")
+SUPER = Actor("admin:super", "api")
+
+
+# -------------------------------------------------------------------------------------------- signatures
+
+
+def by_hand(secret: str, header: str, body: bytes) -> bool:
+    """An independent receiver: parse the header, recompute the HMAC, compare, check the age."""
+    fields = dict(part.split("=", 1) for part in header.split(","))
+    signed = fields["t"].encode() + b"." + body
+    expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, fields["v1"]) and abs(time.time() - int(fields["t"])) <= 300
+
+
+def test_sign_and_verify() -> None:
+    body = b'{"id":"evt_1","type":"payment.completed"}'
+    now = int(time.time())
+    header = webhooks.sign("whsec_abc", body, now)
+    assert header.startswith(f"t={now},v1=")
+    assert by_hand("whsec_abc", header, body)
+    assert webhooks.verify_signature("whsec_abc", header, body)
+    assert not webhooks.verify_signature("whsec_other", header, body)
+    assert not webhooks.verify_signature("whsec_abc", header, body + b" ")
+    assert not webhooks.verify_signature("whsec_abc", webhooks.sign("whsec_abc", body, now - 301), body)
+    assert webhooks.verify_signature("whsec_abc", webhooks.sign("whsec_abc", body, now - 10), body)
+    assert not webhooks.verify_signature("whsec_abc", "", body)
+    assert not webhooks.verify_signature("whsec_abc", f"t={now}", body)
+    assert not webhooks.verify_signature("whsec_abc", "t=abc,v1=00", body)
+    # During a secret rotation two v1 values may be sent: either may match.
+    rotated = header + ",v1=" + "0" * 64
+    assert webhooks.verify_signature("whsec_abc", rotated, body)
+
+
+# ----------------------------------------------------------------------------------- domains, endpoints
+
+
+async def approved_endpoint(
+    rt: Any, coop_id: str, url: str, events: list[str] | None = None, embedded: bool = True
+) -> tuple[WebhookEndpoint, str]:
+    from urllib.parse import urlparse
+
+    async with rt.sessionmaker.begin() as session:
+        domain = await webhooks.request_domain(
+            session, cooperative_id=coop_id, domain=urlparse(url).hostname, actor=ADMIN, embedded=embedded
+        )
+        await webhooks.approve_domain(session, domain_id=domain.id, actor=SUPER, is_super_admin=True)
+        return await webhooks.register_endpoint(
+            session,
+            rt.cipher,
+            cooperative_id=coop_id,
+            url=url,
+            events=events or list(webhooks.EVENTS),
+            actor=ADMIN,
+            embedded=embedded,
+        )
+
+
+async def test_registration_rules(rt: Any, demo: dict[str, Any]) -> None:
+    coop = demo["cooperative_id"]
+    async with rt.sessionmaker.begin() as session:
+        with pytest.raises(ValidationError, match="must use https"):
+            await webhooks.register_endpoint(
+                session,
+                rt.cipher,
+                cooperative_id=coop,
+                url="http://hooks.example.rw/x",
+                events=["payment.completed"],
+                actor=ADMIN,
+            )
+        with pytest.raises(Forbidden, match="hooks.example.rw is not approved"):
+            await webhooks.register_endpoint(
+                session,
+                rt.cipher,
+                cooperative_id=coop,
+                url="https://hooks.example.rw/x",
+                events=["payment.completed"],
+                actor=ADMIN,
+            )
+        domain = await webhooks.request_domain(
+            session, cooperative_id=coop, domain="Hooks.Example.RW.", actor=ADMIN
+        )
+        assert domain.domain == "hooks.example.rw" and domain.status == "PENDING"
+        with pytest.raises(Forbidden, match="pending approval"):
+            await webhooks.register_endpoint(
+                session,
+                rt.cipher,
+                cooperative_id=coop,
+                url="https://hooks.example.rw/x",
+                events=["payment.completed"],
+                actor=ADMIN,
+            )
+        with pytest.raises(Forbidden, match="only a super admin"):
+            await webhooks.approve_domain(session, domain_id=domain.id, actor=ADMIN, is_super_admin=False)
+        with pytest.raises(NotFound):
+            await webhooks.approve_domain(session, domain_id="nope", actor=SUPER, is_super_admin=True)
+        await webhooks.approve_domain(session, domain_id=domain.id, actor=SUPER, is_super_admin=True)
+        with pytest.raises(ValidationError, match="unknown events"):
+            await webhooks.register_endpoint(
+                session,
+                rt.cipher,
+                cooperative_id=coop,
+                url="https://hooks.example.rw/x",
+                events=["payment.exploded"],
+                actor=ADMIN,
+            )
+        with pytest.raises(ValidationError, match="non-empty list"):
+            await webhooks.register_endpoint(
+                session,
+                rt.cipher,
+                cooperative_id=coop,
+                url="https://hooks.example.rw/x",
+                events=[],
+                actor=ADMIN,
+            )
+        with pytest.raises(ValidationError, match="credentials"):
+            await webhooks.register_endpoint(
+                session,
+                rt.cipher,
+                cooperative_id=coop,
+                url="https://u:p@hooks.example.rw/x",
+                events=["payment.failed"],
+                actor=ADMIN,
+            )
+        endpoint, secret = await webhooks.register_endpoint(
+            session,
+            rt.cipher,
+            cooperative_id=coop,
+            url="https://hooks.example.rw/x",
+            events=["refund.failed", "payment.completed", "payment.completed"],
+            actor=ADMIN,
+        )
+        assert endpoint.events == ["payment.completed", "refund.failed"]
+        assert secret.startswith("whsec_") and secret not in endpoint.secret_enc
+        assert webhooks.endpoint_secret(rt.cipher, endpoint) == secret
+        # Another cooperative cannot use this cooperative's approval.
+        other = (await session.execute(select(ApprovedDomain))).scalars().all()
+        assert len(other) == 1
+
+
+@pytest.mark.parametrize(
+    ("domain", "embedded", "message"),
+    [
+        ("127.0.0.1", False, "not IP addresses or localhost"),
+        ("localhost", False, "not IP addresses or localhost"),
+        ("not a domain", False, "not a valid domain"),
+        ("nodot", False, "not a valid domain"),
+        ("", False, "domain is required"),
+    ],
+)
+def test_domain_rules(domain: str, embedded: bool, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        webhooks.normalize_domain(domain, embedded=embedded)
+
+
+def test_local_domains_allowed_in_embedded_default() -> None:
+    assert webhooks.normalize_domain("127.0.0.1", embedded=True) == "127.0.0.1"
+    assert webhooks.check_url("http://127.0.0.1:8000/hook", embedded=True)[1] == "127.0.0.1"
+
+
+async def test_endpoint_limit(rt: Any, demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(webhooks, "MAX_ENDPOINTS_PER_COOPERATIVE", 1)
+    await approved_endpoint(rt, demo["cooperative_id"], "https://a.example.rw/h")
+    with pytest.raises(Conflict, match="at most 1"):
+        await approved_endpoint(rt, demo["cooperative_id"], "https://a.example.rw/h2")
+
+
+# ---------------------------------------------------------------------------------------- fan-out, delivery
+
+
+class Receiver:
+    """A cooperative's system on 127.0.0.1 that verifies signatures itself and can be told to fail."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.answers: list[int] = []  # status codes to answer with, in order; then 200
+        self.stall: float = 0.0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests.append({"headers": dict(request.headers), "body": body})
+        if self.stall:
+            await asyncio.sleep(self.stall)
+        status = self.answers.pop(0) if self.answers else 200
+        return web.Response(status=status, text="ok")
+
+
+@pytest.fixture
+async def receiver(aiohttp_server: Any) -> tuple[Receiver, str]:
+    hook = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", hook.handle)
+    server = await aiohttp_server(app)
+    return hook, str(server.make_url("/hook"))
+
+
+async def emit(rt: Any, coop: str, event_type: str = "payment.completed", event_id: str = "evt_1") -> None:
+    async with rt.sessionmaker.begin() as session:
+        await emit_event(
+            session,
+            cooperative_id=coop,
+            event_type=event_type,
+            event_id=event_id,
+            data={"id": "p1", "reference": "PAY_20260115_001", "amount": 50000, "currency": "RWF"},
+        )
+
+
+async def test_event_is_signed_and_delivered(
+    rt: Any, demo: dict[str, Any], receiver: Any, worker: Any
+) -> None:
+    hook, url = receiver
+    coop = demo["cooperative_id"]
+    endpoint, secret = await approved_endpoint(rt, coop, url)
+    # A second endpoint on the same domain that is not subscribed to this event does not get it.
+    await approved_endpoint(rt, coop, url.replace("/hook", "/other"), events=["refund.failed"])
+    await emit(rt, coop)
+    await drain(worker)
+    assert len(hook.requests) == 1
+    request = hook.requests[0]
+    body = request["body"]
+    assert by_hand(secret, request["headers"]["X-Gateway-Signature"], body)
+    assert webhooks.verify_signature(secret, request["headers"]["X-Gateway-Signature"], body)
+    assert request["headers"]["X-Gateway-Event-Id"] == "evt_1"
+    assert request["headers"]["X-Gateway-Event"] == "payment.completed"
+    assert request["headers"]["Content-Type"] == "application/json"
+    event = json.loads(body)
+    assert event["id"] == "evt_1" and event["type"] == "payment.completed"
+    assert event["data"]["reference"] == "PAY_20260115_001" and event["cooperativeId"] == coop
+    async with rt.sessionmaker() as session:
+        [delivery] = (await session.execute(select(WebhookDelivery))).scalars().all()
+    assert delivery.status == "DELIVERED" and delivery.delivered_at is not None
+    [attempt] = delivery.attempts
+    assert attempt["status_code"] == 200 and attempt["error"] is None and attempt["latency_ms"] >= 0
+    # The same event emitted again (a duplicate callback upstream): no second delivery.
+    await emit(rt, coop)
+    await drain(worker)
+    assert len(hook.requests) == 1
+
+
+async def test_fan_out_skips_unapproved_and_disabled(
+    rt: Any, demo: dict[str, Any], receiver: Any, worker: Any
+) -> None:
+    hook, url = receiver
+    coop = demo["cooperative_id"]
+    endpoint, _ = await approved_endpoint(rt, coop, url)
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(ApprovedDomain).values(status="REJECTED"))
+    await emit(rt, coop, event_id="evt_a")
+    await drain(worker)
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(ApprovedDomain).values(status="APPROVED"))
+        await session.execute(update(WebhookEndpoint).values(status="DISABLED"))
+    await emit(rt, coop, event_id="evt_b")
+    await drain(worker)
+    assert hook.requests == []
+    assert await jobs_of(rt, "webhook.deliver") == []
+
+
+async def test_bad_event_payload_is_parked(rt: Any, demo: dict[str, Any], worker: Any) -> None:
+    await emit(rt, demo["cooperative_id"], event_type="payment.exploded")
+    await drain(worker)
+    [job] = await jobs_of(rt, "webhook.event")
+    assert job.status == "PARKED"
+
+
+async def test_failures_are_retried_with_backoff_and_recorded(
+    rt: Any, demo: dict[str, Any], receiver: Any, worker: Any
+) -> None:
+    hook, url = receiver
+    hook.answers = [500, 503]
+    endpoint, secret = await approved_endpoint(rt, demo["cooperative_id"], url)
+    await emit(rt, demo["cooperative_id"])
+    await drain(worker)
+    [job] = await jobs_of(rt, "webhook.deliver")
+    assert job.status == "PENDING" and job.attempts == 0  # RetryLater: waiting, not failing
+    assert timedelta(seconds=20) < job.run_at - utcnow() < timedelta(seconds=40)
+    for _ in range(2):
+        async with rt.sessionmaker.begin() as session:
+            await session.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
+        await drain(worker)
+    async with rt.sessionmaker() as session:
+        [delivery] = (await session.execute(select(WebhookDelivery))).scalars().all()
+        endpoint = await session.get(WebhookEndpoint, endpoint.id)
+    assert [a["status_code"] for a in delivery.attempts] == [500, 503, 200]
+    assert [a["error"] for a in delivery.attempts] == ["HTTP 500", "HTTP 503", None]
+    assert delivery.status == "DELIVERED"
+    assert endpoint.consecutive_failures == 0  # reset by the success
+    # Every attempt carried the same event id and the same bytes, each freshly signed.
+    assert len({r["body"] for r in hook.requests}) == 1
+    assert {r["headers"]["X-Gateway-Event-Id"] for r in hook.requests} == {"evt_1"}
+    assert all(by_hand(secret, r["headers"]["X-Gateway-Signature"], r["body"]) for r in hook.requests)
+    assert [r["headers"]["X-Gateway-Delivery-Attempt"] for r in hook.requests] == ["1", "2", "3"]
+
+
+def test_retry_schedule_covers_three_days() -> None:
+    delays = [webhooks.retry_delay(n) for n in range(1, 30)]
+    assert 27 <= delays[0] <= 33
+    assert all(d <= webhooks.MAX_RETRY_SECONDS * 1.1 for d in delays)
+    total, attempts = 0.0, 0
+    while total < webhooks.RETRY_FOR.total_seconds():
+        attempts += 1
+        total += webhooks.retry_delay(attempts)
+    assert 15 <= attempts <= 30
+
+
+async def test_given_up_after_three_days(rt: Any, demo: dict[str, Any], receiver: Any, worker: Any) -> None:
+    hook, url = receiver
+    hook.answers = [500]
+    await approved_endpoint(rt, demo["cooperative_id"], url)
+    await emit(rt, demo["cooperative_id"])
+    await worker.run_once()  # fan-out
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(WebhookDelivery).values(created_at=utcnow() - timedelta(days=3)))
+    [job] = await jobs_of(rt, "webhook.deliver")
+    with pytest.raises(PermanentJobError, match="within 3 days"):
+        await webhooks.deliver(rt, as_job(job))
+    async with rt.sessionmaker() as session:
+        [delivery] = (await session.execute(select(WebhookDelivery))).scalars().all()
+    assert delivery.status == "FAILED" and len(delivery.attempts) == 1
+    # A later run of the same job does nothing.
+    assert await webhooks.deliver(rt, as_job(job)) == "failed"
+    assert len(hook.requests) == 1
+
+
+async def test_endpoint_disabled_after_threshold_and_admin_told_by_sms(
+    rt: Any, demo: dict[str, Any], aiohttp_server: Any, worker: Any
+) -> None:
+    _, sim = await start_simulator(aiohttp_server, rt)
+    coop = demo["cooperative_id"]
+    # Nothing listens on 127.0.0.1:9: every attempt is a connection error.
+    endpoint, _ = await approved_endpoint(rt, coop, "http://127.0.0.1:9/hook")
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(WebhookEndpoint).values(consecutive_failures=webhooks.DISABLE_AFTER - 2))
+    await emit(rt, coop, event_id="evt_x")
+    await drain(worker)
+    async with rt.sessionmaker() as session:
+        assert (await session.get(WebhookEndpoint, endpoint.id)).status == "ACTIVE"
+    await emit(rt, coop, event_id="evt_y")
+    await drain(worker)
+    async with rt.sessionmaker() as session:
+        endpoint = await session.get(WebhookEndpoint, endpoint.id)
+        deliveries = (await session.execute(select(WebhookDelivery))).scalars().all()
+    assert endpoint.status == "DISABLED" and endpoint.disabled_at is not None
+    assert endpoint.consecutive_failures == webhooks.DISABLE_AFTER
+    assert all("ConnectError" in d.attempts[0]["error"] for d in deliveries)
+    # The cooperative's contact phone got one SMS naming the endpoint's host.
+    [sms] = sim.messages("+250788123456")
+    assert "127.0.0.1" in sms["message"] and "disabled after 20 failed deliveries" in sms["message"]
+    # The pending retry of evt_x finds the endpoint disabled: recorded, not sent.
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
+    await drain(worker)
+    async with rt.sessionmaker() as session:
+        statuses = {d.event_id: d.status for d in (await session.execute(select(WebhookDelivery))).scalars()}
+    assert statuses == {"evt_x": "FAILED", "evt_y": "FAILED"}
+    assert len(sim.messages("+250788123456")) == 1
+    # Re-enabled by an admin: counters reset.
+    async with rt.sessionmaker.begin() as session:
+        again = await webhooks.enable_endpoint(
+            session, endpoint_id=endpoint.id, cooperative_id=coop, actor=ADMIN
+        )
+    assert again.status == "ACTIVE" and again.consecutive_failures == 0
+
+
+async def test_worker_killed_mid_delivery_resends_the_same_event(
+    rt: Any, demo: dict[str, Any], receiver: Any, worker: Any
+) -> None:
+    hook, url = receiver
+    endpoint, secret = await approved_endpoint(rt, demo["cooperative_id"], url)
+    await emit(rt, demo["cooperative_id"], event_id="evt_kill")
+    await worker.run_once()  # fan-out only
+    [job] = await jobs_of(rt, "webhook.deliver")
+    hook.stall = 1.0
+    # The worker dies while the receiver holds the request: nothing is recorded on our side.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(webhooks.deliver(rt, as_job(job)), timeout=0.3)
+    async with rt.sessionmaker() as session:
+        [delivery] = (await session.execute(select(WebhookDelivery))).scalars().all()
+    assert delivery.status == "PENDING" and delivery.attempts == []
+    # The lease lapses; another worker runs the same job.
+    hook.stall = 0.0
+    assert await webhooks.deliver(rt, as_job(job, attempts=2)) == "delivered"
+    first, second = hook.requests
+    assert first["body"] == second["body"]
+    assert first["headers"]["X-Gateway-Event-Id"] == second["headers"]["X-Gateway-Event-Id"] == "evt_kill"
+    assert json.loads(second["body"])["id"] == "evt_kill"
+    assert by_hand(secret, second["headers"]["X-Gateway-Signature"], second["body"])
+
+
+def test_long_event_ids_get_a_stable_digest() -> None:
+    long_id = "evt_dispute_updated_" + "x" * 36 + "_UNDER_REVIEW"
+    assert len(webhooks.stored_event_id(long_id)) <= webhooks.MAX_EVENT_ID
+    assert webhooks.stored_event_id(long_id) == webhooks.stored_event_id(long_id)
+    assert webhooks.stored_event_id("evt_1") == "evt_1"
+
+
+async def test_retry_later_is_raised_for_a_failure(
+    rt: Any, demo: dict[str, Any], receiver: Any, worker: Any
+) -> None:
+    hook, url = receiver
+    hook.answers = [410]
+    await approved_endpoint(rt, demo["cooperative_id"], url)
+    await emit(rt, demo["cooperative_id"])
+    await worker.run_once()
+    [job] = await jobs_of(rt, "webhook.deliver")
+    with pytest.raises(RetryLater, match="HTTP 410"):
+        await webhooks.deliver(rt, as_job(job))
