@@ -23,12 +23,24 @@ def all_routes() -> list[Route]:
         payments,
         refunds,
         reports,
+        users,
         webhooks,
     )
 
-    return [*auth_routes.ROUTES, *payments.ROUTES, *refunds.ROUTES, *payment_types.ROUTES,
-            *cooperatives.ROUTES, *members.ROUTES, *disputes.ROUTES, *reports.ROUTES, *audit.ROUTES,
-            *webhooks.ROUTES, *openapi.ROUTES]
+    return [
+        *auth_routes.ROUTES,
+        *payments.ROUTES,
+        *refunds.ROUTES,
+        *payment_types.ROUTES,
+        *cooperatives.ROUTES,
+        *members.ROUTES,
+        *disputes.ROUTES,
+        *reports.ROUTES,
+        *audit.ROUTES,
+        *webhooks.ROUTES,
+        *users.ROUTES,
+        *openapi.ROUTES,
+    ]
 
 
 def create_admin_app(settings: Settings) -> web.Application:

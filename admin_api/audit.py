@@ -12,25 +12,46 @@ from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param
 from core.models import AuditEvent
 
-AUDIT_EVENT = out({
-    "id": {"type": "integer"}, "cooperativeId": {"type": ["string", "null"]}, "actor": {"type": "string"},
-    "channel": {"type": "string"}, "action": {"type": "string"}, "entityType": {"type": "string"},
-    "entityId": {"type": "string"}, "before": {"type": ["object", "null"]}, "after": {"type": ["object", "null"]},
-    "at": DATETIME,
-})
+AUDIT_EVENT = out(
+    {
+        "id": {"type": "integer"},
+        "cooperativeId": {"type": ["string", "null"]},
+        "actor": {"type": "string"},
+        "channel": {"type": "string"},
+        "action": {"type": "string"},
+        "entityType": {"type": "string"},
+        "entityId": {"type": "string"},
+        "before": {"type": ["object", "null"]},
+        "after": {"type": ["object", "null"]},
+        "at": DATETIME,
+    }
+)
 
 
 def present(e: AuditEvent) -> dict[str, Any]:
-    return {"id": e.id, "cooperativeId": e.cooperative_id, "actor": e.actor, "channel": e.channel,
-            "action": e.action, "entityType": e.entity_type, "entityId": e.entity_id, "before": e.before,
-            "after": e.after, "at": iso(e.at)}
+    return {
+        "id": e.id,
+        "cooperativeId": e.cooperative_id,
+        "actor": e.actor,
+        "channel": e.channel,
+        "action": e.action,
+        "entityType": e.entity_type,
+        "entityId": e.entity_id,
+        "before": e.before,
+        "after": e.after,
+        "at": iso(e.at),
+    }
 
 
 async def list_audit_events(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     q = ctx.query
     query = ctx.who.scope(select(AuditEvent), AuditEvent)
-    for param, column in (("entityType", AuditEvent.entity_type), ("entityId", AuditEvent.entity_id),
-                          ("actor", AuditEvent.actor), ("action", AuditEvent.action)):
+    for param, column in (
+        ("entityType", AuditEvent.entity_type),
+        ("entityId", AuditEvent.entity_id),
+        ("actor", AuditEvent.actor),
+        ("action", AuditEvent.action),
+    ):
         if q.get(param):
             query = query.where(column == q[param])
     if q.get("from"):
@@ -41,11 +62,23 @@ async def list_audit_events(request: web.Request, ctx: Ctx) -> web.StreamRespons
 
 
 ROUTES = [
-    Route("GET", "/audit-events", list_audit_events, "Audit events", "audit", "admin",
-          response=page_of(AUDIT_EVENT),
-          query={"page": PAGE, "limit": LIMIT, "entityType": Param(description="payment, refund, dispute..."),
-                 "entityId": Param(description="The entity's id"),
-                 "actor": Param(description="admin:<id>, apikey:<id>, member:<id>, system..."),
-                 "action": Param(description="e.g. payment.completed"),
-                 "from": Param("date-time"), "to": Param("date-time")}),
+    Route(
+        "GET",
+        "/audit-events",
+        list_audit_events,
+        "Audit events",
+        "audit",
+        "admin",
+        response=page_of(AUDIT_EVENT),
+        query={
+            "page": PAGE,
+            "limit": LIMIT,
+            "entityType": Param(description="payment, refund, dispute..."),
+            "entityId": Param(description="The entity's id"),
+            "actor": Param(description="admin:<id>, apikey:<id>, member:<id>, system..."),
+            "action": Param(description="e.g. payment.completed"),
+            "from": Param("date-time"),
+            "to": Param("date-time"),
+        },
+    ),
 ]

@@ -12,6 +12,7 @@ from sqlalchemy import Select, func, select
 
 from admin_api.routing import Ctx
 from core.errors import NotFound
+from core.models import Cooperative
 from core.money import Money
 
 ID = {"type": "string", "format": "uuid"}
@@ -26,9 +27,14 @@ META = {
     "type": "object",
     "required": ["page", "limit", "total", "totalPages", "hasNext", "hasPrevious"],
     "additionalProperties": False,
-    "properties": {"page": {"type": "integer"}, "limit": {"type": "integer"}, "total": {"type": "integer"},
-                   "totalPages": {"type": "integer"}, "hasNext": {"type": "boolean"},
-                   "hasPrevious": {"type": "boolean"}},
+    "properties": {
+        "page": {"type": "integer"},
+        "limit": {"type": "integer"},
+        "total": {"type": "integer"},
+        "totalPages": {"type": "integer"},
+        "hasNext": {"type": "boolean"},
+        "hasPrevious": {"type": "boolean"},
+    },
 }
 ERROR = {
     "type": "object",
@@ -36,13 +42,20 @@ ERROR = {
     "properties": {
         "statusCode": {"type": "integer"},
         "message": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-        "error": {"type": "string"}, "timestamp": DATETIME, "path": {"type": "string"},
+        "error": {"type": "string"},
+        "timestamp": DATETIME,
+        "path": {"type": "string"},
     },
 }
 
 
-def obj(properties: dict[str, Any], required: list[str] | None = None, *, strict: bool = True,
-        min_properties: int | None = None) -> dict[str, Any]:
+def obj(
+    properties: dict[str, Any],
+    required: list[str] | None = None,
+    *,
+    strict: bool = True,
+    min_properties: int | None = None,
+) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": not strict}
     if required:
         schema["required"] = required
@@ -57,8 +70,11 @@ def out(properties: dict[str, Any]) -> dict[str, Any]:
 
 
 def page_of(item: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "required": ["data", "meta"],
-            "properties": {"data": {"type": "array", "items": item}, "meta": META}}
+    return {
+        "type": "object",
+        "required": ["data", "meta"],
+        "properties": {"data": {"type": "array", "items": item}, "meta": META},
+    }
 
 
 def iso(value: datetime | None) -> str | None:
@@ -77,17 +93,37 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 def meta(page: int, limit: int, total: int) -> dict[str, Any]:
     pages = math.ceil(total / limit) if total else 0
-    return {"page": page, "limit": limit, "total": total, "totalPages": pages,
-            "hasNext": page < pages, "hasPrevious": page > 1}
+    return {
+        "page": page,
+        "limit": limit,
+        "total": total,
+        "totalPages": pages,
+        "hasNext": page < pages,
+        "hasPrevious": page > 1,
+    }
 
 
 async def paged(ctx: Ctx, query: Select[Any], present: Any) -> web.Response:
     """Count, fetch one page and present it with the seed's meta block."""
     page, limit = ctx.query["page"], ctx.query["limit"]
-    total = (await ctx.session.execute(select(func.count()).select_from(query.order_by(None).subquery()))
-             ).scalar_one()
+    total = (
+        await ctx.session.execute(select(func.count()).select_from(query.order_by(None).subquery()))
+    ).scalar_one()
     rows = (await ctx.session.execute(query.offset((page - 1) * limit).limit(limit))).scalars().all()
     return json_response({"data": [present(r) for r in rows], "meta": meta(page, limit, int(total))})
+
+
+async def target_cooperative(ctx: Ctx, requested: str | None) -> Cooperative:
+    """The cooperative a write goes to (the caller's own, or the one a super admin names), loaded."""
+    coop_id = ctx.who.target_cooperative(requested)
+    coop = (
+        await ctx.session.execute(
+            ctx.who.scope(select(Cooperative).where(Cooperative.id == coop_id), Cooperative)
+        )
+    ).scalar_one_or_none()
+    if coop is None:
+        raise NotFound("cooperative not found")
+    return coop
 
 
 async def one(ctx: Ctx, model: Any, entity_id: str, what: str) -> Any:
@@ -95,8 +131,9 @@ async def one(ctx: Ctx, model: Any, entity_id: str, what: str) -> Any:
     from admin_api.validation import check_path_id
 
     entity_id = check_path_id(entity_id, what)
-    row = (await ctx.session.execute(ctx.who.scope(select(model).where(model.id == entity_id), model))
-           ).scalar_one_or_none()
+    row = (
+        await ctx.session.execute(ctx.who.scope(select(model).where(model.id == entity_id), model))
+    ).scalar_one_or_none()
     if row is None:
         raise NotFound(f"{what} not found")
     return row

@@ -15,12 +15,22 @@ from core.models import Cooperative
 from core.money import EXPONENTS
 from core.phone import mask
 
-COOPERATIVE = out({
-    "id": ID, "name": {"type": "string"}, "shortCode": {"type": "string"}, "country": {"type": "string"},
-    "currency": {"type": "string"}, "timezone": {"type": "string"}, "ussdExtension": NULL_STRING,
-    "status": {"enum": list(service.STATUSES)}, "contactPhone": NULL_STRING,
-    "selfRegistration": {"type": "boolean"}, "createdAt": DATETIME, "updatedAt": DATETIME,
-})
+COOPERATIVE = out(
+    {
+        "id": ID,
+        "name": {"type": "string"},
+        "shortCode": {"type": "string"},
+        "country": {"type": "string"},
+        "currency": {"type": "string"},
+        "timezone": {"type": "string"},
+        "ussdExtension": NULL_STRING,
+        "status": {"enum": list(service.STATUSES)},
+        "contactPhone": NULL_STRING,
+        "selfRegistration": {"type": "boolean"},
+        "createdAt": DATETIME,
+        "updatedAt": DATETIME,
+    }
+)
 _FIELDS = {
     "name": {"type": "string", "minLength": 2, "maxLength": 200},
     "shortCode": {"type": "string", "pattern": "^[A-Za-z0-9_-]{2,32}$"},
@@ -34,16 +44,29 @@ _FIELDS = {
 }
 CREATE = obj(_FIELDS, ["name", "shortCode", "country"])
 UPDATE = obj({k: v for k, v in _FIELDS.items() if k not in ("country", "currency")}, min_properties=1)
-_NAMES = {"shortCode": "short_code", "ussdExtension": "ussd_extension", "contactPhone": "contact_phone",
-          "selfRegistration": "self_registration"}
+_NAMES = {
+    "shortCode": "short_code",
+    "ussdExtension": "ussd_extension",
+    "contactPhone": "contact_phone",
+    "selfRegistration": "self_registration",
+}
 
 
 def present(c: Cooperative) -> dict[str, Any]:
-    return {"id": c.id, "name": c.name, "shortCode": c.short_code, "country": c.country,
-            "currency": c.currency, "timezone": c.timezone, "ussdExtension": c.ussd_extension,
-            "status": c.status, "contactPhone": mask(c.contact_phone) if c.contact_phone else None,
-            "selfRegistration": c.self_registration, "createdAt": iso(c.created_at),
-            "updatedAt": iso(c.updated_at)}
+    return {
+        "id": c.id,
+        "name": c.name,
+        "shortCode": c.short_code,
+        "country": c.country,
+        "currency": c.currency,
+        "timezone": c.timezone,
+        "ussdExtension": c.ussd_extension,
+        "status": c.status,
+        "contactPhone": mask(c.contact_phone) if c.contact_phone else None,
+        "selfRegistration": c.self_registration,
+        "createdAt": iso(c.created_at),
+        "updatedAt": iso(c.updated_at),
+    }
 
 
 def _columns(body: dict[str, Any]) -> dict[str, Any]:
@@ -69,29 +92,70 @@ async def get_cooperative(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 async def update_cooperative(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     coop = await one(ctx, Cooperative, request.match_info["id"], "cooperative")
-    coop = await service.update_cooperative(ctx.session, coop, changes=_columns(ctx.body), actor=ctx.who.actor)
+    coop = await service.update_cooperative(
+        ctx.session, coop, changes=_columns(ctx.body), actor=ctx.who.actor
+    )
     await ctx.session.commit()
     return json_response(present(coop))
 
 
 async def suspend_cooperative(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     coop = await one(ctx, Cooperative, request.match_info["id"], "cooperative")
-    coop = await service.update_cooperative(ctx.session, coop, changes={"status": "SUSPENDED"},
-                                            actor=ctx.who.actor)
+    coop = await service.update_cooperative(
+        ctx.session, coop, changes={"status": "SUSPENDED"}, actor=ctx.who.actor
+    )
     await ctx.session.commit()
     return json_response(present(coop))
 
 
 ROUTES = [
-    Route("POST", "/cooperatives", create_cooperative, "Create a cooperative", "cooperatives", "super",
-          status=201, body=CREATE, response=COOPERATIVE),
-    Route("GET", "/cooperatives", list_cooperatives, "List cooperatives (admins see their own)",
-          "cooperatives", "admin", response=page_of(COOPERATIVE),
-          query={"page": PAGE, "limit": LIMIT, "status": Param(enum=service.STATUSES)}),
-    Route("GET", "/cooperatives/{id}", get_cooperative, "Get a cooperative", "cooperatives", "admin",
-          response=COOPERATIVE),
-    Route("PATCH", "/cooperatives/{id}", update_cooperative, "Update a cooperative", "cooperatives", "super",
-          body=UPDATE, response=COOPERATIVE),
-    Route("DELETE", "/cooperatives/{id}", suspend_cooperative, "Suspend a cooperative (never deleted)",
-          "cooperatives", "super", response=COOPERATIVE),
+    Route(
+        "POST",
+        "/cooperatives",
+        create_cooperative,
+        "Create a cooperative",
+        "cooperatives",
+        "super",
+        status=201,
+        body=CREATE,
+        response=COOPERATIVE,
+    ),
+    Route(
+        "GET",
+        "/cooperatives",
+        list_cooperatives,
+        "List cooperatives (admins see their own)",
+        "cooperatives",
+        "admin",
+        response=page_of(COOPERATIVE),
+        query={"page": PAGE, "limit": LIMIT, "status": Param(enum=service.STATUSES)},
+    ),
+    Route(
+        "GET",
+        "/cooperatives/{id}",
+        get_cooperative,
+        "Get a cooperative",
+        "cooperatives",
+        "admin",
+        response=COOPERATIVE,
+    ),
+    Route(
+        "PATCH",
+        "/cooperatives/{id}",
+        update_cooperative,
+        "Update a cooperative",
+        "cooperatives",
+        "super",
+        body=UPDATE,
+        response=COOPERATIVE,
+    ),
+    Route(
+        "DELETE",
+        "/cooperatives/{id}",
+        suspend_cooperative,
+        "Suspend a cooperative (never deleted)",
+        "cooperatives",
+        "super",
+        response=COOPERATIVE,
+    ),
 ]

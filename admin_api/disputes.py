@@ -31,28 +31,68 @@ from core.state.dispute import DisputeReason, DisputeStatus
 
 STATUSES = [s.value for s in DisputeStatus]
 REASONS = [r.value for r in DisputeReason]
-NOTE = {"type": "object", "properties": {"at": {"type": "string"}, "actor": {"type": "string"},
-                                         "text": NULL_STRING, "evidence": NULL_STRING,
-                                         "status": NULL_STRING}}
-DISPUTE = out({
-    "id": ID, "reference": {"type": "string"}, "paymentId": ID, "memberId": {"type": ["string", "null"]},
-    "reason": {"enum": REASONS}, "status": {"enum": STATUSES}, "channel": {"type": "string"},
-    "notes": {"type": "array", "items": NOTE}, "resolution": NULL_STRING, "refundId": {"type": ["string", "null"]},
-    "createdAt": DATETIME, "updatedAt": DATETIME, "resolvedAt": NULL_DATETIME,
-})
-CREATE = obj({"paymentId": {"type": "string", "minLength": 1, "maxLength": 64}, "reason": {"enum": REASONS},
-              "note": {"type": ["string", "null"], "maxLength": 1000}}, ["paymentId", "reason"])
-TRANSITION = obj({"status": {"enum": STATUSES}, "note": {"type": ["string", "null"], "maxLength": 2000},
-                  "evidence": {"type": ["string", "null"], "maxLength": 2000},
-                  "refundAmount": {**AMOUNT_IN, "description": "with RESOLVED: refund this much in the same step"}},
-                 ["status"])
+NOTE = {
+    "type": "object",
+    "properties": {
+        "at": {"type": "string"},
+        "actor": {"type": "string"},
+        "text": NULL_STRING,
+        "evidence": NULL_STRING,
+        "status": NULL_STRING,
+    },
+}
+DISPUTE = out(
+    {
+        "id": ID,
+        "reference": {"type": "string"},
+        "paymentId": ID,
+        "memberId": {"type": ["string", "null"]},
+        "reason": {"enum": REASONS},
+        "status": {"enum": STATUSES},
+        "channel": {"type": "string"},
+        "notes": {"type": "array", "items": NOTE},
+        "resolution": NULL_STRING,
+        "refundId": {"type": ["string", "null"]},
+        "createdAt": DATETIME,
+        "updatedAt": DATETIME,
+        "resolvedAt": NULL_DATETIME,
+    }
+)
+CREATE = obj(
+    {
+        "paymentId": {"type": "string", "minLength": 1, "maxLength": 64},
+        "reason": {"enum": REASONS},
+        "note": {"type": ["string", "null"], "maxLength": 1000},
+    },
+    ["paymentId", "reason"],
+)
+TRANSITION = obj(
+    {
+        "status": {"enum": STATUSES},
+        "note": {"type": ["string", "null"], "maxLength": 2000},
+        "evidence": {"type": ["string", "null"], "maxLength": 2000},
+        "refundAmount": {**AMOUNT_IN, "description": "with RESOLVED: refund this much in the same step"},
+    },
+    ["status"],
+)
 
 
 def present(d: Dispute) -> dict[str, Any]:
-    return {"id": d.id, "reference": d.reference, "paymentId": d.payment_id, "memberId": d.member_id,
-            "reason": d.reason, "status": d.status, "channel": d.channel, "notes": list(d.notes or []),
-            "resolution": d.resolution, "refundId": d.refund_id, "createdAt": iso(d.created_at),
-            "updatedAt": iso(d.updated_at), "resolvedAt": iso(d.resolved_at)}
+    return {
+        "id": d.id,
+        "reference": d.reference,
+        "paymentId": d.payment_id,
+        "memberId": d.member_id,
+        "reason": d.reason,
+        "status": d.status,
+        "channel": d.channel,
+        "notes": list(d.notes or []),
+        "resolution": d.resolution,
+        "refundId": d.refund_id,
+        "createdAt": iso(d.created_at),
+        "updatedAt": iso(d.updated_at),
+        "resolvedAt": iso(d.resolved_at),
+    }
 
 
 async def create_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -60,12 +100,20 @@ async def create_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         payment_id = check_path_id(ctx.body["paymentId"], "payment")
     except NotFound:
         raise NotFound("payment not found", field="paymentId") from None
-    payment = (await ctx.session.execute(ctx.who.scope(select(Payment).where(Payment.id == payment_id), Payment))
-               ).scalar_one_or_none()
+    payment = (
+        await ctx.session.execute(ctx.who.scope(select(Payment).where(Payment.id == payment_id), Payment))
+    ).scalar_one_or_none()
     if payment is None:
         raise NotFound("payment not found", field="paymentId")
-    dispute = await open_dispute(ctx.session, payment=payment, reason=ctx.body["reason"], channel="api",
-                                 actor=ctx.who.actor, cipher=ctx.rt.cipher, note=ctx.body.get("note"))
+    dispute = await open_dispute(
+        ctx.session,
+        payment=payment,
+        reason=ctx.body["reason"],
+        channel="api",
+        actor=ctx.who.actor,
+        cipher=ctx.rt.cipher,
+        note=ctx.body.get("note"),
+    )
     await ctx.session.commit()
     return json_response(present(dispute), status=201)
 
@@ -92,23 +140,68 @@ async def transition_dispute(request: web.Request, ctx: Ctx) -> web.StreamRespon
         payment = await ctx.session.get(Payment, dispute.payment_id)
         assert payment is not None
         refund_amount = Money.from_api(body["refundAmount"], payment.currency)
-    updated = await move_dispute(ctx.session, ctx.rt, dispute_id=dispute.id, cooperative_id=dispute.cooperative_id,
-                                 target=body["status"], actor=ctx.who.actor, note=body.get("note"),
-                                 evidence=body.get("evidence"), refund_amount=refund_amount)
+    updated = await move_dispute(
+        ctx.session,
+        ctx.rt,
+        dispute_id=dispute.id,
+        cooperative_id=dispute.cooperative_id,
+        target=body["status"],
+        actor=ctx.who.actor,
+        note=body.get("note"),
+        evidence=body.get("evidence"),
+        refund_amount=refund_amount,
+    )
     await ctx.session.commit()
     return json_response(present(updated))
 
 
 ROUTES = [
-    Route("POST", "/disputes", create_dispute, "Open a dispute on a payment", "disputes", "payments:write",
-          status=201, body=CREATE, response=DISPUTE, tenants=True),
-    Route("GET", "/disputes", list_disputes, "List disputes", "disputes", "payments:read",
-          response=page_of(DISPUTE), tenants=True,
-          query={"page": PAGE, "limit": LIMIT, "status": Param(enum=tuple(STATUSES)),
-                 "paymentId": Param("uuid", "Disputes of one payment")}),
-    Route("GET", "/disputes/{id}", get_dispute, "Get a dispute", "disputes", "payments:read", response=DISPUTE,
-          tenants=True),
-    Route("POST", "/disputes/{id}/transitions", transition_dispute,
-          "Move a dispute (review, resolve with optional refund, reject, withdraw)", "disputes", "admin",
-          body=TRANSITION, response=DISPUTE),
+    Route(
+        "POST",
+        "/disputes",
+        create_dispute,
+        "Open a dispute on a payment",
+        "disputes",
+        "payments:write",
+        status=201,
+        body=CREATE,
+        response=DISPUTE,
+        tenants=True,
+    ),
+    Route(
+        "GET",
+        "/disputes",
+        list_disputes,
+        "List disputes",
+        "disputes",
+        "payments:read",
+        response=page_of(DISPUTE),
+        tenants=True,
+        query={
+            "page": PAGE,
+            "limit": LIMIT,
+            "status": Param(enum=tuple(STATUSES)),
+            "paymentId": Param("uuid", "Disputes of one payment"),
+        },
+    ),
+    Route(
+        "GET",
+        "/disputes/{id}",
+        get_dispute,
+        "Get a dispute",
+        "disputes",
+        "payments:read",
+        response=DISPUTE,
+        tenants=True,
+    ),
+    Route(
+        "POST",
+        "/disputes/{id}/transitions",
+        transition_dispute,
+        "Move a dispute (review, resolve with optional refund, reject, withdraw)",
+        "disputes",
+        "admin",
+        body=TRANSITION,
+        response=DISPUTE,
+    ),
 ]

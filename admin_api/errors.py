@@ -1,4 +1,4 @@
-"""Every answer that is not a success takes the seed's shape: {statusCode, message, error, timestamp, path}."""
+"""Every failure answers in the seed's shape: {statusCode, message, error, timestamp, path}."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ RATE_DECISION = web.RequestKey("ratelimit", Decision)
 class ApiError(DomainError):
     """An HTTP-level refusal raised by the API layer itself (413, 415, 429...)."""
 
-    def __init__(self, status: int, message: str | list[str], *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str | list[str], *, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message if isinstance(message, str) else "; ".join(message))
         self.status = status
         self.code = HTTPStatus(status).phrase
@@ -33,14 +35,19 @@ def timestamp() -> str:
 
 
 def error_body(status: int, message: str | list[str], path: str) -> dict[str, object]:
-    return {"statusCode": status, "message": message, "error": HTTPStatus(status).phrase,
-            "timestamp": timestamp(), "path": path}
+    return {
+        "statusCode": status,
+        "message": message,
+        "error": HTTPStatus(status).phrase,
+        "timestamp": timestamp(),
+        "path": path,
+    }
 
 
-def error_response(request: web.Request, status: int, message: str | list[str],
-                   headers: dict[str, str] | None = None) -> web.Response:
-    response = web.json_response(error_body(status, message, request.path_qs), status=status,
-                                 headers=headers)
+def error_response(
+    request: web.Request, status: int, message: str | list[str], headers: dict[str, str] | None = None
+) -> web.Response:
+    response = web.json_response(error_body(status, message, request.path_qs), status=status, headers=headers)
     apply_rate_headers(request, response)
     return response
 
@@ -57,8 +64,9 @@ def apply_rate_headers(request: web.Request, response: web.StreamResponse) -> No
 
 
 @web.middleware
-async def error_middleware(request: web.Request,
-                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         response = await handler(request)
     except ApiError as exc:

@@ -18,29 +18,49 @@ from core.models import Cooperative, Member
 from core.phone import normalize
 
 IMPORT_LIMIT = 5 * 1024 * 1024
-MEMBER = out({
-    "id": ID, "cooperativeId": ID, "name": {"type": "string"},
-    "phone": {"type": "string", "description": "masked: +25078****456"},
-    "language": {"enum": list(service.LANGUAGES)}, "unit": NULL_STRING,
-    "status": {"enum": list(service.MEMBER_STATUSES)}, "createdAt": DATETIME, "updatedAt": DATETIME,
-})
+MEMBER = out(
+    {
+        "id": ID,
+        "cooperativeId": ID,
+        "name": {"type": "string"},
+        "phone": {"type": "string", "description": "masked: +25078****456"},
+        "language": {"enum": list(service.LANGUAGES)},
+        "unit": NULL_STRING,
+        "status": {"enum": list(service.MEMBER_STATUSES)},
+        "createdAt": DATETIME,
+        "updatedAt": DATETIME,
+    }
+)
 _FIELDS = {
     "name": {"type": "string", "minLength": 2, "maxLength": 200},
     "unit": {"type": ["string", "null"], "maxLength": 64},
     "language": {"enum": list(service.LANGUAGES)},
     "status": {"enum": list(service.MEMBER_STATUSES)},
 }
-CREATE = obj({**_FIELDS, "phone": {"type": "string", "minLength": 5, "maxLength": 32},
-              "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"}},
-             ["name", "phone"])
+CREATE = obj(
+    {
+        **_FIELDS,
+        "phone": {"type": "string", "minLength": 5, "maxLength": 32},
+        "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"},
+    },
+    ["name", "phone"],
+)
 UPDATE = obj(_FIELDS, min_properties=1)
 IMPORTED = out({"imported": {"type": "integer"}, "memberIds": {"type": "array", "items": ID}})
 
 
 def present(m: Member) -> dict[str, Any]:
-    return {"id": m.id, "cooperativeId": m.cooperative_id, "name": m.name, "phone": m.phone_masked,
-            "language": m.language, "unit": m.unit, "status": m.status, "createdAt": iso(m.created_at),
-            "updatedAt": iso(m.updated_at)}
+    return {
+        "id": m.id,
+        "cooperativeId": m.cooperative_id,
+        "name": m.name,
+        "phone": m.phone_masked,
+        "language": m.language,
+        "unit": m.unit,
+        "status": m.status,
+        "createdAt": iso(m.created_at),
+        "updatedAt": iso(m.updated_at),
+    }
 
 
 async def _cooperative(ctx: Ctx, requested: str | None) -> Cooperative:
@@ -55,9 +75,16 @@ async def create_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     body = ctx.body
     coop = await _cooperative(ctx, body.get("cooperativeId"))
     member = await service.create_member(
-        ctx.session, ctx.rt.cipher, cooperative_id=coop.id, name=body["name"],
-        phone=normalize(body["phone"], coop.country), actor=ctx.who.actor, language=body.get("language", "en"),
-        unit=body.get("unit"), status=body.get("status", "ACTIVE"))
+        ctx.session,
+        ctx.rt.cipher,
+        cooperative_id=coop.id,
+        name=body["name"],
+        phone=normalize(body["phone"], coop.country),
+        actor=ctx.who.actor,
+        language=body.get("language", "en"),
+        unit=body.get("unit"),
+        status=body.get("status", "ACTIVE"),
+    )
     await ctx.session.commit()
     return json_response(present(member), status=201)
 
@@ -84,10 +111,15 @@ async def get_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 async def update_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     member = await one(ctx, Member, request.match_info["id"], "member")
     body = ctx.body
-    member = await service.update_member(ctx.session, member, actor=ctx.who.actor, name=body.get("name"),
-                                         language=body.get("language"),
-                                         unit=body["unit"] or "" if "unit" in body else None,
-                                         status=body.get("status"))
+    member = await service.update_member(
+        ctx.session,
+        member,
+        actor=ctx.who.actor,
+        name=body.get("name"),
+        language=body.get("language"),
+        unit=body["unit"] or "" if "unit" in body else None,
+        status=body.get("status"),
+    )
     await ctx.session.commit()
     return json_response(present(member))
 
@@ -111,28 +143,91 @@ async def import_members_csv(request: web.Request, ctx: Ctx) -> web.StreamRespon
         raise ApiError(415, "Content-Type must be text/csv")
     data = await read_body(request, IMPORT_LIMIT)
     coop = await _cooperative(ctx, ctx.query.get("cooperativeId"))
-    members = await import_members(ctx.session, ctx.rt.cipher, cooperative=coop, data=data,
-                                   actor=ctx.who.actor, status=ctx.query["status"])
+    members = await import_members(
+        ctx.session,
+        ctx.rt.cipher,
+        cooperative=coop,
+        data=data,
+        actor=ctx.who.actor,
+        status=ctx.query["status"],
+    )
     await ctx.session.commit()
     return json_response({"imported": len(members), "memberIds": [m.id for m in members]}, status=201)
 
 
 ROUTES = [
-    Route("POST", "/members", create_member, "Create a member", "members", "admin", status=201, body=CREATE,
-          response=MEMBER),
-    Route("GET", "/members", list_members, "List members", "members", "admin", response=page_of(MEMBER),
-          query={"page": PAGE, "limit": LIMIT, "status": Param(enum=service.MEMBER_STATUSES),
-                 "unit": Param(description="Exact unit"), "phone": Param(description="Exact phone number"),
-                 "cooperativeId": Param("uuid", "Super admin: one cooperative")}),
-    Route("POST", "/members/import", import_members_csv, "Import members from CSV (name,phone,unit,language)",
-          "members", "admin", status=201, response=IMPORTED, raw_body="text/csv", body_limit=IMPORT_LIMIT,
-          query={"cooperativeId": Param("uuid", "Super admin: the cooperative"),
-                 "status": Param(enum=("ACTIVE", "PENDING"), default="ACTIVE")}),
-    Route("GET", "/members/{id}", get_member, "Get a member", "members", "payments:read", response=MEMBER,
-          tenants=True),
-    Route("PATCH", "/members/{id}", update_member, "Update a member", "members", "admin", body=UPDATE,
-          response=MEMBER),
+    Route(
+        "POST",
+        "/members",
+        create_member,
+        "Create a member",
+        "members",
+        "admin",
+        status=201,
+        body=CREATE,
+        response=MEMBER,
+    ),
+    Route(
+        "GET",
+        "/members",
+        list_members,
+        "List members",
+        "members",
+        "admin",
+        response=page_of(MEMBER),
+        query={
+            "page": PAGE,
+            "limit": LIMIT,
+            "status": Param(enum=service.MEMBER_STATUSES),
+            "unit": Param(description="Exact unit"),
+            "phone": Param(description="Exact phone number"),
+            "cooperativeId": Param("uuid", "Super admin: one cooperative"),
+        },
+    ),
+    Route(
+        "POST",
+        "/members/import",
+        import_members_csv,
+        "Import members from CSV (name,phone,unit,language)",
+        "members",
+        "admin",
+        status=201,
+        response=IMPORTED,
+        raw_body="text/csv",
+        body_limit=IMPORT_LIMIT,
+        query={
+            "cooperativeId": Param("uuid", "Super admin: the cooperative"),
+            "status": Param(enum=("ACTIVE", "PENDING"), default="ACTIVE"),
+        },
+    ),
+    Route(
+        "GET",
+        "/members/{id}",
+        get_member,
+        "Get a member",
+        "members",
+        "payments:read",
+        response=MEMBER,
+        tenants=True,
+    ),
+    Route(
+        "PATCH",
+        "/members/{id}",
+        update_member,
+        "Update a member",
+        "members",
+        "admin",
+        body=UPDATE,
+        response=MEMBER,
+    ),
     Route("DELETE", "/members/{id}", suspend_member, "Suspend a member", "members", "admin", response=MEMBER),
-    Route("POST", "/members/{id}/approve", approve_member, "Approve a pending member", "members", "admin",
-          response=MEMBER),
+    Route(
+        "POST",
+        "/members/{id}/approve",
+        approve_member,
+        "Approve a pending member",
+        "members",
+        "admin",
+        response=MEMBER,
+    ),
 ]

@@ -11,11 +11,23 @@ from admin_api.common import ERROR
 from admin_api.routing import Ctx, Route
 
 PREFIX = "/v1"
-_ERRORS = {400: "Invalid request (message lists every bad field)", 401: "Missing or invalid credentials",
-           403: "Not allowed for this caller", 404: "Not found (or not visible to this caller)",
-           409: "Conflict", 413: "Body too large", 422: "Business rule refused", 429: "Too many requests"}
-_SCOPE_TEXT = {"super": "super admin only", "admin": "cooperative admin, super admin, or API key with admin",
-               "payments:read": "payments:read", "payments:write": "payments:write"}
+_ERRORS = {
+    400: "Invalid request (message lists every bad field)",
+    401: "Missing or invalid credentials",
+    403: "Not allowed for this caller",
+    404: "Not found (or not visible to this caller)",
+    409: "Conflict",
+    413: "Body too large",
+    415: "Unsupported content type",
+    422: "Business rule refused",
+    429: "Too many requests",
+}
+_SCOPE_TEXT = {
+    "super": "super admin only",
+    "admin": "cooperative admin, super admin, or API key with admin",
+    "payments:read": "payments:read",
+    "payments:write": "payments:write",
+}
 
 
 def _operation(route: Route) -> dict[str, Any]:
@@ -23,30 +35,45 @@ def _operation(route: Route) -> dict[str, Any]:
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
         for name in re.findall(r"{(\w+)}", route.path)
     ]
-    params += [{"name": name, "in": "query", "required": False, "description": p.description,
-                "schema": p.schema()} for name, p in route.query.items()]
+    params += [
+        {"name": name, "in": "query", "required": False, "description": p.description, "schema": p.schema()}
+        for name, p in route.query.items()
+    ]
     rate = route.effective_limit()
-    headers = {h: {"schema": {"type": "integer"}} for h in
-               ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")}
+    headers = {
+        h: {"schema": {"type": "integer"}}
+        for h in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+    }
     if route.produces == "application/json":
         content = {"application/json": {"schema": dict(route.response or {"type": "object"})}}
     else:
         content = {route.produces: {"schema": {"type": "string"}}}
-    responses: dict[str, Any] = {str(route.status): {"description": "Success", "headers": headers,
-                                                     "content": content}}
+    responses: dict[str, Any] = {
+        str(route.status): {"description": "Success", "headers": headers, "content": content}
+    }
     for status in route.alt_statuses:
-        responses[str(status)] = {"description": "Replayed (same idempotency key and body)", "headers": headers,
-                                  "content": content}
-    errors = [400, 404, 413, 429] if route.scope is None else [400, 401, 403, 404, 409, 413, 422, 429]
+        responses[str(status)] = {
+            "description": "Replayed (same idempotency key and body)",
+            "headers": headers,
+            "content": content,
+        }
+    errors = [400, 401, 404, 413, 415, 429] if route.scope is None else sorted(_ERRORS)
     for status in errors:
-        responses[str(status)] = {"description": _ERRORS[status],
-                                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        responses[str(status)] = {
+            "description": _ERRORS[status],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
     op: dict[str, Any] = {
-        "operationId": route.name, "summary": route.summary, "tags": [route.tag], "parameters": params,
+        "operationId": route.name,
+        "summary": route.summary,
+        "tags": [route.tag],
+        "parameters": params,
         "responses": responses,
-        "description": (f"Access: {_SCOPE_TEXT.get(route.scope or '', 'public')}"
-                        f"{'; tenants see only their own' if route.tenants else ''}. "
-                        f"Rate limit: {rate.count}/{rate.window}s per caller."),
+        "description": (
+            f"Access: {_SCOPE_TEXT.get(route.scope or '', 'public')}"
+            f"{'; tenants see only their own' if route.tenants else ''}. "
+            f"Rate limit: {rate.count}/{rate.window}s per caller."
+        ),
         "security": [] if route.scope is None else [{"bearerAuth": []}, {"apiKey": []}],
     }
     if route.body is not None:
@@ -62,15 +89,20 @@ def build_document(routes: list[Route], server_url: str = PREFIX) -> dict[str, A
         paths.setdefault(PREFIX + route.path, {})[route.method.lower()] = _operation(route)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Cooperative payment gateway API", "version": "1.0.0",
-                 "description": "Payments, payment types, members, refunds, disputes, reports and webhooks "
-                                "for cooperatives. Amounts are in major units (RWF integers)."},
+        "info": {
+            "title": "Cooperative payment gateway API",
+            "version": "1.0.0",
+            "description": "Payments, payment types, members, refunds, disputes, reports and webhooks "
+            "for cooperatives. Amounts are in major units (RWF integers).",
+        },
         "servers": [{"url": "/"}],
         "paths": paths,
         "components": {
             "schemas": {"Error": ERROR},
-            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
-                                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
         },
     }
 
@@ -80,10 +112,11 @@ DOCUMENT = web.AppKey("openapi_document", dict)
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Cooperative payment gateway API</title>
 <style>body{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}h2{margin-top:2rem}
-.op{border:1px solid #ccc;border-radius:6px;margin:.5rem 0;padding:.5rem}.m{font-weight:bold;display:inline-block;
-width:5rem}.GET{color:#0a6}.POST{color:#06c}.PATCH{color:#a60}.DELETE{color:#c00}pre{background:#f6f6f6;
+.op{border:1px solid #ccc;border-radius:6px;margin:.5rem 0;padding:.5rem}
+.m{font-weight:bold;display:inline-block;width:5rem}.GET{color:#0a6}.POST{color:#06c}.PATCH{color:#a60}.DELETE{color:#c00}pre{background:#f6f6f6;
 padding:.5rem;overflow:auto;font-size:.8rem}summary{cursor:pointer}</style></head>
-<body><h1>Cooperative payment gateway API</h1><p id="intro">Loading <a href="openapi.json">openapi.json</a>...</p>
+<body><h1>Cooperative payment gateway API</h1>
+<p id="intro">Loading <a href="openapi.json">openapi.json</a>...</p>
 <div id="ops"></div>
 <script>
 fetch("openapi.json").then(r => r.json()).then(doc => {
@@ -120,9 +153,14 @@ async def openapi_json(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 async def docs_page(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    return web.Response(text=_PAGE, content_type="text/html",
-                        headers={"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline' "
-                                 "'self'; style-src 'unsafe-inline'"})
+    return web.Response(
+        text=_PAGE,
+        content_type="text/html",
+        headers={
+            "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline' "
+            "'self'; style-src 'unsafe-inline'"
+        },
+    )
 
 
 ROUTES = [

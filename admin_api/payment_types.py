@@ -32,17 +32,35 @@ from core.ratelimit import Limit
 
 INTERVAL = {"type": ["string", "null"], "enum": [*service.RECURRING_INTERVALS, None]}
 DUE_DAY = {"type": ["integer", "null"], "minimum": 1, "maximum": 28}
-PAYMENT_TYPE = out({
-    "id": ID, "name": {"type": "string"}, "description": NULL_STRING, "amount": AMOUNT_OUT,
-    "currency": {"type": "string"}, "isRecurring": {"type": "boolean"}, "recurringInterval": NULL_STRING,
-    "dueDay": {"type": ["integer", "null"]}, "isActive": {"type": "boolean"},
-    "allowCustomAmount": {"type": "boolean"}, "cooperativeId": ID, "createdAt": DATETIME, "updatedAt": DATETIME,
-})
-ACTIVE_TYPE = out({
-    "id": ID, "name": {"type": "string"}, "description": NULL_STRING, "amount": AMOUNT_OUT,
-    "currency": {"type": "string"}, "isRecurring": {"type": "boolean"}, "recurringInterval": NULL_STRING,
-    "dueDay": {"type": ["integer", "null"]},
-})
+PAYMENT_TYPE = out(
+    {
+        "id": ID,
+        "name": {"type": "string"},
+        "description": NULL_STRING,
+        "amount": AMOUNT_OUT,
+        "currency": {"type": "string"},
+        "isRecurring": {"type": "boolean"},
+        "recurringInterval": NULL_STRING,
+        "dueDay": {"type": ["integer", "null"]},
+        "isActive": {"type": "boolean"},
+        "allowCustomAmount": {"type": "boolean"},
+        "cooperativeId": ID,
+        "createdAt": DATETIME,
+        "updatedAt": DATETIME,
+    }
+)
+ACTIVE_TYPE = out(
+    {
+        "id": ID,
+        "name": {"type": "string"},
+        "description": NULL_STRING,
+        "amount": AMOUNT_OUT,
+        "currency": {"type": "string"},
+        "isRecurring": {"type": "boolean"},
+        "recurringInterval": NULL_STRING,
+        "dueDay": {"type": ["integer", "null"]},
+    }
+)
 _FIELDS = {
     "name": {"type": "string", "minLength": 1, "maxLength": 120},
     "description": {"type": ["string", "null"], "maxLength": 500},
@@ -53,32 +71,63 @@ _FIELDS = {
     "isActive": {"type": "boolean"},
     "allowCustomAmount": {"type": "boolean"},
 }
-CREATE = obj({**_FIELDS, "currency": {"enum": sorted(EXPONENTS)},
-              "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"}},
-             ["name", "amount"])
+CREATE = obj(
+    {
+        **_FIELDS,
+        "currency": {"enum": sorted(EXPONENTS)},
+        "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"},
+    },
+    ["name", "amount"],
+)
 UPDATE = obj(_FIELDS, min_properties=1)
-_NAMES = {"isRecurring": "is_recurring", "recurringInterval": "recurring_interval", "dueDay": "due_day",
-          "isActive": "is_active", "allowCustomAmount": "allow_custom_amount", "name": "name",
-          "description": "description"}
+_NAMES = {
+    "isRecurring": "is_recurring",
+    "recurringInterval": "recurring_interval",
+    "dueDay": "due_day",
+    "isActive": "is_active",
+    "allowCustomAmount": "allow_custom_amount",
+    "name": "name",
+    "description": "description",
+}
 
 
 def present(pt: PaymentType) -> dict[str, Any]:
-    return {"id": pt.id, "name": pt.name, "description": pt.description,
-            "amount": money_out(pt.amount_minor, pt.currency), "currency": pt.currency,
-            "isRecurring": pt.is_recurring, "recurringInterval": pt.recurring_interval, "dueDay": pt.due_day,
-            "isActive": pt.is_active, "allowCustomAmount": pt.allow_custom_amount,
-            "cooperativeId": pt.cooperative_id, "createdAt": iso(pt.created_at), "updatedAt": iso(pt.updated_at)}
+    return {
+        "id": pt.id,
+        "name": pt.name,
+        "description": pt.description,
+        "amount": money_out(pt.amount_minor, pt.currency),
+        "currency": pt.currency,
+        "isRecurring": pt.is_recurring,
+        "recurringInterval": pt.recurring_interval,
+        "dueDay": pt.due_day,
+        "isActive": pt.is_active,
+        "allowCustomAmount": pt.allow_custom_amount,
+        "cooperativeId": pt.cooperative_id,
+        "createdAt": iso(pt.created_at),
+        "updatedAt": iso(pt.updated_at),
+    }
 
 
 def present_active(pt: PaymentType) -> dict[str, Any]:
-    return {"id": pt.id, "name": pt.name, "description": pt.description,
-            "amount": money_out(pt.amount_minor, pt.currency), "currency": pt.currency,
-            "isRecurring": pt.is_recurring, "recurringInterval": pt.recurring_interval, "dueDay": pt.due_day}
+    return {
+        "id": pt.id,
+        "name": pt.name,
+        "description": pt.description,
+        "amount": money_out(pt.amount_minor, pt.currency),
+        "currency": pt.currency,
+        "isRecurring": pt.is_recurring,
+        "recurringInterval": pt.recurring_interval,
+        "dueDay": pt.due_day,
+    }
 
 
 async def _currency(ctx: Ctx, coop_id: str) -> str:
-    coop = (await ctx.session.execute(ctx.who.scope(select(Cooperative).where(Cooperative.id == coop_id),
-                                                    Cooperative))).scalar_one_or_none()
+    coop = (
+        await ctx.session.execute(
+            ctx.who.scope(select(Cooperative).where(Cooperative.id == coop_id), Cooperative)
+        )
+    ).scalar_one_or_none()
     if coop is None:
         raise NotFound("cooperative not found")
     return coop.currency
@@ -89,13 +138,18 @@ async def create_payment_type(request: web.Request, ctx: Ctx) -> web.StreamRespo
     coop_id = ctx.who.target_cooperative(body.get("cooperativeId"))
     currency = body.get("currency") or await _currency(ctx, coop_id)
     fields = service.PaymentTypeFields(
-        name=body["name"], amount=Money.from_api(body["amount"], currency), description=body.get("description"),
-        allow_custom_amount=body.get("allowCustomAmount", False), is_recurring=body.get("isRecurring", False),
-        recurring_interval=body.get("recurringInterval"), due_day=body.get("dueDay"),
+        name=body["name"],
+        amount=Money.from_api(body["amount"], currency),
+        description=body.get("description"),
+        allow_custom_amount=body.get("allowCustomAmount", False),
+        is_recurring=body.get("isRecurring", False),
+        recurring_interval=body.get("recurringInterval"),
+        due_day=body.get("dueDay"),
         is_active=body.get("isActive", True),
     )
-    pt = await service.create_payment_type(ctx.session, cooperative_id=coop_id, fields=fields,
-                                           actor=ctx.who.actor)
+    pt = await service.create_payment_type(
+        ctx.session, cooperative_id=coop_id, fields=fields, actor=ctx.who.actor
+    )
     await ctx.session.commit()
     return json_response(present(pt), status=201)
 
@@ -107,16 +161,22 @@ async def update_payment_type(request: web.Request, ctx: Ctx) -> web.StreamRespo
         changes["amount"] = Money.from_api(ctx.body["amount"], pt.currency)
     if "name" in changes and changes["name"] is None:
         raise ValidationError("name must not be null", field="name")
-    pt = await service.update_payment_type(ctx.session, cooperative_id=pt.cooperative_id,
-                                           payment_type_id=pt.id, changes=changes, actor=ctx.who.actor)
+    pt = await service.update_payment_type(
+        ctx.session,
+        cooperative_id=pt.cooperative_id,
+        payment_type_id=pt.id,
+        changes=changes,
+        actor=ctx.who.actor,
+    )
     await ctx.session.commit()
     return json_response(present(pt))
 
 
 async def deactivate_payment_type(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     pt = await one(ctx, PaymentType, request.match_info["id"], "payment type")
-    pt = await service.deactivate_payment_type(ctx.session, cooperative_id=pt.cooperative_id,
-                                               payment_type_id=pt.id, actor=ctx.who.actor)
+    pt = await service.deactivate_payment_type(
+        ctx.session, cooperative_id=pt.cooperative_id, payment_type_id=pt.id, actor=ctx.who.actor
+    )
     await ctx.session.commit()
     return json_response(present(pt))
 
@@ -145,19 +205,72 @@ async def get_payment_type(request: web.Request, ctx: Ctx) -> web.StreamResponse
 
 COOP_PARAM = Param("uuid", "Super admin: the cooperative")
 ROUTES = [
-    Route("POST", "/payment-types", create_payment_type, "Create a payment type", "payment-types", "admin",
-          status=201, body=CREATE, response=PAYMENT_TYPE, limit=Limit("payment-types:create", 20)),
-    Route("GET", "/payment-types", list_payment_types, "List payment types", "payment-types",
-          "payments:read", response=page_of(PAYMENT_TYPE), tenants=True,
-          query={"page": PAGE, "limit": LIMIT, "cooperativeId": COOP_PARAM,
-                 "includeInactive": Param("boolean", "Include inactive payment types", False)}),
-    Route("GET", "/payment-types/active", active_payment_types, "Active payment types (USSD menu)",
-          "payment-types", "payments:read", response={"type": "array", "items": ACTIVE_TYPE},
-          query={"cooperativeId": COOP_PARAM}, tenants=True),
-    Route("GET", "/payment-types/{id}", get_payment_type, "Get a payment type", "payment-types",
-          "payments:read", response=PAYMENT_TYPE, tenants=True),
-    Route("PATCH", "/payment-types/{id}", update_payment_type, "Update a payment type", "payment-types",
-          "admin", body=UPDATE, response=PAYMENT_TYPE),
-    Route("DELETE", "/payment-types/{id}", deactivate_payment_type, "Deactivate a payment type",
-          "payment-types", "admin", response=PAYMENT_TYPE),
+    Route(
+        "POST",
+        "/payment-types",
+        create_payment_type,
+        "Create a payment type",
+        "payment-types",
+        "admin",
+        status=201,
+        body=CREATE,
+        response=PAYMENT_TYPE,
+        limit=Limit("payment-types:create", 20),
+    ),
+    Route(
+        "GET",
+        "/payment-types",
+        list_payment_types,
+        "List payment types",
+        "payment-types",
+        "payments:read",
+        response=page_of(PAYMENT_TYPE),
+        tenants=True,
+        query={
+            "page": PAGE,
+            "limit": LIMIT,
+            "cooperativeId": COOP_PARAM,
+            "includeInactive": Param("boolean", "Include inactive payment types", False),
+        },
+    ),
+    Route(
+        "GET",
+        "/payment-types/active",
+        active_payment_types,
+        "Active payment types (USSD menu)",
+        "payment-types",
+        "payments:read",
+        response={"type": "array", "items": ACTIVE_TYPE},
+        query={"cooperativeId": COOP_PARAM},
+        tenants=True,
+    ),
+    Route(
+        "GET",
+        "/payment-types/{id}",
+        get_payment_type,
+        "Get a payment type",
+        "payment-types",
+        "payments:read",
+        response=PAYMENT_TYPE,
+        tenants=True,
+    ),
+    Route(
+        "PATCH",
+        "/payment-types/{id}",
+        update_payment_type,
+        "Update a payment type",
+        "payment-types",
+        "admin",
+        body=UPDATE,
+        response=PAYMENT_TYPE,
+    ),
+    Route(
+        "DELETE",
+        "/payment-types/{id}",
+        deactivate_payment_type,
+        "Deactivate a payment type",
+        "payment-types",
+        "admin",
+        response=PAYMENT_TYPE,
+    ),
 ]

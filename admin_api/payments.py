@@ -35,34 +35,62 @@ from core.state.payment import PaymentStatus
 
 STATUSES = tuple(s.value for s in PaymentStatus)
 
-PAYMENT = out({
-    "id": ID, "amount": AMOUNT_OUT, "currency": {"type": "string"}, "status": {"enum": list(STATUSES)},
-    "paymentMethod": {"enum": list(METHODS)}, "paymentAccount": {"type": "string"},
-    "reference": {"type": "string"}, "gatewayTransactionId": NULL_STRING, "gatewayReference": NULL_STRING,
-    "paymentUrl": NULL_STRING, "description": NULL_STRING, "dueDate": NULL_DATETIME,
-    "completedAt": NULL_DATETIME, "createdAt": DATETIME, "updatedAt": DATETIME,
-    "paymentTypeId": ID, "memberId": {"type": ["string", "null"]}, "cooperativeId": ID,
-    "fee": AMOUNT_OUT, "refundedAmount": AMOUNT_OUT, "channel": {"type": "string"},
-    "failureReason": NULL_STRING, "mismatch": {"type": "boolean"}, "late": {"type": "boolean"},
-})
-PAYMENT_STATUS = out({
-    "id": ID, "reference": {"type": "string"}, "status": {"enum": list(STATUSES)},
-    "failureReason": NULL_STRING, "completedAt": NULL_DATETIME, "updatedAt": DATETIME,
-})
-PAYMENT_CREATE = obj({
-    "paymentTypeId": {"type": "string", "minLength": 1, "maxLength": 64},
-    "amount": AMOUNT_IN,
-    "paymentMethod": {"enum": list(METHODS)},
-    "paymentAccount": {"type": "string", "minLength": 3, "maxLength": 120},
-    "description": {"type": ["string", "null"], "maxLength": 500},
-    "dueDate": {"type": ["string", "null"], "format": "date-time"},
-    "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128},
-    "memberId": {"type": "string", "format": "uuid", "description": "admins: the member paying"},
-    "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"},
-}, ["paymentTypeId", "amount", "paymentMethod", "paymentAccount", "idempotencyKey"])
+PAYMENT = out(
+    {
+        "id": ID,
+        "amount": AMOUNT_OUT,
+        "currency": {"type": "string"},
+        "status": {"enum": list(STATUSES)},
+        "paymentMethod": {"enum": list(METHODS)},
+        "paymentAccount": {"type": "string"},
+        "reference": {"type": "string"},
+        "gatewayTransactionId": NULL_STRING,
+        "gatewayReference": NULL_STRING,
+        "paymentUrl": NULL_STRING,
+        "description": NULL_STRING,
+        "dueDate": NULL_DATETIME,
+        "completedAt": NULL_DATETIME,
+        "createdAt": DATETIME,
+        "updatedAt": DATETIME,
+        "paymentTypeId": ID,
+        "memberId": {"type": ["string", "null"]},
+        "cooperativeId": ID,
+        "fee": AMOUNT_OUT,
+        "refundedAmount": AMOUNT_OUT,
+        "channel": {"type": "string"},
+        "failureReason": NULL_STRING,
+        "mismatch": {"type": "boolean"},
+        "late": {"type": "boolean"},
+    }
+)
+PAYMENT_STATUS = out(
+    {
+        "id": ID,
+        "reference": {"type": "string"},
+        "status": {"enum": list(STATUSES)},
+        "failureReason": NULL_STRING,
+        "completedAt": NULL_DATETIME,
+        "updatedAt": DATETIME,
+    }
+)
+PAYMENT_CREATE = obj(
+    {
+        "paymentTypeId": {"type": "string", "minLength": 1, "maxLength": 64},
+        "amount": AMOUNT_IN,
+        "paymentMethod": {"enum": list(METHODS)},
+        "paymentAccount": {"type": "string", "minLength": 3, "maxLength": 120},
+        "description": {"type": ["string", "null"], "maxLength": 500},
+        "dueDate": {"type": ["string", "null"], "format": "date-time"},
+        "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128},
+        "memberId": {"type": "string", "format": "uuid", "description": "admins: the member paying"},
+        "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"},
+    },
+    ["paymentTypeId", "amount", "paymentMethod", "paymentAccount", "idempotencyKey"],
+)
 
 LIST_QUERY = {
-    "page": PAGE, "limit": LIMIT,
+    "page": PAGE,
+    "limit": LIMIT,
     "status": Param(enum=STATUSES, description="Filter by payment status"),
     "paymentMethod": Param(enum=METHODS, description="Filter by payment method"),
     "paymentTypeId": Param("uuid", "Filter by payment type"),
@@ -75,15 +103,29 @@ LIST_QUERY = {
 
 def present(p: Payment) -> dict[str, Any]:
     return {
-        "id": p.id, "amount": money_out(p.amount_minor, p.currency), "currency": p.currency,
-        "status": p.status, "paymentMethod": p.method, "paymentAccount": p.payment_account_masked,
-        "reference": p.reference, "gatewayTransactionId": p.provider_transaction_id,
-        "gatewayReference": p.gateway_reference or p.provider_reference, "paymentUrl": p.payment_url,
-        "description": p.description, "dueDate": iso(p.due_date), "completedAt": iso(p.completed_at),
-        "createdAt": iso(p.created_at), "updatedAt": iso(p.updated_at), "paymentTypeId": p.payment_type_id,
-        "memberId": p.member_id, "cooperativeId": p.cooperative_id,
-        "fee": money_out(p.fee_minor, p.currency), "refundedAmount": money_out(p.refunded_minor, p.currency),
-        "channel": p.channel, "failureReason": p.failure_reason, "mismatch": bool(p.mismatch),
+        "id": p.id,
+        "amount": money_out(p.amount_minor, p.currency),
+        "currency": p.currency,
+        "status": p.status,
+        "paymentMethod": p.method,
+        "paymentAccount": p.payment_account_masked,
+        "reference": p.reference,
+        "gatewayTransactionId": p.provider_transaction_id,
+        "gatewayReference": p.gateway_reference or p.provider_reference,
+        "paymentUrl": p.payment_url,
+        "description": p.description,
+        "dueDate": iso(p.due_date),
+        "completedAt": iso(p.completed_at),
+        "createdAt": iso(p.created_at),
+        "updatedAt": iso(p.updated_at),
+        "paymentTypeId": p.payment_type_id,
+        "memberId": p.member_id,
+        "cooperativeId": p.cooperative_id,
+        "fee": money_out(p.fee_minor, p.currency),
+        "refundedAmount": money_out(p.refunded_minor, p.currency),
+        "channel": p.channel,
+        "failureReason": p.failure_reason,
+        "mismatch": bool(p.mismatch),
         "late": bool(p.late),
     }
 
@@ -97,7 +139,9 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
             raise NotFound("member not found")
         member_id = who.member_id
     elif member_id:
-        visible = await ctx.session.execute(who.scope(select(Member.id).where(Member.id == member_id), Member))
+        visible = await ctx.session.execute(
+            who.scope(select(Member.id).where(Member.id == member_id), Member)
+        )
         if visible.scalar_one_or_none() is None:
             raise NotFound("member not found")
     ptype = await get_payment_type(ctx.session, coop_id, body["paymentTypeId"])
@@ -105,10 +149,16 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
         raise NotFound("payment type not found")
     due = body.get("dueDate")
     new = NewPayment(
-        cooperative_id=coop_id, payment_type_id=ptype.id, method=body["paymentMethod"],
-        account=body["paymentAccount"], idempotency_key=body["idempotencyKey"], channel="api",
-        amount=Money.from_api(body["amount"], ptype.currency), member_id=member_id,
-        description=body.get("description"), due_date=_parse_due(due) if due else None,
+        cooperative_id=coop_id,
+        payment_type_id=ptype.id,
+        method=body["paymentMethod"],
+        account=body["paymentAccount"],
+        idempotency_key=body["idempotencyKey"],
+        channel="api",
+        amount=Money.from_api(body["amount"], ptype.currency),
+        member_id=member_id,
+        description=body.get("description"),
+        due_date=_parse_due(due) if due else None,
     )
     payment, created = await create_payment(ctx.session, ctx.rt, new, actor=who.actor)
     await ctx.session.commit()
@@ -130,9 +180,13 @@ def _parse_due(text: str) -> Any:
 def filtered(ctx: Ctx) -> Any:
     q = ctx.query
     query = ctx.who.scope(select(Payment), Payment)
-    for param, column in (("status", Payment.status), ("paymentMethod", Payment.method),
-                          ("paymentTypeId", Payment.payment_type_id), ("member", Payment.member_id),
-                          ("cooperativeId", Payment.cooperative_id)):
+    for param, column in (
+        ("status", Payment.status),
+        ("paymentMethod", Payment.method),
+        ("paymentTypeId", Payment.payment_type_id),
+        ("member", Payment.member_id),
+        ("cooperativeId", Payment.cooperative_id),
+    ):
         if q.get(param) is not None:
             query = query.where(column == q[param])
     if q.get("from") is not None:
@@ -152,28 +206,84 @@ async def get_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 async def payment_status(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     p = await one(ctx, Payment, request.match_info["id"], "payment")
-    return json_response({"id": p.id, "reference": p.reference, "status": p.status,
-                          "failureReason": p.failure_reason, "completedAt": iso(p.completed_at),
-                          "updatedAt": iso(p.updated_at)})
+    return json_response(
+        {
+            "id": p.id,
+            "reference": p.reference,
+            "status": p.status,
+            "failureReason": p.failure_reason,
+            "completedAt": iso(p.completed_at),
+            "updatedAt": iso(p.updated_at),
+        }
+    )
 
 
 async def member_transactions(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     member = await one(ctx, Member, request.match_info["id"], "member")
-    query = (ctx.who.scope(select(Payment), Payment).where(Payment.member_id == member.id)
-             .order_by(Payment.created_at.desc(), Payment.id.desc()))
+    query = (
+        ctx.who.scope(select(Payment), Payment)
+        .where(Payment.member_id == member.id)
+        .order_by(Payment.created_at.desc(), Payment.id.desc())
+    )
     return await paged(ctx, query, present)
 
 
 ROUTES = [
-    Route("POST", "/payments", initiate_payment, "Initiate a payment", "payments", "payments:write",
-          status=201, body=PAYMENT_CREATE, response=PAYMENT, limit=Limit("payments:create", 10), tenants=True,
-          alt_statuses=(200,)),
-    Route("GET", "/payments", list_payments, "List payments", "payments", "payments:read",
-          query=LIST_QUERY, response=page_of(PAYMENT), limit=Limit("payments:list", 100), tenants=True),
-    Route("GET", "/payments/{id}", get_payment, "Get a payment by id", "payments", "payments:read",
-          response=PAYMENT, tenants=True),
-    Route("GET", "/payments/{id}/status", payment_status, "Get a payment's status", "payments",
-          "payments:read", response=PAYMENT_STATUS, tenants=True),
-    Route("GET", "/members/{id}/transactions", member_transactions, "A member's payments", "members",
-          "payments:read", query={"page": PAGE, "limit": LIMIT}, response=page_of(PAYMENT), tenants=True),
+    Route(
+        "POST",
+        "/payments",
+        initiate_payment,
+        "Initiate a payment",
+        "payments",
+        "payments:write",
+        status=201,
+        body=PAYMENT_CREATE,
+        response=PAYMENT,
+        limit=Limit("payments:create", 10),
+        tenants=True,
+        alt_statuses=(200,),
+    ),
+    Route(
+        "GET",
+        "/payments",
+        list_payments,
+        "List payments",
+        "payments",
+        "payments:read",
+        query=LIST_QUERY,
+        response=page_of(PAYMENT),
+        limit=Limit("payments:list", 100),
+        tenants=True,
+    ),
+    Route(
+        "GET",
+        "/payments/{id}",
+        get_payment,
+        "Get a payment by id",
+        "payments",
+        "payments:read",
+        response=PAYMENT,
+        tenants=True,
+    ),
+    Route(
+        "GET",
+        "/payments/{id}/status",
+        payment_status,
+        "Get a payment's status",
+        "payments",
+        "payments:read",
+        response=PAYMENT_STATUS,
+        tenants=True,
+    ),
+    Route(
+        "GET",
+        "/members/{id}/transactions",
+        member_transactions,
+        "A member's payments",
+        "members",
+        "payments:read",
+        query={"page": PAGE, "limit": LIMIT},
+        response=page_of(PAYMENT),
+        tenants=True,
+    ),
 ]

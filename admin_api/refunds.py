@@ -30,26 +30,54 @@ from core.money import Money
 from core.refunds import request_refund
 from core.state.refund import RefundStatus
 
-REFUND = out({
-    "id": ID, "paymentId": ID, "reference": {"type": "string"}, "amount": AMOUNT_OUT,
-    "currency": {"type": "string"}, "status": {"enum": [s.value for s in RefundStatus]}, "reason": NULL_STRING,
-    "failureReason": NULL_STRING, "disputeId": {"type": ["string", "null"]}, "createdAt": DATETIME,
-    "updatedAt": DATETIME, "completedAt": NULL_DATETIME,
-})
-CREATE = obj({
-    "amount": {**AMOUNT_IN, "description": "major units; omitted = everything still refundable"},
-    "reason": {"type": ["string", "null"], "maxLength": 300},
-    "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128},
-}, ["idempotencyKey"])
-LIST_QUERY = {"page": PAGE, "limit": LIMIT, "status": Param(enum=tuple(s.value for s in RefundStatus)),
-              "from": Param("date-time"), "to": Param("date-time")}
+REFUND = out(
+    {
+        "id": ID,
+        "paymentId": ID,
+        "reference": {"type": "string"},
+        "amount": AMOUNT_OUT,
+        "currency": {"type": "string"},
+        "status": {"enum": [s.value for s in RefundStatus]},
+        "reason": NULL_STRING,
+        "failureReason": NULL_STRING,
+        "disputeId": {"type": ["string", "null"]},
+        "createdAt": DATETIME,
+        "updatedAt": DATETIME,
+        "completedAt": NULL_DATETIME,
+    }
+)
+CREATE = obj(
+    {
+        "amount": {**AMOUNT_IN, "description": "major units; omitted = everything still refundable"},
+        "reason": {"type": ["string", "null"], "maxLength": 300},
+        "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128},
+    },
+    ["idempotencyKey"],
+)
+LIST_QUERY = {
+    "page": PAGE,
+    "limit": LIMIT,
+    "status": Param(enum=tuple(s.value for s in RefundStatus)),
+    "from": Param("date-time"),
+    "to": Param("date-time"),
+}
 
 
 def present(r: Refund) -> dict[str, Any]:
-    return {"id": r.id, "paymentId": r.payment_id, "reference": r.reference,
-            "amount": money_out(r.amount_minor, r.currency), "currency": r.currency, "status": r.status,
-            "reason": r.reason, "failureReason": r.failure_reason, "disputeId": r.dispute_id,
-            "createdAt": iso(r.created_at), "updatedAt": iso(r.updated_at), "completedAt": iso(r.completed_at)}
+    return {
+        "id": r.id,
+        "paymentId": r.payment_id,
+        "reference": r.reference,
+        "amount": money_out(r.amount_minor, r.currency),
+        "currency": r.currency,
+        "status": r.status,
+        "reason": r.reason,
+        "failureReason": r.failure_reason,
+        "disputeId": r.dispute_id,
+        "createdAt": iso(r.created_at),
+        "updatedAt": iso(r.updated_at),
+        "completedAt": iso(r.completed_at),
+    }
 
 
 async def create_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -57,8 +85,15 @@ async def create_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     body = ctx.body
     amount = Money.from_api(body["amount"], payment.currency) if body.get("amount") is not None else None
     refund, created = await request_refund(
-        ctx.session, ctx.rt, payment_id=payment.id, cooperative_id=payment.cooperative_id, amount=amount,
-        reason=body.get("reason"), idempotency_key=body["idempotencyKey"], actor=ctx.who.actor)
+        ctx.session,
+        ctx.rt,
+        payment_id=payment.id,
+        cooperative_id=payment.cooperative_id,
+        amount=amount,
+        reason=body.get("reason"),
+        idempotency_key=body["idempotencyKey"],
+        actor=ctx.who.actor,
+    )
     await ctx.session.commit()
     return json_response(present(refund), status=201 if created else 200)
 
@@ -89,11 +124,37 @@ async def get_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 ROUTES = [
-    Route("POST", "/payments/{id}/refunds", create_refund, "Refund a payment (amount optional = full)",
-          "refunds", "admin", status=201, body=CREATE, response=REFUND, alt_statuses=(200,)),
-    Route("GET", "/payments/{id}/refunds", list_payment_refunds, "List a payment's refunds", "refunds",
-          "payments:read", query=LIST_QUERY, response=page_of(REFUND)),
-    Route("GET", "/refunds", list_refunds, "List refunds", "refunds", "payments:read", query=LIST_QUERY,
-          response=page_of(REFUND)),
+    Route(
+        "POST",
+        "/payments/{id}/refunds",
+        create_refund,
+        "Refund a payment (amount optional = full)",
+        "refunds",
+        "admin",
+        status=201,
+        body=CREATE,
+        response=REFUND,
+        alt_statuses=(200,),
+    ),
+    Route(
+        "GET",
+        "/payments/{id}/refunds",
+        list_payment_refunds,
+        "List a payment's refunds",
+        "refunds",
+        "payments:read",
+        query=LIST_QUERY,
+        response=page_of(REFUND),
+    ),
+    Route(
+        "GET",
+        "/refunds",
+        list_refunds,
+        "List refunds",
+        "refunds",
+        "payments:read",
+        query=LIST_QUERY,
+        response=page_of(REFUND),
+    ),
     Route("GET", "/refunds/{id}", get_refund, "Get a refund", "refunds", "payments:read", response=REFUND),
 ]

@@ -1,4 +1,4 @@
-"""The route table: each route declares its access, limits and schemas once; the router and OpenAPI read it."""
+"""The route table: each route declares access, limits and schemas once; router and OpenAPI read it."""
 
 from __future__ import annotations
 
@@ -112,7 +112,9 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
                 raw = await read_body(request, route.body_limit)
                 body = parse_json(raw, request)
                 validate(body, route.body)
-            elif route.raw_body is None and request.body_exists and request.method in ("POST", "PUT", "PATCH"):
+            elif (
+                route.raw_body is None and request.body_exists and request.method in ("POST", "PUT", "PATCH")
+            ):
                 raw = await read_body(request, route.body_limit)
                 if raw.strip() and parse_json(raw, request) not in ({}, None):
                     raise ApiError(400, ["this endpoint takes no request body"])

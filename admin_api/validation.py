@@ -1,4 +1,4 @@
-"""Request checking: bounded body reads, JSON Schema validation listing every bad field, typed query params."""
+"""Request checking: bounded body reads, JSON Schema validation naming every bad field, query params."""
 
 from __future__ import annotations
 
@@ -57,8 +57,11 @@ def _describe(error: SchemaError) -> list[str]:
     value = error.validator_value
     match error.validator:
         case "required":
-            return [f"{name} is required" if where == "body" else f"{where}.{name} is required"
-                    for name in value if isinstance(instance, dict) and name not in instance]
+            return [
+                f"{name} is required" if where == "body" else f"{where}.{name} is required"
+                for name in value
+                if isinstance(instance, dict) and name not in instance
+            ]
         case "additionalProperties":
             allowed = set(error.schema.get("properties", {}))
             extra = sorted(k for k in instance if k not in allowed) if isinstance(instance, dict) else []
@@ -66,13 +69,18 @@ def _describe(error: SchemaError) -> list[str]:
             return [f"property {prefix}{name} should not exist" for name in extra]
         case "type":
             kinds = value if isinstance(value, list) else [value]
-            readable = " or ".join("an integer" if k == "integer" else f"a {k}" if k != "array"
-                                   else "an array" for k in kinds if k != "null")
+            readable = " or ".join(
+                "an integer" if k == "integer" else f"a {k}" if k != "array" else "an array"
+                for k in kinds
+                if k != "null"
+            )
             return [f"{where} must be {readable}"]
         case "enum":
             return [f"{where} must be one of: {', '.join(str(v) for v in value)}"]
         case "minLength":
-            return [f"{where} must be at least {value} characters" if value > 1 else f"{where} must not be empty"]
+            return [
+                f"{where} must be at least {value} characters" if value > 1 else f"{where} must not be empty"
+            ]
         case "maxLength":
             return [f"{where} must be at most {value} characters"]
         case "minimum":
@@ -108,9 +116,29 @@ def validator_for(schema: Mapping[str, Any]) -> Draft202012Validator:
     return found
 
 
+_BAD_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+
+
+def _bad_text(value: Any, where: str) -> list[str]:
+    """NUL, other control characters and lone surrogates: no database column or SMS can hold them."""
+    if isinstance(value, str):
+        return [f"{where} contains characters that are not allowed"] if _BAD_CHARS.search(value) else []
+    if isinstance(value, dict):
+        found = []
+        for key, item in value.items():
+            if isinstance(key, str) and _BAD_CHARS.search(key):
+                found.append("body has a field name with characters that are not allowed")
+                continue
+            found += _bad_text(item, key if where == "body" else f"{where}.{key}")
+        return found
+    if isinstance(value, list):
+        return [m for i, item in enumerate(value) for m in _bad_text(item, f"{where}.{i}")]
+    return []
+
+
 def validate(instance: Any, schema: Mapping[str, Any]) -> None:
     """Raise a ValidationError whose message list names every bad field, not just the first."""
-    messages: list[str] = []
+    messages: list[str] = _bad_text(instance, "body")
     for error in sorted(validator_for(schema).iter_errors(instance), key=lambda e: list(e.absolute_path)):
         for text in _describe(error):
             if text not in messages:
@@ -120,6 +148,7 @@ def validate(instance: Any, schema: Mapping[str, Any]) -> None:
 
 
 # --- query parameters -----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Param:
@@ -174,6 +203,9 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
         if raw is None:
             continue
         raw = raw.strip()
+        if _BAD_CHARS.search(raw):
+            errors.append(f"{name} contains characters that are not allowed")
+            continue
         if len(raw) > param.max_length:
             errors.append(f"{name} is too long")
             continue
@@ -203,8 +235,12 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
                     continue
                 values[name] = raw
         except ValueError:
-            kind = {"integer": "an integer", "boolean": "true or false", "date-time": "an ISO 8601 date-time",
-                    "uuid": "a UUID"}.get(param.type, "valid")
+            kind = {
+                "integer": "an integer",
+                "boolean": "true or false",
+                "date-time": "an ISO 8601 date-time",
+                "uuid": "a UUID",
+            }.get(param.type, "valid")
             errors.append(f"{name} must be {kind}")
     if errors:
         raise ValidationError(errors[0], errors=errors)

@@ -19,6 +19,7 @@ from admin_api.common import (
     out,
     page_of,
     paged,
+    target_cooperative,
 )
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param
@@ -27,49 +28,115 @@ from core.audit import record
 from core.db import utcnow
 from core.models import ApprovedDomain, WebhookDelivery, WebhookEndpoint
 
-DOMAIN = out({"id": ID, "cooperativeId": ID, "domain": {"type": "string"},
-              "status": {"enum": ["PENDING", "APPROVED", "REJECTED"]}, "decidedBy": NULL_STRING,
-              "decidedAt": NULL_DATETIME, "createdAt": DATETIME})
-ENDPOINT = out({"id": ID, "cooperativeId": ID, "url": {"type": "string"},
-                "events": {"type": "array", "items": {"enum": list(webhooks.EVENTS)}},
-                "status": {"enum": ["ACTIVE", "DISABLED"]}, "consecutiveFailures": {"type": "integer"},
-                "disabledAt": NULL_DATETIME, "createdAt": DATETIME, "updatedAt": DATETIME})
-ENDPOINT_CREATED = {**ENDPOINT, "properties": {**ENDPOINT["properties"], "secret": {"type": "string"}},
-                    "required": [*ENDPOINT["required"], "secret"]}
-DELIVERY = out({"id": ID, "endpointId": ID, "eventId": {"type": "string"}, "eventType": {"type": "string"},
-                "status": {"type": "string"}, "attempts": {"type": "array"}, "createdAt": DATETIME,
-                "deliveredAt": NULL_DATETIME})
+DOMAIN = out(
+    {
+        "id": ID,
+        "cooperativeId": ID,
+        "domain": {"type": "string"},
+        "status": {"enum": ["PENDING", "APPROVED", "REJECTED"]},
+        "decidedBy": NULL_STRING,
+        "decidedAt": NULL_DATETIME,
+        "createdAt": DATETIME,
+    }
+)
+ENDPOINT = out(
+    {
+        "id": ID,
+        "cooperativeId": ID,
+        "url": {"type": "string"},
+        "events": {"type": "array", "items": {"enum": list(webhooks.EVENTS)}},
+        "status": {"enum": ["ACTIVE", "DISABLED"]},
+        "consecutiveFailures": {"type": "integer"},
+        "disabledAt": NULL_DATETIME,
+        "createdAt": DATETIME,
+        "updatedAt": DATETIME,
+    }
+)
+ENDPOINT_CREATED = {
+    **ENDPOINT,
+    "properties": {**ENDPOINT["properties"], "secret": {"type": "string"}},
+    "required": [*ENDPOINT["required"], "secret"],
+}
+DELIVERY = out(
+    {
+        "id": ID,
+        "endpointId": ID,
+        "eventId": {"type": "string"},
+        "eventType": {"type": "string"},
+        "status": {"type": "string"},
+        "attempts": {"type": "array"},
+        "createdAt": DATETIME,
+        "deliveredAt": NULL_DATETIME,
+    }
+)
 COOP = {"type": "string", "format": "uuid", "description": "super admin only"}
-DOMAIN_CREATE = obj({"domain": {"type": "string", "minLength": 1, "maxLength": 253}, "cooperativeId": COOP},
-                    ["domain"])
-ENDPOINT_CREATE = obj({"url": {"type": "string", "minLength": 8, "maxLength": 500},
-                       "events": {"type": "array", "minItems": 1, "uniqueItems": True,
-                                  "items": {"enum": list(webhooks.EVENTS)}},
-                       "cooperativeId": COOP}, ["url", "events"])
+DOMAIN_CREATE = obj(
+    {"domain": {"type": "string", "minLength": 1, "maxLength": 253}, "cooperativeId": COOP}, ["domain"]
+)
+ENDPOINT_CREATE = obj(
+    {
+        "url": {"type": "string", "minLength": 8, "maxLength": 500},
+        "events": {
+            "type": "array",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {"enum": list(webhooks.EVENTS)},
+        },
+        "cooperativeId": COOP,
+    },
+    ["url", "events"],
+)
 DECISION = obj({"note": {"type": ["string", "null"], "maxLength": 500}})
 
 
 def present_domain(d: ApprovedDomain) -> dict[str, Any]:
-    return {"id": d.id, "cooperativeId": d.cooperative_id, "domain": d.domain, "status": d.status,
-            "decidedBy": d.decided_by, "decidedAt": iso(d.decided_at), "createdAt": iso(d.created_at)}
+    return {
+        "id": d.id,
+        "cooperativeId": d.cooperative_id,
+        "domain": d.domain,
+        "status": d.status,
+        "decidedBy": d.decided_by,
+        "decidedAt": iso(d.decided_at),
+        "createdAt": iso(d.created_at),
+    }
 
 
 def present_endpoint(e: WebhookEndpoint) -> dict[str, Any]:
-    return {"id": e.id, "cooperativeId": e.cooperative_id, "url": e.url, "events": list(e.events or []),
-            "status": e.status, "consecutiveFailures": e.consecutive_failures, "disabledAt": iso(e.disabled_at),
-            "createdAt": iso(e.created_at), "updatedAt": iso(e.updated_at)}
+    return {
+        "id": e.id,
+        "cooperativeId": e.cooperative_id,
+        "url": e.url,
+        "events": list(e.events or []),
+        "status": e.status,
+        "consecutiveFailures": e.consecutive_failures,
+        "disabledAt": iso(e.disabled_at),
+        "createdAt": iso(e.created_at),
+        "updatedAt": iso(e.updated_at),
+    }
 
 
 def present_delivery(d: WebhookDelivery) -> dict[str, Any]:
-    return {"id": d.id, "endpointId": d.endpoint_id, "eventId": d.event_id, "eventType": d.event_type,
-            "status": d.status, "attempts": list(d.attempts or []), "createdAt": iso(d.created_at),
-            "deliveredAt": iso(d.delivered_at)}
+    return {
+        "id": d.id,
+        "endpointId": d.endpoint_id,
+        "eventId": d.event_id,
+        "eventType": d.event_type,
+        "status": d.status,
+        "attempts": list(d.attempts or []),
+        "createdAt": iso(d.created_at),
+        "deliveredAt": iso(d.delivered_at),
+    }
 
 
 async def request_domain(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    coop_id = ctx.who.target_cooperative(ctx.body.get("cooperativeId"))
-    row = await webhooks.request_domain(ctx.session, cooperative_id=coop_id, domain=ctx.body["domain"],
-                                        actor=ctx.who.actor, embedded=ctx.rt.settings.is_embedded)
+    coop_id = (await target_cooperative(ctx, ctx.body.get("cooperativeId"))).id
+    row = await webhooks.request_domain(
+        ctx.session,
+        cooperative_id=coop_id,
+        domain=ctx.body["domain"],
+        actor=ctx.who.actor,
+        embedded=ctx.rt.settings.is_embedded,
+    )
     await ctx.session.commit()
     return json_response(present_domain(row), status=201)
 
@@ -78,13 +145,16 @@ async def list_domains(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     query = ctx.who.scope(select(ApprovedDomain), ApprovedDomain)
     if ctx.query.get("status"):
         query = query.where(ApprovedDomain.status == ctx.query["status"])
-    return await paged(ctx, query.order_by(ApprovedDomain.created_at.desc(), ApprovedDomain.id), present_domain)
+    return await paged(
+        ctx, query.order_by(ApprovedDomain.created_at.desc(), ApprovedDomain.id), present_domain
+    )
 
 
 async def _decide(request: web.Request, ctx: Ctx, approve: bool) -> web.StreamResponse:
     row = await one(ctx, ApprovedDomain, request.match_info["id"], "domain request")
-    row = await webhooks.approve_domain(ctx.session, domain_id=row.id, actor=ctx.who.actor,
-                                        is_super_admin=ctx.who.is_super, approve=approve)
+    row = await webhooks.approve_domain(
+        ctx.session, domain_id=row.id, actor=ctx.who.actor, is_super_admin=ctx.who.is_super, approve=approve
+    )
     await ctx.session.commit()
     return json_response(present_domain(row))
 
@@ -98,10 +168,16 @@ async def reject_domain(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 async def create_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    coop_id = ctx.who.target_cooperative(ctx.body.get("cooperativeId"))
+    coop_id = (await target_cooperative(ctx, ctx.body.get("cooperativeId"))).id
     endpoint, secret = await webhooks.register_endpoint(
-        ctx.session, ctx.rt.cipher, cooperative_id=coop_id, url=ctx.body["url"], events=ctx.body["events"],
-        actor=ctx.who.actor, embedded=ctx.rt.settings.is_embedded)
+        ctx.session,
+        ctx.rt.cipher,
+        cooperative_id=coop_id,
+        url=ctx.body["url"],
+        events=ctx.body["events"],
+        actor=ctx.who.actor,
+        embedded=ctx.rt.settings.is_embedded,
+    )
     await ctx.session.commit()
     response = json_response({**present_endpoint(endpoint), "secret": secret}, status=201)
     response.headers["Cache-Control"] = "no-store"
@@ -110,13 +186,15 @@ async def create_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 async def list_endpoints(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     query = ctx.who.scope(select(WebhookEndpoint), WebhookEndpoint)
-    return await paged(ctx, query.order_by(WebhookEndpoint.created_at.desc(), WebhookEndpoint.id),
-                       present_endpoint)
+    return await paged(
+        ctx, query.order_by(WebhookEndpoint.created_at.desc(), WebhookEndpoint.id), present_endpoint
+    )
 
 
 async def get_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    return json_response(present_endpoint(await one(ctx, WebhookEndpoint, request.match_info["id"],
-                                                    "webhook endpoint")))
+    return json_response(
+        present_endpoint(await one(ctx, WebhookEndpoint, request.match_info["id"], "webhook endpoint"))
+    )
 
 
 async def disable_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -124,50 +202,137 @@ async def disable_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse
     if endpoint.status != "DISABLED":
         endpoint.status, endpoint.disabled_at = "DISABLED", utcnow()
         await ctx.session.flush()
-        await record(ctx.session, actor=ctx.who.actor, action="webhook_endpoint.disabled",
-                     entity_type="webhook_endpoint", entity_id=endpoint.id, after={"status": "DISABLED"},
-                     cooperative_id=endpoint.cooperative_id)
+        await record(
+            ctx.session,
+            actor=ctx.who.actor,
+            action="webhook_endpoint.disabled",
+            entity_type="webhook_endpoint",
+            entity_id=endpoint.id,
+            after={"status": "DISABLED"},
+            cooperative_id=endpoint.cooperative_id,
+        )
     await ctx.session.commit()
     return json_response(present_endpoint(endpoint))
 
 
 async def enable_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     endpoint = await one(ctx, WebhookEndpoint, request.match_info["id"], "webhook endpoint")
-    endpoint = await webhooks.enable_endpoint(ctx.session, endpoint_id=endpoint.id,
-                                              cooperative_id=endpoint.cooperative_id, actor=ctx.who.actor)
+    endpoint = await webhooks.enable_endpoint(
+        ctx.session, endpoint_id=endpoint.id, cooperative_id=endpoint.cooperative_id, actor=ctx.who.actor
+    )
     await ctx.session.commit()
     return json_response(present_endpoint(endpoint))
 
 
 async def list_deliveries(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     endpoint = await one(ctx, WebhookEndpoint, request.match_info["id"], "webhook endpoint")
-    query = (ctx.who.scope(select(WebhookDelivery), WebhookDelivery)
-             .where(WebhookDelivery.endpoint_id == endpoint.id)
-             .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id))
+    query = (
+        ctx.who.scope(select(WebhookDelivery), WebhookDelivery)
+        .where(WebhookDelivery.endpoint_id == endpoint.id)
+        .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id)
+    )
     return await paged(ctx, query, present_delivery)
 
 
 PAGING = {"page": PAGE, "limit": LIMIT}
 ROUTES = [
-    Route("POST", "/webhook-domains", request_domain, "Ask for a webhook domain to be approved", "webhooks",
-          "admin", status=201, body=DOMAIN_CREATE, response=DOMAIN),
-    Route("GET", "/webhook-domains", list_domains, "List webhook domain requests", "webhooks", "admin",
-          query={**PAGING, "status": Param(enum=("PENDING", "APPROVED", "REJECTED"))},
-          response=page_of(DOMAIN)),
-    Route("POST", "/webhook-domains/{id}/approve", approve_domain, "Approve a webhook domain (super admin)",
-          "webhooks", "super", body=DECISION, response=DOMAIN),
-    Route("POST", "/webhook-domains/{id}/reject", reject_domain, "Reject a webhook domain (super admin)",
-          "webhooks", "super", body=DECISION, response=DOMAIN),
-    Route("POST", "/webhook-endpoints", create_endpoint, "Register a webhook endpoint (secret shown once)",
-          "webhooks", "admin", status=201, body=ENDPOINT_CREATE, response=ENDPOINT_CREATED),
-    Route("GET", "/webhook-endpoints", list_endpoints, "List webhook endpoints", "webhooks", "admin",
-          query=PAGING, response=page_of(ENDPOINT)),
-    Route("GET", "/webhook-endpoints/{id}", get_endpoint, "Get a webhook endpoint", "webhooks", "admin",
-          response=ENDPOINT),
-    Route("DELETE", "/webhook-endpoints/{id}", disable_endpoint, "Disable a webhook endpoint", "webhooks",
-          "admin", response=ENDPOINT),
-    Route("POST", "/webhook-endpoints/{id}/enable", enable_endpoint, "Re-enable a webhook endpoint",
-          "webhooks", "admin", response=ENDPOINT),
-    Route("GET", "/webhook-endpoints/{id}/deliveries", list_deliveries, "Deliveries to an endpoint",
-          "webhooks", "admin", query=PAGING, response=page_of(DELIVERY)),
+    Route(
+        "POST",
+        "/webhook-domains",
+        request_domain,
+        "Ask for a webhook domain to be approved",
+        "webhooks",
+        "admin",
+        status=201,
+        body=DOMAIN_CREATE,
+        response=DOMAIN,
+    ),
+    Route(
+        "GET",
+        "/webhook-domains",
+        list_domains,
+        "List webhook domain requests",
+        "webhooks",
+        "admin",
+        query={**PAGING, "status": Param(enum=("PENDING", "APPROVED", "REJECTED"))},
+        response=page_of(DOMAIN),
+    ),
+    Route(
+        "POST",
+        "/webhook-domains/{id}/approve",
+        approve_domain,
+        "Approve a webhook domain (super admin)",
+        "webhooks",
+        "super",
+        body=DECISION,
+        response=DOMAIN,
+    ),
+    Route(
+        "POST",
+        "/webhook-domains/{id}/reject",
+        reject_domain,
+        "Reject a webhook domain (super admin)",
+        "webhooks",
+        "super",
+        body=DECISION,
+        response=DOMAIN,
+    ),
+    Route(
+        "POST",
+        "/webhook-endpoints",
+        create_endpoint,
+        "Register a webhook endpoint (secret shown once)",
+        "webhooks",
+        "admin",
+        status=201,
+        body=ENDPOINT_CREATE,
+        response=ENDPOINT_CREATED,
+    ),
+    Route(
+        "GET",
+        "/webhook-endpoints",
+        list_endpoints,
+        "List webhook endpoints",
+        "webhooks",
+        "admin",
+        query=PAGING,
+        response=page_of(ENDPOINT),
+    ),
+    Route(
+        "GET",
+        "/webhook-endpoints/{id}",
+        get_endpoint,
+        "Get a webhook endpoint",
+        "webhooks",
+        "admin",
+        response=ENDPOINT,
+    ),
+    Route(
+        "DELETE",
+        "/webhook-endpoints/{id}",
+        disable_endpoint,
+        "Disable a webhook endpoint",
+        "webhooks",
+        "admin",
+        response=ENDPOINT,
+    ),
+    Route(
+        "POST",
+        "/webhook-endpoints/{id}/enable",
+        enable_endpoint,
+        "Re-enable a webhook endpoint",
+        "webhooks",
+        "admin",
+        response=ENDPOINT,
+    ),
+    Route(
+        "GET",
+        "/webhook-endpoints/{id}/deliveries",
+        list_deliveries,
+        "Deliveries to an endpoint",
+        "webhooks",
+        "admin",
+        query=PAGING,
+        response=page_of(DELIVERY),
+    ),
 ]

@@ -18,7 +18,7 @@ from core.audit import Actor, record
 from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
 from core.db import utcnow
 from core.errors import DomainError, Forbidden, NotFound, ValidationError
-from core.models import AdminUser, ApiKey, Cooperative, Member
+from core.models import AdminUser, ApiKey, Cooperative, Member, PaymentType
 
 ALGORITHM = "HS256"  # pinned: tokens naming any other algorithm (none, RS256...) are refused
 ISSUER = "coop-gateway"
@@ -94,7 +94,7 @@ class Principal:
         member_col = getattr(model, "member_id", None)
         if member_col is not None:
             return query.where(member_col == self.member_id)
-        if getattr(model, "__tablename__", "") == "payment_types":
+        if model is PaymentType:
             return query
         return query.where(false())
 
@@ -125,20 +125,46 @@ def _encode(secret: str, claims: dict[str, Any]) -> str:
 
 def issue_tokens(user: AdminUser, *, secret: str, ttl_seconds: int) -> TokenPair:
     now = utcnow()
-    base = {"sub": user.id, "role": user.role, "coop": user.cooperative_id, "mid": user.member_id,
-            "iss": ISSUER, "aud": AUDIENCE, "iat": now}
-    access = _encode(secret, {**base, "typ": "access", "jti": uuid.uuid4().hex,
-                              "exp": now + timedelta(seconds=ttl_seconds)})
-    refresh = _encode(secret, {"sub": user.id, "iss": ISSUER, "aud": AUDIENCE, "iat": now, "typ": "refresh",
-                               "jti": uuid.uuid4().hex, "exp": now + timedelta(seconds=REFRESH_TTL_SECONDS)})
+    base = {
+        "sub": user.id,
+        "role": user.role,
+        "coop": user.cooperative_id,
+        "mid": user.member_id,
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "iat": now,
+    }
+    access = _encode(
+        secret,
+        {**base, "typ": "access", "jti": uuid.uuid4().hex, "exp": now + timedelta(seconds=ttl_seconds)},
+    )
+    refresh = _encode(
+        secret,
+        {
+            "sub": user.id,
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "iat": now,
+            "typ": "refresh",
+            "jti": uuid.uuid4().hex,
+            "exp": now + timedelta(seconds=REFRESH_TTL_SECONDS),
+        },
+    )
     return TokenPair(access, refresh, ttl_seconds, user.role, user.cooperative_id)
 
 
 def decode_token(token: str, *, secret: str, expected_type: str) -> dict[str, Any]:
     """Verify signature, algorithm, issuer, audience, expiry and token type; 401 on any failure."""
     try:
-        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], audience=AUDIENCE, issuer=ISSUER,
-                            options={"require": ["exp", "iat", "sub", "typ", "jti"]}, leeway=5)
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            audience=AUDIENCE,
+            issuer=ISSUER,
+            options={"require": ["exp", "iat", "sub", "typ", "jti"]},
+            leeway=5,
+        )
     except jwt.ExpiredSignatureError:
         raise Unauthorized("token has expired") from None
     except jwt.InvalidTokenError:
@@ -156,8 +182,9 @@ def principal_from_access(claims: dict[str, Any]) -> Principal:
         raise Unauthorized("invalid token")
     if role == TENANT and not claims.get("mid"):
         raise Unauthorized("invalid token")
-    return Principal("user", str(claims["sub"]), role, claims.get("coop"), claims.get("mid"),
-                     _ROLE_SCOPES[role])
+    return Principal(
+        "user", str(claims["sub"]), role, claims.get("coop"), claims.get("mid"), _ROLE_SCOPES[role]
+    )
 
 
 async def login(session: AsyncSession, username: str, password: str) -> AdminUser:
@@ -165,18 +192,21 @@ async def login(session: AsyncSession, username: str, password: str) -> AdminUse
     query = select(AdminUser).where(AdminUser.username == username)
     user = (await session.execute(query)).scalar_one_or_none()
     # scrypt takes tens of milliseconds of CPU: keep it off the event loop.
-    ok = await asyncio.to_thread(verify_password, password, user.password_hash if user else _dummy_hash())
+    stored = user.password_hash if user else None
+    ok = await asyncio.to_thread(lambda: verify_password(password, stored or _dummy_hash()))
     if user is None or not ok or not user.is_active:
         raise Unauthorized("invalid username or password")
     return user
 
 
-async def refresh(session: AsyncSession, redis: Redis, token: str, *, secret: str,
-                  ttl_seconds: int) -> TokenPair:
+async def refresh(
+    session: AsyncSession, redis: Redis, token: str, *, secret: str, ttl_seconds: int
+) -> TokenPair:
     """Trade a refresh token for a new pair; each refresh token works once (rotation)."""
     claims = decode_token(token, secret=secret, expected_type="refresh")
-    used = await redis.set(f"auth:{{refresh:{claims['jti']}}}:used", b"1", nx=True,
-                           ex=REFRESH_TTL_SECONDS + 60)
+    used = await redis.set(
+        f"auth:{{refresh:{claims['jti']}}}:used", b"1", nx=True, ex=REFRESH_TTL_SECONDS + 60
+    )
     if not used:
         raise Unauthorized("refresh token already used")
     user = await session.get(AdminUser, str(claims["sub"]))
@@ -185,16 +215,29 @@ async def refresh(session: AsyncSession, redis: Redis, token: str, *, secret: st
     return issue_tokens(user, secret=secret, ttl_seconds=ttl_seconds)
 
 
-async def create_user(session: AsyncSession, *, username: str, password: str, role: str,
-                      cooperative_id: str | None = None, member_id: str | None = None) -> AdminUser:
+async def create_user(
+    session: AsyncSession,
+    *,
+    username: str,
+    password: str,
+    role: str,
+    cooperative_id: str | None = None,
+    member_id: str | None = None,
+) -> AdminUser:
     if role not in ROLES:
         raise ValidationError(f"role must be one of {', '.join(ROLES)}", field="role")
     if role != SUPER_ADMIN and not cooperative_id:
         raise ValidationError("cooperative is required for this role", field="cooperativeId")
     if role == TENANT and not member_id:
         raise ValidationError("a tenant must be linked to a member", field="memberId")
-    user = AdminUser(username=username, password_hash=hash_password(password), role=role,
-                     cooperative_id=cooperative_id, member_id=member_id, is_active=True)
+    user = AdminUser(
+        username=username,
+        password_hash=hash_password(password),
+        role=role,
+        cooperative_id=cooperative_id,
+        member_id=member_id,
+        is_active=True,
+    )
     session.add(user)
     await session.flush()
     return user
@@ -202,20 +245,40 @@ async def create_user(session: AsyncSession, *, username: str, password: str, ro
 
 # --- API keys ---------------------------------------------------------------------------------------
 
-async def create_api_key(session: AsyncSession, *, cooperative_id: str, name: str, scopes: list[str],
-                         actor: Actor, created_by: str | None = None) -> tuple[ApiKey, str]:
+
+async def create_api_key(
+    session: AsyncSession,
+    *,
+    cooperative_id: str,
+    name: str,
+    scopes: list[str],
+    actor: Actor,
+    created_by: str | None = None,
+) -> tuple[ApiKey, str]:
     """Returns the row and the clear key; the clear key is never stored and never shown again."""
     bad = sorted(set(scopes) - set(SCOPES))
     if bad or not scopes:
         raise ValidationError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}", field="scopes")
     clear = new_api_key()
-    key = ApiKey(cooperative_id=cooperative_id, name=name.strip(), prefix=clear[:12],
-                 key_hash=hash_api_key(clear), scopes=sorted(set(scopes)), created_by=created_by)
+    key = ApiKey(
+        cooperative_id=cooperative_id,
+        name=name.strip(),
+        prefix=clear[:12],
+        key_hash=hash_api_key(clear),
+        scopes=sorted(set(scopes)),
+        created_by=created_by,
+    )
     session.add(key)
     await session.flush()
-    await record(session, actor=actor, action="api_key.created", entity_type="api_key", entity_id=key.id,
-                 after={"name": key.name, "scopes": key.scopes, "prefix": key.prefix},
-                 cooperative_id=cooperative_id)
+    await record(
+        session,
+        actor=actor,
+        action="api_key.created",
+        entity_type="api_key",
+        entity_id=key.id,
+        after={"name": key.name, "scopes": key.scopes, "prefix": key.prefix},
+        cooperative_id=cooperative_id,
+    )
     return key, clear
 
 
@@ -223,8 +286,14 @@ async def revoke_api_key(session: AsyncSession, key: ApiKey, *, actor: Actor) ->
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         await session.flush()
-        await record(session, actor=actor, action="api_key.revoked", entity_type="api_key", entity_id=key.id,
-                     cooperative_id=key.cooperative_id)
+        await record(
+            session,
+            actor=actor,
+            action="api_key.revoked",
+            entity_type="api_key",
+            entity_id=key.id,
+            cooperative_id=key.cooperative_id,
+        )
     return key
 
 
@@ -232,10 +301,13 @@ async def principal_from_api_key(session: AsyncSession, clear: str) -> Principal
     """Look the key up by its hash; revoked keys and suspended cooperatives are refused."""
     if not clear or len(clear) > 200:
         raise Unauthorized("invalid or inactive API key")
-    row = (await session.execute(
-        select(ApiKey, Cooperative.status).join(Cooperative, Cooperative.id == ApiKey.cooperative_id)
-        .where(ApiKey.key_hash == hash_api_key(clear))
-    )).first()
+    row = (
+        await session.execute(
+            select(ApiKey, Cooperative.status)
+            .join(Cooperative, Cooperative.id == ApiKey.cooperative_id)
+            .where(ApiKey.key_hash == hash_api_key(clear))
+        )
+    ).first()
     if row is None or row[0].revoked_at is not None or row[1] != "ACTIVE":
         raise Unauthorized("invalid or inactive API key")
     key: ApiKey = row[0]

@@ -17,12 +17,31 @@ from core.money import EXPONENTS
 from core.phone import normalize
 
 STATUSES = ("ACTIVE", "SUSPENDED")
-COUNTRY_CURRENCY = {"RW": "RWF", "KE": "KES", "UG": "UGX", "TZ": "TZS", "GH": "GHS", "ZM": "ZMW",
-                    "BI": "BIF", "MW": "MWK", "NG": "NGN", "ZA": "ZAR"}
+COUNTRY_CURRENCY = {
+    "RW": "RWF",
+    "KE": "KES",
+    "UG": "UGX",
+    "TZ": "TZS",
+    "GH": "GHS",
+    "ZM": "ZMW",
+    "BI": "BIF",
+    "MW": "MWK",
+    "NG": "NGN",
+    "ZA": "ZAR",
+}
 _SHORT_CODE = re.compile(r"^[A-Za-z0-9_-]{2,32}$")
 _EXTENSION = re.compile(r"^[0-9]{1,8}$")
-_FIELDS = ("name", "short_code", "country", "currency", "timezone", "ussd_extension", "status",
-           "contact_phone", "self_registration")
+_FIELDS = (
+    "name",
+    "short_code",
+    "country",
+    "currency",
+    "timezone",
+    "ussd_extension",
+    "status",
+    "contact_phone",
+    "self_registration",
+)
 
 
 def _validate(values: dict[str, Any]) -> list[str]:
@@ -81,8 +100,15 @@ async def create_cooperative(session: AsyncSession, *, values: dict[str, Any], a
     coop = Cooperative(**{k: v for k, v in values.items() if k in _FIELDS})
     session.add(coop)
     await session.flush()
-    await record(session, actor=actor, action="cooperative.created", entity_type="cooperative",
-                 entity_id=coop.id, after=snapshot(coop), cooperative_id=coop.id)
+    await record(
+        session,
+        actor=actor,
+        action="cooperative.created",
+        entity_type="cooperative",
+        entity_id=coop.id,
+        after=snapshot(coop),
+        cooperative_id=coop.id,
+    )
     return coop
 
 
@@ -93,8 +119,9 @@ async def get_cooperative(session: AsyncSession, cooperative_id: str) -> Coopera
     return coop
 
 
-async def update_cooperative(session: AsyncSession, coop: Cooperative, *, changes: dict[str, Any],
-                             actor: Actor) -> Cooperative:
+async def update_cooperative(
+    session: AsyncSession, coop: Cooperative, *, changes: dict[str, Any], actor: Actor
+) -> Cooperative:
     unknown = set(changes) - set(_FIELDS)
     if unknown:
         raise ValidationError(f"cannot change {', '.join(sorted(unknown))}")
@@ -109,6 +136,14 @@ async def update_cooperative(session: AsyncSession, coop: Cooperative, *, change
         setattr(coop, key, value)
     coop.updated_at = utcnow()
     await session.flush()
-    await record(session, actor=actor, action="cooperative.updated", entity_type="cooperative",
-                 entity_id=coop.id, before=before, after=snapshot(coop), cooperative_id=coop.id)
+    await record(
+        session,
+        actor=actor,
+        action="cooperative.updated",
+        entity_type="cooperative",
+        entity_id=coop.id,
+        before=before,
+        after=snapshot(coop),
+        cooperative_id=coop.id,
+    )
     return coop

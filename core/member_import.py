@@ -65,8 +65,9 @@ def parse_rows(data: bytes, *, region: str) -> list[ImportRow]:
     errors: list[RowError] = []
     unknown = [h for h in header if h not in COLUMNS]
     if unknown:
-        errors.append(RowError(1, "header", f"unknown column(s): {', '.join(unknown)}; "
-                                            f"expected {', '.join(COLUMNS)}"))
+        errors.append(
+            RowError(1, "header", f"unknown column(s): {', '.join(unknown)}; expected {', '.join(COLUMNS)}")
+        )
     for col in REQUIRED:
         if col not in header:
             errors.append(RowError(1, "header", f"column {col} is required"))
@@ -124,8 +125,15 @@ def parse_rows(data: bytes, *, region: str) -> list[ImportRow]:
     return rows
 
 
-async def import_members(session: AsyncSession, cipher: PiiCipher, *, cooperative: Cooperative, data: bytes,
-                         actor: Actor, status: str = "ACTIVE") -> list[Member]:
+async def import_members(
+    session: AsyncSession,
+    cipher: PiiCipher,
+    *,
+    cooperative: Cooperative,
+    data: bytes,
+    actor: Actor,
+    status: str = "ACTIVE",
+) -> list[Member]:
     """Validate the file, refuse numbers already in the cooperative, then create every member.
 
     The caller commits; on any error nothing has been written (the caller rolls back).
@@ -135,19 +143,40 @@ async def import_members(session: AsyncSession, cipher: PiiCipher, *, cooperativ
     existing: set[str] = set()
     keys = list(by_index)
     for start in range(0, len(keys), 500):
-        chunk = keys[start:start + 500]
-        found = await session.execute(select(Member.phone_index).where(
-            Member.cooperative_id == cooperative.id, Member.phone_index.in_(chunk)))
+        chunk = keys[start : start + 500]
+        found = await session.execute(
+            select(Member.phone_index).where(
+                Member.cooperative_id == cooperative.id, Member.phone_index.in_(chunk)
+            )
+        )
         existing.update(found.scalars())
     if existing:
-        errors = sorted((RowError(by_index[i].row, "phone", "already a member of this cooperative")
-                         for i in existing), key=lambda e: e.row)
+        errors = sorted(
+            (RowError(by_index[i].row, "phone", "already a member of this cooperative") for i in existing),
+            key=lambda e: e.row,
+        )
         raise ImportRejected(errors)
     members = [
-        await create_member(session, cipher, cooperative_id=cooperative.id, name=r.name, phone=r.phone,
-                            actor=actor, language=r.language, unit=r.unit, status=status)
+        await create_member(
+            session,
+            cipher,
+            cooperative_id=cooperative.id,
+            name=r.name,
+            phone=r.phone,
+            actor=actor,
+            language=r.language,
+            unit=r.unit,
+            status=status,
+        )
         for r in rows
     ]
-    await record(session, actor=actor, action="member.imported", entity_type="cooperative",
-                 entity_id=cooperative.id, after={"count": len(members)}, cooperative_id=cooperative.id)
+    await record(
+        session,
+        actor=actor,
+        action="member.imported",
+        entity_type="cooperative",
+        entity_id=cooperative.id,
+        after={"count": len(members)},
+        cooperative_id=cooperative.id,
+    )
     return members

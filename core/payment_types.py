@@ -15,8 +15,16 @@ from core.models import Cooperative, PaymentType
 from core.money import Money
 
 RECURRING_INTERVALS = ("MONTHLY", "QUARTERLY", "YEARLY")
-_UPDATABLE = ("name", "description", "amount", "allow_custom_amount", "is_recurring", "recurring_interval",
-              "due_day", "is_active")
+_UPDATABLE = (
+    "name",
+    "description",
+    "amount",
+    "allow_custom_amount",
+    "is_recurring",
+    "recurring_interval",
+    "due_day",
+    "is_active",
+)
 
 
 async def active_payment_types(session: AsyncSession, cooperative_id: str) -> list[PaymentType]:
@@ -29,26 +37,37 @@ async def active_payment_types(session: AsyncSession, cooperative_id: str) -> li
     return list(rows.scalars())
 
 
-async def get_payment_type(session: AsyncSession, cooperative_id: str,
-                           payment_type_id: str) -> PaymentType | None:
+async def get_payment_type(
+    session: AsyncSession, cooperative_id: str, payment_type_id: str
+) -> PaymentType | None:
     """One payment type, only if it belongs to the cooperative (active or not)."""
     row = await session.execute(
-        select(PaymentType).where(PaymentType.id == payment_type_id,
-                                  PaymentType.cooperative_id == cooperative_id)
+        select(PaymentType).where(
+            PaymentType.id == payment_type_id, PaymentType.cooperative_id == cooperative_id
+        )
     )
     return row.scalar_one_or_none()
 
 
-async def list_payment_types(session: AsyncSession, cooperative_id: str, *, include_inactive: bool = False,
-                             page: int = 1, limit: int = 10) -> tuple[list[PaymentType], int]:
+async def list_payment_types(
+    session: AsyncSession,
+    cooperative_id: str,
+    *,
+    include_inactive: bool = False,
+    page: int = 1,
+    limit: int = 10,
+) -> tuple[list[PaymentType], int]:
     """A page of payment types ordered by name, and the total count for the filter."""
     where = [PaymentType.cooperative_id == cooperative_id]
     if not include_inactive:
         where.append(PaymentType.is_active.is_(True))
     total = (await session.execute(select(func.count()).select_from(PaymentType).where(*where))).scalar_one()
     rows = await session.execute(
-        select(PaymentType).where(*where).order_by(PaymentType.name, PaymentType.id)
-        .offset((page - 1) * limit).limit(limit)
+        select(PaymentType)
+        .where(*where)
+        .order_by(PaymentType.name, PaymentType.id)
+        .offset((page - 1) * limit)
+        .limit(limit)
     )
     return list(rows.scalars()), int(total)
 
@@ -67,8 +86,14 @@ class PaymentTypeFields:
     is_active: bool = True
 
 
-def _check(name: str | None, amount: Money | None, is_recurring: bool, interval: str | None,
-           due_day: int | None, allow_custom: bool) -> list[str]:
+def _check(
+    name: str | None,
+    amount: Money | None,
+    is_recurring: bool,
+    interval: str | None,
+    due_day: int | None,
+    allow_custom: bool,
+) -> list[str]:
     errors: list[str] = []
     if name is not None and not (1 <= len(name.strip()) <= 120):
         errors.append("name must be 1 to 120 characters")
@@ -91,26 +116,41 @@ async def _cooperative(session: AsyncSession, cooperative_id: str) -> Cooperativ
 
 
 async def _name_taken(session: AsyncSession, cooperative_id: str, name: str, exclude_id: str | None) -> bool:
-    stmt = select(PaymentType.id).where(PaymentType.cooperative_id == cooperative_id,
-                                        func.lower(PaymentType.name) == name.strip().lower())
+    stmt = select(PaymentType.id).where(
+        PaymentType.cooperative_id == cooperative_id, func.lower(PaymentType.name) == name.strip().lower()
+    )
     if exclude_id:
         stmt = stmt.where(PaymentType.id != exclude_id)
     return (await session.execute(stmt.limit(1))).first() is not None
 
 
 def snapshot(pt: PaymentType) -> dict[str, Any]:
-    return {"name": pt.name, "amount_minor": pt.amount_minor, "currency": pt.currency,
-            "is_active": pt.is_active, "is_recurring": pt.is_recurring,
-            "recurring_interval": pt.recurring_interval, "due_day": pt.due_day,
-            "allow_custom_amount": pt.allow_custom_amount, "description": pt.description}
+    return {
+        "name": pt.name,
+        "amount_minor": pt.amount_minor,
+        "currency": pt.currency,
+        "is_active": pt.is_active,
+        "is_recurring": pt.is_recurring,
+        "recurring_interval": pt.recurring_interval,
+        "due_day": pt.due_day,
+        "allow_custom_amount": pt.allow_custom_amount,
+        "description": pt.description,
+    }
 
 
-async def create_payment_type(session: AsyncSession, *, cooperative_id: str, fields: PaymentTypeFields,
-                              actor: Actor) -> PaymentType:
+async def create_payment_type(
+    session: AsyncSession, *, cooperative_id: str, fields: PaymentTypeFields, actor: Actor
+) -> PaymentType:
     """Add a payment type; the amount must be in the cooperative's currency. Caller commits."""
     coop = await _cooperative(session, cooperative_id)
-    errors = _check(fields.name, fields.amount, fields.is_recurring, fields.recurring_interval,
-                    fields.due_day, fields.allow_custom_amount)
+    errors = _check(
+        fields.name,
+        fields.amount,
+        fields.is_recurring,
+        fields.recurring_interval,
+        fields.due_day,
+        fields.allow_custom_amount,
+    )
     if fields.amount.currency != coop.currency:
         errors.append(f"currency must be the cooperative's currency ({coop.currency})")
     if errors:
@@ -118,20 +158,34 @@ async def create_payment_type(session: AsyncSession, *, cooperative_id: str, fie
     if await _name_taken(session, cooperative_id, fields.name, None):
         raise Conflict(f"a payment type named {fields.name.strip()!r} already exists")
     pt = PaymentType(
-        cooperative_id=cooperative_id, name=fields.name.strip(), description=fields.description,
-        amount_minor=fields.amount.minor, currency=fields.amount.currency,
-        allow_custom_amount=fields.allow_custom_amount, is_recurring=fields.is_recurring,
-        recurring_interval=fields.recurring_interval, due_day=fields.due_day, is_active=fields.is_active,
+        cooperative_id=cooperative_id,
+        name=fields.name.strip(),
+        description=fields.description,
+        amount_minor=fields.amount.minor,
+        currency=fields.amount.currency,
+        allow_custom_amount=fields.allow_custom_amount,
+        is_recurring=fields.is_recurring,
+        recurring_interval=fields.recurring_interval,
+        due_day=fields.due_day,
+        is_active=fields.is_active,
     )
     session.add(pt)
     await session.flush()
-    await record(session, actor=actor, action="payment_type.created", entity_type="payment_type",
-                 entity_id=pt.id, after=snapshot(pt), cooperative_id=cooperative_id)
+    await record(
+        session,
+        actor=actor,
+        action="payment_type.created",
+        entity_type="payment_type",
+        entity_id=pt.id,
+        after=snapshot(pt),
+        cooperative_id=cooperative_id,
+    )
     return pt
 
 
-async def update_payment_type(session: AsyncSession, *, cooperative_id: str, payment_type_id: str,
-                              changes: dict[str, Any], actor: Actor) -> PaymentType:
+async def update_payment_type(
+    session: AsyncSession, *, cooperative_id: str, payment_type_id: str, changes: dict[str, Any], actor: Actor
+) -> PaymentType:
     """Apply a partial update (keys from _UPDATABLE; 'amount' is Money). Caller commits."""
     unknown = set(changes) - set(_UPDATABLE)
     if unknown:
@@ -143,8 +197,14 @@ async def update_payment_type(session: AsyncSession, *, cooperative_id: str, pay
     amount: Money | None = changes.get("amount")
     is_recurring = changes.get("is_recurring", pt.is_recurring)
     interval = changes.get("recurring_interval", pt.recurring_interval)
-    errors = _check(changes.get("name"), amount, is_recurring, interval, changes.get("due_day"),
-                    changes.get("allow_custom_amount", pt.allow_custom_amount))
+    errors = _check(
+        changes.get("name"),
+        amount,
+        is_recurring,
+        interval,
+        changes.get("due_day"),
+        changes.get("allow_custom_amount", pt.allow_custom_amount),
+    )
     if amount is not None and amount.currency != pt.currency:
         errors.append(f"currency must be {pt.currency}")
     if errors:
@@ -160,13 +220,27 @@ async def update_payment_type(session: AsyncSession, *, cooperative_id: str, pay
             setattr(pt, key, value)
     pt.updated_at = utcnow()
     await session.flush()
-    await record(session, actor=actor, action="payment_type.updated", entity_type="payment_type",
-                 entity_id=pt.id, before=before, after=snapshot(pt), cooperative_id=cooperative_id)
+    await record(
+        session,
+        actor=actor,
+        action="payment_type.updated",
+        entity_type="payment_type",
+        entity_id=pt.id,
+        before=before,
+        after=snapshot(pt),
+        cooperative_id=cooperative_id,
+    )
     return pt
 
 
-async def deactivate_payment_type(session: AsyncSession, *, cooperative_id: str, payment_type_id: str,
-                                  actor: Actor) -> PaymentType:
+async def deactivate_payment_type(
+    session: AsyncSession, *, cooperative_id: str, payment_type_id: str, actor: Actor
+) -> PaymentType:
     """Hide a type from the menu; past payments keep pointing at it, so it is never deleted."""
-    return await update_payment_type(session, cooperative_id=cooperative_id, payment_type_id=payment_type_id,
-                                     changes={"is_active": False}, actor=actor)
+    return await update_payment_type(
+        session,
+        cooperative_id=cooperative_id,
+        payment_type_id=payment_type_id,
+        changes={"is_active": False},
+        actor=actor,
+    )

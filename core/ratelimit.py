@@ -58,5 +58,10 @@ class RateLimiter:
             used = current + int(previous * weight)
         reset = start + window
         allowed = used <= allowed_count
-        return Decision(allowed=allowed, limit=allowed_count, remaining=max(0, allowed_count - used),
-                        reset=reset, retry_after=0 if allowed else max(1, int(reset - now + 0.999)))
+        return Decision(
+            allowed=allowed,
+            limit=allowed_count,
+            remaining=max(0, allowed_count - used),
+            reset=reset,
+            retry_after=0 if allowed else max(1, int(reset - now + 0.999)),
+        )

@@ -16,7 +16,7 @@ from core.money import Money
 from core.state.payment import COLLECTED
 
 # Restricts a SELECT on a model to what the caller may see (core.auth.Principal.scope).
-Scope = Callable[[Select[Any], Any], Select[Any]]
+Scope = Callable[[Any, Any], Any]
 OPEN_DISPUTES = ("OPEN", "UNDER_REVIEW")
 FLAGGED_LIMIT = 500
 CHUNK_ROWS = 500
@@ -26,7 +26,7 @@ def _amount(minor: int | None, currency: str) -> int | str:
     return Money(int(minor or 0), currency).to_api()
 
 
-def _in_period(query: Select[Any], column: Any, start: datetime | None, end: datetime | None) -> Select[Any]:
+def _in_period(query: Any, column: Any, start: datetime | None, end: datetime | None) -> Any:
     if start is not None:
         query = query.where(column >= start)
     if end is not None:
@@ -34,65 +34,149 @@ def _in_period(query: Select[Any], column: Any, start: datetime | None, end: dat
     return query
 
 
-async def reconciliation(session: AsyncSession, *, scope: Scope, start: datetime | None,
-                         end: datetime | None) -> dict[str, Any]:
+async def reconciliation(
+    session: AsyncSession, *, scope: Scope, start: datetime | None, end: datetime | None
+) -> dict[str, Any]:
     """Counts and sums by status, method and payment type; fees, refunds, open disputes, flagged payments."""
 
     def payments(*columns: Any) -> Select[Any]:
         return _in_period(scope(select(*columns), Payment), Payment.created_at, start, end)
 
-    amount, fee, refunded = (func.coalesce(func.sum(c), 0) for c in
-                             (Payment.amount_minor, Payment.fee_minor, Payment.refunded_minor))
+    amount, fee, refunded = (
+        func.coalesce(func.sum(c), 0)
+        for c in (Payment.amount_minor, Payment.fee_minor, Payment.refunded_minor)
+    )
     count = func.count(Payment.id)
 
     by_status = [
         {"status": s, "currency": c, "count": n, "amount": _amount(a, c)}
-        for s, c, n, a in (await session.execute(
-            payments(Payment.status, Payment.currency, count, amount)
-            .group_by(Payment.status, Payment.currency).order_by(Payment.status, Payment.currency))).all()
+        for s, c, n, a in (
+            await session.execute(
+                payments(Payment.status, Payment.currency, count, amount)
+                .group_by(Payment.status, Payment.currency)
+                .order_by(Payment.status, Payment.currency)
+            )
+        ).all()
     ]
     collected = [s.value for s in COLLECTED]
     collected_amount = func.coalesce(func.sum(Payment.amount_minor).filter(Payment.status.in_(collected)), 0)
     collected_count = func.count(Payment.id).filter(Payment.status.in_(collected))
     by_method = [
-        {"paymentMethod": m, "currency": c, "count": n, "amount": _amount(a, c), "completedCount": cn,
-         "completedAmount": _amount(ca, c)}
-        for m, c, n, a, cn, ca in (await session.execute(
-            payments(Payment.method, Payment.currency, count, amount, collected_count, collected_amount)
-            .group_by(Payment.method, Payment.currency).order_by(Payment.method, Payment.currency))).all()
+        {
+            "paymentMethod": m,
+            "currency": c,
+            "count": n,
+            "amount": _amount(a, c),
+            "completedCount": cn,
+            "completedAmount": _amount(ca, c),
+        }
+        for m, c, n, a, cn, ca in (
+            await session.execute(
+                payments(Payment.method, Payment.currency, count, amount, collected_count, collected_amount)
+                .group_by(Payment.method, Payment.currency)
+                .order_by(Payment.method, Payment.currency)
+            )
+        ).all()
     ]
     by_type = [
-        {"paymentTypeId": t, "name": name, "currency": c, "count": n, "amount": _amount(a, c),
-         "completedCount": cn, "completedAmount": _amount(ca, c)}
-        for t, name, c, n, a, cn, ca in (await session.execute(
-            payments(Payment.payment_type_id, PaymentType.name, Payment.currency, count, amount, collected_count,
-                     collected_amount)
-            .join(PaymentType, PaymentType.id == Payment.payment_type_id)
-            .group_by(Payment.payment_type_id, PaymentType.name, Payment.currency)
-            .order_by(PaymentType.name, Payment.currency))).all()
+        {
+            "paymentTypeId": t,
+            "name": name,
+            "currency": c,
+            "count": n,
+            "amount": _amount(a, c),
+            "completedCount": cn,
+            "completedAmount": _amount(ca, c),
+        }
+        for t, name, c, n, a, cn, ca in (
+            await session.execute(
+                payments(
+                    Payment.payment_type_id,
+                    PaymentType.name,
+                    Payment.currency,
+                    count,
+                    amount,
+                    collected_count,
+                    collected_amount,
+                )
+                .join(PaymentType, PaymentType.id == Payment.payment_type_id)
+                .group_by(Payment.payment_type_id, PaymentType.name, Payment.currency)
+                .order_by(PaymentType.name, Payment.currency)
+            )
+        ).all()
     ]
     totals = [
-        {"currency": c, "collectedCount": n, "collected": _amount(a, c), "fees": _amount(f, c),
-         "refunded": _amount(r, c), "net": _amount(int(a) - int(f) - int(r), c)}
-        for c, n, a, f, r in (await session.execute(
-            payments(Payment.currency, count, amount, fee, refunded).where(Payment.status.in_(collected))
-            .group_by(Payment.currency).order_by(Payment.currency))).all()
+        {
+            "currency": c,
+            "collectedCount": n,
+            "collected": _amount(a, c),
+            "fees": _amount(f, c),
+            "refunded": _amount(r, c),
+            "net": _amount(int(a) - int(f) - int(r), c),
+        }
+        for c, n, a, f, r in (
+            await session.execute(
+                payments(Payment.currency, count, amount, fee, refunded)
+                .where(Payment.status.in_(collected))
+                .group_by(Payment.currency)
+                .order_by(Payment.currency)
+            )
+        ).all()
     ]
-    refund_rows = (await session.execute(
-        _in_period(scope(select(Refund.status, Refund.currency, func.count(Refund.id),
-                                func.coalesce(func.sum(Refund.amount_minor), 0)), Refund),
-                   Refund.created_at, start, end)
-        .group_by(Refund.status, Refund.currency).order_by(Refund.status, Refund.currency))).all()
-    refunds = [{"status": s, "currency": c, "count": n, "amount": _amount(a, c)} for s, c, n, a in refund_rows]
-    open_disputes = (await session.execute(
-        scope(select(func.count(Dispute.id)), Dispute).where(Dispute.status.in_(OPEN_DISPUTES)))).scalar_one()
-    flagged_rows = (await session.execute(
-        payments(Payment).where(or_(Payment.mismatch.is_(True), Payment.late.is_(True)))
-        .order_by(Payment.created_at, Payment.id).limit(FLAGGED_LIMIT))).scalars().all()
-    flagged = [{"id": p.id, "reference": p.reference, "status": p.status,
-                "amount": _amount(p.amount_minor, p.currency), "currency": p.currency, "mismatch": p.mismatch,
-                "mismatchDetail": p.mismatch_detail, "late": p.late,
-                "createdAt": _iso(p.created_at)} for p in flagged_rows]
+    refund_rows = (
+        await session.execute(
+            _in_period(
+                scope(
+                    select(
+                        Refund.status,
+                        Refund.currency,
+                        func.count(Refund.id),
+                        func.coalesce(func.sum(Refund.amount_minor), 0),
+                    ),
+                    Refund,
+                ),
+                Refund.created_at,
+                start,
+                end,
+            )
+            .group_by(Refund.status, Refund.currency)
+            .order_by(Refund.status, Refund.currency)
+        )
+    ).all()
+    refunds = [
+        {"status": s, "currency": c, "count": n, "amount": _amount(a, c)} for s, c, n, a in refund_rows
+    ]
+    open_disputes = (
+        await session.execute(
+            scope(select(func.count(Dispute.id)), Dispute).where(Dispute.status.in_(OPEN_DISPUTES))
+        )
+    ).scalar_one()
+    flagged_rows = (
+        (
+            await session.execute(
+                payments(Payment)
+                .where(or_(Payment.mismatch.is_(True), Payment.late.is_(True)))
+                .order_by(Payment.created_at, Payment.id)
+                .limit(FLAGGED_LIMIT)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    flagged = [
+        {
+            "id": p.id,
+            "reference": p.reference,
+            "status": p.status,
+            "amount": _amount(p.amount_minor, p.currency),
+            "currency": p.currency,
+            "mismatch": p.mismatch,
+            "mismatchDetail": p.mismatch_detail,
+            "late": p.late,
+            "createdAt": _iso(p.created_at),
+        }
+        for p in flagged_rows
+    ]
     return {
         "period": {"from": _iso(start), "to": _iso(end)},
         "payments": {"byStatus": by_status, "byMethod": by_method, "byPaymentType": by_type},
@@ -114,16 +198,47 @@ def _cell(value: Any) -> Any:
     return value
 
 
-PAYMENT_COLUMNS = ("id", "reference", "createdAt", "completedAt", "status", "paymentMethod", "amount",
-                   "currency", "fee", "refundedAmount", "paymentTypeId", "paymentType", "memberId",
-                   "paymentAccount", "gatewayReference", "gatewayTransactionId", "channel", "mismatch", "late",
-                   "description")
-REFUND_COLUMNS = ("id", "reference", "paymentId", "paymentReference", "createdAt", "completedAt", "status",
-                  "amount", "currency", "reason", "failureReason", "disputeId")
+PAYMENT_COLUMNS = (
+    "id",
+    "reference",
+    "createdAt",
+    "completedAt",
+    "status",
+    "paymentMethod",
+    "amount",
+    "currency",
+    "fee",
+    "refundedAmount",
+    "paymentTypeId",
+    "paymentType",
+    "memberId",
+    "paymentAccount",
+    "gatewayReference",
+    "gatewayTransactionId",
+    "channel",
+    "mismatch",
+    "late",
+    "description",
+)
+REFUND_COLUMNS = (
+    "id",
+    "reference",
+    "paymentId",
+    "paymentReference",
+    "createdAt",
+    "completedAt",
+    "status",
+    "amount",
+    "currency",
+    "reason",
+    "failureReason",
+    "disputeId",
+)
 
 
-async def _stream(session: AsyncSession, query: Select[Any], header: tuple[str, ...],
-                  row: Callable[[Any], list[Any]]) -> AsyncIterator[bytes]:
+async def _stream(
+    session: AsyncSession, query: Select[Any], header: tuple[str, ...], row: Callable[[Any], list[Any]]
+) -> AsyncIterator[bytes]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
@@ -138,8 +253,15 @@ async def _stream(session: AsyncSession, query: Select[Any], header: tuple[str, 
         yield buffer.getvalue().encode()
 
 
-def payments_csv(session: AsyncSession, *, scope: Scope, start: datetime | None, end: datetime | None,
-                 status: str | None = None, method: str | None = None) -> AsyncIterator[bytes]:
+def payments_csv(
+    session: AsyncSession,
+    *,
+    scope: Scope,
+    start: datetime | None,
+    end: datetime | None,
+    status: str | None = None,
+    method: str | None = None,
+) -> AsyncIterator[bytes]:
     query = _in_period(scope(select(Payment, PaymentType.name), Payment), Payment.created_at, start, end)
     query = query.join(PaymentType, PaymentType.id == Payment.payment_type_id)
     if status:
@@ -149,18 +271,40 @@ def payments_csv(session: AsyncSession, *, scope: Scope, start: datetime | None,
 
     def row(item: Any) -> list[Any]:
         p, type_name = item
-        return [p.id, p.reference, _iso(p.created_at), _iso(p.completed_at), p.status, p.method,
-                _amount(p.amount_minor, p.currency), p.currency, _amount(p.fee_minor, p.currency),
-                _amount(p.refunded_minor, p.currency), p.payment_type_id, type_name, p.member_id,
-                p.payment_account_masked, p.gateway_reference or p.provider_reference,
-                p.provider_transaction_id or "", p.channel, str(bool(p.mismatch)).lower(),
-                str(bool(p.late)).lower(), p.description or ""]
+        return [
+            p.id,
+            p.reference,
+            _iso(p.created_at),
+            _iso(p.completed_at),
+            p.status,
+            p.method,
+            _amount(p.amount_minor, p.currency),
+            p.currency,
+            _amount(p.fee_minor, p.currency),
+            _amount(p.refunded_minor, p.currency),
+            p.payment_type_id,
+            type_name,
+            p.member_id,
+            p.payment_account_masked,
+            p.gateway_reference or p.provider_reference,
+            p.provider_transaction_id or "",
+            p.channel,
+            str(bool(p.mismatch)).lower(),
+            str(bool(p.late)).lower(),
+            p.description or "",
+        ]
 
     return _stream(session, query.order_by(Payment.created_at, Payment.id), PAYMENT_COLUMNS, row)
 
 
-def refunds_csv(session: AsyncSession, *, scope: Scope, start: datetime | None, end: datetime | None,
-                status: str | None = None) -> AsyncIterator[bytes]:
+def refunds_csv(
+    session: AsyncSession,
+    *,
+    scope: Scope,
+    start: datetime | None,
+    end: datetime | None,
+    status: str | None = None,
+) -> AsyncIterator[bytes]:
     query = _in_period(scope(select(Refund, Payment.reference), Refund), Refund.created_at, start, end)
     query = query.join(Payment, Payment.id == Refund.payment_id)
     if status:
@@ -168,8 +312,19 @@ def refunds_csv(session: AsyncSession, *, scope: Scope, start: datetime | None, 
 
     def row(item: Any) -> list[Any]:
         r, payment_ref = item
-        return [r.id, r.reference, r.payment_id, payment_ref, _iso(r.created_at), _iso(r.completed_at), r.status,
-                _amount(r.amount_minor, r.currency), r.currency, r.reason or "", r.failure_reason or "",
-                r.dispute_id or ""]
+        return [
+            r.id,
+            r.reference,
+            r.payment_id,
+            payment_ref,
+            _iso(r.created_at),
+            _iso(r.completed_at),
+            r.status,
+            _amount(r.amount_minor, r.currency),
+            r.currency,
+            r.reason or "",
+            r.failure_reason or "",
+            r.dispute_id or "",
+        ]
 
     return _stream(session, query.order_by(Refund.created_at, Refund.id), REFUND_COLUMNS, row)

@@ -365,7 +365,7 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
                 continue
             now = utcnow()
             stmt = (
-                insert_ignore(session.bind.dialect.name, WebhookDelivery)
+                insert_ignore(session.get_bind().dialect.name, WebhookDelivery)
                 .values(
                     id=new_id(),
                     cooperative_id=cooperative_id,

@@ -52,18 +52,25 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
                             code="TIMEOUT") from None
     finally:
         PROVIDER_CALLS.labels(provider=provider, operation=operation).observe(time.perf_counter() - started)
-    if response.status_code >= 400:
+    if response.status_code >= 500:
         PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
     return response
 
 
 def http_error(provider: str, operation: str, response: httpx.Response, detail: str) -> ProviderError:
-    """5xx may be retried with the same reference; 4xx will fail the same way again."""
+    """5xx may be retried with the same reference; 4xx will fail the same way again.
+
+    send() already counted a 5xx; a 4xx is counted here because only the adapter knows which ones are
+    expected answers (MTN's 409 for a reference we sent before is not an error).
+    """
     status = response.status_code
+    if status < 500:
+        PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
+    words = operation.replace("_", " ")
     if status >= 500:
-        return ProviderError(f"{provider} {operation} failed on the provider's side (HTTP {status}): "
+        return ProviderError(f"{provider} {words} failed on the provider's side (HTTP {status}): "
                              f"{detail}", retryable=True, code=f"HTTP_{status}")
-    return ProviderError(f"{provider} refused {operation} (HTTP {status}): {detail}", retryable=False,
+    return ProviderError(f"{provider} refused {words} (HTTP {status}): {detail}", retryable=False,
                          code=f"HTTP_{status}")
 
 

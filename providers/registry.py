@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
 
 import httpx
 from aiohttp import web
@@ -103,8 +105,13 @@ def simulator_options(settings: Settings, name: str,
                                "callback_url": base.callback_url or callback_url(settings, name)})
 
 
-def mount_simulators(app: web.Application, settings: Settings) -> None:
-    """Each simulator at /_sim/<name>; callbacks go back to this same process over 127.0.0.1."""
+def mount_simulators(app: web.Application, settings: Settings, **overrides: Any) -> None:
+    """Each simulator at /_sim/<name>; callbacks go back to this same process over 127.0.0.1.
+
+    `overrides` set SimulatorOptions fields for all of them (the demo passes interactive=True so a
+    person approves PIN prompts on the phone page through /_sim/<name>/_control/...).
+    """
     for name, create in SIMULATORS.items():
-        app.add_subapp(f"/_sim/{name}", create(simulator_options(settings, name)))
+        options = replace(simulator_options(settings, name), **overrides)
+        app.add_subapp(f"/_sim/{name}", create(options))
         log.info("simulator mounted", extra={"provider": name, "path": f"/_sim/{name}"})

@@ -6,9 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
@@ -110,8 +111,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--callback-url", help="where to call back when requests carry no callback URL")
 
 
-def options_from_args(args: argparse.Namespace, base: SimulatorOptions | None = None) -> SimulatorOptions:
-    """Flags given on the command line override `base` (typically options_from_env(os.environ))."""
+def options_from_args(args: argparse.Namespace | Sequence[str],
+                      base: SimulatorOptions | None = None) -> SimulatorOptions:
+    """Flags given on the command line override `base`.
+
+    Given raw arguments (`main.py simulate mtn_momo --port 9001 --delay 0.2 --drop-callback`), they are
+    parsed here and `base` defaults to the SIM_* environment variables.
+    """
+    if not isinstance(args, argparse.Namespace):
+        parser = argparse.ArgumentParser(prog="main.py simulate <provider>")
+        add_arguments(parser)
+        args = parser.parse_args(list(args))
+        base = base or options_from_env(os.environ)
     values: dict[str, Any] = {}
     for f in fields(SimulatorOptions):
         value = getattr(args, f.name, None)
@@ -272,8 +283,10 @@ class SimulatorState:
 
     # tokens -----------------------------------------------------------------
     def issue_token(self, product: str, lifetime: int) -> str:
+        now = time.monotonic()
+        self._tokens = {t: entry for t, entry in self._tokens.items() if entry[1] > now}
         token = secrets.token_urlsafe(24)
-        self._tokens[token] = (product, time.monotonic() + lifetime)
+        self._tokens[token] = (product, now + lifetime)
         return token
 
     def bearer_valid(self, request: web.Request, product: str) -> bool:
@@ -290,7 +303,11 @@ class SimulatorState:
 
     # faults -----------------------------------------------------------------
     async def faults(self) -> web.Response | None:
-        """Apply hang / 500 to a collection or refund request; a response means answer with it."""
+        """Hang, then maybe 500, before anything is stored; a response means answer with it.
+
+        Prefer fail_now() before storing and hang() after: a hung request that the provider did
+        receive is the realistic case (and test servers cancel a handler whose client gave up).
+        """
         await self.hang()
         return self.fail_now()
 

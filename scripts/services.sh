@@ -15,6 +15,9 @@ ensure_installed() {
   local need=()
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
   command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  # Browser tests drive Debian's Chromium (no browser downloads); wrk drives the benchmark smoke run.
+  [ -x /usr/bin/chromium ] || need+=(chromium)
+  command -v wrk >/dev/null 2>&1 || need+=(wrk)
   if [ ${#need[@]} -gt 0 ]; then
     local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
     echo "installing ${need[*]} from Debian's packages" >&2

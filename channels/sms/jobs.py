@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.sms.jobs")
 WORKER = Actor("system", "worker")
+SEND_LOCK_SECONDS = 30
 
 
 def message_key(payload: dict[str, Any]) -> str:
@@ -75,8 +76,28 @@ class SmsJobs:
                     log.info("reminder skipped: member opted out", extra={"member_id": member.id})
                     return
         await self.throttle()
+        # Two runs of one message at once (a lease that lapsed mid-send) must not both send it.
+        lock = f"sms:lock:{{{hashlib.sha256(key.encode()).hexdigest()[:32]}}}"
+        if not await rt.redis.set(lock, job.id, nx=True, ex=SEND_LOCK_SECONDS):
+            raise RetryLater(SEND_LOCK_SECONDS, "message is being sent by another worker")
+        try:
+            await self._send_once(job, payload, key, existing)
+        finally:
+            await rt.redis.delete(lock)
+
+    async def _send_once(
+        self, job: Job, payload: dict[str, Any], key: str, existing: SmsMessage | None
+    ) -> None:
+        rt = self.rt
+        assert rt.sms is not None
         if existing is None:
             existing = await self._create(payload, key)
+        else:
+            async with rt.sessionmaker() as session:
+                # Re-read under the lock: the other run may have finished while we waited for it.
+                existing = await session.get(SmsMessage, existing.id)
+            if existing is None or existing.status != SmsStatus.QUEUED.value:
+                return
         message = existing
         phone = _phone(rt, message)
         try:
@@ -134,7 +155,7 @@ class SmsJobs:
             size = measure(body)
             now = utcnow()
             stmt = (
-                insert_ignore(session.bind.dialect.name, SmsMessage)
+                insert_ignore(session.get_bind().dialect.name, SmsMessage)
                 .values(
                     id=new_id(),
                     cooperative_id=payload.get("cooperative_id"),

@@ -83,7 +83,9 @@ async def apply_delivery_report(
     """Idempotent: a repeated or late report leaves a final status alone. Returns what happened."""
     async with rt.sessionmaker.begin() as session:
         message = (
-            await session.execute(select(SmsMessage).where(SmsMessage.provider_message_id == message_id))
+            await session.execute(
+                select(SmsMessage).where(SmsMessage.provider_message_id == message_id).limit(1)
+            )
         ).scalar_one_or_none()
         if message is None:
             log.warning("delivery report for an unknown message", extra={"provider_message_id": message_id})

@@ -122,7 +122,7 @@ class AfricasTalkingSender:
             )
         recipient = _recipient_for(recipients, phone)
         try:
-            code = int(recipient.get("statusCode"))
+            code = int(str(recipient.get("statusCode")))
         except (TypeError, ValueError):
             raise SmsTemporaryError("answer without a recipient statusCode") from None
         provider_status = str(recipient.get("status") or code)[:32]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from channels.ussd.i18n import translate
 from channels.ussd.types import UssdReply, UssdTurn, extension_of
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered, phone_field, text_field
 from core.phone import Phone
@@ -32,9 +33,10 @@ def render(reply: UssdReply, _parsed: Parsed | None = None) -> Rendered:
     return Rendered(200, (prefix + reply.text).encode(), "text/plain")
 
 
-def render_malformed(message: str) -> Rendered:
-    # Africa's Talking ends the user's session on a 4xx anyway; a clean END tells them why.
-    return render(UssdReply(message, True))
+def render_malformed(_detail: str) -> Rendered:
+    # Africa's Talking ends the user's session on a 4xx anyway; a clean END is kinder. The detail
+    # is for our logs, not for the user's screen.
+    return render(UssdReply(translate(None, "error.generic"), True))
 
 
 def parse_event(form: Mapping[str, Any]) -> dict[str, Any]:

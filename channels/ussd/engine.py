@@ -21,8 +21,8 @@ MAX_ITEMS = 90  # numbers stay clear of the navigation keys (98, 0, 00)
 class Invalid(Exception):
     """Raised by a validator: the input screen is shown again with this message on top."""
 
-    def __init__(self, msgid: str, **args: Any) -> None:
-        super().__init__(msgid)
+    def __init__(self, msgid: str | None = None, **args: Any) -> None:
+        super().__init__(msgid or "invalid")
         self.msgid = msgid
         self.args_ = args
 
@@ -54,6 +54,13 @@ class Ctx:
     @property
     def data(self) -> dict[str, Any]:
         return self.state.data
+
+    @property
+    def hop(self) -> UssdTurn:
+        """The turn being answered; flows always have one (only engine unit tests run without)."""
+        if self.turn is None:
+            raise RuntimeError("this screen needs the USSD turn")
+        return self.turn
 
     def t(self, msgid: str, **args: Any) -> str:
         return translate(self.state.lang, msgid, **args)
@@ -200,17 +207,17 @@ class Engine:
                 try:
                     value = await screen.validate(ctx, text)
                 except Invalid as bad:
-                    return await self.render(ctx, error=ctx.t(bad.msgid, **bad.args_))
+                    # Without a message of its own, the screen's declared error text is shown.
+                    return await self.render(ctx, error=ctx.t(bad.msgid or screen.error, **bad.args_))
                 return await self.show(ctx, await screen.on_valid(ctx, value))
             key = self._chosen(state, text)
             if key is None:
                 return await self.render(ctx, error=ctx.t("error.invalid_choice"))
             return await self.show(ctx, await self._dispatch(ctx, screen, key))
         except Invalid as bad:
-            return await self.render(ctx, error=ctx.t(bad.msgid, **bad.args_))
+            return await self.render(ctx, error=ctx.t(bad.msgid or "error.invalid_choice", **bad.args_))
         except DomainError as exc:
             log.info("ussd flow refused", extra={"screen": screen.id, "error": exc.message})
-            state.data["_err"] = exc.message[:80]
             return await self.show(ctx, "failed") if "failed" in self.screens else UssdReply(
                 ctx.t("error.generic"), True)
 

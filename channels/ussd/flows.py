@@ -34,7 +34,7 @@ _DSP_REF = re.compile(r"DSP_\w+")
 
 def actor(ctx: Ctx) -> Actor:
     member_id = ctx.data.get("mb")
-    return Actor(f"member:{member_id}" if member_id else f"phone:{ctx.turn.phone.masked()}", "ussd")
+    return Actor(f"member:{member_id}" if member_id else f"phone:{ctx.hop.phone.masked()}", "ussd")
 
 
 # -- reads (memoised per hop) ---------------------------------------------------------------------
@@ -45,7 +45,7 @@ async def memberships(ctx: Ctx) -> list[tuple[Member, Cooperative]]:
         from core.members import find_memberships
 
         async with ctx.rt.sessionmaker() as session:
-            found = await find_memberships(session, ctx.rt.cipher, ctx.turn.phone)
+            found = await find_memberships(session, ctx.rt.cipher, ctx.hop.phone)
         only = ctx.data.get("x")
         ctx.cache["ms"] = [(m, c) for m, c in found if not only or c.id == only]
     return ctx.cache["ms"]
@@ -213,11 +213,11 @@ def _registration(ctx: Ctx, coop: Cooperative) -> str:
 async def validate_code(ctx: Ctx, text: str) -> str:
     code = text.strip()
     if not 2 <= len(code) <= 32:
-        raise Invalid("reg.code_unknown")
+        raise Invalid()
     async with ctx.rt.sessionmaker() as session:
         coop = await cooperative_by_code(session, code)
     if coop is None:
-        raise Invalid("reg.code_unknown")
+        raise Invalid()
     ctx.cache[f"coop:{coop.id}"] = coop
     return coop.id
 
@@ -231,7 +231,7 @@ async def code_entered(ctx: Ctx, coop_id: str) -> str:
 async def validate_name(_ctx: Ctx, text: str) -> str:
     name = " ".join(text.split())
     if not _NAME.match(name):
-        raise Invalid("reg.name_invalid")
+        raise Invalid()
     return name
 
 
@@ -241,7 +241,7 @@ async def name_entered(ctx: Ctx, name: str) -> str:
     try:
         async with ctx.rt.sessionmaker.begin() as session:
             member = await create_member(session, ctx.rt.cipher, cooperative_id=ctx.data["rc"], name=name,
-                                         phone=ctx.turn.phone, language=ctx.state.lang, status="PENDING",
+                                         phone=ctx.hop.phone, language=ctx.state.lang, status="PENDING",
                                          actor=actor(ctx))
     except Conflict:
         return "reg_exists"
@@ -310,7 +310,7 @@ async def amount_entered(ctx: Ctx, minor: str) -> str:
 
 
 def methods_for(country: str, operator: str | None, routed: Any) -> list[str]:
-    """Methods this payer can use, the one of the number's operator first."""
+    """Methods this payer can use: the one of the number's operator, among those a provider serves."""
     if country == "KE":
         by_operator = {"SAFARICOM": "MPESA", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
     else:
@@ -320,12 +320,12 @@ def methods_for(country: str, operator: str | None, routed: Any) -> list[str]:
         candidates = [by_operator[operator]]
     else:
         candidates = list(by_operator.values())
-    return [m for m in candidates if not routed or m in routed]
+    return [m for m in candidates if m in routed]
 
 
 async def _method_step(ctx: Ctx) -> str:
     coop = await cooperative(ctx, ctx.data["c"])
-    options = methods_for(coop.country if coop else "", ctx.turn.phone.operator, ctx.rt.routes)
+    options = methods_for(coop.country if coop else "", ctx.hop.phone.operator, ctx.rt.routes)
     if not options:
         return "pay_no_method"
     if len(options) == 1:
@@ -354,7 +354,7 @@ async def confirm_args(ctx: Ctx) -> dict[str, Any]:
 async def confirmed(ctx: Ctx, _key: str) -> str:
     from core.payments import NewPayment, create_payment
 
-    turn = ctx.turn
+    turn = ctx.hop
     new = NewPayment(
         cooperative_id=ctx.data["c"], payment_type_id=ctx.data["pt"], method=ctx.data["mt"],
         account=turn.phone.e164, idempotency_key=f"ussd:{turn.aggregator}:{turn.session_id}"[:128],
@@ -408,7 +408,7 @@ async def send_receipt(ctx: Ctx, _key: str) -> str:
     async with ctx.rt.sessionmaker.begin() as session:
         await send_sms(session, template=template, cooperative_id=payment.cooperative_id,
                        context={"payment_id": payment.id}, cipher=ctx.rt.cipher, member_id=ctx.data["mb"],
-                       dedupe=f"ussd-receipt:{payment.id}:{ctx.turn.session_id}"[:190])
+                       dedupe=f"ussd-receipt:{payment.id}:{ctx.hop.session_id}"[:190])
     ctx.data["ref"] = payment.reference
     return "my_receipt_sent"
 
@@ -478,7 +478,7 @@ async def help_args(ctx: Ctx) -> dict[str, Any]:
 
 
 async def resume_continue(ctx: Ctx, _key: str) -> str:
-    saved = await sessions.load_resume(ctx.rt.redis, ctx.rt.cipher, ctx.turn.phone)
+    saved = await sessions.load_resume(ctx.rt.redis, ctx.rt.cipher, ctx.hop.phone)
     if saved is None:
         ctx.state.stack.clear()
         return "home"
@@ -488,7 +488,7 @@ async def resume_continue(ctx: Ctx, _key: str) -> str:
 
 
 async def resume_restart(ctx: Ctx, _key: str) -> str:
-    await sessions.drop_resume(ctx.rt.redis, ctx.rt.cipher, ctx.turn.phone)
+    await sessions.drop_resume(ctx.rt.redis, ctx.rt.cipher, ctx.hop.phone)
     ctx.state.stack.clear()
     return "home"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from core.db import insert_ignore, utcnow
+from core.db import insert_ignore, new_id, utcnow
 from core.models import UssdSession
 from core.phone import Phone
 
@@ -37,7 +37,7 @@ async def opened(rt: Any, *, aggregator: str, session_id: str, phone: Phone, ser
                  network: str | None, cooperative_id: str | None, member_id: str | None) -> None:
     async with rt.sessionmaker.begin() as session:
         stmt = insert_ignore(session.bind.dialect.name, UssdSession).values(
-            id=_new_id(), aggregator=aggregator, session_id=session_id[:128], cooperative_id=cooperative_id,
+            id=new_id(), aggregator=aggregator, session_id=session_id[:128], cooperative_id=cooperative_id,
             member_id=member_id, phone_index=rt.cipher.blind_index(phone.e164), phone_masked=phone.masked(),
             service_code=service_code[:32], network_code=(network or "")[:16] or None, status="OPEN", hops=1,
             last_screen=None, started_at=utcnow(),
@@ -77,16 +77,10 @@ async def record_event(rt: Any, event: SessionEvent) -> None:
         values["error"] = event.error[:300]
     async with rt.sessionmaker.begin() as session:
         stmt = insert_ignore(session.bind.dialect.name, UssdSession).values(
-            id=_new_id(), aggregator=event.aggregator, session_id=event.session_id[:128],
+            id=new_id(), aggregator=event.aggregator, session_id=event.session_id[:128],
             phone_index=rt.cipher.blind_index(event.phone.e164), phone_masked=event.phone.masked(),
             service_code=event.service_code[:32], network_code=(event.network or "")[:16] or None,
             started_at=utcnow(), **{"hops": 0, **values},
         )
         stmt = stmt.on_conflict_do_update(index_elements=["aggregator", "session_id"], set_=values)
         await session.execute(stmt)
-
-
-def _new_id() -> str:
-    from core.db import new_id
-
-    return new_id()

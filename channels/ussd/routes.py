@@ -113,6 +113,9 @@ def _hop_handler(aggregator: str) -> Callable[[web.Request], Awaitable[web.Respo
         except MalformedRequest as exc:
             log.warning("ussd callback malformed", extra={"aggregator": aggregator, "error": str(exc)})
             return _respond(module.render_malformed(str(exc)))
+        except Exception:  # an adapter bug must still give the aggregator a well-formed answer
+            log.exception("ussd callback could not be parsed", extra={"aggregator": aggregator})
+            return _respond(module.render_malformed("unreadable request"))
         turn = parsed.turn
         screen = "unavailable"
         try:

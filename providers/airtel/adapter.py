@@ -15,6 +15,7 @@ import httpx
 
 from core import config as core_config
 from core.config import ProviderConfig
+from core.metrics import PROVIDER_ERRORS
 from core.ports import (
     CallbackRejected,
     CollectionAccepted,
@@ -173,6 +174,7 @@ class AirtelAdapter:
             return CollectionAccepted()
         if response.status_code == 200:
             # 200 with success false: Airtel refused the request itself.
+            PROVIDER_ERRORS.labels(provider=NAME, operation="collection").inc()
             raise ProviderError(f"Airtel Money refused the collection: {_detail(answer)}", retryable=False,
                                 code=str(block.get("result_code") or "REFUSED"))
         raise http_error(NAME, "collection", response, _detail(answer))
@@ -187,7 +189,7 @@ class AirtelAdapter:
             raise ProviderError(f"Airtel Money has no transaction with this id: {_detail(answer)}",
                                 retryable=False, code="NOT_FOUND")
         if response.status_code != 200:
-            raise http_error(NAME, "status enquiry", response, _detail(answer))
+            raise http_error(NAME, "collection_status", response, _detail(answer))
         try:
             outcome = _outcome(tx.get("status"))
         except UnknownStatus:
@@ -216,6 +218,7 @@ class AirtelAdapter:
             return SettledRefund(provider_transaction_id=tx.get("airtel_money_id") or None,
                                  outcome=ProviderOutcome.SUCCEEDED)
         if response.status_code == 200:
+            PROVIDER_ERRORS.labels(provider=NAME, operation="refund").inc()
             raise ProviderError(f"Airtel Money refused the refund: {_detail(answer)}", retryable=False,
                                 code=str(block.get("result_code") or "REFUSED"))
         raise http_error(NAME, "refund", response, _detail(answer))

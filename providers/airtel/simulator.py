@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import phonenumbers
@@ -88,14 +89,12 @@ async def _collect(request: web.Request) -> web.Response:
     denied = _authorized(request)
     if denied:
         return denied
-    body = await _json(request)
+    body = await _json(request) or {}
     fault = state.fail_now()
     if fault:
         return fault
-    subscriber = body.get("subscriber") if body else None
-    tx = body.get("transaction") if body else None
-    if not isinstance(subscriber, dict) or not isinstance(tx, dict) \
-            or not isinstance(body.get("reference"), str):
+    subscriber, tx = body.get("subscriber"), body.get("transaction")
+    if not (isinstance(subscriber, dict) and isinstance(tx, dict) and isinstance(body.get("reference"), str)):
         return _refusal(400, "reference, subscriber and transaction are required", "ESB000001")
     msisdn = str(subscriber.get("msisdn", ""))
     country = str(subscriber.get("country", ""))
@@ -141,10 +140,12 @@ async def _settle(state: SimulatorState, record: dict[str, Any]) -> None:
         record["airtel_money_id"] = "MP" + new_id(12)
     # Callbacks carry TS or TF only; an expiry is reported as a failure.
     final = _callback_body(record, "TS" if status == "TS" else "TF", message)
-    stale = _callback_body(record, "TF" if status == "TS" else "TS", "stale replay")
+    # The stale callback never claims money that did not move: a success is followed by an old failure,
+    # a failure by an old "in progress".
+    stale = _callback_body(record, "TF" if status == "TS" else "TIP", "stale replay")
     key = state.options.credentials.get("callback_key", "")
 
-    def sign(payload: dict[str, Any]) -> dict[str, Any]:
+    def sign(payload: Mapping[str, Any]) -> Mapping[str, Any]:
         return {**payload, "hash": callback_hash(payload["transaction"], key)} if key else payload
 
     await state.deliver(state.options.callback_url, final, stale, method="POST", sign=sign)

@@ -31,6 +31,7 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
+from providers.calls import timeout_from
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ ERRORS: dict[str, bool] = {
     "BAD_PHONE_NUMBER": False,
     "INVOICE_NOT_FOUND": False,
 }
+# Only the push moves money; an invoice is a request to pay, unique by our transactionId, so an
+# unanswered invoice call may be sent again while an unanswered push must be followed by a status query.
+_CREATES = frozenset({"push"})
+_MEMO_SIZE = 10_000
 BANK_METHODS = frozenset({"BANK_BK", "BANK_IM", "BANK_ECOBANK"})
 MOBILE_PROVIDERS: dict[str, str] = {"MOBILE_MONEY_MTN": "MTN", "MOBILE_MONEY_AIRTEL": "AIRTEL"}
 LANGUAGES: dict[str, str] = {"en": "EN", "fr": "FR", "rw": "RW", "kin": "RW"}
@@ -113,6 +118,10 @@ class IremboPayAdapter:
         self._nonce_store = nonce_store or MemoryNonceStore()
         self._tolerance = tolerance
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._timeouts = timeout_from(config)
+        # provider reference -> invoice number, for a status query after a push that got no answer
+        # (the core never saw the invoice number then). Process-local and bounded: a hint only.
+        self._invoices: dict[str, str] = {}
 
     # --- outbound -------------------------------------------------------------------------------
 
@@ -133,6 +142,7 @@ class IremboPayAdapter:
         invoice_number = invoice.get("invoiceNumber")
         if not isinstance(invoice_number, str) or not invoice_number:
             raise self._fail("invoice", "answer has no invoiceNumber")
+        self._remember(request.provider_reference, invoice_number)
         status = invoice.get("paymentStatus", "NEW")
         if mobile and status == "NEW":
             assert request.payer is not None
@@ -181,6 +191,7 @@ class IremboPayAdapter:
 
     async def collection_status(self, provider_reference: str, provider_transaction_id: str | None,
                                 currency: str) -> StatusResult:
+        provider_transaction_id = provider_transaction_id or self._invoices.get(provider_reference)
         if not provider_transaction_id:
             # Invoices are looked up by invoice number only; without one the invoice answer never
             # arrived and the core's payment timeout decides.
@@ -273,21 +284,31 @@ class IremboPayAdapter:
 
     # --- plumbing -------------------------------------------------------------------------------
 
+    def _remember(self, provider_reference: str, invoice_number: str) -> None:
+        if len(self._invoices) >= _MEMO_SIZE:
+            self._invoices.pop(next(iter(self._invoices)))
+        self._invoices[provider_reference] = invoice_number
+
     async def _send(self, operation: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {"irembopay-secretKey": self._config.secret("secret_key"), "X-API-Version": "2",
                    "Accept": "application/json"}
         started = time.perf_counter()
         try:
-            return await self._http.request(method, self._base + path, headers=headers, **kwargs)
-        except httpx.ConnectError as exc:
+            return await self._http.request(method, self._base + path, headers=headers,
+                                            timeout=self._timeouts, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             PROVIDER_ERRORS.labels(self.name, operation).inc()
-            log.warning("irembopay %s: cannot connect", operation)
+            log.warning("irembopay %s: cannot connect (%s)", operation, type(exc).__name__)
             raise ProviderError(f"IremboPay {operation}: cannot connect", retryable=True,
                                 code="UNREACHABLE") from exc
         except (httpx.TimeoutException, httpx.TransportError) as exc:
             PROVIDER_ERRORS.labels(self.name, operation).inc()
             log.warning("irembopay %s: no answer (%s)", operation, type(exc).__name__)
-            raise ProviderTimeout(f"IremboPay {operation}: no answer in time") from exc
+            if operation in _CREATES:
+                raise ProviderTimeout(f"IremboPay {operation}: no answer in time; ask the status, "
+                                      "do not send again") from exc
+            raise ProviderError(f"IremboPay {operation}: no answer in time", retryable=True,
+                                code="TIMEOUT") from exc
         finally:
             PROVIDER_CALLS.labels(self.name, operation).observe(time.perf_counter() - started)
 

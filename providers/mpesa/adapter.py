@@ -31,6 +31,7 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
+from providers.calls import timeout_from
 from providers.tokens import TokenCache
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ REFUND_STATUS: dict[str, ProviderOutcome] = {
     "R000001": ProviderOutcome.FAILED,  # transaction already reversed
     "R000002": ProviderOutcome.FAILED,  # original transaction id invalid
 }
+# Calls that start a payment or refund: with no answer we cannot tell whether it was taken.
+_CREATES = frozenset({"stk_push", "reversal"})
 # The STK query answers this error code while the payer has not acted yet.
 _STILL_PENDING = "500.001.1001"
 _INVALID_TOKEN = "404.001.03"
@@ -123,6 +126,7 @@ class MpesaAdapter:
         self._base = config.base_url.rstrip("/")
         self._shortcode = config.options.get("shortcode", "")
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._timeouts = timeout_from(config)
         self._tokens = TokenCache(self._fetch_token)
 
     # --- outbound -------------------------------------------------------------------------------
@@ -182,7 +186,7 @@ class MpesaAdapter:
         resp = await self._post("stk_query", "/mpesa/stkpushquery/v1/query", body)
         answer = self._json(resp)
         if answer.get("errorCode") == _STILL_PENDING:
-            return StatusResult(ProviderOutcome.PENDING, raw=_scrubbed(answer))
+            return StatusResult(ProviderOutcome.PENDING, raw=dict(answer))
         if resp.status_code != 200 or "ResultCode" not in answer:
             raise self._error("stk_query", resp, answer)
         code = str(answer["ResultCode"])
@@ -194,7 +198,7 @@ class MpesaAdapter:
             raise ProviderError(f"M-Pesa STK query: unknown ResultCode {code!r} "
                                 f"({scrub(str(answer.get('ResultDesc', '')))})",
                                 retryable=False, code="UNKNOWN_STATUS")
-        return StatusResult(outcome, reason=REASONS.get(code), raw=_scrubbed(answer))
+        return StatusResult(outcome, reason=REASONS.get(code), raw=dict(answer))
 
     async def request_refund(self, request: RefundRequest) -> CollectionAccepted:
         if not request.full:
@@ -349,14 +353,9 @@ class MpesaAdapter:
     async def _fetch_token(self) -> tuple[str, float]:
         basic = base64.b64encode(
             f"{self._config.secret('consumer_key')}:{self._config.secret('consumer_secret')}".encode()).decode()
-        try:
-            resp = await self._send("token", "GET", "/oauth/v1/generate",
-                                    params={"grant_type": "client_credentials"},
-                                    headers={"Authorization": f"Basic {basic}"})
-        except ProviderTimeout as exc:
-            # Nothing was sent to the payer yet, so this one is safe to retry.
-            raise ProviderError("M-Pesa token: no answer in time", retryable=True,
-                                code="TOKEN_TIMEOUT") from exc
+        resp = await self._send("token", "GET", "/oauth/v1/generate",
+                                params={"grant_type": "client_credentials"},
+                                headers={"Authorization": f"Basic {basic}"})
         answer = self._json(resp)
         if resp.status_code != 200:
             raise self._error("token", resp, answer)
@@ -385,16 +384,21 @@ class MpesaAdapter:
     async def _send(self, operation: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
         started = time.perf_counter()
         try:
-            return await self._http.request(method, self._base + path, **kwargs)
-        except httpx.ConnectError as exc:
+            return await self._http.request(method, self._base + path, timeout=self._timeouts, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             PROVIDER_ERRORS.labels(self.name, operation).inc()
-            log.warning("mpesa %s: cannot connect", operation)
+            log.warning("mpesa %s: cannot connect (%s)", operation, type(exc).__name__)
             raise ProviderError(f"M-Pesa {operation}: cannot connect", retryable=True,
                                 code="UNREACHABLE") from exc
         except (httpx.TimeoutException, httpx.TransportError) as exc:
             PROVIDER_ERRORS.labels(self.name, operation).inc()
             log.warning("mpesa %s: no answer (%s)", operation, type(exc).__name__)
-            raise ProviderTimeout(f"M-Pesa {operation}: no answer in time") from exc
+            if operation in _CREATES:
+                raise ProviderTimeout(f"M-Pesa {operation}: no answer in time; ask the status, "
+                                      "do not send again") from exc
+            # A token or a query changes nothing at Safaricom: asking again is safe.
+            raise ProviderError(f"M-Pesa {operation}: no answer in time", retryable=True,
+                                code="TIMEOUT") from exc
         finally:
             PROVIDER_CALLS.labels(self.name, operation).observe(time.perf_counter() - started)
 
@@ -437,7 +441,3 @@ def _result_parameters(params: object) -> dict[str, Any]:
     if not isinstance(items, list):
         return {}
     return {item["Key"]: item.get("Value") for item in items if isinstance(item, dict) and "Key" in item}
-
-
-def _scrubbed(answer: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in answer.items() if k not in ("Password",)}

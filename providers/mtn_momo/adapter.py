@@ -162,7 +162,7 @@ class MtnMomoAdapter:
                               url=f"{self._base}/{product}/token/", timeouts=self._timeout, creates=False,
                               headers={"Ocp-Apim-Subscription-Key": subscription}, auth=(user, key))
         if response.status_code != 200:
-            raise http_error(NAME, f"{product} token", response, _detail(response))
+            raise http_error(NAME, f"{product}_token", response, _detail(response))
         body = json_body(response)
         token = body.get("access_token")
         try:
@@ -217,13 +217,13 @@ class MtnMomoAdapter:
             # We sent this reference before (a retry after a lost answer): the first request stands.
             log.info("MTN MoMo already has this request to pay", extra=log_extra)
             return CollectionAccepted()
-        raise http_error(NAME, "request to pay", response, _detail(response))
+        raise http_error(NAME, "request_to_pay", response, _detail(response))
 
     async def collection_status(self, provider_reference: str, provider_transaction_id: str | None,
                                 currency: str) -> StatusResult:
         response = await self._call("collection", "request_to_pay_status", "GET",
                                     f"/collection/v1_0/requesttopay/{provider_reference}", creates=False)
-        return self._status_answer(response, "request to pay status")
+        return self._status_answer(response, "request_to_pay_status", "request to pay")
 
     # refunds ----------------------------------------------------------------
     async def request_refund(self, request: RefundRequest) -> CollectionAccepted:
@@ -250,11 +250,11 @@ class MtnMomoAdapter:
     async def refund_status(self, provider_reference: str, currency: str) -> StatusResult:
         response = await self._call("disbursement", "refund_status", "GET",
                                     f"/disbursement/v1_0/refund/{provider_reference}", creates=False)
-        return self._status_answer(response, "refund status")
+        return self._status_answer(response, "refund_status", "refund")
 
-    def _status_answer(self, response: httpx.Response, operation: str) -> StatusResult:
+    def _status_answer(self, response: httpx.Response, operation: str, thing: str) -> StatusResult:
         if response.status_code == 404:
-            raise ProviderError(f"MTN MoMo has no {operation.split()[0]} with this reference",
+            raise ProviderError(f"MTN MoMo has no {thing} with this reference",
                                 retryable=False, code="NOT_FOUND")
         if response.status_code != 200:
             raise http_error(NAME, operation, response, _detail(response))

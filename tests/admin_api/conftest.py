@@ -12,7 +12,6 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 from admin_api import all_routes
 from admin_api.openapi import build_document
-
 from core import auth
 from core.audit import Actor
 from core.members import create_member
@@ -98,48 +97,48 @@ async def coop_b(rt: Any, client: Any, demo: dict[str, Any]) -> dict[str, Any]:
     """A second cooperative with its own admin, payment type and member."""
     actor = Actor("system", "system")
     async with rt.sessionmaker.begin() as s:
-        coop = Cooperative(name="Other Coop", short_code="OTHER", country="RW", currency="RWF",
-                           timezone="Africa/Kigali", status="ACTIVE", self_registration=True)
+        coop = Cooperative(
+            name="Other Coop",
+            short_code="OTHER",
+            country="RW",
+            currency="RWF",
+            timezone="Africa/Kigali",
+            status="ACTIVE",
+            self_registration=True,
+        )
         s.add(coop)
         await s.flush()
-        ptype = PaymentType(cooperative_id=coop.id, name="Levy", amount_minor=1000, currency="RWF",
-                            is_active=True)
+        ptype = PaymentType(
+            cooperative_id=coop.id, name="Levy", amount_minor=1000, currency="RWF", is_active=True
+        )
         s.add(ptype)
-        member = await create_member(s, rt.cipher, cooperative_id=coop.id, name="Bea Other",
-                                     phone=normalize("+250788999001"), actor=actor)
-        await auth.create_user(s, username="admin@b.rw", password="b-admin-password", role="COOP_ADMIN",
-                               cooperative_id=coop.id)
+        member = await create_member(
+            s,
+            rt.cipher,
+            cooperative_id=coop.id,
+            name="Bea Other",
+            phone=normalize("+250788999001"),
+            actor=actor,
+        )
+        await auth.create_user(
+            s, username="admin@b.rw", password="b-admin-password", role="COOP_ADMIN", cooperative_id=coop.id
+        )
         await s.flush()
         ids = {"cooperative_id": coop.id, "payment_type_id": ptype.id, "member_id": member.id}
     return {**ids, "admin": await bearer(client, "admin@b.rw", "b-admin-password")}
 
 
 def payment_body(payment_type_id: str, **over: Any) -> dict[str, Any]:
-    body = {"paymentTypeId": payment_type_id, "amount": 50000, "paymentMethod": "MOBILE_MONEY_MTN",
-            "paymentAccount": "+250788000001", "description": "Rent", "idempotencyKey": idem()}
+    body = {
+        "paymentTypeId": payment_type_id,
+        "amount": 50000,
+        "paymentMethod": "MOBILE_MONEY_MTN",
+        "paymentAccount": "+250788000001",
+        "description": "Rent",
+        "idempotencyKey": idem(),
+    }
     body.update(over)
     return body
-
-
-@pytest.fixture
-async def client(rt: Any, aiohttp_client: Any) -> Any:
-    """The full app; while other edges are still being written, the API mounted alone the same way."""
-    try:
-        from app import create_app
-
-        app = create_app(rt.settings, runtime=rt)
-    except ModuleNotFoundError:
-        from aiohttp import web
-
-        from admin_api import create_admin_app
-        from app import MAX_BODY, request_context
-        from core.runtime import RUNTIME, SETTINGS
-
-        app = web.Application(middlewares=[request_context], client_max_size=MAX_BODY)
-        app[SETTINGS] = rt.settings
-        app[RUNTIME] = rt
-        app.add_subapp("/v1", create_admin_app(rt.settings))
-    return await aiohttp_client(app)
 
 
 async def complete_payment(rt: Any, payment_id: str, *, fee: int = 0) -> None:
@@ -149,9 +148,15 @@ async def complete_payment(rt: Any, payment_id: str, *, fee: int = 0) -> None:
     from core.state.payment import PAYMENT, PaymentStatus
 
     async with rt.sessionmaker.begin() as s:
-        await transition(s, PAYMENT, payment_id, PaymentStatus.PENDING, PaymentStatus.COMPLETED,
-                         actor=Actor("provider:test", "provider"),
-                         values={"completed_at": utcnow(), "fee_minor": fee, "provider_transaction_id": "TX1"})
+        await transition(
+            s,
+            PAYMENT,
+            payment_id,
+            PaymentStatus.PENDING,
+            PaymentStatus.COMPLETED,
+            actor=Actor("provider:test", "provider"),
+            values={"completed_at": utcnow(), "fee_minor": fee, "provider_transaction_id": "TX1"},
+        )
 
 
 async def make_payment(caller: Caller, payment_type_id: str, **over: Any) -> dict[str, Any]:

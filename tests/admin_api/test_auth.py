@@ -62,9 +62,18 @@ async def test_refresh_rotates_and_refuses_reuse(client, demo):
 
 def _claims(rt, demo, **over):
     now = utcnow()
-    claims = {"sub": "x", "role": "SUPER_ADMIN", "coop": None, "mid": None, "iss": "coop-gateway",
-              "aud": "coop-gateway-api", "iat": now, "exp": now + timedelta(minutes=5), "typ": "access",
-              "jti": "abc"}
+    claims = {
+        "sub": "x",
+        "role": "SUPER_ADMIN",
+        "coop": None,
+        "mid": None,
+        "iss": "coop-gateway",
+        "aud": "coop-gateway-api",
+        "iat": now,
+        "exp": now + timedelta(minutes=5),
+        "typ": "access",
+        "jti": "abc",
+    }
     claims.update(over)
     return claims
 
@@ -94,8 +103,11 @@ async def test_wrong_key_and_other_algorithms_are_refused(client, rt, demo):
 
 async def test_expired_token_is_refused(client, rt, demo):
     past = utcnow() - timedelta(hours=1)
-    token = jwt.encode(_claims(rt, demo, iat=past, exp=past + timedelta(minutes=5)),
-                       rt.settings.jwt_secret.get(), algorithm="HS256")
+    token = jwt.encode(
+        _claims(rt, demo, iat=past, exp=past + timedelta(minutes=5)),
+        rt.settings.jwt_secret.get(),
+        algorithm="HS256",
+    )
     status, body = await _status_with(client, token)
     assert status == 401 and body["message"] == "token has expired"
 
@@ -103,23 +115,31 @@ async def test_expired_token_is_refused(client, rt, demo):
 async def test_well_signed_token_is_accepted_and_bad_claims_are_not(client, rt, demo):
     good = jwt.encode(_claims(rt, demo), rt.settings.jwt_secret.get(), algorithm="HS256")
     assert (await _status_with(client, good))[0] == 200
-    for over in ({"role": "GOD"}, {"aud": "elsewhere"}, {"iss": "elsewhere"},
-                 {"role": "COOP_ADMIN", "coop": None}, {"role": "TENANT", "coop": demo["cooperative_id"]}):
+    for over in (
+        {"role": "GOD"},
+        {"aud": "elsewhere"},
+        {"iss": "elsewhere"},
+        {"role": "COOP_ADMIN", "coop": None},
+        {"role": "TENANT", "coop": demo["cooperative_id"]},
+    ):
         token = jwt.encode(_claims(rt, demo, **over), rt.settings.jwt_secret.get(), algorithm="HS256")
         assert (await _status_with(client, token))[0] == 401, over
 
 
 async def test_missing_or_malformed_authorization(client, demo):
-    for headers in ({}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer "},
-                    {"Authorization": "Bearer not.a.jwt"}):
+    for headers in (
+        {},
+        {"Authorization": "Basic abc"},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Bearer not.a.jwt"},
+    ):
         resp = await client.get("/v1/payments", headers=headers)
         assert resp.status == 401, headers
         assert (await resp.json())["statusCode"] == 401
 
 
 async def test_api_key_shown_once_stored_hashed_scoped_and_revocable(client, rt, admin, demo):
-    created = await admin.json("POST", "/v1/api-keys", 201,
-                               json={"name": "ERP", "scopes": ["payments:read"]})
+    created = await admin.json("POST", "/v1/api-keys", 201, json={"name": "ERP", "scopes": ["payments:read"]})
     clear = created["key"]
     assert clear.startswith("cpk_") and created["prefix"] == clear[:12]
     async with rt.sessionmaker() as s:
@@ -143,8 +163,9 @@ async def test_api_key_shown_once_stored_hashed_scoped_and_revocable(client, rt,
 
 
 async def test_api_key_with_write_scope_creates_payments(client, admin, demo):
-    created = await admin.json("POST", "/v1/api-keys", 201,
-                               json={"name": "POS", "scopes": ["payments:write", "payments:read"]})
+    created = await admin.json(
+        "POST", "/v1/api-keys", 201, json={"name": "POS", "scopes": ["payments:write", "payments:read"]}
+    )
     key = Caller(client, {"X-API-Key": created["key"]})
     rent = demo["payment_types"]["Monthly Rent"]
     payment = await key.json("POST", "/v1/payments", 201, json=payment_body(rent))
@@ -165,12 +186,35 @@ async def test_api_keys_of_another_cooperative_are_not_found(admin, coop_b):
 
 
 async def test_tenant_cannot_reach_admin_routes(tenant):
-    for method, path in (("GET", "/v1/members"), ("POST", "/v1/api-keys"), ("GET", "/v1/audit-events"),
-                         ("GET", "/v1/reports/reconciliation"), ("GET", "/v1/refunds"),
-                         ("POST", "/v1/cooperatives")):
+    for method, path in (
+        ("GET", "/v1/members"),
+        ("POST", "/v1/api-keys"),
+        ("GET", "/v1/audit-events"),
+        ("GET", "/v1/reports/reconciliation"),
+        ("GET", "/v1/refunds"),
+        ("POST", "/v1/cooperatives"),
+    ):
         resp = await tenant.req(method, path, json={} if method == "POST" else None)
         assert resp.status == 403, (method, path)
 
 
 async def test_coop_admin_cannot_reach_super_admin_routes(admin):
     await admin.json("POST", "/v1/cooperatives", 403, json={"name": "X", "shortCode": "XX", "country": "RW"})
+
+
+async def test_sign_in_attempts_are_limited_per_username(client, demo):
+    for _ in range(10):
+        resp = await client.post("/v1/auth/token", json={"username": demo["admin"][0], "password": "guess"})
+        assert resp.status == 401
+    resp = await client.post(
+        "/v1/auth/token", json={"username": demo["admin"][0], "password": demo["admin"][1]}
+    )
+    body = await resp.json()
+    assert (
+        resp.status == 429 and body["error"] == "Too Many Requests" and int(resp.headers["Retry-After"]) >= 1
+    )
+    # Other users are not locked out by it.
+    ok = await client.post(
+        "/v1/auth/token", json={"username": demo["tenant"][0], "password": demo["tenant"][1]}
+    )
+    assert ok.status == 200

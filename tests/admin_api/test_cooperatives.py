@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-NEW = {"name": "Musanze Farmers SACCO", "shortCode": "MFS", "country": "RW", "ussdExtension": "77",
-       "contactPhone": "0788123999"}
+NEW = {
+    "name": "Musanze Farmers SACCO",
+    "shortCode": "MFS",
+    "country": "RW",
+    "ussdExtension": "77",
+    "contactPhone": "0788123999",
+}
 
 
 async def test_super_admin_creates_updates_and_suspends(superadmin):
@@ -11,8 +16,12 @@ async def test_super_admin_creates_updates_and_suspends(superadmin):
     assert coop["currency"] == "RWF" and coop["status"] == "ACTIVE"
     assert coop["contactPhone"] == "+25078****999"
     await superadmin.json("POST", "/v1/cooperatives", 409, json={**NEW, "ussdExtension": "78"})
-    changed = await superadmin.json("PATCH", f"/v1/cooperatives/{coop['id']}", 200,
-                                    json={"name": "Musanze SACCO", "selfRegistration": False})
+    changed = await superadmin.json(
+        "PATCH",
+        f"/v1/cooperatives/{coop['id']}",
+        200,
+        json={"name": "Musanze SACCO", "selfRegistration": False},
+    )
     assert changed["name"] == "Musanze SACCO" and changed["selfRegistration"] is False
     await superadmin.json("PATCH", f"/v1/cooperatives/{coop['id']}", 400, json={"currency": "KES"})
     suspended = await superadmin.json("DELETE", f"/v1/cooperatives/{coop['id']}", 200)
@@ -22,8 +31,12 @@ async def test_super_admin_creates_updates_and_suspends(superadmin):
 
 
 async def test_validation(superadmin):
-    body = await superadmin.json("POST", "/v1/cooperatives", 400, json={
-        "name": "X", "shortCode": "bad code!", "country": "FR", "timezone": "Mars/Olympus"})
+    body = await superadmin.json(
+        "POST",
+        "/v1/cooperatives",
+        400,
+        json={"name": "X", "shortCode": "bad code!", "country": "FR", "timezone": "Mars/Olympus"},
+    )
     msgs = body["message"]
     assert "name must be at least 2 characters" in msgs
     assert "shortCode has an invalid format" in msgs

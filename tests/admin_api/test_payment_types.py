@@ -6,8 +6,16 @@ from sqlalchemy import select
 
 from core.models import AuditEvent, PaymentType
 
-NEW = {"name": "Security Levy", "description": "Night guards", "amount": 2000, "currency": "RWF",
-       "isRecurring": True, "recurringInterval": "MONTHLY", "dueDay": 5, "isActive": True}
+NEW = {
+    "name": "Security Levy",
+    "description": "Night guards",
+    "amount": 2000,
+    "currency": "RWF",
+    "isRecurring": True,
+    "recurringInterval": "MONTHLY",
+    "dueDay": 5,
+    "isActive": True,
+}
 
 
 async def test_create_matches_the_seed_and_is_audited(admin, rt, demo):
@@ -21,16 +29,23 @@ async def test_create_matches_the_seed_and_is_audited(admin, rt, demo):
 
 
 async def test_create_validation(admin, demo):
-    bad = await admin.json("POST", "/v1/payment-types", 400, json={
-        "amount": 10, "recurringInterval": "WEEKLY", "dueDay": 40, "colour": "red"})
+    bad = await admin.json(
+        "POST",
+        "/v1/payment-types",
+        400,
+        json={"amount": 10, "recurringInterval": "WEEKLY", "dueDay": 40, "colour": "red"},
+    )
     msgs = bad["message"]
     assert "name is required" in msgs and "property colour should not exist" in msgs
     assert "dueDay must not be greater than 28" in msgs
     assert any(m.startswith("recurringInterval must be one of") for m in msgs)
-    core = await admin.json("POST", "/v1/payment-types", 400, json={"name": "X", "amount": 5,
-                                                                   "isRecurring": True})
+    core = await admin.json(
+        "POST", "/v1/payment-types", 400, json={"name": "X", "amount": 5, "isRecurring": True}
+    )
     assert core["message"] == ["recurringInterval is required when isRecurring is true"]
-    currency = await admin.json("POST", "/v1/payment-types", 400, json={"name": "X", "amount": 5, "currency": "KES"})
+    currency = await admin.json(
+        "POST", "/v1/payment-types", 400, json={"name": "X", "amount": 5, "currency": "KES"}
+    )
     assert currency["message"] == ["currency must be the cooperative's currency (RWF)"]
     await admin.json("POST", "/v1/payment-types", 400, json={"name": "X", "amount": -5})
     dup = await admin.json("POST", "/v1/payment-types", 409, json={"name": "monthly rent", "amount": 5})
@@ -39,16 +54,25 @@ async def test_create_validation(admin, demo):
 
 async def test_update_deactivate_and_lists(admin, demo):
     created = await admin.json("POST", "/v1/payment-types", 201, json=NEW)
-    updated = await admin.json("PATCH", f"/v1/payment-types/{created['id']}", 200,
-                               json={"amount": 2500, "description": None})
+    updated = await admin.json(
+        "PATCH", f"/v1/payment-types/{created['id']}", 200, json={"amount": 2500, "description": None}
+    )
     assert updated["amount"] == 2500 and updated["description"] is None
     await admin.json("PATCH", f"/v1/payment-types/{created['id']}", 400, json={})
     await admin.json("PATCH", f"/v1/payment-types/{created['id']}", 400, json={"currency": "USD"})
 
     active = await admin.json("GET", "/v1/payment-types/active", 200)
     assert [t["name"] for t in active] == ["Monthly Rent", "Security Levy", "Water"]
-    assert set(active[0]) == {"id", "name", "description", "amount", "currency", "isRecurring",
-                              "recurringInterval", "dueDay"}
+    assert set(active[0]) == {
+        "id",
+        "name",
+        "description",
+        "amount",
+        "currency",
+        "isRecurring",
+        "recurringInterval",
+        "dueDay",
+    }
 
     gone = await admin.json("DELETE", f"/v1/payment-types/{created['id']}", 200)
     assert gone["isActive"] is False
@@ -57,8 +81,14 @@ async def test_update_deactivate_and_lists(admin, demo):
     listed = await admin.json("GET", "/v1/payment-types", 200)
     assert listed["meta"]["total"] == 2
     everything = await admin.json("GET", "/v1/payment-types?includeInactive=true&limit=1", 200)
-    assert everything["meta"] == {"page": 1, "limit": 1, "total": 3, "totalPages": 3, "hasNext": True,
-                                  "hasPrevious": False}
+    assert everything["meta"] == {
+        "page": 1,
+        "limit": 1,
+        "total": 3,
+        "totalPages": 3,
+        "hasNext": True,
+        "hasPrevious": False,
+    }
     await admin.json("GET", "/v1/payment-types?includeInactive=maybe", 400)
     one = await admin.json("GET", f"/v1/payment-types/{created['id']}", 200)
     assert one["isActive"] is False
@@ -86,11 +116,13 @@ async def test_cross_cooperative_payment_types_are_not_found(admin, coop_b, demo
 
 async def test_super_admin_names_the_cooperative(superadmin, coop_b):
     await superadmin.json("POST", "/v1/payment-types", 400, json=NEW)
-    made = await superadmin.json("POST", "/v1/payment-types", 201,
-                                 json={**NEW, "cooperativeId": coop_b["cooperative_id"]})
+    made = await superadmin.json(
+        "POST", "/v1/payment-types", 201, json={**NEW, "cooperativeId": coop_b["cooperative_id"]}
+    )
     assert made["cooperativeId"] == coop_b["cooperative_id"]
-    active = await superadmin.json("GET", f"/v1/payment-types/active?cooperativeId={coop_b['cooperative_id']}",
-                                   200)
+    active = await superadmin.json(
+        "GET", f"/v1/payment-types/active?cooperativeId={coop_b['cooperative_id']}", 200
+    )
     assert {t["name"] for t in active} == {"Levy", "Security Levy"}
 
 

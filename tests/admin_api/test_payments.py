@@ -1,4 +1,4 @@
-"""Payments through HTTP: creation, validation, idempotency (replay, conflict, concurrency), listing, scoping."""
+"""Payments over HTTP: creation, validation, idempotency (replay, conflict, races), listing, scoping."""
 
 from __future__ import annotations
 
@@ -12,11 +12,25 @@ from tests.admin_api.conftest import idem, make_payment, payment_body
 
 async def test_create_payment_returns_the_seed_fields(admin, rt, demo):
     rent = demo["payment_types"]["Monthly Rent"]
-    body = await admin.json("POST", "/v1/payments", 201,
-                            json=payment_body(rent, dueDate="2025-11-01T00:00:00Z"))
-    for field in ("id", "amount", "currency", "status", "paymentMethod", "paymentAccount", "reference",
-                  "gatewayTransactionId", "gatewayReference", "paymentUrl", "description", "dueDate",
-                  "createdAt", "updatedAt"):
+    body = await admin.json(
+        "POST", "/v1/payments", 201, json=payment_body(rent, dueDate="2025-11-01T00:00:00Z")
+    )
+    for field in (
+        "id",
+        "amount",
+        "currency",
+        "status",
+        "paymentMethod",
+        "paymentAccount",
+        "reference",
+        "gatewayTransactionId",
+        "gatewayReference",
+        "paymentUrl",
+        "description",
+        "dueDate",
+        "createdAt",
+        "updatedAt",
+    ):
         assert field in body
     assert body["amount"] == 50000 and body["currency"] == "RWF" and body["status"] == "PENDING"
     assert body["paymentAccount"] == "+25078****001"  # masked, never the full number
@@ -24,20 +38,39 @@ async def test_create_payment_returns_the_seed_fields(admin, rt, demo):
     assert body["reference"].startswith("PAY_")
     async with rt.sessionmaker() as s:
         row = await s.get(Payment, body["id"])
-        jobs = (await s.execute(select(OutboxJob.kind).where(OutboxJob.payload["payment_id"].as_string() == body["id"])
-                                )).scalars().all()
+        jobs = (
+            (
+                await s.execute(
+                    select(OutboxJob.kind).where(OutboxJob.payload["payment_id"].as_string() == body["id"])
+                )
+            )
+            .scalars()
+            .all()
+        )
     assert row.amount_minor == 50000 and row.channel == "api" and row.created_by.startswith("admin:")
     assert sorted(jobs) == ["payment.collect", "payment.poll"]
 
 
 async def test_validation_lists_every_bad_field_and_refuses_unknown_ones(admin, demo):
-    body = await admin.json("POST", "/v1/payments", 400, json={
-        "paymentTypeId": 5, "amount": "lots", "paymentMethod": "CASH", "idempotencyKey": "short", "extra": 1})
+    body = await admin.json(
+        "POST",
+        "/v1/payments",
+        400,
+        json={
+            "paymentTypeId": 5,
+            "amount": "lots",
+            "paymentMethod": "CASH",
+            "idempotencyKey": "short",
+            "extra": 1,
+        },
+    )
     msgs = body["message"]
     assert isinstance(msgs, list)
     assert "paymentTypeId must be a string" in msgs
-    assert "paymentMethod must be one of: MOBILE_MONEY_MTN, MOBILE_MONEY_AIRTEL, MPESA, BANK_BK, BANK_IM, " \
-           "BANK_ECOBANK" in msgs
+    assert (
+        "paymentMethod must be one of: MOBILE_MONEY_MTN, MOBILE_MONEY_AIRTEL, MPESA, BANK_BK, BANK_IM, "
+        "BANK_ECOBANK" in msgs
+    )
     assert "paymentAccount is required" in msgs
     assert "idempotencyKey must be at least 8 characters" in msgs
     assert "property extra should not exist" in msgs
@@ -52,10 +85,10 @@ async def test_business_validation_from_the_core(admin, demo):
     assert "decimal places" in fraction["message"][0]
     bad_phone = await admin.json("POST", "/v1/payments", 400, json=payment_body(rent, paymentAccount="12345"))
     assert bad_phone["statusCode"] == 400
-    await admin.json("POST", "/v1/payments", 404,
-                     json=payment_body("00000000-0000-0000-0000-000000000000"))
-    bad_json = await admin.req("POST", "/v1/payments", data=b"{not json",
-                               headers={"Content-Type": "application/json"})
+    await admin.json("POST", "/v1/payments", 404, json=payment_body("00000000-0000-0000-0000-000000000000"))
+    bad_json = await admin.req(
+        "POST", "/v1/payments", data=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert bad_json.status == 400 and (await bad_json.json())["message"] == ["body is not valid JSON"]
 
 
@@ -67,8 +100,9 @@ async def test_same_key_same_body_replays_different_body_conflicts(admin, demo):
     replay = await resp.json()
     assert resp.status == 200 and resp.headers["Idempotent-Replayed"] == "true"
     assert replay["id"] == first["id"]
-    conflict = await admin.json("POST", "/v1/payments", 409,
-                                json={**first_body, "paymentAccount": "+250788000003"})
+    conflict = await admin.json(
+        "POST", "/v1/payments", 409, json={**first_body, "paymentAccount": "+250788000003"}
+    )
     assert conflict["error"] == "Conflict"
     assert conflict["message"].startswith("Payment with this idempotency key already exists")
 
@@ -82,8 +116,11 @@ async def test_concurrent_duplicates_create_one_payment(admin, rt, demo):
     assert len(ids) == 1
     async with rt.sessionmaker() as s:
         count = (await s.execute(select(func.count()).select_from(Payment))).scalar_one()
-        jobs = (await s.execute(select(func.count()).select_from(OutboxJob)
-                                .where(OutboxJob.kind == "payment.collect"))).scalar_one()
+        jobs = (
+            await s.execute(
+                select(func.count()).select_from(OutboxJob).where(OutboxJob.kind == "payment.collect")
+            )
+        ).scalar_one()
     assert count == 1 and jobs == 1
 
 
@@ -91,11 +128,18 @@ async def test_list_filters_and_meta(admin, demo):
     rent, water = demo["payment_types"]["Monthly Rent"], demo["payment_types"]["Water"]
     for _ in range(3):
         await make_payment(admin, rent)
-    airtel = await make_payment(admin, water, amount=5000, paymentMethod="MOBILE_MONEY_AIRTEL",
-                                paymentAccount="+250733000001")
+    airtel = await make_payment(
+        admin, water, amount=5000, paymentMethod="MOBILE_MONEY_AIRTEL", paymentAccount="+250733000001"
+    )
     page = await admin.json("GET", "/v1/payments?page=1&limit=2", 200)
-    assert page["meta"] == {"page": 1, "limit": 2, "total": 4, "totalPages": 2, "hasNext": True,
-                            "hasPrevious": False}
+    assert page["meta"] == {
+        "page": 1,
+        "limit": 2,
+        "total": 4,
+        "totalPages": 2,
+        "hasNext": True,
+        "hasPrevious": False,
+    }
     last = await admin.json("GET", "/v1/payments?page=2&limit=2", 200)
     assert last["meta"]["hasNext"] is False and last["meta"]["hasPrevious"] is True
     assert not {p["id"] for p in page["data"]} & {p["id"] for p in last["data"]}
@@ -112,11 +156,15 @@ async def test_list_filters_and_meta(admin, demo):
 
 
 async def test_list_query_validation(admin):
-    body = await admin.json("GET", "/v1/payments?limit=101&page=0&status=WHATEVER&from=yesterday&bogus=1", 400)
+    body = await admin.json(
+        "GET", "/v1/payments?limit=101&page=0&status=WHATEVER&from=yesterday&bogus=1", 400
+    )
     assert "limit must not be greater than 100" in body["message"]
     assert "page must not be less than 1" in body["message"]
-    assert "status must be one of: PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED, TIMEOUT, " \
-           "PARTIALLY_REFUNDED, REFUNDED" in body["message"]
+    assert (
+        "status must be one of: PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED, TIMEOUT, "
+        "PARTIALLY_REFUNDED, REFUNDED" in body["message"]
+    )
     assert "from must be an ISO 8601 date-time" in body["message"]
     assert "query parameter bogus is not allowed" in body["message"]
 
@@ -163,18 +211,30 @@ async def test_member_transactions_for_admin(admin, demo):
 async def test_cross_cooperative_payments_are_not_found(admin, coop_b, demo):
     mine = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
     b = coop_b["admin"]
-    for path in (f"/v1/payments/{mine['id']}", f"/v1/payments/{mine['id']}/status",
-                 f"/v1/members/{demo['members']['+250788000001']}/transactions"):
+    for path in (
+        f"/v1/payments/{mine['id']}",
+        f"/v1/payments/{mine['id']}/status",
+        f"/v1/members/{demo['members']['+250788000001']}/transactions",
+    ):
         await b.json("GET", path, 404)
     assert (await b.json("GET", "/v1/payments", 200))["meta"]["total"] == 0
     # B cannot pay into A's payment type, charge A's member, or name A's cooperative.
     await b.json("POST", "/v1/payments", 404, json=payment_body(demo["payment_types"]["Monthly Rent"]))
-    await b.json("POST", "/v1/payments", 404, json=payment_body(
-        coop_b["payment_type_id"], amount=1000, memberId=demo["members"]["+250788000001"]))
-    await b.json("POST", "/v1/payments", 404, json=payment_body(
-        coop_b["payment_type_id"], amount=1000, cooperativeId=demo["cooperative_id"]))
-    assert (await b.json("GET", f"/v1/payments?member={demo['members']['+250788000001']}", 200)
-            )["meta"]["total"] == 0
+    await b.json(
+        "POST",
+        "/v1/payments",
+        404,
+        json=payment_body(coop_b["payment_type_id"], amount=1000, memberId=demo["members"]["+250788000001"]),
+    )
+    await b.json(
+        "POST",
+        "/v1/payments",
+        404,
+        json=payment_body(coop_b["payment_type_id"], amount=1000, cooperativeId=demo["cooperative_id"]),
+    )
+    assert (await b.json("GET", f"/v1/payments?member={demo['members']['+250788000001']}", 200))["meta"][
+        "total"
+    ] == 0
 
 
 async def test_super_admin_sees_all_and_names_the_cooperative_to_pay_into(superadmin, admin, coop_b, demo):
@@ -185,8 +245,17 @@ async def test_super_admin_sees_all_and_names_the_cooperative_to_pay_into(supera
     assert only_b["meta"]["total"] == 1
     missing = await superadmin.json("POST", "/v1/payments", 400, json=payment_body(coop_b["payment_type_id"]))
     assert missing["message"] == ["cooperativeId is required for a super admin"]
-    await superadmin.json("POST", "/v1/payments", 201, json=payment_body(
-        coop_b["payment_type_id"], amount=1000, cooperativeId=coop_b["cooperative_id"], idempotencyKey=idem()))
+    await superadmin.json(
+        "POST",
+        "/v1/payments",
+        201,
+        json=payment_body(
+            coop_b["payment_type_id"],
+            amount=1000,
+            cooperativeId=coop_b["cooperative_id"],
+            idempotencyKey=idem(),
+        ),
+    )
 
 
 async def test_rate_limit_on_payment_creation(admin, demo):
@@ -198,6 +267,7 @@ async def test_rate_limit_on_payment_creation(admin, demo):
         assert resp.headers["X-RateLimit-Limit"] == "10"
         assert resp.headers["X-RateLimit-Remaining"] == str(9 - i)
         last = resp
+    assert last is not None
     resp = await admin.req("POST", "/v1/payments", json=payment_body(rent))
     body = await resp.json()
     assert resp.status == 429 and body["statusCode"] == 429 and body["error"] == "Too Many Requests"

@@ -94,7 +94,7 @@ async def test_registration_rules(rt: Any, demo: dict[str, Any]) -> None:
                 events=["payment.completed"],
                 actor=ADMIN,
             )
-        with pytest.raises(Forbidden, match="hooks.example.rw is not approved"):
+        with pytest.raises(Forbidden, match=r"hooks\.example\.rw is not approved"):
             await webhooks.register_endpoint(
                 session,
                 rt.cipher,
@@ -236,7 +236,7 @@ async def test_event_is_signed_and_delivered(
 ) -> None:
     hook, url = receiver
     coop = demo["cooperative_id"]
-    endpoint, secret = await approved_endpoint(rt, coop, url)
+    _endpoint, secret = await approved_endpoint(rt, coop, url)
     # A second endpoint on the same domain that is not subscribed to this event does not get it.
     await approved_endpoint(rt, coop, url.replace("/hook", "/other"), events=["refund.failed"])
     await emit(rt, coop)
@@ -268,7 +268,7 @@ async def test_fan_out_skips_unapproved_and_disabled(
 ) -> None:
     hook, url = receiver
     coop = demo["cooperative_id"]
-    endpoint, _ = await approved_endpoint(rt, coop, url)
+    await approved_endpoint(rt, coop, url)
     async with rt.sessionmaker.begin() as session:
         await session.execute(update(ApprovedDomain).values(status="REJECTED"))
     await emit(rt, coop, event_id="evt_a")
@@ -392,7 +392,7 @@ async def test_worker_killed_mid_delivery_resends_the_same_event(
     rt: Any, demo: dict[str, Any], receiver: Any, worker: Any
 ) -> None:
     hook, url = receiver
-    endpoint, secret = await approved_endpoint(rt, demo["cooperative_id"], url)
+    _endpoint, secret = await approved_endpoint(rt, demo["cooperative_id"], url)
     await emit(rt, demo["cooperative_id"], event_id="evt_kill")
     await worker.run_once()  # fan-out only
     [job] = await jobs_of(rt, "webhook.deliver")
@@ -431,3 +431,21 @@ async def test_retry_later_is_raised_for_a_failure(
     [job] = await jobs_of(rt, "webhook.deliver")
     with pytest.raises(RetryLater, match="HTTP 410"):
         await webhooks.deliver(rt, as_job(job))
+
+
+def test_readme_verification_function_agrees() -> None:
+    """The function receivers copy from the README verifies what we sign, and rejects what we would."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "channels" / "sms" / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)  # our own README
+    readme_verify = namespace["verify_signature"]
+    body = b'{"id":"evt_1"}'
+    good = webhooks.sign("whsec_x", body, int(time.time()))
+    old = webhooks.sign("whsec_x", body, int(time.time()) - 400)
+    assert readme_verify("whsec_x", good, body) is True
+    assert readme_verify("whsec_y", good, body) is False
+    assert readme_verify("whsec_x", old, body) is False
+    assert readme_verify("whsec_x", good, body + b"\n") is False

@@ -38,8 +38,17 @@ class FakeProvider:
     expected: list[Expected] = field(default_factory=list)
     seen: list[httpx.Request] = field(default_factory=list)
 
-    def expect(self, method: str, path: str, status: int = 200, body: Any = None, *,
-               raises: Exception | None = None, delay: float = 0.0, times: int = 1) -> None:
+    def expect(
+        self,
+        method: str,
+        path: str,
+        status: int = 200,
+        body: Any = None,
+        *,
+        raises: Exception | None = None,
+        delay: float = 0.0,
+        times: int = 1,
+    ) -> None:
         async def answer(_request: httpx.Request) -> httpx.Response:
             if delay:
                 await asyncio.sleep(delay)
@@ -99,17 +108,18 @@ class CallbackReceiver:
     async def _record(self, request: web.Request) -> web.Response:
         body = await request.read()
         async with self._changed:
-            self.calls.append(Received(request.method, request.path, dict(request.query), dict(request.headers),
-                                       body))
+            self.calls.append(
+                Received(request.method, request.path, dict(request.query), dict(request.headers), body)
+            )
             self._changed.notify_all()
         return web.json_response({"status": "accepted"})
 
-    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Received]:
+    async def wait_for(self, count: int, within: float = 5.0) -> list[Received]:
         async def enough() -> None:
             async with self._changed:
                 await self._changed.wait_for(lambda: len(self.calls) >= count)
 
-        await asyncio.wait_for(enough(), timeout)
+        await asyncio.wait_for(enough(), within)
         return self.calls
 
 

@@ -38,20 +38,37 @@ TOKEN = load("airtel", "token.json")["access_token"]
 
 
 def config(base: str = BASE, creds: dict[str, str] | None = None, **options: str) -> ProviderConfig:
-    return ProviderConfig(base_url=base, credentials={k: Secret(v) for k, v in (creds or CREDS).items()},
-                          options={"country": "RW", "currency": "RWF", **options})
+    return ProviderConfig(
+        base_url=base,
+        credentials={k: Secret(v) for k, v in (creds or CREDS).items()},
+        options={"country": "RW", "currency": "RWF", **options},
+    )
 
 
 def collection(payer: str = "+250733000001", ref: str = REF) -> CollectionRequest:
-    return CollectionRequest(provider_reference=ref, payment_reference="PAY_8K2M4Q",
-                             amount=Money(15000, "RWF"), payer=Phone(payer), payer_account=payer,
-                             description="Rent November 2026", callback_url="", method="MOBILE_MONEY_AIRTEL")
+    return CollectionRequest(
+        provider_reference=ref,
+        payment_reference="PAY_8K2M4Q",
+        amount=Money(15000, "RWF"),
+        payer=Phone(payer),
+        payer_account=payer,
+        description="Rent November 2026",
+        callback_url="",
+        method="MOBILE_MONEY_AIRTEL",
+    )
 
 
 def refund(full: bool = True, txid: str | None = "MP210603.1234.A12345") -> RefundRequest:
-    return RefundRequest(provider_reference="9b1d6e33-0c4f-4e7a-8f55-6d2a1c3b4e02", original_provider_reference=REF,
-                         original_provider_transaction_id=txid, amount=Money(15000, "RWF"), full=full,
-                         payer=Phone("+250733000001"), reason="Overpaid", callback_url="")
+    return RefundRequest(
+        provider_reference="9b1d6e33-0c4f-4e7a-8f55-6d2a1c3b4e02",
+        original_provider_reference=REF,
+        original_provider_transaction_id=txid,
+        amount=Money(15000, "RWF"),
+        full=full,
+        payer=Phone("+250733000001"),
+        reason="Overpaid",
+        callback_url="",
+    )
 
 
 def callback(body: Any) -> InboundCallback:
@@ -76,6 +93,7 @@ def expect_token(fake: FakeProvider, **kwargs: Any) -> None:
 
 # --- collection --------------------------------------------------------------------------------------
 
+
 async def test_collection_sends_exact_request(fake: FakeProvider) -> None:
     expect_token(fake)
     fake.expect("POST", "/merchant/v1/payments/", 200, load("airtel", "collection_accepted.json"))
@@ -83,9 +101,11 @@ async def test_collection_sends_exact_request(fake: FakeProvider) -> None:
         adapter = AirtelAdapter(http, config())
         assert await adapter.request_collection(collection()) == CollectionAccepted()
     token_req, pay_req = fake.seen
-    assert json.loads(token_req.content) == {"client_id": "airtel-client-4411",
-                                             "client_secret": "airtel-secret-7f7f",
-                                             "grant_type": "client_credentials"}
+    assert json.loads(token_req.content) == {
+        "client_id": "airtel-client-4411",
+        "client_secret": "airtel-secret-7f7f",
+        "grant_type": "client_credentials",
+    }
     assert pay_req.headers["Authorization"] == f"Bearer {TOKEN}"
     assert pay_req.headers["X-Country"] == "RW" and pay_req.headers["X-Currency"] == "RWF"
     assert json.loads(pay_req.content) == load("airtel", "collection_request.json")
@@ -100,14 +120,18 @@ async def test_duplicate_transaction_id_means_already_sent(fake: FakeProvider, s
         assert await AirtelAdapter(http, config()).request_collection(collection()) == CollectionAccepted()
 
 
-@pytest.mark.parametrize(("status", "body", "retryable", "words"), [
-    (200, "collection_refused.json", False, "Invalid MSISDN"),
-    (400, "collection_refused.json", False, "Invalid MSISDN"),
-    (500, None, True, "HTTP 500"),
-    (502, "collection_refused.json", True, "HTTP 502"),
-])
-async def test_collection_errors(fake: FakeProvider, status: int, body: str | None, retryable: bool,
-                                 words: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "body", "retryable", "words"),
+    [
+        (200, "collection_refused.json", False, "Invalid MSISDN"),
+        (400, "collection_refused.json", False, "Invalid MSISDN"),
+        (500, None, True, "HTTP 500"),
+        (502, "collection_refused.json", True, "HTTP 502"),
+    ],
+)
+async def test_collection_errors(
+    fake: FakeProvider, status: int, body: str | None, retryable: bool, words: str
+) -> None:
     expect_token(fake)
     fake.expect("POST", "/merchant/v1/payments/", status, load("airtel", body) if body else None)
     async with fake.client() as http:
@@ -137,8 +161,12 @@ async def test_token_fetched_once_under_concurrency(fake: FakeProvider) -> None:
 
 
 async def test_refused_client_credentials(fake: FakeProvider) -> None:
-    fake.expect("POST", "/auth/oauth2/token", 401, {"error": "invalid_client",
-                                                    "error_description": "Client authentication failed"})
+    fake.expect(
+        "POST",
+        "/auth/oauth2/token",
+        401,
+        {"error": "invalid_client", "error_description": "Client authentication failed"},
+    )
     async with fake.client() as http:
         with pytest.raises(ProviderError, match="Client authentication failed") as err:
             await AirtelAdapter(http, config()).collection_status(REF, None, "RWF")
@@ -147,13 +175,18 @@ async def test_refused_client_credentials(fake: FakeProvider) -> None:
 
 # --- status ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("fixture", "outcome", "txid", "reason"), [
-    ("status_ts.json", ProviderOutcome.SUCCEEDED, "MP210603.1234.A12345", None),
-    ("status_tf.json", ProviderOutcome.FAILED, None, "Insufficient funds"),
-    ("status_tip.json", ProviderOutcome.PENDING, None, "In process"),
-])
-async def test_status_answers(fake: FakeProvider, fixture: str, outcome: ProviderOutcome, txid: str | None,
-                              reason: str | None) -> None:
+
+@pytest.mark.parametrize(
+    ("fixture", "outcome", "txid", "reason"),
+    [
+        ("status_ts.json", ProviderOutcome.SUCCEEDED, "MP210603.1234.A12345", None),
+        ("status_tf.json", ProviderOutcome.FAILED, None, "Insufficient funds"),
+        ("status_tip.json", ProviderOutcome.PENDING, None, "In process"),
+    ],
+)
+async def test_status_answers(
+    fake: FakeProvider, fixture: str, outcome: ProviderOutcome, txid: str | None, reason: str | None
+) -> None:
     expect_token(fake)
     fake.expect("GET", f"/standard/v1/payments/{REF}", 200, load("airtel", fixture))
     async with fake.client() as http:
@@ -203,6 +236,7 @@ async def test_status_of_unknown_transaction(fake: FakeProvider) -> None:
 
 # --- refunds -----------------------------------------------------------------------------------------
 
+
 async def test_full_refund(fake: FakeProvider) -> None:
     expect_token(fake)
     fake.expect("POST", "/standard/v1/payments/refund", 200, load("airtel", "refund_success.json"))
@@ -227,10 +261,13 @@ async def test_refund_refused(fake: FakeProvider) -> None:
     assert err.value.retryable is False
 
 
-@pytest.mark.parametrize(("request_", "code"), [(refund(full=False), "PARTIAL_REFUND_UNSUPPORTED"),
-                                                (refund(txid=None), "NO_TRANSACTION_ID")])
-async def test_refunds_refused_before_any_request(fake: FakeProvider, request_: RefundRequest,
-                                                  code: str) -> None:
+@pytest.mark.parametrize(
+    ("request_", "code"),
+    [(refund(full=False), "PARTIAL_REFUND_UNSUPPORTED"), (refund(txid=None), "NO_TRANSACTION_ID")],
+)
+async def test_refunds_refused_before_any_request(
+    fake: FakeProvider, request_: RefundRequest, code: str
+) -> None:
     async with fake.client() as http:
         adapter = AirtelAdapter(http, config())
         assert adapter.supports_partial_refund is False
@@ -240,6 +277,7 @@ async def test_refunds_refused_before_any_request(fake: FakeProvider, request_: 
 
 
 # --- callbacks ---------------------------------------------------------------------------------------
+
 
 async def test_signed_callback_verified_and_parsed() -> None:
     adapter = AirtelAdapter(httpx.AsyncClient(), config())
@@ -264,13 +302,18 @@ async def test_hash_over_spaced_json_is_accepted_too() -> None:
     await adapter.verify_callback(callback({**body, "hash": base64.b64encode(digest).decode()}))
 
 
-@pytest.mark.parametrize("body", [
-    signed(load("airtel", "callback_ts.json"), key="someone-else"),
-    {**signed(load("airtel", "callback_ts.json")), "transaction": {**load("airtel", "callback_ts.json")[
-        "transaction"], "status_code": "TF"}},  # tampered after signing
-    load("airtel", "callback_ts.json"),  # no hash at all
-    {**load("airtel", "callback_ts.json"), "hash": ""},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        signed(load("airtel", "callback_ts.json"), key="someone-else"),
+        {
+            **signed(load("airtel", "callback_ts.json")),
+            "transaction": {**load("airtel", "callback_ts.json")["transaction"], "status_code": "TF"},
+        },  # tampered after signing
+        load("airtel", "callback_ts.json"),  # no hash at all
+        {**load("airtel", "callback_ts.json"), "hash": ""},
+    ],
+)
 async def test_bad_hash_is_rejected(body: dict[str, Any]) -> None:
     adapter = AirtelAdapter(httpx.AsyncClient(), config())
     with pytest.raises(CallbackRejected) as err:
@@ -286,7 +329,9 @@ async def test_without_callback_key_callbacks_are_hints(key: str) -> None:
     assert adapter.parse_callback(callback(body)).needs_confirmation is True
 
 
-@pytest.mark.parametrize("raw", [b"nope", b"[]", b'{"transaction": "x"}', b'{"transaction": {"status_code": "TS"}}'])
+@pytest.mark.parametrize(
+    "raw", [b"nope", b"[]", b'{"transaction": "x"}', b'{"transaction": {"status_code": "TS"}}']
+)
 async def test_malformed_callbacks_are_rejected(raw: bytes) -> None:
     adapter = AirtelAdapter(httpx.AsyncClient(), config(creds={**CREDS, "callback_key": ""}))
     with pytest.raises(CallbackRejected) as err:
@@ -296,7 +341,10 @@ async def test_malformed_callbacks_are_rejected(raw: bytes) -> None:
 
 # --- logs --------------------------------------------------------------------------------------------
 
-async def test_logs_hold_no_credentials_or_full_numbers(fake: FakeProvider, caplog: pytest.LogCaptureFixture) -> None:
+
+async def test_logs_hold_no_credentials_or_full_numbers(
+    fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     expect_token(fake)
     fake.expect("POST", "/merchant/v1/payments/", 200, load("airtel", "collection_accepted.json"))
@@ -324,13 +372,19 @@ async def test_logs_hold_no_credentials_or_full_numbers(fake: FakeProvider, capl
 
 # --- against the simulator over HTTP -----------------------------------------------------------------
 
+
 @pytest.fixture
 async def start_sim(aiohttp_server: Any, receiver: Any) -> Any:
     clients: list[httpx.AsyncClient] = []
     recv, url = receiver
 
     async def start(creds: dict[str, str] | None = None, read_timeout: str = "2", **overrides: Any) -> Any:
-        options = {"delay": 0.02, "credentials": CREDS, "callback_url": f"{url}/airtel?secret=s4", **overrides}
+        options = {
+            "delay": 0.02,
+            "credentials": CREDS,
+            "callback_url": f"{url}/airtel?secret=s4",
+            **overrides,
+        }
         app = create_simulator(SimulatorOptions(**options))
         server = await aiohttp_server(app, host="127.0.0.1")
         http = httpx.AsyncClient()
@@ -344,15 +398,18 @@ async def start_sim(aiohttp_server: Any, receiver: Any) -> Any:
 
 
 def inbound(received: Any) -> InboundCallback:
-    return InboundCallback(method=received.method, headers=received.headers, query=received.query,
-                           body=received.body)
+    return InboundCallback(
+        method=received.method, headers=received.headers, query=received.query, body=received.body
+    )
 
 
 async def test_sim_success_with_signed_callback(start_sim: Any) -> None:
-    adapter, state, _, recv = await start_sim()
+    adapter, _state, _, recv = await start_sim()
     await adapter.request_collection(collection())
     (call,) = await recv.wait_for(1)
-    assert call.method == "POST" and call.path == "/webhooks/payments/airtel" and call.query == {"secret": "s4"}
+    assert (
+        call.method == "POST" and call.path == "/webhooks/payments/airtel" and call.query == {"secret": "s4"}
+    )
     await adapter.verify_callback(inbound(call))
     event = adapter.parse_callback(inbound(call))
     assert event.outcome is ProviderOutcome.SUCCEEDED and event.needs_confirmation is False
@@ -361,13 +418,17 @@ async def test_sim_success_with_signed_callback(start_sim: Any) -> None:
     assert status.provider_transaction_id == event.provider_transaction_id
 
 
-@pytest.mark.parametrize(("number", "callback_outcome", "status_outcome"), [
-    ("+250733000002", ProviderOutcome.FAILED, ProviderOutcome.FAILED),
-    ("+250733000003", None, ProviderOutcome.PENDING),
-    ("+250733123456", ProviderOutcome.SUCCEEDED, ProviderOutcome.SUCCEEDED),
-])
-async def test_sim_outcomes_by_number(start_sim: Any, number: str, callback_outcome: ProviderOutcome | None,
-                                      status_outcome: ProviderOutcome) -> None:
+@pytest.mark.parametrize(
+    ("number", "callback_outcome", "status_outcome"),
+    [
+        ("+250733000002", ProviderOutcome.FAILED, ProviderOutcome.FAILED),
+        ("+250733000003", None, ProviderOutcome.PENDING),
+        ("+250733123456", ProviderOutcome.SUCCEEDED, ProviderOutcome.SUCCEEDED),
+    ],
+)
+async def test_sim_outcomes_by_number(
+    start_sim: Any, number: str, callback_outcome: ProviderOutcome | None, status_outcome: ProviderOutcome
+) -> None:
     adapter, state, _, recv = await start_sim()
     await adapter.request_collection(collection(number))
     await state.idle()
@@ -381,8 +442,11 @@ async def test_sim_duplicate_and_out_of_order(start_sim: Any) -> None:
     await adapter.request_collection(collection())
     await state.idle()
     events = [adapter.parse_callback(inbound(c)) for c in recv.calls]
-    assert [e.outcome for e in events] == [ProviderOutcome.SUCCEEDED, ProviderOutcome.SUCCEEDED,
-                                           ProviderOutcome.FAILED]
+    assert [e.outcome for e in events] == [
+        ProviderOutcome.SUCCEEDED,
+        ProviderOutcome.SUCCEEDED,
+        ProviderOutcome.FAILED,
+    ]
     assert events[0].event_id == events[1].event_id != events[2].event_id
 
 
@@ -423,13 +487,20 @@ async def test_sim_checks_token_headers_and_body(start_sim: Any) -> None:
     auth = {"Authorization": f"Bearer {token}", "X-Country": "RW", "X-Currency": "RWF"}
     async with httpx.AsyncClient() as http:
         url = f"{base}/merchant/v1/payments/"
-        assert (await http.post(url, json=good, headers={"X-Country": "RW", "X-Currency": "RWF"})).status_code == 401
-        assert (await http.post(url, json=good, headers={"Authorization": f"Bearer {token}"})).status_code == 400
+        assert (
+            await http.post(url, json=good, headers={"X-Country": "RW", "X-Currency": "RWF"})
+        ).status_code == 401
+        assert (
+            await http.post(url, json=good, headers={"Authorization": f"Bearer {token}"})
+        ).status_code == 400
         assert (await http.post(url, content=b"{", headers=auth)).status_code == 400
         with_cc = {**good, "subscriber": {**good["subscriber"], "msisdn": "250733000001"}}
         assert (await http.post(url, json=with_cc, headers=auth)).status_code == 400
-        assert (await http.post(url, json={**good, "transaction": {**good["transaction"], "amount": -5}},
-                                headers=auth)).status_code == 400
+        assert (
+            await http.post(
+                url, json={**good, "transaction": {**good["transaction"], "amount": -5}}, headers=auth
+            )
+        ).status_code == 400
         bad_grant = await http.post(f"{base}/auth/oauth2/token", json={"client_id": "x"})
         assert bad_grant.status_code == 400
 
@@ -446,11 +517,13 @@ async def test_sim_full_refund_once(start_sim: Any) -> None:
 
 
 async def test_sim_interactive_decline(start_sim: Any) -> None:
-    adapter, state, base, recv = await start_sim(interactive=True)
+    adapter, _state, base, recv = await start_sim(interactive=True)
     await adapter.request_collection(collection())
     async with httpx.AsyncClient() as http:
         for _ in range(50):
-            prompts = (await http.get(f"{base}/_control/pending", params={"msisdn": "733000001"})).json()["prompts"]
+            prompts = (await http.get(f"{base}/_control/pending", params={"msisdn": "733000001"})).json()[
+                "prompts"
+            ]
             if prompts:
                 break
             await asyncio.sleep(0.01)
@@ -459,3 +532,11 @@ async def test_sim_interactive_decline(start_sim: Any) -> None:
         assert answer.status_code == 200
     (call,) = await recv.wait_for(1)
     assert adapter.parse_callback(inbound(call)).outcome is ProviderOutcome.FAILED
+
+
+async def test_sim_out_of_order_after_failure_never_claims_success(start_sim: Any) -> None:
+    adapter, state, _, recv = await start_sim(out_of_order=True)
+    await adapter.request_collection(collection("+250733000002"))
+    await state.idle()
+    outcomes = [adapter.parse_callback(inbound(c)).outcome for c in recv.calls]
+    assert outcomes == [ProviderOutcome.FAILED, ProviderOutcome.PENDING]

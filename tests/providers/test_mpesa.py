@@ -48,11 +48,11 @@ def fixture(name: str) -> Any:
     return json.loads((FIXTURES / name).read_text())
 
 
-def config(base: str = BASE, **creds: str) -> ProviderConfig:
+def config(base: str = BASE, read_timeout: str = "", **creds: str) -> ProviderConfig:
     values = {"consumer_key": "ck-test", "consumer_secret": CONSUMER_SECRET, "passkey": PASSKEY,
               "initiator": "testapi", "security_credential": SECURITY_CREDENTIAL, **creds}
     return ProviderConfig(base_url=base, credentials={k: Secret(v) for k, v in values.items()},
-                          options={"shortcode": "174379"})
+                          options={"shortcode": "174379", "read_timeout": read_timeout})
 
 
 class Wire:
@@ -228,6 +228,15 @@ async def test_token_timeout_is_retryable_not_a_collection_timeout() -> None:
             await MpesaAdapter(http, config()).request_collection(collection())
     assert not isinstance(err.value, ProviderTimeout)
     assert err.value.retryable is True
+
+
+async def test_query_timeout_is_retryable() -> None:
+    wire = token_route(Wire()).on("POST", "/mpesa/stkpushquery/v1/query", 0, httpx.ReadTimeout("slow"))
+    async with wire.client() as http:
+        with pytest.raises(ProviderError) as err:
+            await MpesaAdapter(http, config()).collection_status("ref", "ws_CO_1", "KES")
+    assert not isinstance(err.value, ProviderTimeout)
+    assert (err.value.code, err.value.retryable) == ("TIMEOUT", True)
 
 
 @pytest.mark.parametrize("case", fixture("stk_query.json")["cases"], ids=lambda c: c["name"])
@@ -577,8 +586,9 @@ async def test_simulator_outage_and_hang() -> None:
             assert err.value.retryable is True
             sim[STATE].options.fail_request_500 = False
             sim[STATE].options.hang_request = 2.0
-        async with httpx.AsyncClient(timeout=httpx.Timeout(0.3)) as http:
-            with pytest.raises(ProviderTimeout):
-                await MpesaAdapter(http, config(base)).request_collection(collection())
+        async with httpx.AsyncClient() as http:
+            adapter = MpesaAdapter(http, config(base, read_timeout="0.3"))
+            with pytest.raises(ProviderTimeout):  # the push may have been taken: ask, never resend
+                await adapter.request_collection(collection())
     finally:
         await server.close()

@@ -34,28 +34,49 @@ BASE = "https://mtn.test"
 REF = "3f0c8a52-6a8e-4c1e-9d0b-2b7f5b1e9a01"
 REFUND_REF = "9b1d6e33-0c4f-4e7a-8f55-6d2a1c3b4e02"
 CALLBACK = "https://gw.test/webhooks/payments/mtn_momo?secret=cb-secret"
-CREDS = {"api_user": "mtn-user-id", "api_key": "mtn-api-key-8f2a", "subscription_key": "mtn-sub-collection-77",
-         "disbursement_api_user": "mtn-dis-user", "disbursement_api_key": "mtn-dis-key-3c1d",
-         "disbursement_subscription_key": "mtn-sub-disbursement-55"}
+CREDS = {
+    "api_user": "mtn-user-id",
+    "api_key": "mtn-api-key-8f2a",
+    "subscription_key": "mtn-sub-collection-77",
+    "disbursement_api_user": "mtn-dis-user",
+    "disbursement_api_key": "mtn-dis-key-3c1d",
+    "disbursement_subscription_key": "mtn-sub-disbursement-55",
+}
 TOKEN = load("mtn_momo", "token.json")["access_token"]
 
 
 def config(base: str = BASE, creds: dict[str, str] | None = None, **options: str) -> ProviderConfig:
-    return ProviderConfig(base_url=base, credentials={k: Secret(v) for k, v in (creds or CREDS).items()},
-                          options={"target_environment": "mtnrwanda", **options})
+    return ProviderConfig(
+        base_url=base,
+        credentials={k: Secret(v) for k, v in (creds or CREDS).items()},
+        options={"target_environment": "mtnrwanda", **options},
+    )
 
 
 def collection(payer: str = "+250788000001", ref: str = REF, callback: str = CALLBACK) -> CollectionRequest:
-    return CollectionRequest(provider_reference=ref, payment_reference="PAY_8K2M4Q",
-                             amount=Money(15000, "RWF"), payer=Phone(payer), payer_account=payer,
-                             description="Rent November 2026", callback_url=callback,
-                             method="MOBILE_MONEY_MTN")
+    return CollectionRequest(
+        provider_reference=ref,
+        payment_reference="PAY_8K2M4Q",
+        amount=Money(15000, "RWF"),
+        payer=Phone(payer),
+        payer_account=payer,
+        description="Rent November 2026",
+        callback_url=callback,
+        method="MOBILE_MONEY_MTN",
+    )
 
 
 def refund(amount: int = 5000, ref: str = REFUND_REF, callback: str = CALLBACK) -> RefundRequest:
-    return RefundRequest(provider_reference=ref, original_provider_reference=REF,
-                         original_provider_transaction_id="1843215792", amount=Money(amount, "RWF"),
-                         full=False, payer=Phone("+250788000001"), reason="Overpaid rent", callback_url=callback)
+    return RefundRequest(
+        provider_reference=ref,
+        original_provider_reference=REF,
+        original_provider_transaction_id="1843215792",
+        amount=Money(amount, "RWF"),
+        full=False,
+        payer=Phone("+250788000001"),
+        reason="Overpaid rent",
+        callback_url=callback,
+    )
 
 
 def basic(user: str, key: str) -> str:
@@ -64,8 +85,9 @@ def basic(user: str, key: str) -> str:
 
 def callback(body: Any, query: dict[str, str] | None = None, method: str = "PUT") -> InboundCallback:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return InboundCallback(method=method, headers={"Content-Type": "application/json"}, query=query or {},
-                           body=raw)
+    return InboundCallback(
+        method=method, headers={"Content-Type": "application/json"}, query=query or {}, body=raw
+    )
 
 
 @pytest.fixture
@@ -76,6 +98,7 @@ async def fake() -> Any:
 
 
 # --- request to pay ----------------------------------------------------------------------------------
+
 
 async def test_request_to_pay_sends_exact_request(fake: FakeProvider) -> None:
     fake.expect("POST", "/collection/token/", 200, load("mtn_momo", "token.json"))
@@ -104,14 +127,18 @@ async def test_reused_reference_409_means_already_sent(fake: FakeProvider) -> No
         assert await MtnMomoAdapter(http, config()).request_collection(collection()) == CollectionAccepted()
 
 
-@pytest.mark.parametrize(("status", "body", "retryable", "words"), [
-    (400, "error_400.json", False, "Payer not found"),
-    (404, None, False, "HTTP 404"),
-    (500, "error_500.json", True, "internal error"),
-    (503, None, True, "HTTP 503"),
-])
-async def test_request_to_pay_http_errors(fake: FakeProvider, status: int, body: str | None, retryable: bool,
-                                          words: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "body", "retryable", "words"),
+    [
+        (400, "error_400.json", False, "Payer not found"),
+        (404, None, False, "HTTP 404"),
+        (500, "error_500.json", True, "internal error"),
+        (503, None, True, "HTTP 503"),
+    ],
+)
+async def test_request_to_pay_http_errors(
+    fake: FakeProvider, status: int, body: str | None, retryable: bool, words: str
+) -> None:
     fake.expect("POST", "/collection/token/", 200, load("mtn_momo", "token.json"))
     fake.expect("POST", "/collection/v1_0/requesttopay", status, load("mtn_momo", body) if body else None)
     async with fake.client() as http:
@@ -122,28 +149,39 @@ async def test_request_to_pay_http_errors(fake: FakeProvider, status: int, body:
     assert words in str(err.value)
 
 
-@pytest.mark.parametrize(("failure", "timeout", "retryable"), [
-    (httpx.ReadTimeout("read timed out"), True, False),
-    (httpx.RemoteProtocolError("peer closed connection"), True, False),
-    (httpx.ConnectError("connection refused"), False, True),
-    (httpx.ConnectTimeout("connect timed out"), False, True),
-])
-async def test_request_to_pay_transport_failures(fake: FakeProvider, failure: Exception, timeout: bool,
-                                                 retryable: bool) -> None:
+@pytest.mark.parametrize(
+    ("failure", "unanswered", "retryable"),
+    [
+        (httpx.ReadTimeout("read timed out"), True, False),
+        (httpx.RemoteProtocolError("peer closed connection"), True, False),
+        (httpx.ConnectError("connection refused"), False, True),
+        (httpx.ConnectTimeout("connect timed out"), False, True),
+    ],
+)
+async def test_request_to_pay_transport_failures(
+    fake: FakeProvider, failure: Exception, unanswered: bool, retryable: bool
+) -> None:
     fake.expect("POST", "/collection/token/", 200, load("mtn_momo", "token.json"))
     fake.expect("POST", "/collection/v1_0/requesttopay", raises=failure)
     async with fake.client() as http:
         with pytest.raises(ProviderError) as err:
             await MtnMomoAdapter(http, config()).request_collection(collection())
     # After an unanswered request, the caller must ask the status of the same reference.
-    assert isinstance(err.value, ProviderTimeout) is timeout
+    assert isinstance(err.value, ProviderTimeout) is unanswered
     assert err.value.retryable is retryable
 
 
 async def test_no_payer_is_refused_before_any_request(fake: FakeProvider) -> None:
-    request = CollectionRequest(provider_reference=REF, payment_reference="PAY_X", amount=Money(10, "RWF"),
-                                payer=None, payer_account="", description="", callback_url="",
-                                method="MOBILE_MONEY_MTN")
+    request = CollectionRequest(
+        provider_reference=REF,
+        payment_reference="PAY_X",
+        amount=Money(10, "RWF"),
+        payer=None,
+        payer_account="",
+        description="",
+        callback_url="",
+        method="MOBILE_MONEY_MTN",
+    )
     async with fake.client() as http:
         with pytest.raises(ProviderError, match="phone number"):
             await MtnMomoAdapter(http, config()).request_collection(request)
@@ -161,8 +199,9 @@ async def test_expired_token_is_fetched_again_once(fake: FakeProvider) -> None:
 
 async def test_token_fetched_once_under_concurrency(fake: FakeProvider) -> None:
     fake.expect("POST", "/collection/token/", 200, load("mtn_momo", "token.json"), delay=0.05)
-    fake.expect("GET", f"/collection/v1_0/requesttopay/{REF}", 200, load("mtn_momo", "status_pending.json"),
-                times=20)
+    fake.expect(
+        "GET", f"/collection/v1_0/requesttopay/{REF}", 200, load("mtn_momo", "status_pending.json"), times=20
+    )
     async with fake.client() as http:
         adapter = MtnMomoAdapter(http, config())
         results = await asyncio.gather(*(adapter.collection_status(REF, None, "RWF") for _ in range(20)))
@@ -180,15 +219,30 @@ async def test_token_refused_is_not_retryable(fake: FakeProvider) -> None:
 
 # --- status ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("fixture", "outcome", "reason", "txid"), [
-    ("status_pending.json", ProviderOutcome.PENDING, None, None),
-    ("status_successful.json", ProviderOutcome.SUCCEEDED, None, "1843215792"),
-    ("status_failed_reason_string.json", ProviderOutcome.FAILED, "the payer does not have enough money", None),
-    ("status_failed_reason_object.json", ProviderOutcome.CANCELLED, "the payer declined the payment", None),
-    ("status_expired.json", ProviderOutcome.EXPIRED, "the payer did not approve in time", None),
-])
-async def test_status_answers(fake: FakeProvider, fixture: str, outcome: ProviderOutcome, reason: str | None,
-                              txid: str | None) -> None:
+
+@pytest.mark.parametrize(
+    ("fixture", "outcome", "reason", "txid"),
+    [
+        ("status_pending.json", ProviderOutcome.PENDING, None, None),
+        ("status_successful.json", ProviderOutcome.SUCCEEDED, None, "1843215792"),
+        (
+            "status_failed_reason_string.json",
+            ProviderOutcome.FAILED,
+            "the payer does not have enough money",
+            None,
+        ),
+        (
+            "status_failed_reason_object.json",
+            ProviderOutcome.CANCELLED,
+            "the payer declined the payment",
+            None,
+        ),
+        ("status_expired.json", ProviderOutcome.EXPIRED, "the payer did not approve in time", None),
+    ],
+)
+async def test_status_answers(
+    fake: FakeProvider, fixture: str, outcome: ProviderOutcome, reason: str | None, txid: str | None
+) -> None:
     fake.expect("POST", "/collection/token/", 200, load("mtn_momo", "token.json"))
     fake.expect("GET", f"/collection/v1_0/requesttopay/{REF}", 200, load("mtn_momo", fixture))
     async with fake.client() as http:
@@ -228,8 +282,12 @@ async def test_unknown_status_fails_loudly(fake: FakeProvider) -> None:
 
 async def test_status_of_unknown_reference(fake: FakeProvider) -> None:
     fake.expect("POST", "/collection/token/", 200, load("mtn_momo", "token.json"))
-    fake.expect("GET", f"/collection/v1_0/requesttopay/{REF}", 404,
-                {"code": "RESOURCE_NOT_FOUND", "message": "Requested resource was not found."})
+    fake.expect(
+        "GET",
+        f"/collection/v1_0/requesttopay/{REF}",
+        404,
+        {"code": "RESOURCE_NOT_FOUND", "message": "Requested resource was not found."},
+    )
     async with fake.client() as http:
         with pytest.raises(ProviderError) as err:
             await MtnMomoAdapter(http, config()).collection_status(REF, None, "RWF")
@@ -238,11 +296,16 @@ async def test_status_of_unknown_reference(fake: FakeProvider) -> None:
 
 # --- refunds -----------------------------------------------------------------------------------------
 
+
 async def test_refund_uses_disbursement_product(fake: FakeProvider) -> None:
     fake.expect("POST", "/disbursement/token/", 200, load("mtn_momo", "token.json"))
     fake.expect("POST", "/disbursement/v1_0/refund", 202)
-    fake.expect("GET", f"/disbursement/v1_0/refund/{REFUND_REF}", 200,
-                load("mtn_momo", "refund_status_successful.json"))
+    fake.expect(
+        "GET",
+        f"/disbursement/v1_0/refund/{REFUND_REF}",
+        200,
+        load("mtn_momo", "refund_status_successful.json"),
+    )
     async with fake.client() as http:
         adapter = MtnMomoAdapter(http, config())
         assert adapter.supports_partial_refund is True
@@ -270,6 +333,7 @@ async def test_refund_refused(fake: FakeProvider) -> None:
 
 # --- callbacks ---------------------------------------------------------------------------------------
 
+
 def test_callback_becomes_event() -> None:
     adapter = MtnMomoAdapter(httpx.AsyncClient(), config())
     body = load("mtn_momo", "callback_successful.json")
@@ -290,15 +354,23 @@ def test_callback_becomes_event() -> None:
 
 def test_failed_callback_carries_reason() -> None:
     adapter = MtnMomoAdapter(httpx.AsyncClient(), config())
-    event = adapter.parse_callback(callback(load("mtn_momo", "status_failed_reason_object.json"), {"ref": REF}))
+    event = adapter.parse_callback(
+        callback(load("mtn_momo", "status_failed_reason_object.json"), {"ref": REF})
+    )
     assert event.outcome is ProviderOutcome.CANCELLED
     assert event.reason == "the payer declined the payment"
     assert event.event_id == f"{REF}:FAILED"
 
 
-@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", json.dumps({"status": "SUCCESSFUL"}).encode(),
-                                  json.dumps({"externalId": REF, "amount": "1.5", "currency": "RWF",
-                                              "status": "SUCCESSFUL"}).encode()])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[1, 2]",
+        json.dumps({"status": "SUCCESSFUL"}).encode(),
+        json.dumps({"externalId": REF, "amount": "1.5", "currency": "RWF", "status": "SUCCESSFUL"}).encode(),
+    ],
+)
 def test_malformed_callbacks_are_rejected(body: bytes) -> None:
     adapter = MtnMomoAdapter(httpx.AsyncClient(), config())
     with pytest.raises(CallbackRejected) as err:
@@ -313,7 +385,10 @@ async def test_verify_callback_accepts_unsigned_mtn_callbacks() -> None:
 
 # --- logs --------------------------------------------------------------------------------------------
 
-async def test_logs_hold_no_credentials_or_full_numbers(fake: FakeProvider, caplog: pytest.LogCaptureFixture) -> None:
+
+async def test_logs_hold_no_credentials_or_full_numbers(
+    fake: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     fake.expect("POST", "/collection/token/", 200, load("mtn_momo", "token.json"))
     fake.expect("POST", "/collection/v1_0/requesttopay", 202)
@@ -340,6 +415,7 @@ async def test_logs_hold_no_credentials_or_full_numbers(fake: FakeProvider, capl
 
 # --- against the simulator over HTTP -----------------------------------------------------------------
 
+
 @pytest.fixture
 async def start_sim(aiohttp_server: Any) -> Any:
     clients: list[httpx.AsyncClient] = []
@@ -358,13 +434,14 @@ async def start_sim(aiohttp_server: Any) -> Any:
 
 
 def inbound(received: Any) -> InboundCallback:
-    return InboundCallback(method=received.method, headers=received.headers, query=received.query,
-                           body=received.body)
+    return InboundCallback(
+        method=received.method, headers=received.headers, query=received.query, body=received.body
+    )
 
 
 async def test_sim_success_calls_back(start_sim: Any, receiver: Any) -> None:
     recv, url = receiver
-    adapter, state, _ = await start_sim()
+    adapter, _state, _ = await start_sim()
     await adapter.request_collection(collection(callback=f"{url}/mtn_momo?secret=s3"))
     (call,) = await recv.wait_for(1)
     assert call.method == "PUT" and call.path == "/webhooks/payments/mtn_momo"
@@ -387,15 +464,18 @@ async def test_sim_failure_by_number(start_sim: Any, receiver: Any) -> None:
     assert event.reason == "the payer does not have enough money"
 
 
-@pytest.mark.parametrize(("number", "outcome"), [
-    ("+46733123450", ProviderOutcome.FAILED),
-    ("+46733123451", ProviderOutcome.CANCELLED),
-    ("+46733123452", ProviderOutcome.EXPIRED),
-    ("+46733123453", ProviderOutcome.PENDING),
-    ("+46733123454", ProviderOutcome.SUCCEEDED),
-    ("+46733123455", ProviderOutcome.FAILED),
-    ("+46733999999", ProviderOutcome.SUCCEEDED),
-])
+@pytest.mark.parametrize(
+    ("number", "outcome"),
+    [
+        ("+46733123450", ProviderOutcome.FAILED),
+        ("+46733123451", ProviderOutcome.CANCELLED),
+        ("+46733123452", ProviderOutcome.EXPIRED),
+        ("+46733123453", ProviderOutcome.PENDING),
+        ("+46733123454", ProviderOutcome.SUCCEEDED),
+        ("+46733123455", ProviderOutcome.FAILED),
+        ("+46733999999", ProviderOutcome.SUCCEEDED),
+    ],
+)
 async def test_sim_sandbox_numbers(start_sim: Any, number: str, outcome: ProviderOutcome) -> None:
     adapter, state, _ = await start_sim(delay=0.01)
     await adapter.request_collection(collection(number, callback=""))
@@ -478,8 +558,11 @@ async def test_sim_refuses_bad_credentials_and_requests(start_sim: Any) -> None:
 
     good, _, base = await start_sim()
     token = await good._tokens["collection"].get()
-    headers = {"Ocp-Apim-Subscription-Key": CREDS["subscription_key"], "X-Target-Environment": "sandbox",
-               "X-Reference-Id": REF}
+    headers = {
+        "Ocp-Apim-Subscription-Key": CREDS["subscription_key"],
+        "X-Target-Environment": "sandbox",
+        "X-Reference-Id": REF,
+    }
     body = load("mtn_momo", "requesttopay_request.json")
     async with httpx.AsyncClient() as http:
         url = f"{base}/collection/v1_0/requesttopay"
@@ -488,7 +571,9 @@ async def test_sim_refuses_bad_credentials_and_requests(start_sim: Any) -> None:
         assert (await http.post(url, headers=auth, content=b"{nope")).status_code == 400
         assert (await http.post(url, headers={**auth, "X-Reference-Id": "12"}, json=body)).status_code == 400
         assert (await http.post(url, headers=auth, json={**body, "amount": 15000})).status_code == 400
-        assert (await http.post(url, headers=auth, json={**body, "payer": {"partyId": "x"}})).status_code == 400
+        assert (
+            await http.post(url, headers=auth, json={**body, "payer": {"partyId": "x"}})
+        ).status_code == 400
         assert (await http.post(url, headers=auth, json=body)).status_code == 202
         assert (await http.post(url, headers=auth, json=body)).status_code == 409
         missing = await http.get(f"{base}/collection/v1_0/requesttopay/{REFUND_REF}", headers=auth)
@@ -497,7 +582,7 @@ async def test_sim_refuses_bad_credentials_and_requests(start_sim: Any) -> None:
 
 async def test_sim_interactive_prompt(start_sim: Any, receiver: Any) -> None:
     recv, url = receiver
-    adapter, state, base = await start_sim(interactive=True)
+    adapter, _state, base = await start_sim(interactive=True)
     await adapter.request_collection(collection(callback=f"{url}/mtn_momo"))
     other = "8c1f2d9e-0000-4000-8000-000000000001"
     await adapter.request_collection(collection(ref=other, callback=f"{url}/mtn_momo"))
@@ -509,8 +594,9 @@ async def test_sim_interactive_prompt(start_sim: Any, receiver: Any) -> None:
             await asyncio.sleep(0.01)
         assert {p["reference"] for p in pending["prompts"]} == {REF, other}
         assert pending["prompts"][0]["amount"] == "15000"
-        assert (await http.get(f"{base}/_control/pending", params={"msisdn": "+250788000009"})).json() == \
-            {"prompts": []}
+        assert (await http.get(f"{base}/_control/pending", params={"msisdn": "+250788000009"})).json() == {
+            "prompts": []
+        }
         assert (await http.get(f"{base}/_control/pending")).status_code == 400
         ok = await http.post(f"{base}/_control/decide", json={"reference": REF, "approve": True})
         assert ok.status_code == 200
@@ -547,3 +633,30 @@ async def test_sim_refunds(start_sim: Any, receiver: Any) -> None:
     await adapter.request_refund(refund(11000, ref=too_much, callback=""))
     await state.idle()
     assert (await adapter.refund_status(too_much, "RWF")).outcome is ProviderOutcome.FAILED
+
+
+async def test_metrics_count_calls_and_real_errors_only(fake: FakeProvider) -> None:
+    from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS
+
+    def errors() -> float:
+        return PROVIDER_ERRORS.labels(provider="mtn_momo", operation="request_to_pay")._value.get()
+
+    def calls() -> float:
+        samples = PROVIDER_CALLS.collect()[0].samples
+        return next(s.value for s in samples if s.name.endswith("_count")
+                    and s.labels == {"provider": "mtn_momo", "operation": "request_to_pay"})
+
+    fake.expect("POST", "/collection/token/", 200, load("mtn_momo", "token.json"))
+    fake.expect("POST", "/collection/v1_0/requesttopay", 409, load("mtn_momo", "error_409.json"))
+    fake.expect("POST", "/collection/v1_0/requesttopay", 500, load("mtn_momo", "error_500.json"))
+    fake.expect("POST", "/collection/v1_0/requesttopay", 400, load("mtn_momo", "error_400.json"))
+    fake.expect("POST", "/collection/v1_0/requesttopay", raises=httpx.ReadTimeout("slow"))
+    async with fake.client() as http:
+        adapter = MtnMomoAdapter(http, config())
+        await adapter.request_collection(collection())
+        errors_before, calls_before = errors(), calls()
+        for _ in range(3):
+            with pytest.raises(ProviderError):
+                await adapter.request_collection(collection())
+    assert errors() == errors_before + 3  # the 409 before was an expected answer, not an error
+    assert calls() == calls_before + 3

@@ -258,3 +258,42 @@ def test_message_key_without_core_key_ignores_the_phone_nonce() -> None:
 
 def test_phone_type() -> None:
     assert Phone(ALINE).masked() == "+25078****001"
+
+
+async def test_no_full_phone_number_or_key_reaches_the_logs(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    sim.set_failure("UserInBlackList", number=ALINE)
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    await queue_receipt(rt, demo, payment.id)
+    await queue_receipt(rt, demo, payment.id, dedupe="again", phone="+250788000002")
+    sim.set_failure("http500", number="+250788000002", times=1)
+    await drain(worker)
+    assert caplog.records
+    for record in caplog.records:
+        # Checked before the JSON formatter's last-line scrub: our code must not rely on it.
+        text = record.getMessage() + " " + " ".join(str(v) for v in record.__dict__.values())
+        for secret in ("788000001", "788000002", "sim-test-key"):
+            assert secret not in text, (record.name, record.getMessage())
+
+
+async def test_concurrent_runs_of_one_message_send_once(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any
+) -> None:
+    import asyncio
+
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    await queue_receipt(rt, demo, payment.id)
+    [row] = await jobs_of(rt, "sms.send")
+    jobs = SmsJobs(rt)
+    outcomes = await asyncio.gather(
+        jobs.send(as_job(row)), jobs.send(as_job(row, attempts=2)), return_exceptions=True
+    )
+    assert len(sim.messages(ALINE)) == 1
+    assert all(o is None or isinstance(o, RetryLater) for o in outcomes)
+    # The run that waited finds the message sent and does nothing.
+    await jobs.send(as_job(row, attempts=3))
+    assert len(sim.messages(ALINE)) == 1

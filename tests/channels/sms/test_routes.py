@@ -248,7 +248,9 @@ async def test_someone_elses_reference_is_refused_without_leaking(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
 ) -> None:
     payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    # Drained one at a time: a worker batch runs jobs concurrently, so inbox order is not job order.
     await inbound(sms_client, STRANGER, f"RECEIPT {payment.reference}", "in-3")
+    await drain(worker)
     await inbound(sms_client, STRANGER, "RECEIPT PAY_20260115_999999", "in-4")
     await drain(worker)
     theirs, made_up = [m["message"] for m in sim.messages(STRANGER)]
@@ -289,6 +291,7 @@ async def test_help_and_anything_else(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
 ) -> None:
     await inbound(sms_client, STRANGER, "AIDE", "in-8")
+    await drain(worker)
     await inbound(sms_client, STRANGER, "what is this", "in-9")
     await drain(worker)
     help_fr, unknown = [m["message"] for m in sim.messages(STRANGER)]

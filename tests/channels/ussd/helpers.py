@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 _ids = itertools.count(1)
@@ -15,8 +17,8 @@ def new_session_id(prefix: str = "ATUid") -> str:
 class AtPhone:
     """A phone dialling through Africa's Talking: keeps the accumulated text like the aggregator does."""
 
-    def __init__(self, client: Any, phone: str, *, service_code: str = "*384*123#", session_id: str | None = None,
-                 query: str = "") -> None:
+    def __init__(self, client: Any, phone: str, *, service_code: str = "*384*123#",
+                 session_id: str | None = None, query: str = "") -> None:
         self.client, self.phone, self.service_code = client, phone, service_code
         self.session_id = session_id or new_session_id()
         self.inputs: list[str] = []
@@ -43,3 +45,13 @@ class AtPhone:
     async def resend(self) -> str:
         """The aggregator retrying the last hop."""
         return await self.dial()
+
+
+@contextlib.contextmanager
+def swapped_redis(rt: Any, redis: Any) -> Iterator[None]:
+    original = rt.redis
+    rt.redis = redis
+    try:
+        yield
+    finally:
+        rt.redis = original

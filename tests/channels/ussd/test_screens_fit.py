@@ -85,8 +85,9 @@ async def test_every_screen_fits(lang: str, limit: int) -> None:
         failures.extend(problems(text, limit, where))
 
     for sid, screen in SCREENS.items():
-        # Deep in a flow: Back and Home both shown, the longest footer.
-        state = State(screen=sid, stack=["home", "pay_type"], lang=lang)
+        # Deep in a flow, Back and Home are both shown (the longest footer); home is always the root.
+        stack = [] if sid in ("home", "resume") else ["home", "pay_type"]
+        state = State(screen=sid, stack=stack, lang=lang)
         ctx = Ctx(rt=None, turn=None, state=state, limit=limit)
         reply = await engine.render(ctx)
         check(reply.text, limit, f"{lang}/{sid}")
@@ -106,6 +107,8 @@ async def test_every_screen_fits(lang: str, limit: int) -> None:
             state.page += 1
             pages += 1
             check((await engine.render(ctx)).text, limit, f"{lang}/{sid}/page{pages}")
+        if not (isinstance(screen, Menu) and screen.items is not None) and pages:
+            failures.append(f"{lang}/{sid}: a fixed menu needs {pages + 1} pages at {limit}")
         if isinstance(screen, Menu):
             assert shown == len(sample_items(sid, lang)) + len(screen.options), f"{lang}/{sid}: items lost"
     assert not failures, "\n".join(failures)

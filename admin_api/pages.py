@@ -1,0 +1,251 @@
+"""Browser pages on the main app: the phone simulator (/simulator) and the operations page (/ops)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+from sqlalchemy import or_, select
+
+from core import auth
+from core.errors import DomainError
+from core.models import Cooperative, Payment, PaymentType
+from core.runtime import RUNTIME, SETTINGS
+
+log = logging.getLogger("gateway.pages")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
+OPS_FILES = frozenset({"ops.html", "ops.css", "ops.js"})
+PHONE_FILES = frozenset({"phone.html", "phone.css", "phone.js"})
+# Everything the pages load comes from this origin: no inline script, no CDN, no external font.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+    "script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+OPS_ROLES = frozenset({auth.SUPER_ADMIN, auth.COOP_ADMIN})
+PAGES_ENABLED = web.AppKey("phone_simulator_enabled", bool)
+
+
+def simulator_enabled(settings: Any, env: dict[str, str] | None = None) -> bool:
+    """The phone page exists with the in-process simulators, or when explicitly switched on."""
+    env = dict(os.environ) if env is None else env
+    return bool(settings.simulators_in_process) or env.get("PHONE_SIMULATOR_ENABLED", "") == "1"
+
+
+def setup_pages(app: web.Application) -> None:
+    """Register /simulator (when enabled), /ops, /ops/data and /static/{name} on the main app."""
+    settings = app[SETTINGS]
+    enabled = simulator_enabled(settings)
+    app[PAGES_ENABLED] = enabled
+    app.router.add_get("/ops", ops_page)
+    app.router.add_get("/ops/", ops_page)
+    app.router.add_get("/ops/data", ops_data)
+    app.router.add_get("/static/{name}", static_file)
+    if enabled:
+        app.router.add_get("/simulator", phone_page)
+        app.router.add_get("/simulator/", phone_page)
+        app.router.add_get("/simulator/config", simulator_config)
+        app.router.add_get("/simulator/phones", simulator_phones)
+        app.router.add_get("/simulator/payment", simulator_payment)
+        log.info("phone simulator page enabled", extra={"path": "/simulator"})
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+
+def _file(name: str) -> web.Response:
+    path = STATIC_DIR / name
+    if not path.is_file():
+        raise web.HTTPNotFound(text="not found")
+    content_type = _TYPES.get(path.suffix, "application/octet-stream")
+    return web.Response(
+        body=path.read_bytes(), headers={**SECURITY_HEADERS, "Content-Type": f"{content_type}; charset=utf-8"}
+    )
+
+
+async def static_file(request: web.Request) -> web.Response:
+    # A fixed list of names: no path from the request ever reaches the filesystem.
+    name = request.match_info["name"]
+    if name in OPS_FILES or (name in PHONE_FILES and request.app[PAGES_ENABLED]):
+        return _file(name)
+    raise web.HTTPNotFound(text="not found")
+
+
+async def phone_page(_request: web.Request) -> web.Response:
+    return _file("phone.html")
+
+
+async def ops_page(_request: web.Request) -> web.Response:
+    return _file("ops.html")
+
+
+# --- phone simulator JSON ---------------------------------------------------------------------------
+
+
+def _phones() -> list[dict[str, str]]:
+    from core.demo import DEMO_MEMBERS
+
+    return [
+        {"phone": phone, "name": name, "unit": unit, "language": language, "does": what}
+        for name, phone, unit, language, what in DEMO_MEMBERS
+    ]
+
+
+def _same_origin_path(settings: Any, url: str) -> str | None:
+    """A simulator the page can reach: a path on this service, else None (cross-origin calls are refused)."""
+    base = settings.public_base_url.rstrip("/")
+    if url.startswith(base + "/"):
+        return url[len(base) :].rstrip("/")
+    return None
+
+
+async def simulator_phones(_request: web.Request) -> web.Response:
+    return web.json_response({"phones": _phones()}, headers={"Cache-Control": "no-cache"})
+
+
+async def simulator_config(request: web.Request) -> web.Response:
+    """What the phone page needs: the USSD code, the callback URL (with its secret) and the simulators."""
+    settings = request.app[SETTINGS]
+    ussd_url = "/ussd/africastalking"
+    secret = settings.callback_secrets.get("africastalking")
+    if secret:
+        # Only served while the simulator is enabled: the page plays the aggregator, so it needs the secret.
+        ussd_url += "?" + urlencode({"secret": secret.get()})
+    providers = {
+        name: _same_origin_path(settings, config.base_url) for name, config in settings.providers.items()
+    }
+    sms = _same_origin_path(settings, settings.sms_base_url)
+    return web.json_response(
+        {
+            "serviceCode": settings.ussd_service_code,
+            "ussdUrl": ussd_url,
+            "networkCode": "63510",
+            "providers": {name: path for name, path in providers.items() if path},
+            "smsInbox": f"{sms}/_inbox/" if sms else None,
+            "phones": _phones(),
+        },
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+async def simulator_payment(request: web.Request) -> web.Response:
+    """A payment seen from the phone: by our reference or the provider's, to word the PIN prompt."""
+    reference = request.query.get("reference", "").strip()
+    if not reference or len(reference) > 128:
+        return _error(request, 400, "reference query parameter is required (at most 128 characters)")
+    rt = request.app[RUNTIME]
+    async with rt.sessionmaker() as session:
+        row = (
+            await session.execute(
+                select(Payment, Cooperative.name, PaymentType.name)
+                .join(Cooperative, Cooperative.id == Payment.cooperative_id)
+                .join(PaymentType, PaymentType.id == Payment.payment_type_id)
+                .where(
+                    or_(
+                        Payment.reference == reference.upper(),
+                        Payment.provider_reference == reference,
+                        Payment.gateway_reference == reference,
+                    )
+                )
+                .order_by(Payment.created_at.desc())
+                .limit(1)
+            )
+        ).first()
+    if row is None:
+        return _error(request, 404, "no payment with that reference")
+    payment, cooperative, payment_type = row
+    return web.json_response(
+        {
+            "reference": payment.reference,
+            "status": payment.status,
+            "amountMinor": payment.amount_minor,
+            "currency": payment.currency,
+            "method": payment.method,
+            "provider": payment.provider,
+            "cooperative": cooperative,
+            "paymentType": payment_type,
+            "failureReason": payment.failure_reason,
+        },
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+# --- operations data --------------------------------------------------------------------------------
+
+
+def _error(request: web.Request, status: int, message: str) -> web.Response:
+    from datetime import UTC, datetime
+
+    reason = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}.get(
+        status, "Error"
+    )
+    headers = {"WWW-Authenticate": 'Bearer realm="ops"'} if status == 401 else None
+    return web.json_response(
+        {
+            "statusCode": status,
+            "message": message,
+            "error": reason,
+            "timestamp": datetime.now(UTC).isoformat(),
+            "path": request.path,
+        },
+        status=status,
+        headers=headers,
+    )
+
+
+def principal_from_request(request: web.Request) -> auth.Principal:
+    """The caller of /ops/data: a valid access JWT (Authorization: Bearer) or core.auth.Unauthorized."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise auth.Unauthorized("a Bearer access token is required")
+    settings = request.app[SETTINGS]
+    claims = auth.decode_token(token.strip(), secret=settings.jwt_secret.get(), expected_type="access")
+    return auth.principal_from_access(claims)
+
+
+async def ops_data(request: web.Request) -> web.Response:
+    """core.ops.dashboard for an admin: a cooperative admin sees only their cooperative."""
+    from core.ops import dashboard
+
+    try:
+        principal = principal_from_request(request)
+    except DomainError as exc:
+        return _error(request, 401, str(exc) or "unauthorized")
+    if principal.role not in OPS_ROLES:
+        return _error(request, 403, "the operations page is for super admins and cooperative admins")
+    requested = request.query.get("cooperativeId", "").strip() or None
+    if principal.is_super:
+        cooperative_id = requested
+    else:
+        if requested and requested != principal.cooperative_id:
+            return _error(request, 404, "cooperative not found")
+        cooperative_id = principal.cooperative_id
+    minutes_raw = request.query.get("minutes", "60")
+    if not minutes_raw.isdigit() or not 1 <= int(minutes_raw) <= 1440:
+        return _error(request, 400, "minutes must be an integer from 1 to 1440")
+    rt = request.app[RUNTIME]
+    async with rt.sessionmaker() as session:
+        figures = await dashboard(session, cooperative_id, minutes=int(minutes_raw))
+        scope = "all cooperatives"
+        if cooperative_id:
+            coop = await session.get(Cooperative, cooperative_id)
+            if coop is None:
+                return _error(request, 404, "cooperative not found")
+            scope = coop.name
+    figures["scope"] = {
+        "cooperativeId": cooperative_id,
+        "name": scope,
+        "role": principal.role,
+        "minutes": int(minutes_raw),
+    }
+    return web.json_response(figures, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,316 @@
+// Operations page: signs in through /v1/auth/token, keeps the access token in sessionStorage, and redraws
+// the figures from /ops/data every few seconds.
+"use strict";
+
+(function () {
+  const TOKEN_KEY = "ops.accessToken";
+  const REFRESH_MS = 4000;
+  const SVG = "http://www.w3.org/2000/svg";
+  const STATUS_COLORS = {
+    COMPLETED: "#2f8a3a", PARTIALLY_REFUNDED: "#5aa36a", REFUNDED: "#7e57c2", PROCESSING: "#1f78c8",
+    PENDING: "#e0a030", FAILED: "#c9372c", TIMEOUT: "#8a8f96", CANCELLED: "#4e5660",
+  };
+  const METHOD_LABELS = { MOBILE_MONEY_MTN: "MTN MoMo", MOBILE_MONEY_AIRTEL: "Airtel Money", MPESA: "M-Pesa",
+                          BANK_BK: "Bank of Kigali", BANK_IM: "I&M Bank", BANK_ECOBANK: "Ecobank" };
+  const SMS_COLORS = { DELIVERED: "#2f8a3a", SENT: "#1f78c8", QUEUED: "#e0a030", FAILED: "#c9372c",
+                       REJECTED: "#9c2a21", EXPIRED: "#8a8f96" };
+  let timer = null;
+
+  const $ = (id) => document.getElementById(id);
+
+  function el(tag, cls, text) {
+    const node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function svg(tag, attrs) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+    return node;
+  }
+
+  const color = (status) => STATUS_COLORS[status] || "#6b7785";
+  const pct = (rate) => (rate === null || rate === undefined ? "–" : (rate * 100).toFixed(rate === 1 ? 0 : 1) + "%");
+
+  function duration(seconds) {
+    if (!seconds) return "0 s";
+    if (seconds < 90) return Math.round(seconds) + " s";
+    if (seconds < 5400) return Math.round(seconds / 60) + " min";
+    return (seconds / 3600).toFixed(1) + " h";
+  }
+
+  // --- session ---------------------------------------------------------------------------------------
+
+  function showLogin(message) {
+    clearInterval(timer);
+    timer = null;
+    $("dashboard").hidden = true;
+    $("who").hidden = true;
+    $("login").hidden = false;
+    $("login-error").textContent = message || "";
+    $("username").focus();
+  }
+
+  async function login(event) {
+    event.preventDefault();
+    $("login-error").textContent = "";
+    $("login-submit").disabled = true;
+    try {
+      const response = await fetch("/v1/auth/token", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ username: $("username").value.trim(), password: $("password").value }),
+      });
+      const body = await response.json().catch(() => ({}));
+      if (!response.ok || !body.accessToken) {
+        const message = Array.isArray(body.message) ? body.message.join("; ") : body.message;
+        $("login-error").textContent = message || "Sign-in failed (" + response.status + ").";
+        return;
+      }
+      if (body.role !== "SUPER_ADMIN" && body.role !== "COOP_ADMIN") {
+        $("login-error").textContent = "This page is for cooperative admins and super admins.";
+        return;
+      }
+      sessionStorage.setItem(TOKEN_KEY, body.accessToken);
+      $("password").value = "";
+      startDashboard();
+    } catch (error) {
+      $("login-error").textContent = "Network problem: " + error.message;
+    } finally {
+      $("login-submit").disabled = false;
+    }
+  }
+
+  function logout() {
+    sessionStorage.removeItem(TOKEN_KEY);
+    showLogin("Signed out.");
+  }
+
+  function startDashboard() {
+    $("login").hidden = true;
+    $("dashboard").hidden = false;
+    $("who").hidden = false;
+    refresh();
+    clearInterval(timer);
+    timer = setInterval(refresh, REFRESH_MS);
+  }
+
+  async function refresh() {
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    if (!token) return showLogin();
+    let response;
+    try {
+      response = await fetch("/ops/data", { headers: { Authorization: "Bearer " + token }, cache: "no-store" });
+    } catch (error) {
+      $("data-error").textContent = "Cannot reach the service: " + error.message;
+      return;
+    }
+    if (response.status === 401 || response.status === 403) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      const body = await response.json().catch(() => ({}));
+      return showLogin(response.status === 401 ? "Your session has ended: sign in again." : body.message);
+    }
+    if (!response.ok) {
+      $("data-error").textContent = "The service answered " + response.status + ".";
+      return;
+    }
+    $("data-error").textContent = "";
+    render(await response.json());
+  }
+
+  // --- drawing ---------------------------------------------------------------------------------------
+
+  function kpi(id, value, detail, warn) {
+    const node = $(id);
+    node.querySelector(".value").textContent = value;
+    node.querySelector(".detail").textContent = detail || "";
+    node.classList.toggle("warn", Boolean(warn));
+  }
+
+  function barRow(name, value, max, label, colour, inner, labelFor) {
+    const row = el("div", "bar-row");
+    row.dataset.name = name;
+    const track = el("div", "track");
+    const fill = el("div", "fill");
+    fill.style.width = (max ? Math.max(0, Math.min(1, value / max)) * 100 : 0) + "%";
+    if (colour) fill.style.setProperty("--c", colour);
+    track.append(fill);
+    if (inner !== undefined && max) {
+      const part = el("div", "fill inner");
+      part.style.width = Math.min(1, inner / max) * 100 + "%";
+      track.append(part);
+    }
+    const shown = el("span", "name", labelFor ? labelFor(name) : name);
+    shown.title = name;
+    row.append(shown, track, el("span", "num", label));
+    return row;
+  }
+
+  function fillBars(id, rows) {
+    const box = $(id);
+    box.replaceChildren(...(rows.length ? rows : [el("div", "empty", "Nothing yet.")]));
+  }
+
+  function minutesWindow(generatedAt, minutes) {
+    // Keys as the server writes them: UTC "YYYY-MM-DDTHH:MM".
+    const end = new Date(generatedAt);
+    end.setUTCSeconds(0, 0);
+    const keys = [];
+    for (let i = minutes - 1; i >= 0; i -= 1) keys.push(new Date(end.getTime() - i * 60000).toISOString().slice(0, 16));
+    return keys;
+  }
+
+  function drawPerMinute(data) {
+    const minutes = (data.scope && data.scope.minutes) || 60;
+    const keys = minutesWindow(data.generatedAt, minutes);
+    const perKey = new Map(keys.map((k) => [k, {}]));
+    const statuses = new Set();
+    for (const row of data.paymentsPerMinute) {
+      const slot = perKey.get(row.minute);
+      if (!slot) continue;
+      slot[row.status] = (slot[row.status] || 0) + row.count;
+      statuses.add(row.status);
+    }
+    const order = Object.keys(STATUS_COLORS).filter((s) => statuses.has(s)).concat([...statuses].filter((s) => !(s in STATUS_COLORS)));
+    const totals = keys.map((k) => Object.values(perKey.get(k)).reduce((a, b) => a + b, 0));
+    const max = Math.max(1, ...totals);
+    // Drawn at the box's real width so text is never stretched.
+    const W = Math.max(320, Math.round($("chart-ppm").clientWidth || 720)), H = 220;
+    const left = 34, bottom = 22, top = 8, right = 20;
+    const plotW = W - left - right, plotH = H - top - bottom;
+    const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img" });
+    const step = niceStep(max);
+    for (let v = 0; v <= max; v += step) {
+      const y = top + plotH - (v / max) * plotH;
+      chart.append(svg("line", { x1: left, x2: W - right, y1: y, y2: y, stroke: "#e3e8ee" }));
+      const label = svg("text", { x: left - 4, y: y + 3, "text-anchor": "end" });
+      label.textContent = String(v);
+      chart.append(label);
+    }
+    const slotW = plotW / keys.length;
+    keys.forEach((key, i) => {
+      let y = top + plotH;
+      for (const status of order) {
+        const count = perKey.get(key)[status] || 0;
+        if (!count) continue;
+        const h = (count / max) * plotH;
+        y -= h;
+        const rect = svg("rect", { x: left + i * slotW + 1, y, width: Math.max(1, slotW - 2), height: h,
+                                   fill: color(status), "data-status": status, "data-minute": key });
+        const title = svg("title");
+        title.textContent = `${key.slice(11)} UTC · ${status}: ${count}`;
+        rect.append(title);
+        chart.append(rect);
+      }
+      if (i % 10 === 0 || i === keys.length - 1) {
+        const label = svg("text", { x: left + i * slotW + slotW / 2, y: H - 6, "text-anchor": "middle" });
+        label.textContent = localTime(key);
+        chart.append(label);
+      }
+    });
+    chart.append(svg("line", { class: "axis", x1: left, x2: W - right, y1: top + plotH, y2: top + plotH }));
+    $("chart-ppm").replaceChildren(chart);
+    $("legend-ppm").replaceChildren(...order.map((s) => {
+      const item = el("span", "", s.toLowerCase().replace("_", " "));
+      item.style.setProperty("--c", color(s));
+      return item;
+    }));
+  }
+
+  function niceStep(max) {
+    const raw = max / 4;
+    const power = Math.pow(10, Math.floor(Math.log10(Math.max(raw, 1))));
+    const step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw) || power * 10;
+    return Math.max(1, step);
+  }
+
+  function localTime(key) {
+    return new Date(key + ":00Z").toTimeString().slice(0, 5);
+  }
+
+  function render(data) {
+    const scope = data.scope || {};
+    $("scope").textContent = scope.name ? scope.name + (scope.role === "SUPER_ADMIN" ? " (super admin)" : "") : "";
+    $("updated").textContent = "updated " + new Date(data.generatedAt).toLocaleTimeString();
+
+    const rows = data.paymentsPerMinute;
+    const total = rows.reduce((a, r) => a + r.count, 0);
+    const byStatus = {};
+    const byMethod = {};
+    for (const r of rows) {
+      byStatus[r.status] = (byStatus[r.status] || 0) + r.count;
+      byMethod[r.method] = byMethod[r.method] || {};
+      byMethod[r.method][r.status] = (byMethod[r.method][r.status] || 0) + r.count;
+    }
+    kpi("kpi-payments", String(total), Object.entries(byStatus).map(([s, c]) => c + " " + s.toLowerCase()).join(", "));
+
+    const providers = Object.entries(data.providers);
+    const settled = providers.reduce((a, [, p]) => a + p.settled, 0);
+    const good = providers.reduce((a, [, p]) => a + p.succeeded, 0);
+    kpi("kpi-success", settled ? pct(good / settled) : "–", good + " of " + settled + " settled payments",
+        settled && good / settled < 0.8);
+    const open = data.openPayments;
+    kpi("kpi-open", String(open.count), open.count ? "oldest " + duration(open.oldestSeconds) : "none waiting",
+        open.buckets.over_5m > 0);
+    kpi("kpi-sms", pct(data.sms.deliveryRate), data.sms.delivered + " of " + data.sms.sent + " sent",
+        data.sms.deliveryRate !== null && data.sms.deliveryRate < 0.9);
+    kpi("kpi-outbox", String(data.outbox.pending + data.outbox.running),
+        data.outbox.running + " running, " + data.outbox.parked + " parked", data.outbox.parked > 0);
+    kpi("kpi-webhooks", String(data.webhooks.failed), data.webhooks.disabledEndpoints + " endpoint(s) disabled",
+        data.webhooks.failed > 0 || data.webhooks.disabledEndpoints > 0);
+
+    drawPerMinute(data);
+
+    const methodTotals = Object.entries(byMethod).map(([m, s]) => [m, Object.values(s).reduce((a, b) => a + b, 0), s]);
+    const methodMax = Math.max(1, ...methodTotals.map(([, t]) => t));
+    fillBars("methods", methodTotals.sort((a, b) => b[1] - a[1]).map(([m, t, s]) =>
+      barRow(m, t, methodMax, t + " (" + (s.COMPLETED || 0) + " ok)", "#1f78c8", undefined,
+             (name) => METHOD_LABELS[name] || name)));
+
+    fillBars("providers", providers.sort((a, b) => a[0].localeCompare(b[0])).map(([name, p]) =>
+      barRow(name, p.rate || 0, 1, p.settled ? pct(p.rate) + " of " + p.settled : "none settled", "#2f8a3a")));
+
+    const ages = [["under 1 min", open.buckets.under_1m], ["1 to 5 min", open.buckets["1m_to_5m"]],
+                  ["over 5 min", open.buckets.over_5m]];
+    const ageMax = Math.max(1, ...ages.map(([, c]) => c));
+    fillBars("ages", ages.map(([name, c], i) => barRow(name, c, ageMax, String(c), ["#2f8a3a", "#e0a030", "#c9372c"][i])));
+
+    const funnelMax = Math.max(1, ...data.ussdFunnel.map((r) => r.sessions));
+    fillBars("funnel", data.ussdFunnel.map((r) =>
+      barRow(r.screen, r.sessions, funnelMax, r.sessions + (r.paid ? " · " + r.paid + " paid" : ""), "#7aa6d6", r.paid)));
+
+    const sms = Object.entries(data.sms.counts);
+    const smsMax = Math.max(1, ...sms.map(([, c]) => c));
+    fillBars("sms", sms.map(([s, c]) => barRow(s, c, smsMax, String(c), SMS_COLORS[s] || "#6b7785")));
+
+    const body = $("outbox").querySelector("tbody");
+    const outboxRows = [];
+    for (const [status, kinds] of Object.entries(data.outbox.byStatus)) {
+      for (const [kind, count] of Object.entries(kinds)) {
+        const tr = el("tr");
+        tr.append(el("td", "", status), el("td", "", kind), el("td", "", String(count)));
+        outboxRows.push(tr);
+      }
+    }
+    if (!outboxRows.length) {
+      const tr = el("tr");
+      const td = el("td", "empty", "Queue empty.");
+      td.colSpan = 3;
+      tr.append(td);
+      outboxRows.push(tr);
+    }
+    body.replaceChildren(...outboxRows);
+
+    const hooks = Object.entries(data.webhooks.deliveries);
+    const hookMax = Math.max(1, ...hooks.map(([, c]) => c));
+    fillBars("webhooks", hooks.map(([s, c]) => barRow(s, c, hookMax, String(c), s === "FAILED" ? "#c9372c" : "#2f8a3a")));
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    $("login-form").addEventListener("submit", login);
+    $("logout").addEventListener("click", logout);
+    if (sessionStorage.getItem(TOKEN_KEY)) startDashboard();
+    else showLogin();
+  });
+})();

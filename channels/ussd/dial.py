@@ -1,0 +1,70 @@
+"""Terminal USSD simulator: drives a running service through the Africa's Talking endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import Callable
+
+import httpx
+
+from core.phone import normalize
+
+
+def _read_line(prompt: str) -> str | None:
+    try:
+        return input(prompt)
+    except EOFError:
+        return None
+
+
+async def dial(service_code: str, phone: str, base_url: str, secret: str | None = None, *,
+               read: Callable[[str], str | None] = _read_line, write: Callable[[str], None] = print,
+               transport: httpx.AsyncBaseTransport | None = None) -> int:
+    """Dial `service_code` as `phone`, print each screen, read each answer from stdin until END.
+
+    Returns a process exit code: 0 when the service ended the session, 1 otherwise.
+    """
+    number = normalize(phone).e164
+    session_id = f"ATUid_dial_{uuid.uuid4().hex[:16]}"
+    url = base_url.rstrip("/") + "/ussd/africastalking"
+    params = {"secret": secret} if secret else None
+    inputs: list[str] = []
+    async with httpx.AsyncClient(timeout=20.0, transport=transport) as http:
+        while True:
+            form = {"sessionId": session_id, "serviceCode": service_code, "phoneNumber": number,
+                    "networkCode": "63510", "text": "*".join(inputs)}
+            try:
+                resp = await http.post(url, data=form, params=params)
+            except httpx.HTTPError as exc:
+                write(f"[network error: {type(exc).__name__}: {exc}]")
+                return 1
+            body = resp.text
+            if resp.status_code != 200 or not body.startswith(("CON ", "END ")):
+                write(f"[HTTP {resp.status_code}] {body[:200]}")
+                return 1
+            write("-" * 30)
+            write(body[4:])
+            write("-" * 30)
+            if body.startswith("END "):
+                return 0
+            answer = await asyncio.to_thread(read, "> ")
+            if answer is None:  # stdin closed: the user hung up
+                write("[cancelled]")
+                return 1
+            inputs.append(answer.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m channels.ussd.dial CODE PHONE [URL] [SECRET]` when main.py is not at hand."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2:
+        print("usage: dial SERVICE_CODE PHONE [BASE_URL] [SECRET]", file=sys.stderr)
+        return 2
+    base = args[2] if len(args) > 2 else "http://127.0.0.1:8080"
+    return asyncio.run(dial(args[0], args[1], base, args[3] if len(args) > 3 else None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""For every route that names a resource, a cooperative admin of B gets 404 for A's resource."""
+
+from __future__ import annotations
+
+from admin_api import all_routes
+from tests.admin_api.conftest import complete_payment, idem, make_payment
+
+# A schema-valid body for each write route, so that only scoping can refuse the call.
+BODIES = {
+    ("PATCH", "/payment-types/{id}"): {"amount": 1},
+    ("PATCH", "/cooperatives/{id}"): {"name": "Taken over"},
+    ("PATCH", "/members/{id}"): {"name": "Taken over"},
+    ("POST", "/payments/{id}/refunds"): {"idempotencyKey": "cross-coop-key"},
+    ("POST", "/disputes/{id}/transitions"): {"status": "REJECTED"},
+}
+# Routes only a super admin may call at all: B's admin is stopped earlier, with 403.
+SUPER_ONLY = {
+    ("PATCH", "/cooperatives/{id}"),
+    ("DELETE", "/cooperatives/{id}"),
+    ("POST", "/webhook-domains/{id}/approve"),
+    ("POST", "/webhook-domains/{id}/reject"),
+}
+
+
+async def _resources_of_a(admin, superadmin, rt, demo):
+    rent = demo["payment_types"]["Monthly Rent"]
+    payment = await make_payment(admin, rent)
+    await complete_payment(rt, payment["id"])
+    refund = await admin.json(
+        "POST", f"/v1/payments/{payment['id']}/refunds", 201, json={"amount": 100, "idempotencyKey": idem()}
+    )
+    dispute = await admin.json(
+        "POST", "/v1/disputes", 201, json={"paymentId": payment["id"], "reason": "OTHER"}
+    )
+    key = await admin.json("POST", "/v1/api-keys", 201, json={"name": "A", "scopes": ["admin"]})
+    domain = await admin.json("POST", "/v1/webhook-domains", 201, json={"domain": "a.example.rw"})
+    await superadmin.json("POST", f"/v1/webhook-domains/{domain['id']}/approve", 200)
+    endpoint = await admin.json(
+        "POST",
+        "/v1/webhook-endpoints",
+        201,
+        json={"url": "https://a.example.rw/h", "events": ["payment.completed"]},
+    )
+    member = demo["members"]["+250788000001"]
+    user = await admin.json(
+        "POST",
+        "/v1/users",
+        201,
+        json={"username": "clerk@a.rw", "password": "clerk-password-1", "role": "COOP_ADMIN"},
+    )
+    return {
+        "/users/{id}": user["id"],
+        "/payments/{id}": payment["id"],
+        "/payments/{id}/status": payment["id"],
+        "/payments/{id}/refunds": payment["id"],
+        "/refunds/{id}": refund["id"],
+        "/members/{id}/transactions": member,
+        "/members/{id}": member,
+        "/members/{id}/approve": member,
+        "/payment-types/{id}": rent,
+        "/cooperatives/{id}": demo["cooperative_id"],
+        "/disputes/{id}": dispute["id"],
+        "/disputes/{id}/transitions": dispute["id"],
+        "/api-keys/{id}": key["id"],
+        "/webhook-domains/{id}/approve": domain["id"],
+        "/webhook-domains/{id}/reject": domain["id"],
+        "/webhook-endpoints/{id}": endpoint["id"],
+        "/webhook-endpoints/{id}/enable": endpoint["id"],
+        "/webhook-endpoints/{id}/deliveries": endpoint["id"],
+    }
+
+
+async def test_every_resource_route_hides_other_cooperatives(admin, superadmin, rt, demo, coop_b):
+    ids = await _resources_of_a(admin, superadmin, rt, demo)
+    b = coop_b["admin"]
+    checked = 0
+    for route in all_routes():
+        if "{id}" not in route.path:
+            continue
+        assert route.path in ids, f"add {route.method} {route.path} to this test"
+        url = "/v1" + route.path.replace("{id}", ids[route.path])
+        kw = {"json": BODIES[(route.method, route.path)]} if (route.method, route.path) in BODIES else {}
+        expected = 403 if (route.method, route.path) in SUPER_ONLY else 404
+        resp = await b.req(route.method, url, **kw)
+        assert resp.status == expected, (route.method, route.path, resp.status, await resp.text())
+        checked += 1
+    assert checked >= 20
+    # And A's things are all still there, untouched.
+    assert (await admin.json("GET", f"/v1/members/{ids['/members/{id}']}", 200))["name"] == "Aline Uwase"
+    assert (await admin.json("GET", f"/v1/disputes/{ids['/disputes/{id}']}", 200))["status"] == "OPEN"
+    assert (await admin.json("GET", "/v1/api-keys", 200))["data"][0]["revokedAt"] is None
+
+
+async def test_every_list_route_shows_nothing_of_other_cooperatives(admin, superadmin, rt, demo, coop_b):
+    await _resources_of_a(admin, superadmin, rt, demo)
+    b = coop_b["admin"]
+    for path in (
+        "/v1/payments",
+        "/v1/refunds",
+        "/v1/disputes",
+        "/v1/api-keys",
+        "/v1/webhook-domains",
+        "/v1/webhook-endpoints",
+        "/v1/audit-events",
+    ):
+        page = await b.json("GET", path, 200)
+        assert all(
+            item.get("cooperativeId", coop_b["cooperative_id"]) == coop_b["cooperative_id"]
+            for item in page["data"]
+        ), path
+        if path not in ("/v1/audit-events",):
+            assert page["meta"]["total"] == 0, path
+    members = await b.json("GET", "/v1/members", 200)
+    assert {m["cooperativeId"] for m in members["data"]} == {coop_b["cooperative_id"]}
+    types = await b.json("GET", "/v1/payment-types?includeInactive=true", 200)
+    assert {t["cooperativeId"] for t in types["data"]} == {coop_b["cooperative_id"]}
+    coops = await b.json("GET", "/v1/cooperatives", 200)
+    assert [c["id"] for c in coops["data"]] == [coop_b["cooperative_id"]]

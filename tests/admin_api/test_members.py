@@ -1,0 +1,172 @@
+"""Members through HTTP: CRUD with masked phones, approval, and the all-or-nothing CSV import."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from core.models import Member
+
+GOOD_CSV = (
+    "name,phone,unit,language\n"
+    "Alice Mutesi,0788111001,D-401,rw\n"
+    "Bob Kamanzi,+250 733 111 002,D-402,\n"
+    "Chantal Uwera,250788111003,,fr\n"
+)
+
+
+async def _count(rt, coop_id):
+    async with rt.sessionmaker() as s:
+        return (
+            await s.execute(select(func.count()).select_from(Member).where(Member.cooperative_id == coop_id))
+        ).scalar_one()
+
+
+async def test_create_get_update_suspend(admin, demo):
+    made = await admin.json(
+        "POST", "/v1/members", 201, json={"name": "Diane Iradukunda", "phone": "0788555444", "unit": "E-1"}
+    )
+    assert made["phone"] == "+25078****444" and made["status"] == "ACTIVE" and made["language"] == "en"
+    got = await admin.json("GET", f"/v1/members/{made['id']}", 200)
+    assert got == made
+    changed = await admin.json(
+        "PATCH", f"/v1/members/{made['id']}", 200, json={"language": "rw", "unit": None}
+    )
+    assert changed["language"] == "rw" and changed["unit"] is None
+    gone = await admin.json("DELETE", f"/v1/members/{made['id']}", 200)
+    assert gone["status"] == "SUSPENDED"
+    dup = await admin.json("POST", "/v1/members", 409, json={"name": "Someone", "phone": "+250788555444"})
+    assert "already exists" in dup["message"]
+    bad = await admin.json("POST", "/v1/members", 400, json={"name": "X", "phone": "12", "language": "de"})
+    assert "name must be at least 2 characters" in bad["message"]
+    assert any(m.startswith("language must be one of") for m in bad["message"])
+    await admin.json("POST", "/v1/members", 400, json={"name": "Xavier", "phone": "0211234567"})
+
+
+async def test_list_filters_and_masking(admin, demo):
+    page = await admin.json("GET", "/v1/members?limit=2", 200)
+    assert page["meta"]["total"] == 5 and len(page["data"]) == 2
+    assert all("****" in m["phone"] for m in page["data"])
+    by_phone = await admin.json("GET", "/v1/members?phone=0788000002", 200)
+    assert [m["id"] for m in by_phone["data"]] == [demo["members"]["+250788000002"]]
+    by_unit = await admin.json("GET", "/v1/members?unit=B-201", 200)
+    assert by_unit["meta"]["total"] == 1
+
+
+async def test_approve_pending_member(admin):
+    pending = await admin.json(
+        "POST",
+        "/v1/members",
+        201,
+        json={"name": "Fabrice Nkurunziza", "phone": "0788666777", "status": "PENDING"},
+    )
+    assert pending["status"] == "PENDING"
+    assert (await admin.json("GET", "/v1/members?status=PENDING", 200))["meta"]["total"] == 1
+    approved = await admin.json("POST", f"/v1/members/{pending['id']}/approve", 200)
+    assert approved["status"] == "ACTIVE"
+    again = await admin.json("POST", f"/v1/members/{pending['id']}/approve", 409)
+    assert again["message"] == "member is ACTIVE, not PENDING"
+
+
+async def test_import_csv_creates_every_row(admin, rt, demo):
+    before = await _count(rt, demo["cooperative_id"])
+    resp = await admin.req(
+        "POST", "/v1/members/import", data=GOOD_CSV.encode(), headers={"Content-Type": "text/csv"}
+    )
+    body = await resp.json()
+    assert resp.status == 201, body
+    assert body["imported"] == 3 and len(body["memberIds"]) == 3
+    assert await _count(rt, demo["cooperative_id"]) == before + 3
+    found = await admin.json("GET", "/v1/members?phone=%2B250733111002", 200)
+    assert found["data"][0]["name"] == "Bob Kamanzi" and found["data"][0]["language"] == "en"
+
+
+async def test_import_with_a_bad_row_imports_nothing_and_names_every_problem(admin, rt, demo):
+    before = await _count(rt, demo["cooperative_id"])
+    csv_text = (
+        "name,phone,unit,language\n"
+        "Alice Mutesi,0788111001,D-401,rw\n"
+        "B,0788111002,D-402,en\n"
+        "Carl Nshuti,not-a-phone,D-403,en\n"
+        "Dora Umutoni,0788111001,D-404,xx\n"
+    )
+    resp = await admin.req(
+        "POST", "/v1/members/import", data=csv_text.encode(), headers={"Content-Type": "text/csv"}
+    )
+    body = await resp.json()
+    assert resp.status == 400
+    assert body["message"] == [
+        "row 3: name: must be 2 to 200 characters",
+        "row 4: phone: not a phone number",
+        "row 5: language: must be one of en, rw, fr, sw",
+        "row 5: phone: same number as row 2",
+    ]
+    assert await _count(rt, demo["cooperative_id"]) == before
+
+
+async def test_import_refuses_existing_members_headers_and_types(admin, rt, demo):
+    before = await _count(rt, demo["cooperative_id"])
+    existing = "name,phone\nNew Person,0788123001\nAline Again,0788000001\n"
+    resp = await admin.req(
+        "POST", "/v1/members/import", data=existing.encode(), headers={"Content-Type": "text/csv"}
+    )
+    assert resp.status == 400
+    assert (await resp.json())["message"] == ["row 3: phone: already a member of this cooperative"]
+    resp = await admin.req(
+        "POST", "/v1/members/import", data=b"fullname,mobile\nA,B\n", headers={"Content-Type": "text/csv"}
+    )
+    msgs = (await resp.json())["message"]
+    assert resp.status == 400 and "row 1: header: column name is required" in msgs
+    resp = await admin.req("POST", "/v1/members/import", data=b"", headers={"Content-Type": "text/csv"})
+    assert resp.status == 400
+    resp = await admin.req(
+        "POST", "/v1/members/import", data=b"\xff\xfe", headers={"Content-Type": "text/csv"}
+    )
+    assert (await resp.json())["message"] == ["row 0: file: must be UTF-8 text"]
+    resp = await admin.req("POST", "/v1/members/import", json={"rows": []})
+    assert resp.status == 415
+    assert await _count(rt, demo["cooperative_id"]) == before
+
+
+async def test_import_body_limit_is_larger_than_json_but_bounded(admin):
+    # 2 MB is over the app's 1 MiB default yet under the import's 5 MB: accepted as a body (rows are judged).
+    rows = "".join(f"Person {i:06d},07881{i:05d},U{i},en\n" for i in range(60_000))
+    data = ("name,phone,unit,language\n" + rows).encode()
+    assert 1024 * 1024 < len(data) < 5 * 1024 * 1024
+    resp = await admin.req("POST", "/v1/members/import", data=data, headers={"Content-Type": "text/csv"})
+    body = await resp.json()
+    assert resp.status == 400 and any("more than 10000 rows" in m for m in body["message"])
+    resp = await admin.req(
+        "POST", "/v1/members/import", data=b"x" * (5 * 1024 * 1024 + 1), headers={"Content-Type": "text/csv"}
+    )
+    assert resp.status == 413
+    assert (await resp.json())["statusCode"] == 413
+
+
+async def test_cross_cooperative_members_are_not_found(admin, coop_b, demo):
+    b = coop_b["admin"]
+    aline = demo["members"]["+250788000001"]
+    await b.json("GET", f"/v1/members/{aline}", 404)
+    await b.json("PATCH", f"/v1/members/{aline}", 404, json={"name": "Hijacked"})
+    await b.json("DELETE", f"/v1/members/{aline}", 404)
+    await b.json("POST", f"/v1/members/{aline}/approve", 404)
+    assert (await b.json("GET", "/v1/members", 200))["meta"]["total"] == 1
+    await b.json(
+        "POST",
+        "/v1/members",
+        404,
+        json={"name": "Sneaky", "phone": "0788999111", "cooperativeId": demo["cooperative_id"]},
+    )
+    resp = await b.req(
+        "POST",
+        f"/v1/members/import?cooperativeId={demo['cooperative_id']}",
+        data=GOOD_CSV.encode(),
+        headers={"Content-Type": "text/csv"},
+    )
+    assert resp.status == 404
+    await admin.json("GET", f"/v1/members/{coop_b['member_id']}", 404)
+
+
+async def test_tenant_sees_only_themselves(tenant, demo):
+    await tenant.json("GET", f"/v1/members/{demo['members']['+250788000001']}", 200)
+    await tenant.json("GET", f"/v1/members/{demo['members']['+250788000002']}", 404)
+    await tenant.json("GET", "/v1/members", 403)

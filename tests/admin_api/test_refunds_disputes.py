@@ -1,0 +1,158 @@
+"""Refunds and disputes through HTTP: limits, idempotency, transitions with notes and refunds, scoping."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from core.models import OutboxJob, Refund
+from tests.admin_api.conftest import complete_payment, idem, make_payment
+
+
+async def _paid(admin, rt, demo, **over):
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"], **over)
+    await complete_payment(rt, payment["id"])
+    return payment
+
+
+async def test_partial_then_rest_then_over_the_limit(admin, rt, demo):
+    payment = await _paid(admin, rt, demo)
+    part = await admin.json(
+        "POST",
+        f"/v1/payments/{payment['id']}/refunds",
+        201,
+        json={"amount": 20000, "reason": "overcharged", "idempotencyKey": idem()},
+    )
+    assert part["amount"] == 20000 and part["status"] == "PENDING" and part["paymentId"] == payment["id"]
+    over = await admin.json(
+        "POST", f"/v1/payments/{payment['id']}/refunds", 422, json={"amount": 30001, "idempotencyKey": idem()}
+    )
+    assert over["error"] == "Unprocessable Entity" and "exceeds the refundable" in over["message"]
+    rest = await admin.json(
+        "POST", f"/v1/payments/{payment['id']}/refunds", 201, json={"idempotencyKey": idem()}
+    )
+    assert rest["amount"] == 30000  # amount omitted = everything still refundable
+    nothing = await admin.json(
+        "POST", f"/v1/payments/{payment['id']}/refunds", 422, json={"idempotencyKey": idem()}
+    )
+    assert nothing["message"] == "nothing left to refund"
+    listed = await admin.json("GET", f"/v1/payments/{payment['id']}/refunds", 200)
+    assert listed["meta"]["total"] == 2
+    assert (await admin.json("GET", "/v1/refunds?status=PENDING", 200))["meta"]["total"] == 2
+    got = await admin.json("GET", f"/v1/refunds/{part['id']}", 200)
+    assert got["reason"] == "overcharged"
+    async with rt.sessionmaker() as s:
+        jobs = (
+            (await s.execute(select(OutboxJob.kind).where(OutboxJob.kind == "refund.submit"))).scalars().all()
+        )
+    assert len(jobs) == 2
+
+
+async def test_refund_idempotency_and_pending_payment(admin, rt, demo):
+    payment = await _paid(admin, rt, demo)
+    key = idem()
+    first = await admin.json(
+        "POST", f"/v1/payments/{payment['id']}/refunds", 201, json={"amount": 1000, "idempotencyKey": key}
+    )
+    replay = await admin.json(
+        "POST", f"/v1/payments/{payment['id']}/refunds", 200, json={"amount": 1000, "idempotencyKey": key}
+    )
+    assert replay["id"] == first["id"]
+    await admin.json(
+        "POST", f"/v1/payments/{payment['id']}/refunds", 409, json={"amount": 2000, "idempotencyKey": key}
+    )
+    pending = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    refused = await admin.json(
+        "POST", f"/v1/payments/{pending['id']}/refunds", 422, json={"idempotencyKey": idem()}
+    )
+    assert "only collected payments can be refunded" in refused["message"]
+    bad = await admin.json(
+        "POST",
+        f"/v1/payments/{payment['id']}/refunds",
+        400,
+        json={"amount": "1.5", "idempotencyKey": "x", "note": "n"},
+    )
+    assert "idempotencyKey must be at least 8 characters" in bad["message"]
+    assert "property note should not exist" in bad["message"]
+    async with rt.sessionmaker() as s:
+        assert len((await s.execute(select(Refund))).scalars().all()) == 1
+
+
+async def test_cross_cooperative_refunds_are_not_found(admin, rt, coop_b, demo, tenant):
+    payment = await _paid(admin, rt, demo)
+    refund = await admin.json(
+        "POST", f"/v1/payments/{payment['id']}/refunds", 201, json={"amount": 100, "idempotencyKey": idem()}
+    )
+    b = coop_b["admin"]
+    await b.json("POST", f"/v1/payments/{payment['id']}/refunds", 404, json={"idempotencyKey": idem()})
+    await b.json("GET", f"/v1/payments/{payment['id']}/refunds", 404)
+    await b.json("GET", f"/v1/refunds/{refund['id']}", 404)
+    assert (await b.json("GET", "/v1/refunds", 200))["meta"]["total"] == 0
+    await tenant.json("POST", f"/v1/payments/{payment['id']}/refunds", 403, json={"idempotencyKey": idem()})
+
+
+async def test_dispute_lifecycle_with_refund_on_resolution(admin, tenant, rt, demo):
+    payment = await make_payment(tenant, demo["payment_types"]["Monthly Rent"])
+    await complete_payment(rt, payment["id"])
+    opened = await tenant.json(
+        "POST",
+        "/v1/disputes",
+        201,
+        json={"paymentId": payment["id"], "reason": "WRONG_AMOUNT", "note": "paid twice"},
+    )
+    assert opened["status"] == "OPEN" and opened["memberId"] == demo["members"]["+250788000001"]
+    await tenant.json("POST", "/v1/disputes", 409, json={"paymentId": payment["id"], "reason": "OTHER"})
+    assert (await tenant.json("GET", "/v1/disputes", 200))["meta"]["total"] == 1
+    await tenant.json("POST", f"/v1/disputes/{opened['id']}/transitions", 403, json={"status": "WITHDRAWN"})
+
+    review = await admin.json(
+        "POST",
+        f"/v1/disputes/{opened['id']}/transitions",
+        200,
+        json={"status": "UNDER_REVIEW", "note": "checking MTN statement", "evidence": "statement line 42"},
+    )
+    assert review["status"] == "UNDER_REVIEW" and review["notes"][-1]["evidence"] == "statement line 42"
+    early_refund = await admin.json(
+        "POST",
+        f"/v1/disputes/{opened['id']}/transitions",
+        422,
+        json={"status": "REJECTED", "refundAmount": 100},
+    )
+    assert "refund can only come with a resolution" in early_refund["message"]
+    resolved = await admin.json(
+        "POST",
+        f"/v1/disputes/{opened['id']}/transitions",
+        200,
+        json={"status": "RESOLVED", "note": "refunding", "refundAmount": 10000},
+    )
+    assert resolved["status"] == "RESOLVED" and resolved["refundId"] and resolved["resolvedAt"]
+    refund = await admin.json("GET", f"/v1/refunds/{resolved['refundId']}", 200)
+    assert refund["amount"] == 10000 and refund["disputeId"] == opened["id"]
+    illegal = await admin.json(
+        "POST", f"/v1/disputes/{opened['id']}/transitions", 422, json={"status": "OPEN"}
+    )
+    assert illegal["message"] == "dispute: RESOLVED -> OPEN is not allowed"
+    async with rt.sessionmaker() as s:
+        sms = (await s.execute(select(OutboxJob.payload).where(OutboxJob.kind == "sms.send"))).scalars().all()
+    templates = sorted(p["template"] for p in sms)
+    assert templates.count("dispute_opened") == 1 and templates.count("dispute_updated") == 1
+    assert templates.count("dispute_resolved") == 1
+
+
+async def test_dispute_validation_and_scoping(admin, tenant, coop_b, rt, demo):
+    other = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    bad = await admin.json("POST", "/v1/disputes", 400, json={"paymentId": other["id"], "reason": "BORED"})
+    assert any(m.startswith("reason must be one of") for m in bad["message"])
+    await admin.json("POST", "/v1/disputes", 404, json={"paymentId": "nope", "reason": "OTHER"})
+    # A tenant cannot dispute someone else's payment.
+    await tenant.json("POST", "/v1/disputes", 404, json={"paymentId": other["id"], "reason": "OTHER"})
+    dispute = await admin.json(
+        "POST", "/v1/disputes", 201, json={"paymentId": other["id"], "reason": "OTHER"}
+    )
+    await tenant.json("GET", f"/v1/disputes/{dispute['id']}", 404)
+    b = coop_b["admin"]
+    await b.json("POST", "/v1/disputes", 404, json={"paymentId": other["id"], "reason": "OTHER"})
+    await b.json("GET", f"/v1/disputes/{dispute['id']}", 404)
+    await b.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 404, json={"status": "REJECTED"})
+    assert (await b.json("GET", "/v1/disputes", 200))["meta"]["total"] == 0
+    by_payment = await admin.json("GET", f"/v1/disputes?paymentId={other['id']}&status=OPEN", 200)
+    assert [d["id"] for d in by_payment["data"]] == [dispute["id"]]

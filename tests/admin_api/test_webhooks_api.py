@@ -1,0 +1,93 @@
+"""Webhook domains and endpoints through HTTP: request, super-admin approval, register, disable, scoping."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from core.models import WebhookEndpoint
+from core.webhooks import endpoint_secret
+
+
+async def test_domain_approval_then_endpoint(admin, superadmin, rt, demo):
+    url = "https://erp.kigali-heights.rw/hooks/payments"
+    refused = await admin.json(
+        "POST", "/v1/webhook-endpoints", 403, json={"url": url, "events": ["payment.completed"]}
+    )
+    assert "not approved" in refused["message"]
+    domain = await admin.json("POST", "/v1/webhook-domains", 201, json={"domain": "erp.kigali-heights.rw"})
+    assert domain["status"] == "PENDING"
+    pending = await admin.json(
+        "POST", "/v1/webhook-endpoints", 403, json={"url": url, "events": ["payment.completed"]}
+    )
+    assert "pending approval" in pending["message"]
+    await admin.json("POST", f"/v1/webhook-domains/{domain['id']}/approve", 403)
+    approved = await superadmin.json("POST", f"/v1/webhook-domains/{domain['id']}/approve", 200)
+    assert approved["status"] == "APPROVED" and approved["decidedAt"]
+
+    created = await admin.json(
+        "POST",
+        "/v1/webhook-endpoints",
+        201,
+        json={"url": url, "events": ["refund.completed", "payment.completed"]},
+    )
+    assert created["secret"].startswith("whsec_") and created["status"] == "ACTIVE"
+    async with rt.sessionmaker() as s:
+        row = (await s.execute(select(WebhookEndpoint))).scalar_one()
+        assert endpoint_secret(rt.cipher, row) == created["secret"]
+        assert created["secret"] not in row.secret_enc
+    listed = await admin.json("GET", "/v1/webhook-endpoints", 200)
+    assert [e["id"] for e in listed["data"]] == [created["id"]] and "secret" not in listed["data"][0]
+    disabled = await admin.json("DELETE", f"/v1/webhook-endpoints/{created['id']}", 200)
+    assert disabled["status"] == "DISABLED"
+    enabled = await admin.json("POST", f"/v1/webhook-endpoints/{created['id']}/enable", 200)
+    assert enabled["status"] == "ACTIVE"
+    deliveries = await admin.json("GET", f"/v1/webhook-endpoints/{created['id']}/deliveries", 200)
+    assert deliveries["meta"]["total"] == 0
+
+
+async def test_validation(admin, rt):
+    bad = await admin.json(
+        "POST", "/v1/webhook-endpoints", 400, json={"url": "https://x.rw", "events": ["nope"]}
+    )
+    assert any(m.startswith("events.0 must be one of") for m in bad["message"])
+    if rt.settings.is_embedded:
+        return  # the embedded default allows http and local hosts, for trying it out on one machine
+    http = await admin.json(
+        "POST",
+        "/v1/webhook-endpoints",
+        400,
+        json={"url": "http://erp.example.rw/h", "events": ["payment.completed"]},
+    )
+    assert http["message"] == ["webhook url must use https"]
+    ip = await admin.json("POST", "/v1/webhook-domains", 400, json={"domain": "10.0.0.1"})
+    assert "not IP addresses" in ip["message"][0]
+
+
+async def test_domains_and_endpoints_are_scoped(admin, superadmin, coop_b):
+    b = coop_b["admin"]
+    domain = await b.json("POST", "/v1/webhook-domains", 201, json={"domain": "b.example.rw"})
+    await superadmin.json("POST", f"/v1/webhook-domains/{domain['id']}/approve", 200)
+    endpoint = await b.json(
+        "POST",
+        "/v1/webhook-endpoints",
+        201,
+        json={"url": "https://b.example.rw/h", "events": ["payment.failed"]},
+    )
+    assert (await admin.json("GET", "/v1/webhook-domains", 200))["meta"]["total"] == 0
+    for method, path in (
+        ("GET", f"/v1/webhook-endpoints/{endpoint['id']}"),
+        ("DELETE", f"/v1/webhook-endpoints/{endpoint['id']}"),
+        ("POST", f"/v1/webhook-endpoints/{endpoint['id']}/enable"),
+        ("GET", f"/v1/webhook-endpoints/{endpoint['id']}/deliveries"),
+    ):
+        await admin.json(method, path, 404)
+    # An approved domain of B does not let A register on it.
+    await admin.json(
+        "POST",
+        "/v1/webhook-endpoints",
+        403,
+        json={"url": "https://b.example.rw/h", "events": ["payment.failed"]},
+    )
+    assert (await superadmin.json("GET", "/v1/webhook-domains?status=APPROVED", 200))["meta"]["total"] == 1
+    rejected = await superadmin.json("POST", f"/v1/webhook-domains/{domain['id']}/reject", 200)
+    assert rejected["status"] == "REJECTED"

@@ -1,0 +1,544 @@
+"""Every USSD flow end to end through POST /ussd/africastalking, on real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from channels.ussd import sessions
+from core.models import Cooperative, Dispute, Member, OutboxJob, Payment, PaymentType, UssdSession
+from core.phone import normalize
+from tests.channels.ussd.helpers import AtPhone, swapped_redis
+
+EN_MTN = "+250788000002"  # Jean Bosco, English, MTN
+RW_MTN = "+250788000001"  # Aline, Kinyarwanda, MTN
+FR_AIRTEL = "+250733000001"  # Claudine, French, Airtel
+SW_AIRTEL = "+250733000002"  # Eric, Swahili, Airtel
+STRANGER = "+250788555123"  # a valid MTN number that belongs to no cooperative
+
+
+def lines(screen: str) -> list[str]:
+    return screen[4:].split("\n")
+
+
+def option(screen: str, label: str) -> str:
+    """The number in front of the line that contains `label` (so tests do not hard-code positions)."""
+    for line in lines(screen):
+        number, _, text = line.partition(". ")
+        if label in text and number.isdigit():
+            return number
+    raise AssertionError(f"{label!r} not offered in {screen!r}")
+
+
+async def test_pay_creates_exactly_one_pending_payment_and_one_collect_job(client: Any, demo: Any,
+                                                                           db: Any) -> None:
+    from core.metrics import REGISTRY
+
+    def paid_sessions() -> float:
+        return REGISTRY.get_sample_value("gateway_ussd_sessions_total",
+                                         {"aggregator": "africastalking", "outcome": "payment"}) or 0.0
+
+    before = paid_sessions()
+    phone = AtPhone(client, EN_MTN)
+    home = await phone.dial()
+    assert home.startswith("CON Welcome to Kigali Heights Housing Cooperative")
+    types = await phone.send("1")
+    assert "Monthly Rent 50,000 RWF (due day 1)" in types and "Water 5,000 RWF (due day 10)" in types
+    confirm = await phone.send(option(types, "Monthly Rent"))
+    assert confirm.startswith("CON Pay Monthly Rent\nAmount: 50,000 RWF\nFee: 0 RWF\nVia MTN MoMo")
+    done = await phone.send("1")
+    assert done.startswith("END Approve the prompt on your phone to pay 50,000 RWF. Ref PAY_")
+
+    payment = await db.one(Payment)
+    assert done.endswith(payment.reference)
+    assert (payment.status, payment.amount_minor, payment.currency, payment.method, payment.channel) == (
+        "PENDING", 50_000, "RWF", "MOBILE_MONEY_MTN", "ussd")
+    assert payment.member_id == demo["members"][EN_MTN]
+    assert payment.payment_type_id == demo["payment_types"]["Monthly Rent"]
+    assert payment.idempotency_key == f"ussd:africastalking:{phone.session_id}"
+    assert payment.created_by == f"member:{demo['members'][EN_MTN]}"
+    assert await db.count(OutboxJob, OutboxJob.kind == "payment.collect") == 1
+
+    row = await db.one(UssdSession)
+    assert (row.aggregator, row.session_id, row.status, row.hops, row.last_screen) == (
+        "africastalking", phone.session_id, "Success", 4, "pay_done")
+    assert row.payment_id == payment.id and row.member_id == payment.member_id
+    assert row.phone_masked == "+25078****002" and row.ended_at is not None
+    assert paid_sessions() == before + 1
+
+
+async def test_retried_hops_answer_the_same_screen_and_never_pay_twice(client: Any, demo: Any,
+                                                                       db: Any) -> None:
+    phone = AtPhone(client, EN_MTN)
+    first = await phone.dial()
+    assert await phone.resend() == first
+    await phone.send("1")
+    confirm = await phone.send("2")  # Water
+    assert await phone.resend() == confirm
+    done = await phone.send("1")
+    # The aggregator retries the confirming hop, twice.
+    assert await phone.resend() == done
+    assert await phone.resend() == done
+    # A late extra key on a closed session changes nothing either.
+    again = await phone.send("1")
+    assert again.startswith("END ") and "Ref PAY_" in again
+    assert await db.count(Payment) == 1
+    assert await db.count(OutboxJob, OutboxJob.kind == "payment.collect") == 1
+    payment = await db.one(Payment)
+    assert payment.amount_minor == 5_000
+
+
+async def test_double_confirmation_from_a_replayed_session_state_creates_one_payment(
+        client: Any, demo: Any, db: Any, rt: Any) -> None:
+    """Even if the session store lost the last answer, the idempotency key holds the line."""
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    await phone.send("1")
+    await phone.send("1")
+    stored = await sessions.load(rt.redis, "africastalking", phone.session_id)
+    assert stored is not None
+    done = await phone.send("1")
+    # Put the session back as it was before the confirmation and confirm again.
+    await sessions.save(rt.redis, "africastalking", phone.session_id, stored)
+    assert await phone.resend() == done
+    assert await db.count(Payment) == 1
+
+
+async def test_paging_with_more_and_back(client: Any, demo: Any, db: Any, rt: Any) -> None:
+    async with rt.sessionmaker.begin() as s:
+        for n in range(1, 10):
+            s.add(PaymentType(cooperative_id=demo["cooperative_id"], name=f"Levy number {n} for the year",
+                              amount_minor=1_000 * n, currency="RWF", is_active=True, due_day=n))
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    first = await phone.send("1")
+    assert "98. More" in first and "0. Back" in first
+    assert len(first) - 4 <= 182
+    second = await phone.send("98")
+    assert second != first and len(second) - 4 <= 182
+    first_numbers = {line.split(".")[0] for line in lines(first) if line[0].isdigit()} - {"98", "0", "00"}
+    second_numbers = {line.split(".")[0] for line in lines(second) if line[0].isdigit()} - {"98", "0", "00"}
+    assert first_numbers and second_numbers and not first_numbers & second_numbers
+    # Numbers keep counting across pages; a number from another page is refused.
+    assert (await phone.send(min(first_numbers, key=int))).startswith("CON Invalid choice.")
+    assert await phone.send("0") == first  # Back from page two shows page one
+    # Walk to the last page and pick its last item.
+    screen = first
+    while "98. More" in screen:
+        screen = await phone.send("98")
+    last = max((line for line in lines(screen)
+                if line.split(".")[0].isdigit() and line.split(".")[0] not in ("98", "0", "00")),
+               key=lambda line: int(line.split(".")[0]))
+    picked = await phone.send(last.split(".")[0])
+    assert picked.startswith("CON Pay ")
+    assert await phone.send("1") != ""
+    assert await db.count(Payment) == 1
+
+
+async def test_back_home_and_invalid_input(client: Any, demo: Any, db: Any) -> None:
+    phone = AtPhone(client, EN_MTN)
+    home = await phone.dial()
+    assert await phone.send("7") == "CON Invalid choice.\n" + home[4:]
+    invalid = await phone.send("abc")
+    assert invalid.startswith("CON Invalid choice.") and "1. Pay" in invalid
+    types = await phone.send("1")
+    assert types.startswith("CON Choose what to pay:")
+    assert await phone.send("0") == home  # Back to the main menu
+    await phone.send("1")
+    confirm = await phone.send("1")
+    assert "00. Home" in confirm
+    assert await phone.send("00") == home
+    cancelled_path = await phone.send("1")
+    assert cancelled_path == types
+    await phone.send("1")
+    cancelled = await phone.send("2")
+    assert cancelled == "END Payment cancelled. Nothing was charged."
+    assert await db.count(Payment) == 0
+
+
+async def test_custom_amount_is_validated(client: Any, demo: Any, db: Any, rt: Any) -> None:
+    async with rt.sessionmaker.begin() as s:
+        s.add(PaymentType(cooperative_id=demo["cooperative_id"], name="Donation", amount_minor=10_000,
+                          currency="RWF", is_active=True, allow_custom_amount=True))
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    types = await phone.send("1")
+    prompt = await phone.send(option(types, "Donation"))
+    assert prompt.startswith("CON Enter amount in RWF (usual: 10,000 RWF):")
+    for bad in ("12.5", "abc", "1,000", "-5", "000"):
+        answer = await phone.send(bad)
+        assert answer.startswith("CON Enter a whole amount in RWF, e.g. 5000:"), (bad, answer)
+    too_big = await phone.send("5000001")
+    assert too_big.startswith("CON Amount too high. The maximum is 5,000,000 RWF:")
+    confirm = await phone.send("20000")
+    assert "Amount: 20,000 RWF" in confirm
+    done = await phone.send("1")
+    assert "pay 20,000 RWF" in done
+    assert (await db.one(Payment)).amount_minor == 20_000
+
+
+async def test_resume_after_a_dropped_session(client: Any, demo: Any, db: Any) -> None:
+    dropped = AtPhone(client, EN_MTN)
+    await dropped.dial()
+    await dropped.send("1")
+    confirm = await dropped.send("2")  # Water, then the network drops the session
+    again = AtPhone(client, EN_MTN)
+    offer = await again.dial()
+    assert offer == ("CON You did not finish your last session.\n1. Continue where you left off\n"
+                     "2. Start again")
+    resumed = await again.send("1")
+    assert resumed == confirm
+    done = await again.send("1")
+    assert "pay 5,000 RWF" in done
+    payment = await db.one(Payment)
+    assert payment.idempotency_key == f"ussd:africastalking:{again.session_id}"
+    # Finished: nothing is offered any more.
+    third = AtPhone(client, EN_MTN)
+    assert (await third.dial()).startswith("CON Welcome to")
+
+
+async def test_resume_start_again(client: Any, demo: Any) -> None:
+    dropped = AtPhone(client, EN_MTN)
+    await dropped.dial()
+    await dropped.send("1")
+    again = AtPhone(client, EN_MTN)
+    await again.dial()
+    assert (await again.send("2")).startswith("CON Welcome to")
+    third = AtPhone(client, EN_MTN)
+    assert (await third.dial()).startswith("CON Welcome to")
+
+
+async def test_redis_down_answers_end_within_the_budget(client: Any, demo: Any, rt: Any,
+                                                        dead_redis: Any) -> None:
+    phone = AtPhone(client, RW_MTN)
+    await phone.dial()  # the language (Kinyarwanda) is now known to this process
+    with swapped_redis(rt, dead_redis):
+        started = time.monotonic()
+        answer = await phone.send("1")
+        elapsed = time.monotonic() - started
+        stranger = await AtPhone(client, STRANGER).dial()
+    assert answer == "END Serivisi ntiboneka ubu, ongera ugerageze nyuma."
+    assert stranger == "END Service unavailable, please try again later."
+    assert elapsed < 3.5
+
+
+async def test_redis_hanging_is_cut_by_the_hop_budget(client: Any, demo: Any, rt: Any,
+                                                      hanging_redis: Any) -> None:
+    from channels.ussd.routes import USSD
+
+    client.server.app[USSD].budget = 0.5
+    with swapped_redis(rt, hanging_redis):
+        started = time.monotonic()
+        answer = await AtPhone(client, EN_MTN).dial()
+        elapsed = time.monotonic() - started
+    assert answer == "END Service unavailable, please try again later."
+    assert elapsed < 2.0
+
+
+async def test_database_down_answers_end(client: Any, demo: Any, rt: Any) -> None:
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    from core.db import make_engine
+
+    dead = make_engine("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")
+    original = rt.sessionmaker
+    rt.sessionmaker = async_sessionmaker(dead, expire_on_commit=False)
+    try:
+        answer = await AtPhone(client, EN_MTN).dial()
+    finally:
+        rt.sessionmaker = original
+        await dead.dispose()
+    assert answer == "END Service unavailable, please try again later."
+
+
+async def test_non_member_registers_as_pending(client: Any, demo: Any, db: Any) -> None:
+    phone = AtPhone(client, STRANGER)
+    home = await phone.dial()
+    assert home.startswith("CON Welcome to CoopPay")
+    code = await phone.send("1")
+    assert code.startswith("CON You are not registered yet. Enter your cooperative's code:")
+    wrong = await phone.send("KH*HC")  # a '*' inside an input must not confuse the accumulated text
+    assert wrong.startswith("CON No cooperative has this code.")
+    name = await phone.send("khhc")
+    assert name.startswith("CON Enter your full name to join Kigali Heights Housing Cooperative:")
+    assert (await phone.send("X")).startswith("CON Enter your name: 2 to 60 letters.")
+    done = await phone.send("Alice Mukamana")
+    assert done.startswith("END Thank you Alice Mukamana. Your request to join Kigali Heights")
+    member = await db.one(Member, Member.name == "Alice Mukamana")
+    assert member.status == "PENDING" and member.cooperative_id == demo["cooperative_id"]
+    # Pending members cannot pay yet.
+    later = AtPhone(client, STRANGER)
+    await later.dial()
+    assert (await later.send("1")).startswith("END Your membership of Kigali Heights Housing Cooperative is "
+                                              "awaiting approval.")
+    assert await db.count(Payment) == 0
+
+
+async def test_non_member_refused_when_the_cooperative_does_not_self_register(client: Any, demo: Any,
+                                                                             db: Any, rt: Any) -> None:
+    async with rt.sessionmaker.begin() as s:
+        coop = await s.get(Cooperative, demo["cooperative_id"])
+        coop.self_registration = False
+    phone = AtPhone(client, STRANGER)
+    await phone.dial()
+    await phone.send("1")
+    refused = await phone.send("KHHC")
+    assert refused.startswith("END Kigali Heights Housing Cooperative does not register members by phone.")
+    assert await db.count(Member, Member.name.like("%")) == 5  # only the demo members
+
+
+async def test_non_member_my_payments_and_help(client: Any, demo: Any) -> None:
+    phone = AtPhone(client, STRANGER)
+    await phone.dial()
+    assert (await phone.send("2")).startswith("END This phone is not registered with any cooperative.")
+    helper = AtPhone(client, STRANGER)
+    await helper.dial()
+    assert (await helper.send("5")).startswith("END CoopPay lets cooperative members pay by phone.")
+
+
+@pytest.mark.parametrize(("phone", "welcome", "pay_label"), [
+    (EN_MTN, "Welcome to Kigali Heights", "Pay"),
+    (RW_MTN, "Murakaza neza kuri Kigali Heights", "Kwishyura"),
+    (FR_AIRTEL, "Bienvenue à Kigali Heights", "Payer"),
+    (SW_AIRTEL, "Karibu Kigali Heights", "Lipa"),
+])
+async def test_each_language_end_to_end(client: Any, demo: Any, db: Any, phone: str, welcome: str,
+                                        pay_label: str) -> None:
+    user = AtPhone(client, phone)
+    home = await user.dial()
+    assert home.startswith("CON " + welcome), home
+    assert f"1. {pay_label}" in home
+    types = await user.send("1")
+    confirm = await user.send(option(types, "Water"))
+    assert "5,000 RWF" in confirm
+    done = await user.send("1")
+    assert done.startswith("END ") and "PAY_" in done
+    payment = await db.one(Payment)
+    expected = "MOBILE_MONEY_AIRTEL" if phone.startswith("+25073") else "MOBILE_MONEY_MTN"
+    assert payment.method == expected
+
+
+async def test_language_change_is_remembered(client: Any, demo: Any, db: Any) -> None:
+    phone = AtPhone(client, EN_MTN)
+    home = await phone.dial()
+    languages = await phone.send(option(home, "Language"))
+    assert languages.startswith("CON Choose your language:")
+    french = await phone.send(option(languages, "Francais"))
+    assert french.startswith("CON Bienvenue à Kigali Heights")
+    member = await db.one(Member, Member.id == demo["members"][EN_MTN])
+    assert member.language == "fr"
+    later = AtPhone(client, EN_MTN)
+    assert (await later.dial()).startswith("CON Bienvenue")
+
+
+async def _pay(client: Any, phone_number: str, type_label: str = "Monthly Rent") -> str:
+    phone = AtPhone(client, phone_number)
+    await phone.dial()
+    types = await phone.send("1")
+    await phone.send(option(types, type_label))
+    return await phone.send("1")
+
+
+async def test_my_payments_details_and_receipt_by_sms(client: Any, demo: Any, db: Any, rt: Any) -> None:
+    await _pay(client, EN_MTN, "Water")
+    await _pay(client, EN_MTN, "Monthly Rent")
+    payments = {p.reference: p for p in await db.all(Payment)}
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    listing = await phone.send("2")
+    assert listing.startswith("CON Your recent payments:")
+    for ref, p in payments.items():
+        assert ref in listing
+        assert f"{p.amount_minor:,} RWF" in listing
+    assert "Pending" in listing and "Monthly Rent" in listing
+    raw = await rt.redis.get(sessions.session_key("africastalking", phone.session_id))
+    assert len(raw) < 1024, len(raw)  # a page of payment ids, the screen and the route
+    newest = max(payments.values(), key=lambda p: p.created_at)
+    detail = await phone.send(option(listing, newest.reference))
+    assert detail.startswith(f"CON {newest.reference}\nMonthly Rent: 50,000 RWF\nStatus: Pending\nDate: ")
+    sent = await phone.send(option(detail, "Send receipt by SMS"))
+    assert sent == f"END Your receipt for {newest.reference} will arrive by SMS shortly."
+    job = await db.one(OutboxJob, OutboxJob.kind == "sms.send")
+    assert job.dedupe_key == f"sms:ussd-receipt:{newest.id}:{phone.session_id}"
+    assert job.payload["template"] == "payment_status"  # not collected yet
+    assert job.payload["member_id"] == demo["members"][EN_MTN]
+    assert job.payload["context"] == {"payment_id": newest.id}
+    assert await phone.resend() == sent
+    assert await db.count(OutboxJob, OutboxJob.kind == "sms.send") == 1
+
+
+async def test_receipt_for_a_collected_payment_uses_the_receipt_template(client: Any, demo: Any, db: Any,
+                                                                         rt: Any) -> None:
+    await _pay(client, EN_MTN)
+    async with rt.sessionmaker.begin() as s:
+        payment = (await s.execute(select(Payment))).scalar_one()
+        payment.status = "COMPLETED"  # test set-up only; the app moves status through core.state
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    listing = await phone.send("2")
+    assert "Paid" in listing
+    await phone.send("1")
+    await phone.send("1")
+    job = await db.one(OutboxJob, OutboxJob.kind == "sms.send")
+    assert job.payload["template"] == "payment_receipt"
+
+
+async def test_problem_with_a_payment_opens_one_dispute(client: Any, demo: Any, db: Any) -> None:
+    await _pay(client, EN_MTN)
+    payment = await db.one(Payment)
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    pick = await phone.send("3")
+    assert pick.startswith("CON Which payment has a problem?") and payment.reference in pick
+    reasons = await phone.send(option(pick, payment.reference))
+    assert reasons == ("CON What went wrong?\n1. Charged but not recorded\n2. Wrong amount\n"
+                       "3. I did not authorise it\n4. Other\n0. Back\n00. Home")
+    done = await phone.send("2")
+    dispute = await db.one(Dispute)
+    assert done == (f"END Complaint {dispute.reference} opened. "
+                    "Kigali Heights Housing Cooperative will contact you.")
+    assert (dispute.reason, dispute.channel, dispute.payment_id, dispute.status) == (
+        "WRONG_AMOUNT", "ussd", payment.id, "OPEN")
+    assert await phone.resend() == done
+    # A second complaint about the same payment shows the open one.
+    again = AtPhone(client, EN_MTN)
+    await again.dial()
+    await again.send("3")
+    await again.send("1")
+    assert await again.send("4") == f"END A complaint is already open for this payment: {dispute.reference}."
+    assert await db.count(Dispute) == 1
+
+
+async def test_member_without_payments(client: Any, demo: Any) -> None:
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    assert await phone.send("3") == "END You have no payments yet."
+
+
+async def test_help_shows_the_cooperative_contact(client: Any, demo: Any) -> None:
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    assert await phone.send("5") == "END Kigali Heights Housing Cooperative: for help call +250788123456."
+
+
+async def test_several_cooperatives_choose_first(client: Any, demo: Any, db: Any, rt: Any) -> None:
+    from core.audit import Actor
+    from core.members import create_member
+
+    async with rt.sessionmaker.begin() as s:
+        other = Cooperative(name="Remera Teachers SACCO", short_code="RTS", country="RW", currency="RWF",
+                            status="ACTIVE", self_registration=True)
+        s.add(other)
+        await s.flush()
+        s.add(PaymentType(cooperative_id=other.id, name="Savings", amount_minor=2_000, currency="RWF",
+                          is_active=True))
+        await create_member(s, rt.cipher, cooperative_id=other.id, name="Jean Bosco Habimana",
+                            phone=normalize(EN_MTN), actor=Actor.system())
+    phone = AtPhone(client, EN_MTN)
+    assert (await phone.dial()).startswith("CON Welcome to CoopPay")
+    pick = await phone.send("1")
+    assert pick.startswith("CON Choose your cooperative:") and "Remera Teachers SACCO" in pick
+    types = await phone.send(option(pick, "Remera"))
+    assert "Savings 2,000 RWF" in types and "Monthly Rent" not in types
+    await phone.send(option(types, "Savings"))
+    await phone.send("1")
+    assert (await db.one(Payment)).cooperative_id == other.id
+
+
+async def test_extension_sent_as_first_text_selects_the_cooperative(client: Any, demo: Any, db: Any,
+                                                                    rt: Any) -> None:
+    async with rt.sessionmaker.begin() as s:
+        s.add(Cooperative(name="Remera Teachers SACCO", short_code="RTS", country="RW", currency="RWF",
+                          status="ACTIVE", ussd_extension="7", self_registration=True))
+    # *384*123*7# arriving as serviceCode *384*123# with text "7": a stranger joins that cooperative.
+    phone = AtPhone(client, STRANGER)
+    phone.inputs.append("7")
+    assert (await phone.dial()).startswith("CON Welcome to CoopPay")
+    prompt = await phone.send("1")
+    assert prompt.startswith("CON Enter your full name to join Remera Teachers SACCO:")
+    await phone.send("Alice Mukamana")
+    member = await db.one(Member, Member.name == "Alice Mukamana")
+    remera = await db.one(Cooperative, Cooperative.short_code == "RTS")
+    assert member.cooperative_id == remera.id
+    # The whole code in serviceCode works the same.
+    whole = AtPhone(client, "+250788555124", service_code="*384*123*7#")
+    await whole.dial()
+    assert (await whole.send("1")).startswith("CON Enter your full name to join Remera Teachers SACCO:")
+
+
+async def test_session_kept_compact_in_one_key_with_ttl(client: Any, demo: Any, rt: Any) -> None:
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    await phone.send("1")
+    key = sessions.session_key("africastalking", phone.session_id)
+    raw = await rt.redis.get(key)
+    assert raw is not None and len(raw) < 1024
+    ttl = await rt.redis.ttl(key)
+    assert 0 < ttl <= sessions.SESSION_TTL
+    assert key.startswith("ussd:{at:")
+
+
+async def test_hops_are_logged_with_masked_phone_and_counted(client: Any, demo: Any, caplog: Any) -> None:
+    from core.metrics import REGISTRY
+
+    def hops(screen: str) -> float:
+        return REGISTRY.get_sample_value("gateway_ussd_hops_total",
+                                         {"aggregator": "africastalking", "screen": screen}) or 0.0
+
+    before = hops("pay_type")
+    caplog.set_level("INFO", logger="gateway.ussd")
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    await phone.send("1")
+    assert hops("pay_type") == before + 1
+    records = [r for r in caplog.records if r.getMessage() == "ussd hop"]
+    assert records and all(r.phone == "+25078****002" and r.session_id == phone.session_id for r in records)
+    assert EN_MTN not in caplog.text
+
+
+@pytest.mark.parametrize(("country", "operator", "routed", "expected"), [
+    ("RW", "MTN", {"MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL"}, ["MOBILE_MONEY_MTN"]),
+    ("RW", "AIRTEL", {"MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL"}, ["MOBILE_MONEY_AIRTEL"]),
+    ("RW", None, {"MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL"}, ["MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL"]),
+    ("KE", "SAFARICOM", {"MPESA", "MOBILE_MONEY_AIRTEL"}, ["MPESA"]),
+    ("KE", "AIRTEL", {"MPESA", "MOBILE_MONEY_AIRTEL"}, ["MOBILE_MONEY_AIRTEL"]),
+    ("KE", None, {"MPESA"}, ["MPESA"]),
+    ("RW", "MTN", {"MOBILE_MONEY_AIRTEL"}, []),
+    ("RW", "MTN", set(), []),
+])
+def test_payment_method_follows_the_operator_and_country(country: str, operator: str | None,
+                                                         routed: set[str], expected: list[str]) -> None:
+    from channels.ussd.flows import methods_for
+
+    assert methods_for(country, operator, routed) == expected
+
+
+async def test_no_method_for_the_number_is_a_clear_end(client: Any, demo: Any, db: Any, rt: Any) -> None:
+    original = rt.routes
+    rt.routes = {k: v for k, v in original.items() if k != "MOBILE_MONEY_MTN"}
+    try:
+        phone = AtPhone(client, EN_MTN)
+        await phone.dial()
+        await phone.send("1")
+        answer = await phone.send("1")
+    finally:
+        rt.routes = original
+    assert answer == ("END No payment method is available for your number. "
+                      "Please contact Kigali Heights Housing Cooperative.")
+    assert await db.count(Payment) == 0
+
+
+async def test_a_refusal_from_the_core_ends_cleanly(client: Any, demo: Any, db: Any, rt: Any) -> None:
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    await phone.send("1")
+    await phone.send("1")
+    async with rt.sessionmaker.begin() as s:  # the cooperative retires the type meanwhile
+        ptype = await s.get(PaymentType, demo["payment_types"]["Monthly Rent"])
+        ptype.is_active = False
+    answer = await phone.send("1")
+    assert answer == "END Sorry, we could not complete your request. Please try again later."
+    assert await db.count(Payment) == 0

@@ -1,0 +1,104 @@
+"""Hubtel and Nalo sessions end to end through their endpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.models import OutboxJob, Payment, UssdSession
+
+FR_AIRTEL = "250733000001"
+EN_MTN = "250788000002"
+
+
+class HubtelPhone:
+    def __init__(self, client: Any, mobile: str, session_id: str) -> None:
+        self.client, self.mobile, self.session_id, self.sequence = client, mobile, session_id, 0
+
+    async def post(self, kind: str, message: str, *, sequence: int | None = None) -> dict[str, Any]:
+        if sequence is None:
+            self.sequence += 1
+            sequence = self.sequence
+        resp = await self.client.post("/ussd/hubtel", json={
+            "Mobile": self.mobile, "SessionId": self.session_id, "ServiceCode": "384*123", "Type": kind,
+            "Message": message, "Operator": "mtn", "Sequence": sequence, "ClientState": f"s{sequence}"})
+        assert resp.status == 200, await resp.text()
+        assert resp.content_type == "application/json"
+        return await resp.json()
+
+
+async def test_hubtel_full_pay_flow(client: Any, demo: Any, db: Any) -> None:
+    phone = HubtelPhone(client, EN_MTN, "hubtel-session-0001")
+    first = await phone.post("Initiation", "*384*123#")
+    assert first["Type"] == "Response" and first["Message"].startswith("Welcome to Kigali Heights")
+    assert first["ClientState"] == "s1"
+    types = await phone.post("Response", "1")
+    assert "Monthly Rent" in types["Message"]
+    # A retried hop (same Sequence) answers the same screen.
+    assert (await phone.post("Response", "1", sequence=2))["Message"] == types["Message"]
+    confirm = await phone.post("Response", "1")
+    assert confirm["Message"].startswith("Pay Monthly Rent")
+    done = await phone.post("Response", "1")
+    assert done["Type"] == "Release" and done["Message"].startswith("Approve the prompt on your phone")
+    again = await phone.post("Response", "1", sequence=4)
+    assert again == done
+    payment = await db.one(Payment)
+    assert payment.idempotency_key == "ussd:hubtel:hubtel-session-0001"
+    assert await db.count(OutboxJob, OutboxJob.kind == "payment.collect") == 1
+
+
+async def test_hubtel_release_marks_the_session_incomplete_and_offers_resume(client: Any, demo: Any,
+                                                                            db: Any) -> None:
+    phone = HubtelPhone(client, EN_MTN, "hubtel-session-0002")
+    await phone.post("Initiation", "*384*123#")
+    await phone.post("Response", "1")
+    closing = await phone.post("Timeout", "")
+    assert closing["Type"] == "Release"
+    row = await db.one(UssdSession)
+    assert row.status == "Incomplete" and row.last_screen == "pay_type"
+    later = HubtelPhone(client, EN_MTN, "hubtel-session-0003")
+    offer = await later.post("Initiation", "*384*123#")
+    assert offer["Message"].startswith("You did not finish your last session.")
+    resumed = await later.post("Response", "1")
+    assert resumed["Message"].startswith("Choose what to pay:")
+
+
+async def nalo(client: Any, session_id: str, userdata: str, first: bool,
+               msisdn: str = FR_AIRTEL) -> dict[str, Any]:
+    resp = await client.post("/ussd/nalo", json={
+        "USERID": "NALOTest", "MSISDN": msisdn, "USERDATA": userdata, "MSGTYPE": first, "NETWORK": "AIRTEL",
+        "SESSIONID": session_id})
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["USERID"] == "NALOTest" and body["MSISDN"] == msisdn
+    assert len(body["MSG"]) <= 120, body["MSG"]
+    return body
+
+
+async def test_nalo_full_pay_flow_in_french_within_120_characters(client: Any, demo: Any, db: Any) -> None:
+    home = await nalo(client, "nalo-1", "*384*123#", True)
+    assert home["MSGTYPE"] is True and home["MSG"].startswith("Bienvenue")
+    types = await nalo(client, "nalo-1", "1", False)
+    assert "Monthly Rent" in types["MSG"]
+    confirm = await nalo(client, "nalo-1", "2", False)
+    assert "5,000 RWF" in confirm["MSG"] and "Airtel Money" in confirm["MSG"]
+    done = await nalo(client, "nalo-1", "1", False)
+    assert done["MSGTYPE"] is False and "PAY_" in done["MSG"]
+    payment = await db.one(Payment)
+    assert (payment.method, payment.amount_minor, payment.idempotency_key) == (
+        "MOBILE_MONEY_AIRTEL", 5_000, "ussd:nalo:nalo-1")
+
+
+async def test_nalo_every_screen_of_a_long_walk_fits(client: Any, demo: Any) -> None:
+    await nalo(client, "nalo-2", "*384*123#", True, EN_MTN)
+    for key in ("1", "1", "1"):
+        await nalo(client, "nalo-2", key, False, EN_MTN)
+    await nalo(client, "nalo-3", "*384*123#", True, EN_MTN)
+    seen = []
+    # my payments, a detail, back twice, problem, a payment, home, language, French, help
+    for key in ("2", "1", "0", "0", "3", "1", "00", "4", "3", "5"):
+        body = await nalo(client, "nalo-3", key, False, EN_MTN)
+        seen.append(body["MSG"])
+    assert seen[1].startswith("PAY_") and "Pending" in seen[1]
+    assert seen[5].startswith("What went wrong?")
+    assert seen[8].startswith("Bienvenue")
+    assert body["MSGTYPE"] is False and "+250788123456" in body["MSG"]

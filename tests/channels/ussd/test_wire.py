@@ -1,0 +1,84 @@
+"""Table-driven parsing and rendering per aggregator over recorded request bodies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from channels.ussd import africastalking, hubtel, nalo
+from channels.ussd.types import UssdReply
+from channels.ussd.wire import MalformedRequest, Parsed
+
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "ussd"
+MODULES = {"africastalking": africastalking, "hubtel": hubtel, "nalo": nalo}
+
+
+def cases(kind: str) -> list[Any]:
+    out = []
+    for name, module in MODULES.items():
+        data = json.loads((FIXTURES / f"{name}.json").read_text())
+        for case in data.get(kind, []):
+            out.append(pytest.param(module, data["base_code"], case, id=f"{name}:{case['name']}"))
+    return out
+
+
+@pytest.mark.parametrize(("module", "base", "case"), cases("parse"))
+def test_parse(module: Any, base: str, case: dict[str, Any]) -> None:
+    if "error" in case:
+        with pytest.raises(MalformedRequest) as err:
+            module.parse(case["body"], base)
+        assert str(err.value) == case["error"]
+        return
+    parsed = module.parse(case["body"], base)
+    turn = parsed.turn
+    assert turn.aggregator == module.NAME
+    for field, expected in case["turn"].items():
+        actual = getattr(turn, field)
+        if field == "phone":
+            actual = actual.e164
+        assert actual == expected, field
+    for field, expected in case.get("echo", {}).items():
+        assert parsed.echo[field] == expected
+
+
+@pytest.mark.parametrize(("module", "base", "case"), cases("render"))
+def test_render(module: Any, base: str, case: dict[str, Any]) -> None:
+    reply = UssdReply(case["reply"]["text"], case["reply"]["end"])
+    parsed = Parsed(turn=None, echo=case.get("echo", {}))  # type: ignore[arg-type]
+    rendered = module.render(reply, parsed)
+    assert rendered.status == case["status"]
+    assert rendered.content_type == case["content_type"]
+    if "json" in case:
+        assert json.loads(rendered.body) == case["json"]
+    else:
+        assert rendered.body.decode() == case["body"]
+
+
+@pytest.mark.parametrize(("module", "base", "case"), cases("events"))
+def test_africastalking_events(module: Any, base: str, case: dict[str, Any]) -> None:
+    if "error" in case:
+        with pytest.raises(MalformedRequest) as err:
+            module.parse_event(case["body"])
+        assert str(err.value) == case["error"]
+        return
+    fields = module.parse_event(case["body"])
+    for field, expected in case["fields"].items():
+        assert fields[field] == expected, field
+
+
+def test_malformed_replies() -> None:
+    at = africastalking.render_malformed("phoneNumber is required")
+    assert (at.status, at.body.decode()) == (200, "END Sorry, we could not complete your request. "
+                                                  "Please try again later.")
+    for module in (hubtel, nalo):
+        bad = module.render_malformed("MSGTYPE is required")
+        assert bad.status == 400
+        assert json.loads(bad.body) == {"error": "Bad Request", "message": "MSGTYPE is required"}
+
+
+def test_nalo_never_sends_more_than_120_characters() -> None:
+    rendered = nalo.render(UssdReply("x" * 200, True), None)
+    assert len(json.loads(rendered.body)["MSG"]) == 120

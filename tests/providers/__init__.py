@@ -1,0 +1,1 @@
+"""Provider adapter, simulator and callback route tests."""

@@ -1,0 +1,315 @@
+"""The pages in headless Chromium against the real service: `main.py run` on the embedded default."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+REFERENCE = re.compile(r"[A-Z]{2,5}_\d{8}_\d{1,9}")
+WAIT_MS = 30_000
+
+try:
+    from playwright.sync_api import Page, expect, sync_playwright
+except ImportError:  # pragma: no cover - the test command installs it
+    sync_playwright = None  # type: ignore[assignment]
+
+if sync_playwright is None or not Path(CHROMIUM).exists():
+    pytest.skip(f"browser tests need the playwright package and {CHROMIUM} "
+                f"(playwright {'found' if sync_playwright else 'missing'}, chromium "
+                f"{'found' if Path(CHROMIUM).exists() else 'missing'})", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(env: dict[str, str]) -> list[str]:
+    """`main.py run`; through a shim that adds the pages while app.py does not register them itself."""
+    from app import create_app
+    from core.config import load_settings
+    from tests.web.serve_with_pages import missing_parts
+
+    no_pages, no_sms = missing_parts(create_app(load_settings(env)))
+    if no_pages or no_sms:
+        return [sys.executable, str(ROOT / "tests" / "web" / "serve_with_pages.py"), "run"]
+    return [sys.executable, str(ROOT / "main.py"), "run"]
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """End the service we started, by its PID: SIGTERM, then SIGKILL if it does not go."""
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    workdir = tmp_path_factory.mktemp("gateway-web")
+    port = _free_port()
+    dropped = ("DATABASE_URL", "REDIS_URL", "PUBLIC_BASE_URL", "SIM_", "CALLBACK_SECRET_", "MTN_MOMO_",
+               "AIRTEL_", "MPESA_", "IREMBOPAY_", "SMS_", "SIMULATORS_IN_PROCESS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
+    env.update({"PORT": str(port), "DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/gateway.db",
+                "REDIS_URL": "embedded", "GATEWAY_ENV": "development", "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    log = (workdir / "service.log").open("w")
+    proc = subprocess.Popen(_command(env), cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (workdir / "service.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "service not ready in 90 s"
+            time.sleep(0.3)
+        yield base
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, device_scale_factor=1)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        yield page
+        assert not errors, f"JavaScript errors on the page: {errors}"
+    finally:
+        context.close()
+
+
+def _keys(phone: Any, keys: str) -> None:
+    for key in keys:
+        phone.locator(f'.keypad button[data-key="{key}"]').click()
+
+
+def _green(phone: Any) -> None:
+    phone.locator('.keypad button[data-key="call"]').click()
+
+
+def _payment(base: str, reference: str) -> dict[str, Any]:
+    return httpx.get(f"{base}/simulator/payment", params={"reference": reference}, timeout=5).json()
+
+
+def _wait_status(base: str, reference: str, statuses: set[str], within: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while True:
+        found = _payment(base, reference)
+        if found.get("status") in statuses or time.monotonic() > deadline:
+            return found
+        time.sleep(0.3)
+
+
+def _dial_and_pay(phone: Any, confirm_screen_text: str) -> None:
+    """Dial the code, choose 'pay' and the first payment type, up to the confirmation screen."""
+    _keys(phone, "*384*123#")
+    expect(phone.locator(".entry")).to_have_text("*384*123#")
+    _green(phone)
+    ussd = phone.locator(".view-ussd")
+    expect(ussd).to_be_visible(timeout=WAIT_MS)
+    expect(ussd).to_contain_text("Kigali Heights")
+    _keys(phone, "1")
+    expect(phone.locator(".reply-input")).to_have_text("1")
+    _green(phone)
+    expect(ussd).to_contain_text("Monthly Rent", timeout=WAIT_MS)
+    _keys(phone, "1")
+    _green(phone)
+    expect(ussd).to_contain_text(confirm_screen_text, timeout=WAIT_MS)
+    expect(ussd).to_contain_text("50,000 RWF")
+
+
+def test_phone_dials_pays_approves_and_receives_the_receipt(server: str, page: Page) -> None:
+    page.goto(f"{server}/simulator")
+    phone = page.locator('.phone[data-phone="+250788000001"]')
+    expect(phone).to_be_visible()
+    expect(phone.locator(".who")).to_contain_text("Aline Uwase")
+    _dial_and_pay(phone, "MTN MoMo")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    phone.screenshot(path=str(SHOTS / "phone-pay.png"))
+    _keys(phone, "1")
+    _green(phone)
+    end = phone.locator(".view-end")
+    expect(end).to_be_visible(timeout=WAIT_MS)
+    match = REFERENCE.search(end.inner_text())
+    assert match, end.inner_text()
+    reference = match.group(0)
+    assert _payment(server, reference)["status"] in ("PENDING", "PROCESSING")
+
+    # The provider simulator's PIN prompt reaches the phone once the outbox has called MTN.
+    prompt = phone.locator(".view-prompt")
+    expect(prompt).to_be_visible(timeout=WAIT_MS)
+    expect(prompt).to_contain_text("MTN MoMo")
+    expect(prompt).to_contain_text("Approve payment of 50,000 RWF to Kigali Heights Housing Cooperative")
+    expect(prompt).to_contain_text(reference)
+    prompt.locator(".prompt-approve").click()  # without a PIN: refused on the phone
+    expect(prompt).to_contain_text("Enter your PIN")
+    _keys(phone, "1234")
+    expect(phone.locator(".pin")).to_have_text("••••")
+    prompt.locator(".prompt-approve").click()
+    expect(end).to_contain_text("Payment approved", timeout=WAIT_MS)
+    assert _wait_status(server, reference, {"COMPLETED"})["status"] == "COMPLETED"
+
+    # The receipt leaves through the outbox to the SMS simulator and shows in the phone's inbox.
+    expect(phone.locator(".badge")).to_have_text("1", timeout=WAIT_MS)
+    phone.locator(".soft-inbox").click()
+    inbox = phone.locator(".view-inbox")
+    expect(inbox).to_be_visible()
+    expect(inbox.locator(".sms")).to_have_count(1)
+    expect(inbox).to_contain_text(reference)
+    expect(inbox).to_contain_text("Kigali Heights Housing Cooperative")
+    expect(inbox).to_contain_text("50,000")
+    expect(phone.locator(".badge")).to_have_text("")
+    phone.screenshot(path=str(SHOTS / "phone-receipt.png"))
+
+
+def test_second_phone_payment_fails_and_gets_the_failure_sms(server: str, page: Page) -> None:
+    page.goto(f"{server}/simulator")
+    expect(page.locator(".phone")).to_have_count(1)
+    page.locator("#add-phone").click()
+    expect(page.locator(".phone")).to_have_count(2)  # side by side
+    phone = page.locator('.phone[data-phone="+250788000002"]')
+    expect(phone.locator(".who")).to_contain_text("Jean Bosco Habimana")
+    expect(phone.locator(".who")).to_contain_text("payment fails")
+    # PIN prompts off: the provider simulator decides by number, and this number has no funds.
+    with page.expect_response(lambda r: r.url.endswith("/_sim/mtn_momo/_control/options")) as switched:
+        page.locator("#interactive").uncheck()
+    assert switched.value.json()["interactive"] is False
+    try:
+        _dial_and_pay(phone, "Confirm")
+        _keys(phone, "1")
+        _green(phone)
+        end = phone.locator(".view-end")
+        expect(end).to_be_visible(timeout=WAIT_MS)
+        match = REFERENCE.search(end.inner_text())
+        assert match, end.inner_text()
+        reference = match.group(0)
+        failed = _wait_status(server, reference, {"FAILED"})
+        assert failed["status"] == "FAILED", failed
+        expect(phone.locator(".view-prompt")).to_be_hidden()
+
+        expect(phone.locator(".badge")).to_have_text("1", timeout=WAIT_MS)
+        phone.locator(".inbox-btn").click()
+        inbox = phone.locator(".view-inbox")
+        expect(inbox).to_contain_text("failed")
+        expect(inbox).to_contain_text(reference)
+        # Each phone has its own inbox: Aline's receipt is not on Jean's phone.
+        assert "Twakiriye" not in inbox.inner_text()
+    finally:
+        with page.expect_response(lambda r: r.url.endswith("/_sim/mtn_momo/_control/options")):
+            page.locator("#interactive").check()
+
+
+def test_declining_the_pin_prompt_cancels_the_payment(server: str, page: Page) -> None:
+    page.goto(f"{server}/simulator?phone=%2B250733000001")
+    phone = page.locator('.phone[data-phone="+250733000001"]')
+    expect(phone.locator(".who")).to_contain_text("Airtel Money")
+    _keys(phone, "*384*123#")
+    _green(phone)
+    ussd = phone.locator(".view-ussd")
+    expect(ussd).to_contain_text("1.", timeout=WAIT_MS)
+    for answer in ("1", "2"):  # pay, Water
+        _keys(phone, answer)
+        _green(phone)
+        expect(phone.locator(".view-busy")).to_be_hidden(timeout=WAIT_MS)
+    expect(ussd).to_contain_text("5,000 RWF")
+    expect(ussd).to_contain_text("Airtel")
+    _keys(phone, "1")
+    _green(phone)
+    end = phone.locator(".view-end")
+    expect(end).to_be_visible(timeout=WAIT_MS)
+    reference = REFERENCE.search(end.inner_text()).group(0)  # type: ignore[union-attr]
+    prompt = phone.locator(".view-prompt")
+    expect(prompt).to_be_visible(timeout=WAIT_MS)
+    expect(prompt).to_contain_text("Airtel Money")
+    expect(prompt).to_contain_text("5,000 RWF")
+    phone.locator('.keypad button[data-key="end"]').click()  # the red key declines
+    expect(end).to_contain_text("Payment declined", timeout=WAIT_MS)
+    declined = _wait_status(server, reference, {"CANCELLED", "FAILED"})
+    assert declined["status"] in ("CANCELLED", "FAILED"), declined
+
+
+def test_ops_page_logs_in_and_shows_the_figures(server: str, page: Page) -> None:
+    token = httpx.post(f"{server}/v1/auth/token", json={"username": "admin@kigali-heights.rw",
+                                                        "password": "demo-admin-password"}, timeout=10)
+    headers = {"Authorization": f"Bearer {token.json()['accessToken']}"}
+    payments = httpx.get(f"{server}/v1/payments", headers=headers, timeout=10).json()["data"]
+    if len(payments) < 2:
+        pytest.skip("run with the phone tests before it: it reads the payments they made")
+    statuses = [p["status"] for p in payments]
+    assert "COMPLETED" in statuses and "FAILED" in statuses, statuses
+    settled = [s for s in statuses if s not in ("PENDING", "PROCESSING")]
+    rate = statuses.count("COMPLETED") / len(settled)
+    mtn = [p for p in payments if p["paymentMethod"] == "MOBILE_MONEY_MTN"]
+
+    page.goto(f"{server}/ops")
+    expect(page.locator("#login")).to_be_visible()
+    page.fill("#username", "admin@kigali-heights.rw")
+    page.fill("#password", "wrong-password")
+    page.click("#login-submit")
+    expect(page.locator("#login-error")).to_contain_text("invalid username or password")
+    page.fill("#password", "demo-admin-password")
+    page.click("#login-submit")
+    expect(page.locator("#dashboard")).to_be_visible()
+    expect(page.locator("#scope")).to_have_text("Kigali Heights Housing Cooperative")
+    expect(page.locator("#kpi-payments .value")).to_have_text(str(len(payments)), timeout=WAIT_MS)
+    expect(page.locator("#kpi-payments .detail")).to_contain_text(f"{statuses.count('COMPLETED')} completed")
+    expect(page.locator("#kpi-payments .detail")).to_contain_text(f"{statuses.count('FAILED')} failed")
+    expect(page.locator("#kpi-success .value")).to_have_text(f"{rate * 100:.1f}%")
+    expect(page.locator('#providers .bar-row[data-name="mtn_momo"]')).to_contain_text(f"50.0% of {len(mtn)}")
+    mtn_row = page.locator('#methods .bar-row[data-name="MOBILE_MONEY_MTN"]')
+    expect(mtn_row.locator(".name")).to_have_text("MTN MoMo")
+    expect(mtn_row.locator(".num")).to_contain_text(str(len(mtn)))
+    expect(page.locator("#chart-ppm svg rect[data-status='COMPLETED']")).to_have_count(1)
+    expect(page.locator("#chart-ppm svg rect[data-status='FAILED']")).to_have_count(1)
+    expect(page.locator("#kpi-open .value")).to_have_text("0")
+    expect(page.locator("#funnel .bar-row").first).to_be_visible()
+    expect(page.locator("#kpi-sms .detail")).to_contain_text(f"of {len(settled)} sent")
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(SHOTS / "ops.png"), full_page=True)
+
+    # The token lives in sessionStorage: a reload stays signed in, signing out forgets it.
+    page.reload()
+    expect(page.locator("#dashboard")).to_be_visible()
+    page.click("#logout")
+    expect(page.locator("#login")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('ops.accessToken')") is None
