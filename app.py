@@ -136,7 +136,7 @@ async def readyz(request: web.Request) -> web.Response:
         try:
             await asyncio.wait_for(check(), timeout=2.0)
             checks[name] = "ok"
-        except Exception as exc:  # noqa: BLE001 - readiness reports any failure
+        except Exception as exc:
             checks[name] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
     return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks},
@@ -179,7 +179,12 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
     setup_providers(app)
     app.add_subapp("/v1", create_admin_app(settings))
     if settings.simulators_in_process:
+        from channels.sms.simulator import simulator_from_settings
         from providers.registry import mount_simulators
 
         mount_simulators(app, settings)
+        app.add_subapp("/_sim/africastalking", simulator_from_settings(settings))
+    from admin_api.pages import setup_pages
+
+    setup_pages(app)
     return app

@@ -51,7 +51,8 @@ async def check_migrations(settings: Settings) -> None:
         await engine.dispose()
     if current != heads:
         raise MigrationStateError(
-            f"database is at {sorted(current) or 'no revision'}, code expects {sorted(heads)}: run `python main.py migrate`")
+            f"database is at {sorted(current) or 'no revision'}, code expects {sorted(heads)}: "
+            "run `python main.py migrate`")
 
 
 async def seed(settings: Settings) -> dict:
@@ -137,9 +138,13 @@ def _simulate(name: str, host: str, port: int, argv: list[str]) -> None:
     from providers.simulation import options_from_args
 
     if name == "africastalking":
-        from channels.sms.simulator import create_simulator as sms_simulator
+        from channels.sms.simulator import simulator_from_settings
 
-        app = sms_simulator(options_from_args(argv))
+        try:
+            settings = load_settings()
+        except ConfigError as exc:
+            raise SystemExit(str(exc)) from None
+        app = simulator_from_settings(settings)
     elif name in SIMULATORS:
         app = SIMULATORS[name](options_from_args(argv))
     else:
@@ -178,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dial":
         from channels.ussd.dial import dial
 
-        asyncio.run(dial(args.code, args.phone, args.url, args.secret))
-        return 0
+        return asyncio.run(dial(args.code, args.phone, args.url, args.secret))
     if args.command == "simulate":
         from core import logs
 

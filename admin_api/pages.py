@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -37,8 +36,9 @@ PAGES_ENABLED = web.AppKey("phone_simulator_enabled", bool)
 
 def simulator_enabled(settings: Any, env: dict[str, str] | None = None) -> bool:
     """The phone page exists with the in-process simulators, or when explicitly switched on."""
-    env = dict(os.environ) if env is None else env
-    return bool(settings.simulators_in_process) or env.get("PHONE_SIMULATOR_ENABLED", "") == "1"
+    if bool(settings.simulators_in_process) or settings.extra.get("phone_simulator_enabled", False):
+        return True
+    return env is not None and env.get("PHONE_SIMULATOR_ENABLED", "") == "1"
 
 
 def setup_pages(app: web.Application) -> None:

@@ -177,7 +177,8 @@ _PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
     "mpesa": {"SHORTCODE": "174379"},
     "irembopay": {"PAYMENT_ACCOUNT": "PI-demo", "PAYMENT_ITEM_CODE": "PC-demo"},
 }
-_DEV_CREDENTIAL = "sim-dev-credential"
+DEV_CREDENTIAL = "sim-dev-credential"  # what simulators accept when no credential is configured
+_DEV_CREDENTIAL = DEV_CREDENTIAL
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -207,7 +208,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         value = env.get(name, "")
         if production and not value:
             raise ConfigError(name, "is required in production")
-        return Secret(value or f"dev-{name.lower()}")
+        return Secret(value or f"dev-{name.lower()}-not-for-production-use-0123456789")
 
     key_raw = env.get("PII_ENCRYPTION_KEYS", "")
     if not key_raw:
@@ -243,6 +244,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     for name in ("africastalking", "hubtel", "nalo", *PROVIDER_NAMES, "sms"):
         value = env.get(f"CALLBACK_SECRET_{name.upper()}", "")
         callback_secrets[name] = Secret(value)
+    # M-Pesa signs nothing: in production its callback URL must carry a secret.
+    if production and not callback_secrets["mpesa"]:
+        raise ConfigError("CALLBACK_SECRET_MPESA", "is required in production (M-Pesa callbacks are unsigned)")
+    jwt_secret = secret("JWT_SECRET")
+    if production and len(jwt_secret.get().encode()) < 32:
+        raise ConfigError("JWT_SECRET", "must be at least 32 bytes in production")
+    rate_multiplier = _float(env, "RATE_LIMIT_MULTIPLIER", 1.0)
+    if rate_multiplier < 0:
+        raise ConfigError("RATE_LIMIT_MULTIPLIER", "must not be negative (0 turns rate limits off)")
+    phone_page = _bool(env, "PHONE_SIMULATOR_ENABLED", False)
     allowlist = tuple(ip.strip() for ip in env.get("USSD_IP_ALLOWLIST", "").split(",") if ip.strip())
 
     log_level = _get(env, "LOG_LEVEL", "INFO").upper()
@@ -259,7 +270,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         pii_keys=pii_keys,
         pii_active_key_id=active,
         blind_index_key=secret("BLIND_INDEX_KEY"),
-        jwt_secret=secret("JWT_SECRET"),
+        jwt_secret=jwt_secret,
         jwt_ttl_seconds=_int(env, "JWT_TTL_SECONDS", 900, minimum=60),
         callback_secrets=callback_secrets,
         ussd_ip_allowlist=allowlist,
@@ -277,4 +288,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         payment_timeout_seconds=_int(env, "PAYMENT_TIMEOUT_SECONDS", 300, minimum=1),
         ussd_service_code=_get(env, "USSD_SERVICE_CODE", "*384*123#"),
         log_level=log_level,
+        extra={"rate_limit_multiplier": rate_multiplier, "phone_simulator_enabled": phone_page},
     )

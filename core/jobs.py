@@ -14,7 +14,7 @@ from core.audit import Actor
 from core.db import utcnow
 from core.models import Member, Payment, Refund
 from core.money import Money
-from core.outbox import Handler, Job, RetryLater
+from core.outbox import Handler, Job, PermanentJobError, RetryLater
 from core.payments import apply_collection_outcome, payment_account
 from core.phone import Phone
 from core.ports import CollectionRequest, ProviderError, ProviderOutcome, ProviderTimeout, RefundRequest
@@ -117,7 +117,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
 
                 async with rt.sessionmaker.begin() as session:
                     await enqueue(session, "payment.collect", {"payment_id": payment.id},
-                                  dedupe_key=f"collect:{payment.id}:{job.attempts}", cooperative_id=payment.cooperative_id)
+                                  dedupe_key=f"collect:{payment.id}:{job.attempts}",
+                                  cooperative_id=payment.cooperative_id)
             if not expired:
                 raise RetryLater(poll_delay((now - payment.created_at).total_seconds()), str(exc)) from exc
             status = None
@@ -127,7 +128,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 async with rt.sessionmaker.begin() as session:
                     fresh = await session.get(Payment, payment.id)
                     if fresh is not None:
-                        fresh.next_poll_at = now + timedelta(seconds=poll_delay((now - payment.created_at).total_seconds()))
+                        delay = poll_delay((now - payment.created_at).total_seconds())
+                        fresh.next_poll_at = now + timedelta(seconds=delay)
                 raise RetryLater(poll_delay((now - payment.created_at).total_seconds()), "still pending")
             outcome = ProviderOutcome.EXPIRED
         async with rt.sessionmaker.begin() as session:
@@ -167,6 +169,14 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                     await apply_refund_outcome(session, rt, fresh, ProviderOutcome.FAILED, actor=WORKER,
                                                reason=str(exc)[:200])
             return
+        if accepted is not None and accepted.outcome is not None and accepted.outcome not in (
+                ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
+            async with rt.sessionmaker.begin() as session:
+                fresh = (await session.execute(select(Refund).where(Refund.id == refund.id).with_for_update())
+                         ).scalar_one()
+                await apply_refund_outcome(session, rt, fresh, accepted.outcome, actor=WORKER,
+                                           provider_transaction_id=accepted.provider_transaction_id)
+            return
         async with rt.sessionmaker.begin() as session:
             values = {}
             if accepted and accepted.provider_transaction_id:
@@ -189,8 +199,14 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         if refund is None or payment is None or refund.status != RefundStatus.PROCESSING.value:
             return
         provider = rt.providers[payment.provider]
-        status = await _timed(provider.name, "refund_status",
-                              provider.refund_status(refund.provider_reference, refund.currency))
+        try:
+            status = await _timed(provider.name, "refund_status",
+                                  provider.refund_status(refund.provider_reference, refund.currency))
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            # The provider cannot tell (e.g. Airtel has no refund status query): a person must look.
+            raise PermanentJobError(f"refund {refund.id} needs manual review: {exc}") from exc
         age = (utcnow() - refund.created_at).total_seconds()
         if status.outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
             raise RetryLater(poll_delay(age), "refund still pending")

@@ -13,7 +13,7 @@ from core.models import OutboxJob, Payment, SmsMessage, UssdSession, WebhookDeli
 
 
 def _minute(session: AsyncSession, column: Any) -> Any:
-    if session.bind.dialect.name == "postgresql":
+    if session.get_bind().dialect.name == "postgresql":
         return func.to_char(func.date_trunc("minute", column), literal_column("'YYYY-MM-DD\"T\"HH24:MI'"))
     return func.strftime("%Y-%m-%dT%H:%M", column)
 

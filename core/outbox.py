@@ -26,7 +26,7 @@ class PermanentJobError(Exception):
     """A failure that retrying will not fix: the job is parked at once."""
 
 
-class RetryLater(Exception):  # noqa: N818 - a signal, not an error
+class RetryLater(Exception):
     """Not a failure: run the job again after `delay` seconds (e.g. a payment still pending)."""
 
     def __init__(self, delay: float, reason: str = "") -> None:
@@ -70,7 +70,7 @@ async def enqueue(
         "created_at": utcnow(),
         "updated_at": utcnow(),
     }
-    stmt = insert_ignore(session.bind.dialect.name, OutboxJob).values(**values)
+    stmt = insert_ignore(session.get_bind().dialect.name, OutboxJob).values(**values)
     if dedupe_key is not None:
         stmt = stmt.on_conflict_do_nothing(index_elements=["dedupe_key"])
     await session.execute(stmt)
@@ -168,7 +168,7 @@ class OutboxWorker:
             outcome = "parked"
             log.error("job parked", extra={"job_id": job.id, "kind": job.kind, "error": str(exc)})
             await self._finish(job, status="PARKED", locked_by=None, last_error=str(exc)[:2000])
-        except Exception as exc:  # noqa: BLE001 - any handler failure is retried or parked
+        except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:2000]
             if job.attempts >= job.max_attempts:
                 outcome = "parked"

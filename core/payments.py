@@ -169,7 +169,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         "created_at": now,
         "updated_at": now,
     }
-    stmt = (insert_ignore(session.bind.dialect.name, Payment).values(**values)
+    stmt = (insert_ignore(session.get_bind().dialect.name, Payment).values(**values)
             .on_conflict_do_nothing(index_elements=["cooperative_id", "idempotency_key"])
             .returning(Payment.id))
     inserted = (await session.execute(stmt)).scalar_one_or_none()
@@ -290,7 +290,8 @@ async def apply_collection_outcome(
             # Money taken after a definite failure: never reopen, but never drop it either.
             await record(session, actor=actor, action="payment.success_after_failure", entity_type="payment",
                          entity_id=payment.id, before={"status": current.value},
-                         after={"providerTransactionId": provider_transaction_id}, cooperative_id=payment.cooperative_id)
+                         after={"providerTransactionId": provider_transaction_id},
+                         cooperative_id=payment.cooperative_id)
             payment.mismatch = True
             payment.mismatch_detail = "provider reported success after the payment had failed"
             return "flagged_success_after_failure"
@@ -305,7 +306,8 @@ async def apply_collection_outcome(
             values["mismatch_detail"] = f"provider reported {amount}, expected {expected}"
             await record(session, actor=actor, action="payment.amount_mismatch", entity_type="payment",
                          entity_id=payment.id, after={"reported": amount.minor, "reportedCurrency": amount.currency,
-                                                      "expected": expected.minor}, cooperative_id=payment.cooperative_id)
+                                                      "expected": expected.minor},
+                         cooperative_id=payment.cooperative_id)
         updated = await transition(session, PAYMENT, payment.id, current, P.COMPLETED, actor=actor, values=values)
         metrics.PAYMENTS.labels(status="COMPLETED", method=payment.method).inc()
         await _notify(session, rt, updated, "payment_receipt", "payment.completed")
@@ -338,6 +340,11 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
     outcome, amount, txn, reason = event.outcome, event.amount, event.provider_transaction_id, event.reason
     if event.needs_confirmation:
         async with rt.sessionmaker() as session:
+            seen = (await session.execute(select(ProviderEvent.id).where(
+                ProviderEvent.provider == event.provider, ProviderEvent.event_id == event.event_id[:200]))
+            ).scalar_one_or_none()
+            if seen is not None:
+                return "duplicate"  # no status query for a callback we already applied
             payment = await _find_payment(session, event)
         if payment is None:
             return await _store_unmatched(rt, event)
@@ -351,7 +358,7 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
     for _ in range(3):
         try:
             async with rt.sessionmaker.begin() as session:
-                stmt = (insert_ignore(session.bind.dialect.name, ProviderEvent)
+                stmt = (insert_ignore(session.get_bind().dialect.name, ProviderEvent)
                         .values(id=str(uuid.uuid4()), provider=event.provider, event_id=event.event_id[:200],
                                 kind=event.kind.value, status=outcome.value, payload=dict(event.raw),
                                 received_at=utcnow())
@@ -384,7 +391,7 @@ async def _set_outcome(session: AsyncSession, event_row_id: str, outcome: str, p
 async def _store_unmatched(rt: Runtime, event: ProviderEventData) -> str:
     async with rt.sessionmaker.begin() as session:
         await session.execute(
-            insert_ignore(session.bind.dialect.name, ProviderEvent)
+            insert_ignore(session.get_bind().dialect.name, ProviderEvent)
             .values(id=str(uuid.uuid4()), provider=event.provider, event_id=event.event_id[:200],
                     kind=event.kind.value, status=event.outcome.value, payload=dict(event.raw),
                     outcome="unknown_payment", received_at=utcnow())

@@ -69,6 +69,8 @@ class CollectionAccepted:
     provider_transaction_id: str | None = None
     gateway_reference: str | None = None  # e.g. an invoice number
     payment_url: str | None = None  # where a bank payer completes the payment
+    # Set when the provider settled synchronously (Airtel refunds): no status polling follows.
+    outcome: ProviderOutcome | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from core.db import utcnow
 
 async def next_reference(session: AsyncSession, prefix: str) -> str:
     day = utcnow().strftime("%Y%m%d")
-    if session.bind.dialect.name == "postgresql":
+    if session.get_bind().dialect.name == "postgresql":
         # A sequence never blocks concurrent writers, unlike a counter row held until commit.
         number = (await session.execute(text("SELECT nextval('human_reference_seq')"))).scalar_one()
     else:

@@ -83,7 +83,8 @@ async def request_refund(
     provider = rt.providers.get(payment.provider)
     full = amount.minor == payment.amount_minor
     if provider is not None and not provider.supports_partial_refund and not full:
-        raise BusinessRuleError(f"{payment.method} refunds only the full amount ({Money(payment.amount_minor, payment.currency)})",
+        full = Money(payment.amount_minor, payment.currency)
+        raise BusinessRuleError(f"{payment.method} refunds only the full amount ({full})",
                                 field="amount")
     if reason is not None and len(reason) > 300:
         raise ValidationError("reason must be at most 300 characters", field="reason")
@@ -152,7 +153,7 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
     for _ in range(3):
         try:
             async with rt.sessionmaker.begin() as session:
-                stmt = (insert_ignore(session.bind.dialect.name, ProviderEvent)
+                stmt = (insert_ignore(session.get_bind().dialect.name, ProviderEvent)
                         .values(id=str(uuid.uuid4()), provider=event.provider, event_id=event.event_id[:200],
                                 kind=event.kind.value, status=event.outcome.value, payload=dict(event.raw),
                                 received_at=utcnow())

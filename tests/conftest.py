@@ -101,7 +101,7 @@ async def clean_database(rt: Any) -> None:
             await conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
         else:
             for table in tables:
-                await conn.execute(text(f"DELETE FROM {table}"))  # noqa: S608 - table names from metadata
+                await conn.execute(text(f"DELETE FROM {table}"))
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ class SessionEvent:
 async def opened(rt: Any, *, aggregator: str, session_id: str, phone: Phone, service_code: str,
                  network: str | None, cooperative_id: str | None, member_id: str | None) -> None:
     async with rt.sessionmaker.begin() as session:
-        stmt = insert_ignore(session.bind.dialect.name, UssdSession).values(
+        stmt = insert_ignore(session.get_bind().dialect.name, UssdSession).values(
             id=new_id(), aggregator=aggregator, session_id=session_id[:128], cooperative_id=cooperative_id,
             member_id=member_id, phone_index=rt.cipher.blind_index(phone.e164), phone_masked=phone.masked(),
             service_code=service_code[:32], network_code=(network or "")[:16] or None, status="OPEN", hops=1,
@@ -76,7 +76,7 @@ async def record_event(rt: Any, event: SessionEvent) -> None:
     if event.error:
         values["error"] = event.error[:300]
     async with rt.sessionmaker.begin() as session:
-        stmt = insert_ignore(session.bind.dialect.name, UssdSession).values(
+        stmt = insert_ignore(session.get_bind().dialect.name, UssdSession).values(
             id=new_id(), aggregator=event.aggregator, session_id=event.session_id[:128],
             phone_index=rt.cipher.blind_index(event.phone.e164), phone_masked=event.phone.masked(),
             service_code=event.service_code[:32], network_code=(event.network or "")[:16] or None,

@@ -53,10 +53,7 @@ class UnknownStatus(ValueError):
 
 @dataclass(frozen=True)
 class SettledRefund(CollectionAccepted):
-    """Airtel answers a refund with its outcome at once and offers no refund status query.
-
-    Core reads `outcome` with getattr until CollectionAccepted carries the field itself.
-    """
+    """Airtel answers a refund with its outcome at once and offers no refund status query."""
 
     outcome: ProviderOutcome = ProviderOutcome.SUCCEEDED
 
@@ -112,7 +109,7 @@ class AirtelAdapter:
         key = config.secret("callback_key")
         # The development placeholder means "callback authentication not set up": callbacks are then
         # treated as unsigned hints and confirmed by a status query.
-        self._callback_key = key if key and key != core_config._DEV_CREDENTIAL else ""
+        self._callback_key = key if key and key != core_config.DEV_CREDENTIAL else ""
 
     async def _fetch_token(self) -> tuple[str, float]:
         body = {"client_id": self._config.secret("client_id"),

@@ -50,7 +50,7 @@ def test_audit_log_is_append_only_on_postgres(migrated_database):
                                         "VALUES ('t', 'test', 'x', 'y', 'z', now())"))
             async with engine.begin() as conn:
                 await conn.execute(text("UPDATE audit_events SET action = 'forged'"))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return str(exc)
         finally:
             async with engine.begin() as conn:

@@ -15,7 +15,8 @@ from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import AuditEvent, OutboxJob, Payment, PaymentType, ProviderEvent, Refund
 from core.money import Money
 from core.payments import NewPayment, create_payment, handle_provider_event
-from core.ports import CollectionAccepted, EventKind, ProviderError, ProviderEvent as Event, ProviderOutcome, StatusResult
+from core.ports import CollectionAccepted, EventKind, ProviderError, ProviderOutcome, StatusResult
+from core.ports import ProviderEvent as Event
 from core.refunds import request_refund
 from tests.conftest import drain, requires_pg
 
@@ -162,7 +163,8 @@ async def test_success_callback_completes_and_queues_receipt_and_webhook(rt, dem
                                                     provider_transaction_id="MTN-123"))
     assert result == "completed"
     done = await _payment(rt, payment.id)
-    assert (done.status, done.provider_transaction_id, done.late, done.mismatch) == ("COMPLETED", "MTN-123", False, False)
+    assert (done.status, done.provider_transaction_id, done.late, done.mismatch) == (
+        "COMPLETED", "MTN-123", False, False)
     assert done.completed_at is not None
     assert await _job_kinds(rt) == ["payment.collect", "payment.poll", "sms.send", "webhook.event"]
     # the same callback again is acknowledged and ignored

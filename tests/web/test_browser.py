@@ -42,14 +42,6 @@ def _free_port() -> int:
 
 
 def _command(env: dict[str, str]) -> list[str]:
-    """`main.py run`; through a shim that adds the pages while app.py does not register them itself."""
-    from app import create_app
-    from core.config import load_settings
-    from tests.web.serve_with_pages import missing_parts
-
-    no_pages, no_sms = missing_parts(create_app(load_settings(env)))
-    if no_pages or no_sms:
-        return [sys.executable, str(ROOT / "tests" / "web" / "serve_with_pages.py"), "run"]
     return [sys.executable, str(ROOT / "main.py"), "run"]
 
 

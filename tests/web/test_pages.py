@@ -144,11 +144,10 @@ async def test_simulator_config_carries_the_callback_secret_and_it_works(
     assert (await hop.text()).startswith("CON Welcome to Kigali Heights Housing Cooperative")
 
 
-async def test_simulator_enabled_by_the_environment_switch(
-        aiohttp_client: Any, rt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PHONE_SIMULATOR_ENABLED", "1")
-    client = await _client(aiohttp_client, rt, rt.settings)
-    assert rt.settings.simulators_in_process is False
+async def test_simulator_enabled_by_the_environment_switch(aiohttp_client: Any, rt: Any) -> None:
+    settings = make_settings(PHONE_SIMULATOR_ENABLED="1")
+    assert settings.simulators_in_process is False
+    client = await _client(aiohttp_client, rt, settings)
     assert (await client.get("/simulator")).status == 200
     body = await (await client.get("/simulator/config")).json()
     assert body["serviceCode"] == rt.settings.ussd_service_code
