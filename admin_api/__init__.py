@@ -17,6 +17,7 @@ def all_routes() -> list[Route]:
         auth_routes,
         cooperatives,
         disputes,
+        jobs,
         members,
         openapi,
         payment_types,
@@ -38,6 +39,7 @@ def all_routes() -> list[Route]:
         *reports.ROUTES,
         *audit.ROUTES,
         *webhooks.ROUTES,
+        *jobs.ROUTES,
         *users.ROUTES,
         *openapi.ROUTES,
     ]

@@ -104,21 +104,28 @@ class LoadResult:
 _SUMMARY = re.compile(r"^BENCH (\{.*\})$", re.M)
 
 
-def wrk(url: str, script: str, *, seconds: float, connections: int, threads: int = 1,
+def wrk(url: str, script: str, *, seconds: float, connections: int, threads: int | None = None,
         env: dict[str, str] | None = None) -> LoadResult:
-    """Run wrk with one of bench/lua/*.lua; the script's done() prints one 'BENCH {json}' line."""
+    """Run wrk with one of bench/lua/*.lua; the script's done() prints one 'BENCH {json}' line.
+
+    One connection per thread by default: the USSD scripts need a session's hops in order.
+    """
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
-    args = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, int(seconds))}s",
+    threads = threads or connections
+    args = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
             "--timeout", "10s", "-s", str(LUA / script), url]
-    out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False,
-                         timeout=seconds + 120)
+    full_env = {**os.environ, "BENCH_LUA_DIR": str(LUA), "BENCH_THREADS": str(threads), **(env or {})}
+    started = time.monotonic()
+    out = subprocess.run(args, capture_output=True, text=True, env=full_env, check=False, timeout=seconds + 120)
+    wall = time.monotonic() - started
     match = _SUMMARY.search(out.stdout)
     if not match:
         raise RuntimeError(f"wrk gave no summary: {out.stdout[-2000:]} {out.stderr[-2000:]}")
     data = json.loads(match.group(1))
     extra = {k: float(v) for k, v in data.items()
              if k not in ("requests", "seconds", "p50", "p95", "p99", "errors", "non2xx")}
+    extra["wall_seconds"] = wall
     return LoadResult(requests=int(data["requests"]), seconds=float(data["seconds"]),
                       rps=data["requests"] / max(data["seconds"], 1e-9), p50_ms=data["p50"] / 1000,
                       p95_ms=data["p95"] / 1000, p99_ms=data["p99"] / 1000, errors=int(data["errors"]),

@@ -250,7 +250,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     jwt_secret = secret("JWT_SECRET")
     if production and len(jwt_secret.get().encode()) < 32:
         raise ConfigError("JWT_SECRET", "must be at least 32 bytes in production")
-    rate_multiplier = _float(env, "RATE_LIMIT_MULTIPLIER", 1.0)
+    # Not _float: zero is allowed here (it turns rate limits off, for benchmarks).
+    raw_multiplier = _get(env, "RATE_LIMIT_MULTIPLIER", "1")
+    try:
+        rate_multiplier = float(raw_multiplier)
+    except ValueError:
+        raise ConfigError("RATE_LIMIT_MULTIPLIER", f"must be a number, got {raw_multiplier!r}") from None
     if rate_multiplier < 0:
         raise ConfigError("RATE_LIMIT_MULTIPLIER", "must not be negative (0 turns rate limits off)")
     phone_page = _bool(env, "PHONE_SIMULATOR_ENABLED", False)

@@ -236,3 +236,17 @@ async def queue_depth(session: AsyncSession) -> dict[str, int]:
         select(OutboxJob.status, func.count()).where(
             or_(OutboxJob.status != "DONE")).group_by(OutboxJob.status))
     return {status: count for status, count in rows.all()}
+
+
+async def replay_job(session: AsyncSession, job_id: int) -> OutboxJob | None:
+    """Put a PARKED job back in the queue with a fresh attempt budget; None when it is not parked.
+
+    Handlers are idempotent, so running a parked job again can finish what it started but never
+    does a side effect twice.
+    """
+    job = (await session.execute(select(OutboxJob).where(OutboxJob.id == job_id).with_for_update())
+           ).scalar_one_or_none()
+    if job is None or job.status != "PARKED":
+        return None
+    job.status, job.attempts, job.run_at, job.locked_by = "PENDING", 0, utcnow(), None
+    return job

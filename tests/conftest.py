@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core.config import Settings, load_settings
 from core.db import Base, make_engine
 
+pytest_plugins = ["tests.logscan"]
 _TMP = tempfile.mkdtemp(prefix="gateway-tests-")
 
 

@@ -1,36 +1,34 @@
--- USSD menu hops: each connection opens a session (text="") and answers one menu option,
--- so every hop reads and writes the session in Redis. Phone and option come from the environment.
-local counter = 0
-local thread_id = 0
+-- USSD menu hops in long sessions: "" (opens the session), then 4 (Language), 0 (Back), 4, 0, ...
+-- as Africa's Talking sends them (every input so far joined by '*'). Run with one connection per
+-- thread (-t N -c N) so a session's hops never overtake each other.
+dofile(os.getenv("BENCH_LUA_DIR") .. "/common.lua")
 local phone = os.getenv("BENCH_PHONE") or "+250788000001"
-local option = os.getenv("BENCH_OPTION") or "4"
 local path = os.getenv("BENCH_PATH") or "/"
+local run = os.getenv("BENCH_RUN") or "r"
+local hops = tonumber(os.getenv("BENCH_HOPS") or "50")
 
-function setup(thread)
-  thread:set("tid", thread_id)
-  thread_id = thread_id + 1
+function init(args)
+  reset_counters()
+  session_n, hop = 0, 0
 end
 
-local function enc(s)
-  return (s:gsub("[^%w%-_%.~]", function(c) return string.format("%%%02X", string.byte(c)) end))
+-- The state moves on in response(), not here: wrk calls request() once more than it sends on thread 0
+-- (to inspect it), and with one connection per thread an answer always comes before the next request.
+local function text_for(h)
+  if h == 0 then return "" end
+  local keys = {}
+  for i = 1, h do keys[i] = (i % 2 == 1) and "4" or "0" end
+  return table.concat(keys, "*")
 end
 
 function request()
-  counter = counter + 1
-  local session = "b" .. tid .. "x" .. math.floor(counter / 2)
-  local text = (counter % 2 == 0) and option or ""
-  local body = "sessionId=" .. session .. "&serviceCode=" .. enc("*384*123#") .. "&phoneNumber=" .. enc(phone)
-    .. "&networkCode=63510&text=" .. enc(text)
+  local body = "sessionId=h" .. run .. "t" .. tid .. "s" .. session_n .. "&serviceCode=" .. enc("*384*123#")
+    .. "&phoneNumber=" .. enc(phone) .. "&networkCode=63510&text=" .. enc(text_for(hop))
   return wrk.format("POST", path, {["Content-Type"] = "application/x-www-form-urlencoded"}, body)
 end
 
-bad = 0
 function response(status, headers, body)
-  if status ~= 200 or (body:sub(1, 4) ~= "CON " and body:sub(1, 4) ~= "END ") then bad = bad + 1 end
-end
-
-function done(summary, latency, requests)
-  io.write(string.format('BENCH {"requests": %d, "seconds": %f, "p50": %f, "p95": %f, "p99": %f, "errors": %d, "non2xx": %d}\n',
-    summary.requests, summary.duration / 1e6, latency:percentile(50), latency:percentile(95), latency:percentile(99),
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout, summary.errors.status))
+  if status ~= 200 or body:sub(1, 4) ~= "CON " then bad = bad + 1 end
+  hop = (hop + 1) % hops
+  if hop == 0 then session_n = session_n + 1 end
 end

@@ -1,0 +1,87 @@
+"""Outbox jobs over the API: see what is queued or parked, and replay a parked job after fixing its cause."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import select
+
+from admin_api.common import DATETIME, iso, json_response, out, page_of, paged
+from admin_api.routing import Ctx, Route
+from admin_api.validation import LIMIT, PAGE, Param
+from core.audit import record
+from core.errors import Conflict, NotFound
+from core.models import OutboxJob
+from core.outbox import replay_job
+
+STATUSES = ("PENDING", "RUNNING", "DONE", "PARKED")
+JOB = out(
+    {
+        "id": {"type": "integer"},
+        "kind": {"type": "string"},
+        "status": {"type": "string", "enum": list(STATUSES)},
+        "cooperativeId": {"type": ["string", "null"]},
+        "attempts": {"type": "integer"},
+        "maxAttempts": {"type": "integer"},
+        "runAt": DATETIME,
+        "lastError": {"type": ["string", "null"]},
+        "createdAt": DATETIME,
+        "doneAt": {"type": ["string", "null"], "format": "date-time"},
+    }
+)
+
+
+def present(job: OutboxJob) -> dict[str, Any]:
+    # The payload stays private: it may hold encrypted phone numbers and message contexts.
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "cooperativeId": job.cooperative_id,
+        "attempts": job.attempts,
+        "maxAttempts": job.max_attempts,
+        "runAt": iso(job.run_at),
+        "lastError": job.last_error,
+        "createdAt": iso(job.created_at),
+        "doneAt": iso(job.done_at),
+    }
+
+
+def _job_id(raw: str) -> int:
+    if not raw.isdigit() or len(raw) > 18:
+        raise NotFound("job not found")
+    return int(raw)
+
+
+async def list_jobs(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    query = ctx.who.scope(select(OutboxJob), OutboxJob)
+    if ctx.query.get("status"):
+        query = query.where(OutboxJob.status == ctx.query["status"])
+    if ctx.query.get("kind"):
+        query = query.where(OutboxJob.kind == ctx.query["kind"])
+    return await paged(ctx, query.order_by(OutboxJob.id.desc()), present)
+
+
+async def replay(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    job_id = _job_id(request.match_info["id"])
+    visible = (await ctx.session.execute(
+        ctx.who.scope(select(OutboxJob.id).where(OutboxJob.id == job_id), OutboxJob))).scalar_one_or_none()
+    if visible is None:
+        raise NotFound("job not found")
+    job = await replay_job(ctx.session, job_id)
+    if job is None:
+        raise Conflict("only a PARKED job can be replayed")
+    await record(ctx.session, actor=ctx.who.actor, action="job.replayed", entity_type="outbox_job",
+                 entity_id=str(job.id), after={"kind": job.kind}, cooperative_id=job.cooperative_id)
+    await ctx.session.flush()
+    return json_response(present(job))
+
+
+ROUTES = [
+    Route("GET", "/jobs", list_jobs, "Outbox jobs (queued, running, done, parked)", "jobs", "admin",
+          response=page_of(JOB),
+          query={"page": PAGE, "limit": LIMIT, "status": Param(enum=STATUSES, description="Job status"),
+                 "kind": Param(description="e.g. sms.send, payment.collect, webhook.deliver")}),
+    Route("POST", "/jobs/{id}/replay", replay, "Replay a parked job", "jobs", "admin", response=JOB),
+]
