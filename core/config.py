@@ -238,6 +238,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             creds[cred.lower()] = Secret(value or _DEV_CREDENTIAL)
         options = {opt.lower(): env.get(f"{prefix}_{opt}", default)
                    for opt, default in _PROVIDER_OPTIONS[name].items()}
+        for opt in ("CONNECT_TIMEOUT", "READ_TIMEOUT"):  # seconds; read by providers.calls.timeout_from
+            if env.get(f"{prefix}_{opt}"):
+                options[opt.lower()] = str(_float(env, f"{prefix}_{opt}", 1.0))
         providers[name] = ProviderConfig(base_url=base, credentials=creds, options=options)
 
     callback_secrets: dict[str, Secret] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -37,6 +37,12 @@ def poll_delay(age_seconds: float) -> float:
     if age_seconds < 180:
         return 30
     return min(120, 30 * 2 ** int(age_seconds // 300))
+
+
+def next_poll_in(payment: Payment, now: datetime) -> float:
+    """poll_delay, but never past the end of the approval window, so a TIMEOUT is declared on time."""
+    left = (payment.expires_at - now).total_seconds()
+    return max(1.0, min(poll_delay((now - payment.created_at).total_seconds()), left))
 
 
 def _callback_url(rt: Runtime, provider: str) -> str:
@@ -120,7 +126,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                   dedupe_key=f"collect:{payment.id}:{job.attempts}",
                                   cooperative_id=payment.cooperative_id)
             if not expired:
-                raise RetryLater(poll_delay((now - payment.created_at).total_seconds()), str(exc)) from exc
+                raise RetryLater(next_poll_in(payment, now), str(exc)) from exc
             status = None
         outcome = status.outcome if status else ProviderOutcome.PENDING
         if outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
@@ -128,9 +134,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 async with rt.sessionmaker.begin() as session:
                     fresh = await session.get(Payment, payment.id)
                     if fresh is not None:
-                        delay = poll_delay((now - payment.created_at).total_seconds())
-                        fresh.next_poll_at = now + timedelta(seconds=delay)
-                raise RetryLater(poll_delay((now - payment.created_at).total_seconds()), "still pending")
+                        fresh.next_poll_at = now + timedelta(seconds=next_poll_in(payment, now))
+                raise RetryLater(next_poll_in(payment, now), "still pending")
             outcome = ProviderOutcome.EXPIRED
         async with rt.sessionmaker.begin() as session:
             fresh = (await session.execute(select(Payment).where(Payment.id == payment.id).with_for_update())

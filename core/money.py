@@ -29,7 +29,7 @@ def exponent(currency: str) -> int:
         raise MoneyError(f"unsupported currency {currency!r}", field="currency") from None
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class Money:
     minor: int
     currency: str
@@ -101,6 +101,23 @@ class Money:
     def __sub__(self, other: Money) -> Money:
         self._same(other)
         return Money(self.minor - other.minor, self.currency)
+
+    # Ordering is only defined within one currency: 5 KES is neither more nor less than 3 RWF.
+    def __lt__(self, other: Money) -> bool:
+        self._same(other)
+        return self.minor < other.minor
+
+    def __le__(self, other: Money) -> bool:
+        self._same(other)
+        return self.minor <= other.minor
+
+    def __gt__(self, other: Money) -> bool:
+        self._same(other)
+        return self.minor > other.minor
+
+    def __ge__(self, other: Money) -> bool:
+        self._same(other)
+        return self.minor >= other.minor
 
     def is_positive(self) -> bool:
         return self.minor > 0

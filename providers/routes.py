@@ -13,7 +13,7 @@ from aiohttp import web
 
 from core.config import Settings
 from core.metrics import CALLBACK_REJECTED
-from core.ports import CallbackRejected, InboundCallback
+from core.ports import CallbackRejected, InboundCallback, ProviderError
 from core.runtime import RUNTIME
 
 log = logging.getLogger("gateway.providers.callbacks")
@@ -80,7 +80,14 @@ async def provider_callback(request: web.Request) -> web.Response:
 
     from core.payments import handle_provider_event  # core imports providers' callers, not the reverse
 
-    outcome = await handle_provider_event(rt, event)
+    try:
+        outcome = await handle_provider_event(rt, event)
+    except ProviderError as exc:
+        # An unsigned callback could not be confirmed by a status query (provider unreachable): nothing
+        # was recorded, so the provider must send it again. 503 tells it to, where a 500 says we broke.
+        log.warning("provider callback not confirmed; asked to retry",
+                    extra={"provider": name, "event_id": event.event_id, "error": str(exc)})
+        return _error(request, 503, "the callback could not be confirmed with the provider; retry later")
     log.info("provider callback handled", extra={"provider": name, "event_id": event.event_id,
                                                  "outcome": event.outcome.value, "result": outcome})
     return web.json_response(_ACKS.get(name, {"status": "accepted", "result": outcome}))

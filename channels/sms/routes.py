@@ -52,8 +52,20 @@ def _check_secret(request: web.Request, rt: Runtime) -> None:
             raise web.HTTPForbidden(text="bad callback secret")
 
 
+# NUL cannot be stored in PostgreSQL and lone surrogates cannot be encoded: neither is a character.
+_UNUSABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
 def _field(form: Any, name: str, limit: int = 200) -> str:
-    return str(form.get(name, "") or "").strip()[:limit]
+    return _UNUSABLE.sub("", str(form.get(name, "") or "")).strip()[:limit]
+
+
+async def _form(request: web.Request) -> Any:
+    """The posted form; a body that is not one (bad encoding, multipart without boundary) is a 400."""
+    try:
+        return await request.post()
+    except ValueError:  # includes UnicodeDecodeError (a body not in UTF-8)
+        raise web.HTTPBadRequest(text="body is not a readable form") from None
 
 
 # --------------------------------------------------------------------------------------- delivery reports
@@ -62,7 +74,7 @@ def _field(form: Any, name: str, limit: int = 200) -> str:
 async def delivery_report(request: web.Request) -> web.Response:
     rt = request.config_dict[RUNTIME]
     _check_secret(request, rt)
-    form = await request.post()
+    form = await _form(request)
     message_id, status = _field(form, "id", 128), _field(form, "status", 32)
     if not message_id or not status:
         raise web.HTTPBadRequest(text="id and status are required")
@@ -147,7 +159,7 @@ async def _owns(session: Any, rt: Runtime, payment: Payment, phone: Phone) -> bo
 async def inbound(request: web.Request) -> web.Response:
     rt = request.config_dict[RUNTIME]
     _check_secret(request, rt)
-    form = await request.post()
+    form = await _form(request)
     sender, text = _field(form, "from", 32), _field(form, "text", 480)
     if not sender:
         raise web.HTTPBadRequest(text="from is required")

@@ -37,7 +37,8 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
         extension=extension_of(dialled, base) if dialled else None,
         closed=kind in ("Release", "Timeout"),
     )
-    return Parsed(turn, {"ClientState": body.get("ClientState", "")})
+    # Echoed back verbatim, so it is checked like any other field (a string, printable, bounded).
+    return Parsed(turn, {"ClientState": text_field(body, "ClientState", required=False, max_len=1000)})
 
 
 def render(reply: UssdReply, parsed: Parsed | None = None) -> Rendered:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from channels.ussd.types import UssdTurn
 from core.phone import Phone, PhoneError, normalize
+
+_UNUSABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
 class MalformedRequest(ValueError):
@@ -38,6 +41,10 @@ def text_field(data: Mapping[str, Any], name: str, *, required: bool = True, max
     text = str(value)
     if len(text) > max_len:
         raise MalformedRequest(f"{name} is too long")
+    if _UNUSABLE.search(text):
+        # No handset sends these; NUL cannot be stored in PostgreSQL and lone surrogates cannot be
+        # encoded into a reply, so they would turn a garbled request into a server error.
+        raise MalformedRequest(f"{name} contains control characters")
     return text
 
 

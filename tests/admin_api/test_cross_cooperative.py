@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from sqlalchemy import select
+
 from admin_api import all_routes
+from core.models import OutboxJob
 from tests.admin_api.conftest import complete_payment, idem, make_payment
 
 # A schema-valid body for each write route, so that only scoping can refuse the call.
@@ -48,7 +51,11 @@ async def _resources_of_a(admin, superadmin, rt, demo):
         201,
         json={"username": "clerk@a.rw", "password": "clerk-password-1", "role": "COOP_ADMIN"},
     )
+    async with rt.sessionmaker() as s:
+        job_id = (await s.execute(select(OutboxJob.id).where(
+            OutboxJob.cooperative_id == demo["cooperative_id"]).limit(1))).scalar_one()
     return {
+        "/jobs/{id}/replay": str(job_id),
         "/users/{id}": user["id"],
         "/payments/{id}": payment["id"],
         "/payments/{id}/status": payment["id"],
@@ -102,6 +109,7 @@ async def test_every_list_route_shows_nothing_of_other_cooperatives(admin, super
         "/v1/webhook-domains",
         "/v1/webhook-endpoints",
         "/v1/audit-events",
+        "/v1/jobs",
     ):
         page = await b.json("GET", path, 200)
         assert all(

@@ -1,0 +1,714 @@
+"""The benchmark suite: real service, own PostgreSQL/Redis, simulators as processes, wrk as the load.
+
+    .venv/bin/python bench/run.py [--quick] [--only ussd_hop,payments,...] [--seconds S] [--json PATH]
+
+Starts throwaway PostgreSQL and Redis (scripts/services.sh), migrates and seeds the demo, starts the
+provider and SMS simulators as separate processes and `main.py serve` in a production configuration,
+measures each scenario next to its baseline (bench/baseline.py) and writes bench/RESULTS.md (a full
+run) or only prints the summary (--quick). Everything it started is stopped, by PID, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import asyncpg  # noqa: E402
+import httpx  # noqa: E402
+
+from bench.harness import ROOT, Cluster, LoadResult, Proc, free_port, python, wait_ready, wrk  # noqa: E402
+
+SCENARIOS = ("ussd_hop", "ussd_hop_2proc", "ussd_pay", "payments", "callbacks", "sms", "memory")
+PROVIDERS = ("mtn_momo", "airtel", "mpesa", "irembopay")
+SERVICE_CODE = "*384*123#"
+HOP_PHONE = "+250788000001"  # demo member: one membership, so the home menu needs no choice
+AIRTEL_PAYER = "+250733000001"  # demo member with an Airtel number: the API payments and callbacks
+CONNECTIONS = 32
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    scenario: str
+    figure: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    target: str = ""
+    met: bool | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    checks: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        return self.value / self.baseline if self.baseline else None
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    cluster: Cluster
+    env: dict[str, str]  # the gateway's environment
+    dsn: str
+    port: int
+    sim_ports: dict[str, int]
+    run_id: str
+    rows: list[Row] = field(default_factory=list)
+    serve: Proc | None = None
+    rss_peak: dict[str, float] = field(default_factory=dict)  # scenario -> peak RSS of serve (MB)
+    demo: dict[str, Any] = field(default_factory=dict)
+    phones: list[str] = field(default_factory=list)
+    token: str = ""
+    form_baseline: LoadResult | None = None
+    hop_one: LoadResult | None = None
+    callback_bodies: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def seconds(self) -> float:
+        return self.args.seconds
+
+    def log(self, message: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# -- services and processes -------------------------------------------------------------------------
+
+def start_services(workdir: Path) -> dict[str, str]:
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "services.sh"), "start"], capture_output=True,
+                         text=True, check=False, timeout=180)
+    env: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("export ") and "=" in line:
+            key, _, value = line[len("export "):].partition("=")
+            env[key] = value
+    if out.returncode != 0 or "GATEWAY_SERVICES_DIR" not in env:
+        if env.get("GATEWAY_SERVICES_DIR"):
+            stop_services(env["GATEWAY_SERVICES_DIR"])
+        raise RuntimeError(f"scripts/services.sh start failed: {out.stderr[-2000:]}")
+    (workdir / "services.env").write_text(out.stdout)
+    return env
+
+
+def stop_services(directory: str) -> None:
+    subprocess.run(["bash", str(ROOT / "scripts" / "services.sh"), "stop", directory], capture_output=True,
+                   check=False, timeout=120)
+
+
+def gateway_env(services: dict[str, str], port: int, sim_ports: dict[str, int], log_level: str) -> dict[str, str]:
+    """Production configuration: every key and credential set, simulators reached over HTTP."""
+    from core.config import _PROVIDER_CREDENTIALS
+
+    kept = {k: v for k, v in os.environ.items()
+            if not k.startswith(("MTN_MOMO_", "AIRTEL_", "MPESA_", "IREMBOPAY_", "SMS_", "CALLBACK_SECRET_",
+                                 "SIM_", "PII_", "GATEWAY_", "DATABASE_URL", "REDIS_URL"))}
+    env = {
+        **kept,
+        "GATEWAY_ENV": "production",
+        "DATABASE_URL": services["DATABASE_URL"],
+        "REDIS_URL": services["REDIS_URL"],
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "PII_ENCRYPTION_KEYS": "bench:" + base64.b64encode(secrets.token_bytes(32)).decode(),
+        "PII_ACTIVE_KEY_ID": "bench",
+        "BLIND_INDEX_KEY": secrets.token_urlsafe(32),
+        "JWT_SECRET": secrets.token_urlsafe(48),
+        "SIMULATORS_IN_PROCESS": "0",
+        "RATE_LIMIT_MULTIPLIER": "0",
+        "LOG_LEVEL": log_level,
+        "SMS_BASE_URL": f"http://127.0.0.1:{sim_ports['africastalking']}",
+        "SMS_USERNAME": "bench",
+        "SMS_API_KEY": secrets.token_urlsafe(24),
+        "SMS_SENDER_ID": "COOPPAY",
+        # The aggregator's send rate is a contract, not the code's speed: set high to measure the worker.
+        "SMS_RATE_PER_SECOND": "10000",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in PROVIDERS:
+        prefix = name.upper()
+        env[f"{prefix}_BASE_URL"] = f"http://127.0.0.1:{sim_ports[name]}"
+        for cred in _PROVIDER_CREDENTIALS[name]:
+            env[f"{prefix}_{cred}"] = "bench-" + secrets.token_hex(8)
+    for name in ("africastalking", "hubtel", "nalo", *PROVIDERS, "sms"):
+        env[f"CALLBACK_SECRET_{name.upper()}"] = secrets.token_hex(12)
+    return env
+
+
+def start_simulators(b: Bench) -> None:
+    procs: list[tuple[Proc, str]] = []
+    for name, port in b.sim_ports.items():
+        args = [python(), "main.py", "simulate", name, "--port", str(port)]
+        if name != "africastalking":
+            args += ["--delay", "0.5"]
+        if name == "airtel":
+            args += ["--callback-url", f"{b.url}/webhooks/payments/airtel?secret={b.env['CALLBACK_SECRET_AIRTEL']}"]
+        procs.append((b.cluster.start(f"sim-{name}", args, b.env), f"http://127.0.0.1:{port}/"))
+    for proc, url in procs:
+        wait_ready(url, proc, 60)
+
+
+def start_serve(b: Bench, name: str = "serve") -> Proc:
+    return b.cluster.start(name, [python(), "main.py", "serve"], b.env, ready_url=f"{b.url}/readyz")
+
+
+class RssSampler:
+    """Peak RSS of a process while a scenario runs."""
+
+    def __init__(self, proc: Proc | None) -> None:
+        self.proc, self.peak = proc, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.proc is not None:
+                self.peak = max(self.peak, self.proc.rss_mb())
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# -- set-up ----------------------------------------------------------------------------------------
+
+async def seed(env: dict[str, str], members: int) -> dict[str, Any]:
+    """The demo, plus one MTN member per pay-session connection (no two sessions of a phone overlap)."""
+    from app import open_runtime
+    from core.audit import Actor
+    from core.config import load_settings
+    from core.demo import seed_demo
+    from core.members import create_member, find_memberships
+    from core.phone import normalize
+
+    settings = load_settings(env)
+    async with open_runtime(settings) as rt, rt.sessionmaker.begin() as session:
+        demo = await seed_demo(session, rt.cipher)
+        phones = []
+        for i in range(members):
+            phone = normalize(f"+250788{100000 + i:06d}")
+            if not await find_memberships(session, rt.cipher, phone):
+                await create_member(session, rt.cipher, cooperative_id=demo["cooperative_id"],
+                                    name=f"Bench Member {i}", phone=phone, language="en", unit=f"B-{i}",
+                                    actor=Actor("system", "system"))
+            phones.append(phone.e164)
+        demo["phones"] = phones
+        return demo
+
+
+def login(b: Bench) -> str:
+    user, password = b.demo["admin"]
+    response = httpx.post(f"{b.url}/v1/auth/token", json={"username": user, "password": password}, timeout=30)
+    response.raise_for_status()
+    return str(response.json()["accessToken"])
+
+
+async def db_fetch(dsn: str, query: str, *params: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(query, *params))
+    finally:
+        await conn.close()
+
+
+def db(b: Bench, query: str, *params: Any) -> list[asyncpg.Record]:
+    return asyncio.run(db_fetch(b.dsn, query, *params))
+
+
+def db_value(b: Bench, query: str, *params: Any) -> Any:
+    rows = db(b, query, *params)
+    return rows[0][0] if rows else None
+
+
+# -- scenarios -------------------------------------------------------------------------------------
+
+def _lat(row: Row, result: LoadResult) -> Row:
+    row.p50_ms, row.p95_ms, row.p99_ms = result.p50_ms, result.p95_ms, result.p99_ms
+    return row
+
+
+def _load_errors(result: LoadResult) -> int:
+    return result.errors + result.non_2xx + int(result.extra.get("bad", 0))
+
+
+def form_baseline(b: Bench) -> LoadResult:
+    if b.form_baseline is None:
+        port = free_port()
+        proc = b.cluster.start("baseline-form", [python(), "bench/baseline.py", "form", "--port", str(port)],
+                               b.env, ready_url=f"http://127.0.0.1:{port}/nothing")
+        try:
+            b.log("baseline: bare aiohttp form handler")
+            b.form_baseline = hop_load(f"http://127.0.0.1:{port}/", b)
+        finally:
+            proc.stop()
+    return b.form_baseline
+
+
+def hop_load(url: str, b: Bench) -> LoadResult:
+    return wrk(url, "ussd_hop.lua", seconds=b.seconds(), connections=CONNECTIONS,
+               env={"BENCH_PHONE": HOP_PHONE, "BENCH_RUN": b.run_id + secrets.token_hex(2),
+                    "BENCH_HOPS": "50"})
+
+
+def ussd_path(b: Bench) -> str:
+    return f"{b.url}/ussd/africastalking?secret={b.env['CALLBACK_SECRET_AFRICASTALKING']}"
+
+
+def scenario_ussd_hop(b: Bench) -> None:
+    base = form_baseline(b)
+    b.log("USSD menu hop, 1 serve process, 32 connections")
+    with RssSampler(b.serve) as rss:
+        result = hop_load(ussd_path(b), b)
+    b.rss_peak["ussd_hop"] = rss.peak
+    b.hop_one = result
+    errors = _load_errors(result)
+    b.rows.append(_lat(Row("USSD menu hop (1 process, 32 conn.)", "hops/s", result.rps, "/s", baseline=base.rps,
+                           target=">=40% of baseline; p99 <=15 ms",
+                           met=errors == 0 and result.rps >= 0.4 * base.rps and result.p99_ms <= 15,
+                           checks={"errors": errors, "requests": result.requests,
+                                   "baseline_p50_ms": base.p50_ms, "baseline_p99_ms": base.p99_ms},
+                           notes="sessions of 50 hops (Language, Back, ...): 1 in 50 opens a session "
+                                 "(membership read, session row)"), result))
+
+
+def scenario_ussd_hop_2proc(b: Bench) -> None:
+    one = b.hop_one
+    if one is None:
+        one = hop_load(ussd_path(b), b)
+        b.hop_one = one
+    second = start_serve(b, "serve-2")
+    try:
+        b.log("USSD menu hop, 2 serve processes (reuse_port), 32 connections")
+        with RssSampler(second) as rss:
+            result = hop_load(ussd_path(b), b)
+    finally:
+        second.stop()
+        b.cluster.procs.remove(second)
+    b.rss_peak["ussd_hop_2proc(second)"] = rss.peak
+    errors = _load_errors(result)
+    b.rows.append(_lat(Row("USSD menu hop (2 processes, 32 conn.)", "hops/s", result.rps, "/s",
+                           baseline=one.rps, target=">=1.6x one process",
+                           met=errors == 0 and result.rps >= 1.6 * one.rps,
+                           checks={"errors": errors, "requests": result.requests, "cpus": os.cpu_count()},
+                           notes="baseline column = one serve process; wrk, PostgreSQL and Redis share "
+                                 f"the same {os.cpu_count()} CPUs"), result))
+
+
+def scenario_ussd_pay(b: Bench) -> None:
+    run = b.run_id + secrets.token_hex(2)
+    started = datetime.now(UTC)
+    b.log("full USSD pay sessions (4 hops, END creates the payment), 32 connections")
+    with RssSampler(b.serve) as rss:
+        result = wrk(ussd_path(b), "ussd_pay.lua", seconds=b.seconds(), connections=CONNECTIONS,
+                     env={"BENCH_PHONES": ",".join(b.phones), "BENCH_RUN": run})
+    b.rss_peak["ussd_pay"] = rss.peak
+    time.sleep(0.5)  # requests wrk abandoned at the deadline finish on the server
+    ends = int(result.extra.get("ends", 0))
+    payments = db_value(b, "SELECT count(*) FROM payments WHERE channel = 'ussd' AND created_at >= $1", started)
+    jobs = db_value(b, "SELECT count(*) FROM outbox_jobs j JOIN payments p ON p.id = j.payload->>'payment_id' "
+                       "WHERE j.kind = 'payment.collect' AND p.channel = 'ussd' AND p.created_at >= $1", started)
+    errors = _load_errors(result)
+    sessions = ends / max(result.seconds, 1e-9)
+    consistent = ends <= payments <= ends + CONNECTIONS and jobs == payments
+    b.rows.append(_lat(Row("Full USSD pay session (32 conn.)", "sessions/s", sessions, "/s",
+                           target=">=200 sessions/s; p99 per hop <=50 ms",
+                           met=errors == 0 and consistent and sessions >= 200 and result.p99_ms <= 50,
+                           checks={"errors": errors, "hops": result.requests, "sessions_ended": ends,
+                                   "payments_in_db": payments, "collect_jobs": jobs, "consistent": consistent},
+                           notes="latency columns are per hop"), result))
+
+
+def insert_baseline(b: Bench) -> LoadResult:
+    port = free_port()
+    dsn = b.dsn
+    proc = b.cluster.start("baseline-insert",
+                           [python(), "bench/baseline.py", "insert", "--port", str(port), "--dsn", dsn], b.env,
+                           ready_url=f"http://127.0.0.1:{port}/nothing")
+    try:
+        b.log("baseline: bare asyncpg single-row INSERT handler")
+        return wrk(f"http://127.0.0.1:{port}/", "insert.lua", seconds=b.seconds(), connections=CONNECTIONS,
+                   env={"BENCH_RUN": "base" + secrets.token_hex(3)})
+    finally:
+        proc.stop()
+
+
+def api_payments_load(b: Bench, seconds: float, run: str) -> LoadResult:
+    return wrk(f"{b.url}/v1/payments", "insert.lua", seconds=seconds, connections=CONNECTIONS,
+               env={"BENCH_PATH": "/v1/payments", "BENCH_TOKEN": b.token, "BENCH_RUN": run,
+                    "BENCH_PAYMENT_TYPE": b.demo["payment_types"]["Water"], "BENCH_METHOD": "MOBILE_MONEY_AIRTEL",
+                    "BENCH_ACCOUNT": AIRTEL_PAYER, "BENCH_AMOUNT": "5000"})
+
+
+def scenario_payments(b: Bench) -> None:
+    base = insert_baseline(b)
+    run = b.run_id + secrets.token_hex(2)
+    b.log("POST /v1/payments with idempotency keys, 32 connections")
+    with RssSampler(b.serve) as rss:
+        result = api_payments_load(b, b.seconds(), run)
+    b.rss_peak["payments"] = rss.peak
+    time.sleep(0.5)
+    created = int(result.extra.get("created", 0))
+    like = f"bench-{run}-%"
+    rows = db_value(b, "SELECT count(*) FROM payments WHERE idempotency_key LIKE $1", like)
+    audit = db_value(b, "SELECT count(*) FROM audit_events a JOIN payments p ON p.id = a.entity_id "
+                        "WHERE a.action = 'payment.created' AND p.idempotency_key LIKE $1", like)
+    jobs = db_value(b, "SELECT count(*) FROM outbox_jobs j JOIN payments p ON p.id = j.payload->>'payment_id' "
+                       "WHERE j.kind IN ('payment.collect', 'payment.poll') AND p.idempotency_key LIKE $1", like)
+    replay = replay_check(b, run)
+    errors = _load_errors(result)
+    consistent = created <= rows <= created + CONNECTIONS and audit == rows and jobs == 2 * rows and replay
+    b.rows.append(_lat(Row("POST /v1/payments (idempotency key, 32 conn.)", "payments/s", result.rps, "/s",
+                           baseline=base.rps, target=">=40% of baseline and >=1,000/s",
+                           met=errors == 0 and consistent and result.rps >= max(1000, 0.4 * base.rps),
+                           checks={"errors": errors, "created_201": created, "payment_rows": rows,
+                                   "audit_rows": audit, "outbox_jobs": jobs, "replay_ok": replay,
+                                   "consistent": consistent, "baseline_p99_ms": base.p99_ms,
+                                   "baseline_errors": _load_errors(base)},
+                           notes="payment + audit + 2 outbox rows in one transaction; JWT auth, schema check"),
+                       result))
+
+
+def replay_check(b: Bench, run: str) -> bool:
+    """The same key and body again: 200 with the same payment, no new row."""
+    body = {"paymentTypeId": b.demo["payment_types"]["Water"], "amount": 5000, "paymentMethod": "MOBILE_MONEY_AIRTEL",
+            "paymentAccount": AIRTEL_PAYER, "description": "bench", "idempotencyKey": f"bench-{run}-0-5"}
+    headers = {"Authorization": f"Bearer {b.token}"}
+    first = httpx.post(f"{b.url}/v1/payments", json=body, headers=headers, timeout=30)
+    second = httpx.post(f"{b.url}/v1/payments", json=body, headers=headers, timeout=30)
+    return first.status_code in (200, 201) and second.status_code == 200 \
+        and first.json()["id"] == second.json()["id"] and second.headers.get("Idempotent-Replayed") == "true"
+
+
+def pending_airtel(b: Bench, count: int) -> list[asyncpg.Record]:
+    return db(b, "SELECT id, provider_reference FROM payments WHERE provider = 'airtel' AND status = 'PENDING' "
+                 "ORDER BY created_at LIMIT $1", count)
+
+
+def ensure_airtel_payments(b: Bench, count: int) -> list[asyncpg.Record]:
+    found = pending_airtel(b, count)
+    while len(found) < count:
+        missing = count - len(found)
+        b.log(f"creating {missing} Airtel payments through the API for the callbacks")
+        api_payments_load(b, max(1.0, min(30.0, missing / 300)), "top" + secrets.token_hex(3))
+        found = pending_airtel(b, count)
+    return found
+
+
+def write_callbacks(b: Bench, payments: list[asyncpg.Record]) -> Path:
+    from providers.airtel.adapter import callback_hash
+
+    key = b.env["AIRTEL_CALLBACK_KEY"]
+    path = b.cluster.workdir / f"callbacks-{secrets.token_hex(3)}.jsonl"
+    with path.open("w") as out:
+        for row in payments:
+            tx = {"id": row["provider_reference"], "message": "Paid", "status_code": "TS",
+                  "airtel_money_id": "MP" + uuid.uuid4().hex[:12]}
+            out.write(json.dumps({"transaction": tx, "hash": callback_hash(tx, key)}, separators=(",", ":")) + "\n")
+    return path
+
+
+def callback_counts(b: Bench, ids: list[str]) -> dict[str, int]:
+    rows = db(b, """
+        SELECT
+          (SELECT count(*) FROM payments WHERE id = ANY($1::text[]) AND status = 'COMPLETED'),
+          (SELECT count(*) FROM provider_events WHERE payment_id = ANY($1::text[])),
+          (SELECT count(*) FROM audit_events WHERE action = 'payment.completed' AND entity_id = ANY($1::text[])),
+          (SELECT count(*) FROM outbox_jobs WHERE kind = 'sms.send' AND payload->'context'->>'payment_id' = ANY($1::text[])),
+          (SELECT count(*) FROM outbox_jobs WHERE kind = 'webhook.event' AND payload->'data'->>'id' = ANY($1::text[]))
+    """, ids)
+    names = ("completed", "provider_events", "audit_completed", "sms_jobs", "webhook_jobs")
+    return dict(zip(names, (int(v) for v in rows[0]), strict=True))
+
+
+def scenario_callbacks(b: Bench, *, report: bool = True) -> None:
+    count = b.args.callbacks
+    payments = ensure_airtel_payments(b, count)
+    ids = [str(r["id"]) for r in payments]
+    path = write_callbacks(b, payments)
+    b.callback_bodies = len(payments)
+    url = f"{b.url}/webhooks/payments/airtel?secret={b.env['CALLBACK_SECRET_AIRTEL']}"
+    b.log(f"provider callbacks: {len(payments)} signed Airtel callbacks, 32 connections")
+    with RssSampler(b.serve) as rss:
+        result = wrk(url, "callbacks.lua", seconds=max(b.seconds(), 120), connections=min(CONNECTIONS, count),
+                     env={"BENCH_FILE": str(path)})
+    b.rss_peak["callbacks"] = rss.peak
+    first = callback_counts(b, ids)
+    # Every callback again: all must be answered as duplicates and change nothing.
+    replay = wrk(url, "callbacks.lua", seconds=120, connections=min(CONNECTIONS, count),
+                 env={"BENCH_FILE": str(path)})
+    second = callback_counts(b, ids)
+    n = len(ids)
+    exact = all(v == n for v in first.values()) and second == first
+    replay_ok = int(replay.extra.get("duplicate", 0)) >= n and _load_errors(replay) == 0
+    if not report:
+        return
+    errors = _load_errors(result)
+    completed = int(result.extra.get("completed", 0))
+    rate = completed / max(result.seconds, 1e-9)
+    b.rows.append(_lat(Row("Provider callbacks (Airtel, signed)", "callbacks/s", rate, "/s",
+                           target=">=1,000/s, none lost or doubled",
+                           met=errors == 0 and exact and replay_ok and rate >= 1000,
+                           checks={"errors": errors, "sent": n, "answered_completed": completed,
+                                   **{f"db_{k}": v for k, v in first.items()}, "replayed_as_duplicates":
+                                   int(replay.extra.get("duplicate", 0)), "db_unchanged_after_replay":
+                                   second == first, "exactly_once": exact},
+                           notes="HMAC verify, event stored once, PENDING->COMPLETED with audit, receipt SMS "
+                                 "and webhook jobs; every callback then replayed"), result))
+
+
+def scenario_sms(b: Bench) -> None:
+    pending = db_value(b, "SELECT count(*) FROM outbox_jobs WHERE kind = 'sms.send' AND status = 'PENDING'")
+    if not pending:
+        scenario_callbacks(b, report=False)
+    # Only receipts: the provider jobs of the payments made above would talk to the provider simulators.
+    db(b, "DELETE FROM outbox_jobs WHERE kind <> 'sms.send' AND status <> 'DONE'")
+    count = int(db_value(b, "SELECT count(*) FROM outbox_jobs WHERE kind = 'sms.send' AND status = 'PENDING'"))
+    b.log(f"SMS receipts: {count} sms.send jobs, 1 worker process, simulator with delivery reports")
+    started = datetime.now(UTC)
+    worker = b.cluster.start("worker", [python(), "main.py", "worker"], b.env)
+    deadline = time.monotonic() + max(60, count / 20)
+    try:
+        sent = delivered = 0
+        while time.monotonic() < deadline:
+            if worker.popen.poll() is not None:
+                raise RuntimeError(f"worker exited: {worker.log.read_text()[-2000:]}")
+            rows = db(b, "SELECT status, count(*) FROM sms_messages WHERE created_at >= $1 GROUP BY status", started)
+            by = {r[0]: int(r[1]) for r in rows}
+            sent, delivered = by.get("SENT", 0) + by.get("DELIVERED", 0), by.get("DELIVERED", 0)
+            if delivered >= count:
+                break
+            time.sleep(0.3)
+        worker_rss = worker.rss_mb()
+    finally:
+        worker.stop()
+        b.cluster.procs.remove(worker)
+    span = db(b, "SELECT min(created_at), max(sent_at), max(delivered_at), count(*) FROM sms_messages "
+                 "WHERE created_at >= $1", started)[0]
+    first, last_sent, last_delivered, rows = span
+    jobs_left = db_value(b, "SELECT count(*) FROM outbox_jobs WHERE kind = 'sms.send' AND status <> 'DONE'")
+    seconds = (last_sent - first).total_seconds() if first and last_sent else 0.0
+    rate = sent / seconds if seconds > 0 else 0.0
+    doubled = db_value(b, "SELECT count(*) FROM (SELECT idempotency_key FROM sms_messages GROUP BY 1 "
+                          "HAVING count(*) > 1) d")
+    ok = sent == count and delivered == count and jobs_left == 0 and doubled == 0
+    b.rows.append(Row("SMS receipts (outbox -> simulator -> delivery report)", "messages/s per worker", rate, "/s",
+                      target=">=200 messages/s per worker process", met=ok and rate >= 200,
+                      checks={"jobs": count, "sent": sent, "delivered": delivered, "rows": int(rows),
+                              "jobs_not_done": int(jobs_left), "doubled": int(doubled),
+                              "worker_rss_mb": round(worker_rss, 1),
+                              "last_delivery_after_s": round((last_delivered - first).total_seconds(), 2)
+                              if first and last_delivered else None},
+                      notes="first message created to last sent (DB timestamps); worker --concurrency 16; "
+                            "simulator reports delivery after 0.5 s"))
+
+
+def scenario_memory(b: Bench) -> None:
+    if not b.rss_peak:
+        with RssSampler(b.serve) as rss:
+            hop_load(ussd_path(b), b)
+        b.rss_peak["ussd_hop"] = rss.peak
+    peak = max(v for k, v in b.rss_peak.items())
+    b.rows.append(Row("Memory: serve RSS under load", "peak RSS", peak, "MB", target="<=150 MB", met=peak <= 150,
+                      checks={k: round(v, 1) for k, v in b.rss_peak.items()}))
+    size, screen = session_size(b)
+    b.rows.append(Row("Memory: one USSD session in Redis", "MEMORY USAGE", size, "bytes", target="<=1 KB",
+                      met=0 < size <= 1024, checks={"screen": screen},
+                      notes="a pay session stopped at the confirmation screen (the most state)"))
+
+
+def session_size(b: Bench) -> tuple[int, str]:
+    import redis
+
+    from channels.ussd.sessions import session_key
+
+    session_id = f"mem{b.run_id}{secrets.token_hex(3)}"
+    phone = b.phones[0] if b.phones else HOP_PHONE
+    last = ""
+    for text in ("", "1", "1*1"):
+        last = httpx.post(ussd_path(b), data={"sessionId": session_id, "serviceCode": SERVICE_CODE,
+                                              "phoneNumber": phone, "networkCode": "63510", "text": text},
+                          timeout=30).text
+    client = redis.Redis.from_url(b.env["REDIS_URL"])
+    try:
+        size = client.memory_usage(session_key("africastalking", session_id), samples=0) or 0
+    finally:
+        client.close()
+    return int(size), last.split("\n", 1)[0][:60]
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.1f}" if abs(value) >= 10 else f"{value:,.2f}"
+    return f"{text} {unit}".strip()
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1024 / 1024:.1f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    pg = subprocess.run(["bash", "-c", "ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1"],
+                        capture_output=True, text=True, check=False).stdout.strip()
+    redis_v = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False).stdout
+    return {"cpu": cpu, "cpus": str(os.cpu_count()), "memory": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "postgresql": pg.split("/")[-2] if pg else "?",
+            "redis": redis_v.split()[2].removeprefix("v=") if redis_v else "?",
+            "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split("\n")[0][:40]}
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| scenario | figure | result | p50 / p95 / p99 ms | baseline | ratio | target | met? |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lat = "-" if r.p99_ms is None else f"{r.p50_ms:.1f} / {r.p95_ms:.1f} / {r.p99_ms:.1f}"
+        met = "yes" if r.met else "no" if r.met is not None else "-"
+        lines.append(f"| {r.scenario} | {r.figure} | {_fmt(r.value, r.unit)} | {lat} | {_fmt(r.baseline, r.unit)} | "
+                     f"{'-' if r.ratio is None else f'{r.ratio:.0%}'} | {r.target} | {met} |")
+    return "\n".join(lines)
+
+
+def markdown(b: Bench, info: dict[str, str], started: datetime, elapsed: float) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run {started.strftime('%Y-%m-%d %H:%M UTC')} by `.venv/bin/python bench/run.py"
+        f"{' --quick' if b.args.quick else ''}` ({elapsed:.0f} s; {b.args.seconds:g} s per load scenario, "
+        f"{CONNECTIONS} connections, wrk one connection per thread).",
+        "",
+        f"Machine: {info['cpu']}, {info['cpus']} CPUs, {info['memory']}, Linux {info['kernel']}; "
+        f"Python {info['python']}, PostgreSQL {info['postgresql']} (fsync off, throwaway), Redis {info['redis']}, "
+        f"{info['wrk']}. The load generator, the service, PostgreSQL, Redis and the simulators share these CPUs.",
+        "",
+        table(b.rows),
+        "",
+        "Checks made after each scenario (database and Redis, not the load generator's word):",
+        "",
+    ]
+    for r in b.rows:
+        checks = ", ".join(f"{k}={v}" for k, v in r.checks.items())
+        lines.append(f"- **{r.scenario}**: {checks}." + (f" {r.notes}." if r.notes else ""))
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    started_at, t0 = datetime.now(UTC), time.monotonic()
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else list(SCENARIOS)
+    unknown = [s for s in only if s not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    services = start_services(workdir)
+    cluster = Cluster(workdir)
+    failure: BaseException | None = None
+    b: Bench | None = None
+    try:
+        port = free_port()
+        sim_ports = {name: free_port() for name in (*PROVIDERS, "africastalking")}
+        env = gateway_env(services, port, sim_ports, args.log_level)
+        b = Bench(args=args, cluster=cluster, env=env, dsn=services["DATABASE_URL"].replace("+asyncpg", ""),
+                  port=port, sim_ports=sim_ports, run_id=secrets.token_hex(3))
+        b.log(f"services in {services['GATEWAY_SERVICES_DIR']}; logs in {workdir}")
+        subprocess.run([python(), "main.py", "migrate"], cwd=ROOT, env=env, check=True, capture_output=True,
+                       timeout=300)
+        b.demo = asyncio.run(seed(env, CONNECTIONS))
+        b.phones = b.demo["phones"]
+        start_simulators(b)
+        b.serve = start_serve(b)
+        b.token = login(b)
+        for name in only:
+            globals()[f"scenario_{name}"](b)
+    except BaseException as exc:  # noqa: BLE001 - reported after the clean-up
+        failure = exc
+    finally:
+        cluster.stop_all()
+        stop_services(services["GATEWAY_SERVICES_DIR"])
+    elapsed = time.monotonic() - t0
+    if b is None or failure is not None and not b.rows:
+        if failure is not None:
+            raise failure
+        return 1
+    info = machine()
+    text = markdown(b, info, started_at, elapsed)
+    print()
+    print(table(b.rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "quick": args.quick, "machine": info, "elapsed": elapsed, "failure": repr(failure) if failure else None,
+            "rows": [{**asdict(r), "ratio": r.ratio} for r in b.rows]}, indent=2, default=str))
+    if not args.quick and failure is None and set(only) == set(SCENARIOS):
+        (ROOT / "bench" / "RESULTS.md").write_text(text)
+        print(f"\nwritten {ROOT / 'bench' / 'RESULTS.md'}")
+    else:
+        (workdir / "RESULTS.md").write_text(text)
+        print(f"\nwritten {workdir / 'RESULTS.md'} (bench/RESULTS.md is only written by a full run of everything)")
+    if failure is not None:
+        raise failure
+    shutil.rmtree(workdir, ignore_errors=True) if args.clean else None
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="about 2 s per scenario (smoke run)")
+    parser.add_argument("--only", default="", help=f"comma list of {', '.join(SCENARIOS)}")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per load scenario (10; quick 2)")
+    parser.add_argument("--callbacks", type=int, default=None, help="callbacks sent (5000; quick 200)")
+    parser.add_argument("--log-level", default="INFO", help="the service's LOG_LEVEL (INFO, as in production)")
+    parser.add_argument("--json", default="", help="also write the results as JSON to this file")
+    parser.add_argument("--clean", action="store_true", help="remove the logs folder after a successful run")
+    args = parser.parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 2.0 if args.quick else 10.0
+    if args.callbacks is None:
+        args.callbacks = 200 if args.quick else 5000
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
