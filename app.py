@@ -59,7 +59,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     rt = Runtime(settings=settings, engine=engine, sessionmaker=make_sessionmaker(engine), redis=redis,
                  http=http, cipher=cipher)
     try:
-        rt.providers = build_providers(settings, http)
+        rt.providers = build_providers(settings, http, redis)
         rt.routes = build_routes(settings, rt.providers)
         from channels.sms.sender import build_sender
 

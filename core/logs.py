@@ -21,6 +21,14 @@ def scrub(text: str) -> str:
     return _PHONE.sub(lambda m: f"{m[1]}{m[2]}{m[3]}{'*' * len(m[4])}{m[5]}", text)
 
 
+def _is_bad_request(exc: BaseException | None) -> bool:
+    try:
+        from aiohttp.http_exceptions import HttpProcessingError
+    except ImportError:  # pragma: no cover - aiohttp is a dependency
+        return False
+    return isinstance(exc, HttpProcessingError)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -36,7 +44,14 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value if isinstance(value, str | int | float | bool | type(None)) else str(value)
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            exc = record.exc_info[1]
+            if record.name.startswith("aiohttp.") and _is_bad_request(exc):
+                # aiohttp's parser errors quote the offending header or line, which may be a bearer
+                # token or an API key: keep the kind of error only.
+                entry["exc"] = type(exc).__name__
+                entry["msg"] = "malformed HTTP request refused"
+            else:
+                entry["exc"] = self.formatException(record.exc_info)
         return scrub(json.dumps(entry, ensure_ascii=False, default=str))
 
 

@@ -21,7 +21,7 @@ from core.config import ConfigError, Settings
 from core.ports import PaymentProvider
 from providers.airtel.adapter import AirtelAdapter
 from providers.airtel.simulator import create_simulator as airtel_simulator
-from providers.irembopay.adapter import IremboPayAdapter
+from providers.irembopay.adapter import IremboPayAdapter, redis_nonce_store
 from providers.irembopay.simulator import create_simulator as irembopay_simulator
 from providers.mpesa.adapter import MpesaAdapter
 from providers.mpesa.simulator import create_simulator as mpesa_simulator
@@ -56,13 +56,21 @@ DEFAULT_ROUTES: dict[str, str] = {
 }
 
 
-def build_providers(settings: Settings, http: httpx.AsyncClient) -> dict[str, PaymentProvider]:
-    """One adapter per configured provider, sharing the process's HTTP client."""
+def build_providers(settings: Settings, http: httpx.AsyncClient,
+                    redis: Any = None) -> dict[str, PaymentProvider]:
+    """One adapter per configured provider, sharing the process's HTTP client.
+
+    With `redis`, IremboPay's one-time webhook check is shared by every gateway process (a webhook
+    replayed to another `serve` process is refused too); without it, it is process-local.
+    """
     providers: dict[str, PaymentProvider] = {}
     for name, config in settings.providers.items():
         adapter_class = ADAPTERS.get(name)
         if adapter_class is None:
             raise ConfigError(f"{name.upper()}_BASE_URL", f"no adapter is registered for provider {name!r}")
+        if adapter_class is IremboPayAdapter and redis is not None:
+            providers[name] = IremboPayAdapter(http, config, nonce_store=redis_nonce_store(redis))
+            continue
         providers[name] = adapter_class(http, config)
     return providers
 

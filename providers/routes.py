@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -53,6 +54,33 @@ async def _read_body(request: web.Request) -> bytes | None:
     return None if len(body) > MAX_CALLBACK_BODY else body
 
 
+def _unstorable_json(body: bytes) -> bool:
+    """True when the body is JSON holding a string PostgreSQL cannot store (NUL, a lone surrogate).
+
+    The raw callback is kept in a JSON column; such a string would fail that INSERT with a 500.
+    """
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False  # not JSON: the adapter refuses it with its own message
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 async def provider_callback(request: web.Request) -> web.Response:
     rt = request.config_dict[RUNTIME]
     name = request.match_info["provider"]
@@ -68,6 +96,9 @@ async def provider_callback(request: web.Request) -> web.Response:
     body = await _read_body(request)
     if body is None:
         return _refuse(request, name, 413, f"callback body is larger than {MAX_CALLBACK_BODY} bytes")
+    if _unstorable_json(body):
+        return _refuse(request, name, 400, "callback contains characters that are not text (NUL or a lone "
+                                           "surrogate)")
     callback = InboundCallback(method=request.method, headers=dict(request.headers),
                                query={k: v for k, v in request.query.items() if k != "secret"}, body=body)
     try:

@@ -22,7 +22,7 @@ from core.logs import JsonFormatter
 # A full East African / Ghanaian mobile number: +2507xxxxxxxx, 2547xxxxxxxx, +233xxxxxxxxx, 07xxxxxxxx,
 # also written with spaces. Runs glued to letters or hex (UUIDs, digests, tokens) are not numbers, and
 # a run longer than a number (epoch ms, provider ids) is not one either.
-_EDGE_BEFORE = r"(?<![0-9A-Za-z])"
+_EDGE_BEFORE = r"(?<![0-9A-Za-z])(?<![0-9A-Fa-f]{4}-)"  # the second: the last group of a UUID
 _EDGE_AFTER = r"(?![0-9A-Za-z])"
 PHONE_PATTERNS = [
     re.compile(_EDGE_BEFORE + r"\+?(?:25[0-7]|233)\d{8,9}" + _EDGE_AFTER),

@@ -238,7 +238,7 @@ class IremboPayAdapter:
             raise CallbackRejected("missing irembopay-signature header")
         parts = dict(p.strip().split("=", 1) for p in header.split(",") if "=" in p)
         t, s = parts.get("t", ""), parts.get("s", "")
-        if not t.isdigit() or not s:
+        if not (t.isascii() and t.isdigit()) or len(t) > 15 or not s:  # ms since 1970: 13 digits
             raise CallbackRejected("malformed irembopay-signature header")
         expected = sign(self._config.secret("secret_key"), int(t), callback.body)
         if not hmac.compare_digest(expected, s.lower()):

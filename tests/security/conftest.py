@@ -100,3 +100,7 @@ async def pending_payment(rt: Any, demo: dict[str, Any], *, provider: str, metho
         s.add(p)
         await s.flush()
         return p
+
+
+# The API suite's signed-in callers and second cooperative, reused here.
+from tests.admin_api.conftest import admin, coop_b, superadmin, tenant  # noqa: E402, F401

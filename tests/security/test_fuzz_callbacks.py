@@ -174,3 +174,15 @@ async def test_sms_named_hostile_bodies(srt: Any, sclient: Any, sdemo: Any) -> N
                  form_encode({"id": "\ud800", "status": "Success"})):
         status, answer = await send(sclient, "POST", dpath, body, "application/x-www-form-urlencoded")
         assert status < 500, (status, answer[:300], body[:100])
+
+
+async def test_callback_strings_the_database_cannot_store_are_a_400(srt: Any, sclient: Any, sdemo: Any) -> None:
+    """A lone surrogate or NUL escaped in a provider's JSON used to reach the JSON column and fail as a 500."""
+    before = await snapshot(srt)
+    for name, body in (("mtn_momo", {**MTN, "externalId": "ref-1", "payer": {"partyId": "\ud9ca"}}),
+                       ("mtn_momo", {**MTN, "externalId": "ref-2", "reason": "a\u0000b"}),
+                       ("mpesa", {"Body": {"stkCallback": {**MPESA["Body"]["stkCallback"], "ResultDesc": "\udc00"}}})):
+        status, raw = await send(sclient, "POST", f"/webhooks/payments/{name}?secret={secret_for(name)}",
+                                 json.dumps(body).encode(), "application/json")
+        assert status == 400, (name, status, raw[:200])
+    assert await snapshot(srt) == before

@@ -157,14 +157,16 @@ def json_bytes(value: Any) -> bytes:
 
 
 @FUZZ
-@given(body=st.one_of(hubtel_bodies, mutated(HUBTEL_BASE, hubtel_bodies), json_value), ctype=st.sampled_from(CONTENT_TYPES))
+@given(body=st.one_of(hubtel_bodies, mutated(HUBTEL_BASE, hubtel_bodies), json_value),
+       ctype=st.sampled_from(CONTENT_TYPES))
 async def test_hubtel_fuzzed_json(client: Any, demo: Any, body: Any, ctype: str) -> None:
     resp, raw = await post(client, "/ussd/hubtel", json_bytes(body), ctype)
     assert_hubtel_reply(resp, raw)
 
 
 @FUZZ
-@given(body=st.one_of(nalo_bodies, mutated(NALO_BASE, nalo_bodies), json_value), ctype=st.sampled_from(CONTENT_TYPES))
+@given(body=st.one_of(nalo_bodies, mutated(NALO_BASE, nalo_bodies), json_value),
+       ctype=st.sampled_from(CONTENT_TYPES))
 async def test_nalo_fuzzed_json(client: Any, demo: Any, body: Any, ctype: str) -> None:
     resp, raw = await post(client, "/ussd/nalo", json_bytes(body), ctype)
     assert_nalo_reply(resp, raw)
