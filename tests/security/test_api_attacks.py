@@ -3,10 +3,9 @@ oversized bodies on every write route, and id enumeration that must look exactly
 
 from __future__ import annotations
 
-import logging
-
 import base64
 import json
+import logging
 import uuid
 from typing import Any
 
