@@ -77,9 +77,10 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
     """Every job kind the worker can run, gathered from the packages that own them."""
     from channels.sms.jobs import job_handlers as sms_jobs
     from core.jobs import job_handlers as core_jobs
+    from core.reminders import job_handlers as reminder_jobs
 
     handlers: dict[str, Handler] = {}
-    for part in (core_jobs(rt), sms_jobs(rt)):
+    for part in (core_jobs(rt), sms_jobs(rt), reminder_jobs(rt)):
         overlap = handlers.keys() & part.keys()
         if overlap:
             raise RuntimeError(f"job kinds registered twice: {sorted(overlap)}")

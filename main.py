@@ -82,6 +82,10 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=not settings.is_embedded)
         await site.start()
         worker = create_worker(rt) if with_worker else None
+        if worker:
+            from core.reminders import ensure_scheduled
+
+            await ensure_scheduled(rt)
         worker_task = asyncio.create_task(worker.run_forever()) if worker else None
         log.info("serving", extra={"url": settings.public_base_url, "worker": with_worker})
         if banner:
@@ -101,6 +105,9 @@ async def _worker(settings: Settings, concurrency: int) -> None:
 
     async with open_runtime(settings) as rt:
         worker = create_worker(rt, concurrency=concurrency)
+        from core.reminders import ensure_scheduled
+
+        await ensure_scheduled(rt)
         stop = asyncio.Event()
         _stop_on_signals(stop)
         task = asyncio.create_task(worker.run_forever())

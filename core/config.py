@@ -92,6 +92,7 @@ class Settings:
     payment_timeout_seconds: int
     ussd_service_code: str
     log_level: str
+    reminder_days_before: int = 3
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -296,5 +297,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         payment_timeout_seconds=_int(env, "PAYMENT_TIMEOUT_SECONDS", 300, minimum=1),
         ussd_service_code=_get(env, "USSD_SERVICE_CODE", "*384*123#"),
         log_level=log_level,
+        reminder_days_before=_int(env, "REMINDER_DAYS_BEFORE", 3, minimum=0),
         extra={"rate_limit_multiplier": rate_multiplier, "phone_simulator_enabled": phone_page},
     )

@@ -21,8 +21,8 @@ async def send_sms(
     dedupe: str,
     member_id: str | None = None,
     phone: Phone | None = None,
-) -> None:
-    """Queue one SMS; the same `dedupe` key never sends twice."""
+) -> bool:
+    """Queue one SMS; the same `dedupe` key never sends twice (False: it was already queued)."""
     if member_id is None and phone is None:
         raise ValueError("an SMS needs a member or a phone number")
     payload = {
@@ -33,8 +33,8 @@ async def send_sms(
         "context": context,
         "key": dedupe,
     }
-    await enqueue(session, "sms.send", payload, dedupe_key=f"sms:{dedupe}", cooperative_id=cooperative_id,
-                  max_attempts=10)
+    return await enqueue(session, "sms.send", payload, dedupe_key=f"sms:{dedupe}",
+                         cooperative_id=cooperative_id, max_attempts=10)
 
 
 async def emit_event(session: AsyncSession, *, cooperative_id: str, event_type: str, event_id: str,

@@ -56,8 +56,8 @@ async def enqueue(
     run_at: datetime | None = None,
     cooperative_id: str | None = None,
     max_attempts: int = 8,
-) -> None:
-    """Add a job in the caller's transaction. A job with the same dedupe key is not added twice."""
+) -> bool:
+    """Add a job in the caller's transaction; False when a job with the same dedupe key already exists."""
     values = {
         "kind": kind,
         "payload": payload,
@@ -73,7 +73,8 @@ async def enqueue(
     stmt = insert_ignore(session.get_bind().dialect.name, OutboxJob).values(**values)
     if dedupe_key is not None:
         stmt = stmt.on_conflict_do_nothing(index_elements=["dedupe_key"])
-    await session.execute(stmt)
+    result = await session.execute(stmt)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def backoff(attempt: int, *, base: float = 2.0, cap: float = 3600.0) -> float:

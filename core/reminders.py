@@ -1,0 +1,142 @@
+"""Payment reminders: an SMS to each member who has not yet paid a recurring type before its due day.
+
+A daily `reminders.scan` job (one per day whatever the number of workers: its dedupe key is the date)
+finds, per cooperative and in the cooperative's own time zone, the recurring payment types falling
+due within `REMINDER_DAYS_BEFORE` days, and queues `payment_reminder` for every active member who
+has not paid that type since the previous due date and has not sent STOP. Each reminder's dedupe key
+names the member, the type and the due date, so a re-run, a second worker or a late scan never
+sends it twice.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+from datetime import UTC, date, datetime, time, timedelta
+from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.db import utcnow
+from core.models import Cooperative, Member, Payment, PaymentType
+from core.notify import send_sms
+from core.outbox import Handler, Job, enqueue
+
+if TYPE_CHECKING:
+    from core.runtime import Runtime
+
+log = logging.getLogger("gateway.reminders")
+
+INTERVAL_MONTHS = {"MONTHLY": 1, "QUARTERLY": 3, "YEARLY": 12}
+PAID = ("COMPLETED", "PARTIALLY_REFUNDED")  # money kept: a fully refunded payment does not count
+SCAN_HOUR_UTC = 6  # 08:00 in Kigali, 09:00 in Nairobi: a reasonable hour for an SMS
+
+
+def _add_months(year: int, month: int, months: int) -> tuple[int, int]:
+    index = year * 12 + (month - 1) + months
+    return index // 12, index % 12 + 1
+
+
+def _on_day(year: int, month: int, day: int) -> date:
+    """The due day in that month, moved back to the month's last day when it is shorter (31 → 30/28)."""
+    return date(year, month, min(day, calendar.monthrange(year, month)[1]))
+
+
+def due_dates(ptype: PaymentType, today: date) -> tuple[date, date] | None:
+    """(previous due date, next due date on or after `today`) of a recurring type, or None.
+
+    Quarterly and yearly types fall due in the month the type was created and every 3 or 12 months
+    from there.
+    """
+    months = INTERVAL_MONTHS.get((ptype.recurring_interval or "MONTHLY").upper())
+    if not ptype.is_recurring or not ptype.due_day or months is None:
+        return None
+    anchor = (ptype.created_at or utcnow()).date()
+    # Step from the anchor month in whole intervals to the first due date on or after today.
+    elapsed = (today.year - anchor.year) * 12 + (today.month - anchor.month)
+    steps = max(0, elapsed // months)
+    year, month = _add_months(anchor.year, anchor.month, steps * months)
+    due = _on_day(year, month, ptype.due_day)
+    while due < today:
+        year, month = _add_months(year, month, months)
+        due = _on_day(year, month, ptype.due_day)
+    prev_year, prev_month = _add_months(year, month, -months)
+    return _on_day(prev_year, prev_month, ptype.due_day), due
+
+
+def _zone(name: str | None) -> ZoneInfo:
+    try:
+        return ZoneInfo(name or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = None) -> int:
+    """Queue every reminder due at `now`; returns how many were queued (duplicates are not counted)."""
+    now = now or utcnow()
+    days_before = rt.settings.reminder_days_before
+    queued = 0
+    coops = (await session.execute(select(Cooperative).where(Cooperative.status == "ACTIVE"))).scalars().all()
+    for coop in coops:
+        zone = _zone(coop.timezone)
+        today = now.astimezone(zone).date()
+        types = (await session.execute(select(PaymentType).where(
+            PaymentType.cooperative_id == coop.id, PaymentType.is_active.is_(True),
+            PaymentType.is_recurring.is_(True)))).scalars().all()
+        for ptype in types:
+            window = due_dates(ptype, today)
+            if window is None:
+                continue
+            previous_due, due = window
+            if not 0 <= (due - today).days <= days_before:
+                continue
+            # Paid for this period: a payment kept since the previous due day (local midnight).
+            since = datetime.combine(previous_due, time(), tzinfo=zone).astimezone(UTC)
+            paid = set((await session.execute(select(Payment.member_id).where(
+                Payment.cooperative_id == coop.id, Payment.payment_type_id == ptype.id,
+                Payment.status.in_(PAID), Payment.created_at > since,
+                Payment.member_id.is_not(None)))).scalars())
+            members = (await session.execute(select(Member.id).where(
+                Member.cooperative_id == coop.id, Member.status == "ACTIVE",
+                Member.reminders_opt_out.is_(False)))).scalars().all()
+            for member_id in members:
+                if member_id in paid:
+                    continue
+                created = await send_sms(
+                    session, template="payment_reminder", cooperative_id=coop.id, member_id=member_id,
+                    context={"member_id": member_id, "payment_type_id": ptype.id, "due_date": due.isoformat()},
+                    cipher=rt.cipher, dedupe=f"reminder:{member_id}:{ptype.id}:{due.isoformat()}")
+                queued += int(created)
+    return queued
+
+
+def _scan_time(day: date) -> datetime:
+    return datetime.combine(day, time(SCAN_HOUR_UTC), tzinfo=UTC)
+
+
+async def schedule(session: AsyncSession, day: date) -> None:
+    """Make sure the scan of `day` exists (idempotent: one job per date)."""
+    await enqueue(session, "reminders.scan", {"day": day.isoformat()}, dedupe_key=f"reminders.scan:{day}",
+                  run_at=_scan_time(day), max_attempts=5)
+
+
+async def ensure_scheduled(rt: Runtime) -> None:
+    """Called when a worker starts: today's scan (or tomorrow's, once today's hour has passed) exists."""
+    now = utcnow()
+    async with rt.sessionmaker.begin() as session:
+        await schedule(session, now.date())
+        await schedule(session, now.date() + timedelta(days=1))
+
+
+def job_handlers(rt: Runtime) -> dict[str, Handler]:
+    async def run_scan(job: Job) -> None:
+        day = date.fromisoformat(job.payload["day"])
+        async with rt.sessionmaker.begin() as session:
+            count = await scan(session, rt)
+            # The next day's scan is queued in the same transaction: the chain never breaks.
+            await schedule(session, max(day, utcnow().date()) + timedelta(days=1))
+        log.info("reminders queued", extra={"day": day.isoformat(), "count": count})
+
+    return {"reminders.scan": run_scan}

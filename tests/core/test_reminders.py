@@ -1,0 +1,121 @@
+"""Payment reminders: who gets one, when, in which language, and never twice."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from core.db import utcnow
+from core.models import Member, OutboxJob, Payment, PaymentType, SmsMessage
+from core.reminders import due_dates, ensure_scheduled, scan
+from tests.channels.sms.helpers import start_simulator
+from tests.conftest import drain
+
+# 28 November, 08:00 in Kigali: Monthly Rent (due day 1) falls due in 3 days, Water (day 10) in 12.
+NOW = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
+
+
+def _type(due_day: int, interval: str = "MONTHLY", created: date = date(2026, 1, 15), recurring: bool = True) -> Any:
+    return SimpleNamespace(is_recurring=recurring, recurring_interval=interval, due_day=due_day,
+                           created_at=datetime.combine(created, datetime.min.time(), tzinfo=UTC))
+
+
+@pytest.mark.parametrize(("ptype", "today", "expected"), [
+    (_type(1), date(2026, 11, 28), (date(2026, 11, 1), date(2026, 12, 1))),
+    (_type(1), date(2026, 12, 1), (date(2026, 11, 1), date(2026, 12, 1))),
+    (_type(31), date(2027, 2, 2), (date(2027, 1, 31), date(2027, 2, 28))),  # short month: its last day
+    (_type(31), date(2028, 2, 29), (date(2028, 1, 31), date(2028, 2, 29))),  # leap year
+    (_type(10, "QUARTERLY"), date(2026, 11, 28), (date(2026, 10, 10), date(2027, 1, 10))),  # Jan, Apr, Jul, Oct
+    (_type(5, "YEARLY", created=date(2025, 3, 2)), date(2026, 11, 28), (date(2026, 3, 5), date(2027, 3, 5))),
+    (_type(1, recurring=False), date(2026, 11, 28), None),
+    (_type(0), date(2026, 11, 28), None),
+    (_type(1, "FORTNIGHTLY"), date(2026, 11, 28), None),
+])
+def test_due_dates(ptype: Any, today: date, expected: Any) -> None:
+    assert due_dates(ptype, today) == expected
+
+
+async def _reminder_jobs(rt: Any) -> list[OutboxJob]:
+    async with rt.sessionmaker() as s:
+        jobs = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars().all()
+    return [j for j in jobs if j.payload["template"] == "payment_reminder"]
+
+
+async def _paid(rt: Any, demo: dict[str, Any], phone: str, status: str, created: datetime) -> None:
+    async with rt.sessionmaker.begin() as s:
+        s.add(Payment(cooperative_id=demo["cooperative_id"], payment_type_id=demo["payment_types"]["Monthly Rent"],
+                      member_id=demo["members"][phone], reference=f"PAY_{uuid.uuid4().hex[:10]}",
+                      amount_minor=50_000, currency="RWF", status=status, method="MOBILE_MONEY_MTN",
+                      provider="mtn_momo", provider_reference=str(uuid.uuid4()), payment_account_enc="x",
+                      payment_account_index="x", payment_account_masked="+25078****001",
+                      idempotency_key=uuid.uuid4().hex, request_hash="h", channel="api",
+                      expires_at=created + timedelta(minutes=5), created_at=created))
+
+
+async def test_scan_reminds_unpaid_members_once(rt: Any, demo: dict[str, Any], worker: Any,
+                                                aiohttp_server: Any) -> None:
+    members = demo["members"]
+    await _paid(rt, demo, "+250788000001", "COMPLETED", NOW - timedelta(days=3))  # paid this period
+    await _paid(rt, demo, "+250733000001", "FAILED", NOW - timedelta(days=2))  # tried, not paid
+    await _paid(rt, demo, "+250733000002", "COMPLETED", datetime(2026, 10, 20, tzinfo=UTC))  # last period
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Member).where(Member.id == members["+250788000002"]).values(reminders_opt_out=True))
+        await s.execute(update(Member).where(Member.id == members["+250788000003"]).values(status="SUSPENDED"))
+
+    async with rt.sessionmaker.begin() as s:
+        assert await scan(s, rt, now=NOW) == 2
+    jobs = await _reminder_jobs(rt)
+    rent = demo["payment_types"]["Monthly Rent"]
+    assert sorted((j.payload["member_id"], j.payload["context"]["payment_type_id"], j.payload["context"]["due_date"])
+                  for j in jobs) == sorted([(members["+250733000001"], rent, "2026-12-01"),
+                                            (members["+250733000002"], rent, "2026-12-01")])
+
+    # A second scan (another worker, a retry, the next day) queues nothing new for the same due date.
+    async with rt.sessionmaker.begin() as s:
+        assert await scan(s, rt, now=NOW) == 0
+        assert await scan(s, rt, now=NOW + timedelta(days=1)) == 0
+    assert len(await _reminder_jobs(rt)) == 2
+
+    # Delivered in each member's language through the SMS simulator.
+    _server, sim = await start_simulator(aiohttp_server, rt)
+    await drain(worker)
+    assert sorted(sim.inbox) == ["+250733000001", "+250733000002"]
+    french = sim.inbox["+250733000001"][0]["message"]
+    swahili = sim.inbox["+250733000002"][0]["message"]
+    assert "Monthly Rent" in french and "50,000 RWF" in french and "01/12/2026" in french
+    assert french != swahili and "01/12/2026" in swahili
+    async with rt.sessionmaker() as s:
+        rows = (await s.execute(select(SmsMessage).where(SmsMessage.template == "payment_reminder"))).scalars().all()
+    assert len(rows) == 2 and {r.status for r in rows} <= {"SENT", "DELIVERED"}
+
+
+async def test_scan_outside_the_window_and_for_inactive_types_sends_nothing(rt: Any, demo: dict[str, Any]) -> None:
+    async with rt.sessionmaker.begin() as s:
+        assert await scan(s, rt, now=datetime(2026, 11, 20, 6, tzinfo=UTC)) == 0  # rent in 11 days, water in 20
+        await s.execute(update(PaymentType).values(is_active=False))
+        assert await scan(s, rt, now=NOW) == 0
+    assert await _reminder_jobs(rt) == []
+
+
+async def test_the_daily_scan_schedules_itself_once(rt: Any, demo: dict[str, Any], worker: Any) -> None:
+    await ensure_scheduled(rt)
+    await ensure_scheduled(rt)  # a second worker starting: no second chain
+    async with rt.sessionmaker() as s:
+        scans = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "reminders.scan"))).scalars().all()
+    today = utcnow().date()
+    assert sorted(j.payload["day"] for j in scans) == [str(today), str(today + timedelta(days=1))]
+    # Run today's scan now: it keeps the chain going (tomorrow's is already there: still one job per day).
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "reminders.scan",
+                                                OutboxJob.dedupe_key == f"reminders.scan:{today}")
+                        .values(run_at=utcnow() - timedelta(seconds=1)))
+    await drain(worker)
+    async with rt.sessionmaker() as s:
+        scans = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "reminders.scan"))).scalars().all()
+    assert sorted((j.payload["day"], j.status) for j in scans) == [
+        (str(today), "DONE"), (str(today + timedelta(days=1)), "PENDING")]
