@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from channels.ussd import sessions
 from channels.ussd.engine import Ctx, Invalid, Item
 from channels.ussd.i18n import LANGUAGES, translate
+from channels.ussd.types import side_effect_started
 from core.audit import Actor
 from core.errors import Conflict, DomainError
 from core.models import Cooperative, Member, Payment, PaymentType
@@ -239,6 +240,7 @@ async def name_entered(ctx: Ctx, name: str) -> str:
     from core.members import create_member
 
     try:
+        side_effect_started()
         async with ctx.rt.sessionmaker.begin() as session:
             member = await create_member(session, ctx.rt.cipher, cooperative_id=ctx.data["rc"], name=name,
                                          phone=ctx.hop.phone, language=ctx.state.lang, status="PENDING",
@@ -360,6 +362,7 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
         account=turn.phone.e164, idempotency_key=f"ussd:{turn.aggregator}:{turn.session_id}"[:128],
         channel="ussd", amount=Money(ctx.data["amt"], ctx.data["cur"]), member_id=ctx.data["mb"],
     )
+    side_effect_started()
     async with ctx.rt.sessionmaker.begin() as session:
         payment, _created = await create_payment(session, ctx.rt, new, actor=actor(ctx))
     ctx.data.update(ref=payment.reference, pid=payment.id,
@@ -405,6 +408,7 @@ async def send_receipt(ctx: Ctx, _key: str) -> str:
         raise Invalid("error.invalid_choice")
     payment = found[0]
     template = "payment_receipt" if payment.status in COLLECTED else "payment_status"
+    side_effect_started()
     async with ctx.rt.sessionmaker.begin() as session:
         await send_sms(session, template=template, cooperative_id=payment.cooperative_id,
                        context={"payment_id": payment.id}, cipher=ctx.rt.cipher, member_id=ctx.data["mb"],
@@ -429,6 +433,7 @@ async def open_dispute(ctx: Ctx, reason: str) -> str:
     from core.payments import recent_payments_for_member
 
     try:
+        side_effect_started()
         async with ctx.rt.sessionmaker.begin() as session:
             # Loaded again in this transaction, and only among the member's own payments.
             mine = await recent_payments_for_member(session, ctx.data["mb"], limit=5)

@@ -13,10 +13,13 @@ from types import ModuleType
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
+from sqlalchemy.exc import DBAPIError
 
 from channels.ussd import africastalking, hubtel, nalo, records
 from channels.ussd.screens import build_engine
 from channels.ussd.service import UssdService
+from channels.ussd.types import HOP_PROGRESS, HopProgress, UssdReply, UssdTurn
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered
 from core import metrics
 from core.runtime import RUNTIME, SETTINGS
@@ -29,11 +32,48 @@ HOP_BUDGET_SECONDS = 3.0
 MAX_BODY = 16 * 1024
 
 
+# After a hop has started a payment (or another write the user must hear about) it may run this much
+# longer, still inside the aggregators' 10 s; past that the user hears "unavailable" but the hop
+# finishes in the background and a retry of the same hop gets its real answer.
+SIDE_EFFECT_GRACE_SECONDS = 5.0
+# Outages expected in production: logged without a traceback.
+EXPECTED_OUTAGES: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError, OSError, RedisError, DBAPIError)
+
+
 class UssdChannel:
     def __init__(self, allowlist: tuple[str, ...]) -> None:
         self.service = UssdService(build_engine())
         self.budget = HOP_BUDGET_SECONDS
+        self.grace = SIDE_EFFECT_GRACE_SECONDS
         self.networks = [ipaddress.ip_network(entry, strict=False) for entry in allowlist]
+        self._finishing: set[asyncio.Task[tuple[UssdReply, str]]] = set()
+
+    async def run_hop(self, rt: Any, turn: UssdTurn, limit: int) -> tuple[UssdReply, str]:
+        """The hop within its budget; a hop that has begun a side effect is never cut mid-way."""
+        progress = HopProgress()
+        token = HOP_PROGRESS.set(progress)
+        try:
+            task = asyncio.create_task(self.service.handle(rt, turn, limit))
+        finally:
+            HOP_PROGRESS.reset(token)
+        done, _ = await asyncio.wait({task}, timeout=self.budget)
+        if not done and progress.side_effects:
+            done, _ = await asyncio.wait({task}, timeout=self.grace)
+        if done:
+            return task.result()
+        if progress.side_effects:
+            # Let it commit and save the session's answer; the aggregator's retry will be served it.
+            self._finishing.add(task)
+            task.add_done_callback(self._finished)
+            raise TimeoutError("hop still finishing its side effect")
+        task.cancel()
+        raise TimeoutError("hop over budget")
+
+    def _finished(self, task: asyncio.Task[tuple[UssdReply, str]]) -> None:
+        self._finishing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("ussd hop finished in the background with an error",
+                        extra={"error": type(task.exception()).__name__})
 
 
 USSD = web.AppKey("ussd_channel", UssdChannel)
@@ -119,13 +159,12 @@ def _hop_handler(aggregator: str) -> Callable[[web.Request], Awaitable[web.Respo
         turn = parsed.turn
         screen = "unavailable"
         try:
-            reply, screen = await asyncio.wait_for(channel.service.handle(rt, turn, module.LIMIT),
-                                                   timeout=channel.budget)
+            reply, screen = await channel.run_hop(rt, turn, module.LIMIT)
         except Exception as exc:
             log.warning("ussd hop failed; answering service unavailable",
                         extra={"aggregator": aggregator, "session_id": turn.session_id,
                                "phone": turn.phone.masked(), "error": type(exc).__name__},
-                        exc_info=not isinstance(exc, TimeoutError | ConnectionError | OSError))
+                        exc_info=not isinstance(exc, EXPECTED_OUTAGES))
             reply = channel.service.unavailable(rt, turn)
             metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="unavailable").inc()
         elapsed = time.perf_counter() - started

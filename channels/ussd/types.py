@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 
 from core.phone import Phone
@@ -45,3 +46,28 @@ def extension_of(dialled: str, base: str) -> str | None:
         return None
     rest = stem_d[len(stem_b) + 1:]
     return rest or None
+
+
+class HopProgress:
+    """What one hop has done so far, read by the router when the hop's time budget runs out.
+
+    Once a flow starts a write the user must hear about (a payment, a dispute, a member), the hop is
+    no longer cut short: answering "service unavailable" while the payment goes ahead would leave a
+    payer charged for something they were told failed.
+    """
+
+    __slots__ = ("side_effects",)
+
+    def __init__(self) -> None:
+        self.side_effects = False
+
+
+HOP_PROGRESS: contextvars.ContextVar[HopProgress | None] = contextvars.ContextVar("ussd_hop_progress",
+                                                                                  default=None)
+
+
+def side_effect_started() -> None:
+    """Flows call this right before a transaction whose outcome the user must be told."""
+    progress = HOP_PROGRESS.get()
+    if progress is not None:
+        progress.side_effects = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -542,3 +543,81 @@ async def test_a_refusal_from_the_core_ends_cleanly(client: Any, demo: Any, db: 
     answer = await phone.send("1")
     assert answer == "END Sorry, we could not complete your request. Please try again later."
     assert await db.count(Payment) == 0
+
+
+async def _slow_create_payment(monkeypatch: Any, seconds: float) -> None:
+    import core.payments
+
+    real = core.payments.create_payment
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(seconds)  # a slow database, after the hop's budget is gone
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(core.payments, "create_payment", slow)
+
+
+async def test_a_slow_confirmation_is_not_cut_once_the_payment_has_started(client: Any, demo: Any, db: Any,
+                                                                           monkeypatch: Any) -> None:
+    from channels.ussd.routes import USSD
+
+    channel = client.server.app[USSD]
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    types = await phone.send("1")
+    await phone.send(option(types, "Monthly Rent"))
+    channel.budget, channel.grace = 0.2, 3.0
+    await _slow_create_payment(monkeypatch, 0.6)
+    done = await phone.send("1")
+    # Told the truth: the payment exists and the payer approves it, never "service unavailable".
+    payment = await db.one(Payment)
+    assert done == f"END Approve the prompt on your phone to pay 50,000 RWF. Ref {payment.reference}"
+
+
+async def test_a_confirmation_past_the_grace_finishes_and_a_retry_gets_its_answer(client: Any, demo: Any, db: Any,
+                                                                                 monkeypatch: Any) -> None:
+    from channels.ussd.routes import USSD
+
+    channel = client.server.app[USSD]
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    types = await phone.send("1")
+    await phone.send(option(types, "Monthly Rent"))
+    channel.budget, channel.grace = 0.1, 0.1
+    await _slow_create_payment(monkeypatch, 0.5)
+    first = await phone.send("1")
+    assert first == "END Service unavailable, please try again later."
+    for _ in range(100):  # the hop finishes in the background: payment, then the session's answer
+        await asyncio.sleep(0.05)
+        if await db.count(Payment):
+            break
+    await asyncio.sleep(0.2)
+    payment = await db.one(Payment)
+    # The aggregator retries the same hop: the real answer, and still one payment.
+    retried = await phone.resend()
+    assert retried == f"END Approve the prompt on your phone to pay 50,000 RWF. Ref {payment.reference}"
+    assert await db.count(Payment) == 1
+
+
+async def test_a_hop_over_budget_before_any_side_effect_is_cancelled(client: Any, demo: Any, db: Any,
+                                                                     monkeypatch: Any) -> None:
+    import channels.ussd.flows as flows
+    from channels.ussd.routes import USSD
+
+    channel = client.server.app[USSD]
+    real = flows.memberships
+    calls: list[str] = []
+
+    async def slow(ctx: Any) -> Any:
+        calls.append("start")
+        await asyncio.sleep(1.0)
+        calls.append("end")  # never reached: the hop was cancelled
+        return await real(ctx)
+
+    monkeypatch.setattr(flows, "memberships", slow)
+    channel.budget, channel.grace = 0.2, 5.0
+    started = time.monotonic()
+    assert await AtPhone(client, EN_MTN).dial() == "END Service unavailable, please try again later."
+    assert time.monotonic() - started < 1.0
+    await asyncio.sleep(1.0)
+    assert calls == ["start"]
