@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -100,10 +101,29 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
         await runner.cleanup()
 
 
-async def _worker(settings: Settings, concurrency: int) -> None:
+async def _worker_metrics(rt: object, host: str, port: int):  # type: ignore[no-untyped-def]
+    """/metrics and /healthz of a worker process: its provider calls, jobs and SMS live in its memory."""
+    from aiohttp import web
+
+    from app import healthz, metrics_endpoint
+    from core.runtime import RUNTIME
+
+    app = web.Application()
+    app[RUNTIME] = rt  # type: ignore[assignment]
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("worker metrics", extra={"url": f"http://{host}:{port}/metrics"})
+    return runner
+
+
+async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0) -> None:
     from app import create_worker, open_runtime
 
     async with open_runtime(settings) as rt:
+        runner = await _worker_metrics(rt, settings.host, metrics_port) if metrics_port else None
         worker = create_worker(rt, concurrency=concurrency)
         from core.reminders import ensure_scheduled
 
@@ -116,6 +136,8 @@ async def _worker(settings: Settings, concurrency: int) -> None:
         log.info("worker stopping: finishing running jobs")
         worker.stop()
         await task
+        if runner is not None:
+            await runner.cleanup()
 
 
 def _banner(settings: Settings, demo: dict) -> str:
@@ -166,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "refuses to start unless the database is migrated")
     w = sub.add_parser("worker", help="run outbox jobs (provider calls, SMS, webhooks) and payment status polling")
     w.add_argument("--concurrency", type=int, default=16, help="jobs run at once (default 16)")
+    w.add_argument("--metrics-port", type=int, default=int(os.environ.get("WORKER_METRICS_PORT", "0") or 0),
+                   help="serve this worker's /metrics and /healthz on HOST:PORT (default WORKER_METRICS_PORT; "
+                        "0 = off)")
     sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     sub.add_parser("seed-demo", help="create the demo cooperative, payment types, members and admins (idempotent)")
     sub.add_parser("run", help="all in one process: migrate, seed the demo, serve and run the worker; "
@@ -217,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_serve(settings, with_worker=False))
         elif args.command == "worker":
             asyncio.run(check_migrations(settings))
-            asyncio.run(_worker(settings, args.concurrency))
+            asyncio.run(_worker(settings, args.concurrency, args.metrics_port))
         elif args.command == "run":
             migrate(settings)
             demo = asyncio.run(seed(settings))

@@ -55,3 +55,39 @@ def test_run_boots_embedded_default_and_is_ready(tmp_path):
     assert f"http://127.0.0.1:{port}/simulator" in out
     assert "+250788000001" in out
     assert "250788000001" not in err  # no full phone number in the logs
+
+
+def test_worker_serves_its_own_metrics(tmp_path):
+    """A separate worker process exports what only it counts (jobs, provider calls, SMS)."""
+    db = tmp_path / "gateway.db"
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "PUBLIC_BASE_URL")}
+    env.update({"DATABASE_URL": f"sqlite+aiosqlite:///{db}", "REDIS_URL": "embedded", "GATEWAY_ENV": "development"})
+    subprocess.run([sys.executable, str(ROOT / "main.py"), "migrate"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=120)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "worker", "--metrics-port", str(port)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        body = ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+                if answer.status_code == 200 and "gateway_outbox_jobs_total" in answer.text:
+                    body = answer.text
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stderr.read()
+        # The worker scheduled the reminder scans when it started: its own gauges show the queue.
+        assert 'gateway_outbox_depth{status="PENDING"}' in body
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json() == {"status": "ok"}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _out, err = proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
