@@ -251,6 +251,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     # M-Pesa signs nothing: in production its callback URL must carry a secret.
     if production and not callback_secrets["mpesa"]:
         raise ConfigError("CALLBACK_SECRET_MPESA", "is required in production (M-Pesa callbacks are unsigned)")
+    if production and not callback_secrets["sms"]:
+        # Unsigned too: a forged inbound SMS would make us text any number, a forged report lie.
+        raise ConfigError("CALLBACK_SECRET_SMS", "is required in production (SMS callbacks are unsigned)")
     jwt_secret = secret("JWT_SECRET")
     if production and len(jwt_secret.get().encode()) < 32:
         raise ConfigError("JWT_SECRET", "must be at least 32 bytes in production")
@@ -263,6 +266,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if rate_multiplier < 0:
         raise ConfigError("RATE_LIMIT_MULTIPLIER", "must not be negative (0 turns rate limits off)")
     phone_page = _bool(env, "PHONE_SIMULATOR_ENABLED", False)
+    if production and phone_page:
+        raise ConfigError("PHONE_SIMULATOR_ENABLED", "must be off in production (it exposes payment lookups)")
+    if production and simulators:
+        raise ConfigError("SIMULATORS_IN_PROCESS", "must be off in production")
     allowlist = tuple(ip.strip() for ip in env.get("USSD_IP_ALLOWLIST", "").split(",") if ip.strip())
 
     log_level = _get(env, "LOG_LEVEL", "INFO").upper()

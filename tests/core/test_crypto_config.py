@@ -89,3 +89,36 @@ def test_process_exits_with_one_line_naming_the_variable():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "configuration error: DATABASE_URL: must be postgresql+asyncpg://... or sqlite+aiosqlite://..."]
+
+
+def _production_env() -> dict[str, str]:
+    from core.config import _PROVIDER_CREDENTIALS
+
+    env = {"GATEWAY_ENV": "production", "DATABASE_URL": "postgresql+asyncpg://gw@127.0.0.1:5432/gw",
+           "REDIS_URL": "redis://127.0.0.1:6379/0", "PII_ENCRYPTION_KEYS": "k1:" + base64.b64encode(b"k" * 32).decode(),
+           "BLIND_INDEX_KEY": "b" * 32, "JWT_SECRET": "j" * 32, "SMS_API_KEY": "sms-key",
+           "CALLBACK_SECRET_MPESA": "m" * 24, "CALLBACK_SECRET_SMS": "s" * 24}
+    for provider, creds in _PROVIDER_CREDENTIALS.items():
+        for cred in creds:
+            env[f"{provider.upper()}_{cred}"] = f"{provider}-{cred.lower()}-value"
+    return env
+
+
+def test_a_complete_production_configuration_loads():
+    s = load_settings(_production_env())
+    assert s.is_production and not s.simulators_in_process
+    assert not s.extra["phone_simulator_enabled"]
+
+
+@pytest.mark.parametrize(("change", "variable"), [
+    ({"CALLBACK_SECRET_MPESA": ""}, "CALLBACK_SECRET_MPESA"),
+    ({"CALLBACK_SECRET_SMS": ""}, "CALLBACK_SECRET_SMS"),
+    ({"JWT_SECRET": "too-short"}, "JWT_SECRET"),
+    ({"PHONE_SIMULATOR_ENABLED": "1"}, "PHONE_SIMULATOR_ENABLED"),
+    ({"SIMULATORS_IN_PROCESS": "1"}, "SIMULATORS_IN_PROCESS"),
+    ({"RATE_LIMIT_MULTIPLIER": "-1"}, "RATE_LIMIT_MULTIPLIER"),
+])
+def test_production_refuses_unsafe_settings(change, variable):
+    with pytest.raises(ConfigError) as info:
+        load_settings({**_production_env(), **change})
+    assert info.value.variable == variable
