@@ -84,7 +84,7 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
         await site.start()
         worker = create_worker(rt) if with_worker else None
         if worker:
-            from core.reminders import ensure_scheduled
+            from core.jobs import ensure_scheduled
 
             await ensure_scheduled(rt)
         worker_task = asyncio.create_task(worker.run_forever()) if worker else None
@@ -125,7 +125,7 @@ async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0) -
     async with open_runtime(settings) as rt:
         runner = await _worker_metrics(rt, settings.host, metrics_port) if metrics_port else None
         worker = create_worker(rt, concurrency=concurrency)
-        from core.reminders import ensure_scheduled
+        from core.jobs import ensure_scheduled
 
         await ensure_scheduled(rt)
         stop = asyncio.Event()

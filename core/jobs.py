@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import metrics
 from core.audit import Actor
 from core.db import utcnow
 from core.models import Member, Payment, Refund
 from core.money import Money
-from core.outbox import Handler, Job, PermanentJobError, RetryLater
+from core.outbox import Handler, Job, PermanentJobError, RetryLater, enqueue
 from core.payments import apply_collection_outcome, payment_account
 from core.phone import Phone
 from core.ports import CollectionRequest, ProviderError, ProviderOutcome, ProviderTimeout, RefundRequest
@@ -128,6 +129,15 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             if not expired:
                 raise RetryLater(next_poll_in(payment, now), str(exc)) from exc
             status = None
+        except Exception as exc:
+            # Not a provider answer we understand (an unknown status, a bug): never guess about money
+            # while the payer may still approve; once the window is over, TIMEOUT (a later success
+            # still completes the payment, flagged late).
+            log.error("status query failed", extra={"payment": payment.reference, "error": type(exc).__name__},
+                      exc_info=True)
+            if not expired:
+                raise RetryLater(next_poll_in(payment, now), f"status query failed: {type(exc).__name__}") from exc
+            status = None
         outcome = status.outcome if status else ProviderOutcome.PENDING
         if outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
             if not expired:
@@ -221,5 +231,56 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             await apply_refund_outcome(session, rt, fresh, status.outcome, actor=WORKER,
                                        provider_transaction_id=status.provider_transaction_id, reason=status.reason)
 
+    async def sweep(job: Job) -> None:
+        count = await sweep_open_payments(rt)
+        if count:
+            log.warning("open payments without a live poll re-queued", extra={"count": count})
+        async with rt.sessionmaker.begin() as session:
+            await schedule_sweep(session)
+
     return {"payment.collect": collect, "payment.poll": poll, "refund.submit": submit_refund,
-            "refund.poll": poll_refund}
+            "refund.poll": poll_refund, "payments.sweep": sweep}
+
+
+SWEEP_EVERY = timedelta(minutes=5)
+STUCK_AFTER = timedelta(minutes=10)
+
+
+async def sweep_open_payments(rt: Runtime, *, now: datetime | None = None) -> int:
+    """Re-queue a status poll for every open payment whose polling has stalled.
+
+    Polls normally keep `next_poll_at` ahead of now; one far behind means its job was parked (a
+    provider answering garbage for hours), lost with a restored backup, or never queued. A poll job
+    is idempotent, so a second one for the same payment costs one status query, never a double charge.
+    """
+    now = now or utcnow()
+    slot = int(now.timestamp() // SWEEP_EVERY.total_seconds())
+    async with rt.sessionmaker.begin() as session:
+        stuck = (await session.execute(
+            select(Payment.id, Payment.cooperative_id).where(
+                Payment.status.in_([s.value for s in OPEN]),
+                Payment.next_poll_at < now - STUCK_AFTER).limit(1000))).all()
+        for payment_id, cooperative_id in stuck:
+            await enqueue(session, "payment.poll", {"payment_id": payment_id},
+                          dedupe_key=f"poll:{payment_id}:sweep:{slot}", cooperative_id=cooperative_id,
+                          max_attempts=30)
+            await session.execute(update(Payment).where(Payment.id == payment_id).values(next_poll_at=now))
+    return len(stuck)
+
+
+async def schedule_sweep(session: AsyncSession, *, now: datetime | None = None) -> None:
+    """The next sweep, once per slot whatever the number of workers."""
+    now = now or utcnow()
+    slot = int(now.timestamp() // SWEEP_EVERY.total_seconds()) + 1
+    run_at = datetime.fromtimestamp(slot * SWEEP_EVERY.total_seconds(), UTC)
+    await enqueue(session, "payments.sweep", {}, dedupe_key=f"payments.sweep:{slot}", run_at=run_at,
+                  max_attempts=3)
+
+
+async def ensure_scheduled(rt: Runtime) -> None:
+    """Called when a worker starts: the periodic jobs (payment sweep, reminders) exist, once each."""
+    from core.reminders import ensure_scheduled as ensure_reminders
+
+    async with rt.sessionmaker.begin() as session:
+        await schedule_sweep(session)
+    await ensure_reminders(rt)

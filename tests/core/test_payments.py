@@ -282,3 +282,65 @@ async def test_refund_refusals(rt, demo, provider):
         async with rt.sessionmaker.begin() as s:
             await request_refund(s, rt, payment_id=done.id, cooperative_id="another-coop", amount=None,
                                  reason=None, idempotency_key="refund-key-7", actor=ADMIN)
+
+
+class _Garbage(RecordingProvider):
+    """A provider whose status answers cannot be understood (the adapter raises, not ProviderError)."""
+
+    async def collection_status(self, reference, txn, currency):
+        raise ValueError("unknown status 'WEIRD'")
+
+
+async def test_unreadable_status_answers_wait_then_time_out_at_the_window(rt, demo, worker):
+    rt.providers = {**rt.providers, "mtn_momo": _Garbage()}
+    payment, _ = await _create(rt, _new(demo))
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(OutboxJob.__table__.update().where(OutboxJob.kind == "payment.poll").values(run_at=utcnow()))
+    await worker.run_once()
+    async with rt.sessionmaker() as s:
+        poll = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "payment.poll"))).scalar_one()
+    # Waiting, not failing: no attempt used up, payment still open.
+    assert (poll.status, poll.attempts) == ("PENDING", 0) and "ValueError" in poll.last_error
+    assert (await _payment(rt, payment.id)).status in ("PENDING", "PROCESSING")
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(Payment.__table__.update().values(expires_at=utcnow() - timedelta(seconds=1)))
+        await s.execute(OutboxJob.__table__.update().where(OutboxJob.kind == "payment.poll").values(run_at=utcnow()))
+    await drain(worker)
+    done = await _payment(rt, payment.id)
+    assert (done.status, done.failure_reason) == ("TIMEOUT", "not approved in time")
+
+
+async def test_sweep_requeues_polls_that_stalled_and_settles_the_payment(rt, demo, provider, worker):
+    from core.jobs import sweep_open_payments
+
+    payment, _ = await _create(rt, _new(demo))
+    fresh, _ = await _create(rt, _new(demo, key="key-0002-abcdef"))
+    async with rt.sessionmaker.begin() as s:
+        # The first payment's poll job was parked hours ago; the second one is polling normally.
+        await s.execute(OutboxJob.__table__.update().where(OutboxJob.kind == "payment.poll",
+                                                           OutboxJob.dedupe_key == f"poll:{payment.id}")
+                        .values(status="PARKED"))
+        await s.execute(Payment.__table__.update().where(Payment.id == payment.id)
+                        .values(next_poll_at=utcnow() - timedelta(hours=2)))
+    assert await sweep_open_payments(rt) == 1
+    assert await sweep_open_payments(rt) == 0  # next_poll_at moved: not stuck any more
+    async with rt.sessionmaker() as s:
+        polls = (await s.execute(select(OutboxJob.dedupe_key).where(
+            OutboxJob.kind == "payment.poll", OutboxJob.status == "PENDING"))).scalars().all()
+    assert sorted(polls) == sorted([f"poll:{fresh.id}", next(p for p in polls if ":sweep:" in p)])
+    assert f"poll:{payment.id}:sweep:" in next(p for p in polls if ":sweep:" in p)
+    provider.status = StatusResult(ProviderOutcome.SUCCEEDED, amount=Money(50_000, "RWF"), provider_transaction_id="T7")
+    await drain(worker)
+    assert (await _payment(rt, payment.id)).status == "COMPLETED"
+    assert (await _payment(rt, fresh.id)).status in ("PENDING", "PROCESSING")  # its own poll is not due yet
+
+
+async def test_periodic_jobs_are_scheduled_once_per_slot(rt, demo):
+    from core.jobs import ensure_scheduled
+
+    await ensure_scheduled(rt)
+    await ensure_scheduled(rt)  # a second worker starting
+    async with rt.sessionmaker() as s:
+        kinds = (await s.execute(select(OutboxJob.kind, func.count()).group_by(OutboxJob.kind))).all()
+    counts = dict(kinds)
+    assert counts["payments.sweep"] == 1 and counts["reminders.scan"] == 2  # today and tomorrow
