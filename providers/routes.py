@@ -11,11 +11,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
+from sqlalchemy.exc import DBAPIError
 
 from core.config import Settings
 from core.metrics import CALLBACK_REJECTED
 from core.ports import CallbackRejected, InboundCallback, ProviderError
-from core.runtime import RUNTIME
+from core.ratelimit import Limit, RateLimiter
+from core.runtime import RUNTIME, SETTINGS
 
 log = logging.getLogger("gateway.providers.callbacks")
 
@@ -25,6 +27,8 @@ _ACKS: dict[str, dict[str, Any]] = {
     "mpesa": {"ResultCode": 0, "ResultDesc": "Accepted"},
 }
 PATH = "/webhooks/payments/{provider}"
+# The seed's table: webhooks 1000/min per source address.
+CALLBACK_LIMIT = Limit("webhooks", 1000)
 
 
 def callback_url(settings: Settings, provider: str) -> str:
@@ -81,12 +85,33 @@ def _unstorable_json(body: bytes) -> bool:
     return False
 
 
+async def _rate_limited(request: web.Request, rt: Any) -> web.Response | None:
+    multiplier = float(request.config_dict[SETTINGS].extra.get("rate_limit_multiplier", 1.0))
+    if multiplier <= 0:
+        return None
+    try:
+        decision = await RateLimiter(rt.redis, multiplier=multiplier).hit(CALLBACK_LIMIT, request.remote or "?")
+    except Exception:  # Redis down: a provider's money callback matters more than the limit
+        log.warning("callback rate limit unavailable; letting the callback through")
+        return None
+    if decision.allowed:
+        return None
+    CALLBACK_REJECTED.labels(source="rate_limited").inc()
+    response = _error(request, 429, "Too many requests. Please try again later.")
+    response.headers.update({"X-RateLimit-Limit": str(decision.limit), "X-RateLimit-Remaining": "0",
+                             "X-RateLimit-Reset": str(decision.reset), "Retry-After": str(decision.retry_after)})
+    return response
+
+
 async def provider_callback(request: web.Request) -> web.Response:
     rt = request.config_dict[RUNTIME]
     name = request.match_info["provider"]
     adapter = rt.providers.get(name)
     if adapter is None:
         return _error(request, 404, f"unknown payment provider {name!r}")
+    limited = await _rate_limited(request, rt)
+    if limited is not None:
+        return limited
 
     expected = rt.settings.callback_secrets.get(name)
     given = request.query.get("secret", "")
@@ -118,10 +143,28 @@ async def provider_callback(request: web.Request) -> web.Response:
         # was recorded, so the provider must send it again. 503 tells it to, where a 500 says we broke.
         log.warning("provider callback not confirmed; asked to retry",
                     extra={"provider": name, "event_id": event.event_id, "error": str(exc)})
+        await _release(adapter, callback)
         return _error(request, 503, "the callback could not be confirmed with the provider; retry later")
+    except Exception as exc:
+        # Our side failed (database down): nothing was stored, so the provider's retry must get through.
+        log.error("provider callback not processed; asked to retry",
+                  extra={"provider": name, "event_id": event.event_id, "error": type(exc).__name__},
+                  exc_info=not isinstance(exc, (OSError, DBAPIError)))
+        await _release(adapter, callback)
+        return _error(request, 503, "the callback could not be processed now; retry later")
     log.info("provider callback handled", extra={"provider": name, "event_id": event.event_id,
                                                  "outcome": event.outcome.value, "result": outcome})
     return web.json_response(_ACKS.get(name, {"status": "accepted", "result": outcome}))
+
+
+async def _release(adapter: object, callback: InboundCallback) -> None:
+    release = getattr(adapter, "release_callback", None)
+    if release is None:
+        return
+    try:
+        await release(callback)
+    except Exception:  # Redis down too: the one-time key expires by itself
+        log.warning("could not release the callback's one-time key", exc_info=True)
 
 
 def setup(app: web.Application) -> None:

@@ -83,14 +83,29 @@ class MemoryNonceStore:
         self._seen[key] = now + ttl
         return True
 
+    async def forget(self, key: str) -> None:
+        self._seen.pop(key, None)
 
-def redis_nonce_store(redis: Any) -> NonceStore:
+
+class RedisNonceStore:
     """One-time check shared by every gateway process: SET key 1 NX EX ttl, in one round trip."""
 
-    async def first_time(key: str, ttl: int) -> bool:
-        return bool(await redis.set(key, b"1", nx=True, ex=ttl))
+    def __init__(self, redis: Any) -> None:
+        self._redis = redis
 
-    return first_time
+    async def __call__(self, key: str, ttl: int) -> bool:
+        return bool(await self._redis.set(key, b"1", nx=True, ex=ttl))
+
+    async def forget(self, key: str) -> None:
+        await self._redis.delete(key)
+
+
+def redis_nonce_store(redis: Any) -> NonceStore:
+    return RedisNonceStore(redis)
+
+
+def _nonce_key(signature: str) -> str:
+    return f"nonce:{{irembopay}}:{signature.lower()}"
 
 
 def sign(secret: str, timestamp_ms: int, body: bytes) -> str:
@@ -248,8 +263,16 @@ class IremboPayAdapter:
         if abs(now_ms - int(t)) > self._tolerance * 1000:
             raise CallbackRejected("irembopay signature timestamp outside the tolerance")
         # Checked last, so only a genuine signature can use up its one-time key.
-        if not await self._nonce_store(f"nonce:{{irembopay}}:{s.lower()}", 2 * self._tolerance):
+        if not await self._nonce_store(_nonce_key(s), 2 * self._tolerance):
             raise CallbackRejected("irembopay webhook already received (replay)", status=409)
+
+    async def release_callback(self, callback: InboundCallback) -> None:
+        """We could not process a verified webhook (database down): let IremboPay's retry through."""
+        forget = getattr(self._nonce_store, "forget", None)
+        header = _header(callback.headers, SIGNATURE_HEADER) or ""
+        parts = dict(p.strip().split("=", 1) for p in header.split(",") if "=" in p)
+        if forget is not None and parts.get("s"):
+            await forget(_nonce_key(parts["s"]))
 
     def parse_callback(self, callback: InboundCallback) -> ProviderEvent:
         try:

@@ -178,3 +178,47 @@ async def test_aggregator_callbacks_without_the_secret_are_refused_and_counted(
         assert rejected(source) == before_metric + 1
         assert await snapshot(srt) == before_rows
         assert await srt.redis.dbsize() == 0  # no session was started either
+
+
+async def test_irembopay_webhook_we_could_not_store_is_accepted_when_resent(srt: Any, sclient: Any,
+                                                                             sdemo: Any) -> None:
+    """Our database down while a genuine webhook arrives: 503, and IremboPay's retry is not a 'replay'."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    from core.db import make_engine
+
+    payment = await pending_payment(srt, sdemo, provider="irembopay", method="MOBILE_MONEY_MTN")
+    body = irembo_body(payment)
+    good = {"Content-Type": "application/json",
+            "irembopay-signature": signature_header(IREMBO_KEY, now_ms(), body)}
+    dead = make_engine("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")
+    working, srt.sessionmaker = srt.sessionmaker, async_sessionmaker(dead, expire_on_commit=False)
+    try:
+        down = await sclient.post(url("irembopay"), data=body, headers=good)
+    finally:
+        srt.sessionmaker = working
+        await dead.dispose()
+    assert down.status == 503 and "retry" in (await down.json())["message"]
+    assert await status_of(srt, payment.id) == "PENDING"
+    resent = await sclient.post(url("irembopay"), data=body, headers=good)
+    assert resent.status == 200, await resent.text()
+    assert await status_of(srt, payment.id) == "COMPLETED"
+    await refused(sclient, srt, "irembopay", 409, url("irembopay"), data=body, headers=good)
+
+
+async def test_provider_callbacks_are_rate_limited_per_address(srt: Any, sdemo: Any, aiohttp_client: Any) -> None:
+    from app import create_app
+    from tests.conftest import make_settings
+    from tests.security.conftest import SECRETS
+
+    # 1000/min scaled down to 2/min, so the test need not send a thousand callbacks.
+    client = await aiohttp_client(create_app(make_settings(**SECRETS, RATE_LIMIT_MULTIPLIER="0.002"),
+                                             runtime=srt))
+    before = rejected("rate_limited")
+    answers = [await client.post(url("mtn_momo", "wrong"), json={}) for _ in range(3)]
+    assert [a.status for a in answers] == [401, 401, 429]
+    limited = answers[-1]
+    assert limited.headers["X-RateLimit-Limit"] == "2" and limited.headers["X-RateLimit-Remaining"] == "0"
+    assert int(limited.headers["Retry-After"]) >= 1
+    assert (await limited.json())["statusCode"] == 429
+    assert rejected("rate_limited") == before + 1
