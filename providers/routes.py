@@ -86,7 +86,8 @@ def _unstorable_json(body: bytes) -> bool:
 
 
 async def _rate_limited(request: web.Request, rt: Any) -> web.Response | None:
-    multiplier = float(request.config_dict[SETTINGS].extra.get("rate_limit_multiplier", 1.0))
+    settings = request.config_dict.get(SETTINGS) or rt.settings
+    multiplier = float(settings.extra.get("rate_limit_multiplier", 1.0))
     if multiplier <= 0:
         return None
     try:
