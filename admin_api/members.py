@@ -133,7 +133,7 @@ async def suspend_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 async def approve_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     member = await one(ctx, Member, request.match_info["id"], "member")
-    member = await service.approve_member(ctx.session, member, actor=ctx.who.actor)
+    member = await service.approve_member(ctx.session, member, actor=ctx.who.actor, cipher=ctx.rt.cipher)
     await ctx.session.commit()
     return json_response(present(member))
 

@@ -19,7 +19,7 @@ from core.outbox import Handler, Job, PermanentJobError, RetryLater, enqueue
 from core.payments import apply_collection_outcome, payment_account
 from core.phone import Phone
 from core.ports import CollectionRequest, ProviderError, ProviderOutcome, ProviderTimeout, RefundRequest
-from core.refunds import apply_refund_outcome
+from core.refunds import apply_refund_outcome, collected
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN, PAYMENT, PaymentStatus
 from core.state.refund import REFUND, RefundStatus
@@ -168,7 +168,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         request = RefundRequest(
             provider_reference=refund.provider_reference, original_provider_reference=payment.provider_reference,
             original_provider_transaction_id=payment.provider_transaction_id,
-            amount=Money(refund.amount_minor, refund.currency), full=refund.amount_minor == payment.amount_minor,
+            amount=Money(refund.amount_minor, refund.currency), full=refund.amount_minor >= collected(payment),
             payer=Phone(account) if account.startswith("+") else None, reason=refund.reason or "refund",
             callback_url=_callback_url(rt, payment.provider))
         try:

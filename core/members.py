@@ -7,8 +7,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
+from core.db import utcnow
 from core.errors import Conflict, NotFound, ValidationError
 from core.models import Cooperative, Member
+from core.notify import send_sms
 from core.phone import Phone
 
 LANGUAGES = ("en", "rw", "fr", "sw")
@@ -114,10 +116,23 @@ async def update_member(session: AsyncSession, member: Member, *, actor: Actor, 
     return member
 
 
-async def approve_member(session: AsyncSession, member: Member, *, actor: Actor) -> Member:
-    if member.status != "PENDING":
-        raise Conflict(f"member is {member.status}, not PENDING")
-    return await update_member(session, member, actor=actor, status="ACTIVE")
+async def approve_member(session: AsyncSession, member: Member, *, actor: Actor, cipher: PiiCipher) -> Member:
+    """PENDING -> ACTIVE, and the "you are now a member" SMS queued in the same transaction."""
+    # Lock the row and re-read it: of two approvals at once, the second waits and then sees ACTIVE.
+    locked = (await session.execute(
+        select(Member).where(Member.id == member.id).with_for_update()
+        .execution_options(populate_existing=True)
+    )).scalar_one()
+    if locked.status != "PENDING":
+        raise Conflict(f"member is {locked.status}, not PENDING")
+    approved_at = utcnow()
+    member = await update_member(session, locked, actor=actor, status="ACTIVE")
+    # One SMS per approval (the job and the sms_messages row both dedupe on this key); a member set back
+    # to PENDING and approved again is a new approval and is told again.
+    await send_sms(session, template="member_approved", cooperative_id=member.cooperative_id, context={},
+                   cipher=cipher, member_id=member.id,
+                   dedupe=f"member_approved:{member.id}:{approved_at:%Y%m%dT%H%M%S%f}")
+    return member
 
 
 async def set_language(session: AsyncSession, member_id: str, language: str, *, actor: Actor) -> None:

@@ -138,6 +138,8 @@ class Payment(Base):
     currency: Mapped[str] = mapped_column(String(3))
     fee_minor: Mapped[int] = mapped_column(BigInteger, default=0)
     refunded_minor: Mapped[int] = mapped_column(BigInteger, default=0)
+    # What the provider reported taken, when it differs from amount_minor (a mismatch): refunds stop there.
+    collected_minor: Mapped[int | None] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(24), default="PENDING")
     method: Mapped[str] = mapped_column(String(32))
     provider: Mapped[str] = mapped_column(String(24))

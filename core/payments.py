@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import metrics
 from core.audit import Actor, record
-from core.db import insert_ignore, utcnow
+from core.db import insert_ignore, row_insert, utcnow
 from core.errors import Conflict, NotFound, ValidationError
 from core.models import Cooperative, Member, Payment, PaymentType, ProviderEvent
 from core.money import Money
@@ -52,6 +52,7 @@ class NewPayment:
     member_id: str | None = None
     description: str | None = None
     due_date: datetime | None = None
+    reference: str | None = None  # reserved beforehand (USSD shows it on the confirmation); else allocated
 
 
 def _account_context(cooperative_id: str) -> str:
@@ -144,7 +145,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         "cooperative_id": coop.id,
         "member_id": new.member_id,
         "payment_type_id": ptype.id,
-        "reference": await next_reference(session, "PAY"),
+        "reference": new.reference or await next_reference(session, "PAY"),
         "amount_minor": amount.minor,
         "currency": amount.currency,
         "fee_minor": 0,
@@ -169,10 +170,9 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         "created_at": now,
         "updated_at": now,
     }
-    stmt = (insert_ignore(session.get_bind().dialect.name, Payment).values(**values)
-            .on_conflict_do_nothing(index_elements=["cooperative_id", "idempotency_key"])
-            .returning(Payment.id))
-    inserted = (await session.execute(stmt)).scalar_one_or_none()
+    stmt = row_insert(session.get_bind().dialect.name, Payment,
+                      ignore_conflict=("cooperative_id", "idempotency_key"), returning="id")
+    inserted = (await session.execute(stmt, values)).scalar_one_or_none()
     if inserted is None:  # a concurrent request with the same key won
         existing = await _find_by_key(session, coop.id, key)
         if existing is None:
@@ -304,6 +304,8 @@ async def apply_collection_outcome(
         if amount is not None and amount != expected:
             values["mismatch"] = True
             values["mismatch_detail"] = f"provider reported {amount}, expected {expected}"
+            # Another currency: nothing we can refund automatically; a person must look.
+            values["collected_minor"] = amount.minor if amount.currency == expected.currency else 0
             await record(session, actor=actor, action="payment.amount_mismatch", entity_type="payment",
                          entity_id=payment.id, after={"reported": amount.minor, "reportedCurrency": amount.currency,
                                                       "expected": expected.minor},
@@ -358,13 +360,12 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
     for _ in range(3):
         try:
             async with rt.sessionmaker.begin() as session:
-                stmt = (insert_ignore(session.get_bind().dialect.name, ProviderEvent)
-                        .values(id=str(uuid.uuid4()), provider=event.provider, event_id=event.event_id[:200],
-                                kind=event.kind.value, status=outcome.value, payload=dict(event.raw),
-                                received_at=utcnow())
-                        .on_conflict_do_nothing(index_elements=["provider", "event_id"])
-                        .returning(ProviderEvent.id))
-                event_row_id = (await session.execute(stmt)).scalar_one_or_none()
+                stmt = row_insert(session.get_bind().dialect.name, ProviderEvent,
+                                  ignore_conflict=("provider", "event_id"), returning="id")
+                event_row_id = (await session.execute(stmt, {
+                    "id": str(uuid.uuid4()), "provider": event.provider, "event_id": event.event_id[:200],
+                    "kind": event.kind.value, "status": outcome.value, "payload": dict(event.raw),
+                    "received_at": utcnow()})).scalar_one_or_none()
                 if event_row_id is None:
                     return "duplicate"
                 payment = await _find_payment(session, event, lock=True)

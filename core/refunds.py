@@ -32,11 +32,21 @@ HOLDING = (R.PENDING.value, R.PROCESSING.value, R.COMPLETED.value)
 
 
 async def refundable(session: AsyncSession, payment: Payment) -> Money:
-    """Collected amount minus every refund not failed (pending ones hold their amount)."""
+    """Collected amount minus every refund not failed (pending ones hold their amount).
+
+    When the provider reported less than the payment's amount, only what it reported can go back.
+    """
     held = (await session.execute(
         select(func.coalesce(func.sum(Refund.amount_minor), 0))
         .where(Refund.payment_id == payment.id, Refund.status.in_(HOLDING)))).scalar_one()
-    return Money(payment.amount_minor - int(held), payment.currency)
+    return Money(max(0, collected(payment) - int(held)), payment.currency)
+
+
+def collected(payment: Payment) -> int:
+    """Minor units actually taken: the amount, or less when the provider reported less."""
+    if payment.collected_minor is None:
+        return payment.amount_minor
+    return min(payment.amount_minor, payment.collected_minor)
 
 
 async def request_refund(
@@ -81,9 +91,9 @@ async def request_refund(
     if amount.minor > available.minor:
         raise BusinessRuleError(f"refund of {amount} exceeds the refundable {available}", field="amount")
     provider = rt.providers.get(payment.provider)
-    full = amount.minor == payment.amount_minor
+    full = amount.minor == collected(payment)
     if provider is not None and not provider.supports_partial_refund and not full:
-        full = Money(payment.amount_minor, payment.currency)
+        full = Money(collected(payment), payment.currency)
         raise BusinessRuleError(f"{payment.method} refunds only the full amount ({full})",
                                 field="amount")
     if reason is not None and len(reason) > 300:
@@ -119,7 +129,7 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         payment = (await session.execute(select(Payment).where(Payment.id == refund.payment_id)
                                          .with_for_update())).scalar_one()
         refunded = payment.refunded_minor + refund.amount_minor
-        target = PaymentStatus.REFUNDED if refunded >= payment.amount_minor else PaymentStatus.PARTIALLY_REFUNDED
+        target = PaymentStatus.REFUNDED if refunded >= collected(payment) else PaymentStatus.PARTIALLY_REFUNDED
         await transition(session, PAYMENT, payment.id, PaymentStatus(payment.status), target, actor=actor,
                          values={"refunded_minor": refunded}, audit={"refundId": refund.id})
         template, event_type = "refund_completed", "refund.completed"

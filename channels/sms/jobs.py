@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from channels.sms.encoding import measure
+from channels.sms.routes import apply_parked_reports
 from channels.sms.sender import SmsTemporaryError
 from channels.sms.templates import OPTIONAL_TEMPLATES, TemplateError, build_message
 from core import metrics
@@ -120,6 +121,8 @@ class SmsJobs:
                 cost=result.cost,
                 sent_at=utcnow(),
             )
+            if result.provider_message_id:
+                await self._apply_parked(message.id, result.provider_message_id)
             return
         if not result.permanent:
             if job.attempts >= job.max_attempts:
@@ -182,6 +185,14 @@ class SmsJobs:
             ).scalar_one()
         metrics.SMS.labels(status="QUEUED").inc()
         return row
+
+    async def _apply_parked(self, message_id: str, provider_message_id: str) -> None:
+        """Delivery reports that beat the id's commit were parked by the route: apply them now."""
+        try:
+            await apply_parked_reports(self.rt, provider_message_id)
+        except Exception:
+            # The SMS left and is recorded SENT; failing the job would not bring a lost report back.
+            log.exception("parked delivery reports not applied", extra={"sms_id": message_id})
 
     async def _move(self, message_id: str, target: SmsStatus, **values: Any) -> None:
         async with self.rt.sessionmaker.begin() as session:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import re
 from typing import Any
@@ -90,41 +91,130 @@ async def delivery_report(request: web.Request) -> web.Response:
 
 
 async def apply_delivery_report(
-    rt: Runtime, message_id: str, target: SmsStatus, provider_status: str, reason: str | None
+    rt: Runtime,
+    message_id: str,
+    target: SmsStatus,
+    provider_status: str,
+    reason: str | None,
+    *,
+    park: bool = True,
 ) -> str:
-    """Idempotent: a repeated or late report leaves a final status alone. Returns what happened."""
+    """Idempotent: a repeated or late report leaves a final status alone. Returns what happened.
+
+    A report for an id we do not know yet is kept in Redis for an hour (`park`): the sender stores the
+    provider's message id in its own transaction after the HTTP send, and a fast report can beat it.
+    """
     async with rt.sessionmaker.begin() as session:
         message = (
             await session.execute(
                 select(SmsMessage).where(SmsMessage.provider_message_id == message_id).limit(1)
             )
         ).scalar_one_or_none()
-        if message is None:
-            log.warning("delivery report for an unknown message", extra={"provider_message_id": message_id})
-            return "unknown"
-        current = SmsStatus(message.status)
-        if current == target:
-            if target == SmsStatus.SENT and message.provider_status != provider_status:
-                message.provider_status = provider_status  # progress: Submitted -> Buffered, ...
-                return "progress"
-            return "duplicate"
-        if not SMS.allowed(current, target):
-            log.info(
-                "late delivery report ignored",
-                extra={"sms_id": message.id, "status": current.value, "report": provider_status},
-            )
-            return "ignored"
-        values: dict[str, Any] = {"provider_status": provider_status}
-        if target == SmsStatus.DELIVERED:
-            values["delivered_at"] = utcnow()
-        if reason:
-            values["failure_reason"] = reason
-        try:
-            await transition(session, SMS, message.id, current, target, actor=PROVIDER, values=values)
-        except StaleTransition:
-            return "race"
-    metrics.SMS.labels(status=target.value).inc()
+        outcome = None if message is None else await _apply(session, message, target, provider_status, reason)
+    if outcome is not None:
+        if outcome == target.value.lower():
+            metrics.SMS.labels(status=target.value).inc()  # counted once the transaction committed
+        return outcome
+    if not park:
+        log.warning("delivery report for an unknown message", extra={"provider_message_id": message_id})
+        return "unknown"
+    await park_report(rt, message_id, provider_status, reason)
+    # The sender may have stored the id between our read and the park, and already looked for parked
+    # reports: look again, so a report is never left parked for a message that exists.
+    applied = await apply_parked_reports(rt, message_id)
+    if applied:
+        return applied[-1]
+    log.warning(
+        "delivery report for an unknown message: kept for an hour in case its send is being recorded",
+        extra={"provider_message_id": message_id, "status": provider_status},
+    )
+    return "unknown"
+
+
+async def _apply(
+    session: Any, message: SmsMessage, target: SmsStatus, provider_status: str, reason: str | None
+) -> str:
+    current = SmsStatus(message.status)
+    if current == target:
+        if target == SmsStatus.SENT and message.provider_status != provider_status:
+            message.provider_status = provider_status  # progress: Submitted -> Buffered, ...
+            return "progress"
+        return "duplicate"
+    if not SMS.allowed(current, target):
+        log.info(
+            "late delivery report ignored",
+            extra={"sms_id": message.id, "status": current.value, "report": provider_status},
+        )
+        return "ignored"
+    values: dict[str, Any] = {"provider_status": provider_status}
+    if target == SmsStatus.DELIVERED:
+        values["delivered_at"] = utcnow()
+    if reason:
+        values["failure_reason"] = reason
+    try:
+        await transition(session, SMS, message.id, current, target, actor=PROVIDER, values=values)
+    except StaleTransition:
+        return "race"
     return target.value.lower()
+
+
+# ------------------------------------------------------------------------------- reports ahead of the send
+
+PARKED_TTL = 3600  # seconds a report for a not-yet-recorded message id is kept
+PARKED_MAX = 5  # reports kept per id (an aggregator sends a few per message: Buffered, Success, ...)
+
+
+def parked_key(provider_message_id: str) -> str:
+    """One list per provider message id; the hash tag keeps it on one slot, the digest keeps it short."""
+    digest = hashlib.sha256(provider_message_id.encode()).hexdigest()[:32]
+    return f"sms:dlr:{{{digest}}}"
+
+
+async def park_report(rt: Runtime, provider_message_id: str, provider_status: str, reason: str | None) -> None:
+    key = parked_key(provider_message_id)
+    value = json.dumps({"s": provider_status, "r": reason}, separators=(",", ":"))
+    async with rt.redis.pipeline(transaction=True) as pipe:
+        pipe.rpush(key, value)
+        pipe.ltrim(key, -PARKED_MAX, -1)
+        pipe.expire(key, PARKED_TTL)
+        await pipe.execute()
+
+
+async def apply_parked_reports(rt: Runtime, provider_message_id: str) -> list[str]:
+    """Apply, in arrival order, the reports parked for this id, once its message row exists.
+
+    Called by the sms job right after it stores the id with SENT, and by the route after parking.
+    Returns the outcomes (empty when nothing was parked or the message is still unknown).
+    """
+    async with rt.sessionmaker() as session:
+        known = (
+            await session.execute(
+                select(SmsMessage.id).where(SmsMessage.provider_message_id == provider_message_id).limit(1)
+            )
+        ).scalar_one_or_none()
+    if known is None:
+        return []  # leave them parked: the row is not there yet
+    key = parked_key(provider_message_id)
+    async with rt.redis.pipeline(transaction=True) as pipe:
+        pipe.lrange(key, 0, -1)
+        pipe.delete(key)
+        raw, _ = await pipe.execute()  # taken atomically: two callers never both apply one report
+    outcomes = []
+    for item in raw:
+        try:
+            report = json.loads(item)
+            status, reason = str(report["s"]), report.get("r")
+            target = DELIVERY_STATUS[status]
+        except (ValueError, KeyError, TypeError):
+            log.error("unreadable parked delivery report dropped", extra={"key": key})
+            continue
+        outcome = await apply_delivery_report(rt, provider_message_id, target, status, reason, park=False)
+        log.info(
+            "parked delivery report applied",
+            extra={"sms_id": known, "report": status, "outcome": outcome},
+        )
+        outcomes.append(outcome)
+    return outcomes
 
 
 # --------------------------------------------------------------------------------------- inbound keywords

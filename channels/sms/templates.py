@@ -184,6 +184,11 @@ async def build_message(
             due=due_text,
             dial=dial_code(service_code, coop.ussd_extension),
         )
+    elif template == "member_approved":
+        if member is None:
+            raise TemplateError("member_approved needs a member")
+        coop = coop or await _one(session, Cooperative, member.cooperative_id, "cooperative")
+        values.update(coop=coop.name, dial=dial_code(service_code, coop.ussd_extension))
     elif template == "webhook_disabled":
         endpoint = await _one(session, WebhookEndpoint, context.get("endpoint_id"), "webhook endpoint")
         coop = coop or await _one(session, Cooperative, endpoint.cooperative_id, "cooperative")

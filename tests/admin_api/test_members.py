@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from sqlalchemy import func, select
 
-from core.models import Member
+from core.models import AuditEvent, Member, OutboxJob
+from tests.conftest import requires_pg
 
 GOOD_CSV = (
     "name,phone,unit,language\n"
@@ -65,6 +68,90 @@ async def test_approve_pending_member(admin):
     assert approved["status"] == "ACTIVE"
     again = await admin.json("POST", f"/v1/members/{pending['id']}/approve", 409)
     assert again["message"] == "member is ACTIVE, not PENDING"
+
+
+async def _sms_jobs(rt):
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars())
+
+
+async def test_approval_sends_the_welcome_sms_in_the_member_language(admin, rt, demo, aiohttp_server, worker):
+    from channels.sms.templates import render
+    from tests.channels.sms.helpers import start_simulator
+    from tests.conftest import drain
+
+    _, sim = await start_simulator(aiohttp_server, rt)
+    people = {"0788666701": "rw", "0788666702": "fr", "0788666703": "sw", "0788666704": "en"}
+    ids = {}
+    for phone, language in people.items():
+        made = await admin.json(
+            "POST",
+            "/v1/members",
+            201,
+            json={"name": f"Pending {language}", "phone": phone, "language": language, "status": "PENDING"},
+        )
+        ids[phone] = made["id"]
+    assert await _sms_jobs(rt) == []  # registering sends nothing: only the approval does
+
+    first = next(iter(people))
+    await admin.json("POST", f"/v1/members/{ids[first]}/approve", 200)
+    [job] = await _sms_jobs(rt)
+    assert job.payload["template"] == "member_approved" and job.payload["member_id"] == ids[first]
+    assert job.payload["phone_enc"] is None  # the worker reads the number from the member row
+    for phone in list(people)[1:]:
+        await admin.json("POST", f"/v1/members/{ids[phone]}/approve", 200)
+    assert len(await _sms_jobs(rt)) == 4
+    await drain(worker)
+
+    for phone, language in people.items():
+        e164 = "+250" + phone[1:]
+        [sms] = sim.messages(e164)
+        expected = render(
+            "member_approved", language, {"coop": "Kigali Heights Housing Cooperative", "dial": "*384*123*123#"}
+        )
+        assert sms["message"] == expected, language
+    assert sim.messages("+250788666701")[0]["message"].startswith("Murakaza neza!")
+    assert sim.messages("+250788666702")[0]["message"].startswith("Bienvenue!")
+
+    # Approving again is refused and sends nothing more, before or after the worker runs.
+    again = await admin.json("POST", f"/v1/members/{ids[first]}/approve", 409)
+    assert again["message"] == "member is ACTIVE, not PENDING"
+    await drain(worker)
+    assert len(await _sms_jobs(rt)) == 4
+    assert len(sim.requests) == 4
+
+
+async def test_approving_an_active_member_is_refused_and_sends_nothing(admin, rt, demo):
+    aline = demo["members"]["+250788000001"]  # seeded ACTIVE
+    refused = await admin.json("POST", f"/v1/members/{aline}/approve", 409)
+    assert refused["message"] == "member is ACTIVE, not PENDING"
+    assert await _sms_jobs(rt) == []
+    suspended = await admin.json("DELETE", f"/v1/members/{aline}", 200)
+    assert suspended["status"] == "SUSPENDED"
+    refused = await admin.json("POST", f"/v1/members/{aline}/approve", 409)
+    assert refused["message"] == "member is SUSPENDED, not PENDING"
+    assert await _sms_jobs(rt) == []
+
+
+@requires_pg  # SQLite has no row lock to make the second approval wait
+async def test_two_approvals_at_once_approve_and_notify_once(admin, rt, demo):
+    pending = await admin.json(
+        "POST", "/v1/members", 201, json={"name": "Race Twice", "phone": "0788666799", "status": "PENDING"}
+    )
+    url = f"/v1/members/{pending['id']}/approve"
+    answers = await asyncio.gather(admin.req("POST", url), admin.req("POST", url))
+    assert sorted(r.status for r in answers) == [200, 409]
+    [job] = await _sms_jobs(rt)
+    assert job.payload["member_id"] == pending["id"]
+    async with rt.sessionmaker() as s:
+        audits = (
+            await s.execute(
+                select(func.count()).select_from(AuditEvent).where(
+                    AuditEvent.entity_id == pending["id"], AuditEvent.action == "member.updated"
+                )
+            )
+        ).scalar_one()
+    assert audits == 1
 
 
 async def test_import_csv_creates_every_row(admin, rt, demo):

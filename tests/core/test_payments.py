@@ -186,6 +186,30 @@ async def test_amount_mismatch_is_flagged_and_audited(rt, demo, provider):
     async with rt.sessionmaker() as s:
         actions = (await s.execute(select(AuditEvent.action).where(AuditEvent.entity_id == payment.id))).scalars().all()
     assert "payment.amount_mismatch" in actions
+    assert done.collected_minor == 5_000
+
+
+async def test_refunds_of_a_short_payment_stop_at_what_was_taken(rt, demo, provider, worker):
+    payment, _ = await _create(rt, _new(demo))
+    await handle_provider_event(rt, _event(payment, ProviderOutcome.SUCCEEDED, amount=Money(5_000, "RWF")))
+    with pytest.raises(BusinessRuleError, match="exceeds the refundable 5,000 RWF"):
+        async with rt.sessionmaker.begin() as s:
+            await request_refund(s, rt, payment_id=payment.id, cooperative_id=demo["cooperative_id"],
+                                 amount=Money(6_000, "RWF"), reason=None, idempotency_key="short-refund-1",
+                                 actor=ADMIN)
+    async with rt.sessionmaker.begin() as s:  # everything: what was taken, not what was asked
+        refund, _ = await request_refund(s, rt, payment_id=payment.id, cooperative_id=demo["cooperative_id"],
+                                         amount=None, reason=None, idempotency_key="short-refund-2", actor=ADMIN)
+    assert refund.amount_minor == 5_000
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(OutboxJob.__table__.update().where(OutboxJob.status == "PENDING").values(run_at=utcnow()))
+    await drain(worker)
+    async with rt.sessionmaker.begin() as s:  # the refund's status poll, due later: now
+        await s.execute(OutboxJob.__table__.update().where(OutboxJob.kind == "refund.poll").values(run_at=utcnow()))
+    await drain(worker)
+    assert provider.refunds[0].full and provider.refunds[0].amount == Money(5_000, "RWF")
+    done = await _payment(rt, payment.id)
+    assert (done.status, done.refunded_minor) == ("REFUNDED", 5_000)
 
 
 async def test_late_success_after_timeout_completes_with_late_flag(rt, demo, provider, worker):

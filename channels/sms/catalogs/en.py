@@ -16,6 +16,7 @@ MESSAGES = {
     "dispute_updated": "Dispute {ref} about payment {payment_ref}: {status}.",
     "dispute_resolved": "Dispute {ref} about payment {payment_ref} is closed: {status}. Thank you.",
     "payment_reminder": "Reminder: {type} ({amount}) for {coop} is due on {due}. Dial {dial} to pay.",
+    "member_approved": "Welcome! You are now a member of {coop}. To pay, dial {dial}.",
     "webhook_disabled": "{coop}: webhook to {host} was disabled after {failures} failed deliveries. "
     "Re-enable it in the API.",
     "help": "Dial {dial} to pay. SMS: RECEIPT <ref>, STATUS <ref>, STOP (no reminders), START.",

@@ -19,6 +19,7 @@ MESSAGES = {
     "payment_reminder": (
         "Rappel: {type} ({amount}) pour {coop}, échéance le {due}. Composez {dial} pour payer."
     ),
+    "member_approved": "Bienvenue! Votre adhésion à {coop} est approuvée. Pour payer, composez {dial}.",
     "webhook_disabled": "{coop}: le webhook vers {host} est désactivé après {failures} échecs. "
     "Réactivez-le via l'API.",
     "help": "Composez {dial} pour payer. SMS: RECU <réf>, STATUT <réf>, STOP (rappels), START.",

@@ -16,6 +16,7 @@ MESSAGES = {
     "dispute_resolved": "Ikirego {ref} ku kwishyura {payment_ref} cyarangiye: {status}. Murakoze.",
     "payment_reminder": "Kwibutsa: {type} ({amount}) ya {coop} igomba kwishyurwa ku wa {due}. "
     "Kanda {dial} wishyure.",
+    "member_approved": "Murakaza neza! Ubu uri umunyamuryango wa {coop}. Kanda {dial} wishyure.",
     "webhook_disabled": "{coop}: webhook ya {host} yahagaritswe nyuma yo kunanirwa inshuro {failures}. "
     "Yisubizeho muri API.",
     "help": "Kanda {dial} wishyure. SMS: INYEMEZABUGUZI <nimero>, IMIMERERE <nimero>, HAGARIKA, TANGIRA.",

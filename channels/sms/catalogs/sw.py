@@ -16,6 +16,7 @@ MESSAGES = {
     "dispute_updated": "Malalamiko {ref} kuhusu malipo {payment_ref}: {status}.",
     "dispute_resolved": "Malalamiko {ref} kuhusu malipo {payment_ref} yamefungwa: {status}. Asante.",
     "payment_reminder": "Kumbusho: {type} ({amount}) ya {coop} inadaiwa tarehe {due}. Piga {dial} kulipa.",
+    "member_approved": "Karibu! Sasa wewe ni mwanachama wa {coop}. Piga {dial} kulipa.",
     "webhook_disabled": "{coop}: webhook ya {host} imezimwa baada ya kushindwa mara {failures}. "
     "Iwashe tena kupitia API.",
     "help": "Piga {dial} kulipa. SMS: RISITI <kumb>, HALI <kumb>, SITISHA (vikumbusho), ANZA.",

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from channels.sms import routes
 from channels.sms.routes import DELIVERY_STATUS, parse_keyword
 from channels.sms.templates import render
 from core.config import Secret
@@ -89,11 +90,159 @@ async def test_final_status_is_not_reopened_by_a_late_report(rt: Any, sms_client
     assert [a.action for a in audits] == ["sms.delivered"]
 
 
-async def test_unknown_message_id_is_acknowledged(rt: Any, sms_client: Any) -> None:
+async def test_unknown_message_id_is_acknowledged_logged_and_kept_an_hour(
+    rt: Any, sms_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="gateway.sms.routes")
+    sms_id = await sent_message(rt)  # another message: untouched
     response = await sms_client.post(
         "/sms/africastalking/delivery", data={"id": "ATXid_nope", "status": "Success"}
     )
     assert response.status == 200 and await response.text() == "unknown"
+    [logged] = [r for r in caplog.records if getattr(r, "provider_message_id", None) == "ATXid_nope"]
+    assert logged.levelno == logging.WARNING and "unknown message" in logged.getMessage()
+    key = routes.parked_key("ATXid_nope")
+    assert key.startswith("sms:dlr:{") and key.endswith("}")
+    assert 0 < await rt.redis.ttl(key) <= routes.PARKED_TTL
+    [value] = await rt.redis.lrange(key, 0, -1)
+    assert json.loads(value) == {"s": "Success", "r": None} and len(value) < 64
+    # Never matched: nothing applied, and asking again changes nothing.
+    assert await routes.apply_parked_reports(rt, "ATXid_nope") == []
+    assert await rt.redis.llen(key) == 1
+    assert (await status_of(rt, sms_id)).status == "SENT"
+    # An aggregator retrying keeps a bounded list.
+    for _ in range(routes.PARKED_MAX + 3):
+        await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_nope", "status": "Buffered"})
+    assert await rt.redis.llen(key) == routes.PARKED_MAX
+
+
+async def test_parked_reports_apply_in_order_once_the_id_is_stored(rt: Any, sms_client: Any) -> None:
+    for status in ("Buffered", "Success"):
+        answer = await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_E", "status": status})
+        assert answer.status == 200 and await answer.text() == "unknown"
+    sms_id = await sent_message(rt, "ATXid_E")  # the sender's SENT commit, late
+    assert await routes.apply_parked_reports(rt, "ATXid_E") == ["progress", "delivered"]
+    row = await status_of(rt, sms_id)
+    assert row.status == "DELIVERED" and row.provider_status == "Success" and row.delivered_at is not None
+    assert await rt.redis.exists(routes.parked_key("ATXid_E")) == 0
+    assert await routes.apply_parked_reports(rt, "ATXid_E") == []  # taken once
+
+
+async def test_parked_report_for_a_message_already_final_does_nothing(rt: Any, sms_client: Any) -> None:
+    await sms_client.post(
+        "/sms/africastalking/delivery", data={"id": "ATXid_F", "status": "Failed", "failureReason": "X"}
+    )
+    sms_id = await sent_message(rt, "ATXid_F", status="DELIVERED")
+    assert await routes.apply_parked_reports(rt, "ATXid_F") == ["ignored"]
+    row = await status_of(rt, sms_id)
+    assert row.status == "DELIVERED" and row.failure_reason is None
+    # A report for a final message that is known is not parked either.
+    late = await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_F", "status": "Expired"})
+    assert await late.text() == "ignored"
+    assert await rt.redis.exists(routes.parked_key("ATXid_F")) == 0
+    async with rt.sessionmaker() as session:
+        audits = (await session.execute(select(AuditEvent).where(AuditEvent.entity_id == sms_id))).scalars().all()
+    assert audits == []
+
+
+async def test_report_parked_while_the_id_is_being_stored_is_applied_by_the_route(
+    rt: Any, sms_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sender commits the id after the route's read but before the park, and finds nothing parked:
+    # the route looks again after parking.
+    real_park = routes.park_report
+    made: list[str] = []
+
+    async def park_after_the_sender_committed(*args: Any) -> None:
+        made.append(await sent_message(rt, "ATXid_R"))
+        assert await routes.apply_parked_reports(rt, "ATXid_R") == []  # the sender's look: too early
+        await real_park(*args)
+
+    monkeypatch.setattr(routes, "park_report", park_after_the_sender_committed)
+    answer = await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_R", "status": "Success"})
+    assert answer.status == 200 and await answer.text() == "delivered"
+    assert (await status_of(rt, made[0])).status == "DELIVERED"
+    assert await rt.redis.exists(routes.parked_key("ATXid_R")) == 0
+
+
+class ReportBeforeRecorded:
+    """The real sender, plus the aggregator's delivery report posted before the job records the id."""
+
+    def __init__(self, inner: Any, client: Any) -> None:
+        self.inner, self.client, self.answers = inner, client, []
+
+    async def send(self, phone: Any, body: str) -> Any:
+        result = await self.inner.send(phone, body)
+        response = await self.client.post(
+            "/sms/africastalking/delivery", data={"id": result.provider_message_id, "status": "Success"}
+        )
+        self.answers.append((response.status, await response.text()))
+        return result
+
+
+async def test_report_before_the_send_is_recorded_ends_delivered(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    from core.notify import send_sms
+
+    rt.sms = ReportBeforeRecorded(rt.sms, sms_client)
+    async with rt.sessionmaker.begin() as session:
+        await send_sms(
+            session,
+            template="help",
+            cooperative_id=demo["cooperative_id"],
+            context={},
+            cipher=rt.cipher,
+            member_id=demo["members"][ALINE],
+            dedupe="fast-report",
+        )
+    await drain(worker)
+    assert rt.sms.answers == [(200, "unknown")]  # the row had no provider id yet: parked
+    async with rt.sessionmaker() as session:
+        [row] = (await session.execute(select(SmsMessage))).scalars().all()
+        audits = (
+            (await session.execute(select(AuditEvent.action).where(AuditEvent.entity_id == row.id)))
+            .scalars()
+            .all()
+        )
+    assert row.status == "DELIVERED" and row.provider_message_id == sim.messages(ALINE)[0]["id"]
+    assert row.delivered_at is not None and row.provider_status == "Success"
+    assert sorted(audits) == ["sms.delivered", "sms.sent"]
+    assert await rt.redis.exists(routes.parked_key(row.provider_message_id)) == 0
+
+
+async def test_simulator_reporting_at_once_ends_delivered(
+    rt: Any, demo: dict[str, Any], aiohttp_server: Any, worker: Any
+) -> None:
+    from core.notify import send_sms
+
+    gateway = await aiohttp_server(gateway_app(rt))
+    _, sim = await start_simulator(
+        aiohttp_server, rt, delivery_url=str(gateway.make_url("/sms/africastalking/delivery")), delivery_delay=0
+    )
+    phones = [ALINE, JEAN, "+250733000001", "+250733000002", "+250788000003"]
+    async with rt.sessionmaker.begin() as session:
+        for phone in phones:
+            await send_sms(
+                session,
+                template="help",
+                cooperative_id=demo["cooperative_id"],
+                context={},
+                cipher=rt.cipher,
+                member_id=demo["members"][phone],
+                dedupe=f"now-{phone}",
+            )
+    await drain(worker)
+    for _ in range(100):
+        if len(sim.reports_posted) == len(phones):
+            break
+        await asyncio.sleep(0.05)
+    assert len(sim.reports_posted) == len(phones)
+    async with rt.sessionmaker() as session:
+        rows = (await session.execute(select(SmsMessage))).scalars().all()
+    assert [r.status for r in rows] == ["DELIVERED"] * len(phones)
 
 
 @pytest.mark.parametrize(

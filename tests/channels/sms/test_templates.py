@@ -178,3 +178,25 @@ async def test_build_refuses_missing_rows(rt: Any, demo: dict[str, Any]) -> None
             await templates.build_message(session, rt.cipher, payload)
         with pytest.raises(TemplateError, match="neither a member nor a phone"):
             await templates.build_message(session, rt.cipher, {"template": "help", "context": {}})
+
+
+async def test_build_member_approved_in_member_language_with_dial(rt: Any, demo: dict[str, Any]) -> None:
+    payload = {
+        "template": "member_approved",
+        "cooperative_id": demo["cooperative_id"],
+        "member_id": demo["members"]["+250733000001"],  # Claudine, French
+        "context": {},
+    }
+    async with rt.sessionmaker() as session:
+        phone, language, body = await templates.build_message(
+            session, rt.cipher, payload, service_code="*384*123#"
+        )
+        assert phone.e164 == "+250733000001" and language == "fr"
+        assert body == (
+            "Bienvenue! Votre adhésion à Kigali Heights Housing Cooperative est approuvée. "
+            "Pour payer, composez *384*123*123#."
+        )
+        assert measure(body).encoding == GSM7
+        no_member = {**payload, "member_id": None, "phone_enc": rt.cipher.encrypt("+250733000001", context="sms")}
+        with pytest.raises(TemplateError, match="member_approved needs a member"):
+            await templates.build_message(session, rt.cipher, no_member)
