@@ -345,5 +345,10 @@ async def inbound(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
+    from core.runtime import SETTINGS
+
+    settings = app.get(SETTINGS)
+    if settings is not None and not settings.callback_secrets.get("sms"):
+        log.warning("SMS callbacks accepted without a URL secret; set CALLBACK_SECRET_SMS")
     app.router.add_post("/sms/africastalking/delivery", delivery_report)
     app.router.add_post("/sms/africastalking/inbound", inbound)
