@@ -14,6 +14,7 @@ import httpx
 from aiohttp import web
 from redis.asyncio import Redis
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core import metrics
 from core.config import Settings
@@ -24,6 +25,9 @@ from core.outbox import Handler, OutboxWorker
 from core.runtime import RUNTIME, SETTINGS, Runtime
 
 log = logging.getLogger("gateway")
+ENGINE = web.AppKey("engine", AsyncEngine)
+REDIS = web.AppKey("redis", Redis)
+HTTP = web.AppKey("http", httpx.AsyncClient)
 MAX_BODY = 1024 * 1024  # 1 MiB; CSV imports have their own, larger limit
 
 
@@ -47,30 +51,54 @@ async def _connect_redis(settings: Settings) -> tuple[Redis, object | None]:
 
 
 @contextlib.asynccontextmanager
-async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    """Open every resource in order and close them in reverse, whatever happens."""
-    from providers.registry import build_providers, build_routes
-
+async def database(settings: Settings) -> AsyncIterator[AsyncEngine]:
     engine = make_engine(settings.database_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def redis_client(settings: Settings) -> AsyncIterator[Redis]:
     redis, embedded_server = await _connect_redis(settings)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+        if embedded_server is not None:
+            await asyncio.to_thread(embedded_server.shutdown)  # type: ignore[attr-defined]
+
+
+@contextlib.asynccontextmanager
+async def http_client() -> AsyncIterator[httpx.AsyncClient]:
     http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0),
                              limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+    try:
+        yield http
+    finally:
+        await http.aclose()
+
+
+def assemble(settings: Settings, engine: AsyncEngine, redis: Redis, http: httpx.AsyncClient) -> Runtime:
+    """The Runtime over open resources: cipher, providers, routes and the SMS sender (no sockets of its own)."""
+    from channels.sms.sender import build_sender
+    from providers.registry import build_providers, build_routes
+
     cipher = PiiCipher(settings.pii_keys, settings.pii_active_key_id, settings.blind_index_key.get())
     rt = Runtime(settings=settings, engine=engine, sessionmaker=make_sessionmaker(engine), redis=redis,
                  http=http, cipher=cipher)
-    try:
-        rt.providers = build_providers(settings, http, redis)
-        rt.routes = build_routes(settings, rt.providers)
-        from channels.sms.sender import build_sender
+    rt.providers = build_providers(settings, http, redis=redis)
+    rt.routes = build_routes(settings, rt.providers)
+    rt.sms = build_sender(settings, http)
+    return rt
 
-        rt.sms = build_sender(settings, http)
-        yield rt
-    finally:
-        await http.aclose()
-        await redis.aclose()
-        await engine.dispose()
-        if embedded_server is not None:
-            await asyncio.to_thread(embedded_server.shutdown)  # type: ignore[attr-defined]
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """Open every resource in order and close them in reverse, whatever happens (CLI, tests, worker)."""
+    async with database(settings) as engine, redis_client(settings) as redis, http_client() as http:
+        yield assemble(settings, engine, redis, http)
 
 
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
@@ -159,12 +187,27 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
     if runtime is not None:
         app[RUNTIME] = runtime
     else:
-        async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-            async with open_runtime(settings) as rt:
-                app[RUNTIME] = rt
+        # One cleanup context per resource, opened in order and closed in reverse by aiohttp.
+        async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+            async with database(settings) as engine:
+                app[ENGINE] = engine
                 yield
 
-        app.cleanup_ctx.append(runtime_ctx)
+        async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+            async with redis_client(settings) as redis:
+                app[REDIS] = redis
+                yield
+
+        async def http_ctx(app: web.Application) -> AsyncIterator[None]:
+            async with http_client() as http:
+                app[HTTP] = http
+                yield
+
+        async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+            app[RUNTIME] = assemble(settings, app[ENGINE], app[REDIS], app[HTTP])
+            yield
+
+        app.cleanup_ctx.extend([database_ctx, redis_ctx, http_ctx, runtime_ctx])
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -74,12 +74,15 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = None) -> None:
     from aiohttp import web
 
-    from app import create_app, create_worker, open_runtime
+    from app import create_app, create_worker
+    from core.runtime import RUNTIME
 
-    async with open_runtime(settings) as rt:
-        app = create_app(settings, runtime=rt)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
+    # The app owns its resources (one cleanup context each): opened by setup(), closed by cleanup().
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        rt = app[RUNTIME]
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=not settings.is_embedded)
         await site.start()
         worker = create_worker(rt) if with_worker else None
@@ -98,6 +101,7 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
         if worker and worker_task:
             worker.stop()
             await worker_task
+    finally:
         await runner.cleanup()
 
 

@@ -1,0 +1,22 @@
+"""create_app(settings) owns its resources: one cleanup context per resource, opened and closed by aiohttp."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app import ENGINE, HTTP, REDIS, create_app
+from core.runtime import RUNTIME
+from tests.conftest import make_settings
+
+
+async def test_app_opens_and_closes_each_resource(aiohttp_client: Any, rt: Any) -> None:
+    app = create_app(make_settings())
+    assert len(app.cleanup_ctx) == 4  # database, Redis, httpx, then the runtime over them
+    client = await aiohttp_client(app)
+    ready = await client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["checks"] == {"database": "ok", "redis": "ok"}
+    runtime = app[RUNTIME]
+    assert runtime.engine is app[ENGINE] and runtime.redis is app[REDIS] and runtime.http is app[HTTP]
+    http = app[HTTP]
+    await client.close()  # runs the cleanup contexts in reverse
+    assert http.is_closed
