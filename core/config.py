@@ -93,6 +93,8 @@ class Settings:
     ussd_service_code: str
     log_level: str
     reminder_days_before: int = 3
+    ussd_ip_allowlists: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    trusted_proxies: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -180,6 +182,19 @@ _PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
 }
 DEV_CREDENTIAL = "sim-dev-credential"  # what simulators accept when no credential is configured
 _DEV_CREDENTIAL = DEV_CREDENTIAL
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma list of addresses or CIDR networks, each checked here rather than at first use."""
+    import ipaddress
+
+    entries = tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(name, f"{entry!r} is not an IP address or network") from None
+    return entries
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -270,7 +285,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("PHONE_SIMULATOR_ENABLED", "must be off in production (it exposes payment lookups)")
     if production and simulators:
         raise ConfigError("SIMULATORS_IN_PROCESS", "must be off in production")
-    allowlist = tuple(ip.strip() for ip in env.get("USSD_IP_ALLOWLIST", "").split(",") if ip.strip())
+    allowlist = _networks(env, "USSD_IP_ALLOWLIST")
+    # Per aggregator, replacing the shared list for that aggregator (their gateways differ).
+    allowlists = {name: _networks(env, f"USSD_IP_ALLOWLIST_{name.upper()}")
+                  for name in ("africastalking", "hubtel", "nalo")
+                  if env.get(f"USSD_IP_ALLOWLIST_{name.upper()}", "").strip()}
+    trusted_proxies = _networks(env, "TRUSTED_PROXIES")
 
     log_level = _get(env, "LOG_LEVEL", "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -305,5 +325,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ussd_service_code=_get(env, "USSD_SERVICE_CODE", "*384*123#"),
         log_level=log_level,
         reminder_days_before=_int(env, "REMINDER_DAYS_BEFORE", 3, minimum=0),
+        ussd_ip_allowlists=allowlists,
+        trusted_proxies=trusted_proxies,
         extra={"rate_limit_multiplier": rate_multiplier, "phone_simulator_enabled": phone_page},
     )

@@ -8,7 +8,7 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -41,11 +41,36 @@ EXPECTED_OUTAGES: tuple[type[BaseException], ...] = (TimeoutError, ConnectionErr
 
 
 class UssdChannel:
-    def __init__(self, allowlist: tuple[str, ...]) -> None:
+    def __init__(self, allowlist: tuple[str, ...], per_aggregator: Mapping[str, tuple[str, ...]] | None = None,
+                 trusted_proxies: tuple[str, ...] = ()) -> None:
         self.service = UssdService(build_engine())
         self.budget = HOP_BUDGET_SECONDS
         self.grace = SIDE_EFFECT_GRACE_SECONDS
         self.networks = [ipaddress.ip_network(entry, strict=False) for entry in allowlist]
+        self.networks_by_aggregator = {name: [ipaddress.ip_network(e, strict=False) for e in entries]
+                                       for name, entries in (per_aggregator or {}).items()}
+        self.proxies = [ipaddress.ip_network(entry, strict=False) for entry in trusted_proxies]
+
+    def allowed_networks(self, aggregator: str) -> list[Any]:
+        return self.networks_by_aggregator.get(aggregator, self.networks)
+
+    def source_address(self, request: web.Request) -> Any:
+        """The caller's address; behind our own trusted proxies, the nearest untrusted X-Forwarded-For hop."""
+        try:
+            source = ipaddress.ip_address(request.remote or "")
+        except ValueError:
+            return None
+        if not self.proxies or not any(source in net for net in self.proxies):
+            return source
+        hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if h.strip()]
+        for hop in reversed(hops):
+            try:
+                address = ipaddress.ip_address(hop)
+            except ValueError:
+                return None  # a forged or broken header: trust nothing
+            if not any(address in net for net in self.proxies):
+                return address
+        return source
         self._finishing: set[asyncio.Task[tuple[UssdReply, str]]] = set()
 
     async def run_hop(self, rt: Any, turn: UssdTurn, limit: int) -> tuple[UssdReply, str]:
@@ -81,7 +106,7 @@ USSD = web.AppKey("ussd_channel", UssdChannel)
 
 def setup(app: web.Application) -> None:
     settings = app[SETTINGS]
-    app[USSD] = UssdChannel(settings.ussd_ip_allowlist)
+    app[USSD] = UssdChannel(settings.ussd_ip_allowlist, settings.ussd_ip_allowlists, settings.trusted_proxies)
     missing = [name for name in AGGREGATORS if not settings.callback_secrets.get(name)]
     if missing:
         log.warning("USSD callbacks accepted without a URL secret; set CALLBACK_SECRET_<AGGREGATOR>",
@@ -94,12 +119,10 @@ def setup(app: web.Application) -> None:
 def _authorised(request: web.Request, aggregator: str) -> bool:
     channel = request.app[USSD]
     settings = request.app[SETTINGS]
-    if channel.networks:
-        try:
-            source = ipaddress.ip_address(request.remote or "")
-        except ValueError:
-            source = None
-        if source is None or not any(source in net for net in channel.networks):
+    networks = channel.allowed_networks(aggregator)
+    if networks:
+        source = channel.source_address(request)
+        if source is None or not any(source in net for net in networks):
             log.warning("ussd callback refused: source address not allowed",
                         extra={"aggregator": aggregator, "remote": request.remote})
             return False

@@ -57,12 +57,45 @@ async def test_source_address_outside_the_allowlist_is_refused(rt: Any, aiohttp_
     assert resp.status == 200 and (await resp.text()).startswith("CON ")
 
 
+async def test_allowlist_per_aggregator_and_behind_trusted_proxies(rt: Any, aiohttp_client: Any, demo: Any,
+                                                                   settings_factory: Any) -> None:
+    from app import create_app
+
+    # Africa's Talking has its own list (not us); the shared list still lets Hubtel in.
+    split = await aiohttp_client(create_app(settings_factory(
+        USSD_IP_ALLOWLIST="127.0.0.1", USSD_IP_ALLOWLIST_AFRICASTALKING="10.9.0.0/16"), runtime=rt))
+    assert (await split.post("/ussd/africastalking", data=FORM)).status == 403
+    # Behind our own proxy (127.0.0.1 here), the aggregator's address is the nearest untrusted hop.
+    proxied = await aiohttp_client(create_app(settings_factory(
+        USSD_IP_ALLOWLIST_AFRICASTALKING="10.9.0.0/16", TRUSTED_PROXIES="127.0.0.1,192.168.5.0/24"), runtime=rt))
+
+    async def post(forwarded: str) -> int:
+        return (await proxied.post("/ussd/africastalking", data=FORM,
+                                   headers={"X-Forwarded-For": forwarded})).status
+
+    assert await post("10.9.3.4") == 200
+    assert await post("10.9.3.4, 192.168.5.7") == 200  # through two of our proxies
+    # A client cannot buy its way in by prepending an allowed address: the nearest untrusted hop counts.
+    assert await post("10.9.3.4, 203.0.113.9") == 403
+    assert await post("not-an-address") == 403
+    assert (await proxied.post("/ussd/africastalking", data=FORM)).status == 403  # the proxy itself
+
+
+@pytest.mark.parametrize("variable", ["USSD_IP_ALLOWLIST", "USSD_IP_ALLOWLIST_NALO", "TRUSTED_PROXIES"])
+def test_bad_addresses_stop_the_process_at_start(variable: str) -> None:
+    from core.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as info:
+        load_settings({variable: "10.0.0.0/8,not-an-ip"})
+    assert info.value.variable == variable
+
+
 async def test_no_secret_configured_warns_at_start(rt: Any, settings: Any, caplog: Any) -> None:
     from app import create_app
 
     caplog.set_level(logging.WARNING, logger="gateway.ussd")
     create_app(settings, runtime=rt)
-    warnings = [r for r in caplog.records if "without a URL secret" in r.getMessage()]
+    warnings = [r for r in caplog.records if r.name == "gateway.ussd" and "without a URL secret" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].aggregators == "africastalking,hubtel,nalo"
 
 
