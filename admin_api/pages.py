@@ -235,7 +235,7 @@ async def ops_data(request: web.Request) -> web.Response:
         return _error(request, 400, "minutes must be an integer from 1 to 1440")
     rt = request.app[RUNTIME]
     async with rt.sessionmaker() as session:
-        figures = await dashboard(session, cooperative_id, minutes=int(minutes_raw))
+        figures = await dashboard(session, cooperative_id, minutes=int(minutes_raw), redis=rt.redis)
         scope = "all cooperatives"
         if cooperative_id:
             coop = await session.get(Cooperative, cooperative_id)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.db import utcnow
+from core.db import row_insert, utcnow
 from core.models import AuditEvent
 
 
@@ -39,15 +38,16 @@ async def record(
     cooperative_id: str | None = None,
 ) -> None:
     await session.execute(
-        insert(AuditEvent).values(
-            cooperative_id=cooperative_id,
-            actor=actor.id,
-            channel=actor.channel,
-            action=action,
-            entity_type=entity_type,
-            entity_id=entity_id,
-            before=before,
-            after=after,
-            at=utcnow(),
-        )
+        row_insert(session.get_bind().dialect.name, AuditEvent),
+        {
+            "cooperative_id": cooperative_id,
+            "actor": actor.id,
+            "channel": actor.channel,
+            "action": action,
+            "entity_type": entity_type,
+            "entity_id": entity_id,
+            "before": before,
+            "after": after,
+            "at": utcnow(),
+        },
     )

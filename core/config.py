@@ -93,6 +93,7 @@ class Settings:
     ussd_service_code: str
     log_level: str
     reminder_days_before: int = 3
+    reminders_enabled: bool = True
     ussd_ip_allowlists: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     trusted_proxies: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -325,6 +326,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ussd_service_code=_get(env, "USSD_SERVICE_CODE", "*384*123#"),
         log_level=log_level,
         reminder_days_before=_int(env, "REMINDER_DAYS_BEFORE", 3, minimum=0),
+        reminders_enabled=_bool(env, "REMINDERS_ENABLED", True),
         ussd_ip_allowlists=allowlists,
         trusted_proxies=trusted_proxies,
         extra={"rate_limit_multiplier": rate_multiplier, "phone_simulator_enabled": phone_page},

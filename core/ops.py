@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func, literal_column, select
@@ -11,6 +11,52 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core.db import utcnow
 from core.models import OutboxJob, Payment, SmsMessage, UssdSession, WebhookDelivery, WebhookEndpoint
 
+# The USSD pay funnel. Each session counts once per step it reaches, in Redis hash counters per UTC hour
+# (ops:{ussdfunnel}:<YYYYMMDDHH>, field "<scope>|<step>", scope "*" for all or a cooperative id). The
+# channel adds them in the pipeline that already saves the session: no extra round trip per hop.
+FUNNEL_STEPS = ("home", "pay_type", "pay_confirm", "pay_done")
+FUNNEL_LABELS = {"home": "Main menu", "pay_type": "Pay: what to pay", "pay_confirm": "Pay: confirmation",
+                 "pay_done": "Pay: confirmed"}
+FUNNEL_ALL = "*"
+FUNNEL_HOURS = 24
+FUNNEL_TTL = (FUNNEL_HOURS + 2) * 3600
+
+
+def funnel_key(at: datetime) -> str:
+    # One hash tag for every hour: the dashboard reads them all in one pipeline, even on Redis Cluster.
+    return f"ops:{{ussdfunnel}}:{at:%Y%m%d%H}"
+
+
+def funnel_field(scope: str, step: str) -> str:
+    return f"{scope}|{step}"
+
+
+async def ussd_funnel(redis: Any, cooperative_id: str | None, now: datetime) -> list[dict[str, Any]]:
+    """Sessions reaching each step over the last 24 hours, and how many went no further.
+
+    A session that reached a step counts for every step before it too (a resumed session may land on
+    the confirmation directly), so each step's `reached` is at most the previous one's; `dropped` is
+    reached here minus reached at the next step (sessions still on the step count as dropped until they
+    move on). The last step ends the funnel: nothing drops there.
+    """
+    scope = cooperative_id or FUNNEL_ALL
+    fields = [funnel_field(scope, step) for step in FUNNEL_STEPS]
+    pipe = redis.pipeline(transaction=False)
+    for hours_ago in range(FUNNEL_HOURS):
+        pipe.hmget(funnel_key(now - timedelta(hours=hours_ago)), fields)
+    reached = [0] * len(FUNNEL_STEPS)
+    for values in await pipe.execute():
+        for i, value in enumerate(values):
+            reached[i] += int(value or 0)
+    first = reached[0]
+    out = []
+    for i, step in enumerate(FUNNEL_STEPS):
+        further = reached[i + 1] if i + 1 < len(reached) else reached[i]
+        out.append({"step": step, "label": FUNNEL_LABELS[step], "reached": reached[i],
+                    "dropped": max(0, reached[i] - further),
+                    "ofStart": round(reached[i] / first, 4) if first else None})
+    return out
+
 
 def _minute(session: AsyncSession, column: Any) -> Any:
     if session.get_bind().dialect.name == "postgresql":
@@ -18,8 +64,12 @@ def _minute(session: AsyncSession, column: Any) -> Any:
     return func.strftime("%Y-%m-%dT%H:%M", column)
 
 
-async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *, minutes: int = 60) -> dict[str, Any]:
-    """Everything the ops page draws, scoped to one cooperative unless a super admin asks."""
+async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *, minutes: int = 60,
+                    redis: Any = None) -> dict[str, Any]:
+    """Everything the ops page draws, scoped to one cooperative unless a super admin asks.
+
+    `redis` holds the USSD funnel counters; without it the funnel steps are left out (an empty list).
+    """
     now = utcnow()
     since = now - timedelta(minutes=minutes)
     day = now - timedelta(hours=24)
@@ -57,9 +107,10 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
         select(UssdSession.last_screen, func.count(),
                func.sum(case((UssdSession.payment_id.is_not(None), 1), else_=0)))
         .where(UssdSession.started_at >= day).group_by(UssdSession.last_screen), UssdSession))
-    funnel = [{"screen": screen or "(none)", "sessions": count, "paid": int(paid or 0)}
-              for screen, count, paid in funnel_rows.all()]
-    funnel.sort(key=lambda row: -row["sessions"])
+    last_screens = [{"screen": screen or "(none)", "sessions": count, "paid": int(paid or 0)}
+                    for screen, count, paid in funnel_rows.all()]
+    last_screens.sort(key=lambda row: -row["sessions"])
+    funnel = await ussd_funnel(redis, cooperative_id, now) if redis is not None else []
 
     sms_rows = await session.execute(scoped(
         select(SmsMessage.status, func.count()).where(SmsMessage.created_at >= day).group_by(SmsMessage.status),
@@ -87,6 +138,7 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
         "openPayments": {"count": len(ages), "oldestSeconds": round(max(ages), 1) if ages else 0,
                          "buckets": buckets},
         "ussdFunnel": funnel,
+        "ussdLastScreens": last_screens,
         "sms": {"counts": sms, "delivered": sms.get("DELIVERED", 0), "sent": sent,
                 "deliveryRate": round(sms.get("DELIVERED", 0) / sent, 4) if sent else None},
         "outbox": {"pending": sum(outbox.get("PENDING", {}).values()),

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from core.db import insert_ignore, utcnow
+from core.db import row_insert, utcnow
 from core.models import OutboxJob
 
 log = logging.getLogger("gateway.outbox")
@@ -70,10 +70,9 @@ async def enqueue(
         "created_at": utcnow(),
         "updated_at": utcnow(),
     }
-    stmt = insert_ignore(session.get_bind().dialect.name, OutboxJob).values(**values)
-    if dedupe_key is not None:
-        stmt = stmt.on_conflict_do_nothing(index_elements=["dedupe_key"])
-    result = await session.execute(stmt)
+    stmt = row_insert(session.get_bind().dialect.name, OutboxJob,
+                      ignore_conflict=("dedupe_key",) if dedupe_key is not None else None)
+    result = await session.execute(stmt, values)
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 

@@ -110,10 +110,9 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     coop = await session.get(Cooperative, new.cooperative_id)
     if coop is None or coop.status != "ACTIVE":
         raise NotFound("cooperative not found")
-    ptype = (await session.execute(
-        select(PaymentType).where(PaymentType.id == new.payment_type_id,
-                                  PaymentType.cooperative_id == coop.id))).scalar_one_or_none()
-    if ptype is None:
+    # session.get: the API handler has usually loaded this row in the same session already (no query).
+    ptype = await session.get(PaymentType, new.payment_type_id)
+    if ptype is None or ptype.cooperative_id != coop.id:
         raise NotFound("payment type not found", field="paymentTypeId")
 
     amount = new.amount or Money(ptype.amount_minor, ptype.currency)

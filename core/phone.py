@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -91,6 +92,13 @@ def normalize(raw: str, region: str = DEFAULT_REGION) -> Phone:
     """Parse a number in any common form into E.164, refusing non-mobile or invalid ones."""
     if not isinstance(raw, str) or not raw.strip():
         raise PhoneError("phone number is required", field="phone")
+    return _normalize(raw, region)
+
+
+# Parsing with phonenumbers costs about half a millisecond, and every USSD hop parses the caller's
+# number again: remember recent answers (a refusal raises, so only valid numbers are kept).
+@functools.lru_cache(maxsize=10_000)
+def _normalize(raw: str, region: str) -> Phone:
     text = _DIGITS.sub("", raw.strip())
     if len(text) > 20:
         raise PhoneError("phone number is too long", field="phone")

@@ -75,6 +75,8 @@ def _zone(name: str | None) -> ZoneInfo:
 
 async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = None) -> int:
     """Queue every reminder due at `now`; returns how many were queued (duplicates are not counted)."""
+    if not rt.settings.reminders_enabled:
+        return 0
     now = now or utcnow()
     days_before = rt.settings.reminder_days_before
     queued = 0

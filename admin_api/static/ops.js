@@ -14,6 +14,7 @@
                           BANK_BK: "Bank of Kigali", BANK_IM: "I&M Bank", BANK_ECOBANK: "Ecobank" };
   const SMS_COLORS = { DELIVERED: "#2f8a3a", SENT: "#1f78c8", QUEUED: "#e0a030", FAILED: "#c9372c",
                        REJECTED: "#9c2a21", EXPIRED: "#8a8f96" };
+  const FUNNEL_COLORS = { went: "#1f78c8", dropped: "#c9372c" };
   let timer = null;
 
   const $ = (id) => document.getElementById(id);
@@ -218,6 +219,40 @@
     }));
   }
 
+  // The pay funnel: one bar per step, as long as the sessions that reached it; the part that went on to
+  // the next step in blue, the part that stopped there (dropped) in red.
+  function drawFunnel(steps) {
+    const max = Math.max(1, ...steps.map((r) => r.reached));
+    const share = (n) => Math.max(0, Math.min(1, n / max)) * 100 + "%";
+    fillBars("funnel", steps.map((r) => {
+      const row = el("div", "bar-row");
+      row.dataset.name = r.step;
+      row.dataset.reached = String(r.reached);
+      row.dataset.dropped = String(r.dropped);
+      const track = el("div", "track");
+      const went = el("div", "fill");
+      went.style.setProperty("--c", FUNNEL_COLORS.went);
+      went.style.width = share(r.reached - r.dropped);
+      const dropped = el("div", "fill drop");
+      dropped.style.setProperty("--c", FUNNEL_COLORS.dropped);
+      dropped.style.left = share(r.reached - r.dropped);
+      dropped.style.width = share(r.dropped);
+      track.append(went, dropped);
+      track.title = r.reached + " reached, " + r.dropped + " dropped" +
+        (r.ofStart === null || r.ofStart === undefined ? "" : " (" + pct(r.ofStart) + " of sessions)");
+      const name = el("span", "name", r.label || r.step);
+      name.title = r.step;
+      row.append(name, track, el("span", "num", r.reached + (r.dropped ? " (−" + r.dropped + ")" : "")));
+      return row;
+    }));
+    $("legend-funnel").replaceChildren(...(steps.length ? [["went on", FUNNEL_COLORS.went],
+      ["dropped here", FUNNEL_COLORS.dropped]] : []).map(([label, c]) => {
+      const item = el("span", "", label);
+      item.style.setProperty("--c", c);
+      return item;
+    }));
+  }
+
   function niceStep(max) {
     const raw = max / 4;
     const power = Math.pow(10, Math.floor(Math.log10(Math.max(raw, 1))));
@@ -276,9 +311,11 @@
     const ageMax = Math.max(1, ...ages.map(([, c]) => c));
     fillBars("ages", ages.map(([name, c], i) => barRow(name, c, ageMax, String(c), ["#2f8a3a", "#e0a030", "#c9372c"][i])));
 
-    const funnelMax = Math.max(1, ...data.ussdFunnel.map((r) => r.sessions));
-    fillBars("funnel", data.ussdFunnel.map((r) =>
-      barRow(r.screen, r.sessions, funnelMax, r.sessions + (r.paid ? " · " + r.paid + " paid" : ""), "#7aa6d6", r.paid)));
+    drawFunnel(data.ussdFunnel || []);
+    const screens = data.ussdLastScreens || [];
+    const screensMax = Math.max(1, ...screens.map((r) => r.sessions));
+    fillBars("screens", screens.map((r) =>
+      barRow(r.screen, r.sessions, screensMax, r.sessions + (r.paid ? " · " + r.paid + " paid" : ""), "#7aa6d6", r.paid)));
 
     const sms = Object.entries(data.sms.counts);
     const smsMax = Math.max(1, ...sms.map(([, c]) => c));

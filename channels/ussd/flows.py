@@ -10,8 +10,9 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
-from channels.ussd import sessions
+from channels.ussd import funnel, sessions
 from channels.ussd.engine import Ctx, Invalid, Item
 from channels.ussd.i18n import LANGUAGES, translate
 from channels.ussd.types import side_effect_started
@@ -346,25 +347,57 @@ async def method_chosen(ctx: Ctx, method: str) -> str:
     return "pay_confirm"
 
 
+async def reserved_reference(ctx: Ctx) -> str:
+    """The payment's reference, reserved the first time the confirmation is shown.
+
+    Kept in the session, so a redisplayed confirmation (Back and forth, an error, a resumed session)
+    shows the same one and the payment is created with exactly it. A session that never confirms
+    leaves a gap in the numbering, as a rolled-back payment already does: references are unique,
+    not gapless.
+    """
+    ref = ctx.data.get("rr")
+    if not ref:
+        from core.references import next_reference
+
+        async with ctx.rt.sessionmaker.begin() as session:
+            ref = await next_reference(session, "PAY")
+        ctx.data["rr"] = ref
+    return ref
+
+
 async def confirm_args(ctx: Ctx) -> dict[str, Any]:
     pt = await payment_type(ctx)
     currency = ctx.data.get("cur", "RWF")
     return {"type": short(pt.name if pt else "", 30), "amount": Money(ctx.data["amt"], currency).format(),
-            "fee": Money(0, currency).format(), "method": ctx.t(f"method.{ctx.data['mt']}")}
+            "fee": Money(0, currency).format(), "method": ctx.t(f"method.{ctx.data['mt']}"),
+            "ref": await reserved_reference(ctx)}
 
 
 async def confirmed(ctx: Ctx, _key: str) -> str:
-    from core.payments import NewPayment, create_payment
+    from core.payments import NewPayment, create_payment, get_by_reference
 
     turn = ctx.hop
+    reference = ctx.data.get("rr") or None
     new = NewPayment(
         cooperative_id=ctx.data["c"], payment_type_id=ctx.data["pt"], method=ctx.data["mt"],
         account=turn.phone.e164, idempotency_key=f"ussd:{turn.aggregator}:{turn.session_id}"[:128],
         channel="ussd", amount=Money(ctx.data["amt"], ctx.data["cur"]), member_id=ctx.data["mb"],
+        reference=reference,
     )
     side_effect_started()
-    async with ctx.rt.sessionmaker.begin() as session:
-        payment, _created = await create_payment(session, ctx.rt, new, actor=actor(ctx))
+    try:
+        async with ctx.rt.sessionmaker.begin() as session:
+            payment, _created = await create_payment(session, ctx.rt, new, actor=actor(ctx))
+    except IntegrityError:
+        # The reserved reference is taken: a resumed session carried it from a session whose
+        # confirmation was committed but whose answer was lost. That payment is this one: show it
+        # rather than charge the member twice.
+        if reference is None:
+            raise
+        async with ctx.rt.sessionmaker() as session:
+            payment = await get_by_reference(session, reference)
+        if payment is None or payment.member_id != ctx.data["mb"]:
+            raise
     ctx.data.update(ref=payment.reference, pid=payment.id,
                     amtf=Money(payment.amount_minor, payment.currency).format())
     return "pay_done"
@@ -487,7 +520,9 @@ async def resume_continue(ctx: Ctx, _key: str) -> str:
     if saved is None:
         ctx.state.stack.clear()
         return "home"
-    ctx.state.stack, ctx.state.data, ctx.state.lang = saved.stack, saved.data, saved.lang
+    # This session's own funnel progress stays: the ops funnel counts each session once per step.
+    mine = {key: ctx.state.data[key] for key in funnel.OWN_KEYS if key in ctx.state.data}
+    ctx.state.stack, ctx.state.data, ctx.state.lang = saved.stack, {**saved.data, **mine}, saved.lang
     ctx.state.data["rs"] = 1  # counted as a resumed session
     return saved.screen
 

@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from channels.ussd import flows, records, sessions
+from channels.ussd import flows, funnel, records, sessions
 from channels.ussd.engine import Ctx, Engine, State
 from channels.ussd.i18n import language
 from channels.ussd.types import UssdReply, UssdTurn
@@ -84,7 +84,8 @@ class UssdService:
         state = stored.state
         keep_route = None if state.screen in NO_RESUME and not reply.end else not reply.end
         await sessions.save(rt.redis, turn.aggregator, turn.session_id, stored,
-                            resume=None if keep_route is None else (rt.cipher, turn.phone, keep_route))
+                            resume=None if keep_route is None else (rt.cipher, turn.phone, keep_route),
+                            funnel=funnel.advance(state))
         self.languages.put(rt.cipher.blind_index(turn.phone.e164), state.lang)
         if reply.end:
             await self._ended(rt, turn, stored)
@@ -114,6 +115,8 @@ class UssdService:
         reply = await self.engine.show(ctx, "resume" if resumable else "home", push=False)
         member_id = ms[0][0].id if len(ms) == 1 else None
         coop_id = ms[0][1].id if len(ms) == 1 else state.data.get("x")
+        if coop_id:
+            state.data["fc"] = coop_id  # the ops funnel counts the session for it from the main menu on
         await records.opened(rt, aggregator=turn.aggregator, session_id=turn.session_id, phone=turn.phone,
                              service_code=turn.service_code, network=turn.network, cooperative_id=coop_id,
                              member_id=member_id)

@@ -11,11 +11,14 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from channels.ussd.engine import State
 from core.crypto import PiiCipher
+from core.db import utcnow
+from core.ops import FUNNEL_TTL, funnel_key
 from core.phone import Phone
 
 SESSION_TTL = 300  # aggregators end a session after about 180 s; the margin covers their retries
@@ -97,13 +100,18 @@ async def load(redis: Any, aggregator: str, session_id: str) -> Stored | None:
 
 
 async def save(redis: Any, aggregator: str, session_id: str, stored: Stored, *,
-               resume: tuple[PiiCipher, Phone, bool] | None = None) -> None:
+               resume: tuple[PiiCipher, Phone, bool] | None = None, funnel: Sequence[str] = ()) -> None:
     """Write the session (and set or clear the phone's resume route) in one round trip.
 
     `resume` is (cipher, phone, keep): keep=True stores the current route, False clears it.
+    `funnel` names the ops funnel counters this hop adds to (channels.ussd.funnel), in the same trip.
     """
     if stored.started == 0.0:
         stored.started = time.time()
+    if resume is None and not funnel:
+        # Most hops (home, language) touch no resume route: a plain SET skips the pipeline's overhead.
+        await redis.set(session_key(aggregator, session_id), encode(stored), ex=SESSION_TTL)
+        return
     pipe = redis.pipeline(transaction=False)
     pipe.set(session_key(aggregator, session_id), encode(stored), ex=SESSION_TTL)
     if resume is not None:
@@ -114,6 +122,11 @@ async def save(redis: Any, aggregator: str, session_id: str, stored: Stored, *,
             pipe.set(key, route.encode(), ex=RESUME_TTL)
         else:
             pipe.delete(key)
+    if funnel:
+        counters = funnel_key(utcnow())
+        for field in funnel:
+            pipe.hincrby(counters, field, 1)
+        pipe.expire(counters, FUNNEL_TTL)
     await pipe.execute()
 
 

@@ -119,3 +119,12 @@ async def test_the_daily_scan_schedules_itself_once(rt: Any, demo: dict[str, Any
         scans = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "reminders.scan"))).scalars().all()
     assert sorted((j.payload["day"], j.status) for j in scans) == [
         (str(today), "DONE"), (str(today + timedelta(days=1)), "PENDING")]
+
+
+async def test_reminders_switched_off_send_nothing(rt: Any, demo: dict[str, Any]) -> None:
+    from dataclasses import replace
+
+    rt.settings = replace(rt.settings, reminders_enabled=False)
+    async with rt.sessionmaker.begin() as s:
+        assert await scan(s, rt, now=NOW) == 0
+    assert await _reminder_jobs(rt) == []

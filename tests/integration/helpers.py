@@ -21,8 +21,8 @@ MTN_OK, MTN_FAIL, MTN_PENDING = "+250788000001", "+250788000002", "+250788000003
 AIRTEL_OK, AIRTEL_FAIL = "+250733000001", "+250733000002"
 
 
-async def wait_for(check: Callable[[], Awaitable[T]], *, timeout: float, interval: float = 0.2,
-                   what: str = "condition") -> T:
+async def wait_for(check: Callable[[], Awaitable[T]], *, timeout: float,  # noqa: ASYNC109 - a deadline
+                   interval: float = 0.2, what: str = "condition") -> T:
     """Poll `check` until it returns something truthy; fail with the last value after `timeout`."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -47,6 +47,7 @@ class UssdPhone:
         self.timeout = timeout
         self.served_by: list[str] = []
         self.latencies: list[float] = []
+        self.screens: list[str] = []
 
     def form(self) -> dict[str, str]:
         return {"sessionId": self.session_id, "serviceCode": SERVICE_CODE, "phoneNumber": self.phone,
@@ -61,6 +62,7 @@ class UssdPhone:
                                   timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
             body = await resp.text()
         self.latencies.append(time.monotonic() - started)
+        self.screens.append(body)
         return resp.status, body
 
     async def dial(self) -> str:
@@ -138,7 +140,8 @@ async def payment_by_reference(rt: Any, reference: str) -> Payment | None:
         return (await s.execute(select(Payment).where(Payment.reference == reference))).scalar_one_or_none()
 
 
-async def wait_payment_status(rt: Any, reference: str, statuses: set[str] | str, *, timeout: float) -> Payment:
+async def wait_payment_status(rt: Any, reference: str, statuses: set[str] | str, *,
+                              timeout: float) -> Payment:  # noqa: ASYNC109 - a deadline
     wanted = {statuses} if isinstance(statuses, str) else statuses
 
     async def check() -> Payment | None:

@@ -79,7 +79,7 @@ class Proc:
 def _http_ok(url: str, timeout: float = 1.0) -> bool:
     """True when something answers below 500 at `url`."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - 127.0.0.1 only
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status < 500
     except urllib.error.HTTPError as exc:
         return exc.code < 500
@@ -195,6 +195,7 @@ def reset_database(database_url: str) -> None:
     """Empty every table of an already migrated database (the same as the suite's `rt` fixture)."""
     from sqlalchemy import text
 
+    import core.models  # noqa: F401 - registers every table on Base.metadata
     from core.db import Base, make_engine
 
     async def truncate() -> None:
@@ -275,6 +276,7 @@ class Stack:
             "PAYMENT_TIMEOUT_SECONDS": "60",
             "OUTBOX_LEASE_SECONDS": "10",
             "RATE_LIMIT_MULTIPLIER": "0",
+            "REMINDERS_ENABLED": "0",  # the tests count SMS per phone exactly
             "LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
         })
@@ -299,10 +301,11 @@ class Stack:
         run_main(["seed-demo"], self.env(), log)
 
     def start(self, *, prepare: bool = True) -> Stack:
-        if prepare:
-            self.prepare()
+        # Simulators need no database: they boot while the migration and the seed run.
         for name in SIMULATORS:
             self.start_simulator(name, wait=False)
+        if prepare:
+            self.prepare()
         for name in SIMULATORS:
             self.harness.wait_ready(self.sims[name], _SIM_READY[name])
         for index in range(self.serves):
@@ -362,7 +365,7 @@ _SIM_READY = {name: "/_control/pending?msisdn=1" for name in PROVIDERS} | {"afri
 
 
 def pg_bin() -> str | None:
-    candidates = [os.environ.get("TEST_PG_BIN", "")] + sorted(glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    candidates = [os.environ.get("TEST_PG_BIN", ""), *sorted(glob("/usr/lib/postgresql/*/bin"), reverse=True)]
     for folder in candidates:
         if folder and Path(folder, "initdb").exists() and Path(folder, "pg_ctl").exists():
             return folder
@@ -427,7 +430,7 @@ class PrivateServices:
 
     def start_postgres(self) -> None:
         options = (f"-p {self.pg_port} -k {self.dir / 'pg'} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+                   "-c full_page_writes=off -c max_connections=200")
         self._checked([f"{self.bin}/pg_ctl", "-D", str(self.dir / "pg" / "data"), "-l",
                        str(self.dir / "pg" / "server.log"), "-w", "-t", "60", "start", "-o", options],
                       "pg_ctl start")

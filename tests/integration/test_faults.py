@@ -112,7 +112,7 @@ async def api(stack: Stack, demo: dict[str, Any], http: aiohttp.ClientSession) -
 
 
 async def _one_message(http: aiohttp.ClientSession, stack: Stack, phone: str, reference: str,
-                       timeout: float = 20) -> str:
+                       timeout: float = 20) -> str:  # noqa: ASYNC109 - a deadline
     sms_url = stack.sim_url("africastalking")
     found = await wait_for(lambda: messages_about(http, sms_url, phone, reference), timeout=timeout,
                            what=f"an SMS about {reference}")
@@ -129,7 +129,8 @@ async def test_redis_stopped_and_restarted_in_the_middle_of_ussd_sessions(
         stack: Stack, services: PrivateServices, gw: Any, http: aiohttp.ClientSession) -> None:
     urls = stack.serve_urls
     open_sessions = [UssdPhone(http, urls, number) for number in (MTN_OK, AIRTEL_OK, "+250788000002")]
-    for phone in open_sessions:
+    quiet = UssdPhone(http, urls, "+250733000001")  # mid-session, silent during the outage
+    for phone in [*open_sessions, quiet]:
         assert (await phone.dial()).startswith("CON ")
         assert (await phone.send("1")).startswith("CON ")
 
@@ -147,14 +148,17 @@ async def test_redis_stopped_and_restarted_in_the_middle_of_ussd_sessions(
     # Every hop got a valid screen (UssdPhone checks 200 and CON/END) and quickly: without its session
     # store the service ends the session politely instead of guessing.
     assert all(body.startswith("END ") for body, _ in answers), answers
-    slow = [(body, round(latency, 2)) for body, latency in answers if latency > HOP_BUDGET + 0.5]
-    assert not slow, f"hops slower than the {HOP_BUDGET}s budget while Redis was down: {slow}"
+    # A refused connection is known at once: no hop may sit out the 3 s budget waiting for Redis.
+    slow = [(body, round(latency, 2)) for body, latency in answers if latency > HOP_BUDGET / 2]
+    assert not slow, f"hops slow while Redis was down: {slow}"
 
     # Back up: a new session works from the first hop to the payment, and the worker sends the receipt.
     async def dial_works() -> bool:
         return (await UssdPhone(http, urls, MTN_OK).dial()).startswith("CON ")
 
     await wait_for(dial_works, timeout=10, interval=0.5, what="USSD to work again after Redis restarted")
+    # The restarted Redis is empty: the session that was mid-way gets a valid screen, not an error.
+    assert (await quiet.send("1")).startswith(("CON ", "END "))
     reference = await UssdPhone(http, urls, MTN_OK).pay_first_type()
     await wait_payment_status(gw, reference, "COMPLETED", timeout=20)
     await _one_message(http, stack, MTN_OK, reference)
@@ -187,8 +191,11 @@ async def test_postgres_restarted_during_a_burst_of_payments(
             assert time.monotonic() < deadline, f"{key} never got an answer: {answered[key]}"
             await asyncio.sleep(0.25)
 
+    async def started() -> bool:
+        return sum(1 for a in answered.values() if any(s in (200, 201) for s, _ in a)) >= 8
+
     burst = asyncio.ensure_future(asyncio.gather(*(client(k) for k in keys)))
-    await wait_for(lambda: _done_count(answered, 8), timeout=20, interval=0.02, what="the burst to start")
+    await wait_for(started, timeout=20, interval=0.02, what="the burst to start")
     await asyncio.to_thread(services.stop_postgres, "immediate")  # a crash, mid-burst
     await asyncio.sleep(1.0)
     await asyncio.to_thread(services.start_postgres)
@@ -234,13 +241,6 @@ async def test_postgres_restarted_during_a_burst_of_payments(
     assert set(counted.values()) == {1}, counted
 
 
-def _done_count(answered: dict[str, list[tuple[int, str | None]]], n: int) -> Any:
-    async def check() -> bool:
-        return sum(1 for a in answered.values() if any(s in (200, 201) for s, _ in a)) >= n
-
-    return check()
-
-
 # -------------------------------------------------------------------------------------------- providers
 
 
@@ -255,7 +255,8 @@ async def test_provider_500_hang_and_silence_every_open_payment_ends_final_throu
         airtel_down = await api.created(AIRTEL_OK, method="MOBILE_MONEY_AIRTEL")
 
         async def collect_failed() -> bool:
-            return any(j.payload["payment_id"] == outage["id"] and j.last_error for j in await jobs(gw, "payment.collect"))
+            return any(j.payload["payment_id"] == outage["id"] and j.last_error
+                       for j in await jobs(gw, "payment.collect"))
 
         await wait_for(collect_failed, timeout=10, what="the collection to hit the 500")
         # 2. MTN is back but slow: answers after the 1.5 s read timeout, and never calls back.
@@ -284,6 +285,10 @@ async def test_provider_500_hang_and_silence_every_open_payment_ends_final_throu
         callbacks = (await s.execute(select(func.count()).select_from(ProviderEvent).where(
             ProviderEvent.payment_id.in_([final["hanging"].id, final["silent"].id])))).scalar_one()
     assert callbacks == 0, "these ended through status polling alone"
+    # MTN_MOMO_READ_TIMEOUT=1.5 applied: the hanging request was given up, not waited for 10 s.
+    worker_logs = "".join(w.log.read_text() for w in stack.worker_procs)
+    assert re.search(r'"collection request timed out; status polling will settle it", "payment": "'
+                     + final["hanging"].reference, worker_logs)
     # The window is 10 s: the TIMEOUT is declared when it closes, not a poll interval later.
     for name in ("airtel", "silent"):
         p = final[name]
@@ -328,7 +333,8 @@ async def test_duplicated_and_reordered_callbacks_make_one_transition_and_one_re
     for payment, phone in zip(payments, (MTN_OK, AIRTEL_OK), strict=True):
         got = results(payment)
         assert got.count("completed") == 1 and got.count("duplicate") >= 1, got
-        assert set(got) <= {"completed", "duplicate", "pending"}, got
+        # The stale callback is unsigned for MTN, so it is confirmed by a status query: already completed.
+        assert set(got) <= {"completed", "duplicate", "pending", "already_completed"}, got
         fresh = await wait_payment_status(gw, payment.reference, "COMPLETED", timeout=1)
         assert fresh.completed_at == payment.completed_at, "the stale callback changed nothing"
         assert await transitions(gw, payment.id, "payment.completed") == 1
@@ -342,18 +348,21 @@ async def test_duplicated_and_reordered_callbacks_make_one_transition_and_one_re
 async def test_sms_simulator_failing_temporarily_delivers_later_and_once(
         stack: Stack, gw: Any, http: aiohttp.ClientSession) -> None:
     sms_url = stack.sim_url("africastalking")
-    # 1. The aggregator answers 500 to the next two sends.
-    await set_sms_failure(http, sms_url, "http500", times=2)
+    # 1. The aggregator answers 500 to the next two messages for this payer.
+    await set_sms_failure(http, sms_url, "http500", times=2, number=MTN_OK)
     reference = await UssdPhone(http, stack.serve_urls, MTN_OK).pay_first_type()
     payment = await wait_payment_status(gw, reference, "COMPLETED", timeout=20)
     await _one_message(http, stack, MTN_OK, reference)
-    [row] = await sms_rows(gw, payment.id)
-    assert row.status in ("SENT", "DELIVERED")
-    [job] = [j for j in await jobs(gw, "sms.send") if payment.id in str(j.payload.get("key"))]
-    assert job.status == "DONE" and job.attempts == 3, (job.status, job.attempts, job.last_error)
+    await _sms_sent(gw, payment.id)
+
+    async def job_done() -> list[OutboxJob]:
+        found = [j for j in await jobs(gw, "sms.send") if payment.id in str(j.payload.get("key"))]
+        return found if found and found[0].status == "DONE" else []
+
+    [job] = await wait_for(job_done, timeout=10, what="the SMS job DONE")
+    assert job.attempts == 3, (job.attempts, job.last_error)  # two 500s, then sent
 
     # 2. The aggregator is down altogether (its process is gone), then comes back.
-    Stack.harness_stop = None  # noqa: B010 - keep the attribute space clean (no-op)
     stack.harness.stop(stack.sims["africastalking"])
     reference = await UssdPhone(http, stack.serve_urls, MTN_OK).pay_first_type()
     payment = await wait_payment_status(gw, reference, "COMPLETED", timeout=20)
@@ -365,8 +374,17 @@ async def test_sms_simulator_failing_temporarily_delivers_later_and_once(
     assert await sms_rows(gw, payment.id) and (await sms_rows(gw, payment.id))[0].status == "QUEUED"
     stack.start_simulator("africastalking")
     await _one_message(http, stack, MTN_OK, reference, timeout=25)
-    [row] = await sms_rows(gw, payment.id)
-    assert row.status in ("SENT", "DELIVERED")
+    await _sms_sent(gw, payment.id)
+
+
+async def _sms_sent(gw: Any, payment_id: str) -> None:
+    """One SMS row for the payment, recorded as sent (the worker writes it after the aggregator's answer)."""
+    async def sent() -> bool:
+        rows = await sms_rows(gw, payment_id)
+        assert len(rows) == 1, rows
+        return rows[0].status in ("SENT", "DELIVERED")
+
+    await wait_for(sent, timeout=10, what="the SMS row SENT")
 
 
 # ---------------------------------------------------------------------------------------- worker crash

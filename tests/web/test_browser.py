@@ -65,7 +65,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                "AIRTEL_", "MPESA_", "IREMBOPAY_", "SMS_", "SIMULATORS_IN_PROCESS")
     env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
     env.update({"PORT": str(port), "DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/gateway.db",
-                "REDIS_URL": "embedded", "GATEWAY_ENV": "development", "PYTHONUNBUFFERED": "1"})
+                "REDIS_URL": "embedded", "GATEWAY_ENV": "development", "PYTHONUNBUFFERED": "1",
+                "REMINDERS_ENABLED": "0"})  # the figures below count only this test's SMS
     base = f"http://127.0.0.1:{port}"
     log = (workdir / "service.log").open("w")
     proc = subprocess.Popen(_command(env), cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,

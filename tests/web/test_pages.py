@@ -266,3 +266,35 @@ async def test_ops_data_refuses_tenants(pages: Any, demo: dict[str, Any]) -> Non
     resp = await pages.get("/ops/data", headers={"Authorization": f"Bearer {token}"})
     assert resp.status == 403
     assert (await resp.json())["error"] == "Forbidden"
+
+
+async def test_ops_data_reports_the_ussd_funnel(pages: Any, rt: Any, demo: dict[str, Any],
+                                                other_coop: dict[str, Any]) -> None:
+    """Sessions that stop at each step, then the reached and dropped numbers the ops page draws.
+
+    Needs admin_api/pages.ops_data to hand the runtime's Redis to core.ops.dashboard (redis=rt.redis).
+    """
+    from tests.core.test_ops import drive_funnel_sessions
+
+    await drive_funnel_sessions(pages)
+
+    async def funnel(user: tuple[str, str], query: str = "") -> dict[str, tuple[int, int]]:
+        token = await _token(pages, *user)
+        resp = await pages.get(f"/ops/data{query}", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status == 200
+        body = await resp.json()
+        assert body["ussdFunnel"], "ops_data does not pass redis=rt.redis to core.ops.dashboard"
+        assert [r["label"] for r in body["ussdFunnel"]] == [
+            "Main menu", "Pay: what to pay", "Pay: confirmation", "Pay: confirmed"]
+        screens[user] = {r["screen"] for r in body["ussdLastScreens"]}
+        return {r["step"]: (r["reached"], r["dropped"]) for r in body["ussdFunnel"]}
+
+    screens: dict[tuple[str, str], set[str]] = {}
+    assert await funnel(demo["admin"]) == {"home": (6, 1), "pay_type": (5, 2), "pay_confirm": (3, 2),
+                                           "pay_done": (1, 0)}
+    # Where sessions ended (drop-off by last screen, from the session records) is still reported.
+    assert screens[demo["admin"]] >= {"pay_done", "pay_cancelled"}
+    assert await funnel(demo["super_admin"]) == {"home": (7, 2), "pay_type": (5, 2), "pay_confirm": (3, 2),
+                                                 "pay_done": (1, 0)}
+    assert (await funnel(other_coop["admin"]))["home"] == (0, 0)
+    assert screens[other_coop["admin"]] == set()

@@ -41,7 +41,8 @@ async def ordered(ctx: Ctx, _key: str) -> str:
 
 
 async def args(_ctx: Ctx) -> dict[str, Any]:
-    return {"name": "Shop", "type": "Fruit", "amount": "1 RWF", "fee": "0 RWF", "method": "MTN MoMo"}
+    return {"name": "Shop", "type": "Fruit", "amount": "1 RWF", "fee": "0 RWF", "method": "MTN MoMo",
+            "ref": "PAY_20260101_001"}
 
 
 SCREENS = {s.id: s for s in (
@@ -188,7 +189,8 @@ def test_latest_input(previous: str | None, accumulated: str, latest: str) -> No
 def test_session_round_trip_and_size() -> None:
     state = State(screen="pay_confirm", stack=["home", "pay_type"], lang="rw",
                   data={"c": "1" * 36, "mb": "2" * 36, "pt": "3" * 36, "amt": 50_000, "cur": "RWF",
-                        "mt": "MOBILE_MONEY_MTN", "cn": "Kigali Heights Housing Cooperative"},
+                        "mt": "MOBILE_MONEY_MTN", "cn": "Kigali Heights Housing Cooperative",
+                        "rr": "PAY_20261122_123456", "f": [3, 3, 3], "fc": "1" * 36},
                   ids=["o0", "o1"], first=1)
     stored = sessions.Stored(state=state, acc="1*1", hop="1*1", reply=("Pay Monthly Rent\n1. Confirm", False),
                              hops=3, started=1_700_000_000.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -23,6 +24,13 @@ STRANGER = "+250788555123"  # a valid MTN number that belongs to no cooperative
 
 def lines(screen: str) -> list[str]:
     return screen[4:].split("\n")
+
+
+def reference_on(screen: str) -> str:
+    """The payment reference a screen shows (PAY_YYYYMMDD_N)."""
+    found = re.search(r"PAY_\d{8}_\d{3,}", screen)
+    assert found, screen
+    return found.group(0)
 
 
 def option(screen: str, label: str) -> str:
@@ -49,12 +57,14 @@ async def test_pay_creates_exactly_one_pending_payment_and_one_collect_job(clien
     types = await phone.send("1")
     assert "Monthly Rent 50,000 RWF (due day 1)" in types and "Water 5,000 RWF (due day 10)" in types
     confirm = await phone.send(option(types, "Monthly Rent"))
-    assert confirm.startswith("CON Pay Monthly Rent\nAmount: 50,000 RWF\nFee: 0 RWF\nVia MTN MoMo")
+    assert confirm.startswith("CON Pay Monthly Rent\nAmount: 50,000 RWF\nFee: 0 RWF\nVia MTN MoMo\nRef: PAY_")
+    shown = reference_on(confirm)
     done = await phone.send("1")
     assert done.startswith("END Approve the prompt on your phone to pay 50,000 RWF. Ref PAY_")
 
     payment = await db.one(Payment)
-    assert done.endswith(payment.reference)
+    # The reference on the confirmation is the one on the END screen and on the payment.
+    assert payment.reference == shown and done.endswith(" " + shown)
     assert (payment.status, payment.amount_minor, payment.currency, payment.method, payment.channel) == (
         "PENDING", 50_000, "RWF", "MOBILE_MONEY_MTN", "ussd")
     assert payment.member_id == demo["members"][EN_MTN]
@@ -621,3 +631,91 @@ async def test_a_hop_over_budget_before_any_side_effect_is_cancelled(client: Any
     assert time.monotonic() - started < 1.0
     await asyncio.sleep(1.0)
     assert calls == ["start"]
+
+
+# -- the reference on the confirmation ----------------------------------------------------------------
+
+async def test_reference_survives_back_and_forth_and_errors_on_the_confirmation(client: Any, demo: Any,
+                                                                                db: Any) -> None:
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    types = await phone.send("1")
+    first = await phone.send(option(types, "Water"))
+    reserved = reference_on(first)
+    assert "Amount: 5,000 RWF" in first
+    # An invalid key redisplays the confirmation with the same reference.
+    wrong = await phone.send("7")
+    assert wrong.startswith("CON Invalid choice.") and reference_on(wrong) == reserved
+    # Back to the list, another payment type, and the confirmation again: still the same reference.
+    assert await phone.send("0") == types
+    second = await phone.send(option(types, "Monthly Rent"))
+    assert "Amount: 50,000 RWF" in second and reference_on(second) == reserved
+    # Home and all the way back in: the session still holds its reservation.
+    assert (await phone.send("00")).startswith("CON Welcome to")
+    third = await phone.send("1")
+    again = await phone.send(option(third, "Water"))
+    assert reference_on(again) == reserved
+    done = await phone.send("1")
+    payment = await db.one(Payment)
+    assert payment.reference == reserved == reference_on(done)
+    assert payment.amount_minor == 5_000
+
+
+async def test_two_sessions_never_share_a_reference(client: Any, demo: Any, db: Any) -> None:
+    phones = [AtPhone(client, number) for number in (EN_MTN, RW_MTN, FR_AIRTEL, SW_AIRTEL)]
+    for phone in phones:
+        await phone.dial()
+        await phone.send("1")
+    # Interleaved, then all at once: each session reserves its own reference.
+    confirms = [await phones[0].send("2"), await phones[1].send("2")]
+    confirms += await asyncio.gather(phones[2].send("2"), phones[3].send("2"))
+    shown = [reference_on(screen) for screen in confirms]
+    assert len(set(shown)) == 4, shown
+    dones = await asyncio.gather(*(phone.send("1") for phone in phones))
+    assert [reference_on(done) for done in dones] == shown
+    payments = {p.idempotency_key: p.reference for p in await db.all(Payment)}
+    assert payments == {f"ussd:africastalking:{phone.session_id}": ref
+                        for phone, ref in zip(phones, shown, strict=True)}
+
+
+async def test_a_cancelled_confirmation_reserves_but_pays_nothing(client: Any, demo: Any, db: Any) -> None:
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    await phone.send("1")
+    cancelled_ref = reference_on(await phone.send("2"))
+    assert await phone.send("2") == "END Payment cancelled. Nothing was charged."
+    assert await db.count(Payment) == 0
+    # The next session gets a new reference; the cancelled one is simply never used.
+    other = AtPhone(client, EN_MTN)
+    await other.dial()
+    await other.send("1")
+    assert reference_on(await other.send("2")) != cancelled_ref
+
+
+async def test_resumed_session_keeps_the_reference_and_a_lost_answer_never_pays_twice(
+        client: Any, demo: Any, db: Any, rt: Any) -> None:
+    """A session confirmed, committed, and then lost its answer (so the phone's resume route survived):
+    the resumed session shows the same reference and confirming again finds that payment."""
+    dropped = AtPhone(client, EN_MTN)
+    await dropped.dial()
+    await dropped.send("1")
+    confirm = await dropped.send("2")
+    reserved = reference_on(confirm)
+    route_key = sessions.resume_key(rt.cipher, normalize(EN_MTN))
+    route = await rt.redis.get(route_key)
+    assert route is not None
+    done = await dropped.send("1")
+    assert reference_on(done) == reserved
+    await rt.redis.set(route_key, route, ex=sessions.RESUME_TTL)  # as if the END answer was never saved
+
+    again = AtPhone(client, EN_MTN)
+    assert (await again.dial()).startswith("CON You did not finish your last session.")
+    resumed = await again.send("1")
+    assert resumed == confirm and reference_on(resumed) == reserved
+    second = await again.send("1")
+    assert second.startswith("END Approve the prompt") and reference_on(second) == reserved
+    payment = await db.one(Payment)
+    assert payment.reference == reserved
+    assert payment.idempotency_key == f"ussd:africastalking:{dropped.session_id}"
+    assert await db.count(OutboxJob, OutboxJob.kind == "payment.collect") == 1
+    assert (await db.one(UssdSession, UssdSession.session_id == again.session_id)).payment_id == payment.id

@@ -142,3 +142,22 @@ def test_translations_keep_their_placeholders(lang: str) -> None:
         if msgid.endswith(".short"):
             continue
         assert fields(catalog(lang)[msgid]) == fields(text), f"{lang}/{msgid}"
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("lang", LANGUAGES)
+async def test_confirmation_keeps_a_long_reference_whole(lang: str, limit: int) -> None:
+    """References come from a global sequence, so the number outgrows three digits: the confirmation
+    may shorten other lines to fit, never the reference."""
+    reference = "PAY_20261122_1234567"
+
+    async def args(_ctx: Ctx) -> dict[str, Any]:
+        return {**sample_args(lang), "ref": reference}
+
+    engine = Engine({**SCREENS, "pay_confirm": dataclasses.replace(SCREENS["pay_confirm"], args=args)})
+    for stack in ([], ["home", "pay_type"]):
+        state = State(screen="pay_confirm", stack=list(stack), lang=lang)
+        reply = await engine.render(Ctx(rt=None, turn=None, state=state, limit=limit))
+        assert gsm.length(reply.text) <= limit and gsm.is_gsm(reply.text), reply.text
+        assert reference in reply.text, (lang, limit, reply.text)
+        assert reply.text.endswith(translate(lang, "confirm.no") if not stack else translate(lang, "nav.home"))
