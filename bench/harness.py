@@ -41,6 +41,14 @@ class Proc:
             pass
         return 0.0
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far (from /proc/<pid>/stat)."""
+        try:
+            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (FileNotFoundError, IndexError, ValueError):
+            return 0.0
+
     def stop(self) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)

@@ -18,6 +18,7 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import asyncpg  # noqa: E402
-import httpx  # noqa: E402
+import asyncpg
+import httpx
 
-from bench.harness import ROOT, Cluster, LoadResult, Proc, free_port, python, wait_ready, wrk  # noqa: E402
+from bench.harness import ROOT, Cluster, LoadResult, Proc, free_port, python, wait_ready, wrk
 
 SCENARIOS = ("ussd_hop", "ussd_hop_2proc", "ussd_pay", "payments", "callbacks", "sms", "memory")
 PROVIDERS = ("mtn_momo", "airtel", "mpesa", "irembopay")
@@ -76,10 +77,12 @@ class Bench:
     sim_ports: dict[str, int]
     run_id: str
     rows: list[Row] = field(default_factory=list)
+    load_before: str = field(default_factory=lambda: f"{os.getloadavg()[0]:.2f}")
     serve: Proc | None = None
     rss_peak: dict[str, float] = field(default_factory=dict)  # scenario -> peak RSS of serve (MB)
     demo: dict[str, Any] = field(default_factory=dict)
     phones: list[str] = field(default_factory=list)
+    spare_phone: str = HOP_PHONE  # a member no other scenario dials (the session-size probe)
     token: str = ""
     form_baseline: LoadResult | None = None
     hop_one: LoadResult | None = None
@@ -92,6 +95,9 @@ class Bench:
     def seconds(self) -> float:
         return self.args.seconds
 
+    def profile_path(self, scenario: str) -> Path | None:
+        return self.cluster.workdir / f"profile-{scenario}.txt" if self.args.profile else None
+
     def log(self, message: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -99,8 +105,10 @@ class Bench:
 # -- services and processes -------------------------------------------------------------------------
 
 def start_services(workdir: Path) -> dict[str, str]:
+    # TEST_PG_PORT / TEST_REDIS_PORT name servers that already run (a test session's): ours get free ports.
+    env = {k: v for k, v in os.environ.items() if k not in ("TEST_PG_PORT", "TEST_REDIS_PORT")}
     out = subprocess.run(["bash", str(ROOT / "scripts" / "services.sh"), "start"], capture_output=True,
-                         text=True, check=False, timeout=180)
+                         text=True, check=False, timeout=180, env=env)
     env: dict[str, str] = {}
     for line in out.stdout.splitlines():
         if line.startswith("export ") and "=" in line:
@@ -140,6 +148,7 @@ def gateway_env(services: dict[str, str], port: int, sim_ports: dict[str, int], 
         "JWT_SECRET": secrets.token_urlsafe(48),
         "SIMULATORS_IN_PROCESS": "0",
         "RATE_LIMIT_MULTIPLIER": "0",
+        "REMINDERS_ENABLED": "0",
         "LOG_LEVEL": log_level,
         "SMS_BASE_URL": f"http://127.0.0.1:{sim_ports['africastalking']}",
         "SMS_USERNAME": "bench",
@@ -177,12 +186,14 @@ def start_serve(b: Bench, name: str = "serve") -> Proc:
 
 
 class RssSampler:
-    """Peak RSS of a process while a scenario runs."""
+    """Peak RSS of a process while a scenario runs; with --profile, py-spy samples it too."""
 
-    def __init__(self, proc: Proc | None) -> None:
+    def __init__(self, proc: Proc | None, profile: Path | None = None) -> None:
         self.proc, self.peak = proc, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._profile = profile
+        self._spy: subprocess.Popen[bytes] | None = None
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -190,13 +201,35 @@ class RssSampler:
                 self.peak = max(self.peak, self.proc.rss_mb())
             self._stop.wait(0.2)
 
+    @property
+    def cpu(self) -> float:
+        """CPU seconds the process used during the scenario: a figure the other load on the machine
+        barely moves, unlike throughput (divide by the operations for a per-operation cost)."""
+        return self._cpu_end - self._cpu_start
+
+    def per_op_ms(self, operations: float) -> float:
+        return round(1000 * self.cpu / operations, 3) if operations else 0.0
+
     def __enter__(self) -> RssSampler:
+        self._cpu_start = self._cpu_end = self.proc.cpu_seconds() if self.proc else 0.0
         self._thread.start()
+        spy = Path(python()).parent / "py-spy"
+        if self._profile is not None and self.proc is not None and spy.exists():
+            self._spy = subprocess.Popen([str(spy), "record", "--pid", str(self.proc.popen.pid), "--format", "raw",
+                                          "--rate", "200", "--output", str(self._profile), "--nonblocking"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self
 
     def __exit__(self, *_: object) -> None:
+        self._cpu_end = self.proc.cpu_seconds() if self.proc else 0.0
         self._stop.set()
         self._thread.join()
+        if self._spy is not None:
+            self._spy.send_signal(2)  # SIGINT: py-spy writes the profile and exits
+            try:
+                self._spy.wait(30)
+            except subprocess.TimeoutExpired:
+                self._spy.kill()
 
 
 # -- set-up ----------------------------------------------------------------------------------------
@@ -244,6 +277,17 @@ def db(b: Bench, query: str, *params: Any) -> list[asyncpg.Record]:
     return asyncio.run(db_fetch(b.dsn, query, *params))
 
 
+def settle(b: Bench, query: str, *params: Any, timeout: float = 30) -> None:
+    """Wait until a count stops moving: requests wrk abandoned at its deadline still finish on the server."""
+    last, deadline = None, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = db_value(b, query, *params)
+        if value == last:
+            return
+        last = value
+        time.sleep(0.5)
+
+
 def db_value(b: Bench, query: str, *params: Any) -> Any:
     rows = db(b, query, *params)
     return rows[0][0] if rows else None
@@ -286,7 +330,7 @@ def ussd_path(b: Bench) -> str:
 def scenario_ussd_hop(b: Bench) -> None:
     base = form_baseline(b)
     b.log("USSD menu hop, 1 serve process, 32 connections")
-    with RssSampler(b.serve) as rss:
+    with RssSampler(b.serve, b.profile_path("ussd_hop")) as rss:
         result = hop_load(ussd_path(b), b)
     b.rss_peak["ussd_hop"] = rss.peak
     b.hop_one = result
@@ -295,6 +339,7 @@ def scenario_ussd_hop(b: Bench) -> None:
                            target=">=40% of baseline; p99 <=15 ms",
                            met=errors == 0 and result.rps >= 0.4 * base.rps and result.p99_ms <= 15,
                            checks={"errors": errors, "requests": result.requests,
+                                   "serve_cpu_ms_per_hop": rss.per_op_ms(result.requests),
                                    "baseline_p50_ms": base.p50_ms, "baseline_p99_ms": base.p99_ms},
                            notes="sessions of 50 hops (Language, Back, ...): 1 in 50 opens a session "
                                  "(membership read, session row)"), result))
@@ -327,15 +372,17 @@ def scenario_ussd_pay(b: Bench) -> None:
     run = b.run_id + secrets.token_hex(2)
     started = datetime.now(UTC)
     b.log("full USSD pay sessions (4 hops, END creates the payment), 32 connections")
-    with RssSampler(b.serve) as rss:
-        result = wrk(ussd_path(b), "ussd_pay.lua", seconds=b.seconds(), connections=CONNECTIONS,
+    with RssSampler(b.serve, b.profile_path("ussd_pay")) as rss:
+        # At least 3 s: the first hops of 32 new sessions come at once, and a smoke run must see ENDs.
+        result = wrk(ussd_path(b), "ussd_pay.lua", seconds=max(3.0, b.seconds()), connections=CONNECTIONS,
                      env={"BENCH_PHONES": ",".join(b.phones), "BENCH_RUN": run})
     b.rss_peak["ussd_pay"] = rss.peak
-    time.sleep(0.5)  # requests wrk abandoned at the deadline finish on the server
     ends = int(result.extra.get("ends", 0))
-    payments = db_value(b, "SELECT count(*) FROM payments WHERE channel = 'ussd' AND created_at >= $1", started)
-    jobs = db_value(b, "SELECT count(*) FROM outbox_jobs j JOIN payments p ON p.id = j.payload->>'payment_id' "
-                       "WHERE j.kind = 'payment.collect' AND p.channel = 'ussd' AND p.created_at >= $1", started)
+    settle(b, "SELECT count(*) FROM payments WHERE channel = 'ussd' AND created_at >= $1", started)
+    payments, jobs = db(b, """
+        SELECT (SELECT count(*) FROM payments WHERE channel = 'ussd' AND created_at >= $1),
+               (SELECT count(*) FROM outbox_jobs j JOIN payments p ON p.id = j.payload->>'payment_id'
+                 WHERE j.kind = 'payment.collect' AND p.channel = 'ussd' AND p.created_at >= $1)""", started)[0]
     errors = _load_errors(result)
     sessions = ends / max(result.seconds, 1e-9)
     consistent = ends <= payments <= ends + CONNECTIONS and jobs == payments
@@ -343,6 +390,7 @@ def scenario_ussd_pay(b: Bench) -> None:
                            target=">=200 sessions/s; p99 per hop <=50 ms",
                            met=errors == 0 and consistent and sessions >= 200 and result.p99_ms <= 50,
                            checks={"errors": errors, "hops": result.requests, "sessions_ended": ends,
+                                   "serve_cpu_ms_per_hop": rss.per_op_ms(result.requests),
                                    "payments_in_db": payments, "collect_jobs": jobs, "consistent": consistent},
                            notes="latency columns are per hop"), result))
 
@@ -372,17 +420,19 @@ def scenario_payments(b: Bench) -> None:
     base = insert_baseline(b)
     run = b.run_id + secrets.token_hex(2)
     b.log("POST /v1/payments with idempotency keys, 32 connections")
-    with RssSampler(b.serve) as rss:
+    with RssSampler(b.serve, b.profile_path("payments")) as rss:
         result = api_payments_load(b, b.seconds(), run)
     b.rss_peak["payments"] = rss.peak
-    time.sleep(0.5)
     created = int(result.extra.get("created", 0))
     like = f"bench-{run}-%"
-    rows = db_value(b, "SELECT count(*) FROM payments WHERE idempotency_key LIKE $1", like)
-    audit = db_value(b, "SELECT count(*) FROM audit_events a JOIN payments p ON p.id = a.entity_id "
-                        "WHERE a.action = 'payment.created' AND p.idempotency_key LIKE $1", like)
-    jobs = db_value(b, "SELECT count(*) FROM outbox_jobs j JOIN payments p ON p.id = j.payload->>'payment_id' "
-                       "WHERE j.kind IN ('payment.collect', 'payment.poll') AND p.idempotency_key LIKE $1", like)
+    settle(b, "SELECT count(*) FROM payments WHERE idempotency_key LIKE $1", like)
+    # One statement, one snapshot: the three counts see the same committed payments.
+    rows, audit, jobs = db(b, """
+        SELECT (SELECT count(*) FROM payments WHERE idempotency_key LIKE $1),
+               (SELECT count(*) FROM audit_events a JOIN payments p ON p.id = a.entity_id
+                 WHERE a.action = 'payment.created' AND p.idempotency_key LIKE $1),
+               (SELECT count(*) FROM outbox_jobs j JOIN payments p ON p.id = j.payload->>'payment_id'
+                 WHERE j.kind IN ('payment.collect', 'payment.poll') AND p.idempotency_key LIKE $1)""", like)[0]
     replay = replay_check(b, run)
     errors = _load_errors(result)
     consistent = created <= rows <= created + CONNECTIONS and audit == rows and jobs == 2 * rows and replay
@@ -390,6 +440,7 @@ def scenario_payments(b: Bench) -> None:
                            baseline=base.rps, target=">=40% of baseline and >=1,000/s",
                            met=errors == 0 and consistent and result.rps >= max(1000, 0.4 * base.rps),
                            checks={"errors": errors, "created_201": created, "payment_rows": rows,
+                                   "serve_cpu_ms_per_payment": rss.per_op_ms(result.requests),
                                    "audit_rows": audit, "outbox_jobs": jobs, "replay_ok": replay,
                                    "consistent": consistent, "baseline_p99_ms": base.p99_ms,
                                    "baseline_errors": _load_errors(base)},
@@ -415,10 +466,12 @@ def pending_airtel(b: Bench, count: int) -> list[asyncpg.Record]:
 
 def ensure_airtel_payments(b: Bench, count: int) -> list[asyncpg.Record]:
     found = pending_airtel(b, count)
+    rate = 100.0  # payments/s the API managed; the first top-up measures it
     while len(found) < count:
         missing = count - len(found)
         b.log(f"creating {missing} Airtel payments through the API for the callbacks")
-        api_payments_load(b, max(1.0, min(30.0, missing / 300)), "top" + secrets.token_hex(3))
+        result = api_payments_load(b, max(1.0, min(60.0, 1.2 * missing / rate)), "top" + secrets.token_hex(3))
+        rate = max(20.0, result.extra.get("created", 0) / max(result.seconds, 1e-9))
         found = pending_airtel(b, count)
     return found
 
@@ -436,13 +489,30 @@ def write_callbacks(b: Bench, payments: list[asyncpg.Record]) -> Path:
     return path
 
 
+def loadgen(url: str, path: Path, *, connections: int) -> LoadResult:
+    """bench/loadgen.py in its own process: each body once (wrk runs for a duration, not a count)."""
+    out = subprocess.run([python(), str(ROOT / "bench" / "loadgen.py"), url, str(path), "--connections",
+                          str(connections)], capture_output=True, text=True, check=False, timeout=900)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH ")), None)
+    if line is None:
+        raise RuntimeError(f"loadgen gave no summary: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+    data = json.loads(line[len("BENCH "):])
+    extra = {k: float(v) for k, v in data.items()
+             if k not in ("requests", "seconds", "p50", "p95", "p99", "errors", "non2xx")}
+    return LoadResult(requests=int(data["requests"]), seconds=float(data["seconds"]),
+                      rps=data["requests"] / max(data["seconds"], 1e-9), p50_ms=data["p50"] / 1000,
+                      p95_ms=data["p95"] / 1000, p99_ms=data["p99"] / 1000, errors=int(data["errors"]),
+                      non_2xx=int(data["non2xx"]), extra=extra)
+
+
 def callback_counts(b: Bench, ids: list[str]) -> dict[str, int]:
     rows = db(b, """
         SELECT
           (SELECT count(*) FROM payments WHERE id = ANY($1::text[]) AND status = 'COMPLETED'),
           (SELECT count(*) FROM provider_events WHERE payment_id = ANY($1::text[])),
           (SELECT count(*) FROM audit_events WHERE action = 'payment.completed' AND entity_id = ANY($1::text[])),
-          (SELECT count(*) FROM outbox_jobs WHERE kind = 'sms.send' AND payload->'context'->>'payment_id' = ANY($1::text[])),
+          (SELECT count(*) FROM outbox_jobs WHERE kind = 'sms.send'
+             AND payload->'context'->>'payment_id' = ANY($1::text[])),
           (SELECT count(*) FROM outbox_jobs WHERE kind = 'webhook.event' AND payload->'data'->>'id' = ANY($1::text[]))
     """, ids)
     names = ("completed", "provider_events", "audit_completed", "sms_jobs", "webhook_jobs")
@@ -457,18 +527,16 @@ def scenario_callbacks(b: Bench, *, report: bool = True) -> None:
     b.callback_bodies = len(payments)
     url = f"{b.url}/webhooks/payments/airtel?secret={b.env['CALLBACK_SECRET_AIRTEL']}"
     b.log(f"provider callbacks: {len(payments)} signed Airtel callbacks, 32 connections")
-    with RssSampler(b.serve) as rss:
-        result = wrk(url, "callbacks.lua", seconds=max(b.seconds(), 120), connections=min(CONNECTIONS, count),
-                     env={"BENCH_FILE": str(path)})
+    with RssSampler(b.serve, b.profile_path("callbacks")) as rss:
+        result = loadgen(url, path, connections=min(CONNECTIONS, count))
     b.rss_peak["callbacks"] = rss.peak
     first = callback_counts(b, ids)
     # Every callback again: all must be answered as duplicates and change nothing.
-    replay = wrk(url, "callbacks.lua", seconds=120, connections=min(CONNECTIONS, count),
-                 env={"BENCH_FILE": str(path)})
+    replay = loadgen(url, path, connections=min(CONNECTIONS, count))
     second = callback_counts(b, ids)
     n = len(ids)
     exact = all(v == n for v in first.values()) and second == first
-    replay_ok = int(replay.extra.get("duplicate", 0)) >= n and _load_errors(replay) == 0
+    replay_ok = int(replay.extra.get("duplicate", 0)) == n and _load_errors(replay) == 0
     if not report:
         return
     errors = _load_errors(result)
@@ -478,11 +546,13 @@ def scenario_callbacks(b: Bench, *, report: bool = True) -> None:
                            target=">=1,000/s, none lost or doubled",
                            met=errors == 0 and exact and replay_ok and rate >= 1000,
                            checks={"errors": errors, "sent": n, "answered_completed": completed,
+                                   "serve_cpu_ms_per_callback": rss.per_op_ms(n),
                                    **{f"db_{k}": v for k, v in first.items()}, "replayed_as_duplicates":
                                    int(replay.extra.get("duplicate", 0)), "db_unchanged_after_replay":
                                    second == first, "exactly_once": exact},
                            notes="HMAC verify, event stored once, PENDING->COMPLETED with audit, receipt SMS "
-                                 "and webhook jobs; every callback then replayed"), result))
+                                 "and webhook jobs; every callback then replayed; load from bench/loadgen.py "
+                                 "(a Python process: each body once)"), result))
 
 
 def scenario_sms(b: Bench) -> None:
@@ -496,35 +566,54 @@ def scenario_sms(b: Bench) -> None:
     started = datetime.now(UTC)
     worker = b.cluster.start("worker", [python(), "main.py", "worker"], b.env)
     deadline = time.monotonic() + max(60, count / 20)
+    spy = RssSampler(worker, b.profile_path("sms-worker"))
+    spy.__enter__()
     try:
         sent = delivered = 0
+        cpu_mark: tuple[float, int] | None = None  # worker CPU and messages sent when the first was seen
+        cpu_end = (0.0, 0)
         while time.monotonic() < deadline:
             if worker.popen.poll() is not None:
                 raise RuntimeError(f"worker exited: {worker.log.read_text()[-2000:]}")
-            rows = db(b, "SELECT status, count(*) FROM sms_messages WHERE created_at >= $1 GROUP BY status", started)
+            rows = db(b, "SELECT status, count(*) FROM sms_messages WHERE created_at >= $1 "
+                         "AND template = 'payment_receipt' GROUP BY status", started)
             by = {r[0]: int(r[1]) for r in rows}
             sent, delivered = by.get("SENT", 0) + by.get("DELIVERED", 0), by.get("DELIVERED", 0)
+            if sent and cpu_mark is None:
+                cpu_mark = (worker.cpu_seconds(), sent)
+            if sent < count or cpu_end[1] < count:
+                cpu_end = (worker.cpu_seconds(), sent)
             if delivered >= count:
                 break
             time.sleep(0.3)
         worker_rss = worker.rss_mb()
     finally:
+        spy.__exit__()
         worker.stop()
         b.cluster.procs.remove(worker)
     span = db(b, "SELECT min(created_at), max(sent_at), max(delivered_at), count(*) FROM sms_messages "
-                 "WHERE created_at >= $1", started)[0]
+                 "WHERE created_at >= $1 AND template = 'payment_receipt'", started)[0]
     first, last_sent, last_delivered, rows = span
     jobs_left = db_value(b, "SELECT count(*) FROM outbox_jobs WHERE kind = 'sms.send' AND status <> 'DONE'")
     seconds = (last_sent - first).total_seconds() if first and last_sent else 0.0
     rate = sent / seconds if seconds > 0 else 0.0
-    doubled = db_value(b, "SELECT count(*) FROM (SELECT idempotency_key FROM sms_messages GROUP BY 1 "
-                          "HAVING count(*) > 1) d")
-    ok = sent == count and delivered == count and jobs_left == 0 and doubled == 0
+    # What left: the simulator's inboxes hold every message it accepted, receipts name their payment.
+    inboxes = httpx.get(f"http://127.0.0.1:{b.sim_ports['africastalking']}/_inbox", timeout=30).json()["inboxes"]
+    refs = [m.get("message", "") for msgs in inboxes.values() for m in msgs]
+    receipts = [m for m in refs if "PAY_" in m]
+    doubled = len(receipts) - len(set(receipts))
+    templates = {r[0]: int(r[1]) for r in db(b, "SELECT template, count(*) FROM sms_messages WHERE created_at >= $1 "
+                                                "GROUP BY 1", started)}
+    ok = sent == count == len(receipts) and delivered == count and jobs_left == 0 and doubled == 0
     b.rows.append(Row("SMS receipts (outbox -> simulator -> delivery report)", "messages/s per worker", rate, "/s",
                       target=">=200 messages/s per worker process", met=ok and rate >= 200,
                       checks={"jobs": count, "sent": sent, "delivered": delivered, "rows": int(rows),
+                              "templates": templates, "simulator_receipts": len(receipts),
                               "jobs_not_done": int(jobs_left), "doubled": int(doubled),
                               "worker_rss_mb": round(worker_rss, 1),
+                              "worker_cpu_ms_per_message": round(1000 * (cpu_end[0] - cpu_mark[0])
+                                                                 / max(1, cpu_end[1] - cpu_mark[1]), 3)
+                              if cpu_mark else None,
                               "last_delivery_after_s": round((last_delivered - first).total_seconds(), 2)
                               if first and last_delivered else None},
                       notes="first message created to last sent (DB timestamps); worker --concurrency 16; "
@@ -533,7 +622,7 @@ def scenario_sms(b: Bench) -> None:
 
 def scenario_memory(b: Bench) -> None:
     if not b.rss_peak:
-        with RssSampler(b.serve) as rss:
+        with RssSampler(b.serve, b.profile_path("memory")) as rss:
             hop_load(ussd_path(b), b)
         b.rss_peak["ussd_hop"] = rss.peak
     peak = max(v for k, v in b.rss_peak.items())
@@ -542,7 +631,7 @@ def scenario_memory(b: Bench) -> None:
     size, screen = session_size(b)
     b.rows.append(Row("Memory: one USSD session in Redis", "MEMORY USAGE", size, "bytes", target="<=1 KB",
                       met=0 < size <= 1024, checks={"screen": screen},
-                      notes="a pay session stopped at the confirmation screen (the most state)"))
+                      notes="a pay session stopped at the confirmation screen (the most state it keeps)"))
 
 
 def session_size(b: Bench) -> tuple[int, str]:
@@ -551,7 +640,7 @@ def session_size(b: Bench) -> tuple[int, str]:
     from channels.ussd.sessions import session_key
 
     session_id = f"mem{b.run_id}{secrets.token_hex(3)}"
-    phone = b.phones[0] if b.phones else HOP_PHONE
+    phone = b.spare_phone
     last = ""
     for text in ("", "1", "1*1"):
         last = httpx.post(ussd_path(b), data={"sessionId": session_id, "serviceCode": SERVICE_CODE,
@@ -595,17 +684,19 @@ def machine() -> dict[str, str]:
     return {"cpu": cpu, "cpus": str(os.cpu_count()), "memory": mem, "kernel": platform.release(),
             "python": platform.python_version(), "postgresql": pg.split("/")[-2] if pg else "?",
             "redis": redis_v.split()[2].removeprefix("v=") if redis_v else "?",
-            "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout.split("\n")[0][:40]}
+            "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False).stdout[:30].strip()}
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| scenario | figure | result | p50 / p95 / p99 ms | baseline | ratio | target | met? |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| scenario | figure | result | p50 / p95 / p99 ms | baseline | ratio | target | met? | CPU ms/op |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lat = "-" if r.p99_ms is None else f"{r.p50_ms:.1f} / {r.p95_ms:.1f} / {r.p99_ms:.1f}"
         met = "yes" if r.met else "no" if r.met is not None else "-"
+        cpu = next((v for k, v in r.checks.items() if "_cpu_ms_per_" in k and v), None)
         lines.append(f"| {r.scenario} | {r.figure} | {_fmt(r.value, r.unit)} | {lat} | {_fmt(r.baseline, r.unit)} | "
-                     f"{'-' if r.ratio is None else f'{r.ratio:.0%}'} | {r.target} | {met} |")
+                     f"{'-' if r.ratio is None else f'{r.ratio:.0%}'} | {r.target} | {met} | "
+                     f"{'-' if cpu is None else f'{cpu:.2f}'} |")
     return "\n".join(lines)
 
 
@@ -619,7 +710,9 @@ def markdown(b: Bench, info: dict[str, str], started: datetime, elapsed: float) 
         "",
         f"Machine: {info['cpu']}, {info['cpus']} CPUs, {info['memory']}, Linux {info['kernel']}; "
         f"Python {info['python']}, PostgreSQL {info['postgresql']} (fsync off, throwaway), Redis {info['redis']}, "
-        f"{info['wrk']}. The load generator, the service, PostgreSQL, Redis and the simulators share these CPUs.",
+        f"{info['wrk']}. The load generator, the service, PostgreSQL, Redis and the simulators share these CPUs; "
+        f"load average {b.load_before} at the start, {os.getloadavg()[0]:.2f} at the end (other work on the machine "
+        "shows there). CPU ms/op: CPU time of `serve` (the worker for SMS) per operation, from /proc.",
         "",
         table(b.rows),
         "",
@@ -632,7 +725,12 @@ def markdown(b: Bench, info: dict[str, str], started: datetime, elapsed: float) 
     return "\n".join(lines) + "\n"
 
 
+def _terminate(_signum: int, _frame: object) -> None:
+    raise SystemExit(143)  # so the finally blocks stop every process and server this run started
+
+
 def run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     started_at, t0 = datetime.now(UTC), time.monotonic()
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else list(SCENARIOS)
     unknown = [s for s in only if s not in SCENARIOS]
@@ -656,20 +754,27 @@ def run(args: argparse.Namespace) -> int:
         b.log(f"services in {services['GATEWAY_SERVICES_DIR']}; logs in {workdir}")
         subprocess.run([python(), "main.py", "migrate"], cwd=ROOT, env=env, check=True, capture_output=True,
                        timeout=300)
-        b.demo = asyncio.run(seed(env, CONNECTIONS))
-        b.phones = b.demo["phones"]
+        b.demo = asyncio.run(seed(env, CONNECTIONS + 1))
+        b.phones = b.demo["phones"][:CONNECTIONS]
+        b.spare_phone = b.demo["phones"][CONNECTIONS]
         start_simulators(b)
         b.serve = start_serve(b)
         b.token = login(b)
+        if args.hold:
+            (workdir / "gateway.env").write_text("".join(f"export {k}='{v}'\n" for k, v in env.items()))
+            (workdir / "bench.json").write_text(json.dumps({"url": b.url, "token": b.token, "demo": b.demo},
+                                                           default=str))
+            b.log(f"holding {args.hold:g} s: {workdir}/gateway.env, {workdir}/bench.json")
+            time.sleep(args.hold)
         for name in only:
             globals()[f"scenario_{name}"](b)
-    except BaseException as exc:  # noqa: BLE001 - reported after the clean-up
+    except BaseException as exc:
         failure = exc
     finally:
         cluster.stop_all()
         stop_services(services["GATEWAY_SERVICES_DIR"])
     elapsed = time.monotonic() - t0
-    if b is None or failure is not None and not b.rows:
+    if b is None or (failure is not None and not b.rows):
         if failure is not None:
             raise failure
         return 1
@@ -689,7 +794,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nwritten {workdir / 'RESULTS.md'} (bench/RESULTS.md is only written by a full run of everything)")
     if failure is not None:
         raise failure
-    shutil.rmtree(workdir, ignore_errors=True) if args.clean else None
+    if args.clean:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
@@ -698,15 +804,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="about 2 s per scenario (smoke run)")
     parser.add_argument("--only", default="", help=f"comma list of {', '.join(SCENARIOS)}")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per load scenario (10; quick 2)")
-    parser.add_argument("--callbacks", type=int, default=None, help="callbacks sent (5000; quick 200)")
+    parser.add_argument("--callbacks", type=int, default=None, help="callbacks sent (3000; quick 200)")
     parser.add_argument("--log-level", default="INFO", help="the service's LOG_LEVEL (INFO, as in production)")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the serve process with py-spy during each scenario (profile-*.txt in the logs)")
     parser.add_argument("--json", default="", help="also write the results as JSON to this file")
+    parser.add_argument("--hold", type=float, default=0, help="after set-up, wait this long (to poke by hand)")
     parser.add_argument("--clean", action="store_true", help="remove the logs folder after a successful run")
     args = parser.parse_args(argv)
     if args.seconds is None:
         args.seconds = 2.0 if args.quick else 10.0
     if args.callbacks is None:
-        args.callbacks = 200 if args.quick else 5000
+        args.callbacks = 200 if args.quick else 3000
     return run(args)
 
 

@@ -1,6 +1,6 @@
 -- POST /v1/payments (or the bare INSERT baseline) with a fresh idempotency key per request.
 dofile(os.getenv("BENCH_LUA_DIR") .. "/common.lua")
-local path = os.getenv("BENCH_PATH") or "/"
+local path = os.getenv("BENCH_PATH") or wrk.path  -- the URL's path and query
 local token = os.getenv("BENCH_TOKEN") or ""
 local ptype = os.getenv("BENCH_PAYMENT_TYPE") or "x"
 local run = os.getenv("BENCH_RUN") or "r"

@@ -3,7 +3,7 @@
 -- thread (-t N -c N) so a session's hops never overtake each other.
 dofile(os.getenv("BENCH_LUA_DIR") .. "/common.lua")
 local phone = os.getenv("BENCH_PHONE") or "+250788000001"
-local path = os.getenv("BENCH_PATH") or "/"
+local path = os.getenv("BENCH_PATH") or wrk.path  -- the URL's path and query
 local run = os.getenv("BENCH_RUN") or "r"
 local hops = tonumber(os.getenv("BENCH_HOPS") or "50")
 

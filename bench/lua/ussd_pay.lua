@@ -4,7 +4,7 @@
 dofile(os.getenv("BENCH_LUA_DIR") .. "/common.lua")
 local phones = {}
 for p in string.gmatch(os.getenv("BENCH_PHONES") or "+250788000001", "[^,]+") do table.insert(phones, p) end
-local path = os.getenv("BENCH_PATH") or "/"
+local path = os.getenv("BENCH_PATH") or wrk.path  -- the URL's path and query
 local run = os.getenv("BENCH_RUN") or "r"
 local TEXTS = {"", "1", "1*1", "1*1*1"}
 
