@@ -17,6 +17,15 @@ ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("gateway.main")
 
 
+def use_fast_loop() -> None:
+    """uvloop when installed: the same asyncio API, a faster event loop (libuv) for every service process."""
+    try:
+        import uvloop
+    except ImportError:  # optional outside Linux/macOS: the standard loop works the same, slower
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 class MigrationStateError(Exception):
     """The database is not at the code's migration head."""
 
@@ -224,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         from core import logs
 
         logs.configure("INFO")
+        use_fast_loop()
         _simulate(args.name, args.host, args.port, extra)
         return 0
     try:
@@ -234,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     from core import logs
 
     logs.configure(settings.log_level)
+    if args.command in ("serve", "worker", "run"):
+        use_fast_loop()
     try:
         if args.command == "migrate":
             migrate(settings)

@@ -56,6 +56,13 @@ def main() -> None:
     parser.add_argument("--dsn", default="")
     args = parser.parse_args()
     app = form_app() if args.kind == "form" else insert_app(args.dsn)
+    # The same event loop as the service (main.use_fast_loop), so the comparison is fair.
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=lambda *_: None)
 
 
