@@ -87,6 +87,8 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
     from core.runtime import RUNTIME
 
     # The app owns its resources (one cleanup context each): opened by setup(), closed by cleanup().
+    stop = asyncio.Event()
+    _stop_on_signals(stop)  # first: a SIGTERM during start-up still shuts down cleanly
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
@@ -103,8 +105,6 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
         log.info("serving", extra={"url": settings.public_base_url, "worker": with_worker})
         if banner:
             print(banner, flush=True)
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
         await stop.wait()
         log.info("shutting down")
         if worker and worker_task:
@@ -135,14 +135,14 @@ async def _worker_metrics(rt: object, host: str, port: int):  # type: ignore[no-
 async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0) -> None:
     from app import create_worker, open_runtime
 
+    stop = asyncio.Event()
+    _stop_on_signals(stop)  # first: a SIGTERM during start-up still shuts down cleanly
     async with open_runtime(settings) as rt:
         runner = await _worker_metrics(rt, settings.host, metrics_port) if metrics_port else None
         worker = create_worker(rt, concurrency=concurrency)
         from core.jobs import ensure_scheduled
 
         await ensure_scheduled(rt)
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
         task = asyncio.create_task(worker.run_forever())
         log.info("worker started", extra={"worker_id": worker.worker_id})
         await stop.wait()
