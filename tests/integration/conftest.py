@@ -42,10 +42,21 @@ def start_stack(folder: Path, database_url: str, redis_url: str, **kwargs: Any) 
     return stack
 
 
-async def open_gateway_runtime(stack: procs.Stack) -> Any:
+@pytest.fixture
+async def gw(stack: procs.Stack) -> AsyncIterator[Any]:
+    """A Runtime with the processes' settings (each module defines its `stack`): tests read rows through it."""
     from app import open_runtime
 
-    return open_runtime(stack.settings())
+    async with open_runtime(stack.settings()) as rt:
+        yield rt
+
+
+@pytest.fixture
+async def demo(gw: Any) -> dict[str, Any]:
+    from core.demo import seed_demo
+
+    async with gw.sessionmaker.begin() as s:  # idempotent: returns the ids `seed-demo` created
+        return await seed_demo(s, gw.cipher)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -47,21 +47,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         s.stop()
 
 
-@pytest.fixture
-async def gw(stack: Stack) -> AsyncIterator[Any]:
-    """A Runtime with the processes' settings: the test reads rows through it."""
-    from app import open_runtime
-
-    async with open_runtime(stack.settings()) as rt:
-        yield rt
-
-
-@pytest.fixture
-async def demo(gw: Any) -> dict[str, Any]:
-    from core.demo import seed_demo
-
-    async with gw.sessionmaker.begin() as s:  # idempotent: returns the ids `seed-demo` created
-        return await seed_demo(s, gw.cipher)
 
 
 async def test_member_pays_by_ussd_and_gets_an_sms_receipt(stack: Stack, gw: Any, demo: dict[str, Any],

@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -68,20 +68,6 @@ def stack(services: PrivateServices, tmp_path_factory: pytest.TempPathFactory) -
         s.stop()
 
 
-@pytest.fixture
-async def gw(stack: Stack) -> AsyncIterator[Any]:
-    from app import open_runtime
-
-    async with open_runtime(stack.settings()) as rt:
-        yield rt
-
-
-@pytest.fixture
-async def demo(gw: Any) -> dict[str, Any]:
-    from core.demo import seed_demo
-
-    async with gw.sessionmaker.begin() as s:
-        return await seed_demo(s, gw.cipher)
 
 
 class Api:

@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -43,13 +43,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         s.stop()
 
-
-@pytest.fixture
-async def gw(stack: Stack) -> AsyncIterator[Any]:
-    from app import open_runtime
-
-    async with open_runtime(stack.settings()) as rt:
-        yield rt
 
 
 async def _add_members(http: aiohttp.ClientSession, stack: Stack) -> None:
