@@ -52,7 +52,9 @@ async def _connect_redis(settings: Settings) -> tuple[Redis, object | None]:
 
 @contextlib.asynccontextmanager
 async def database(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(settings.database_url)
+    # As many connections as a process has requests in flight: overflow connections are closed on
+    # return, so a pool smaller than the load reconnects (and re-prepares statements) all the time.
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
     try:
         yield engine
     finally:

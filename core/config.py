@@ -94,6 +94,7 @@ class Settings:
     log_level: str
     reminder_days_before: int = 3
     reminders_enabled: bool = True
+    db_pool_size: int = 20
     ussd_ip_allowlists: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     trusted_proxies: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -327,6 +328,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         reminder_days_before=_int(env, "REMINDER_DAYS_BEFORE", 3, minimum=0),
         reminders_enabled=_bool(env, "REMINDERS_ENABLED", True),
+        db_pool_size=_int(env, "DB_POOL_SIZE", 20, minimum=1),
         ussd_ip_allowlists=allowlists,
         trusted_proxies=trusted_proxies,
         extra={"rate_limit_multiplier": rate_multiplier, "phone_simulator_enabled": phone_page},

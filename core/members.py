@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -42,6 +45,23 @@ async def find_memberships(session: AsyncSession, cipher: PiiCipher, phone: Phon
         .order_by(Cooperative.name)
     )
     return [(m, c) for m, c in rows.all()]
+
+
+async def membership_rows(conn: Any, cipher: PiiCipher, phone: Phone, coop_columns: Sequence[Any]) -> list[Any]:
+    """find_memberships as plain rows (member_id, member_status, member_language, *coop_columns).
+
+    For hot reads (a USSD session's first hop) that need a few columns: no ORM objects to build.
+    `conn` is anything with `execute` (an AsyncConnection or AsyncSession).
+    """
+    rows = await conn.execute(
+        select(Member.id.label("member_id"), Member.status.label("member_status"),
+               Member.language.label("member_language"), *coop_columns)
+        .join(Cooperative, Cooperative.id == Member.cooperative_id)
+        .where(Member.phone_index == cipher.blind_index(phone.e164),
+               Member.status != "SUSPENDED", Cooperative.status == "ACTIVE")
+        .order_by(Cooperative.name)
+    )
+    return list(rows.all())
 
 
 async def get_member(session: AsyncSession, member_id: str, cooperative_id: str | None = None) -> Member:

@@ -169,6 +169,10 @@ class Engine:
             raise ValueError(f"screen ids do not match their keys: {missing or home}")
         self.screens = screens
         self.home = home
+        # Static menus (no item loader) rendered before: same inputs, same screen. Measuring and paging
+        # a menu was most of a plain hop's own work. Bounded: the keys are few (screens x languages x
+        # cooperative names), a flood of distinct names only resets it.
+        self._menus: dict[tuple[Any, ...], tuple[str, int, list[str], int, bool]] = {}
 
     # -- navigation -------------------------------------------------------------------------------
 
@@ -263,15 +267,47 @@ class Engine:
                                                  *self._footer(ctx, more=False)])) - 1
             header = ctx.t_fit(screen.body, room, **args)
         else:
-            entries = []
-            if screen.items is not None:
-                entries += [("i:" + it.key, it.label) for it in (await screen.items(ctx))[:MAX_ITEMS]]
+            if screen.items is None:
+                return self._static_menu(ctx, screen, args, error)
+            entries = [("i:" + it.key, it.label) for it in (await screen.items(ctx))[:MAX_ITEMS]]
             entries += [(f"o{n}", ctx.t(opt.label)) for n, opt in enumerate(screen.options)]
             # A shorter title when it is what keeps the whole menu off one screen.
             whole = _join([f"{n}. {label}" for n, (_, label) in enumerate(entries, start=1)]
                           + self._footer(ctx, more=False))
             header = ctx.t_fit(screen.title, ctx.limit - gsm.length(gsm.to_gsm(whole)) - 1, **args)
         return self._page(ctx, header, entries, error)
+
+    def _menu(self, ctx: Ctx, screen: Menu, args: dict[str, Any], error: str | None) -> UssdReply:
+        entries = [(f"o{n}", ctx.t(opt.label)) for n, opt in enumerate(screen.options)]
+        # A shorter title when it is what keeps the whole menu off one screen.
+        whole = _join([f"{n}. {label}" for n, (_, label) in enumerate(entries, start=1)]
+                      + self._footer(ctx, more=False))
+        header = ctx.t_fit(screen.title, ctx.limit - gsm.length(gsm.to_gsm(whole)) - 1, **args)
+        return self._page(ctx, header, entries, error)
+
+    def _static_menu(self, ctx: Ctx, screen: Menu, args: dict[str, Any], error: str | None) -> UssdReply:
+        """_menu, remembered: the text depends only on what the key holds (the footer reads the page,
+        whether there is a back stack, and whether it is two deep)."""
+        state = ctx.state
+        try:
+            key: tuple[Any, ...] = (screen.id, state.lang, ctx.limit, tuple(sorted(args.items())), state.page,
+                                    bool(state.stack), len(state.stack) >= 2, error)
+            hit = self._menus.get(key)
+        except TypeError:  # an unhashable argument: render without remembering
+            return self._menu(ctx, screen, args, error)
+        if hit is None:
+            reply = self._menu(ctx, screen, args, error)
+            if len(self._menus) >= 4096:
+                self._menus.clear()
+            self._menus[key] = (reply.text, state.page, list(state.ids), state.first, bool(state.data.get("_more")))
+            return reply
+        text, state.page, ids, state.first, more = hit
+        state.ids = list(ids)
+        if more:
+            state.data["_more"] = True
+        else:
+            state.data.pop("_more", None)
+        return UssdReply(text, False)
 
     def _footer(self, ctx: Ctx, *, more: bool) -> list[str]:
         state = ctx.state

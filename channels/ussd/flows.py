@@ -7,22 +7,20 @@ reads with no core helper (cooperative by code or extension) are small private q
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 
-from channels.ussd import funnel, sessions
+from channels.ussd import cache, funnel, sessions
 from channels.ussd.engine import Ctx, Invalid, Item
 from channels.ussd.i18n import LANGUAGES, translate
 from channels.ussd.types import side_effect_started
 from core.audit import Actor
 from core.errors import Conflict, DomainError
-from core.models import Cooperative, Member, Payment, PaymentType
+from core.models import Cooperative, Payment, PaymentType
 from core.money import Money, MoneyError
-
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncSession
 
 COLLECTED = ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED")
 REASONS = ("CHARGED_NOT_RECORDED", "WRONG_AMOUNT", "NOT_AUTHORISED", "OTHER")
@@ -39,21 +37,100 @@ def actor(ctx: Ctx) -> Actor:
     return Actor(f"member:{member_id}" if member_id else f"phone:{ctx.hop.phone.masked()}", "ussd")
 
 
-# -- reads (memoised per hop) ---------------------------------------------------------------------
+# -- reads (memoised per hop; rows that rarely change are cached per process, see channels.ussd.cache) --
 
-async def memberships(ctx: Ctx) -> list[tuple[Member, Cooperative]]:
-    """This phone's memberships, narrowed to the cooperative the dialled extension names."""
+@dataclass(frozen=True, slots=True)
+class CoopRow:
+    """The cooperative fields the screens use (a copy, safe to keep after the connection is gone)."""
+
+    id: str
+    name: str
+    country: str
+    contact_phone: str | None
+    self_registration: bool
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRow:
+    id: str
+    status: str
+    language: str
+    cooperative_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TypeRow:
+    id: str
+    name: str
+    amount_minor: int
+    currency: str
+    due_day: int | None
+    allow_custom_amount: bool
+
+
+_COOP_COLUMNS = (Cooperative.id, Cooperative.name, Cooperative.country, Cooperative.contact_phone,
+                 Cooperative.self_registration, Cooperative.status)
+_COOP_BY_ID = select(*_COOP_COLUMNS).where(Cooperative.id == bindparam("coop_id"))
+_TYPES = (select(PaymentType.id, PaymentType.name, PaymentType.amount_minor, PaymentType.currency,
+                 PaymentType.due_day, PaymentType.allow_custom_amount)
+          .where(PaymentType.cooperative_id == bindparam("coop_id"), PaymentType.is_active.is_(True))
+          .order_by(PaymentType.name, PaymentType.id))
+
+
+def _coop_row(row: Any) -> CoopRow:
+    return CoopRow(row.id, row.name, row.country, row.contact_phone, bool(row.self_registration), row.status)
+
+
+async def memberships(ctx: Ctx) -> list[tuple[MemberRow, CoopRow]]:
+    """This phone's memberships, narrowed to the cooperative the dialled extension names.
+
+    Read once per session (the first hop) and kept in the session as data["m"]; later hops rebuild them
+    from it and the cached cooperative rows instead of querying again. So a membership approved,
+    suspended or added while a session is running (at most a few minutes) shows from the next session,
+    as the member and cooperative a session has chosen always did; create_payment still checks that the
+    member belongs to the cooperative.
+    """
     if "ms" not in ctx.cache:
-        from core.members import find_memberships
-
-        async with ctx.rt.sessionmaker() as session:
-            found = await find_memberships(session, ctx.rt.cipher, ctx.hop.phone)
-        only = ctx.data.get("x")
-        ctx.cache["ms"] = [(m, c) for m, c in found if not only or c.id == only]
+        saved = ctx.data.get("m")
+        found = await _saved_memberships(ctx, saved) if isinstance(saved, list) else None
+        if found is None:
+            found = await _read_memberships(ctx)
+        ctx.cache["ms"] = found
     return ctx.cache["ms"]
 
 
-async def current(ctx: Ctx) -> tuple[Member | None, Cooperative | None]:
+async def _read_memberships(ctx: Ctx) -> list[tuple[MemberRow, CoopRow]]:
+    from core.members import membership_rows
+
+    async with cache.autocommit(ctx.rt) as conn:
+        rows = await membership_rows(conn, ctx.rt.cipher, ctx.hop.phone, _COOP_COLUMNS)
+    only = ctx.data.get("x")
+    coops = cache.of(ctx.rt).coops
+    found = []
+    for row in rows:
+        coop = _coop_row(row)
+        coops.put(coop.id, coop)
+        if not only or coop.id == only:
+            found.append((MemberRow(row.member_id, row.member_status, row.member_language, coop.id), coop))
+    ctx.data["m"] = [[m.id, m.status, m.language, c.id] for m, c in found]
+    return found
+
+
+async def _saved_memberships(ctx: Ctx, saved: list[Any]) -> list[tuple[MemberRow, CoopRow]] | None:
+    found = []
+    try:
+        for member_id, status, lang, coop_id in saved:
+            coop = await cooperative(ctx, coop_id)
+            # As the query does: a cooperative suspended since (seen within the cache's TTL) drops out.
+            if coop is not None and coop.status == "ACTIVE":
+                found.append((MemberRow(member_id, status, lang, coop_id), coop))
+    except (TypeError, ValueError):
+        return None  # not what this code writes: read them again
+    return found
+
+
+async def current(ctx: Ctx) -> tuple[MemberRow | None, CoopRow | None]:
     coop_id = ctx.data.get("c")
     for member, coop in await memberships(ctx):
         if coop.id == coop_id:
@@ -61,38 +138,53 @@ async def current(ctx: Ctx) -> tuple[Member | None, Cooperative | None]:
     return None, None
 
 
-async def cooperative(ctx: Ctx, coop_id: str) -> Cooperative | None:
+async def cooperative(ctx: Ctx, coop_id: str) -> CoopRow | None:
     key = f"coop:{coop_id}"
     if key not in ctx.cache:
-        async with ctx.rt.sessionmaker() as session:
-            ctx.cache[key] = await session.get(Cooperative, coop_id)
+        coops = cache.of(ctx.rt).coops
+        coop = coops.get(coop_id)
+        if coop is cache.MISSING:
+            async with cache.autocommit(ctx.rt) as conn:
+                row = (await conn.execute(_COOP_BY_ID, {"coop_id": coop_id})).first()
+            coop = _coop_row(row) if row is not None else None
+            coops.put(coop_id, coop)
+        ctx.cache[key] = coop
     return ctx.cache[key]
 
 
-async def cooperative_by_code(session: AsyncSession, code: str) -> Cooperative | None:
+async def cooperative_by_code(conn: Any, code: str) -> CoopRow | None:
     # No core helper finds a cooperative by its short code yet; a read, not a side effect.
-    return (await session.execute(
-        select(Cooperative).where(func.upper(Cooperative.short_code) == code.strip().upper(),
-                                  Cooperative.status == "ACTIVE"))).scalar_one_or_none()
+    row = (await conn.execute(
+        select(*_COOP_COLUMNS).where(func.upper(Cooperative.short_code) == code.strip().upper(),
+                                     Cooperative.status == "ACTIVE"))).first()
+    return _coop_row(row) if row is not None else None
 
 
-async def cooperative_by_extension(rt: Any, extension: str) -> Cooperative | None:
-    async with rt.sessionmaker() as session:
-        return (await session.execute(
-            select(Cooperative).where(Cooperative.ussd_extension == extension,
-                                      Cooperative.status == "ACTIVE"))).scalar_one_or_none()
+async def cooperative_by_extension(rt: Any, extension: str) -> CoopRow | None:
+    async with cache.autocommit(rt) as conn:
+        row = (await conn.execute(
+            select(*_COOP_COLUMNS).where(Cooperative.ussd_extension == extension,
+                                         Cooperative.status == "ACTIVE"))).first()
+    return _coop_row(row) if row is not None else None
 
 
-async def payment_types(ctx: Ctx) -> list[PaymentType]:
+async def payment_types(ctx: Ctx) -> tuple[TypeRow, ...]:
+    """The cooperative's active payment types, ordered by name (cached per process for a few seconds)."""
     if "pts" not in ctx.cache:
-        from core.payment_types import active_payment_types
-
-        async with ctx.rt.sessionmaker() as session:
-            ctx.cache["pts"] = await active_payment_types(session, ctx.data["c"])
+        coop_id = ctx.data["c"]
+        types_cache = cache.of(ctx.rt).types
+        types = types_cache.get(coop_id)
+        if types is cache.MISSING:
+            async with cache.autocommit(ctx.rt) as conn:
+                rows = await conn.execute(_TYPES, {"coop_id": coop_id})
+                types = tuple(TypeRow(r.id, r.name, r.amount_minor, r.currency, r.due_day,
+                                      bool(r.allow_custom_amount)) for r in rows)
+            types_cache.put(coop_id, types)
+        ctx.cache["pts"] = types
     return ctx.cache["pts"]
 
 
-async def payment_type(ctx: Ctx) -> PaymentType | None:
+async def payment_type(ctx: Ctx) -> TypeRow | None:
     for pt in await payment_types(ctx):
         if pt.id == ctx.data.get("pt"):
             return pt
@@ -156,7 +248,7 @@ async def enter(ctx: Ctx, flow: str) -> str:
     return "coop_pick"
 
 
-async def _choose(ctx: Ctx, member: Member, coop: Cooperative) -> str:
+async def _choose(ctx: Ctx, member: MemberRow, coop: CoopRow) -> str:
     ctx.data["c"], ctx.data["mb"], ctx.data["cn"] = coop.id, member.id, short(coop.name, 40)
     if member.status == "PENDING" and ctx.data["nx"] != "help":
         return "member_pending"
@@ -207,7 +299,7 @@ async def coop_args(ctx: Ctx) -> dict[str, Any]:
 
 # -- registration of a non-member -----------------------------------------------------------------
 
-def _registration(ctx: Ctx, coop: Cooperative) -> str:
+def _registration(ctx: Ctx, coop: CoopRow) -> str:
     ctx.data["rc"], ctx.data["cn"] = coop.id, short(coop.name, 40)
     return "reg_name" if coop.self_registration else "reg_closed"
 
@@ -216,8 +308,8 @@ async def validate_code(ctx: Ctx, text: str) -> str:
     code = text.strip()
     if not 2 <= len(code) <= 32:
         raise Invalid()
-    async with ctx.rt.sessionmaker() as session:
-        coop = await cooperative_by_code(session, code)
+    async with cache.autocommit(ctx.rt) as conn:
+        coop = await cooperative_by_code(conn, code)
     if coop is None:
         raise Invalid()
     ctx.cache[f"coop:{coop.id}"] = coop
@@ -359,7 +451,9 @@ async def reserved_reference(ctx: Ctx) -> str:
     if not ref:
         from core.references import next_reference
 
-        async with ctx.rt.sessionmaker.begin() as session:
+        # nextval() needs no transaction around it: BEGIN and COMMIT were two of its four round trips.
+        async with ctx.rt.sessionmaker() as session:
+            await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
             ref = await next_reference(session, "PAY")
         ctx.data["rr"] = ref
     return ref
@@ -500,12 +594,16 @@ async def set_language(ctx: Ctx, lang: str) -> str:
     from core.members import set_language as remember
 
     ctx.state.lang = lang
+    # Written from fresh rows, not the copy the session keeps (another channel may have changed them).
+    ctx.data.pop("m", None)
+    ctx.cache.pop("ms", None)
     ms = await memberships(ctx)
     if ms:
         async with ctx.rt.sessionmaker.begin() as session:
             for member, _coop in ms:
                 if member.language != lang:
                     await remember(session, member.id, lang, actor=actor(ctx))
+        ctx.data["m"] = [[m_id, status, lang, coop_id] for m_id, status, _old, coop_id in ctx.data["m"]]
     ctx.state.stack.clear()
     return "home"
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import String, bindparam, case, update
 
-from core.db import insert_ignore, new_id, utcnow
+from channels.ussd.cache import autocommit
+from core.db import insert_ignore, new_id, row_insert, utcnow
 from core.models import UssdSession
 from core.phone import Phone
 
@@ -35,14 +36,38 @@ class SessionEvent:
 
 async def opened(rt: Any, *, aggregator: str, session_id: str, phone: Phone, service_code: str,
                  network: str | None, cooperative_id: str | None, member_id: str | None) -> None:
-    async with rt.sessionmaker.begin() as session:
-        stmt = insert_ignore(session.get_bind().dialect.name, UssdSession).values(
-            id=new_id(), aggregator=aggregator, session_id=session_id[:128], cooperative_id=cooperative_id,
-            member_id=member_id, phone_index=rt.cipher.blind_index(phone.e164), phone_masked=phone.masked(),
-            service_code=service_code[:32], network_code=(network or "")[:16] or None, status="OPEN", hops=1,
-            last_screen=None, started_at=utcnow(),
-        ).on_conflict_do_nothing(index_elements=["aggregator", "session_id"])
-        await session.execute(stmt)
+    # One statement, so no transaction around it: BEGIN and COMMIT were two of its four round trips.
+    async with autocommit(rt) as conn:
+        stmt = row_insert(conn.dialect.name, UssdSession, ignore_conflict=("aggregator", "session_id"))
+        await conn.execute(stmt, {
+            "id": new_id(), "aggregator": aggregator, "session_id": session_id[:128],
+            "cooperative_id": cooperative_id, "member_id": member_id,
+            "phone_index": rt.cipher.blind_index(phone.e164), "phone_masked": phone.masked(),
+            "service_code": service_code[:32], "network_code": (network or "")[:16] or None, "status": "OPEN",
+            "hops": 1, "last_screen": None, "started_at": utcnow(),
+        })
+
+
+_CLOSES: dict[tuple[str, ...], Any] = {}
+
+
+def _close_statement(columns: tuple[str, ...]) -> Any:
+    """One UPDATE per set of columns, built once and run with the values as parameters.
+
+    An aggregator's own end-of-session status, if it came first, is not overwritten (the CASE); one
+    statement where there were two, atomic on its own, so no transaction around it.
+    """
+    stmt = _CLOSES.get(columns)
+    if stmt is None:
+        table = UssdSession.__table__
+        stmt = (update(table)
+                .where(table.c.aggregator == bindparam("w_aggregator"),
+                       table.c.session_id == bindparam("w_session_id"))
+                .values({**{table.c[c]: bindparam(f"v_{c}") for c in columns},
+                         table.c.status: case((table.c.status == "OPEN", bindparam("v_status", type_=String)),
+                                              else_=table.c.status)}))
+        _CLOSES[columns] = stmt
+    return stmt
 
 
 async def closed(rt: Any, *, aggregator: str, session_id: str, hops: int, last_screen: str,
@@ -53,15 +78,10 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, hops: int, last_s
     for column, key in (("cooperative_id", "c"), ("member_id", "mb"), ("payment_id", "pid")):
         if data.get(key):
             values[column] = data[key]
-    async with rt.sessionmaker.begin() as session:
-        await session.execute(
-            update(UssdSession).where(UssdSession.aggregator == aggregator,
-                                      UssdSession.session_id == session_id[:128]).values(**values))
-        # An aggregator's own end-of-session status, if it came first, is not overwritten.
-        await session.execute(
-            update(UssdSession).where(UssdSession.aggregator == aggregator,
-                                      UssdSession.session_id == session_id[:128],
-                                      UssdSession.status == "OPEN").values(status=status))
+    params = {f"v_{c}": v for c, v in values.items()}
+    params.update(v_status=status, w_aggregator=aggregator, w_session_id=session_id[:128])
+    async with autocommit(rt) as conn:
+        await conn.execute(_close_statement(tuple(values)), params)
 
 
 async def record_event(rt: Any, event: SessionEvent) -> None:

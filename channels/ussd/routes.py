@@ -159,6 +159,19 @@ async def _read(request: web.Request, aggregator: str) -> Any:
         raise MalformedRequest("body is not JSON") from None
 
 
+_HOP_METRICS: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
+def _hop_metrics(aggregator: str, screen: str) -> tuple[Any, Any]:
+    """The hop counter and latency series of this screen; labels() costs a lock and a lookup per call."""
+    found = _HOP_METRICS.get((aggregator, screen))
+    if found is None:  # screen ids are a fixed set (the engine's screens, plus retry/closed/unavailable)
+        found = _HOP_METRICS[(aggregator, screen)] = (
+            metrics.USSD_HOPS.labels(aggregator=aggregator, screen=screen),
+            metrics.USSD_HOP_LATENCY.labels(aggregator=aggregator, screen=screen))
+    return found
+
+
 def _hop_handler(aggregator: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     module = AGGREGATORS[aggregator]
 
@@ -191,8 +204,9 @@ def _hop_handler(aggregator: str) -> Callable[[web.Request], Awaitable[web.Respo
             reply = channel.service.unavailable(rt, turn)
             metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="unavailable").inc()
         elapsed = time.perf_counter() - started
-        metrics.USSD_HOPS.labels(aggregator=aggregator, screen=screen).inc()
-        metrics.USSD_HOP_LATENCY.labels(aggregator=aggregator, screen=screen).observe(elapsed)
+        hops, latency = _hop_metrics(aggregator, screen)
+        hops.inc()
+        latency.observe(elapsed)
         log.info("ussd hop", extra={"aggregator": aggregator, "session_id": turn.session_id,
                                     "phone": turn.phone.masked(), "screen": screen, "end": reply.end,
                                     "ms": round(elapsed * 1000, 1)})

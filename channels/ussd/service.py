@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from channels.ussd import flows, funnel, records, sessions
+from channels.ussd import cache, flows, funnel, records, sessions
 from channels.ussd.engine import Ctx, Engine, State
 from channels.ussd.i18n import language
 from channels.ussd.types import UssdReply, UssdTurn
@@ -70,7 +70,9 @@ class UssdService:
             return UssdReply(stored.reply[0], True), stored.state.screen
 
         if stored is None:
-            stored, reply = await self._first_hop(rt, turn, limit)
+            # The cooperative of the extension, the memberships and the session row: one connection.
+            async with cache.one_connection(rt):
+                stored, reply = await self._first_hop(rt, turn, limit)
         else:
             ctx = Ctx(rt=rt, turn=turn, state=stored.state, limit=limit)
             if turn.accumulated is not None:
