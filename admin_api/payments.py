@@ -26,9 +26,8 @@ from admin_api.common import (
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param
 from core.errors import NotFound, ValidationError
-from core.models import Member, Payment
+from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import Money
-from core.payment_types import get_payment_type
 from core.payments import METHODS, NewPayment, create_payment
 from core.ratelimit import Limit
 from core.state.payment import PaymentStatus
@@ -144,7 +143,16 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
         )
         if visible.scalar_one_or_none() is None:
             raise NotFound("member not found")
-    ptype = await get_payment_type(ctx.session, coop_id, body["paymentTypeId"])
+    # The payment type and its cooperative in one query: create_payment's session.get(Cooperative) then
+    # finds the row in the session instead of a second round trip.
+    found = (
+        await ctx.session.execute(
+            select(PaymentType, Cooperative)
+            .join(Cooperative, Cooperative.id == PaymentType.cooperative_id)
+            .where(PaymentType.id == body["paymentTypeId"], PaymentType.cooperative_id == coop_id)
+        )
+    ).first()
+    ptype = found[0] if found is not None else None
     if ptype is None:
         raise NotFound("payment type not found")
     due = body.get("dueDate")

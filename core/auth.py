@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -153,8 +154,34 @@ def issue_tokens(user: AdminUser, *, secret: str, ttl_seconds: int) -> TokenPair
     return TokenPair(access, refresh, ttl_seconds, user.role, user.cooperative_id)
 
 
+# Verified access tokens, so a client sending the same token on every call pays the HMAC and claim
+# checks once per token life: (token, secret) -> (claims, exp). Only successful checks are kept; expiry
+# is still checked on every hit, with the same leeway.
+_VERIFIED: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
+_VERIFIED_MAX = 4096
+LEEWAY = 5
+
+
 def decode_token(token: str, *, secret: str, expected_type: str) -> dict[str, Any]:
     """Verify signature, algorithm, issuer, audience, expiry and token type; 401 on any failure."""
+    cache_key = (token, secret)
+    if expected_type == "access":
+        hit = _VERIFIED.get(cache_key)
+        if hit is not None:
+            claims, exp = hit
+            if time.time() > exp + LEEWAY:
+                _VERIFIED.pop(cache_key, None)
+                raise Unauthorized("token has expired")
+            return dict(claims)
+    claims = _decode(token, secret=secret, expected_type=expected_type)
+    if expected_type == "access":
+        if len(_VERIFIED) >= _VERIFIED_MAX:
+            _VERIFIED.pop(next(iter(_VERIFIED)))  # the oldest entry
+        _VERIFIED[cache_key] = (dict(claims), float(claims["exp"]))
+    return claims
+
+
+def _decode(token: str, *, secret: str, expected_type: str) -> dict[str, Any]:
     try:
         claims = jwt.decode(
             token,
@@ -163,7 +190,7 @@ def decode_token(token: str, *, secret: str, expected_type: str) -> dict[str, An
             audience=AUDIENCE,
             issuer=ISSUER,
             options={"require": ["exp", "iat", "sub", "typ", "jti"]},
-            leeway=5,
+            leeway=LEEWAY,
         )
     except jwt.ExpiredSignatureError:
         raise Unauthorized("token has expired") from None

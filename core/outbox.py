@@ -9,11 +9,11 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.db import row_insert, utcnow
@@ -42,6 +42,10 @@ class Job:
     attempts: int
     max_attempts: int
     created_at: datetime
+    # The worker holding the lease (set by claim); lets a handler finish its job in its own last
+    # transaction (finish_in). `finished` records that it did, so the worker skips its own UPDATE.
+    locked_by: str | None = None
+    finished: list[bool] = field(default_factory=list, compare=False, repr=False)
 
 
 Handler = Callable[[Job], Awaitable[None]]
@@ -136,20 +140,23 @@ class OutboxWorker:
                         locked_by=self.worker_id, attempts=OutboxJob.attempts + 1, updated_at=now)
                 .execution_options(synchronize_session=False)
             )
-            return [Job(r.id, r.kind, dict(r.payload), r.attempts + 1, r.max_attempts, r.created_at)
-                    for r in rows]
+            return [Job(r.id, r.kind, dict(r.payload), r.attempts + 1, r.max_attempts, r.created_at,
+                        locked_by=self.worker_id) for r in rows]
 
     async def _finish(self, job: Job, **values: Any) -> None:
         values.setdefault("updated_at", utcnow())
-        async with self._sm.begin() as session:
-            # Only the lease holder may finish the job; a job re-claimed after a lapse belongs to another.
-            await session.execute(
-                update(OutboxJob)
-                .where(OutboxJob.id == job.id, OutboxJob.locked_by == self.worker_id,
-                       OutboxJob.status == "RUNNING")
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
+        values.update(b_id=job.id, b_worker=self.worker_id)
+        # One UPDATE is its own transaction: run it in autocommit, without the BEGIN and COMMIT round
+        # trips of a session transaction, as a Core statement built once per set of columns.
+        async with self._engine().connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(_FINISH, values)
+
+    def _engine(self) -> Any:
+        engine = self._sm.kw.get("bind")
+        if engine is None:
+            raise RuntimeError("the outbox worker's sessionmaker has no engine bound")
+        return engine
 
     async def run_job(self, job: Job) -> None:
         handler = self._handlers.get(job.kind)
@@ -184,7 +191,8 @@ class OutboxWorker:
                 await self._finish(job, status="PENDING", locked_by=None, last_error=error,
                                    run_at=utcnow() + timedelta(seconds=delay))
         else:
-            await self._finish(job, status="DONE", locked_by=None, done_at=utcnow(), last_error=None)
+            if not job.finished:  # the handler did not mark it DONE in its own transaction
+                await self._finish(job, status="DONE", locked_by=None, done_at=utcnow(), last_error=None)
         finally:
             if self._on_job:
                 self._on_job(job.kind, outcome, time.perf_counter() - started)
@@ -229,6 +237,35 @@ class OutboxWorker:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
         except TimeoutError:
             pass
+
+
+_TABLE = OutboxJob.__table__
+# Only the lease holder may finish the job; a job re-claimed after a lapse belongs to another. Built once:
+# the SET clause comes from the parameters' column names.
+_FINISH = update(_TABLE).where(_TABLE.c.id == bindparam("b_id"), _TABLE.c.locked_by == bindparam("b_worker"),
+                               _TABLE.c.status == "RUNNING")
+
+
+async def finish_in(session: AsyncSession, job: Job) -> bool:
+    """Mark `job` DONE in the caller's transaction, as the worker would after a success; True when it was.
+
+    For a handler whose last write ends the job: the job's end commits with it, which saves the worker's
+    own finishing UPDATE. Only the lease holder finishes (the same WHERE as the worker's); a job not
+    claimed by a worker (no lease) is left to the worker. After the caller has committed, it calls
+    `finished(job)`; if the transaction rolls back, the worker finishes the job as usual.
+    """
+    if job.locked_by is None:
+        return False
+    now = utcnow()
+    result = await session.execute(_FINISH, {"status": "DONE", "locked_by": None, "done_at": now,
+                                             "last_error": None, "updated_at": now,
+                                             "b_id": job.id, "b_worker": job.locked_by})
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def finished(job: Job) -> None:
+    """The handler's transaction that ran finish_in committed: the worker need not finish the job."""
+    job.finished.append(True)
 
 
 async def queue_depth(session: AsyncSession) -> dict[str, int]:

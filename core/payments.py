@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import metrics
@@ -381,11 +381,14 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
     return "conflict"
 
 
+_SET_OUTCOME = (update(ProviderEvent.__table__)
+                .where(ProviderEvent.__table__.c.id == bindparam("b_id"))
+                .values(outcome=bindparam("b_outcome"), payment_id=bindparam("b_payment_id")))
+
+
 async def _set_outcome(session: AsyncSession, event_row_id: str, outcome: str, payment_id: str | None) -> None:
-    row = await session.get(ProviderEvent, event_row_id)
-    if row is not None:
-        row.outcome = outcome
-        row.payment_id = payment_id
+    # One UPDATE built once: loading the row just inserted to change two columns cost a SELECT and a flush.
+    await session.execute(_SET_OUTCOME, {"b_id": event_row_id, "b_outcome": outcome, "b_payment_id": payment_id})
 
 
 async def _store_unmatched(rt: Runtime, event: ProviderEventData) -> str:

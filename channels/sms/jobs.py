@@ -6,19 +6,22 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import String, bindparam, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from channels.sms.encoding import measure
-from channels.sms.routes import apply_parked_reports
+from channels.sms.routes import apply_parked_reports, parked_key
 from channels.sms.sender import SmsTemporaryError
 from channels.sms.templates import OPTIONAL_TEMPLATES, TemplateError, build_message
 from core import metrics
 from core.audit import Actor
 from core.db import insert_ignore, new_id, utcnow
-from core.models import Member, SmsMessage
-from core.outbox import Handler, Job, PermanentJobError, RetryLater
+from core.models import Cooperative, Member, Payment, PaymentType, SmsMessage
+from core.outbox import Handler, Job, PermanentJobError, RetryLater, finish_in, finished
 from core.ratelimit import Limit, RateLimiter
 from core.state import StaleTransition, transition
 from core.state.sms import SMS, SmsStatus
@@ -65,41 +68,43 @@ class SmsJobs:
             raise PermanentJobError("no SMS sender configured")
         payload = job.payload
         key = message_key(payload)
-        async with rt.sessionmaker() as session:
-            existing = (
-                await session.execute(select(SmsMessage).where(SmsMessage.idempotency_key == key))
-            ).scalar_one_or_none()
+        # One connection, in autocommit, for everything before the send: each statement is its own
+        # transaction (as each read was under READ COMMITTED) without a BEGIN and a ROLLBACK/COMMIT
+        # around it, and without a pool checkout (a ping) per step. It is released before the HTTP call.
+        async with _autocommit(rt) as conn:
+            existing = (await conn.execute(_BY_KEY, {"k": key})).first()
             if existing is not None and existing.status != SmsStatus.QUEUED.value:
                 return  # sent (or refused) already: a duplicate job or a re-run after a crash
             if payload.get("template") in OPTIONAL_TEMPLATES and payload.get("member_id"):
-                member = await session.get(Member, payload["member_id"])
-                if member is not None and member.reminders_opt_out:
-                    log.info("reminder skipped: member opted out", extra={"member_id": member.id})
+                opted_out = (await conn.execute(_OPT_OUT, {"m": payload["member_id"]})).first()
+                if opted_out is not None and opted_out.reminders_opt_out:
+                    log.info("reminder skipped: member opted out", extra={"member_id": payload["member_id"]})
                     return
-        await self.throttle()
-        # Two runs of one message at once (a lease that lapsed mid-send) must not both send it.
-        lock = f"sms:lock:{{{hashlib.sha256(key.encode()).hexdigest()[:32]}}}"
-        if not await rt.redis.set(lock, job.id, nx=True, ex=SEND_LOCK_SECONDS):
-            raise RetryLater(SEND_LOCK_SECONDS, "message is being sent by another worker")
+            await self.throttle()
+            # Two runs of one message at once (a lease that lapsed mid-send) must not both send it.
+            lock = f"sms:lock:{{{hashlib.sha256(key.encode()).hexdigest()[:32]}}}"
+            if not await rt.redis.set(lock, job.id, nx=True, ex=SEND_LOCK_SECONDS):
+                raise RetryLater(SEND_LOCK_SECONDS, "message is being sent by another worker")
+            message: Any = None
+            try:
+                if existing is None:
+                    message = await self._create(conn, payload, key)
+                else:
+                    # Re-read under the lock: the other run may have finished while we waited for it.
+                    message = (await conn.execute(_BY_ID, {"i": existing.id})).first()
+            finally:
+                if message is None or message.status != SmsStatus.QUEUED.value:
+                    await rt.redis.delete(lock)
+        if message is None or message.status != SmsStatus.QUEUED.value:
+            return
         try:
-            await self._send_once(job, payload, key, existing)
+            await self._send_once(job, message)
         finally:
             await rt.redis.delete(lock)
 
-    async def _send_once(
-        self, job: Job, payload: dict[str, Any], key: str, existing: SmsMessage | None
-    ) -> None:
+    async def _send_once(self, job: Job, message: Any) -> None:
         rt = self.rt
         assert rt.sms is not None
-        if existing is None:
-            existing = await self._create(payload, key)
-        else:
-            async with rt.sessionmaker() as session:
-                # Re-read under the lock: the other run may have finished while we waited for it.
-                existing = await session.get(SmsMessage, existing.id)
-            if existing is None or existing.status != SmsStatus.QUEUED.value:
-                return
-        message = existing
         phone = _phone(rt, message)
         try:
             result = await rt.sms.send(phone, message.body)
@@ -113,16 +118,17 @@ class SmsJobs:
                 )
             raise
         if result.accepted:
-            await self._move(
+            moved = await self._move(
                 message.id,
                 SmsStatus.SENT,
+                finish=job,
                 provider_message_id=result.provider_message_id,
                 provider_status=result.provider_status,
                 cost=result.cost,
                 sent_at=utcnow(),
             )
             if result.provider_message_id:
-                await self._apply_parked(message.id, result.provider_message_id)
+                await self._apply_parked(message.id, result.provider_message_id, moved)
             return
         if not result.permanent:
             if job.attempts >= job.max_attempts:
@@ -142,59 +148,72 @@ class SmsJobs:
         await self._move(
             message.id,
             target,
+            finish=job,
             provider_status=result.provider_status,
             failure_reason=(result.failure_reason or result.provider_status)[:64],
         )
 
-    async def _create(self, payload: dict[str, Any], key: str) -> SmsMessage:
+    async def _create(self, conn: AsyncConnection, payload: dict[str, Any], key: str) -> Any:
         rt = self.rt
-        async with rt.sessionmaker.begin() as session:
+        async with AsyncSession(bind=conn, expire_on_commit=False) as session:
+            # Held until build_message is done: the session's identity map keeps only weak references.
+            preloaded = await _preload(session, payload)  # noqa: F841
             try:
                 phone, language, body = await build_message(
                     session, rt.cipher, payload, service_code=rt.settings.ussd_service_code
                 )
             except TemplateError as exc:
                 raise PermanentJobError(f"cannot build SMS: {exc}") from exc
-            size = measure(body)
-            now = utcnow()
-            stmt = (
-                insert_ignore(session.get_bind().dialect.name, SmsMessage)
-                .values(
-                    id=new_id(),
-                    cooperative_id=payload.get("cooperative_id"),
-                    member_id=payload.get("member_id"),
-                    phone_enc=rt.cipher.encrypt(phone.e164, context="sms"),
-                    phone_index=rt.cipher.blind_index(phone.e164),
-                    phone_masked=phone.masked(),
-                    template=payload["template"],
-                    language=language,
-                    body=body,
-                    encoding=size.encoding,
-                    length=size.length,
-                    segments=size.segments,
-                    status=SmsStatus.QUEUED.value,
-                    idempotency_key=key,
-                    created_at=now,
-                    updated_at=now,
-                )
-                .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        size = measure(body)
+        now = utcnow()
+        row = (
+            await conn.execute(
+                _insert(conn.dialect.name),
+                {
+                    "id": new_id(),
+                    "cooperative_id": payload.get("cooperative_id"),
+                    "member_id": payload.get("member_id"),
+                    "phone_enc": rt.cipher.encrypt(phone.e164, context="sms"),
+                    "phone_index": rt.cipher.blind_index(phone.e164),
+                    "phone_masked": phone.masked(),
+                    "template": payload["template"],
+                    "language": language,
+                    "body": body,
+                    "encoding": size.encoding,
+                    "length": size.length,
+                    "segments": size.segments,
+                    "status": SmsStatus.QUEUED.value,
+                    "idempotency_key": key,
+                    "created_at": now,
+                    "updated_at": now,
+                },
             )
-            await session.execute(stmt)
-            row = (
-                await session.execute(select(SmsMessage).where(SmsMessage.idempotency_key == key))
-            ).scalar_one()
+        ).first()
+        if row is None:  # another run inserted it first (ON CONFLICT DO NOTHING returns no row)
+            row = (await conn.execute(_BY_KEY, {"k": key})).one()
         metrics.SMS.labels(status="QUEUED").inc()
         return row
 
-    async def _apply_parked(self, message_id: str, provider_message_id: str) -> None:
+    async def _apply_parked(self, message_id: str, provider_message_id: str, moved: bool) -> None:
         """Delivery reports that beat the id's commit were parked by the route: apply them now."""
         try:
+            # Almost always none were parked: one EXISTS instead of the database read that
+            # apply_parked_reports starts with. When this run did not store the id (the row had moved
+            # on), it goes through apply_parked_reports as before.
+            if moved and not await self.rt.redis.exists(parked_key(provider_message_id)):
+                return
             await apply_parked_reports(self.rt, provider_message_id)
         except Exception:
             # The SMS left and is recorded SENT; failing the job would not bring a lost report back.
             log.exception("parked delivery reports not applied", extra={"sms_id": message_id})
 
-    async def _move(self, message_id: str, target: SmsStatus, **values: Any) -> None:
+    async def _move(self, message_id: str, target: SmsStatus, *, finish: Job | None = None, **values: Any) -> bool:
+        """Apply the outcome; False when the message had already moved on.
+
+        `finish`: the outcome ends the job (nothing after it can fail the job), so the job is marked
+        DONE in the same transaction instead of by the worker's separate UPDATE afterwards.
+        """
+        done = False
         async with self.rt.sessionmaker.begin() as session:
             try:
                 await transition(
@@ -208,11 +227,65 @@ class SmsJobs:
                 )
             except StaleTransition:
                 log.info("SMS already moved on", extra={"sms_id": message_id, "target": target.value})
-                return
+                return False
+            if finish is not None:
+                done = await finish_in(session, finish)
+        if done:
+            finished(finish)  # type: ignore[arg-type]
         metrics.SMS.labels(status=target.value).inc()
+        return True
 
 
-def _phone(rt: Runtime, message: SmsMessage):  # type: ignore[no-untyped-def]
+_SMS = SmsMessage.__table__
+_COLUMNS = (_SMS.c.id, _SMS.c.status, _SMS.c.body, _SMS.c.phone_enc, _SMS.c.phone_masked)
+# Built once; only the columns the send needs, not the whole ORM row.
+_BY_KEY = select(*_COLUMNS).where(_SMS.c.idempotency_key == bindparam("k"))
+_BY_ID = select(*_COLUMNS).where(_SMS.c.id == bindparam("i"))
+_OPT_OUT = select(Member.__table__.c.reminders_opt_out).where(Member.__table__.c.id == bindparam("m"))
+_INSERTS: dict[str, Any] = {}
+
+
+def _insert(dialect_name: str) -> Any:
+    """INSERT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING the send's columns, built once."""
+    stmt = _INSERTS.get(dialect_name)
+    if stmt is None:
+        stmt = _INSERTS[dialect_name] = (
+            insert_ignore(dialect_name, _SMS)
+            .on_conflict_do_nothing(index_elements=["idempotency_key"])
+            .returning(*_COLUMNS)
+        )
+    return stmt
+
+
+async def _preload(session: AsyncSession, payload: dict[str, Any]) -> list[Any]:
+    """Load the rows a payment template reads (payment, its type, the cooperative, the member) in one
+    query, so build_message's session.get calls find them in the session instead of a round trip each.
+    Rows that are missing are simply not loaded: build_message looks again and names what is missing."""
+    template = payload.get("template") or ""
+    payment_id = (payload.get("context") or {}).get("payment_id")
+    if not template.startswith("payment_") or template == "payment_reminder" or not isinstance(payment_id, str):
+        return []
+    coop_id = payload.get("cooperative_id")
+    member_id = payload.get("member_id")
+    preload = (
+        select(Payment, PaymentType, Cooperative, Member)
+        .select_from(Payment)
+        .outerjoin(PaymentType, PaymentType.id == Payment.payment_type_id)
+        .outerjoin(Cooperative, Cooperative.id == func.coalesce(bindparam("c", coop_id, type_=String),
+                                                                Payment.cooperative_id))
+        .outerjoin(Member, Member.id == bindparam("m", member_id, type_=String))
+        .where(Payment.id == payment_id)
+    )
+    return list((await session.execute(preload)).all())
+
+
+@asynccontextmanager
+async def _autocommit(rt: Runtime) -> AsyncIterator[AsyncConnection]:
+    async with rt.engine.connect() as conn:
+        yield await conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def _phone(rt: Runtime, message: Any):  # type: ignore[no-untyped-def]
     from core.phone import Phone
 
     return Phone(rt.cipher.decrypt(message.phone_enc, context="sms"))

@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, func, insert, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
+from sqlalchemy.orm.util import identity_key
 
 from core.audit import Actor, record
 from core.db import utcnow
 from core.errors import BusinessRuleError, Conflict
+from core.models import AuditEvent
 
 S = TypeVar("S", bound=StrEnum)
 
@@ -88,33 +91,107 @@ async def transition(
     changes: dict[str, Any] = {"status": target.value, "updated_at": now}
     if values:
         changes.update(values)
-    stmt = (
-        update(model)
-        .where(model.id == entity_id, model.status == source.value)
-        .values(**changes)
-        .returning(model)
-        # Refresh an instance already in the session so callers never see the old status.
-        .execution_options(synchronize_session=False, populate_existing=True)
-    )
-    row = (await session.execute(stmt)).scalar_one_or_none()
-    if row is None:
-        raise StaleTransition(machine.name, entity_id, source.value)
+    sync = session.sync_session
+    if sync.autoflush and (sync.new or sync.dirty or sync.deleted):
+        await session.flush()  # what the ORM UPDATE's autoflush did: pending changes go first
     after = {"status": target.value, **{k: _jsonable(v) for k, v in (values or {}).items()}}
     if audit:
         after.update(audit)
     if machine.is_exceptional(source, target):
         after["exceptional"] = True
+    action = f"{machine.name}.{target.value.lower()}"
+    before = {"status": source.value}
+    if session.get_bind().dialect.name == "postgresql":
+        # One statement: the UPDATE ... RETURNING and the audit INSERT fed by it (a data-modifying CTE),
+        # so the audit row exists exactly when the row moved, in one round trip instead of two.
+        params = {f"v_{k}": v for k, v in changes.items()}
+        params.update(t_id=entity_id, t_source=source.value, a_coop=cooperative_id or None, a_actor=actor.id,
+                      a_channel=actor.channel, a_action=action, a_type=machine.name, a_entity=entity_id,
+                      a_before=before, a_after=after, a_at=utcnow())
+        returned = (await session.execute(_moved_and_audited(model, tuple(changes)), params)).first()
+        if returned is None:
+            raise StaleTransition(machine.name, entity_id, source.value)
+        return _refresh_loaded(session, model, entity_id, returned)
+    table = model.__table__
+    stmt = update(table).where(table.c.id == entity_id, table.c.status == source.value).values(changes)
+    returned = (await session.execute(stmt.returning(*table.c))).first()
+    if returned is None:
+        raise StaleTransition(machine.name, entity_id, source.value)
+    row = _refresh_loaded(session, model, entity_id, returned)
     await record(
         session,
         actor=actor,
-        action=f"{machine.name}.{target.value.lower()}",
+        action=action,
         entity_type=machine.name,
         entity_id=entity_id,
-        before={"status": source.value},
+        before=before,
         after=after,
         cooperative_id=cooperative_id or getattr(row, "cooperative_id", None),
     )
     return row
+
+
+_STATEMENTS: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def _moved_and_audited(model: Any, keys: tuple[str, ...]) -> Any:
+    """WITH moved AS (UPDATE ... WHERE id AND status RETURNING *), audited AS (INSERT INTO audit_events
+    SELECT ... FROM moved) SELECT * FROM moved; built once per model and set of changed columns."""
+    stmt = _STATEMENTS.get((model, keys))
+    if stmt is not None:
+        return stmt
+    table, audit_table = model.__table__, AuditEvent.__table__
+    moved = (
+        update(table)
+        .where(table.c.id == bindparam("t_id"), table.c.status == bindparam("t_source"))
+        .values({k: bindparam(f"v_{k}", type_=table.c[k].type) for k in keys})
+        .returning(*table.c)
+        .cte("moved")
+    )
+    coop = bindparam("a_coop", type_=audit_table.c.cooperative_id.type)
+    if "cooperative_id" in table.c:
+        coop = func.coalesce(coop, moved.c.cooperative_id)
+    audited = insert(audit_table).from_select(
+        ["cooperative_id", "actor", "channel", "action", "entity_type", "entity_id", "before", "after", "at"],
+        select(
+            coop,
+            bindparam("a_actor", type_=audit_table.c.actor.type),
+            bindparam("a_channel", type_=audit_table.c.channel.type),
+            bindparam("a_action", type_=audit_table.c.action.type),
+            bindparam("a_type", type_=audit_table.c.entity_type.type),
+            bindparam("a_entity", type_=audit_table.c.entity_id.type),
+            bindparam("a_before", type_=audit_table.c.before.type),
+            bindparam("a_after", type_=audit_table.c.after.type),
+            bindparam("a_at", type_=audit_table.c.at.type),
+        ).select_from(moved),
+    ).cte("audited")
+    stmt = _STATEMENTS[(model, keys)] = select(*(moved.c[c.name] for c in table.c)).add_cte(audited)
+    return stmt
+
+
+def _refresh_loaded(session: AsyncSession, model: Any, entity_id: str, returned: Any) -> Any:
+    """The session's instance refreshed from the returned row (as populate_existing did), so callers never
+    see the old status; the returned row itself (attribute access by column) when it is not loaded."""
+    instance = session.sync_session.identity_map.get(identity_key(model, (entity_id,)))
+    if instance is None:
+        return returned
+    keys = _attr_keys(model)
+    for key, value in zip(keys, returned, strict=True):
+        set_committed_value(instance, key, value)
+    instance_state(instance).expired_attributes.difference_update(keys)
+    return instance
+
+
+_KEYS: dict[Any, tuple[str, ...]] = {}
+
+
+def _attr_keys(model: Any) -> tuple[str, ...]:
+    """Mapped attribute names in the table's column order (the RETURNING order), once per model."""
+    found = _KEYS.get(model)
+    if found is None:
+        by_column = {col.name: attr.key for attr in inspect(model).column_attrs for col in attr.columns}
+        found = _KEYS[model] = tuple(by_column[c.name] for c in model.__table__.c)
+    return found
 
 
 def _jsonable(value: Any) -> Any:
