@@ -12,8 +12,9 @@ from typing import Any
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
-# Any run of 9-15 digits (optionally after +) is treated as a phone number and masked.
-_PHONE = re.compile(r"(?<![\w.])(\+?)(\d{3})(\d{2})(\d{1,7})(\d{3})(?![\w.])")
+# Any run of 9-15 digits (optionally after +) is treated as a phone number and masked; not inside an
+# identifier (a UUID's last group can be twelve digits: "…-93b8-853737003928" must stay whole).
+_PHONE = re.compile(r"(?<![\w.-])(\+?)(\d{3})(\d{2})(\d{1,7})(\d{3})(?![\w.-])")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
 

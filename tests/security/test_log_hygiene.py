@@ -199,3 +199,15 @@ def test_scanner_knows_the_secrets_of_every_settings_object() -> None:
     assert logscan.find_leaks('{"msg": "a-jwt-secret-made-for-this-test-only-0001"}')
     assert logscan.redact("x a-jwt-secret-made-for-this-test-only-0001 y") == "x <secret> y"
     assert s.jwt_secret.get().startswith("a-jwt")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("payer +250788123456 approved", "payer +25078****456 approved"),
+    ("payer 0788123456", "payer 07881**456"),
+    ("ref dc82dd83-341a-4e97-93b8-853737003928 done", "ref dc82dd83-341a-4e97-93b8-853737003928 done"),
+    ("txn MP-254712345678-x", "txn MP-254712345678-x"),
+])
+def test_the_last_line_mask_keeps_identifiers_whole(raw: str, expected: str) -> None:
+    from core.logs import scrub
+
+    assert scrub(raw) == expected
