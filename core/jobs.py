@@ -147,15 +147,23 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                         fresh.next_poll_at = now + timedelta(seconds=next_poll_in(payment, now))
                 raise RetryLater(next_poll_in(payment, now), "still pending")
             outcome = ProviderOutcome.EXPIRED
-        async with rt.sessionmaker.begin() as session:
-            fresh = (await session.execute(select(Payment).where(Payment.id == payment.id).with_for_update())
-                     ).scalar_one()
-            await apply_collection_outcome(
-                session, rt, fresh, outcome, actor=WORKER,
-                amount=status.amount if status else None,
-                provider_transaction_id=status.provider_transaction_id if status else None,
-                reason=(status.reason if status and status.reason else
-                        "not approved in time" if outcome is ProviderOutcome.EXPIRED else None))
+        for attempt in range(3):
+            try:
+                async with rt.sessionmaker.begin() as session:
+                    fresh = (await session.execute(select(Payment).where(Payment.id == payment.id)
+                                                   .with_for_update())).scalar_one()
+                    await apply_collection_outcome(
+                        session, rt, fresh, outcome, actor=WORKER,
+                        amount=status.amount if status else None,
+                        provider_transaction_id=status.provider_transaction_id if status else None,
+                        reason=(status.reason if status and status.reason else
+                                "not approved in time" if outcome is ProviderOutcome.EXPIRED else None))
+                return
+            except StaleTransition:
+                # The row moved between our read and our write (the collect job's PENDING -> PROCESSING,
+                # or a callback; SQLite has no row lock to stop it): read it again and re-apply.
+                if attempt == 2:
+                    raise
 
     async def submit_refund(job: Job) -> None:
         async with rt.sessionmaker() as session:
