@@ -198,7 +198,8 @@
         const h = (count / max) * plotH;
         y -= h;
         const rect = svg("rect", { x: left + i * slotW + 1, y, width: Math.max(1, slotW - 2), height: h,
-                                   fill: color(status), "data-status": status, "data-minute": key });
+                                   fill: color(status), "data-status": status, "data-minute": key,
+                                   "data-count": count });
         const title = svg("title");
         title.textContent = `${key.slice(11)} UTC · ${status}: ${count}`;
         rect.append(title);
