@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from admin_api.errors import RATE_DECISION, ApiError
@@ -18,6 +20,7 @@ from core.errors import Forbidden
 from core.ratelimit import Limit, RateLimiter
 from core.runtime import RUNTIME, Runtime
 
+log = logging.getLogger("gateway.api")
 JSON_BODY_LIMIT = 64 * 1024
 RATE_MULTIPLIER = web.AppKey("rate_multiplier", float)
 
@@ -102,10 +105,18 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
             limiter = RateLimiter(rt.redis, multiplier=request.config_dict[RATE_MULTIPLIER])
             if request.config_dict[RATE_MULTIPLIER] > 0:
                 subject = principal.rate_key if principal else f"ip:{_client_ip(request)}"
-                decision = await limiter.hit(limit, subject)
-                request[RATE_DECISION] = decision
-                if not decision.allowed:
-                    raise ApiError(429, "Too many requests. Please try again later.")
+                try:
+                    decision = await limiter.hit(limit, subject)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    # Redis slow or down: the database is the system of record, so the API keeps
+                    # answering without a limit rather than failing every request.
+                    log.warning("rate limit unavailable; request let through",
+                                extra={"route": route.name, "error": type(exc).__name__})
+                    decision = None
+                if decision is not None:
+                    request[RATE_DECISION] = decision
+                    if not decision.allowed:
+                        raise ApiError(429, "Too many requests. Please try again later.")
             query = parse_query(request.query, route.query)
             body: Any = None
             if route.body is not None:
