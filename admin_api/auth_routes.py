@@ -17,6 +17,7 @@ from admin_api.common import (
     obj,
     one,
     out,
+    out_plus,
     page_of,
     paged,
     target_cooperative,
@@ -59,11 +60,7 @@ API_KEY = out(
         "lastUsedAt": NULL_DATETIME,
     }
 )
-API_KEY_CREATED = {
-    **API_KEY,
-    "properties": {**API_KEY["properties"], "key": {"type": "string"}},
-    "required": [*API_KEY["required"], "key"],
-}
+API_KEY_CREATED = out_plus(API_KEY, key={"type": "string"})
 API_KEY_CREATE = obj(
     {
         "name": {"type": "string", "minLength": 1, "maxLength": 120},

@@ -69,6 +69,16 @@ def out(properties: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": list(properties)}
 
 
+def out_plus(schema: dict[str, Any], **extra: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with more always-present fields (e.g. a secret shown once, at creation)."""
+    return out({**schema["properties"], **extra})
+
+
+def out_only(schema: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The same response schema cut down to `names` (a smaller view of the same object)."""
+    return out({name: schema["properties"][name] for name in names})
+
+
 def page_of(item: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",

@@ -19,6 +19,7 @@ from admin_api.common import (
     obj,
     one,
     out,
+    out_only,
     page_of,
     paged,
 )
@@ -49,18 +50,8 @@ PAYMENT_TYPE = out(
         "updatedAt": DATETIME,
     }
 )
-ACTIVE_TYPE = out(
-    {
-        "id": ID,
-        "name": {"type": "string"},
-        "description": NULL_STRING,
-        "amount": AMOUNT_OUT,
-        "currency": {"type": "string"},
-        "isRecurring": {"type": "boolean"},
-        "recurringInterval": NULL_STRING,
-        "dueDay": {"type": ["integer", "null"]},
-    }
-)
+ACTIVE_TYPE = out_only(PAYMENT_TYPE, "id", "name", "description", "amount", "currency", "isRecurring",
+                       "recurringInterval", "dueDay")
 _FIELDS = {
     "name": {"type": "string", "minLength": 1, "maxLength": 120},
     "description": {"type": ["string", "null"], "maxLength": 500},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,12 +162,5 @@ def register(app: web.Application, routes: list[Route]) -> None:
 
 
 def rate_multiplier(settings_extra: Mapping[str, Any]) -> float:
-    """RATE_LIMIT_MULTIPLIER scales every limit (benchmarks raise it); 0 turns limits off."""
-    raw = settings_extra.get("rate_limit_multiplier", os.environ.get("RATE_LIMIT_MULTIPLIER", "1"))
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"RATE_LIMIT_MULTIPLIER must be a number, got {raw!r}") from None
-    if value < 0:
-        raise ValueError("RATE_LIMIT_MULTIPLIER must not be negative")
-    return value
+    """RATE_LIMIT_MULTIPLIER (validated by load_settings) scales every limit; 0 turns limits off."""
+    return float(settings_extra.get("rate_limit_multiplier", 1.0))

@@ -17,6 +17,7 @@ from admin_api.common import (
     obj,
     one,
     out,
+    out_plus,
     page_of,
     paged,
     target_cooperative,
@@ -52,11 +53,7 @@ ENDPOINT = out(
         "updatedAt": DATETIME,
     }
 )
-ENDPOINT_CREATED = {
-    **ENDPOINT,
-    "properties": {**ENDPOINT["properties"], "secret": {"type": "string"}},
-    "required": [*ENDPOINT["required"], "secret"],
-}
+ENDPOINT_CREATED = out_plus(ENDPOINT, secret={"type": "string"})
 DELIVERY = out(
     {
         "id": ID,

@@ -128,14 +128,15 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, *, zero_means: str | None = None) -> float:
+    """A positive number; with `zero_means`, 0 is allowed too (and the error says what it does)."""
     raw = _get(env, name, str(default))
     try:
         value = float(raw)
     except ValueError:
         raise ConfigError(name, f"must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(name, "must be positive")
+    if value < 0 or (value == 0 and zero_means is None):
+        raise ConfigError(name, f"must not be negative (0 {zero_means})" if zero_means else "must be positive")
     return value
 
 
@@ -274,14 +275,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     jwt_secret = secret("JWT_SECRET")
     if production and len(jwt_secret.get().encode()) < 32:
         raise ConfigError("JWT_SECRET", "must be at least 32 bytes in production")
-    # Not _float: zero is allowed here (it turns rate limits off, for benchmarks).
-    raw_multiplier = _get(env, "RATE_LIMIT_MULTIPLIER", "1")
-    try:
-        rate_multiplier = float(raw_multiplier)
-    except ValueError:
-        raise ConfigError("RATE_LIMIT_MULTIPLIER", f"must be a number, got {raw_multiplier!r}") from None
-    if rate_multiplier < 0:
-        raise ConfigError("RATE_LIMIT_MULTIPLIER", "must not be negative (0 turns rate limits off)")
+    rate_multiplier = _float(env, "RATE_LIMIT_MULTIPLIER", 1.0, zero_means="turns rate limits off")
     phone_page = _bool(env, "PHONE_SIMULATOR_ENABLED", False)
     if production and phone_page:
         raise ConfigError("PHONE_SIMULATOR_ENABLED", "must be off in production (it exposes payment lookups)")
