@@ -87,6 +87,7 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
         types = (await session.execute(select(PaymentType).where(
             PaymentType.cooperative_id == coop.id, PaymentType.is_active.is_(True),
             PaymentType.is_recurring.is_(True)))).scalars().all()
+        members: list[str] | None = None
         for ptype in types:
             window = due_dates(ptype, today)
             if window is None:
@@ -100,9 +101,10 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
                 Payment.cooperative_id == coop.id, Payment.payment_type_id == ptype.id,
                 Payment.status.in_(PAID), Payment.created_at > since,
                 Payment.member_id.is_not(None)))).scalars())
-            members = (await session.execute(select(Member.id).where(
-                Member.cooperative_id == coop.id, Member.status == "ACTIVE",
-                Member.reminders_opt_out.is_(False)))).scalars().all()
+            if members is None:  # once per cooperative, and only when one of its types is due
+                members = (await session.execute(select(Member.id).where(
+                    Member.cooperative_id == coop.id, Member.status == "ACTIVE",
+                    Member.reminders_opt_out.is_(False)))).scalars().all()
             for member_id in members:
                 if member_id in paid:
                     continue

@@ -567,15 +567,20 @@ async def _slow_create_payment(monkeypatch: Any, seconds: float) -> None:
     monkeypatch.setattr(core.payments, "create_payment", slow)
 
 
-async def test_a_slow_confirmation_is_not_cut_once_the_payment_has_started(client: Any, demo: Any, db: Any,
-                                                                           monkeypatch: Any) -> None:
+async def _at_rent_confirmation(client: Any) -> tuple[Any, AtPhone]:
+    """The USSD channel object and a phone on the Monthly Rent confirmation screen."""
     from channels.ussd.routes import USSD
 
-    channel = client.server.app[USSD]
     phone = AtPhone(client, EN_MTN)
     await phone.dial()
     types = await phone.send("1")
     await phone.send(option(types, "Monthly Rent"))
+    return client.server.app[USSD], phone
+
+
+async def test_a_slow_confirmation_is_not_cut_once_the_payment_has_started(client: Any, demo: Any, db: Any,
+                                                                           monkeypatch: Any) -> None:
+    channel, phone = await _at_rent_confirmation(client)
     channel.budget, channel.grace = 0.2, 3.0
     await _slow_create_payment(monkeypatch, 0.6)
     done = await phone.send("1")
@@ -586,13 +591,7 @@ async def test_a_slow_confirmation_is_not_cut_once_the_payment_has_started(clien
 
 async def test_a_confirmation_past_the_grace_finishes_and_a_retry_gets_its_answer(client: Any, demo: Any, db: Any,
                                                                                  monkeypatch: Any) -> None:
-    from channels.ussd.routes import USSD
-
-    channel = client.server.app[USSD]
-    phone = AtPhone(client, EN_MTN)
-    await phone.dial()
-    types = await phone.send("1")
-    await phone.send(option(types, "Monthly Rent"))
+    channel, phone = await _at_rent_confirmation(client)
     channel.budget, channel.grace = 0.1, 0.1
     await _slow_create_payment(monkeypatch, 0.5)
     first = await phone.send("1")
