@@ -37,7 +37,7 @@ MAX_BODY = 16 * 1024
 # finishes in the background and a retry of the same hop gets its real answer.
 SIDE_EFFECT_GRACE_SECONDS = 5.0
 # Outages expected in production: logged without a traceback.
-EXPECTED_OUTAGES: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError, OSError, RedisError, DBAPIError)
+EXPECTED_OUTAGES: tuple[type[BaseException], ...] = (OSError, RedisError, DBAPIError)  # OSError: timeouts too
 
 
 class UssdChannel:
