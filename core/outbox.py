@@ -51,6 +51,29 @@ class Job:
 Handler = Callable[[Job], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class NewJob:
+    """A job to add in the caller's transaction (see enqueue_many)."""
+
+    kind: str
+    payload: dict[str, Any]
+    dedupe_key: str | None = None
+    cooperative_id: str | None = None
+    run_at: datetime | None = None
+    max_attempts: int = 8
+
+    COLUMNS = ("kind", "payload", "dedupe_key", "cooperative_id", "status", "attempts", "max_attempts", "run_at",
+               "created_at", "updated_at")
+
+    def row(self, now: datetime | None = None) -> dict[str, Any]:
+        """The outbox row's values, in COLUMNS order."""
+        now = now or utcnow()
+        return {"kind": self.kind, "payload": self.payload, "dedupe_key": self.dedupe_key,
+                "cooperative_id": self.cooperative_id, "status": "PENDING", "attempts": 0,
+                "max_attempts": self.max_attempts, "run_at": self.run_at or now, "created_at": now,
+                "updated_at": now}
+
+
 async def enqueue(
     session: AsyncSession,
     kind: str,
@@ -62,22 +85,27 @@ async def enqueue(
     max_attempts: int = 8,
 ) -> bool:
     """Add a job in the caller's transaction; False when a job with the same dedupe key already exists."""
-    values = {
-        "kind": kind,
-        "payload": payload,
-        "dedupe_key": dedupe_key,
-        "cooperative_id": cooperative_id,
-        "status": "PENDING",
-        "attempts": 0,
-        "max_attempts": max_attempts,
-        "run_at": run_at or utcnow(),
-        "created_at": utcnow(),
-        "updated_at": utcnow(),
-    }
+    job = NewJob(kind, payload, dedupe_key=dedupe_key, cooperative_id=cooperative_id, run_at=run_at,
+                 max_attempts=max_attempts)
     stmt = row_insert(session.get_bind().dialect.name, OutboxJob,
                       ignore_conflict=("dedupe_key",) if dedupe_key is not None else None)
-    result = await session.execute(stmt, values)
+    result = await session.execute(stmt, job.row())
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def enqueue_many(session: AsyncSession, jobs: list[NewJob]) -> None:
+    """Add several jobs in the caller's transaction in one round trip (an executemany of one prepared
+    INSERT); a job whose dedupe key exists is skipped, as with enqueue."""
+    if not jobs:
+        return
+    if any(job.dedupe_key is None for job in jobs):
+        for job in jobs:
+            await enqueue(session, job.kind, job.payload, dedupe_key=job.dedupe_key, run_at=job.run_at,
+                          cooperative_id=job.cooperative_id, max_attempts=job.max_attempts)
+        return
+    now = utcnow()
+    stmt = row_insert(session.get_bind().dialect.name, OutboxJob, ignore_conflict=("dedupe_key",))
+    await session.execute(stmt, [job.row(now) for job in jobs])
 
 
 def backoff(attempt: int, *, base: float = 2.0, cap: float = 3600.0) -> float:

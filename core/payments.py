@@ -10,21 +10,24 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import String, and_, bindparam, cast, func, insert, literal, literal_column, null, select, union_all, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.util import identity_key
 
 from core import metrics
 from core.audit import Actor, record
 from core.db import insert_ignore, row_insert, utcnow
-from core.errors import Conflict, NotFound, ValidationError
-from core.models import Cooperative, Member, Payment, PaymentType, ProviderEvent
+from core.errors import Conflict, DomainError, NotFound, ValidationError
+from core.models import AuditEvent, Cooperative, Member, OutboxJob, Payment, PaymentType, ProviderEvent
 from core.money import Money
 from core.notify import emit_event, send_sms
-from core.outbox import enqueue
+from core.outbox import NewJob, enqueue_many
 from core.phone import PhoneError, normalize
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as ProviderEventData
-from core.references import next_reference
+from core.references import next_reference, reference_prefix, sql_reference
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN, PAYMENT, PaymentStatus
 
@@ -97,7 +100,8 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     """Create a PENDING payment and queue its collection; a replayed key returns the first payment.
 
     The provider reference (a UUID) is on the row before the provider is ever called, so every
-    retry of the collection reuses it.
+    retry of the collection reuses it. On PostgreSQL the payment, its audit row and both outbox jobs
+    are one statement; a replayed key is found by the INSERT's conflict, not by a SELECT before it.
     """
     key = _check_key(new.idempotency_key)
     if new.method not in METHODS:
@@ -107,12 +111,10 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     if new.description is not None and len(new.description) > 500:
         raise ValidationError("description must be at most 500 characters", field="description")
 
-    coop = await session.get(Cooperative, new.cooperative_id)
+    coop, ptype, member = await _load_context(session, new)
     if coop is None or coop.status != "ACTIVE":
         raise NotFound("cooperative not found")
-    # session.get: the API handler has usually loaded this row in the same session already (no query).
-    ptype = await session.get(PaymentType, new.payment_type_id)
-    if ptype is None or ptype.cooperative_id != coop.id:
+    if ptype is None:
         raise NotFound("payment type not found", field="paymentTypeId")
 
     amount = new.amount or Money(ptype.amount_minor, ptype.currency)
@@ -126,15 +128,17 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
 
     account = _normalise_account(new.method, new.account, coop.country)
     request_hash = _request_hash(new, amount, account)
-    existing = await _find_by_key(session, coop.id, key)
-    if existing is not None:
-        return _replay(existing, request_hash)
+    refused: DomainError | None = None
     if not ptype.is_active:
-        raise ValidationError("payment type is not active", field="paymentTypeId")
-    if new.member_id is not None:
-        member = await session.get(Member, new.member_id)
-        if member is None or member.cooperative_id != coop.id:
-            raise NotFound("member not found", field="member")
+        refused = ValidationError("payment type is not active", field="paymentTypeId")
+    elif new.member_id is not None and member is None:
+        refused = NotFound("member not found", field="member")
+    if refused is not None:
+        # A replay of a key accepted before the type was deactivated still answers with its payment.
+        existing = await _find_by_key(session, coop.id, key)
+        if existing is not None:
+            return _replay(existing, request_hash)
+        raise refused
 
     provider = rt.provider_for(new.method)
     now = utcnow()
@@ -144,15 +148,19 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         "cooperative_id": coop.id,
         "member_id": new.member_id,
         "payment_type_id": ptype.id,
-        "reference": new.reference or await next_reference(session, "PAY"),
+        "reference": new.reference,
         "amount_minor": amount.minor,
         "currency": amount.currency,
         "fee_minor": 0,
         "refunded_minor": 0,
+        "collected_minor": None,
         "status": P.PENDING.value,
         "method": new.method,
         "provider": provider.name,
         "provider_reference": str(uuid.uuid4()),
+        "provider_transaction_id": None,
+        "gateway_reference": None,
+        "payment_url": None,
         "payment_account_enc": rt.cipher.encrypt(account, context=_account_context(coop.id)),
         "payment_account_index": rt.cipher.blind_index(account),
         "payment_account_masked": _mask_account(account),
@@ -161,35 +169,148 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         "description": new.description,
         "due_date": new.due_date,
         "channel": new.channel,
+        "failure_reason": None,
         "mismatch": False,
+        "mismatch_detail": None,
         "late": False,
         "expires_at": now + timedelta(seconds=rt.settings.payment_timeout_seconds),
         "next_poll_at": now + timedelta(seconds=rt.settings.poll_after_seconds),
         "created_by": actor.id,
         "created_at": now,
         "updated_at": now,
+        "completed_at": None,
     }
-    stmt = row_insert(session.get_bind().dialect.name, Payment,
-                      ignore_conflict=("cooperative_id", "idempotency_key"), returning="id")
-    inserted = (await session.execute(stmt, values)).scalar_one_or_none()
-    if inserted is None:  # a concurrent request with the same key won
+    audit_after = {"status": "PENDING", "amount": amount.minor, "currency": amount.currency, "method": new.method}
+    jobs = [
+        NewJob("payment.collect", {"payment_id": payment_id}, dedupe_key=f"collect:{payment_id}",
+               cooperative_id=coop.id, run_at=now),
+        NewJob("payment.poll", {"payment_id": payment_id}, dedupe_key=f"poll:{payment_id}",
+               cooperative_id=coop.id, run_at=values["next_poll_at"], max_attempts=30),
+    ]
+    if session.get_bind().dialect.name == "postgresql":
+        reference = await _insert_in_one_statement(session, values, actor, audit_after, jobs)
+    else:
+        reference = await _insert_step_by_step(session, values, actor, audit_after, jobs)
+    if reference is None:  # the key was used before, or a concurrent request with it won
         existing = await _find_by_key(session, coop.id, key)
         if existing is None:
             raise Conflict("a request with this idempotency key is in flight", field="idempotencyKey")
         return _replay(existing, request_hash)
-
-    await record(session, actor=actor, action="payment.created", entity_type="payment", entity_id=payment_id,
-                 after={"status": "PENDING", "amount": amount.minor, "currency": amount.currency,
-                        "method": new.method, "reference": values["reference"]},
-                 cooperative_id=coop.id)
-    await enqueue(session, "payment.collect", {"payment_id": payment_id}, dedupe_key=f"collect:{payment_id}",
-                  cooperative_id=coop.id)
-    await enqueue(session, "payment.poll", {"payment_id": payment_id}, dedupe_key=f"poll:{payment_id}",
-                  run_at=values["next_poll_at"], cooperative_id=coop.id, max_attempts=30)
+    values["reference"] = reference
     metrics.PAYMENTS.labels(status="PENDING", method=new.method).inc()
-    payment = await session.get(Payment, payment_id)
-    assert payment is not None
-    return payment, True
+    return _persistent(session, Payment(**values)), True
+
+
+async def _load_context(session: AsyncSession, new: NewPayment
+                        ) -> tuple[Cooperative | None, PaymentType | None, Member | None]:
+    """The cooperative, its payment type and member (None when not theirs): from the session when the
+    caller loaded them (the API handler does), else in one query."""
+    ident = session.sync_session.identity_map
+    wanted = [identity_key(Cooperative, (new.cooperative_id,)), identity_key(PaymentType, (new.payment_type_id,))]
+    if new.member_id is not None:
+        wanted.append(identity_key(Member, (new.member_id,)))
+    if all(k in ident for k in wanted):
+        coop = await session.get(Cooperative, new.cooperative_id)
+        ptype = await session.get(PaymentType, new.payment_type_id)
+        member = await session.get(Member, new.member_id) if new.member_id is not None else None
+    else:
+        entities: list[Any] = [Cooperative, PaymentType]
+        query = select(Cooperative, PaymentType).outerjoin(PaymentType, and_(
+            PaymentType.id == new.payment_type_id, PaymentType.cooperative_id == Cooperative.id))
+        if new.member_id is not None:
+            entities.append(Member)
+            query = query.add_columns(Member).outerjoin(Member, and_(
+                Member.id == new.member_id, Member.cooperative_id == Cooperative.id))
+        row = (await session.execute(query.where(Cooperative.id == new.cooperative_id))).first()
+        if row is None:
+            return None, None, None
+        coop, ptype = row[0], row[1]
+        member = row[2] if new.member_id is not None else None
+    if coop is None:
+        return None, None, None
+    if ptype is not None and ptype.cooperative_id != coop.id:
+        ptype = None
+    if member is not None and member.cooperative_id != coop.id:
+        member = None
+    return coop, ptype, member
+
+
+def _persistent(session: AsyncSession, payment: Payment) -> Payment:
+    """The row just inserted, as a loaded instance in the session, without reading it back."""
+    make_transient_to_detached(payment)
+    session.add(payment)
+    return payment
+
+
+async def _insert_in_one_statement(session: AsyncSession, values: dict[str, Any], actor: Actor,
+                                   audit_after: dict[str, Any], jobs: list[NewJob]) -> str | None:
+    """WITH p AS (INSERT payment ON CONFLICT (cooperative, key) DO NOTHING RETURNING ...), the audit row and
+    the jobs inserted from p: all or nothing, in one round trip. The reference's number comes from the
+    sequence inside the statement unless the caller reserved one. None: the key exists."""
+    reserved = values["reference"] is not None
+    params = {f"p_{k}": v for k, v in values.items() if k != "reference" or reserved}
+    if not reserved:
+        params["ref_prefix"] = reference_prefix("PAY")
+    params.update(a_actor=actor.id, a_channel=actor.channel, a_after=audit_after, a_at=values["created_at"])
+    for n, job in enumerate(jobs):
+        params.update({f"j{n}_{k}": v for k, v in job.row().items()})
+    row = (await session.execute(_create_statement(reserved, len(jobs)), params)).first()
+    return None if row is None else row[0]
+
+
+_CREATE: dict[tuple[bool, int], Any] = {}
+
+
+def _create_statement(reserved: bool, job_count: int) -> Any:
+    stmt = _CREATE.get((reserved, job_count))
+    if stmt is not None:
+        return stmt
+    table, audit, outbox = Payment.__table__, AuditEvent.__table__, OutboxJob.__table__
+    columns = [c.name for c in table.c]
+    source: list[Any] = []
+    number = None
+    if not reserved:
+        number = select(func.nextval(literal_column("'human_reference_seq'")).label("v")).cte("n")
+    for name in columns:
+        if name == "reference" and number is not None:
+            source.append(sql_reference(bindparam("ref_prefix", type_=String), number.c.v))
+        else:
+            source.append(bindparam(f"p_{name}", type_=table.c[name].type))
+    rows = select(*source)
+    if number is not None:
+        rows = rows.select_from(number)
+    created = (postgresql.insert(table).from_select(columns, rows)
+               .on_conflict_do_nothing(index_elements=["cooperative_id", "idempotency_key"])
+               .returning(table.c.reference, table.c.id, table.c.cooperative_id).cte("p"))
+    after = cast(bindparam("a_after", type_=audit.c.after.type), postgresql.JSONB).op("||")(
+        func.jsonb_build_object("reference", created.c.reference))
+    audited = insert(audit).from_select(
+        ["cooperative_id", "actor", "channel", "action", "entity_type", "entity_id", "before", "after", "at"],
+        select(created.c.cooperative_id, bindparam("a_actor", type_=audit.c.actor.type),
+               bindparam("a_channel", type_=audit.c.channel.type), literal("payment.created"),
+               literal("payment"), created.c.id, null(), after,
+               bindparam("a_at", type_=audit.c.at.type)).select_from(created)).cte("audited")
+    job_columns = list(NewJob.COLUMNS)
+    job_rows = [select(*(bindparam(f"j{n}_{c}", type_=outbox.c[c].type) for c in job_columns)).select_from(created)
+                for n in range(job_count)]
+    queued = (postgresql.insert(outbox).from_select(job_columns, union_all(*job_rows))
+              .on_conflict_do_nothing(index_elements=["dedupe_key"]).cte("queued"))
+    stmt = _CREATE[(reserved, job_count)] = select(created.c.reference).add_cte(audited).add_cte(queued)
+    return stmt
+
+
+async def _insert_step_by_step(session: AsyncSession, values: dict[str, Any], actor: Actor,
+                               audit_after: dict[str, Any], jobs: list[NewJob]) -> str | None:
+    """The same rows as _insert_in_one_statement, one statement each (SQLite: no data-modifying CTEs)."""
+    row = dict(values, reference=values["reference"] or await next_reference(session, "PAY"))
+    stmt = row_insert(session.get_bind().dialect.name, Payment,
+                      ignore_conflict=("cooperative_id", "idempotency_key"), returning="id")
+    if (await session.execute(stmt, row)).scalar_one_or_none() is None:
+        return None
+    await record(session, actor=actor, action="payment.created", entity_type="payment", entity_id=row["id"],
+                 after={**audit_after, "reference": row["reference"]}, cooperative_id=row["cooperative_id"])
+    await enqueue_many(session, jobs)
+    return str(row["reference"])
 
 
 def _normalise_account(method: str, account: str, country: str) -> str:

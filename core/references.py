@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import text
+from typing import Any
+
+from sqlalchemy import Text, case, cast, func, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import utcnow
@@ -20,3 +22,15 @@ async def next_reference(session: AsyncSession, prefix: str) -> str:
                  "ON CONFLICT (key) DO UPDATE SET value = reference_counters.value + 1 RETURNING value"),
             {"k": key})).scalar_one()
     return f"{prefix}_{day}_{number:03d}"
+
+
+def reference_prefix(prefix: str) -> str:
+    """'PAY_20251016_': what a reference starts with today; the number follows."""
+    return f"{prefix}_{utcnow().strftime('%Y%m%d')}_"
+
+
+def sql_reference(prefix_param: Any, number: Any) -> Any:
+    """The reference as a PostgreSQL expression: `prefix_param || number`, the number zero-padded to at
+    least three digits as next_reference() does (lpad alone would cut 1234 to '123')."""
+    text_number = cast(number, Text)
+    return prefix_param + case((number < 1000, func.lpad(text_number, 3, "0")), else_=text_number)

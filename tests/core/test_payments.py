@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from core.audit import Actor
 from core.db import utcnow
@@ -100,6 +100,60 @@ async def test_same_key_same_body_returns_first_payment_and_other_body_conflicts
         await _create(rt, _new(demo, description="another body"))
     async with rt.sessionmaker() as s:
         assert (await s.execute(select(func.count()).select_from(Payment))).scalar_one() == 1
+
+
+async def test_returned_payment_is_the_stored_row_and_the_audit_names_its_reference(rt, demo, provider):
+    async with rt.sessionmaker.begin() as session:
+        payment, created = await create_payment(session, rt, _new(demo), actor=ADMIN)
+        payment.description = "changed in the same transaction"  # a loaded, persistent instance
+    assert created
+    async with rt.sessionmaker() as s:
+        stored = await s.get(Payment, payment.id)
+        after = (await s.execute(select(AuditEvent.after).where(AuditEvent.entity_id == payment.id))).scalar_one()
+    columns = [c.key for c in Payment.__table__.c]
+    assert {c: getattr(stored, c) for c in columns} == {c: getattr(payment, c) for c in columns}
+    assert stored.description == "changed in the same transaction"
+    assert after == {"status": "PENDING", "amount": 50_000, "currency": "RWF", "method": "MOBILE_MONEY_MTN",
+                     "reference": payment.reference}
+
+
+@requires_pg
+@pytest.mark.parametrize(("last", "suffix"), [(6, "_007"), (998, "_999"), (999, "_1000"), (123_455, "_123456")])
+async def test_reference_number_is_padded_to_three_digits_and_never_cut(rt, demo, provider, last, suffix):
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(text("SELECT setval('human_reference_seq', :n)"), {"n": last})
+    payment, _ = await _create(rt, _new(demo))
+    assert payment.reference == f"PAY_{utcnow():%Y%m%d}{suffix}"
+
+
+async def test_a_replayed_key_still_answers_after_its_type_was_deactivated(rt, demo, provider):
+    first, _ = await _create(rt, _new(demo))
+    async with rt.sessionmaker.begin() as s:
+        (await s.get(PaymentType, demo["payment_types"]["Monthly Rent"])).is_active = False
+    again, created = await _create(rt, _new(demo))
+    assert not created and again.id == first.id
+    with pytest.raises(ValidationError) as info:
+        await _create(rt, _new(demo, idempotency_key="key-0002-abcdef"))
+    assert info.value.field == "paymentTypeId"
+
+
+async def test_a_member_of_another_cooperative_is_not_found(rt, demo, provider):
+    from core.members import create_member
+    from core.models import Cooperative
+    from core.phone import normalize
+
+    async with rt.sessionmaker.begin() as s:
+        other = Cooperative(name="Other", short_code="OTH", country="RW", currency="RWF",
+                            timezone="Africa/Kigali", status="ACTIVE")
+        s.add(other)
+        await s.flush()
+        stranger = await create_member(s, rt.cipher, cooperative_id=other.id, name="Stranger",
+                                       phone=normalize("+250788999002"), actor=ADMIN)
+    with pytest.raises(NotFound) as info:
+        await _create(rt, _new(demo, member_id=stranger.id))
+    assert info.value.field == "member"
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(func.count()).select_from(Payment))).scalar_one() == 0
 
 
 @requires_pg
