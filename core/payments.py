@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import String, and_, bindparam, cast, func, insert, literal, literal_column, null, select, union_all, update
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.util import identity_key
@@ -20,14 +19,15 @@ from core import metrics
 from core.audit import Actor, record
 from core.db import insert_ignore, row_insert, utcnow
 from core.errors import Conflict, DomainError, NotFound, ValidationError
-from core.models import AuditEvent, Cooperative, Member, OutboxJob, Payment, PaymentType, ProviderEvent
+from core.models import Cooperative, Member, Payment, PaymentType, ProviderEvent
 from core.money import Money
-from core.notify import emit_event, send_sms
+from core.notify import event_job, sms_job
 from core.outbox import NewJob, enqueue_many
+from core.payment_statements import create_statement, stored_and_locked
 from core.phone import PhoneError, normalize
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as ProviderEventData
-from core.references import next_reference, reference_prefix, sql_reference
+from core.references import next_reference, reference_prefix
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN, PAYMENT, PaymentStatus
 
@@ -254,49 +254,8 @@ async def _insert_in_one_statement(session: AsyncSession, values: dict[str, Any]
     params.update(a_actor=actor.id, a_channel=actor.channel, a_after=audit_after, a_at=values["created_at"])
     for n, job in enumerate(jobs):
         params.update({f"j{n}_{k}": v for k, v in job.row().items()})
-    row = (await session.execute(_create_statement(reserved, len(jobs)), params)).first()
+    row = (await session.execute(create_statement(reserved, len(jobs)), params)).first()
     return None if row is None else row[0]
-
-
-_CREATE: dict[tuple[bool, int], Any] = {}
-
-
-def _create_statement(reserved: bool, job_count: int) -> Any:
-    stmt = _CREATE.get((reserved, job_count))
-    if stmt is not None:
-        return stmt
-    table, audit, outbox = Payment.__table__, AuditEvent.__table__, OutboxJob.__table__
-    columns = [c.name for c in table.c]
-    source: list[Any] = []
-    number = None
-    if not reserved:
-        number = select(func.nextval(literal_column("'human_reference_seq'")).label("v")).cte("n")
-    for name in columns:
-        if name == "reference" and number is not None:
-            source.append(sql_reference(bindparam("ref_prefix", type_=String), number.c.v))
-        else:
-            source.append(bindparam(f"p_{name}", type_=table.c[name].type))
-    rows = select(*source)
-    if number is not None:
-        rows = rows.select_from(number)
-    created = (postgresql.insert(table).from_select(columns, rows)
-               .on_conflict_do_nothing(index_elements=["cooperative_id", "idempotency_key"])
-               .returning(table.c.reference, table.c.id, table.c.cooperative_id).cte("p"))
-    after = cast(bindparam("a_after", type_=audit.c.after.type), postgresql.JSONB).op("||")(
-        func.jsonb_build_object("reference", created.c.reference))
-    audited = insert(audit).from_select(
-        ["cooperative_id", "actor", "channel", "action", "entity_type", "entity_id", "before", "after", "at"],
-        select(created.c.cooperative_id, bindparam("a_actor", type_=audit.c.actor.type),
-               bindparam("a_channel", type_=audit.c.channel.type), literal("payment.created"),
-               literal("payment"), created.c.id, null(), after,
-               bindparam("a_at", type_=audit.c.at.type)).select_from(created)).cte("audited")
-    job_columns = list(NewJob.COLUMNS)
-    job_rows = [select(*(bindparam(f"j{n}_{c}", type_=outbox.c[c].type) for c in job_columns)).select_from(created)
-                for n in range(job_count)]
-    queued = (postgresql.insert(outbox).from_select(job_columns, union_all(*job_rows))
-              .on_conflict_do_nothing(index_elements=["dedupe_key"]).cte("queued"))
-    stmt = _CREATE[(reserved, job_count)] = select(created.c.reference).add_cte(audited).add_cte(queued)
-    return stmt
 
 
 async def _insert_step_by_step(session: AsyncSession, values: dict[str, Any], actor: Actor,
@@ -367,18 +326,21 @@ def event_data(payment: Payment) -> dict[str, Any]:
 
 
 async def _notify(session: AsyncSession, rt: Runtime, payment: Payment, template: str, event_type: str) -> None:
+    """The payer's SMS and the cooperative's webhook event for a payment's new state, queued together."""
+    jobs = []
     if payment.member_id is not None:
-        await send_sms(session, template=template, cooperative_id=payment.cooperative_id,
-                       context={"payment_id": payment.id}, cipher=rt.cipher, member_id=payment.member_id,
-                       dedupe=f"{template}:{payment.id}")
+        jobs.append(sms_job(template=template, cooperative_id=payment.cooperative_id,
+                            context={"payment_id": payment.id}, cipher=rt.cipher, member_id=payment.member_id,
+                            dedupe=f"{template}:{payment.id}"))
     elif payment.method in METHOD_OPERATOR:
         from core.phone import Phone
 
-        await send_sms(session, template=template, cooperative_id=payment.cooperative_id,
-                       context={"payment_id": payment.id}, cipher=rt.cipher,
-                       phone=Phone(payment_account(rt, payment)), dedupe=f"{template}:{payment.id}")
-    await emit_event(session, cooperative_id=payment.cooperative_id, event_type=event_type,
-                     event_id=f"evt_{event_type.replace('.', '_')}_{payment.id}", data=event_data(payment))
+        jobs.append(sms_job(template=template, cooperative_id=payment.cooperative_id,
+                            context={"payment_id": payment.id}, cipher=rt.cipher,
+                            phone=Phone(payment_account(rt, payment)), dedupe=f"{template}:{payment.id}"))
+    jobs.append(event_job(cooperative_id=payment.cooperative_id, event_type=event_type,
+                          event_id=f"evt_{event_type.replace('.', '_')}_{payment.id}", data=event_data(payment)))
+    await enqueue_many(session, jobs)
 
 
 _FAILED_TARGET = {
@@ -480,15 +442,12 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
     for _ in range(3):
         try:
             async with rt.sessionmaker.begin() as session:
-                stmt = row_insert(session.get_bind().dialect.name, ProviderEvent,
-                                  ignore_conflict=("provider", "event_id"), returning="id")
-                event_row_id = (await session.execute(stmt, {
-                    "id": str(uuid.uuid4()), "provider": event.provider, "event_id": event.event_id[:200],
-                    "kind": event.kind.value, "status": outcome.value, "payload": dict(event.raw),
-                    "received_at": utcnow()})).scalar_one_or_none()
+                stored = {"id": str(uuid.uuid4()), "provider": event.provider, "event_id": event.event_id[:200],
+                          "kind": event.kind.value, "status": outcome.value, "payload": dict(event.raw),
+                          "received_at": utcnow()}
+                event_row_id, payment = await _store_event_and_lock(session, event, stored)
                 if event_row_id is None:
                     return "duplicate"
-                payment = await _find_payment(session, event, lock=True)
                 if payment is None:
                     await _set_outcome(session, event_row_id, "unknown_payment", None)
                     log.warning("callback for an unknown payment", extra={"provider": event.provider})
@@ -500,6 +459,30 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
         except StaleTransition:
             continue  # the row moved under us (a poll or a parallel callback): re-read and re-apply
     return "conflict"
+
+
+async def _store_event_and_lock(session: AsyncSession, event: ProviderEventData, stored: dict[str, Any]
+                                ) -> tuple[str | None, Payment | None]:
+    """Store the callback once and lock its payment: (the stored row's id or None for a duplicate, the
+    payment or None). On PostgreSQL one statement: WITH e AS (INSERT ... ON CONFLICT DO NOTHING RETURNING
+    id) SELECT payment, (SELECT id FROM e) ... FOR UPDATE OF payments."""
+    if session.get_bind().dialect.name != "postgresql":
+        stmt = row_insert(session.get_bind().dialect.name, ProviderEvent, ignore_conflict=("provider", "event_id"),
+                          returning="id")
+        event_row_id = (await session.execute(stmt, stored)).scalar_one_or_none()
+        if event_row_id is None:
+            return None, None
+        return event_row_id, await _find_payment(session, event, lock=True)
+    by_transaction = event.raw.get("lookup") == "provider_transaction_id"
+    params = {f"e_{k}": v for k, v in stored.items()}
+    params.update(provider=event.provider, reference=event.reference)
+    row = (await session.execute(stored_and_locked(by_transaction), params)).first()
+    if row is not None:
+        return row[1], (row[0] if row[1] is not None else None)
+    # No such payment: the event row (if it is new) is found by its id, which only this call knows.
+    found = (await session.execute(select(ProviderEvent.id).where(ProviderEvent.id == stored["id"])
+                                   )).scalar_one_or_none()
+    return found, None
 
 
 _SET_OUTCOME = (update(ProviderEvent.__table__)

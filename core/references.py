@@ -26,7 +26,8 @@ async def next_reference(session: AsyncSession, prefix: str) -> str:
 
 def reference_prefix(prefix: str) -> str:
     """'PAY_20251016_': what a reference starts with today; the number follows."""
-    return f"{prefix}_{utcnow().strftime('%Y%m%d')}_"
+    now = utcnow()
+    return f"{prefix}_{now.year:04d}{now.month:02d}{now.day:02d}_"
 
 
 def sql_reference(prefix_param: Any, number: Any) -> Any:

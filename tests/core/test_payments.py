@@ -231,6 +231,29 @@ async def test_success_callback_completes_and_queues_receipt_and_webhook(rt, dem
     assert await _job_kinds(rt) == ["payment.collect", "payment.poll", "sms.send", "webhook.event"]
 
 
+async def test_callback_for_an_unknown_payment_is_stored_once(rt, demo, provider):
+    ghost = Event(provider="mtn_momo", kind=EventKind.COLLECTION, event_id="ghost-1", reference="no-such-ref",
+                  outcome=ProviderOutcome.SUCCEEDED)
+    assert await handle_provider_event(rt, ghost) == "unknown_payment"
+    assert await handle_provider_event(rt, ghost) == "duplicate"
+    async with rt.sessionmaker() as s:
+        rows = (await s.execute(select(ProviderEvent.event_id, ProviderEvent.outcome, ProviderEvent.payment_id))).all()
+    assert rows == [("ghost-1", "unknown_payment", None)]
+
+
+async def test_callback_found_by_the_provider_transaction_id(rt, demo, provider):
+    """M-Pesa's callbacks name the CheckoutRequestID the provider gave, not our reference."""
+    payment, _ = await _create(rt, _new(demo))
+    async with rt.sessionmaker.begin() as s:
+        (await s.get(Payment, payment.id)).provider_transaction_id = "ws_CO_123"
+    event = Event(provider="mtn_momo", kind=EventKind.COLLECTION, event_id="cb-1", reference="ws_CO_123",
+                  outcome=ProviderOutcome.SUCCEEDED, raw={"lookup": "provider_transaction_id"})
+    assert await handle_provider_event(rt, event) == "completed"
+    async with rt.sessionmaker() as s:
+        stored = (await s.execute(select(ProviderEvent.outcome, ProviderEvent.payment_id))).one()
+    assert stored == ("completed", payment.id) and (await _payment(rt, payment.id)).status == "COMPLETED"
+
+
 async def test_amount_mismatch_is_flagged_and_audited(rt, demo, provider):
     payment, _ = await _create(rt, _new(demo))
     await handle_provider_event(rt, _event(payment, ProviderOutcome.SUCCEEDED, amount=Money(5_000, "RWF")))

@@ -1,0 +1,84 @@
+"""PostgreSQL statements that do a payment's several writes in one round trip (data-modifying CTEs).
+
+Each is built once per shape and reused: SQLAlchemy then compiles it once, and asyncpg prepares it once
+per connection. SQLite has no data-modifying CTEs; core.payments runs the same writes one by one there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import String, bindparam, cast, func, insert, literal, literal_column, null, select, union_all
+from sqlalchemy.dialects import postgresql
+
+from core.models import AuditEvent, OutboxJob, Payment, ProviderEvent
+from core.outbox import NewJob
+from core.references import sql_reference
+
+_CREATE: dict[tuple[bool, int], Any] = {}
+
+
+def create_statement(reserved: bool, job_count: int) -> Any:
+    """WITH [n AS (SELECT nextval)], p AS (INSERT payment ON CONFLICT (cooperative, key) DO NOTHING
+    RETURNING ...), audited AS (INSERT audit row FROM p), queued AS (INSERT the jobs FROM p) SELECT
+    reference FROM p. Parameters: p_<column> (p_reference only when `reserved`, else ref_prefix), a_actor,
+    a_channel, a_after, a_at, and j<n>_<column> for each job (NewJob.row())."""
+    stmt = _CREATE.get((reserved, job_count))
+    if stmt is not None:
+        return stmt
+    table, audit, outbox = Payment.__table__, AuditEvent.__table__, OutboxJob.__table__
+    columns = [c.name for c in table.c]
+    source: list[Any] = []
+    number = None
+    if not reserved:
+        number = select(func.nextval(literal_column("'human_reference_seq'")).label("v")).cte("n")
+    for name in columns:
+        if name == "reference" and number is not None:
+            source.append(sql_reference(bindparam("ref_prefix", type_=String), number.c.v))
+        else:
+            source.append(bindparam(f"p_{name}", type_=table.c[name].type))
+    rows = select(*source)
+    if number is not None:
+        rows = rows.select_from(number)
+    created = (postgresql.insert(table).from_select(columns, rows)
+               .on_conflict_do_nothing(index_elements=["cooperative_id", "idempotency_key"])
+               .returning(table.c.reference, table.c.id, table.c.cooperative_id).cte("p"))
+    after = cast(bindparam("a_after", type_=audit.c.after.type), postgresql.JSONB).op("||")(
+        func.jsonb_build_object("reference", created.c.reference))
+    audited = insert(audit).from_select(
+        ["cooperative_id", "actor", "channel", "action", "entity_type", "entity_id", "before", "after", "at"],
+        select(created.c.cooperative_id, bindparam("a_actor", type_=audit.c.actor.type),
+               bindparam("a_channel", type_=audit.c.channel.type), literal("payment.created"),
+               literal("payment"), created.c.id, null(), after,
+               bindparam("a_at", type_=audit.c.at.type)).select_from(created)).cte("audited")
+    job_columns = list(NewJob.COLUMNS)
+    job_rows = [select(*(bindparam(f"j{n}_{c}", type_=outbox.c[c].type) for c in job_columns)).select_from(created)
+                for n in range(job_count)]
+    queued = (postgresql.insert(outbox).from_select(job_columns, union_all(*job_rows))
+              .on_conflict_do_nothing(index_elements=["dedupe_key"]).cte("queued"))
+    stmt = _CREATE[(reserved, job_count)] = select(created.c.reference).add_cte(audited).add_cte(queued)
+    return stmt
+
+
+_STORED_AND_LOCKED: dict[bool, Any] = {}
+
+
+def stored_and_locked(by_transaction: bool) -> Any:
+    """WITH e AS (INSERT provider event ON CONFLICT DO NOTHING RETURNING id) SELECT payment, (SELECT id
+    FROM e) FOR UPDATE OF payments. Parameters: e_<column>, provider, reference (the payment's provider
+    reference, or its provider transaction id when `by_transaction`)."""
+    stmt = _STORED_AND_LOCKED.get(by_transaction)
+    if stmt is not None:
+        return stmt
+    table = ProviderEvent.__table__
+    columns = ["id", "provider", "event_id", "kind", "status", "payload", "received_at"]
+    stored = (postgresql.insert(table)
+              .values({c: bindparam(f"e_{c}", type_=table.c[c].type) for c in columns})
+              .on_conflict_do_nothing(index_elements=["provider", "event_id"])
+              .returning(table.c.id).cte("e"))
+    column = Payment.provider_transaction_id if by_transaction else Payment.provider_reference
+    stmt = _STORED_AND_LOCKED[by_transaction] = (
+        select(Payment, select(stored.c.id).scalar_subquery().label("event_row_id"))
+        .where(Payment.provider == bindparam("provider"), column == bindparam("reference"))
+        .with_for_update(of=Payment.__table__))
+    return stmt
