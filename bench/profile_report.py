@@ -21,8 +21,8 @@ def main() -> None:
     with open(args.file) as f:
         for line in f:
             stack, _, count_text = line.rstrip("\n").rpartition(" ")
-            if not stack or (args.filter and args.filter not in stack):
-                continue
+            if not stack or not count_text.isdigit() or (args.filter and args.filter not in stack):
+                continue  # (a frame name with a newline in it splits its line: skipped)
             count = int(count_text)
             samples += count
             frames = stack.split(";")
