@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -24,6 +25,23 @@ def use_fast_loop() -> None:
     except ImportError:  # optional outside Linux/macOS: the standard loop works the same, slower
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def settle_heap() -> None:
+    """After start-up: move everything loaded so far (modules, SQLAlchemy's mappers and compiled
+    statements, the app) out of the cyclic GC's reach, and collect the young generation less often.
+
+    The collector otherwise re-scans those long-lived objects at every full collection: under load
+    that was a pause of tens of milliseconds now and then, the whole of a hop's p99. Reference
+    counting still frees almost everything a request makes; the threshold only spaces out the scans
+    for cycles.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+
+
+GC_YOUNG_THRESHOLD = 20_000
 
 
 class MigrationStateError(Exception):
@@ -92,6 +110,7 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
+    settle_heap()
     try:
         rt = app[RUNTIME]
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=not settings.is_embedded)
@@ -140,6 +159,7 @@ async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0) -
     async with open_runtime(settings) as rt:
         runner = await _worker_metrics(rt, settings.host, metrics_port) if metrics_port else None
         worker = create_worker(rt, concurrency=concurrency)
+        settle_heap()
         from core.jobs import ensure_scheduled
 
         await ensure_scheduled(rt)
