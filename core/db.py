@@ -88,8 +88,9 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEn
 
 # A connection back in the pool for less than this is not pinged when checked out again. Under load every
 # checkout follows a checkin by milliseconds, and the ping was one round trip (and ~10% of the CPU) of every
-# transaction. A connection that died in that window fails its first statement as a disconnect, and
-# SQLAlchemy then invalidates the whole pool, so every older connection is replaced on its next checkout.
+# transaction. A connection the server closed is still caught on checkout when asyncpg has seen it close
+# (a restart or a terminated backend: the socket's end arrives at once). One that died unseen in that
+# window fails its first statement as a disconnect, and SQLAlchemy then invalidates the whole pool.
 PING_AFTER_IDLE_SECONDS = 2.0
 
 
@@ -108,6 +109,9 @@ def _ping_on_checkout(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "checkout")
     def _ping(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        if dbapi_conn.driver_connection.is_closed():
+            # The server closed it (a restart, an idle timeout) and asyncpg saw it go: no round trip needed.
+            raise exc_module.DisconnectionError("connection closed by the server")
         returned = record.info.get("checked_in")
         if returned is not None and time.monotonic() - returned < PING_AFTER_IDLE_SECONDS:
             return
