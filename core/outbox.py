@@ -147,7 +147,19 @@ class OutboxWorker:
         self._stopping.set()
 
     async def claim(self) -> list[Job]:
+        """Lease up to a batch of due jobs (PENDING, or RUNNING with a lapsed lease), oldest first."""
         now = utcnow()
+        engine = self._engine()
+        if engine.dialect.name == "postgresql":
+            # One statement, atomic on its own: UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)
+            # RETURNING, in autocommit (the BEGIN, SELECT, UPDATE and COMMIT were four round trips).
+            async with engine.connect() as conn:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                claimed = (await conn.execute(_CLAIM, {"now": now, "batch": self._batch, "worker": self.worker_id,
+                                                       "lease_end": now + timedelta(seconds=self._lease)})).all()
+            claimed.sort(key=lambda r: (r.run_at_before, r.id))
+            return [Job(r.id, r.kind, dict(r.payload), r.attempts, r.max_attempts, r.created_at,
+                        locked_by=self.worker_id) for r in claimed]
         async with self._sm.begin() as session:
             rows = (
                 await session.execute(
@@ -268,6 +280,15 @@ class OutboxWorker:
 
 
 _TABLE = OutboxJob.__table__
+_DUE = (select(_TABLE.c.id, _TABLE.c.run_at)
+        .where(_TABLE.c.status.in_(("PENDING", "RUNNING")), _TABLE.c.run_at <= bindparam("now"))
+        .order_by(_TABLE.c.run_at).limit(bindparam("batch")).with_for_update(skip_locked=True).cte("due"))
+# RETURNING shows the new row; the run_at it had before the lease (for the order) comes from the CTE.
+_CLAIM = (update(_TABLE).where(_TABLE.c.id == _DUE.c.id)
+          .values(status="RUNNING", run_at=bindparam("lease_end"), locked_by=bindparam("worker"),
+                  attempts=_TABLE.c.attempts + 1, updated_at=bindparam("now"))
+          .returning(_TABLE.c.id, _TABLE.c.kind, _TABLE.c.payload, _TABLE.c.attempts, _TABLE.c.max_attempts,
+                     _TABLE.c.created_at, _DUE.c.run_at.label("run_at_before")))
 # Only the lease holder may finish the job; a job re-claimed after a lapse belongs to another. Built once:
 # the SET clause comes from the parameters' column names.
 _FINISH = update(_TABLE).where(_TABLE.c.id == bindparam("b_id"), _TABLE.c.locked_by == bindparam("b_worker"),

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from core.db import utcnow
 from core.models import OutboxJob
-from core.outbox import OutboxWorker, PermanentJobError, RetryLater, backoff, enqueue
+from core.outbox import NewJob, OutboxWorker, PermanentJobError, RetryLater, backoff, enqueue, enqueue_many
 from tests.conftest import requires_pg
 
 PROC = Path(__file__).with_name("outbox_proc.py")
@@ -39,6 +39,39 @@ async def test_enqueue_joins_the_callers_transaction_and_dedupes(sm):
     async with sm() as session:
         jobs = (await session.execute(select(OutboxJob))).scalars().all()
     assert [(j.dedupe_key, j.payload) for j in jobs] == [("same", {"a": 1})]
+
+
+async def test_enqueue_many_writes_every_job_once_and_skips_known_keys(sm):
+    async with sm.begin() as session:
+        await enqueue(session, "k", {"a": 0}, dedupe_key="known")
+    later = utcnow() + timedelta(minutes=5)
+    async with sm.begin() as session:
+        await enqueue_many(session, [NewJob("k", {"a": 1}, dedupe_key="known"),
+                                     NewJob("k", {"a": 2}, dedupe_key="new", cooperative_id=None, run_at=later,
+                                            max_attempts=3)])
+    async with sm() as session:
+        jobs = {j.dedupe_key: j for j in (await session.execute(select(OutboxJob))).scalars()}
+    assert {k: j.payload for k, j in jobs.items()} == {"known": {"a": 0}, "new": {"a": 2}}
+    assert (jobs["new"].run_at, jobs["new"].max_attempts, jobs["new"].status) == (later, 3, "PENDING")
+
+
+async def test_claim_leases_the_oldest_due_jobs_up_to_the_batch(sm):
+    now = utcnow()
+    async with sm.begin() as session:
+        for n, age in enumerate([5, 30, 20, 10]):
+            await enqueue(session, "k", {"n": n}, run_at=now - timedelta(seconds=age))
+        await enqueue(session, "k", {"n": "future"}, run_at=now + timedelta(minutes=1))
+    worker = OutboxWorker(sm, {}, batch_size=3, lease_seconds=60, worker_id="w-1")
+    claimed = await worker.claim()
+    assert [j.payload["n"] for j in claimed] == [1, 2, 3]  # oldest first; the fourth waits for the next batch
+    assert {(j.attempts, j.locked_by) for j in claimed} == {(1, "w-1")}
+    async with sm() as session:
+        rows = {r.payload["n"]: r for r in (await session.execute(select(OutboxJob))).scalars()}
+    assert {n: rows[n].status for n in (1, 2, 3)} == dict.fromkeys((1, 2, 3), "RUNNING")
+    assert all(rows[n].run_at > now + timedelta(seconds=55) and rows[n].locked_by == "w-1" for n in (1, 2, 3))
+    assert rows[0].status == rows["future"].status == "PENDING"
+    assert [j.payload["n"] for j in await worker.claim()] == [0]
+    assert await worker.claim() == []
 
 
 async def test_failing_job_is_retried_with_backoff_then_parked(sm):
