@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import String, bindparam, cast, func, insert, literal, literal_column, null, select, union_all
+from sqlalchemy import String, and_, bindparam, cast, func, insert, literal, literal_column, null, select, union_all
 from sqlalchemy.dialects import postgresql
 
-from core.models import AuditEvent, OutboxJob, Payment, ProviderEvent
+from core.models import AuditEvent, Cooperative, Member, OutboxJob, Payment, PaymentType, ProviderEvent
 from core.outbox import NewJob
+from core.pgraw import RawStatement
 from core.references import sql_reference
 
 _CREATE: dict[tuple[bool, int], Any] = {}
@@ -82,3 +83,40 @@ def stored_and_locked(by_transaction: bool) -> Any:
         .where(Payment.provider == bindparam("provider"), column == bindparam("reference"))
         .with_for_update(of=Payment.__table__))
     return stmt
+
+
+_RAW_CREATE: dict[tuple[bool, int], RawStatement] = {}
+
+
+def raw_create(reserved: bool, job_count: int) -> RawStatement:
+    """create_statement compiled for core.pgraw."""
+    found = _RAW_CREATE.get((reserved, job_count))
+    if found is None:
+        found = _RAW_CREATE[(reserved, job_count)] = RawStatement.of(create_statement(reserved, job_count))
+    return found
+
+
+# The cooperative, its payment type (only if it is the cooperative's) and the member (only if theirs).
+_CONTEXT = (
+    select(Cooperative.id.label("coop_id"), Cooperative.status.label("coop_status"), Cooperative.country,
+           PaymentType.id.label("type_id"), PaymentType.cooperative_id.label("type_coop"), PaymentType.name,
+           PaymentType.amount_minor, PaymentType.currency, PaymentType.allow_custom_amount, PaymentType.is_active,
+           Member.id.label("member_id"))
+    .select_from(Cooperative)
+    .outerjoin(PaymentType, and_(PaymentType.id == bindparam("type_id", type_=String),
+                                 PaymentType.cooperative_id == Cooperative.id))
+    .outerjoin(Member, and_(Member.id == bindparam("member_id", type_=String), Member.cooperative_id == Cooperative.id))
+    .where(Cooperative.id == bindparam("coop_id", type_=String))
+)
+_RAW_CONTEXT: list[RawStatement] = []
+
+
+def context_statement() -> Any:
+    """Parameters: coop_id, type_id, member_id (None: no member). One row, or none without the cooperative."""
+    return _CONTEXT
+
+
+def raw_context() -> RawStatement:
+    if not _RAW_CONTEXT:
+        _RAW_CONTEXT.append(RawStatement.of(_CONTEXT))
+    return _RAW_CONTEXT[0]

@@ -10,20 +10,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, bindparam, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
-from sqlalchemy.orm.util import identity_key
 
-from core import metrics
+from core import metrics, pgraw
 from core.audit import Actor, record
 from core.db import insert_ignore, row_insert, utcnow
 from core.errors import Conflict, DomainError, NotFound, ValidationError
-from core.models import Cooperative, Member, Payment, PaymentType, ProviderEvent
+from core.models import Payment, ProviderEvent
 from core.money import Money
 from core.notify import event_job, sms_job
 from core.outbox import NewJob, enqueue_many
-from core.payment_statements import create_statement, stored_and_locked
+from core.payment_statements import context_statement, raw_context, raw_create, stored_and_locked
 from core.phone import PhoneError, normalize
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as ProviderEventData
@@ -95,13 +94,14 @@ def _replay(existing: Payment, request_hash: str) -> tuple[Payment, bool]:
     return existing, False
 
 
-async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *, actor: Actor
-                         ) -> tuple[Payment, bool]:
+async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *, actor: Actor,
+                         context: PaymentContext | None = None) -> tuple[Payment, bool]:
     """Create a PENDING payment and queue its collection; a replayed key returns the first payment.
 
     The provider reference (a UUID) is on the row before the provider is ever called, so every
     retry of the collection reuses it. On PostgreSQL the payment, its audit row and both outbox jobs
     are one statement; a replayed key is found by the INSERT's conflict, not by a SELECT before it.
+    `context`: the cooperative, type and member as load_context read them, when the caller already did.
     """
     key = _check_key(new.idempotency_key)
     if new.method not in METHODS:
@@ -111,7 +111,9 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     if new.description is not None and len(new.description) > 500:
         raise ValidationError("description must be at most 500 characters", field="description")
 
-    coop, ptype, member = await _load_context(session, new)
+    if context is None:
+        context = await load_context(session, new.cooperative_id, new.payment_type_id, new.member_id)
+    coop, ptype = context.coop, context.ptype
     if coop is None or coop.status != "ACTIVE":
         raise NotFound("cooperative not found")
     if ptype is None:
@@ -131,7 +133,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     refused: DomainError | None = None
     if not ptype.is_active:
         refused = ValidationError("payment type is not active", field="paymentTypeId")
-    elif new.member_id is not None and member is None:
+    elif new.member_id is not None and not context.member_found:
         refused = NotFound("member not found", field="member")
     if refused is not None:
         # A replay of a key accepted before the type was deactivated still answers with its payment.
@@ -201,38 +203,52 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     return _persistent(session, Payment(**values)), True
 
 
-async def _load_context(session: AsyncSession, new: NewPayment
-                        ) -> tuple[Cooperative | None, PaymentType | None, Member | None]:
-    """The cooperative, its payment type and member (None when not theirs): from the session when the
-    caller loaded them (the API handler does), else in one query."""
-    ident = session.sync_session.identity_map
-    wanted = [identity_key(Cooperative, (new.cooperative_id,)), identity_key(PaymentType, (new.payment_type_id,))]
-    if new.member_id is not None:
-        wanted.append(identity_key(Member, (new.member_id,)))
-    if all(k in ident for k in wanted):
-        coop = await session.get(Cooperative, new.cooperative_id)
-        ptype = await session.get(PaymentType, new.payment_type_id)
-        member = await session.get(Member, new.member_id) if new.member_id is not None else None
+@dataclass(frozen=True)
+class PaymentContext:
+    """What a new payment is checked against: its cooperative (id, status, country) and payment type (id,
+    cooperative_id, name, amount_minor, currency, allow_custom_amount, is_active), each None when not
+    found; the type only when it is the cooperative's; member_found only for a member of the cooperative."""
+
+    coop: Any
+    ptype: Any
+    member_found: bool = False
+
+
+@dataclass(frozen=True)
+class _Coop:
+    id: str
+    status: str
+    country: str
+
+
+@dataclass(frozen=True)
+class _Type:
+    id: str
+    cooperative_id: str
+    name: str
+    amount_minor: int
+    currency: str
+    allow_custom_amount: bool
+    is_active: bool
+
+
+async def load_context(session: AsyncSession, cooperative_id: str, payment_type_id: str,
+                       member_id: str | None) -> PaymentContext:
+    """The cooperative, its payment type and whether the member is theirs, in one query."""
+    params = {"coop_id": cooperative_id, "type_id": payment_type_id, "member_id": member_id}
+    if session.get_bind().dialect.name == "postgresql":
+        row: Any = await pgraw.fetchrow(session, raw_context(), params)
     else:
-        entities: list[Any] = [Cooperative, PaymentType]
-        query = select(Cooperative, PaymentType).outerjoin(PaymentType, and_(
-            PaymentType.id == new.payment_type_id, PaymentType.cooperative_id == Cooperative.id))
-        if new.member_id is not None:
-            entities.append(Member)
-            query = query.add_columns(Member).outerjoin(Member, and_(
-                Member.id == new.member_id, Member.cooperative_id == Cooperative.id))
-        row = (await session.execute(query.where(Cooperative.id == new.cooperative_id))).first()
-        if row is None:
-            return None, None, None
-        coop, ptype = row[0], row[1]
-        member = row[2] if new.member_id is not None else None
-    if coop is None:
-        return None, None, None
-    if ptype is not None and ptype.cooperative_id != coop.id:
-        ptype = None
-    if member is not None and member.cooperative_id != coop.id:
-        member = None
-    return coop, ptype, member
+        found = (await session.execute(context_statement(), params)).first()
+        row = found._mapping if found is not None else None
+    if row is None:
+        return PaymentContext(None, None)
+    coop = _Coop(row["coop_id"], row["coop_status"], row["country"])
+    ptype = None
+    if row["type_id"] is not None:
+        ptype = _Type(row["type_id"], row["type_coop"], row["name"], row["amount_minor"], row["currency"],
+                      row["allow_custom_amount"], row["is_active"])
+    return PaymentContext(coop, ptype, row["member_id"] is not None)
 
 
 def _persistent(session: AsyncSession, payment: Payment) -> Payment:
@@ -254,7 +270,7 @@ async def _insert_in_one_statement(session: AsyncSession, values: dict[str, Any]
     params.update(a_actor=actor.id, a_channel=actor.channel, a_after=audit_after, a_at=values["created_at"])
     for n, job in enumerate(jobs):
         params.update({f"j{n}_{k}": v for k, v in job.row().items()})
-    row = (await session.execute(create_statement(reserved, len(jobs)), params)).first()
+    row = await pgraw.fetchrow(session, raw_create(reserved, len(jobs)), params)
     return None if row is None else row[0]
 
 

@@ -6,11 +6,11 @@ callback or a connection checkout fails here instead of showing up as a slower b
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event
+import asyncpg
+import pytest
+from asyncpg.prepared_stmt import PreparedStatement
 
 from core.models import Payment
 from core.payments import handle_provider_event
@@ -21,57 +21,70 @@ from tests.conftest import requires_pg
 pytestmark = requires_pg
 
 
-@contextmanager
-def statements(engine: Any) -> Iterator[list[str]]:
-    """The first words of every statement the engine sends, BEGIN and COMMIT included."""
+@pytest.fixture
+def sent(monkeypatch: Any) -> list[str]:
+    """The first words of every statement asyncpg sends to the server, BEGIN and COMMIT included, whichever
+    layer sent it (SQLAlchemy's execution or core.pgraw's direct calls); pool pings (';') left out."""
     seen: list[str] = []
-    sync = engine.sync_engine
 
-    def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        seen.append(" ".join(statement.split()[:4]))
+    def note(query: str) -> None:
+        if query.strip() != ";":
+            seen.append(" ".join(query.rstrip("; \n").split()[:4]))
 
-    def begin(_conn: Any) -> None:
-        seen.append("BEGIN")
+    execute, run, many, prepared_fetch = (asyncpg.Connection.execute, asyncpg.Connection._execute,
+                                          asyncpg.Connection.executemany, PreparedStatement.fetch)
 
-    def commit(_conn: Any) -> None:
-        seen.append("COMMIT")
+    async def simple(self: Any, query: str, *args: Any, **kw: Any) -> Any:
+        if not args:  # with arguments it goes through _execute, noted there
+            note(query)
+        return await execute(self, query, *args, **kw)
 
-    listeners = [("before_cursor_execute", before), ("begin", begin), ("commit", commit)]
-    for name, fn in listeners:
-        event.listen(sync, name, fn)
-    try:
-        yield seen
-    finally:
-        for name, fn in listeners:
-            event.remove(sync, name, fn)
+    async def extended(self: Any, query: str, *args: Any, **kw: Any) -> Any:
+        note(query)
+        return await run(self, query, *args, **kw)
+
+    async def batch(self: Any, command: str, args: Any, **kw: Any) -> Any:
+        note(command)
+        return await many(self, command, args, **kw)
+
+    async def fetch(self: Any, *args: Any, **kw: Any) -> Any:
+        note(self.get_query())
+        return await prepared_fetch(self, *args, **kw)
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", simple)
+    monkeypatch.setattr(asyncpg.Connection, "_execute", extended)
+    monkeypatch.setattr(asyncpg.Connection, "executemany", batch)
+    monkeypatch.setattr(PreparedStatement, "fetch", fetch)
+    return seen
 
 
-async def test_an_api_payment_is_one_read_and_one_write(client: Any, demo: Any, rt: Any, admin: Any) -> None:
+async def test_an_api_payment_is_one_read_and_one_write(client: Any, demo: Any, rt: Any, admin: Any,
+                                                        sent: list[str]) -> None:
     body = payment_body(demo["payment_types"]["Monthly Rent"])
-    with statements(rt.engine) as sent:
-        created = await admin.json("POST", "/v1/payments", 201, json=body)
-    assert sent == ["BEGIN", "SELECT payment_types.id, payment_types.cooperative_id, payment_types.name,",
-                    "WITH n AS (SELECT", "COMMIT"], sent
+    sent.clear()
+    created = await admin.json("POST", "/v1/payments", 201, json=body)
+    # No BEGIN or COMMIT: the write is one statement, atomic alone.
+    assert sent == ["SELECT cooperatives.id AS coop_id,", "WITH n AS (SELECT"], sent
     async with rt.sessionmaker() as s:
         stored = await s.get(Payment, created["id"])
     assert stored is not None and stored.reference == created["reference"]
     # The replay finds the first payment through the INSERT's conflict: one SELECT more, nothing written.
-    with statements(rt.engine) as replay:
-        again = await admin.req("POST", "/v1/payments", json=body)
+    sent.clear()
+    again = await admin.req("POST", "/v1/payments", json=body)
     assert again.status == 200 and (await again.json())["id"] == created["id"]
-    assert [s.split()[0] for s in replay] == ["BEGIN", "SELECT", "WITH", "SELECT", "COMMIT"], replay
+    assert [s.split()[0] for s in sent] == ["SELECT", "WITH", "BEGIN", "SELECT", "COMMIT"], sent
 
 
 async def test_a_callback_is_four_statements_in_one_transaction(client: Any, demo: Any, rt: Any,
-                                                               admin: Any) -> None:
+                                                               admin: Any, sent: list[str]) -> None:
     created = await admin.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Monthly Rent"]))
     async with rt.sessionmaker() as s:
         payment = await s.get(Payment, created["id"])
     callback = ProviderEvent(provider=payment.provider, kind=EventKind.COLLECTION, event_id="cb-1",
                              reference=payment.provider_reference, outcome=ProviderOutcome.SUCCEEDED,
                              provider_transaction_id="TX-1")
-    with statements(rt.engine) as sent:
-        assert await handle_provider_event(rt, callback) == "completed"
+    sent.clear()
+    assert await handle_provider_event(rt, callback) == "completed"
     assert [s.split()[0] + " " + s.split()[-1] for s in sent] == [
         "BEGIN BEGIN", "WITH (INSERT", "WITH (UPDATE", "INSERT (kind,", "UPDATE payment_id=$1::VARCHAR,",
         "COMMIT COMMIT"], sent

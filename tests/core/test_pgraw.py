@@ -1,0 +1,74 @@
+"""core.pgraw: statements compiled once and run on the session's asyncpg connection, on real PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, func, insert, literal, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from core import pgraw
+from core.db import utcnow
+from core.models import OutboxJob
+from tests.conftest import requires_pg
+
+pytestmark = requires_pg
+
+_T = OutboxJob.__table__
+_ADD = insert(_T).values(kind=bindparam("kind"), payload=bindparam("payload", type_=_T.c.payload.type),
+                         dedupe_key=bindparam("key"), status=literal("PENDING"), attempts=0, max_attempts=3,
+                         run_at=bindparam("at", type_=_T.c.run_at.type), created_at=bindparam("at"),
+                         updated_at=bindparam("at")).returning(_T.c.id, _T.c.payload)
+ADD = pgraw.RawStatement.of(_ADD)
+
+
+def _params(key: str) -> dict[str, Any]:
+    return {"kind": "test.raw", "payload": {"n": 1, "ü": [True, None]}, "key": key, "at": utcnow()}
+
+
+async def _jobs(sm: Any) -> list[tuple[str, dict[str, Any]]]:
+    async with sm() as s:
+        return [tuple(r) for r in (await s.execute(select(OutboxJob.dedupe_key, OutboxJob.payload)
+                                                   .order_by(OutboxJob.id))).all()]
+
+
+def test_compiled_once_with_positional_parameters() -> None:
+    assert "$1" in ADD.sql and ":kind" not in ADD.sql
+    assert set(ADD.names) >= {"kind", "payload", "key", "at"} and "payload" in ADD.json_names
+    args = ADD.args({"kind": "k", "payload": {"a": 1}, "key": None, "at": "t"})
+    assert '{"a": 1}' in args and "PENDING" in args  # JSON sent as text; literal() values carried along
+    with pytest.raises(KeyError):
+        ADD.args({"kind": "k"})
+
+
+async def test_alone_it_commits_by_itself_and_json_round_trips(sm: Any) -> None:
+    async with sm() as session:
+        row = await pgraw.fetchrow(session, ADD, _params("alone"))
+        await session.rollback()  # nothing was open: the INSERT stood on its own
+    assert row is not None and row["payload"] is not None
+    assert await _jobs(sm) == [("alone", {"n": 1, "ü": [True, None]})]
+
+
+async def test_it_joins_the_transaction_the_session_opened(sm: Any) -> None:
+    async with sm() as session:
+        await session.execute(select(func.count()).select_from(_T))  # BEGIN sent by SQLAlchemy
+        await pgraw.fetchrow(session, ADD, _params("inside"))
+        await session.rollback()
+    assert await _jobs(sm) == []
+    async with sm.begin() as session:
+        await session.execute(select(1))
+        await pgraw.fetchrow(session, ADD, _params("committed"))
+    assert [k for k, _ in await _jobs(sm)] == ["committed"]
+
+
+async def test_errors_come_out_as_sqlalchemys(sm: Any) -> None:
+    async with sm() as session:
+        await pgraw.fetchrow(session, ADD, _params("twice"))
+        with pytest.raises(IntegrityError):
+            await pgraw.fetchrow(session, ADD, _params("twice"))
+    broken = pgraw.RawStatement.of(select(text("no_such_column")).select_from(_T))
+    async with sm() as session:
+        with pytest.raises(DBAPIError) as info:
+            await pgraw.fetchrow(session, broken, {})
+    assert not isinstance(info.value, IntegrityError) and "no_such_column" in str(info.value.orig)
