@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from core import pgraw
 from core.db import row_insert, utcnow
 from core.models import OutboxJob
 
@@ -104,8 +105,23 @@ async def enqueue_many(session: AsyncSession, jobs: list[NewJob]) -> None:
                           cooperative_id=job.cooperative_id, max_attempts=job.max_attempts)
         return
     now = utcnow()
-    stmt = row_insert(session.get_bind().dialect.name, OutboxJob, ignore_conflict=("dedupe_key",))
-    await session.execute(stmt, [job.row(now) for job in jobs])
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql" and await pgraw.in_transaction(session):
+        await pgraw.executemany(session, _raw_insert_jobs(), [job.row(now) for job in jobs])
+        return
+    await session.execute(row_insert(dialect, OutboxJob, ignore_conflict=("dedupe_key",)),
+                          [job.row(now) for job in jobs])
+
+
+_RAW_INSERT: list[pgraw.RawStatement] = []
+
+
+def _raw_insert_jobs() -> pgraw.RawStatement:
+    """enqueue_many's INSERT for core.pgraw, inside a transaction the caller's session opened."""
+    if not _RAW_INSERT:
+        stmt = row_insert("postgresql", OutboxJob, ignore_conflict=("dedupe_key",))
+        _RAW_INSERT.append(pgraw.RawStatement.of(stmt, column_keys=list(NewJob.COLUMNS)))
+    return _RAW_INSERT[0]
 
 
 def backoff(attempt: int, *, base: float = 2.0, cap: float = 3600.0) -> float:

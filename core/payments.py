@@ -508,7 +508,20 @@ _SET_OUTCOME = (update(ProviderEvent.__table__)
 
 async def _set_outcome(session: AsyncSession, event_row_id: str, outcome: str, payment_id: str | None) -> None:
     # One UPDATE built once: loading the row just inserted to change two columns cost a SELECT and a flush.
-    await session.execute(_SET_OUTCOME, {"b_id": event_row_id, "b_outcome": outcome, "b_payment_id": payment_id})
+    params = {"b_id": event_row_id, "b_outcome": outcome, "b_payment_id": payment_id}
+    if session.get_bind().dialect.name == "postgresql" and await pgraw.in_transaction(session):
+        await pgraw.fetchrow(session, _raw_set_outcome(), params)
+    else:
+        await session.execute(_SET_OUTCOME, params)
+
+
+_RAW_SET_OUTCOME: list[pgraw.RawStatement] = []
+
+
+def _raw_set_outcome() -> pgraw.RawStatement:
+    if not _RAW_SET_OUTCOME:
+        _RAW_SET_OUTCOME.append(pgraw.RawStatement.of(_SET_OUTCOME))
+    return _RAW_SET_OUTCOME[0]
 
 
 async def _store_unmatched(rt: Runtime, event: ProviderEventData) -> str:

@@ -37,8 +37,9 @@ class RawStatement:
     fixed: dict[str, Any]  # values the statement carries itself (literal() binds)
 
     @classmethod
-    def of(cls, stmt: Any) -> RawStatement:
-        compiled = stmt.compile(dialect=_DIALECT)
+    def of(cls, stmt: Any, *, column_keys: list[str] | None = None) -> RawStatement:
+        """`column_keys`: for an INSERT without values, the columns it sets (the others keep defaults)."""
+        compiled = stmt.compile(dialect=_DIALECT, column_keys=column_keys)
         names = tuple(compiled.positiontup or ())
         json_names = frozenset(name for name, bind in compiled.binds.items()
                                if isinstance(bind.type.dialect_impl(_DIALECT), sqltypes.JSON))
@@ -73,3 +74,36 @@ async def fetchrow(session: AsyncSession, statement: RawStatement, params: dict[
         raise IntegrityError(statement.sql, None, exc) from exc
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         raise DBAPIError(statement.sql, None, exc) from exc
+
+
+async def executemany(session: AsyncSession, statement: RawStatement, rows: list[dict[str, Any]]) -> None:
+    conn = await driver(session)
+    try:
+        await conn.executemany(statement.sql, [statement.args(row) for row in rows])
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        raise IntegrityError(statement.sql, None, exc) from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise DBAPIError(statement.sql, None, exc) from exc
+
+
+async def in_transaction(session: AsyncSession) -> bool:
+    """Whether the session's connection has a transaction open on the server (raw statements join it)."""
+    return (await driver(session)).is_in_transaction()
+
+
+def decoded(table: Any, record: asyncpg.Record) -> tuple[Any, ...]:
+    """A raw row of `table`'s columns (in table order) as SQLAlchemy would give it: JSON parsed (the
+    dialect's codec hands JSON over as text)."""
+    return tuple(json.loads(value) if isinstance(value, str) and name in _json_columns(table) else value
+                 for name, value in zip((c.name for c in table.c), record, strict=True))
+
+
+_JSON_COLUMNS: dict[Any, frozenset[str]] = {}
+
+
+def _json_columns(table: Any) -> frozenset[str]:
+    found = _JSON_COLUMNS.get(table)
+    if found is None:
+        found = _JSON_COLUMNS[table] = frozenset(c.name for c in table.c
+                                                 if isinstance(c.type.dialect_impl(_DIALECT), sqltypes.JSON))
+    return found

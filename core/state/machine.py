@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import SimpleNamespace
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import bindparam, func, insert, inspect, select, update
@@ -12,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.util import identity_key
 
+from core import pgraw
 from core.audit import Actor, record
 from core.db import utcnow
 from core.errors import BusinessRuleError, Conflict
@@ -108,7 +110,14 @@ async def transition(
         params.update(t_id=entity_id, t_source=source.value, a_coop=cooperative_id or None, a_actor=actor.id,
                       a_channel=actor.channel, a_action=action, a_type=machine.name, a_entity=entity_id,
                       a_before=before, a_after=after, a_at=utcnow())
-        returned = (await session.execute(_moved_and_audited(model, tuple(changes)), params)).first()
+        keys = tuple(changes)
+        if (await pgraw.driver(session)).is_in_transaction():
+            # The caller's transaction is open (an earlier statement began it): the statement joins it
+            # straight on asyncpg. As the first statement it goes through SQLAlchemy, which begins one.
+            raw = await pgraw.fetchrow(session, _raw_moved_and_audited(model, keys), params)
+            returned = None if raw is None else pgraw.decoded(model.__table__, raw)
+        else:
+            returned = (await session.execute(_moved_and_audited(model, keys), params)).first()
         if returned is None:
             raise StaleTransition(machine.name, entity_id, source.value)
         return _refresh_loaded(session, model, entity_id, returned)
@@ -169,11 +178,23 @@ def _moved_and_audited(model: Any, keys: tuple[str, ...]) -> Any:
     return stmt
 
 
+_RAW: dict[tuple[Any, tuple[str, ...]], pgraw.RawStatement] = {}
+
+
+def _raw_moved_and_audited(model: Any, keys: tuple[str, ...]) -> pgraw.RawStatement:
+    found = _RAW.get((model, keys))
+    if found is None:
+        found = _RAW[(model, keys)] = pgraw.RawStatement.of(_moved_and_audited(model, keys))
+    return found
+
+
 def _refresh_loaded(session: AsyncSession, model: Any, entity_id: str, returned: Any) -> Any:
     """The session's instance refreshed from the returned row (as populate_existing did), so callers never
     see the old status; the returned row itself (attribute access by column) when it is not loaded."""
     instance = session.sync_session.identity_map.get(identity_key(model, (entity_id,)))
     if instance is None:
+        if isinstance(returned, tuple):  # a raw row: attribute access as on a SQLAlchemy Row
+            return SimpleNamespace(**dict(zip(_attr_keys(model), returned, strict=True)))
         return returned
     keys = _attr_keys(model)
     for key, value in zip(keys, returned, strict=True):
