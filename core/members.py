@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
@@ -53,15 +53,22 @@ async def membership_rows(conn: Any, cipher: PiiCipher, phone: Phone, coop_colum
     For hot reads (a USSD session's first hop) that need a few columns: no ORM objects to build.
     `conn` is anything with `execute` (an AsyncConnection or AsyncSession).
     """
-    rows = await conn.execute(
-        select(Member.id.label("member_id"), Member.status.label("member_status"),
-               Member.language.label("member_language"), *coop_columns)
-        .join(Cooperative, Cooperative.id == Member.cooperative_id)
-        .where(Member.phone_index == cipher.blind_index(phone.e164),
-               Member.status != "SUSPENDED", Cooperative.status == "ACTIVE")
-        .order_by(Cooperative.name)
-    )
+    key = tuple(coop_columns)
+    stmt = _MEMBERSHIP_ROWS.get(key)
+    if stmt is None:  # built once per set of columns: building it per hop cost about as much as running it
+        stmt = _MEMBERSHIP_ROWS[key] = (
+            select(Member.id.label("member_id"), Member.status.label("member_status"),
+                   Member.language.label("member_language"), *coop_columns)
+            .join(Cooperative, Cooperative.id == Member.cooperative_id)
+            .where(Member.phone_index == bindparam("phone_index"),
+                   Member.status != "SUSPENDED", Cooperative.status == "ACTIVE")
+            .order_by(Cooperative.name)
+        )
+    rows = await conn.execute(stmt, {"phone_index": cipher.blind_index(phone.e164)})
     return list(rows.all())
+
+
+_MEMBERSHIP_ROWS: dict[tuple[Any, ...], Any] = {}
 
 
 async def get_member(session: AsyncSession, member_id: str, cooperative_id: str | None = None) -> Member:

@@ -167,7 +167,7 @@ class OutboxWorker:
         now = utcnow()
         engine = self._engine()
         if engine.dialect.name == "postgresql":
-            # One statement, atomic on its own: UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)
+            # One statement, atomic on its own: WITH due AS (SELECT ... FOR UPDATE SKIP LOCKED) UPDATE ... FROM due
             # RETURNING, in autocommit (the BEGIN, SELECT, UPDATE and COMMIT were four round trips).
             async with engine.connect() as conn:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")

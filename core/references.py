@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Text, case, cast, func, text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from core.db import utcnow
 
 
-async def next_reference(session: AsyncSession, prefix: str) -> str:
+async def next_reference(session: AsyncSession | AsyncConnection, prefix: str) -> str:
+    """The next reference; `session` may also be a bare connection (one statement, no transaction needed)."""
     day = utcnow().strftime("%Y%m%d")
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = session.dialect if isinstance(session, AsyncConnection) else session.get_bind().dialect
+    if dialect.name == "postgresql":
         # A sequence never blocks concurrent writers, unlike a counter row held until commit.
         number = (await session.execute(text("SELECT nextval('human_reference_seq')"))).scalar_one()
     else:

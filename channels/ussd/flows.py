@@ -452,9 +452,8 @@ async def reserved_reference(ctx: Ctx) -> str:
         from core.references import next_reference
 
         # nextval() needs no transaction around it: BEGIN and COMMIT were two of its four round trips.
-        async with ctx.rt.sessionmaker() as session:
-            await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-            ref = await next_reference(session, "PAY")
+        async with cache.autocommit(ctx.rt) as conn:
+            ref = await next_reference(conn, "PAY")
         ctx.data["rr"] = ref
     return ref
 
