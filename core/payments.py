@@ -204,25 +204,18 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
 
 
 @dataclass(frozen=True)
-class PaymentContext:
-    """What a new payment is checked against: its cooperative (id, status, country) and payment type (id,
-    cooperative_id, name, amount_minor, currency, allow_custom_amount, is_active), each None when not
-    found; the type only when it is the cooperative's; member_found only for a member of the cooperative."""
+class CoopFacts:
+    """The cooperative's columns a new payment is checked against."""
 
-    coop: Any
-    ptype: Any
-    member_found: bool = False
-
-
-@dataclass(frozen=True)
-class _Coop:
     id: str
     status: str
     country: str
 
 
 @dataclass(frozen=True)
-class _Type:
+class TypeFacts:
+    """The payment type's columns a new payment is checked against."""
+
     id: str
     cooperative_id: str
     name: str
@@ -230,6 +223,16 @@ class _Type:
     currency: str
     allow_custom_amount: bool
     is_active: bool
+
+
+@dataclass(frozen=True)
+class PaymentContext:
+    """What a new payment is checked against: its cooperative and payment type (None when not found; the
+    type only when it is the cooperative's), and whether the member asked for is one of the cooperative's."""
+
+    coop: CoopFacts | None
+    ptype: TypeFacts | None
+    member_found: bool = False
 
 
 async def load_context(session: AsyncSession, cooperative_id: str, payment_type_id: str,
@@ -243,11 +246,11 @@ async def load_context(session: AsyncSession, cooperative_id: str, payment_type_
         row = found._mapping if found is not None else None
     if row is None:
         return PaymentContext(None, None)
-    coop = _Coop(row["coop_id"], row["coop_status"], row["country"])
+    coop = CoopFacts(row["coop_id"], row["coop_status"], row["country"])
     ptype = None
     if row["type_id"] is not None:
-        ptype = _Type(row["type_id"], row["type_coop"], row["name"], row["amount_minor"], row["currency"],
-                      row["allow_custom_amount"], row["is_active"])
+        ptype = TypeFacts(row["type_id"], row["type_coop"], row["name"], row["amount_minor"], row["currency"],
+                          row["allow_custom_amount"], row["is_active"])
     return PaymentContext(coop, ptype, row["member_id"] is not None)
 
 
