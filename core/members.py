@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,22 +54,18 @@ async def membership_rows(conn: Any, cipher: PiiCipher, phone: Phone, coop_colum
     For hot reads (a USSD session's first hop) that need a few columns: no ORM objects to build.
     `conn` is anything with `execute` (an AsyncConnection or AsyncSession).
     """
-    key = tuple(coop_columns)
-    stmt = _MEMBERSHIP_ROWS.get(key)
-    if stmt is None:  # built once per set of columns: building it per hop cost about as much as running it
-        stmt = _MEMBERSHIP_ROWS[key] = (
-            select(Member.id.label("member_id"), Member.status.label("member_status"),
+    rows = await conn.execute(_membership_rows(tuple(coop_columns)), {"phone_index": cipher.blind_index(phone.e164)})
+    return list(rows.all())
+
+
+@functools.cache  # built once per set of columns: building it per hop cost about as much as running it
+def _membership_rows(coop_columns: tuple[Any, ...]) -> Any:
+    return (select(Member.id.label("member_id"), Member.status.label("member_status"),
                    Member.language.label("member_language"), *coop_columns)
             .join(Cooperative, Cooperative.id == Member.cooperative_id)
             .where(Member.phone_index == bindparam("phone_index"),
                    Member.status != "SUSPENDED", Cooperative.status == "ACTIVE")
-            .order_by(Cooperative.name)
-        )
-    rows = await conn.execute(stmt, {"phone_index": cipher.blind_index(phone.e164)})
-    return list(rows.all())
-
-
-_MEMBERSHIP_ROWS: dict[tuple[Any, ...], Any] = {}
+            .order_by(Cooperative.name))
 
 
 async def get_member(session: AsyncSession, member_id: str, cooperative_id: str | None = None) -> Member:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.crypto import PiiCipher
-from core.outbox import NewJob, enqueue
+from core.outbox import NewJob, enqueue_job
 from core.phone import Phone
+
+P = ParamSpec("P")
 
 
 def sms_job(
@@ -42,26 +45,14 @@ def event_job(*, cooperative_id: str, event_type: str, event_id: str, data: dict
                   dedupe_key=f"wh:{event_id}", cooperative_id=cooperative_id)
 
 
-async def send_sms(
-    session: AsyncSession,
-    *,
-    template: str,
-    cooperative_id: str | None,
-    context: dict[str, Any],
-    cipher: PiiCipher,
-    dedupe: str,
-    member_id: str | None = None,
-    phone: Phone | None = None,
-) -> bool:
-    """Queue one SMS; the same `dedupe` key never sends twice (False: it was already queued)."""
-    job = sms_job(template=template, cooperative_id=cooperative_id, context=context, cipher=cipher, dedupe=dedupe,
-                  member_id=member_id, phone=phone)
-    return await enqueue(session, job.kind, job.payload, dedupe_key=job.dedupe_key,
-                         cooperative_id=job.cooperative_id, max_attempts=job.max_attempts)
+def _queued(build: Callable[P, NewJob]) -> Callable[Concatenate[AsyncSession, P], Awaitable[bool]]:
+    """`build`, queued in the caller's transaction: False when its dedupe key was already queued."""
+
+    async def queue(session: AsyncSession, *args: P.args, **kwargs: P.kwargs) -> bool:
+        return await enqueue_job(session, build(*args, **kwargs))
+
+    return queue
 
 
-async def emit_event(session: AsyncSession, *, cooperative_id: str, event_type: str, event_id: str,
-                     data: dict[str, Any]) -> None:
-    """Queue a cooperative webhook event; fan-out to endpoints happens in the worker."""
-    job = event_job(cooperative_id=cooperative_id, event_type=event_type, event_id=event_id, data=data)
-    await enqueue(session, job.kind, job.payload, dedupe_key=job.dedupe_key, cooperative_id=job.cooperative_id)
+send_sms = _queued(sms_job)  # send_sms(session, template=..., ...): queue one SMS
+emit_event = _queued(event_job)  # emit_event(session, cooperative_id=..., ...): queue a webhook event

@@ -17,7 +17,7 @@ from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import pgraw
-from core.db import row_insert, utcnow
+from core.db import autocommit, row_insert, utcnow
 from core.models import OutboxJob
 
 log = logging.getLogger("gateway.outbox")
@@ -86,10 +86,14 @@ async def enqueue(
     max_attempts: int = 8,
 ) -> bool:
     """Add a job in the caller's transaction; False when a job with the same dedupe key already exists."""
-    job = NewJob(kind, payload, dedupe_key=dedupe_key, cooperative_id=cooperative_id, run_at=run_at,
-                 max_attempts=max_attempts)
+    return await enqueue_job(session, NewJob(kind, payload, dedupe_key=dedupe_key, cooperative_id=cooperative_id,
+                                             run_at=run_at, max_attempts=max_attempts))
+
+
+async def enqueue_job(session: AsyncSession, job: NewJob) -> bool:
+    """enqueue, for a job built beforehand (core.notify's sms_job and event_job)."""
     stmt = row_insert(session.get_bind().dialect.name, OutboxJob,
-                      ignore_conflict=("dedupe_key",) if dedupe_key is not None else None)
+                      ignore_conflict=("dedupe_key",) if job.dedupe_key is not None else None)
     result = await session.execute(stmt, job.row())
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
@@ -101,27 +105,16 @@ async def enqueue_many(session: AsyncSession, jobs: list[NewJob]) -> None:
         return
     if any(job.dedupe_key is None for job in jobs):
         for job in jobs:
-            await enqueue(session, job.kind, job.payload, dedupe_key=job.dedupe_key, run_at=job.run_at,
-                          cooperative_id=job.cooperative_id, max_attempts=job.max_attempts)
+            await enqueue_job(session, job)
         return
-    now = utcnow()
     dialect = session.get_bind().dialect.name
+    insert = row_insert(dialect, OutboxJob, ignore_conflict=("dedupe_key",))
+    now = utcnow()
+    rows = [job.row(now) for job in jobs]
     if dialect == "postgresql" and await pgraw.in_transaction(session):
-        await pgraw.executemany(session, _raw_insert_jobs(), [job.row(now) for job in jobs])
-        return
-    await session.execute(row_insert(dialect, OutboxJob, ignore_conflict=("dedupe_key",)),
-                          [job.row(now) for job in jobs])
-
-
-_RAW_INSERT: list[pgraw.RawStatement] = []
-
-
-def _raw_insert_jobs() -> pgraw.RawStatement:
-    """enqueue_many's INSERT for core.pgraw, inside a transaction the caller's session opened."""
-    if not _RAW_INSERT:
-        stmt = row_insert("postgresql", OutboxJob, ignore_conflict=("dedupe_key",))
-        _RAW_INSERT.append(pgraw.RawStatement.of(stmt, column_keys=list(NewJob.COLUMNS)))
-    return _RAW_INSERT[0]
+        await pgraw.executemany(session, pgraw.compiled(insert, NewJob.COLUMNS), rows)
+    else:
+        await session.execute(insert, rows)
 
 
 def backoff(attempt: int, *, base: float = 2.0, cap: float = 3600.0) -> float:
@@ -169,8 +162,7 @@ class OutboxWorker:
         if engine.dialect.name == "postgresql":
             # One statement, atomic on its own: WITH due AS (SELECT ... FOR UPDATE SKIP LOCKED) UPDATE ... FROM due
             # RETURNING, in autocommit (the BEGIN, SELECT, UPDATE and COMMIT were four round trips).
-            async with engine.connect() as conn:
-                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            async with autocommit(engine) as conn:
                 claimed = (await conn.execute(_CLAIM, {"now": now, "batch": self._batch, "worker": self.worker_id,
                                                        "lease_end": now + timedelta(seconds=self._lease)})).all()
             claimed.sort(key=lambda r: (r.run_at_before, r.id))
@@ -204,8 +196,7 @@ class OutboxWorker:
         values.update(b_id=job.id, b_worker=self.worker_id)
         # One UPDATE is its own transaction: run it in autocommit, without the BEGIN and COMMIT round
         # trips of a session transaction, as a Core statement built once per set of columns.
-        async with self._engine().connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with autocommit(self._engine()) as conn:
             await conn.execute(_FINISH, values)
 
     def _engine(self) -> Any:

@@ -6,6 +6,7 @@ per connection. SQLite has no data-modifying CTEs; core.payments runs the same w
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from sqlalchemy import String, and_, bindparam, cast, func, insert, literal, literal_column, null, select, union_all
@@ -13,20 +14,15 @@ from sqlalchemy.dialects import postgresql
 
 from core.models import AuditEvent, Cooperative, Member, OutboxJob, Payment, PaymentType, ProviderEvent
 from core.outbox import NewJob
-from core.pgraw import RawStatement
 from core.references import sql_reference
 
-_CREATE: dict[tuple[bool, int], Any] = {}
 
-
+@functools.cache
 def create_statement(reserved: bool, job_count: int) -> Any:
     """WITH [n AS (SELECT nextval)], p AS (INSERT payment ON CONFLICT (cooperative, key) DO NOTHING
     RETURNING ...), audited AS (INSERT audit row FROM p), queued AS (INSERT the jobs FROM p) SELECT
     reference FROM p. Parameters: p_<column> (p_reference only when `reserved`, else ref_prefix), a_actor,
     a_channel, a_after, a_at, and j<n>_<column> for each job (NewJob.row())."""
-    stmt = _CREATE.get((reserved, job_count))
-    if stmt is not None:
-        return stmt
     table, audit, outbox = Payment.__table__, AuditEvent.__table__, OutboxJob.__table__
     columns = [c.name for c in table.c]
     source: list[Any] = []
@@ -57,20 +53,14 @@ def create_statement(reserved: bool, job_count: int) -> Any:
                 for n in range(job_count)]
     queued = (postgresql.insert(outbox).from_select(job_columns, union_all(*job_rows))
               .on_conflict_do_nothing(index_elements=["dedupe_key"]).cte("queued"))
-    stmt = _CREATE[(reserved, job_count)] = select(created.c.reference).add_cte(audited).add_cte(queued)
-    return stmt
+    return select(created.c.reference).add_cte(audited).add_cte(queued)
 
 
-_STORED_AND_LOCKED: dict[bool, Any] = {}
-
-
+@functools.cache
 def stored_and_locked(by_transaction: bool) -> Any:
     """WITH e AS (INSERT provider event ON CONFLICT DO NOTHING RETURNING id) SELECT payment, (SELECT id
     FROM e) FOR UPDATE OF payments. Parameters: e_<column>, provider, reference (the payment's provider
     reference, or its provider transaction id when `by_transaction`)."""
-    stmt = _STORED_AND_LOCKED.get(by_transaction)
-    if stmt is not None:
-        return stmt
     table = ProviderEvent.__table__
     columns = ["id", "provider", "event_id", "kind", "status", "payload", "received_at"]
     stored = (postgresql.insert(table)
@@ -78,26 +68,14 @@ def stored_and_locked(by_transaction: bool) -> Any:
               .on_conflict_do_nothing(index_elements=["provider", "event_id"])
               .returning(table.c.id).cte("e"))
     column = Payment.provider_transaction_id if by_transaction else Payment.provider_reference
-    stmt = _STORED_AND_LOCKED[by_transaction] = (
-        select(Payment, select(stored.c.id).scalar_subquery().label("event_row_id"))
-        .where(Payment.provider == bindparam("provider"), column == bindparam("reference"))
-        .with_for_update(of=Payment.__table__))
-    return stmt
-
-
-_RAW_CREATE: dict[tuple[bool, int], RawStatement] = {}
-
-
-def raw_create(reserved: bool, job_count: int) -> RawStatement:
-    """create_statement compiled for core.pgraw."""
-    found = _RAW_CREATE.get((reserved, job_count))
-    if found is None:
-        found = _RAW_CREATE[(reserved, job_count)] = RawStatement.of(create_statement(reserved, job_count))
-    return found
+    return (select(Payment, select(stored.c.id).scalar_subquery().label("event_row_id"))
+            .where(Payment.provider == bindparam("provider"), column == bindparam("reference"))
+            .with_for_update(of=Payment.__table__))
 
 
 # The cooperative, its payment type (only if it is the cooperative's) and the member (only if theirs).
-_CONTEXT = (
+# Parameters: coop_id, type_id, member_id (None: no member). One row, or none without the cooperative.
+CONTEXT = (
     select(Cooperative.id.label("coop_id"), Cooperative.status.label("coop_status"), Cooperative.country,
            PaymentType.id.label("type_id"), PaymentType.cooperative_id.label("type_coop"), PaymentType.name,
            PaymentType.amount_minor, PaymentType.currency, PaymentType.allow_custom_amount, PaymentType.is_active,
@@ -108,15 +86,3 @@ _CONTEXT = (
     .outerjoin(Member, and_(Member.id == bindparam("member_id", type_=String), Member.cooperative_id == Cooperative.id))
     .where(Cooperative.id == bindparam("coop_id", type_=String))
 )
-_RAW_CONTEXT: list[RawStatement] = []
-
-
-def context_statement() -> Any:
-    """Parameters: coop_id, type_id, member_id (None: no member). One row, or none without the cooperative."""
-    return _CONTEXT
-
-
-def raw_context() -> RawStatement:
-    if not _RAW_CONTEXT:
-        _RAW_CONTEXT.append(RawStatement.of(_CONTEXT))
-    return _RAW_CONTEXT[0]

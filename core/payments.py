@@ -22,7 +22,7 @@ from core.models import Payment, ProviderEvent
 from core.money import Money
 from core.notify import event_job, sms_job
 from core.outbox import NewJob, enqueue_many
-from core.payment_statements import context_statement, raw_context, raw_create, stored_and_locked
+from core.payment_statements import CONTEXT, create_statement, stored_and_locked
 from core.phone import PhoneError, normalize
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as ProviderEventData
@@ -240,9 +240,9 @@ async def load_context(session: AsyncSession, cooperative_id: str, payment_type_
     """The cooperative, its payment type and whether the member is theirs, in one query."""
     params = {"coop_id": cooperative_id, "type_id": payment_type_id, "member_id": member_id}
     if session.get_bind().dialect.name == "postgresql":
-        row: Any = await pgraw.fetchrow(session, raw_context(), params)
+        row: Any = await pgraw.fetchrow(session, pgraw.compiled(CONTEXT), params)
     else:
-        found = (await session.execute(context_statement(), params)).first()
+        found = (await session.execute(CONTEXT, params)).first()
         row = found._mapping if found is not None else None
     if row is None:
         return PaymentContext(None, None)
@@ -273,7 +273,7 @@ async def _insert_in_one_statement(session: AsyncSession, values: dict[str, Any]
     params.update(a_actor=actor.id, a_channel=actor.channel, a_after=audit_after, a_at=values["created_at"])
     for n, job in enumerate(jobs):
         params.update({f"j{n}_{k}": v for k, v in job.row().items()})
-    row = await pgraw.fetchrow(session, raw_create(reserved, len(jobs)), params)
+    row = await pgraw.fetchrow(session, pgraw.compiled(create_statement(reserved, len(jobs))), params)
     return None if row is None else row[0]
 
 
@@ -513,18 +513,9 @@ async def _set_outcome(session: AsyncSession, event_row_id: str, outcome: str, p
     # One UPDATE built once: loading the row just inserted to change two columns cost a SELECT and a flush.
     params = {"b_id": event_row_id, "b_outcome": outcome, "b_payment_id": payment_id}
     if session.get_bind().dialect.name == "postgresql" and await pgraw.in_transaction(session):
-        await pgraw.fetchrow(session, _raw_set_outcome(), params)
+        await pgraw.fetchrow(session, pgraw.compiled(_SET_OUTCOME), params)
     else:
         await session.execute(_SET_OUTCOME, params)
-
-
-_RAW_SET_OUTCOME: list[pgraw.RawStatement] = []
-
-
-def _raw_set_outcome() -> pgraw.RawStatement:
-    if not _RAW_SET_OUTCOME:
-        _RAW_SET_OUTCOME.append(pgraw.RawStatement.of(_SET_OUTCOME))
-    return _RAW_SET_OUTCOME[0]
 
 
 async def _store_unmatched(rt: Runtime, event: ProviderEventData) -> str:

@@ -13,7 +13,10 @@ come out as SQLAlchemy's (IntegrityError, DBAPIError), as callers and the outage
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,25 +30,18 @@ _DIALECT = PGDialect_asyncpg()
 _MISSING = object()
 
 
+def _is_json(type_: Any) -> bool:
+    return isinstance(type_.dialect_impl(_DIALECT), sqltypes.JSON)
+
+
 @dataclass(frozen=True)
 class RawStatement:
-    """A Core statement compiled once for asyncpg: its SQL text and its parameters' order."""
+    """A Core statement compiled for asyncpg: its SQL text and its parameters' order."""
 
     sql: str
     names: tuple[str, ...]
     json_names: frozenset[str]  # JSON parameters: sent as text (the dialect's jsonb codec takes text)
     fixed: dict[str, Any]  # values the statement carries itself (literal() binds)
-
-    @classmethod
-    def of(cls, stmt: Any, *, column_keys: list[str] | None = None) -> RawStatement:
-        """`column_keys`: for an INSERT without values, the columns it sets (the others keep defaults)."""
-        compiled = stmt.compile(dialect=_DIALECT, column_keys=column_keys)
-        names = tuple(compiled.positiontup or ())
-        json_names = frozenset(name for name, bind in compiled.binds.items()
-                               if isinstance(bind.type.dialect_impl(_DIALECT), sqltypes.JSON))
-        fixed = {name: bind.effective_value for name, bind in compiled.binds.items()
-                 if not bind.required and bind.callable is None}
-        return cls(str(compiled), names, json_names, fixed)
 
     def args(self, params: dict[str, Any]) -> list[Any]:
         out = []
@@ -59,6 +55,18 @@ class RawStatement:
         return out
 
 
+@functools.lru_cache(maxsize=256)
+def compiled(stmt: Any, column_keys: tuple[str, ...] | None = None) -> RawStatement:
+    """`stmt` compiled once. Keyed by the statement object: pass statements that are built once (module
+    constants, or from a cached builder), not one built per call. `column_keys`: for an INSERT without
+    values, the columns it sets (the others keep their defaults)."""
+    done = stmt.compile(dialect=_DIALECT, column_keys=list(column_keys) if column_keys else None)
+    json_names = frozenset(name for name, bind in done.binds.items() if _is_json(bind.type))
+    fixed = {name: bind.effective_value for name, bind in done.binds.items()
+             if not bind.required and bind.callable is None}
+    return RawStatement(str(done), tuple(done.positiontup or ()), json_names, fixed)
+
+
 async def driver(session: AsyncSession) -> asyncpg.Connection:
     """The asyncpg connection under the session (checked out from the pool if it had none yet)."""
     connection = await session.connection()
@@ -66,24 +74,26 @@ async def driver(session: AsyncSession) -> asyncpg.Connection:
     return fairy.driver_connection  # type: ignore[return-value]
 
 
+@contextmanager
+def _as_sqlalchemy_errors(sql: str) -> Iterator[None]:
+    try:
+        yield
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        raise IntegrityError(sql, None, exc) from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise DBAPIError(sql, None, exc) from exc
+
+
 async def fetchrow(session: AsyncSession, statement: RawStatement, params: dict[str, Any]) -> asyncpg.Record | None:
     conn = await driver(session)
-    try:
+    with _as_sqlalchemy_errors(statement.sql):
         return await conn.fetchrow(statement.sql, *statement.args(params))
-    except asyncpg.IntegrityConstraintViolationError as exc:
-        raise IntegrityError(statement.sql, None, exc) from exc
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise DBAPIError(statement.sql, None, exc) from exc
 
 
 async def executemany(session: AsyncSession, statement: RawStatement, rows: list[dict[str, Any]]) -> None:
     conn = await driver(session)
-    try:
+    with _as_sqlalchemy_errors(statement.sql):
         await conn.executemany(statement.sql, [statement.args(row) for row in rows])
-    except asyncpg.IntegrityConstraintViolationError as exc:
-        raise IntegrityError(statement.sql, None, exc) from exc
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise DBAPIError(statement.sql, None, exc) from exc
 
 
 async def in_transaction(session: AsyncSession) -> bool:
@@ -94,16 +104,11 @@ async def in_transaction(session: AsyncSession) -> bool:
 def decoded(table: Any, record: asyncpg.Record) -> tuple[Any, ...]:
     """A raw row of `table`'s columns (in table order) as SQLAlchemy would give it: JSON parsed (the
     dialect's codec hands JSON over as text)."""
-    return tuple(json.loads(value) if isinstance(value, str) and name in _json_columns(table) else value
+    json_columns = _json_columns(table)
+    return tuple(json.loads(value) if isinstance(value, str) and name in json_columns else value
                  for name, value in zip((c.name for c in table.c), record, strict=True))
 
 
-_JSON_COLUMNS: dict[Any, frozenset[str]] = {}
-
-
+@functools.cache
 def _json_columns(table: Any) -> frozenset[str]:
-    found = _JSON_COLUMNS.get(table)
-    if found is None:
-        found = _JSON_COLUMNS[table] = frozenset(c.name for c in table.c
-                                                 if isinstance(c.type.dialect_impl(_DIALECT), sqltypes.JSON))
-    return found
+    return frozenset(c.name for c in table.c if _is_json(c.type))

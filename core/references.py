@@ -12,18 +12,17 @@ from core.db import utcnow
 
 async def next_reference(session: AsyncSession | AsyncConnection, prefix: str) -> str:
     """The next reference; `session` may also be a bare connection (one statement, no transaction needed)."""
-    day = utcnow().strftime("%Y%m%d")
+    start = reference_prefix(prefix)
     dialect = session.dialect if isinstance(session, AsyncConnection) else session.get_bind().dialect
     if dialect.name == "postgresql":
         # A sequence never blocks concurrent writers, unlike a counter row held until commit.
         number = (await session.execute(text("SELECT nextval('human_reference_seq')"))).scalar_one()
     else:
-        key = f"{prefix}_{day}"
         number = (await session.execute(
             text("INSERT INTO reference_counters (key, value) VALUES (:k, 1) "
                  "ON CONFLICT (key) DO UPDATE SET value = reference_counters.value + 1 RETURNING value"),
-            {"k": key})).scalar_one()
-    return f"{prefix}_{day}_{number:03d}"
+            {"k": start.rstrip("_")})).scalar_one()
+    return f"{start}{number:03d}"
 
 
 def reference_prefix(prefix: str) -> str:

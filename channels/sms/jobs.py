@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import String, bindparam, func, select
@@ -19,7 +18,7 @@ from channels.sms.sender import SmsTemporaryError
 from channels.sms.templates import OPTIONAL_TEMPLATES, TemplateError, build_message
 from core import metrics
 from core.audit import Actor
-from core.db import insert_ignore, new_id, utcnow
+from core.db import autocommit, insert_ignore, new_id, utcnow
 from core.models import Cooperative, Member, Payment, PaymentType, SmsMessage
 from core.outbox import Handler, Job, PermanentJobError, RetryLater, finish_in, finished
 from core.ratelimit import Limit, RateLimiter
@@ -71,7 +70,7 @@ class SmsJobs:
         # One connection, in autocommit, for everything before the send: each statement is its own
         # transaction (as each read was under READ COMMITTED) without a BEGIN and a ROLLBACK/COMMIT
         # around it, and without a pool checkout (a ping) per step. It is released before the HTTP call.
-        async with _autocommit(rt) as conn:
+        async with autocommit(rt.engine) as conn:
             existing = (await conn.execute(_BY_KEY, {"k": key})).first()
             if existing is not None and existing.status != SmsStatus.QUEUED.value:
                 return  # sent (or refused) already: a duplicate job or a re-run after a crash
@@ -242,19 +241,11 @@ _COLUMNS = (_SMS.c.id, _SMS.c.status, _SMS.c.body, _SMS.c.phone_enc, _SMS.c.phon
 _BY_KEY = select(*_COLUMNS).where(_SMS.c.idempotency_key == bindparam("k"))
 _BY_ID = select(*_COLUMNS).where(_SMS.c.id == bindparam("i"))
 _OPT_OUT = select(Member.__table__.c.reminders_opt_out).where(Member.__table__.c.id == bindparam("m"))
-_INSERTS: dict[str, Any] = {}
-
-
+@functools.cache
 def _insert(dialect_name: str) -> Any:
     """INSERT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING the send's columns, built once."""
-    stmt = _INSERTS.get(dialect_name)
-    if stmt is None:
-        stmt = _INSERTS[dialect_name] = (
-            insert_ignore(dialect_name, _SMS)
-            .on_conflict_do_nothing(index_elements=["idempotency_key"])
-            .returning(*_COLUMNS)
-        )
-    return stmt
+    return (insert_ignore(dialect_name, _SMS).on_conflict_do_nothing(index_elements=["idempotency_key"])
+            .returning(*_COLUMNS))
 
 
 async def _preload(session: AsyncSession, payload: dict[str, Any]) -> list[Any]:
@@ -278,12 +269,6 @@ _PRELOAD = (
     .outerjoin(Member, Member.id == bindparam("m", type_=String))
     .where(Payment.id == bindparam("p", type_=String))
 )
-
-
-@asynccontextmanager
-async def _autocommit(rt: Runtime) -> AsyncIterator[AsyncConnection]:
-    async with rt.engine.connect() as conn:
-        yield await conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def _phone(rt: Runtime, message: Any):  # type: ignore[no-untyped-def]

@@ -22,6 +22,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from core import db
+
 TTL_SECONDS = 5.0
 MISSING: Any = object()
 
@@ -85,13 +87,6 @@ _SHARED: ContextVar[_Shared | None] = ContextVar("ussd_shared_connection", defau
 
 
 @asynccontextmanager
-async def _connect(engine: Any) -> AsyncIterator[Any]:
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        yield conn
-
-
-@asynccontextmanager
 async def autocommit(rt: Any) -> AsyncIterator[Any]:
     """A connection without BEGIN/COMMIT: for one read, or one single-statement write.
 
@@ -103,10 +98,10 @@ async def autocommit(rt: Any) -> AsyncIterator[Any]:
     shared = _SHARED.get()
     if shared is not None and shared.engine is engine:
         if shared.conn is None:
-            shared.conn = await shared.stack.enter_async_context(_connect(engine))
+            shared.conn = await shared.stack.enter_async_context(db.autocommit(engine))
         yield shared.conn
         return
-    async with _connect(engine) as conn:
+    async with db.autocommit(engine) as conn:
         yield conn
 
 

@@ -266,19 +266,15 @@ class Engine:
             room = ctx.limit - gsm.length(_join([f"1. {entries[0][1]}", f"2. {entries[1][1]}",
                                                  *self._footer(ctx, more=False)])) - 1
             header = ctx.t_fit(screen.body, room, **args)
-        else:
-            if screen.items is None:
-                return self._static_menu(ctx, screen, args, error)
-            entries = [("i:" + it.key, it.label) for it in (await screen.items(ctx))[:MAX_ITEMS]]
-            entries += [(f"o{n}", ctx.t(opt.label)) for n, opt in enumerate(screen.options)]
-            # A shorter title when it is what keeps the whole menu off one screen.
-            whole = _join([f"{n}. {label}" for n, (_, label) in enumerate(entries, start=1)]
-                          + self._footer(ctx, more=False))
-            header = ctx.t_fit(screen.title, ctx.limit - gsm.length(gsm.to_gsm(whole)) - 1, **args)
-        return self._page(ctx, header, entries, error)
+            return self._page(ctx, header, entries, error)
+        if screen.items is None:
+            return self._static_menu(ctx, screen, args, error)
+        items = [("i:" + it.key, it.label) for it in (await screen.items(ctx))[:MAX_ITEMS]]
+        return self._menu(ctx, screen, args, error, items)
 
-    def _menu(self, ctx: Ctx, screen: Menu, args: dict[str, Any], error: str | None) -> UssdReply:
-        entries = [(f"o{n}", ctx.t(opt.label)) for n, opt in enumerate(screen.options)]
+    def _menu(self, ctx: Ctx, screen: Menu, args: dict[str, Any], error: str | None,
+              items: list[tuple[str, str]] | None = None) -> UssdReply:
+        entries = [*(items or []), *((f"o{n}", ctx.t(opt.label)) for n, opt in enumerate(screen.options))]
         # A shorter title when it is what keeps the whole menu off one screen.
         whole = _join([f"{n}. {label}" for n, (_, label) in enumerate(entries, start=1)]
                       + self._footer(ctx, more=False))

@@ -5,6 +5,7 @@ The channel owns this table and no core service writes it, so the few statements
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -48,26 +49,19 @@ async def opened(rt: Any, *, aggregator: str, session_id: str, phone: Phone, ser
         })
 
 
-_CLOSES: dict[tuple[str, ...], Any] = {}
-
-
+@functools.cache
 def _close_statement(columns: tuple[str, ...]) -> Any:
     """One UPDATE per set of columns, built once and run with the values as parameters.
 
     An aggregator's own end-of-session status, if it came first, is not overwritten (the CASE); one
     statement where there were two, atomic on its own, so no transaction around it.
     """
-    stmt = _CLOSES.get(columns)
-    if stmt is None:
-        table = UssdSession.__table__
-        stmt = (update(table)
-                .where(table.c.aggregator == bindparam("w_aggregator"),
-                       table.c.session_id == bindparam("w_session_id"))
-                .values({**{table.c[c]: bindparam(f"v_{c}") for c in columns},
-                         table.c.status: case((table.c.status == "OPEN", bindparam("v_status", type_=String)),
-                                              else_=table.c.status)}))
-        _CLOSES[columns] = stmt
-    return stmt
+    table = UssdSession.__table__
+    return (update(table)
+            .where(table.c.aggregator == bindparam("w_aggregator"), table.c.session_id == bindparam("w_session_id"))
+            .values({**{table.c[c]: bindparam(f"v_{c}") for c in columns},
+                     table.c.status: case((table.c.status == "OPEN", bindparam("v_status", type_=String)),
+                                          else_=table.c.status)}))
 
 
 async def closed(rt: Any, *, aggregator: str, session_id: str, hops: int, last_screen: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 import json
@@ -159,17 +160,11 @@ async def _read(request: web.Request, aggregator: str) -> Any:
         raise MalformedRequest("body is not JSON") from None
 
 
-_HOP_METRICS: dict[tuple[str, str], tuple[Any, Any]] = {}
-
-
+@functools.cache  # screen ids are a fixed set (the engine's screens, plus retry/closed/unavailable)
 def _hop_metrics(aggregator: str, screen: str) -> tuple[Any, Any]:
     """The hop counter and latency series of this screen; labels() costs a lock and a lookup per call."""
-    found = _HOP_METRICS.get((aggregator, screen))
-    if found is None:  # screen ids are a fixed set (the engine's screens, plus retry/closed/unavailable)
-        found = _HOP_METRICS[(aggregator, screen)] = (
-            metrics.USSD_HOPS.labels(aggregator=aggregator, screen=screen),
+    return (metrics.USSD_HOPS.labels(aggregator=aggregator, screen=screen),
             metrics.USSD_HOP_LATENCY.labels(aggregator=aggregator, screen=screen))
-    return found
 
 
 def _hop_handler(aggregator: str) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import SimpleNamespace
@@ -111,10 +112,10 @@ async def transition(
                       a_channel=actor.channel, a_action=action, a_type=machine.name, a_entity=entity_id,
                       a_before=before, a_after=after, a_at=utcnow())
         keys = tuple(changes)
-        if (await pgraw.driver(session)).is_in_transaction():
+        if await pgraw.in_transaction(session):
             # The caller's transaction is open (an earlier statement began it): the statement joins it
             # straight on asyncpg. As the first statement it goes through SQLAlchemy, which begins one.
-            raw = await pgraw.fetchrow(session, _raw_moved_and_audited(model, keys), params)
+            raw = await pgraw.fetchrow(session, pgraw.compiled(_moved_and_audited(model, keys)), params)
             returned = None if raw is None else pgraw.decoded(model.__table__, raw)
         else:
             returned = (await session.execute(_moved_and_audited(model, keys), params)).first()
@@ -140,15 +141,10 @@ async def transition(
     return row
 
 
-_STATEMENTS: dict[tuple[Any, tuple[str, ...]], Any] = {}
-
-
+@functools.cache
 def _moved_and_audited(model: Any, keys: tuple[str, ...]) -> Any:
     """WITH moved AS (UPDATE ... WHERE id AND status RETURNING *), audited AS (INSERT INTO audit_events
     SELECT ... FROM moved) SELECT * FROM moved; built once per model and set of changed columns."""
-    stmt = _STATEMENTS.get((model, keys))
-    if stmt is not None:
-        return stmt
     table, audit_table = model.__table__, AuditEvent.__table__
     moved = (
         update(table)
@@ -174,45 +170,27 @@ def _moved_and_audited(model: Any, keys: tuple[str, ...]) -> Any:
             bindparam("a_at", type_=audit_table.c.at.type),
         ).select_from(moved),
     ).cte("audited")
-    stmt = _STATEMENTS[(model, keys)] = select(*(moved.c[c.name] for c in table.c)).add_cte(audited)
-    return stmt
+    return select(*(moved.c[c.name] for c in table.c)).add_cte(audited)
 
 
-_RAW: dict[tuple[Any, tuple[str, ...]], pgraw.RawStatement] = {}
-
-
-def _raw_moved_and_audited(model: Any, keys: tuple[str, ...]) -> pgraw.RawStatement:
-    found = _RAW.get((model, keys))
-    if found is None:
-        found = _RAW[(model, keys)] = pgraw.RawStatement.of(_moved_and_audited(model, keys))
-    return found
-
-
-def _refresh_loaded(session: AsyncSession, model: Any, entity_id: str, returned: Any) -> Any:
-    """The session's instance refreshed from the returned row (as populate_existing did), so callers never
-    see the old status; the returned row itself (attribute access by column) when it is not loaded."""
+def _refresh_loaded(session: AsyncSession, model: Any, entity_id: str, returned: Sequence[Any]) -> Any:
+    """The session's instance refreshed from the returned values (table column order, as populate_existing
+    did), so callers never see the old status; when it is not loaded, the values by attribute name."""
+    keys = _attr_keys(model)
     instance = session.sync_session.identity_map.get(identity_key(model, (entity_id,)))
     if instance is None:
-        if isinstance(returned, tuple):  # a raw row: attribute access as on a SQLAlchemy Row
-            return SimpleNamespace(**dict(zip(_attr_keys(model), returned, strict=True)))
-        return returned
-    keys = _attr_keys(model)
+        return SimpleNamespace(**dict(zip(keys, returned, strict=True)))
     for key, value in zip(keys, returned, strict=True):
         set_committed_value(instance, key, value)
     instance_state(instance).expired_attributes.difference_update(keys)
     return instance
 
 
-_KEYS: dict[Any, tuple[str, ...]] = {}
-
-
+@functools.cache
 def _attr_keys(model: Any) -> tuple[str, ...]:
     """Mapped attribute names in the table's column order (the RETURNING order), once per model."""
-    found = _KEYS.get(model)
-    if found is None:
-        by_column = {col.name: attr.key for attr in inspect(model).column_attrs for col in attr.columns}
-        found = _KEYS[model] = tuple(by_column[c.name] for c in model.__table__.c)
-    return found
+    by_column = {col.name: attr.key for attr in inspect(model).column_attrs for col in attr.columns}
+    return tuple(by_column[c.name] for c in model.__table__.c)
 
 
 def _jsonable(value: Any) -> Any:

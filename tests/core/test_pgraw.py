@@ -20,7 +20,7 @@ _ADD = insert(_T).values(kind=bindparam("kind"), payload=bindparam("payload", ty
                          dedupe_key=bindparam("key"), status=literal("PENDING"), attempts=0, max_attempts=3,
                          run_at=bindparam("at", type_=_T.c.run_at.type), created_at=bindparam("at"),
                          updated_at=bindparam("at")).returning(_T.c.id, _T.c.payload)
-ADD = pgraw.RawStatement.of(_ADD)
+ADD = pgraw.compiled(_ADD)
 
 
 def _params(key: str) -> dict[str, Any]:
@@ -67,7 +67,7 @@ async def test_errors_come_out_as_sqlalchemys(sm: Any) -> None:
         await pgraw.fetchrow(session, ADD, _params("twice"))
         with pytest.raises(IntegrityError):
             await pgraw.fetchrow(session, ADD, _params("twice"))
-    broken = pgraw.RawStatement.of(select(text("no_such_column")).select_from(_T))
+    broken = pgraw.compiled(select(text("no_such_column")).select_from(_T))
     async with sm() as session:
         with pytest.raises(DBAPIError) as info:
             await pgraw.fetchrow(session, broken, {})
