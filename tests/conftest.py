@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -46,6 +47,17 @@ def _base_env() -> dict[str, str]:
     env.setdefault("PUBLIC_BASE_URL", "http://127.0.0.1:9")
     env["LOG_LEVEL"] = "INFO"
     return env
+
+
+async def early_in_window(window: int = 60, room: float = 10.0) -> None:
+    """Wait, if need be, until at least `room` seconds are left in the current calendar window.
+
+    The API's rate limits count per calendar minute (sliding over the previous one): a test that fills a
+    bucket and expects the next call refused must not straddle a minute's turn. Setup only.
+    """
+    left = window - time.time() % window
+    if left < room:
+        await asyncio.sleep(left + 0.05)
 
 
 def make_settings(**overrides: str) -> Settings:

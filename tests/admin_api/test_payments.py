@@ -8,6 +8,7 @@ from sqlalchemy import func, select
 
 from core.models import OutboxJob, Payment
 from tests.admin_api.conftest import idem, make_payment, payment_body
+from tests.conftest import early_in_window
 
 
 async def test_create_payment_returns_the_seed_fields(admin, rt, demo):
@@ -259,6 +260,7 @@ async def test_super_admin_sees_all_and_names_the_cooperative_to_pay_into(supera
 
 
 async def test_rate_limit_on_payment_creation(admin, demo):
+    await early_in_window()
     rent = demo["payment_types"]["Monthly Rent"]
     last = None
     for i in range(10):
