@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import bindparam, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import pgraw
@@ -302,6 +302,21 @@ _FINISH = update(_TABLE).where(_TABLE.c.id == bindparam("b_id"), _TABLE.c.locked
                                _TABLE.c.status == "RUNNING")
 
 
+def finish_values(job: Job) -> dict[str, Any]:
+    """The parameters of _FINISH (and of finished_after's CTE): the job DONE, its lease released."""
+    now = utcnow()
+    return {"status": "DONE", "locked_by": None, "done_at": now, "last_error": None, "updated_at": now,
+            "b_id": job.id, "b_worker": job.locked_by}
+
+
+def finished_after(moved: Any) -> Any:
+    """_FINISH as a CTE that runs only when the CTE `moved` returned a row: a handler's last write and
+    its job's end in one statement (PostgreSQL; see core.state.machine.transition_alone)."""
+    return (_FINISH.values({k: bindparam(k) for k in ("status", "locked_by", "done_at", "last_error", "updated_at")})
+            .where(exists(select(1).select_from(moved)))
+            .returning(_TABLE.c.id).cte("job_ended"))
+
+
 async def finish_in(session: AsyncSession, job: Job) -> bool:
     """Mark `job` DONE in the caller's transaction, as the worker would after a success; True when it was.
 
@@ -312,10 +327,7 @@ async def finish_in(session: AsyncSession, job: Job) -> bool:
     """
     if job.locked_by is None:
         return False
-    now = utcnow()
-    result = await session.execute(_FINISH, {"status": "DONE", "locked_by": None, "done_at": now,
-                                             "last_error": None, "updated_at": now,
-                                             "b_id": job.id, "b_worker": job.locked_by})
+    result = await session.execute(_FINISH, finish_values(job))
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,12 @@ class RateLimiter:
         return max(1, int(limit.count * self._multiplier))
 
     async def hit(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
+        return (await self.hit_then(limit, subject, None, now=now))[0]
+
+    async def hit_then(
+        self, limit: Limit, subject: str, then: Callable[[Pipeline], Any] | None, *, now: float | None = None
+    ) -> tuple[Decision, list[Any]]:
+        """`hit`, with the commands `then` queues on the same pipeline sent in its round trip; their results."""
         now = time.time() if now is None else now
         allowed_count = self.effective(limit)
         window = limit.window
@@ -48,6 +57,9 @@ class RateLimiter:
         pipe.expire(current_key, window * 2)
         if limit.sliding:
             pipe.get(f"{tag}:{start - window}")
+        ours = 3 if limit.sliding else 2
+        if then is not None:
+            then(pipe)
         results = await pipe.execute()
         current = int(results[0])
         used = current
@@ -58,10 +70,11 @@ class RateLimiter:
             used = current + int(previous * weight)
         reset = start + window
         allowed = used <= allowed_count
-        return Decision(
+        decision = Decision(
             allowed=allowed,
             limit=allowed_count,
             remaining=max(0, allowed_count - used),
             reset=reset,
             retry_after=0 if allowed else max(1, int(reset - now + 0.999)),
         )
+        return decision, results[ours:]

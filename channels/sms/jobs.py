@@ -20,9 +20,9 @@ from core import metrics
 from core.audit import Actor
 from core.db import autocommit, insert_ignore, new_id, utcnow
 from core.models import Cooperative, Member, Payment, PaymentType, SmsMessage
-from core.outbox import Handler, Job, PermanentJobError, RetryLater, finish_in, finished
+from core.outbox import Handler, Job, PermanentJobError, RetryLater
 from core.ratelimit import Limit, RateLimiter
-from core.state import StaleTransition, transition
+from core.state import StaleTransition, transition_alone
 from core.state.sms import SMS, SmsStatus
 
 if TYPE_CHECKING:
@@ -56,10 +56,19 @@ class SmsJobs:
         self.limit = send_limit(rt.settings.sms_rate_per_second)
         self.sender_id = rt.settings.sms_sender_id or rt.settings.sms_username
 
-    async def throttle(self) -> None:
-        decision = await self.limiter.hit(self.limit, self.sender_id)
+    async def throttle_and_lock(self, lock: str, holder: str) -> None:
+        """Take a slot of the sender id's send rate and the message's send lock, in one round trip."""
+        redis = self.rt.redis
+        decision, (locked,) = await self.limiter.hit_then(
+            self.limit, self.sender_id, lambda pipe: pipe.set(lock, holder, nx=True, ex=SEND_LOCK_SECONDS)
+        )
         if not decision.allowed:
+            if locked:
+                await redis.delete(lock)
             raise RetryLater(max(0.2, float(decision.retry_after)), "SMS send rate reached for sender id")
+        if not locked:
+            # Two runs of one message at once (a lease that lapsed mid-send) must not both send it.
+            raise RetryLater(SEND_LOCK_SECONDS, "message is being sent by another worker")
 
     async def send(self, job: Job) -> None:
         rt = self.rt
@@ -79,11 +88,8 @@ class SmsJobs:
                 if opted_out is not None and opted_out.reminders_opt_out:
                     log.info("reminder skipped: member opted out", extra={"member_id": payload["member_id"]})
                     return
-            await self.throttle()
-            # Two runs of one message at once (a lease that lapsed mid-send) must not both send it.
             lock = f"sms:lock:{{{hashlib.sha256(key.encode()).hexdigest()[:32]}}}"
-            if not await rt.redis.set(lock, job.id, nx=True, ex=SEND_LOCK_SECONDS):
-                raise RetryLater(SEND_LOCK_SECONDS, "message is being sent by another worker")
+            await self.throttle_and_lock(lock, str(job.id))
             message: Any = None
             try:
                 if existing is None:
@@ -96,12 +102,15 @@ class SmsJobs:
                     await rt.redis.delete(lock)
         if message is None or message.status != SmsStatus.QUEUED.value:
             return
+        released = False
         try:
-            await self._send_once(job, message)
+            released = await self._send_once(job, message, lock)
         finally:
-            await rt.redis.delete(lock)
+            if not released:
+                await rt.redis.delete(lock)
 
-    async def _send_once(self, job: Job, message: Any) -> None:
+    async def _send_once(self, job: Job, message: Any, lock: str) -> bool:
+        """Send and record the outcome; True when the send lock was released on the way."""
         rt = self.rt
         assert rt.sms is not None
         phone = _phone(rt, message)
@@ -127,8 +136,9 @@ class SmsJobs:
                 sent_at=utcnow(),
             )
             if result.provider_message_id:
-                await self._apply_parked(message.id, result.provider_message_id, moved)
-            return
+                await self._apply_parked(message.id, result.provider_message_id, moved, lock)
+                return True
+            return False
         if not result.permanent:
             if job.attempts >= job.max_attempts:
                 await self._move(
@@ -151,6 +161,7 @@ class SmsJobs:
             provider_status=result.provider_status,
             failure_reason=(result.failure_reason or result.provider_status)[:64],
         )
+        return False
 
     async def _create(self, conn: AsyncConnection, payload: dict[str, Any], key: str) -> Any:
         rt = self.rt
@@ -193,13 +204,20 @@ class SmsJobs:
         metrics.SMS.labels(status="QUEUED").inc()
         return row
 
-    async def _apply_parked(self, message_id: str, provider_message_id: str, moved: bool) -> None:
-        """Delivery reports that beat the id's commit were parked by the route: apply them now."""
+    async def _apply_parked(self, message_id: str, provider_message_id: str, moved: bool, lock: str) -> None:
+        """Delivery reports that beat the id's commit were parked by the route: apply them now.
+
+        The send lock is released first, in the same round trip as the check (the outcome is recorded:
+        another run would find the message no longer QUEUED)."""
         try:
             # Almost always none were parked: one EXISTS instead of the database read that
             # apply_parked_reports starts with. When this run did not store the id (the row had moved
             # on), it goes through apply_parked_reports as before.
-            if moved and not await self.rt.redis.exists(parked_key(provider_message_id)):
+            pipe = self.rt.redis.pipeline(transaction=False)
+            pipe.delete(lock)
+            pipe.exists(parked_key(provider_message_id))
+            _, parked = await pipe.execute()
+            if moved and not parked:
                 return
             await apply_parked_reports(self.rt, provider_message_id)
         except Exception:
@@ -212,25 +230,21 @@ class SmsJobs:
         `finish`: the outcome ends the job (nothing after it can fail the job), so the job is marked
         DONE in the same transaction instead of by the worker's separate UPDATE afterwards.
         """
-        done = False
-        async with self.rt.sessionmaker.begin() as session:
-            try:
-                await transition(
-                    session,
-                    SMS,
-                    message_id,
-                    SmsStatus.QUEUED,
-                    target,
-                    actor=WORKER,
-                    values={k: v for k, v in values.items() if v is not None},
-                )
-            except StaleTransition:
-                log.info("SMS already moved on", extra={"sms_id": message_id, "target": target.value})
-                return False
-            if finish is not None:
-                done = await finish_in(session, finish)
-        if done:
-            finished(finish)  # type: ignore[arg-type]
+        try:
+            # One statement on PostgreSQL: the move, its audit row and the job's end.
+            await transition_alone(
+                self.rt.sessionmaker,
+                SMS,
+                message_id,
+                SmsStatus.QUEUED,
+                target,
+                actor=WORKER,
+                values={k: v for k, v in values.items() if v is not None},
+                finish=finish,
+            )
+        except StaleTransition:
+            log.info("SMS already moved on", extra={"sms_id": message_id, "target": target.value})
+            return False
         metrics.SMS.labels(status=target.value).inc()
         return True
 

@@ -1,5 +1,5 @@
 """Declared state machines and the one compare-and-set writer that applies them."""
 
-from core.state.machine import IllegalTransition, StaleTransition, StateMachine, transition
+from core.state.machine import IllegalTransition, StaleTransition, StateMachine, transition, transition_alone
 
-__all__ = ["IllegalTransition", "StaleTransition", "StateMachine", "transition"]
+__all__ = ["IllegalTransition", "StaleTransition", "StateMachine", "transition", "transition_alone"]

@@ -9,8 +9,8 @@ from enum import StrEnum
 from types import SimpleNamespace
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import bindparam, func, insert, inspect, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, exists, func, insert, inspect, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.util import identity_key
 
@@ -19,6 +19,7 @@ from core.audit import Actor, record
 from core.db import utcnow
 from core.errors import BusinessRuleError, Conflict
 from core.models import AuditEvent
+from core.outbox import Job, finish_in, finish_values, finished, finished_after
 
 S = TypeVar("S", bound=StrEnum)
 
@@ -90,27 +91,14 @@ async def transition(
     """
     machine.check(source, target)
     model = machine.model
-    now = utcnow()
-    changes: dict[str, Any] = {"status": target.value, "updated_at": now}
-    if values:
-        changes.update(values)
+    changes, before, after, action = _describe(machine, source, target, values, audit)
     sync = session.sync_session
     if sync.autoflush and (sync.new or sync.dirty or sync.deleted):
         await session.flush()  # what the ORM UPDATE's autoflush did: pending changes go first
-    after = {"status": target.value, **{k: _jsonable(v) for k, v in (values or {}).items()}}
-    if audit:
-        after.update(audit)
-    if machine.is_exceptional(source, target):
-        after["exceptional"] = True
-    action = f"{machine.name}.{target.value.lower()}"
-    before = {"status": source.value}
     if session.get_bind().dialect.name == "postgresql":
         # One statement: the UPDATE ... RETURNING and the audit INSERT fed by it (a data-modifying CTE),
         # so the audit row exists exactly when the row moved, in one round trip instead of two.
-        params = {f"v_{k}": v for k, v in changes.items()}
-        params.update(t_id=entity_id, t_source=source.value, a_coop=cooperative_id or None, a_actor=actor.id,
-                      a_channel=actor.channel, a_action=action, a_type=machine.name, a_entity=entity_id,
-                      a_before=before, a_after=after, a_at=utcnow())
+        params = _cte_params(machine, entity_id, source, changes, actor, action, before, after, cooperative_id)
         keys = tuple(changes)
         if await pgraw.in_transaction(session):
             # The caller's transaction is open (an earlier statement began it): the statement joins it
@@ -141,8 +129,74 @@ async def transition(
     return row
 
 
+async def transition_alone(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    machine: StateMachine[S],
+    entity_id: str,
+    source: S,
+    target: S,
+    *,
+    actor: Actor,
+    values: Mapping[str, Any] | None = None,
+    finish: Job | None = None,
+) -> bool:
+    """`transition` as a unit of work of its own, committed when this returns; True when the job ended.
+
+    `finish`: the outbox job this move ends (the handler's last write, see outbox.finish_in): it is
+    marked DONE with the move, and `finished(job)` is recorded. On PostgreSQL the move, its audit row and
+    the job's end are one statement in autocommit (one round trip, no BEGIN or COMMIT); elsewhere a
+    short transaction. Raises StaleTransition, as transition does, with nothing written.
+    """
+    machine.check(source, target)
+    async with sessionmaker.begin() as session:
+        if session.get_bind().dialect.name != "postgresql":
+            await transition(session, machine, entity_id, source, target, actor=actor, values=values)
+            done = finish is not None and await finish_in(session, finish)
+        else:
+            changes, before, after, action = _describe(machine, source, target, values, None)
+            params = _cte_params(machine, entity_id, source, changes, actor, action, before, after, None)
+            ends = finish is not None and finish.locked_by is not None
+            if ends:
+                params.update(finish_values(finish))  # type: ignore[arg-type]
+            # Nothing ran on the session yet: the statement runs alone, in autocommit.
+            statement = pgraw.compiled(_moved_and_audited(machine.model, tuple(changes), ends))
+            raw = await pgraw.fetchrow(session, statement, params)
+            if raw is None:
+                raise StaleTransition(machine.name, entity_id, source.value)
+            done = ends and bool(raw["finished"])
+    if done:
+        finished(finish)  # type: ignore[arg-type]
+    return done
+
+
+def _describe(
+    machine: StateMachine[S], source: S, target: S, values: Mapping[str, Any] | None, audit: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], str]:
+    """The columns a move sets, and its audit row's before, after and action."""
+    changes: dict[str, Any] = {"status": target.value, "updated_at": utcnow()}
+    if values:
+        changes.update(values)
+    after = {"status": target.value, **{k: _jsonable(v) for k, v in (values or {}).items()}}
+    if audit:
+        after.update(audit)
+    if machine.is_exceptional(source, target):
+        after["exceptional"] = True
+    return changes, {"status": source.value}, after, f"{machine.name}.{target.value.lower()}"
+
+
+def _cte_params(
+    machine: StateMachine[S], entity_id: str, source: S, changes: dict[str, Any], actor: Actor, action: str,
+    before: dict[str, Any], after: dict[str, Any], cooperative_id: str | None,
+) -> dict[str, Any]:
+    params = {f"v_{k}": v for k, v in changes.items()}
+    params.update(t_id=entity_id, t_source=source.value, a_coop=cooperative_id or None, a_actor=actor.id,
+                  a_channel=actor.channel, a_action=action, a_type=machine.name, a_entity=entity_id,
+                  a_before=before, a_after=after, a_at=utcnow())
+    return params
+
+
 @functools.cache
-def _moved_and_audited(model: Any, keys: tuple[str, ...]) -> Any:
+def _moved_and_audited(model: Any, keys: tuple[str, ...], finishes: bool = False) -> Any:
     """WITH moved AS (UPDATE ... WHERE id AND status RETURNING *), audited AS (INSERT INTO audit_events
     SELECT ... FROM moved) SELECT * FROM moved; built once per model and set of changed columns."""
     table, audit_table = model.__table__, AuditEvent.__table__
@@ -170,7 +224,12 @@ def _moved_and_audited(model: Any, keys: tuple[str, ...]) -> Any:
             bindparam("a_at", type_=audit_table.c.at.type),
         ).select_from(moved),
     ).cte("audited")
-    return select(*(moved.c[c.name] for c in table.c)).add_cte(audited)
+    stmt = select(*(moved.c[c.name] for c in table.c)).add_cte(audited)
+    if finishes:  # the outbox job's end, when the row moved; `finished` says whether the lease still held
+        ended = finished_after(moved)
+        stmt = stmt.add_cte(ended).add_columns(
+            exists(select(ended.c.id)).label("finished"))
+    return stmt
 
 
 def _refresh_loaded(session: AsyncSession, model: Any, entity_id: str, returned: Sequence[Any]) -> Any:

@@ -91,3 +91,27 @@ async def test_a_callback_is_four_statements_in_one_transaction(client: Any, dem
     assert "INSERT INTO outbox_jobs" in sent[3]  # the receipt and the webhook event: one executemany
 
 
+
+
+async def test_an_sms_outcome_and_its_jobs_end_are_one_statement(rt: Any, sent: list[str]) -> None:
+    from core.audit import Actor
+    from core.models import OutboxJob, SmsMessage
+    from core.outbox import OutboxWorker, enqueue
+    from core.state import transition_alone
+    from core.state.sms import SMS, SmsStatus
+
+    async with rt.sessionmaker.begin() as s:
+        row = SmsMessage(phone_enc="x", phone_index="i", phone_masked="+25078****001", template="help",
+                         language="en", body="hi", encoding="GSM-7", length=2, segments=1, status="QUEUED",
+                         idempotency_key="k-round-trips")
+        s.add(row)
+        await enqueue(s, "sms.send", {"key": "k-round-trips"})
+    [job] = await OutboxWorker(rt.sessionmaker, {}, lease_seconds=30).claim()
+    sent.clear()
+    assert await transition_alone(rt.sessionmaker, SMS, row.id, SmsStatus.QUEUED, SmsStatus.SENT,
+                                  actor=Actor("system", "worker"), finish=job)
+    # No BEGIN or COMMIT: the move, its audit row and the job's end are one statement.
+    assert [s.split()[0] for s in sent] == ["WITH"], sent
+    async with rt.sessionmaker() as s:
+        assert (await s.get(OutboxJob, job.id)).status == "DONE"
+        assert (await s.get(SmsMessage, row.id)).status == "SENT"

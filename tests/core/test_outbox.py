@@ -204,3 +204,54 @@ async def test_late_finish_by_a_worker_that_lost_its_lease_is_ignored(sm):
     async with sm() as session:
         row = (await session.execute(select(OutboxJob))).scalar_one()
     assert row.status == "RUNNING" and row.locked_by == other.worker_id
+
+
+async def _queued_sms(sm) -> str:
+    from core.models import SmsMessage
+
+    async with sm.begin() as session:
+        row = SmsMessage(phone_enc="x", phone_index="i", phone_masked="+25078****001", template="help",
+                         language="en", body="hi", encoding="GSM-7", length=2, segments=1, status="QUEUED",
+                         idempotency_key="k-alone")
+        session.add(row)
+        await session.flush()
+        return row.id
+
+
+@pytest.mark.parametrize("lease_held", [True, False])
+async def test_a_move_that_ends_its_job_commits_both_or_neither(sm, lease_held):
+    """transition_alone: the move, its audit row and the job's end together (one statement on PostgreSQL)."""
+    from core.audit import Actor
+    from core.models import AuditEvent, SmsMessage
+    from core.state import StaleTransition, transition_alone
+    from core.state.sms import SMS, SmsStatus
+
+    sms_id = await _queued_sms(sm)
+    await _add_jobs(sm, 1, kind="sms.send")
+    worker = OutboxWorker(sm, {}, lease_seconds=30)
+    [job] = await worker.claim()
+    if not lease_held:  # the lease lapsed and another worker took the job: this run must not end it
+        async with sm.begin() as session:
+            await session.execute(update(OutboxJob).values(locked_by="someone-else"))
+    actor = Actor("system", "worker")
+    ended = await transition_alone(sm, SMS, sms_id, SmsStatus.QUEUED, SmsStatus.SENT, actor=actor,
+                                   values={"provider_message_id": "ATXid_1"}, finish=job)
+    assert ended is lease_held and job.finished == ([True] if lease_held else [])
+    async with sm() as session:
+        sms = await session.get(SmsMessage, sms_id)
+        stored = await session.get(OutboxJob, job.id)
+        audits = (await session.execute(select(AuditEvent.action, AuditEvent.after)
+                                        .where(AuditEvent.entity_id == sms_id))).all()
+    assert (sms.status, sms.provider_message_id) == ("SENT", "ATXid_1")
+    assert audits == [("sms.sent", {"status": "SENT", "provider_message_id": "ATXid_1"})]
+    if lease_held:
+        assert (stored.status, stored.locked_by, stored.done_at is not None) == ("DONE", None, True)
+    else:
+        assert (stored.status, stored.locked_by) == ("RUNNING", "someone-else")
+    # A second run finds the row moved on: nothing written, the job left alone.
+    with pytest.raises(StaleTransition):
+        await transition_alone(sm, SMS, sms_id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor, finish=job)
+    async with sm() as session:
+        assert (await session.get(SmsMessage, sms_id)).status == "SENT"
+        assert len((await session.execute(select(AuditEvent.id).where(AuditEvent.entity_id == sms_id))).all()) == 1
+        assert (await session.get(OutboxJob, job.id)).status == stored.status

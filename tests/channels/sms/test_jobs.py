@@ -221,14 +221,25 @@ async def test_throttle_per_sender_id(rt: Any, demo: dict[str, Any], sim: Any) -
     # The window is a calendar second: start the three calls early in one, so they cannot straddle two.
     if time.time() % 1 > 0.5:
         await asyncio.sleep(1.02 - time.time() % 1)
-    await jobs.throttle()
-    await jobs.throttle()
+    await jobs.throttle_and_lock("sms:lock:{a}", "1")
+    await jobs.throttle_and_lock("sms:lock:{b}", "2")
     with pytest.raises(RetryLater) as raised:
-        await jobs.throttle()
-    assert 0 < raised.value.delay <= 1
+        await jobs.throttle_and_lock("sms:lock:{c}", "3")
+    assert 0 < raised.value.delay <= 1 and "rate" in str(raised.value)
+    # Refused by the rate, the message's lock is not kept; the two that passed hold theirs.
+    assert [await rt.redis.get(f"sms:lock:{{{k}}}") for k in "abc"] == [b"1", b"2", None]
     keys = [k.decode() async for k in rt.redis.scan_iter("rl:{sms:send:*")]
     assert keys and all("{sms:send:COOPPAY}" in k for k in keys)
     assert await rt.redis.ttl(keys[0]) > 0
+
+
+async def test_a_message_locked_by_another_run_is_not_sent_twice(rt: Any, demo: dict[str, Any], sim: Any) -> None:
+    jobs = SmsJobs(rt)
+    await jobs.throttle_and_lock("sms:lock:{held}", "first")
+    with pytest.raises(RetryLater) as raised:
+        await jobs.throttle_and_lock("sms:lock:{held}", "second")
+    assert "another worker" in str(raised.value)
+    assert await rt.redis.get("sms:lock:{held}") == b"first"
 
 
 async def test_throttled_job_is_rescheduled_without_counting_a_failure(
