@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -14,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, exists, func, or_, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import pgraw
@@ -98,23 +100,50 @@ async def enqueue_job(session: AsyncSession, job: NewJob) -> bool:
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-async def enqueue_many(session: AsyncSession, jobs: list[NewJob]) -> None:
-    """Add several jobs in the caller's transaction in one round trip (an executemany of one prepared
-    INSERT); a job whose dedupe key exists is skipped, as with enqueue."""
+async def enqueue_many(
+    session: AsyncSession, jobs: list[NewJob], *, alongside: tuple[Any, dict[str, Any]] | None = None
+) -> None:
+    """Add several jobs in the caller's transaction in one round trip; a job whose dedupe key exists is
+    skipped, as with enqueue.
+
+    `alongside`: another write of the same transaction, (a Core UPDATE built once, its parameters). On
+    PostgreSQL, inside an open transaction, it travels in the jobs' statement as a CTE (one INSERT of
+    every row and the UPDATE: one round trip for both); elsewhere it runs just before them.
+    """
     if not jobs:
-        return
-    if any(job.dedupe_key is None for job in jobs):
-        for job in jobs:
-            await enqueue_job(session, job)
+        if alongside is not None:
+            await session.execute(*alongside)
         return
     dialect = session.get_bind().dialect.name
-    insert = row_insert(dialect, OutboxJob, ignore_conflict=("dedupe_key",))
+    raw = (dialect == "postgresql" and all(job.dedupe_key is not None for job in jobs)
+           and await pgraw.in_transaction(session))
+    if not raw:
+        if alongside is not None:
+            await session.execute(*alongside)
+        if any(job.dedupe_key is None for job in jobs):
+            for job in jobs:
+                await enqueue_job(session, job)
+        else:
+            await session.execute(row_insert(dialect, OutboxJob, ignore_conflict=("dedupe_key",)),
+                                  [job.row() for job in jobs])
+        return
     now = utcnow()
-    rows = [job.row(now) for job in jobs]
-    if dialect == "postgresql" and await pgraw.in_transaction(session):
-        await pgraw.executemany(session, pgraw.compiled(insert, NewJob.COLUMNS), rows)
-    else:
-        await session.execute(insert, rows)
+    params = {f"r{i}_{column}": value for i, job in enumerate(jobs) for column, value in job.row(now).items()}
+    if alongside is not None:
+        params.update(alongside[1])
+    statement = _rows_insert(len(jobs), None if alongside is None else alongside[0])
+    await pgraw.fetchrow(session, pgraw.compiled(statement), params)
+
+
+@functools.cache
+def _rows_insert(count: int, alongside: Any | None) -> Any:
+    """INSERT INTO outbox_jobs VALUES (row 0), (row 1), ... ON CONFLICT (dedupe_key) DO NOTHING, with the
+    write `alongside` as a CTE; built once per row count (parameters r<i>_<column>)."""
+    rows = [{c: bindparam(f"r{i}_{c}", type_=_TABLE.c[c].type) for c in NewJob.COLUMNS} for i in range(count)]
+    stmt = postgresql.insert(_TABLE).values(rows).on_conflict_do_nothing(index_elements=["dedupe_key"])
+    if alongside is not None:
+        stmt = stmt.add_cte(alongside.cte("alongside"))
+    return stmt
 
 
 def backoff(attempt: int, *, base: float = 2.0, cap: float = 3600.0) -> float:

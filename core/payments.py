@@ -344,8 +344,23 @@ def event_data(payment: Payment) -> dict[str, Any]:
     }
 
 
-async def _notify(session: AsyncSession, rt: Runtime, payment: Payment, template: str, event_type: str) -> None:
-    """The payer's SMS and the cooperative's webhook event for a payment's new state, queued together."""
+@dataclass
+class _Settle:
+    """A stored callback whose outcome is recorded with what applying it wrote (see apply_collection_outcome)."""
+
+    event_row_id: str
+    payment_id: str
+    done: bool = False
+
+    def write(self, result: str) -> tuple[Any, dict[str, Any]]:
+        self.done = True
+        return _SET_OUTCOME, {"b_id": self.event_row_id, "b_outcome": result, "b_payment_id": self.payment_id}
+
+
+async def _notify(session: AsyncSession, rt: Runtime, payment: Payment, template: str, event_type: str,
+                  alongside: tuple[Any, dict[str, Any]] | None = None) -> None:
+    """The payer's SMS and the cooperative's webhook event for a payment's new state, queued together
+    (with the write `alongside`, in one statement on PostgreSQL)."""
     jobs = []
     if payment.member_id is not None:
         jobs.append(sms_job(template=template, cooperative_id=payment.cooperative_id,
@@ -359,7 +374,7 @@ async def _notify(session: AsyncSession, rt: Runtime, payment: Payment, template
                             phone=Phone(payment_account(rt, payment)), dedupe=f"{template}:{payment.id}"))
     jobs.append(event_job(cooperative_id=payment.cooperative_id, event_type=event_type,
                           event_id=f"evt_{event_type.replace('.', '_')}_{payment.id}", data=event_data(payment)))
-    await enqueue_many(session, jobs)
+    await enqueue_many(session, jobs, alongside=alongside)
 
 
 _FAILED_TARGET = {
@@ -379,8 +394,32 @@ async def apply_collection_outcome(
     amount: Money | None = None,
     provider_transaction_id: str | None = None,
     reason: str | None = None,
+    event_row_id: str | None = None,
 ) -> str:
-    """Apply what the provider says to a payment; returns what happened, in one word."""
+    """Apply what the provider says to a payment; returns what happened, in one word.
+
+    `event_row_id`: the stored callback being applied; its outcome is recorded in the same transaction
+    (where the payment moved, in the statement that queues the receipt and the webhook event)."""
+    settle = None if event_row_id is None else _Settle(event_row_id, payment.id)
+    result = await _apply_outcome(session, rt, payment, outcome, actor=actor, amount=amount,
+                                  provider_transaction_id=provider_transaction_id, reason=reason, settle=settle)
+    if settle is not None and not settle.done:
+        await _set_outcome(session, settle.event_row_id, result, payment.id)
+    return result
+
+
+async def _apply_outcome(
+    session: AsyncSession,
+    rt: Runtime,
+    payment: Payment,
+    outcome: ProviderOutcome,
+    *,
+    actor: Actor,
+    amount: Money | None,
+    provider_transaction_id: str | None,
+    reason: str | None,
+    settle: _Settle | None,
+) -> str:
     current = P(payment.status)
     if outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
         return "pending"
@@ -413,16 +452,19 @@ async def apply_collection_outcome(
                          cooperative_id=payment.cooperative_id)
         updated = await transition(session, PAYMENT, payment.id, current, P.COMPLETED, actor=actor, values=values)
         metrics.PAYMENTS.labels(status="COMPLETED", method=payment.method).inc()
-        await _notify(session, rt, updated, "payment_receipt", "payment.completed")
-        return "late_completed" if values.get("late") else "completed"
+        result = "late_completed" if values.get("late") else "completed"
+        await _notify(session, rt, updated, "payment_receipt", "payment.completed",
+                      settle.write(result) if settle else None)
+        return result
     target, template, event_type = _FAILED_TARGET[outcome]
     if current not in OPEN:
         return "ignored_final"
     updated = await transition(session, PAYMENT, payment.id, current, target, actor=actor,
                                values={"failure_reason": (reason or outcome.value.lower())[:200]})
     metrics.PAYMENTS.labels(status=target.value, method=payment.method).inc()
-    await _notify(session, rt, updated, template, event_type)
-    return target.value.lower()
+    result = target.value.lower()
+    await _notify(session, rt, updated, template, event_type, settle.write(result) if settle else None)
+    return result
 
 
 async def _find_payment(session: AsyncSession, event: ProviderEventData, *, lock: bool = False) -> Payment | None:
@@ -471,10 +513,9 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
                     await _set_outcome(session, event_row_id, "unknown_payment", None)
                     log.warning("callback for an unknown payment", extra={"provider": event.provider})
                     return "unknown_payment"
-                result = await apply_collection_outcome(session, rt, payment, outcome, actor=actor, amount=amount,
-                                                        provider_transaction_id=txn, reason=reason)
-                await _set_outcome(session, event_row_id, result, payment.id)
-                return result
+                return await apply_collection_outcome(session, rt, payment, outcome, actor=actor, amount=amount,
+                                                      provider_transaction_id=txn, reason=reason,
+                                                      event_row_id=event_row_id)
         except StaleTransition:
             continue  # the row moved under us (a poll or a parallel callback): re-read and re-apply
     return "conflict"

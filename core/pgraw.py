@@ -90,12 +90,6 @@ async def fetchrow(session: AsyncSession, statement: RawStatement, params: dict[
         return await conn.fetchrow(statement.sql, *statement.args(params))
 
 
-async def executemany(session: AsyncSession, statement: RawStatement, rows: list[dict[str, Any]]) -> None:
-    conn = await driver(session)
-    with _as_sqlalchemy_errors(statement.sql):
-        await conn.executemany(statement.sql, [statement.args(row) for row in rows])
-
-
 async def in_transaction(session: AsyncSession) -> bool:
     """Whether the session's connection has a transaction open on the server (raw statements join it)."""
     return (await driver(session)).is_in_transaction()

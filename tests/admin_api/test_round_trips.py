@@ -11,8 +11,10 @@ from typing import Any
 import asyncpg
 import pytest
 from asyncpg.prepared_stmt import PreparedStatement
+from sqlalchemy import select
 
-from core.models import Payment
+from core.models import OutboxJob, Payment
+from core.models import ProviderEvent as ProviderEventRow
 from core.payments import handle_provider_event
 from core.ports import EventKind, ProviderEvent, ProviderOutcome
 from tests.admin_api.conftest import payment_body
@@ -75,7 +77,7 @@ async def test_an_api_payment_is_one_read_and_one_write(client: Any, demo: Any, 
     assert [s.split()[0] for s in sent] == ["SELECT", "WITH", "BEGIN", "SELECT", "COMMIT"], sent
 
 
-async def test_a_callback_is_four_statements_in_one_transaction(client: Any, demo: Any, rt: Any,
+async def test_a_callback_is_three_statements_in_one_transaction(client: Any, demo: Any, rt: Any,
                                                                admin: Any, sent: list[str]) -> None:
     created = await admin.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Monthly Rent"]))
     async with rt.sessionmaker() as s:
@@ -85,10 +87,17 @@ async def test_a_callback_is_four_statements_in_one_transaction(client: Any, dem
                              provider_transaction_id="TX-1")
     sent.clear()
     assert await handle_provider_event(rt, callback) == "completed"
-    assert [s.split()[0] + " " + s.split()[-1] for s in sent] == [
-        "BEGIN BEGIN", "WITH (INSERT", "WITH (UPDATE", "INSERT (kind,", "UPDATE payment_id=$1::VARCHAR,",
-        "COMMIT COMMIT"], sent
-    assert "INSERT INTO outbox_jobs" in sent[3]  # the receipt and the webhook event: one executemany
+    # The event stored and the payment locked; the move and its audit row; the receipt and webhook jobs
+    # with the event's outcome.
+    assert sent == ["BEGIN", "WITH e AS (INSERT", "WITH moved AS (UPDATE", "WITH alongside AS (UPDATE", "COMMIT"], sent
+    async with rt.sessionmaker() as s:
+        stored = (await s.execute(select(ProviderEventRow.outcome, ProviderEventRow.payment_id)
+                                  .where(ProviderEventRow.event_id == "cb-1"))).one()
+        jobs = (await s.execute(select(OutboxJob.kind, OutboxJob.dedupe_key)
+                                .where(OutboxJob.kind.in_(("sms.send", "webhook.event"))))).all()
+    assert tuple(stored) == ("completed", payment.id)
+    assert sorted(jobs) == [("sms.send", f"sms:payment_receipt:{payment.id}"),
+                            ("webhook.event", f"wh:evt_payment_completed_{payment.id}")], jobs
 
 
 
