@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql import sqltypes
 
 _DIALECT = PGDialect_asyncpg()
@@ -67,9 +67,10 @@ def compiled(stmt: Any, column_keys: tuple[str, ...] | None = None) -> RawStatem
     return RawStatement(str(done), tuple(done.positiontup or ()), json_names, fixed)
 
 
-async def driver(session: AsyncSession) -> asyncpg.Connection:
-    """The asyncpg connection under the session (checked out from the pool if it had none yet)."""
-    connection = await session.connection()
+async def driver(session: AsyncSession | AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under the session (checked out from the pool if it had none yet), or under
+    a Core connection (core.db.autocommit's: raw statements on it run in autocommit too)."""
+    connection = session if isinstance(session, AsyncConnection) else await session.connection()
     fairy = await connection.get_raw_connection()
     return fairy.driver_connection  # type: ignore[return-value]
 
@@ -84,7 +85,9 @@ def _as_sqlalchemy_errors(sql: str) -> Iterator[None]:
         raise DBAPIError(sql, None, exc) from exc
 
 
-async def fetchrow(session: AsyncSession, statement: RawStatement, params: dict[str, Any]) -> asyncpg.Record | None:
+async def fetchrow(
+    session: AsyncSession | AsyncConnection, statement: RawStatement, params: dict[str, Any]
+) -> asyncpg.Record | None:
     conn = await driver(session)
     with _as_sqlalchemy_errors(statement.sql):
         return await conn.fetchrow(statement.sql, *statement.args(params))

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import Text, case, cast, func, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from core import pgraw
 from core.db import utcnow
 
 
@@ -15,8 +16,9 @@ async def next_reference(session: AsyncSession | AsyncConnection, prefix: str) -
     start = reference_prefix(prefix)
     dialect = session.dialect if isinstance(session, AsyncConnection) else session.get_bind().dialect
     if dialect.name == "postgresql":
-        # A sequence never blocks concurrent writers, unlike a counter row held until commit.
-        number = (await session.execute(text("SELECT nextval('human_reference_seq')"))).scalar_one()
+        # A sequence never blocks concurrent writers, unlike a counter row held until commit. Straight on
+        # asyncpg: it joins the session's transaction if one is open, and needs none otherwise.
+        number = await (await pgraw.driver(session)).fetchval("SELECT nextval('human_reference_seq')")
     else:
         number = (await session.execute(
             text("INSERT INTO reference_counters (key, value) VALUES (:k, 1) "

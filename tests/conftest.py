@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -58,6 +59,67 @@ async def early_in_window(window: int = 60, room: float = 10.0) -> None:
     left = window - time.time() % window
     if left < room:
         await asyncio.sleep(left + 0.05)
+
+
+@contextlib.contextmanager
+def sql_sent(rt: Any, shape: Callable[[str], str] = lambda q: " ".join(q.split())) -> Iterator[list[str]]:
+    """Every statement the service sends to the database while the block runs, as `shape` gives it.
+
+    On PostgreSQL counted where asyncpg sends it, whichever layer sent it (SQLAlchemy's execution or
+    core.pgraw's direct calls), BEGIN and COMMIT included, pool pings (';') left out; elsewhere at
+    SQLAlchemy's cursor."""
+    seen: list[str] = []
+    engine = rt.sessionmaker.kw["bind"].sync_engine
+    if engine.dialect.name != "postgresql":
+        from sqlalchemy import event
+
+        def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            seen.append(shape(statement))
+
+        event.listen(engine, "before_cursor_execute", before)
+        try:
+            yield seen
+        finally:
+            event.remove(engine, "before_cursor_execute", before)
+        return
+
+    import asyncpg
+    from asyncpg.prepared_stmt import PreparedStatement
+
+    def note(query: str) -> None:
+        if query.strip() != ";":
+            seen.append(shape(query))
+
+    execute, run, many, prepared_fetch = (asyncpg.Connection.execute, asyncpg.Connection._execute,
+                                          asyncpg.Connection.executemany, PreparedStatement.fetch)
+
+    async def simple(self: Any, query: str, *args: Any, **kw: Any) -> Any:
+        if not args:  # with arguments it goes through _execute, noted there
+            note(query)
+        return await execute(self, query, *args, **kw)
+
+    async def extended(self: Any, query: str, *args: Any, **kw: Any) -> Any:
+        note(query)
+        return await run(self, query, *args, **kw)
+
+    async def batch(self: Any, command: str, args: Any, **kw: Any) -> Any:
+        note(command)
+        return await many(self, command, args, **kw)
+
+    async def fetch(self: Any, *args: Any, **kw: Any) -> Any:
+        note(self.get_query())
+        return await prepared_fetch(self, *args, **kw)
+
+    patches = {(asyncpg.Connection, "execute"): simple, (asyncpg.Connection, "_execute"): extended,
+               (asyncpg.Connection, "executemany"): batch, (PreparedStatement, "fetch"): fetch}
+    originals = {key: getattr(*key) for key in patches}
+    for (owner, name), replacement in patches.items():
+        setattr(owner, name, replacement)
+    try:
+        yield seen
+    finally:
+        for (owner, name), original in originals.items():
+            setattr(owner, name, original)
 
 
 def make_settings(**overrides: str) -> Settings:

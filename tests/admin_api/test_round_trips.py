@@ -6,11 +6,10 @@ callback or a connection checkout fails here instead of showing up as a slower b
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-import asyncpg
 import pytest
-from asyncpg.prepared_stmt import PreparedStatement
 from sqlalchemy import select
 
 from core.models import OutboxJob, Payment
@@ -18,46 +17,16 @@ from core.models import ProviderEvent as ProviderEventRow
 from core.payments import handle_provider_event
 from core.ports import EventKind, ProviderEvent, ProviderOutcome
 from tests.admin_api.conftest import payment_body
-from tests.conftest import requires_pg
+from tests.conftest import requires_pg, sql_sent
 
 pytestmark = requires_pg
 
 
 @pytest.fixture
-def sent(monkeypatch: Any) -> list[str]:
-    """The first words of every statement asyncpg sends to the server, BEGIN and COMMIT included, whichever
-    layer sent it (SQLAlchemy's execution or core.pgraw's direct calls); pool pings (';') left out."""
-    seen: list[str] = []
-
-    def note(query: str) -> None:
-        if query.strip() != ";":
-            seen.append(" ".join(query.rstrip("; \n").split()[:4]))
-
-    execute, run, many, prepared_fetch = (asyncpg.Connection.execute, asyncpg.Connection._execute,
-                                          asyncpg.Connection.executemany, PreparedStatement.fetch)
-
-    async def simple(self: Any, query: str, *args: Any, **kw: Any) -> Any:
-        if not args:  # with arguments it goes through _execute, noted there
-            note(query)
-        return await execute(self, query, *args, **kw)
-
-    async def extended(self: Any, query: str, *args: Any, **kw: Any) -> Any:
-        note(query)
-        return await run(self, query, *args, **kw)
-
-    async def batch(self: Any, command: str, args: Any, **kw: Any) -> Any:
-        note(command)
-        return await many(self, command, args, **kw)
-
-    async def fetch(self: Any, *args: Any, **kw: Any) -> Any:
-        note(self.get_query())
-        return await prepared_fetch(self, *args, **kw)
-
-    monkeypatch.setattr(asyncpg.Connection, "execute", simple)
-    monkeypatch.setattr(asyncpg.Connection, "_execute", extended)
-    monkeypatch.setattr(asyncpg.Connection, "executemany", batch)
-    monkeypatch.setattr(PreparedStatement, "fetch", fetch)
-    return seen
+def sent(rt: Any) -> Iterator[list[str]]:
+    """The first words of every statement asyncpg sends to the server (tests.conftest.sql_sent)."""
+    with sql_sent(rt, lambda q: " ".join(q.rstrip("; \n").split()[:4])) as seen:
+        yield seen
 
 
 async def test_an_api_payment_is_one_read_and_one_write(client: Any, demo: Any, rt: Any, admin: Any,
