@@ -15,11 +15,32 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 # Any run of 9-15 digits (optionally after +) is treated as a phone number and masked; not inside an
 # identifier (a UUID's last group can be twelve digits: "…-93b8-853737003928" must stay whole).
 _PHONE = re.compile(r"(?<![\w.-])(\+?)(\d{3})(\d{2})(\d{1,7})(\d{3})(?![\w.-])")
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+# A run of nine digits: without one there is nothing to mask, and this is about four times cheaper to
+# look for than _PHONE (which tries its lookbehind at every character). A log line has one per hop.
+_NINE_DIGITS = re.compile(r"\d{9}")
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+_PLAIN = (str, int, float, bool, type(None))
+_ENCODE = json.JSONEncoder(ensure_ascii=False, default=str).encode  # one encoder, not one per line
 
 
 def scrub(text: str) -> str:
+    if _NINE_DIGITS.search(text) is None:
+        return text
     return _PHONE.sub(lambda m: f"{m[1]}{m[2]}{m[3]}{'*' * len(m[4])}{m[5]}", text)
+
+
+class _Clock:
+    """The log timestamp: the date and time formatted once per second, the milliseconds appended."""
+
+    def __init__(self) -> None:
+        self.second, self.prefix = -1, ""
+
+    def stamp(self, created: float) -> str:
+        second = int(created)
+        if second != self.second:
+            self.prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self.second = second
+        return f"{self.prefix}.{int((created - second) * 1000):03d}+00:00"
 
 
 def _is_bad_request(exc: BaseException | None) -> bool:
@@ -31,9 +52,13 @@ def _is_bad_request(exc: BaseException | None) -> bool:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clock = _Clock()
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": self._clock.stamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -41,9 +66,11 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid:
             entry["request_id"] = rid
-        for key, value in record.__dict__.items():
+        for key, value in record.__dict__.items():  # the caller's `extra` fields, in the caller's order
             if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+                if not isinstance(value, _PLAIN) or (type(value) is int and abs(value) >= 100_000_000):
+                    value = str(value)  # a number long enough to be masked is masked inside a JSON string
+                entry[key] = value
         if record.exc_info:
             exc = record.exc_info[1]
             if record.name.startswith("aiohttp.") and _is_bad_request(exc):
@@ -53,7 +80,7 @@ class JsonFormatter(logging.Formatter):
                 entry["msg"] = "malformed HTTP request refused"
             else:
                 entry["exc"] = self.formatException(record.exc_info)
-        return scrub(json.dumps(entry, ensure_ascii=False, default=str))
+        return scrub(_ENCODE(entry))
 
 
 def configure(level: str = "INFO", stream: Any = None) -> None:

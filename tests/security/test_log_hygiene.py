@@ -211,3 +211,16 @@ def test_the_last_line_mask_keeps_identifiers_whole(raw: str, expected: str) -> 
     from core.logs import scrub
 
     assert scrub(raw) == expected
+
+
+def test_a_number_long_enough_to_be_a_phone_is_masked_and_the_line_stays_json() -> None:
+    import logging
+
+    record = logging.LogRecord("gateway.test", logging.INFO, __file__, 1, "payer %s ok", ("+250788123456",), None)
+    record.account = 250788123456  # an integer in `extra`, as a careless caller might pass one
+    record.amount = 50_000
+    line = JsonFormatter().format(record)
+    entry = json.loads(line)
+    assert entry["msg"] == "payer +25078****456 ok"
+    assert entry["account"] == "25078****456" and entry["amount"] == 50_000
+    assert logscan.find_leaks(line) == []
