@@ -215,8 +215,10 @@ class RssSampler:
         self._thread.start()
         spy = Path(python()).parent / "py-spy"
         if self._profile is not None and self.proc is not None and spy.exists():
+            # Blocking sampling (py-spy pauses the process for each sample): --nonblocking read the stacks
+            # while they changed and gave torn ones, with most samples attributed to the wrong frames.
             self._spy = subprocess.Popen([str(spy), "record", "--pid", str(self.proc.popen.pid), "--format", "raw",
-                                          "--rate", "200", "--output", str(self._profile), "--nonblocking"],
+                                          "--rate", "200", "--output", str(self._profile)],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self
 
