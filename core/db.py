@@ -82,6 +82,11 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEn
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_recycle=1800,
+        # Last in, first out: the connections in use stay the same few, so a checkout under steady load
+        # gets one used milliseconds ago (no ping, see below) instead of rotating through the whole pool
+        # and pinging each one that sat idle past PING_AFTER_IDLE_SECONDS (a tenth of the opening USSD
+        # hops paid a ping's round trip, 77 ms at p90 under load).
+        pool_use_lifo=True,
         connect_args={"command_timeout": 10, "server_settings": {"application_name": "coop-gateway"}},
     )
     _ping_on_checkout(engine)

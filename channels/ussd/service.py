@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.ussd import cache, flows, funnel, records, sessions
@@ -72,28 +75,43 @@ class UssdService:
         if stored is None:
             # The cooperative of the extension, the memberships and the session row: one connection.
             async with cache.one_connection(rt):
-                stored, reply = await self._first_hop(rt, turn, limit)
+                stored, reply, opening = await self._first_hop(rt, turn, limit)
+                return await self._answer(rt, turn, stored, reply, opening)
+        ctx = Ctx(rt=rt, turn=turn, state=stored.state, limit=limit)
+        if turn.accumulated is not None:
+            text = latest_input(stored.acc, turn.accumulated)
+            stored.acc = turn.accumulated
         else:
-            ctx = Ctx(rt=rt, turn=turn, state=stored.state, limit=limit)
-            if turn.accumulated is not None:
-                text = latest_input(stored.acc, turn.accumulated)
-                stored.acc = turn.accumulated
-            else:
-                text = turn.input or ""
-            reply = await self.engine.step(ctx, text)
-            stored.hops += 1
+            text = turn.input or ""
+        reply = await self.engine.step(ctx, text)
+        stored.hops += 1
+        return await self._answer(rt, turn, stored, reply)
+
+    async def _answer(self, rt: Any, turn: UssdTurn, stored: sessions.Stored, reply: UssdReply,
+                      opening: Callable[[], Awaitable[None]] | None = None) -> tuple[UssdReply, str]:
+        """Save the session with its answer (and, on the first hop, write the session row meanwhile)."""
         stored.hop, stored.reply = turn.hop_key, (reply.text, reply.end)
         state = stored.state
         keep_route = None if state.screen in NO_RESUME and not reply.end else not reply.end
-        await sessions.save(rt.redis, turn.aggregator, turn.session_id, stored,
-                            resume=None if keep_route is None else (rt.cipher, turn.phone, keep_route),
-                            funnel=funnel.advance(state))
+        saving = sessions.save(rt.redis, turn.aggregator, turn.session_id, stored,
+                               resume=None if keep_route is None else (rt.cipher, turn.phone, keep_route),
+                               funnel=funnel.advance(state))
+        if opening is None:
+            await saving
+        else:
+            # The session row (PostgreSQL) is written while the session is saved (Redis): one wait, not
+            # two. Both finish before the hop answers (or fails); the first error is the hop's.
+            for outcome in await asyncio.gather(opening(), saving, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
         self.languages.put(rt.cipher.blind_index(turn.phone.e164), state.lang)
         if reply.end:
             await self._ended(rt, turn, stored)
         return reply, state.screen
 
-    async def _first_hop(self, rt: Any, turn: UssdTurn, limit: int) -> tuple[sessions.Stored, UssdReply]:
+    async def _first_hop(self, rt: Any, turn: UssdTurn, limit: int
+                         ) -> tuple[sessions.Stored, UssdReply, Callable[[], Awaitable[None]]]:
+        """The opening screen; the session row's write is returned to run alongside the session's save."""
         state = State(screen="home")
         stored = sessions.Stored(state=state, hops=1, started=time.time())
         ctx = Ctx(rt=rt, turn=turn, state=state, limit=limit)
@@ -108,21 +126,29 @@ class UssdService:
             if coop is not None:
                 state.data["x"] = coop.id
                 ctx.cache[f"coop:{coop.id}"] = coop
-        ms = await flows.memberships(ctx)
+        # The resume route (Redis) is looked up while the memberships (PostgreSQL) are read: under load each
+        # await of a hop waits its turn behind the other hops, and the opening hop has the most of them.
+        peek = asyncio.ensure_future(sessions.peek_resume(rt.redis, rt.cipher, turn.phone))
+        try:
+            ms = await flows.memberships(ctx)
+        except BaseException:
+            peek.cancel()
+            await asyncio.gather(peek, return_exceptions=True)
+            raise
+        resumable = await peek
         if ms:
             state.lang = language(ms[0][0].language)
         else:
             state.lang = language(self.languages.get(rt.cipher.blind_index(turn.phone.e164)))
-        resumable = await sessions.peek_resume(rt.redis, rt.cipher, turn.phone)
         reply = await self.engine.show(ctx, "resume" if resumable else "home", push=False)
         member_id = ms[0][0].id if len(ms) == 1 else None
         coop_id = ms[0][1].id if len(ms) == 1 else state.data.get("x")
         if coop_id:
             state.data["fc"] = coop_id  # the ops funnel counts the session for it from the main menu on
-        await records.opened(rt, aggregator=turn.aggregator, session_id=turn.session_id, phone=turn.phone,
-                             service_code=turn.service_code, network=turn.network, cooperative_id=coop_id,
-                             member_id=member_id)
-        return stored, reply
+        opening = functools.partial(records.opened, rt, aggregator=turn.aggregator, session_id=turn.session_id,
+                                    phone=turn.phone, service_code=turn.service_code, network=turn.network,
+                                    cooperative_id=coop_id, member_id=member_id)
+        return stored, reply, opening
 
     async def _ended(self, rt: Any, turn: UssdTurn, stored: sessions.Stored) -> None:
         screen = stored.state.screen

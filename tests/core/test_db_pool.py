@@ -74,3 +74,17 @@ async def test_a_connection_the_server_closed_is_replaced_without_a_ping(one_con
     assert await _backend_pid(one_connection) != first
     async with one_connection.connect() as conn:
         assert (await conn.execute(select(1))).scalar_one() == 1
+
+
+async def test_checkouts_reuse_the_connection_returned_last(settings: Any) -> None:
+    """LIFO: under steady load the same connection comes back (no idle-ping), the others stay spare."""
+    engine = db.make_engine(settings.database_url, pool_size=3)
+    try:
+        held = [await engine.connect() for _ in range(3)]  # three connections in the pool
+        pids = [int((await c.execute(text("SELECT pg_backend_pid()"))).scalar_one()) for c in held]
+        for c in held:
+            await c.close()  # returned in order: pids[2] is the last one back
+        seen = {await _backend_pid(engine) for _ in range(5)}
+        assert seen == {pids[2]} and len(set(pids)) == 3
+    finally:
+        await engine.dispose()
