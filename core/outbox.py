@@ -268,7 +268,7 @@ class OutboxWorker:
                                    run_at=utcnow() + timedelta(seconds=delay))
         else:
             if not job.finished:  # the handler did not mark it DONE in its own transaction
-                await self._finish(job, status="DONE", locked_by=None, done_at=utcnow(), last_error=None)
+                await self._finish(job, **_done(utcnow()))
         finally:
             if self._on_job:
                 self._on_job(job.kind, outcome, time.perf_counter() - started)
@@ -331,17 +331,20 @@ _FINISH = update(_TABLE).where(_TABLE.c.id == bindparam("b_id"), _TABLE.c.locked
                                _TABLE.c.status == "RUNNING")
 
 
+def _done(now: datetime) -> dict[str, Any]:
+    """The columns _FINISH sets: the job DONE, its lease released."""
+    return {"status": "DONE", "locked_by": None, "done_at": now, "last_error": None, "updated_at": now}
+
+
 def finish_values(job: Job) -> dict[str, Any]:
-    """The parameters of _FINISH (and of finished_after's CTE): the job DONE, its lease released."""
-    now = utcnow()
-    return {"status": "DONE", "locked_by": None, "done_at": now, "last_error": None, "updated_at": now,
-            "b_id": job.id, "b_worker": job.locked_by}
+    """The parameters of _FINISH (and of finished_after's CTE)."""
+    return {**_done(utcnow()), "b_id": job.id, "b_worker": job.locked_by}
 
 
 def finished_after(moved: Any) -> Any:
     """_FINISH as a CTE that runs only when the CTE `moved` returned a row: a handler's last write and
     its job's end in one statement (PostgreSQL; see core.state.machine.transition_alone)."""
-    return (_FINISH.values({k: bindparam(k) for k in ("status", "locked_by", "done_at", "last_error", "updated_at")})
+    return (_FINISH.values({column: bindparam(column) for column in _done(utcnow())})  # _done's columns
             .where(exists(select(1).select_from(moved)))
             .returning(_TABLE.c.id).cte("job_ended"))
 

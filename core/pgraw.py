@@ -93,6 +93,19 @@ async def fetchrow(
         return await conn.fetchrow(statement.sql, *statement.args(params))
 
 
+async def first(
+    conn: AsyncSession | AsyncConnection, stmt: Any, params: dict[str, Any], column_keys: tuple[str, ...] | None = None
+) -> Any:
+    """The first row of `stmt` (built once; see `compiled`), or None, by position: on PostgreSQL straight on
+    asyncpg, in the connection's transaction if one is open and in autocommit otherwise; on other
+    databases through SQLAlchemy."""
+    dialect = conn.dialect if isinstance(conn, AsyncConnection) else conn.get_bind().dialect
+    if dialect.name == "postgresql":
+        return await fetchrow(conn, compiled(stmt, column_keys), params)
+    result = await conn.execute(stmt, params)
+    return result.first() if result.returns_rows else None  # type: ignore[attr-defined]
+
+
 async def in_transaction(session: AsyncSession) -> bool:
     """Whether the session's connection has a transaction open on the server (raw statements join it)."""
     return (await driver(session)).is_in_transaction()

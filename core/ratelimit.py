@@ -57,7 +57,7 @@ class RateLimiter:
         pipe.expire(current_key, window * 2)
         if limit.sliding:
             pipe.get(f"{tag}:{start - window}")
-        ours = 3 if limit.sliding else 2
+        ours = len(pipe)  # the commands above; `then`'s follow
         if then is not None:
             then(pipe)
         results = await pipe.execute()

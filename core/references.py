@@ -18,13 +18,16 @@ async def next_reference(session: AsyncSession | AsyncConnection, prefix: str) -
     if dialect.name == "postgresql":
         # A sequence never blocks concurrent writers, unlike a counter row held until commit. Straight on
         # asyncpg: it joins the session's transaction if one is open, and needs none otherwise.
-        number = await (await pgraw.driver(session)).fetchval("SELECT nextval('human_reference_seq')")
+        number = (await pgraw.first(session, _NEXTVAL, {}))[0]
     else:
         number = (await session.execute(
             text("INSERT INTO reference_counters (key, value) VALUES (:k, 1) "
                  "ON CONFLICT (key) DO UPDATE SET value = reference_counters.value + 1 RETURNING value"),
             {"k": start.rstrip("_")})).scalar_one()
     return f"{start}{number:03d}"
+
+
+_NEXTVAL = text("SELECT nextval('human_reference_seq')")
 
 
 def reference_prefix(prefix: str) -> str:

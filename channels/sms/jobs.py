@@ -102,15 +102,18 @@ class SmsJobs:
                     await rt.redis.delete(lock)
         if message is None or message.status != SmsStatus.QUEUED.value:
             return
-        released = False
+        accepted: tuple[str, bool] | None = None
         try:
-            released = await self._send_once(job, message, lock)
+            accepted = await self._send_once(job, message)
         finally:
-            if not released:
+            if accepted is None:
                 await rt.redis.delete(lock)
+        if accepted is not None:  # the lock is released with the parked-report check, in one round trip
+            await self._apply_parked(message.id, *accepted, lock)
 
-    async def _send_once(self, job: Job, message: Any, lock: str) -> bool:
-        """Send and record the outcome; True when the send lock was released on the way."""
+    async def _send_once(self, job: Job, message: Any) -> tuple[str, bool] | None:
+        """Send and record the outcome; for a message the aggregator accepted with an id, (that id, whether
+        this run recorded it), so delivery reports parked before it was stored can be applied."""
         rt = self.rt
         assert rt.sms is not None
         phone = _phone(rt, message)
@@ -135,10 +138,7 @@ class SmsJobs:
                 cost=result.cost,
                 sent_at=utcnow(),
             )
-            if result.provider_message_id:
-                await self._apply_parked(message.id, result.provider_message_id, moved, lock)
-                return True
-            return False
+            return (result.provider_message_id, moved) if result.provider_message_id else None
         if not result.permanent:
             if job.attempts >= job.max_attempts:
                 await self._move(
@@ -161,7 +161,7 @@ class SmsJobs:
             provider_status=result.provider_status,
             failure_reason=(result.failure_reason or result.provider_status)[:64],
         )
-        return False
+        return None
 
     async def _create(self, conn: AsyncConnection, payload: dict[str, Any], key: str) -> Any:
         rt = self.rt
@@ -259,12 +259,8 @@ class _Message(NamedTuple):
 
 async def _first(conn: AsyncConnection, stmt: Any, params: dict[str, Any],
                  columns: tuple[str, ...] | None = None) -> _Message | None:
-    """The first row of one of the statements below on the autocommit connection; on PostgreSQL straight
-    on asyncpg (SQLAlchemy's execution cost about as much CPU as the round trip)."""
-    if conn.dialect.name == "postgresql":
-        record = await pgraw.fetchrow(conn, pgraw.compiled(stmt, columns), params)
-    else:
-        record = (await conn.execute(stmt, params)).first()
+    """One of the statements below on the autocommit connection (straight on asyncpg on PostgreSQL)."""
+    record = await pgraw.first(conn, stmt, params, columns)
     return None if record is None else _Message(*record)
 
 

@@ -48,16 +48,7 @@ async def opened(rt: Any, *, aggregator: str, session_id: str, phone: Phone, ser
     }
     async with autocommit(rt) as conn:
         stmt = row_insert(conn.dialect.name, UssdSession, ignore_conflict=("aggregator", "session_id"))
-        await _run(conn, stmt, row, tuple(row))
-
-
-async def _run(conn: Any, stmt: Any, params: dict[str, Any], columns: tuple[str, ...] | None = None) -> None:
-    """One statement on the autocommit connection; on PostgreSQL straight on asyncpg (SQLAlchemy's
-    execution cost about as much CPU as the statement's round trip)."""
-    if conn.dialect.name == "postgresql":
-        await pgraw.fetchrow(conn, pgraw.compiled(stmt, columns), params)
-    else:
-        await conn.execute(stmt, params)
+        await pgraw.first(conn, stmt, row, tuple(row))  # straight on asyncpg on PostgreSQL
 
 
 @functools.cache
@@ -86,7 +77,7 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, hops: int, last_s
     params = {f"v_{c}": v for c, v in values.items()}
     params.update(v_status=status, w_aggregator=aggregator, w_session_id=session_id[:128])
     async with autocommit(rt) as conn:
-        await _run(conn, _close_statement(tuple(values)), params)
+        await pgraw.first(conn, _close_statement(tuple(values)), params)
 
 
 async def record_event(rt: Any, event: SessionEvent) -> None:

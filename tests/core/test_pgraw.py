@@ -72,3 +72,17 @@ async def test_errors_come_out_as_sqlalchemys(sm: Any) -> None:
         with pytest.raises(DBAPIError) as info:
             await pgraw.fetchrow(session, broken, {})
     assert not isinstance(info.value, IntegrityError) and "no_such_column" in str(info.value.orig)
+
+
+async def test_first_on_a_core_connection_by_position(sm: Any) -> None:
+    """pgraw.first: a row by position from a statement with RETURNING, None from one without; on an
+    autocommit Core connection each is committed by itself."""
+    from core.db import autocommit
+
+    engine = sm.kw["bind"]
+    async with autocommit(engine) as conn:
+        row = await pgraw.first(conn, _ADD, _params("first-1"))
+        assert row is not None and isinstance(row[0], int) and row[1] == {"n": 1, "ü": [True, None]}
+        gone = await pgraw.first(conn, _T.delete().where(_T.c.dedupe_key == bindparam("key")), {"key": "nope"})
+        assert gone is None
+    assert [k for k, _ in await _jobs(sm)] == ["first-1"]
