@@ -20,6 +20,7 @@ from core import metrics
 from core.config import Settings
 from core.crypto import PiiCipher
 from core.db import make_engine, make_sessionmaker
+from core.http import make_client
 from core.logs import request_id
 from core.outbox import Handler, OutboxWorker
 from core.runtime import RUNTIME, SETTINGS, Runtime
@@ -74,8 +75,7 @@ async def redis_client(settings: Settings) -> AsyncIterator[Redis]:
 
 @contextlib.asynccontextmanager
 async def http_client() -> AsyncIterator[httpx.AsyncClient]:
-    http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0),
-                             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
+    http = make_client(max_connections=200)
     try:
         yield http
     finally:

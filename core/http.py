@@ -1,0 +1,120 @@
+"""The outbound HTTP client: httpx's API over an aiohttp connection pool.
+
+Every provider adapter and the SMS sender speak httpx (requests, auth, JSON, and `httpx.MockTransport`
+in unit tests). Underneath, httpx's own transport (httpcore over anyio, h11) cost 1.3-2.8 ms of CPU per
+request on this project's 2-CPU bench machine, and its pool checks every pooled connection's socket
+on each request; aiohttp's client, already a dependency for the server, does the same exchange for about
+a fifth of that (bench/README.md). `AiohttpTransport` is httpx's documented transport interface over an
+`aiohttp.ClientSession`.
+
+Its one job besides moving bytes is to keep httpx's error classes honest, because the providers'
+retry rules depend on them (providers/calls.py): only a failure *before* the request could reach the
+server may say so.
+- connection refused, DNS, TLS handshake (`ClientConnectorError`) -> `httpx.ConnectError`
+- no connection within the connect or pool timeout (`ConnectionTimeoutError`) -> `httpx.ConnectTimeout`
+- no answer within the read timeout -> `httpx.ReadTimeout`
+- anything after the request may have been written (the server closed the connection, a reset, a broken
+  body) -> `httpx.ReadError` or `httpx.RemoteProtocolError`: ambiguous, never "not sent".
+(The `httpx-aiohttp` package maps a server that disconnects after the request to `ConnectTimeout`, which
+would let a payment request be sent twice; hence this module.)
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import aiohttp
+import certifi
+import httpx
+from yarl import URL
+
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024  # providers answer a few KB; anything near this is not an answer
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx requests sent by one aiohttp.ClientSession (opened on first use, inside the running loop)."""
+
+    def __init__(self, *, max_connections: int = 200, keepalive_seconds: float = 5.0,
+                 verify: ssl.SSLContext | None = None) -> None:
+        self._max_connections = max_connections
+        self._keepalive = keepalive_seconds
+        self._ssl = verify if verify is not None else ssl.create_default_context(cafile=certifi.where())
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("the HTTP client has been closed")
+        connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=self._keepalive,
+                                         ssl=self._ssl)
+        # httpx owns cookies, redirects, decompression and auth; aiohttp only moves the bytes.
+        self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                              auto_decompress=False, trust_env=False)
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session or self._open()
+        body = await request.aread()
+        # As written by the caller (httpx's own transport keeps the names' case too).
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        if "transfer-encoding" in request.headers:  # the body is read whole: send its length instead
+            headers = [(k, v) for k, v in headers if k.lower() != "transfer-encoding"]
+            headers.append(("Content-Length", str(len(body))))
+        timeouts = request.extensions.get("timeout", {})
+        timeout = aiohttp.ClientTimeout(total=None, connect=timeouts.get("pool"),
+                                        sock_connect=timeouts.get("connect"), sock_read=timeouts.get("read"))
+        try:
+            async with session.request(request.method, URL(str(request.url), encoded=True), headers=headers,
+                                       data=body or None, timeout=timeout, allow_redirects=False) as answer:
+                content = await _read(answer)
+                status, raw_headers, reason = answer.status, answer.raw_headers, answer.reason
+        except aiohttp.ClientError as exc:
+            raise _translate(exc, request) from exc
+        except TimeoutError as exc:  # a bare timeout of the stream: the request may have gone out
+            raise httpx.ReadTimeout(str(exc) or "timed out", request=request) from exc
+        extensions: dict[str, Any] = {"http_version": b"HTTP/1.1"}
+        if reason:
+            extensions["reason_phrase"] = reason.encode("latin-1", "replace")
+        return httpx.Response(status, headers=list(raw_headers), content=content, request=request,
+                              extensions=extensions)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def _read(answer: aiohttp.ClientResponse) -> bytes:
+    if answer.content_length is not None and answer.content_length > MAX_RESPONSE_BYTES:
+        raise httpx.RemoteProtocolError(f"answer of {answer.content_length} bytes is over the limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in answer.content.iter_any():
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise httpx.RemoteProtocolError(f"answer over {MAX_RESPONSE_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _translate(exc: aiohttp.ClientError, request: httpx.Request) -> httpx.TransportError:
+    """aiohttp's failure as the httpx error with the same meaning for "did the request go out"."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(text, request=request)
+    if isinstance(exc, aiohttp.ServerTimeoutError):  # SocketTimeoutError and any other read timeout
+        return httpx.ReadTimeout(text, request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS: nothing was sent
+        return httpx.ConnectError(text, request=request)
+    if isinstance(exc, (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError)):
+        return httpx.UnsupportedProtocol(text, request=request)
+    if isinstance(exc, aiohttp.ClientResponseError):  # a malformed answer
+        return httpx.RemoteProtocolError(text, request=request)
+    return httpx.ReadError(text, request=request)  # disconnected, reset, broken body: ambiguous
+
+
+def make_client(*, max_connections: int = 200) -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0),
+                             transport=AiohttpTransport(max_connections=max_connections))

@@ -1,0 +1,183 @@
+"""core.http: httpx requests over aiohttp, against real servers on 127.0.0.1.
+
+The error classes are the point: providers/calls.py retries a ConnectError/ConnectTimeout as "nothing
+was sent" and treats everything else as "may have reached the provider".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from core import http as core_http
+from core.http import AiohttpTransport, make_client
+
+
+async def _serve(aiohttp_server: Any, handler: Any, path: str = "/{tail:.*}") -> Any:
+    app = web.Application()
+    app.router.add_route("*", path, handler)
+    return await aiohttp_server(app, host="127.0.0.1")
+
+
+async def test_form_post_headers_auth_and_json_answer(aiohttp_server: Any) -> None:
+    seen: dict[str, Any] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.update(method=request.method, raw_path=request.raw_path, headers=dict(request.headers),
+                    form=dict(await request.post()))
+        return web.json_response({"ok": True, "n": 3}, status=201, reason="Made It",
+                                 headers={"X-Answer": "yes"})
+
+    server = await _serve(aiohttp_server, handler)
+    async with make_client() as http:
+        answer = await http.post(f"http://127.0.0.1:{server.port}/version1/messaging%2Fx?q=a%20b&k=1",
+                                 data={"to": "+250788123456", "message": "Murakoze & thanks"},
+                                 headers={"apiKey": "k-123"}, auth=("user", "pass"))
+    assert answer.status_code == 201
+    assert answer.reason_phrase == "Made It"
+    assert answer.headers["x-answer"] == "yes"
+    assert answer.json() == {"ok": True, "n": 3}
+    assert seen["method"] == "POST"
+    assert seen["raw_path"] == "/version1/messaging%2Fx?q=a%20b&k=1"  # sent as encoded, not re-quoted
+    assert seen["form"] == {"to": "+250788123456", "message": "Murakoze & thanks"}
+    assert seen["headers"]["apiKey"] == "k-123"
+    assert seen["headers"]["Authorization"] == "Basic dXNlcjpwYXNz"
+    assert seen["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
+
+
+async def test_json_body_and_compressed_answer(aiohttp_server: Any) -> None:
+    got: list[Any] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        got.append(await request.json())
+        body = gzip.compress(json.dumps({"status": "SUCCESSFUL"}).encode())
+        return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+
+    server = await _serve(aiohttp_server, handler)
+    async with make_client() as http:
+        answer = await http.put(f"http://127.0.0.1:{server.port}/pay", json={"amount": "50000"})
+    assert got == [{"amount": "50000"}]
+    assert answer.json() == {"status": "SUCCESSFUL"}  # httpx decoded the gzip once
+
+
+async def test_connections_are_reused(aiohttp_server: Any) -> None:
+    peers: list[Any] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        return web.Response(text="ok")
+
+    server = await _serve(aiohttp_server, handler)
+    async with make_client() as http:
+        for _ in range(5):
+            assert (await http.get(f"http://127.0.0.1:{server.port}/")).text == "ok"
+    assert len(peers) == 5 and len(set(peers)) == 1
+
+
+async def test_refused_connection_is_a_connect_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    async with make_client() as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.post(f"http://127.0.0.1:{port}/collect", json={"a": 1})
+
+
+async def _raw_server(on_request: Any) -> tuple[asyncio.AbstractServer, int, list[bytes]]:
+    received: list[bytes] = []
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.readuntil(b"\r\n\r\n"))
+        await on_request(writer)
+
+    server = await asyncio.start_server(client, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], received
+
+
+async def test_disconnect_after_the_request_is_not_a_connect_error() -> None:
+    """The request reached the server, which closed without answering: ambiguous, never "not sent"."""
+    async def hang_up(writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server, port, received = await _raw_server(hang_up)
+    async with server, make_client() as http:
+        with pytest.raises(httpx.TransportError) as caught:
+            await http.post(f"http://127.0.0.1:{port}/requesttopay", json={"amount": "100"})
+    assert received and received[0].startswith(b"POST /requesttopay HTTP/1.1")
+    assert not isinstance(caught.value, (httpx.ConnectError, httpx.ConnectTimeout))
+    assert isinstance(caught.value, httpx.ReadError)
+
+
+async def test_no_answer_within_the_read_timeout_is_a_read_timeout() -> None:
+    async def never_answer(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    server, port, received = await _raw_server(never_answer)
+    async with server, make_client() as http:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(f"http://127.0.0.1:{port}/x", json={}, timeout=httpx.Timeout(0.3, connect=1.0))
+        assert asyncio.get_running_loop().time() - started < 3
+    assert len(received) == 1
+
+
+async def test_no_free_connection_within_the_pool_timeout_is_a_connect_timeout(aiohttp_server: Any) -> None:
+    release, arrived = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        arrived.set()
+        await release.wait()
+        return web.Response(text="late")
+
+    server = await _serve(aiohttp_server, handler)
+    base = f"http://127.0.0.1:{server.port}"
+    async with httpx.AsyncClient(transport=AiohttpTransport(max_connections=1)) as http:
+        first = asyncio.create_task(http.get(f"{base}/first", timeout=5.0))
+        await asyncio.wait_for(arrived.wait(), 5)
+        with pytest.raises(httpx.ConnectTimeout):
+            await http.get(f"{base}/second", timeout=httpx.Timeout(5.0, pool=0.2))
+        release.set()
+        assert (await first).text == "late"
+    assert calls == ["/first"]  # the second request never went out
+
+
+async def test_an_oversized_answer_is_refused(aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core_http, "MAX_RESPONSE_BYTES", 1000)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.path == "/declared":
+            return web.Response(body=b"x" * 5000)
+        response = web.StreamResponse()  # chunked, no length announced
+        await response.prepare(request)
+        for _ in range(5):
+            await response.write(b"y" * 400)
+        await response.write_eof()
+        return response
+
+    server = await _serve(aiohttp_server, handler)
+    async with make_client() as http:
+        for path in ("/declared", "/chunked"):
+            with pytest.raises(httpx.RemoteProtocolError, match="over"):
+                await http.get(f"http://127.0.0.1:{server.port}{path}")
+
+
+async def test_closed_transport_refuses_to_send(aiohttp_server: Any) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    server = await _serve(aiohttp_server, handler)
+    transport = AiohttpTransport()
+    http = httpx.AsyncClient(transport=transport)
+    assert (await http.get(f"http://127.0.0.1:{server.port}/")).text == "ok"
+    await transport.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await transport.handle_async_request(httpx.Request("GET", f"http://127.0.0.1:{server.port}/"))
