@@ -21,6 +21,7 @@ _ERRORS = {
     415: "Unsupported content type",
     422: "Business rule refused",
     429: "Too many requests",
+    503: "A dependency is unavailable; nothing was changed, send it again",
 }
 _SCOPE_TEXT = {
     "super": "super admin only",

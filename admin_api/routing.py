@@ -79,16 +79,57 @@ def _client_ip(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
-async def authenticate(request: web.Request, session: AsyncSession, rt: Runtime) -> Principal:
+async def authenticate(request: web.Request, session: AsyncSession,
+                       rt: Runtime) -> tuple[Principal, dict[str, Any] | None]:
+    """The caller, and a signed-in user's token claims (None for an API key: its row was just read)."""
     api_key = request.headers.get("X-API-Key")
     header = request.headers.get("Authorization", "")
     if api_key:
-        return await auth.principal_from_api_key(session, api_key.strip())
+        return await auth.principal_from_api_key(session, api_key.strip()), None
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Unauthorized")
     claims = auth.decode_token(token.strip(), secret=rt.settings.jwt_secret.get(), expected_type="access")
-    return auth.principal_from_access(claims)
+    return auth.principal_from_access(claims), claims
+
+
+REDIS_DOWN = (RedisError, OSError, TimeoutError)
+
+
+async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route, principal: Principal | None,
+                                claims: dict[str, Any] | None, session: AsyncSession) -> None:
+    """The rate limit and a user token's revocation mark, read in one Redis round trip.
+
+    Redis slow or down: the database is the system of record, so the API keeps answering without a
+    limit rather than failing every request, and a token's account is checked on its row instead.
+    """
+    multiplier = request.config_dict[RATE_MULTIPLIER]
+    mark = auth.revoked_key(principal.id) if claims is not None and principal is not None else None
+    decision = None
+    stamp: bytes | None = None
+    redis_ok = True
+    try:
+        if multiplier > 0:
+            subject = principal.rate_key if principal else f"ip:{_client_ip(request)}"
+            limiter = RateLimiter(rt.redis, multiplier=multiplier)
+            decision, extra = await limiter.hit_then(route.effective_limit(), subject,
+                                                     (lambda pipe: pipe.get(mark)) if mark else None)
+            stamp = extra[0] if mark else None
+        elif mark:
+            stamp = await rt.redis.get(mark)
+    except REDIS_DOWN as exc:
+        redis_ok = False
+        log.warning("rate limit and token revocation unavailable in Redis; limit skipped, account checked "
+                    "in the database", extra={"route": route.name, "error": type(exc).__name__})
+    if mark is not None and claims is not None and principal is not None:
+        if redis_ok:
+            auth.check_not_revoked(claims, stamp)
+        else:
+            await auth.check_still_active(session, principal.id)
+    if decision is not None:
+        request[RATE_DECISION] = decision
+        if not decision.allowed:
+            raise ApiError(429, "Too many requests. Please try again later.")
 
 
 def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -96,26 +137,15 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
         rt = request.config_dict[RUNTIME]
         async with rt.sessionmaker() as session:
             principal: Principal | None = None
+            claims: dict[str, Any] | None = None
             if route.scope is not None:
-                principal = await authenticate(request, session, rt)
-                if not principal.has(route.scope) or (principal.is_tenant and not route.tenants):
-                    raise Forbidden("Forbidden resource")
-            limit = route.effective_limit()
-            limiter = RateLimiter(rt.redis, multiplier=request.config_dict[RATE_MULTIPLIER])
-            if request.config_dict[RATE_MULTIPLIER] > 0:
-                subject = principal.rate_key if principal else f"ip:{_client_ip(request)}"
-                try:
-                    decision = await limiter.hit(limit, subject)
-                except (RedisError, OSError, TimeoutError) as exc:
-                    # Redis slow or down: the database is the system of record, so the API keeps
-                    # answering without a limit rather than failing every request.
-                    log.warning("rate limit unavailable; request let through",
-                                extra={"route": route.name, "error": type(exc).__name__})
-                    decision = None
-                if decision is not None:
-                    request[RATE_DECISION] = decision
-                    if not decision.allowed:
-                        raise ApiError(429, "Too many requests. Please try again later.")
+                principal, claims = await authenticate(request, session, rt)
+            # A revoked token is refused (401) before its scope is looked at (403).
+            await _limit_and_revocation(request, rt, route, principal, claims, session)
+            if principal is not None and (
+                not principal.has(route.scope or "") or (principal.is_tenant and not route.tenants)
+            ):
+                raise Forbidden("Forbidden resource")
             query = parse_query(request.query, route.query)
             body: Any = None
             if route.body is not None:

@@ -214,6 +214,30 @@ def principal_from_access(claims: dict[str, Any]) -> Principal:
     )
 
 
+def revoked_key(user_id: str) -> str:
+    return f"auth:{{user:{user_id}}}:revoked"
+
+
+async def revoke_tokens(redis: Redis, user_id: str, *, ttl_seconds: int, now: float | None = None) -> None:
+    """Every access token of this user issued up to now stops working at once (tokens are otherwise
+    stateless until they expire). The mark outlives the longest token; refresh tokens check the row."""
+    stamp = int(time.time() if now is None else now)
+    await redis.set(revoked_key(user_id), str(stamp).encode(), ex=ttl_seconds + LEEWAY + 60)
+
+
+def check_not_revoked(claims: dict[str, Any], stamp: bytes | None) -> None:
+    """`stamp` is the user's revocation mark (None: none). A token from the same second is revoked too."""
+    if stamp is not None and int(claims["iat"]) <= int(stamp):
+        raise Unauthorized("token has been revoked")
+
+
+async def check_still_active(session: AsyncSession, user_id: str) -> None:
+    """The revocation check when Redis cannot answer: the account row itself (one query)."""
+    active = (await session.execute(select(AdminUser.is_active).where(AdminUser.id == user_id))).scalar()
+    if not active:
+        raise Unauthorized("token has been revoked")
+
+
 async def login(session: AsyncSession, username: str, password: str) -> AdminUser:
     """Check a username and password with the slow KDF; the same answer for every failure."""
     query = select(AdminUser).where(AdminUser.username == username)

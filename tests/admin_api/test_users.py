@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from tests.admin_api.conftest import bearer
+import socket
+from dataclasses import replace
+
+from redis.asyncio import Redis
+
+from core import auth
+from core.models import AdminUser
+from tests.admin_api.conftest import Caller, bearer, login
 
 
 async def test_super_admin_creates_a_cooperative_admin_who_can_sign_in(client, superadmin, coop_b):
@@ -101,3 +108,65 @@ async def test_deactivated_user_cannot_sign_in(client, admin, demo):
     assert resp.status == 401
     me = next(u for u in listed["data"] if u["username"] == demo["admin"][0])
     await admin.json("DELETE", f"/v1/users/{me['id']}", 409)
+
+
+async def _new_admin(admin, username):
+    return await admin.json(
+        "POST", "/v1/users", 201, json={"username": username, "password": "leaving-password-1", "role": "COOP_ADMIN"}
+    )
+
+
+async def _temp_login(admin, client):
+    made = await _new_admin(admin, "leaving@kh.rw")
+    tokens = await login(client, "leaving@kh.rw", "leaving-password-1")
+    return made, tokens, Caller(client, {"Authorization": f"Bearer {tokens['accessToken']}"})
+
+
+async def test_a_deactivated_users_tokens_stop_working_at_once(rt, client, admin, demo):
+    made, tokens, leaving = await _temp_login(admin, client)
+    await leaving.json("GET", "/v1/payments", 200)
+    await admin.json("DELETE", f"/v1/users/{made['id']}", 200)
+    refused = await leaving.json("GET", "/v1/payments", 401)
+    assert refused["message"] == "token has been revoked"
+    # A super-admin-only route answers 401 too, not 403: the token is refused before its role is read.
+    await leaving.json("POST", "/v1/cooperatives", 401, json={})
+    again = await client.post("/v1/auth/refresh", json={"refreshToken": tokens["refreshToken"]})
+    assert again.status == 401
+    await admin.json("GET", "/v1/payments", 200)  # the others' tokens are untouched
+    mark_ttl = await rt.redis.ttl(auth.revoked_key(made["id"]))
+    assert 0 < mark_ttl <= rt.settings.jwt_ttl_seconds + auth.LEEWAY + 60
+
+
+async def test_revocation_is_checked_with_rate_limits_off(rt, aiohttp_client, demo):
+    from app import create_app
+
+    limits_off = replace(rt.settings, extra={**rt.settings.extra, "rate_limit_multiplier": 0.0})
+    client = await aiohttp_client(create_app(limits_off, runtime=rt))
+    admin = await bearer(client, *demo["admin"])
+    made, _tokens, leaving = await _temp_login(admin, client)
+    await leaving.json("GET", "/v1/payments", 200)
+    await admin.json("DELETE", f"/v1/users/{made['id']}", 200)
+    assert (await leaving.json("GET", "/v1/payments", 401))["message"] == "token has been revoked"
+
+
+async def test_with_redis_down_a_token_is_checked_against_its_account(rt, client, admin, demo, monkeypatch):
+    made, _tokens, leaving = await _temp_login(admin, client)
+    await admin.json("DELETE", f"/v1/users/{made['id']}", 200)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    dead = Redis(host="127.0.0.1", port=dead_port, socket_connect_timeout=0.5, socket_timeout=0.5)
+    monkeypatch.setattr(rt, "redis", dead)
+    try:
+        # No mark can be read: the account row answers. Deactivated: refused; active: served.
+        assert (await leaving.json("GET", "/v1/payments", 401))["message"] == "token has been revoked"
+        await admin.json("GET", "/v1/payments", 200)
+        # Deactivating needs the mark: refused whole, the account stays active.
+        other = await _new_admin(admin, "staying@kh.rw")
+        refused = await admin.json("DELETE", f"/v1/users/{other['id']}", 503)
+        assert "nothing was changed" in refused["message"]
+    finally:
+        await dead.aclose()
+    async with rt.sessionmaker() as s:
+        assert (await s.get(AdminUser, other["id"])).is_active is True
+        assert (await s.get(AdminUser, made["id"])).is_active is False
