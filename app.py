@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from aiohttp import web
@@ -143,9 +145,24 @@ async def request_context(request: web.Request,
         exc.headers["X-Request-Id"] = rid
         raise
     finally:
-        metrics.HTTP_REQUESTS.labels(route=route, method=request.method, status=str(status)).inc()
-        metrics.HTTP_LATENCY.labels(route=route).observe(time.perf_counter() - started)
+        count, latency = _http_series(route, request.method, status)
+        count.inc()
+        latency.observe(time.perf_counter() - started)
         request_id.reset(token)
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@functools.lru_cache(maxsize=1024)
+def _http_series(route: str, method: str, status: int) -> tuple[Any, Any]:
+    """The request counter and latency series of one label set (labels() costs a lock and a lookup).
+
+    Any other method a client invents is counted as OTHER: labels must not grow with what callers send.
+    """
+    method = method if method in _METHODS else "OTHER"
+    return (metrics.HTTP_REQUESTS.labels(route=route, method=method, status=str(status)),
+            metrics.HTTP_LATENCY.labels(route=route))
 
 
 async def healthz(_request: web.Request) -> web.Response:

@@ -20,3 +20,16 @@ async def test_app_opens_and_closes_each_resource(aiohttp_client: Any, rt: Any) 
     http = app[HTTP]
     await client.close()  # runs the cleanup contexts in reverse
     assert http.is_closed
+
+
+async def test_request_metrics_keep_their_labels_bounded(client: Any) -> None:
+    from core import metrics
+
+    assert (await client.get("/healthz")).status == 200
+    invented = await client.request("PROPFIND", "/healthz")
+    assert invented.status == 405
+    text = metrics.render()[0].decode()
+    assert 'gateway_http_requests_total{method="GET",route="/healthz",status="200"}' in text \
+        or 'gateway_http_requests_total{route="/healthz",method="GET",status="200"}' in text
+    # A method a client makes up is counted, as OTHER: a label set per invented word would grow forever.
+    assert 'method="OTHER"' in text and "PROPFIND" not in text
