@@ -112,9 +112,10 @@ async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route,
         if multiplier > 0:
             subject = principal.rate_key if principal else f"ip:{_client_ip(request)}"
             limiter = RateLimiter(rt.redis, multiplier=multiplier)
-            decision, extra = await limiter.hit_then(route.effective_limit(), subject,
-                                                     (lambda pipe: pipe.get(mark)) if mark else None)
-            stamp = extra[0] if mark else None
+            if mark:  # the mark is tagged like the user's limits: one command (see auth.revoked_key)
+                decision, stamp = await limiter.hit_and_read(route.effective_limit(), subject, mark)
+            else:
+                decision = await limiter.hit(route.effective_limit(), subject)
         elif mark:
             stamp = await rt.redis.get(mark)
     except REDIS_DOWN as exc:

@@ -20,6 +20,7 @@ from core.crypto import hash_api_key, hash_password, new_api_key, verify_passwor
 from core.db import utcnow
 from core.errors import DomainError, Forbidden, NotFound, ValidationError
 from core.models import AdminUser, ApiKey, Cooperative, Member, PaymentType
+from core.ratelimit import subject_tag
 
 ALGORITHM = "HS256"  # pinned: tokens naming any other algorithm (none, RS256...) are refused
 ISSUER = "coop-gateway"
@@ -215,7 +216,8 @@ def principal_from_access(claims: dict[str, Any]) -> Principal:
 
 
 def revoked_key(user_id: str) -> str:
-    return f"auth:{{user:{user_id}}}:revoked"
+    """Tagged like the user's rate limits (`rl:{user:ID}:…`), so one Redis command reads both."""
+    return f"auth:{subject_tag(f'user:{user_id}')}:revoked"
 
 
 async def revoke_tokens(redis: Redis, user_id: str, *, ttl_seconds: int, now: float | None = None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,6 +11,30 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+
+# The count of the current window (INCR, and its expiry renewed) and the previous window's count, in one
+# command: a pipeline of INCR, EXPIRE and GET cost about twice the client CPU (a reply, and a read with its
+# own timeout, per command). Both keys share the hash tag, so a cluster runs it on one node. EVAL (not
+# EVALSHA) so that a restarted Redis, which forgot its scripts, needs nothing reloaded.
+# KEYS[3], when given, is one more key of the same subject read in the same command (a token's
+# revocation mark): its value comes back third.
+_COUNT = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+local previous = false
+if ARGV[2] == '1' then previous = redis.call('GET', KEYS[2]) end
+local also = false
+if KEYS[3] then also = redis.call('GET', KEYS[3]) end
+return {n, previous, also}
+"""
+_UNSAFE_TAG = re.compile(r"[{}]")
+
+
+def subject_tag(subject: str) -> str:
+    """The hash tag of a subject's keys: `{subject}`, or a digest of it when it holds a brace."""
+    if _UNSAFE_TAG.search(subject):
+        subject = hashlib.sha256(subject.encode()).hexdigest()[:32]
+    return f"{{{subject}}}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +55,8 @@ class Decision:
 
 
 class RateLimiter:
-    """Counts requests per (bucket, subject). Keys share one hash tag so a cluster keeps them together."""
+    """Counts requests per (bucket, subject). A subject's keys share its hash tag (`rl:{user:42}:bucket:t`),
+    so a cluster keeps them, and any other key of that subject (see `hit_and_read`), on one node."""
 
     def __init__(self, redis: Redis, *, prefix: str = "rl", multiplier: float = 1.0) -> None:
         self._redis = redis
@@ -40,32 +67,47 @@ class RateLimiter:
         return max(1, int(limit.count * self._multiplier))
 
     async def hit(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
-        return (await self.hit_then(limit, subject, None, now=now))[0]
+        return (await self._count(limit, subject, None, None, now))[0]
+
+    async def hit_and_read(self, limit: Limit, subject: str, key: str, *,
+                           now: float | None = None) -> tuple[Decision, bytes | None]:
+        """`hit`, and the value of `key` read in the same command; `key` must carry the subject's tag."""
+        if subject_tag(subject) not in key:
+            raise ValueError(f"{key!r} is not tagged {subject_tag(subject)}: a cluster could not read it here")
+        decision, also, _ = await self._count(limit, subject, key, None, now)
+        return decision, also
 
     async def hit_then(
-        self, limit: Limit, subject: str, then: Callable[[Pipeline], Any] | None, *, now: float | None = None
+        self, limit: Limit, subject: str, then: Callable[[Pipeline], Any], *, now: float | None = None
     ) -> tuple[Decision, list[Any]]:
-        """`hit`, with the commands `then` queues on the same pipeline sent in its round trip; their results."""
+        """`hit`, with the commands `then` queues (any keys) sent in the same round trip; their results."""
+        decision, _, extra = await self._count(limit, subject, None, then, now)
+        return decision, extra
+
+    async def _count(self, limit: Limit, subject: str, read: str | None, then: Callable[[Pipeline], Any] | None,
+                     now: float | None) -> tuple[Decision, Any, list[Any]]:
         now = time.time() if now is None else now
         allowed_count = self.effective(limit)
         window = limit.window
         start = int(now // window) * window
-        tag = f"{self._prefix}:{{{limit.name}:{subject}}}"
-        current_key = f"{tag}:{start}"
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.incr(current_key)
-        pipe.expire(current_key, window * 2)
-        if limit.sliding:
-            pipe.get(f"{tag}:{start - window}")
-        ours = len(pipe)  # the commands above; `then`'s follow
-        if then is not None:
+        base = f"{self._prefix}:{subject_tag(subject)}:{limit.name}"
+        keys = [f"{base}:{start}", f"{base}:{start - window}"]
+        if read is not None:
+            keys.append(read)
+        args = (len(keys), *keys, window * 2, "1" if limit.sliding else "0")
+        extra: list[Any] = []
+        if then is None:
+            results = await self._redis.eval(_COUNT, *args)
+        else:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.eval(_COUNT, *args)
             then(pipe)
-        results = await pipe.execute()
+            results, *extra = await pipe.execute()
         current = int(results[0])
         used = current
         if limit.sliding:
             # Sliding-window counter: the previous window weighs in for the part still inside the window.
-            previous = int(results[2] or 0)
+            previous = int(results[1] or 0)
             weight = 1.0 - (now - start) / window
             used = current + int(previous * weight)
         reset = start + window
@@ -77,4 +119,4 @@ class RateLimiter:
             reset=reset,
             retry_after=0 if allowed else max(1, int(reset - now + 0.999)),
         )
-        return decision, results[ours:]
+        return decision, results[2], extra

@@ -19,7 +19,7 @@ from core.payment_types import (
     list_payment_types,
     update_payment_type,
 )
-from core.ratelimit import Limit, RateLimiter
+from core.ratelimit import Limit, RateLimiter, subject_tag
 
 ACTOR = Actor("admin:test", "api")
 
@@ -97,9 +97,9 @@ async def test_sliding_window_counts_the_previous_window(rt):
     # Once the previous window has slid out, there is room again.
     later = await limiter.hit(limit, "u1", now=t0 + 119)
     assert later.allowed and later.reset == t0 + 120
-    # Keys carry one hash tag per bucket and subject, and expire.
+    # Keys carry the subject's hash tag, then the bucket, and expire.
     keys = [k.decode() async for k in rt.redis.scan_iter(match="rl:*")]
-    assert keys and all(k.startswith("rl:{test:u1}:") for k in keys)
+    assert keys and all(k.startswith("rl:{u1}:test:") for k in keys)
     for k in keys:
         assert 0 < await rt.redis.ttl(k) <= 120
 
@@ -111,6 +111,32 @@ async def test_fixed_window_and_multiplier(rt):
     results = [(await limiter.hit(fixed, "u", now=1000.0)).allowed for _ in range(4)]
     assert results == [True, True, True, False]
     assert (await limiter.hit(fixed, "u", now=1010.0)).allowed  # a new window starts clean
+
+
+async def test_hit_and_read_counts_and_reads_one_key_of_the_subject(rt):
+    limiter = RateLimiter(rt.redis)
+    limit = Limit("reads", 2, window=60)
+    mark = f"auth:{subject_tag('user:42')}:revoked"
+    assert mark == "auth:{user:42}:revoked"
+    decision, value = await limiter.hit_and_read(limit, "user:42", mark, now=6000.0)
+    assert decision.allowed and decision.remaining == 1 and value is None
+    await rt.redis.set(mark, b"1700000000")
+    decision, value = await limiter.hit_and_read(limit, "user:42", mark, now=6001.0)
+    assert decision.remaining == 0 and value == b"1700000000"
+    decision, _ = await limiter.hit_and_read(limit, "user:42", mark, now=6002.0)
+    assert not decision.allowed  # counted like hit()
+    # A key of another subject could sit on another cluster node: refused before anything is sent.
+    with pytest.raises(ValueError, match="not tagged"):
+        await limiter.hit_and_read(limit, "user:42", "auth:{user:43}:revoked")
+
+
+async def test_a_subject_with_braces_keeps_a_single_hash_tag(rt):
+    limiter = RateLimiter(rt.redis)
+    for _ in range(2):
+        await limiter.hit(Limit("odd", 5), "we{ir}d", now=7000.0)
+    keys = [k.decode() async for k in rt.redis.scan_iter(match="rl:*:odd:*")]
+    assert len(keys) == 1 and keys[0].count("{") == 1 and keys[0].count("}") == 1
+    assert "we{ir}d" not in keys[0] and await rt.redis.get(keys[0]) == b"2"
 
 
 async def test_principal_scope_is_the_only_filter(session, demo, coop_b):

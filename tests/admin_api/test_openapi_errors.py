@@ -82,8 +82,8 @@ async def test_read_rate_limit_headers_and_429(admin, rt):
     # Use up the bucket directly, as many processes would, then the next call is refused.
     limiter = RateLimiter(rt.redis)
     subject = None
-    async for key in rt.redis.scan_iter(match="rl:{payments:list:*"):
-        subject = key.decode().split("{payments:list:", 1)[1].split("}", 1)[0]
+    async for key in rt.redis.scan_iter(match="rl:{*}:payments:list:*"):
+        subject = key.decode().split("{", 1)[1].split("}", 1)[0]
     assert subject
     for _ in range(99):
         await limiter.hit(Limit("payments:list", 100), subject)

@@ -228,8 +228,8 @@ async def test_throttle_per_sender_id(rt: Any, demo: dict[str, Any], sim: Any) -
     assert 0 < raised.value.delay <= 1 and "rate" in str(raised.value)
     # Refused by the rate, the message's lock is not kept; the two that passed hold theirs.
     assert [await rt.redis.get(f"sms:lock:{{{k}}}") for k in "abc"] == [b"1", b"2", None]
-    keys = [k.decode() async for k in rt.redis.scan_iter("rl:{sms:send:*")]
-    assert keys and all("{sms:send:COOPPAY}" in k for k in keys)
+    keys = [k.decode() async for k in rt.redis.scan_iter("rl:*:sms:send:*")]
+    assert keys and all(k.startswith("rl:{COOPPAY}:sms:send:") for k in keys)
     assert await rt.redis.ttl(keys[0]) > 0
 
 
@@ -249,7 +249,7 @@ async def test_throttled_job_is_rescheduled_without_counting_a_failure(
     import time
 
     # Fill this second's window for the sender id, then send: the job waits instead of failing.
-    window_key = f"rl:{{sms:send:COOPPAY}}:{int(time.time())}"
+    window_key = f"rl:{{COOPPAY}}:sms:send:{int(time.time())}"
     await rt.redis.set(window_key, limit.count + 100, ex=5)
     payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
     await queue_receipt(rt, demo, payment.id)

@@ -458,7 +458,7 @@ async def test_replies_are_rate_limited_per_phone(
     await drain(worker)
     assert len(sim.messages(STRANGER)) == 5
     assert len(sim.messages(ALINE)) == 1
-    keys = [k.decode() async for k in rt.redis.scan_iter("rl:{sms:reply:*")]
+    keys = [k.decode() async for k in rt.redis.scan_iter("rl:{*}:sms:reply:*")]
     assert keys and not any("250788" in k for k in keys)  # keyed by blind index, not the number
 
 
