@@ -148,22 +148,25 @@ async def transition_alone(
     short transaction. Raises StaleTransition, as transition does, with nothing written.
     """
     machine.check(source, target)
-    async with sessionmaker.begin() as session:
-        if session.get_bind().dialect.name != "postgresql":
+    engine = sessionmaker.kw.get("bind")
+    if engine is None or engine.dialect.name != "postgresql":
+        async with sessionmaker.begin() as session:
             await transition(session, machine, entity_id, source, target, actor=actor, values=values)
             done = finish is not None and await finish_in(session, finish)
-        else:
-            changes, before, after, action = _describe(machine, source, target, values, None)
-            params = _cte_params(machine, entity_id, source, changes, actor, action, before, after, None)
-            ends = finish is not None and finish.locked_by is not None
-            if ends:
-                params.update(finish_values(finish))  # type: ignore[arg-type]
-            # Nothing ran on the session yet: the statement runs alone, in autocommit.
-            statement = pgraw.compiled(_moved_and_audited(machine.model, tuple(changes), ends))
-            raw = await pgraw.fetchrow(session, statement, params)
-            if raw is None:
-                raise StaleTransition(machine.name, entity_id, source.value)
-            done = ends and bool(raw["finished"])
+    else:
+        changes, before, after, action = _describe(machine, source, target, values, None)
+        params = _cte_params(machine, entity_id, source, changes, actor, action, before, after, None)
+        ends = finish is not None and finish.locked_by is not None
+        if ends:
+            params.update(finish_values(finish))  # type: ignore[arg-type]
+        statement = pgraw.compiled(_moved_and_audited(machine.model, tuple(changes), ends))
+        # A bare pooled connection (no ORM session around one statement); nothing else runs on it, so the
+        # statement runs alone, in autocommit.
+        async with engine.connect() as conn:
+            raw = await pgraw.fetchrow(conn, statement, params)
+        if raw is None:
+            raise StaleTransition(machine.name, entity_id, source.value)
+        done = ends and bool(raw["finished"])
     if done:
         finished(finish)  # type: ignore[arg-type]
     return done
