@@ -181,3 +181,21 @@ async def test_closed_transport_refuses_to_send(aiohttp_server: Any) -> None:
     await transport.aclose()
     with pytest.raises(RuntimeError, match="closed"):
         await transport.handle_async_request(httpx.Request("GET", f"http://127.0.0.1:{server.port}/"))
+
+
+async def test_cookies_a_provider_sets_are_not_sent_back(aiohttp_server: Any) -> None:
+    seen: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        response = web.Response(text="ok")
+        response.set_cookie("session", "provider-session-1", path="/")
+        return response
+
+    server = await _serve(aiohttp_server, handler)
+    async with make_client() as http:
+        first = await http.get(f"http://127.0.0.1:{server.port}/a")
+        assert "session=provider-session-1" in first.headers["set-cookie"]
+        await http.get(f"http://127.0.0.1:{server.port}/b")
+        assert len(http.cookies) == 0
+    assert seen == [None, None]
