@@ -199,3 +199,59 @@ async def test_cookies_a_provider_sets_are_not_sent_back(aiohttp_server: Any) ->
         await http.get(f"http://127.0.0.1:{server.port}/b")
         assert len(http.cookies) == 0
     assert seen == [None, None]
+
+
+def _self_signed(tmp_path: Any) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 signed by itself (no CA anyone trusts), and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+async def test_tls_certificates_are_verified(aiohttp_server: Any, tmp_path: Any) -> None:
+    """Provider calls are HTTPS in production: an untrusted certificate fails before anything is sent."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    calls: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        return web.json_response({"secure": request.secure})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handler)
+    server = await aiohttp_server(app, host="127.0.0.1", ssl=server_tls)
+    url = f"https://127.0.0.1:{server.port}"
+    async with make_client() as http:  # the default: the public CAs (certifi), hostname checked
+        with pytest.raises(httpx.ConnectError):
+            await http.post(f"{url}/collect", json={"amount": "100"})
+    assert calls == []  # refused during the handshake: a retry cannot double anything
+    trusting = ssl.create_default_context(cafile=cert)
+    async with httpx.AsyncClient(transport=AiohttpTransport(verify=trusting)) as http:
+        answer = await http.post(f"{url}/collect", json={"amount": "100"})
+    assert answer.json() == {"secure": True} and calls == ["/collect"]
