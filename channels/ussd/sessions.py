@@ -25,6 +25,12 @@ SESSION_TTL = 300  # aggregators end a session after about 180 s; the margin cov
 RESUME_TTL = 300
 ABBREVIATIONS = {"africastalking": "at", "hubtel": "hb", "nalo": "nl"}
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+# KEYS[1]: a hash of counters; ARGV[1]: its TTL; ARGV[2..]: the fields to add one to.
+_COUNT_FIELDS = """
+for i = 2, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return #ARGV - 1
+"""
 
 
 @dataclass
@@ -123,10 +129,9 @@ async def save(redis: Any, aggregator: str, session_id: str, stored: Stored, *,
         else:
             pipe.delete(key)
     if funnel:
-        counters = funnel_key(utcnow())
-        for field in funnel:
-            pipe.hincrby(counters, field, 1)
-        pipe.expire(counters, FUNNEL_TTL)
+        # One command for the hour's counters (one key: any cluster node runs it) instead of an HINCRBY per
+        # field and an EXPIRE, each a reply of its own in the pipeline.
+        pipe.eval(_COUNT_FIELDS, 1, funnel_key(utcnow()), FUNNEL_TTL, *funnel)
     await pipe.execute()
 
 
