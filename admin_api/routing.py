@@ -106,7 +106,7 @@ async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route,
     multiplier = request.config_dict[RATE_MULTIPLIER]
     mark = auth.revoked_key(principal.id) if claims is not None and principal is not None else None
     decision = None
-    stamp: bytes | None = None
+    stamp: bytes | str | None = None
     redis_ok = True
     try:
         if multiplier > 0:

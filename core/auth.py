@@ -227,7 +227,7 @@ async def revoke_tokens(redis: Redis, user_id: str, *, ttl_seconds: int, now: fl
     await redis.set(revoked_key(user_id), str(stamp).encode(), ex=ttl_seconds + LEEWAY + 60)
 
 
-def check_not_revoked(claims: dict[str, Any], stamp: bytes | None) -> None:
+def check_not_revoked(claims: dict[str, Any], stamp: bytes | str | None) -> None:
     """`stamp` is the user's revocation mark (None: none). A token from the same second is revoked too."""
     if stamp is not None and int(claims["iat"]) <= int(stamp):
         raise Unauthorized("token has been revoked")

@@ -94,13 +94,13 @@ class RateLimiter:
         keys = [f"{base}:{start}", f"{base}:{start - window}"]
         if read is not None:
             keys.append(read)
-        args = (len(keys), *keys, window * 2, "1" if limit.sliding else "0")
+        args = (*keys, window * 2, "1" if limit.sliding else "0")
         extra: list[Any] = []
         if then is None:
-            results = await self._redis.eval(_COUNT, *args)
+            results = await self._redis.eval(_COUNT, len(keys), *args)
         else:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.eval(_COUNT, *args)
+            pipe.eval(_COUNT, len(keys), *args)
             then(pipe)
             results, *extra = await pipe.execute()
         current = int(results[0])
