@@ -145,7 +145,8 @@ async def request_context(request: web.Request,
         exc.headers["X-Request-Id"] = rid
         raise
     finally:
-        count, latency = _http_series(route, request.method, status)
+        # A method a client invents counts as OTHER (before the cache: made-up words must not evict real series).
+        count, latency = _http_series(route, request.method if request.method in _METHODS else "OTHER", status)
         count.inc()
         latency.observe(time.perf_counter() - started)
         request_id.reset(token)
@@ -157,10 +158,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 @functools.lru_cache(maxsize=1024)
 def _http_series(route: str, method: str, status: int) -> tuple[Any, Any]:
     """The request counter and latency series of one label set (labels() costs a lock and a lookup).
-
-    Any other method a client invents is counted as OTHER: labels must not grow with what callers send.
-    """
-    method = method if method in _METHODS else "OTHER"
+    `method` is one of _METHODS or OTHER: labels must not grow with what callers send."""
     return (metrics.HTTP_REQUESTS.labels(route=route, method=method, status=str(status)),
             metrics.HTTP_LATENCY.labels(route=route))
 

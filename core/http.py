@@ -123,9 +123,6 @@ class _NoCookies(httpx.Cookies):
     def extract_cookies(self, response: httpx.Response) -> None:
         return None
 
-    def set_cookie_header(self, request: httpx.Request) -> None:
-        return None
-
 
 class GatewayClient(httpx.AsyncClient):
     """httpx.AsyncClient over AiohttpTransport, keeping no cookies between calls."""

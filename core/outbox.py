@@ -110,16 +110,14 @@ async def enqueue_many(
     PostgreSQL, inside an open transaction, it travels in the jobs' statement as a CTE (one INSERT of
     every row and the UPDATE: one round trip for both); elsewhere it runs just before them.
     """
-    if not jobs:
-        if alongside is not None:
-            await session.execute(*alongside)
-        return
     dialect = session.get_bind().dialect.name
-    raw = (dialect == "postgresql" and all(job.dedupe_key is not None for job in jobs)
+    raw = (bool(jobs) and dialect == "postgresql" and all(job.dedupe_key is not None for job in jobs)
            and await pgraw.in_transaction(session))
     if not raw:
         if alongside is not None:
             await session.execute(*alongside)
+        if not jobs:
+            return
         if any(job.dedupe_key is None for job in jobs):
             for job in jobs:
                 await enqueue_job(session, job)
