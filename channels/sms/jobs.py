@@ -15,7 +15,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from channels.sms.encoding import measure
 from channels.sms.routes import apply_parked_reports, parked_key
 from channels.sms.sender import SmsTemporaryError
-from channels.sms.templates import OPTIONAL_TEMPLATES, TemplateError, build_message
+from channels.sms.templates import (
+    OPTIONAL_TEMPLATES,
+    PaymentFacts,
+    TemplateError,
+    build_message,
+    is_payment_template,
+    payment_values,
+    recipient,
+    render,
+)
 from core import metrics, pgraw
 from core.audit import Actor
 from core.db import autocommit, insert_ignore, new_id, utcnow
@@ -26,6 +35,7 @@ from core.state import StaleTransition, transition_alone
 from core.state.sms import SMS, SmsStatus
 
 if TYPE_CHECKING:
+    from core.phone import Phone
     from core.runtime import Runtime
 
 log = logging.getLogger("gateway.sms.jobs")
@@ -163,17 +173,26 @@ class SmsJobs:
         )
         return None
 
+    async def _build(self, conn: AsyncConnection, payload: dict[str, Any]) -> tuple[Phone, str, str]:
+        """(phone, language, body). A receipt or payment update, the bulk of the traffic, is filled from one
+        plain query; anything else, or a payment whose rows are not all there, goes through
+        `build_message`, which reads the rows one by one and names what is missing."""
+        rt = self.rt
+        service_code = rt.settings.ussd_service_code
+        try:
+            facts = await _payment_facts(conn, payload)
+            if facts is not None:
+                phone, language = recipient(rt.cipher, payload, facts.member)
+                return phone, language, render(payload["template"], language,
+                                               payment_values(facts.payment, language, service_code))
+            async with AsyncSession(bind=conn, expire_on_commit=False) as session:
+                return await build_message(session, rt.cipher, payload, service_code=service_code)
+        except TemplateError as exc:
+            raise PermanentJobError(f"cannot build SMS: {exc}") from exc
+
     async def _create(self, conn: AsyncConnection, payload: dict[str, Any], key: str) -> Any:
         rt = self.rt
-        async with AsyncSession(bind=conn, expire_on_commit=False) as session:
-            # Held until build_message is done: the session's identity map keeps only weak references.
-            preloaded = await _preload(session, payload)  # noqa: F841
-            try:
-                phone, language, body = await build_message(
-                    session, rt.cipher, payload, service_code=rt.settings.ussd_service_code
-                )
-            except TemplateError as exc:
-                raise PermanentJobError(f"cannot build SMS: {exc}") from exc
+        phone, language, body = await self._build(conn, payload)
         size = measure(body)
         now = utcnow()
         values = {
@@ -277,26 +296,45 @@ def _insert(dialect_name: str) -> Any:
             .returning(*_COLUMNS))
 
 
-async def _preload(session: AsyncSession, payload: dict[str, Any]) -> list[Any]:
-    """Load the rows a payment template reads (payment, its type, the cooperative, the member) in one
-    query, so build_message's session.get calls find them in the session instead of a round trip each.
-    Rows that are missing are simply not loaded: build_message looks again and names what is missing."""
-    template = payload.get("template") or ""
+class _PaymentRow(NamedTuple):
+    payment: PaymentFacts
+    member: Any  # (phone_enc, cooperative_id, language), or None when the payload names no member
+
+
+async def _payment_facts(conn: AsyncConnection, payload: dict[str, Any]) -> _PaymentRow | None:
+    """A payment template's rows (payment, its type, the cooperative, the member) in one plain query, or
+    None: not a payment template, or a row missing (build_message then says which)."""
     payment_id = (payload.get("context") or {}).get("payment_id")
-    if not template.startswith("payment_") or template == "payment_reminder" or not isinstance(payment_id, str):
-        return []
-    params = {"c": payload.get("cooperative_id"), "m": payload.get("member_id"), "p": payment_id}
-    return list((await session.execute(_PRELOAD, params)).all())
+    if not is_payment_template(payload.get("template")) or not isinstance(payment_id, str):
+        return None
+    member_id = payload.get("member_id") or None
+    params = {"c": payload.get("cooperative_id") or None, "m": member_id, "p": payment_id}
+    row = await pgraw.first(conn, _PAYMENT_FACTS, params)
+    if row is None or row[9] is None or (member_id and row[12] is None):
+        return None
+    member = _Member(*row[12:]) if member_id else None
+    return _PaymentRow(PaymentFacts(*row[:12]), member)
 
 
-# Built once (building it and its cache key per message cost about as much CPU as running it).
-_PRELOAD = (
-    select(Payment, PaymentType, Cooperative, Member)
-    .select_from(Payment)
-    .outerjoin(PaymentType, PaymentType.id == Payment.payment_type_id)
-    .outerjoin(Cooperative, Cooperative.id == func.coalesce(bindparam("c", type_=String), Payment.cooperative_id))
-    .outerjoin(Member, Member.id == bindparam("m", type_=String))
-    .where(Payment.id == bindparam("p", type_=String))
+class _Member(NamedTuple):
+    phone_enc: str
+    cooperative_id: str
+    language: str
+
+
+_P, _T, _C, _M = (model.__table__ for model in (Payment, PaymentType, Cooperative, Member))
+# Built once; the columns in PaymentFacts' order, then the member's (_Member).
+_PAYMENT_FACTS = (
+    select(
+        _P.c.amount_minor, _P.c.currency, _P.c.reference, _P.c.provider_transaction_id, _P.c.completed_at,
+        _P.c.updated_at, _P.c.status, _P.c.failure_reason, _T.c.name, _C.c.name, _C.c.timezone,
+        _C.c.ussd_extension, _M.c.phone_enc, _M.c.cooperative_id, _M.c.language,
+    )
+    .select_from(_P)
+    .outerjoin(_T, _T.c.id == _P.c.payment_type_id)
+    .outerjoin(_C, _C.c.id == func.coalesce(bindparam("c", type_=String), _P.c.cooperative_id))
+    .outerjoin(_M, _M.c.id == bindparam("m", type_=String))
+    .where(_P.c.id == bindparam("p", type_=String))
 )
 
 

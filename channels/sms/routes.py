@@ -7,21 +7,21 @@ import hmac
 import json
 import logging
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from channels.sms.templates import CATALOGS
-from core import metrics
+from core import metrics, pgraw
 from core.audit import Actor, record
-from core.db import utcnow
+from core.db import autocommit, utcnow
 from core.models import Member, Payment, SmsMessage
 from core.notify import send_sms
 from core.phone import Phone, PhoneError, normalize
 from core.ratelimit import Limit, RateLimiter
 from core.runtime import RUNTIME, Runtime
-from core.state import StaleTransition, transition
+from core.state import StaleTransition, transition_alone
 from core.state.payment import COLLECTED
 from core.state.sms import SMS, SmsStatus
 
@@ -104,16 +104,18 @@ async def apply_delivery_report(
     A report for an id we do not know yet is kept in Redis for an hour (`park`): the sender stores the
     provider's message id in its own transaction after the HTTP send, and a fast report can beat it.
     """
-    async with rt.sessionmaker.begin() as session:
-        message = (
-            await session.execute(
-                select(SmsMessage).where(SmsMessage.provider_message_id == message_id).limit(1)
-            )
-        ).scalar_one_or_none()
-        outcome = None if message is None else await _apply(session, message, target, provider_status, reason)
+    async with autocommit(rt.engine) as conn:
+        found = await pgraw.first(conn, _BY_PROVIDER_ID, {"m": message_id})
+        message = None if found is None else _Known(*found)
+        if message is not None and _is_progress(message, target, provider_status):
+            # Submitted -> Buffered, ...: the row stays SENT; only the provider's word changes (no audit row).
+            await pgraw.first(conn, _PROGRESS, {"i": message.id, "p": provider_status, "u": utcnow()})
+            return "progress"
+    # The connection is back in the pool before the move takes its own.
+    outcome = None if message is None else await _apply(rt, message, target, provider_status, reason)
     if outcome is not None:
         if outcome == target.value.lower():
-            metrics.SMS.labels(status=target.value).inc()  # counted once the transaction committed
+            metrics.SMS.labels(status=target.value).inc()  # counted once the move is stored
         return outcome
     if not park:
         log.warning("delivery report for an unknown message", extra={"provider_message_id": message_id})
@@ -131,14 +133,33 @@ async def apply_delivery_report(
     return "unknown"
 
 
-async def _apply(
-    session: Any, message: SmsMessage, target: SmsStatus, provider_status: str, reason: str | None
-) -> str:
+class _Known(NamedTuple):
+    id: str
+    status: str
+    provider_status: str | None
+
+
+_SMS = SmsMessage.__table__
+# Built once: a report reads three columns (straight on asyncpg on PostgreSQL) instead of the ORM row.
+_BY_PROVIDER_ID = (
+    select(_SMS.c.id, _SMS.c.status, _SMS.c.provider_status)
+    .where(_SMS.c.provider_message_id == bindparam("m"))
+    .limit(1)
+)
+_PROGRESS = (
+    update(_SMS)
+    .where(_SMS.c.id == bindparam("i"), _SMS.c.status == SmsStatus.SENT.value)
+    .values(provider_status=bindparam("p"), updated_at=bindparam("u"))
+)
+
+
+def _is_progress(message: _Known, target: SmsStatus, provider_status: str) -> bool:
+    return message.status == target.value == SmsStatus.SENT.value and message.provider_status != provider_status
+
+
+async def _apply(rt: Runtime, message: _Known, target: SmsStatus, provider_status: str, reason: str | None) -> str:
     current = SmsStatus(message.status)
     if current == target:
-        if target == SmsStatus.SENT and message.provider_status != provider_status:
-            message.provider_status = provider_status  # progress: Submitted -> Buffered, ...
-            return "progress"
         return "duplicate"
     if not SMS.allowed(current, target):
         log.info(
@@ -152,7 +173,8 @@ async def _apply(
     if reason:
         values["failure_reason"] = reason
     try:
-        await transition(session, SMS, message.id, current, target, actor=PROVIDER, values=values)
+        # One statement on PostgreSQL: the move and its audit row.
+        await transition_alone(rt.sessionmaker, SMS, message.id, current, target, actor=PROVIDER, values=values)
     except StaleTransition:
         return "race"
     return target.value.lower()
@@ -186,14 +208,11 @@ async def apply_parked_reports(rt: Runtime, provider_message_id: str) -> list[st
     Called by the sms job right after it stores the id with SENT, and by the route after parking.
     Returns the outcomes (empty when nothing was parked or the message is still unknown).
     """
-    async with rt.sessionmaker() as session:
-        known = (
-            await session.execute(
-                select(SmsMessage.id).where(SmsMessage.provider_message_id == provider_message_id).limit(1)
-            )
-        ).scalar_one_or_none()
-    if known is None:
+    async with autocommit(rt.engine) as conn:
+        found = await pgraw.first(conn, _BY_PROVIDER_ID, {"m": provider_message_id})
+    if found is None:
         return []  # leave them parked: the row is not there yet
+    known = found[0]
     key = parked_key(provider_message_id)
     async with rt.redis.pipeline(transaction=True) as pipe:
         pipe.lrange(key, 0, -1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import string
 from datetime import date, datetime
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -95,22 +95,58 @@ async def _one(session: AsyncSession, model: Any, entity_id: Any, what: str) -> 
     return row
 
 
-async def _payment_values(
-    session: AsyncSession, payment: Payment, coop: Cooperative, language: str, service_code: str
-) -> dict[str, Any]:
+class PaymentFacts(NamedTuple):
+    """What a payment template says about the payment: read by the ORM here, or by the SMS worker in one
+    plain query (channels.sms.jobs), and turned into the same values by `payment_values`."""
+
+    amount_minor: int
+    currency: str
+    reference: str
+    provider_transaction_id: str | None
+    completed_at: datetime | None
+    updated_at: datetime | None
+    status: str
+    failure_reason: str | None
+    type_name: str | None  # None: the payment type is gone
+    coop_name: str
+    coop_timezone: str
+    coop_ussd_extension: str | None
+
+
+def payment_values(facts: PaymentFacts, language: str, service_code: str) -> dict[str, Any]:
     catalog = CATALOGS.get(language, en)
-    ptype = await session.get(PaymentType, payment.payment_type_id)
     return {
-        "amount": Money(payment.amount_minor, payment.currency).format(),
-        "type": ptype.name if ptype else "-",
-        "coop": coop.name,
-        "ref": payment.reference,
-        "txn": payment.provider_transaction_id or "-",
-        "date": local_time(payment.completed_at or payment.updated_at, coop.timezone),
-        "status": catalog.PAYMENT_STATUS.get(payment.status, payment.status),
-        "reason": catalog.REASONS[reason_key(payment.failure_reason)],
-        "dial": dial_code(service_code, coop.ussd_extension),
+        "amount": Money(facts.amount_minor, facts.currency).format(),
+        "type": facts.type_name or "-",
+        "coop": facts.coop_name,
+        "ref": facts.reference,
+        "txn": facts.provider_transaction_id or "-",
+        "date": local_time(facts.completed_at or facts.updated_at, facts.coop_timezone),
+        "status": catalog.PAYMENT_STATUS.get(facts.status, facts.status),
+        "reason": catalog.REASONS[reason_key(facts.failure_reason)],
+        "dial": dial_code(service_code, facts.coop_ussd_extension),
     }
+
+
+def recipient(cipher: PiiCipher, payload: dict[str, Any], member: Any) -> tuple[Phone, str]:
+    """Who the message goes to and in which language. `member`: the payload's member (a Member, or any row
+    with its phone_enc, cooperative_id and language), None when the payload names none."""
+    from core.members import member_phone
+
+    context = payload.get("context") or {}
+    if payload.get("phone_enc"):
+        phone = Phone(cipher.decrypt(payload["phone_enc"], context=PHONE_CONTEXT))
+    elif member is not None:
+        phone = member_phone(cipher, member)
+    else:
+        raise TemplateError("SMS payload names neither a member nor a phone number")
+    language = context.get("language") or (member.language if member is not None else None) or "en"
+    return phone, language if language in CATALOGS else "en"
+
+
+def is_payment_template(template: Any) -> bool:
+    """The templates filled from a payment (its receipt and updates; not the reminder, which has none)."""
+    return isinstance(template, str) and template.startswith("payment_") and template != "payment_reminder"
 
 
 async def build_message(
@@ -121,8 +157,6 @@ async def build_message(
     service_code: str = "*384*123#",
 ) -> tuple[Phone, str, str]:
     """From an 'sms.send' job payload to (phone, language, body), reading the rows the template names."""
-    from core.members import member_phone
-
     template = payload.get("template")
     if template not in TEMPLATES:
         raise TemplateError(f"unknown SMS template {template!r}")
@@ -130,15 +164,7 @@ async def build_message(
     member: Member | None = None
     if payload.get("member_id"):
         member = await _one(session, Member, payload["member_id"], "member")
-    if payload.get("phone_enc"):
-        phone = Phone(cipher.decrypt(payload["phone_enc"], context=PHONE_CONTEXT))
-    elif member is not None:
-        phone = member_phone(cipher, member)
-    else:
-        raise TemplateError("SMS payload names neither a member nor a phone number")
-    language = context.get("language") or (member.language if member else None) or "en"
-    if language not in CATALOGS:
-        language = "en"
+    phone, language = recipient(cipher, payload, member)
     catalog = CATALOGS[language]
 
     coop: Cooperative | None = None
@@ -147,10 +173,16 @@ async def build_message(
     dial = dial_code(service_code, coop.ussd_extension if coop else None)
     values: dict[str, Any] = {"dial": dial, "ref": str(context.get("reference") or "-")[:32]}
 
-    if template.startswith("payment_") and template != "payment_reminder":
+    if is_payment_template(template):
         payment = await _one(session, Payment, context.get("payment_id"), "payment")
         coop = coop or await _one(session, Cooperative, payment.cooperative_id, "cooperative")
-        values.update(await _payment_values(session, payment, coop, language, service_code))
+        ptype = await session.get(PaymentType, payment.payment_type_id)
+        facts = PaymentFacts(
+            payment.amount_minor, payment.currency, payment.reference, payment.provider_transaction_id,
+            payment.completed_at, payment.updated_at, payment.status, payment.failure_reason,
+            ptype.name if ptype else None, coop.name, coop.timezone, coop.ussd_extension,
+        )
+        values.update(payment_values(facts, language, service_code))
     elif template.startswith("refund_"):
         refund = await _one(session, Refund, context.get("refund_id"), "refund")
         payment = await _one(session, Payment, refund.payment_id, "payment")

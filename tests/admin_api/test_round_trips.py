@@ -93,3 +93,59 @@ async def test_an_sms_outcome_and_its_jobs_end_are_one_statement(rt: Any, sent: 
     async with rt.sessionmaker() as s:
         assert (await s.get(OutboxJob, job.id)).status == "DONE"
         assert (await s.get(SmsMessage, row.id)).status == "SENT"
+
+
+async def test_an_sms_receipt_is_four_statements_and_no_transaction(rt: Any, demo: Any, aiohttp_server: Any,
+                                                                    sent: list[str]) -> None:
+    from channels.sms.jobs import SmsJobs
+    from core.models import SmsMessage
+    from core.notify import send_sms
+    from core.outbox import OutboxWorker
+    from tests.channels.sms.helpers import make_payment, start_simulator
+
+    _, sim = await start_simulator(aiohttp_server, rt)
+    phone = "+250788000001"
+    payment = await make_payment(rt, demo["cooperative_id"], account=phone, member_id=demo["members"][phone])
+    async with rt.sessionmaker.begin() as s:
+        await send_sms(s, template="payment_receipt", cooperative_id=demo["cooperative_id"], cipher=rt.cipher,
+                       context={"payment_id": payment.id}, member_id=demo["members"][phone], dedupe="rt-receipt")
+    [job] = await OutboxWorker(rt.sessionmaker, {}, lease_seconds=30).claim()
+    sent.clear()
+    await SmsJobs(rt).send(job)
+    # The key looked up, the receipt's rows read in one query, the message stored, and its outcome with
+    # its audit row and the job's end: each alone, on one autocommit connection (no BEGIN or COMMIT).
+    assert sent == ["SELECT sms_messages.id, sms_messages.status, sms_messages.body,",
+                    "SELECT payments.amount_minor, payments.currency, payments.reference,",
+                    "INSERT INTO sms_messages (id,", "WITH moved AS (UPDATE"], sent
+    assert len(sim.messages(phone)) == 1 and payment.reference in sim.messages(phone)[0]["message"]
+    async with rt.sessionmaker() as s:
+        assert (await s.get(OutboxJob, job.id)).status == "DONE"
+        [row] = (await s.execute(select(SmsMessage))).scalars().all()
+    assert row.status == "SENT" and row.provider_message_id == sim.messages(phone)[0]["id"]
+
+
+async def test_a_delivery_report_is_one_read_and_one_write(rt: Any, sent: list[str]) -> None:
+    from channels.sms.routes import apply_delivery_report
+    from core.models import AuditEvent, SmsMessage
+    from core.state.sms import SmsStatus
+
+    async with rt.sessionmaker.begin() as s:
+        row = SmsMessage(phone_enc="x", phone_index="i", phone_masked="+25078****001", template="help",
+                         language="en", body="hi", encoding="GSM-7", length=2, segments=1, status="SENT",
+                         idempotency_key="k-dlr", provider_message_id="ATXid_rt", provider_status="Sent")
+        s.add(row)
+    sent.clear()
+    assert await apply_delivery_report(rt, "ATXid_rt", SmsStatus.SENT, "Buffered", None) == "progress"
+    assert sent == ["SELECT sms_messages.id, sms_messages.status, sms_messages.provider_status",
+                    "UPDATE sms_messages SET provider_status=$1::VARCHAR,"], sent
+    sent.clear()
+    assert await apply_delivery_report(rt, "ATXid_rt", SmsStatus.DELIVERED, "Success", None) == "delivered"
+    # The move and its audit row in one statement, alone: no BEGIN or COMMIT.
+    assert sent == ["SELECT sms_messages.id, sms_messages.status, sms_messages.provider_status",
+                    "WITH moved AS (UPDATE"], sent
+    async with rt.sessionmaker() as s:
+        stored = await s.get(SmsMessage, row.id)
+        audits = (await s.execute(select(AuditEvent.action, AuditEvent.actor)
+                                  .where(AuditEvent.entity_id == row.id))).all()
+    assert (stored.status, stored.provider_status) == ("DELIVERED", "Success") and stored.delivered_at is not None
+    assert [tuple(a) for a in audits] == [("sms.delivered", "provider:africastalking")]

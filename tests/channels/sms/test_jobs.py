@@ -313,3 +313,51 @@ async def test_concurrent_runs_of_one_message_send_once(
     # The run that waited finds the message sent and does nothing.
     await jobs.send(as_job(row, attempts=3))
     assert len(sim.messages(ALINE)) == 1
+
+
+@pytest.mark.parametrize("template", ["payment_receipt", "payment_failed", "payment_timeout", "payment_status"])
+async def test_payment_messages_from_the_one_query_match_the_row_by_row_build(
+    rt: Any, demo: dict[str, Any], template: str
+) -> None:
+    """The worker fills payment templates from one plain query; build_message (row by row, through the ORM)
+    stays the reference: same phone, language and body, in every language the demo members speak."""
+    from channels.sms.jobs import _payment_facts
+    from channels.sms.templates import build_message
+    from core.db import autocommit
+
+    jobs = SmsJobs(rt)
+    seen_languages = set()
+    for phone, member_id in demo["members"].items():
+        payment = await make_payment(rt, demo["cooperative_id"], account=phone, member_id=member_id,
+                                     status="FAILED", failure_reason="INSUFFICIENT_FUNDS")
+        for payload in (
+            {"template": template, "cooperative_id": demo["cooperative_id"], "member_id": member_id,
+             "context": {"payment_id": payment.id}},
+            # No member and no cooperative in the payload: the phone from the payload, the payment's own coop.
+            {"template": template, "context": {"payment_id": payment.id, "language": "fr"},
+             "phone_enc": rt.cipher.encrypt(phone, context="sms")},
+        ):
+            async with autocommit(rt.engine) as conn:
+                assert await _payment_facts(conn, payload) is not None  # the fast path is the one taken
+                fast = await jobs._build(conn, payload)
+            async with rt.sessionmaker() as session:
+                reference = await build_message(session, rt.cipher, payload,
+                                                service_code=rt.settings.ussd_service_code)
+            assert fast == reference
+            assert payment.reference in fast[2] and fast[0].e164 == phone
+            seen_languages.add(fast[1])
+    assert len(seen_languages) >= 2, seen_languages
+
+
+async def test_a_receipt_for_a_member_that_is_gone_is_parked_with_the_reason(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any
+) -> None:
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    async with rt.sessionmaker.begin() as session:
+        await send_sms(session, template="payment_receipt", cooperative_id=demo["cooperative_id"],
+                       context={"payment_id": payment.id}, cipher=rt.cipher, member_id="no-such-member",
+                       dedupe="gone-member")
+    await drain(worker)
+    [job] = await jobs_of(rt, "sms.send")
+    assert job.status == "PARKED" and "member no-such-member not found" in job.last_error
+    assert sim.requests == [] and await sms_rows(rt) == []
