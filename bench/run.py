@@ -592,6 +592,7 @@ def scenario_sms(b: Bench) -> None:
     deadline = time.monotonic() + max(60, count / 20)
     spy = RssSampler(worker, b.profile_path("sms-worker"))
     spy.__enter__()
+    serve_cpu_start = b.serve.cpu_seconds()  # serve takes the delivery reports meanwhile
     try:
         sent = delivered = 0
         cpu_mark: tuple[float, int] | None = None  # worker CPU and messages sent when the first was seen
@@ -611,6 +612,7 @@ def scenario_sms(b: Bench) -> None:
                 break
             time.sleep(0.3)
         worker_rss = worker.rss_mb()
+        serve_cpu = b.serve.cpu_seconds() - serve_cpu_start
     finally:
         spy.__exit__()
         worker.stop()
@@ -638,6 +640,7 @@ def scenario_sms(b: Bench) -> None:
                               "worker_cpu_ms_per_message": round(1000 * (cpu_end[0] - cpu_mark[0])
                                                                  / max(1, cpu_end[1] - cpu_mark[1]), 3)
                               if cpu_mark else None,
+                              "serve_cpu_ms_per_delivery_report": round(1000 * serve_cpu / max(1, delivered), 3),
                               "last_delivery_after_s": round((last_delivered - first).total_seconds(), 2)
                               if first and last_delivered else None},
                       notes="first message created to last sent (DB timestamps); worker --concurrency 16; "
