@@ -7,10 +7,10 @@ import hmac
 import json
 import logging
 import re
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from aiohttp import web
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Table, bindparam, select, update
 
 from channels.sms.templates import CATALOGS
 from core import metrics, pgraw
@@ -139,7 +139,7 @@ class _Known(NamedTuple):
     provider_status: str | None
 
 
-_SMS = SmsMessage.__table__
+_SMS = cast(Table, SmsMessage.__table__)
 # Built once: a report reads three columns (straight on asyncpg on PostgreSQL) instead of the ORM row.
 _BY_PROVIDER_ID = (
     select(_SMS.c.id, _SMS.c.status, _SMS.c.provider_status)
