@@ -109,8 +109,10 @@ async def apply_delivery_report(
         message = None if found is None else _Known(*found)
         if message is not None and _is_progress(message, target, provider_status):
             # Submitted -> Buffered, ...: the row stays SENT; only the provider's word changes (no audit row).
-            await pgraw.first(conn, _PROGRESS, {"i": message.id, "p": provider_status, "u": utcnow()})
-            return "progress"
+            moved_on = await pgraw.first(conn, _PROGRESS, {"i": message.id, "p": provider_status, "u": utcnow()})
+            if moved_on is not None:
+                return "progress"
+            return "ignored"  # a final report moved it between the read and the update
     # The connection is back in the pool before the move takes its own.
     outcome = None if message is None else await _apply(rt, message, target, provider_status, reason)
     if outcome is not None:
@@ -150,6 +152,7 @@ _PROGRESS = (
     update(_SMS)
     .where(_SMS.c.id == bindparam("i"), _SMS.c.status == SmsStatus.SENT.value)
     .values(provider_status=bindparam("p"), updated_at=bindparam("u"))
+    .returning(_SMS.c.id)
 )
 
 

@@ -357,7 +357,14 @@ async def test_a_receipt_for_a_member_that_is_gone_is_parked_with_the_reason(
         await send_sms(session, template="payment_receipt", cooperative_id=demo["cooperative_id"],
                        context={"payment_id": payment.id}, cipher=rt.cipher, member_id="no-such-member",
                        dedupe="gone-member")
+    # With the phone in the payload too: still parked (the member the message is for is gone), not sent.
+    async with rt.sessionmaker.begin() as session:
+        await send_sms(session, template="payment_receipt", cooperative_id=demo["cooperative_id"],
+                       context={"payment_id": payment.id}, cipher=rt.cipher, member_id="no-such-member",
+                       phone=Phone(ALINE), dedupe="gone-member-with-phone")
     await drain(worker)
-    [job] = await jobs_of(rt, "sms.send")
-    assert job.status == "PARKED" and "member no-such-member not found" in job.last_error
+    jobs = await jobs_of(rt, "sms.send")
+    assert len(jobs) == 2
+    for job in jobs:
+        assert job.status == "PARKED" and "member no-such-member not found" in job.last_error
     assert sim.requests == [] and await sms_rows(rt) == []
