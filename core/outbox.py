@@ -12,9 +12,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, exists, func, or_, select, update
+from sqlalchemy import Table, bindparam, exists, func, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -125,8 +125,7 @@ async def enqueue_many(
             await session.execute(row_insert(dialect, OutboxJob, ignore_conflict=("dedupe_key",)),
                                   [job.row() for job in jobs])
         return
-    now = utcnow()
-    params = {f"r{i}_{column}": value for i, job in enumerate(jobs) for column, value in job.row(now).items()}
+    params = job_params(jobs)
     if alongside is not None:
         params.update(alongside[1])
     statement = _rows_insert(len(jobs), None if alongside is None else alongside[0])
@@ -192,9 +191,8 @@ class OutboxWorker:
             async with autocommit(engine) as conn:
                 claimed = (await conn.execute(_CLAIM, {"now": now, "batch": self._batch, "worker": self.worker_id,
                                                        "lease_end": now + timedelta(seconds=self._lease)})).all()
-            claimed.sort(key=lambda r: (r.run_at_before, r.id))
             return [Job(r.id, r.kind, dict(r.payload), r.attempts, r.max_attempts, r.created_at,
-                        locked_by=self.worker_id) for r in claimed]
+                        locked_by=self.worker_id) for r in sorted(claimed, key=lambda r: (r.run_at_before, r.id))]
         async with self._sm.begin() as session:
             rows = (
                 await session.execute(
@@ -313,7 +311,7 @@ class OutboxWorker:
             pass
 
 
-_TABLE = OutboxJob.__table__
+_TABLE = cast(Table, OutboxJob.__table__)
 _DUE = (select(_TABLE.c.id, _TABLE.c.run_at)
         .where(_TABLE.c.status.in_(("PENDING", "RUNNING")), _TABLE.c.run_at <= bindparam("now"))
         .order_by(_TABLE.c.run_at).limit(bindparam("batch")).with_for_update(skip_locked=True).cte("due"))
@@ -345,6 +343,23 @@ def finished_after(moved: Any) -> Any:
     return (_FINISH.values({column: bindparam(column) for column in _done(utcnow())})  # _done's columns
             .where(exists(select(1).select_from(moved)))
             .returning(_TABLE.c.id).cte("job_ended"))
+
+
+def queued_after(moved: Any, count: int) -> Any:
+    """INSERT INTO outbox_jobs SELECT (row 0) FROM moved UNION ALL ... ON CONFLICT (dedupe_key) DO NOTHING,
+    as a CTE: `count` jobs (parameters r<i>_<column>, NewJob.row's values) queued only when the CTE
+    `moved` returned a row (see core.state.machine.transition's `jobs`)."""
+    rows = [select(*(bindparam(f"r{i}_{c}", type_=_TABLE.c[c].type) for c in NewJob.COLUMNS)).select_from(moved)
+            for i in range(count)]
+    source = rows[0] if count == 1 else union_all(*rows)
+    return (postgresql.insert(_TABLE).from_select(list(NewJob.COLUMNS), source)
+            .on_conflict_do_nothing(index_elements=["dedupe_key"]).cte("queued"))
+
+
+def job_params(jobs: list[NewJob], now: datetime | None = None) -> dict[str, Any]:
+    """The parameters of _rows_insert and queued_after for `jobs`."""
+    now = now or utcnow()
+    return {f"r{i}_{column}": value for i, job in enumerate(jobs) for column, value in job.row(now).items()}
 
 
 async def finish_in(session: AsyncSession, job: Job) -> bool:

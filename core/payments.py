@@ -357,10 +357,22 @@ class _Settle:
         return _SET_OUTCOME, {"b_id": self.event_row_id, "b_outcome": result, "b_payment_id": self.payment_id}
 
 
-async def _notify(session: AsyncSession, rt: Runtime, payment: Payment, template: str, event_type: str,
-                  alongside: tuple[Any, dict[str, Any]] | None = None) -> None:
-    """The payer's SMS and the cooperative's webhook event for a payment's new state, queued together
-    (with the write `alongside`, in one statement on PostgreSQL)."""
+class _Moved:
+    """A payment as it reads once a move's `changes` are written: its receipt and webhook event are built
+    from it before the move, so that they travel in the move's statement (see transition's `jobs`)."""
+
+    __slots__ = ("_changes", "_payment")
+
+    def __init__(self, payment: Payment, changes: dict[str, Any]) -> None:
+        self._payment, self._changes = payment, changes
+
+    def __getattr__(self, name: str) -> Any:
+        changes = self._changes
+        return changes[name] if name in changes else getattr(self._payment, name)
+
+
+def _notices(rt: Runtime, payment: Any, template: str, event_type: str) -> list[NewJob]:
+    """The payer's SMS and the cooperative's webhook event for a payment's new state."""
     jobs = []
     if payment.member_id is not None:
         jobs.append(sms_job(template=template, cooperative_id=payment.cooperative_id,
@@ -374,7 +386,7 @@ async def _notify(session: AsyncSession, rt: Runtime, payment: Payment, template
                             phone=Phone(payment_account(rt, payment)), dedupe=f"{template}:{payment.id}"))
     jobs.append(event_job(cooperative_id=payment.cooperative_id, event_type=event_type,
                           event_id=f"evt_{event_type.replace('.', '_')}_{payment.id}", data=event_data(payment)))
-    await enqueue_many(session, jobs, alongside=alongside)
+    return jobs
 
 
 _FAILED_TARGET = {
@@ -450,20 +462,23 @@ async def _apply_outcome(
                          entity_id=payment.id, after={"reported": amount.minor, "reportedCurrency": amount.currency,
                                                       "expected": expected.minor},
                          cooperative_id=payment.cooperative_id)
-        updated = await transition(session, PAYMENT, payment.id, current, P.COMPLETED, actor=actor, values=values)
-        metrics.PAYMENTS.labels(status="COMPLETED", method=payment.method).inc()
         result = "late_completed" if values.get("late") else "completed"
-        await _notify(session, rt, updated, "payment_receipt", "payment.completed",
-                      settle.write(result) if settle else None)
+        # The receipt, the webhook event and the stored callback's outcome are written with the move.
+        await transition(session, PAYMENT, payment.id, current, P.COMPLETED, actor=actor, values=values,
+                         jobs=_notices(rt, _Moved(payment, {"status": P.COMPLETED.value, **values}),
+                                       "payment_receipt", "payment.completed"),
+                         alongside=settle.write(result) if settle else None)
+        metrics.PAYMENTS.labels(status="COMPLETED", method=payment.method).inc()
         return result
     target, template, event_type = _FAILED_TARGET[outcome]
     if current not in OPEN:
         return "ignored_final"
-    updated = await transition(session, PAYMENT, payment.id, current, target, actor=actor,
-                               values={"failure_reason": (reason or outcome.value.lower())[:200]})
-    metrics.PAYMENTS.labels(status=target.value, method=payment.method).inc()
     result = target.value.lower()
-    await _notify(session, rt, updated, template, event_type, settle.write(result) if settle else None)
+    values = {"failure_reason": (reason or outcome.value.lower())[:200]}
+    await transition(session, PAYMENT, payment.id, current, target, actor=actor, values=values,
+                     jobs=_notices(rt, _Moved(payment, {"status": target.value, **values}), template, event_type),
+                     alongside=settle.write(result) if settle else None)
+    metrics.PAYMENTS.labels(status=target.value, method=payment.method).inc()
     return result
 
 

@@ -62,8 +62,11 @@ def compiled(stmt: Any, column_keys: tuple[str, ...] | None = None) -> RawStatem
     values, the columns it sets (the others keep their defaults)."""
     done = stmt.compile(dialect=_DIALECT, column_keys=list(column_keys) if column_keys else None)
     json_names = frozenset(name for name, bind in done.binds.items() if _is_json(bind.type))
+    # Columns whose Python-side default or onupdate SQLAlchemy would compute (updated_at): nothing here
+    # computes them, so the caller must pass them (a KeyError in args) instead of NULL being written.
+    computed = {column.key for column in (*done.insert_prefetch, *done.update_prefetch)}
     fixed = {name: bind.effective_value for name, bind in done.binds.items()
-             if not bind.required and bind.callable is None}
+             if not bind.required and bind.callable is None and name not in computed}
     return RawStatement(str(done), tuple(done.positiontup or ()), json_names, fixed)
 
 

@@ -296,9 +296,19 @@ def _insert(dialect_name: str) -> Any:
             .returning(*_COLUMNS))
 
 
+class _Member(NamedTuple):
+    phone_enc: str
+    cooperative_id: str
+    language: str
+
+
 class _PaymentRow(NamedTuple):
     payment: PaymentFacts
-    member: Any  # (phone_enc, cooperative_id, language), or None when the payload names no member
+    member: _Member | None  # None when the payload names no member
+
+
+_FACTS = len(PaymentFacts._fields)  # the query's columns: PaymentFacts', then _Member's
+_COOP_NAME = PaymentFacts._fields.index("coop_name")
 
 
 async def _payment_facts(conn: AsyncConnection, payload: dict[str, Any]) -> _PaymentRow | None:
@@ -310,16 +320,10 @@ async def _payment_facts(conn: AsyncConnection, payload: dict[str, Any]) -> _Pay
     member_id = payload.get("member_id") or None
     params = {"c": payload.get("cooperative_id") or None, "m": member_id, "p": payment_id}
     row = await pgraw.first(conn, _PAYMENT_FACTS, params)
-    if row is None or row[9] is None or (member_id and row[12] is None):
-        return None
-    member = _Member(*row[12:]) if member_id else None
-    return _PaymentRow(PaymentFacts(*row[:12]), member)
-
-
-class _Member(NamedTuple):
-    phone_enc: str
-    cooperative_id: str
-    language: str
+    if row is None or row[_COOP_NAME] is None or (member_id and row[_FACTS] is None):
+        return None  # the cooperative or the member is gone
+    member = _Member(*row[_FACTS:]) if member_id else None
+    return _PaymentRow(PaymentFacts(*row[:_FACTS]), member)
 
 
 _P, _T, _C, _M = (model.__table__ for model in (Payment, PaymentType, Cooperative, Member))

@@ -19,7 +19,17 @@ from core.audit import Actor, record
 from core.db import utcnow
 from core.errors import BusinessRuleError, Conflict
 from core.models import AuditEvent
-from core.outbox import Job, finish_in, finish_values, finished, finished_after
+from core.outbox import (
+    Job,
+    NewJob,
+    enqueue_many,
+    finish_in,
+    finish_values,
+    finished,
+    finished_after,
+    job_params,
+    queued_after,
+)
 
 S = TypeVar("S", bound=StrEnum)
 
@@ -83,11 +93,18 @@ async def transition(
     values: Mapping[str, Any] | None = None,
     audit: Mapping[str, Any] | None = None,
     cooperative_id: str | None = None,
+    jobs: Sequence[NewJob] = (),
+    alongside: tuple[Any, dict[str, Any]] | None = None,
 ) -> Any:
     """Move one row from `source` to `target` with UPDATE ... WHERE status = :source RETURNING.
 
     Raises IllegalTransition if the table forbids it and StaleTransition if zero rows matched.
     The audit event is written in the caller's transaction; the caller commits.
+
+    `jobs`: outbox jobs the move queues (a receipt, a webhook event), and `alongside`: another write made
+    with it (a Core UPDATE built once, its parameters). On PostgreSQL they travel in the move's statement
+    and happen only if the row moved (jobs whose dedupe key exists are skipped, as with enqueue_many);
+    elsewhere, or for a job without a dedupe key, enqueue_many writes them once the row has moved.
     """
     machine.check(source, target)
     model = machine.model
@@ -97,19 +114,30 @@ async def transition(
         await session.flush()  # what the ORM UPDATE's autoflush did: pending changes go first
     if session.get_bind().dialect.name == "postgresql":
         # One statement: the UPDATE ... RETURNING and the audit INSERT fed by it (a data-modifying CTE),
-        # so the audit row exists exactly when the row moved, in one round trip instead of two.
+        # so the audit row exists exactly when the row moved, in one round trip instead of two; the jobs
+        # and the write alongside ride along the same way.
         params = _cte_params(machine, entity_id, source, changes, actor, action, before, after, cooperative_id)
         keys = tuple(changes)
+        carried = all(job.dedupe_key is not None for job in jobs)
+        if carried:
+            params.update(job_params(list(jobs)))
+            if alongside is not None:
+                params.update(alongside[1])
+        statement = (_moved_and_audited(model, keys, False, len(jobs), None if alongside is None else alongside[0])
+                     if carried and (jobs or alongside is not None) else _moved_and_audited(model, keys))
         if await pgraw.in_transaction(session):
             # The caller's transaction is open (an earlier statement began it): the statement joins it
             # straight on asyncpg. As the first statement it goes through SQLAlchemy, which begins one.
-            raw = await pgraw.fetchrow(session, pgraw.compiled(_moved_and_audited(model, keys)), params)
+            raw = await pgraw.fetchrow(session, pgraw.compiled(statement), params)
             returned = None if raw is None else pgraw.decoded(model.__table__, raw)
         else:
-            returned = (await session.execute(_moved_and_audited(model, keys), params)).first()
+            returned = (await session.execute(statement, params)).first()
         if returned is None:
             raise StaleTransition(machine.name, entity_id, source.value)
-        return _refresh_loaded(session, model, entity_id, returned)
+        row = _refresh_loaded(session, model, entity_id, returned)
+        if not carried:
+            await enqueue_many(session, list(jobs), alongside=alongside)
+        return row
     table = model.__table__
     stmt = update(table).where(table.c.id == entity_id, table.c.status == source.value).values(changes)
     returned = (await session.execute(stmt.returning(*table.c))).first()
@@ -126,6 +154,8 @@ async def transition(
         after=after,
         cooperative_id=cooperative_id or getattr(row, "cooperative_id", None),
     )
+    if jobs or alongside is not None:
+        await enqueue_many(session, list(jobs), alongside=alongside)
     return row
 
 
@@ -199,9 +229,11 @@ def _cte_params(
 
 
 @functools.cache
-def _moved_and_audited(model: Any, keys: tuple[str, ...], finishes: bool = False) -> Any:
+def _moved_and_audited(model: Any, keys: tuple[str, ...], finishes: bool = False, jobs: int = 0,
+                       alongside: Any | None = None) -> Any:
     """WITH moved AS (UPDATE ... WHERE id AND status RETURNING *), audited AS (INSERT INTO audit_events
-    SELECT ... FROM moved) SELECT * FROM moved; built once per model and set of changed columns."""
+    SELECT ... FROM moved) SELECT * FROM moved; built once per model and set of changed columns (and
+    count of `jobs` queued, write `alongside`: both only when the row moved)."""
     table, audit_table = model.__table__, AuditEvent.__table__
     moved = (
         update(table)
@@ -228,6 +260,10 @@ def _moved_and_audited(model: Any, keys: tuple[str, ...], finishes: bool = False
         ).select_from(moved),
     ).cte("audited")
     stmt = select(*(moved.c[c.name] for c in table.c)).add_cte(audited)
+    if jobs:
+        stmt = stmt.add_cte(queued_after(moved, jobs))
+    if alongside is not None:
+        stmt = stmt.add_cte(alongside.where(exists(select(1).select_from(moved))).cte("alongside"))
     if finishes:  # the outbox job's end, when the row moved; `finished` says whether the lease still held
         ended = finished_after(moved)
         stmt = stmt.add_cte(ended).add_columns(

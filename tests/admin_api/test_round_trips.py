@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from core.models import OutboxJob, Payment
+from core.models import AuditEvent, OutboxJob, Payment
 from core.models import ProviderEvent as ProviderEventRow
-from core.payments import handle_provider_event
+from core.payments import event_data, handle_provider_event
 from core.ports import EventKind, ProviderEvent, ProviderOutcome
 from tests.admin_api.conftest import payment_body
 from tests.conftest import requires_pg, sql_sent
@@ -46,7 +46,7 @@ async def test_an_api_payment_is_one_read_and_one_write(client: Any, demo: Any, 
     assert [s.split()[0] for s in sent] == ["SELECT", "WITH", "BEGIN", "SELECT", "COMMIT"], sent
 
 
-async def test_a_callback_is_three_statements_in_one_transaction(client: Any, demo: Any, rt: Any,
+async def test_a_callback_is_two_statements_in_one_transaction(client: Any, demo: Any, rt: Any,
                                                                admin: Any, sent: list[str]) -> None:
     created = await admin.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Monthly Rent"]))
     async with rt.sessionmaker() as s:
@@ -56,17 +56,59 @@ async def test_a_callback_is_three_statements_in_one_transaction(client: Any, de
                              provider_transaction_id="TX-1")
     sent.clear()
     assert await handle_provider_event(rt, callback) == "completed"
-    # The event stored and the payment locked; the move and its audit row; the receipt and webhook jobs
-    # with the event's outcome.
-    assert sent == ["BEGIN", "WITH e AS (INSERT", "WITH moved AS (UPDATE", "WITH alongside AS (UPDATE", "COMMIT"], sent
+    # The event stored and the payment locked; the move with its audit row, the receipt and webhook jobs
+    # and the event's outcome.
+    assert sent == ["BEGIN", "WITH e AS (INSERT", "WITH moved AS (UPDATE", "COMMIT"], sent
     async with rt.sessionmaker() as s:
         stored = (await s.execute(select(ProviderEventRow.outcome, ProviderEventRow.payment_id)
                                   .where(ProviderEventRow.event_id == "cb-1"))).one()
-        jobs = (await s.execute(select(OutboxJob.kind, OutboxJob.dedupe_key)
-                                .where(OutboxJob.kind.in_(("sms.send", "webhook.event"))))).all()
+        jobs = {kind: (key, payload) for kind, key, payload in (await s.execute(
+            select(OutboxJob.kind, OutboxJob.dedupe_key, OutboxJob.payload)
+            .where(OutboxJob.kind.in_(("sms.send", "webhook.event"))))).all()}
+        moved = await s.get(Payment, payment.id)
+        audit = (await s.execute(select(AuditEvent.action, AuditEvent.actor, AuditEvent.after)
+                                 .where(AuditEvent.entity_id == payment.id,
+                                        AuditEvent.action == "payment.completed"))).one()
     assert tuple(stored) == ("completed", payment.id)
-    assert sorted(jobs) == [("sms.send", f"sms:payment_receipt:{payment.id}"),
-                            ("webhook.event", f"wh:evt_payment_completed_{payment.id}")], jobs
+    assert moved.status == "COMPLETED" and moved.provider_transaction_id == "TX-1"
+    assert audit.actor == f"provider:{payment.provider}" and audit.after["status"] == "COMPLETED"
+    assert jobs["sms.send"][0] == f"sms:payment_receipt:{payment.id}"
+    assert jobs["sms.send"][1]["context"] == {"payment_id": payment.id}
+    # The webhook event was built before the move, from what it would write: it must read as the stored row.
+    assert jobs["webhook.event"][0] == f"wh:evt_payment_completed_{payment.id}"
+    assert jobs["webhook.event"][1]["data"] == event_data(moved), (jobs["webhook.event"][1]["data"], event_data(moved))
+    assert jobs["webhook.event"][1]["data"]["status"] == "COMPLETED"
+    assert jobs["webhook.event"][1]["data"]["gatewayTransactionId"] == "TX-1"
+
+
+async def test_a_failed_callback_moves_and_queues_in_one_statement(client: Any, demo: Any, rt: Any,
+                                                                   admin: Any, sent: list[str]) -> None:
+    created = await admin.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Monthly Rent"]))
+    async with rt.sessionmaker() as s:
+        payment = await s.get(Payment, created["id"])
+    callback = ProviderEvent(provider=payment.provider, kind=EventKind.COLLECTION, event_id="cb-2",
+                             reference=payment.provider_reference, outcome=ProviderOutcome.FAILED,
+                             reason="payer declined")
+    sent.clear()
+    assert await handle_provider_event(rt, callback) == "failed"
+    assert sent == ["BEGIN", "WITH e AS (INSERT", "WITH moved AS (UPDATE", "COMMIT"], sent
+    async with rt.sessionmaker() as s:
+        moved = await s.get(Payment, payment.id)
+        jobs = {kind: (key, payload) for kind, key, payload in (await s.execute(
+            select(OutboxJob.kind, OutboxJob.dedupe_key, OutboxJob.payload)
+            .where(OutboxJob.kind.in_(("sms.send", "webhook.event"))))).all()}
+        outcome = (await s.execute(select(ProviderEventRow.outcome)
+                                   .where(ProviderEventRow.event_id == "cb-2"))).scalar_one()
+    assert moved.status == "FAILED" and moved.failure_reason == "payer declined" and outcome == "failed"
+    assert jobs["sms.send"][0] == f"sms:payment_failed:{payment.id}"
+    assert jobs["webhook.event"][1]["data"] == event_data(moved)
+    assert jobs["webhook.event"][1]["data"]["failureReason"] == "payer declined"
+    # The same callback again: stored once, nothing moves or is queued twice.
+    sent.clear()
+    assert await handle_provider_event(rt, callback) == "duplicate"
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(func.count()).select_from(OutboxJob)
+                                .where(OutboxJob.kind.in_(("sms.send", "webhook.event"))))).scalar_one() == 2
 
 
 

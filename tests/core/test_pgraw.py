@@ -42,6 +42,22 @@ def test_compiled_once_with_positional_parameters() -> None:
         ADD.args({"kind": "k"})
 
 
+def test_a_column_sqlalchemy_would_fill_in_must_be_passed() -> None:
+    # payments.updated_at has a Python-side onupdate: SQLAlchemy computes it, asyncpg alone cannot. A raw
+    # UPDATE without it must fail loudly, not write NULL.
+    from sqlalchemy import update
+
+    from core.models import Payment
+
+    table = Payment.__table__
+    raw = pgraw.compiled(update(table).where(table.c.id == bindparam("b_id"))
+                         .values(failure_reason=bindparam("b_note")).cte("noted").select())
+    assert "updated_at" in raw.names
+    with pytest.raises(KeyError, match="updated_at"):
+        raw.args({"b_id": "p", "b_note": "n"})
+    assert raw.args({"b_id": "p", "b_note": "n", "updated_at": "t"}).count("t") == 1
+
+
 async def test_alone_it_commits_by_itself_and_json_round_trips(sm: Any) -> None:
     async with sm() as session:
         row = await pgraw.fetchrow(session, ADD, _params("alone"))

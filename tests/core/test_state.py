@@ -7,10 +7,12 @@ import asyncio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
 
 from core.audit import Actor
-from core.models import AuditEvent
+from core.db import utcnow
+from core.models import AuditEvent, OutboxJob
+from core.outbox import NewJob
 from core.state import IllegalTransition, StaleTransition, transition
 from core.state.dispute import DISPUTE
 from core.state.payment import PAYMENT, PaymentStatus
@@ -74,6 +76,49 @@ async def test_stale_source_is_refused(sm):
     async with sm.begin() as session:
         with pytest.raises(StaleTransition):
             await transition(session, PAYMENT, row.id, PaymentStatus.PENDING, PaymentStatus.FAILED, actor=ACTOR)
+
+
+_NOTE = (update(PAYMENT.model.__table__).where(PAYMENT.model.__table__.c.id == bindparam("b_id"))
+         .values(failure_reason=bindparam("b_note"), updated_at=bindparam("b_at")))
+
+
+@pytest.mark.parametrize("opened", [False, True], ids=["first-statement", "in-open-transaction"])
+async def test_jobs_and_the_write_alongside_happen_only_with_the_move(sm, opened):
+    async with sm.begin() as session:
+        row = await row_in_state(session, "payment", "PENDING")
+        other = await row_in_state(session, "payment", "PENDING")
+    jobs = [NewJob("test.receipt", {"n": 1}, dedupe_key=f"r:{row.id}"),
+            NewJob("test.event", {"n": 2}, dedupe_key=f"e:{row.id}")]
+
+    async def queued(session):
+        return sorted((await session.execute(select(OutboxJob.kind, OutboxJob.payload)
+                                             .where(OutboxJob.kind.like("test.%")))).all())
+
+    async with sm.begin() as session:
+        if opened:
+            await session.execute(select(1))  # an earlier statement began the transaction
+        with pytest.raises(StaleTransition):
+            await transition(session, PAYMENT, row.id, PaymentStatus.PROCESSING, PaymentStatus.FAILED, actor=ACTOR,
+                             jobs=jobs, alongside=(_NOTE, {"b_id": other.id, "b_note": "written", "b_at": utcnow()}))
+        # Nothing was queued or written with a move that did not happen (read in the same transaction).
+        assert await queued(session) == []
+        assert (await session.get(PAYMENT.model, other.id)).failure_reason is None
+    async with sm.begin() as session:
+        if opened:
+            await session.execute(select(1))
+        await transition(session, PAYMENT, row.id, PaymentStatus.PENDING, PaymentStatus.FAILED, actor=ACTOR,
+                         jobs=jobs, alongside=(_NOTE, {"b_id": other.id, "b_note": "written", "b_at": utcnow()}))
+    async with sm.begin() as session:
+        assert await queued(session) == [("test.event", {"n": 2}), ("test.receipt", {"n": 1})]
+        assert (await session.get(PAYMENT.model, other.id)).failure_reason == "written"
+        assert (await session.get(PAYMENT.model, row.id)).status == "FAILED"
+        # A job already queued (same dedupe key) is skipped; one without a key is queued after the move.
+        other_row = await row_in_state(session, "payment", "PENDING")
+        await transition(session, PAYMENT, other_row.id, PaymentStatus.PENDING, PaymentStatus.COMPLETED,
+                         actor=ACTOR, jobs=[jobs[0], NewJob("test.unkeyed", {"n": 3})])
+    async with sm() as session:
+        assert await queued(session) == [("test.event", {"n": 2}), ("test.receipt", {"n": 1}),
+                                          ("test.unkeyed", {"n": 3})]
 
 
 @requires_pg

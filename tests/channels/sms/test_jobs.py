@@ -321,15 +321,24 @@ async def test_payment_messages_from_the_one_query_match_the_row_by_row_build(
 ) -> None:
     """The worker fills payment templates from one plain query; build_message (row by row, through the ORM)
     stays the reference: same phone, language and body, in every language the demo members speak."""
+    from datetime import UTC, datetime
+
     from channels.sms.jobs import _payment_facts
     from channels.sms.templates import build_message
     from core.db import autocommit
+    from core.models import Payment
 
     jobs = SmsJobs(rt)
-    seen_languages = set()
-    for phone, member_id in demo["members"].items():
+    seen_languages, seen_dates = set(), set()
+    shapes = [("FAILED", "INSUFFICIENT_FUNDS"), ("COMPLETED", None)] * len(demo["members"])
+    for (phone, member_id), (status, reason) in zip(list(demo["members"].items()) * 2, shapes, strict=False):
         payment = await make_payment(rt, demo["cooperative_id"], account=phone, member_id=member_id,
-                                     status="FAILED", failure_reason="INSUFFICIENT_FUNDS")
+                                     status=status, failure_reason=reason)
+        # Touched two days later (a refund): a completed payment is dated by completed_at (15/01), another
+        # by updated_at (17/01).
+        async with rt.sessionmaker.begin() as session:
+            row = await session.get(Payment, payment.id)
+            row.updated_at = datetime(2026, 1, 17, 8, 0, tzinfo=UTC)
         for payload in (
             {"template": template, "cooperative_id": demo["cooperative_id"], "member_id": member_id,
              "context": {"payment_id": payment.id}},
@@ -346,7 +355,10 @@ async def test_payment_messages_from_the_one_query_match_the_row_by_row_build(
             assert fast == reference
             assert payment.reference in fast[2] and fast[0].e164 == phone
             seen_languages.add(fast[1])
+            seen_dates.update(day for day in ("15/01", "17/01", "16/01") if day in fast[2])
     assert len(seen_languages) >= 2, seen_languages
+    if template == "payment_receipt":  # the template that shows the date: both dates were used
+        assert seen_dates == {"15/01", "17/01"}, seen_dates
 
 
 async def test_a_receipt_for_a_member_that_is_gone_is_parked_with_the_reason(
