@@ -49,7 +49,7 @@ def present(job: OutboxJob) -> dict[str, Any]:
 
 
 def _job_id(raw: str) -> int:
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise NotFound("job not found")
     return int(raw)
 

@@ -82,7 +82,7 @@ def verify_signature(
     candidates: list[str] = []
     for part in (header or "").split(","):
         key, _, value = part.strip().partition("=")
-        if key == "t" and value.isdigit():
+        if key == "t" and value.isascii() and value.isdigit() and len(value) <= 15:
             timestamp = int(value)
         elif key == "v1" and value:
             candidates.append(value)

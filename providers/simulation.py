@@ -168,7 +168,7 @@ DELAYED_FACTOR = 10  # a "delayed" payer answers after 10 x delay
 
 
 def _digits(number: str) -> str:
-    return "".join(ch for ch in number if ch.isdigit())
+    return "".join(ch for ch in number if ch.isascii() and ch.isdigit())
 
 
 def outcome_for(number: str, options: SimulatorOptions) -> Outcome:

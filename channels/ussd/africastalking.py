@@ -50,7 +50,7 @@ def parse_event(form: Mapping[str, Any]) -> dict[str, Any]:
         raw = text_field(form, name, required=False, max_len=12)
         if not raw:
             return None
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):
             raise MalformedRequest(f"{name} must be a whole number")
         return int(raw)
 

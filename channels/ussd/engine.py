@@ -226,7 +226,7 @@ class Engine:
                 ctx.t("error.generic"), True)
 
     def _chosen(self, state: State, text: str) -> str | None:
-        if not text.isdigit() or text.startswith("0"):
+        if not (text.isascii() and text.isdigit()) or text.startswith("0"):
             return None
         index = int(text) - state.first
         if 0 <= index < len(state.ids):

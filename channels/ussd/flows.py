@@ -385,7 +385,7 @@ async def validate_amount(ctx: Ctx, text: str) -> str:
     currency = ctx.data.get("cur", "RWF")
     example = "5000"
     # Whole units only: a "." or "," typed on a keypad is a mistake more often than cents.
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # "³" and "٣" are digits to str.isdigit
         raise Invalid("pay.amount_invalid", currency=currency, example=example)
     try:
         amount = Money.parse(text, currency)

@@ -47,6 +47,8 @@ async def test_jobs_of_another_cooperative_are_invisible(admin, rt, demo, worker
     assert (await other.json("GET", "/v1/jobs?status=PARKED", 200))["data"] == []
     await other.json("POST", f"/v1/jobs/{job_id}/replay", 404)
     await admin.json("POST", "/v1/jobs/not-a-number/replay", 404)
+    await admin.json("POST", "/v1/jobs/%C2%B3/replay", 404)  # "³": a digit to str.isdigit, not to int()
+    await admin.json("POST", "/v1/jobs/%D9%A3/replay", 404)  # "٣" (Arabic-Indic three): not job 3 either
     await admin.json("POST", "/v1/jobs/999999999/replay", 404)
     await tenant.json("GET", "/v1/jobs", 403)
     await admin.json("GET", "/v1/jobs?status=BOGUS", 400)

@@ -50,6 +50,10 @@ def test_sign_and_verify() -> None:
     assert not webhooks.verify_signature("whsec_abc", header, body + b" ")
     assert not webhooks.verify_signature("whsec_abc", webhooks.sign("whsec_abc", body, now - 301), body)
     assert webhooks.verify_signature("whsec_abc", webhooks.sign("whsec_abc", body, now - 10), body)
+    # A timestamp in digits str.isdigit takes but int() does not ("³"), or other scripts' digits: refused.
+    digest = header.partition(",v1=")[2]
+    for odd in ("\u00b3", "\u0663" * 10, "1" * 40):
+        assert not webhooks.verify_signature("whsec_abc", f"t={odd},v1={digest}", body)
     assert not webhooks.verify_signature("whsec_abc", "", body)
     assert not webhooks.verify_signature("whsec_abc", f"t={now}", body)
     assert not webhooks.verify_signature("whsec_abc", "t=abc,v1=00", body)

@@ -229,6 +229,8 @@ async def test_ops_data_for_the_demo_admin(pages: Any, rt: Any, demo: dict[str, 
     assert resp.status == 400
     resp = await pages.get("/ops/data?minutes=abc", headers={"Authorization": f"Bearer {token}"})
     assert resp.status == 400
+    resp = await pages.get("/ops/data?minutes=%C2%B3", headers={"Authorization": f"Bearer {token}"})  # "³"
+    assert resp.status == 400 and "minutes must be an integer" in (await resp.json())["message"]
 
 
 async def test_ops_data_is_scoped_to_the_admins_cooperative(pages: Any, rt: Any, demo: dict[str, Any],
