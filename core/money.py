@@ -14,7 +14,7 @@ EXPONENTS: dict[str, int] = {
     "NGN": 2, "ZAR": 2, "XOF": 0, "XAF": 0, "USD": 2, "EUR": 2, "GBP": 2,
 }
 
-_AMOUNT = re.compile(r"^-?\d{1,15}(\.\d{1,6})?$")
+_AMOUNT = re.compile(r"^-?\d{1,15}(\.\d{1,6})?$", re.ASCII)
 MAX_MINOR = 10**15
 
 

@@ -41,7 +41,7 @@ DELIVERY_STATUS: dict[str, SmsStatus] = {
 
 # Keyword replies: at most 5 per phone per 10 minutes, so a loop with another robot costs little.
 REPLY_LIMIT = Limit("sms:reply", count=5, window=600, sliding=False)
-_REF = re.compile(r"^[A-Z]{2,5}_\d{8}_\d{1,9}$")
+_REF = re.compile(r"^[A-Z]{2,5}_\d{8}_\d{1,9}$", re.ASCII)
 
 
 def _check_secret(request: web.Request, rt: Runtime) -> None:

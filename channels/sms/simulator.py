@@ -48,7 +48,7 @@ DELIVERY_FAILURES: dict[str, tuple[str, str | None]] = {
 HTTP_FAILURES = {"http500": 500, "http502": 502, "http503": 503}
 ALL_FAILURES = frozenset(SEND_FAILURES) | frozenset(DELIVERY_FAILURES) | frozenset(HTTP_FAILURES)
 
-_E164 = re.compile(r"^\+\d{8,15}$")
+_E164 = re.compile(r"^\+\d{8,15}$", re.ASCII)
 _CURRENCY = {"250": "RWF", "254": "KES", "256": "UGX", "255": "TZS", "233": "GHS", "260": "ZMW"}
 _PRICE = {
     "RWF": "20.0000",

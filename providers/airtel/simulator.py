@@ -21,8 +21,8 @@ from providers.simulation import (
 
 TRANSACTIONS = web.AppKey("airtel_transactions", dict)  # our transaction id -> record
 TOKEN_LIFETIME = 180
-_MSISDN = re.compile(r"^\d{6,12}$")
-_AMOUNT = re.compile(r"^\d{1,15}(\.\d{1,2})?$")
+_MSISDN = re.compile(r"^\d{6,12}$", re.ASCII)
+_AMOUNT = re.compile(r"^\d{1,15}(\.\d{1,2})?$", re.ASCII)
 _CODE = re.compile(r"^[A-Z]{2,3}$")
 # Payer's answer -> (status, message) as the status enquiry reports it.
 _FINAL: dict[Outcome, tuple[str, str]] = {

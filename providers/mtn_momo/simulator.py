@@ -23,9 +23,9 @@ from providers.simulation import (
 
 TRANSACTIONS = web.AppKey("mtn_transactions", dict)  # referenceId -> wire body (+ private fields)
 REFUNDS = web.AppKey("mtn_refunds", dict)
-_AMOUNT = re.compile(r"^\d{1,15}(\.\d{1,2})?$")
+_AMOUNT = re.compile(r"^\d{1,15}(\.\d{1,2})?$", re.ASCII)
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
-_PARTY = re.compile(r"^\d{6,15}$")
+_PARTY = re.compile(r"^\d{6,15}$", re.ASCII)
 # What the payer's answer does to the request, as MTN reports it: (status, reason).
 _FINAL: dict[Outcome, tuple[str, str | None]] = {
     Outcome.SUCCEED: ("SUCCESSFUL", None),

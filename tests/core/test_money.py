@@ -31,7 +31,8 @@ def test_parse(value, currency, minor):
 @pytest.mark.parametrize(
     ("value", "currency"),
     [("50000.5", "RWF"), ("1.001", "KES"), ("abc", "RWF"), ("", "RWF"), ("1e5", "RWF"), ("--1", "KES"),
-     ("12", "XXX"), (12.5, "KES"), (True, "RWF")],
+     ("12", "XXX"), (12.5, "KES"), (True, "RWF"),
+     ("\u0665\u0660\u0660\u0660\u0660", "RWF"), ("\uff15\uff10", "RWF")],  # Arabic-Indic, fullwidth digits
 )
 def test_parse_refuses(value, currency):
     with pytest.raises(MoneyError):
