@@ -83,6 +83,11 @@ class JsonFormatter(logging.Formatter):
         return scrub(_ENCODE(entry))
 
 
+# Libraries whose own lines stay at WARNING even with LOG_LEVEL=DEBUG: request lines already logged our
+# way, and aiosqlite, whose debug lines carry every statement with its parameters (names, ciphertexts).
+NOISY_LOGGERS = ("aiohttp.access", "httpx", "httpcore", "asyncio", "aiosqlite", "hpack")
+
+
 def configure(level: str = "INFO", stream: Any = None) -> None:
     # The formatter writes none of the caller's file, line, thread or process: do not collect them for
     # every record (the logging HOWTO's "Optimization"; finding the caller walks the stack, ~8% of a log
@@ -96,5 +101,5 @@ def configure(level: str = "INFO", stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("aiohttp.access", "httpx", "httpcore", "asyncio"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from core.config import DEV_CREDENTIAL, DEV_KEY, Secret
-from core.logs import JsonFormatter
+from core.logs import NOISY_LOGGERS, JsonFormatter
 
 # A full East African / Ghanaian mobile number: +2507xxxxxxxx, 2547xxxxxxxx, +233xxxxxxxxx, 07xxxxxxxx,
 # also written with spaces. Runs glued to letters or hex (UUIDs, digests, tokens) are not numbers, and
@@ -116,7 +116,7 @@ class ScanHandler(logging.Handler):
 
 
 _HANDLER = ScanHandler()
-_QUIET = ("aiohttp.access", "httpx", "httpcore", "asyncio")  # as core.logs.configure
+_QUIET = NOISY_LOGGERS  # as core.logs.configure
 
 
 def _attach() -> None:

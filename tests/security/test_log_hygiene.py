@@ -82,7 +82,9 @@ async def test_a_full_flow_logs_no_phone_number_and_no_secret(live: Any) -> None
     root.addHandler(capture)
     old_level = root.level
     root.setLevel(logging.DEBUG)  # stricter than production: even debug lines must be clean
-    for noisy in ("aiohttp.access", "httpx", "httpcore", "asyncio", "sqlalchemy", "hpack"):
+    from core.logs import NOISY_LOGGERS
+
+    for noisy in (*NOISY_LOGGERS, "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # as core.logs.configure does
     api_key = ""
     try:
@@ -224,3 +226,24 @@ def test_a_number_long_enough_to_be_a_phone_is_masked_and_the_line_stays_json() 
     assert entry["msg"] == "payer +25078****456 ok"
     assert entry["account"] == "25078****456" and entry["amount"] == 50_000
     assert logscan.find_leaks(line) == []
+
+
+def test_library_debug_lines_with_statements_stay_off_in_production() -> None:
+    # aiosqlite's debug lines carry each statement's parameters; LOG_LEVEL=DEBUG must not turn them on.
+    import io
+
+    from core.logs import configure
+
+    root = logging.getLogger()
+    saved = (root.level, root.handlers[:], {n: logging.getLogger(n).level for n in ("aiosqlite", "asyncio")})
+    out = io.StringIO()
+    try:
+        configure("DEBUG", stream=out)
+        logging.getLogger("aiosqlite").debug("executing %s", ("INSERT ...", ("Aline Uwase", "0788000001")))
+        logging.getLogger("gateway.test").debug("ours")
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)
+    assert "Aline" not in out.getvalue() and '"msg": "ours"' in out.getvalue(), out.getvalue()
