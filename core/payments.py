@@ -353,8 +353,11 @@ class _Settle:
     done: bool = False
 
     def write(self, result: str) -> tuple[Any, dict[str, Any]]:
-        self.done = True
+        """The outcome's UPDATE, to travel with the move; `done` is set once the move has run (moved())."""
         return _SET_OUTCOME, {"b_id": self.event_row_id, "b_outcome": result, "b_payment_id": self.payment_id}
+
+    def moved(self) -> None:
+        self.done = True
 
 
 class _Moved:
@@ -468,6 +471,8 @@ async def _apply_outcome(
                          jobs=_notices(rt, _Moved(payment, {"status": P.COMPLETED.value, **values}),
                                        "payment_receipt", "payment.completed"),
                          alongside=settle.write(result) if settle else None)
+        if settle is not None:
+            settle.moved()
         metrics.PAYMENTS.labels(status="COMPLETED", method=payment.method).inc()
         return result
     target, template, event_type = _FAILED_TARGET[outcome]
@@ -478,6 +483,8 @@ async def _apply_outcome(
     await transition(session, PAYMENT, payment.id, current, target, actor=actor, values=values,
                      jobs=_notices(rt, _Moved(payment, {"status": target.value, **values}), template, event_type),
                      alongside=settle.write(result) if settle else None)
+    if settle is not None:
+        settle.moved()
     metrics.PAYMENTS.labels(status=target.value, method=payment.method).inc()
     return result
 

@@ -122,6 +122,8 @@ async def transition(
         if carried:
             params.update(job_params(list(jobs)))
             if alongside is not None:
+                if params.keys() & alongside[1].keys():  # one namespace: a clash would overwrite the move's
+                    raise ValueError(f"parameters of the write alongside clash: {params.keys() & alongside[1].keys()}")
                 params.update(alongside[1])
         statement = (_moved_and_audited(model, keys, False, len(jobs), None if alongside is None else alongside[0])
                      if carried and (jobs or alongside is not None) else _moved_and_audited(model, keys))
@@ -260,6 +262,8 @@ def _moved_and_audited(model: Any, keys: tuple[str, ...], finishes: bool = False
         ).select_from(moved),
     ).cte("audited")
     stmt = select(*(moved.c[c.name] for c in table.c)).add_cte(audited)
+    if finishes and alongside is not None:  # the job's end binds b_id and bare column names too
+        raise ValueError("a move that ends its job takes no write alongside")
     if jobs:
         stmt = stmt.add_cte(queued_after(moved, jobs))
     if alongside is not None:

@@ -81,6 +81,35 @@ async def test_a_callback_is_two_statements_in_one_transaction(client: Any, demo
     assert jobs["webhook.event"][1]["data"]["gatewayTransactionId"] == "TX-1"
 
 
+@pytest.mark.parametrize("case", ["late", "mismatch", "no_transaction_id", "other_currency"])
+async def test_the_webhook_data_built_before_the_move_reads_as_the_stored_row(
+    client: Any, demo: Any, rt: Any, admin: Any, case: str
+) -> None:
+    from sqlalchemy import update
+
+    from core.money import Money
+
+    created = await admin.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Monthly Rent"]))
+    async with rt.sessionmaker.begin() as s:
+        if case == "late":  # given up on, then the money arrives: completed, flagged late
+            await s.execute(update(Payment).where(Payment.id == created["id"]).values(status="TIMEOUT"))
+        payment = await s.get(Payment, created["id"])
+    amount = {"mismatch": Money(payment.amount_minor - 100, payment.currency),
+              "other_currency": Money(500, "KES")}.get(case)
+    callback = ProviderEvent(provider=payment.provider, kind=EventKind.COLLECTION, event_id=f"cb-{case}",
+                             reference=payment.provider_reference, outcome=ProviderOutcome.SUCCEEDED,
+                             amount=amount, provider_transaction_id=None if case == "no_transaction_id" else "TX-9")
+    assert await handle_provider_event(rt, callback) == ("late_completed" if case == "late" else "completed")
+    async with rt.sessionmaker() as s:
+        stored = await s.get(Payment, payment.id)
+        [data] = (await s.execute(select(OutboxJob.payload["data"]).where(OutboxJob.kind == "webhook.event"))
+                  ).scalars().all()
+    assert data == event_data(stored), (data, event_data(stored))
+    assert (data["late"], data["mismatch"]) == (case == "late", case in ("mismatch", "other_currency"))
+    assert stored.collected_minor == {"mismatch": payment.amount_minor - 100, "other_currency": 0}.get(
+        case, stored.collected_minor)
+
+
 async def test_a_failed_callback_moves_and_queues_in_one_statement(client: Any, demo: Any, rt: Any,
                                                                    admin: Any, sent: list[str]) -> None:
     created = await admin.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Monthly Rent"]))
