@@ -224,7 +224,19 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
             app[RUNTIME] = assemble(settings, app[ENGINE], app[REDIS], app[HTTP])
             yield
 
-        app.cleanup_ctx.extend([database_ctx, redis_ctx, http_ctx, runtime_ctx])
+        async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:
+            # Token revocation marks live in Redis; if it loses them, they are put back from the audit log.
+            from core.auth import guard_revocations
+
+            rt = app[RUNTIME]
+            guard = asyncio.create_task(guard_revocations(rt.redis, rt.sessionmaker,
+                                                          ttl_seconds=settings.jwt_ttl_seconds))
+            yield
+            guard.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await guard
+
+        app.cleanup_ctx.extend([database_ctx, redis_ctx, http_ctx, runtime_ctx, revocations_ctx])
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
 from redis.asyncio import Redis
-from sqlalchemy import false, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import false, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.audit import Actor, record
 from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
 from core.db import utcnow
 from core.errors import DomainError, Forbidden, NotFound, ValidationError
-from core.models import AdminUser, ApiKey, Cooperative, Member, PaymentType
+from core.models import AdminUser, ApiKey, AuditEvent, Cooperative, Member, PaymentType
 from core.ratelimit import subject_tag
+
+log = logging.getLogger("gateway.auth")
 
 ALGORITHM = "HS256"  # pinned: tokens naming any other algorithm (none, RS256...) are refused
 ISSUER = "coop-gateway"
@@ -224,7 +227,59 @@ async def revoke_tokens(redis: Redis, user_id: str, *, ttl_seconds: int, now: fl
     """Every access token of this user issued up to now stops working at once (tokens are otherwise
     stateless until they expire). The mark outlives the longest token; refresh tokens check the row."""
     stamp = int(time.time() if now is None else now)
-    await redis.set(revoked_key(user_id), str(stamp).encode(), ex=ttl_seconds + LEEWAY + 60)
+    await redis.set(revoked_key(user_id), str(stamp).encode(), ex=_mark_lifetime(ttl_seconds))
+
+
+# Present while Redis holds every revocation mark: set after the marks were (re)written from the audit log.
+# A Redis that lost its data (restarted without persistence, flushed, failed over to an empty replica) has
+# lost it too, and restore_revocations then puts the marks back.
+MARKS_RESTORED = "auth:revocations-restored"
+RESTORE_CHECK_SECONDS = 5.0
+
+
+def _mark_lifetime(ttl_seconds: int) -> int:
+    return ttl_seconds + LEEWAY + 60
+
+
+async def restore_revocations(redis: Redis, sessionmaker: async_sessionmaker[AsyncSession], *, ttl_seconds: int,
+                              now: float | None = None) -> int | None:
+    """Put back the revocation marks Redis lost: one per account deactivated within a token's lifetime, from
+    the audit log (the system of record), stamped with the deactivation's time. None when Redis still has
+    them (one EXISTS); otherwise how many accounts were marked. A mark already there is kept (SET NX)."""
+    if await redis.exists(MARKS_RESTORED):
+        return None
+    current = time.time() if now is None else now
+    lifetime = _mark_lifetime(ttl_seconds)
+    since = datetime.fromtimestamp(current - lifetime, UTC)
+    async with sessionmaker() as session:
+        rows = (await session.execute(
+            select(AuditEvent.entity_id, func.max(AuditEvent.at))
+            .where(AuditEvent.action == "user.deactivated", AuditEvent.entity_type == "user", AuditEvent.at >= since)
+            .group_by(AuditEvent.entity_id))).all()
+    for user_id, at in rows:
+        stamp = int(at.timestamp()) + 1  # the audit row's second may precede the mark's by one: cover it
+        remaining = int(stamp + lifetime - current)
+        if remaining > 0:
+            await redis.set(revoked_key(user_id), str(stamp).encode(), ex=remaining, nx=True)
+    await redis.set(MARKS_RESTORED, b"1")
+    return len(rows)
+
+
+async def guard_revocations(redis: Redis, sessionmaker: async_sessionmaker[AsyncSession], *, ttl_seconds: int,
+                            every: float = RESTORE_CHECK_SECONDS) -> None:
+    """Run for the life of a `serve` process: every few seconds, restore the revocation marks if Redis lost
+    them, so a deactivated account's tokens stop working again within seconds instead of at their expiry."""
+    while True:
+        try:
+            restored = await restore_revocations(redis, sessionmaker, ttl_seconds=ttl_seconds)
+            if restored:  # None: nothing was lost; 0: lost, but no account needed a mark (a fresh Redis too)
+                log.warning("token revocation marks were missing in Redis; restored from the audit log",
+                            extra={"accounts": restored})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis or the database down: the request path falls back to the row
+            log.warning("could not check the token revocation marks", extra={"error": type(exc).__name__})
+        await asyncio.sleep(every)
 
 
 def check_not_revoked(claims: dict[str, Any], stamp: bytes | str | None) -> None:

@@ -137,6 +137,40 @@ async def test_a_deactivated_users_tokens_stop_working_at_once(rt, client, admin
     assert 0 < mark_ttl <= rt.settings.jwt_ttl_seconds + auth.LEEWAY + 60
 
 
+async def test_a_redis_that_lost_its_data_gets_the_revocation_marks_back(rt, client, admin, demo):
+    import asyncio
+    import time
+
+    made, _tokens, leaving = await _temp_login(admin, client)
+    await admin.json("DELETE", f"/v1/users/{made['id']}", 200)
+    assert (await leaving.json("GET", "/v1/payments", 401))["message"] == "token has been revoked"
+    ttl = rt.settings.jwt_ttl_seconds
+    await auth.restore_revocations(rt.redis, rt.sessionmaker, ttl_seconds=ttl)  # the marks are all there
+    assert await auth.restore_revocations(rt.redis, rt.sessionmaker, ttl_seconds=ttl) is None
+
+    await rt.redis.flushdb()  # Redis restarted without its data: the token would work again until it expires
+    await leaving.json("GET", "/v1/payments", 200)
+    # Long after a token's lifetime, the deactivation needs no mark.
+    later = time.time() + ttl + auth.LEEWAY + 120
+    assert await auth.restore_revocations(rt.redis, rt.sessionmaker, ttl_seconds=ttl, now=later) == 0
+    assert await rt.redis.get(auth.revoked_key(made["id"])) is None
+    await rt.redis.flushdb()
+
+    # What each serve process runs: within its check interval the mark is back, from the audit log.
+    guard = asyncio.create_task(auth.guard_revocations(rt.redis, rt.sessionmaker, ttl_seconds=ttl, every=0.05))
+    try:
+        for _ in range(100):
+            if await rt.redis.get(auth.revoked_key(made["id"])) is not None:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        guard.cancel()
+    assert (await leaving.json("GET", "/v1/payments", 401))["message"] == "token has been revoked"
+    assert 0 < await rt.redis.ttl(auth.revoked_key(made["id"])) <= ttl + auth.LEEWAY + 60
+    await admin.json("GET", "/v1/payments", 200)  # the others' tokens are untouched
+    assert await rt.redis.exists(auth.MARKS_RESTORED)
+
+
 async def test_revocation_is_checked_with_rate_limits_off(rt, aiohttp_client, demo):
     from app import create_app
 
