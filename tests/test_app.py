@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from app import ENGINE, HTTP, REDIS, create_app
+from core.auth import MARKS_RESTORED
 from core.runtime import RUNTIME
 from tests.conftest import make_settings
 
 
 async def test_app_opens_and_closes_each_resource(aiohttp_client: Any, rt: Any) -> None:
     app = create_app(make_settings())
-    assert len(app.cleanup_ctx) == 4  # database, Redis, httpx, then the runtime over them
+    # database, Redis, httpx, the runtime over them, then the revocation marks' guard
+    assert len(app.cleanup_ctx) == 5
+    await rt.redis.delete(MARKS_RESTORED)
     client = await aiohttp_client(app)
     ready = await client.get("/readyz")
     assert ready.status == 200 and (await ready.json())["checks"] == {"database": "ok", "redis": "ok"}
     runtime = app[RUNTIME]
     assert runtime.engine is app[ENGINE] and runtime.redis is app[REDIS] and runtime.http is app[HTTP]
+    for _ in range(100):  # the guard's first check runs at start: the marks are known to be complete
+        if await runtime.redis.exists(MARKS_RESTORED):
+            break
+        await asyncio.sleep(0.02)
+    assert await runtime.redis.exists(MARKS_RESTORED)
     http = app[HTTP]
     await client.close()  # runs the cleanup contexts in reverse
     assert http.is_closed
