@@ -13,7 +13,8 @@ from core.db import utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, Payment
 from core.money import Money
-from core.notify import emit_event, send_sms
+from core.notify import event_job, sms_job
+from core.outbox import enqueue_many
 from core.references import next_reference
 from core.state import transition
 from core.state.dispute import DISPUTE, DisputeReason, DisputeStatus
@@ -34,12 +35,13 @@ def dispute_data(dispute: Dispute) -> dict[str, Any]:
 
 async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, template: str, event_type: str,
                   step: str) -> None:
+    jobs = [event_job(cooperative_id=dispute.cooperative_id, event_type=event_type,
+                      event_id=f"evt_{event_type.replace('.', '_')}_{dispute.id}_{step}", data=dispute_data(dispute))]
     if dispute.member_id:
-        await send_sms(session, template=template, cooperative_id=dispute.cooperative_id,
-                       context={"dispute_id": dispute.id}, cipher=cipher, member_id=dispute.member_id,
-                       dedupe=f"{template}:{dispute.id}:{step}")
-    await emit_event(session, cooperative_id=dispute.cooperative_id, event_type=event_type,
-                     event_id=f"evt_{event_type.replace('.', '_')}_{dispute.id}_{step}", data=dispute_data(dispute))
+        jobs.insert(0, sms_job(template=template, cooperative_id=dispute.cooperative_id,
+                               context={"dispute_id": dispute.id}, cipher=cipher, member_id=dispute.member_id,
+                               dedupe=f"{template}:{dispute.id}:{step}"))
+    await enqueue_many(session, jobs)  # the SMS and the webhook event in one round trip
 
 
 async def open_dispute(session: AsyncSession, *, payment: Payment, reason: DisputeReason | str, channel: str,

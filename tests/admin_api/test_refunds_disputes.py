@@ -156,3 +156,33 @@ async def test_dispute_validation_and_scoping(admin, tenant, coop_b, rt, demo):
     assert (await b.json("GET", "/v1/disputes", 200))["meta"]["total"] == 0
     by_payment = await admin.json("GET", f"/v1/disputes?paymentId={other['id']}&status=OPEN", 200)
     assert [d["id"] for d in by_payment["data"]] == [dispute["id"]]
+
+
+async def test_a_refunds_outcome_queues_the_members_sms_and_the_webhook_event(tenant, rt, demo):
+    """The refund's end tells the member (SMS) and the cooperative's system (webhook event), once each."""
+    from core.audit import Actor
+    from core.ports import ProviderOutcome
+    from core.refunds import apply_refund_outcome, refund_data, request_refund
+
+    payment = await make_payment(tenant, demo["payment_types"]["Monthly Rent"])  # the member's own payment
+    await complete_payment(rt, payment["id"])
+    async with rt.sessionmaker.begin() as s:
+        done, _ = await request_refund(s, rt, payment_id=payment["id"], cooperative_id=None, amount=None,
+                                       reason="moved out", idempotency_key=idem(), actor=Actor("admin:test", "api"))
+    provider = Actor("provider:mtn_momo", "provider")
+    for outcome in (ProviderOutcome.SUCCEEDED, ProviderOutcome.SUCCEEDED):  # the second changes nothing
+        async with rt.sessionmaker.begin() as s:
+            refund = await s.get(Refund, done.id)
+            await apply_refund_outcome(s, rt, refund, outcome, actor=provider, provider_transaction_id="RF-1")
+    async with rt.sessionmaker() as s:
+        stored = await s.get(Refund, done.id)
+        jobs = (await s.execute(select(OutboxJob.kind, OutboxJob.dedupe_key, OutboxJob.payload)
+                                .where(OutboxJob.kind.in_(("sms.send", "webhook.event")),
+                                       OutboxJob.dedupe_key.like(f"%{done.id}%")))).all()
+    assert stored.status == "COMPLETED"
+    by_kind = {kind: (key, body) for kind, key, body in jobs}
+    assert len(jobs) == 2, jobs
+    assert by_kind["sms.send"][0] == f"sms:refund_completed:{done.id}"
+    assert by_kind["sms.send"][1]["member_id"] == demo["members"]["+250788000001"]
+    assert by_kind["webhook.event"][0] == f"wh:evt_refund_completed_{done.id}"
+    assert by_kind["webhook.event"][1]["data"] == refund_data(stored)
