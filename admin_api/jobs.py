@@ -14,6 +14,7 @@ from core.audit import record
 from core.errors import Conflict, NotFound
 from core.models import OutboxJob
 from core.outbox import replay_job
+from core.text import is_number
 
 STATUSES = ("PENDING", "RUNNING", "DONE", "PARKED")
 JOB = out(
@@ -49,7 +50,7 @@ def present(job: OutboxJob) -> dict[str, Any]:
 
 
 def _job_id(raw: str) -> int:
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+    if not is_number(raw) or len(raw) > 18:
         raise NotFound("job not found")
     return int(raw)
 

@@ -14,6 +14,7 @@ from core import auth
 from core.errors import DomainError
 from core.models import Cooperative, Payment, PaymentType
 from core.runtime import RUNTIME, SETTINGS
+from core.text import is_number
 
 log = logging.getLogger("gateway.pages")
 
@@ -231,7 +232,7 @@ async def ops_data(request: web.Request) -> web.Response:
             return _error(request, 404, "cooperative not found")
         cooperative_id = principal.cooperative_id
     minutes_raw = request.query.get("minutes", "60")
-    if not (minutes_raw.isascii() and minutes_raw.isdigit()) or not 1 <= int(minutes_raw) <= 1440:
+    if not is_number(minutes_raw) or not 1 <= int(minutes_raw) <= 1440:
         return _error(request, 400, "minutes must be an integer from 1 to 1440")
     rt = request.app[RUNTIME]
     async with rt.sessionmaker() as session:

@@ -13,7 +13,7 @@ from core.db import utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, Payment
 from core.money import Money
-from core.notify import event_job, sms_job
+from core.notify import notice_jobs
 from core.outbox import enqueue_many
 from core.references import next_reference
 from core.state import transition
@@ -35,13 +35,10 @@ def dispute_data(dispute: Dispute) -> dict[str, Any]:
 
 async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, template: str, event_type: str,
                   step: str) -> None:
-    jobs = [event_job(cooperative_id=dispute.cooperative_id, event_type=event_type,
-                      event_id=f"evt_{event_type.replace('.', '_')}_{dispute.id}_{step}", data=dispute_data(dispute))]
-    if dispute.member_id:
-        jobs.insert(0, sms_job(template=template, cooperative_id=dispute.cooperative_id,
-                               context={"dispute_id": dispute.id}, cipher=cipher, member_id=dispute.member_id,
-                               dedupe=f"{template}:{dispute.id}:{step}"))
-    await enqueue_many(session, jobs)  # the SMS and the webhook event in one round trip
+    await enqueue_many(session, notice_jobs(  # the SMS and the webhook event in one round trip
+        template=template, event_type=event_type, cooperative_id=dispute.cooperative_id, key=dispute.id, step=step,
+        context={"dispute_id": dispute.id}, data=dispute_data(dispute), cipher=cipher,
+        member_id=dispute.member_id or None))
 
 
 async def open_dispute(session: AsyncSession, *, payment: Payment, reason: DisputeReason | str, channel: str,

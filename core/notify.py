@@ -45,6 +45,32 @@ def event_job(*, cooperative_id: str, event_type: str, event_id: str, data: dict
                   dedupe_key=f"wh:{event_id}", cooperative_id=cooperative_id)
 
 
+def notice_jobs(
+    *,
+    template: str,
+    event_type: str,
+    cooperative_id: str,
+    key: str,
+    context: dict[str, Any],
+    data: dict[str, Any],
+    cipher: PiiCipher,
+    member_id: str | None = None,
+    phone: Phone | None = None,
+    step: str | None = None,
+) -> list[NewJob]:
+    """One change told twice: the SMS to the member or payer (when there is one to send it to) and the
+    cooperative's webhook event, both keyed by `key` (the entity's id) and `step` (for a change that can
+    happen more than once to it)."""
+    jobs = []
+    if member_id is not None or phone is not None:
+        dedupe = f"{template}:{key}" if step is None else f"{template}:{key}:{step}"
+        jobs.append(sms_job(template=template, cooperative_id=cooperative_id, context=context, cipher=cipher,
+                            member_id=member_id, phone=phone, dedupe=dedupe))
+    event_id = f"evt_{event_type.replace('.', '_')}_{key}" + ("" if step is None else f"_{step}")
+    jobs.append(event_job(cooperative_id=cooperative_id, event_type=event_type, event_id=event_id, data=data))
+    return jobs
+
+
 def _queued(build: Callable[P, NewJob]) -> Callable[Concatenate[AsyncSession, P], Awaitable[bool]]:
     """`build`, queued in the caller's transaction: False when its dedupe key was already queued."""
 

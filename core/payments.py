@@ -20,7 +20,7 @@ from core.db import insert_ignore, row_insert, utcnow
 from core.errors import Conflict, DomainError, NotFound, ValidationError
 from core.models import Payment, ProviderEvent
 from core.money import Money
-from core.notify import event_job, sms_job
+from core.notify import notice_jobs
 from core.outbox import NewJob, enqueue_many
 from core.payment_statements import CONTEXT, create_statement, stored_and_locked
 from core.phone import PhoneError, normalize
@@ -375,21 +375,16 @@ class _Moved:
 
 
 def _notices(rt: Runtime, payment: Any, template: str, event_type: str) -> list[NewJob]:
-    """The payer's SMS and the cooperative's webhook event for a payment's new state."""
-    jobs = []
-    if payment.member_id is not None:
-        jobs.append(sms_job(template=template, cooperative_id=payment.cooperative_id,
-                            context={"payment_id": payment.id}, cipher=rt.cipher, member_id=payment.member_id,
-                            dedupe=f"{template}:{payment.id}"))
-    elif payment.method in METHOD_OPERATOR:
+    """The payer's SMS (to the member, or to the paying phone of a mobile-money payment without one) and
+    the cooperative's webhook event for a payment's new state."""
+    phone = None
+    if payment.member_id is None and payment.method in METHOD_OPERATOR:
         from core.phone import Phone
 
-        jobs.append(sms_job(template=template, cooperative_id=payment.cooperative_id,
-                            context={"payment_id": payment.id}, cipher=rt.cipher,
-                            phone=Phone(payment_account(rt, payment)), dedupe=f"{template}:{payment.id}"))
-    jobs.append(event_job(cooperative_id=payment.cooperative_id, event_type=event_type,
-                          event_id=f"evt_{event_type.replace('.', '_')}_{payment.id}", data=event_data(payment)))
-    return jobs
+        phone = Phone(payment_account(rt, payment))
+    return notice_jobs(template=template, event_type=event_type, cooperative_id=payment.cooperative_id,
+                       key=payment.id, context={"payment_id": payment.id}, data=event_data(payment), cipher=rt.cipher,
+                       member_id=payment.member_id, phone=phone)
 
 
 _FAILED_TARGET = {

@@ -14,7 +14,7 @@ from core.db import insert_ignore, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Payment, ProviderEvent, Refund
 from core.money import Money
-from core.notify import event_job, sms_job
+from core.notify import notice_jobs
 from core.outbox import enqueue, enqueue_many
 from core.ports import ProviderEvent as ProviderEventData
 from core.ports import ProviderOutcome
@@ -139,13 +139,10 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         template, event_type = "refund_failed", "refund.failed"
     payment = await session.get(Payment, refund.payment_id)
     assert payment is not None
-    jobs = [event_job(cooperative_id=refund.cooperative_id, event_type=event_type,
-                      event_id=f"evt_{event_type.replace('.', '_')}_{refund.id}", data=refund_data(updated))]
-    if payment.member_id:
-        jobs.insert(0, sms_job(template=template, cooperative_id=refund.cooperative_id,
-                               context={"refund_id": refund.id}, cipher=rt.cipher, member_id=payment.member_id,
-                               dedupe=f"{template}:{refund.id}"))
-    await enqueue_many(session, jobs)  # the SMS and the webhook event in one round trip
+    await enqueue_many(session, notice_jobs(  # the SMS and the webhook event in one round trip
+        template=template, event_type=event_type, cooperative_id=refund.cooperative_id, key=refund.id,
+        context={"refund_id": refund.id}, data=refund_data(updated), cipher=rt.cipher,
+        member_id=payment.member_id or None))
     return updated.status.lower()
 
 

@@ -31,6 +31,7 @@ from core.db import insert_ignore, new_id, utcnow
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
 from core.models import ApprovedDomain, Cooperative, WebhookDelivery, WebhookEndpoint
 from core.outbox import Job, PermanentJobError, RetryLater, enqueue
+from core.text import is_number
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
@@ -82,7 +83,7 @@ def verify_signature(
     candidates: list[str] = []
     for part in (header or "").split(","):
         key, _, value = part.strip().partition("=")
-        if key == "t" and value.isascii() and value.isdigit() and len(value) <= 15:
+        if key == "t" and is_number(value) and len(value) <= 15:
             timestamp = int(value)
         elif key == "v1" and value:
             candidates.append(value)

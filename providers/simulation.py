@@ -20,6 +20,7 @@ from aiohttp import web
 
 from core.config import ConfigError
 from core.phone import mask
+from core.text import is_number
 
 log = logging.getLogger("gateway.simulator")
 
@@ -168,7 +169,7 @@ DELAYED_FACTOR = 10  # a "delayed" payer answers after 10 x delay
 
 
 def _digits(number: str) -> str:
-    return "".join(ch for ch in number if ch.isascii() and ch.isdigit())
+    return "".join(ch for ch in number if is_number(ch))
 
 
 def outcome_for(number: str, options: SimulatorOptions) -> Outcome:

@@ -116,7 +116,6 @@ class ScanHandler(logging.Handler):
 
 
 _HANDLER = ScanHandler()
-_QUIET = NOISY_LOGGERS  # as core.logs.configure
 
 
 def _attach() -> None:
@@ -130,7 +129,7 @@ def pytest_configure(config: pytest.Config) -> None:
     root = logging.getLogger()
     if root.level in (logging.NOTSET, logging.WARNING):
         root.setLevel(logging.INFO)
-    for name in _QUIET:
+    for name in NOISY_LOGGERS:  # as core.logs.configure
         logging.getLogger(name).setLevel(logging.WARNING)
     _attach()
 

@@ -9,6 +9,7 @@ from channels.ussd.i18n import translate
 from channels.ussd.types import UssdReply, UssdTurn, extension_of
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered, phone_field, text_field
 from core.phone import Phone
+from core.text import is_number
 
 NAME = "africastalking"
 LIMIT = 182  # GSM-7 characters per screen
@@ -50,7 +51,7 @@ def parse_event(form: Mapping[str, Any]) -> dict[str, Any]:
         raw = text_field(form, name, required=False, max_len=12)
         if not raw:
             return None
-        if not (raw.isascii() and raw.isdigit()):
+        if not is_number(raw):
             raise MalformedRequest(f"{name} must be a whole number")
         return int(raw)
 

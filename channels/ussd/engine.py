@@ -11,6 +11,7 @@ from channels.ussd import gsm
 from channels.ussd.i18n import translate, translate_fit
 from channels.ussd.types import UssdReply, UssdTurn
 from core.errors import DomainError
+from core.text import is_number
 
 log = logging.getLogger("gateway.ussd")
 
@@ -226,7 +227,7 @@ class Engine:
                 ctx.t("error.generic"), True)
 
     def _chosen(self, state: State, text: str) -> str | None:
-        if not (text.isascii() and text.isdigit()) or text.startswith("0"):
+        if not is_number(text) or text.startswith("0"):
             return None
         index = int(text) - state.first
         if 0 <= index < len(state.ids):

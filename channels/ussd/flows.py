@@ -21,6 +21,7 @@ from core.audit import Actor
 from core.errors import Conflict, DomainError
 from core.models import Cooperative, Payment, PaymentType
 from core.money import Money, MoneyError
+from core.text import is_number
 
 COLLECTED = ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED")
 REASONS = ("CHARGED_NOT_RECORDED", "WRONG_AMOUNT", "NOT_AUTHORISED", "OTHER")
@@ -385,7 +386,7 @@ async def validate_amount(ctx: Ctx, text: str) -> str:
     currency = ctx.data.get("cur", "RWF")
     example = "5000"
     # Whole units only: a "." or "," typed on a keypad is a mistake more often than cents.
-    if not (text.isascii() and text.isdigit()):  # "³" and "٣" are digits to str.isdigit
+    if not is_number(text):
         raise Invalid("pay.amount_invalid", currency=currency, example=example)
     try:
         amount = Money.parse(text, currency)

@@ -31,6 +31,7 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
+from core.text import is_number
 from providers.calls import timeout_from
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ class IremboPayAdapter:
             raise CallbackRejected("missing irembopay-signature header")
         parts = dict(p.strip().split("=", 1) for p in header.split(",") if "=" in p)
         t, s = parts.get("t", ""), parts.get("s", "")
-        if not (t.isascii() and t.isdigit()) or len(t) > 15 or not s:  # ms since 1970: 13 digits
+        if not is_number(t) or len(t) > 15 or not s:  # ms since 1970: 13 digits
             raise CallbackRejected("malformed irembopay-signature header")
         expected = sign(self._config.secret("secret_key"), int(t), callback.body)
         if not hmac.compare_digest(expected, s.lower()):

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from core.phone import mask
+from core.text import is_number
 from providers.simulation import (
     STATE,
     Outcome,
@@ -135,7 +136,7 @@ def _whole(value: object) -> int | None:
         return None
     if isinstance(value, int):
         return value if value > 0 else None
-    if isinstance(value, str) and value.isascii() and value.isdigit() and int(value) > 0:
+    if isinstance(value, str) and is_number(value) and int(value) > 0:
         return int(value)
     return None
 

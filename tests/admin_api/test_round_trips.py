@@ -46,14 +46,29 @@ async def test_an_api_payment_is_one_read_and_one_write(client: Any, demo: Any, 
     assert [s.split()[0] for s in sent] == ["SELECT", "WITH", "BEGIN", "SELECT", "COMMIT"], sent
 
 
-async def test_a_callback_is_two_statements_in_one_transaction(client: Any, demo: Any, rt: Any,
-                                                               admin: Any, sent: list[str]) -> None:
+async def _api_payment(admin: Any, demo: Any, rt: Any) -> Payment:
+    """A PENDING payment made through the API, as stored."""
     created = await admin.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Monthly Rent"]))
     async with rt.sessionmaker() as s:
-        payment = await s.get(Payment, created["id"])
-    callback = ProviderEvent(provider=payment.provider, kind=EventKind.COLLECTION, event_id="cb-1",
-                             reference=payment.provider_reference, outcome=ProviderOutcome.SUCCEEDED,
-                             provider_transaction_id="TX-1")
+        return await s.get(Payment, created["id"])
+
+
+def _callback(payment: Payment, event_id: str, outcome: ProviderOutcome, **fields: Any) -> ProviderEvent:
+    return ProviderEvent(provider=payment.provider, kind=EventKind.COLLECTION, event_id=event_id,
+                         reference=payment.provider_reference, outcome=outcome, **fields)
+
+
+async def _notices(s: Any) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The SMS and webhook jobs queued, by kind: (dedupe key, payload)."""
+    rows = await s.execute(select(OutboxJob.kind, OutboxJob.dedupe_key, OutboxJob.payload)
+                           .where(OutboxJob.kind.in_(("sms.send", "webhook.event"))))
+    return {kind: (key, payload) for kind, key, payload in rows.all()}
+
+
+async def test_a_callback_is_two_statements_in_one_transaction(client: Any, demo: Any, rt: Any,
+                                                               admin: Any, sent: list[str]) -> None:
+    payment = await _api_payment(admin, demo, rt)
+    callback = _callback(payment, "cb-1", ProviderOutcome.SUCCEEDED, provider_transaction_id="TX-1")
     sent.clear()
     assert await handle_provider_event(rt, callback) == "completed"
     # The event stored and the payment locked; the move with its audit row, the receipt and webhook jobs
@@ -62,9 +77,7 @@ async def test_a_callback_is_two_statements_in_one_transaction(client: Any, demo
     async with rt.sessionmaker() as s:
         stored = (await s.execute(select(ProviderEventRow.outcome, ProviderEventRow.payment_id)
                                   .where(ProviderEventRow.event_id == "cb-1"))).one()
-        jobs = {kind: (key, payload) for kind, key, payload in (await s.execute(
-            select(OutboxJob.kind, OutboxJob.dedupe_key, OutboxJob.payload)
-            .where(OutboxJob.kind.in_(("sms.send", "webhook.event"))))).all()}
+        jobs = await _notices(s)
         moved = await s.get(Payment, payment.id)
         audit = (await s.execute(select(AuditEvent.action, AuditEvent.actor, AuditEvent.after)
                                  .where(AuditEvent.entity_id == payment.id,
@@ -89,16 +102,14 @@ async def test_the_webhook_data_built_before_the_move_reads_as_the_stored_row(
 
     from core.money import Money
 
-    created = await admin.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Monthly Rent"]))
-    async with rt.sessionmaker.begin() as s:
-        if case == "late":  # given up on, then the money arrives: completed, flagged late
-            await s.execute(update(Payment).where(Payment.id == created["id"]).values(status="TIMEOUT"))
-        payment = await s.get(Payment, created["id"])
+    payment = await _api_payment(admin, demo, rt)
+    if case == "late":  # given up on, then the money arrives: completed, flagged late
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(update(Payment).where(Payment.id == payment.id).values(status="TIMEOUT"))
     amount = {"mismatch": Money(payment.amount_minor - 100, payment.currency),
               "other_currency": Money(500, "KES")}.get(case)
-    callback = ProviderEvent(provider=payment.provider, kind=EventKind.COLLECTION, event_id=f"cb-{case}",
-                             reference=payment.provider_reference, outcome=ProviderOutcome.SUCCEEDED,
-                             amount=amount, provider_transaction_id=None if case == "no_transaction_id" else "TX-9")
+    callback = _callback(payment, f"cb-{case}", ProviderOutcome.SUCCEEDED, amount=amount,
+                         provider_transaction_id=None if case == "no_transaction_id" else "TX-9")
     assert await handle_provider_event(rt, callback) == ("late_completed" if case == "late" else "completed")
     async with rt.sessionmaker() as s:
         stored = await s.get(Payment, payment.id)
@@ -112,20 +123,14 @@ async def test_the_webhook_data_built_before_the_move_reads_as_the_stored_row(
 
 async def test_a_failed_callback_moves_and_queues_in_one_statement(client: Any, demo: Any, rt: Any,
                                                                    admin: Any, sent: list[str]) -> None:
-    created = await admin.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Monthly Rent"]))
-    async with rt.sessionmaker() as s:
-        payment = await s.get(Payment, created["id"])
-    callback = ProviderEvent(provider=payment.provider, kind=EventKind.COLLECTION, event_id="cb-2",
-                             reference=payment.provider_reference, outcome=ProviderOutcome.FAILED,
-                             reason="payer declined")
+    payment = await _api_payment(admin, demo, rt)
+    callback = _callback(payment, "cb-2", ProviderOutcome.FAILED, reason="payer declined")
     sent.clear()
     assert await handle_provider_event(rt, callback) == "failed"
     assert sent == ["BEGIN", "WITH e AS (INSERT", "WITH moved AS (UPDATE", "COMMIT"], sent
     async with rt.sessionmaker() as s:
         moved = await s.get(Payment, payment.id)
-        jobs = {kind: (key, payload) for kind, key, payload in (await s.execute(
-            select(OutboxJob.kind, OutboxJob.dedupe_key, OutboxJob.payload)
-            .where(OutboxJob.kind.in_(("sms.send", "webhook.event"))))).all()}
+        jobs = await _notices(s)
         outcome = (await s.execute(select(ProviderEventRow.outcome)
                                    .where(ProviderEventRow.event_id == "cb-2"))).scalar_one()
     assert moved.status == "FAILED" and moved.failure_reason == "payer declined" and outcome == "failed"
