@@ -13,6 +13,7 @@ from typing import Any
 
 import jwt
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from sqlalchemy import false, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -242,11 +243,12 @@ def _mark_lifetime(ttl_seconds: int) -> int:
 
 
 async def restore_revocations(redis: Redis, sessionmaker: async_sessionmaker[AsyncSession], *, ttl_seconds: int,
-                              now: float | None = None) -> int | None:
+                              now: float | None = None, force: bool = False) -> int | None:
     """Put back the revocation marks Redis lost: one per account deactivated within a token's lifetime, from
     the audit log (the system of record), stamped with the deactivation's time. None when Redis still has
-    them (one EXISTS); otherwise how many accounts were marked. A mark already there is kept (SET NX)."""
-    if await redis.exists(MARKS_RESTORED):
+    them (one EXISTS; `force`: Redis evicted keys, any of which may have been a mark); otherwise how many
+    accounts were marked. A mark already there is kept (SET NX)."""
+    if not force and await redis.exists(MARKS_RESTORED):
         return None
     current = time.time() if now is None else now
     lifetime = _mark_lifetime(ttl_seconds)
@@ -265,16 +267,56 @@ async def restore_revocations(redis: Redis, sessionmaker: async_sessionmaker[Asy
     return len(rows)
 
 
+async def eviction_policy(redis: Redis) -> str | None:
+    """The policy under which this Redis evicts keys when its memory is full, or None when it never does
+    (`noeviction`, or no memory limit) or will not say (CONFIG is disabled on some managed services)."""
+    try:
+        config = await redis.config_get("maxmemory*")
+    except ResponseError:
+        return None
+    policy = str(config.get("maxmemory-policy", "noeviction"))
+    limited = str(config.get("maxmemory", "0")).strip() not in ("", "0")
+    return policy if limited and policy != "noeviction" else None
+
+
+async def evicted_keys(redis: Redis) -> int | None:
+    """How many keys Redis has evicted since it started (INFO stats), or None when it will not say."""
+    try:
+        return int((await redis.info("stats"))["evicted_keys"])
+    except (ResponseError, KeyError, TypeError, ValueError):
+        return None
+
+
 async def guard_revocations(redis: Redis, sessionmaker: async_sessionmaker[AsyncSession], *, ttl_seconds: int,
                             every: float = RESTORE_CHECK_SECONDS) -> None:
     """Run for the life of a `serve` process: every few seconds, restore the revocation marks if Redis lost
-    them, so a deactivated account's tokens stop working again within seconds instead of at their expiry."""
+    them, so a deactivated account's tokens stop working again within seconds instead of at their expiry.
+
+    Two ways to lose them: Redis lost its data (the marker key is gone with it), or Redis evicted keys to
+    stay under its memory limit (the marker has no expiry and the marks do, so `volatile-*` policies take
+    marks and leave the marker): every new eviction in INFO's count re-writes the marks too."""
+    warned = False
+    seen = 0  # evictions before this process started may have taken marks as well: the first check restores
     while True:
         try:
-            restored = await restore_revocations(redis, sessionmaker, ttl_seconds=ttl_seconds)
-            if restored:  # None: nothing was lost; 0: lost, but no account needed a mark (a fresh Redis too)
+            if not warned:
+                policy = await eviction_policy(redis)
+                warned = True
+                if policy is not None:
+                    log.error("Redis evicts keys when its memory is full: USSD sessions, rate-limit counts and "
+                              "token revocation marks can vanish; run it with maxmemory-policy noeviction",
+                              extra={"policy": policy})
+            evicted = await evicted_keys(redis)
+            newly = 0 if evicted is None else evicted - seen
+            restored = await restore_revocations(redis, sessionmaker, ttl_seconds=ttl_seconds, force=newly > 0)
+            if newly > 0:
+                log.warning("Redis evicted keys; token revocation marks re-written from the audit log",
+                            extra={"evicted": newly, "accounts": restored})
+            elif restored:  # None: nothing was lost; 0: lost, but no account needed a mark (a fresh Redis too)
                 log.warning("token revocation marks were missing in Redis; restored from the audit log",
                             extra={"accounts": restored})
+            if evicted is not None:
+                seen = evicted  # (lower after a Redis restart: the marker's absence covers that)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis or the database down: the request path falls back to the row

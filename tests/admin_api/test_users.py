@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import replace
 
+import pytest
 from redis.asyncio import Redis
 
 from core import auth
@@ -169,6 +170,78 @@ async def test_a_redis_that_lost_its_data_gets_the_revocation_marks_back(rt, cli
     assert 0 < await rt.redis.ttl(auth.revoked_key(made["id"])) <= ttl + auth.LEEWAY + 60
     await admin.json("GET", "/v1/payments", 200)  # the others' tokens are untouched
     assert await rt.redis.exists(auth.MARKS_RESTORED)
+
+
+async def test_revocation_marks_evicted_for_memory_come_back(rt, client, admin, demo, caplog):
+    """A Redis at its memory limit under a volatile-* policy evicts keys with an expiry: the marks, never the
+    marker (no expiry). The guard sees the eviction count grow and writes the marks back."""
+    import asyncio
+    import logging
+
+    if rt.settings.redis_url == "embedded":
+        pytest.skip("needs a Redis server whose memory limit the test may change")
+    made, _tokens, leaving = await _temp_login(admin, client)
+    await admin.json("DELETE", f"/v1/users/{made['id']}", 200)
+    ttl = rt.settings.jwt_ttl_seconds
+    await auth.restore_revocations(rt.redis, rt.sessionmaker, ttl_seconds=ttl)
+    mark = auth.revoked_key(made["id"])
+    assert await auth.eviction_policy(rt.redis) is None  # the test server: no limit
+    saved = await rt.redis.config_get("maxmemory*")
+    evicted_before = await auth.evicted_keys(rt.redis)
+    assert evicted_before is not None
+    try:
+        used = (await rt.redis.info("memory"))["used_memory"]
+        await rt.redis.config_set("maxmemory", used + 2_000_000)
+        await rt.redis.config_set("maxmemory-policy", "volatile-ttl")  # the shortest expiry goes first
+        assert await auth.eviction_policy(rt.redis) == "volatile-ttl"
+        for i in range(3_000):  # up to 30 MB of longer-lived keys, until the mark has been evicted
+            await rt.redis.set(f"filler:{i}", b"x" * 10_000, ex=86_400)
+            if i % 50 == 0 and not await rt.redis.exists(mark):
+                break
+        assert not await rt.redis.exists(mark)
+        assert await rt.redis.exists(auth.MARKS_RESTORED)  # no expiry: kept, so it alone would not tell
+        await leaving.json("GET", "/v1/payments", 200)  # the deactivated account's token works again
+    finally:
+        await rt.redis.config_set("maxmemory", saved["maxmemory"])
+        await rt.redis.config_set("maxmemory-policy", saved["maxmemory-policy"])
+    assert (await auth.evicted_keys(rt.redis) or 0) > evicted_before
+
+    caplog.set_level(logging.WARNING, logger="core.auth")
+    guard = asyncio.create_task(auth.guard_revocations(rt.redis, rt.sessionmaker, ttl_seconds=ttl, every=0.05))
+    try:
+        for _ in range(100):
+            if await rt.redis.exists(mark):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        guard.cancel()
+    assert (await leaving.json("GET", "/v1/payments", 401))["message"] == "token has been revoked"
+    assert any(r.getMessage().startswith("Redis evicted keys") and r.accounts == 1 for r in caplog.records)
+
+
+async def test_an_evicting_redis_is_reported_at_start(rt, caplog):
+    import asyncio
+    import logging
+
+    if rt.settings.redis_url == "embedded":
+        pytest.skip("needs a Redis server whose memory limit the test may change")
+    saved = await rt.redis.config_get("maxmemory*")
+    caplog.set_level(logging.ERROR, logger="core.auth")
+    try:
+        await rt.redis.config_set("maxmemory", 512 * 1024 * 1024)
+        await rt.redis.config_set("maxmemory-policy", "allkeys-lru")
+        guard = asyncio.create_task(auth.guard_revocations(rt.redis, rt.sessionmaker,
+                                                           ttl_seconds=rt.settings.jwt_ttl_seconds, every=0.05))
+        for _ in range(100):
+            if caplog.records:
+                break
+            await asyncio.sleep(0.02)
+        guard.cancel()
+    finally:
+        await rt.redis.config_set("maxmemory", saved["maxmemory"])
+        await rt.redis.config_set("maxmemory-policy", saved["maxmemory-policy"])
+    [reported] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "maxmemory-policy noeviction" in reported.getMessage() and reported.policy == "allkeys-lru"
 
 
 async def test_revocation_is_checked_with_rate_limits_off(rt, aiohttp_client, demo):
