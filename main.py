@@ -11,8 +11,14 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from core.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("gateway.main")
@@ -133,7 +139,7 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
         await runner.cleanup()
 
 
-async def _worker_metrics(rt: object, host: str, port: int):  # type: ignore[no-untyped-def]
+async def _worker_metrics(rt: Runtime, host: str, port: int) -> web.AppRunner:
     """/metrics and /healthz of a worker process: its provider calls, jobs and SMS live in its memory."""
     from aiohttp import web
 
@@ -141,7 +147,7 @@ async def _worker_metrics(rt: object, host: str, port: int):  # type: ignore[no-
     from core.runtime import RUNTIME
 
     app = web.Application()
-    app[RUNTIME] = rt  # type: ignore[assignment]
+    app[RUNTIME] = rt
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import String, and_, bindparam, cast, func, insert, literal, literal_column, null, select, union_all
 from sqlalchemy.dialects import postgresql
 
+from core.db import table_of
 from core.models import AuditEvent, Cooperative, Member, OutboxJob, Payment, PaymentType, ProviderEvent
 from core.outbox import NewJob
 from core.references import sql_reference
@@ -23,7 +24,7 @@ def create_statement(reserved: bool, job_count: int) -> Any:
     RETURNING ...), audited AS (INSERT audit row FROM p), queued AS (INSERT the jobs FROM p) SELECT
     reference FROM p. Parameters: p_<column> (p_reference only when `reserved`, else ref_prefix), a_actor,
     a_channel, a_after, a_at, and j<n>_<column> for each job (NewJob.row())."""
-    table, audit, outbox = Payment.__table__, AuditEvent.__table__, OutboxJob.__table__
+    table, audit, outbox = table_of(Payment), table_of(AuditEvent), table_of(OutboxJob)
     columns = [c.name for c in table.c]
     source: list[Any] = []
     number = None
@@ -61,7 +62,7 @@ def stored_and_locked(by_transaction: bool) -> Any:
     """WITH e AS (INSERT provider event ON CONFLICT DO NOTHING RETURNING id) SELECT payment, (SELECT id
     FROM e) FOR UPDATE OF payments. Parameters: e_<column>, provider, reference (the payment's provider
     reference, or its provider transaction id when `by_transaction`)."""
-    table = ProviderEvent.__table__
+    table = table_of(ProviderEvent)
     columns = ["id", "provider", "event_id", "kind", "status", "payload", "received_at"]
     stored = (postgresql.insert(table)
               .values({c: bindparam(f"e_{c}", type_=table.c[c].type) for c in columns})
@@ -70,7 +71,7 @@ def stored_and_locked(by_transaction: bool) -> Any:
     column = Payment.provider_transaction_id if by_transaction else Payment.provider_reference
     return (select(Payment, select(stored.c.id).scalar_subquery().label("event_row_id"))
             .where(Payment.provider == bindparam("provider"), column == bindparam("reference"))
-            .with_for_update(of=Payment.__table__))
+            .with_for_update(of=table_of(Payment)))
 
 
 # The cooperative, its payment type (only if it is the cooperative's) and the member (only if theirs).

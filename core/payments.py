@@ -16,7 +16,7 @@ from sqlalchemy.orm import make_transient_to_detached
 
 from core import metrics, pgraw
 from core.audit import Actor, record
-from core.db import insert_ignore, row_insert, utcnow
+from core.db import insert_ignore, row_insert, table_of, utcnow
 from core.errors import Conflict, DomainError, NotFound, ValidationError
 from core.models import Payment, ProviderEvent
 from core.money import Money
@@ -562,8 +562,8 @@ async def _store_event_and_lock(session: AsyncSession, event: ProviderEventData,
     return found, None
 
 
-_SET_OUTCOME = (update(ProviderEvent.__table__)
-                .where(ProviderEvent.__table__.c.id == bindparam("b_id"))
+_SET_OUTCOME = (update(table_of(ProviderEvent))
+                .where(table_of(ProviderEvent).c.id == bindparam("b_id"))
                 .values(outcome=bindparam("b_outcome"), payment_id=bindparam("b_payment_id")))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -91,10 +91,9 @@ async def request_refund(
     if amount.minor > available.minor:
         raise BusinessRuleError(f"refund of {amount} exceeds the refundable {available}", field="amount")
     provider = rt.providers.get(payment.provider)
-    full = amount.minor == collected(payment)
-    if provider is not None and not provider.supports_partial_refund and not full:
-        full = Money(collected(payment), payment.currency)
-        raise BusinessRuleError(f"{payment.method} refunds only the full amount ({full})",
+    whole = Money(collected(payment), payment.currency)
+    if provider is not None and not provider.supports_partial_refund and amount.minor != whole.minor:
+        raise BusinessRuleError(f"{payment.method} refunds only the full amount ({whole})",
                                 field="amount")
     if reason is not None and len(reason) > 300:
         raise ValidationError("reason must be at most 300 characters", field="reason")
@@ -122,7 +121,7 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
     if current in (R.COMPLETED, R.FAILED) or outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
         return "ignored" if current in (R.COMPLETED, R.FAILED) else "pending"
     if outcome is ProviderOutcome.SUCCEEDED:
-        values = {"completed_at": utcnow()}
+        values: dict[str, Any] = {"completed_at": utcnow()}
         if provider_transaction_id:
             values["provider_transaction_id"] = provider_transaction_id
         updated = await transition(session, REFUND, refund.id, current, R.COMPLETED, actor=actor, values=values)
@@ -137,12 +136,12 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         updated = await transition(session, REFUND, refund.id, current, R.FAILED, actor=actor,
                                    values={"failure_reason": (reason or outcome.value.lower())[:200]})
         template, event_type = "refund_failed", "refund.failed"
-    payment = await session.get(Payment, refund.payment_id)
-    assert payment is not None
+    paid = await session.get(Payment, refund.payment_id)
+    assert paid is not None
     await enqueue_many(session, notice_jobs(  # the SMS and the webhook event in one round trip
         template=template, event_type=event_type, cooperative_id=refund.cooperative_id, key=refund.id,
         context={"refund_id": refund.id}, data=refund_data(updated), cipher=rt.cipher,
-        member_id=payment.member_id or None))
+        member_id=paid.member_id or None))
     return updated.status.lower()
 
 

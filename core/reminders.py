@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import calendar
 import logging
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -87,7 +88,7 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
         types = (await session.execute(select(PaymentType).where(
             PaymentType.cooperative_id == coop.id, PaymentType.is_active.is_(True),
             PaymentType.is_recurring.is_(True)))).scalars().all()
-        members: list[str] | None = None
+        members: Sequence[str] | None = None
         for ptype in types:
             window = due_dates(ptype, today)
             if window is None:

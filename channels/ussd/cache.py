@@ -78,6 +78,7 @@ def _engine(rt: Any) -> Any:
 
 class _Shared:
     __slots__ = ("conn", "engine", "stack")
+    conn: Any
 
     def __init__(self, engine: Any, stack: AsyncExitStack) -> None:
         self.engine, self.stack, self.conn = engine, stack, None

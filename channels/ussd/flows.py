@@ -489,9 +489,10 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
         if reference is None:
             raise
         async with ctx.rt.sessionmaker() as session:
-            payment = await get_by_reference(session, reference)
-        if payment is None or payment.member_id != ctx.data["mb"]:
+            earlier = await get_by_reference(session, reference)
+        if earlier is None or earlier.member_id != ctx.data["mb"]:
             raise
+        payment = earlier
     ctx.data.update(ref=payment.reference, pid=payment.id,
                     amtf=Money(payment.amount_minor, payment.currency).format())
     return "pay_done"

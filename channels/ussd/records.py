@@ -14,7 +14,7 @@ from sqlalchemy import String, bindparam, case, update
 
 from channels.ussd.cache import autocommit
 from core import pgraw
-from core.db import insert_ignore, new_id, row_insert, utcnow
+from core.db import insert_ignore, new_id, row_insert, table_of, utcnow
 from core.models import UssdSession
 from core.phone import Phone
 
@@ -58,7 +58,7 @@ def _close_statement(columns: tuple[str, ...]) -> Any:
     An aggregator's own end-of-session status, if it came first, is not overwritten (the CASE); one
     statement where there were two, atomic on its own, so no transaction around it.
     """
-    table = UssdSession.__table__
+    table = table_of(UssdSession)
     return (update(table)
             .where(table.c.aggregator == bindparam("w_aggregator"), table.c.session_id == bindparam("w_session_id"))
             .values({**{table.c[c]: bindparam(f"v_{c}") for c in columns},

@@ -16,7 +16,7 @@ from sqlalchemy.orm.util import identity_key
 
 from core import pgraw
 from core.audit import Actor, record
-from core.db import utcnow
+from core.db import table_of, utcnow
 from core.errors import BusinessRuleError, Conflict
 from core.models import AuditEvent
 from core.outbox import (
@@ -236,7 +236,7 @@ def _moved_and_audited(model: Any, keys: tuple[str, ...], finishes: bool = False
     """WITH moved AS (UPDATE ... WHERE id AND status RETURNING *), audited AS (INSERT INTO audit_events
     SELECT ... FROM moved) SELECT * FROM moved; built once per model and set of changed columns (and
     count of `jobs` queued, write `alongside`: both only when the row moved)."""
-    table, audit_table = model.__table__, AuditEvent.__table__
+    table, audit_table = table_of(model), table_of(AuditEvent)
     moved = (
         update(table)
         .where(table.c.id == bindparam("t_id"), table.c.status == bindparam("t_source"))
@@ -244,7 +244,7 @@ def _moved_and_audited(model: Any, keys: tuple[str, ...], finishes: bool = False
         .returning(*table.c)
         .cte("moved")
     )
-    coop = bindparam("a_coop", type_=audit_table.c.cooperative_id.type)
+    coop: Any = bindparam("a_coop", type_=audit_table.c.cooperative_id.type)
     if "cooperative_id" in table.c:
         coop = func.coalesce(coop, moved.c.cooperative_id)
     audited = insert(audit_table).from_select(
