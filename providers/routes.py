@@ -14,6 +14,7 @@ from aiohttp import web
 from sqlalchemy.exc import DBAPIError
 
 from core.config import Settings
+from core.inbound import read_capped
 from core.metrics import CALLBACK_REJECTED
 from core.ports import CallbackRejected, InboundCallback, ProviderError
 from core.ratelimit import Limit, RateLimiter
@@ -52,10 +53,7 @@ def _refuse(request: web.Request, provider: str, status: int, reason: str) -> we
 
 async def _read_body(request: web.Request) -> bytes | None:
     """The raw body, or None when it is larger than a callback can be."""
-    if request.content_length is not None and request.content_length > MAX_CALLBACK_BODY:
-        return None
-    body = await request.content.read(MAX_CALLBACK_BODY + 1)
-    return None if len(body) > MAX_CALLBACK_BODY else body
+    return await read_capped(request, MAX_CALLBACK_BODY)
 
 
 def _unstorable_json(body: bytes) -> bool:

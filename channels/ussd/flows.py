@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 
 from channels.ussd import cache, funnel, sessions
 from channels.ussd.engine import Ctx, Invalid, Item
-from channels.ussd.i18n import LANGUAGES, translate
+from channels.ussd.i18n import LANGUAGES
 from channels.ussd.types import side_effect_started
 from core.audit import Actor
 from core.errors import Conflict, DomainError
@@ -632,5 +632,3 @@ async def resume_restart(ctx: Ctx, _key: str) -> str:
     return "home"
 
 
-def unavailable_text(lang: str | None) -> str:
-    return translate(lang, "unavailable")

@@ -20,9 +20,10 @@ from sqlalchemy.exc import DBAPIError
 from channels.ussd import africastalking, hubtel, nalo, records
 from channels.ussd.screens import build_engine
 from channels.ussd.service import UssdService
-from channels.ussd.types import HOP_PROGRESS, HopProgress, UssdReply, UssdTurn
+from channels.ussd.types import HOP_PROGRESS, HopProgress, HopUnsettled, UssdReply, UssdTurn
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered
 from core import metrics
+from core.inbound import read_capped
 from core.runtime import RUNTIME, SETTINGS
 
 log = logging.getLogger("gateway.ussd")
@@ -51,6 +52,9 @@ class UssdChannel:
         self.networks_by_aggregator = {name: [ipaddress.ip_network(e, strict=False) for e in entries]
                                        for name, entries in (per_aggregator or {}).items()}
         self.proxies = [ipaddress.ip_network(entry, strict=False) for entry in trusted_proxies]
+        # Hops finishing their side effect after the aggregator was answered (asyncio keeps only weak
+        # references to tasks: without this set one could be collected mid-way).
+        self._finishing: set[asyncio.Task[tuple[UssdReply, str]]] = set()
 
     def allowed_networks(self, aggregator: str) -> list[Any]:
         return self.networks_by_aggregator.get(aggregator, self.networks)
@@ -72,7 +76,6 @@ class UssdChannel:
             if not any(address in net for net in self.proxies):
                 return address
         return source
-        self._finishing: set[asyncio.Task[tuple[UssdReply, str]]] = set()
 
     async def run_hop(self, rt: Any, turn: UssdTurn, limit: int) -> tuple[UssdReply, str]:
         """The hop within its budget; a hop that has begun a side effect is never cut mid-way."""
@@ -86,12 +89,17 @@ class UssdChannel:
         if not done and progress.side_effects:
             done, _ = await asyncio.wait({task}, timeout=self.grace)
         if done:
-            return task.result()
+            try:
+                return task.result()
+            except Exception as exc:
+                if progress.side_effects:
+                    raise HopUnsettled(f"hop failed after its side effect began: {type(exc).__name__}") from exc
+                raise
         if progress.side_effects:
             # Let it commit and save the session's answer; the aggregator's retry will be served it.
             self._finishing.add(task)
             task.add_done_callback(self._finished)
-            raise TimeoutError("hop still finishing its side effect")
+            raise HopUnsettled("hop still finishing its side effect")
         task.cancel()
         raise TimeoutError("hop over budget")
 
@@ -142,10 +150,8 @@ def _respond(rendered: Rendered) -> web.Response:
 
 
 async def _read(request: web.Request, aggregator: str) -> Any:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise MalformedRequest("body too large")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
+    raw = await read_capped(request, MAX_BODY)
+    if raw is None:
         raise MalformedRequest("body too large")
     if aggregator == africastalking.NAME:
         from urllib.parse import parse_qsl
@@ -191,6 +197,16 @@ def _hop_handler(aggregator: str) -> Callable[[web.Request], Awaitable[web.Respo
         screen = "unavailable"
         try:
             reply, screen = await channel.run_hop(rt, turn, module.LIMIT)
+        except HopUnsettled as exc:
+            # Not "try again": the payment may have gone through. The user is told to wait for the SMS.
+            log.warning("ussd hop unsettled after its side effect; answering pending",
+                        extra={"aggregator": aggregator, "session_id": turn.session_id,
+                               "phone": turn.phone.masked(), "error": str(exc)},
+                        exc_info=exc.__cause__ is not None
+                        and not isinstance(exc.__cause__, EXPECTED_OUTAGES))
+            reply = channel.service.unsettled(rt, turn)
+            screen = "unsettled"
+            metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="unsettled").inc()
         except Exception as exc:
             log.warning("ussd hop failed; answering service unavailable",
                         extra={"aggregator": aggregator, "session_id": turn.session_id,

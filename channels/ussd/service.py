@@ -12,8 +12,8 @@ from typing import Any
 
 from channels.ussd import cache, flows, funnel, records, sessions
 from channels.ussd.engine import Ctx, Engine, State
-from channels.ussd.i18n import language
-from channels.ussd.types import UssdReply, UssdTurn
+from channels.ussd.i18n import language, translate
+from channels.ussd.types import UssdReply, UssdTurn, side_effect_began
 from core import metrics
 
 log = logging.getLogger("gateway.ussd")
@@ -45,8 +45,8 @@ def latest_input(previous: str | None, accumulated: str) -> str:
     A naive split would break inputs that contain '*'; the consumed prefix is known, so the new
     input is whatever follows it.
     """
-    if not previous:
-        return accumulated
+    if previous is None or (previous == "" and not accumulated.startswith("*")):
+        return accumulated  # (an empty first reply makes Africa's Talking's text "*1" for the next choice)
     if accumulated.startswith(previous + "*"):
         return accumulated[len(previous) + 1:]
     # The aggregator's text no longer extends ours (it dropped or rewrote a part): best effort.
@@ -96,14 +96,24 @@ class UssdService:
         saving = sessions.save(rt.redis, turn.aggregator, turn.session_id, stored,
                                resume=None if keep_route is None else (rt.cipher, turn.phone, keep_route),
                                funnel=funnel.advance(state))
-        if opening is None:
-            await saving
-        else:
-            # The session row (PostgreSQL) is written while the session is saved (Redis): one wait, not
-            # two. Both finish before the hop answers (or fails); the first error is the hop's.
-            for outcome in await asyncio.gather(opening(), saving, return_exceptions=True):
-                if isinstance(outcome, BaseException):
-                    raise outcome
+        try:
+            if opening is None:
+                await saving
+            else:
+                # The session row (PostgreSQL) is written while the session is saved (Redis): one wait, not
+                # two. Both finish before the hop answers (or fails); the first error is the hop's.
+                for outcome in await asyncio.gather(opening(), saving, return_exceptions=True):
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+        except Exception as exc:
+            if not side_effect_began():
+                raise
+            # The payment (or other write) is committed: the user must hear the real answer, not "try
+            # again" (which would charge twice). A retried hop re-runs the step, which finds the write by
+            # its reserved reference or key instead of repeating it.
+            log.warning("ussd session not saved after its side effect; answering anyway",
+                        extra={"session_id": turn.session_id, "screen": state.screen,
+                               "error": type(exc).__name__})
         self.languages.put(rt.cipher.blind_index(turn.phone.e164), state.lang)
         if reply.end:
             await self._ended(rt, turn, stored)
@@ -175,10 +185,16 @@ class UssdService:
             log.exception("ussd session record not updated", extra={"session_id": turn.session_id})
 
     def unavailable(self, rt: Any, turn: UssdTurn | None) -> UssdReply:
-        lang = None
-        if turn is not None:
-            try:
-                lang = self.languages.get(rt.cipher.blind_index(turn.phone.e164))
-            except Exception:
-                lang = None
-        return UssdReply(flows.unavailable_text(lang), True)
+        return UssdReply(translate(self._language(rt, turn), "unavailable"), True)
+
+    def unsettled(self, rt: Any, turn: UssdTurn) -> UssdReply:
+        """The answer when a payment (or another write) was begun and its outcome is not known yet."""
+        return UssdReply(translate(self._language(rt, turn), "unsettled"), True)
+
+    def _language(self, rt: Any, turn: UssdTurn | None) -> str | None:
+        if turn is None:
+            return None
+        try:
+            return self.languages.get(rt.cipher.blind_index(turn.phone.e164))
+        except Exception:
+            return None

@@ -62,8 +62,19 @@ class HopProgress:
         self.side_effects = False
 
 
+class HopUnsettled(Exception):
+    """A hop failed or ran out of time after it began a side effect: whether the payment (or other write)
+    went through is not known here, so the user must not be told "try again"."""
+
+
 HOP_PROGRESS: contextvars.ContextVar[HopProgress | None] = contextvars.ContextVar("ussd_hop_progress",
                                                                                   default=None)
+
+
+def side_effect_began() -> bool:
+    """True when the current hop has begun a side effect (see HopProgress)."""
+    progress = HOP_PROGRESS.get()
+    return progress is not None and progress.side_effects
 
 
 def side_effect_started() -> None:

@@ -295,6 +295,27 @@ async def test_unknown_provider_bad_body_and_size(gateway: Any, recorder: Record
     assert recorder.events == []
 
 
+async def test_a_callback_body_in_two_tcp_segments_is_read_whole(gateway: Any, recorder: Recorder) -> None:
+    """aiohttp's read(n) returns what has arrived so far: the body's second half must not be dropped."""
+    import json
+
+    from tests.rawhttp import post_in_two_parts
+
+    _, base = gateway
+    port = int(base.rsplit(":", 1)[1])
+    body = json.dumps(mtn_body()).encode()
+    status, answer = await post_in_two_parts("127.0.0.1", port, f"/webhooks/payments/mtn_momo?secret=mtn-cb&ref={REF}",
+                                             body, content_type="application/json", split_at=40)
+    assert status == 200, answer
+    (event,) = recorder.events
+    assert event.outcome is ProviderOutcome.SUCCEEDED and event.reference == REF
+    # Over the limit in pieces is still refused, and nothing reaches the core.
+    huge = b"{" + b" " * (routes.MAX_CALLBACK_BODY + 10) + b"}"
+    status, _ = await post_in_two_parts("127.0.0.1", port, "/webhooks/payments/mtn_momo?secret=mtn-cb", huge,
+                                        content_type="application/json", split_at=1000)
+    assert status == 413 and len(recorder.events) == 1
+
+
 async def test_mpesa_gets_its_own_acknowledgement(gateway: Any, recorder: Recorder) -> None:
     _, base = gateway
     body = {

@@ -596,7 +596,10 @@ async def test_a_confirmation_past_the_grace_finishes_and_a_retry_gets_its_answe
     channel.budget, channel.grace = 0.1, 0.1
     await _slow_create_payment(monkeypatch, 0.5)
     first = await phone.send("1")
-    assert first == "END Service unavailable, please try again later."
+    # Not "try again" (that would charge twice): the payment may be going through.
+    assert first == ("END We are still processing your request. If it went through you will get an SMS "
+                     "shortly; please wait for it before trying again.")
+    assert len(channel._finishing) == 1  # held until it finishes (asyncio keeps weak references only)
     for _ in range(100):  # the hop finishes in the background: payment, then the session's answer
         await asyncio.sleep(0.05)
         if await db.count(Payment):
@@ -607,6 +610,56 @@ async def test_a_confirmation_past_the_grace_finishes_and_a_retry_gets_its_answe
     retried = await phone.resend()
     assert retried == f"END Approve the prompt on your phone to pay 50,000 RWF. Ref {payment.reference}"
     assert await db.count(Payment) == 1
+    assert not channel._finishing
+
+
+async def test_a_session_not_saved_after_the_payment_still_gets_the_real_answer(client: Any, demo: Any, db: Any,
+                                                                               monkeypatch: Any) -> None:
+    """Redis fails right after the payment committed: the payer hears the truth, not "try again", and the
+    aggregator's retry of that hop finds the same payment (its reserved reference) instead of a second."""
+    import channels.ussd.sessions as sessions
+
+    _channel, phone = await _at_rent_confirmation(client)
+    real = sessions.save
+    failures: list[str] = []
+
+    async def failing(redis: Any, aggregator: str, session_id: str, stored: Any, **kwargs: Any) -> Any:
+        if stored.state.screen == "pay_done":
+            failures.append(stored.state.screen)
+            raise ConnectionError("Redis went away")
+        return await real(redis, aggregator, session_id, stored, **kwargs)
+
+    monkeypatch.setattr(sessions, "save", failing)
+    done = await phone.send("1")
+    payment = await db.one(Payment)
+    assert done == f"END Approve the prompt on your phone to pay 50,000 RWF. Ref {payment.reference}"
+    assert failures == ["pay_done"]
+    again = await phone.resend()  # the session still holds the confirmation screen
+    assert again == done and len(failures) == 2
+    assert await db.count(Payment) == 1
+    assert await db.count(OutboxJob, OutboxJob.kind == "payment.collect") == 1
+
+
+async def test_a_failure_before_the_payment_still_says_unavailable(client: Any, demo: Any, db: Any,
+                                                                  monkeypatch: Any) -> None:
+    import channels.ussd.sessions as sessions
+
+    _channel, phone = await _at_rent_confirmation(client)
+
+    async def failing(*_args: Any, **_kwargs: Any) -> Any:
+        raise ConnectionError("Redis went away")
+
+    monkeypatch.setattr(sessions, "save", failing)
+    assert await phone.send("2") == "END Service unavailable, please try again later."  # (Cancel: no payment)
+    assert await db.count(Payment) == 0
+
+
+async def test_an_empty_first_reply_then_a_choice(client: Any, demo: Any) -> None:
+    """Africa's Talking joins every reply with '*': after an empty reply the next choice arrives as '*1'."""
+    phone = AtPhone(client, EN_MTN)
+    home = await phone.dial()
+    assert await phone.send("") == home  # nothing chosen: the same menu
+    assert (await phone.send("1")).startswith("CON Choose what to pay:\n1. Monthly Rent")
 
 
 async def test_a_hop_over_budget_before_any_side_effect_is_cancelled(client: Any, demo: Any, db: Any,

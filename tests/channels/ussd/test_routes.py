@@ -115,6 +115,22 @@ async def test_malformed_bodies(client: Any, demo: Any) -> None:
     assert resp.status == 400 and (await resp.json())["message"] == "body too large"
 
 
+async def test_a_hop_whose_body_arrives_in_two_tcp_segments_is_read_whole(client: Any, demo: Any) -> None:
+    """aiohttp's read(n) returns what has arrived so far: a cut form would read "20000" as "200"."""
+    from urllib.parse import urlencode
+
+    from tests.rawhttp import post_in_two_parts
+
+    phone = AtPhone(client, "+250788000002")
+    await phone.dial()
+    phone.inputs.append("1")
+    whole = urlencode(phone.form()).encode()
+    status, answer = await post_in_two_parts(client.server.host, client.server.port, "/ussd/africastalking", whole,
+                                             content_type="application/x-www-form-urlencoded",
+                                             split_at=len(whole) - 1)
+    assert status == 200 and answer.decode().startswith("CON Choose what to pay:"), answer
+
+
 async def test_end_of_session_event_is_recorded_on_the_session(client: Any, demo: Any, db: Any) -> None:
     phone = AtPhone(client, "+250788000002")
     await phone.dial()
