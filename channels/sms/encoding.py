@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# GSM 03.38 default alphabet (one septet each).
-GSM7_BASIC = frozenset(
-    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
-    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
-)
-# Extension table: sent as ESC + char, so each counts two septets.
-GSM7_EXTENDED = frozenset("^{}\\[~]|€\f")
+from core.gsm import EXTENSION as GSM7_EXTENDED  # sent as ESC + char: two septets each
+from core.gsm import is_gsm
 
 GSM7 = "GSM-7"
 UCS2 = "UCS-2"
@@ -27,7 +22,7 @@ class SmsSize:
 
 
 def is_gsm7(text: str) -> bool:
-    return all(ch in GSM7_BASIC or ch in GSM7_EXTENDED for ch in text)
+    return is_gsm(text)
 
 
 def _units(text: str, encoding: str) -> list[int]:

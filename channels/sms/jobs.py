@@ -256,7 +256,7 @@ class SmsJobs:
                 SmsStatus.QUEUED,
                 target,
                 actor=WORKER,
-                values={k: v for k, v in values.items() if v is not None},
+                values={k: _fit(k, v) for k, v in values.items() if v is not None},
                 finish=finish,
             )
         except StaleTransition:
@@ -360,3 +360,13 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         await webhooks.deliver(rt, job)
 
     return {"sms.send": jobs.send, "webhook.event": webhook_event, "webhook.deliver": webhook_deliver}
+
+
+# The message row's text columns (String(N)): an aggregator's wording must not fail the outcome's write
+# (the row would stay QUEUED and the job would send again).
+_WIDTHS = {"provider_status": 32, "failure_reason": 64}
+
+
+def _fit(column: str, value: Any) -> Any:
+    width = _WIDTHS.get(column)
+    return value[:width] if width is not None and isinstance(value, str) else value

@@ -116,9 +116,9 @@ class AfricasTalkingSender:
             raise SmsTemporaryError(f"unreadable answer from Africa's Talking (HTTP {status})") from None
         if not recipients:
             # e.g. {"Message": "InvalidSenderId", "Recipients": []}: nothing was queued, nothing will be.
-            reason = str(message_data.get("Message") or "no recipient accepted")[:64]
+            reason = str(message_data.get("Message") or "no recipient accepted")
             return SendResult(
-                None, accepted=False, provider_status=reason, failure_reason=reason, permanent=True
+                None, accepted=False, provider_status=reason[:32], failure_reason=reason[:64], permanent=True
             )
         recipient = _recipient_for(recipients, phone)
         try:

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from channels.sms.catalogs import en, fr, rw, sw
 from core.crypto import PiiCipher
+from core.gsm import is_gsm, to_gsm
 from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, WebhookEndpoint
 from core.money import Money
 from core.phone import Phone
@@ -44,6 +45,10 @@ def render(template: str, language: str, values: dict[str, Any]) -> str:
     missing = _placeholders(text) - values.keys()
     if missing:
         raise TemplateError(f"template {template!r} needs {sorted(missing)}")
+    if is_gsm(text):
+        # One character outside GSM-7 in a value (an accent the alphabet lacks, a pasted dash) would send
+        # the whole message as UCS-2: 70 characters a part instead of 160, so more parts to pay for.
+        return text.format(**{k: to_gsm(_clean(v)) for k, v in values.items()})
     return text.format(**{k: _clean(v) for k, v in values.items()})
 
 

@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.ussd import gsm
 from channels.ussd.i18n import translate, translate_fit
 from channels.ussd.types import UssdReply, UssdTurn
+from core import gsm
 from core.errors import DomainError
 from core.text import is_number
 

@@ -100,6 +100,37 @@ async def test_permanent_rejection_is_recorded_not_retried(
     assert len(sim.requests) == 1
 
 
+async def test_a_long_refusal_from_the_aggregator_is_recorded_not_resent(
+    rt: Any, demo: dict[str, Any], worker: Any
+) -> None:
+    """No recipient accepted, with a wording longer than the row's status column: the row is REJECTED
+    with the wording cut to fit, and the message is not sent again (the write used to fail, the row stayed
+    QUEUED and every retry called the aggregator again)."""
+    import httpx
+
+    from channels.sms.sender import AfricasTalkingConfig, AfricasTalkingSender
+    from core.config import Secret
+
+    sent: list[httpx.Request] = []
+    wording = "Sent to 0/1 Total Cost: RWF 0.0000 (sender id blocked by the operator)"
+
+    def aggregator(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/version1/messaging", request.url  # anything else is unexpected
+        sent.append(request)
+        return httpx.Response(201, json={"SMSMessageData": {"Message": wording, "Recipients": []}})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(aggregator)) as client:
+        rt.sms = AfricasTalkingSender(client, AfricasTalkingConfig("http://127.0.0.1:9", "u", Secret("k"), "COOPPAY"))
+        payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+        await queue_receipt(rt, demo, payment.id)
+        await drain(worker)
+    [row] = await sms_rows(rt)
+    assert (row.status, row.provider_status, row.failure_reason) == ("REJECTED", wording[:32], wording[:64])
+    [job] = await jobs_of(rt, "sms.send")
+    assert job.status == "DONE" and job.attempts == 1
+    assert len(sent) == 1
+
+
 async def test_insufficient_balance_is_failed(rt: Any, demo: dict[str, Any], sim: Any, worker: Any) -> None:
     sim.set_failure("InsufficientBalance")
     payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])

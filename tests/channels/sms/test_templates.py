@@ -76,6 +76,18 @@ def test_values_are_flattened() -> None:
     assert "\n" not in body and "A B {x}" in body
 
 
+@pytest.mark.parametrize("language", sorted(CATALOGS))
+def test_names_outside_gsm7_do_not_turn_a_message_into_ucs2(language: str) -> None:
+    """An accent the alphabet lacks or a pasted dash in a name would make the whole SMS UCS-2 (70 characters a
+    part instead of 160): values are transliterated, keeping the accents GSM-7 has."""
+    typed = {**WORST_CASE, "coop": "Coopérative de l'Île Rêve – Block A", "type": "Loyer “mensuel”"}
+    plain = {**WORST_CASE, "coop": "Coopérative de l'Ile Reve - Block A", "type": 'Loyer "mensuel"'}
+    body = render("payment_receipt", language, typed)
+    assert body == render("payment_receipt", language, plain)
+    assert "Coopérative de l'Ile Reve - Block A" in body
+    assert measure(body).encoding == GSM7
+
+
 @pytest.mark.parametrize(
     ("reason", "key"),
     [

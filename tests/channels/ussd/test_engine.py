@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 
-from channels.ussd import gsm, sessions
+from channels.ussd import sessions
 from channels.ussd.engine import Confirm, Ctx, End, Engine, Input, Invalid, Item, Menu, Option, State, fit
 from channels.ussd.service import latest_input
+from core import gsm
 
 # -- a toy menu tree, independent of the real flows -------------------------------------------------
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from channels.ussd import gsm
 from channels.ussd.engine import Ctx, End, Engine, Item, Menu, State
 from channels.ussd.i18n import LANGUAGES, catalog, translate
 from channels.ussd.screens import SCREENS
+from core import gsm
 
 LIMITS = (182, 120)  # Africa's Talking and Hubtel; Nalo
 COOP = "Kigali Heights Housing Cooperative"

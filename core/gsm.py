@@ -1,4 +1,5 @@
-"""The GSM-7 alphabet: length in septets and transliteration so a screen never switches to UCS-2."""
+"""The GSM-7 alphabet (3GPP TS 23.038): length in septets, and transliteration so a USSD screen or an SMS
+never switches to UCS-2 (which halves what fits) because of one pasted character."""
 
 from __future__ import annotations
 
