@@ -203,23 +203,27 @@ def _error(request: web.Request, status: int, message: str) -> web.Response:
     )
 
 
-def principal_from_request(request: web.Request) -> auth.Principal:
-    """The caller of /ops/data: a valid access JWT (Authorization: Bearer) or core.auth.Unauthorized."""
+def principal_from_request(request: web.Request) -> tuple[auth.Principal, dict[str, Any]]:
+    """The caller of /ops/data and its token's claims: a valid access JWT (Authorization: Bearer) or
+    core.auth.Unauthorized. (Its revocation is checked by the caller: auth.check_token.)"""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise auth.Unauthorized("a Bearer access token is required")
     settings = request.app[SETTINGS]
     claims = auth.decode_token(token.strip(), secret=settings.jwt_secret.get(), expected_type="access")
-    return auth.principal_from_access(claims)
+    return auth.principal_from_access(claims), claims
 
 
 async def ops_data(request: web.Request) -> web.Response:
     """core.ops.dashboard for an admin: a cooperative admin sees only their cooperative."""
     from core.ops import dashboard
 
+    rt = request.app[RUNTIME]
     try:
-        principal = principal_from_request(request)
+        principal, claims = principal_from_request(request)
+        async with rt.sessionmaker() as session:  # a deactivated account's token is refused here too
+            await auth.check_token(rt.redis, session, principal, claims)
     except DomainError as exc:
         return _error(request, 401, str(exc) or "unauthorized")
     if principal.role not in OPS_ROLES:
@@ -234,7 +238,6 @@ async def ops_data(request: web.Request) -> web.Response:
     minutes_raw = request.query.get("minutes", "60")
     if not is_number(minutes_raw) or not 1 <= int(minutes_raw) <= 1440:
         return _error(request, 400, "minutes must be an integer from 1 to 1440")
-    rt = request.app[RUNTIME]
     async with rt.sessionmaker() as session:
         figures = await dashboard(session, cooperative_id, minutes=int(minutes_raw), redis=rt.redis)
         scope = "all cooperatives"

@@ -13,8 +13,8 @@ from typing import Any
 
 import jwt
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
-from sqlalchemy import false, func, select, update
+from redis.exceptions import RedisError, ResponseError
+from sqlalchemy import and_, bindparam, false, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.audit import Actor, record
@@ -258,13 +258,23 @@ async def restore_revocations(redis: Redis, sessionmaker: async_sessionmaker[Asy
             select(AuditEvent.entity_id, func.max(AuditEvent.at))
             .where(AuditEvent.action == "user.deactivated", AuditEvent.entity_type == "user", AuditEvent.at >= since)
             .group_by(AuditEvent.entity_id))).all()
+        # Accounts of a cooperative suspended, or of a member suspended, within a token's lifetime (and still
+        # so): no token of theirs can be valid now, so the mark is stamped now.
+        held = list((await session.execute(
+            select(AdminUser.id)
+            .outerjoin(Cooperative, Cooperative.id == AdminUser.cooperative_id)
+            .outerjoin(Member, Member.id == AdminUser.member_id)
+            .where(or_(and_(Cooperative.status != "ACTIVE", Cooperative.updated_at >= since),
+                       and_(Member.status == "SUSPENDED", Member.updated_at >= since))))).scalars())
     for user_id, at in rows:
         stamp = int(at.timestamp()) + 1  # the audit row's second may precede the mark's by one: cover it
         remaining = int(stamp + lifetime - current)
         if remaining > 0:
             await redis.set(revoked_key(user_id), str(stamp).encode(), ex=remaining, nx=True)
+    for user_id in held:
+        await redis.set(revoked_key(user_id), str(int(current)).encode(), ex=lifetime, nx=True)
     await redis.set(MARKS_RESTORED, b"1")
-    return len(rows)
+    return len({user_id for user_id, _ in rows} | set(held))
 
 
 async def eviction_policy(redis: Redis) -> str | None:
@@ -330,11 +340,66 @@ def check_not_revoked(claims: dict[str, Any], stamp: bytes | str | None) -> None
         raise Unauthorized("token has been revoked")
 
 
+# An account signs in and keeps working only while it is active, its cooperative is ACTIVE (a suspended
+# cooperative's API keys are refused too) and, for a tenant login, its member is not suspended.
+_USABLE = (
+    select(AdminUser.id)
+    .outerjoin(Cooperative, Cooperative.id == AdminUser.cooperative_id)
+    .outerjoin(Member, Member.id == AdminUser.member_id)
+    .where(AdminUser.id == bindparam("user_id"), AdminUser.is_active.is_(True),
+           or_(AdminUser.cooperative_id.is_(None), Cooperative.status == "ACTIVE"),
+           or_(AdminUser.member_id.is_(None), Member.status != "SUSPENDED"))
+)
+
+
+async def usable(session: AsyncSession, user_id: str) -> bool:
+    return (await session.execute(_USABLE, {"user_id": user_id})).first() is not None
+
+
 async def check_still_active(session: AsyncSession, user_id: str) -> None:
-    """The revocation check when Redis cannot answer: the account row itself (one query)."""
-    active = (await session.execute(select(AdminUser.is_active).where(AdminUser.id == user_id))).scalar()
-    if not active:
+    """The revocation check when Redis cannot answer: the account, its cooperative and member (one query)."""
+    if not await usable(session, user_id):
         raise Unauthorized("token has been revoked")
+
+
+async def check_token(redis: Redis, session: AsyncSession, principal: Principal, claims: dict[str, Any]) -> None:
+    """A user token's revocation check on its own (the API reads the mark with its rate limit instead):
+    the mark in Redis, or the account's rows when Redis cannot answer."""
+    try:
+        stamp = await redis.get(revoked_key(principal.id))
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("token revocation unavailable in Redis; account checked in the database",
+                    extra={"error": type(exc).__name__})
+        await check_still_active(session, principal.id)
+        return
+    check_not_revoked(claims, stamp)
+
+
+async def revoke_cooperative_tokens(session: AsyncSession, redis: Redis, cooperative_id: str, *,
+                                    ttl_seconds: int) -> int:
+    """Every access token of the cooperative's accounts (admins and tenant logins) stops working now; how many
+    accounts. Their refresh tokens and new sign-ins are refused on the rows while the cooperative is not ACTIVE."""
+    users = list((await session.execute(
+        select(AdminUser.id).where(AdminUser.cooperative_id == cooperative_id))).scalars())
+    await _mark_all(redis, users, ttl_seconds=ttl_seconds)
+    return len(users)
+
+
+async def revoke_member_tokens(session: AsyncSession, redis: Redis, member_id: str, *, ttl_seconds: int) -> int:
+    """The same for the tenant logins of one member (suspended)."""
+    users = list((await session.execute(select(AdminUser.id).where(AdminUser.member_id == member_id))).scalars())
+    await _mark_all(redis, users, ttl_seconds=ttl_seconds)
+    return len(users)
+
+
+async def _mark_all(redis: Redis, user_ids: list[str], *, ttl_seconds: int) -> None:
+    if not user_ids:
+        return
+    stamp = str(int(time.time())).encode()
+    async with redis.pipeline(transaction=False) as pipe:
+        for user_id in user_ids:
+            pipe.set(revoked_key(user_id), stamp, ex=_mark_lifetime(ttl_seconds))
+        await pipe.execute()
 
 
 async def login(session: AsyncSession, username: str, password: str) -> AdminUser:
@@ -344,7 +409,7 @@ async def login(session: AsyncSession, username: str, password: str) -> AdminUse
     # scrypt takes tens of milliseconds of CPU: keep it off the event loop.
     stored = user.password_hash if user else None
     ok = await asyncio.to_thread(lambda: verify_password(password, stored or _dummy_hash()))
-    if user is None or not ok or not user.is_active:
+    if user is None or not ok or not user.is_active or not await usable(session, user.id):
         raise Unauthorized("invalid username or password")
     return user
 
@@ -360,7 +425,7 @@ async def refresh(
     if not used:
         raise Unauthorized("refresh token already used")
     user = await session.get(AdminUser, str(claims["sub"]))
-    if user is None or not user.is_active:
+    if user is None or not user.is_active or not await usable(session, user.id):
         raise Unauthorized("invalid token")
     return issue_tokens(user, secret=secret, ttl_seconds=ttl_seconds)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from dataclasses import replace
 
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import select
 
 from core import auth
 from core.models import AdminUser
@@ -277,3 +279,47 @@ async def test_with_redis_down_a_token_is_checked_against_its_account(rt, client
     async with rt.sessionmaker() as s:
         assert (await s.get(AdminUser, other["id"])).is_active is True
         assert (await s.get(AdminUser, made["id"])).is_active is False
+
+
+async def test_a_suspended_cooperatives_accounts_stop_working_until_it_is_active_again(
+        rt, client, admin, tenant, superadmin, demo):
+    """Its API keys were refused; its admins' and tenants' tokens, sign-ins and refreshes are now too."""
+    coop = demo["cooperative_id"]
+    refresh_token = (await login(client, *demo["admin"]))["refreshToken"]
+    await admin.json("GET", "/v1/payments", 200)
+    await superadmin.json("DELETE", f"/v1/cooperatives/{coop}", 200)
+
+    for caller in (admin, tenant):
+        assert (await caller.json("GET", "/v1/payments", 401))["message"] == "token has been revoked"
+    for username, password in (demo["admin"], demo["tenant"]):
+        signin = await client.post("/v1/auth/token", json={"username": username, "password": password})
+        assert signin.status == 401
+    assert (await client.post("/v1/auth/refresh", json={"refreshToken": refresh_token})).status == 401
+    await superadmin.json("GET", "/v1/cooperatives", 200)  # the super admin is no cooperative's account
+
+    # Redis unable to answer: the rows say the same.
+    async with rt.sessionmaker() as session:
+        admin_id = (await session.execute(select(AdminUser.id).where(AdminUser.username == demo["admin"][0])
+                                          )).scalar_one()
+        with pytest.raises(auth.Unauthorized):
+            await auth.check_still_active(session, admin_id)
+    # Redis lost its data: the marks come back from the rows.
+    await rt.redis.flushdb()
+    assert await auth.restore_revocations(rt.redis, rt.sessionmaker, ttl_seconds=rt.settings.jwt_ttl_seconds) == 2
+    assert (await admin.json("GET", "/v1/payments", 401))["message"] == "token has been revoked"
+
+    await superadmin.json("PATCH", f"/v1/cooperatives/{coop}", 200, json={"status": "ACTIVE"})
+    await asyncio.sleep(1.1)  # a token of the same second as the mark counts as revoked
+    again = await bearer(client, *demo["admin"])
+    await again.json("GET", "/v1/payments", 200)
+    async with rt.sessionmaker() as session:
+        await auth.check_still_active(session, admin_id)
+
+
+async def test_the_operations_data_refuses_a_revoked_token(rt, client, admin, demo):
+    made, _tokens, leaving = await _temp_login(admin, client)
+    assert (await leaving.req("GET", "/ops/data")).status == 200
+    await admin.json("DELETE", f"/v1/users/{made['id']}", 200)
+    refused = await leaving.req("GET", "/ops/data")
+    assert refused.status == 401 and (await refused.json())["message"] == "token has been revoked"
+    assert (await admin.req("GET", "/ops/data")).status == 200
