@@ -9,13 +9,14 @@ from sqlalchemy import select
 
 from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, page_of, paged
 from admin_api.errors import ApiError
-from admin_api.routing import Ctx, Route
+from admin_api.routing import REDIS_DOWN, Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param, read_body
+from core import auth
 from core import members as service
-from core.errors import NotFound
+from core.errors import NotFound, ServiceUnavailable
 from core.member_import import import_members
 from core.models import Cooperative, Member
-from core.phone import normalize
+from core.phone import DEFAULT_REGION, normalize
 
 IMPORT_LIMIT = 5 * 1024 * 1024
 MEMBER = out(
@@ -99,9 +100,20 @@ async def list_members(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     if q.get("cooperativeId"):
         query = query.where(Member.cooperative_id == q["cooperativeId"])
     if q.get("phone"):
-        # Phones are encrypted; an exact number is found through its blind index.
-        query = query.where(Member.phone_index == ctx.rt.cipher.blind_index(normalize(q["phone"]).e164))
+        # Phones are encrypted; an exact number is found through its blind index, read as a number of the
+        # cooperative's country (0712345678 is Kenyan in a Kenyan cooperative).
+        region = await _search_region(ctx, ctx.who.cooperative_id or q.get("cooperativeId"))
+        query = query.where(Member.phone_index == ctx.rt.cipher.blind_index(normalize(q["phone"], region).e164))
     return await paged(ctx, query.order_by(Member.name, Member.id), present)
+
+
+async def _search_region(ctx: Ctx, coop_id: str | None) -> str:
+    """The country a searched number is read in: the cooperative's; a super admin searching every
+    cooperative gets the default (a number with its +country code is found anywhere)."""
+    if coop_id is None:
+        return DEFAULT_REGION
+    country = (await ctx.session.execute(select(Cooperative.country).where(Cooperative.id == coop_id))).scalar()
+    return country or DEFAULT_REGION
 
 
 async def get_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -111,6 +123,7 @@ async def get_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 async def update_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     member = await one(ctx, Member, request.match_info["id"], "member")
     body = ctx.body
+    was = member.status
     member = await service.update_member(
         ctx.session,
         member,
@@ -120,13 +133,26 @@ async def update_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         unit=body["unit"] or "" if "unit" in body else None,
         status=body.get("status"),
     )
-    await ctx.session.commit()
-    return json_response(present(member))
+    return await _saved(ctx, member, was)
 
 
 async def suspend_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     member = await one(ctx, Member, request.match_info["id"], "member")
+    was = member.status
     member = await service.update_member(ctx.session, member, actor=ctx.who.actor, status="SUSPENDED")
+    return await _saved(ctx, member, was)
+
+
+async def _saved(ctx: Ctx, member: Member, was: str) -> web.StreamResponse:
+    if member.status == "SUSPENDED" and was != "SUSPENDED":
+        # The member's tenant logins stop working now (sign-in and refresh are refused on the rows).
+        # Marked before the commit: if Redis cannot take the marks, nothing changed; the admin sends it again.
+        try:
+            await auth.revoke_member_tokens(ctx.session, ctx.rt.redis, member.id,
+                                            ttl_seconds=ctx.rt.settings.jwt_ttl_seconds)
+        except REDIS_DOWN as exc:
+            raise ServiceUnavailable("the member's sessions could not be ended (Redis unavailable); nothing "
+                                     "was changed, send it again") from exc
     await ctx.session.commit()
     return json_response(present(member))
 

@@ -170,10 +170,12 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
 
 
 def _parse_due(text: str) -> Any:
-    from admin_api.validation import parse_datetime
+    from admin_api.validation import DateOutOfRange, parse_datetime
 
     try:
         return parse_datetime(text)
+    except DateOutOfRange:
+        raise ValidationError(f"dueDate must be a date-time {DateOutOfRange.RANGE}", field="dueDate") from None
     except ValueError:
         raise ValidationError("dueDate must be a valid date-time", field="dueDate") from None
 

@@ -186,9 +186,20 @@ PAGE = Param("integer", "Page number", 1, minimum=1, maximum=100000)
 LIMIT = Param("integer", "Items per page (max 100)", 10, minimum=1, maximum=100)
 
 
+class DateOutOfRange(ValueError):
+    """A well-formed date-time whose instant, moved to UTC, is before year 1 or after year 9999."""
+
+    RANGE = "between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z"
+
+
 def parse_datetime(text: str) -> datetime:
+    """An ISO 8601 date-time in UTC (no offset: UTC); ValueError for anything else, DateOutOfRange for one
+    that UTC cannot hold (9999-12-31T23:59:59-01:00 is in year 10000 there)."""
     value = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "+"))
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise DateOutOfRange(text) from None
 
 
 def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[str, Any]:
@@ -224,7 +235,11 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
                     raise ValueError
                 values[name] = raw.lower() in ("true", "1")
             elif param.type == "date-time":
-                values[name] = parse_datetime(raw)
+                try:
+                    values[name] = parse_datetime(raw)
+                except DateOutOfRange:
+                    errors.append(f"{name} must be a date-time {DateOutOfRange.RANGE}")
+                    continue
             elif param.type == "uuid":
                 if not _UUID.match(raw):
                     raise ValueError

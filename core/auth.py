@@ -15,12 +15,13 @@ import jwt
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import and_, bindparam, false, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.audit import Actor, record
 from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
 from core.db import utcnow
-from core.errors import DomainError, Forbidden, NotFound, ValidationError
+from core.errors import Conflict, DomainError, Forbidden, NotFound, ValidationError
 from core.models import AdminUser, ApiKey, AuditEvent, Cooperative, Member, PaymentType
 from core.ratelimit import subject_tag
 
@@ -453,8 +454,16 @@ async def create_user(
         member_id=member_id,
         is_active=True,
     )
-    session.add(user)
-    await session.flush()
+    try:
+        async with session.begin_nested():  # a savepoint: a lost race must not end the caller's transaction
+            session.add(user)
+            await session.flush()
+    except IntegrityError:
+        # Two requests for one username at once: the callers' check saw it free, the unique index did not.
+        taken = await session.execute(select(AdminUser.id).where(AdminUser.username == username))
+        if taken.scalar_one_or_none() is not None:
+            raise Conflict("this username is taken", field="username") from None
+        raise
     return user
 
 

@@ -45,6 +45,7 @@ _FIELDS = (
 
 
 def _validate(values: dict[str, Any]) -> list[str]:
+    """Every problem with `values`; a valid contact_phone in them is rewritten to E.164."""
     errors: list[str] = []
     if "name" in values and not (2 <= len((values["name"] or "").strip()) <= 200):
         errors.append("name must be 2 to 200 characters")
@@ -127,9 +128,11 @@ async def update_cooperative(
         raise ValidationError(f"cannot change {', '.join(sorted(unknown))}")
     if "currency" in changes and changes["currency"] != coop.currency:
         raise ValidationError("currency cannot change once a cooperative exists", field="currency")
-    errors = _validate({"country": coop.country, **changes} if "contact_phone" in changes else dict(changes))
+    checked = {"country": coop.country, **changes} if "contact_phone" in changes else dict(changes)
+    errors = _validate(checked)  # normalises in place: the phone is stored as _validate made it (E.164)
     if errors:
         raise ValidationError(errors[0], errors=errors)
+    changes = {key: checked[key] for key in changes}
     await _unique(session, changes, coop.id)
     before = snapshot(coop)
     for key, value in changes.items():

@@ -15,6 +15,7 @@ from core.models import Dispute, Payment
 from core.money import Money
 from core.notify import notice_jobs
 from core.outbox import enqueue_many
+from core.payments import payer_phone
 from core.references import next_reference
 from core.state import transition
 from core.state.dispute import DISPUTE, DisputeReason, DisputeStatus
@@ -34,11 +35,16 @@ def dispute_data(dispute: Dispute) -> dict[str, Any]:
 
 
 async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, template: str, event_type: str,
-                  step: str) -> None:
+                  step: str, *, payment: Payment | None = None) -> None:
+    """The SMS (to the member, or without one to the phone that paid) and the webhook event."""
+    phone = None
+    if not dispute.member_id:
+        payment = payment or await session.get(Payment, dispute.payment_id)
+        phone = payer_phone(cipher, payment) if payment is not None else None
     await enqueue_many(session, notice_jobs(  # the SMS and the webhook event in one round trip
         template=template, event_type=event_type, cooperative_id=dispute.cooperative_id, key=dispute.id, step=step,
         context={"dispute_id": dispute.id}, data=dispute_data(dispute), cipher=cipher,
-        member_id=dispute.member_id or None))
+        member_id=dispute.member_id or None, phone=phone))
 
 
 async def open_dispute(session: AsyncSession, *, payment: Payment, reason: DisputeReason | str, channel: str,
@@ -50,8 +56,13 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
                               field="reason") from None
     if note is not None and len(note) > 1000:
         raise ValidationError("note must be at most 1000 characters", field="note")
-    already = (await session.execute(select(Dispute).where(Dispute.payment_id == payment.id,
-                                                           Dispute.status.in_(OPEN_STATES)))).scalar_one_or_none()
+    # Two opens at once: the payment's row lock makes the second wait, then see the first one's dispute.
+    # (FOR NO KEY UPDATE: serialises with every other locker, not with inserts whose key points here.)
+    await session.execute(select(Payment.id).where(Payment.id == payment.id).with_for_update(key_share=True))
+    already = (await session.execute(
+        select(Dispute).where(Dispute.payment_id == payment.id, Dispute.status.in_(OPEN_STATES))
+        .order_by(Dispute.created_at, Dispute.id).limit(1)  # several, left by an earlier race: name the first
+    )).scalars().first()
     if already is not None:
         raise Conflict(f"dispute {already.reference} is already open for this payment")
     dispute = Dispute(
@@ -64,7 +75,7 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
     await session.flush()
     await record(session, actor=actor, action="dispute.opened", entity_type="dispute", entity_id=dispute.id,
                  after={"paymentId": payment.id, "reason": reason.value}, cooperative_id=payment.cooperative_id)
-    await _notify(session, cipher, dispute, "dispute_opened", "dispute.opened", "opened")
+    await _notify(session, cipher, dispute, "dispute_opened", "dispute.opened", "opened", payment=payment)
     return dispute
 
 

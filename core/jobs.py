@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ from core.audit import Actor
 from core.db import utcnow
 from core.models import Member, Payment, Refund
 from core.money import Money
-from core.outbox import Handler, Job, PermanentJobError, RetryLater, enqueue
+from core.outbox import Handler, Job, PermanentJobError, RetryLater, enqueue, handler_timeout
 from core.payments import apply_collection_outcome, payment_account
 from core.phone import Phone
 from core.ports import CollectionRequest, ProviderError, ProviderOutcome, ProviderTimeout, RefundRequest
@@ -29,6 +30,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.jobs")
 WORKER = Actor("system", "worker")
+# A refund the provider has not settled this long after it was asked for is parked for a person: some
+# providers (M-Pesa reversals) report only by a callback that may never come, and a poll cannot tell.
+REFUND_POLL_LIMIT = timedelta(hours=24)
+# Times a refund the provider says it never received (status NOT_FOUND) is sent again, same reference.
+REFUND_RESENDS = 3
+
+
+def collect_call_budget(lease_seconds: float) -> float:
+    """Seconds the collect job gives its provider call: the worker's handler timeout less a margin to
+    record the answer. Past it the call counts as unanswered (ask the status), never as failed."""
+    limit = handler_timeout(lease_seconds)
+    return limit - min(5.0, limit / 5)
 
 
 def poll_delay(age_seconds: float) -> float:
@@ -65,11 +78,18 @@ async def _timed(provider: str, operation: str, coro):  # type: ignore[no-untype
 
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
     async def collect(job: Job) -> None:
+        deadline = asyncio.get_running_loop().time() + collect_call_budget(rt.settings.outbox_lease_seconds)
         async with rt.sessionmaker() as session:
             payment = await session.get(Payment, job.payload["payment_id"])
             member = await session.get(Member, payment.member_id) if payment and payment.member_id else None
         if payment is None or payment.status != PaymentStatus.PENDING.value:
             return  # already moved on: running twice is harmless
+        if job.interrupted:
+            # The previous attempt was cancelled mid-call: the provider may have the request (M-Pesa
+            # has no idempotency key, a second push is a second charge). Ask its status instead.
+            log.warning("collection attempt was cut off; status polling will settle it",
+                        extra={"payment": payment.reference})
+            return
         provider = rt.providers[payment.provider]
         account = payment_account(rt, payment)
         request = CollectionRequest(
@@ -80,9 +100,11 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             method=payment.method, language=member.language if member else "en",
             payer_name=member.name if member else "", expires_at=payment.expires_at)
         try:
-            accepted = await _timed(provider.name, "collect", provider.request_collection(request))
-        except ProviderTimeout:
+            async with asyncio.timeout_at(deadline):
+                accepted = await _timed(provider.name, "collect", provider.request_collection(request))
+        except (ProviderTimeout, TimeoutError):
             # The provider may have the request: ask its status (poll job) instead of sending it again.
+            # A call still running at our own deadline is the same case: it may have arrived.
             log.warning("collection request timed out; status polling will settle it",
                         extra={"payment": payment.reference})
             return
@@ -165,6 +187,15 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 if attempt == 2:
                     raise
 
+    def refund_request(refund: Refund, payment: Payment) -> RefundRequest:
+        account = payment_account(rt, payment)
+        return RefundRequest(
+            provider_reference=refund.provider_reference, original_provider_reference=payment.provider_reference,
+            original_provider_transaction_id=payment.provider_transaction_id,
+            amount=Money(refund.amount_minor, refund.currency), full=refund.amount_minor >= collected(payment),
+            payer=Phone(account) if account.startswith("+") else None, reason=refund.reason or "refund",
+            callback_url=_callback_url(rt, payment.provider))
+
     async def submit_refund(job: Job) -> None:
         async with rt.sessionmaker() as session:
             refund = await session.get(Refund, job.payload["refund_id"])
@@ -172,13 +203,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         if refund is None or payment is None or refund.status != RefundStatus.PENDING.value:
             return
         provider = rt.providers[payment.provider]
-        account = payment_account(rt, payment)
-        request = RefundRequest(
-            provider_reference=refund.provider_reference, original_provider_reference=payment.provider_reference,
-            original_provider_transaction_id=payment.provider_transaction_id,
-            amount=Money(refund.amount_minor, refund.currency), full=refund.amount_minor >= collected(payment),
-            payer=Phone(account) if account.startswith("+") else None, reason=refund.reason or "refund",
-            callback_url=_callback_url(rt, payment.provider))
+        request = refund_request(refund, payment)
         try:
             accepted = await _timed(provider.name, "refund", provider.request_refund(request))
         except ProviderTimeout:
@@ -228,16 +253,65 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         except ProviderError as exc:
             if exc.retryable:
                 raise
+            if exc.code == "NOT_FOUND":
+                await resend_refund(job, refund, payment)
+                return
             # The provider cannot tell (e.g. Airtel has no refund status query): a person must look.
             raise PermanentJobError(f"refund {refund.id} needs manual review: {exc}") from exc
-        age = (utcnow() - refund.created_at).total_seconds()
+        age = utcnow() - refund.created_at
         if status.outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
-            raise RetryLater(poll_delay(age), "refund still pending")
+            if age >= REFUND_POLL_LIMIT:
+                hours = age.total_seconds() / 3600
+                log.warning("refund still unsettled by the provider; parked for manual review",
+                            extra={"refund": refund.reference, "provider": provider.name,
+                                   "age_hours": round(hours, 1)})
+                raise PermanentJobError(
+                    f"refund {refund.reference} needs manual review: {provider.name} has not settled it "
+                    f"{hours:.0f} h after it was asked for ({status.reason or 'still pending'}); check with "
+                    "the provider, then record the outcome")
+            raise RetryLater(poll_delay(age.total_seconds()), "refund still pending")
         async with rt.sessionmaker.begin() as session:
             fresh = (await session.execute(select(Refund).where(Refund.id == refund.id).with_for_update())
                      ).scalar_one()
             await apply_refund_outcome(session, rt, fresh, status.outcome, actor=WORKER,
                                        provider_transaction_id=status.provider_transaction_id, reason=status.reason)
+
+    async def resend_refund(job: Job, refund: Refund, payment: Payment) -> None:
+        """The provider says it has no refund with this reference (the request was lost on its way, e.g.
+        the submit timed out before it arrived): send it again with the same reference, which the
+        provider deduplicates, and poll again; after REFUND_RESENDS tries, a person must look."""
+        resent = int(job.payload.get("resent", 0))
+        if resent >= REFUND_RESENDS:
+            raise PermanentJobError(f"refund {refund.reference} needs manual review: the provider still has no "
+                                    f"refund with its reference after {resent} resends")
+        provider = rt.providers[payment.provider]
+        log.warning("refund unknown to the provider; sending it again with the same reference",
+                    extra={"refund": refund.reference, "provider": provider.name, "resend": resent + 1})
+        try:
+            accepted = await _timed(provider.name, "refund", provider.request_refund(refund_request(refund, payment)))
+        except ProviderTimeout:
+            accepted = None  # it may have arrived this time: the next poll tells
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            async with rt.sessionmaker.begin() as session:
+                fresh = (await session.execute(select(Refund).where(Refund.id == refund.id).with_for_update())
+                         ).scalar_one()
+                await apply_refund_outcome(session, rt, fresh, ProviderOutcome.FAILED, actor=WORKER,
+                                           reason=str(exc)[:200])
+            return
+        async with rt.sessionmaker.begin() as session:
+            if accepted is not None and accepted.outcome not in (None, ProviderOutcome.PENDING,
+                                                                 ProviderOutcome.AMBIGUOUS):
+                fresh = (await session.execute(select(Refund).where(Refund.id == refund.id).with_for_update())
+                         ).scalar_one()
+                await apply_refund_outcome(session, rt, fresh, accepted.outcome, actor=WORKER,
+                                           provider_transaction_id=accepted.provider_transaction_id)
+                return
+            await enqueue(session, "refund.poll", {"refund_id": refund.id, "resent": resent + 1},
+                          dedupe_key=f"refund-poll:{refund.id}:resent:{resent + 1}",
+                          run_at=utcnow() + timedelta(seconds=rt.settings.poll_after_seconds),
+                          cooperative_id=refund.cooperative_id, max_attempts=30)
 
     async def sweep(job: Job) -> None:
         count = await sweep_open_payments(rt)

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
-from core.errors import ValidationError
+from core.errors import Conflict, ValidationError
 from core.members import LANGUAGES, create_member
 from core.models import Cooperative, Member
 from core.phone import Phone, PhoneError, normalize
@@ -156,20 +156,23 @@ async def import_members(
             key=lambda e: e.row,
         )
         raise ImportRejected(errors)
-    members = [
-        await create_member(
-            session,
-            cipher,
-            cooperative_id=cooperative.id,
-            name=r.name,
-            phone=r.phone,
-            actor=actor,
-            language=r.language,
-            unit=r.unit,
-            status=status,
-        )
-        for r in rows
-    ]
+    members = []
+    for r in rows:
+        try:
+            member = await create_member(
+                session,
+                cipher,
+                cooperative_id=cooperative.id,
+                name=r.name,
+                phone=r.phone,
+                actor=actor,
+                language=r.language,
+                unit=r.unit,
+                status=status,
+            )
+        except Conflict:  # the number was added (by another request) since the check above
+            raise ImportRejected([RowError(r.row, "phone", "already a member of this cooperative")]) from None
+        members.append(member)
     await record(
         session,
         actor=actor,

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
-from core.db import utcnow
+from core.db import insert_ignore, utcnow
 from core.errors import Conflict, NotFound, ValidationError
 from core.models import Cooperative, Member
 from core.notify import send_sms
@@ -19,6 +19,7 @@ from core.phone import Phone
 
 LANGUAGES = ("en", "rw", "fr", "sw")
 MEMBER_STATUSES = ("PENDING", "ACTIVE", "SUSPENDED")
+DUPLICATE_PHONE = "a member with this phone number already exists in this cooperative"
 
 
 def _context(cooperative_id: str) -> str:
@@ -95,24 +96,23 @@ async def create_member(
         raise ValidationError("name must be 2 to 200 characters", field="name")
     if status not in MEMBER_STATUSES:
         raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
-    index = cipher.blind_index(phone.e164)
-    existing = (await session.execute(
-        select(Member.id).where(Member.cooperative_id == cooperative_id, Member.phone_index == index)
-    )).scalar_one_or_none()
-    if existing:
-        raise Conflict("a member with this phone number already exists in this cooperative", field="phone")
-    member = Member(
-        cooperative_id=cooperative_id,
-        name=name,
-        phone_enc=cipher.encrypt(phone.e164, context=_context(cooperative_id)),
-        phone_index=index,
-        phone_masked=phone.masked(),
-        language=check_language(language),
-        unit=(unit or "").strip() or None,
-        status=status,
-    )
-    session.add(member)
-    await session.flush()
+    values = {
+        "cooperative_id": cooperative_id,
+        "name": name,
+        "phone_enc": cipher.encrypt(phone.e164, context=_context(cooperative_id)),
+        "phone_index": cipher.blind_index(phone.e164),
+        "phone_masked": phone.masked(),
+        "language": check_language(language),
+        "unit": (unit or "").strip() or None,
+        "status": status,
+    }
+    # The unique (cooperative, phone) index decides, not a SELECT before: of two creates of one number at
+    # once, the second inserts nothing (ON CONFLICT DO NOTHING) and is told so, as a later one would be.
+    stmt = (insert_ignore(session.get_bind().dialect.name, Member).values(values)
+            .on_conflict_do_nothing(index_elements=["cooperative_id", "phone_index"]).returning(Member))
+    member = (await session.scalars(stmt)).one_or_none()
+    if member is None:
+        raise Conflict(DUPLICATE_PHONE, field="phone")
     await record(session, actor=actor, action="member.created", entity_type="member", entity_id=member.id,
                  after={"status": status, "phone": member.phone_masked}, cooperative_id=cooperative_id)
     return member

@@ -37,6 +37,18 @@ class RetryLater(Exception):
         self.delay = delay
 
 
+# How last_error starts when the worker cancelled a handler that ran past its time (see Job.interrupted).
+INTERRUPTED = "handler interrupted"
+# The longest wait a failure's own retry_after (e.g. a provider's Retry-After) may impose.
+MAX_RETRY_AFTER = 3600.0
+
+
+def handler_timeout(lease_seconds: float) -> float:
+    """Seconds a handler may run before the worker cancels it: inside the lease, so no other worker
+    claims the job while it still runs."""
+    return max(5.0, lease_seconds - 5)
+
+
 @dataclass(frozen=True)
 class Job:
     id: int
@@ -49,6 +61,14 @@ class Job:
     # transaction (finish_in). `finished` records that it did, so the worker skips its own UPDATE.
     locked_by: str | None = None
     finished: list[bool] = field(default_factory=list, compare=False, repr=False)
+    # What the previous attempt left (set by claim): see `interrupted`.
+    last_error: str | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        """The previous attempt was cancelled mid-run (it ran past the handler timeout): whatever it
+        was sending may have arrived. A handler whose call is not safe to repeat asks, not resends."""
+        return (self.last_error or "").startswith(INTERRUPTED)
 
 
 Handler = Callable[[Job], Awaitable[None]]
@@ -192,7 +212,8 @@ class OutboxWorker:
                 claimed = (await conn.execute(_CLAIM, {"now": now, "batch": self._batch, "worker": self.worker_id,
                                                        "lease_end": now + timedelta(seconds=self._lease)})).all()
             return [Job(r.id, r.kind, dict(r.payload), r.attempts, r.max_attempts, r.created_at,
-                        locked_by=self.worker_id) for r in sorted(claimed, key=lambda r: (r.run_at_before, r.id))]
+                        locked_by=self.worker_id, last_error=r.last_error)
+                    for r in sorted(claimed, key=lambda r: (r.run_at_before, r.id))]
         async with self._sm.begin() as session:
             rows = (
                 await session.execute(
@@ -214,7 +235,7 @@ class OutboxWorker:
                 .execution_options(synchronize_session=False)
             )
             return [Job(r.id, r.kind, dict(r.payload), r.attempts + 1, r.max_attempts, r.created_at,
-                        locked_by=self.worker_id) for r in rows]
+                        locked_by=self.worker_id, last_error=r.last_error) for r in rows]
 
     async def _finish(self, job: Job, **values: Any) -> None:
         values.setdefault("updated_at", utcnow())
@@ -234,10 +255,13 @@ class OutboxWorker:
         handler = self._handlers.get(job.kind)
         started = time.perf_counter()
         outcome = "done"
+        limit = handler_timeout(self._lease)
+        deadline = asyncio.timeout(limit)
         try:
             if handler is None:
                 raise PermanentJobError(f"no handler for job kind {job.kind!r}")
-            await asyncio.wait_for(handler(job), timeout=max(5, self._lease - 5))
+            async with deadline:
+                await handler(job)
         except RetryLater as later:
             outcome = "later"
             # Waiting is not failing: give the attempt back.
@@ -249,6 +273,9 @@ class OutboxWorker:
             await self._finish(job, status="PARKED", locked_by=None, last_error=str(exc)[:2000])
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:2000]
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                # Cut off by us, not failed: the next attempt can tell (Job.interrupted).
+                error = f"{INTERRUPTED}: still running after {limit:.0f}s and cancelled"
             if job.attempts >= job.max_attempts:
                 outcome = "parked"
                 log.error("job parked after retries",
@@ -257,6 +284,9 @@ class OutboxWorker:
             else:
                 outcome = "retry"
                 delay = backoff(job.attempts)
+                asked = getattr(exc, "retry_after", None)  # e.g. a provider's Retry-After
+                if isinstance(asked, int | float) and asked > delay:
+                    delay = min(float(asked), MAX_RETRY_AFTER)
                 log.warning("job failed, will retry",
                             extra={"job_id": job.id, "kind": job.kind, "attempts": job.attempts,
                                    "delay_s": round(delay, 1), "error": error})
@@ -320,7 +350,7 @@ _CLAIM = (update(_TABLE).where(_TABLE.c.id == _DUE.c.id)
           .values(status="RUNNING", run_at=bindparam("lease_end"), locked_by=bindparam("worker"),
                   attempts=_TABLE.c.attempts + 1, updated_at=bindparam("now"))
           .returning(_TABLE.c.id, _TABLE.c.kind, _TABLE.c.payload, _TABLE.c.attempts, _TABLE.c.max_attempts,
-                     _TABLE.c.created_at, _DUE.c.run_at.label("run_at_before")))
+                     _TABLE.c.created_at, _TABLE.c.last_error, _DUE.c.run_at.label("run_at_before")))
 # Only the lease holder may finish the job; a job re-claimed after a lapse belongs to another. Built once:
 # the SET clause comes from the parameters' column names.
 _FINISH = update(_TABLE).where(_TABLE.c.id == bindparam("b_id"), _TABLE.c.locked_by == bindparam("b_worker"),

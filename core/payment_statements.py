@@ -74,13 +74,14 @@ def stored_and_locked(by_transaction: bool) -> Any:
             .with_for_update(of=table_of(Payment)))
 
 
-# The cooperative, its payment type (only if it is the cooperative's) and the member (only if theirs).
+# The cooperative, its payment type (only if it is the cooperative's) and the member (only if theirs,
+# with their status: a pending or suspended member cannot pay).
 # Parameters: coop_id, type_id, member_id (None: no member). One row, or none without the cooperative.
 CONTEXT = (
     select(Cooperative.id.label("coop_id"), Cooperative.status.label("coop_status"), Cooperative.country,
            PaymentType.id.label("type_id"), PaymentType.cooperative_id.label("type_coop"), PaymentType.name,
            PaymentType.amount_minor, PaymentType.currency, PaymentType.allow_custom_amount, PaymentType.is_active,
-           Member.id.label("member_id"))
+           Member.id.label("member_id"), Member.status.label("member_status"))
     .select_from(Cooperative)
     .outerjoin(PaymentType, and_(PaymentType.id == bindparam("type_id", type_=String),
                                  PaymentType.cooperative_id == Cooperative.id))

@@ -109,7 +109,12 @@ def _check(
 
 
 async def _cooperative(session: AsyncSession, cooperative_id: str) -> Cooperative:
-    coop = await session.get(Cooperative, cooperative_id)
+    """The cooperative, its row locked until the caller commits: names are unique per cooperative by
+    check-then-write, so two creates (or renames) of one name take turns and the second sees the first.
+    FOR NO KEY UPDATE: it does not block inserts of rows that point at the cooperative (payments)."""
+    coop = (await session.execute(
+        select(Cooperative).where(Cooperative.id == cooperative_id).with_for_update(key_share=True)
+    )).scalar_one_or_none()
     if coop is None:
         raise NotFound("cooperative not found")
     return coop
@@ -197,20 +202,26 @@ async def update_payment_type(
     amount: Money | None = changes.get("amount")
     is_recurring = changes.get("is_recurring", pt.is_recurring)
     interval = changes.get("recurring_interval", pt.recurring_interval)
+    allow_custom = changes.get("allow_custom_amount", pt.allow_custom_amount)
+    # The type as it will be, not the patch alone: {"allowCustomAmount": false} on a free type is unpayable.
     errors = _check(
         changes.get("name"),
         amount,
         is_recurring,
         interval,
         changes.get("due_day"),
-        changes.get("allow_custom_amount", pt.allow_custom_amount),
+        allow_custom,
     )
+    if amount is None and pt.amount_minor == 0 and not allow_custom:
+        errors.append("amount is 0, so allowCustomAmount must stay true unless a positive amount is set")
     if amount is not None and amount.currency != pt.currency:
         errors.append(f"currency must be {pt.currency}")
     if errors:
         raise ValidationError(errors[0], errors=errors)
-    if "name" in changes and await _name_taken(session, cooperative_id, changes["name"], pt.id):
-        raise Conflict(f"a payment type named {changes['name'].strip()!r} already exists")
+    if "name" in changes:
+        await _cooperative(session, cooperative_id)  # the lock: see _cooperative
+        if await _name_taken(session, cooperative_id, changes["name"], pt.id):
+            raise Conflict(f"a payment type named {changes['name'].strip()!r} already exists")
     for key, value in changes.items():
         if key == "amount":
             pt.amount_minor = value.minor

@@ -13,17 +13,18 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 from core import metrics, pgraw
 from core.audit import Actor, record
 from core.db import insert_ignore, row_insert, table_of, utcnow
-from core.errors import Conflict, DomainError, NotFound, ValidationError
+from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
 from core.models import Payment, ProviderEvent
 from core.money import Money
 from core.notify import notice_jobs
 from core.outbox import NewJob, enqueue_many
 from core.payment_statements import CONTEXT, create_statement, stored_and_locked
-from core.phone import PhoneError, normalize
+from core.phone import Phone, PhoneError, normalize
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as ProviderEventData
 from core.references import next_reference, reference_prefix
@@ -31,6 +32,7 @@ from core.state import StaleTransition, transition
 from core.state.payment import OPEN, PAYMENT, PaymentStatus
 
 if TYPE_CHECKING:
+    from core.crypto import PiiCipher
     from core.runtime import Runtime
 
 log = logging.getLogger("gateway.payments")
@@ -63,6 +65,14 @@ def _account_context(cooperative_id: str) -> str:
 
 def payment_account(rt: Runtime, payment: Payment) -> str:
     return rt.cipher.decrypt(payment.payment_account_enc, context=_account_context(payment.cooperative_id))
+
+
+def payer_phone(cipher: PiiCipher, payment: Payment) -> Phone | None:
+    """Where the payer's SMS about a payment without a member go (refunds, disputes): the paying phone of
+    a mobile-money payment, as _notices does for its receipt. None with a member or for a bank payment."""
+    if payment.member_id is not None or payment.method not in METHOD_OPERATOR:
+        return None
+    return Phone(cipher.decrypt(payment.payment_account_enc, context=_account_context(payment.cooperative_id)))
 
 
 def _request_hash(new: NewPayment, amount: Money, account: str) -> str:
@@ -135,6 +145,9 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         refused = ValidationError("payment type is not active", field="paymentTypeId")
     elif new.member_id is not None and not context.member_found:
         refused = NotFound("member not found", field="member")
+    elif new.member_id is not None and context.member_status != "ACTIVE":
+        refused = BusinessRuleError(f"member is {(context.member_status or 'not active').lower()}; "
+                                    "only an active member can pay", field="memberId")
     if refused is not None:
         # A replay of a key accepted before the type was deactivated still answers with its payment.
         existing = await _find_by_key(session, coop.id, key)
@@ -233,6 +246,7 @@ class PaymentContext:
     coop: CoopFacts | None
     ptype: TypeFacts | None
     member_found: bool = False
+    member_status: str | None = None  # the member's, when found: only an ACTIVE member pays
 
 
 async def load_context(session: AsyncSession, cooperative_id: str, payment_type_id: str,
@@ -251,7 +265,7 @@ async def load_context(session: AsyncSession, cooperative_id: str, payment_type_
     if row["type_id"] is not None:
         ptype = TypeFacts(row["type_id"], row["type_coop"], row["name"], row["amount_minor"], row["currency"],
                           row["allow_custom_amount"], row["is_active"])
-    return PaymentContext(coop, ptype, row["member_id"] is not None)
+    return PaymentContext(coop, ptype, row["member_id"] is not None, row["member_status"])
 
 
 def _persistent(session: AsyncSession, payment: Payment) -> Payment:
@@ -405,14 +419,19 @@ async def apply_collection_outcome(
     provider_transaction_id: str | None = None,
     reason: str | None = None,
     event_row_id: str | None = None,
+    provisional_transaction_id: str | None = None,
 ) -> str:
     """Apply what the provider says to a payment; returns what happened, in one word.
 
     `event_row_id`: the stored callback being applied; its outcome is recorded in the same transaction
-    (where the payment moved, in the statement that queues the receipt and the webhook event)."""
+    (where the payment moved, in the statement that queues the receipt and the webhook event).
+    `provisional_transaction_id`: the provider's id this callback was matched by, when it is an id given
+    at request time rather than the final one (M-Pesa's CheckoutRequestID before the receipt number): a
+    completed payment still holding it (or none) takes the callback's final id."""
     settle = None if event_row_id is None else _Settle(event_row_id, payment.id)
     result = await _apply_outcome(session, rt, payment, outcome, actor=actor, amount=amount,
-                                  provider_transaction_id=provider_transaction_id, reason=reason, settle=settle)
+                                  provider_transaction_id=provider_transaction_id, reason=reason, settle=settle,
+                                  provisional_transaction_id=provisional_transaction_id)
     if settle is not None and not settle.done:
         await _set_outcome(session, settle.event_row_id, result, payment.id)
     return result
@@ -429,12 +448,19 @@ async def _apply_outcome(
     provider_transaction_id: str | None,
     reason: str | None,
     settle: _Settle | None,
+    provisional_transaction_id: str | None = None,
 ) -> str:
     current = P(payment.status)
     if outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
         return "pending"
     if outcome is ProviderOutcome.SUCCEEDED:
         if current in (P.COMPLETED, P.PARTIALLY_REFUNDED, P.REFUNDED):
+            stored = payment.provider_transaction_id
+            if provider_transaction_id and provider_transaction_id != stored and (
+                    stored is None or stored == provisional_transaction_id):
+                # Completed by a status query that names no final id (M-Pesa's STK query has no receipt
+                # number): the late callback's id is what a refund needs.
+                await _record_transaction_id(session, payment, provider_transaction_id, actor=actor)
             return "already_completed"
         if current is P.FAILED:
             # Money taken after a definite failure: never reopen, but never drop it either.
@@ -446,6 +472,11 @@ async def _apply_outcome(
             payment.mismatch_detail = "provider reported success after the payment had failed"
             return "flagged_success_after_failure"
         values: dict[str, Any] = {"completed_at": utcnow()}
+        if payment.provider_transaction_id is not None and (
+                not provider_transaction_id or provider_transaction_id == provisional_transaction_id):
+            # Only a provisional id so far: a callback whose status query said "pending" then may have
+            # left the final one.
+            provider_transaction_id = await _kept_transaction_id(session, payment) or provider_transaction_id
         if provider_transaction_id:
             values["provider_transaction_id"] = provider_transaction_id
         if PAYMENT.is_exceptional(current, P.COMPLETED):
@@ -484,13 +515,32 @@ async def _apply_outcome(
     return result
 
 
-async def _find_payment(session: AsyncSession, event: ProviderEventData, *, lock: bool = False) -> Payment | None:
-    column = (Payment.provider_transaction_id if event.raw.get("lookup") == "provider_transaction_id"
-              else Payment.provider_reference)
-    query = select(Payment).where(Payment.provider == event.provider, column == event.reference)
+def _by_transaction(event: ProviderEventData) -> bool:
+    """The callback names the provider's id for the payment (saved as provider_transaction_id), not ours."""
+    return event.raw.get("lookup") == "provider_transaction_id"
+
+
+async def _find_payment(session: AsyncSession, event: ProviderEventData, *, lock: bool = False,
+                        by_transaction: bool | None = None, reference: str | None = None) -> Payment | None:
+    by_transaction = _by_transaction(event) if by_transaction is None else by_transaction
+    column = Payment.provider_transaction_id if by_transaction else Payment.provider_reference
+    query = select(Payment).where(Payment.provider == event.provider, column == (reference or event.reference))
     if lock:
         query = query.with_for_update()
     return (await session.execute(query)).scalar_one_or_none()
+
+
+async def _find_by_our_reference(session: AsyncSession, event: ProviderEventData) -> Payment | None:
+    """A callback matched by the provider's id that we never received (the request's answer was lost),
+    found by our own reference when the adapter read one from the callback (raw "provider_reference")."""
+    ours = event.raw.get("provider_reference")
+    if not _by_transaction(event) or not isinstance(ours, str) or not ours:
+        return None
+    return await _find_payment(session, event, by_transaction=False, reference=ours)
+
+
+# Where a stored callback keeps the final id it claimed while its status query still said "pending".
+KEPT_TRANSACTION_ID = "gatewayKeptTransactionId"
 
 
 async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
@@ -500,6 +550,9 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
 
         return await handle_refund_event(rt, event)
     outcome, amount, txn, reason = event.outcome, event.amount, event.provider_transaction_id, event.reason
+    payload = dict(event.raw)
+    found: Payment | None = None  # the payment the confirmation found (then locked by our reference)
+    adopted: str | None = None  # the provider's id for it, learnt from this callback
     if event.needs_confirmation:
         async with rt.sessionmaker() as session:
             seen = (await session.execute(select(ProviderEvent.id).where(
@@ -507,59 +560,115 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
             ).scalar_one_or_none()
             if seen is not None:
                 return "duplicate"  # no status query for a callback we already applied
-            payment = await _find_payment(session, event)
-        if payment is None:
+            found = await _find_payment(session, event)
+            query_id = found.provider_transaction_id if found is not None else None
+            if found is None:
+                found = await _find_by_our_reference(session, event)
+                if found is not None:
+                    # This callback's own id is the one to ask about; one the payment lacks is kept.
+                    query_id = event.reference
+                    adopted = event.reference if found.provider_transaction_id is None else None
+        if found is None:
             return await _store_unmatched(rt, event)
-        provider = rt.providers[payment.provider]
-        status = await provider.collection_status(payment.provider_reference, payment.provider_transaction_id,
-                                                  payment.currency)
+        provider = rt.providers[found.provider]
+        status = await provider.collection_status(found.provider_reference, query_id, found.currency)
         outcome, amount = status.outcome, status.amount or amount
         txn, reason = status.provider_transaction_id or txn, status.reason or reason
+        if (outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS)
+                and event.outcome is ProviderOutcome.SUCCEEDED and event.provider_transaction_id):
+            # The query lags the callback: keep the final id it brought for when the payment completes.
+            payload[KEPT_TRANSACTION_ID] = event.provider_transaction_id
 
+    provisional = event.reference if _by_transaction(event) else None
     actor = Actor(f"provider:{event.provider}", "provider")
     for _ in range(3):
         try:
             async with rt.sessionmaker.begin() as session:
                 stored = {"id": str(uuid.uuid4()), "provider": event.provider, "event_id": event.event_id[:200],
-                          "kind": event.kind.value, "status": outcome.value, "payload": dict(event.raw),
+                          "kind": event.kind.value, "status": outcome.value, "payload": payload,
                           "received_at": utcnow()}
-                event_row_id, payment = await _store_event_and_lock(session, event, stored)
+                event_row_id, payment = await _store_event_and_lock(session, event, stored, found)
                 if event_row_id is None:
                     return "duplicate"
                 if payment is None:
                     await _set_outcome(session, event_row_id, "unknown_payment", None)
                     log.warning("callback for an unknown payment", extra={"provider": event.provider})
                     return "unknown_payment"
+                if adopted is not None and payment.provider_transaction_id is None:
+                    await _adopt_transaction_id(session, payment, adopted)
                 return await apply_collection_outcome(session, rt, payment, outcome, actor=actor, amount=amount,
                                                       provider_transaction_id=txn, reason=reason,
-                                                      event_row_id=event_row_id)
+                                                      event_row_id=event_row_id,
+                                                      provisional_transaction_id=provisional)
         except StaleTransition:
             continue  # the row moved under us (a poll or a parallel callback): re-read and re-apply
     return "conflict"
 
 
-async def _store_event_and_lock(session: AsyncSession, event: ProviderEventData, stored: dict[str, Any]
-                                ) -> tuple[str | None, Payment | None]:
+async def _adopt_transaction_id(session: AsyncSession, payment: Payment, transaction_id: str) -> None:
+    """Save the provider's id for a payment that had none (its request's answer never arrived), so that
+    status polling can ask about it."""
+    table = table_of(Payment)
+    await session.execute(update(table).where(table.c.id == payment.id, table.c.provider_transaction_id.is_(None))
+                          .values(provider_transaction_id=transaction_id, updated_at=utcnow()))
+    set_committed_value(payment, "provider_transaction_id", transaction_id)
+
+
+async def _record_transaction_id(session: AsyncSession, payment: Payment, transaction_id: str, *,
+                                 actor: Actor) -> None:
+    """A completed payment takes the provider's final id (a receipt number), audited."""
+    before = payment.provider_transaction_id
+    table = table_of(Payment)
+    same = (table.c.provider_transaction_id.is_(None) if before is None
+            else table.c.provider_transaction_id == before)
+    await session.execute(update(table).where(table.c.id == payment.id, same)
+                          .values(provider_transaction_id=transaction_id, updated_at=utcnow()))
+    set_committed_value(payment, "provider_transaction_id", transaction_id)
+    await record(session, actor=actor, action="payment.transaction_id_recorded", entity_type="payment",
+                 entity_id=payment.id, before={"providerTransactionId": before},
+                 after={"providerTransactionId": transaction_id}, cooperative_id=payment.cooperative_id)
+
+
+async def _kept_transaction_id(session: AsyncSession, payment: Payment) -> str | None:
+    """The final id a callback brought while its status query still said "pending" (see KEPT_TRANSACTION_ID)."""
+    payloads = (await session.execute(
+        select(ProviderEvent.payload).where(ProviderEvent.payment_id == payment.id,
+                                            ProviderEvent.kind == EventKind.COLLECTION.value,
+                                            ProviderEvent.outcome == "pending")
+        .order_by(ProviderEvent.received_at.desc()))).scalars().all()
+    for kept in payloads:
+        value = kept.get(KEPT_TRANSACTION_ID) if isinstance(kept, dict) else None
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+async def _store_event_and_lock(session: AsyncSession, event: ProviderEventData, stored: dict[str, Any],
+                                found: Payment | None = None) -> tuple[str | None, Payment | None]:
     """Store the callback once and lock its payment: (the stored row's id or None for a duplicate, the
     payment or None). On PostgreSQL one statement: WITH e AS (INSERT ... ON CONFLICT DO NOTHING RETURNING
-    id) SELECT payment, (SELECT id FROM e) ... FOR UPDATE OF payments."""
+    id) SELECT payment, (SELECT id FROM e) ... FOR UPDATE OF payments.
+
+    `found`: the payment a confirmation already identified; it is locked by our reference."""
+    by_transaction = _by_transaction(event) if found is None else False
+    reference = event.reference if found is None else found.provider_reference
     if session.get_bind().dialect.name != "postgresql":
         stmt = row_insert(session.get_bind().dialect.name, ProviderEvent, ignore_conflict=("provider", "event_id"),
                           returning="id")
         event_row_id = (await session.execute(stmt, stored)).scalar_one_or_none()
         if event_row_id is None:
             return None, None
-        return event_row_id, await _find_payment(session, event, lock=True)
-    by_transaction = event.raw.get("lookup") == "provider_transaction_id"
+        return event_row_id, await _find_payment(session, event, lock=True, by_transaction=by_transaction,
+                                                 reference=reference)
     params = {f"e_{k}": v for k, v in stored.items()}
-    params.update(provider=event.provider, reference=event.reference)
+    params.update(provider=event.provider, reference=reference)
     row = (await session.execute(stored_and_locked(by_transaction), params)).first()
     if row is not None:
         return row[1], (row[0] if row[1] is not None else None)
     # No such payment: the event row (if it is new) is found by its id, which only this call knows.
-    found = (await session.execute(select(ProviderEvent.id).where(ProviderEvent.id == stored["id"])
-                                   )).scalar_one_or_none()
-    return found, None
+    event_row_id = (await session.execute(select(ProviderEvent.id).where(ProviderEvent.id == stored["id"])
+                                          )).scalar_one_or_none()
+    return event_row_id, None
 
 
 _SET_OUTCOME = (update(table_of(ProviderEvent))

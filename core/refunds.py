@@ -136,12 +136,15 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         updated = await transition(session, REFUND, refund.id, current, R.FAILED, actor=actor,
                                    values={"failure_reason": (reason or outcome.value.lower())[:200]})
         template, event_type = "refund_failed", "refund.failed"
+    from core.payments import payer_phone  # local: core.payments reaches back into this module
+
     paid = await session.get(Payment, refund.payment_id)
     assert paid is not None
     await enqueue_many(session, notice_jobs(  # the SMS and the webhook event in one round trip
         template=template, event_type=event_type, cooperative_id=refund.cooperative_id, key=refund.id,
         context={"refund_id": refund.id}, data=refund_data(updated), cipher=rt.cipher,
-        member_id=paid.member_id or None))
+        # Without a member, the phone that paid is told (a mobile-money payment's), as of the receipt.
+        member_id=paid.member_id or None, phone=payer_phone(rt.cipher, paid)))
     return updated.status.lower()
 
 
@@ -153,28 +156,51 @@ def refund_data(refund: Refund) -> dict[str, object]:
             "completedAt": refund.completed_at.isoformat() if refund.completed_at else None}
 
 
-async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
-    actor = Actor(f"provider:{event.provider}", "provider")
+def _refund_of_event(event: ProviderEventData) -> Any:
+    """The refund a provider's callback names, among refunds of payments made through that provider only
+    (a callback to one provider's endpoint can never touch another provider's refund)."""
     column = (Refund.provider_transaction_id if event.raw.get("lookup") == "provider_transaction_id"
               else Refund.provider_reference)
+    return (select(Refund).join(Payment, Payment.id == Refund.payment_id)
+            .where(Payment.provider == event.provider, column == event.reference))
+
+
+async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
+    """Store a refund callback once, confirm it by the provider's refund status query when it is unsigned
+    (as collection callbacks are), and apply it. Returns the outcome."""
+    actor = Actor(f"provider:{event.provider}", "provider")
+    outcome, txn, reason = event.outcome, event.provider_transaction_id, event.reason
+    if event.needs_confirmation:
+        async with rt.sessionmaker() as session:
+            seen = (await session.execute(select(ProviderEvent.id).where(
+                ProviderEvent.provider == event.provider, ProviderEvent.event_id == event.event_id[:200]))
+            ).scalar_one_or_none()
+            if seen is not None:
+                return "duplicate"  # no status query for a callback we already applied
+            known = (await session.execute(_refund_of_event(event))).scalar_one_or_none()
+        if known is not None:
+            # Only what the provider answers counts; a ProviderError here leaves nothing recorded, so the
+            # route asks the provider to send the callback again.
+            status = await rt.providers[event.provider].refund_status(known.provider_reference, known.currency)
+            outcome, txn, reason = status.outcome, status.provider_transaction_id or txn, status.reason or reason
     for _ in range(3):
         try:
             async with rt.sessionmaker.begin() as session:
                 stmt = (insert_ignore(session.get_bind().dialect.name, ProviderEvent)
                         .values(id=str(uuid.uuid4()), provider=event.provider, event_id=event.event_id[:200],
-                                kind=event.kind.value, status=event.outcome.value, payload=dict(event.raw),
+                                kind=event.kind.value, status=outcome.value, payload=dict(event.raw),
                                 received_at=utcnow())
                         .on_conflict_do_nothing(index_elements=["provider", "event_id"])
                         .returning(ProviderEvent.id))
                 if (await session.execute(stmt)).scalar_one_or_none() is None:
                     return "duplicate"
-                refund = (await session.execute(select(Refund).where(column == event.reference)
-                                                .with_for_update())).scalar_one_or_none()
+                refund = (await session.execute(_refund_of_event(event).with_for_update(of=Refund))
+                          ).scalar_one_or_none()
                 if refund is None:
+                    log.warning("refund callback for an unknown refund", extra={"provider": event.provider})
                     return "unknown_refund"
-                return await apply_refund_outcome(session, rt, refund, event.outcome, actor=actor,
-                                                  provider_transaction_id=event.provider_transaction_id,
-                                                  reason=event.reason)
+                return await apply_refund_outcome(session, rt, refund, outcome, actor=actor,
+                                                  provider_transaction_id=txn, reason=reason)
         except StaleTransition:
             continue
     return "conflict"

@@ -8,18 +8,22 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, case, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.models import Dispute, Payment, PaymentType, Refund
 from core.money import Money
-from core.state.payment import COLLECTED
+from core.refunds import collected as taken
+from core.state.payment import COLLECTED, PaymentStatus
 
 # Restricts a SELECT on a model to what the caller may see (core.auth.Principal.scope).
 Scope = Callable[[Any, Any], Any]
 OPEN_DISPUTES = ("OPEN", "UNDER_REVIEW")
 FLAGGED_LIMIT = 500
 CHUNK_ROWS = 500
+# What the provider actually took, reckoned as core.refunds.collected() does (refunds are capped by it):
+# the amount, or less when the provider reported less (NULL collected_minor: it reported the amount).
+TAKEN = case((Payment.collected_minor < Payment.amount_minor, Payment.collected_minor), else_=Payment.amount_minor)
 
 
 def _amount(minor: int | None, currency: str) -> int | str:
@@ -42,9 +46,9 @@ async def reconciliation(
     def payments(*columns: Any) -> Select[Any]:
         return _in_period(scope(select(*columns), Payment), Payment.created_at, start, end)
 
-    amount, fee, refunded = (
+    amount, fee, refunded, taken_sum = (
         func.coalesce(func.sum(c), 0)
-        for c in (Payment.amount_minor, Payment.fee_minor, Payment.refunded_minor)
+        for c in (Payment.amount_minor, Payment.fee_minor, Payment.refunded_minor, TAKEN)
     )
     count = func.count(Payment.id)
 
@@ -59,7 +63,7 @@ async def reconciliation(
         ).all()
     ]
     collected = [s.value for s in COLLECTED]
-    collected_amount = func.coalesce(func.sum(Payment.amount_minor).filter(Payment.status.in_(collected)), 0)
+    collected_amount = func.coalesce(func.sum(TAKEN).filter(Payment.status.in_(collected)), 0)
     collected_count = func.count(Payment.id).filter(Payment.status.in_(collected))
     by_method = [
         {
@@ -116,7 +120,7 @@ async def reconciliation(
         }
         for c, n, a, f, r in (
             await session.execute(
-                payments(Payment.currency, count, amount, fee, refunded)
+                payments(Payment.currency, count, taken_sum, fee, refunded)
                 .where(Payment.status.in_(collected))
                 .group_by(Payment.currency)
                 .order_by(Payment.currency)
@@ -209,6 +213,7 @@ PAYMENT_COLUMNS = (
     "currency",
     "fee",
     "refundedAmount",
+    "collectedAmount",
     "paymentTypeId",
     "paymentType",
     "memberId",
@@ -282,6 +287,7 @@ def payments_csv(
             p.currency,
             _amount(p.fee_minor, p.currency),
             _amount(p.refunded_minor, p.currency),
+            _amount(taken(p) if PaymentStatus(p.status) in COLLECTED else 0, p.currency),
             p.payment_type_id,
             type_name,
             p.member_id,

@@ -8,6 +8,7 @@ backoff for up to three days, each attempt recorded with its status code and lat
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -16,13 +17,14 @@ import logging
 import random
 import re
 import secrets
+import socket
 import time
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
@@ -239,15 +241,7 @@ async def register_endpoint(
     if approved != "APPROVED":
         state = "pending approval" if approved == "PENDING" else "not approved"
         raise Forbidden(f"domain {host} is {state}: request it and have a super admin approve it first")
-    count = len(
-        (
-            await session.execute(
-                select(WebhookEndpoint.id).where(WebhookEndpoint.cooperative_id == cooperative_id)
-            )
-        ).all()
-    )
-    if count >= MAX_ENDPOINTS_PER_COOPERATIVE:
-        raise Conflict(f"a cooperative may have at most {MAX_ENDPOINTS_PER_COOPERATIVE} webhook endpoints")
+    await _check_room(session, cooperative_id)
     secret = "whsec_" + secrets.token_urlsafe(32)
     endpoint = WebhookEndpoint(
         cooperative_id=cooperative_id,
@@ -271,6 +265,28 @@ async def register_endpoint(
     return endpoint, secret
 
 
+async def _check_room(session: AsyncSession, cooperative_id: str) -> None:
+    """Room for one more ACTIVE endpoint, or Conflict. Disabled ones (DELETE, or switched off after failures)
+    do not count: DELETE only disables, and counting them would leave a cooperative unable to add one for
+    good. Re-enabling one is checked here too. The cooperative's row is locked (FOR NO KEY UPDATE: inserts
+    pointing at it are not held) so that two registrations at once cannot both take the last place."""
+    await session.execute(
+        select(Cooperative.id).where(Cooperative.id == cooperative_id).with_for_update(key_share=True)
+    )
+    active = (
+        await session.execute(
+            select(func.count(WebhookEndpoint.id)).where(
+                WebhookEndpoint.cooperative_id == cooperative_id, WebhookEndpoint.status == "ACTIVE"
+            )
+        )
+    ).scalar_one()
+    if active >= MAX_ENDPOINTS_PER_COOPERATIVE:
+        raise Conflict(
+            f"a cooperative may have at most {MAX_ENDPOINTS_PER_COOPERATIVE} active webhook endpoints; "
+            "disable (DELETE) one first"
+        )
+
+
 async def enable_endpoint(
     session: AsyncSession, *, endpoint_id: str, cooperative_id: str, actor: Actor
 ) -> WebhookEndpoint:
@@ -283,6 +299,8 @@ async def enable_endpoint(
     ).scalar_one_or_none()
     if endpoint is None:
         raise NotFound("webhook endpoint not found")
+    if endpoint.status != "ACTIVE":
+        await _check_room(session, cooperative_id)
     endpoint.status, endpoint.consecutive_failures, endpoint.disabled_at = "ACTIVE", 0, None
     await session.flush()
     await record(
@@ -393,6 +411,46 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
     return made
 
 
+async def resolve(host: str, port: int) -> list[str]:
+    """The addresses a host name resolves to (the system resolver, as the HTTP client's)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+async def refused_destination(url: str, *, embedded: bool) -> str | None:
+    """Why nothing may be sent to `url` (None: send it): its host name resolves to an address that is not
+    public (loopback, private, link-local such as 169.254.169.254, ...). An approved domain is a name; what
+    it resolves to can change after approval (or point inward from the start).
+
+    Mirrors the registration check (normalize_domain): an IP literal or localhost host was only ever
+    accepted under the embedded default's allowance, so it was approved as that address and is not
+    resolved again; in the embedded default (one machine, trying it out) names may resolve anywhere.
+    The address is checked just before sending; the HTTP client resolves the name again to connect.
+    """
+    parsed = urlparse(url)
+    host = (parsed.hostname or "").lower()
+    if embedded or host == "localhost" or _is_ip(host):
+        return None
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        addresses = await resolve(host, port)
+    except (OSError, ValueError) as exc:
+        return f"cannot resolve {host}: {exc}"[:300]
+    for text in addresses:
+        address = ipaddress.ip_address(text.split("%", 1)[0])  # an IPv6 scope (fe80::1%eth0) is not part of it
+        if not address.is_global or address.is_multicast:
+            return f"{host} resolves to {address}, which is not a public address: not sent"
+    return None if addresses else f"cannot resolve {host}: no address"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def retry_delay(failed_attempts: int) -> float:
     """30 s, 1 min, 2 min, ... doubling up to 6 h, with ±10 % jitter so endpoints are not hit in step."""
     base = min(MAX_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** max(0, failed_attempts - 1))
@@ -445,16 +503,17 @@ async def deliver(rt: Runtime, job: Job) -> str:
     }
     started = time.perf_counter()
     status_code: int | None = None
-    error: str | None = None
-    try:
-        response = await rt.http.post(
-            endpoint.url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT, follow_redirects=False
-        )
-        status_code = response.status_code
-        if not 200 <= status_code < 300:
-            error = f"HTTP {status_code}"
-    except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}: {exc}"[:300] or type(exc).__name__
+    error = await refused_destination(endpoint.url, embedded=rt.settings.is_embedded)
+    if error is None:
+        try:
+            response = await rt.http.post(
+                endpoint.url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT, follow_redirects=False
+            )
+            status_code = response.status_code
+            if not 200 <= status_code < 300:
+                error = f"HTTP {status_code}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:300] or type(exc).__name__
     latency_ms = int((time.perf_counter() - started) * 1000)
     attempt = {
         "at": utcnow().isoformat(),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 
@@ -14,6 +17,27 @@ from core.ports import ProviderError, ProviderTimeout
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_READ_TIMEOUT = 10.0
+# A Retry-After longer than this is not waited for as such: the job's own backoff takes over.
+MAX_RETRY_AFTER = 3600.0
+
+
+class ProviderBusy(ProviderError):
+    """The provider refused for now (HTTP 429): nothing was processed, so the same call may go again.
+
+    `retry_after`: the seconds the provider asked us to wait (its Retry-After header), when it said;
+    the outbox waits at least that long before the next attempt.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, retryable=True, code=code)
+        self.retry_after = retry_after
+
+
+def with_query(url: str, **params: str) -> str:
+    """`url` with `params` added to its query string (the secret already there is kept)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True) + list(params.items())
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def timeout_from(config: ProviderConfig) -> httpx.Timeout:
@@ -57,8 +81,29 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
     return response
 
 
+def retry_after(response: httpx.Response, *, now: datetime | None = None) -> float | None:
+    """The Retry-After header in seconds (a number of seconds or an HTTP date), or None."""
+    raw = response.headers.get("Retry-After", "").strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if seconds != seconds or seconds < 0:  # NaN or in the past
+        return None
+    return min(seconds, MAX_RETRY_AFTER)
+
+
 def http_error(provider: str, operation: str, response: httpx.Response, detail: str) -> ProviderError:
-    """5xx may be retried with the same reference; 4xx will fail the same way again.
+    """5xx may be retried with the same reference, and so may 429 (nothing was processed: the provider's
+    rate limit refused it); any other 4xx will fail the same way again.
 
     send() already counted a 5xx; a 4xx is counted here because only the adapter knows which ones are
     expected answers (MTN's 409 for a reference we sent before is not an error).
@@ -70,6 +115,9 @@ def http_error(provider: str, operation: str, response: httpx.Response, detail: 
     if status >= 500:
         return ProviderError(f"{provider} {words} failed on the provider's side (HTTP {status}): "
                              f"{detail}", retryable=True, code=f"HTTP_{status}")
+    if status == 429:
+        return ProviderBusy(f"{provider} is rate limiting {words} (HTTP 429): {detail}", code="HTTP_429",
+                            retry_after=retry_after(response))
     return ProviderError(f"{provider} refused {words} (HTTP {status}): {detail}", retryable=False,
                          code=f"HTTP_{status}")
 

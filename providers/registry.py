@@ -18,9 +18,11 @@ import httpx
 from aiohttp import web
 
 from core.config import ConfigError, Settings
+from core.outbox import handler_timeout
 from core.ports import PaymentProvider
 from providers.airtel.adapter import AirtelAdapter
 from providers.airtel.simulator import create_simulator as airtel_simulator
+from providers.calls import timeout_from
 from providers.irembopay.adapter import IremboPayAdapter, redis_nonce_store
 from providers.irembopay.simulator import create_simulator as irembopay_simulator
 from providers.mpesa.adapter import MpesaAdapter
@@ -68,11 +70,31 @@ def build_providers(settings: Settings, http: httpx.AsyncClient,
         adapter_class = ADAPTERS.get(name)
         if adapter_class is None:
             raise ConfigError(f"{name.upper()}_BASE_URL", f"no adapter is registered for provider {name!r}")
+        check_timeouts(settings, name)
         if adapter_class is IremboPayAdapter and redis is not None:
             providers[name] = IremboPayAdapter(http, config, nonce_store=redis_nonce_store(redis))
             continue
         providers[name] = adapter_class(http, config)
     return providers
+
+
+def check_timeouts(settings: Settings, name: str) -> float:
+    """The longest one call to `name` may take (connect + read timeout), checked against the time a worker
+    gives a job (OUTBOX_LEASE_SECONDS less a margin): refused in production, a warning elsewhere. A
+    collection still running then is treated as unanswered (its status is asked, it is never sent again),
+    so every slow answer would cost a status round instead of a result."""
+    timeouts = timeout_from(settings.providers[name])
+    longest = float(timeouts.connect or 0) + float(timeouts.read or 0)
+    budget = handler_timeout(settings.outbox_lease_seconds)
+    if longest >= budget:
+        if settings.is_production:
+            raise ConfigError(f"{name.upper()}_READ_TIMEOUT",
+                              f"connect + read timeout ({longest:g}s) must be shorter than the {budget:g}s a "
+                              "worker gives a job (OUTBOX_LEASE_SECONDS less 5): lower it or raise the lease")
+        log.warning("provider timeouts do not fit in the outbox lease; lower %s_READ_TIMEOUT / _CONNECT_TIMEOUT "
+                    "or raise OUTBOX_LEASE_SECONDS", name.upper(),
+                    extra={"provider": name, "call_seconds": longest, "job_seconds": budget})
+    return longest
 
 
 def _route_overrides(settings: Settings, env: Mapping[str, str]) -> dict[str, str]:

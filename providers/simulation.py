@@ -303,17 +303,11 @@ class SimulatorState:
         return expected is None or secrets.compare_digest(expected.encode(), given.encode())
 
     # faults -----------------------------------------------------------------
-    async def faults(self) -> web.Response | None:
-        """Hang, then maybe 500, before anything is stored; a response means answer with it.
-
-        Prefer fail_now() before storing and hang() after: a hung request that the provider did
-        receive is the realistic case (and test servers cancel a handler whose client gave up).
-        """
-        await self.hang()
-        return self.fail_now()
-
     def fail_now(self) -> web.Response | None:
-        """Count a collection or refund request; answer 500 (storing nothing) when told to fail."""
+        """Count a collection or refund request; answer 500 (storing nothing) when told to fail.
+
+        Call it before storing, and hang() after: a hung request that the provider did receive is the
+        realistic case (and test servers cancel a handler whose client gave up)."""
         self.requests += 1
         if self.options.fail_request_500:
             return web.json_response({"message": "simulated internal error"}, status=500)

@@ -185,7 +185,7 @@ async def _create_invoice(request: web.Request) -> web.Response:
     if isinstance(body, web.Response):
         return body
     assert body is not None
-    if await state.faults() is not None:
+    if state.fail_now() is not None:
         return _error(500, "INTERNAL_SERVER_ERROR", "simulated internal error")
     problem = _validate_invoice(body)
     if problem:
@@ -206,6 +206,7 @@ async def _create_invoice(request: web.Request) -> web.Response:
         expiry_at=expiry, request_body=body)
     store.invoices[invoice.invoice_number] = invoice
     store.by_transaction[invoice.transaction_id] = invoice
+    await state.hang()  # the invoice exists; only the answer is late (a retry finds it)
     return web.json_response({"success": True, "message": "Invoice created successfully",
                               "data": invoice.to_json(base)}, status=201)
 
@@ -227,7 +228,7 @@ async def _initiate(request: web.Request) -> web.Response:
     if isinstance(body, web.Response):
         return body
     assert body is not None
-    if await state.faults() is not None:
+    if state.fail_now() is not None:
         return _error(500, "INTERNAL_SERVER_ERROR", "simulated internal error")
     if not _local_phone(body.get("accountIdentifier")):
         return _error(400, "BAD_PHONE_NUMBER", "accountIdentifier must look like 07xxxxxxxx")
@@ -245,6 +246,7 @@ async def _initiate(request: web.Request) -> web.Response:
     msisdn = "250" + body["accountIdentifier"][1:]
     state.spawn(_push(state, store, invoice, msisdn, body["paymentProvider"]))
     log.info("irembopay simulator push", extra={"payer": mask("+" + msisdn)})
+    await state.hang()  # the payer is already prompted: only the answer is lost
     return web.json_response({"success": True, "message": "Payment initiated, waiting for the payer",
                               "data": {"accountIdentifier": body["accountIdentifier"],
                                        "paymentProvider": body["paymentProvider"],

@@ -31,7 +31,7 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
-from providers.calls import timeout_from
+from providers.calls import timeout_from, with_query
 from providers.tokens import TokenCache
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ _CREATES = frozenset({"stk_push", "reversal"})
 _STILL_PENDING = "500.001.1001"
 _INVALID_TOKEN = "404.001.03"
 _ACCOUNT_REFERENCE_MAX = 12
+_REFERENCE_MAX = 64  # our provider reference (a UUID) as the CallBackURL's ref carries it
 _DESCRIPTION_MAX = 13
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 
@@ -86,8 +87,8 @@ def account_reference(reference: str) -> str:
     """Our human reference cut to Daraja's 12 characters, keeping its most specific (last) part.
 
     'PAY_20251016_001' -> '20251016001': separators go first, then the leading prefix letters.
-    Matching never depends on it (callbacks carry the CheckoutRequestID); it is what the payer
-    sees on the phone and in the M-Pesa statement.
+    Matching never depends on it (callbacks carry the CheckoutRequestID, and our reference in the
+    CallBackURL); it is what the payer sees on the phone and in the M-Pesa statement.
     """
     text = _NOT_ALNUM.sub("", reference)
     if len(text) > _ACCOUNT_REFERENCE_MAX:
@@ -156,12 +157,19 @@ class MpesaAdapter:
             "PartyA": phone,
             "PartyB": self._shortcode,
             "PhoneNumber": phone,
-            "CallBackURL": request.callback_url,
+            # Our reference rides in the URL: the callback names only the CheckoutRequestID, which we
+            # never learn when the push's answer is lost (a timeout), and the payer may still approve.
+            "CallBackURL": with_query(request.callback_url, ref=request.provider_reference),
             "AccountReference": account_reference(request.payment_reference),
             "TransactionDesc": transaction_desc(request.description),
         }
         resp = await self._post("stk_push", "/mpesa/stkpush/v1/processrequest", body)
         answer = self._json(resp)
+        if resp.status_code >= 500:
+            # Daraja's 5xx does not say whether the prompt went out, and a second push is a second
+            # charge (no idempotency key): as unanswered, so the status path settles it, never a resend.
+            error = self._error("stk_push", resp, answer)
+            raise ProviderTimeout(f"{error}; the push may have gone out: ask the status, do not send again")
         if resp.status_code != 200 or str(answer.get("ResponseCode")) != "0":
             raise self._error("stk_push", resp, answer)
         checkout = answer.get("CheckoutRequestID")
@@ -250,7 +258,8 @@ class MpesaAdapter:
     def parse_callback(self, callback: InboundCallback) -> ProviderEvent:
         kind, payload = self._parse_body(callback)
         if kind == "stk":
-            return self._stk_event(payload)
+            ours = callback.query.get("ref", "")
+            return self._stk_event(payload, ours if 0 < len(ours) <= _REFERENCE_MAX else None)
         return self._reversal_event(payload)
 
     def _parse_body(self, callback: InboundCallback) -> tuple[str, Mapping[str, Any]]:
@@ -276,7 +285,7 @@ class MpesaAdapter:
             return "result", result
         raise CallbackRejected("not an M-Pesa stkCallback or Result body", status=400)
 
-    def _stk_event(self, stk: Mapping[str, Any]) -> ProviderEvent:
+    def _stk_event(self, stk: Mapping[str, Any], ours: str | None) -> ProviderEvent:
         checkout = stk["CheckoutRequestID"]
         code = str(stk["ResultCode"])
         outcome = STATUS.get(code)
@@ -296,8 +305,9 @@ class MpesaAdapter:
         receipt = items.get("MpesaReceiptNumber")
         phone = str(items.get("PhoneNumber", ""))
         raw = {
-            # The callback names no reference of ours: the core finds the payment by the
-            # CheckoutRequestID it saved as provider_transaction_id.
+            # The body names no reference of ours: the core finds the payment by the CheckoutRequestID
+            # it saved as provider_transaction_id, else (the push's answer never arrived) by our
+            # reference from the CallBackURL, which it then confirms by querying this CheckoutRequestID.
             "lookup": "provider_transaction_id",
             "MerchantRequestID": stk.get("MerchantRequestID"),
             "CheckoutRequestID": checkout,
@@ -308,6 +318,8 @@ class MpesaAdapter:
             "Amount": items.get("Amount"),
             "PhoneNumber": mask("+" + phone) if phone else None,
         }
+        if ours:
+            raw["provider_reference"] = ours
         return ProviderEvent(
             provider=self.name, kind=EventKind.COLLECTION, event_id=f"{checkout}:{code}", reference=checkout,
             outcome=outcome, amount=amount, provider_transaction_id=str(receipt) if receipt else None,

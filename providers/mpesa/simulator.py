@@ -146,7 +146,7 @@ async def _stk_push(request: web.Request) -> web.Response:
     body = await _body(request)
     if isinstance(body, web.Response):
         return body
-    if await state.faults() is not None:
+    if state.fail_now() is not None:
         return _error(500, "500.003.02", "System is busy. Please try again in few minutes.")
     if not str(body.get("BusinessShortCode", "")).isdigit():
         return _bad("BusinessShortCode")
@@ -177,6 +177,9 @@ async def _stk_push(request: web.Request) -> web.Response:
     store.stk[stk.checkout] = stk
     log.info("mpesa simulator stk push", extra={"payer": mask("+" + stk.phone), "amount": amount})
     state.spawn(_decide(state, store, stk))
+    # A hang comes after the push is stored and the payer prompted, as at Safaricom: the answer is lost,
+    # the payment is not (the payer may approve, and the callback still comes).
+    await state.hang()
     accepted = "Success. Request accepted for processing"
     return web.json_response({"MerchantRequestID": stk.merchant, "CheckoutRequestID": stk.checkout,
                               "ResponseCode": "0", "ResponseDescription": accepted,
@@ -241,7 +244,7 @@ async def _reversal(request: web.Request) -> web.Response:
     body = await _body(request)
     if isinstance(body, web.Response):
         return body
-    if await state.faults() is not None:
+    if state.fail_now() is not None:
         return _error(500, "500.003.02", "System is busy. Please try again in few minutes.")
     if not state.credential_ok("initiator", body.get("Initiator")):
         return _error(400, "400.002.02", "Bad Request - Invalid Initiator")
@@ -259,6 +262,7 @@ async def _reversal(request: web.Request) -> web.Response:
             return _bad(name)
     originator, conversation = f"{new_id(5)}-{new_id(8)}-1", f"AG_{datetime.now(UTC):%Y%m%d}_{new_id(20)}"
     state.spawn(_reverse(state, store, body, amount, originator, conversation))
+    await state.hang()  # after the reversal is under way: only the answer is lost
     return web.json_response({"OriginatorConversationID": originator, "ConversationID": conversation,
                               "ResponseCode": "0",
                               "ResponseDescription": "Accept the service request successfully."})

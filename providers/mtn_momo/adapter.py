@@ -6,7 +6,6 @@ import json
 import logging
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 
@@ -25,7 +24,7 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
-from providers.calls import http_error, json_body, send, timeout_from
+from providers.calls import http_error, json_body, send, timeout_from, with_query
 from providers.tokens import TokenCache
 
 log = logging.getLogger("gateway.providers.mtn_momo")
@@ -65,12 +64,6 @@ _NOTE_LIMIT = 160
 
 class UnknownStatus(ValueError):
     """MTN sent a status this adapter does not know: never guess what happened to money."""
-
-
-def _with_query(url: str, **params: str) -> str:
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True) + list(params.items())
-    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def _reason(raw: object) -> tuple[str | None, str | None]:
@@ -197,7 +190,7 @@ class MtnMomoAdapter:
             raise ProviderError("MTN MoMo needs the payer's phone number", retryable=False, code="NO_PAYER")
         headers = {"X-Reference-Id": request.provider_reference}
         if request.callback_url:
-            headers["X-Callback-Url"] = _with_query(request.callback_url, ref=request.provider_reference)
+            headers["X-Callback-Url"] = with_query(request.callback_url, ref=request.provider_reference)
         body = {
             "amount": str(request.amount.to_api()),
             "currency": request.amount.currency,
@@ -229,8 +222,8 @@ class MtnMomoAdapter:
     async def request_refund(self, request: RefundRequest) -> CollectionAccepted:
         headers = {"X-Reference-Id": request.provider_reference}
         if request.callback_url:
-            headers["X-Callback-Url"] = _with_query(request.callback_url, ref=request.provider_reference,
-                                                    kind="refund")
+            headers["X-Callback-Url"] = with_query(request.callback_url, ref=request.provider_reference,
+                                                   kind="refund")
         body = {
             "amount": str(request.amount.to_api()),
             "currency": request.amount.currency,

@@ -323,3 +323,17 @@ async def test_the_operations_data_refuses_a_revoked_token(rt, client, admin, de
     refused = await leaving.req("GET", "/ops/data")
     assert refused.status == 401 and (await refused.json())["message"] == "token has been revoked"
     assert (await admin.req("GET", "/ops/data")).status == 200
+
+
+async def test_a_suspended_members_tenant_login_stops_working(client, admin, tenant, demo):
+    aline = demo["members"]["+250788000001"]  # the demo tenant's member
+    await tenant.json("GET", "/v1/payments", 200)
+    await admin.json("DELETE", f"/v1/members/{aline}", 200)
+    assert (await tenant.json("GET", "/v1/payments", 401))["message"] == "token has been revoked"
+    signin = await client.post("/v1/auth/token", json={"username": demo["tenant"][0], "password": demo["tenant"][1]})
+    assert signin.status == 401
+    await admin.json("GET", "/v1/payments", 200)  # the admin is untouched
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"status": "ACTIVE"})
+    await asyncio.sleep(1.1)  # a token of the same second as the mark counts as revoked
+    again = await bearer(client, *demo["tenant"])
+    await again.json("GET", "/v1/payments", 200)

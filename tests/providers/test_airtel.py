@@ -27,8 +27,9 @@ from core.ports import (
 )
 from providers.airtel.adapter import STATUS, AirtelAdapter, SettledRefund, UnknownStatus, callback_hash
 from providers.airtel.simulator import create_simulator
+from providers.calls import ProviderBusy
 from providers.simulation import STATE, SimulatorOptions
-from tests.providers.conftest import FakeProvider, load
+from tests.providers.conftest import Expected, FakeProvider, load
 
 BASE = "https://airtel.test"
 REF = "3f0c8a52-6a8e-4c1e-9d0b-2b7f5b1e9a01"
@@ -118,6 +119,23 @@ async def test_duplicate_transaction_id_means_already_sent(fake: FakeProvider, s
     fake.expect("POST", "/merchant/v1/payments/", status, body)
     async with fake.client() as http:
         assert await AirtelAdapter(http, config()).request_collection(collection()) == CollectionAccepted()
+
+
+async def test_rate_limited_collection_and_status_are_retryable(fake: FakeProvider) -> None:
+    expect_token(fake)
+    busy = {"status": {"message": "Too many requests", "success": False}}
+    fake.expected.append(Expected("POST", "/merchant/v1/payments/", lambda _r: httpx.Response(
+        429, json=busy, headers={"Retry-After": "3"})))
+    fake.expect("GET", f"/standard/v1/payments/{REF}", 429, busy)
+    async with fake.client() as http:
+        adapter = AirtelAdapter(http, config())
+        with pytest.raises(ProviderError) as push:
+            await adapter.request_collection(collection())
+        with pytest.raises(ProviderError) as query:
+            await adapter.collection_status(REF, None, "RWF")
+    fake.assert_done()
+    assert isinstance(push.value, ProviderBusy) and (push.value.retryable, push.value.retry_after) == (True, 3.0)
+    assert isinstance(query.value, ProviderBusy) and query.value.retryable and query.value.retry_after is None
 
 
 @pytest.mark.parametrize(

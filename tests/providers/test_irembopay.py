@@ -33,7 +33,7 @@ from core.ports import (
 )
 from providers.irembopay import IremboPayAdapter, redis_nonce_store
 from providers.irembopay.adapter import STATUS, MemoryNonceStore, signature_header
-from providers.irembopay.simulator import create_simulator
+from providers.irembopay.simulator import STORE, create_simulator
 from providers.simulation import STATE, SimulatorOptions
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "irembopay"
@@ -609,5 +609,27 @@ async def test_simulator_outage_and_hang() -> None:
             with pytest.raises(ProviderError) as err:  # the invoice call hangs: safe to send again
                 await adapter.request_collection(collection())
             assert (err.value.code, err.value.retryable) == ("TIMEOUT", True)
+        # Like IremboPay, the simulator made the invoice before its answer was lost.
+        assert list(sim[STORE].by_transaction) == [TX]
+    finally:
+        await server.close()
+
+
+async def test_push_whose_answer_is_lost_still_prompts_the_payer(receiver: tuple[Receiver, str]) -> None:
+    rec, url = receiver
+    server, sim, base = await start_sim(url, hang_request=1.0)
+    try:
+        async with httpx.AsyncClient() as http:
+            adapter = IremboPayAdapter(http, config(base, read_timeout="0.3"))
+            with pytest.raises(ProviderError):  # the invoice's answer is lost; a retry finds the invoice
+                await adapter.request_collection(collection())
+            with pytest.raises(ProviderTimeout):  # then the push's: ask the status, never push again
+                await adapter.request_collection(collection())
+            await rec.wait()  # the payer was prompted and paid all the same
+            event = adapter.parse_callback(rec.inbound(0))
+            assert (event.reference, event.outcome) == (TX, ProviderOutcome.SUCCEEDED)
+            status = await adapter.collection_status(TX, None, "RWF")  # the invoice number was kept
+            assert status.outcome is ProviderOutcome.SUCCEEDED
+            assert sim[STATE].requests == 3  # invoice, invoice again, one push
     finally:
         await server.close()

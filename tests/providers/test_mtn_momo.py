@@ -25,10 +25,11 @@ from core.ports import (
     ProviderTimeout,
     RefundRequest,
 )
+from providers.calls import ProviderBusy
 from providers.mtn_momo.adapter import STATUS, MtnMomoAdapter, UnknownStatus
 from providers.mtn_momo.simulator import create_simulator
 from providers.simulation import STATE, SimulatorOptions
-from tests.providers.conftest import FakeProvider, load
+from tests.providers.conftest import Expected, FakeProvider, load
 
 BASE = "https://mtn.test"
 REF = "3f0c8a52-6a8e-4c1e-9d0b-2b7f5b1e9a01"
@@ -125,6 +126,25 @@ async def test_reused_reference_409_means_already_sent(fake: FakeProvider) -> No
     fake.expect("POST", "/collection/v1_0/requesttopay", 409, load("mtn_momo", "error_409.json"))
     async with fake.client() as http:
         assert await MtnMomoAdapter(http, config()).request_collection(collection()) == CollectionAccepted()
+
+
+@pytest.mark.parametrize(("headers", "retry_after"), [({"Retry-After": "7"}, 7.0), ({}, None),
+                                                     ({"Retry-After": "soon"}, None)])
+async def test_rate_limited_request_to_pay_is_retryable(
+    fake: FakeProvider, headers: dict[str, str], retry_after: float | None
+) -> None:
+    # MTN's API gateway refuses over its rate limit before anything is processed: the same reference
+    # may go again (after Retry-After when given), the payment must not fail.
+    fake.expect("POST", "/collection/token/", 200, load("mtn_momo", "token.json"))
+    fake.expected.append(Expected("POST", "/collection/v1_0/requesttopay", lambda _r: httpx.Response(
+        429, json={"statusCode": 429, "message": "Rate limit is exceeded. Try again in 7 seconds."},
+        headers=headers)))
+    async with fake.client() as http:
+        with pytest.raises(ProviderError) as err:
+            await MtnMomoAdapter(http, config()).request_collection(collection())
+    fake.assert_done()
+    assert isinstance(err.value, ProviderBusy) and not isinstance(err.value, ProviderTimeout)
+    assert (err.value.retryable, err.value.code, err.value.retry_after) == (True, "HTTP_429", retry_after)
 
 
 @pytest.mark.parametrize(

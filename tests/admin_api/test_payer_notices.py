@@ -1,0 +1,77 @@
+"""Refund and dispute SMS for a payment made without a member go to the phone that paid, as its receipt did;
+a bank payment without a member has no phone to tell, and its changes still reach the cooperative's webhook."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from core.audit import Actor
+from core.models import OutboxJob, Refund
+from core.ports import ProviderOutcome
+from core.refunds import apply_refund_outcome
+from tests.admin_api.conftest import complete_payment, idem, make_payment
+
+PAYER = "+250788000001"  # payment_body's paymentAccount
+
+
+async def _jobs(rt, kind):
+    async with rt.sessionmaker() as s:
+        return (await s.execute(select(OutboxJob).where(OutboxJob.kind == kind).order_by(OutboxJob.id))).scalars().all()
+
+
+async def _sms_to(rt, template):
+    """The phone each queued SMS of `template` goes to (None: to a member)."""
+    found = []
+    for job in await _jobs(rt, "sms.send"):
+        if job.payload["template"] == template:
+            enc = job.payload["phone_enc"]
+            found.append((job.payload["member_id"], rt.cipher.decrypt(enc, context="sms") if enc else None))
+    return found
+
+
+async def _settle_refund(rt, refund_id, outcome):
+    async with rt.sessionmaker.begin() as s:
+        refund = await s.get(Refund, refund_id)
+        assert refund is not None
+        await apply_refund_outcome(s, rt, refund, outcome, actor=Actor("provider:test", "provider"))
+
+
+async def test_refund_sms_goes_to_the_paying_phone(admin, rt, demo):
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    assert paid["memberId"] is None
+    await complete_payment(rt, paid["id"])
+    part = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                            json={"amount": 1000, "idempotencyKey": idem()})
+    await _settle_refund(rt, part["id"], ProviderOutcome.SUCCEEDED)
+    assert await _sms_to(rt, "refund_completed") == [(None, PAYER)]
+    failed = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                              json={"amount": 1000, "idempotencyKey": idem()})
+    await _settle_refund(rt, failed["id"], ProviderOutcome.FAILED)
+    assert await _sms_to(rt, "refund_failed") == [(None, PAYER)]
+
+
+async def test_dispute_sms_go_to_the_paying_phone(admin, rt, demo):
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
+    assert await _sms_to(rt, "dispute_opened") == [(None, PAYER)]
+    await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200, json={"status": "UNDER_REVIEW"})
+    assert await _sms_to(rt, "dispute_updated") == [(None, PAYER)]
+    await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200,
+                     json={"status": "REJECTED", "note": "paid as asked"})
+    assert await _sms_to(rt, "dispute_resolved") == [(None, PAYER)]
+
+
+async def test_a_members_notices_still_go_to_the_member(admin, rt, demo):
+    member = demo["members"]["+250788000002"]
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"], memberId=member)
+    await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
+    assert await _sms_to(rt, "dispute_opened") == [(member, None)]
+
+
+async def test_a_bank_payment_without_a_member_has_no_sms_but_its_webhook_event(admin, rt, demo):
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"], paymentMethod="BANK_BK",
+                              paymentAccount="00040-0123456-78")
+    await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
+    assert await _sms_to(rt, "dispute_opened") == []
+    events = [j.payload["event_type"] for j in await _jobs(rt, "webhook.event")]
+    assert events == ["dispute.opened"]

@@ -1,0 +1,69 @@
+"""Reconciliation counts what providers actually took: a payment the provider reported short is collected at
+what it reported (as refunds are capped), in the totals, by method, by payment type and in the CSV export."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from core.audit import Actor
+from core.models import Payment
+from core.money import Money
+from core.payments import apply_collection_outcome
+from core.ports import ProviderOutcome
+from tests.admin_api.conftest import complete_payment, make_payment
+
+
+async def _short_paid(admin, rt, demo) -> dict:
+    """Rent of 50000 of which the provider reported 40000 taken."""
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    async with rt.sessionmaker.begin() as s:
+        row = await s.get(Payment, payment["id"])
+        assert row is not None
+        await apply_collection_outcome(s, rt, row, ProviderOutcome.SUCCEEDED, actor=Actor("provider:t", "provider"),
+                                       amount=Money(40000, "RWF"), provider_transaction_id="TX-SHORT")
+    return payment
+
+
+async def test_reconciliation_sums_what_was_taken(admin, rt, demo):
+    await _short_paid(admin, rt, demo)
+    full = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)
+    await complete_payment(rt, full["id"], fee=100)
+    report = await admin.json("GET", "/v1/reports/reconciliation", 200)
+    assert report["totals"] == [
+        {"currency": "RWF", "collectedCount": 2, "collected": 45000, "fees": 100, "refunded": 0, "net": 44900}
+    ]
+    [mtn] = report["payments"]["byMethod"]
+    assert (mtn["count"], mtn["amount"], mtn["completedCount"], mtn["completedAmount"]) == (2, 55000, 2, 45000)
+    by_type = {t["name"]: t for t in report["payments"]["byPaymentType"]}
+    assert by_type["Monthly Rent"]["completedAmount"] == 40000 and by_type["Water"]["completedAmount"] == 5000
+    # byStatus keeps the payments' own amounts: 55000 asked, of which the totals above say 45000 came in.
+    assert report["payments"]["byStatus"] == [{"status": "COMPLETED", "currency": "RWF", "count": 2, "amount": 55000}]
+
+
+async def test_a_full_refund_of_a_short_payment_nets_to_zero(admin, rt, demo):
+    from core.models import Refund
+    from core.refunds import apply_refund_outcome
+
+    payment = await _short_paid(admin, rt, demo)
+    refund = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                              json={"idempotencyKey": "refund-short-001"})
+    assert refund["amount"] == 40000
+    async with rt.sessionmaker.begin() as s:
+        row = await s.get(Refund, refund["id"])
+        assert row is not None
+        await apply_refund_outcome(s, rt, row, ProviderOutcome.SUCCEEDED, actor=Actor("provider:t", "provider"))
+    report = await admin.json("GET", "/v1/reports/reconciliation", 200)
+    assert report["totals"] == [
+        {"currency": "RWF", "collectedCount": 1, "collected": 40000, "fees": 0, "refunded": 40000, "net": 0}
+    ]
+
+
+async def test_payments_csv_has_the_collected_amount(admin, rt, demo):
+    short = await _short_paid(admin, rt, demo)
+    pending = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)
+    resp = await admin.req("GET", "/v1/reports/payments.csv")
+    assert resp.status == 200
+    rows = {r["id"]: r for r in csv.DictReader(io.StringIO(await resp.text()))}
+    assert (rows[short["id"]]["amount"], rows[short["id"]]["collectedAmount"]) == ("50000", "40000")
+    assert (rows[pending["id"]]["amount"], rows[pending["id"]]["collectedAmount"]) == ("5000", "0")

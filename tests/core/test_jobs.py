@@ -1,0 +1,264 @@
+"""Worker jobs against real adapters over fail-closed wires: what is sent, resent, retried or parked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select, update
+
+from core.db import utcnow
+from core.models import OutboxJob, Payment, Refund
+from core.ops import dashboard
+from core.outbox import INTERRUPTED, Job
+from core.payments import create_payment
+from core.refunds import request_refund
+from tests.admin_api.conftest import bearer
+from tests.conftest import drain
+from tests.providers.wires import (
+    ADMIN,
+    MPESA_BASE,
+    completed,
+    due_now,
+    mpesa_adapter,
+    mpesa_payment,
+    mpesa_wire,
+    mtn_adapter,
+    mtn_payment,
+    mtn_wire,
+)
+
+PUSH = "/mpesa/stkpush/v1/processrequest"
+
+
+async def _jobs(rt: Any, kind: str) -> list[OutboxJob]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(OutboxJob).where(OutboxJob.kind == kind).order_by(OutboxJob.id)))
+                    .scalars())
+
+
+async def _get(rt: Any, model: Any, row_id: str) -> Any:
+    async with rt.sessionmaker() as s:
+        return await s.get(model, row_id)
+
+
+async def _refund(rt: Any, demo: dict[str, Any], payment: Payment) -> Refund:
+    async with rt.sessionmaker.begin() as s:
+        refund, _ = await request_refund(s, rt, payment_id=payment.id, cooperative_id=demo["cooperative_id"],
+                                         amount=None, reason="duplicate payment", idempotency_key="refund-key-1",
+                                         actor=ADMIN)
+    return refund
+
+
+# --- MTN refunds the provider never received --------------------------------------------------------
+
+
+async def test_mtn_refund_lost_on_its_way_is_sent_again_with_the_same_reference(rt, demo, worker):
+    wire = mtn_wire()
+    mtn_adapter(rt, wire)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    await completed(rt, payment)
+    refund = await _refund(rt, demo, payment)
+    posts = 0
+
+    def refund_post(_request: httpx.Request) -> httpx.Response:
+        nonlocal posts
+        posts += 1
+        if posts == 1:
+            raise httpx.ReadError("connection reset by peer")  # lost before MTN stored it
+        return httpx.Response(202)
+
+    wire.on("POST", "/disbursement/v1_0/refund", refund_post)
+    wire.on("GET", "/disbursement/v1_0/refund/*", 404,
+            {"code": "RESOURCE_NOT_FOUND", "message": "Requested resource was not found."})
+    await drain(worker)  # submit: no answer, so PROCESSING and polled
+    assert (await _get(rt, Refund, refund.id)).status == "PROCESSING"
+    await due_now(rt, "refund.poll")
+    await drain(worker)  # MTN has no such refund: sent again, same X-Reference-Id, and polled again
+    wire.on("GET", "/disbursement/v1_0/refund/*", 200, {
+        "amount": "50000", "currency": "RWF", "financialTransactionId": "RF-77", "externalId":
+        refund.provider_reference, "status": "SUCCESSFUL"})
+    await due_now(rt, "refund.poll")
+    await drain(worker)
+
+    sent = wire.sent("POST", "/disbursement/v1_0/refund")
+    assert len(sent) == 2
+    assert {r.headers["X-Reference-Id"] for r in sent} == {refund.provider_reference}
+    assert json.loads(sent[0].content) == json.loads(sent[1].content)
+    assert json.loads(sent[1].content)["referenceIdToRefund"] == payment.provider_reference
+    assert [r.url.path for r in wire.sent("GET", "/disbursement/v1_0/refund/*")] == \
+        [f"/disbursement/v1_0/refund/{refund.provider_reference}"] * 2
+    stored, paid = await _get(rt, Refund, refund.id), await _get(rt, Payment, payment.id)
+    assert (stored.status, stored.provider_transaction_id) == ("COMPLETED", "RF-77")
+    assert (paid.status, paid.refunded_minor) == ("REFUNDED", 50_000)
+    polls = await _jobs(rt, "refund.poll")
+    assert [(j.status, j.payload.get("resent")) for j in polls] == [("DONE", None), ("DONE", 1)]
+
+
+async def test_mtn_refund_resends_are_bounded_then_parked(rt, demo, worker):
+    wire = mtn_wire()
+    mtn_adapter(rt, wire)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    await completed(rt, payment)
+    refund = await _refund(rt, demo, payment)
+    wire.on("POST", "/disbursement/v1_0/refund", 202)
+    wire.on("GET", "/disbursement/v1_0/refund/*", 404, {"code": "RESOURCE_NOT_FOUND"})
+    await drain(worker)
+    for _ in range(6):
+        await due_now(rt, "refund.poll")
+        await drain(worker)
+    assert len(wire.sent("POST", "/disbursement/v1_0/refund")) == 1 + 3  # the submit, then three resends
+    polls = await _jobs(rt, "refund.poll")
+    assert [j.status for j in polls] == ["DONE", "DONE", "DONE", "PARKED"]
+    assert "needs manual review" in polls[-1].last_error and "after 3 resends" in polls[-1].last_error
+    assert (await _get(rt, Refund, refund.id)).status == "PROCESSING"
+
+
+# --- M-Pesa reversals that never report -------------------------------------------------------------
+
+
+async def test_mpesa_refund_unsettled_after_a_day_is_parked_for_review(rt, demo, worker, client, caplog):
+    wire = mpesa_wire()
+    mpesa_adapter(rt, MPESA_BASE, wire.client())
+    payment = await mpesa_payment(rt, demo)
+    await completed(rt, payment, "SKL3ABC123")
+    refund = await _refund(rt, demo, payment)
+    wire.on("POST", "/mpesa/reversal/v1/request", 200, {
+        "OriginatorConversationID": "29112-1", "ConversationID": "AG_20261122_0001", "ResponseCode": "0",
+        "ResponseDescription": "Accept the service request successfully."})
+    await drain(worker)
+    assert json.loads(wire.sent("POST", "/mpesa/reversal/v1/request")[0].content)["TransactionID"] == "SKL3ABC123"
+    # Polling cannot tell (Daraja reports reversals by callback only): waiting costs no attempt...
+    await due_now(rt, "refund.poll")
+    await drain(worker)
+    [poll] = await _jobs(rt, "refund.poll")
+    assert (poll.status, poll.attempts) == ("PENDING", 0)
+    # ...until a day has passed: then a person must look.
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Refund).where(Refund.id == refund.id).values(created_at=utcnow() - timedelta(hours=25)))
+    await due_now(rt, "refund.poll")
+    with caplog.at_level(logging.WARNING, logger="gateway.jobs"):
+        await drain(worker)
+    [poll] = await _jobs(rt, "refund.poll")
+    assert poll.status == "PARKED" and poll.cooperative_id == demo["cooperative_id"]
+    assert f"refund {refund.reference} needs manual review" in poll.last_error
+    assert "mpesa has not settled it 25 h after" in poll.last_error
+    assert any(r.getMessage().startswith("refund still unsettled") for r in caplog.records)
+    assert (await _get(rt, Refund, refund.id)).status == "PROCESSING"
+    assert len(wire.seen) == 2  # the token and the reversal: polls made no call
+    # Where operators look: the jobs API and the ops page.
+    admin = await bearer(client, *demo["admin"])
+    page = await admin.json("GET", "/v1/jobs?status=PARKED&kind=refund.poll", 200)
+    assert [(j["id"], j["lastError"]) for j in page["data"]] == [(poll.id, poll.last_error)]
+    async with rt.sessionmaker() as s:
+        assert (await dashboard(s, demo["cooperative_id"]))["outbox"]["parked"] == 1
+
+
+# --- collections: rate limits, our own deadline, a cut-off attempt, an M-Pesa 5xx ------------------
+
+
+async def test_mtn_rate_limit_retries_the_collection_after_retry_after(rt, demo, worker):
+    wire = mtn_wire()
+    mtn_adapter(rt, wire)
+    wire.on("POST", "/collection/v1_0/requesttopay", lambda _r: httpx.Response(
+        429, json={"statusCode": 429, "message": "Rate limit is exceeded. Try again in 120 seconds."},
+        headers={"Retry-After": "120"}))
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    before = utcnow()
+    await worker.run_once()
+    [collect] = await _jobs(rt, "payment.collect")
+    assert (collect.status, collect.attempts) == ("PENDING", 1) and "HTTP 429" in collect.last_error
+    assert collect.run_at >= before + timedelta(seconds=119)
+    assert (await _get(rt, Payment, payment.id)).status == "PENDING"
+    wire.on("POST", "/collection/v1_0/requesttopay", 202)
+    await due_now(rt, "payment.collect")
+    await worker.run_once()
+    assert (await _get(rt, Payment, payment.id)).status == "PROCESSING"
+    sent = wire.sent("POST", "/collection/v1_0/requesttopay")
+    assert [r.headers["X-Reference-Id"] for r in sent] == [payment.provider_reference] * 2
+
+
+async def test_collect_still_waiting_at_its_deadline_is_left_to_the_status_query(rt, demo, worker, monkeypatch):
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.2)
+    wire = mpesa_wire()
+    mpesa_adapter(rt, MPESA_BASE, wire.client())
+
+    async def slow(_request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(2)
+        return httpx.Response(200, json={"CheckoutRequestID": "ws_CO_1", "ResponseCode": "0"})
+
+    wire.on("POST", PUSH, slow)
+    payment = await mpesa_payment(rt, demo)
+    await drain(worker)
+    [collect] = await _jobs(rt, "payment.collect")
+    assert collect.status == "DONE" and collect.attempts == 1
+    assert len(wire.sent("POST", PUSH)) == 1
+    assert (await _get(rt, Payment, payment.id)).status == "PENDING"
+
+
+async def test_collect_cut_off_by_the_worker_is_not_sent_again(rt, demo, worker, monkeypatch):
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 0.3)
+    wire = mpesa_wire()
+    mpesa_adapter(rt, MPESA_BASE, wire.client())
+
+    async def slow(_request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(2)
+        return httpx.Response(200, json={"CheckoutRequestID": "ws_CO_1", "ResponseCode": "0"})
+
+    wire.on("POST", PUSH, slow)
+    payment = await mpesa_payment(rt, demo)
+    await worker.run_once()
+    [collect] = await _jobs(rt, "payment.collect")
+    assert collect.status == "PENDING" and collect.last_error.startswith(INTERRUPTED)
+    await due_now(rt, "payment.collect")
+    await worker.run_once()
+    [collect] = await _jobs(rt, "payment.collect")
+    assert collect.status == "DONE"
+    assert len(wire.sent("POST", PUSH)) == 1  # a second STK push would be a second charge
+    assert (await _get(rt, Payment, payment.id)).status == "PENDING"
+
+
+def test_job_interrupted_reads_the_previous_attempts_error():
+    def job(error: str | None) -> Job:
+        return Job(1, "payment.collect", {}, 2, 8, utcnow(), last_error=error)
+
+    assert job(f"{INTERRUPTED}: still running after 55s and cancelled").interrupted
+    assert not job("ProviderError: MTN MoMo request to pay failed (HTTP 503)").interrupted
+    assert not job(None).interrupted
+
+
+async def test_mpesa_5xx_on_the_push_is_asked_about_never_resent(rt, demo, worker):
+    wire = mpesa_wire()
+    mpesa_adapter(rt, MPESA_BASE, wire.client())
+    wire.on("POST", PUSH, 503, {"requestId": "1", "errorCode": "500.003.02", "errorMessage": "System is busy"})
+    payment = await mpesa_payment(rt, demo)
+    await drain(worker)
+    [collect] = await _jobs(rt, "payment.collect")
+    assert collect.status == "DONE"
+    assert (await _get(rt, Payment, payment.id)).status == "PENDING"
+    # Status polling takes over; without a CheckoutRequestID it cannot ask Daraja, and never pushes again.
+    await due_now(rt, "payment.poll")
+    await drain(worker)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == payment.id).values(expires_at=utcnow()))
+    await due_now(rt, "payment.poll")
+    await drain(worker)
+    stored = await _get(rt, Payment, payment.id)
+    assert stored.status == "TIMEOUT"
+    assert len(wire.sent("POST", PUSH)) == 1
+
+
+@pytest.mark.parametrize("lease", [60, 10])
+def test_collect_budget_stays_inside_the_handler_timeout(lease):
+    from core.jobs import collect_call_budget
+    from core.outbox import handler_timeout
+
+    assert 0 < collect_call_budget(lease) < handler_timeout(lease) < lease

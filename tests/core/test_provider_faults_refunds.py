@@ -1,0 +1,106 @@
+"""Refund callbacks: an unsigned one counts only as its provider's status query confirms it, and only for a
+refund of a payment made through that provider."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from core.models import Payment, ProviderEvent, Refund
+from core.payments import create_payment
+from core.refunds import request_refund
+from tests.conftest import drain
+from tests.providers.wires import ADMIN, NewPayment, completed, mtn_adapter, mtn_payment, mtn_wire
+
+STATUS_PATH = "/disbursement/v1_0/refund/{}"
+
+
+async def _refund(rt: Any, demo: dict[str, Any], payment: Payment) -> Refund:
+    async with rt.sessionmaker.begin() as s:
+        refund, _ = await request_refund(s, rt, payment_id=payment.id, cooperative_id=demo["cooperative_id"],
+                                         amount=None, reason="duplicate payment", idempotency_key="refund-key-1",
+                                         actor=ADMIN)
+    return refund
+
+
+async def _rows(rt: Any, refund_id: str, payment_id: str) -> tuple[Refund, Payment, list[ProviderEvent]]:
+    async with rt.sessionmaker() as s:
+        events = list((await s.execute(select(ProviderEvent).where(ProviderEvent.kind == "refund"))).scalars())
+        return await s.get(Refund, refund_id), await s.get(Payment, payment_id), events
+
+
+def _body(refund: Refund, status: str) -> dict[str, Any]:
+    return {"amount": "50000", "currency": "RWF", "financialTransactionId": "999",
+            "externalId": refund.provider_reference, "payee": {"partyIdType": "MSISDN", "partyId": "250788000001"},
+            "status": status}
+
+
+async def test_unsigned_mtn_refund_callback_is_confirmed_by_the_refund_status(rt, demo, worker, client):
+    wire = mtn_wire().on("POST", "/disbursement/v1_0/refund", 202)
+    mtn_adapter(rt, wire)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    await completed(rt, payment)
+    refund = await _refund(rt, demo, payment)
+    await drain(worker)  # submitted: PROCESSING
+    # MTN itself says the refund failed; a forged (or stale) callback says it succeeded.
+    wire.on("GET", STATUS_PATH.format(refund.provider_reference), 200, {
+        "amount": "50000", "currency": "RWF", "externalId": refund.provider_reference, "status": "FAILED",
+        "reason": "COULD_NOT_PERFORM_TRANSACTION"})
+    resp = await client.put(f"/webhooks/payments/mtn_momo?ref={refund.provider_reference}&kind=refund",
+                            json=_body(refund, "SUCCESSFUL"))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["result"] == "failed"
+    stored, paid, [event] = await _rows(rt, refund.id, payment.id)
+    assert [r.url.path for r in wire.sent("GET", "/disbursement/v1_0/refund/*")] == \
+        [STATUS_PATH.format(refund.provider_reference)]
+    assert (stored.status, stored.failure_reason) == ("FAILED", "MTN could not perform the transaction")
+    assert (paid.status, paid.refunded_minor) == ("COMPLETED", 0)
+    assert event.status == "FAILED"  # what was applied: the provider's answer, not the callback's claim
+    # The same callback again: a duplicate, no second query.
+    again = await client.put(f"/webhooks/payments/mtn_momo?ref={refund.provider_reference}&kind=refund",
+                             json=_body(refund, "SUCCESSFUL"))
+    assert (await again.json())["result"] == "duplicate"
+    assert len(wire.sent("GET", "/disbursement/v1_0/refund/*")) == 1
+
+
+async def test_confirmed_mtn_refund_callback_completes_the_refund(rt, demo, worker, client):
+    wire = mtn_wire().on("POST", "/disbursement/v1_0/refund", 202)
+    mtn_adapter(rt, wire)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    await completed(rt, payment)
+    refund = await _refund(rt, demo, payment)
+    await drain(worker)
+    wire.on("GET", STATUS_PATH.format(refund.provider_reference), 200,
+            {**_body(refund, "SUCCESSFUL"), "financialTransactionId": "RF-1"})
+    resp = await client.post(f"/webhooks/payments/mtn_momo?ref={refund.provider_reference}&kind=refund",
+                             json=_body(refund, "SUCCESSFUL"))
+    assert (await resp.json())["result"] == "completed"
+    stored, paid, _ = await _rows(rt, refund.id, payment.id)
+    assert (stored.status, stored.provider_transaction_id) == ("COMPLETED", "RF-1")
+    assert (paid.status, paid.refunded_minor) == ("REFUNDED", 50_000)
+
+
+async def test_a_callback_to_one_provider_never_touches_another_providers_refund(rt, demo, client):
+    wire = mtn_wire()
+    mtn_adapter(rt, wire)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, NewPayment(
+            cooperative_id=demo["cooperative_id"], payment_type_id=demo["payment_types"]["Monthly Rent"],
+            method="MOBILE_MONEY_AIRTEL", account="0733000001", idempotency_key="key-airtel-0001",
+            channel="api"), actor=ADMIN)
+    assert payment.provider == "airtel"
+    await completed(rt, payment, "AM-1")
+    refund = await _refund(rt, demo, payment)
+    for method in ("POST", "PUT"):
+        resp = await client.request(method, f"/webhooks/payments/mtn_momo?ref={refund.provider_reference}"
+                                    "&kind=refund", json={"status": "FAILED",
+                                                          "reason": "COULD_NOT_PERFORM_TRANSACTION"})
+        assert resp.status == 200 and (await resp.json())["result"] in ("unknown_refund", "duplicate")
+    stored, paid, events = await _rows(rt, refund.id, payment.id)
+    assert (stored.status, stored.failure_reason) == ("PENDING", None)
+    assert paid.status == "COMPLETED"
+    assert wire.seen == []  # nothing to confirm: no MTN refund has that reference
+    assert [(e.provider, e.outcome) for e in events] == [("mtn_momo", None)]
