@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from core.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from aiohttp import web
 
     from core.runtime import Runtime
@@ -226,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the HTTP service (USSD, SMS, provider callbacks, JSON API); "
                                  "refuses to start unless the database is migrated")
     w = sub.add_parser("worker", help="run outbox jobs (provider calls, SMS, webhooks) and payment status polling")
-    w.add_argument("--concurrency", type=int, default=16, help="jobs run at once (default 16)")
-    w.add_argument("--metrics-port", type=int, default=int(os.environ.get("WORKER_METRICS_PORT", "0") or 0),
+    w.add_argument("--concurrency", type=_at_least(1), default=16, help="jobs run at once (default 16)")
+    w.add_argument("--metrics-port", type=_at_least(0), default=None,
                    help="serve this worker's /metrics and /healthz on HOST:PORT (default WORKER_METRICS_PORT; "
                         "0 = off)")
     sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
@@ -246,6 +248,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _at_least(lowest: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}")
+        return value
+
+    return parse
+
+
+def _metrics_port(given: int | None) -> int:
+    if given is not None:
+        return given
+    text = os.environ.get("WORKER_METRICS_PORT", "").strip() or "0"
+    if not text.isascii() or not text.isdigit() or int(text) > 65535:
+        raise ConfigError("WORKER_METRICS_PORT", "must be a port number (0 = off)")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -262,11 +286,24 @@ def main(argv: list[str] | None = None) -> int:
         use_fast_loop()
         _simulate(args.name, args.host, args.port, extra)
         return 0
+    if args.command == "run" and os.environ.get("GATEWAY_ENV") != "production":
+        # Everything in one process, on any database: the provider and SMS simulators too, unless told
+        # otherwise (without them every payment and SMS would go to an address nothing answers).
+        os.environ.setdefault("SIMULATORS_IN_PROCESS", "1")
     try:
         settings = load_settings()
+        metrics_port = _metrics_port(args.metrics_port) if args.command == "worker" else 0
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    if args.command in ("seed-demo", "run") and settings.is_production:
+        # The demo's admins have the README's passwords: never in a production database.
+        print(f"refusing to {args.command} with GATEWAY_ENV=production: it creates the demo cooperative and its "
+              "admins, whose passwords are published", file=sys.stderr)
+        return 2
+    from redis.exceptions import RedisError
+    from sqlalchemy.exc import DBAPIError
+
     from core import logs
 
     logs.configure(settings.log_level)
@@ -284,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_serve(settings, with_worker=False))
         elif args.command == "worker":
             asyncio.run(check_migrations(settings))
-            asyncio.run(_worker(settings, args.concurrency, args.metrics_port))
+            asyncio.run(_worker(settings, args.concurrency, metrics_port))
         elif args.command == "run":
             migrate(settings)
             demo = asyncio.run(seed(settings))
@@ -292,9 +329,22 @@ def main(argv: list[str] | None = None) -> int:
     except MigrationStateError as exc:
         print(f"refusing to start: {exc}", file=sys.stderr)
         return 3
+    except ConfigError as exc:  # found while starting (a provider's routes or timeouts, a simulator option)
+        print(str(exc), file=sys.stderr)
+        return 2
+    except (OSError, DBAPIError, RedisError) as exc:  # the database or Redis unreachable, the port taken, ...
+        print(f"cannot start: {_reason(exc)}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for an operator: the original error behind SQLAlchemy's wrapper, without the statement."""
+    inner = getattr(exc, "orig", None) or exc
+    text = " ".join(str(inner).split())[:300]
+    return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
 
 
 if __name__ == "__main__":

@@ -45,8 +45,7 @@ class Secret:
         return hash(self._value)
 
 
-# A fixed development key: the embedded default must start with no set-up, and
-# `serve` refuses to run with it unless GATEWAY_ENV is "development".
+# A fixed development key: the embedded default must start with no set-up; production refuses it.
 DEV_KEY = base64.b64encode(b"dev-only-key-do-not-use-in-prod!").decode()
 
 
@@ -86,7 +85,6 @@ class Settings:
     sms_rate_per_second: float
     simulators_in_process: bool
     outbox_batch_size: int
-    outbox_max_attempts: int
     outbox_lease_seconds: int
     poll_after_seconds: int
     payment_timeout_seconds: int
@@ -222,6 +220,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("PORT", "must be at most 65535")
     host = _get(env, "HOST", "127.0.0.1")
     public_base_url = _url(env, "PUBLIC_BASE_URL", f"http://127.0.0.1:{port}", ("http", "https"))
+    def base_url(name: str, simulator: str) -> str:
+        # The default is the in-process simulator, which production never mounts: every call would fail.
+        if production and not env.get(name, "").strip():
+            raise ConfigError(name, "is required in production (the default is the simulator)")
+        return _url(env, name, f"{public_base_url}/_sim/{simulator}", ("http", "https"))
 
     def secret(name: str) -> Secret:
         value = env.get(name, "")
@@ -240,6 +243,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if not sep or not key_id:
             raise ConfigError("PII_ENCRYPTION_KEYS", "must be a comma list of keyid:base64key")
         pii_keys[key_id] = _key("PII_ENCRYPTION_KEYS", material)
+        if production and material.strip() == DEV_KEY:
+            raise ConfigError("PII_ENCRYPTION_KEYS", "holds the published development key; not in production")
     active = _get(env, "PII_ACTIVE_KEY_ID", next(iter(pii_keys)))
     if active not in pii_keys:
         raise ConfigError("PII_ACTIVE_KEY_ID", f"names no key in PII_ENCRYPTION_KEYS ({active!r})")
@@ -248,13 +253,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     simulators = _bool(env, "SIMULATORS_IN_PROCESS", not production and database_url.startswith("sqlite"))
     for name in PROVIDER_NAMES:
         prefix = name.upper()
-        base = _url(env, f"{prefix}_BASE_URL", f"{public_base_url}/_sim/{name}", ("http", "https"))
         creds = {}
         for cred in _PROVIDER_CREDENTIALS[name]:
             value = env.get(f"{prefix}_{cred}", "")
             if production and not value and cred not in ("CALLBACK_KEY",):
                 raise ConfigError(f"{prefix}_{cred}", "is required in production")
             creds[cred.lower()] = Secret(value or _DEV_CREDENTIAL)
+        base = base_url(f"{prefix}_BASE_URL", name)
         options = {opt.lower(): env.get(f"{prefix}_{opt}", default)
                    for opt, default in _PROVIDER_OPTIONS[name].items()}
         for opt in ("CONNECT_TIMEOUT", "READ_TIMEOUT"):  # seconds; read by providers.calls.timeout_from
@@ -262,6 +267,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                 options[opt.lower()] = str(_float(env, f"{prefix}_{opt}", 1.0))
         providers[name] = ProviderConfig(base_url=base, credentials=creds, options=options)
 
+    if production and not env.get("PUBLIC_BASE_URL", "").strip():
+        # Providers and the SMS aggregator call back here: the default (this machine's loopback) reaches nobody.
+        raise ConfigError("PUBLIC_BASE_URL", "is required in production (providers call back to it)")
     callback_secrets: dict[str, Secret] = {}
     for name in ("africastalking", "hubtel", "nalo", *PROVIDER_NAMES, "sms"):
         value = env.get(f"CALLBACK_SECRET_{name.upper()}", "")
@@ -307,14 +315,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         callback_secrets=callback_secrets,
         ussd_ip_allowlist=allowlist,
         providers=providers,
-        sms_base_url=_url(env, "SMS_BASE_URL", f"{public_base_url}/_sim/africastalking", ("http", "https")),
+        sms_base_url=base_url("SMS_BASE_URL", "africastalking"),
         sms_username=_get(env, "SMS_USERNAME", "sandbox"),
         sms_api_key=secret("SMS_API_KEY"),
         sms_sender_id=env.get("SMS_SENDER_ID", "COOPPAY"),
         sms_rate_per_second=_float(env, "SMS_RATE_PER_SECOND", 50.0),
         simulators_in_process=simulators,
         outbox_batch_size=_int(env, "OUTBOX_BATCH_SIZE", 50, minimum=1),
-        outbox_max_attempts=_int(env, "OUTBOX_MAX_ATTEMPTS", 8, minimum=1),
         outbox_lease_seconds=_int(env, "OUTBOX_LEASE_SECONDS", 60, minimum=1),
         poll_after_seconds=_int(env, "POLL_AFTER_SECONDS", 30, minimum=1),
         payment_timeout_seconds=_int(env, "PAYMENT_TIMEOUT_SECONDS", 300, minimum=1),

@@ -67,7 +67,10 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
+def make_engine(url: str, *, pool_size: int = 10, echo: bool = False,
+                command_timeout: float | None = 10.0) -> AsyncEngine:
+    """`command_timeout`: seconds a statement may run (a request must not hang on one); None for migrations,
+    whose index builds and lock waits behind live traffic may rightly take longer."""
     if url.startswith("sqlite"):
         engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
 
@@ -92,7 +95,7 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEn
         # and pinging each one that sat idle past PING_AFTER_IDLE_SECONDS (a tenth of the opening USSD
         # hops paid a ping's round trip, 77 ms at p90 under load).
         pool_use_lifo=True,
-        connect_args={"command_timeout": 10, "server_settings": {"application_name": "coop-gateway"}},
+        connect_args={"command_timeout": command_timeout, "server_settings": {"application_name": "coop-gateway"}},
     )
     _ping_on_checkout(engine)
     return engine

@@ -85,7 +85,8 @@ class JsonFormatter(logging.Formatter):
 
 # Libraries whose own lines stay at WARNING even with LOG_LEVEL=DEBUG: request lines already logged our
 # way, and aiosqlite, whose debug lines carry every statement with its parameters (names, ciphertexts).
-NOISY_LOGGERS = ("aiohttp.access", "httpx", "httpcore", "asyncio", "aiosqlite", "hpack")
+NOISY_LOGGERS = ("aiohttp.access", "httpx", "httpcore", "asyncio", "aiosqlite", "hpack",
+                 "alembic.runtime.plugins")  # (alembic: a line per plugin set up, at every start)
 
 
 def configure(level: str = "INFO", stream: Any = None) -> None:

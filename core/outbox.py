@@ -192,24 +192,29 @@ class OutboxWorker:
         self._handlers = dict(handlers)
         self._batch = batch_size
         self._lease = lease_seconds
-        self._sem = asyncio.Semaphore(concurrency)
+        if concurrency < 1:
+            raise ValueError("a worker needs a concurrency of at least 1")
+        self._concurrency = concurrency
         self._idle = idle_sleep
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(24):06x}"
+        # Stored in locked_by (64 characters): a long host name (a Kubernetes pod, an FQDN) is cut so the id
+        # still fits, keeping the pid and the random part that make it unique.
+        self.worker_id = worker_id or f"{socket.gethostname()[:40]}:{os.getpid()}:{random.getrandbits(24):06x}"
         self._on_job = on_job
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def claim(self) -> list[Job]:
-        """Lease up to a batch of due jobs (PENDING, or RUNNING with a lapsed lease), oldest first."""
+    async def claim(self, limit: int | None = None) -> list[Job]:
+        """Lease up to `limit` (a batch) due jobs (PENDING, or RUNNING with a lapsed lease), oldest first."""
+        batch = self._batch if limit is None else min(limit, self._batch)
         now = utcnow()
         engine = self._engine()
         if engine.dialect.name == "postgresql":
             # One statement, atomic on its own: WITH due AS (SELECT ... FOR UPDATE SKIP LOCKED) UPDATE ... FROM due
             # RETURNING, in autocommit (the BEGIN, SELECT, UPDATE and COMMIT were four round trips).
             async with autocommit(engine) as conn:
-                claimed = (await conn.execute(_CLAIM, {"now": now, "batch": self._batch, "worker": self.worker_id,
+                claimed = (await conn.execute(_CLAIM, {"now": now, "batch": batch, "worker": self.worker_id,
                                                        "lease_end": now + timedelta(seconds=self._lease)})).all()
             return [Job(r.id, r.kind, dict(r.payload), r.attempts, r.max_attempts, r.created_at,
                         locked_by=self.worker_id, last_error=r.last_error)
@@ -220,7 +225,7 @@ class OutboxWorker:
                     select(OutboxJob)
                     .where(OutboxJob.status.in_(("PENDING", "RUNNING")), OutboxJob.run_at <= now)
                     .order_by(OutboxJob.run_at)
-                    .limit(self._batch)
+                    .limit(batch)
                     .with_for_update(skip_locked=True)
                 )
             ).scalars().all()
@@ -304,8 +309,6 @@ class OutboxWorker:
             await self.run_job(job)
         except Exception:  # the database went away while finishing: the lease brings the job back
             log.exception("could not record job result", extra={"job_id": job.id})
-        finally:
-            self._sem.release()
 
     async def run_once(self) -> int:
         """Claim one batch and run it to completion; returns how many jobs ran."""
@@ -315,21 +318,30 @@ class OutboxWorker:
 
     async def run_forever(self) -> None:
         tasks: set[asyncio.Task[None]] = set()
-        while not self._stopping.is_set():
-            try:
-                jobs = await self.claim()
-            except Exception:
-                log.exception("claiming jobs failed; backing off")
-                jobs = []
-                await self._sleep(2.0)
-                continue
-            for job in jobs:
-                await self._sem.acquire()
-                task = asyncio.create_task(self._guarded(job))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if not jobs:
-                await self._sleep(self._idle)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                free = self._concurrency - len(tasks)
+                if free < max(1, self._concurrency // 4):
+                    # Claim only what can start now: a claimed job's lease runs from its claim, and a job
+                    # left waiting for a slot could lapse and be claimed (and run) a second time. (A quarter
+                    # of the slots at a time, so a busy worker does not claim one job per statement.)
+                    await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    jobs = await self.claim(free)
+                except Exception:
+                    log.exception("claiming jobs failed; backing off")
+                    await self._sleep(2.0)
+                    continue
+                for job in jobs:
+                    task = asyncio.create_task(self._guarded(job))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if not jobs:
+                    await self._sleep(self._idle)
+        finally:
+            stopping.cancel()
         # Graceful stop: let running jobs finish (their lease covers a hard kill).
         if tasks:
             await asyncio.wait(tasks, timeout=self._lease)

@@ -42,7 +42,7 @@ async def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = make_engine(_url())
+    engine = make_engine(_url(), command_timeout=None)  # a migration may wait on locks or build an index
     async with engine.connect() as conn:
         await conn.run_sync(_run)
         await conn.commit()

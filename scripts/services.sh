@@ -33,6 +33,8 @@ start() {
   ensure_installed
   local pgbin; pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
   local dir; dir=$(mktemp -d /tmp/gateway-services.XXXXXX)
+  # Whatever fails from here on (initdb, a port taken, createdb, Redis), nothing is left running.
+  trap 'status=$?; if [ "$status" != 0 ]; then stop "'"$dir"'"; fi' EXIT
   chmod 755 "$dir"
   mkdir -p "$dir/pg"
   [ "$(id -u)" = 0 ] && chown postgres "$dir/pg"
@@ -47,9 +49,11 @@ start() {
   as_pg "$pgbin/createdb" -h 127.0.0.1 -p "$pgport" -U postgres gateway_test
   redis-server --port "$redisport" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
     --pidfile "$dir/redis.pid" --dir "$dir" --logfile "$dir/redis.log"
+  local up=""
   for _ in $(seq 1 50); do
-    redis-cli -p "$redisport" ping >/dev/null 2>&1 && break; sleep 0.1
+    redis-cli -p "$redisport" ping >/dev/null 2>&1 && { up=1; break; }; sleep 0.1
   done
+  [ -n "$up" ] || { echo "Redis did not answer on port $redisport" >&2; cat "$dir/redis.log" >&2 || true; exit 1; }
   cat <<ENV
 export GATEWAY_SERVICES_DIR=$dir
 export TEST_PG_BIN=$pgbin

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from core.config import ConfigError, Secret, load_settings
+from core.config import DEV_KEY, ConfigError, Secret, load_settings
 from core.crypto import CryptoError, PiiCipher, hash_password, verify_password
 
 K1 = os.urandom(32)
@@ -97,8 +97,10 @@ def _production_env() -> dict[str, str]:
     env = {"GATEWAY_ENV": "production", "DATABASE_URL": "postgresql+asyncpg://gw@127.0.0.1:5432/gw",
            "REDIS_URL": "redis://127.0.0.1:6379/0", "PII_ENCRYPTION_KEYS": "k1:" + base64.b64encode(b"k" * 32).decode(),
            "BLIND_INDEX_KEY": "b" * 32, "JWT_SECRET": "j" * 32, "SMS_API_KEY": "sms-key",
-           "CALLBACK_SECRET_MPESA": "m" * 24, "CALLBACK_SECRET_SMS": "s" * 24}
+           "CALLBACK_SECRET_MPESA": "m" * 24, "CALLBACK_SECRET_SMS": "s" * 24,
+           "PUBLIC_BASE_URL": "https://pay.example.rw", "SMS_BASE_URL": "https://api.africastalking.com"}
     for provider, creds in _PROVIDER_CREDENTIALS.items():
+        env[f"{provider.upper()}_BASE_URL"] = f"https://{provider}.example.com"
         for cred in creds:
             env[f"{provider.upper()}_{cred}"] = f"{provider}-{cred.lower()}-value"
     return env
@@ -117,8 +119,40 @@ def test_a_complete_production_configuration_loads():
     ({"PHONE_SIMULATOR_ENABLED": "1"}, "PHONE_SIMULATOR_ENABLED"),
     ({"SIMULATORS_IN_PROCESS": "1"}, "SIMULATORS_IN_PROCESS"),
     ({"RATE_LIMIT_MULTIPLIER": "-1"}, "RATE_LIMIT_MULTIPLIER"),
+    # Defaults that only make sense on one machine: callbacks to loopback, calls to the in-process simulators.
+    ({"PUBLIC_BASE_URL": ""}, "PUBLIC_BASE_URL"),
+    ({"MTN_MOMO_BASE_URL": ""}, "MTN_MOMO_BASE_URL"),
+    ({"IREMBOPAY_BASE_URL": ""}, "IREMBOPAY_BASE_URL"),
+    ({"SMS_BASE_URL": ""}, "SMS_BASE_URL"),
+    ({"PII_ENCRYPTION_KEYS": f"dev:{DEV_KEY}"}, "PII_ENCRYPTION_KEYS"),
 ])
 def test_production_refuses_unsafe_settings(change, variable):
     with pytest.raises(ConfigError) as info:
         load_settings({**_production_env(), **change})
     assert info.value.variable == variable
+
+
+def _main(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "WORKER_METRICS_PORT")}
+    return subprocess.run([sys.executable, "main.py", *args], capture_output=True, text=True, env={**clean, **env},
+                          timeout=60, check=False)
+
+
+def test_start_up_mistakes_end_in_one_line_not_a_traceback(tmp_path):
+    bad_port = _main("worker", WORKER_METRICS_PORT="abc", DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/g.db")
+    assert (bad_port.returncode, bad_port.stderr.strip()) == (
+        2, "configuration error: WORKER_METRICS_PORT: must be a port number (0 = off)")
+    zero = _main("worker", "--concurrency", "0")
+    assert zero.returncode == 2 and "--concurrency: must be at least 1" in zero.stderr
+    unreachable = _main("serve", DATABASE_URL="postgresql+asyncpg://gw@127.0.0.1:1/gw", REDIS_URL="redis://127.0.0.1:1/0")
+    assert unreachable.returncode == 4, unreachable.stderr
+    *_logs, last = unreachable.stderr.strip().splitlines()
+    assert last.startswith("cannot start: ") and "Traceback" not in unreachable.stderr
+
+
+def test_the_demo_is_never_seeded_into_production():
+    for command in ("seed-demo", "run"):
+        refused = subprocess.run([sys.executable, "main.py", command], capture_output=True, text=True,
+                                 env={**os.environ, **_production_env()}, timeout=60, check=False)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.startswith(f"refusing to {command} with GATEWAY_ENV=production")

@@ -74,6 +74,48 @@ async def test_claim_leases_the_oldest_due_jobs_up_to_the_batch(sm):
     assert await worker.claim() == []
 
 
+async def test_a_busy_worker_claims_only_what_it_can_start_so_no_lease_lapses_unstarted(sm):
+    """A job claimed but waiting for a free slot would see its lease run out before it started, and be claimed
+    and run again (the reviewer's case: batch 10, concurrency 2). The worker claims as slots free up."""
+    runs: defaultdict[int, int] = defaultdict(int)
+    running = 0
+    most = 0
+
+    async def record(job) -> None:
+        nonlocal running, most
+        runs[job.payload["n"]] += 1
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(0.8)
+        running -= 1
+
+    await _add_jobs(sm, 6)
+    worker = OutboxWorker(sm, {"test.record": record}, batch_size=10, concurrency=2, lease_seconds=2,
+                          idle_sleep=0.05)
+    loop = asyncio.create_task(worker.run_forever())
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        async with sm() as session:
+            left = (await session.execute(select(OutboxJob.id).where(OutboxJob.status != "DONE"))).all()
+        if not left:
+            break
+    await asyncio.sleep(1.0)  # past every lease: a lapsed one would have run again by now
+    worker.stop()
+    await asyncio.wait_for(loop, 10)
+    assert dict(runs) == {n: 1 for n in range(6)}
+    assert most == 2
+
+
+def test_a_worker_id_fits_its_column_whatever_the_host_name(sm, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "pod-" + "x" * 120)
+    worker = OutboxWorker(sm, {})
+    assert len(worker.worker_id) <= OutboxJob.locked_by.type.length
+    with pytest.raises(ValueError, match="at least 1"):
+        OutboxWorker(sm, {}, concurrency=0)
+
+
 async def test_failing_job_is_retried_with_backoff_then_parked(sm):
     calls = []
 
