@@ -25,8 +25,6 @@ from admin_api.common import (
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param
 from core import webhooks
-from core.audit import record
-from core.db import utcnow
 from core.models import ApprovedDomain, WebhookDelivery, WebhookEndpoint
 
 DOMAIN = out(
@@ -196,18 +194,9 @@ async def get_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 async def disable_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     endpoint = await one(ctx, WebhookEndpoint, request.match_info["id"], "webhook endpoint")
-    if endpoint.status != "DISABLED":
-        endpoint.status, endpoint.disabled_at = "DISABLED", utcnow()
-        await ctx.session.flush()
-        await record(
-            ctx.session,
-            actor=ctx.who.actor,
-            action="webhook_endpoint.disabled",
-            entity_type="webhook_endpoint",
-            entity_id=endpoint.id,
-            after={"status": "DISABLED"},
-            cooperative_id=endpoint.cooperative_id,
-        )
+    endpoint = await webhooks.delete_endpoint(
+        ctx.session, endpoint_id=endpoint.id, cooperative_id=endpoint.cooperative_id, actor=ctx.who.actor
+    )
     await ctx.session.commit()
     return json_response(present_endpoint(endpoint))
 
@@ -308,7 +297,7 @@ ROUTES = [
         "DELETE",
         "/webhook-endpoints/{id}",
         disable_endpoint,
-        "Disable a webhook endpoint",
+        "Disable a webhook endpoint (nothing more is recorded for it)",
         "webhooks",
         "admin",
         response=ENDPOINT,
@@ -317,7 +306,7 @@ ROUTES = [
         "POST",
         "/webhook-endpoints/{id}/enable",
         enable_endpoint,
-        "Re-enable a webhook endpoint",
+        "Re-enable a webhook endpoint (sends what it held while switched off)",
         "webhooks",
         "admin",
         response=ENDPOINT,

@@ -6,12 +6,20 @@ due within `REMINDER_DAYS_BEFORE` days, and queues `payment_reminder` for every 
 has not paid that type since the previous due date and has not sent STOP. Each reminder's dedupe key
 names the member, the type and the due date, so a re-run, a second worker or a late scan never
 sends it twice.
+
+The reminders are not all due at once: their jobs' run_at is spread at REMINDER_SHARE of the SMS send
+rate (SMS_RATE_PER_SECOND), so payment jobs queued meanwhile are claimed between them and receipts keep
+the rest of the rate. A scan that missed its hour (no worker running) runs within CATCH_UP of it;
+later than that it is skipped (the next day's scan reminds whoever is still due) rather than texting
+members in the evening.
 """
 
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING
@@ -22,8 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import utcnow
 from core.models import Cooperative, Member, Payment, PaymentType
-from core.notify import send_sms
-from core.outbox import Handler, Job, enqueue
+from core.notify import sms_job
+from core.outbox import Handler, Job, enqueue, enqueue_job
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
@@ -33,6 +41,20 @@ log = logging.getLogger("gateway.reminders")
 INTERVAL_MONTHS = {"MONTHLY": 1, "QUARTERLY": 3, "YEARLY": 12}
 PAID = ("COMPLETED", "PARTIALLY_REFUNDED")  # money kept: a fully refunded payment does not count
 SCAN_HOUR_UTC = 6  # 08:00 in Kigali, 09:00 in Nairobi: a reasonable hour for an SMS
+# A scan missed at its hour (workers down, or one first started later) still runs up to this long after;
+# past it, it is skipped: a reminder at 22:00 is worse than the next morning's.
+CATCH_UP = timedelta(hours=2)
+# The share of the SMS send rate the reminders are spread over; the rest stays free for receipts and notices.
+REMINDER_SHARE = 0.5
+
+
+def reminder_offset(index: int, rate_per_second: float) -> timedelta:
+    """How long after the scan the `index`-th reminder (from 0) is due: REMINDER_SHARE of the SMS rate, in
+    whole-second steps (the send limiter's window) of as many reminders as that share allows a second."""
+    rate = max(rate_per_second * REMINDER_SHARE, 1e-3)
+    if rate >= 1:
+        return timedelta(seconds=index // math.floor(rate))
+    return timedelta(seconds=index * math.ceil(1 / rate))
 
 
 def _add_months(year: int, month: int, months: int) -> tuple[int, int]:
@@ -81,6 +103,7 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
     now = now or utcnow()
     days_before = rt.settings.reminder_days_before
     queued = 0
+    start = utcnow()  # the jobs' run_at is real time, whatever `now` the scan is for
     coops = (await session.execute(select(Cooperative).where(Cooperative.status == "ACTIVE"))).scalars().all()
     for coop in coops:
         zone = _zone(coop.timezone)
@@ -109,10 +132,12 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
             for member_id in members:
                 if member_id in paid:
                     continue
-                created = await send_sms(
-                    session, template="payment_reminder", cooperative_id=coop.id, member_id=member_id,
+                job = sms_job(
+                    template="payment_reminder", cooperative_id=coop.id, member_id=member_id,
                     context={"member_id": member_id, "payment_type_id": ptype.id, "due_date": due.isoformat()},
                     cipher=rt.cipher, dedupe=f"reminder:{member_id}:{ptype.id}:{due.isoformat()}")
+                run_at = start + reminder_offset(queued, rt.settings.sms_rate_per_second)
+                created = await enqueue_job(session, dataclasses.replace(job, run_at=run_at))
                 queued += int(created)
     return queued
 
@@ -127,21 +152,30 @@ async def schedule(session: AsyncSession, day: date) -> None:
                   run_at=_scan_time(day), max_attempts=5)
 
 
-async def ensure_scheduled(rt: Runtime) -> None:
-    """Called when a worker starts: today's scan (or tomorrow's, once today's hour has passed) exists."""
-    now = utcnow()
+async def ensure_scheduled(rt: Runtime, *, now: datetime | None = None) -> None:
+    """Called when a worker starts: tomorrow's scan exists, and today's while its hour is still to come
+    or passed by less than CATCH_UP (a worker restarted at 06:10 sends today's; one first started at 22:00
+    does not)."""
+    now = now or utcnow()
     async with rt.sessionmaker.begin() as session:
-        await schedule(session, now.date())
+        if now <= _scan_time(now.date()) + CATCH_UP:
+            await schedule(session, now.date())
         await schedule(session, now.date() + timedelta(days=1))
 
 
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
     async def run_scan(job: Job) -> None:
         day = date.fromisoformat(job.payload["day"])
+        now = utcnow()
+        late = now > _scan_time(day) + CATCH_UP
         async with rt.sessionmaker.begin() as session:
-            count = await scan(session, rt)
+            # A scan whose job ran too late (no worker up all morning) is skipped, not sent at night.
+            count = 0 if late else await scan(session, rt, now=now)
             # The next day's scan is queued in the same transaction: the chain never breaks.
-            await schedule(session, max(day, utcnow().date()) + timedelta(days=1))
-        log.info("reminders queued", extra={"day": day.isoformat(), "count": count})
+            await schedule(session, max(day, now.date()) + timedelta(days=1))
+        if late:
+            log.warning("reminder scan skipped: too late after its hour", extra={"day": day.isoformat()})
+        else:
+            log.info("reminders queued", extra={"day": day.isoformat(), "count": count})
 
     return {"reminders.scan": run_scan}

@@ -4,6 +4,13 @@ Every delivery is signed Stripe-style: header `X-Gateway-Signature: t=<unix seco
 `<hex> = HMAC-SHA256(endpoint secret, f"{t}.{raw body}")`. The event id (`X-Gateway-Event-Id` and the
 body's `id`) is the same on every attempt, so receivers drop duplicates; retries run with exponential
 backoff for up to three days, each attempt recorded with its status code and latency.
+
+An endpoint that has failed every attempt for a day (DISABLE_AFTER_FAILING_FOR, and at least DISABLE_AFTER
+attempts in a row) is switched off and the cooperative's contact told; nothing is lost by it. While it is
+off its deliveries are held PENDING and new events are still recorded for it; enabling it again sends them
+all, oldest first. An endpoint an admin DELETEs is off on purpose: it records nothing new, and what it still
+held is marked FAILED. Both are status DISABLED; which one is read from the endpoint's last
+`webhook_endpoint.disabled` audit event (`after.reason`: "failures" or "deleted").
 """
 
 from __future__ import annotations
@@ -24,15 +31,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import httpx
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
-from core.db import insert_ignore, new_id, utcnow
+from core.db import UTCDateTime, insert_ignore, new_id, utcnow
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
-from core.models import ApprovedDomain, Cooperative, WebhookDelivery, WebhookEndpoint
-from core.outbox import Job, PermanentJobError, RetryLater, enqueue
+from core.models import ApprovedDomain, AuditEvent, Cooperative, WebhookDelivery, WebhookEndpoint
+from core.outbox import Job, NewJob, PermanentJobError, RetryLater, enqueue, enqueue_many
 from core.text import is_number
 
 if TYPE_CHECKING:
@@ -57,8 +64,18 @@ DELIVERY_TIMEOUT = 10.0
 RETRY_FOR = timedelta(days=3)
 FIRST_RETRY_SECONDS = 30.0
 MAX_RETRY_SECONDS = 6 * 3600.0
-# Failed attempts in a row (across events) after which an endpoint is switched off and the admin told.
+# An endpoint is switched off (and the admin told) only when both hold: at least DISABLE_AFTER failed
+# attempts in a row (across events) and the first of them DISABLE_AFTER_FAILING_FOR ago. A busy cooperative
+# makes twenty failed attempts in a minute of 500s; the time keeps a short outage from switching it off.
 DISABLE_AFTER = 20
+DISABLE_AFTER_FAILING_FOR = timedelta(hours=24)
+# Why an endpoint is DISABLED, in its `webhook_endpoint.disabled` audit event's `after.reason`.
+REASON_FAILURES = "failures"  # switched off by the worker: deliveries held and recorded, resumed on enable
+REASON_DELETED = "deleted"  # DELETE by an admin: nothing new recorded, held deliveries marked FAILED
+# Held deliveries sent again when an endpoint is enabled: this many a second, oldest first, so that a day's
+# backlog neither floods the receiver that just came back nor holds up the outbox's other jobs.
+RESUME_PER_SECOND = 20
+_RESUME_BATCH = 500  # rows per INSERT when re-queuing (PostgreSQL's bind-parameter limit)
 MAX_ENDPOINTS_PER_COOPERATIVE = 10
 MAX_EVENT_ID = 64  # WebhookDelivery.event_id column width
 _HOSTNAME = re.compile(
@@ -292,6 +309,44 @@ async def enable_endpoint(
 ) -> WebhookEndpoint:
     endpoint = (
         await session.execute(
+            select(WebhookEndpoint)
+            .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.cooperative_id == cooperative_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)  # as it is under the lock
+        )
+    ).scalar_one_or_none()
+    if endpoint is None:
+        raise NotFound("webhook endpoint not found")
+    was_active = endpoint.status == "ACTIVE"
+    if not was_active:
+        await _check_room(session, cooperative_id)
+    endpoint.status, endpoint.consecutive_failures, endpoint.disabled_at = "ACTIVE", 0, None
+    await session.flush()
+    # What it held while switched off goes out now (an active one's pending deliveries have their jobs).
+    resumed = 0 if was_active else await _resume_held(session, endpoint)
+    await record(
+        session,
+        actor=actor,
+        action="webhook_endpoint.enabled",
+        entity_type="webhook_endpoint",
+        entity_id=endpoint.id,
+        after={"status": "ACTIVE", "resumed_deliveries": resumed},
+        cooperative_id=cooperative_id,
+    )
+    return endpoint
+
+
+async def delete_endpoint(
+    session: AsyncSession, *, endpoint_id: str, cooperative_id: str, actor: Actor
+) -> WebhookEndpoint:
+    """DELETE: the endpoint is switched off on purpose. Nothing new is recorded for it and the deliveries
+    it still has pending are marked FAILED (a job of one still running finds it so). Deleting one the worker
+    switched off after failures makes it deleted; deleting twice changes nothing.
+
+    The deliveries are written before the endpoint, the order a delivery's end takes them (see _finish),
+    so that the two cannot wait on each other."""
+    endpoint = (
+        await session.execute(
             select(WebhookEndpoint).where(
                 WebhookEndpoint.id == endpoint_id, WebhookEndpoint.cooperative_id == cooperative_id
             )
@@ -299,20 +354,87 @@ async def enable_endpoint(
     ).scalar_one_or_none()
     if endpoint is None:
         raise NotFound("webhook endpoint not found")
-    if endpoint.status != "ACTIVE":
-        await _check_room(session, cooperative_id)
-    endpoint.status, endpoint.consecutive_failures, endpoint.disabled_at = "ACTIVE", 0, None
-    await session.flush()
+    before = endpoint.status
+    if before != "ACTIVE" and not await disabled_for_failures(session, endpoint.id):
+        return endpoint  # deleted already
+    result = await session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.endpoint_id == endpoint.id, WebhookDelivery.status == "PENDING")
+        .values(status="FAILED", updated_at=utcnow())
+    )
+    dropped = int(result.rowcount)  # type: ignore[attr-defined]
+    if before == "ACTIVE":
+        endpoint.status, endpoint.disabled_at = "DISABLED", utcnow()
+        await session.flush()
     await record(
         session,
         actor=actor,
-        action="webhook_endpoint.enabled",
+        action="webhook_endpoint.disabled",
         entity_type="webhook_endpoint",
         entity_id=endpoint.id,
-        after={"status": "ACTIVE"},
+        before={"status": before},
+        after={"status": "DISABLED", "reason": REASON_DELETED, "dropped_deliveries": dropped},
         cooperative_id=cooperative_id,
     )
     return endpoint
+
+
+async def disabled_for_failures(session: AsyncSession, endpoint_id: str) -> bool:
+    """True when a DISABLED endpoint was switched off by the worker after failures (its deliveries are held
+    and new events recorded), False when an admin deleted it (or it was never switched off by the worker).
+
+    Read from its last `webhook_endpoint.disabled` audit event; those written before the reason was
+    recorded tell the worker's (actor "system", with a failure count) from an admin's."""
+    row = (
+        await session.execute(
+            select(AuditEvent.actor, AuditEvent.after)
+            .where(
+                AuditEvent.entity_type == "webhook_endpoint",
+                AuditEvent.entity_id == endpoint_id,
+                AuditEvent.action == "webhook_endpoint.disabled",
+            )
+            .order_by(AuditEvent.id.desc())
+            .limit(1)
+        )
+    ).first()
+    if row is None:
+        return False
+    after = row.after if isinstance(row.after, dict) else {}
+    if "reason" in after:
+        return bool(after["reason"] == REASON_FAILURES)
+    return bool(row.actor == "system" and "consecutive_failures" in after)
+
+
+async def _resume_held(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
+    """Queue a delivery job for every PENDING delivery of an endpoint just enabled, oldest first and
+    RESUME_PER_SECOND a second. Each job carries `resumed_at`: the three days of retries count again from
+    there, so an event held longer than that still gets its attempts. A delivery that still has a job
+    queued from before gets a second one; whichever runs second finds it delivered (receivers drop
+    duplicates by event id in any case)."""
+    event_ids = (
+        await session.execute(
+            select(WebhookDelivery.event_id)
+            .where(WebhookDelivery.endpoint_id == endpoint.id, WebhookDelivery.status == "PENDING")
+            .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
+        )
+    ).scalars().all()
+    now = utcnow()
+    stamp = _stamp(now)
+    jobs = [
+        NewJob(
+            "webhook.deliver",
+            {"endpoint_id": endpoint.id, "event_id": event_id, "resumed_at": now.isoformat()},
+            dedupe_key=f"whd:{endpoint.id}:{event_id}:resumed:{stamp}",
+            cooperative_id=endpoint.cooperative_id,
+            run_at=now + timedelta(seconds=index // RESUME_PER_SECOND),
+        )
+        for index, event_id in enumerate(event_ids)
+    ]
+    for start in range(0, len(jobs), _RESUME_BATCH):
+        await enqueue_many(session, jobs[start : start + _RESUME_BATCH])
+    if jobs:
+        log.info("held webhook deliveries resumed", extra={"endpoint_id": endpoint.id, "count": len(jobs)})
+    return len(jobs)
 
 
 # ------------------------------------------------------------------------------------ fan-out, delivery
@@ -343,7 +465,11 @@ def body_bytes(payload: dict[str, Any]) -> bytes:
 
 
 async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
-    """'webhook.event': one delivery row and one 'webhook.deliver' job per subscribed, approved endpoint."""
+    """'webhook.event': one delivery row and one 'webhook.deliver' job per subscribed, approved endpoint.
+
+    An endpoint switched off after failures gets its row and job too: the job holds the delivery until
+    the endpoint is enabled (and a row committed with its job is never missed by the enabling). An endpoint
+    an admin deleted gets nothing."""
     event_type = payload.get("event_type")
     cooperative_id = payload.get("cooperative_id")
     if event_type not in EVENTS or not cooperative_id or not payload.get("event_id"):
@@ -357,7 +483,8 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
             (
                 await session.execute(
                     select(WebhookEndpoint).where(
-                        WebhookEndpoint.cooperative_id == cooperative_id, WebhookEndpoint.status == "ACTIVE"
+                        WebhookEndpoint.cooperative_id == cooperative_id,
+                        WebhookEndpoint.status.in_(("ACTIVE", "DISABLED")),
                     )
                 )
             )
@@ -382,6 +509,8 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
                     extra={"endpoint_id": endpoint.id, "event_id": event_id},
                 )
                 continue
+            if endpoint.status != "ACTIVE" and not await disabled_for_failures(session, endpoint.id):
+                continue  # deleted by an admin
             now = utcnow()
             stmt = (
                 insert_ignore(session.get_bind().dialect.name, WebhookDelivery)
@@ -473,10 +602,22 @@ async def deliver(rt: Runtime, job: Job) -> str:
             )
         ).scalar_one_or_none()
         endpoint = await session.get(WebhookEndpoint, endpoint_id) if endpoint_id else None
+        held = (
+            endpoint is not None
+            and endpoint.status != "ACTIVE"
+            and await disabled_for_failures(session, endpoint.id)
+        )
     if delivery is None or endpoint is None:
         raise PermanentJobError(f"webhook delivery {endpoint_id}/{event_id} not found")
     if delivery.status != "PENDING":
         return delivery.status.lower()  # already delivered or given up
+    if held:
+        # Switched off after failures: kept PENDING, not tried; enabling the endpoint queues it again.
+        log.info(
+            "webhook delivery held: endpoint switched off after failures",
+            extra={"endpoint_id": endpoint.id, "event_id": delivery.event_id},
+        )
+        return "held"
     if endpoint.status != "ACTIVE":
         await _finish(
             rt,
@@ -539,7 +680,7 @@ async def deliver(rt: Runtime, job: Job) -> str:
     )
     failed_attempts = sum(1 for a in (delivery.attempts or []) if a.get("error")) + 1
     delay = retry_delay(failed_attempts)
-    give_up = utcnow() + timedelta(seconds=delay) > delivery.created_at + RETRY_FOR
+    give_up = utcnow() + timedelta(seconds=delay) > _retries_from(delivery, job) + RETRY_FOR
     await _finish(
         rt,
         delivery.id,
@@ -551,6 +692,21 @@ async def deliver(rt: Runtime, job: Job) -> str:
     if give_up:
         raise PermanentJobError(f"webhook {delivery.event_id} not delivered within {RETRY_FOR.days} days")
     raise RetryLater(delay, f"webhook attempt {failed_attempts} failed: {error}")
+
+
+def _retries_from(delivery: WebhookDelivery, job: Job) -> datetime:
+    """When the delivery's three days of retries began: when it was created, or when its endpoint was
+    enabled again after holding it (the job's `resumed_at`)."""
+    start = delivery.created_at
+    resumed = job.payload.get("resumed_at")
+    if isinstance(resumed, str):
+        try:
+            moment = datetime.fromisoformat(resumed)
+        except ValueError:
+            return start
+        if moment.tzinfo is not None and moment > start:
+            return moment
+    return start
 
 
 async def _finish(
@@ -575,26 +731,42 @@ async def _finish(
                 delivery.delivered_at = utcnow()
         if endpoint_id is None or success is None:
             return
+        now = utcnow()
         if success:
+            # Only a streak to end is written: a healthy endpoint's row is not locked by every delivery.
             await session.execute(
                 update(WebhookEndpoint)
-                .where(WebhookEndpoint.id == endpoint_id)
-                .values(consecutive_failures=0, updated_at=utcnow())
+                .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.consecutive_failures != 0)
+                .values(consecutive_failures=0, updated_at=now)
             )
             return
-        failures = (
+        # A failure: one more in the streak. The first of a streak sets updated_at and the others leave it,
+        # so that while consecutive_failures > 0, updated_at is when the endpoint began failing.
+        streak = (
             await session.execute(
                 update(WebhookEndpoint)
-                .where(WebhookEndpoint.id == endpoint_id)
-                .values(consecutive_failures=WebhookEndpoint.consecutive_failures + 1, updated_at=utcnow())
-                .returning(WebhookEndpoint.consecutive_failures)
+                .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.status == "ACTIVE")
+                .values(
+                    consecutive_failures=WebhookEndpoint.consecutive_failures + 1,
+                    updated_at=case(
+                        (WebhookEndpoint.consecutive_failures == 0, literal(now, UTCDateTime)),
+                        else_=WebhookEndpoint.updated_at,
+                    ),
+                )
+                .returning(WebhookEndpoint.consecutive_failures, WebhookEndpoint.updated_at)
             )
-        ).scalar_one()
-        if failures >= DISABLE_AFTER:
-            await _disable(rt, session, endpoint_id, failures)
+        ).first()
+        if streak is None:
+            return  # switched off meanwhile
+        failures, failing_since = streak
+        if failures >= DISABLE_AFTER and failing_since <= now - DISABLE_AFTER_FAILING_FOR:
+            await _disable(rt, session, endpoint_id, failures, failing_since)
 
 
-async def _disable(rt: Runtime, session: AsyncSession, endpoint_id: str, failures: int) -> None:
+async def _disable(
+    rt: Runtime, session: AsyncSession, endpoint_id: str, failures: int, failing_since: datetime
+) -> None:
+    """Switch the endpoint off after failures (its deliveries are held, see deliver) and tell the admin."""
     now = utcnow()
     row = (
         await session.execute(
@@ -613,7 +785,12 @@ async def _disable(rt: Runtime, session: AsyncSession, endpoint_id: str, failure
         action="webhook_endpoint.disabled",
         entity_type="webhook_endpoint",
         entity_id=endpoint_id,
-        after={"status": "DISABLED", "consecutive_failures": failures},
+        after={
+            "status": "DISABLED",
+            "reason": REASON_FAILURES,
+            "consecutive_failures": failures,
+            "failing_since": failing_since.isoformat(),
+        },
         cooperative_id=cooperative_id,
     )
     log.warning("webhook endpoint disabled", extra={"endpoint_id": endpoint_id, "failures": failures})

@@ -91,3 +91,37 @@ async def test_domains_and_endpoints_are_scoped(admin, superadmin, coop_b):
     assert (await superadmin.json("GET", "/v1/webhook-domains?status=APPROVED", 200))["meta"]["total"] == 1
     rejected = await superadmin.json("POST", f"/v1/webhook-domains/{domain['id']}/reject", 200)
     assert rejected["status"] == "REJECTED"
+
+
+async def test_delete_and_enable_of_an_endpoint_switched_off_after_failures(admin, rt, demo):
+    """Enable sends what it held while switched off; DELETE makes it deleted: what it has pending fails."""
+    from datetime import timedelta
+
+    from core import webhooks
+    from core.db import utcnow
+    from core.models import OutboxJob, WebhookDelivery
+    from tests.core.test_webhooks import approved_endpoint
+
+    coop = demo["cooperative_id"]
+    endpoint, _ = await approved_endpoint(rt, coop, "http://127.0.0.1:9/hook", events=["payment.completed"])
+    async with rt.sessionmaker.begin() as s:
+        await webhooks._disable(rt, s, endpoint.id, webhooks.DISABLE_AFTER, utcnow() - timedelta(days=1))
+    event = {"event_type": "payment.completed", "cooperative_id": coop, "event_id": "evt_api"}
+    assert await webhooks.fan_out(rt, event) == 1  # recorded while switched off
+    shown = await admin.json("GET", f"/v1/webhook-endpoints/{endpoint.id}", 200)
+    assert shown["status"] == "DISABLED" and shown["disabledAt"]
+
+    enabled = await admin.json("POST", f"/v1/webhook-endpoints/{endpoint.id}/enable", 200)
+    assert enabled["status"] == "ACTIVE" and enabled["disabledAt"] is None
+    async with rt.sessionmaker() as s:
+        jobs = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "webhook.deliver"))).scalars().all()
+    assert sorted(j.payload["event_id"] for j in jobs if "resumed_at" in j.payload) == ["evt_api"]
+
+    async with rt.sessionmaker.begin() as s:
+        await webhooks._disable(rt, s, endpoint.id, webhooks.DISABLE_AFTER, utcnow() - timedelta(days=1))
+    deleted = await admin.json("DELETE", f"/v1/webhook-endpoints/{endpoint.id}", 200)
+    assert deleted["status"] == "DISABLED"
+    assert await webhooks.fan_out(rt, {**event, "event_id": "evt_after"}) == 0  # deleted: nothing new
+    async with rt.sessionmaker() as s:
+        rows = {d.event_id: d.status for d in (await s.execute(select(WebhookDelivery))).scalars()}
+    assert rows == {"evt_api": "FAILED"}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -103,11 +103,12 @@ async def test_scan_outside_the_window_and_for_inactive_types_sends_nothing(rt: 
 
 
 async def test_the_daily_scan_schedules_itself_once(rt: Any, demo: dict[str, Any], worker: Any) -> None:
-    await ensure_scheduled(rt)
-    await ensure_scheduled(rt)  # a second worker starting: no second chain
+    today = utcnow().date()
+    started = datetime.combine(today, time(5), tzinfo=UTC)  # before the hour (after it: test_reminder_schedule)
+    await ensure_scheduled(rt, now=started)
+    await ensure_scheduled(rt, now=started)  # a second worker starting: no second chain
     async with rt.sessionmaker() as s:
         scans = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "reminders.scan"))).scalars().all()
-    today = utcnow().date()
     assert sorted(j.payload["day"] for j in scans) == [str(today), str(today + timedelta(days=1))]
     # Run today's scan now: it keeps the chain going (tomorrow's is already there: still one job per day).
     async with rt.sessionmaker.begin() as s:

@@ -359,8 +359,11 @@ async def test_endpoint_disabled_after_threshold_and_admin_told_by_sms(
     coop = demo["cooperative_id"]
     # Nothing listens on 127.0.0.1:9: every attempt is a connection error.
     endpoint, _ = await approved_endpoint(rt, coop, "http://127.0.0.1:9/hook")
+    # It has been failing for longer than a day (the streak began when updated_at says).
     async with rt.sessionmaker.begin() as session:
-        await session.execute(update(WebhookEndpoint).values(consecutive_failures=webhooks.DISABLE_AFTER - 2))
+        await session.execute(update(WebhookEndpoint).values(
+            consecutive_failures=webhooks.DISABLE_AFTER - 2,
+            updated_at=utcnow() - webhooks.DISABLE_AFTER_FAILING_FOR - timedelta(minutes=1)))
     await emit(rt, coop, event_id="evt_x")
     await drain(worker)
     async with rt.sessionmaker() as session:
@@ -376,20 +379,23 @@ async def test_endpoint_disabled_after_threshold_and_admin_told_by_sms(
     # The cooperative's contact phone got one SMS naming the endpoint's host.
     [sms] = sim.messages("+250788123456")
     assert "127.0.0.1" in sms["message"] and "disabled after 20 failed deliveries" in sms["message"]
-    # The pending retry of evt_x finds the endpoint disabled: recorded, not sent.
+    # The pending retries find the endpoint switched off: held PENDING, neither sent nor given up.
     async with rt.sessionmaker.begin() as session:
         await session.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
     await drain(worker)
     async with rt.sessionmaker() as session:
-        statuses = {d.event_id: d.status for d in (await session.execute(select(WebhookDelivery))).scalars()}
-    assert statuses == {"evt_x": "FAILED", "evt_y": "FAILED"}
+        rows = (await session.execute(select(WebhookDelivery))).scalars().all()
+    assert {d.event_id: (d.status, len(d.attempts)) for d in rows} == {"evt_x": ("PENDING", 1), "evt_y": ("PENDING", 1)}
     assert len(sim.messages("+250788123456")) == 1
-    # Re-enabled by an admin: counters reset.
+    # Re-enabled by an admin: counters reset, and what it held is queued again.
     async with rt.sessionmaker.begin() as session:
         again = await webhooks.enable_endpoint(
             session, endpoint_id=endpoint.id, cooperative_id=coop, actor=ADMIN
         )
     assert again.status == "ACTIVE" and again.consecutive_failures == 0
+    resumed = [j for j in await jobs_of(rt, "webhook.deliver") if j.status == "PENDING"]
+    assert sorted(j.payload["event_id"] for j in resumed) == ["evt_x", "evt_y"]
+    assert all("resumed_at" in j.payload for j in resumed)
 
 
 async def test_worker_killed_mid_delivery_resends_the_same_event(

@@ -1,0 +1,110 @@
+"""When reminders go out: spread over the SMS rate (payment jobs are not held up behind them), and a scan
+missed at its hour runs only within its catch-up window, never in the evening."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from core import reminders
+from core.db import utcnow
+from core.models import Member, OutboxJob
+from core.outbox import Job, enqueue
+from core.reminders import CATCH_UP, ensure_scheduled, reminder_offset, scan
+
+# 28 November, 08:00 in Kigali: the demo's Monthly Rent (due day 1) falls due in 3 days.
+NOW = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
+
+
+async def _reminder_jobs(rt: Any) -> list[OutboxJob]:
+    async with rt.sessionmaker() as s:
+        jobs = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars().all()
+    return [j for j in jobs if j.payload["template"] == "payment_reminder"]
+
+
+async def _scans(rt: Any) -> list[tuple[str, datetime]]:
+    async with rt.sessionmaker() as s:
+        rows = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "reminders.scan"))).scalars().all()
+    return sorted((j.payload["day"], j.run_at) for j in rows)
+
+
+@pytest.mark.parametrize(("rate", "offsets"), [
+    (50.0, [(0, 0), (24, 0), (25, 1), (49, 1), (50, 2), (20_000, 800)]),  # 25 a second: half of 50
+    (3.0, [(0, 0), (1, 1), (2, 2)]),  # 1.5 a second: one a second
+    (1.0, [(0, 0), (1, 2), (2, 4)]),  # half a second: one every 2 s
+])
+def test_reminder_offsets_follow_half_the_sms_rate(rate: float, offsets: list[tuple[int, int]]) -> None:
+    for index, seconds in offsets:
+        assert reminder_offset(index, rate) == timedelta(seconds=seconds)
+
+
+async def test_reminders_are_spread_and_a_payment_job_is_not_held_up(rt: Any, demo: dict[str, Any]) -> None:
+    rt.settings = replace(rt.settings, sms_rate_per_second=20.0)  # reminders get 10 a second
+    async with rt.sessionmaker.begin() as s:
+        for i in range(45):
+            s.add(Member(cooperative_id=demo["cooperative_id"], name=f"Member {i}", phone_enc="x",
+                         phone_index=f"idx-spread-{i}", phone_masked="+25078****000", status="ACTIVE"))
+    before = utcnow()
+    async with rt.sessionmaker.begin() as s:
+        queued = await scan(s, rt, now=NOW)
+    assert queued >= 45
+    jobs = await _reminder_jobs(rt)
+    assert len(jobs) == queued
+    first = min(j.run_at for j in jobs)
+    assert before - timedelta(seconds=1) <= first <= utcnow()  # from when the scan ran, not the scan's `now`
+    per_second = Counter(int((j.run_at - first).total_seconds()) for j in jobs)
+    assert sorted(per_second) == list(range(math.ceil(queued / 10)))  # one step a second, none skipped
+    assert all(count <= 10 for count in per_second.values())
+    assert sum(per_second.values()) == queued
+
+    # A payment queued just after the scan is claimed (by run_at) ahead of all but the first second's.
+    async with rt.sessionmaker.begin() as s:
+        await enqueue(s, "payment.collect", {"payment_id": "p1"}, dedupe_key="collect:p1")
+    async with rt.sessionmaker() as s:
+        order = (await s.execute(select(OutboxJob.kind).where(OutboxJob.kind.in_(("payment.collect", "sms.send")))
+                                 .order_by(OutboxJob.run_at, OutboxJob.id))).scalars().all()
+    assert order.index("payment.collect") <= 10
+
+
+@pytest.mark.parametrize(("started", "today_too"), [
+    (NOW - timedelta(hours=1), True),  # 05:00: today's is still to come
+    (NOW + timedelta(minutes=10), True),  # 06:10: a restart just after the hour sends today's
+    (NOW + CATCH_UP, True),  # the last moment of the catch-up window
+    (NOW + CATCH_UP + timedelta(minutes=1), False),
+    (NOW + timedelta(hours=16), False),  # 22:00: not tonight; tomorrow at 06:00
+])
+async def test_a_worker_starting_after_the_hour_catches_up_only_within_the_window(
+    rt: Any, started: datetime, today_too: bool
+) -> None:
+    await ensure_scheduled(rt, now=started)
+    await ensure_scheduled(rt, now=started)  # a second worker: still one job a day
+    tomorrow = ("2026-11-29", datetime(2026, 11, 29, 6, tzinfo=UTC))
+    today = ("2026-11-28", NOW)
+    assert await _scans(rt) == ([today, tomorrow] if today_too else [tomorrow])
+
+
+async def test_a_scan_job_run_late_is_skipped_and_the_chain_goes_on(
+    rt: Any, demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_scan = reminders.job_handlers(rt)["reminders.scan"]
+    job = Job(1, "reminders.scan", {"day": "2026-11-28"}, 1, 5, NOW)
+    # The workers were down all day: today's scan job first runs at 20:00. Nothing is sent tonight.
+    monkeypatch.setattr(reminders, "utcnow", lambda: NOW + timedelta(hours=14))
+    await run_scan(job)
+    assert await _reminder_jobs(rt) == []
+    assert [day for day, _ in await _scans(rt)] == ["2026-11-29"]
+
+    # Run within the window (a restart at 06:10), it sends; run again, it sends nothing twice.
+    monkeypatch.setattr(reminders, "utcnow", lambda: NOW + timedelta(minutes=10))
+    await run_scan(job)
+    sent = await _reminder_jobs(rt)
+    assert len(sent) >= 2
+    await run_scan(job)
+    assert len(await _reminder_jobs(rt)) == len(sent)
+    assert len({j.dedupe_key for j in sent}) == len(sent)
