@@ -78,7 +78,9 @@ async def _timed(provider: str, operation: str, coro):  # type: ignore[no-untype
 
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
     async def collect(job: Job) -> None:
-        deadline = asyncio.get_running_loop().time() + collect_call_budget(rt.settings.outbox_lease_seconds)
+        # (Less the time the job waited for a slot after its claim: the worker's deadline runs from the claim.)
+        waited = time.monotonic() - job.claimed
+        deadline = asyncio.get_running_loop().time() + collect_call_budget(rt.settings.outbox_lease_seconds) - waited
         async with rt.sessionmaker() as session:
             payment = await session.get(Payment, job.payload["payment_id"])
             member = await session.get(Member, payment.member_id) if payment and payment.member_id else None

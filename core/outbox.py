@@ -41,6 +41,8 @@ class RetryLater(Exception):
 INTERRUPTED = "handler interrupted"
 # The longest wait a failure's own retry_after (e.g. a provider's Retry-After) may impose.
 MAX_RETRY_AFTER = 3600.0
+# A claimed job with less of its handler time left than this is handed back rather than started.
+MIN_HANDLER_SECONDS = 2.0
 
 
 def handler_timeout(lease_seconds: float) -> float:
@@ -63,6 +65,12 @@ class Job:
     finished: list[bool] = field(default_factory=list, compare=False, repr=False)
     # What the previous attempt left (set by claim): see `interrupted`.
     last_error: str | None = None
+    # When it was claimed (time.monotonic()): its lease, and so its handler's time, runs from then.
+    claimed: float = field(default_factory=time.monotonic, compare=False, repr=False)
+
+    def time_left(self, lease_seconds: float) -> float:
+        """Seconds its handler may still run: the handler timeout, less the time it waited for a slot."""
+        return handler_timeout(lease_seconds) - (time.monotonic() - self.claimed)
 
     @property
     def interrupted(self) -> bool:
@@ -194,7 +202,7 @@ class OutboxWorker:
         self._lease = lease_seconds
         if concurrency < 1:
             raise ValueError("a worker needs a concurrency of at least 1")
-        self._concurrency = concurrency
+        self._sem = asyncio.Semaphore(concurrency)
         self._idle = idle_sleep
         # Stored in locked_by (64 characters): a long host name (a Kubernetes pod, an FQDN) is cut so the id
         # still fits, keeping the pid and the random part that make it unique.
@@ -260,7 +268,12 @@ class OutboxWorker:
         handler = self._handlers.get(job.kind)
         started = time.perf_counter()
         outcome = "done"
-        limit = handler_timeout(self._lease)
+        limit = job.time_left(self._lease)
+        if limit < MIN_HANDLER_SECONDS:
+            # It waited for a slot until its lease is nearly out: started now, it could still be running when
+            # another worker claims it again. Handed back, attempt and all, for a claim of its own.
+            await self._give_back(job)
+            return
         deadline = asyncio.timeout(limit)
         try:
             if handler is None:
@@ -304,11 +317,16 @@ class OutboxWorker:
             if self._on_job:
                 self._on_job(job.kind, outcome, time.perf_counter() - started)
 
+    async def _give_back(self, job: Job) -> None:
+        await self._finish(job, status="PENDING", locked_by=None, attempts=job.attempts - 1, run_at=utcnow())
+
     async def _guarded(self, job: Job) -> None:
         try:
             await self.run_job(job)
         except Exception:  # the database went away while finishing: the lease brings the job back
             log.exception("could not record job result", extra={"job_id": job.id})
+        finally:
+            self._sem.release()
 
     async def run_once(self) -> int:
         """Claim one batch and run it to completion; returns how many jobs ran."""
@@ -317,31 +335,28 @@ class OutboxWorker:
         return len(jobs)
 
     async def run_forever(self) -> None:
+        # A batch is claimed at once (one statement) and its jobs start as slots free up. A claimed job's
+        # lease runs from its claim, so its handler gets the lease less the time it waited (run_job; one
+        # that waited too long is handed back), and a stop hands back the jobs not started yet.
         tasks: set[asyncio.Task[None]] = set()
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        try:
-            while not self._stopping.is_set():
-                free = self._concurrency - len(tasks)
-                if free < max(1, self._concurrency // 4):
-                    # Claim only what can start now: a claimed job's lease runs from its claim, and a job
-                    # left waiting for a slot could lapse and be claimed (and run) a second time. (A quarter
-                    # of the slots at a time, so a busy worker does not claim one job per statement.)
-                    await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                try:
-                    jobs = await self.claim(free)
-                except Exception:
-                    log.exception("claiming jobs failed; backing off")
-                    await self._sleep(2.0)
-                    continue
-                for job in jobs:
-                    task = asyncio.create_task(self._guarded(job))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if not jobs:
-                    await self._sleep(self._idle)
-        finally:
-            stopping.cancel()
+        while not self._stopping.is_set():
+            try:
+                jobs = await self.claim()
+            except Exception:
+                log.exception("claiming jobs failed; backing off")
+                await self._sleep(2.0)
+                continue
+            for index, job in enumerate(jobs):
+                await self._sem.acquire()
+                if self._stopping.is_set():
+                    self._sem.release()
+                    await asyncio.gather(*(self._give_back(j) for j in jobs[index:]), return_exceptions=True)
+                    break
+                task = asyncio.create_task(self._guarded(job))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if not jobs:
+                await self._sleep(self._idle)
         # Graceful stop: let running jobs finish (their lease covers a hard kill).
         if tasks:
             await asyncio.wait(tasks, timeout=self._lease)

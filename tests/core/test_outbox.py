@@ -74,9 +74,14 @@ async def test_claim_leases_the_oldest_due_jobs_up_to_the_batch(sm):
     assert await worker.claim() == []
 
 
-async def test_a_busy_worker_claims_only_what_it_can_start_so_no_lease_lapses_unstarted(sm):
-    """A job claimed but waiting for a free slot would see its lease run out before it started, and be claimed
-    and run again (the reviewer's case: batch 10, concurrency 2). The worker claims as slots free up."""
+async def test_a_claimed_job_never_runs_past_its_lease_nor_twice(sm, monkeypatch):
+    """A batch is claimed at once and runs as slots free up (the reviewer's case: batch 10, concurrency 2).
+    A job's lease runs from its claim, so its handler gets the lease less its wait, and one that waited too
+    long is handed back (attempt and all) for a claim of its own: no job runs twice, none past its lease."""
+    import core.outbox as outbox
+
+    monkeypatch.setattr(outbox, "handler_timeout", lambda lease: lease - 0.5)  # (the real one keeps 5 s)
+    monkeypatch.setattr(outbox, "MIN_HANDLER_SECONDS", 0.9)
     runs: defaultdict[int, int] = defaultdict(int)
     running = 0
     most = 0
@@ -104,6 +109,35 @@ async def test_a_busy_worker_claims_only_what_it_can_start_so_no_lease_lapses_un
     await asyncio.wait_for(loop, 10)
     assert dict(runs) == {n: 1 for n in range(6)}
     assert most == 2
+    async with sm() as session:
+        attempts = (await session.execute(select(OutboxJob.attempts))).scalars().all()
+    assert attempts == [1] * 6  # the jobs handed back did not count an attempt
+
+
+async def test_a_stopping_worker_hands_back_the_jobs_it_has_not_started(sm):
+    started: list[int] = []
+    release = asyncio.Event()
+
+    async def record(job) -> None:
+        started.append(job.payload["n"])
+        await release.wait()
+
+    await _add_jobs(sm, 5)
+    worker = OutboxWorker(sm, {"test.record": record}, batch_size=10, concurrency=1, lease_seconds=60)
+    loop = asyncio.create_task(worker.run_forever())
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if started:
+            break
+    worker.stop()
+    release.set()
+    await asyncio.wait_for(loop, 10)
+    assert started == [0]
+    async with sm() as session:
+        rows = (await session.execute(select(OutboxJob.status, OutboxJob.locked_by, OutboxJob.attempts)
+                                      .order_by(OutboxJob.id))).all()
+    assert rows[0] == ("DONE", None, 1)
+    assert rows[1:] == [("PENDING", None, 0)] * 4  # not started: back for another worker, no attempt used
 
 
 def test_a_worker_id_fits_its_column_whatever_the_host_name(sm, monkeypatch):
