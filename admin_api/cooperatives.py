@@ -8,11 +8,10 @@ from aiohttp import web
 from sqlalchemy import select
 
 from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, page_of, paged
-from admin_api.routing import REDIS_DOWN, Ctx, Route
+from admin_api.routing import Ctx, Route, end_sessions
 from admin_api.validation import LIMIT, PAGE, Param
 from core import auth
 from core import cooperatives as service
-from core.errors import ServiceUnavailable
 from core.models import Cooperative
 from core.money import EXPONENTS
 from core.phone import mask
@@ -106,14 +105,9 @@ async def _update(ctx: Ctx, coop_id: str, changes: dict[str, Any]) -> web.Stream
     coop = await service.update_cooperative(ctx.session, coop, changes=changes, actor=ctx.who.actor)
     if was_active and coop.status != "ACTIVE":
         # Its admins' and tenants' tokens stop working now, as its API keys do (new sign-ins and refreshes
-        # are refused on the rows). Marked before the commit: if Redis cannot take the marks, the request
-        # fails and nothing changed; the super admin sends it again.
-        try:
-            await auth.revoke_cooperative_tokens(ctx.session, ctx.rt.redis, coop.id,
-                                                 ttl_seconds=ctx.rt.settings.jwt_ttl_seconds)
-        except REDIS_DOWN as exc:
-            raise ServiceUnavailable("the cooperative's sessions could not be ended (Redis unavailable); "
-                                     "nothing was changed, send it again") from exc
+        # are refused on the rows).
+        await end_sessions("the cooperative's", auth.revoke_cooperative_tokens(
+            ctx.session, ctx.rt.redis, coop.id, ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
     await ctx.session.commit()
     return json_response(present(coop))
 

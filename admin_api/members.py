@@ -9,11 +9,11 @@ from sqlalchemy import select
 
 from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, page_of, paged
 from admin_api.errors import ApiError
-from admin_api.routing import REDIS_DOWN, Ctx, Route
+from admin_api.routing import Ctx, Route, end_sessions
 from admin_api.validation import LIMIT, PAGE, Param, read_body
 from core import auth
 from core import members as service
-from core.errors import NotFound, ServiceUnavailable
+from core.errors import NotFound
 from core.member_import import import_members
 from core.models import Cooperative, Member
 from core.phone import DEFAULT_REGION, normalize
@@ -146,13 +146,8 @@ async def suspend_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 async def _saved(ctx: Ctx, member: Member, was: str) -> web.StreamResponse:
     if member.status == "SUSPENDED" and was != "SUSPENDED":
         # The member's tenant logins stop working now (sign-in and refresh are refused on the rows).
-        # Marked before the commit: if Redis cannot take the marks, nothing changed; the admin sends it again.
-        try:
-            await auth.revoke_member_tokens(ctx.session, ctx.rt.redis, member.id,
-                                            ttl_seconds=ctx.rt.settings.jwt_ttl_seconds)
-        except REDIS_DOWN as exc:
-            raise ServiceUnavailable("the member's sessions could not be ended (Redis unavailable); nothing "
-                                     "was changed, send it again") from exc
+        await end_sessions("the member's", auth.revoke_member_tokens(
+            ctx.session, ctx.rt.redis, member.id, ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
     await ctx.session.commit()
     return json_response(present(member))
 

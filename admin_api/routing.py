@@ -15,7 +15,7 @@ from admin_api.errors import RATE_DECISION, ApiError
 from admin_api.validation import Param, parse_json, parse_query, read_body, validate
 from core import auth
 from core.auth import Principal, Unauthorized
-from core.errors import Forbidden
+from core.errors import Forbidden, ServiceUnavailable
 from core.ratelimit import Limit, RateLimiter
 from core.runtime import RUNTIME, Runtime
 
@@ -94,6 +94,16 @@ async def authenticate(request: web.Request, session: AsyncSession,
 
 
 REDIS_DOWN = (RedisError, OSError, TimeoutError)
+
+
+async def end_sessions(whose: str, marking: Awaitable[Any]) -> None:
+    """Revocation marks written before the caller commits: if Redis cannot take them, the request fails
+    (503) and nothing changed; the admin sends it again."""
+    try:
+        await marking
+    except REDIS_DOWN as exc:
+        raise ServiceUnavailable(f"{whose} sessions could not be ended (Redis unavailable); nothing was "
+                                 "changed, send it again") from exc
 
 
 async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route, principal: Principal | None,

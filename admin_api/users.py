@@ -19,11 +19,11 @@ from admin_api.common import (
     paged,
     target_cooperative,
 )
-from admin_api.routing import REDIS_DOWN, Ctx, Route
+from admin_api.routing import Ctx, Route, end_sessions
 from admin_api.validation import LIMIT, PAGE, Param
 from core import auth
 from core.audit import record
-from core.errors import Conflict, Forbidden, NotFound, ServiceUnavailable, ValidationError
+from core.errors import Conflict, Forbidden, NotFound, ValidationError
 from core.models import AdminUser, Member
 
 USER = out(
@@ -141,11 +141,8 @@ async def deactivate_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         )
     # Its tokens stop working now, not when they expire. Marked before the commit: if Redis cannot take
     # the mark, the request fails and nothing changed; the admin sends it again.
-    try:
-        await auth.revoke_tokens(ctx.rt.redis, user.id, ttl_seconds=ctx.rt.settings.jwt_ttl_seconds)
-    except REDIS_DOWN as exc:
-        raise ServiceUnavailable("the account's sessions could not be ended (Redis unavailable); nothing "
-                                 "was changed, send it again") from exc
+    await end_sessions("the account's", auth.revoke_tokens(ctx.rt.redis, user.id,
+                                                           ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
     await ctx.session.commit()
     return json_response(present(user))
 

@@ -543,6 +543,14 @@ async def _find_by_our_reference(session: AsyncSession, event: ProviderEventData
 KEPT_TRANSACTION_ID = "gatewayKeptTransactionId"
 
 
+async def already_stored(session: AsyncSession, event: ProviderEventData) -> bool:
+    """This callback (provider, event id) was stored before: applied already, or being applied."""
+    seen = (await session.execute(select(ProviderEvent.id).where(
+        ProviderEvent.provider == event.provider, ProviderEvent.event_id == event.event_id[:200]))
+    ).scalar_one_or_none()
+    return seen is not None
+
+
 async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
     """Store the raw callback once, confirm it if unsigned, and apply it. Returns the outcome."""
     if event.kind is EventKind.REFUND:
@@ -555,10 +563,7 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
     adopted: str | None = None  # the provider's id for it, learnt from this callback
     if event.needs_confirmation:
         async with rt.sessionmaker() as session:
-            seen = (await session.execute(select(ProviderEvent.id).where(
-                ProviderEvent.provider == event.provider, ProviderEvent.event_id == event.event_id[:200]))
-            ).scalar_one_or_none()
-            if seen is not None:
+            if await already_stored(session, event):
                 return "duplicate"  # no status query for a callback we already applied
             found = await _find_payment(session, event)
             query_id = found.provider_transaction_id if found is not None else None

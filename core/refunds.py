@@ -171,11 +171,10 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
     actor = Actor(f"provider:{event.provider}", "provider")
     outcome, txn, reason = event.outcome, event.provider_transaction_id, event.reason
     if event.needs_confirmation:
+        from core.payments import already_stored  # local: core.payments reaches back into this module
+
         async with rt.sessionmaker() as session:
-            seen = (await session.execute(select(ProviderEvent.id).where(
-                ProviderEvent.provider == event.provider, ProviderEvent.event_id == event.event_id[:200]))
-            ).scalar_one_or_none()
-            if seen is not None:
+            if await already_stored(session, event):
                 return "duplicate"  # no status query for a callback we already applied
             known = (await session.execute(_refund_of_event(event))).scalar_one_or_none()
         if known is not None:
