@@ -31,6 +31,7 @@ log = logging.getLogger("gateway")
 ENGINE = web.AppKey("engine", AsyncEngine)
 REDIS = web.AppKey("redis", Redis)
 HTTP = web.AppKey("http", httpx.AsyncClient)
+WEBHOOK_HTTP = web.AppKey("webhook_http", httpx.AsyncClient)
 MAX_BODY = 1024 * 1024  # 1 MiB; CSV imports have their own, larger limit
 
 
@@ -76,22 +77,23 @@ async def redis_client(settings: Settings) -> AsyncIterator[Redis]:
 
 
 @contextlib.asynccontextmanager
-async def http_client() -> AsyncIterator[httpx.AsyncClient]:
-    http = make_client(max_connections=200)
+async def http_client(*, public_only: bool = False) -> AsyncIterator[httpx.AsyncClient]:
+    http = make_client(max_connections=200, public_only=public_only)
     try:
         yield http
     finally:
         await http.aclose()
 
 
-def assemble(settings: Settings, engine: AsyncEngine, redis: Redis, http: httpx.AsyncClient) -> Runtime:
+def assemble(settings: Settings, engine: AsyncEngine, redis: Redis, http: httpx.AsyncClient,
+             webhook_http: httpx.AsyncClient | None = None) -> Runtime:
     """The Runtime over open resources: cipher, providers, routes and the SMS sender (no sockets of its own)."""
     from channels.sms.sender import build_sender
     from providers.registry import build_providers, build_routes
 
     cipher = PiiCipher(settings.pii_keys, settings.pii_active_key_id, settings.blind_index_key.get())
     rt = Runtime(settings=settings, engine=engine, sessionmaker=make_sessionmaker(engine), redis=redis,
-                 http=http, cipher=cipher)
+                 http=http, cipher=cipher, webhook_http=webhook_http)
     rt.providers = build_providers(settings, http, redis=redis)
     rt.routes = build_routes(settings, rt.providers)
     rt.sms = build_sender(settings, http)
@@ -101,8 +103,9 @@ def assemble(settings: Settings, engine: AsyncEngine, redis: Redis, http: httpx.
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     """Open every resource in order and close them in reverse, whatever happens (CLI, tests, worker)."""
-    async with database(settings) as engine, redis_client(settings) as redis, http_client() as http:
-        yield assemble(settings, engine, redis, http)
+    async with (database(settings) as engine, redis_client(settings) as redis, http_client() as http,
+                http_client(public_only=not settings.is_embedded) as webhook_http):
+        yield assemble(settings, engine, redis, http, webhook_http)
 
 
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
@@ -216,12 +219,12 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
                 yield
 
         async def http_ctx(app: web.Application) -> AsyncIterator[None]:
-            async with http_client() as http:
-                app[HTTP] = http
+            async with http_client() as http, http_client(public_only=not settings.is_embedded) as webhooks:
+                app[HTTP], app[WEBHOOK_HTTP] = http, webhooks
                 yield
 
         async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-            app[RUNTIME] = assemble(settings, app[ENGINE], app[REDIS], app[HTTP])
+            app[RUNTIME] = assemble(settings, app[ENGINE], app[REDIS], app[HTTP], app[WEBHOOK_HTTP])
             yield
 
         async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:

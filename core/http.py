@@ -21,23 +21,61 @@ would let a payment request be sent twice; hence this module.)
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import socket
 import ssl
 from typing import Any
 
 import aiohttp
 import certifi
 import httpx
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024  # providers answer a few KB; anything near this is not an answer
+
+
+def not_public(text: str) -> bool:
+    """True for an address nothing outbound to a customer's system may reach: loopback, private, link-local
+    (169.254.169.254, the cloud metadata service), carrier-grade NAT, multicast, reserved."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])  # an IPv6 scope (fe80::1%eth0) is not part of it
+    return not address.is_global or address.is_multicast
+
+
+class PublicOnlyResolver(AbstractResolver):
+    """The system resolver, refusing a name that resolves to any address that is not public.
+
+    Checking a name before the request and letting the client resolve it again to connect leaves a window
+    in which the name can be repointed inward (DNS rebinding); here the addresses checked are the ones the
+    connection uses. A refusal is an OSError, which aiohttp reports as a DNS failure: nothing is sent.
+    IP literals never reach a resolver (aiohttp connects to them as they are).
+    """
+
+    def __init__(self, inner: AbstractResolver | None = None) -> None:
+        self._inner = inner if inner is not None else DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        for result in results:
+            if not_public(result["host"]):
+                # With an errno, so aiohttp's error text carries the reason (it shows the strerror).
+                raise OSError(errno.EACCES, f"{host} resolves to {result['host']}, which is not a public address")
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """httpx requests sent by one aiohttp.ClientSession (opened on first use, inside the running loop)."""
 
     def __init__(self, *, max_connections: int = 200, keepalive_seconds: float = 5.0,
-                 verify: ssl.SSLContext | None = None) -> None:
+                 verify: ssl.SSLContext | None = None, public_only: bool = False) -> None:
         self._max_connections = max_connections
+        self._public_only = public_only
         self._keepalive = keepalive_seconds
         self._ssl = verify if verify is not None else ssl.create_default_context(cafile=certifi.where())
         self._session: aiohttp.ClientSession | None = None
@@ -47,7 +85,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._closed:
             raise RuntimeError("the HTTP client has been closed")
         connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=self._keepalive,
-                                         ssl=self._ssl)
+                                         ssl=self._ssl,
+                                         resolver=PublicOnlyResolver() if self._public_only else None)
         # httpx owns cookies, redirects, decompression and auth; aiohttp only moves the bytes.
         self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
                                               auto_decompress=False, trust_env=False)
@@ -139,6 +178,7 @@ class GatewayClient(httpx.AsyncClient):
             raise ValueError("this client keeps no cookies")
 
 
-def make_client(*, max_connections: int = 200) -> httpx.AsyncClient:
+def make_client(*, max_connections: int = 200, public_only: bool = False) -> httpx.AsyncClient:
+    """`public_only`: connect only to public addresses (the client that calls customers' webhook URLs)."""
     return GatewayClient(timeout=httpx.Timeout(10.0, connect=3.0),
-                         transport=AiohttpTransport(max_connections=max_connections))
+                         transport=AiohttpTransport(max_connections=max_connections, public_only=public_only))

@@ -32,6 +32,8 @@ class Runtime:
     # payment method (MOBILE_MONEY_MTN, ...) -> provider name
     routes: Mapping[str, str] = field(default_factory=dict)
     sms: SmsSender | None = None
+    # Calls to customers' webhook URLs: connects only to public addresses outside the embedded default.
+    webhook_http: httpx.AsyncClient | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def provider_for(self, method: str) -> PaymentProvider:

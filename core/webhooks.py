@@ -38,6 +38,7 @@ from core.audit import Actor, record
 from core.crypto import PiiCipher
 from core.db import UTCDateTime, insert_ignore, new_id, utcnow
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
+from core.http import not_public
 from core.models import ApprovedDomain, AuditEvent, Cooperative, WebhookDelivery, WebhookEndpoint
 from core.outbox import Job, NewJob, PermanentJobError, RetryLater, enqueue, enqueue_many
 from core.text import is_number
@@ -554,7 +555,9 @@ async def refused_destination(url: str, *, embedded: bool) -> str | None:
     Mirrors the registration check (normalize_domain): an IP literal or localhost host was only ever
     accepted under the embedded default's allowance, so it was approved as that address and is not
     resolved again; in the embedded default (one machine, trying it out) names may resolve anywhere.
-    The address is checked just before sending; the HTTP client resolves the name again to connect.
+    The address is checked just before sending, for a clear reason in the attempt; the webhook client
+    (core.http.PublicOnlyResolver) checks again the addresses it connects to, so repointing the name in
+    between (DNS rebinding) gets nothing sent either.
     """
     parsed = urlparse(url)
     host = (parsed.hostname or "").lower()
@@ -566,9 +569,8 @@ async def refused_destination(url: str, *, embedded: bool) -> str | None:
     except (OSError, ValueError) as exc:
         return f"cannot resolve {host}: {exc}"[:300]
     for text in addresses:
-        address = ipaddress.ip_address(text.split("%", 1)[0])  # an IPv6 scope (fe80::1%eth0) is not part of it
-        if not address.is_global or address.is_multicast:
-            return f"{host} resolves to {address}, which is not a public address: not sent"
+        if not_public(text):
+            return f"{host} resolves to {text.split('%', 1)[0]}, which is not a public address: not sent"
     return None if addresses else f"cannot resolve {host}: no address"
 
 
@@ -647,7 +649,7 @@ async def deliver(rt: Runtime, job: Job) -> str:
     error = await refused_destination(endpoint.url, embedded=rt.settings.is_embedded)
     if error is None:
         try:
-            response = await rt.http.post(
+            response = await (rt.webhook_http or rt.http).post(
                 endpoint.url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT, follow_redirects=False
             )
             status_code = response.status_code

@@ -76,7 +76,7 @@ async def test_delivery_to_a_name_resolving_inward_sends_nothing(rt, demo, worke
         return httpx.Response(200, request=httpx.Request("POST", url))
 
     monkeypatch.setattr(webhooks, "resolve", resolve)
-    monkeypatch.setattr(rt.http, "post", post)
+    monkeypatch.setattr(rt.webhook_http, "post", post)
     # As deployed (PostgreSQL), not the embedded default's allowance.
     monkeypatch.setattr(rt, "settings", dataclasses.replace(rt.settings, database_url="postgresql+asyncpg://x/y"))
     coop, actor = demo["cooperative_id"], Actor("system", "system")

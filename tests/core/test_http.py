@@ -255,3 +255,70 @@ async def test_tls_certificates_are_verified(aiohttp_server: Any, tmp_path: Any)
     async with httpx.AsyncClient(transport=AiohttpTransport(verify=trusting)) as http:
         answer = await http.post(f"{url}/collect", json={"amount": "100"})
     assert answer.json() == {"secure": True} and calls == ["/collect"]
+
+
+class _Answers:
+    """A resolver answering fixed addresses, standing in for DNS that an attacker controls."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = list(addresses)
+        self.asked: list[tuple[str, int]] = []
+
+    async def resolve(self, host: str, port: int = 0, family: Any = socket.AF_INET) -> list[Any]:
+        self.asked.append((host, port))
+        return [{"hostname": host, "host": a, "port": port, "family": socket.AF_INET6 if ":" in a else socket.AF_INET,
+                 "proto": 0, "flags": 0} for a in self.addresses]
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("inward", ["127.0.0.1", "10.0.0.7", "172.16.3.4", "192.168.1.1", "169.254.169.254",
+                                    "100.64.0.1", "0.0.0.0", "::1", "fc00::1", "fe80::1%eth0", "224.0.0.1"])
+async def test_public_only_resolver_refuses_any_inward_address(inward: str) -> None:
+    answers = _Answers("93.184.216.34", inward)
+    resolver = core_http.PublicOnlyResolver(answers)  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="which is not a public address"):
+        await resolver.resolve("hooks.example.org", 443)
+    answers.addresses = ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"]
+    assert [r["host"] for r in await resolver.resolve("hooks.example.org", 443)] == answers.addresses
+    assert answers.asked == [("hooks.example.org", 443)] * 2
+
+
+async def test_public_only_client_never_connects_inward(aiohttp_server: Any) -> None:
+    """The webhook client connects only to the addresses it checked: a name that resolves to loopback at
+    connect time (DNS rebinding after the delivery's own check) gets a ConnectError and nothing is sent,
+    where the providers' client reaches the same server."""
+    hits: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(text="ok")
+
+    server = await _serve(aiohttp_server, handler)
+    async with make_client(public_only=True) as guarded, make_client() as plain:
+        with pytest.raises(httpx.ConnectError, match="not a public address"):
+            await guarded.post(f"http://localhost:{server.port}/hook", content=b"{}")
+        assert hits == []
+        assert (await plain.post(f"http://localhost:{server.port}/hook", content=b"{}")).status_code == 200
+        assert hits == ["/hook"]
+
+
+async def test_runtime_webhook_client_is_public_only_outside_the_embedded_default(rt: Any,
+                                                                                 aiohttp_server: Any) -> None:
+    hits: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(text="ok")
+
+    server = await _serve(aiohttp_server, handler)
+    assert rt.webhook_http is not None and rt.webhook_http is not rt.http
+    url = f"http://localhost:{server.port}/hook"
+    if rt.settings.is_embedded:  # one machine, trying it out: a local receiver is allowed
+        assert (await rt.webhook_http.post(url, content=b"{}")).status_code == 200
+        assert hits == ["/hook"]
+    else:
+        with pytest.raises(httpx.ConnectError):
+            await rt.webhook_http.post(url, content=b"{}")
+        assert hits == []
