@@ -15,7 +15,19 @@ from core.models import AdminUser
 from tests.admin_api.conftest import Caller, bearer, login
 
 
-async def test_super_admin_creates_a_cooperative_admin_who_can_sign_in(client, superadmin, coop_b):
+async def test_super_admin_creates_a_cooperative_admin_who_can_sign_in(client, superadmin, coop_b, monkeypatch):
+    import threading
+
+    from core import crypto
+
+    hashed_on: list[str] = []
+    real_hash = crypto.hash_password
+
+    def hash_password(password: str) -> str:
+        hashed_on.append(threading.current_thread().name)
+        return real_hash(password)
+
+    monkeypatch.setattr(auth, "hash_password", hash_password)
     made = await superadmin.json(
         "POST",
         "/v1/users",
@@ -28,6 +40,8 @@ async def test_super_admin_creates_a_cooperative_admin_who_can_sign_in(client, s
         },
     )
     assert made["cooperativeId"] == coop_b["cooperative_id"] and "password" not in made
+    # scrypt (tens of ms of CPU) ran off the event loop's thread: other requests were not held up by it.
+    assert len(hashed_on) == 1 and hashed_on[0] != threading.main_thread().name
     boss = await bearer(client, "boss@b.rw", "a-long-password-1")
     coops = await boss.json("GET", "/v1/cooperatives", 200)
     assert [c["id"] for c in coops["data"]] == [coop_b["cooperative_id"]]
