@@ -35,6 +35,8 @@ JOB_LATENCY = Histogram("gateway_outbox_job_seconds", "Outbox job run time", ["k
                         registry=REGISTRY)
 OUTBOX_DEPTH = Gauge("gateway_outbox_depth", "Outbox jobs by status", ["status"], registry=REGISTRY)
 SMS = Counter("gateway_sms_total", "SMS messages by status", ["status"], registry=REGISTRY)
+REMINDERS_SKIPPED = Counter("gateway_reminders_skipped_total", "Queued reminders not sent, by reason", ["reason"],
+                            registry=REGISTRY)
 
 
 def observe_job(kind: str, outcome: str, seconds: float) -> None:

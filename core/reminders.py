@@ -11,7 +11,8 @@ The reminders are not all due at once: their jobs' run_at is spread at REMINDER_
 rate (SMS_RATE_PER_SECOND), so payment jobs queued meanwhile are claimed between them and receipts keep
 the rest of the rate. A scan that missed its hour (no worker running) runs within CATCH_UP of it;
 later than that it is skipped (the next day's scan reminds whoever is still due) rather than texting
-members in the evening.
+members in the evening. Each reminder is checked again when its turn comes: one whose member has paid,
+sent STOP or been suspended since the scan, or still queued SEND_WINDOW after it, is not sent.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ SCAN_HOUR_UTC = 6  # 08:00 in Kigali, 09:00 in Nairobi: a reasonable hour for an
 # A scan missed at its hour (workers down, or one first started later) still runs up to this long after;
 # past it, it is skipped: a reminder at 22:00 is worse than the next morning's.
 CATCH_UP = timedelta(hours=2)
+# A reminder still queued this long after its scan (an aggregator outage) is dropped: 16:00 UTC is 18:00 in
+# Kigali, and the next day's scan reminds whoever is still due.
+SEND_WINDOW = timedelta(hours=10)
 # The share of the SMS send rate the reminders are spread over; the rest stays free for receipts and notices.
 REMINDER_SHARE = 0.5
 
@@ -137,7 +141,11 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
                     context={"member_id": member_id, "payment_type_id": ptype.id, "due_date": due.isoformat()},
                     cipher=rt.cipher, dedupe=f"reminder:{member_id}:{ptype.id}:{due.isoformat()}")
                 run_at = start + reminder_offset(queued, rt.settings.sms_rate_per_second)
-                created = await enqueue_job(session, dataclasses.replace(job, run_at=run_at))
+                # Checked again when it is sent (channels.sms.jobs): paid since the previous due day, or
+                # still queued after the send window (an aggregator outage), it is dropped.
+                payload = {**job.payload, "paid_since": since.isoformat(),
+                           "send_before": (start + SEND_WINDOW).isoformat()}
+                created = await enqueue_job(session, dataclasses.replace(job, payload=payload, run_at=run_at))
                 queued += int(created)
     return queued
 

@@ -129,3 +129,46 @@ async def test_reminders_switched_off_send_nothing(rt: Any, demo: dict[str, Any]
     async with rt.sessionmaker.begin() as s:
         assert await scan(s, rt, now=NOW) == 0
     assert await _reminder_jobs(rt) == []
+
+
+async def test_a_queued_reminder_is_checked_again_when_its_turn_comes(rt: Any, demo: dict[str, Any], worker: Any,
+                                                                    aiohttp_server: Any) -> None:
+    """Reminders wait their turn (spread over the morning, or an aggregator outage): one whose member has
+    paid, sent STOP or been suspended since the scan, or whose send window has passed, does not go out."""
+    from core import metrics
+
+    members = demo["members"]
+    async with rt.sessionmaker.begin() as s:
+        assert await scan(s, rt, now=NOW) == 5
+    jobs = {j.payload["member_id"]: j for j in await _reminder_jobs(rt)}
+    paid_since = datetime.fromisoformat(jobs[members["+250788000001"]].payload["paid_since"])
+    assert paid_since == datetime(2026, 10, 31, 22, tzinfo=UTC)  # 1 November 00:00 in Kigali
+    send_before = datetime.fromisoformat(jobs[members["+250788000001"]].payload["send_before"])
+    assert timedelta(hours=9) < send_before - utcnow() <= timedelta(hours=10)
+
+    def skipped(reason: str) -> float:
+        return metrics.REGISTRY.get_sample_value("gateway_reminders_skipped_total", {"reason": reason}) or 0.0
+
+    before = {r: skipped(r) for r in ("paid", "opted_out", "member_inactive", "too_late")}
+    # Since the scan: one paid (through the USSD, say), one sent STOP, one was suspended, and one reminder
+    # is still queued after its window (the aggregator was down all day).
+    await _paid(rt, demo, "+250788000001", "COMPLETED", utcnow())
+    await _paid(rt, demo, "+250733000002", "FAILED", utcnow())  # a failed try is not a payment: reminded
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Member).where(Member.id == members["+250788000002"]).values(reminders_opt_out=True))
+        await s.execute(update(Member).where(Member.id == members["+250788000003"]).values(status="SUSPENDED"))
+        late = jobs[members["+250733000001"]]
+        await s.execute(update(OutboxJob).where(OutboxJob.id == late.id).values(
+            payload={**late.payload, "send_before": (utcnow() - timedelta(minutes=1)).isoformat()}))
+
+    _server, sim = await start_simulator(aiohttp_server, rt)
+    await drain(worker)
+    assert sorted(sim.inbox) == ["+250733000002"]
+    async with rt.sessionmaker() as s:
+        rows = (await s.execute(select(SmsMessage).where(SmsMessage.template == "payment_reminder"))).scalars().all()
+        statuses = {j.status for j in (await s.execute(select(OutboxJob).where(
+            OutboxJob.kind == "sms.send"))).scalars()}
+    assert [r.member_id for r in rows] == [members["+250733000002"]]
+    assert statuses == {"DONE"}  # dropped reminders end their jobs; nothing is retried
+    assert {r: skipped(r) - before[r] for r in before} == {"paid": 1, "opted_out": 1, "member_inactive": 1,
+                                                           "too_late": 1}
