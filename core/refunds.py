@@ -156,13 +156,31 @@ def refund_data(refund: Refund) -> dict[str, object]:
             "completedAt": refund.completed_at.isoformat() if refund.completed_at else None}
 
 
-def _refund_of_event(event: ProviderEventData) -> Any:
+def _refund_of_event(event: ProviderEventData, ours: str | None = None) -> Any:
     """The refund a provider's callback names, among refunds of payments made through that provider only
-    (a callback to one provider's endpoint can never touch another provider's refund)."""
-    column = (Refund.provider_transaction_id if event.raw.get("lookup") == "provider_transaction_id"
-              else Refund.provider_reference)
+    (a callback to one provider's endpoint can never touch another provider's refund); with `ours`, the
+    refund of that reference of ours instead."""
+    by_transaction = ours is None and event.raw.get("lookup") == "provider_transaction_id"
+    column = Refund.provider_transaction_id if by_transaction else Refund.provider_reference
     return (select(Refund).join(Payment, Payment.id == Refund.payment_id)
-            .where(Payment.provider == event.provider, column == event.reference))
+            .where(Payment.provider == event.provider, column == (ours or event.reference)))
+
+
+async def _find_refund(session: AsyncSession, event: ProviderEventData, *, lock: bool = False) -> Refund | None:
+    """The refund of a callback: by the id the provider named, else (its request's answer never arrived,
+    so that id was never stored) by our own reference when the adapter read one from the callback's URL."""
+
+    async def one(ours: str | None) -> Refund | None:
+        query = _refund_of_event(event, ours)
+        return (await session.execute(query.with_for_update(of=Refund) if lock else query)).scalar_one_or_none()
+
+    found = await one(None)
+    ours = event.raw.get("provider_reference")
+    if found is None and isinstance(ours, str) and ours and event.raw.get("lookup") == "provider_transaction_id":
+        found = await one(ours)
+        if found is not None and found.provider_transaction_id not in (None, event.reference):
+            return None  # that refund is known under another id of the provider's: not this callback's
+    return found
 
 
 async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
@@ -176,7 +194,7 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
         async with rt.sessionmaker() as session:
             if await already_stored(session, event):
                 return "duplicate"  # no status query for a callback we already applied
-            known = (await session.execute(_refund_of_event(event))).scalar_one_or_none()
+            known = await _find_refund(session, event)
         if known is not None:
             # Only what the provider answers counts; a ProviderError here leaves nothing recorded, so the
             # route asks the provider to send the callback again.
@@ -193,8 +211,7 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
                         .returning(ProviderEvent.id))
                 if (await session.execute(stmt)).scalar_one_or_none() is None:
                     return "duplicate"
-                refund = (await session.execute(_refund_of_event(event).with_for_update(of=Refund))
-                          ).scalar_one_or_none()
+                refund = await _find_refund(session, event, lock=True)
                 if refund is None:
                     log.warning("refund callback for an unknown refund", extra={"provider": event.provider})
                     return "unknown_refund"

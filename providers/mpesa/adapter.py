@@ -225,8 +225,10 @@ class MpesaAdapter:
             "Amount": amount,
             "ReceiverParty": self._shortcode,
             "RecieverIdentifierType": "11",  # Safaricom's spelling; 11 = the organisation's shortcode
-            "ResultURL": request.callback_url,
-            "QueueTimeOutURL": request.callback_url,
+            # Our reference rides on the URL (Daraja's Result names only its own ConversationID): a reversal
+            # whose answer was lost is still found when its Result comes.
+            "ResultURL": with_query(request.callback_url, ref=request.provider_reference),
+            "QueueTimeOutURL": with_query(request.callback_url, ref=request.provider_reference),
             "Remarks": transaction_desc(request.reason or "Refund")[:100],
             "Occasion": request.provider_reference[:100],
         }
@@ -257,10 +259,10 @@ class MpesaAdapter:
 
     def parse_callback(self, callback: InboundCallback) -> ProviderEvent:
         kind, payload = self._parse_body(callback)
+        ours = callback.query.get("ref", "")
         if kind == "stk":
-            ours = callback.query.get("ref", "")
             return self._stk_event(payload, ours if 0 < len(ours) <= _REFERENCE_MAX else None)
-        return self._reversal_event(payload)
+        return self._reversal_event(payload, ours if 0 < len(ours) <= _REFERENCE_MAX else None)
 
     def _parse_body(self, callback: InboundCallback) -> tuple[str, Mapping[str, Any]]:
         try:
@@ -325,7 +327,7 @@ class MpesaAdapter:
             outcome=outcome, amount=amount, provider_transaction_id=str(receipt) if receipt else None,
             reason=REASONS.get(code), needs_confirmation=True, raw=raw)
 
-    def _reversal_event(self, result: Mapping[str, Any]) -> ProviderEvent:
+    def _reversal_event(self, result: Mapping[str, Any], ours: str | None) -> ProviderEvent:
         conversation = result["ConversationID"]
         code = str(result["ResultCode"])
         outcome = REFUND_STATUS.get(code)
@@ -351,6 +353,8 @@ class MpesaAdapter:
             "TransactionID": result.get("TransactionID"),
             "OriginalTransactionID": params.get("OriginalTransactionID"),
         }
+        if ours:
+            raw["provider_reference"] = ours  # found by it when the ConversationID was never stored
         # Not confirmable: Daraja has no synchronous reversal status. The callback URL secret
         # (checked by the route) is what authenticates it.
         return ProviderEvent(

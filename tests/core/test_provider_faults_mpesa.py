@@ -151,3 +151,77 @@ async def test_push_whose_answer_was_lost_completes_when_the_payer_approves(rt, 
             assert (event.outcome, event.payment_id, event.status) == ("completed", payment.id, "SUCCEEDED")
     finally:
         await runner.cleanup()
+
+
+def _reversal_result(conversation: str, amount: int = 150) -> dict[str, Any]:
+    return {"Result": {
+        "ResultType": 0, "ResultCode": 0, "ResultDesc": "The service request is processed successfully.",
+        "OriginatorConversationID": "8521-4298025-1", "ConversationID": conversation, "TransactionID": "SREV4AB12",
+        "ResultParameters": {"ResultParameter": [{"Key": "Amount", "Value": amount},
+                                                 {"Key": "OriginalTransactionID", "Value": RECEIPT}]}}}
+
+
+async def test_reversal_whose_answer_was_lost_completes_when_its_result_comes(rt, demo, worker, client):
+    """Daraja took the reversal but its answer (the ConversationID) never reached us: the Result callback
+    names only that ConversationID, and is found by our reference on its ResultURL."""
+    from core.models import Refund
+    from tests.providers.wires import completed
+
+    wire, payment = await _pushed(rt, demo, worker)
+    await completed(rt, payment, RECEIPT)
+
+    def lost(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    wire.on("POST", REVERSAL, lost)
+    async with rt.sessionmaker.begin() as s:
+        await request_refund(s, rt, payment_id=payment.id, cooperative_id=demo["cooperative_id"], amount=None,
+                             reason="paid twice", idempotency_key="refund-lost-1", actor=ADMIN)
+    await drain(worker)
+    [sent] = wire.sent("POST", REVERSAL)
+    body = json.loads(sent.content)
+    async with rt.sessionmaker() as s:
+        refund = (await s.execute(select(Refund))).scalar_one()
+    assert (refund.status, refund.provider_transaction_id) == ("PROCESSING", None)
+    # Our reference rides on both URLs Daraja may call.
+    for name in ("ResultURL", "QueueTimeOutURL"):
+        assert body[name].endswith(f"/webhooks/payments/mpesa?ref={refund.provider_reference}"), body[name]
+
+    # A Result for another reference of ours that names an unknown ConversationID changes nothing.
+    resp = await client.post("/webhooks/payments/mpesa?ref=not-ours", json=_reversal_result("AG_20261201_other"))
+    assert resp.status == 200
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Refund, refund.id)).status == "PROCESSING"
+
+    resp = await client.post(f"/webhooks/payments/mpesa?ref={refund.provider_reference}",
+                             json=_reversal_result("AG_20261201_lost"))
+    assert resp.status == 200
+    async with rt.sessionmaker() as s:
+        done = await s.get(Refund, refund.id)
+        paid = await s.get(Payment, payment.id)
+    assert (done.status, done.provider_transaction_id) == ("COMPLETED", "SREV4AB12")
+    assert (paid.status, paid.refunded_minor) == ("REFUNDED", 15_000)
+    assert len(wire.sent("POST", REVERSAL)) == 1  # never sent again
+
+
+async def test_reversal_result_naming_another_refunds_id_is_not_applied_by_reference(rt, demo, worker, client):
+    """Our reference finds a refund only while the provider's id for it is unknown: a Result whose
+    ConversationID differs from the one stored for that refund is not applied to it."""
+    from core.models import Refund
+    from tests.providers.wires import completed
+
+    wire, payment = await _pushed(rt, demo, worker)
+    await completed(rt, payment, RECEIPT)
+    await _refund_sends(rt, demo, worker, wire, payment)  # answered: ConversationID AG_1 stored
+    async with rt.sessionmaker() as s:
+        refund = (await s.execute(select(Refund))).scalar_one()
+    assert (refund.status, refund.provider_transaction_id) == ("PROCESSING", "AG_1")
+    resp = await client.post(f"/webhooks/payments/mpesa?ref={refund.provider_reference}",
+                             json=_reversal_result("AG_someone_else"))
+    assert resp.status == 200
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Refund, refund.id)).status == "PROCESSING"
+    resp = await client.post(f"/webhooks/payments/mpesa?ref={refund.provider_reference}",
+                             json=_reversal_result("AG_1"))
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Refund, refund.id)).status == "COMPLETED"
