@@ -39,7 +39,7 @@ from core.crypto import PiiCipher
 from core.db import UTCDateTime, insert_ignore, new_id, utcnow
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
 from core.http import not_public
-from core.models import ApprovedDomain, AuditEvent, Cooperative, WebhookDelivery, WebhookEndpoint
+from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
 from core.outbox import Job, NewJob, PermanentJobError, RetryLater, enqueue, enqueue_many
 from core.text import is_number
 
@@ -409,9 +409,19 @@ async def disabled_for_failures(session: AsyncSession, endpoint_id: str) -> bool
 async def _resume_held(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
     """Queue a delivery job for every PENDING delivery of an endpoint just enabled, oldest first and
     RESUME_PER_SECOND a second. Each job carries `resumed_at`: the three days of retries count again from
-    there, so an event held longer than that still gets its attempts. A delivery that still has a job
-    queued from before gets a second one; whichever runs second finds it delivered (receivers drop
+    there, so an event held longer than that still gets its attempts. Jobs still waiting from before (a
+    retry due after the endpoint was switched off, or an earlier resume's) are ended as superseded: run
+    after the new ones, they would count the retries from the event's creation and could give up on it.
+    One running at this moment finishes; whichever runs second finds the delivery done (receivers drop
     duplicates by event id in any case)."""
+    now = utcnow()
+    superseded = await session.execute(
+        update(OutboxJob)
+        .where(OutboxJob.kind == "webhook.deliver", OutboxJob.status == "PENDING",
+               OutboxJob.dedupe_key.like(f"whd:{endpoint.id}:%"))
+        .values(status="DONE", done_at=now, updated_at=now, locked_by=None,
+                last_error="superseded: the endpoint was enabled again")
+    )
     event_ids = (
         await session.execute(
             select(WebhookDelivery.event_id)
@@ -419,7 +429,6 @@ async def _resume_held(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
             .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
         )
     ).scalars().all()
-    now = utcnow()
     stamp = _stamp(now)
     jobs = [
         NewJob(
@@ -434,7 +443,8 @@ async def _resume_held(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
     for start in range(0, len(jobs), _RESUME_BATCH):
         await enqueue_many(session, jobs[start : start + _RESUME_BATCH])
     if jobs:
-        log.info("held webhook deliveries resumed", extra={"endpoint_id": endpoint.id, "count": len(jobs)})
+        log.info("held webhook deliveries resumed", extra={"endpoint_id": endpoint.id, "count": len(jobs),
+                                                           "superseded": superseded.rowcount})  # type: ignore[attr-defined]
     return len(jobs)
 
 

@@ -173,11 +173,18 @@ async def test_enabling_resumes_oldest_first_spread_and_with_fresh_retries(
         for age, event_id in enumerate(reversed(ids)):
             await session.execute(update(WebhookDelivery).where(WebhookDelivery.event_id == event_id)
                                   .values(created_at=utcnow() - timedelta(days=4, minutes=age)))
+    # A retry queued before the switch-off, not yet due: it knows nothing of the resume.
+    async with rt.sessionmaker.begin() as session:
+        session.add(OutboxJob(kind="webhook.deliver", payload={"endpoint_id": endpoint.id, "event_id": ids[0]},
+                              dedupe_key=f"whd:{endpoint.id}:{ids[0]}:old", cooperative_id=coop,
+                              status="PENDING", run_at=utcnow() + timedelta(hours=5)))
     async with rt.sessionmaker.begin() as session:
         await webhooks.enable_endpoint(session, endpoint_id=endpoint.id, cooperative_id=coop, actor=ADMIN)
     resumed = [j for j in await jobs_of(rt, "webhook.deliver") if j.status == "PENDING"]
     by_event = {j.payload["event_id"]: j for j in resumed}
-    assert sorted(by_event) == ids
+    assert sorted(by_event) == ids and len(resumed) == len(ids)  # one job each: the old retry superseded
+    [old] = [j for j in await jobs_of(rt, "webhook.deliver") if j.dedupe_key.endswith(":old")]
+    assert (old.status, old.last_error) == ("DONE", "superseded: the endpoint was enabled again")
     start = min(j.run_at for j in resumed)
     assert [round((by_event[e].run_at - start).total_seconds()) for e in ids] == [0, 0, 1, 1, 2]
     # Still failing once resumed: retried again (counted from the resume), not given up.
