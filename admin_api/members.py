@@ -173,7 +173,7 @@ async def import_members_csv(request: web.Request, ctx: Ctx) -> web.StreamRespon
         status=ctx.query["status"],
     )
     await ctx.session.commit()
-    return json_response({"imported": len(members), "memberIds": [m.id for m in members]}, status=201)
+    return json_response({"imported": len(members), "memberIds": members}, status=201)
 
 
 ROUTES = [

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import functools
 import io
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
-from core.errors import Conflict, ValidationError
-from core.members import LANGUAGES, create_member
-from core.models import Cooperative, Member
+from core.db import insert_ignore, new_id, row_insert, utcnow
+from core.errors import ValidationError
+from core.members import LANGUAGES, phone_context
+from core.models import AuditEvent, Cooperative, Member
 from core.phone import Phone, PhoneError, normalize
 
 COLUMNS = ("name", "phone", "unit", "language")
 REQUIRED = ("name", "phone")
 MAX_ROWS = 10_000
+CHUNK = 500  # rows per INSERT: 12 parameters a row, well under SQLite's 32,766 and PostgreSQL's 65,535
 
 
 @dataclass(frozen=True)
@@ -133,12 +138,15 @@ async def import_members(
     data: bytes,
     actor: Actor,
     status: str = "ACTIVE",
-) -> list[Member]:
-    """Validate the file, refuse numbers already in the cooperative, then create every member.
+) -> list[str]:
+    """Validate the file, refuse numbers already in the cooperative, then create every member; returns
+    the new members' ids in the file's order.
 
     The caller commits; on any error nothing has been written (the caller rolls back).
     """
-    rows = parse_rows(data, region=cooperative.country)
+    # Parsing 10,000 rows (phonenumbers) is about half a second of CPU: in a thread, so the event loop keeps
+    # serving other requests between its turns.
+    rows = await asyncio.to_thread(parse_rows, data, region=cooperative.country)
     by_index = {cipher.blind_index(r.phone.e164): r for r in rows}
     existing: set[str] = set()
     keys = list(by_index)
@@ -156,30 +164,55 @@ async def import_members(
             key=lambda e: e.row,
         )
         raise ImportRejected(errors)
-    members = []
-    for r in rows:
-        try:
-            member = await create_member(
-                session,
-                cipher,
-                cooperative_id=cooperative.id,
-                name=r.name,
-                phone=r.phone,
-                actor=actor,
-                language=r.language,
-                unit=r.unit,
-                status=status,
-            )
-        except Conflict:  # the number was added (by another request) since the check above
-            raise ImportRejected([RowError(r.row, "phone", "already a member of this cooperative")]) from None
-        members.append(member)
+    ids = await _insert_rows(session, cipher, cooperative.id, rows, actor=actor, status=status)
     await record(
         session,
         actor=actor,
         action="member.imported",
         entity_type="cooperative",
         entity_id=cooperative.id,
-        after={"count": len(members)},
+        after={"count": len(ids)},
         cooperative_id=cooperative.id,
     )
-    return members
+    return ids
+
+
+@functools.cache
+def _insert_members(dialect: str) -> Any:
+    return (insert_ignore(dialect, Member.__table__)
+            .on_conflict_do_nothing(index_elements=["cooperative_id", "phone_index"])
+            .returning(Member.__table__.c.id))
+
+
+async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id: str, rows: list[ImportRow], *,
+                       actor: Actor, status: str) -> list[str]:
+    """Every row as create_member would write it (the member and its "member.created" audit row), CHUNK
+    rows to a statement: a 10,000-row file is 20 member INSERTs and a batched audit insert, where a row at
+    a time was 20,000 round trips (25-34 s in one request). The unique (cooperative, phone) index still
+    decides: a number added by another request since the check above inserts nothing, and the file is
+    refused naming its row."""
+    dialect = session.get_bind().dialect.name
+    ids: list[str] = []
+    for start in range(0, len(rows), CHUNK):
+        chunk = rows[start : start + CHUNK]
+        now = utcnow()
+        values = [{
+            "id": new_id(), "cooperative_id": cooperative_id, "name": r.name,
+            "phone_enc": cipher.encrypt(r.phone.e164, context=phone_context(cooperative_id)),
+            "phone_index": cipher.blind_index(r.phone.e164), "phone_masked": r.phone.masked(),
+            "language": r.language, "unit": r.unit, "status": status, "reminders_opt_out": False,
+            "created_at": now, "updated_at": now,
+        } for r in chunk]
+        # One statement with the rows as parameters: SQLAlchemy sends it as multi-row INSERTs
+        # ("insertmanyvalues") without compiling a statement per chunk.
+        written = set((await session.execute(_insert_members(dialect), values)).scalars())
+        if len(written) != len(values):
+            raise ImportRejected([RowError(r.row, "phone", "already a member of this cooperative")
+                                  for r, v in zip(chunk, values, strict=True) if v["id"] not in written])
+        await session.execute(row_insert(dialect, AuditEvent), [{
+            "cooperative_id": cooperative_id, "actor": actor.id, "channel": actor.channel,
+            "action": "member.created", "entity_type": "member", "entity_id": v["id"], "before": None,
+            "after": {"status": status, "phone": v["phone_masked"]}, "at": now,
+        } for v in values])
+        ids.extend(str(v["id"]) for v in values)
+    return ids

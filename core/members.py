@@ -22,12 +22,13 @@ MEMBER_STATUSES = ("PENDING", "ACTIVE", "SUSPENDED")
 DUPLICATE_PHONE = "a member with this phone number already exists in this cooperative"
 
 
-def _context(cooperative_id: str) -> str:
+def phone_context(cooperative_id: str) -> str:
+    """The encryption context of a member's phone number (bound to its cooperative)."""
     return f"member:{cooperative_id}"
 
 
 def member_phone(cipher: PiiCipher, member: Member) -> Phone:
-    return Phone(cipher.decrypt(member.phone_enc, context=_context(member.cooperative_id)))
+    return Phone(cipher.decrypt(member.phone_enc, context=phone_context(member.cooperative_id)))
 
 
 def check_language(language: str) -> str:
@@ -99,7 +100,7 @@ async def create_member(
     values = {
         "cooperative_id": cooperative_id,
         "name": name,
-        "phone_enc": cipher.encrypt(phone.e164, context=_context(cooperative_id)),
+        "phone_enc": cipher.encrypt(phone.e164, context=phone_context(cooperative_id)),
         "phone_index": cipher.blind_index(phone.e164),
         "phone_masked": phone.masked(),
         "language": check_language(language),
