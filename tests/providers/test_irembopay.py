@@ -621,10 +621,13 @@ async def test_push_whose_answer_is_lost_still_prompts_the_payer(receiver: tuple
     try:
         async with httpx.AsyncClient() as http:
             adapter = IremboPayAdapter(http, config(base, read_timeout="0.3"))
+            # One request, as the core retries it (expiresAt is the payment's own: the same body both times;
+            # two built a second apart would differ, which IremboPay answers 409 for a reused transactionId).
+            request = collection()
             with pytest.raises(ProviderError):  # the invoice's answer is lost; a retry finds the invoice
-                await adapter.request_collection(collection())
+                await adapter.request_collection(request)
             with pytest.raises(ProviderTimeout):  # then the push's: ask the status, never push again
-                await adapter.request_collection(collection())
+                await adapter.request_collection(request)
             await rec.wait()  # the payer was prompted and paid all the same
             event = adapter.parse_callback(rec.inbound(0))
             assert (event.reference, event.outcome) == (TX, ProviderOutcome.SUCCEEDED)
