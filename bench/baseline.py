@@ -1,4 +1,5 @@
-"""Baselines measured in the same run as the gateway: a bare aiohttp form handler and a bare asyncpg INSERT."""
+"""Baselines measured in the same run as the gateway: a bare aiohttp form handler, the same with a Redis GET and
+SET (the floor of a session kept in Redis), and a bare asyncpg INSERT."""
 
 from __future__ import annotations
 
@@ -20,6 +21,34 @@ def form_app() -> web.Application:
         return web.Response(text=MENU, content_type="text/plain")
 
     app = web.Application()
+    app.router.add_post("/", handle)
+    return app
+
+
+def form_redis_app(redis_url: str) -> web.Application:
+    """The floor of any design that keeps a USSD session in Redis through redis-py: the form parsed, the
+    session read (GET) and written back with its TTL (SET EX), the screen answered. Nothing else: no
+    menu engine, no authentication, no logging, no metrics."""
+    from redis.asyncio import Redis
+
+    app = web.Application()
+    session = b'{"st":{"s":"home","l":"en"},"h":3,"t":1764576000.0,"a":"4*0","hk":"4*0","r":["' + \
+        MENU.encode() + b'",0]}'
+
+    async def redis_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+        app["redis"] = Redis.from_url(redis_url)
+        yield
+        await app["redis"].aclose()
+
+    async def handle(request: web.Request) -> web.Response:
+        form = await request.post()
+        key = f"floor:{{at:{form.get('sessionId')}}}"
+        redis = request.app["redis"]
+        stored = await redis.get(key)
+        await redis.set(key, stored or session, ex=300)
+        return web.Response(text=MENU, content_type="text/plain")
+
+    app.cleanup_ctx.append(redis_ctx)
     app.router.add_post("/", handle)
     return app
 
@@ -51,11 +80,17 @@ def insert_app(dsn: str) -> web.Application:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["form", "insert"])
+    parser.add_argument("kind", choices=["form", "form_redis", "insert"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--dsn", default="")
+    parser.add_argument("--redis", default="")
     args = parser.parse_args()
-    app = form_app() if args.kind == "form" else insert_app(args.dsn)
+    if args.kind == "form":
+        app = form_app()
+    elif args.kind == "form_redis":
+        app = form_redis_app(args.redis)
+    else:
+        app = insert_app(args.dsn)
     # The same event loop as the service (main.use_fast_loop), so the comparison is fair.
     try:
         import uvloop

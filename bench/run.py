@@ -322,6 +322,21 @@ def form_baseline(b: Bench) -> LoadResult:
     return b.form_baseline
 
 
+def redis_floor(b: Bench) -> LoadResult:
+    """The bare form handler plus one Redis GET and one SET EX through redis-py: what a hop that keeps its
+    session in Redis cannot go below in this stack, whatever the gateway's own code does."""
+    port = free_port()
+    proc = b.cluster.start("baseline-form-redis", [python(), "bench/baseline.py", "form_redis", "--port", str(port),
+                                                   "--redis", b.env["REDIS_URL"]],
+                           b.env, ready_url=f"http://127.0.0.1:{port}/nothing")
+    try:
+        b.log("floor: bare aiohttp form handler with a Redis GET and SET")
+        warm_up(f"http://127.0.0.1:{port}/", b)
+        return hop_load(f"http://127.0.0.1:{port}/", b)
+    finally:
+        proc.stop()
+
+
 def warm_up(url: str, b: Bench) -> None:
     """The same hops for a moment first, not measured: a process's first hops open its database pool's
     connections (32 sessions opening at once, each connect and its first ping), which a running service
@@ -348,13 +363,18 @@ def scenario_ussd_hop(b: Bench) -> None:
         result = hop_load(ussd_path(b), b)
     b.rss_peak["ussd_hop"] = rss.peak
     b.hop_one = result
+    floor = redis_floor(b)
     errors = _load_errors(result)
     b.rows.append(_lat(Row("USSD menu hop (1 process, 32 conn.)", "hops/s", result.rps, "/s", baseline=base.rps,
                            target=">=40% of baseline; p99 <=15 ms",
                            met=errors == 0 and result.rps >= 0.4 * base.rps and result.p99_ms <= 15,
                            checks={"errors": errors, "requests": result.requests,
                                    "serve_cpu_ms_per_hop": rss.per_op_ms(result.requests),
-                                   "baseline_p50_ms": base.p50_ms, "baseline_p99_ms": base.p99_ms},
+                                   "baseline_p50_ms": base.p50_ms, "baseline_p99_ms": base.p99_ms,
+                                   # The bare handler with the session's Redis GET and SET, nothing else.
+                                   "redis_floor_rps": round(floor.rps), "redis_floor_p99_ms": floor.p99_ms,
+                                   "redis_floor_share_of_baseline": round(floor.rps / base.rps, 3),
+                                   "share_of_redis_floor": round(result.rps / floor.rps, 3)},
                            notes="sessions of 40-60 hops, 50 on average (Language, Back, ...): about 1 in 50 "
                                  "opens a session (membership read, session row); after 2 s of the same load, "
                                  "not measured"), result))
