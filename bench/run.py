@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +39,8 @@ import httpx
 
 from bench.harness import ROOT, Cluster, LoadResult, Proc, free_port, python, wait_ready, wrk
 
-SCENARIOS = ("ussd_hop", "ussd_hop_2proc", "ussd_pay", "payments", "callbacks", "sms", "memory")
+SCENARIOS = ("ussd_hop", "ussd_hop_2proc", "ussd_pay", "ussd_pay_2proc", "payments", "payments_2proc", "callbacks",
+             "sms", "memory")
 PROVIDERS = ("mtn_momo", "airtel", "mpesa", "irembopay")
 SERVICE_CODE = "*384*123#"
 HOP_PHONE = "+250788000001"  # demo member: one membership, so the home menu needs no choice
@@ -85,6 +88,7 @@ class Bench:
     spare_phone: str = HOP_PHONE  # a member no other scenario dials (the session-size probe)
     token: str = ""
     form_baseline: LoadResult | None = None
+    insert_base: LoadResult | None = None
     hop_one: LoadResult | None = None
     callback_bodies: int = 0
 
@@ -185,6 +189,26 @@ def start_simulators(b: Bench) -> None:
 
 def start_serve(b: Bench, name: str = "serve") -> Proc:
     return b.cluster.start(name, [python(), "main.py", "serve"], b.env, ready_url=f"{b.url}/readyz")
+
+
+TWO_PROCESSES = ("two serve processes on one port (reuse_port), one per core, as the scale-out guide deploys "
+                 "a 2-core machine; CPU per operation is both processes'")
+
+
+@contextlib.contextmanager
+def second_serve(b: Bench) -> Iterator[Proc]:
+    """A second `serve` on the same port (reuse_port) for the length of a scenario."""
+    second = start_serve(b, "serve-2")
+    try:
+        yield second
+    finally:
+        second.stop()
+        b.cluster.procs.remove(second)
+
+
+def cpu_per_op(operations: float, *samplers: RssSampler) -> float:
+    """CPU ms per operation summed over the processes sampled (each serve process of a scenario)."""
+    return round(1000 * sum(s.cpu for s in samplers) / operations, 3) if operations else 0.0
 
 
 class RssSampler:
@@ -405,8 +429,18 @@ def scenario_ussd_hop_2proc(b: Bench) -> None:
 
 
 def scenario_ussd_pay(b: Bench) -> None:
+    pay_sessions(b, "Full USSD pay session (32 conn.)", "ussd_pay")
+
+
+def scenario_ussd_pay_2proc(b: Bench) -> None:
+    with second_serve(b) as second:
+        pay_sessions(b, "Full USSD pay session (2 processes, 32 conn.)", "ussd_pay_2proc", second,
+                     notes=TWO_PROCESSES)
+
+
+def pay_sessions(b: Bench, label: str, name: str, second: Proc | None = None, notes: str = "") -> None:
     run = b.run_id + secrets.token_hex(2)
-    b.log("full USSD pay sessions (4 hops, END creates the payment), 32 connections")
+    b.log(f"{label}: 4 hops, END creates the payment")
     # Warm-up, not measured (as for the menu hops): the first confirmations of 32 sessions at once open
     # most of the database pool. Its payments are older than `started`, so the checks leave them out.
     warmed = datetime.now(UTC)
@@ -415,11 +449,11 @@ def scenario_ussd_pay(b: Bench) -> None:
     settle(b, "SELECT count(*) FROM payments WHERE channel = 'ussd' AND created_at >= $1", warmed)
     forget_resume_routes(b)  # sessions the warm-up left mid-way would offer "resume" instead of the menu
     started = datetime.now(UTC)
-    with RssSampler(b.serve, b.profile_path("ussd_pay")) as rss:
+    with RssSampler(b.serve, b.profile_path(name)) as rss, RssSampler(second) as rss2:
         # At least 3 s: the first hops of 32 new sessions come at once, and a smoke run must see ENDs.
         result = wrk(ussd_path(b), "ussd_pay.lua", seconds=max(3.0, b.seconds()), connections=CONNECTIONS,
                      env={"BENCH_PHONES": ",".join(b.phones), "BENCH_RUN": run})
-    b.rss_peak["ussd_pay"] = rss.peak
+    b.rss_peak[name] = max(rss.peak, rss2.peak)
     ends = int(result.extra.get("ends", 0))
     settle(b, "SELECT count(*) FROM payments WHERE channel = 'ussd' AND created_at >= $1", started)
     payments, jobs = db(b, """
@@ -429,13 +463,14 @@ def scenario_ussd_pay(b: Bench) -> None:
     errors = _load_errors(result)
     sessions = ends / max(result.seconds, 1e-9)
     consistent = ends <= payments <= ends + CONNECTIONS and jobs == payments
-    b.rows.append(_lat(Row("Full USSD pay session (32 conn.)", "sessions/s", sessions, "/s",
+    b.rows.append(_lat(Row(label, "sessions/s", sessions, "/s",
                            target=">=200 sessions/s; p99 per hop <=50 ms",
                            met=errors == 0 and consistent and sessions >= 200 and result.p99_ms <= 50,
                            checks={"errors": errors, "hops": result.requests, "sessions_ended": ends,
-                                   "serve_cpu_ms_per_hop": rss.per_op_ms(result.requests),
+                                   "serve_cpu_ms_per_hop": cpu_per_op(result.requests, rss, rss2),
                                    "payments_in_db": payments, "collect_jobs": jobs, "consistent": consistent},
-                           notes="latency columns are per hop; after 2 s of the same load, not measured"),
+                           notes="latency columns are per hop; after 2 s of the same load, not measured"
+                                 + (f"; {notes}" if notes else "")),
                        result))
 
 
@@ -461,12 +496,25 @@ def api_payments_load(b: Bench, seconds: float, run: str) -> LoadResult:
 
 
 def scenario_payments(b: Bench) -> None:
-    base = insert_baseline(b)
+    b.insert_base = insert_baseline(b)
+    api_payments(b, "POST /v1/payments (idempotency key, 32 conn.)", "payments")
+
+
+def scenario_payments_2proc(b: Bench) -> None:
+    if b.insert_base is None:
+        b.insert_base = insert_baseline(b)
+    with second_serve(b) as second:
+        api_payments(b, "POST /v1/payments (2 processes, 32 conn.)", "payments_2proc", second, notes=TWO_PROCESSES)
+
+
+def api_payments(b: Bench, label: str, name: str, second: Proc | None = None, notes: str = "") -> None:
+    base = b.insert_base
+    assert base is not None
     run = b.run_id + secrets.token_hex(2)
-    b.log("POST /v1/payments with idempotency keys, 32 connections")
-    with RssSampler(b.serve, b.profile_path("payments")) as rss:
+    b.log(f"{label}: POST /v1/payments with idempotency keys")
+    with RssSampler(b.serve, b.profile_path(name)) as rss, RssSampler(second) as rss2:
         result = api_payments_load(b, b.seconds(), run)
-    b.rss_peak["payments"] = rss.peak
+    b.rss_peak[name] = max(rss.peak, rss2.peak)
     created = int(result.extra.get("created", 0))
     like = f"bench-{run}-%"
     settle(b, "SELECT count(*) FROM payments WHERE idempotency_key LIKE $1", like)
@@ -480,15 +528,16 @@ def scenario_payments(b: Bench) -> None:
     replay = replay_check(b, run)
     errors = _load_errors(result)
     consistent = created <= rows <= created + CONNECTIONS and audit == rows and jobs == 2 * rows and replay
-    b.rows.append(_lat(Row("POST /v1/payments (idempotency key, 32 conn.)", "payments/s", result.rps, "/s",
+    b.rows.append(_lat(Row(label, "payments/s", result.rps, "/s",
                            baseline=base.rps, target=">=40% of baseline and >=1,000/s",
                            met=errors == 0 and consistent and result.rps >= max(1000, 0.4 * base.rps),
                            checks={"errors": errors, "created_201": created, "payment_rows": rows,
-                                   "serve_cpu_ms_per_payment": rss.per_op_ms(result.requests),
+                                   "serve_cpu_ms_per_payment": cpu_per_op(result.requests, rss, rss2),
                                    "audit_rows": audit, "outbox_jobs": jobs, "replay_ok": replay,
                                    "consistent": consistent, "baseline_p99_ms": base.p99_ms,
                                    "baseline_errors": _load_errors(base)},
-                           notes="payment + audit + 2 outbox rows in one transaction; JWT auth, schema check"),
+                           notes="payment + audit + 2 outbox rows in one transaction; JWT auth, schema check"
+                                 + (f"; {notes}" if notes else "")),
                        result))
 
 
