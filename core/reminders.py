@@ -12,7 +12,7 @@ rate (SMS_RATE_PER_SECOND), so payment jobs queued meanwhile are claimed between
 the rest of the rate. A scan that missed its hour (no worker running) runs within CATCH_UP of it;
 later than that it is skipped (the next day's scan reminds whoever is still due) rather than texting
 members in the evening. Each reminder is checked again when its turn comes: one whose member has paid,
-sent STOP or been suspended since the scan, or still queued SEND_WINDOW after it, is not sent.
+sent STOP or been suspended since the scan, or still queued at SEND_UNTIL_LOCAL, is not sent.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ SCAN_HOUR_UTC = 6  # 08:00 in Kigali, 09:00 in Nairobi: a reasonable hour for an
 # A scan missed at its hour (workers down, or one first started later) still runs up to this long after;
 # past it, it is skipped: a reminder at 22:00 is worse than the next morning's.
 CATCH_UP = timedelta(hours=2)
-# A reminder still queued this long after its scan (an aggregator outage) is dropped: 16:00 UTC is 18:00 in
-# Kigali, and the next day's scan reminds whoever is still due.
-SEND_WINDOW = timedelta(hours=10)
+# Reminders go out before this local time of the cooperative. One the spread would send later (more members
+# due than the SMS rate allows in the day) is not queued: the next day's scan queues it first. One still
+# queued at this hour (an aggregator outage) is dropped when its turn comes.
+SEND_UNTIL_LOCAL = time(20)
 # The share of the SMS send rate the reminders are spread over; the rest stays free for receipts and notices.
 REMINDER_SHARE = 0.5
 
@@ -109,9 +110,12 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
     queued = 0
     start = utcnow()  # the jobs' run_at is real time, whatever `now` the scan is for
     coops = (await session.execute(select(Cooperative).where(Cooperative.status == "ACTIVE"))).scalars().all()
+    deferred = 0
     for coop in coops:
         zone = _zone(coop.timezone)
         today = now.astimezone(zone).date()
+        # The local cut-off as real time (a scan run for another `now`, in tests, keeps the same window).
+        send_before = start + (datetime.combine(today, SEND_UNTIL_LOCAL, tzinfo=zone) - now)
         types = (await session.execute(select(PaymentType).where(
             PaymentType.cooperative_id == coop.id, PaymentType.is_active.is_(True),
             PaymentType.is_recurring.is_(True)))).scalars().all()
@@ -141,12 +145,17 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
                     context={"member_id": member_id, "payment_type_id": ptype.id, "due_date": due.isoformat()},
                     cipher=rt.cipher, dedupe=f"reminder:{member_id}:{ptype.id}:{due.isoformat()}")
                 run_at = start + reminder_offset(queued, rt.settings.sms_rate_per_second)
-                # Checked again when it is sent (channels.sms.jobs): paid since the previous due day, or
-                # still queued after the send window (an aggregator outage), it is dropped.
-                payload = {**job.payload, "paid_since": since.isoformat(),
-                           "send_before": (start + SEND_WINDOW).isoformat()}
+                if run_at >= send_before:
+                    deferred += 1  # no job: tomorrow's scan (still within the days before) queues it first
+                    continue
+                # Checked again when it is sent (channels.sms.jobs): paid since the previous due day, opted
+                # out, suspended, or still queued at the cut-off (an aggregator outage), it is dropped.
+                payload = {**job.payload, "paid_since": since.isoformat(), "send_before": send_before.isoformat()}
                 created = await enqueue_job(session, dataclasses.replace(job, payload=payload, run_at=run_at))
                 queued += int(created)
+    if deferred:
+        log.warning("reminders left for the next scan: the SMS rate does not reach every member before the "
+                    "evening", extra={"deferred": deferred, "queued": queued})
     return queued
 
 

@@ -94,11 +94,16 @@ class SmsJobs:
             existing = await _first(conn, _BY_KEY, {"k": key})
             if existing is not None and existing.status != SmsStatus.QUEUED.value:
                 return  # sent (or refused) already: a duplicate job or a re-run after a crash
-            if existing is None and payload.get("template") in OPTIONAL_TEMPLATES and payload.get("member_id"):
+            if payload.get("template") in OPTIONAL_TEMPLATES and payload.get("member_id"):
+                # Checked on every attempt: a reminder retried through an aggregator outage is exactly the
+                # one whose member may have paid or sent STOP, or whose day may be over, by now.
                 void = await _reminder_void(conn, payload)
                 if void is not None:
                     log.info("reminder not sent", extra={"member_id": payload["member_id"], "reason": void})
                     metrics.REMINDERS_SKIPPED.labels(reason=void).inc()
+                    if existing is not None:  # an earlier attempt stored it: it ends here, unsent
+                        await self._move(existing.id, SmsStatus.FAILED, failure_reason=f"not sent: {void}",
+                                         provider_status="Skipped")
                     return
             lock = f"sms:lock:{{{hashlib.sha256(key.encode()).hexdigest()[:32]}}}"
             await self.throttle_and_lock(lock, str(job.id))

@@ -144,7 +144,8 @@ async def test_a_queued_reminder_is_checked_again_when_its_turn_comes(rt: Any, d
     paid_since = datetime.fromisoformat(jobs[members["+250788000001"]].payload["paid_since"])
     assert paid_since == datetime(2026, 10, 31, 22, tzinfo=UTC)  # 1 November 00:00 in Kigali
     send_before = datetime.fromisoformat(jobs[members["+250788000001"]].payload["send_before"])
-    assert timedelta(hours=9) < send_before - utcnow() <= timedelta(hours=10)
+    # Until 20:00 in Kigali: 12 hours after the scan's 08:00.
+    assert timedelta(hours=11, minutes=59) < send_before - utcnow() <= timedelta(hours=12)
 
     def skipped(reason: str) -> float:
         return metrics.REGISTRY.get_sample_value("gateway_reminders_skipped_total", {"reason": reason}) or 0.0
@@ -172,3 +173,48 @@ async def test_a_queued_reminder_is_checked_again_when_its_turn_comes(rt: Any, d
     assert statuses == {"DONE"}  # dropped reminders end their jobs; nothing is retried
     assert {r: skipped(r) - before[r] for r in before} == {"paid": 1, "opted_out": 1, "member_inactive": 1,
                                                            "too_late": 1}
+
+
+async def test_reminders_the_sms_rate_cannot_send_before_the_evening_wait_for_the_next_scan(
+        rt: Any, demo: dict[str, Any]) -> None:
+    """A rate too low for everyone due: the reminders that would go out after 20:00 local are not queued (and
+    not dropped for good); the next morning's scan queues them first."""
+    from dataclasses import replace
+
+    rt.settings = replace(rt.settings, sms_rate_per_second=0.002)  # one reminder each 1,000 s (half the rate)
+    evening = datetime(2026, 11, 28, 17, 0, tzinfo=UTC)  # 19:00 in Kigali: an hour left
+    async with rt.sessionmaker.begin() as s:
+        assert await scan(s, rt, now=evening) == 4  # at +0, +1,000, +2,000 and +3,000 s; not at +4,000 s
+    first_day = {j.payload["member_id"] for j in await _reminder_jobs(rt)}
+    async with rt.sessionmaker.begin() as s:
+        assert await scan(s, rt, now=NOW + timedelta(days=1)) == 1  # the one left, first in the morning
+    jobs = await _reminder_jobs(rt)
+    assert len(jobs) == 5 and len({j.payload["member_id"] for j in jobs}) == 5
+    [left] = [j for j in jobs if j.payload["member_id"] not in first_day]
+    assert left.run_at - utcnow() < timedelta(minutes=1)
+
+
+async def test_a_reminder_retried_through_an_outage_is_checked_again_each_attempt(
+        rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any) -> None:
+    """The aggregator is down for the first attempt (the message is stored, QUEUED); by the retry the member
+    has sent STOP: the stored message ends FAILED "not sent: opted_out" and nothing leaves."""
+    members = demo["members"]
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Member).where(Member.id != members["+250733000001"]).values(reminders_opt_out=True))
+        assert await scan(s, rt, now=NOW) == 1
+    _server, sim = await start_simulator(aiohttp_server, rt)
+    sim.set_failure("http503")  # every request refused until cleared
+    await drain(worker)
+    async with rt.sessionmaker() as s:
+        [queued] = (await s.execute(select(SmsMessage).where(SmsMessage.template == "payment_reminder"))).scalars()
+    assert queued.status == "QUEUED" and sim.inbox == {}
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Member).where(Member.id == members["+250733000001"]).values(reminders_opt_out=True))
+        await s.execute(update(OutboxJob).where(OutboxJob.status == "PENDING").values(run_at=utcnow()))
+    sim.set_failure(None)
+    await drain(worker)
+    async with rt.sessionmaker() as s:
+        message = await s.get(SmsMessage, queued.id)
+        [job] = [j for j in (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars()]
+    assert (message.status, message.failure_reason) == ("FAILED", "not sent: opted_out")
+    assert sim.inbox == {} and job.status == "DONE"
