@@ -41,7 +41,21 @@ def not_public(text: str) -> bool:
     """True for an address nothing outbound to a customer's system may reach: loopback, private, link-local
     (169.254.169.254, the cloud metadata service), carrier-grade NAT, multicast, reserved."""
     address = ipaddress.ip_address(text.split("%", 1)[0])  # an IPv6 scope (fe80::1%eth0) is not part of it
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 address carried inside an IPv6 one reaches that IPv4 host: judge it by the IPv4 address
+        # (mapped ::ffff:a.b.c.d, 6to4 2002:aabb:ccdd::, NAT64 64:ff9b::a.b.c.d, deprecated ::a.b.c.d).
+        packed = address.packed
+        inner = address.ipv4_mapped or address.sixtofour
+        if inner is None and address in _NAT64:
+            inner = ipaddress.IPv4Address(packed[12:])
+        if inner is None and packed[:12] == bytes(12) and int(address) > 1:  # not :: or ::1
+            inner = ipaddress.IPv4Address(packed[12:])
+        if inner is not None and not_public(str(inner)):
+            return True
     return not address.is_global or address.is_multicast
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 class PublicOnlyResolver(AbstractResolver):
@@ -79,14 +93,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._keepalive = keepalive_seconds
         self._ssl = verify if verify is not None else ssl.create_default_context(cafile=certifi.where())
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: PublicOnlyResolver | None = None
         self._closed = False
 
     def _open(self) -> aiohttp.ClientSession:
         if self._closed:
             raise RuntimeError("the HTTP client has been closed")
+        # aiohttp does not close a resolver it was given: aclose() does.
+        self._resolver = PublicOnlyResolver() if self._public_only else None
         connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=self._keepalive,
-                                         ssl=self._ssl,
-                                         resolver=PublicOnlyResolver() if self._public_only else None)
+                                         ssl=self._ssl, resolver=self._resolver)
         # httpx owns cookies, redirects, decompression and auth; aiohttp only moves the bytes.
         self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
                                               auto_decompress=False, trust_env=False)
@@ -123,6 +139,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None
 
 
 async def _read(answer: aiohttp.ClientResponse) -> bytes:

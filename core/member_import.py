@@ -16,7 +16,7 @@ from core.audit import Actor, record
 from core.crypto import PiiCipher
 from core.db import insert_ignore, new_id, row_insert, utcnow
 from core.errors import ValidationError
-from core.members import LANGUAGES, phone_context
+from core.members import LANGUAGES, MEMBER_STATUSES, phone_context
 from core.models import AuditEvent, Cooperative, Member
 from core.phone import Phone, PhoneError, normalize
 
@@ -144,6 +144,8 @@ async def import_members(
 
     The caller commits; on any error nothing has been written (the caller rolls back).
     """
+    if status not in MEMBER_STATUSES:  # as create_member checks it
+        raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
     # Parsing 10,000 rows (phonenumbers) is about half a second of CPU: in a thread, so the event loop keeps
     # serving other requests between its turns.
     rows = await asyncio.to_thread(parse_rows, data, region=cooperative.country)

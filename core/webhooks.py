@@ -412,8 +412,8 @@ async def _resume_held(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
     there, so an event held longer than that still gets its attempts. Jobs still waiting from before (a
     retry due after the endpoint was switched off, or an earlier resume's) are ended as superseded: run
     after the new ones, they would count the retries from the event's creation and could give up on it.
-    One running at this moment finishes; whichever runs second finds the delivery done (receivers drop
-    duplicates by event id in any case)."""
+    One running at this moment finishes; its retries too count from this enable (read from the audit log),
+    and whichever runs second finds the delivery done (receivers drop duplicates by event id anyway)."""
     now = utcnow()
     superseded = await session.execute(
         update(OutboxJob)
@@ -659,7 +659,7 @@ async def deliver(rt: Runtime, job: Job) -> str:
     error = await refused_destination(endpoint.url, embedded=rt.settings.is_embedded)
     if error is None:
         try:
-            response = await (rt.webhook_http or rt.http).post(
+            response = await _client(rt).post(
                 endpoint.url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT, follow_redirects=False
             )
             status_code = response.status_code
@@ -692,7 +692,7 @@ async def deliver(rt: Runtime, job: Job) -> str:
     )
     failed_attempts = sum(1 for a in (delivery.attempts or []) if a.get("error")) + 1
     delay = retry_delay(failed_attempts)
-    give_up = utcnow() + timedelta(seconds=delay) > _retries_from(delivery, job) + RETRY_FOR
+    give_up = utcnow() + timedelta(seconds=delay) > await _retries_from(rt, delivery, job) + RETRY_FOR
     await _finish(
         rt,
         delivery.id,
@@ -706,19 +706,36 @@ async def deliver(rt: Runtime, job: Job) -> str:
     raise RetryLater(delay, f"webhook attempt {failed_attempts} failed: {error}")
 
 
-def _retries_from(delivery: WebhookDelivery, job: Job) -> datetime:
-    """When the delivery's three days of retries began: when it was created, or when its endpoint was
-    enabled again after holding it (the job's `resumed_at`)."""
+def _client(rt: Runtime) -> httpx.AsyncClient:
+    """The client for customers' URLs: the one that connects only to public addresses, outside the embedded
+    default. A runtime built without it sends nothing rather than fall back to the unguarded client."""
+    if rt.webhook_http is not None:
+        return rt.webhook_http
+    if rt.settings.is_embedded:
+        return rt.http
+    raise RuntimeError("no webhook client on this runtime (Runtime.webhook_http): nothing sent")
+
+
+async def _retries_from(rt: Runtime, delivery: WebhookDelivery, job: Job) -> datetime:
+    """When the delivery's three days of retries began: when it was created, or when its endpoint was last
+    enabled again after holding it. The job says so (`resumed_at`); so does the audit log, for a job that
+    was already running when the endpoint was enabled and carries no such mark."""
     start = delivery.created_at
+    moments = [start]
     resumed = job.payload.get("resumed_at")
     if isinstance(resumed, str):
         try:
             moment = datetime.fromisoformat(resumed)
         except ValueError:
-            return start
-        if moment.tzinfo is not None and moment > start:
-            return moment
-    return start
+            moment = start
+        if moment.tzinfo is not None:
+            moments.append(moment)
+    async with rt.sessionmaker() as session:
+        enabled = (await session.execute(select(AuditEvent.at, AuditEvent.after).where(
+            AuditEvent.entity_type == "webhook_endpoint", AuditEvent.entity_id == delivery.endpoint_id,
+            AuditEvent.action == "webhook_endpoint.enabled", AuditEvent.at > start))).all()
+    moments.extend(at for at, after in enabled if isinstance(after, dict) and after.get("resumed_deliveries"))
+    return max(moments)
 
 
 async def _finish(

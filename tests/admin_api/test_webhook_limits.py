@@ -108,3 +108,14 @@ def _job(delivery: WebhookDelivery) -> Any:
     from types import SimpleNamespace
 
     return SimpleNamespace(payload={"endpoint_id": delivery.endpoint_id, "event_id": delivery.event_id})
+
+
+def test_a_runtime_without_the_webhook_client_sends_nothing_rather_than_fall_back(rt, monkeypatch):
+    """Outside the embedded default, customers' URLs go only through the public-only client: a runtime built
+    without it refuses to send instead of using the providers' client."""
+    monkeypatch.setattr(rt, "webhook_http", None)
+    monkeypatch.setattr(rt, "settings", dataclasses.replace(rt.settings, database_url="postgresql+asyncpg://x/y"))
+    with pytest.raises(RuntimeError, match="no webhook client"):
+        webhooks._client(rt)
+    monkeypatch.setattr(rt, "settings", dataclasses.replace(rt.settings, database_url="sqlite+aiosqlite:///x.db"))
+    assert webhooks._client(rt) is rt.http  # the embedded default: one machine, trying it out

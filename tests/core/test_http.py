@@ -274,7 +274,9 @@ class _Answers:
 
 
 @pytest.mark.parametrize("inward", ["127.0.0.1", "10.0.0.7", "172.16.3.4", "192.168.1.1", "169.254.169.254",
-                                    "100.64.0.1", "0.0.0.0", "::1", "fc00::1", "fe80::1%eth0", "224.0.0.1"])
+                                    "100.64.0.1", "0.0.0.0", "::1", "fc00::1", "fe80::1%eth0", "224.0.0.1",
+                                    # IPv4 hosts inside IPv6: mapped, 6to4, NAT64, IPv4-compatible
+                                    "::ffff:127.0.0.1", "2002:7f00:1::", "64:ff9b::a9fe:a9fe", "::10.0.0.7"])
 async def test_public_only_resolver_refuses_any_inward_address(inward: str) -> None:
     answers = _Answers("93.184.216.34", inward)
     resolver = core_http.PublicOnlyResolver(answers)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from core.audit import Actor
-from core.errors import Conflict
+from core.errors import Conflict, ValidationError
 from core.member_import import ImportRejected, import_members
 from core.members import DUPLICATE_PHONE, create_member
 from core.models import Cooperative
@@ -71,3 +71,11 @@ async def test_an_import_racing_a_create_of_one_of_its_numbers_names_the_row(rt:
             await racing
         assert refused.value.errors == ["row 3: phone: already a member of this cooperative"]
         await second.rollback()
+
+
+async def test_an_import_with_an_unknown_status_is_refused_before_reading_the_file(rt: Any) -> None:
+    coop = await _coop(rt)
+    async with rt.sessionmaker() as s:
+        with pytest.raises(ValidationError, match="status must be one of PENDING, ACTIVE, SUSPENDED"):
+            await import_members(s, rt.cipher, cooperative=coop, data=b"name,phone\nAnne One,+250788000101\n",
+                                 actor=ADMIN, status="VIP")

@@ -185,6 +185,11 @@ async def test_enabling_resumes_oldest_first_spread_and_with_fresh_retries(
     assert sorted(by_event) == ids and len(resumed) == len(ids)  # one job each: the old retry superseded
     [old] = [j for j in await jobs_of(rt, "webhook.deliver") if j.dedupe_key.endswith(":old")]
     assert (old.status, old.last_error) == ("DONE", "superseded: the endpoint was enabled again")
+    # Had it been running at that moment (no resumed_at of its own), its failure still counts the three
+    # days from the enable, as the audit log records it: retried, not given up.
+    with pytest.raises(RetryLater):
+        await webhooks.deliver(rt, as_job(old))
+    assert (await _deliveries(rt))[ids[0]].status == "PENDING"
     start = min(j.run_at for j in resumed)
     assert [round((by_event[e].run_at - start).total_seconds()) for e in ids] == [0, 0, 1, 1, 2]
     # Still failing once resumed: retried again (counted from the resume), not given up.
