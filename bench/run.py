@@ -197,13 +197,37 @@ TWO_PROCESSES = ("two serve processes on one port (reuse_port), one per core, as
 
 @contextlib.contextmanager
 def second_serve(b: Bench) -> Iterator[Proc]:
-    """A second `serve` on the same port (reuse_port) for the length of a scenario."""
+    """A second `serve` on the same port (reuse_port) for the length of a scenario, listening before the
+    scenario starts (its /readyz is the first process's too: the port answers before this one binds)."""
     second = start_serve(b, "serve-2")
     try:
+        wait_serving(second)
         yield second
     finally:
         second.stop()
         b.cluster.procs.remove(second)
+
+
+def wait_serving(proc: Proc, timeout: float = 60) -> None:
+    """Until the process logs "serving" (main.py logs it after its socket is bound and listening)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; see {proc.log}")
+        if '"msg": "serving"' in proc.log.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} did not start serving within {timeout:.0f} s; see {proc.log}")
+
+
+def _share(part: float, whole: float) -> float | None:
+    return round(part / whole, 3) if whole else None
+
+
+def second_share(first: RssSampler, second: RssSampler) -> float | None:
+    """The second serve process's part of both processes' CPU during a scenario (about 0.5 when the load
+    reached both; near 0 when every connection landed on the first)."""
+    return _share(second.cpu, first.cpu + second.cpu)
 
 
 def cpu_per_op(operations: float, *samplers: RssSampler) -> float:
@@ -397,8 +421,8 @@ def scenario_ussd_hop(b: Bench) -> None:
                                    "baseline_p50_ms": base.p50_ms, "baseline_p99_ms": base.p99_ms,
                                    # The bare handler with the session's Redis GET and SET, nothing else.
                                    "redis_floor_rps": round(floor.rps), "redis_floor_p99_ms": floor.p99_ms,
-                                   "redis_floor_share_of_baseline": round(floor.rps / base.rps, 3),
-                                   "share_of_redis_floor": round(result.rps / floor.rps, 3)},
+                                   "redis_floor_share_of_baseline": _share(floor.rps, base.rps),
+                                   "share_of_redis_floor": _share(result.rps, floor.rps)},
                            notes="sessions of 40-60 hops, 50 on average (Language, Back, ...): about 1 in 50 "
                                  "opens a session (membership read, session row); after 2 s of the same load, "
                                  "not measured"), result))
@@ -409,15 +433,11 @@ def scenario_ussd_hop_2proc(b: Bench) -> None:
     if one is None:
         one = hop_load(ussd_path(b), b)
         b.hop_one = one
-    second = start_serve(b, "serve-2")
-    try:
+    with second_serve(b) as second:
         b.log("USSD menu hop, 2 serve processes (reuse_port), 32 connections")
         warm_up(ussd_path(b), b)
         with RssSampler(second) as rss:
             result = hop_load(ussd_path(b), b)
-    finally:
-        second.stop()
-        b.cluster.procs.remove(second)
     b.rss_peak["ussd_hop_2proc(second)"] = rss.peak
     errors = _load_errors(result)
     b.rows.append(_lat(Row("USSD menu hop (2 processes, 32 conn.)", "hops/s", result.rps, "/s",
@@ -468,6 +488,7 @@ def pay_sessions(b: Bench, label: str, name: str, second: Proc | None = None, no
                            met=errors == 0 and consistent and sessions >= 200 and result.p99_ms <= 50,
                            checks={"errors": errors, "hops": result.requests, "sessions_ended": ends,
                                    "serve_cpu_ms_per_hop": cpu_per_op(result.requests, rss, rss2),
+                                   "second_process_cpu_share": second_share(rss, rss2) if second else None,
                                    "payments_in_db": payments, "collect_jobs": jobs, "consistent": consistent},
                            notes="latency columns are per hop; after 2 s of the same load, not measured"
                                  + (f"; {notes}" if notes else "")),
@@ -504,6 +525,7 @@ def scenario_payments_2proc(b: Bench) -> None:
     if b.insert_base is None:
         b.insert_base = insert_baseline(b)
     with second_serve(b) as second:
+        api_payments_load(b, 1.0 if b.args.quick else 2.0, "warm" + secrets.token_hex(3))  # not measured
         api_payments(b, "POST /v1/payments (2 processes, 32 conn.)", "payments_2proc", second, notes=TWO_PROCESSES)
 
 
@@ -533,6 +555,7 @@ def api_payments(b: Bench, label: str, name: str, second: Proc | None = None, no
                            met=errors == 0 and consistent and result.rps >= max(1000, 0.4 * base.rps),
                            checks={"errors": errors, "created_201": created, "payment_rows": rows,
                                    "serve_cpu_ms_per_payment": cpu_per_op(result.requests, rss, rss2),
+                                   "second_process_cpu_share": second_share(rss, rss2) if second else None,
                                    "audit_rows": audit, "outbox_jobs": jobs, "replay_ok": replay,
                                    "consistent": consistent, "baseline_p99_ms": base.p99_ms,
                                    "baseline_errors": _load_errors(base)},

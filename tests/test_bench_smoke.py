@@ -70,6 +70,9 @@ def test_quick_benchmark_runs_every_scenario_with_sane_figures(tmp_path: Path) -
     for name in ("Full USSD pay session (32 conn.)", "Full USSD pay session (2 processes, 32 conn.)"):
         pay = rows[name]["checks"]
         assert pay["errors"] == 0 and pay["consistent"] and pay["sessions_ended"] > 0, pay
+    for name in ("Full USSD pay session (2 processes, 32 conn.)", "POST /v1/payments (2 processes, 32 conn.)"):
+        share = rows[name]["checks"]["second_process_cpu_share"]
+        assert share is not None and share > 0.1, rows[name]  # the load reached the second process
 
     for name in ("POST /v1/payments (idempotency key, 32 conn.)", "POST /v1/payments (2 processes, 32 conn.)"):
         api = rows[name]
