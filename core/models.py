@@ -198,6 +198,8 @@ class Refund(Base):
     status: Mapped[str] = mapped_column(String(16), default="PENDING")
     reason: Mapped[str | None] = mapped_column(String(300))
     idempotency_key: Mapped[str] = mapped_column(String(128))
+    # sha256 of what was asked (amount or "everything", reason, dispute); NULL on refunds made before 0003
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     provider_reference: Mapped[str] = mapped_column(String(64), unique=True)
     provider_transaction_id: Mapped[str | None] = mapped_column(String(128))
     failure_reason: Mapped[str | None] = mapped_column(String(200))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,13 @@ async def refundable(session: AsyncSession, payment: Payment) -> Money:
     return Money(max(0, collected(payment) - int(held)), payment.currency)
 
 
+def _request_hash(amount: Money | None, reason: str | None, dispute_id: str | None) -> str:
+    canonical = json.dumps({"amount": None if amount is None else amount.minor,
+                            "currency": None if amount is None else amount.currency,
+                            "reason": reason, "dispute": dispute_id}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def collected(payment: Payment) -> int:
     """Minor units actually taken: the amount, or less when the provider reported less."""
     if payment.collected_minor is None:
@@ -71,10 +80,15 @@ async def request_refund(
     if payment is None:
         raise NotFound("payment not found")
 
+    request_hash = _request_hash(amount, reason, dispute_id)
     existing = (await session.execute(select(Refund).where(Refund.payment_id == payment.id,
                                                            Refund.idempotency_key == key))).scalar_one_or_none()
     if existing is not None:
-        if amount is not None and amount.minor != existing.amount_minor:
+        if existing.request_hash is not None and existing.request_hash != request_hash:
+            # Another amount, "everything" instead of a sum (or the reverse), another reason: not a retry.
+            raise Conflict("Refund with this idempotency key already exists with a different request",
+                           field="idempotencyKey")
+        if amount is not None and amount.minor != existing.amount_minor:  # (refunds made before the digest)
             raise Conflict("Refund with this idempotency key already exists with a different amount",
                            field="idempotencyKey")
         return existing, False
@@ -101,7 +115,8 @@ async def request_refund(
     refund = Refund(
         id=str(uuid.uuid4()), cooperative_id=payment.cooperative_id, payment_id=payment.id,
         reference=await next_reference(session, "RFD"), amount_minor=amount.minor, currency=amount.currency,
-        status=R.PENDING.value, reason=reason, idempotency_key=key, provider_reference=str(uuid.uuid4()),
+        status=R.PENDING.value, reason=reason, idempotency_key=key, request_hash=request_hash,
+        provider_reference=str(uuid.uuid4()),
         dispute_id=dispute_id, created_by=actor.id,
     )
     session.add(refund)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from core.models import OutboxJob, Refund
 from tests.admin_api.conftest import complete_payment, idem, make_payment
@@ -57,9 +57,16 @@ async def test_refund_idempotency_and_pending_payment(admin, rt, demo):
         "POST", f"/v1/payments/{payment['id']}/refunds", 200, json={"amount": 1000, "idempotencyKey": key}
     )
     assert replay["id"] == first["id"]
-    await admin.json(
+    conflict = await admin.json(
         "POST", f"/v1/payments/{payment['id']}/refunds", 409, json={"amount": 2000, "idempotencyKey": key}
     )
+    assert conflict["message"] == "Refund with this idempotency key already exists with a different request"
+    # "Everything" (no amount) or another reason under the same key is another request too, not a retry: a
+    # client must not read the first (1,000) refund as the full refund it asked for.
+    for other in ({"idempotencyKey": key}, {"amount": 1000, "reason": "full refund", "idempotencyKey": key}):
+        await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 409, json=other)
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(func.count()).select_from(Refund))).scalar_one() == 1
     pending = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
     refused = await admin.json(
         "POST", f"/v1/payments/{pending['id']}/refunds", 422, json={"idempotencyKey": idem()}
