@@ -23,7 +23,11 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
     session_id = text_field(body, "SessionId", max_len=128)
     phone = phone_field(body, "Mobile")
     service_code = text_field(body, "ServiceCode", required=False, max_len=32)
-    message = text_field(body, "Message", required=kind == "Response", max_len=200)
+    # A Response must carry Message, but it may be empty (the user sent an empty reply): the menu answers
+    # "invalid choice" as it does on Africa's Talking, instead of a 400 that ends the session.
+    if kind == "Response" and body.get("Message") is None:
+        raise MalformedRequest("Message is required")
+    message = text_field(body, "Message", required=False, max_len=200)
     sequence = body.get("Sequence")
     if sequence is not None and (isinstance(sequence, bool) or not isinstance(sequence, int | str)):
         raise MalformedRequest("Sequence must be a number")

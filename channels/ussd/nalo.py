@@ -29,7 +29,10 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
     first = _flag(body["MSGTYPE"])
     session_id = text_field(body, "SESSIONID", max_len=128)
     phone = phone_field(body, "MSISDN")
-    userdata = text_field(body, "USERDATA", required=not first, max_len=200)
+    # USERDATA must be there after the first hop, but may be empty (an empty reply): "invalid choice", not 400.
+    if not first and body.get("USERDATA") is None:
+        raise MalformedRequest("USERDATA is required")
+    userdata = text_field(body, "USERDATA", required=False, max_len=200)
     turn = UssdTurn(
         aggregator=NAME, session_id=session_id, phone=phone,
         service_code=userdata if first and userdata.startswith("*") else base_code,

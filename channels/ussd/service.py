@@ -69,6 +69,11 @@ class UssdService:
                 and stored.hop == turn.hop_key:
             # The aggregator retried a hop we already answered: same screen, no side effect again.
             return UssdReply(*stored.reply), "retry"
+        if stored is not None and turn.is_new and turn.hop_key is None and stored.hops <= 1 \
+                and stored.reply is not None and not stored.state.ended:
+            # The opening request again (Nalo, or Hubtel without Sequence, name no hop): the aggregator
+            # retried it; answering it as a choice on the menu would show "invalid choice".
+            return UssdReply(*stored.reply), "retry"
         if stored is not None and stored.state.ended and stored.reply is not None:
             return UssdReply(stored.reply[0], True), stored.state.screen
 

@@ -209,13 +209,15 @@ async def test_random_refund_sequences_never_exceed_what_was_collected(rt: Any, 
     total, steps = program
     payment = await pending_payment(rt, demo, provider="mtn_momo", method="MOBILE_MONEY_MTN",
                                     status="COMPLETED", amount_minor=total, txn=f"TX{uuid.uuid4().hex[:8]}")
-    keys: list[str] = []
+    keys: list[tuple[str, Money | None]] = []  # each key with what it asked for: a replay asks the same
     for op, n in steps:
         if op in ("request", "rest", "replay"):
             if op == "replay" and not keys:
                 continue
-            key = keys[n % len(keys)] if op == "replay" else f"prop-{uuid.uuid4().hex}"
-            amount = None if op in ("rest", "replay") else Money(n, "RWF")
+            if op == "replay":
+                key, amount = keys[n % len(keys)]
+            else:
+                key, amount = f"prop-{uuid.uuid4().hex}", None if op == "rest" else Money(n, "RWF")
             before = await _refund_rows(rt, payment.id)
             try:
                 async with rt.sessionmaker.begin() as s:
@@ -224,7 +226,7 @@ async def test_random_refund_sequences_never_exceed_what_was_collected(rt: Any, 
                         reason="property", idempotency_key=key, actor=ACTOR)
                 assert created == (op != "replay")
                 if created:
-                    keys.append(key)
+                    keys.append((key, amount))
             except BusinessRuleError as exc:
                 assert op != "replay"
                 assert any(words in exc.message for words in REFUSALS), exc.message

@@ -597,8 +597,8 @@ async def test_a_confirmation_past_the_grace_finishes_and_a_retry_gets_its_answe
     await _slow_create_payment(monkeypatch, 0.5)
     first = await phone.send("1")
     # Not "try again" (that would charge twice): the payment may be going through.
-    assert first == ("END We are still processing your request. If it went through you will get an SMS "
-                     "shortly; please wait for it before trying again.")
+    assert first == ("END Your request is still being processed. If it went through you will get an SMS "
+                     "shortly; wait for it before trying again.")
     assert len(channel._finishing) == 1  # held until it finishes (asyncio keeps weak references only)
     for _ in range(100):  # the hop finishes in the background: payment, then the session's answer
         await asyncio.sleep(0.05)

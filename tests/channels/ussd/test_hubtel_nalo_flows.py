@@ -102,3 +102,36 @@ async def test_nalo_every_screen_of_a_long_walk_fits(client: Any, demo: Any) -> 
     assert seen[5].startswith("What went wrong?")
     assert seen[8].startswith("Bienvenue")
     assert body["MSGTYPE"] is False and "+250788123456" in body["MSG"]
+
+
+async def test_an_empty_reply_is_an_invalid_choice_not_the_end_of_the_session(client: Any, demo: Any) -> None:
+    """The user pressed Send with nothing typed: as on Africa's Talking, the menu says so and goes on (a 400
+    ended the session on the aggregator's side)."""
+    await nalo(client, "nalo-empty", "*384*123#", True)
+    again = await nalo(client, "nalo-empty", "", False)
+    assert again["MSGTYPE"] is True and again["MSG"].startswith("Choix invalide") and "\n1. " in again["MSG"]
+    phone = HubtelPhone(client, EN_MTN, "hubtel-empty")
+    await phone.post("Initiation", "*384*123#")
+    empty = await phone.post("Response", "")
+    assert empty["Type"] == "Response" and empty["Message"].startswith("Invalid choice.")
+    # Leaving the field out is still a malformed request.
+    resp = await client.post("/ussd/nalo", json={"USERID": "NALOTest", "MSISDN": FR_AIRTEL, "MSGTYPE": False,
+                                                 "SESSIONID": "nalo-empty"})
+    assert resp.status == 400 and (await resp.json())["message"] == "USERDATA is required"
+
+
+async def test_a_retried_opening_request_answers_the_opening_screen_again(client: Any, demo: Any) -> None:
+    """Nalo (and Hubtel without Sequence) name no hop: the same opening request twice is a retry, not an
+    empty choice on the menu."""
+    first = await nalo(client, "nalo-retry", "*384*123#", True)
+    assert await nalo(client, "nalo-retry", "*384*123#", True) == first
+    types = await nalo(client, "nalo-retry", "1", False)
+    assert "Monthly Rent" in types["MSG"]
+    resp = await client.post("/ussd/hubtel", json={
+        "Mobile": EN_MTN, "SessionId": "hubtel-retry", "ServiceCode": "384*123", "Type": "Initiation",
+        "Message": "*384*123#", "Operator": "mtn"})
+    opening = await resp.json()
+    resp = await client.post("/ussd/hubtel", json={
+        "Mobile": EN_MTN, "SessionId": "hubtel-retry", "ServiceCode": "384*123", "Type": "Initiation",
+        "Message": "*384*123#", "Operator": "mtn"})
+    assert (await resp.json())["Message"] == opening["Message"] and opening["Message"].startswith("Welcome")

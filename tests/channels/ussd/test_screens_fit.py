@@ -161,3 +161,12 @@ async def test_confirmation_keeps_a_long_reference_whole(lang: str, limit: int) 
         assert gsm.length(reply.text) <= limit and gsm.is_gsm(reply.text), reply.text
         assert reference in reply.text, (lang, limit, reply.text)
         assert reply.text.endswith(translate(lang, "confirm.no") if not stack else translate(lang, "nav.home"))
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+@pytest.mark.parametrize("msgid", ["unsettled", "unavailable"])
+def test_the_answers_outside_the_menu_fit_the_smallest_limit(lang: str, msgid: str) -> None:
+    """Said when a hop fails or its payment's outcome is not known yet: never cut (Nalo cuts at 120), since
+    "wait for the SMS before trying again" is what keeps a payer from paying twice."""
+    text = translate(lang, msgid)
+    assert gsm.length(text) <= min(LIMITS), (lang, msgid, gsm.length(text))
