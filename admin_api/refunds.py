@@ -27,7 +27,7 @@ from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param
 from core.models import Payment, Refund
 from core.money import Money
-from core.refunds import request_refund
+from core.refunds import record_refund_outcome, request_refund
 from core.state.refund import RefundStatus
 
 REFUND = out(
@@ -53,6 +53,15 @@ CREATE = obj(
         "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128},
     },
     ["idempotencyKey"],
+)
+OUTCOME = obj(
+    {
+        "status": {"enum": [RefundStatus.COMPLETED.value, RefundStatus.FAILED.value]},
+        "providerTransactionId": {"type": ["string", "null"], "minLength": 1, "maxLength": 128},
+        "note": {"type": "string", "minLength": 3, "maxLength": 300,
+                 "description": "what the provider confirmed (kept in the audit log)"},
+    },
+    ["status", "note"],
 )
 LIST_QUERY = {
     "page": PAGE,
@@ -96,6 +105,18 @@ async def create_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     )
     await ctx.session.commit()
     return json_response(present(refund), status=201 if created else 200)
+
+
+async def record_outcome(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """The outcome of a refund the gateway could not learn from the provider (parked for manual review)."""
+    refund = await one(ctx, Refund, request.match_info["id"], "refund")
+    body = ctx.body
+    refund = await record_refund_outcome(
+        ctx.session, ctx.rt, refund_id=refund.id, cooperative_id=refund.cooperative_id,
+        succeeded=body["status"] == RefundStatus.COMPLETED.value, note=body["note"],
+        provider_transaction_id=body.get("providerTransactionId"), actor=ctx.who.actor)
+    await ctx.session.commit()
+    return json_response(present(refund))
 
 
 def _filters(ctx: Ctx, query: Any) -> Any:
@@ -157,4 +178,14 @@ ROUTES = [
         response=page_of(REFUND),
     ),
     Route("GET", "/refunds/{id}", get_refund, "Get a refund", "refunds", "payments:read", response=REFUND),
+    Route(
+        "POST",
+        "/refunds/{id}/outcome",
+        record_outcome,
+        "Record a refund's outcome confirmed with the provider (for one parked for manual review)",
+        "refunds",
+        "admin",
+        body=OUTCOME,
+        response=REFUND,
+    ),
 ]

@@ -8,13 +8,13 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.db import insert_ignore, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
-from core.models import Payment, ProviderEvent, Refund
+from core.models import OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
 from core.outbox import enqueue, enqueue_many
@@ -161,6 +161,56 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         # Without a member, the phone that paid is told (a mobile-money payment's), as of the receipt.
         member_id=paid.member_id or None, phone=payer_phone(rt.cipher, paid)))
     return updated.status.lower()
+
+
+async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id: str, cooperative_id: str | None,
+                                succeeded: bool, note: str, actor: Actor,
+                                provider_transaction_id: str | None = None) -> Refund:
+    """An admin records what the provider settled, for a refund the gateway could not learn it for: one
+    parked for manual review (the provider never settled it, or has no refund status query, as Airtel).
+    Until then the refund holds its amount. The outcome goes the way a provider's would (the payment's
+    refunded amount, the payer's SMS, the webhook), with the admin's note in the audit log.
+
+    Refused for a final refund, and for one not yet sent whose submission is still queued (the provider
+    may be about to take it)."""
+    note = (note or "").strip()
+    if not 3 <= len(note) <= 300:
+        raise ValidationError("note must be 3 to 300 characters: what the provider confirmed", field="note")
+    if provider_transaction_id is not None and not 1 <= len(provider_transaction_id.strip()) <= 128:
+        raise ValidationError("providerTransactionId must be 1 to 128 characters", field="providerTransactionId")
+    query = select(Refund).where(Refund.id == refund_id).with_for_update()
+    if cooperative_id is not None:
+        query = query.where(Refund.cooperative_id == cooperative_id)
+    refund = (await session.execute(query.execution_options(populate_existing=True))).scalar_one_or_none()
+    if refund is None:
+        raise NotFound("refund not found")
+    if R(refund.status) in (R.COMPLETED, R.FAILED):
+        raise Conflict(f"refund is already {refund.status}", field="status")
+    # Its submission and its polls (a resend's poll too: refund-poll:<id>:resent:<n>).
+    jobs = (await session.execute(select(OutboxJob).where(or_(
+        OutboxJob.dedupe_key == f"refund:{refund.id}", OutboxJob.dedupe_key == f"refund-poll:{refund.id}",
+        OutboxJob.dedupe_key.like(f"refund-poll:{refund.id}:%"))))).scalars().all()
+    if R(refund.status) is R.PENDING and any(
+            j.kind == "refund.submit" and j.status in ("PENDING", "RUNNING") for j in jobs):
+        raise Conflict("refund has not been sent to the provider yet: wait for its submission", field="status")
+    target = R.COMPLETED if succeeded else R.FAILED
+    await record(session, actor=actor, action="refund.outcome_recorded", entity_type="refund", entity_id=refund.id,
+                 before={"status": refund.status},
+                 after={"status": target.value, "note": note, "providerTransactionId": provider_transaction_id},
+                 cooperative_id=refund.cooperative_id)
+    await apply_refund_outcome(
+        session, rt, refund, ProviderOutcome.SUCCEEDED if succeeded else ProviderOutcome.FAILED, actor=actor,
+        provider_transaction_id=(provider_transaction_id or "").strip() or None,
+        reason=None if succeeded else f"recorded by an admin: {note}")
+    # Its parked jobs are settled (left PARKED they would still read as work for a person).
+    now = utcnow()
+    for job in jobs:
+        if job.status == "PARKED":
+            job.status, job.done_at, job.updated_at = "DONE", now, now
+            job.last_error = f"settled: refund outcome recorded ({target.value})"
+    await session.flush()
+    await session.refresh(refund)
+    return refund
 
 
 def refund_data(refund: Refund) -> dict[str, object]:

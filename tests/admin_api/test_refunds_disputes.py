@@ -193,3 +193,83 @@ async def test_a_refunds_outcome_queues_the_members_sms_and_the_webhook_event(te
     assert by_kind["sms.send"][1]["member_id"] == demo["members"]["+250788000001"]
     assert by_kind["webhook.event"][0] == f"wh:evt_refund_completed_{done.id}"
     assert by_kind["webhook.event"][1]["data"] == refund_data(stored)
+
+
+async def _parked(rt, refund_id):
+    """The refund as the worker leaves one the provider never settled: PROCESSING, its poll parked."""
+    from sqlalchemy import update
+
+    from core.db import utcnow
+
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Refund).where(Refund.id == refund_id).values(status="PROCESSING"))
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{refund_id}")
+                        .values(status="DONE", done_at=utcnow()))
+        s.add(OutboxJob(kind="refund.poll", payload={"refund_id": refund_id}, dedupe_key=f"refund-poll:{refund_id}",
+                        status="PARKED", last_error="refund needs manual review: airtel has no refund status"))
+
+
+async def test_an_admin_records_the_outcome_of_a_refund_the_provider_never_settled(admin, rt, demo):
+    from core.models import AuditEvent, Payment
+
+    payment = await _paid(admin, rt, demo)  # 50,000 RWF
+    first = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                             json={"amount": 20000, "idempotencyKey": idem()})
+    await _parked(rt, first["id"])
+    # Until its outcome is known the refund holds its amount: only 30,000 left.
+    await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 422,
+                     json={"amount": 30001, "idempotencyKey": idem()})
+    url = f"/v1/refunds/{first['id']}/outcome"
+    await admin.json("POST", url, 400, json={"status": "COMPLETED"})  # the note is required
+    await admin.json("POST", url, 400, json={"status": "PENDING", "note": "asked MTN"})
+    done = await admin.json("POST", url, 200, json={"status": "COMPLETED", "providerTransactionId": "AIR-RF-778",
+                                                   "note": "Airtel support confirmed, ticket 4521"})
+    assert done["status"] == "COMPLETED" and done["completedAt"] is not None
+    async with rt.sessionmaker() as s:
+        stored = await s.get(Refund, first["id"])
+        paid = await s.get(Payment, payment["id"])
+        audit = (await s.execute(select(AuditEvent).where(AuditEvent.entity_id == first["id"],
+                                                          AuditEvent.action == "refund.outcome_recorded"))).scalar_one()
+        poll = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund-poll:{first['id']}"))
+                ).scalar_one()
+        notices = (await s.execute(select(OutboxJob.kind).where(OutboxJob.dedupe_key.like(f"%{first['id']}%"),
+                                                                OutboxJob.kind.in_(("sms.send", "webhook.event")))
+                                   )).scalars().all()
+    assert stored.provider_transaction_id == "AIR-RF-778"
+    assert (paid.status, paid.refunded_minor) == ("PARTIALLY_REFUNDED", 20000)
+    assert audit.after["note"] == "Airtel support confirmed, ticket 4521" and audit.before == {"status": "PROCESSING"}
+    assert (poll.status, poll.last_error) == ("DONE", "settled: refund outcome recorded (COMPLETED)")
+    assert sorted(notices) == ["sms.send", "webhook.event"]  # the payer's SMS and the cooperative's webhook
+    again = await admin.json("POST", url, 409, json={"status": "FAILED", "note": "changed my mind"})
+    assert again["message"] == "refund is already COMPLETED"
+
+    # A failed one frees its amount again.
+    second = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                              json={"amount": 30000, "idempotencyKey": idem()})
+    # Not yet sent (its submission still queued): the provider may be about to take it.
+    refused = await admin.json("POST", f"/v1/refunds/{second['id']}/outcome", 409,
+                               json={"status": "FAILED", "note": "never mind"})
+    assert refused["message"] == "refund has not been sent to the provider yet: wait for its submission"
+    await _parked(rt, second["id"])
+    failed = await admin.json("POST", f"/v1/refunds/{second['id']}/outcome", 200,
+                              json={"status": "FAILED", "note": "Airtel: reversal rejected"})
+    assert (failed["status"], failed["failureReason"]) == ("FAILED", "recorded by an admin: Airtel: reversal rejected")
+    await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                     json={"amount": 30000, "idempotencyKey": idem()})
+
+
+async def test_recording_a_refund_outcome_is_for_admins_of_its_cooperative(admin, client, rt, demo, superadmin,
+                                                                          coop_b):
+    from tests.admin_api.conftest import bearer
+
+    payment = await _paid(admin, rt, demo)
+    refund = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                              json={"amount": 1000, "idempotencyKey": idem()})
+    await _parked(rt, refund["id"])
+    await superadmin.json("POST", "/v1/users", 201, json={
+        "username": "boss@b.rw", "password": "a-long-password-1", "role": "COOP_ADMIN",
+        "cooperativeId": coop_b["cooperative_id"]})
+    other = await bearer(client, "boss@b.rw", "a-long-password-1")
+    await other.json("POST", f"/v1/refunds/{refund['id']}/outcome", 404, json={"status": "COMPLETED", "note": "x" * 5})
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Refund, refund["id"])).status == "PROCESSING"
