@@ -144,6 +144,11 @@ class End:
 Screen = Menu | Input | Confirm | End
 
 
+# Arguments that are names typed by people (any length): the ones shortened to fit a screen that must not page.
+FREE_TEXT_ARGS = frozenset({"type", "coop", "name"})
+MIN_NAME = 8
+
+
 def fit(text: str, limit: int) -> str:
     """Cut a text to the limit in GSM-7 septets (dynamic data can be longer than planned)."""
     text = gsm.to_gsm(text)
@@ -263,15 +268,39 @@ class Engine:
             header = ctx.t_fit(screen.prompt, room, **args)
             return UssdReply(self._assemble(ctx, error, header, [], footer), False)
         if isinstance(screen, Confirm):
+            # Never paged: what is being confirmed and both answers on one screen (on a 120-character
+            # aggregator a long name pushed "Cancel" to a second page, and an error line pushed out the
+            # summary, leaving "1. Confirm" alone). Free-text names are shortened to make room; an error
+            # line goes rather than the summary.
             entries = [("o0", ctx.t(screen.yes)), ("o1", ctx.t(screen.no))]
             room = ctx.limit - gsm.length(_join([f"1. {entries[0][1]}", f"2. {entries[1][1]}",
                                                  *self._footer(ctx, more=False)])) - 1
-            header = ctx.t_fit(screen.body, room, **args)
-            return self._page(ctx, header, entries, error)
+            summary = self._fit_names(ctx, screen.body, room - gsm.length(error) - 1, args) if error else None
+            if summary is None:
+                error = None
+                summary = self._fit_names(ctx, screen.body, room, args) or fit(ctx.t_fit(screen.body, room, **args),
+                                                                               room)
+            return self._page(ctx, summary, entries, error)
         if screen.items is None:
             return self._static_menu(ctx, screen, args, error)
         items = [("i:" + it.key, it.label) for it in (await screen.items(ctx))[:MAX_ITEMS]]
         return self._menu(ctx, screen, args, error, items)
+
+    @staticmethod
+    def _fit_names(ctx: Ctx, msgid: str, room: int, args: dict[str, Any]) -> str | None:
+        """The message within `room`, its free-text names (a payment type's, a cooperative's) shortened as
+        far as MIN_NAME characters if need be; None when even that does not fit."""
+        text = ctx.t_fit(msgid, room, **args)
+        names = {k: v for k, v in args.items() if k in FREE_TEXT_ARGS and isinstance(v, str)}
+        while gsm.length(text) > room and names:
+            key = max(names, key=lambda k: len(names[k]))
+            size = max(MIN_NAME, len(names[key]) - (gsm.length(text) - room))
+            if size >= len(names[key]):
+                del names[key]  # as short as it may get
+                continue
+            names[key] = names[key][:size - 1].rstrip() + "."
+            text = ctx.t_fit(msgid, room, **{**args, **names})
+        return text if gsm.length(text) <= room else None
 
     def _menu(self, ctx: Ctx, screen: Menu, args: dict[str, Any], error: str | None,
               items: list[tuple[str, str]] | None = None) -> UssdReply:

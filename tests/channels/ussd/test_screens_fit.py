@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from channels.ussd.engine import Ctx, End, Engine, Item, Menu, State
+from channels.ussd.engine import Confirm, Ctx, End, Engine, Item, Menu, State
 from channels.ussd.i18n import LANGUAGES, catalog, translate
 from channels.ussd.screens import SCREENS
 from core import gsm
@@ -100,7 +100,12 @@ async def test_every_screen_fits(lang: str, limit: int) -> None:
             assert state.ids or sid == "reg_code" or sid.endswith(("_amount", "_name")), f"{sid} page empty"
             errored = await engine.render(ctx, error=translate(lang, "error.invalid_choice"))
             check(errored.text, limit, f"{lang}/{sid}/error")
-            if not errored.text.startswith(translate(lang, "error.invalid_choice")):
+            if isinstance(screen, Confirm):
+                # What is being confirmed comes first: where it and the error line do not both fit, the
+                # screen is shown again without the error (never the options without the summary).
+                if errored.text.split("\n")[-2:] != reply.text.split("\n")[-2:] or "PAY_" not in errored.text:
+                    failures.append(f"{lang}/{sid}: summary or options missing after an error")
+            elif not errored.text.startswith(translate(lang, "error.invalid_choice")):
                 failures.append(f"{lang}/{sid}: error line missing")
             if not state.data.get("_more"):
                 break
@@ -170,3 +175,29 @@ def test_the_answers_outside_the_menu_fit_the_smallest_limit(lang: str, msgid: s
     "wait for the SMS before trying again" is what keeps a payer from paying twice."""
     text = translate(lang, msgid)
     assert gsm.length(text) <= min(LIMITS), (lang, msgid, gsm.length(text))
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("lang", LANGUAGES)
+@pytest.mark.parametrize("name", ["Garbage collection", "Monthly Rent - Building A, Block 3 (two rooms)"])
+async def test_the_confirmation_is_one_screen_whatever_the_name(lang: str, limit: int, name: str) -> None:
+    """What is paid and both answers always on one screen, even after a wrong key: a long payment-type name
+    is shortened; on a 120-character aggregator it pushed "Cancel" to a second page, and the error line
+    then pushed out the summary, leaving "1. Confirm" alone."""
+    method = translate(lang, "method.MOBILE_MONEY_AIRTEL")
+
+    async def args(_ctx: Ctx) -> dict[str, Any]:
+        return {**sample_args(lang), "type": name[:30], "amount": "5,000 RWF", "method": method}
+
+    engine = Engine({**SCREENS, "pay_confirm": dataclasses.replace(SCREENS["pay_confirm"], args=args)})
+    for stack in ([], ["home", "pay_type"]):
+        for error in (None, translate(lang, "error.invalid_choice")):
+            state = State(screen="pay_confirm", stack=list(stack), lang=lang)
+            reply = await engine.render(Ctx(rt=None, turn=None, state=state, limit=limit), error=error)
+            text = reply.text
+            assert gsm.length(text) <= limit, (lang, limit, text)
+            assert f"1. {translate(lang, 'confirm.yes')}" in text and f"2. {translate(lang, 'confirm.no')}" in text
+            assert "98." not in text and not state.data.get("_more"), text  # not paged
+            for whole in ("5,000 RWF", method, "PAY_20261122_001"):
+                assert whole in text, (lang, limit, whole, text)
+            assert name[:6] in text, text  # the name shortened, not dropped
