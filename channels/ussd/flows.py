@@ -19,7 +19,7 @@ from channels.ussd.i18n import LANGUAGES
 from channels.ussd.types import side_effect_started
 from core.audit import Actor
 from core.errors import Conflict, DomainError
-from core.models import Cooperative, Payment, PaymentType
+from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import Money, MoneyError
 from core.text import is_number
 
@@ -599,11 +599,16 @@ async def set_language(ctx: Ctx, lang: str) -> str:
     ctx.data.pop("m", None)
     ctx.cache.pop("ms", None)
     ms = await memberships(ctx)
+    # The language is the person's: every membership of the phone takes it, not only those of the
+    # cooperative a dialled extension picked (dialling the main code later would greet them in the old one).
+    async with ctx.rt.sessionmaker.begin() as session:
+        rows = (await session.execute(select(Member.id, Member.language).where(
+            Member.phone_index == ctx.rt.cipher.blind_index(ctx.hop.phone.e164),
+            Member.status != "SUSPENDED"))).all()
+        for member_id, old in rows:
+            if old != lang:
+                await remember(session, member_id, lang, actor=actor(ctx))
     if ms:
-        async with ctx.rt.sessionmaker.begin() as session:
-            for member, _coop in ms:
-                if member.language != lang:
-                    await remember(session, member.id, lang, actor=actor(ctx))
         ctx.data["m"] = [[m_id, status, lang, coop_id] for m_id, status, _old, coop_id in ctx.data["m"]]
     ctx.state.stack.clear()
     return "home"

@@ -772,3 +772,28 @@ async def test_resumed_session_keeps_the_reference_and_a_lost_answer_never_pays_
     assert payment.idempotency_key == f"ussd:africastalking:{dropped.session_id}"
     assert await db.count(OutboxJob, OutboxJob.kind == "payment.collect") == 1
     assert (await db.one(UssdSession, UssdSession.session_id == again.session_id)).payment_id == payment.id
+
+
+
+async def test_a_language_chosen_through_an_extension_is_the_persons_everywhere(client: Any, demo: Any, db: Any,
+                                                                                 rt: Any) -> None:
+    """A member of two cooperatives picks French while dialling one's extension: the main code then greets
+    them in French too (only the extension's membership used to be updated)."""
+    from core.audit import Actor
+    from core.members import create_member
+
+    async with rt.sessionmaker.begin() as s:
+        remera = Cooperative(name="Remera Teachers SACCO", short_code="RTS", country="RW", currency="RWF",
+                             status="ACTIVE", ussd_extension="7")
+        s.add(remera)
+        await s.flush()
+        await create_member(s, rt.cipher, cooperative_id=remera.id, name="Jean Bosco", phone=normalize(EN_MTN),
+                            actor=Actor("system", "system"), language="en")
+    phone = AtPhone(client, EN_MTN, service_code="*384*123*7#")
+    home = await phone.dial()
+    languages = await phone.send(option(home, "Language"))
+    assert (await phone.send(option(languages, "Francais"))).startswith("CON Bienvenue")
+    again = AtPhone(client, EN_MTN)  # the main code: both memberships
+    assert (await again.dial()).startswith("CON Bienvenue")
+    rows = (await db.all(Member, Member.phone_index == rt.cipher.blind_index(EN_MTN)))
+    assert sorted(m.language for m in rows) == ["fr", "fr"]
