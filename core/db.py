@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import JSON, DateTime, MetaData, String, Table, TypeDecorator, event
+from sqlalchemy import JSON, DateTime, MetaData, String, Table, TypeDecorator, event, update
 from sqlalchemy import exc as exc_module
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -142,6 +142,21 @@ async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     async with engine.connect() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
         yield conn
+
+
+async def serialise_on_sqlite(session: AsyncSession, model: Any, row_id: str) -> None:
+    """Make the rest of this transaction wait for any other that did the same on this row, on SQLite.
+
+    PostgreSQL callers lock the row (SELECT ... FOR UPDATE); SQLite ignores FOR UPDATE, and the driver
+    runs reads outside any transaction until the first write, so two check-then-write transactions (two
+    refunds of one payment) both read "50,000 refundable" and both write. A no-op UPDATE of the row is a
+    write: it begins the transaction and takes the database's write lock (SQLite serialises writers; the
+    second waits up to busy_timeout), so what this transaction reads afterwards includes what the other
+    committed. Call it before the reads it guards. No-op on PostgreSQL."""
+    if session.get_bind().dialect.name != "sqlite":
+        return
+    table = model.__table__
+    await session.execute(update(table).where(table.c.id == row_id).values(id=table.c.id))
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
-from core.db import utcnow
+from core.db import serialise_on_sqlite, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, Payment
 from core.money import Money
@@ -58,6 +58,7 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
         raise ValidationError("note must be at most 1000 characters", field="note")
     # Two opens at once: the payment's row lock makes the second wait, then see the first one's dispute.
     # (FOR NO KEY UPDATE: serialises with every other locker, not with inserts whose key points here.)
+    await serialise_on_sqlite(session, Payment, payment.id)
     await session.execute(select(Payment.id).where(Payment.id == payment.id).with_for_update(key_share=True))
     already = (await session.execute(
         select(Dispute).where(Dispute.payment_id == payment.id, Dispute.status.in_(OPEN_STATES))

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
-from core.db import utcnow
+from core.db import serialise_on_sqlite, utcnow
 from core.errors import Conflict, NotFound, ValidationError
 from core.models import Cooperative, PaymentType
 from core.money import Money
@@ -112,6 +112,7 @@ async def _cooperative(session: AsyncSession, cooperative_id: str) -> Cooperativ
     """The cooperative, its row locked until the caller commits: names are unique per cooperative by
     check-then-write, so two creates (or renames) of one name take turns and the second sees the first.
     FOR NO KEY UPDATE: it does not block inserts of rows that point at the cooperative (payments)."""
+    await serialise_on_sqlite(session, Cooperative, cooperative_id)
     coop = (await session.execute(
         select(Cooperative).where(Cooperative.id == cooperative_id).with_for_update(key_share=True)
     )).scalar_one_or_none()

@@ -12,7 +12,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
-from core.db import insert_ignore, utcnow
+from core.db import insert_ignore, serialise_on_sqlite, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
@@ -73,10 +73,11 @@ async def request_refund(
     key = (idempotency_key or "").strip()
     if not 8 <= len(key) <= 128:
         raise ValidationError("idempotencyKey must be 8 to 128 characters", field="idempotencyKey")
+    await serialise_on_sqlite(session, Payment, payment_id)  # the row lock below, on SQLite
     query = select(Payment).where(Payment.id == payment_id).with_for_update()
     if cooperative_id is not None:
         query = query.where(Payment.cooperative_id == cooperative_id)
-    payment = (await session.execute(query)).scalar_one_or_none()
+    payment = (await session.execute(query.execution_options(populate_existing=True))).scalar_one_or_none()
     if payment is None:
         raise NotFound("payment not found")
 
