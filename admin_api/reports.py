@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime, time
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from aiohttp import web
 
@@ -13,6 +15,7 @@ from admin_api.routing import Ctx, Route
 from admin_api.validation import Param
 from core import reports
 from core.errors import ValidationError
+from core.models import Cooperative
 from core.payments import METHODS
 from core.state.refund import RefundStatus
 
@@ -34,20 +37,50 @@ RECONCILIATION = {
     },
 }
 PERIOD = {
-    "from": Param("date-time", "Start of the period (inclusive)"),
-    "to": Param("date-time", "End of the period (exclusive)"),
+    "from": Param("date-time", "Start of the period (inclusive). A date alone is midnight in the cooperative's "
+                  "time zone; a date-time without an offset is UTC"),
+    "to": Param("date-time", "End of the period (exclusive); as `from`"),
 }
 
 
-def _period(ctx: Ctx) -> tuple[datetime | None, datetime | None]:
+_DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+async def _period(ctx: Ctx, request: web.Request) -> tuple[datetime | None, datetime | None]:
+    """The period's bounds. A bare date (2025-10-01) is midnight in the cooperative's own time zone for a
+    caller of one cooperative, as its receipts and reminders show dates: October's report of a Kigali
+    cooperative runs from 1 October 00:00 to 1 November 00:00 in Kigali (22:00 UTC the day before). A
+    date-time without an offset is UTC, as everywhere in the API; with an offset, as given."""
     start, end = ctx.query.get("from"), ctx.query.get("to")
+    raw = {name: request.query.get(name, "") for name in ("from", "to")}
+    if ctx.who.cooperative_id and any(_DATE_ONLY.match(v) for v in raw.values()):
+        coop = await ctx.session.get(Cooperative, ctx.who.cooperative_id)
+        zone = _zone(coop.timezone if coop else None)
+        if start is not None and _DATE_ONLY.match(raw["from"]):
+            start = _local_midnight(start, zone)
+        if end is not None and _DATE_ONLY.match(raw["to"]):
+            end = _local_midnight(end, zone)
     if start is not None and end is not None and start >= end:
         raise ValidationError("from must be before to", field="from")
     return start, end
 
 
+def _local_midnight(day: datetime, zone: ZoneInfo) -> datetime:
+    try:
+        return datetime.combine(day.date(), time(), tzinfo=zone).astimezone(UTC)
+    except OverflowError:
+        return day  # 0001-01-01 or 9999-12-31 in a zone that moves it out of range: keep the UTC bound
+
+
+def _zone(name: str | None) -> ZoneInfo:
+    try:
+        return ZoneInfo(name or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
 async def reconciliation(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    start, end = _period(ctx)
+    start, end = await _period(ctx, request)
     summary = await reports.reconciliation(ctx.session, scope=ctx.who.scope, start=start, end=end)
     return web.json_response(summary)
 
@@ -69,7 +102,7 @@ async def _send_csv(request: web.Request, chunks: AsyncIterator[bytes], filename
 
 
 async def payments_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    start, end = _period(ctx)
+    start, end = await _period(ctx, request)
     chunks = reports.payments_csv(
         ctx.session,
         scope=ctx.who.scope,
@@ -82,7 +115,7 @@ async def payments_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 async def refunds_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    start, end = _period(ctx)
+    start, end = await _period(ctx, request)
     chunks = reports.refunds_csv(
         ctx.session,
         scope=ctx.who.scope,

@@ -141,3 +141,33 @@ async def test_audit_events_filtered_and_scoped(admin, rt, demo, coop_b):
     b = await coop_b["admin"].json("GET", f"/v1/audit-events?entityId={done['id']}", 200)
     assert b["meta"]["total"] == 0
     await admin.json("GET", "/v1/audit-events?limit=500", 400)
+
+
+async def test_a_period_given_as_dates_is_the_cooperatives_local_days(admin, rt, demo):
+    """October in Kigali (UTC+2) is 30 September 22:00 UTC to 31 October 22:00 UTC, as the receipts date them:
+    a payment at 00:30 on 1 November local time belongs to November, one at 00:30 on 1 October to October."""
+    from datetime import UTC, datetime
+
+    rent = demo["payment_types"]["Monthly Rent"]
+    made = {}
+    for label, at in (("oct-first", datetime(2025, 9, 30, 22, 30, tzinfo=UTC)),
+                      ("oct-last", datetime(2025, 10, 31, 21, 59, tzinfo=UTC)),
+                      ("nov-first", datetime(2025, 10, 31, 22, 30, tzinfo=UTC))):
+        payment = await make_payment(admin, rent)
+        made[payment["id"]] = label
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(update(Payment).where(Payment.id == payment["id"]).values(created_at=at))
+
+    async def labels(query: str) -> list[str]:
+        resp = await admin.req("GET", f"/v1/reports/payments.csv?{query}")
+        assert resp.status == 200, await resp.text()
+        return sorted(made[r["id"]] for r in csv.DictReader(io.StringIO(await resp.text())))
+
+    assert await labels("from=2025-10-01&to=2025-11-01") == ["oct-first", "oct-last"]
+    assert await labels("from=2025-11-01&to=2025-12-01") == ["nov-first"]
+    # A date-time without an offset stays UTC (as everywhere in the API); with one, as given.
+    assert await labels("from=2025-10-01T00:00:00&to=2025-11-01T00:00:00") == ["nov-first", "oct-last"]
+    assert await labels("from=2025-10-01T00:00:00%2B02:00&to=2025-11-01T00:00:00%2B02:00") == ["oct-first",
+                                                                                                "oct-last"]
+    summary = await admin.json("GET", "/v1/reports/reconciliation?from=2025-10-01&to=2025-11-01", 200)
+    assert sum(row["count"] for row in summary["payments"]["byStatus"]) == 2
