@@ -15,6 +15,7 @@ BODIES = {
     ("PATCH", "/members/{id}"): {"name": "Taken over"},
     ("POST", "/payments/{id}/refunds"): {"idempotencyKey": "cross-coop-key"},
     ("POST", "/disputes/{id}/transitions"): {"status": "REJECTED"},
+    ("POST", "/refunds/{id}/outcome"): {"status": "COMPLETED", "note": "taken over"},
 }
 # Routes only a super admin may call at all: B's admin is stopped earlier, with 403.
 SUPER_ONLY = {
@@ -61,6 +62,7 @@ async def _resources_of_a(admin, superadmin, rt, demo):
         "/payments/{id}/status": payment["id"],
         "/payments/{id}/refunds": payment["id"],
         "/refunds/{id}": refund["id"],
+        "/refunds/{id}/outcome": refund["id"],
         "/members/{id}/transactions": member,
         "/members/{id}": member,
         "/members/{id}/approve": member,
