@@ -469,7 +469,11 @@ async def _apply_outcome(
                          after={"providerTransactionId": provider_transaction_id},
                          cooperative_id=payment.cooperative_id)
             payment.mismatch = True
-            payment.mismatch_detail = "provider reported success after the payment had failed"
+            taken = f" ({amount})" if amount is not None else ""
+            payment.mismatch_detail = f"provider reported success{taken} after the payment had failed"
+            if provider_transaction_id and payment.provider_transaction_id is None:
+                # What the cooperative needs to give the money back by hand (or to find it at the provider).
+                payment.provider_transaction_id = provider_transaction_id
             return "flagged_success_after_failure"
         values: dict[str, Any] = {"completed_at": utcnow()}
         if payment.provider_transaction_id is not None and (

@@ -453,3 +453,24 @@ async def test_periodic_jobs_are_scheduled_once_per_slot(rt, demo):
     now = utcnow()
     today = 1 if now <= _scan_time(now.date()) + CATCH_UP else 0
     assert counts["payments.sweep"] == 1 and counts["reminders.scan"] == 1 + today
+
+
+async def test_money_taken_after_a_failure_is_flagged_with_what_finds_it(rt, demo, provider):
+    """A provider reports success after it had reported failure: the payment is never reopened (the member
+    was told it failed), but it is flagged and audited with the provider's id and amount, which is what the
+    cooperative needs to find the money and give it back."""
+    from core.models import AuditEvent
+
+    payment, _ = await _create(rt, _new(demo))
+    assert await handle_provider_event(rt, _event(payment, ProviderOutcome.FAILED, "e1")) == "failed"
+    late = _event(payment, ProviderOutcome.SUCCEEDED, "e2", amount=Money(50_000, "RWF"),
+                  provider_transaction_id="MTN-LATE-9")
+    assert await handle_provider_event(rt, late) == "flagged_success_after_failure"
+    stored = await _payment(rt, payment.id)
+    assert (stored.status, stored.mismatch, stored.provider_transaction_id) == ("FAILED", True, "MTN-LATE-9")
+    assert stored.mismatch_detail == "provider reported success (50,000 RWF) after the payment had failed"
+    async with rt.sessionmaker() as s:
+        audit = (await s.execute(select(AuditEvent).where(AuditEvent.entity_id == payment.id,
+                                                          AuditEvent.action == "payment.success_after_failure"))
+                 ).scalar_one()
+    assert audit.after == {"providerTransactionId": "MTN-LATE-9"}
