@@ -97,7 +97,17 @@ class UssdService:
         """Save the session with its answer (and, on the first hop, write the session row meanwhile)."""
         stored.hop, stored.reply = turn.hop_key, (reply.text, reply.end)
         state = stored.state
-        keep_route = None if state.screen in NO_RESUME and not reply.end else not reply.end
+        # The resume route: kept while the user is somewhere worth coming back to; cleared at END, and when
+        # they went back to the menu after this session saved one ("rk"): a later dial must not offer to
+        # resume a screen they left. Untouched otherwise (most menu hops: no extra Redis command).
+        if state.screen in NO_RESUME and not reply.end:
+            keep_route = False if state.data.pop("rk", None) else None
+        else:
+            keep_route = not reply.end
+            if keep_route:
+                state.data["rk"] = 1
+            else:
+                state.data.pop("rk", None)
         saving = sessions.save(rt.redis, turn.aggregator, turn.session_id, stored,
                                resume=None if keep_route is None else (rt.cipher, turn.phone, keep_route),
                                funnel=funnel.advance(state))

@@ -797,3 +797,15 @@ async def test_a_language_chosen_through_an_extension_is_the_persons_everywhere(
     assert (await again.dial()).startswith("CON Bienvenue")
     rows = (await db.all(Member, Member.phone_index == rt.cipher.blind_index(EN_MTN)))
     assert sorted(m.language for m in rows) == ["fr", "fr"]
+
+
+async def test_going_back_to_the_menu_withdraws_the_resume_offer(client: Any, demo: Any) -> None:
+    """Pay, then Back to the menu and on to the language screen, then the session drops: the next dial is
+    the menu, not "you did not finish" (which would land on the payment list they had left)."""
+    phone = AtPhone(client, EN_MTN)
+    home = await phone.dial()
+    await phone.send("1")  # the payment list: worth resuming
+    assert (await phone.send("0")) == home  # Back to the menu
+    await phone.send(option(home, "Language"))
+    again = AtPhone(client, EN_MTN)
+    assert (await again.dial()) == home
