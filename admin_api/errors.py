@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 from aiohttp import web
+from redis.exceptions import RedisError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 
 from core.db import utcnow
 from core.errors import DomainError, ValidationError
@@ -63,6 +65,14 @@ def apply_rate_headers(request: web.Request, response: web.StreamResponse) -> No
         response.headers["Retry-After"] = str(decision.retry_after)
 
 
+def _outage(exc: BaseException) -> bool:
+    """A failure to reach the database or Redis (refused, reset, timed out, restarting), not a bug: a
+    database error other than a constraint, a malformed statement or bad data."""
+    if isinstance(exc, (OSError, TimeoutError, RedisError)):
+        return True
+    return isinstance(exc, DBAPIError) and not isinstance(exc, (IntegrityError, ProgrammingError, DataError))
+
+
 @web.middleware
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -83,7 +93,13 @@ async def error_middleware(
             message = "request body is too large"
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         return error_response(request, exc.status, message or HTTPStatus(exc.status).phrase, headers)
-    except Exception:
+    except Exception as exc:
+        if _outage(exc):
+            # The database or Redis is down or restarting: the transaction did not commit, so nothing was
+            # changed, and the same request (same idempotency key) can be sent again.
+            log.warning("dependency unavailable on %s %s: %s", request.method, request.path, type(exc).__name__)
+            return error_response(request, 503, "A dependency is unavailable; nothing was changed, send it again",
+                                  {"Retry-After": "1"})
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(request, 500, "Internal server error")
     apply_rate_headers(request, response)

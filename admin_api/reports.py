@@ -86,6 +86,10 @@ async def reconciliation(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 async def _send_csv(request: web.Request, chunks: AsyncIterator[bytes], filename: str) -> web.StreamResponse:
+    # The first chunk (the header line and the first rows: the query has run) before the status line, so a
+    # database that fails at once answers with an error instead of a 200 and an empty or cut file. A failure
+    # later ends the chunked body without its last chunk, which clients report as an incomplete transfer.
+    first = await anext(chunks, b"")
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/csv; charset=utf-8",
@@ -95,6 +99,7 @@ async def _send_csv(request: web.Request, chunks: AsyncIterator[bytes], filename
     )
     apply_rate_headers(request, response)
     await response.prepare(request)
+    await response.write(first)
     async for chunk in chunks:
         await response.write(chunk)
     await response.write_eof()

@@ -247,15 +247,18 @@ async def _stream(
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
-    yield buffer.getvalue().encode()
-    # A server-side cursor: rows arrive in partitions, never the whole result in memory.
+    # A server-side cursor: rows arrive in partitions, never the whole result in memory. The header goes
+    # out with the first partition: nothing is yielded before the query has run (the route sends its
+    # status line on the first chunk, so a failing query is still an error response).
     result = await session.stream(query.execution_options(yield_per=CHUNK_ROWS))
     async for partition in result.partitions(CHUNK_ROWS):
-        buffer.seek(0)
-        buffer.truncate()
         for item in partition:
             writer.writerow([_cell(v) for v in row(item)])
         yield buffer.getvalue().encode()
+        buffer.seek(0)
+        buffer.truncate()
+    if buffer.tell():
+        yield buffer.getvalue().encode()  # no rows: the header alone
 
 
 def payments_csv(

@@ -171,3 +171,21 @@ async def test_a_period_given_as_dates_is_the_cooperatives_local_days(admin, rt,
                                                                                                 "oct-last"]
     summary = await admin.json("GET", "/v1/reports/reconciliation?from=2025-10-01&to=2025-11-01", 200)
     assert sum(row["count"] for row in summary["payments"]["byStatus"]) == 2
+
+
+async def test_an_export_whose_query_fails_is_an_error_not_an_empty_file(admin, rt, demo, monkeypatch):
+    """The status line goes out with the first rows: a database failing at once answers 503, not a 200 with
+    a header line and nothing else (which reads as "no payments")."""
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    async def down(self, *args, **kwargs):
+        raise DBAPIError("SELECT", None, ConnectionError("server closed the connection"))
+
+    await _scenario(admin, rt, demo)
+    monkeypatch.setattr(AsyncSession, "stream", down)
+    resp = await admin.req("GET", "/v1/reports/payments.csv")
+    assert resp.status == 503 and resp.content_type == "application/json", await resp.text()
+    monkeypatch.undo()
+    empty = await admin.req("GET", "/v1/reports/refunds.csv?status=FAILED")  # no rows: the header alone
+    assert empty.status == 200 and (await empty.text()).strip().startswith("id,")
