@@ -354,7 +354,9 @@ async def reg_args(ctx: Ctx) -> dict[str, Any]:
 async def type_items(ctx: Ctx) -> list[Item]:
     items = []
     for pt in await payment_types(ctx):
-        amount = Money(pt.amount_minor, pt.currency).format()
+        # A type whose amount the payer enters, with no usual amount: not "0 RWF".
+        free = pt.allow_custom_amount and not pt.amount_minor
+        amount = ctx.t("pay.any_amount") if free else Money(pt.amount_minor, pt.currency).format()
         if pt.due_day:
             label = ctx.t("pay.type_line_due", name=short(pt.name), amount=amount, day=pt.due_day)
         else:
@@ -378,8 +380,9 @@ async def type_chosen(ctx: Ctx, type_id: str) -> str:
 async def amount_args(ctx: Ctx) -> dict[str, Any]:
     pt = await payment_type(ctx)
     currency = ctx.data.get("cur", "RWF")
-    usual = Money(pt.amount_minor, currency).format() if pt and pt.amount_minor else "-"
-    return {"currency": currency, "amount": usual}
+    usual = (ctx.t("pay.usual", amount=Money(pt.amount_minor, currency).format())
+             if pt and pt.amount_minor else "")  # no "(usual: -)" for a type without one
+    return {"currency": currency, "usual": usual}
 
 
 async def validate_amount(ctx: Ctx, text: str) -> str:

@@ -809,3 +809,15 @@ async def test_going_back_to_the_menu_withdraws_the_resume_offer(client: Any, de
     await phone.send(option(home, "Language"))
     again = AtPhone(client, EN_MTN)
     assert (await again.dial()) == home
+
+
+async def test_a_type_whose_amount_the_payer_chooses_is_not_listed_at_zero(client: Any, demo: Any, rt: Any) -> None:
+    async with rt.sessionmaker.begin() as s:
+        s.add(PaymentType(cooperative_id=demo["cooperative_id"], name="Donation", amount_minor=0,
+                          currency="RWF", is_active=True, allow_custom_amount=True))
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    types = await phone.send("1")
+    assert "Donation any amount" in types and "Donation 0 RWF" not in types
+    prompt = await phone.send(option(types, "Donation"))
+    assert prompt.startswith("CON Enter amount in RWF:")  # no "(usual: -)"

@@ -23,7 +23,8 @@ def sample_args(lang: str) -> dict[str, Any]:
     return {"name": COOP, "coop": COOP, "amount": "5,000,000 RWF", "ref": "PAY_20261122_001",
             "type": "Monthly Rent", "phone": "+250788123456", "currency": "RWF",
             "method": translate(lang, "method.MOBILE_MONEY_AIRTEL"), "status": longest_status,
-            "date": "22/11/2026", "max": "5,000,000 RWF", "example": "5000", "fee": "0 RWF"}
+            "date": "22/11/2026", "max": "5,000,000 RWF", "example": "5000", "fee": "0 RWF",
+            "usual": translate(lang, "pay.usual", amount="5,000,000 RWF")}
 
 
 def sample_items(screen_id: str, lang: str) -> list[Item]:
