@@ -104,6 +104,19 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
     if note or evidence:
         notes.append({"at": utcnow().isoformat(), "actor": actor.id, "text": note, "evidence": evidence,
                       "status": target.value})
+    current = DisputeStatus(dispute.status)
+    if target is current and current in (D.OPEN, D.UNDER_REVIEW):
+        # The same status again: evidence gathered while the dispute stays where it is (a note, a statement
+        # line), kept on the dispute and in the audit log; the member is not messaged about it.
+        if not (note or evidence) or refund_amount is not None:
+            raise BusinessRuleError(f"the dispute is already {current.value}: send a note or evidence to add "
+                                    "to it, or another status", field="status")
+        dispute.notes, dispute.updated_at = notes, utcnow()
+        await record(session, actor=actor, action="dispute.note_added", entity_type="dispute",
+                     entity_id=dispute.id, after={"note": note, "evidence": evidence},
+                     cooperative_id=dispute.cooperative_id)
+        await session.flush()
+        return dispute
     values: dict[str, Any] = {"notes": notes}
     if target in (D.RESOLVED, D.REJECTED, D.WITHDRAWN):
         values["resolved_at"] = utcnow()

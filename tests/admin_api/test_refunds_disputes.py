@@ -118,6 +118,14 @@ async def test_dispute_lifecycle_with_refund_on_resolution(admin, tenant, rt, de
         json={"status": "UNDER_REVIEW", "note": "checking MTN statement", "evidence": "statement line 42"},
     )
     assert review["status"] == "UNDER_REVIEW" and review["notes"][-1]["evidence"] == "statement line 42"
+    # More evidence while it stays under review: added to its notes, no status change, no SMS to the member.
+    more = await admin.json("POST", f"/v1/disputes/{opened['id']}/transitions", 200,
+                            json={"status": "UNDER_REVIEW", "note": "MTN ticket 8812 opened"})
+    assert more["status"] == "UNDER_REVIEW" and [n["text"] for n in more["notes"]][-2:] == [
+        "checking MTN statement", "MTN ticket 8812 opened"]
+    empty = await admin.json("POST", f"/v1/disputes/{opened['id']}/transitions", 422,
+                             json={"status": "UNDER_REVIEW"})
+    assert empty["message"].startswith("the dispute is already UNDER_REVIEW: send a note or evidence")
     early_refund = await admin.json(
         "POST",
         f"/v1/disputes/{opened['id']}/transitions",
