@@ -230,9 +230,11 @@ async def home_args(ctx: Ctx) -> dict[str, Any]:
 async def enter(ctx: Ctx, flow: str) -> str:
     """Start a flow that needs a membership: pick the cooperative first when there are several."""
     ctx.data["nx"] = flow
-    if ctx.data.get("c") and ctx.data.get("mb"):
-        return await _start(ctx, flow)
     ms = await memberships(ctx)
+    if ctx.data.get("c") and ctx.data.get("mb") and len(ms) <= 1:
+        # One cooperative (or the one a dialled extension named): no need to ask again. A member of several
+        # is asked each time a flow starts from the menu, so after Home the others are still reachable.
+        return await _start(ctx, flow)
     if not ms:
         if flow == "help":
             return "help_general"

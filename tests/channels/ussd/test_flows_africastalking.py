@@ -821,3 +821,31 @@ async def test_a_type_whose_amount_the_payer_chooses_is_not_listed_at_zero(clien
     assert "Donation any amount" in types and "Donation 0 RWF" not in types
     prompt = await phone.send(option(types, "Donation"))
     assert prompt.startswith("CON Enter amount in RWF:")  # no "(usual: -)"
+
+
+async def test_a_member_of_two_cooperatives_can_reach_both_in_one_session(client: Any, demo: Any, rt: Any) -> None:
+    """Pay at one, Home, Pay again: the cooperative is asked again (the first choice stuck for the whole
+    session, and the other cooperative could not be reached)."""
+    from core.audit import Actor
+    from core.members import create_member
+
+    async with rt.sessionmaker.begin() as s:
+        remera = Cooperative(name="Remera Teachers SACCO", short_code="RTS", country="RW", currency="RWF",
+                             status="ACTIVE")
+        s.add(remera)
+        await s.flush()
+        s.add(PaymentType(cooperative_id=remera.id, name="Savings", amount_minor=2_000, currency="RWF",
+                          is_active=True))
+        await create_member(s, rt.cipher, cooperative_id=remera.id, name="Jean Bosco", phone=normalize(EN_MTN),
+                            actor=Actor("system", "system"), language="en")
+    phone = AtPhone(client, EN_MTN)
+    home = await phone.dial()
+    pick = await phone.send(option(home, "Pay"))
+    assert pick.startswith("CON Choose your cooperative:")
+    types = await phone.send(option(pick, "Remera"))
+    assert "Savings" in types and "Monthly Rent" not in types
+    assert (await phone.send("00")) == home
+    again = await phone.send(option(home, "Pay"))
+    assert again == pick
+    kigali = await phone.send(option(again, "Kigali"))
+    assert "Monthly Rent" in kigali and "Savings" not in kigali
