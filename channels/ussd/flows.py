@@ -218,6 +218,24 @@ def short(name: str, size: int = 22) -> str:
     return name if len(name) <= size else name[:size - 1].rstrip() + "."
 
 
+def shorts(names: list[str], size: int = 22) -> list[str]:
+    """short() of each name, except that names whose shortened forms would read the same keep the end that
+    tells them apart ("Monthly Rent - Building A" and "... B": "Monthly Rent..lding A", "..lding B")."""
+    cut = [short(n, size) for n in names]
+    clashes: dict[str, list[int]] = {}
+    for i, label in enumerate(cut):
+        clashes.setdefault(label, []).append(i)
+    for group in (g for g in clashes.values() if len(g) > 1):
+        full = [" ".join(names[i].split()) for i in group]
+        differ = next((k for k in range(1, size) if len({f[-k:] for f in full}) == len(full)), None)
+        if differ is None:
+            continue  # the same name twice: nothing to tell apart
+        tail = min(size - 6, differ + 6)
+        for i, name in zip(group, full, strict=True):
+            cut[i] = name[:size - 2 - tail].rstrip() + ".." + name[-tail:]
+    return cut
+
+
 # -- home and membership --------------------------------------------------------------------------
 
 async def home_args(ctx: Ctx) -> dict[str, Any]:
@@ -286,7 +304,8 @@ async def help_(ctx: Ctx, _key: str) -> str:
 
 
 async def coop_items(ctx: Ctx) -> list[Item]:
-    return [Item(c.id, short(c.name, 30)) for _, c in await memberships(ctx)]
+    ms = await memberships(ctx)
+    return [Item(c.id, label) for (_, c), label in zip(ms, shorts([c.name for _, c in ms], 30), strict=True)]
 
 
 async def coop_chosen(ctx: Ctx, coop_id: str) -> str:
@@ -355,14 +374,16 @@ async def reg_args(ctx: Ctx) -> dict[str, Any]:
 
 async def type_items(ctx: Ctx) -> list[Item]:
     items = []
-    for pt in await payment_types(ctx):
+    types = await payment_types(ctx)
+    labels = shorts([pt.name for pt in types])
+    for pt, name in zip(types, labels, strict=True):
         # A type whose amount the payer enters, with no usual amount: not "0 RWF".
         free = pt.allow_custom_amount and not pt.amount_minor
         amount = ctx.t("pay.any_amount") if free else Money(pt.amount_minor, pt.currency).format()
         if pt.due_day:
-            label = ctx.t("pay.type_line_due", name=short(pt.name), amount=amount, day=pt.due_day)
+            label = ctx.t("pay.type_line_due", name=name, amount=amount, day=pt.due_day)
         else:
-            label = ctx.t("pay.type_line", name=short(pt.name), amount=amount)
+            label = ctx.t("pay.type_line", name=name, amount=amount)
         items.append(Item(pt.id, label))
     return items
 
