@@ -32,13 +32,18 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
     if sequence is not None and (isinstance(sequence, bool) or not isinstance(sequence, int | str)):
         raise MalformedRequest("Sequence must be a number")
     dialled = message if kind == "Initiation" and message.startswith("*") else ""
-    base = service_code if service_code.startswith("*") else f"*{service_code}#"
+    code = service_code if service_code.startswith("*") else f"*{service_code}#"
+    # The extension is what follows our configured code, in the dialled string (Message on Initiation) or,
+    # when Hubtel puts the whole dialled code there, in ServiceCode itself.
+    extension = None
+    if kind == "Initiation":
+        extension = (extension_of(dialled, base_code) or extension_of(dialled, code) if dialled else None)             or extension_of(code, base_code)
     turn = UssdTurn(
-        aggregator=NAME, session_id=session_id, phone=phone, service_code=dialled or base,
+        aggregator=NAME, session_id=session_id, phone=phone, service_code=dialled or code,
         input=message if kind == "Response" else None, is_new=kind == "Initiation",
         network=text_field(body, "Operator", required=False, max_len=16) or None,
         hop_key=f"{kind}:{sequence}" if sequence is not None else None,
-        extension=extension_of(dialled, base) if dialled else None,
+        extension=extension,
         closed=kind in ("Release", "Timeout"),
     )
     # Echoed back verbatim, so it is checked like any other field (a string, printable, bounded).

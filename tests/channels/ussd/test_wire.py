@@ -82,3 +82,17 @@ def test_malformed_replies() -> None:
 def test_nalo_never_sends_more_than_120_characters() -> None:
     rendered = nalo.render(UssdReply("x" * 200, True), None)
     assert len(json.loads(rendered.body)["MSG"]) == 120
+
+
+@pytest.mark.parametrize(("service_code", "message", "extension"), [
+    ("384*123", "*384*123*7#", "7"),        # the dialled code in Message
+    ("*384*123*7#", "", "7"),               # the whole dialled code in ServiceCode
+    ("*384*123*7#", "*384*123*7#", "7"),
+    ("384*123", "*384*123#", None),
+    ("*384*123#", "", None),
+])
+def test_hubtel_finds_the_extension_wherever_the_dialled_code_is(service_code: str, message: str,
+                                                                 extension: str | None) -> None:
+    parsed = hubtel.parse({"Type": "Initiation", "SessionId": "s-1", "Mobile": "233244000001",
+                           "ServiceCode": service_code, "Message": message, "Operator": "mtn"}, "*384*123#")
+    assert parsed.turn.extension == extension
