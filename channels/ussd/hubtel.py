@@ -37,7 +37,8 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
     # when Hubtel puts the whole dialled code there, in ServiceCode itself.
     extension = None
     if kind == "Initiation":
-        extension = (extension_of(dialled, base_code) or extension_of(dialled, code) if dialled else None)             or extension_of(code, base_code)
+        in_dialled = extension_of(dialled, base_code) or extension_of(dialled, code) if dialled else None
+        extension = in_dialled or extension_of(code, base_code)
     turn = UssdTurn(
         aggregator=NAME, session_id=session_id, phone=phone, service_code=dialled or code,
         input=message if kind == "Response" else None, is_new=kind == "Initiation",
