@@ -636,6 +636,9 @@ async def set_language(ctx: Ctx, lang: str) -> str:
                 await remember(session, member_id, lang, actor=actor(ctx))
     if ms:
         ctx.data["m"] = [[m_id, status, lang, coop_id] for m_id, status, _old, coop_id in ctx.data["m"]]
+    elif not rows:
+        # Not a member anywhere: kept in Redis, so the next session (on any server) speaks it too.
+        await sessions.remember_language(ctx.rt.redis, ctx.rt.cipher, ctx.hop.phone, lang)
     ctx.state.stack.clear()
     return "home"
 

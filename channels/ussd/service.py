@@ -153,18 +153,18 @@ class UssdService:
                 ctx.cache[f"coop:{coop.id}"] = coop
         # The resume route (Redis) is looked up while the memberships (PostgreSQL) are read: under load each
         # await of a hop waits its turn behind the other hops, and the opening hop has the most of them.
-        peek = asyncio.ensure_future(sessions.peek_resume(rt.redis, rt.cipher, turn.phone))
+        peek = asyncio.ensure_future(sessions.opening_facts(rt.redis, rt.cipher, turn.phone))
         try:
             ms = await flows.memberships(ctx)
         except BaseException:
             peek.cancel()
             await asyncio.gather(peek, return_exceptions=True)
             raise
-        resumable = await peek
+        resumable, chosen = await peek
         if ms:
             state.lang = language(ms[0][0].language)
         else:
-            state.lang = language(self.languages.get(rt.cipher.blind_index(turn.phone.e164)))
+            state.lang = language(chosen or self.languages.get(rt.cipher.blind_index(turn.phone.e164)))
         reply = await self.engine.show(ctx, "resume" if resumable else "home", push=False)
         member_id = ms[0][0].id if len(ms) == 1 else None
         coop_id = ms[0][1].id if len(ms) == 1 else state.data.get("x")

@@ -3,6 +3,7 @@
 Keys carry a hash tag so Redis Cluster keeps each key on one slot:
   ussd:{at:<session id>}           the whole session (screen, back stack, data, last hop and reply)
   ussd:{ph:<blind index>}:resume   the route of a session dropped before END, offered on the next dial
+  ussd:{ph:<blind index>}:lang     the language a phone of no cooperative chose
 """
 
 from __future__ import annotations
@@ -135,8 +136,24 @@ async def save(redis: Any, aggregator: str, session_id: str, stored: Stored, *,
     await pipe.execute()
 
 
-async def peek_resume(redis: Any, cipher: PiiCipher, phone: Phone) -> bool:
-    return bool(await redis.exists(resume_key(cipher, phone)))
+def language_key(cipher: PiiCipher, phone: Phone) -> str:
+    """A phone's chosen language when it belongs to no cooperative (members keep theirs on their rows).
+    Same hash tag as the resume route: one slot, read with it in one command."""
+    return f"ussd:{{ph:{cipher.blind_index(phone.e164)}}}:lang"
+
+
+LANGUAGE_TTL = 90 * 24 * 3600
+
+
+async def opening_facts(redis: Any, cipher: PiiCipher, phone: Phone) -> tuple[bool, str | None]:
+    """For a session's first hop, in one round trip: whether a resume route waits, and the language a
+    phone that belongs to no cooperative chose before (on any server: not only this process's memory)."""
+    route, lang = await redis.mget(resume_key(cipher, phone), language_key(cipher, phone))
+    return route is not None, lang.decode() if isinstance(lang, bytes) else lang
+
+
+async def remember_language(redis: Any, cipher: PiiCipher, phone: Phone, lang: str) -> None:
+    await redis.set(language_key(cipher, phone), lang, ex=LANGUAGE_TTL)
 
 
 async def load_resume(redis: Any, cipher: PiiCipher, phone: Phone) -> State | None:

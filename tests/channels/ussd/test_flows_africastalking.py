@@ -866,3 +866,20 @@ async def test_long_names_that_begin_alike_can_be_told_apart_in_the_list(client:
     chosen = await phone.send(option(types, "lding B"))
     assert "Monthly Rent - Building B" in chosen, chosen
     assert shorts(["Water", "Same name", "Same name"]) == ["Water", "Same name", "Same name"]
+
+
+async def test_a_non_members_language_is_remembered_on_every_server(client: Any, demo: Any, rt: Any) -> None:
+    """A phone of no cooperative chooses Kinyarwanda: the next session greets it in Kinyarwanda even on
+    another serve process (its memory of languages is empty there), from the phone's key in Redis."""
+    from channels.ussd.routes import USSD
+    from channels.ussd.service import LanguageMemory
+
+    phone = AtPhone(client, STRANGER)
+    home = await phone.dial()
+    languages = await phone.send(option(home, "Language"))
+    chosen = await phone.send(option(languages, "Ikinyarwanda"))
+    client.server.app[USSD].service.languages = LanguageMemory()  # another process: nothing in memory
+    again = AtPhone(client, STRANGER)
+    assert (await again.dial()) == chosen
+    key = sessions.language_key(rt.cipher, normalize(STRANGER))
+    assert await rt.redis.get(key) == b"rw" and 0 < await rt.redis.ttl(key) <= sessions.LANGUAGE_TTL
