@@ -414,13 +414,15 @@ async def validate_amount(ctx: Ctx, text: str) -> str:
     # Whole units only: a "." or "," typed on a keypad is a mistake more often than cents.
     if not is_number(text):
         raise Invalid("pay.amount_invalid", currency=currency, example=example)
+    cap = Money.parse(MAX_AMOUNT.get(currency, DEFAULT_MAX), currency)
     try:
         amount = Money.parse(text, currency)
     except MoneyError:
+        if text.strip("0"):  # digits only, but more than money can hold: too high, not "not a number"
+            raise Invalid("pay.amount_too_big", max=cap.format()) from None
         raise Invalid("pay.amount_invalid", currency=currency, example=example) from None
     if not amount.is_positive():
         raise Invalid("pay.amount_invalid", currency=currency, example=example)
-    cap = Money.parse(MAX_AMOUNT.get(currency, DEFAULT_MAX), currency)
     if amount > cap:
         raise Invalid("pay.amount_too_big", max=cap.format())
     return str(amount.minor)

@@ -185,6 +185,8 @@ async def test_custom_amount_is_validated(client: Any, demo: Any, db: Any, rt: A
         assert answer.startswith("CON Enter a whole amount in RWF, e.g. 5000:"), (bad, answer)
     too_big = await phone.send("5000001")
     assert too_big.startswith("CON Amount too high. The maximum is 5,000,000 RWF:")
+    # Digits beyond what an amount can hold are too high as well, not "not a whole amount".
+    assert (await phone.send("9" * 20)).startswith("CON Amount too high. The maximum is 5,000,000 RWF:")
     confirm = await phone.send("20000")
     assert "Amount: 20,000 RWF" in confirm
     done = await phone.send("1")
