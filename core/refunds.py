@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core.audit import Actor, record
 from core.db import insert_ignore, serialise_on_sqlite, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
-from core.models import OutboxJob, Payment, ProviderEvent, Refund
+from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
 from core.outbox import enqueue, enqueue_many
@@ -152,6 +152,8 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         updated = await transition(session, REFUND, refund.id, current, R.FAILED, actor=actor,
                                    values={"failure_reason": (reason or outcome.value.lower())[:200]})
         template, event_type = "refund_failed", "refund.failed"
+        if refund.dispute_id:
+            await _note_on_dispute(session, refund, updated.failure_reason or "failed", actor=actor)
     from core.payments import payer_phone  # local: core.payments reaches back into this module
 
     paid = await session.get(Payment, refund.payment_id)
@@ -162,6 +164,22 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         # Without a member, the phone that paid is told (a mobile-money payment's), as of the receipt.
         member_id=paid.member_id or None, phone=payer_phone(rt.cipher, paid)))
     return updated.status.lower()
+
+
+async def _note_on_dispute(session: AsyncSession, refund: Refund, reason: str, *, actor: Actor) -> None:
+    """A dispute resolved with this refund says the refund failed (it read as settled, with a refund that
+    never reached the member): a note on the dispute, where the admin who resolved it looks, and the
+    audit log. The cooperative's system hears it from the refund.failed webhook."""
+    dispute = (await session.execute(select(Dispute).where(Dispute.id == refund.dispute_id).with_for_update())
+               ).scalar_one_or_none()
+    if dispute is None:
+        return
+    text = f"refund {refund.reference} failed: {reason}; the member has not been paid back"
+    dispute.notes = [*(dispute.notes or []), {"at": utcnow().isoformat(), "actor": actor.id, "text": text,
+                                              "evidence": None, "status": dispute.status}]
+    dispute.updated_at = utcnow()
+    await record(session, actor=actor, action="dispute.refund_failed", entity_type="dispute", entity_id=dispute.id,
+                 after={"refundId": refund.id, "reason": reason}, cooperative_id=dispute.cooperative_id)
 
 
 async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id: str, cooperative_id: str | None,

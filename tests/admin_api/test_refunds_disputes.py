@@ -281,3 +281,20 @@ async def test_recording_a_refund_outcome_is_for_admins_of_its_cooperative(admin
     await other.json("POST", f"/v1/refunds/{refund['id']}/outcome", 404, json={"status": "COMPLETED", "note": "x" * 5})
     async with rt.sessionmaker() as s:
         assert (await s.get(Refund, refund["id"])).status == "PROCESSING"
+
+
+async def test_a_dispute_resolved_with_a_refund_that_fails_says_so(admin, rt, demo):
+    """Resolved in the member's favour with a refund, and the refund then fails: the dispute's notes say the
+    member has not been paid back (it read as settled)."""
+    payment = await _paid(admin, rt, demo)
+    opened = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": payment["id"], "reason": "OTHER"})
+    resolved = await admin.json("POST", f"/v1/disputes/{opened['id']}/transitions", 200,
+                                json={"status": "RESOLVED", "note": "refunding", "refundAmount": 10000})
+    await _parked(rt, resolved["refundId"])
+    await admin.json("POST", f"/v1/refunds/{resolved['refundId']}/outcome", 200,
+                     json={"status": "FAILED", "note": "MTN rejected the reversal"})
+    dispute = await admin.json("GET", f"/v1/disputes/{opened['id']}", 200)
+    refund = await admin.json("GET", f"/v1/refunds/{resolved['refundId']}", 200)
+    assert dispute["status"] == "RESOLVED"
+    assert dispute["notes"][-1]["text"] == (f"refund {refund['reference']} failed: recorded by an admin: MTN "
+                                           "rejected the reversal; the member has not been paid back")
