@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -195,10 +196,20 @@ def _iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
 
 
+# What a spreadsheet may read as the start of a formula or a DDE command, after leading blanks and line breaks
+# (some trim them), full-width forms included.
+_FORMULA_STARTS = frozenset("=+-@|\t\r\n\uff1d\uff0b\uff0d\uff20")
+# Numbers and masked phone numbers (+25078****001, -5.00): a spreadsheet can run nothing in them, and a quote
+# in front would break the scripts that read the file.
+_INERT = re.compile(r"^[+-]?[0-9*., ]+$")
+
+
 def _cell(value: Any) -> Any:
     """Neutralise spreadsheet formulas in free text (CSV injection)."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
+    if isinstance(value, str) and value and not _INERT.match(value):
+        first = value.lstrip(" \t\r\n")[:1] or value[:1]
+        if first in _FORMULA_STARTS or value[:1] in _FORMULA_STARTS:
+            return "'" + value
     return value
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
+import pytest
 from sqlalchemy import update
 
 from core.models import Payment
@@ -189,3 +190,19 @@ async def test_an_export_whose_query_fails_is_an_error_not_an_empty_file(admin, 
     monkeypatch.undo()
     empty = await admin.req("GET", "/v1/reports/refunds.csv?status=FAILED")  # no rows: the header alone
     assert empty.status == 200 and (await empty.text()).strip().startswith("id,")
+
+
+@pytest.mark.parametrize(("value", "exported"), [
+    ('=HYPERLINK("x")', '\'=HYPERLINK("x")'),
+    ("\n=1+1", "'\n=1+1"),  # a line break first: some spreadsheets trim it
+    (" @SUM(A1)", "' @SUM(A1)"),
+    ("\uff1d1+1", "'\uff1d1+1"),  # full-width equals sign
+    ("|cmd /c calc", "'|cmd /c calc"),
+    ("+25078****001", "+25078****001"),  # a masked phone: nothing to run, left as scripts expect it
+    ("-5.00", "-5.00"),
+    ("Monthly Rent - Building A", "Monthly Rent - Building A"),
+])
+def test_csv_cells_that_a_spreadsheet_could_run_are_quoted(value, exported):
+    from core.reports import _cell
+
+    assert _cell(value) == exported
