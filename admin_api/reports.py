@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, time
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -14,6 +14,7 @@ from admin_api.payments import STATUSES as PAYMENT_STATUSES
 from admin_api.routing import Ctx, Route
 from admin_api.validation import Param
 from core import reports
+from core.cooperatives import zone_of
 from core.errors import ValidationError
 from core.models import Cooperative
 from core.payments import METHODS
@@ -55,7 +56,7 @@ async def _period(ctx: Ctx, request: web.Request) -> tuple[datetime | None, date
     raw = {name: request.query.get(name, "") for name in ("from", "to")}
     if ctx.who.cooperative_id and any(_DATE_ONLY.match(v) for v in raw.values()):
         coop = await ctx.session.get(Cooperative, ctx.who.cooperative_id)
-        zone = _zone(coop.timezone if coop else None)
+        zone = zone_of(coop.timezone if coop else None)
         if start is not None and _DATE_ONLY.match(raw["from"]):
             start = _local_midnight(start, zone)
         if end is not None and _DATE_ONLY.match(raw["to"]):
@@ -71,12 +72,6 @@ def _local_midnight(day: datetime, zone: ZoneInfo) -> datetime:
     except OverflowError:
         return day  # 0001-01-01 or 9999-12-31 in a zone that moves it out of range: keep the UTC bound
 
-
-def _zone(name: str | None) -> ZoneInfo:
-    try:
-        return ZoneInfo(name or "UTC")
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("UTC")
 
 
 async def reconciliation(request: web.Request, ctx: Ctx) -> web.StreamResponse:

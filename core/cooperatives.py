@@ -44,6 +44,14 @@ _FIELDS = (
 )
 
 
+def zone_of(name: str | None) -> ZoneInfo:
+    """A cooperative's time zone (UTC when unset or unknown: a row written before validation)."""
+    try:
+        return ZoneInfo(name or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
 def _validate(values: dict[str, Any]) -> list[str]:
     """Every problem with `values`; a valid contact_phone in them is rewritten to E.164."""
     errors: list[str] = []

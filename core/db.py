@@ -144,6 +144,17 @@ async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         yield conn
 
 
+def parse_aware(value: Any) -> datetime | None:
+    """An ISO 8601 moment with its offset, as job payloads carry them; None for anything else."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
 async def serialise_on_sqlite(session: AsyncSession, model: Any, row_id: str) -> None:
     """Make the rest of this transaction wait for any other that did the same on this row, on SQLite.
 

@@ -80,6 +80,20 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
     return dispute
 
 
+def _note(actor: Actor, text: str | None, evidence: str | None, status: str) -> dict[str, Any]:
+    return {"at": utcnow().isoformat(), "actor": actor.id, "text": text, "evidence": evidence, "status": status}
+
+
+async def add_note(session: AsyncSession, dispute: Dispute, *, actor: Actor, text: str | None,
+                   evidence: str | None = None, action: str, audit: dict[str, Any]) -> None:
+    """A note on a dispute that keeps its status (evidence gathered, a refund that failed), and its audit
+    entry. The caller holds the dispute's row lock."""
+    dispute.notes = [*(dispute.notes or []), _note(actor, text, evidence, dispute.status)]
+    dispute.updated_at = utcnow()
+    await record(session, actor=actor, action=action, entity_type="dispute", entity_id=dispute.id, after=audit,
+                 cooperative_id=dispute.cooperative_id)
+
+
 async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, cooperative_id: str | None,
                        target: DisputeStatus | str, actor: Actor, note: str | None = None,
                        evidence: str | None = None, refund_amount: Money | None = None) -> Dispute:
@@ -100,10 +114,6 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
     for text, name in ((note, "note"), (evidence, "evidence")):
         if text is not None and len(text) > 2000:
             raise ValidationError(f"{name} must be at most 2000 characters", field=name)
-    notes = list(dispute.notes or [])
-    if note or evidence:
-        notes.append({"at": utcnow().isoformat(), "actor": actor.id, "text": note, "evidence": evidence,
-                      "status": target.value})
     current = DisputeStatus(dispute.status)
     if target is current and current in (D.OPEN, D.UNDER_REVIEW):
         # The same status again: evidence gathered while the dispute stays where it is (a note, a statement
@@ -111,12 +121,13 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
         if not (note or evidence) or refund_amount is not None:
             raise BusinessRuleError(f"the dispute is already {current.value}: send a note or evidence to add "
                                     "to it, or another status", field="status")
-        dispute.notes, dispute.updated_at = notes, utcnow()
-        await record(session, actor=actor, action="dispute.note_added", entity_type="dispute",
-                     entity_id=dispute.id, after={"note": note, "evidence": evidence},
-                     cooperative_id=dispute.cooperative_id)
+        await add_note(session, dispute, actor=actor, text=note, evidence=evidence, action="dispute.note_added",
+                       audit={"note": note, "evidence": evidence})
         await session.flush()
         return dispute
+    notes = list(dispute.notes or [])
+    if note or evidence:
+        notes.append(_note(actor, note, evidence, target.value))
     values: dict[str, Any] = {"notes": notes}
     if target in (D.RESOLVED, D.REJECTED, D.WITHDRAWN):
         values["resolved_at"] = utcnow()

@@ -16,7 +16,7 @@ from core.audit import Actor, record
 from core.crypto import PiiCipher
 from core.db import insert_ignore, new_id, row_insert, utcnow
 from core.errors import ValidationError
-from core.members import LANGUAGES, MEMBER_STATUSES, phone_context
+from core.members import LANGUAGES, MEMBER_STATUSES, member_row
 from core.models import AuditEvent, Cooperative, Member
 from core.phone import Phone, PhoneError, normalize
 
@@ -199,11 +199,9 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
         chunk = rows[start : start + CHUNK]
         now = utcnow()
         values = [{
-            "id": new_id(), "cooperative_id": cooperative_id, "name": r.name,
-            "phone_enc": cipher.encrypt(r.phone.e164, context=phone_context(cooperative_id)),
-            "phone_index": cipher.blind_index(r.phone.e164), "phone_masked": r.phone.masked(),
-            "language": r.language, "unit": r.unit, "status": status, "reminders_opt_out": False,
-            "created_at": now, "updated_at": now,
+            **member_row(cipher, cooperative_id=cooperative_id, name=r.name, phone=r.phone, language=r.language,
+                         unit=r.unit, status=status),
+            "id": new_id(), "reminders_opt_out": False, "created_at": now, "updated_at": now,
         } for r in chunk]
         # One statement with the rows as parameters: SQLAlchemy sends it as multi-row INSERTs
         # ("insertmanyvalues") without compiling a statement per chunk.

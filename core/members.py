@@ -27,6 +27,22 @@ def phone_context(cooperative_id: str) -> str:
     return f"member:{cooperative_id}"
 
 
+def member_row(cipher: PiiCipher, *, cooperative_id: str, name: str, phone: Phone, language: str,
+               unit: str | None, status: str) -> dict[str, Any]:
+    """A member's columns as written (the phone encrypted for its cooperative, blind-indexed and masked),
+    from values already checked: by create_member, or by the import for every row of its file."""
+    return {
+        "cooperative_id": cooperative_id,
+        "name": name,
+        "phone_enc": cipher.encrypt(phone.e164, context=phone_context(cooperative_id)),
+        "phone_index": cipher.blind_index(phone.e164),
+        "phone_masked": phone.masked(),
+        "language": language,
+        "unit": (unit or "").strip() or None,
+        "status": status,
+    }
+
+
 def member_phone(cipher: PiiCipher, member: Member) -> Phone:
     return Phone(cipher.decrypt(member.phone_enc, context=phone_context(member.cooperative_id)))
 
@@ -97,16 +113,8 @@ async def create_member(
         raise ValidationError("name must be 2 to 200 characters", field="name")
     if status not in MEMBER_STATUSES:
         raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
-    values = {
-        "cooperative_id": cooperative_id,
-        "name": name,
-        "phone_enc": cipher.encrypt(phone.e164, context=phone_context(cooperative_id)),
-        "phone_index": cipher.blind_index(phone.e164),
-        "phone_masked": phone.masked(),
-        "language": check_language(language),
-        "unit": (unit or "").strip() or None,
-        "status": status,
-    }
+    values = member_row(cipher, cooperative_id=cooperative_id, name=name, phone=phone,
+                        language=check_language(language), unit=unit, status=status)
     # The unique (cooperative, phone) index decides, not a SELECT before: of two creates of one number at
     # once, the second inserts nothing (ON CONFLICT DO NOTHING) and is told so, as a later one would be.
     stmt = (insert_ignore(session.get_bind().dialect.name, Member).values(values)

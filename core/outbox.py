@@ -419,6 +419,16 @@ def job_params(jobs: list[NewJob], now: datetime | None = None) -> dict[str, Any
     return {f"r{i}_{column}": value for i, job in enumerate(jobs) for column, value in job.row(now).items()}
 
 
+async def end_waiting(session: AsyncSession, *where: Any, status: str, reason: str) -> int:
+    """End jobs that will not run now, in the caller's transaction: those matching `where` with `status`
+    (PENDING: superseded before they ran; PARKED: settled by a person), marked DONE with `reason` as their
+    last word. A RUNNING job is never touched (its worker finishes it). Returns how many ended."""
+    now = utcnow()
+    result = await session.execute(update(_TABLE).where(_TABLE.c.status == status, *where).values(
+        status="DONE", locked_by=None, done_at=now, updated_at=now, last_error=reason[:2000]))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 async def finish_in(session: AsyncSession, job: Job) -> bool:
     """Mark `job` DONE in the caller's transaction, as the worker would after a success; True when it was.
 

@@ -17,7 +17,7 @@ from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
-from core.outbox import enqueue, enqueue_many
+from core.outbox import end_waiting, enqueue, enqueue_many
 from core.ports import ProviderEvent as ProviderEventData
 from core.ports import ProviderOutcome
 from core.references import next_reference
@@ -174,12 +174,11 @@ async def _note_on_dispute(session: AsyncSession, refund: Refund, reason: str, *
                ).scalar_one_or_none()
     if dispute is None:
         return
-    text = f"refund {refund.reference} failed: {reason}; the member has not been paid back"
-    dispute.notes = [*(dispute.notes or []), {"at": utcnow().isoformat(), "actor": actor.id, "text": text,
-                                              "evidence": None, "status": dispute.status}]
-    dispute.updated_at = utcnow()
-    await record(session, actor=actor, action="dispute.refund_failed", entity_type="dispute", entity_id=dispute.id,
-                 after={"refundId": refund.id, "reason": reason}, cooperative_id=dispute.cooperative_id)
+    from core.disputes import add_note  # local: core.disputes asks this module for refunds
+
+    await add_note(session, dispute, actor=actor, action="dispute.refund_failed",
+                   text=f"refund {refund.reference} failed: {reason}; the member has not been paid back",
+                   audit={"refundId": refund.id, "reason": reason})
 
 
 async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id: str, cooperative_id: str | None,
@@ -206,11 +205,11 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
     if R(refund.status) in (R.COMPLETED, R.FAILED):
         raise Conflict(f"refund is already {refund.status}", field="status")
     # Its submission and its polls (a resend's poll too: refund-poll:<id>:resent:<n>).
-    jobs = (await session.execute(select(OutboxJob).where(or_(
-        OutboxJob.dedupe_key == f"refund:{refund.id}", OutboxJob.dedupe_key == f"refund-poll:{refund.id}",
-        OutboxJob.dedupe_key.like(f"refund-poll:{refund.id}:%"))))).scalars().all()
-    if R(refund.status) is R.PENDING and any(
-            j.kind == "refund.submit" and j.status in ("PENDING", "RUNNING") for j in jobs):
+    its_jobs = or_(OutboxJob.dedupe_key == f"refund:{refund.id}", OutboxJob.dedupe_key == f"refund-poll:{refund.id}",
+                   OutboxJob.dedupe_key.like(f"refund-poll:{refund.id}:%"))
+    if R(refund.status) is R.PENDING and (await session.execute(select(OutboxJob.id).where(
+            its_jobs, OutboxJob.kind == "refund.submit", OutboxJob.status.in_(("PENDING", "RUNNING"))).limit(1))
+    ).first() is not None:
         raise Conflict("refund has not been sent to the provider yet: wait for its submission", field="status")
     target = R.COMPLETED if succeeded else R.FAILED
     await record(session, actor=actor, action="refund.outcome_recorded", entity_type="refund", entity_id=refund.id,
@@ -222,11 +221,7 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
         provider_transaction_id=(provider_transaction_id or "").strip() or None,
         reason=None if succeeded else f"recorded by an admin: {note}")
     # Its parked jobs are settled (left PARKED they would still read as work for a person).
-    now = utcnow()
-    for job in jobs:
-        if job.status == "PARKED":
-            job.status, job.done_at, job.updated_at = "DONE", now, now
-            job.last_error = f"settled: refund outcome recorded ({target.value})"
+    await end_waiting(session, its_jobs, status="PARKED", reason=f"settled: refund outcome recorded ({target.value})")
     await session.flush()
     await session.refresh(refund)
     return refund

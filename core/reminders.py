@@ -23,13 +23,13 @@ import logging
 import math
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time, timedelta
-from typing import TYPE_CHECKING
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, exists, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from core.db import utcnow
+from core.cooperatives import zone_of
+from core.db import UTCDateTime, parse_aware, utcnow
 from core.models import Cooperative, Member, Payment, PaymentType
 from core.notify import sms_job
 from core.outbox import Handler, Job, enqueue, enqueue_job
@@ -94,13 +94,6 @@ def due_dates(ptype: PaymentType, today: date) -> tuple[date, date] | None:
     return _on_day(prev_year, prev_month, ptype.due_day), due
 
 
-def _zone(name: str | None) -> ZoneInfo:
-    try:
-        return ZoneInfo(name or "UTC")
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("UTC")
-
-
 async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = None) -> int:
     """Queue every reminder due at `now`; returns how many were queued (duplicates are not counted)."""
     if not rt.settings.reminders_enabled:
@@ -112,7 +105,7 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
     coops = (await session.execute(select(Cooperative).where(Cooperative.status == "ACTIVE"))).scalars().all()
     deferred = 0
     for coop in coops:
-        zone = _zone(coop.timezone)
+        zone = zone_of(coop.timezone)
         today = now.astimezone(zone).date()
         # The local cut-off as real time (a scan run for another `now`, in tests, keeps the same window).
         send_before = start + (datetime.combine(today, SEND_UNTIL_LOCAL, tzinfo=zone) - now)
@@ -157,6 +150,42 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
         log.warning("reminders left for the next scan: the SMS rate does not reach every member before the "
                     "evening", extra={"deferred": deferred, "queued": queued})
     return queued
+
+
+_MEMBER, _PAYMENT = Member.__table__, Payment.__table__
+# A reminder's member as it is at sending time: STOP sent, suspended or left, paid since the scan.
+_REMINDER_STATE = select(
+    _MEMBER.c.reminders_opt_out,
+    _MEMBER.c.status,
+    exists().where(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.payment_type_id == bindparam("t"),
+                   _PAYMENT.c.status.in_(PAID),
+                   _PAYMENT.c.created_at > bindparam("since", type_=UTCDateTime())).label("paid"),
+).where(_MEMBER.c.id == bindparam("m"))
+
+
+async def why_not_send(conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
+    """Why a queued reminder (an 'sms.send' job's payload) must not go out any more, None to send it:
+    too_late, member_missing, opted_out, member_inactive or paid. Reminders are spread over the morning and
+    may wait out an aggregator outage: by their turn the member may have paid, sent STOP or been
+    suspended, or the day may be over (scan() sets `send_before` and `paid_since`)."""
+    send_before = parse_aware(payload.get("send_before"))
+    if send_before is not None and utcnow() > send_before:
+        return "too_late"
+    context = payload.get("context") or {}
+    state = (await conn.execute(_REMINDER_STATE, {
+        "m": payload["member_id"], "t": context.get("payment_type_id"),
+        # A job queued before paid_since existed: nothing is paid after now, so only the member is checked.
+        "since": parse_aware(payload.get("paid_since")) or utcnow(),
+    })).first()
+    if state is None:
+        return "member_missing"
+    if state.reminders_opt_out:
+        return "opted_out"
+    if state.status != "ACTIVE":
+        return "member_inactive"
+    if state.paid:
+        return "paid"
+    return None
 
 
 def _scan_time(day: date) -> datetime:

@@ -206,10 +206,9 @@ _INERT = re.compile(r"^[+-]?[0-9*., ]+$")
 
 def _cell(value: Any) -> Any:
     """Neutralise spreadsheet formulas in free text (CSV injection)."""
-    if isinstance(value, str) and value and not _INERT.match(value):
-        first = value.lstrip(" \t\r\n")[:1] or value[:1]
-        if first in _FORMULA_STARTS or value[:1] in _FORMULA_STARTS:
-            return "'" + value
+    if isinstance(value, str) and not _INERT.match(value) and (
+            value[:1] in _FORMULA_STARTS or value.lstrip(" \t\r\n")[:1] in _FORMULA_STARTS):
+        return "'" + value
     return value
 
 

@@ -36,11 +36,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
-from core.db import UTCDateTime, insert_ignore, new_id, utcnow
+from core.db import UTCDateTime, insert_ignore, new_id, parse_aware, utcnow
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
 from core.http import not_public
 from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
-from core.outbox import Job, NewJob, PermanentJobError, RetryLater, enqueue, enqueue_many
+from core.outbox import Job, NewJob, PermanentJobError, RetryLater, end_waiting, enqueue, enqueue_many
 from core.text import is_number
 
 if TYPE_CHECKING:
@@ -414,14 +414,10 @@ async def _resume_held(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
     after the new ones, they would count the retries from the event's creation and could give up on it.
     One running at this moment finishes; its retries too count from this enable (read from the audit log),
     and whichever runs second finds the delivery done (receivers drop duplicates by event id anyway)."""
+    superseded = await end_waiting(session, OutboxJob.kind == "webhook.deliver",
+                                   OutboxJob.dedupe_key.like(f"whd:{endpoint.id}:%"), status="PENDING",
+                                   reason="superseded: the endpoint was enabled again")
     now = utcnow()
-    superseded = await session.execute(
-        update(OutboxJob)
-        .where(OutboxJob.kind == "webhook.deliver", OutboxJob.status == "PENDING",
-               OutboxJob.dedupe_key.like(f"whd:{endpoint.id}:%"))
-        .values(status="DONE", done_at=now, updated_at=now, locked_by=None,
-                last_error="superseded: the endpoint was enabled again")
-    )
     event_ids = (
         await session.execute(
             select(WebhookDelivery.event_id)
@@ -444,7 +440,7 @@ async def _resume_held(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
         await enqueue_many(session, jobs[start : start + _RESUME_BATCH])
     if jobs:
         log.info("held webhook deliveries resumed", extra={"endpoint_id": endpoint.id, "count": len(jobs),
-                                                           "superseded": superseded.rowcount})  # type: ignore[attr-defined]
+                                                           "superseded": superseded})
     return len(jobs)
 
 
@@ -722,14 +718,9 @@ async def _retries_from(rt: Runtime, delivery: WebhookDelivery, job: Job) -> dat
     was already running when the endpoint was enabled and carries no such mark."""
     start = delivery.created_at
     moments = [start]
-    resumed = job.payload.get("resumed_at")
-    if isinstance(resumed, str):
-        try:
-            moment = datetime.fromisoformat(resumed)
-        except ValueError:
-            moment = start
-        if moment.tzinfo is not None:
-            moments.append(moment)
+    resumed = parse_aware(job.payload.get("resumed_at"))
+    if resumed is not None:
+        moments.append(resumed)
     async with rt.sessionmaker() as session:
         enabled = (await session.execute(select(AuditEvent.at, AuditEvent.after).where(
             AuditEvent.entity_type == "webhook_endpoint", AuditEvent.entity_id == delivery.endpoint_id,

@@ -7,10 +7,9 @@ import hashlib
 import json
 import logging
 import math
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import String, bindparam, exists, func, select
+from sqlalchemy import String, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from channels.sms.encoding import measure
@@ -28,10 +27,11 @@ from channels.sms.templates import (
 )
 from core import metrics, pgraw
 from core.audit import Actor
-from core.db import UTCDateTime, autocommit, insert_ignore, new_id, utcnow
+from core.db import autocommit, insert_ignore, new_id, utcnow
 from core.models import Cooperative, Member, Payment, PaymentType, SmsMessage
 from core.outbox import Handler, Job, PermanentJobError, RetryLater
 from core.ratelimit import Limit, RateLimiter
+from core.reminders import why_not_send
 from core.state import StaleTransition, transition_alone
 from core.state.sms import SMS, SmsStatus
 
@@ -97,7 +97,7 @@ class SmsJobs:
             if payload.get("template") in OPTIONAL_TEMPLATES and payload.get("member_id"):
                 # Checked on every attempt: a reminder retried through an aggregator outage is exactly the
                 # one whose member may have paid or sent STOP, or whose day may be over, by now.
-                void = await _reminder_void(conn, payload)
+                void = await why_not_send(conn, payload)
                 if void is not None:
                     log.info("reminder not sent", extra={"member_id": payload["member_id"], "reason": void})
                     metrics.REMINDERS_SKIPPED.labels(reason=void).inc()
@@ -295,51 +295,6 @@ _COLUMNS = (_SMS.c.id, _SMS.c.status, _SMS.c.body, _SMS.c.phone_enc, _SMS.c.phon
 # Built once; only the columns the send needs, not the whole ORM row.
 _BY_KEY = select(*_COLUMNS).where(_SMS.c.idempotency_key == bindparam("k"))
 _BY_ID = select(*_COLUMNS).where(_SMS.c.id == bindparam("i"))
-_MEMBER = Member.__table__
-_PAYMENT = Payment.__table__
-# A reminder's member as it is at sending time: STOP sent, suspended or left, paid since the scan.
-_REMINDER_STATE = select(
-    _MEMBER.c.reminders_opt_out,
-    _MEMBER.c.status,
-    exists().where(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.payment_type_id == bindparam("t"),
-                   _PAYMENT.c.status.in_(("COMPLETED", "PARTIALLY_REFUNDED")),
-                   _PAYMENT.c.created_at > bindparam("since", type_=UTCDateTime())).label("paid"),
-).where(_MEMBER.c.id == bindparam("m"))
-
-
-async def _reminder_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
-    """Why a queued reminder must not go out any more (None: send it): too_late, member_missing,
-    opted_out, member_inactive or paid. Reminders are spread over the morning at part of the send rate,
-    and may wait out an aggregator outage: by their turn the member may have paid, sent STOP or been
-    suspended, or the day may be over (core.reminders sets `send_before` and `paid_since`)."""
-    send_before = _moment(payload.get("send_before"))
-    if send_before is not None and utcnow() > send_before:
-        return "too_late"
-    context = payload.get("context") or {}
-    state = (await conn.execute(_REMINDER_STATE, {
-        "m": payload["member_id"], "t": context.get("payment_type_id"),
-        # A job queued before paid_since existed: nothing is paid after now, so only the member is checked.
-        "since": _moment(payload.get("paid_since")) or utcnow(),
-    })).first()
-    if state is None:
-        return "member_missing"
-    if state.reminders_opt_out:
-        return "opted_out"
-    if state.status != "ACTIVE":
-        return "member_inactive"
-    if state.paid:
-        return "paid"
-    return None
-
-
-def _moment(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else None
 @functools.cache
 def _insert(dialect_name: str) -> Any:
     """INSERT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING the send's columns, built once."""

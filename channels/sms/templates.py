@@ -7,11 +7,11 @@ from datetime import date, datetime
 from types import ModuleType
 from typing import Any, NamedTuple
 from urllib.parse import urlparse
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from channels.sms.catalogs import en, fr, rw, sw
+from core.cooperatives import zone_of
 from core.crypto import PiiCipher
 from core.gsm import is_gsm, to_gsm
 from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, WebhookEndpoint
@@ -84,11 +84,7 @@ def dial_code(service_code: str, extension: str | None) -> str:
 def local_time(moment: datetime | None, timezone: str) -> str:
     if moment is None:
         return "-"
-    try:
-        zone = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        zone = ZoneInfo("UTC")
-    return moment.astimezone(zone).strftime(DATE_FORMAT)
+    return moment.astimezone(zone_of(timezone)).strftime(DATE_FORMAT)
 
 
 async def _one(session: AsyncSession, model: Any, entity_id: Any, what: str) -> Any:
