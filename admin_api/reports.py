@@ -23,7 +23,7 @@ from core.state.refund import RefundStatus
 _GROUP = {"type": "array", "items": {"type": "object"}}
 RECONCILIATION = {
     "type": "object",
-    "required": ["period", "payments", "totals", "refunds", "openDisputes", "flagged"],
+    "required": ["period", "payments", "totals", "refunds", "settled", "openDisputes", "flagged", "flaggedCount"],
     "properties": {
         "period": {"type": "object", "required": ["from", "to"]},
         "payments": {
@@ -33,8 +33,10 @@ RECONCILIATION = {
         },
         "totals": _GROUP,
         "refunds": _GROUP,
+        "settled": _GROUP,
         "openDisputes": {"type": "integer"},
         "flagged": _GROUP,
+        "flaggedCount": {"type": "integer"},
     },
 }
 PERIOD = {
@@ -42,6 +44,9 @@ PERIOD = {
                   "time zone; a date-time without an offset is UTC"),
     "to": Param("date-time", "End of the period (exclusive); as `from`"),
 }
+BASIS = Param(enum=reports.BASES, default="created",
+              description="Which moment puts a row in the period: `created` (asked for) or `completed` (money moved, "
+                          "as the reconciliation's `settled` section and the provider's statement count it)")
 
 
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -110,6 +115,7 @@ async def payments_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         end=end,
         status=ctx.query.get("status"),
         method=ctx.query.get("paymentMethod"),
+        basis=ctx.query.get("basis") or "created",
     )
     return await _send_csv(request, chunks, "payments.csv")
 
@@ -122,6 +128,7 @@ async def refunds_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         start=start,
         end=end,
         status=ctx.query.get("status"),
+        basis=ctx.query.get("basis") or "created",
     )
     return await _send_csv(request, chunks, "refunds.csv")
 
@@ -144,7 +151,7 @@ ROUTES = [
         "Export payments as CSV (streamed)",
         "reports",
         "admin",
-        query={**PERIOD, "status": Param(enum=PAYMENT_STATUSES), "paymentMethod": Param(enum=METHODS)},
+        query={**PERIOD, "status": Param(enum=PAYMENT_STATUSES), "paymentMethod": Param(enum=METHODS), "basis": BASIS},
         produces="text/csv",
     ),
     Route(
@@ -154,7 +161,7 @@ ROUTES = [
         "Export refunds as CSV (streamed)",
         "reports",
         "admin",
-        query={**PERIOD, "status": Param(enum=tuple(s.value for s in RefundStatus))},
+        query={**PERIOD, "status": Param(enum=tuple(s.value for s in RefundStatus)), "basis": BASIS},
         produces="text/csv",
     ),
 ]

@@ -127,6 +127,7 @@ class Payment(Base):
         Index("ix_payments_coop_created", "cooperative_id", "created_at"),
         Index("ix_payments_member_created", "member_id", "created_at"),
         Index("ix_payments_status_poll", "status", "next_poll_at"),
+        Index("ix_payments_coop_completed", "cooperative_id", "completed_at"),
     )
 
     id: Mapped[str] = _id()
@@ -187,7 +188,11 @@ class ProviderEvent(Base):
 
 class Refund(Base):
     __tablename__ = "refunds"
-    __table_args__ = (UniqueConstraint("payment_id", "idempotency_key"),)
+    __table_args__ = (
+        UniqueConstraint("payment_id", "idempotency_key"),
+        Index("ix_refunds_coop_created", "cooperative_id", "created_at"),
+        Index("ix_refunds_coop_completed", "cooperative_id", "completed_at"),
+    )
 
     id: Mapped[str] = _id()
     cooperative_id: Mapped[str] = _coop_fk()

@@ -16,12 +16,15 @@ from core.models import Dispute, Payment, PaymentType, Refund
 from core.money import Money
 from core.refunds import collected as taken
 from core.state.payment import COLLECTED, PaymentStatus
+from core.state.refund import RefundStatus
 
 # Restricts a SELECT on a model to what the caller may see (core.auth.Principal.scope).
 Scope = Callable[[Any, Any], Any]
 OPEN_DISPUTES = ("OPEN", "UNDER_REVIEW")
 FLAGGED_LIMIT = 500
 CHUNK_ROWS = 500
+# What puts a row of an export in the period: when it was asked for, or when its money moved.
+BASES = ("created", "completed")
 # What the provider actually took, reckoned as core.refunds.collected() does (refunds are capped by it):
 # the amount, or less when the provider reported less (NULL collected_minor: it reported the amount).
 TAKEN = case((Payment.collected_minor < Payment.amount_minor, Payment.collected_minor), else_=Payment.amount_minor)
@@ -151,23 +154,25 @@ async def reconciliation(
     refunds = [
         {"status": s, "currency": c, "count": n, "amount": _amount(a, c)} for s, c, n, a in refund_rows
     ]
+    settled = await _settled(session, scope, start, end)
     open_disputes = (
         await session.execute(
             scope(select(func.count(Dispute.id)), Dispute).where(Dispute.status.in_(OPEN_DISPUTES))
         )
     ).scalar_one()
+    is_flagged = or_(Payment.mismatch.is_(True), Payment.late.is_(True))
     flagged_rows = (
         (
             await session.execute(
-                payments(Payment)
-                .where(or_(Payment.mismatch.is_(True), Payment.late.is_(True)))
-                .order_by(Payment.created_at, Payment.id)
-                .limit(FLAGGED_LIMIT)
+                payments(Payment).where(is_flagged).order_by(Payment.created_at, Payment.id).limit(FLAGGED_LIMIT)
             )
         )
         .scalars()
         .all()
     )
+    flagged_count = len(flagged_rows)
+    if flagged_count == FLAGGED_LIMIT:
+        flagged_count = (await session.execute(payments(func.count(Payment.id)).where(is_flagged))).scalar_one()
     flagged = [
         {
             "id": p.id,
@@ -187,9 +192,61 @@ async def reconciliation(
         "payments": {"byStatus": by_status, "byMethod": by_method, "byPaymentType": by_type},
         "totals": totals,
         "refunds": refunds,
+        "settled": settled,
         "openDisputes": int(open_disputes),
         "flagged": flagged,
+        "flaggedCount": int(flagged_count),
     }
+
+
+async def _settled(session: AsyncSession, scope: Scope, start: datetime | None, end: datetime | None
+                   ) -> list[dict[str, Any]]:
+    """Money that moved in the period, per provider account (method) and currency, as the provider's statement
+    lists it: payments collected (completed_at in the period, whatever became of them since) and refunds paid
+    back (completed_at in the period, whichever period their payment was in). A period that has ended keeps
+    these figures: a refund made later is in the later period's, not this one's."""
+    collected_rows = (
+        await session.execute(
+            _in_period(
+                scope(select(Payment.method, Payment.currency, func.count(Payment.id),
+                             func.coalesce(func.sum(TAKEN), 0), func.coalesce(func.sum(Payment.fee_minor), 0)),
+                      Payment),
+                Payment.completed_at, start, end,
+            )
+            .where(Payment.status.in_([s.value for s in COLLECTED]), Payment.completed_at.is_not(None))
+            .group_by(Payment.method, Payment.currency)
+        )
+    ).all()
+    refunded_rows = (
+        await session.execute(
+            _in_period(
+                scope(select(Payment.method, Refund.currency, func.count(Refund.id),
+                             func.coalesce(func.sum(Refund.amount_minor), 0)), Refund),
+                Refund.completed_at, start, end,
+            )
+            .join(Payment, Payment.id == Refund.payment_id)
+            .where(Refund.status == RefundStatus.COMPLETED.value, Refund.completed_at.is_not(None))
+            .group_by(Payment.method, Refund.currency)
+        )
+    ).all()
+    lines: dict[tuple[str, str], list[int]] = {}
+    for method, currency, n, amount, fees in collected_rows:
+        lines.setdefault((method, currency), [0, 0, 0, 0, 0])[:3] = [int(n), int(amount), int(fees)]
+    for method, currency, n, amount in refunded_rows:
+        lines.setdefault((method, currency), [0, 0, 0, 0, 0])[3:] = [int(n), int(amount)]
+    return [
+        {
+            "paymentMethod": method,
+            "currency": currency,
+            "collectedCount": n,
+            "collected": _amount(amount, currency),
+            "fees": _amount(fees, currency),
+            "refundedCount": rn,
+            "refunded": _amount(refunded, currency),
+            "net": _amount(amount - fees - refunded, currency),
+        }
+        for (method, currency), (n, amount, fees, rn, refunded) in sorted(lines.items())
+    ]
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -279,8 +336,13 @@ def payments_csv(
     end: datetime | None,
     status: str | None = None,
     method: str | None = None,
+    basis: str = "created",
 ) -> AsyncIterator[bytes]:
-    query = _in_period(scope(select(Payment, PaymentType.name), Payment), Payment.created_at, start, end)
+    moment = Payment.completed_at if basis == "completed" else Payment.created_at
+    query = _in_period(scope(select(Payment, PaymentType.name), Payment), moment, start, end)
+    if basis == "completed":
+        # The lines behind the reconciliation's `settled` collections: money in, whatever became of it since.
+        query = query.where(moment.is_not(None), Payment.status.in_([s.value for s in COLLECTED]))
     query = query.join(PaymentType, PaymentType.id == Payment.payment_type_id)
     if status:
         query = query.where(Payment.status == status)
@@ -313,7 +375,7 @@ def payments_csv(
             p.description or "",
         ]
 
-    return _stream(session, query.order_by(Payment.created_at, Payment.id), PAYMENT_COLUMNS, row)
+    return _stream(session, query.order_by(moment, Payment.id), PAYMENT_COLUMNS, row)
 
 
 def refunds_csv(
@@ -323,8 +385,13 @@ def refunds_csv(
     start: datetime | None,
     end: datetime | None,
     status: str | None = None,
+    basis: str = "created",
 ) -> AsyncIterator[bytes]:
-    query = _in_period(scope(select(Refund, Payment.reference), Refund), Refund.created_at, start, end)
+    moment = Refund.completed_at if basis == "completed" else Refund.created_at
+    query = _in_period(scope(select(Refund, Payment.reference), Refund), moment, start, end)
+    if basis == "completed":
+        # The lines behind the reconciliation's `settled` refunds: money paid back in the period.
+        query = query.where(moment.is_not(None), Refund.status == RefundStatus.COMPLETED.value)
     query = query.join(Payment, Payment.id == Refund.payment_id)
     if status:
         query = query.where(Refund.status == status)
@@ -346,4 +413,4 @@ def refunds_csv(
             r.dispute_id or "",
         ]
 
-    return _stream(session, query.order_by(Refund.created_at, Refund.id), REFUND_COLUMNS, row)
+    return _stream(session, query.order_by(moment, Refund.id), REFUND_COLUMNS, row)
