@@ -160,6 +160,7 @@ def gateway_env(services: dict[str, str], port: int, sim_ports: dict[str, int], 
         "SMS_USERNAME": "bench",
         "SMS_API_KEY": secrets.token_urlsafe(24),
         "SMS_SENDER_ID": "COOPPAY",
+        "MTN_MOMO_TARGET_ENVIRONMENT": "mtnrwanda",
         # The aggregator's send rate is a contract, not the code's speed: set high to measure the worker.
         "SMS_RATE_PER_SECOND": "10000",
         "PYTHONUNBUFFERED": "1",

@@ -181,6 +181,12 @@ _PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
     "mpesa": {"SHORTCODE": "174379"},
     "irembopay": {"PAYMENT_ACCOUNT": "PI-demo", "PAYMENT_ITEM_CODE": "PC-demo"},
 }
+# MTN MoMo's X-Target-Environment values: its sandbox and one per country it operates in. A wrong one is
+# refused by MTN on every call, so it is checked at start-up; production must name a live market.
+MTN_TARGET_ENVIRONMENTS = frozenset({
+    "sandbox", "mtnrwanda", "mtnuganda", "mtnghana", "mtnivorycoast", "mtnzambia", "mtncameroon", "mtnbenin",
+    "mtncongo", "mtnswaziland", "mtnguineaconakry", "mtnsouthafrica", "mtnliberia",
+})
 DEV_CREDENTIAL = "sim-dev-credential"  # what simulators accept when no credential is configured
 _DEV_CREDENTIAL = DEV_CREDENTIAL
 
@@ -196,6 +202,20 @@ def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
         except ValueError:
             raise ConfigError(name, f"{entry!r} is not an IP address or network") from None
     return entries
+
+
+def _check_mtn_environment(env: Mapping[str, str], production: bool) -> None:
+    """MTN_MOMO_TARGET_ENVIRONMENT names a known environment; in production a live one, set explicitly (the
+    default, `sandbox`, is refused by MTN's production API: every call would fail)."""
+    name = "MTN_MOMO_TARGET_ENVIRONMENT"
+    value = env.get(name, "")
+    if production and not value.strip():
+        raise ConfigError(name, "is required in production (the country's MTN environment, e.g. mtnrwanda)")
+    if production and value == "sandbox":
+        raise ConfigError(name, "must not be sandbox in production (e.g. mtnrwanda)")
+    if value and value not in MTN_TARGET_ENVIRONMENTS:
+        raise ConfigError(name, f"{value!r} is not an MTN MoMo environment "
+                                f"({', '.join(sorted(MTN_TARGET_ENVIRONMENTS))})")
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -262,6 +282,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         base = base_url(f"{prefix}_BASE_URL", name)
         options = {opt.lower(): env.get(f"{prefix}_{opt}", default)
                    for opt, default in _PROVIDER_OPTIONS[name].items()}
+        if name == "mtn_momo":
+            _check_mtn_environment(env, production)
         for opt in ("CONNECT_TIMEOUT", "READ_TIMEOUT"):  # seconds; read by providers.calls.timeout_from
             if env.get(f"{prefix}_{opt}"):
                 options[opt.lower()] = str(_float(env, f"{prefix}_{opt}", 1.0))

@@ -245,9 +245,16 @@ def _refund_of_event(event: ProviderEventData, ours: str | None = None) -> Any:
             .where(Payment.provider == event.provider, column == (ours or event.reference)))
 
 
-async def _find_refund(session: AsyncSession, event: ProviderEventData, *, lock: bool = False) -> Refund | None:
+async def _find_refund(session: AsyncSession, event: ProviderEventData, outcome: ProviderOutcome, *,
+                       lock: bool = False) -> Refund | None:
     """The refund of a callback: by the id the provider named, else (its request's answer never arrived,
-    so that id was never stored) by our own reference when the adapter read one from the callback's URL."""
+    so that id was never stored) by our own reference when the adapter read one from the callback's URL.
+
+    A refund found by our reference but stored under another id of the provider's was asked for more than
+    once (a request whose answer was lost, then sent again): the provider calls back on the URL of the
+    request it answers, so this callback is about an earlier request of the same refund. Its success is
+    the member's money going back, and counts (dropping it would leave the later request's "already done"
+    to speak for the refund); its failure says nothing of the request the refund now waits for."""
 
     async def one(ours: str | None) -> Refund | None:
         query = _refund_of_event(event, ours)
@@ -257,8 +264,9 @@ async def _find_refund(session: AsyncSession, event: ProviderEventData, *, lock:
     ours = event.raw.get("provider_reference")
     if found is None and isinstance(ours, str) and ours and event.raw.get("lookup") == "provider_transaction_id":
         found = await one(ours)
-        if found is not None and found.provider_transaction_id not in (None, event.reference):
-            return None  # that refund is known under another id of the provider's: not this callback's
+        if found is not None and found.provider_transaction_id not in (None, event.reference) \
+                and outcome is not ProviderOutcome.SUCCEEDED:
+            return None  # an earlier request's failure: the refund's own request has not answered yet
     return found
 
 
@@ -273,7 +281,7 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
         async with rt.sessionmaker() as session:
             if await already_stored(session, event):
                 return "duplicate"  # no status query for a callback we already applied
-            known = await _find_refund(session, event)
+            known = await _find_refund(session, event, outcome)
         if known is not None:
             # Only what the provider answers counts; a ProviderError here leaves nothing recorded, so the
             # route asks the provider to send the callback again.
@@ -290,10 +298,16 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
                         .returning(ProviderEvent.id))
                 if (await session.execute(stmt)).scalar_one_or_none() is None:
                     return "duplicate"
-                refund = await _find_refund(session, event, lock=True)
+                refund = await _find_refund(session, event, outcome, lock=True)
                 if refund is None:
                     log.warning("refund callback for an unknown refund", extra={"provider": event.provider})
                     return "unknown_refund"
+                if outcome is ProviderOutcome.AMBIGUOUS and R(refund.status) is R.PROCESSING:
+                    # e.g. M-Pesa's "already reversed": the refund keeps its amount and waits for a clearer
+                    # answer, else its poll parks it for a person to check with the provider and record.
+                    log.warning("provider cannot tell whether a refund went through",
+                                extra={"provider": event.provider, "refund": refund.reference,
+                                       "reason": reason})
                 return await apply_refund_outcome(session, rt, refund, outcome, actor=actor,
                                                   provider_transaction_id=txn, reason=reason)
         except StaleTransition:

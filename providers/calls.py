@@ -101,9 +101,15 @@ def retry_after(response: httpx.Response, *, now: datetime | None = None) -> flo
     return min(seconds, MAX_RETRY_AFTER)
 
 
-def http_error(provider: str, operation: str, response: httpx.Response, detail: str) -> ProviderError:
+def http_error(provider: str, operation: str, response: httpx.Response, detail: str, *,
+               deduplicated: bool = True) -> ProviderError:
     """5xx may be retried with the same reference, and so may 429 (nothing was processed: the provider's
     rate limit refused it); any other 4xx will fail the same way again.
+
+    `deduplicated=False`: the request moves money and carries no reference of ours the provider would
+    recognise on a second sending (Airtel's refund names only the payment). A 5xx does not say whether the
+    provider acted before it failed, so it is ProviderTimeout: never sent again, settled by a status
+    query or a person.
 
     send() already counted a 5xx; a 4xx is counted here because only the adapter knows which ones are
     expected answers (MTN's 409 for a reference we sent before is not an error).
@@ -112,6 +118,9 @@ def http_error(provider: str, operation: str, response: httpx.Response, detail: 
     if status < 500:
         PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
     words = operation.replace("_", " ")
+    if status >= 500 and not deduplicated:
+        return ProviderTimeout(f"{provider} {words} failed on the provider's side (HTTP {status}): {detail}; "
+                               "it may have been carried out: not sent again")
     if status >= 500:
         return ProviderError(f"{provider} {words} failed on the provider's side (HTTP {status}): "
                              f"{detail}", retryable=True, code=f"HTTP_{status}")

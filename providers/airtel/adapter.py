@@ -218,7 +218,11 @@ class AirtelAdapter:
             PROVIDER_ERRORS.labels(provider=NAME, operation="refund").inc()
             raise ProviderError(f"Airtel Money refused the refund: {_detail(answer)}", retryable=False,
                                 code=str(block.get("result_code") or "REFUSED"))
-        raise http_error(NAME, "refund", response, _detail(answer))
+        # The request names only the payment (no reference of ours): a refund sent again is not recognised
+        # as the same one, and after a first that went through it is refused ("not eligible"). A 5xx is
+        # therefore ambiguous, as an unanswered request is: never resent; with no refund status query to
+        # ask, the refund is parked for a person to record its outcome.
+        raise http_error(NAME, "refund", response, _detail(answer), deduplicated=False)
 
     async def refund_status(self, provider_reference: str, currency: str) -> StatusResult:
         raise ProviderError("Airtel Money has no refund status query; the refund answer is final",

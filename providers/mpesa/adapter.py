@@ -69,7 +69,11 @@ REFUND_STATUS: dict[str, ProviderOutcome] = {
     "11": ProviderOutcome.FAILED,  # debit party in an invalid state
     "21": ProviderOutcome.FAILED,  # initiator not allowed
     "2001": ProviderOutcome.FAILED,  # initiator credentials invalid
-    "R000001": ProviderOutcome.FAILED,  # transaction already reversed
+    # "The transaction has already been reversed": the money went back to the payer, but not necessarily
+    # by this request (an earlier reversal of ours whose answer was lost, or one made by hand). Never a
+    # failure (that would invite paying the member twice), nor a success on this word alone: the refund
+    # waits for the Result of the reversal that did it, else is parked for a person to record.
+    "R000001": ProviderOutcome.AMBIGUOUS,
     "R000002": ProviderOutcome.FAILED,  # original transaction id invalid
 }
 # Calls that start a payment or refund: with no answer we cannot tell whether it was taken.
@@ -234,6 +238,13 @@ class MpesaAdapter:
         }
         resp = await self._post("reversal", "/mpesa/reversal/v1/request", body)
         answer = self._json(resp)
+        if resp.status_code >= 500:
+            # As for the STK push: Daraja's 5xx does not say whether the reversal was taken, and the request
+            # carries no idempotency key, so a second one is a second reversal (refused as "already
+            # reversed" if the first went through). As unanswered: its Result finds the refund by our `ref`.
+            error = self._error("reversal", resp, answer)
+            raise ProviderTimeout(f"{error}; the reversal may have been taken: wait for its Result, "
+                                  "do not send again")
         if resp.status_code != 200 or str(answer.get("ResponseCode")) != "0":
             raise self._error("reversal", resp, answer)
         conversation = answer.get("ConversationID")

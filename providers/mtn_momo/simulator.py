@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from core.config import MTN_TARGET_ENVIRONMENTS
 from providers.simulation import (
     STATE,
     Outcome,
@@ -80,8 +81,11 @@ def _authorized(request: web.Request, product: str) -> web.Response | None:
         return _error(401, "INVALID_SUBSCRIPTION_KEY", "Access denied due to invalid subscription key.")
     if not state.bearer_valid(request, product):
         return _error(401, "INVALID_TOKEN", "Access denied: missing, invalid or expired access token.")
-    if not request.headers.get("X-Target-Environment"):
+    environment = request.headers.get("X-Target-Environment")
+    if not environment:
         return _error(400, "INVALID_TARGET_ENVIRONMENT", "X-Target-Environment is required.")
+    if environment not in MTN_TARGET_ENVIRONMENTS:  # sandbox included: development and tests use it
+        return _error(400, "INVALID_TARGET_ENVIRONMENT", f"Unknown X-Target-Environment {environment!r}.")
     return None
 
 

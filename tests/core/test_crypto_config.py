@@ -66,6 +66,7 @@ def test_secret_never_shows():
         ({"MTN_MOMO_BASE_URL": "ftp://x"}, "MTN_MOMO_BASE_URL"),
         ({"SIMULATORS_IN_PROCESS": "maybe"}, "SIMULATORS_IN_PROCESS"),
         ({"OUTBOX_BATCH_SIZE": "0"}, "OUTBOX_BATCH_SIZE"),
+        ({"MTN_MOMO_TARGET_ENVIRONMENT": "mtn-rwanda"}, "MTN_MOMO_TARGET_ENVIRONMENT"),
     ],
 )
 def test_invalid_configuration_names_the_variable(env, variable):
@@ -78,6 +79,7 @@ def test_invalid_configuration_names_the_variable(env, variable):
 def test_defaults_are_embedded():
     s = load_settings({})
     assert s.is_embedded and s.redis_url == "embedded"
+    assert s.providers["mtn_momo"].options["target_environment"] == "sandbox"  # the simulators accept it
     assert s.providers["mtn_momo"].base_url.endswith("/_sim/mtn_momo")
     assert "sim-dev-credential" not in repr(s.providers["mtn_momo"])
 
@@ -98,7 +100,8 @@ def _production_env() -> dict[str, str]:
            "REDIS_URL": "redis://127.0.0.1:6379/0", "PII_ENCRYPTION_KEYS": "k1:" + base64.b64encode(b"k" * 32).decode(),
            "BLIND_INDEX_KEY": "b" * 32, "JWT_SECRET": "j" * 32, "SMS_API_KEY": "sms-key",
            "CALLBACK_SECRET_MPESA": "m" * 24, "CALLBACK_SECRET_SMS": "s" * 24,
-           "PUBLIC_BASE_URL": "https://pay.example.rw", "SMS_BASE_URL": "https://api.africastalking.com"}
+           "PUBLIC_BASE_URL": "https://pay.example.rw", "SMS_BASE_URL": "https://api.africastalking.com",
+           "MTN_MOMO_TARGET_ENVIRONMENT": "mtnrwanda"}
     for provider, creds in _PROVIDER_CREDENTIALS.items():
         env[f"{provider.upper()}_BASE_URL"] = f"https://{provider}.example.com"
         for cred in creds:
@@ -110,6 +113,7 @@ def test_a_complete_production_configuration_loads():
     s = load_settings(_production_env())
     assert s.is_production and not s.simulators_in_process
     assert not s.extra["phone_simulator_enabled"]
+    assert s.providers["mtn_momo"].options["target_environment"] == "mtnrwanda"
 
 
 @pytest.mark.parametrize(("change", "variable"), [
@@ -125,6 +129,10 @@ def test_a_complete_production_configuration_loads():
     ({"IREMBOPAY_BASE_URL": ""}, "IREMBOPAY_BASE_URL"),
     ({"SMS_BASE_URL": ""}, "SMS_BASE_URL"),
     ({"PII_ENCRYPTION_KEYS": f"dev:{DEV_KEY}"}, "PII_ENCRYPTION_KEYS"),
+    # MTN's production API refuses every call made for its sandbox (the default).
+    ({"MTN_MOMO_TARGET_ENVIRONMENT": ""}, "MTN_MOMO_TARGET_ENVIRONMENT"),
+    ({"MTN_MOMO_TARGET_ENVIRONMENT": "sandbox"}, "MTN_MOMO_TARGET_ENVIRONMENT"),
+    ({"MTN_MOMO_TARGET_ENVIRONMENT": "mtnrwnda"}, "MTN_MOMO_TARGET_ENVIRONMENT"),
 ])
 def test_production_refuses_unsafe_settings(change, variable):
     with pytest.raises(ConfigError) as info:
