@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from admin_api.common import DATETIME, iso, json_response, out, page_of, paged
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param
-from core.audit import record
+from core import webhooks
+from core.audit import Actor, record
 from core.errors import Conflict, NotFound
 from core.models import OutboxJob
 from core.outbox import replay_job
 from core.text import is_number
 
 STATUSES = ("PENDING", "RUNNING", "DONE", "PARKED")
+# What a replay of a job of this kind must also do, in the replay's transaction, for the job to do its
+# work again: a handler that finds its subject already given up on ends without doing anything.
+ON_REPLAY: dict[str, Callable[[AsyncSession, OutboxJob, Actor], Awaitable[None]]] = {
+    "webhook.deliver": lambda session, job, actor: webhooks.reopen_for_replay(session, job, actor=actor),
+}
 JOB = out(
     {
         "id": {"type": "integer"},
@@ -73,6 +81,9 @@ async def replay(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     job = await replay_job(ctx.session, job_id)
     if job is None:
         raise Conflict("only a PARKED job can be replayed")
+    reopen = ON_REPLAY.get(job.kind)
+    if reopen is not None:
+        await reopen(ctx.session, job, ctx.who.actor)
     await record(ctx.session, actor=ctx.who.actor, action="job.replayed", entity_type="outbox_job",
                  entity_id=str(job.id), after={"kind": job.kind}, cooperative_id=job.cooperative_id)
     await ctx.session.flush()

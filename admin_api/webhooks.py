@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -47,11 +48,23 @@ ENDPOINT = out(
         "status": {"enum": ["ACTIVE", "DISABLED"]},
         "consecutiveFailures": {"type": "integer"},
         "disabledAt": NULL_DATETIME,
+        "previousSecretValidUntil": NULL_DATETIME,
         "createdAt": DATETIME,
         "updatedAt": DATETIME,
     }
 )
 ENDPOINT_CREATED = out_plus(ENDPOINT, secret={"type": "string"})
+MAX_OVERLAP_HOURS = int(webhooks.MAX_ROTATION_OVERLAP.total_seconds() // 3600)
+ROTATION = obj(
+    {
+        "overlapHours": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_OVERLAP_HOURS,
+            "description": "how long the previous secret still signs deliveries (default 24; 0: stop at once)",
+        }
+    }
+)
 DELIVERY = out(
     {
         "id": ID,
@@ -105,6 +118,7 @@ def present_endpoint(e: WebhookEndpoint) -> dict[str, Any]:
         "status": e.status,
         "consecutiveFailures": e.consecutive_failures,
         "disabledAt": iso(e.disabled_at),
+        "previousSecretValidUntil": iso(e.previous_secret_expires_at) if e.previous_secret_enc else None,
         "createdAt": iso(e.created_at),
         "updatedAt": iso(e.updated_at),
     }
@@ -210,6 +224,24 @@ async def enable_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return json_response(present_endpoint(endpoint))
 
 
+async def rotate_secret(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    endpoint = await one(ctx, WebhookEndpoint, request.match_info["id"], "webhook endpoint")
+    hours = (ctx.body or {}).get("overlapHours")
+    overlap = webhooks.ROTATION_OVERLAP if hours is None else timedelta(hours=hours)
+    endpoint, secret = await webhooks.rotate_secret(
+        ctx.session,
+        ctx.rt.cipher,
+        endpoint_id=endpoint.id,
+        cooperative_id=endpoint.cooperative_id,
+        actor=ctx.who.actor,
+        overlap=overlap,
+    )
+    await ctx.session.commit()
+    response = json_response({**present_endpoint(endpoint), "secret": secret})
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 async def list_deliveries(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     endpoint = await one(ctx, WebhookEndpoint, request.match_info["id"], "webhook endpoint")
     query = (
@@ -310,6 +342,17 @@ ROUTES = [
         "webhooks",
         "admin",
         response=ENDPOINT,
+    ),
+    Route(
+        "POST",
+        "/webhook-endpoints/{id}/rotate-secret",
+        rotate_secret,
+        "Rotate a webhook endpoint's signing secret (new secret shown once; the previous one still signs "
+        "deliveries for overlapHours, 24 by default)",
+        "webhooks",
+        "admin",
+        body=ROTATION,
+        response=ENDPOINT_CREATED,
     ),
     Route(
         "GET",

@@ -304,6 +304,10 @@ class WebhookEndpoint(Base):
     cooperative_id: Mapped[str] = _coop_fk()
     url: Mapped[str] = mapped_column(String(500))
     secret_enc: Mapped[str] = mapped_column(String(255))
+    # The secret a rotation replaced, encrypted like secret_enc: deliveries are signed with both until
+    # previous_secret_expires_at, so the receiver can switch over without refusing anything.
+    previous_secret_enc: Mapped[str | None] = mapped_column(String(255))
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     events: Mapped[list[str]] = mapped_column(JSONType, default=list)
     status: Mapped[str] = mapped_column(String(16), default="ACTIVE")  # ACTIVE | DISABLED
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)

@@ -3,7 +3,12 @@
 Every delivery is signed Stripe-style: header `X-Gateway-Signature: t=<unix seconds>,v1=<hex>` where
 `<hex> = HMAC-SHA256(endpoint secret, f"{t}.{raw body}")`. The event id (`X-Gateway-Event-Id` and the
 body's `id`) is the same on every attempt, so receivers drop duplicates; retries run with exponential
-backoff for up to three days, each attempt recorded with its status code and latency.
+backoff for up to three days, each attempt recorded with its status code and latency. A delivery given up
+on (its job parked) is sent again when an admin replays the job: its three days start again from the replay.
+
+A secret is rotated without refusing anything: for ROTATION_OVERLAP after a rotation every delivery is
+signed with the new secret and the previous one (`t=..,v1=<new>,v1=<old>`), so a receiver still on the old
+secret accepts them while it switches over.
 
 An endpoint that has failed every attempt for a day (DISABLE_AFTER_FAILING_FOR, and at least DISABLE_AFTER
 attempts in a row) is switched off and the cooperative's contact told; nothing is lost by it. While it is
@@ -31,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import httpx
-from sqlalchemy import case, func, literal, select, update
+from sqlalchemy import and_, case, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
@@ -79,6 +84,9 @@ RESUME_PER_SECOND = 20
 _RESUME_BATCH = 500  # rows per INSERT when re-queuing (PostgreSQL's bind-parameter limit)
 MAX_ENDPOINTS_PER_COOPERATIVE = 10
 MAX_EVENT_ID = 64  # WebhookDelivery.event_id column width
+# After a rotation the previous secret still signs deliveries (second v1=) for this long, by default.
+ROTATION_OVERLAP = timedelta(hours=24)
+MAX_ROTATION_OVERLAP = timedelta(days=7)
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
 )
@@ -87,9 +95,14 @@ _HOSTNAME = re.compile(
 # ---------------------------------------------------------------------------------------------- signing
 
 
-def sign(secret: str, body: bytes, timestamp: int) -> str:
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
+def sign(secret: str, body: bytes, timestamp: int, *previous: str) -> str:
+    """`t=<timestamp>,v1=<hex>`; with `previous` secrets (a rotation's overlap) one more `v1=` for each,
+    the current secret's first."""
+    digests = [
+        hmac.new(key.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+        for key in (secret, *previous)
+    ]
+    return f"t={timestamp}," + ",".join(f"v1={digest}" for digest in digests)
 
 
 def verify_signature(
@@ -148,6 +161,21 @@ def _endpoint_secret_context(cooperative_id: str) -> str:
 
 def endpoint_secret(cipher: PiiCipher, endpoint: WebhookEndpoint) -> str:
     return cipher.decrypt(endpoint.secret_enc, context=_endpoint_secret_context(endpoint.cooperative_id))
+
+
+def signing_secrets(cipher: PiiCipher, endpoint: WebhookEndpoint, now: datetime | None = None) -> list[str]:
+    """The secrets a delivery is signed with now: the current one, then the one a rotation replaced while
+    its overlap lasts."""
+    secrets_ = [endpoint_secret(cipher, endpoint)]
+    until = endpoint.previous_secret_expires_at
+    if endpoint.previous_secret_enc and until is not None and until > (now or utcnow()):
+        context = _endpoint_secret_context(endpoint.cooperative_id)
+        secrets_.append(cipher.decrypt(endpoint.previous_secret_enc, context=context))
+    return secrets_
+
+
+def new_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(32)
 
 
 async def request_domain(
@@ -260,7 +288,7 @@ async def register_endpoint(
         state = "pending approval" if approved == "PENDING" else "not approved"
         raise Forbidden(f"domain {host} is {state}: request it and have a super admin approve it first")
     await _check_room(session, cooperative_id)
-    secret = "whsec_" + secrets.token_urlsafe(32)
+    secret = new_secret()
     endpoint = WebhookEndpoint(
         cooperative_id=cooperative_id,
         url=url,
@@ -378,6 +406,69 @@ async def delete_endpoint(
         cooperative_id=cooperative_id,
     )
     return endpoint
+
+
+async def rotate_secret(
+    session: AsyncSession,
+    cipher: PiiCipher,
+    *,
+    endpoint_id: str,
+    cooperative_id: str,
+    actor: Actor,
+    overlap: timedelta = ROTATION_OVERLAP,
+) -> tuple[WebhookEndpoint, str]:
+    """A new signing secret, returned once and stored encrypted. The one it replaces keeps signing (a second
+    `v1=`) for `overlap`, so the receiver can switch at its own pace; zero drops it at once (a leaked secret).
+    Deliveries still pending go out signed with whatever is current when they are sent.
+
+    Rotating again during an overlap keeps only the secret just replaced: the one before it stops."""
+    if not timedelta(0) <= overlap <= MAX_ROTATION_OVERLAP:
+        raise ValidationError(
+            f"the overlap must be between 0 and {MAX_ROTATION_OVERLAP.days * 24} hours", field="overlapHours"
+        )
+    endpoint = (
+        await session.execute(
+            select(WebhookEndpoint)
+            .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.cooperative_id == cooperative_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)  # two rotations at once: the second sees the first
+        )
+    ).scalar_one_or_none()
+    if endpoint is None:
+        raise NotFound("webhook endpoint not found")
+    secret = new_secret()
+    keep = overlap > timedelta(0)
+    # A Core UPDATE that leaves updated_at as it is: while the endpoint is failing it says since when (see
+    # _finish), and a rotation must not push back its switching off.
+    await session.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint.id)
+        .values(
+            secret_enc=cipher.encrypt(secret, context=_endpoint_secret_context(cooperative_id)),
+            # The same key and context as the current one: stored as it was.
+            previous_secret_enc=endpoint.secret_enc if keep else None,
+            previous_secret_expires_at=utcnow() + overlap if keep else None,
+            updated_at=WebhookEndpoint.updated_at,
+        )
+    )
+    await session.refresh(endpoint)
+    await record(
+        session,
+        actor=actor,
+        action="webhook_endpoint.secret_rotated",
+        entity_type="webhook_endpoint",
+        entity_id=endpoint.id,
+        after={
+            "previous_secret_valid_until": _iso(endpoint.previous_secret_expires_at),
+            "overlap_seconds": int(overlap.total_seconds()),
+        },
+        cooperative_id=cooperative_id,
+    )
+    return endpoint, secret
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
 
 
 async def disabled_for_failures(session: AsyncSession, endpoint_id: str) -> bool:
@@ -641,11 +732,11 @@ async def deliver(rt: Runtime, job: Job) -> str:
         return "endpoint_disabled"
 
     body = body_bytes(delivery.payload)
-    secret = endpoint_secret(rt.cipher, endpoint)
+    keys = signing_secrets(rt.cipher, endpoint)  # the current secret, and the replaced one while it overlaps
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "coop-pay-gateway-webhooks/1",
-        SIGNATURE_HEADER: sign(secret, body, int(time.time())),
+        SIGNATURE_HEADER: sign(keys[0], body, int(time.time()), *keys[1:]),
         EVENT_ID_HEADER: delivery.event_id,
         EVENT_HEADER: delivery.event_type,
         "X-Gateway-Delivery-Attempt": str(len(delivery.attempts or []) + 1),
@@ -686,9 +777,15 @@ async def deliver(rt: Runtime, job: Job) -> str:
             "error": error,
         },
     )
-    failed_attempts = sum(1 for a in (delivery.attempts or []) if a.get("error")) + 1
+    window = await _retries_from(rt, delivery, job)
+    # The backoff counts the failures of this window: after a replay or a resume it starts again at 30 s.
+    failed_attempts = 1 + sum(
+        1
+        for a in (delivery.attempts or [])
+        if a.get("error") and (parse_aware(a.get("at")) or window) >= window
+    )
     delay = retry_delay(failed_attempts)
-    give_up = utcnow() + timedelta(seconds=delay) > await _retries_from(rt, delivery, job) + RETRY_FOR
+    give_up = utcnow() + timedelta(seconds=delay) > window + RETRY_FOR
     await _finish(
         rt,
         delivery.id,
@@ -702,6 +799,47 @@ async def deliver(rt: Runtime, job: Job) -> str:
     raise RetryLater(delay, f"webhook attempt {failed_attempts} failed: {error}")
 
 
+REPLAYED = "webhook_delivery.replayed"  # audit action: an admin replayed the delivery's parked job
+
+
+async def reopen_for_replay(session: AsyncSession, job: OutboxJob, *, actor: Actor) -> None:
+    """An admin replays a parked 'webhook.deliver' job (the receiver is fixed), in the replay's transaction.
+
+    The job parked because its delivery was given up on (FAILED after three days, see deliver), and a job
+    finds a delivery that is not PENDING done. So the delivery is made PENDING again, and the replay recorded
+    in the audit log: its three days of retries, and its backoff, start again from now (_retries_from).
+    A delivery that was DELIVERED is left so: the job finds it done and sends nothing."""
+    payload = job.payload or {}
+    delivery = (
+        await session.execute(
+            select(WebhookDelivery)
+            .where(
+                WebhookDelivery.endpoint_id == payload.get("endpoint_id"),
+                WebhookDelivery.event_id == payload.get("event_id"),
+            )
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    if delivery is None or delivery.status == "DELIVERED":
+        return  # the job parks again (not found) or ends at once (delivered already)
+    before = delivery.status
+    delivery.status = "PENDING"
+    await session.flush()
+    await record(
+        session,
+        actor=actor,
+        action=REPLAYED,
+        entity_type="webhook_delivery",
+        entity_id=delivery.id,
+        before={"status": before},
+        after={"status": "PENDING", "job_id": job.id},
+        cooperative_id=delivery.cooperative_id,
+    )
+    log.info("parked webhook delivery replayed", extra={"endpoint_id": delivery.endpoint_id,
+                                                         "event_id": delivery.event_id, "job_id": job.id})
+
+
 def _client(rt: Runtime) -> httpx.AsyncClient:
     """The client for customers' URLs: the one that connects only to public addresses, outside the embedded
     default. A runtime built without it sends nothing rather than fall back to the unguarded client."""
@@ -713,19 +851,28 @@ def _client(rt: Runtime) -> httpx.AsyncClient:
 
 
 async def _retries_from(rt: Runtime, delivery: WebhookDelivery, job: Job) -> datetime:
-    """When the delivery's three days of retries began: when it was created, or when its endpoint was last
-    enabled again after holding it. The job says so (`resumed_at`); so does the audit log, for a job that
-    was already running when the endpoint was enabled and carries no such mark."""
+    """When the delivery's three days of retries began: when it was created, when its endpoint was last
+    enabled again after holding it, or when an admin last replayed its job (see reopen_for_replay). The job
+    says when it was resumed (`resumed_at`); so does the audit log, for a job that was already running when
+    the endpoint was enabled and carries no such mark. Replays are read from the audit log only."""
     start = delivery.created_at
     moments = [start]
     resumed = parse_aware(job.payload.get("resumed_at"))
     if resumed is not None:
         moments.append(resumed)
     async with rt.sessionmaker() as session:
-        enabled = (await session.execute(select(AuditEvent.at, AuditEvent.after).where(
-            AuditEvent.entity_type == "webhook_endpoint", AuditEvent.entity_id == delivery.endpoint_id,
-            AuditEvent.action == "webhook_endpoint.enabled", AuditEvent.at > start))).all()
-    moments.extend(at for at, after in enabled if isinstance(after, dict) and after.get("resumed_deliveries"))
+        events = (await session.execute(select(AuditEvent.action, AuditEvent.at, AuditEvent.after).where(
+            or_(
+                and_(AuditEvent.entity_type == "webhook_endpoint", AuditEvent.entity_id == delivery.endpoint_id,
+                     AuditEvent.action == "webhook_endpoint.enabled"),
+                and_(AuditEvent.entity_type == "webhook_delivery", AuditEvent.entity_id == delivery.id,
+                     AuditEvent.action == REPLAYED),
+            ),
+            AuditEvent.at > start))).all()
+    moments.extend(
+        at for action, at, after in events
+        if action == REPLAYED or (isinstance(after, dict) and after.get("resumed_deliveries"))
+    )
     return max(moments)
 
 

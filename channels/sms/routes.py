@@ -7,9 +7,12 @@ import hmac
 import json
 import logging
 import re
+import unicodedata
+from functools import cache
 from typing import Any, NamedTuple, cast
 
 from aiohttp import web
+from redis.exceptions import RedisError
 from sqlalchemy import Table, bindparam, select, update
 
 from channels.sms.templates import CATALOGS
@@ -242,18 +245,40 @@ async def apply_parked_reports(rt: Runtime, provider_message_id: str) -> list[st
 # --------------------------------------------------------------------------------------- inbound keywords
 
 
+def fold(text: str) -> str:
+    """A keyword as typed on any handset, reduced to plain upper-case letters: compatibility forms made
+    plain (NFKC: full-width ＳＴＯＰ from CJK or Arabic keyboards, ligatures, no-break spaces), invisible
+    format characters dropped (category Cf: a BOM some phones put before a UCS-2 text, zero-width spaces
+    and joiners), accents dropped (NFKD, without the combining marks: ARRÊT typed as E + U+0302 or as Ê,
+    and ARRET, are one word)."""
+    plain = unicodedata.normalize("NFKC", text)
+    visible = "".join(c for c in plain if unicodedata.category(c) != "Cf")
+    bare = "".join(c for c in unicodedata.normalize("NFKD", visible) if not unicodedata.combining(c))
+    return unicodedata.normalize("NFC", bare).upper()
+
+
+@cache
+def _keywords() -> tuple[tuple[str, str, frozenset[str]], ...]:
+    """(language, command, folded spellings), English first so STOP/START stay English when another
+    catalog shares them. The catalogs' spellings are folded as the text is."""
+    languages = ("en", *[lang for lang in CATALOGS if lang != "en"])
+    return tuple(
+        (language, command, frozenset(fold(spelling) for spelling in spellings))
+        for language in languages
+        for command, spellings in CATALOGS[language].KEYWORDS.items()
+    )
+
+
 def parse_keyword(text: str) -> tuple[str | None, str | None, str | None]:
     """'risiti pay_20251016_001' -> ('RECEIPT', 'sw', 'PAY_20251016_001'). Unknown -> (None, None, None)."""
-    words = (text or "").strip().upper().split()
+    words = fold((text or "").strip()).split()
     if not words:
         return None, None, None
     word = words[0].strip(".,:;!?")
     argument = words[1].strip(".,:;!?") if len(words) > 1 else None
-    # English first so STOP/START stay English when another catalog shares them.
-    for language in ("en", *[lang for lang in CATALOGS if lang != "en"]):
-        for command, spellings in CATALOGS[language].KEYWORDS.items():
-            if word in spellings:
-                return command, language, argument
+    for language, command, spellings in _keywords():
+        if word in spellings:
+            return command, language, argument
     return None, None, argument
 
 
@@ -287,6 +312,9 @@ async def inbound(request: web.Request) -> web.Response:
     command, keyword_language, argument = parse_keyword(text)
     index = rt.cipher.blind_index(phone.e164)
     actor = Actor(f"phone:{phone.masked()}", "sms")
+    # Checked before, and outside, the transaction that records a STOP or START: Redis failing costs the
+    # reply, never the opt-out (a STOP rolled back keeps the reminders coming).
+    reply_allowed = await _reply_allowed(rt, index, phone)
 
     async with rt.sessionmaker.begin() as session:
         members = (
@@ -347,10 +375,8 @@ async def inbound(request: web.Request) -> web.Response:
         else:
             reply = ("unknown", {}, members[0].cooperative_id if members else None)
 
-        decision = await RateLimiter(rt.redis).hit(REPLY_LIMIT, index)
-        if not decision.allowed:
-            log.info("keyword reply suppressed: rate limit", extra={"phone": phone.masked()})
-            return web.Response(text="")
+        if not reply_allowed:
+            return web.Response(text="")  # what the keyword changed commits, without a reply
         template, context, cooperative_id = reply
         context = {**context, "language": language}
         await send_sms(
@@ -364,6 +390,22 @@ async def inbound(request: web.Request) -> web.Response:
         )
     log.info("keyword SMS", extra={"command": command or "unknown", "reply": template})
     return web.Response(text="")
+
+
+async def _reply_allowed(rt: Runtime, index: str, phone: Phone) -> bool:
+    """May this phone get a keyword reply now (REPLY_LIMIT)? When the limit cannot be checked (Redis down
+    or restarting), no: the reply is skipped and logged, and the keyword itself still takes effect."""
+    try:
+        decision = await RateLimiter(rt.redis).hit(REPLY_LIMIT, index)
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning(
+            "keyword reply skipped: its rate limit could not be checked",
+            extra={"phone": phone.masked(), "error": type(exc).__name__},
+        )
+        return False
+    if not decision.allowed:
+        log.info("keyword reply suppressed: rate limit", extra={"phone": phone.masked()})
+    return decision.allowed
 
 
 def setup(app: web.Application) -> None:

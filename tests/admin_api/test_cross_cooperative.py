@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from admin_api import all_routes
-from core.models import OutboxJob
+from core.models import AuditEvent, OutboxJob
 from tests.admin_api.conftest import complete_payment, idem, make_payment
 
 # A schema-valid body for each write route, so that only scoping can refuse the call.
@@ -16,6 +16,7 @@ BODIES = {
     ("POST", "/payments/{id}/refunds"): {"idempotencyKey": "cross-coop-key"},
     ("POST", "/disputes/{id}/transitions"): {"status": "REJECTED"},
     ("POST", "/refunds/{id}/outcome"): {"status": "COMPLETED", "note": "taken over"},
+    ("POST", "/webhook-endpoints/{id}/rotate-secret"): {"overlapHours": 0},
 }
 # Routes only a super admin may call at all: B's admin is stopped earlier, with 403.
 SUPER_ONLY = {
@@ -75,6 +76,7 @@ async def _resources_of_a(admin, superadmin, rt, demo):
         "/webhook-domains/{id}/reject": domain["id"],
         "/webhook-endpoints/{id}": endpoint["id"],
         "/webhook-endpoints/{id}/enable": endpoint["id"],
+        "/webhook-endpoints/{id}/rotate-secret": endpoint["id"],
         "/webhook-endpoints/{id}/deliveries": endpoint["id"],
     }
 
@@ -98,6 +100,10 @@ async def test_every_resource_route_hides_other_cooperatives(admin, superadmin, 
     assert (await admin.json("GET", f"/v1/members/{ids['/members/{id}']}", 200))["name"] == "Aline Uwase"
     assert (await admin.json("GET", f"/v1/disputes/{ids['/disputes/{id}']}", 200))["status"] == "OPEN"
     assert (await admin.json("GET", "/v1/api-keys", 200))["data"][0]["revokedAt"] is None
+    async with rt.sessionmaker() as s:
+        rotated = (await s.execute(select(AuditEvent.id).where(
+            AuditEvent.action == "webhook_endpoint.secret_rotated"))).all()
+    assert rotated == []  # A's webhook secret too
 
 
 async def test_every_list_route_shows_nothing_of_other_cooperatives(admin, superadmin, rt, demo, coop_b):
