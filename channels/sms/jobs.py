@@ -1,4 +1,13 @@
-"""Outbox jobs for messaging: 'sms.send' (templated, throttled, sent once) and the webhook jobs."""
+"""Outbox jobs for messaging: 'sms.send' (templated, throttled, sent once) and the webhook jobs.
+
+What a failed send leaves, so that a message is neither lost nor doubled:
+- nothing left (no connection, AT refused it for now, our account refused): the row stays QUEUED and
+  the outbox retries; when the attempts run out the job is parked and the row keeps saying why
+  (provider_status RetriesExhausted, failure_reason), still QUEUED, so replaying the job sends it;
+- the request went out but its answer was lost (read timeout, broken answer, a job cut off mid-send):
+  AT may have queued it and has no idempotency key, so it is not sent again. The row is recorded SENT
+  without a provider message id (provider_status Unconfirmed, failure_reason says why) and the job ends.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +18,12 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import String, bindparam, func, select
+from sqlalchemy import String, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from channels.sms.encoding import measure
 from channels.sms.routes import apply_parked_reports, parked_key
-from channels.sms.sender import SmsTemporaryError
+from channels.sms.sender import SmsTemporaryError, SmsUnconfirmedError
 from channels.sms.templates import (
     OPTIONAL_TEMPLATES,
     PaymentFacts,
@@ -42,6 +51,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.sms.jobs")
 WORKER = Actor("system", "worker")
 SEND_LOCK_SECONDS = 30
+# provider_status of a QUEUED message whose job was parked after its last attempt (replay sends it), and
+# of a SENT message whose send AT may or may not have taken (not resent, no delivery report can match it).
+RETRIES_EXHAUSTED = "RetriesExhausted"
+UNCONFIRMED = "Unconfirmed"
 
 
 def message_key(payload: dict[str, Any]) -> str:
@@ -94,6 +107,11 @@ class SmsJobs:
             existing = await _first(conn, _BY_KEY, {"k": key})
             if existing is not None and existing.status != SmsStatus.QUEUED.value:
                 return  # sent (or refused) already: a duplicate job or a re-run after a crash
+            if existing is not None and job.interrupted:
+                # The worker cancelled the previous attempt, most likely waiting for AT's answer: AT may
+                # have the message. Asked before anything that could overwrite the job's last error.
+                await self._unconfirmed(job, existing, "previous attempt cut off mid-send")
+                return
             if payload.get("template") in OPTIONAL_TEMPLATES and payload.get("member_id"):
                 # Checked on every attempt: a reminder retried through an aggregator outage is exactly the
                 # one whose member may have paid or sent STOP, or whose day may be over, by now.
@@ -136,14 +154,16 @@ class SmsJobs:
         phone = _phone(rt, message)
         try:
             result = await rt.sms.send(phone, message.body)
+            if not result.accepted and not result.permanent:
+                raise SmsTemporaryError(f"SMS not accepted: {result.provider_status}")
+        except SmsUnconfirmedError as exc:
+            await self._unconfirmed(job, message, exc.cause)
+            return None
         except SmsTemporaryError as exc:
             if job.attempts >= job.max_attempts:
-                await self._move(
-                    message.id,
-                    SmsStatus.FAILED,
-                    failure_reason=str(exc)[:64],
-                    provider_status="RetriesExhausted",
-                )
+                # The outbox parks the job after this attempt. The message did not leave: it stays QUEUED,
+                # so replaying the job once the cause is fixed sends it; the row says why it waits.
+                await self._note_parked(message.id, str(exc))
             raise
         if result.accepted:
             moved = await self._move(
@@ -154,26 +174,17 @@ class SmsJobs:
                 provider_status=result.provider_status,
                 cost=result.cost,
                 sent_at=utcnow(),
+                clear=("failure_reason",),  # a parked attempt's note, if the job was replayed
             )
             return (result.provider_message_id, moved) if result.provider_message_id else None
-        if not result.permanent:
-            if job.attempts >= job.max_attempts:
-                await self._move(
-                    message.id,
-                    SmsStatus.FAILED,
-                    failure_reason=result.failure_reason,
-                    provider_status=result.provider_status,
-                )
-            raise SmsTemporaryError(f"SMS not accepted: {result.provider_status}")
-        # A permanent refusal is an outcome, not a job failure: record it and finish the job.
-        target = SmsStatus.FAILED if result.provider_status == "InsufficientBalance" else SmsStatus.REJECTED
+        # A permanent refusal (this number) is an outcome, not a job failure: record it and finish the job.
         log.warning(
             "SMS refused by the aggregator",
             extra={"sms_id": message.id, "status": result.provider_status, "to": message.phone_masked},
         )
         await self._move(
             message.id,
-            target,
+            SmsStatus.REJECTED,
             finish=job,
             provider_status=result.provider_status,
             failure_reason=(result.failure_reason or result.provider_status)[:64],
@@ -248,12 +259,39 @@ class SmsJobs:
             # The SMS left and is recorded SENT; failing the job would not bring a lost report back.
             log.exception("parked delivery reports not applied", extra={"sms_id": message_id})
 
-    async def _move(self, message_id: str, target: SmsStatus, *, finish: Job | None = None, **values: Any) -> bool:
+    async def _unconfirmed(self, job: Job, message: Any, cause: str) -> None:
+        """AT may have queued the message, and sending it again could give the member a second copy: it is
+        recorded SENT (what it most likely is) without a provider message id, marked Unconfirmed, and the
+        job ends. An operator can check it against AT's dashboard; no delivery report can update it."""
+        log.warning(
+            "SMS may have reached Africa's Talking: recorded unconfirmed, not resent",
+            extra={"sms_id": message.id, "cause": cause, "to": message.phone_masked, "job_id": job.id},
+        )
+        metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.unconfirmed").inc()
+        await self._move(
+            message.id,
+            SmsStatus.SENT,
+            finish=job,
+            provider_status=UNCONFIRMED,
+            failure_reason=f"unconfirmed, not resent: {cause}",
+            sent_at=utcnow(),
+        )
+
+    async def _note_parked(self, message_id: str, reason: str) -> None:
+        """Say on the still-QUEUED row why its job is being parked (not a state change: no transition)."""
+        async with autocommit(self.rt.engine) as conn:
+            await pgraw.first(conn, _NOTE_PARKED, {
+                "i": message_id, "p": RETRIES_EXHAUSTED, "r": _fit("failure_reason", reason), "u": utcnow()})
+
+    async def _move(self, message_id: str, target: SmsStatus, *, finish: Job | None = None,
+                    clear: tuple[str, ...] = (), **values: Any) -> bool:
         """Apply the outcome; False when the message had already moved on.
 
         `finish`: the outcome ends the job (nothing after it can fail the job), so the job is marked
         DONE in the same transaction instead of by the worker's separate UPDATE afterwards.
+        `values` left None are not written; the columns in `clear` are set to NULL.
         """
+        values = {**{k: v for k, v in values.items() if v is not None}, **dict.fromkeys(clear)}
         try:
             # One statement on PostgreSQL: the move, its audit row and the job's end.
             await transition_alone(
@@ -263,7 +301,7 @@ class SmsJobs:
                 SmsStatus.QUEUED,
                 target,
                 actor=WORKER,
-                values={k: _fit(k, v) for k, v in values.items() if v is not None},
+                values={k: _fit(k, v) for k, v in values.items()},
                 finish=finish,
             )
         except StaleTransition:
@@ -295,6 +333,14 @@ _COLUMNS = (_SMS.c.id, _SMS.c.status, _SMS.c.body, _SMS.c.phone_enc, _SMS.c.phon
 # Built once; only the columns the send needs, not the whole ORM row.
 _BY_KEY = select(*_COLUMNS).where(_SMS.c.idempotency_key == bindparam("k"))
 _BY_ID = select(*_COLUMNS).where(_SMS.c.id == bindparam("i"))
+_NOTE_PARKED = (
+    update(SmsMessage)
+    .where(_SMS.c.id == bindparam("i"), _SMS.c.status == SmsStatus.QUEUED.value)
+    .values(provider_status=bindparam("p"), failure_reason=bindparam("r"), updated_at=bindparam("u"))
+    .returning(_SMS.c.id)
+)
+
+
 @functools.cache
 def _insert(dialect_name: str) -> Any:
     """INSERT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING the send's columns, built once."""

@@ -10,6 +10,13 @@ dropping the HTTP status, so a 5xx (retry) cannot be told from a 4xx (do not ret
 The call itself is small and documented (`POST {base}/version1/messaging`, form body, `apiKey` header),
 so we send exactly what the SDK sends (same fields, `bulkSMSMode=1`, `enqueue=1`) through the process's
 pooled httpx client, with a configurable base URL, a 10 s timeout and the status code kept.
+
+Africa's Talking has no idempotency key and no lookup by our id, so a message is sent again only when
+nothing of it can have reached AT (SmsTemporaryError: no connection, or an answer refusing it). Once the
+whole request is out and the answer is lost or unreadable, AT may have queued it: SmsUnconfirmedError,
+and the caller records it without sending it again (a second copy to the member is worse than a missing
+confirmation). Our own account's problems (credit, sender id, risk hold, credentials) refuse every message
+alike: SmsAccountError, retried slowly until someone fixes the account.
 """
 
 from __future__ import annotations
@@ -30,14 +37,55 @@ log = logging.getLogger("gateway.sms.sender")
 
 # Recipient statusCode values (Africa's Talking messaging API).
 ACCEPTED_CODES = frozenset({100, 101, 102})  # Processed, Sent, Queued
-# 401 RiskHold, 402 InvalidSenderId, 403 InvalidPhoneNumber, 404 UnsupportedNumberType,
-# 405 InsufficientBalance, 406 UserInBlacklist, 407 CouldNotRoute, 409 DoNotDisturbRejection:
-# sending the same message again gives the same answer.
-PERMANENT_CODES = frozenset(range(401, 410))
+# 401 RiskHold, 402 InvalidSenderId, 405 InsufficientBalance: our account, not the number. Every message
+# gets the same answer until the account is fixed (topped up, sender id approved, hold lifted), after
+# which the same message goes through: retried slowly, never recorded as refused.
+ACCOUNT_CODES = {401: "RiskHold", 402: "InvalidSenderId", 405: "InsufficientBalance"}
+# 403 InvalidPhoneNumber, 404 UnsupportedNumberType, 406 UserInBlacklist, 407 CouldNotRoute,
+# 409 DoNotDisturbRejection (and 408, unassigned): this number refuses it; sending again gives the same answer.
+PERMANENT_CODES = frozenset(range(401, 410)) - frozenset(ACCOUNT_CODES)
+# Seconds before a message refused for an account reason is tried again: someone has to act (a top-up
+# takes minutes to hours), so the attempt budget (10 for SMS) spans about four and a half hours before
+# the job is parked for a replay.
+ACCOUNT_RETRY_SECONDS = 1800.0
+
+# Raised before the request was all written: AT cannot have read a whole message, so sending it again
+# cannot double it. (A write cut off mid-body leaves AT an incomplete request, which it does not act on.)
+_NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.WriteError,
+    httpx.WriteTimeout,
+    httpx.ProxyError,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
 
 
 class SmsTemporaryError(Exception):
-    """The message may not have left: network error, timeout, 5xx or throttling. Retry later."""
+    """AT does not have the message: no connection, or an answer refusing it for now (5xx, 408, 429).
+    Sending it again is safe; retry later."""
+
+
+class SmsAccountError(SmsTemporaryError):
+    """AT refused the message for a reason of our account (credit, sender id, risk hold, credentials), not
+    of the number: safe to send again, but only worth it once someone fixes the account, so the outbox
+    waits `retry_after` seconds between attempts (it reads the attribute)."""
+
+    def __init__(self, message: str, *, retry_after: float = ACCOUNT_RETRY_SECONDS) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SmsUnconfirmedError(Exception):
+    """The whole request reached AT, but its answer was lost or unreadable (read timeout, connection
+    dropped mid-answer, a 2xx we cannot read): AT may have queued the message. It has no idempotency key
+    and no lookup by our id, so sending it again may give the member a second copy: do not resend."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(f"Africa's Talking may have the message (not resent): {cause}")
+        self.cause = cause  # short: it goes on the message row
 
 
 @dataclass(frozen=True)
@@ -77,11 +125,15 @@ class AfricasTalkingSender:
             response = await self._http.post(
                 self._url, data=form, headers=headers, timeout=self._config.timeout
             )
-        except httpx.HTTPError as exc:
+        except _NOT_SENT as exc:
             metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.send").inc()
             raise SmsTemporaryError(
                 f"network error talking to Africa's Talking: {type(exc).__name__}"
             ) from exc
+        except httpx.HTTPError as exc:
+            # ReadTimeout, ReadError, RemoteProtocolError, ...: the request was out, the answer was not read.
+            metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.send").inc()
+            raise SmsUnconfirmedError(f"{type(exc).__name__} after the send") from exc
         finally:
             metrics.PROVIDER_CALLS.labels(provider="africastalking", operation="sms.send").observe(
                 time.perf_counter() - started
@@ -95,7 +147,7 @@ class AfricasTalkingSender:
             raise SmsTemporaryError(f"Africa's Talking answered HTTP {status}")
         if status == 401:
             # Wrong username or key is our configuration, not the message: retry so it goes out once fixed.
-            raise SmsTemporaryError("Africa's Talking refused the credentials (HTTP 401)")
+            raise _account_error("Africa's Talking refused the credentials (HTTP 401)")
         if status >= 400:
             text = response.text[:200]
             log.warning(
@@ -113,10 +165,14 @@ class AfricasTalkingSender:
             message_data = data["SMSMessageData"]
             recipients = message_data.get("Recipients") or []
         except (ValueError, KeyError, TypeError, AttributeError):
+            if 200 <= status < 300:  # AT took the request; what it did with it is unknown
+                raise SmsUnconfirmedError(f"unreadable HTTP {status} answer") from None
             raise SmsTemporaryError(f"unreadable answer from Africa's Talking (HTTP {status})") from None
         if not recipients:
-            # e.g. {"Message": "InvalidSenderId", "Recipients": []}: nothing was queued, nothing will be.
+            # e.g. {"Message": "InvalidSenderId", "Recipients": []}: nothing was queued.
             reason = str(message_data.get("Message") or "no recipient accepted")
+            if reason in ACCOUNT_CODES.values():  # our account: every message gets this until it is fixed
+                raise _account_error(f"AT account: {reason}")
             return SendResult(
                 None, accepted=False, provider_status=reason[:32], failure_reason=reason[:64], permanent=True
             )
@@ -124,14 +180,19 @@ class AfricasTalkingSender:
         try:
             code = int(str(recipient.get("statusCode")))
         except (TypeError, ValueError):
-            raise SmsTemporaryError("answer without a recipient statusCode") from None
+            raise SmsUnconfirmedError("answer without a statusCode") from None
         provider_status = str(recipient.get("status") or code)[:32]
         message_id = recipient.get("messageId") or None
         cost = recipient.get("cost") or None
         if code in ACCEPTED_CODES:
             if not message_id or message_id == "None":
-                raise SmsTemporaryError("accepted without a messageId")
+                # Accepted all the same: sending it again would double it. Without an id no delivery
+                # report can be matched to it; it stays SENT.
+                log.warning("sms accepted without a messageId", extra={"to": phone.masked(), "status": code})
+                return SendResult(None, accepted=True, provider_status=provider_status, cost=cost)
             return SendResult(str(message_id), accepted=True, provider_status=provider_status, cost=cost)
+        if code in ACCOUNT_CODES:
+            raise _account_error(f"AT account: {provider_status} ({code})")
         if code in PERMANENT_CODES:
             return SendResult(
                 None,
@@ -142,6 +203,18 @@ class AfricasTalkingSender:
                 cost=None,
             )
         raise SmsTemporaryError(f"recipient status {code} {provider_status}")
+
+
+def _account_error(reason: str) -> SmsAccountError:
+    """Counted and logged for an operator: no SMS goes out until the account is fixed."""
+    metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.send").inc()
+    log.error(
+        "Africa's Talking refuses our account: SMS wait and are retried every %d min until it is fixed "
+        "(top up the balance, check the sender id, the API key and username, or a risk hold)",
+        ACCOUNT_RETRY_SECONDS // 60,
+        extra={"reason": reason},
+    )
+    return SmsAccountError(reason)
 
 
 def _recipient_for(recipients: list[dict[str, Any]], phone: Phone) -> dict[str, Any]:

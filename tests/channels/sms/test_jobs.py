@@ -131,13 +131,17 @@ async def test_a_long_refusal_from_the_aggregator_is_recorded_not_resent(
     assert len(sent) == 1
 
 
-async def test_insufficient_balance_is_failed(rt: Any, demo: dict[str, Any], sim: Any, worker: Any) -> None:
+async def test_insufficient_balance_waits_for_a_top_up(rt: Any, demo: dict[str, Any], sim: Any, worker: Any) -> None:
+    # Our account's empty balance is not the member's number: the message waits (it used to end FAILED,
+    # and every receipt sent before the top-up was lost). See test_send_faults.py.
     sim.set_failure("InsufficientBalance")
     payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
     await queue_receipt(rt, demo, payment.id)
     await drain(worker)
     [row] = await sms_rows(rt)
-    assert row.status == "FAILED" and row.failure_reason == "InsufficientBalance"
+    assert row.status == "QUEUED"
+    [job] = await jobs_of(rt, "sms.send")
+    assert job.status == "PENDING" and "InsufficientBalance" in job.last_error
 
 
 async def _make_due(rt: Any) -> None:
@@ -169,7 +173,7 @@ async def test_temporary_failure_is_retried_then_sent(
     assert len(sim.requests) == 3
 
 
-async def test_temporary_failure_exhausted_marks_failed_and_parks(
+async def test_temporary_failure_exhausted_parks_and_keeps_the_message_queued(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any
 ) -> None:
     sim.set_failure("http503")
@@ -181,7 +185,8 @@ async def test_temporary_failure_exhausted_marks_failed_and_parks(
     [job] = await jobs_of(rt, "sms.send")
     assert job.status == "PARKED"
     [row] = await sms_rows(rt)
-    assert row.status == "FAILED" and row.provider_status == "RetriesExhausted"
+    # QUEUED, not FAILED: the message never left, so replaying the parked job must send it.
+    assert row.status == "QUEUED" and row.provider_status == "RetriesExhausted"
 
 
 async def test_network_error_is_retried(rt: Any, demo: dict[str, Any], worker: Any) -> None:

@@ -9,7 +9,13 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from channels.sms.sender import AfricasTalkingConfig, AfricasTalkingSender, SmsTemporaryError
+from channels.sms.sender import (
+    AfricasTalkingConfig,
+    AfricasTalkingSender,
+    SmsAccountError,
+    SmsTemporaryError,
+    SmsUnconfirmedError,
+)
 from core.config import Secret
 from core.phone import Phone
 
@@ -56,7 +62,7 @@ async def test_send_cases(name: str) -> None:
     sender, seen = make_sender(answer)
     expect = case["expect"]
     if expect.get("temporary"):
-        with pytest.raises(SmsTemporaryError):
+        with pytest.raises(SmsAccountError if expect.get("account") else SmsTemporaryError):
             await sender.send(PHONE, "Hello")
     else:
         result = await sender.send(PHONE, "Hello")
@@ -88,8 +94,14 @@ async def test_network_error_is_temporary() -> None:
         await sender.send(PHONE, "Hello")
 
 
-async def test_unreadable_answer_is_temporary() -> None:
+async def test_unreadable_answer_is_unconfirmed_or_temporary() -> None:
+    # A 2xx we cannot read: AT took the request and may have queued the message, so it is not resent
+    # (it used to be retried: a possible second copy).
     sender, _ = make_sender(lambda _r: httpx.Response(200, text="<html>proxy</html>"))
+    with pytest.raises(SmsUnconfirmedError, match="unreadable"):
+        await sender.send(PHONE, "Hello")
+    # Anything else unreadable (here a redirect) was not taken: safe to retry.
+    sender, _ = make_sender(lambda _r: httpx.Response(302, text="<html>moved</html>"))
     with pytest.raises(SmsTemporaryError, match="unreadable"):
         await sender.send(PHONE, "Hello")
 

@@ -1,0 +1,330 @@
+"""'sms.send' when Africa's Talking fails: nothing lost (a parked send can be replayed, an empty balance
+waits for the top-up) and nothing doubled (an answer lost after the request went out is not resent)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from sqlalchemy import select, update
+
+from channels.sms.sender import (
+    ACCOUNT_RETRY_SECONDS,
+    AfricasTalkingConfig,
+    AfricasTalkingSender,
+    SmsAccountError,
+    SmsTemporaryError,
+    SmsUnconfirmedError,
+)
+from channels.sms.simulator import STATE, create_simulator
+from core.config import Secret
+from core.db import utcnow
+from core.models import OutboxJob, SmsMessage
+from core.notify import send_sms
+from core.outbox import OutboxWorker
+from core.phone import Phone
+from tests.channels.sms.helpers import SIM_KEY, jobs_of, make_payment
+from tests.conftest import drain
+
+ALINE = "+250788000001"
+
+
+async def queue_receipt(rt: Any, demo: dict[str, Any]) -> None:
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    async with rt.sessionmaker.begin() as session:
+        await send_sms(session, template="payment_receipt", cooperative_id=demo["cooperative_id"],
+                       context={"payment_id": payment.id}, cipher=rt.cipher, member_id=demo["members"][ALINE],
+                       dedupe="receipt-1")
+
+
+async def the_row(rt: Any) -> SmsMessage:
+    async with rt.sessionmaker() as session:
+        return (await session.execute(select(SmsMessage))).scalar_one()
+
+
+async def the_job(rt: Any) -> OutboxJob:
+    [job] = await jobs_of(rt, "sms.send")
+    return job
+
+
+async def make_due(rt: Any) -> None:
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
+
+
+async def last_attempt(rt: Any) -> None:
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(OutboxJob).values(attempts=9))  # max_attempts is 10 for SMS
+
+
+async def replay_over_the_api(client: Any, demo: dict[str, Any], job_id: int) -> dict[str, Any]:
+    """What the README tells an operator to do once the cause is fixed: POST /v1/jobs/{id}/replay."""
+    username, password = demo["admin"]
+    token = await client.post("/v1/auth/token", json={"username": username, "password": password})
+    headers = {"Authorization": f"Bearer {(await token.json())['accessToken']}"}
+    parked = await (await client.get("/v1/jobs?status=PARKED&kind=sms.send", headers=headers)).json()
+    assert [j["id"] for j in parked["data"]] == [job_id]
+    replayed = await client.post(f"/v1/jobs/{job_id}/replay", headers=headers)
+    assert replayed.status == 200, await replayed.text()
+    return parked["data"][0]
+
+
+# ------------------------------------------------------------------ finding 1: a parked send can be replayed
+
+
+async def test_a_send_parked_after_an_outage_is_sent_when_replayed(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, client: Any
+) -> None:
+    await queue_receipt(rt, demo)
+    await last_attempt(rt)
+    sim.set_failure("http503")  # the outage outlasts the attempts
+    await drain(worker)
+    job = await the_job(rt)
+    assert job.status == "PARKED"
+    row = await the_row(rt)
+    # Not sent, and not given up on: still QUEUED, saying why it waits.
+    assert (row.status, row.provider_status) == ("QUEUED", "RetriesExhausted")
+    assert "HTTP 503" in row.failure_reason
+    assert sim.messages(ALINE) == []
+
+    sim.set_failure(None)  # AT is back
+    listed = await replay_over_the_api(client, demo, job.id)
+    assert "HTTP 503" in listed["lastError"]
+    await drain(worker)
+    [sent] = sim.messages(ALINE)
+    row = await the_row(rt)
+    assert (row.status, row.provider_message_id, row.failure_reason) == ("SENT", sent["id"], None)
+    assert (await the_job(rt)).status == "DONE"
+
+
+async def test_replaying_a_job_whose_message_left_sends_nothing(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any
+) -> None:
+    """Replay stays safe: a message past QUEUED is never sent again."""
+    from core.outbox import replay_job
+
+    await queue_receipt(rt, demo)
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 1
+    async with rt.sessionmaker.begin() as session:  # as if it had been parked after the send
+        await session.execute(update(OutboxJob).values(status="PARKED"))
+    async with rt.sessionmaker.begin() as session:
+        assert await replay_job(session, (await the_job(rt)).id) is not None
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 1 and len(sim.requests) == 1
+
+
+# -------------------------------------------------------- finding 2: an answer lost after the send: no resend
+
+
+async def slow_simulator(rt: Any, aiohttp_server: Any, delay: float, wait: float) -> tuple[Any, dict[str, float]]:
+    """AT queues the message at once and answers `delay` seconds later; our sender waits `wait` seconds."""
+    slow = {"delay": delay}
+
+    @web.middleware
+    async def late_answer(request: web.Request, handler: Any) -> web.StreamResponse:
+        response = await handler(request)
+        await asyncio.sleep(slow["delay"])
+        return response
+
+    app = create_simulator(username="coop-test", api_key=SIM_KEY, delivery_delay=0.05)
+    app.middlewares.append(late_answer)
+    server = await aiohttp_server(app)
+    rt.sms = AfricasTalkingSender(rt.http, AfricasTalkingConfig(
+        base_url=str(server.make_url("")).rstrip("/"), username="coop-test", api_key=Secret(SIM_KEY),
+        sender_id="COOPPAY", timeout=wait))
+    return app[STATE], slow
+
+
+async def test_an_answer_after_our_timeout_is_not_resent(
+    rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any
+) -> None:
+    sim, slow = await slow_simulator(rt, aiohttp_server, delay=1.0, wait=0.3)
+    await queue_receipt(rt, demo)
+    await drain(worker)  # AT queued it; its answer came after our 0.3 s
+    slow["delay"] = 0
+    await make_due(rt)
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 1 and len(sim.requests) == 1  # one SMS, one request
+    row = await the_row(rt)
+    assert (row.status, row.provider_status, row.provider_message_id) == ("SENT", "Unconfirmed", None)
+    assert row.failure_reason == "unconfirmed, not resent: ReadTimeout after the send"
+    job = await the_job(rt)
+    assert (job.status, job.attempts) == ("DONE", 1)
+
+
+async def test_a_send_cut_off_by_the_worker_is_not_resent(
+    rt: Any, demo: dict[str, Any], aiohttp_server: Any
+) -> None:
+    """The worker cancels a handler still waiting for AT at the end of its time (Job.interrupted)."""
+    from channels.sms.jobs import job_handlers
+
+    sim, slow = await slow_simulator(rt, aiohttp_server, delay=8.0, wait=10.0)
+    worker = OutboxWorker(rt.sessionmaker, job_handlers(rt), lease_seconds=10)  # handlers get 5 s
+    await queue_receipt(rt, demo)
+    await worker.run_once()
+    job = await the_job(rt)
+    assert job.status == "PENDING" and job.last_error.startswith("handler interrupted")
+    assert (await the_row(rt)).status == "QUEUED"
+    slow["delay"] = 0
+    await make_due(rt)
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 1 and len(sim.requests) == 1
+    row = await the_row(rt)
+    assert (row.status, row.provider_status, row.provider_message_id) == ("SENT", "Unconfirmed", None)
+    assert "cut off" in row.failure_reason
+    assert (await the_job(rt)).status == "DONE"
+
+
+def sender_over(handler: Any) -> tuple[AfricasTalkingSender, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+
+    def transport(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return handler(request)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(transport))
+    return AfricasTalkingSender(client, AfricasTalkingConfig("https://sms.example.test", "coop", Secret("k"))), seen
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        # Nothing of the request reached AT: safe to send again.
+        (httpx.ConnectError, SmsTemporaryError),
+        (httpx.ConnectTimeout, SmsTemporaryError),
+        (httpx.PoolTimeout, SmsTemporaryError),
+        (httpx.WriteTimeout, SmsTemporaryError),
+        # The request was out; the answer was lost: AT may have queued it.
+        (httpx.ReadTimeout, SmsUnconfirmedError),
+        (httpx.ReadError, SmsUnconfirmedError),
+        (httpx.RemoteProtocolError, SmsUnconfirmedError),
+    ],
+)
+async def test_network_errors_by_whether_the_request_was_out(error: type[Exception], outcome: type[Exception]) -> None:
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise error("boom", request=request)  # type: ignore[call-arg]
+
+    sender, _ = sender_over(fail)
+    with pytest.raises(outcome) as raised:
+        await sender.send(Phone(ALINE), "Hello")
+    assert not isinstance(raised.value, SmsUnconfirmedError if outcome is SmsTemporaryError else SmsTemporaryError)
+
+
+async def test_accepted_without_a_message_id_is_sent_not_retried() -> None:
+    body = {"SMSMessageData": {"Message": "Sent to 1/1", "Recipients": [
+        {"statusCode": 101, "number": ALINE, "status": "Success", "cost": "RWF 20", "messageId": "None"}]}}
+    sender, _ = sender_over(lambda _r: httpx.Response(201, json=body))
+    result = await sender.send(Phone(ALINE), "Hello")
+    assert (result.accepted, result.provider_message_id, result.provider_status) == (True, None, "Success")
+
+
+async def test_a_broken_answer_is_recorded_unconfirmed_through_the_job(
+    rt: Any, demo: dict[str, Any], worker: Any
+) -> None:
+    sent: list[httpx.Request] = []
+
+    def aggregator(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(aggregator)) as http:
+        rt.sms = AfricasTalkingSender(http, AfricasTalkingConfig("http://127.0.0.1:9", "u", Secret("k"), "COOPPAY"))
+        await queue_receipt(rt, demo)
+        await drain(worker)
+        await make_due(rt)
+        await drain(worker)
+    assert len(sent) == 1
+    row = await the_row(rt)
+    assert (row.status, row.provider_status) == ("SENT", "Unconfirmed")
+    assert row.failure_reason == "unconfirmed, not resent: RemoteProtocolError after the send"
+
+
+# ----------------------------------------------- finding 3: our account's problems wait, the number's are final
+
+
+async def test_an_empty_balance_waits_and_the_receipt_goes_out_after_the_top_up(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim.set_failure("InsufficientBalance")
+    await queue_receipt(rt, demo)
+    with caplog.at_level(logging.ERROR, logger="gateway.sms.sender"):
+        await drain(worker)
+    assert any("refuses our account" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+    job = await the_job(rt)
+    assert job.status == "PENDING" and "InsufficientBalance" in job.last_error
+    # Retried slowly: someone has to top up.
+    assert job.run_at >= utcnow() + timedelta(seconds=ACCOUNT_RETRY_SECONDS - 60)
+    assert (await the_row(rt)).status == "QUEUED"
+    assert sim.messages(ALINE) == []
+
+    sim.set_failure(None)  # topped up
+    await make_due(rt)
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 1
+    assert (await the_row(rt)).status == "SENT"
+
+
+@pytest.mark.parametrize("failure", ["RiskHold", "InvalidSenderId", "InsufficientBalance"])
+async def test_account_refusals_park_and_replay_sends(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, client: Any, failure: str
+) -> None:
+    sim.set_failure(failure)
+    await queue_receipt(rt, demo)
+    await last_attempt(rt)
+    await drain(worker)
+    job = await the_job(rt)
+    assert job.status == "PARKED" and failure in job.last_error
+    row = await the_row(rt)
+    assert (row.status, row.provider_status) == ("QUEUED", "RetriesExhausted") and failure in row.failure_reason
+
+    sim.set_failure(None)
+    await replay_over_the_api(client, demo, job.id)
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 1
+    assert (await the_row(rt)).status == "SENT"
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [
+        ("InvalidPhoneNumber", "InvalidPhoneNumber"),
+        ("UnsupportedNumberType", "UnsupportedNumberType"),
+        ("UserInBlacklist", "UserInBlacklist"),
+        ("CouldNotRoute", "CouldNotRoute"),
+        ("DoNotDisturbRejection", "DoNotDisturbRejection"),
+    ],
+)
+async def test_refusals_of_the_number_stay_final(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, failure: str, status: str
+) -> None:
+    sim.set_failure(failure, number=ALINE)
+    await queue_receipt(rt, demo)
+    await drain(worker)
+    row = await the_row(rt)
+    assert (row.status, row.failure_reason) == ("REJECTED", status)
+    job = await the_job(rt)
+    assert (job.status, job.attempts) == ("DONE", 1)
+    assert len(sim.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(401, text="The supplied authentication is invalid"),
+        httpx.Response(201, json={"SMSMessageData": {"Message": "InvalidSenderId", "Recipients": []}}),
+        httpx.Response(201, json={"SMSMessageData": {"Message": "Sent to 0/1", "Recipients": [
+            {"statusCode": 401, "number": ALINE, "status": "RiskHold", "cost": "0", "messageId": "None"}]}}),
+    ],
+    ids=["http-401", "no-recipient-InvalidSenderId", "recipient-401-RiskHold"],
+)
+async def test_account_answers_are_retried_slowly(answer: httpx.Response) -> None:
+    sender, _ = sender_over(lambda _r: answer)
+    with pytest.raises(SmsAccountError) as raised:
+        await sender.send(Phone(ALINE), "Hello")
+    assert raised.value.retry_after == ACCOUNT_RETRY_SECONDS
