@@ -19,7 +19,14 @@ from core.money import Money
 from core.outbox import Handler, Job, PermanentJobError, RetryLater, enqueue, handler_timeout
 from core.payments import apply_collection_outcome, payment_account
 from core.phone import Phone
-from core.ports import CollectionRequest, ProviderError, ProviderOutcome, ProviderTimeout, RefundRequest
+from core.ports import (
+    CollectionRequest,
+    ProviderError,
+    ProviderOutcome,
+    ProviderTimeout,
+    RefundRequest,
+    StatusResult,
+)
 from core.refunds import apply_refund_outcome, collected
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN, PAYMENT, PaymentStatus
@@ -33,6 +40,12 @@ WORKER = Actor("system", "worker")
 # A refund the provider has not settled this long after it was asked for is parked for a person: some
 # providers (M-Pesa reversals) report only by a callback that may never come, and a poll cannot tell.
 REFUND_POLL_LIMIT = timedelta(hours=24)
+# A payment whose outcome the provider has not told us by the end of its approval window (status queries
+# failing or unreadable, an AMBIGUOUS answer) stays open and polled this long after it: the money may
+# have been taken (MTN calls back once, with no retry), and "not approved" would invite a second payment.
+SETTLE_GRACE = timedelta(hours=24)
+SETTLE_POLL_CAP = 1800.0  # seconds between status queries once backed off
+UNKNOWN_OUTCOME = "provider status unknown: no answer to status queries"
 # Times a refund the provider says it never received (status NOT_FOUND) is sent again, same reference.
 REFUND_RESENDS = 3
 
@@ -57,6 +70,14 @@ def next_poll_in(payment: Payment, now: datetime) -> float:
     """poll_delay, but never past the end of the approval window, so a TIMEOUT is declared on time."""
     left = (payment.expires_at - now).total_seconds()
     return max(1.0, min(poll_delay((now - payment.created_at).total_seconds()), left))
+
+
+def settle_poll_in(payment: Payment, now: datetime, grace: timedelta = SETTLE_GRACE) -> float:
+    """After the window, with the outcome unknown: ask every minute at first, backing off to every
+    SETTLE_POLL_CAP, never past the end of the settling grace (when the payment is given up)."""
+    overdue = (now - payment.expires_at).total_seconds()
+    left = (payment.expires_at + grace - now).total_seconds()
+    return max(1.0, min(SETTLE_POLL_CAP, 60 * 2 ** int(overdue // 600), left))
 
 
 def _callback_url(rt: Runtime, provider: str) -> str:
@@ -104,11 +125,13 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         try:
             async with asyncio.timeout_at(deadline):
                 accepted = await _timed(provider.name, "collect", provider.request_collection(request))
-        except (ProviderTimeout, TimeoutError):
+        except (ProviderTimeout, TimeoutError) as exc:
             # The provider may have the request: ask its status (poll job) instead of sending it again.
             # A call still running at our own deadline is the same case: it may have arrived.
             log.warning("collection request timed out; status polling will settle it",
-                        extra={"payment": payment.reference})
+                        extra={"payment": payment.reference, "error": str(exc)[:200]})
+            if isinstance(exc, ProviderTimeout) and exc.provider_transaction_id:
+                await keep_transaction_id(payment.id, exc.provider_transaction_id)
             return
         except ProviderError as exc:
             if exc.retryable:
@@ -129,6 +152,15 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             except StaleTransition:
                 pass  # a callback already settled it
 
+    async def keep_transaction_id(payment_id: str, provider_transaction_id: str) -> None:
+        """Store the provider's id an unanswered request was sent under (IremboPay's invoice number), so a
+        status poll in any worker process, or after a restart, can ask about it. Not a state change."""
+        async with rt.sessionmaker.begin() as session:
+            await session.execute(update(Payment).where(
+                Payment.id == payment_id, Payment.status.in_([s.value for s in OPEN]),
+                Payment.provider_transaction_id.is_(None)).values(
+                provider_transaction_id=provider_transaction_id, updated_at=utcnow()))
+
     async def poll(job: Job) -> None:
         async with rt.sessionmaker() as session:
             payment = await session.get(Payment, job.payload["payment_id"])
@@ -137,40 +169,48 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         provider = rt.providers[payment.provider]
         now = utcnow()
         expired = now >= payment.expires_at
+        status: StatusResult | None = None
+        unknown: str | None = None  # why we cannot tell what the provider did with the payment
         try:
             status = await _timed(provider.name, "status", provider.collection_status(
                 payment.provider_reference, payment.provider_transaction_id, payment.currency))
         except ProviderError as exc:
-            if exc.code == "NOT_FOUND" and not expired:
+            if exc.code != "NOT_FOUND":
+                unknown = f"status query failed: {exc}"
+            elif not expired:
                 # The collection never reached the provider (e.g. a timeout on send): send it again with
                 # the same reference, which the provider deduplicates.
-                from core.outbox import enqueue
-
                 async with rt.sessionmaker.begin() as session:
                     await enqueue(session, "payment.collect", {"payment_id": payment.id},
                                   dedupe_key=f"collect:{payment.id}:{job.attempts}",
                                   cooperative_id=payment.cooperative_id)
-            if not expired:
-                raise RetryLater(next_poll_in(payment, now), str(exc)) from exc
-            status = None
+                unknown = str(exc)
+            # NOT_FOUND once the window is over is an answer: the provider never got the request, so
+            # nothing was taken (TIMEOUT below).
         except Exception as exc:
-            # Not a provider answer we understand (an unknown status, a bug): never guess about money
-            # while the payer may still approve; once the window is over, TIMEOUT (a later success
-            # still completes the payment, flagged late).
+            # Not a provider answer we understand (an unknown status, a bug): never guess about money.
             log.error("status query failed", extra={"payment": payment.reference, "error": type(exc).__name__},
                       exc_info=True)
+            unknown = f"status query failed: {type(exc).__name__}"
+        if status is not None and status.outcome is ProviderOutcome.AMBIGUOUS:
+            unknown = status.reason or "the provider cannot tell yet"
+        reason: str | None
+        if unknown is not None:
+            # Only the provider's own word ends a payment: while it cannot be asked, the money may have
+            # been taken (and a callback lost), so the payment stays open, asked about ever less often.
+            await wait_for_an_answer(payment, now, unknown)  # raises RetryLater until SETTLE_GRACE is over
+            outcome, status, reason = ProviderOutcome.EXPIRED, None, UNKNOWN_OUTCOME
+        elif status is None or status.outcome is ProviderOutcome.PENDING:
             if not expired:
-                raise RetryLater(next_poll_in(payment, now), f"status query failed: {type(exc).__name__}") from exc
-            status = None
-        outcome = status.outcome if status else ProviderOutcome.PENDING
-        if outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
-            if not expired:
-                async with rt.sessionmaker.begin() as session:
-                    fresh = await session.get(Payment, payment.id)
-                    if fresh is not None:
-                        fresh.next_poll_at = now + timedelta(seconds=next_poll_in(payment, now))
-                raise RetryLater(next_poll_in(payment, now), "still pending")
-            outcome = ProviderOutcome.EXPIRED
+                delay = next_poll_in(payment, now)
+                await schedule_poll(payment.id, now, delay)
+                raise RetryLater(delay, "still pending")
+            # The provider says it is still waiting for the payer (or never got the request) after the
+            # window: not approved in time (a later success still completes the payment, flagged late).
+            outcome, status, reason = ProviderOutcome.EXPIRED, None, "not approved in time"
+        else:
+            outcome = status.outcome
+            reason = status.reason or ("not approved in time" if outcome is ProviderOutcome.EXPIRED else None)
         for attempt in range(3):
             try:
                 async with rt.sessionmaker.begin() as session:
@@ -180,14 +220,40 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                         session, rt, fresh, outcome, actor=WORKER,
                         amount=status.amount if status else None,
                         provider_transaction_id=status.provider_transaction_id if status else None,
-                        reason=(status.reason if status and status.reason else
-                                "not approved in time" if outcome is ProviderOutcome.EXPIRED else None))
+                        reason=reason)
                 return
             except StaleTransition:
                 # The row moved between our read and our write (the collect job's PENDING -> PROCESSING,
                 # or a callback; SQLite has no row lock to stop it): read it again and re-apply.
                 if attempt == 2:
                     raise
+
+    async def wait_for_an_answer(payment: Payment, now: datetime, unknown: str) -> None:
+        """The provider did not say what became of the payment: poll again (RetryLater), and once the
+        settling grace after the window is over, return, to give it up as TIMEOUT."""
+        if now < payment.expires_at:
+            delay = next_poll_in(payment, now)
+            await schedule_poll(payment.id, now, delay)
+            raise RetryLater(delay, unknown)
+        overdue = now - payment.expires_at
+        if overdue < SETTLE_GRACE:
+            delay = settle_poll_in(payment, now)
+            log.warning("payment outcome unknown after its approval window; kept open and asked again",
+                        extra={"payment": payment.reference, "provider": payment.provider,
+                               "overdue_minutes": int(overdue.total_seconds() // 60), "delay_s": round(delay),
+                               "error": unknown[:200]})
+            await schedule_poll(payment.id, now, delay)
+            raise RetryLater(delay, f"outcome unknown after the approval window: {unknown}")
+        metrics.PROVIDER_ERRORS.labels(provider=payment.provider, operation="status_unsettled").inc()
+        log.error("payment given up as TIMEOUT: the provider never confirmed its outcome",
+                  extra={"payment": payment.reference, "provider": payment.provider,
+                         "overdue_hours": round(overdue.total_seconds() / 3600, 1), "error": unknown[:200]})
+
+    async def schedule_poll(payment_id: str, now: datetime, delay: float) -> None:
+        """Record when the payment is asked about next, so the sweep does not take it for a stalled poll."""
+        async with rt.sessionmaker.begin() as session:
+            await session.execute(update(Payment).where(Payment.id == payment_id)
+                                  .values(next_poll_at=now + timedelta(seconds=delay)))
 
     def refund_request(refund: Refund, payment: Payment) -> RefundRequest:
         account = payment_account(rt, payment)

@@ -104,10 +104,15 @@ class ProviderError(Exception):
 
 
 class ProviderTimeout(ProviderError):
-    """We do not know whether the provider received the request: ask its status, never resend blind."""
+    """We do not know whether the provider received the request: ask its status, never resend blind.
 
-    def __init__(self, message: str = "provider did not answer in time") -> None:
+    `provider_transaction_id`: the provider's id for the request, when the adapter learnt it before the
+    unanswered call (IremboPay's invoice number, made before its push): stored, so any process can ask."""
+
+    def __init__(self, message: str = "provider did not answer in time", *,
+                 provider_transaction_id: str | None = None) -> None:
         super().__init__(message, retryable=False, code="TIMEOUT")
+        self.provider_transaction_id = provider_transaction_id
 
 
 class CallbackRejected(Exception):

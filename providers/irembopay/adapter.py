@@ -50,13 +50,17 @@ STATUS: dict[str, ProviderOutcome] = {
 ERRORS: dict[str, bool] = {
     "INVOICE_EXPIRED": False,  # a new invoice is needed
     "INVOICE_ALREADY_PAID": False,  # nothing to push; the status query tells the outcome
-    "PAYMENT_PROVIDER_ERROR": True,  # MTN / Airtel behind IremboPay failed for now
+    "PAYMENT_PROVIDER_ERROR": True,  # MTN / Airtel behind IremboPay failed for now (a push: see below)
     "BAD_PHONE_NUMBER": False,
     "INVOICE_NOT_FOUND": False,
 }
 # Only the push moves money; an invoice is a request to pay, unique by our transactionId, so an
 # unanswered invoice call may be sent again while an unanswered push must be followed by a status query.
 _CREATES = frozenset({"push"})
+# Push refusals after which the payer may be at a PIN prompt all the same (MTN / Airtel behind IremboPay
+# failing part-way; a paid invoice): ask the invoice's status, never push again (a second prompt). A push
+# answered 5xx without a definite code is the same case (the server may have sent it on before failing).
+_PUSH_SETTLED_BY_STATUS = frozenset({"PAYMENT_PROVIDER_ERROR", "INVOICE_ALREADY_PAID"})
 _MEMO_SIZE = 10_000
 BANK_METHODS = frozenset({"BANK_BK", "BANK_IM", "BANK_ECOBANK"})
 MOBILE_PROVIDERS: dict[str, str] = {"MOBILE_MONEY_MTN": "MTN", "MOBILE_MONEY_AIRTEL": "AIRTEL"}
@@ -135,8 +139,8 @@ class IremboPayAdapter:
         self._tolerance = tolerance
         self._clock = clock or (lambda: datetime.now(UTC))
         self._timeouts = timeout_from(config)
-        # provider reference -> invoice number, for a status query after a push that got no answer
-        # (the core never saw the invoice number then). Process-local and bounded: a hint only.
+        # provider reference -> invoice number, for a status query after a push that got no answer in
+        # this process before the core stored it (ProviderTimeout carries it). Process-local, bounded: a hint.
         self._invoices: dict[str, str] = {}
 
     # --- outbound -------------------------------------------------------------------------------
@@ -164,10 +168,7 @@ class IremboPayAdapter:
             assert request.payer is not None
             body = {"accountIdentifier": request.payer.national, "paymentProvider": mobile,
                     "invoiceNumber": invoice_number, "transactionReference": request.provider_reference}
-            resp = await self._send("push", "POST", "/payments/transactions/initiate", json=body)
-            answer = self._json(resp)
-            if resp.status_code not in (200, 201) or answer.get("success") is False:
-                raise self._error("push", resp, answer)
+            await self._push(body, invoice_number)
         payment_url = invoice.get("paymentLinkUrl") if request.method in BANK_METHODS else None
         log.info("irembopay collection accepted",
                  extra={"invoice_number": invoice_number, "method": request.method,
@@ -176,6 +177,22 @@ class IremboPayAdapter:
         # The invoice number is what the status query needs, so it doubles as the transaction id.
         return CollectionAccepted(provider_transaction_id=invoice_number, gateway_reference=invoice_number,
                                   payment_url=payment_url if isinstance(payment_url, str) else None)
+
+    async def _push(self, body: Mapping[str, Any], invoice_number: str) -> None:
+        """Prompt the payer. Whenever it may have reached them without our knowing, raise ProviderTimeout
+        carrying the invoice number, which the core stores for the status query of any process."""
+        try:
+            resp = await self._send("push", "POST", "/payments/transactions/initiate", json=body)
+        except ProviderTimeout as exc:
+            raise ProviderTimeout(str(exc), provider_transaction_id=invoice_number) from exc
+        answer = self._json(resp)
+        if resp.status_code in (200, 201) and answer.get("success") is not False:
+            return
+        error = self._error("push", resp, answer)
+        if error.code in _PUSH_SETTLED_BY_STATUS or (resp.status_code >= 500 and error.code not in ERRORS):
+            raise ProviderTimeout(f"{error}; ask the invoice status, do not push again",
+                                  provider_transaction_id=invoice_number) from error
+        raise error
 
     async def _create_invoice(self, request: CollectionRequest) -> Mapping[str, Any]:
         customer: dict[str, str] = {}
@@ -210,7 +227,8 @@ class IremboPayAdapter:
         provider_transaction_id = provider_transaction_id or self._invoices.get(provider_reference)
         if not provider_transaction_id:
             # Invoices are looked up by invoice number only; without one the invoice answer never
-            # arrived and the core's payment timeout decides.
+            # arrived (or the collect job was cut off mid-push): nobody can tell, so the core keeps the
+            # payment open for its settling grace, where a signed webhook still settles it.
             return StatusResult(ProviderOutcome.AMBIGUOUS,
                                 reason="no invoice number: the invoice answer never arrived")
         path = f"/payments/invoices/{quote(provider_transaction_id, safe='')}"

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select, update
 
 from core.db import utcnow
+from core.jobs import SETTLE_GRACE, UNKNOWN_OUTCOME
 from core.models import OutboxJob, Payment, Refund
 from core.ops import dashboard
 from core.outbox import INTERRUPTED, Job
@@ -248,12 +249,20 @@ async def test_mpesa_5xx_on_the_push_is_asked_about_never_resent(rt, demo, worke
     # Status polling takes over; without a CheckoutRequestID it cannot ask Daraja, and never pushes again.
     await due_now(rt, "payment.poll")
     await drain(worker)
+    # The push may have reached the phone: past the window the payment stays open (a callback may still
+    # come), and is given up only after the settling grace, saying the outcome was never confirmed.
     async with rt.sessionmaker.begin() as s:
         await s.execute(update(Payment).where(Payment.id == payment.id).values(expires_at=utcnow()))
     await due_now(rt, "payment.poll")
     await drain(worker)
+    assert (await _get(rt, Payment, payment.id)).status == "PENDING"
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == payment.id).values(
+            expires_at=utcnow() - SETTLE_GRACE))
+    await due_now(rt, "payment.poll")
+    await drain(worker)
     stored = await _get(rt, Payment, payment.id)
-    assert stored.status == "TIMEOUT"
+    assert (stored.status, stored.failure_reason) == ("TIMEOUT", UNKNOWN_OUTCOME)
     assert len(wire.sent("POST", PUSH)) == 1
 
 

@@ -395,7 +395,8 @@ class _Garbage(RecordingProvider):
         raise ValueError("unknown status 'WEIRD'")
 
 
-async def test_unreadable_status_answers_wait_then_time_out_at_the_window(rt, demo, worker):
+async def test_unreadable_status_answers_wait_then_time_out_after_the_settling_grace(rt, demo, worker):
+    from core.jobs import SETTLE_GRACE, UNKNOWN_OUTCOME
     rt.providers = {**rt.providers, "mtn_momo": _Garbage()}
     payment, _ = await _create(rt, _new(demo))
     async with rt.sessionmaker.begin() as s:
@@ -406,12 +407,20 @@ async def test_unreadable_status_answers_wait_then_time_out_at_the_window(rt, de
     # Waiting, not failing: no attempt used up, payment still open.
     assert (poll.status, poll.attempts) == ("PENDING", 0) and "ValueError" in poll.last_error
     assert (await _payment(rt, payment.id)).status in ("PENDING", "PROCESSING")
+    # The window is over, the answers still unreadable: the provider never said "not approved", so the
+    # payment stays open (money may have been taken) and is asked about again.
     async with rt.sessionmaker.begin() as s:
         await s.execute(Payment.__table__.update().values(expires_at=utcnow() - timedelta(seconds=1)))
         await s.execute(OutboxJob.__table__.update().where(OutboxJob.kind == "payment.poll").values(run_at=utcnow()))
+    await worker.run_once()
+    assert (await _payment(rt, payment.id)).status in ("PENDING", "PROCESSING")
+    # Only once the settling grace after the window is over is it given up, saying why.
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(Payment.__table__.update().values(expires_at=utcnow() - SETTLE_GRACE - timedelta(seconds=1)))
+        await s.execute(OutboxJob.__table__.update().where(OutboxJob.kind == "payment.poll").values(run_at=utcnow()))
     await drain(worker)
     done = await _payment(rt, payment.id)
-    assert (done.status, done.failure_reason) == ("TIMEOUT", "not approved in time")
+    assert (done.status, done.failure_reason) == ("TIMEOUT", UNKNOWN_OUTCOME)
 
 
 async def test_sweep_requeues_polls_that_stalled_and_settles_the_payment(rt, demo, provider, worker):

@@ -153,7 +153,16 @@ async def test_push_errors(case: dict[str, Any]) -> None:
         with pytest.raises(ProviderError) as err:
             await IremboPayAdapter(http, config()).request_collection(collection())
     wire.done()
-    assert err.value.code == case.get("code", case["json"].get("errors", [{}])[0].get("code"))
+    code = case.get("code", case["json"].get("errors", [{}])[0].get("code"))
+    if case.get("settled_by_status"):
+        # The payer may be at a PIN prompt all the same: never pushed again, the invoice's status tells
+        # (its number carried for the core to store), the refusal kept as the cause.
+        assert isinstance(err.value, ProviderTimeout)
+        assert err.value.provider_transaction_id == rec["invoice_answer"]["data"]["invoiceNumber"]
+        assert isinstance(err.value.__cause__, ProviderError) and err.value.__cause__.code == code
+    else:
+        assert not isinstance(err.value, ProviderTimeout)
+        assert err.value.code == code
     assert err.value.retryable is case["retryable"]
     assert "0788000001" not in str(err.value)
 
@@ -197,6 +206,35 @@ async def test_push_timeout_is_a_provider_timeout_and_the_status_finds_the_invoi
         status = await adapter.collection_status(TX, None, "RWF")
     wire.done()
     assert status.outcome is ProviderOutcome.SUCCEEDED
+
+
+async def test_push_timeout_carries_the_invoice_number_for_any_process() -> None:
+    rec = fixture("invoice.json")
+    number = rec["invoice_answer"]["data"]["invoiceNumber"]
+    wire = (Wire().on("POST", "/payments/invoices", 201, rec["invoice_answer"])
+            .on("POST", "/payments/transactions/initiate", 0, httpx.ReadTimeout("slow"))
+            .on("GET", f"/payments/invoices/{number}", 200, fixture("status.json")["cases"][1]["json"]))
+    async with wire.client() as http:
+        with pytest.raises(ProviderTimeout) as err:
+            await IremboPayAdapter(http, config()).request_collection(collection())
+        assert err.value.provider_transaction_id == number
+        # Another worker process (a fresh adapter, nothing remembered) asks with the number the core stored.
+        status = await IremboPayAdapter(http, config()).collection_status(TX, err.value.provider_transaction_id,
+                                                                          "RWF")
+    wire.done()
+    assert status.outcome is ProviderOutcome.SUCCEEDED
+
+
+async def test_push_refused_with_a_rate_limit_may_be_sent_again() -> None:
+    # 429: IremboPay did not take the push at all, so no prompt can be live.
+    rec = fixture("invoice.json")
+    wire = (Wire().on("POST", "/payments/invoices", 201, rec["invoice_answer"])
+            .on("POST", "/payments/transactions/initiate", 429, {"success": False, "message": "Too many"}))
+    async with wire.client() as http:
+        with pytest.raises(ProviderError) as err:
+            await IremboPayAdapter(http, config()).request_collection(collection())
+    assert not isinstance(err.value, ProviderTimeout)
+    assert (err.value.code, err.value.retryable) == ("429", True)
 
 
 async def test_status_timeout_is_retryable() -> None:
