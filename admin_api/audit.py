@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from admin_api.common import DATETIME, iso, out, page_of, paged
 from admin_api.routing import Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param
+from admin_api.validation import LIMIT, PAGE, Param, period_params
 from core.models import AuditEvent
 
 AUDIT_EVENT = out(
@@ -77,8 +77,7 @@ ROUTES = [
             "entityId": Param(description="The entity's id"),
             "actor": Param(description="admin:<id>, apikey:<id>, member:<id>, system..."),
             "action": Param(description="e.g. payment.completed"),
-            "from": Param("date-time"),
-            "to": Param("date-time"),
+            **period_params("recorded"),
         },
     ),
 ]

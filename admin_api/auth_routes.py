@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 from sqlalchemy import select
@@ -23,12 +25,16 @@ from admin_api.common import (
     target_cooperative,
 )
 from admin_api.errors import ApiError
-from admin_api.routing import RATE_MULTIPLIER, Ctx, Route
+from admin_api.routing import RATE_MULTIPLIER, REDIS_DOWN, Ctx, Route, _client_ip
 from admin_api.validation import LIMIT, PAGE
 from core import auth
+from core.auth import Unauthorized
 from core.errors import Forbidden
 from core.models import ApiKey
-from core.ratelimit import Limit, RateLimiter
+from core.ratelimit import Decision, Limit, LocalCounts, LocalLimiter, RateLimiter
+
+log = logging.getLogger("gateway.api")
+_T = TypeVar("_T")
 
 TOKEN = out(
     {
@@ -82,22 +88,81 @@ def _tokens(pair: auth.TokenPair) -> dict[str, Any]:
     }
 
 
-# Password guessing is also limited per username, so spreading attempts over many addresses does not help.
-PER_USERNAME = Limit("auth:username", 10)
+# Wrong passwords are limited, not sign-ins: counted only when the password (or account) is refused, so
+# knowing an admin's username (an e-mail address) is not enough to keep them out.
+# - per (username, address): 10 a minute, the guesser's own bucket;
+# - per username across every address: 100 an hour, so guessing spread over many addresses stays bounded.
+#   It refuses only addresses that have failed for this username within the hour (their hourly bucket), so
+#   the real user signing in from an address that has not failed is not refused by someone else's guesses.
+# A full bucket refuses (429) before the password is checked. Checking first and counting after lets a
+# burst of concurrent guesses past the count; the route's own per-address limit (auth:token) bounds it.
+FAILED_PER_ADDRESS = Limit("auth:failed", 10)
+FAILED_PER_ADDRESS_HOUR = Limit("auth:failed-hour", 600, window=3600)  # only read: has this address failed
+FAILED_PER_USERNAME = Limit("auth:failed-any", 100, window=3600)
+# Redis down: the same counts in this process's memory, so guessing is still slowed rather than the limit
+# lapsing (or sign-in answering 503 and locking everyone out once their access tokens expire).
+LOCAL_FAILURES = LocalCounts()
+
+
+def _sign_in_subjects(request: web.Request, username: str) -> tuple[str, str]:
+    """The per-(username, address) subject and the per-username one; the username digested, so keys do not
+    hold e-mail addresses."""
+    user = hashlib.sha256(username.strip().lower().encode()).hexdigest()[:32]
+    return f"signin:{user}:{_client_ip(request)}", f"signin:{user}"
+
+
+async def _with_fallback(request: web.Request, ctx: Ctx,
+                         use: Callable[[RateLimiter | LocalLimiter], Awaitable[_T]]) -> _T:
+    """`use` on Redis's counts, or on this process's when Redis cannot answer."""
+    multiplier = request.config_dict[RATE_MULTIPLIER]
+    try:
+        return await use(RateLimiter(ctx.rt.redis, multiplier=multiplier))
+    except REDIS_DOWN as exc:
+        log.warning("sign-in failure counts unavailable in Redis; counted in this process",
+                    extra={"error": type(exc).__name__})
+        return await use(LocalLimiter(LOCAL_FAILURES, multiplier=multiplier))
+
+
+async def _refuse_if_too_many_failures(request: web.Request, ctx: Ctx, username: str) -> None:
+    address, anywhere = _sign_in_subjects(request, username)
+
+    async def look(limiter: RateLimiter | LocalLimiter) -> list[Decision]:
+        return [await limiter.peek(FAILED_PER_ADDRESS, address), await limiter.peek(FAILED_PER_ADDRESS_HOUR, address),
+                await limiter.peek(FAILED_PER_USERNAME, anywhere)]
+
+    here, here_hour, everywhere = await _with_fallback(request, ctx, look)
+    failed_here = here_hour.used > 0 or not here.allowed
+    refusing = here if not here.allowed else everywhere if failed_here and not everywhere.allowed else None
+    if refusing is not None:
+        raise ApiError(
+            429,
+            "Too many failed sign-in attempts for this user. Please try again later.",
+            headers={"Retry-After": str(refusing.retry_after)},
+        )
+
+
+async def _count_failure(request: web.Request, ctx: Ctx, username: str) -> None:
+    address, anywhere = _sign_in_subjects(request, username)
+
+    async def count(limiter: RateLimiter | LocalLimiter) -> None:
+        for limit, subject in ((FAILED_PER_ADDRESS, address), (FAILED_PER_ADDRESS_HOUR, address),
+                               (FAILED_PER_USERNAME, anywhere)):
+            await limiter.hit(limit, subject)
+
+    await _with_fallback(request, ctx, count)
 
 
 async def issue_token(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    multiplier = request.config_dict[RATE_MULTIPLIER]
-    if multiplier > 0:
-        subject = hashlib.sha256(ctx.body["username"].strip().lower().encode()).hexdigest()[:32]
-        decision = await RateLimiter(ctx.rt.redis, multiplier=multiplier).hit(PER_USERNAME, subject)
-        if not decision.allowed:
-            raise ApiError(
-                429,
-                "Too many sign-in attempts for this user. Please try again later.",
-                headers={"Retry-After": str(decision.retry_after)},
-            )
-    user = await auth.login(ctx.session, ctx.body["username"], ctx.body["password"])
+    limited = request.config_dict[RATE_MULTIPLIER] > 0
+    username = ctx.body["username"]
+    if limited:
+        await _refuse_if_too_many_failures(request, ctx, username)
+    try:
+        user = await auth.login(ctx.session, username, ctx.body["password"])
+    except Unauthorized:
+        if limited:
+            await _count_failure(request, ctx, username)
+        raise
     s = ctx.rt.settings
     response = json_response(
         _tokens(auth.issue_tokens(user, secret=s.jwt_secret.get(), ttl_seconds=s.jwt_ttl_seconds))

@@ -58,7 +58,9 @@ def _operation(route: Route) -> dict[str, Any]:
             "headers": headers,
             "content": content,
         }
-    errors = [400, 401, 404, 413, 415, 429] if route.scope is None else sorted(_ERRORS)
+    errors = sorted(_ERRORS) if route.scope is not None else [400, 401, 404, 413, 415, 429, 503]
+    if route.handler in (openapi_json, docs_page):
+        errors.remove(503)  # reads nothing: neither the database nor Redis
     for status in errors:
         responses[str(status)] = {
             "description": _ERRORS[status],

@@ -24,7 +24,7 @@ from admin_api.common import (
     paged,
 )
 from admin_api.routing import Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param
+from admin_api.validation import LIMIT, PAGE, Param, period_params
 from core.errors import NotFound, ValidationError
 from core.models import Member, Payment
 from core.money import Money
@@ -94,8 +94,7 @@ LIST_QUERY = {
     "paymentMethod": Param(enum=METHODS, description="Filter by payment method"),
     "paymentTypeId": Param("uuid", "Filter by payment type"),
     "member": Param("uuid", "Filter by member id"),
-    "from": Param("date-time", "Created at or after"),
-    "to": Param("date-time", "Created before"),
+    **period_params("created"),
     "cooperativeId": Param("uuid", "Super admin: one cooperative"),
 }
 

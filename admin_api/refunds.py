@@ -24,7 +24,7 @@ from admin_api.common import (
     paged,
 )
 from admin_api.routing import Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param
+from admin_api.validation import LIMIT, PAGE, Param, period_params
 from core.models import Payment, Refund
 from core.money import Money
 from core.refunds import record_refund_outcome, request_refund
@@ -67,8 +67,7 @@ LIST_QUERY = {
     "page": PAGE,
     "limit": LIMIT,
     "status": Param(enum=tuple(s.value for s in RefundStatus)),
-    "from": Param("date-time"),
-    "to": Param("date-time"),
+    **period_params("created"),
 }
 
 

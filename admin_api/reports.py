@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, time
-from zoneinfo import ZoneInfo
+from datetime import datetime
 
 from aiohttp import web
 
 from admin_api.errors import apply_rate_headers
 from admin_api.payments import STATUSES as PAYMENT_STATUSES
 from admin_api.routing import Ctx, Route
-from admin_api.validation import Param
+from admin_api.validation import Param, period_params
 from core import reports
-from core.cooperatives import zone_of
-from core.errors import ValidationError
-from core.models import Cooperative
 from core.payments import METHODS
 from core.state.refund import RefundStatus
 
@@ -39,44 +34,15 @@ RECONCILIATION = {
         "flaggedCount": {"type": "integer"},
     },
 }
-PERIOD = {
-    "from": Param("date-time", "Start of the period (inclusive). A date alone is midnight in the cooperative's "
-                  "time zone; a date-time without an offset is UTC"),
-    "to": Param("date-time", "End of the period (exclusive); as `from`"),
-}
+PERIOD = period_params()
 BASIS = Param(enum=reports.BASES, default="created",
               description="Which moment puts a row in the period: `created` (asked for) or `completed` (money moved, "
                           "as the reconciliation's `settled` section and the provider's statement count it)")
 
 
-_DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
 async def _period(ctx: Ctx, request: web.Request) -> tuple[datetime | None, datetime | None]:
-    """The period's bounds. A bare date (2025-10-01) is midnight in the cooperative's own time zone for a
-    caller of one cooperative, as its receipts and reminders show dates: October's report of a Kigali
-    cooperative runs from 1 October 00:00 to 1 November 00:00 in Kigali (22:00 UTC the day before). A
-    date-time without an offset is UTC, as everywhere in the API; with an offset, as given."""
-    start, end = ctx.query.get("from"), ctx.query.get("to")
-    raw = {name: request.query.get(name, "") for name in ("from", "to")}
-    if ctx.who.cooperative_id and any(_DATE_ONLY.match(v) for v in raw.values()):
-        coop = await ctx.session.get(Cooperative, ctx.who.cooperative_id)
-        zone = zone_of(coop.timezone if coop else None)
-        if start is not None and _DATE_ONLY.match(raw["from"]):
-            start = _local_midnight(start, zone)
-        if end is not None and _DATE_ONLY.match(raw["to"]):
-            end = _local_midnight(end, zone)
-    if start is not None and end is not None and start >= end:
-        raise ValidationError("from must be before to", field="from")
-    return start, end
-
-
-def _local_midnight(day: datetime, zone: ZoneInfo) -> datetime:
-    try:
-        return datetime.combine(day.date(), time(), tzinfo=zone).astimezone(UTC)
-    except OverflowError:
-        return day  # 0001-01-01 or 9999-12-31 in a zone that moves it out of range: keep the UTC bound
-
+    # Bare dates already read as the cooperative's local days, and a reversed period refused (routing._period).
+    return ctx.query.get("from"), ctx.query.get("to")
 
 
 async def reconciliation(request: web.Request, ctx: Ctx) -> web.StreamResponse:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, time
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -15,7 +18,10 @@ from admin_api.errors import RATE_DECISION, ApiError
 from admin_api.validation import Param, parse_json, parse_query, read_body, validate
 from core import auth
 from core.auth import Principal, Unauthorized
-from core.errors import Forbidden, ServiceUnavailable
+from core.cooperatives import zone_of
+from core.errors import Forbidden, ServiceUnavailable, ValidationError
+from core.inbound import client_address
+from core.models import Cooperative
 from core.ratelimit import Limit, RateLimiter
 from core.runtime import RUNTIME, Runtime
 
@@ -76,7 +82,10 @@ class Route:
 
 
 def _client_ip(request: web.Request) -> str:
-    return request.remote or "unknown"
+    """The caller's address for per-address limits: behind our own load balancers (TRUSTED_PROXIES) the nearest
+    untrusted X-Forwarded-For hop, so callers do not share the balancer's bucket."""
+    address = client_address(request, request.config_dict[RUNTIME].settings.trusted_proxies)
+    return str(address) if address is not None else "unknown"
 
 
 async def authenticate(request: web.Request, session: AsyncSession,
@@ -143,6 +152,36 @@ async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route,
             raise ApiError(429, "Too many requests. Please try again later.")
 
 
+_DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+async def _period(request: web.Request, session: AsyncSession, principal: Principal | None,
+                  query: dict[str, Any]) -> None:
+    """A `from`/`to` period, the same on every route that takes one (lists, reports, exports). A bare date
+    (2025-10-01) is midnight in the cooperative's own time zone for a caller of one cooperative, as its receipts
+    and reminders show dates: October of a Kigali cooperative runs from 1 October 00:00 to 1 November 00:00 in
+    Kigali (22:00 UTC the day before). A date-time without an offset is UTC; with an offset, as given. An empty
+    or reversed period is refused rather than answered with nothing."""
+    start, end = query.get("from"), query.get("to")
+    bare = [name for name in ("from", "to") if query.get(name) is not None
+            and _DATE_ONLY.match(request.query.get(name, ""))]
+    if bare and principal is not None and principal.cooperative_id:
+        coop = await session.get(Cooperative, principal.cooperative_id)
+        zone = zone_of(coop.timezone if coop else None)
+        for name in bare:
+            query[name] = _local_midnight(query[name], zone)
+        start, end = query.get("from"), query.get("to")
+    if start is not None and end is not None and start >= end:
+        raise ValidationError("from must be before to", field="from")
+
+
+def _local_midnight(day: datetime, zone: ZoneInfo) -> datetime:
+    try:
+        return datetime.combine(day.date(), time(), tzinfo=zone).astimezone(UTC)
+    except OverflowError:
+        return day  # 0001-01-01 or 9999-12-31 in a zone that moves it out of range: keep the UTC bound
+
+
 def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def endpoint(request: web.Request) -> web.StreamResponse:
         rt = request.config_dict[RUNTIME]
@@ -158,6 +197,8 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
             ):
                 raise Forbidden("Forbidden resource")
             query = parse_query(request.query, route.query)
+            if "from" in route.query and "to" in route.query:
+                await _period(request, session, principal, query)
             body: Any = None
             if route.body is not None:
                 raw = await read_body(request, route.body_limit)

@@ -15,6 +15,7 @@ from admin_api.common import (
     obj,
     one,
     out,
+    out_plus,
     page_of,
     paged,
     target_cooperative,
@@ -36,6 +37,9 @@ USER = out(
         "isActive": {"type": "boolean"},
         "createdAt": DATETIME,
     }
+)
+DEACTIVATED = out_plus(
+    USER, apiKeysRevoked={"type": "array", "items": ID, "description": "the API keys it created, revoked now"}
 )
 CREATE = obj(
     {
@@ -128,6 +132,9 @@ async def deactivate_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     user = await one(ctx, AdminUser, request.match_info["id"], "user")
     if user.id == ctx.who.id:
         raise Conflict("you cannot deactivate your own account")
+    # The API keys the account made go with it (each revoked and audited); also on a repeated call, which
+    # thereby cleans up after an account deactivated before keys were revoked with it.
+    keys = await auth.revoke_api_keys_created_by(ctx.session, user.id, actor=ctx.who.actor)
     if user.is_active:
         user.is_active = False
         await ctx.session.flush()
@@ -137,6 +144,7 @@ async def deactivate_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
             action="user.deactivated",
             entity_type="user",
             entity_id=user.id,
+            after={"apiKeysRevoked": [k.id for k in keys]},
             cooperative_id=user.cooperative_id,
         )
     # Its tokens stop working now, not when they expire. Marked before the commit: if Redis cannot take
@@ -144,7 +152,7 @@ async def deactivate_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     await end_sessions("the account's", auth.revoke_tokens(ctx.rt.redis, user.id,
                                                            ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
     await ctx.session.commit()
-    return json_response(present(user))
+    return json_response({**present(user), "apiKeysRevoked": [k.id for k in keys]})
 
 
 ROUTES = [
@@ -173,9 +181,9 @@ ROUTES = [
         "DELETE",
         "/users/{id}",
         deactivate_user,
-        "Deactivate a sign-in account",
+        "Deactivate a sign-in account (its tokens stop working and the API keys it created are revoked)",
         "users",
         "admin",
-        response=USER,
+        response=DEACTIVATED,
     ),
 ]

@@ -15,6 +15,7 @@ from jsonschema.exceptions import ValidationError as SchemaError
 
 from admin_api.errors import ApiError
 from core.errors import ValidationError
+from core.text import NOT_ALLOWED
 
 _FORMATS = FormatChecker()
 
@@ -116,7 +117,7 @@ def validator_for(schema: Mapping[str, Any]) -> Draft202012Validator:
     return found
 
 
-_BAD_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+_BAD_CHARS = NOT_ALLOWED  # shared with the CSV member import (core.member_import)
 
 
 def _bad_text(value: Any, where: str) -> list[str]:
@@ -179,6 +180,16 @@ class Param:
         if self.default is not None:
             schema["default"] = self.default
         return schema
+
+
+def period_params(moment: str = "") -> dict[str, Param]:
+    """`from` and `to` as every route that takes a period reads them (admin_api.routing._period)."""
+    of = f" ({moment})" if moment else ""
+    return {
+        "from": Param("date-time", f"Start of the period{of}, inclusive. A date alone is midnight in the "
+                      "cooperative's time zone; a date-time without an offset is UTC"),
+        "to": Param("date-time", f"End of the period{of}, exclusive; as `from`"),
+    }
 
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")

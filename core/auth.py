@@ -507,7 +507,8 @@ async def create_api_key(
     return key, clear
 
 
-async def revoke_api_key(session: AsyncSession, key: ApiKey, *, actor: Actor) -> ApiKey:
+async def revoke_api_key(session: AsyncSession, key: ApiKey, *, actor: Actor,
+                         reason: str | None = None) -> ApiKey:
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         await session.flush()
@@ -517,23 +518,37 @@ async def revoke_api_key(session: AsyncSession, key: ApiKey, *, actor: Actor) ->
             action="api_key.revoked",
             entity_type="api_key",
             entity_id=key.id,
+            after={"reason": reason} if reason else None,
             cooperative_id=key.cooperative_id,
         )
     return key
 
 
+async def revoke_api_keys_created_by(session: AsyncSession, user_id: str, *, actor: Actor) -> list[ApiKey]:
+    """A deactivated account's keys go with it: an admin who leaves must not keep admin access through a
+    key they made (and may have kept). Each key is revoked and audited as `DELETE /api-keys/{id}` does."""
+    keys = (await session.execute(
+        select(ApiKey).where(ApiKey.created_by == user_id, ApiKey.revoked_at.is_(None))
+        .order_by(ApiKey.created_at, ApiKey.id))).scalars().all()
+    return [await revoke_api_key(session, key, actor=actor, reason="creator deactivated") for key in keys]
+
+
 async def principal_from_api_key(session: AsyncSession, clear: str) -> Principal:
-    """Look the key up by its hash; revoked keys and suspended cooperatives are refused."""
+    """Look the key up by its hash; revoked keys, suspended cooperatives and keys whose creator's account
+    is deactivated are refused (deactivation revokes them too: this is the second line, one column more in
+    the same query)."""
     if not clear or len(clear) > 200:
         raise Unauthorized("invalid or inactive API key")
     row = (
         await session.execute(
-            select(ApiKey, Cooperative.status)
+            select(ApiKey, Cooperative.status, AdminUser.is_active)
             .join(Cooperative, Cooperative.id == ApiKey.cooperative_id)
+            .outerjoin(AdminUser, AdminUser.id == ApiKey.created_by)
             .where(ApiKey.key_hash == hash_api_key(clear))
         )
     ).first()
-    if row is None or row[0].revoked_at is not None or row[1] != "ACTIVE":
+    # A key made by no account (created_by NULL: the CLI, older rows) has no creator to check.
+    if row is None or row[0].revoked_at is not None or row[1] != "ACTIVE" or row[2] is False:
         raise Unauthorized("invalid or inactive API key")
     key: ApiKey = row[0]
     # Best effort and cheap: one UPDATE per call, skipped when used in the last minute.

@@ -1,8 +1,41 @@
-"""Reading an inbound request's body whole, up to a size limit."""
+"""Inbound requests: the body read whole up to a size limit, and the caller's address behind our own proxies."""
 
 from __future__ import annotations
 
+import ipaddress
+from functools import lru_cache
+from typing import Any
+
 from aiohttp import web
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@lru_cache(maxsize=16)
+def _networks(entries: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+
+def client_address(request: web.Request, trusted_proxies: tuple[str, ...]) -> Address | None:
+    """The caller's address: the connection's peer, or, when that peer is one of our own load balancers
+    (`TRUSTED_PROXIES`), the nearest X-Forwarded-For hop that is not. None when it cannot be known (a broken
+    or forged header behind a proxy, a peer that is not an IP address): trust nothing then."""
+    try:
+        source = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return None
+    proxies = _networks(trusted_proxies)
+    if not proxies or not any(source in net for net in proxies):
+        return source
+    hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if h.strip()]
+    for hop in reversed(hops):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return None
+        if not any(address in net for net in proxies):
+            return address
+    return source
 
 
 async def read_capped(request: web.Request, limit: int) -> bytes | None:

@@ -19,6 +19,7 @@ from core.errors import ValidationError
 from core.members import LANGUAGES, MEMBER_STATUSES, member_row
 from core.models import AuditEvent, Cooperative, Member
 from core.phone import Phone, PhoneError, normalize
+from core.text import has_bad_characters
 
 COLUMNS = ("name", "phone", "unit", "language")
 REQUIRED = ("name", "phone")
@@ -54,13 +55,25 @@ class ImportRejected(ValidationError):
         self.row_errors = errors
 
 
+DELIMITERS = ",;\t"
+
+
+def delimiter_of(text: str) -> str:
+    """The header line's separator: a comma, or the semicolon a spreadsheet uses where the comma is the
+    decimal mark (Excel in a French locale), or a tab; whichever the header holds most (a comma on a tie)."""
+    first = text.split("\n", 1)[0]
+    counts = {d: first.count(d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: counts[d])  # the first of equals: the comma
+    return best if counts[best] else ","
+
+
 def parse_rows(data: bytes, *, region: str) -> list[ImportRow]:
     """Decode and check the whole file; raise ImportRejected listing every problem found."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ImportRejected([RowError(0, "file", "must be UTF-8 text")]) from None
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter_of(text))
     try:
         header = [h.strip().lower() for h in next(reader)]
     except StopIteration:
@@ -94,6 +107,13 @@ def parse_rows(data: bytes, *, region: str) -> list[ImportRow]:
                 break
             if len(cells) != len(header):
                 errors.append(RowError(line, "row", f"has {len(cells)} fields, expected {len(header)}"))
+                continue
+            # Checked as POST /members checks JSON: a NUL would reach the database (which refuses it), and
+            # other control characters would be stored in names the API refuses.
+            bad = [RowError(line, h, "contains characters that are not allowed")
+                   for h, c in zip(header, cells, strict=True) if has_bad_characters(c)]
+            if bad:
+                errors.extend(bad)
                 continue
             values = {h: c.strip() for h, c in zip(header, cells, strict=True)}
             row_errors: list[RowError] = []

@@ -52,6 +52,7 @@ class Decision:
     remaining: int
     reset: int  # epoch seconds when the current window ends
     retry_after: int
+    used: int = 0  # the (weighted) count the decision was made on
 
 
 class RateLimiter:
@@ -103,20 +104,93 @@ class RateLimiter:
             pipe.eval(_COUNT, len(keys), *args)
             then(pipe)
             results, *extra = await pipe.execute()
-        current = int(results[0])
-        used = current
-        if limit.sliding:
-            # Sliding-window counter: the previous window weighs in for the part still inside the window.
-            previous = int(results[1] or 0)
-            weight = 1.0 - (now - start) / window
-            used = current + int(previous * weight)
-        reset = start + window
-        allowed = used <= allowed_count
-        decision = Decision(
-            allowed=allowed,
-            limit=allowed_count,
-            remaining=max(0, allowed_count - used),
-            reset=reset,
-            retry_after=0 if allowed else max(1, int(reset - now + 0.999)),
-        )
+        decision = _decide(limit, allowed_count, now, int(results[0]), int(results[1] or 0), counted=True)
         return decision, results[2], extra
+
+    async def peek(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
+        """Whether one more would be allowed, counting nothing (MGET of the two windows: one tag, one node).
+        For limits that count only some outcomes (failed sign-ins): look first, `hit` once the outcome is known."""
+        now = time.time() if now is None else now
+        start = int(now // limit.window) * limit.window
+        base = f"{self._prefix}:{subject_tag(subject)}:{limit.name}"
+        current, previous = await self._redis.mget([f"{base}:{start}", f"{base}:{start - limit.window}"])
+        return _decide(limit, self.effective(limit), now, int(current or 0), int(previous or 0), counted=False)
+
+
+def _decide(limit: Limit, allowed_count: int, now: float, current: int, previous: int, *,
+            counted: bool) -> Decision:
+    """The decision from a window's count (`counted`: it includes this request; else this one would be next)."""
+    start = int(now // limit.window) * limit.window
+    used = current
+    if limit.sliding:
+        # Sliding-window counter: the previous window weighs in for the part still inside the window.
+        weight = 1.0 - (now - start) / limit.window
+        used = current + int(previous * weight)
+    reset = start + limit.window
+    allowed = used <= allowed_count if counted else used < allowed_count
+    return Decision(
+        allowed=allowed,
+        limit=allowed_count,
+        remaining=max(0, allowed_count - used - (0 if counted else 1)),
+        reset=reset,
+        retry_after=0 if allowed else max(1, int(reset - now + 0.999)),
+        used=used,
+    )
+
+
+class LocalCounts:
+    """The same windows counted in this process's memory: the fallback for a limit that must not lapse when
+    Redis cannot answer (sign-in failures), so guessing is still slowed, per process, instead of the
+    limit failing every request (503) or being skipped. Bounded: windows that can no longer weigh in are
+    dropped, and past `max_keys` the oldest counts go first."""
+
+    def __init__(self, max_keys: int = 50_000) -> None:
+        self._counts: dict[Any, tuple[int, float]] = {}  # key -> (count, when it stops mattering)
+        self._max_keys = max_keys
+
+    def _prune(self, now: float) -> None:
+        if len(self._counts) < self._max_keys:
+            return
+        for key in [k for k, (_, until) in self._counts.items() if until <= now]:
+            del self._counts[key]
+        while len(self._counts) >= self._max_keys:
+            del self._counts[next(iter(self._counts))]  # the oldest inserted
+
+    def get(self, key: Any, now: float) -> int:
+        found = self._counts.get(key)
+        return found[0] if found is not None and found[1] > now else 0
+
+    def incr(self, key: Any, now: float, ttl: int) -> int:
+        self._prune(now)
+        n = self.get(key, now) + 1
+        self._counts[key] = (n, now + ttl)
+        return n
+
+    def clear(self) -> None:
+        self._counts.clear()
+
+
+class LocalLimiter:
+    """`RateLimiter`'s `hit` and `peek` on a `LocalCounts`, for when Redis is down."""
+
+    def __init__(self, counts: LocalCounts, *, multiplier: float = 1.0) -> None:
+        self._counts = counts
+        self._multiplier = multiplier
+
+    def _keys(self, limit: Limit, subject: str, now: float) -> tuple[Any, Any]:
+        start = int(now // limit.window) * limit.window
+        return (subject, limit.name, start), (subject, limit.name, start - limit.window)
+
+    async def hit(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
+        now = time.time() if now is None else now
+        key, previous = self._keys(limit, subject, now)
+        current = self._counts.incr(key, now, limit.window * 2)
+        allowed_count = max(1, int(limit.count * self._multiplier))
+        return _decide(limit, allowed_count, now, current, self._counts.get(previous, now), counted=True)
+
+    async def peek(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
+        now = time.time() if now is None else now
+        key, previous = self._keys(limit, subject, now)
+        allowed_count = max(1, int(limit.count * self._multiplier))
+        return _decide(limit, allowed_count, now, self._counts.get(key, now), self._counts.get(previous, now),
+                       counted=False)

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 
 def is_number(text: str) -> bool:
     """Only the ASCII digits 0-9, at least one. str.isdigit alone also takes "³" (then int() raises) and
     other scripts' digits such as "٣" (then int() reads 3): neither is a number a caller meant to send."""
     return text.isascii() and text.isdigit()
+
+
+# NUL, the other C0 control characters but tab, line feed and carriage return, and lone surrogates: no
+# database column or SMS can hold them (PostgreSQL refuses a NUL in text outright). The JSON API and the
+# CSV member import refuse them with the same check.
+NOT_ALLOWED = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+
+
+def has_bad_characters(text: str) -> bool:
+    return NOT_ALLOWED.search(text) is not None

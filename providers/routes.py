@@ -14,7 +14,7 @@ from aiohttp import web
 from sqlalchemy.exc import DBAPIError
 
 from core.config import Settings
-from core.inbound import read_capped
+from core.inbound import client_address, read_capped
 from core.metrics import CALLBACK_REJECTED
 from core.ports import CallbackRejected, InboundCallback, ProviderError
 from core.ratelimit import Limit, RateLimiter
@@ -89,7 +89,9 @@ async def _rate_limited(request: web.Request, rt: Any) -> web.Response | None:
     if multiplier <= 0:
         return None
     try:
-        decision = await RateLimiter(rt.redis, multiplier=multiplier).hit(CALLBACK_LIMIT, request.remote or "?")
+        # Per sender: behind our own load balancers, the nearest untrusted hop, not the balancer.
+        source = client_address(request, settings.trusted_proxies)
+        decision = await RateLimiter(rt.redis, multiplier=multiplier).hit(CALLBACK_LIMIT, str(source or "?"))
     except Exception:  # Redis down: a provider's money callback matters more than the limit
         log.warning("callback rate limit unavailable; letting the callback through")
         return None

@@ -23,7 +23,7 @@ from channels.ussd.service import UssdService
 from channels.ussd.types import HOP_PROGRESS, HopProgress, HopUnsettled, UssdReply, UssdTurn
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered
 from core import metrics
-from core.inbound import read_capped
+from core.inbound import client_address, read_capped
 from core.runtime import RUNTIME, SETTINGS
 
 log = logging.getLogger("gateway.ussd")
@@ -51,7 +51,7 @@ class UssdChannel:
         self.networks = [ipaddress.ip_network(entry, strict=False) for entry in allowlist]
         self.networks_by_aggregator = {name: [ipaddress.ip_network(e, strict=False) for e in entries]
                                        for name, entries in (per_aggregator or {}).items()}
-        self.proxies = [ipaddress.ip_network(entry, strict=False) for entry in trusted_proxies]
+        self.trusted_proxies = tuple(trusted_proxies)
         # Hops finishing their side effect after the aggregator was answered (asyncio keeps only weak
         # references to tasks: without this set one could be collected mid-way).
         self._finishing: set[asyncio.Task[tuple[UssdReply, str]]] = set()
@@ -61,21 +61,7 @@ class UssdChannel:
 
     def source_address(self, request: web.Request) -> Any:
         """The caller's address; behind our own trusted proxies, the nearest untrusted X-Forwarded-For hop."""
-        try:
-            source = ipaddress.ip_address(request.remote or "")
-        except ValueError:
-            return None
-        if not self.proxies or not any(source in net for net in self.proxies):
-            return source
-        hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if h.strip()]
-        for hop in reversed(hops):
-            try:
-                address = ipaddress.ip_address(hop)
-            except ValueError:
-                return None  # a forged or broken header: trust nothing
-            if not any(address in net for net in self.proxies):
-                return address
-        return source
+        return client_address(request, self.trusted_proxies)
 
     async def run_hop(self, rt: Any, turn: UssdTurn, limit: int) -> tuple[UssdReply, str]:
         """The hop within its budget; a hop that has begun a side effect is never cut mid-way."""

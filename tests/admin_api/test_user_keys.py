@@ -1,0 +1,70 @@
+"""An account's API keys go with the account: deactivating an admin revokes the keys they created, and a key
+whose creator is no longer active is refused even if it was somehow left unrevoked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+
+from core.models import AdminUser, ApiKey, AuditEvent
+from tests.admin_api.conftest import Caller, bearer
+from tests.conftest import sql_sent
+
+
+async def _leaving_admin_with_key(client: Any, admin: Caller) -> tuple[dict[str, Any], dict[str, Any]]:
+    leaving = await admin.json("POST", "/v1/users", 201, json={
+        "username": "leaving@kh.rw", "password": "a-long-password-1", "role": "COOP_ADMIN"})
+    them = await bearer(client, "leaving@kh.rw", "a-long-password-1")
+    key = await them.json("POST", "/v1/api-keys", 201, json={"name": "mine", "scopes": ["admin", "payments:read"]})
+    return leaving, key
+
+
+async def test_deactivating_an_admin_revokes_the_keys_they_created(rt, client, admin):
+    leaving, key = await _leaving_admin_with_key(client, admin)
+    staying = await admin.json("POST", "/v1/api-keys", 201, json={"name": "ours", "scopes": ["admin"]})
+    their_key, our_key = Caller(client, {"X-API-Key": key["key"]}), Caller(client, {"X-API-Key": staying["key"]})
+    await their_key.json("GET", "/v1/members", 200)
+
+    done = await admin.json("DELETE", f"/v1/users/{leaving['id']}", 200)
+
+    assert done["isActive"] is False and done["apiKeysRevoked"] == [key["id"]]
+    assert (await their_key.json("GET", "/v1/members", 401))["message"] == "invalid or inactive API key"
+    await our_key.json("GET", "/v1/members", 200)  # another admin's key is not touched
+    async with rt.sessionmaker() as s:
+        assert (await s.get(ApiKey, key["id"])).revoked_at is not None
+        assert (await s.get(ApiKey, staying["id"])).revoked_at is None
+        events = {e.action: e for e in (await s.execute(
+            select(AuditEvent).where(AuditEvent.entity_id.in_([key["id"], leaving["id"]])))).scalars()}
+    assert events["api_key.revoked"].after == {"reason": "creator deactivated"}
+    assert events["user.deactivated"].after == {"apiKeysRevoked": [key["id"]]}
+    keys = await admin.json("GET", "/v1/api-keys", 200)
+    assert {k["id"]: k["revokedAt"] is not None for k in keys["data"]}[key["id"]] is True
+
+
+async def test_a_key_whose_creator_is_inactive_is_refused_and_a_repeated_deactivation_revokes_it(rt, client, admin):
+    leaving, key = await _leaving_admin_with_key(client, admin)
+    # An account deactivated before its keys were revoked with it (or by any other path).
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(AdminUser).where(AdminUser.id == leaving["id"]).values(is_active=False))
+    their_key = Caller(client, {"X-API-Key": key["key"]})
+    with sql_sent(rt) as sent:
+        assert (await their_key.json("GET", "/v1/members", 401))["message"] == "invalid or inactive API key"
+    # The creator's account is read in the key's own lookup: one statement, no extra round trip.
+    lookups = [q for q in sent if "api_keys" in q]
+    assert len(lookups) == 1 and "admin_users" in lookups[0], sent
+
+    done = await admin.json("DELETE", f"/v1/users/{leaving['id']}", 200)
+    assert done["apiKeysRevoked"] == [key["id"]]
+    async with rt.sessionmaker() as s:
+        assert (await s.get(ApiKey, key["id"])).revoked_at is not None
+
+
+async def test_keys_made_by_no_account_still_work(rt, client, admin, demo):
+    from core import auth
+    from core.audit import Actor
+
+    async with rt.sessionmaker.begin() as s:
+        _, clear = await auth.create_api_key(s, cooperative_id=demo["cooperative_id"], name="cli",
+                                             scopes=["payments:read"], actor=Actor.system())
+    await Caller(client, {"X-API-Key": clear}).json("GET", "/v1/payments", 200)
