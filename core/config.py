@@ -92,6 +92,8 @@ class Settings:
     log_level: str
     reminder_days_before: int = 3
     reminders_enabled: bool = True
+    # After the approval window, how long a payment whose outcome the provider cannot tell stays open and polled.
+    payment_settle_grace_seconds: int = 86400
     db_pool_size: int = 20
     ussd_ip_allowlists: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     trusted_proxies: tuple[str, ...] = ()
@@ -347,6 +349,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         outbox_lease_seconds=_int(env, "OUTBOX_LEASE_SECONDS", 60, minimum=1),
         poll_after_seconds=_int(env, "POLL_AFTER_SECONDS", 30, minimum=1),
         payment_timeout_seconds=_int(env, "PAYMENT_TIMEOUT_SECONDS", 300, minimum=1),
+        payment_settle_grace_seconds=_int(env, "PAYMENT_SETTLE_GRACE_SECONDS", 86400, minimum=60),
         ussd_service_code=_get(env, "USSD_SERVICE_CODE", "*384*123#"),
         log_level=log_level,
         reminder_days_before=_int(env, "REMINDER_DAYS_BEFORE", 3, minimum=0),

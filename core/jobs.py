@@ -43,7 +43,7 @@ REFUND_POLL_LIMIT = timedelta(hours=24)
 # A payment whose outcome the provider has not told us by the end of its approval window (status queries
 # failing or unreadable, an AMBIGUOUS answer) stays open and polled this long after it: the money may
 # have been taken (MTN calls back once, with no retry), and "not approved" would invite a second payment.
-SETTLE_GRACE = timedelta(hours=24)
+SETTLE_GRACE = timedelta(hours=24)  # the default of PAYMENT_SETTLE_GRACE_SECONDS
 SETTLE_POLL_CAP = 1800.0  # seconds between status queries once backed off
 UNKNOWN_OUTCOME = "provider status unknown: no answer to status queries"
 # Times a refund the provider says it never received (status NOT_FOUND) is sent again, same reference.
@@ -198,7 +198,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         if unknown is not None:
             # Only the provider's own word ends a payment: while it cannot be asked, the money may have
             # been taken (and a callback lost), so the payment stays open, asked about ever less often.
-            await wait_for_an_answer(payment, now, unknown)  # raises RetryLater until SETTLE_GRACE is over
+            await wait_for_an_answer(payment, now, unknown)  # RetryLater until the settling grace is over
             outcome, status, reason = ProviderOutcome.EXPIRED, None, UNKNOWN_OUTCOME
         elif status is None or status.outcome is ProviderOutcome.PENDING:
             if not expired:
@@ -236,8 +236,9 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             await schedule_poll(payment.id, now, delay)
             raise RetryLater(delay, unknown)
         overdue = now - payment.expires_at
-        if overdue < SETTLE_GRACE:
-            delay = settle_poll_in(payment, now)
+        grace = timedelta(seconds=rt.settings.payment_settle_grace_seconds)
+        if overdue < grace:
+            delay = settle_poll_in(payment, now, grace)
             log.warning("payment outcome unknown after its approval window; kept open and asked again",
                         extra={"payment": payment.reference, "provider": payment.provider,
                                "overdue_minutes": int(overdue.total_seconds() // 60), "delay_s": round(delay),

@@ -4,6 +4,7 @@ settling grace, saying why; "not approved in time" only when the provider itself
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import timedelta
 from typing import Any
@@ -101,6 +102,22 @@ async def test_provider_that_never_answers_is_given_up_only_after_the_grace(rt, 
     async with rt.sessionmaker() as s:
         [poll] = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "payment.poll"))).scalars()
     assert poll.status == "DONE"
+
+
+async def test_the_grace_is_the_configured_one(rt, demo, worker, monkeypatch):
+    monkeypatch.setattr(rt, "settings", dataclasses.replace(rt.settings, payment_settle_grace_seconds=3600))
+    wire, payment = await _processing(rt, demo, worker)
+    wire.on("GET", STATUS + payment.provider_reference, 500, {"message": "Internal error"})
+    await _window_over(rt, payment.id, timedelta(minutes=55))
+    await drain(worker)
+    assert (await _payment(rt, payment.id)).status == "PROCESSING"
+    async with rt.sessionmaker() as s:
+        poll = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "payment.poll"))).scalar_one()
+    assert (poll.run_at - utcnow()).total_seconds() <= 5 * 60  # never asked past the (one-hour) grace
+    await _window_over(rt, payment.id, timedelta(hours=1))
+    await drain(worker)
+    assert ((await _payment(rt, payment.id)).status, (await _payment(rt, payment.id)).failure_reason) == (
+        "TIMEOUT", UNKNOWN_OUTCOME)
 
 
 async def test_pending_after_the_window_is_not_approved_in_time_at_once(rt, demo, worker):
