@@ -28,7 +28,7 @@ from admin_api.validation import LIMIT, PAGE, Param, period_params
 from core.errors import NotFound, ValidationError
 from core.models import Member, Payment
 from core.money import Money
-from core.payments import METHODS, NewPayment, create_payment, load_context
+from core.payments import METHODS, NewPayment, create_payment, load_context, record_collected
 from core.ratelimit import Limit
 from core.state.payment import PaymentStatus
 
@@ -87,6 +87,17 @@ PAYMENT_CREATE = obj(
     ["paymentTypeId", "amount", "paymentMethod", "paymentAccount", "idempotencyKey"],
 )
 
+COLLECTED_OUTCOME = obj(
+    {
+        "status": {"enum": [PaymentStatus.COMPLETED.value]},
+        "providerTransactionId": {"type": "string", "minLength": 1, "maxLength": 128,
+                                  "description": "the provider's id of the money taken (a refund needs it)"},
+        "amount": {**AMOUNT_IN, "description": "what the provider took, major units (default: the payment's amount)"},
+        "note": {"type": "string", "minLength": 3, "maxLength": 300,
+                 "description": "what the provider's statement shows (kept in the audit log)"},
+    },
+    ["status", "providerTransactionId", "note"],
+)
 LIST_QUERY = {
     "page": PAGE,
     "limit": LIMIT,
@@ -206,6 +217,19 @@ async def get_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return json_response(present(await one(ctx, Payment, request.match_info["id"], "payment")))
 
 
+async def record_payment_outcome(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """Money the provider's statement shows taken, for a payment the gateway gave up on (TIMEOUT, CANCELLED)."""
+    payment = await one(ctx, Payment, request.match_info["id"], "payment")
+    body = ctx.body
+    amount = Money.from_api(body["amount"], payment.currency) if body.get("amount") is not None else None
+    payment = await record_collected(
+        ctx.session, ctx.rt, payment_id=payment.id, cooperative_id=payment.cooperative_id,
+        provider_transaction_id=body["providerTransactionId"], note=body["note"], amount=amount,
+        actor=ctx.who.actor)
+    await ctx.session.commit()
+    return json_response(present(payment))
+
+
 async def payment_status(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     p = await one(ctx, Payment, request.match_info["id"], "payment")
     return json_response(
@@ -266,6 +290,16 @@ ROUTES = [
         "payments:read",
         response=PAYMENT,
         tenants=True,
+    ),
+    Route(
+        "POST",
+        "/payments/{id}/outcome",
+        record_payment_outcome,
+        "Record money the provider took for a payment the gateway gave up on (TIMEOUT or CANCELLED)",
+        "payments",
+        "admin",
+        body=COLLECTED_OUTCOME,
+        response=PAYMENT,
     ),
     Route(
         "GET",

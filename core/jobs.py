@@ -17,7 +17,7 @@ from core.db import utcnow
 from core.models import Member, Payment, Refund
 from core.money import Money
 from core.outbox import Handler, Job, PermanentJobError, RetryLater, enqueue, handler_timeout
-from core.payments import apply_collection_outcome, payment_account
+from core.payments import UNCONFIRMED, apply_collection_outcome, payment_account
 from core.phone import Phone
 from core.ports import (
     CollectionRequest,
@@ -45,7 +45,7 @@ REFUND_POLL_LIMIT = timedelta(hours=24)
 # have been taken (MTN calls back once, with no retry), and "not approved" would invite a second payment.
 SETTLE_GRACE = timedelta(hours=24)  # the default of PAYMENT_SETTLE_GRACE_SECONDS
 SETTLE_POLL_CAP = 1800.0  # seconds between status queries once backed off
-UNKNOWN_OUTCOME = "provider status unknown: no answer to status queries"
+UNKNOWN_OUTCOME = UNCONFIRMED
 # Times a refund the provider says it never received (status NOT_FOUND) is sent again, same reference.
 REFUND_RESENDS = 3
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from core import metrics, pgraw
 from core.audit import Actor, record
-from core.db import insert_ignore, row_insert, table_of, utcnow
+from core.db import insert_ignore, row_insert, serialise_on_sqlite, table_of, utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
 from core.models import Payment, ProviderEvent
 from core.money import Money
@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.payments")
 
+# A payment given up after its settling grace with the provider never saying what became of it (core.jobs): the
+# money may have been taken, so it ends TIMEOUT flagged for a person, and the payer is told "not confirmed",
+# not "not approved".
+UNCONFIRMED = "provider status unknown: no answer to status queries"
+UNCONFIRMED_FLAG = "the provider never confirmed the outcome: check its statement (record money taken with " \
+    "POST /v1/payments/{id}/outcome)"
 METHODS = ("MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL", "MPESA", "BANK_BK", "BANK_IM", "BANK_ECOBANK")
 # Which mobile operator a mobile-money method collects from (checked against the payer's number).
 METHOD_OPERATOR = {"MOBILE_MONEY_MTN": "MTN", "MOBILE_MONEY_AIRTEL": "AIRTEL", "MPESA": "SAFARICOM"}
@@ -485,6 +491,8 @@ async def _apply_outcome(
             values["provider_transaction_id"] = provider_transaction_id
         if PAYMENT.is_exceptional(current, P.COMPLETED):
             values["late"] = True
+        if payment.mismatch_detail == UNCONFIRMED_FLAG:
+            values.update(mismatch=False, mismatch_detail=None)  # the outcome is known now (late says the rest)
         expected = Money(payment.amount_minor, payment.currency)
         if amount is not None and amount != expected:
             values["mismatch"] = True
@@ -510,6 +518,9 @@ async def _apply_outcome(
         return "ignored_final"
     result = target.value.lower()
     values = {"failure_reason": (reason or outcome.value.lower())[:200]}
+    if reason == UNCONFIRMED:
+        template = "payment_unconfirmed"
+        values.update(mismatch=True, mismatch_detail=UNCONFIRMED_FLAG)
     await transition(session, PAYMENT, payment.id, current, target, actor=actor, values=values,
                      jobs=_notices(rt, _Moved(payment, {"status": target.value, **values}), template, event_type),
                      alongside=settle.write(result) if settle else None)
@@ -703,3 +714,55 @@ async def _store_unmatched(rt: Runtime, event: ProviderEventData) -> str:
                     outcome="unknown_payment", received_at=utcnow())
             .on_conflict_do_nothing(index_elements=["provider", "event_id"]))
     return "unknown_payment"
+
+
+GIVEN_UP = (P.TIMEOUT, P.CANCELLED)
+
+
+async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: str, cooperative_id: str | None,
+                           provider_transaction_id: str, note: str, actor: Actor,
+                           amount: Money | None = None) -> Payment:
+    """An admin records money the provider's statement shows taken, for a payment the gateway gave up on
+    (TIMEOUT: not approved in time or its outcome never confirmed; CANCELLED) whose success never reached us.
+    It completes as a late provider answer would (the exceptional TIMEOUT/CANCELLED -> COMPLETED, flagged
+    `late`: the receipt SMS, the webhook event, then refundable), with the admin's note in the audit log.
+
+    Refused for an open payment (its status is still being asked), one already collected, and a FAILED one:
+    the provider itself said it failed, and a final state is never reopened (money reported taken after that
+    is flagged for the provider's statement, not completed)."""
+    note = (note or "").strip()
+    if not 3 <= len(note) <= 300:
+        raise ValidationError("note must be 3 to 300 characters: what the provider's statement shows", field="note")
+    txn = (provider_transaction_id or "").strip()
+    if not 1 <= len(txn) <= 128:
+        raise ValidationError("providerTransactionId must be 1 to 128 characters: the provider's id of the money "
+                              "taken (a refund needs it)", field="providerTransactionId")
+    await serialise_on_sqlite(session, Payment, payment_id)
+    query = select(Payment).where(Payment.id == payment_id).with_for_update()
+    if cooperative_id is not None:
+        query = query.where(Payment.cooperative_id == cooperative_id)
+    payment = (await session.execute(query.execution_options(populate_existing=True))).scalar_one_or_none()
+    if payment is None:
+        raise NotFound("payment not found")
+    current = P(payment.status)
+    if current in OPEN:
+        raise Conflict("payment is still open: its status is being asked of the provider", field="status")
+    if current not in GIVEN_UP:
+        why = ("the provider said it failed; a final payment is not reopened" if current is P.FAILED
+               else "its money is recorded already")
+        raise Conflict(f"payment is {current.value}: {why}", field="status")
+    if amount is not None:
+        if amount.currency != payment.currency:
+            raise ValidationError(f"amount must be in {payment.currency}", field="amount")
+        if not amount.is_positive():
+            raise ValidationError("amount must be positive", field="amount")
+    await record(session, actor=actor, action="payment.outcome_recorded", entity_type="payment",
+                 entity_id=payment.id, before={"status": current.value},
+                 after={"status": P.COMPLETED.value, "note": note, "providerTransactionId": txn,
+                        "amount": None if amount is None else amount.minor},
+                 cooperative_id=payment.cooperative_id)
+    await _apply_outcome(session, rt, payment, ProviderOutcome.SUCCEEDED, actor=actor, amount=amount,
+                         provider_transaction_id=txn, reason=None, settle=None)
+    await session.flush()
+    await session.refresh(payment)
+    return payment

@@ -16,6 +16,7 @@ BODIES = {
     ("POST", "/payments/{id}/refunds"): {"idempotencyKey": "cross-coop-key"},
     ("POST", "/disputes/{id}/transitions"): {"status": "REJECTED"},
     ("POST", "/refunds/{id}/outcome"): {"status": "COMPLETED", "note": "taken over"},
+    ("POST", "/payments/{id}/outcome"): {"status": "COMPLETED", "providerTransactionId": "TX-B", "note": "taken"},
     ("POST", "/webhook-endpoints/{id}/rotate-secret"): {"overlapHours": 0},
 }
 # Routes only a super admin may call at all: B's admin is stopped earlier, with 403.
@@ -61,6 +62,7 @@ async def _resources_of_a(admin, superadmin, rt, demo):
         "/users/{id}": user["id"],
         "/payments/{id}": payment["id"],
         "/payments/{id}/status": payment["id"],
+        "/payments/{id}/outcome": payment["id"],
         "/payments/{id}/refunds": payment["id"],
         "/refunds/{id}": refund["id"],
         "/refunds/{id}/outcome": refund["id"],

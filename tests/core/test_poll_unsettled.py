@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from core.db import utcnow
 from core.jobs import SETTLE_GRACE, SETTLE_POLL_CAP, UNKNOWN_OUTCOME, settle_poll_in, sweep_open_payments
 from core.models import OutboxJob, Payment
-from core.payments import create_payment
+from core.payments import UNCONFIRMED_FLAG, create_payment
 from core.ports import ProviderOutcome, StatusResult
 from tests.conftest import drain
 from tests.providers.wires import ADMIN, due_now, mtn_adapter, mtn_payment, mtn_wire
@@ -96,7 +96,9 @@ async def test_provider_that_never_answers_is_given_up_only_after_the_grace(rt, 
     await drain(worker)
     gone = await _payment(rt, payment.id)
     assert (gone.status, gone.failure_reason, gone.late) == ("TIMEOUT", UNKNOWN_OUTCOME, False)
-    assert f"sms:payment_timeout:{payment.id}" in await _dedupe_keys(rt, "sms.send")
+    # Flagged for a person (the money may have been taken), and the payer is not told "not approved".
+    assert (gone.mismatch, gone.mismatch_detail) == (True, UNCONFIRMED_FLAG)
+    assert await _dedupe_keys(rt, "sms.send") == [f"sms:payment_unconfirmed:{payment.id}"]
     assert any(r.getMessage() == "payment given up as TIMEOUT: the provider never confirmed its outcome"
                and r.payment == payment.reference for r in caplog.records)
     async with rt.sessionmaker() as s:

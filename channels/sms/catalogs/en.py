@@ -7,6 +7,8 @@ MESSAGES = {
     "To try again, dial {dial}.",
     "payment_timeout": "Your payment of {amount} for {type} ({coop}) was not approved in time. Ref: {ref}. "
     "To try again, dial {dial}.",
+    "payment_unconfirmed": "We could not confirm your payment of {amount} for {type} ({coop}) with the provider. "
+    "If money was taken, it will be confirmed or refunded. Ref: {ref}.",
     "payment_status": "Payment {ref}: {amount} for {type} ({coop}) - {status}. Date: {date}.",
     "refund_completed": "Refund of {amount} for payment {payment_ref} ({coop}) completed. Ref: {ref}.",
     "refund_failed": "Refund of {amount} for payment {payment_ref} ({coop}) failed: {reason}. "

@@ -7,6 +7,8 @@ MESSAGES = {
     "Pour réessayer, composez {dial}.",
     "payment_timeout": "Votre paiement de {amount} pour {type} ({coop}) n'a pas été approuvé à temps. "
     "Réf: {ref}. Pour réessayer, composez {dial}.",
+    "payment_unconfirmed": "Nous n'avons pas pu confirmer votre paiement de {amount} pour {type} ({coop}) "
+    "auprès de l'opérateur. Si l'argent a été prélevé, il sera confirmé ou remboursé. Réf: {ref}.",
     "payment_status": "Paiement {ref}: {amount} pour {type} ({coop}) - {status}. Date: {date}.",
     "refund_completed": "Remboursement de {amount} effectué pour le paiement {payment_ref} ({coop}). "
     "Réf: {ref}.",

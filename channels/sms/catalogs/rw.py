@@ -7,6 +7,8 @@ MESSAGES = {
     "Ongera ugerageze ukanda {dial}.",
     "payment_timeout": "Kwishyura {amount} ya {type} ({coop}) ntibyemejwe ku gihe. Nimero: {ref}. "
     "Ongera ugerageze ukanda {dial}.",
+    "payment_unconfirmed": "Ntitwashoboye kwemeza kwishyura {amount} ya {type} ({coop}). Niba amafaranga "
+    "yavuye kuri konti yawe, tuzabyemeza cyangwa tuyagusubize. Nimero: {ref}.",
     "payment_status": "Kwishyura {ref}: {amount} ya {type} ({coop}) - {status}. Itariki: {date}.",
     "refund_completed": "Twagusubije {amount} yo kwishyura {payment_ref} ({coop}). Nimero: {ref}.",
     "refund_failed": "Gusubizwa {amount} yo kwishyura {payment_ref} ({coop}) ntibyakunze: {reason}. "

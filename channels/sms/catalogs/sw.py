@@ -7,6 +7,8 @@ MESSAGES = {
     "Jaribu tena kwa kupiga {dial}.",
     "payment_timeout": "Malipo yako ya {amount} kwa {type} ({coop}) hayakuthibitishwa kwa wakati. "
     "Kumb: {ref}. Jaribu tena kwa kupiga {dial}.",
+    "payment_unconfirmed": "Hatukuweza kuthibitisha malipo yako ya {amount} kwa {type} ({coop}). Ikiwa pesa "
+    "zilikatwa, malipo yatathibitishwa au utarudishiwa pesa. Kumb: {ref}.",
     "payment_status": "Malipo {ref}: {amount} kwa {type} ({coop}) - {status}. Tarehe: {date}.",
     "refund_completed": "Umerudishiwa {amount} ya malipo {payment_ref} ({coop}). Kumb: {ref}.",
     "refund_failed": "Kurudisha {amount} ya malipo {payment_ref} ({coop}) hakukufanikiwa: {reason}. "

@@ -1,0 +1,95 @@
+"""A payment the gateway gave up on (TIMEOUT, CANCELLED) whose money the provider's statement shows taken is
+recorded by an admin (`POST /v1/payments/{id}/outcome`): it completes as a late provider answer would (flagged
+late, receipt SMS, webhook event), keeps the admin's note in the audit log, and can then be refunded. Open,
+failed and collected payments are refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from core.audit import Actor
+from core.models import AuditEvent, OutboxJob, Payment
+from core.payments import UNCONFIRMED, UNCONFIRMED_FLAG, apply_collection_outcome
+from core.ports import ProviderOutcome
+from tests.admin_api.conftest import complete_payment, idem, make_payment
+
+PROVIDER = Actor("provider:test", "provider")
+RECORD = {"status": "COMPLETED", "providerTransactionId": "MP-7781", "note": "on MTN's statement of 30 November"}
+
+
+async def _given_up(admin: Any, rt: Any, demo: dict[str, Any], outcome: ProviderOutcome = ProviderOutcome.EXPIRED,
+                    reason: str | None = UNCONFIRMED) -> dict[str, Any]:
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    async with rt.sessionmaker.begin() as s:
+        row = await s.get(Payment, payment["id"])
+        await apply_collection_outcome(s, rt, row, outcome, actor=PROVIDER, reason=reason)
+    return payment
+
+
+async def _jobs(rt: Any, kind: str) -> list[str]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(OutboxJob.dedupe_key).where(OutboxJob.kind == kind)
+                                     .order_by(OutboxJob.id))).scalars())
+
+
+async def test_money_taken_after_the_gateway_gave_up_is_recorded_then_refundable(admin, rt, demo):
+    payment = await _given_up(admin, rt, demo)
+    flagged = await admin.json("GET", f"/v1/payments/{payment['id']}", 200)
+    assert (flagged["status"], flagged["mismatch"]) == ("TIMEOUT", True)
+    done = await admin.json("POST", f"/v1/payments/{payment['id']}/outcome", 200, json=RECORD)
+    assert (done["status"], done["late"], done["mismatch"]) == ("COMPLETED", True, False)
+    async with rt.sessionmaker() as s:
+        row = await s.get(Payment, payment["id"])
+        assert (row.provider_transaction_id, row.mismatch_detail, row.completed_at is not None) == (
+            "MP-7781", None, True)
+        audit = (await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == payment["id"], AuditEvent.action == "payment.outcome_recorded"))).scalar_one()
+    assert audit.after["note"] == RECORD["note"] and audit.actor.startswith("admin:")
+    assert await _jobs(rt, "sms.send") == [f"sms:payment_unconfirmed:{payment['id']}",
+                                           f"sms:payment_receipt:{payment['id']}"]
+    # Now it is money the cooperative holds: an ordinary refund goes through.
+    refund = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                              json={"amount": 10000, "idempotencyKey": idem()})
+    assert refund["amount"] == 10000
+    # Recorded once: a second time is refused.
+    again = await admin.json("POST", f"/v1/payments/{payment['id']}/outcome", 409, json=RECORD)
+    assert "its money is recorded already" in again["message"]
+
+
+async def test_less_taken_is_collected_at_what_was_taken(admin, rt, demo):
+    payment = await _given_up(admin, rt, demo, ProviderOutcome.CANCELLED, reason="cancelled by payer")
+    done = await admin.json("POST", f"/v1/payments/{payment['id']}/outcome", 200, json={**RECORD, "amount": 40000})
+    assert (done["status"], done["mismatch"]) == ("COMPLETED", True)
+    refused = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 422,
+                               json={"amount": 50000, "idempotencyKey": idem()})
+    assert "exceeds the refundable 40,000 RWF" in refused["message"]
+
+
+@pytest.mark.parametrize("state", ["PENDING", "FAILED", "COMPLETED"])
+async def test_open_failed_and_collected_payments_are_refused(admin, rt, demo, state):
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    if state == "FAILED":
+        async with rt.sessionmaker.begin() as s:
+            await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.FAILED,
+                                           actor=PROVIDER, reason="payer declined")
+    elif state == "COMPLETED":
+        await complete_payment(rt, payment["id"])
+    body = await admin.json("POST", f"/v1/payments/{payment['id']}/outcome", 409, json=RECORD)
+    assert body["message"].startswith("payment is still open" if state == "PENDING" else f"payment is {state}")
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, payment["id"])).status == state
+
+
+async def test_input_and_access(admin, tenant, rt, demo):
+    payment = await _given_up(admin, rt, demo)
+    url = f"/v1/payments/{payment['id']}/outcome"
+    for body in ({**RECORD, "note": "x"}, {**RECORD, "providerTransactionId": ""}, {**RECORD, "status": "FAILED"},
+                 {"status": "COMPLETED", "note": "on the statement"}, {**RECORD, "amount": -5}):
+        await admin.json("POST", url, 400, json=body)
+    await tenant.json("POST", url, 403, json=RECORD)
+    async with rt.sessionmaker() as s:
+        row = await s.get(Payment, payment["id"])
+    assert (row.status, row.mismatch_detail) == ("TIMEOUT", UNCONFIRMED_FLAG)
