@@ -478,8 +478,15 @@ async def _apply_outcome(
             taken = f" ({amount})" if amount is not None else ""
             payment.mismatch_detail = f"provider reported success{taken} after the payment had failed"
             if provider_transaction_id and payment.provider_transaction_id is None:
-                # What the cooperative needs to give the money back by hand (or to find it at the provider).
+                # What a refund of the money needs (and what finds it at the provider).
                 payment.provider_transaction_id = provider_transaction_id
+            if payment.completed_at is None:
+                # The money the payer lost stays FAILED but is money held: what was taken (nothing we can send
+                # back automatically in another currency) and when, so it can be refunded through the API
+                # (core.refunds.refundable) and counted where the provider's statement counts it (reports).
+                same = amount is None or amount.currency == payment.currency
+                payment.collected_minor = (amount.minor if amount is not None else payment.amount_minor) if same else 0
+                payment.completed_at = utcnow()
             return "flagged_success_after_failure"
         values: dict[str, Any] = {"completed_at": utcnow()}
         if payment.provider_transaction_id is not None and (

@@ -8,7 +8,7 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
@@ -22,7 +22,7 @@ from core.ports import ProviderEvent as ProviderEventData
 from core.ports import ProviderOutcome
 from core.references import next_reference
 from core.state import StaleTransition, transition
-from core.state.payment import COLLECTED, PAYMENT, PaymentStatus
+from core.state.payment import COLLECTED, PAYMENT, PaymentStatus, taken_after_failure
 from core.state.refund import REFUND, RefundStatus
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ async def request_refund(
                            field="idempotencyKey")
         return existing, False
 
-    if PaymentStatus(payment.status) not in COLLECTED:
+    if PaymentStatus(payment.status) not in COLLECTED and not taken_after_failure(payment):
         raise BusinessRuleError(f"only collected payments can be refunded; this one is {payment.status}")
     available = await refundable(session, payment)
     amount = amount or available
@@ -144,9 +144,18 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         payment = (await session.execute(select(Payment).where(Payment.id == refund.payment_id)
                                          .with_for_update())).scalar_one()
         refunded = payment.refunded_minor + refund.amount_minor
-        target = PaymentStatus.REFUNDED if refunded >= collected(payment) else PaymentStatus.PARTIALLY_REFUNDED
-        await transition(session, PAYMENT, payment.id, PaymentStatus(payment.status), target, actor=actor,
-                         values={"refunded_minor": refunded}, audit={"refundId": refund.id})
+        if taken_after_failure(payment):
+            # Money taken after the payment failed, given back: the payment stays FAILED (a final state is
+            # never reopened); what went back is counted on it.
+            await session.execute(update(Payment).where(Payment.id == payment.id)
+                                  .values(refunded_minor=refunded, updated_at=utcnow()))
+            await record(session, actor=actor, action="payment.refunded_after_failure", entity_type="payment",
+                         entity_id=payment.id, after={"refundId": refund.id, "refunded": refunded},
+                         cooperative_id=payment.cooperative_id)
+        else:
+            target = PaymentStatus.REFUNDED if refunded >= collected(payment) else PaymentStatus.PARTIALLY_REFUNDED
+            await transition(session, PAYMENT, payment.id, PaymentStatus(payment.status), target, actor=actor,
+                             values={"refunded_minor": refunded}, audit={"refundId": refund.id})
         template, event_type = "refund_completed", "refund.completed"
     else:
         updated = await transition(session, REFUND, refund.id, current, R.FAILED, actor=actor,

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, case, func, or_, select
+from sqlalchemy import Select, and_, case, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.models import Dispute, Payment, PaymentType, Refund
 from core.money import Money
 from core.refunds import collected as taken
-from core.state.payment import COLLECTED, PaymentStatus
+from core.state.payment import COLLECTED, PaymentStatus, taken_after_failure
 from core.state.refund import RefundStatus
 
 # Restricts a SELECT on a model to what the caller may see (core.auth.Principal.scope).
@@ -28,6 +28,11 @@ BASES = ("created", "completed")
 # What the provider actually took, reckoned as core.refunds.collected() does (refunds are capped by it):
 # the amount, or less when the provider reported less (NULL collected_minor: it reported the amount).
 TAKEN = case((Payment.collected_minor < Payment.amount_minor, Payment.collected_minor), else_=Payment.amount_minor)
+# Money the cooperative holds from a payment: collected ones, and a FAILED one whose money the provider then
+# reported taken (core.state.payment.taken_after_failure: flagged, refundable, on the provider's statement).
+HELD = or_(Payment.status.in_([s.value for s in COLLECTED]),
+           and_(Payment.status == PaymentStatus.FAILED.value, Payment.completed_at.is_not(None),
+                Payment.collected_minor > 0))
 
 
 def _amount(minor: int | None, currency: str) -> int | str:
@@ -125,7 +130,7 @@ async def reconciliation(
         for c, n, a, f, r in (
             await session.execute(
                 payments(Payment.currency, count, taken_sum, fee, refunded)
-                .where(Payment.status.in_(collected))
+                .where(HELD)
                 .group_by(Payment.currency)
                 .order_by(Payment.currency)
             )
@@ -213,7 +218,7 @@ async def _settled(session: AsyncSession, scope: Scope, start: datetime | None, 
                       Payment),
                 Payment.completed_at, start, end,
             )
-            .where(Payment.status.in_([s.value for s in COLLECTED]), Payment.completed_at.is_not(None))
+            .where(HELD, Payment.completed_at.is_not(None))
             .group_by(Payment.method, Payment.currency)
         )
     ).all()
@@ -342,7 +347,7 @@ def payments_csv(
     query = _in_period(scope(select(Payment, PaymentType.name), Payment), moment, start, end)
     if basis == "completed":
         # The lines behind the reconciliation's `settled` collections: money in, whatever became of it since.
-        query = query.where(moment.is_not(None), Payment.status.in_([s.value for s in COLLECTED]))
+        query = query.where(moment.is_not(None), HELD)
     query = query.join(PaymentType, PaymentType.id == Payment.payment_type_id)
     if status:
         query = query.where(Payment.status == status)
@@ -362,7 +367,7 @@ def payments_csv(
             p.currency,
             _amount(p.fee_minor, p.currency),
             _amount(p.refunded_minor, p.currency),
-            _amount(taken(p) if PaymentStatus(p.status) in COLLECTED else 0, p.currency),
+            _amount(taken(p) if PaymentStatus(p.status) in COLLECTED or taken_after_failure(p) else 0, p.currency),
             p.payment_type_id,
             type_name,
             p.member_id,

@@ -40,3 +40,9 @@ PAYMENT = StateMachine(
     },
     exceptional=frozenset({(P.CANCELLED, P.COMPLETED), (P.TIMEOUT, P.COMPLETED)}),
 )
+
+
+def taken_after_failure(payment: Payment) -> bool:
+    """A FAILED payment whose money the provider then reported taken: it stays FAILED (never reopened) but
+    the money is held, counted in the reconciliation's `settled` and refundable (core.payments)."""
+    return payment.status == P.FAILED.value and payment.completed_at is not None and bool(payment.collected_minor)
