@@ -36,14 +36,17 @@ def dispute_data(dispute: Dispute) -> dict[str, Any]:
 
 async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, template: str, event_type: str,
                   step: str, *, payment: Payment | None = None) -> None:
-    """The SMS (to the member, or without one to the phone that paid) and the webhook event."""
+    """The SMS (to the member, or without one to the phone that paid) and the webhook event. The SMS context
+    names the status this change moved the dispute to: the worker fills the message in later, when the
+    dispute may have moved on (OPEN -> UNDER_REVIEW -> REJECTED before it sends the first), and each SMS must
+    tell its own change."""
     phone = None
     if not dispute.member_id:
         payment = payment or await session.get(Payment, dispute.payment_id)
         phone = payer_phone(cipher, payment) if payment is not None else None
     await enqueue_many(session, notice_jobs(  # the SMS and the webhook event in one round trip
         template=template, event_type=event_type, cooperative_id=dispute.cooperative_id, key=dispute.id, step=step,
-        context={"dispute_id": dispute.id}, data=dispute_data(dispute), cipher=cipher,
+        context={"dispute_id": dispute.id, "status": dispute.status}, data=dispute_data(dispute), cipher=cipher,
         member_id=dispute.member_id or None, phone=phone))
 
 

@@ -12,7 +12,8 @@ rate (SMS_RATE_PER_SECOND), so payment jobs queued meanwhile are claimed between
 the rest of the rate. A scan that missed its hour (no worker running) runs within CATCH_UP of it;
 later than that it is skipped (the next day's scan reminds whoever is still due) rather than texting
 members in the evening. Each reminder is checked again when its turn comes: one whose member has paid,
-sent STOP or been suspended since the scan, or still queued at SEND_UNTIL_LOCAL, is not sent.
+sent STOP or been suspended since the scan, whose payment type was deactivated or cooperative suspended
+since, or still queued at SEND_UNTIL_LOCAL, is not sent.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
                     deferred += 1  # no job: tomorrow's scan (still within the days before) queues it first
                     continue
                 # Checked again when it is sent (channels.sms.jobs): paid since the previous due day, opted
-                # out, suspended, or still queued at the cut-off (an aggregator outage), it is dropped.
+                # out, suspended, its type or cooperative no longer active, or still queued at the cut-off
+                # (an aggregator outage), it is dropped.
                 payload = {**job.payload, "paid_since": since.isoformat(), "send_before": send_before.isoformat()}
                 created = await enqueue_job(session, dataclasses.replace(job, payload=payload, run_at=run_at))
                 queued += int(created)
@@ -153,21 +155,30 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
 
 
 _MEMBER, _PAYMENT = Member.__table__, Payment.__table__
-# A reminder's member as it is at sending time: STOP sent, suspended or left, paid since the scan.
+_COOP, _TYPE = Cooperative.__table__, PaymentType.__table__
+# A reminder's member as it is at sending time (STOP sent, suspended or left, paid since the scan), and what
+# the reminder offers: its cooperative still active, its payment type still on the menu (NULL: deleted).
 _REMINDER_STATE = select(
     _MEMBER.c.reminders_opt_out,
     _MEMBER.c.status,
+    _COOP.c.status.label("coop_status"),
+    _TYPE.c.is_active.label("type_active"),
     exists().where(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.payment_type_id == bindparam("t"),
                    _PAYMENT.c.status.in_(PAID),
                    _PAYMENT.c.created_at > bindparam("since", type_=UTCDateTime())).label("paid"),
+).select_from(
+    _MEMBER.join(_COOP, _COOP.c.id == _MEMBER.c.cooperative_id)
+    .outerjoin(_TYPE, _TYPE.c.id == bindparam("t"))
 ).where(_MEMBER.c.id == bindparam("m"))
 
 
 async def why_not_send(conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
     """Why a queued reminder (an 'sms.send' job's payload) must not go out any more, None to send it:
-    too_late, member_missing, opted_out, member_inactive or paid. Reminders are spread over the morning and
-    may wait out an aggregator outage: by their turn the member may have paid, sent STOP or been
-    suspended, or the day may be over (scan() sets `send_before` and `paid_since`)."""
+    too_late, member_missing, cooperative_inactive, type_inactive, opted_out, member_inactive or paid.
+    Reminders are spread over the morning and may wait out an aggregator outage: by their turn the member
+    may have paid, sent STOP or been suspended, the cooperative been suspended or the payment type taken
+    off the menu ("Dial ... to pay" for what the USSD no longer offers), or the day may be over (scan()
+    sets `send_before` and `paid_since`)."""
     send_before = parse_aware(payload.get("send_before"))
     if send_before is not None and utcnow() > send_before:
         return "too_late"
@@ -179,6 +190,10 @@ async def why_not_send(conn: AsyncConnection, payload: dict[str, Any]) -> str | 
     })).first()
     if state is None:
         return "member_missing"
+    if state.coop_status != "ACTIVE":
+        return "cooperative_inactive"
+    if not state.type_active:  # deactivated, or gone (no row)
+        return "type_inactive"
     if state.reminders_opt_out:
         return "opted_out"
     if state.status != "ACTIVE":

@@ -199,11 +199,14 @@ async def build_message(
         dispute = await _one(session, Dispute, context.get("dispute_id"), "dispute")
         payment = await _one(session, Payment, dispute.payment_id, "payment")
         coop = coop or await _one(session, Cooperative, dispute.cooperative_id, "cooperative")
+        # The status the change being told moved it to (core.disputes puts it in the context): by the time
+        # the message is built the dispute may have moved on. Jobs queued without it: the row's status.
+        status = str(context.get("status") or dispute.status)
         values.update(
             ref=dispute.reference,
             payment_ref=payment.reference,
             coop=coop.name,
-            status=catalog.DISPUTE_STATUS.get(dispute.status, dispute.status),
+            status=catalog.DISPUTE_STATUS.get(status, status),
         )
     elif template == "payment_reminder":
         ptype = await _one(session, PaymentType, context.get("payment_type_id"), "payment type")
