@@ -95,15 +95,21 @@ def due_dates(ptype: PaymentType, today: date) -> tuple[date, date] | None:
     return _on_day(prev_year, prev_month, ptype.due_day), due
 
 
-async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = None) -> int:
-    """Queue every reminder due at `now`; returns how many were queued (duplicates are not counted)."""
+async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = None,
+               cooperative_id: str | None = None, first_slot: int = 0) -> int:
+    """Queue every reminder due at `now` (of one cooperative, or all); returns how many were queued (duplicates
+    are not counted). `first_slot`: reminders already queued by this scan for other cooperatives, so the
+    send times keep following one another at the SMS rate."""
     if not rt.settings.reminders_enabled:
         return 0
     now = now or utcnow()
     days_before = rt.settings.reminder_days_before
-    queued = 0
+    queued = first_slot
     start = utcnow()  # the jobs' run_at is real time, whatever `now` the scan is for
-    coops = (await session.execute(select(Cooperative).where(Cooperative.status == "ACTIVE"))).scalars().all()
+    active = select(Cooperative).where(Cooperative.status == "ACTIVE")
+    if cooperative_id is not None:
+        active = active.where(Cooperative.id == cooperative_id)
+    coops = (await session.execute(active)).scalars().all()
     deferred = 0
     for coop in coops:
         zone = zone_of(coop.timezone)
@@ -151,7 +157,7 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
     if deferred:
         log.warning("reminders left for the next scan: the SMS rate does not reach every member before the "
                     "evening", extra={"deferred": deferred, "queued": queued})
-    return queued
+    return queued - first_slot
 
 
 _MEMBER, _PAYMENT = Member.__table__, Payment.__table__
@@ -229,14 +235,23 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         day = date.fromisoformat(job.payload["day"])
         now = utcnow()
         late = now > _scan_time(day) + CATCH_UP
+        # The next day's scan first, in its own transaction: a scan that fails or runs out of time (and is
+        # retried, then parked) never breaks the chain.
         async with rt.sessionmaker.begin() as session:
-            # A scan whose job ran too late (no worker up all morning) is skipped, not sent at night.
-            count = 0 if late else await scan(session, rt, now=now)
-            # The next day's scan is queued in the same transaction: the chain never breaks.
             await schedule(session, max(day, now.date()) + timedelta(days=1))
         if late:
+            # A scan whose job ran too late (no worker up all morning) is skipped, not sent at night.
             log.warning("reminder scan skipped: too late after its hour", extra={"day": day.isoformat()})
-        else:
-            log.info("reminders queued", extra={"day": day.isoformat(), "count": count})
+            return
+        async with rt.sessionmaker() as session:
+            coops = list((await session.execute(select(Cooperative.id).where(Cooperative.status == "ACTIVE")
+                                                .order_by(Cooperative.id))).scalars())
+        # One transaction per cooperative: what is queued stays queued if a later one fails, and a retried
+        # scan queues only what is missing (a reminder's dedupe key is its member, type and due day).
+        count = 0
+        for coop_id in coops:
+            async with rt.sessionmaker.begin() as session:
+                count += await scan(session, rt, now=now, cooperative_id=coop_id, first_slot=count)
+        log.info("reminders queued", extra={"day": day.isoformat(), "count": count})
 
     return {"reminders.scan": run_scan}

@@ -108,3 +108,39 @@ async def test_a_scan_job_run_late_is_skipped_and_the_chain_goes_on(
     await run_scan(job)
     assert len(await _reminder_jobs(rt)) == len(sent)
     assert len({j.dedupe_key for j in sent}) == len(sent)
+
+
+async def test_a_scan_that_fails_keeps_the_chain_and_what_it_queued(
+    rt: Any, demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.models import Cooperative
+
+    run_scan = reminders.job_handlers(rt)["reminders.scan"]
+    job = Job(1, "reminders.scan", {"day": "2026-11-28"}, 1, 5, NOW)
+    monkeypatch.setattr(reminders, "utcnow", lambda: NOW + timedelta(minutes=10))
+    async with rt.sessionmaker() as s:
+        # Scanned after the demo cooperative (cooperatives are scanned in id order).
+        other = Cooperative(id="ffffffff-ffff-4fff-8fff-ffffffffffff", name="Second Cooperative", short_code="SEC",
+                            country="RW", currency="RWF",
+                            timezone="Africa/Kigali", status="ACTIVE")
+        s.add(other)
+        await s.commit()
+        other_id = other.id
+    real_scan = reminders.scan
+
+    async def scan_failing_on_the_second(session: Any, rt: Any, **kw: Any) -> int:
+        if kw.get("cooperative_id") == other_id:
+            raise TimeoutError("the scan ran out of time")  # e.g. cancelled at the handler timeout
+        return await real_scan(session, rt, **kw)
+
+    monkeypatch.setattr(reminders, "scan", scan_failing_on_the_second)
+    with pytest.raises(TimeoutError):
+        await run_scan(job)
+    # Tomorrow's scan exists although this one failed, and the first cooperative's reminders stay queued.
+    assert [day for day, _ in await _scans(rt)] == ["2026-11-29"]
+    queued = await _reminder_jobs(rt)
+    assert len(queued) >= 2 and {j.cooperative_id for j in queued} == {demo["cooperative_id"]}
+    # The retry queues nothing twice.
+    monkeypatch.setattr(reminders, "scan", real_scan)
+    await run_scan(job)
+    assert len(await _reminder_jobs(rt)) == len(queued)
