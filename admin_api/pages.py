@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -14,7 +15,7 @@ from core import auth
 from core.errors import DomainError
 from core.models import Cooperative, Payment, PaymentType
 from core.runtime import RUNTIME, SETTINGS
-from core.text import is_number
+from core.text import has_bad_characters, is_number
 
 log = logging.getLogger("gateway.pages")
 
@@ -33,6 +34,11 @@ SECURITY_HEADERS = {
 }
 OPS_ROLES = frozenset({auth.SUPER_ADMIN, auth.COOP_ADMIN})
 PAGES_ENABLED = web.AppKey("phone_simulator_enabled", bool)
+# Query values are checked before any query: PostgreSQL refuses a NUL in text outright (asyncpg raises, a
+# 500), and an id that is not a UUID cannot exist. The same checks as /v1 (admin_api.validation).
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_OUR_REFERENCE = re.compile(r"^[A-Z]{2,5}_\d{8}_\d{1,9}$", re.ASCII)  # core.references: PAY_20251016_001
+MAX_REFERENCE = 128
 
 
 def simulator_enabled(settings: Any, env: dict[str, str] | None = None) -> bool:
@@ -141,8 +147,14 @@ async def simulator_config(request: web.Request) -> web.Response:
 async def simulator_payment(request: web.Request) -> web.Response:
     """A payment seen from the phone: by our reference or the provider's, to word the PIN prompt."""
     reference = request.query.get("reference", "").strip()
-    if not reference or len(reference) > 128:
-        return _error(request, 400, "reference query parameter is required (at most 128 characters)")
+    if not reference or len(reference) > MAX_REFERENCE:
+        return _error(request, 400, f"reference query parameter is required (at most {MAX_REFERENCE} characters)")
+    if has_bad_characters(reference):
+        return _error(request, 400, "reference contains characters that are not allowed")
+    # Ours has a fixed shape (compared in capitals: typed on a phone); the providers' are theirs to choose.
+    matches = [Payment.provider_reference == reference, Payment.gateway_reference == reference]
+    if _OUR_REFERENCE.match(reference.upper()):
+        matches.append(Payment.reference == reference.upper())
     rt = request.app[RUNTIME]
     async with rt.sessionmaker() as session:
         row = (
@@ -150,13 +162,7 @@ async def simulator_payment(request: web.Request) -> web.Response:
                 select(Payment, Cooperative.name, PaymentType.name)
                 .join(Cooperative, Cooperative.id == Payment.cooperative_id)
                 .join(PaymentType, PaymentType.id == Payment.payment_type_id)
-                .where(
-                    or_(
-                        Payment.reference == reference.upper(),
-                        Payment.provider_reference == reference,
-                        Payment.gateway_reference == reference,
-                    )
-                )
+                .where(or_(*matches))
                 .order_by(Payment.created_at.desc())
                 .limit(1)
             )
@@ -229,14 +235,21 @@ async def ops_data(request: web.Request) -> web.Response:
     if principal.role not in OPS_ROLES:
         return _error(request, 403, "the operations page is for super admins and cooperative admins")
     requested = request.query.get("cooperativeId", "").strip() or None
+    if requested is not None:
+        if has_bad_characters(requested):
+            return _error(request, 400, "cooperativeId contains characters that are not allowed")
+        if not _UUID.match(requested):
+            return _error(request, 400, "cooperativeId must be a UUID")
+        requested = requested.lower()
     if principal.is_super:
         cooperative_id = requested
     else:
         if requested and requested != principal.cooperative_id:
             return _error(request, 404, "cooperative not found")
         cooperative_id = principal.cooperative_id
-    minutes_raw = request.query.get("minutes", "60")
-    if not is_number(minutes_raw) or not 1 <= int(minutes_raw) <= 1440:
+    minutes_raw = request.query.get("minutes", "60").strip()
+    # The length first: int() of thousands of digits raises (Python's conversion limit) rather than answer.
+    if len(minutes_raw) > 4 or not is_number(minutes_raw) or not 1 <= int(minutes_raw) <= 1440:
         return _error(request, 400, "minutes must be an integer from 1 to 1440")
     async with rt.sessionmaker() as session:
         figures = await dashboard(session, cooperative_id, minutes=int(minutes_raw), redis=rt.redis)

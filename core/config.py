@@ -220,6 +220,24 @@ def _check_mtn_environment(env: Mapping[str, str], production: bool) -> None:
                                 f"({', '.join(sorted(MTN_TARGET_ENVIRONMENTS))})")
 
 
+USSD_AGGREGATORS = ("africastalking", "hubtel", "nalo")
+
+
+def _check_ussd_callbacks_guarded(secrets: Mapping[str, Secret], shared: tuple[str, ...],
+                                  per_aggregator: Mapping[str, tuple[str, ...]]) -> None:
+    """Production: every USSD callback URL is guarded by its secret or a source-address allowlist. Without
+    either, anyone can POST any phoneNumber: read a member's menus and set off PIN prompts on their phone.
+    (The per-aggregator list replaces the shared one for that aggregator, as channels.ussd.routes reads it.)"""
+    for name in USSD_AGGREGATORS:
+        if secrets.get(name) or per_aggregator.get(name, shared):
+            continue
+        raise ConfigError(
+            f"CALLBACK_SECRET_{name.upper()}",
+            f"is required in production unless USSD_IP_ALLOWLIST or USSD_IP_ALLOWLIST_{name.upper()} is set "
+            "(USSD callbacks would otherwise be accepted from anyone)",
+        )
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every variable; raise ConfigError naming the first bad one."""
     env = os.environ if env is None else env
@@ -318,6 +336,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     allowlists = {name: _networks(env, f"USSD_IP_ALLOWLIST_{name.upper()}")
                   for name in ("africastalking", "hubtel", "nalo")
                   if env.get(f"USSD_IP_ALLOWLIST_{name.upper()}", "").strip()}
+    if production:
+        _check_ussd_callbacks_guarded(callback_secrets, allowlist, allowlists)
     trusted_proxies = _networks(env, "TRUSTED_PROXIES")
 
     log_level = _get(env, "LOG_LEVEL", "INFO").upper()

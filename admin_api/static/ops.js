@@ -1,9 +1,15 @@
-// Operations page: signs in through /v1/auth/token, keeps the access token in sessionStorage, and redraws
-// the figures from /ops/data every few seconds.
+// Operations page: signs in through /v1/auth/token, keeps the token pair in sessionStorage, renews it
+// through /v1/auth/refresh before the access token runs out, and redraws the figures from /ops/data every
+// few seconds.
 "use strict";
 
 (function () {
   const TOKEN_KEY = "ops.accessToken";
+  const REFRESH_KEY = "ops.refreshToken";
+  const RENEW_AT_KEY = "ops.renewAt"; // ms since the epoch, by this browser's clock
+  const SESSION_KEYS = [TOKEN_KEY, REFRESH_KEY, RENEW_AT_KEY];
+  const RENEW_SHARE = 0.8; // renew once 80% of the access token's life has gone (12 of its 15 minutes)
+  const ENDED = "Your session has ended: sign in again.";
   const REFRESH_MS = 4000;
   const SVG = "http://www.w3.org/2000/svg";
   const STATUS_COLORS = {
@@ -73,7 +79,7 @@
         $("login-error").textContent = "This page is for cooperative admins and super admins.";
         return;
       }
-      sessionStorage.setItem(TOKEN_KEY, body.accessToken);
+      saveTokens(body);
       $("password").value = "";
       startDashboard();
     } catch (error) {
@@ -84,8 +90,61 @@
   }
 
   function logout() {
-    sessionStorage.removeItem(TOKEN_KEY);
+    forgetTokens();
     showLogin("Signed out.");
+  }
+
+  // The answer of /v1/auth/token or /v1/auth/refresh. Refresh tokens work once: the new pair replaces the old.
+  function saveTokens(body) {
+    sessionStorage.setItem(TOKEN_KEY, body.accessToken);
+    sessionStorage.setItem(REFRESH_KEY, body.refreshToken || "");
+    const life = Number(body.expiresIn) > 0 ? Number(body.expiresIn) : 900;
+    sessionStorage.setItem(RENEW_AT_KEY, String(Date.now() + life * RENEW_SHARE * 1000));
+  }
+
+  function forgetTokens() {
+    for (const key of SESSION_KEYS) sessionStorage.removeItem(key);
+  }
+
+  // One renewal at a time: the figures are fetched every few seconds, and a second request with the same
+  // (single-use) refresh token would be refused and sign the operator out.
+  let renewing = null;
+
+  function renew() {
+    if (!renewing) renewing = renewOnce().finally(() => { renewing = null; });
+    return renewing;
+  }
+
+  // true: a new pair is stored; false: the session is over (no refresh token, or it was refused);
+  // null: the service could not be reached, so keep the pair and try again on the next round.
+  async function renewOnce() {
+    const refreshToken = sessionStorage.getItem(REFRESH_KEY);
+    if (!refreshToken) return false;
+    let response;
+    try {
+      response = await fetch("/v1/auth/refresh", {
+        method: "POST", headers: { "Content-Type": "application/json" }, cache: "no-store",
+        body: JSON.stringify({ refreshToken }),
+      });
+    } catch (error) {
+      $("data-error").textContent = "Cannot reach the service: " + error.message;
+      return null;
+    }
+    // Signed out (or in again) meanwhile: this answer no longer belongs to the stored session.
+    if (sessionStorage.getItem(REFRESH_KEY) !== refreshToken) return sessionStorage.getItem(TOKEN_KEY) ? true : null;
+    const body = await response.json().catch(() => ({}));
+    if (response.ok && body.accessToken && body.refreshToken) {
+      saveTokens(body);
+      return true;
+    }
+    // 429 and 5xx say nothing about the session: keep it and try again later.
+    if (response.status === 429 || response.status >= 500) return null;
+    return false;
+  }
+
+  function endSession(message) {
+    forgetTokens();
+    showLogin(message);
   }
 
   function startDashboard() {
@@ -97,20 +156,39 @@
     timer = setInterval(refresh, REFRESH_MS);
   }
 
+  function fetchData(token) {
+    return fetch("/ops/data", { headers: { Authorization: "Bearer " + token }, cache: "no-store" });
+  }
+
   async function refresh() {
-    const token = sessionStorage.getItem(TOKEN_KEY);
-    if (!token) return showLogin();
+    if (!sessionStorage.getItem(TOKEN_KEY)) return showLogin();
+    // Renew ahead of expiry; if that fails for want of the network, the access token may still be good.
+    // (A session stored before refresh tokens were kept has none: its access token serves until a 401.)
+    if (sessionStorage.getItem(REFRESH_KEY) && Date.now() >= Number(sessionStorage.getItem(RENEW_AT_KEY) || 0)) {
+      if ((await renew()) === false) return endSession(ENDED);
+    }
+    let token = sessionStorage.getItem(TOKEN_KEY);
+    if (!token) return; // signed out meanwhile: the sign-in form is showing
     let response;
     try {
-      response = await fetch("/ops/data", { headers: { Authorization: "Bearer " + token }, cache: "no-store" });
+      response = await fetchData(token);
+      if (response.status === 401) {
+        // Expired early (a sleeping laptop, a clock change) or renewed by another round meanwhile: renew
+        // once, unless the stored token already changed, and try again; a second 401 ends the session.
+        const renewed = sessionStorage.getItem(TOKEN_KEY) !== token ? true : await renew();
+        if (renewed === null) return;
+        if (renewed === false) return endSession(ENDED);
+        token = sessionStorage.getItem(TOKEN_KEY);
+        if (!token) return;
+        response = await fetchData(token);
+      }
     } catch (error) {
       $("data-error").textContent = "Cannot reach the service: " + error.message;
       return;
     }
     if (response.status === 401 || response.status === 403) {
-      sessionStorage.removeItem(TOKEN_KEY);
       const body = await response.json().catch(() => ({}));
-      return showLogin(response.status === 401 ? "Your session has ended: sign in again." : body.message);
+      return endSession(response.status === 401 ? ENDED : body.message);
     }
     if (!response.ok) {
       $("data-error").textContent = "The service answered " + response.status + ".";

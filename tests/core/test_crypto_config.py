@@ -100,6 +100,9 @@ def _production_env() -> dict[str, str]:
            "REDIS_URL": "redis://127.0.0.1:6379/0", "PII_ENCRYPTION_KEYS": "k1:" + base64.b64encode(b"k" * 32).decode(),
            "BLIND_INDEX_KEY": "b" * 32, "JWT_SECRET": "j" * 32, "SMS_API_KEY": "sms-key",
            "CALLBACK_SECRET_MPESA": "m" * 24, "CALLBACK_SECRET_SMS": "s" * 24,
+           # Each USSD aggregator: its secret (or a USSD_IP_ALLOWLIST for it; tests/core/test_ussd_production_auth.py).
+           "CALLBACK_SECRET_AFRICASTALKING": "a" * 24, "CALLBACK_SECRET_HUBTEL": "h" * 24,
+           "CALLBACK_SECRET_NALO": "n" * 24,
            "PUBLIC_BASE_URL": "https://pay.example.rw", "SMS_BASE_URL": "https://api.africastalking.com",
            "MTN_MOMO_TARGET_ENVIRONMENT": "mtnrwanda"}
     for provider, creds in _PROVIDER_CREDENTIALS.items():

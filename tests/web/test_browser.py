@@ -310,3 +310,57 @@ def test_ops_page_logs_in_and_shows_the_figures(server: str, page: Page) -> None
     page.click("#logout")
     expect(page.locator("#login")).to_be_visible()
     assert page.evaluate("sessionStorage.getItem('ops.accessToken')") is None
+
+
+def test_ops_page_renews_its_session_with_the_refresh_token(server: str, page: Page) -> None:
+    """The access token lives 15 minutes: the page renews it through /v1/auth/refresh (ahead of time, or
+    on a 401, once) and stores each new pair, as refresh tokens work once; a refused renewal signs out."""
+    renewals: list[int] = []
+    data_answers: list[int] = []
+
+    def seen(response: Any) -> None:
+        if response.url.endswith("/v1/auth/refresh"):
+            renewals.append(response.status)
+        elif "/ops/data" in response.url:
+            data_answers.append(response.status)
+
+    page.on("response", seen)
+    stored = "() => [sessionStorage.getItem('ops.accessToken'), sessionStorage.getItem('ops.refreshToken')]"
+
+    page.goto(f"{server}/ops")
+    page.fill("#username", "admin@kigali-heights.rw")
+    page.fill("#password", "demo-admin-password")
+    page.click("#login-submit")
+    expect(page.locator("#dashboard")).to_be_visible()
+    expect(page.locator("#scope")).to_have_text("Kigali Heights Housing Cooperative", timeout=WAIT_MS)
+    _access, first_refresh = page.evaluate(stored)
+    assert first_refresh and renewals == []
+
+    # The access token has expired (a sleeping laptop): /ops/data answers 401, the page renews once.
+    page.evaluate("sessionStorage.setItem('ops.accessToken', 'expired')")
+    page.wait_for_function("() => sessionStorage.getItem('ops.accessToken') !== 'expired'", timeout=WAIT_MS)
+    _access, second_refresh = page.evaluate(stored)
+    assert second_refresh and second_refresh != first_refresh
+    assert renewals == [200]
+    data_answers.clear()
+    page.wait_for_timeout(5000)  # at least one more round, with the new token
+    assert data_answers and set(data_answers) == {200}, data_answers
+    expect(page.locator("#dashboard")).to_be_visible()
+    # The page used the first refresh token: it is spent.
+    spent = httpx.post(f"{server}/v1/auth/refresh", json={"refreshToken": first_refresh}, timeout=10)
+    assert spent.status_code == 401, spent.text
+
+    # Ahead of expiry: once the renewal time has come, the page renews before asking for the figures.
+    page.evaluate("sessionStorage.setItem('ops.renewAt', '0')")
+    page.wait_for_function(f"() => sessionStorage.getItem('ops.refreshToken') !== {second_refresh!r}", timeout=WAIT_MS)
+    assert renewals == [200, 200] and 401 not in data_answers, (renewals, data_answers)
+    assert int(page.evaluate("Number(sessionStorage.getItem('ops.renewAt'))")) > time.time() * 1000 + 600_000
+
+    # A refused renewal (a spent or forged refresh token) ends the session, and the page forgets the pair.
+    page.evaluate("sessionStorage.setItem('ops.accessToken', 'expired');"
+                  "sessionStorage.setItem('ops.refreshToken', 'not-a-refresh-token')")
+    expect(page.locator("#login")).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#login-error")).to_have_text("Your session has ended: sign in again.")
+    assert renewals[-1] == 401
+    assert page.evaluate(stored) == [None, None]
+    assert page.evaluate("sessionStorage.getItem('ops.renewAt')") is None
