@@ -8,18 +8,19 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import metrics
 from core.audit import Actor
 from core.db import utcnow
-from core.models import Member, Payment, Refund
+from core.models import Member, OutboxJob, Payment, Refund
 from core.money import Money
 from core.outbox import Handler, Job, PermanentJobError, RetryLater, enqueue, handler_timeout
 from core.payments import UNCONFIRMED, apply_collection_outcome, payment_account
 from core.phone import Phone
 from core.ports import (
+    CollectionAccepted,
     CollectionRequest,
     ProviderError,
     ProviderOutcome,
@@ -272,6 +273,15 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         if refund is None or payment is None or refund.status != RefundStatus.PENDING.value:
             return
         provider = rt.providers[payment.provider]
+        if job.interrupted:
+            # The previous attempt was cut off mid-call (past the handler timeout, or its worker was lost):
+            # the provider may have the refund, and some cannot deduplicate it (Airtel refunds by the
+            # payment's id; a second one is refused "not eligible" though the first went through). Never
+            # sent again: it waits for the provider's word as an unanswered request does (refund.poll).
+            log.warning("refund request was cut off; its status will settle it, not a second request",
+                        extra={"refund": refund.reference, "provider": provider.name})
+            await await_refund_outcome(refund, None)
+            return
         request = refund_request(refund, payment)
         try:
             accepted = await _timed(provider.name, "refund", provider.request_refund(request))
@@ -294,6 +304,12 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 await apply_refund_outcome(session, rt, fresh, accepted.outcome, actor=WORKER,
                                            provider_transaction_id=accepted.provider_transaction_id)
             return
+        await await_refund_outcome(refund, accepted)
+
+    async def await_refund_outcome(refund: Refund, accepted: CollectionAccepted | None) -> None:
+        """The provider took the refund without an outcome, or may have it (no answer, a cut-off attempt):
+        PROCESSING, settled by refund.poll (M-Pesa's Result callback, MTN's status query; Airtel, which
+        cannot be asked, is parked there for a person)."""
         async with rt.sessionmaker.begin() as session:
             values = {}
             if accepted and accepted.provider_transaction_id:
@@ -303,8 +319,6 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                  actor=WORKER, values=values)
             except StaleTransition:
                 return
-            from core.outbox import enqueue
-
             await enqueue(session, "refund.poll", {"refund_id": refund.id}, dedupe_key=f"refund-poll:{refund.id}",
                           run_at=utcnow() + timedelta(seconds=rt.settings.poll_after_seconds),
                           cooperative_id=refund.cooperative_id, max_attempts=30)
@@ -383,11 +397,13 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                           cooperative_id=refund.cooperative_id, max_attempts=30)
 
     async def sweep(job: Job) -> None:
+        # The next run is queued first, in its own transaction: a run that fails (or overruns its time and
+        # is rolled back) on every attempt parks this job, but not the chain.
+        async with rt.sessionmaker.begin() as session:
+            await schedule_sweep(session)
         count = await sweep_open_payments(rt)
         if count:
             log.warning("open payments without a live poll re-queued", extra={"count": count})
-        async with rt.sessionmaker.begin() as session:
-            await schedule_sweep(session)
 
     return {"payment.collect": collect, "payment.poll": poll, "refund.submit": submit_refund,
             "refund.poll": poll_refund, "payments.sweep": sweep}
@@ -395,6 +411,10 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
 
 SWEEP_EVERY = timedelta(minutes=5)
 STUCK_AFTER = timedelta(minutes=10)
+# The payment has a poll job that will still run (its own, or one a sweep queued). Read through the
+# (status, run_at) index: the live jobs only, however many DONE ones the table holds.
+_LIVE_POLL = exists().where(OutboxJob.status.in_(("PENDING", "RUNNING")), OutboxJob.kind == "payment.poll",
+                            OutboxJob.payload["payment_id"].as_string() == Payment.id)
 
 
 async def sweep_open_payments(rt: Runtime, *, now: datetime | None = None) -> int:
@@ -403,6 +423,9 @@ async def sweep_open_payments(rt: Runtime, *, now: datetime | None = None) -> in
     Polls normally keep `next_poll_at` ahead of now; one far behind means its job was parked (a
     provider answering garbage for hours), lost with a restored backup, or never queued. A poll job
     is idempotent, so a second one for the same payment costs one status query, never a double charge.
+    A payment whose poll job is still there (PENDING or RUNNING) is left alone: behind only because the
+    workers were down or the queue is long, it is asked about when that job runs; a second job would
+    keep a second chain of polls alive until the payment closes (RetryLater).
     """
     now = now or utcnow()
     slot = int(now.timestamp() // SWEEP_EVERY.total_seconds())
@@ -410,7 +433,7 @@ async def sweep_open_payments(rt: Runtime, *, now: datetime | None = None) -> in
         stuck = (await session.execute(
             select(Payment.id, Payment.cooperative_id).where(
                 Payment.status.in_([s.value for s in OPEN]),
-                Payment.next_poll_at < now - STUCK_AFTER).limit(1000))).all()
+                Payment.next_poll_at < now - STUCK_AFTER, ~_LIVE_POLL).limit(1000))).all()
         for payment_id, cooperative_id in stuck:
             await enqueue(session, "payment.poll", {"payment_id": payment_id},
                           dedupe_key=f"poll:{payment_id}:sweep:{slot}", cooperative_id=cooperative_id,

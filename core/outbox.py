@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, exists, func, or_, select, union_all, update
+from sqlalchemy import Float, Table, bindparam, case, exists, func, literal, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -39,6 +39,10 @@ class RetryLater(Exception):
 
 # How last_error starts when the worker cancelled a handler that ran past its time (see Job.interrupted).
 INTERRUPTED = "handler interrupted"
+# The last_error a claim gives a job it takes from a worker whose lease lapsed while the job was RUNNING (the
+# worker was killed, ran out of memory or lost its host, or hangs): it wrote nothing, and its handler may
+# have been waiting for the provider's answer, so this attempt is an interrupted one too (Job.interrupted).
+WORKER_LOST = f"{INTERRUPTED}: worker lost while running (lease expired)"
 # The longest wait a failure's own retry_after (e.g. a provider's Retry-After) may impose.
 MAX_RETRY_AFTER = 3600.0
 # A claimed job with less of its handler time left than this is handed back rather than started.
@@ -74,8 +78,9 @@ class Job:
 
     @property
     def interrupted(self) -> bool:
-        """The previous attempt was cancelled mid-run (it ran past the handler timeout): whatever it
-        was sending may have arrived. A handler whose call is not safe to repeat asks, not resends."""
+        """The previous attempt was cancelled mid-run (it ran past the handler timeout), or its worker was
+        lost while running it (the lease lapsed with the job RUNNING: WORKER_LOST): whatever it was sending
+        may have arrived. A handler whose call is not safe to repeat asks, not resends."""
         return (self.last_error or "").startswith(INTERRUPTED)
 
 
@@ -203,6 +208,9 @@ class OutboxWorker:
         if concurrency < 1:
             raise ValueError("a worker needs a concurrency of at least 1")
         self._sem = asyncio.Semaphore(concurrency)
+        # Slots: run_forever starts a job only with one of the semaphore's; _busy counts the ones taken (the
+        # two change together, with no await between), so concurrency - _busy is what is free.
+        self._concurrency, self._busy = concurrency, 0
         self._idle = idle_sleep
         # Stored in locked_by (64 characters): a long host name (a Kubernetes pod, an FQDN) is cut so the id
         # still fits, keeping the pid and the random part that make it unique.
@@ -214,19 +222,25 @@ class OutboxWorker:
         self._stopping.set()
 
     async def claim(self, limit: int | None = None) -> list[Job]:
-        """Lease up to `limit` (a batch) due jobs (PENDING, or RUNNING with a lapsed lease), oldest first."""
+        """Lease up to `limit` (a batch) due jobs (PENDING, or RUNNING with a lapsed lease), oldest first.
+
+        A job taken back from a lapsed lease is marked WORKER_LOST (Job.interrupted) in the same statement.
+        On PostgreSQL the due time and the lease's end are read from the database's clock, so a worker
+        whose own clock runs fast does not take jobs another worker is still running; SQLite (embedded, one
+        process) uses the local clock.
+        """
         batch = self._batch if limit is None else min(limit, self._batch)
-        now = utcnow()
         engine = self._engine()
         if engine.dialect.name == "postgresql":
             # One statement, atomic on its own: WITH due AS (SELECT ... FOR UPDATE SKIP LOCKED) UPDATE ... FROM due
             # RETURNING, in autocommit (the BEGIN, SELECT, UPDATE and COMMIT were four round trips).
             async with autocommit(engine) as conn:
-                claimed = (await conn.execute(_CLAIM, {"now": now, "batch": batch, "worker": self.worker_id,
-                                                       "lease_end": now + timedelta(seconds=self._lease)})).all()
+                claimed = (await conn.execute(_CLAIM, {"batch": batch, "worker": self.worker_id,
+                                                       "lease": float(self._lease)})).all()
             return [Job(r.id, r.kind, dict(r.payload), r.attempts, r.max_attempts, r.created_at,
                         locked_by=self.worker_id, last_error=r.last_error)
                     for r in sorted(claimed, key=lambda r: (r.run_at_before, r.id))]
+        now = utcnow()
         async with self._sm.begin() as session:
             rows = (
                 await session.execute(
@@ -243,20 +257,31 @@ class OutboxWorker:
             await session.execute(
                 update(OutboxJob)
                 .where(OutboxJob.id.in_(ids))
-                .values(status="RUNNING", run_at=now + timedelta(seconds=self._lease),
+                .values(status="RUNNING", run_at=now + timedelta(seconds=self._lease), last_error=_LAST_ERROR,
                         locked_by=self.worker_id, attempts=OutboxJob.attempts + 1, updated_at=now)
                 .execution_options(synchronize_session=False)
             )
+            # (The rows were read before the UPDATE: their status is the one the claim found.)
             return [Job(r.id, r.kind, dict(r.payload), r.attempts + 1, r.max_attempts, r.created_at,
-                        locked_by=self.worker_id, last_error=r.last_error) for r in rows]
+                        locked_by=self.worker_id, last_error=WORKER_LOST if r.status == "RUNNING" else r.last_error)
+                    for r in rows]
 
-    async def _finish(self, job: Job, **values: Any) -> None:
+    async def _finish(self, job: Job, *, run_in: float | None = None, **values: Any) -> None:
+        """End this worker's run of `job` with `values`; `run_in`: due again that many seconds from now (the
+        database's now on PostgreSQL, as the claim reads it)."""
         values.setdefault("updated_at", utcnow())
         values.update(b_id=job.id, b_worker=self.worker_id)
+        engine = self._engine()
+        statement = _FINISH
+        if run_in is not None:
+            if engine.dialect.name == "postgresql":
+                statement, values["b_delay"] = _FINISH_LATER, float(run_in)
+            else:
+                values["run_at"] = utcnow() + timedelta(seconds=run_in)
         # One UPDATE is its own transaction: run it in autocommit, without the BEGIN and COMMIT round
         # trips of a session transaction, as a Core statement built once per set of columns.
-        async with autocommit(self._engine()) as conn:
-            await conn.execute(_FINISH, values)
+        async with autocommit(engine) as conn:
+            await conn.execute(statement, values)
 
     def _engine(self) -> Any:
         engine = self._sm.kw.get("bind")
@@ -284,7 +309,7 @@ class OutboxWorker:
             outcome = "later"
             # Waiting is not failing: give the attempt back.
             await self._finish(job, status="PENDING", locked_by=None, attempts=job.attempts - 1,
-                               run_at=utcnow() + timedelta(seconds=later.delay), last_error=str(later))
+                               run_in=later.delay, last_error=str(later))
         except PermanentJobError as exc:
             outcome = "parked"
             log.error("job parked", extra={"job_id": job.id, "kind": job.kind, "error": str(exc)})
@@ -308,8 +333,7 @@ class OutboxWorker:
                 log.warning("job failed, will retry",
                             extra={"job_id": job.id, "kind": job.kind, "attempts": job.attempts,
                                    "delay_s": round(delay, 1), "error": error})
-                await self._finish(job, status="PENDING", locked_by=None, last_error=error,
-                                   run_at=utcnow() + timedelta(seconds=delay))
+                await self._finish(job, status="PENDING", locked_by=None, last_error=error, run_in=delay)
         else:
             if not job.finished:  # the handler did not mark it DONE in its own transaction
                 await self._finish(job, **_done(utcnow()))
@@ -318,7 +342,7 @@ class OutboxWorker:
                 self._on_job(job.kind, outcome, time.perf_counter() - started)
 
     async def _give_back(self, job: Job) -> None:
-        await self._finish(job, status="PENDING", locked_by=None, attempts=job.attempts - 1, run_at=utcnow())
+        await self._finish(job, status="PENDING", locked_by=None, attempts=job.attempts - 1, run_in=0)
 
     async def _guarded(self, job: Job) -> None:
         try:
@@ -326,6 +350,7 @@ class OutboxWorker:
         except Exception:  # the database went away while finishing: the lease brings the job back
             log.exception("could not record job result", extra={"job_id": job.id})
         finally:
+            self._busy -= 1
             self._sem.release()
 
     async def run_once(self) -> int:
@@ -334,14 +359,24 @@ class OutboxWorker:
         await asyncio.gather(*(self.run_job(j) for j in jobs))
         return len(jobs)
 
+    async def _free_slots(self) -> int:
+        """Wait until at least one slot is free; how many are."""
+        await self._sem.acquire()
+        self._sem.release()
+        return self._concurrency - self._busy
+
     async def run_forever(self) -> None:
-        # A batch is claimed at once (one statement) and its jobs start as slots free up. A claimed job's
+        # Up to a batch is claimed at once (one statement), but never more jobs than there are free slots:
+        # a busy worker does not hold jobs it cannot start while an idle one finds nothing. A claimed job's
         # lease runs from its claim, so its handler gets the lease less the time it waited (run_job; one
         # that waited too long is handed back), and a stop hands back the jobs not started yet.
         tasks: set[asyncio.Task[None]] = set()
         while not self._stopping.is_set():
+            free = await self._free_slots()
+            if self._stopping.is_set():
+                break
             try:
-                jobs = await self.claim()
+                jobs = await self.claim(free)
             except Exception:
                 log.exception("claiming jobs failed; backing off")
                 await self._sleep(2.0)
@@ -352,6 +387,7 @@ class OutboxWorker:
                     self._sem.release()
                     await asyncio.gather(*(self._give_back(j) for j in jobs[index:]), return_exceptions=True)
                     break
+                self._busy += 1
                 task = asyncio.create_task(self._guarded(job))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -369,19 +405,32 @@ class OutboxWorker:
 
 
 _TABLE = cast(Table, OutboxJob.__table__)
+
+
+def _db_now_plus(seconds: Any) -> Any:
+    """The database's now() plus `seconds` (PostgreSQL): leases and due times by one clock for all workers."""
+    return func.now() + func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+
+
+# A claim's last_error: a job found RUNNING (its lease lapsed) was lost with its worker (see WORKER_LOST). In an
+# UPDATE's SET, status is still the row's status before it.
+_LAST_ERROR = case((_TABLE.c.status == "RUNNING", literal(WORKER_LOST)), else_=_TABLE.c.last_error)
 _DUE = (select(_TABLE.c.id, _TABLE.c.run_at)
-        .where(_TABLE.c.status.in_(("PENDING", "RUNNING")), _TABLE.c.run_at <= bindparam("now"))
+        .where(_TABLE.c.status.in_(("PENDING", "RUNNING")), _TABLE.c.run_at <= func.now())
         .order_by(_TABLE.c.run_at).limit(bindparam("batch")).with_for_update(skip_locked=True).cte("due"))
 # RETURNING shows the new row; the run_at it had before the lease (for the order) comes from the CTE.
 _CLAIM = (update(_TABLE).where(_TABLE.c.id == _DUE.c.id)
-          .values(status="RUNNING", run_at=bindparam("lease_end"), locked_by=bindparam("worker"),
-                  attempts=_TABLE.c.attempts + 1, updated_at=bindparam("now"))
+          .values(status="RUNNING", run_at=_db_now_plus(bindparam("lease", type_=Float)),
+                  locked_by=bindparam("worker"), attempts=_TABLE.c.attempts + 1, updated_at=func.now(),
+                  last_error=_LAST_ERROR)
           .returning(_TABLE.c.id, _TABLE.c.kind, _TABLE.c.payload, _TABLE.c.attempts, _TABLE.c.max_attempts,
                      _TABLE.c.created_at, _TABLE.c.last_error, _DUE.c.run_at.label("run_at_before")))
 # Only the lease holder may finish the job; a job re-claimed after a lapse belongs to another. Built once:
 # the SET clause comes from the parameters' column names.
 _FINISH = update(_TABLE).where(_TABLE.c.id == bindparam("b_id"), _TABLE.c.locked_by == bindparam("b_worker"),
                                _TABLE.c.status == "RUNNING")
+# _FINISH for a job due again in b_delay seconds by the database's clock (PostgreSQL; see _finish).
+_FINISH_LATER = _FINISH.values(run_at=_db_now_plus(bindparam("b_delay", type_=Float)))
 
 
 def _done(now: datetime) -> dict[str, Any]:

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.sms.jobs")
 WORKER = Actor("system", "worker")
+# The shortest a message's send lock is held (a crashed run's lock expires on its own).
 SEND_LOCK_SECONDS = 30
 # provider_status of a QUEUED message whose job was parked after its last attempt (replay sends it), and
 # of a SENT message whose send AT may or may not have taken (not resent, no delivery report can match it).
@@ -66,6 +67,12 @@ def message_key(payload: dict[str, Any]) -> str:
     return "auto:" + hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def send_lock_seconds(lease_seconds: float) -> int:
+    """How long a message's send lock lasts: at least the outbox lease, so that a run whose worker was lost
+    mid-send still holds it when its job is claimed again (the next claim comes only after the lease)."""
+    return max(SEND_LOCK_SECONDS, math.ceil(lease_seconds))
+
+
 def send_limit(rate_per_second: float) -> Limit:
     """A fixed window per sender id: `rate` per second, or one per ceil(1/rate) seconds when below 1."""
     if rate_per_second >= 1:
@@ -79,12 +86,13 @@ class SmsJobs:
         self.limiter = RateLimiter(rt.redis, prefix="rl")
         self.limit = send_limit(rt.settings.sms_rate_per_second)
         self.sender_id = rt.settings.sms_sender_id or rt.settings.sms_username
+        self.lock_seconds = send_lock_seconds(rt.settings.outbox_lease_seconds)
 
     async def throttle_and_lock(self, lock: str, holder: str) -> None:
         """Take a slot of the sender id's send rate and the message's send lock, in one round trip."""
         redis = self.rt.redis
         decision, (locked,) = await self.limiter.hit_then(
-            self.limit, self.sender_id, lambda pipe: pipe.set(lock, holder, nx=True, ex=SEND_LOCK_SECONDS)
+            self.limit, self.sender_id, lambda pipe: pipe.set(lock, holder, nx=True, ex=self.lock_seconds)
         )
         if not decision.allowed:
             if locked:
@@ -92,7 +100,7 @@ class SmsJobs:
             raise RetryLater(max(0.2, float(decision.retry_after)), "SMS send rate reached for sender id")
         if not locked:
             # Two runs of one message at once (a lease that lapsed mid-send) must not both send it.
-            raise RetryLater(SEND_LOCK_SECONDS, "message is being sent by another worker")
+            raise RetryLater(self.lock_seconds, "message is being sent by another worker")
 
     async def send(self, job: Job) -> None:
         rt = self.rt
@@ -108,8 +116,9 @@ class SmsJobs:
             if existing is not None and existing.status != SmsStatus.QUEUED.value:
                 return  # sent (or refused) already: a duplicate job or a re-run after a crash
             if existing is not None and job.interrupted:
-                # The worker cancelled the previous attempt, most likely waiting for AT's answer: AT may
-                # have the message. Asked before anything that could overwrite the job's last error.
+                # The worker cancelled the previous attempt, or was lost while running it (its lease
+                # lapsed), most likely waiting for AT's answer: AT may have the message. Asked before
+                # anything that could overwrite the job's last error.
                 await self._unconfirmed(job, existing, "previous attempt cut off mid-send")
                 return
             if payload.get("template") in OPTIONAL_TEMPLATES and payload.get("member_id"):

@@ -272,3 +272,126 @@ def test_collect_budget_stays_inside_the_handler_timeout(lease):
     from core.outbox import handler_timeout
 
     assert 0 < collect_call_budget(lease) < handler_timeout(lease) < lease
+
+
+# --- refunds cut off mid-call -------------------------------------------------------------------------
+
+
+async def test_refund_cut_off_by_the_worker_is_asked_about_not_sent_again(rt, demo, worker, monkeypatch):
+    """Airtel refunds by the payment's id: a second request is refused 'not eligible' although the first
+    went through. A submit cut off at the handler timeout waits for the provider's word instead."""
+    from providers.airtel.adapter import AirtelAdapter
+    from tests.providers import test_airtel
+    from tests.providers.test_refund_ambiguous import AIRTEL_BASE, AIRTEL_REFUND, _told
+    from tests.providers.wires import NewPayment, Routes
+
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 0.3)
+    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
+    wire = Routes(AIRTEL_BASE).on("POST", "/auth/oauth2/token", 200, {"access_token": "t", "expires_in": "180"})
+    rt.providers = {**rt.providers, "airtel": AirtelAdapter(wire.client(), test_airtel.config(AIRTEL_BASE))}
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, NewPayment(
+            cooperative_id=demo["cooperative_id"], payment_type_id=demo["payment_types"]["Monthly Rent"],
+            method="MOBILE_MONEY_AIRTEL", account="0733000001", idempotency_key="key-airtel-cut", channel="api"),
+            actor=ADMIN)
+    await completed(rt, payment, "MP210603.1234.A12345")
+
+    async def slow(_request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(2)
+        raise AssertionError("cut off before the answer")
+
+    wire.on("POST", AIRTEL_REFUND, slow)
+    refund = await _refund(rt, demo, payment)
+    await worker.run_once()
+    [submit] = await _jobs(rt, "refund.submit")
+    assert submit.status == "PENDING" and submit.last_error.startswith(INTERRUPTED)
+    wire.on("POST", AIRTEL_REFUND, 200, {
+        "data": {"transaction": {"airtel_money_id": "MP210603.1234.A12345", "status": "FAILED"}},
+        "status": {"code": "200", "message": "Transaction is not eligible for refund", "result_code": "ESB000045",
+                   "success": False}})
+    await due_now(rt, "refund.submit")
+    await worker.run_once()
+    assert len(wire.sent("POST", AIRTEL_REFUND)) == 1
+    assert (await _get(rt, Refund, refund.id)).status == "PROCESSING"
+    [submit] = await _jobs(rt, "refund.submit")
+    [poll] = await _jobs(rt, "refund.poll")
+    assert (submit.status, poll.status) == ("DONE", "PENDING")
+    async with rt.sessionmaker() as s:
+        jobs = list((await s.execute(select(OutboxJob))).scalars())
+    assert not _told(jobs, "refund_failed")
+
+
+async def test_mtn_refund_cut_off_is_settled_by_its_status(rt, demo, worker, monkeypatch):
+    """MTN can be asked: the cut-off refund is not sent again, its status query completes it."""
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 0.3)
+    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
+    wire = mtn_wire()
+    mtn_adapter(rt, wire)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    await completed(rt, payment)
+    refund = await _refund(rt, demo, payment)
+
+    async def slow(_request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(2)
+        return httpx.Response(202)
+
+    wire.on("POST", "/disbursement/v1_0/refund", slow)
+    wire.on("GET", "/disbursement/v1_0/refund/*", 200, {
+        "amount": "50000", "currency": "RWF", "financialTransactionId": "RF-9", "externalId":
+        refund.provider_reference, "status": "SUCCESSFUL"})
+    await worker.run_once()
+    await due_now(rt, "refund.submit")
+    await worker.run_once()
+    await due_now(rt, "refund.poll")
+    await drain(worker)
+    assert len(wire.sent("POST", "/disbursement/v1_0/refund")) == 1
+    stored = await _get(rt, Refund, refund.id)
+    assert (stored.status, stored.provider_transaction_id) == ("COMPLETED", "RF-9")
+
+
+# --- the payment sweep --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("poll_status", ["PENDING", "RUNNING"])
+async def test_sweep_leaves_a_payment_whose_poll_is_only_overdue(rt, demo, poll_status):
+    """After an outage every open payment is far behind its next poll, but its poll job is still there:
+    a second one would keep a second chain of status queries alive until the payment closes."""
+    from core.jobs import sweep_open_payments
+
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+        past = utcnow() - timedelta(minutes=15)
+        await s.execute(update(Payment).values(next_poll_at=past))
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "payment.poll").values(
+            status=poll_status, run_at=past))
+    assert await sweep_open_payments(rt) == 0
+    assert [j.dedupe_key for j in await _jobs(rt, "payment.poll")] == [f"poll:{payment.id}"]
+    async with rt.sessionmaker.begin() as s:  # once that job is parked, the sweep takes over
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "payment.poll").values(status="PARKED"))
+    assert await sweep_open_payments(rt) == 1
+    polls = await _jobs(rt, "payment.poll")
+    assert [j.status for j in polls] == ["PARKED", "PENDING"] and ":sweep:" in polls[1].dedupe_key
+
+
+async def test_a_failing_sweep_does_not_end_the_chain(rt, worker, monkeypatch):
+    """The next sweep is queued before the work: a run that fails on every attempt (parked) still leaves
+    the next one."""
+    from core import jobs as core_jobs
+
+    async def broken(_rt):
+        raise RuntimeError("sweep query timed out")
+
+    monkeypatch.setattr(core_jobs, "sweep_open_payments", broken)
+    now = utcnow()
+    async with rt.sessionmaker.begin() as s:
+        await core_jobs.schedule_sweep(s, now=now - core_jobs.SWEEP_EVERY)  # this slot's sweep, due
+    slot = int(now.timestamp() // core_jobs.SWEEP_EVERY.total_seconds())
+    for _ in range(3):  # its attempts, each failing
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"payments.sweep:{slot}",
+                                                    OutboxJob.status == "PENDING").values(run_at=utcnow()))
+        await worker.run_once()
+    sweeps = await _jobs(rt, "payments.sweep")
+    assert [(j.status, j.dedupe_key) for j in sweeps] == [
+        ("PARKED", f"payments.sweep:{slot}"), ("PENDING", f"payments.sweep:{slot + 1}")]

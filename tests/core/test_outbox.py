@@ -75,8 +75,8 @@ async def test_claim_leases_the_oldest_due_jobs_up_to_the_batch(sm):
 
 
 async def test_a_claimed_job_never_runs_past_its_lease_nor_twice(sm, monkeypatch):
-    """A batch is claimed at once and runs as slots free up (the reviewer's case: batch 10, concurrency 2).
-    A job's lease runs from its claim, so its handler gets the lease less its wait, and one that waited too
+    """Batch 10, concurrency 2 (the reviewer's case): the worker claims no more than its free slots, and
+    a job's lease runs from its claim, so its handler gets the lease less any wait, and one that waited too
     long is handed back (attempt and all) for a claim of its own: no job runs twice, none past its lease."""
     import core.outbox as outbox
 
