@@ -100,7 +100,8 @@ async def seed(settings: Settings) -> dict:
 
 
 async def _reencrypt(settings: Settings) -> int:
-    """Exit 0 when nothing is left under another key (the old key may go), 1 when some rows could not be read."""
+    """Exit 0 when nothing is left under another key (the old key may go), 1 when some rows could not be read,
+    2 when some changed while it ran (run it again: they may still be under the old key)."""
     from app import open_runtime
     from core.rekey import reencrypt
 
@@ -108,14 +109,15 @@ async def _reencrypt(settings: Settings) -> int:
         report = await reencrypt(rt.sessionmaker, rt.cipher)
     for where, count in sorted(report.rewritten.items()):
         print(f"{where}: {count} re-encrypted under {rt.cipher.active_key_id}")
-    if not report.rewritten:
+    if not report.rewritten and not report.changed_meanwhile and not report.unreadable:
         print(f"nothing stored under another key than {rt.cipher.active_key_id}")
     if report.changed_meanwhile:
-        print(f"{report.changed_meanwhile} changed while this ran: run it again")
+        print(f"{report.changed_meanwhile} changed while this ran and may still be under the old key: run it again",
+              file=sys.stderr)
     for where, ids in sorted(report.unreadable.items()):
         print(f"{where}: {len(ids)} cannot be decrypted with any configured key (ids: {', '.join(ids[:20])})",
               file=sys.stderr)
-    return 1 if report.unreadable else 0
+    return 1 if report.unreadable else 2 if report.changed_meanwhile else 0
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:

@@ -80,7 +80,8 @@ def _operation(route: Route) -> dict[str, Any]:
         "security": [] if route.scope is None else [{"bearerAuth": []}, {"apiKey": []}],
     }
     if route.body is not None:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": dict(route.body)}}}
+        op["requestBody"] = {"required": not route.body_optional,
+                             "content": {"application/json": {"schema": dict(route.body)}}}
     elif route.raw_body:
         op["requestBody"] = {"required": True, "content": {route.raw_body: {"schema": {"type": "string"}}}}
     return op

@@ -68,6 +68,7 @@ class Route:
     produces: str = "application/json"
     tenants: bool = False  # may a TENANT call it at all
     alt_statuses: tuple[int, ...] = ()
+    body_optional: bool = False  # the JSON body may be left out (the schema's defaults apply)
 
     @property
     def name(self) -> str:

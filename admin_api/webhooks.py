@@ -352,6 +352,7 @@ ROUTES = [
         "webhooks",
         "admin",
         body=ROTATION,
+        body_optional=True,
         response=ENDPOINT_CREATED,
     ),
     Route(

@@ -29,7 +29,7 @@ from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as ProviderEventData
 from core.references import next_reference, reference_prefix
 from core.state import StaleTransition, transition
-from core.state.payment import OPEN, PAYMENT, PaymentStatus
+from core.state.payment import OPEN, PAYMENT, UNCONFIRMED, PaymentStatus
 
 if TYPE_CHECKING:
     from core.crypto import PiiCipher
@@ -40,7 +40,6 @@ log = logging.getLogger("gateway.payments")
 # A payment given up after its settling grace with the provider never saying what became of it (core.jobs): the
 # money may have been taken, so it ends TIMEOUT flagged for a person, and the payer is told "not confirmed",
 # not "not approved".
-UNCONFIRMED = "provider status unknown: no answer to status queries"
 UNCONFIRMED_FLAG = "the provider never confirmed the outcome: check its statement (record money taken with " \
     "POST /v1/payments/{id}/outcome)"
 METHODS = ("MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL", "MPESA", "BANK_BK", "BANK_IM", "BANK_ECOBANK")
@@ -477,8 +476,9 @@ async def _apply_outcome(
             payment.mismatch = True
             taken = f" ({amount})" if amount is not None else ""
             payment.mismatch_detail = f"provider reported success{taken} after the payment had failed"
-            if provider_transaction_id and payment.provider_transaction_id is None:
-                # What a refund of the money needs (and what finds it at the provider).
+            if provider_transaction_id and payment.provider_transaction_id in (None, provisional_transaction_id):
+                # What a refund of the money needs (and what finds it at the provider): the callback's final id
+                # over a provisional one (M-Pesa's CheckoutRequestID; its reversal needs the receipt number).
                 payment.provider_transaction_id = provider_transaction_id
             if payment.completed_at is None:
                 # The money the payer lost stays FAILED but is money held: what was taken (nothing we can send

@@ -91,8 +91,10 @@ async def _column(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiCip
                 except CryptoError:
                     report.lost(where, row.id)
                     continue
+                # updated_at kept: it means something to some rows (a webhook endpoint failing since then).
                 done = await session.execute(update(model).where(model.id == row.id, attr == old)
-                                             .values({column.name: new}).execution_options(synchronize_session=False))
+                                             .values({column.name: new, "updated_at": model.updated_at})
+                                             .execution_options(synchronize_session=False))
                 if done.rowcount:  # type: ignore[attr-defined]
                     report.add(where)
                 else:
@@ -123,7 +125,8 @@ async def _payloads(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiC
                 payload = {**job.payload, PAYLOAD_KEY: new}
                 done = await session.execute(update(OutboxJob).where(OutboxJob.id == job.id,
                                                                      OutboxJob.status == job.status)
-                                             .values(payload=payload).execution_options(synchronize_session=False))
+                                             .values(payload=payload, updated_at=OutboxJob.updated_at)
+                                             .execution_options(synchronize_session=False))
                 if done.rowcount:  # type: ignore[attr-defined]
                     report.add(where)
                 else:

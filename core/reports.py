@@ -71,9 +71,8 @@ async def reconciliation(
             )
         ).all()
     ]
-    collected = [s.value for s in COLLECTED]
-    collected_amount = func.coalesce(func.sum(TAKEN).filter(Payment.status.in_(collected)), 0)
-    collected_count = func.count(Payment.id).filter(Payment.status.in_(collected))
+    collected_amount = func.coalesce(func.sum(TAKEN).filter(HELD), 0)
+    collected_count = func.count(Payment.id).filter(HELD)
     by_method = [
         {
             "paymentMethod": m,

@@ -17,6 +17,7 @@ from core.gsm import is_gsm, to_gsm
 from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, WebhookEndpoint
 from core.money import Money
 from core.phone import Phone
+from core.state.payment import shown_status
 
 CATALOGS: dict[str, ModuleType] = {"en": en, "rw": rw, "fr": fr, "sw": sw}
 LANGUAGES = tuple(CATALOGS)
@@ -123,7 +124,9 @@ def payment_values(facts: PaymentFacts, language: str, service_code: str) -> dic
         "ref": facts.reference,
         "txn": facts.provider_transaction_id or "-",
         "date": local_time(facts.completed_at or facts.updated_at, facts.coop_timezone),
-        "status": catalog.PAYMENT_STATUS.get(facts.status, facts.status),
+        "status": catalog.PAYMENT_STATUS[shown] if (shown := shown_status(
+            facts.status, facts.failure_reason, facts.completed_at)) in catalog.PAYMENT_STATUS
+        else catalog.PAYMENT_STATUS.get(facts.status, facts.status),
         "reason": catalog.REASONS[reason_key(facts.failure_reason)],
         "dial": dial_code(service_code, facts.coop_ussd_extension),
     }

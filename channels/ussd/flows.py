@@ -21,6 +21,7 @@ from core.audit import Actor
 from core.errors import Conflict, DomainError
 from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import Money, MoneyError
+from core.state.payment import shown_status
 from core.text import is_number
 
 COLLECTED = ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED")
@@ -535,7 +536,7 @@ async def done_args(ctx: Ctx) -> dict[str, Any]:
 
 async def payment_items(ctx: Ctx) -> list[Item]:
     return [Item(p.id, ctx.t("my.line", amount=Money(p.amount_minor, p.currency).format(),
-                             type=short(name, 12), status=ctx.t(f"status.{p.status}"), ref=p.reference))
+                             type=short(name, 12), status=ctx.t(f"status.{_shown(p)}"), ref=p.reference))
             for p, name in await recent_payments(ctx)]
 
 
@@ -553,7 +554,11 @@ async def detail_args(ctx: Ctx) -> dict[str, Any]:
     payment, name = found
     return {"ref": payment.reference, "type": short(name, 30),
             "amount": Money(payment.amount_minor, payment.currency).format(),
-            "status": ctx.t(f"status.{payment.status}"), "date": payment.created_at.strftime("%d/%m/%Y")}
+            "status": ctx.t(f"status.{_shown(payment)}"), "date": payment.created_at.strftime("%d/%m/%Y")}
+
+
+def _shown(payment: Any) -> str:
+    return shown_status(payment.status, payment.failure_reason, payment.completed_at)
 
 
 async def send_receipt(ctx: Ctx, _key: str) -> str:

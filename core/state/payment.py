@@ -20,6 +20,9 @@ class PaymentStatus(StrEnum):
 
 
 P = PaymentStatus
+# The failure reason of a payment given up after its settling grace with the provider never saying what became of
+# it (core.jobs): the money may have been taken.
+UNCONFIRMED = "provider status unknown: no answer to status queries"
 OPEN = frozenset({P.PENDING, P.PROCESSING})
 COLLECTED = frozenset({P.COMPLETED, P.PARTIALLY_REFUNDED, P.REFUNDED})
 
@@ -46,3 +49,14 @@ def taken_after_failure(payment: Payment) -> bool:
     """A FAILED payment whose money the provider then reported taken: it stays FAILED (never reopened) but
     the money is held, counted in the reconciliation's `settled` and refundable (core.payments)."""
     return payment.status == P.FAILED.value and payment.completed_at is not None and bool(payment.collected_minor)
+
+
+def shown_status(status: str, failure_reason: str | None, completed_at: object) -> str:
+    """The status a payer is told (SMS, USSD): a TIMEOUT whose outcome the provider never confirmed is not "not
+    approved" (UNCONFIRMED), and a FAILED payment whose money was then taken is not just "failed"
+    (TAKEN_AFTER_FAILURE); otherwise the status itself."""
+    if status == P.TIMEOUT.value and failure_reason == UNCONFIRMED:
+        return "UNCONFIRMED"
+    if status == P.FAILED.value and completed_at is not None:
+        return "TAKEN_AFTER_FAILURE"
+    return status

@@ -76,6 +76,9 @@ async def test_the_reconciliation_counts_it_as_the_statement_does(admin, rt, dem
     assert [(x["paymentMethod"], x["collectedCount"], x["collected"], x["refunded"]) for x in report["settled"]] == [
         ("MOBILE_MONEY_MTN", 1, 50000, 0)]
     assert [(t["collectedCount"], t["collected"]) for t in report["totals"]] == [(1, 50000)]
+    # The per-method and per-type lines add up to the totals.
+    assert [(m["completedCount"], m["completedAmount"]) for m in report["payments"]["byMethod"]] == [(1, 50000)]
+    assert [(t["completedCount"], t["completedAmount"]) for t in report["payments"]["byPaymentType"]] == [(1, 50000)]
     assert [f["id"] for f in report["flagged"]] == [payment["id"]]
     resp = await admin.req("GET", "/v1/reports/payments.csv?basis=completed")
     [row] = list(csv.DictReader(io.StringIO(await resp.text())))

@@ -111,3 +111,42 @@ def test_malformed_ciphertext_is_a_crypto_error(token):
     cipher = PiiCipher({"new": os.urandom(32)}, "new", "index-key")
     with pytest.raises(CryptoError):
         cipher.decrypt(token)
+
+
+async def test_rows_keep_their_updated_at(migrated_database):
+    """A failing webhook endpoint's updated_at says since when it fails (its switch-off counts from it)."""
+    from datetime import timedelta
+
+    from core.db import utcnow
+
+    await _data_under_the_old_key(migrated_database)
+    since = utcnow() - timedelta(hours=20)
+    async with open_runtime(make_settings(**BOTH)) as rt:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(update(WebhookEndpoint).values(consecutive_failures=50, updated_at=since))
+            await s.execute(update(Payment).values(updated_at=since))
+        report = await reencrypt(rt.sessionmaker, rt.cipher)
+        assert report.rewritten["webhook_endpoints.secret_enc"] == 1
+        async with rt.sessionmaker() as s:
+            endpoint = (await s.execute(select(WebhookEndpoint))).scalar_one()
+            payments = (await s.execute(select(Payment))).scalars().all()
+    assert abs((endpoint.updated_at - since).total_seconds()) < 1
+    assert all(abs((p.updated_at - since).total_seconds()) < 1 for p in payments)
+
+
+async def test_rows_changed_while_it_ran_make_it_exit_2(migrated_database, monkeypatch, capsys):
+    """A row a worker changed between the read and the compare-and-set may still be under the old key: the
+    command says run it again and does not exit 0 (the signal that the old key may go)."""
+    import core.rekey as rekey
+
+    async def raced(*_: Any, **__: Any) -> rekey.Report:
+        report = rekey.Report()
+        report.add("members.phone_enc")
+        report.changed_meanwhile = 1
+        return report
+
+    monkeypatch.setattr(rekey, "reencrypt", raced)
+    assert await _reencrypt(make_settings(**BOTH)) == 2
+    out = capsys.readouterr()
+    assert "1 changed while this ran and may still be under the old key: run it again" in out.err
+    assert "nothing stored under another key" not in out.out

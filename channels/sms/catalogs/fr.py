@@ -41,6 +41,8 @@ PAYMENT_STATUS = {
     "TIMEOUT": "non approuvé à temps",
     "PARTIALLY_REFUNDED": "payé, remboursé en partie",
     "REFUNDED": "remboursé",
+    "UNCONFIRMED": "non confirmé par l'opérateur; si l'argent a été prélevé, il sera confirmé ou remboursé",
+    "TAKEN_AFTER_FAILURE": "échoué, mais l'argent a été prélevé: votre coopérative vous le rendra",
 }
 
 DISPUTE_STATUS = {

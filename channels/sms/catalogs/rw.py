@@ -38,6 +38,8 @@ PAYMENT_STATUS = {
     "TIMEOUT": "ntibyemejwe ku gihe",
     "PARTIALLY_REFUNDED": "byishyuwe, igice cyasubijwe",
     "REFUNDED": "byasubijwe",
+    "UNCONFIRMED": "ntibiremezwa; niba amafaranga yavuyeho, tuzabyemeza cyangwa tuyagusubize",
+    "TAKEN_AFTER_FAILURE": "ntibyakunze ariko amafaranga yavuyeho: koperative yawe izayagusubiza",
 }
 
 DISPUTE_STATUS = {

@@ -37,6 +37,8 @@ PAYMENT_STATUS = {
     "TIMEOUT": "haikuthibitishwa kwa wakati",
     "PARTIALLY_REFUNDED": "imelipwa, sehemu imerudishwa",
     "REFUNDED": "imerudishwa",
+    "UNCONFIRMED": "haijathibitishwa; ikiwa pesa zilikatwa, itathibitishwa au utarudishiwa",
+    "TAKEN_AFTER_FAILURE": "imeshindikana lakini pesa zilikatwa: chama chako kitakurudishia",
 }
 
 DISPUTE_STATUS = {

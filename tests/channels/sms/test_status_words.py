@@ -1,0 +1,64 @@
+"""What a payer is told about a payment whose outcome the provider never confirmed (TIMEOUT "provider status
+unknown"), or whose money was taken after it failed: never "not approved" / "failed" alone, which would invite a
+second payment; in the STATUS and RECEIPT replies, and on the USSD "my payments" screens, in every language."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from channels.sms.catalogs import en, fr, rw, sw
+from channels.ussd import i18n
+from core.db import utcnow
+from core.models import Payment
+from core.payments import UNCONFIRMED, UNCONFIRMED_FLAG
+from core.state.payment import PaymentStatus, shown_status
+from tests.channels.sms.helpers import make_payment
+from tests.channels.sms.test_routes import JEAN, inbound
+from tests.conftest import drain
+
+SHOWN = ("UNCONFIRMED", "TAKEN_AFTER_FAILURE", *(s.value for s in PaymentStatus))
+
+
+def test_shown_status():
+    now = utcnow()
+    assert shown_status("TIMEOUT", UNCONFIRMED, None) == "UNCONFIRMED"
+    assert shown_status("TIMEOUT", "not approved in time", None) == "TIMEOUT"
+    assert shown_status("FAILED", "payer declined", now) == "TAKEN_AFTER_FAILURE"
+    assert shown_status("FAILED", "payer declined", None) == "FAILED"
+    assert shown_status("COMPLETED", None, now) == "COMPLETED"
+
+
+@pytest.mark.parametrize("catalog", [en, fr, rw, sw], ids=["en", "fr", "rw", "sw"])
+def test_every_shown_status_has_words(catalog: Any) -> None:
+    assert set(SHOWN) <= set(catalog.PAYMENT_STATUS)
+    lang = catalog.__name__.rsplit(".", 1)[-1]
+    for status in SHOWN:
+        assert i18n.has(lang, f"status.{status}"), (lang, status)
+
+
+async def test_status_of_an_unconfirmed_payment(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any,
+                                                worker: Any) -> None:
+    p = await make_payment(rt, demo["cooperative_id"], account=JEAN, status="TIMEOUT", failure_reason=UNCONFIRMED)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == p.id).values(mismatch=True,
+                                                                         mismatch_detail=UNCONFIRMED_FLAG))
+    await inbound(sms_client, JEAN, f"STATUS {p.reference}", "u-1")
+    await drain(worker)
+    [reply] = sim.messages(JEAN)
+    assert "not confirmed by the provider; if money was taken it will be confirmed or refunded" in reply["message"]
+    assert "not approved" not in reply["message"]
+
+
+async def test_status_of_money_taken_after_a_failure(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any,
+                                                     worker: Any) -> None:
+    p = await make_payment(rt, demo["cooperative_id"], account=JEAN, status="FAILED", failure_reason="payer declined")
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == p.id).values(mismatch=True, collected_minor=50_000,
+                                                                         completed_at=utcnow()))
+    await inbound(sms_client, JEAN, f"STATUS {p.reference}", "u-2")
+    await drain(worker)
+    [reply] = sim.messages(JEAN)
+    assert "failed, but the money was taken: your cooperative will return it" in reply["message"]
