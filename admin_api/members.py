@@ -124,6 +124,9 @@ async def update_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     member = await one(ctx, Member, request.match_info["id"], "member")
     body = ctx.body
     was = member.status
+    status = body.get("status")
+    # PENDING -> ACTIVE is an approval however it is asked for: the member is told, as by POST …/approve.
+    approving = was == "PENDING" and status == "ACTIVE"
     member = await service.update_member(
         ctx.session,
         member,
@@ -131,8 +134,10 @@ async def update_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         name=body.get("name"),
         language=body.get("language"),
         unit=body["unit"] or "" if "unit" in body else None,
-        status=body.get("status"),
+        status=None if approving else status,
     )
+    if approving:
+        member = await service.approve_member(ctx.session, member, actor=ctx.who.actor, cipher=ctx.rt.cipher)
     return await _saved(ctx, member, was)
 
 

@@ -257,3 +257,17 @@ async def test_tenant_sees_only_themselves(tenant, demo):
     await tenant.json("GET", f"/v1/members/{demo['members']['+250788000001']}", 200)
     await tenant.json("GET", f"/v1/members/{demo['members']['+250788000002']}", 404)
     await tenant.json("GET", "/v1/members", 403)
+
+
+async def test_activating_a_pending_member_by_patch_is_an_approval(admin, rt, demo):
+    made = await admin.json("POST", "/v1/members", 201,
+                            json={"name": "Pending Patch", "phone": "0788666799", "language": "fr",
+                                  "status": "PENDING"})
+    patched = await admin.json("PATCH", f"/v1/members/{made['id']}", 200,
+                               json={"status": "ACTIVE", "name": "Approved Patch"})
+    assert (patched["status"], patched["name"]) == ("ACTIVE", "Approved Patch")
+    [job] = await _sms_jobs(rt)
+    assert job.payload["template"] == "member_approved" and job.payload["member_id"] == made["id"]
+    # Already active: a PATCH with the same status tells nobody again.
+    await admin.json("PATCH", f"/v1/members/{made['id']}", 200, json={"status": "ACTIVE"})
+    assert len(await _sms_jobs(rt)) == 1
