@@ -58,6 +58,11 @@ async def ussd_funnel(redis: Any, cooperative_id: str | None, now: datetime) -> 
     return out
 
 
+# SMS states an operator must tell apart (channels.sms.jobs): sent but never confirmed by the aggregator (not
+# resent, to send nothing twice), and waiting after an outage used up its retries (its job parked: replay it).
+_SMS_SHOWN = {("SENT", "Unconfirmed"): "SENT_UNCONFIRMED", ("QUEUED", "RetriesExhausted"): "QUEUED_PARKED"}
+
+
 def _minute(session: AsyncSession, column: Any) -> Any:
     if session.get_bind().dialect.name == "postgresql":
         return func.to_char(func.date_trunc("minute", column), literal_column("'YYYY-MM-DD\"T\"HH24:MI'"))
@@ -113,10 +118,15 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
     funnel = await ussd_funnel(redis, cooperative_id, now) if redis is not None else []
 
     sms_rows = await session.execute(scoped(
-        select(SmsMessage.status, func.count()).where(SmsMessage.created_at >= day).group_by(SmsMessage.status),
-        SmsMessage))
-    sms = dict(sms_rows.all())
-    sent = sum(sms.values()) - sms.get("QUEUED", 0)
+        select(SmsMessage.status, SmsMessage.provider_status, func.count()).where(SmsMessage.created_at >= day)
+        .group_by(SmsMessage.status, SmsMessage.provider_status), SmsMessage))
+    sms: dict[str, int] = {}
+    for status, provider_status, count in sms_rows.all():
+        key = _SMS_SHOWN.get((status, provider_status), status)
+        sms[key] = sms.get(key, 0) + count
+    # Delivered out of those whose delivery can be known: not the queued ones, nor those sent without an
+    # answer from the aggregator (no message id: no delivery report will ever name them).
+    sent = sum(sms.values()) - sms.get("QUEUED", 0) - sms.get("QUEUED_PARKED", 0) - sms.get("SENT_UNCONFIRMED", 0)
     outbox_rows = await session.execute(scoped(
         select(OutboxJob.kind, OutboxJob.status, func.count()).where(OutboxJob.status != "DONE")
         .group_by(OutboxJob.kind, OutboxJob.status), OutboxJob))

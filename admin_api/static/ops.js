@@ -18,8 +18,8 @@
   };
   const METHOD_LABELS = { MOBILE_MONEY_MTN: "MTN MoMo", MOBILE_MONEY_AIRTEL: "Airtel Money", MPESA: "M-Pesa",
                           BANK_BK: "Bank of Kigali", BANK_IM: "I&M Bank", BANK_ECOBANK: "Ecobank" };
-  const SMS_COLORS = { DELIVERED: "#2f8a3a", SENT: "#1f78c8", QUEUED: "#e0a030", FAILED: "#c9372c",
-                       REJECTED: "#9c2a21", EXPIRED: "#8a8f96" };
+  const SMS_COLORS = { DELIVERED: "#2f8a3a", SENT: "#1f78c8", SENT_UNCONFIRMED: "#7aa7d6", QUEUED: "#e0a030",
+                       QUEUED_PARKED: "#d35f1f", FAILED: "#c9372c", REJECTED: "#9c2a21", EXPIRED: "#8a8f96" };
   const FUNNEL_COLORS = { went: "#1f78c8", dropped: "#c9372c" };
   let timer = null;
 

@@ -300,3 +300,24 @@ async def test_ops_data_reports_the_ussd_funnel(pages: Any, rt: Any, demo: dict[
                                                  "pay_done": (1, 0)}
     assert (await funnel(other_coop["admin"]))["home"] == (0, 0)
     assert screens[other_coop["admin"]] == set()
+
+
+async def test_ops_data_tells_unconfirmed_and_parked_sms_apart(pages: Any, rt: Any, demo: dict[str, Any]) -> None:
+    from core.db import utcnow
+    from core.models import SmsMessage
+
+    rows = [("DELIVERED", "Success", "ATX1"), ("SENT", "Sent", "ATX2"), ("SENT", "Unconfirmed", None),
+            ("QUEUED", "RetriesExhausted", None), ("QUEUED", None, None)]
+    async with rt.sessionmaker.begin() as s:
+        for n, (status, provider_status, message_id) in enumerate(rows):
+            s.add(SmsMessage(cooperative_id=demo["cooperative_id"], phone_enc=rt.cipher.encrypt("+250788000001",
+                             context="sms"), phone_index=rt.cipher.blind_index("+250788000001"),
+                             phone_masked="+25078****001", template="payment_receipt", language="en", body="x",
+                             encoding="GSM-7", length=1, segments=1, status=status, provider_status=provider_status,
+                             provider_message_id=message_id, idempotency_key=f"ops-sms-{n}", sent_at=utcnow()))
+    token = await _token(pages, *demo["admin"])
+    body = await (await pages.get("/ops/data", headers={"Authorization": f"Bearer {token}"})).json()
+    assert body["sms"]["counts"] == {"DELIVERED": 1, "SENT": 1, "SENT_UNCONFIRMED": 1, "QUEUED_PARKED": 1,
+                                     "QUEUED": 1}
+    # Delivered of those whose delivery can be known (no report will ever name an unconfirmed one).
+    assert (body["sms"]["delivered"], body["sms"]["sent"], body["sms"]["deliveryRate"]) == (1, 2, 0.5)
