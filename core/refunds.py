@@ -52,10 +52,11 @@ def _request_hash(amount: Money | None, reason: str | None, dispute_id: str | No
 
 
 def collected(payment: Payment) -> int:
-    """Minor units actually taken: the amount, or less when the provider reported less."""
+    """Minor units actually taken: the amount, or what the provider reported when it differs (less: only that can
+    go back; more, an overpayment: all of it is the payer's money, and can go back)."""
     if payment.collected_minor is None:
         return payment.amount_minor
-    return min(payment.amount_minor, payment.collected_minor)
+    return payment.collected_minor
 
 
 async def request_refund(

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, case, func, or_, select
+from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.models import Dispute, Payment, PaymentType, Refund
@@ -25,9 +25,9 @@ FLAGGED_LIMIT = 500
 CHUNK_ROWS = 500
 # What puts a row of an export in the period: when it was asked for, or when its money moved.
 BASES = ("created", "completed")
-# What the provider actually took, reckoned as core.refunds.collected() does (refunds are capped by it):
-# the amount, or less when the provider reported less (NULL collected_minor: it reported the amount).
-TAKEN = case((Payment.collected_minor < Payment.amount_minor, Payment.collected_minor), else_=Payment.amount_minor)
+# What the provider actually took, reckoned as core.refunds.collected() does (refunds are capped by it): what it
+# reported when that differs from the amount, less or more (NULL collected_minor: it reported the amount).
+TAKEN = func.coalesce(Payment.collected_minor, Payment.amount_minor)
 # Money the cooperative holds from a payment: collected ones, and a FAILED one whose money the provider then
 # reported taken (core.state.payment.taken_after_failure: flagged, refundable, on the provider's statement).
 HELD = or_(Payment.status.in_([s.value for s in COLLECTED]),

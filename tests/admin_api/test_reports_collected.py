@@ -67,3 +67,27 @@ async def test_payments_csv_has_the_collected_amount(admin, rt, demo):
     rows = {r["id"]: r for r in csv.DictReader(io.StringIO(await resp.text()))}
     assert (rows[short["id"]]["amount"], rows[short["id"]]["collectedAmount"]) == ("50000", "40000")
     assert (rows[pending["id"]]["amount"], rows[pending["id"]]["collectedAmount"]) == ("5000", "0")
+
+
+async def test_an_overpayment_is_counted_and_refundable_in_full(admin, rt, demo):
+    """The provider reported more than the amount: all of it is the payer's money held by the cooperative."""
+    from core.models import Refund
+    from core.refunds import apply_refund_outcome
+
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    async with rt.sessionmaker.begin() as s:
+        row = await s.get(Payment, payment["id"])
+        await apply_collection_outcome(s, rt, row, ProviderOutcome.SUCCEEDED, actor=Actor("provider:t", "provider"),
+                                       amount=Money(60000, "RWF"), provider_transaction_id="TX-OVER")
+    shown = await admin.json("GET", f"/v1/payments/{payment['id']}", 200)
+    assert (shown["status"], shown["mismatch"]) == ("COMPLETED", True)
+    report = await admin.json("GET", "/v1/reports/reconciliation", 200)
+    assert [(t["collected"], t["net"]) for t in report["totals"]] == [(60000, 60000)]
+    assert [x["collected"] for x in report["settled"]] == [60000]
+    refund = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                              json={"idempotencyKey": "refund-overpaid-001"})
+    assert refund["amount"] == 60000
+    async with rt.sessionmaker.begin() as s:
+        await apply_refund_outcome(s, rt, await s.get(Refund, refund["id"]), ProviderOutcome.SUCCEEDED,
+                                   actor=Actor("provider:t", "provider"))
+    assert (await admin.json("GET", f"/v1/payments/{payment['id']}", 200))["status"] == "REFUNDED"
