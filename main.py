@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core.config import ConfigError, Settings, load_settings
 
@@ -156,8 +156,7 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
         await stop.wait()
         log.info("shutting down")
         if worker and worker_task:
-            worker.stop()
-            await worker_task
+            await _stop_worker(worker, worker_task, settings)
     finally:
         await runner.cleanup()
 
@@ -196,10 +195,20 @@ async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0) -
         log.info("worker started", extra={"worker_id": worker.worker_id})
         await stop.wait()
         log.info("worker stopping: finishing running jobs")
-        worker.stop()
-        await task
+        await _stop_worker(worker, task, settings)
         if runner is not None:
             await runner.cleanup()
+
+
+async def _stop_worker(worker: Any, task: asyncio.Task[Any], settings: Settings) -> None:
+    """Let the running jobs finish (each is cut at its handler timeout, under the lease), but never wait past
+    the lease: a job still running then is taken back by another worker as interrupted anyway."""
+    worker.stop()
+    await asyncio.wait({task}, timeout=settings.outbox_lease_seconds)
+    if not task.done():
+        log.error("worker jobs still running after the lease; stopping without them")
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
 
 
 def _banner(settings: Settings, demo: dict) -> str:

@@ -164,3 +164,43 @@ async def test_stopping_a_loop_that_ignores_every_cancel_still_finishes(caplog: 
     finally:
         release.set()
         await asyncio.wait({task}, timeout=1.0)
+
+
+async def test_a_stopping_worker_never_waits_past_the_lease(caplog: Any) -> None:
+    """SIGTERM lets running jobs finish, but a job still running after the lease (another worker takes it back
+    as interrupted by then) does not keep the process alive."""
+    import dataclasses
+    import time
+
+    from main import _stop_worker
+    from tests.conftest import make_settings
+
+    class Worker:
+        def __init__(self) -> None:
+            self.stopped = asyncio.Event()
+
+        def stop(self) -> None:
+            self.stopped.set()
+
+        async def run_forever(self, hang: bool) -> None:
+            await self.stopped.wait()
+            if hang:
+                while True:  # a job that ignores its deadline, and even a cancel or two
+                    try:
+                        await asyncio.sleep(3600)
+                    except asyncio.CancelledError:
+                        return
+
+    settings = dataclasses.replace(make_settings(), outbox_lease_seconds=1)
+    polite = Worker()
+    task = asyncio.create_task(polite.run_forever(hang=False))
+    started = time.monotonic()
+    await _stop_worker(polite, task, settings)
+    assert task.done() and time.monotonic() - started < 0.5
+    stuck = Worker()
+    task = asyncio.create_task(stuck.run_forever(hang=True))
+    started = time.monotonic()
+    with caplog.at_level("ERROR", logger="gateway.main"):
+        await _stop_worker(stuck, task, settings)
+    assert task.done() and 0.9 < time.monotonic() - started < 3
+    assert "worker jobs still running after the lease; stopping without them" in caplog.text
