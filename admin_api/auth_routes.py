@@ -25,7 +25,7 @@ from admin_api.common import (
     target_cooperative,
 )
 from admin_api.errors import ApiError
-from admin_api.routing import RATE_MULTIPLIER, REDIS_DOWN, Ctx, Route, _client_ip
+from admin_api.routing import RATE_MULTIPLIER, REDIS_DOWN, Ctx, Route, client_ip
 from admin_api.validation import LIMIT, PAGE
 from core import auth
 from core.auth import Unauthorized
@@ -108,7 +108,7 @@ def _sign_in_subjects(request: web.Request, username: str) -> tuple[str, str]:
     """The per-(username, address) subject and the per-username one; the username digested, so keys do not
     hold e-mail addresses."""
     user = hashlib.sha256(username.strip().lower().encode()).hexdigest()[:32]
-    return f"signin:{user}:{_client_ip(request)}", f"signin:{user}"
+    return f"signin:{user}:{client_ip(request)}", f"signin:{user}"
 
 
 async def _with_fallback(request: web.Request, ctx: Ctx,

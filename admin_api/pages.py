@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -11,9 +10,11 @@ from urllib.parse import urlencode
 from aiohttp import web
 from sqlalchemy import or_, select
 
+from admin_api.validation import is_uuid
 from core import auth
 from core.errors import DomainError
 from core.models import Cooperative, Payment, PaymentType
+from core.references import REFERENCE_SHAPE
 from core.runtime import RUNTIME, SETTINGS
 from core.text import has_bad_characters, is_number
 
@@ -36,8 +37,6 @@ OPS_ROLES = frozenset({auth.SUPER_ADMIN, auth.COOP_ADMIN})
 PAGES_ENABLED = web.AppKey("phone_simulator_enabled", bool)
 # Query values are checked before any query: PostgreSQL refuses a NUL in text outright (asyncpg raises, a
 # 500), and an id that is not a UUID cannot exist. The same checks as /v1 (admin_api.validation).
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-_OUR_REFERENCE = re.compile(r"^[A-Z]{2,5}_\d{8}_\d{1,9}$", re.ASCII)  # core.references: PAY_20251016_001
 MAX_REFERENCE = 128
 
 
@@ -153,7 +152,7 @@ async def simulator_payment(request: web.Request) -> web.Response:
         return _error(request, 400, "reference contains characters that are not allowed")
     # Ours has a fixed shape (compared in capitals: typed on a phone); the providers' are theirs to choose.
     matches = [Payment.provider_reference == reference, Payment.gateway_reference == reference]
-    if _OUR_REFERENCE.match(reference.upper()):
+    if REFERENCE_SHAPE.match(reference.upper()):
         matches.append(Payment.reference == reference.upper())
     rt = request.app[RUNTIME]
     async with rt.sessionmaker() as session:
@@ -238,7 +237,7 @@ async def ops_data(request: web.Request) -> web.Response:
     if requested is not None:
         if has_bad_characters(requested):
             return _error(request, 400, "cooperativeId contains characters that are not allowed")
-        if not _UUID.match(requested):
+        if not is_uuid(requested):
             return _error(request, 400, "cooperativeId must be a UUID")
         requested = requested.lower()
     if principal.is_super:

@@ -82,7 +82,7 @@ class Route:
         return Limit(f"{self.tag}:write", 60)
 
 
-def _client_ip(request: web.Request) -> str:
+def client_ip(request: web.Request) -> str:
     """The caller's address for per-address limits: behind our own load balancers (TRUSTED_PROXIES) the nearest
     untrusted X-Forwarded-For hop, so callers do not share the balancer's bucket."""
     address = client_address(request, request.config_dict[RUNTIME].settings.trusted_proxies)
@@ -130,7 +130,7 @@ async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route,
     redis_ok = True
     try:
         if multiplier > 0:
-            subject = principal.rate_key if principal else f"ip:{_client_ip(request)}"
+            subject = principal.rate_key if principal else f"ip:{client_ip(request)}"
             limiter = RateLimiter(rt.redis, multiplier=multiplier)
             if mark:  # the mark is tagged like the user's limits: one command (see auth.revoked_key)
                 decision, stamp = await limiter.hit_and_read(route.effective_limit(), subject, mark)

@@ -117,17 +117,16 @@ def validator_for(schema: Mapping[str, Any]) -> Draft202012Validator:
     return found
 
 
-_BAD_CHARS = NOT_ALLOWED  # shared with the CSV member import (core.member_import)
 
 
 def _bad_text(value: Any, where: str) -> list[str]:
     """NUL, other control characters and lone surrogates: no database column or SMS can hold them."""
     if isinstance(value, str):
-        return [f"{where} contains characters that are not allowed"] if _BAD_CHARS.search(value) else []
+        return [f"{where} contains characters that are not allowed"] if NOT_ALLOWED.search(value) else []
     if isinstance(value, dict):
         found = []
         for key, item in value.items():
-            if isinstance(key, str) and _BAD_CHARS.search(key):
+            if isinstance(key, str) and NOT_ALLOWED.search(key):
                 found.append("body has a field name with characters that are not allowed")
                 continue
             found += _bad_text(item, key if where == "body" else f"{where}.{key}")
@@ -193,6 +192,10 @@ def period_params(moment: str = "") -> dict[str, Param]:
 
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def is_uuid(value: str | None) -> bool:
+    return bool(_UUID.match(value or ""))
 PAGE = Param("integer", "Page number", 1, minimum=1, maximum=100000)
 LIMIT = Param("integer", "Items per page (max 100)", 10, minimum=1, maximum=100)
 
@@ -225,7 +228,7 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
         if raw is None:
             continue
         raw = raw.strip()
-        if _BAD_CHARS.search(raw):
+        if NOT_ALLOWED.search(raw):
             errors.append(f"{name} contains characters that are not allowed")
             continue
         if len(raw) > param.max_length:
@@ -275,7 +278,7 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
 
 def check_path_id(value: str, name: str = "id") -> str:
     """Ids are UUIDs; anything else cannot exist, so it is a 404 rather than a database error."""
-    if not _UUID.match(value or ""):
+    if not is_uuid(value):
         from core.errors import NotFound
 
         raise NotFound(f"{name} not found")

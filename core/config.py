@@ -334,7 +334,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     allowlist = _networks(env, "USSD_IP_ALLOWLIST")
     # Per aggregator, replacing the shared list for that aggregator (their gateways differ).
     allowlists = {name: _networks(env, f"USSD_IP_ALLOWLIST_{name.upper()}")
-                  for name in ("africastalking", "hubtel", "nalo")
+                  for name in USSD_AGGREGATORS
                   if env.get(f"USSD_IP_ALLOWLIST_{name.upper()}", "").strip()}
     if production:
         _check_ussd_callbacks_guarded(callback_secrets, allowlist, allowlists)

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import JSON, DateTime, MetaData, String, Table, TypeDecorator, event, update
+from sqlalchemy import JSON, DateTime, MetaData, String, Table, TypeDecorator, event, select, update
 from sqlalchemy import exc as exc_module
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -168,6 +168,18 @@ async def serialise_on_sqlite(session: AsyncSession, model: Any, row_id: str) ->
         return
     table = model.__table__
     await session.execute(update(table).where(table.c.id == row_id).values(id=table.c.id))
+
+
+async def lock_row(session: AsyncSession, model: Any, row_id: str, cooperative_id: str | None = None) -> Any:
+    """The row, locked for the rest of the transaction and read fresh (None when it does not exist, or belongs
+    to another cooperative than `cooperative_id`): SELECT ... FOR UPDATE, and on SQLite the write lock first
+    (serialise_on_sqlite). For check-then-write paths: two at once wait for each other, the second sees the
+    first's write."""
+    await serialise_on_sqlite(session, model, row_id)
+    query = select(model).where(model.id == row_id).with_for_update()
+    if cooperative_id is not None:
+        query = query.where(model.cooperative_id == cooperative_id)
+    return (await session.execute(query.execution_options(populate_existing=True))).scalar_one_or_none()
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

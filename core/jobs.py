@@ -17,7 +17,7 @@ from core.db import utcnow
 from core.models import Member, OutboxJob, Payment, Refund
 from core.money import Money
 from core.outbox import Handler, Job, PermanentJobError, RetryLater, enqueue, handler_timeout
-from core.payments import UNCONFIRMED, apply_collection_outcome, payment_account
+from core.payments import apply_collection_outcome, payment_account
 from core.phone import Phone
 from core.ports import (
     CollectionAccepted,
@@ -30,7 +30,7 @@ from core.ports import (
 )
 from core.refunds import apply_refund_outcome, collected
 from core.state import StaleTransition, transition
-from core.state.payment import OPEN, PAYMENT, PaymentStatus
+from core.state.payment import OPEN, PAYMENT, UNCONFIRMED, PaymentStatus
 from core.state.refund import REFUND, RefundStatus
 
 if TYPE_CHECKING:
@@ -46,7 +46,6 @@ REFUND_POLL_LIMIT = timedelta(hours=24)
 # have been taken (MTN calls back once, with no retry), and "not approved" would invite a second payment.
 SETTLE_GRACE = timedelta(hours=24)  # the default of PAYMENT_SETTLE_GRACE_SECONDS
 SETTLE_POLL_CAP = 1800.0  # seconds between status queries once backed off
-UNKNOWN_OUTCOME = UNCONFIRMED
 # Times a refund the provider says it never received (status NOT_FOUND) is sent again, same reference.
 REFUND_RESENDS = 3
 
@@ -200,7 +199,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             # Only the provider's own word ends a payment: while it cannot be asked, the money may have
             # been taken (and a callback lost), so the payment stays open, asked about ever less often.
             await wait_for_an_answer(payment, now, unknown)  # RetryLater until the settling grace is over
-            outcome, status, reason = ProviderOutcome.EXPIRED, None, UNKNOWN_OUTCOME
+            outcome, status, reason = ProviderOutcome.EXPIRED, None, UNCONFIRMED
         elif status is None or status.outcome is ProviderOutcome.PENDING:
             if not expired:
                 delay = next_poll_in(payment, now)

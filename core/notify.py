@@ -12,6 +12,8 @@ from core.outbox import NewJob, enqueue_job
 from core.phone import Phone
 
 P = ParamSpec("P")
+# The AES-GCM context of an SMS recipient's phone: in a job's payload and on the stored message.
+SMS_PHONE_CONTEXT = "sms"
 
 
 def sms_job(
@@ -31,7 +33,7 @@ def sms_job(
         "template": template,
         "cooperative_id": cooperative_id,
         "member_id": member_id,
-        "phone_enc": cipher.encrypt(phone.e164, context="sms") if phone else None,
+        "phone_enc": cipher.encrypt(phone.e164, context=SMS_PHONE_CONTEXT) if phone else None,
         "context": context,
         "key": dedupe,
     }

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import utcnow
 from core.models import OutboxJob, Payment, SmsMessage, UssdSession, WebhookDelivery, WebhookEndpoint
+from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SmsStatus
 
 # The USSD pay funnel. Each session counts once per step it reaches, in Redis hash counters per UTC hour
 # (ops:{ussdfunnel}:<YYYYMMDDHH>, field "<scope>|<step>", scope "*" for all or a cooperative id). The
@@ -60,7 +61,8 @@ async def ussd_funnel(redis: Any, cooperative_id: str | None, now: datetime) -> 
 
 # SMS states an operator must tell apart (channels.sms.jobs): sent but never confirmed by the aggregator (not
 # resent, to send nothing twice), and waiting after an outage used up its retries (its job parked: replay it).
-_SMS_SHOWN = {("SENT", "Unconfirmed"): "SENT_UNCONFIRMED", ("QUEUED", "RetriesExhausted"): "QUEUED_PARKED"}
+_SMS_SHOWN = {(SmsStatus.SENT.value, SENT_UNCONFIRMED): "SENT_UNCONFIRMED",
+              (SmsStatus.QUEUED.value, RETRIES_EXHAUSTED): "QUEUED_PARKED"}
 
 
 def _minute(session: AsyncSession, column: Any) -> Any:

@@ -17,7 +17,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from core import metrics, pgraw
 from core.audit import Actor, record
-from core.db import insert_ignore, row_insert, serialise_on_sqlite, table_of, utcnow
+from core.db import insert_ignore, lock_row, row_insert, table_of, utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
 from core.models import Payment, ProviderEvent
 from core.money import Money
@@ -30,6 +30,7 @@ from core.ports import ProviderEvent as ProviderEventData
 from core.references import next_reference, reference_prefix
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN, PAYMENT, UNCONFIRMED, PaymentStatus
+from core.text import admin_note
 
 if TYPE_CHECKING:
     from core.crypto import PiiCipher
@@ -64,12 +65,13 @@ class NewPayment:
     reference: str | None = None  # reserved beforehand (USSD shows it on the confirmation); else allocated
 
 
-def _account_context(cooperative_id: str) -> str:
+def account_context(cooperative_id: str) -> str:
+    """The encryption context of a payment's account (bound to its cooperative)."""
     return f"payment:{cooperative_id}"
 
 
 def payment_account(rt: Runtime, payment: Payment) -> str:
-    return rt.cipher.decrypt(payment.payment_account_enc, context=_account_context(payment.cooperative_id))
+    return rt.cipher.decrypt(payment.payment_account_enc, context=account_context(payment.cooperative_id))
 
 
 def payer_phone(cipher: PiiCipher, payment: Payment) -> Phone | None:
@@ -77,7 +79,7 @@ def payer_phone(cipher: PiiCipher, payment: Payment) -> Phone | None:
     a mobile-money payment, as _notices does for its receipt. None with a member or for a bank payment."""
     if payment.member_id is not None or payment.method not in METHOD_OPERATOR:
         return None
-    return Phone(cipher.decrypt(payment.payment_account_enc, context=_account_context(payment.cooperative_id)))
+    return Phone(cipher.decrypt(payment.payment_account_enc, context=account_context(payment.cooperative_id)))
 
 
 def _request_hash(new: NewPayment, amount: Money, account: str) -> str:
@@ -181,7 +183,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         "provider_transaction_id": None,
         "gateway_reference": None,
         "payment_url": None,
-        "payment_account_enc": rt.cipher.encrypt(account, context=_account_context(coop.id)),
+        "payment_account_enc": rt.cipher.encrypt(account, context=account_context(coop.id)),
         "payment_account_index": rt.cipher.blind_index(account),
         "payment_account_masked": _mask_account(account),
         "idempotency_key": key,
@@ -737,18 +739,12 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
     Refused for an open payment (its status is still being asked), one already collected, and a FAILED one:
     the provider itself said it failed, and a final state is never reopened (money reported taken after that
     is flagged for the provider's statement, not completed)."""
-    note = (note or "").strip()
-    if not 3 <= len(note) <= 300:
-        raise ValidationError("note must be 3 to 300 characters: what the provider's statement shows", field="note")
+    note = admin_note(note, "what the provider's statement shows")
     txn = (provider_transaction_id or "").strip()
     if not 1 <= len(txn) <= 128:
         raise ValidationError("providerTransactionId must be 1 to 128 characters: the provider's id of the money "
                               "taken (a refund needs it)", field="providerTransactionId")
-    await serialise_on_sqlite(session, Payment, payment_id)
-    query = select(Payment).where(Payment.id == payment_id).with_for_update()
-    if cooperative_id is not None:
-        query = query.where(Payment.cooperative_id == cooperative_id)
-    payment = (await session.execute(query.execution_options(populate_existing=True))).scalar_one_or_none()
+    payment = await lock_row(session, Payment, payment_id, cooperative_id)
     if payment is None:
         raise NotFound("payment not found")
     current = P(payment.status)

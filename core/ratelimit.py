@@ -65,7 +65,7 @@ class RateLimiter:
         self._multiplier = multiplier
 
     def effective(self, limit: Limit) -> int:
-        return max(1, int(limit.count * self._multiplier))
+        return effective_count(limit, self._multiplier)
 
     async def hit(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
         return (await self._count(limit, subject, None, None, now))[0]
@@ -115,6 +115,11 @@ class RateLimiter:
         base = f"{self._prefix}:{subject_tag(subject)}:{limit.name}"
         current, previous = await self._redis.mget([f"{base}:{start}", f"{base}:{start - limit.window}"])
         return _decide(limit, self.effective(limit), now, int(current or 0), int(previous or 0), counted=False)
+
+
+def effective_count(limit: Limit, multiplier: float) -> int:
+    """A limit's count scaled by RATE_LIMIT_MULTIPLIER, never under one."""
+    return max(1, int(limit.count * multiplier))
 
 
 def _decide(limit: Limit, allowed_count: int, now: float, current: int, previous: int, *,
@@ -185,12 +190,12 @@ class LocalLimiter:
         now = time.time() if now is None else now
         key, previous = self._keys(limit, subject, now)
         current = self._counts.incr(key, now, limit.window * 2)
-        allowed_count = max(1, int(limit.count * self._multiplier))
+        allowed_count = effective_count(limit, self._multiplier)
         return _decide(limit, allowed_count, now, current, self._counts.get(previous, now), counted=True)
 
     async def peek(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
         now = time.time() if now is None else now
         key, previous = self._keys(limit, subject, now)
-        allowed_count = max(1, int(limit.count * self._multiplier))
+        allowed_count = effective_count(limit, self._multiplier)
         return _decide(limit, allowed_count, now, self._counts.get(key, now), self._counts.get(previous, now),
                        counted=False)

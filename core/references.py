@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import Text, case, cast, func, text
@@ -27,6 +28,8 @@ async def next_reference(session: AsyncSession | AsyncConnection, prefix: str) -
     return f"{start}{number:03d}"
 
 
+# What a reference looks like: PAY_20251016_001 (prefix, day, a number of at least three digits).
+REFERENCE_SHAPE = re.compile(r"^[A-Z]{2,5}_\d{8}_\d{1,9}$", re.ASCII)
 _NEXTVAL = text("SELECT nextval('human_reference_seq')")
 
 

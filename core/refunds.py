@@ -12,7 +12,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
-from core.db import insert_ignore, serialise_on_sqlite, utcnow
+from core.db import insert_ignore, lock_row, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
@@ -22,8 +22,9 @@ from core.ports import ProviderEvent as ProviderEventData
 from core.ports import ProviderOutcome
 from core.references import next_reference
 from core.state import StaleTransition, transition
-from core.state.payment import COLLECTED, PAYMENT, PaymentStatus, taken_after_failure
+from core.state.payment import PAYMENT, PaymentStatus, holds_money, taken_after_failure
 from core.state.refund import REFUND, RefundStatus
+from core.text import admin_note
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
@@ -74,11 +75,7 @@ async def request_refund(
     key = (idempotency_key or "").strip()
     if not 8 <= len(key) <= 128:
         raise ValidationError("idempotencyKey must be 8 to 128 characters", field="idempotencyKey")
-    await serialise_on_sqlite(session, Payment, payment_id)  # the row lock below, on SQLite
-    query = select(Payment).where(Payment.id == payment_id).with_for_update()
-    if cooperative_id is not None:
-        query = query.where(Payment.cooperative_id == cooperative_id)
-    payment = (await session.execute(query.execution_options(populate_existing=True))).scalar_one_or_none()
+    payment = await lock_row(session, Payment, payment_id, cooperative_id)
     if payment is None:
         raise NotFound("payment not found")
 
@@ -95,7 +92,7 @@ async def request_refund(
                            field="idempotencyKey")
         return existing, False
 
-    if PaymentStatus(payment.status) not in COLLECTED and not taken_after_failure(payment):
+    if not holds_money(payment):
         raise BusinessRuleError(f"only collected payments can be refunded; this one is {payment.status}")
     available = await refundable(session, payment)
     amount = amount or available
@@ -201,15 +198,10 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
 
     Refused for a final refund, and for one not yet sent whose submission is still queued (the provider
     may be about to take it)."""
-    note = (note or "").strip()
-    if not 3 <= len(note) <= 300:
-        raise ValidationError("note must be 3 to 300 characters: what the provider confirmed", field="note")
+    note = admin_note(note, "what the provider confirmed")
     if provider_transaction_id is not None and not 1 <= len(provider_transaction_id.strip()) <= 128:
         raise ValidationError("providerTransactionId must be 1 to 128 characters", field="providerTransactionId")
-    query = select(Refund).where(Refund.id == refund_id).with_for_update()
-    if cooperative_id is not None:
-        query = query.where(Refund.cooperative_id == cooperative_id)
-    refund = (await session.execute(query.execution_options(populate_existing=True))).scalar_one_or_none()
+    refund = await lock_row(session, Refund, refund_id, cooperative_id)
     if refund is None:
         raise NotFound("refund not found")
     if R(refund.status) in (R.COMPLETED, R.FAILED):

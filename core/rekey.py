@@ -20,7 +20,11 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.crypto import CryptoError, PiiCipher
+from core.members import phone_context
 from core.models import Member, OutboxJob, Payment, SmsMessage, WebhookEndpoint
+from core.notify import SMS_PHONE_CONTEXT
+from core.payments import account_context
+from core.webhooks import endpoint_secret_context
 
 log = logging.getLogger("gateway.rekey")
 BATCH = 500
@@ -36,14 +40,14 @@ class Column:
 
 
 COLUMNS = (
-    Column(Member, "phone_enc", lambda row: f"member:{row.cooperative_id}"),  # core.members.phone_context
-    Column(Payment, "payment_account_enc", lambda row: f"payment:{row.cooperative_id}"),  # core.payments
-    Column(SmsMessage, "phone_enc", lambda row: "sms"),  # core.notify, channels.sms
-    Column(WebhookEndpoint, "secret_enc", lambda row: f"webhook:{row.cooperative_id}"),  # core.webhooks
-    Column(WebhookEndpoint, "previous_secret_enc", lambda row: f"webhook:{row.cooperative_id}"),
+    Column(Member, "phone_enc", lambda row: phone_context(row.cooperative_id)),
+    Column(Payment, "payment_account_enc", lambda row: account_context(row.cooperative_id)),
+    Column(SmsMessage, "phone_enc", lambda row: SMS_PHONE_CONTEXT),
+    Column(WebhookEndpoint, "secret_enc", lambda row: endpoint_secret_context(row.cooperative_id)),
+    Column(WebhookEndpoint, "previous_secret_enc", lambda row: endpoint_secret_context(row.cooperative_id)),
 )
-# Jobs not yet done carry the recipient's phone (context "sms") in their payload (core.notify).
-PAYLOAD_KEY, PAYLOAD_CONTEXT = "phone_enc", "sms"
+# Jobs not yet done carry the recipient's phone in their payload (core.notify).
+PAYLOAD_KEY = "phone_enc"
 
 
 @dataclass
@@ -58,9 +62,24 @@ class Report:
     def lost(self, where: str, row_id: Any) -> None:
         self.unreadable.setdefault(where, []).append(str(row_id))
 
+    def tally(self, where: str, rows_written: int) -> None:
+        """A compare-and-set's outcome: rewritten, or changed meanwhile (left for the next run)."""
+        if rows_written:
+            self.add(where)
+        else:
+            self.changed_meanwhile += 1
+
 
 def _stale(cipher: PiiCipher, value: Any) -> bool:
     return isinstance(value, str) and bool(value) and not value.startswith(f"{cipher.active_key_id}:")
+
+
+def _sealed_again(cipher: PiiCipher, value: str, context: str) -> str | None:
+    """`value` sealed under the active key, None when no configured key opens it."""
+    try:
+        return cipher.encrypt(cipher.decrypt(value, context=context), context=context)
+    except CryptoError:
+        return None
 
 
 async def reencrypt(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiCipher, *,
@@ -86,19 +105,15 @@ async def _column(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiCip
                 .order_by(model.id).limit(batch))).scalars().all()
             for row in rows:
                 old = getattr(row, column.name)
-                try:
-                    new = cipher.encrypt(cipher.decrypt(old, context=column.context(row)), context=column.context(row))
-                except CryptoError:
+                new = _sealed_again(cipher, old, column.context(row))
+                if new is None:
                     report.lost(where, row.id)
                     continue
                 # updated_at kept: it means something to some rows (a webhook endpoint failing since then).
                 done = await session.execute(update(model).where(model.id == row.id, attr == old)
                                              .values({column.name: new, "updated_at": model.updated_at})
                                              .execution_options(synchronize_session=False))
-                if done.rowcount:  # type: ignore[attr-defined]
-                    report.add(where)
-                else:
-                    report.changed_meanwhile += 1
+                report.tally(where, done.rowcount)  # type: ignore[attr-defined]
         if len(rows) < batch:
             return
         after = str(rows[-1].id)
@@ -117,9 +132,8 @@ async def _payloads(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiC
                 old = (job.payload or {}).get(PAYLOAD_KEY)
                 if not isinstance(old, str) or not _stale(cipher, old):
                     continue
-                try:
-                    new = cipher.encrypt(cipher.decrypt(old, context=PAYLOAD_CONTEXT), context=PAYLOAD_CONTEXT)
-                except CryptoError:
+                new = _sealed_again(cipher, old, SMS_PHONE_CONTEXT)
+                if new is None:
                     report.lost(where, job.id)
                     continue
                 payload = {**job.payload, PAYLOAD_KEY: new}
@@ -127,10 +141,7 @@ async def _payloads(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiC
                                                                      OutboxJob.status == job.status)
                                              .values(payload=payload, updated_at=OutboxJob.updated_at)
                                              .execution_options(synchronize_session=False))
-                if done.rowcount:  # type: ignore[attr-defined]
-                    report.add(where)
-                else:
-                    report.changed_meanwhile += 1
+                report.tally(where, done.rowcount)  # type: ignore[attr-defined]
         if len(jobs) < batch:
             return
         after = jobs[-1].id

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy import Select, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.models import Dispute, Payment, PaymentType, Refund
 from core.money import Money
 from core.refunds import collected as taken
-from core.state.payment import COLLECTED, PaymentStatus, taken_after_failure
+from core.state.payment import HELD, holds_money
 from core.state.refund import RefundStatus
 
 # Restricts a SELECT on a model to what the caller may see (core.auth.Principal.scope).
@@ -28,11 +28,6 @@ BASES = ("created", "completed")
 # What the provider actually took, reckoned as core.refunds.collected() does (refunds are capped by it): what it
 # reported when that differs from the amount, less or more (NULL collected_minor: it reported the amount).
 TAKEN = func.coalesce(Payment.collected_minor, Payment.amount_minor)
-# Money the cooperative holds from a payment: collected ones, and a FAILED one whose money the provider then
-# reported taken (core.state.payment.taken_after_failure: flagged, refundable, on the provider's statement).
-HELD = or_(Payment.status.in_([s.value for s in COLLECTED]),
-           and_(Payment.status == PaymentStatus.FAILED.value, Payment.completed_at.is_not(None),
-                Payment.collected_minor > 0))
 
 
 def _amount(minor: int | None, currency: str) -> int | str:
@@ -366,7 +361,7 @@ def payments_csv(
             p.currency,
             _amount(p.fee_minor, p.currency),
             _amount(p.refunded_minor, p.currency),
-            _amount(taken(p) if PaymentStatus(p.status) in COLLECTED or taken_after_failure(p) else 0, p.currency),
+            _amount(taken(p) if holds_money(p) else 0, p.currency),
             p.payment_type_id,
             type_name,
             p.member_id,

@@ -11,6 +11,16 @@ def is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def admin_note(note: str | None, what: str) -> str:
+    """An admin's note recording an outcome by hand (kept in the audit log): 3 to 300 characters, trimmed."""
+    from core.errors import ValidationError
+
+    text = (note or "").strip()
+    if not 3 <= len(text) <= 300:
+        raise ValidationError(f"note must be 3 to 300 characters: {what}", field="note")
+    return text
+
+
 # NUL, the other C0 control characters but tab, line feed and carriage return, and lone surrogates: no
 # database column or SMS can hold them (PostgreSQL refuses a NUL in text outright). The JSON API and the
 # CSV member import refuse them with the same check.

@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
-from core.db import UTCDateTime, insert_ignore, new_id, parse_aware, utcnow
+from core.db import UTCDateTime, insert_ignore, lock_row, new_id, parse_aware, utcnow
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
 from core.http import not_public
 from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
@@ -155,12 +155,13 @@ def normalize_domain(domain: str, *, embedded: bool = False) -> str:
     return host
 
 
-def _endpoint_secret_context(cooperative_id: str) -> str:
+def endpoint_secret_context(cooperative_id: str) -> str:
+    """The encryption context of an endpoint's signing secrets (bound to its cooperative)."""
     return f"webhook:{cooperative_id}"
 
 
 def endpoint_secret(cipher: PiiCipher, endpoint: WebhookEndpoint) -> str:
-    return cipher.decrypt(endpoint.secret_enc, context=_endpoint_secret_context(endpoint.cooperative_id))
+    return cipher.decrypt(endpoint.secret_enc, context=endpoint_secret_context(endpoint.cooperative_id))
 
 
 def signing_secrets(cipher: PiiCipher, endpoint: WebhookEndpoint, now: datetime | None = None) -> list[str]:
@@ -169,7 +170,7 @@ def signing_secrets(cipher: PiiCipher, endpoint: WebhookEndpoint, now: datetime 
     secrets_ = [endpoint_secret(cipher, endpoint)]
     until = endpoint.previous_secret_expires_at
     if endpoint.previous_secret_enc and until is not None and until > (now or utcnow()):
-        context = _endpoint_secret_context(endpoint.cooperative_id)
+        context = endpoint_secret_context(endpoint.cooperative_id)
         secrets_.append(cipher.decrypt(endpoint.previous_secret_enc, context=context))
     return secrets_
 
@@ -295,7 +296,7 @@ async def register_endpoint(
         events=chosen,
         status="ACTIVE",
         consecutive_failures=0,
-        secret_enc=cipher.encrypt(secret, context=_endpoint_secret_context(cooperative_id)),
+        secret_enc=cipher.encrypt(secret, context=endpoint_secret_context(cooperative_id)),
     )
     session.add(endpoint)
     await session.flush()
@@ -426,14 +427,7 @@ async def rotate_secret(
         raise ValidationError(
             f"the overlap must be between 0 and {MAX_ROTATION_OVERLAP.days * 24} hours", field="overlapHours"
         )
-    endpoint = (
-        await session.execute(
-            select(WebhookEndpoint)
-            .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.cooperative_id == cooperative_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)  # two rotations at once: the second sees the first
-        )
-    ).scalar_one_or_none()
+    endpoint = await lock_row(session, WebhookEndpoint, endpoint_id, cooperative_id)  # two at once: in turn
     if endpoint is None:
         raise NotFound("webhook endpoint not found")
     secret = new_secret()
@@ -444,7 +438,7 @@ async def rotate_secret(
         update(WebhookEndpoint)
         .where(WebhookEndpoint.id == endpoint.id)
         .values(
-            secret_enc=cipher.encrypt(secret, context=_endpoint_secret_context(cooperative_id)),
+            secret_enc=cipher.encrypt(secret, context=endpoint_secret_context(cooperative_id)),
             # The same key and context as the current one: stored as it was.
             previous_secret_enc=endpoint.secret_enc if keep else None,
             previous_secret_expires_at=utcnow() + overlap if keep else None,

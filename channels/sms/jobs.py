@@ -38,11 +38,12 @@ from core import metrics, pgraw
 from core.audit import Actor
 from core.db import autocommit, insert_ignore, new_id, utcnow
 from core.models import Cooperative, Member, Payment, PaymentType, SmsMessage
+from core.notify import SMS_PHONE_CONTEXT
 from core.outbox import Handler, Job, PermanentJobError, RetryLater
 from core.ratelimit import Limit, RateLimiter
 from core.reminders import why_not_send
 from core.state import StaleTransition, transition_alone
-from core.state.sms import SMS, SmsStatus
+from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SMS, SmsStatus
 
 if TYPE_CHECKING:
     from core.phone import Phone
@@ -52,10 +53,6 @@ log = logging.getLogger("gateway.sms.jobs")
 WORKER = Actor("system", "worker")
 # The shortest a message's send lock is held (a crashed run's lock expires on its own).
 SEND_LOCK_SECONDS = 30
-# provider_status of a QUEUED message whose job was parked after its last attempt (replay sends it), and
-# of a SENT message whose send AT may or may not have taken (not resent, no delivery report can match it).
-RETRIES_EXHAUSTED = "RetriesExhausted"
-UNCONFIRMED = "Unconfirmed"
 
 
 def message_key(payload: dict[str, Any]) -> str:
@@ -226,7 +223,7 @@ class SmsJobs:
             "id": new_id(),
             "cooperative_id": payload.get("cooperative_id"),
             "member_id": payload.get("member_id"),
-            "phone_enc": rt.cipher.encrypt(phone.e164, context="sms"),
+            "phone_enc": rt.cipher.encrypt(phone.e164, context=SMS_PHONE_CONTEXT),
             "phone_index": rt.cipher.blind_index(phone.e164),
             "phone_masked": phone.masked(),
             "template": payload["template"],
@@ -281,7 +278,7 @@ class SmsJobs:
             message.id,
             SmsStatus.SENT,
             finish=job,
-            provider_status=UNCONFIRMED,
+            provider_status=SENT_UNCONFIRMED,
             failure_reason=f"unconfirmed, not resent: {cause}",
             sent_at=utcnow(),
         )
@@ -406,7 +403,7 @@ _PAYMENT_FACTS = (
 def _phone(rt: Runtime, message: Any):  # type: ignore[no-untyped-def]
     from core.phone import Phone
 
-    return Phone(rt.cipher.decrypt(message.phone_enc, context="sms"))
+    return Phone(rt.cipher.decrypt(message.phone_enc, context=SMS_PHONE_CONTEXT))
 
 
 def job_handlers(rt: Runtime) -> dict[str, Handler]:

@@ -16,6 +16,7 @@ from core.crypto import PiiCipher
 from core.gsm import is_gsm, to_gsm
 from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, WebhookEndpoint
 from core.money import Money
+from core.notify import SMS_PHONE_CONTEXT
 from core.phone import Phone
 from core.state.payment import shown_status
 
@@ -24,7 +25,6 @@ LANGUAGES = tuple(CATALOGS)
 TEMPLATES = tuple(en.MESSAGES)
 # Templates a member may opt out of with STOP; receipts and updates always go.
 OPTIONAL_TEMPLATES = frozenset({"payment_reminder"})
-PHONE_CONTEXT = "sms"  # AES-GCM context core.notify uses for payload["phone_enc"]
 DATE_FORMAT = "%d/%m/%Y %H:%M"
 DAY_FORMAT = "%d/%m/%Y"
 
@@ -124,9 +124,8 @@ def payment_values(facts: PaymentFacts, language: str, service_code: str) -> dic
         "ref": facts.reference,
         "txn": facts.provider_transaction_id or "-",
         "date": local_time(facts.completed_at or facts.updated_at, facts.coop_timezone),
-        "status": catalog.PAYMENT_STATUS[shown] if (shown := shown_status(
-            facts.status, facts.failure_reason, facts.completed_at)) in catalog.PAYMENT_STATUS
-        else catalog.PAYMENT_STATUS.get(facts.status, facts.status),
+        "status": catalog.PAYMENT_STATUS.get(shown_status(facts.status, facts.failure_reason, facts.completed_at),
+                                              facts.status),
         "reason": catalog.REASONS[reason_key(facts.failure_reason)],
         "dial": dial_code(service_code, facts.coop_ussd_extension),
     }
@@ -139,7 +138,7 @@ def recipient(cipher: PiiCipher, payload: dict[str, Any], member: Any) -> tuple[
 
     context = payload.get("context") or {}
     if payload.get("phone_enc"):
-        phone = Phone(cipher.decrypt(payload["phone_enc"], context=PHONE_CONTEXT))
+        phone = Phone(cipher.decrypt(payload["phone_enc"], context=SMS_PHONE_CONTEXT))
     elif member is not None:
         phone = member_phone(cipher, member)
     else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from sqlalchemy import and_, or_
+
 from core.models import Payment
 from core.state.machine import StateMachine
 
@@ -49,6 +51,16 @@ def taken_after_failure(payment: Payment) -> bool:
     """A FAILED payment whose money the provider then reported taken: it stays FAILED (never reopened) but
     the money is held, counted in the reconciliation's `settled` and refundable (core.payments)."""
     return payment.status == P.FAILED.value and payment.completed_at is not None and bool(payment.collected_minor)
+
+
+def holds_money(payment: Payment) -> bool:
+    """The cooperative holds money from this payment: collected, or taken after it failed."""
+    return PaymentStatus(payment.status) in COLLECTED or taken_after_failure(payment)
+
+
+# holds_money() as a SQL condition on payments (the reconciliation and its exports).
+HELD = or_(Payment.status.in_([s.value for s in COLLECTED]),
+           and_(Payment.status == P.FAILED.value, Payment.completed_at.is_not(None), Payment.collected_minor > 0))
 
 
 def shown_status(status: str, failure_reason: str | None, completed_at: object) -> str:

@@ -18,6 +18,11 @@ class SmsStatus(StrEnum):
 
 
 M = SmsStatus
+# provider_status marks the sender writes beside a status (channels.sms.jobs), which the operations view shows
+# apart: a QUEUED message whose job was parked after its last attempt (a replay sends it), and a SENT one whose
+# send the aggregator may or may not have taken (not resent; no delivery report can match it).
+RETRIES_EXHAUSTED = "RetriesExhausted"
+SENT_UNCONFIRMED = "Unconfirmed"
 SMS = StateMachine(
     name="sms",
     states=SmsStatus,

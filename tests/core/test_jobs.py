@@ -13,12 +13,13 @@ import pytest
 from sqlalchemy import select, update
 
 from core.db import utcnow
-from core.jobs import SETTLE_GRACE, UNKNOWN_OUTCOME
+from core.jobs import SETTLE_GRACE
 from core.models import OutboxJob, Payment, Refund
 from core.ops import dashboard
 from core.outbox import INTERRUPTED, Job
 from core.payments import create_payment
 from core.refunds import request_refund
+from core.state.payment import UNCONFIRMED
 from tests.admin_api.conftest import bearer
 from tests.conftest import drain
 from tests.providers.wires import (
@@ -262,7 +263,7 @@ async def test_mpesa_5xx_on_the_push_is_asked_about_never_resent(rt, demo, worke
     await due_now(rt, "payment.poll")
     await drain(worker)
     stored = await _get(rt, Payment, payment.id)
-    assert (stored.status, stored.failure_reason) == ("TIMEOUT", UNKNOWN_OUTCOME)
+    assert (stored.status, stored.failure_reason) == ("TIMEOUT", UNCONFIRMED)
     assert len(wire.sent("POST", PUSH)) == 1
 
 
@@ -280,21 +281,11 @@ def test_collect_budget_stays_inside_the_handler_timeout(lease):
 async def test_refund_cut_off_by_the_worker_is_asked_about_not_sent_again(rt, demo, worker, monkeypatch):
     """Airtel refunds by the payment's id: a second request is refused 'not eligible' although the first
     went through. A submit cut off at the handler timeout waits for the provider's word instead."""
-    from providers.airtel.adapter import AirtelAdapter
-    from tests.providers import test_airtel
-    from tests.providers.test_refund_ambiguous import AIRTEL_BASE, AIRTEL_REFUND, _told
-    from tests.providers.wires import NewPayment, Routes
+    from tests.providers.test_refund_ambiguous import AIRTEL_REFUND, _told, airtel_collected
 
     monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 0.3)
     monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
-    wire = Routes(AIRTEL_BASE).on("POST", "/auth/oauth2/token", 200, {"access_token": "t", "expires_in": "180"})
-    rt.providers = {**rt.providers, "airtel": AirtelAdapter(wire.client(), test_airtel.config(AIRTEL_BASE))}
-    async with rt.sessionmaker.begin() as s:
-        payment, _ = await create_payment(s, rt, NewPayment(
-            cooperative_id=demo["cooperative_id"], payment_type_id=demo["payment_types"]["Monthly Rent"],
-            method="MOBILE_MONEY_AIRTEL", account="0733000001", idempotency_key="key-airtel-cut", channel="api"),
-            actor=ADMIN)
-    await completed(rt, payment, "MP210603.1234.A12345")
+    wire, payment = await airtel_collected(rt, demo, "key-airtel-cut")
 
     async def slow(_request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(2)

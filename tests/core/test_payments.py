@@ -396,7 +396,9 @@ class _Garbage(RecordingProvider):
 
 
 async def test_unreadable_status_answers_wait_then_time_out_after_the_settling_grace(rt, demo, worker):
-    from core.jobs import SETTLE_GRACE, UNKNOWN_OUTCOME
+    from core.jobs import SETTLE_GRACE
+    from core.state.payment import UNCONFIRMED
+
     rt.providers = {**rt.providers, "mtn_momo": _Garbage()}
     payment, _ = await _create(rt, _new(demo))
     async with rt.sessionmaker.begin() as s:
@@ -420,7 +422,7 @@ async def test_unreadable_status_answers_wait_then_time_out_after_the_settling_g
         await s.execute(OutboxJob.__table__.update().where(OutboxJob.kind == "payment.poll").values(run_at=utcnow()))
     await drain(worker)
     done = await _payment(rt, payment.id)
-    assert (done.status, done.failure_reason) == ("TIMEOUT", UNKNOWN_OUTCOME)
+    assert (done.status, done.failure_reason) == ("TIMEOUT", UNCONFIRMED)
 
 
 async def test_sweep_requeues_polls_that_stalled_and_settles_the_payment(rt, demo, provider, worker):

@@ -12,10 +12,11 @@ from typing import Any
 from sqlalchemy import select, update
 
 from core.db import utcnow
-from core.jobs import SETTLE_GRACE, SETTLE_POLL_CAP, UNKNOWN_OUTCOME, settle_poll_in, sweep_open_payments
+from core.jobs import SETTLE_GRACE, SETTLE_POLL_CAP, settle_poll_in, sweep_open_payments
 from core.models import OutboxJob, Payment
 from core.payments import UNCONFIRMED_FLAG, create_payment
 from core.ports import ProviderOutcome, StatusResult
+from core.state.payment import UNCONFIRMED
 from tests.conftest import drain
 from tests.providers.wires import ADMIN, due_now, mtn_adapter, mtn_payment, mtn_wire
 
@@ -95,7 +96,7 @@ async def test_provider_that_never_answers_is_given_up_only_after_the_grace(rt, 
     await _window_over(rt, payment.id, SETTLE_GRACE)
     await drain(worker)
     gone = await _payment(rt, payment.id)
-    assert (gone.status, gone.failure_reason, gone.late) == ("TIMEOUT", UNKNOWN_OUTCOME, False)
+    assert (gone.status, gone.failure_reason, gone.late) == ("TIMEOUT", UNCONFIRMED, False)
     # Flagged for a person (the money may have been taken), and the payer is not told "not approved".
     assert (gone.mismatch, gone.mismatch_detail) == (True, UNCONFIRMED_FLAG)
     assert await _dedupe_keys(rt, "sms.send") == [f"sms:payment_unconfirmed:{payment.id}"]
@@ -119,7 +120,7 @@ async def test_the_grace_is_the_configured_one(rt, demo, worker, monkeypatch):
     await _window_over(rt, payment.id, timedelta(hours=1))
     await drain(worker)
     assert ((await _payment(rt, payment.id)).status, (await _payment(rt, payment.id)).failure_reason) == (
-        "TIMEOUT", UNKNOWN_OUTCOME)
+        "TIMEOUT", UNCONFIRMED)
 
 
 async def test_pending_after_the_window_is_not_approved_in_time_at_once(rt, demo, worker):

@@ -18,17 +18,12 @@ from core.db import utcnow
 from core.models import OutboxJob, Payment, Refund, SmsMessage
 from core.outbox import WORKER_LOST
 from core.payments import create_payment
-from providers.airtel.adapter import AirtelAdapter
 from tests.channels.sms.test_send_faults import queue_receipt
 from tests.conftest import drain
-from tests.providers import test_airtel
-from tests.providers.test_refund_ambiguous import AIRTEL_BASE, AIRTEL_REFUND, _ask_refund, _rows, _told
+from tests.providers.test_refund_ambiguous import AIRTEL_REFUND, _ask_refund, _rows, _told, airtel_collected
 from tests.providers.wires import (
     ADMIN,
     MPESA_BASE,
-    NewPayment,
-    Routes,
-    completed,
     due_now,
     mpesa_adapter,
     mpesa_payment,
@@ -112,14 +107,7 @@ async def test_a_lost_workers_mtn_collection_goes_on_under_its_reference(rt: Any
 
 
 async def test_a_lost_workers_airtel_refund_is_not_sent_again_nor_failed(rt: Any, demo: dict[str, Any]) -> None:
-    wire = Routes(AIRTEL_BASE).on("POST", "/auth/oauth2/token", 200, {"access_token": "t", "expires_in": "180"})
-    rt.providers = {**rt.providers, "airtel": AirtelAdapter(wire.client(), test_airtel.config(AIRTEL_BASE))}
-    async with rt.sessionmaker.begin() as s:
-        payment, _ = await create_payment(s, rt, NewPayment(
-            cooperative_id=demo["cooperative_id"], payment_type_id=demo["payment_types"]["Monthly Rent"],
-            method="MOBILE_MONEY_AIRTEL", account="0733000001", idempotency_key="key-airtel-lost", channel="api"),
-            actor=ADMIN)
-    await completed(rt, payment, "MP210603.1234.A12345")
+    wire, payment = await airtel_collected(rt, demo, "key-airtel-lost")
     wire.on("POST", AIRTEL_REFUND, _hang)  # Airtel refunded; the worker died before the answer came
     refund = await _ask_refund(rt, demo, payment)
     await _lose_worker_mid_call(rt, lambda: wire.sent("POST", AIRTEL_REFUND), "refund.submit")

@@ -49,6 +49,19 @@ def _unavailable(_request: httpx.Request) -> httpx.Response:
     return httpx.Response(503, text="<html><body>Service Unavailable</body></html>")
 
 
+async def airtel_collected(rt: Any, demo: dict[str, Any], key: str) -> tuple[Routes, Payment]:
+    """An Airtel payment of the rent, collected, with the Airtel adapter on a fail-closed wire."""
+    wire = Routes(AIRTEL_BASE).on("POST", "/auth/oauth2/token", 200, {"access_token": "t", "expires_in": "180"})
+    rt.providers = {**rt.providers, "airtel": AirtelAdapter(wire.client(), test_airtel.config(AIRTEL_BASE))}
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, NewPayment(
+            cooperative_id=demo["cooperative_id"], payment_type_id=demo["payment_types"]["Monthly Rent"],
+            method="MOBILE_MONEY_AIRTEL", account="0733000001", idempotency_key=key, channel="api"),
+            actor=ADMIN)
+    await completed(rt, payment, "MP210603.1234.A12345")
+    return wire, payment
+
+
 async def _ask_refund(rt: Any, demo: dict[str, Any], payment: Payment, key: str = "refund-ambiguous-1") -> Refund:
     async with rt.sessionmaker.begin() as s:
         refund, _ = await request_refund(s, rt, payment_id=payment.id, cooperative_id=demo["cooperative_id"],
@@ -182,14 +195,7 @@ async def test_an_earlier_reversals_result_completes_a_refund_stored_under_a_lat
 
 
 async def test_airtel_refund_answered_5xx_is_parked_for_a_person_not_sent_again(rt, demo, worker):
-    wire = Routes(AIRTEL_BASE).on("POST", "/auth/oauth2/token", 200, {"access_token": "t", "expires_in": "180"})
-    rt.providers = {**rt.providers, "airtel": AirtelAdapter(wire.client(), test_airtel.config(AIRTEL_BASE))}
-    async with rt.sessionmaker.begin() as s:
-        payment, _ = await create_payment(s, rt, NewPayment(
-            cooperative_id=demo["cooperative_id"], payment_type_id=demo["payment_types"]["Monthly Rent"],
-            method="MOBILE_MONEY_AIRTEL", account="0733000001", idempotency_key="key-airtel-5xx", channel="api"),
-            actor=ADMIN)
-    await completed(rt, payment, "MP210603.1234.A12345")
+    wire, payment = await airtel_collected(rt, demo, "key-airtel-5xx")
     # Airtel refunded, but its gateway answered 502; sent again, the refund is "not eligible" (ESB000045).
     wire.on("POST", AIRTEL_REFUND, 502, {"status": {"message": "Bad Gateway", "success": False}})
     refund = await _ask_refund(rt, demo, payment)

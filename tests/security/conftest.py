@@ -83,7 +83,7 @@ async def pending_payment(rt: Any, demo: dict[str, Any], *, provider: str, metho
                           currency: str = "RWF", txn: str | None = None) -> Any:
     """A payment row as the collect job leaves it: provider reference set, waiting for the callback."""
     from core.models import Payment
-    from core.payments import _account_context
+    from core.payments import account_context
 
     async with rt.sessionmaker.begin() as s:
         phone = "+250788000001"
@@ -92,7 +92,7 @@ async def pending_payment(rt: Any, demo: dict[str, Any], *, provider: str, metho
             member_id=demo["members"][phone], reference=f"PAY_SEC_{uuid.uuid4().hex[:8]}",
             amount_minor=amount_minor, currency=currency, status=status, method=method, provider=provider,
             provider_reference=str(uuid.uuid4()), provider_transaction_id=txn,
-            payment_account_enc=rt.cipher.encrypt(phone, context=_account_context(demo["cooperative_id"])),
+            payment_account_enc=rt.cipher.encrypt(phone, context=account_context(demo["cooperative_id"])),
             payment_account_index=rt.cipher.blind_index(phone), payment_account_masked="+25078****001",
             idempotency_key=uuid.uuid4().hex, request_hash="h", channel="api",
             expires_at=utcnow() + timedelta(minutes=5),

@@ -9,37 +9,15 @@ from typing import Any
 import jwt
 import pytest
 
-from admin_api.pages import setup_pages
 from core import auth
 from core.audit import Actor
 from core.db import utcnow
 from core.models import Cooperative, PaymentType
 from core.payments import NewPayment, create_payment
 from tests.conftest import make_settings
+from tests.web.conftest import page_client
 
 ACTOR = Actor("admin:test", "api")
-
-
-async def _client(aiohttp_client: Any, rt: Any, settings: Any) -> Any:
-    from app import create_app
-
-    app = create_app(settings, runtime=rt)
-    if not any(r.canonical == "/ops" for r in app.router.resources()):
-        setup_pages(app)  # until app.py calls setup_pages itself
-    return await aiohttp_client(app)
-
-
-@pytest.fixture
-async def pages(aiohttp_client: Any, rt: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The service as tests run it: simulators not in process, so no phone page."""
-    monkeypatch.delenv("PHONE_SIMULATOR_ENABLED", raising=False)
-    return await _client(aiohttp_client, rt, rt.settings)
-
-
-@pytest.fixture
-async def sim(aiohttp_client: Any, rt: Any, monkeypatch: pytest.MonkeyPatch, migrated_database: str) -> Any:
-    monkeypatch.delenv("PHONE_SIMULATOR_ENABLED", raising=False)
-    return await _client(aiohttp_client, rt, make_settings(SIMULATORS_IN_PROCESS="1"))
 
 
 async def _token(client: Any, username: str, password: str) -> str:
@@ -132,7 +110,7 @@ async def test_simulator_config_without_a_callback_secret(sim: Any) -> None:
 async def test_simulator_config_carries_the_callback_secret_and_it_works(
         aiohttp_client: Any, rt: Any, demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PHONE_SIMULATOR_ENABLED", raising=False)
-    client = await _client(aiohttp_client, rt, make_settings(SIMULATORS_IN_PROCESS="1",
+    client = await page_client(aiohttp_client, rt, make_settings(SIMULATORS_IN_PROCESS="1",
                                                               CALLBACK_SECRET_AFRICASTALKING="s3cret-value"))
     body = await (await client.get("/simulator/config")).json()
     assert body["ussdUrl"] == "/ussd/africastalking?secret=s3cret-value"
@@ -147,7 +125,7 @@ async def test_simulator_config_carries_the_callback_secret_and_it_works(
 async def test_simulator_enabled_by_the_environment_switch(aiohttp_client: Any, rt: Any) -> None:
     settings = make_settings(PHONE_SIMULATOR_ENABLED="1")
     assert settings.simulators_in_process is False
-    client = await _client(aiohttp_client, rt, settings)
+    client = await page_client(aiohttp_client, rt, settings)
     assert (await client.get("/simulator")).status == 200
     body = await (await client.get("/simulator/config")).json()
     assert body["serviceCode"] == rt.settings.ussd_service_code

@@ -8,22 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
-from tests.conftest import make_settings
-from tests.web.test_pages import _client, _pay, _token
-
-
-@pytest.fixture
-async def pages(aiohttp_client: Any, rt: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.delenv("PHONE_SIMULATOR_ENABLED", raising=False)
-    return await _client(aiohttp_client, rt, rt.settings)
-
-
-@pytest.fixture
-async def sim(aiohttp_client: Any, rt: Any, monkeypatch: pytest.MonkeyPatch, migrated_database: str) -> Any:
-    monkeypatch.delenv("PHONE_SIMULATOR_ENABLED", raising=False)
-    return await _client(aiohttp_client, rt, make_settings(SIMULATORS_IN_PROCESS="1"))
+from tests.web.test_pages import _pay, _token
 
 
 async def _get(client: Any, path: str, token: str | None = None) -> tuple[int, Any]:
