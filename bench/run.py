@@ -40,7 +40,7 @@ import httpx
 from bench.harness import ROOT, Cluster, LoadResult, Proc, free_port, python, wait_ready, wrk
 
 SCENARIOS = ("ussd_hop", "ussd_hop_2proc", "ussd_pay", "ussd_pay_2proc", "payments", "payments_2proc", "callbacks",
-             "sms", "memory")
+             "callbacks_2proc", "sms", "memory")
 PROVIDERS = ("mtn_momo", "airtel", "mpesa", "irembopay")
 SERVICE_CODE = "*384*123#"
 HOP_PHONE = "+250788000001"  # demo member: one membership, so the home menu needs no choice
@@ -637,39 +637,50 @@ def callback_counts(b: Bench, ids: list[str]) -> dict[str, int]:
 
 
 def scenario_callbacks(b: Bench, *, report: bool = True) -> None:
+    callbacks(b, "Provider callbacks (Airtel, signed)", "callbacks", report=report)
+
+
+def scenario_callbacks_2proc(b: Bench) -> None:
+    with second_serve(b) as second:
+        callbacks(b, "Provider callbacks (2 processes)", "callbacks_2proc", second, notes=TWO_PROCESSES)
+
+
+def callbacks(b: Bench, label: str, name: str, second: Proc | None = None, *, report: bool = True,
+              notes: str = "") -> None:
     count = b.args.callbacks
     payments = ensure_airtel_payments(b, count)
     ids = [str(r["id"]) for r in payments]
     path = write_callbacks(b, payments)
     b.callback_bodies = len(payments)
     url = f"{b.url}/webhooks/payments/airtel?secret={b.env['CALLBACK_SECRET_AIRTEL']}"
-    b.log(f"provider callbacks: {len(payments)} signed Airtel callbacks, 32 connections")
-    with RssSampler(b.serve, b.profile_path("callbacks")) as rss:
+    b.log(f"{label}: {len(payments)} signed Airtel callbacks, 32 connections")
+    with RssSampler(b.serve, b.profile_path(name)) as rss, RssSampler(second) as rss2:
         result = loadgen(url, path, connections=min(CONNECTIONS, count))
-    b.rss_peak["callbacks"] = rss.peak
+    b.rss_peak[name] = max(rss.peak, rss2.peak)
     first = callback_counts(b, ids)
     # Every callback again: all must be answered as duplicates and change nothing.
     replay = loadgen(url, path, connections=min(CONNECTIONS, count))
-    second = callback_counts(b, ids)
+    second_counts = callback_counts(b, ids)
     n = len(ids)
-    exact = all(v == n for v in first.values()) and second == first
+    exact = all(v == n for v in first.values()) and second_counts == first
     replay_ok = int(replay.extra.get("duplicate", 0)) == n and _load_errors(replay) == 0
     if not report:
         return
     errors = _load_errors(result)
     completed = int(result.extra.get("completed", 0))
     rate = completed / max(result.seconds, 1e-9)
-    b.rows.append(_lat(Row("Provider callbacks (Airtel, signed)", "callbacks/s", rate, "/s",
+    b.rows.append(_lat(Row(label, "callbacks/s", rate, "/s",
                            target=">=1,000/s, none lost or doubled",
                            met=errors == 0 and exact and replay_ok and rate >= 1000,
                            checks={"errors": errors, "sent": n, "answered_completed": completed,
-                                   "serve_cpu_ms_per_callback": rss.per_op_ms(n),
+                                   "serve_cpu_ms_per_callback": cpu_per_op(n, rss, rss2),
+                                   "second_process_cpu_share": second_share(rss, rss2) if second else None,
                                    **{f"db_{k}": v for k, v in first.items()}, "replayed_as_duplicates":
                                    int(replay.extra.get("duplicate", 0)), "db_unchanged_after_replay":
-                                   second == first, "exactly_once": exact},
+                                   second_counts == first, "exactly_once": exact},
                            notes="HMAC verify, event stored once, PENDING->COMPLETED with audit, receipt SMS "
                                  "and webhook jobs; every callback then replayed; load from bench/loadgen.py "
-                                 "(a Python process: each body once)"), result))
+                                 "(a Python process: each body once)" + (f"; {notes}" if notes else "")), result))
 
 
 def scenario_sms(b: Bench) -> None:
