@@ -8,6 +8,7 @@ from typing import Any
 
 from channels.ussd.types import UssdReply, UssdTurn, extension_of
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered, phone_field, text_field
+from core.text import is_number
 
 NAME = "hubtel"
 LIMIT = 182
@@ -31,6 +32,9 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
     sequence = body.get("Sequence")
     if sequence is not None and (isinstance(sequence, bool) or not isinstance(sequence, int | str)):
         raise MalformedRequest("Sequence must be a number")
+    number = (sequence if isinstance(sequence, int)
+              else int(sequence) if isinstance(sequence, str) and len(sequence) <= 9 and is_number(sequence)
+              else None)
     dialled = message if kind == "Initiation" and message.startswith("*") else ""
     code = service_code if service_code.startswith("*") else f"*{service_code}#"
     # The extension is what follows our configured code, in the dialled string (Message on Initiation) or,
@@ -44,6 +48,7 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
         input=message if kind == "Response" else None, is_new=kind == "Initiation",
         network=text_field(body, "Operator", required=False, max_len=16) or None,
         hop_key=f"{kind}:{sequence}" if sequence is not None else None,
+        sequence=number if number is not None and 0 <= number < 2**31 else None,
         extension=extension,
         closed=kind in ("Release", "Timeout"),
     )

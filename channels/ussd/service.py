@@ -39,8 +39,11 @@ class LanguageMemory:
             self._items.popitem(last=False)
 
 
-def latest_input(previous: str | None, accumulated: str) -> str:
-    """What was typed since the last hop, given every input so far joined by '*'.
+def latest_input(previous: str | None, accumulated: str) -> str | None:
+    """What was typed since the last hop, given every input so far joined by '*'; None when the text is not
+    a new hop: a late copy of an earlier one (what was consumed starts with it), or a history this session
+    never had. Taking its last part as a key press would apply an old "1" to the screen on now (on the
+    confirmation screen, "1" pays).
 
     A naive split would break inputs that contain '*'; the consumed prefix is known, so the new
     input is whatever follows it.
@@ -49,9 +52,17 @@ def latest_input(previous: str | None, accumulated: str) -> str:
         return accumulated  # (an empty first reply makes Africa's Talking's text "*1" for the next choice)
     if accumulated.startswith(previous + "*"):
         return accumulated[len(previous) + 1:]
-    # The aggregator's text no longer extends ours (it dropped or rewrote a part): best effort.
-    log.warning("ussd accumulated text does not extend the previous one")
-    return accumulated.rsplit("*", 1)[-1]
+    return None
+
+
+def is_earlier(previous: str, accumulated: str) -> bool:
+    """Whether an accumulated text is one this session already went through (the opening hop's is empty)."""
+    return accumulated == "" or previous == accumulated or previous.startswith(accumulated + "*")
+
+
+def owner_tag(rt: Any, turn: UssdTurn) -> str:
+    """The session's phone, kept with it as a short keyed hash (the phone itself is never stored)."""
+    return rt.cipher.blind_index(turn.phone.e164)[:16]
 
 
 class UssdService:
@@ -62,6 +73,13 @@ class UssdService:
     async def handle(self, rt: Any, turn: UssdTurn, limit: int) -> tuple[UssdReply, str]:
         """Answer one hop; returns the reply and the screen id (for metrics and logs)."""
         stored = await sessions.load(rt.redis, turn.aggregator, turn.session_id)
+        owner = owner_tag(rt, turn)
+        if stored is not None and stored.owner is not None and stored.owner != owner:
+            # A session belongs to the phone that opened it: a hop with its id and another number (forged,
+            # misrouted, or an aggregator's id reused) must not read it or pay on it. The session is untouched.
+            log.warning("ussd hop from another phone for this session refused",
+                        extra={"aggregator": turn.aggregator, "session_id": turn.session_id})
+            return UssdReply(translate(stored.state.lang, "unavailable"), True), "other_phone"
         if turn.closed:
             await self._abandoned(rt, turn, stored)
             return UssdReply("", True), "closed"
@@ -76,6 +94,11 @@ class UssdService:
             return UssdReply(*stored.reply), "retry"
         if stored is not None and stored.state.ended and stored.reply is not None:
             return UssdReply(stored.reply[0], True), stored.state.screen
+        if stored is not None and stored.reply is not None and turn.sequence is not None \
+                and stored.sequence is not None and turn.sequence <= stored.sequence:
+            # A numbered hop older than the last one answered (Hubtel's Sequence), arriving late: not a new
+            # choice on the screen shown now. The screen again, nothing changed.
+            return UssdReply(*stored.reply), "stale"
 
         if stored is None:
             # The cooperative of the extension, the memberships and the session row: one connection.
@@ -84,7 +107,10 @@ class UssdService:
                 return await self._answer(rt, turn, stored, reply, opening)
         ctx = Ctx(rt=rt, turn=turn, state=stored.state, limit=limit)
         if turn.accumulated is not None:
-            text = latest_input(stored.acc, turn.accumulated)
+            new_input = latest_input(stored.acc, turn.accumulated)
+            if new_input is None:
+                return await self._not_new(rt, turn, stored)
+            text = new_input
             stored.acc = turn.accumulated
         else:
             text = turn.input or ""
@@ -92,10 +118,29 @@ class UssdService:
         stored.hops += 1
         return await self._answer(rt, turn, stored, reply)
 
+    async def _not_new(self, rt: Any, turn: UssdTurn, stored: sessions.Stored) -> tuple[UssdReply, str]:
+        """An accumulated text that is not a new hop: the screen shown now again, and no step."""
+        assert turn.accumulated is not None
+        reply = UssdReply(*stored.reply) if stored.reply is not None else UssdReply(
+            translate(stored.state.lang, "unavailable"), True)
+        if stored.acc is not None and is_earlier(stored.acc, turn.accumulated):
+            return reply, "stale"  # a late copy of an earlier hop: nothing changes
+        # A history this session never had (the aggregator dropped or rewrote a part): not guessed at; the
+        # member's next key is read after this text.
+        log.warning("ussd accumulated text does not extend the previous one",
+                    extra={"aggregator": turn.aggregator, "session_id": turn.session_id})
+        stored.acc, stored.hop = turn.accumulated, turn.hop_key
+        await sessions.save(rt.redis, turn.aggregator, turn.session_id, stored)
+        return reply, "stale"
+
     async def _answer(self, rt: Any, turn: UssdTurn, stored: sessions.Stored, reply: UssdReply,
                       opening: Callable[[], Awaitable[None]] | None = None) -> tuple[UssdReply, str]:
         """Save the session with its answer (and, on the first hop, write the session row meanwhile)."""
         stored.hop, stored.reply = turn.hop_key, (reply.text, reply.end)
+        if stored.owner is None:
+            stored.owner = owner_tag(rt, turn)
+        if turn.sequence is not None:
+            stored.sequence = max(turn.sequence, stored.sequence or 0)
         state = stored.state
         # The resume route: kept while the user is somewhere worth coming back to; cleared at END, and when
         # they went back to the menu after this session saved one ("rk"): a later dial must not offer to

@@ -44,6 +44,8 @@ class Stored:
     reply: tuple[str, bool] | None = None  # the last answer, replayed when the same hop comes again
     hops: int = 0
     started: float = 0.0  # epoch seconds
+    owner: str | None = None  # the phone that opened the session, as a short keyed hash (service.owner_tag)
+    sequence: int | None = None  # the highest hop number answered (aggregators that number hops: Hubtel)
 
 
 def session_key(aggregator: str, session_id: str) -> str:
@@ -90,6 +92,10 @@ def encode(stored: Stored) -> bytes:
         out["hk"] = stored.hop
     if stored.reply is not None:
         out["r"] = [stored.reply[0], 1 if stored.reply[1] else 0]
+    if stored.owner is not None:
+        out["o"] = stored.owner
+    if stored.sequence is not None:
+        out["q"] = stored.sequence
     return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -98,7 +104,8 @@ def decode(raw: bytes) -> Stored:
     reply = obj.get("r")
     return Stored(state=decode_state(obj["st"]), acc=obj.get("a"), hop=obj.get("hk"),
                   reply=(reply[0], bool(reply[1])) if reply else None, hops=int(obj.get("h", 0)),
-                  started=float(obj.get("t", 0.0)))
+                  started=float(obj.get("t", 0.0)), owner=obj.get("o"),
+                  sequence=int(obj["q"]) if "q" in obj else None)
 
 
 async def load(redis: Any, aggregator: str, session_id: str) -> Stored | None:

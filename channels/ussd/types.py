@@ -26,6 +26,7 @@ class UssdTurn:
     network: str | None = None
     accumulated: str | None = None  # the whole '*'-joined text, for accumulating aggregators
     hop_key: str | None = None  # identifies a hop so a retried request is recognised
+    sequence: int | None = None  # the hop's number, where the aggregator numbers them (Hubtel's Sequence)
     extension: str | None = None  # digits dialled after the base code (*384*123*3# -> "3")
     closed: bool = False  # the aggregator reports the session over (user cancelled, timeout)
 

@@ -179,9 +179,13 @@ def test_fit_cuts_to_the_limit() -> None:
     ("1*2", "1*2*KH*HC", "KH*HC"),  # a '*' typed by the user stays in the input
     ("1*KH*HC", "1*KH*HC*4", "4"),
     ("1*2", "1*2*", ""),  # an empty answer
-    ("1*2", "9*9", "9"),  # the aggregator rewrote history: best effort, last part
+    ("1*2", "1", None),  # a late copy of an earlier hop: nothing new
+    ("1*2", "", None),  # the opening hop again
+    ("1*2", "1*2", None),
+    ("1*2", "9*9", None),  # a history this session never had: not guessed at
+    ("1*2", "1*23", None),
 ])
-def test_latest_input(previous: str | None, accumulated: str, latest: str) -> None:
+def test_latest_input(previous: str | None, accumulated: str, latest: str | None) -> None:
     assert latest_input(previous, accumulated) == latest
 
 

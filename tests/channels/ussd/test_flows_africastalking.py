@@ -885,3 +885,54 @@ async def test_a_non_members_language_is_remembered_on_every_server(client: Any,
     assert (await again.dial()) == chosen
     key = sessions.language_key(rt.cipher, normalize(STRANGER))
     assert await rt.redis.get(key) == b"rw" and 0 < await rt.redis.ttl(key) <= sessions.LANGUAGE_TTL
+
+
+async def test_a_late_copy_of_an_earlier_hop_is_not_taken_as_a_new_key(client: Any, demo: Any, db: Any) -> None:
+    """Africa's Talking sends every input so far: a delayed copy of an earlier hop ("1" on the confirmation
+    screen, whose text is now "1*1") is old, not a press of 1 (which there means Confirm)."""
+    phone = AtPhone(client, EN_MTN)
+    opening = await phone.dial()
+    await phone.send("1")
+    confirm = await phone.send("1")
+    assert "1. Confirm" in confirm
+    for stale in ("1", ""):  # the types hop, then the opening hop, arriving late
+        status, body = await phone.post({**phone.form(), "text": stale})
+        assert (status, body) == (200, confirm)
+    assert await db.count(Payment) == 0
+    # The member's real key presses still work after them.
+    done = await phone.send("1")
+    assert done.startswith("END Approve the prompt")
+    assert await db.count(Payment) == 1
+    assert opening.startswith("CON ")
+
+
+async def test_a_text_that_rewrites_the_history_shows_the_screen_again(client: Any, demo: Any, db: Any) -> None:
+    """A text that neither extends nor repeats the inputs so far is not guessed at: the screen again, no
+    step, and the member's next key (after that text) works."""
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    await phone.send("1")
+    confirm = await phone.send("1")
+    phone.inputs = ["9", "1"]
+    assert await phone.dial() == confirm
+    assert await db.count(Payment) == 0
+    assert (await phone.send("1")).startswith("END Approve the prompt")
+    assert await db.count(Payment) == 1
+
+
+async def test_a_hop_from_another_phone_cannot_continue_a_session(client: Any, demo: Any, db: Any, rt: Any) -> None:
+    """A session belongs to the phone that opened it: a hop with its session id and another number (forged or
+    misrouted) neither reads nor pays on it, and the owner's session goes on untouched."""
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    await phone.send("1")
+    confirm = await phone.send("1")
+    before = await sessions.load(rt.redis, "africastalking", phone.session_id)
+    status, body = await phone.post({**phone.form(), "text": "1*1*1", "phoneNumber": "+250788000001"})
+    assert status == 200 and body.startswith("END ") and "Approve" not in body
+    assert await db.count(Payment) == 0
+    assert await sessions.load(rt.redis, "africastalking", phone.session_id) == before
+    assert confirm.startswith("CON ")
+    assert (await phone.send("1")).startswith("END Approve the prompt")
+    payment = await db.one(Payment)
+    assert payment.payment_account_masked == "+25078****002"

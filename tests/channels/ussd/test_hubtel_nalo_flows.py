@@ -135,3 +135,20 @@ async def test_a_retried_opening_request_answers_the_opening_screen_again(client
         "Mobile": EN_MTN, "SessionId": "hubtel-retry", "ServiceCode": "384*123", "Type": "Initiation",
         "Message": "*384*123#", "Operator": "mtn"})
     assert (await resp.json())["Message"] == opening["Message"] and opening["Message"].startswith("Welcome")
+
+
+async def test_hubtel_a_late_earlier_sequence_is_not_a_new_choice(client: Any, demo: Any, db: Any) -> None:
+    """Hubtel numbers its hops: a copy of Sequence 2 ("1") arriving after Sequence 3 was answered is old, not
+    a press of 1 on the confirmation screen."""
+    phone = HubtelPhone(client, EN_MTN, "hubtel-late-seq")
+    await phone.post("Initiation", "*384*123#")
+    await phone.post("Response", "1")
+    confirm = await phone.post("Response", "1")
+    assert confirm["Message"].startswith("Pay Monthly Rent")
+    for old in (2, 1):
+        late = await phone.post("Response", "1", sequence=old)
+        assert late["Type"] == "Response" and late["Message"] == confirm["Message"]
+    assert await db.count(Payment) == 0
+    done = await phone.post("Response", "1")
+    assert done["Type"] == "Release" and done["Message"].startswith("Approve the prompt on your phone")
+    assert await db.count(Payment) == 1
