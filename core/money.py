@@ -80,10 +80,7 @@ class Money:
 
     def to_api(self) -> int | str:
         """Major units for JSON: an int when the currency has no minor unit, else a decimal string."""
-        exp = exponent(self.currency)
-        if exp == 0:
-            return self.minor
-        return f"{self.major():.{exp}f}"
+        return total_to_api(self.minor, self.currency)
 
     def format(self) -> str:
         """Human form with thousands separators: '50,000 RWF', '1,234.50 KES'."""
@@ -124,3 +121,12 @@ class Money:
 
     def __str__(self) -> str:
         return self.format()
+
+
+def total_to_api(minor: int, currency: str) -> int | str:
+    """A sum of amounts in major units for JSON, as Money.to_api writes one amount, without the per-amount
+    ceiling: a report's total of many payments may pass what any single payment may be."""
+    exp = exponent(currency)
+    if exp == 0:
+        return int(minor)
+    return f"{Decimal(int(minor)).scaleb(-exp):.{exp}f}"

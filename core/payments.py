@@ -104,8 +104,12 @@ async def _find_by_key(session: AsyncSession, cooperative_id: str, key: str) -> 
     )).scalar_one_or_none()
 
 
-def _replay(existing: Payment, request_hash: str) -> tuple[Payment, bool]:
-    if existing.request_hash != request_hash:
+def _replay(existing: Payment, new: NewPayment, account: str) -> tuple[Payment, bool]:
+    """The first payment made with a key, when this request is the same one again. A request that named no
+    amount is compared with the amount its first time charged: the type's price may have changed since, and
+    a retry of the same body must still find its payment (not a 409, nor a 400 about today's price)."""
+    amount = new.amount or Money(existing.amount_minor, existing.currency)
+    if existing.request_hash != _request_hash(new, amount, account):
         raise Conflict("Payment with this idempotency key already exists with a different request",
                        field="idempotencyKey")
     return existing, False
@@ -137,18 +141,21 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         raise NotFound("payment type not found", field="paymentTypeId")
 
     amount = new.amount or Money(ptype.amount_minor, ptype.currency)
-    if amount.currency != ptype.currency:
-        raise ValidationError(f"amount must be in {ptype.currency}", field="amount")
-    if not amount.is_positive():
+    if new.amount is not None and not amount.is_positive():
         raise ValidationError("amount must be a positive number", field="amount")
-    if amount.minor != ptype.amount_minor and not ptype.allow_custom_amount:
-        raise ValidationError(f"{ptype.name} costs {Money(ptype.amount_minor, ptype.currency)}; "
-                              "this payment type does not accept another amount", field="amount")
-
     account = _normalise_account(new.method, new.account, coop.country)
     request_hash = _request_hash(new, amount, account)
+    # Refusals that depend on what may have changed since a key was first accepted (the type's price,
+    # currency or state, the member's status): a replay of that request still answers with its payment.
     refused: DomainError | None = None
-    if not ptype.is_active:
+    if amount.currency != ptype.currency:
+        refused = ValidationError(f"amount must be in {ptype.currency}", field="amount")
+    elif not amount.is_positive():
+        refused = ValidationError("amount must be a positive number", field="amount")
+    elif amount.minor != ptype.amount_minor and not ptype.allow_custom_amount:
+        refused = ValidationError(f"{ptype.name} costs {Money(ptype.amount_minor, ptype.currency)}; "
+                                  "this payment type does not accept another amount", field="amount")
+    elif not ptype.is_active:
         refused = ValidationError("payment type is not active", field="paymentTypeId")
     elif new.member_id is not None and not context.member_found:
         refused = NotFound("member not found", field="member")
@@ -159,7 +166,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         # A replay of a key accepted before the type was deactivated still answers with its payment.
         existing = await _find_by_key(session, coop.id, key)
         if existing is not None:
-            return _replay(existing, request_hash)
+            return _replay(existing, new, account)
         raise refused
 
     provider = rt.provider_for(new.method)
@@ -217,7 +224,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         existing = await _find_by_key(session, coop.id, key)
         if existing is None:
             raise Conflict("a request with this idempotency key is in flight", field="idempotencyKey")
-        return _replay(existing, request_hash)
+        return _replay(existing, new, account)
     values["reference"] = reference
     metrics.PAYMENTS.labels(status="PENDING", method=new.method).inc()
     return _persistent(session, Payment(**values)), True

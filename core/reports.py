@@ -13,7 +13,7 @@ from sqlalchemy import Select, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.models import Dispute, Payment, PaymentType, Refund
-from core.money import Money
+from core.money import total_to_api
 from core.refunds import collected as taken
 from core.state.payment import HELD, holds_money
 from core.state.refund import RefundStatus
@@ -31,7 +31,8 @@ TAKEN = func.coalesce(Payment.collected_minor, Payment.amount_minor)
 
 
 def _amount(minor: int | None, currency: str) -> int | str:
-    return Money(int(minor or 0), currency).to_api()
+    # Sums too: not Money, whose ceiling is per payment (a period's totals may pass it).
+    return total_to_api(int(minor or 0), currency)
 
 
 def _in_period(query: Any, column: Any, start: datetime | None, end: datetime | None) -> Any:

@@ -108,6 +108,26 @@ async def test_same_key_same_body_replays_different_body_conflicts(admin, demo):
     assert conflict["message"].startswith("Payment with this idempotency key already exists")
 
 
+async def test_a_retry_after_the_price_changed_still_finds_its_payment(admin, demo):
+    """The integrator's retry of an accepted request (its answer was lost) after the admin changed the type's
+    price: the same payment, not a 400 about today's price (nor a 409) that would lead to a second key."""
+    rent = demo["payment_types"]["Monthly Rent"]
+    body = payment_body(rent)  # no amount: the type's price, 50,000 RWF, then
+    first = await admin.json("POST", "/v1/payments", 201, json=body)
+    await admin.json("PATCH", f"/v1/payment-types/{rent}", 200, json={"amount": 55000})
+    for retry in (body, {**body, "amount": 50000}):
+        resp = await admin.req("POST", "/v1/payments", json=retry)
+        replay = await resp.json()
+        assert resp.status == 200 and resp.headers["Idempotent-Replayed"] == "true", replay
+        assert replay["id"] == first["id"] and replay["amount"] == 50000
+    # A new request at the old price is refused with today's price; another body on the key is a conflict.
+    fresh = await admin.json("POST", "/v1/payments", 400, json={**body, "idempotencyKey": idem(), "amount": 50000})
+    assert fresh["message"] == ["Monthly Rent costs 55,000 RWF; this payment type does not accept another amount"]
+    await admin.json("POST", "/v1/payments", 409, json={**body, "amount": 55000})
+    await admin.json("PATCH", f"/v1/payment-types/{rent}", 200, json={"isActive": False})
+    assert (await admin.json("POST", "/v1/payments", 200, json=body))["id"] == first["id"]
+
+
 async def test_concurrent_duplicates_create_one_payment(admin, rt, demo):
     body = payment_body(demo["payment_types"]["Monthly Rent"])
     responses = await asyncio.gather(*(admin.req("POST", "/v1/payments", json=body) for _ in range(6)))

@@ -11,7 +11,7 @@ from core.models import Payment
 from core.money import Money
 from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
-from tests.admin_api.conftest import complete_payment, make_payment
+from tests.admin_api.conftest import complete_payment, idem, make_payment, payment_body
 
 
 async def _short_paid(admin, rt, demo) -> dict:
@@ -91,3 +91,16 @@ async def test_an_overpayment_is_counted_and_refundable_in_full(admin, rt, demo)
         await apply_refund_outcome(s, rt, await s.get(Refund, refund["id"]), ProviderOutcome.SUCCEEDED,
                                    actor=Actor("provider:t", "provider"))
     assert (await admin.json("GET", f"/v1/payments/{payment['id']}", 200))["status"] == "REFUNDED"
+
+
+async def test_totals_past_one_payments_ceiling_still_report(admin, tenant, demo):
+    """Two payments of the largest amount one may be (a custom-amount type): the period's totals pass that
+    ceiling; the reconciliation still answers (it answered 400 "amount is too large" for the whole period)."""
+    ptype = await admin.json("POST", "/v1/payment-types", 201,
+                             json={"name": "Donation", "amount": 0, "allowCustomAmount": True})
+    for _ in range(2):
+        await tenant.json("POST", "/v1/payments", 201,
+                          json=payment_body(ptype["id"], amount=999_999_999_999_999, idempotencyKey=idem()))
+    report = await admin.json("GET", "/v1/reports/reconciliation?from=2020-01-01", 200)
+    pending = [row for row in report["payments"]["byStatus"] if row["status"] == "PENDING"]
+    assert pending == [{"status": "PENDING", "currency": "RWF", "count": 2, "amount": 1_999_999_999_999_998}]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.money import EXPONENTS, Money, MoneyError
+from core.money import EXPONENTS, Money, MoneyError, total_to_api
 
 
 @pytest.mark.parametrize(
@@ -76,3 +76,14 @@ def test_round_trip_through_major_units(currency, minor):
 @given(st.integers(0, 10**9), st.integers(0, 10**9))
 def test_addition_is_exact(a, b):
     assert (Money(a, "KES") + Money(b, "KES")).minor == a + b
+
+
+def test_totals_pass_the_per_amount_ceiling() -> None:
+    """A report's sum of many payments may pass what one payment may be: written like one amount, not refused."""
+    assert total_to_api(2 * 999_999_999_999_999, "RWF") == 1_999_999_999_999_998
+    assert total_to_api(10**17 + 5, "KES") == "1000000000000000.05"
+    assert total_to_api(-150, "KES") == "-1.50"
+    with pytest.raises(MoneyError):
+        Money(10**15, "RWF")
+    for minor, currency in ((0, "RWF"), (123_456, "KES"), (-7, "UGX")):
+        assert total_to_api(minor, currency) == Money(minor, currency).to_api()
