@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
-from core.db import serialise_on_sqlite, utcnow
+from core.db import lock_row, serialise_on_sqlite, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, Payment
 from core.money import Money
@@ -105,10 +105,9 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
     except ValueError:
         raise ValidationError(f"status must be one of {', '.join(s.value for s in DisputeStatus)}",
                               field="status") from None
-    query = select(Dispute).where(Dispute.id == dispute_id).with_for_update()
-    if cooperative_id is not None:
-        query = query.where(Dispute.cooperative_id == cooperative_id)
-    dispute = (await session.execute(query)).scalar_one_or_none()
+    # Read fresh under the lock: the route may have loaded the row before (its identity map would hand back
+    # that copy), and a note or move another admin committed meanwhile must not be written over.
+    dispute = await lock_row(session, Dispute, dispute_id, cooperative_id)
     if dispute is None:
         raise NotFound("dispute not found")
     if refund_amount is not None and target is not D.RESOLVED:

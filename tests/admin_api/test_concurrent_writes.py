@@ -38,6 +38,39 @@ async def test_disputes_opened_at_once_make_one_and_409_the_rest(admin, rt, demo
     assert open_ == 1
 
 
+@requires_pg
+async def test_notes_added_to_a_dispute_at_once_are_all_kept(admin, rt, demo):
+    """Admins adding evidence to one dispute at the same moment: every note answered 200 is on the dispute
+    (the move read the row the route had loaded before the lock, and wrote its notes over the others')."""
+    for round_ in range(ROUNDS):
+        payment = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)
+        dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": payment["id"], "reason": "OTHER"})
+        texts = {f"evidence {round_}-{i}" for i in range(4)}
+        answers = await asyncio.gather(*[admin.req("POST", f"/v1/disputes/{dispute['id']}/transitions",
+                                                   json={"status": "OPEN", "note": t}) for t in sorted(texts)])
+        assert [a.status for a in answers] == [200] * len(texts)
+        final = await admin.json("GET", f"/v1/disputes/{dispute['id']}", 200)
+        assert {n["text"] for n in final["notes"]} == texts
+
+
+@requires_pg
+async def test_a_note_racing_a_resolution_is_refused_not_written_over_it(admin, rt, demo):
+    payment = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": payment["id"], "reason": "OTHER"})
+    url = f"/v1/disputes/{dispute['id']}/transitions"
+    resolve, note = await asyncio.gather(
+        admin.req("POST", url, json={"status": "REJECTED", "note": "paid to another account, per statement"}),
+        admin.req("POST", url, json={"status": "OPEN", "note": "late evidence"}))
+    final = await admin.json("GET", f"/v1/disputes/{dispute['id']}", 200)
+    texts = [n["text"] for n in final["notes"]]
+    assert resolve.status == 200 and final["status"] == "REJECTED"
+    assert "paid to another account, per statement" in texts
+    # The note came first (kept, the dispute then rejected) or second (refused: a rejected dispute is closed).
+    assert ("late evidence" in texts) == (note.status == 200), (note.status, texts)
+    if note.status != 200:
+        assert note.status in (409, 422), await note.text()
+
+
 async def test_duplicate_open_disputes_left_by_an_earlier_race_answer_409_not_500(admin, rt, demo):
     payment = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)
     first = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": payment["id"], "reason": "OTHER"})
