@@ -51,6 +51,7 @@ async def list_audit_events(request: web.Request, ctx: Ctx) -> web.StreamRespons
         ("entityId", AuditEvent.entity_id),
         ("actor", AuditEvent.actor),
         ("action", AuditEvent.action),
+        ("cooperativeId", AuditEvent.cooperative_id),
     ):
         if q.get(param):
             query = query.where(column == q[param])

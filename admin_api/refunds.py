@@ -122,6 +122,8 @@ def _filters(ctx: Ctx, query: Any) -> Any:
     q = ctx.query
     if q.get("status"):
         query = query.where(Refund.status == q["status"])
+    if q.get("cooperativeId"):
+        query = query.where(Refund.cooperative_id == q["cooperativeId"])
     if q.get("from"):
         query = query.where(Refund.created_at >= q["from"])
     if q.get("to"):

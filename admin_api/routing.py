@@ -161,13 +161,15 @@ async def _period(request: web.Request, session: AsyncSession, principal: Princi
     """A `from`/`to` period, the same on every route that takes one (lists, reports, exports). A bare date
     (2025-10-01) is midnight in the cooperative's own time zone for a caller of one cooperative, as its receipts
     and reminders show dates: October of a Kigali cooperative runs from 1 October 00:00 to 1 November 00:00 in
-    Kigali (22:00 UTC the day before). A date-time without an offset is UTC; with an offset, as given. An empty
+    Kigali (22:00 UTC the day before); a super admin's too when the query names the cooperative (`cooperativeId`),
+    UTC days across cooperatives. A date-time without an offset is UTC; with an offset, as given. An empty
     or reversed period is refused rather than answered with nothing."""
     start, end = query.get("from"), query.get("to")
     bare = [name for name in ("from", "to") if query.get(name) is not None
             and _DATE_ONLY.match(request.query.get(name, ""))]
-    if bare and principal is not None and principal.cooperative_id:
-        coop = await session.get(Cooperative, principal.cooperative_id)
+    coop_id = (principal.cooperative_id or query.get("cooperativeId")) if principal is not None else None
+    if bare and coop_id:
+        coop = await session.get(Cooperative, coop_id)
         zone = zone_of(coop.timezone if coop else None)
         for name in bare:
             query[name] = _local_midnight(query[name], zone)

@@ -188,6 +188,9 @@ def period_params(moment: str = "") -> dict[str, Param]:
         "from": Param("date-time", f"Start of the period{of}, inclusive. A date alone is midnight in the "
                       "cooperative's time zone; a date-time without an offset is UTC"),
         "to": Param("date-time", f"End of the period{of}, exclusive; as `from`"),
+        # Applied as a filter by each route (admin_api.reports._scope and the lists); routing._period reads its
+        # time zone for bare dates.
+        "cooperativeId": Param("uuid", "Super admin: one cooperative (bare dates are then its local days)"),
     }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -40,6 +41,30 @@ async def test_list_and_export_agree_on_local_days(admin, rt, demo):
     # A date-time without an offset stays UTC: 31 October 00:00 UTC onwards holds both.
     utc = await admin.json("GET", "/v1/payments?from=2026-10-31T00:00:00", 200)
     assert {p["id"] for p in utc["data"]} == {october["id"], november["id"]}
+
+
+async def test_a_super_admin_naming_the_cooperative_reads_its_local_days(admin, superadmin, rt, demo):
+    """The cooperative's admin and a super admin asking about that cooperative see the same October; across
+    cooperatives (no cooperativeId) bare dates are UTC days."""
+    november = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)
+    await _dated(rt, november["id"], "2026-10-31T22:30:00")  # 00:30 on 1 November in Kigali
+    coop = demo["cooperative_id"]
+    for path in ("/v1/payments", "/v1/reports/payments.csv"):
+        october = await superadmin.req("GET", f"{path}?{OCTOBER}&cooperativeId={coop}")
+        later = await superadmin.req("GET", f"{path}?from=2026-11-01&to=2026-12-01&cooperativeId={coop}")
+        assert (october.status, later.status) == (200, 200), (path, await october.text())
+        assert november["id"] not in await october.text() and november["id"] in await later.text()
+    everywhere = await superadmin.json("GET", f"/v1/payments?{OCTOBER}", 200)
+    assert [p["id"] for p in everywhere["data"]] == [november["id"]]
+    report = await superadmin.json("GET", f"/v1/reports/reconciliation?{OCTOBER}&cooperativeId={coop}", 200)
+    assert report["payments"]["byStatus"] == []
+    audit = await superadmin.json("GET", f"/v1/audit-events?from=2020-01-01&cooperativeId={coop}&entityId="
+                                         f"{november['id']}", 200)
+    assert [e["cooperativeId"] for e in audit["data"]] == [coop]
+    # Another cooperative named: nothing of this one.
+    other = await superadmin.json("GET", f"/v1/reports/reconciliation?from=2026-11-01&cooperativeId={uuid.uuid4()}",
+                                  200)
+    assert other["payments"]["byStatus"] == [] and other["totals"] == []
 
 
 async def test_audit_log_reads_local_days(admin, rt, demo):
