@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,7 +98,14 @@ class Settings:
     db_pool_size: int = 20
     ussd_ip_allowlists: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     trusted_proxies: tuple[str, ...] = ()
+    # Per aggregator, where its members dial another code (Ghana's aggregators are not Rwanda's): a cooperative's
+    # extension is what follows that aggregator's code.
+    ussd_service_codes: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def service_code_for(self, aggregator: str) -> str:
+        """The USSD code members dial through this aggregator (USSD_SERVICE_CODE_<AGGREGATOR>, else the shared one)."""
+        return self.ussd_service_codes.get(aggregator, self.ussd_service_code)
 
     @property
     def is_embedded(self) -> bool:
@@ -106,6 +114,16 @@ class Settings:
     @property
     def is_production(self) -> bool:
         return self.environment == "production"
+
+
+_SERVICE_CODE = re.compile(r"^\*[0-9]+(\*[0-9]+)*#$")
+
+
+def _service_code(env: Mapping[str, str], name: str, default: str) -> str:
+    value = _get(env, name, default).strip()
+    if not _SERVICE_CODE.match(value) or len(value) > 32:
+        raise ConfigError(name, "must be a USSD code such as *384*123#")
+    return value
 
 
 def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
@@ -339,6 +357,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if production:
         _check_ussd_callbacks_guarded(callback_secrets, allowlist, allowlists)
     trusted_proxies = _networks(env, "TRUSTED_PROXIES")
+    service_code = _service_code(env, "USSD_SERVICE_CODE", "*384*123#")
+    service_codes = {name: _service_code(env, f"USSD_SERVICE_CODE_{name.upper()}", service_code)
+                     for name in USSD_AGGREGATORS if env.get(f"USSD_SERVICE_CODE_{name.upper()}", "").strip()}
 
     log_level = _get(env, "LOG_LEVEL", "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -370,7 +391,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         poll_after_seconds=_int(env, "POLL_AFTER_SECONDS", 30, minimum=1),
         payment_timeout_seconds=_int(env, "PAYMENT_TIMEOUT_SECONDS", 300, minimum=1),
         payment_settle_grace_seconds=_int(env, "PAYMENT_SETTLE_GRACE_SECONDS", 86400, minimum=60),
-        ussd_service_code=_get(env, "USSD_SERVICE_CODE", "*384*123#"),
+        ussd_service_code=service_code,
+        ussd_service_codes=service_codes,
         log_level=log_level,
         reminder_days_before=_int(env, "REMINDER_DAYS_BEFORE", 3, minimum=0),
         reminders_enabled=_bool(env, "REMINDERS_ENABLED", True),

@@ -172,7 +172,7 @@ def _hop_handler(aggregator: str) -> Callable[[web.Request], Awaitable[web.Respo
         started = time.perf_counter()
         parsed: Parsed | None = None
         try:
-            parsed = module.parse(await _read(request, aggregator), settings.ussd_service_code)
+            parsed = module.parse(await _read(request, aggregator), settings.service_code_for(aggregator))
         except MalformedRequest as exc:
             log.warning("ussd callback malformed", extra={"aggregator": aggregator, "error": str(exc)})
             return _respond(module.render_malformed(str(exc)))

@@ -67,6 +67,8 @@ def test_secret_never_shows():
         ({"SIMULATORS_IN_PROCESS": "maybe"}, "SIMULATORS_IN_PROCESS"),
         ({"OUTBOX_BATCH_SIZE": "0"}, "OUTBOX_BATCH_SIZE"),
         ({"MTN_MOMO_TARGET_ENVIRONMENT": "mtn-rwanda"}, "MTN_MOMO_TARGET_ENVIRONMENT"),
+        ({"USSD_SERVICE_CODE": "384*123"}, "USSD_SERVICE_CODE"),
+        ({"USSD_SERVICE_CODE_NALO": "*920*44"}, "USSD_SERVICE_CODE_NALO"),
     ],
 )
 def test_invalid_configuration_names_the_variable(env, variable):
@@ -167,3 +169,9 @@ def test_the_demo_is_never_seeded_into_production():
                                  env={**os.environ, **_production_env()}, timeout=60, check=False)
         assert refused.returncode == 2, refused.stderr
         assert refused.stderr.startswith(f"refusing to {command} with GATEWAY_ENV=production")
+
+
+def test_an_aggregator_may_have_its_own_service_code():
+    s = load_settings({"USSD_SERVICE_CODE_NALO": " *920*44# "})
+    assert s.service_code_for("nalo") == "*920*44#"
+    assert s.service_code_for("hubtel") == s.service_code_for("africastalking") == "*384*123#"

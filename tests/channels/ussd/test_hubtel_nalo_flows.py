@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.models import OutboxJob, Payment, UssdSession
+from core.models import Cooperative, OutboxJob, Payment, UssdSession
 
 FR_AIRTEL = "250733000001"
 EN_MTN = "250788000002"
@@ -152,3 +152,26 @@ async def test_hubtel_a_late_earlier_sequence_is_not_a_new_choice(client: Any, d
     done = await phone.post("Response", "1")
     assert done["Type"] == "Release" and done["Message"].startswith("Approve the prompt on your phone")
     assert await db.count(Payment) == 1
+
+
+async def test_a_cooperatives_extension_on_an_aggregators_own_code(rt: Any, aiohttp_client: Any, demo: Any) -> None:
+    """Members in Ghana dial Nalo's code, not the Rwandan one: with USSD_SERVICE_CODE_NALO set, the digits after
+    it pick the cooperative (they were ignored: a stranger dialling a cooperative's extension was asked for its
+    code, and a member of several was not narrowed to it)."""
+    import dataclasses
+
+    from app import create_app
+
+    async with rt.sessionmaker.begin() as s:
+        s.add(Cooperative(name="Accra Traders Union", short_code="ATU", country="GH", currency="GHS",
+                          status="ACTIVE", ussd_extension="7", self_registration=True))
+    settings = dataclasses.replace(rt.settings, ussd_service_codes={"nalo": "*920*44#"})
+    client = await aiohttp_client(create_app(settings, runtime=rt))
+    stranger = "233244555124"
+    await nalo(client, "nalo-ghana", "*920*44*7#", True, stranger)
+    join = await nalo(client, "nalo-ghana", "1", False, stranger)
+    assert "Accra Traders Union" in join["MSG"], join
+    # The shared code still works through the other aggregators; Nalo's own code without digits is the menu.
+    home = await nalo(client, "nalo-ghana-2", "*920*44#", True)
+    assert home["MSG"].startswith("Bienvenue")
+    assert settings.service_code_for("africastalking") == "*384*123#"
