@@ -28,7 +28,7 @@ from admin_api.validation import LIMIT, PAGE, Param, period_params
 from core.errors import NotFound, ValidationError
 from core.models import Member, Payment
 from core.money import Money
-from core.payments import METHODS, NewPayment, create_payment, load_context, record_collected
+from core.payments import METHODS, NewPayment, collected_amount, create_payment, load_context, record_collected
 from core.ratelimit import Limit
 from core.state.payment import PaymentStatus
 
@@ -39,6 +39,11 @@ PAYMENT = out(
         "id": ID,
         "amount": AMOUNT_OUT,
         "currency": {"type": "string"},
+        "collectedAmount": {
+            "type": ["integer", "string", "null"],
+            "description": "what the provider reported taken, to credit (amount is what was asked; mismatch: "
+            "they differ, 0 when taken in another currency); null while nothing is taken",
+        },
         "status": {"enum": list(STATUSES)},
         "paymentMethod": {"enum": list(METHODS)},
         "paymentAccount": {"type": "string"},
@@ -59,6 +64,8 @@ PAYMENT = out(
         "channel": {"type": "string"},
         "failureReason": NULL_STRING,
         "mismatch": {"type": "boolean"},
+        "mismatchDetail": {**NULL_STRING, "description": "why the payment is flagged, e.g. the amount the "
+                           "provider reported against the amount asked"},
         "late": {"type": "boolean"},
     }
 )
@@ -115,6 +122,7 @@ def present(p: Payment) -> dict[str, Any]:
         "id": p.id,
         "amount": money_out(p.amount_minor, p.currency),
         "currency": p.currency,
+        "collectedAmount": _collected(p),
         "status": p.status,
         "paymentMethod": p.method,
         "paymentAccount": p.payment_account_masked,
@@ -135,8 +143,15 @@ def present(p: Payment) -> dict[str, Any]:
         "channel": p.channel,
         "failureReason": p.failure_reason,
         "mismatch": bool(p.mismatch),
+        "mismatchDetail": p.mismatch_detail,
         "late": bool(p.late),
     }
+
+
+def _collected(p: Payment) -> int | str | None:
+    # Formatted as `amount` is; the webhook's `collectedAmount` (core.payments.event_data) reads the same.
+    taken = collected_amount(p)
+    return None if taken is None else money_out(taken.minor, taken.currency)
 
 
 async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:

@@ -358,15 +358,31 @@ async def recent_payments_for_member(session: AsyncSession, member_id: str, limi
     return list(rows.scalars())
 
 
+def collected_amount(payment: Any) -> Money | None:
+    """What the provider reported taken, in the payment's currency; None while nothing is (completed_at is set
+    when money is reported taken, also after a failure). The amount asked unless the provider reported another
+    (collected_minor: less, more, or 0 when it took another currency, left to a person: mismatch_detail says
+    what it reported). Reads a Payment, a _Moved or the SMS worker's PaymentFacts: an underpaid payment's
+    webhook, API view and receipt must all state what was taken, never the amount asked."""
+    if payment.completed_at is None:
+        return None
+    taken = payment.amount_minor if payment.collected_minor is None else payment.collected_minor
+    return Money(taken, payment.currency)
+
+
 def event_data(payment: Payment) -> dict[str, Any]:
-    """The payment as cooperatives' systems receive it in webhooks (no full phone number)."""
+    """The payment as cooperatives' systems receive it in webhooks (no full phone number). `collectedAmount`
+    is what to credit: `amount` is what was asked, and a provider may take less or more (`mismatch`)."""
     money = Money(payment.amount_minor, payment.currency)
+    collected = collected_amount(payment)
     return {
         "id": payment.id, "reference": payment.reference, "status": payment.status,
-        "amount": money.to_api(), "currency": payment.currency, "paymentMethod": payment.method,
+        "amount": money.to_api(), "currency": payment.currency,
+        "collectedAmount": collected.to_api() if collected is not None else None, "paymentMethod": payment.method,
         "paymentAccount": payment.payment_account_masked, "paymentTypeId": payment.payment_type_id,
         "memberId": payment.member_id, "gatewayTransactionId": payment.provider_transaction_id,
         "failureReason": payment.failure_reason, "late": payment.late, "mismatch": payment.mismatch,
+        "mismatchDetail": payment.mismatch_detail,
         "completedAt": payment.completed_at.isoformat() if payment.completed_at else None,
         "createdAt": payment.created_at.isoformat(),
     }

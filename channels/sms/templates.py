@@ -17,6 +17,7 @@ from core.gsm import is_gsm, to_gsm
 from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, WebhookEndpoint
 from core.money import Money
 from core.notify import SMS_PHONE_CONTEXT
+from core.payments import collected_amount
 from core.phone import Phone
 from core.state.payment import shown_status
 
@@ -113,12 +114,24 @@ class PaymentFacts(NamedTuple):
     coop_name: str
     coop_timezone: str
     coop_ussd_extension: str | None
+    collected_minor: int | None  # set when the provider reported taking another amount (core.payments)
+
+
+def amount_text(facts: PaymentFacts, catalog: ModuleType) -> str:
+    """The payment's amount as the payer is told it: what was taken once money is, and, when the provider took
+    less or more than was asked, both ("40,000 RWF of 50,000 RWF"): never the amount asked as if received."""
+    asked = Money(facts.amount_minor, facts.currency)
+    taken = collected_amount(facts)
+    if taken is None or taken == asked:
+        return asked.format()
+    phrase = catalog.AMOUNT_TAKEN["less" if taken < asked else "more"]
+    return str(phrase.format(collected=taken.format(), amount=asked.format()))
 
 
 def payment_values(facts: PaymentFacts, language: str, service_code: str) -> dict[str, Any]:
     catalog = CATALOGS.get(language, en)
     return {
-        "amount": Money(facts.amount_minor, facts.currency).format(),
+        "amount": amount_text(facts, catalog),
         "type": facts.type_name or "-",
         "coop": facts.coop_name,
         "ref": facts.reference,
@@ -183,7 +196,7 @@ async def build_message(
         facts = PaymentFacts(
             payment.amount_minor, payment.currency, payment.reference, payment.provider_transaction_id,
             payment.completed_at, payment.updated_at, payment.status, payment.failure_reason,
-            ptype.name if ptype else None, coop.name, coop.timezone, coop.ussd_extension,
+            ptype.name if ptype else None, coop.name, coop.timezone, coop.ussd_extension, payment.collected_minor,
         )
         values.update(payment_values(facts, language, service_code))
     elif template.startswith("refund_"):

@@ -92,6 +92,7 @@ async def test_a_callback_is_two_statements_in_one_transaction(client: Any, demo
     assert jobs["webhook.event"][1]["data"] == event_data(moved), (jobs["webhook.event"][1]["data"], event_data(moved))
     assert jobs["webhook.event"][1]["data"]["status"] == "COMPLETED"
     assert jobs["webhook.event"][1]["data"]["gatewayTransactionId"] == "TX-1"
+    assert jobs["webhook.event"][1]["data"]["collectedAmount"] == moved.amount_minor  # all of it (RWF: no minor unit)
 
 
 @pytest.mark.parametrize("case", ["late", "mismatch", "no_transaction_id", "other_currency"])
@@ -119,6 +120,12 @@ async def test_the_webhook_data_built_before_the_move_reads_as_the_stored_row(
     assert (data["late"], data["mismatch"]) == (case == "late", case in ("mismatch", "other_currency"))
     assert stored.collected_minor == {"mismatch": payment.amount_minor - 100, "other_currency": 0}.get(
         case, stored.collected_minor)
+    # What the cooperative's system credits: what was taken (in the payment's currency), and why it differs.
+    assert data["collectedAmount"] == {"mismatch": payment.amount_minor - 100, "other_currency": 0}.get(
+        case, payment.amount_minor)
+    assert data["mismatchDetail"] == {
+        "mismatch": f"provider reported {Money(payment.amount_minor - 100, 'RWF')}, expected 50,000 RWF",
+        "other_currency": "provider reported 5.00 KES, expected 50,000 RWF"}.get(case)
 
 
 async def test_a_failed_callback_moves_and_queues_in_one_statement(client: Any, demo: Any, rt: Any,
@@ -137,6 +144,7 @@ async def test_a_failed_callback_moves_and_queues_in_one_statement(client: Any, 
     assert jobs["sms.send"][0] == f"sms:payment_failed:{payment.id}"
     assert jobs["webhook.event"][1]["data"] == event_data(moved)
     assert jobs["webhook.event"][1]["data"]["failureReason"] == "payer declined"
+    assert jobs["webhook.event"][1]["data"]["collectedAmount"] is None  # nothing taken
     # The same callback again: stored once, nothing moves or is queued twice.
     sent.clear()
     assert await handle_provider_event(rt, callback) == "duplicate"

@@ -28,6 +28,12 @@ MESSAGES = {
     "unknown": "Sorry, we did not understand. Send HELP or dial {dial}.",
 }
 
+# A payment's {amount} when the provider took less or more than was asked (templates.amount_text).
+AMOUNT_TAKEN = {
+    "less": "{collected} of {amount}",
+    "more": "{collected} ({amount} asked)",
+}
+
 PAYMENT_STATUS = {
     "PENDING": "waiting for your approval",
     "PROCESSING": "being processed",

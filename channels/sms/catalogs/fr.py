@@ -32,6 +32,12 @@ MESSAGES = {
     "unknown": "Message non compris. Envoyez AIDE ou composez {dial}.",
 }
 
+# A payment's {amount} when the provider took less or more than was asked (templates.amount_text).
+AMOUNT_TAKEN = {
+    "less": "{collected} sur {amount}",
+    "more": "{collected} ({amount} demandés)",
+}
+
 PAYMENT_STATUS = {
     "PENDING": "en attente de votre approbation",
     "PROCESSING": "en cours",

@@ -29,6 +29,12 @@ MESSAGES = {
     "unknown": "Ntitwabyumvise. Ohereza UBUFASHA cyangwa ukande {dial}.",
 }
 
+# A payment's {amount} when the provider took less or more than was asked (templates.amount_text).
+AMOUNT_TAKEN = {
+    "less": "{collected} aho kuba {amount}",
+    "more": "{collected} aho kuba {amount}",
+}
+
 PAYMENT_STATUS = {
     "PENDING": "dutegereje ko wemeza",
     "PROCESSING": "biri gukorwa",

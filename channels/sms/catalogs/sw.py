@@ -28,6 +28,12 @@ MESSAGES = {
     "unknown": "Hatukuelewa. Tuma MSAADA au piga {dial}.",
 }
 
+# A payment's {amount} when the provider took less or more than was asked (templates.amount_text).
+AMOUNT_TAKEN = {
+    "less": "{collected} kati ya {amount}",
+    "more": "{collected} badala ya {amount}",
+}
+
 PAYMENT_STATUS = {
     "PENDING": "inasubiri uthibitisho wako",
     "PROCESSING": "inashughulikiwa",

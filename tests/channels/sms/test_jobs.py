@@ -365,9 +365,13 @@ async def test_payment_messages_from_the_one_query_match_the_row_by_row_build(
     from core.models import Payment
 
     jobs = SmsJobs(rt)
-    seen_languages, seen_dates = set(), set()
-    shapes = [("FAILED", "INSUFFICIENT_FUNDS"), ("COMPLETED", None)] * len(demo["members"])
-    for (phone, member_id), (status, reason) in zip(list(demo["members"].items()) * 2, shapes, strict=False):
+    seen_languages, seen_dates, seen_taken = set(), set(), set()
+    # Completed with the amount asked, or with less or more taken (collected_minor): the message states that.
+    shapes = [("FAILED", "INSUFFICIENT_FUNDS", None), ("COMPLETED", None, None), ("COMPLETED", None, 40_000),
+              ("COMPLETED", None, 60_000)]
+    # Every member (five, one language each) meets every shape (four).
+    members = list(demo["members"].items()) * len(shapes)
+    for (phone, member_id), (status, reason, taken) in zip(members, shapes * len(demo["members"]), strict=True):
         payment = await make_payment(rt, demo["cooperative_id"], account=phone, member_id=member_id,
                                      status=status, failure_reason=reason)
         # Touched two days later (a refund): a completed payment is dated by completed_at (15/01), another
@@ -375,6 +379,7 @@ async def test_payment_messages_from_the_one_query_match_the_row_by_row_build(
         async with rt.sessionmaker.begin() as session:
             row = await session.get(Payment, payment.id)
             row.updated_at = datetime(2026, 1, 17, 8, 0, tzinfo=UTC)
+            row.collected_minor, row.mismatch = taken, taken is not None
         for payload in (
             {"template": template, "cooperative_id": demo["cooperative_id"], "member_id": member_id,
              "context": {"payment_id": payment.id}},
@@ -390,9 +395,13 @@ async def test_payment_messages_from_the_one_query_match_the_row_by_row_build(
                                                 service_code=rt.settings.ussd_service_code)
             assert fast == reference
             assert payment.reference in fast[2] and fast[0].e164 == phone
+            if taken is not None:  # what was taken, beside the 50,000 asked
+                assert f"{taken:,} RWF" in fast[2] and "50,000 RWF" in fast[2], fast[2]
+                seen_taken.add((fast[1], taken))
             seen_languages.add(fast[1])
             seen_dates.update(day for day in ("15/01", "17/01", "16/01") if day in fast[2])
     assert len(seen_languages) >= 2, seen_languages
+    assert seen_taken == {(language, taken) for language in seen_languages for taken in (40_000, 60_000)}, seen_taken
     if template == "payment_receipt":  # the template that shows the date: both dates were used
         assert seen_dates == {"15/01", "17/01"}, seen_dates
 

@@ -48,6 +48,25 @@ def test_every_template_fits(template: str, language: str) -> None:
         assert size.segments == 1, f"{template}/{language} should fit one SMS: {body!r}"
 
 
+@pytest.mark.parametrize("language", sorted(CATALOGS))
+@pytest.mark.parametrize("template", [t for t in TEMPLATES if templates.is_payment_template(t)])
+def test_payment_messages_fit_with_what_was_taken_beside_what_was_asked(template: str, language: str) -> None:
+    """A payment the provider took another amount of states both amounts: still GSM-7, within three parts."""
+    catalog = CATALOGS[language]
+    amount = max((p.format(collected="1,250,000 RWF", amount="1,500,000 RWF") for p in catalog.AMOUNT_TAKEN.values()),
+                 key=len)
+    values = {
+        **WORST_CASE,
+        "amount": amount,
+        "status": max(catalog.PAYMENT_STATUS.values(), key=len),
+        "reason": max(catalog.REASONS.values(), key=len),
+    }
+    body = render(template, language, values)
+    size = measure(body)
+    assert size.encoding == GSM7, f"{template}/{language} would force UCS-2: {body!r}"
+    assert size.segments <= 3, f"{template}/{language} is {size.length} septets"
+
+
 def test_catalogs_have_the_same_templates_and_placeholders() -> None:
     english = CATALOGS["en"]
     for language, catalog in CATALOGS.items():
@@ -56,6 +75,9 @@ def test_catalogs_have_the_same_templates_and_placeholders() -> None:
         assert set(catalog.DISPUTE_STATUS) == set(english.DISPUTE_STATUS), language
         assert set(catalog.REASONS) == set(english.REASONS), language
         assert set(catalog.KEYWORDS) == set(english.KEYWORDS), language
+        assert set(catalog.AMOUNT_TAKEN) == set(english.AMOUNT_TAKEN) == {"less", "more"}, language
+        for phrase in catalog.AMOUNT_TAKEN.values():
+            assert templates._placeholders(phrase) == {"collected", "amount"}, (language, phrase)
         for name, text in catalog.MESSAGES.items():
             assert templates._placeholders(text) <= templates._placeholders(english.MESSAGES[name]) | {
                 "dial"
@@ -133,6 +155,53 @@ async def test_build_receipt_from_rows_in_member_language_and_local_time(
     assert "50,000 RWF" in body and payment.reference in body and "MTN-TX-778899" in body
     assert "Kigali Heights Housing Cooperative" in body
     assert "15/01/2026 23:30" in body  # 21:30 UTC is 23:30 in Africa/Kigali
+
+
+TAKEN_SHOWN = {  # 40,000 or 60,000 RWF taken of a 50,000 RWF payment, in each language
+    "en": ("Payment received: 40,000 RWF of 50,000 RWF for ", "Payment received: 60,000 RWF (50,000 RWF asked) for "),
+    "fr": ("Paiement confirmé: 40,000 RWF sur 50,000 RWF pour ",
+           "Paiement confirmé: 60,000 RWF (50,000 RWF demandés) pour "),
+    "rw": ("Twakiriye 40,000 RWF aho kuba 50,000 RWF ya ", "Twakiriye 60,000 RWF aho kuba 50,000 RWF ya "),
+    "sw": ("Tumepokea 40,000 RWF kati ya 50,000 RWF kwa ", "Tumepokea 60,000 RWF badala ya 50,000 RWF kwa "),
+}
+
+
+@pytest.mark.parametrize("language", sorted(CATALOGS))
+async def test_a_receipt_states_what_was_taken_when_the_provider_took_another_amount(
+    rt: Any, demo: dict[str, Any], language: str
+) -> None:
+    """The provider reported 40,000 (or 60,000) of 50,000 RWF taken: the member is told that, not 50,000."""
+    from core.models import Payment
+
+    payment = await make_payment(rt, demo["cooperative_id"], account="+250788000003")
+    payload = {"template": "payment_receipt", "context": {"payment_id": payment.id, "language": language},
+               "phone_enc": rt.cipher.encrypt("+250788000003", context="sms")}
+    for taken, shown in zip((40_000, 60_000), TAKEN_SHOWN[language], strict=True):
+        async with rt.sessionmaker.begin() as session:
+            row = await session.get(Payment, payment.id)
+            row.mismatch, row.collected_minor = True, taken
+        async with rt.sessionmaker() as session:
+            _, _, body = await templates.build_message(session, rt.cipher, payload)
+        assert body.startswith(shown), body
+        assert measure(body).encoding == GSM7
+    # Taken in full (no collected figure, or the same one): the amount alone, as before.
+    for collected in (None, 50_000):
+        async with rt.sessionmaker.begin() as session:
+            row = await session.get(Payment, payment.id)
+            row.collected_minor = collected
+        async with rt.sessionmaker() as session:
+            _, _, body = await templates.build_message(session, rt.cipher, payload)
+        assert " 50,000 RWF " in body and "40,000" not in body and "60,000" not in body, body
+
+
+async def test_a_message_before_money_is_taken_states_the_amount_asked(rt: Any, demo: dict[str, Any]) -> None:
+    payment = await make_payment(rt, demo["cooperative_id"], account="+250788000003", status="FAILED",
+                                 failure_reason="payer declined")
+    payload = {"template": "payment_failed", "context": {"payment_id": payment.id, "language": "en"},
+               "phone_enc": rt.cipher.encrypt("+250788000003", context="sms")}
+    async with rt.sessionmaker() as session:
+        _, _, body = await templates.build_message(session, rt.cipher, payload)
+    assert body.startswith("Your payment of 50,000 RWF for "), body
 
 
 async def test_build_failed_in_kinyarwanda_with_reason_and_dial(rt: Any, demo: dict[str, Any]) -> None:
