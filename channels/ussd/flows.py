@@ -535,7 +535,7 @@ async def done_args(ctx: Ctx) -> dict[str, Any]:
 # -- my payments and disputes ---------------------------------------------------------------------
 
 async def payment_items(ctx: Ctx) -> list[Item]:
-    return [Item(p.id, ctx.t("my.line", amount=Money(p.amount_minor, p.currency).format(),
+    return [Item(p.id, ctx.t("my.line", amount=_amount(p),
                              type=short(name, 12), status=ctx.t(f"status.{_shown(p)}"), ref=p.reference))
             for p, name in await recent_payments(ctx)]
 
@@ -553,8 +553,16 @@ async def detail_args(ctx: Ctx) -> dict[str, Any]:
         raise DomainError("payment no longer listed")
     payment, name = found
     return {"ref": payment.reference, "type": short(name, 30),
-            "amount": Money(payment.amount_minor, payment.currency).format(),
+            "amount": _amount(payment),
             "status": ctx.t(f"status.{_shown(payment)}"), "date": payment.created_at.strftime("%d/%m/%Y")}
+
+
+def _amount(payment: Payment) -> str:
+    """What was taken once money is (a provider may take less or more than asked: the receipt says both),
+    else the amount asked."""
+    from core.payments import collected_amount
+
+    return (collected_amount(payment) or Money(payment.amount_minor, payment.currency)).format()
 
 
 def _shown(payment: Any) -> str:

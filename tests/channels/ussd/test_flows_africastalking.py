@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from channels.ussd import sessions
 from core.models import Cooperative, Dispute, Member, OutboxJob, Payment, PaymentType, UssdSession
+from core.money import Money
 from core.phone import normalize
 from tests.channels.ussd.helpers import AtPhone, swapped_redis
 
@@ -936,3 +937,23 @@ async def test_a_hop_from_another_phone_cannot_continue_a_session(client: Any, d
     assert (await phone.send("1")).startswith("END Approve the prompt")
     payment = await db.one(Payment)
     assert payment.payment_account_masked == "+25078****002"
+
+
+async def test_my_payments_show_what_was_taken_when_the_provider_took_less(client: Any, demo: Any, db: Any,
+                                                                          rt: Any) -> None:
+    """The provider took 40,000 of the 50,000 RWF asked: "my payments" says 40,000, as the receipt does."""
+    from core.audit import Actor
+    from core.payments import apply_collection_outcome
+    from core.ports import ProviderOutcome
+
+    await _pay(client, EN_MTN)
+    async with rt.sessionmaker.begin() as s:
+        payment = (await s.execute(select(Payment))).scalar_one()
+        await apply_collection_outcome(s, rt, payment, ProviderOutcome.SUCCEEDED, actor=Actor("provider:t", "provider"),
+                                       amount=Money(40_000, "RWF"), provider_transaction_id="MP-1")
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    listing = await phone.send("2")
+    assert "40,000 RWF" in listing and "50,000" not in listing
+    detail = await phone.send("1")
+    assert "Monthly Rent: 40,000 RWF\nStatus: Paid" in detail
