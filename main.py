@@ -88,7 +88,7 @@ async def check_migrations(settings: Settings) -> None:
     if current != heads:
         raise MigrationStateError(
             f"database is at {sorted(current) or 'no revision'}, code expects {sorted(heads)}: "
-            "run `python main.py migrate`")
+            "run `.venv/bin/python main.py migrate`")
 
 
 async def seed(settings: Settings) -> dict:
@@ -224,7 +224,7 @@ def _banner(settings: Settings, demo: dict) -> str:
         f"  JSON API        : {base}/v1   (docs {base}/v1/docs, OpenAPI {base}/v1/openapi.json)",
         f"  USSD callback   : POST {base}/ussd/africastalking   (dial {settings.ussd_service_code})",
         f"  Health          : {base}/healthz  {base}/readyz  {base}/metrics",
-        f"  Terminal phone  : python main.py dial '{settings.ussd_service_code}' +250788000001 --url {base}",
+        f"  Terminal phone  : .venv/bin/python main.py dial '{settings.ussd_service_code}' +250788000001 --url {base}",
         "  Demo phones:",
     ]
     lines += [f"    {phone}  {name:<22} {what}" for name, phone, _u, _l, what in DEMO_MEMBERS]

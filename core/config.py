@@ -126,6 +126,11 @@ def _service_code(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+# The embedded default's database: the same file for `scripts/run.sh` and every `main.py` command run from the
+# project folder (a key rotation, a migration or `seed-demo` must reach the database the service uses).
+EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///./var/gateway.db"
+
+
 def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
     value = env.get(name)
     if value is None or value == "":
@@ -264,7 +269,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("GATEWAY_ENV", "must be development, production or test")
     production = environment == "production"
 
-    database_url = _get(env, "DATABASE_URL", "sqlite+aiosqlite:///./gateway.db")
+    database_url = _get(env, "DATABASE_URL", EMBEDDED_DATABASE_URL)
     if database_url.startswith(("postgres://", "postgresql://")):
         database_url = "postgresql+asyncpg://" + database_url.split("://", 1)[1]
     if not database_url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):

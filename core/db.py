@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import JSON, DateTime, MetaData, String, Table, TypeDecorator, event, select, update
@@ -67,11 +68,19 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+def _make_parent_folder(url: str) -> None:
+    """The folder of a SQLite file (./var for the embedded default): SQLite creates the file, not its folder."""
+    path = url.split("///", 1)[-1].split("?", 1)[0]
+    if path and path != ":memory:" and not path.startswith("file:"):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
 def make_engine(url: str, *, pool_size: int = 10, echo: bool = False,
                 command_timeout: float | None = 10.0) -> AsyncEngine:
     """`command_timeout`: seconds a statement may run (a request must not hang on one); None for migrations,
     whose index builds and lock waits behind live traffic may rightly take longer."""
     if url.startswith("sqlite"):
+        _make_parent_folder(url)
         engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
 
         @event.listens_for(engine.sync_engine, "connect")

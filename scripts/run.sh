@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 mkdir -p var
-export DATABASE_URL=${DATABASE_URL:-sqlite+aiosqlite:///./var/gateway.db}
+export DATABASE_URL=${DATABASE_URL:-sqlite+aiosqlite:///./var/gateway.db}  # core.config.EMBEDDED_DATABASE_URL
 export REDIS_URL=${REDIS_URL:-embedded}
 exec .venv/bin/python main.py run

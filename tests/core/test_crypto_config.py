@@ -4,6 +4,7 @@ import base64
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +82,10 @@ def test_invalid_configuration_names_the_variable(env, variable):
 def test_defaults_are_embedded():
     s = load_settings({})
     assert s.is_embedded and s.redis_url == "embedded"
+    # The file scripts/run.sh uses: `main.py reencrypt` / `migrate` / `seed-demo` reach the service's database.
+    assert s.database_url == "sqlite+aiosqlite:///./var/gateway.db"
+    run_sh = (Path(__file__).parents[2] / "scripts" / "run.sh").read_text()
+    assert "DATABASE_URL:-sqlite+aiosqlite:///./var/gateway.db}" in run_sh
     assert s.providers["mtn_momo"].options["target_environment"] == "sandbox"  # the simulators accept it
     assert s.providers["mtn_momo"].base_url.endswith("/_sim/mtn_momo")
     assert "sim-dev-credential" not in repr(s.providers["mtn_momo"])
@@ -175,3 +180,15 @@ def test_an_aggregator_may_have_its_own_service_code():
     s = load_settings({"USSD_SERVICE_CODE_NALO": " *920*44# "})
     assert s.service_code_for("nalo") == "*920*44#"
     assert s.service_code_for("hubtel") == s.service_code_for("africastalking") == "*384*123#"
+
+
+async def test_an_embedded_database_in_a_folder_not_made_yet(tmp_path):
+    from sqlalchemy import text
+
+    from core.db import make_engine
+
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/not/yet/gateway.db")
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+    await engine.dispose()
+    assert (tmp_path / "not" / "yet" / "gateway.db").exists()
