@@ -20,6 +20,7 @@ from core.outbox import Handler, Job, PermanentJobError, RetryLater, enqueue, ha
 from core.payments import apply_collection_outcome, payment_account
 from core.phone import Phone
 from core.ports import (
+    REFUND_UNSUPPORTED,
     CollectionAccepted,
     CollectionRequest,
     ProviderError,
@@ -289,6 +290,15 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         except ProviderError as exc:
             if exc.retryable:
                 raise
+            if exc.code == REFUND_UNSUPPORTED:
+                # No refund API (IremboPay): the money goes back outside the gateway (the bank, or a
+                # mobile-money transfer) and a person records it (POST /v1/refunds/{id}/outcome). Until then the
+                # refund holds its amount, PROCESSING, its poll parked for them; FAILED would leave nothing to
+                # record the transfer on.
+                log.warning("provider has no refund API; refund waits for a person to record it",
+                            extra={"refund": refund.reference, "provider": provider.name})
+                await await_refund_outcome(refund, None)
+                return
             async with rt.sessionmaker.begin() as session:
                 fresh = await session.get(Refund, refund.id)
                 if fresh is not None:

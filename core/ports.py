@@ -94,6 +94,11 @@ class StatusResult:
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
+# ProviderError.code of a provider that has no refund API (IremboPay): its refunds are made outside the gateway
+# and recorded by a person.
+REFUND_UNSUPPORTED = "REFUND_UNSUPPORTED"
+
+
 class ProviderError(Exception):
     """A provider call failed. `retryable` says whether the same call may be sent again."""
 

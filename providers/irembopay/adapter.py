@@ -19,6 +19,7 @@ from core.logs import scrub
 from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS
 from core.money import Money, MoneyError
 from core.ports import (
+    REFUND_UNSUPPORTED,
     CallbackRejected,
     CollectionAccepted,
     CollectionRequest,
@@ -258,11 +259,11 @@ class IremboPayAdapter:
     async def request_refund(self, request: RefundRequest) -> CollectionAccepted:
         raise ProviderError("IremboPay has no refund API: refund bank payments through the bank and "
                             "mobile-money payments by a transfer, then record the refund manually",
-                            retryable=False, code="REFUND_UNSUPPORTED")
+                            retryable=False, code=REFUND_UNSUPPORTED)
 
     async def refund_status(self, provider_reference: str, currency: str) -> StatusResult:
         raise ProviderError("IremboPay has no refund API; refunds are recorded manually", retryable=False,
-                            code="REFUND_UNSUPPORTED")
+                            code=REFUND_UNSUPPORTED)
 
     # --- inbound --------------------------------------------------------------------------------
 

@@ -7,11 +7,11 @@ from typing import Any
 
 from sqlalchemy import select
 
-from core.models import Payment, ProviderEvent, Refund
+from core.models import OutboxJob, Payment, ProviderEvent, Refund
 from core.payments import create_payment
 from core.refunds import request_refund
 from tests.conftest import drain
-from tests.providers.wires import ADMIN, NewPayment, completed, mtn_adapter, mtn_payment, mtn_wire
+from tests.providers.wires import ADMIN, NewPayment, completed, due_now, mtn_adapter, mtn_payment, mtn_wire
 
 STATUS_PATH = "/disbursement/v1_0/refund/{}"
 
@@ -104,3 +104,33 @@ async def test_a_callback_to_one_provider_never_touches_another_providers_refund
     assert paid.status == "COMPLETED"
     assert wire.seen == []  # nothing to confirm: no MTN refund has that reference
     assert [(e.provider, e.outcome) for e in events] == [("mtn_momo", None)]
+
+
+async def test_a_refund_of_a_bank_payment_waits_for_a_person_to_record_it(rt, demo, worker, admin):
+    """IremboPay has no refund API: the money goes back through the bank, outside the gateway. The refund holds
+    its amount, PROCESSING with its poll parked for a person, who records it when the bank confirms (it was
+    FAILED at once, and a failed refund cannot be recorded)."""
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, NewPayment(
+            cooperative_id=demo["cooperative_id"], payment_type_id=demo["payment_types"]["Monthly Rent"],
+            method="BANK_BK", account="+250788000001", idempotency_key="key-bank-0001", channel="api",
+            member_id=demo["members"]["+250788000001"]), actor=ADMIN)
+    await completed(rt, payment, "INV-0001")
+    refund = await _refund(rt, demo, payment)
+    await drain(worker)
+    await due_now(rt, "refund.poll")
+    await drain(worker)
+    stored, paid, _ = await _rows(rt, refund.id, payment.id)
+    assert (stored.status, paid.refunded_minor) == ("PROCESSING", 0)
+    async with rt.sessionmaker() as s:
+        poll = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund-poll:{refund.id}"))
+                ).scalar_one()
+    assert poll.status == "PARKED" and "needs manual review" in poll.last_error
+    # Meanwhile nothing more can be refunded; once the bank confirms, an admin records it.
+    await admin.json("POST", f"/v1/payments/{payment.id}/refunds", 422,
+                     json={"amount": 1, "idempotencyKey": "key-bank-refund-2"})
+    done = await admin.json("POST", f"/v1/refunds/{refund.id}/outcome", 200, json={
+        "status": "COMPLETED", "providerTransactionId": "BK-TRF-9912", "note": "BK transfer on 1 December"})
+    assert done["status"] == "COMPLETED"
+    stored, paid, _ = await _rows(rt, refund.id, payment.id)
+    assert (paid.status, paid.refunded_minor) == ("REFUNDED", 50_000)
