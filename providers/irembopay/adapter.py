@@ -127,7 +127,9 @@ class IremboPayAdapter:
     """PaymentProvider for IremboPay: MTN / Airtel pushes and bank payments (BK, I&M, Ecobank)."""
 
     name = "irembopay"
-    supports_partial_refund = False
+    # No refund API: a person sends the money back (a bank or mobile-money transfer, of any amount) and records
+    # it (core.jobs: the refund waits for them); nothing here limits it to the whole payment.
+    supports_partial_refund = True
     methods = frozenset({"BANK_BK", "BANK_IM", "BANK_ECOBANK", "MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL"})
 
     def __init__(self, http: httpx.AsyncClient, config: ProviderConfig, *,
