@@ -144,6 +144,10 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     if new.amount is not None and not amount.is_positive():
         raise ValidationError("amount must be a positive number", field="amount")
     account = _normalise_account(new.method, new.account, coop.country)
+    currencies = getattr(rt.provider_for(new.method), "currencies", None)
+    if currencies is not None and amount.currency not in currencies:
+        raise ValidationError(f"{new.method} collects {', '.join(sorted(currencies))} only; this payment is in "
+                              f"{amount.currency}", field="paymentMethod")
     request_hash = _request_hash(new, amount, account)
     # Refusals that depend on what may have changed since a key was first accepted (the type's price,
     # currency or state, the member's status): a replay of that request still answers with its payment.

@@ -145,6 +145,9 @@ class PaymentProvider(Protocol):
     supports_partial_refund: bool
     # Payment methods this provider collects (MOBILE_MONEY_MTN, ...).
     methods: frozenset[str]
+    # The currencies it collects in (M-Pesa: KES; IremboPay: RWF); None: its accounts' (MTN, Airtel in each
+    # country). A payment in another is refused when asked for, not failed later by the worker.
+    currencies: frozenset[str] | None
 
     async def request_collection(self, request: CollectionRequest) -> CollectionAccepted: ...
 

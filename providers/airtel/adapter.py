@@ -98,6 +98,7 @@ class AirtelAdapter:
     name = NAME
     supports_partial_refund = False
     methods = frozenset({"MOBILE_MONEY_AIRTEL"})
+    currencies: frozenset[str] | None = None
 
     def __init__(self, http: httpx.AsyncClient, config: ProviderConfig) -> None:
         self._http = http

@@ -131,6 +131,7 @@ class IremboPayAdapter:
     # it (core.jobs: the refund waits for them); nothing here limits it to the whole payment.
     supports_partial_refund = True
     methods = frozenset({"BANK_BK", "BANK_IM", "BANK_ECOBANK", "MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL"})
+    currencies: frozenset[str] | None = frozenset({"RWF"})
 
     def __init__(self, http: httpx.AsyncClient, config: ProviderConfig, *,
                  nonce_store: NonceStore | None = None, tolerance: int = DEFAULT_TOLERANCE,

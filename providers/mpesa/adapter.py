@@ -123,6 +123,7 @@ class MpesaAdapter:
     name = "mpesa"
     supports_partial_refund = False
     methods = frozenset({"MPESA"})
+    currencies: frozenset[str] | None = frozenset({"KES"})
 
     def __init__(self, http: httpx.AsyncClient, config: ProviderConfig, *,
                  clock: Callable[[], datetime] | None = None) -> None:

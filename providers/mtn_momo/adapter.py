@@ -127,6 +127,7 @@ class MtnMomoAdapter:
     name = NAME
     supports_partial_refund = True
     methods = frozenset({"MOBILE_MONEY_MTN"})
+    currencies: frozenset[str] | None = None
 
     def __init__(self, http: httpx.AsyncClient, config: ProviderConfig) -> None:
         self._http = http
