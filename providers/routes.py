@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
+from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
 
 from core.config import Settings
@@ -134,6 +135,15 @@ async def provider_callback(request: web.Request) -> web.Response:
         return _refuse(request, name, exc.status, str(exc))
     except ValueError as exc:  # an adapter's unknown-status or malformed-field error
         return _refuse(request, name, 400, str(exc))
+    except (RedisError, OSError, TimeoutError) as exc:
+        # The one-time-key check (IremboPay) could not reach Redis (down, or refusing writes when out of
+        # memory): nothing was recorded, and a callback taken without its replay check could be a replay.
+        # 503 asks the provider to send it again; a bare 500 may not.
+        log.warning("provider callback not verified: Redis unavailable; asked to retry",
+                    extra={"provider": name, "error": type(exc).__name__})
+        response = _error(request, 503, "the callback could not be verified now; retry later")
+        response.headers["Retry-After"] = "5"
+        return response
 
     from core.payments import handle_provider_event  # core imports providers' callers, not the reverse
 

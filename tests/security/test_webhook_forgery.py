@@ -139,6 +139,34 @@ async def test_irembopay_replay_is_refused_by_another_gateway_process(srt: Any, 
         await refused(other, srt, "irembopay", 409, url("irembopay"), data=body, headers=headers)
 
 
+async def test_irembopay_webhook_with_redis_unavailable_asks_for_a_retry(srt: Any, sclient: Any, sdemo: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-time-key check cannot reach Redis (down, or out of memory refusing writes): 503 with Retry-After
+    and nothing recorded (it was a bare 500, which IremboPay may not retry); the retry then applies."""
+    from redis.exceptions import ResponseError
+
+    payment = await pending_payment(srt, sdemo, provider="irembopay", method="MOBILE_MONEY_MTN")
+    body = irembo_body(payment, status="FAILED")
+    headers = {"Content-Type": "application/json",
+               "irembopay-signature": signature_header(IREMBO_KEY, now_ms(), body)}
+    adapter = srt.providers["irembopay"]
+
+    async def out_of_memory(key: str, ttl: int) -> bool:
+        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+    before = await snapshot(srt)
+    with monkeypatch.context() as patched:
+        patched.setattr(adapter, "_nonce_store", out_of_memory)
+        resp = await sclient.post(url("irembopay"), data=body, headers=headers)
+        answer = await resp.json()
+    assert (resp.status, resp.headers.get("Retry-After")) == (503, "5"), answer
+    assert answer["message"] == "the callback could not be verified now; retry later"
+    assert await snapshot(srt) == before
+    retried = await sclient.post(url("irembopay"), data=body, headers=headers)
+    assert retried.status == 200, await retried.text()
+    assert await status_of(srt, payment.id) == "FAILED"
+
+
 # --- unsigned providers: the URL secret is all there is ----------------------------------------------
 
 
