@@ -8,6 +8,7 @@ import functools
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,6 +37,16 @@ REFRESH_TTL_SECONDS = 7 * 24 * 3600
 SUPER_ADMIN, COOP_ADMIN, TENANT, API_KEY = "SUPER_ADMIN", "COOP_ADMIN", "TENANT", "API_KEY"
 ROLES = (SUPER_ADMIN, COOP_ADMIN, TENANT)
 SCOPES = ("payments:write", "payments:read", "admin")
+# What a key's scope lets it read too: a key that creates payments must be able to ask their status, and one
+# that refunds and handles disputes must see the payments it acts on (as the roles' scopes already do).
+IMPLIED_SCOPES = {"payments:write": frozenset({"payments:read"}), "admin": frozenset({"payments:read"})}
+
+
+def with_implied(scopes: Iterable[str]) -> frozenset[str]:
+    granted = frozenset(scopes)
+    return granted.union(*(IMPLIED_SCOPES.get(s, frozenset()) for s in granted))
+
+
 _ROLE_SCOPES = {
     SUPER_ADMIN: frozenset({*SCOPES, "super"}),
     COOP_ADMIN: frozenset(SCOPES),
@@ -563,7 +574,7 @@ async def principal_from_api_key(session: AsyncSession, clear: str) -> Principal
     now = utcnow()
     if key.last_used_at is None or now - key.last_used_at > timedelta(minutes=1):
         await session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
-    return Principal("api_key", key.id, API_KEY, key.cooperative_id, None, frozenset(key.scopes))
+    return Principal("api_key", key.id, API_KEY, key.cooperative_id, None, with_implied(key.scopes))
 
 
 def require(principal: Principal, scope: str) -> None:

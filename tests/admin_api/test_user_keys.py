@@ -68,3 +68,23 @@ async def test_keys_made_by_no_account_still_work(rt, client, admin, demo):
         _, clear = await auth.create_api_key(s, cooperative_id=demo["cooperative_id"], name="cli",
                                              scopes=["payments:read"], actor=Actor.system())
     await Caller(client, {"X-API-Key": clear}).json("GET", "/v1/payments", 200)
+
+
+async def test_a_key_reads_what_it_writes_and_acts_on(client, admin, demo):
+    """A payments:write key (an integrator's) asks the status of the payment it made; an admin key (refunds,
+    disputes) lists the payments it acts on. Neither may do more: write does not make an admin, admin does not
+    create payments."""
+    from tests.admin_api.conftest import payment_body
+
+    writer = await admin.json("POST", "/v1/api-keys", 201, json={"name": "ERP", "scopes": ["payments:write"]})
+    back_office = await admin.json("POST", "/v1/api-keys", 201, json={"name": "desk", "scopes": ["admin"]})
+    erp, desk = Caller(client, {"X-API-Key": writer["key"]}), Caller(client, {"X-API-Key": back_office["key"]})
+    made = await erp.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Water"], amount=5000))
+    assert (await erp.json("GET", f"/v1/payments/{made['id']}", 200))["id"] == made["id"]
+    listed = await desk.json("GET", "/v1/payments", 200)
+    assert [p["id"] for p in listed["data"]] == [made["id"]]
+    await erp.json("GET", "/v1/members", 403)
+    await desk.json("POST", "/v1/payments", 403, json=payment_body(demo["payment_types"]["Water"], amount=5000))
+    # The key keeps the scopes it was given: the listing shows those, not what they let it read.
+    keys = {k["id"]: k["scopes"] for k in (await admin.json("GET", "/v1/api-keys", 200))["data"]}
+    assert keys[writer["id"]] == ["payments:write"] and keys[back_office["id"]] == ["admin"]
