@@ -32,7 +32,8 @@ from core.money import EXPONENTS, Money
 from core.ratelimit import Limit
 
 INTERVAL = {"type": ["string", "null"], "enum": [*service.RECURRING_INTERVALS, None]}
-DUE_DAY = {"type": ["integer", "null"], "minimum": 1, "maximum": 28}
+DUE_DAY = {"type": ["integer", "null"], "minimum": 1, "maximum": 31,
+           "description": "day of the month it falls due; in a shorter month, 29-31 fall on its last day"}
 PAYMENT_TYPE = out(
     {
         "id": ID,

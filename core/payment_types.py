@@ -103,8 +103,8 @@ def _check(
         errors.append(f"recurringInterval must be one of {', '.join(RECURRING_INTERVALS)}")
     if is_recurring and interval is None:
         errors.append("recurringInterval is required when isRecurring is true")
-    if due_day is not None and not (1 <= due_day <= 28):
-        errors.append("dueDay must be between 1 and 28")
+    if due_day is not None and not (1 <= due_day <= 31):  # 29-31: the last day of a shorter month
+        errors.append("dueDay must be between 1 and 31")
     return errors
 
 

@@ -50,12 +50,12 @@ async def test_payment_type_services(session, demo):
             session,
             cooperative_id=coop,
             actor=ACTOR,
-            fields=PaymentTypeFields(name="", amount=Money(0, "RWF"), due_day=31),
+            fields=PaymentTypeFields(name="", amount=Money(0, "RWF"), due_day=32),
         )
     assert err.value.errors == [
         "name must be 1 to 120 characters",
         "amount must be a positive number",
-        "dueDay must be between 1 and 28",
+        "dueDay must be between 1 and 31",
     ]
     await update_payment_type(
         session,
@@ -89,14 +89,14 @@ async def test_sliding_window_counts_the_previous_window(rt):
     for i in range(4):
         decision = await limiter.hit(limit, "u1", now=t0 + 50)
         assert decision.allowed and decision.remaining == 3 - i
-    assert not (await limiter.hit(limit, "u1", now=t0 + 55)).allowed
-    # 15 s into the next window, 3/4 of the previous five hits still count: 3 + 1 fits, 3 + 2 does not.
+    assert not (await limiter.hit(limit, "u1", now=t0 + 55)).allowed  # refused, so not counted
+    # 15 s into the next window, 3/4 of the previous four hits still count: 3 + 1 fits, 3 + 2 does not.
     fits = await limiter.hit(limit, "u1", now=t0 + 75)
     assert fits.allowed and fits.remaining == 0
     assert not (await limiter.hit(limit, "u1", now=t0 + 75)).allowed
     # Once the previous window has slid out, there is room again.
     later = await limiter.hit(limit, "u1", now=t0 + 119)
-    assert later.allowed and later.reset == t0 + 120
+    assert later.allowed and later.remaining == 2 and later.reset == t0 + 119  # more are allowed now
     # Keys carry the subject's hash tag, then the bucket, and expire.
     keys = [k.decode() async for k in rt.redis.scan_iter(match="rl:*")]
     assert keys and all(k.startswith("rl:{u1}:test:") for k in keys)
