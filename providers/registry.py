@@ -138,8 +138,8 @@ def simulator_options(settings: Settings, name: str,
 def mount_simulators(app: web.Application, settings: Settings, **overrides: Any) -> None:
     """Each simulator at /_sim/<name>; callbacks go back to this same process over 127.0.0.1.
 
-    `overrides` set SimulatorOptions fields for all of them (the demo passes interactive=True so a
-    person approves PIN prompts on the phone page through /_sim/<name>/_control/...).
+    `overrides` set SimulatorOptions fields for all of them (tests). The phone page asks for PIN prompts for
+    the numbers it shows only (/_sim/<name>/_control/phone); every other number is decided by its script.
     """
     for name, create in SIMULATORS.items():
         options = replace(simulator_options(settings, name), **overrides)

@@ -36,7 +36,9 @@ class SimulatorOptions:
     fail_request_500: bool = False  # answer collection and refund requests with 500, store nothing
     hang_request: float = 0.0  # sleep this long before answering a collection or refund request
     pending_forever: frozenset[str] = frozenset()  # extra payer numbers that never approve
-    interactive: bool = False  # wait for POST /_control/decide instead of deciding by number
+    # Every payer answers a PIN prompt (POST /_control/decide) instead of being decided by number. The
+    # phone page does not set it: it holds only the numbers it shows (POST /_control/phone).
+    interactive: bool = False
     prompt_timeout: float = 300.0  # an undecided PIN prompt expires (MTN: about 5 minutes)
     callback_method: str = "PUT"  # MTN calls back with PUT or POST
     callback_url: str = ""  # for providers whose callback URL is configured, not sent (Airtel)
@@ -166,6 +168,12 @@ OUTCOMES: dict[str, Outcome] = {
     "46733123455": Outcome.PAYER_NOT_FOUND,
 }
 DELAYED_FACTOR = 10  # a "delayed" payer answers after 10 x delay
+# Scripted outcomes that only describe a slow or silent payer: a person answering the prompt replaces
+# them. Any other (FAIL, PAYER_NOT_FOUND, the sandbox's REJECT / EXPIRE numbers) is the provider's word,
+# which approving on the phone does not change: a payer without funds can approve, the payment still fails.
+ANSWERED_BY_PROMPT = frozenset({Outcome.SUCCEED, Outcome.DELAYED, Outcome.PENDING})
+PHONE_HOLD_SECONDS = 60.0  # a phone page renews its hold on a number; a closed tab lets it lapse
+MAX_PHONE_HOLD_SECONDS = 600.0
 
 
 def _digits(number: str) -> str:
@@ -177,6 +185,16 @@ def outcome_for(number: str, options: SimulatorOptions) -> Outcome:
     if digits in options.pending_forever:
         return Outcome.PENDING
     return OUTCOMES.get(digits, Outcome.SUCCEED)
+
+
+def after_prompt(answer: bool | None, scripted: Outcome) -> Outcome:
+    """What a PIN prompt answer comes to: declined is a rejection, unanswered an expiry, and approved
+    succeeds unless the provider refuses this number anyway (its scripted outcome)."""
+    if answer is None:
+        return Outcome.EXPIRE
+    if not answer:
+        return Outcome.REJECT
+    return Outcome.SUCCEED if scripted in ANSWERED_BY_PROMPT else scripted
 
 
 def same_number(a: str, b: str) -> bool:
@@ -280,6 +298,7 @@ class SimulatorState:
         self.poster = CallbackPoster()
         self.requests = 0  # collection / refund requests received, faults included
         self._tokens: dict[str, tuple[str, float]] = {}  # token -> (product, expires at)
+        self._held: dict[str, float] = {}  # payer digits a phone page shows -> when its hold lapses
         self._tasks: set[asyncio.Task[None]] = set()
 
     # tokens -----------------------------------------------------------------
@@ -319,17 +338,37 @@ class SimulatorState:
         if self.options.hang_request:
             await asyncio.sleep(self.options.hang_request)
 
+    # phones on a page ---------------------------------------------------------
+    def hold_phone(self, msisdn: str, seconds: float = PHONE_HOLD_SECONDS) -> None:
+        """A phone page shows this number: its payers answer PIN prompts for the next `seconds`.
+
+        A hold, not a switch, so that a closed tab gives the number back to the script and payments from
+        a terminal or the API are never left waiting for a prompt nobody sees."""
+        self.release_phone(msisdn)
+        self._held[_digits(msisdn)] = time.monotonic() + seconds
+
+    def release_phone(self, msisdn: str) -> None:
+        self._held = {held: until for held, until in self._held.items() if not same_number(held, msisdn)}
+
+    def held_phones(self) -> dict[str, float]:
+        """Numbers held now -> seconds left; lapsed holds are dropped here."""
+        now = time.monotonic()
+        self._held = {held: until for held, until in self._held.items() if until > now}
+        return {held: until - now for held, until in self._held.items()}
+
+    def interactive_for(self, msisdn: str) -> bool:
+        """Does a person answer this payer's PIN prompt? Everyone's with the `interactive` option,
+        otherwise only while a phone page holds the number."""
+        return self.options.interactive or any(same_number(held, msisdn) for held in self.held_phones())
+
     # the payer --------------------------------------------------------------
     async def payer_decides(self, reference: str, msisdn: str, amount: str, currency: str,
                             note: str) -> Outcome:
         """Wait like a payer would and say what happened."""
-        if self.options.interactive:
-            prompt = self.prompts.open(reference, msisdn, amount, currency, note)
-            approved = await self.prompts.wait(prompt, self.options.prompt_timeout)
-            if approved is None:
-                return Outcome.EXPIRE
-            return Outcome.SUCCEED if approved else Outcome.REJECT
         outcome = outcome_for(msisdn, self.options)
+        if self.interactive_for(msisdn):
+            prompt = self.prompts.open(reference, msisdn, amount, currency, note)
+            return after_prompt(await self.prompts.wait(prompt, self.options.prompt_timeout), outcome)
         if outcome is Outcome.PENDING:
             return outcome
         delay = self.options.delay * (DELAYED_FACTOR if outcome is Outcome.DELAYED else 1)
@@ -389,6 +428,8 @@ def new_simulator_app(name: str, options: SimulatorOptions) -> tuple[web.Applica
     app.router.add_get("/_control/pending", _pending)
     app.router.add_post("/_control/decide", _decide)
     app.router.add_post("/_control/options", _set_options)
+    app.router.add_get("/_control/phone", _held_phones)
+    app.router.add_post("/_control/phone", _hold_phone)
     return app, state
 
 
@@ -438,6 +479,48 @@ async def _set_options(request: web.Request) -> web.Response:
     for key, value in body.items():
         setattr(state.options, key, value)
     return web.json_response({key: getattr(state.options, key) for key in sorted(allowed)})
+
+
+def _held_json(state: SimulatorState) -> dict[str, Any]:
+    return {"interactive": state.options.interactive,
+            "phones": [{"msisdn": "+" + held, "expiresIn": round(left, 1)}
+                       for held, left in sorted(state.held_phones().items())]}
+
+
+async def _held_phones(request: web.Request) -> web.Response:
+    """Who answers PIN prompts here: everyone (`interactive`) or the numbers phone pages hold."""
+    return web.json_response(_held_json(request.app[STATE]))
+
+
+def _hold_request(body: dict[str, Any] | None) -> tuple[str, bool, float] | None:
+    """(msisdn, hold, seconds) from {msisdn, interactive, seconds?}, or None when it is not one."""
+    if body is None or not isinstance(body.get("msisdn"), str) or not isinstance(body.get("interactive"), bool):
+        return None
+    seconds = body.get("seconds", PHONE_HOLD_SECONDS)
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
+            or not 0 < seconds <= MAX_PHONE_HOLD_SECONDS:
+        return None
+    msisdn = _digits(body["msisdn"])
+    if not 9 <= len(msisdn) <= 15:  # same_number() compares the last nine digits
+        return None
+    return msisdn, body["interactive"], float(seconds)
+
+
+async def _hold_phone(request: web.Request) -> web.Response:
+    """The phone page: {msisdn, interactive: true, seconds?} holds a number it shows (renewed before
+    `seconds`, 60 by default, run out), {msisdn, interactive: false} gives it back to the script."""
+    asked = _hold_request(await _json_object(request))
+    if asked is None:
+        return web.json_response({"error": "body must be {msisdn: string of 9 to 15 digits, interactive: "
+                                           f"boolean, seconds?: number in (0, {MAX_PHONE_HOLD_SECONDS:g}]}}"},
+                                 status=400)
+    msisdn, hold, seconds = asked
+    state = request.app[STATE]
+    if hold:
+        state.hold_phone(msisdn, seconds)
+    else:
+        state.release_phone(msisdn)
+    return web.json_response({"msisdn": "+" + msisdn, "interactive": hold, "expiresIn": seconds if hold else 0})
 
 
 def new_id(size: int = 10) -> str:

@@ -5,6 +5,11 @@
 (function () {
   const PROMPT_POLL_MS = 1500;
   const INBOX_POLL_MS = 2000;
+  // The provider simulators prompt only for the numbers this page holds, and a hold lapses after
+  // HOLD_SECONDS: renewing it well before then keeps a phone on screen interactive, and a closed tab gives
+  // its numbers back to the scripted outcomes (payments from a terminal or the API never wait for it).
+  const HOLD_MS = 20000;
+  const HOLD_SECONDS = 60;
   const PROVIDER_LABELS = { mtn_momo: "MTN MoMo", airtel: "Airtel Money", mpesa: "M-Pesa", irembopay: "IremboPay" };
   const REFERENCE = /\b([A-Z]{2,5}_\d{8}_\d{1,9})\b/;
   let config = null;
@@ -40,10 +45,18 @@
     return digits.startsWith("+") ? digits : "+" + digits;
   }
 
-  function showNotice(text) {
+  const notices = new Map(); // topic -> text: a renewed hold clears its own notice, not the SMS one
+
+  function showNotice(topic, text) {
+    if (text) notices.set(topic, text);
+    else notices.delete(topic);
     const notice = document.getElementById("notice");
-    notice.textContent = text;
-    notice.hidden = !text;
+    notice.textContent = Array.from(notices.values()).join(" ");
+    notice.hidden = !notices.size;
+  }
+
+  function promptsOn() {
+    return document.getElementById("interactive").checked;
   }
 
   async function getJson(url) {
@@ -54,13 +67,15 @@
 
   // --- the simulators' controls -----------------------------------------------------------------------
 
-  async function setInteractive(on) {
+  // Hold (or give back) one number on every provider simulator: only its payers answer PIN prompts here.
+  async function holdNumber(number, on) {
+    const body = on ? { msisdn: number, interactive: true, seconds: HOLD_SECONDS } : { msisdn: number, interactive: false };
     const paths = Object.values(config.providers);
-    const results = await Promise.allSettled(paths.map((path) => fetch(path + "/_control/options", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ interactive: on }),
+    const results = await Promise.allSettled(paths.map((path) => fetch(path + "/_control/phone", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     })));
     const failed = results.filter((r) => r.status === "rejected" || !r.value.ok).length;
-    showNotice(failed ? "Could not switch PIN prompts on " + failed + " provider simulator(s)." : "");
+    showNotice("hold", failed ? "Could not switch PIN prompts on " + failed + " provider simulator(s)." : "");
   }
 
   // --- one phone --------------------------------------------------------------------------------------
@@ -85,7 +100,8 @@
       this.build();
       this.setNumber(number);
       this.timers = [setInterval(() => this.pollPrompts(), PROMPT_POLL_MS),
-                     setInterval(() => this.pollInbox(), INBOX_POLL_MS)];
+                     setInterval(() => this.pollInbox(), INBOX_POLL_MS),
+                     setInterval(() => this.hold(), HOLD_MS)];
     }
 
     build() {
@@ -167,7 +183,10 @@
     }
 
     setNumber(number) {
+      const previous = this.number;
       this.number = number;
+      if (previous !== number) this.release(previous);
+      this.hold();
       const demo = config.phones.find((p) => p.phone === number);
       if (demo) this.pick.value = number;
       this.root.dataset.phone = number;
@@ -196,6 +215,16 @@
       this.timers.forEach(clearInterval);
       this.root.remove();
       phones.splice(phones.indexOf(this), 1);
+      this.release(this.number);
+    }
+
+    // The simulators prompt this number's payer while the page shows it (and PIN prompts are on).
+    hold() {
+      if (promptsOn()) holdNumber(this.number, true);
+    }
+
+    release(number) {
+      if (!phones.some((p) => p !== this && p.number === number)) holdNumber(number, false);
     }
 
     tick() {
@@ -308,7 +337,7 @@
 
     // --- PIN prompt ---------------------------------------------------------------------------------
     async pollPrompts() {
-      if (document.hidden || !document.getElementById("interactive").checked) return;
+      if (document.hidden || !promptsOn()) return;
       if (this.mode === "prompt" || this.mode === "busy" || this.mode === "ussd") return;
       const number = this.number;
       for (const [provider, path] of Object.entries(config.providers)) {
@@ -455,7 +484,7 @@
     try {
       config = await getJson("/simulator/config");
     } catch (error) {
-      showNotice("Could not load the simulator configuration: " + error.message);
+      showNotice("config", "Could not load the simulator configuration: " + error.message);
       return;
     }
     document.getElementById("service-code").textContent = config.serviceCode;
@@ -464,10 +493,14 @@
     if (saved !== null) interactive.checked = saved === "1";
     interactive.addEventListener("change", () => {
       sessionStorage.setItem("phone.interactive", interactive.checked ? "1" : "0");
-      setInteractive(interactive.checked);
+      if (interactive.checked) phones.forEach((p) => p.hold());
+      else new Set(phones.map((p) => p.number)).forEach((number) => holdNumber(number, false));
     });
-    await setInteractive(interactive.checked);
-    if (!config.smsInbox) showNotice("The SMS simulator is not served by this process: the inbox stays empty.");
+    // A background tab's timers are throttled and its holds may lapse: renew them as soon as it is seen.
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden) phones.forEach((p) => p.hold());
+    });
+    if (!config.smsInbox) showNotice("sms", "The SMS simulator is not served by this process: the inbox stays empty.");
     document.getElementById("add-phone").addEventListener("click", () => addPhone());
     const wanted = new URLSearchParams(location.search).getAll("phone");
     if (wanted.length) wanted.forEach((n) => addPhone(normalise(n)));

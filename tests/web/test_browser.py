@@ -133,6 +133,15 @@ def _wait_status(base: str, reference: str, statuses: set[str], within: float = 
         time.sleep(0.3)
 
 
+PROVIDERS = ("mtn_momo", "airtel", "mpesa", "irembopay")
+
+
+def _held(base: str, provider: str) -> dict[str, Any]:
+    """Who answers PIN prompts on a provider simulator: {interactive: everyone?, phones: [held numbers]}."""
+    found = httpx.get(f"{base}/_sim/{provider}/_control/phone", timeout=5).json()
+    return {"interactive": found["interactive"], "phones": [p["msisdn"] for p in found["phones"]]}
+
+
 def _dial_and_pay(phone: Any, confirm_screen_text: str) -> None:
     """Dial the code, choose 'pay' and the first payment type, up to the confirmation screen."""
     _keys(phone, "*384*123#")
@@ -203,33 +212,35 @@ def test_second_phone_payment_fails_and_gets_the_failure_sms(server: str, page: 
     phone = page.locator('.phone[data-phone="+250788000002"]')
     expect(phone.locator(".who")).to_contain_text("Jean Bosco Habimana")
     expect(phone.locator(".who")).to_contain_text("payment fails")
-    # PIN prompts off: the provider simulator decides by number, and this number has no funds.
-    with page.expect_response(lambda r: r.url.endswith("/_sim/mtn_momo/_control/options")) as switched:
+    # PIN prompts off: the page gives its numbers back, and the provider simulator decides by number: this
+    # one has no funds. (The page no longer switches the simulators for everyone, so there is nothing to
+    # switch back afterwards.)
+    with page.expect_response(lambda r: r.url.endswith("/_sim/mtn_momo/_control/phone")
+                              and r.request.post_data_json == {"msisdn": "+250788000002",
+                                                               "interactive": False}) as switched:
         page.locator("#interactive").uncheck()
     assert switched.value.json()["interactive"] is False
-    try:
-        _dial_and_pay(phone, "Confirm")
-        _keys(phone, "1")
-        _green(phone)
-        end = phone.locator(".view-end")
-        expect(end).to_be_visible(timeout=WAIT_MS)
-        match = REFERENCE.search(end.inner_text())
-        assert match, end.inner_text()
-        reference = match.group(0)
-        failed = _wait_status(server, reference, {"FAILED"})
-        assert failed["status"] == "FAILED", failed
-        expect(phone.locator(".view-prompt")).to_be_hidden()
+    held = _held(server, "mtn_momo")
+    assert held["interactive"] is False and "+250788000002" not in held["phones"], held
+    _dial_and_pay(phone, "Confirm")
+    _keys(phone, "1")
+    _green(phone)
+    end = phone.locator(".view-end")
+    expect(end).to_be_visible(timeout=WAIT_MS)
+    match = REFERENCE.search(end.inner_text())
+    assert match, end.inner_text()
+    reference = match.group(0)
+    failed = _wait_status(server, reference, {"FAILED"})
+    assert failed["status"] == "FAILED", failed
+    expect(phone.locator(".view-prompt")).to_be_hidden()
 
-        expect(phone.locator(".badge")).to_have_text("1", timeout=WAIT_MS)
-        phone.locator(".inbox-btn").click()
-        inbox = phone.locator(".view-inbox")
-        expect(inbox).to_contain_text("failed")
-        expect(inbox).to_contain_text(reference)
-        # Each phone has its own inbox: Aline's receipt is not on Jean's phone.
-        assert "Twakiriye" not in inbox.inner_text()
-    finally:
-        with page.expect_response(lambda r: r.url.endswith("/_sim/mtn_momo/_control/options")):
-            page.locator("#interactive").check()
+    expect(phone.locator(".badge")).to_have_text("1", timeout=WAIT_MS)
+    phone.locator(".inbox-btn").click()
+    inbox = phone.locator(".view-inbox")
+    expect(inbox).to_contain_text("failed")
+    expect(inbox).to_contain_text(reference)
+    # Each phone has its own inbox: Aline's receipt is not on Jean's phone.
+    assert "Twakiriye" not in inbox.inner_text()
 
 
 def test_declining_the_pin_prompt_cancels_the_payment(server: str, page: Page) -> None:
@@ -259,6 +270,42 @@ def test_declining_the_pin_prompt_cancels_the_payment(server: str, page: Page) -
     expect(end).to_contain_text("Payment declined", timeout=WAIT_MS)
     declined = _wait_status(server, reference, {"CANCELLED", "FAILED"})
     assert declined["status"] in ("CANCELLED", "FAILED"), declined
+
+
+def test_approving_on_a_failing_number_still_fails(server: str, page: Page) -> None:
+    """The page prompts only the phones it shows, and approving does not give a payer without funds money."""
+    page.goto(f"{server}/simulator?phone=%2B250733000002")
+    phone = page.locator('.phone[data-phone="+250733000002"]')
+    expect(phone.locator(".who")).to_contain_text("Airtel Money: payment fails")
+    # The page holds its number on every provider simulator, and switches none of them on for everyone.
+    deadline = time.monotonic() + 10
+    while not all("+250733000002" in _held(server, name)["phones"] for name in PROVIDERS):
+        assert time.monotonic() < deadline, [_held(server, name) for name in PROVIDERS]
+        time.sleep(0.2)
+    assert not any(_held(server, name)["interactive"] for name in PROVIDERS)
+
+    _keys(phone, "*384*123#")
+    _green(phone)
+    ussd = phone.locator(".view-ussd")
+    expect(ussd).to_contain_text("1.", timeout=WAIT_MS)
+    for answer in ("1", "2"):  # pay, Water
+        _keys(phone, answer)
+        _green(phone)
+        expect(phone.locator(".view-busy")).to_be_hidden(timeout=WAIT_MS)
+    expect(ussd).to_contain_text("5,000 RWF")
+    _keys(phone, "1")
+    _green(phone)
+    end = phone.locator(".view-end")
+    expect(end).to_be_visible(timeout=WAIT_MS)
+    reference = REFERENCE.search(end.inner_text()).group(0)  # type: ignore[union-attr]
+    prompt = phone.locator(".view-prompt")
+    expect(prompt).to_be_visible(timeout=WAIT_MS)
+    expect(prompt).to_contain_text("Airtel Money")
+    _keys(phone, "1234")
+    prompt.locator(".prompt-approve").click()
+    expect(end).to_contain_text("Payment approved", timeout=WAIT_MS)
+    failed = _wait_status(server, reference, {"FAILED", "COMPLETED"})
+    assert failed["status"] == "FAILED", failed  # the provider still refuses: no funds
 
 
 def test_ops_page_logs_in_and_shows_the_figures(server: str, page: Page) -> None:
