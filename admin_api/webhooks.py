@@ -48,7 +48,10 @@ ENDPOINT = out(
         "status": {"enum": ["ACTIVE", "DISABLED"]},
         "consecutiveFailures": {"type": "integer"},
         "disabledAt": NULL_DATETIME,
+        # When the secret the last rotation replaced stops signing; null once none does.
         "previousSecretValidUntil": NULL_DATETIME,
+        # Every replaced secret still signing deliveries, newest first: when each stops.
+        "previousSecrets": {"type": "array", "items": out({"validUntil": DATETIME})},
         "createdAt": DATETIME,
         "updatedAt": DATETIME,
     }
@@ -61,7 +64,8 @@ ROTATION = obj(
             "type": "integer",
             "minimum": 0,
             "maximum": MAX_OVERLAP_HOURS,
-            "description": "how long the previous secret still signs deliveries (default 24; 0: stop at once)",
+            "description": "how long the previous secret still signs deliveries (default 24; 0: stop it, and "
+            "any earlier one still signing, at once)",
         }
     }
 )
@@ -110,6 +114,7 @@ def present_domain(d: ApprovedDomain) -> dict[str, Any]:
 
 
 def present_endpoint(e: WebhookEndpoint) -> dict[str, Any]:
+    previous = [iso(webhooks.secret_expiry(entry)) for entry in webhooks.live_previous_secrets(e)]
     return {
         "id": e.id,
         "cooperativeId": e.cooperative_id,
@@ -118,7 +123,8 @@ def present_endpoint(e: WebhookEndpoint) -> dict[str, Any]:
         "status": e.status,
         "consecutiveFailures": e.consecutive_failures,
         "disabledAt": iso(e.disabled_at),
-        "previousSecretValidUntil": iso(e.previous_secret_expires_at) if e.previous_secret_enc else None,
+        "previousSecretValidUntil": previous[0] if previous else None,
+        "previousSecrets": [{"validUntil": until} for until in previous],
         "createdAt": iso(e.created_at),
         "updatedAt": iso(e.updated_at),
     }
@@ -348,7 +354,7 @@ ROUTES = [
         "/webhook-endpoints/{id}/rotate-secret",
         rotate_secret,
         "Rotate a webhook endpoint's signing secret (new secret shown once; the previous one still signs "
-        "deliveries for overlapHours, 24 by default)",
+        "deliveries for overlapHours, 24 by default, and so does each earlier one until its own overlap ends)",
         "webhooks",
         "admin",
         body=ROTATION,

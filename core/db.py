@@ -176,7 +176,10 @@ async def serialise_on_sqlite(session: AsyncSession, model: Any, row_id: str) ->
     if session.get_bind().dialect.name != "sqlite":
         return
     table = model.__table__
-    await session.execute(update(table).where(table.c.id == row_id).values(id=table.c.id))
+    # updated_at set to itself too: left out, its onupdate would stamp the row as changed (a webhook endpoint's
+    # failing streak counts from it).
+    keep = {"updated_at": table.c.updated_at} if "updated_at" in table.c else {}
+    await session.execute(update(table).where(table.c.id == row_id).values(id=table.c.id, **keep))
 
 
 async def lock_row(session: AsyncSession, model: Any, row_id: str, cooperative_id: str | None = None) -> Any:

@@ -304,10 +304,10 @@ class WebhookEndpoint(Base):
     cooperative_id: Mapped[str] = _coop_fk()
     url: Mapped[str] = mapped_column(String(500))
     secret_enc: Mapped[str] = mapped_column(String(255))
-    # The secret a rotation replaced, encrypted like secret_enc: deliveries are signed with both until
-    # previous_secret_expires_at, so the receiver can switch over without refusing anything.
-    previous_secret_enc: Mapped[str | None] = mapped_column(String(255))
-    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The secrets rotations replaced, newest first, each encrypted like secret_enc and with the moment its
+    # overlap ends: [{"secret_enc": ..., "expires_at": ISO 8601 UTC}]. Every one not yet expired still signs
+    # deliveries, so a receiver on any of them can switch over without refusing anything (core.webhooks).
+    previous_secrets: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     events: Mapped[list[str]] = mapped_column(JSONType, default=list)
     status: Mapped[str] = mapped_column(String(16), default="ACTIVE")  # ACTIVE | DISABLED
     consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)

@@ -14,17 +14,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.crypto import CryptoError, PiiCipher
+from core.db import utcnow
 from core.members import phone_context
 from core.models import Member, OutboxJob, Payment, SmsMessage, WebhookEndpoint
 from core.notify import SMS_PHONE_CONTEXT
 from core.payments import account_context
-from core.webhooks import endpoint_secret_context
+from core.webhooks import endpoint_secret_context, secret_expiry
 
 log = logging.getLogger("gateway.rekey")
 BATCH = 500
@@ -44,7 +46,6 @@ COLUMNS = (
     Column(Payment, "payment_account_enc", lambda row: account_context(row.cooperative_id)),
     Column(SmsMessage, "phone_enc", lambda row: SMS_PHONE_CONTEXT),
     Column(WebhookEndpoint, "secret_enc", lambda row: endpoint_secret_context(row.cooperative_id)),
-    Column(WebhookEndpoint, "previous_secret_enc", lambda row: endpoint_secret_context(row.cooperative_id)),
 )
 # Jobs not yet done carry the recipient's phone in their payload (core.notify).
 PAYLOAD_KEY = "phone_enc"
@@ -88,6 +89,7 @@ async def reencrypt(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiC
     report = Report()
     for column in COLUMNS:
         await _column(sessionmaker, cipher, column, batch, report)
+    await _previous_secrets(sessionmaker, cipher, batch, report)
     await _payloads(sessionmaker, cipher, batch, report)
     return report
 
@@ -117,6 +119,56 @@ async def _column(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiCip
         if len(rows) < batch:
             return
         after = str(rows[-1].id)
+
+
+async def _previous_secrets(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiCipher, batch: int,
+                            report: Report) -> None:
+    """The secrets webhook endpoints' rotations replaced (a JSON list, see WebhookEndpoint.previous_secrets)."""
+    where = f"{WebhookEndpoint.__tablename__}.previous_secrets"
+    after = ""
+    while True:
+        async with sessionmaker.begin() as session:
+            rows = (await session.execute(
+                select(WebhookEndpoint).where(WebhookEndpoint.id > after)
+                .order_by(WebhookEndpoint.id).limit(batch))).scalars().all()
+            for row in rows:
+                entries = list(row.previous_secrets or [])
+                if not any(_stale(cipher, entry.get("secret_enc")) for entry in entries if isinstance(entry, dict)):
+                    continue
+                new = _resealed_previous(cipher, entries, endpoint_secret_context(row.cooperative_id), utcnow())
+                if new is None:
+                    report.lost(where, row.id)
+                    continue
+                # Every rotation writes a new secret_enc along with the list: an unchanged secret_enc means an
+                # unchanged list (a JSON column is not compared alike on every backend). updated_at kept.
+                done = await session.execute(
+                    update(WebhookEndpoint)
+                    .where(WebhookEndpoint.id == row.id, WebhookEndpoint.secret_enc == row.secret_enc)
+                    .values(previous_secrets=new, updated_at=WebhookEndpoint.updated_at)
+                    .execution_options(synchronize_session=False))
+                report.tally(where, done.rowcount)  # type: ignore[attr-defined]
+        if len(rows) < batch:
+            return
+        after = str(rows[-1].id)
+
+
+def _resealed_previous(cipher: PiiCipher, entries: list[Any], context: str,
+                       now: datetime) -> list[dict[str, Any]] | None:
+    """The entries still signing, each secret sealed under the active key (order kept), None when no key opens
+    one of them. Expired ones are dropped, not sealed again: they never sign again, and one left under the old
+    key would outlive it."""
+    kept = []
+    for entry in entries:
+        until = secret_expiry(entry)
+        if until is None or until <= now:
+            continue
+        sealed = entry["secret_enc"]
+        if _stale(cipher, sealed):
+            sealed = _sealed_again(cipher, sealed, context)
+            if sealed is None:
+                return None
+        kept.append({**entry, "secret_enc": sealed})
+    return kept
 
 
 async def _payloads(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiCipher, batch: int,

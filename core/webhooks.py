@@ -8,7 +8,9 @@ on (its job parked) is sent again when an admin replays the job: its three days 
 
 A secret is rotated without refusing anything: for ROTATION_OVERLAP after a rotation every delivery is
 signed with the new secret and the previous one (`t=..,v1=<new>,v1=<old>`), so a receiver still on the old
-secret accepts them while it switches over.
+secret accepts them while it switches over. Rotating again before that overlap ends does not cut it short:
+each replaced secret signs until its own overlap ends (`v1=<newest>,v1=<previous>,v1=<the one before>`), so a
+receiver that never learned the middle secret (the first rotation's answer lost) still accepts every event.
 
 An endpoint that has failed every attempt for a day (DISABLE_AFTER_FAILING_FOR, and at least DISABLE_AFTER
 attempts in a row) is switched off and the cooperative's contact told; nothing is lost by it. While it is
@@ -31,7 +33,7 @@ import re
 import secrets
 import socket
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -87,6 +89,9 @@ MAX_EVENT_ID = 64  # WebhookDelivery.event_id column width
 # After a rotation the previous secret still signs deliveries (second v1=) for this long, by default.
 ROTATION_OVERLAP = timedelta(hours=24)
 MAX_ROTATION_OVERLAP = timedelta(days=7)
+# At most this many replaced secrets sign at once. A rotation that would keep one more is refused rather than
+# dropping one before its overlap ends (that is what a receiver still on it could not tell from an attack).
+MAX_PREVIOUS_SECRETS = 5
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
 )
@@ -164,15 +169,36 @@ def endpoint_secret(cipher: PiiCipher, endpoint: WebhookEndpoint) -> str:
     return cipher.decrypt(endpoint.secret_enc, context=endpoint_secret_context(endpoint.cooperative_id))
 
 
+def previous_secret(secret_enc: str, until: datetime) -> dict[str, Any]:
+    """An entry of WebhookEndpoint.previous_secrets: a replaced secret (still sealed) and when it stops signing."""
+    return {"secret_enc": secret_enc, "expires_at": until.astimezone(UTC).isoformat()}
+
+
+def secret_expiry(entry: Any) -> datetime | None:
+    """When a previous_secrets entry stops signing; None for an entry that is not one (never signs)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("secret_enc"), str) or not entry["secret_enc"]:
+        return None
+    return parse_aware(entry.get("expires_at"))
+
+
+def live_previous_secrets(endpoint: WebhookEndpoint, now: datetime | None = None) -> list[dict[str, Any]]:
+    """The replaced secrets still inside their overlap, newest first (as stored); expired ones are left out
+    here and dropped at the next rotation."""
+    moment = now or utcnow()
+    return [
+        entry for entry in endpoint.previous_secrets or []
+        if (until := secret_expiry(entry)) is not None and until > moment
+    ]
+
+
 def signing_secrets(cipher: PiiCipher, endpoint: WebhookEndpoint, now: datetime | None = None) -> list[str]:
-    """The secrets a delivery is signed with now: the current one, then the one a rotation replaced while
-    its overlap lasts."""
-    secrets_ = [endpoint_secret(cipher, endpoint)]
-    until = endpoint.previous_secret_expires_at
-    if endpoint.previous_secret_enc and until is not None and until > (now or utcnow()):
-        context = endpoint_secret_context(endpoint.cooperative_id)
-        secrets_.append(cipher.decrypt(endpoint.previous_secret_enc, context=context))
-    return secrets_
+    """The secrets a delivery is signed with now: the current one, then every one a rotation replaced whose
+    overlap lasts, newest first."""
+    context = endpoint_secret_context(endpoint.cooperative_id)
+    return [
+        endpoint_secret(cipher, endpoint),
+        *(cipher.decrypt(entry["secret_enc"], context=context) for entry in live_previous_secrets(endpoint, now)),
+    ]
 
 
 def new_secret() -> str:
@@ -418,11 +444,14 @@ async def rotate_secret(
     actor: Actor,
     overlap: timedelta = ROTATION_OVERLAP,
 ) -> tuple[WebhookEndpoint, str]:
-    """A new signing secret, returned once and stored encrypted. The one it replaces keeps signing (a second
-    `v1=`) for `overlap`, so the receiver can switch at its own pace; zero drops it at once (a leaked secret).
-    Deliveries still pending go out signed with whatever is current when they are sent.
+    """A new signing secret, returned once and stored encrypted. The one it replaces keeps signing (one more
+    `v1=`) for `overlap`, so the receiver can switch at its own pace; zero stops it, and every earlier one
+    still signing, at once (a leaked secret). Deliveries still pending go out signed with whatever signs when
+    they are sent.
 
-    Rotating again during an overlap keeps only the secret just replaced: the one before it stops."""
+    Rotating again during an overlap cuts no earlier secret short: each keeps signing until its own overlap
+    ends (a receiver may never have learned the secrets in between). Beyond MAX_PREVIOUS_SECRETS of them at
+    once the rotation is refused (Conflict) rather than stop one early."""
     if not timedelta(0) <= overlap <= MAX_ROTATION_OVERLAP:
         raise ValidationError(
             f"the overlap must be between 0 and {MAX_ROTATION_OVERLAP.days * 24} hours", field="overlapHours"
@@ -430,8 +459,9 @@ async def rotate_secret(
     endpoint = await lock_row(session, WebhookEndpoint, endpoint_id, cooperative_id)  # two at once: in turn
     if endpoint is None:
         raise NotFound("webhook endpoint not found")
+    now = utcnow()
+    kept = _previous_after_rotation(endpoint, overlap, now)
     secret = new_secret()
-    keep = overlap > timedelta(0)
     # A Core UPDATE that leaves updated_at as it is: while the endpoint is failing it says since when (see
     # _finish), and a rotation must not push back its switching off.
     await session.execute(
@@ -439,9 +469,7 @@ async def rotate_secret(
         .where(WebhookEndpoint.id == endpoint.id)
         .values(
             secret_enc=cipher.encrypt(secret, context=endpoint_secret_context(cooperative_id)),
-            # The same key and context as the current one: stored as it was.
-            previous_secret_enc=endpoint.secret_enc if keep else None,
-            previous_secret_expires_at=utcnow() + overlap if keep else None,
+            previous_secrets=kept,
             updated_at=WebhookEndpoint.updated_at,
         )
     )
@@ -453,7 +481,8 @@ async def rotate_secret(
         entity_type="webhook_endpoint",
         entity_id=endpoint.id,
         after={
-            "previous_secret_valid_until": _iso(endpoint.previous_secret_expires_at),
+            "previous_secret_valid_until": kept[0]["expires_at"] if kept else None,
+            "previous_secrets_valid_until": [entry["expires_at"] for entry in kept],
             "overlap_seconds": int(overlap.total_seconds()),
         },
         cooperative_id=cooperative_id,
@@ -461,8 +490,21 @@ async def rotate_secret(
     return endpoint, secret
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
+def _previous_after_rotation(endpoint: WebhookEndpoint, overlap: timedelta, now: datetime) -> list[dict[str, Any]]:
+    """previous_secrets once `endpoint` is rotated with `overlap`: the secret it replaces first (newest first),
+    then those still inside their own overlap; expired ones dropped. None at all for a zero overlap."""
+    if overlap <= timedelta(0):
+        return []
+    live = live_previous_secrets(endpoint, now)
+    if len(live) >= MAX_PREVIOUS_SECRETS:
+        first_free = min(until for entry in live if (until := secret_expiry(entry)) is not None)
+        raise Conflict(
+            f"{len(live)} earlier secrets of this webhook endpoint still sign deliveries (at most "
+            f"{MAX_PREVIOUS_SECRETS}); rotate again after {first_free.isoformat()}, when the first of them "
+            "stops, or with overlapHours 0 to stop them all at once"
+        )
+    # The current secret is stored as it was: the same key and context as previous secrets.
+    return [previous_secret(endpoint.secret_enc, now + overlap), *live]
 
 
 async def disabled_for_failures(session: AsyncSession, endpoint_id: str) -> bool:
@@ -726,7 +768,7 @@ async def deliver(rt: Runtime, job: Job) -> str:
         return "endpoint_disabled"
 
     body = body_bytes(delivery.payload)
-    keys = signing_secrets(rt.cipher, endpoint)  # the current secret, and the replaced one while it overlaps
+    keys = signing_secrets(rt.cipher, endpoint)  # the current secret, and each replaced one while it overlaps
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "coop-pay-gateway-webhooks/1",
