@@ -21,7 +21,7 @@ from core.db import insert_ignore, lock_row, row_insert, table_of, utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
 from core.models import Payment, ProviderEvent
 from core.money import Money
-from core.notify import notice_jobs
+from core.notify import emit_event, notice_jobs
 from core.outbox import NewJob, enqueue_many
 from core.payment_statements import CONTEXT, create_statement, stored_and_locked
 from core.phone import Phone, PhoneError, normalize
@@ -516,6 +516,11 @@ async def _apply_outcome(
                 same = amount is None or amount.currency == payment.currency
                 payment.collected_minor = (amount.minor if amount is not None else payment.amount_minor) if same else 0
                 payment.completed_at = utcnow()
+                # The cooperative's system was told it failed: tell it the money is held (once; a second report
+                # of the same money changes nothing).
+                await emit_event(session, cooperative_id=payment.cooperative_id,
+                                 event_type="payment.taken_after_failure",
+                                 event_id=f"evt_payment_taken_after_failure_{payment.id}", data=event_data(payment))
             return "flagged_success_after_failure"
         values: dict[str, Any] = {"completed_at": utcnow()}
         if payment.provider_transaction_id is not None and (

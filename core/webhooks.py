@@ -58,6 +58,7 @@ log = logging.getLogger("gateway.webhooks")
 EVENTS = (
     "payment.completed",
     "payment.failed",
+    "payment.taken_after_failure",
     "payment.timeout",
     "refund.completed",
     "refund.failed",
@@ -262,6 +263,15 @@ async def approve_domain(
         cooperative_id=row.cooperative_id,
     )
     return row
+
+
+# An event also sent to the endpoints of the event it follows: a system told a payment failed is told when the
+# provider took the money after all (it was never told, unless it had asked for an event it did not know of).
+FOLLOWS = {"payment.taken_after_failure": "payment.failed"}
+
+
+def subscribed(events: list[str], event_type: str) -> bool:
+    return event_type in events or FOLLOWS.get(event_type) in events
 
 
 def check_events(events: Any) -> list[str]:
@@ -635,7 +645,7 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
             ).scalars()
         )
         for endpoint in endpoints:
-            if event_type not in (endpoint.events or []):
+            if not subscribed(endpoint.events or [], event_type):
                 continue
             if (urlparse(endpoint.url).hostname or "").lower() not in approved:
                 log.warning(

@@ -61,6 +61,22 @@ async def test_the_money_is_given_back_and_the_payment_stays_failed(admin, rt, d
     assert "nothing left to refund" in left["message"]
 
 
+async def test_the_cooperatives_system_is_told_the_money_was_taken(admin, rt, demo):
+    """It was told the payment failed; a webhook event says the money is held (what was taken, flagged), once."""
+    payment = await _failed_then_taken(admin, rt, demo, Money(50_000, "RWF"))
+    async with rt.sessionmaker.begin() as s:  # the same money reported again changes nothing
+        await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED,
+                                       actor=PROVIDER, amount=Money(50_000, "RWF"), provider_transaction_id="MTN-LATE-9")
+    async with rt.sessionmaker() as s:
+        events = list((await s.execute(select(OutboxJob.payload).where(OutboxJob.kind == "webhook.event")
+                                       .order_by(OutboxJob.id))).scalars())
+    assert [e["event_type"] for e in events] == ["payment.failed", "payment.taken_after_failure"]
+    held = events[1]["data"]
+    assert (held["id"], held["status"], held["collectedAmount"], held["mismatch"]) == (
+        payment["id"], "FAILED", 50000, True)
+    assert held["mismatchDetail"] == "provider reported success (50,000 RWF) after the payment had failed"
+
+
 async def test_a_dispute_resolved_with_a_refund_gives_it_back(admin, rt, demo):
     payment = await _failed_then_taken(admin, rt, demo, None)  # no amount reported: the payment's amount
     dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": payment["id"], "reason": "OTHER"})

@@ -286,6 +286,21 @@ async def test_fan_out_skips_unapproved_and_disabled(
     assert await jobs_of(rt, "webhook.deliver") == []
 
 
+async def test_money_taken_after_a_failure_reaches_the_endpoints_told_of_the_failure(
+    rt: Any, demo: dict[str, Any], receiver: Any, worker: Any
+) -> None:
+    """payment.taken_after_failure follows payment.failed: an endpoint that asked for the failure (before this
+    event existed, say) is told the money was taken after all; one that asked for neither is not."""
+    hook, url = receiver
+    coop = demo["cooperative_id"]
+    await approved_endpoint(rt, coop, url, events=["payment.failed"])
+    await emit(rt, coop, event_type="payment.taken_after_failure", event_id="evt_held")
+    await emit(rt, coop, event_type="payment.timeout", event_id="evt_other")
+    await drain(worker)
+    assert [json.loads(body)["type"] for _, body in ((r, r["body"]) for r in hook.requests)] == [
+        "payment.taken_after_failure"]
+
+
 async def test_bad_event_payload_is_parked(rt: Any, demo: dict[str, Any], worker: Any) -> None:
     await emit(rt, demo["cooperative_id"], event_type="payment.exploded")
     await drain(worker)
