@@ -532,6 +532,8 @@ async def _apply_outcome(
             values["provider_transaction_id"] = provider_transaction_id
         if PAYMENT.is_exceptional(current, P.COMPLETED):
             values["late"] = True
+        if payment.failure_reason is not None:
+            values["failure_reason"] = None  # "not approved in time" no longer holds (the audit log keeps it)
         if payment.mismatch_detail == UNCONFIRMED_FLAG:
             values.update(mismatch=False, mismatch_detail=None)  # the outcome is known now (late says the rest)
         expected = Money(payment.amount_minor, payment.currency)

@@ -39,8 +39,9 @@ async def test_money_taken_after_the_gateway_gave_up_is_recorded_then_refundable
     payment = await _given_up(admin, rt, demo)
     flagged = await admin.json("GET", f"/v1/payments/{payment['id']}", 200)
     assert (flagged["status"], flagged["mismatch"]) == ("TIMEOUT", True)
+    assert flagged["failureReason"] is not None
     done = await admin.json("POST", f"/v1/payments/{payment['id']}/outcome", 200, json=RECORD)
-    assert (done["status"], done["late"], done["mismatch"]) == ("COMPLETED", True, False)
+    assert (done["status"], done["late"], done["mismatch"], done["failureReason"]) == ("COMPLETED", True, False, None)
     async with rt.sessionmaker() as s:
         row = await s.get(Payment, payment["id"])
         assert (row.provider_transaction_id, row.mismatch_detail, row.completed_at is not None) == (
