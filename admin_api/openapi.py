@@ -12,7 +12,8 @@ from admin_api.routing import Ctx, Route
 
 PREFIX = "/v1"
 _ERRORS = {
-    400: "Invalid request (message lists every bad field)",
+    400: "Invalid request: message lists every field the request's shape check refuses (checks against stored "
+         "data, such as the account number or the price, follow one at a time)",
     401: "Missing or invalid credentials",
     403: "Not allowed for this caller",
     404: "Not found (or not visible to this caller)",

@@ -50,7 +50,9 @@ PAYMENT = out(
         "reference": {"type": "string"},
         "gatewayTransactionId": NULL_STRING,
         "gatewayReference": NULL_STRING,
-        "paymentUrl": NULL_STRING,
+        "paymentUrl": {**NULL_STRING, "description": "bank methods (BANK_*): where the payer pays the IremboPay "
+                       "invoice. null in the 201: the worker creates the invoice within seconds; read it with "
+                       "GET /v1/payments/{id} (mobile money needs none: the payer approves a prompt on the phone)"},
         "description": NULL_STRING,
         "dueDate": NULL_DATETIME,
         "completedAt": NULL_DATETIME,
