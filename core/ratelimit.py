@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import time
 from collections.abc import Callable
@@ -12,17 +13,26 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-# The count of the current window (INCR, and its expiry renewed) and the previous window's count, in one
-# command: a pipeline of INCR, EXPIRE and GET cost about twice the client CPU (a reply, and a read with its
-# own timeout, per command). Both keys share the hash tag, so a cluster runs it on one node. EVAL (not
-# EVALSHA) so that a restarted Redis, which forgot its scripts, needs nothing reloaded.
+# Check, then count, in one command: the current window's count and the previous window's, and only when the
+# request fits under the limit the INCR (and its expiry renewed). A refused request is not counted: a client
+# retrying while refused must not keep its own count up and so stretch the wait it was told (Retry-After).
+# ARGV[2] is the previous window's weight, worked out in Python (`_previous_weight`) and sent as its exact
+# repr, so the script floors the very same double the Python `_decide` floors: both reach the same verdict.
+# It returns the count before this request; `_decide` adds this one back when it was allowed. A pipeline of
+# GET, INCR, EXPIRE and GET cost about twice the client CPU (a reply, and a read with its own timeout, per
+# command). Both keys share the hash tag, so a cluster runs it on one node. EVAL (not EVALSHA) so that a
+# restarted Redis, which forgot its scripts, needs nothing reloaded.
 # KEYS[3], when given, is one more key of the same subject read in the same command (a token's
 # revocation mark): its value comes back third.
 _COUNT = """
-local n = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+local weight = tonumber(ARGV[2])
 local previous = false
-if ARGV[2] == '1' then previous = redis.call('GET', KEYS[2]) end
+if weight > 0 then previous = redis.call('GET', KEYS[2]) end
+if n + math.floor(tonumber(previous or '0') * weight) < tonumber(ARGV[3]) then
+  redis.call('INCR', KEYS[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
 local also = false
 if KEYS[3] then also = redis.call('GET', KEYS[3]) end
 return {n, previous, also}
@@ -49,10 +59,13 @@ class Limit:
 class Decision:
     allowed: bool
     limit: int
-    remaining: int
-    reset: int  # epoch seconds when the current window ends
-    retry_after: int
-    used: int = 0  # the (weighted) count the decision was made on
+    remaining: int  # requests still allowed after this one, at once
+    # Epoch seconds (rounded up) from which the next request is allowed if the client sends nothing more: now
+    # while `remaining` is above 0, else when the weighted count drops below the limit (not the end of the
+    # current window: the previous window still weighs in then).
+    reset: int
+    retry_after: int  # refused: whole seconds to wait, at least 1, that get the next request allowed; else 0
+    used: int = 0  # the (weighted) count the decision was made on, this request included when counted
 
 
 class RateLimiter:
@@ -90,12 +103,13 @@ class RateLimiter:
         now = time.time() if now is None else now
         allowed_count = self.effective(limit)
         window = limit.window
-        start = int(now // window) * window
+        start = _window_start(limit, now)
         base = f"{self._prefix}:{subject_tag(subject)}:{limit.name}"
         keys = [f"{base}:{start}", f"{base}:{start - window}"]
         if read is not None:
             keys.append(read)
-        args = (*keys, window * 2, "1" if limit.sliding else "0")
+        # repr: the shortest text that reads back as the same double, so the script floors what `_decide` does.
+        args: tuple[str | int, ...] = (*keys, window * 2, repr(_previous_weight(limit, now, start)), allowed_count)
         extra: list[Any] = []
         if then is None:
             results = await self._redis.eval(_COUNT, len(keys), *args)
@@ -111,7 +125,7 @@ class RateLimiter:
         """Whether one more would be allowed, counting nothing (MGET of the two windows: one tag, one node).
         For limits that count only some outcomes (failed sign-ins): look first, `hit` once the outcome is known."""
         now = time.time() if now is None else now
-        start = int(now // limit.window) * limit.window
+        start = _window_start(limit, now)
         base = f"{self._prefix}:{subject_tag(subject)}:{limit.name}"
         current, previous = await self._redis.mget([f"{base}:{start}", f"{base}:{start - limit.window}"])
         return _decide(limit, self.effective(limit), now, int(current or 0), int(previous or 0), counted=False)
@@ -122,24 +136,71 @@ def effective_count(limit: Limit, multiplier: float) -> int:
     return max(1, int(limit.count * multiplier))
 
 
+def _window_start(limit: Limit, now: float) -> int:
+    return int(now // limit.window) * limit.window
+
+
+def _previous_weight(limit: Limit, now: float, start: int) -> float:
+    """How much the previous window still counts at `now`: the part of it still inside the sliding window
+    (none for a fixed window). The Lua script gets this very value, so keep it the one place it is worked out."""
+    return 1.0 - (now - start) / limit.window if limit.sliding else 0.0
+
+
+def _weighted(limit: Limit, start: int, current: int, previous: int, when: float) -> int:
+    """The count a request at `when` (not before `start`) would be judged on, if nothing more is counted after
+    `current` (the window at `start`) and `previous` (the one before): later windows start empty."""
+    if when >= start + limit.window:  # the current window has become the previous one
+        start, current, previous = start + limit.window, 0, current
+        if when >= start + limit.window:
+            return 0
+    return current + int(previous * _previous_weight(limit, when, start))
+
+
+def _clears_after(limit: Limit, allowed_count: int, start: int, current: int, previous: int) -> float | None:
+    """Roughly when the weighted count drops below the limit, nothing more being counted: it does just after
+    the moment returned (None: it is below it already). From the counts and the window: while `current` fits,
+    the previous window's share shrinks until it fits too; else the current window must become the previous
+    one and slide out far enough."""
+    window = limit.window
+    if current < allowed_count:
+        if not limit.sliding or previous == 0:
+            return None
+        return start + window * (1 - (allowed_count - current) / previous)
+    if not limit.sliding:
+        return float(start + window)
+    return start + 2 * window - window * allowed_count / current
+
+
+def _first_allowed(limit: Limit, allowed_count: int, start: int, current: int, previous: int, origin: float,
+                   least: int) -> int:
+    """The fewest whole seconds after `origin`, at least `least`, at which the next request is allowed if
+    nothing more is counted. `_clears_after` gives where to look: floating point can put it a hair off, so
+    start a second or two early and step with `_weighted`, the very check the limiter makes, so that a client
+    that waits this long is allowed (the weighted count never rises while nothing is counted)."""
+    clears = _clears_after(limit, allowed_count, start, current, previous)
+    seconds = least if clears is None else max(least, math.floor(clears - origin) - 1)
+    while _weighted(limit, start, current, previous, origin + seconds) >= allowed_count:
+        seconds += 1
+    return seconds
+
+
 def _decide(limit: Limit, allowed_count: int, now: float, current: int, previous: int, *,
             counted: bool) -> Decision:
-    """The decision from a window's count (`counted`: it includes this request; else this one would be next)."""
-    start = int(now // limit.window) * limit.window
-    used = current
-    if limit.sliding:
-        # Sliding-window counter: the previous window weighs in for the part still inside the window.
-        weight = 1.0 - (now - start) / limit.window
-        used = current + int(previous * weight)
-    reset = start + limit.window
-    allowed = used <= allowed_count if counted else used < allowed_count
+    """The decision on one more request from the counts before it. `counted`: it is counted when allowed
+    (`hit`, as the Lua script does); else it is only looked at (`peek`). Refused, it is never counted."""
+    start = _window_start(limit, now)
+    # Sliding-window counter: the previous window weighs in for the part still inside the window.
+    before = _weighted(limit, start, current, previous, now)
+    allowed = before < allowed_count
+    if counted and allowed:
+        current += 1
     return Decision(
         allowed=allowed,
         limit=allowed_count,
-        remaining=max(0, allowed_count - used - (0 if counted else 1)),
-        reset=reset,
-        retry_after=0 if allowed else max(1, int(reset - now + 0.999)),
-        used=used,
+        remaining=max(0, allowed_count - before - 1),
+        reset=_first_allowed(limit, allowed_count, start, current, previous, 0.0, math.ceil(now)),
+        retry_after=0 if allowed else _first_allowed(limit, allowed_count, start, current, previous, now, 1),
+        used=before + 1 if counted and allowed else before,
     )
 
 
@@ -183,15 +244,18 @@ class LocalLimiter:
         self._multiplier = multiplier
 
     def _keys(self, limit: Limit, subject: str, now: float) -> tuple[Any, Any]:
-        start = int(now // limit.window) * limit.window
+        start = _window_start(limit, now)
         return (subject, limit.name, start), (subject, limit.name, start - limit.window)
 
     async def hit(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
         now = time.time() if now is None else now
         key, previous = self._keys(limit, subject, now)
-        current = self._counts.incr(key, now, limit.window * 2)
         allowed_count = effective_count(limit, self._multiplier)
-        return _decide(limit, allowed_count, now, current, self._counts.get(previous, now), counted=True)
+        decision = _decide(limit, allowed_count, now, self._counts.get(key, now), self._counts.get(previous, now),
+                           counted=True)
+        if decision.allowed:  # as the Lua script: a refused request is not counted
+            self._counts.incr(key, now, limit.window * 2)
+        return decision
 
     async def peek(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
         now = time.time() if now is None else now

@@ -1,0 +1,51 @@
+"""The X-RateLimit-* and Retry-After headers of the API: a client that waits Retry-After after a 429 is let
+through, and retrying while refused does not push that back. The limiter's clock is set by the test."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import pytest
+
+from core import ratelimit
+from tests.admin_api.conftest import payment_body
+
+T0 = 1_800_000_000 - (1_800_000_000 % 60)  # the start of a minute
+
+
+def _rate_headers(resp: Any) -> dict[str, str]:
+    return {k: v for k, v in resp.headers.items() if k.startswith(("X-RateLimit-", "Retry-After"))}
+
+
+async def test_waiting_retry_after_gets_the_next_payment_through(admin: Any, demo: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [T0 + 52.25]  # ten payments 8 s before the minute ends (payments:create: 10 a minute)
+    monkeypatch.setattr(ratelimit, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    rent = demo["payment_types"]["Monthly Rent"]
+
+    async def pay() -> Any:
+        return await admin.req("POST", "/v1/payments", json=payment_body(rent))
+
+    for left in range(9, 0, -1):
+        resp = await pay()
+        assert resp.status == 201 and _rate_headers(resp) == {
+            "X-RateLimit-Limit": "10", "X-RateLimit-Remaining": str(left), "X-RateLimit-Reset": str(T0 + 53)}
+    # The last that fits says when the next will: not at the minute's turn (the full minute then still weighs
+    # in whole) but a second after it.
+    last = await pay()
+    assert last.status == 201 and _rate_headers(last) == {
+        "X-RateLimit-Limit": "10", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(T0 + 61)}
+    refused = await pay()
+    assert refused.status == 429 and _rate_headers(refused) == {
+        "X-RateLimit-Limit": "10", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(T0 + 61),
+        "Retry-After": "8"}
+    for waited in range(1, 8):  # asking again every second meanwhile changes nothing
+        clock[0] = T0 + 52.25 + waited
+        again = await pay()
+        assert again.status == 429 and _rate_headers(again)["X-RateLimit-Reset"] == str(T0 + 61)
+        assert again.headers["Retry-After"] == str(8 - waited)
+    clock[0] = T0 + 52.25 + 8
+    through = await pay()
+    assert through.status == 201, await through.json()
+    assert _rate_headers(through)["X-RateLimit-Remaining"] == "0"  # 9 of the ten still weigh in, and this one

@@ -1,0 +1,143 @@
+"""Retry-After and X-RateLimit-Reset are honest: a client that waits that long is allowed, and a refused request is
+not counted, so retrying while refused does not stretch the wait. Both for the Redis limiter and for the
+in-memory one used while Redis is down, which must decide alike. The clock is passed in (`now=`)."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import pytest
+
+from core.ratelimit import Decision, Limit, LocalCounts, LocalLimiter, RateLimiter
+
+T0 = 1_800_000_000 - (1_800_000_000 % 3600)  # the start of a window of every length used here
+PER_MINUTE = Limit("t:minute", 10)
+
+
+@pytest.fixture(params=["redis", "local"])
+def limiter(request: pytest.FixtureRequest) -> RateLimiter | LocalLimiter:
+    if request.param == "redis":
+        return RateLimiter(request.getfixturevalue("rt").redis)
+    return LocalLimiter(LocalCounts())
+
+
+async def _fill(limiter: Any, limit: Limit, subject: str, now: float) -> Decision:
+    """Hit at `now` until refused; the refusal."""
+    for _ in range(limit.count + 1):
+        decision = await limiter.hit(limit, subject, now=now)
+        if not decision.allowed:
+            return decision
+    raise AssertionError("never refused")
+
+
+async def test_a_client_that_waits_retry_after_is_allowed(limiter: Any) -> None:
+    # The reviewer's case: ten requests 8 s before the minute's end. At the turn, the full minute still weighs
+    # in whole (10 of 10), so the end of the window is not enough; a quarter of a second later it is.
+    refused = await _fill(limiter, PER_MINUTE, "u", T0 + 52.25)
+    assert (refused.retry_after, refused.reset) == (8, T0 + 61)
+    assert not (await limiter.hit(PER_MINUTE, "u", now=T0 + 52.25 + 7)).allowed
+    assert (await limiter.hit(PER_MINUTE, "u", now=T0 + 52.25 + 8)).allowed
+
+
+async def test_a_client_that_waits_until_reset_is_allowed(limiter: Any) -> None:
+    refused = await _fill(limiter, PER_MINUTE, "u", T0 + 52.25)
+    assert not (await limiter.hit(PER_MINUTE, "u", now=refused.reset - 1)).allowed
+    assert (await limiter.hit(PER_MINUTE, "u", now=refused.reset)).allowed
+
+
+async def test_the_previous_window_counts_in_the_wait(limiter: Any) -> None:
+    await _fill(limiter, PER_MINUTE, "u", T0 + 30)
+    # 1 s into the next minute, 59/60 of the ten still count (9): one more fits, then 1 + 9 is the limit,
+    # until 9/10 of the minute no longer counts (10 x 0.9 = 9 is not below it), just after T0 + 66.
+    refused = await _fill(limiter, PER_MINUTE, "u", T0 + 61)
+    assert (refused.retry_after, refused.reset) == (6, T0 + 67)
+    assert not (await limiter.hit(PER_MINUTE, "u", now=T0 + 66)).allowed
+    assert (await limiter.hit(PER_MINUTE, "u", now=T0 + 67)).allowed
+
+
+async def test_a_fixed_window_waits_for_its_end(limiter: Any) -> None:
+    fixed = Limit("t:fixed", 3, window=10, sliding=False)
+    refused = await _fill(limiter, fixed, "u", T0 + 2.5)
+    assert (refused.retry_after, refused.reset) == (8, T0 + 10)
+    assert not (await limiter.hit(fixed, "u", now=T0 + 9.99)).allowed
+    assert (await limiter.hit(fixed, "u", now=T0 + 10)).allowed
+
+
+async def test_refused_requests_do_not_extend_the_wait(limiter: Any) -> None:
+    first = await _fill(limiter, PER_MINUTE, "u", T0 + 52.25)
+    for step in range(1, 16):  # retrying every half second while refused
+        again = await limiter.hit(PER_MINUTE, "u", now=T0 + 52.25 + step / 2)
+        assert not again.allowed and again.reset == first.reset
+        assert again.retry_after == math.ceil(first.retry_after - step / 2) or again.retry_after == 1
+    assert (await limiter.hit(PER_MINUTE, "u", now=T0 + 52.25 + first.retry_after)).allowed
+
+
+async def test_refusals_are_not_stored(rt: Any) -> None:
+    limiter = RateLimiter(rt.redis)
+    await _fill(limiter, PER_MINUTE, "u", T0 + 5)
+    for _ in range(5):
+        assert not (await limiter.hit(PER_MINUTE, "u", now=T0 + 6)).allowed
+    decision, (value,) = await limiter.hit_then(PER_MINUTE, "u", lambda pipe: pipe.get("other"), now=T0 + 7)
+    assert not decision.allowed and value is None  # the pipelined form too
+    assert await rt.redis.get(f"rl:{{u}}:t:minute:{T0}") == b"10"
+
+
+async def test_decision_fields_behind_the_headers(limiter: Any) -> None:
+    now = T0 + 52.25
+    allowed = [await limiter.hit(PER_MINUTE, "u", now=now) for _ in range(10)]
+    assert [d.remaining for d in allowed] == list(range(9, -1, -1))
+    # While some remain, the next request is allowed at once: Reset is now (rounded up), no Retry-After.
+    assert all(d.allowed and d.reset == T0 + 53 and d.retry_after == 0 for d in allowed[:-1])
+    # The last one that fits already says when the next will: the same as the refusal that follows.
+    refused = await limiter.hit(PER_MINUTE, "u", now=now)
+    assert allowed[-1].reset == refused.reset == T0 + 61
+    assert (refused.allowed, refused.limit, refused.remaining, refused.retry_after) == (False, 10, 0, 8)
+    assert refused.used == 10
+
+
+async def test_peek_agrees_with_hit(limiter: Any) -> None:
+    await _fill(limiter, PER_MINUTE, "u", T0 + 52.25)
+    looked = await limiter.peek(PER_MINUTE, "u", now=T0 + 55)
+    assert not looked.allowed and (looked.reset, looked.retry_after) == (T0 + 61, 6)
+    assert (await limiter.peek(PER_MINUTE, "u", now=T0 + 60.25)).allowed
+
+
+async def _random_walk(limiter: Any, seed: int) -> list[Decision]:
+    """Hits at random moments over a few windows of several limits; at every refusal, check the wait it gives:
+    a second less is refused (peek), the wait itself and Reset are allowed (peek, then a hit at the wait)."""
+    rng = random.Random(seed)
+    subject = f"walk-{seed}"
+    limits = [Limit("w:a", 4, window=60), Limit("w:b", 7, window=10), Limit("w:c", 3, window=5, sliding=False)]
+    decisions = []
+    for limit in limits:
+        now = T0 + rng.random() * limit.window
+        while now < T0 + 6 * limit.window:
+            decision = await limiter.hit(limit, subject, now=now)
+            decisions.append(decision)
+            if decision.allowed:
+                now += rng.expovariate(3 * limit.count / limit.window)
+                continue
+            wait = decision.retry_after
+            assert wait >= 1 and decision.reset > now and decision.remaining == 0
+            if wait > 1:
+                assert not (await limiter.peek(limit, subject, now=now + wait - 1)).allowed
+            if decision.reset - 1 >= now:
+                assert not (await limiter.peek(limit, subject, now=decision.reset - 1)).allowed
+            assert (await limiter.peek(limit, subject, now=decision.reset)).allowed
+            now += wait
+            assert (await limiter.hit(limit, subject, now=now)).allowed
+            now += rng.random()
+    return decisions
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_every_wait_given_is_exactly_enough(limiter: Any, seed: int) -> None:
+    decisions = await _random_walk(limiter, seed)
+    assert sum(not d.allowed for d in decisions) > 10  # the walk did get refused
+
+
+async def test_the_fallback_decides_as_redis_does(rt: Any) -> None:
+    for seed in (4, 5):
+        assert await _random_walk(RateLimiter(rt.redis), seed) == await _random_walk(LocalLimiter(LocalCounts()), seed)
