@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from sqlalchemy import select
 
 from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, page_of, paged
@@ -47,7 +47,10 @@ CREATE = obj(
     ["name", "phone"],
 )
 UPDATE = obj(_FIELDS, min_properties=1)
-IMPORTED = out({"imported": {"type": "integer"}, "memberIds": {"type": "array", "items": ID}})
+IMPORTED = out({"imported": {"type": "integer"}, "memberIds": {"type": "array", "items": ID},
+               "ignoredColumns": {"type": "array", "items": {"type": "string"},
+                                  "description": "the file's columns not stored (name, phone, unit, language are)"},
+               "encoding": {"enum": ["utf-8", "utf-16", "windows-1252"]}})
 
 
 def present(m: Member) -> dict[str, Any]:
@@ -164,12 +167,40 @@ async def approve_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return json_response(present(member))
 
 
+CSV_TYPES = ("text/csv", "application/csv", "text/plain", "application/vnd.ms-excel")
+
+
+async def _uploaded_file(request: web.Request) -> bytes:
+    """The file as the body itself (text/csv), or as a form's file field (`curl -F file=@members.csv`, a
+    browser form): the first part that carries a file, at most IMPORT_LIMIT bytes."""
+    if request.content_type in CSV_TYPES:
+        return await read_body(request, IMPORT_LIMIT)
+    if request.content_type != "multipart/form-data":
+        raise ApiError(415, "Content-Type must be text/csv, or multipart/form-data with the file in a field")
+    if request.content_length is not None and request.content_length > IMPORT_LIMIT:
+        raise ApiError(413, f"request body is larger than {IMPORT_LIMIT} bytes")
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or part.filename is None:
+                continue
+            chunks: list[bytes] = []
+            size = 0
+            while chunk := await part.read_chunk(64 * 1024):
+                size += len(chunk)
+                if size > IMPORT_LIMIT:
+                    raise ApiError(413, f"request body is larger than {IMPORT_LIMIT} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except (ValueError, AssertionError) as exc:  # aiohttp's words for a form it cannot read
+        raise ApiError(400, f"the form could not be read: {exc}") from None
+    raise ApiError(400, "the form has no file: send the CSV in a file field (-F file=@members.csv)")
+
+
 async def import_members_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    if request.content_type not in ("text/csv", "application/csv", "text/plain"):
-        raise ApiError(415, "Content-Type must be text/csv")
-    data = await read_body(request, IMPORT_LIMIT)
+    data = await _uploaded_file(request)
     coop = await _cooperative(ctx, ctx.query.get("cooperativeId"))
-    members = await import_members(
+    done = await import_members(
         ctx.session,
         ctx.rt.cipher,
         cooperative=coop,
@@ -178,7 +209,8 @@ async def import_members_csv(request: web.Request, ctx: Ctx) -> web.StreamRespon
         status=ctx.query["status"],
     )
     await ctx.session.commit()
-    return json_response({"imported": len(members), "memberIds": members}, status=201)
+    return json_response({"imported": len(done.member_ids), "memberIds": done.member_ids,
+                          "ignoredColumns": done.ignored_columns, "encoding": done.encoding}, status=201)
 
 
 ROUTES = [

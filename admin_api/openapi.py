@@ -84,7 +84,11 @@ def _operation(route: Route) -> dict[str, Any]:
         op["requestBody"] = {"required": not route.body_optional,
                              "content": {"application/json": {"schema": dict(route.body)}}}
     elif route.raw_body:
-        op["requestBody"] = {"required": True, "content": {route.raw_body: {"schema": {"type": "string"}}}}
+        raw: dict[str, Any] = {route.raw_body: {"schema": {"type": "string"}}}
+        if route.raw_body == "text/csv":  # or the file in a form (admin_api.members._uploaded_file)
+            raw["multipart/form-data"] = {"schema": {"type": "object", "required": ["file"], "properties": {
+                "file": {"type": "string", "format": "binary"}}}}
+        op["requestBody"] = {"required": True, "content": raw}
     return op
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import csv
 import functools
 import io
@@ -67,12 +68,36 @@ def delimiter_of(text: str) -> str:
     return best if counts[best] else ","
 
 
-def parse_rows(data: bytes, *, region: str) -> list[ImportRow]:
+@dataclass(frozen=True)
+class ParsedFile:
+    rows: list[ImportRow]
+    ignored_columns: list[str]  # columns of the file the import does not store (an email, a member number)
+    encoding: str
+
+
+def decode(data: bytes) -> tuple[str, str]:
+    """The file's text and the encoding it was read in: UTF-8 (with or without a BOM); UTF-16 with its BOM
+    (Excel's "Unicode Text"); else Windows-1252 (Excel's "CSV (Comma delimited)" on a Windows set to English or
+    French: "Amélie" is one byte é). A file that is none of these is refused."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError:
+            pass
+    else:
+        try:
+            return data.decode("utf-8-sig"), "utf-8"
+        except UnicodeDecodeError:
+            try:
+                return data.decode("cp1252"), "windows-1252"
+            except UnicodeDecodeError:
+                pass
+    raise ImportRejected([RowError(0, "file", "must be text: UTF-8, UTF-16 or Windows-1252")])
+
+
+def parse_rows(data: bytes, *, region: str) -> ParsedFile:
     """Decode and check the whole file; raise ImportRejected listing every problem found."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ImportRejected([RowError(0, "file", "must be UTF-8 text")]) from None
+    text, encoding = decode(data)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter_of(text))
     try:
         header = [h.strip().lower() for h in next(reader)]
@@ -81,15 +106,14 @@ def parse_rows(data: bytes, *, region: str) -> list[ImportRow]:
     except csv.Error as exc:
         raise ImportRejected([RowError(1, "header", f"not CSV: {exc}")]) from None
     errors: list[RowError] = []
-    unknown = [h for h in header if h not in COLUMNS]
-    if unknown:
-        errors.append(
-            RowError(1, "header", f"unknown column(s): {', '.join(unknown)}; expected {', '.join(COLUMNS)}")
-        )
+    # Other columns (a SACCO's export has an email, a member number...) are read past and named in the answer.
+    # Columns with no name (a spreadsheet's trailing separators) likewise.
+    ignored = [h for h in header if h and h not in COLUMNS]
     for col in REQUIRED:
         if col not in header:
             errors.append(RowError(1, "header", f"column {col} is required"))
-    if len(set(header)) != len(header):
+    known = [h for h in header if h in COLUMNS]
+    if len(set(known)) != len(known):
         errors.append(RowError(1, "header", "a column appears twice"))
     if errors:
         raise ImportRejected(errors)
@@ -111,11 +135,11 @@ def parse_rows(data: bytes, *, region: str) -> list[ImportRow]:
             # Checked as POST /members checks JSON: a NUL would reach the database (which refuses it), and
             # other control characters would be stored in names the API refuses.
             bad = [RowError(line, h, "contains characters that are not allowed")
-                   for h, c in zip(header, cells, strict=True) if has_bad_characters(c)]
+                   for h, c in zip(header, cells, strict=True) if h in COLUMNS and has_bad_characters(c)]
             if bad:
                 errors.extend(bad)
                 continue
-            values = {h: c.strip() for h, c in zip(header, cells, strict=True)}
+            values = {h: c.strip() for h, c in zip(header, cells, strict=True) if h in COLUMNS}
             row_errors: list[RowError] = []
             name = values.get("name", "")
             if not 2 <= len(name) <= 200:
@@ -147,7 +171,14 @@ def parse_rows(data: bytes, *, region: str) -> list[ImportRow]:
         raise ImportRejected(errors)
     if not rows:
         raise ImportRejected([RowError(2, "file", "no member rows")])
-    return rows
+    return ParsedFile(rows, ignored, encoding)
+
+
+@dataclass(frozen=True)
+class Imported:
+    member_ids: list[str]
+    ignored_columns: list[str]
+    encoding: str
 
 
 async def import_members(
@@ -158,9 +189,9 @@ async def import_members(
     data: bytes,
     actor: Actor,
     status: str = "ACTIVE",
-) -> list[str]:
+) -> Imported:
     """Validate the file, refuse numbers already in the cooperative, then create every member; returns
-    the new members' ids in the file's order.
+    the new members' ids in the file's order, with the file's columns it did not store and its encoding.
 
     The caller commits; on any error nothing has been written (the caller rolls back).
     """
@@ -168,7 +199,8 @@ async def import_members(
         raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
     # Parsing 10,000 rows (phonenumbers) is about half a second of CPU: in a thread, so the event loop keeps
     # serving other requests between its turns.
-    rows = await asyncio.to_thread(parse_rows, data, region=cooperative.country)
+    parsed = await asyncio.to_thread(parse_rows, data, region=cooperative.country)
+    rows = parsed.rows
     by_index = {cipher.blind_index(r.phone.e164): r for r in rows}
     existing: set[str] = set()
     keys = list(by_index)
@@ -193,10 +225,10 @@ async def import_members(
         action="member.imported",
         entity_type="cooperative",
         entity_id=cooperative.id,
-        after={"count": len(ids)},
+        after={"count": len(ids), "ignoredColumns": parsed.ignored_columns, "encoding": parsed.encoding},
         cooperative_id=cooperative.id,
     )
-    return ids
+    return Imported(ids, parsed.ignored_columns, parsed.encoding)
 
 
 @functools.cache

@@ -206,12 +206,43 @@ async def test_import_refuses_existing_members_headers_and_types(admin, rt, demo
     resp = await admin.req("POST", "/v1/members/import", data=b"", headers={"Content-Type": "text/csv"})
     assert resp.status == 400
     resp = await admin.req(
-        "POST", "/v1/members/import", data=b"\xff\xfe", headers={"Content-Type": "text/csv"}
-    )
-    assert (await resp.json())["message"] == ["row 0: file: must be UTF-8 text"]
+        "POST", "/v1/members/import", data=b"name,phone\n\x81\x8d,x\n", headers={"Content-Type": "text/csv"}
+    )  # neither UTF-8 nor Windows-1252 (0x81 and 0x8D are unassigned there)
+    assert (await resp.json())["message"] == ["row 0: file: must be text: UTF-8, UTF-16 or Windows-1252"]
     resp = await admin.req("POST", "/v1/members/import", json={"rows": []})
     assert resp.status == 415
     assert await _count(rt, demo["cooperative_id"]) == before
+
+
+async def test_import_takes_a_spreadsheets_file_as_it_comes(admin, rt, demo):
+    """What a SACCO's office exports: Excel's "CSV (Comma delimited)" in Windows-1252 (é as one byte) with an
+    email column and trailing separators, sent as a form's file (curl -F); Excel's "Unicode Text" (UTF-16, tabs).
+    The extra columns are read past and named in the answer; nothing of them is stored."""
+    import aiohttp
+
+    cp1252 = "Name,Phone,Email,,\r\nAmélie Uwase,0788123401,amelie@example.rw,,\r\n".encode("cp1252")
+    form = aiohttp.FormData()
+    form.add_field("file", cp1252, filename="members.csv", content_type="application/vnd.ms-excel")
+    resp = await admin.req("POST", "/v1/members/import", data=form)
+    body = await resp.json()
+    assert resp.status == 201, body
+    assert (body["imported"], body["ignoredColumns"], body["encoding"]) == (1, ["email"], "windows-1252")
+    utf16 = "name\tphone\tunit\nJean-Pierre Nshuti\t0788123402\tB4\n".encode("utf-16")
+    resp = await admin.req("POST", "/v1/members/import", data=utf16, headers={"Content-Type": "text/plain"})
+    body = await resp.json()
+    assert resp.status == 201 and (body["ignoredColumns"], body["encoding"]) == ([], "utf-16"), body
+    async with rt.sessionmaker() as s:
+        names = dict((await s.execute(select(Member.name, Member.unit).where(
+            Member.id.in_([*body["memberIds"]])))).all())
+        amelie = (await s.execute(select(Member.name).where(Member.name.like("Am%lie%")))).scalar_one()
+    assert names == {"Jean-Pierre Nshuti": "B4"} and amelie == "Amélie Uwase"
+    # A form without a file, and a type that is neither, are told what to send.
+    empty = aiohttp.FormData(default_to_multipart=True)
+    empty.add_field("note", "no file here")
+    resp = await admin.req("POST", "/v1/members/import", data=empty)
+    assert resp.status == 400 and "the form has no file" in (await resp.json())["message"]
+    resp = await admin.req("POST", "/v1/members/import", data=b"x", headers={"Content-Type": "image/png"})
+    assert resp.status == 415
 
 
 async def test_import_body_limit_is_larger_than_json_but_bounded(admin):
