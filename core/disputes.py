@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.db import lock_row, serialise_on_sqlite, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
-from core.models import Dispute, Payment
+from core.models import Dispute, OutboxJob, Payment
 from core.money import Money
 from core.notify import notice_jobs
 from core.outbox import enqueue_many
@@ -44,10 +46,32 @@ async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, te
     if not dispute.member_id:
         payment = payment or await session.get(Payment, dispute.payment_id)
         phone = payer_phone(cipher, payment) if payment is not None else None
-    await enqueue_many(session, notice_jobs(  # the SMS and the webhook event in one round trip
+    jobs = notice_jobs(
         template=template, event_type=event_type, cooperative_id=dispute.cooperative_id, key=dispute.id, step=step,
         context={"dispute_id": dispute.id, "status": dispute.status}, data=dispute_data(dispute), cipher=cipher,
-        member_id=dispute.member_id or None, phone=phone))
+        member_id=dispute.member_id or None, phone=phone)
+    after = await _last_unsent_sms(session, dispute.id)
+    if after is not None:
+        # An earlier change's SMS is not sent yet (three moves in a second): this one goes after it, or the
+        # worker's parallel sends may deliver "resolved" before "under review".
+        at = max(utcnow(), after + SMS_SPACING)
+        jobs = [replace(j, run_at=at) if j.kind == "sms.send" else j for j in jobs]
+    await enqueue_many(session, jobs)  # the SMS and the webhook event in one round trip
+
+
+SMS_SPACING = timedelta(seconds=3)
+_STEPS = tuple(s.value.lower() for s in DisputeStatus)
+
+
+async def _last_unsent_sms(session: AsyncSession, dispute_id: str) -> datetime | None:
+    """When the latest of this dispute's SMS still waiting is due (by their dedupe keys: the unique index)."""
+    keys = [f"sms:dispute_opened:{dispute_id}"] + [f"sms:{template}:{dispute_id}:{step}"
+                                                  for template in ("dispute_updated", "dispute_resolved")
+                                                  for step in _STEPS]
+    found: datetime | None = (await session.execute(
+        select(func.max(OutboxJob.run_at)).where(OutboxJob.dedupe_key.in_(keys),
+                                                 OutboxJob.status.in_(("PENDING", "RUNNING"))))).scalar()
+    return found
 
 
 async def open_dispute(session: AsyncSession, *, payment: Payment, reason: DisputeReason | str, channel: str,

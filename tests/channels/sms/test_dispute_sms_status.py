@@ -10,11 +10,12 @@ from collections import Counter
 from typing import Any
 
 from core.audit import Actor
-from core.disputes import move_dispute, open_dispute
+from core.disputes import SMS_SPACING, move_dispute, open_dispute
 from core.models import Dispute, Payment
 from core.notify import send_sms
 from tests.channels.sms.helpers import jobs_of, make_payment
 from tests.conftest import drain
+from tests.providers.wires import due_now
 
 JEAN = "+250788000002"  # reads English
 ADMIN = Actor("admin:test", "api")
@@ -42,8 +43,14 @@ async def test_each_change_is_told_once_though_the_dispute_moved_on_before_the_s
     dispute, payment_ref = await _dispute(rt, demo)
     await _move(rt, dispute, "UNDER_REVIEW")
     await _move(rt, dispute, "REJECTED")
-    assert len(await jobs_of(rt, "sms.send")) == 3  # none sent yet, and the dispute is REJECTED by now
+    jobs = await jobs_of(rt, "sms.send")
+    assert len(jobs) == 3  # none sent yet, and the dispute is REJECTED by now
+    # Each change's SMS is due after the one before it (parallel sends would deliver "closed" first).
+    by_key = {j.dedupe_key.split(":")[1]: j.run_at for j in jobs}
+    assert by_key["dispute_opened"] < by_key["dispute_updated"] < by_key["dispute_resolved"]
+    assert by_key["dispute_resolved"] - by_key["dispute_updated"] >= SMS_SPACING
 
+    await due_now(rt, "sms.send")
     await drain(worker)
 
     about = f"{dispute.reference} about payment {payment_ref}"
