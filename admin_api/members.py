@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from sqlalchemy import select
 
 from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, page_of, paged
@@ -192,8 +193,8 @@ async def _uploaded_file(request: web.Request) -> bytes:
                     raise ApiError(413, f"request body is larger than {IMPORT_LIMIT} bytes")
                 chunks.append(chunk)
             return b"".join(chunks)
-    except (ValueError, AssertionError) as exc:  # aiohttp's words for a form it cannot read
-        raise ApiError(400, f"the form could not be read: {exc}") from None
+    except (ValueError, AssertionError, HttpProcessingError):  # aiohttp's words for a form it cannot read
+        raise ApiError(400, "the form could not be read as multipart/form-data") from None
     raise ApiError(400, "the form has no file: send the CSV in a file field (-F file=@members.csv)")
 
 

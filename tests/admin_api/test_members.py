@@ -243,6 +243,10 @@ async def test_import_takes_a_spreadsheets_file_as_it_comes(admin, rt, demo):
     assert resp.status == 400 and "the form has no file" in (await resp.json())["message"]
     resp = await admin.req("POST", "/v1/members/import", data=b"x", headers={"Content-Type": "image/png"})
     assert resp.status == 415
+    garbled = b'--zz\r\nContent-Disposition: form-data; name="J\x01\x13"; filename="a.csv"\r\n\r\nx\r\n--zz--\r\n'
+    resp = await admin.req("POST", "/v1/members/import", data=garbled,
+                           headers={"Content-Type": "multipart/form-data; boundary=zz"})
+    assert (resp.status, (await resp.json())["message"]) == (400, "the form could not be read as multipart/form-data")
 
 
 async def test_import_body_limit_is_larger_than_json_but_bounded(admin):
