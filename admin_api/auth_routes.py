@@ -1,9 +1,11 @@
-"""Authentication endpoints: password login for a JWT pair, refresh with rotation, and API keys."""
+"""Authentication endpoints: password login for a JWT pair, refresh with rotation, changing one's own password,
+and API keys."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -25,12 +27,14 @@ from admin_api.common import (
     target_cooperative,
 )
 from admin_api.errors import ApiError
-from admin_api.routing import RATE_MULTIPLIER, REDIS_DOWN, Ctx, Route, client_ip
+from admin_api.routing import RATE_MULTIPLIER, REDIS_DOWN, Ctx, Route, client_ip, end_sessions
+from admin_api.users import PASSWORD
 from admin_api.validation import LIMIT, PAGE
 from core import auth
+from core import users as accounts
 from core.auth import Unauthorized
-from core.errors import Forbidden
-from core.models import ApiKey
+from core.errors import Forbidden, ValidationError
+from core.models import AdminUser, ApiKey
 from core.ratelimit import Decision, Limit, LocalCounts, LocalLimiter, RateLimiter
 
 log = logging.getLogger("gateway.api")
@@ -52,6 +56,13 @@ LOGIN = obj(
         "password": {"type": "string", "minLength": 1, "maxLength": 256},
     },
     ["username", "password"],
+)
+PASSWORD_CHANGE = obj(
+    {
+        "currentPassword": {"type": "string", "minLength": 1, "maxLength": 256},
+        "newPassword": PASSWORD,
+    },
+    ["currentPassword", "newPassword"],
 )
 REFRESH = obj({"refreshToken": {"type": "string", "minLength": 10, "maxLength": 4096}}, ["refreshToken"])
 API_KEY = out(
@@ -185,6 +196,39 @@ async def refresh_token(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return response
 
 
+async def change_own_password(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """A signed-in user sets a new password, proving they know the current one (a token alone is not enough).
+    Every session of theirs ends, this one too; the answer is a new pair for this one, dated after the end."""
+    if ctx.who.kind != "user":
+        raise Forbidden("an API key has no password; sign in as the account whose password it is")
+    user = await ctx.session.get(AdminUser, ctx.who.id)
+    if user is None:
+        raise Unauthorized("token has been revoked")
+    # A wrong current password counts as a wrong password at sign-in, in the same buckets: a stolen token
+    # gives no more guesses at the password than the sign-in page does.
+    limited = request.config_dict[RATE_MULTIPLIER] > 0
+    if limited:
+        await _refuse_if_too_many_failures(request, ctx, user.username)
+    if not await accounts.password_matches(user, ctx.body["currentPassword"]):
+        if limited:
+            await _count_failure(request, ctx, user.username)
+        raise ValidationError("currentPassword is not your current password", field="currentPassword")
+    if ctx.body["newPassword"] == ctx.body["currentPassword"]:
+        raise ValidationError("newPassword must differ from the current password", field="newPassword")
+    await accounts.set_password(ctx.session, user, ctx.body["newPassword"], actor=ctx.who.actor,
+                                action="user.password_changed")
+    # The mark covers its whole second and the second of the audit row (also when restored from that row,
+    # which adds one): one second past both, the new pair is the only one left working.
+    s = ctx.rt.settings
+    stamp = int(time.time()) + 1
+    await end_sessions("your", auth.revoke_tokens(ctx.rt.redis, user.id, ttl_seconds=s.jwt_ttl_seconds, now=stamp))
+    await ctx.session.commit()
+    pair = auth.issue_tokens(user, secret=s.jwt_secret.get(), ttl_seconds=s.jwt_ttl_seconds, issued_at=stamp + 1)
+    response = json_response(_tokens(pair))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 def present_key(k: ApiKey) -> dict[str, Any]:
     return {
         "id": k.id,
@@ -257,6 +301,18 @@ ROUTES = [
         body=REFRESH,
         response=TOKEN,
         limit=Limit("auth:refresh", 30),
+    ),
+    Route(
+        "POST",
+        "/auth/password",
+        change_own_password,
+        "Change your own password (any signed-in user; all your sessions end, this one gets a new token pair)",
+        "auth",
+        "payments:read",
+        body=PASSWORD_CHANGE,
+        response=TOKEN,
+        limit=Limit("auth:password", 20),  # above the 10 wrong passwords the sign-in buckets allow
+        tenants=True,
     ),
     Route(
         "POST",

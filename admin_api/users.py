@@ -1,4 +1,6 @@
-"""Sign-in accounts over the API: a super admin adds cooperative admins; admins add tenant logins."""
+"""Sign-in accounts over the API: a super admin adds cooperative admins; admins add tenant logins, turn
+accounts off and on again and set a forgotten password (each ending the account's sessions). Nobody sets
+their own password or turns themselves off here: that is POST /auth/password, which asks for the current one."""
 
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ from admin_api.common import (
 from admin_api.routing import Ctx, Route, end_sessions
 from admin_api.validation import LIMIT, PAGE, Param
 from core import auth
+from core import users as accounts
 from core.audit import record
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
-from core.models import AdminUser, Member
+from core.models import AdminUser, ApiKey, Member
 
 USER = out(
     {
@@ -39,17 +42,29 @@ USER = out(
     }
 )
 DEACTIVATED = out_plus(
-    USER, apiKeysRevoked={"type": "array", "items": ID, "description": "the API keys it created, revoked now"}
+    USER, apiKeysRevoked={"type": "array", "items": ID,
+                          "description": "the API keys it created, revoked now (when it was deactivated)"}
 )
+# The rules of core.users, for every route that takes a password.
+PASSWORD = {"type": "string", "minLength": accounts.PASSWORD_MIN, "maxLength": accounts.PASSWORD_MAX}
 CREATE = obj(
     {
-        "username": {"type": "string", "minLength": 3, "maxLength": 120},
-        "password": {"type": "string", "minLength": 12, "maxLength": 256},
+        "username": {"type": "string", "minLength": accounts.USERNAME_MIN, "maxLength": accounts.USERNAME_MAX},
+        "password": PASSWORD,
         "role": {"enum": list(auth.ROLES)},
         "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"},
         "memberId": {"type": "string", "format": "uuid", "description": "required for TENANT"},
     },
     ["username", "password", "role"],
+)
+UPDATE = obj(
+    {
+        "isActive": {"type": "boolean", "description": "false: as DELETE (tokens end, its API keys are revoked); "
+                     "true: turn a deactivated account on again"},
+        "password": {**PASSWORD, "description": "a new password (not your own: POST /auth/password); the "
+                     "account's tokens and refresh tokens stop working"},
+    },
+    min_properties=1,
 )
 
 
@@ -95,9 +110,7 @@ async def create_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     elif member_id:
         raise ValidationError("memberId is only for a TENANT", field="memberId")
     username = body["username"].strip()
-    taken = await ctx.session.execute(select(AdminUser.id).where(AdminUser.username == username))
-    if taken.scalar_one_or_none() is not None:
-        raise Conflict("this username is taken", field="username")
+    await _refuse_taken(ctx, username)
     user = await auth.create_user(
         ctx.session,
         username=username,
@@ -119,6 +132,20 @@ async def create_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return json_response(present(user), status=201)
 
 
+async def _refuse_taken(ctx: Ctx, username: str) -> None:
+    taken = (await ctx.session.execute(select(AdminUser).where(AdminUser.username == username))).scalar_one_or_none()
+    if taken is None:
+        return
+    # A deactivated account keeps its username (its audit trail names it): say how to have it back, to a
+    # caller who may see that account.
+    visible = (await ctx.session.execute(
+        ctx.who.scope(select(AdminUser.id).where(AdminUser.id == taken.id), AdminUser))).first() is not None
+    if visible and not taken.is_active:
+        raise Conflict(f"this username is taken by a deactivated account: turn it on again with PATCH "
+                       f"/v1/users/{taken.id} {{\"isActive\": true}}", field="username")
+    raise Conflict("this username is taken", field="username")
+
+
 async def list_users(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     _people_only(ctx)
     query = ctx.who.scope(select(AdminUser), AdminUser)
@@ -132,27 +159,43 @@ async def deactivate_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     user = await one(ctx, AdminUser, request.match_info["id"], "user")
     if user.id == ctx.who.id:
         raise Conflict("you cannot deactivate your own account")
-    # The API keys the account made go with it (each revoked and audited); also on a repeated call, which
-    # thereby cleans up after an account deactivated before keys were revoked with it.
-    keys = await auth.revoke_api_keys_created_by(ctx.session, user.id, actor=ctx.who.actor)
-    if user.is_active:
-        user.is_active = False
-        await ctx.session.flush()
-        await record(
-            ctx.session,
-            actor=ctx.who.actor,
-            action="user.deactivated",
-            entity_type="user",
-            entity_id=user.id,
-            after={"apiKeysRevoked": [k.id for k in keys]},
-            cooperative_id=user.cooperative_id,
-        )
-    # Its tokens stop working now, not when they expire. Marked before the commit: if Redis cannot take
-    # the mark, the request fails and nothing changed; the admin sends it again.
-    await end_sessions("the account's", auth.revoke_tokens(ctx.rt.redis, user.id,
-                                                           ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
+    # The API keys the account made go with it (each revoked and audited), also on a repeated call.
+    keys = await accounts.deactivate(ctx.session, user, actor=ctx.who.actor)
+    await _end_sessions(ctx, user)
     await ctx.session.commit()
     return json_response({**present(user), "apiKeysRevoked": [k.id for k in keys]})
+
+
+async def update_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """Turn an account off or on again, or set a new password for someone who forgot theirs."""
+    _people_only(ctx)
+    user = await one(ctx, AdminUser, request.match_info["id"], "user")
+    body = ctx.body
+    if user.id == ctx.who.id:
+        # A stolen token must not be enough to lock out the owner or take the account for good.
+        if "password" in body:
+            raise Conflict("change your own password with POST /v1/auth/password (it asks for the current one)")
+        raise Conflict("you cannot turn your own account off or on")
+    keys: list[ApiKey] = []
+    if body.get("isActive") is False:
+        keys = await accounts.deactivate(ctx.session, user, actor=ctx.who.actor)
+    elif body.get("isActive") is True:
+        await accounts.reactivate(ctx.session, user, actor=ctx.who.actor)
+    if "password" in body:
+        await accounts.set_password(ctx.session, user, body["password"], actor=ctx.who.actor,
+                                    action="user.password_reset")
+    if body.get("isActive") is False or "password" in body:
+        await _end_sessions(ctx, user)
+    await ctx.session.commit()
+    return json_response({**present(user), "apiKeysRevoked": [k.id for k in keys]})
+
+
+async def _end_sessions(ctx: Ctx, user: AdminUser) -> None:
+    """Its tokens stop working now, not when they expire. Marked before the commit: if Redis cannot take the
+    mark, the request fails and nothing changed; the admin sends it again. (Its refresh tokens are refused on
+    the audit row written with the change.)"""
+    await end_sessions("the account's", auth.revoke_tokens(ctx.rt.redis, user.id,
+                                                           ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
 
 
 ROUTES = [
@@ -176,6 +219,16 @@ ROUTES = [
         "admin",
         response=page_of(USER),
         query={"page": PAGE, "limit": LIMIT, "role": Param(enum=auth.ROLES)},
+    ),
+    Route(
+        "PATCH",
+        "/users/{id}",
+        update_user,
+        "Turn a sign-in account off or on again, or set a new password for it (its sessions end)",
+        "users",
+        "admin",
+        body=UPDATE,
+        response=DEACTIVATED,
     ),
     Route(
         "DELETE",

@@ -142,8 +142,10 @@ def _encode(secret: str, claims: dict[str, Any]) -> str:
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
-def issue_tokens(user: AdminUser, *, secret: str, ttl_seconds: int) -> TokenPair:
-    now = utcnow()
+def issue_tokens(user: AdminUser, *, secret: str, ttl_seconds: int, issued_at: int | None = None) -> TokenPair:
+    """`issued_at` (epoch seconds, default now): a pair handed out right after the account's earlier tokens were
+    revoked is dated just past the revocation, which covers its whole second (see check_not_revoked)."""
+    now = utcnow() if issued_at is None else datetime.fromtimestamp(issued_at, UTC)
     base = {
         "sub": user.id,
         "role": user.role,
@@ -244,6 +246,11 @@ async def revoke_tokens(redis: Redis, user_id: str, *, ttl_seconds: int, now: fl
     await redis.set(revoked_key(user_id), str(stamp).encode(), ex=_mark_lifetime(ttl_seconds))
 
 
+# The audit actions after which an account's earlier tokens are refused: its access tokens by the revocation
+# mark (written from these rows again when Redis loses it), its refresh tokens on these rows at each refresh
+# (they outlive the mark, and a deactivated account may be turned on again).
+SESSIONS_ENDED = ("user.deactivated", "user.password_reset", "user.password_changed")
+
 # Present while Redis holds every revocation mark: set after the marks were (re)written from the audit log.
 # A Redis that lost its data (restarted without persistence, flushed, failed over to an empty replica) has
 # lost it too, and restore_revocations then puts the marks back.
@@ -257,10 +264,10 @@ def _mark_lifetime(ttl_seconds: int) -> int:
 
 async def restore_revocations(redis: Redis, sessionmaker: async_sessionmaker[AsyncSession], *, ttl_seconds: int,
                               now: float | None = None, force: bool = False) -> int | None:
-    """Put back the revocation marks Redis lost: one per account deactivated within a token's lifetime, from
-    the audit log (the system of record), stamped with the deactivation's time. None when Redis still has
-    them (one EXISTS; `force`: Redis evicted keys, any of which may have been a mark); otherwise how many
-    accounts were marked. A mark already there is kept (SET NX)."""
+    """Put back the revocation marks Redis lost: one per account deactivated or given a new password within a
+    token's lifetime, from the audit log (the system of record), stamped with that change's time. None when
+    Redis still has them (one EXISTS; `force`: Redis evicted keys, any of which may have been a mark);
+    otherwise how many accounts were marked. A mark already there is kept (SET NX)."""
     if not force and await redis.exists(MARKS_RESTORED):
         return None
     current = time.time() if now is None else now
@@ -269,7 +276,7 @@ async def restore_revocations(redis: Redis, sessionmaker: async_sessionmaker[Asy
     async with sessionmaker() as session:
         rows = (await session.execute(
             select(AuditEvent.entity_id, func.max(AuditEvent.at))
-            .where(AuditEvent.action == "user.deactivated", AuditEvent.entity_type == "user", AuditEvent.at >= since)
+            .where(AuditEvent.action.in_(SESSIONS_ENDED), AuditEvent.entity_type == "user", AuditEvent.at >= since)
             .group_by(AuditEvent.entity_id))).all()
         # Accounts of a cooperative suspended, or of a member suspended, within a token's lifetime (and still
         # so): no token of theirs can be valid now, so the mark is stamped now.
@@ -447,7 +454,22 @@ async def refresh(
     user = await session.get(AdminUser, str(claims["sub"]))
     if user is None or not user.is_active or not await usable(session, user.id):
         raise Unauthorized("invalid token")
-    return issue_tokens(user, secret=secret, ttl_seconds=ttl_seconds)
+    ended = await sessions_ended_at(session, user.id)
+    if ended is not None and int(claims["iat"]) <= int(ended.timestamp()):  # its second too, as the mark
+        raise Unauthorized("token has been revoked")
+    # Dated no earlier than the refresh token: a pair handed out just past a revocation (a password changed)
+    # is followed by pairs past it too.
+    return issue_tokens(user, secret=secret, ttl_seconds=ttl_seconds,
+                        issued_at=max(int(time.time()), int(claims["iat"])))
+
+
+async def sessions_ended_at(session: AsyncSession, user_id: str) -> datetime | None:
+    """When the account's sessions were last ended (deactivated, password set), from the audit log: a refresh
+    token issued before then is refused. One indexed read per refresh."""
+    return (await session.execute(
+        select(func.max(AuditEvent.at))
+        .where(AuditEvent.entity_type == "user", AuditEvent.entity_id == user_id,
+               AuditEvent.action.in_(SESSIONS_ENDED)))).scalar_one_or_none()
 
 
 async def create_user(

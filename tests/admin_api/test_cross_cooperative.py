@@ -13,6 +13,7 @@ BODIES = {
     ("PATCH", "/payment-types/{id}"): {"amount": 1},
     ("PATCH", "/cooperatives/{id}"): {"name": "Taken over"},
     ("PATCH", "/members/{id}"): {"name": "Taken over"},
+    ("PATCH", "/users/{id}"): {"password": "taken-over-password"},
     ("POST", "/payments/{id}/refunds"): {"idempotencyKey": "cross-coop-key"},
     ("POST", "/disputes/{id}/transitions"): {"status": "REJECTED"},
     ("POST", "/refunds/{id}/outcome"): {"status": "COMPLETED", "note": "taken over"},
@@ -102,6 +103,8 @@ async def test_every_resource_route_hides_other_cooperatives(admin, superadmin, 
     assert (await admin.json("GET", f"/v1/members/{ids['/members/{id}']}", 200))["name"] == "Aline Uwase"
     assert (await admin.json("GET", f"/v1/disputes/{ids['/disputes/{id}']}", 200))["status"] == "OPEN"
     assert (await admin.json("GET", "/v1/api-keys", 200))["data"][0]["revokedAt"] is None
+    clerk = await admin.client.post("/v1/auth/token", json={"username": "clerk@a.rw", "password": "clerk-password-1"})
+    assert clerk.status == 200  # A's account kept its password and is still on
     async with rt.sessionmaker() as s:
         rotated = (await s.execute(select(AuditEvent.id).where(
             AuditEvent.action == "webhook_endpoint.secret_rotated"))).all()

@@ -1,0 +1,117 @@
+"""Managing sign-in accounts after they exist, shared by the API and the command line: the password rules,
+creating an administrator (also the first one of an install, from the CLI), turning an account off and on,
+and setting a new password. Every change is audited; a password or its hash never reaches the audit log.
+
+Ending an account's sessions is the caller's part (the API marks its tokens in Redis, core.auth), because the
+command line may run where Redis is not reachable; refresh tokens are refused on the audit rows these write
+(auth.SESSIONS_ENDED), so they end even without Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core import auth
+from core.audit import Actor, record
+from core.crypto import hash_password, verify_password
+from core.errors import Conflict, NotFound, ValidationError
+from core.models import AdminUser, ApiKey, Cooperative
+
+# The one set of rules for a password, whoever sets it (the API's schemas are built from these).
+PASSWORD_MIN, PASSWORD_MAX = 12, 256
+USERNAME_MIN, USERNAME_MAX = 3, 120
+ADMIN_ROLES = (auth.SUPER_ADMIN, auth.COOP_ADMIN)  # a TENANT login needs a member: the API makes those
+
+
+def check_password(password: str, *, field: str = "password") -> None:
+    if not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
+        raise ValidationError(f"{field} must be {PASSWORD_MIN} to {PASSWORD_MAX} characters long", field=field)
+
+
+def check_username(username: str) -> str:
+    """The username as stored (surrounding spaces dropped, as the API does)."""
+    name = username.strip()
+    if not USERNAME_MIN <= len(name) <= USERNAME_MAX:
+        raise ValidationError(f"username must be {USERNAME_MIN} to {USERNAME_MAX} characters long",
+                              field="username")
+    return name
+
+
+async def password_matches(user: AdminUser, password: str) -> bool:
+    # scrypt takes tens of milliseconds of CPU: off the event loop, as at sign-in.
+    return await asyncio.to_thread(verify_password, password, user.password_hash)
+
+
+async def create_admin(session: AsyncSession, *, username: str, password: str, role: str,
+                       cooperative_id: str | None, actor: Actor, note: dict[str, str] | None = None) -> AdminUser:
+    """An administrator made outside the API (the first one of an install has nobody to sign in as).
+
+    An existing username is a Conflict, never an update: running it twice cannot reset someone's password."""
+    if role not in ADMIN_ROLES:
+        raise ValidationError(f"role must be one of {', '.join(ADMIN_ROLES)}", field="role")
+    name = check_username(username)
+    check_password(password)
+    if role == auth.SUPER_ADMIN and cooperative_id:
+        raise ValidationError("a super admin belongs to no cooperative", field="cooperativeId")
+    if role == auth.COOP_ADMIN:
+        if not cooperative_id:
+            raise ValidationError("a cooperative admin needs its cooperative's id", field="cooperativeId")
+        if not _is_uuid(cooperative_id) or await session.get(Cooperative, cooperative_id) is None:
+            raise NotFound(f"cooperative {cooperative_id} not found")
+    if (await session.execute(select(AdminUser.id).where(AdminUser.username == name))).first() is not None:
+        raise Conflict(f"the username {name} is taken", field="username")
+    user = await auth.create_user(session, username=name, password=password, role=role,
+                                  cooperative_id=cooperative_id)
+    await record(session, actor=actor, action="user.created", entity_type="user", entity_id=user.id,
+                 after={"username": name, "role": role, "memberId": None, **(note or {})},
+                 cooperative_id=cooperative_id)
+    return user
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+async def deactivate(session: AsyncSession, user: AdminUser, *, actor: Actor) -> list[ApiKey]:
+    """Turn the account off and revoke the API keys it created (each audited); the keys revoked.
+
+    The keys are looked for also when the account is already off: a repeated call thereby cleans up after
+    an account deactivated before keys were revoked with it."""
+    keys = await auth.revoke_api_keys_created_by(session, user.id, actor=actor)
+    if user.is_active:
+        user.is_active = False
+        await session.flush()
+        await record(session, actor=actor, action="user.deactivated", entity_type="user", entity_id=user.id,
+                     after={"apiKeysRevoked": [k.id for k in keys]}, cooperative_id=user.cooperative_id)
+    return keys
+
+
+async def reactivate(session: AsyncSession, user: AdminUser, *, actor: Actor) -> None:
+    """Turn a deactivated account back on. Its tokens from before stay refused (the deactivation ended them)
+    and the API keys revoked with it stay revoked: it signs in again, and makes new keys if it needs them."""
+    if user.is_active:
+        return
+    user.is_active = True
+    await session.flush()
+    await record(session, actor=actor, action="user.reactivated", entity_type="user", entity_id=user.id,
+                 cooperative_id=user.cooperative_id)
+
+
+async def set_password(session: AsyncSession, user: AdminUser, password: str, *, actor: Actor,
+                       action: str) -> None:
+    """Store a new password (`action`: user.password_reset by an admin, user.password_changed by its owner).
+
+    The audit row says only that it changed: it is also what refuses the account's earlier refresh tokens."""
+    assert action in auth.SESSIONS_ENDED
+    check_password(password)
+    user.password_hash = await asyncio.to_thread(hash_password, password)
+    await session.flush()
+    await record(session, actor=actor, action=action, entity_type="user", entity_id=user.id,
+                 after={"sessionsEnded": True}, cooperative_id=user.cooperative_id)
