@@ -301,7 +301,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
 
     setup_ussd(app)
     setup_sms(app)
-    setup_providers(app)
+    # Seed 001's development webhook only beside the simulators (never in production: it trusts its caller).
+    setup_providers(app, test_webhook=settings.simulators_in_process and not settings.is_production)
     app.add_subapp("/v1", create_admin_app(settings))
     if settings.simulators_in_process:
         from channels.sms.simulator import simulator_from_settings

@@ -178,6 +178,65 @@ async def _release(adapter: object, callback: InboundCallback) -> None:
         log.warning("could not release the callback's one-time key", exc_info=True)
 
 
-def setup(app: web.Application) -> None:
+TEST_PATH = "/webhooks/payments/test"
+_TEST_OUTCOMES = {"COMPLETED": "SUCCEEDED", "SUCCESSFUL": "SUCCEEDED", "FAILED": "FAILED",
+                  "CANCELLED": "CANCELLED", "TIMEOUT": "EXPIRED", "EXPIRED": "EXPIRED"}
+
+
+async def test_callback(request: web.Request) -> web.Response:
+    """Seed 001's development webhook (`POST /webhooks/payments/test`): moves a payment as its provider's
+    callback would, for trying an integration without a provider. Mounted only with the in-process simulators
+    and never in production: it trusts its caller.
+
+    `{"gatewayReference", "status": COMPLETED|FAILED|CANCELLED|TIMEOUT, "gatewayTransactionId"?,
+    "failureReason"?, "gatewayData": {"amount"?}}`; gatewayReference is the payment's (GET /v1/payments/{id})."""
+    from core.audit import Actor
+    from core.db import lock_row
+    from core.models import Payment
+    from core.money import Money, MoneyError
+    from core.payments import apply_collection_outcome
+    from core.ports import ProviderOutcome
+
+    rt = request.config_dict[RUNTIME]
+    body = await _read_body(request)
+    try:
+        data = json.loads(body or b"null")
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return _error(request, 400, "body must be a JSON object")
+    reference, status = data.get("gatewayReference"), data.get("status")
+    if not isinstance(reference, str) or not reference:
+        return _error(request, 400, "gatewayReference is required: the payment's, as GET /v1/payments/{id} shows")
+    if status not in _TEST_OUTCOMES:
+        return _error(request, 400, f"status must be one of {', '.join(_TEST_OUTCOMES)}")
+    txn, reason = data.get("gatewayTransactionId"), data.get("failureReason")
+    given = data.get("gatewayData")
+    extra: dict[str, Any] = given if isinstance(given, dict) else {}
+    if (txn is not None and not isinstance(txn, str)) or (reason is not None and not isinstance(reason, str)):
+        return _error(request, 400, "gatewayTransactionId and failureReason must be strings")
+    async with rt.sessionmaker.begin() as session:
+        from sqlalchemy import or_, select
+
+        found = (await session.execute(select(Payment.id).where(
+            or_(Payment.provider_reference == reference, Payment.gateway_reference == reference)))).scalar()
+        payment = await lock_row(session, Payment, found) if found is not None else None
+        if payment is None:
+            return _error(request, 404, "no payment has this gatewayReference")
+        try:
+            amount = (Money.parse(extra["amount"], payment.currency)
+                      if extra.get("amount") is not None else None)
+        except (MoneyError, TypeError):
+            return _error(request, 400, f"gatewayData.amount must be an amount in {payment.currency}")
+        result = await apply_collection_outcome(
+            session, rt, payment, ProviderOutcome[_TEST_OUTCOMES[status]], actor=Actor("provider:test", "provider"),
+            amount=amount, provider_transaction_id=txn[:128] if txn else None, reason=reason[:200] if reason else None)
+    log.info("test webhook applied", extra={"payment_id": payment.id, "status": status, "result": result})
+    return web.json_response({"status": "accepted", "result": result})
+
+
+def setup(app: web.Application, *, test_webhook: bool = False) -> None:
+    if test_webhook:  # before the provider route, which would take "test" for a provider's name
+        app.router.add_post(TEST_PATH, test_callback)
     app.router.add_post(PATH, provider_callback)
     app.router.add_put(PATH, provider_callback)
