@@ -243,10 +243,9 @@ def test_second_phone_payment_fails_and_gets_the_failure_sms(server: str, page: 
     assert "Twakiriye" not in inbox.inner_text()
 
 
-def test_declining_the_pin_prompt_cancels_the_payment(server: str, page: Page) -> None:
-    page.goto(f"{server}/simulator?phone=%2B250733000001")
-    phone = page.locator('.phone[data-phone="+250733000001"]')
-    expect(phone.locator(".who")).to_contain_text("Airtel Money")
+def _pay_water_by_airtel(phone: Any) -> tuple[str, Any, Any]:
+    """Dial, pay Water (5,000 RWF) by Airtel Money and confirm: the payment's reference, the END view and the PIN
+    prompt the simulator shows."""
     _keys(phone, "*384*123#")
     _green(phone)
     ussd = phone.locator(".view-ussd")
@@ -265,6 +264,14 @@ def test_declining_the_pin_prompt_cancels_the_payment(server: str, page: Page) -
     prompt = phone.locator(".view-prompt")
     expect(prompt).to_be_visible(timeout=WAIT_MS)
     expect(prompt).to_contain_text("Airtel Money")
+    return reference, end, prompt
+
+
+def test_declining_the_pin_prompt_cancels_the_payment(server: str, page: Page) -> None:
+    page.goto(f"{server}/simulator?phone=%2B250733000001")
+    phone = page.locator('.phone[data-phone="+250733000001"]')
+    expect(phone.locator(".who")).to_contain_text("Airtel Money")
+    reference, end, prompt = _pay_water_by_airtel(phone)
     expect(prompt).to_contain_text("5,000 RWF")
     phone.locator('.keypad button[data-key="end"]').click()  # the red key declines
     expect(end).to_contain_text("Payment declined", timeout=WAIT_MS)
@@ -284,23 +291,7 @@ def test_approving_on_a_failing_number_still_fails(server: str, page: Page) -> N
         time.sleep(0.2)
     assert not any(_held(server, name)["interactive"] for name in PROVIDERS)
 
-    _keys(phone, "*384*123#")
-    _green(phone)
-    ussd = phone.locator(".view-ussd")
-    expect(ussd).to_contain_text("1.", timeout=WAIT_MS)
-    for answer in ("1", "2"):  # pay, Water
-        _keys(phone, answer)
-        _green(phone)
-        expect(phone.locator(".view-busy")).to_be_hidden(timeout=WAIT_MS)
-    expect(ussd).to_contain_text("5,000 RWF")
-    _keys(phone, "1")
-    _green(phone)
-    end = phone.locator(".view-end")
-    expect(end).to_be_visible(timeout=WAIT_MS)
-    reference = REFERENCE.search(end.inner_text()).group(0)  # type: ignore[union-attr]
-    prompt = phone.locator(".view-prompt")
-    expect(prompt).to_be_visible(timeout=WAIT_MS)
-    expect(prompt).to_contain_text("Airtel Money")
+    reference, end, prompt = _pay_water_by_airtel(phone)
     _keys(phone, "1234")
     prompt.locator(".prompt-approve").click()
     expect(end).to_contain_text("Payment approved", timeout=WAIT_MS)
