@@ -8,7 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import metrics
@@ -16,7 +16,16 @@ from core.audit import Actor
 from core.db import utcnow
 from core.models import Member, OutboxJob, Payment, Refund
 from core.money import Money
-from core.outbox import Handler, Job, PermanentJobError, RetryLater, enqueue, handler_timeout
+from core.outbox import (
+    Handler,
+    Job,
+    PermanentJobError,
+    RetryLater,
+    call_starting,
+    db_now,
+    enqueue,
+    handler_timeout,
+)
 from core.payments import apply_collection_outcome, payment_account
 from core.phone import Phone
 from core.ports import (
@@ -81,6 +90,16 @@ def settle_poll_in(payment: Payment, now: datetime, grace: timedelta = SETTLE_GR
     return max(1.0, min(SETTLE_POLL_CAP, 60 * 2 ** int(overdue // 600), left))
 
 
+async def payment_and_now(session: AsyncSession, payment_id: str) -> tuple[Payment | None, datetime]:
+    """The payment, and now by the database's clock (PostgreSQL: read in the same statement). Its approval
+    window is judged, and its next poll set, by the clock the outbox runs by, not this worker's: one whose
+    clock runs minutes fast would otherwise end a payment the payer is approving "not approved in time"."""
+    if session.get_bind().dialect.name != "postgresql":
+        return await session.get(Payment, payment_id), utcnow()  # embedded: one process, one clock
+    row = (await session.execute(select(Payment, func.now()).where(Payment.id == payment_id))).first()
+    return (row[0], row[1]) if row is not None else (None, utcnow())
+
+
 def _callback_url(rt: Runtime, provider: str) -> str:
     from providers.routes import callback_url
 
@@ -108,9 +127,11 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             member = await session.get(Member, payment.member_id) if payment and payment.member_id else None
         if payment is None or payment.status != PaymentStatus.PENDING.value:
             return  # already moved on: running twice is harmless
-        if job.interrupted:
+        if job.call_may_have_arrived:
             # The previous attempt was cancelled mid-call: the provider may have the request (M-Pesa
-            # has no idempotency key, a second push is a second charge). Ask its status instead.
+            # has no idempotency key, a second push is a second charge). Ask its status instead. (One whose
+            # worker was lost before the stamp below never called: sent now, as IremboPay and M-Pesa, whose
+            # status cannot be asked without the provider's own id, would otherwise never prompt the payer.)
             log.warning("collection attempt was cut off; status polling will settle it",
                         extra={"payment": payment.reference})
             return
@@ -123,6 +144,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             description=payment.description or payment.reference, callback_url=_callback_url(rt, payment.provider),
             method=payment.method, language=member.language if member else "en",
             payer_name=member.name if member else "", expires_at=payment.expires_at)
+        # Outside the call's deadline: a stamp that fails or times out means the call was not made.
+        await call_starting(rt.sessionmaker, job)
         try:
             async with asyncio.timeout_at(deadline):
                 accepted = await _timed(provider.name, "collect", provider.request_collection(request))
@@ -164,11 +187,10 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
 
     async def poll(job: Job) -> None:
         async with rt.sessionmaker() as session:
-            payment = await session.get(Payment, job.payload["payment_id"])
+            payment, now = await payment_and_now(session, job.payload["payment_id"])
         if payment is None or PaymentStatus(payment.status) not in OPEN:
             return
         provider = rt.providers[payment.provider]
-        now = utcnow()
         expired = now >= payment.expires_at
         status: StatusResult | None = None
         unknown: str | None = None  # why we cannot tell what the provider did with the payment
@@ -273,7 +295,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         if refund is None or payment is None or refund.status != RefundStatus.PENDING.value:
             return
         provider = rt.providers[payment.provider]
-        if job.interrupted:
+        if job.call_may_have_arrived:
             # The previous attempt was cut off mid-call (past the handler timeout, or its worker was lost):
             # the provider may have the refund, and some cannot deduplicate it (Airtel refunds by the
             # payment's id; a second one is refused "not eligible" though the first went through). Never
@@ -283,6 +305,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             await await_refund_outcome(refund, None)
             return
         request = refund_request(refund, payment)
+        await call_starting(rt.sessionmaker, job)  # a worker lost before this line never sent it
         try:
             accepted = await _timed(provider.name, "refund", provider.request_refund(request))
         except ProviderTimeout:
@@ -435,10 +458,12 @@ async def sweep_open_payments(rt: Runtime, *, now: datetime | None = None) -> in
     A payment whose poll job is still there (PENDING or RUNNING) is left alone: behind only because the
     workers were down or the queue is long, it is asked about when that job runs; a second job would
     keep a second chain of polls alive until the payment closes (RetryLater).
+    Measured by the database's clock (as next_poll_at is set), so a worker whose clock runs fast does not
+    take live polls for stalled ones.
     """
-    now = now or utcnow()
-    slot = int(now.timestamp() // SWEEP_EVERY.total_seconds())
     async with rt.sessionmaker.begin() as session:
+        now = now or await db_now(session)
+        slot = int(now.timestamp() // SWEEP_EVERY.total_seconds())
         stuck = (await session.execute(
             select(Payment.id, Payment.cooperative_id).where(
                 Payment.status.in_([s.value for s in OPEN]),
@@ -452,8 +477,9 @@ async def sweep_open_payments(rt: Runtime, *, now: datetime | None = None) -> in
 
 
 async def schedule_sweep(session: AsyncSession, *, now: datetime | None = None) -> None:
-    """The next sweep, once per slot whatever the number of workers."""
-    now = now or utcnow()
+    """The next sweep, once per slot whatever the number of workers (slots by the database's clock, so
+    workers whose clocks disagree still agree on them)."""
+    now = now or await db_now(session)
     slot = int(now.timestamp() // SWEEP_EVERY.total_seconds()) + 1
     run_at = datetime.fromtimestamp(slot * SWEEP_EVERY.total_seconds(), UTC)
     await enqueue(session, "payments.sweep", {}, dedupe_key=f"payments.sweep:{slot}", run_at=run_at,

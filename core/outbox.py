@@ -29,6 +29,10 @@ class PermanentJobError(Exception):
     """A failure that retrying will not fix: the job is parked at once."""
 
 
+class LeaseLost(Exception):
+    """The job is no longer this worker's (its lease lapsed and another worker took it): do nothing more."""
+
+
 class RetryLater(Exception):
     """Not a failure: run the job again after `delay` seconds (e.g. a payment still pending)."""
 
@@ -43,6 +47,14 @@ INTERRUPTED = "handler interrupted"
 # worker was killed, ran out of memory or lost its host, or hangs): it wrote nothing, and its handler may
 # have been waiting for the provider's answer, so this attempt is an interrupted one too (Job.interrupted).
 WORKER_LOST = f"{INTERRUPTED}: worker lost while running (lease expired)"
+# What a handler whose provider call must not be sent twice blind writes on its running job just before that
+# call (call_starting). A job lost with its worker after this was written may have reached the provider.
+CALL_STARTED = "provider call started; if this attempt is lost, the call may have arrived"
+# What a claim leaves on a job it starts for the first time (no last_error yet): claimed, its provider call not
+# started. Empty, so it reads as no error (and an older worker, which never wrote it, is never taken for one
+# whose call had not started). Found still there on a job whose worker was lost, it says the lost attempt
+# never reached the provider (Job.lost_before_call).
+UNSTAMPED = ""
 # The longest wait a failure's own retry_after (e.g. a provider's Retry-After) may impose.
 MAX_RETRY_AFTER = 3600.0
 # A claimed job with less of its handler time left than this is handed back rather than started.
@@ -71,6 +83,11 @@ class Job:
     last_error: str | None = None
     # When it was claimed (time.monotonic()): its lease, and so its handler's time, runs from then.
     claimed: float = field(default_factory=time.monotonic, compare=False, repr=False)
+    # Set by claim: the previous attempt's worker was lost (WORKER_LOST) before that attempt stamped a
+    # provider call (call_starting) - it was claimed with no earlier error and had not called yet.
+    lost_before_call: bool = False
+    # This attempt stamped its provider call (call_starting): a failure after it may follow a request that arrived.
+    call_started: list[bool] = field(default_factory=list, compare=False, repr=False)
 
     def time_left(self, lease_seconds: float) -> float:
         """Seconds its handler may still run: the handler timeout, less the time it waited for a slot."""
@@ -80,8 +97,16 @@ class Job:
     def interrupted(self) -> bool:
         """The previous attempt was cancelled mid-run (it ran past the handler timeout), or its worker was
         lost while running it (the lease lapsed with the job RUNNING: WORKER_LOST): whatever it was sending
-        may have arrived. A handler whose call is not safe to repeat asks, not resends."""
-        return (self.last_error or "").startswith(INTERRUPTED)
+        may have arrived. A handler whose call is not safe to repeat asks, not resends. (A stamp is only ever
+        read as WORKER_LOST; were one ever handed on as it is, it would still mean interrupted.)"""
+        return (self.last_error or "").startswith(INTERRUPTED) or self.last_error == CALL_STARTED
+
+    @property
+    def call_may_have_arrived(self) -> bool:
+        """`interrupted`, for a handler that stamps its provider call (call_starting): an attempt lost before
+        its stamp never called the provider, so its request is sent as on a first attempt. Any doubt (a
+        stamp, a cut-off, a loss on a retry or by a worker that did not stamp) still counts as arrived."""
+        return self.interrupted and not self.lost_before_call
 
 
 Handler = Callable[[Job], Awaitable[None]]
@@ -224,7 +249,8 @@ class OutboxWorker:
     async def claim(self, limit: int | None = None) -> list[Job]:
         """Lease up to `limit` (a batch) due jobs (PENDING, or RUNNING with a lapsed lease), oldest first.
 
-        A job taken back from a lapsed lease is marked WORKER_LOST (Job.interrupted) in the same statement.
+        A job taken back from a lapsed lease is marked WORKER_LOST (Job.interrupted) in the same statement;
+        one whose lost attempt had not stamped its provider call is told so (Job.lost_before_call).
         On PostgreSQL the due time and the lease's end are read from the database's clock, so a worker
         whose own clock runs fast does not take jobs another worker is still running; SQLite (embedded, one
         process) uses the local clock.
@@ -237,8 +263,10 @@ class OutboxWorker:
             async with autocommit(engine) as conn:
                 claimed = (await conn.execute(_CLAIM, {"batch": batch, "worker": self.worker_id,
                                                        "lease": float(self._lease)})).all()
+            # (A last_error of WORKER_LOST whose row had UNSTAMPED before: the row was RUNNING, see _LAST_ERROR.)
             return [Job(r.id, r.kind, dict(r.payload), r.attempts, r.max_attempts, r.created_at,
-                        locked_by=self.worker_id, last_error=r.last_error)
+                        locked_by=self.worker_id, last_error=_told(r.last_error),
+                        lost_before_call=r.last_error == WORKER_LOST and r.last_error_before == UNSTAMPED)
                     for r in sorted(claimed, key=lambda r: (r.run_at_before, r.id))]
         now = utcnow()
         async with self._sm.begin() as session:
@@ -263,7 +291,9 @@ class OutboxWorker:
             )
             # (The rows were read before the UPDATE: their status is the one the claim found.)
             return [Job(r.id, r.kind, dict(r.payload), r.attempts + 1, r.max_attempts, r.created_at,
-                        locked_by=self.worker_id, last_error=WORKER_LOST if r.status == "RUNNING" else r.last_error)
+                        locked_by=self.worker_id,
+                        last_error=WORKER_LOST if r.status == "RUNNING" else _told(r.last_error),
+                        lost_before_call=r.status == "RUNNING" and r.last_error == UNSTAMPED)
                     for r in rows]
 
     async def _finish(self, job: Job, *, run_in: float | None = None, **values: Any) -> None:
@@ -319,6 +349,11 @@ class OutboxWorker:
             if isinstance(exc, TimeoutError) and deadline.expired():
                 # Cut off by us, not failed: the next attempt can tell (Job.interrupted).
                 error = f"{INTERRUPTED}: still running after {limit:.0f}s and cancelled"
+            elif job.call_started and getattr(exc, "retryable", None) is not True:
+                # It failed after stamping its provider call (call_starting), and not with the provider's own
+                # "send it again" (a retryable ProviderError): the request may have arrived (e.g. accepted,
+                # then the database went away before the answer was written). The next attempt asks.
+                error = f"{INTERRUPTED}: failed after its provider call started: {error}"[:2000]
             if job.attempts >= job.max_attempts:
                 outcome = "parked"
                 log.error("job parked after retries",
@@ -407,30 +442,66 @@ class OutboxWorker:
 _TABLE = cast(Table, OutboxJob.__table__)
 
 
+async def db_now(session: AsyncSession) -> datetime:
+    """Now by the clock leases and due times are measured by: PostgreSQL's now() (the transaction's start,
+    one round trip), so workers whose clocks disagree still agree on it; SQLite (embedded, one process) has
+    only the local clock, as the claim there uses."""
+    if session.get_bind().dialect.name != "postgresql":
+        return utcnow()
+    return (await session.execute(select(func.now()))).scalar_one()
+
+
 def _db_now_plus(seconds: Any) -> Any:
     """The database's now() plus `seconds` (PostgreSQL): leases and due times by one clock for all workers."""
     return func.now() + func.make_interval(0, 0, 0, 0, 0, 0, seconds)
 
 
-# A claim's last_error: a job found RUNNING (its lease lapsed) was lost with its worker (see WORKER_LOST). In an
-# UPDATE's SET, status is still the row's status before it.
-_LAST_ERROR = case((_TABLE.c.status == "RUNNING", literal(WORKER_LOST)), else_=_TABLE.c.last_error)
-_DUE = (select(_TABLE.c.id, _TABLE.c.run_at)
+# A claim's last_error: a job found RUNNING (its lease lapsed) was lost with its worker (see WORKER_LOST); one
+# started for the first time is UNSTAMPED until its handler stamps a provider call. In an UPDATE's SET, status
+# and last_error are still the row's before it.
+_LAST_ERROR = case((_TABLE.c.status == "RUNNING", literal(WORKER_LOST)),
+                   (_TABLE.c.last_error.is_(None), literal(UNSTAMPED)), else_=_TABLE.c.last_error)
+_DUE = (select(_TABLE.c.id, _TABLE.c.run_at, _TABLE.c.last_error)
         .where(_TABLE.c.status.in_(("PENDING", "RUNNING")), _TABLE.c.run_at <= func.now())
         .order_by(_TABLE.c.run_at).limit(bindparam("batch")).with_for_update(skip_locked=True).cte("due"))
-# RETURNING shows the new row; the run_at it had before the lease (for the order) comes from the CTE.
+# RETURNING shows the new row; the run_at it had before the lease (for the order) and its last_error (for
+# Job.lost_before_call) come from the CTE.
 _CLAIM = (update(_TABLE).where(_TABLE.c.id == _DUE.c.id)
           .values(status="RUNNING", run_at=_db_now_plus(bindparam("lease", type_=Float)),
                   locked_by=bindparam("worker"), attempts=_TABLE.c.attempts + 1, updated_at=func.now(),
                   last_error=_LAST_ERROR)
           .returning(_TABLE.c.id, _TABLE.c.kind, _TABLE.c.payload, _TABLE.c.attempts, _TABLE.c.max_attempts,
-                     _TABLE.c.created_at, _TABLE.c.last_error, _DUE.c.run_at.label("run_at_before")))
+                     _TABLE.c.created_at, _TABLE.c.last_error, _DUE.c.run_at.label("run_at_before"),
+                     _DUE.c.last_error.label("last_error_before")))
 # Only the lease holder may finish the job; a job re-claimed after a lapse belongs to another. Built once:
 # the SET clause comes from the parameters' column names.
 _FINISH = update(_TABLE).where(_TABLE.c.id == bindparam("b_id"), _TABLE.c.locked_by == bindparam("b_worker"),
                                _TABLE.c.status == "RUNNING")
 # _FINISH for a job due again in b_delay seconds by the database's clock (PostgreSQL; see _finish).
 _FINISH_LATER = _FINISH.values(run_at=_db_now_plus(bindparam("b_delay", type_=Float)))
+
+
+def _told(last_error: str | None) -> str | None:
+    """A claimed job's last_error as its handler reads it: the claim's own UNSTAMPED is no error."""
+    return None if last_error == UNSTAMPED else last_error
+
+
+async def call_starting(sessionmaker: async_sessionmaker[AsyncSession], job: Job) -> None:
+    """Stamp `job` CALL_STARTED just before its handler sends the provider a request that must not be sent
+    twice blind (an STK push, a refund): one UPDATE in autocommit, guarded by the lease as _FINISH is.
+
+    Should the worker be lost after it, the claim that takes the job back treats the call as one that may
+    have arrived; lost before it (e.g. PostgreSQL went away under the handler's first read), the job is
+    told its call never started (Job.lost_before_call) and sends it. Raises LeaseLost, and the call is not
+    made, when another worker has the job. A job run outside a worker (no lease) is only marked in memory.
+    """
+    if job.locked_by is not None:
+        async with autocommit(sessionmaker.kw["bind"]) as conn:
+            result = await conn.execute(_FINISH, {"last_error": CALL_STARTED, "b_id": job.id,
+                                                  "b_worker": job.locked_by})
+        if not result.rowcount:
+            raise LeaseLost(f"job {job.id} is no longer held by {job.locked_by}; its provider call is not made")
+    job.call_started.append(True)
 
 
 def _done(now: datetime) -> dict[str, Any]:
