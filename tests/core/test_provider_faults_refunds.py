@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
+from core.errors import BusinessRuleError
 from core.models import OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.payments import create_payment
-from core.refunds import request_refund
+from core.refunds import record_refund_outcome, request_refund
 from tests.conftest import drain
 from tests.providers.wires import ADMIN, NewPayment, completed, due_now, mtn_adapter, mtn_payment, mtn_wire
 
@@ -107,7 +109,7 @@ async def test_a_callback_to_one_provider_never_touches_another_providers_refund
     assert [(e.provider, e.outcome) for e in events] == [("mtn_momo", None)]
 
 
-async def test_a_refund_of_a_bank_payment_waits_for_a_person_to_record_it(rt, demo, worker, admin):
+async def test_a_refund_of_a_bank_payment_waits_for_a_person_to_record_it(rt, demo, worker):
     """IremboPay has no refund API: the money goes back through the bank, outside the gateway. The refund holds
     its amount, PROCESSING with its poll parked for a person, who records it when the bank confirms (it was
     FAILED at once, and a failed refund cannot be recorded)."""
@@ -130,11 +132,16 @@ async def test_a_refund_of_a_bank_payment_waits_for_a_person_to_record_it(rt, de
         poll = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund-poll:{refund.id}"))
                 ).scalar_one()
     assert poll.status == "PARKED" and "needs manual review" in poll.last_error
-    # Meanwhile nothing more can be refunded; once the bank confirms, an admin records it.
-    await admin.json("POST", f"/v1/payments/{payment.id}/refunds", 422,
-                     json={"amount": 30_001, "idempotencyKey": "key-bank-refund-2"})
-    done = await admin.json("POST", f"/v1/refunds/{refund.id}/outcome", 200, json={
-        "status": "COMPLETED", "providerTransactionId": "BK-TRF-9912", "note": "BK transfer on 1 December"})
-    assert done["status"] == "COMPLETED"
+    # Meanwhile nothing more can be refunded than what it leaves; once the bank confirms, an admin records it.
+    with pytest.raises(BusinessRuleError, match="exceeds the refundable 30,000 RWF"):
+        async with rt.sessionmaker.begin() as s:
+            await request_refund(s, rt, payment_id=payment.id, cooperative_id=demo["cooperative_id"],
+                                 amount=Money(30_001, "RWF"), reason="more", idempotency_key="refund-bank-2",
+                                 actor=ADMIN)
+    async with rt.sessionmaker.begin() as s:
+        done = await record_refund_outcome(s, rt, refund_id=refund.id, cooperative_id=demo["cooperative_id"],
+                                           succeeded=True, note="BK transfer on 1 December", actor=ADMIN,
+                                           provider_transaction_id="BK-TRF-9912")
+    assert done.status == "COMPLETED"
     stored, paid, _ = await _rows(rt, refund.id, payment.id)
     assert (paid.status, paid.refunded_minor) == ("PARTIALLY_REFUNDED", 20_000)
