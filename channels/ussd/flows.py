@@ -257,13 +257,16 @@ async def enter(ctx: Ctx, flow: str) -> str:
     if not ms:
         if flow == "help":
             return "help_general"
-        if flow != "pay":
-            return "member_none"
         extension_coop = ctx.data.get("x")
-        if extension_coop:
-            coop = await cooperative(ctx, extension_coop)
+        coop = await cooperative(ctx, extension_coop) if extension_coop else None
+        if flow != "pay":
             if coop is not None:
-                return _registration(ctx, coop)
+                # The dialled extension's cooperative: this phone may well be a member of another one.
+                ctx.data["cn"] = short(coop.name, 40)
+                return "member_not_here"
+            return "member_none"
+        if coop is not None:
+            return _registration(ctx, coop)
         return "reg_code"
     if len(ms) == 1:
         return await _choose(ctx, ms[0][0], ms[0][1])

@@ -484,6 +484,22 @@ async def test_extension_sent_as_first_text_selects_the_cooperative(client: Any,
     assert (await whole.send("1")).startswith("CON Enter your full name to join Remera Teachers SACCO:")
 
 
+async def test_a_member_of_another_cooperative_dialling_an_extension_is_told_which(client: Any, demo: Any,
+                                                                                   rt: Any) -> None:
+    """A Kigali Heights member dials Remera's extension and asks for their payments: "not registered with Remera
+    Teachers SACCO" (it said "with any cooperative", though they are a member of one)."""
+    async with rt.sessionmaker.begin() as s:
+        s.add(Cooperative(name="Remera Teachers SACCO", short_code="RTS", country="RW", currency="RWF",
+                          status="ACTIVE", ussd_extension="7", self_registration=True))
+    phone = AtPhone(client, EN_MTN, service_code="*384*123*7#")
+    await phone.dial()
+    assert await phone.send("2") == ("END This phone is not registered with Remera Teachers SACCO. "
+                                     "Choose Pay to register.")
+    stranger = AtPhone(client, STRANGER)
+    await stranger.dial()
+    assert (await stranger.send("2")).startswith("END This phone is not registered with any cooperative.")
+
+
 async def test_session_kept_compact_in_one_key_with_ttl(client: Any, demo: Any, rt: Any) -> None:
     phone = AtPhone(client, EN_MTN)
     await phone.dial()
