@@ -25,6 +25,7 @@ from admin_api.common import (
 )
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param, period_params
+from core.auth import OWN_PAYMENTS
 from core.errors import NotFound, ValidationError
 from core.models import Member, Payment
 from core.money import Money
@@ -230,8 +231,17 @@ async def list_payments(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return await paged(ctx, filtered(ctx), present)
 
 
+async def _readable(ctx: Ctx, payment_id: str) -> Payment:
+    """The payment, for a caller that reads payments, or for a key that may read only those it made
+    (payments:write: auth.OWN_PAYMENTS); any other is not found, as another cooperative's is."""
+    payment: Payment = await one(ctx, Payment, payment_id, "payment")
+    if not ctx.who.has("payments:read") and payment.created_by != ctx.who.actor.id:
+        raise NotFound("payment not found")
+    return payment
+
+
 async def get_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    return json_response(present(await one(ctx, Payment, request.match_info["id"], "payment")))
+    return json_response(present(await _readable(ctx, request.match_info["id"])))
 
 
 async def record_payment_outcome(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -248,7 +258,7 @@ async def record_payment_outcome(request: web.Request, ctx: Ctx) -> web.StreamRe
 
 
 async def payment_status(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    p = await one(ctx, Payment, request.match_info["id"], "payment")
+    p = await _readable(ctx, request.match_info["id"])
     return json_response(
         {
             "id": p.id,
@@ -305,6 +315,7 @@ ROUTES = [
         "Get a payment by id",
         "payments",
         "payments:read",
+        own_scope=OWN_PAYMENTS,
         response=PAYMENT,
         tenants=True,
     ),
@@ -325,6 +336,7 @@ ROUTES = [
         "Get a payment's status",
         "payments",
         "payments:read",
+        own_scope=OWN_PAYMENTS,
         response=PAYMENT_STATUS,
         tenants=True,
     ),

@@ -58,6 +58,8 @@ class Route:
     summary: str
     tag: str
     scope: str | None  # None: public; else a scope the caller needs (payments:read, admin, super...)
+    # Another scope that also lets a caller in, for rows of its own only (the handler narrows: auth.OWN_PAYMENTS)
+    own_scope: str | None = None
     status: int = 200
     body: Mapping[str, Any] | None = None  # JSON Schema of the request body
     query: Mapping[str, Param] = field(default_factory=dict)
@@ -196,7 +198,8 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
             # A revoked token is refused (401) before its scope is looked at (403).
             await _limit_and_revocation(request, rt, route, principal, claims, session)
             if principal is not None and (
-                not principal.has(route.scope or "") or (principal.is_tenant and not route.tenants)
+                not (principal.has(route.scope or "") or (route.own_scope and principal.has(route.own_scope)))
+                or (principal.is_tenant and not route.tenants)
             ):
                 raise Forbidden("Forbidden resource")
             query = parse_query(request.query, route.query)

@@ -37,9 +37,11 @@ REFRESH_TTL_SECONDS = 7 * 24 * 3600
 SUPER_ADMIN, COOP_ADMIN, TENANT, API_KEY = "SUPER_ADMIN", "COOP_ADMIN", "TENANT", "API_KEY"
 ROLES = (SUPER_ADMIN, COOP_ADMIN, TENANT)
 SCOPES = ("payments:write", "payments:read", "admin")
-# What a key's scope lets it read too: a key that creates payments must be able to ask their status, and one
-# that refunds and handles disputes must see the payments it acts on (as the roles' scopes already do).
-IMPLIED_SCOPES = {"payments:write": frozenset({"payments:read"}), "admin": frozenset({"payments:read"})}
+# What a key's scope lets it read too: a key that creates payments may read the payments it made (OWN_PAYMENTS:
+# GET /payments/{id} and its status, nothing else: not members, disputes, refunds or others' payments), and one
+# that refunds and handles disputes sees the payments it acts on (as the roles' scopes already do).
+OWN_PAYMENTS = "payments:own"
+IMPLIED_SCOPES = {"payments:write": frozenset({OWN_PAYMENTS}), "admin": frozenset({"payments:read"})}
 
 
 def with_implied(scopes: Iterable[str]) -> frozenset[str]:

@@ -71,9 +71,9 @@ async def test_keys_made_by_no_account_still_work(rt, client, admin, demo):
 
 
 async def test_a_key_reads_what_it_writes_and_acts_on(client, admin, demo):
-    """A payments:write key (an integrator's) asks the status of the payment it made; an admin key (refunds,
-    disputes) lists the payments it acts on. Neither may do more: write does not make an admin, admin does not
-    create payments."""
+    """A payments:write key (an integrator's) asks the status of the payments it made, and of no others; an admin
+    key (refunds, disputes) lists the payments it acts on. Neither may do more: write does not make an admin,
+    admin does not create payments."""
     from tests.admin_api.conftest import payment_body
 
     writer = await admin.json("POST", "/v1/api-keys", 201, json={"name": "ERP", "scopes": ["payments:write"]})
@@ -81,9 +81,17 @@ async def test_a_key_reads_what_it_writes_and_acts_on(client, admin, demo):
     erp, desk = Caller(client, {"X-API-Key": writer["key"]}), Caller(client, {"X-API-Key": back_office["key"]})
     made = await erp.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Water"], amount=5000))
     assert (await erp.json("GET", f"/v1/payments/{made['id']}", 200))["id"] == made["id"]
+    assert (await erp.json("GET", f"/v1/payments/{made['id']}/status", 200))["status"] == "PENDING"
+    # Only the payments it made: another's is not found; members, lists, disputes and refunds stay closed.
+    other = await admin.json("POST", "/v1/payments", 201,
+                             json=payment_body(demo["payment_types"]["Water"], amount=5000))
+    await erp.json("GET", f"/v1/payments/{other['id']}", 404)
+    await erp.json("GET", f"/v1/payments/{other['id']}/status", 404)
+    member = demo["members"]["+250788000001"]
+    for path in ("/v1/members", f"/v1/members/{member}", "/v1/payments", "/v1/disputes", "/v1/refunds"):
+        await erp.json("GET", path, 403)
     listed = await desk.json("GET", "/v1/payments", 200)
-    assert [p["id"] for p in listed["data"]] == [made["id"]]
-    await erp.json("GET", "/v1/members", 403)
+    assert {p["id"] for p in listed["data"]} == {made["id"], other["id"]}
     await desk.json("POST", "/v1/payments", 403, json=payment_body(demo["payment_types"]["Water"], amount=5000))
     # The key keeps the scopes it was given: the listing shows those, not what they let it read.
     keys = {k["id"]: k["scopes"] for k in (await admin.json("GET", "/v1/api-keys", 200))["data"]}
