@@ -141,6 +141,7 @@ async def provider_callback(request: web.Request) -> web.Response:
         # 503 asks the provider to send it again; a bare 500 may not.
         log.warning("provider callback not verified: Redis unavailable; asked to retry",
                     extra={"provider": name, "error": type(exc).__name__})
+        await _release(adapter, callback)  # the key may have been stored with its answer lost: free it for the retry
         response = _error(request, 503, "the callback could not be verified now; retry later")
         response.headers["Retry-After"] = "5"
         return response

@@ -167,6 +167,36 @@ async def test_irembopay_webhook_with_redis_unavailable_asks_for_a_retry(srt: An
     assert await status_of(srt, payment.id) == "FAILED"
 
 
+async def test_irembopay_webhook_whose_one_time_key_answer_was_lost_gets_through_on_retry(
+        srt: Any, sclient: Any, sdemo: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SET NX reached Redis but its answer was lost (a socket timeout): 503 "retry later", and the key it
+    may have stored is freed, so the retry IremboPay sends is not refused as a replay."""
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    payment = await pending_payment(srt, sdemo, provider="irembopay", method="MOBILE_MONEY_MTN")
+    body = irembo_body(payment, status="FAILED")
+    headers = {"Content-Type": "application/json",
+               "irembopay-signature": signature_header(IREMBO_KEY, now_ms(), body)}
+    adapter = srt.providers["irembopay"]
+    real = adapter._nonce_store
+
+    class LostAnswer:
+        async def __call__(self, key: str, ttl: int) -> bool:
+            await real(key, ttl)
+            raise RedisTimeout("Timeout reading from socket")
+
+        async def forget(self, key: str) -> None:
+            await real.forget(key)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(adapter, "_nonce_store", LostAnswer())
+        first = await sclient.post(url("irembopay"), data=body, headers=headers)
+    assert first.status == 503, await first.text()
+    retried = await sclient.post(url("irembopay"), data=body, headers=headers)
+    assert retried.status == 200, await retried.text()
+    assert await status_of(srt, payment.id) == "FAILED"
+
+
 # --- unsigned providers: the URL secret is all there is ----------------------------------------------
 
 
