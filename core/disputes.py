@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
@@ -15,7 +15,7 @@ from core.db import lock_row, serialise_on_sqlite, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment
 from core.money import Money
-from core.notify import notice_jobs
+from core.notify import notice_jobs, sms_dedupe
 from core.outbox import enqueue_many
 from core.payments import payer_phone
 from core.references import next_reference
@@ -65,13 +65,14 @@ _STEPS = tuple(s.value.lower() for s in DisputeStatus)
 
 async def _last_unsent_sms(session: AsyncSession, dispute_id: str) -> datetime | None:
     """When the latest of this dispute's SMS still waiting is due (by their dedupe keys: the unique index)."""
-    keys = [f"sms:dispute_opened:{dispute_id}"] + [f"sms:{template}:{dispute_id}:{step}"
-                                                  for template in ("dispute_updated", "dispute_resolved")
-                                                  for step in _STEPS]
-    found: datetime | None = (await session.execute(
-        select(func.max(OutboxJob.run_at)).where(OutboxJob.dedupe_key.in_(keys),
-                                                 OutboxJob.status.in_(("PENDING", "RUNNING"))))).scalar()
-    return found
+    # The keys notice_jobs gives them (sms_dedupe): the opening's step is "opened", a move's its target status.
+    keys = [f"sms:{sms_dedupe('dispute_opened', dispute_id, 'opened')}"] + [
+        f"sms:{sms_dedupe(template, dispute_id, step)}"
+        for template in ("dispute_updated", "dispute_resolved") for step in _STEPS]
+    rows = (await session.execute(select(OutboxJob.status, OutboxJob.run_at).where(
+        OutboxJob.dedupe_key.in_(keys), OutboxJob.status.in_(("PENDING", "RUNNING"))))).all()
+    # One being sent counts from now (its run_at is its lease's end), one waiting from when it is due.
+    return max((utcnow() if status == "RUNNING" else run_at for status, run_at in rows), default=None)
 
 
 async def open_dispute(session: AsyncSession, *, payment: Payment, reason: DisputeReason | str, channel: str,

@@ -47,6 +47,11 @@ def event_job(*, cooperative_id: str, event_type: str, event_id: str, data: dict
                   dedupe_key=f"wh:{event_id}", cooperative_id=cooperative_id)
 
 
+def sms_dedupe(template: str, key: str, step: str | None = None) -> str:
+    """The dedupe key (after "sms:") notice_jobs gives the SMS of one change."""
+    return f"{template}:{key}" if step is None else f"{template}:{key}:{step}"
+
+
 def notice_jobs(
     *,
     template: str,
@@ -65,7 +70,7 @@ def notice_jobs(
     happen more than once to it)."""
     jobs = []
     if member_id is not None or phone is not None:
-        dedupe = f"{template}:{key}" if step is None else f"{template}:{key}:{step}"
+        dedupe = sms_dedupe(template, key, step)
         jobs.append(sms_job(template=template, cooperative_id=cooperative_id, context=context, cipher=cipher,
                             member_id=member_id, phone=phone, dedupe=dedupe))
     event_id = f"evt_{event_type.replace('.', '_')}_{key}" + ("" if step is None else f"_{step}")
