@@ -199,6 +199,9 @@ async def test_callback(request: web.Request) -> web.Response:
     from core.ports import ProviderOutcome
 
     rt = request.config_dict[RUNTIME]
+    limited = await _rate_limited(request, rt)
+    if limited is not None:
+        return limited
     body = await _read_body(request)
     try:
         data = json.loads(body or b"null")
@@ -224,6 +227,10 @@ async def test_callback(request: web.Request) -> web.Response:
         payment = await lock_row(session, Payment, found) if found is not None else None
         if payment is None:
             return _error(request, 404, "no payment has this gatewayReference")
+        if not _simulated(request.config_dict[SETTINGS], payment.provider):
+            # A development install may point a provider at the real one: its payments move only on its word.
+            return _error(request, 403, f"the test webhook moves only payments of providers served by the "
+                                        f"in-process simulators; {payment.provider} is not")
         try:
             amount = (Money.parse(extra["amount"], payment.currency)
                       if extra.get("amount") is not None else None)
@@ -234,6 +241,12 @@ async def test_callback(request: web.Request) -> web.Response:
             amount=amount, provider_transaction_id=txn[:128] if txn else None, reason=reason[:200] if reason else None)
     log.info("test webhook applied", extra={"payment_id": payment.id, "status": status, "result": result})
     return web.json_response({"status": "accepted", "result": result})
+
+
+def _simulated(settings: Settings, provider: str) -> bool:
+    """Whether a provider is the in-process simulator (its base URL is this service's /_sim/<name>)."""
+    config = settings.providers.get(provider)
+    return config is not None and config.base_url.rstrip("/").endswith(f"/_sim/{provider}")
 
 
 def setup(app: web.Application, *, test_webhook: bool = False) -> None:

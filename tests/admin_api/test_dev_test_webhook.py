@@ -45,3 +45,16 @@ async def test_there_is_no_test_webhook_without_the_simulators(rt, aiohttp_clien
         client = await _client(rt, aiohttp_client, **settings)
         resp = await client.post("/webhooks/payments/test", json={"gatewayReference": "x", "status": "COMPLETED"})
         assert resp.status == 404 and (await resp.json())["message"] == "unknown payment provider 'test'"
+
+
+async def test_a_payment_of_a_real_provider_is_not_moved(admin, rt, demo, aiohttp_client):
+    """A development install whose MTN points at the real MTN: the test webhook does not move its payments."""
+    real = dataclasses.replace(rt.settings.providers["mtn_momo"], base_url="https://proxy.momoapi.mtn.com")
+    client = await _client(rt, aiohttp_client, simulators_in_process=True,
+                           providers={**rt.settings.providers, "mtn_momo": real})
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    resp = await client.post("/webhooks/payments/test", json={"gatewayReference": payment["gatewayReference"],
+                                                              "status": "COMPLETED"})
+    assert resp.status == 403, await resp.text()
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, payment["id"])).status == "PENDING"
