@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web
 from sqlalchemy import select
 
 from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, page_of, paged
@@ -171,31 +171,50 @@ async def approve_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 CSV_TYPES = ("text/csv", "application/csv", "text/plain", "application/vnd.ms-excel")
 
 
+MAX_FORM_PARTS = 20
+
+
 async def _uploaded_file(request: web.Request) -> bytes:
     """The file as the body itself (text/csv), or as a form's file field (`curl -F file=@members.csv`, a
-    browser form): the first part that carries a file, at most IMPORT_LIMIT bytes."""
+    browser form): the first part that carries a file. The whole body counts against IMPORT_LIMIT (chunked
+    too, every part and header), and it is parsed in a thread: a form of many small parts must not hold the
+    event loop."""
     if request.content_type in CSV_TYPES:
         return await read_body(request, IMPORT_LIMIT)
     if request.content_type != "multipart/form-data":
         raise ApiError(415, "Content-Type must be text/csv, or multipart/form-data with the file in a field")
-    if request.content_length is not None and request.content_length > IMPORT_LIMIT:
-        raise ApiError(413, f"request body is larger than {IMPORT_LIMIT} bytes")
+    raw = await read_body(request, IMPORT_LIMIT)
+    found = await asyncio.to_thread(_file_in_form, request.headers.get("Content-Type", ""), raw)
+    if found is None:
+        raise ApiError(400, "the form has no file: send the CSV in a file field (-F file=@members.csv)")
+    return found
+
+
+def _file_in_form(content_type: str, raw: bytes) -> bytes | None:
+    """The first file part of a multipart/form-data body (the standard library's MIME parser), or None."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    boundary = dict(p.strip().split("=", 1) for p in content_type.split(";")[1:] if "=" in p).get("boundary", "")
+    boundary = boundary.strip('"')
+    if not boundary:
+        raise ApiError(400, "the form could not be read as multipart/form-data: no boundary")
+    if raw.count(b"--" + boundary.encode("latin-1", "replace")) > MAX_FORM_PARTS + 1:
+        raise ApiError(400, f"the form has more than {MAX_FORM_PARTS} parts")
     try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or part.filename is None:
-                continue
-            chunks: list[bytes] = []
-            size = 0
-            while chunk := await part.read_chunk(64 * 1024):
-                size += len(chunk)
-                if size > IMPORT_LIMIT:
-                    raise ApiError(413, f"request body is larger than {IMPORT_LIMIT} bytes")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except (ValueError, AssertionError, HttpProcessingError):  # aiohttp's words for a form it cannot read
+        message = BytesParser(policy=HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + raw)
+        if not message.is_multipart():
+            raise ValueError("not multipart")
+        for part in message.iter_parts():
+            if part.get_filename() is not None:
+                payload = part.get_payload(decode=True)
+                return payload if isinstance(payload, bytes) else b""
+    except ApiError:
+        raise
+    except Exception:  # the parser's many ways of refusing a malformed form
         raise ApiError(400, "the form could not be read as multipart/form-data") from None
-    raise ApiError(400, "the form has no file: send the CSV in a file field (-F file=@members.csv)")
+    return None
 
 
 async def import_members_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
