@@ -25,6 +25,7 @@ from core.text import has_bad_characters
 COLUMNS = ("name", "phone", "unit", "language")
 REQUIRED = ("name", "phone")
 MAX_ROWS = 10_000
+MAX_COLUMNS = 50  # the four stored and what a spreadsheet export carries beside them
 CHUNK = 500  # rows per INSERT: 12 parameters a row, well under SQLite's 32,766 and PostgreSQL's 65,535
 
 
@@ -109,6 +110,10 @@ def parse_rows(data: bytes, *, region: str) -> ParsedFile:
     # Other columns (a SACCO's export has an email, a member number...) are read past and named in the answer.
     # Columns with no name (a spreadsheet's trailing separators) likewise.
     ignored = [h for h in header if h and h not in COLUMNS]
+    if len(header) > MAX_COLUMNS:
+        raise ImportRejected([RowError(1, "header", f"more than {MAX_COLUMNS} columns")])
+    if any(has_bad_characters(h) or len(h) > 64 for h in ignored):
+        errors.append(RowError(1, "header", "a column name has characters that are not allowed or is over 64 long"))
     for col in REQUIRED:
         if col not in header:
             errors.append(RowError(1, "header", f"column {col} is required"))
