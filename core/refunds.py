@@ -177,8 +177,9 @@ async def _note_on_dispute(session: AsyncSession, refund: Refund, reason: str, *
     """A dispute resolved with this refund says the refund failed (it read as settled, with a refund that
     never reached the member): a note on the dispute, where the admin who resolved it looks, and the
     audit log. The cooperative's system hears it from the refund.failed webhook."""
-    dispute = (await session.execute(select(Dispute).where(Dispute.id == refund.dispute_id).with_for_update())
-               ).scalar_one_or_none()
+    if refund.dispute_id is None:
+        return
+    dispute = await lock_row(session, Dispute, refund.dispute_id)  # fresh: a note added meanwhile is kept
     if dispute is None:
         return
     from core.disputes import add_note  # local: core.disputes asks this module for refunds
