@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -64,6 +65,11 @@ PASSWORD_CHANGE = obj(
     },
     ["currentPassword", "newPassword"],
 )
+# The new pair, and the API keys the account had created: revoked with the old password (a key made from a
+# stolen session must not outlast the owner taking the account back).
+PASSWORD_CHANGED = out_plus(
+    TOKEN, apiKeysRevoked={"type": "array", "items": ID, "description": "the API keys you created, revoked now"}
+)
 REFRESH = obj({"refreshToken": {"type": "string", "minLength": 10, "maxLength": 4096}}, ["refreshToken"])
 API_KEY = out(
     {
@@ -106,7 +112,8 @@ def _tokens(pair: auth.TokenPair) -> dict[str, Any]:
 #   It refuses only addresses that have failed for this username within the hour (their hourly bucket), so
 #   the real user signing in from an address that has not failed is not refused by someone else's guesses.
 # A full bucket refuses (429) before the password is checked. Checking first and counting after lets a
-# burst of concurrent guesses past the count; the route's own per-address limit (auth:token) bounds it.
+# burst of concurrent guesses past the count; the route's own limit bounds it (auth:token per address;
+# auth:password, 10 a minute per account, the same as these buckets).
 FAILED_PER_ADDRESS = Limit("auth:failed", 10)
 FAILED_PER_ADDRESS_HOUR = Limit("auth:failed-hour", 600, window=3600)  # only read: has this address failed
 FAILED_PER_USERNAME = Limit("auth:failed-any", 100, window=3600)
@@ -198,7 +205,8 @@ async def refresh_token(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 async def change_own_password(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     """A signed-in user sets a new password, proving they know the current one (a token alone is not enough).
-    Every session of theirs ends, this one too; the answer is a new pair for this one, dated after the end."""
+    Every session of theirs ends, this one too, and the API keys they created are revoked; the answer is a new
+    pair for this one, issued after the end (to the microsecond: see auth.check_not_revoked)."""
     if ctx.who.kind != "user":
         raise Forbidden("an API key has no password; sign in as the account whose password it is")
     user = await ctx.session.get(AdminUser, ctx.who.id)
@@ -215,16 +223,17 @@ async def change_own_password(request: web.Request, ctx: Ctx) -> web.StreamRespo
         raise ValidationError("currentPassword is not your current password", field="currentPassword")
     if ctx.body["newPassword"] == ctx.body["currentPassword"]:
         raise ValidationError("newPassword must differ from the current password", field="newPassword")
-    await accounts.set_password(ctx.session, user, ctx.body["newPassword"], actor=ctx.who.actor,
-                                action="user.password_changed")
-    # The mark covers its whole second and the second of the audit row (also when restored from that row,
-    # which adds one): one second past both, the new pair is the only one left working.
+    keys = await accounts.set_password(ctx.session, user, ctx.body["newPassword"], actor=ctx.who.actor,
+                                       action="user.password_changed")
     s = ctx.rt.settings
-    stamp = int(time.time()) + 1
-    await end_sessions("your", auth.revoke_tokens(ctx.rt.redis, user.id, ttl_seconds=s.jwt_ttl_seconds, now=stamp))
+    ended = time.time()  # after the audit row's instant, which a mark restored from the log takes
+    await end_sessions("your", auth.revoke_tokens(ctx.rt.redis, user.id, ttl_seconds=s.jwt_ttl_seconds, now=ended))
     await ctx.session.commit()
-    pair = auth.issue_tokens(user, secret=s.jwt_secret.get(), ttl_seconds=s.jwt_ttl_seconds, issued_at=stamp + 1)
-    response = json_response(_tokens(pair))
+    # Issued now, after the mark and the audit row: the only pair left working, and not dated ahead, so a reset
+    # or deactivation from now on ends it as any other. (Past the mark even if the clock stepped back meanwhile.)
+    pair = auth.issue_tokens(user, secret=s.jwt_secret.get(), ttl_seconds=s.jwt_ttl_seconds,
+                             issued_at=max(time.time(), math.nextafter(ended, math.inf)))
+    response = json_response({**_tokens(pair), "apiKeysRevoked": [k.id for k in keys]})
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -310,8 +319,10 @@ ROUTES = [
         "auth",
         "payments:read",
         body=PASSWORD_CHANGE,
-        response=TOKEN,
-        limit=Limit("auth:password", 20),  # above the 10 wrong passwords the sign-in buckets allow
+        response=PASSWORD_CHANGED,
+        # The sign-in buckets' 10 a minute: they are read before the current password is checked and counted
+        # after, so a burst of concurrent guesses would pass them; this count is taken before (atomic).
+        limit=Limit("auth:password", 10),
         tenants=True,
     ),
     Route(

@@ -148,7 +148,8 @@ async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route,
         if redis_ok:
             auth.check_not_revoked(claims, stamp)
         else:
-            await auth.check_still_active(session, principal.id)
+            # The rows, and when the account's sessions were last ended (what the mark would say).
+            await auth.check_still_active(session, principal.id, claims)
     if decision is not None:
         request[RATE_DECISION] = decision
         if not decision.allowed:

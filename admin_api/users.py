@@ -43,7 +43,8 @@ USER = out(
 )
 DEACTIVATED = out_plus(
     USER, apiKeysRevoked={"type": "array", "items": ID,
-                          "description": "the API keys it created, revoked now (when it was deactivated)"}
+                          "description": "the API keys it created, revoked now (when it was deactivated or "
+                                         "given a new password)"}
 )
 # The rules of core.users, for every route that takes a password.
 PASSWORD = {"type": "string", "minLength": accounts.PASSWORD_MIN, "maxLength": accounts.PASSWORD_MAX}
@@ -62,7 +63,8 @@ UPDATE = obj(
         "isActive": {"type": "boolean", "description": "false: as DELETE (tokens end, its API keys are revoked); "
                      "true: turn a deactivated account on again"},
         "password": {**PASSWORD, "description": "a new password (not your own: POST /auth/password); the "
-                     "account's tokens and refresh tokens stop working"},
+                     "account's tokens and refresh tokens stop working and the API keys it created are revoked. "
+                     "A cooperative admin sets tenants' passwords; another admin's, only a super admin"},
     },
     min_properties=1,
 )
@@ -176,18 +178,34 @@ async def update_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         if "password" in body:
             raise Conflict("change your own password with POST /v1/auth/password (it asks for the current one)")
         raise Conflict("you cannot turn your own account off or on")
+    await _refuse_above_a_coop_admin(ctx, user)
     keys: list[ApiKey] = []
     if body.get("isActive") is False:
         keys = await accounts.deactivate(ctx.session, user, actor=ctx.who.actor)
     elif body.get("isActive") is True:
         await accounts.reactivate(ctx.session, user, actor=ctx.who.actor)
     if "password" in body:
-        await accounts.set_password(ctx.session, user, body["password"], actor=ctx.who.actor,
-                                    action="user.password_reset")
+        # The keys it created go too (a repeated call finds none left): listed in the answer, as DELETE does.
+        keys += await accounts.set_password(ctx.session, user, body["password"], actor=ctx.who.actor,
+                                            action="user.password_reset")
     if body.get("isActive") is False or "password" in body:
         await _end_sessions(ctx, user)
     await ctx.session.commit()
     return json_response({**present(user), "apiKeysRevoked": [k.id for k in keys]})
+
+
+async def _refuse_above_a_coop_admin(ctx: Ctx, user: AdminUser) -> None:
+    """What a cooperative admin may not do to an account of their cooperative: set a fellow admin's password
+    (they would sign in as them), or turn on again an account a super admin turned off (undoing the platform's
+    decision). Tenants' passwords, and accounts a cooperative admin turned off, are theirs to handle."""
+    if ctx.who.is_super:
+        return
+    if "password" in ctx.body and user.role != auth.TENANT:
+        raise Forbidden("only a super admin can set another administrator's password; they change their own "
+                        "with POST /v1/auth/password")
+    reactivating = ctx.body.get("isActive") is True and not user.is_active
+    if reactivating and await accounts.deactivated_by_super_admin(ctx.session, user):
+        raise Forbidden("only a super admin can turn this account on again: a super admin turned it off")
 
 
 async def _end_sessions(ctx: Ctx, user: AdminUser) -> None:

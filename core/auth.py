@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Iterable
@@ -144,10 +145,13 @@ def _encode(secret: str, claims: dict[str, Any]) -> str:
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
-def issue_tokens(user: AdminUser, *, secret: str, ttl_seconds: int, issued_at: int | None = None) -> TokenPair:
-    """`issued_at` (epoch seconds, default now): a pair handed out right after the account's earlier tokens were
-    revoked is dated just past the revocation, which covers its whole second (see check_not_revoked)."""
-    now = utcnow() if issued_at is None else datetime.fromtimestamp(issued_at, UTC)
+def issue_tokens(user: AdminUser, *, secret: str, ttl_seconds: int, issued_at: float | None = None) -> TokenPair:
+    """`issued_at` (epoch seconds, default now; never later than now). `iat` is that instant to the microsecond
+    (a JWT NumericDate may be non-integer), so a pair handed out right after the account's sessions were ended
+    is told apart from one issued earlier in the same second (see check_not_revoked): it needs no future date,
+    which would also let it outlive a reset or deactivation made before that date."""
+    iat = time.time() if issued_at is None else issued_at
+    now = datetime.fromtimestamp(iat, UTC)
     base = {
         "sub": user.id,
         "role": user.role,
@@ -155,7 +159,7 @@ def issue_tokens(user: AdminUser, *, secret: str, ttl_seconds: int, issued_at: i
         "mid": user.member_id,
         "iss": ISSUER,
         "aud": AUDIENCE,
-        "iat": now,
+        "iat": iat,
     }
     access = _encode(
         secret,
@@ -167,7 +171,7 @@ def issue_tokens(user: AdminUser, *, secret: str, ttl_seconds: int, issued_at: i
             "sub": user.id,
             "iss": ISSUER,
             "aud": AUDIENCE,
-            "iat": now,
+            "iat": iat,
             "typ": "refresh",
             "jti": uuid.uuid4().hex,
             "exp": now + timedelta(seconds=REFRESH_TTL_SECONDS),
@@ -244,8 +248,31 @@ def revoked_key(user_id: str) -> str:
 async def revoke_tokens(redis: Redis, user_id: str, *, ttl_seconds: int, now: float | None = None) -> None:
     """Every access token of this user issued up to now stops working at once (tokens are otherwise
     stateless until they expire). The mark outlives the longest token; refresh tokens check the row."""
-    stamp = int(time.time() if now is None else now)
-    await redis.set(revoked_key(user_id), str(stamp).encode(), ex=_mark_lifetime(ttl_seconds))
+    await redis.set(revoked_key(user_id), _stamp(time.time() if now is None else now),
+                    ex=_mark_lifetime(ttl_seconds))
+
+
+def _stamp(instant: float) -> bytes:
+    """A mark's value: the instant to the microsecond, always with a point (`repr` of a float), which tells it
+    from a mark of whole seconds written by earlier code (see revoked_at)."""
+    return repr(float(instant)).encode()
+
+
+def revoked_at(stamp: bytes | str) -> float:
+    """The instant a mark ended the account's sessions: a token issued at or before it is refused. A mark of
+    whole seconds (no point: written before marks had microseconds) covers its whole second, as it did then:
+    the revocation may have been late in it."""
+    text = stamp.decode() if isinstance(stamp, bytes) else stamp
+    if "." in text:
+        return float(text)
+    return math.nextafter(int(text) + 1, -math.inf)
+
+
+def issued_by(claims: dict[str, Any], instant: float) -> bool:
+    """Was the token issued at or before `instant` (epoch seconds)? Tokens carry their `iat` to the microsecond;
+    one of earlier code has whole seconds, the start of the second it was issued in, so it is refused for any
+    instant in that second: it may have come before (safe side; its owner signs in again)."""
+    return float(claims["iat"]) <= instant
 
 
 # The audit actions after which an account's earlier tokens are refused: its access tokens by the revocation
@@ -289,12 +316,14 @@ async def restore_revocations(redis: Redis, sessionmaker: async_sessionmaker[Asy
             .where(or_(and_(Cooperative.status != "ACTIVE", Cooperative.updated_at >= since),
                        and_(Member.status == "SUSPENDED", Member.updated_at >= since))))).scalars())
     for user_id, at in rows:
-        stamp = int(at.timestamp()) + 1  # the audit row's second may precede the mark's by one: cover it
+        # The audit row's instant: written just before the mark was, in the same request, and before any token
+        # the change handed out (POST /auth/password's new pair), which therefore keeps working.
+        stamp = at.timestamp()
         remaining = int(stamp + lifetime - current)
         if remaining > 0:
-            await redis.set(revoked_key(user_id), str(stamp).encode(), ex=remaining, nx=True)
+            await redis.set(revoked_key(user_id), _stamp(stamp), ex=remaining, nx=True)
     for user_id in held:
-        await redis.set(revoked_key(user_id), str(int(current)).encode(), ex=lifetime, nx=True)
+        await redis.set(revoked_key(user_id), _stamp(current), ex=lifetime, nx=True)
     await redis.set(MARKS_RESTORED, b"1")
     return len({user_id for user_id, _ in rows} | set(held))
 
@@ -364,8 +393,9 @@ async def guard_revocations(redis: Redis, sessionmaker: async_sessionmaker[Async
 
 
 def check_not_revoked(claims: dict[str, Any], stamp: bytes | str | None) -> None:
-    """`stamp` is the user's revocation mark (None: none). A token from the same second is revoked too."""
-    if stamp is not None and int(claims["iat"]) <= int(stamp):
+    """`stamp` is the user's revocation mark (None: none). A token issued at or before its instant is revoked;
+    one issued after it (a new sign-in, the pair POST /auth/password hands out) works."""
+    if stamp is not None and issued_by(claims, revoked_at(stamp)):
         raise Unauthorized("token has been revoked")
 
 
@@ -381,13 +411,29 @@ _USABLE = (
 )
 
 
+# The same, with when the account's sessions were last ended (see sessions_ended_at), in one query on the
+# audit log's (entity_type, entity_id) index: what a revocation mark says, read from the rows.
+_USABLE_SINCE = _USABLE.add_columns(
+    select(func.max(AuditEvent.at))
+    .where(AuditEvent.entity_type == "user", AuditEvent.entity_id == AdminUser.id,
+           AuditEvent.action.in_(SESSIONS_ENDED))
+    .correlate(AdminUser).scalar_subquery().label("ended"))
+
+
 async def usable(session: AsyncSession, user_id: str) -> bool:
     return (await session.execute(_USABLE, {"user_id": user_id})).first() is not None
 
 
-async def check_still_active(session: AsyncSession, user_id: str) -> None:
-    """The revocation check when Redis cannot answer: the account, its cooperative and member (one query)."""
-    if not await usable(session, user_id):
+async def check_still_active(session: AsyncSession, user_id: str, claims: dict[str, Any] | None = None) -> None:
+    """The revocation check when Redis cannot answer (one query): the account, its cooperative and member and,
+    given the token's `claims`, the end of its sessions the mark would hold: a token issued at or before the
+    account's last deactivation or new password is refused, also once the account is active again."""
+    if claims is None:
+        if not await usable(session, user_id):
+            raise Unauthorized("token has been revoked")
+        return
+    row = (await session.execute(_USABLE_SINCE, {"user_id": user_id})).first()
+    if row is None or (row.ended is not None and issued_by(claims, row.ended.timestamp())):
         raise Unauthorized("token has been revoked")
 
 
@@ -399,7 +445,7 @@ async def check_token(redis: Redis, session: AsyncSession, principal: Principal,
     except (RedisError, OSError, TimeoutError) as exc:
         log.warning("token revocation unavailable in Redis; account checked in the database",
                     extra={"error": type(exc).__name__})
-        await check_still_active(session, principal.id)
+        await check_still_active(session, principal.id, claims)
         return
     check_not_revoked(claims, stamp)
 
@@ -424,7 +470,7 @@ async def revoke_member_tokens(session: AsyncSession, redis: Redis, member_id: s
 async def _mark_all(redis: Redis, user_ids: list[str], *, ttl_seconds: int) -> None:
     if not user_ids:
         return
-    stamp = str(int(time.time())).encode()
+    stamp = _stamp(time.time())
     async with redis.pipeline(transaction=False) as pipe:
         for user_id in user_ids:
             pipe.set(revoked_key(user_id), stamp, ex=_mark_lifetime(ttl_seconds))
@@ -457,12 +503,10 @@ async def refresh(
     if user is None or not user.is_active or not await usable(session, user.id):
         raise Unauthorized("invalid token")
     ended = await sessions_ended_at(session, user.id)
-    if ended is not None and int(claims["iat"]) <= int(ended.timestamp()):  # its second too, as the mark
+    if ended is not None and issued_by(claims, ended.timestamp()):
         raise Unauthorized("token has been revoked")
-    # Dated no earlier than the refresh token: a pair handed out just past a revocation (a password changed)
-    # is followed by pairs past it too.
-    return issue_tokens(user, secret=secret, ttl_seconds=ttl_seconds,
-                        issued_at=max(int(time.time()), int(claims["iat"])))
+    # Dated now, not carried forward from the refresh token: a reset or deactivation from now on ends it.
+    return issue_tokens(user, secret=secret, ttl_seconds=ttl_seconds)
 
 
 async def sessions_ended_at(session: AsyncSession, user_id: str) -> datetime | None:
@@ -567,13 +611,16 @@ async def revoke_api_key(session: AsyncSession, key: ApiKey, *, actor: Actor,
     return key
 
 
-async def revoke_api_keys_created_by(session: AsyncSession, user_id: str, *, actor: Actor) -> list[ApiKey]:
+async def revoke_api_keys_created_by(session: AsyncSession, user_id: str, *, actor: Actor,
+                                     reason: str = "creator deactivated") -> list[ApiKey]:
     """A deactivated account's keys go with it: an admin who leaves must not keep admin access through a
-    key they made (and may have kept). Each key is revoked and audited as `DELETE /api-keys/{id}` does."""
+    key they made (and may have kept). So do they when its password is set anew (`reason`): one who took
+    the account (a stolen session, a phished password) must not keep it through a key made meanwhile.
+    Each key is revoked and audited as `DELETE /api-keys/{id}` does."""
     keys = (await session.execute(
         select(ApiKey).where(ApiKey.created_by == user_id, ApiKey.revoked_at.is_(None))
         .order_by(ApiKey.created_at, ApiKey.id))).scalars().all()
-    return [await revoke_api_key(session, key, actor=actor, reason="creator deactivated") for key in keys]
+    return [await revoke_api_key(session, key, actor=actor, reason=reason) for key in keys]
 
 
 async def principal_from_api_key(session: AsyncSession, clear: str) -> Principal:

@@ -18,7 +18,7 @@ from core import auth
 from core.audit import Actor, record
 from core.crypto import hash_password, verify_password
 from core.errors import Conflict, NotFound, ValidationError
-from core.models import AdminUser, ApiKey, Cooperative
+from core.models import AdminUser, ApiKey, AuditEvent, Cooperative
 
 # The one set of rules for a password, whoever sets it (the API's schemas are built from these).
 PASSWORD_MIN, PASSWORD_MAX = 12, 256
@@ -104,14 +104,42 @@ async def reactivate(session: AsyncSession, user: AdminUser, *, actor: Actor) ->
                  cooperative_id=user.cooperative_id)
 
 
-async def set_password(session: AsyncSession, user: AdminUser, password: str, *, actor: Actor,
-                       action: str) -> None:
-    """Store a new password (`action`: user.password_reset by an admin, user.password_changed by its owner).
+# Why the API keys an account created were revoked with its new password (each key's own audit row says it).
+_KEYS_REVOKED_BECAUSE = {"user.password_reset": "creator's password reset",
+                         "user.password_changed": "creator's password changed"}
 
-    The audit row says only that it changed: it is also what refuses the account's earlier refresh tokens."""
-    assert action in auth.SESSIONS_ENDED
+
+async def set_password(session: AsyncSession, user: AdminUser, password: str, *, actor: Actor,
+                       action: str) -> list[ApiKey]:
+    """Store a new password (`action`: user.password_reset by an admin, user.password_changed by its owner) and
+    revoke the API keys the account created (each audited), as a deactivation does: a new password is how an
+    account is taken back, and a key made from a stolen session must not outlast it. The keys revoked.
+
+    The audit row says only that it changed and which keys went: it is also what refuses the account's earlier
+    refresh tokens."""
+    assert action in _KEYS_REVOKED_BECAUSE  # the actions of auth.SESSIONS_ENDED that set a password
     check_password(password)
+    keys = await auth.revoke_api_keys_created_by(session, user.id, actor=actor,
+                                                 reason=_KEYS_REVOKED_BECAUSE[action])
     user.password_hash = await asyncio.to_thread(hash_password, password)
     await session.flush()
     await record(session, actor=actor, action=action, entity_type="user", entity_id=user.id,
-                 after={"sessionsEnded": True}, cooperative_id=user.cooperative_id)
+                 after={"sessionsEnded": True, "apiKeysRevoked": [k.id for k in keys]},
+                 cooperative_id=user.cooperative_id)
+    return keys
+
+
+async def deactivated_by_super_admin(session: AsyncSession, user: AdminUser) -> bool:
+    """Whether the account's last deactivation was not a cooperative admin's: a super admin's (or, never
+    written by this code, no one's: the safe side). Only a super admin may undo it, or a cooperative admin could
+    bring back an account the platform turned off. Read from the last user.deactivated audit row's actor."""
+    actor = (await session.execute(
+        select(AuditEvent.actor)
+        .where(AuditEvent.entity_type == "user", AuditEvent.entity_id == user.id,
+               AuditEvent.action == "user.deactivated")
+        .order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(1))).scalar_one_or_none()
+    kind, _, actor_id = (actor or "").partition(":")
+    if kind != "admin":
+        return True
+    role = (await session.execute(select(AdminUser.role).where(AdminUser.id == actor_id))).scalar_one_or_none()
+    return role != auth.COOP_ADMIN

@@ -66,7 +66,8 @@ async def test_the_cooperatives_system_is_told_the_money_was_taken(admin, rt, de
     payment = await _failed_then_taken(admin, rt, demo, Money(50_000, "RWF"))
     async with rt.sessionmaker.begin() as s:  # the same money reported again changes nothing
         await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED,
-                                       actor=PROVIDER, amount=Money(50_000, "RWF"), provider_transaction_id="MTN-LATE-9")
+                                       actor=PROVIDER, amount=Money(50_000, "RWF"),
+                                       provider_transaction_id="MTN-LATE-9")
     async with rt.sessionmaker() as s:
         events = list((await s.execute(select(OutboxJob.payload).where(OutboxJob.kind == "webhook.event")
                                        .order_by(OutboxJob.id))).scalars())
