@@ -161,3 +161,19 @@ async def complete_payment(rt: Any, payment_id: str, *, fee: int = 0) -> None:
 
 async def make_payment(caller: Caller, payment_type_id: str, **over: Any) -> dict[str, Any]:
     return await caller.json("POST", "/v1/payments", 201, json=payment_body(payment_type_id, **over))
+
+
+def unreachable_redis() -> Any:
+    """A Redis client of a port nothing listens on, failing at once (no retries with backoff: ~4 s a call):
+    Redis down, for the paths that must keep working or refuse whole without it."""
+    import socket
+
+    from redis.asyncio import Redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=0.5,
+                 retry=Retry(NoBackoff(), 0))

@@ -8,16 +8,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import time
 from typing import Any
 
-from redis.asyncio import Redis
 from sqlalchemy import select
 
 from core import auth
 from core.models import AuditEvent
-from tests.admin_api.conftest import Caller, login
+from tests.admin_api.conftest import Caller, login, unreachable_redis
 from tests.conftest import early_in_window, sql_sent
 
 CLERK, CLERK_PASSWORD = "clerk@kh.rw", "clerk-password-1"
@@ -32,11 +30,6 @@ def _caller(client: Any, tokens: dict[str, Any]) -> Caller:
     return Caller(client, {"Authorization": f"Bearer {tokens['accessToken']}"})
 
 
-def _dead_redis() -> Redis:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
 
 
 def _iat(token: str) -> float:
@@ -105,7 +98,7 @@ async def test_with_redis_down_a_token_from_before_a_reset_or_a_deactivation_und
     await admin.json("PATCH", f"/v1/users/{made['id']}", 200, json={"isActive": True})
     fresh = _caller(client, await login(client, CLERK, "recovered-pass-2"))
 
-    dead = _dead_redis()
+    dead = unreachable_redis()
     monkeypatch.setattr(rt, "redis", dead)
     try:
         for old in (before_reset, after_reset):
@@ -121,7 +114,7 @@ async def test_the_fallback_reads_the_account_and_its_sessions_end_in_one_query(
     made = await _clerk(admin)
     old = _caller(client, await login(client, CLERK, CLERK_PASSWORD))
     await superadmin.json("PATCH", f"/v1/users/{made['id']}", 200, json={"password": "recovered-pass-2"})
-    dead = _dead_redis()
+    dead = unreachable_redis()
     monkeypatch.setattr(rt, "redis", dead)
     try:
         with sql_sent(rt) as sent:

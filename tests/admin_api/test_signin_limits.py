@@ -4,21 +4,17 @@ still counted, in the process."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from admin_api import all_routes, auth_routes
 from admin_api.openapi import build_document
 from app import create_app, open_runtime
 from core.demo import seed_demo
-from tests.admin_api.conftest import check_shape
+from tests.admin_api.conftest import check_shape, unreachable_redis
 from tests.conftest import clean_database, early_in_window, make_settings
 
 BALANCER = "127.0.0.1/32"  # the test client's own address plays our load balancer
@@ -83,19 +79,12 @@ async def test_guessing_spread_over_addresses_is_bounded_per_username(migrated_d
         assert (await _sign_in(client, *demo["tenant"], "41.186.1.3")).status == 200
 
 
-def _dead_redis() -> Redis:
-    """A client of a port nothing listens on, failing at once (no retries with backoff: ~4 s a call)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=0.5,
-                 retry=Retry(NoBackoff(), 0))
 
 
 @pytest.fixture
 async def redis_down(rt: Any) -> AsyncIterator[None]:
     """rt.redis pointed at a port nothing listens on, and this process's own failure counts emptied."""
-    dead = _dead_redis()
+    dead = unreachable_redis()
     original, rt.redis = rt.redis, dead
     auth_routes.LOCAL_FAILURES.clear()
     try:
@@ -123,7 +112,7 @@ async def test_sign_in_works_with_redis_down_and_guessing_is_still_limited(clien
 async def test_refresh_with_redis_down_answers_a_documented_503(client, demo, rt):
     tokens = await (await client.post("/v1/auth/token", json={"username": demo["admin"][0],
                                                              "password": demo["admin"][1]})).json()
-    dead = _dead_redis()
+    dead = unreachable_redis()
     original, rt.redis = rt.redis, dead
     try:
         # The single use of a refresh token is kept in Redis: without it the token is not spent.

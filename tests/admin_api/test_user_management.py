@@ -4,15 +4,13 @@ a signed-in user changes their own password (the current one required, wrong one
 from __future__ import annotations
 
 import json
-import socket
 
-from redis.asyncio import Redis
 from sqlalchemy import select
 
 from core import auth
 from core.crypto import verify_password
 from core.models import AdminUser, ApiKey, AuditEvent
-from tests.admin_api.conftest import Caller, bearer, login
+from tests.admin_api.conftest import Caller, bearer, login, unreachable_redis
 from tests.conftest import early_in_window
 
 CLERK, CLERK_PASSWORD = "clerk@kh.rw", "clerk-password-1"
@@ -209,10 +207,7 @@ async def test_wrong_current_passwords_are_counted_as_failed_sign_ins(client, de
 
 async def test_with_redis_down_a_new_password_is_refused_whole(rt, client, admin, superadmin, demo, monkeypatch):
     made = await _clerk(admin)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
-    dead = Redis(host="127.0.0.1", port=dead_port, socket_connect_timeout=0.5, socket_timeout=0.5)
+    dead = unreachable_redis()
     monkeypatch.setattr(rt, "redis", dead)
     try:
         refused = await superadmin.json("PATCH", f"/v1/users/{made['id']}", 503,

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from dataclasses import replace
 
 import pytest
-from redis.asyncio import Redis
 from sqlalchemy import select
 
 from core import auth
 from core.models import AdminUser
-from tests.admin_api.conftest import Caller, bearer, login
+from tests.admin_api.conftest import Caller, bearer, login, unreachable_redis
 
 
 async def test_super_admin_creates_a_cooperative_admin_who_can_sign_in(client, superadmin, coop_b, monkeypatch):
@@ -275,10 +273,7 @@ async def test_revocation_is_checked_with_rate_limits_off(rt, aiohttp_client, de
 async def test_with_redis_down_a_token_is_checked_against_its_account(rt, client, admin, demo, monkeypatch):
     made, _tokens, leaving = await _temp_login(admin, client)
     await admin.json("DELETE", f"/v1/users/{made['id']}", 200)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
-    dead = Redis(host="127.0.0.1", port=dead_port, socket_connect_timeout=0.5, socket_timeout=0.5)
+    dead = unreachable_redis()
     monkeypatch.setattr(rt, "redis", dead)
     try:
         # No mark can be read: the account row answers. Deactivated: refused; active: served.
