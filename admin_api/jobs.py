@@ -51,7 +51,7 @@ def present(job: OutboxJob) -> dict[str, Any]:
         "attempts": job.attempts,
         "maxAttempts": job.max_attempts,
         "runAt": iso(job.run_at),
-        "lastError": job.last_error,
+        "lastError": job.last_error or None,  # "" is the claim's own mark (core.outbox.UNSTAMPED): no error
         "createdAt": iso(job.created_at),
         "doneAt": iso(job.done_at),
     }
