@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
+from aiohttp.helpers import parse_mimetype
 from sqlalchemy import select
 
 from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, page_of, paged
@@ -195,8 +196,7 @@ def _file_in_form(content_type: str, raw: bytes) -> bytes | None:
     from email.parser import BytesParser
     from email.policy import HTTP
 
-    boundary = dict(p.strip().split("=", 1) for p in content_type.split(";")[1:] if "=" in p).get("boundary", "")
-    boundary = boundary.strip('"')
+    boundary = parse_mimetype(content_type).parameters.get("boundary", "")
     if not boundary:
         raise ApiError(400, "the form could not be read as multipart/form-data: no boundary")
     if raw.count(b"--" + boundary.encode("latin-1", "replace")) > MAX_FORM_PARTS + 1:

@@ -10,13 +10,12 @@ from urllib.parse import urlencode
 from aiohttp import web
 from sqlalchemy import or_, select
 
-from admin_api.validation import is_uuid
 from core import auth
 from core.errors import DomainError
 from core.models import Cooperative, Payment, PaymentType
 from core.references import REFERENCE_SHAPE
 from core.runtime import RUNTIME, SETTINGS
-from core.text import has_bad_characters, is_number
+from core.text import has_bad_characters, is_number, is_uuid
 
 log = logging.getLogger("gateway.pages")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,7 +14,7 @@ from jsonschema.exceptions import ValidationError as SchemaError
 
 from admin_api.errors import ApiError
 from core.errors import ValidationError
-from core.text import NOT_ALLOWED
+from core.text import NOT_ALLOWED, is_uuid
 
 _FORMATS = FormatChecker()
 
@@ -194,11 +193,6 @@ def period_params(moment: str = "") -> dict[str, Param]:
     }
 
 
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-
-
-def is_uuid(value: str | None) -> bool:
-    return bool(_UUID.match(value or ""))
 PAGE = Param("integer", "Page number", 1, minimum=1, maximum=100000)
 LIMIT = Param("integer", "Items per page (max 100)", 10, minimum=1, maximum=100)
 
@@ -258,7 +252,7 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
                     errors.append(f"{name} must be a date-time {DateOutOfRange.RANGE}")
                     continue
             elif param.type == "uuid":
-                if not _UUID.match(raw):
+                if not is_uuid(raw):
                     raise ValueError
                 values[name] = raw.lower()
             else:

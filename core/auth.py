@@ -411,8 +411,8 @@ _USABLE = (
 )
 
 
-# The same, with when the account's sessions were last ended (see sessions_ended_at), in one query on the
-# audit log's (entity_type, entity_id) index: what a revocation mark says, read from the rows.
+# The same, with when the account's sessions were last ended (SESSIONS_ENDED: deactivated, password set), in
+# one query on the audit log's (entity_type, entity_id) index: what a revocation mark says, read from the rows.
 _USABLE_SINCE = _USABLE.add_columns(
     select(func.max(AuditEvent.at))
     .where(AuditEvent.entity_type == "user", AuditEvent.entity_id == AdminUser.id,
@@ -433,8 +433,13 @@ async def check_still_active(session: AsyncSession, user_id: str, claims: dict[s
             raise Unauthorized("token has been revoked")
         return
     row = (await session.execute(_USABLE_SINCE, {"user_id": user_id})).first()
-    if row is None or (row.ended is not None and issued_by(claims, row.ended.timestamp())):
+    if row is None or _ended_since(row, claims):
         raise Unauthorized("token has been revoked")
+
+
+def _ended_since(row: Any, claims: dict[str, Any]) -> bool:
+    """Were the account's sessions ended (a _USABLE_SINCE row) at or after the token was issued?"""
+    return row.ended is not None and issued_by(claims, row.ended.timestamp())
 
 
 async def check_token(redis: Redis, session: AsyncSession, principal: Principal, claims: dict[str, Any]) -> None:
@@ -500,22 +505,15 @@ async def refresh(
     if not used:
         raise Unauthorized("refresh token already used")
     user = await session.get(AdminUser, str(claims["sub"]))
-    if user is None or not user.is_active or not await usable(session, user.id):
+    # The account, its cooperative and member, and when its sessions were last ended: one query. A refresh
+    # token outlives the revocation mark, so it is judged on the rows.
+    row = (await session.execute(_USABLE_SINCE, {"user_id": user.id})).first() if user is not None else None
+    if user is None or row is None:
         raise Unauthorized("invalid token")
-    ended = await sessions_ended_at(session, user.id)
-    if ended is not None and issued_by(claims, ended.timestamp()):
+    if _ended_since(row, claims):
         raise Unauthorized("token has been revoked")
     # Dated now, not carried forward from the refresh token: a reset or deactivation from now on ends it.
     return issue_tokens(user, secret=secret, ttl_seconds=ttl_seconds)
-
-
-async def sessions_ended_at(session: AsyncSession, user_id: str) -> datetime | None:
-    """When the account's sessions were last ended (deactivated, password set), from the audit log: a refresh
-    token issued before then is refused. One indexed read per refresh."""
-    return (await session.execute(
-        select(func.max(AuditEvent.at))
-        .where(AuditEvent.entity_type == "user", AuditEvent.entity_id == user_id,
-               AuditEvent.action.in_(SESSIONS_ENDED)))).scalar_one_or_none()
 
 
 async def create_user(

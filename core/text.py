@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import re
 
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def is_uuid(value: str | None) -> bool:
+    """An id as the gateway writes them (hyphenated UUID): checked before a lookup, so a malformed one is "not
+    found" rather than a database error."""
+    return bool(_UUID.match(value or ""))
+
 
 def is_number(text: str) -> bool:
     """Only the ASCII digits 0-9, at least one. str.isdigit alone also takes "³" (then int() raises) and

@@ -9,7 +9,6 @@ command line may run where Redis is not reachable; refresh tokens are refused on
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,6 +18,7 @@ from core.audit import Actor, record
 from core.crypto import hash_password, verify_password
 from core.errors import Conflict, NotFound, ValidationError
 from core.models import AdminUser, ApiKey, AuditEvent, Cooperative
+from core.text import is_uuid
 
 # The one set of rules for a password, whoever sets it (the API's schemas are built from these).
 PASSWORD_MIN, PASSWORD_MAX = 12, 256
@@ -59,7 +59,7 @@ async def create_admin(session: AsyncSession, *, username: str, password: str, r
     if role == auth.COOP_ADMIN:
         if not cooperative_id:
             raise ValidationError("a cooperative admin needs its cooperative's id", field="cooperativeId")
-        if not _is_uuid(cooperative_id) or await session.get(Cooperative, cooperative_id) is None:
+        if not is_uuid(cooperative_id) or await session.get(Cooperative, cooperative_id) is None:
             raise NotFound(f"cooperative {cooperative_id} not found")
     if (await session.execute(select(AdminUser.id).where(AdminUser.username == name))).first() is not None:
         raise Conflict(f"the username {name} is taken", field="username")
@@ -69,14 +69,6 @@ async def create_admin(session: AsyncSession, *, username: str, password: str, r
                  after={"username": name, "role": role, "memberId": None, **(note or {})},
                  cooperative_id=cooperative_id)
     return user
-
-
-def _is_uuid(text: str) -> bool:
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True
 
 
 async def deactivate(session: AsyncSession, user: AdminUser, *, actor: Actor) -> list[ApiKey]:

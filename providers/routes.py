@@ -12,12 +12,17 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 from redis.exceptions import RedisError
+from sqlalchemy import or_, select
 from sqlalchemy.exc import DBAPIError
 
+from core.audit import Actor
 from core.config import Settings
+from core.db import lock_row
 from core.inbound import client_address, read_capped
 from core.metrics import CALLBACK_REJECTED
-from core.ports import CallbackRejected, InboundCallback, ProviderError
+from core.models import Payment
+from core.money import Money, MoneyError
+from core.ports import CallbackRejected, InboundCallback, ProviderError, ProviderOutcome
 from core.ratelimit import Limit, RateLimiter
 from core.runtime import RUNTIME, SETTINGS
 
@@ -180,8 +185,9 @@ async def _release(adapter: object, callback: InboundCallback) -> None:
 
 
 TEST_PATH = "/webhooks/payments/test"
-_TEST_OUTCOMES = {"COMPLETED": "SUCCEEDED", "SUCCESSFUL": "SUCCEEDED", "FAILED": "FAILED",
-                  "CANCELLED": "CANCELLED", "TIMEOUT": "EXPIRED", "EXPIRED": "EXPIRED"}
+_TEST_OUTCOMES = {"COMPLETED": ProviderOutcome.SUCCEEDED, "SUCCESSFUL": ProviderOutcome.SUCCEEDED,
+                  "FAILED": ProviderOutcome.FAILED, "CANCELLED": ProviderOutcome.CANCELLED,
+                  "TIMEOUT": ProviderOutcome.EXPIRED, "EXPIRED": ProviderOutcome.EXPIRED}
 
 
 async def test_callback(request: web.Request) -> web.Response:
@@ -191,12 +197,7 @@ async def test_callback(request: web.Request) -> web.Response:
 
     `{"gatewayReference", "status": COMPLETED|FAILED|CANCELLED|TIMEOUT, "gatewayTransactionId"?,
     "failureReason"?, "gatewayData": {"amount"?}}`; gatewayReference is the payment's (GET /v1/payments/{id})."""
-    from core.audit import Actor
-    from core.db import lock_row
-    from core.models import Payment
-    from core.money import Money, MoneyError
-    from core.payments import apply_collection_outcome
-    from core.ports import ProviderOutcome
+    from core.payments import apply_collection_outcome  # core imports providers' callers, not the reverse
 
     rt = request.config_dict[RUNTIME]
     limited = await _rate_limited(request, rt)
@@ -220,8 +221,6 @@ async def test_callback(request: web.Request) -> web.Response:
     if (txn is not None and not isinstance(txn, str)) or (reason is not None and not isinstance(reason, str)):
         return _error(request, 400, "gatewayTransactionId and failureReason must be strings")
     async with rt.sessionmaker.begin() as session:
-        from sqlalchemy import or_, select
-
         found = (await session.execute(select(Payment.id).where(
             or_(Payment.provider_reference == reference, Payment.gateway_reference == reference)))).scalar()
         payment = await lock_row(session, Payment, found) if found is not None else None
@@ -237,7 +236,7 @@ async def test_callback(request: web.Request) -> web.Response:
         except (MoneyError, TypeError):
             return _error(request, 400, f"gatewayData.amount must be an amount in {payment.currency}")
         result = await apply_collection_outcome(
-            session, rt, payment, ProviderOutcome[_TEST_OUTCOMES[status]], actor=Actor("provider:test", "provider"),
+            session, rt, payment, _TEST_OUTCOMES[status], actor=Actor("provider:test", "provider"),
             amount=amount, provider_transaction_id=txn[:128] if txn else None, reason=reason[:200] if reason else None)
     log.info("test webhook applied", extra={"payment_id": payment.id, "status": status, "result": result})
     return web.json_response({"status": "accepted", "result": result})

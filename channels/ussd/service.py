@@ -60,9 +60,10 @@ def is_earlier(previous: str, accumulated: str) -> bool:
     return accumulated == "" or previous == accumulated or previous.startswith(accumulated + "*")
 
 
-def owner_tag(rt: Any, turn: UssdTurn) -> str:
-    """The session's phone, kept with it as a short keyed hash (the phone itself is never stored)."""
-    return rt.cipher.blind_index(turn.phone.e164)[:16]
+def owner_tag(phone_index: str) -> str:
+    """The session's phone, kept with it as a short keyed hash (the phone's blind index, cut: the phone itself
+    is never stored)."""
+    return phone_index[:16]
 
 
 class UssdService:
@@ -73,7 +74,8 @@ class UssdService:
     async def handle(self, rt: Any, turn: UssdTurn, limit: int) -> tuple[UssdReply, str]:
         """Answer one hop; returns the reply and the screen id (for metrics and logs)."""
         stored = await sessions.load(rt.redis, turn.aggregator, turn.session_id)
-        owner = owner_tag(rt, turn)
+        phone_index = rt.cipher.blind_index(turn.phone.e164)  # once a hop: the owner check and the language memory
+        owner = owner_tag(phone_index)
         if stored is not None and stored.owner is not None and stored.owner != owner:
             # A session belongs to the phone that opened it: a hop with its id and another number (forged,
             # misrouted, or an aggregator's id reused) must not read it or pay on it. The session is untouched.
@@ -104,7 +106,7 @@ class UssdService:
             # The cooperative of the extension, the memberships and the session row: one connection.
             async with cache.one_connection(rt):
                 stored, reply, opening = await self._first_hop(rt, turn, limit)
-                return await self._answer(rt, turn, stored, reply, opening)
+                return await self._answer(rt, turn, stored, reply, phone_index, opening)
         ctx = Ctx(rt=rt, turn=turn, state=stored.state, limit=limit)
         if turn.accumulated is not None:
             new_input = latest_input(stored.acc, turn.accumulated)
@@ -116,7 +118,7 @@ class UssdService:
             text = turn.input or ""
         reply = await self.engine.step(ctx, text)
         stored.hops += 1
-        return await self._answer(rt, turn, stored, reply)
+        return await self._answer(rt, turn, stored, reply, phone_index)
 
     async def _not_new(self, rt: Any, turn: UssdTurn, stored: sessions.Stored) -> tuple[UssdReply, str]:
         """An accumulated text that is not a new hop: the screen shown now again, and no step."""
@@ -133,12 +135,12 @@ class UssdService:
         await sessions.save(rt.redis, turn.aggregator, turn.session_id, stored)
         return reply, "stale"
 
-    async def _answer(self, rt: Any, turn: UssdTurn, stored: sessions.Stored, reply: UssdReply,
+    async def _answer(self, rt: Any, turn: UssdTurn, stored: sessions.Stored, reply: UssdReply, phone_index: str,
                       opening: Callable[[], Awaitable[None]] | None = None) -> tuple[UssdReply, str]:
         """Save the session with its answer (and, on the first hop, write the session row meanwhile)."""
         stored.hop, stored.reply = turn.hop_key, (reply.text, reply.end)
         if stored.owner is None:
-            stored.owner = owner_tag(rt, turn)
+            stored.owner = owner_tag(phone_index)
         if turn.sequence is not None:
             stored.sequence = max(turn.sequence, stored.sequence or 0)
         state = stored.state
@@ -174,7 +176,7 @@ class UssdService:
             log.warning("ussd session not saved after its side effect; answering anyway",
                         extra={"session_id": turn.session_id, "screen": state.screen,
                                "error": type(exc).__name__})
-        self.languages.put(rt.cipher.blind_index(turn.phone.e164), state.lang)
+        self.languages.put(phone_index, state.lang)
         if reply.end:
             await self._ended(rt, turn, stored)
         return reply, state.screen
