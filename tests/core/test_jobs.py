@@ -57,16 +57,21 @@ async def _refund(rt: Any, demo: dict[str, Any], payment: Payment) -> Refund:
     return refund
 
 
-# --- MTN refunds the provider never received --------------------------------------------------------
-
-
-async def test_mtn_refund_lost_on_its_way_is_sent_again_with_the_same_reference(rt, demo, worker):
+async def _mtn_refund(rt: Any, demo: dict[str, Any]) -> tuple[Any, Payment, Refund]:
+    """An MTN payment completed and a full refund of it asked for; the MTN wire the worker will talk to."""
     wire = mtn_wire()
     mtn_adapter(rt, wire)
     async with rt.sessionmaker.begin() as s:
         payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
     await completed(rt, payment)
-    refund = await _refund(rt, demo, payment)
+    return wire, payment, await _refund(rt, demo, payment)
+
+
+# --- MTN refunds the provider never received --------------------------------------------------------
+
+
+async def test_mtn_refund_lost_on_its_way_is_sent_again_with_the_same_reference(rt, demo, worker):
+    wire, payment, refund = await _mtn_refund(rt, demo)
     posts = 0
 
     def refund_post(_request: httpx.Request) -> httpx.Response:
@@ -104,12 +109,7 @@ async def test_mtn_refund_lost_on_its_way_is_sent_again_with_the_same_reference(
 
 
 async def test_mtn_refund_resends_are_bounded_then_parked(rt, demo, worker):
-    wire = mtn_wire()
-    mtn_adapter(rt, wire)
-    async with rt.sessionmaker.begin() as s:
-        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
-    await completed(rt, payment)
-    refund = await _refund(rt, demo, payment)
+    wire, _payment, refund = await _mtn_refund(rt, demo)
     wire.on("POST", "/disbursement/v1_0/refund", 202)
     wire.on("GET", "/disbursement/v1_0/refund/*", 404, {"code": "RESOURCE_NOT_FOUND"})
     await drain(worker)
@@ -316,12 +316,7 @@ async def test_mtn_refund_cut_off_is_settled_by_its_status(rt, demo, worker, mon
     """MTN can be asked: the cut-off refund is not sent again, its status query completes it."""
     monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 0.3)
     monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
-    wire = mtn_wire()
-    mtn_adapter(rt, wire)
-    async with rt.sessionmaker.begin() as s:
-        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
-    await completed(rt, payment)
-    refund = await _refund(rt, demo, payment)
+    wire, _payment, refund = await _mtn_refund(rt, demo)
 
     async def slow(_request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(2)
