@@ -168,13 +168,7 @@ def test_phone_dials_pays_approves_and_receives_the_receipt(server: str, page: P
     _dial_and_pay(phone, "MTN MoMo")
     SHOTS.mkdir(parents=True, exist_ok=True)
     phone.screenshot(path=str(SHOTS / "phone-pay.png"))
-    _keys(phone, "1")
-    _green(phone)
-    end = phone.locator(".view-end")
-    expect(end).to_be_visible(timeout=WAIT_MS)
-    match = REFERENCE.search(end.inner_text())
-    assert match, end.inner_text()
-    reference = match.group(0)
+    end, reference = _confirm(phone)
     assert _payment(server, reference)["status"] in ("PENDING", "PROCESSING")
 
     # The provider simulator's PIN prompt reaches the phone once the outbox has called MTN.
@@ -223,13 +217,7 @@ def test_second_phone_payment_fails_and_gets_the_failure_sms(server: str, page: 
     held = _held(server, "mtn_momo")
     assert held["interactive"] is False and "+250788000002" not in held["phones"], held
     _dial_and_pay(phone, "Confirm")
-    _keys(phone, "1")
-    _green(phone)
-    end = phone.locator(".view-end")
-    expect(end).to_be_visible(timeout=WAIT_MS)
-    match = REFERENCE.search(end.inner_text())
-    assert match, end.inner_text()
-    reference = match.group(0)
+    _end, reference = _confirm(phone)
     failed = _wait_status(server, reference, {"FAILED"})
     assert failed["status"] == "FAILED", failed
     expect(phone.locator(".view-prompt")).to_be_hidden()
@@ -241,6 +229,17 @@ def test_second_phone_payment_fails_and_gets_the_failure_sms(server: str, page: 
     expect(inbox).to_contain_text(reference)
     # Each phone has its own inbox: Aline's receipt is not on Jean's phone.
     assert "Twakiriye" not in inbox.inner_text()
+
+
+def _confirm(phone: Any) -> tuple[Any, str]:
+    """Confirm on the confirmation screen: the END view and the payment's reference it shows."""
+    _keys(phone, "1")
+    _green(phone)
+    end = phone.locator(".view-end")
+    expect(end).to_be_visible(timeout=WAIT_MS)
+    match = REFERENCE.search(end.inner_text())
+    assert match, end.inner_text()
+    return end, match.group(0)
 
 
 def _pay_water_by_airtel(phone: Any) -> tuple[str, Any, Any]:
@@ -256,11 +255,7 @@ def _pay_water_by_airtel(phone: Any) -> tuple[str, Any, Any]:
         expect(phone.locator(".view-busy")).to_be_hidden(timeout=WAIT_MS)
     expect(ussd).to_contain_text("5,000 RWF")
     expect(ussd).to_contain_text("Airtel")
-    _keys(phone, "1")
-    _green(phone)
-    end = phone.locator(".view-end")
-    expect(end).to_be_visible(timeout=WAIT_MS)
-    reference = REFERENCE.search(end.inner_text()).group(0)  # type: ignore[union-attr]
+    end, reference = _confirm(phone)
     prompt = phone.locator(".view-prompt")
     expect(prompt).to_be_visible(timeout=WAIT_MS)
     expect(prompt).to_contain_text("Airtel Money")
