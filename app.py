@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core import metrics
 from core.config import Settings
 from core.crypto import PiiCipher
-from core.db import make_engine, make_sessionmaker
+from core.db import CLOCK_SKEW_WARNING_SECONDS, align_clock, clock_offset, make_engine, make_sessionmaker
 from core.http import make_client
 from core.logs import request_id
 from core.outbox import Handler, OutboxWorker
@@ -87,10 +87,47 @@ async def database(settings: Settings) -> AsyncIterator[AsyncEngine]:
     # As many connections as a process has requests in flight: overflow connections are closed on
     # return, so a pool smaller than the load reconnects (and re-prepares statements) all the time.
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
+    await align_clock_once(engine)  # before anything is dated
+    stop = asyncio.Event()
+    aligner = asyncio.create_task(keep_clock_aligned(engine, stop))
     try:
         yield engine
     finally:
+        await stop_background(aligner, stop, name="clock alignment")
         await engine.dispose()
+
+
+CLOCK_ALIGN_SECONDS = 300.0
+CLOCK_READ_TIMEOUT = 5.0
+
+
+async def align_clock_once(engine: AsyncEngine) -> None:
+    """Put this process's timestamps on PostgreSQL's clock (core.db.align_clock). A `serve` whose host clock
+    drifted would otherwise date a payment's approval window and its jobs' due times by its own clock (one
+    six minutes fast delayed every job it queued by six minutes: the member's PIN prompt, the receipt).
+    A database that cannot be read keeps the offset it had (at start: none) and says so."""
+    if engine.dialect.name != "postgresql":
+        return
+    before = clock_offset()
+    try:
+        offset = await asyncio.wait_for(align_clock(engine), timeout=CLOCK_READ_TIMEOUT)
+    except Exception as exc:  # the database may be down at start: serve still starts and answers
+        log.warning("could not read the database's clock; timestamps keep the previous offset",
+                    extra={"error": type(exc).__name__, "offset_seconds": round(before, 3)})
+        return
+    if offset is not None and abs(offset) >= CLOCK_SKEW_WARNING_SECONDS and abs(before - offset) >= 0.5:
+        log.warning("this host's clock differs from PostgreSQL's; timestamps follow PostgreSQL's (check the "
+                    "host's NTP)", extra={"offset_seconds": round(offset, 3)})
+
+
+async def keep_clock_aligned(engine: AsyncEngine, stop: asyncio.Event) -> None:
+    """align_clock_once every CLOCK_ALIGN_SECONDS until `stop` (clocks drift)."""
+    while engine.dialect.name == "postgresql":
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=CLOCK_ALIGN_SECONDS)
+        if stop.is_set():
+            return
+        await align_clock_once(engine)
 
 
 @contextlib.asynccontextmanager

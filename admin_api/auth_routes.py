@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -34,6 +33,7 @@ from admin_api.validation import LIMIT, PAGE
 from core import auth
 from core import users as accounts
 from core.auth import Unauthorized
+from core.db import wall
 from core.errors import Forbidden, ValidationError
 from core.models import AdminUser, ApiKey
 from core.ratelimit import Decision, Limit, LocalCounts, LocalLimiter, RateLimiter
@@ -226,13 +226,13 @@ async def change_own_password(request: web.Request, ctx: Ctx) -> web.StreamRespo
     keys = await accounts.set_password(ctx.session, user, ctx.body["newPassword"], actor=ctx.who.actor,
                                        action="user.password_changed")
     s = ctx.rt.settings
-    ended = time.time()  # after the audit row's instant, which a mark restored from the log takes
+    ended = wall()  # after the audit row's instant, which a mark restored from the log takes
     await end_sessions("your", auth.revoke_tokens(ctx.rt.redis, user.id, ttl_seconds=s.jwt_ttl_seconds, now=ended))
     await ctx.session.commit()
     # Issued now, after the mark and the audit row: the only pair left working, and not dated ahead, so a reset
     # or deactivation from now on ends it as any other. (Past the mark even if the clock stepped back meanwhile.)
     pair = auth.issue_tokens(user, secret=s.jwt_secret.get(), ttl_seconds=s.jwt_ttl_seconds,
-                             issued_at=max(time.time(), math.nextafter(ended, math.inf)))
+                             issued_at=max(wall(), math.nextafter(ended, math.inf)))
     response = json_response({**_tokens(pair), "apiKeysRevoked": [k.id for k in keys]})
     response.headers["Cache-Control"] = "no-store"
     return response

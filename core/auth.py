@@ -7,7 +7,6 @@ import contextlib
 import functools
 import logging
 import math
-import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.audit import Actor, record
 from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
-from core.db import utcnow
+from core.db import utcnow, wall
 from core.errors import Conflict, DomainError, Forbidden, NotFound, ValidationError
 from core.models import AdminUser, ApiKey, AuditEvent, Cooperative, Member, PaymentType
 from core.ratelimit import subject_tag
@@ -150,7 +149,7 @@ def issue_tokens(user: AdminUser, *, secret: str, ttl_seconds: int, issued_at: f
     (a JWT NumericDate may be non-integer), so a pair handed out right after the account's sessions were ended
     is told apart from one issued earlier in the same second (see check_not_revoked): it needs no future date,
     which would also let it outlive a reset or deactivation made before that date."""
-    iat = time.time() if issued_at is None else issued_at
+    iat = wall() if issued_at is None else issued_at
     now = datetime.fromtimestamp(iat, UTC)
     base = {
         "sub": user.id,
@@ -195,7 +194,7 @@ def decode_token(token: str, *, secret: str, expected_type: str) -> dict[str, An
         hit = _VERIFIED.get(cache_key)
         if hit is not None:
             claims, exp = hit
-            if time.time() > exp + LEEWAY:
+            if wall() > exp + LEEWAY:
                 _VERIFIED.pop(cache_key, None)
                 raise Unauthorized("token has expired")
             return dict(claims)
@@ -248,7 +247,7 @@ def revoked_key(user_id: str) -> str:
 async def revoke_tokens(redis: Redis, user_id: str, *, ttl_seconds: int, now: float | None = None) -> None:
     """Every access token of this user issued up to now stops working at once (tokens are otherwise
     stateless until they expire). The mark outlives the longest token; refresh tokens check the row."""
-    await redis.set(revoked_key(user_id), _stamp(time.time() if now is None else now),
+    await redis.set(revoked_key(user_id), _stamp(wall() if now is None else now),
                     ex=_mark_lifetime(ttl_seconds))
 
 
@@ -299,7 +298,7 @@ async def restore_revocations(redis: Redis, sessionmaker: async_sessionmaker[Asy
     otherwise how many accounts were marked. A mark already there is kept (SET NX)."""
     if not force and await redis.exists(MARKS_RESTORED):
         return None
-    current = time.time() if now is None else now
+    current = wall() if now is None else now
     lifetime = _mark_lifetime(ttl_seconds)
     since = datetime.fromtimestamp(current - lifetime, UTC)
     async with sessionmaker() as session:
@@ -475,7 +474,7 @@ async def revoke_member_tokens(session: AsyncSession, redis: Redis, member_id: s
 async def _mark_all(redis: Redis, user_ids: list[str], *, ttl_seconds: int) -> None:
     if not user_ids:
         return
-    stamp = _stamp(time.time())
+    stamp = _stamp(wall())
     async with redis.pipeline(transaction=False) as pipe:
         for user_id in user_ids:
             pipe.set(revoked_key(user_id), stamp, ex=_mark_lifetime(ttl_seconds))

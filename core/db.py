@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import JSON, DateTime, MetaData, String, Table, TypeDecorator, event, select, update
+from sqlalchemy import JSON, DateTime, MetaData, String, Table, TypeDecorator, event, func, select, update
 from sqlalchemy import exc as exc_module
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -31,8 +31,56 @@ def table_of(model: Any) -> Table:
     return cast(Table, model.__table__)
 
 
+# Seconds to add to this host's clock to read PostgreSQL's (align_clock): every timestamp a process writes
+# (a payment's approval window, a job's due time, created_at, a token's issue time) is then on the one
+# clock the workers measure them by, whichever host wrote it.
+_clock_offset = 0.0
+
+
+def wall() -> float:
+    """Now, in seconds since the epoch, on the database's clock (time.time() with this host's offset)."""
+    return time.time() + _clock_offset
+
+
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    """Now, UTC, on the database's clock (see wall)."""
+    return datetime.fromtimestamp(time.time() + _clock_offset, UTC)
+
+
+def clock_offset() -> float:
+    return _clock_offset
+
+
+CLOCK_SKEW_WARNING_SECONDS = 1.0
+_CLOCK_SAMPLES = 3
+_CLOCK_MAX_ROUND_TRIP = 0.5
+
+
+async def align_clock(engine: AsyncEngine) -> float | None:
+    """Measure this host's clock against PostgreSQL's and keep the difference (utcnow and wall add it).
+
+    Three `SELECT clock_timestamp()`; the quickest round trip's midpoint is taken as the moment the database
+    read its clock (error at most half that round trip). SQLite (embedded, one process): the local clock is
+    the database's. None (offset kept) when the database cannot be read or answers too slowly to tell."""
+    global _clock_offset
+    if engine.dialect.name != "postgresql":
+        return None
+    best: tuple[float, float] | None = None  # (round trip, offset)
+    async with engine.connect() as conn:
+        for _ in range(_CLOCK_SAMPLES):
+            before = time.time()
+            db_seconds = (await conn.execute(_READ_CLOCK)).scalar_one()
+            after = time.time()
+            trip = after - before
+            if trip <= _CLOCK_MAX_ROUND_TRIP and (best is None or trip < best[0]):
+                best = (trip, float(db_seconds) - (before + after) / 2)
+    if best is None:
+        return None
+    _clock_offset = best[1]
+    return _clock_offset
+
+
+_READ_CLOCK = select(func.date_part("epoch", func.clock_timestamp()))
 
 
 def new_id() -> str:
