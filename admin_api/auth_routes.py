@@ -176,15 +176,14 @@ async def issue_token(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     if limited:
         await _refuse_if_too_many_failures(request, ctx, username)
     try:
-        user = await auth.login(ctx.session, username, ctx.body["password"])
+        user, read_at = await auth.login(ctx.session, username, ctx.body["password"])
     except Unauthorized:
         if limited:
             await _count_failure(request, ctx, username)
         raise
     s = ctx.rt.settings
-    response = json_response(
-        _tokens(auth.issue_tokens(user, secret=s.jwt_secret.get(), ttl_seconds=s.jwt_ttl_seconds))
-    )
+    response = json_response(_tokens(auth.issue_tokens(user, secret=s.jwt_secret.get(),
+                                                       ttl_seconds=s.jwt_ttl_seconds, issued_at=read_at)))
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -226,10 +225,15 @@ async def change_own_password(request: web.Request, ctx: Ctx) -> web.StreamRespo
     keys = await accounts.set_password(ctx.session, user, ctx.body["newPassword"], actor=ctx.who.actor,
                                        action="user.password_changed")
     s = ctx.rt.settings
-    ended = wall()  # after the audit row's instant, which a mark restored from the log takes
-    await end_sessions("your", auth.revoke_tokens(ctx.rt.redis, user.id, ttl_seconds=s.jwt_ttl_seconds, now=ended))
-    await ctx.session.commit()
-    # Issued now, after the mark and the audit row: the only pair left working, and not dated ahead, so a reset
+    ended = 0.0
+
+    async def mark() -> None:
+        nonlocal ended
+        ended = wall()  # after the audit row's instant, which a mark restored from the log takes
+        await auth.revoke_tokens(ctx.rt.redis, user.id, ttl_seconds=s.jwt_ttl_seconds, now=ended)
+
+    await end_sessions(ctx, "your", mark)
+    # Issued now, after the marks and the audit row: the only pair left working, and not dated ahead, so a reset
     # or deactivation from now on ends it as any other. (Past the mark even if the clock stepped back meanwhile.)
     pair = auth.issue_tokens(user, secret=s.jwt_secret.get(), ttl_seconds=s.jwt_ttl_seconds,
                              issued_at=max(wall(), math.nextafter(ended, math.inf)))

@@ -106,7 +106,7 @@ async def _update(ctx: Ctx, coop_id: str, changes: dict[str, Any]) -> web.Stream
     if was_active and coop.status != "ACTIVE":
         # Its admins' and tenants' tokens stop working now, as its API keys do (new sign-ins and refreshes
         # are refused on the rows).
-        await end_sessions("the cooperative's", auth.revoke_cooperative_tokens(
+        await end_sessions(ctx, "the cooperative's", lambda: auth.revoke_cooperative_tokens(
             ctx.session, ctx.rt.redis, coop.id, ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
     await ctx.session.commit()
     return json_response(present(coop))

@@ -156,7 +156,7 @@ async def suspend_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 async def _saved(ctx: Ctx, member: Member, was: str) -> web.StreamResponse:
     if member.status == "SUSPENDED" and was != "SUSPENDED":
         # The member's tenant logins stop working now (sign-in and refresh are refused on the rows).
-        await end_sessions("the member's", auth.revoke_member_tokens(
+        await end_sessions(ctx, "the member's", lambda: auth.revoke_member_tokens(
             ctx.session, ctx.rt.redis, member.id, ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
     await ctx.session.commit()
     return json_response(present(member))

@@ -108,14 +108,25 @@ async def authenticate(request: web.Request, session: AsyncSession,
 REDIS_DOWN = (RedisError, OSError, TimeoutError)
 
 
-async def end_sessions(whose: str, marking: Awaitable[Any]) -> None:
-    """Revocation marks written before the caller commits: if Redis cannot take them, the request fails
-    (503) and nothing changed; the admin sends it again."""
+async def end_sessions(ctx: Ctx, whose: str, mark: Callable[[], Awaitable[Any]]) -> None:
+    """Mark the tokens revoked, commit the change, then mark them again.
+
+    The first mark goes before the commit: if Redis cannot take it, the request fails (503) and nothing
+    changed; the admin sends it again. The second, after the commit: a sign-in or refresh that read the
+    account between the first mark and the commit still saw it as it was (old password, still active) and
+    got a pair dated after the first mark; the second mark is later than any such read (a pair is dated
+    when its account was read). If Redis fails only for the second, the first still ends everything else."""
     try:
-        await marking
+        await mark()
     except REDIS_DOWN as exc:
         raise ServiceUnavailable(f"{whose} sessions could not be ended (Redis unavailable); nothing was "
                                  "changed, send it again") from exc
+    await ctx.session.commit()
+    try:
+        await mark()
+    except REDIS_DOWN as exc:
+        log.warning("sessions ended before the commit; the mark after it could not be written",
+                    extra={"error": type(exc).__name__})
 
 
 async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route, principal: Principal | None,

@@ -164,7 +164,6 @@ async def deactivate_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     # The API keys the account made go with it (each revoked and audited), also on a repeated call.
     keys = await accounts.deactivate(ctx.session, user, actor=ctx.who.actor)
     await _end_sessions(ctx, user)
-    await ctx.session.commit()
     return json_response({**present(user), "apiKeysRevoked": [k.id for k in keys]})
 
 
@@ -189,7 +188,7 @@ async def update_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         keys += await accounts.set_password(ctx.session, user, body["password"], actor=ctx.who.actor,
                                             action="user.password_reset")
     if body.get("isActive") is False or "password" in body:
-        await _end_sessions(ctx, user)
+        await _end_sessions(ctx, user)  # commits
     await ctx.session.commit()
     return json_response({**present(user), "apiKeysRevoked": [k.id for k in keys]})
 
@@ -209,11 +208,10 @@ async def _refuse_above_a_coop_admin(ctx: Ctx, user: AdminUser) -> None:
 
 
 async def _end_sessions(ctx: Ctx, user: AdminUser) -> None:
-    """Its tokens stop working now, not when they expire. Marked before the commit: if Redis cannot take the
-    mark, the request fails and nothing changed; the admin sends it again. (Its refresh tokens are refused on
-    the audit row written with the change.)"""
-    await end_sessions("the account's", auth.revoke_tokens(ctx.rt.redis, user.id,
-                                                           ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
+    """Its tokens stop working now, not when they expire (marked around the commit: see end_sessions). Its
+    refresh tokens are refused on the audit row written with the change."""
+    await end_sessions(ctx, "the account's", lambda: auth.revoke_tokens(
+        ctx.rt.redis, user.id, ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
 
 
 ROUTES = [

@@ -481,8 +481,12 @@ async def _mark_all(redis: Redis, user_ids: list[str], *, ttl_seconds: int) -> N
         await pipe.execute()
 
 
-async def login(session: AsyncSession, username: str, password: str) -> AdminUser:
-    """Check a username and password with the slow KDF; the same answer for every failure."""
+async def login(session: AsyncSession, username: str, password: str) -> tuple[AdminUser, float]:
+    """Check a username and password with the slow KDF; the same answer for every failure. With the account,
+    the instant just before it was read: the pair is dated then, not after the KDF's tens of milliseconds,
+    so a reset or deactivation marked while the KDF ran (or before the change it marks was committed and
+    visible to this read) ends it (see admin_api.routing.end_sessions)."""
+    read_at = wall()
     query = select(AdminUser).where(AdminUser.username == username)
     user = (await session.execute(query)).scalar_one_or_none()
     # scrypt takes tens of milliseconds of CPU: keep it off the event loop.
@@ -490,7 +494,7 @@ async def login(session: AsyncSession, username: str, password: str) -> AdminUse
     ok = await asyncio.to_thread(lambda: verify_password(password, stored or _dummy_hash()))
     if user is None or not ok or not user.is_active or not await usable(session, user.id):
         raise Unauthorized("invalid username or password")
-    return user
+    return user, read_at
 
 
 async def refresh(
@@ -503,6 +507,7 @@ async def refresh(
     )
     if not used:
         raise Unauthorized("refresh token already used")
+    read_at = wall()  # the pair is dated when the account was read (see login)
     user = await session.get(AdminUser, str(claims["sub"]))
     # The account, its cooperative and member, and when its sessions were last ended: one query. A refresh
     # token outlives the revocation mark, so it is judged on the rows.
@@ -511,8 +516,8 @@ async def refresh(
         raise Unauthorized("invalid token")
     if _ended_since(row, claims):
         raise Unauthorized("token has been revoked")
-    # Dated now, not carried forward from the refresh token: a reset or deactivation from now on ends it.
-    return issue_tokens(user, secret=secret, ttl_seconds=ttl_seconds)
+    # Dated at the read, not carried forward from the refresh token: a reset or deactivation from now on ends it.
+    return issue_tokens(user, secret=secret, ttl_seconds=ttl_seconds, issued_at=read_at)
 
 
 async def create_user(

@@ -227,3 +227,75 @@ async def test_a_burst_of_current_password_guesses_gets_no_more_than_sign_in_all
     answers = await asyncio.gather(*(me.req("POST", "/v1/auth/password", json=body) for _ in range(25)))
     codes = [r.status for r in answers]
     assert codes.count(400) <= 10 and set(codes) <= {400, 429}
+
+
+# --- A sign-in racing a reset: the pair is dated when the account was read; the mark is set again after the commit
+
+
+async def test_a_sign_in_whose_password_check_ran_across_a_reset_gets_a_pair_the_reset_ended(
+        rt, client, admin, superadmin, demo, monkeypatch):
+    """The old password was read before the reset; the KDF (tens of milliseconds) finished after it."""
+    import threading
+
+    made = await _clerk(admin)
+    entered, release = threading.Event(), threading.Event()
+    real_verify = auth.verify_password
+
+    def slow_verify(password: str, stored: str) -> bool:
+        entered.set()
+        release.wait(10)
+        return real_verify(password, stored)
+
+    monkeypatch.setattr(auth, "verify_password", slow_verify)
+    signing_in = asyncio.ensure_future(client.post("/v1/auth/token", json={"username": CLERK,
+                                                                          "password": CLERK_PASSWORD}))
+    assert await asyncio.to_thread(entered.wait, 10)  # the row is read, the KDF runs
+    monkeypatch.setattr(auth, "verify_password", real_verify)
+    await superadmin.json("PATCH", f"/v1/users/{made['id']}", 200, json={"password": "recovered-pass-2"})
+    release.set()
+    answer = await signing_in
+    assert answer.status == 200  # it checked the password the account had when read
+    late = await answer.json()
+    assert (await _caller(client, late).json("GET", "/v1/payments", 401))["message"] == "token has been revoked"
+    assert (await client.post("/v1/auth/refresh", json={"refreshToken": late["refreshToken"]})).status == 401
+    await _caller(client, await login(client, CLERK, "recovered-pass-2")).json("GET", "/v1/payments", 200)
+
+
+async def test_a_sign_in_between_the_mark_and_the_commit_of_a_deactivation_gets_a_pair_it_ended(
+        rt, client, admin, demo, monkeypatch):
+    """The deactivation is marked in Redis, then committed: a sign-in in between read the account still active
+    (the change not yet visible) and was dated after that mark. The mark written again after the commit ends it."""
+    made = await _clerk(admin)
+    real_revoke = auth.revoke_tokens
+    sneaked: list[dict[str, Any]] = []
+
+    async def revoke_then_sign_in(*args: Any, **kwargs: Any) -> None:
+        await real_revoke(*args, **kwargs)
+        if not sneaked:  # the first mark, before the commit
+            sneaked.append(await login(client, CLERK, CLERK_PASSWORD))
+
+    monkeypatch.setattr(auth, "revoke_tokens", revoke_then_sign_in)
+    await admin.json("PATCH", f"/v1/users/{made['id']}", 200, json={"isActive": False})
+    [pair] = sneaked
+    assert (await _caller(client, pair).json("GET", "/v1/payments", 401))["message"] == "token has been revoked"
+    assert (await client.post("/v1/auth/refresh", json={"refreshToken": pair["refreshToken"]})).status == 401
+
+
+async def test_with_redis_failing_after_the_commit_the_change_stands(rt, client, admin, demo, monkeypatch, caplog):
+    made = await _clerk(admin)
+    old = _caller(client, await login(client, CLERK, CLERK_PASSWORD))
+    real_revoke = auth.revoke_tokens
+    calls: list[int] = []
+
+    async def second_fails(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) > 1:
+            raise ConnectionError("Redis went away")
+        await real_revoke(*args, **kwargs)
+
+    monkeypatch.setattr(auth, "revoke_tokens", second_fails)
+    await admin.json("PATCH", f"/v1/users/{made['id']}", 200, json={"isActive": False})
+    assert len(calls) == 2
+    assert (await old.json("GET", "/v1/payments", 401))["message"] == "token has been revoked"
+    assert (await _audit(rt, made["id"], "user.deactivated"))
+    assert any("the mark after it could not be written" in r.getMessage() for r in caplog.records)
