@@ -24,7 +24,7 @@ from admin_api.common import (
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param, check_path_id
 from core.disputes import move_dispute, open_dispute
-from core.errors import NotFound
+from core.errors import Forbidden, NotFound
 from core.models import Dispute, Payment
 from core.money import Money
 from core.state.dispute import DisputeReason, DisputeStatus
@@ -96,6 +96,10 @@ def present(d: Dispute) -> dict[str, Any]:
 
 
 async def create_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    # The route lets tenants in by payments:write; a key with that scope alone (an integrator's: it creates
+    # payments and reads only their status) does not handle disputes, on its payments or anyone's.
+    if not ctx.who.has("payments:read"):
+        raise Forbidden("Forbidden resource")
     try:
         payment_id = check_path_id(ctx.body["paymentId"], "payment")
     except NotFound:

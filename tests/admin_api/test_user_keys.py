@@ -90,6 +90,10 @@ async def test_a_key_reads_what_it_writes_and_acts_on(client, admin, demo):
     member = demo["members"]["+250788000001"]
     for path in ("/v1/members", f"/v1/members/{member}", "/v1/payments", "/v1/disputes", "/v1/refunds"):
         await erp.json("GET", path, 403)
+    # Nor does it open disputes (which answer with the payment's member and text the member), on any payment.
+    for payment in (other, made):
+        await erp.json("POST", "/v1/disputes", 403, json={"paymentId": payment["id"], "reason": "OTHER"})
+    assert (await desk.json("GET", "/v1/disputes", 200))["data"] == []
     listed = await desk.json("GET", "/v1/payments", 200)
     assert {p["id"] for p in listed["data"]} == {made["id"], other["id"]}
     await desk.json("POST", "/v1/payments", 403, json=payment_body(demo["payment_types"]["Water"], amount=5000))
