@@ -3,7 +3,7 @@
 A daily `reminders.scan` job (one per day whatever the number of workers: its dedupe key is the date)
 finds, per cooperative and in the cooperative's own time zone, the recurring payment types falling
 due within `REMINDER_DAYS_BEFORE` days, and queues `payment_reminder` for every active member who
-has not paid that type since the previous due date and has not sent STOP. Each reminder's dedupe key
+has not paid that type for the coming due date (see paid_for) and has not sent STOP. Each reminder's dedupe key
 names the member, the type and the due date, so a re-run, a second worker or a late scan never
 sends it twice.
 
@@ -23,10 +23,10 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, exists, select
+from sqlalchemy import and_, bindparam, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from core.cooperatives import zone_of
@@ -54,6 +54,37 @@ SEND_UNTIL_LOCAL = time(20)
 REMINDER_SHARE = 0.5
 
 
+@dataclasses.dataclass(frozen=True)
+class PaidFor:
+    """What counts as having paid a recurring type for the due date `due` (local day, the cooperative's zone):
+    a kept payment that names that due date (the API's dueDate falls on that local day), or one that names
+    none and was made after the midpoint between the previous due date and this one. A payment made on the
+    due day itself, or late (the 5th, for rent due the 1st), pays that period, not the next: the member is
+    still reminded of the next one. One made in the second half of the period pays ahead (early)."""
+
+    since: datetime  # UTC: local midnight of the period's midpoint
+    due_from: datetime  # UTC: local midnight starting the due day
+    due_until: datetime  # UTC: local midnight ending it
+
+    @classmethod
+    def of(cls, previous_due: date, due: date, zone: tzinfo) -> PaidFor:
+        midpoint = previous_due + timedelta(days=math.ceil((due - previous_due).days / 2))
+
+        def midnight(day: date) -> datetime:
+            return datetime.combine(day, time(), tzinfo=zone).astimezone(UTC)
+
+        return cls(midnight(midpoint), midnight(due), midnight(due + timedelta(days=1)))
+
+    def params(self) -> dict[str, datetime]:
+        return {"since": self.since, "due_from": self.due_from, "due_until": self.due_until}
+
+
+def paid_clause(payment: Any, since: Any, due_from: Any, due_until: Any) -> Any:
+    """SQL: the payment (a table) pays the period PaidFor describes (its bounds as SQL expressions)."""
+    return or_(and_(payment.c.due_date.is_not(None), payment.c.due_date >= due_from, payment.c.due_date < due_until),
+               and_(payment.c.due_date.is_(None), payment.c.created_at > since))
+
+
 def reminder_offset(index: int, rate_per_second: float) -> timedelta:
     """How long after the scan the `index`-th reminder (from 0) is due: REMINDER_SHARE of the SMS rate, in
     whole-second steps (the send limiter's window) of as many reminders as that share allows a second."""
@@ -73,16 +104,16 @@ def _on_day(year: int, month: int, day: int) -> date:
     return date(year, month, min(day, calendar.monthrange(year, month)[1]))
 
 
-def due_dates(ptype: PaymentType, today: date) -> tuple[date, date] | None:
+def due_dates(ptype: PaymentType, today: date, zone: tzinfo = UTC) -> tuple[date, date] | None:
     """(previous due date, next due date on or after `today`) of a recurring type, or None.
 
-    Quarterly and yearly types fall due in the month the type was created and every 3 or 12 months
-    from there.
+    Quarterly and yearly types fall due in the month the type was created (in the cooperative's `zone`) and
+    every 3 or 12 months from there.
     """
     months = INTERVAL_MONTHS.get((ptype.recurring_interval or "MONTHLY").upper())
     if not ptype.is_recurring or not ptype.due_day or months is None:
         return None
-    anchor = (ptype.created_at or utcnow()).date()
+    anchor = (ptype.created_at or utcnow()).astimezone(zone).date()
     # Step from the anchor month in whole intervals to the first due date on or after today.
     elapsed = (today.year - anchor.year) * 12 + (today.month - anchor.month)
     steps = max(0, elapsed // months)
@@ -121,17 +152,16 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
             PaymentType.is_recurring.is_(True)))).scalars().all()
         members: Sequence[str] | None = None
         for ptype in types:
-            window = due_dates(ptype, today)
+            window = due_dates(ptype, today, zone)
             if window is None:
                 continue
             previous_due, due = window
             if not 0 <= (due - today).days <= days_before:
                 continue
-            # Paid for this period: a payment kept since the previous due day (local midnight).
-            since = datetime.combine(previous_due, time(), tzinfo=zone).astimezone(UTC)
+            period = PaidFor.of(previous_due, due, zone)
             paid = set((await session.execute(select(Payment.member_id).where(
                 Payment.cooperative_id == coop.id, Payment.payment_type_id == ptype.id,
-                Payment.status.in_(PAID), Payment.created_at > since,
+                Payment.status.in_(PAID), paid_clause(_PAYMENT, period.since, period.due_from, period.due_until),
                 Payment.member_id.is_not(None)))).scalars())
             if members is None:  # once per cooperative, and only when one of its types is due
                 members = (await session.execute(select(Member.id).where(
@@ -148,10 +178,12 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
                 if run_at >= send_before:
                     deferred += 1  # no job: tomorrow's scan (still within the days before) queues it first
                     continue
-                # Checked again when it is sent (channels.sms.jobs): paid since the previous due day, opted
+                # Checked again when it is sent (channels.sms.jobs): paid for this due date since, opted
                 # out, suspended, its type or cooperative no longer active, or still queued at the cut-off
                 # (an aggregator outage), it is dropped.
-                payload = {**job.payload, "paid_since": since.isoformat(), "send_before": send_before.isoformat()}
+                payload = {**job.payload, "paid_since": period.since.isoformat(),
+                           "due_from": period.due_from.isoformat(), "due_until": period.due_until.isoformat(),
+                           "send_before": send_before.isoformat()}
                 created = await enqueue_job(session, dataclasses.replace(job, payload=payload, run_at=run_at))
                 queued += int(created)
     if deferred:
@@ -171,7 +203,9 @@ _REMINDER_STATE = select(
     _TYPE.c.is_active.label("type_active"),
     exists().where(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.payment_type_id == bindparam("t"),
                    _PAYMENT.c.status.in_(PAID),
-                   _PAYMENT.c.created_at > bindparam("since", type_=UTCDateTime())).label("paid"),
+                   paid_clause(_PAYMENT, bindparam("since", type_=UTCDateTime()),
+                               bindparam("due_from", type_=UTCDateTime()),
+                               bindparam("due_until", type_=UTCDateTime()))).label("paid"),
 ).select_from(
     _MEMBER.join(_COOP, _COOP.c.id == _MEMBER.c.cooperative_id)
     .outerjoin(_TYPE, _TYPE.c.id == bindparam("t"))
@@ -191,8 +225,10 @@ async def why_not_send(conn: AsyncConnection, payload: dict[str, Any]) -> str | 
     context = payload.get("context") or {}
     state = (await conn.execute(_REMINDER_STATE, {
         "m": payload["member_id"], "t": context.get("payment_type_id"),
-        # A job queued before paid_since existed: nothing is paid after now, so only the member is checked.
+        # A job queued before paid_since existed: nothing is paid after now, so only the member is checked;
+        # one queued before due_from existed counts only payments by time, as it was scanned.
         "since": parse_aware(payload.get("paid_since")) or utcnow(),
+        "due_from": parse_aware(payload.get("due_from")), "due_until": parse_aware(payload.get("due_until")),
     })).first()
     if state is None:
         return "member_missing"

@@ -46,7 +46,8 @@ async def _reminder_jobs(rt: Any) -> list[OutboxJob]:
     return [j for j in jobs if j.payload["template"] == "payment_reminder"]
 
 
-async def _paid(rt: Any, demo: dict[str, Any], phone: str, status: str, created: datetime) -> None:
+async def _paid(rt: Any, demo: dict[str, Any], phone: str, status: str, created: datetime,
+                due: datetime | None = None) -> None:
     async with rt.sessionmaker.begin() as s:
         s.add(Payment(cooperative_id=demo["cooperative_id"], payment_type_id=demo["payment_types"]["Monthly Rent"],
                       member_id=demo["members"][phone], reference=f"PAY_{uuid.uuid4().hex[:10]}",
@@ -54,7 +55,7 @@ async def _paid(rt: Any, demo: dict[str, Any], phone: str, status: str, created:
                       provider="mtn_momo", provider_reference=str(uuid.uuid4()), payment_account_enc="x",
                       payment_account_index="x", payment_account_masked="+25078****001",
                       idempotency_key=uuid.uuid4().hex, request_hash="h", channel="api",
-                      expires_at=created + timedelta(minutes=5), created_at=created))
+                      expires_at=created + timedelta(minutes=5), created_at=created, due_date=due))
 
 
 async def test_scan_reminds_unpaid_members_once(rt: Any, demo: dict[str, Any], worker: Any,
@@ -142,7 +143,7 @@ async def test_a_queued_reminder_is_checked_again_when_its_turn_comes(rt: Any, d
         assert await scan(s, rt, now=NOW) == 5
     jobs = {j.payload["member_id"]: j for j in await _reminder_jobs(rt)}
     paid_since = datetime.fromisoformat(jobs[members["+250788000001"]].payload["paid_since"])
-    assert paid_since == datetime(2026, 10, 31, 22, tzinfo=UTC)  # 1 November 00:00 in Kigali
+    assert paid_since == datetime(2026, 11, 15, 22, tzinfo=UTC)  # 16 November 00:00 in Kigali: mid-period
     send_before = datetime.fromisoformat(jobs[members["+250788000001"]].payload["send_before"])
     # Until 20:00 in Kigali: 12 hours after the scan's 08:00.
     assert timedelta(hours=11, minutes=59) < send_before - utcnow() <= timedelta(hours=12)
@@ -218,3 +219,56 @@ async def test_a_reminder_retried_through_an_outage_is_checked_again_each_attemp
         [job] = [j for j in (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars()]
     assert (message.status, message.failure_reason) == ("FAILED", "not sent: opted_out")
     assert sim.inbox == {} and job.status == "DONE"
+
+
+def _kigali(day: date, hour: int = 10) -> datetime:
+    return datetime.combine(day, time(hour), tzinfo=UTC) - timedelta(hours=2)
+
+
+async def test_a_payment_pays_the_due_date_it_names_or_the_nearest_one(
+        rt: Any, demo: dict[str, Any]) -> None:
+    """Rent falls due on the 1st. A payment on the due day itself or a few days late pays that month, not the
+    next: the member is reminded of December like everyone (before, punctual and late payers never were).
+    One made in the second half of November pays December ahead; a dueDate says outright which it pays."""
+    members = demo["members"]
+    await _paid(rt, demo, "+250788000001", "COMPLETED", _kigali(date(2026, 11, 1)))  # on the due day
+    await _paid(rt, demo, "+250788000002", "COMPLETED", _kigali(date(2026, 11, 5)))  # late for November
+    await _paid(rt, demo, "+250788000003", "COMPLETED", _kigali(date(2026, 11, 20)))  # early for December
+    await _paid(rt, demo, "+250733000001", "COMPLETED", _kigali(date(2026, 11, 2)),  # names December
+                due=_kigali(date(2026, 12, 1), 0))
+    await _paid(rt, demo, "+250733000002", "COMPLETED", _kigali(date(2026, 11, 25)),  # names November (late)
+                due=_kigali(date(2026, 11, 1), 0))
+    async with rt.sessionmaker.begin() as s:
+        await scan(s, rt, now=NOW)
+    reminded = {j.payload["member_id"] for j in await _reminder_jobs(rt)
+                if j.payload["context"]["payment_type_id"] == demo["payment_types"]["Monthly Rent"]}
+    assert reminded == {members["+250788000001"], members["+250788000002"], members["+250733000002"]}
+
+
+async def test_a_reminder_is_dropped_when_its_due_date_is_paid_meanwhile_by_name(
+        rt: Any, demo: dict[str, Any]) -> None:
+    """Checked again at its turn by the same rule: a payment naming December (made through the API after the
+    scan) drops it; one naming November (a late payment of the last period) does not."""
+    from core.reminders import why_not_send
+
+    members = demo["members"]
+    async with rt.sessionmaker.begin() as s:
+        await scan(s, rt, now=NOW)
+    rent = demo["payment_types"]["Monthly Rent"]
+    jobs = {j.payload["member_id"]: j for j in await _reminder_jobs(rt)
+            if j.payload["context"]["payment_type_id"] == rent}
+    await _paid(rt, demo, "+250788000001", "COMPLETED", utcnow(), due=_kigali(date(2026, 12, 1), 0))
+    await _paid(rt, demo, "+250788000002", "COMPLETED", utcnow(), due=_kigali(date(2026, 11, 1), 0))
+    async with rt.sessionmaker() as s:
+        conn = await s.connection()
+        assert await why_not_send(conn, jobs[members["+250788000001"]].payload) == "paid"
+        assert await why_not_send(conn, jobs[members["+250788000002"]].payload) is None
+
+
+def test_a_quarterly_type_is_anchored_on_the_local_day_it_was_created() -> None:
+    """Created 1 February at 00:30 in Nairobi (31 January 21:30 UTC): due February, May, August, November."""
+    from zoneinfo import ZoneInfo
+
+    ptype = SimpleNamespace(is_recurring=True, recurring_interval="QUARTERLY", due_day=1,
+                            created_at=datetime(2026, 1, 31, 21, 30, tzinfo=UTC))
+    assert due_dates(ptype, date(2026, 10, 29), ZoneInfo("Africa/Nairobi")) == (date(2026, 8, 1), date(2026, 11, 1))
