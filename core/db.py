@@ -152,7 +152,11 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False,
         # and pinging each one that sat idle past PING_AFTER_IDLE_SECONDS (a tenth of the opening USSD
         # hops paid a ping's round trip, 77 ms at p90 under load).
         pool_use_lifo=True,
-        connect_args={"command_timeout": command_timeout, "server_settings": {"application_name": "coop-gateway"}},
+        # Every session in UTC, whatever the server's default (initdb writes the host's zone, Africa/Kigali on
+        # a server set up there): date_trunc and to_char of a timestamptz follow the session's zone, and the
+        # ops page's minutes and any date computed in SQL must not move with the server's configuration.
+        connect_args={"command_timeout": command_timeout,
+                      "server_settings": {"application_name": "coop-gateway", "timezone": "UTC"}},
     )
     _ping_on_checkout(engine)
     return engine

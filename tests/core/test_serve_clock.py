@@ -88,3 +88,31 @@ async def test_sqlite_has_no_other_clock(tmp_path: Any, monkeypatch: pytest.Monk
     finally:
         await engine.dispose()
     assert core.db.clock_offset() == 0.0
+
+
+@requires_pg
+async def test_sessions_are_in_utc_whatever_the_servers_default_zone(rt: Any, demo: dict[str, Any]) -> None:
+    """initdb writes the host's zone into postgresql.conf (a server set up in Kigali: TimeZone=Africa/Kigali);
+    the ops page keys its payments-per-minute chart by UTC minute and drew nothing."""
+    from core.ops import dashboard
+
+    url = rt.settings.database_url
+    name = url.rsplit("/", 1)[-1].split("?", 1)[0]
+    async with rt.sessionmaker() as s:
+        await s.execute(text(f'ALTER DATABASE "{name}" SET timezone = \'Africa/Kigali\''))
+        await s.commit()
+    engine = make_engine(url)
+    try:
+        async with rt.sessionmaker.begin() as s:
+            payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+        from core.db import make_sessionmaker
+
+        async with make_sessionmaker(engine)() as s:
+            assert (await s.execute(text("SHOW TimeZone"))).scalar_one() == "UTC"
+            figures = await dashboard(s, demo["cooperative_id"])
+    finally:
+        await engine.dispose()
+        async with rt.sessionmaker() as s:
+            await s.execute(text(f'ALTER DATABASE "{name}" RESET timezone'))
+            await s.commit()
+    assert {r["minute"] for r in figures["paymentsPerMinute"]} == {payment.updated_at.strftime("%Y-%m-%dT%H:%M")}
