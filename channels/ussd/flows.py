@@ -555,9 +555,15 @@ async def detail_args(ctx: Ctx) -> dict[str, Any]:
     if found is None:
         raise DomainError("payment no longer listed")
     payment, name = found
+    from core.cooperatives import zone_of
+
+    async with ctx.rt.sessionmaker() as session:  # the day as the member lives it (the receipt SMS says the same)
+        timezone = (await session.execute(select(Cooperative.timezone)
+                                          .where(Cooperative.id == payment.cooperative_id))).scalar_one_or_none()
+    created = payment.created_at.astimezone(zone_of(timezone))
     return {"ref": payment.reference, "type": short(name, 30),
             "amount": _amount(payment),
-            "status": ctx.t(f"status.{_shown(payment)}"), "date": payment.created_at.strftime("%d/%m/%Y")}
+            "status": ctx.t(f"status.{_shown(payment)}"), "date": created.strftime("%d/%m/%Y")}
 
 
 def _amount(payment: Payment) -> str:

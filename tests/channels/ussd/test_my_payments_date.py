@@ -1,0 +1,41 @@
+"""USSD 'my payments': a payment's date is the cooperative's local day, as its SMS receipt says (it showed the UTC
+date: every payment made between midnight and 02:00 in Kigali read as the day before)."""
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+
+from channels.sms.templates import local_time
+from core.models import Payment
+from tests.channels.ussd.helpers import AtPhone
+
+EN_MTN = "+250788000002"
+
+
+def option(screen: str, label: str) -> str:
+    for line in screen[4:].split("\n"):
+        number, _, text = line.partition(". ")
+        if label in text and number.isdigit():
+            return number
+    raise AssertionError(f"{label!r} not offered in {screen!r}")
+
+
+async def test_my_payment_detail_date_is_the_local_day(client: Any, demo: Any, rt: Any) -> None:
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    types = await phone.send("1")
+    await phone.send(option(types, "Monthly Rent"))
+    await phone.send("1")
+    # 00:30 on 1 November in Kigali (UTC+2) is still 31 October in UTC.
+    at = datetime(2026, 10, 31, 22, 30, tzinfo=UTC)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).values(created_at=at, updated_at=at, completed_at=at, status="COMPLETED"))
+        ref = (await s.execute(select(Payment.reference))).scalar_one()
+    assert local_time(at, "Africa/Kigali") == "01/11/2026 00:30"  # what the SMS receipt says
+    member = AtPhone(client, EN_MTN)
+    await member.dial()
+    listing = await member.send("2")
+    detail = await member.send(option(listing, ref))
+    assert "Date: 01/11/2026" in detail, detail
