@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 from sqlalchemy import Select, func, select
 
 from admin_api.routing import Ctx
+from core.db import iso_z
 from core.errors import NotFound
 from core.models import Cooperative
 from core.money import Money
@@ -87,10 +87,7 @@ def page_of(item: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+iso = iso_z  # every timestamp the API writes (core.db.iso_z: the webhooks' event data use the same)
 
 
 def money_out(minor: int, currency: str) -> int | str:

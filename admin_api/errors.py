@@ -33,7 +33,8 @@ class ApiError(DomainError):
 
 
 def timestamp() -> str:
-    return utcnow().strftime("%Y-%m-%dT%H:%M:%S.") + f"{utcnow().microsecond // 1000:03d}Z"
+    now = utcnow()  # read once: two reads straddling a second gave 10:00:00.000 for 10:00:01.000
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def error_body(status: int, message: str | list[str], path: str) -> dict[str, object]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -203,9 +204,17 @@ class DateOutOfRange(ValueError):
     RANGE = "between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z"
 
 
+# RFC 3339's forms (and a bare date): Python's fromisoformat also takes 20261101 and 2026-W44-7, which the
+# period check (a bare date is a local day) would not recognise as dates and would read as UTC midnight.
+# An un-encoded "+" of the offset arrives as a space.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}([Tt]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+\- ]\d{2}:?\d{2})?)?")
+
+
 def parse_datetime(text: str) -> datetime:
     """An ISO 8601 date-time in UTC (no offset: UTC); ValueError for anything else, DateOutOfRange for one
     that UTC cannot hold (9999-12-31T23:59:59-01:00 is in year 10000 there)."""
+    if not _RFC3339.fullmatch(text):
+        raise ValueError(f"not an RFC 3339 date or date-time: {text!r}")
     value = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "+"))
     try:
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -47,6 +47,13 @@ def utcnow() -> datetime:
     return datetime.fromtimestamp(time.time() + _clock_offset, UTC)
 
 
+def iso_z(value: datetime | None) -> str | None:
+    """An instant as the API writes every timestamp (seed 001): UTC to the second, `Z`, a four-digit year."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def clock_offset() -> float:
     return _clock_offset
 

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
-from core.db import lock_row, serialise_on_sqlite, utcnow
+from core.db import iso_z, lock_row, serialise_on_sqlite, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment
 from core.money import Money
@@ -33,7 +33,7 @@ OPEN_STATES = (D.OPEN.value, D.UNDER_REVIEW.value)
 def dispute_data(dispute: Dispute) -> dict[str, Any]:
     return {"id": dispute.id, "reference": dispute.reference, "paymentId": dispute.payment_id,
             "status": dispute.status, "reason": dispute.reason, "resolution": dispute.resolution,
-            "refundId": dispute.refund_id, "createdAt": dispute.created_at.isoformat() if dispute.created_at else None}
+            "refundId": dispute.refund_id, "createdAt": iso_z(dispute.created_at)}
 
 
 async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, template: str, event_type: str,

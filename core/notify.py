@@ -8,6 +8,7 @@ from typing import Any, Concatenate, ParamSpec
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.crypto import PiiCipher
+from core.db import iso_z, utcnow
 from core.outbox import NewJob, enqueue_job
 from core.phone import Phone
 
@@ -41,9 +42,11 @@ def sms_job(
 
 
 def event_job(*, cooperative_id: str, event_type: str, event_id: str, data: dict[str, Any]) -> NewJob:
-    """The outbox job for a cooperative webhook event; fan-out to endpoints happens in the worker."""
+    """The outbox job for a cooperative webhook event; fan-out to endpoints happens in the worker. The event's
+    `created` is now, when it happened, not when a worker (maybe minutes behind) fans it out."""
     return NewJob("webhook.event",
-                  {"event_type": event_type, "event_id": event_id, "cooperative_id": cooperative_id, "data": data},
+                  {"event_type": event_type, "event_id": event_id, "cooperative_id": cooperative_id, "data": data,
+                   "created": iso_z(utcnow())},
                   dedupe_key=f"wh:{event_id}", cooperative_id=cooperative_id)
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from core import metrics, pgraw
 from core.audit import Actor, record
-from core.db import insert_ignore, lock_row, row_insert, table_of, utcnow
+from core.db import insert_ignore, iso_z, lock_row, row_insert, table_of, utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
 from core.models import Payment, ProviderEvent
 from core.money import Money
@@ -387,8 +387,8 @@ def event_data(payment: Payment) -> dict[str, Any]:
         "memberId": payment.member_id, "gatewayTransactionId": payment.provider_transaction_id,
         "failureReason": payment.failure_reason, "late": payment.late, "mismatch": payment.mismatch,
         "mismatchDetail": payment.mismatch_detail,
-        "completedAt": payment.completed_at.isoformat() if payment.completed_at else None,
-        "createdAt": payment.created_at.isoformat(),
+        "completedAt": iso_z(payment.completed_at),
+        "createdAt": iso_z(payment.created_at),
     }
 
 

@@ -12,7 +12,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
-from core.db import insert_ignore, lock_row, utcnow
+from core.db import insert_ignore, iso_z, lock_row, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
@@ -234,8 +234,7 @@ def refund_data(refund: Refund) -> dict[str, object]:
     return {"id": refund.id, "reference": refund.reference, "paymentId": refund.payment_id,
             "amount": Money(refund.amount_minor, refund.currency).to_api(), "currency": refund.currency,
             "status": refund.status, "reason": refund.reason, "failureReason": refund.failure_reason,
-            "createdAt": refund.created_at.isoformat() if refund.created_at else None,
-            "completedAt": refund.completed_at.isoformat() if refund.completed_at else None}
+            "createdAt": iso_z(refund.created_at), "completedAt": iso_z(refund.completed_at)}
 
 
 def _refund_of_event(event: ProviderEventData, ours: str | None = None) -> Any:

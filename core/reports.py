@@ -6,12 +6,13 @@ import csv
 import io
 import re
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.db import iso_z
 from core.models import Dispute, Payment, PaymentType, Refund
 from core.money import total_to_api
 from core.refunds import collected as taken
@@ -249,8 +250,7 @@ async def _settled(session: AsyncSession, scope: Scope, start: datetime | None, 
     ]
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+_iso = iso_z
 
 
 # What a spreadsheet may read as the start of a formula or a DDE command, after leading blanks and line breaks

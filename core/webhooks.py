@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
-from core.db import UTCDateTime, insert_ignore, lock_row, new_id, parse_aware, utcnow
+from core.db import UTCDateTime, insert_ignore, iso_z, lock_row, new_id, parse_aware, utcnow
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
 from core.http import not_public
 from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
@@ -619,7 +619,7 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
     if event_type not in EVENTS or not cooperative_id or not payload.get("event_id"):
         raise PermanentJobError(f"bad webhook event payload (type {event_type!r})")
     event_id = stored_event_id(str(payload["event_id"]))
-    created = str(payload.get("created") or utcnow().isoformat())
+    created = str(payload.get("created") or iso_z(utcnow()))  # queued before events carried it: now
     body = envelope(event_id, event_type, cooperative_id, payload.get("data") or {}, created)
     made = 0
     async with rt.sessionmaker.begin() as session:
