@@ -1,4 +1,5 @@
-"""Members over the API: create, read, edit, suspend, approve, and import a CSV all-or-nothing."""
+"""Members over the API: create, read, edit, suspend, approve, release a suspended member's phone number,
+and import a CSV all-or-nothing."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ MEMBER = out(
         "cooperativeId": ID,
         "name": {"type": "string"},
         "phone": {"type": "string", "description": "masked: +25078****456"},
+        "phoneReleased": {"type": "boolean",
+                          "description": "the number was released (POST /members/{id}/release-phone): "
+                                         "it is no longer this member's and may be registered again"},
         "language": {"enum": list(service.LANGUAGES)},
         "unit": NULL_STRING,
         "status": {"enum": list(service.MEMBER_STATUSES)},
@@ -61,6 +65,7 @@ def present(m: Member) -> dict[str, Any]:
         "cooperativeId": m.cooperative_id,
         "name": m.name,
         "phone": m.phone_masked,
+        "phoneReleased": m.phone_enc is None,
         "language": m.language,
         "unit": m.unit,
         "status": m.status,
@@ -158,6 +163,17 @@ async def _saved(ctx: Ctx, member: Member, was: str) -> web.StreamResponse:
         # The member's tenant logins stop working now (sign-in and refresh are refused on the rows).
         await end_sessions(ctx, "the member's", lambda: auth.revoke_member_tokens(
             ctx.session, ctx.rt.redis, member.id, ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
+    await ctx.session.commit()
+    return json_response(present(member))
+
+
+async def release_phone(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """A member who left, whose number the operator may give to someone else: only a SUSPENDED member's.
+    The member keeps its record, payments and disputes (phone shown masked as before, phoneReleased true);
+    the number can be registered again (API, CSV import, USSD) and its SMS keywords no longer speak for
+    this member. Cannot be undone; calling it again changes nothing."""
+    member = await one(ctx, Member, request.match_info["id"], "member")
+    member = await service.release_phone(ctx.session, member, actor=ctx.who.actor)
     await ctx.session.commit()
     return json_response(present(member))
 
@@ -304,6 +320,15 @@ ROUTES = [
         "/members/{id}/approve",
         approve_member,
         "Approve a pending member",
+        "members",
+        "admin",
+        response=MEMBER,
+    ),
+    Route(
+        "POST",
+        "/members/{id}/release-phone",
+        release_phone,
+        "Release a suspended member's phone number (it can then be registered again)",
         "members",
         "admin",
         response=MEMBER,

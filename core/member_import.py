@@ -216,7 +216,7 @@ async def import_members(
                 Member.cooperative_id == cooperative.id, Member.phone_index.in_(chunk)
             )
         )
-        existing.update(found.scalars())
+        existing.update(i for i in found.scalars() if i is not None)
     if existing:
         errors = sorted(
             (RowError(by_index[i].row, "phone", "already a member of this cooperative") for i in existing),

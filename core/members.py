@@ -6,7 +6,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
@@ -20,6 +20,8 @@ from core.phone import Phone
 LANGUAGES = ("en", "rw", "fr", "sw")
 MEMBER_STATUSES = ("PENDING", "ACTIVE", "SUSPENDED")
 DUPLICATE_PHONE = "a member with this phone number already exists in this cooperative"
+PHONE_RELEASED = "the member's phone number was released"
+RELEASED_MASK = "released"
 
 
 def phone_context(cooperative_id: str) -> str:
@@ -43,7 +45,13 @@ def member_row(cipher: PiiCipher, *, cooperative_id: str, name: str, phone: Phon
     }
 
 
-def member_phone(cipher: PiiCipher, member: Member) -> Phone:
+class PhoneReleased(Conflict):
+    """The member's number was released (release_phone): nothing is sent to it for this member any more."""
+
+
+def member_phone(cipher: PiiCipher, member: Any) -> Phone:
+    if member.phone_enc is None:
+        raise PhoneReleased(PHONE_RELEASED)
     return Phone(cipher.decrypt(member.phone_enc, context=phone_context(member.cooperative_id)))
 
 
@@ -141,12 +149,22 @@ async def update_member(session: AsyncSession, member: Member, *, actor: Actor, 
     if status is not None:
         if status not in MEMBER_STATUSES:
             raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
+        if status != "SUSPENDED" and status != member.status and await _released(session, member.id):
+            raise Conflict(f"{PHONE_RELEASED}: register the person again as a new member", field="status")
         member.status = status
     await session.flush()
     after = {"name": member.name, "language": member.language, "unit": member.unit, "status": member.status}
     await record(session, actor=actor, action="member.updated", entity_type="member", entity_id=member.id,
                  before=before, after=after, cooperative_id=member.cooperative_id)
     return member
+
+
+async def _released(session: AsyncSession, member_id: str) -> bool:
+    """Whether the member's phone number was released, read under a lock on the row: a release committed
+    since the caller read it is seen, and none can commit before the caller's change."""
+    row = (await session.execute(
+        select(Member.phone_enc).where(Member.id == member_id).with_for_update())).one()
+    return row[0] is None
 
 
 async def approve_member(session: AsyncSession, member: Member, *, actor: Actor, cipher: PiiCipher) -> Member:
@@ -166,6 +184,29 @@ async def approve_member(session: AsyncSession, member: Member, *, actor: Actor,
                    cipher=cipher, member_id=member.id,
                    dedupe=f"member_approved:{member.id}:{approved_at:%Y%m%dT%H%M%S%f}")
     return member
+
+
+async def release_phone(session: AsyncSession, member: Member, *, actor: Actor) -> Member:
+    """A SUSPENDED member's phone number given up (the person left; the operator may give the number to
+    someone else): its ciphertext and blind index cleared, so the number can be registered again, in this
+    cooperative or any, and nothing sent to or received from it is taken for this member any more. The row,
+    its payments and disputes stay; the masked form stays for the record. Releasing it again changes nothing."""
+    locked = (await session.execute(
+        select(Member).where(Member.id == member.id).with_for_update()
+        .execution_options(populate_existing=True)
+    )).scalar_one()
+    if locked.status != "SUSPENDED":
+        raise Conflict(f"member is {locked.status}: suspend the member before releasing the phone number")
+    if locked.phone_enc is None:
+        return locked
+    await session.execute(
+        update(Member).where(Member.id == locked.id)
+        .values(phone_enc=None, phone_index=None, phone_masked=locked.phone_masked or RELEASED_MASK,
+                updated_at=utcnow()))  # the loaded row is updated too (synchronize_session)
+    await record(session, actor=actor, action="member.phone_released", entity_type="member", entity_id=locked.id,
+                 before={"phone": locked.phone_masked, "phoneReleased": False},
+                 after={"phone": locked.phone_masked, "phoneReleased": True}, cooperative_id=locked.cooperative_id)
+    return locked
 
 
 async def set_language(session: AsyncSession, member_id: str, language: str, *, actor: Actor) -> None:

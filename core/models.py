@@ -61,8 +61,9 @@ class Member(Base):
     id: Mapped[str] = _id()
     cooperative_id: Mapped[str] = _coop_fk()
     name: Mapped[str] = mapped_column(String(200))
-    phone_enc: Mapped[str] = mapped_column(String(255))
-    phone_index: Mapped[str] = mapped_column(String(64), index=True)
+    # Both NULL once the number is released (core.members.release_phone): it can be registered again.
+    phone_enc: Mapped[str | None] = mapped_column(String(255))
+    phone_index: Mapped[str | None] = mapped_column(String(64), index=True)
     phone_masked: Mapped[str] = mapped_column(String(32))
     language: Mapped[str] = mapped_column(String(2), default="en")
     unit: Mapped[str | None] = mapped_column(String(64))

@@ -37,6 +37,7 @@ from channels.sms.templates import (
 from core import metrics, pgraw
 from core.audit import Actor
 from core.db import autocommit, insert_ignore, new_id, utcnow
+from core.members import PhoneReleased
 from core.models import Cooperative, Member, Payment, PaymentType, SmsMessage
 from core.notify import SMS_PHONE_CONTEXT
 from core.outbox import Handler, Job, PermanentJobError, RetryLater
@@ -129,12 +130,27 @@ class SmsJobs:
                         await self._move(existing.id, SmsStatus.FAILED, failure_reason=f"not sent: {void}",
                                          provider_status="Skipped")
                     return
+            elif payload.get("member_id") and payload.get("template") in MEMBER_TEMPLATES:
+                void = await _member_void(conn, payload)
+                if void is not None:
+                    log.info("member SMS not sent", extra={"member_id": payload["member_id"], "reason": void,
+                                                           "template": payload.get("template")})
+                    if existing is not None:
+                        await self._move(existing.id, SmsStatus.FAILED, failure_reason=f"not sent: {void}",
+                                         provider_status="Skipped")
+                    return
             lock = f"sms:lock:{{{hashlib.sha256(key.encode()).hexdigest()[:32]}}}"
             await self.throttle_and_lock(lock, str(job.id))
             message: Any = None
             try:
                 if existing is None:
-                    message = await self._create(conn, payload, key)
+                    try:
+                        message = await self._create(conn, payload, key)
+                    except PhoneReleased:  # to the member's number, which is no longer theirs: not sent
+                        log.info("member SMS not sent", extra={"member_id": payload.get("member_id"),
+                                                               "reason": "phone_released",
+                                                               "template": payload.get("template")})
+                        return
                 else:
                     # Re-read under the lock: the other run may have finished while we waited for it.
                     message = await _first(conn, _BY_ID, {"i": existing.id})
@@ -352,6 +368,22 @@ def _insert(dialect_name: str) -> Any:
     """INSERT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING the send's columns, built once."""
     return (insert_ignore(dialect_name, _SMS).on_conflict_do_nothing(index_elements=["idempotency_key"])
             .returning(*_COLUMNS))
+
+
+# Messages about the membership itself: worth sending only while the member is still ACTIVE ("Welcome, you
+# are now a member" to someone suspended a moment after the approval, before the worker's turn, is wrong).
+MEMBER_TEMPLATES = frozenset({"member_approved"})
+_MEMBER_STATUS = select(Member.__table__.c.status).where(Member.__table__.c.id == bindparam("m", type_=String))
+
+
+async def _member_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
+    """Why a MEMBER_TEMPLATES message must not go out any more, None to send it: member_inactive (suspended,
+    its number maybe released, since it was queued). A member that does not exist is left to the build, which
+    parks the job. (Any message to a member whose number was released is dropped when built: PhoneReleased.)"""
+    status = await pgraw.first(conn, _MEMBER_STATUS, {"m": payload["member_id"]})
+    if status is not None and status[0] != "ACTIVE":
+        return "member_inactive"
+    return None
 
 
 class _Member(NamedTuple):

@@ -13,13 +13,13 @@ from typing import Any, NamedTuple, cast
 
 from aiohttp import web
 from redis.exceptions import RedisError
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, case, select, update
 
 from channels.sms.templates import CATALOGS
 from core import metrics, pgraw
 from core.audit import Actor, record
 from core.db import autocommit, utcnow
-from core.models import Member, Payment, SmsMessage
+from core.models import Cooperative, Member, Payment, SmsMessage
 from core.notify import send_sms
 from core.phone import Phone, PhoneError, normalize
 from core.ratelimit import Limit, RateLimiter
@@ -283,14 +283,17 @@ def parse_keyword(text: str) -> tuple[str | None, str | None, str | None]:
 
 
 async def _owns(session: Any, rt: Runtime, payment: Payment, phone: Phone) -> bool:
-    """The sender paid it (account index) or is the member it was for (member phone index)."""
+    """The sender paid it (account index) or is the member it was for (member phone index). A payment for a
+    member who was suspended, or whose number was released, is nobody's to ask about by SMS: the number
+    may have been given to someone else since (operators recycle numbers), and its new holder would read
+    the old member's payments."""
     index = rt.cipher.blind_index(phone.e164)
+    member = await session.get(Member, payment.member_id) if payment.member_id else None
+    if payment.member_id and (member is None or member.status == "SUSPENDED" or member.phone_enc is None):
+        return False
     if hmac.compare_digest(payment.payment_account_index, index):
         return True
-    if payment.member_id:
-        member = await session.get(Member, payment.member_id)
-        return member is not None and hmac.compare_digest(member.phone_index, index)
-    return False
+    return member is not None and hmac.compare_digest(member.phone_index, index)
 
 
 async def inbound(request: web.Request) -> web.Response:
@@ -317,10 +320,16 @@ async def inbound(request: web.Request) -> web.Response:
     reply_allowed = await _reply_allowed(rt, index, phone)
 
     async with rt.sessionmaker.begin() as session:
+        # Every membership of the number (STOP and START apply to all), the one the reply speaks for first:
+        # an active one in an active cooperative, then a pending one; a suspended one (perhaps the number's
+        # previous holder) only when there is nothing else.
         members = (
             (
                 await session.execute(
-                    select(Member).where(Member.phone_index == index).order_by(Member.created_at)
+                    select(Member)
+                    .join(Cooperative, Cooperative.id == Member.cooperative_id)
+                    .where(Member.phone_index == index)
+                    .order_by(_REPLY_RANK, Member.created_at)
                 )
             )
             .scalars()
@@ -390,6 +399,14 @@ async def inbound(request: web.Request) -> web.Response:
         )
     log.info("keyword SMS", extra={"command": command or "unknown", "reply": template})
     return web.Response(text="")
+
+
+_REPLY_RANK = case(
+    (Cooperative.status != "ACTIVE", 3),
+    (Member.status == "ACTIVE", 0),
+    (Member.status == "PENDING", 1),
+    else_=2,
+)
 
 
 async def _reply_allowed(rt: Runtime, index: str, phone: Phone) -> bool:

@@ -70,6 +70,7 @@ async def _resources_of_a(admin, superadmin, rt, demo):
         "/members/{id}/transactions": member,
         "/members/{id}": member,
         "/members/{id}/approve": member,
+        "/members/{id}/release-phone": member,
         "/payment-types/{id}": rent,
         "/cooperatives/{id}": demo["cooperative_id"],
         "/disputes/{id}": dispute["id"],
