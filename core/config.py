@@ -201,8 +201,9 @@ _PROVIDER_CREDENTIALS: dict[str, tuple[str, ...]] = {
     "irembopay": ("SECRET_KEY",),
 }
 _PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
+    # CURRENCY: the account's; defaulted from the MTN market / the Airtel country (_account_currency).
     "mtn_momo": {"TARGET_ENVIRONMENT": "sandbox", "CURRENCY": ""},
-    "airtel": {"COUNTRY": "RW", "CURRENCY": "RWF"},
+    "airtel": {"COUNTRY": "RW", "CURRENCY": ""},
     "mpesa": {"SHORTCODE": "174379"},
     "irembopay": {"PAYMENT_ACCOUNT": "PI-demo", "PAYMENT_ITEM_CODE": "PC-demo"},
 }
@@ -212,6 +213,13 @@ MTN_TARGET_ENVIRONMENTS = frozenset({
     "sandbox", "mtnrwanda", "mtnuganda", "mtnghana", "mtnivorycoast", "mtnzambia", "mtncameroon", "mtnbenin",
     "mtncongo", "mtnswaziland", "mtnguineaconakry", "mtnsouthafrica", "mtnliberia",
 })
+# The currency each live MTN market collects in: an MTN account takes its market's only. The sandbox has none
+# here (MTN's own sandbox takes EUR, the simulator anything): MTN_MOMO_CURRENCY names it when it matters.
+MTN_ENVIRONMENT_CURRENCY = {
+    "mtnrwanda": "RWF", "mtnuganda": "UGX", "mtnghana": "GHS", "mtnzambia": "ZMW", "mtnivorycoast": "XOF",
+    "mtncameroon": "XAF", "mtnbenin": "XOF", "mtncongo": "XAF", "mtnswaziland": "SZL", "mtnguineaconakry": "GNF",
+    "mtnsouthafrica": "ZAR", "mtnliberia": "LRD",
+}
 DEV_CREDENTIAL = "sim-dev-credential"  # what simulators accept when no credential is configured
 _DEV_CREDENTIAL = DEV_CREDENTIAL
 
@@ -241,6 +249,31 @@ def _check_mtn_environment(env: Mapping[str, str], production: bool) -> None:
     if value and value not in MTN_TARGET_ENVIRONMENTS:
         raise ConfigError(name, f"{value!r} is not an MTN MoMo environment "
                                 f"({', '.join(sorted(MTN_TARGET_ENVIRONMENTS))})")
+
+
+def _account_currency(name: str, options: dict[str, str]) -> None:
+    """MTN's and Airtel's account currency (options["currency"]): the configured one, else the MTN market's or
+    the Airtel country's; a configured one that the account cannot collect in is refused at start-up. Payments
+    in another currency are then refused when asked for (core.ports.amount_refusal)."""
+    from core.cooperatives import COUNTRY_CURRENCY
+
+    prefix = name.upper()
+    given = options.get("currency", "").strip().upper()
+    if given and not re.fullmatch(r"[A-Z]{3}", given):
+        raise ConfigError(f"{prefix}_CURRENCY", "must be an ISO 4217 code such as RWF")
+    if name == "mtn_momo":
+        where = options.get("target_environment", "")
+        expected = MTN_ENVIRONMENT_CURRENCY.get(where, "")
+    else:
+        where = options["country"] = options.get("country", "").strip().upper()
+        if not re.fullmatch(r"[A-Z]{2}", where):
+            raise ConfigError("AIRTEL_COUNTRY", "must be a two-letter country code such as RW")
+        expected = COUNTRY_CURRENCY.get(where, "")
+    if given and expected and given != expected:
+        raise ConfigError(f"{prefix}_CURRENCY", f"must be {expected}: the {where} account collects in it only")
+    if name == "airtel" and not (given or expected):
+        raise ConfigError("AIRTEL_CURRENCY", f"is required: no default currency is known for {where}")
+    options["currency"] = given or expected
 
 
 USSD_AGGREGATORS = ("africastalking", "hubtel", "nalo")
@@ -327,6 +360,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                    for opt, default in _PROVIDER_OPTIONS[name].items()}
         if name == "mtn_momo":
             _check_mtn_environment(env, production)
+        if name in ("mtn_momo", "airtel"):
+            _account_currency(name, options)
         for opt in ("CONNECT_TIMEOUT", "READ_TIMEOUT"):  # seconds; read by providers.calls.timeout_from
             if env.get(f"{prefix}_{opt}"):
                 options[opt.lower()] = str(_float(env, f"{prefix}_{opt}", 1.0))

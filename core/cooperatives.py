@@ -29,6 +29,20 @@ COUNTRY_CURRENCY = {
     "NG": "NGN",
     "ZA": "ZAR",
 }
+# The time zone a cooperative of each country gets when none is given (reports, periods, reminders and SMS dates
+# are in it).
+COUNTRY_TIMEZONE = {
+    "RW": "Africa/Kigali",
+    "KE": "Africa/Nairobi",
+    "UG": "Africa/Kampala",
+    "TZ": "Africa/Dar_es_Salaam",
+    "GH": "Africa/Accra",
+    "ZM": "Africa/Lusaka",
+    "BI": "Africa/Bujumbura",
+    "MW": "Africa/Blantyre",
+    "NG": "Africa/Lagos",
+    "ZA": "Africa/Johannesburg",
+}
 _SHORT_CODE = re.compile(r"^[A-Za-z0-9_-]{2,32}$")
 _EXTENSION = re.compile(r"^[0-9]{1,8}$")
 _FIELDS = (
@@ -96,10 +110,10 @@ def snapshot(coop: Cooperative) -> dict[str, Any]:
 
 
 async def create_cooperative(session: AsyncSession, *, values: dict[str, Any], actor: Actor) -> Cooperative:
-    """Add a cooperative; the currency defaults to the country's. Caller commits."""
+    """Add a cooperative; the currency and the time zone default to the country's. Caller commits."""
     values = dict(values)
     values.setdefault("currency", COUNTRY_CURRENCY.get(values.get("country", ""), ""))
-    values.setdefault("timezone", "Africa/Kigali")
+    values.setdefault("timezone", COUNTRY_TIMEZONE.get(values.get("country", ""), "Africa/Kigali"))
     values.setdefault("status", "ACTIVE")
     missing = [f for f in ("name", "short_code", "country") if not values.get(f)]
     errors = [f"{m} is required" for m in missing] + _validate(values)

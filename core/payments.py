@@ -25,7 +25,7 @@ from core.notify import emit_event, notice_jobs
 from core.outbox import NewJob, enqueue_many
 from core.payment_statements import CONTEXT, create_statement, stored_and_locked
 from core.phone import Phone, PhoneError, normalize
-from core.ports import EventKind, ProviderOutcome
+from core.ports import EventKind, ProviderOutcome, amount_refusal
 from core.ports import ProviderEvent as ProviderEventData
 from core.references import next_reference, reference_prefix
 from core.state import StaleTransition, transition
@@ -143,11 +143,12 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     amount = new.amount or Money(ptype.amount_minor, ptype.currency)
     if new.amount is not None and not amount.is_positive():
         raise ValidationError("amount must be a positive number", field="amount")
+    # What the provider cannot collect (another currency than its account's, cents M-Pesa does not take) is a
+    # 400 now, not a 201 that the worker fails later with a "payment failed" SMS to the payer.
+    cannot = amount_refusal(rt.provider_for(new.method), amount, new.method)
+    if cannot is not None:
+        raise ValidationError(cannot[1], field=cannot[0])
     account = _normalise_account(new.method, new.account, coop.country)
-    currencies = getattr(rt.provider_for(new.method), "currencies", None)
-    if currencies is not None and amount.currency not in currencies:
-        raise ValidationError(f"{new.method} collects {', '.join(sorted(currencies))} only; this payment is in "
-                              f"{amount.currency}", field="paymentMethod")
     request_hash = _request_hash(new, amount, account)
     # Refusals that depend on what may have changed since a key was first accepted (the type's price,
     # currency or state, the member's status): a replay of that request still answers with its payment.
@@ -334,6 +335,13 @@ def _normalise_account(method: str, account: str, country: str) -> str:
         phone = normalize(account, country)
     except PhoneError as exc:
         raise ValidationError(f"paymentAccount: {exc.message}", field="paymentAccount") from None
+    # A wallet of another country: the provider's account is the cooperative country's (its currency, its
+    # market), and no MTN or Airtel market collects from another country's numbers.
+    if phone.region != country:
+        raise ValidationError(f"paymentAccount is a {phone.region or 'foreign'} number; this cooperative "
+                              f"collects mobile money from {country} numbers only", field="paymentAccount")
+    # An unknown operator (a range neither phonenumbers' carrier data nor core.phone's table names) is let
+    # through: the provider refuses a number not on its network; a known other one is refused here.
     if phone.operator is not None and phone.operator != operator:
         raise ValidationError(f"paymentAccount is a {phone.operator} number; {method} needs an {operator} number",
                               field="paymentAccount")

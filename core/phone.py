@@ -1,4 +1,5 @@
-"""Phone numbers: E.164 normalisation, operator detection by number range, masking."""
+"""Phone numbers: E.164 normalisation, operator detection by number range (phonenumbers' carrier data, then a
+table), masking."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import re
 from dataclasses import dataclass
 
 import phonenumbers
-from phonenumbers import NumberParseException, PhoneNumberType
+from phonenumbers import NumberParseException, PhoneNumberType, carrier
 
 from core.errors import ValidationError
 
 DEFAULT_REGION = "RW"
 
-# Operator by E.164 prefix (country code + national prefix). Longest prefix wins.
+# Operator by E.164 prefix (country code + national prefix), for ranges phonenumbers' carrier data names no
+# operator for (operator_of asks it first). Longest prefix wins.
 # Sources: the national numbering plans of RURA, CA Kenya, UCC, TCRA, NCA.
 _OPERATOR_PREFIXES: dict[str, str] = {
     # Rwanda
@@ -121,7 +123,26 @@ def _normalize(raw: str, region: str) -> Phone:
 _COUNTRY_PREFIXES = {"250", "254", "256", "255", "233", "260", "257", "265", "234", "27"}
 
 
+# phonenumbers' carrier names -> our operator codes. Ghana's "at" (formerly AirtelTigo) is not Airtel.
+_CARRIER_OPERATOR = {"mtn": "MTN", "airtel": "AIRTEL", "safaricom": "SAFARICOM", "telecel": "TELECEL",
+                     "at": "AIRTELTIGO", "airteltigo": "AIRTELTIGO", "vodacom": "VODACOM"}
+
+
+@functools.lru_cache(maxsize=10_000)
 def operator_of(e164: str) -> str | None:
+    """The operator a number range was allocated to (a ported number keeps its first operator's range).
+
+    phonenumbers' carrier data first (offline, and updated with the library: Safaricom 0110-0115, Airtel Kenya
+    0762, MTN Ghana 053 ...), then the table above for a range it has no name for. Another operator than ours
+    comes back under its own name ("TELKOM", "AIRTELTIGO"): known, and not one a method collects from.
+    None: nobody knows this range."""
+    try:
+        name = carrier.name_for_number(phonenumbers.parse(e164), "en")
+    except NumberParseException:
+        name = ""
+    if name:
+        key = re.sub(r"[^a-z0-9]", "", name.lower())
+        return _CARRIER_OPERATOR.get(key) or re.sub(r"[^A-Z0-9]+", "_", name.upper()).strip("_")
     digits = e164.lstrip("+")
     for size in range(min(_MAX_PREFIX, len(digits)), 2, -1):
         op = _OPERATOR_PREFIXES.get(digits[:size])

@@ -145,8 +145,10 @@ class PaymentProvider(Protocol):
     supports_partial_refund: bool
     # Payment methods this provider collects (MOBILE_MONEY_MTN, ...).
     methods: frozenset[str]
-    # The currencies it collects in (M-Pesa: KES; IremboPay: RWF); None: its accounts' (MTN, Airtel in each
-    # country). A payment in another is refused when asked for, not failed later by the worker.
+    # The currencies it collects in (M-Pesa: KES; IremboPay: RWF; MTN and Airtel: their account's, from
+    # configuration); None: any (MTN's sandbox with no MTN_MOMO_CURRENCY). A payment in another is refused when
+    # asked for, not failed later by the worker. A provider may also define `amount_rule(amount) -> str | None`
+    # (M-Pesa: whole shillings): see amount_refusal.
     currencies: frozenset[str] | None
 
     async def request_collection(self, request: CollectionRequest) -> CollectionAccepted: ...
@@ -162,6 +164,19 @@ class PaymentProvider(Protocol):
         """Raise CallbackRejected when the signature, secret or timestamp does not hold."""
 
     def parse_callback(self, callback: InboundCallback) -> ProviderEvent: ...
+
+
+def amount_refusal(provider: object, amount: Money, method: str) -> tuple[str, str] | None:
+    """(field, message) when `provider` cannot collect `amount` by `method`, checked when a payment is asked
+    for; None when it can. Its `currencies` first, then its optional `amount_rule` (the adapter's own check in
+    the worker stays, as a guard)."""
+    currencies = getattr(provider, "currencies", None)
+    if currencies is not None and amount.currency not in currencies:
+        return "paymentMethod", (f"{method} collects {', '.join(sorted(currencies))} only; this payment is in "
+                                 f"{amount.currency}")
+    rule = getattr(provider, "amount_rule", None)
+    problem = rule(amount) if callable(rule) else None
+    return ("amount", str(problem)) if problem else None
 
 
 @dataclass(frozen=True)

@@ -437,8 +437,16 @@ async def amount_entered(ctx: Ctx, minor: str) -> str:
     return await _method_step(ctx)
 
 
-def methods_for(country: str, operator: str | None, routed: Any) -> list[str]:
-    """Methods this payer can use: the one of the number's operator, among those a provider serves."""
+def methods_for(country: str, operator: str | None, routed: Any, *, number_country: str | None = None,
+                amount: Money | None = None, providers: Any = None) -> list[str]:
+    """Methods this payer can use: the one of the number's operator, among those a provider serves.
+
+    None when the number is another country's than the cooperative's (`number_country`: the providers'
+    accounts are the cooperative country's) or belongs to an operator no method collects from (Telecel or AT
+    in Ghana, Telkom in Kenya). With `amount` and `providers` (name -> adapter; `routed` then maps method ->
+    provider name), only methods whose provider can collect that amount (its currency, its amount rule)."""
+    if number_country is not None and number_country != country:
+        return []
     if country == "KE":
         by_operator = {"SAFARICOM": "MPESA", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
     else:
@@ -446,14 +454,30 @@ def methods_for(country: str, operator: str | None, routed: Any) -> list[str]:
     if operator in by_operator:
         # The wallet must belong to the number's operator, so there is nothing to choose.
         candidates = [by_operator[operator]]
-    else:
+    elif operator is None:
+        # A range nobody names: offer both; the provider refuses a number not on its network.
         candidates = list(by_operator.values())
-    return [m for m in candidates if m in routed]
+    else:
+        candidates = []
+    return [m for m in candidates if m in routed and _can_collect(m, routed, amount, providers)]
+
+
+def _can_collect(method: str, routed: Any, amount: Money | None, providers: Any) -> bool:
+    if amount is None or providers is None:
+        return True
+    from core.ports import amount_refusal
+
+    provider = providers.get(routed[method])
+    return provider is not None and amount_refusal(provider, amount, method) is None
 
 
 async def _method_step(ctx: Ctx) -> str:
     coop = await cooperative(ctx, ctx.data["c"])
-    options = methods_for(coop.country if coop else "", ctx.hop.phone.operator, ctx.rt.routes)
+    phone = ctx.hop.phone
+    options = methods_for(coop.country if coop else "", phone.operator, ctx.rt.routes,
+                          number_country=phone.region,
+                          amount=Money(ctx.data["amt"], ctx.data["cur"]) if ctx.data.get("cur") else None,
+                          providers=ctx.rt.providers)
     if not options:
         return "pay_no_method"
     if len(options) == 1:

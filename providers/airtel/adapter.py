@@ -15,6 +15,7 @@ import httpx
 
 from core import config as core_config
 from core.config import ProviderConfig
+from core.cooperatives import COUNTRY_CURRENCY
 from core.metrics import PROVIDER_ERRORS
 from core.ports import (
     CallbackRejected,
@@ -105,7 +106,11 @@ class AirtelAdapter:
         self._config = config
         self._base = config.base_url.rstrip("/")
         self._timeout = timeout_from(config)
-        self._country = config.options.get("country") or "RW"
+        # The account's country and currency: one country on the whole wire (headers and body), and payments in
+        # its currency only (AIRTEL_COUNTRY, AIRTEL_CURRENCY; the currency defaults to the country's).
+        self._country = (config.options.get("country") or "RW").upper()
+        currency = config.options.get("currency") or COUNTRY_CURRENCY.get(self._country)
+        self.currencies = frozenset({currency}) if currency else None
         self._tokens = TokenCache(self._fetch_token)
         key = config.secret("callback_key")
         # The development placeholder means "callback authentication not set up": callbacks are then
@@ -152,7 +157,17 @@ class AirtelAdapter:
             raise ProviderError("Airtel Money needs the payer's phone number", retryable=False,
                                 code="NO_PAYER")
         currency = request.amount.currency
-        country = request.payer.region or self._country
+        if self.currencies is not None and currency not in self.currencies:
+            # Refused when the payment was asked for (core.ports.amount_refusal); kept as a guard.
+            raise ProviderError(f"this Airtel Money account ({self._country}) collects "
+                                f"{', '.join(sorted(self.currencies))} only, not {currency}", retryable=False,
+                                code="CURRENCY_UNSUPPORTED")
+        if request.payer.region != self._country:
+            # The subscriber's msisdn goes without its country code: only the account's country can be meant.
+            raise ProviderError(f"this Airtel Money account ({self._country}) cannot collect from a "
+                                f"{request.payer.region or 'foreign'} number", retryable=False,
+                                code="COUNTRY_UNSUPPORTED")
+        country = self._country
         body = {
             "reference": request.payment_reference,
             "subscriber": {"country": country, "currency": currency,

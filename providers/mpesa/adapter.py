@@ -125,6 +125,15 @@ class MpesaAdapter:
     methods = frozenset({"MPESA"})
     currencies: frozenset[str] | None = frozenset({"KES"})
 
+    @staticmethod
+    def amount_rule(amount: Money) -> str | None:
+        """Why M-Pesa cannot take `amount` (whole shillings only), checked when the payment is asked for."""
+        try:
+            _whole_shillings(amount)
+        except ProviderError as exc:
+            return str(exc)
+        return None
+
     def __init__(self, http: httpx.AsyncClient, config: ProviderConfig, *,
                  clock: Callable[[], datetime] | None = None) -> None:
         self._http = http

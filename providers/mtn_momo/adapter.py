@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from core.config import ProviderConfig
+from core.config import MTN_ENVIRONMENT_CURRENCY, ProviderConfig
 from core.money import Money, MoneyError
 from core.phone import mask
 from core.ports import (
@@ -135,6 +135,10 @@ class MtnMomoAdapter:
         self._base = config.base_url.rstrip("/")
         self._timeout = timeout_from(config)
         self._environment = config.options.get("target_environment") or "sandbox"
+        # The account collects in its market's currency only (MTN_MOMO_CURRENCY, else the target environment's);
+        # in the sandbox with none configured, any.
+        currency = config.options.get("currency") or MTN_ENVIRONMENT_CURRENCY.get(self._environment)
+        self.currencies = frozenset({currency}) if currency else None
         self._tokens = {
             "collection": TokenCache(lambda: self._fetch_token("collection")),
             "disbursement": TokenCache(lambda: self._fetch_token("disbursement")),
@@ -189,6 +193,11 @@ class MtnMomoAdapter:
     async def request_collection(self, request: CollectionRequest) -> CollectionAccepted:
         if request.payer is None:
             raise ProviderError("MTN MoMo needs the payer's phone number", retryable=False, code="NO_PAYER")
+        if self.currencies is not None and request.amount.currency not in self.currencies:
+            # Refused when the payment was asked for (core.ports.amount_refusal); kept as a guard.
+            raise ProviderError(f"this MTN MoMo account ({self._environment}) collects "
+                                f"{', '.join(sorted(self.currencies))} only, not {request.amount.currency}",
+                                retryable=False, code="CURRENCY_UNSUPPORTED")
         headers = {"X-Reference-Id": request.provider_reference}
         if request.callback_url:
             headers["X-Callback-Url"] = with_query(request.callback_url, ref=request.provider_reference)

@@ -22,11 +22,11 @@ PAY = "/collection/v1_0/requesttopay"
 
 async def test_production_settings_send_the_configured_environment() -> None:
     settings = load_settings({**_production_env(), "MTN_MOMO_BASE_URL": MTN_BASE,
-                              "MTN_MOMO_TARGET_ENVIRONMENT": "mtnuganda"})
+                              "MTN_MOMO_TARGET_ENVIRONMENT": "mtnrwanda"})
     wire = mtn_wire().on("POST", PAY, 202)
     await MtnMomoAdapter(wire.client(), settings.providers["mtn_momo"]).request_collection(collection())
     [sent] = wire.sent("POST", PAY)
-    assert sent.headers["X-Target-Environment"] == "mtnuganda"
+    assert sent.headers["X-Target-Environment"] == "mtnrwanda"
 
 
 @pytest.mark.parametrize(("environment", "known"), [

@@ -12,7 +12,7 @@ from sqlalchemy import update
 from core.audit import Actor
 from core.config import ProviderConfig, Secret
 from core.db import utcnow
-from core.models import OutboxJob, Payment, PaymentType
+from core.models import Cooperative, OutboxJob, Payment, PaymentType
 from core.payments import NewPayment, create_payment, handle_provider_event
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as Event
@@ -108,8 +108,10 @@ def mtn_payment(demo: dict[str, Any], key: str = "key-0001-abcdef") -> NewPaymen
 
 async def mpesa_payment(rt: Any, demo: dict[str, Any], phone: str = "+254708000001",
                         key: str = "key-mpesa-0001") -> Payment:
-    """A 150 KES M-Pesa payment of the demo cooperative (a KES payment type is added for it)."""
+    """A 150 KES M-Pesa payment of the demo cooperative (a KES payment type is added for it, and the cooperative
+    made Kenyan: a mobile-money payment is collected from the cooperative's country's numbers only)."""
     async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Cooperative).where(Cooperative.id == demo["cooperative_id"]).values(country="KE"))
         ptype = PaymentType(cooperative_id=demo["cooperative_id"], name=f"Rent KES {key}", amount_minor=15_000,
                             currency="KES", is_active=True)
         s.add(ptype)
