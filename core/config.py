@@ -95,6 +95,9 @@ class Settings:
     reminders_enabled: bool = True
     # After the approval window, how long a payment whose outcome the provider cannot tell stays open and polled.
     payment_settle_grace_seconds: int = 86400
+    # A bank payment (an IremboPay invoice the payer settles on their bank's page or at a branch) is open this
+    # long, and its invoice expires then; mobile money's PIN prompt has payment_timeout_seconds.
+    bank_payment_timeout_seconds: int = 3600
     db_pool_size: int = 20
     ussd_ip_allowlists: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     trusted_proxies: tuple[str, ...] = ()
@@ -430,6 +433,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         outbox_lease_seconds=_int(env, "OUTBOX_LEASE_SECONDS", 60, minimum=1),
         poll_after_seconds=_int(env, "POLL_AFTER_SECONDS", 30, minimum=1),
         payment_timeout_seconds=_int(env, "PAYMENT_TIMEOUT_SECONDS", 300, minimum=1),
+        bank_payment_timeout_seconds=_int(env, "BANK_PAYMENT_TIMEOUT_SECONDS", 3600, minimum=60),
         payment_settle_grace_seconds=_int(env, "PAYMENT_SETTLE_GRACE_SECONDS", 86400, minimum=60),
         ussd_service_code=service_code,
         ussd_service_codes=service_codes,

@@ -207,7 +207,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         "mismatch": False,
         "mismatch_detail": None,
         "late": False,
-        "expires_at": now + timedelta(seconds=rt.settings.payment_timeout_seconds),
+        "expires_at": now + timedelta(seconds=approval_window(rt.settings, new.method)),
         "next_poll_at": now + timedelta(seconds=rt.settings.poll_after_seconds),
         "created_by": actor.id,
         "created_at": now,
@@ -322,6 +322,15 @@ async def _insert_step_by_step(session: AsyncSession, values: dict[str, Any], ac
                  after={**audit_after, "reference": row["reference"]}, cooperative_id=row["cooperative_id"])
     await enqueue_many(session, jobs)
     return str(row["reference"])
+
+
+def approval_window(settings: Any, method: str) -> int:
+    """Seconds a new payment stays open: a PIN prompt's PAYMENT_TIMEOUT_SECONDS for mobile money; for a bank
+    payment (an invoice the payer settles on their bank's page, which they reach from the paymentUrl the
+    worker adds seconds after the 201) BANK_PAYMENT_TIMEOUT_SECONDS, also the invoice's expiry."""
+    if method.startswith("BANK_"):
+        return int(settings.bank_payment_timeout_seconds)
+    return int(settings.payment_timeout_seconds)
 
 
 def _normalise_account(method: str, account: str, country: str) -> str:
