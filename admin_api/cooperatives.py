@@ -12,6 +12,7 @@ from admin_api.routing import Ctx, Route, end_sessions
 from admin_api.validation import LIMIT, PAGE, Param
 from core import auth
 from core import cooperatives as service
+from core.config import USSD_AGGREGATORS
 from core.models import Cooperative
 from core.money import EXPONENTS
 from core.phone import mask
@@ -25,6 +26,7 @@ COOPERATIVE = out(
         "currency": {"type": "string"},
         "timezone": {"type": "string"},
         "ussdExtension": NULL_STRING,
+        "ussdAggregator": NULL_STRING,
         "status": {"enum": list(service.STATUSES)},
         "contactPhone": NULL_STRING,
         "selfRegistration": {"type": "boolean"},
@@ -39,6 +41,8 @@ _FIELDS = {
     "currency": {"enum": sorted(EXPONENTS)},
     "timezone": {"type": "string", "minLength": 3, "maxLength": 64},
     "ussdExtension": {"type": ["string", "null"], "pattern": "^[0-9]{1,8}$"},
+    # The aggregator its members dial through: SMS texts say that aggregator's code (null: USSD_SERVICE_CODE).
+    "ussdAggregator": {"enum": [*USSD_AGGREGATORS, None]},
     "status": {"enum": list(service.STATUSES)},
     "contactPhone": {"type": ["string", "null"], "maxLength": 32},
     "selfRegistration": {"type": "boolean"},
@@ -48,6 +52,7 @@ UPDATE = obj({k: v for k, v in _FIELDS.items() if k not in ("country", "currency
 _NAMES = {
     "shortCode": "short_code",
     "ussdExtension": "ussd_extension",
+    "ussdAggregator": "ussd_aggregator",
     "contactPhone": "contact_phone",
     "selfRegistration": "self_registration",
 }
@@ -62,6 +67,7 @@ def present(c: Cooperative) -> dict[str, Any]:
         "currency": c.currency,
         "timezone": c.timezone,
         "ussdExtension": c.ussd_extension,
+        "ussdAggregator": c.ussd_aggregator,
         "status": c.status,
         "contactPhone": mask(c.contact_phone) if c.contact_phone else None,
         "selfRegistration": c.self_registration,

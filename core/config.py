@@ -106,9 +106,10 @@ class Settings:
     ussd_service_codes: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    def service_code_for(self, aggregator: str) -> str:
-        """The USSD code members dial through this aggregator (USSD_SERVICE_CODE_<AGGREGATOR>, else the shared one)."""
-        return self.ussd_service_codes.get(aggregator, self.ussd_service_code)
+    def service_code_for(self, aggregator: str | None) -> str:
+        """The USSD code members dial through this aggregator (USSD_SERVICE_CODE_<AGGREGATOR>, else the shared
+        one; None: the shared one)."""
+        return self.ussd_service_codes.get(aggregator or "", self.ussd_service_code)
 
     @property
     def is_embedded(self) -> bool:

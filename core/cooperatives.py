@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
+from core.config import USSD_AGGREGATORS
 from core.db import utcnow
 from core.errors import Conflict, NotFound, ValidationError
 from core.models import Cooperative
@@ -52,6 +53,7 @@ _FIELDS = (
     "currency",
     "timezone",
     "ussd_extension",
+    "ussd_aggregator",
     "status",
     "contact_phone",
     "self_registration",
@@ -84,6 +86,8 @@ def _validate(values: dict[str, Any]) -> list[str]:
             errors.append("timezone must be an IANA time zone name")
     if values.get("ussd_extension") is not None and not _EXTENSION.match(values["ussd_extension"]):
         errors.append("ussdExtension must be 1 to 8 digits")
+    if values.get("ussd_aggregator") is not None and values["ussd_aggregator"] not in USSD_AGGREGATORS:
+        errors.append(f"ussdAggregator must be one of {', '.join(USSD_AGGREGATORS)}")
     if "status" in values and values["status"] not in STATUSES:
         errors.append(f"status must be one of {', '.join(STATUSES)}")
     if values.get("contact_phone") is not None:

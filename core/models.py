@@ -47,6 +47,9 @@ class Cooperative(Base):
     currency: Mapped[str] = mapped_column(String(3))
     timezone: Mapped[str] = mapped_column(String(64), default="Africa/Kigali")
     ussd_extension: Mapped[str | None] = mapped_column(String(16), unique=True)
+    # The USSD aggregator its members dial through (africastalking, hubtel, nalo): the SMS texts name that
+    # aggregator's code (USSD_SERVICE_CODE_<NAME>) with the extension. None: USSD_SERVICE_CODE.
+    ussd_aggregator: Mapped[str | None] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="ACTIVE")  # ACTIVE | SUSPENDED
     contact_phone: Mapped[str | None] = mapped_column(String(32))
     self_registration: Mapped[bool] = mapped_column(Boolean, default=True)

@@ -218,7 +218,7 @@ class SmsJobs:
         plain query; anything else, or a payment whose rows are not all there, goes through
         `build_message`, which reads the rows one by one and names what is missing."""
         rt = self.rt
-        service_code = rt.settings.ussd_service_code
+        service_code = rt.settings.service_code_for  # the cooperative's aggregator's, else USSD_SERVICE_CODE
         try:
             facts = await _payment_facts(conn, payload)
             if facts is not None:
@@ -422,7 +422,8 @@ _PAYMENT_FACTS = (
     select(
         _P.c.amount_minor, _P.c.currency, _P.c.reference, _P.c.provider_transaction_id, _P.c.completed_at,
         _P.c.updated_at, _P.c.status, _P.c.failure_reason, _T.c.name, _C.c.name, _C.c.timezone,
-        _C.c.ussd_extension, _P.c.collected_minor, _M.c.phone_enc, _M.c.cooperative_id, _M.c.language,
+        _C.c.ussd_extension, _P.c.collected_minor, _C.c.ussd_aggregator, _M.c.phone_enc, _M.c.cooperative_id,
+        _M.c.language,
     )
     .select_from(_P)
     .outerjoin(_T, _T.c.id == _P.c.payment_type_id)

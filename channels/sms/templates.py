@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from datetime import date, datetime
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -115,6 +116,7 @@ class PaymentFacts(NamedTuple):
     coop_timezone: str
     coop_ussd_extension: str | None
     collected_minor: int | None  # set when the provider reported taking another amount (core.payments)
+    coop_ussd_aggregator: str | None  # the aggregator whose code the member dials (None: the default code)
 
 
 def amount_text(facts: PaymentFacts, catalog: ModuleType) -> str:
@@ -128,7 +130,15 @@ def amount_text(facts: PaymentFacts, catalog: ModuleType) -> str:
     return str(phrase.format(collected=taken.format(), amount=asked.format()))
 
 
-def payment_values(facts: PaymentFacts, language: str, service_code: str) -> dict[str, Any]:
+# The USSD code SMS texts name: one code, or the code of a cooperative's aggregator (Settings.service_code_for).
+ServiceCode = str | Callable[[str | None], str]
+
+
+def code_of(service_code: ServiceCode, aggregator: str | None) -> str:
+    return service_code(aggregator) if callable(service_code) else service_code
+
+
+def payment_values(facts: PaymentFacts, language: str, service_code: ServiceCode) -> dict[str, Any]:
     catalog = CATALOGS.get(language, en)
     return {
         "amount": amount_text(facts, catalog),
@@ -140,7 +150,7 @@ def payment_values(facts: PaymentFacts, language: str, service_code: str) -> dic
         "status": catalog.PAYMENT_STATUS.get(shown_status(facts.status, facts.failure_reason, facts.completed_at),
                                               facts.status),
         "reason": catalog.REASONS[reason_key(facts.failure_reason)],
-        "dial": dial_code(service_code, facts.coop_ussd_extension),
+        "dial": dial_code(code_of(service_code, facts.coop_ussd_aggregator), facts.coop_ussd_extension),
     }
 
 
@@ -170,7 +180,7 @@ async def build_message(
     cipher: PiiCipher,
     payload: dict[str, Any],
     *,
-    service_code: str = "*384*123#",
+    service_code: ServiceCode = "*384*123#",
 ) -> tuple[Phone, str, str]:
     """From an 'sms.send' job payload to (phone, language, body), reading the rows the template names."""
     template = payload.get("template")
@@ -186,7 +196,8 @@ async def build_message(
     coop: Cooperative | None = None
     if payload.get("cooperative_id"):
         coop = await _one(session, Cooperative, payload["cooperative_id"], "cooperative")
-    dial = dial_code(service_code, coop.ussd_extension if coop else None)
+    dial = dial_code(code_of(service_code, coop.ussd_aggregator if coop else None),
+                     coop.ussd_extension if coop else None)
     values: dict[str, Any] = {"dial": dial, "ref": str(context.get("reference") or "-")[:32]}
 
     if is_payment_template(template):
@@ -197,6 +208,7 @@ async def build_message(
             payment.amount_minor, payment.currency, payment.reference, payment.provider_transaction_id,
             payment.completed_at, payment.updated_at, payment.status, payment.failure_reason,
             ptype.name if ptype else None, coop.name, coop.timezone, coop.ussd_extension, payment.collected_minor,
+            coop.ussd_aggregator,
         )
         values.update(payment_values(facts, language, service_code))
     elif template.startswith("refund_"):
@@ -233,13 +245,14 @@ async def build_message(
             amount=Money(ptype.amount_minor, ptype.currency).format(),
             coop=coop.name,
             due=due_text,
-            dial=dial_code(service_code, coop.ussd_extension),
+            dial=dial_code(code_of(service_code, coop.ussd_aggregator), coop.ussd_extension),
         )
     elif template == "member_approved":
         if member is None:
             raise TemplateError("member_approved needs a member")
         coop = coop or await _one(session, Cooperative, member.cooperative_id, "cooperative")
-        values.update(coop=coop.name, dial=dial_code(service_code, coop.ussd_extension))
+        values.update(coop=coop.name, dial=dial_code(code_of(service_code, coop.ussd_aggregator),
+                                                     coop.ussd_extension))
     elif template == "webhook_disabled":
         endpoint = await _one(session, WebhookEndpoint, context.get("endpoint_id"), "webhook endpoint")
         coop = coop or await _one(session, Cooperative, endpoint.cooperative_id, "cooperative")
