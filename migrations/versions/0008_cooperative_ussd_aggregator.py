@@ -21,5 +21,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('cooperatives') as batch:
-        batch.drop_column('ussd_aggregator')
+    # ALTER TABLE ... DROP COLUMN on both engines (SQLite since 3.35): a batch copy of the table would drop
+    # and re-create `cooperatives`, which SQLite's foreign keys (on, see core.db) refuse while rows refer to it.
+    op.execute("ALTER TABLE cooperatives DROP COLUMN ussd_aggregator")

@@ -16,7 +16,6 @@ from core.db import JSONType, UTCDateTime, make_engine, new_id, parse_aware, utc
 from core.models import Cooperative, WebhookEndpoint
 from main import _alembic_config, migrate
 from tests.conftest import make_settings, requires_pg
-from tests.core.factories import cooperative
 
 # webhook_endpoints as revision 0005 has it (the models are at head).
 AT_0005 = sa.table(
@@ -35,6 +34,16 @@ AT_0005 = sa.table(
 )
 
 
+COOPERATIVES_AT_0005 = sa.table(
+    "cooperatives",
+    *(sa.column(name, sa.String(200)) for name in ("id", "name", "short_code", "country", "currency", "timezone",
+                                                   "status")),
+    sa.column("self_registration", sa.Boolean),
+    sa.column("created_at", UTCDateTime),
+    sa.column("updated_at", UTCDateTime),
+)
+
+
 def _run(coro: Any) -> Any:
     return asyncio.run(coro)
 
@@ -49,7 +58,10 @@ async def _at_0005(url: str) -> dict[str, Any]:
     engine = make_engine(url)
     try:
         async with AsyncSession(engine) as session, session.begin():
-            coop_id = (await cooperative(session)).id
+            coop_id = new_id()  # a cooperative as 0005 has it (the model's later columns are not there yet)
+            await session.execute(sa.insert(COOPERATIVES_AT_0005).values(
+                id=coop_id, name="Test Coop", short_code=coop_id[:8], country="RW", currency="RWF",
+                timezone="Africa/Kigali", status="ACTIVE", self_registration=True, created_at=now, updated_at=now))
             for name, row_id in ids.items():
                 await session.execute(sa.insert(AT_0005).values(
                     id=row_id, cooperative_id=coop_id, url=f"https://hooks.example.rw/{name}",
