@@ -68,6 +68,18 @@ def zone_of(name: str | None) -> ZoneInfo:
         return ZoneInfo("UTC")
 
 
+def _mornings(zone: ZoneInfo) -> bool:
+    """Whether the reminders' daily scan (core.reminders.SCAN_HOUR_UTC) is a morning hour there, in winter and in
+    summer: west of UTC-1 it is the night before (past the 20:00 send cut-off: no reminder would ever go out),
+    east of UTC+6 the afternoon."""
+    from datetime import UTC, datetime
+
+    from core.reminders import SCAN_HOUR_UTC
+
+    return all(5 <= datetime(2026, month, 1, SCAN_HOUR_UTC, tzinfo=UTC).astimezone(zone).hour < 12
+               for month in (1, 7))
+
+
 def _validate(values: dict[str, Any]) -> list[str]:
     """Every problem with `values`; a valid contact_phone in them is rewritten to E.164."""
     errors: list[str] = []
@@ -81,9 +93,13 @@ def _validate(values: dict[str, Any]) -> list[str]:
         errors.append("currency is not supported")
     if "timezone" in values:
         try:
-            ZoneInfo(values["timezone"])
+            zone = ZoneInfo(values["timezone"])
         except (ZoneInfoNotFoundError, ValueError):
             errors.append("timezone must be an IANA time zone name")
+        else:
+            if not _mornings(zone):
+                errors.append("timezone must be one where the daily reminder scan (06:00 UTC) falls between 05:00 "
+                              "and 12:00 local time (UTC-1 to UTC+6, e.g. Africa/Accra, Africa/Nairobi)")
     if values.get("ussd_extension") is not None and not _EXTENSION.match(values["ussd_extension"]):
         errors.append("ussdExtension must be 1 to 8 digits")
     if values.get("ussd_aggregator") is not None and values["ussd_aggregator"] not in USSD_AGGREGATORS:
