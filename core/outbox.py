@@ -59,6 +59,32 @@ UNSTAMPED = ""
 MAX_RETRY_AFTER = 3600.0
 # A claimed job with less of its handler time left than this is handed back rather than started.
 MIN_HANDLER_SECONDS = 2.0
+# PostgreSQL's undefined column and undefined table (SQLSTATE 42703, 42P01): the handler's code and the database's
+# schema are of different releases (a deploy in progress: this worker is of the release before or after the
+# schema's migrations). Not the job's failure: it is handed back, its attempt kept, for a worker whose code
+# matches (see schema_mismatch), due again in SCHEMA_RETRY_SECONDS; the worker logs it at most once a
+# SCHEMA_LOG_SECONDS.
+SCHEMA_MISMATCH_STATES = frozenset({"42703", "42P01"})
+SCHEMA_MISMATCH = "schema mismatch (a deploy in progress?): handed back for a worker of the matching release"
+SCHEMA_RETRY_SECONDS = 30.0
+SCHEMA_LOG_SECONDS = 60.0
+
+
+def schema_mismatch(exc: BaseException) -> bool:
+    """`exc` (or what it wraps: SQLAlchemy's .orig, the asyncpg error as its __cause__, a re-raise's
+    __context__) is PostgreSQL's undefined column or undefined table: the code does not match the schema."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen or len(seen) > 20:
+            continue
+        seen.add(id(error))
+        if getattr(error, "sqlstate", None) in SCHEMA_MISMATCH_STATES:
+            return True
+        orig = getattr(error, "orig", None)
+        todo.extend((orig if isinstance(orig, BaseException) else None, error.__cause__, error.__context__))
+    return False
 
 
 def handler_timeout(lease_seconds: float) -> float:
@@ -242,6 +268,8 @@ class OutboxWorker:
         self.worker_id = worker_id or f"{socket.gethostname()[:40]}:{os.getpid()}:{random.getrandbits(24):06x}"
         self._on_job = on_job
         self._stopping = asyncio.Event()
+        # Schema mismatches (schema_mismatch) handed back since the last log line, and when that was written.
+        self._mismatches, self._mismatch_logged = 0, -SCHEMA_LOG_SECONDS
 
     def stop(self) -> None:
         self._stopping.set()
@@ -345,6 +373,10 @@ class OutboxWorker:
             log.error("job parked", extra={"job_id": job.id, "kind": job.kind, "error": str(exc)})
             await self._finish(job, status="PARKED", locked_by=None, last_error=str(exc)[:2000])
         except Exception as exc:
+            if schema_mismatch(exc):
+                outcome = "later"
+                await self._schema_mismatch(job, exc)
+                return
             error = f"{type(exc).__name__}: {exc}"[:2000]
             if isinstance(exc, TimeoutError) and deadline.expired():
                 # Cut off by us, not failed: the next attempt can tell (Job.interrupted).
@@ -375,6 +407,25 @@ class OutboxWorker:
         finally:
             if self._on_job:
                 self._on_job(job.kind, outcome, time.perf_counter() - started)
+
+    async def _schema_mismatch(self, job: Job, exc: Exception) -> None:
+        """`job`'s handler met a schema of another release (schema_mismatch): due again in
+        SCHEMA_RETRY_SECONDS with its attempt given back, so a deploy's window parks nothing; logged at most
+        once a SCHEMA_LOG_SECONDS per worker. A doubt about its provider call (a stamped call, or an
+        interrupted attempt before it) is kept for the next attempt (Job.interrupted)."""
+        error = f"{SCHEMA_MISMATCH}: {type(exc).__name__}: {exc}"
+        if job.call_started or job.interrupted:
+            error = f"{INTERRUPTED}: {error}"
+        self._mismatches += 1
+        now = time.monotonic()
+        if now - self._mismatch_logged >= SCHEMA_LOG_SECONDS:
+            log.warning("job's code does not match the database schema (a deploy in progress?); handed back "
+                        "without using an attempt, for a worker of the matching release",
+                        extra={"job_id": job.id, "kind": job.kind, "jobs_handed_back": self._mismatches,
+                               "delay_s": SCHEMA_RETRY_SECONDS, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            self._mismatches, self._mismatch_logged = 0, now
+        await self._finish(job, status="PENDING", locked_by=None, attempts=job.attempts - 1,
+                           run_in=SCHEMA_RETRY_SECONDS, last_error=error[:2000])
 
     async def _give_back(self, job: Job) -> None:
         await self._finish(job, status="PENDING", locked_by=None, attempts=job.attempts - 1, run_in=0)

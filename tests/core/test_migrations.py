@@ -67,3 +67,76 @@ def test_serve_refuses_an_unmigrated_database(tmp_path):
                             check=False)
     assert result.returncode == 3
     assert "refusing to start" in result.stderr and "python main.py migrate" in result.stderr
+
+
+REPORT_INDEXES = {"ix_payments_coop_completed": "payments (cooperative_id, completed_at)",
+                  "ix_refunds_coop_created": "refunds (cooperative_id, created_at)",
+                  "ix_refunds_coop_completed": "refunds (cooperative_id, completed_at)"}
+
+
+@requires_pg
+async def test_0004_builds_its_indexes_without_blocking_payment_writes(migrated_database):
+    """`migrate` runs on the live database: 0004's indexes are built CONCURRENTLY, so a payment write that
+    comes while a build waits or runs is not queued behind it (a plain CREATE INDEX blocked every INSERT and
+    UPDATE of payments for the whole build); an INVALID index an interrupted build left is built again."""
+    import asyncpg
+    from alembic import command
+
+    from main import _alembic_config, migrate
+
+    settings = make_settings()
+    dsn = migrated_database.replace("postgresql+asyncpg://", "postgresql://")
+    cfg = _alembic_config(settings)
+    upgrading = None
+    writer = await asyncpg.connect(dsn)
+    try:
+        await asyncio.to_thread(command.downgrade, cfg, "0003")
+        assert not await writer.fetch("SELECT 1 FROM pg_class WHERE relname = ANY($1::text[])", list(REPORT_INDEXES))
+        # What a killed `migrate` leaves: an INVALID index (here also of the wrong columns).
+        await writer.execute("CREATE INDEX ix_refunds_coop_created ON refunds (cooperative_id)")
+        await writer.execute("UPDATE pg_index SET indisvalid = false "
+                             "WHERE indexrelid = 'ix_refunds_coop_created'::regclass")
+        # A payment's transaction in flight: the build waits for it, as any index build must.
+        in_flight = writer.transaction()
+        await in_flight.start()
+        await writer.execute("UPDATE payments SET status = status WHERE false")
+        upgrading = asyncio.ensure_future(asyncio.to_thread(command.upgrade, cfg, "0004"))
+        other = await asyncpg.connect(dsn)
+        try:
+            for _ in range(200):  # until the build waits on the payment's transaction
+                if await other.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'CREATE INDEX%' "
+                                        "AND wait_event_type = 'Lock' AND datname = current_database()"):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the index build never started")
+            # Meanwhile another payment is written: it must not queue behind the build.
+            await other.execute("SET lock_timeout = '3s'")
+            await other.execute("UPDATE payments SET status = status WHERE false")
+        finally:
+            await other.close()
+            await in_flight.commit()
+        await upgrading
+        rows = {r["relname"]: (r["indisvalid"], r["def"]) for r in await writer.fetch(
+            "SELECT c.relname, i.indisvalid, pg_get_indexdef(i.indexrelid) AS def FROM pg_index i "
+            "JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = ANY($1::text[])", list(REPORT_INDEXES))}
+        assert {name: (valid, d.split(" ON ")[1].replace("public.", "").replace("USING btree ", ""))
+                for name, (valid, d) in rows.items()} == {name: (True, d) for name, d in REPORT_INDEXES.items()}
+    finally:
+        if upgrading is not None and not upgrading.done():
+            await asyncio.wait([upgrading], timeout=60)
+        await writer.close()
+        await asyncio.to_thread(migrate, settings)  # at head again, whatever happened
+
+
+def test_0004_downgrades_and_upgrades_again_on_sqlite(tmp_path):
+    from alembic import command
+
+    from main import _alembic_config, migrate
+
+    url = f"sqlite+aiosqlite:///{tmp_path}/m.db"
+    settings = make_settings(DATABASE_URL=url)
+    migrate(settings)
+    command.downgrade(_alembic_config(settings), "0003")
+    migrate(settings)
+    assert _diff(url) == []
