@@ -69,27 +69,57 @@ def _alembic_config(settings: Settings):  # type: ignore[no-untyped-def]
 def migrate(settings: Settings) -> None:
     """Apply every alembic revision up to head (blocking; call outside the event loop)."""
     from alembic import command
+    from alembic.util.exc import CommandError
 
-    command.upgrade(_alembic_config(settings), "head")
+    try:
+        command.upgrade(_alembic_config(settings), "head")
+    except CommandError:
+        # The usual cause: the database was migrated by a newer release (this one was rolled back to).
+        current = asyncio.run(_current_revisions(settings))
+        ahead = _ahead_of_code(settings, current)
+        if ahead:
+            raise MigrationStateError(ahead) from None
+        raise
 
 
-async def check_migrations(settings: Settings) -> None:
+async def _current_revisions(settings: Settings) -> set[str]:
     from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
 
     from core.db import make_engine
 
-    heads = set(ScriptDirectory.from_config(_alembic_config(settings)).get_heads())
     engine = make_engine(settings.database_url)
     try:
         async with engine.connect() as conn:
-            current = await conn.run_sync(lambda c: set(MigrationContext.configure(c).get_current_heads()))
+            return await conn.run_sync(lambda c: set(MigrationContext.configure(c).get_current_heads()))
     finally:
         await engine.dispose()
+
+
+def _ahead_of_code(settings: Settings, current: set[str]) -> str | None:
+    """What to do when the database is at a revision this code does not know: a newer release migrated it
+    (this one was rolled back to). `migrate` cannot help (alembic cannot go down from a revision it has not got);
+    the newer release's code can."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config(settings))
+    known = {revision.revision for revision in script.walk_revisions()}
+    unknown = sorted(current - known)
+    if not unknown:
+        return None
+    head = ", ".join(sorted(script.get_heads()))
+    return (f"the database is at revision {', '.join(unknown)}, newer than this code (head {head}): deploy the "
+            f"newer release, or downgrade with it (`.venv/bin/alembic downgrade {head}` run from the newer release)")
+
+
+async def check_migrations(settings: Settings) -> None:
+    from alembic.script import ScriptDirectory
+
+    heads = set(ScriptDirectory.from_config(_alembic_config(settings)).get_heads())
+    current = await _current_revisions(settings)
     if current != heads:
-        raise MigrationStateError(
+        raise MigrationStateError(_ahead_of_code(settings, current) or (
             f"database is at {sorted(current) or 'no revision'}, code expects {sorted(heads)}: "
-            "run `.venv/bin/python main.py migrate`")
+            "run `.venv/bin/python main.py migrate`"))
 
 
 async def seed(settings: Settings) -> dict:
@@ -414,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refusing to {args.command} with GATEWAY_ENV=production: it creates the demo cooperative and its "
               "admins, whose passwords are published", file=sys.stderr)
         return 2
+    from alembic.util.exc import CommandError
     from redis.exceptions import RedisError
     from sqlalchemy.exc import DBAPIError
 
@@ -446,7 +477,11 @@ def main(argv: list[str] | None = None) -> int:
             demo = asyncio.run(seed(settings))
             asyncio.run(_serve(settings, with_worker=True, banner=_banner(settings, demo)))
     except MigrationStateError as exc:
-        print(f"refusing to start: {exc}", file=sys.stderr)
+        print(f"refusing to {'migrate' if args.command == 'migrate' else 'start'}: {exc}", file=sys.stderr)
+        return 3
+    except CommandError as exc:  # alembic: a revision it cannot find or reach
+        print(f"refusing to {'migrate' if args.command == 'migrate' else 'start'}: {_reason(exc)}",
+              file=sys.stderr)
         return 3
     except InputError as exc:
         print(f"refusing to {args.command}: {exc}", file=sys.stderr)
@@ -457,9 +492,36 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, DBAPIError, RedisError) as exc:  # the database or Redis unreachable, the port taken, ...
         print(f"cannot start: {_reason(exc)}", file=sys.stderr)
         return 4
+    except (ValueError, TypeError, OverflowError) as exc:
+        # A DATABASE_URL that load_settings let through but the driver refuses when it connects.
+        if not _from_database_url(exc):
+            raise
+        print(f"configuration error: DATABASE_URL: the database driver refuses it ({_reason(exc)})",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+# Where the database URL is turned into a connection: SQLAlchemy's engine and URL, the asyncpg dialect, asyncpg.
+_URL_HANDLING = ("/sqlalchemy/engine/create.py", "/sqlalchemy/engine/url.py",
+                 "/sqlalchemy/dialects/postgresql/asyncpg.py", "/asyncpg/connection.py", "/asyncpg/connect_utils.py")
+
+
+def _from_database_url(exc: BaseException) -> bool:
+    """Whether `exc` was raised while SQLAlchemy or the driver used the URL's parts (a port, a query parameter)
+    and not in this project's code past that point (a bug there keeps its traceback)."""
+    import traceback
+
+    inside = False
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = frame.filename.replace("\\", "/")
+        if path.endswith(_URL_HANDLING):
+            inside = True
+        elif inside and path.startswith(str(ROOT)) and "/.venv/" not in path and "site-packages" not in path:
+            return False
+    return inside
 
 
 def _reason(exc: BaseException) -> str:

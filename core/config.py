@@ -187,11 +187,105 @@ def _key(name: str, raw: str) -> bytes:
 
 
 def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
+    """A base URL paths are appended to: a scheme, a host (`https:pay.example.rw`, one slash short, has none),
+    a valid port if any, and no query or fragment (a path appended after one would be lost in it)."""
     value = _get(env, name, default)
     parsed = urlparse(value)
-    if parsed.scheme not in schemes or (not parsed.netloc and not parsed.path):
-        raise ConfigError(name, f"must be a URL with scheme {'/'.join(schemes)}")
+    if parsed.scheme not in schemes or not parsed.hostname:
+        raise ConfigError(name, f"must be a URL with scheme {'/'.join(schemes)} and a host, "
+                                f"such as {schemes[-1]}://pay.example.rw")
+    try:
+        port = parsed.port  # urllib checks the port when it is read
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(name, "has an invalid port (a number from 1 to 65535)")
+    if "?" in value or "#" in value:
+        raise ConfigError(name, "must not have a query (?...) or fragment (#...): paths are appended to it")
     return value.rstrip("/")
+
+
+# libpq's sslmode values (what managed PostgreSQL services print in their URLs): asyncpg's `ssl` takes the same.
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_TARGET_SESSION_ATTRS = ("any", "primary", "standby", "read-write", "read-only", "prefer-standby")
+_PG_QUERY = ("ssl", "sslmode", "host", "target_session_attrs", "passfile")
+
+
+def _port_ok(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
+
+
+def _database_url(env: Mapping[str, str]) -> str:
+    """DATABASE_URL, checked here rather than by the driver at the first connection (a traceback then): the
+    scheme, the port, and the query parameters asyncpg takes. libpq's `sslmode=` (in the URLs managed
+    PostgreSQL services give) becomes asyncpg's `ssl=`, which takes the same modes."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    name = "DATABASE_URL"
+    raw = _get(env, name, EMBEDDED_DATABASE_URL)
+    if raw.startswith(("postgres://", "postgresql://")):
+        raw = "postgresql+asyncpg://" + raw.split("://", 1)[1]
+    if not raw.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+        raise ConfigError(name, "must be postgresql+asyncpg://... or sqlite+aiosqlite://...")
+    try:
+        url = make_url(raw)
+    except ValueError:  # the port: make_url reads it with int() (never echo the URL: it may hold a password)
+        raise ConfigError(name, "has an invalid port (a number from 1 to 65535)") from None
+    except ArgumentError:
+        raise ConfigError(name, "is not a URL such as postgresql+asyncpg://user:password@host:5432/name") from None
+    if raw.startswith("sqlite"):
+        return raw
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ConfigError(name, "has an invalid port (a number from 1 to 65535)")
+    query = dict(url.query)
+    for key in query:
+        if key not in _PG_QUERY:
+            raise ConfigError(name, f"has the query parameter {key!r}, which is not supported "
+                                    f"(these are: {', '.join(_PG_QUERY)})")
+    values = {key: (value,) if isinstance(value, str) else tuple(value) for key, value in query.items()}
+    for key in ("ssl", "sslmode", "target_session_attrs", "passfile"):
+        if len(values.get(key, ())) > 1:
+            raise ConfigError(name, f"has the query parameter {key!r} more than once")
+    for host in values.get("host", ()):  # several hosts: host=a:5432&host=b:5432
+        tail = host.rsplit("]", 1)[-1]  # after an IPv6 literal's brackets
+        if ":" in tail and not _port_ok(tail.rpartition(":")[2]):
+            raise ConfigError(name, "has an invalid port in a host= parameter (a number from 1 to 65535)")
+    if "ssl" in values and "sslmode" in values:
+        raise ConfigError(name, "has both ssl= and sslmode=: give one")
+    mode = (values.get("ssl") or values.get("sslmode") or ("",))[0]
+    if mode and mode not in SSL_MODES:
+        raise ConfigError(name, f"has ssl/sslmode {mode!r}, which is not one of {', '.join(SSL_MODES)}")
+    attrs = values.get("target_session_attrs", ("any",))[0]
+    if attrs not in _TARGET_SESSION_ATTRS:
+        raise ConfigError(name, f"has target_session_attrs {attrs!r}, which is not one of "
+                                f"{', '.join(_TARGET_SESSION_ATTRS)}")
+    if "sslmode" not in values:
+        return raw
+    query.pop("sslmode")
+    return url.set(query={**query, "ssl": mode}).render_as_string(hide_password=False)
+
+
+def _redis_url(env: Mapping[str, str]) -> str:
+    """REDIS_URL: redis-py reads a database number it cannot parse (redis://host/abc) as 0, silently, and a
+    bad port only at the first command: both are refused here."""
+    name = "REDIS_URL"
+    value = _get(env, name, "embedded")
+    if value == "embedded" or value.startswith("unix://"):
+        return value
+    if not value.startswith(("redis://", "rediss://")):
+        raise ConfigError(name, "must be redis://..., rediss://..., unix://... or 'embedded'")
+    parsed = urlparse(value)
+    try:
+        port = parsed.port  # urllib checks the port when it is read
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(name, "has an invalid port (a number from 1 to 65535)")
+    db = parsed.path.strip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        raise ConfigError(name, f"names the database {db!r}: it must be a number, such as redis://host:6379/0")
+    return value
 
 
 PROVIDER_NAMES = ("mtn_momo", "airtel", "mpesa", "irembopay")
@@ -306,14 +400,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("GATEWAY_ENV", "must be development, production or test")
     production = environment == "production"
 
-    database_url = _get(env, "DATABASE_URL", EMBEDDED_DATABASE_URL)
-    if database_url.startswith(("postgres://", "postgresql://")):
-        database_url = "postgresql+asyncpg://" + database_url.split("://", 1)[1]
-    if not database_url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
-        raise ConfigError("DATABASE_URL", "must be postgresql+asyncpg://... or sqlite+aiosqlite://...")
-    redis_url = _get(env, "REDIS_URL", "embedded")
-    if redis_url != "embedded" and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("REDIS_URL", "must be redis://..., rediss://..., unix://... or 'embedded'")
+    database_url = _database_url(env)
+    redis_url = _redis_url(env)
 
     port = _int(env, "PORT", 8080, minimum=0)
     if port > 65535:
@@ -387,6 +475,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     jwt_secret = secret("JWT_SECRET")
     if production and len(jwt_secret.get().encode()) < 32:
         raise ConfigError("JWT_SECRET", "must be at least 32 bytes in production")
+    blind_index_key = secret("BLIND_INDEX_KEY")
+    if production and len(blind_index_key.get().encode()) < 32:
+        # The phone lookups' HMAC key: a short one can be searched for, and every member's phone with it.
+        raise ConfigError("BLIND_INDEX_KEY", "must be at least 32 bytes in production")
     rate_multiplier = _float(env, "RATE_LIMIT_MULTIPLIER", 1.0, zero_means="turns rate limits off")
     phone_page = _bool(env, "PHONE_SIMULATOR_ENABLED", False)
     if production and phone_page:
@@ -418,7 +510,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         port=port,
         pii_keys=pii_keys,
         pii_active_key_id=active,
-        blind_index_key=secret("BLIND_INDEX_KEY"),
+        blind_index_key=blind_index_key,
         jwt_secret=jwt_secret,
         jwt_ttl_seconds=_int(env, "JWT_TTL_SECONDS", 900, minimum=60),
         callback_secrets=callback_secrets,

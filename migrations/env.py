@@ -31,8 +31,12 @@ def run_migrations_offline() -> None:
 
 
 def _run(connection: Connection) -> None:
+    # One transaction per migration: a migration with an autocommit block (0004's CONCURRENTLY index builds)
+    # then never commits the ones before it halfway, and a failed migration leaves the earlier ones applied
+    # and recorded, so the next `migrate` resumes from it.
     context.configure(connection=connection, target_metadata=target_metadata,
-                      render_as_batch=connection.dialect.name == "sqlite", compare_type=True)
+                      render_as_batch=connection.dialect.name == "sqlite", compare_type=True,
+                      transaction_per_migration=True)
     with context.begin_transaction():
         context.run_migrations()
 

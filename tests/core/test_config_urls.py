@@ -1,0 +1,100 @@
+"""URLs and keys checked at start-up (core.config.load_settings), not at the first connection or call: the
+managed-PostgreSQL `sslmode`, ports, hosts, Redis's database number, production's blind-index key."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from core.config import ConfigError, load_settings
+from tests.core.test_crypto_config import _production_env
+
+PG = "postgresql+asyncpg://gw:pa%40ss@db.example.rw:5432/gw"
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's, and asyncpg's
+
+
+@pytest.mark.parametrize("mode", SSL_MODES)
+def test_libpq_sslmode_becomes_asyncpgs_ssl(mode):
+    # What a managed PostgreSQL service gives: postgres://...?sslmode=require. asyncpg takes ssl=<the same mode>
+    # (it refuses an sslmode keyword: a TypeError at the first connection).
+    url = make_url(load_settings({"DATABASE_URL": f"postgres://gw:pa%40ss@db.example.rw:5432/gw?sslmode={mode}"})
+                   .database_url)
+    assert url.drivername == "postgresql+asyncpg" and dict(url.query) == {"ssl": mode}
+    assert (url.username, url.password, url.host, url.port, url.database) == ("gw", "pa@ss", "db.example.rw", 5432,
+                                                                              "gw")
+
+
+def test_a_url_asyncpg_takes_as_it_is_is_left_alone():
+    for given in (PG, f"{PG}?ssl=verify-full", "postgresql+asyncpg://gw@/gw?host=a:5432&host=b:5433",
+                  "sqlite+aiosqlite:///./var/gateway.db"):
+        assert load_settings({"DATABASE_URL": given}).database_url == given
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("postgresql+asyncpg://gw:secret-pw@127.0.0.1:5432x/gw", "invalid port"),
+    ("postgresql+asyncpg://gw:secret-pw@127.0.0.1:99999/gw", "invalid port"),
+    ("postgresql+asyncpg://gw:secret-pw@127.0.0.1:/gw", "invalid port"),
+    ("postgres://gw:secret-pw@db/gw?sslmode=required", "'required', which is not one of disable, allow"),
+    ("postgres://gw:secret-pw@db/gw?ssl=true", "'true', which is not one of"),
+    ("postgres://gw:secret-pw@db/gw?ssl=require&sslmode=require", "both ssl= and sslmode="),
+    ("postgres://gw:secret-pw@db/gw?connect_timeout=10", "'connect_timeout', which is not supported"),
+    ("postgres://gw:secret-pw@db/gw?target_session_attrs=master", "target_session_attrs 'master'"),
+    ("postgresql+asyncpg://gw:secret-pw@/gw?host=a:5432&host=b:54x", "invalid port in a host= parameter"),
+])
+def test_database_url_mistakes_are_named_at_start(url, says):
+    with pytest.raises(ConfigError) as info:
+        load_settings({"DATABASE_URL": url})
+    assert info.value.variable == "DATABASE_URL" and says in str(info.value)
+    assert "secret-pw" not in str(info.value)  # the message never shows the password
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("redis://127.0.0.1:6379/abc", "names the database 'abc': it must be a number"),  # redis-py would use db 0
+    ("redis://127.0.0.1:63x9/0", "invalid port"),
+    ("http://127.0.0.1:6379/0", "must be redis://"),
+])
+def test_redis_url_mistakes_are_named_at_start(url, says):
+    with pytest.raises(ConfigError) as info:
+        load_settings({"REDIS_URL": url})
+    assert info.value.variable == "REDIS_URL" and says in str(info.value)
+
+
+def test_redis_urls_that_work_are_accepted():
+    for url in ("redis://127.0.0.1:6379/14", "rediss://:pw@cache.example.rw:6380/0", "redis://cache", "embedded",
+                "unix:///run/redis.sock?db=2"):
+        assert load_settings({"REDIS_URL": url}).redis_url == url
+
+
+@pytest.mark.parametrize("variable", ["PUBLIC_BASE_URL", "MTN_MOMO_BASE_URL", "AIRTEL_BASE_URL", "MPESA_BASE_URL",
+                                      "IREMBOPAY_BASE_URL", "SMS_BASE_URL"])
+@pytest.mark.parametrize(("value", "says"), [
+    ("https:pay.example.rw", "and a host"),  # one slash short: a scheme and a path, no host
+    ("https:/proxy.momodeveloper.mtn.com", "and a host"),
+    ("https://", "and a host"),
+    ("https://pay.example.rw/?key=1", "must not have a query"),
+    ("https://pay.example.rw/base#top", "must not have a query"),
+    ("https://pay.example.rw:84430", "invalid port"),
+])
+def test_production_base_urls_need_a_host_and_nothing_after_the_path(variable, value, says):
+    with pytest.raises(ConfigError) as info:
+        load_settings({**_production_env(), variable: value})
+    assert info.value.variable == variable and says in str(info.value)
+
+
+def test_base_urls_that_work_are_accepted():
+    s = load_settings({**_production_env(), "PUBLIC_BASE_URL": "https://pay.example.rw/gateway/",
+                       "MTN_MOMO_BASE_URL": "https://proxy.momodeveloper.mtn.com:8443"})
+    assert s.public_base_url == "https://pay.example.rw/gateway"
+    assert s.providers["mtn_momo"].base_url == "https://proxy.momodeveloper.mtn.com:8443"
+    assert load_settings({"PUBLIC_BASE_URL": "http://[::1]:8080"}).public_base_url == "http://[::1]:8080"
+
+
+def test_production_needs_a_blind_index_key_of_32_bytes():
+    for short in ("x", "b" * 31):
+        with pytest.raises(ConfigError) as info:
+            load_settings({**_production_env(), "BLIND_INDEX_KEY": short})
+        assert info.value.variable == "BLIND_INDEX_KEY" and "at least 32 bytes" in str(info.value)
+    assert load_settings({**_production_env(), "BLIND_INDEX_KEY": "b" * 32}).blind_index_key.get() == "b" * 32
+    # Development and tests keep their default, and any key they are given.
+    assert load_settings({}).blind_index_key
+    assert load_settings({"BLIND_INDEX_KEY": "x"}).blind_index_key.get() == "x"
