@@ -143,17 +143,20 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     amount = new.amount or Money(ptype.amount_minor, ptype.currency)
     if new.amount is not None and not amount.is_positive():
         raise ValidationError("amount must be a positive number", field="amount")
+    account, account_refused = _normalise_account(new.method, new.account, coop.country)
+    request_hash = _request_hash(new, amount, account)
+    # Refusals that depend on what may have changed since a key was first accepted (the provider's account and
+    # rules, the type's price, currency or state, the member's status): a replay of that request still answers
+    # with its payment.
+    refused: DomainError | None = None
     # What the provider cannot collect (another currency than its account's, cents M-Pesa does not take) is a
     # 400 now, not a 201 that the worker fails later with a "payment failed" SMS to the payer.
     cannot = amount_refusal(rt.provider_for(new.method), amount, new.method)
     if cannot is not None:
-        raise ValidationError(cannot[1], field=cannot[0])
-    account = _normalise_account(new.method, new.account, coop.country)
-    request_hash = _request_hash(new, amount, account)
-    # Refusals that depend on what may have changed since a key was first accepted (the type's price,
-    # currency or state, the member's status): a replay of that request still answers with its payment.
-    refused: DomainError | None = None
-    if amount.currency != ptype.currency:
+        refused = ValidationError(cannot[1], field=cannot[0])
+    elif account_refused is not None:
+        refused = account_refused
+    elif amount.currency != ptype.currency:
         refused = ValidationError(f"amount must be in {ptype.currency}", field="amount")
     elif not amount.is_positive():
         refused = ValidationError("amount must be a positive number", field="amount")
@@ -333,13 +336,16 @@ def approval_window(settings: Any, method: str) -> int:
     return int(settings.payment_timeout_seconds)
 
 
-def _normalise_account(method: str, account: str, country: str) -> str:
+def _normalise_account(method: str, account: str, country: str) -> tuple[str, ValidationError | None]:
+    """The account as stored (E.164 for a wallet), and why this method cannot collect from it, if so: a number
+    of another country than the cooperative's, or of another operator than the method's. A malformed one
+    raises."""
     account = (account or "").strip()
     operator = METHOD_OPERATOR.get(method)
     if operator is None:  # bank payments: an account number or an e-mail for the invoice
         if not 3 <= len(account) <= 120 or not account.isprintable():
             raise ValidationError("paymentAccount must be 3 to 120 characters", field="paymentAccount")
-        return account
+        return account, None
     try:
         phone = normalize(account, country)
     except PhoneError as exc:
@@ -347,14 +353,15 @@ def _normalise_account(method: str, account: str, country: str) -> str:
     # A wallet of another country: the provider's account is the cooperative country's (its currency, its
     # market), and no MTN or Airtel market collects from another country's numbers.
     if phone.region != country:
-        raise ValidationError(f"paymentAccount is a {phone.region or 'foreign'} number; this cooperative "
-                              f"collects mobile money from {country} numbers only", field="paymentAccount")
+        return phone.e164, ValidationError(f"paymentAccount is a {phone.region or 'foreign'} number; this "
+                                           f"cooperative collects mobile money from {country} numbers only",
+                                           field="paymentAccount")
     # An unknown operator (a range neither phonenumbers' carrier data nor core.phone's table names) is let
     # through: the provider refuses a number not on its network; a known other one is refused here.
     if phone.operator is not None and phone.operator != operator:
-        raise ValidationError(f"paymentAccount is a {phone.operator} number; {method} needs an {operator} number",
-                              field="paymentAccount")
-    return phone.e164
+        return phone.e164, ValidationError(f"paymentAccount is a {phone.operator} number; {method} needs an "
+                                           f"{operator} number", field="paymentAccount")
+    return phone.e164, None
 
 
 def _mask_account(account: str) -> str:

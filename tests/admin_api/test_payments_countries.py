@@ -103,3 +103,24 @@ async def test_a_named_time_zone_is_kept(superadmin: Caller) -> None:
     coop = await superadmin.json("POST", "/v1/cooperatives", 201, json={
         "name": "Somewhere Coop", "shortCode": "ZGH", "country": "GH", "timezone": "UTC"})
     assert coop["timezone"] == "UTC"
+
+
+async def test_a_request_accepted_before_the_rules_changed_still_finds_its_payment(
+        admin: Caller, rt: Any, demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An integrator's retry of an accepted POST /v1/payments answers with its payment even when the provider's
+    account or the number rules would refuse it now (a new release, MTN's account moved to another currency, the
+    cooperative's country corrected): a 400 would read as "not created" while the payment goes on."""
+    body = {"paymentTypeId": demo["payment_types"]["Water"], "amount": 5000, "paymentMethod": "MOBILE_MONEY_MTN",
+            "paymentAccount": "+250788000001", "idempotencyKey": idem()}
+    made = await admin.json("POST", "/v1/payments", 201, json=body)
+    monkeypatch.setattr(rt.provider_for("MOBILE_MONEY_MTN"), "currencies", frozenset({"UGX"}))
+    assert (await admin.json("POST", "/v1/payments", 200, json=body))["id"] == made["id"]
+    await admin.json("POST", "/v1/payments", 400, json={**body, "idempotencyKey": idem()})  # a new one is refused
+    monkeypatch.undo()
+    from core.models import Cooperative
+
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(Cooperative.__table__.update().values(country="UG"))
+    assert (await admin.json("POST", "/v1/payments", 200, json=body))["id"] == made["id"]
+    answer = await admin.json("POST", "/v1/payments", 400, json={**body, "idempotencyKey": idem()})
+    assert "UG numbers only" in str(answer["message"])
