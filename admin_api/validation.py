@@ -207,7 +207,9 @@ class DateOutOfRange(ValueError):
 # RFC 3339's forms (and a bare date): Python's fromisoformat also takes 20261101 and 2026-W44-7, which the
 # period check (a bare date is a local day) would not recognise as dates and would read as UTC midnight.
 # An un-encoded "+" of the offset arrives as a space.
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}([Tt]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?([Zz]|[+\- ]\d{2}:?\d{2})?)?")
+# Any number of fraction digits (.NET's round-trip format writes 7, Go's RFC3339Nano up to 9): past the
+# microsecond they are dropped.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}([Tt]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+\- ]\d{2}:?\d{2})?)?")
 
 
 def parse_datetime(text: str) -> datetime:
@@ -215,7 +217,7 @@ def parse_datetime(text: str) -> datetime:
     that UTC cannot hold (9999-12-31T23:59:59-01:00 is in year 10000 there)."""
     if not _RFC3339.fullmatch(text):
         raise ValueError(f"not an RFC 3339 date or date-time: {text!r}")
-    value = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "+"))
+    value = datetime.fromisoformat(text.upper().replace("Z", "+00:00").replace(" ", "+"))
     try:
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     except OverflowError:

@@ -71,7 +71,9 @@ async def test_a_period_in_a_form_other_than_rfc_3339_is_refused(admin, november
 
 
 @pytest.mark.parametrize("form", ["2026-11-01", "2026-11-01T00:00:00+02:00", "2026-10-31T22:00:00Z",
-                                  "2026-10-31T22:00Z", "2026-11-01T00:00:00.000+0200"])
+                                  "2026-10-31T22:00Z", "2026-11-01T00:00:00.000+0200",
+                                  "2026-10-31T22:00:00.0000000Z", "2026-10-31T22:00:00.000000000Z",
+                                  "2026-10-31t22:00:00z"])
 async def test_the_forms_a_period_takes_still_read_the_same_instant(admin, rt, demo, form):
     made = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)
     async with rt.sessionmaker.begin() as s:  # 00:30 on 1 November in Kigali
@@ -88,3 +90,10 @@ def test_an_error_timestamp_is_read_once(monkeypatch):
                   datetime(2026, 12, 1, 10, 0, 1, 100, tzinfo=UTC)])
     monkeypatch.setattr(errors, "utcnow", lambda: next(reads))
     assert errors.timestamp() == "2026-12-01T10:00:00.999Z"
+
+
+async def test_a_due_date_with_seven_fraction_digits_is_taken(admin, demo):
+    """.NET's round-trip format ("o") writes 7 digits, Go's RFC3339Nano up to 9: RFC 3339 allows any number."""
+    made = await admin.json("POST", "/v1/payments", 201, json=payment_body(
+        demo["payment_types"]["Monthly Rent"], dueDate="2026-12-01T00:00:00.0000000Z"))
+    assert made["dueDate"] == "2026-12-01T00:00:00Z"
