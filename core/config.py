@@ -248,6 +248,8 @@ def _database_url(env: Mapping[str, str]) -> str:
         if len(values.get(key, ())) > 1:
             raise ConfigError(name, f"has the query parameter {key!r} more than once")
     for host in values.get("host", ()):  # several hosts: host=a:5432&host=b:5432
+        if host.startswith("/"):  # a Unix-socket directory (Cloud SQL's /cloudsql/PROJECT:REGION:INSTANCE)
+            continue
         tail = host.rsplit("]", 1)[-1]  # after an IPv6 literal's brackets
         if ":" in tail and not _port_ok(tail.rpartition(":")[2]):
             raise ConfigError(name, "has an invalid port in a host= parameter (a number from 1 to 65535)")

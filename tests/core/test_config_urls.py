@@ -98,3 +98,10 @@ def test_production_needs_a_blind_index_key_of_32_bytes():
     # Development and tests keep their default, and any key they are given.
     assert load_settings({}).blind_index_key
     assert load_settings({"BLIND_INDEX_KEY": "x"}).blind_index_key.get() == "x"
+
+
+def test_a_unix_socket_directory_with_colons_is_not_read_as_a_port() -> None:
+    """Google Cloud SQL's documented form for SQLAlchemy: the socket directory names project:region:instance."""
+    url = "postgresql+asyncpg://gateway:pw@/gateway?host=/cloudsql/my-project:europe-west1:gateway-db"
+    settings = load_settings({"GATEWAY_ENV": "development", "DATABASE_URL": url})
+    assert "host=/cloudsql/my-project" in settings.database_url.replace("%2F", "/").replace("%3A", ":")
