@@ -196,20 +196,28 @@ _MEMBER, _PAYMENT = Member.__table__, Payment.__table__
 _COOP, _TYPE = Cooperative.__table__, PaymentType.__table__
 # A reminder's member as it is at sending time (STOP sent, suspended or left, paid since the scan), and what
 # the reminder offers: its cooperative still active, its payment type still on the menu (NULL: deleted).
-_REMINDER_STATE = select(
-    _MEMBER.c.reminders_opt_out,
-    _MEMBER.c.status,
-    _COOP.c.status.label("coop_status"),
-    _TYPE.c.is_active.label("type_active"),
-    exists().where(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.payment_type_id == bindparam("t"),
-                   _PAYMENT.c.status.in_(PAID),
-                   paid_clause(_PAYMENT, bindparam("since", type_=UTCDateTime()),
-                               bindparam("due_from", type_=UTCDateTime()),
-                               bindparam("due_until", type_=UTCDateTime()))).label("paid"),
-).select_from(
-    _MEMBER.join(_COOP, _COOP.c.id == _MEMBER.c.cooperative_id)
-    .outerjoin(_TYPE, _TYPE.c.id == bindparam("t"))
-).where(_MEMBER.c.id == bindparam("m"))
+
+
+def _reminder_state(paid_for: Any) -> Any:
+    return select(
+        _MEMBER.c.reminders_opt_out,
+        _MEMBER.c.status,
+        _COOP.c.status.label("coop_status"),
+        _TYPE.c.is_active.label("type_active"),
+        exists().where(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.payment_type_id == bindparam("t"),
+                       _PAYMENT.c.status.in_(PAID), paid_for).label("paid"),
+    ).select_from(
+        _MEMBER.join(_COOP, _COOP.c.id == _MEMBER.c.cooperative_id)
+        .outerjoin(_TYPE, _TYPE.c.id == bindparam("t"))
+    ).where(_MEMBER.c.id == bindparam("m"))
+
+
+_SINCE = bindparam("since", type_=UTCDateTime())
+_REMINDER_STATE = _reminder_state(paid_clause(_PAYMENT, _SINCE, bindparam("due_from", type_=UTCDateTime()),
+                                              bindparam("due_until", type_=UTCDateTime())))
+# A reminder queued by a release before PaidFor (no due_from in its payload): any payment kept since paid_since
+# counts, as that release scanned it.
+_REMINDER_STATE_BY_TIME = _reminder_state(_PAYMENT.c.created_at > _SINCE)
 
 
 async def why_not_send(conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
@@ -223,13 +231,14 @@ async def why_not_send(conn: AsyncConnection, payload: dict[str, Any]) -> str | 
     if send_before is not None and utcnow() > send_before:
         return "too_late"
     context = payload.get("context") or {}
-    state = (await conn.execute(_REMINDER_STATE, {
-        "m": payload["member_id"], "t": context.get("payment_type_id"),
-        # A job queued before paid_since existed: nothing is paid after now, so only the member is checked;
-        # one queued before due_from existed counts only payments by time, as it was scanned.
-        "since": parse_aware(payload.get("paid_since")) or utcnow(),
-        "due_from": parse_aware(payload.get("due_from")), "due_until": parse_aware(payload.get("due_until")),
-    })).first()
+    # A job queued before paid_since existed: nothing is paid after now, so only the member is checked.
+    params: dict[str, Any] = {"m": payload["member_id"], "t": context.get("payment_type_id"),
+                              "since": parse_aware(payload.get("paid_since")) or utcnow()}
+    due_from, due_until = parse_aware(payload.get("due_from")), parse_aware(payload.get("due_until"))
+    if due_from is not None and due_until is not None:
+        state = (await conn.execute(_REMINDER_STATE, {**params, "due_from": due_from, "due_until": due_until})).first()
+    else:  # queued by a release before PaidFor
+        state = (await conn.execute(_REMINDER_STATE_BY_TIME, params)).first()
     if state is None:
         return "member_missing"
     if state.coop_status != "ACTIVE":

@@ -272,3 +272,24 @@ def test_a_quarterly_type_is_anchored_on_the_local_day_it_was_created() -> None:
     ptype = SimpleNamespace(is_recurring=True, recurring_interval="QUARTERLY", due_day=1,
                             created_at=datetime(2026, 1, 31, 21, 30, tzinfo=UTC))
     assert due_dates(ptype, date(2026, 10, 29), ZoneInfo("Africa/Nairobi")) == (date(2026, 8, 1), date(2026, 11, 1))
+
+
+async def test_a_reminder_queued_by_the_previous_release_counts_any_payment_since_its_scan(
+        rt: Any, demo: dict[str, Any]) -> None:
+    """Its payload has paid_since but no due_from/due_until: a payment made since, dueDate or not, drops it (as
+    that release judged it), not only one without a dueDate."""
+    from core.reminders import why_not_send
+
+    members = demo["members"]
+    async with rt.sessionmaker.begin() as s:
+        await scan(s, rt, now=NOW)
+    rent = demo["payment_types"]["Monthly Rent"]
+    jobs = {j.payload["member_id"]: j for j in await _reminder_jobs(rt)
+            if j.payload["context"]["payment_type_id"] == rent}
+    old = {k: v for k, v in jobs[members["+250788000001"]].payload.items() if k not in ("due_from", "due_until")}
+    old["paid_since"] = (utcnow() - timedelta(minutes=5)).isoformat()
+    async with rt.sessionmaker() as s:
+        assert await why_not_send(await s.connection(), old) is None
+    await _paid(rt, demo, "+250788000001", "COMPLETED", utcnow(), due=_kigali(date(2026, 12, 1), 0))
+    async with rt.sessionmaker() as s:
+        assert await why_not_send(await s.connection(), old) == "paid"
