@@ -51,6 +51,7 @@ class CoopRow:
     contact_phone: str | None
     self_registration: bool
     status: str
+    timezone: str | None  # the dates the member is shown are this zone's days
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,7 @@ class TypeRow:
 
 
 _COOP_COLUMNS = (Cooperative.id, Cooperative.name, Cooperative.country, Cooperative.contact_phone,
-                 Cooperative.self_registration, Cooperative.status)
+                 Cooperative.self_registration, Cooperative.status, Cooperative.timezone)
 _COOP_BY_ID = select(*_COOP_COLUMNS).where(Cooperative.id == bindparam("coop_id"))
 _TYPES = (select(PaymentType.id, PaymentType.name, PaymentType.amount_minor, PaymentType.currency,
                  PaymentType.due_day, PaymentType.allow_custom_amount)
@@ -81,7 +82,8 @@ _TYPES = (select(PaymentType.id, PaymentType.name, PaymentType.amount_minor, Pay
 
 
 def _coop_row(row: Any) -> CoopRow:
-    return CoopRow(row.id, row.name, row.country, row.contact_phone, bool(row.self_registration), row.status)
+    return CoopRow(row.id, row.name, row.country, row.contact_phone, bool(row.self_registration), row.status,
+                   row.timezone)
 
 
 async def memberships(ctx: Ctx) -> list[tuple[MemberRow, CoopRow]]:
@@ -581,10 +583,8 @@ async def detail_args(ctx: Ctx) -> dict[str, Any]:
     payment, name = found
     from core.cooperatives import zone_of
 
-    async with ctx.rt.sessionmaker() as session:  # the day as the member lives it (the receipt SMS says the same)
-        timezone = (await session.execute(select(Cooperative.timezone)
-                                          .where(Cooperative.id == payment.cooperative_id))).scalar_one_or_none()
-    created = payment.created_at.astimezone(zone_of(timezone))
+    coop = await cooperative(ctx, payment.cooperative_id)  # cached: the day as the member lives it (as the receipt)
+    created = payment.created_at.astimezone(zone_of(coop.timezone if coop else None))
     return {"ref": payment.reference, "type": short(name, 30),
             "amount": _amount(payment),
             "status": ctx.t(f"status.{_shown(payment)}"), "date": created.strftime("%d/%m/%Y")}

@@ -10,6 +10,7 @@ from sqlalchemy import select, update
 from channels.sms.templates import local_time
 from core.models import Payment
 from tests.channels.ussd.helpers import AtPhone
+from tests.conftest import requires_pg, sql_sent
 
 EN_MTN = "+250788000002"
 
@@ -39,3 +40,24 @@ async def test_my_payment_detail_date_is_the_local_day(client: Any, demo: Any, r
     listing = await member.send("2")
     detail = await member.send(option(listing, ref))
     assert "Date: 01/11/2026" in detail, detail
+
+
+@requires_pg
+async def test_the_detail_hop_reads_the_zone_from_the_cooperative_it_already_has(client: Any, demo: Any,
+                                                                                 rt: Any) -> None:
+    """The date's zone comes with the cooperative's row the session already read: no transaction of its own."""
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    types = await phone.send("1")
+    await phone.send(option(types, "Monthly Rent"))
+    await phone.send("1")
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).values(status="COMPLETED"))
+        ref = (await s.execute(select(Payment.reference))).scalar_one()
+    member = AtPhone(client, EN_MTN)
+    await member.dial()
+    listing = await member.send("2")
+    with sql_sent(rt, lambda q: " ".join(q.split()[:4])) as seen:
+        detail = await member.send(option(listing, ref))
+    assert "Date:" in detail
+    assert sum(q.startswith("BEGIN") for q in seen) <= 1 and not any("cooperatives" in q for q in seen), seen
