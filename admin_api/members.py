@@ -112,12 +112,12 @@ async def list_members(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     if q.get("phone"):
         # Phones are encrypted; an exact number is found through its blind index, read as a number of the
         # cooperative's country (0712345678 is Kenyan in a Kenyan cooperative).
-        region = await _search_region(ctx, ctx.who.cooperative_id or q.get("cooperativeId"))
+        region = await search_region(ctx, ctx.who.cooperative_id or q.get("cooperativeId"))
         query = query.where(Member.phone_index == ctx.rt.cipher.blind_index(normalize(q["phone"], region).e164))
     return await paged(ctx, query.order_by(Member.name, Member.id), present)
 
 
-async def _search_region(ctx: Ctx, coop_id: str | None) -> str:
+async def search_region(ctx: Ctx, coop_id: str | None) -> str:
     """The country a searched number is read in: the cooperative's; a super admin searching every
     cooperative gets the default (a number with its +country code is found anywhere)."""
     if coop_id is None:

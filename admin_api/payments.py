@@ -23,6 +23,7 @@ from admin_api.common import (
     page_of,
     paged,
 )
+from admin_api.members import search_region
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param, period_params
 from core.auth import OWN_PAYMENTS
@@ -30,6 +31,7 @@ from core.errors import NotFound, ValidationError
 from core.models import Member, Payment
 from core.money import Money
 from core.payments import METHODS, NewPayment, collected_amount, create_payment, load_context, record_collected
+from core.phone import normalize
 from core.ratelimit import Limit
 from core.state.payment import PaymentStatus
 
@@ -115,6 +117,9 @@ LIST_QUERY = {
     "paymentMethod": Param(enum=METHODS, description="Filter by payment method"),
     "paymentTypeId": Param("uuid", "Filter by payment type"),
     "member": Param("uuid", "Filter by member id"),
+    "reference": Param(description="The payment's reference as its receipt gives it (PAY_20261201_001)"),
+    "paymentAccount": Param(description="Exact paying account: a phone number (read as the cooperative's "
+                                        "country's), a bank account or an e-mail"),
     **period_params("created"),
     "cooperativeId": Param("uuid", "Super admin: one cooperative"),
 }
@@ -208,9 +213,20 @@ def _parse_due(text: str) -> Any:
         raise ValidationError("dueDate must be a valid date-time", field="dueDate") from None
 
 
-def filtered(ctx: Ctx) -> Any:
+async def filtered(ctx: Ctx) -> Any:
     q = ctx.query
     query = ctx.who.scope(select(Payment), Payment)
+    if q.get("reference") is not None:
+        query = query.where(Payment.reference == q["reference"].strip().upper())
+    if q.get("paymentAccount") is not None:
+        # Stored encrypted: found through its blind index, as it was normalised when the payment was made.
+        account = q["paymentAccount"].strip()
+        try:
+            account = normalize(account, await search_region(ctx, ctx.who.cooperative_id
+                                                                or q.get("cooperativeId"))).e164
+        except ValidationError:
+            pass  # not a phone number: a bank account or an e-mail, stored as given
+        query = query.where(Payment.payment_account_index == ctx.rt.cipher.blind_index(account))
     for param, column in (
         ("status", Payment.status),
         ("paymentMethod", Payment.method),
@@ -228,7 +244,7 @@ def filtered(ctx: Ctx) -> Any:
 
 
 async def list_payments(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    return await paged(ctx, filtered(ctx), present)
+    return await paged(ctx, await filtered(ctx), present)
 
 
 async def _readable(ctx: Ctx, payment_id: str) -> Payment:
