@@ -20,7 +20,7 @@ from core import auth
 from core.auth import Principal, Unauthorized
 from core.cooperatives import zone_of
 from core.errors import Forbidden, ServiceUnavailable, ValidationError
-from core.inbound import client_address
+from core.inbound import client_address, limit_key
 from core.models import Cooperative
 from core.ratelimit import Limit, RateLimiter
 from core.runtime import RUNTIME, Runtime
@@ -86,9 +86,9 @@ class Route:
 
 def client_ip(request: web.Request) -> str:
     """The caller's address for per-address limits: behind our own load balancers (TRUSTED_PROXIES) the nearest
-    untrusted X-Forwarded-For hop, so callers do not share the balancer's bucket."""
-    address = client_address(request, request.config_dict[RUNTIME].settings.trusted_proxies)
-    return str(address) if address is not None else "unknown"
+    untrusted X-Forwarded-For hop, so callers do not share the balancer's bucket; an IPv6 caller by its /64
+    (core.inbound.limit_key)."""
+    return limit_key(client_address(request, request.config_dict[RUNTIME].settings.trusted_proxies))
 
 
 async def authenticate(request: web.Request, session: AsyncSession,

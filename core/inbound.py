@@ -38,6 +38,19 @@ def client_address(request: web.Request, trusted_proxies: tuple[str, ...]) -> Ad
     return source
 
 
+def limit_key(address: Address | None) -> str:
+    """What a per-address limit counts a caller by: an IPv4 address as it is (an IPv4-mapped IPv6 one as its
+    IPv4), an IPv6 one by its /64. One subscriber line, host or cloud instance gets a whole /64: counted per
+    /128, every per-address limit (sign-in guesses, callbacks, unauthenticated calls) was no limit at all."""
+    if address is None:
+        return "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 async def read_capped(request: web.Request, limit: int) -> bytes | None:
     """The whole body, or None as soon as its declared or actual size is over `limit`.
 

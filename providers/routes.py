@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from core.audit import Actor
 from core.config import Settings
 from core.db import lock_row
-from core.inbound import client_address, read_capped
+from core.inbound import client_address, limit_key, read_capped
 from core.metrics import CALLBACK_REJECTED
 from core.models import Payment
 from core.money import Money, MoneyError
@@ -97,7 +97,7 @@ async def _rate_limited(request: web.Request, rt: Any) -> web.Response | None:
     try:
         # Per sender: behind our own load balancers, the nearest untrusted hop, not the balancer.
         source = client_address(request, settings.trusted_proxies)
-        decision = await RateLimiter(rt.redis, multiplier=multiplier).hit(CALLBACK_LIMIT, str(source or "?"))
+        decision = await RateLimiter(rt.redis, multiplier=multiplier).hit(CALLBACK_LIMIT, limit_key(source))
     except Exception:  # Redis down: a provider's money callback matters more than the limit
         log.warning("callback rate limit unavailable; letting the callback through")
         return None

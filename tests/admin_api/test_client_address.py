@@ -76,3 +76,25 @@ class _Transport:
 
     def is_closing(self) -> bool:
         return False
+
+
+async def test_an_ipv6_caller_is_counted_by_its_64_not_each_address(migrated_database, aiohttp_client):
+    """A subscriber line or a cloud host has a whole /64: one bucket per /128 was no limit at all (120 refresh
+    or sign-in tries from ::1, ::2, ... all went through)."""
+    statuses = await _refresh_statuses({"TRUSTED_PROXIES": "127.0.0.1/32"}, migrated_database, aiohttp_client,
+                                       [f"2001:db8:41:186::{n:x}" for n in range(1, REFRESH_LIMIT + 5)])
+    assert statuses[:REFRESH_LIMIT] == [401] * REFRESH_LIMIT and statuses[-1] == 429, statuses
+
+
+@pytest.mark.parametrize(("address", "key"), [
+    ("41.186.0.7", "41.186.0.7"),
+    ("2001:db8:41:186::1", "2001:db8:41:186::/64"),
+    ("2001:db8:41:186:ffff:1:2:3", "2001:db8:41:186::/64"),
+    ("2001:db8:41:187::1", "2001:db8:41:187::/64"),
+    ("::ffff:41.186.0.7", "41.186.0.7"),  # an IPv4 caller on a dual-stack socket
+    (None, "unknown"),
+])
+def test_limit_keys(address, key):
+    from core.inbound import limit_key
+
+    assert limit_key(ipaddress.ip_address(address) if address else None) == key
