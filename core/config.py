@@ -471,6 +471,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     # M-Pesa signs nothing: in production its callback URL must carry a secret.
     if production and not callback_secrets["mpesa"]:
         raise ConfigError("CALLBACK_SECRET_MPESA", "is required in production (M-Pesa callbacks are unsigned)")
+    if production and not callback_secrets["mtn_momo"]:
+        # MTN signs nothing either: a forged callback changes nothing (each is confirmed by a status query), but
+        # without the secret anyone could make us store and query for every made-up reference.
+        raise ConfigError("CALLBACK_SECRET_MTN_MOMO", "is required in production (MTN callbacks are unsigned)")
     if production and not callback_secrets["sms"]:
         # Unsigned too: a forged inbound SMS would make us text any number, a forged report lie.
         raise ConfigError("CALLBACK_SECRET_SMS", "is required in production (SMS callbacks are unsigned)")

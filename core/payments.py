@@ -772,12 +772,25 @@ async def _set_outcome(session: AsyncSession, event_row_id: str, outcome: str, p
         await session.execute(_SET_OUTCOME, params)
 
 
+# What a callback for no payment of ours keeps of its body: anyone who can reach the callback URL can send one.
+UNMATCHED_PAYLOAD_BYTES = 2048
+
+
+def _bounded(raw: dict[str, Any]) -> dict[str, Any]:
+    """The body of a callback that matched no payment, if small; else its size and digest (enough to match it
+    with the provider's records, not 64 KiB a request kept for ever)."""
+    body = json.dumps(raw, sort_keys=True, default=str).encode()
+    if len(body) <= UNMATCHED_PAYLOAD_BYTES:
+        return dict(raw)
+    return {"truncated": {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}}
+
+
 async def _store_unmatched(rt: Runtime, event: ProviderEventData) -> str:
     async with rt.sessionmaker.begin() as session:
         await session.execute(
             insert_ignore(session.get_bind().dialect.name, ProviderEvent)
             .values(id=str(uuid.uuid4()), provider=event.provider, event_id=event.event_id[:200],
-                    kind=event.kind.value, status=event.outcome.value, payload=dict(event.raw),
+                    kind=event.kind.value, status=event.outcome.value, payload=_bounded(dict(event.raw)),
                     outcome="unknown_payment", received_at=utcnow())
             .on_conflict_do_nothing(index_elements=["provider", "event_id"]))
     return "unknown_payment"

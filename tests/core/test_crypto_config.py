@@ -106,7 +106,7 @@ def _production_env() -> dict[str, str]:
     env = {"GATEWAY_ENV": "production", "DATABASE_URL": "postgresql+asyncpg://gw@127.0.0.1:5432/gw",
            "REDIS_URL": "redis://127.0.0.1:6379/0", "PII_ENCRYPTION_KEYS": "k1:" + base64.b64encode(b"k" * 32).decode(),
            "BLIND_INDEX_KEY": "b" * 32, "JWT_SECRET": "j" * 32, "SMS_API_KEY": "sms-key",
-           "CALLBACK_SECRET_MPESA": "m" * 24, "CALLBACK_SECRET_SMS": "s" * 24,
+           "CALLBACK_SECRET_MPESA": "m" * 24, "CALLBACK_SECRET_SMS": "s" * 24, "CALLBACK_SECRET_MTN_MOMO": "t" * 24,
            # Each USSD aggregator: its secret (or a USSD_IP_ALLOWLIST for it; tests/core/test_ussd_production_auth.py).
            "CALLBACK_SECRET_AFRICASTALKING": "a" * 24, "CALLBACK_SECRET_HUBTEL": "h" * 24,
            "CALLBACK_SECRET_NALO": "n" * 24,
@@ -128,6 +128,7 @@ def test_a_complete_production_configuration_loads():
 
 @pytest.mark.parametrize(("change", "variable"), [
     ({"CALLBACK_SECRET_MPESA": ""}, "CALLBACK_SECRET_MPESA"),
+    ({"CALLBACK_SECRET_MTN_MOMO": ""}, "CALLBACK_SECRET_MTN_MOMO"),
     ({"CALLBACK_SECRET_SMS": ""}, "CALLBACK_SECRET_SMS"),
     ({"JWT_SECRET": "too-short"}, "JWT_SECRET"),
     ({"PHONE_SIMULATOR_ENABLED": "1"}, "PHONE_SIMULATOR_ENABLED"),
