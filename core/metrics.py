@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
+import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from sqlalchemy import func, select
+from sqlalchemy import func, null, select
+
+from core.db import utcnow
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
@@ -33,7 +39,18 @@ CALLBACK_REJECTED = Counter("gateway_callback_verification_failures_total", "Cal
 JOBS = Counter("gateway_outbox_jobs_total", "Outbox jobs run", ["kind", "outcome"], registry=REGISTRY)
 JOB_LATENCY = Histogram("gateway_outbox_job_seconds", "Outbox job run time", ["kind"], buckets=_FAST,
                         registry=REGISTRY)
-OUTBOX_DEPTH = Gauge("gateway_outbox_depth", "Outbox jobs by status", ["status"], registry=REGISTRY)
+OUTBOX_DEPTH = Gauge("gateway_outbox_depth", "Outbox jobs by status (PENDING counts jobs scheduled for later too)",
+                     ["status"], registry=REGISTRY)
+# What a stuck worker shows (README "Metrics and alerts"): jobs due now and not taken, PENDING with run_at passed
+# or RUNNING with a lapsed lease (a claim moves run_at to the lease's end), and how long the oldest has waited.
+OUTBOX_DUE = Gauge("gateway_outbox_due_jobs", "Outbox jobs due and not taken: PENDING past run_at, RUNNING past "
+                   "the lease (a worker lost)", ["status"], registry=REGISTRY)
+OUTBOX_OLDEST_DUE = Gauge("gateway_outbox_oldest_due_seconds", "Seconds the oldest due outbox job has waited "
+                          "(0 when none)", registry=REGISTRY)
+OUTBOX_GAUGES_OK = Gauge("gateway_outbox_gauges_ok", "1 if the last scrape read the outbox gauges from the "
+                         "database, 0 if it failed (they are then NaN)", registry=REGISTRY)
+OUTBOX_GAUGE_FAILURES = Counter("gateway_outbox_gauge_refresh_failures_total",
+                                "Scrapes that could not read the outbox gauges from the database", registry=REGISTRY)
 SMS = Counter("gateway_sms_total", "SMS messages by status", ["status"], registry=REGISTRY)
 REMINDERS_SKIPPED = Counter("gateway_reminders_skipped_total", "Queued reminders not sent, by reason", ["reason"],
                             registry=REGISTRY)
@@ -44,19 +61,69 @@ def observe_job(kind: str, outcome: str, seconds: float) -> None:
     JOB_LATENCY.labels(kind=kind).observe(seconds)
 
 
-async def refresh_gauges(rt: Runtime) -> None:
+log = logging.getLogger("gateway.metrics")
+_STATUSES = ("PENDING", "RUNNING", "PARKED")
+_DUE_STATUSES = ("PENDING", "RUNNING")
+REFRESH_TIMEOUT = 5.0  # seconds: a database that hangs must not hang the scrape past its own timeout
+_WARN_EVERY = 60.0  # seconds between warnings while the refresh keeps failing (one a scrape is noise)
+_last_warning = -math.inf
+
+
+async def _read_outbox(rt: Runtime) -> tuple[dict[str, int], dict[str, int], float]:
+    """Depth by status, due jobs by status, and the oldest due job's age in seconds, in one statement.
+
+    The WHERE names the live statuses (not `!= 'DONE'`), so the (status, run_at) index that the claim uses
+    finds them without reading the DONE history; "due" is the claim's own test (core.outbox._DUE), by the
+    database's clock on PostgreSQL (workers measure run_at by it), by the local one on SQLite.
+    """
     from core.models import OutboxJob
 
+    async with rt.sessionmaker() as session:
+        postgres = session.get_bind().dialect.name == "postgresql"
+        now = func.now() if postgres else utcnow()
+        due = OutboxJob.run_at <= now
+        rows = (await session.execute(
+            select(OutboxJob.status, func.count(), func.count().filter(due), func.min(OutboxJob.run_at).filter(due),
+                   func.now() if postgres else null())
+            .where(OutboxJob.status.in_(_STATUSES)).group_by(OutboxJob.status))).all()
+    local_now = utcnow()
+    depth: dict[str, int] = {}
+    due_count: dict[str, int] = {}
+    oldest = 0.0
+    for status, count, due_n, first_due, db_now in rows:
+        depth[status] = count
+        if status in _DUE_STATUSES:
+            due_count[status] = due_n
+            if first_due is not None:
+                oldest = max(oldest, ((db_now or local_now) - first_due).total_seconds())
+    return depth, due_count, oldest
+
+
+async def refresh_gauges(rt: Runtime) -> None:
+    """Set the outbox gauges from the database. If it cannot be read, they are set to NaN (not left showing the
+    last figures as current), gateway_outbox_gauges_ok to 0, and a warning is logged once a minute at most."""
+    global _last_warning
     try:
-        async with rt.sessionmaker() as session:
-            rows = await session.execute(
-                select(OutboxJob.status, func.count()).where(OutboxJob.status != "DONE")
-                .group_by(OutboxJob.status))
-            depth = dict(rows.all())
-    except Exception:
+        depth, due, oldest = await asyncio.wait_for(_read_outbox(rt), timeout=REFRESH_TIMEOUT)
+    except Exception as exc:
+        OUTBOX_GAUGES_OK.set(0)
+        OUTBOX_GAUGE_FAILURES.inc()
+        for status in _STATUSES:
+            OUTBOX_DEPTH.labels(status=status).set(math.nan)
+        for status in _DUE_STATUSES:
+            OUTBOX_DUE.labels(status=status).set(math.nan)
+        OUTBOX_OLDEST_DUE.set(math.nan)
+        if time.monotonic() - _last_warning >= _WARN_EVERY:
+            _last_warning = time.monotonic()
+            log.warning("outbox gauges not refreshed: the database could not be read (%s: %s); they read NaN "
+                        "and gateway_outbox_gauges_ok 0 until it can", type(exc).__name__, exc)
         return
-    for status in ("PENDING", "RUNNING", "PARKED"):
+    for status in _STATUSES:
         OUTBOX_DEPTH.labels(status=status).set(depth.get(status, 0))
+    for status in _DUE_STATUSES:
+        OUTBOX_DUE.labels(status=status).set(due.get(status, 0))
+    OUTBOX_OLDEST_DUE.set(max(0.0, oldest))
+    OUTBOX_GAUGES_OK.set(1)
 
 
 def render() -> tuple[bytes, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, literal_column, select
+from sqlalchemy import case, func, literal_column, null, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import utcnow
@@ -129,12 +129,23 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
     # Delivered out of those whose delivery can be known: not the queued ones, nor those sent without an
     # answer from the aggregator (no message id: no delivery report will ever name them).
     sent = sum(sms.values()) - sms.get("QUEUED", 0) - sms.get("QUEUED_PARKED", 0) - sms.get("SENT_UNCONFIRMED", 0)
+    # Live statuses named (not != DONE): the (status, run_at) index finds them without the DONE history. Due:
+    # the claim's test (PENDING past run_at, RUNNING past its lease), by the database's clock on PostgreSQL.
+    postgres = session.get_bind().dialect.name == "postgresql"
+    due = OutboxJob.run_at <= (func.now() if postgres else now)
     outbox_rows = await session.execute(scoped(
-        select(OutboxJob.kind, OutboxJob.status, func.count()).where(OutboxJob.status != "DONE")
+        select(OutboxJob.kind, OutboxJob.status, func.count(), func.count().filter(due),
+               func.min(OutboxJob.run_at).filter(due), func.now() if postgres else null())
+        .where(OutboxJob.status.in_(("PENDING", "RUNNING", "PARKED")))
         .group_by(OutboxJob.kind, OutboxJob.status), OutboxJob))
     outbox: dict[str, dict[str, int]] = {}
-    for kind, status, count in outbox_rows.all():
+    due_jobs, oldest_due = 0, 0.0
+    for kind, status, count, due_count, first_due, db_now in outbox_rows.all():
         outbox.setdefault(status, {})[kind] = count
+        if status in ("PENDING", "RUNNING"):
+            due_jobs += due_count
+            if first_due is not None:
+                oldest_due = max(oldest_due, ((db_now or now) - first_due).total_seconds())
     hooks = dict((await session.execute(scoped(
         select(WebhookDelivery.status, func.count()).where(WebhookDelivery.created_at >= day)
         .group_by(WebhookDelivery.status), WebhookDelivery))).all())
@@ -155,6 +166,7 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
                 "deliveryRate": round(sms.get("DELIVERED", 0) / sent, 4) if sent else None},
         "outbox": {"pending": sum(outbox.get("PENDING", {}).values()),
                    "running": sum(outbox.get("RUNNING", {}).values()),
-                   "parked": sum(outbox.get("PARKED", {}).values()), "byStatus": outbox},
+                   "parked": sum(outbox.get("PARKED", {}).values()), "byStatus": outbox,
+                   "due": due_jobs, "oldestDueSeconds": round(oldest_due, 1)},
         "webhooks": {"deliveries": hooks, "failed": hooks.get("FAILED", 0), "disabledEndpoints": disabled},
     }

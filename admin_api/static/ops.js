@@ -369,8 +369,12 @@
         open.buckets.over_5m > 0);
     kpi("kpi-sms", pct(data.sms.deliveryRate), data.sms.delivered + " of " + data.sms.sent + " sent",
         data.sms.deliveryRate !== null && data.sms.deliveryRate < 0.9);
-    kpi("kpi-outbox", String(data.outbox.pending + data.outbox.running),
-        data.outbox.running + " running, " + data.outbox.parked + " parked", data.outbox.parked > 0);
+    // Pending counts jobs scheduled for later too (retries, status polls, reminders): what tells a stuck worker
+    // is how long the oldest job due now has waited (warned past 5 minutes, as the README's alert).
+    const ob = data.outbox;
+    kpi("kpi-outbox", String(ob.pending + ob.running),
+        (ob.due ? ob.due + " due, oldest waiting " + duration(ob.oldestDueSeconds) : "none due") + " · " +
+        ob.running + " running, " + ob.parked + " parked", ob.parked > 0 || ob.oldestDueSeconds > 300);
     kpi("kpi-webhooks", String(data.webhooks.failed), data.webhooks.disabledEndpoints + " endpoint(s) disabled",
         data.webhooks.failed > 0 || data.webhooks.disabledEndpoints > 0);
 
