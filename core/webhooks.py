@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import httpx
-from sqlalchemy import and_, case, func, literal, or_, select, update
+from sqlalchemy import and_, case, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
@@ -348,25 +348,33 @@ async def register_endpoint(
     return endpoint, secret
 
 
-async def _check_room(session: AsyncSession, cooperative_id: str) -> None:
-    """Room for one more ACTIVE endpoint, or Conflict. Disabled ones (DELETE, or switched off after failures)
-    do not count: DELETE only disables, and counting them would leave a cooperative unable to add one for
-    good. Re-enabling one is checked here too. The cooperative's row is locked (FOR NO KEY UPDATE: inserts
-    pointing at it are not held) so that two registrations at once cannot both take the last place."""
+async def _check_room(session: AsyncSession, cooperative_id: str, enabling: str | None = None) -> None:
+    """Room for one more live endpoint, or Conflict. Live: ACTIVE, or switched off after failures within
+    RETRY_FOR (each event still records a delivery held for it: not counting those let a cooperative whose
+    endpoints kept failing add new ones without end, each event stored once per endpoint). Deleted ones (DELETE
+    only disables) and ones switched off longer ago do not count. Re-enabling one is checked here too. The
+    cooperative's row is locked (FOR NO KEY UPDATE: inserts pointing at it are not held) so that two
+    registrations at once cannot both take the last place."""
     await session.execute(
         select(Cooperative.id).where(Cooperative.id == cooperative_id).with_for_update(key_share=True)
     )
-    active = (
+    rows = (
         await session.execute(
-            select(func.count(WebhookEndpoint.id)).where(
-                WebhookEndpoint.cooperative_id == cooperative_id, WebhookEndpoint.status == "ACTIVE"
+            select(WebhookEndpoint.id, WebhookEndpoint.status, WebhookEndpoint.disabled_at).where(
+                WebhookEndpoint.cooperative_id == cooperative_id, WebhookEndpoint.status.in_(("ACTIVE", "DISABLED"))
             )
         )
-    ).scalar_one()
+    ).all()
+    active = 0
+    for endpoint_id, status, disabled_at in rows:
+        if endpoint_id == enabling:
+            continue  # the one being enabled again: it takes the place it may already hold
+        if status == "ACTIVE" or (_still_held(disabled_at) and await disabled_for_failures(session, endpoint_id)):
+            active += 1
     if active >= MAX_ENDPOINTS_PER_COOPERATIVE:
         raise Conflict(
-            f"a cooperative may have at most {MAX_ENDPOINTS_PER_COOPERATIVE} active webhook endpoints; "
-            "disable (DELETE) one first"
+            f"a cooperative may have at most {MAX_ENDPOINTS_PER_COOPERATIVE} active webhook endpoints (one "
+            "switched off after failures counts while its deliveries are held); disable (DELETE) one first"
         )
 
 
@@ -385,7 +393,7 @@ async def enable_endpoint(
         raise NotFound("webhook endpoint not found")
     was_active = endpoint.status == "ACTIVE"
     if not was_active:
-        await _check_room(session, cooperative_id)
+        await _check_room(session, cooperative_id, enabling=endpoint.id)
     endpoint.status, endpoint.consecutive_failures, endpoint.disabled_at = "ACTIVE", 0, None
     await session.flush()
     # What it held while switched off goes out now (an active one's pending deliveries have their jobs).
@@ -515,6 +523,12 @@ def _previous_after_rotation(endpoint: WebhookEndpoint, overlap: timedelta, now:
         )
     # The current secret is stored as it was: the same key and context as previous secrets.
     return [previous_secret(endpoint.secret_enc, now + overlap), *live]
+
+
+def _still_held(disabled_at: datetime | None) -> bool:
+    """An endpoint switched off after failures records new events (held for when it is enabled) for RETRY_FOR
+    from then, as long as a delivery is ever tried; past that, nothing more is kept for it."""
+    return disabled_at is None or utcnow() - disabled_at < RETRY_FOR
 
 
 async def disabled_for_failures(session: AsyncSession, endpoint_id: str) -> bool:
@@ -653,8 +667,9 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
                     extra={"endpoint_id": endpoint.id, "event_id": event_id},
                 )
                 continue
-            if endpoint.status != "ACTIVE" and not await disabled_for_failures(session, endpoint.id):
-                continue  # deleted by an admin
+            if endpoint.status != "ACTIVE" and not (
+                    _still_held(endpoint.disabled_at) and await disabled_for_failures(session, endpoint.id)):
+                continue  # deleted by an admin, or switched off for longer than a delivery is ever retried
             now = utcnow()
             stmt = (
                 insert_ignore(session.get_bind().dialect.name, WebhookDelivery)

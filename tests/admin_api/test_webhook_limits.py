@@ -33,7 +33,8 @@ async def test_deleted_endpoints_do_not_count_against_the_limit(admin, superadmi
     await _approved(admin, superadmin)
     made = [await _register(admin, n) for n in range(webhooks.MAX_ENDPOINTS_PER_COOPERATIVE)]
     full = await _register(admin, 99, 409)
-    assert full["message"] == "a cooperative may have at most 10 active webhook endpoints; disable (DELETE) one first"
+    assert full["message"] == ("a cooperative may have at most 10 active webhook endpoints (one switched off after "
+                               "failures counts while its deliveries are held); disable (DELETE) one first")
     await admin.json("DELETE", f"/v1/webhook-endpoints/{made[0]['id']}", 200)
     replacement = await _register(admin, 10)
     assert replacement["status"] == "ACTIVE"
