@@ -132,6 +132,8 @@ class Payment(Base):
         Index("ix_payments_member_created", "member_id", "created_at"),
         Index("ix_payments_status_poll", "status", "next_poll_at"),
         Index("ix_payments_coop_completed", "cooperative_id", "completed_at"),
+        Index("ix_payments_updated", "updated_at"),
+        Index("ix_payments_created", "created_at"),
     )
 
     id: Mapped[str] = _id()
@@ -240,6 +242,10 @@ class Dispute(Base):
 
 class SmsMessage(Base):
     __tablename__ = "sms_messages"
+    __table_args__ = (
+        Index("ix_sms_messages_created", "created_at"),
+        Index("ix_sms_messages_coop_created", "cooperative_id", "created_at"),
+    )
 
     id: Mapped[str] = _id()
     cooperative_id: Mapped[str | None] = _coop_fk(nullable=True)
@@ -269,7 +275,10 @@ class OutboxJob(Base):
     """A side effect to perform after commit; claimed with FOR UPDATE SKIP LOCKED."""
 
     __tablename__ = "outbox_jobs"
-    __table_args__ = (Index("ix_outbox_due", "status", "run_at"),)
+    __table_args__ = (
+        Index("ix_outbox_due", "status", "run_at"),
+        Index("ix_outbox_jobs_coop_id", "cooperative_id", "id"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
@@ -322,7 +331,11 @@ class WebhookEndpoint(Base):
 
 class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (UniqueConstraint("endpoint_id", "event_id"),)
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "event_id"),
+        Index("ix_webhook_deliveries_created", "created_at"),
+        Index("ix_webhook_deliveries_coop_created", "cooperative_id", "created_at"),
+    )
 
     id: Mapped[str] = _id()
     cooperative_id: Mapped[str] = _coop_fk()
@@ -339,7 +352,11 @@ class WebhookDelivery(Base):
 
 class UssdSession(Base):
     __tablename__ = "ussd_sessions"
-    __table_args__ = (UniqueConstraint("aggregator", "session_id"),)
+    __table_args__ = (
+        UniqueConstraint("aggregator", "session_id"),
+        Index("ix_ussd_sessions_started", "started_at"),
+        Index("ix_ussd_sessions_coop_started", "cooperative_id", "started_at"),
+    )
 
     id: Mapped[str] = _id()
     aggregator: Mapped[str] = mapped_column(String(24))
