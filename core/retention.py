@@ -1,0 +1,279 @@
+"""Retention: `main.py prune` deletes operational rows past their period, in small batches, while serving.
+
+What goes, and what stays (each period an environment variable; 0 keeps that kind forever):
+
+- outbox_jobs: DONE jobs finished more than RETENTION_OUTBOX_DONE_DAYS (30) ago. Never PENDING, RUNNING or
+  PARKED ones (PARKED wait for a person). Their dedupe keys go with them: every key is of one event (a payment,
+  a refund, an SMS, a sweep slot), and the SMS and the webhook delivery of an event dedupe again on their own rows.
+- ussd_sessions: sessions started and ended more than RETENTION_USSD_SESSIONS_DAYS (90) ago (one the aggregator
+  never reported ended counts from its start: a USSD session lasts minutes).
+- provider_events: only callbacks for an unknown payment (outcome "unknown_payment", no payment; see
+  core.payments._store_unmatched) received more than RETENTION_UNKNOWN_CALLBACKS_DAYS (30) ago. The others stay:
+  they are the provider's own word on a payment or refund, the money trail a dispute or a reconciliation goes
+  back to years later, and they number a few per payment (the payments themselves are kept).
+- webhook_deliveries: DELIVERED or FAILED (given up) deliveries created and last changed more than
+  RETENTION_WEBHOOK_DELIVERIES_DAYS (30) ago, unless a job not DONE still names them (a PARKED webhook.deliver
+  job an admin may replay reopens its delivery). PENDING ones never.
+- sms_messages: the row stays (status, provider status, cost, dates: the evidence of what was sent); the text
+  of one no longer QUEUED, created more than RETENTION_SMS_BODY_DAYS (180) ago, is emptied (personal data; the
+  column is NOT NULL, so ''). A QUEUED one keeps its text: its parked job may still be replayed and send it.
+- audit_events: never (append-only by design; PostgreSQL refuses UPDATE and DELETE on it).
+
+Each batch (RETENTION_BATCH_SIZE rows, 5,000) is one short transaction of one statement that repeats every
+condition, so a row that changed in between (a delivery reopened by a replay) is left, and no lock is held
+for long. The cut-off is taken once, at the start, by the database's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, delete, exists, func, literal, or_, select, true, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from core.config import ConfigError
+from core.db import align_clock, table_of, utcnow
+from core.models import OutboxJob, ProviderEvent, SmsMessage, UssdSession, WebhookDelivery
+
+DEFAULT_DAYS = {
+    "RETENTION_OUTBOX_DONE_DAYS": 30,
+    "RETENTION_USSD_SESSIONS_DAYS": 90,
+    "RETENTION_UNKNOWN_CALLBACKS_DAYS": 30,
+    "RETENTION_WEBHOOK_DELIVERIES_DAYS": 30,
+    "RETENTION_SMS_BODY_DAYS": 180,
+}
+DEFAULT_BATCH = 5000
+MAX_DAYS = 36_500
+# A pause between batches: room for the service's own writes (SQLite has one writer at a time).
+PAUSE_SECONDS = 0.01
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Days each kind is kept (0: forever) and the rows per transaction."""
+
+    outbox_done_days: int = 30
+    ussd_sessions_days: int = 90
+    unknown_callbacks_days: int = 30
+    webhook_deliveries_days: int = 30
+    sms_body_days: int = 180
+    batch_size: int = DEFAULT_BATCH
+
+
+def _whole(env: Mapping[str, str], name: str, default: int, lowest: int, highest: int) -> int:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    if not raw.isascii() or not raw.isdigit():
+        raise ConfigError(name, f"must be a whole number, got {raw!r}")
+    value = int(raw)
+    if not lowest <= value <= highest:
+        raise ConfigError(name, f"must be from {lowest} to {highest}")
+    return value
+
+
+def load_policy(env: Mapping[str, str] | None = None) -> RetentionPolicy:
+    """The RETENTION_* variables (days; 0 keeps that kind forever) and RETENTION_BATCH_SIZE."""
+    env = os.environ if env is None else env
+    days = {name: _whole(env, name, default, 0, MAX_DAYS) for name, default in DEFAULT_DAYS.items()}
+    return RetentionPolicy(
+        outbox_done_days=days["RETENTION_OUTBOX_DONE_DAYS"],
+        ussd_sessions_days=days["RETENTION_USSD_SESSIONS_DAYS"],
+        unknown_callbacks_days=days["RETENTION_UNKNOWN_CALLBACKS_DAYS"],
+        webhook_deliveries_days=days["RETENTION_WEBHOOK_DELIVERIES_DAYS"],
+        sms_body_days=days["RETENTION_SMS_BODY_DAYS"],
+        batch_size=_whole(env, "RETENTION_BATCH_SIZE", DEFAULT_BATCH, 1, 50_000),
+    )
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """One table's line of the report."""
+
+    table: str
+    what: str  # what goes, e.g. "DONE jobs finished before 2026-11-01"
+    count: int | None  # None: kept forever (period 0)
+    variable: str
+    cleared: bool = False  # an UPDATE emptying a column, not a DELETE
+
+    def line(self, *, dry_run: bool) -> str:
+        if self.count is None:
+            return f"{self.table}: kept ({self.variable}=0)"
+        verb = ("would be cleared" if dry_run else "cleared") if self.cleared else (
+            "would be deleted" if dry_run else "deleted")
+        return f"{self.table}: {self.count} {verb} ({self.what})"
+
+
+# The conditions of each kind, for a cut-off.
+
+_JOBS = table_of(OutboxJob)
+_LIVE_JOB_STATES = ("PENDING", "RUNNING", "PARKED")
+
+
+def _old_jobs(cutoff: datetime) -> ColumnElement[bool]:
+    # run_at first: ix_outbox_due (status, run_at) finds them. A DONE job's run_at is before its end, except a
+    # waiting job ended early (superseded), which goes once its run_at has passed too.
+    return and_(_JOBS.c.status == "DONE", _JOBS.c.run_at < cutoff,
+                or_(_JOBS.c.done_at < cutoff, and_(_JOBS.c.done_at.is_(None), _JOBS.c.updated_at < cutoff)))
+
+
+_SESSIONS = table_of(UssdSession)
+
+
+def _old_sessions(cutoff: datetime) -> ColumnElement[bool]:
+    return and_(_SESSIONS.c.started_at < cutoff,
+                or_(_SESSIONS.c.ended_at.is_(None), _SESSIONS.c.ended_at < cutoff))
+
+
+_EVENTS = table_of(ProviderEvent)
+UNKNOWN_PAYMENT = "unknown_payment"  # the outcome core.payments gives a callback no payment matched
+
+
+def _old_unknown_callbacks(cutoff: datetime) -> ColumnElement[bool]:
+    # payment_id IS NULL first: ix_provider_events_payment_id holds the NULLs too (PostgreSQL).
+    return and_(_EVENTS.c.payment_id.is_(None), _EVENTS.c.outcome == UNKNOWN_PAYMENT,
+                _EVENTS.c.received_at < cutoff)
+
+
+_DELIVERIES = table_of(WebhookDelivery)
+
+
+def _finished_deliveries(cutoff: datetime) -> ColumnElement[bool]:
+    return and_(_DELIVERIES.c.created_at < cutoff, _DELIVERIES.c.status.in_(("DELIVERED", "FAILED")),
+                _DELIVERIES.c.updated_at < cutoff)
+
+
+def _old_deliveries(cutoff: datetime) -> ColumnElement[bool]:
+    # A webhook.deliver job names its delivery by endpoint and event id (core.webhooks); one not DONE (waiting,
+    # running, or parked for an admin's replay, which reopens the delivery) keeps it.
+    named = exists().where(
+        _JOBS.c.status.in_(_LIVE_JOB_STATES), _JOBS.c.kind == "webhook.deliver",
+        _JOBS.c.payload["endpoint_id"].as_string() == _DELIVERIES.c.endpoint_id,
+        _JOBS.c.payload["event_id"].as_string() == _DELIVERIES.c.event_id)
+    return and_(_finished_deliveries(cutoff), ~named)
+
+
+_SMS = table_of(SmsMessage)
+
+
+def _old_sms_bodies(cutoff: datetime) -> ColumnElement[bool]:
+    return and_(_SMS.c.created_at < cutoff, _SMS.c.status != "QUEUED", _SMS.c.body != "")
+
+
+Condition = Callable[[datetime], ColumnElement[bool]]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    table: Any
+    variable: str
+    days: Callable[[RetentionPolicy], int]
+    condition: Condition  # every condition, checked again as each row is deleted
+    what: str  # with {cutoff}
+    order: Any = None  # the indexed column the rows are walked by, oldest first (None: no usable index)
+    pick: Condition | None = None  # the part of `condition` that walk reads by that index (None: all of it)
+
+
+KINDS = (
+    _Kind(_JOBS, "RETENTION_OUTBOX_DONE_DAYS", lambda p: p.outbox_done_days, _old_jobs,
+          "DONE jobs finished before {cutoff}", _JOBS.c.run_at),
+    _Kind(_SESSIONS, "RETENTION_USSD_SESSIONS_DAYS", lambda p: p.ussd_sessions_days, _old_sessions,
+          "sessions ended before {cutoff}", _SESSIONS.c.started_at),
+    _Kind(_EVENTS, "RETENTION_UNKNOWN_CALLBACKS_DAYS", lambda p: p.unknown_callbacks_days, _old_unknown_callbacks,
+          "callbacks for unknown payments received before {cutoff}; the others are kept"),
+    _Kind(_DELIVERIES, "RETENTION_WEBHOOK_DELIVERIES_DAYS", lambda p: p.webhook_deliveries_days, _old_deliveries,
+          "delivered or given up, last changed before {cutoff}", _DELIVERIES.c.created_at, _finished_deliveries),
+)
+
+
+async def _count(engine: AsyncEngine, table: Any, condition: ColumnElement[bool]) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(table).where(condition))).scalar_one())
+
+
+Apply = Callable[[AsyncConnection, list[Any], ColumnElement[bool]], Awaitable[int]]
+
+
+async def _walk(engine: AsyncEngine, table: Any, pick: ColumnElement[bool], order: Any, batch: int,
+                apply: Apply) -> int:
+    """Per transaction: the ids of up to `batch` rows matching `pick`, then `apply` to them (which checks every
+    condition again: a row changed meanwhile, e.g. a delivery reopened by a replay, is left). Until a batch
+    comes short.
+
+    With `order`, the rows are walked once, oldest first by (order, id) from where the last batch ended: its
+    index finds them, a row `apply` leaves is not read again, and `apply` is also given the batch's upper bound
+    on `order` so that PostgreSQL's DELETE reads that index over the batch's range only (with the whole period
+    it read every old row at every batch). Without `order` (no usable index), each batch searches again.
+    The ids are sent as a list: a DELETE ... IN (subquery) scanned every eligible row per batch."""
+    total, after = 0, None
+    while True:
+        if order is None:
+            query = select(table.c.id, literal(None)).where(pick).limit(batch)
+        else:
+            where = pick if after is None else and_(
+                pick, or_(order > after[0], and_(order == after[0], table.c.id > after[1])))
+            query = select(table.c.id, order).where(where).order_by(order, table.c.id).limit(batch)
+        async with engine.begin() as conn:
+            rows = (await conn.execute(query)).all()
+            if rows:
+                bound = true() if order is None else order <= rows[-1][1]
+                total += await apply(conn, [row[0] for row in rows], bound)
+        if len(rows) < batch:
+            return total
+        after = (rows[-1][1], rows[-1][0])
+        await asyncio.sleep(PAUSE_SECONDS)
+
+
+def _deleting(table: Any, condition: ColumnElement[bool]) -> Apply:
+    async def apply(conn: AsyncConnection, ids: list[Any], bound: ColumnElement[bool]) -> int:
+        return int((await conn.execute(delete(table).where(table.c.id.in_(ids), bound, condition))).rowcount)
+
+    return apply
+
+
+def _clearing(condition: ColumnElement[bool]) -> Apply:
+    async def apply(conn: AsyncConnection, ids: list[Any], bound: ColumnElement[bool]) -> int:
+        statement = update(_SMS).where(_SMS.c.id.in_(ids), bound, condition).values(body="")
+        return int((await conn.execute(statement)).rowcount)
+
+    return apply
+
+
+async def prune(engine: AsyncEngine, policy: RetentionPolicy, *, dry_run: bool = False,
+                now: datetime | None = None) -> list[Pruned]:
+    """Apply `policy` (count only with `dry_run`); one Pruned per table, in the order they are done."""
+    if now is None:
+        await align_clock(engine)
+        now = utcnow()
+    report = []
+    for kind in KINDS:
+        days = kind.days(policy)
+        if not days:
+            report.append(Pruned(kind.table.name, "", None, kind.variable))
+            continue
+        cutoff = now - timedelta(days=days)
+        condition = kind.condition(cutoff)
+        pick = condition if kind.pick is None else kind.pick(cutoff)
+        count = (await _count(engine, kind.table, condition) if dry_run
+                 else await _walk(engine, kind.table, pick, kind.order, policy.batch_size,
+                                  _deleting(kind.table, condition)))
+        report.append(Pruned(kind.table.name, kind.what.format(cutoff=_day(cutoff)), count, kind.variable))
+    if not policy.sms_body_days:
+        report.append(Pruned(_SMS.name, "", None, "RETENTION_SMS_BODY_DAYS", cleared=True))
+    else:
+        cutoff = now - timedelta(days=policy.sms_body_days)
+        count = (await _count(engine, _SMS, _old_sms_bodies(cutoff)) if dry_run
+                 else await _walk(engine, _SMS, _old_sms_bodies(cutoff), _SMS.c.created_at, policy.batch_size,
+                                  _clearing(_old_sms_bodies(cutoff))))
+        report.append(Pruned(_SMS.name, f"texts of SMS created before {_day(cutoff)}; the rows are kept", count,
+                             "RETENTION_SMS_BODY_DAYS", cleared=True))
+    return report
+
+
+def _day(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC")

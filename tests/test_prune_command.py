@@ -1,0 +1,46 @@
+"""`main.py prune`, run as an operator's cron would, in its own process against the test database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import _base_env
+from tests.core.test_retention import _left, _seed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "main.py", "prune", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**_base_env(), **env}, timeout=120, check=False)
+
+
+async def test_prune_prints_one_line_per_table_and_exits_0(rt: Any) -> None:
+    await _seed(rt)
+    before = await _left(rt)
+
+    dry = _run("--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert [line.split(" (")[0] for line in dry.stdout.splitlines()] == [
+        "outbox_jobs: 2 would be deleted", "ussd_sessions: 2 would be deleted", "provider_events: 1 would be deleted",
+        "webhook_deliveries: 3 would be deleted", "sms_messages: 2 would be cleared"]
+    assert await _left(rt) == before
+
+    done = _run(RETENTION_SMS_BODY_DAYS="0")
+    assert done.returncode == 0, done.stderr
+    assert [line.split(" (")[0] for line in done.stdout.splitlines()] == [
+        "outbox_jobs: 2 deleted", "ussd_sessions: 2 deleted", "provider_events: 1 deleted",
+        "webhook_deliveries: 3 deleted", "sms_messages: kept"]
+    assert done.stdout.splitlines()[-1] == "sms_messages: kept (RETENTION_SMS_BODY_DAYS=0)"
+    left = await _left(rt)
+    assert len(left["outbox_jobs"]) == len(before["outbox_jobs"]) - 2
+    assert left["sms_messages"] == before["sms_messages"]
+
+
+async def test_a_bad_period_is_refused_with_exit_2(rt: Any) -> None:
+    refused = _run(RETENTION_OUTBOX_DONE_DAYS="thirty")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "configuration error: RETENTION_OUTBOX_DONE_DAYS: must be a whole number" in refused.stderr
