@@ -15,6 +15,7 @@ from admin_api.validation import LIMIT, PAGE, Param
 from core import webhooks
 from core.audit import Actor, record
 from core.errors import Conflict, NotFound
+from core.jobs import payment_and_now
 from core.models import OutboxJob
 from core.outbox import replay_job
 from core.text import is_number
@@ -24,6 +25,16 @@ STATUSES = ("PENDING", "RUNNING", "DONE", "PARKED")
 # work again: a handler that finds its subject already given up on ends without doing anything.
 ON_REPLAY: dict[str, Callable[[AsyncSession, OutboxJob, Actor], Awaitable[None]]] = {
     "webhook.deliver": lambda session, job, actor: webhooks.reopen_for_replay(session, job, actor=actor),
+    "payment.collect": lambda session, job, actor: _collect_still_open(session, job),
+}
+# What a job is about, shown in its view: the payload key holding its subject's id, for the kinds whose
+# subject is a payment or a refund (an opaque id, nothing personal). Other kinds show none: their payloads
+# may hold encrypted phone numbers, message contexts or webhook bodies.
+SUBJECTS = {
+    "payment.collect": ("payment", "payment_id"),
+    "payment.poll": ("payment", "payment_id"),
+    "refund.submit": ("refund", "refund_id"),
+    "refund.poll": ("refund", "refund_id"),
 }
 JOB = out(
     {
@@ -35,14 +46,38 @@ JOB = out(
         "maxAttempts": {"type": "integer"},
         "runAt": DATETIME,
         "lastError": {"type": ["string", "null"]},
+        "subject": {
+            "type": ["object", "null"],
+            "description": "What the job is about (a payment or a refund, by id); null for other kinds",
+            "properties": {"type": {"type": "string", "enum": ["payment", "refund"]}, "id": {"type": "string"}},
+            "required": ["type", "id"],
+        },
         "createdAt": DATETIME,
         "doneAt": {"type": ["string", "null"], "format": "date-time"},
     }
 )
 
 
+def subject_of(kind: str, payload: dict[str, Any] | None) -> dict[str, str] | None:
+    """The job's subject (SUBJECTS), or None: never anything else from its payload."""
+    entry = SUBJECTS.get(kind)
+    value = (payload or {}).get(entry[1]) if entry else None
+    return {"type": entry[0], "id": value} if entry and isinstance(value, str) and value else None
+
+
+async def _collect_still_open(session: AsyncSession, job: OutboxJob) -> None:
+    """A parked 'payment.collect' job is replayed only while its payment may still be approved: once its
+    window is over the job would send nothing (core.jobs), and the payment is settled by its status poll."""
+    payment, now = await payment_and_now(session, str((job.payload or {}).get("payment_id") or ""))
+    if payment is not None and payment.status == "PENDING" and now >= payment.expires_at:
+        raise Conflict(f"payment {payment.id}'s approval window is over: replaying its collect job would send "
+                       "nothing (a PIN prompt now would come too late). Its status poll settles it; the payer "
+                       "can start a new payment")
+
+
 def present(job: OutboxJob) -> dict[str, Any]:
-    # The payload stays private: it may hold encrypted phone numbers and message contexts.
+    # The payload stays private: it may hold encrypted phone numbers and message contexts. Only the id of
+    # a payment or refund job's subject is shown (SUBJECTS), so a parked one can be traced to its payment.
     return {
         "id": job.id,
         "kind": job.kind,
@@ -52,6 +87,7 @@ def present(job: OutboxJob) -> dict[str, Any]:
         "maxAttempts": job.max_attempts,
         "runAt": iso(job.run_at),
         "lastError": job.last_error or None,  # "" is the claim's own mark (core.outbox.UNSTAMPED): no error
+        "subject": subject_of(job.kind, job.payload),
         "createdAt": iso(job.created_at),
         "doneAt": iso(job.done_at),
     }

@@ -56,6 +56,10 @@ REFUND_POLL_LIMIT = timedelta(hours=24)
 # have been taken (MTN calls back once, with no retry), and "not approved" would invite a second payment.
 SETTLE_GRACE = timedelta(hours=24)  # the default of PAYMENT_SETTLE_GRACE_SECONDS
 SETTLE_POLL_CAP = 1800.0  # seconds between status queries once backed off
+# The failure reason of a payment whose collection never reached the provider (an outage: the collect job
+# failed or parked, the provider has no such request once the window is over). channels.sms reads it as
+# reason "provider_unreachable" (nothing was taken, try again), never as "not approved in time".
+PROVIDER_UNREACHABLE = "provider unreachable: the request never reached the provider; nothing was taken"
 # Times a refund the provider says it never received (status NOT_FOUND) is sent again, same reference.
 REFUND_RESENDS = 3
 
@@ -107,12 +111,12 @@ def _callback_url(rt: Runtime, provider: str) -> str:
 
 
 async def _timed(provider: str, operation: str, coro):  # type: ignore[no-untyped-def]
+    """The whole operation's latency (token and retries included). Errors are counted where they happen, once,
+    by the transport and the adapters (providers.calls): counted here too, one failed call would count twice,
+    and an answer such as a status query's NOT_FOUND (a provider that never got the request) as an error."""
     started = time.perf_counter()
     try:
         return await coro
-    except ProviderError:
-        metrics.PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
-        raise
     finally:
         metrics.PROVIDER_CALLS.labels(provider=provider, operation=operation).observe(time.perf_counter() - started)
 
@@ -123,10 +127,19 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         waited = time.monotonic() - job.claimed
         deadline = asyncio.get_running_loop().time() + collect_call_budget(rt.settings.outbox_lease_seconds) - waited
         async with rt.sessionmaker() as session:
-            payment = await session.get(Payment, job.payload["payment_id"])
+            payment, now = await payment_and_now(session, job.payload["payment_id"])
             member = await session.get(Member, payment.member_id) if payment and payment.member_id else None
         if payment is None or payment.status != PaymentStatus.PENDING.value:
             return  # already moved on: running twice is harmless
+        if now >= payment.expires_at:
+            # Its approval window is over (by the database's clock, as the poll judges it): a request sent
+            # now (a retry after an outage, a replayed parked job) would put a PIN prompt on the payer's phone
+            # for a payment the next poll ends. Nothing is sent; the poll settles it (PROVIDER_UNREACHABLE
+            # when the provider never got it).
+            log.warning("collection not sent: the payment's approval window is over",
+                        extra={"payment": payment.reference, "payment_id": payment.id, "job_id": job.id,
+                               "overdue_minutes": int((now - payment.expires_at).total_seconds() // 60)})
+            return
         if job.call_may_have_arrived:
             # The previous attempt was cancelled mid-call: the provider may have the request (M-Pesa
             # has no idempotency key, a second push is a second charge). Ask its status instead. (One whose
@@ -228,9 +241,18 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 delay = next_poll_in(payment, now)
                 await schedule_poll(payment.id, now, delay)
                 raise RetryLater(delay, "still pending")
-            # The provider says it is still waiting for the payer (or never got the request) after the
-            # window: not approved in time (a later success still completes the payment, flagged late).
-            outcome, status, reason = ProviderOutcome.EXPIRED, None, "not approved in time"
+            # The provider says it is still waiting for the payer after the window: not approved in time (a
+            # later success still completes the payment, flagged late).
+            outcome, reason = ProviderOutcome.EXPIRED, "not approved in time"
+            if status is None and payment.status == PaymentStatus.PENDING.value:
+                # The provider never got the request (NOT_FOUND), and no attempt to send it was ever accepted
+                # (that moves it to PROCESSING): the collect job parked or failed through an outage. The payer
+                # was never prompted: our failure, not theirs, and nothing was taken.
+                outcome, reason = ProviderOutcome.FAILED, PROVIDER_UNREACHABLE
+                log.warning("payment failed: its collection never reached the provider",
+                            extra={"payment": payment.reference, "payment_id": payment.id,
+                                   "provider": payment.provider})
+            status = None
         else:
             outcome = status.outcome
             reason = status.reason or ("not approved in time" if outcome is ProviderOutcome.EXPIRED else None)

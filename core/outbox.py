@@ -370,7 +370,7 @@ class OutboxWorker:
                                run_in=later.delay, last_error=str(later))
         except PermanentJobError as exc:
             outcome = "parked"
-            log.error("job parked", extra={"job_id": job.id, "kind": job.kind, "error": str(exc)})
+            log.error("job parked", extra={"job_id": job.id, "kind": job.kind, **_subject(job), "error": str(exc)})
             await self._finish(job, status="PARKED", locked_by=None, last_error=str(exc)[:2000])
         except Exception as exc:
             if schema_mismatch(exc):
@@ -389,7 +389,8 @@ class OutboxWorker:
             if job.attempts >= job.max_attempts:
                 outcome = "parked"
                 log.error("job parked after retries",
-                          extra={"job_id": job.id, "kind": job.kind, "attempts": job.attempts, "error": error})
+                          extra={"job_id": job.id, "kind": job.kind, **_subject(job), "attempts": job.attempts,
+                                 "error": error})
                 await self._finish(job, status="PARKED", locked_by=None, last_error=error)
             else:
                 outcome = "retry"
@@ -553,6 +554,13 @@ async def call_starting(sessionmaker: async_sessionmaker[AsyncSession], job: Job
         if not result.rowcount:
             raise LeaseLost(f"job {job.id} is no longer held by {job.locked_by}; its provider call is not made")
     job.call_started.append(True)
+
+
+def _subject(job: Job) -> dict[str, str]:
+    """The parked job's subject for its log line, so the operator can find the payment (or refund) it is about:
+    the payment or refund id of the payload only (an opaque id; never its phone numbers or contexts)."""
+    return {key: value for key in ("payment_id", "refund_id")
+            if isinstance(value := job.payload.get(key), str) and value}
 
 
 def _done(now: datetime) -> dict[str, Any]:

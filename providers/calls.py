@@ -58,6 +58,9 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
     A failure to connect is retryable (nothing reached the provider). A request that may have
     reached the provider but got no answer raises ProviderTimeout when it `creates`: the caller must
     ask the status of the same reference rather than send it again.
+
+    gateway_provider_errors_total is counted here (a transport failure, a 5xx) and in http_error (a 4xx),
+    once per failed HTTP call: the jobs above (core.jobs) time operations but count no errors.
     """
     started = time.perf_counter()
     try:

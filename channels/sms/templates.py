@@ -64,6 +64,8 @@ def reason_key(reason: str | None) -> str:
     """A provider's failure text, sorted into a reason a payer understands in any language."""
     text = (reason or "").lower().replace("_", " ")
     rules = (
+        # Our outage, not the payer's doing: the request never reached the provider (core.jobs.PROVIDER_UNREACHABLE).
+        ("provider_unreachable", ("provider unreachable", "never reached the provider")),
         ("insufficient_funds", ("insufficient", "not enough", "balance", "funds")),
         ("declined", ("declin", "reject", "cancel", "refus")),
         ("not_approved", ("expire", "timeout", "timed out", "time")),

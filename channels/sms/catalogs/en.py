@@ -62,6 +62,7 @@ REASONS = {
     "limit": "an account limit was reached",
     "invalid_account": "the account cannot receive this payment",
     "provider_error": "the mobile money service had a problem",
+    "provider_unreachable": "the mobile money service could not be reached; nothing was taken",
     "unknown": "the payment was not completed",
 }
 

@@ -66,6 +66,7 @@ REASONS = {
     "limit": "une limite du compte est atteinte",
     "invalid_account": "le compte ne peut pas recevoir ce paiement",
     "provider_error": "le service mobile money a eu un problème",
+    "provider_unreachable": "le service mobile money était injoignable; rien n'a été prélevé",
     "unknown": "le paiement n'a pas abouti",
 }
 

@@ -63,6 +63,7 @@ REASONS = {
     "limit": "konti yageze ku rugero ntarengwa",
     "invalid_account": "konti ntishobora kwakira ubu bwishyu",
     "provider_error": "serivisi ya mobile money yagize ikibazo",
+    "provider_unreachable": "serivisi ya mobile money ntiyabonetse; nta mafaranga yakuweho",
     "unknown": "ubwishyu ntibwarangiye",
 }
 

@@ -62,6 +62,7 @@ REASONS = {
     "limit": "kikomo cha akaunti kimefikiwa",
     "invalid_account": "akaunti haiwezi kupokea malipo haya",
     "provider_error": "huduma ya pesa kwa simu ilikuwa na tatizo",
+    "provider_unreachable": "huduma ya pesa kwa simu haikupatikana; hakuna pesa iliyokatwa",
     "unknown": "malipo hayakukamilika",
 }
 

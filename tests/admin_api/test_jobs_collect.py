@@ -1,0 +1,45 @@
+"""Replaying a parked payment.collect job over the API after a provider outage (README: parked jobs)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from core.models import AuditEvent, OutboxJob, Payment
+from tests.conftest import drain
+from tests.core.test_outage_recovery import RTP, outage_payment
+from tests.providers.wires import due_now
+
+
+async def test_replay_of_collect_whose_window_is_over_is_refused(admin, rt, demo, worker):
+    wire, payment, collect = await outage_payment(rt, demo, worker)
+    body = await admin.json("POST", f"/v1/jobs/{collect.id}/replay", 409)
+    assert "approval window is over" in body["message"] and payment.id in body["message"]
+    await drain(worker)
+    assert wire.sent("POST", RTP) == []  # no PIN prompt an hour late
+    async with rt.sessionmaker() as s:
+        assert (await s.get(OutboxJob, collect.id)).status == "PARKED"  # nothing replayed, nothing audited
+        assert (await s.execute(select(AuditEvent).where(AuditEvent.action == "job.replayed"))).first() is None
+
+
+async def test_replay_of_collect_within_its_window_sends_it(admin, rt, demo, worker):
+    wire, payment, collect = await outage_payment(rt, demo, worker, window_over=False)
+    replayed = await admin.json("POST", f"/v1/jobs/{collect.id}/replay", 200)
+    assert (replayed["status"], replayed["subject"]) == ("PENDING", {"type": "payment", "id": payment.id})
+    await drain(worker)
+    assert len(wire.sent("POST", RTP)) == 1
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, payment.id)).status == "PROCESSING"
+
+
+async def test_jobs_view_names_the_payment_not_the_payload(admin, rt, demo, worker):
+    _wire, payment, collect = await outage_payment(rt, demo, worker)
+    page = await admin.json("GET", "/v1/jobs?kind=payment.collect&status=PARKED", 200)
+    [job] = page["data"]
+    assert (job["id"], job["subject"]) == (collect.id, {"type": "payment", "id": payment.id})
+    assert "payload" not in job
+    await due_now(rt, "payment.poll")
+    await drain(worker, rounds=2)  # the poll ends the payment and queues the payer's SMS
+    polls = await admin.json("GET", "/v1/jobs?kind=payment.poll", 200)
+    assert {j["subject"]["id"] for j in polls["data"]} == {payment.id}
+    sms = await admin.json("GET", "/v1/jobs?kind=sms.send", 200)
+    assert sms["data"] and all(j["subject"] is None for j in sms["data"])  # payloads with phone numbers: none
