@@ -1,0 +1,51 @@
+"""What migrations share to change a live database: indexes built and dropped without blocking writes.
+
+CREATE INDEX CONCURRENTLY on PostgreSQL, outside the migration's transaction (`migrate` runs on the live
+database; a plain build blocks every INSERT and UPDATE of the table while it runs); an INVALID leftover of an
+interrupted build is dropped and built again, a valid index of that name is kept. SQLite builds them plainly.
+Used by revisions 0004 and 0010 (each keeps its own list: a revision's indexes never change once released).
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+# (name, table, columns), in build order.
+IndexSpec = tuple[str, str, list[str]]
+
+
+def _index_state(name: str) -> bool | None:
+    """PostgreSQL: True when index `name` exists and is valid, False when a build left it INVALID, None when absent
+    (or unknown: offline SQL, `alembic upgrade --sql`, which then emits CREATE INDEX CONCURRENTLY IF NOT EXISTS)."""
+    if op.get_context().as_sql:
+        return None
+    row = op.get_bind().execute(sa.text(
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE c.relname = :name AND pg_catalog.pg_table_is_visible(c.oid)"), {"name": name}).first()
+    return None if row is None else bool(row[0])
+
+
+def build_indexes(indexes: Sequence[IndexSpec]) -> None:
+    if op.get_bind().dialect.name != 'postgresql':
+        for name, table, columns in indexes:
+            op.create_index(name, table, columns)
+        return
+    # Outside a transaction (CONCURRENTLY requires it); the revisions before this one are committed first.
+    with op.get_context().autocommit_block():
+        for name, table, columns in indexes:
+            state = _index_state(name)
+            if state is False:  # an interrupted concurrent build's leftover: neither used nor complete
+                op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
+            if state is not True:
+                op.create_index(name, table, columns, postgresql_concurrently=True, if_not_exists=True)
+
+
+def drop_indexes(indexes: Sequence[IndexSpec]) -> None:
+    if op.get_bind().dialect.name != 'postgresql':
+        for name, table, _columns in reversed(indexes):
+            op.drop_index(name, table_name=table)
+        return
+    with op.get_context().autocommit_block():
+        for name, table, _columns in reversed(indexes):
+            op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
