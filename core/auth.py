@@ -217,8 +217,8 @@ def _decode(token: str, *, secret: str, expected_type: str) -> dict[str, Any]:
             # The times are checked below on the clock they were issued by (core.db.wall: PostgreSQL's, the
             # same on every host), not by PyJWT on this host's: a host whose clock runs behind would refuse
             # every token as issued in the future, one ahead would cut their lives short.
-            options={"require": ["exp", "iat", "sub", "typ", "jti"], "verify_exp": False, "verify_iat": False,
-                     "verify_nbf": False},
+            options={"require": ["exp", "iat", "sub", "typ", "jti"], "verify_exp": False, "verify_iat": False},
+            leeway=LEEWAY,
         )
     except jwt.InvalidTokenError:
         raise Unauthorized("invalid token") from None
@@ -229,18 +229,11 @@ def _decode(token: str, *, secret: str, expected_type: str) -> dict[str, Any]:
         raise Unauthorized("invalid token") from None
     if now > expires + LEEWAY:
         raise Unauthorized("token has expired")
-    if issued > now + LEEWAY or ("nbf" in claims and not _not_before_passed(claims["nbf"], now)):
+    if issued > now + LEEWAY:
         raise Unauthorized("invalid token")
     if claims.get("typ") != expected_type:
         raise Unauthorized("invalid token")
     return claims
-
-
-def _not_before_passed(nbf: Any, now: float) -> bool:
-    try:
-        return float(nbf) <= now + LEEWAY
-    except (TypeError, ValueError):
-        return False
 
 
 def principal_from_access(claims: dict[str, Any]) -> Principal:

@@ -194,12 +194,7 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     if parsed.scheme not in schemes or not parsed.hostname:
         raise ConfigError(name, f"must be a URL with scheme {'/'.join(schemes)} and a host, "
                                 f"such as {schemes[-1]}://pay.example.rw")
-    try:
-        port = parsed.port  # urllib checks the port when it is read
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise ConfigError(name, "has an invalid port (a number from 1 to 65535)")
+    _check_port(name, parsed)
     if "?" in value or "#" in value:
         raise ConfigError(name, "must not have a query (?...) or fragment (#...): paths are appended to it")
     return value.rstrip("/")
@@ -209,6 +204,16 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _TARGET_SESSION_ATTRS = ("any", "primary", "standby", "read-write", "read-only", "prefer-standby")
 _PG_QUERY = ("ssl", "sslmode", "host", "target_session_attrs", "passfile")
+
+
+def _check_port(name: str, parsed: Any) -> None:
+    """A URL's port, if it has one, is 1-65535 (urllib checks it when it is read)."""
+    try:
+        port = parsed.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(name, "has an invalid port (a number from 1 to 65535)")
 
 
 def _port_ok(text: str) -> bool:
@@ -278,12 +283,7 @@ def _redis_url(env: Mapping[str, str]) -> str:
     if not value.startswith(("redis://", "rediss://")):
         raise ConfigError(name, "must be redis://..., rediss://..., unix://... or 'embedded'")
     parsed = urlparse(value)
-    try:
-        port = parsed.port  # urllib checks the port when it is read
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise ConfigError(name, "has an invalid port (a number from 1 to 65535)")
+    _check_port(name, parsed)
     db = parsed.path.strip("/")
     if db and not (db.isascii() and db.isdigit()):
         raise ConfigError(name, f"names the database {db!r}: it must be a number, such as redis://host:6379/0")

@@ -331,7 +331,7 @@ def approval_window(settings: Any, method: str) -> int:
     """Seconds a new payment stays open: a PIN prompt's PAYMENT_TIMEOUT_SECONDS for mobile money; for a bank
     payment (an invoice the payer settles on their bank's page, which they reach from the paymentUrl the
     worker adds seconds after the 201) BANK_PAYMENT_TIMEOUT_SECONDS, also the invoice's expiry."""
-    if method.startswith("BANK_"):
+    if method not in METHOD_OPERATOR:  # no wallet operator: a bank payment
         return int(settings.bank_payment_timeout_seconds)
     return int(settings.payment_timeout_seconds)
 

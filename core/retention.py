@@ -57,11 +57,11 @@ PAUSE_SECONDS = 0.01
 class RetentionPolicy:
     """Days each kind is kept (0: forever) and the rows per transaction."""
 
-    outbox_done_days: int = 30
-    ussd_sessions_days: int = 90
-    unknown_callbacks_days: int = 30
-    webhook_deliveries_days: int = 30
-    sms_body_days: int = 180
+    outbox_done_days: int = DEFAULT_DAYS["RETENTION_OUTBOX_DONE_DAYS"]
+    ussd_sessions_days: int = DEFAULT_DAYS["RETENTION_USSD_SESSIONS_DAYS"]
+    unknown_callbacks_days: int = DEFAULT_DAYS["RETENTION_UNKNOWN_CALLBACKS_DAYS"]
+    webhook_deliveries_days: int = DEFAULT_DAYS["RETENTION_WEBHOOK_DELIVERIES_DAYS"]
+    sms_body_days: int = DEFAULT_DAYS["RETENTION_SMS_BODY_DAYS"]
     batch_size: int = DEFAULT_BATCH
 
 

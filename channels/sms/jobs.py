@@ -119,26 +119,25 @@ class SmsJobs:
                 # anything that could overwrite the job's last error.
                 await self._unconfirmed(job, existing, "previous attempt cut off mid-send")
                 return
-            if payload.get("template") in OPTIONAL_TEMPLATES and payload.get("member_id"):
-                # Checked on every attempt: a reminder retried through an aggregator outage is exactly the
-                # one whose member may have paid or sent STOP, or whose day may be over, by now.
+            # Checked on every attempt: a reminder retried through an aggregator outage is exactly the one whose
+            # member may have paid or sent STOP, or whose day may be over, by now; a welcome, one whose member
+            # was suspended since.
+            reminder = payload.get("template") in OPTIONAL_TEMPLATES
+            void = None
+            if payload.get("member_id") and reminder:
                 void = await why_not_send(conn, payload)
                 if void is not None:
-                    log.info("reminder not sent", extra={"member_id": payload["member_id"], "reason": void})
                     metrics.REMINDERS_SKIPPED.labels(reason=void).inc()
-                    if existing is not None:  # an earlier attempt stored it: it ends here, unsent
-                        await self._move(existing.id, SmsStatus.FAILED, failure_reason=f"not sent: {void}",
-                                         provider_status="Skipped")
-                    return
             elif payload.get("member_id") and payload.get("template") in MEMBER_TEMPLATES:
                 void = await _member_void(conn, payload)
-                if void is not None:
-                    log.info("member SMS not sent", extra={"member_id": payload["member_id"], "reason": void,
-                                                           "template": payload.get("template")})
-                    if existing is not None:
-                        await self._move(existing.id, SmsStatus.FAILED, failure_reason=f"not sent: {void}",
-                                         provider_status="Skipped")
-                    return
+            if void is not None:
+                log.info("reminder not sent" if reminder else "member SMS not sent",
+                         extra={"member_id": payload["member_id"], "reason": void,
+                                "template": payload.get("template")})
+                if existing is not None:  # an earlier attempt stored it: it ends here, unsent
+                    await self._move(existing.id, SmsStatus.FAILED, failure_reason=f"not sent: {void}",
+                                     provider_status="Skipped")
+                return
             lock = f"sms:lock:{{{hashlib.sha256(key.encode()).hexdigest()[:32]}}}"
             await self.throttle_and_lock(lock, str(job.id))
             message: Any = None
