@@ -93,6 +93,9 @@ class Settings:
     log_level: str
     reminder_days_before: int = 3
     reminders_enabled: bool = True
+    # How long the number that paid may ask STATUS/RECEIPT about a payment by SMS (0: always); a member's own
+    # number may always ask about the member's payments.
+    sms_payer_answer_days: int = 90
     # After the approval window, how long a payment whose outcome the provider cannot tell stays open and polled.
     payment_settle_grace_seconds: int = 86400
     # A bank payment (an IremboPay invoice the payer settles on their bank's page or at a branch) is open this
@@ -144,7 +147,7 @@ def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = _get(env, name, str(default))
     try:
         value = int(raw)
@@ -152,6 +155,8 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise ConfigError(name, f"must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(name, f"must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"must be at most {maximum}")
     return value
 
 
@@ -539,6 +544,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         reminder_days_before=_int(env, "REMINDER_DAYS_BEFORE", 3, minimum=0),
         reminders_enabled=_bool(env, "REMINDERS_ENABLED", True),
+        sms_payer_answer_days=_int(env, "SMS_PAYER_ANSWER_DAYS", 90, minimum=0, maximum=36500),
         db_pool_size=_int(env, "DB_POOL_SIZE", 20, minimum=1),
         ussd_ip_allowlists=allowlists,
         trusted_proxies=trusted_proxies,

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import unicodedata
+from datetime import timedelta
 from functools import cache
 from typing import Any, NamedTuple, cast
 
@@ -283,17 +284,20 @@ def parse_keyword(text: str) -> tuple[str | None, str | None, str | None]:
 
 
 async def _owns(session: Any, rt: Runtime, payment: Payment, phone: Phone) -> bool:
-    """The sender paid it (account index) or is the member it was for (member phone index). A payment for a
-    member who was suspended, or whose number was released, is nobody's to ask about by SMS: the number
-    may have been given to someone else since (operators recycle numbers), and its new holder would read
-    the old member's payments."""
+    """The sender is the member it was for (member phone index), or paid it (account index) no more than
+    SMS_PAYER_ANSWER_DAYS ago. Operators recycle numbers: a payment for a member who was suspended, or whose
+    number was released, is nobody's to ask about by SMS, and the number that paid is asked about only while
+    it is likely still the payer's (an anonymous payment has no member to suspend: a number's next holder
+    would otherwise read its payments for ever, references being a date and a counter)."""
     index = rt.cipher.blind_index(phone.e164)
     member = await session.get(Member, payment.member_id) if payment.member_id else None
     if payment.member_id and (member is None or member.status == "SUSPENDED" or member.phone_enc is None):
         return False
-    if hmac.compare_digest(payment.payment_account_index, index):
+    if member is not None and hmac.compare_digest(member.phone_index, index):
         return True
-    return member is not None and hmac.compare_digest(member.phone_index, index)
+    days = rt.settings.sms_payer_answer_days
+    recent = days == 0 or payment.created_at >= utcnow() - timedelta(days=days)
+    return recent and hmac.compare_digest(payment.payment_account_index, index)
 
 
 async def inbound(request: web.Request) -> web.Response:

@@ -105,3 +105,12 @@ def test_a_unix_socket_directory_with_colons_is_not_read_as_a_port() -> None:
     url = "postgresql+asyncpg://gateway:pw@/gateway?host=/cloudsql/my-project:europe-west1:gateway-db"
     settings = load_settings({"GATEWAY_ENV": "development", "DATABASE_URL": url})
     assert "host=/cloudsql/my-project" in settings.database_url.replace("%2F", "/").replace("%3A", ":")
+
+
+def test_how_long_a_paying_number_is_answered_by_sms():
+    assert load_settings({}).sms_payer_answer_days == 90
+    assert load_settings({"SMS_PAYER_ANSWER_DAYS": "0"}).sms_payer_answer_days == 0
+    for bad, says in (("-1", "must be at least 0"), ("40000", "must be at most 36500"), ("ninety", "an integer")):
+        with pytest.raises(ConfigError, match=says) as raised:
+            load_settings({"SMS_PAYER_ANSWER_DAYS": bad})
+        assert raised.value.variable == "SMS_PAYER_ANSWER_DAYS"

@@ -43,6 +43,7 @@ async def make_payment(
     status: str = "COMPLETED",
     reference: str | None = None,
     failure_reason: str | None = None,
+    created_at: datetime | None = None,
 ) -> Payment:
     async with rt.sessionmaker.begin() as session:
         ptype = (
@@ -56,7 +57,8 @@ async def make_payment(
             .scalars()
             .first()
         )
-        now = datetime(2026, 1, 15, 21, 30, tzinfo=UTC)  # 23:30 in Kigali: the date is local
+        # 23:30 in Kigali by default: the date is local.
+        now = created_at or datetime(2026, 1, 15, 21, 30, tzinfo=UTC)
         payment = Payment(
             cooperative_id=cooperative_id,
             member_id=member_id,

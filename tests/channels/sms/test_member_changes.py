@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
 
 from channels.sms.templates import render
 from core.audit import Actor
+from core.db import utcnow
 from core.members import approve_member, create_member, release_phone, update_member
 from core.models import Cooperative, Member, SmsMessage
 from core.phone import normalize
+from tests.channels.sms.conftest import gateway_app
 from tests.channels.sms.helpers import make_payment
 from tests.channels.sms.test_routes import inbound
 from tests.conftest import drain
@@ -123,3 +127,56 @@ async def test_message_to_a_member_whose_number_was_released_is_not_sent(
     assert sim.messages(ALINE) == []
     [job] = await jobs_of(rt, "sms.send")
     assert job.status == "DONE"  # ended, not parked as a fault
+
+
+PAYER = "+250788000004"  # no member anywhere: pays for no one (an API payment)
+FRIEND = "+250788000005"  # no member either: pays for Aline from her wallet
+
+
+async def test_the_number_that_paid_is_answered_about_it_for_a_while_only(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    """A payment for no member is asked about by the number that paid; once SMS_PAYER_ANSWER_DAYS (90) have
+    passed the number may be someone else's (references are a date and a counter: easily guessed)."""
+    now = utcnow()
+    recent = await make_payment(rt, demo["cooperative_id"], account=PAYER, created_at=now - timedelta(days=89))
+    old = await make_payment(rt, demo["cooperative_id"], account=PAYER, created_at=now - timedelta(days=91))
+    await inbound(sms_client, PAYER, f"RECEIPT {recent.reference}", "payer-1")
+    await drain(worker)
+    await inbound(sms_client, PAYER, f"STATUS {old.reference}", "payer-2")
+    await drain(worker)
+    await inbound(sms_client, PAYER, f"RECEIPT {old.reference}", "payer-3")
+    await drain(worker)
+    receipt, *refused = [m["message"] for m in sim.messages(PAYER)]
+    assert recent.reference in receipt and "MTN-TX-778899" in receipt
+    assert refused == [render("not_found", "en", {"ref": old.reference})] * 2
+
+
+async def test_a_members_own_number_is_answered_about_her_old_payments_but_not_another_payer(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    """Aline's payment of last year, paid from a friend's wallet: Aline (an active member, her number hers) may ask;
+    a friend's number, a payer only, may no longer."""
+    aline = demo["members"][ALINE]
+    paid = await make_payment(rt, demo["cooperative_id"], account=FRIEND, member_id=aline,
+                              created_at=utcnow() - timedelta(days=200))
+    await inbound(sms_client, ALINE, f"RECEIPT {paid.reference}", "own-1")
+    await drain(worker)
+    await inbound(sms_client, FRIEND, f"RECEIPT {paid.reference}", "own-2")
+    await drain(worker)
+    [to_aline] = sim.messages(ALINE)
+    [to_friend] = sim.messages(FRIEND)
+    assert paid.reference in to_aline["message"] and "MTN-TX-778899" in to_aline["message"]
+    assert to_friend["message"] == render("not_found", "en", {"ref": paid.reference})
+
+
+async def test_zero_days_answers_the_number_that_paid_always(
+    rt: Any, demo: dict[str, Any], aiohttp_client: Any, sim: Any, worker: Any
+) -> None:
+    always = dataclasses.replace(rt, settings=dataclasses.replace(rt.settings, sms_payer_answer_days=0))
+    client = await aiohttp_client(gateway_app(always, always.settings))
+    old = await make_payment(rt, demo["cooperative_id"], account=PAYER, created_at=utcnow() - timedelta(days=900))
+    await inbound(client, PAYER, f"RECEIPT {old.reference}", "always-1")
+    await drain(worker)
+    [reply] = sim.messages(PAYER)
+    assert old.reference in reply["message"] and "MTN-TX-778899" in reply["message"]

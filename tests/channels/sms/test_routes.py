@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -385,7 +386,8 @@ async def test_status_keyword_in_swahili_for_a_payment_made_from_this_phone(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
 ) -> None:
     # Paid from Jean's phone for no member (an API payment): the account index proves ownership.
-    payment = await make_payment(rt, demo["cooperative_id"], account=JEAN, status="PENDING")
+    payment = await make_payment(rt, demo["cooperative_id"], account=JEAN, status="PENDING",
+                           created_at=utcnow() - timedelta(days=1))
     await inbound(sms_client, JEAN, f"HALI {payment.reference}", "in-2")
     await drain(worker)
     [reply] = sim.messages(JEAN)

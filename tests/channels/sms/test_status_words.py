@@ -4,6 +4,7 @@ second payment; in the STATUS and RECEIPT replies, and on the USSD "my payments"
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -41,7 +42,8 @@ def test_every_shown_status_has_words(catalog: Any) -> None:
 
 async def test_status_of_an_unconfirmed_payment(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any,
                                                 worker: Any) -> None:
-    p = await make_payment(rt, demo["cooperative_id"], account=JEAN, status="TIMEOUT", failure_reason=UNCONFIRMED)
+    p = await make_payment(rt, demo["cooperative_id"], account=JEAN, status="TIMEOUT", failure_reason=UNCONFIRMED,
+                           created_at=utcnow() - timedelta(days=1))
     async with rt.sessionmaker.begin() as s:
         await s.execute(update(Payment).where(Payment.id == p.id).values(mismatch=True,
                                                                          mismatch_detail=UNCONFIRMED_FLAG))
@@ -54,7 +56,8 @@ async def test_status_of_an_unconfirmed_payment(rt: Any, demo: dict[str, Any], s
 
 async def test_status_of_money_taken_after_a_failure(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any,
                                                      worker: Any) -> None:
-    p = await make_payment(rt, demo["cooperative_id"], account=JEAN, status="FAILED", failure_reason="payer declined")
+    p = await make_payment(rt, demo["cooperative_id"], account=JEAN, status="FAILED", failure_reason="payer declined",
+                           created_at=utcnow() - timedelta(days=1))
     async with rt.sessionmaker.begin() as s:
         await s.execute(update(Payment).where(Payment.id == p.id).values(mismatch=True, collected_minor=50_000,
                                                                          completed_at=utcnow()))
