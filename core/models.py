@@ -33,8 +33,9 @@ def _updated() -> Mapped[datetime]:
     return mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow, nullable=False)
 
 
-def _coop_fk(nullable: bool = False) -> Mapped[Any]:
-    return mapped_column(UUIDStr, ForeignKey("cooperatives.id"), nullable=nullable, index=True)
+def _coop_fk(nullable: bool = False, *, index: bool = True) -> Mapped[Any]:
+    """`index=False` where a composite index or unique constraint begins with cooperative_id (migration 0011)."""
+    return mapped_column(UUIDStr, ForeignKey("cooperatives.id"), nullable=nullable, index=index)
 
 
 class Cooperative(Base):
@@ -62,7 +63,7 @@ class Member(Base):
     __table_args__ = (UniqueConstraint("cooperative_id", "phone_index"),)
 
     id: Mapped[str] = _id()
-    cooperative_id: Mapped[str] = _coop_fk()
+    cooperative_id: Mapped[str] = _coop_fk(index=False)
     name: Mapped[str] = mapped_column(String(200))
     # Both NULL once the number is released (core.members.release_phone): it can be registered again.
     phone_enc: Mapped[str | None] = mapped_column(String(255))
@@ -137,7 +138,7 @@ class Payment(Base):
     )
 
     id: Mapped[str] = _id()
-    cooperative_id: Mapped[str] = _coop_fk()
+    cooperative_id: Mapped[str] = _coop_fk(index=False)
     member_id: Mapped[str | None] = mapped_column(UUIDStr, ForeignKey("members.id"))
     payment_type_id: Mapped[str] = mapped_column(UUIDStr, ForeignKey("payment_types.id"))
     reference: Mapped[str] = mapped_column(String(32), unique=True)
@@ -201,7 +202,7 @@ class Refund(Base):
     )
 
     id: Mapped[str] = _id()
-    cooperative_id: Mapped[str] = _coop_fk()
+    cooperative_id: Mapped[str] = _coop_fk(index=False)
     payment_id: Mapped[str] = mapped_column(UUIDStr, ForeignKey("payments.id"), index=True)
     reference: Mapped[str] = mapped_column(String(32), unique=True)
     amount_minor: Mapped[int] = mapped_column(BigInteger)
@@ -248,7 +249,7 @@ class SmsMessage(Base):
     )
 
     id: Mapped[str] = _id()
-    cooperative_id: Mapped[str | None] = _coop_fk(nullable=True)
+    cooperative_id: Mapped[str | None] = _coop_fk(nullable=True, index=False)
     member_id: Mapped[str | None] = mapped_column(UUIDStr)
     phone_enc: Mapped[str] = mapped_column(String(255))
     phone_index: Mapped[str] = mapped_column(String(64), index=True)
@@ -338,7 +339,7 @@ class WebhookDelivery(Base):
     )
 
     id: Mapped[str] = _id()
-    cooperative_id: Mapped[str] = _coop_fk()
+    cooperative_id: Mapped[str] = _coop_fk(index=False)
     endpoint_id: Mapped[str] = mapped_column(UUIDStr, ForeignKey("webhook_endpoints.id"), index=True)
     event_id: Mapped[str] = mapped_column(String(64))
     event_type: Mapped[str] = mapped_column(String(48))
@@ -361,7 +362,7 @@ class UssdSession(Base):
     id: Mapped[str] = _id()
     aggregator: Mapped[str] = mapped_column(String(24))
     session_id: Mapped[str] = mapped_column(String(128))
-    cooperative_id: Mapped[str | None] = mapped_column(UUIDStr, index=True)
+    cooperative_id: Mapped[str | None] = mapped_column(UUIDStr)
     member_id: Mapped[str | None] = mapped_column(UUIDStr)
     phone_index: Mapped[str] = mapped_column(String(64), index=True)
     phone_masked: Mapped[str] = mapped_column(String(32))
