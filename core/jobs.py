@@ -118,7 +118,8 @@ async def _timed(provider: str, operation: str, coro):  # type: ignore[no-untype
     try:
         return await coro
     finally:
-        metrics.PROVIDER_CALLS.labels(provider=provider, operation=operation).observe(time.perf_counter() - started)
+        metrics.PROVIDER_OPERATIONS.labels(provider=provider, operation=operation).observe(
+            time.perf_counter() - started)
 
 
 def job_handlers(rt: Runtime) -> dict[str, Handler]:

@@ -30,8 +30,14 @@ USSD_SESSIONS = Counter("gateway_ussd_sessions_total", "USSD sessions by outcome
                         registry=REGISTRY)
 PAYMENTS = Counter("gateway_payment_transitions_total", "Payment transitions by target status",
                    ["status", "method"], registry=REGISTRY)
-PROVIDER_CALLS = Histogram("gateway_provider_call_seconds", "Provider call latency", ["provider", "operation"],
+# One HTTP call to a provider (operation: the adapter's name for the endpoint, e.g. request_to_pay, token)...
+PROVIDER_CALLS = Histogram("gateway_provider_call_seconds", "Provider HTTP call latency", ["provider", "operation"],
                            buckets=_FAST, registry=REGISTRY)
+# ...and a job's whole operation (collect, status, refund, refund_status: its token, calls and retries together).
+# Apart: under one name an MTN refund's HTTP call and its whole operation fell in the same series.
+PROVIDER_OPERATIONS = Histogram("gateway_provider_operation_seconds",
+                                "Provider operation latency, token and retries included", ["provider", "operation"],
+                                buckets=_FAST, registry=REGISTRY)
 PROVIDER_ERRORS = Counter("gateway_provider_errors_total", "Provider call errors", ["provider", "operation"],
                           registry=REGISTRY)
 CALLBACK_REJECTED = Counter("gateway_callback_verification_failures_total", "Callbacks refused",

@@ -381,3 +381,26 @@ async def test_a_failing_sweep_does_not_end_the_chain(rt, worker, monkeypatch):
     sweeps = await _jobs(rt, "payments.sweep")
     assert [(j.status, j.dedupe_key) for j in sweeps] == [
         ("PARKED", f"payments.sweep:{slot}"), ("PENDING", f"payments.sweep:{slot + 1}")]
+
+
+# --- Latency series -----------------------------------------------------------------------------------
+
+
+def _count(histogram: Any, provider: str, operation: str) -> float:
+    return next((s.value for s in histogram.collect()[0].samples if s.name.endswith("_count")
+                 and s.labels == {"provider": provider, "operation": operation}), 0.0)
+
+
+async def test_a_refunds_http_call_and_its_whole_operation_are_timed_in_their_own_series(rt, demo, worker):
+    """One MTN refund, one POST: gateway_provider_call_seconds{refund} counts that one call, and
+    gateway_provider_operation_seconds{refund} the job's one operation (both were one series, counted twice)."""
+    from core.metrics import PROVIDER_CALLS, PROVIDER_OPERATIONS
+
+    wire, _payment, refund = await _mtn_refund(rt, demo)
+    wire.on("POST", "/disbursement/v1_0/refund", 202)
+    calls, operations = _count(PROVIDER_CALLS, "mtn_momo", "refund"), _count(PROVIDER_OPERATIONS, "mtn_momo", "refund")
+    await drain(worker)
+    assert len(wire.sent("POST", "/disbursement/v1_0/refund")) == 1
+    assert _count(PROVIDER_CALLS, "mtn_momo", "refund") == calls + 1
+    assert _count(PROVIDER_OPERATIONS, "mtn_momo", "refund") == operations + 1
+    assert (await _get(rt, Refund, refund.id)).status == "PROCESSING"
