@@ -25,7 +25,7 @@ from admin_api.common import (
 )
 from admin_api.members import search_region
 from admin_api.routing import Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param, period_params
+from admin_api.validation import LIMIT, PAGE, Param, body_datetime, period_params, statement_time
 from core.auth import OWN_PAYMENTS
 from core.errors import NotFound, ValidationError
 from core.models import Member, Payment
@@ -107,6 +107,9 @@ COLLECTED_OUTCOME = obj(
         "amount": {**AMOUNT_IN, "description": "what the provider took, major units (default: the payment's amount)"},
         "note": {"type": "string", "minLength": 3, "maxLength": 300,
                  "description": "what the provider's statement shows (kept in the audit log)"},
+        "completedAt": {"type": ["string", "null"], "format": "date-time",
+                        "description": "when the provider's statement shows the money taken (default: now); the "
+                                       "reconciliation's settled figures date the payment so"},
     },
     ["status", "providerTransactionId", "note"],
 )
@@ -203,14 +206,7 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
 
 
 def _parse_due(text: str) -> Any:
-    from admin_api.validation import DateOutOfRange, parse_datetime
-
-    try:
-        return parse_datetime(text)
-    except DateOutOfRange:
-        raise ValidationError(f"dueDate must be a date-time {DateOutOfRange.RANGE}", field="dueDate") from None
-    except ValueError:
-        raise ValidationError("dueDate must be a valid date-time", field="dueDate") from None
+    return body_datetime(text, "dueDate")
 
 
 async def filtered(ctx: Ctx) -> Any:
@@ -268,7 +264,7 @@ async def record_payment_outcome(request: web.Request, ctx: Ctx) -> web.StreamRe
     payment = await record_collected(
         ctx.session, ctx.rt, payment_id=payment.id, cooperative_id=payment.cooperative_id,
         provider_transaction_id=body["providerTransactionId"], note=body["note"], amount=amount,
-        actor=ctx.who.actor)
+        actor=ctx.who.actor, completed_at=statement_time(body.get("completedAt")))
     await ctx.session.commit()
     return json_response(present(payment))
 

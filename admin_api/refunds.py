@@ -24,7 +24,7 @@ from admin_api.common import (
     paged,
 )
 from admin_api.routing import Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param, period_params
+from admin_api.validation import LIMIT, PAGE, Param, period_params, statement_time
 from core.models import Payment, Refund
 from core.money import Money
 from core.refunds import record_refund_outcome, request_refund
@@ -60,6 +60,9 @@ OUTCOME = obj(
         "providerTransactionId": {"type": ["string", "null"], "minLength": 1, "maxLength": 128},
         "note": {"type": "string", "minLength": 3, "maxLength": 300,
                  "description": "what the provider confirmed (kept in the audit log)"},
+        "completedAt": {"type": ["string", "null"], "format": "date-time",
+                        "description": "COMPLETED: when the provider's statement shows the money sent back (default: "
+                                       "now); the reconciliation's settled figures date the refund so"},
     },
     ["status", "note"],
 )
@@ -113,7 +116,8 @@ async def record_outcome(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     refund = await record_refund_outcome(
         ctx.session, ctx.rt, refund_id=refund.id, cooperative_id=refund.cooperative_id,
         succeeded=body["status"] == RefundStatus.COMPLETED.value, note=body["note"],
-        provider_transaction_id=body.get("providerTransactionId"), actor=ctx.who.actor)
+        provider_transaction_id=body.get("providerTransactionId"), actor=ctx.who.actor,
+        completed_at=statement_time(body.get("completedAt")))
     await ctx.session.commit()
     return json_response(present(refund))
 

@@ -224,6 +224,21 @@ def parse_datetime(text: str) -> datetime:
         raise DateOutOfRange(text) from None
 
 
+def body_datetime(text: str, field: str) -> datetime:
+    """A date-time given in a JSON body (RFC 3339; without an offset, UTC), or a 400 naming the field."""
+    try:
+        return parse_datetime(text.strip())
+    except DateOutOfRange:
+        raise ValidationError(f"{field} must be a date-time {DateOutOfRange.RANGE}", field=field) from None
+    except ValueError:
+        raise ValidationError(f"{field} must be a valid date-time", field=field) from None
+
+
+def statement_time(text: str | None) -> datetime | None:
+    """`completedAt` of an outcome an admin records from a provider's statement (None: not given)."""
+    return None if text is None else body_datetime(text, "completedAt")
+
+
 def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[str, Any]:
     """Typed values for every declared parameter; unknown or bad parameters are all reported."""
     errors: list[str] = []

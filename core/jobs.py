@@ -266,7 +266,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                         session, rt, fresh, outcome, actor=WORKER,
                         amount=status.amount if status else None,
                         provider_transaction_id=status.provider_transaction_id if status else None,
-                        reason=reason)
+                        reason=reason, occurred_at=status.occurred_at if status else None)
                 return
             except StaleTransition:
                 # The row moved between our read and our write (the collect job's PENDING -> PROCESSING,
@@ -412,7 +412,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             fresh = (await session.execute(select(Refund).where(Refund.id == refund.id).with_for_update())
                      ).scalar_one()
             await apply_refund_outcome(session, rt, fresh, status.outcome, actor=WORKER,
-                                       provider_transaction_id=status.provider_transaction_id, reason=status.reason)
+                                       provider_transaction_id=status.provider_transaction_id, reason=status.reason,
+                                       occurred_at=status.occurred_at)
 
     async def resend_refund(job: Job, refund: Refund, payment: Payment) -> None:
         """The provider says it has no refund with this reference (the request was lost on its way, e.g.

@@ -466,6 +466,26 @@ _FAILED_TARGET = {
 }
 
 
+def check_statement_time(when: datetime | None, since: datetime, what: str) -> None:
+    """An admin's `completedAt` read on a provider's statement: not before the request, not in the future."""
+    if when is None:
+        return
+    if when > utcnow():
+        raise ValidationError("completedAt is in the future: give the time the provider's statement shows",
+                              field="completedAt")
+    if when < since:
+        raise ValidationError(f"completedAt is before the {what} was asked for ({iso_z(since)})", field="completedAt")
+
+
+def money_moved_at(since: datetime, said: datetime | None) -> datetime:
+    """When money moved, as the provider's statement dates it (reports' `settled`): the provider's own time, or
+    the one an admin read on its statement, kept between `since` (the request) and now (a provider's clock
+    ahead of ours never dates money in the future, one behind never before it was asked for); without one,
+    now: when the gateway learnt it."""
+    now = utcnow()
+    return now if said is None else min(max(said, since), now)
+
+
 async def apply_collection_outcome(
     session: AsyncSession,
     rt: Runtime,
@@ -478,6 +498,7 @@ async def apply_collection_outcome(
     reason: str | None = None,
     event_row_id: str | None = None,
     provisional_transaction_id: str | None = None,
+    occurred_at: datetime | None = None,
 ) -> str:
     """Apply what the provider says to a payment; returns what happened, in one word.
 
@@ -485,11 +506,12 @@ async def apply_collection_outcome(
     (where the payment moved, in the statement that queues the receipt and the webhook event).
     `provisional_transaction_id`: the provider's id this callback was matched by, when it is an id given
     at request time rather than the final one (M-Pesa's CheckoutRequestID before the receipt number): a
-    completed payment still holding it (or none) takes the callback's final id."""
+    completed payment still holding it (or none) takes the callback's final id.
+    `occurred_at`: when the provider says the money moved (see money_moved_at)."""
     settle = None if event_row_id is None else _Settle(event_row_id, payment.id)
     result = await _apply_outcome(session, rt, payment, outcome, actor=actor, amount=amount,
                                   provider_transaction_id=provider_transaction_id, reason=reason, settle=settle,
-                                  provisional_transaction_id=provisional_transaction_id)
+                                  provisional_transaction_id=provisional_transaction_id, occurred_at=occurred_at)
     if settle is not None and not settle.done:
         await _set_outcome(session, settle.event_row_id, result, payment.id)
     return result
@@ -507,6 +529,7 @@ async def _apply_outcome(
     reason: str | None,
     settle: _Settle | None,
     provisional_transaction_id: str | None = None,
+    occurred_at: datetime | None = None,
 ) -> str:
     current = P(payment.status)
     if outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
@@ -539,14 +562,14 @@ async def _apply_outcome(
                 # (core.refunds.refundable) and counted where the provider's statement counts it (reports).
                 same = amount is None or amount.currency == payment.currency
                 payment.collected_minor = (amount.minor if amount is not None else payment.amount_minor) if same else 0
-                payment.completed_at = utcnow()
+                payment.completed_at = money_moved_at(payment.created_at, occurred_at)
                 # The cooperative's system was told it failed: tell it the money is held (once; a second report
                 # of the same money changes nothing).
                 await emit_event(session, cooperative_id=payment.cooperative_id,
                                  event_type="payment.taken_after_failure",
                                  event_id=f"evt_payment_taken_after_failure_{payment.id}", data=event_data(payment))
             return "flagged_success_after_failure"
-        values: dict[str, Any] = {"completed_at": utcnow()}
+        values: dict[str, Any] = {"completed_at": money_moved_at(payment.created_at, occurred_at)}
         if payment.provider_transaction_id is not None and (
                 not provider_transaction_id or provider_transaction_id == provisional_transaction_id):
             # Only a provisional id so far: a callback whose status query said "pending" then may have
@@ -640,6 +663,7 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
 
         return await handle_refund_event(rt, event)
     outcome, amount, txn, reason = event.outcome, event.amount, event.provider_transaction_id, event.reason
+    occurred = event.occurred_at
     payload = dict(event.raw)
     found: Payment | None = None  # the payment the confirmation found (then locked by our reference)
     adopted: str | None = None  # the provider's id for it, learnt from this callback
@@ -661,6 +685,7 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
         status = await provider.collection_status(found.provider_reference, query_id, found.currency)
         outcome, amount = status.outcome, status.amount or amount
         txn, reason = status.provider_transaction_id or txn, status.reason or reason
+        occurred = status.occurred_at or occurred
         if (outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS)
                 and event.outcome is ProviderOutcome.SUCCEEDED and event.provider_transaction_id):
             # The query lags the callback: keep the final id it brought for when the payment completes.
@@ -686,7 +711,7 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
                 return await apply_collection_outcome(session, rt, payment, outcome, actor=actor, amount=amount,
                                                       provider_transaction_id=txn, reason=reason,
                                                       event_row_id=event_row_id,
-                                                      provisional_transaction_id=provisional)
+                                                      provisional_transaction_id=provisional, occurred_at=occurred)
         except StaleTransition:
             continue  # the row moved under us (a poll or a parallel callback): re-read and re-apply
     return "conflict"
@@ -801,7 +826,7 @@ GIVEN_UP = (P.TIMEOUT, P.CANCELLED)
 
 async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: str, cooperative_id: str | None,
                            provider_transaction_id: str, note: str, actor: Actor,
-                           amount: Money | None = None) -> Payment:
+                           amount: Money | None = None, completed_at: datetime | None = None) -> Payment:
     """An admin records money the provider's statement shows taken, for a payment the gateway gave up on
     (TIMEOUT: not approved in time or its outcome never confirmed; CANCELLED) whose success never reached us.
     It completes as a late provider answer would (the exceptional TIMEOUT/CANCELLED -> COMPLETED, flagged
@@ -809,7 +834,9 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
 
     Refused for an open payment (its status is still being asked), one already collected, and a FAILED one:
     the provider itself said it failed, and a final state is never reopened (money reported taken after that
-    is flagged for the provider's statement, not completed)."""
+    is flagged for the provider's statement, not completed).
+
+    `completed_at`: when the statement shows the money taken (default: now); the reports date it so."""
     note = admin_note(note, "what the provider's statement shows")
     txn = (provider_transaction_id or "").strip()
     if not 1 <= len(txn) <= 128:
@@ -830,13 +857,15 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
             raise ValidationError(f"amount must be in {payment.currency}", field="amount")
         if not amount.is_positive():
             raise ValidationError("amount must be positive", field="amount")
+    check_statement_time(completed_at, payment.created_at, "payment")
     await record(session, actor=actor, action="payment.outcome_recorded", entity_type="payment",
                  entity_id=payment.id, before={"status": current.value},
                  after={"status": P.COMPLETED.value, "note": note, "providerTransactionId": txn,
-                        "amount": None if amount is None else amount.minor},
+                        "amount": None if amount is None else amount.minor,
+                        "completedAt": iso_z(completed_at)},
                  cooperative_id=payment.cooperative_id)
     await _apply_outcome(session, rt, payment, ProviderOutcome.SUCCEEDED, actor=actor, amount=amount,
-                         provider_transaction_id=txn, reason=None, settle=None)
+                         provider_transaction_id=txn, reason=None, settle=None, occurred_at=completed_at)
     await session.flush()
     await session.refresh(payment)
     return payment

@@ -45,6 +45,9 @@ class ProviderEvent:
     reason: str | None = None  # provider's failure reason, in plain words
     needs_confirmation: bool = False  # unsigned callback: confirm with a status query first
     raw: Mapping[str, Any] = field(default_factory=dict)
+    # When the money moved by the provider's own clock (IremboPay's paidAt, M-Pesa's TransactionDate), UTC;
+    # None when the provider does not say (MTN, Airtel): the gateway dates it when it learns it.
+    occurred_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class StatusResult:
     provider_transaction_id: str | None = None
     reason: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
+    occurred_at: datetime | None = None  # as ProviderEvent's
 
 
 # ProviderError.code of a provider that has no refund API (IremboPay): its refunds are made outside the gateway

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import uuid
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, or_, select, update
@@ -130,12 +131,16 @@ async def request_refund(
 
 async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refund, outcome: ProviderOutcome, *,
                                actor: Actor, provider_transaction_id: str | None = None,
-                               reason: str | None = None) -> str:
+                               reason: str | None = None, occurred_at: datetime | None = None) -> str:
+    """`occurred_at`: when the provider (or an admin, from its statement) says the money went back; the refund's
+    completion is dated so, within its request and now (core.payments.money_moved_at)."""
+    from core.payments import money_moved_at  # local: core.payments reaches back into this module
+
     current = R(refund.status)
     if current in (R.COMPLETED, R.FAILED) or outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
         return "ignored" if current in (R.COMPLETED, R.FAILED) else "pending"
     if outcome is ProviderOutcome.SUCCEEDED:
-        values: dict[str, Any] = {"completed_at": utcnow()}
+        values: dict[str, Any] = {"completed_at": money_moved_at(refund.created_at, occurred_at)}
         if provider_transaction_id:
             values["provider_transaction_id"] = provider_transaction_id
         updated = await transition(session, REFUND, refund.id, current, R.COMPLETED, actor=actor, values=values)
@@ -191,7 +196,8 @@ async def _note_on_dispute(session: AsyncSession, refund: Refund, reason: str, *
 
 async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id: str, cooperative_id: str | None,
                                 succeeded: bool, note: str, actor: Actor,
-                                provider_transaction_id: str | None = None) -> Refund:
+                                provider_transaction_id: str | None = None,
+                                completed_at: datetime | None = None) -> Refund:
     """An admin records what the provider settled, for a refund the gateway could not learn it for: one
     parked for manual review (the provider never settled it, or has no refund status query, as Airtel).
     Until then the refund holds its amount. The outcome goes the way a provider's would (the payment's
@@ -215,14 +221,20 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
     ).first() is not None:
         raise Conflict("refund has not been sent to the provider yet: wait for its submission", field="status")
     target = R.COMPLETED if succeeded else R.FAILED
+    if completed_at is not None and not succeeded:
+        raise ValidationError("completedAt is for a refund that went through (status COMPLETED)", field="completedAt")
+    from core.payments import check_statement_time  # local: core.payments reaches back into this module
+
+    check_statement_time(completed_at, refund.created_at, "refund")
     await record(session, actor=actor, action="refund.outcome_recorded", entity_type="refund", entity_id=refund.id,
                  before={"status": refund.status},
-                 after={"status": target.value, "note": note, "providerTransactionId": provider_transaction_id},
+                 after={"status": target.value, "note": note, "providerTransactionId": provider_transaction_id,
+                        "completedAt": iso_z(completed_at)},
                  cooperative_id=refund.cooperative_id)
     await apply_refund_outcome(
         session, rt, refund, ProviderOutcome.SUCCEEDED if succeeded else ProviderOutcome.FAILED, actor=actor,
         provider_transaction_id=(provider_transaction_id or "").strip() or None,
-        reason=None if succeeded else f"recorded by an admin: {note}")
+        reason=None if succeeded else f"recorded by an admin: {note}", occurred_at=completed_at)
     # Its parked jobs are settled (left PARKED they would still read as work for a person).
     await end_waiting(session, its_jobs, status="PARKED", reason=f"settled: refund outcome recorded ({target.value})")
     await session.flush()
@@ -277,6 +289,7 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
     (as collection callbacks are), and apply it. Returns the outcome."""
     actor = Actor(f"provider:{event.provider}", "provider")
     outcome, txn, reason = event.outcome, event.provider_transaction_id, event.reason
+    occurred = event.occurred_at
     if event.needs_confirmation:
         from core.payments import already_stored  # local: core.payments reaches back into this module
 
@@ -289,6 +302,7 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
             # route asks the provider to send the callback again.
             status = await rt.providers[event.provider].refund_status(known.provider_reference, known.currency)
             outcome, txn, reason = status.outcome, status.provider_transaction_id or txn, status.reason or reason
+            occurred = status.occurred_at or occurred
     for _ in range(3):
         try:
             async with rt.sessionmaker.begin() as session:
@@ -311,7 +325,7 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
                                 extra={"provider": event.provider, "refund": refund.reference,
                                        "reason": reason})
                 return await apply_refund_outcome(session, rt, refund, outcome, actor=actor,
-                                                  provider_transaction_id=txn, reason=reason)
+                                                  provider_transaction_id=txn, reason=reason, occurred_at=occurred)
         except StaleTransition:
             continue
     return "conflict"

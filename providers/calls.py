@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -143,3 +143,25 @@ def json_body(response: httpx.Response) -> dict[str, Any]:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+_COMPACT = "%Y%m%d%H%M%S"  # M-Pesa's TransactionDate and TransCompletedTime: 20261031235959, local time
+
+
+def provider_time(value: object, zone: tzinfo = UTC) -> datetime | None:
+    """When a provider says something happened, in UTC: an ISO 8601 date-time (without an offset: in `zone`) or
+    M-Pesa's compact YYYYMMDDHHMMSS (a number or a string, in `zone`). None for anything else: the time only
+    dates the money in the reports (core.payments.money_moved_at), so a provider writing it oddly costs the
+    exact time, never the callback."""
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        return None
+    text = str(value).strip()
+    try:
+        moment = (datetime.strptime(text, _COMPACT) if text.isdigit() and len(text) == 14
+                  else datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00")))
+    except ValueError:
+        return None
+    try:
+        return (moment.replace(tzinfo=zone) if moment.tzinfo is None else moment).astimezone(UTC)
+    except (OverflowError, ValueError):
+        return None

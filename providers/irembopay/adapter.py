@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 import httpx
 
@@ -33,7 +34,7 @@ from core.ports import (
     StatusResult,
 )
 from core.text import is_number
-from providers.calls import timeout_from
+from providers.calls import provider_time, timeout_from
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ class IremboPayAdapter:
                 raise self._fail("status", f"amount {data['amount']!r} is not a number") from None
         return StatusResult(outcome, amount=amount, provider_transaction_id=provider_transaction_id,
                             reason=None if outcome is not ProviderOutcome.FAILED else "payment failed",
-                            raw=dict(data))
+                            raw=dict(data), occurred_at=_paid_at(data, outcome))
 
     async def request_refund(self, request: RefundRequest) -> CollectionAccepted:
         raise ProviderError("IremboPay has no refund API: refund bank payments through the bank and "
@@ -326,7 +327,7 @@ class IremboPayAdapter:
             provider=self.name, kind=EventKind.COLLECTION, event_id=f"{invoice}:{status}",
             reference=reference, outcome=outcome, amount=amount, provider_transaction_id=invoice,
             reason="payment failed" if outcome is ProviderOutcome.FAILED else None,
-            needs_confirmation=False, raw=dict(data))
+            needs_confirmation=False, raw=dict(data), occurred_at=_paid_at(data, outcome))
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -391,3 +392,11 @@ def _header(headers: Mapping[str, str], name: str) -> str:
         return value
     lowered = name.lower()
     return next((v for k, v in headers.items() if k.lower() == lowered), "")
+
+
+_KIGALI = ZoneInfo("Africa/Kigali")
+
+
+def _paid_at(data: Mapping[str, Any], outcome: ProviderOutcome) -> datetime | None:
+    """When the invoice was paid (`paidAt`; one written without an offset is Kigali time), for a PAID one only."""
+    return provider_time(data.get("paidAt"), _KIGALI) if outcome is ProviderOutcome.SUCCEEDED else None

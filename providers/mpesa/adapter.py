@@ -31,7 +31,7 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
-from providers.calls import timeout_from, with_query
+from providers.calls import provider_time, timeout_from, with_query
 from providers.tokens import TokenCache
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,8 @@ class MpesaAdapter:
         return ProviderEvent(
             provider=self.name, kind=EventKind.COLLECTION, event_id=f"{checkout}:{code}", reference=checkout,
             outcome=outcome, amount=amount, provider_transaction_id=str(receipt) if receipt else None,
-            reason=REASONS.get(code), needs_confirmation=True, raw=raw)
+            reason=REASONS.get(code), needs_confirmation=True, raw=raw,
+            occurred_at=provider_time(items.get("TransactionDate"), _NAIROBI) if code == "0" else None)
 
     def _reversal_event(self, result: Mapping[str, Any], ours: str | None) -> ProviderEvent:
         conversation = result["ConversationID"]
@@ -383,7 +384,8 @@ class MpesaAdapter:
             reference=conversation, outcome=outcome, amount=amount,
             provider_transaction_id=result.get("TransactionID") or None,
             reason=None if code == "0" else scrub(str(result.get("ResultDesc") or f"ResultCode {code}")),
-            needs_confirmation=False, raw=raw)
+            needs_confirmation=False, raw=raw,
+            occurred_at=provider_time(params.get("TransCompletedTime"), _NAIROBI) if code == "0" else None)
 
     # --- plumbing -------------------------------------------------------------------------------
 
