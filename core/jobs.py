@@ -122,6 +122,20 @@ async def _timed(provider: str, operation: str, coro):  # type: ignore[no-untype
             time.perf_counter() - started)
 
 
+# A payment the provider has never heard of after its window, while a collect job is still sending its request:
+# asked again this much later, when that call has been answered (or cut off at the job's deadline).
+IN_FLIGHT_POLL_SECONDS = 15.0
+
+
+async def _collect_in_flight(session: AsyncSession, payment_id: str) -> bool:
+    """A collect job of this payment (its first, or a resend after NOT_FOUND) is held by a worker: it may be
+    sending the request now. A RUNNING job is one of a few (ix_outbox_due: status first)."""
+    key = OutboxJob.dedupe_key
+    return (await session.execute(select(OutboxJob.id).where(
+        OutboxJob.status == "RUNNING", OutboxJob.kind == "payment.collect",
+        (key == f"collect:{payment_id}") | key.like(f"collect:{payment_id}:%")).limit(1))).first() is not None
+
+
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
     async def collect(job: Job) -> None:
         # (Less the time the job waited for a slot after its claim: the worker's deadline runs from the claim.)
@@ -248,20 +262,33 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             if status is None and payment.status == PaymentStatus.PENDING.value:
                 # The provider never got the request (NOT_FOUND), and no attempt to send it was ever accepted
                 # (that moves it to PROCESSING): the collect job parked or failed through an outage. The payer
-                # was never prompted: our failure, not theirs, and nothing was taken.
+                # was never prompted: our failure, not theirs, and nothing was taken. Checked again on the
+                # locked row below: a request sent just inside the window may be answered meanwhile.
                 outcome, reason = ProviderOutcome.FAILED, PROVIDER_UNREACHABLE
-                log.warning("payment failed: its collection never reached the provider",
-                            extra={"payment": payment.reference, "payment_id": payment.id,
-                                   "provider": payment.provider})
             status = None
         else:
             outcome = status.outcome
             reason = status.reason or ("not approved in time" if outcome is ProviderOutcome.EXPIRED else None)
+        in_flight = False
         for attempt in range(3):
             try:
                 async with rt.sessionmaker.begin() as session:
                     fresh = (await session.execute(select(Payment).where(Payment.id == payment.id)
                                                    .with_for_update())).scalar_one()
+                    if reason == PROVIDER_UNREACHABLE:
+                        if fresh.status != PaymentStatus.PENDING.value:
+                            # The collect's request was accepted after our status query (sent just inside
+                            # the window, answered late): the payer was prompted; not approved in time.
+                            outcome, reason = ProviderOutcome.EXPIRED, "not approved in time"
+                        elif await _collect_in_flight(session, payment.id):
+                            # A collect job is sending it now (claimed inside the window): the provider may
+                            # have it in a moment. Asked again once that call has ended.
+                            in_flight = True
+                            break
+                        else:
+                            log.warning("payment failed: its collection never reached the provider",
+                                        extra={"payment": payment.reference, "payment_id": payment.id,
+                                               "provider": payment.provider})
                     await apply_collection_outcome(
                         session, rt, fresh, outcome, actor=WORKER,
                         amount=status.amount if status else None,
@@ -273,6 +300,9 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 # or a callback; SQLite has no row lock to stop it): read it again and re-apply.
                 if attempt == 2:
                     raise
+        if in_flight:
+            await schedule_poll(payment.id, now, IN_FLIGHT_POLL_SECONDS)
+            raise RetryLater(IN_FLIGHT_POLL_SECONDS, "its collection request is being sent: asked again after")
 
     async def wait_for_an_answer(payment: Payment, now: datetime, unknown: str) -> None:
         """The provider did not say what became of the payment: poll again (RetryLater), and once the

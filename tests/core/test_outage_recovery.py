@@ -159,3 +159,57 @@ async def test_status_answer_not_found_is_no_provider_error(rt, demo, worker):
     assert grown(before) == {}
     async with rt.sessionmaker() as s:
         assert (await s.get(Payment, payment.id)).status == "FAILED"
+
+
+# --- The poll and a collect sent just inside the window ------------------------------------------------
+
+
+async def test_a_request_accepted_while_the_poll_asked_is_not_unreachable(rt, demo, worker):
+    """The collect sent its request just inside the window and MTN answered it late: the poll's status query,
+    after the window, found nothing yet (404), and the 202 moved the payment to PROCESSING before the poll
+    wrote. The payer was prompted: the payment times out "not approved", and their approval then completes
+    it (late), instead of FAILED "nothing was taken" with the money taken after."""
+    wire, payment, _collect = await outage_payment(rt, demo, worker)
+
+    def accepted_meanwhile(_request: httpx.Request) -> httpx.Response:
+        raise AssertionError("not called")
+
+    async def not_found_yet(_request: httpx.Request) -> httpx.Response:
+        async with rt.sessionmaker.begin() as s:  # the collect's 202, recorded while MTN answers the poll
+            await s.execute(update(Payment).where(Payment.id == payment.id).values(status="PROCESSING"))
+        return httpx.Response(404, json={"message": "not found"})
+
+    wire.on("GET", RTP + "/*", not_found_yet).on("POST", RTP, accepted_meanwhile)
+    await due_now(rt, "payment.poll")
+    await drain(worker, rounds=2)
+    async with rt.sessionmaker() as s:
+        p = await s.get(Payment, payment.id)
+    assert (p.status, p.failure_reason) == ("TIMEOUT", "not approved in time")
+    assert [j.payload["template"] for j in await sms_jobs(rt, payment.id)] == ["payment_timeout"]
+
+
+async def test_the_poll_waits_for_a_collect_still_sending_before_calling_it_unreachable(rt, demo, worker):
+    """A collect job holds the payment's request (claimed inside the window, its call not answered yet) when the
+    poll finds MTN has no such request: the poll asks again later instead of failing it "unreachable"."""
+    wire, payment, collect = await outage_payment(rt, demo, worker)
+    async with rt.sessionmaker.begin() as s:  # what a worker sending the request right now looks like
+        await s.execute(update(OutboxJob).where(OutboxJob.id == collect.id).values(
+            status="RUNNING", locked_by="worker-elsewhere", run_at=utcnow() + timedelta(minutes=1)))
+    await due_now(rt, "payment.poll")
+    await drain(worker, rounds=2)
+    async with rt.sessionmaker() as s:
+        p = await s.get(Payment, payment.id)
+        poll = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "payment.poll"))).scalar_one()
+    assert (p.status, p.failure_reason) == ("PENDING", None)
+    assert poll.status == "PENDING" and poll.run_at > utcnow() + timedelta(seconds=10)
+    assert p.next_poll_at is not None and p.next_poll_at > utcnow() + timedelta(seconds=10)
+    assert await sms_jobs(rt, payment.id) == []
+    # That call ended without reaching MTN (the job done): the next poll settles it as unreachable.
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.id == collect.id).values(status="DONE", locked_by=None))
+    await due_now(rt, "payment.poll")
+    await drain(worker, rounds=2)
+    async with rt.sessionmaker() as s:
+        p = await s.get(Payment, payment.id)
+    assert (p.status, p.failure_reason) == ("FAILED", PROVIDER_UNREACHABLE)
+    assert len(wire.sent("GET", RTP + "/*")) == 2
