@@ -122,6 +122,9 @@ async def _timed(provider: str, operation: str, coro):  # type: ignore[no-untype
             time.perf_counter() - started)
 
 
+# Why a payment whose member was suspended before its request left ends CANCELLED (nothing sent, nothing taken).
+MEMBER_NOT_ACTIVE = "membership not active: not sent to the provider, nothing was taken"
+
 # A payment the provider has never heard of after its window, while a collect job is still sending its request:
 # asked again this much later, when that call has been answered (or cut off at the job's deadline).
 IN_FLIGHT_POLL_SECONDS = 15.0
@@ -154,6 +157,17 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             log.warning("collection not sent: the payment's approval window is over",
                         extra={"payment": payment.reference, "payment_id": payment.id, "job_id": job.id,
                                "overdue_minutes": int((now - payment.expires_at).total_seconds() // 60)})
+            return
+        if member is not None and member.status != "ACTIVE":
+            # Suspended (or set back to pending) after the payment was made, perhaps while its USSD hop ran:
+            # a member who left is never prompted to pay. Nothing was sent, so nothing can have been taken.
+            async with rt.sessionmaker.begin() as session:
+                fresh = await session.get(Payment, payment.id, with_for_update=True)
+                if fresh is not None and fresh.status == PaymentStatus.PENDING.value:
+                    await apply_collection_outcome(session, rt, fresh, ProviderOutcome.CANCELLED, actor=WORKER,
+                                                   reason=MEMBER_NOT_ACTIVE)
+            log.warning("collection not sent: the member is no longer active",
+                        extra={"payment": payment.reference, "payment_id": payment.id})
             return
         if job.call_may_have_arrived:
             # The previous attempt was cancelled mid-call: the provider may have the request (M-Pesa

@@ -404,3 +404,26 @@ async def test_a_refunds_http_call_and_its_whole_operation_are_timed_in_their_ow
     assert _count(PROVIDER_CALLS, "mtn_momo", "refund") == calls + 1
     assert _count(PROVIDER_OPERATIONS, "mtn_momo", "refund") == operations + 1
     assert (await _get(rt, Refund, refund.id)).status == "PROCESSING"
+
+
+# --- A member suspended before the collect ran ---------------------------------------------------------
+
+
+async def test_a_member_suspended_after_the_payment_was_made_is_not_prompted(rt, demo, worker):
+    """The member was suspended (DELETE /v1/members/{id}) between the payment's making (her USSD hop read her as
+    ACTIVE) and its collect job: no PIN prompt is sent; the payment ends CANCELLED saying nothing was taken."""
+    from core import jobs
+    from core.members import update_member
+    from core.models import Member
+
+    wire = mtn_wire().on("POST", "/collection/v1_0/requesttopay", 202)
+    mtn_adapter(rt, wire)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    async with rt.sessionmaker.begin() as s:
+        await update_member(s, await s.get(Member, payment.member_id), actor=ADMIN, status="SUSPENDED")
+    await drain(worker)
+    assert wire.sent("POST", "/collection/v1_0/requesttopay") == []
+    stored = await _get(rt, Payment, payment.id)
+    assert (stored.status, stored.failure_reason) == ("CANCELLED", jobs.MEMBER_NOT_ACTIVE)
+    assert [j.status for j in await _jobs(rt, "payment.collect")] == ["DONE"]
