@@ -17,6 +17,39 @@ from core.payments import METHODS
 from core.state.refund import RefundStatus
 
 _GROUP = {"type": "array", "items": {"type": "object"}}
+_SETTLED = {
+    "type": "array",
+    "description": "Money that moved in the period (completed_at), per provider account and currency",
+    "items": {
+        "type": "object",
+        "required": ["provider", "paymentMethod", "currency", "collectedCount", "collected", "fees",
+                     "refundedCount", "refunded", "net"],
+        "properties": {
+            "provider": {"type": "string", "description": "The provider that carried the money (mtn_momo, "
+                                                          "irembopay...): its statement is the one to match"},
+            "paymentMethod": {"type": "string"},
+            "currency": {"type": "string"},
+        },
+    },
+}
+_FLAGGED = {
+    "type": "array",
+    "description": "Late or mismatched payments asked for in the period or completed in it (at most 500)",
+    "items": {
+        "type": "object",
+        "required": ["id", "reference", "createdAt", "completedAt", "flaggedIn"],
+        "properties": {
+            "createdAt": {"type": "string", "format": "date-time"},
+            "completedAt": {"type": ["string", "null"], "format": "date-time"},
+            "flaggedIn": {
+                "type": "array",
+                "items": {"type": "string", "enum": list(reports.BASES)},
+                "description": "Why the payment is in this period's list: `created` (asked for in the period), "
+                               "`completed` (its money moved in the period: it is in `settled`), or both",
+            },
+        },
+    },
+}
 RECONCILIATION = {
     "type": "object",
     "required": ["period", "payments", "totals", "refunds", "settled", "openDisputes", "flagged", "flaggedCount"],
@@ -29,9 +62,9 @@ RECONCILIATION = {
         },
         "totals": _GROUP,
         "refunds": _GROUP,
-        "settled": _GROUP,
+        "settled": _SETTLED,
         "openDisputes": {"type": "integer"},
-        "flagged": _GROUP,
+        "flagged": _FLAGGED,
         "flaggedCount": {"type": "integer"},
     },
 }
@@ -41,6 +74,9 @@ PERIOD = period_params()
 BASIS = Param(enum=reports.BASES, default="created",
               description="Which moment puts a row in the period: `created` (asked for) or `completed` (money moved, "
                           "as the reconciliation's `settled` section and the provider's statement count it)")
+BOM = Param("boolean", "Start the file with a UTF-8 byte-order mark, so that Excel opening it with a double "
+            "click reads it as UTF-8 (accents, em dashes) rather than as Windows-1252", False)
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 async def _period(ctx: Ctx, request: web.Request) -> tuple[datetime | None, datetime | None]:
@@ -65,7 +101,8 @@ async def reconciliation(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return web.json_response(summary)
 
 
-async def _send_csv(request: web.Request, chunks: AsyncIterator[bytes], filename: str) -> web.StreamResponse:
+async def _send_csv(request: web.Request, chunks: AsyncIterator[bytes], filename: str, *,
+                    bom: bool = False) -> web.StreamResponse:
     # The first chunk (the header line and the first rows: the query has run) before the status line, so a
     # database that fails at once answers with an error instead of a 200 and an empty or cut file. A failure
     # later ends the chunked body without its last chunk, which clients report as an incomplete transfer.
@@ -79,7 +116,7 @@ async def _send_csv(request: web.Request, chunks: AsyncIterator[bytes], filename
     )
     apply_rate_headers(request, response)
     await response.prepare(request)
-    await response.write(first)
+    await response.write(UTF8_BOM + first if bom else first)
     async for chunk in chunks:
         await response.write(chunk)
     await response.write_eof()
@@ -97,7 +134,7 @@ async def payments_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         method=ctx.query.get("paymentMethod"),
         basis=ctx.query.get("basis") or "created",
     )
-    return await _send_csv(request, chunks, "payments.csv")
+    return await _send_csv(request, chunks, "payments.csv", bom=bool(ctx.query.get("bom")))
 
 
 async def refunds_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -110,7 +147,7 @@ async def refunds_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         status=ctx.query.get("status"),
         basis=ctx.query.get("basis") or "created",
     )
-    return await _send_csv(request, chunks, "refunds.csv")
+    return await _send_csv(request, chunks, "refunds.csv", bom=bool(ctx.query.get("bom")))
 
 
 ROUTES = [
@@ -131,7 +168,8 @@ ROUTES = [
         "Export payments as CSV (streamed)",
         "reports",
         "admin",
-        query={**PERIOD, "status": Param(enum=PAYMENT_STATUSES), "paymentMethod": Param(enum=METHODS), "basis": BASIS},
+        query={**PERIOD, "status": Param(enum=PAYMENT_STATUSES), "paymentMethod": Param(enum=METHODS), "basis": BASIS,
+               "bom": BOM},
         produces="text/csv",
     ),
     Route(
@@ -141,7 +179,7 @@ ROUTES = [
         "Export refunds as CSV (streamed)",
         "reports",
         "admin",
-        query={**PERIOD, "status": Param(enum=tuple(s.value for s in RefundStatus)), "basis": BASIS},
+        query={**PERIOD, "status": Param(enum=tuple(s.value for s in RefundStatus)), "basis": BASIS, "bom": BOM},
         produces="text/csv",
     ),
 ]

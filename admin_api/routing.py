@@ -179,8 +179,9 @@ async def _period(request: web.Request, session: AsyncSession, principal: Princi
     UTC days across cooperatives. A date-time without an offset is UTC; with an offset, as given. An empty
     or reversed period is refused rather than answered with nothing."""
     start, end = query.get("from"), query.get("to")
+    # Stripped as parse_query strips it: `2026-11-01 ` is the date it was read as, so a local day too.
     bare = [name for name in ("from", "to") if query.get(name) is not None
-            and _DATE_ONLY.match(request.query.get(name, ""))]
+            and _DATE_ONLY.match(request.query.get(name, "").strip())]
     coop_id = (principal.cooperative_id or query.get("cooperativeId")) if principal is not None else None
     if bare and coop_id:
         coop = await session.get(Cooperative, coop_id)

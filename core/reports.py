@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.cooperatives import zone_of
 from core.db import iso_z
-from core.models import Dispute, Payment, PaymentType, Refund
+from core.models import Cooperative, Dispute, Payment, PaymentType, Refund
 from core.money import total_to_api
 from core.refunds import collected as taken
 from core.state.payment import HELD, holds_money
@@ -42,6 +43,16 @@ def _in_period(query: Any, column: Any, start: datetime | None, end: datetime | 
     if end is not None:
         query = query.where(column < end)
     return query
+
+
+def _within(column: Any, start: datetime | None, end: datetime | None) -> ColumnElement[bool]:
+    """The column's moment is in the period (NULL never is, unless the period is open at both ends)."""
+    bounds = ([column >= start] if start is not None else []) + ([column < end] if end is not None else [])
+    return and_(*bounds) if bounds else true()
+
+
+def _inside(moment: datetime | None, start: datetime | None, end: datetime | None) -> bool:
+    return moment is not None and (start is None or moment >= start) and (end is None or moment < end)
 
 
 async def reconciliation(
@@ -161,11 +172,17 @@ async def reconciliation(
             scope(select(func.count(Dispute.id)), Dispute).where(Dispute.status.in_(OPEN_DISPUTES))
         )
     ).scalar_one()
-    is_flagged = or_(Payment.mismatch.is_(True), Payment.late.is_(True))
+    # Late or mismatched payments asked for in the period, or whose money moved in it (a late success lands in the
+    # period's `settled` lines when it completed, possibly a month after it was asked for): `flaggedIn` says which.
+    is_flagged = and_(
+        or_(Payment.mismatch.is_(True), Payment.late.is_(True)),
+        or_(_within(Payment.created_at, start, end), _within(Payment.completed_at, start, end)),
+    )
     flagged_rows = (
         (
             await session.execute(
-                payments(Payment).where(is_flagged).order_by(Payment.created_at, Payment.id).limit(FLAGGED_LIMIT)
+                scope(select(Payment), Payment).where(is_flagged).order_by(Payment.created_at, Payment.id)
+                .limit(FLAGGED_LIMIT)
             )
         )
         .scalars()
@@ -173,7 +190,9 @@ async def reconciliation(
     )
     flagged_count = len(flagged_rows)
     if flagged_count == FLAGGED_LIMIT:
-        flagged_count = (await session.execute(payments(func.count(Payment.id)).where(is_flagged))).scalar_one()
+        flagged_count = (
+            await session.execute(scope(select(func.count(Payment.id)), Payment).where(is_flagged))
+        ).scalar_one()
     flagged = [
         {
             "id": p.id,
@@ -185,6 +204,9 @@ async def reconciliation(
             "mismatchDetail": p.mismatch_detail,
             "late": p.late,
             "createdAt": _iso(p.created_at),
+            "completedAt": _iso(p.completed_at),
+            "flaggedIn": [name for name, moment in (("created", p.created_at), ("completed", p.completed_at))
+                          if _inside(moment, start, end)],
         }
         for p in flagged_rows
     ]
@@ -202,41 +224,45 @@ async def reconciliation(
 
 async def _settled(session: AsyncSession, scope: Scope, start: datetime | None, end: datetime | None
                    ) -> list[dict[str, Any]]:
-    """Money that moved in the period, per provider account (method) and currency, as the provider's statement
-    lists it: payments collected (completed_at in the period, whatever became of them since) and refunds paid
-    back (completed_at in the period, whichever period their payment was in). A period that has ended keeps
-    these figures: a refund made later is in the later period's, not this one's."""
+    """Money that moved in the period, per provider account (the provider that carried it, and the method) and
+    currency, as the provider's statement lists it: payments collected (completed_at in the period, whatever
+    became of them since) and refunds paid back (completed_at in the period, whichever period their payment was
+    in; a refund goes back through its payment's provider). A method routed through another provider part-way
+    through a period (PAYMENT_ROUTES) has a line per provider. A period that has ended keeps these figures: a
+    refund made later is in the later period's, not this one's."""
     collected_rows = (
         await session.execute(
             _in_period(
-                scope(select(Payment.method, Payment.currency, func.count(Payment.id),
+                scope(select(Payment.provider, Payment.method, Payment.currency, func.count(Payment.id),
                              func.coalesce(func.sum(TAKEN), 0), func.coalesce(func.sum(Payment.fee_minor), 0)),
                       Payment),
                 Payment.completed_at, start, end,
             )
             .where(HELD, Payment.completed_at.is_not(None))
-            .group_by(Payment.method, Payment.currency)
+            .group_by(Payment.provider, Payment.method, Payment.currency)
         )
     ).all()
     refunded_rows = (
         await session.execute(
             _in_period(
-                scope(select(Payment.method, Refund.currency, func.count(Refund.id),
+                scope(select(Payment.provider, Payment.method, Refund.currency, func.count(Refund.id),
                              func.coalesce(func.sum(Refund.amount_minor), 0)), Refund),
                 Refund.completed_at, start, end,
             )
             .join(Payment, Payment.id == Refund.payment_id)
             .where(Refund.status == RefundStatus.COMPLETED.value, Refund.completed_at.is_not(None))
-            .group_by(Payment.method, Refund.currency)
+            .group_by(Payment.provider, Payment.method, Refund.currency)
         )
     ).all()
-    lines: dict[tuple[str, str], list[int]] = {}
-    for method, currency, n, amount, fees in collected_rows:
-        lines.setdefault((method, currency), [0, 0, 0, 0, 0])[:3] = [int(n), int(amount), int(fees)]
-    for method, currency, n, amount in refunded_rows:
-        lines.setdefault((method, currency), [0, 0, 0, 0, 0])[3:] = [int(n), int(amount)]
+    # Keyed method first: the lines keep the order they had when there was one per method.
+    lines: dict[tuple[str, str, str], list[int]] = {}
+    for provider, method, currency, n, amount, fees in collected_rows:
+        lines.setdefault((method, provider, currency), [0, 0, 0, 0, 0])[:3] = [int(n), int(amount), int(fees)]
+    for provider, method, currency, n, amount in refunded_rows:
+        lines.setdefault((method, provider, currency), [0, 0, 0, 0, 0])[3:] = [int(n), int(amount)]
     return [
         {
+            "provider": provider,
             "paymentMethod": method,
             "currency": currency,
             "collectedCount": n,
@@ -246,7 +272,7 @@ async def _settled(session: AsyncSession, scope: Scope, start: datetime | None, 
             "refunded": _amount(refunded, currency),
             "net": _amount(amount - fees - refunded, currency),
         }
-        for (method, currency), (n, amount, fees, rn, refunded) in sorted(lines.items())
+        for (method, provider, currency), (n, amount, fees, rn, refunded) in sorted(lines.items())
     ]
 
 
@@ -267,6 +293,16 @@ def _cell(value: Any) -> Any:
             value[:1] in _FORMULA_STARTS or value.lstrip(" \t\r\n")[:1] in _FORMULA_STARTS):
         return "'" + value
     return value
+
+
+# The provider that carried the money (the `settled` lines' provider account; a refund goes back through its
+# payment's), and the days of creation and completion in the row's own cooperative's time zone (createdAt and
+# completedAt are UTC instants: 00:30 on 1 November in Kigali is 2026-10-31T22:30:00Z).
+_ADDED = ("provider", "createdLocalDate", "completedLocalDate")
+
+
+def _local_date(moment: datetime | None, timezone: str | None) -> str:
+    return moment.astimezone(zone_of(timezone)).date().isoformat() if moment is not None else ""
 
 
 PAYMENT_COLUMNS = (
@@ -291,6 +327,8 @@ PAYMENT_COLUMNS = (
     "mismatch",
     "late",
     "description",
+    # Added at the end, so scripts that read columns by position still find the others where they were.
+    *_ADDED,
 )
 REFUND_COLUMNS = (
     "id",
@@ -305,6 +343,7 @@ REFUND_COLUMNS = (
     "reason",
     "failureReason",
     "disputeId",
+    *_ADDED,
 )
 
 
@@ -339,18 +378,19 @@ def payments_csv(
     basis: str = "created",
 ) -> AsyncIterator[bytes]:
     moment = Payment.completed_at if basis == "completed" else Payment.created_at
-    query = _in_period(scope(select(Payment, PaymentType.name), Payment), moment, start, end)
+    query = _in_period(scope(select(Payment, PaymentType.name, Cooperative.timezone), Payment), moment, start, end)
     if basis == "completed":
         # The lines behind the reconciliation's `settled` collections: money in, whatever became of it since.
         query = query.where(moment.is_not(None), HELD)
-    query = query.join(PaymentType, PaymentType.id == Payment.payment_type_id)
+    query = query.join(PaymentType, PaymentType.id == Payment.payment_type_id).join(
+        Cooperative, Cooperative.id == Payment.cooperative_id)
     if status:
         query = query.where(Payment.status == status)
     if method:
         query = query.where(Payment.method == method)
 
     def row(item: Any) -> list[Any]:
-        p, type_name = item
+        p, type_name, timezone = item
         return [
             p.id,
             p.reference,
@@ -373,6 +413,9 @@ def payments_csv(
             str(bool(p.mismatch)).lower(),
             str(bool(p.late)).lower(),
             p.description or "",
+            p.provider,
+            _local_date(p.created_at, timezone),
+            _local_date(p.completed_at, timezone),
         ]
 
     return _stream(session, query.order_by(moment, Payment.id), PAYMENT_COLUMNS, row)
@@ -388,16 +431,18 @@ def refunds_csv(
     basis: str = "created",
 ) -> AsyncIterator[bytes]:
     moment = Refund.completed_at if basis == "completed" else Refund.created_at
-    query = _in_period(scope(select(Refund, Payment.reference), Refund), moment, start, end)
+    query = _in_period(scope(select(Refund, Payment.reference, Payment.provider, Cooperative.timezone), Refund),
+                       moment, start, end)
     if basis == "completed":
         # The lines behind the reconciliation's `settled` refunds: money paid back in the period.
         query = query.where(moment.is_not(None), Refund.status == RefundStatus.COMPLETED.value)
-    query = query.join(Payment, Payment.id == Refund.payment_id)
+    query = query.join(Payment, Payment.id == Refund.payment_id).join(
+        Cooperative, Cooperative.id == Refund.cooperative_id)
     if status:
         query = query.where(Refund.status == status)
 
     def row(item: Any) -> list[Any]:
-        r, payment_ref = item
+        r, payment_ref, provider, timezone = item
         return [
             r.id,
             r.reference,
@@ -411,6 +456,9 @@ def refunds_csv(
             r.reason or "",
             r.failure_reason or "",
             r.dispute_id or "",
+            provider,
+            _local_date(r.created_at, timezone),
+            _local_date(r.completed_at, timezone),
         ]
 
     return _stream(session, query.order_by(moment, Refund.id), REFUND_COLUMNS, row)

@@ -70,17 +70,17 @@ async def test_settled_counts_money_when_it_moved_per_provider_account(admin, rt
     await _month(admin, rt, demo)
     october = await admin.json("GET", f"/v1/reports/reconciliation?{OCTOBER}", 200)
     assert october["settled"] == [
-        {"paymentMethod": "MOBILE_MONEY_AIRTEL", "currency": "RWF", "collectedCount": 1, "collected": 5000,
-         "fees": 40, "refundedCount": 0, "refunded": 0, "net": 4960},
-        {"paymentMethod": "MOBILE_MONEY_MTN", "currency": "RWF", "collectedCount": 1, "collected": 5000,
-         "fees": 50, "refundedCount": 1, "refunded": 1000, "net": 3950},
+        {"provider": "airtel", "paymentMethod": "MOBILE_MONEY_AIRTEL", "currency": "RWF", "collectedCount": 1,
+         "collected": 5000, "fees": 40, "refundedCount": 0, "refunded": 0, "net": 4960},
+        {"provider": "mtn_momo", "paymentMethod": "MOBILE_MONEY_MTN", "currency": "RWF", "collectedCount": 1,
+         "collected": 5000, "fees": 50, "refundedCount": 1, "refunded": 1000, "net": 3950},
     ]
     # The requests of October, as before: all three collected payments were asked for in October.
     assert {t["currency"]: t["collectedCount"] for t in october["totals"]} == {"RWF": 3}
     november = await admin.json("GET", f"/v1/reports/reconciliation?{NOVEMBER}", 200)
     assert november["settled"] == [{
-        "paymentMethod": "MOBILE_MONEY_MTN", "currency": "RWF", "collectedCount": 1, "collected": 50000,
-        "fees": 500, "refundedCount": 1, "refunded": 10000, "net": 39500,
+        "provider": "mtn_momo", "paymentMethod": "MOBILE_MONEY_MTN", "currency": "RWF", "collectedCount": 1,
+        "collected": 50000, "fees": 500, "refundedCount": 1, "refunded": 10000, "net": 39500,
     }]
     assert november["payments"]["byStatus"] == [] and november["totals"] == []
 
