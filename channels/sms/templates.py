@@ -63,15 +63,20 @@ def _clean(value: Any) -> str:
 def reason_key(reason: str | None) -> str:
     """A provider's failure text, sorted into a reason a payer understands in any language."""
     text = (reason or "").lower().replace("_", " ")
+    # The providers' codes and the adapters' own words for them (providers/*/adapter.py REASON_WORDS, REASONS),
+    # which are what a payment stores: tests/channels/sms/test_reason_words.py feeds every one of them through.
     rules = (
         # Our outage, not the payer's doing: the request never reached the provider (core.jobs.PROVIDER_UNREACHABLE).
         ("provider_unreachable", ("provider unreachable", "never reached the provider")),
-        ("insufficient_funds", ("insufficient", "not enough", "balance", "funds")),
+        ("insufficient_funds", ("insufficient", "not enough", "enough money", "balance", "funds")),
+        ("wrong_pin", ("wrong pin", "invalid pin", "incorrect pin", "wrong m-pesa pin")),
         ("declined", ("declin", "reject", "cancel", "refus")),
+        ("phone_unreachable", ("phone could not be reached", "cannot be reached", "user cannot be reached")),
         ("not_approved", ("expire", "timeout", "timed out", "time")),
         ("limit", ("limit", "exceed")),
-        ("invalid_account", ("invalid", "not found", "not registered", "unknown account", "payee")),
-        ("provider_error", ("error", "unavailable", "internal", "service")),
+        ("invalid_account", ("invalid", "not found", "not registered", "unknown account", "payee", "has no",
+                             "does not exist")),
+        ("provider_error", ("error", "unavailable", "internal", "service", "could not perform")),
     )
     for key, words in rules:
         if any(w in text for w in words):
@@ -242,9 +247,11 @@ async def build_message(
         coop = coop or await _one(session, Cooperative, ptype.cooperative_id, "cooperative")
         due = context.get("due_date")
         due_text = date.fromisoformat(str(due)[:10]).strftime(DAY_FORMAT) if due else "-"
+        # A type the member pays what she chooses (a savings contribution): no "0 RWF" to pay.
+        free = ptype.allow_custom_amount and not ptype.amount_minor
         values.update(
             type=ptype.name,
-            amount=Money(ptype.amount_minor, ptype.currency).format(),
+            amount=catalog.ANY_AMOUNT if free else Money(ptype.amount_minor, ptype.currency).format(),
             coop=coop.name,
             due=due_text,
             dial=dial_code(code_of(service_code, coop.ussd_aggregator), coop.ussd_extension),

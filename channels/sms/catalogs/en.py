@@ -55,6 +55,9 @@ DISPUTE_STATUS = {
     "WITHDRAWN": "withdrawn",
 }
 
+# A recurring type whose amount the member chooses, in a reminder's "{amount}" (as USSD says it).
+ANY_AMOUNT = "any amount"
+
 REASONS = {
     "insufficient_funds": "not enough money on the account",
     "declined": "you declined the request",
@@ -63,6 +66,8 @@ REASONS = {
     "invalid_account": "the account cannot receive this payment",
     "provider_error": "the mobile money service had a problem",
     "provider_unreachable": "the mobile money service could not be reached; nothing was taken",
+    "wrong_pin": "the PIN entered was wrong",
+    "phone_unreachable": "your phone could not be reached",
     "unknown": "the payment was not completed",
 }
 

@@ -59,6 +59,9 @@ DISPUTE_STATUS = {
     "WITHDRAWN": "retirée",
 }
 
+# A recurring type whose amount the member chooses, in a reminder's "{amount}" (as USSD says it).
+ANY_AMOUNT = "montant libre"
+
 REASONS = {
     "insufficient_funds": "solde insuffisant",
     "declined": "vous avez refusé la demande",
@@ -67,6 +70,8 @@ REASONS = {
     "invalid_account": "le compte ne peut pas recevoir ce paiement",
     "provider_error": "le service mobile money a eu un problème",
     "provider_unreachable": "le service mobile money était injoignable; rien n'a été prélevé",
+    "wrong_pin": "le code PIN saisi était erroné",
+    "phone_unreachable": "votre téléphone était injoignable",
     "unknown": "le paiement n'a pas abouti",
 }
 

@@ -56,6 +56,9 @@ DISPUTE_STATUS = {
     "WITHDRAWN": "cyakuweho",
 }
 
+# A recurring type whose amount the member chooses, in a reminder's "{amount}" (as USSD says it).
+ANY_AMOUNT = "amafaranga ushaka"
+
 REASONS = {
     "insufficient_funds": "amafaranga ntahagije kuri konti",
     "declined": "wanze kwemeza",
@@ -64,6 +67,8 @@ REASONS = {
     "invalid_account": "konti ntishobora kwakira ubu bwishyu",
     "provider_error": "serivisi ya mobile money yagize ikibazo",
     "provider_unreachable": "serivisi ya mobile money ntiyabonetse; nta mafaranga yakuweho",
+    "wrong_pin": "PIN winjije si yo",
+    "phone_unreachable": "telefoni yawe ntiyabonetse",
     "unknown": "ubwishyu ntibwarangiye",
 }
 

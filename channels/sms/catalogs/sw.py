@@ -55,6 +55,9 @@ DISPUTE_STATUS = {
     "WITHDRAWN": "yameondolewa",
 }
 
+# A recurring type whose amount the member chooses, in a reminder's "{amount}" (as USSD says it).
+ANY_AMOUNT = "kiasi chochote"
+
 REASONS = {
     "insufficient_funds": "salio halitoshi",
     "declined": "ulikataa ombi",
@@ -63,6 +66,8 @@ REASONS = {
     "invalid_account": "akaunti haiwezi kupokea malipo haya",
     "provider_error": "huduma ya pesa kwa simu ilikuwa na tatizo",
     "provider_unreachable": "huduma ya pesa kwa simu haikupatikana; hakuna pesa iliyokatwa",
+    "wrong_pin": "PIN uliyoingiza si sahihi",
+    "phone_unreachable": "simu yako haikupatikana",
     "unknown": "malipo hayakukamilika",
 }
 

@@ -281,3 +281,33 @@ async def test_build_member_approved_in_member_language_with_dial(rt: Any, demo:
         no_member = {**payload, "member_id": None, "phone_enc": rt.cipher.encrypt("+250733000001", context="sms")}
         with pytest.raises(TemplateError, match="member_approved needs a member"):
             await templates.build_message(session, rt.cipher, no_member)
+
+
+ANY_AMOUNT_SHOWN = {"en": "Reminder: Savings (any amount) for ", "fr": "Rappel: Savings (montant libre) pour ",
+                    "rw": "(amafaranga ushaka)", "sw": "(kiasi chochote)"}
+
+
+@pytest.mark.parametrize("language", sorted(ANY_AMOUNT_SHOWN))
+async def test_a_reminder_of_a_type_the_member_pays_what_she_chooses_asks_no_zero(
+    rt: Any, demo: dict[str, Any], language: str
+) -> None:
+    """A recurring savings contribution of any amount (amount 0, allowCustomAmount): its reminder said '(0 RWF)'."""
+    from core.models import PaymentType
+
+    async with rt.sessionmaker.begin() as session:
+        savings = PaymentType(cooperative_id=demo["cooperative_id"], name="Savings", amount_minor=0, currency="RWF",
+                              allow_custom_amount=True, is_recurring=True, due_day=1, is_active=True)
+        fixed = PaymentType(cooperative_id=demo["cooperative_id"], name="Dues", amount_minor=2_000, currency="RWF",
+                            allow_custom_amount=True, is_recurring=True, due_day=1, is_active=True)
+        session.add_all([savings, fixed])
+    member = demo["members"]["+250788000001"]
+    bodies = []
+    for ptype in (savings, fixed):
+        payload = {"template": "payment_reminder", "member_id": member, "context": {
+            "member_id": member, "payment_type_id": ptype.id, "due_date": "2026-12-01", "language": language}}
+        async with rt.sessionmaker() as session:
+            _phone, _lang, body = await templates.build_message(session, rt.cipher, payload)
+        bodies.append(body)
+        assert measure(body).encoding == GSM7, body
+    assert ANY_AMOUNT_SHOWN[language] in bodies[0] and "0 RWF" not in bodies[0], bodies[0]
+    assert "(2,000 RWF)" in bodies[1], bodies[1]  # a usual amount, even if another may be paid, is said
