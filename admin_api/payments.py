@@ -27,7 +27,7 @@ from admin_api.members import search_region
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param, body_datetime, period_params, statement_time
 from core.auth import OWN_PAYMENTS
-from core.errors import NotFound, ValidationError
+from core.errors import Conflict, NotFound, ValidationError
 from core.models import Member, Payment
 from core.money import Money
 from core.payments import METHODS, NewPayment, collected_amount, create_payment, load_context, record_collected
@@ -198,6 +198,12 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
         due_date=_parse_due(due) if due else None,
     )
     payment, created = await create_payment(ctx.session, ctx.rt, new, actor=who.actor, context=context)
+    if not created and not who.has("payments:read") and payment.created_by != who.actor.id:
+        # A key that reads only its own payments (payments:write) replaying another key's request (a retry sent
+        # with a rotated key): the payment it would answer with is one it cannot read or poll afterwards.
+        raise Conflict("a payment with this idempotency key was made by another API key, which this key cannot "
+                       "read: look it up with a key that has payments:read, or use a new idempotency key for a "
+                       "new payment", field="idempotencyKey")
     await ctx.session.commit()
     response = json_response(present(payment), status=201 if created else 200)
     if not created:
