@@ -21,6 +21,7 @@ from admin_api.common import (
     page_of,
     paged,
 )
+from admin_api.refunds import RETURNED, returned_from
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param, check_path_id
 from core.disputes import move_dispute, open_dispute
@@ -72,6 +73,8 @@ TRANSITION = obj(
         "note": {"type": ["string", "null"], "maxLength": 2000},
         "evidence": {"type": ["string", "null"], "maxLength": 2000},
         "refundAmount": {**AMOUNT_IN, "description": "with RESOLVED: refund this much in the same step"},
+        "returnedByProvider": {**RETURNED, "description": "with refundAmount: the provider already sent it back "
+                                                          "(a chargeback): recorded, nothing sent"},
     },
     ["status"],
 )
@@ -154,6 +157,7 @@ async def transition_dispute(request: web.Request, ctx: Ctx) -> web.StreamRespon
         note=body.get("note"),
         evidence=body.get("evidence"),
         refund_amount=refund_amount,
+        returned=returned_from(body),
     )
     await ctx.session.commit()
     return json_response(present(updated))

@@ -24,10 +24,10 @@ from admin_api.common import (
     paged,
 )
 from admin_api.routing import Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param, period_params, statement_time
+from admin_api.validation import LIMIT, PAGE, Param, body_datetime, period_params, statement_time
 from core.models import Payment, Refund
 from core.money import Money
-from core.refunds import record_refund_outcome, request_refund
+from core.refunds import ReturnedByProvider, record_refund_outcome, request_refund
 from core.state.refund import RefundStatus
 
 REFUND = out(
@@ -46,14 +46,35 @@ REFUND = out(
         "completedAt": NULL_DATETIME,
     }
 )
+# Money the provider already sent back on its own (a chargeback, a reversal by its customer care): recorded as a
+# COMPLETED refund and never sent, so the member is not paid twice.
+RETURNED = {
+    **obj({"providerTransactionId": {"type": "string", "minLength": 1, "maxLength": 128,
+                                     "description": "the provider's id of the reversal, from its statement"},
+           "completedAt": {"type": ["string", "null"], "format": "date-time",
+                           "description": "when the statement shows the money sent back (default: now)"}},
+          ["providerTransactionId"]),
+    "description": "the provider already sent this money back (a chargeback): record it, send nothing",
+}
 CREATE = obj(
     {
         "amount": {**AMOUNT_IN, "description": "major units; omitted = everything still refundable"},
         "reason": {"type": ["string", "null"], "maxLength": 300},
         "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128},
+        "returnedByProvider": RETURNED,
     },
     ["idempotencyKey"],
 )
+
+
+def returned_from(body: dict[str, Any]) -> ReturnedByProvider | None:
+    """The body's returnedByProvider, as core.refunds takes it (None: a refund to send)."""
+    given = body.get("returnedByProvider")
+    if given is None:
+        return None
+    when = given.get("completedAt")
+    return ReturnedByProvider(given["providerTransactionId"],
+                              None if when is None else body_datetime(when, "returnedByProvider.completedAt"))
 OUTCOME = obj(
     {
         "status": {"enum": [RefundStatus.COMPLETED.value, RefundStatus.FAILED.value]},
@@ -104,6 +125,7 @@ async def create_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         reason=body.get("reason"),
         idempotency_key=body["idempotencyKey"],
         actor=ctx.who.actor,
+        returned=returned_from(body),
     )
     await ctx.session.commit()
     return json_response(present(refund), status=201 if created else 200)

@@ -24,6 +24,7 @@ from core.state.dispute import DISPUTE, DisputeReason, DisputeStatus
 
 if TYPE_CHECKING:
     from core.crypto import PiiCipher
+    from core.refunds import ReturnedByProvider
     from core.runtime import Runtime
 
 D = DisputeStatus
@@ -124,7 +125,10 @@ async def add_note(session: AsyncSession, dispute: Dispute, *, actor: Actor, tex
 
 async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, cooperative_id: str | None,
                        target: DisputeStatus | str, actor: Actor, note: str | None = None,
-                       evidence: str | None = None, refund_amount: Money | None = None) -> Dispute:
+                       evidence: str | None = None, refund_amount: Money | None = None,
+                       returned: ReturnedByProvider | None = None) -> Dispute:
+    """Move a dispute; RESOLVED may come with a refund of `refund_amount`, sent to the provider, or with `returned`
+    recorded as one the provider already made (a chargeback: never sent, so the member is not paid twice)."""
     try:
         target = DisputeStatus(target)
     except ValueError:
@@ -135,6 +139,9 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
     dispute = await lock_row(session, Dispute, dispute_id, cooperative_id)
     if dispute is None:
         raise NotFound("dispute not found")
+    if returned is not None and refund_amount is None:
+        raise ValidationError("returnedByProvider needs refundAmount: how much the provider sent back",
+                              field="returnedByProvider")
     if refund_amount is not None and target is not D.RESOLVED:
         raise BusinessRuleError("a refund can only come with a resolution in the customer's favour",
                                 field="refundAmount")
@@ -165,7 +172,8 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
         refund, _ = await request_refund(session, rt, payment_id=dispute.payment_id,
                                          cooperative_id=dispute.cooperative_id, amount=refund_amount,
                                          reason=f"dispute {dispute.reference}",
-                                         idempotency_key=f"dispute:{dispute.id}", actor=actor, dispute_id=dispute.id)
+                                         idempotency_key=f"dispute:{dispute.id}", actor=actor, dispute_id=dispute.id,
+                                         returned=returned)
         values["refund_id"] = refund.id
     updated = await transition(session, DISPUTE, dispute.id, DisputeStatus(dispute.status), target, actor=actor,
                                values=values, audit={"note": note} if note else None)

@@ -466,15 +466,15 @@ _FAILED_TARGET = {
 }
 
 
-def check_statement_time(when: datetime | None, since: datetime, what: str) -> None:
-    """An admin's `completedAt` read on a provider's statement: not before the request, not in the future."""
+def check_statement_time(when: datetime | None, since: datetime, what: str, field: str = "completedAt") -> None:
+    """An admin's `completedAt` read on a provider's statement: not before `since` (`what`: e.g. "the payment was
+    asked for"), not in the future."""
     if when is None:
         return
     if when > utcnow():
-        raise ValidationError("completedAt is in the future: give the time the provider's statement shows",
-                              field="completedAt")
+        raise ValidationError(f"{field} is in the future: give the time the provider's statement shows", field=field)
     if when < since:
-        raise ValidationError(f"completedAt is before the {what} was asked for ({iso_z(since)})", field="completedAt")
+        raise ValidationError(f"{field} is before {what} ({iso_z(since)})", field=field)
 
 
 def money_moved_at(since: datetime, said: datetime | None) -> datetime:
@@ -857,7 +857,7 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
             raise ValidationError(f"amount must be in {payment.currency}", field="amount")
         if not amount.is_positive():
             raise ValidationError("amount must be positive", field="amount")
-    check_statement_time(completed_at, payment.created_at, "payment")
+    check_statement_time(completed_at, payment.created_at, "the payment was asked for")
     await record(session, actor=actor, action="payment.outcome_recorded", entity_type="payment",
                  entity_id=payment.id, before={"status": current.value},
                  after={"status": P.COMPLETED.value, "note": note, "providerTransactionId": txn,

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -46,11 +47,24 @@ async def refundable(session: AsyncSession, payment: Payment) -> Money:
     return Money(max(0, collected(payment) - int(held)), payment.currency)
 
 
-def _request_hash(amount: Money | None, reason: str | None, dispute_id: str | None) -> str:
-    canonical = json.dumps({"amount": None if amount is None else amount.minor,
-                            "currency": None if amount is None else amount.currency,
-                            "reason": reason, "dispute": dispute_id}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+@dataclass(frozen=True)
+class ReturnedByProvider:
+    """Money the provider already sent back on its own: a chargeback, or a reversal its customer care made. The
+    refund that records it is never sent (that would pay the member a second time): it completes at once with
+    the provider's id for it and the time its statement shows."""
+
+    provider_transaction_id: str
+    completed_at: datetime | None = None
+
+
+def _request_hash(amount: Money | None, reason: str | None, dispute_id: str | None,
+                  returned: ReturnedByProvider | None = None) -> str:
+    fields: dict[str, Any] = {"amount": None if amount is None else amount.minor,
+                              "currency": None if amount is None else amount.currency,
+                              "reason": reason, "dispute": dispute_id}
+    if returned is not None:  # absent otherwise: the digests stored before it existed still match
+        fields["returned"] = [returned.provider_transaction_id, iso_z(returned.completed_at)]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def collected(payment: Payment) -> int:
@@ -72,7 +86,10 @@ async def request_refund(
     idempotency_key: str,
     actor: Actor,
     dispute_id: str | None = None,
+    returned: ReturnedByProvider | None = None,
 ) -> tuple[Refund, bool]:
+    """A refund of (part of) a collected payment, queued to its provider; with `returned`, one the provider already
+    made, recorded COMPLETED and never sent."""
     key = (idempotency_key or "").strip()
     if not 8 <= len(key) <= 128:
         raise ValidationError("idempotencyKey must be 8 to 128 characters", field="idempotencyKey")
@@ -80,7 +97,9 @@ async def request_refund(
     if payment is None:
         raise NotFound("payment not found")
 
-    request_hash = _request_hash(amount, reason, dispute_id)
+    if returned is not None:
+        returned = _checked_return(returned, payment)
+    request_hash = _request_hash(amount, reason, dispute_id, returned)
     existing = (await session.execute(select(Refund).where(Refund.payment_id == payment.id,
                                                            Refund.idempotency_key == key))).scalar_one_or_none()
     if existing is not None:
@@ -106,7 +125,8 @@ async def request_refund(
         raise BusinessRuleError(f"refund of {amount} exceeds the refundable {available}", field="amount")
     provider = rt.providers.get(payment.provider)
     whole = Money(collected(payment), payment.currency)
-    if provider is not None and not provider.supports_partial_refund and amount.minor != whole.minor:
+    if returned is None and provider is not None and not provider.supports_partial_refund \
+            and amount.minor != whole.minor:  # (one the provider made itself is what it made)
         raise BusinessRuleError(f"{payment.method} refunds only the full amount ({whole})",
                                 field="amount")
     if reason is not None and len(reason) > 300:
@@ -124,23 +144,50 @@ async def request_refund(
     await record(session, actor=actor, action="refund.requested", entity_type="refund", entity_id=refund.id,
                  after={"paymentId": payment.id, "amount": amount.minor, "currency": amount.currency,
                         "reason": reason}, cooperative_id=payment.cooperative_id)
+    if returned is not None:
+        await record(session, actor=actor, action="refund.returned_by_provider", entity_type="refund",
+                     entity_id=refund.id, after={"providerTransactionId": returned.provider_transaction_id,
+                                                 "completedAt": iso_z(returned.completed_at)},
+                     cooperative_id=payment.cooperative_id)
+        await apply_refund_outcome(session, rt, refund, ProviderOutcome.SUCCEEDED, actor=actor,
+                                   provider_transaction_id=returned.provider_transaction_id,
+                                   occurred_at=returned.completed_at,
+                                   not_before=payment.completed_at or payment.created_at)
+        await session.refresh(refund)
+        return refund, True
     await enqueue(session, "refund.submit", {"refund_id": refund.id}, dedupe_key=f"refund:{refund.id}",
                   cooperative_id=payment.cooperative_id)
     return refund, True
 
 
+def _checked_return(returned: ReturnedByProvider, payment: Payment) -> ReturnedByProvider:
+    """The provider's id for the money it sent back (1 to 128 characters), and its time: after the payment's
+    money was taken, not in the future."""
+    txn = (returned.provider_transaction_id or "").strip()
+    if not 1 <= len(txn) <= 128 or not txn.isprintable():
+        raise ValidationError("returnedByProvider.providerTransactionId must be 1 to 128 printable characters: the "
+                              "provider's id of the reversal", field="returnedByProvider")
+    from core.payments import check_statement_time  # local: core.payments reaches back into this module
+
+    check_statement_time(returned.completed_at, payment.completed_at or payment.created_at,
+                         "the payment's money was taken", "returnedByProvider.completedAt")
+    return ReturnedByProvider(txn, returned.completed_at)
+
+
 async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refund, outcome: ProviderOutcome, *,
                                actor: Actor, provider_transaction_id: str | None = None,
-                               reason: str | None = None, occurred_at: datetime | None = None) -> str:
+                               reason: str | None = None, occurred_at: datetime | None = None,
+                               not_before: datetime | None = None) -> str:
     """`occurred_at`: when the provider (or an admin, from its statement) says the money went back; the refund's
-    completion is dated so, within its request and now (core.payments.money_moved_at)."""
+    completion is dated so, within its request (`not_before`: another floor, as a chargeback recorded after it
+    happened) and now (core.payments.money_moved_at)."""
     from core.payments import money_moved_at  # local: core.payments reaches back into this module
 
     current = R(refund.status)
     if current in (R.COMPLETED, R.FAILED) or outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
         return "ignored" if current in (R.COMPLETED, R.FAILED) else "pending"
     if outcome is ProviderOutcome.SUCCEEDED:
-        values: dict[str, Any] = {"completed_at": money_moved_at(refund.created_at, occurred_at)}
+        values: dict[str, Any] = {"completed_at": money_moved_at(not_before or refund.created_at, occurred_at)}
         if provider_transaction_id:
             values["provider_transaction_id"] = provider_transaction_id
         updated = await transition(session, REFUND, refund.id, current, R.COMPLETED, actor=actor, values=values)
@@ -225,7 +272,7 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
         raise ValidationError("completedAt is for a refund that went through (status COMPLETED)", field="completedAt")
     from core.payments import check_statement_time  # local: core.payments reaches back into this module
 
-    check_statement_time(completed_at, refund.created_at, "refund")
+    check_statement_time(completed_at, refund.created_at, "the refund was asked for")
     await record(session, actor=actor, action="refund.outcome_recorded", entity_type="refund", entity_id=refund.id,
                  before={"status": refund.status},
                  after={"status": target.value, "note": note, "providerTransactionId": provider_transaction_id,
