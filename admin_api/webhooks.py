@@ -26,6 +26,7 @@ from admin_api.common import (
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param
 from core import webhooks
+from core.db import parse_aware
 from core.models import ApprovedDomain, WebhookDelivery, WebhookEndpoint
 
 DOMAIN = out(
@@ -69,14 +70,26 @@ ROTATION = obj(
         }
     }
 )
+ATTEMPT = out(
+    {
+        "at": DATETIME,
+        "status_code": {"type": ["integer", "null"], "description": "null: no answer (timeout, refused, ...)"},
+        "latency_ms": {"type": "integer"},
+        "error": {"type": ["string", "null"], "description": "null: delivered (a 2xx answer)"},
+    }
+)
 DELIVERY = out(
     {
         "id": ID,
         "endpointId": ID,
         "eventId": {"type": "string"},
-        "eventType": {"type": "string"},
-        "status": {"type": "string"},
-        "attempts": {"type": "array"},
+        "eventType": {"enum": list(webhooks.EVENTS)},
+        # What the event is about, from its stored data: the event id does not say it once it is a digest.
+        "subjectType": {"type": ["string", "null"], "enum": [*webhooks.SUBJECT_TYPES, None],
+                        "description": "what the event is about (its data's `id` is that entity's id)"},
+        "subjectId": {"type": ["string", "null"], "description": "the payment, refund or dispute id"},
+        "status": {"enum": list(webhooks.DELIVERY_STATUSES)},
+        "attempts": {"type": "array", "items": ATTEMPT},
         "createdAt": DATETIME,
         "deliveredAt": NULL_DATETIME,
     }
@@ -130,14 +143,23 @@ def present_endpoint(e: WebhookEndpoint) -> dict[str, Any]:
     }
 
 
+def present_attempt(attempt: dict[str, Any]) -> dict[str, Any]:
+    """A recorded attempt, its time written as every API timestamp (stored as Python's isoformat)."""
+    at = attempt.get("at")
+    return {**attempt, "at": iso(parse_aware(at)) or at}
+
+
 def present_delivery(d: WebhookDelivery) -> dict[str, Any]:
+    subject_type, subject_id = webhooks.event_subject(d.event_type, d.payload)
     return {
         "id": d.id,
         "endpointId": d.endpoint_id,
         "eventId": d.event_id,
         "eventType": d.event_type,
+        "subjectType": subject_type,
+        "subjectId": subject_id,
         "status": d.status,
-        "attempts": list(d.attempts or []),
+        "attempts": [present_attempt(a) for a in d.attempts or [] if isinstance(a, dict)],
         "createdAt": iso(d.created_at),
         "deliveredAt": iso(d.delivered_at),
     }
@@ -255,6 +277,8 @@ async def list_deliveries(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         .where(WebhookDelivery.endpoint_id == endpoint.id)
         .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id)
     )
+    if ctx.query.get("status"):  # e.g. FAILED: what a receiver that was down has missed
+        query = query.where(WebhookDelivery.status == ctx.query["status"])
     return await paged(ctx, query, present_delivery)
 
 
@@ -365,10 +389,11 @@ ROUTES = [
         "GET",
         "/webhook-endpoints/{id}/deliveries",
         list_deliveries,
-        "Deliveries to an endpoint",
+        "Deliveries to an endpoint, newest first, each naming the payment, refund or dispute it was about",
         "webhooks",
         "admin",
-        query=PAGING,
+        query={**PAGING, "status": Param(enum=webhooks.DELIVERY_STATUSES,
+                                         description="only deliveries in this status (FAILED: given up)")},
         response=page_of(DELIVERY),
     ),
 ]

@@ -15,7 +15,7 @@ from core.db import iso_z, lock_row, serialise_on_sqlite, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment
 from core.money import Money
-from core.notify import notice_jobs, sms_dedupe
+from core.notify import changed_at, iso_ms, notice_jobs, sms_dedupe
 from core.outbox import enqueue_many
 from core.payments import payer_phone
 from core.references import next_reference
@@ -32,9 +32,12 @@ OPEN_STATES = (D.OPEN.value, D.UNDER_REVIEW.value)
 
 
 def dispute_data(dispute: Dispute) -> dict[str, Any]:
+    """The dispute as cooperatives' systems receive it in webhooks. `updatedAt` (to the millisecond) is what the
+    change being told wrote (a move's is chosen by changed_at): the later of two events has the later one."""
     return {"id": dispute.id, "reference": dispute.reference, "paymentId": dispute.payment_id,
             "status": dispute.status, "reason": dispute.reason, "resolution": dispute.resolution,
-            "refundId": dispute.refund_id, "createdAt": iso_z(dispute.created_at)}
+            "refundId": dispute.refund_id, "createdAt": iso_z(dispute.created_at),
+            "updatedAt": iso_ms(dispute.updated_at)}
 
 
 async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, template: str, event_type: str,
@@ -162,7 +165,8 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
     notes = list(dispute.notes or [])
     if note or evidence:
         notes.append(_note(actor, note, evidence, target.value))
-    values: dict[str, Any] = {"notes": notes}
+    # At least a millisecond after the last change (read under the lock): its event orders after the one before.
+    values: dict[str, Any] = {"notes": notes, "updated_at": changed_at(dispute.updated_at)}
     if target in (D.RESOLVED, D.REJECTED, D.WITHDRAWN):
         values["resolved_at"] = utcnow()
         values["resolution"] = (note or target.value.lower())[:500]

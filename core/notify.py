@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.crypto import PiiCipher
-from core.db import iso_z, utcnow
+from core.db import utcnow
 from core.outbox import NewJob, enqueue_job
 from core.phone import Phone
 
@@ -41,12 +42,39 @@ def sms_job(
     return NewJob("sms.send", payload, dedupe_key=f"sms:{dedupe}", cooperative_id=cooperative_id, max_attempts=10)
 
 
+# The precision of webhook events' times (`created`, data's `updatedAt`): what orders one entity's changes.
+EVENT_TICK = timedelta(milliseconds=1)
+
+
+def iso_ms(value: datetime | None) -> str | None:
+    """An instant as webhook events write it: UTC to the millisecond, `Z` (the API's iso_z is to the second,
+    too coarse to order two changes of one payment made in the same second)."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _to_tick(value: datetime) -> datetime:
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+def changed_at(previous: datetime | None) -> datetime:
+    """The updated_at of a change a webhook event tells (the event's data carries it as `updatedAt`): now, to
+    the millisecond, and at least a millisecond after the entity's `previous` updated_at (read under the move's
+    compare-and-set or the row's lock). So of two events about one entity the later change always reads
+    strictly later, even for two changes in one millisecond or a host whose clock is a little behind the one
+    that wrote the change before; a receiver orders them by it (no separate sequence needed)."""
+    now = _to_tick(utcnow())
+    return now if previous is None else max(now, _to_tick(previous) + EVENT_TICK)
+
+
 def event_job(*, cooperative_id: str, event_type: str, event_id: str, data: dict[str, Any]) -> NewJob:
     """The outbox job for a cooperative webhook event; fan-out to endpoints happens in the worker. The event's
-    `created` is now, when it happened, not when a worker (maybe minutes behind) fans it out."""
+    `created` is now, when it happened, not when a worker (maybe minutes behind) fans it out; to the millisecond.
+    Between events about one entity the data's `updatedAt` is what orders them (see changed_at)."""
     return NewJob("webhook.event",
                   {"event_type": event_type, "event_id": event_id, "cooperative_id": cooperative_id, "data": data,
-                   "created": iso_z(utcnow())},
+                   "created": iso_ms(utcnow())},
                   dedupe_key=f"wh:{event_id}", cooperative_id=cooperative_id)
 
 

@@ -21,7 +21,7 @@ from core.db import insert_ignore, iso_z, lock_row, row_insert, table_of, utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
 from core.models import Payment, ProviderEvent
 from core.money import Money
-from core.notify import emit_event, notice_jobs
+from core.notify import changed_at, emit_event, iso_ms, notice_jobs
 from core.outbox import NewJob, enqueue_many
 from core.payment_statements import CONTEXT, create_statement, stored_and_locked
 from core.phone import Phone, PhoneError, normalize
@@ -400,7 +400,9 @@ def collected_amount(payment: Any) -> Money | None:
 
 def event_data(payment: Payment) -> dict[str, Any]:
     """The payment as cooperatives' systems receive it in webhooks (no full phone number). `collectedAmount`
-    is what to credit: `amount` is what was asked, and a provider may take less or more (`mismatch`)."""
+    is what to credit: `amount` is what was asked, and a provider may take less or more (`mismatch`).
+    `updatedAt` (to the millisecond) is the updated_at the change being told writes (a _Moved carries the move's,
+    see changed_at): of two events about one payment, the later change has the later one."""
     money = Money(payment.amount_minor, payment.currency)
     collected = collected_amount(payment)
     return {
@@ -413,6 +415,7 @@ def event_data(payment: Payment) -> dict[str, Any]:
         "mismatchDetail": payment.mismatch_detail,
         "completedAt": iso_z(payment.completed_at),
         "createdAt": iso_z(payment.created_at),
+        "updatedAt": iso_ms(payment.updated_at),
     }
 
 
@@ -563,13 +566,16 @@ async def _apply_outcome(
                 same = amount is None or amount.currency == payment.currency
                 payment.collected_minor = (amount.minor if amount is not None else payment.amount_minor) if same else 0
                 payment.completed_at = money_moved_at(payment.created_at, occurred_at)
+                payment.updated_at = changed_at(payment.updated_at)  # the event's updatedAt: after the failure's
                 # The cooperative's system was told it failed: tell it the money is held (once; a second report
                 # of the same money changes nothing).
                 await emit_event(session, cooperative_id=payment.cooperative_id,
                                  event_type="payment.taken_after_failure",
                                  event_id=f"evt_payment_taken_after_failure_{payment.id}", data=event_data(payment))
             return "flagged_success_after_failure"
-        values: dict[str, Any] = {"completed_at": money_moved_at(payment.created_at, occurred_at)}
+        # updated_at chosen here (changed_at) so that the event built before the move carries what it writes.
+        values: dict[str, Any] = {"completed_at": money_moved_at(payment.created_at, occurred_at),
+                                  "updated_at": changed_at(payment.updated_at)}
         if payment.provider_transaction_id is not None and (
                 not provider_transaction_id or provider_transaction_id == provisional_transaction_id):
             # Only a provisional id so far: a callback whose status query said "pending" then may have
@@ -607,7 +613,7 @@ async def _apply_outcome(
     if current not in OPEN:
         return "ignored_final"
     result = target.value.lower()
-    values = {"failure_reason": (reason or outcome.value.lower())[:200]}
+    values = {"failure_reason": (reason or outcome.value.lower())[:200], "updated_at": changed_at(payment.updated_at)}
     if reason == UNCONFIRMED:
         template = "payment_unconfirmed"
         values.update(mismatch=True, mismatch_detail=UNCONFIRMED_FLAG)

@@ -18,7 +18,7 @@ from core.db import insert_ignore, iso_z, lock_row, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
-from core.notify import notice_jobs
+from core.notify import iso_ms, notice_jobs
 from core.outbox import end_waiting, enqueue, enqueue_many
 from core.ports import ProviderEvent as ProviderEventData
 from core.ports import ProviderOutcome
@@ -290,10 +290,13 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
 
 
 def refund_data(refund: Refund) -> dict[str, object]:
+    """The refund as cooperatives' systems receive it in webhooks, read back from the move that ends it (a refund
+    is told once, COMPLETED or FAILED): `updatedAt`, to the millisecond, is what that move wrote."""
     return {"id": refund.id, "reference": refund.reference, "paymentId": refund.payment_id,
             "amount": Money(refund.amount_minor, refund.currency).to_api(), "currency": refund.currency,
             "status": refund.status, "reason": refund.reason, "failureReason": refund.failure_reason,
-            "createdAt": iso_z(refund.created_at), "completedAt": iso_z(refund.completed_at)}
+            "createdAt": iso_z(refund.created_at), "completedAt": iso_z(refund.completed_at),
+            "updatedAt": iso_ms(refund.updated_at)}
 
 
 def _refund_of_event(event: ProviderEventData, ours: str | None = None) -> Any:

@@ -43,10 +43,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
-from core.db import UTCDateTime, insert_ignore, iso_z, lock_row, new_id, parse_aware, utcnow
+from core.db import UTCDateTime, insert_ignore, lock_row, new_id, parse_aware, utcnow
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
 from core.http import not_public
 from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
+from core.notify import iso_ms
 from core.outbox import Job, NewJob, PermanentJobError, RetryLater, end_waiting, enqueue, enqueue_many
 from core.text import is_number
 
@@ -65,6 +66,10 @@ EVENTS = (
     "dispute.opened",
     "dispute.updated",
 )
+# What an event is about (the first word of its type); its data's `id` is that entity's.
+SUBJECT_TYPES = ("payment", "refund", "dispute")
+# A delivery's status: waiting (or retrying, or held while its endpoint is switched off), done, given up.
+DELIVERY_STATUSES = ("PENDING", "DELIVERED", "FAILED")
 SIGNATURE_HEADER = "X-Gateway-Signature"
 EVENT_ID_HEADER = "X-Gateway-Event-Id"
 EVENT_HEADER = "X-Gateway-Event"
@@ -608,6 +613,9 @@ def stored_event_id(event_id: str) -> str:
 def envelope(
     event_id: str, event_type: str, cooperative_id: str, data: dict[str, Any], created: str
 ) -> dict[str, Any]:
+    """The body POSTed: `created` is when the event was queued, to the millisecond (core.notify.iso_ms). Two
+    events about one entity are ordered by their data's `updatedAt` (same format, strictly later for each later
+    change: core.notify.changed_at), not by `created` nor by arrival (retries and batches overtake each other)."""
     return {
         "id": event_id,
         "type": event_type,
@@ -615,6 +623,19 @@ def envelope(
         "cooperativeId": cooperative_id,
         "data": data,
     }
+
+
+def event_subject(event_type: str, payload: Any) -> tuple[str | None, str | None]:
+    """What a stored event is about: its kind (its type's first word: "payment", "refund" or "dispute", as
+    SUBJECT_TYPES) and that entity's id, from the stored envelope's data. The event id alone does not say it
+    once it is a digest (stored_event_id), and a receiver catching up on what it missed needs it.
+    (None, None) for a body that names none."""
+    kind = event_type.partition(".")[0]
+    data = payload.get("data") if isinstance(payload, dict) else None
+    subject_id = data.get("id") if isinstance(data, dict) else None
+    if kind not in SUBJECT_TYPES or not isinstance(subject_id, str) or not subject_id:
+        return None, None
+    return kind, subject_id
 
 
 def body_bytes(payload: dict[str, Any]) -> bytes:
@@ -633,7 +654,7 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
     if event_type not in EVENTS or not cooperative_id or not payload.get("event_id"):
         raise PermanentJobError(f"bad webhook event payload (type {event_type!r})")
     event_id = stored_event_id(str(payload["event_id"]))
-    created = str(payload.get("created") or iso_z(utcnow()))  # queued before events carried it: now
+    created = str(payload.get("created") or iso_ms(utcnow()))  # queued before events carried it: now
     body = envelope(event_id, event_type, cooperative_id, payload.get("data") or {}, created)
     made = 0
     async with rt.sessionmaker.begin() as session:

@@ -21,6 +21,9 @@ from tests.conftest import drain
 from tests.core.test_webhooks import approved_endpoint, emit, receiver  # noqa: F401
 
 SEED_FORMAT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+# A webhook event's `created` and its data's `updatedAt`: the same, to the millisecond (what orders one entity's
+# changes: two in one second must not read alike).
+EVENT_FORMAT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
 
 async def test_an_early_due_date_and_a_period_from_year_one_are_written_with_four_digit_years(admin, demo):
@@ -46,7 +49,8 @@ async def test_webhook_event_data_write_timestamps_as_the_api_does(admin, rt, de
     [job] = [j for j in jobs if j.payload["data"].get("id") == made["id"]]
     data = job.payload["data"]
     assert (data["createdAt"], data["completedAt"]) == (api["createdAt"], api["completedAt"])
-    assert SEED_FORMAT.match(data["completedAt"]) and SEED_FORMAT.match(job.payload["created"])
+    assert SEED_FORMAT.match(data["completedAt"]) and EVENT_FORMAT.match(job.payload["created"])
+    assert EVENT_FORMAT.match(data["updatedAt"])
 
 
 async def test_an_events_created_is_when_it_happened_not_when_a_late_worker_sent_it(
@@ -60,7 +64,7 @@ async def test_an_events_created_is_when_it_happened_not_when_a_late_worker_sent
     await drain(worker)
     [request] = hook.requests
     created = json.loads(request["body"])["created"]
-    assert SEED_FORMAT.match(created)
+    assert EVENT_FORMAT.match(created)
     assert abs(datetime.fromisoformat(created) - happened) < timedelta(minutes=1)
 
 
