@@ -7,6 +7,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -27,7 +28,7 @@ from admin_api.common import (
     target_cooperative,
 )
 from admin_api.errors import ApiError
-from admin_api.routing import RATE_MULTIPLIER, REDIS_DOWN, Ctx, Route, client_ip, end_sessions
+from admin_api.routing import RATE_MULTIPLIER, REDIS_DOWN, Ctx, Route, authenticate, client_ip, end_sessions
 from admin_api.users import PASSWORD
 from admin_api.validation import LIMIT, PAGE
 from core import auth
@@ -36,7 +37,7 @@ from core.auth import Unauthorized
 from core.db import wall
 from core.errors import Forbidden, ValidationError
 from core.models import AdminUser, ApiKey
-from core.ratelimit import Decision, Limit, LocalCounts, LocalLimiter, RateLimiter
+from core.ratelimit import Counted, Decision, Limit, LocalCounts, LocalLimiter, RateLimiter
 
 log = logging.getLogger("gateway.api")
 _T = TypeVar("_T")
@@ -105,17 +106,18 @@ def _tokens(pair: auth.TokenPair) -> dict[str, Any]:
     }
 
 
-# Wrong passwords are limited, not sign-ins: counted only when the password (or account) is refused, so
-# knowing an admin's username (an e-mail address) is not enough to keep them out.
+# Wrong passwords are limited, not sign-ins: an attempt is counted before its password is checked and given
+# back when the password was right, so knowing an admin's username (an e-mail address) is not enough to keep
+# them out.
 # - per (username, address): 10 a minute, the guesser's own bucket;
 # - per username across every address: 100 an hour, so guessing spread over many addresses stays bounded.
 #   It refuses only addresses that have failed for this username within the hour (their hourly bucket), so
 #   the real user signing in from an address that has not failed is not refused by someone else's guesses.
-# A full bucket refuses (429) before the password is checked. Checking first and counting after lets a
-# burst of concurrent guesses past the count; the route's own limit bounds it (auth:token per address;
-# auth:password, 10 a minute per account, the same as these buckets).
+# A full bucket refuses (429) before the password is checked. Counting first, in the same command that checks
+# (the rate-limit script), is what holds a burst of concurrent guesses to the limit: checking first and
+# counting after let every guess of the burst past the check before any was counted.
 FAILED_PER_ADDRESS = Limit("auth:failed", 10)
-FAILED_PER_ADDRESS_HOUR = Limit("auth:failed-hour", 600, window=3600)  # only read: has this address failed
+FAILED_PER_ADDRESS_HOUR = Limit("auth:failed-hour", 600, window=3600)  # read as: has this address failed
 FAILED_PER_USERNAME = Limit("auth:failed-any", 100, window=3600)
 # Redis down: the same counts in this process's memory, so guessing is still slowed rather than the limit
 # lapsing (or sign-in answering 503 and locking everyone out once their access tokens expire).
@@ -141,46 +143,62 @@ async def _with_fallback(request: web.Request, ctx: Ctx,
         return await use(LocalLimiter(LOCAL_FAILURES, multiplier=multiplier))
 
 
-async def _refuse_if_too_many_failures(request: web.Request, ctx: Ctx, username: str) -> None:
+@dataclass(frozen=True)
+class _Attempt:
+    """A password attempt counted as failed ahead of the check, and where (Redis, or this process's memory)."""
+
+    limiter: RateLimiter | LocalLimiter
+    counted: list[Counted]
+
+
+async def _reserve_attempt(request: web.Request, ctx: Ctx, username: str) -> _Attempt:
+    """Count one more failed attempt for the username from this address, unless a bucket is full (429, nothing
+    counted): checked and counted in one round trip. `_settle` gives it back if the password is right."""
     address, anywhere = _sign_in_subjects(request, username)
 
-    async def look(limiter: RateLimiter | LocalLimiter) -> list[Decision]:
-        return [await limiter.peek(FAILED_PER_ADDRESS, address), await limiter.peek(FAILED_PER_ADDRESS_HOUR, address),
-                await limiter.peek(FAILED_PER_USERNAME, anywhere)]
+    async def take(limiter: RateLimiter | LocalLimiter) -> tuple[RateLimiter | LocalLimiter,
+                                                                  list[tuple[Decision, Counted | None]]]:
+        return limiter, await limiter.reserve([(FAILED_PER_ADDRESS, address), (FAILED_PER_ADDRESS_HOUR, address),
+                                               (FAILED_PER_USERNAME, anywhere)])
 
-    here, here_hour, everywhere = await _with_fallback(request, ctx, look)
-    failed_here = here_hour.used > 0 or not here.allowed
+    limiter, reserved = await _with_fallback(request, ctx, take)
+    (here, _), (here_hour, _), (everywhere, _) = reserved
+    attempt = _Attempt(limiter, [counted for _, counted in reserved if counted is not None])
+    # Had the address failed before this attempt (the hourly count includes it when it was counted)?
+    failed_here = not here.allowed or not here_hour.allowed or here_hour.used > 1
     refusing = here if not here.allowed else everywhere if failed_here and not everywhere.allowed else None
     if refusing is not None:
+        await _give_back(attempt)  # a refused attempt is not counted: waiting Retry-After gets the next one in
         raise ApiError(
             429,
             "Too many failed sign-in attempts for this user. Please try again later.",
             headers={"Retry-After": str(refusing.retry_after)},
         )
+    return attempt
 
 
-async def _count_failure(request: web.Request, ctx: Ctx, username: str) -> None:
-    address, anywhere = _sign_in_subjects(request, username)
-
-    async def count(limiter: RateLimiter | LocalLimiter) -> None:
-        for limit, subject in ((FAILED_PER_ADDRESS, address), (FAILED_PER_ADDRESS_HOUR, address),
-                               (FAILED_PER_USERNAME, anywhere)):
-            await limiter.hit(limit, subject)
-
-    await _with_fallback(request, ctx, count)
+async def _give_back(attempt: _Attempt) -> None:
+    """Uncount an attempt that did not fail. Redis failing now leaves it counted (one failure too many in the
+    window) rather than failing the sign-in."""
+    try:
+        await attempt.limiter.give_back(attempt.counted)
+    except REDIS_DOWN as exc:
+        log.warning("could not give back a sign-in attempt counted in Redis", extra={"error": type(exc).__name__})
 
 
 async def issue_token(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     limited = request.config_dict[RATE_MULTIPLIER] > 0
     username = ctx.body["username"]
-    if limited:
-        await _refuse_if_too_many_failures(request, ctx, username)
+    attempt = await _reserve_attempt(request, ctx, username) if limited else None
+    failed = False
     try:
         user, read_at = await auth.login(ctx.session, username, ctx.body["password"])
     except Unauthorized:
-        if limited:
-            await _count_failure(request, ctx, username)
+        failed = True  # the attempt stays counted
         raise
+    finally:
+        if attempt is not None and not failed:
+            await _give_back(attempt)
     s = ctx.rt.settings
     response = json_response(_tokens(auth.issue_tokens(user, secret=s.jwt_secret.get(),
                                                        ttl_seconds=s.jwt_ttl_seconds, issued_at=read_at)))
@@ -214,11 +232,14 @@ async def change_own_password(request: web.Request, ctx: Ctx) -> web.StreamRespo
     # A wrong current password counts as a wrong password at sign-in, in the same buckets: a stolen token
     # gives no more guesses at the password than the sign-in page does.
     limited = request.config_dict[RATE_MULTIPLIER] > 0
-    if limited:
-        await _refuse_if_too_many_failures(request, ctx, user.username)
-    if not await accounts.password_matches(user, ctx.body["currentPassword"]):
-        if limited:
-            await _count_failure(request, ctx, user.username)
+    attempt = await _reserve_attempt(request, ctx, user.username) if limited else None
+    failed = False
+    try:
+        failed = not await accounts.password_matches(user, ctx.body["currentPassword"])
+    finally:
+        if attempt is not None and not failed:
+            await _give_back(attempt)
+    if failed:
         raise ValidationError("currentPassword is not your current password", field="currentPassword")
     if ctx.body["newPassword"] == ctx.body["currentPassword"]:
         raise ValidationError("newPassword must differ from the current password", field="newPassword")
@@ -264,6 +285,9 @@ def _people_only(ctx: Ctx) -> None:
 async def create_api_key(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     _people_only(ctx)
     coop_id = (await target_cooperative(ctx, ctx.body.get("cooperativeId"))).id
+    # The caller's token claims (verified already, so read from the cache): a password change or deactivation
+    # that ends this session while the key is being made refuses it (see auth.create_api_key).
+    _, claims = await authenticate(request, ctx.session, ctx.rt)
     key, clear = await auth.create_api_key(
         ctx.session,
         cooperative_id=coop_id,
@@ -271,6 +295,7 @@ async def create_api_key(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         scopes=ctx.body["scopes"],
         actor=ctx.who.actor,
         created_by=ctx.who.id,
+        claims=claims,
     )
     await ctx.session.commit()
     response = json_response({**present_key(key), "key": clear}, status=201)
@@ -324,8 +349,7 @@ ROUTES = [
         "payments:read",
         body=PASSWORD_CHANGE,
         response=PASSWORD_CHANGED,
-        # The sign-in buckets' 10 a minute: they are read before the current password is checked and counted
-        # after, so a burst of concurrent guesses would pass them; this count is taken before (atomic).
+        # The sign-in buckets' 10 a minute (counted before the current password is checked), for every call.
         limit=Limit("auth:password", 10),
         tenants=True,
     ),

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.audit import Actor, record
 from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
-from core.db import utcnow, wall
+from core.db import serialise_on_sqlite, utcnow, wall
 from core.errors import Conflict, DomainError, Forbidden, NotFound, ValidationError
 from core.models import AdminUser, ApiKey, AuditEvent, Cooperative, Member, PaymentType
 from core.ratelimit import subject_tag
@@ -507,6 +507,29 @@ async def login(session: AsyncSession, username: str, password: str) -> tuple[Ad
     return user, read_at
 
 
+async def hold_account(session: AsyncSession, user_id: str) -> AdminUser | None:
+    """The account read fresh, its row held until the transaction ends (FOR SHARE; None: no such account).
+
+    What ends an account's sessions (a new password, a deactivation) holds the row for writing first
+    (hold_account_for_change), so the two take turns: a refresh or an API key made meanwhile either comes
+    before the change, which then ends or revokes it (its audit row is dated after this transaction ended),
+    or after it, and sees the change committed. Without the turn, one that read the account while the change
+    was written but not committed got a pair dated after the change's audit row: the mark ends its access
+    token, but its refresh token, judged on the audit row alone, outlived the change for good.
+    SQLite has no row locks: the database's write lock instead (serialise_on_sqlite), taken before any read."""
+    await serialise_on_sqlite(session, AdminUser, user_id)
+    query = select(AdminUser).where(AdminUser.id == user_id).with_for_update(read=True)
+    return (await session.execute(query.execution_options(populate_existing=True))).scalar_one_or_none()
+
+
+async def hold_account_for_change(session: AsyncSession, user_id: str) -> None:
+    """Hold the account's row for a change that ends its sessions, before the change reads or writes anything
+    (FOR NO KEY UPDATE, as the UPDATE of the row takes anyway): refreshes and key creations under way finish
+    first, and those that come later wait for the commit (see hold_account)."""
+    await serialise_on_sqlite(session, AdminUser, user_id)
+    await session.execute(select(AdminUser.id).where(AdminUser.id == user_id).with_for_update(key_share=True))
+
+
 async def refresh(
     session: AsyncSession, redis: Redis, token: str, *, secret: str, ttl_seconds: int
 ) -> TokenPair:
@@ -517,8 +540,10 @@ async def refresh(
     )
     if not used:
         raise Unauthorized("refresh token already used")
-    read_at = wall()  # the pair is dated when the account was read (see login)
-    user = await session.get(AdminUser, str(claims["sub"]))
+    # Taking turns with a change that ends the account's sessions (see hold_account): after one, its audit row
+    # is read below and refuses this token; before one, the pair is dated before the change's audit row.
+    user = await hold_account(session, str(claims["sub"]))
+    read_at = wall()  # the pair is dated when the account was read (see login), once it is held
     # The account, its cooperative and member, and when its sessions were last ended: one query. A refresh
     # token outlives the revocation mark, so it is judged on the rows.
     row = (await session.execute(_USABLE_SINCE, {"user_id": user.id})).first() if user is not None else None
@@ -578,11 +603,20 @@ async def create_api_key(
     scopes: list[str],
     actor: Actor,
     created_by: str | None = None,
+    claims: dict[str, Any] | None = None,
 ) -> tuple[ApiKey, str]:
-    """Returns the row and the clear key; the clear key is never stored and never shown again."""
+    """Returns the row and the clear key; the clear key is never stored and never shown again.
+
+    `created_by` (a signed-in account) takes turns with a change that ends its sessions and revokes its keys
+    (hold_account): a key made before the change is revoked by it; one asked for after it, with `claims` (the
+    caller's access token) from a session it ended, is refused as that session is (401, token revoked)."""
     bad = sorted(set(scopes) - set(SCOPES))
     if bad or not scopes:
         raise ValidationError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}", field="scopes")
+    if created_by is not None:
+        await hold_account(session, created_by)
+        if claims is not None:
+            await check_still_active(session, created_by, claims)
     clear = new_api_key()
     key = ApiKey(
         cooperative_id=cooperative_id,
@@ -628,7 +662,11 @@ async def revoke_api_keys_created_by(session: AsyncSession, user_id: str, *, act
     """A deactivated account's keys go with it: an admin who leaves must not keep admin access through a
     key they made (and may have kept). So do they when its password is set anew (`reason`): one who took
     the account (a stolen session, a phished password) must not keep it through a key made meanwhile.
-    Each key is revoked and audited as `DELETE /api-keys/{id}` does."""
+    Each key is revoked and audited as `DELETE /api-keys/{id}` does.
+
+    The account's row is held first (hold_account_for_change), so a key being made at this moment is committed
+    before the keys are read, and revoked with them; the caller writes the change in the same transaction."""
+    await hold_account_for_change(session, user_id)
     keys = (await session.execute(
         select(ApiKey).where(ApiKey.created_by == user_id, ApiKey.revoked_at.is_(None))
         .order_by(ApiKey.created_at, ApiKey.id))).scalars().all()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import select
+from sqlalchemy import false, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
@@ -125,6 +127,29 @@ async def _unique(session: AsyncSession, values: dict[str, Any], exclude: str | 
             raise Conflict(f"{label} {values[column]!r} is already used", field=label)
 
 
+async def _take_turns_on_sqlite(session: AsyncSession) -> None:
+    """SQLite: the database's write lock, taken before `_unique` reads (an UPDATE that matches no row still takes
+    it, and begins the transaction the savepoint of `_write` nests in), so two writes at once take turns and
+    the second's check sees the first. PostgreSQL needs no turn: its unique indexes decide (see `_write`)."""
+    if session.get_bind().dialect.name == "sqlite":
+        await session.execute(update(Cooperative).where(false()).values(id=Cooperative.id))
+
+
+async def _write(session: AsyncSession, values: dict[str, Any], exclude: str | None,
+                 change: Callable[[], None]) -> None:
+    """Make `change` to the session and flush it in a savepoint. Two requests given one shortCode or
+    ussdExtension at once both pass `_unique` before either writes; the unique index refuses the second, which
+    gets the same 409 as the check (read again, it now sees the first), and the caller's transaction stays
+    usable. Any other integrity error is raised as it is."""
+    try:
+        async with session.begin_nested():
+            change()
+            await session.flush()
+    except IntegrityError:
+        await _unique(session, values, exclude)
+        raise
+
+
 def snapshot(coop: Cooperative) -> dict[str, Any]:
     return {k: getattr(coop, k) for k in _FIELDS if k != "contact_phone"}
 
@@ -139,10 +164,10 @@ async def create_cooperative(session: AsyncSession, *, values: dict[str, Any], a
     errors = [f"{m} is required" for m in missing] + _validate(values)
     if errors:
         raise ValidationError(errors[0], errors=errors)
+    await _take_turns_on_sqlite(session)
     await _unique(session, values, None)
     coop = Cooperative(**{k: v for k, v in values.items() if k in _FIELDS})
-    session.add(coop)
-    await session.flush()
+    await _write(session, values, None, lambda: session.add(coop))
     await record(
         session,
         actor=actor,
@@ -175,12 +200,16 @@ async def update_cooperative(
     if errors:
         raise ValidationError(errors[0], errors=errors)
     changes = {key: checked[key] for key in changes}
+    await _take_turns_on_sqlite(session)
     await _unique(session, changes, coop.id)
     before = snapshot(coop)
-    for key, value in changes.items():
-        setattr(coop, key, value)
-    coop.updated_at = utcnow()
-    await session.flush()
+
+    def change() -> None:
+        for key, value in changes.items():
+            setattr(coop, key, value)
+        coop.updated_at = utcnow()
+
+    await _write(session, changes, coop.id, change)
     await record(
         session,
         actor=actor,

@@ -38,15 +38,19 @@ async def active_payment_types(session: AsyncSession, cooperative_id: str) -> li
 
 
 async def get_payment_type(
-    session: AsyncSession, cooperative_id: str, payment_type_id: str
+    session: AsyncSession, cooperative_id: str, payment_type_id: str, *, for_update: bool = False
 ) -> PaymentType | None:
-    """One payment type, only if it belongs to the cooperative (active or not)."""
-    row = await session.execute(
-        select(PaymentType).where(
-            PaymentType.id == payment_type_id, PaymentType.cooperative_id == cooperative_id
-        )
+    """One payment type, only if it belongs to the cooperative (active or not). `for_update`: locked until the
+    caller commits and read fresh (not the copy the session already holds), for a change checked against the
+    whole row (see update_payment_type)."""
+    query = select(PaymentType).where(
+        PaymentType.id == payment_type_id, PaymentType.cooperative_id == cooperative_id
     )
-    return row.scalar_one_or_none()
+    if for_update:
+        await serialise_on_sqlite(session, PaymentType, payment_type_id)
+        # FOR NO KEY UPDATE, as the UPDATE takes anyway: payments pointing at the type are not held up.
+        query = query.with_for_update(key_share=True).execution_options(populate_existing=True)
+    return (await session.execute(query)).scalar_one_or_none()
 
 
 async def list_payment_types(
@@ -196,7 +200,9 @@ async def update_payment_type(
     unknown = set(changes) - set(_UPDATABLE)
     if unknown:
         raise ValidationError(f"cannot change {', '.join(sorted(unknown))}")
-    pt = await get_payment_type(session, cooperative_id, payment_type_id)
+    # Locked and read fresh: the rules below join the patch to the row as committed, so two edits at once, each
+    # fine alone ({"amount": 0} and {"allowCustomAmount": false}), cannot together save a type nobody can pay.
+    pt = await get_payment_type(session, cooperative_id, payment_type_id, for_update=True)
     if pt is None:
         raise NotFound("payment type not found")
     before = snapshot(pt)

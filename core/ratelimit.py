@@ -6,7 +6,7 @@ import hashlib
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,15 @@ class Decision:
     used: int = 0  # the (weighted) count the decision was made on, this request included when counted
 
 
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """Where `reserve` counted one request: its window's key (a Redis key, or a LocalCounts key) and how long
+    that key lives. `give_back` takes it off that very window, also once the next one has begun."""
+
+    key: Any
+    ttl: int
+
+
 class RateLimiter:
     """Counts requests per (bucket, subject). A subject's keys share its hash tag (`rl:{user:42}:bucket:t`),
     so a cluster keeps them, and any other key of that subject (see `hit_and_read`), on one node."""
@@ -98,9 +107,41 @@ class RateLimiter:
         decision, _, extra = await self._count(limit, subject, None, then, now)
         return decision, extra
 
-    async def _count(self, limit: Limit, subject: str, read: str | None, then: Callable[[Pipeline], Any] | None,
-                     now: float | None) -> tuple[Decision, Any, list[Any]]:
+    async def reserve(self, items: Sequence[tuple[Limit, str]], *,
+                      now: float | None = None) -> list[tuple[Decision, Counted | None]]:
+        """`hit` each (limit, subject), all in one round trip: for a limit that counts only some outcomes (failed
+        sign-ins), count the request before its outcome is known, so that a burst of concurrent requests cannot
+        all pass the check before any is counted; `give_back` what turns out not to count. With each decision,
+        where it was counted (None: refused, so not counted)."""
         now = time.time() if now is None else now
+        pipe = self._redis.pipeline(transaction=False)
+        prepared = []
+        for limit, subject in items:
+            keys, args, allowed_count = self._script_args(limit, subject, None, now)
+            pipe.eval(_COUNT, len(keys), *args)
+            prepared.append((limit, keys[0], allowed_count))
+        results = await pipe.execute()
+        reserved: list[tuple[Decision, Counted | None]] = []
+        for (limit, key, allowed_count), result in zip(prepared, results, strict=True):
+            decision = _decide(limit, allowed_count, now, int(result[0]), int(result[1] or 0), counted=True)
+            reserved.append((decision, Counted(key, limit.window * 2) if decision.allowed else None))
+        return reserved
+
+    async def give_back(self, counted: Iterable[Counted]) -> None:
+        """Take reserved requests off their windows again (one round trip). The expiry is set again too: a key
+        Redis lost meanwhile must not stay behind at -1 for good."""
+        pipe = self._redis.pipeline(transaction=False)
+        queued = False
+        for one in counted:
+            pipe.decr(one.key)
+            pipe.expire(one.key, one.ttl)
+            queued = True
+        if queued:
+            await pipe.execute()
+
+    def _script_args(self, limit: Limit, subject: str, read: str | None,
+                     now: float) -> tuple[list[str], tuple[str | int, ...], int]:
+        """The keys and arguments of one _COUNT (the current window's key first), and the effective count."""
         allowed_count = self.effective(limit)
         window = limit.window
         start = _window_start(limit, now)
@@ -110,6 +151,12 @@ class RateLimiter:
             keys.append(read)
         # repr: the shortest text that reads back as the same double, so the script floors what `_decide` does.
         args: tuple[str | int, ...] = (*keys, window * 2, repr(_previous_weight(limit, now, start)), allowed_count)
+        return keys, args, allowed_count
+
+    async def _count(self, limit: Limit, subject: str, read: str | None, then: Callable[[Pipeline], Any] | None,
+                     now: float | None) -> tuple[Decision, Any, list[Any]]:
+        now = time.time() if now is None else now
+        keys, args, allowed_count = self._script_args(limit, subject, read, now)
         extra: list[Any] = []
         if then is None:
             results = await self._redis.eval(_COUNT, len(keys), *args)
@@ -232,12 +279,18 @@ class LocalCounts:
         self._counts[key] = (n, now + ttl)
         return n
 
+    def decr(self, key: Any, now: float) -> None:
+        """One less in `key`'s count, never below none (a count already gone stays gone)."""
+        found = self._counts.get(key)
+        if found is not None and found[1] > now and found[0] > 0:
+            self._counts[key] = (found[0] - 1, found[1])
+
     def clear(self) -> None:
         self._counts.clear()
 
 
 class LocalLimiter:
-    """`RateLimiter`'s `hit` and `peek` on a `LocalCounts`, for when Redis is down."""
+    """`RateLimiter`'s `hit`, `reserve`, `give_back` and `peek` on a `LocalCounts`, for when Redis is down."""
 
     def __init__(self, counts: LocalCounts, *, multiplier: float = 1.0) -> None:
         self._counts = counts
@@ -256,6 +309,21 @@ class LocalLimiter:
         if decision.allowed:  # as the Lua script: a refused request is not counted
             self._counts.incr(key, now, limit.window * 2)
         return decision
+
+    async def reserve(self, items: Sequence[tuple[Limit, str]], *,
+                      now: float | None = None) -> list[tuple[Decision, Counted | None]]:
+        now = time.time() if now is None else now
+        reserved: list[tuple[Decision, Counted | None]] = []
+        for limit, subject in items:
+            decision = await self.hit(limit, subject, now=now)
+            counted = Counted(self._keys(limit, subject, now)[0], limit.window * 2) if decision.allowed else None
+            reserved.append((decision, counted))
+        return reserved
+
+    async def give_back(self, counted: Iterable[Counted]) -> None:
+        now = time.time()
+        for one in counted:
+            self._counts.decr(one.key, now)
 
     async def peek(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
         now = time.time() if now is None else now
