@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
+import re
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, and_, func, or_, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from admin_api.routing import Ctx
-from core.db import iso_z
-from core.errors import NotFound
+from core.cooperatives import zone_of
+from core.db import iso_z, utcnow
+from core.errors import NotFound, ValidationError
 from core.models import Cooperative
 from core.money import Money
+from core.text import is_uuid
 
 ID = {"type": "string", "format": "uuid"}
 DATETIME = {"type": "string", "format": "date-time"}
@@ -79,12 +86,13 @@ def out_only(schema: dict[str, Any], *names: str) -> dict[str, Any]:
     return out({name: schema["properties"][name] for name in names})
 
 
-def page_of(item: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": ["data", "meta"],
-        "properties": {"data": {"type": "array", "items": item}, "meta": META},
-    }
+def page_of(item: dict[str, Any], *, cursor: bool = False) -> dict[str, Any]:
+    """A list's answer: `data` and the seed's `meta`; `cursor`: a list that can also be synced (see synced),
+    whose answer then carries `nextCursor` as well."""
+    properties: dict[str, Any] = {"data": {"type": "array", "items": item}, "meta": META}
+    if cursor:
+        properties["nextCursor"] = NEXT_CURSOR
+    return {"type": "object", "required": ["data", "meta"], "properties": properties}
 
 
 iso = iso_z  # every timestamp the API writes (core.db.iso_z: the webhooks' event data use the same)
@@ -118,6 +126,113 @@ async def paged(ctx: Ctx, query: Select[Any], present: Any) -> web.Response:
     ).scalar_one()
     rows = (await ctx.session.execute(query.offset((page - 1) * limit).limit(limit))).scalars().all()
     return json_response({"data": [present(r) for r in rows], "meta": meta(page, limit, int(total))})
+
+
+# --- syncing: keyset pages in the order rows changed ------------------------------------------------------------
+
+# How long after its updated_at a change is first listed by a sync (the database's clock: core.db.utcnow is aligned
+# to it). An updated_at is stamped before its transaction commits, so commits do not come in updated_at order: a
+# reader that listed everything up to some instant and moved its cursor there would skip a change stamped before
+# that instant and committed after the read. So a sync lists only changes older than a horizon that no change
+# still uncommitted can be behind (sync_horizon): SYNC_LAG before the database's now, and on PostgreSQL also
+# SYNC_LAG before the start of the oldest transaction still writing the table. The lag covers what happens
+# between the stamp and that transaction's first write (milliseconds: provider calls run outside write
+# transactions) and the hosts' clock alignment (under a second; core.db.align_clock warns past one).
+SYNC_LAG = timedelta(seconds=5)
+NEXT_CURSOR = {
+    "type": ["string", "null"],
+    "description": "Sync (updatedFrom or after given): pass it as `after` to read on from the last row of this "
+                   "page; keep it between runs to ask what changed since. null when this page is empty (nothing "
+                   "more yet: ask again later with the cursor you have)",
+}
+_CURSOR_VERSION = "1"
+_BAD_CURSOR = "after must be a nextCursor returned by this list, passed back unchanged"
+
+
+def encode_cursor(updated_at: datetime, row_id: str) -> str:
+    """An opaque position in (updated_at, id) order: the row's updated_at to the microsecond and its id."""
+    stamp = updated_at.astimezone(UTC)
+    micros = (stamp - _EPOCH) // timedelta(microseconds=1)
+    raw = f"{_CURSOR_VERSION}:{micros}:{row_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position encode_cursor wrote, or a 400 naming `after` (anything else is a caller's mistake)."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        version, micros, row_id = raw.split(":")
+        if version != _CURSOR_VERSION or not _DIGITS.fullmatch(micros) or not is_uuid(row_id):
+            raise ValueError(raw)
+        return _EPOCH + timedelta(microseconds=int(micros)), row_id
+    except (ValueError, UnicodeDecodeError, binascii.Error, OverflowError):
+        raise ValidationError(_BAD_CURSOR, field="after") from None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DIGITS = re.compile(r"\d{1,18}")
+
+# The start of the oldest transaction holding a write lock on the table (every INSERT or UPDATE takes
+# RowExclusiveLock on it until commit; a writer still waiting for it is counted too), other than this one.
+_OLDEST_WRITER = text(
+    "SELECT least(now(), (SELECT min(a.xact_start) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'relation' AND l.mode = 'RowExclusiveLock' AND l.pid <> pg_backend_pid()"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.relation = to_regclass(:table)))"
+)
+
+
+async def sync_horizon(session: AsyncSession, table: str) -> datetime:
+    """The instant before which every change to `table` that will ever be visible is already visible (see SYNC_LAG).
+
+    PostgreSQL: SYNC_LAG before the earlier of now() and the start of the oldest transaction writing the table: a
+    change still in flight was stamped after its transaction began, so a long transaction holds syncs back rather
+    than being skipped. SQLite (embedded, one process): SYNC_LAG before the local clock."""
+    if session.get_bind().dialect.name != "postgresql":
+        return utcnow() - SYNC_LAG
+    since: datetime = (await session.execute(_OLDEST_WRITER, {"table": table})).scalar_one()
+    return since - SYNC_LAG
+
+
+async def synced(ctx: Ctx, query: Select[Any], present: Any, *, updated: Any, ident: Any, table: str) -> web.Response:
+    """One page of `query`'s rows in the order they changed, (updated, ident) ascending, from the `after` cursor.
+
+    A sync reads every row's latest state at least once: a row that changes again later moves to the end and is
+    listed again; none is skipped, as only rows stamped before sync_horizon are listed. The answer has the seed's
+    shape (`meta` counts what is left from this position, this page included) and `nextCursor`."""
+    limit = ctx.query["limit"]
+    query = query.order_by(None).where(updated < await sync_horizon(ctx.session, table))
+    if ctx.query.get("after") is not None:
+        stamp, row_id = decode_cursor(ctx.query["after"])
+        # updated >= stamp alone is the index's range; the id breaks ties between rows of one instant.
+        query = query.where(updated >= stamp, or_(updated > stamp, and_(updated == stamp, ident > row_id)))
+    total = int((await ctx.session.execute(select(func.count()).select_from(query.subquery()))).scalar_one())
+    rows = (await ctx.session.execute(query.order_by(updated, ident).limit(limit))).scalars().all()
+    last = rows[-1] if rows else None
+    return json_response({
+        "data": [present(r) for r in rows],
+        "meta": {**meta(1, limit, total), "hasPrevious": ctx.query.get("after") is not None},
+        "nextCursor": None if last is None else encode_cursor(
+            getattr(last, updated.key), getattr(last, ident.key)),
+    })
+
+
+_DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+async def local_bound(ctx: Ctx, name: str) -> datetime | None:
+    """A date-time query parameter besides `from`/`to`, read as they are (admin_api.routing._period): a bare date
+    is midnight in the caller's cooperative's time zone (a super admin's: the one `cooperativeId` names, else
+    UTC); a date-time without an offset is UTC."""
+    value: datetime | None = ctx.query.get(name)
+    coop_id = ctx.who.cooperative_id or ctx.query.get("cooperativeId")
+    if value is None or not coop_id or not _DATE_ONLY.match(ctx.request.query.get(name, "").strip()):
+        return value
+    coop = await ctx.session.get(Cooperative, coop_id)
+    try:
+        return datetime.combine(value.date(), time(), tzinfo=zone_of(coop.timezone if coop else None)).astimezone(UTC)
+    except OverflowError:
+        return value  # 0001-01-01 or 9999-12-31 moved out of range: keep the UTC bound, as _period does
 
 
 async def target_cooperative(ctx: Ctx, requested: str | None) -> Cooperative:

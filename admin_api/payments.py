@@ -14,14 +14,17 @@ from admin_api.common import (
     ID,
     NULL_DATETIME,
     NULL_STRING,
+    SYNC_LAG,
     iso,
     json_response,
+    local_bound,
     money_out,
     obj,
     one,
     out,
     page_of,
     paged,
+    synced,
 )
 from admin_api.members import search_region
 from admin_api.routing import Ctx, Route
@@ -125,6 +128,14 @@ LIST_QUERY = {
                                         "country's), a bank account or an e-mail"),
     **period_params("created"),
     "cooperativeId": Param("uuid", "Super admin: one cooperative"),
+    # Sync (admin_api.common.synced): oldest change first, by cursor. page/limit pages (newest first) shift while
+    # payments are made or change status, repeating or skipping rows; a cursor does not.
+    "updatedFrom": Param("date-time", "Sync: payments changed at or after this instant (read as `from`), oldest "
+                         "change first, each in its latest state; page on with `after`. A change is listed once "
+                         f"it is {SYNC_LAG.seconds} seconds old (later while a transaction that began before it "
+                         "is still writing payments)"),
+    "after": Param(description="Sync: the `nextCursor` of the previous answer, passed back unchanged: the payments "
+                   "changed after the last one it listed (a payment that changes again is listed again)"),
 }
 
 
@@ -218,6 +229,9 @@ def _parse_due(text: str) -> Any:
 async def filtered(ctx: Ctx) -> Any:
     q = ctx.query
     query = ctx.who.scope(select(Payment), Payment)
+    updated_from = await local_bound(ctx, "updatedFrom")
+    if updated_from is not None:
+        query = query.where(Payment.updated_at >= updated_from)
     if q.get("reference") is not None:
         query = query.where(Payment.reference == q["reference"].strip().upper())
     if q.get("paymentAccount") is not None:
@@ -246,7 +260,14 @@ async def filtered(ctx: Ctx) -> Any:
 
 
 async def list_payments(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    return await paged(ctx, await filtered(ctx), present)
+    """Newest first by page/limit; with updatedFrom or after, a sync: oldest change first, by cursor."""
+    if ctx.query.get("updatedFrom") is None and ctx.query.get("after") is None:
+        return await paged(ctx, await filtered(ctx), present)
+    if "page" in request.query:
+        raise ValidationError("page cannot be combined with updatedFrom or after: a sync pages by cursor (after)",
+                              field="page")
+    return await synced(ctx, await filtered(ctx), present, updated=Payment.updated_at, ident=Payment.id,
+                        table=Payment.__tablename__)
 
 
 async def _readable(ctx: Ctx, payment_id: str) -> Payment:
@@ -322,7 +343,7 @@ ROUTES = [
         "payments",
         "payments:read",
         query=LIST_QUERY,
-        response=page_of(PAYMENT),
+        response=page_of(PAYMENT, cursor=True),
         limit=Limit("payments:list", 100),
         tenants=True,
     ),
