@@ -158,17 +158,6 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                         extra={"payment": payment.reference, "payment_id": payment.id, "job_id": job.id,
                                "overdue_minutes": int((now - payment.expires_at).total_seconds() // 60)})
             return
-        if member is not None and member.status != "ACTIVE":
-            # Suspended (or set back to pending) after the payment was made, perhaps while its USSD hop ran:
-            # a member who left is never prompted to pay. Nothing was sent, so nothing can have been taken.
-            async with rt.sessionmaker.begin() as session:
-                fresh = await session.get(Payment, payment.id, with_for_update=True)
-                if fresh is not None and fresh.status == PaymentStatus.PENDING.value:
-                    await apply_collection_outcome(session, rt, fresh, ProviderOutcome.CANCELLED, actor=WORKER,
-                                                   reason=MEMBER_NOT_ACTIVE)
-            log.warning("collection not sent: the member is no longer active",
-                        extra={"payment": payment.reference, "payment_id": payment.id})
-            return
         if job.call_may_have_arrived:
             # The previous attempt was cancelled mid-call: the provider may have the request (M-Pesa
             # has no idempotency key, a second push is a second charge). Ask its status instead. (One whose
@@ -176,6 +165,24 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             # status cannot be asked without the provider's own id, would otherwise never prompt the payer.)
             log.warning("collection attempt was cut off; status polling will settle it",
                         extra={"payment": payment.reference})
+            return
+        if member is not None and member.status != "ACTIVE":
+            # Suspended (or set back to pending) after the payment was made, perhaps while its USSD hop ran:
+            # a member who left is never prompted to pay.
+            if job.attempts > 1:
+                # An earlier attempt may have reached the provider (one answered 5xx may still be stored there):
+                # nothing more is sent, and the status poll settles what the provider has.
+                log.warning("collection not sent again: the member is no longer active",
+                            extra={"payment": payment.reference, "payment_id": payment.id})
+                return
+            # This job's first attempt, after the cut-off case above: nothing was ever sent, nothing taken.
+            async with rt.sessionmaker.begin() as session:
+                fresh = await session.get(Payment, payment.id, with_for_update=True)
+                if fresh is not None and fresh.status == PaymentStatus.PENDING.value:
+                    await apply_collection_outcome(session, rt, fresh, ProviderOutcome.CANCELLED, actor=WORKER,
+                                                   reason=MEMBER_NOT_ACTIVE)
+            log.warning("collection not sent: the member is no longer active",
+                        extra={"payment": payment.reference, "payment_id": payment.id})
             return
         provider = rt.providers[payment.provider]
         account = payment_account(rt, payment)
@@ -222,6 +229,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         """Store the provider's id an unanswered request was sent under (IremboPay's invoice number), so a
         status poll in any worker process, or after a restart, can ask about it. Not a state change."""
         async with rt.sessionmaker.begin() as session:
+            await session.connection()  # held before updated_at is stamped (see core.state.machine.transition)
             await session.execute(update(Payment).where(
                 Payment.id == payment_id, Payment.status.in_([s.value for s in OPEN]),
                 Payment.provider_transaction_id.is_(None)).values(

@@ -228,8 +228,9 @@ async def _settled(session: AsyncSession, scope: Scope, start: datetime | None, 
     currency, as the provider's statement lists it: payments collected (completed_at in the period, whatever
     became of them since) and refunds paid back (completed_at in the period, whichever period their payment was
     in; a refund goes back through its payment's provider). A method routed through another provider part-way
-    through a period (PAYMENT_ROUTES) has a line per provider. A period that has ended keeps these figures: a
-    refund made later is in the later period's, not this one's."""
+    through a period (PAYMENT_ROUTES) has a line per provider. A period that has ended keeps these figures (a refund
+    made later is in the later period's, not this one's), except for money the provider dates in it and the
+    gateway learns of later (core.payments.money_moved_at)."""
     collected_rows = (
         await session.execute(
             _in_period(

@@ -108,6 +108,9 @@ async def transition(
     """
     machine.check(source, target)
     model = machine.model
+    # The connection first, then the stamp: a move that waited for a pooled connection would otherwise commit an
+    # updated_at older than its transaction, behind a payment sync's horizon (admin_api.common.sync_horizon).
+    await session.connection()
     changes, before, after, action = _describe(machine, source, target, values, audit)
     sync = session.sync_session
     if sync.autoflush and (sync.new or sync.dirty or sync.deleted):
@@ -186,15 +189,15 @@ async def transition_alone(
             await transition(session, machine, entity_id, source, target, actor=actor, values=values)
             done = finish is not None and await finish_in(session, finish)
     else:
-        changes, before, after, action = _describe(machine, source, target, values, None)
-        params = _cte_params(machine, entity_id, source, changes, actor, action, before, after, None)
-        ends = finish is not None and finish.locked_by is not None
-        if ends:
-            params.update(finish_values(finish))  # type: ignore[arg-type]
-        statement = pgraw.compiled(_moved_and_audited(machine.model, tuple(changes), ends))
         # A bare pooled connection (no ORM session around one statement); nothing else runs on it, so the
-        # statement runs alone, in autocommit.
+        # statement runs alone, in autocommit. Stamped once it is held (see transition).
         async with engine.connect() as conn:
+            changes, before, after, action = _describe(machine, source, target, values, None)
+            params = _cte_params(machine, entity_id, source, changes, actor, action, before, after, None)
+            ends = finish is not None and finish.locked_by is not None
+            if ends:
+                params.update(finish_values(finish))  # type: ignore[arg-type]
+            statement = pgraw.compiled(_moved_and_audited(machine.model, tuple(changes), ends))
             raw = await pgraw.fetchrow(conn, statement, params)
         if raw is None:
             raise StaleTransition(machine.name, entity_id, source.value)

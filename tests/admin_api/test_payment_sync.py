@@ -137,6 +137,45 @@ async def test_a_change_stamped_earlier_but_committed_later_is_not_passed_by(adm
         (a, "edited by a slow writer", "PENDING"), (b, "Rent", "COMPLETED")]
 
 
+@requires_pg
+async def test_a_change_waiting_for_a_pooled_connection_is_stamped_when_it_has_one(admin, client, rt, demo,
+                                                                                   no_lag):
+    """A worker's pool is exhausted: its move of A waits for a connection while B's change commits and a poller
+    moves its cursor past B. Stamped before the wait (as it was), A's change committed with a time behind the
+    cursor and was never listed; stamped once the connection is held, it is listed on the next page."""
+    import asyncio
+    import os
+
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    rent = demo["payment_types"]["Monthly Rent"]
+    sync = await _sync_key(admin, client)
+    a, b = (await make_payment(admin, rent))["id"], (await make_payment(admin, rent))["id"]
+    first = await sync.json("GET", f"{START}&limit=10", 200)
+    engine = create_async_engine(os.environ["DATABASE_URL"], pool_size=1, max_overflow=0, pool_timeout=30)
+    try:
+        busy = await engine.connect()  # the pool's only connection, held by another job
+        await busy.exec_driver_sql("SELECT 1")
+        maker = async_sessionmaker(engine, expire_on_commit=False)
+
+        async def fail_a() -> None:
+            async with maker.begin() as s:
+                await transition(s, PAYMENT, a, PaymentStatus.PENDING, PaymentStatus.FAILED,
+                                 actor=Actor("provider:test", "provider"), values={"failure_reason": "declined"})
+
+        writer = asyncio.create_task(fail_a())
+        await asyncio.sleep(0.3)  # A's move is waiting for the connection
+        await complete_payment(rt, b)
+        page = await sync.json("GET", f"/v1/payments?after={first['nextCursor']}&limit=10", 200)
+        assert [(p["id"], p["status"]) for p in page["data"]] == [(b, "COMPLETED")]
+        await busy.close()
+        await writer
+        after = await sync.json("GET", f"/v1/payments?after={page['nextCursor']}&limit=10", 200)
+        assert [(p["id"], p["status"]) for p in after["data"]] == [(a, "FAILED")]
+    finally:
+        await engine.dispose()
+
+
 async def test_a_cursor_not_returned_by_the_list_is_a_400(admin):
     for bad in ("nonsense", "MTox", "eyJpZCI6MX0", "MTpub3Q6YS11dWlk", "%00"):
         body = await admin.json("GET", f"/v1/payments?after={bad}", 400)

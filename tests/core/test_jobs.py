@@ -427,3 +427,50 @@ async def test_a_member_suspended_after_the_payment_was_made_is_not_prompted(rt,
     stored = await _get(rt, Payment, payment.id)
     assert (stored.status, stored.failure_reason) == ("CANCELLED", jobs.MEMBER_NOT_ACTIVE)
     assert [j.status for j in await _jobs(rt, "payment.collect")] == ["DONE"]
+
+
+async def test_a_member_suspended_after_a_push_that_may_have_arrived_is_left_to_the_poll(rt, demo, worker,
+                                                                                         monkeypatch):
+    """The collect's first push was cut off mid-call (the PIN prompt may be on her phone), or answered 5xx (MTN
+    may have stored it); then she is suspended. The retry sends nothing more, and does not end the payment
+    "nothing was taken": the status poll asks MTN, which has her approval, and the payment completes."""
+    from core.members import update_member
+    from core.models import Member
+    from core.outbox import INTERRUPTED
+
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 0.3)
+    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
+    rtp = "/collection/v1_0/requesttopay"
+    for first_answer in ("cut off", "5xx"):
+        wire = mtn_wire()
+        mtn_adapter(rt, wire)
+
+        async def slow(_request: httpx.Request) -> httpx.Response:
+            await asyncio.sleep(2)
+            return httpx.Response(202)
+
+        wire.on("POST", rtp, slow if first_answer == "cut off" else httpx.Response(500, json={}))
+        async with rt.sessionmaker.begin() as s:
+            payment, _ = await create_payment(s, rt, mtn_payment(demo, key=f"key-suspended-{first_answer}"),
+                                              actor=ADMIN)
+        await worker.run_once()
+        async with rt.sessionmaker() as s:
+            collect = (await s.execute(select(OutboxJob).where(
+                OutboxJob.kind == "payment.collect", OutboxJob.payload["payment_id"].as_string() == payment.id)
+            )).scalar_one()
+        assert collect.status == "PENDING"
+        assert first_answer == "5xx" or collect.last_error.startswith(INTERRUPTED)
+        async with rt.sessionmaker.begin() as s:
+            member = await s.get(Member, payment.member_id)
+            await update_member(s, member, actor=ADMIN, status="SUSPENDED")
+        await due_now(rt, "payment.collect")
+        await worker.run_once()
+        assert len(wire.sent("POST", rtp)) == 1  # nothing sent again
+        assert ((await _get(rt, Payment, payment.id)).status, first_answer) == ("PENDING", first_answer)
+        wire.on("GET", rtp + "/*", 200, {"status": "SUCCESSFUL", "amount": "50000", "currency": "RWF",
+                                         "financialTransactionId": "MTN-TAKEN-1", "externalId": payment.reference})
+        await due_now(rt, "payment.poll")
+        await drain(worker)
+        assert ((await _get(rt, Payment, payment.id)).status, first_answer) == ("COMPLETED", first_answer)
+        async with rt.sessionmaker.begin() as s:
+            await update_member(s, await s.get(Member, payment.member_id), actor=ADMIN, status="ACTIVE")
