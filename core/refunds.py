@@ -184,8 +184,17 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
     from core.payments import money_moved_at  # local: core.payments reaches back into this module
 
     current = R(refund.status)
-    if current in (R.COMPLETED, R.FAILED) or outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
-        return "ignored" if current in (R.COMPLETED, R.FAILED) else "pending"
+    final = current in (R.COMPLETED, R.FAILED)
+    if outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
+        return "ignored" if final else "pending"
+    if current is R.COMPLETED:
+        if outcome is not ProviderOutcome.SUCCEEDED:
+            await _failed_after_completion(session, refund, reason or outcome.value.lower(), actor=actor)
+            return "flagged_failed_after_completion"
+        return "ignored"
+    if current is R.FAILED and outcome is not ProviderOutcome.SUCCEEDED:
+        return "ignored"
+    # (FAILED and now SUCCEEDED: the provider sent the money back after all; it completes, flagged below.)
     if outcome is ProviderOutcome.SUCCEEDED:
         values: dict[str, Any] = {"completed_at": money_moved_at(not_before or refund.created_at, occurred_at)}
         if provider_transaction_id:
@@ -194,9 +203,12 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         payment = (await session.execute(select(Payment).where(Payment.id == refund.payment_id)
                                          .with_for_update())).scalar_one()
         refunded = payment.refunded_minor + refund.amount_minor
-        if taken_after_failure(payment):
+        if current is R.FAILED:
+            await _sent_after_failure(session, refund, payment, refunded, actor=actor)
+        if taken_after_failure(payment) or payment.status == PaymentStatus.REFUNDED.value:
             # Money taken after the payment failed, given back: the payment stays FAILED (a final state is
-            # never reopened); what went back is counted on it.
+            # never reopened); what went back is counted on it. (Or a payment already REFUNDED whose failed
+            # refund went through after all: the member was paid back twice; flagged by _sent_after_failure.)
             await session.execute(update(Payment).where(Payment.id == payment.id)
                                   .values(refunded_minor=refunded, updated_at=utcnow()))
             await record(session, actor=actor, action="payment.refunded_after_failure", entity_type="payment",
@@ -223,6 +235,48 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         # Without a member, the phone that paid is told (a mobile-money payment's), as of the receipt.
         member_id=paid.member_id or None, phone=payer_phone(rt.cipher, paid)))
     return updated.status.lower()
+
+
+async def _sent_after_failure(session: AsyncSession, refund: Refund, payment: Payment, refunded: int, *,
+                              actor: Actor) -> None:
+    """A FAILED refund the provider now reports sent back (its late answer, or a person recorded FAILED too soon):
+    audited, the payment flagged for a person, and, when another refund has been made since, said plainly: the
+    member has been paid back more than was collected."""
+    over = refunded - collected(payment)
+    detail = f"refund {refund.reference} reported sent back after it had failed"
+    if over > 0:
+        detail += f"; {Money(over, payment.currency)} more than collected has gone back to the payer"
+    await record(session, actor=actor, action="refund.sent_after_failure", entity_type="refund", entity_id=refund.id,
+                 before={"status": R.FAILED.value}, after={"status": R.COMPLETED.value, "refunded": refunded,
+                                                             "overRefunded": max(over, 0)},
+                 cooperative_id=refund.cooperative_id)
+    if payment.mismatch_detail:  # an earlier flag (an amount mismatch) is kept
+        detail = f"{payment.mismatch_detail}; {detail}"
+    await session.execute(update(Payment).where(Payment.id == payment.id)
+                          .values(mismatch=True, mismatch_detail=detail[:500], updated_at=utcnow()))
+    log.error("refund reported sent back after it had failed", extra={"refund": refund.reference,
+                                                                      "over_refunded_minor": max(over, 0)})
+    if refund.dispute_id:
+        dispute = await lock_row(session, Dispute, refund.dispute_id)
+        if dispute is not None:
+            from core.disputes import add_note  # local: core.disputes asks this module for refunds
+
+            await add_note(session, dispute, actor=actor, action="dispute.refund_sent_after_failure",
+                           text=f"refund {refund.reference} went through after all: the member has been paid back",
+                           audit={"refundId": refund.id})
+
+
+async def _failed_after_completion(session: AsyncSession, refund: Refund, reason: str, *, actor: Actor) -> None:
+    """A COMPLETED refund (recorded by a person, or a provider's earlier answer) the provider now reports failed:
+    money the member was told is back may not be. Never undone on this word alone: audited, the payment flagged
+    for a person to check with the provider."""
+    await record(session, actor=actor, action="refund.failed_after_completion", entity_type="refund",
+                 entity_id=refund.id, before={"status": R.COMPLETED.value}, after={"reported": reason[:200]},
+                 cooperative_id=refund.cooperative_id)
+    await session.execute(update(Payment).where(Payment.id == refund.payment_id).values(
+        mismatch=True, mismatch_detail=f"refund {refund.reference} reported failed after it was completed: "
+                                       f"{reason}"[:500], updated_at=utcnow()))
+    log.error("refund reported failed after it was completed", extra={"refund": refund.reference})
 
 
 async def _note_on_dispute(session: AsyncSession, refund: Refund, reason: str, *, actor: Actor) -> None:

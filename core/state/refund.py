@@ -24,6 +24,9 @@ REFUND = StateMachine(
         R.PENDING: frozenset({R.PROCESSING, R.COMPLETED, R.FAILED}),
         R.PROCESSING: frozenset({R.COMPLETED, R.FAILED}),
         R.COMPLETED: frozenset(),
-        R.FAILED: frozenset(),
+        # The provider reports the money sent back after all (a late answer, or a person recorded FAILED too
+        # soon): the member has it, so the refund completes, flagged and audited (core.refunds).
+        R.FAILED: frozenset({R.COMPLETED}),
     },
+    exceptional=frozenset({(R.FAILED, R.COMPLETED)}),
 )

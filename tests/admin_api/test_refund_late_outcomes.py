@@ -1,0 +1,96 @@
+"""A provider's word on a refund that arrives after the refund is final: money it reports sent back after the
+refund FAILED (its late answer, or a person recorded FAILED too soon) completes the refund, flagged and audited,
+and says plainly if the member has now been paid back twice; a failure reported after the refund COMPLETED is
+never applied on that word alone, but flagged for a person. Both were dropped without a trace."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import select, update
+
+from core.models import AuditEvent, OutboxJob, Payment, Refund
+from core.payments import handle_provider_event
+from core.ports import EventKind, ProviderOutcome
+from core.ports import ProviderEvent as Event
+from tests.admin_api.conftest import complete_payment, idem, make_payment
+
+
+async def _parked_refund(admin: Any, rt: Any, demo: dict[str, Any], paid: dict[str, Any] | None = None
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A completed 50,000 RWF MTN payment and a full refund sent whose answer never came (PROCESSING)."""
+    if paid is None:
+        paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+        await complete_payment(rt, paid["id"])
+    refund = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json={"idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Refund).where(Refund.id == refund["id"]).values(status="PROCESSING"))
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.submit").values(status="DONE"))
+    return paid, refund
+
+
+async def _provider_says(rt: Any, refund_id: str, outcome: ProviderOutcome) -> str:
+    async with rt.sessionmaker() as s:
+        ours = (await s.get(Refund, refund_id)).provider_reference
+    return await handle_provider_event(rt, Event(
+        provider="mtn_momo", kind=EventKind.REFUND, event_id=uuid.uuid4().hex, reference=ours, outcome=outcome,
+        provider_transaction_id="MTN-RF-LATE" if outcome is ProviderOutcome.SUCCEEDED else None,
+        reason=None if outcome is ProviderOutcome.SUCCEEDED else "reversal declined"))
+
+
+async def _audit(rt: Any, action: str) -> list[AuditEvent]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(AuditEvent).where(AuditEvent.action == action))).scalars())
+
+
+async def test_money_sent_back_after_the_refund_was_recorded_failed_completes_it(admin: Any, rt: Any,
+                                                                                demo: dict[str, Any]) -> None:
+    paid, refund = await _parked_refund(admin, rt, demo)
+    await admin.json("POST", f"/v1/refunds/{refund['id']}/outcome", 200,
+                     json={"status": "FAILED", "note": "not on the statement yet"})
+    assert await _provider_says(rt, refund["id"], ProviderOutcome.SUCCEEDED) == "completed"
+    done = await admin.json("GET", f"/v1/refunds/{refund['id']}", 200)
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert done["status"] == "COMPLETED"
+    assert (payment["status"], payment["mismatch"]) == ("REFUNDED", True)
+    assert payment["mismatchDetail"] == f"refund {refund['reference']} reported sent back after it had failed"
+    [entry] = await _audit(rt, "refund.sent_after_failure")
+    assert entry.after == {"status": "COMPLETED", "refunded": 50_000, "overRefunded": 0}
+    # Nothing left to refund: the same money cannot go back a second time.
+    await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 422, json={"idempotencyKey": idem()})
+    report = await admin.json("GET", "/v1/reports/reconciliation", 200)
+    assert [(line["paymentMethod"], line["refunded"]) for line in report["settled"]] == [("MOBILE_MONEY_MTN", 50000)]
+
+
+async def test_a_failed_refund_that_went_through_after_a_second_one_says_the_member_was_paid_twice(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    paid, first = await _parked_refund(admin, rt, demo)
+    await admin.json("POST", f"/v1/refunds/{first['id']}/outcome", 200, json={"status": "FAILED", "note": "failed"})
+    _paid, second = await _parked_refund(admin, rt, demo, paid)
+    await admin.json("POST", f"/v1/refunds/{second['id']}/outcome", 200,
+                     json={"status": "COMPLETED", "note": "sent again", "providerTransactionId": "MTN-RF-2"})
+    assert await _provider_says(rt, first["id"], ProviderOutcome.SUCCEEDED) == "completed"
+    async with rt.sessionmaker() as s:
+        payment = await s.get(Payment, paid["id"])
+    assert (payment.status, payment.refunded_minor, payment.mismatch) == ("REFUNDED", 100_000, True)
+    assert payment.mismatch_detail.endswith("; 50,000 RWF more than collected has gone back to the payer")
+    [entry] = await _audit(rt, "refund.sent_after_failure")
+    assert entry.after["overRefunded"] == 50_000
+
+
+async def test_a_failure_reported_after_the_refund_completed_is_flagged_not_applied(admin: Any, rt: Any,
+                                                                                    demo: dict[str, Any]) -> None:
+    paid, refund = await _parked_refund(admin, rt, demo)
+    await admin.json("POST", f"/v1/refunds/{refund['id']}/outcome", 200,
+                     json={"status": "COMPLETED", "note": "looks sent", "providerTransactionId": "MTN-RF-1"})
+    assert await _provider_says(rt, refund["id"], ProviderOutcome.FAILED) == "flagged_failed_after_completion"
+    assert (await admin.json("GET", f"/v1/refunds/{refund['id']}", 200))["status"] == "COMPLETED"
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["status"], payment["mismatch"]) == ("REFUNDED", True)
+    assert payment["mismatchDetail"] == (f"refund {refund['reference']} reported failed after it was completed: "
+                                         "reversal declined")
+    [entry] = await _audit(rt, "refund.failed_after_completion")
+    assert entry.after == {"reported": "reversal declined"}
+    # The same word again changes nothing more; a duplicate success is still ignored.
+    assert await _provider_says(rt, refund["id"], ProviderOutcome.SUCCEEDED) == "ignored"
