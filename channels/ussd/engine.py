@@ -260,7 +260,11 @@ class Engine:
         if isinstance(screen, End):
             state.ended = True
             state.ids, state.first = [], 1
-            return UssdReply(fit(ctx.t_fit(screen.text, ctx.limit, **args), ctx.limit), True)
+            # The last screen of a session cannot be paged: free-text names are shortened to keep the sentence
+            # whole (cut at the limit, a long cooperative's and person's names left "SMS will follow on..").
+            text = self._fit_names(ctx, screen.text, ctx.limit, args) or fit(
+                ctx.t_fit(screen.text, ctx.limit, **args), ctx.limit)
+            return UssdReply(text, True)
         if isinstance(screen, Input):
             state.ids, state.first = [], 1
             footer = self._footer(ctx, more=False)
@@ -300,6 +304,10 @@ class Engine:
                 continue
             names[key] = names[key][:size - 1].rstrip() + "."
             text = ctx.t_fit(msgid, room, **{**args, **names})
+        for key, name in {**args, **names}.items():
+            if key in FREE_TEXT_ARGS and isinstance(name, str) and name.endswith(".") and name[:-1].strip():
+                # A shortened name ends a sentence: one full stop, not "..", which reads as text cut off.
+                text = text.replace(gsm.to_gsm(name) + ".", gsm.to_gsm(name))
         return text if gsm.length(text) <= room else None
 
     def _menu(self, ctx: Ctx, screen: Menu, args: dict[str, Any], error: str | None,
@@ -364,6 +372,12 @@ class Engine:
         start, saved_page = 0, ctx.state.page
         while start < len(lines) and len(pages) <= MAX_ITEMS:
             ctx.state.page = len(pages)  # footer depends on the page (Back shows from page 2)
+            rest = _join([header, *lines[start:], *self._footer(ctx, more=False)])
+            if gsm.length(gsm.to_gsm(rest)) <= ctx.limit:
+                # The rest fits without "More": taken whole (line by line, the "More" line counted for
+                # each of them pushed the last option of a menu that fits one screen onto a second page).
+                pages.append((start, len(lines)))
+                break
             end = start + 1
             while end < len(lines):
                 candidate = _join([header, *lines[start:end + 1],

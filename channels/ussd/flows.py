@@ -74,6 +74,8 @@ class TypeRow:
 
 _COOP_COLUMNS = (Cooperative.id, Cooperative.name, Cooperative.country, Cooperative.contact_phone,
                  Cooperative.self_registration, Cooperative.status, Cooperative.timezone)
+# With each membership: when its row was last written (the person's language, below, when rows differ).
+_MEMBERSHIP_COLUMNS = (*_COOP_COLUMNS, Member.updated_at.label("member_updated"))
 _COOP_BY_ID = select(*_COOP_COLUMNS).where(Cooperative.id == bindparam("coop_id"))
 _TYPES = (select(PaymentType.id, PaymentType.name, PaymentType.amount_minor, PaymentType.currency,
                  PaymentType.due_day, PaymentType.allow_custom_amount)
@@ -104,11 +106,27 @@ async def memberships(ctx: Ctx) -> list[tuple[MemberRow, CoopRow]]:
     return ctx.cache["ms"]
 
 
+def person_language(rows: Any) -> str | None:
+    """The person's language, from every membership of the phone (whichever cooperative was dialled); None
+    for a phone of no cooperative.
+
+    Choosing a language on USSD writes it on every membership, so the rows agree. They differ only when one
+    row was written alone since (an operator's edit or import, a registration): the most recently written
+    row is then the latest word (its updated_at; a status change counts as a write too, no row says when its
+    language was set), ties broken by member id so every serve process answers alike.
+    """
+    latest = max(rows, key=lambda row: (row.member_updated, row.member_id), default=None)
+    return latest.member_language if latest is not None else None
+
+
 async def _read_memberships(ctx: Ctx) -> list[tuple[MemberRow, CoopRow]]:
     from core.members import membership_rows
 
     async with cache.autocommit(ctx.rt) as conn:
-        rows = await membership_rows(conn, ctx.rt.cipher, ctx.hop.phone, _COOP_COLUMNS)
+        rows = await membership_rows(conn, ctx.rt.cipher, ctx.hop.phone, _MEMBERSHIP_COLUMNS)
+    # Read before the rows are narrowed to the dialled cooperative: the language is the person's, and the
+    # memberships of other cooperatives carry it too.
+    ctx.cache["lang"] = person_language(rows)
     only = ctx.data.get("x")
     coops = cache.of(ctx.rt).coops
     found = []
@@ -684,9 +702,9 @@ async def set_language(ctx: Ctx, lang: str) -> str:
                 await remember(session, member_id, lang, actor=actor(ctx))
     if ms:
         ctx.data["m"] = [[m_id, status, lang, coop_id] for m_id, status, _old, coop_id in ctx.data["m"]]
-    elif not rows:
-        # Not a member anywhere: kept in Redis, so the next session (on any server) speaks it too.
-        await sessions.remember_language(ctx.rt.redis, ctx.rt.cipher, ctx.hop.phone, lang)
+    # Kept in Redis too, so the next session (on any server) speaks it when no membership does: a phone of no
+    # cooperative, or one whose memberships are all suspended since (not an older choice kept there).
+    await sessions.remember_language(ctx.rt.redis, ctx.rt.cipher, ctx.hop.phone, lang)
     ctx.state.stack.clear()
     return "home"
 

@@ -132,7 +132,9 @@ class UssdService:
         log.warning("ussd accumulated text does not extend the previous one",
                     extra={"aggregator": turn.aggregator, "session_id": turn.session_id})
         stored.acc, stored.hop = turn.accumulated, turn.hop_key
-        await sessions.save(rt.redis, turn.aggregator, turn.session_id, stored)
+        winner = await sessions.save(rt.redis, turn.aggregator, turn.session_id, stored)
+        if winner is not None and winner.reply is not None:
+            return UssdReply(*winner.reply), "retry"  # another copy of this hop answered first: its screen
         return reply, "stale"
 
     async def _answer(self, rt: Any, turn: UssdTurn, stored: sessions.Stored, reply: UssdReply, phone_index: str,
@@ -158,15 +160,18 @@ class UssdService:
         saving = sessions.save(rt.redis, turn.aggregator, turn.session_id, stored,
                                resume=None if keep_route is None else (rt.cipher, turn.phone, keep_route),
                                funnel=funnel.advance(state))
+        winner: sessions.Stored | None = None
         try:
             if opening is None:
-                await saving
+                winner = await saving
             else:
                 # The session row (PostgreSQL) is written while the session is saved (Redis): one wait, not
                 # two. Both finish before the hop answers (or fails); the first error is the hop's.
-                for outcome in await asyncio.gather(opening(), saving, return_exceptions=True):
+                opened, saved = await asyncio.gather(opening(), saving, return_exceptions=True)
+                for outcome in (opened, saved):
                     if isinstance(outcome, BaseException):
                         raise outcome
+                winner = saved if isinstance(saved, sessions.Stored) else None
         except Exception as exc:
             if not side_effect_began():
                 raise
@@ -176,6 +181,15 @@ class UssdService:
             log.warning("ussd session not saved after its side effect; answering anyway",
                         extra={"session_id": turn.session_id, "screen": state.screen,
                                "error": type(exc).__name__})
+        if winner is not None and winner.reply is not None:
+            # Another copy of this hop (the aggregator's retry, on another serve process) saved first: the
+            # member hears what the session holds, the screen whose reference a payment will get. Whatever
+            # this copy wrote (a reserved reference, an idempotent payment) is not what the session goes on
+            # from; the winner also does the session's end bookkeeping.
+            log.info("ussd hop answered twice at once; the first saved answer is given",
+                     extra={"aggregator": turn.aggregator, "session_id": turn.session_id})
+            self.languages.put(phone_index, winner.state.lang)
+            return UssdReply(*winner.reply), "retry"
         self.languages.put(phone_index, state.lang)
         if reply.end:
             await self._ended(rt, turn, stored)
@@ -185,7 +199,7 @@ class UssdService:
                          ) -> tuple[sessions.Stored, UssdReply, Callable[[], Awaitable[None]]]:
         """The opening screen; the session row's write is returned to run alongside the session's save."""
         state = State(screen="home")
-        stored = sessions.Stored(state=state, hops=1, started=time.time())
+        stored = sessions.Stored(state=state, hops=1, started=time.time(), seen="")  # saved only if still new
         ctx = Ctx(rt=rt, turn=turn, state=state, limit=limit)
         extension = turn.extension
         if turn.accumulated:
@@ -208,10 +222,10 @@ class UssdService:
             await asyncio.gather(peek, return_exceptions=True)
             raise
         resumable, chosen = await peek
-        if ms:
-            state.lang = language(ms[0][0].language)
-        else:
-            state.lang = language(chosen or self.languages.get(rt.cipher.blind_index(turn.phone.e164)))
+        # The person's language, the same on every serve process: her memberships' (all of them, not only
+        # those of a dialled extension's cooperative), else what the phone chose in Redis. Not this process's
+        # memory: another process would greet the same phone in another language.
+        state.lang = language(ctx.cache.get("lang") or chosen)
         reply = await self.engine.show(ctx, "resume" if resumable else "home", push=False)
         member_id = ms[0][0].id if len(ms) == 1 else None
         coop_id = ms[0][1].id if len(ms) == 1 else state.data.get("x")

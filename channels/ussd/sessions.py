@@ -3,7 +3,7 @@
 Keys carry a hash tag so Redis Cluster keeps each key on one slot:
   ussd:{at:<session id>}           the whole session (screen, back stack, data, last hop and reply)
   ussd:{ph:<blind index>}:resume   the route of a session dropped before END, offered on the next dial
-  ussd:{ph:<blind index>}:lang     the language a phone of no cooperative chose
+  ussd:{ph:<blind index>}:lang     the language the phone last chose (used when no membership carries one)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from channels.ussd.engine import State
@@ -32,6 +32,21 @@ for i = 2, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return #ARGV - 1
 """
+# The same fields taken back (a losing copy of a hop counted what the winning copy counted).
+_UNCOUNT_FIELDS = """
+for i = 1, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], -1) end
+return #ARGV
+"""
+# Compare-and-set of a session. KEYS[1]: the session; ARGV[1]: SHA-1 of the value the hop read ("" when
+# there was none), ARGV[2]: the new value, ARGV[3]: its TTL. 1 when written; else the value another copy of
+# the hop saved meanwhile, returned so the loser answers with it without another round trip. A session
+# gone meanwhile (expired) is written: no copy competes by deleting.
+_SAVE_IF_UNCHANGED = """
+local current = redis.call('GET', KEYS[1])
+if current and redis.sha1hex(current) ~= ARGV[1] then return current end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
 
 
 @dataclass
@@ -46,6 +61,9 @@ class Stored:
     started: float = 0.0  # epoch seconds
     owner: str | None = None  # the phone that opened the session, as a short keyed hash (service.owner_tag)
     sequence: int | None = None  # the highest hop number answered (aggregators that number hops: Hubtel)
+    # What save() compares against (not stored): the SHA-1 of the value this session was read from, "" for
+    # a session that was not there (its first hop), None to write whatever is there.
+    seen: str | None = field(default=None, compare=False, repr=False)
 
 
 def session_key(aggregator: str, session_id: str) -> str:
@@ -108,44 +126,101 @@ def decode(raw: bytes) -> Stored:
                   sequence=int(obj["q"]) if "q" in obj else None)
 
 
+def _seen(raw: bytes) -> str:
+    return hashlib.sha1(raw, usedforsecurity=False).hexdigest()  # as Lua's redis.sha1hex() spells it
+
+
 async def load(redis: Any, aggregator: str, session_id: str) -> Stored | None:
     raw = await redis.get(session_key(aggregator, session_id))
-    return decode(raw) if raw else None
+    if not raw:
+        return None
+    stored = decode(raw)
+    stored.seen = _seen(raw)
+    return stored
 
 
 async def save(redis: Any, aggregator: str, session_id: str, stored: Stored, *,
-               resume: tuple[PiiCipher, Phone, bool] | None = None, funnel: Sequence[str] = ()) -> None:
-    """Write the session (and set or clear the phone's resume route) in one round trip.
+               resume: tuple[PiiCipher, Phone, bool] | None = None, funnel: Sequence[str] = ()) -> Stored | None:
+    """Write the session (and set or clear the phone's resume route) in one round trip; None when written.
 
     `resume` is (cipher, phone, keep): keep=True stores the current route, False clears it.
     `funnel` names the ops funnel counters this hop adds to (channels.ussd.funnel), in the same trip.
+
+    Compare-and-set: a session read from Redis (stored.seen) is written only if it is still what was read.
+    Two copies of one hop at once (an aggregator's retry answered by another serve process) each step from
+    the same session; the first to save wins and the other gets the winner's session back (returned) to
+    answer with: otherwise the later save replaced what the member had been shown, such as the payment
+    reference reserved on the confirmation screen. The comparison runs in Redis (a script in place of the
+    SET): no extra round trip.
     """
     if stored.started == 0.0:
         stored.started = time.time()
+    session = session_key(aggregator, session_id)
+    value = encode(stored)
     if resume is None and not funnel:
-        # Most hops (home, language) touch no resume route: a plain SET skips the pipeline's overhead.
-        await redis.set(session_key(aggregator, session_id), encode(stored), ex=SESSION_TTL)
-        return
+        # Most hops (home, language) touch no resume route: one command, no pipeline's overhead.
+        if stored.seen is None:
+            await redis.set(session, value, ex=SESSION_TTL)
+            return None
+        return _saved(stored, value, await redis.eval(_SAVE_IF_UNCHANGED, 1, session, stored.seen, value,
+                                                       SESSION_TTL))
     pipe = redis.pipeline(transaction=False)
-    pipe.set(session_key(aggregator, session_id), encode(stored), ex=SESSION_TTL)
+    if stored.seen is None:
+        pipe.set(session, value, ex=SESSION_TTL)
+    else:
+        pipe.eval(_SAVE_IF_UNCHANGED, 1, session, stored.seen, value, SESSION_TTL)
     if resume is not None:
         cipher, phone, keep = resume
-        key = resume_key(cipher, phone)
         if keep:
-            route = json.dumps(_state(encode_state(stored.state)), separators=(",", ":"), ensure_ascii=False)
-            pipe.set(key, route.encode(), ex=RESUME_TTL)
+            pipe.set(resume_key(cipher, phone), _route(stored.state), ex=RESUME_TTL)
         else:
-            pipe.delete(key)
+            pipe.delete(resume_key(cipher, phone))
+    hour = funnel_key(utcnow()) if funnel else ""
     if funnel:
         # One command for the hour's counters (one key: any cluster node runs it) instead of an HINCRBY per
         # field and an EXPIRE, each a reply of its own in the pipeline.
-        pipe.eval(_COUNT_FIELDS, 1, funnel_key(utcnow()), FUNNEL_TTL, *funnel)
+        pipe.eval(_COUNT_FIELDS, 1, hour, FUNNEL_TTL, *funnel)
+    winner = _saved(stored, value, (await pipe.execute())[0])
+    if winner is not None:
+        # The route and the counters are other keys (other cluster slots): they were written all the same.
+        # Rare (the copy that lost a race), so set right after: the winner's route, and the counts taken back.
+        await _undo(redis, winner, resume, hour, funnel)
+    return winner
+
+
+def _saved(stored: Stored, value: bytes, outcome: Any) -> Stored | None:
+    """None when the session was written (what it now holds is what a later save compares against), else
+    the session another copy of the hop saved first."""
+    if not isinstance(outcome, bytes | str):  # 1 from the script, True from a plain SET
+        stored.seen = _seen(value)
+        return None
+    raw = outcome.encode() if isinstance(outcome, str) else outcome
+    winner = decode(raw)
+    winner.seen = _seen(raw)
+    return winner
+
+
+async def _undo(redis: Any, winner: Stored, resume: tuple[PiiCipher, Phone, bool] | None, hour: str,
+                funnel: Sequence[str]) -> None:
+    pipe = redis.pipeline(transaction=False)
+    if resume is not None:
+        cipher, phone, _keep = resume
+        if winner.state.data.get("rk") and not winner.state.ended:  # the winner keeps a route (service._answer)
+            pipe.set(resume_key(cipher, phone), _route(winner.state), ex=RESUME_TTL)
+        else:
+            pipe.delete(resume_key(cipher, phone))
+    if funnel:
+        pipe.eval(_UNCOUNT_FIELDS, 1, hour, *funnel)
     await pipe.execute()
 
 
+def _route(state: State) -> bytes:
+    return json.dumps(_state(encode_state(state)), separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def language_key(cipher: PiiCipher, phone: Phone) -> str:
-    """A phone's chosen language when it belongs to no cooperative (members keep theirs on their rows).
-    Same hash tag as the resume route: one slot, read with it in one command."""
+    """A phone's last chosen language, for when it belongs to no cooperative (members' rows carry theirs,
+    and win). Same hash tag as the resume route: one slot, read with it in one command."""
     return f"ussd:{{ph:{cipher.blind_index(phone.e164)}}}:lang"
 
 

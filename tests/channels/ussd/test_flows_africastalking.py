@@ -113,7 +113,9 @@ async def test_double_confirmation_from_a_replayed_session_state_creates_one_pay
     stored = await sessions.load(rt.redis, "africastalking", phone.session_id)
     assert stored is not None
     done = await phone.send("1")
-    # Put the session back as it was before the confirmation and confirm again.
+    # Put the session back as it was before the confirmation and confirm again (written over what is there:
+    # not compared with it, as a hop's save is).
+    stored.seen = None
     await sessions.save(rt.redis, "africastalking", phone.session_id, stored)
     assert await phone.resend() == done
     assert await db.count(Payment) == 1
