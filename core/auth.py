@@ -493,29 +493,38 @@ async def _mark_all(redis: Redis, user_ids: list[str], *, ttl_seconds: int) -> N
 
 async def login(session: AsyncSession, username: str, password: str) -> tuple[AdminUser, float]:
     """Check a username and password with the slow KDF; the same answer for every failure. With the account,
-    the instant just before it was read: the pair is dated then, not after the KDF's tens of milliseconds,
-    so a reset or deactivation marked while the KDF ran (or before the change it marks was committed and
-    visible to this read) ends it (see admin_api.routing.end_sessions)."""
-    read_at = wall()
+    the instant the pair is to be dated: once the account is held (hold_account), after the KDF.
+
+    A new password or a deactivation holds the account's row from before it is written until it is committed
+    (hold_account_for_change). A sign-in that read the account meanwhile saw the old password (or the account
+    still on) and, dated at that read, got a pair dated after the change's audit row: the mark after the commit
+    ended its access token, but its refresh token, judged on the audit row alone, outlived the change. So the
+    account is held once the password checks out, which waits for such a change to commit, and read again: a
+    password changed since the read (the password checked is no longer the account's) or an account no longer
+    usable is refused as a wrong password is; otherwise the pair is dated after the hold, and a change from
+    then on waits for this transaction and is dated after it (see admin_api.routing.end_sessions)."""
     query = select(AdminUser).where(AdminUser.username == username)
     user = (await session.execute(query)).scalar_one_or_none()
     # scrypt takes tens of milliseconds of CPU: keep it off the event loop.
     stored = user.password_hash if user else None
     ok = await asyncio.to_thread(lambda: verify_password(password, stored or _dummy_hash()))
-    if user is None or not ok or not user.is_active or not await usable(session, user.id):
+    if user is None or not ok or not user.is_active:
         raise Unauthorized("invalid username or password")
-    return user, read_at
+    held = await hold_account(session, user.id)
+    if held is None or held.password_hash != stored or not held.is_active or not await usable(session, held.id):
+        raise Unauthorized("invalid username or password")
+    return held, wall()
 
 
 async def hold_account(session: AsyncSession, user_id: str) -> AdminUser | None:
     """The account read fresh, its row held until the transaction ends (FOR SHARE; None: no such account).
 
     What ends an account's sessions (a new password, a deactivation) holds the row for writing first
-    (hold_account_for_change), so the two take turns: a refresh or an API key made meanwhile either comes
-    before the change, which then ends or revokes it (its audit row is dated after this transaction ended),
-    or after it, and sees the change committed. Without the turn, one that read the account while the change
-    was written but not committed got a pair dated after the change's audit row: the mark ends its access
-    token, but its refresh token, judged on the audit row alone, outlived the change for good.
+    (hold_account_for_change), so the two take turns: a sign-in, a refresh or an API key made meanwhile either
+    comes before the change, which then ends or revokes it (its audit row is dated after this transaction
+    ended), or after it, and sees the change committed. Without the turn, one that read the account while the
+    change was written but not committed got a pair dated after the change's audit row: the mark ends its
+    access token, but its refresh token, judged on the audit row alone, outlived the change for good.
     SQLite has no row locks: the database's write lock instead (serialise_on_sqlite), taken before any read."""
     await serialise_on_sqlite(session, AdminUser, user_id)
     query = select(AdminUser).where(AdminUser.id == user_id).with_for_update(read=True)

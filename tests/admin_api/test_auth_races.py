@@ -1,7 +1,7 @@
 """Races against what ends an account's sessions, and against the sign-in limits.
 
-A password change (or reset, or deactivation) takes turns with a refresh and with an API key being made for the
-same account: whichever way they meet, no token or key from the stolen session outlives the change. A burst of
+A password change (or reset, or deactivation) takes turns with a sign-in, a refresh and an API key being made for
+the same account: whichever way they meet, no token or key from the stolen session outlives the change. A burst of
 concurrent wrong passwords gets the documented 10 a minute per account and address, not one more.
 
 The interleavings are forced: a step of one request waits for the other request, up to WAIT seconds (it either
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from core import auth
@@ -94,6 +95,77 @@ async def test_a_password_change_during_a_refresh_ends_the_pair_the_refresh_hand
     monkeypatch.setattr(auth, "issue_tokens", real_issue)
     assert (await changing[0]).status == 200
     got = await answer.json()
+    assert (await _caller(client, got).json("GET", "/v1/payments", 401))["message"] == "token has been revoked"
+    assert (await _refresh(client, got)).status == 401
+
+
+# --- a sign-in with the old password while the password is being changed --------------------------------------
+
+
+def _sign_in(client: Any, password: str = CLERK_PASSWORD) -> Any:
+    return client.post("/v1/auth/token", json={"username": CLERK, "password": password})
+
+
+async def _change(how: str, client: Any, admin: Caller, superadmin: Caller, clerk_id: str) -> None:
+    """End the clerk's sessions `how`."""
+    if how == "change":
+        owner = _caller(client, await login(client, CLERK, CLERK_PASSWORD))
+        await owner.json("POST", "/v1/auth/password", 200, json=CHANGE)
+    elif how == "reset":
+        await superadmin.json("PATCH", f"/v1/users/{clerk_id}", 200, json={"password": NEW_PASSWORD})
+    else:
+        await admin.json("PATCH", f"/v1/users/{clerk_id}", 200, json={"isActive": False})
+
+
+@pytest.mark.parametrize("how", ["change", "reset", "deactivation"])
+async def test_a_sign_in_during_a_change_that_ends_the_sessions_gets_no_token_that_outlives_it(
+        rt, client, admin, superadmin, demo, monkeypatch, how):
+    """The new password (or the deactivation) is written but not committed when someone signs in with the old
+    password. The sign-in read the account as it was and was answered at once, with a pair dated after the
+    change's audit row: the mark after the commit ended its access token, its refresh token lived on for its
+    week (after a deactivation, once the account was turned on again). Now it waits for the change, reads the
+    account again and is refused as a wrong password is."""
+    made = await _clerk(admin)
+    real_revoke, racing = auth.revoke_tokens, []
+
+    async def sign_in_then_mark(*args: Any, **kwargs: Any) -> None:
+        await _meanwhile(racing, lambda: _sign_in(client))  # the first mark: before the commit
+        await real_revoke(*args, **kwargs)
+
+    monkeypatch.setattr(auth, "revoke_tokens", sign_in_then_mark)
+    await _change(how, client, admin, superadmin, made["id"])
+    monkeypatch.setattr(auth, "revoke_tokens", real_revoke)
+    answer = await racing[0]
+    body = await answer.json()
+    if how == "deactivation":  # turned on again: what the deactivation ended stays ended
+        await admin.json("PATCH", f"/v1/users/{made['id']}", 200, json={"isActive": True})
+    if answer.status == 200:  # the unfixed outcome: what it got must not work now
+        assert (await _refresh(client, body)).status == 401, "a refresh token from the race outlived the change"
+    assert (answer.status, body.get("message")) == (401, "invalid username or password")
+    # Signed in now, with the password the account has, the pair works and refreshes.
+    password = CLERK_PASSWORD if how == "deactivation" else NEW_PASSWORD
+    assert (await _refresh(client, await login(client, CLERK, password))).status == 200
+    if how != "deactivation":
+        assert (await _sign_in(client)).status == 401  # the old password
+
+
+async def test_a_change_during_a_sign_in_ends_the_pair_the_sign_in_hands_out(rt, client, admin, superadmin, demo,
+                                                                           monkeypatch):
+    """The other way round: the sign-in holds the account when the admin resets the password. The reset waits
+    for it; the pair it handed out is dated before the reset and so ends with it."""
+    made = await _clerk(admin)
+    real_issue, resetting = auth.issue_tokens, []
+
+    def issue(*args: Any, **kwargs: Any) -> auth.TokenPair:
+        if not resetting:
+            resetting.append(asyncio.ensure_future(superadmin.req("PATCH", f"/v1/users/{made['id']}",
+                                                                  json={"password": NEW_PASSWORD})))
+        return real_issue(*args, **kwargs)
+
+    monkeypatch.setattr(auth, "issue_tokens", issue)
+    got = await login(client, CLERK, CLERK_PASSWORD)
+    monkeypatch.setattr(auth, "issue_tokens", real_issue)
+    assert (await resetting[0]).status == 200
     assert (await _caller(client, got).json("GET", "/v1/payments", 401))["message"] == "token has been revoked"
     assert (await _refresh(client, got)).status == 401
 
