@@ -199,19 +199,28 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         values: dict[str, Any] = {"completed_at": money_moved_at(not_before or refund.created_at, occurred_at)}
         if provider_transaction_id:
             values["provider_transaction_id"] = provider_transaction_id
+        if refund.failure_reason is not None:
+            values["failure_reason"] = None  # no longer true (a FAILED one sent after all; the audit log keeps it)
         updated = await transition(session, REFUND, refund.id, current, R.COMPLETED, actor=actor, values=values)
         payment = (await session.execute(select(Payment).where(Payment.id == refund.payment_id)
                                          .with_for_update())).scalar_one()
         refunded = payment.refunded_minor + refund.amount_minor
         if current is R.FAILED:
             await _sent_after_failure(session, refund, payment, refunded, actor=actor)
+        elif refunded > collected(payment):
+            # Another refund of this payment went through after failing while this one was in flight: with this
+            # one the member has been paid back more than was collected.
+            await _flag(session, payment, f"refund {refund.reference} completed: "
+                                          f"{Money(refunded - collected(payment), payment.currency)} more than "
+                                          "collected has gone back to the payer")
         if taken_after_failure(payment) or payment.status == PaymentStatus.REFUNDED.value:
             # Money taken after the payment failed, given back: the payment stays FAILED (a final state is
             # never reopened); what went back is counted on it. (Or a payment already REFUNDED whose failed
             # refund went through after all: the member was paid back twice; flagged by _sent_after_failure.)
             await session.execute(update(Payment).where(Payment.id == payment.id)
                                   .values(refunded_minor=refunded, updated_at=utcnow()))
-            await record(session, actor=actor, action="payment.refunded_after_failure", entity_type="payment",
+            await record(session, actor=actor, action="payment.refunded_after_failure" if taken_after_failure(payment)
+                         else "payment.refunded_beyond_collected", entity_type="payment",
                          entity_id=payment.id, after={"refundId": refund.id, "refunded": refunded},
                          cooperative_id=payment.cooperative_id)
         else:
@@ -250,10 +259,7 @@ async def _sent_after_failure(session: AsyncSession, refund: Refund, payment: Pa
                  before={"status": R.FAILED.value}, after={"status": R.COMPLETED.value, "refunded": refunded,
                                                              "overRefunded": max(over, 0)},
                  cooperative_id=refund.cooperative_id)
-    if payment.mismatch_detail:  # an earlier flag (an amount mismatch) is kept
-        detail = f"{payment.mismatch_detail}; {detail}"
-    await session.execute(update(Payment).where(Payment.id == payment.id)
-                          .values(mismatch=True, mismatch_detail=detail[:500], updated_at=utcnow()))
+    await _flag(session, payment, detail)
     log.error("refund reported sent back after it had failed", extra={"refund": refund.reference,
                                                                       "over_refunded_minor": max(over, 0)})
     if refund.dispute_id:
@@ -266,6 +272,16 @@ async def _sent_after_failure(session: AsyncSession, refund: Refund, payment: Pa
                            audit={"refundId": refund.id})
 
 
+async def _flag(session: AsyncSession, payment: Payment, detail: str) -> None:
+    """Flag the payment for a person (`mismatch`), keeping what an earlier flag said (an amount mismatch, a refund
+    paid twice): the newest last, at most 500 characters (the oldest cut first)."""
+    if payment.mismatch_detail:
+        detail = f"{payment.mismatch_detail}; {detail}"
+    payment.mismatch_detail = detail[-500:]
+    await session.execute(update(Payment).where(Payment.id == payment.id)
+                          .values(mismatch=True, mismatch_detail=detail[-500:], updated_at=utcnow()))
+
+
 async def _failed_after_completion(session: AsyncSession, refund: Refund, reason: str, *, actor: Actor) -> None:
     """A COMPLETED refund (recorded by a person, or a provider's earlier answer) the provider now reports failed:
     money the member was told is back may not be. Never undone on this word alone: audited, the payment flagged
@@ -273,9 +289,9 @@ async def _failed_after_completion(session: AsyncSession, refund: Refund, reason
     await record(session, actor=actor, action="refund.failed_after_completion", entity_type="refund",
                  entity_id=refund.id, before={"status": R.COMPLETED.value}, after={"reported": reason[:200]},
                  cooperative_id=refund.cooperative_id)
-    await session.execute(update(Payment).where(Payment.id == refund.payment_id).values(
-        mismatch=True, mismatch_detail=f"refund {refund.reference} reported failed after it was completed: "
-                                       f"{reason}"[:500], updated_at=utcnow()))
+    payment = await session.get(Payment, refund.payment_id, with_for_update=True, populate_existing=True)
+    assert payment is not None
+    await _flag(session, payment, f"refund {refund.reference} reported failed after it was completed: {reason}")
     log.error("refund reported failed after it was completed", extra={"refund": refund.reference})
 
 

@@ -692,11 +692,12 @@ async def set_language(ctx: Ctx, lang: str) -> str:
     ctx.cache.pop("ms", None)
     ms = await memberships(ctx)
     # The language is the person's: every membership of the phone takes it, not only those of the
-    # cooperative a dialled extension picked (dialling the main code later would greet them in the old one).
+    # cooperative a dialled extension picked (dialling the main code later would greet them in the old one),
+    # suspended ones too (one reactivated later would otherwise be the most recently written row, and speak
+    # a language nobody chose since; a number given to someone else is released first, and then matches none).
     async with ctx.rt.sessionmaker.begin() as session:
         rows = (await session.execute(select(Member.id, Member.language).where(
-            Member.phone_index == ctx.rt.cipher.blind_index(ctx.hop.phone.e164),
-            Member.status != "SUSPENDED"))).all()
+            Member.phone_index == ctx.rt.cipher.blind_index(ctx.hop.phone.e164)))).all()
         for member_id, old in rows:
             if old != lang:
                 await remember(session, member_id, lang, actor=actor(ctx))

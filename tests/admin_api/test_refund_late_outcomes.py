@@ -94,3 +94,43 @@ async def test_a_failure_reported_after_the_refund_completed_is_flagged_not_appl
     assert entry.after == {"reported": "reversal declined"}
     # The same word again changes nothing more; a duplicate success is still ignored.
     assert await _provider_says(rt, refund["id"], ProviderOutcome.SUCCEEDED) == "ignored"
+
+
+async def test_paid_twice_is_flagged_when_the_second_refund_completes_after_the_first_came_back(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """Refund A recorded FAILED, refund B asked for at once; A is reported sent back while B is with the provider,
+    then B completes: the member has 100,000 of a 50,000 payment, and the flag says so when B completes."""
+    paid, first = await _parked_refund(admin, rt, demo)
+    await admin.json("POST", f"/v1/refunds/{first['id']}/outcome", 200, json={"status": "FAILED", "note": "failed"})
+    _paid, second = await _parked_refund(admin, rt, demo, paid)
+    assert await _provider_says(rt, first["id"], ProviderOutcome.SUCCEEDED) == "completed"
+    assert await _provider_says(rt, second["id"], ProviderOutcome.SUCCEEDED) == "completed"
+    async with rt.sessionmaker() as s:
+        payment = await s.get(Payment, paid["id"])
+    assert (payment.status, payment.refunded_minor) == ("REFUNDED", 100_000)
+    assert payment.mismatch_detail == (
+        f"refund {first['reference']} reported sent back after it had failed; refund {second['reference']} "
+        "completed: 50,000 RWF more than collected has gone back to the payer")
+    [entry] = await _audit(rt, "payment.refunded_beyond_collected")
+    assert entry.after == {"refundId": second["id"], "refunded": 100_000}
+
+
+async def test_a_later_flag_keeps_what_earlier_ones_said_and_a_late_completion_clears_the_failure_reason(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    paid, first = await _parked_refund(admin, rt, demo)
+    await admin.json("POST", f"/v1/refunds/{first['id']}/outcome", 200, json={"status": "FAILED", "note": "nope"})
+    _paid, second = await _parked_refund(admin, rt, demo, paid)
+    await admin.json("POST", f"/v1/refunds/{second['id']}/outcome", 200,
+                     json={"status": "COMPLETED", "note": "sent again", "providerTransactionId": "MTN-RF-2"})
+    assert await _provider_says(rt, first["id"], ProviderOutcome.SUCCEEDED) == "completed"
+    done = await admin.json("GET", f"/v1/refunds/{first['id']}", 200)
+    assert (done["status"], done["failureReason"]) == ("COMPLETED", None)
+    async with rt.sessionmaker() as s:
+        [event] = [j.payload for j in (await s.execute(select(OutboxJob).where(OutboxJob.kind == "webhook.event")))
+                   .scalars() if j.payload.get("event_type") == "refund.completed"
+                   and (j.payload.get("data") or {}).get("id") == first["id"]]
+    assert event["data"]["failureReason"] is None
+    before = (await admin.json("GET", f"/v1/payments/{paid['id']}", 200))["mismatchDetail"]
+    assert await _provider_says(rt, second["id"], ProviderOutcome.FAILED) == "flagged_failed_after_completion"
+    after = (await admin.json("GET", f"/v1/payments/{paid['id']}", 200))["mismatchDetail"]
+    assert after == f"{before}; refund {second['reference']} reported failed after it was completed: reversal declined"

@@ -85,3 +85,26 @@ async def test_memberships_that_disagree_speak_the_most_recently_written_ones_la
         process = await another_serve_process(rt, aiohttp_client)
         greetings = [await AtPhone(process, EN_MTN, service_code=code).dial() for code in codes]
         assert all(g.startswith(welcome) for g in greetings), (welcome, greetings)
+
+
+async def test_a_membership_reactivated_after_her_choice_speaks_the_language_she_chose(
+        demo: Any, db: Any, rt: Any, aiohttp_client: Any) -> None:
+    """Her membership of another cooperative is suspended when she picks French: it takes French too, so once it
+    is reactivated (the most recently written row) she is still greeted in French, not in its old English."""
+    from core.members import create_member, get_member, update_member
+
+    remera = await add_cooperative(rt, "Remera Teachers SACCO", "7")
+    async with rt.sessionmaker.begin() as s:
+        other = (await create_member(s, rt.cipher, cooperative_id=remera, name="Jean Bosco",
+                                     phone=normalize(EN_MTN), actor=Actor("system", "system"),
+                                     language="en", status="SUSPENDED")).id
+    phone = AtPhone(await another_serve_process(rt, aiohttp_client), EN_MTN)
+    home = await phone.dial()
+    languages = await phone.send(option(home, "Language"))
+    assert (await phone.send(option(languages, "Francais"))).startswith("CON Bienvenue")
+    async with rt.sessionmaker.begin() as s:
+        await update_member(s, await get_member(s, other), actor=Actor("admin", "user"), status="ACTIVE")
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Member, other)).language == "fr"
+    greeting = await AtPhone(await another_serve_process(rt, aiohttp_client), EN_MTN).dial()
+    assert greeting.startswith("CON Bienvenue"), greeting
