@@ -3,7 +3,9 @@ and API keys."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import itertools
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -37,7 +39,7 @@ from core.auth import Unauthorized
 from core.db import wall
 from core.errors import Forbidden, ValidationError
 from core.models import AdminUser, ApiKey
-from core.ratelimit import Counted, Decision, Limit, LocalCounts, LocalLimiter, RateLimiter
+from core.ratelimit import Decision, Flight, Limit, LocalCounts, LocalLimiter, RateLimiter, Tally
 
 log = logging.getLogger("gateway.api")
 _T = TypeVar("_T")
@@ -106,22 +108,30 @@ def _tokens(pair: auth.TokenPair) -> dict[str, Any]:
     }
 
 
-# Wrong passwords are limited, not sign-ins: an attempt is counted before its password is checked and given
-# back when the password was right, so knowing an admin's username (an e-mail address) is not enough to keep
-# them out.
+# Wrong passwords are limited, not sign-ins, so knowing an admin's username (an e-mail address) is not enough
+# to keep them out:
 # - per (username, address): 10 a minute, the guesser's own bucket;
 # - per username across every address: 100 an hour, so guessing spread over many addresses stays bounded.
 #   It refuses only addresses that have failed for this username within the hour (their hourly bucket), so
 #   the real user signing in from an address that has not failed is not refused by someone else's guesses.
-# A full bucket refuses (429) before the password is checked. Counting first, in the same command that checks
-# (the rate-limit script), is what holds a burst of concurrent guesses to the limit: checking first and
-# counting after let every guess of the burst past the check before any was counted.
+# A full bucket refuses (429) before the password is checked. Only confirmed failures fill a bucket; attempts
+# still being checked are kept apart (a Tally's requests in flight). Counting each attempt as failed until its
+# password proved right refused a burst of right passwords (the 11th of them at once) though none had failed;
+# counting only after the check let a burst of wrong ones all past the check before any was counted (20
+# guesses, not 10). So an attempt is checked only while the confirmed failures and the attempts in flight
+# leave room for it; one that finds no room only because of attempts in flight waits for them (WAIT_FOR_FLIGHTS
+# at most) and then decides on what they turned out to be.
 FAILED_PER_ADDRESS = Limit("auth:failed", 10)
 FAILED_PER_ADDRESS_HOUR = Limit("auth:failed-hour", 600, window=3600)  # read as: has this address failed
 FAILED_PER_USERNAME = Limit("auth:failed-any", 100, window=3600)
 # Redis down: the same counts in this process's memory, so guessing is still slowed rather than the limit
 # lapsing (or sign-in answering 503 and locking everyone out once their access tokens expire).
 LOCAL_FAILURES = LocalCounts()
+# A password check takes tens of milliseconds (scrypt) and may wait for a password change to commit: an
+# attempt waits this long at most for those in flight, looking again after each pause (a round trip each, and
+# one more to leave the in-flight sets it joined meanwhile).
+WAIT_FOR_FLIGHTS = 2.0
+_PAUSES = (0.02, 0.05, 0.1, 0.2)  # then 0.2 s on
 
 
 def _sign_in_subjects(request: web.Request, username: str) -> tuple[str, str]:
@@ -145,60 +155,92 @@ async def _with_fallback(request: web.Request, ctx: Ctx,
 
 @dataclass(frozen=True)
 class _Attempt:
-    """A password attempt counted as failed ahead of the check, and where (Redis, or this process's memory)."""
+    """A password attempt in flight (this address's tally, then the username's), and where (Redis, or this
+    process's memory)."""
 
     limiter: RateLimiter | LocalLimiter
-    counted: list[Counted]
+    flights: list[Flight]
 
 
-async def _reserve_attempt(request: web.Request, ctx: Ctx, username: str) -> _Attempt:
-    """Count one more failed attempt for the username from this address, unless a bucket is full (429, nothing
-    counted): checked and counted in one round trip. `_settle` gives it back if the password is right."""
+def _refusal(here: Flight, everywhere: Flight) -> Decision | None:
+    """The bucket that confirmed failures have filled for this attempt, if any."""
+    minute, hour = here.confirmed
+    if not minute.allowed:
+        return minute
+    if hour.used > 0 and not everywhere.confirmed[0].allowed:  # this address has failed within the hour
+        return everywhere.confirmed[0]
+    return None
+
+
+def _must_wait(here: Flight, everywhere: Flight) -> bool:
+    """Whether attempts in flight could fill a bucket before this one is checked: this address's attempts
+    being checked leave it no room (it did not join them), or the username's leave none and this address has
+    failed or has an attempt that may."""
+    could_have_failed_here = here.confirmed[1].used > 0 or here.in_flight > 0
+    return not here.joined or (could_have_failed_here and not everywhere.joined)
+
+
+async def _begin_attempt(request: web.Request, ctx: Ctx, username: str) -> _Attempt:
+    """Begin a password attempt for the username from this address: refused (429) when confirmed failures have
+    filled a bucket; while only attempts still being checked stand in the way, it waits for them. One round
+    trip when nothing stands in the way (see WAIT_FOR_FLIGHTS for the looks while waiting). `_end` it once
+    the password is checked."""
     address, anywhere = _sign_in_subjects(request, username)
+    tallies = (Tally(address, (FAILED_PER_ADDRESS, FAILED_PER_ADDRESS_HOUR)), Tally(anywhere, (FAILED_PER_USERNAME,)))
 
-    async def take(limiter: RateLimiter | LocalLimiter) -> tuple[RateLimiter | LocalLimiter,
-                                                                  list[tuple[Decision, Counted | None]]]:
-        return limiter, await limiter.reserve([(FAILED_PER_ADDRESS, address), (FAILED_PER_ADDRESS_HOUR, address),
-                                               (FAILED_PER_USERNAME, anywhere)])
+    async def begin(limiter: RateLimiter | LocalLimiter) -> _Attempt:
+        return _Attempt(limiter, await limiter.begin(tallies))
 
-    limiter, reserved = await _with_fallback(request, ctx, take)
-    (here, _), (here_hour, _), (everywhere, _) = reserved
-    attempt = _Attempt(limiter, [counted for _, counted in reserved if counted is not None])
-    # Had the address failed before this attempt (the hourly count includes it when it was counted)?
-    failed_here = not here.allowed or not here_hour.allowed or here_hour.used > 1
-    refusing = here if not here.allowed else everywhere if failed_here and not everywhere.allowed else None
-    if refusing is not None:
-        await _give_back(attempt)  # a refused attempt is not counted: waiting Retry-After gets the next one in
-        raise ApiError(
-            429,
-            "Too many failed sign-in attempts for this user. Please try again later.",
-            headers={"Retry-After": str(refusing.retry_after)},
-        )
-    return attempt
+    deadline = asyncio.get_running_loop().time() + WAIT_FOR_FLIGHTS
+    for pause in itertools.chain(_PAUSES, itertools.repeat(_PAUSES[-1])):
+        attempt = await _with_fallback(request, ctx, begin)
+        here, everywhere = attempt.flights
+        refusing = _refusal(here, everywhere)
+        if refusing is None and not _must_wait(here, everywhere):
+            return attempt
+        await _end(request, attempt, failed=False)  # out of the way of the attempts it waits for
+        if refusing is not None:
+            raise ApiError(
+                429,
+                "Too many failed sign-in attempts for this user. Please try again later.",
+                headers={"Retry-After": str(refusing.retry_after)},
+            )
+        if asyncio.get_running_loop().time() + pause > deadline:
+            raise ApiError(
+                429,
+                "Too many sign-in attempts for this user are being checked at once. Please try again.",
+                headers={"Retry-After": "1"},
+            )
+        await asyncio.sleep(pause)
+    raise AssertionError("unreachable: the pauses never end")
 
 
-async def _give_back(attempt: _Attempt) -> None:
-    """Uncount an attempt that did not fail. Redis failing now leaves it counted (one failure too many in the
-    window) rather than failing the sign-in."""
+async def _end(request: web.Request, attempt: _Attempt, *, failed: bool) -> None:
+    """The attempt's password is checked (or it gave up): counted when the password was wrong, and out of
+    flight. Redis failing now counts a wrong password in this process instead (its place in flight in Redis
+    lapses with its lease), rather than failing the sign-in or forgetting the failure."""
     try:
-        await attempt.limiter.give_back(attempt.counted)
+        await attempt.limiter.end(attempt.flights, count=failed)
     except REDIS_DOWN as exc:
-        log.warning("could not give back a sign-in attempt counted in Redis", extra={"error": type(exc).__name__})
+        log.warning("could not end a sign-in attempt in Redis", extra={"error": type(exc).__name__, "failed": failed})
+        if failed:
+            local = LocalLimiter(LOCAL_FAILURES, multiplier=request.config_dict[RATE_MULTIPLIER])
+            await local.end(attempt.flights, count=True)
 
 
 async def issue_token(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     limited = request.config_dict[RATE_MULTIPLIER] > 0
     username = ctx.body["username"]
-    attempt = await _reserve_attempt(request, ctx, username) if limited else None
+    attempt = await _begin_attempt(request, ctx, username) if limited else None
     failed = False
     try:
         user, read_at = await auth.login(ctx.session, username, ctx.body["password"])
     except Unauthorized:
-        failed = True  # the attempt stays counted
+        failed = True
         raise
     finally:
-        if attempt is not None and not failed:
-            await _give_back(attempt)
+        if attempt is not None:
+            await _end(request, attempt, failed=failed)
     s = ctx.rt.settings
     response = json_response(_tokens(auth.issue_tokens(user, secret=s.jwt_secret.get(),
                                                        ttl_seconds=s.jwt_ttl_seconds, issued_at=read_at)))
@@ -232,13 +274,13 @@ async def change_own_password(request: web.Request, ctx: Ctx) -> web.StreamRespo
     # A wrong current password counts as a wrong password at sign-in, in the same buckets: a stolen token
     # gives no more guesses at the password than the sign-in page does.
     limited = request.config_dict[RATE_MULTIPLIER] > 0
-    attempt = await _reserve_attempt(request, ctx, user.username) if limited else None
+    attempt = await _begin_attempt(request, ctx, user.username) if limited else None
     failed = False
     try:
         failed = not await accounts.password_matches(user, ctx.body["currentPassword"])
     finally:
-        if attempt is not None and not failed:
-            await _give_back(attempt)
+        if attempt is not None:
+            await _end(request, attempt, failed=failed)
     if failed:
         raise ValidationError("currentPassword is not your current password", field="currentPassword")
     if ctx.body["newPassword"] == ctx.body["currentPassword"]:
@@ -349,7 +391,7 @@ ROUTES = [
         "payments:read",
         body=PASSWORD_CHANGE,
         response=PASSWORD_CHANGED,
-        # The sign-in buckets' 10 a minute (counted before the current password is checked), for every call.
+        # The sign-in buckets' 10 a minute (they count only wrong current passwords), for every call.
         limit=Limit("auth:password", 10),
         tenants=True,
     ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,37 @@ local also = false
 if KEYS[3] then also = redis.call('GET', KEYS[3]) end
 return {n, previous, also}
 """
+# A request whose outcome decides whether it counts (a sign-in: only a wrong password does) joins its subject's
+# requests in flight, a sorted set of one member per request scored by when its lease ends, if the first
+# limit (the gate) has room for it besides the confirmed count and those in flight; the confirmed counts of
+# every limit come back (current and previous window), after the number in flight before it and whether it
+# joined. Leases that ended are dropped first: a process that died mid-check holds its place until then.
+# KEYS: the set, then each limit's current and previous window. ARGV: now, the lease's end, the member, the
+# set's expiry, then each limit's previous-window weight (repr, as for _COUNT) and effective count.
+_BEGIN = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local flying = redis.call('ZCARD', KEYS[1])
+local out = {flying, 0}
+local room = true
+for i = 2, #KEYS, 2 do
+  local weight = tonumber(ARGV[i + 3])
+  local n = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local previous = 0
+  if weight > 0 then previous = tonumber(redis.call('GET', KEYS[i + 1]) or '0') end
+  if i == 2 and n + math.floor(previous * weight) + flying >= tonumber(ARGV[i + 4]) then room = false end
+  out[#out + 1] = n
+  out[#out + 1] = previous
+end
+if room then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  out[2] = 1
+end
+return out
+"""
+# How long a request stays in flight at most: a sign-in checks its password (tens of milliseconds of scrypt)
+# and may wait for a password change to commit; one whose process died stops counting after this.
+LEASE = 30
 _UNSAFE_TAG = re.compile(r"[{}]")
 
 
@@ -69,12 +101,33 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
-class Counted:
-    """Where `reserve` counted one request: its window's key (a Redis key, or a LocalCounts key) and how long
-    that key lives. `give_back` takes it off that very window, also once the next one has begun."""
+class Tally:
+    """Limits of one subject that count an outcome known only after the request is handled (a failed sign-in),
+    and that subject's requests in flight (begun, outcome not known yet). Counting a request before its outcome
+    wrongly refused requests that turned out not to count (right passwords, all at once); counting it only
+    after let a burst all past the check before any was counted. So both are kept, apart: the first limit
+    (the gate) lets a request begin only while its confirmed count plus those in flight is under it (a
+    request that does not fit may wait for them to end); the other limits are only read."""
 
-    key: Any
-    ttl: int
+    subject: str
+    limits: tuple[Limit, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Flight:
+    """A request's view of a tally as it began (`begin`), and whether it joined those in flight. `end` it once
+    its outcome is known, counted or not."""
+
+    tally: Tally
+    confirmed: tuple[Decision, ...]  # per limit, on the confirmed counts alone (`peek`): allowed = room for one
+    in_flight: int  # the subject's requests in flight besides this one
+    joined: bool  # in flight now: the gate had room for it besides the confirmed count and those in flight
+    key: Any  # the subject's requests in flight (a Redis key, or a LocalCounts key) ...
+    member: str  # ... and this one among them
+
+
+def _flight_member() -> str:
+    return secrets.token_hex(8)
 
 
 class RateLimiter:
@@ -107,37 +160,56 @@ class RateLimiter:
         decision, _, extra = await self._count(limit, subject, None, then, now)
         return decision, extra
 
-    async def reserve(self, items: Sequence[tuple[Limit, str]], *,
-                      now: float | None = None) -> list[tuple[Decision, Counted | None]]:
-        """`hit` each (limit, subject), all in one round trip: for a limit that counts only some outcomes (failed
-        sign-ins), count the request before its outcome is known, so that a burst of concurrent requests cannot
-        all pass the check before any is counted; `give_back` what turns out not to count. With each decision,
-        where it was counted (None: refused, so not counted)."""
+    async def begin(self, tallies: Sequence[Tally], *, now: float | None = None) -> list[Flight]:
+        """A request begins in each tally, all in one round trip: see `Tally`. End each flight (`end`), whether
+        it joined or not, once the outcome is known or the request gives up."""
         now = time.time() if now is None else now
         pipe = self._redis.pipeline(transaction=False)
         prepared = []
-        for limit, subject in items:
-            keys, args, allowed_count = self._script_args(limit, subject, None, now)
-            pipe.eval(_COUNT, len(keys), *args)
-            prepared.append((limit, keys[0], allowed_count))
-        results = await pipe.execute()
-        reserved: list[tuple[Decision, Counted | None]] = []
-        for (limit, key, allowed_count), result in zip(prepared, results, strict=True):
-            decision = _decide(limit, allowed_count, now, int(result[0]), int(result[1] or 0), counted=True)
-            reserved.append((decision, Counted(key, limit.window * 2) if decision.allowed else None))
-        return reserved
+        for tally in tallies:
+            key, member, keys, args = self._flight_args(tally, now)
+            pipe.eval(_BEGIN, len(keys), *keys, *args)
+            prepared.append((tally, key, member))
+        results = await pipe.execute() if tallies else []
+        flights = []
+        for (tally, key, member), result in zip(prepared, results, strict=True):
+            counts = [int(n or 0) for n in result[2:]]
+            confirmed = tuple(_decide(limit, self.effective(limit), now, counts[2 * i], counts[2 * i + 1],
+                                      counted=False) for i, limit in enumerate(tally.limits))
+            flights.append(Flight(tally, confirmed, int(result[0]), bool(result[1]), key, member))
+        return flights
 
-    async def give_back(self, counted: Iterable[Counted]) -> None:
-        """Take reserved requests off their windows again (one round trip). The expiry is set again too: a key
-        Redis lost meanwhile must not stay behind at -1 for good."""
+    async def end(self, flights: Iterable[Flight], *, count: bool, now: float | None = None) -> None:
+        """The requests' outcomes are known: `count` (as `hit`: not past a full limit) in each limit of their
+        tallies, then leave those in flight, in one round trip. Counted first: a request beginning in between
+        sees it twice (and at worst waits), never in neither place."""
+        now = time.time() if now is None else now
         pipe = self._redis.pipeline(transaction=False)
         queued = False
-        for one in counted:
-            pipe.decr(one.key)
-            pipe.expire(one.key, one.ttl)
-            queued = True
+        for flight in flights:
+            if count:
+                for limit in flight.tally.limits:
+                    keys, args, _ = self._script_args(limit, flight.tally.subject, None, now)
+                    pipe.eval(_COUNT, len(keys), *args)
+                    queued = True
+            if flight.joined:
+                pipe.zrem(flight.key, flight.member)
+                queued = True
         if queued:
             await pipe.execute()
+
+    def _flight_args(self, tally: Tally, now: float) -> tuple[str, str, list[str], list[str | int]]:
+        """The in-flight set's key, this request's member, and the keys and arguments of one _BEGIN."""
+        gate = tally.limits[0]
+        key = f"{self._prefix}:{subject_tag(tally.subject)}:{gate.name}:in-flight"
+        member = _flight_member()
+        keys = [key]
+        args: list[str | int] = [repr(now), repr(now + LEASE), member, LEASE]
+        for limit in tally.limits:
+            window_keys, window_args, allowed_count = self._script_args(limit, tally.subject, None, now)
+            keys.extend(window_keys)
+            args.extend((window_args[3], allowed_count))  # the weight's repr, the effective count
+        return key, member, keys, args
 
     def _script_args(self, limit: Limit, subject: str, read: str | None,
                      now: float) -> tuple[list[str], tuple[str | int, ...], int]:
@@ -254,11 +326,12 @@ def _decide(limit: Limit, allowed_count: int, now: float, current: int, previous
 class LocalCounts:
     """The same windows counted in this process's memory: the fallback for a limit that must not lapse when
     Redis cannot answer (sign-in failures), so guessing is still slowed, per process, instead of the
-    limit failing every request (503) or being skipped. Bounded: windows that can no longer weigh in are
-    dropped, and past `max_keys` the oldest counts go first."""
+    limit failing every request (503) or being skipped; and the requests in flight (see `Tally`). Bounded:
+    windows that can no longer weigh in and ended leases are dropped, and past `max_keys` the oldest go first."""
 
     def __init__(self, max_keys: int = 50_000) -> None:
         self._counts: dict[Any, tuple[int, float]] = {}  # key -> (count, when it stops mattering)
+        self._flying: dict[Any, dict[str, float]] = {}  # key -> {request in flight: when its lease ends}
         self._max_keys = max_keys
 
     def _prune(self, now: float) -> None:
@@ -279,18 +352,40 @@ class LocalCounts:
         self._counts[key] = (n, now + ttl)
         return n
 
-    def decr(self, key: Any, now: float) -> None:
-        """One less in `key`'s count, never below none (a count already gone stays gone)."""
-        found = self._counts.get(key)
-        if found is not None and found[1] > now and found[0] > 0:
-            self._counts[key] = (found[0] - 1, found[1])
+    def in_flight(self, key: Any, now: float) -> int:
+        """How many requests are in flight under `key` (leases that ended dropped)."""
+        flying = self._flying.get(key)
+        if flying is None:
+            return 0
+        for member in [m for m, until in flying.items() if until <= now]:
+            del flying[member]
+        if not flying:
+            del self._flying[key]
+        return len(flying)
+
+    def fly(self, key: Any, member: str, now: float) -> None:
+        """`member` in flight under `key` until its lease ends."""
+        if len(self._flying) >= self._max_keys:  # bounded as the counts: ended leases go first, then the oldest
+            for k in list(self._flying):
+                self.in_flight(k, now)
+            while len(self._flying) >= self._max_keys:
+                del self._flying[next(iter(self._flying))]
+        self._flying.setdefault(key, {})[member] = now + LEASE
+
+    def land(self, key: Any, member: str) -> None:
+        flying = self._flying.get(key)
+        if flying is not None:
+            flying.pop(member, None)
+            if not flying:
+                del self._flying[key]
 
     def clear(self) -> None:
         self._counts.clear()
+        self._flying.clear()
 
 
 class LocalLimiter:
-    """`RateLimiter`'s `hit`, `reserve`, `give_back` and `peek` on a `LocalCounts`, for when Redis is down."""
+    """`RateLimiter`'s `hit`, `begin`, `end` and `peek` on a `LocalCounts`, for when Redis is down."""
 
     def __init__(self, counts: LocalCounts, *, multiplier: float = 1.0) -> None:
         self._counts = counts
@@ -310,23 +405,34 @@ class LocalLimiter:
             self._counts.incr(key, now, limit.window * 2)
         return decision
 
-    async def reserve(self, items: Sequence[tuple[Limit, str]], *,
-                      now: float | None = None) -> list[tuple[Decision, Counted | None]]:
+    async def begin(self, tallies: Sequence[Tally], *, now: float | None = None) -> list[Flight]:
         now = time.time() if now is None else now
-        reserved: list[tuple[Decision, Counted | None]] = []
-        for limit, subject in items:
-            decision = await self.hit(limit, subject, now=now)
-            counted = Counted(self._keys(limit, subject, now)[0], limit.window * 2) if decision.allowed else None
-            reserved.append((decision, counted))
-        return reserved
+        flights = []
+        for tally in tallies:  # nothing awaited from the check to the join: no other request runs in between
+            key = (tally.subject, tally.limits[0].name, "in-flight")
+            flying = self._counts.in_flight(key, now)
+            confirmed = tuple(self._peek(limit, tally.subject, now) for limit in tally.limits)
+            gate = confirmed[0]
+            joined = gate.used + flying < gate.limit
+            member = _flight_member()
+            if joined:
+                self._counts.fly(key, member, now)
+            flights.append(Flight(tally, confirmed, flying, joined, key, member))
+        return flights
 
-    async def give_back(self, counted: Iterable[Counted]) -> None:
-        now = time.time()
-        for one in counted:
-            self._counts.decr(one.key, now)
+    async def end(self, flights: Iterable[Flight], *, count: bool, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for flight in flights:
+            if count:
+                for limit in flight.tally.limits:
+                    await self.hit(limit, flight.tally.subject, now=now)
+            if flight.joined:
+                self._counts.land(flight.key, flight.member)
 
     async def peek(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
-        now = time.time() if now is None else now
+        return self._peek(limit, subject, time.time() if now is None else now)
+
+    def _peek(self, limit: Limit, subject: str, now: float) -> Decision:
         key, previous = self._keys(limit, subject, now)
         allowed_count = effective_count(limit, self._multiplier)
         return _decide(limit, allowed_count, now, self._counts.get(key, now), self._counts.get(previous, now),
