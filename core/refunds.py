@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
@@ -131,6 +131,8 @@ async def request_refund(
                                 field="amount")
     if reason is not None and len(reason) > 300:
         raise ValidationError("reason must be at most 300 characters", field="reason")
+    if returned is not None:
+        await _reversal_not_recorded(session, payment, returned)
 
     refund = Refund(
         id=str(uuid.uuid4()), cooperative_id=payment.cooperative_id, payment_id=payment.id,
@@ -158,6 +160,25 @@ async def request_refund(
     await enqueue(session, "refund.submit", {"refund_id": refund.id}, dedupe_key=f"refund:{refund.id}",
                   cooperative_id=payment.cooperative_id)
     return refund, True
+
+
+async def _reversal_not_recorded(session: AsyncSession, payment: Payment, returned: ReturnedByProvider) -> None:
+    """One reversal of the provider's (its id on the statement) is recorded once, whichever payment of that
+    provider it is recorded on: two admins recording one chargeback (a dispute's resolution and a refund), or a
+    retry with a fresh idempotency key, doubled the money counted back, and one statement line could cover a
+    fabricated second refund. Two recordings at once take turns on PostgreSQL (a lock on the id for the
+    transaction); the embedded default has one writer at a time."""
+    txn = returned.provider_transaction_id
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                              {"key": f"reversal:{payment.provider}:{txn}"})
+    taken = (await session.execute(
+        select(Refund.reference).join(Payment, Payment.id == Refund.payment_id)
+        .where(Payment.provider == payment.provider, Refund.provider_transaction_id == txn,
+               Refund.status != R.FAILED.value).limit(1))).scalar_one_or_none()
+    if taken is not None:
+        raise Conflict(f"the provider's reversal {txn} is already recorded, by refund {taken}",
+                       field="returnedByProvider")
 
 
 def _checked_return(returned: ReturnedByProvider, payment: Payment) -> ReturnedByProvider:

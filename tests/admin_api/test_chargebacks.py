@@ -95,3 +95,27 @@ async def test_a_chargeback_is_refused_with_a_clear_error_and_records_nothing(ad
     async with rt.sessionmaker() as s:
         assert (await s.execute(select(Refund))).scalars().all() == []
         assert (await s.get(Payment, paid["id"])).status == "COMPLETED"
+
+
+async def test_one_reversal_of_the_providers_is_recorded_once(admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """Two admins recording one chargeback (or a retry with a fresh idempotency key), or its statement id used for
+    a second payment of the same provider: the second is a 409 naming the refund that has it, nothing recorded."""
+    import asyncio
+
+    first = await _completed(admin, rt, demo)
+    body = {"amount": 20000, "returnedByProvider": {"providerTransactionId": "MTN-REV-9"}}
+    recorded = await admin.json("POST", f"/v1/payments/{first['id']}/refunds", 201,
+                                json={**body, "idempotencyKey": idem()})
+    again = await admin.json("POST", f"/v1/payments/{first['id']}/refunds", 409, json={**body, "idempotencyKey": idem()})
+    assert again["message"] == f"the provider's reversal MTN-REV-9 is already recorded, by refund {recorded['reference']}"
+    second = await _completed(admin, rt, demo)
+    await admin.json("POST", f"/v1/payments/{second['id']}/refunds", 409, json={**body, "idempotencyKey": idem()})
+    # Two at once, on two payments: one is recorded.
+    third = await _completed(admin, rt, demo)
+    twice = {"amount": 10000, "returnedByProvider": {"providerTransactionId": "MTN-REV-10"}}
+    answers = await asyncio.gather(*(admin.req("POST", f"/v1/payments/{p['id']}/refunds",
+                                               json={**twice, "idempotencyKey": idem()}) for p in (second, third)))
+    assert sorted(a.status for a in answers) == [201, 409]
+    async with rt.sessionmaker() as s:
+        stored = sorted((r.provider_transaction_id, r.amount_minor) for r in (await s.execute(select(Refund))).scalars())
+    assert stored == [("MTN-REV-10", 10_000), ("MTN-REV-9", 20_000)]
