@@ -4,16 +4,19 @@ and import a CSV all-or-nothing."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
+from redis.exceptions import RedisError
 from sqlalchemy import select
 
 from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, page_of, paged
 from admin_api.errors import ApiError
 from admin_api.routing import Ctx, Route, end_sessions
 from admin_api.validation import LIMIT, PAGE, Param, read_body
+from channels.ussd.sessions import forget_phone
 from core import auth
 from core import members as service
 from core.errors import NotFound
@@ -57,6 +60,8 @@ IMPORTED = out({"imported": {"type": "integer"}, "memberIds": {"type": "array", 
                "ignoredColumns": {"type": "array", "items": {"type": "string"},
                                   "description": "the file's columns not stored (name, phone, unit, language are)"},
                "encoding": {"enum": ["utf-8", "utf-16", "windows-1252"]}})
+
+log = logging.getLogger("gateway.api")
 
 
 def present(m: Member) -> dict[str, Any]:
@@ -173,8 +178,15 @@ async def release_phone(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     the number can be registered again (API, CSV import, USSD) and its SMS keywords no longer speak for
     this member. Cannot be undone; calling it again changes nothing."""
     member = await one(ctx, Member, request.match_info["id"], "member")
+    index = member.phone_index
     member = await service.release_phone(ctx.session, member, actor=ctx.who.actor)
     await ctx.session.commit()
+    if index is not None:
+        try:
+            await forget_phone(ctx.rt.redis, index)
+        except RedisError:
+            # The release stands; the language kept for the number expires on its own (90 days).
+            log.warning("released number's USSD language and resume route not cleared: Redis unavailable")
     return json_response(present(member))
 
 

@@ -349,8 +349,11 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
     refund = await lock_row(session, Refund, refund_id, cooperative_id)
     if refund is None:
         raise NotFound("refund not found")
-    if R(refund.status) in (R.COMPLETED, R.FAILED):
+    if R(refund.status) is R.COMPLETED or (R(refund.status) is R.FAILED and not succeeded):
         raise Conflict(f"refund is already {refund.status}", field="status")
+    # A FAILED refund the provider's statement shows sent back after all (its answer came late, or reached a
+    # process of an earlier release that dropped it) is recorded COMPLETED: flagged as the provider's late word
+    # is (apply_refund_outcome), so the same money cannot be refunded again.
     # Its submission and its polls (a resend's poll too: refund-poll:<id>:resent:<n>).
     its_jobs = or_(OutboxJob.dedupe_key == f"refund:{refund.id}", OutboxJob.dedupe_key == f"refund-poll:{refund.id}",
                    OutboxJob.dedupe_key.like(f"refund-poll:{refund.id}:%"))

@@ -238,6 +238,12 @@ async def remember_language(redis: Any, cipher: PiiCipher, phone: Phone, lang: s
     await redis.set(language_key(cipher, phone), lang, ex=LANGUAGE_TTL)
 
 
+async def forget_phone(redis: Any, blind_index: str) -> None:
+    """A released number's language and resume route (keys by its blind index): its next holder, given the
+    number by the operator, is neither greeted in the previous holder's language nor offered their session."""
+    await redis.delete(f"ussd:{{ph:{blind_index}}}:lang", f"ussd:{{ph:{blind_index}}}:resume")
+
+
 async def load_resume(redis: Any, cipher: PiiCipher, phone: Phone) -> State | None:
     raw = await redis.get(resume_key(cipher, phone))
     if not raw:

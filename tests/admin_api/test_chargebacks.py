@@ -106,8 +106,10 @@ async def test_one_reversal_of_the_providers_is_recorded_once(admin: Any, rt: An
     body = {"amount": 20000, "returnedByProvider": {"providerTransactionId": "MTN-REV-9"}}
     recorded = await admin.json("POST", f"/v1/payments/{first['id']}/refunds", 201,
                                 json={**body, "idempotencyKey": idem()})
-    again = await admin.json("POST", f"/v1/payments/{first['id']}/refunds", 409, json={**body, "idempotencyKey": idem()})
-    assert again["message"] == f"the provider's reversal MTN-REV-9 is already recorded, by refund {recorded['reference']}"
+    again = await admin.json("POST", f"/v1/payments/{first['id']}/refunds", 409,
+                             json={**body, "idempotencyKey": idem()})
+    assert again["message"] == (f"the provider's reversal MTN-REV-9 is already recorded, by refund "
+                                f"{recorded['reference']}")
     second = await _completed(admin, rt, demo)
     await admin.json("POST", f"/v1/payments/{second['id']}/refunds", 409, json={**body, "idempotencyKey": idem()})
     # Two at once, on two payments: one is recorded.
@@ -117,5 +119,6 @@ async def test_one_reversal_of_the_providers_is_recorded_once(admin: Any, rt: An
                                                json={**twice, "idempotencyKey": idem()}) for p in (second, third)))
     assert sorted(a.status for a in answers) == [201, 409]
     async with rt.sessionmaker() as s:
-        stored = sorted((r.provider_transaction_id, r.amount_minor) for r in (await s.execute(select(Refund))).scalars())
+        refunds = (await s.execute(select(Refund))).scalars()
+        stored = sorted((r.provider_transaction_id, r.amount_minor) for r in refunds)
     assert stored == [("MTN-REV-10", 10_000), ("MTN-REV-9", 20_000)]

@@ -134,3 +134,24 @@ async def test_a_later_flag_keeps_what_earlier_ones_said_and_a_late_completion_c
     assert await _provider_says(rt, second["id"], ProviderOutcome.FAILED) == "flagged_failed_after_completion"
     after = (await admin.json("GET", f"/v1/payments/{paid['id']}", 200))["mismatchDetail"]
     assert after == f"{before}; refund {second['reference']} reported failed after it was completed: reversal declined"
+
+
+async def test_an_admin_records_a_failed_refund_the_statement_shows_sent_back(admin: Any, rt: Any,
+                                                                             demo: dict[str, Any]) -> None:
+    """The provider's late word never came through (it reached a process of an earlier release during a deploy,
+    which dropped it): the statement shows the money sent back, so the admin records the FAILED refund
+    COMPLETED, flagged as the provider's late word would be."""
+    paid, refund = await _parked_refund(admin, rt, demo)
+    await admin.json("POST", f"/v1/refunds/{refund['id']}/outcome", 200, json={"status": "FAILED", "note": "failed"})
+    again = await admin.json("POST", f"/v1/refunds/{refund['id']}/outcome", 409,
+                             json={"status": "FAILED", "note": "failed again"})
+    assert again["message"] == "refund is already FAILED"
+    done = await admin.json("POST", f"/v1/refunds/{refund['id']}/outcome", 200, json={
+        "status": "COMPLETED", "note": "on the statement of 3 Dec after all", "providerTransactionId": "MTN-RF-77"})
+    assert (done["status"], done["failureReason"]) == ("COMPLETED", None)
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["status"], payment["mismatch"]) == ("REFUNDED", True)
+    [entry] = await _audit(rt, "refund.sent_after_failure")
+    assert entry.after["refunded"] == 50_000
+    await admin.json("POST", f"/v1/refunds/{refund['id']}/outcome", 409,
+                     json={"status": "COMPLETED", "note": "twice", "providerTransactionId": "MTN-RF-77"})

@@ -108,3 +108,22 @@ async def test_a_membership_reactivated_after_her_choice_speaks_the_language_she
         assert (await s.get(Member, other)).language == "fr"
     greeting = await AtPhone(await another_serve_process(rt, aiohttp_client), EN_MTN).dial()
     assert greeting.startswith("CON Bienvenue"), greeting
+
+
+async def test_a_released_number_is_not_greeted_in_its_previous_holders_language(
+        demo: Any, db: Any, rt: Any, aiohttp_client: Any) -> None:
+    """Jean Bosco chose French, left, and his number was released (the operator gives it to someone else): its
+    next holder is greeted in English, the default, not in French (a language kept for the number in Redis)."""
+    phone = AtPhone(await another_serve_process(rt, aiohttp_client), EN_MTN)
+    home = await phone.dial()
+    languages = await phone.send(option(home, "Language"))
+    assert (await phone.send(option(languages, "Francais"))).startswith("CON Bienvenue")
+    from tests.admin_api.conftest import bearer
+
+    admin = await bearer(await another_serve_process(rt, aiohttp_client), "admin@kigali-heights.rw",
+                         "demo-admin-password")
+    member = demo["members"][EN_MTN]
+    await admin.json("DELETE", f"/v1/members/{member}", 200)
+    await admin.json("POST", f"/v1/members/{member}/release-phone", 200)
+    stranger = await AtPhone(await another_serve_process(rt, aiohttp_client), EN_MTN).dial()
+    assert stranger.startswith("CON Welcome"), stranger
