@@ -44,6 +44,11 @@ REFUND = out(
         "createdAt": DATETIME,
         "updatedAt": DATETIME,
         "completedAt": NULL_DATETIME,
+        "providerTransactionId": {**NULL_STRING, "description": "the provider's id of the money sent back, as its "
+                                                                "statement shows it (null until it is known)"},
+        "returnedByProvider": {"type": "boolean",
+                               "description": "true: money the provider sent back on its own (a chargeback), "
+                                             "recorded by an admin and never sent by the gateway"},
     }
 )
 # Money the provider already sent back on its own (a chargeback, a reversal by its customer care): recorded as a
@@ -109,6 +114,8 @@ def present(r: Refund) -> dict[str, Any]:
         "createdAt": iso(r.created_at),
         "updatedAt": iso(r.updated_at),
         "completedAt": iso(r.completed_at),
+        "providerTransactionId": r.provider_transaction_id,
+        "returnedByProvider": bool(r.returned_by_provider),
     }
 
 

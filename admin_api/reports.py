@@ -50,9 +50,37 @@ _FLAGGED = {
         },
     },
 }
+_RECORDED_LATER = {
+    "type": "array",
+    "description": "Refunds paid back in the period (in `settled`) but recorded at or after its end: a chargeback "
+                   "recorded later and dated by the provider's statement, or a completion dated back into the period "
+                   "(at most 500). A closed period's `settled` figures changed after it ended: these changed them",
+    "items": {
+        "type": "object",
+        "required": ["id", "reference", "paymentId", "amount", "currency", "completedAt", "createdAt", "updatedAt",
+                     "returnedByProvider", "providerTransactionId"],
+        "properties": {
+            "id": {"type": "string"},
+            "reference": {"type": "string"},
+            "paymentId": {"type": "string"},
+            "amount": {"type": ["integer", "string"]},
+            "currency": {"type": "string"},
+            "completedAt": {"type": "string", "format": "date-time",
+                            "description": "When the money went back, as the provider dates it: in the period"},
+            "createdAt": {"type": "string", "format": "date-time"},
+            "updatedAt": {"type": "string", "format": "date-time",
+                          "description": "When it was recorded COMPLETED: at or after the period's end"},
+            "returnedByProvider": {"type": "boolean",
+                                   "description": "true: a chargeback recorded by an admin, never sent by the gateway"},
+            "providerTransactionId": {"type": ["string", "null"],
+                                      "description": "The provider's id for it, to match its statement line"},
+        },
+    },
+}
 RECONCILIATION = {
     "type": "object",
-    "required": ["period", "payments", "totals", "refunds", "settled", "openDisputes", "flagged", "flaggedCount"],
+    "required": ["period", "payments", "totals", "refunds", "settled", "openDisputes", "flagged", "flaggedCount",
+                 "refundsRecordedLater", "refundsRecordedLaterCount"],
     "properties": {
         "period": {"type": "object", "required": ["from", "to"]},
         "payments": {
@@ -66,6 +94,8 @@ RECONCILIATION = {
         "openDisputes": {"type": "integer"},
         "flagged": _FLAGGED,
         "flaggedCount": {"type": "integer"},
+        "refundsRecordedLater": _RECORDED_LATER,
+        "refundsRecordedLaterCount": {"type": "integer"},
     },
 }
 # With cooperativeId a super admin narrows a report to one cooperative (its bare dates are then that

@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -216,6 +217,9 @@ class Refund(Base):
     provider_transaction_id: Mapped[str | None] = mapped_column(String(128))
     failure_reason: Mapped[str | None] = mapped_column(String(200))
     dispute_id: Mapped[str | None] = mapped_column(UUIDStr)
+    # Recorded, not sent: money the provider sent back on its own (a chargeback; core.refunds.ReturnedByProvider).
+    # False on every refund made before 0012.
+    returned_by_provider: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()

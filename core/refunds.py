@@ -138,7 +138,7 @@ async def request_refund(
         id=str(uuid.uuid4()), cooperative_id=payment.cooperative_id, payment_id=payment.id,
         reference=await next_reference(session, "RFD"), amount_minor=amount.minor, currency=amount.currency,
         status=R.PENDING.value, reason=reason, idempotency_key=key, request_hash=request_hash,
-        provider_reference=str(uuid.uuid4()),
+        provider_reference=str(uuid.uuid4()), returned_by_provider=returned is not None,
         dispute_id=dispute_id, created_by=actor.id,
     )
     session.add(refund)

@@ -193,6 +193,7 @@ async def reconciliation(
         flagged_count = (
             await session.execute(scope(select(func.count(Payment.id)), Payment).where(is_flagged))
         ).scalar_one()
+    recorded_later, recorded_later_count = await _recorded_later(session, scope, start, end)
     flagged = [
         {
             "id": p.id,
@@ -219,7 +220,46 @@ async def reconciliation(
         "openDisputes": int(open_disputes),
         "flagged": flagged,
         "flaggedCount": int(flagged_count),
+        "refundsRecordedLater": recorded_later,
+        "refundsRecordedLaterCount": recorded_later_count,
     }
+
+
+async def _recorded_later(session: AsyncSession, scope: Scope, start: datetime | None, end: datetime | None
+                          ) -> tuple[list[dict[str, Any]], int]:
+    """Refunds paid back in the period (in its `settled` lines) but recorded at or after its end: a chargeback
+    recorded later and dated by the provider's statement (created after the end), or a refund asked for in time
+    whose completion an admin or the provider's late answer dated back into it (it became COMPLETED, its
+    updated_at, after the end: a COMPLETED refund is never changed again). The period's `settled` figures changed
+    after it closed (core.payments.money_moved_at); these are the refunds that changed them. None while the
+    period is open-ended."""
+    if end is None:
+        return [], 0
+    later = and_(Refund.status == RefundStatus.COMPLETED.value, _within(Refund.completed_at, start, end),
+                 or_(Refund.created_at >= end, Refund.updated_at >= end))
+    rows = (
+        await session.execute(
+            scope(select(Refund), Refund).where(later).order_by(Refund.completed_at, Refund.id).limit(FLAGGED_LIMIT)
+        )
+    ).scalars().all()
+    count = len(rows)
+    if count == FLAGGED_LIMIT:
+        count = (await session.execute(scope(select(func.count(Refund.id)), Refund).where(later))).scalar_one()
+    return [
+        {
+            "id": r.id,
+            "reference": r.reference,
+            "paymentId": r.payment_id,
+            "amount": _amount(r.amount_minor, r.currency),
+            "currency": r.currency,
+            "completedAt": _iso(r.completed_at),
+            "createdAt": _iso(r.created_at),
+            "updatedAt": _iso(r.updated_at),
+            "returnedByProvider": bool(r.returned_by_provider),
+            "providerTransactionId": r.provider_transaction_id,
+        }
+        for r in rows
+    ], int(count)
 
 
 async def _settled(session: AsyncSession, scope: Scope, start: datetime | None, end: datetime | None
@@ -345,6 +385,10 @@ REFUND_COLUMNS = (
     "failureReason",
     "disputeId",
     *_ADDED,
+    # The provider's id of the money sent back (to match its statement line), and whether the refund was recorded
+    # rather than sent (a chargeback: core.refunds.ReturnedByProvider). After the others: positions unchanged.
+    "providerTransactionId",
+    "returnedByProvider",
 )
 
 
@@ -460,6 +504,8 @@ def refunds_csv(
             provider,
             _local_date(r.created_at, timezone),
             _local_date(r.completed_at, timezone),
+            r.provider_transaction_id or "",
+            str(bool(r.returned_by_provider)).lower(),
         ]
 
     return _stream(session, query.order_by(moment, Refund.id), REFUND_COLUMNS, row)
