@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import math
 import re
 from datetime import UTC, datetime, time, timedelta
+from time import monotonic
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +17,7 @@ from sqlalchemy import Select, and_, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from admin_api.routing import Ctx
+from core import metrics
 from core.cooperatives import zone_of
 from core.db import iso_z, utcnow
 from core.errors import NotFound, ValidationError
@@ -22,6 +25,7 @@ from core.models import Cooperative
 from core.money import Money
 from core.text import is_uuid
 
+log = logging.getLogger("gateway.api")
 ID = {"type": "string", "format": "uuid"}
 DATETIME = {"type": "string", "format": "date-time"}
 NULL_DATETIME = {"type": ["string", "null"], "format": "date-time"}
@@ -178,8 +182,10 @@ _OLDEST_WRITER = text(
     "SELECT least(now(), (SELECT min(a.xact_start) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
     " WHERE l.locktype = 'relation' AND l.mode = 'RowExclusiveLock' AND l.pid <> pg_backend_pid()"
     " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-    " AND l.relation = to_regclass(:table)))"
+    " AND l.relation = to_regclass(:table))), now()"
 )
+SYNC_HELD_WARNING = 60.0  # seconds a sync may be held back before a warning (at most one a minute) says so
+_last_held_warning = -math.inf
 
 
 async def sync_horizon(session: AsyncSession, table: str) -> datetime:
@@ -190,7 +196,16 @@ async def sync_horizon(session: AsyncSession, table: str) -> datetime:
     than being skipped. SQLite (embedded, one process): SYNC_LAG before the local clock."""
     if session.get_bind().dialect.name != "postgresql":
         return utcnow() - SYNC_LAG
-    since: datetime = (await session.execute(_OLDEST_WRITER, {"table": table})).scalar_one()
+    since, now = (await session.execute(_OLDEST_WRITER, {"table": table})).one()
+    held = (now - since).total_seconds()
+    metrics.SYNC_HELD_BACK.set(held)
+    global _last_held_warning
+    if held > SYNC_HELD_WARNING and monotonic() - _last_held_warning > 60:
+        _last_held_warning = monotonic()
+        # A transaction left open (an operator's psql session, a stuck process) holds every sync back: find it in
+        # pg_stat_activity (oldest xact_start) and end it; idle_in_transaction_session_timeout keeps it from lasting.
+        log.warning("payment sync held back by an open transaction writing payments",
+                    extra={"held_back_seconds": round(held), "table": table})
     return since - SYNC_LAG
 
 

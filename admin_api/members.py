@@ -185,8 +185,11 @@ async def release_phone(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         try:
             await forget_phone(ctx.rt.redis, index)
         except RedisError:
-            # The release stands; the language kept for the number expires on its own (90 days).
-            log.warning("released number's USSD language and resume route not cleared: Redis unavailable")
+            # The release stands; the language kept for the number expires on its own (90 days), or is deleted by
+            # hand: the keys are named by the number's blind index (no phone number in the log).
+            log.warning("released number's USSD language and resume route not cleared: Redis unavailable",
+                        extra={"member_id": member.id, "cooperative_id": member.cooperative_id,
+                               "redis_keys": f"ussd:{{ph:{index}}}:lang ussd:{{ph:{index}}}:resume"})
     return json_response(present(member))
 
 

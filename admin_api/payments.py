@@ -128,6 +128,10 @@ LIST_QUERY = {
                                         "country's), a bank account or an e-mail"),
     **period_params("created"),
     "cooperativeId": Param("uuid", "Super admin: one cooperative"),
+    "mismatch": Param("boolean", "true: only payments flagged for a person (`mismatchDetail` says why: another amount "
+                      "taken, money taken after a failure, a refund the provider contradicted, the member paid back "
+                      "twice); false: only those not flagged"),
+    "late": Param("boolean", "true: only payments completed after they were given up (TIMEOUT or CANCELLED)"),
     # Sync (admin_api.common.synced): oldest change first, by cursor. page/limit pages (newest first) shift while
     # payments are made or change status, repeating or skipping rows; a cursor does not.
     "updatedFrom": Param("date-time", "Sync: payments changed at or after this instant (read as `from`), oldest "
@@ -234,6 +238,9 @@ async def filtered(ctx: Ctx) -> Any:
         query = query.where(Payment.updated_at >= updated_from)
     if q.get("reference") is not None:
         query = query.where(Payment.reference == q["reference"].strip().upper())
+    for flag, marked in (("mismatch", Payment.mismatch), ("late", Payment.late)):
+        if q.get(flag) is not None:
+            query = query.where(marked.is_(True) if q[flag] else marked.is_not(True))
     if q.get("paymentAccount") is not None:
         # Stored encrypted: found through its blind index, as it was normalised when the payment was made.
         account = q["paymentAccount"].strip()

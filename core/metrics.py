@@ -58,6 +58,13 @@ OUTBOX_GAUGES_OK = Gauge("gateway_outbox_gauges_ok", "1 if the last scrape read 
 OUTBOX_GAUGE_FAILURES = Counter("gateway_outbox_gauge_refresh_failures_total",
                                 "Scrapes that could not read the outbox gauges from the database", registry=REGISTRY)
 SMS = Counter("gateway_sms_total", "SMS messages by status", ["status"], registry=REGISTRY)
+# A refund the provider contradicted after it was final, each flagged on its payment for a person (README).
+REFUND_ANOMALIES = Counter("gateway_refund_anomalies_total", "Refunds flagged for a person: sent_after_failure, "
+                           "failed_after_completion, beyond_collected (the member paid back more than collected)",
+                           ["kind"], registry=REGISTRY)
+# How far behind now the payment sync lists changes (a transaction writing payments holds it back; SYNC_LAG aside).
+SYNC_HELD_BACK = Gauge("gateway_payment_sync_held_back_seconds", "Seconds the payment sync's horizon was held back "
+                       "by the oldest transaction writing payments, at the last sync page served", registry=REGISTRY)
 REMINDERS_SKIPPED = Counter("gateway_reminders_skipped_total", "Queued reminders not sent, by reason", ["reason"],
                             registry=REGISTRY)
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core import metrics
 from core.audit import Actor, record
 from core.db import insert_ignore, iso_z, lock_row, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
@@ -234,6 +235,10 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
             await _flag(session, payment, f"refund {refund.reference} completed: "
                                           f"{Money(refunded - collected(payment), payment.currency)} more than "
                                           "collected has gone back to the payer")
+            metrics.REFUND_ANOMALIES.labels(kind="beyond_collected").inc()
+            log.error("member paid back more than was collected", extra={
+                "refund": refund.reference, "payment": payment.reference,
+                "over_refunded_minor": refunded - collected(payment), "actor": actor.id})
         if taken_after_failure(payment) or payment.status == PaymentStatus.REFUNDED.value:
             # Money taken after the payment failed, given back: the payment stays FAILED (a final state is
             # never reopened); what went back is counted on it. (Or a payment already REFUNDED whose failed
@@ -281,8 +286,14 @@ async def _sent_after_failure(session: AsyncSession, refund: Refund, payment: Pa
                                                              "overRefunded": max(over, 0)},
                  cooperative_id=refund.cooperative_id)
     await _flag(session, payment, detail)
-    log.error("refund reported sent back after it had failed", extra={"refund": refund.reference,
-                                                                      "over_refunded_minor": max(over, 0)})
+    metrics.REFUND_ANOMALIES.labels(kind="sent_after_failure").inc()
+    if over > 0:
+        metrics.REFUND_ANOMALIES.labels(kind="beyond_collected").inc()
+    # ERROR when the member now has more back than was collected (a person must act); else a WARNING: the money
+    # went back once, as asked (an admin correcting a FAILED refund from the statement is this case).
+    log.log(logging.ERROR if over > 0 else logging.WARNING, "refund reported sent back after it had failed",
+            extra={"refund": refund.reference, "payment": payment.reference, "over_refunded_minor": max(over, 0),
+                   "actor": actor.id})
     if refund.dispute_id:
         dispute = await lock_row(session, Dispute, refund.dispute_id)
         if dispute is not None:
@@ -313,7 +324,9 @@ async def _failed_after_completion(session: AsyncSession, refund: Refund, reason
     payment = await session.get(Payment, refund.payment_id, with_for_update=True, populate_existing=True)
     assert payment is not None
     await _flag(session, payment, f"refund {refund.reference} reported failed after it was completed: {reason}")
-    log.error("refund reported failed after it was completed", extra={"refund": refund.reference})
+    metrics.REFUND_ANOMALIES.labels(kind="failed_after_completion").inc()
+    log.error("refund reported failed after it was completed", extra={"refund": refund.reference,
+                                                                      "payment": payment.reference, "actor": actor.id})
 
 
 async def _note_on_dispute(session: AsyncSession, refund: Refund, reason: str, *, actor: Actor) -> None:

@@ -176,6 +176,34 @@ async def test_a_change_waiting_for_a_pooled_connection_is_stamped_when_it_has_o
         await engine.dispose()
 
 
+@requires_pg
+async def test_a_sync_held_back_by_an_open_transaction_says_so(admin, client, rt, demo, no_lag, monkeypatch, caplog):
+    """A transaction left open on payments (an operator's psql session) holds every sync page back: the gauge
+    gateway_payment_sync_held_back_seconds and a warning (at most one a minute) say how long."""
+    import asyncio
+    import logging
+
+    from core.metrics import SYNC_HELD_BACK
+
+    monkeypatch.setattr("admin_api.common.SYNC_HELD_WARNING", 0.5)
+    monkeypatch.setattr("admin_api.common._last_held_warning", float("-inf"))
+    sync = await _sync_key(admin, client)
+    a = (await make_payment(admin, demo["payment_types"]["Monthly Rent"]))["id"]
+    async with rt.sessionmaker() as left_open:
+        await left_open.execute(update(Payment).where(Payment.id == a).values(description="left open"))
+        await asyncio.sleep(1.0)
+        with caplog.at_level(logging.WARNING, logger="gateway.api"):
+            await sync.json("GET", f"{START}&limit=10", 200)
+            await sync.json("GET", f"{START}&limit=10", 200)
+        assert SYNC_HELD_BACK._value.get() >= 1.0
+        held = [r for r in caplog.records if r.getMessage() == "payment sync held back by an open transaction "
+                                                                "writing payments"]
+        assert len(held) == 1 and held[0].held_back_seconds >= 1
+        await left_open.rollback()
+    await sync.json("GET", f"{START}&limit=10", 200)
+    assert SYNC_HELD_BACK._value.get() < 1.0
+
+
 async def test_a_cursor_not_returned_by_the_list_is_a_400(admin):
     for bad in ("nonsense", "MTox", "eyJpZCI6MX0", "MTpub3Q6YS11dWlk", "%00"):
         body = await admin.json("GET", f"/v1/payments?after={bad}", 400)

@@ -155,3 +155,42 @@ async def test_an_admin_records_a_failed_refund_the_statement_shows_sent_back(ad
     assert entry.after["refunded"] == 50_000
     await admin.json("POST", f"/v1/refunds/{refund['id']}/outcome", 409,
                      json={"status": "COMPLETED", "note": "twice", "providerTransactionId": "MTN-RF-77"})
+
+
+def _anomalies(kind: str) -> float:
+    from core.metrics import REFUND_ANOMALIES
+
+    return REFUND_ANOMALIES.labels(kind=kind)._value.get()
+
+
+async def test_where_a_person_finds_a_member_paid_back_twice(admin: Any, rt: Any, demo: dict[str, Any],
+                                                              caplog: Any) -> None:
+    """The flagged payment is found by GET /v1/payments?mismatch=true, counted in
+    gateway_refund_anomalies_total, and the moment the member has more back than collected is logged ERROR with
+    the references; an admin's correction that pays nobody twice is a WARNING, not a page."""
+    import logging
+
+    other = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    await complete_payment(rt, other["id"])
+    paid, first = await _parked_refund(admin, rt, demo)
+    await admin.json("POST", f"/v1/refunds/{first['id']}/outcome", 200, json={"status": "FAILED", "note": "failed"})
+    _paid, second = await _parked_refund(admin, rt, demo, paid)
+    before = (_anomalies("sent_after_failure"), _anomalies("beyond_collected"))
+    with caplog.at_level(logging.WARNING, logger="gateway.refunds"):
+        await admin.json("POST", f"/v1/refunds/{first['id']}/outcome", 200, json={
+            "status": "COMPLETED", "note": "on the statement after all", "providerTransactionId": "MTN-RF-1"})
+        assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+            ("WARNING", "refund reported sent back after it had failed")]
+        caplog.clear()
+        assert await _provider_says(rt, second["id"], ProviderOutcome.SUCCEEDED) == "completed"
+        [record] = caplog.records
+    assert (record.levelname, record.getMessage()) == ("ERROR", "member paid back more than was collected")
+    assert (record.refund, record.payment, record.over_refunded_minor) == (second["reference"], paid["reference"],
+                                                                          50_000)
+    assert (_anomalies("sent_after_failure"), _anomalies("beyond_collected")) == (before[0] + 1, before[1] + 1)
+    flagged = await admin.json("GET", "/v1/payments?mismatch=true", 200)
+    assert [p["id"] for p in flagged["data"]] == [paid["id"]]
+    clean = await admin.json("GET", "/v1/payments?mismatch=false", 200)
+    assert paid["id"] not in [p["id"] for p in clean["data"]] and other["id"] in [p["id"] for p in clean["data"]]
+    assert (await admin.json("GET", "/v1/payments?mismatch=maybe", 400))["message"] == [
+        "mismatch must be true or false"]
