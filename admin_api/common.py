@@ -274,3 +274,9 @@ async def one(ctx: Ctx, model: Any, entity_id: str, what: str) -> Any:
     if row is None:
         raise NotFound(f"{what} not found")
     return row
+
+
+async def cooperative_zone(ctx: Ctx, cooperative_id: str | None) -> Any:
+    """The cooperative's time zone (UTC when it has none): a time read on its provider's statement is local."""
+    coop = await ctx.session.get(Cooperative, cooperative_id) if cooperative_id else None
+    return zone_of(coop.timezone if coop else None)

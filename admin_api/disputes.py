@@ -157,7 +157,7 @@ async def transition_dispute(request: web.Request, ctx: Ctx) -> web.StreamRespon
         note=body.get("note"),
         evidence=body.get("evidence"),
         refund_amount=refund_amount,
-        returned=returned_from(body),
+        returned=await returned_from(ctx, body, dispute.cooperative_id),
     )
     await ctx.session.commit()
     return json_response(present(updated))

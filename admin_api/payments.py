@@ -15,6 +15,7 @@ from admin_api.common import (
     NULL_DATETIME,
     NULL_STRING,
     SYNC_LAG,
+    cooperative_zone,
     iso,
     json_response,
     local_bound,
@@ -111,7 +112,8 @@ COLLECTED_OUTCOME = obj(
         "note": {"type": "string", "minLength": 3, "maxLength": 300,
                  "description": "what the provider's statement shows (kept in the audit log)"},
         "completedAt": {"type": ["string", "null"], "format": "date-time",
-                        "description": "when the provider's statement shows the money taken (default: now); the "
+                        "description": "when the provider's statement shows the money taken (default: now; without "
+                                       "an offset, the cooperative's local time, as statements show it); the "
                                        "reconciliation's settled figures date the payment so"},
     },
     ["status", "providerTransactionId", "note"],
@@ -298,7 +300,8 @@ async def record_payment_outcome(request: web.Request, ctx: Ctx) -> web.StreamRe
     payment = await record_collected(
         ctx.session, ctx.rt, payment_id=payment.id, cooperative_id=payment.cooperative_id,
         provider_transaction_id=body["providerTransactionId"], note=body["note"], amount=amount,
-        actor=ctx.who.actor, completed_at=statement_time(body.get("completedAt")))
+        actor=ctx.who.actor,
+        completed_at=statement_time(body.get("completedAt"), await cooperative_zone(ctx, payment.cooperative_id)))
     await ctx.session.commit()
     return json_response(present(payment))
 

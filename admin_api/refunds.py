@@ -14,6 +14,7 @@ from admin_api.common import (
     ID,
     NULL_DATETIME,
     NULL_STRING,
+    cooperative_zone,
     iso,
     json_response,
     money_out,
@@ -24,7 +25,7 @@ from admin_api.common import (
     paged,
 )
 from admin_api.routing import Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param, body_datetime, period_params, statement_time
+from admin_api.validation import LIMIT, PAGE, Param, period_params, statement_time
 from core.models import Payment, Refund
 from core.money import Money
 from core.refunds import ReturnedByProvider, record_refund_outcome, request_refund
@@ -57,7 +58,8 @@ RETURNED = {
     **obj({"providerTransactionId": {"type": "string", "minLength": 1, "maxLength": 128,
                                      "description": "the provider's id of the reversal, from its statement"},
            "completedAt": {"type": ["string", "null"], "format": "date-time",
-                           "description": "when the statement shows the money sent back (default: now)"}},
+                           "description": "when the statement shows the money sent back (default: now; without an "
+                                          "offset, the cooperative's local time)"}},
           ["providerTransactionId"]),
     "description": "the provider already sent this money back (a chargeback): record it, send nothing",
 }
@@ -72,14 +74,15 @@ CREATE = obj(
 )
 
 
-def returned_from(body: dict[str, Any]) -> ReturnedByProvider | None:
-    """The body's returnedByProvider, as core.refunds takes it (None: a refund to send)."""
+async def returned_from(ctx: Ctx, body: dict[str, Any], cooperative_id: str) -> ReturnedByProvider | None:
+    """The body's returnedByProvider, as core.refunds takes it (None: a refund to send); a time without an offset
+    is the cooperative's, as statements show it."""
     given = body.get("returnedByProvider")
     if given is None:
         return None
-    when = given.get("completedAt")
-    return ReturnedByProvider(given["providerTransactionId"],
-                              None if when is None else body_datetime(when, "returnedByProvider.completedAt"))
+    when = statement_time(given.get("completedAt"), await cooperative_zone(ctx, cooperative_id),
+                          "returnedByProvider.completedAt")
+    return ReturnedByProvider(given["providerTransactionId"], when)
 OUTCOME = obj(
     {
         "status": {"enum": [RefundStatus.COMPLETED.value, RefundStatus.FAILED.value]},
@@ -88,7 +91,8 @@ OUTCOME = obj(
                  "description": "what the provider confirmed (kept in the audit log)"},
         "completedAt": {"type": ["string", "null"], "format": "date-time",
                         "description": "COMPLETED: when the provider's statement shows the money sent back (default: "
-                                       "now); the reconciliation's settled figures date the refund so"},
+                                       "now; without an offset, the cooperative's local time); the reconciliation's "
+                                       "settled figures date the refund so"},
     },
     ["status", "note"],
 )
@@ -132,7 +136,7 @@ async def create_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         reason=body.get("reason"),
         idempotency_key=body["idempotencyKey"],
         actor=ctx.who.actor,
-        returned=returned_from(body),
+        returned=await returned_from(ctx, body, payment.cooperative_id),
     )
     await ctx.session.commit()
     return json_response(present(refund), status=201 if created else 200)
@@ -146,7 +150,7 @@ async def record_outcome(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         ctx.session, ctx.rt, refund_id=refund.id, cooperative_id=refund.cooperative_id,
         succeeded=body["status"] == RefundStatus.COMPLETED.value, note=body["note"],
         provider_transaction_id=body.get("providerTransactionId"), actor=ctx.who.actor,
-        completed_at=statement_time(body.get("completedAt")))
+        completed_at=statement_time(body.get("completedAt"), await cooperative_zone(ctx, refund.cooperative_id)))
     await ctx.session.commit()
     return json_response(present(refund))
 

@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from aiohttp import web
@@ -234,9 +234,24 @@ def body_datetime(text: str, field: str) -> datetime:
         raise ValidationError(f"{field} must be a valid date-time", field=field) from None
 
 
-def statement_time(text: str | None) -> datetime | None:
-    """`completedAt` of an outcome an admin records from a provider's statement (None: not given)."""
-    return None if text is None else body_datetime(text, "completedAt")
+_OFFSET = re.compile(r"([Zz]|[+\- ]\d{2}:?\d{2})$")
+
+
+def statement_time(text: str | None, zone: tzinfo, field: str = "completedAt") -> datetime | None:
+    """A time an admin reads on a provider's statement (`completedAt` of an outcome; None: not given). Statements
+    show local time: one written without an offset is the cooperative's (`zone`), as bare period dates are (read
+    as UTC, 23:30 on the 31st in Kigali was counted in the next month)."""
+    if text is None:
+        return None
+    moment = body_datetime(text, field)
+    stripped = text.strip()
+    if "T" in stripped.upper() and _OFFSET.search(stripped):
+        return moment
+    # No offset (or a bare date: midnight): the same wall-clock time in the cooperative's zone.
+    try:
+        return moment.replace(tzinfo=zone).astimezone(UTC)
+    except OverflowError:
+        raise ValidationError(f"{field} must be a date-time {DateOutOfRange.RANGE}", field=field) from None
 
 
 def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[str, Any]:

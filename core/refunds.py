@@ -174,12 +174,14 @@ async def _reversal_not_recorded(session: AsyncSession, payment: Payment, return
         await session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
                               {"key": f"reversal:{payment.provider}:{txn}"})
     taken = (await session.execute(
-        select(Refund.reference).join(Payment, Payment.id == Refund.payment_id)
+        select(Refund.reference, Refund.cooperative_id).join(Payment, Payment.id == Refund.payment_id)
         .where(Payment.provider == payment.provider, Refund.provider_transaction_id == txn,
-               Refund.status != R.FAILED.value).limit(1))).scalar_one_or_none()
+               Refund.status != R.FAILED.value).limit(1))).first()
     if taken is not None:
-        raise Conflict(f"the provider's reversal {txn} is already recorded, by refund {taken}",
-                       field="returnedByProvider")
+        # Another cooperative's refund is not named (its references are its own business).
+        where = (f"by refund {taken[0]}" if taken[1] == payment.cooperative_id
+                 else "on another payment of this provider: check the id on the statement")
+        raise Conflict(f"the provider's reversal {txn} is already recorded, {where}", field="returnedByProvider")
 
 
 def _checked_return(returned: ReturnedByProvider, payment: Payment) -> ReturnedByProvider:

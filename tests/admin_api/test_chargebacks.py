@@ -122,3 +122,22 @@ async def test_one_reversal_of_the_providers_is_recorded_once(admin: Any, rt: An
         refunds = (await s.execute(select(Refund))).scalars()
         stored = sorted((r.provider_transaction_id, r.amount_minor) for r in refunds)
     assert stored == [("MTN-REV-10", 10_000), ("MTN-REV-9", 20_000)]
+
+
+async def test_another_cooperatives_reversal_is_refused_without_naming_its_refund(admin: Any, rt: Any,
+                                                                                  demo: dict[str, Any],
+                                                                                  coop_b: dict[str, Any]) -> None:
+    ours = await _completed(admin, rt, demo)
+    recorded = await admin.json("POST", f"/v1/payments/{ours['id']}/refunds", 201, json={
+        "amount": 10000, "idempotencyKey": idem(), "returnedByProvider": {"providerTransactionId": "MTN-REV-A1"}})
+    other = coop_b["admin"]
+    theirs = await make_payment(other, coop_b["payment_type_id"], amount=1000)
+    await complete_payment(rt, theirs["id"])
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == theirs["id"]).values(
+            created_at=utcnow() - timedelta(hours=1, minutes=1), completed_at=utcnow() - timedelta(hours=1)))
+    refused = await other.json("POST", f"/v1/payments/{theirs['id']}/refunds", 409, json={
+        "amount": 1000, "idempotencyKey": idem(), "returnedByProvider": {"providerTransactionId": "MTN-REV-A1"}})
+    assert refused["message"] == ("the provider's reversal MTN-REV-A1 is already recorded, on another payment of "
+                                  "this provider: check the id on the statement")
+    assert recorded["reference"] not in str(refused)

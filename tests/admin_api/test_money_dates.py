@@ -173,3 +173,15 @@ async def test_a_refund_recorded_from_octobers_statement_is_octobers(admin: Any,
     assert (done["status"], done["completedAt"]) == ("COMPLETED", "2026-10-31T12:00:00Z")
     assert _settled(await admin.json("GET", f"/v1/reports/reconciliation?{OCTOBER}", 200), "refunded") == \
         [("MOBILE_MONEY_AIRTEL", 5000)]
+
+
+async def test_a_statement_time_without_an_offset_is_the_cooperatives_local_time(admin: Any, rt: Any,
+                                                                                  demo: dict[str, Any]) -> None:
+    """The MTN statement line says 23:30 on 31 October (Kigali): typed as it shows, it is October's money."""
+    paid = await _timed_out(admin, rt, demo, "2026-10-31T21:20:00")  # asked 23:20 Kigali
+    done = await admin.json("POST", f"/v1/payments/{paid['id']}/outcome", 200, json={
+        "status": "COMPLETED", "providerTransactionId": "MTN-2330", "completedAt": "2026-10-31T23:30:00",
+        "note": "statement of 31 October, 23:30"})
+    assert done["completedAt"] == "2026-10-31T21:30:00Z"
+    assert _settled(await admin.json("GET", f"/v1/reports/reconciliation?{OCTOBER}", 200)) == \
+        [("MOBILE_MONEY_MTN", 50000)]
