@@ -469,6 +469,16 @@ _FAILED_TARGET = {
 }
 
 
+def fit_detail(detail: str) -> str:
+    """A payment's `mismatch_detail` within its column (300 characters): the oldest flag's start and the newest
+    flags' end, which say what happened first and what a person must do now."""
+    limit = int(getattr(Payment.__table__.c.mismatch_detail.type, "length", 300))
+    if len(detail) <= limit:
+        return detail
+    head = limit // 3
+    return f"{detail[:head]} … {detail[-(limit - head - 3):]}"
+
+
 def check_statement_time(when: datetime | None, since: datetime, what: str, field: str = "completedAt") -> None:
     """An admin's `completedAt` read on a provider's statement: not before `since` (`what`: e.g. "the payment was
     asked for"), not in the future."""
@@ -553,8 +563,14 @@ async def _apply_outcome(
                          after={"providerTransactionId": provider_transaction_id},
                          cooperative_id=payment.cooperative_id)
             payment.mismatch = True
-            taken = f" ({amount})" if amount is not None else ""
-            payment.mismatch_detail = f"provider reported success{taken} after the payment had failed"
+            if payment.completed_at is None:
+                # The first report only: a repeat (another event id) would write over what flags added since
+                # (a refund of this money contradicted, the member paid back twice), and its amount may differ
+                # from what was recorded taken.
+                taken = f" ({amount})" if amount is not None else ""
+                said = f"provider reported success{taken} after the payment had failed"
+                payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}" if payment.mismatch_detail
+                                                     else said)
             if provider_transaction_id and payment.provider_transaction_id in (None, provisional_transaction_id):
                 # What a refund of the money needs (and what finds it at the provider): the callback's final id
                 # over a provisional one (M-Pesa's CheckoutRequestID; its reversal needs the receipt number).

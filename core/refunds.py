@@ -163,7 +163,8 @@ async def request_refund(
     return refund, True
 
 
-async def _reversal_not_recorded(session: AsyncSession, payment: Payment, returned: ReturnedByProvider) -> None:
+async def _reversal_not_recorded(session: AsyncSession, payment: Payment, returned: ReturnedByProvider,
+                                 exclude: str | None = None, field: str = "returnedByProvider") -> None:
     """One reversal of the provider's (its id on the statement) is recorded once, whichever payment of that
     provider it is recorded on: two admins recording one chargeback (a dispute's resolution and a refund), or a
     retry with a fresh idempotency key, doubled the money counted back, and one statement line could cover a
@@ -176,12 +177,13 @@ async def _reversal_not_recorded(session: AsyncSession, payment: Payment, return
     taken = (await session.execute(
         select(Refund.reference, Refund.cooperative_id).join(Payment, Payment.id == Refund.payment_id)
         .where(Payment.provider == payment.provider, Refund.provider_transaction_id == txn,
-               Refund.status != R.FAILED.value).limit(1))).first()
+               Refund.status != R.FAILED.value, Refund.id != (exclude or "")).limit(1))).first()
     if taken is not None:
         # Another cooperative's refund is not named (its references are its own business).
         where = (f"by refund {taken[0]}" if taken[1] == payment.cooperative_id
                  else "on another payment of this provider: check the id on the statement")
-        raise Conflict(f"the provider's reversal {txn} is already recorded, {where}", field="returnedByProvider")
+        what = "reversal" if field == "returnedByProvider" else "transaction"
+        raise Conflict(f"the provider's {what} {txn} is already recorded, {where}", field=field)
 
 
 def _checked_return(returned: ReturnedByProvider, payment: Payment) -> ReturnedByProvider:
@@ -308,12 +310,13 @@ async def _sent_after_failure(session: AsyncSession, refund: Refund, payment: Pa
 
 async def _flag(session: AsyncSession, payment: Payment, detail: str) -> None:
     """Flag the payment for a person (`mismatch`), keeping what an earlier flag said (an amount mismatch, a refund
-    paid twice): the newest last, at most 500 characters (the oldest cut first)."""
-    if payment.mismatch_detail:
-        detail = f"{payment.mismatch_detail}; {detail}"
-    payment.mismatch_detail = detail[-500:]
+    paid twice): the newest last, within the column (core.payments.fit_detail)."""
+    from core.payments import fit_detail  # local: core.payments reaches back into this module
+
+    detail = fit_detail(f"{payment.mismatch_detail}; {detail}" if payment.mismatch_detail else detail)
+    payment.mismatch_detail = detail
     await session.execute(update(Payment).where(Payment.id == payment.id)
-                          .values(mismatch=True, mismatch_detail=detail[-500:], updated_at=utcnow()))
+                          .values(mismatch=True, mismatch_detail=detail, updated_at=utcnow()))
 
 
 async def _failed_after_completion(session: AsyncSession, refund: Refund, reason: str, *, actor: Actor) -> None:
@@ -377,6 +380,13 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
     ).first() is not None:
         raise Conflict("refund has not been sent to the provider yet: wait for its submission", field="status")
     target = R.COMPLETED if succeeded else R.FAILED
+    txn = (provider_transaction_id or "").strip() or None
+    if succeeded and txn is not None:
+        # The statement line it names is this refund's only: not one a chargeback or another refund already has.
+        paid = await session.get(Payment, refund.payment_id)
+        assert paid is not None
+        await _reversal_not_recorded(session, paid, ReturnedByProvider(txn), exclude=refund.id,
+                                     field="providerTransactionId")
     if completed_at is not None and not succeeded:
         raise ValidationError("completedAt is for a refund that went through (status COMPLETED)", field="completedAt")
     from core.payments import check_statement_time  # local: core.payments reaches back into this module

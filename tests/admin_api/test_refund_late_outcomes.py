@@ -194,3 +194,78 @@ async def test_where_a_person_finds_a_member_paid_back_twice(admin: Any, rt: Any
     assert paid["id"] not in [p["id"] for p in clean["data"]] and other["id"] in [p["id"] for p in clean["data"]]
     assert (await admin.json("GET", "/v1/payments?mismatch=maybe", 400))["message"] == [
         "mismatch must be true or false"]
+
+
+async def test_a_statement_id_already_recorded_is_not_attached_to_another_refund(admin: Any, rt: Any,
+                                                                                 demo: dict[str, Any]) -> None:
+    """A chargeback of 20,000 recorded under MTN-REV-777; the parked refund of the rest cannot be recorded
+    COMPLETED under the same statement line (one line would cover two refunds)."""
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    await complete_payment(rt, paid["id"])
+    chargeback = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json={
+        "amount": 20000, "idempotencyKey": idem(), "returnedByProvider": {"providerTransactionId": "MTN-REV-777"}})
+    _paid, rest = await _parked_refund(admin, rt, demo, paid)
+    refused = await admin.json("POST", f"/v1/refunds/{rest['id']}/outcome", 409, json={
+        "status": "COMPLETED", "note": "on the statement", "providerTransactionId": "MTN-REV-777"})
+    assert refused["message"] == (f"the provider's transaction MTN-REV-777 is already recorded, by refund "
+                                  f"{chargeback['reference']}")
+    done = await admin.json("POST", f"/v1/refunds/{rest['id']}/outcome", 200, json={
+        "status": "COMPLETED", "note": "on the statement", "providerTransactionId": "MTN-RF-778"})
+    assert done["status"] == "COMPLETED"
+
+
+async def test_flags_that_outgrow_the_column_keep_the_first_and_the_newest(admin: Any, rt: Any,
+                                                                           demo: dict[str, Any]) -> None:
+    """Four failures reported after completion on one payment: every flag is stored (the column holds 300
+    characters: the first flag's start and the newest flags are kept), none fails the callback."""
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    await complete_payment(rt, paid["id"])
+    refunds = []
+    for n in range(4):
+        _paid, refund = await _parked_refund_of(admin, rt, paid, 10_000)
+        await admin.json("POST", f"/v1/refunds/{refund['id']}/outcome", 200, json={
+            "status": "COMPLETED", "note": "looks sent", "providerTransactionId": f"MTN-RF-{n}"})
+        refunds.append(refund)
+    for refund in refunds:
+        assert await _provider_says(rt, refund["id"], ProviderOutcome.FAILED) == "flagged_failed_after_completion"
+    async with rt.sessionmaker() as s:
+        detail = (await s.get(Payment, paid["id"])).mismatch_detail
+    assert len(detail) <= 300
+    assert detail.startswith(f"refund {refunds[0]['reference']} reported failed after it was completed")
+    assert " … " in detail and detail.endswith(f"refund {refunds[3]['reference']} reported failed after it was "
+                                               "completed: reversal declined")
+
+
+async def _parked_refund_of(admin: Any, rt: Any, paid: dict[str, Any], amount: int) -> tuple[dict[str, Any], Any]:
+    refund = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                              json={"amount": amount, "idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Refund).where(Refund.id == refund["id"]).values(status="PROCESSING"))
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.submit").values(status="DONE"))
+    return paid, refund
+
+
+async def test_a_repeated_success_after_failure_keeps_the_flags_added_since(admin: Any, rt: Any,
+                                                                          demo: dict[str, Any]) -> None:
+    """Money taken after the payment failed, then flagged again (its member paid back twice): the provider's success
+    reported once more, under another event id, does not write over what the payment's flags say."""
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == paid["id"]).values(status="FAILED",
+                                                                               failure_reason="payer declined"))
+        ours = (await s.get(Payment, paid["id"])).provider_reference
+
+    async def success() -> str:
+        return await handle_provider_event(rt, Event(
+            provider="mtn_momo", kind=EventKind.COLLECTION, event_id=uuid.uuid4().hex, reference=ours,
+            outcome=ProviderOutcome.SUCCEEDED, provider_transaction_id="MTN-TAKEN-1"))
+
+    assert await success() == "flagged_success_after_failure"
+    async with rt.sessionmaker.begin() as s:
+        payment = await s.get(Payment, paid["id"])
+        payment.mismatch_detail += "; refund RFD_X completed: 50,000 RWF more than collected has gone back to the payer"
+    assert await success() == "flagged_success_after_failure"
+    async with rt.sessionmaker() as s:
+        detail = (await s.get(Payment, paid["id"])).mismatch_detail
+    assert detail == ("provider reported success after the payment had failed; refund RFD_X completed: 50,000 RWF "
+                      "more than collected has gone back to the payer")
