@@ -240,21 +240,37 @@ def short(name: str, size: int = 22) -> str:
 
 
 def shorts(names: list[str], size: int = 22) -> list[str]:
-    """short() of each name, except that names whose shortened forms would read the same keep the end that
-    tells them apart ("Monthly Rent - Building A" and "... B": "Monthly Rent..lding A", "..lding B")."""
+    """short() of each name, except that names whose shortened forms would read the same keep what tells them
+    apart: the end ("Monthly Rent - Building A" and "... B": "Monthly Rent..lding A", "..lding B"), or, when
+    they share a long end too ("... Block A - Ground Floor Shops", "... Block B - ..."), the part around the first
+    character they differ by ("Monthly..Block A - Gr", "Monthly..Block B - Gr"). Only names that are the same
+    read the same."""
     cut = [short(n, size) for n in names]
     clashes: dict[str, list[int]] = {}
     for i, label in enumerate(cut):
         clashes.setdefault(label, []).append(i)
     for group in (g for g in clashes.values() if len(g) > 1):
         full = [" ".join(names[i].split()) for i in group]
-        differ = next((k for k in range(1, size) if len({f[-k:] for f in full}) == len(full)), None)
-        if differ is None:
+        if len(set(full)) < len(full):
             continue  # the same name twice: nothing to tell apart
-        tail = min(size - 6, differ + 6)
-        for i, name in zip(group, full, strict=True):
-            cut[i] = name[:size - 2 - tail].rstrip() + ".." + name[-tail:]
+        differ = next((k for k in range(1, size) if len({f[-k:] for f in full}) == len(full)), None)
+        if differ is not None and differ + 6 <= size - 6:
+            tail = differ + 6
+            labels = [name[:size - 2 - tail].rstrip() + ".." + name[-tail:] for name in full]
+        else:
+            first = next(k for k in range(max(map(len, full)) + 1) if len({f[:k + 1] for f in full}) > 1)
+            labels = [_around(name, first, size) for name in full]
+        for i, label in zip(group, labels, strict=True):
+            cut[i] = label
     return cut
+
+
+def _around(name: str, at: int, size: int) -> str:
+    """The name's start and the part around character `at` (where names that read alike differ), in `size`."""
+    head = name[:size // 3].rstrip()
+    room = size - len(head) - 2
+    start = max(len(head), at - room // 2)
+    return head + ".." + name[start:start + room].strip()
 
 
 # -- home and membership --------------------------------------------------------------------------

@@ -889,6 +889,36 @@ async def test_long_names_that_begin_alike_can_be_told_apart_in_the_list(client:
     assert shorts(["Water", "Same name", "Same name"]) == ["Water", "Same name", "Same name"]
 
 
+async def test_names_that_share_a_long_start_and_end_are_told_apart_by_where_they_differ(
+        client: Any, demo: Any, rt: Any) -> None:
+    """ "Monthly Rent - Block A - Ground Floor Shops" and "... B ...", "Loan repayment - Group 1 (Kicukiro branch)" and
+    "... 2 ...", all at one price: the list read two identical lines twice; a hurried member paid the wrong one."""
+    from channels.ussd.flows import shorts
+
+    names = ["Monthly Rent - Block A - Ground Floor Shops", "Monthly Rent - Block B - Ground Floor Shops",
+             "Loan repayment - Group 1 (Kicukiro branch)", "Loan repayment - Group 2 (Kicukiro branch)"]
+    async with rt.sessionmaker.begin() as s:
+        for name in names:
+            s.add(PaymentType(cooperative_id=demo["cooperative_id"], name=name, amount_minor=50_000, currency="RWF",
+                              is_active=True))
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    types = await phone.send("1")
+    more = await phone.send("98")
+    lines = [line.split(". ", 1)[1] for screen in (types, more) for line in screen.splitlines()
+             if "50,000 RWF" in line and "due day" not in line]
+    assert len(lines) == 4 and len(set(lines)) == 4, (types, more)
+    await phone.send("0")
+    chosen = await phone.send(option(types, "Group 2"))
+    assert "Group 2" in chosen, chosen
+    labels = shorts(names)
+    assert len(set(labels)) == 4 and all(len(label) <= 22 for label in labels), labels
+    assert shorts([*names, "Same name", "Same name"], 22)[-2:] == ["Same name", "Same name"]
+    coops = shorts(["Zone A - Kicukiro District Savings Cooperative", "Zone B - Kicukiro District Savings "
+                    "Cooperative"], 30)
+    assert len(set(coops)) == 2, coops
+
+
 async def test_a_non_members_language_is_remembered_on_every_server(client: Any, demo: Any, rt: Any) -> None:
     """A phone of no cooperative chooses Kinyarwanda: the next session greets it in Kinyarwanda even on
     another serve process (its memory of languages is empty there), from the phone's key in Redis."""
