@@ -16,7 +16,7 @@ from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj,
 from admin_api.errors import ApiError
 from admin_api.routing import Ctx, Route, end_sessions
 from admin_api.validation import LIMIT, PAGE, Param, read_body
-from channels.ussd.sessions import forget_phone
+from channels.ussd.sessions import forget_phone, phone_keys
 from core import auth
 from core import members as service
 from core.errors import NotFound
@@ -189,7 +189,7 @@ async def release_phone(request: web.Request, ctx: Ctx) -> web.StreamResponse:
             # hand: the keys are named by the number's blind index (no phone number in the log).
             log.warning("released number's USSD language and resume route not cleared: Redis unavailable",
                         extra={"member_id": member.id, "cooperative_id": member.cooperative_id,
-                               "redis_keys": f"ussd:{{ph:{index}}}:lang ussd:{{ph:{index}}}:resume"})
+                               "redis_keys": " ".join(phone_keys(index))})
     return json_response(present(member))
 
 

@@ -11,11 +11,11 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
-from core.db import iso_z, lock_row, serialise_on_sqlite, utcnow
+from core.db import iso_ms, iso_z, lock_row, serialise_on_sqlite, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment
 from core.money import Money
-from core.notify import changed_at, iso_ms, notice_jobs, sms_dedupe
+from core.notify import changed_at, notice_jobs, sms_dedupe
 from core.outbox import enqueue_many
 from core.payments import payer_phone
 from core.references import next_reference

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Concatenate, ParamSpec
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.crypto import PiiCipher
-from core.db import utcnow
+from core.db import iso_ms, utcnow
 from core.outbox import NewJob, enqueue_job
 from core.phone import Phone
 
@@ -44,14 +44,6 @@ def sms_job(
 
 # The precision of webhook events' times (`created`, data's `updatedAt`): what orders one entity's changes.
 EVENT_TICK = timedelta(milliseconds=1)
-
-
-def iso_ms(value: datetime | None) -> str | None:
-    """An instant as webhook events write it: UTC to the millisecond, `Z` (the API's iso_z is to the second,
-    too coarse to order two changes of one payment made in the same second)."""
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _to_tick(value: datetime) -> datetime:

@@ -17,11 +17,11 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from core import metrics, pgraw
 from core.audit import Actor, record
-from core.db import insert_ignore, iso_z, lock_row, row_insert, table_of, utcnow
+from core.db import insert_ignore, iso_ms, iso_z, lock_row, row_insert, table_of, utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
 from core.models import Payment, ProviderEvent
 from core.money import Money
-from core.notify import changed_at, emit_event, iso_ms, notice_jobs
+from core.notify import changed_at, emit_event, notice_jobs
 from core.outbox import NewJob, enqueue_many
 from core.payment_statements import CONTEXT, create_statement, stored_and_locked
 from core.phone import Phone, PhoneError, normalize

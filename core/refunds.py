@@ -15,11 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import metrics
 from core.audit import Actor, record
-from core.db import insert_ignore, iso_z, lock_row, utcnow
+from core.db import insert_ignore, iso_ms, iso_z, lock_row, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
-from core.notify import iso_ms, notice_jobs
+from core.notify import notice_jobs
 from core.outbox import end_waiting, enqueue, enqueue_many
 from core.ports import ProviderEvent as ProviderEventData
 from core.ports import ProviderOutcome

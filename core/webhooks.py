@@ -43,11 +43,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
-from core.db import UTCDateTime, insert_ignore, lock_row, new_id, parse_aware, utcnow
+from core.db import UTCDateTime, insert_ignore, iso_ms, lock_row, new_id, parse_aware, utcnow
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
 from core.http import not_public
 from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
-from core.notify import iso_ms
 from core.outbox import Job, NewJob, PermanentJobError, RetryLater, end_waiting, enqueue, enqueue_many
 from core.text import is_number
 
@@ -613,7 +612,7 @@ def stored_event_id(event_id: str) -> str:
 def envelope(
     event_id: str, event_type: str, cooperative_id: str, data: dict[str, Any], created: str
 ) -> dict[str, Any]:
-    """The body POSTed: `created` is when the event was queued, to the millisecond (core.notify.iso_ms). Two
+    """The body POSTed: `created` is when the event was queued, to the millisecond (core.db.iso_ms). Two
     events about one entity are ordered by their data's `updatedAt` (same format, strictly later for each later
     change: core.notify.changed_at), not by `created` nor by arrival (retries and batches overtake each other)."""
     return {

@@ -74,7 +74,7 @@ def session_key(aggregator: str, session_id: str) -> str:
 
 
 def resume_key(cipher: PiiCipher, phone: Phone) -> str:
-    return f"ussd:{{ph:{cipher.blind_index(phone.e164)}}}:resume"
+    return phone_keys(cipher.blind_index(phone.e164))[1]
 
 
 def _state(obj: dict[str, Any]) -> dict[str, Any]:
@@ -221,7 +221,7 @@ def _route(state: State) -> bytes:
 def language_key(cipher: PiiCipher, phone: Phone) -> str:
     """A phone's last chosen language, for when it belongs to no cooperative (members' rows carry theirs,
     and win). Same hash tag as the resume route: one slot, read with it in one command."""
-    return f"ussd:{{ph:{cipher.blind_index(phone.e164)}}}:lang"
+    return phone_keys(cipher.blind_index(phone.e164))[0]
 
 
 LANGUAGE_TTL = 90 * 24 * 3600
@@ -238,10 +238,15 @@ async def remember_language(redis: Any, cipher: PiiCipher, phone: Phone, lang: s
     await redis.set(language_key(cipher, phone), lang, ex=LANGUAGE_TTL)
 
 
+def phone_keys(blind_index: str) -> tuple[str, str]:
+    """A number's language and resume route keys (language_key, resume_key), by its blind index."""
+    return f"ussd:{{ph:{blind_index}}}:lang", f"ussd:{{ph:{blind_index}}}:resume"
+
+
 async def forget_phone(redis: Any, blind_index: str) -> None:
-    """A released number's language and resume route (keys by its blind index): its next holder, given the
-    number by the operator, is neither greeted in the previous holder's language nor offered their session."""
-    await redis.delete(f"ussd:{{ph:{blind_index}}}:lang", f"ussd:{{ph:{blind_index}}}:resume")
+    """A released number's language and resume route: its next holder, given the number by the operator, is
+    neither greeted in the previous holder's language nor offered their session."""
+    await redis.delete(*phone_keys(blind_index))
 
 
 async def load_resume(redis: Any, cipher: PiiCipher, phone: Phone) -> State | None:

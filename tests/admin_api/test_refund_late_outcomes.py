@@ -17,13 +17,15 @@ from core.ports import ProviderEvent as Event
 from tests.admin_api.conftest import complete_payment, idem, make_payment
 
 
-async def _parked_refund(admin: Any, rt: Any, demo: dict[str, Any], paid: dict[str, Any] | None = None
-                         ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A completed 50,000 RWF MTN payment and a full refund sent whose answer never came (PROCESSING)."""
+async def _parked_refund(admin: Any, rt: Any, demo: dict[str, Any], paid: dict[str, Any] | None = None,
+                         amount: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A completed 50,000 RWF MTN payment (or `paid`) and a refund of `amount` (default: all that is left) sent
+    whose answer never came (PROCESSING)."""
     if paid is None:
         paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
         await complete_payment(rt, paid["id"])
-    refund = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json={"idempotencyKey": idem()})
+    body = {"idempotencyKey": idem(), **({} if amount is None else {"amount": amount})}
+    refund = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json=body)
     async with rt.sessionmaker.begin() as s:
         await s.execute(update(Refund).where(Refund.id == refund["id"]).values(status="PROCESSING"))
         await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.submit").values(status="DONE"))
@@ -222,7 +224,7 @@ async def test_flags_that_outgrow_the_column_keep_the_first_and_the_newest(admin
     await complete_payment(rt, paid["id"])
     refunds = []
     for n in range(4):
-        _paid, refund = await _parked_refund_of(admin, rt, paid, 10_000)
+        _paid, refund = await _parked_refund(admin, rt, demo, paid, 10_000)
         await admin.json("POST", f"/v1/refunds/{refund['id']}/outcome", 200, json={
             "status": "COMPLETED", "note": "looks sent", "providerTransactionId": f"MTN-RF-{n}"})
         refunds.append(refund)
@@ -235,14 +237,6 @@ async def test_flags_that_outgrow_the_column_keep_the_first_and_the_newest(admin
     assert " … " in detail and detail.endswith(f"refund {refunds[3]['reference']} reported failed after it was "
                                                "completed: reversal declined")
 
-
-async def _parked_refund_of(admin: Any, rt: Any, paid: dict[str, Any], amount: int) -> tuple[dict[str, Any], Any]:
-    refund = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
-                              json={"amount": amount, "idempotencyKey": idem()})
-    async with rt.sessionmaker.begin() as s:
-        await s.execute(update(Refund).where(Refund.id == refund["id"]).values(status="PROCESSING"))
-        await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.submit").values(status="DONE"))
-    return paid, refund
 
 
 async def test_a_repeated_success_after_failure_keeps_the_flags_added_since(admin: Any, rt: Any,

@@ -40,6 +40,16 @@ async def sms_jobs(rt: Any, payment_id: str) -> list[OutboxJob]:
     return [j for j in jobs if (j.payload.get("context") or {}).get("payment_id") == payment_id]
 
 
+async def assert_polled_to_not_approved(rt: Any, worker: Any, payment: Payment) -> None:
+    """The poll after the window ends the payment TIMEOUT "not approved in time", with that SMS."""
+    await due_now(rt, "payment.poll")
+    await drain(worker, rounds=2)
+    async with rt.sessionmaker() as s:
+        p = await s.get(Payment, payment.id)
+    assert (p.status, p.failure_reason) == ("TIMEOUT", "not approved in time")
+    assert [j.payload["template"] for j in await sms_jobs(rt, payment.id)] == ["payment_timeout"]
+
+
 async def outage_payment(rt: Any, demo: dict[str, Any], worker: Any, *, window_over: bool = True
                          ) -> tuple[Routes, Payment, OutboxJob]:
     """A payment whose collect job parked while MTN was unreachable; MTN back now (it never got the request).
@@ -111,12 +121,7 @@ async def test_payment_the_provider_had_still_times_out_not_approved(rt, demo, w
     wire, payment, _collect = await outage_payment(rt, demo, worker)
     wire.on("GET", RTP + "/*", 200, {"status": "PENDING", "amount": "50000", "currency": "RWF",
                                       "externalId": payment.provider_reference})
-    await due_now(rt, "payment.poll")
-    await drain(worker, rounds=2)
-    async with rt.sessionmaker() as s:
-        p = await s.get(Payment, payment.id)
-    assert (p.status, p.failure_reason) == ("TIMEOUT", "not approved in time")
-    assert [j.payload["template"] for j in await sms_jobs(rt, payment.id)] == ["payment_timeout"]
+    await assert_polled_to_not_approved(rt, worker, payment)
 
 
 async def test_parked_collect_log_line_names_its_payment(rt, demo, worker, caplog):
@@ -180,12 +185,7 @@ async def test_a_request_accepted_while_the_poll_asked_is_not_unreachable(rt, de
         return httpx.Response(404, json={"message": "not found"})
 
     wire.on("GET", RTP + "/*", not_found_yet).on("POST", RTP, accepted_meanwhile)
-    await due_now(rt, "payment.poll")
-    await drain(worker, rounds=2)
-    async with rt.sessionmaker() as s:
-        p = await s.get(Payment, payment.id)
-    assert (p.status, p.failure_reason) == ("TIMEOUT", "not approved in time")
-    assert [j.payload["template"] for j in await sms_jobs(rt, payment.id)] == ["payment_timeout"]
+    await assert_polled_to_not_approved(rt, worker, payment)
 
 
 async def test_the_poll_waits_for_a_collect_still_sending_before_calling_it_unreachable(rt, demo, worker):
