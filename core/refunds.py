@@ -233,6 +233,7 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         refunded = payment.refunded_minor + refund.amount_minor
         if current is R.FAILED:
             await _sent_after_failure(session, refund, payment, refunded, actor=actor)
+            await _withdraw_unsent(session, rt, payment, refund, actor=actor)
         elif refunded > collected(payment):
             # Another refund of this payment went through after failing while this one was in flight: with this
             # one the member has been paid back more than was collected.
@@ -306,6 +307,56 @@ async def _sent_after_failure(session: AsyncSession, refund: Refund, payment: Pa
             await add_note(session, dispute, actor=actor, action="dispute.refund_sent_after_failure",
                            text=f"refund {refund.reference} went through after all: the member has been paid back",
                            audit={"refundId": refund.id})
+
+
+async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment, sent: Refund, *,
+                           actor: Actor) -> None:
+    """`sent` (FAILED) went through after all, and the refunds asked for since would now give back more than was
+    collected: those not yet sent are withdrawn, newest first, until the rest fit. Each FAILED ("not sent"),
+    audited, its submission ended and the cooperative's system told (refund.failed); the member, paid back by
+    `sent`, gets no SMS about it. One whose submission has started (or was tried: a try may have reached the
+    provider) is left to go; if it completes, the member has more back than collected and it is flagged then.
+
+    The submission is ended only while it is PENDING and untried: a worker claiming it at the same moment
+    either finds it ended or holds it RUNNING, and then it is left."""
+    held = (await session.execute(
+        select(func.coalesce(func.sum(Refund.amount_minor), 0))
+        .where(Refund.payment_id == payment.id, Refund.status.in_(HOLDING)))).scalar_one()
+    over = int(held) - collected(payment)
+    if over <= 0:
+        return
+    waiting = (await session.execute(
+        select(Refund).where(Refund.payment_id == payment.id, Refund.status == R.PENDING.value, Refund.id != sent.id)
+        .order_by(Refund.created_at.desc(), Refund.id.desc()).with_for_update())).scalars().all()
+    reason = f"not sent: refund {sent.reference} went through after all"
+    for refund in waiting:
+        if over <= 0:
+            break
+        if not await end_waiting(session, OutboxJob.kind == "refund.submit",
+                                 OutboxJob.dedupe_key == f"refund:{refund.id}", OutboxJob.attempts == 0,
+                                 status="PENDING", reason=f"withdrawn: {reason}"):
+            continue  # being sent, or tried already
+        updated = await transition(session, REFUND, refund.id, R.PENDING, R.FAILED, actor=actor,
+                                   values={"failure_reason": reason})
+        over -= refund.amount_minor
+        await record(session, actor=actor, action="refund.withdrawn", entity_type="refund", entity_id=refund.id,
+                     before={"status": R.PENDING.value}, after={"status": R.FAILED.value, "sentRefundId": sent.id},
+                     cooperative_id=refund.cooperative_id)
+        metrics.REFUND_ANOMALIES.labels(kind="withdrawn_unsent").inc()
+        log.warning("refund withdrawn before it was sent: an earlier one went through after all",
+                    extra={"refund": refund.reference, "sent_refund": sent.reference, "payment": payment.reference,
+                           "actor": actor.id})
+        await enqueue_many(session, notice_jobs(  # the webhook only: the member has her money back
+            template="refund_failed", event_type="refund.failed", cooperative_id=refund.cooperative_id,
+            key=refund.id, context={"refund_id": refund.id}, data=refund_data(updated), cipher=rt.cipher))
+        if refund.dispute_id:
+            dispute = await lock_row(session, Dispute, refund.dispute_id)
+            if dispute is not None:
+                from core.disputes import add_note  # local: core.disputes asks this module for refunds
+
+                await add_note(session, dispute, actor=actor, action="dispute.refund_withdrawn",
+                               text=f"refund {refund.reference} {reason}: the member has been paid back by it",
+                               audit={"refundId": refund.id, "sentRefundId": sent.id})
 
 
 async def _flag(session: AsyncSession, payment: Payment, detail: str) -> None:

@@ -263,3 +263,72 @@ async def test_a_repeated_success_after_failure_keeps_the_flags_added_since(admi
         detail = (await s.get(Payment, paid["id"])).mismatch_detail
     assert detail == ("provider reported success after the payment had failed; refund RFD_X completed: 50,000 RWF "
                       "more than collected has gone back to the payer")
+
+
+# --- Refunds asked for since, not yet sent, when a FAILED one goes through after all: withdrawn, not sent ------
+
+async def _jobs(rt: Any, **where: Any) -> list[OutboxJob]:
+    async with rt.sessionmaker() as s:
+        query = select(OutboxJob).filter_by(**where).order_by(OutboxJob.id)
+        return list((await s.execute(query)).scalars())
+
+
+async def test_a_refund_not_yet_sent_is_withdrawn_when_the_failed_one_went_through_after_all(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """A recorded FAILED, B asked for again, its submission still queued: A is reported sent back. Sending B would
+    pay the member twice: B is withdrawn (FAILED, never sent), the cooperative's system told, the member not."""
+    paid, first = await _parked_refund(admin, rt, demo)
+    await admin.json("POST", f"/v1/refunds/{first['id']}/outcome", 200, json={"status": "FAILED", "note": "failed"})
+    second = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json={"idempotencyKey": idem()})
+    assert await _provider_says(rt, first["id"], ProviderOutcome.SUCCEEDED) == "completed"
+    withdrawn = await admin.json("GET", f"/v1/refunds/{second['id']}", 200)
+    assert (withdrawn["status"], withdrawn["failureReason"]) == (
+        "FAILED", f"not sent: refund {first['reference']} went through after all")
+    [submit] = await _jobs(rt, kind="refund.submit", dedupe_key=f"refund:{second['id']}")
+    assert (submit.status, submit.last_error) == (
+        "DONE", f"withdrawn: not sent: refund {first['reference']} went through after all")
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["status"], payment["refundedAmount"]) == ("REFUNDED", 50_000)
+    # The member was paid back once, so the only refund SMS is the one saying so; the webhook tells of both.
+    sms = {j.payload["key"] for j in await _jobs(rt, kind="sms.send") if "refund" in j.payload["key"]}
+    assert f"refund_completed:{first['id']}" in sms and not any(second["id"] in key for key in sms)
+    events = [(j.payload["event_type"], j.payload["data"]["id"]) for j in await _jobs(rt, kind="webhook.event")
+              if j.payload["event_type"].startswith("refund.")]
+    assert ("refund.failed", second["id"]) in events and ("refund.completed", first["id"]) in events
+    [entry] = await _audit(rt, "refund.withdrawn")
+    assert (entry.entity_id, entry.after) == (second["id"], {"status": "FAILED", "sentRefundId": first["id"]})
+    # The money is all back: nothing more can be refunded, and nothing was flagged "more than collected".
+    await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 422, json={"idempotencyKey": idem()})
+    assert "more than collected" not in (payment["mismatchDetail"] or "")
+
+
+async def test_only_as_many_unsent_refunds_as_needed_are_withdrawn_newest_first(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """30,000 FAILED, then 20,000 and 20,000 asked for (all 50,000 held): the 30,000 goes through after all, so
+    70,000 would go back. The newest 20,000 is withdrawn; the older one still fits and is sent."""
+    paid, first = await _parked_refund(admin, rt, demo, amount=30_000)
+    await admin.json("POST", f"/v1/refunds/{first['id']}/outcome", 200, json={"status": "FAILED", "note": "failed"})
+    older = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                             json={"idempotencyKey": idem(), "amount": 20_000})
+    newer = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                             json={"idempotencyKey": idem(), "amount": 20_000})
+    assert await _provider_says(rt, first["id"], ProviderOutcome.SUCCEEDED) == "completed"
+    assert (await admin.json("GET", f"/v1/refunds/{newer['id']}", 200))["status"] == "FAILED"
+    assert (await admin.json("GET", f"/v1/refunds/{older['id']}", 200))["status"] == "PENDING"
+    [submit] = await _jobs(rt, kind="refund.submit", dedupe_key=f"refund:{older['id']}")
+    assert submit.status == "PENDING"
+
+
+async def test_a_refund_whose_submission_was_tried_is_not_withdrawn(admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """A submission tried once (its try may have reached the provider) is left to go, as one being sent is: if it
+    completes, the member has more back than collected, and that is flagged then."""
+    paid, first = await _parked_refund(admin, rt, demo)
+    await admin.json("POST", f"/v1/refunds/{first['id']}/outcome", 200, json={"status": "FAILED", "note": "failed"})
+    second = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json={"idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{second['id']}").values(attempts=1))
+    assert await _provider_says(rt, first["id"], ProviderOutcome.SUCCEEDED) == "completed"
+    assert (await admin.json("GET", f"/v1/refunds/{second['id']}", 200))["status"] == "PENDING"
+    [submit] = await _jobs(rt, kind="refund.submit", dedupe_key=f"refund:{second['id']}")
+    assert (submit.status, submit.attempts) == ("PENDING", 1)
+    assert await _audit(rt, "refund.withdrawn") == []
