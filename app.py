@@ -198,11 +198,12 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
     """Every job kind the worker can run, gathered from the packages that own them."""
     from channels.sms.jobs import job_handlers as sms_jobs
+    from channels.ussd.jobs import job_handlers as ussd_jobs
     from core.jobs import job_handlers as core_jobs
     from core.reminders import job_handlers as reminder_jobs
 
     handlers: dict[str, Handler] = {}
-    for part in (core_jobs(rt), sms_jobs(rt), reminder_jobs(rt)):
+    for part in (core_jobs(rt), sms_jobs(rt), reminder_jobs(rt), ussd_jobs(rt)):
         overlap = handlers.keys() & part.keys()
         if overlap:
             raise RuntimeError(f"job kinds registered twice: {sorted(overlap)}")

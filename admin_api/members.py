@@ -16,6 +16,7 @@ from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj,
 from admin_api.errors import ApiError
 from admin_api.routing import Ctx, Route, end_sessions
 from admin_api.validation import LIMIT, PAGE, Param, read_body
+from channels.ussd.jobs import queue_forget_phone
 from channels.ussd.sessions import forget_phone, phone_keys
 from core import auth
 from core import members as service
@@ -180,16 +181,18 @@ async def release_phone(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     member = await one(ctx, Member, request.match_info["id"], "member")
     index = member.phone_index
     member = await service.release_phone(ctx.session, member, actor=ctx.who.actor)
+    if index is not None:
+        await queue_forget_phone(ctx.session, index, member_id=member.id, cooperative_id=member.cooperative_id)
     await ctx.session.commit()
     if index is not None:
         try:
             await forget_phone(ctx.rt.redis, index)
         except RedisError:
-            # The release stands; the language kept for the number expires on its own (90 days), or is deleted by
-            # hand: the keys are named by the number's blind index (no phone number in the log).
-            log.warning("released number's USSD language and resume route not cleared: Redis unavailable",
-                        extra={"member_id": member.id, "cooperative_id": member.cooperative_id,
-                               "redis_keys": " ".join(phone_keys(index))})
+            # The release stands; the worker's job deletes the keys once Redis is back (named by the number's
+            # blind index: no phone number in the log).
+            log.warning("released number's USSD language and resume route not cleared yet: Redis unavailable; "
+                        "the worker retries", extra={"member_id": member.id, "cooperative_id": member.cooperative_id,
+                                                     "redis_keys": " ".join(phone_keys(index))})
     return json_response(present(member))
 
 

@@ -99,3 +99,38 @@ async def test_new_holder_of_a_released_number_registers_by_ussd(
     async with rt.sessionmaker() as s:
         pending = (await s.execute(select(Member).where(Member.name == "New Holder"))).scalar_one()
     assert pending.status == "PENDING" and pending.id != aline
+
+
+async def test_a_number_released_while_redis_is_down_is_forgotten_once_redis_is_back(
+        rt: Any, admin: Caller, demo: Any, worker: Any) -> None:
+    """The release stands with Redis down; the worker deletes the number's USSD language and resume route once
+    Redis answers again (they were left for 90 days, for a person to delete by hand from a warning)."""
+    from channels.ussd.sessions import phone_keys
+    from core.models import OutboxJob
+    from tests.admin_api.conftest import unreachable_redis
+    from tests.conftest import drain
+
+    aline = demo["members"][ALINE]
+    async with rt.sessionmaker() as s:
+        index = (await s.get(Member, aline)).phone_index
+    lang, resume = phone_keys(index)
+    await rt.redis.set(lang, "fr")
+    await rt.redis.set(resume, "{}")
+    await admin.json("DELETE", f"/v1/members/{aline}", 200)
+    dead, redis = unreachable_redis(), rt.redis
+    rt.redis = dead
+    try:
+        assert (await admin.json("POST", f"/v1/members/{aline}/release-phone", 200))["phoneReleased"] is True
+        assert await drain(worker) == 1  # tried, and retried later: Redis still down
+    finally:
+        rt.redis = redis
+        await dead.aclose()
+    assert await rt.redis.exists(lang, resume) == 2
+    async with rt.sessionmaker.begin() as s:
+        [job] = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "ussd.forget_phone"))).scalars().all()
+        assert (job.status, job.attempts, job.payload) == ("PENDING", 1, {"blind_index": index})
+        job.run_at = job.created_at  # its retry is due now
+    assert await drain(worker) == 1
+    assert await rt.redis.exists(lang, resume) == 0
+    async with rt.sessionmaker() as s:
+        assert (await s.get(OutboxJob, job.id)).status == "DONE"

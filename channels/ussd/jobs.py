@@ -1,0 +1,32 @@
+"""The USSD channel's outbox jobs: what must reach Redis even when Redis is down at the moment it is decided."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from channels.ussd.sessions import forget_phone
+from core.outbox import Handler, Job, enqueue
+
+if TYPE_CHECKING:
+    from core.runtime import Runtime
+
+FORGET_PHONE = "ussd.forget_phone"
+
+
+async def queue_forget_phone(session: AsyncSession, blind_index: str, *, member_id: str,
+                             cooperative_id: str) -> None:
+    """Forget a released number's USSD language and resume route, in the release's transaction: the worker
+    deletes the keys (retrying while Redis is down), so the number's next holder is not greeted in the previous
+    holder's language once Redis is back. The route deletes them at once as well; the job's DEL is then a no-op."""
+    await enqueue(session, FORGET_PHONE, {"blind_index": blind_index},
+                  dedupe_key=f"forget-phone:{member_id}:{blind_index[:16]}", cooperative_id=cooperative_id,
+                  max_attempts=25)
+
+
+def job_handlers(rt: Runtime) -> dict[str, Handler]:
+    async def forget(job: Job) -> None:
+        await forget_phone(rt.redis, job.payload["blind_index"])  # Redis down: raises, retried with backoff
+
+    return {FORGET_PHONE: forget}
