@@ -34,7 +34,8 @@ _SETTLED = {
 }
 _FLAGGED = {
     "type": "array",
-    "description": "Late or mismatched payments asked for in the period or completed in it (at most 500)",
+    "description": "Late or mismatched payments asked for in the period or completed in it, and mismatched ones "
+                   "a refund of which went back in it (at most 500)",
     "items": {
         "type": "object",
         "required": ["id", "reference", "createdAt", "completedAt", "flaggedIn"],
@@ -43,9 +44,11 @@ _FLAGGED = {
             "completedAt": {"type": ["string", "null"], "format": "date-time"},
             "flaggedIn": {
                 "type": "array",
-                "items": {"type": "string", "enum": list(reports.BASES)},
+                "items": {"type": "string", "enum": list(reports.FLAGGED_IN)},
                 "description": "Why the payment is in this period's list: `created` (asked for in the period), "
-                               "`completed` (its money moved in the period: it is in `settled`), or both",
+                               "`completed` (its money moved in the period: it is in `settled`), `refunded` (it "
+                               "is flagged for a person and a refund of it went back in the period: in "
+                               "`settled` as refunded), or several",
             },
         },
     },

@@ -27,6 +27,10 @@ FLAGGED_LIMIT = 500
 CHUNK_ROWS = 500
 # What puts a row of an export in the period: when it was asked for, or when its money moved.
 BASES = ("created", "completed")
+# Why a payment is in a period's `flagged` list: asked for in it, its money moved in it, or a refund of it went back
+# in it (a refund the provider contradicted, or one that paid the member back more than collected, is flagged when
+# it happens: often a month after the payment, in the period whose `settled` lines carry that refund).
+FLAGGED_IN = (*BASES, "refunded")
 # What the provider actually took, reckoned as core.refunds.collected() does (refunds are capped by it): what it
 # reported when that differs from the amount, less or more (NULL collected_minor: it reported the amount).
 TAKEN = func.coalesce(Payment.collected_minor, Payment.amount_minor)
@@ -174,9 +178,12 @@ async def reconciliation(
     ).scalar_one()
     # Late or mismatched payments asked for in the period, or whose money moved in it (a late success lands in the
     # period's `settled` lines when it completed, possibly a month after it was asked for): `flaggedIn` says which.
+    refunded_in = (select(Refund.payment_id).where(Refund.status == "COMPLETED",
+                                                   _within(Refund.completed_at, start, end)))
     is_flagged = and_(
         or_(Payment.mismatch.is_(True), Payment.late.is_(True)),
-        or_(_within(Payment.created_at, start, end), _within(Payment.completed_at, start, end)),
+        or_(_within(Payment.created_at, start, end), _within(Payment.completed_at, start, end),
+            and_(Payment.mismatch.is_(True), Payment.id.in_(refunded_in))),
     )
     flagged_rows = (
         (
@@ -194,6 +201,8 @@ async def reconciliation(
             await session.execute(scope(select(func.count(Payment.id)), Payment).where(is_flagged))
         ).scalar_one()
     recorded_later, recorded_later_count = await _recorded_later(session, scope, start, end)
+    refunded_here = set((await session.execute(
+        refunded_in.where(Refund.payment_id.in_([p.id for p in flagged_rows])))).scalars()) if flagged_rows else set()
     flagged = [
         {
             "id": p.id,
@@ -207,7 +216,7 @@ async def reconciliation(
             "createdAt": _iso(p.created_at),
             "completedAt": _iso(p.completed_at),
             "flaggedIn": [name for name, moment in (("created", p.created_at), ("completed", p.completed_at))
-                          if _inside(moment, start, end)],
+                          if _inside(moment, start, end)] + (["refunded"] if p.id in refunded_here else []),
         }
         for p in flagged_rows
     ]

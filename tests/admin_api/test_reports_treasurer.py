@@ -205,3 +205,31 @@ async def test_a_bare_date_with_a_stray_space_is_still_a_local_day(admin, rt, de
         assert [s["collectedCount"] for s in spaced["settled"]] == [1]
     _, rows = await _rows(admin, "/v1/reports/payments.csv?from=2026-11-01%20&to=2026-12-01")
     assert [r["id"] for r in rows] == [paid["id"]]
+
+
+async def test_a_payment_flagged_by_a_refund_a_month_later_is_in_that_months_flagged(admin, rt, demo):
+    """Paid in September; its refund, recorded FAILED, is reported sent back in October after a second one went
+    too: October's `settled` carries 100,000 refunded of a 50,000 payment, and October's `flagged` says which
+    payment and why (`flaggedIn: ["refunded"]`); it was in neither month's list."""
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    await complete_payment(rt, paid["id"])
+    await _dated(rt, paid["id"], "2026-09-10T08:00:00", "2026-09-10T08:01:00")
+    first = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json={"idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Refund).where(Refund.id == first["id"]).values(created_at=_at("2026-09-11T08:00:00")))
+        await apply_refund_outcome(s, rt, await s.get(Refund, first["id"]), ProviderOutcome.FAILED, actor=PROVIDER,
+                                   reason="declined")
+    await _refund(admin, rt, paid["id"], 50_000, completed="2026-10-03T09:00:00")
+    async with rt.sessionmaker.begin() as s:
+        await apply_refund_outcome(s, rt, await s.get(Refund, first["id"]), ProviderOutcome.SUCCEEDED,
+                                   actor=PROVIDER, occurred_at=_at("2026-10-05T09:00:00"))
+
+    october = await admin.json("GET", f"/v1/reports/reconciliation?{OCTOBER}", 200)
+    assert [(x["refundedCount"], x["refunded"]) for x in october["settled"]] == [(2, 100_000)]
+    assert [(f["id"], f["flaggedIn"]) for f in october["flagged"]] == [(paid["id"], ["refunded"])]
+    assert "more than collected" in october["flagged"][0]["mismatchDetail"]
+    assert october["flaggedCount"] == 1
+    september = await admin.json("GET", f"/v1/reports/reconciliation?{SEPTEMBER}", 200)
+    assert [(f["id"], f["flaggedIn"]) for f in september["flagged"]] == [(paid["id"], ["created", "completed"])]
+    november = await admin.json("GET", f"/v1/reports/reconciliation?{NOVEMBER}", 200)
+    assert november["flagged"] == []
