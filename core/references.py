@@ -1,4 +1,6 @@
-"""Human references (PAY_20251016_001): short enough to type in an SMS, unique, per-day counters."""
+"""Human references (PAY_20251016_001): short enough to type in an SMS, unique. The day is the day it was made;
+the number comes from one PostgreSQL sequence across days and kinds (no hot counter row), so it grows past three
+digits (a federation's year of payments reaches seven) and is unique on its own; on SQLite, a counter per day."""
 
 from __future__ import annotations
 

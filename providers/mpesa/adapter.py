@@ -88,12 +88,22 @@ _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 
 
 def account_reference(reference: str) -> str:
-    """Our human reference cut to Daraja's 12 characters, keeping its most specific (last) part.
+    """Our human reference cut to Daraja's 12 characters, its number always whole.
 
-    'PAY_20251016_001' -> '20251016001': separators go first, then the leading prefix letters.
-    Matching never depends on it (callbacks carry the CheckoutRequestID, and our reference in the
-    CallBackURL); it is what the payer sees on the phone and in the M-Pesa statement.
+    'PAY_20251016_001' -> '20251016001'; past four digits of number the year loses its century
+    ('PAY_20261122_12345' -> '26112212345'); past six, the number alone. The number comes from one sequence
+    across days (core.references), so it is unique by itself: it is what must survive the cut (keeping the last
+    12 characters cut the year in half: '026112212345'). Matching never depends on it (callbacks carry the
+    CheckoutRequestID, and our reference in the CallBackURL); it is what the payer sees on the phone and in the
+    M-Pesa statement.
     """
+    parts = reference.split("_")
+    if len(parts) == 3 and parts[1].isdigit() and len(parts[1]) == 8 and parts[2].isdigit():
+        day, number = parts[1], parts[2]
+        for date in (day, day[2:], ""):
+            if len(date) + len(number) <= _ACCOUNT_REFERENCE_MAX:
+                return date + number
+        return number[-_ACCOUNT_REFERENCE_MAX:]
     text = _NOT_ALNUM.sub("", reference)
     if len(text) > _ACCOUNT_REFERENCE_MAX:
         text = text.lstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz") or text

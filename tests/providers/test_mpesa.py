@@ -139,7 +139,11 @@ def test_password_is_base64_of_shortcode_passkey_and_nairobi_timestamp() -> None
 
 @pytest.mark.parametrize(("reference", "expected"), [
     ("PAY_20261122_001", "20261122001"),
-    ("PAY_20261122_12345", "026112212345"),  # the distinguishing tail is kept
+    ("PAY_20261122_9999", "202611229999"),
+    ("PAY_20261122_12345", "26112212345"),  # the year's century goes first: the number stays whole
+    ("PAY_20261122_123456", "261122123456"),
+    ("PAY_20271122_3000123", "3000123"),  # a year of a federation's payments: the number alone
+    ("PAY_20271122_1234567890123", "234567890123"),
     ("ABC", "ABC"),
     ("___", "PAYMENT"),
 ])
