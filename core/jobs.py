@@ -111,7 +111,8 @@ def _callback_url(rt: Runtime, provider: str) -> str:
 
 
 async def _timed(provider: str, operation: str, coro):  # type: ignore[no-untyped-def]
-    """The whole operation's latency (token and retries included). Errors are counted where they happen, once,
+    """The whole operation's latency (its retries included; a token obtained before it, by ready_to_send, is
+    timed per call by the adapter as its own operation). Errors are counted where they happen, once,
     by the transport and the adapters (providers.calls): counted here too, one failed call would count twice,
     and an answer such as a status query's NOT_FOUND (a provider that never got the request) as an error."""
     started = time.perf_counter()
@@ -120,6 +121,30 @@ async def _timed(provider: str, operation: str, coro):  # type: ignore[no-untype
     finally:
         metrics.PROVIDER_OPERATIONS.labels(provider=provider, operation=operation).observe(
             time.perf_counter() - started)
+
+
+async def ready_to_send(provider: object, operation: str, deadline: float) -> None:
+    """What `provider` needs before it sends `operation`'s request ("collect", "refund"): its OAuth token, by its
+    optional `prepare(operation)` (IremboPay has none). Obtained by `deadline` (the event loop's clock), before
+    the job stamps its call (call_starting) and starts the call's own deadline: until the request leaves, nothing
+    can have arrived. A token endpoint slow or failing then makes an attempt that was never sent (a retryable
+    ProviderError: sent again later, as in an outage), not one whose request may have arrived - which is never
+    sent again, and M-Pesa could not even be asked about (its status query needs the CheckoutRequestID its
+    push's answer brings): the payer would never be prompted. A refusal that will not change (bad credentials)
+    is raised as the provider said it: nothing was sent."""
+    prepare = getattr(provider, "prepare", None)
+    if prepare is None:
+        return
+    name = getattr(provider, "name", "provider")
+    try:
+        async with asyncio.timeout_at(deadline):
+            await prepare(operation)
+    except TimeoutError:
+        raise ProviderError(f"{name} {operation}: its token was not obtained in time; nothing was sent, "
+                            "sent later", retryable=True, code="NOT_SENT") from None
+    except ProviderTimeout as exc:  # a token request creates nothing at the provider: unanswered is not sent
+        raise ProviderError(f"{name} {operation}: {exc}; nothing was sent, sent later", retryable=True,
+                            code="NOT_SENT") from exc
 
 
 # Why a payment whose member was suspended before its request left ends CANCELLED (nothing sent, nothing taken).
@@ -193,6 +218,13 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             description=payment.description or payment.reference, callback_url=_callback_url(rt, payment.provider),
             method=payment.method, language=member.language if member else "en",
             payer_name=member.name if member else "", expires_at=payment.expires_at)
+        try:
+            await ready_to_send(provider, "collect", deadline)  # before the stamp: a failure here sent nothing
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            await collection_failed(payment, exc)
+            return
         # Outside the call's deadline: a stamp that fails or times out means the call was not made.
         await call_starting(rt.sessionmaker, job)
         try:
@@ -209,11 +241,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         except ProviderError as exc:
             if exc.retryable:
                 raise
-            async with rt.sessionmaker.begin() as session:
-                fresh = await session.get(Payment, payment.id)
-                if fresh is not None and fresh.status in OPEN:
-                    await apply_collection_outcome(session, rt, fresh, ProviderOutcome.FAILED, actor=WORKER,
-                                                   reason=str(exc)[:200])
+            await collection_failed(payment, exc)
             return
         async with rt.sessionmaker.begin() as session:
             values = {"provider_transaction_id": accepted.provider_transaction_id or payment.provider_transaction_id,
@@ -224,6 +252,14 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 metrics.PAYMENTS.labels(status="PROCESSING", method=payment.method).inc()
             except StaleTransition:
                 pass  # a callback already settled it
+
+    async def collection_failed(payment: Payment, exc: ProviderError) -> None:
+        """The provider refused the collection for good (or its credentials): FAILED, nothing was taken."""
+        async with rt.sessionmaker.begin() as session:
+            fresh = await session.get(Payment, payment.id)
+            if fresh is not None and fresh.status in OPEN:
+                await apply_collection_outcome(session, rt, fresh, ProviderOutcome.FAILED, actor=WORKER,
+                                               reason=str(exc)[:200])
 
     async def keep_transaction_id(payment_id: str, provider_transaction_id: str) -> None:
         """Store the provider's id an unanswered request was sent under (IremboPay's invoice number), so a
@@ -364,6 +400,10 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             callback_url=_callback_url(rt, payment.provider))
 
     async def submit_refund(job: Job) -> None:
+        # Its token is obtained by this deadline, inside the worker's own (as the collect job's call), so a slow
+        # token endpoint ends the attempt as never sent rather than cut off by the worker (Job.interrupted).
+        waited = time.monotonic() - job.claimed
+        deadline = asyncio.get_running_loop().time() + collect_call_budget(rt.settings.outbox_lease_seconds) - waited
         async with rt.sessionmaker() as session:
             refund = await session.get(Refund, job.payload["refund_id"])
             payment = await session.get(Payment, refund.payment_id) if refund else None
@@ -380,6 +420,13 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             await await_refund_outcome(refund, None)
             return
         request = refund_request(refund, payment)
+        try:
+            await ready_to_send(provider, "refund", deadline)  # before the stamp: a failure here sent nothing
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            await refund_failed(refund, exc)
+            return
         await call_starting(rt.sessionmaker, job)  # a worker lost before this line never sent it
         try:
             accepted = await _timed(provider.name, "refund", provider.request_refund(request))
@@ -397,11 +444,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                             extra={"refund": refund.reference, "provider": provider.name})
                 await await_refund_outcome(refund, None)
                 return
-            async with rt.sessionmaker.begin() as session:
-                fresh = await session.get(Refund, refund.id)
-                if fresh is not None:
-                    await apply_refund_outcome(session, rt, fresh, ProviderOutcome.FAILED, actor=WORKER,
-                                               reason=str(exc)[:200])
+            await refund_failed(refund, exc)
             return
         if accepted is not None and accepted.outcome is not None and accepted.outcome not in (
                 ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
@@ -412,6 +455,14 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                            provider_transaction_id=accepted.provider_transaction_id)
             return
         await await_refund_outcome(refund, accepted)
+
+    async def refund_failed(refund: Refund, exc: ProviderError) -> None:
+        """The provider refused the refund for good (or its credentials): FAILED, nothing was sent back."""
+        async with rt.sessionmaker.begin() as session:
+            fresh = await session.get(Refund, refund.id)
+            if fresh is not None:
+                await apply_refund_outcome(session, rt, fresh, ProviderOutcome.FAILED, actor=WORKER,
+                                           reason=str(exc)[:200])
 
     async def await_refund_outcome(refund: Refund, accepted: CollectionAccepted | None) -> None:
         """The provider took the refund without an outcome, or may have it (no answer, a cut-off attempt):

@@ -8,7 +8,15 @@ from collections.abc import Awaitable, Callable
 
 
 class TokenCache:
-    """Holds one bearer token; concurrent callers share a single refresh."""
+    """Holds one bearer token; concurrent callers share a single refresh, and its outcome.
+
+    Single-flight: the callers that find no valid token while a fetch is in progress wait for that fetch and
+    take its answer, a token or its failure; none starts a fetch of its own. (With a lock, each waiter would
+    fetch again in turn after a failure: behind a slow token endpoint, ten waiters wait ten read timeouts, and
+    the jobs among them run out of time before their request is ever sent.) The fetch runs as its own task: a
+    caller that stops waiting (its job's deadline) does not cancel it for the others, and a token it brings
+    after all callers left is kept for the next one.
+    """
 
     def __init__(self, fetch: Callable[[], Awaitable[tuple[str, float]]], *, margin: float = 30.0) -> None:
         # fetch() returns (token, lifetime in seconds)
@@ -16,21 +24,33 @@ class TokenCache:
         self._margin = margin
         self._token: str | None = None
         self._expires = 0.0
-        self._lock = asyncio.Lock()
-        self.fetches = 0
+        self._pending: asyncio.Task[str] | None = None  # the fetch in progress, shared by every caller
+        self.fetches = 0  # fetches that brought a token
 
     async def get(self) -> str:
         if self._token and time.monotonic() < self._expires:
             return self._token
-        async with self._lock:
-            if self._token and time.monotonic() < self._expires:
-                return self._token
-            token, lifetime = await self._fetch()
-            self.fetches += 1
-            self._token = token
-            # Refresh before expiry; for very short lifetimes keep at least half of it.
-            self._expires = time.monotonic() + max(lifetime - self._margin, lifetime / 2)
-            return token
+        pending = self._pending
+        if pending is None or pending.done() or pending.get_loop() is not asyncio.get_running_loop():
+            # (A fetch of another event loop - a test's, now closed - is never waited for.)
+            pending = self._pending = asyncio.get_running_loop().create_task(self._refresh())
+            pending.add_done_callback(self._fetched)
+        # shield: a caller cancelled (its deadline) stops waiting; the fetch goes on for the others.
+        return await asyncio.shield(pending)
+
+    async def _refresh(self) -> str:
+        token, lifetime = await self._fetch()
+        self.fetches += 1
+        self._token = token
+        # Refresh before expiry; for very short lifetimes keep at least half of it.
+        self._expires = time.monotonic() + max(lifetime - self._margin, lifetime / 2)
+        return token
+
+    def _fetched(self, task: asyncio.Task[str]) -> None:
+        if self._pending is task:
+            self._pending = None  # the next caller without a valid token fetches afresh (after a failure too)
+        if not task.cancelled():
+            task.exception()  # read here: a failure whose callers all left is not reported as never retrieved
 
     def invalidate(self) -> None:
         self._token = None

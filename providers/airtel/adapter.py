@@ -151,6 +151,12 @@ class AirtelAdapter:
             return response, json_body(response)
         raise AssertionError("unreachable")
 
+    async def prepare(self, operation: str) -> None:
+        """The OAuth token a collection or a refund is sent with, obtained before the core counts the request
+        as sent (core.jobs.ready_to_send): a token endpoint slow or failing then costs the job a retry, never
+        a refund taken for one that may have been carried out (it names only the payment: never resent)."""
+        await self._tokens.get()
+
     # collections ------------------------------------------------------------
     async def request_collection(self, request: CollectionRequest) -> CollectionAccepted:
         if request.payer is None:

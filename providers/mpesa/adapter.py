@@ -162,6 +162,13 @@ class MpesaAdapter:
         raw = f"{self._shortcode}{self._config.secret('passkey')}{timestamp}"
         return base64.b64encode(raw.encode()).decode(), timestamp
 
+    async def prepare(self, operation: str) -> None:
+        """The OAuth token the STK push ("collect") or the reversal ("refund") is sent with, obtained before
+        the core counts the request as sent (core.jobs.ready_to_send): a token endpoint slow or failing costs
+        the job a retry, never a push taken for one that may have gone out, which could never be asked
+        about (Daraja's status query needs the CheckoutRequestID the push's answer brings)."""
+        await self._tokens.get()
+
     async def request_collection(self, request: CollectionRequest) -> CollectionAccepted:
         if request.method not in self.methods:
             raise ProviderError(f"M-Pesa does not collect {request.method}", retryable=False,

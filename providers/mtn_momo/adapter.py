@@ -189,6 +189,12 @@ class MtnMomoAdapter:
             return response
         raise AssertionError("unreachable")
 
+    async def prepare(self, operation: str) -> None:
+        """The product's token a request to pay ("collect": collection) or a refund ("refund": disbursement) is
+        sent with, obtained before the core counts the request as sent (core.jobs.ready_to_send): a token
+        endpoint slow or failing then costs the job a retry, not a request taken for one that may have arrived."""
+        await self._tokens["disbursement" if operation == "refund" else "collection"].get()
+
     # collections ------------------------------------------------------------
     async def request_collection(self, request: CollectionRequest) -> CollectionAccepted:
         if request.payer is None:

@@ -189,12 +189,12 @@ async def test_mtn_rate_limit_retries_the_collection_after_retry_after(rt, demo,
 
 
 async def test_collect_still_waiting_at_its_deadline_is_left_to_the_status_query(rt, demo, worker, monkeypatch):
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.2)
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 1.5)
     wire = mpesa_wire()
     mpesa_adapter(rt, MPESA_BASE, wire.client())
 
     async def slow(_request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(2)
+        await asyncio.sleep(30)  # cut off long before: the token and the reads before the call fit in the budget
         return httpx.Response(200, json={"CheckoutRequestID": "ws_CO_1", "ResponseCode": "0"})
 
     wire.on("POST", PUSH, slow)
@@ -207,13 +207,13 @@ async def test_collect_still_waiting_at_its_deadline_is_left_to_the_status_query
 
 
 async def test_collect_cut_off_by_the_worker_is_not_sent_again(rt, demo, worker, monkeypatch):
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 0.3)
-    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)  # (0.3 s is less than a job is started with)
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 1.5)
+    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)  # (1.5 s is less than a job is started with)
     wire = mpesa_wire()
     mpesa_adapter(rt, MPESA_BASE, wire.client())
 
     async def slow(_request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(2)
+        await asyncio.sleep(30)  # cut off long before: the token and the reads before the call fit in the budget
         return httpx.Response(200, json={"CheckoutRequestID": "ws_CO_1", "ResponseCode": "0"})
 
     wire.on("POST", PUSH, slow)
@@ -283,12 +283,12 @@ async def test_refund_cut_off_by_the_worker_is_asked_about_not_sent_again(rt, de
     went through. A submit cut off at the handler timeout waits for the provider's word instead."""
     from tests.providers.test_refund_ambiguous import AIRTEL_REFUND, _told, airtel_collected
 
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 0.3)
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 1.5)
     monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
     wire, payment = await airtel_collected(rt, demo, "key-airtel-cut")
 
     async def slow(_request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(2)
+        await asyncio.sleep(30)  # cut off long before: the token and the reads before the call fit in the budget
         raise AssertionError("cut off before the answer")
 
     wire.on("POST", AIRTEL_REFUND, slow)
@@ -314,12 +314,12 @@ async def test_refund_cut_off_by_the_worker_is_asked_about_not_sent_again(rt, de
 
 async def test_mtn_refund_cut_off_is_settled_by_its_status(rt, demo, worker, monkeypatch):
     """MTN can be asked: the cut-off refund is not sent again, its status query completes it."""
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 0.3)
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 1.5)
     monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
     wire, _payment, refund = await _mtn_refund(rt, demo)
 
     async def slow(_request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(2)
+        await asyncio.sleep(30)  # cut off long before: the token and the reads before the call fit in the budget
         return httpx.Response(202)
 
     wire.on("POST", "/disbursement/v1_0/refund", slow)
@@ -438,7 +438,7 @@ async def test_a_member_suspended_after_a_push_that_may_have_arrived_is_left_to_
     from core.models import Member
     from core.outbox import INTERRUPTED
 
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 0.3)
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 1.5)
     monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
     rtp = "/collection/v1_0/requesttopay"
     for first_answer in ("cut off", "5xx"):
@@ -446,7 +446,7 @@ async def test_a_member_suspended_after_a_push_that_may_have_arrived_is_left_to_
         mtn_adapter(rt, wire)
 
         async def slow(_request: httpx.Request) -> httpx.Response:
-            await asyncio.sleep(2)
+            await asyncio.sleep(30)  # cut off long before: the token and the reads before the call fit in the budget
             return httpx.Response(202)
 
         wire.on("POST", rtp, slow if first_answer == "cut off" else httpx.Response(500, json={}))
