@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core import reminders
 from core.db import utcnow
@@ -26,6 +26,22 @@ async def _reminder_jobs(rt: Any) -> list[OutboxJob]:
     async with rt.sessionmaker() as s:
         jobs = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars().all()
     return [j for j in jobs if j.payload["template"] == "payment_reminder"]
+
+
+async def _run_cooperative_jobs(rt: Any) -> None:
+    """Run the cooperatives' jobs the daily scan fanned out (and those they hand on), as a worker would."""
+    handler = reminders.job_handlers(rt)[reminders.COOPERATIVE_SCAN]
+    while True:
+        async with rt.sessionmaker() as s:
+            pending = (await s.execute(select(OutboxJob).where(
+                OutboxJob.kind == reminders.COOPERATIVE_SCAN, OutboxJob.status == "PENDING")
+                .order_by(OutboxJob.id))).scalars().all()
+        if not pending:
+            return
+        for row in pending:
+            await handler(Job(row.id, row.kind, dict(row.payload), row.attempts + 1, row.max_attempts, row.created_at))
+            async with rt.sessionmaker.begin() as s:
+                await s.execute(update(OutboxJob).where(OutboxJob.id == row.id).values(status="DONE"))
 
 
 async def _scans(rt: Any) -> list[tuple[str, datetime]]:
@@ -103,9 +119,11 @@ async def test_a_scan_job_run_late_is_skipped_and_the_chain_goes_on(
     # Run within the window (a restart at 06:10), it sends; run again, it sends nothing twice.
     monkeypatch.setattr(reminders, "utcnow", lambda: NOW + timedelta(minutes=10))
     await run_scan(job)
+    await _run_cooperative_jobs(rt)  # the cooperatives' jobs it fanned out
     sent = await _reminder_jobs(rt)
     assert len(sent) >= 2
     await run_scan(job)
+    await _run_cooperative_jobs(rt)
     assert len(await _reminder_jobs(rt)) == len(sent)
     assert len({j.dedupe_key for j in sent}) == len(sent)
 
@@ -113,34 +131,42 @@ async def test_a_scan_job_run_late_is_skipped_and_the_chain_goes_on(
 async def test_a_scan_that_fails_keeps_the_chain_and_what_it_queued(
     rt: Any, demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from core.models import Cooperative
+    from core.models import Cooperative, PaymentType
 
     run_scan = reminders.job_handlers(rt)["reminders.scan"]
     job = Job(1, "reminders.scan", {"day": "2026-11-28"}, 1, 5, NOW)
     monkeypatch.setattr(reminders, "utcnow", lambda: NOW + timedelta(minutes=10))
     async with rt.sessionmaker() as s:
-        # Scanned after the demo cooperative (cooperatives are scanned in id order).
+        # Scanned after the demo cooperative (cooperatives are scanned in id order), its rent due too.
         other = Cooperative(id="ffffffff-ffff-4fff-8fff-ffffffffffff", name="Second Cooperative", short_code="SEC",
                             country="RW", currency="RWF",
                             timezone="Africa/Kigali", status="ACTIVE")
         s.add(other)
+        s.add(PaymentType(cooperative_id=other.id, name="Rent", amount_minor=10_000, currency="RWF", is_active=True,
+                          is_recurring=True, recurring_interval="MONTHLY", due_day=1))
+        s.add(Member(cooperative_id=other.id, name="Second Member", phone_enc="x", phone_index="idx-second",
+                     phone_masked="+25078****000", status="ACTIVE"))
         await s.commit()
         other_id = other.id
-    real_scan = reminders.scan
+    real_chunk = reminders._scan_chunk
 
-    async def scan_failing_on_the_second(session: Any, rt: Any, **kw: Any) -> int:
-        if kw.get("cooperative_id") == other_id:
+    async def chunk_failing_on_the_second(session: Any, rt: Any, plan: Any, **kw: Any) -> Any:
+        if plan.cooperative_id == other_id:
             raise TimeoutError("the scan ran out of time")  # e.g. cancelled at the handler timeout
-        return await real_scan(session, rt, **kw)
+        return await real_chunk(session, rt, plan, **kw)
 
-    monkeypatch.setattr(reminders, "scan", scan_failing_on_the_second)
+    monkeypatch.setattr(reminders, "_scan_chunk", chunk_failing_on_the_second)
+    await run_scan(job)  # it only fans out: one job per cooperative
     with pytest.raises(TimeoutError):
-        await run_scan(job)
-    # Tomorrow's scan exists although this one failed, and the first cooperative's reminders stay queued.
+        await _run_cooperative_jobs(rt)
+    # Tomorrow's scan exists although the second cooperative's job failed, and the first one's reminders stay.
     assert [day for day, _ in await _scans(rt)] == ["2026-11-29"]
     queued = await _reminder_jobs(rt)
     assert len(queued) >= 2 and {j.cooperative_id for j in queued} == {demo["cooperative_id"]}
-    # The retry queues nothing twice.
-    monkeypatch.setattr(reminders, "scan", real_scan)
+    # Its retry queues the second cooperative's, and nothing twice.
+    monkeypatch.setattr(reminders, "_scan_chunk", real_chunk)
     await run_scan(job)
-    assert len(await _reminder_jobs(rt)) == len(queued)
+    await _run_cooperative_jobs(rt)
+    after = await _reminder_jobs(rt)
+    assert len(after) == len(queued) + 1 and len({j.dedupe_key for j in after}) == len(after)
+    assert [j.cooperative_id for j in after if j.cooperative_id == other_id] == [other_id]
