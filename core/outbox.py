@@ -360,7 +360,11 @@ class OutboxWorker:
         deadline = asyncio.timeout(limit)
         try:
             if handler is None:
-                raise PermanentJobError(f"no handler for job kind {job.kind!r}")
+                # A kind of another release (a newer one queued it during a deploy): handed back as a schema
+                # mismatch is, for a worker that has it, rather than parked.
+                outcome = "later"
+                await self._schema_mismatch(job, LookupError(f"no handler for job kind {job.kind!r}"))
+                return
             async with deadline:
                 await handler(job)
         except RetryLater as later:
@@ -410,7 +414,8 @@ class OutboxWorker:
                 self._on_job(job.kind, outcome, time.perf_counter() - started)
 
     async def _schema_mismatch(self, job: Job, exc: Exception) -> None:
-        """`job`'s handler met a schema of another release (schema_mismatch): due again in
+        """`job`'s handler met a schema of another release (schema_mismatch), or this worker has no handler for its
+        kind (queued by a newer release): due again in
         SCHEMA_RETRY_SECONDS with its attempt given back, so a deploy's window parks nothing; logged at most
         once a SCHEMA_LOG_SECONDS per worker. A doubt about its provider call (a stamped call, or an
         interrupted attempt before it) is kept for the next attempt (Job.interrupted)."""
@@ -420,8 +425,8 @@ class OutboxWorker:
         self._mismatches += 1
         now = time.monotonic()
         if now - self._mismatch_logged >= SCHEMA_LOG_SECONDS:
-            log.warning("job's code does not match the database schema (a deploy in progress?); handed back "
-                        "without using an attempt, for a worker of the matching release",
+            log.warning("job's code does not match the database schema or the job's kind (a deploy in "
+                        "progress?); handed back without using an attempt, for a worker of the matching release",
                         extra={"job_id": job.id, "kind": job.kind, "jobs_handed_back": self._mismatches,
                                "delay_s": SCHEMA_RETRY_SECONDS, "error": f"{type(exc).__name__}: {exc}"[:500]})
             self._mismatches, self._mismatch_logged = 0, now

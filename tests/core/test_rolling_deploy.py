@@ -135,3 +135,28 @@ async def test_the_new_release_runs_the_job_the_old_one_handed_back(sm):
     await _due_now(sm)
     assert await OutboxWorker(sm, {"webhook.event": new}).run_once() == 1
     assert ran == [1] and (await _jobs(sm))["webhook.event"].status == "DONE"
+
+
+async def test_a_job_of_a_kind_this_worker_does_not_know_is_handed_back_not_parked(sm, caplog):
+    """A newer release queues a kind the previous release's workers have no handler for (reminders.cooperative,
+    ussd.forget_phone): handed back for a worker that has it, its attempts kept. It was parked at once (no
+    retries), and the cooperative missed its reminders until a person replayed it."""
+    async with sm.begin() as session:
+        await enqueue(session, "reminders.cooperative", {"cooperative_id": "c1"}, max_attempts=2)
+    old_worker = OutboxWorker(sm, {"sms.send": lambda job: None})
+    with caplog.at_level(logging.WARNING, logger="gateway.outbox"):
+        for _ in range(4):  # twice the attempts the job has
+            await old_worker.run_once()
+            await _due_now(sm)
+    job = (await _jobs(sm))["reminders.cooperative"]
+    assert (job.status, job.attempts, job.locked_by) == ("PENDING", 0, None)
+    assert job.last_error.startswith(SCHEMA_MISMATCH) and "no handler for job kind 'reminders.cooperative'" in \
+        job.last_error
+    assert [r.kind for r in caplog.records if "does not match" in r.getMessage()] == ["reminders.cooperative"]
+    ran = []
+
+    async def new_release(job):
+        ran.append(job.payload)
+
+    await OutboxWorker(sm, {"reminders.cooperative": new_release}).run_once()
+    assert ran == [{"cooperative_id": "c1"}] and (await _jobs(sm))["reminders.cooperative"].status == "DONE"
