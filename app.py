@@ -86,7 +86,8 @@ async def _connect_redis(settings: Settings) -> tuple[Redis, Any]:
 async def database(settings: Settings) -> AsyncIterator[AsyncEngine]:
     # As many connections as a process has requests in flight: overflow connections are closed on
     # return, so a pool smaller than the load reconnects (and re-prepares statements) all the time.
-    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
+                         pool_timeout=settings.db_pool_timeout_seconds)
     await align_clock_once(engine)  # before anything is dated
     stop = asyncio.Event()
     aligner = asyncio.create_task(keep_clock_aligned(engine, stop))

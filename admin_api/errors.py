@@ -9,6 +9,7 @@ from http import HTTPStatus
 from aiohttp import web
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from core.db import utcnow
 from core.errors import DomainError, ValidationError
@@ -83,10 +84,39 @@ def _bad_value(exc: BaseException) -> bool:
 def _outage(exc: BaseException) -> bool:
     """A failure to reach the database or Redis (refused, reset, timed out, restarting), not a bug: a
     database error other than a constraint, a malformed statement or bad data (see _bad_value)."""
-    if isinstance(exc, (OSError, TimeoutError, RedisError)):
+    # PoolTimeout: no pooled connection came free within DB_POOL_TIMEOUT_SECONDS (every one busy or held): the
+    # request never reached the database, so it is an outage like one refused, not a bug (was a 500 after 30 s).
+    if isinstance(exc, (OSError, TimeoutError, RedisError, PoolTimeout)):
         return True
     return (isinstance(exc, DBAPIError) and not isinstance(exc, (IntegrityError, ProgrammingError, DataError))
             and not _bad_value(exc))
+
+
+def _what_failed(exc: BaseException) -> str:
+    return "no database connection free (pool exhausted)" if isinstance(exc, PoolTimeout) else type(exc).__name__
+
+
+def _answer_begun(request: web.Request) -> bool:
+    """Has this request's response already begun (a streamed export prepared: its status line and headers are
+    sent, or queued to go with the first chunk)? Nothing else may be written then."""
+    writer = request.writer
+    return writer.output_size > 0 or getattr(writer, "_headers_buf", None) is not None
+
+
+def _cut_short(request: web.Request, exc: BaseException) -> web.StreamResponse:
+    """A failure after the response began (an export cut mid-stream): a second response written into the
+    first's body would be read as CSV rows, or as a garbled chunk. The connection is closed instead (what was
+    written is still delivered first), so the body ends without its last chunk and the client reports an
+    incomplete transfer. The response returned is never sent: aiohttp finds the connection closing and drops it."""
+    if _outage(exc):
+        log.warning("dependency unavailable on %s %s after the response began; connection closed: %s",
+                    request.method, request.path, _what_failed(exc))
+    else:
+        log.error("error on %s %s after the response began; connection closed", request.method, request.path,
+                  exc_info=exc)
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=503 if _outage(exc) else 500)
 
 
 @web.middleware
@@ -95,35 +125,43 @@ async def error_middleware(
 ) -> web.StreamResponse:
     try:
         response = await handler(request)
-    except ApiError as exc:
+    except Exception as exc:
+        if _answer_begun(request):
+            return _cut_short(request, exc)
+        return _error_answer(request, exc)
+    apply_rate_headers(request, response)
+    return response
+
+
+def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The error in the API's shape, when nothing of a response was written yet."""
+    if isinstance(exc, ApiError):
         return error_response(request, exc.status, exc.payload, exc.headers)
-    except ValidationError as exc:
+    if isinstance(exc, ValidationError):
         return error_response(request, exc.status, list(exc.errors))
-    except DomainError as exc:
+    if isinstance(exc, DomainError):
         return error_response(request, exc.status, exc.message)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         message = exc.text if exc.status != 404 else f"Cannot {request.method} {request.path}"
         if exc.status == 413:
             message = "request body is too large"
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         return error_response(request, exc.status, message or HTTPStatus(exc.status).phrase, headers)
-    except Exception as exc:
-        if isinstance(exc, DBAPIError) and _bad_value(exc):
-            # Not an outage: "send it again" would loop forever. A check that should have refused the value
-            # first is missing: logged with the code so it can be added.
-            log.error("the database refused a value on %s %s (SQLSTATE %s)", request.method, request.path,
-                      _sqlstate(exc))
-            return error_response(request, 400, "a value in the request cannot be stored (for example a "
-                                  "control character, or a number out of range)")
-        if _outage(exc):
-            # The database or Redis is down or restarting: the transaction did not commit, so nothing was
-            # changed, and the same request (same idempotency key) can be sent again.
-            log.warning("dependency unavailable on %s %s: %s", request.method, request.path, type(exc).__name__)
-            return error_response(request, 503, "A dependency is unavailable; nothing was changed, send it again",
-                                  {"Retry-After": "1"})
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(request, 500, "Internal server error")
-    apply_rate_headers(request, response)
-    return response
+    if isinstance(exc, DBAPIError) and _bad_value(exc):
+        # Not an outage: "send it again" would loop forever. A check that should have refused the value
+        # first is missing: logged with the code so it can be added.
+        log.error("the database refused a value on %s %s (SQLSTATE %s)", request.method, request.path,
+                  _sqlstate(exc))
+        return error_response(request, 400, "a value in the request cannot be stored (for example a "
+                              "control character, or a number out of range)")
+    if _outage(exc):
+        # The database or Redis is down or restarting, or every pooled connection is busy: the transaction
+        # did not commit, so nothing was changed, and the same request (same idempotency key) can be sent
+        # again. One line, no traceback: an outage is not a bug.
+        log.warning("dependency unavailable on %s %s: %s", request.method, request.path, _what_failed(exc))
+        return error_response(request, 503, "A dependency is unavailable; nothing was changed, send it again",
+                              {"Retry-After": "1"})
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(request, 500, "Internal server error")

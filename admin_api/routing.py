@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,6 +20,7 @@ from admin_api.validation import Param, parse_json, parse_query, read_body, vali
 from core import auth
 from core.auth import Principal, Unauthorized
 from core.cooperatives import zone_of
+from core.db import autocommit
 from core.errors import Forbidden, ServiceUnavailable, ValidationError
 from core.inbound import client_address, limit_key
 from core.models import Cooperative
@@ -27,6 +29,11 @@ from core.runtime import RUNTIME, Runtime
 
 log = logging.getLogger("gateway.api")
 JSON_BODY_LIMIT = 64 * 1024
+# Seconds a caller has to deliver its whole JSON body once its headers are in (408 after that). The body is
+# read before any database work, so a slow one holds no connection; the deadline bounds the rest: a caller
+# trickling bytes (a bad link, or on purpose) must not keep a request open for good. 64 KiB in 10 s is
+# 52 kbit/s, slower than any link an integration calls from.
+BODY_READ_SECONDS = 10.0
 RATE_MULTIPLIER = web.AppKey("rate_multiplier", float)
 
 
@@ -93,11 +100,17 @@ def client_ip(request: web.Request) -> str:
 
 async def authenticate(request: web.Request, session: AsyncSession,
                        rt: Runtime) -> tuple[Principal, dict[str, Any] | None]:
-    """The caller, and a signed-in user's token claims (None for an API key: its row was just read)."""
+    """The caller, and a signed-in user's token claims (None for an API key: its row was just read).
+
+    An API key is looked up on a connection of its own, in autocommit, and that connection goes back to the
+    pool at once. In the request's session the lookup kept a transaction open for the handler's whole run (and
+    the once-a-minute last-used stamp kept the key's row locked: the key's other requests, and its revocation,
+    waited behind it)."""
     api_key = request.headers.get("X-API-Key")
     header = request.headers.get("Authorization", "")
     if api_key:
-        return await auth.principal_from_api_key(session, api_key.strip()), None
+        async with autocommit(rt.engine) as conn:
+            return await auth.principal_from_api_key(conn, api_key.strip()), None
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Unauthorized")
@@ -200,9 +213,27 @@ def _local_midnight(day: datetime, zone: ZoneInfo) -> datetime:
         return day  # 0001-01-01 or 9999-12-31 in a zone that moves it out of range: keep the UTC bound
 
 
+async def _read_raw_body(request: web.Request, route: Route) -> bytes | None:
+    """The request's JSON body, whole and size-checked (413), within BODY_READ_SECONDS (408); None when the
+    route takes none and the request has none to check. Read before the session is opened: a request whose
+    body trickles in holds no pooled connection while it does (a few such requests once held every one, and
+    USSD, provider callbacks and /readyz waited behind them). A route with `raw_body` reads its own."""
+    if route.body is None and not (
+        route.raw_body is None and request.body_exists and request.method in ("POST", "PUT", "PATCH")
+    ):
+        return None
+    try:
+        async with asyncio.timeout(BODY_READ_SECONDS):
+            return await read_body(request, route.body_limit)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_READ_SECONDS:g} seconds; "
+                            "nothing was changed, send it again") from None
+
+
 def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def endpoint(request: web.Request) -> web.StreamResponse:
         rt = request.config_dict[RUNTIME]
+        raw = await _read_raw_body(request, route)
         async with rt.sessionmaker() as session:
             principal: Principal | None = None
             claims: dict[str, Any] | None = None
@@ -220,15 +251,10 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
                 await _period(request, session, principal, query)
             body: Any = None
             if route.body is not None:
-                raw = await read_body(request, route.body_limit)
-                body = parse_json(raw, request)
+                body = parse_json(raw or b"", request)
                 validate(body, route.body)
-            elif (
-                route.raw_body is None and request.body_exists and request.method in ("POST", "PUT", "PATCH")
-            ):
-                raw = await read_body(request, route.body_limit)
-                if raw.strip() and parse_json(raw, request) not in ({}, None):
-                    raise ApiError(400, ["this endpoint takes no request body"])
+            elif raw is not None and raw.strip() and parse_json(raw, request) not in ({}, None):
+                raise ApiError(400, ["this endpoint takes no request body"])
             ctx = Ctx(rt=rt, session=session, principal=principal, body=body, query=query, request=request)
             response = await route.handler(request, ctx)
             if session.in_transaction():

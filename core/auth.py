@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import and_, bindparam, false, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from core.audit import Actor, record
 from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
@@ -682,29 +682,50 @@ async def revoke_api_keys_created_by(session: AsyncSession, user_id: str, *, act
     return [await revoke_api_key(session, key, actor=actor, reason=reason) for key in keys]
 
 
-async def principal_from_api_key(session: AsyncSession, clear: str) -> Principal:
+# The key, its cooperative's status and its creator's: Core columns, so it reads the same on a Core connection
+# (the API's autocommit lookup) as in a session.
+_KEY_LOOKUP = (
+    select(ApiKey.id, ApiKey.cooperative_id, ApiKey.scopes, ApiKey.revoked_at, ApiKey.last_used_at,
+           Cooperative.status, AdminUser.is_active)
+    .join(Cooperative, Cooperative.id == ApiKey.cooperative_id)
+    .outerjoin(AdminUser, AdminUser.id == ApiKey.created_by)
+    .where(ApiKey.key_hash == bindparam("key_hash"))
+)
+LAST_USED_EVERY = timedelta(minutes=1)
+# The last-used stamp, at most once a minute per key, and never waited for: a row locked by another request's
+# stamp or by a revocation being written is skipped (SKIP LOCKED; SQLite has no row locks and writes it), and
+# the condition is read again under the lock, so requests that all saw an old stamp write it once.
+_STAMP_LAST_USED = (
+    update(ApiKey)
+    .where(ApiKey.id.in_(
+        select(ApiKey.id)
+        .where(ApiKey.id == bindparam("key_id"),
+               or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at <= bindparam("stale_before")))
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()))
+    .values(last_used_at=bindparam("now"))
+)
+
+
+async def principal_from_api_key(conn: AsyncConnection | AsyncSession, clear: str) -> Principal:
     """Look the key up by its hash; revoked keys, suspended cooperatives and keys whose creator's account
     is deactivated are refused (deactivation revokes them too: this is the second line, one column more in
-    the same query)."""
+    the same query).
+
+    `conn`: the API passes an autocommit connection (admin_api.routing.authenticate), so neither the lookup
+    nor the last-used stamp keeps a transaction open, or the key's row locked, while the request runs; in a
+    session both join its transaction."""
     if not clear or len(clear) > 200:
         raise Unauthorized("invalid or inactive API key")
-    row = (
-        await session.execute(
-            select(ApiKey, Cooperative.status, AdminUser.is_active)
-            .join(Cooperative, Cooperative.id == ApiKey.cooperative_id)
-            .outerjoin(AdminUser, AdminUser.id == ApiKey.created_by)
-            .where(ApiKey.key_hash == hash_api_key(clear))
-        )
-    ).first()
+    row = (await conn.execute(_KEY_LOOKUP, {"key_hash": hash_api_key(clear)})).first()
     # A key made by no account (created_by NULL: the CLI, older rows) has no creator to check.
-    if row is None or row[0].revoked_at is not None or row[1] != "ACTIVE" or row[2] is False:
+    if row is None or row.revoked_at is not None or row.status != "ACTIVE" or row.is_active is False:
         raise Unauthorized("invalid or inactive API key")
-    key: ApiKey = row[0]
     # Best effort and cheap: one UPDATE per call, skipped when used in the last minute.
     now = utcnow()
-    if key.last_used_at is None or now - key.last_used_at > timedelta(minutes=1):
-        await session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
-    return Principal("api_key", key.id, API_KEY, key.cooperative_id, None, with_implied(key.scopes))
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_EVERY:
+        await conn.execute(_STAMP_LAST_USED, {"key_id": row.id, "stale_before": now - LAST_USED_EVERY, "now": now})
+    return Principal("api_key", row.id, API_KEY, row.cooperative_id, None, with_implied(row.scopes))
 
 
 def require(principal: Principal, scope: str) -> None:

@@ -102,6 +102,11 @@ class Settings:
     # long, and its invoice expires then; mobile money's PIN prompt has payment_timeout_seconds.
     bank_payment_timeout_seconds: int = 3600
     db_pool_size: int = 20
+    # Seconds a request waits for a free pooled connection before it is answered 503 (core.db.POOL_TIMEOUT_SECONDS).
+    db_pool_timeout_seconds: float = 5.0
+    # USSD hops one serve process runs at once; past it a hop is answered "unavailable" at once (see
+    # channels.ussd.routes): under overload the excess would otherwise queue until the aggregator gives up.
+    ussd_max_hops_in_flight: int = 32
     ussd_ip_allowlists: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     trusted_proxies: tuple[str, ...] = ()
     # Per aggregator, where its members dial another code (Ghana's aggregators are not Rwanda's): a cooperative's
@@ -546,6 +551,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         reminders_enabled=_bool(env, "REMINDERS_ENABLED", True),
         sms_payer_answer_days=_int(env, "SMS_PAYER_ANSWER_DAYS", 90, minimum=0, maximum=36500),
         db_pool_size=_int(env, "DB_POOL_SIZE", 20, minimum=1),
+        db_pool_timeout_seconds=_float(env, "DB_POOL_TIMEOUT_SECONDS", 5.0),
+        ussd_max_hops_in_flight=_int(env, "USSD_MAX_HOPS_IN_FLIGHT", 32, minimum=1),
         ussd_ip_allowlists=allowlists,
         trusted_proxies=trusted_proxies,
         extra={"rate_limit_multiplier": rate_multiplier, "phone_simulator_enabled": phone_page},

@@ -138,10 +138,21 @@ def _make_parent_folder(url: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
+# Seconds a checkout waits for a pooled connection when all are in use (DB_POOL_TIMEOUT_SECONDS for serve and
+# worker). SQLAlchemy's 30 s default had an exhausted pool answer the API's callers 500 after 30 s and provider
+# callbacks 503 only after 30 s: past a few seconds the wait is an outage, not a queue, and the caller is better
+# told at once (503 + Retry-After) to send it again. Longer than a USSD hop's 3 s budget, so a hop waiting here
+# is cut by its own budget first (its "unavailable" screen), and no longer than the 5 s grace a hop that began
+# a side effect gets; a provider's callback is answered 503 well within its own timeout, and it retries.
+POOL_TIMEOUT_SECONDS = 5.0
+
+
 def make_engine(url: str, *, pool_size: int = 10, echo: bool = False,
-                command_timeout: float | None = 10.0) -> AsyncEngine:
+                command_timeout: float | None = 10.0, pool_timeout: float = POOL_TIMEOUT_SECONDS) -> AsyncEngine:
     """`command_timeout`: seconds a statement may run (a request must not hang on one); None for migrations,
-    whose index builds and lock waits behind live traffic may rightly take longer."""
+    whose index builds and lock waits behind live traffic may rightly take longer. `pool_timeout`: seconds to
+    wait for a free connection before sqlalchemy.exc.TimeoutError (the API answers it 503, see
+    admin_api.errors)."""
     if url.startswith("sqlite"):
         _make_parent_folder(url)
         engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
@@ -161,6 +172,7 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False,
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size,
+        pool_timeout=pool_timeout,
         pool_recycle=1800,
         # Last in, first out: the connections in use stay the same few, so a checkout under steady load
         # gets one used milliseconds ago (no ping, see below) instead of rotating through the whole pool
