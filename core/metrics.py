@@ -26,6 +26,12 @@ HTTP_LATENCY = Histogram("gateway_http_request_seconds", "HTTP request latency",
 USSD_HOPS = Counter("gateway_ussd_hops_total", "USSD hops", ["aggregator", "screen"], registry=REGISTRY)
 USSD_HOP_LATENCY = Histogram("gateway_ussd_hop_seconds", "USSD hop latency", ["aggregator", "screen"],
                              buckets=_FAST, registry=REGISTRY)
+# Overload (channels.ussd.routes): the hops one serve process is running, and those it answered "unavailable" at
+# once because USSD_MAX_HOPS_IN_FLIGHT were already running (else they queue until the aggregator gives up).
+USSD_HOPS_IN_FLIGHT = Gauge("gateway_ussd_hops_in_flight", "USSD hops this process is running now",
+                            registry=REGISTRY)
+USSD_HOPS_SHED = Counter("gateway_ussd_hops_shed_total", "USSD hops answered unavailable at once: the process "
+                         "already ran USSD_MAX_HOPS_IN_FLIGHT", ["aggregator"], registry=REGISTRY)
 USSD_SESSIONS = Counter("gateway_ussd_sessions_total", "USSD sessions by outcome", ["aggregator", "outcome"],
                         registry=REGISTRY)
 PAYMENTS = Counter("gateway_payment_transitions_total", "Payment transitions by target status",

@@ -14,6 +14,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from sqlalchemy import or_, select
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from core.audit import Actor
 from core.config import Settings
@@ -166,7 +167,7 @@ async def provider_callback(request: web.Request) -> web.Response:
         # Our side failed (database down): nothing was stored, so the provider's retry must get through.
         log.error("provider callback not processed; asked to retry",
                   extra={"provider": name, "event_id": event.event_id, "error": type(exc).__name__},
-                  exc_info=not isinstance(exc, (OSError, DBAPIError)))
+                  exc_info=not isinstance(exc, (OSError, DBAPIError, PoolTimeout)))
         await _release(adapter, callback)
         return _error(request, 503, "the callback could not be processed now; retry later")
     log.info("provider callback handled", extra={"provider": name, "event_id": event.event_id,

@@ -1,4 +1,5 @@
-"""HTTP routes of the USSD channel: callback authentication, a time budget per hop, wire in and out."""
+"""HTTP routes of the USSD channel: callback authentication, a time budget per hop, a cap on hops in flight,
+wire in and out."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from types import ModuleType
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from channels.ussd import africastalking, hubtel, nalo, records
 from channels.ussd.screens import build_engine
@@ -38,23 +42,33 @@ MAX_BODY = 16 * 1024
 # longer, still inside the aggregators' 10 s; past that the user hears "unavailable" but the hop
 # finishes in the background and a retry of the same hop gets its real answer.
 SIDE_EFFECT_GRACE_SECONDS = 5.0
+# Past the cap on hops in flight (USSD_MAX_HOPS_IN_FLIGHT), a warning at most this often says how many were shed.
+SHED_WARN_EVERY = 60.0
 # Outages expected in production: logged without a traceback.
-EXPECTED_OUTAGES: tuple[type[BaseException], ...] = (OSError, RedisError, DBAPIError)  # OSError: timeouts too
+EXPECTED_OUTAGES: tuple[type[BaseException], ...] = (OSError, RedisError, DBAPIError, PoolTimeout)  # OSError: timeouts
 
 
 class UssdChannel:
     def __init__(self, allowlist: tuple[str, ...], per_aggregator: Mapping[str, tuple[str, ...]] | None = None,
-                 trusted_proxies: tuple[str, ...] = ()) -> None:
+                 trusted_proxies: tuple[str, ...] = (), max_in_flight: int = 32) -> None:
         self.service = UssdService(build_engine())
         self.budget = HOP_BUDGET_SECONDS
         self.grace = SIDE_EFFECT_GRACE_SECONDS
+        # Hops running now, and how many may: one more is answered "unavailable" at once (see admit()).
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self._shed_unwarned = 0
+        self._shed_warned_at = -math.inf
+        # The progress of each session's hop running here (finishing in the background included), by
+        # (aggregator, session id): a copy of it that is shed is told "wait for the SMS" once a payment began.
+        self._live: dict[tuple[str, str], HopProgress] = {}
         self.networks = [ipaddress.ip_network(entry, strict=False) for entry in allowlist]
         self.networks_by_aggregator = {name: [ipaddress.ip_network(e, strict=False) for e in entries]
                                        for name, entries in (per_aggregator or {}).items()}
         self.trusted_proxies = tuple(trusted_proxies)
         # Hops finishing their side effect after the aggregator was answered (asyncio keeps only weak
         # references to tasks: without this set one could be collected mid-way).
-        self._finishing: set[asyncio.Task[tuple[UssdReply, str]]] = set()
+        self._finishing: dict[asyncio.Task[tuple[UssdReply, str]], tuple[tuple[str, str], HopProgress]] = {}
 
     def allowed_networks(self, aggregator: str) -> list[Any]:
         return self.networks_by_aggregator.get(aggregator, self.networks)
@@ -63,34 +77,85 @@ class UssdChannel:
         """The caller's address; behind our own trusted proxies, the nearest untrusted X-Forwarded-For hop."""
         return client_address(request, self.trusted_proxies)
 
-    async def run_hop(self, rt: Any, turn: UssdTurn, limit: int) -> tuple[UssdReply, str]:
-        """The hop within its budget; a hop that has begun a side effect is never cut mid-way."""
+    def admit(self) -> bool:
+        """Take a place among the hops in flight; False when all are taken (the caller answers "unavailable").
+
+        Past what the process can serve, hops admitted anyway share the event loop and each takes longer,
+        while new requests wait unseen (accept backlog, parsing) until the aggregator gives up on them: at
+        300 hops/s on 2 CPUs, 39% of members got no screen at all while every hop met its budget by the
+        hop-time metric. A hop shed here costs its parsing only. (Hops finishing a payment in the background
+        after their answer are not counted: they are few, and each is bounded by its grace.)
+        """
+        if self.in_flight >= self.max_in_flight:
+            return False
+        self.in_flight += 1
+        return True
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    def shed(self, rt: Any, turn: UssdTurn) -> UssdReply:
+        """The answer to a hop not admitted. Nothing is read or written for it: no session, no payment, no
+        Redis key (the language is this process's memory of the phone, as for any "unavailable"). The
+        aggregator ends the session; the session saved by the hop before stays as it was, and so does its
+        resume route, which the member's next dial offers (a confirmation resumed keeps its reserved
+        reference: a payment already made with it is shown, not made again). Only when a hop of this session
+        that began a payment is still running here is the answer "wait for the SMS" instead."""
+        self._shed_unwarned += 1
+        now = time.monotonic()
+        if now - self._shed_warned_at >= SHED_WARN_EVERY:
+            log.warning("ussd hops answered unavailable: %d hops already in flight (USSD_MAX_HOPS_IN_FLIGHT)",
+                        self.max_in_flight, extra={"shed": self._shed_unwarned})
+            self._shed_warned_at, self._shed_unwarned = now, 0
+        running = self._live.get((turn.aggregator, turn.session_id))
+        if running is not None and running.side_effects:
+            return self.service.unsettled(rt, turn)
+        return self.service.unavailable(rt, turn)
+
+    async def run_hop(self, rt: Any, turn: UssdTurn, limit: int, started: float | None = None
+                      ) -> tuple[UssdReply, str]:
+        """The hop within its budget, counted from `started` (time.perf_counter() when the request reached its
+        handler) if given; a hop that has begun a side effect is never cut mid-way."""
         progress = HopProgress()
+        key = (turn.aggregator, turn.session_id)
         token = HOP_PROGRESS.set(progress)
         try:
             task = asyncio.create_task(self.service.handle(rt, turn, limit))
         finally:
             HOP_PROGRESS.reset(token)
-        done, _ = await asyncio.wait({task}, timeout=self.budget)
-        if not done and progress.side_effects:
-            done, _ = await asyncio.wait({task}, timeout=self.grace)
-        if done:
-            try:
-                return task.result()
-            except Exception as exc:
-                if progress.side_effects:
-                    raise HopUnsettled(f"hop failed after its side effect began: {type(exc).__name__}") from exc
-                raise
-        if progress.side_effects:
-            # Let it commit and save the session's answer; the aggregator's retry will be served it.
-            self._finishing.add(task)
-            task.add_done_callback(self._finished)
-            raise HopUnsettled("hop still finishing its side effect")
-        task.cancel()
-        raise TimeoutError("hop over budget")
+        self._live[key] = progress
+        finishing = False
+        try:
+            budget = self.budget if started is None else max(0.0, started + self.budget - time.perf_counter())
+            done, _ = await asyncio.wait({task}, timeout=budget)
+            if not done and progress.side_effects:
+                done, _ = await asyncio.wait({task}, timeout=self.grace)
+            if done:
+                try:
+                    return task.result()
+                except Exception as exc:
+                    if progress.side_effects:
+                        raise HopUnsettled(f"hop failed after its side effect began: {type(exc).__name__}") from exc
+                    raise
+            if progress.side_effects:
+                # Let it commit and save the session's answer; the aggregator's retry will be served it.
+                self._finishing[task] = (key, progress)
+                task.add_done_callback(self._finished)
+                finishing = True
+                raise HopUnsettled("hop still finishing its side effect")
+            task.cancel()
+            raise TimeoutError("hop over budget")
+        finally:
+            if not finishing:
+                self._forget(key, progress)
+
+    def _forget(self, key: tuple[str, str], progress: HopProgress) -> None:
+        if self._live.get(key) is progress:  # (not a later hop of the same session's)
+            del self._live[key]
 
     def _finished(self, task: asyncio.Task[tuple[UssdReply, str]]) -> None:
-        self._finishing.discard(task)
+        key, progress = self._finishing.pop(task)
+        self._forget(key, progress)
         if not task.cancelled() and task.exception() is not None:
             log.warning("ussd hop finished in the background with an error",
                         extra={"error": type(task.exception()).__name__})
@@ -101,7 +166,12 @@ USSD = web.AppKey("ussd_channel", UssdChannel)
 
 def setup(app: web.Application) -> None:
     settings = app[SETTINGS]
-    app[USSD] = UssdChannel(settings.ussd_ip_allowlist, settings.ussd_ip_allowlists, settings.trusted_proxies)
+    app[USSD] = UssdChannel(settings.ussd_ip_allowlist, settings.ussd_ip_allowlists, settings.trusted_proxies,
+                            max_in_flight=settings.ussd_max_hops_in_flight)
+    # Read at each scrape, not moved per hop (a gauge's inc and dec cost a lock each); the process's one app
+    # (in tests the latest), not kept alive by the gauge.
+    channel = weakref.ref(app[USSD])
+    metrics.USSD_HOPS_IN_FLIGHT.set_function(lambda: float(c.in_flight) if (c := channel()) is not None else 0.0)
     missing = [name for name in AGGREGATORS if not settings.callback_secrets.get(name)]
     if missing:
         log.warning("USSD callbacks accepted without a URL secret; set CALLBACK_SECRET_<AGGREGATOR>",
@@ -152,24 +222,58 @@ async def _read(request: web.Request, aggregator: str) -> Any:
         raise MalformedRequest("body is not JSON") from None
 
 
-@functools.cache  # screen ids are a fixed set (the engine's screens, plus retry/closed/unavailable)
+@functools.cache  # screen ids are a fixed set (the engine's screens, plus retry/closed/unavailable/busy)
 def _hop_metrics(aggregator: str, screen: str) -> tuple[Any, Any]:
     """The hop counter and latency series of this screen; labels() costs a lock and a lookup per call."""
     return (metrics.USSD_HOPS.labels(aggregator=aggregator, screen=screen),
             metrics.USSD_HOP_LATENCY.labels(aggregator=aggregator, screen=screen))
 
 
+@functools.cache
+def _shed_metrics(aggregator: str) -> tuple[Any, Any]:
+    """The shed counter and the sessions counter's "busy" outcome of this aggregator."""
+    return (metrics.USSD_HOPS_SHED.labels(aggregator=aggregator),
+            metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="busy"))
+
+
+async def _run_hop(channel: UssdChannel, rt: Any, turn: UssdTurn, limit: int, started: float
+                   ) -> tuple[UssdReply, str]:
+    """An admitted hop's answer and screen id, "unsettled" or "unavailable" when it did not finish well."""
+    aggregator = turn.aggregator
+    try:
+        return await channel.run_hop(rt, turn, limit, started)
+    except HopUnsettled as exc:
+        # Not "try again": the payment may have gone through. The user is told to wait for the SMS.
+        log.warning("ussd hop unsettled after its side effect; answering pending",
+                    extra={"aggregator": aggregator, "session_id": turn.session_id,
+                           "phone": turn.phone.masked(), "error": str(exc)},
+                    exc_info=exc.__cause__ is not None
+                    and not isinstance(exc.__cause__, EXPECTED_OUTAGES))
+        metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="unsettled").inc()
+        return channel.service.unsettled(rt, turn), "unsettled"
+    except Exception as exc:
+        log.warning("ussd hop failed; answering service unavailable",
+                    extra={"aggregator": aggregator, "session_id": turn.session_id,
+                           "phone": turn.phone.masked(), "error": type(exc).__name__},
+                    exc_info=not isinstance(exc, EXPECTED_OUTAGES))
+        metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="unavailable").inc()
+        return channel.service.unavailable(rt, turn), "unavailable"
+
+
 def _hop_handler(aggregator: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     module = AGGREGATORS[aggregator]
 
     async def handle(request: web.Request) -> web.Response:
+        # The hop's budget and its latency count from here: the earliest this process can tell. (aiohttp keeps
+        # no arrival time on the request; what waited before, in the accept backlog or for the event loop, the
+        # cap on hops in flight keeps short.)
+        started = time.perf_counter()
         if not _authorised(request, aggregator):
             metrics.CALLBACK_REJECTED.labels(source=f"ussd_{aggregator}").inc()
             raise web.HTTPForbidden(text="forbidden")
         rt = request.app[RUNTIME]
         channel = request.app[USSD]
         settings = request.app[SETTINGS]
-        started = time.perf_counter()
         parsed: Parsed | None = None
         try:
             parsed = module.parse(await _read(request, aggregator), settings.service_code_for(aggregator))
@@ -180,26 +284,16 @@ def _hop_handler(aggregator: str) -> Callable[[web.Request], Awaitable[web.Respo
             log.exception("ussd callback could not be parsed", extra={"aggregator": aggregator})
             return _respond(module.render_malformed("unreadable request"))
         turn = parsed.turn
-        screen = "unavailable"
-        try:
-            reply, screen = await channel.run_hop(rt, turn, module.LIMIT)
-        except HopUnsettled as exc:
-            # Not "try again": the payment may have gone through. The user is told to wait for the SMS.
-            log.warning("ussd hop unsettled after its side effect; answering pending",
-                        extra={"aggregator": aggregator, "session_id": turn.session_id,
-                               "phone": turn.phone.masked(), "error": str(exc)},
-                        exc_info=exc.__cause__ is not None
-                        and not isinstance(exc.__cause__, EXPECTED_OUTAGES))
-            reply = channel.service.unsettled(rt, turn)
-            screen = "unsettled"
-            metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="unsettled").inc()
-        except Exception as exc:
-            log.warning("ussd hop failed; answering service unavailable",
-                        extra={"aggregator": aggregator, "session_id": turn.session_id,
-                               "phone": turn.phone.masked(), "error": type(exc).__name__},
-                        exc_info=not isinstance(exc, EXPECTED_OUTAGES))
-            reply = channel.service.unavailable(rt, turn)
-            metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="unavailable").inc()
+        if channel.admit():
+            try:
+                reply, screen = await _run_hop(channel, rt, turn, module.LIMIT, started)
+            finally:
+                channel.release()
+        else:
+            reply, screen = channel.shed(rt, turn), "busy"
+            shed, sessions = _shed_metrics(aggregator)
+            shed.inc()
+            sessions.inc()
         elapsed = time.perf_counter() - started
         hops, latency = _hop_metrics(aggregator, screen)
         hops.inc()
