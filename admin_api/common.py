@@ -45,6 +45,12 @@ META = {
         "totalPages": {"type": "integer"},
         "hasNext": {"type": "boolean"},
         "hasPrevious": {"type": "boolean"},
+        "totalCapped": {
+            "type": "boolean",
+            "description": "Present (true) only when the count stopped early: there are more than `total` rows "
+                           "(the count goes no further than 10,000 rows past this page's start; totalPages and "
+                           "hasNext follow from that). Absent when `total` is exact",
+        },
     },
 }
 ERROR = {
@@ -110,26 +116,44 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda v: json.dumps(v, separators=(",", ":")))
 
 
-def meta(page: int, limit: int, total: int) -> dict[str, Any]:
+def meta(page: int, limit: int, total: int, *, capped: bool = False) -> dict[str, Any]:
+    """The seed's meta block; `capped`: `total` is where the count stopped (there are more), said by
+    `totalCapped: true` (absent otherwise, so an exact count keeps the seed's shape)."""
     pages = math.ceil(total / limit) if total else 0
-    return {
+    block = {
         "page": page,
         "limit": limit,
         "total": total,
         "totalPages": pages,
-        "hasNext": page < pages,
+        "hasNext": page < pages or capped,
         "hasPrevious": page > 1,
     }
+    return {**block, "totalCapped": True} if capped else block
+
+
+# How far past a page's start a list's meta.total is counted. A count reads every row it counts: unbounded, it
+# read a whole table's worth for each page (a super admin's payments or audit log, a sync's backlog: hundreds of
+# ms a page with a year of traffic, and a sync of N rows read N^2/limit). Past the cap the total is the cap, marked
+# totalCapped; the page itself is unaffected. Counting from the page's start keeps hasNext true on every page
+# before the last (an offset page already reads the rows before it).
+COUNT_CAP = 10_000
+
+
+async def capped_count(session: AsyncSession, query: Select[Any], start: int = 0) -> tuple[int, bool]:
+    """`query`'s rows, counted no further than `start` + COUNT_CAP: (that count, whether it stopped there)."""
+    bound = start + COUNT_CAP
+    counted = (await session.execute(
+        select(func.count()).select_from(query.order_by(None).limit(bound + 1).subquery()))).scalar_one()
+    return (bound, True) if counted > bound else (int(counted), False)
 
 
 async def paged(ctx: Ctx, query: Select[Any], present: Any) -> web.Response:
-    """Count, fetch one page and present it with the seed's meta block."""
+    """Count (capped: COUNT_CAP), fetch one page and present it with the seed's meta block."""
     page, limit = ctx.query["page"], ctx.query["limit"]
-    total = (
-        await ctx.session.execute(select(func.count()).select_from(query.order_by(None).subquery()))
-    ).scalar_one()
-    rows = (await ctx.session.execute(query.offset((page - 1) * limit).limit(limit))).scalars().all()
-    return json_response({"data": [present(r) for r in rows], "meta": meta(page, limit, int(total))})
+    offset = (page - 1) * limit
+    total, capped = await capped_count(ctx.session, query, offset)
+    rows = (await ctx.session.execute(query.offset(offset).limit(limit))).scalars().all()
+    return json_response({"data": [present(r) for r in rows], "meta": meta(page, limit, total, capped=capped)})
 
 
 # --- syncing: keyset pages in the order rows changed ------------------------------------------------------------
@@ -214,19 +238,20 @@ async def synced(ctx: Ctx, query: Select[Any], present: Any, *, updated: Any, id
 
     A sync reads every row's latest state at least once: a row that changes again later moves to the end and is
     listed again; none is skipped, as only rows stamped before sync_horizon are listed. The answer has the seed's
-    shape (`meta` counts what is left from this position, this page included) and `nextCursor`."""
+    shape (`meta` counts what is left from this position, this page included, up to COUNT_CAP: a sync's backlog
+    is counted on every page, read by (cooperative_id, updated_at, id), migration 0013) and `nextCursor`."""
     limit = ctx.query["limit"]
     query = query.order_by(None).where(updated < await sync_horizon(ctx.session, table))
     if ctx.query.get("after") is not None:
         stamp, row_id = decode_cursor(ctx.query["after"])
         # updated >= stamp alone is the index's range; the id breaks ties between rows of one instant.
         query = query.where(updated >= stamp, or_(updated > stamp, and_(updated == stamp, ident > row_id)))
-    total = int((await ctx.session.execute(select(func.count()).select_from(query.subquery()))).scalar_one())
+    total, capped = await capped_count(ctx.session, query)
     rows = (await ctx.session.execute(query.order_by(updated, ident).limit(limit))).scalars().all()
     last = rows[-1] if rows else None
     return json_response({
         "data": [present(r) for r in rows],
-        "meta": {**meta(1, limit, total), "hasPrevious": ctx.query.get("after") is not None},
+        "meta": {**meta(1, limit, total, capped=capped), "hasPrevious": ctx.query.get("after") is not None},
         "nextCursor": None if last is None else encode_cursor(
             getattr(last, updated.key), getattr(last, ident.key)),
     })

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -32,6 +33,11 @@ def _created() -> Mapped[datetime]:
 
 def _updated() -> Mapped[datetime]:
     return mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow, nullable=False)
+
+
+def _where(predicate: str) -> dict[str, Any]:
+    """A partial index's predicate, the same SQL on PostgreSQL and SQLite (as the migration builds it)."""
+    return {"postgresql_where": text(predicate), "sqlite_where": text(predicate)}
 
 
 def _coop_fk(nullable: bool = False, *, index: bool = True) -> Mapped[Any]:
@@ -136,6 +142,10 @@ class Payment(Base):
         Index("ix_payments_coop_completed", "cooperative_id", "completed_at"),
         Index("ix_payments_updated", "updated_at"),
         Index("ix_payments_created", "created_at"),
+        # Migration 0013: a cooperative's sync (admin_api.common.synced) and the flagged lists (mismatch=, late=).
+        Index("ix_payments_coop_updated", "cooperative_id", "updated_at", "id"),
+        Index("ix_payments_coop_mismatch", "cooperative_id", "created_at", **_where("mismatch IS true")),
+        Index("ix_payments_coop_late", "cooperative_id", "created_at", **_where("late IS true")),
     )
 
     id: Mapped[str] = _id()
@@ -200,6 +210,9 @@ class Refund(Base):
         UniqueConstraint("payment_id", "idempotency_key"),
         Index("ix_refunds_coop_created", "cooperative_id", "created_at"),
         Index("ix_refunds_coop_completed", "cooperative_id", "completed_at"),
+        # Migration 0013: a super admin's refunds export, read in keyset batches (core.reports).
+        Index("ix_refunds_created", "created_at"),
+        Index("ix_refunds_completed", "completed_at"),
     )
 
     id: Mapped[str] = _id()
@@ -250,6 +263,8 @@ class SmsMessage(Base):
     __table_args__ = (
         Index("ix_sms_messages_created", "created_at"),
         Index("ix_sms_messages_coop_created", "cooperative_id", "created_at"),
+        # Migration 0013: the texts `prune` has still to empty (core.retention), by age.
+        Index("ix_sms_messages_body_kept", "created_at", **_where("body <> ''")),
     )
 
     id: Mapped[str] = _id()
@@ -387,11 +402,19 @@ class AuditEvent(Base):
     """Append-only record of every financial event: who, what, when, from which channel."""
 
     __tablename__ = "audit_events"
-    __table_args__ = (Index("ix_audit_entity", "entity_type", "entity_id"),)
+    __table_args__ = (
+        Index("ix_audit_entity", "entity_type", "entity_id"),
+        # Migration 0013: the log filtered by actor or action, newest first, for a cooperative admin (the first
+        # two, which also find a cooperative's rows: no cooperative_id index alone) and a super admin.
+        Index("ix_audit_events_coop_actor", "cooperative_id", "actor", "at"),
+        Index("ix_audit_events_coop_action", "cooperative_id", "action", "at"),
+        Index("ix_audit_events_actor", "actor", "at"),
+        Index("ix_audit_events_action", "action", "at"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
-    cooperative_id: Mapped[str | None] = mapped_column(UUIDStr, index=True)
+    cooperative_id: Mapped[str | None] = mapped_column(UUIDStr)
     actor: Mapped[str] = mapped_column(String(96))
     channel: Mapped[str] = mapped_column(String(16))
     action: Mapped[str] = mapped_column(String(64))

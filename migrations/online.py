@@ -3,10 +3,11 @@
 CREATE INDEX CONCURRENTLY on PostgreSQL, outside the migration's transaction (`migrate` runs on the live
 database; a plain build blocks every INSERT and UPDATE of the table while it runs); an INVALID leftover of an
 interrupted build is dropped and built again, a valid index of that name is kept. SQLite builds them plainly.
-Used by revisions 0004 and 0010 (each keeps its own list: a revision's indexes never change once released).
+Used by revisions 0004, 0010, 0011 and 0013 (each keeps its own list: a revision's indexes never change once
+released). A partial index names its predicate in `where` (index name -> SQL), the same text on both databases.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import sqlalchemy as sa
 from alembic import op
@@ -26,10 +27,18 @@ def _index_state(name: str) -> bool | None:
     return None if row is None else bool(row[0])
 
 
-def build_indexes(indexes: Sequence[IndexSpec]) -> None:
+def _partial(name: str, where: Mapping[str, str]) -> dict[str, sa.TextClause]:
+    """The keyword arguments that make index `name` partial, if `where` gives it a predicate."""
+    if name not in where:
+        return {}
+    return {'postgresql_where': sa.text(where[name]), 'sqlite_where': sa.text(where[name])}
+
+
+def build_indexes(indexes: Sequence[IndexSpec], where: Mapping[str, str] | None = None) -> None:
+    where = where or {}
     if op.get_bind().dialect.name != 'postgresql':
         for name, table, columns in indexes:
-            op.create_index(name, table, columns)
+            op.create_index(name, table, columns, **_partial(name, where))
         return
     # Outside a transaction (CONCURRENTLY requires it); the revisions before this one are committed first.
     with op.get_context().autocommit_block():
@@ -38,7 +47,8 @@ def build_indexes(indexes: Sequence[IndexSpec]) -> None:
             if state is False:  # an interrupted concurrent build's leftover: neither used nor complete
                 op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
             if state is not True:
-                op.create_index(name, table, columns, postgresql_concurrently=True, if_not_exists=True)
+                op.create_index(name, table, columns, postgresql_concurrently=True, if_not_exists=True,
+                                **_partial(name, where))
 
 
 def drop_indexes(indexes: Sequence[IndexSpec]) -> None:
