@@ -134,8 +134,12 @@ async def reconciliation(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return web.json_response(summary)
 
 
-async def _send_csv(request: web.Request, chunks: AsyncIterator[bytes], filename: str, *,
+async def _send_csv(request: web.Request, ctx: Ctx, chunks: AsyncIterator[bytes], filename: str, *,
                     bom: bool = False) -> web.StreamResponse:
+    # The request's own session (sign-in, the period's cooperative) ends here: its connection goes back to the
+    # pool instead of waiting, in a transaction, for the whole download. The rows come in batches, each read in
+    # a short session of its own that is closed before the batch is written (core.reports._stream).
+    await ctx.session.commit()
     # The first chunk (the header line and the first rows: the query has run) before the status line, so a
     # database that fails at once answers with an error instead of a 200 and an empty or cut file. A failure
     # later ends the chunked body without its last chunk, which clients report as an incomplete transfer.
@@ -159,7 +163,7 @@ async def _send_csv(request: web.Request, chunks: AsyncIterator[bytes], filename
 async def payments_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     start, end = await _period(ctx, request)
     chunks = reports.payments_csv(
-        ctx.session,
+        ctx.rt.sessionmaker,
         scope=_scope(ctx),
         start=start,
         end=end,
@@ -167,20 +171,20 @@ async def payments_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         method=ctx.query.get("paymentMethod"),
         basis=ctx.query.get("basis") or "created",
     )
-    return await _send_csv(request, chunks, "payments.csv", bom=bool(ctx.query.get("bom")))
+    return await _send_csv(request, ctx, chunks, "payments.csv", bom=bool(ctx.query.get("bom")))
 
 
 async def refunds_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     start, end = await _period(ctx, request)
     chunks = reports.refunds_csv(
-        ctx.session,
+        ctx.rt.sessionmaker,
         scope=_scope(ctx),
         start=start,
         end=end,
         status=ctx.query.get("status"),
         basis=ctx.query.get("basis") or "created",
     )
-    return await _send_csv(request, chunks, "refunds.csv", bom=bool(ctx.query.get("bom")))
+    return await _send_csv(request, ctx, chunks, "refunds.csv", bom=bool(ctx.query.get("bom")))
 
 
 ROUTES = [

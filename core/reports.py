@@ -1,4 +1,4 @@
-"""Reports: the reconciliation summary for a period and CSV exports read through a server-side cursor."""
+"""Reports: the reconciliation summary for a period and CSV exports read in keyset-paged batches."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select, true
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, true, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.cooperatives import zone_of
 from core.db import iso_z
@@ -24,6 +24,8 @@ from core.state.refund import RefundStatus
 Scope = Callable[[Any, Any], Any]
 OPEN_DISPUTES = ("OPEN", "UNDER_REVIEW")
 FLAGGED_LIMIT = 500
+# Rows of an export read at a time: one short read transaction each, whose connection is back in the pool before
+# the rows are written to the client (_stream).
 CHUNK_ROWS = 500
 # What puts a row of an export in the period: when it was asked for, or when its money moved.
 BASES = ("created", "completed")
@@ -402,27 +404,59 @@ REFUND_COLUMNS = (
 
 
 async def _stream(
-    session: AsyncSession, query: Select[Any], header: tuple[str, ...], row: Callable[[Any], list[Any]]
+    sessions: async_sessionmaker[AsyncSession],
+    query: Select[Any],
+    order: tuple[Any, Any],
+    header: tuple[str, ...],
+    row: Callable[[Any], list[Any]],
 ) -> AsyncIterator[bytes]:
+    """The export's rows in `order` (its moment, then the id: unique; columns of the entity each row starts with),
+    CHUNK_ROWS at a time, each batch read in a session of its own that is closed before the batch is yielded.
+    Nothing waits on the client with a transaction open: one cursor read the whole export before, and a slow
+    download held a pooled connection and an old snapshot as long as it lasted (an hour for 70 MB at 16 KB/s: the
+    pool starved for USSD and callbacks, vacuum held back, and idle_in_transaction_session_timeout cut the file).
+
+    The next batch starts after the last row read (keyset on `order`), never at an offset: each row that existed
+    when the export began, and still matches its filters when its batch is read, is in the file once and in order,
+    none repeated or skipped. That holds because a row's moment never changes once set: created_at is written
+    once, and completed_at once, when the money moves (from NULL, never moved or cleared after). The file is no
+    longer one snapshot, which is accepted: a row committed during the download is in it if it sorts after the rows
+    already read (a payment asked for meanwhile; for basis=completed, money that moved meanwhile, unless the
+    provider dated it back before them, core.payments.money_moved_at), and a row is as its batch found it (a
+    status changed meanwhile shows, and a row that no longer matches status= or basis=completed's money held is
+    left out). On a quiet database the file is the one a single snapshot gave, byte for byte.
+
+    Each batch is a range of an index on its moment, the row comparison read as `moment >= ...` and the ties
+    sorted by id: (cooperative_id, created_at|completed_at) for a cooperative's exports, (created_at) for a super
+    admin's payments. A super admin's payments by completion and refunds have no index on the moment alone yet,
+    so each of their batches reads and sorts the whole table.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
-    # A server-side cursor: rows arrive in partitions, never the whole result in memory. The header goes
-    # out with the first partition: nothing is yielded before the query has run (the route sends its
-    # status line on the first chunk, so a failing query is still an error response).
-    result = await session.stream(query.execution_options(yield_per=CHUNK_ROWS))
-    async for partition in result.partitions(CHUNK_ROWS):
-        for item in partition:
+    after: tuple[Any, Any] | None = None
+    while True:
+        page = query if after is None else query.where(tuple_(*order) > after)  # binds typed as `order`
+        async with sessions() as session:
+            # The header goes out with the first batch: nothing is yielded before the query has run (the route
+            # sends its status line on the first chunk, so a failing query is still an error response).
+            result = await session.stream(
+                page.order_by(*order).limit(CHUNK_ROWS).execution_options(yield_per=CHUNK_ROWS))
+            items = await result.all()
+        for item in items:
             writer.writerow([_cell(v) for v in row(item)])
-        yield buffer.getvalue().encode()
-        buffer.seek(0)
-        buffer.truncate()
-    if buffer.tell():
-        yield buffer.getvalue().encode()  # no rows: the header alone
+        if buffer.tell():  # nothing only for an empty batch after a full one
+            yield buffer.getvalue().encode()
+            buffer.seek(0)
+            buffer.truncate()
+        if len(items) < CHUNK_ROWS:
+            return
+        last = items[-1][0]
+        after = (getattr(last, order[0].key), getattr(last, order[1].key))
 
 
 def payments_csv(
-    session: AsyncSession,
+    sessions: async_sessionmaker[AsyncSession],
     *,
     scope: Scope,
     start: datetime | None,
@@ -472,11 +506,11 @@ def payments_csv(
             _local_date(p.completed_at, timezone),
         ]
 
-    return _stream(session, query.order_by(moment, Payment.id), PAYMENT_COLUMNS, row)
+    return _stream(sessions, query, (moment, Payment.id), PAYMENT_COLUMNS, row)
 
 
 def refunds_csv(
-    session: AsyncSession,
+    sessions: async_sessionmaker[AsyncSession],
     *,
     scope: Scope,
     start: datetime | None,
@@ -517,4 +551,4 @@ def refunds_csv(
             str(bool(r.returned_by_provider)).lower(),
         ]
 
-    return _stream(session, query.order_by(moment, Refund.id), REFUND_COLUMNS, row)
+    return _stream(sessions, query, (moment, Refund.id), REFUND_COLUMNS, row)
