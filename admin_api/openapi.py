@@ -17,6 +17,7 @@ _ERRORS = {
     401: "Missing or invalid credentials",
     403: "Not allowed for this caller",
     404: "Not found (or not visible to this caller)",
+    408: "The request body did not arrive within 10 seconds; nothing was changed, send it again",
     409: "Conflict",
     413: "Body too large",
     415: "Unsupported content type",
@@ -59,7 +60,7 @@ def _operation(route: Route) -> dict[str, Any]:
             "headers": headers,
             "content": content,
         }
-    errors = sorted(_ERRORS) if route.scope is not None else [400, 401, 404, 413, 415, 429, 503]
+    errors = sorted(_ERRORS) if route.scope is not None else [400, 401, 404, 408, 413, 415, 429, 503]
     if route.handler in (openapi_json, docs_page):
         errors.remove(503)  # reads nothing: neither the database nor Redis
     for status in errors:

@@ -1,4 +1,8 @@
-"""A worker process for outbox tests: runs 'test.record' jobs, appending each run to a file."""
+"""A worker process for outbox tests: runs 'test.record' jobs, appending each run to a file.
+
+It says "ready" once it can reach the database, and stops after `seconds` or as soon as a file named like the
+output file plus ".stop" exists, whichever comes first (a test that waits for the work to be done, not for a
+clock: starting a Python process takes seconds on a loaded machine)."""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ import asyncio
 import os
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from sqlalchemy import text
 
 from core.db import make_engine, make_sessionmaker
 from core.outbox import Job, OutboxWorker
@@ -25,9 +32,14 @@ async def main(url: str, out: str, hold: float, lease: int, seconds: float) -> N
             f.write(f"{job.payload['n']} {worker.worker_id} {start:.6f} {time.time():.6f}\n")
 
     worker._handlers["test.record"] = record
+    async with engine.connect() as conn:  # polling from the moment it says ready
+        await conn.execute(text("SELECT 1"))
     print("ready", flush=True)
     task = asyncio.create_task(worker.run_forever())
-    await asyncio.sleep(seconds)
+    stop = Path(out + ".stop")
+    until = time.monotonic() + seconds
+    while time.monotonic() < until and not stop.exists():  # noqa: ASYNC110, ASYNC240 - the test's word, a file
+        await asyncio.sleep(0.05)
     worker.stop()
     await task
     await engine.dispose()
