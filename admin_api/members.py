@@ -182,7 +182,7 @@ async def release_phone(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     index = member.phone_index
     member = await service.release_phone(ctx.session, member, actor=ctx.who.actor)
     if index is not None:
-        await queue_forget_phone(ctx.session, index, member_id=member.id, cooperative_id=member.cooperative_id)
+        await queue_forget_phone(ctx.session, index, cooperative_id=member.cooperative_id)
     await ctx.session.commit()
     if index is not None:
         try:

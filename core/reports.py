@@ -218,7 +218,8 @@ async def reconciliation(
             "createdAt": _iso(p.created_at),
             "completedAt": _iso(p.completed_at),
             "flaggedIn": [name for name, moment in (("created", p.created_at), ("completed", p.completed_at))
-                          if _inside(moment, start, end)] + (["refunded"] if p.id in refunded_here else []),
+                          if _inside(moment, start, end)]
+                         + (["refunded"] if p.mismatch and p.id in refunded_here else []),  # as is_flagged
         }
         for p in flagged_rows
     ]

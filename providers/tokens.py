@@ -6,6 +6,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from core.ports import ProviderError
+
 
 class TokenCache:
     """Holds one bearer token; concurrent callers share a single refresh, and its outcome.
@@ -15,13 +17,19 @@ class TokenCache:
     fetch again in turn after a failure: behind a slow token endpoint, ten waiters wait ten read timeouts, and
     the jobs among them run out of time before their request is ever sent.) The fetch runs as its own task: a
     caller that stops waiting (its job's deadline) does not cancel it for the others, and a token it brings
-    after all callers left is kept for the next one.
+    after all callers left is kept for the next one. Since no caller's deadline ends it, the fetch has its own
+    (`deadline`, seconds): a token endpoint that trickles its answer a byte at a time never trips a read timeout,
+    and one fetch that never ended would have held every later caller, and so the provider's every payment and
+    refund, until a restart. Past it the fetch fails (retryable: a token request creates nothing at the
+    provider) and the next caller starts a new one.
     """
 
-    def __init__(self, fetch: Callable[[], Awaitable[tuple[str, float]]], *, margin: float = 30.0) -> None:
+    def __init__(self, fetch: Callable[[], Awaitable[tuple[str, float]]], *, margin: float = 30.0,
+                 deadline: float = 20.0) -> None:
         # fetch() returns (token, lifetime in seconds)
         self._fetch = fetch
         self._margin = margin
+        self._deadline = deadline
         self._token: str | None = None
         self._expires = 0.0
         self._pending: asyncio.Task[str] | None = None  # the fetch in progress, shared by every caller
@@ -39,7 +47,12 @@ class TokenCache:
         return await asyncio.shield(pending)
 
     async def _refresh(self) -> str:
-        token, lifetime = await self._fetch()
+        try:
+            async with asyncio.timeout(self._deadline):
+                token, lifetime = await self._fetch()
+        except TimeoutError:
+            raise ProviderError(f"the token request did not end within {self._deadline:.0f} s; nothing was sent",
+                                retryable=True, code="TOKEN_TIMEOUT") from None
         self.fetches += 1
         self._token = token
         # Refresh before expiry; for very short lifetimes keep at least half of it.

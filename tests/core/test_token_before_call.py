@@ -222,3 +222,27 @@ async def test_a_token_waiter_that_gives_up_does_not_cancel_the_fetch() -> None:
         await asyncio.sleep(0.01)
     assert cache.fetches == 1  # the fetch went on after every caller left; its token is kept
     assert await cache.get() == "tok-2"
+
+
+async def test_a_token_fetch_that_never_ends_fails_at_its_own_deadline_and_the_next_caller_fetches_again() -> None:
+    """A token endpoint trickling its answer a byte at a time never trips a read timeout: the shared fetch, which
+    no caller's deadline ends, would hold every later caller (every payment and refund of the provider) until a
+    restart. It fails at its own deadline, retryable, and the next caller gets a fresh token."""
+    calls = 0
+
+    async def fetch() -> tuple[str, float]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.Event().wait()  # the first fetch never ends
+        return "tok-2", 3600.0
+
+    cache = TokenCache(fetch, deadline=0.3)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.1):  # a job's deadline passes first: the fetch goes on
+            await cache.get()
+    with pytest.raises(ProviderError) as failed:
+        await asyncio.wait_for(cache.get(), 10)  # joins the stuck fetch, which ends at its own deadline
+    assert (failed.value.retryable, failed.value.code) == (True, "TOKEN_TIMEOUT")
+    assert await asyncio.wait_for(cache.get(), 10) == "tok-2"
+    assert (calls, cache.fetches) == (2, 1)
