@@ -67,6 +67,9 @@ MIN_HANDLER_SECONDS = 2.0
 SCHEMA_MISMATCH_STATES = frozenset({"42703", "42P01"})
 SCHEMA_MISMATCH = "schema mismatch (a deploy in progress?): handed back for a worker of the matching release"
 SCHEMA_RETRY_SECONDS = 30.0
+# A job whose kind no worker has handled for this long is not waiting for a deploy to finish (a kind a newer
+# release removed, or queued by mistake): parked, where a person sees it, rather than handed back for ever.
+UNKNOWN_KIND_PARK_AFTER = timedelta(hours=6)
 SCHEMA_LOG_SECONDS = 60.0
 
 
@@ -360,10 +363,14 @@ class OutboxWorker:
         deadline = asyncio.timeout(limit)
         try:
             if handler is None:
+                unknown = f"no handler for job kind {job.kind!r}"
+                if utcnow() - job.created_at > UNKNOWN_KIND_PARK_AFTER:
+                    # Not a deploy's window: no release running handles it. Parked, where a person sees it.
+                    raise PermanentJobError(f"{unknown} after {UNKNOWN_KIND_PARK_AFTER}")
                 # A kind of another release (a newer one queued it during a deploy): handed back as a schema
                 # mismatch is, for a worker that has it, rather than parked.
                 outcome = "later"
-                await self._schema_mismatch(job, LookupError(f"no handler for job kind {job.kind!r}"))
+                await self._schema_mismatch(job, LookupError(unknown))
                 return
             async with deadline:
                 await handler(job)

@@ -160,3 +160,14 @@ async def test_a_job_of_a_kind_this_worker_does_not_know_is_handed_back_not_park
 
     await OutboxWorker(sm, {"reminders.cooperative": new_release}).run_once()
     assert ran == [{"cooperative_id": "c1"}] and (await _jobs(sm))["reminders.cooperative"].status == "DONE"
+
+
+async def test_a_job_no_release_has_handled_for_hours_is_parked_for_a_person(sm):
+    """Not a deploy's window any more (a kind a newer release removed, or queued by mistake): parked, in the list
+    a person reads, rather than handed back every 30 s for ever."""
+    async with sm.begin() as session:
+        await enqueue(session, "removed.kind", {})
+        await session.execute(update(OutboxJob).values(created_at=utcnow() - timedelta(hours=7)))
+    await OutboxWorker(sm, {}).run_once()
+    job = (await _jobs(sm))["removed.kind"]
+    assert job.status == "PARKED" and job.last_error.startswith("no handler for job kind 'removed.kind' after 6:00")
