@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -165,15 +166,21 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maxi
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, *, zero_means: str | None = None) -> float:
-    """A positive number; with `zero_means`, 0 is allowed too (and the error says what it does)."""
+def _float(env: Mapping[str, str], name: str, default: float, *, zero_means: str | None = None,
+           maximum: float | None = None) -> float:
+    """A positive finite number (at most `maximum`); with `zero_means`, 0 is allowed too (and the error says what
+    it does). nan and inf are refused: nan passes every comparison below, and either turns a bound off."""
     raw = _get(env, name, str(default))
     try:
         value = float(raw)
     except ValueError:
         raise ConfigError(name, f"must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number, got {raw!r}")
     if value < 0 or (value == 0 and zero_means is None):
         raise ConfigError(name, f"must not be negative (0 {zero_means})" if zero_means else "must be positive")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"must be at most {maximum:g}")
     return value
 
 
@@ -551,7 +558,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         reminders_enabled=_bool(env, "REMINDERS_ENABLED", True),
         sms_payer_answer_days=_int(env, "SMS_PAYER_ANSWER_DAYS", 90, minimum=0, maximum=36500),
         db_pool_size=_int(env, "DB_POOL_SIZE", 20, minimum=1),
-        db_pool_timeout_seconds=_float(env, "DB_POOL_TIMEOUT_SECONDS", 5.0),
+        # A bound, not a wait: past about 30 s the caller (an aggregator, a provider) has given up anyway.
+        db_pool_timeout_seconds=_float(env, "DB_POOL_TIMEOUT_SECONDS", 5.0, maximum=30.0),
         ussd_max_hops_in_flight=_int(env, "USSD_MAX_HOPS_IN_FLIGHT", 32, minimum=1),
         ussd_ip_allowlists=allowlists,
         trusted_proxies=trusted_proxies,

@@ -37,8 +37,10 @@ def _partial(name: str, where: Mapping[str, str]) -> dict[str, sa.TextClause]:
 def build_indexes(indexes: Sequence[IndexSpec], where: Mapping[str, str] | None = None) -> None:
     where = where or {}
     if op.get_bind().dialect.name != 'postgresql':
+        # IF NOT EXISTS: SQLite's DDL is not in the migration's transaction here (each CREATE commits at once), so a
+        # migrate cut short leaves the indexes built so far under the old revision; the next one goes on.
         for name, table, columns in indexes:
-            op.create_index(name, table, columns, **_partial(name, where))
+            op.create_index(name, table, columns, if_not_exists=True, **_partial(name, where))
         return
     # Outside a transaction (CONCURRENTLY requires it); the revisions before this one are committed first.
     with op.get_context().autocommit_block():
@@ -54,7 +56,7 @@ def build_indexes(indexes: Sequence[IndexSpec], where: Mapping[str, str] | None 
 def drop_indexes(indexes: Sequence[IndexSpec]) -> None:
     if op.get_bind().dialect.name != 'postgresql':
         for name, table, _columns in reversed(indexes):
-            op.drop_index(name, table_name=table)
+            op.drop_index(name, table_name=table, if_exists=True)  # (as above: a re-run after a cut-off)
         return
     with op.get_context().autocommit_block():
         for name, table, _columns in reversed(indexes):

@@ -108,6 +108,15 @@ def test_0013_downgrades_and_upgrades_again_on_sqlite(tmp_path):
         assert not set(GROWTH_INDEXES) & set(before) and DROPPED in before
         migrate(settings)
         assert indexes() == after and _diff(url) == []
+        # A migrate cut short on SQLite (Ctrl-C, a container stopped): each CREATE INDEX committed at once, the
+        # revision stayed 0012. The next migrate goes on; it failed "index ... already exists" for good.
+        command.downgrade(_alembic_config(settings), "0012")
+        engine.dispose()
+        with engine.begin() as c:
+            c.execute(sa.text("CREATE INDEX ix_payments_coop_updated ON payments (cooperative_id, updated_at, id)"))
+            c.execute(sa.text("DROP INDEX ix_audit_events_cooperative_id"))  # as if cut short after the drop
+        migrate(settings)
+        assert indexes() == after and _diff(url) == []
     finally:
         engine.dispose()
 

@@ -109,3 +109,18 @@ async def test_an_outage_mid_stream_ends_the_body_without_a_second_response(rt: 
     api = [r for r in caplog.records if r.name == "gateway.api"]
     assert [(r.levelno, r.exc_info) for r in api] == [(logging.WARNING, None)], [r.getMessage() for r in api]
     assert "after the response began" in api[0].getMessage()
+
+
+@pytest.mark.parametrize(("raw", "said"), [
+    ("nan", "must be a finite number"), ("inf", "must be a finite number"), ("1e308", "must be at most 30"),
+    ("31", "must be at most 30"), ("0", "must be positive"),
+])
+def test_a_pool_timeout_that_would_turn_the_bound_off_is_refused_at_start(raw: str, said: str) -> None:
+    """nan passed every check (it compares false) and, like inf or 1e308, let a request wait for a connection
+    until its caller gave up: the outage this bound exists to end."""
+    from core.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"DB_POOL_TIMEOUT_SECONDS": raw})
+    assert "DB_POOL_TIMEOUT_SECONDS" in str(refused.value) and said in str(refused.value)
+    assert load_settings({"DB_POOL_TIMEOUT_SECONDS": "30"}).db_pool_timeout_seconds == 30.0
