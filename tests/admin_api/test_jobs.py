@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from datetime import timedelta
 
+from sqlalchemy import select, update
+
+from core.db import utcnow
 from core.models import AuditEvent, OutboxJob
-from core.outbox import enqueue
+from core.outbox import UNKNOWN_KIND_PARK_AFTER, enqueue
 from tests.conftest import drain
 
 
 async def _parked_job(rt, worker, cooperative_id: str) -> int:
     async with rt.sessionmaker.begin() as s:
         await enqueue(s, "no.such.kind", {"n": 1}, dedupe_key="jobs-api-test", cooperative_id=cooperative_id)
+        # A kind no release has handled for hours parks (a younger one is handed back: a deploy's window).
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == "jobs-api-test")
+                        .values(created_at=utcnow() - UNKNOWN_KIND_PARK_AFTER - timedelta(minutes=1)))
     await drain(worker)
     async with rt.sessionmaker() as s:
         job = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == "jobs-api-test"))).scalar_one()

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from core import webhooks
 from core.db import utcnow
 from core.models import AuditEvent, OutboxJob, WebhookDelivery
-from core.outbox import enqueue
+from core.outbox import UNKNOWN_KIND_PARK_AFTER, enqueue
 from tests.admin_api.conftest import Caller, bearer
 from tests.channels.sms.helpers import as_job, jobs_of
 from tests.conftest import drain
@@ -141,6 +141,9 @@ async def test_replaying_another_kind_of_job_leaves_deliveries_alone(
     async with rt.sessionmaker.begin() as session:
         await enqueue(session, "no.such.kind", {"endpoint_id": delivery.endpoint_id, "event_id": "evt_lost"},
                       dedupe_key="other-kind", cooperative_id=demo["cooperative_id"])
+        # Unhandled for hours, so parked (a younger one is handed back: a deploy's window).
+        await session.execute(update(OutboxJob).where(OutboxJob.dedupe_key == "other-kind")
+                              .values(created_at=utcnow() - UNKNOWN_KIND_PARK_AFTER - timedelta(minutes=1)))
     await drain(worker)
     [other] = await jobs_of(rt, "no.such.kind")
     assert other.status == "PARKED"
