@@ -165,10 +165,16 @@ async def _collect_in_flight(session: AsyncSession, payment_id: str) -> bool:
 
 
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
-    async def collect(job: Job) -> None:
-        # (Less the time the job waited for a slot after its claim: the worker's deadline runs from the claim.)
+    def call_deadline(job: Job) -> float:
+        """When (the event loop's clock) the job's provider call, its token included, must be answered: the call
+        budget less the time the job waited for a slot after its claim (the worker's deadline runs from the
+        claim). Inside the worker's own, so a slow token or call ends the attempt as never sent or unanswered,
+        not cut off by the worker (Job.interrupted)."""
         waited = time.monotonic() - job.claimed
-        deadline = asyncio.get_running_loop().time() + collect_call_budget(rt.settings.outbox_lease_seconds) - waited
+        return asyncio.get_running_loop().time() + collect_call_budget(rt.settings.outbox_lease_seconds) - waited
+
+    async def collect(job: Job) -> None:
+        deadline = call_deadline(job)
         async with rt.sessionmaker() as session:
             payment, now = await payment_and_now(session, job.payload["payment_id"])
             member = await session.get(Member, payment.member_id) if payment and payment.member_id else None
@@ -400,10 +406,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             callback_url=_callback_url(rt, payment.provider))
 
     async def submit_refund(job: Job) -> None:
-        # Its token is obtained by this deadline, inside the worker's own (as the collect job's call), so a slow
-        # token endpoint ends the attempt as never sent rather than cut off by the worker (Job.interrupted).
-        waited = time.monotonic() - job.claimed
-        deadline = asyncio.get_running_loop().time() + collect_call_budget(rt.settings.outbox_lease_seconds) - waited
+        deadline = call_deadline(job)  # for its token (the refund call itself keeps the worker's)
         async with rt.sessionmaker() as session:
             refund = await session.get(Refund, job.payload["refund_id"])
             payment = await session.get(Payment, refund.payment_id) if refund else None

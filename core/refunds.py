@@ -42,10 +42,14 @@ async def refundable(session: AsyncSession, payment: Payment) -> Money:
 
     When the provider reported less than the payment's amount, only what it reported can go back.
     """
-    held = (await session.execute(
+    return Money(max(0, collected(payment) - await _held(session, payment)), payment.currency)
+
+
+async def _held(session: AsyncSession, payment: Payment) -> int:
+    """What the payment's refunds not failed hold: sent back, being sent, or to be sent."""
+    return int((await session.execute(
         select(func.coalesce(func.sum(Refund.amount_minor), 0))
-        .where(Refund.payment_id == payment.id, Refund.status.in_(HOLDING)))).scalar_one()
-    return Money(max(0, collected(payment) - int(held)), payment.currency)
+        .where(Refund.payment_id == payment.id, Refund.status.in_(HOLDING)))).scalar_one())
 
 
 @dataclass(frozen=True)
@@ -264,7 +268,11 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
                                    values={"failure_reason": (reason or outcome.value.lower())[:200]})
         template, event_type = "refund_failed", "refund.failed"
         if refund.dispute_id:
-            await _note_on_dispute(session, refund, updated.failure_reason or "failed", actor=actor)
+            why = updated.failure_reason or "failed"
+            # A dispute resolved with this refund read as settled, with a refund that never reached the member.
+            await _note_on_dispute(session, refund, actor=actor, action="dispute.refund_failed",
+                                   text=f"refund {refund.reference} failed: {why}; the member has not been paid back",
+                                   audit={"refundId": refund.id, "reason": why})
     from core.payments import payer_phone  # local: core.payments reaches back into this module
 
     paid = await session.get(Payment, refund.payment_id)
@@ -299,12 +307,7 @@ async def _sent_after_failure(session: AsyncSession, refund: Refund, payment: Pa
     log.log(logging.ERROR if over > 0 else logging.WARNING, "refund reported sent back after it had failed",
             extra={"refund": refund.reference, "payment": payment.reference, "over_refunded_minor": max(over, 0),
                    "actor": actor.id})
-    if refund.dispute_id:
-        dispute = await lock_row(session, Dispute, refund.dispute_id)
-        if dispute is not None:
-            from core.disputes import add_note  # local: core.disputes asks this module for refunds
-
-            await add_note(session, dispute, actor=actor, action="dispute.refund_sent_after_failure",
+    await _note_on_dispute(session, refund, actor=actor, action="dispute.refund_sent_after_failure",
                            text=f"refund {refund.reference} went through after all: the member has been paid back",
                            audit={"refundId": refund.id})
 
@@ -319,10 +322,7 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
 
     The submission is ended only while it is PENDING and untried: a worker claiming it at the same moment
     either finds it ended or holds it RUNNING, and then it is left."""
-    held = (await session.execute(
-        select(func.coalesce(func.sum(Refund.amount_minor), 0))
-        .where(Refund.payment_id == payment.id, Refund.status.in_(HOLDING)))).scalar_one()
-    over = int(held) - collected(payment)
+    over = await _held(session, payment) - collected(payment)
     if over <= 0:
         return
     waiting = (await session.execute(
@@ -349,12 +349,7 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
         await enqueue_many(session, notice_jobs(  # the webhook only: the member has her money back
             template="refund_failed", event_type="refund.failed", cooperative_id=refund.cooperative_id,
             key=refund.id, context={"refund_id": refund.id}, data=refund_data(updated), cipher=rt.cipher))
-        if refund.dispute_id:
-            dispute = await lock_row(session, Dispute, refund.dispute_id)
-            if dispute is not None:
-                from core.disputes import add_note  # local: core.disputes asks this module for refunds
-
-                await add_note(session, dispute, actor=actor, action="dispute.refund_withdrawn",
+        await _note_on_dispute(session, refund, actor=actor, action="dispute.refund_withdrawn",
                                text=f"refund {refund.reference} {reason}: the member has been paid back by it",
                                audit={"refundId": refund.id, "sentRefundId": sent.id})
 
@@ -385,10 +380,10 @@ async def _failed_after_completion(session: AsyncSession, refund: Refund, reason
                                                                       "payment": payment.reference, "actor": actor.id})
 
 
-async def _note_on_dispute(session: AsyncSession, refund: Refund, reason: str, *, actor: Actor) -> None:
-    """A dispute resolved with this refund says the refund failed (it read as settled, with a refund that
-    never reached the member): a note on the dispute, where the admin who resolved it looks, and the
-    audit log. The cooperative's system hears it from the refund.failed webhook."""
+async def _note_on_dispute(session: AsyncSession, refund: Refund, *, actor: Actor, action: str, text: str,
+                           audit: dict[str, Any]) -> None:
+    """What became of a refund, told on the dispute resolved with it (if any): a note where the admin who resolved
+    it looks, and the audit log. The cooperative's system hears it from the refund's webhook."""
     if refund.dispute_id is None:
         return
     dispute = await lock_row(session, Dispute, refund.dispute_id)  # fresh: a note added meanwhile is kept
@@ -396,9 +391,7 @@ async def _note_on_dispute(session: AsyncSession, refund: Refund, reason: str, *
         return
     from core.disputes import add_note  # local: core.disputes asks this module for refunds
 
-    await add_note(session, dispute, actor=actor, action="dispute.refund_failed",
-                   text=f"refund {refund.reference} failed: {reason}; the member has not been paid back",
-                   audit={"refundId": refund.id, "reason": reason})
+    await add_note(session, dispute, actor=actor, action=action, text=text, audit=audit)
 
 
 async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id: str, cooperative_id: str | None,

@@ -429,8 +429,9 @@ async def _stream(
 
     Each batch is a range of an index on its moment, the row comparison read as `moment >= ...` and the ties
     sorted by id: (cooperative_id, created_at|completed_at) for a cooperative's exports, (created_at) for a super
-    admin's payments. A super admin's payments by completion and refunds have no index on the moment alone yet,
-    so each of their batches reads and sorts the whole table.
+    admin's payments, (created_at) and (completed_at) for a super admin's refunds (migration 0013). A super
+    admin's payments by completion have no index on the moment alone, so each of their batches reads and sorts
+    the whole table.
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer)
