@@ -67,7 +67,12 @@ class Cooperative(Base):
 
 class Member(Base):
     __tablename__ = "members"
-    __table_args__ = (UniqueConstraint("cooperative_id", "phone_index"),)
+    __table_args__ = (
+        UniqueConstraint("cooperative_id", "phone_index"),
+        # Migration 0014: the reminder scan's chunks (core.reminders) and the member list (admin_api.members).
+        Index("ix_members_coop_id", "cooperative_id", "id"),
+        Index("ix_members_coop_name", "cooperative_id", "name", "id"),
+    )
 
     id: Mapped[str] = _id()
     cooperative_id: Mapped[str] = _coop_fk(index=False)
@@ -146,6 +151,8 @@ class Payment(Base):
         Index("ix_payments_coop_updated", "cooperative_id", "updated_at", "id"),
         Index("ix_payments_coop_mismatch", "cooperative_id", "created_at", **_where("mismatch IS true")),
         Index("ix_payments_coop_late", "cooperative_id", "created_at", **_where("late IS true")),
+        # Migration 0014: a super admin's export by completion (core.reports), entered when the money moves.
+        Index("ix_payments_completed", "completed_at", **_where("completed_at IS NOT NULL")),
     )
 
     id: Mapped[str] = _id()

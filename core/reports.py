@@ -428,10 +428,9 @@ async def _stream(
     left out). On a quiet database the file is the one a single snapshot gave, byte for byte.
 
     Each batch is a range of an index on its moment, the row comparison read as `moment >= ...` and the ties
-    sorted by id: (cooperative_id, created_at|completed_at) for a cooperative's exports, (created_at) for a super
-    admin's payments, (created_at) and (completed_at) for a super admin's refunds (migration 0013). A super
-    admin's payments by completion have no index on the moment alone, so each of their batches reads and sorts
-    the whole table.
+    sorted by id: (cooperative_id, created_at|completed_at) for a cooperative's exports, (created_at) and
+    (completed_at) for a super admin's payments and refunds (migrations 0013 and 0014; the payments' completion
+    index holds only the payments whose money moved, which is what basis=completed reads).
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer)
