@@ -92,9 +92,7 @@ def test_0013_downgrades_and_upgrades_again_on_sqlite(tmp_path):
     engine = sa.create_engine(f"sqlite:///{tmp_path}/m.db")
 
     def indexes() -> dict[str, str]:
-        with engine.connect() as c:
-            return {name: sql for name, sql in c.execute(sa.text(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))}
+        return sqlite_indexes(engine)
 
     try:
         after = indexes()
@@ -119,6 +117,15 @@ def test_0013_downgrades_and_upgrades_again_on_sqlite(tmp_path):
         assert indexes() == after and _diff(url) == []
     finally:
         engine.dispose()
+
+
+def sqlite_indexes(engine: Any) -> dict[str, str]:
+    """name -> CREATE INDEX statement of every index of an SQLite database (a synchronous engine)."""
+    import sqlalchemy as sa
+
+    with engine.connect() as c:
+        return {name: sql for name, sql in c.execute(sa.text(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))}
 
 
 # --- the hot queries' plans ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from core import reminders
 from tests.admin_api.conftest import bearer
 from tests.conftest import make_settings, requires_pg
-from tests.core.test_growth_indexes import OTHER_COOP, _plans, _statements
+from tests.core.test_growth_indexes import OTHER_COOP, _plans, _statements, sqlite_indexes
 from tests.core.test_reminder_scale import NOW, _cooperative
 
 # name -> "table (columns)[ WHERE predicate]" as pg_get_indexdef prints it.
@@ -72,9 +72,7 @@ def test_0014_downgrades_and_upgrades_again_on_sqlite(tmp_path):
     engine = sa.create_engine(f"sqlite:///{tmp_path}/m.db")
 
     def indexes() -> dict[str, str]:
-        with engine.connect() as c:
-            return {name: sql for name, sql in c.execute(sa.text(
-                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"))}
+        return sqlite_indexes(engine)
 
     try:
         after = indexes()
