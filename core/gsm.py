@@ -21,6 +21,12 @@ _REPLACE: dict[str, str] = {
     "•": "-", "·": ".", "×": "x", "÷": "/", "°": "o", "©": "(c)", "®": "(R)", "™": "TM",
     "ç": "c", "ß": "ss", "œ": "oe", "Œ": "OE", "ł": "l", "Ł": "L", "đ": "d", "Đ": "D",
     "\u200b": "", "\ufeff": "", "\r": "",
+    # Letters of Ghanaian, Nigerian and East African languages that are not an accented Latin letter, so that
+    # stripping accents leaves nothing of the alphabet: Akan and Ewe (Ɔ Ɛ Ŋ Ɖ Ʋ Ƒ Ɣ), Hausa (Ɓ Ɗ Ƙ Ƴ), Luganda
+    # (Ŋ). Their nearest Latin letter, as a member would type it on a phone without them ("Ofori", not "?fori").
+    "Ɔ": "O", "ɔ": "o", "Ɛ": "E", "ɛ": "e", "Ŋ": "N", "ŋ": "n", "Ɖ": "D", "ɖ": "d", "Ʋ": "V", "ʋ": "v",
+    "Ƒ": "F", "ƒ": "f", "Ɣ": "G", "ɣ": "g", "Ɓ": "B", "ɓ": "b", "Ɗ": "D", "ɗ": "d", "Ƙ": "K", "ƙ": "k",
+    "Ƴ": "Y", "ƴ": "y", "Ǝ": "E", "ǝ": "e", "Ə": "E", "ə": "e",
 }
 
 
@@ -42,6 +48,10 @@ def _one(ch: str) -> str:
         return ch
     if ch in _REPLACE:
         return _REPLACE[ch]
+    if unicodedata.combining(ch):
+        # A mark NFC could not fold into its letter (Yoruba's ẹ̀: no precomposed e with dot below and grave):
+        # the letter before it stands alone, as stripped accents do.
+        return ""
     # Strip accents the alphabet lacks (ê -> e, ô -> o), keeping the ones it has (é, è, à).
     decomposed = unicodedata.normalize("NFKD", ch)
     base = "".join(c for c in decomposed if not unicodedata.combining(c))

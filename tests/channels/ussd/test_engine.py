@@ -150,6 +150,11 @@ def test_engine_refuses_misdeclared_screens() -> None:
     ("Kwishyura\u00a0amafaranga", "Kwishyura amafaranga"),
     ("ê ô î û ï", "e o i u i"),
     ("Ŵ ŝ", "W s"),
+    # Akan, Ewe and Hausa letters (a Ghanaian member's name): their Latin letter, not "?".
+    ("Akosua Ɔfori-Atta, Ɛsi Dzaŋ", "Akosua Ofori-Atta, Esi Dzan"),
+    ("Ɖ ɖ Ʋ ʋ Ƒ ƒ Ɣ ɣ Ɓ ɓ Ɗ ɗ Ƙ ƙ Ƴ ƴ", "D d V v F f G g B b D d K k Y y"),
+    # Yoruba: dots below and tones the alphabet lacks strip to the letter, also a mark NFC leaves apart (ẹ̀).
+    ("Ọbádélé Ṣẹ̀gun", "Obadélé Segun"),
     ("中", "?"),
     ("€5 [x]", "€5 [x]"),
 ])
