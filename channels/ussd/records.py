@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, bindparam, case, update
+from sqlalchemy import String, bindparam, case, select, update
 
 from channels.ussd.cache import autocommit
 from core import pgraw
@@ -49,6 +49,21 @@ async def opened(rt: Any, *, aggregator: str, session_id: str, phone: Phone, ser
     async with autocommit(rt) as conn:
         stmt = row_insert(conn.dialect.name, UssdSession, ignore_conflict=("aggregator", "session_id"))
         await pgraw.first(conn, stmt, row, tuple(row))  # straight on asyncpg on PostgreSQL
+
+
+@functools.cache
+def _seen_statement() -> Any:
+    table = table_of(UssdSession)
+    return select(table.c.id).where(table.c.aggregator == bindparam("aggregator"),
+                                    table.c.session_id == bindparam("session_id"))
+
+
+async def seen(rt: Any, *, aggregator: str, session_id: str) -> bool:
+    """Whether this session was opened before: its row is written on every session's first hop (opened), on
+    PostgreSQL and SQLite alike. One indexed read (the unique (aggregator, session id)), no transaction."""
+    async with autocommit(rt) as conn:
+        row = await pgraw.first(conn, _seen_statement(), {"aggregator": aggregator, "session_id": session_id[:128]})
+    return row is not None
 
 
 @functools.cache

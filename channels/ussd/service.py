@@ -196,16 +196,22 @@ class UssdService:
         return reply, state.screen
 
     async def _first_hop(self, rt: Any, turn: UssdTurn, limit: int
-                         ) -> tuple[sessions.Stored, UssdReply, Callable[[], Awaitable[None]]]:
-        """The opening screen; the session row's write is returned to run alongside the session's save."""
+                         ) -> tuple[sessions.Stored, UssdReply, Callable[[], Awaitable[None]] | None]:
+        """The opening screen; the session row's write is returned to run alongside the session's save (None
+        when the row is there already: a session lost from Redis mid-way)."""
         state = State(screen="home")
         stored = sessions.Stored(state=state, hops=1, started=time.time(), seen="")  # saved only if still new
         ctx = Ctx(rt=rt, turn=turn, state=state, limit=limit)
         extension = turn.extension
-        if turn.accumulated:
+        lost = False
+        if turn.accumulated and not extension:
             # Text on the very first hop is the end of the dialled code (*384*123*3# sent as
             # serviceCode *384*123# with text 3): it names a cooperative, it is not a menu choice.
-            extension = extension or turn.accumulated
+            lost = await self._lost(rt, turn)
+            if not lost:
+                extension = turn.accumulated
+        # Either way the text is consumed: the next hop's key is what follows it (as Hubtel and Nalo, which
+        # send only the latest input, drop the key pressed on a lost session).
         stored.acc = turn.accumulated
         if extension:
             coop = await flows.cooperative_by_extension(rt, extension.split("*")[0])
@@ -231,10 +237,29 @@ class UssdService:
         coop_id = ms[0][1].id if len(ms) == 1 else state.data.get("x")
         if coop_id:
             state.data["fc"] = coop_id  # the ops funnel counts the session for it from the main menu on
+        if lost:
+            return stored, reply, None  # its row was written by the session's real first hop
         opening = functools.partial(records.opened, rt, aggregator=turn.aggregator, session_id=turn.session_id,
                                     phone=turn.phone, service_code=turn.service_code, network=turn.network,
                                     cooperative_id=coop_id, member_id=member_id)
         return stored, reply, opening
+
+    async def _lost(self, rt: Any, turn: UssdTurn) -> bool:
+        """Whether a hop with text and no saved session continues a session lost from Redis (restart,
+        failover, eviction) rather than opening one with a dialled code in its text.
+
+        Africa's Talking sends every input so far, so after a loss the member's next key arrives as "4*1":
+        read as a dialled code, her first key ("4", also a cooperative's one-digit code) would switch her
+        to another cooperative's menu, where Pay offers to join it. The wire cannot tell the two apart; the
+        session row can (written on every first hop). Read only here (a hop with text and no session, rare):
+        the common opening hop (empty text) costs nothing more. A database outage fails the hop as the
+        opening hop's other reads would ("unavailable"): guessing would risk the wrong cooperative.
+        """
+        if not await records.seen(rt, aggregator=turn.aggregator, session_id=turn.session_id):
+            return False
+        log.warning("ussd session lost mid-way; its opening screen again, its text taken as consumed",
+                    extra={"aggregator": turn.aggregator, "session_id": turn.session_id})
+        return True
 
     async def _ended(self, rt: Any, turn: UssdTurn, stored: sessions.Stored) -> None:
         screen = stored.state.screen
