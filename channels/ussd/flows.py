@@ -21,7 +21,7 @@ from core.audit import Actor
 from core.errors import Conflict, DomainError
 from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import Money, MoneyError
-from core.state.payment import shown_status
+from core.state.payment import OPEN, PaymentStatus, holds_money, shown_status
 from core.text import is_number
 
 COLLECTED = ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED")
@@ -576,18 +576,37 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
             payment, _created = await create_payment(session, ctx.rt, new, actor=actor(ctx))
     except IntegrityError:
         # The reserved reference is taken: a resumed session carried it from a session whose
-        # confirmation was committed but whose answer was lost. That payment is this one: show it
-        # rather than charge the member twice.
+        # confirmation was committed but whose answer was lost. That payment is this one: shown as
+        # what became of it rather than charging the member twice.
         if reference is None:
             raise
         async with ctx.rt.sessionmaker() as session:
             earlier = await get_by_reference(session, reference)
         if earlier is None or earlier.member_id != ctx.data["mb"]:
             raise
-        payment = earlier
-    ctx.data.update(ref=payment.reference, pid=payment.id,
-                    amtf=Money(payment.amount_minor, payment.currency).format())
-    return "pay_done"
+        return _earlier_payment(ctx, earlier)
+    return _shown_payment(ctx, payment, "pay_done")
+
+
+def _earlier_payment(ctx: Ctx, payment: Payment) -> str:
+    """The end screen for a payment an earlier session of this member already made with the reserved reference.
+
+    Still open: its prompt is on her phone ("approve the prompt"). Money taken: already paid. Failed,
+    cancelled or timed out: not completed, dial again (never "approve the prompt": no prompt will come,
+    and she would believe she had paid).
+    """
+    if PaymentStatus(payment.status) in OPEN:
+        return _shown_payment(ctx, payment, "pay_done")
+    if holds_money(payment):
+        return _shown_payment(ctx, payment, "pay_already")
+    return _shown_payment(ctx, payment, "pay_not_completed")
+
+
+def _shown_payment(ctx: Ctx, payment: Payment, screen: str) -> str:
+    # Already paid: what was taken (a provider may take less or more than asked); otherwise the amount asked.
+    amount = _amount(payment) if screen == "pay_already" else Money(payment.amount_minor, payment.currency).format()
+    ctx.data.update(ref=payment.reference, pid=payment.id, amtf=amount)
+    return screen
 
 
 async def done_args(ctx: Ctx) -> dict[str, Any]:
@@ -740,7 +759,37 @@ async def resume_continue(ctx: Ctx, _key: str) -> str:
     mine = {key: ctx.state.data[key] for key in funnel.OWN_KEYS if key in ctx.state.data}
     ctx.state.stack, ctx.state.data, ctx.state.lang = saved.stack, {**saved.data, **mine}, saved.lang
     ctx.state.data["rs"] = 1  # counted as a resumed session
-    return saved.screen
+    return await _resumed_reservation(ctx, saved.screen)
+
+
+async def _resumed_reservation(ctx: Ctx, screen: str) -> str:
+    """The screen a resumed session goes on to, once its reserved reference is checked against the payments.
+
+    A route keeps its reservation ("rr") even after its confirmation was committed, when the session's END
+    was never saved (Redis failed or lost the write): that payment may have moved on since. Still open, the
+    reservation stays, so confirming again shows that payment and never pays twice. Money taken: she has
+    paid, she is told so rather than offered to pay it again. Failed, cancelled or timed out (she declined
+    or missed the PIN prompt and came back to pay): the reservation is dropped, so the confirmation shows a
+    new reference and Confirm makes a new payment (with the old one it found that closed payment and told
+    her to approve a prompt that never came).
+    """
+    reference = ctx.data.get("rr")
+    if not reference:
+        return screen
+    from core.payments import get_by_reference
+
+    async with ctx.rt.sessionmaker() as session:
+        earlier = await get_by_reference(session, reference)
+    if earlier is None:
+        return screen  # never confirmed: the reservation stands
+    if earlier.member_id == ctx.data.get("mb"):
+        if PaymentStatus(earlier.status) in OPEN:
+            return screen
+        if holds_money(earlier):
+            return _earlier_payment(ctx, earlier)
+    # Closed without money taken (or, never expected, someone else's): Confirm reserves another.
+    del ctx.data["rr"]
+    return screen
 
 
 async def resume_restart(ctx: Ctx, _key: str) -> str:

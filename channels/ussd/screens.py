@@ -41,6 +41,9 @@ _SCREENS: tuple[Screen, ...] = (
     Confirm("pay_confirm", "pay.confirm", on_confirm=f.confirmed, on_cancel="pay_cancelled",
             args=f.confirm_args),
     End("pay_done", "pay.done", args=f.done_args),
+    # What a resumed confirmation's earlier payment became: paid already, or closed without being paid.
+    End("pay_already", "pay.already", args=f.done_args),
+    End("pay_not_completed", "pay.not_completed", args=f.done_args),
     End("pay_cancelled", "pay.cancelled"),
     # My payments.
     Menu("my_list", "my.title", items=f.payment_items, on_item=f.payment_chosen),
