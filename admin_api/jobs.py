@@ -14,27 +14,21 @@ from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param
 from core import webhooks
 from core.audit import Actor, record
-from core.errors import Conflict, NotFound
+from core.errors import Conflict, NotFound, ValidationError
 from core.jobs import payment_and_now
 from core.models import OutboxJob
-from core.outbox import replay_job
+from core.outbox import job_subject, replay_job, subject_filter
 from core.text import is_number
 
 STATUSES = ("PENDING", "RUNNING", "DONE", "PARKED")
+# The jobs a subject filter searches: those not DONE (see list_jobs).
+LIVE = ("PENDING", "RUNNING", "PARKED")
+SUBJECT_PARAMS = {"payment": "paymentId", "refund": "refundId"}
 # What a replay of a job of this kind must also do, in the replay's transaction, for the job to do its
 # work again: a handler that finds its subject already given up on ends without doing anything.
 ON_REPLAY: dict[str, Callable[[AsyncSession, OutboxJob, Actor], Awaitable[None]]] = {
     "webhook.deliver": lambda session, job, actor: webhooks.reopen_for_replay(session, job, actor=actor),
     "payment.collect": lambda session, job, actor: _collect_still_open(session, job),
-}
-# What a job is about, shown in its view: the payload key holding its subject's id, for the kinds whose
-# subject is a payment or a refund (an opaque id, nothing personal). Other kinds show none: their payloads
-# may hold encrypted phone numbers, message contexts or webhook bodies.
-SUBJECTS = {
-    "payment.collect": ("payment", "payment_id"),
-    "payment.poll": ("payment", "payment_id"),
-    "refund.submit": ("refund", "refund_id"),
-    "refund.poll": ("refund", "refund_id"),
 }
 JOB = out(
     {
@@ -59,10 +53,10 @@ JOB = out(
 
 
 def subject_of(kind: str, payload: dict[str, Any] | None) -> dict[str, str] | None:
-    """The job's subject (SUBJECTS), or None: never anything else from its payload."""
-    entry = SUBJECTS.get(kind)
-    value = (payload or {}).get(entry[1]) if entry else None
-    return {"type": entry[0], "id": value} if entry and isinstance(value, str) and value else None
+    """The payment or refund the job is about (core.outbox.job_subject: an opaque id, nothing personal; a
+    receipt SMS's and a webhook's too), or None: never anything else from its payload."""
+    found = job_subject(kind, payload)
+    return {"type": found[0], "id": found[1]} if found else None
 
 
 async def _collect_still_open(session: AsyncSession, job: OutboxJob) -> None:
@@ -77,7 +71,7 @@ async def _collect_still_open(session: AsyncSession, job: OutboxJob) -> None:
 
 def present(job: OutboxJob) -> dict[str, Any]:
     # The payload stays private: it may hold encrypted phone numbers and message contexts. Only the id of
-    # a payment or refund job's subject is shown (SUBJECTS), so a parked one can be traced to its payment.
+    # the payment or refund a job is about is shown (subject_of), so a parked one can be traced to its payment.
     return {
         "id": job.id,
         "kind": job.kind,
@@ -101,11 +95,27 @@ def _job_id(raw: str) -> int:
 
 async def list_jobs(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     query = ctx.who.scope(select(OutboxJob), OutboxJob)
+    subject = _subject_asked(ctx)
+    if subject is not None:
+        # Its JSON paths are not indexed: tested on the jobs not DONE only, which the (status, run_at) index finds
+        # without reading the DONE history (a month of every payment's jobs, more with a longer retention).
+        query = query.where(OutboxJob.status.in_(LIVE), subject_filter(*subject))
     if ctx.query.get("status"):
         query = query.where(OutboxJob.status == ctx.query["status"])
     if ctx.query.get("kind"):
         query = query.where(OutboxJob.kind == ctx.query["kind"])
     return await paged(ctx, query.order_by(OutboxJob.id.desc()), present)
+
+
+def _subject_asked(ctx: Ctx) -> tuple[str, str] | None:
+    """("payment", id) or ("refund", id) from paymentId or refundId (one at most), or None."""
+    asked = [(subject, ctx.query[param]) for subject, param in SUBJECT_PARAMS.items() if ctx.query.get(param)]
+    if len(asked) > 1:
+        raise ValidationError("give paymentId or refundId, not both", field="refundId")
+    if asked and ctx.query.get("status") and ctx.query["status"] not in LIVE:
+        raise ValidationError(f"paymentId and refundId search the jobs not done ({', '.join(LIVE)}): the history "
+                              "of finished jobs is not searched by what they are about", field="status")
+    return asked[0] if asked else None
 
 
 async def replay(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -130,6 +140,10 @@ ROUTES = [
     Route("GET", "/jobs", list_jobs, "Outbox jobs (queued, running, done, parked)", "jobs", "admin",
           response=page_of(JOB),
           query={"page": PAGE, "limit": LIMIT, "status": Param(enum=STATUSES, description="Job status"),
-                 "kind": Param(description="e.g. sms.send, payment.collect, webhook.deliver")}),
+                 "kind": Param(description="e.g. sms.send, payment.collect, webhook.deliver"),
+                 "paymentId": Param("uuid", "The jobs still to run, running or parked about one payment: its "
+                                    "collect and polls, its SMS and webhooks (the jobs whose subject it is). DONE "
+                                    "jobs are not searched (with status DONE: 400)"),
+                 "refundId": Param("uuid", "As paymentId, for one refund")}),
     Route("POST", "/jobs/{id}/replay", replay, "Replay a parked job", "jobs", "admin", response=JOB),
 ]

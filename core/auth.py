@@ -22,9 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 
 from core.audit import Actor, record
 from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
-from core.db import serialise_on_sqlite, utcnow, wall
+from core.db import insert_ignore, serialise_on_sqlite, utcnow, wall
 from core.errors import Conflict, DomainError, Forbidden, NotFound, ValidationError
-from core.models import AdminUser, ApiKey, AuditEvent, Cooperative, Member, PaymentType
+from core.models import AdminUser, ApiKey, AuditEvent, Cooperative, Member, PaymentType, UsedRefreshToken
 from core.ratelimit import subject_tag
 
 log = logging.getLogger("gateway.auth")
@@ -289,9 +289,9 @@ def issued_by(claims: dict[str, Any], instant: float) -> bool:
 # (they outlive the mark, and a deactivated account may be turned on again).
 SESSIONS_ENDED = ("user.deactivated", "user.password_reset", "user.password_changed")
 
-# Present while Redis holds every revocation mark: set after the marks were (re)written from the audit log.
-# A Redis that lost its data (restarted without persistence, flushed, failed over to an empty replica) has
-# lost it too, and restore_revocations then puts the marks back.
+# Set by each guard cycle once every mark is in Redis. No longer what the guard goes by (it checks the marks
+# themselves, every cycle: a replica promoted after missing the last writes has the marker but not the newest
+# marks); kept for restore_revocations and as a sign, for an operator, that the guard runs.
 MARKS_RESTORED = "auth:revocations-restored"
 RESTORE_CHECK_SECONDS = 5.0
 
@@ -300,14 +300,43 @@ def _mark_lifetime(ttl_seconds: int) -> int:
     return ttl_seconds + LEEWAY + 60
 
 
+@dataclass(frozen=True)
+class Marks:
+    """One check of the revocation marks: how many accounts need one now, how many were written (missing, or
+    older than the account's last end of sessions)."""
+
+    accounts: int
+    written: int
+
+
 async def restore_revocations(redis: Redis, sessionmaker: async_sessionmaker[AsyncSession], *, ttl_seconds: int,
                               now: float | None = None, force: bool = False) -> int | None:
-    """Put back the revocation marks Redis lost: one per account deactivated or given a new password within a
-    token's lifetime, from the audit log (the system of record), stamped with that change's time. None when
-    Redis still has them (one EXISTS; `force`: Redis evicted keys, any of which may have been a mark);
-    otherwise how many accounts were marked. A mark already there is kept (SET NX)."""
+    """Put back the revocation marks Redis lost, when its marker key is gone (`force`: whatever it says). None
+    when it is there; otherwise how many accounts need a mark (see ensure_revocations, which the guard runs every
+    cycle without looking at the marker)."""
     if not force and await redis.exists(MARKS_RESTORED):
         return None
+    return (await ensure_revocations(redis, sessionmaker, ttl_seconds=ttl_seconds, now=now)).accounts
+
+
+async def ensure_revocations(redis: Redis, sessionmaker: async_sessionmaker[AsyncSession], *, ttl_seconds: int,
+                             now: float | None = None) -> Marks:
+    """Check that Redis holds every revocation mark the database says it should, and write those it lacks: one per
+    account deactivated or given a new password within a token's lifetime, from the audit log (the system of
+    record), stamped with that change's time; one per account of a cooperative or member suspended meanwhile.
+
+    The marks themselves are read (one pipelined GET), not a marker key: a Redis that failed over to a replica
+    which missed the last writes, or a Cluster shard that lost its data, keeps the marker (or the shard holding
+    it) and lacks the newest marks. The cost is two indexed reads of a token's lifetime of rows (~16 minutes of
+    deactivations, new passwords and suspensions: a handful) and one Redis round trip, twice when a mark is
+    missing.
+
+    A mark already there is kept (written NX), unless it is older than the audit row (a mark of an earlier end of
+    sessions, the newer one lost): then it is set to the audit row's instant. Should a change's own mark land
+    between the read and that write, the write puts back an older instant; the next cycle reads that change's
+    audit row and sets its instant again. A suspended account's mark is stamped now, and only when missing: its
+    tokens are refused on the rows anyway (sign-in, refresh), and re-stamping it every cycle would refuse a token
+    issued just after the cooperative or member was made active again."""
     current = wall() if now is None else now
     lifetime = _mark_lifetime(ttl_seconds)
     since = datetime.fromtimestamp(current - lifetime, UTC)
@@ -324,17 +353,36 @@ async def restore_revocations(redis: Redis, sessionmaker: async_sessionmaker[Asy
             .outerjoin(Member, Member.id == AdminUser.member_id)
             .where(or_(and_(Cooperative.status != "ACTIVE", Cooperative.updated_at >= since),
                        and_(Member.status == "SUSPENDED", Member.updated_at >= since))))).scalars())
-    for user_id, at in rows:
-        # The audit row's instant: written just before the mark was, in the same request, and before any token
-        # the change handed out (POST /auth/password's new pair), which therefore keeps working.
-        stamp = at.timestamp()
-        remaining = int(stamp + lifetime - current)
-        if remaining > 0:
-            await redis.set(revoked_key(user_id), _stamp(stamp), ex=remaining, nx=True)
-    for user_id in held:
-        await redis.set(revoked_key(user_id), _stamp(current), ex=lifetime, nx=True)
-    await redis.set(MARKS_RESTORED, b"1")
-    return len({user_id for user_id, _ in rows} | set(held))
+    # The audit row's instant: written just before the mark was, in the same request, and before any token the
+    # change handed out (POST /auth/password's new pair), which therefore keeps working.
+    ended = {user_id: at.timestamp() for user_id, at in rows if at.timestamp() + lifetime - current >= 1}
+    accounts = list(ended) + [user_id for user_id in held if user_id not in ended]
+    async with redis.pipeline(transaction=False) as pipe:
+        for user_id in accounts:
+            pipe.get(revoked_key(user_id))
+        marks = await pipe.execute() if accounts else []
+    writes: list[tuple[str, float, int, bool]] = []  # (account, instant, seconds to live, only if missing)
+    for user_id, mark in zip(accounts, marks, strict=True):
+        instant = ended.get(user_id)
+        if instant is not None:
+            if mark is None or _older(mark, instant):
+                writes.append((user_id, instant, int(instant + lifetime - current), mark is None))
+        elif mark is None:
+            writes.append((user_id, current, lifetime, True))
+    async with redis.pipeline(transaction=False) as pipe:
+        for user_id, instant, remaining, nx in writes:
+            pipe.set(revoked_key(user_id), _stamp(instant), ex=remaining, nx=nx)
+        pipe.set(MARKS_RESTORED, b"1")
+        done = await pipe.execute()
+    return Marks(len(accounts), sum(1 for result in done[:-1] if result))
+
+
+def _older(mark: bytes, instant: float) -> bool:
+    """Does the mark end the account's sessions before `instant` (or is it unreadable: set anew)?"""
+    try:
+        return revoked_at(mark) < instant
+    except (UnicodeDecodeError, ValueError):
+        return True
 
 
 async def eviction_policy(redis: Redis) -> str | None:
@@ -359,19 +407,23 @@ async def evicted_keys(redis: Redis) -> int | None:
 
 async def guard_revocations(redis: Redis, sessionmaker: async_sessionmaker[AsyncSession], *, ttl_seconds: int,
                             every: float = RESTORE_CHECK_SECONDS, stop: asyncio.Event | None = None) -> None:
-    """Run for the life of a `serve` process: every few seconds, restore the revocation marks if Redis lost
-    them, so a deactivated account's tokens stop working again within seconds instead of at their expiry.
+    """Run for the life of a `serve` process: every few seconds (`every`), check the revocation marks against the
+    database and write back those Redis lost (ensure_revocations), so a deactivated account's tokens stop working
+    again within seconds instead of at their expiry.
 
-    Two ways to lose them: Redis lost its data (the marker key is gone with it), or Redis evicted keys to
-    stay under its memory limit (the marker has no expiry and the marks do, so `volatile-*` policies take
-    marks and leave the marker): every new eviction in INFO's count re-writes the marks too.
+    Every cycle, whatever the marker key says: Redis may lose marks and keep the marker in several ways. It lost
+    its data (restarted without persistence, flushed): the marker is gone too. It failed over to a replica that
+    missed the last writes (replication is asynchronous): the marker, written long ago, is there, the mark written
+    a moment before is not. A Redis Cluster shard lost its data: the marker lives on another shard. Redis evicted
+    keys to stay under its memory limit (`volatile-*` policies take the marks, which expire, and leave the marker,
+    which does not): INFO's eviction count is watched too, to say so in the log.
 
     Ends once `stop` is set: at once while waiting for the next check, else after the check under way. A
     cancel alone is not enough: one that lands as redis-py finishes sending a command is lost (Python 3.11's
     asyncio.wait_for returns the finished send instead of raising), and the loop would go on for good."""
     stop = stop if stop is not None else asyncio.Event()  # none given: until cancelled (tests)
     warned = False
-    seen = 0  # evictions before this process started may have taken marks as well: the first check restores
+    seen = 0  # evictions before this process started may have taken marks as well
     while not stop.is_set():
         try:
             if not warned:
@@ -383,15 +435,15 @@ async def guard_revocations(redis: Redis, sessionmaker: async_sessionmaker[Async
                               extra={"policy": policy})
             evicted = await evicted_keys(redis)
             newly = 0 if evicted is None else evicted - seen
-            restored = await restore_revocations(redis, sessionmaker, ttl_seconds=ttl_seconds, force=newly > 0)
-            if newly > 0:
+            marks = await ensure_revocations(redis, sessionmaker, ttl_seconds=ttl_seconds)
+            if newly > 0 and marks.written:
                 log.warning("Redis evicted keys; token revocation marks re-written from the audit log",
-                            extra={"evicted": newly, "accounts": restored})
-            elif restored:  # None: nothing was lost; 0: lost, but no account needed a mark (a fresh Redis too)
+                            extra={"evicted": newly, "accounts": marks.written})
+            elif marks.written:  # a Redis that lost its data, failed over, or a shard that did
                 log.warning("token revocation marks were missing in Redis; restored from the audit log",
-                            extra={"accounts": restored})
+                            extra={"accounts": marks.written})
             if evicted is not None:
-                seen = evicted  # (lower after a Redis restart: the marker's absence covers that)
+                seen = evicted  # (lower after a Redis restart: the marks are checked every cycle anyway)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis or the database down: the request path falls back to the row
@@ -539,15 +591,10 @@ async def hold_account_for_change(session: AsyncSession, user_id: str) -> None:
     await session.execute(select(AdminUser.id).where(AdminUser.id == user_id).with_for_update(key_share=True))
 
 
-async def refresh(
-    session: AsyncSession, redis: Redis, token: str, *, secret: str, ttl_seconds: int
-) -> TokenPair:
+async def refresh(session: AsyncSession, token: str, *, secret: str, ttl_seconds: int) -> TokenPair:
     """Trade a refresh token for a new pair; each refresh token works once (rotation)."""
     claims = decode_token(token, secret=secret, expected_type="refresh")
-    used = await redis.set(
-        f"auth:{{refresh:{claims['jti']}}}:used", b"1", nx=True, ex=REFRESH_TTL_SECONDS + 60
-    )
-    if not used:
+    if not await _spend(session, claims):
         raise Unauthorized("refresh token already used")
     # Taking turns with a change that ends the account's sessions (see hold_account): after one, its audit row
     # is read below and refuses this token; before one, the pair is dated before the change's audit row.
@@ -562,6 +609,22 @@ async def refresh(
         raise Unauthorized("token has been revoked")
     # Dated at the read, not carried forward from the refresh token: a reset or deactivation from now on ends it.
     return issue_tokens(user, secret=secret, ttl_seconds=ttl_seconds, issued_at=read_at)
+
+
+async def _spend(session: AsyncSession, claims: dict[str, Any]) -> bool:
+    """Record the refresh token's use in the database; False when it was used before.
+
+    Its row (used_refresh_tokens, by the token's jti) is the single use, in the system of record: kept in Redis,
+    a Redis that lost its data (flushed, restarted without persistence, failed over to a replica that missed the
+    write) let a spent token mint pairs again for the rest of its week. The primary key decides, not a read
+    before: of two refreshes with one token at once, the second's INSERT waits for the first's transaction
+    (PostgreSQL; SQLite has one writer at a time) and then inserts nothing; only if the first rolled back (its
+    refresh refused, e.g. revoked) does it go on, to the same checks. The row is written in the request's
+    transaction (committed with the answer): a refresh that fails after it is not counted as a use."""
+    stmt = (insert_ignore(session.get_bind().dialect.name, UsedRefreshToken)
+            .values(id=str(claims["jti"]), expires_at=datetime.fromtimestamp(float(claims["exp"]), UTC))
+            .on_conflict_do_nothing(index_elements=["id"]).returning(UsedRefreshToken.id))
+    return (await session.execute(stmt)).first() is not None
 
 
 async def create_user(

@@ -17,7 +17,7 @@ from core.audit import Actor, record
 from core.crypto import PiiCipher
 from core.db import insert_ignore, new_id, row_insert, utcnow
 from core.errors import ValidationError
-from core.members import LANGUAGES, MEMBER_STATUSES, member_row
+from core.members import LANGUAGES, MEMBER_STATUSES, member_row, opted_out_numbers
 from core.models import AuditEvent, Cooperative, Member
 from core.phone import Phone, PhoneError, normalize
 from core.text import has_bad_characters
@@ -258,8 +258,13 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
         values = [{
             **member_row(cipher, cooperative_id=cooperative_id, name=r.name, phone=r.phone, language=r.language,
                          unit=r.unit, status=status),
-            "id": new_id(), "reminders_opt_out": False, "created_at": now, "updated_at": now,
+            "id": new_id(), "created_at": now, "updated_at": now,
         } for r in chunk]
+        # A number that sent STOP (before the import, or as a member elsewhere) starts opted out, as
+        # create_member does it: one query per chunk.
+        stopped = await opted_out_numbers(session, [v["phone_index"] for v in values])
+        for v in values:
+            v["reminders_opt_out"] = v["phone_index"] in stopped
         # One statement with the rows as parameters: SQLAlchemy sends it as multi-row INSERTs
         # ("insertmanyvalues") without compiling a statement per chunk.
         written = set((await session.execute(_insert_members(dialect), values)).scalars())
@@ -269,7 +274,15 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
         await session.execute(row_insert(dialect, AuditEvent), [{
             "cooperative_id": cooperative_id, "actor": actor.id, "channel": actor.channel,
             "action": "member.created", "entity_type": "member", "entity_id": v["id"], "before": None,
-            "after": {"status": status, "phone": v["phone_masked"]}, "at": now,
+            "after": _created(status, v), "at": now,
         } for v in values])
         ids.extend(str(v["id"]) for v in values)
     return ids
+
+
+def _created(status: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A member.created audit row's `after`, as create_member writes it."""
+    after: dict[str, Any] = {"status": status, "phone": values["phone_masked"]}
+    if values["reminders_opt_out"]:
+        after["remindersOptOut"] = True  # the number had sent STOP
+    return after

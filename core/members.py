@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, delete, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
 from core.db import insert_ignore, utcnow
 from core.errors import Conflict, NotFound, ValidationError
-from core.models import Cooperative, Member
+from core.models import Cooperative, Member, PhoneOptOut
 from core.notify import send_sms
 from core.phone import Phone
 
@@ -43,6 +43,38 @@ def member_row(cipher: PiiCipher, *, cooperative_id: str, name: str, phone: Phon
         "unit": (unit or "").strip() or None,
         "status": status,
     }
+
+
+# ------------------------------------------------------------------------------------ a number's opt-out
+# STOP is the number's person's, not a membership's: it is kept by the number's blind index (phone_opt_outs), and
+# every membership made afterwards, whichever way (create_member: the API and USSD registration; the CSV import),
+# starts with reminders_opt_out from it. The reminder scan reads the membership's flag alone (no join per chunk);
+# the send-time check (core.reminders.why_not_send) also looks at the number, for a membership made while a STOP
+# was being recorded, or by a process of the release before this one during a deploy.
+
+
+def number_opted_out(phone_index: Any) -> Any:
+    """SQL condition: the number of this blind index (a value or a column) sent STOP and not START since."""
+    return exists().where(PhoneOptOut.phone_index == phone_index)
+
+
+async def opted_out_numbers(session: AsyncSession, indexes: Collection[str]) -> set[str]:
+    """The blind indexes among `indexes` whose number sent STOP (one query; the caller keeps it to a chunk)."""
+    if not indexes:
+        return set()
+    rows = await session.execute(select(PhoneOptOut.phone_index).where(PhoneOptOut.phone_index.in_(list(indexes))))
+    return set(rows.scalars())
+
+
+async def set_number_opt_out(session: AsyncSession, phone_index: str, opt_out: bool) -> None:
+    """Remember (STOP) or forget (START) the number's opt-out, in the caller's transaction; idempotent. The
+    caller also sets the flag on the number's memberships (channels.sms.routes)."""
+    if opt_out:
+        await session.execute(insert_ignore(session.get_bind().dialect.name, PhoneOptOut)
+                              .values(phone_index=phone_index, created_at=utcnow())
+                              .on_conflict_do_nothing(index_elements=["phone_index"]))
+    else:
+        await session.execute(delete(PhoneOptOut).where(PhoneOptOut.phone_index == phone_index))
 
 
 class PhoneReleased(Conflict):
@@ -123,6 +155,9 @@ async def create_member(
         raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
     values = member_row(cipher, cooperative_id=cooperative_id, name=name, phone=phone,
                         language=check_language(language), unit=unit, status=status)
+    # A number that sent STOP (before registering, or as a member elsewhere) gets no reminders here either.
+    # Read in the INSERT itself: no round trip more.
+    values["reminders_opt_out"] = number_opted_out(values["phone_index"])
     # The unique (cooperative, phone) index decides, not a SELECT before: of two creates of one number at
     # once, the second inserts nothing (ON CONFLICT DO NOTHING) and is told so, as a later one would be.
     stmt = (insert_ignore(session.get_bind().dialect.name, Member).values(values)
@@ -130,8 +165,11 @@ async def create_member(
     member = (await session.scalars(stmt)).one_or_none()
     if member is None:
         raise Conflict(DUPLICATE_PHONE, field="phone")
+    after: dict[str, Any] = {"status": status, "phone": member.phone_masked}
+    if member.reminders_opt_out:
+        after["remindersOptOut"] = True  # the number had sent STOP
     await record(session, actor=actor, action="member.created", entity_type="member", entity_id=member.id,
-                 after={"status": status, "phone": member.phone_masked}, cooperative_id=cooperative_id)
+                 after=after, cooperative_id=cooperative_id)
     return member
 
 
@@ -190,7 +228,9 @@ async def release_phone(session: AsyncSession, member: Member, *, actor: Actor) 
     """A SUSPENDED member's phone number given up (the person left; the operator may give the number to
     someone else): its ciphertext and blind index cleared, so the number can be registered again, in this
     cooperative or any, and nothing sent to or received from it is taken for this member any more. The row,
-    its payments and disputes stay; the masked form stays for the record. Releasing it again changes nothing."""
+    its payments and disputes stay; the masked form stays for the record. Releasing it again changes nothing.
+    The number's STOP was its person's: released from its last membership, the number's next holder does not
+    inherit it (while another membership still holds the number, its person still has it, and it stays)."""
     locked = (await session.execute(
         select(Member).where(Member.id == member.id).with_for_update()
         .execution_options(populate_existing=True)
@@ -199,10 +239,14 @@ async def release_phone(session: AsyncSession, member: Member, *, actor: Actor) 
         raise Conflict(f"member is {locked.status}: suspend the member before releasing the phone number")
     if locked.phone_enc is None:
         return locked
+    index = locked.phone_index
     await session.execute(
         update(Member).where(Member.id == locked.id)
         .values(phone_enc=None, phone_index=None, phone_masked=locked.phone_masked or RELEASED_MASK,
                 updated_at=utcnow()))  # the loaded row is updated too (synchronize_session)
+    if index is not None and (await session.execute(
+            select(Member.id).where(Member.phone_index == index).limit(1))).first() is None:
+        await set_number_opt_out(session, index, False)
     await record(session, actor=actor, action="member.phone_released", entity_type="member", entity_id=locked.id,
                  before={"phone": locked.phone_masked, "phoneReleased": False},
                  after={"phone": locked.phone_masked, "phoneReleased": True}, cooperative_id=locked.cooperative_id)

@@ -14,6 +14,8 @@ from sqlalchemy import func, null, select
 from core.db import utcnow
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from core.runtime import Runtime
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -59,10 +61,23 @@ OUTBOX_DUE = Gauge("gateway_outbox_due_jobs", "Outbox jobs due and not taken: PE
                    "the lease (a worker lost)", ["status"], registry=REGISTRY)
 OUTBOX_OLDEST_DUE = Gauge("gateway_outbox_oldest_due_seconds", "Seconds the oldest due outbox job has waited "
                           "(0 when none)", registry=REGISTRY)
-OUTBOX_GAUGES_OK = Gauge("gateway_outbox_gauges_ok", "1 if the last scrape read the outbox gauges from the "
-                         "database, 0 if it failed (they are then NaN)", registry=REGISTRY)
+OUTBOX_GAUGES_OK = Gauge("gateway_outbox_gauges_ok", "1 if the last scrape read the outbox (and open payment) "
+                         "gauges from the database, 0 if it failed (they are then NaN)", registry=REGISTRY)
 OUTBOX_GAUGE_FAILURES = Counter("gateway_outbox_gauge_refresh_failures_total",
                                 "Scrapes that could not read the outbox gauges from the database", registry=REGISTRY)
+# A payment stuck open (README "Metrics and alerts"): read with the outbox gauges at each scrape, one statement on
+# the open payments (ix_payments_status_poll's status), so a payment left open past its approval window shows here
+# even while the outbox looks healthy (its status poll waiting 30 minutes, told "unknown" each time).
+PAYMENTS_OPEN = Gauge("gateway_payments_open", "Payments open (PENDING or PROCESSING), by provider", ["provider"],
+                      registry=REGISTRY)
+PAYMENTS_PAST_WINDOW = Gauge("gateway_payments_open_past_window", "Open payments whose approval window "
+                             "(expires_at) is over, by provider", ["provider"], registry=REGISTRY)
+PAYMENTS_PAST_WINDOW_OLDEST = Gauge("gateway_payments_open_past_window_oldest_seconds", "Seconds since the "
+                                    "approval window of the open payment longest past it ended (0 when none)",
+                                    registry=REGISTRY)
+# Whether this process's Redis answered a PING at the last scrape: /readyz no longer fails on Redis alone (a serve
+# keeps taking the API and provider callbacks without it), so this is what to alert on.
+REDIS_UP = Gauge("gateway_redis_up", "1 if Redis answered PING at the last scrape, 0 if not", registry=REGISTRY)
 SMS = Counter("gateway_sms_total", "SMS messages by status", ["status"], registry=REGISTRY)
 # A refund the provider contradicted after it was final, each flagged on its payment for a person (README).
 REFUND_ANOMALIES = Counter("gateway_refund_anomalies_total", "Refunds flagged for a person: sent_after_failure, "
@@ -74,6 +89,13 @@ SYNC_HELD_BACK = Gauge("gateway_payment_sync_held_back_seconds", "Seconds the pa
                        "by the oldest transaction writing payments, at the last sync page served", registry=REGISTRY)
 REMINDERS_SKIPPED = Counter("gateway_reminders_skipped_total", "Queued reminders not sent, by reason", ["reason"],
                             registry=REGISTRY)
+# A provider callback about a payment the gateway does not have (core.payments._report_unmatched): with outcome
+# SUCCEEDED a member's money was taken and no payment of ours records it (PostgreSQL restored to an earlier point,
+# say). Alert on any increase; a person lists them with GET /v1/provider-callbacks?unmatched=true&resolved=false.
+# Labels bounded: a configured provider's name, and the callback's ProviderOutcome (six values).
+CALLBACKS_UNMATCHED = Counter("gateway_callbacks_unmatched_total", "Provider callbacks that matched no payment, by "
+                              "the outcome they report (SUCCEEDED: money taken)", ["provider", "outcome"],
+                              registry=REGISTRY)
 
 
 def observe_job(kind: str, outcome: str, seconds: float) -> None:
@@ -87,9 +109,11 @@ _DUE_STATUSES = ("PENDING", "RUNNING")
 REFRESH_TIMEOUT = 5.0  # seconds: a database that hangs must not hang the scrape past its own timeout
 _WARN_EVERY = 60.0  # seconds between warnings while the refresh keeps failing (one a scrape is noise)
 _last_warning = -math.inf
+REDIS_PING_TIMEOUT = 1.0  # seconds: as the client's own socket timeout (app._connect_redis)
+_providers_shown: set[str] = set()  # provider label values of the payment gauges (see _providers)
 
 
-async def _read_outbox(rt: Runtime) -> tuple[dict[str, int], dict[str, int], float]:
+async def _read_outbox(session: AsyncSession) -> tuple[dict[str, int], dict[str, int], float]:
     """Depth by status, due jobs by status, and the oldest due job's age in seconds, in one statement.
 
     The WHERE names the live statuses (not `!= 'DONE'`), so the (status, run_at) index that the claim uses
@@ -98,14 +122,13 @@ async def _read_outbox(rt: Runtime) -> tuple[dict[str, int], dict[str, int], flo
     """
     from core.models import OutboxJob
 
-    async with rt.sessionmaker() as session:
-        postgres = session.get_bind().dialect.name == "postgresql"
-        now = func.now() if postgres else utcnow()
-        due = OutboxJob.run_at <= now
-        rows = (await session.execute(
-            select(OutboxJob.status, func.count(), func.count().filter(due), func.min(OutboxJob.run_at).filter(due),
-                   func.now() if postgres else null())
-            .where(OutboxJob.status.in_(_STATUSES)).group_by(OutboxJob.status))).all()
+    postgres = session.get_bind().dialect.name == "postgresql"
+    now = func.now() if postgres else utcnow()
+    due = OutboxJob.run_at <= now
+    rows = (await session.execute(
+        select(OutboxJob.status, func.count(), func.count().filter(due), func.min(OutboxJob.run_at).filter(due),
+               func.now() if postgres else null())
+        .where(OutboxJob.status.in_(_STATUSES)).group_by(OutboxJob.status))).all()
     local_now = utcnow()
     depth: dict[str, int] = {}
     due_count: dict[str, int] = {}
@@ -119,12 +142,67 @@ async def _read_outbox(rt: Runtime) -> tuple[dict[str, int], dict[str, int], flo
     return depth, due_count, oldest
 
 
+async def _read_open_payments(session: AsyncSession) -> tuple[dict[str, tuple[int, int]], float]:
+    """Open payments by provider, (all, past their approval window), and how long ago the window of the one
+    longest past it ended, in seconds: one statement. Its WHERE is the open statuses, the first column of
+    ix_payments_status_poll: it reads the open payments only, never the year of settled ones. Past the window by
+    the database's clock on PostgreSQL (expires_at is dated by it: core.db.align_clock)."""
+    from core.models import Payment
+    from core.state.payment import OPEN
+
+    postgres = session.get_bind().dialect.name == "postgresql"
+    past = Payment.expires_at < (func.now() if postgres else utcnow())
+    rows = (await session.execute(
+        select(Payment.provider, func.count(), func.count().filter(past), func.min(Payment.expires_at).filter(past),
+               func.now() if postgres else null())
+        .where(Payment.status.in_(sorted(status.value for status in OPEN))).group_by(Payment.provider))).all()
+    local_now = utcnow()
+    counts: dict[str, tuple[int, int]] = {}
+    oldest = 0.0
+    for provider, count, past_n, first_expired, db_now in rows:
+        counts[provider] = (count, past_n)
+        if first_expired is not None:
+            oldest = max(oldest, ((db_now or local_now) - first_expired).total_seconds())
+    return counts, oldest
+
+
+async def _read_database(rt: Runtime) -> tuple[tuple[dict[str, int], dict[str, int], float],
+                                               tuple[dict[str, tuple[int, int]], float]]:
+    async with rt.sessionmaker() as session:
+        return await _read_outbox(session), await _read_open_payments(session)
+
+
+def _providers(rt: Runtime, read: dict[str, tuple[int, int]] | None = None) -> set[str]:
+    """The provider label values to set: the configured providers, any with open payments, and any set before
+    (so a provider's series goes back to 0, or NaN, rather than staying at its last figure)."""
+    _providers_shown.update(getattr(rt, "providers", None) or ())
+    _providers_shown.update(read or ())
+    return set(_providers_shown)
+
+
 async def refresh_gauges(rt: Runtime) -> None:
-    """Set the outbox gauges from the database. If it cannot be read, they are set to NaN (not left showing the
-    last figures as current), gateway_outbox_gauges_ok to 0, and a warning is logged once a minute at most."""
+    """Set the gauges read at each scrape: from the database (refresh_database_gauges) and Redis's PING, at once."""
+    await asyncio.gather(refresh_database_gauges(rt), refresh_redis_gauge(rt))
+
+
+async def refresh_redis_gauge(rt: Runtime) -> None:
+    """gateway_redis_up: 1 when Redis answers a PING within REDIS_PING_TIMEOUT, else 0."""
+    try:
+        await asyncio.wait_for(rt.redis.ping(), timeout=REDIS_PING_TIMEOUT)
+    except Exception:
+        REDIS_UP.set(0)
+    else:
+        REDIS_UP.set(1)
+
+
+async def refresh_database_gauges(rt: Runtime) -> None:
+    """Set the outbox and open-payment gauges from the database. If it cannot be read, they are set to NaN (not
+    left showing the last figures as current), gateway_outbox_gauges_ok to 0, and a warning is logged once a
+    minute at most."""
     global _last_warning
     try:
-        depth, due, oldest = await asyncio.wait_for(_read_outbox(rt), timeout=REFRESH_TIMEOUT)
+        (depth, due, oldest), (payments, past_oldest) = await asyncio.wait_for(_read_database(rt),
+                                                                              timeout=REFRESH_TIMEOUT)
     except Exception as exc:
         OUTBOX_GAUGES_OK.set(0)
         OUTBOX_GAUGE_FAILURES.inc()
@@ -133,16 +211,25 @@ async def refresh_gauges(rt: Runtime) -> None:
         for status in _DUE_STATUSES:
             OUTBOX_DUE.labels(status=status).set(math.nan)
         OUTBOX_OLDEST_DUE.set(math.nan)
+        for provider in _providers(rt):
+            PAYMENTS_OPEN.labels(provider=provider).set(math.nan)
+            PAYMENTS_PAST_WINDOW.labels(provider=provider).set(math.nan)
+        PAYMENTS_PAST_WINDOW_OLDEST.set(math.nan)
         if time.monotonic() - _last_warning >= _WARN_EVERY:
             _last_warning = time.monotonic()
-            log.warning("outbox gauges not refreshed: the database could not be read (%s: %s); they read NaN "
-                        "and gateway_outbox_gauges_ok 0 until it can", type(exc).__name__, exc)
+            log.warning("outbox and payment gauges not refreshed: the database could not be read (%s: %s); they "
+                        "read NaN and gateway_outbox_gauges_ok 0 until it can", type(exc).__name__, exc)
         return
     for status in _STATUSES:
         OUTBOX_DEPTH.labels(status=status).set(depth.get(status, 0))
     for status in _DUE_STATUSES:
         OUTBOX_DUE.labels(status=status).set(due.get(status, 0))
     OUTBOX_OLDEST_DUE.set(max(0.0, oldest))
+    for provider in _providers(rt, payments):
+        count, past = payments.get(provider, (0, 0))
+        PAYMENTS_OPEN.labels(provider=provider).set(count)
+        PAYMENTS_PAST_WINDOW.labels(provider=provider).set(past)
+    PAYMENTS_PAST_WINDOW_OLDEST.set(max(0.0, past_oldest))
     OUTBOX_GAUGES_OK.set(1)
 
 

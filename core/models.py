@@ -450,3 +450,29 @@ class ReminderSent(Base):
     payment_type_id: Mapped[str] = mapped_column(UUIDStr, ForeignKey("payment_types.id"))
     period: Mapped[date] = mapped_column(Date)
     created_at: Mapped[datetime] = _created()
+
+
+class UsedRefreshToken(Base):
+    """A refresh token traded for a new pair (core.auth.refresh): each works once. Recorded here, in the system
+    of record, not in Redis: a Redis that lost its data (flushed, restarted without persistence, failed over to a
+    replica that missed the write) would let a spent token mint pairs again for the rest of its week. `prune`
+    deletes a row a day after its token expired (core.retention): an expired token is refused anyway. `id` is the
+    token's `jti` (named as every table `prune` walks by id is)."""
+
+    __tablename__ = "used_refresh_tokens"
+    __table_args__ = (Index("ix_used_refresh_tokens_expires_at", "expires_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class PhoneOptOut(Base):
+    """A number that sent STOP (channels.sms.routes), by its blind index (the one members.phone_index holds;
+    never the number): the opt-out is the number's person's, so a membership made later, in this cooperative or
+    another, by the API, a CSV import or USSD registration, starts opted out (core.members). START deletes the
+    row; so does releasing the number from its last membership (the operator gives it to someone else)."""
+
+    __tablename__ = "phone_opt_outs"
+
+    phone_index: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = _created()

@@ -1,4 +1,5 @@
-"""Figures for the operations page: payment flow, provider success, USSD funnel, SMS, outbox, webhooks."""
+"""Figures for the operations page: payment flow, provider success, USSD funnel, SMS, outbox, webhooks, and
+callbacks for payments the gateway does not have."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from sqlalchemy import case, func, literal_column, null, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import utcnow
-from core.models import OutboxJob, Payment, SmsMessage, UssdSession, WebhookDelivery, WebhookEndpoint
+from core.models import OutboxJob, Payment, ProviderEvent, SmsMessage, UssdSession, WebhookDelivery, WebhookEndpoint
+from core.payments import UNMATCHED
+from core.ports import ProviderOutcome
 from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SmsStatus
 
 # The USSD pay funnel. Each session counts once per step it reaches, in Redis hash counters per UTC hour
@@ -152,6 +155,12 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
     disabled = (await session.execute(scoped(
         select(func.count()).select_from(WebhookEndpoint).where(WebhookEndpoint.status == "DISABLED"),
         WebhookEndpoint))).scalar_one()
+    # Callbacks saying money was taken for a payment the gateway does not have, not yet accounted for
+    # (GET /v1/provider-callbacks?unmatched=true&resolved=false): they name no cooperative, so across all only.
+    unmatched = None if cooperative_id else (await session.execute(
+        select(func.count()).select_from(ProviderEvent)
+        .where(ProviderEvent.payment_id.is_(None), ProviderEvent.outcome == UNMATCHED,
+               ProviderEvent.status == ProviderOutcome.SUCCEEDED.value))).scalar_one()
 
     return {
         "generatedAt": now.isoformat(),
@@ -169,4 +178,5 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
                    "parked": sum(outbox.get("PARKED", {}).values()), "byStatus": outbox,
                    "due": due_jobs, "oldestDueSeconds": round(oldest_due, 1)},
         "webhooks": {"deliveries": hooks, "failed": hooks.get("FAILED", 0), "disabledEndpoints": disabled},
+        "unmatchedCallbacks": None if unmatched is None else {"moneyTakenUnresolved": unmatched},
     }

@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import random
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Float, Table, bindparam, case, exists, func, literal, or_, select, union_all, update
+from sqlalchemy import Float, Table, and_, bindparam, case, exists, func, literal, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -236,6 +237,51 @@ def backoff(attempt: int, *, base: float = 2.0, cap: float = 3600.0) -> float:
     return max(1.0, random.uniform(ceiling / 2, ceiling))
 
 
+# A worker whose claims fail (its database down or out of reach) waits CLAIM_RETRY_FIRST seconds, then twice as long
+# after each failure in a row up to CLAIM_RETRY_MAX (reset by a claim that works); it logs the first failure with
+# its traceback and then one line a CLAIM_LOG_SECONDS at most: a traceback every 2 s buried everything else.
+CLAIM_RETRY_FIRST = 2.0
+CLAIM_RETRY_MAX = 30.0
+CLAIM_LOG_SECONDS = 60.0
+
+
+@dataclass
+class ClaimTrouble:
+    """A worker's claims failing in a row: how long to wait before the next, and what to log."""
+
+    failures: int = 0  # in a row
+    unlogged: int = 0  # since the last line
+    since: float = 0.0  # time.monotonic() of the first
+    logged: float = 0.0  # ...and of the last line
+
+    def failed(self, exc: Exception) -> float:
+        """Count (and log, at most once a CLAIM_LOG_SECONDS) a failed claim; seconds to wait before the next."""
+        now = time.monotonic()
+        self.failures += 1
+        self.unlogged += 1
+        if self.failures == 1:
+            self.since = self.logged = now
+            self.unlogged = 0
+            log.error("claiming jobs failed; backing off", exc_info=exc,
+                      extra={"retry_in_s": CLAIM_RETRY_FIRST})
+        elif now - self.logged >= CLAIM_LOG_SECONDS:
+            log.error("claiming jobs still fails", extra={
+                "error": type(exc).__name__, "failures_since_last_line": self.unlogged,
+                "failing_for_s": round(now - self.since), "retry_in_s": self.wait()})
+            self.logged, self.unlogged = now, 0
+        return self.wait()
+
+    def wait(self) -> float:
+        return min(CLAIM_RETRY_MAX, CLAIM_RETRY_FIRST * 2 ** min(self.failures - 1, 16))
+
+    def succeeded(self) -> None:
+        """A claim worked: after failures, say so once, and the next failure waits CLAIM_RETRY_FIRST again."""
+        if self.failures:
+            log.warning("claiming jobs works again", extra={
+                "failures": self.failures, "failed_for_s": round(time.monotonic() - self.since)})
+            self.failures = self.unlogged = 0
+
+
 class OutboxWorker:
     """Claims due jobs in batches, runs the handler for each kind, retries, parks, and leases.
 
@@ -273,6 +319,7 @@ class OutboxWorker:
         self._stopping = asyncio.Event()
         # Schema mismatches (schema_mismatch) handed back since the last log line, and when that was written.
         self._mismatches, self._mismatch_logged = 0, -SCHEMA_LOG_SECONDS
+        self._claim_trouble = ClaimTrouble()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -410,7 +457,7 @@ class OutboxWorker:
                 if isinstance(asked, int | float) and asked > delay:
                     delay = min(float(asked), MAX_RETRY_AFTER)
                 log.warning("job failed, will retry",
-                            extra={"job_id": job.id, "kind": job.kind, "attempts": job.attempts,
+                            extra={"job_id": job.id, "kind": job.kind, **_subject(job), "attempts": job.attempts,
                                    "delay_s": round(delay, 1), "error": error})
                 await self._finish(job, status="PENDING", locked_by=None, last_error=error, run_in=delay)
         else:
@@ -434,8 +481,9 @@ class OutboxWorker:
         if now - self._mismatch_logged >= SCHEMA_LOG_SECONDS:
             log.warning("job's code does not match the database schema or the job's kind (a deploy in "
                         "progress?); handed back without using an attempt, for a worker of the matching release",
-                        extra={"job_id": job.id, "kind": job.kind, "jobs_handed_back": self._mismatches,
-                               "delay_s": SCHEMA_RETRY_SECONDS, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                        extra={"job_id": job.id, "kind": job.kind, **_subject(job),
+                               "jobs_handed_back": self._mismatches, "delay_s": SCHEMA_RETRY_SECONDS,
+                               "error": f"{type(exc).__name__}: {exc}"[:500]})
             self._mismatches, self._mismatch_logged = 0, now
         await self._finish(job, status="PENDING", locked_by=None, attempts=job.attempts - 1,
                            run_in=SCHEMA_RETRY_SECONDS, last_error=error[:2000])
@@ -447,7 +495,7 @@ class OutboxWorker:
         try:
             await self.run_job(job)
         except Exception:  # the database went away while finishing: the lease brings the job back
-            log.exception("could not record job result", extra={"job_id": job.id})
+            log.exception("could not record job result", extra={"job_id": job.id, "kind": job.kind, **_subject(job)})
         finally:
             self._busy -= 1
             self._sem.release()
@@ -476,10 +524,10 @@ class OutboxWorker:
                 break
             try:
                 jobs = await self.claim(free)
-            except Exception:
-                log.exception("claiming jobs failed; backing off")
-                await self._sleep(2.0)
+            except Exception as exc:
+                await self._sleep(self._claim_trouble.failed(exc))
                 continue
+            self._claim_trouble.succeeded()
             for index, job in enumerate(jobs):
                 await self._sem.acquire()
                 if self._stopping.is_set():
@@ -568,11 +616,61 @@ async def call_starting(sessionmaker: async_sessionmaker[AsyncSession], job: Job
     job.call_started.append(True)
 
 
+# What a job is about, so an operator can go from a payment (or a refund) to its jobs and back: in the job's log
+# lines, its view (admin_api.jobs) and the list's paymentId/refundId filter. Only that opaque id is ever read out
+# of a payload: never its encrypted phone numbers, message contexts otherwise, or webhook bodies.
+# The id's payload key, by subject type...
+SUBJECT_KEYS = {"payment": "payment_id", "refund": "refund_id"}
+# ...the kinds whose payload holds it at the top...
+OWN_SUBJECT = {"payment.collect": "payment", "payment.poll": "payment", "refund.submit": "refund",
+               "refund.poll": "refund"}
+# ...an SMS's in its message context (core.notify.sms_job: a receipt's {"payment_id"}, a refund's {"refund_id"})...
+SMS_KIND = "sms.send"
+# ...and a webhook event's (and each of its deliveries') in its event id, as core.notify.notice_jobs makes it:
+# evt_<type with "_">_<the entity's id>. (The payload's event id is the one made, never the stored digest.)
+WEBHOOK_KINDS = ("webhook.event", "webhook.deliver")
+_EVENT_ID = re.compile(r"evt_(payment|refund)_[a-z_]+_([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+
+
+def job_subject(kind: str, payload: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """(type, id) of the payment or refund a job is about (see SUBJECT_KEYS), or None."""
+    payload = payload or {}
+    if kind in OWN_SUBJECT:
+        value = payload.get(SUBJECT_KEYS[OWN_SUBJECT[kind]])
+        return (OWN_SUBJECT[kind], value) if isinstance(value, str) and value else None
+    if kind == SMS_KIND:
+        context = payload.get("context")
+        for subject, key in SUBJECT_KEYS.items():
+            value = context.get(key) if isinstance(context, dict) else None
+            if isinstance(value, str) and value:
+                return subject, value
+        return None
+    if kind in WEBHOOK_KINDS:
+        event_id = payload.get("event_id")
+        found = _EVENT_ID.fullmatch(event_id) if isinstance(event_id, str) else None
+        return (found[1], found[2]) if found else None
+    return None
+
+
+def subject_filter(subject: str, subject_id: str) -> Any:
+    """The WHERE of the jobs job_subject says are about (`subject`, `subject_id`): each kind's own JSON path.
+    Not indexed: the caller bounds the rows it is tested on (admin_api.jobs: the jobs not DONE)."""
+    key = SUBJECT_KEYS[subject]
+    own = [kind for kind, of in OWN_SUBJECT.items() if of == subject]
+    event = _TABLE.c.payload["event_id"].as_string()
+    return or_(
+        and_(_TABLE.c.kind.in_(own), _TABLE.c.payload[key].as_string() == subject_id),
+        and_(_TABLE.c.kind == SMS_KIND, _TABLE.c.payload[("context", key)].as_string() == subject_id),
+        and_(_TABLE.c.kind.in_(WEBHOOK_KINDS), event.startswith(f"evt_{subject}_", autoescape=True),
+             event.endswith(f"_{subject_id}", autoescape=True)),
+    )
+
+
 def _subject(job: Job) -> dict[str, str]:
-    """The parked job's subject for its log line, so the operator can find the payment (or refund) it is about:
-    the payment or refund id of the payload only (an opaque id; never its phone numbers or contexts)."""
-    return {key: value for key in ("payment_id", "refund_id")
-            if isinstance(value := job.payload.get(key), str) and value}
+    """The job's subject for its log lines (job_subject), as payment_id or refund_id, so grepping a payment's id
+    finds its jobs' lines (a receipt SMS's and its webhook's too)."""
+    found = job_subject(job.kind, job.payload)
+    return {SUBJECT_KEYS[found[0]]: found[1]} if found else {}
 
 
 def _done(now: datetime) -> dict[str, Any]:

@@ -724,18 +724,19 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
                 event_row_id, payment = await _store_event_and_lock(session, event, stored, found)
                 if event_row_id is None:
                     return "duplicate"
-                if payment is None:
-                    await _set_outcome(session, event_row_id, "unknown_payment", None)
-                    log.warning("callback for an unknown payment", extra={"provider": event.provider})
-                    return "unknown_payment"
-                if adopted is not None and payment.provider_transaction_id is None:
-                    await _adopt_transaction_id(session, payment, adopted)
-                return await apply_collection_outcome(session, rt, payment, outcome, actor=actor, amount=amount,
-                                                      provider_transaction_id=txn, reason=reason,
-                                                      event_row_id=event_row_id,
-                                                      provisional_transaction_id=provisional, occurred_at=occurred)
+                if payment is not None:
+                    if adopted is not None and payment.provider_transaction_id is None:
+                        await _adopt_transaction_id(session, payment, adopted)
+                    return await apply_collection_outcome(session, rt, payment, outcome, actor=actor,
+                                                          amount=amount, provider_transaction_id=txn,
+                                                          reason=reason, event_row_id=event_row_id,
+                                                          provisional_transaction_id=provisional,
+                                                          occurred_at=occurred)
+                await _set_outcome(session, event_row_id, UNMATCHED, None)
         except StaleTransition:
             continue  # the row moved under us (a poll or a parallel callback): re-read and re-apply
+        _report_unmatched(event)  # once stored: a store that failed is sent again by the provider
+        return UNMATCHED
     return "conflict"
 
 
@@ -821,9 +822,15 @@ async def _set_outcome(session: AsyncSession, event_row_id: str, outcome: str, p
 
 # What a callback for no payment of ours keeps of its body: anyone who can reach the callback URL can send one.
 UNMATCHED_PAYLOAD_BYTES = 2048
+# The outcome of a stored callback that matched no payment, and of one a person has since accounted for
+# (resolve_unmatched). core.retention names both too.
+UNMATCHED = "unknown_payment"
+UNMATCHED_RESOLVED = "unknown_payment_resolved"
+# Where a resolved one keeps its note, beside the provider's body (as KEPT_TRANSACTION_ID is kept).
+RESOLUTION = "gatewayResolution"
 
 
-def _bounded(raw: dict[str, Any]) -> dict[str, Any]:
+def bounded_body(raw: dict[str, Any]) -> dict[str, Any]:
     """The body of a callback that matched no payment, if small; else its size and digest (enough to match it
     with the provider's records, not 64 KiB a request kept for ever)."""
     body = json.dumps(raw, sort_keys=True, default=str).encode()
@@ -833,14 +840,67 @@ def _bounded(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _store_unmatched(rt: Runtime, event: ProviderEventData) -> str:
+    """An unsigned callback naming no payment of ours: kept unconfirmed (there is no payment to ask the
+    provider about), its body bounded."""
     async with rt.sessionmaker.begin() as session:
-        await session.execute(
+        stored = (await session.execute(
             insert_ignore(session.get_bind().dialect.name, ProviderEvent)
             .values(id=str(uuid.uuid4()), provider=event.provider, event_id=event.event_id[:200],
-                    kind=event.kind.value, status=event.outcome.value, payload=_bounded(dict(event.raw)),
-                    outcome="unknown_payment", received_at=utcnow())
-            .on_conflict_do_nothing(index_elements=["provider", "event_id"]))
-    return "unknown_payment"
+                    kind=event.kind.value, status=event.outcome.value, payload=bounded_body(dict(event.raw)),
+                    outcome=UNMATCHED, received_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["provider", "event_id"])
+            .returning(ProviderEvent.id))).scalar_one_or_none()
+    if stored is None:
+        return "duplicate"  # a copy sent at the same moment was stored (and reported) first
+    _report_unmatched(event)
+    return UNMATCHED
+
+
+def _report_unmatched(event: ProviderEventData) -> None:
+    """Say that a callback matched no payment: the counter gateway_callbacks_unmatched_total, and a log line at
+    ERROR when it says money was taken (a member's money at the provider with no payment of ours to credit: after
+    PostgreSQL was restored to an earlier point, say), WARNING otherwise. The provider's ids only, never the
+    payer's number (the body, kept on the row, may hold it). A person lists and resolves them over the API
+    (GET /v1/provider-callbacks, admin_api.provider_callbacks); `main.py prune` keeps an unresolved money-taken
+    one whatever its age (core.retention)."""
+    metrics.CALLBACKS_UNMATCHED.labels(provider=event.provider, outcome=event.outcome.value).inc()
+    fields = {"provider": event.provider, "event_id": event.event_id[:200], "reference": event.reference[:128],
+              "provider_transaction_id": (event.provider_transaction_id or "")[:128] or None,
+              "outcome": event.outcome.value, "confirmed": not event.needs_confirmation}
+    if event.outcome is ProviderOutcome.SUCCEEDED:
+        log.error("provider says money was taken for a payment the gateway does not have: check the provider's "
+                  "statement (GET /v1/provider-callbacks?unmatched=true&resolved=false)", extra=fields)
+    else:
+        log.warning("provider callback for a payment the gateway does not have", extra=fields)
+
+
+async def resolve_unmatched(session: AsyncSession, event_row_id: str, note: str, *, actor: Actor) -> ProviderEvent:
+    """A person accounts for a callback that matched no payment (credited by hand, refunded by the provider,
+    a test): its outcome moves from UNMATCHED to UNMATCHED_RESOLVED, the note is kept with it (RESOLUTION, next to
+    the provider's body) and in the audit log. NotFound for a row that is not such a callback; Conflict once
+    resolved (the first note stands)."""
+    note = admin_note(note, "how the callback was accounted for, e.g. what the provider's statement shows")
+    row = (await session.execute(
+        select(ProviderEvent).where(ProviderEvent.id == event_row_id, ProviderEvent.payment_id.is_(None),
+                                    ProviderEvent.outcome.in_((UNMATCHED, UNMATCHED_RESOLVED)))
+        .with_for_update())).scalar_one_or_none()
+    if row is None:
+        raise NotFound("provider callback not found")
+    if row.outcome == UNMATCHED_RESOLVED:
+        raise Conflict("provider callback is resolved already", field="outcome")
+    at = utcnow()
+    payload = dict(row.payload) if isinstance(row.payload, dict) else {"body": row.payload}
+    payload[RESOLUTION] = {"note": note, "by": actor.id, "at": iso_z(at)}
+    table = table_of(ProviderEvent)
+    await session.execute(update(table).where(table.c.id == row.id, table.c.outcome == UNMATCHED)
+                          .values(outcome=UNMATCHED_RESOLVED, payload=payload))
+    await record(session, actor=actor, action="provider_callback.resolved", entity_type="provider_event",
+                 entity_id=row.id, before={"outcome": UNMATCHED},
+                 after={"outcome": UNMATCHED_RESOLVED, "note": note, "provider": row.provider,
+                        "eventId": row.event_id, "status": row.status})
+    await session.flush()
+    await session.refresh(row)
+    return row
 
 
 GIVEN_UP = (P.TIMEOUT, P.CANCELLED)

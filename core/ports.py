@@ -125,11 +125,15 @@ class ProviderTimeout(ProviderError):
 
 
 class CallbackRejected(Exception):
-    """A callback that failed verification or could not be parsed; answered 4xx, nothing changes."""
+    """A callback that failed verification or could not be parsed; answered 4xx, nothing changes.
 
-    def __init__(self, message: str, *, status: int = 401) -> None:
+    `reference`: the payment's reference the callback named, when the adapter had read one before refusing it
+    (e.g. an unknown status): the refusal's log line carries it, so a search by the payment finds it."""
+
+    def __init__(self, message: str, *, status: int = 401, reference: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.reference = reference
 
 
 @dataclass(frozen=True)

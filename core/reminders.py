@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from core.cooperatives import zone_of
 from core.db import UTCDateTime, parse_aware, row_insert, utcnow
+from core.members import number_opted_out
 from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType
 from core.notify import sms_job
 from core.outbox import Handler, Job, NewJob, enqueue
@@ -180,7 +181,8 @@ async def _plan(session: AsyncSession, rt: Runtime, coop: Cooperative, now: date
 
 
 def _remindable(cooperative_id: str) -> Any:
-    """SQL condition: a member of the cooperative who gets reminders (active, not opted out by STOP)."""
+    """SQL condition: a member of the cooperative who gets reminders (active, not opted out by STOP). The
+    membership's flag alone: a membership made after its number's STOP starts with it (core.members)."""
     return and_(_MEMBER.c.cooperative_id == cooperative_id, _MEMBER.c.status == "ACTIVE",
                 _MEMBER.c.reminders_opt_out.is_(False))
 
@@ -319,12 +321,14 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
 
 _COOP, _TYPE = Cooperative.__table__, PaymentType.__table__
 # A reminder's member as it is at sending time (STOP sent, suspended or left, paid since the scan), and what
-# the reminder offers: its cooperative still active, its payment type still on the menu (NULL: deleted).
+# the reminder offers: its cooperative still active, its payment type still on the menu (NULL: deleted). STOP is
+# read on the membership and on its number (one primary-key probe): a membership inserted while its number's STOP
+# was being recorded, or by a process of the previous release during a deploy, may lack the flag.
 
 
 def _reminder_state(paid_for: Any) -> Any:
     return select(
-        _MEMBER.c.reminders_opt_out,
+        or_(_MEMBER.c.reminders_opt_out, number_opted_out(_MEMBER.c.phone_index)).label("reminders_opt_out"),
         _MEMBER.c.status,
         _COOP.c.status.label("coop_status"),
         _TYPE.c.is_active.label("type_active"),

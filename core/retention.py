@@ -8,9 +8,11 @@ What goes, and what stays (each period an environment variable; 0 keeps that kin
 - ussd_sessions: sessions started and ended more than RETENTION_USSD_SESSIONS_DAYS (90) ago (one the aggregator
   never reported ended counts from its start: a USSD session lasts minutes).
 - provider_events: only callbacks for an unknown payment (outcome "unknown_payment", no payment; see
-  core.payments._store_unmatched) received more than RETENTION_UNKNOWN_CALLBACKS_DAYS (30) ago. The others stay:
-  they are the provider's own word on a payment or refund, the money trail a dispute or a reconciliation goes
-  back to years later, and they number a few per payment (the payments themselves are kept).
+  core.payments._store_unmatched) received more than RETENTION_UNKNOWN_CALLBACKS_DAYS (30) ago, and not one that
+  says money was taken (status SUCCEEDED) until a person has resolved it (outcome "unknown_payment_resolved",
+  POST /v1/provider-callbacks/{id}/resolve): that is a member's money at the provider that no payment records.
+  The others stay: they are the provider's own word on a payment or refund, the money trail a dispute or a
+  reconciliation goes back to years later, and they number a few per payment (the payments themselves are kept).
 - webhook_deliveries: DELIVERED or FAILED (given up) deliveries created and last changed more than
   RETENTION_WEBHOOK_DELIVERIES_DAYS (30) ago, unless a job not DONE still names them (a PARKED webhook.deliver
   job an admin may replay reopens its delivery). PENDING ones never.
@@ -19,6 +21,9 @@ What goes, and what stays (each period an environment variable; 0 keeps that kin
   column is NOT NULL, so ''). A QUEUED one keeps its text: its parked job may still be replayed and send it.
   The walk reads ix_sms_messages_body_kept, which holds only the rows whose text is still there: a run reads
   what is left to empty, not again every row an earlier run emptied.
+- used_refresh_tokens: the record of a refresh token's single use (core.auth.refresh), once the token expired a
+  day ago (USED_REFRESH_TOKENS_DAYS: not a setting; a spent token is refused as expired from then on, so the row
+  has done its work, and before that it must stay). Not configurable: 0 would keep them forever for no reason.
 - audit_events: never (append-only by design; PostgreSQL refuses UPDATE and DELETE on it).
 
 Each batch (RETENTION_BATCH_SIZE rows, 5,000) is one short transaction of one statement that repeats every
@@ -40,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.config import ConfigError
 from core.db import align_clock, table_of, utcnow
-from core.models import OutboxJob, ProviderEvent, SmsMessage, UssdSession, WebhookDelivery
+from core.models import OutboxJob, ProviderEvent, SmsMessage, UsedRefreshToken, UssdSession, WebhookDelivery
 
 DEFAULT_DAYS = {
     "RETENTION_OUTBOX_DONE_DAYS": 30,
@@ -133,13 +138,19 @@ def _old_sessions(cutoff: datetime) -> ColumnElement[bool]:
 
 
 _EVENTS = table_of(ProviderEvent)
-UNKNOWN_PAYMENT = "unknown_payment"  # the outcome core.payments gives a callback no payment matched
+# The outcomes core.payments gives a callback no payment matched (UNMATCHED), and one a person resolved since
+# (UNMATCHED_RESOLVED); and the status of one saying money was taken.
+UNKNOWN_PAYMENT = "unknown_payment"
+UNKNOWN_PAYMENT_RESOLVED = "unknown_payment_resolved"
+MONEY_TAKEN = "SUCCEEDED"
 
 
 def _old_unknown_callbacks(cutoff: datetime) -> ColumnElement[bool]:
-    # payment_id IS NULL first: ix_provider_events_payment_id holds the NULLs too (PostgreSQL).
-    return and_(_EVENTS.c.payment_id.is_(None), _EVENTS.c.outcome == UNKNOWN_PAYMENT,
-                _EVENTS.c.received_at < cutoff)
+    # payment_id IS NULL first: ix_provider_events_payment_id holds the NULLs too (PostgreSQL). One that says money
+    # was taken stays, however old, until a person resolves it: it is the only record of that money.
+    return and_(_EVENTS.c.payment_id.is_(None), _EVENTS.c.received_at < cutoff,
+                or_(_EVENTS.c.outcome == UNKNOWN_PAYMENT_RESOLVED,
+                    and_(_EVENTS.c.outcome == UNKNOWN_PAYMENT, _EVENTS.c.status != MONEY_TAKEN)))
 
 
 _DELIVERIES = table_of(WebhookDelivery)
@@ -158,6 +169,14 @@ def _old_deliveries(cutoff: datetime) -> ColumnElement[bool]:
         _JOBS.c.payload["endpoint_id"].as_string() == _DELIVERIES.c.endpoint_id,
         _JOBS.c.payload["event_id"].as_string() == _DELIVERIES.c.event_id)
     return and_(_finished_deliveries(cutoff), ~named)
+
+
+_USED_REFRESH = table_of(UsedRefreshToken)
+USED_REFRESH_TOKENS_DAYS = 1  # past the token's expiry (core.auth.LEEWAY is seconds): fixed, not a setting
+
+
+def _expired_refresh_uses(cutoff: datetime) -> ColumnElement[bool]:
+    return _USED_REFRESH.c.expires_at < cutoff
 
 
 _SMS = table_of(SmsMessage)
@@ -193,9 +212,12 @@ KINDS = (
     _Kind(_SESSIONS, "RETENTION_USSD_SESSIONS_DAYS", lambda p: p.ussd_sessions_days, _old_sessions,
           "sessions ended before {cutoff}", _SESSIONS.c.started_at),
     _Kind(_EVENTS, "RETENTION_UNKNOWN_CALLBACKS_DAYS", lambda p: p.unknown_callbacks_days, _old_unknown_callbacks,
-          "callbacks for unknown payments received before {cutoff}; the others are kept"),
+          "callbacks for unknown payments received before {cutoff}, but not unresolved ones saying money was "
+          "taken; the others are kept"),
     _Kind(_DELIVERIES, "RETENTION_WEBHOOK_DELIVERIES_DAYS", lambda p: p.webhook_deliveries_days, _old_deliveries,
           "delivered or given up, last changed before {cutoff}", _DELIVERIES.c.created_at, _finished_deliveries),
+    _Kind(_USED_REFRESH, "", lambda p: USED_REFRESH_TOKENS_DAYS, _expired_refresh_uses,
+          "uses of refresh tokens expired before {cutoff}", _USED_REFRESH.c.expires_at),
 )
 
 

@@ -20,6 +20,7 @@ from core.audit import Actor
 from core.config import Settings
 from core.db import lock_row
 from core.inbound import client_address, limit_key, read_capped
+from core.logs import scrub
 from core.metrics import CALLBACK_REJECTED
 from core.models import Payment
 from core.money import Money, MoneyError
@@ -30,6 +31,7 @@ from core.runtime import RUNTIME, SETTINGS
 log = logging.getLogger("gateway.providers.callbacks")
 
 MAX_CALLBACK_BODY = 64 * 1024  # provider callbacks are a few hundred bytes
+MAX_LOGGED_REFERENCE = 64  # a provider's reference is a UUID or a short code; a longer one is cut in the log
 # What each provider expects as an acknowledgement; the rest take any 200.
 _ACKS: dict[str, dict[str, Any]] = {
     "mpesa": {"ResultCode": 0, "ResultDesc": "Accepted"},
@@ -52,9 +54,16 @@ def _error(request: web.Request, status: int, message: str) -> web.Response:
                              status=status)
 
 
-def _refuse(request: web.Request, provider: str, status: int, reason: str) -> web.Response:
+def _refuse(request: web.Request, provider: str, status: int, reason: str, *,
+            reference: str | None = None) -> web.Response:
+    """Answer a refused callback and log it; `reference`: the payment's, when the adapter read one before refusing
+    (CallbackRejected.reference), so the line is found by a search for the payment."""
     CALLBACK_REJECTED.labels(source=provider).inc()
-    log.warning("provider callback refused", extra={"provider": provider, "reason": reason, "status": status})
+    extra: dict[str, Any] = {"provider": provider, "reason": reason, "status": status}
+    if isinstance(reference, str) and reference:
+        # The sender's text: bounded, and masked if it is a phone number (the formatter masks them too).
+        extra["reference"] = scrub(reference[:MAX_LOGGED_REFERENCE])
+    log.warning("provider callback refused", extra=extra)
     return _error(request, status, reason)
 
 
@@ -138,7 +147,7 @@ async def provider_callback(request: web.Request) -> web.Response:
         await adapter.verify_callback(callback)
         event = adapter.parse_callback(callback)
     except CallbackRejected as exc:
-        return _refuse(request, name, exc.status, str(exc))
+        return _refuse(request, name, exc.status, str(exc), reference=exc.reference)
     except ValueError as exc:  # an adapter's unknown-status or malformed-field error
         return _refuse(request, name, 400, str(exc))
     except (RedisError, OSError, TimeoutError) as exc:

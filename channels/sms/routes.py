@@ -19,7 +19,9 @@ from sqlalchemy import Table, bindparam, case, select, update
 from channels.sms.templates import CATALOGS
 from core import metrics, pgraw
 from core.audit import Actor, record
+from core.cooperatives import COUNTRY_CURRENCY
 from core.db import autocommit, utcnow
+from core.members import set_number_opt_out
 from core.models import Cooperative, Member, Payment, SmsMessage
 from core.notify import send_sms
 from core.phone import Phone, PhoneError, normalize
@@ -43,9 +45,21 @@ DELIVERY_STATUS: dict[str, SmsStatus] = {
     "Expired": SmsStatus.EXPIRED,
 }
 
-# Keyword replies: at most 5 per phone per 10 minutes, so a loop with another robot costs little.
-REPLY_LIMIT = Limit("sms:reply", count=5, window=600, sliding=False)
+# Keyword replies are paid SMS: 5 per number per 10 minutes and 20 per day, each counted as the API's limits are
+# (per window, sliding over the previous one: a fixed window let 10 through in 2 seconds across its turn), so a
+# loop with another robot (an autoresponder texting back every 2 minutes got 720 replies a day) costs little; the
+# help that answers HELP and what was not understood, once per number per (UTC) day: the robot's every text is
+# "not understood". See _reply_limits for the order they are counted in.
+REPLY_LIMIT = Limit("sms:reply", count=5, window=600)
+REPLY_DAILY_LIMIT = Limit("sms:reply-day", count=20, window=86_400)
+HELP_DAILY_LIMIT = Limit("sms:help", count=1, window=86_400, sliding=False)
+# Replies go only to numbers of the countries the gateway serves (those a cooperative can be in), or of a member:
+# any other sender would cost an international SMS for each text (a wrong number, a robot, a premium-rate scam).
+SERVED_COUNTRIES = frozenset(COUNTRY_CURRENCY)
 _REF = re.compile(r"^[A-Z]{2,5}_\d{8}_\d{1,9}$", re.ASCII)
+# What separates words in a keyword SMS: anything but a letter, a digit or "_" (quotes of any kind, brackets, a
+# dash, "#", an emoji, a colon between STATUS and its reference).
+_NOT_WORD = re.compile(r"[^\w]+")
 
 
 def _check_secret(request: web.Request, rt: Runtime) -> None:
@@ -271,12 +285,14 @@ def _keywords() -> tuple[tuple[str, str, frozenset[str]], ...]:
 
 
 def parse_keyword(text: str) -> tuple[str | None, str | None, str | None]:
-    """'risiti pay_20251016_001' -> ('RECEIPT', 'sw', 'PAY_20251016_001'). Unknown -> (None, None, None)."""
-    words = fold((text or "").strip()).split()
+    """'risiti pay_20251016_001' -> ('RECEIPT', 'sw', 'PAY_20251016_001'). Unknown -> (None, None, None).
+    Folded first (see fold), then every character that is not a letter, a digit or "_" separates words:
+    '"STOP"', '(Stop)', '#STOP', 'STOP🙏' and 'STATUS:PAY_20251016_001' are read as typed without them."""
+    words = _NOT_WORD.sub(" ", fold(text or "")).split()
     if not words:
         return None, None, None
-    word = words[0].strip(".,:;!?")
-    argument = words[1].strip(".,:;!?") if len(words) > 1 else None
+    word = words[0]
+    argument = words[1] if len(words) > 1 else None
     for language, command, spellings in _keywords():
         if word in spellings:
             return command, language, argument
@@ -319,9 +335,11 @@ async def inbound(request: web.Request) -> web.Response:
     command, keyword_language, argument = parse_keyword(text)
     index = rt.cipher.blind_index(phone.e164)
     actor = Actor(f"phone:{phone.masked()}", "sms")
+    if phone.region not in SERVED_COUNTRIES and not await _has_membership(rt, index):
+        return await _unserved(rt, phone, index, command)
     # Checked before, and outside, the transaction that records a STOP or START: Redis failing costs the
     # reply, never the opt-out (a STOP rolled back keeps the reminders coming).
-    reply_allowed = await _reply_allowed(rt, index, phone)
+    reply_allowed = await _reply_allowed(rt, index, phone, command)
 
     async with rt.sessionmaker.begin() as session:
         # Every membership of the number (STOP and START apply to all), the one the reply speaks for first:
@@ -348,6 +366,8 @@ async def inbound(request: web.Request) -> web.Response:
         reply: tuple[str, dict[str, Any], str | None] | None = None  # template, context, cooperative
         if command in ("STOP", "START"):
             opt_out = command == "STOP"
+            # The number's, for the memberships it does not have yet (core.members), and each one it has.
+            await set_number_opt_out(session, index, opt_out)
             for member in members:
                 if member.reminders_opt_out != opt_out:
                     await session.execute(
@@ -413,20 +433,54 @@ _REPLY_RANK = case(
 )
 
 
-async def _reply_allowed(rt: Runtime, index: str, phone: Phone) -> bool:
-    """May this phone get a keyword reply now (REPLY_LIMIT)? When the limit cannot be checked (Redis down
-    or restarting), no: the reply is skipped and logged, and the keyword itself still takes effect."""
+def _reply_limits(command: str | None) -> tuple[Limit, ...]:
+    """The limits a reply to `command` must fit, in the order they are counted: the help (to HELP and to
+    what was not understood) first, so a robot's texts refused it use none of the number's other replies."""
+    if command in (None, "HELP"):
+        return HELP_DAILY_LIMIT, REPLY_LIMIT, REPLY_DAILY_LIMIT
+    return REPLY_LIMIT, REPLY_DAILY_LIMIT
+
+
+async def _reply_allowed(rt: Runtime, index: str, phone: Phone, command: str | None) -> bool:
+    """May this phone get a reply to `command` now (see REPLY_LIMIT)? Each limit is counted in turn, up to the
+    first that refuses. When they cannot be checked (Redis down or restarting), no: the reply is skipped and
+    logged, and the keyword itself still takes effect."""
+    limiter = RateLimiter(rt.redis)
     try:
-        decision = await RateLimiter(rt.redis).hit(REPLY_LIMIT, index)
+        for limit in _reply_limits(command):
+            if not (await limiter.hit(limit, index)).allowed:
+                log.info("keyword reply suppressed: rate limit",
+                         extra={"phone": phone.masked(), "limit": limit.name})
+                return False
     except (RedisError, OSError, TimeoutError) as exc:
         log.warning(
             "keyword reply skipped: its rate limit could not be checked",
             extra={"phone": phone.masked(), "error": type(exc).__name__},
         )
         return False
-    if not decision.allowed:
-        log.info("keyword reply suppressed: rate limit", extra={"phone": phone.masked()})
-    return decision.allowed
+    return True
+
+
+_ANY_MEMBERSHIP = select(Member.id).where(Member.phone_index == bindparam("i")).limit(1)
+
+
+async def _has_membership(rt: Runtime, index: str) -> bool:
+    """Whether the number is a member's (any cooperative, any status): asked only of numbers from outside the
+    served countries, which get a reply only then."""
+    async with autocommit(rt.engine) as conn:
+        return await pgraw.first(conn, _ANY_MEMBERSHIP, {"i": index}) is not None
+
+
+async def _unserved(rt: Runtime, phone: Phone, index: str, command: str | None) -> web.Response:
+    """A text from a number outside the served countries that no member has: no reply (an international SMS
+    each, not counted either). Its STOP is still kept (and START: the number might be registered one day);
+    anything else is logged, masked, and dropped."""
+    if command in ("STOP", "START"):
+        async with rt.sessionmaker.begin() as session:
+            await set_number_opt_out(session, index, command == "STOP")
+    log.info("keyword SMS from a number outside the served countries: no reply",
+             extra={"phone": phone.masked(), "command": command or "unknown"})
+    return web.Response(text="")
 
 
 def setup(app: web.Application) -> None:

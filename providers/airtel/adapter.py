@@ -286,7 +286,7 @@ class AirtelAdapter:
         try:
             outcome = _outcome(status)
         except UnknownStatus as exc:
-            raise CallbackRejected(str(exc), status=400) from None
+            raise CallbackRejected(str(exc), status=400, reference=reference) from None
         return ProviderEvent(
             provider=NAME, kind=EventKind.COLLECTION, event_id=f"{reference}:{status}", reference=reference,
             outcome=outcome, provider_transaction_id=tx.get("airtel_money_id") or None,

@@ -315,7 +315,7 @@ class IremboPayAdapter:
             PROVIDER_ERRORS.labels(self.name, "callback").inc()
             log.error("irembopay webhook with unknown paymentStatus",
                       extra={"payment_status": status, "invoice_number": invoice})
-            raise CallbackRejected(f"unknown IremboPay paymentStatus {status!r}", status=400)
+            raise CallbackRejected(f"unknown IremboPay paymentStatus {status!r}", status=400, reference=reference)
         amount = None
         if data.get("amount") is not None:
             try:

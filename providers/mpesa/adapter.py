@@ -333,7 +333,7 @@ class MpesaAdapter:
             PROVIDER_ERRORS.labels(self.name, "callback").inc()
             log.error("mpesa callback with unknown ResultCode", extra={"result_code": code,
                                                                        "checkout_request_id": checkout})
-            raise CallbackRejected(f"unknown M-Pesa ResultCode {code!r}", status=400)
+            raise CallbackRejected(f"unknown M-Pesa ResultCode {code!r}", status=400, reference=checkout)
         items = _metadata(stk.get("CallbackMetadata"))
         amount = None
         if "Amount" in items:
@@ -374,7 +374,7 @@ class MpesaAdapter:
             PROVIDER_ERRORS.labels(self.name, "callback").inc()
             log.error("mpesa reversal Result with unknown ResultCode",
                       extra={"result_code": code, "conversation_id": conversation})
-            raise CallbackRejected(f"unknown M-Pesa reversal ResultCode {code!r}", status=400)
+            raise CallbackRejected(f"unknown M-Pesa reversal ResultCode {code!r}", status=400, reference=conversation)
         params = _result_parameters(result.get("ResultParameters"))
         amount = None
         if "Amount" in params:

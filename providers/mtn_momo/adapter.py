@@ -294,9 +294,9 @@ class MtnMomoAdapter:
         try:
             result = _status_result(body)
         except UnknownStatus as exc:
-            raise CallbackRejected(str(exc), status=400) from None
+            raise CallbackRejected(str(exc), status=400, reference=reference) from None
         except ProviderError as exc:
-            raise CallbackRejected(str(exc), status=400) from None
+            raise CallbackRejected(str(exc), status=400, reference=reference) from None
         status = body["status"]
         event_id = f"{reference}:{status}"
         if result.provider_transaction_id:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from admin_api import all_routes
-from core.models import AuditEvent, OutboxJob
+from core.models import AuditEvent, OutboxJob, ProviderEvent
 from tests.admin_api.conftest import complete_payment, idem, make_payment
 
 # A schema-valid body for each write route, so that only scoping can refuse the call.
@@ -19,6 +19,7 @@ BODIES = {
     ("POST", "/refunds/{id}/outcome"): {"status": "COMPLETED", "note": "taken over"},
     ("POST", "/payments/{id}/outcome"): {"status": "COMPLETED", "providerTransactionId": "TX-B", "note": "taken"},
     ("POST", "/webhook-endpoints/{id}/rotate-secret"): {"overlapHours": 0},
+    ("POST", "/provider-callbacks/{id}/resolve"): {"note": "taken over"},
 }
 # Routes only a super admin may call at all: B's admin is stopped earlier, with 403.
 SUPER_ONLY = {
@@ -58,8 +59,14 @@ async def _resources_of_a(admin, superadmin, rt, demo):
     async with rt.sessionmaker() as s:
         job_id = (await s.execute(select(OutboxJob.id).where(
             OutboxJob.cooperative_id == demo["cooperative_id"]).limit(1))).scalar_one()
+    # A callback that matched no payment: of no cooperative, a super admin's alone.
+    unmatched = ProviderEvent(provider="mtn_momo", event_id="cross-coop-unmatched", kind="collection",
+                              status="SUCCEEDED", payload={}, outcome="unknown_payment")
+    async with rt.sessionmaker.begin() as s:
+        s.add(unmatched)
     return {
         "/jobs/{id}/replay": str(job_id),
+        "/provider-callbacks/{id}/resolve": unmatched.id,
         "/users/{id}": user["id"],
         "/payments/{id}": payment["id"],
         "/payments/{id}/status": payment["id"],

@@ -1,0 +1,310 @@
+"""STOP is the number's, not only its memberships' of the moment; keyword replies (paid SMS) bounded per number
+and day, and sent only to numbers the gateway serves; a keyword read through the punctuation people type."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from channels.sms.routes import parse_keyword
+from core.audit import Actor
+from core.members import create_member
+from core.models import AuditEvent, Cooperative, Member, PhoneOptOut
+from core.phone import normalize
+from core.reminders import scan, why_not_send
+from tests.admin_api.conftest import bearer
+from tests.channels.sms.helpers import jobs_of
+from tests.channels.sms.test_routes import ALINE, inbound
+from tests.channels.ussd.helpers import AtPhone
+from tests.conftest import drain
+
+NEWCOMER = "+250788555444"
+# 28 November, 08:00 in Kigali: the demo's Monthly Rent (due day 1) falls due in 3 days (as tests/core/test_reminders).
+NOW = datetime(2026, 11, 28, 6, 0, tzinfo=UTC)
+
+
+async def _second_coop(rt: Any) -> Cooperative:
+    async with rt.sessionmaker.begin() as s:
+        coop = Cooperative(name="Musanze Farmers", short_code="MSZF", country="RW", currency="RWF",
+                           timezone="Africa/Kigali", ussd_extension="77", contact_phone="+250788123457",
+                           status="ACTIVE")
+        s.add(coop)
+    return coop
+
+
+async def _memberships(rt: Any, phone: str) -> list[Member]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(Member).where(
+            Member.phone_index == rt.cipher.blind_index(phone)).order_by(Member.created_at))).scalars())
+
+
+async def _opt_outs(rt: Any) -> list[str]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(PhoneOptOut.phone_index))).scalars())
+
+
+async def _reminded(rt: Any) -> set[str]:
+    return {j.payload["member_id"] for j in await jobs_of(rt, "sms.send")
+            if j.payload["template"] == "payment_reminder"}
+
+
+# ------------------------------------------------------------------------------------------- STOP is the number's
+
+
+async def test_stop_before_joining_holds_for_every_membership_made_later(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    """A number that sent STOP before it was registered: the API's member, the CSV import's and the USSD
+    registration's memberships all start opted out, and the reminder scan passes them by. START undoes it."""
+    await inbound(sms_client, NEWCOMER, "STOP", "in-stop-first")
+    await drain(worker)
+    [told] = sim.messages(NEWCOMER)
+    assert told["message"].startswith("You will no longer get reminders")  # and now it is true
+    assert await _opt_outs(rt) == [rt.cipher.blind_index(NEWCOMER)]  # the blind index, never the number
+
+    async with rt.sessionmaker.begin() as s:  # a cooperative that people join by USSD
+        s.add(Cooperative(name="Huye Weavers", short_code="HUYW", country="RW", currency="RWF",
+                          timezone="Africa/Kigali", ussd_extension="78", status="ACTIVE", self_registration=True))
+    phone = AtPhone(sms_client, NEWCOMER)
+    await phone.dial()
+    for key in ("1", "HUYW"):
+        await phone.send(key)
+    assert (await phone.send("Diane Iradukunda")).startswith("END Thank you Diane Iradukunda")
+    admin = await bearer(sms_client, *demo["admin"])
+    made = await admin.json("POST", "/v1/members", 201, json={"name": "Diane Iradukunda", "phone": NEWCOMER})
+    other = await _second_coop(rt)
+    async with rt.sessionmaker.begin() as s:
+        from core.member_import import import_members
+
+        await import_members(s, rt.cipher, cooperative=other, actor=Actor("system", "system"),
+                             data=f"name,phone\nDiane Iradukunda,{NEWCOMER}\nEric Habimana,0788555445\n".encode())
+
+    memberships = await _memberships(rt, NEWCOMER)
+    assert len(memberships) == 3 and made["id"] in {m.id for m in memberships}
+    assert [m.reminders_opt_out for m in memberships] == [True, True, True]
+    [eric] = await _memberships(rt, "+250788555445")
+    assert eric.reminders_opt_out is False  # the import's other row: its number never sent STOP
+    async with rt.sessionmaker() as s:
+        created = (await s.execute(select(AuditEvent).where(
+            AuditEvent.action == "member.created", AuditEvent.entity_id.in_([m.id for m in memberships])))).scalars()
+        assert [a.after.get("remindersOptOut") for a in created] == [True, True, True]
+
+    async with rt.sessionmaker.begin() as s:
+        assert await scan(s, rt, now=NOW) == 5  # the demo's five members; not the number that sent STOP
+    assert made["id"] not in await _reminded(rt)
+
+    await inbound(sms_client, NEWCOMER, "START", "in-start")
+    assert [m.reminders_opt_out for m in await _memberships(rt, NEWCOMER)] == [False, False, False]
+    assert await _opt_outs(rt) == []
+
+
+async def test_a_member_who_sent_stop_is_not_reminded_by_the_next_cooperative(
+    rt: Any, demo: dict[str, Any], sms_client: Any
+) -> None:
+    await inbound(sms_client, ALINE, "STOP", "in-stop-aline")
+    other = await _second_coop(rt)
+    async with rt.sessionmaker.begin() as s:
+        second = await create_member(s, rt.cipher, cooperative_id=other.id, name="Aline Uwase", phone=normalize(ALINE),
+                                     actor=Actor("system", "system"))
+    assert second.reminders_opt_out is True
+
+
+async def test_a_reminder_is_not_sent_to_a_number_that_sent_stop_whatever_its_membership_says(
+    rt: Any, demo: dict[str, Any], sms_client: Any
+) -> None:
+    """The send-time check reads the number too: a membership written without the flag (by a process of the
+    previous release during a deploy, or while the STOP was being recorded) gets no reminder."""
+    async with rt.sessionmaker.begin() as s:
+        await scan(s, rt, now=NOW)
+    [job] = [j for j in await jobs_of(rt, "sms.send") if j.payload["member_id"] == demo["members"][ALINE]]
+    await inbound(sms_client, ALINE, "STOP", "in-stop-late")
+    async with rt.sessionmaker.begin() as s:  # as an older process would have left a membership
+        await s.execute(update(Member).where(Member.id == demo["members"][ALINE]).values(reminders_opt_out=False))
+    async with rt.engine.connect() as conn:
+        assert await why_not_send(conn, job.payload) == "opted_out"
+
+
+async def test_releasing_the_number_leaves_its_stop_to_its_holder(
+    rt: Any, demo: dict[str, Any], sms_client: Any
+) -> None:
+    """release-phone: the operator gave the number to someone else, whose membership must not start opted out
+    by the last holder's STOP; while another membership still holds the number, its STOP stays."""
+    admin = await bearer(sms_client, *demo["admin"])
+    other = await _second_coop(rt)
+    async with rt.sessionmaker.begin() as s:
+        elsewhere = await create_member(s, rt.cipher, cooperative_id=other.id, name="Aline Uwase",
+                                        phone=normalize(ALINE), actor=Actor("system", "system"))
+    await inbound(sms_client, ALINE, "STOP", "in-stop-release")
+    aline = demo["members"][ALINE]
+    await admin.json("DELETE", f"/v1/members/{aline}", 200)
+    await admin.json("POST", f"/v1/members/{aline}/release-phone", 200)
+    assert await _opt_outs(rt) == [rt.cipher.blind_index(ALINE)]  # still hers in the other cooperative
+
+    async with rt.sessionmaker.begin() as s:
+        from core.members import release_phone
+
+        row = await s.get(Member, elsewhere.id)
+        row.status = "SUSPENDED"
+        await s.flush()
+        await release_phone(s, row, actor=Actor("system", "system"))
+    assert await _opt_outs(rt) == []
+    made = await admin.json("POST", "/v1/members", 201, json={"name": "New Holder", "phone": ALINE})
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Member, made["id"])).reminders_opt_out is False
+
+
+# ------------------------------------------------------------------------------------ who gets a (paid) reply
+
+
+@pytest.mark.parametrize("foreign", ["+14155550123", "+447911123456", "+8613800138000"])
+async def test_no_reply_to_a_number_outside_the_served_countries(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, foreign: str
+) -> None:
+    await inbound(sms_client, foreign, "hello", "in-foreign-1")
+    await inbound(sms_client, foreign, "HELP", "in-foreign-2")
+    await inbound(sms_client, foreign, "STOP", "in-foreign-3")
+    await drain(worker)
+    assert sim.messages(foreign) == [] and await jobs_of(rt, "sms.send") == []
+    assert [k async for k in rt.redis.scan_iter("rl:*")] == []  # not counted either
+    assert await _opt_outs(rt) == [rt.cipher.blind_index(foreign)]  # its STOP is kept all the same
+
+
+async def test_a_member_with_a_foreign_number_gets_replies(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    foreign = "+447911123456"
+    async with rt.sessionmaker.begin() as s:
+        await create_member(s, rt.cipher, cooperative_id=demo["cooperative_id"], name="John Smith",
+                            phone=normalize(foreign), actor=Actor("system", "system"))
+    await inbound(sms_client, foreign, "STOP", "in-member-abroad")
+    await drain(worker)
+    [reply] = sim.messages(foreign)
+    assert reply["message"].startswith("You will no longer get reminders")
+
+
+# ------------------------------------------------------------------------------------------------ reply limits
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
+    """The rate limiter's clock, moved by the test."""
+    import core.ratelimit
+
+    now = {"t": 1_800_000_000.0}  # a multiple of 600; 1_799_971_200 is a multiple of 86,400
+    monkeypatch.setattr(core.ratelimit.time, "time", lambda: now["t"])
+    return now
+
+
+async def test_five_replies_in_ten_minutes_slide_over_the_windows_turn(
+    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
+) -> None:
+    """A fixed window let 5 through in the last second of a window and 5 more in the first of the next."""
+    clock["t"] -= 1
+    for i in range(5):
+        await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"turn-a-{i}")
+    clock["t"] += 2
+    for i in range(5):
+        await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"turn-b-{i}")
+    # The previous window still weighs 599/600 of its 5 (floored to 4): one more, not five.
+    assert len(await jobs_of(rt, "sms.send")) == 6
+    clock["t"] += 5 * 60  # half of the previous window left in: 2 of its 5, and 1 of this one
+    for i in range(5):
+        await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"turn-c-{i}")
+    assert len(await jobs_of(rt, "sms.send")) == 8
+
+
+async def test_a_robot_texting_all_day_gets_20_replies_and_one_help(
+    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
+) -> None:
+    """An autoresponder: each of our replies answered within minutes, all day long."""
+    clock["t"] = 1_799_971_200.0  # midnight UTC
+    for i in range(60):  # every 24 minutes: the 10-minute limit never refuses
+        await inbound(sms_client, "+250788999111", "STATUS PAY_20260115_999999", f"robot-{i}")
+        clock["t"] += 24 * 60
+    assert len(await jobs_of(rt, "sms.send")) == 20
+
+    clock["t"] = 1_799_971_200.0 + 2 * 86_400
+    for i in range(30):  # what the robot says is "not understood": the help goes once
+        await inbound(sms_client, "+250788999222", "Message not delivered", f"robot-help-{i}")
+        clock["t"] += 120
+    help_replies = [j for j in await jobs_of(rt, "sms.send") if j.payload["template"] in ("help", "unknown")]
+    assert len(help_replies) == 1
+
+
+async def test_the_help_refused_uses_none_of_the_numbers_other_replies(
+    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
+) -> None:
+    for i in range(3):
+        await inbound(sms_client, ALINE, "HELP", f"help-{i}")
+    for i in range(4):
+        await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"status-{i}")
+    templates = [j.payload["template"] for j in await jobs_of(rt, "sms.send")]
+    assert sorted(templates) == ["help", "not_found", "not_found", "not_found", "not_found"]
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Member, demo["members"][ALINE])).reminders_opt_out is False
+
+
+# ------------------------------------------------------------------------------------------ keywords as typed
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('"STOP"', ("STOP", "en", None)),
+    ("“Stop”", ("STOP", "en", None)),
+    ("'stop'", ("STOP", "en", None)),
+    ("(STOP)", ("STOP", "en", None)),
+    ("STOP-", ("STOP", "en", None)),
+    ("#STOP", ("STOP", "en", None)),
+    ("STOP🙏", ("STOP", "en", None)),
+    ("«Arrêt»", ("STOP", "fr", None)),
+    ("STATUS:PAY_20260115_001", ("STATUS", "en", "PAY_20260115_001")),
+    ("receipt (PAY_20260115_001).", ("RECEIPT", "en", "PAY_20260115_001")),
+    ("ＳＴＯＰ！", ("STOP", "en", None)),  # full-width, with a full-width "!"
+    ("STOPPED", (None, None, None)),
+    ("-- ", (None, None, None)),
+])
+def test_keywords_are_read_through_punctuation(text: str, expected: tuple[Any, ...]) -> None:
+    assert parse_keyword(text) == expected
+
+
+async def test_a_quoted_stop_opts_out(rt: Any, demo: dict[str, Any], sms_client: Any) -> None:
+    await inbound(sms_client, ALINE, "“Stop” 🙏", "in-quoted")
+    assert [m.reminders_opt_out for m in await _memberships(rt, ALINE)] == [True]
+
+
+# ------------------------------------------------------------------------------------------------ migration 0016
+
+
+def test_0016_keeps_the_stops_already_sent_for_their_numbers(tmp_path: Any) -> None:
+    """A number with an opted-out membership sent STOP (it was applied to every membership it had): it becomes
+    an opted-out number, and its memberships made since, getting reminders against it, are opted out too."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from main import _alembic_config, migrate
+    from tests.conftest import make_settings
+
+    settings = make_settings(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/m.db")
+    migrate(settings)
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/m.db")
+    coops, members = Cooperative.__table__, Member.__table__
+    try:
+        with engine.begin() as conn:
+            for code in ("AAA", "BBB"):
+                conn.execute(coops.insert().values(id=code, name=code, short_code=code, country="RW",
+                                                   currency="RWF", timezone="Africa/Kigali"))
+            for member_id, coop, index, opted_out in [("m1", "AAA", "stopped", True), ("m2", "BBB", "stopped", False),
+                                                      ("m3", "AAA", "never", False), ("m4", "BBB", None, True)]:
+                conn.execute(members.insert().values(id=member_id, cooperative_id=coop, name="Member",
+                                                     phone_enc=index and "x", phone_index=index, phone_masked="m",
+                                                     reminders_opt_out=opted_out))
+        command.downgrade(_alembic_config(settings), "0015")
+        command.upgrade(_alembic_config(settings), "0016")
+        with engine.connect() as conn:
+            assert list(conn.execute(sa.text("SELECT phone_index FROM phone_opt_outs")).scalars()) == ["stopped"]
+            flags = dict(conn.execute(sa.select(members.c.id, members.c.reminders_opt_out)).all())
+        assert flags == {"m1": True, "m2": True, "m3": False, "m4": True}
+    finally:
+        engine.dispose()
