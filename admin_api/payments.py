@@ -293,7 +293,8 @@ async def get_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 async def record_payment_outcome(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    """Money the provider's statement shows taken, for a payment the gateway gave up on (TIMEOUT, CANCELLED)."""
+    """Money the provider's statement shows taken, for a payment the gateway gave up on (TIMEOUT, CANCELLED) or
+    one still open past its approval window (core.payments.record_collected)."""
     payment = await one(ctx, Payment, request.match_info["id"], "payment")
     body = ctx.body
     amount = Money.from_api(body["amount"], payment.currency) if body.get("amount") is not None else None
@@ -372,7 +373,8 @@ ROUTES = [
         "POST",
         "/payments/{id}/outcome",
         record_payment_outcome,
-        "Record money the provider took for a payment the gateway gave up on (TIMEOUT or CANCELLED)",
+        "Record money the provider took for a payment the gateway gave up on (TIMEOUT or CANCELLED) "
+        "or one still open past its approval window",
         "payments",
         "admin",
         body=COLLECTED_OUTCOME,

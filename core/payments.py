@@ -22,7 +22,7 @@ from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, Vali
 from core.models import Payment, ProviderEvent
 from core.money import Money
 from core.notify import changed_at, emit_event, notice_jobs
-from core.outbox import NewJob, enqueue_many
+from core.outbox import NewJob, db_now, enqueue_many
 from core.payment_statements import CONTEXT, create_statement, stored_and_locked
 from core.phone import Phone, PhoneError, normalize
 from core.ports import EventKind, ProviderOutcome, amount_refusal
@@ -910,13 +910,15 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
                            provider_transaction_id: str, note: str, actor: Actor,
                            amount: Money | None = None, completed_at: datetime | None = None) -> Payment:
     """An admin records money the provider's statement shows taken, for a payment the gateway gave up on
-    (TIMEOUT: not approved in time or its outcome never confirmed; CANCELLED) whose success never reached us.
-    It completes as a late provider answer would (the exceptional TIMEOUT/CANCELLED -> COMPLETED, flagged
-    `late`: the receipt SMS, the webhook event, then refundable), with the admin's note in the audit log.
+    (TIMEOUT: not approved in time or its outcome never confirmed; CANCELLED) whose success never reached us,
+    or one still open past its approval window (the provider's status query failing, the payment kept open for
+    PAYMENT_SETTLE_GRACE_SECONDS while the member who paid waits for a receipt). It completes as a late provider
+    answer would (TIMEOUT/CANCELLED/PENDING/PROCESSING -> COMPLETED: the receipt SMS, the webhook event, then
+    refundable), with the admin's note in the audit log; the payment's status polls then find it closed.
 
-    Refused for an open payment (its status is still being asked), one already collected, and a FAILED one:
-    the provider itself said it failed, and a final state is never reopened (money reported taken after that
-    is flagged for the provider's statement, not completed).
+    Refused for an open payment inside its approval window (the payer may be approving it: the provider answers
+    soon), one already collected, and a FAILED one: the provider itself said it failed, and a final state is
+    never reopened (money reported taken after that is flagged for the provider's statement, not completed).
 
     `completed_at`: when the statement shows the money taken (default: now); the reports date it so."""
     note = admin_note(note, "what the provider's statement shows")
@@ -928,9 +930,10 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
     if payment is None:
         raise NotFound("payment not found")
     current = P(payment.status)
-    if current in OPEN:
-        raise Conflict("payment is still open: its status is being asked of the provider", field="status")
-    if current not in GIVEN_UP:
+    if current in OPEN and await db_now(session) < payment.expires_at:  # (the clock the polls judge it by)
+        raise Conflict("payment is still open inside its approval window: the payer may be approving it and the "
+                       "provider will answer; record it once the window is over", field="status")
+    if current not in GIVEN_UP and current not in OPEN:
         why = ("the provider said it failed; a final payment is not reopened" if current is P.FAILED
                else "its money is recorded already")
         raise Conflict(f"payment is {current.value}: {why}", field="status")

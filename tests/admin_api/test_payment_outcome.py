@@ -1,17 +1,22 @@
 """A payment the gateway gave up on (TIMEOUT, CANCELLED) whose money the provider's statement shows taken is
 recorded by an admin (`POST /v1/payments/{id}/outcome`): it completes as a late provider answer would (flagged
-late, receipt SMS, webhook event), keeps the admin's note in the audit log, and can then be refunded. Open,
-failed and collected payments are refused."""
+late, receipt SMS, webhook event), keeps the admin's note in the audit log, and can then be refunded. So is one
+still open past its approval window (its status queries failing). Open payments inside their window, failed and
+collected payments are refused."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core.audit import Actor
+from core.db import utcnow
+from core.jobs import job_handlers
 from core.models import AuditEvent, OutboxJob, Payment
+from core.outbox import Job
 from core.payments import UNCONFIRMED, UNCONFIRMED_FLAG, apply_collection_outcome
 from core.ports import ProviderOutcome
 from tests.admin_api.conftest import complete_payment, idem, make_payment
@@ -79,7 +84,8 @@ async def test_open_failed_and_collected_payments_are_refused(admin, rt, demo, s
     elif state == "COMPLETED":
         await complete_payment(rt, payment["id"])
     body = await admin.json("POST", f"/v1/payments/{payment['id']}/outcome", 409, json=RECORD)
-    assert body["message"].startswith("payment is still open" if state == "PENDING" else f"payment is {state}")
+    assert body["message"].startswith("payment is still open inside its approval window" if state == "PENDING"
+                                      else f"payment is {state}")
     async with rt.sessionmaker() as s:
         assert (await s.get(Payment, payment["id"])).status == state
 
@@ -94,3 +100,35 @@ async def test_input_and_access(admin, tenant, rt, demo):
     async with rt.sessionmaker() as s:
         row = await s.get(Payment, payment["id"])
     assert (row.status, row.mismatch_detail) == ("TIMEOUT", UNCONFIRMED_FLAG)
+
+
+@pytest.mark.parametrize("state", ["PENDING", "PROCESSING"])
+async def test_an_open_payment_past_its_window_is_recorded_and_its_polls_stop(admin, rt, demo, state):
+    """The provider's status query keeps failing, so the poll keeps the payment open for the settling grace (24 h)
+    while the member who paid waits for her receipt: the admin records what the statement shows. Its next poll
+    finds it closed and asks the provider nothing."""
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == payment["id"]).values(
+            status=state, expires_at=utcnow() - timedelta(hours=1)))
+    done = await admin.json("POST", f"/v1/payments/{payment['id']}/outcome", 200, json=RECORD)
+    # Not `late`: the gateway never gave it up (the statement's time, or now, dates the money).
+    assert (done["status"], done["late"], done["failureReason"]) == ("COMPLETED", False, None)
+    async with rt.sessionmaker() as s:
+        provider = rt.providers[(await s.get(Payment, payment["id"])).provider]
+        audit = (await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == payment["id"], AuditEvent.action == "payment.outcome_recorded"))).scalar_one()
+    assert (audit.before, audit.after["providerTransactionId"]) == ({"status": state}, "MP-7781")
+    assert await _jobs(rt, "sms.send") == [f"sms:payment_receipt:{payment['id']}"]
+
+    def no_call(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("the provider was asked about a closed payment")
+
+    original = provider.collection_status
+    provider.collection_status = no_call
+    try:
+        await job_handlers(rt)["payment.poll"](Job(1, "payment.poll", {"payment_id": payment["id"]}, 1, 30, utcnow()))
+    finally:
+        provider.collection_status = original
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, payment["id"])).status == "COMPLETED"
