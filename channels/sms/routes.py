@@ -48,8 +48,9 @@ DELIVERY_STATUS: dict[str, SmsStatus] = {
 # Keyword replies are paid SMS: 5 per number per 10 minutes and 20 per day, each counted as the API's limits are
 # (per window, sliding over the previous one: a fixed window let 10 through in 2 seconds across its turn), so a
 # loop with another robot (an autoresponder texting back every 2 minutes got 720 replies a day) costs little; the
-# help that answers HELP and what was not understood, once per number per (UTC) day: the robot's every text is
-# "not understood". See _reply_limits for the order they are counted in.
+# help that answers what was not understood, once per number per (UTC) day: the robot's every text is "not
+# understood". HELP itself is answered within the first two (the "not understood" reply tells the member to send
+# HELP: refusing it would leave her without the keywords for the day). See _reply_limits for the order.
 REPLY_LIMIT = Limit("sms:reply", count=5, window=600)
 REPLY_DAILY_LIMIT = Limit("sms:reply-day", count=20, window=86_400)
 HELP_DAILY_LIMIT = Limit("sms:help", count=1, window=86_400, sliding=False)
@@ -434,9 +435,9 @@ _REPLY_RANK = case(
 
 
 def _reply_limits(command: str | None) -> tuple[Limit, ...]:
-    """The limits a reply to `command` must fit, in the order they are counted: the help (to HELP and to
-    what was not understood) first, so a robot's texts refused it use none of the number's other replies."""
-    if command in (None, "HELP"):
+    """The limits a reply to `command` must fit, in the order they are counted: the help to what was not
+    understood (None) first, so a robot's texts refused it use none of the number's other replies."""
+    if command is None:
         return HELP_DAILY_LIMIT, REPLY_LIMIT, REPLY_DAILY_LIMIT
     return REPLY_LIMIT, REPLY_DAILY_LIMIT
 

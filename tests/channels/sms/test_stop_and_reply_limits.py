@@ -238,11 +238,25 @@ async def test_the_help_refused_uses_none_of_the_numbers_other_replies(
     rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
 ) -> None:
     for i in range(3):
-        await inbound(sms_client, ALINE, "HELP", f"help-{i}")
+        await inbound(sms_client, ALINE, "STAUTS PAY_20260115_999999", f"typo-{i}")
     for i in range(4):
         await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"status-{i}")
     templates = [j.payload["template"] for j in await jobs_of(rt, "sms.send")]
-    assert sorted(templates) == ["help", "not_found", "not_found", "not_found", "not_found"]
+    assert sorted(templates) == ["not_found", "not_found", "not_found", "not_found", "unknown"]
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Member, demo["members"][ALINE])).reminders_opt_out is False
+
+
+async def test_help_is_answered_after_a_text_that_was_not_understood(
+    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
+) -> None:
+    """The "not understood" reply says "Send HELP": the member who does gets the keywords, that day too; HELP
+    counts against the number's ordinary limits (5 per 10 minutes), not the once-a-day help."""
+    await inbound(sms_client, ALINE, "STAUTS PAY_20260115_999999", "typo")
+    for i in range(6):
+        await inbound(sms_client, ALINE, "HELP", f"help-{i}")
+    templates = [j.payload["template"] for j in await jobs_of(rt, "sms.send")]
+    assert templates == ["unknown", "help", "help", "help", "help"]
     async with rt.sessionmaker() as s:
         assert (await s.get(Member, demo["members"][ALINE])).reminders_opt_out is False
 
