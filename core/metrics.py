@@ -89,12 +89,15 @@ SYNC_HELD_BACK = Gauge("gateway_payment_sync_held_back_seconds", "Seconds the pa
                        "by the oldest transaction writing payments, at the last sync page served", registry=REGISTRY)
 REMINDERS_SKIPPED = Counter("gateway_reminders_skipped_total", "Queued reminders not sent, by reason", ["reason"],
                             registry=REGISTRY)
-# A provider callback about a payment the gateway does not have (core.payments._report_unmatched): with outcome
-# SUCCEEDED a member's money was taken and no payment of ours records it (PostgreSQL restored to an earlier point,
-# say). Alert on any increase; a person lists them with GET /v1/provider-callbacks?unmatched=true&resolved=false.
-# Labels bounded: a configured provider's name, and the callback's ProviderOutcome (six values).
-CALLBACKS_UNMATCHED = Counter("gateway_callbacks_unmatched_total", "Provider callbacks that matched no payment, by "
-                              "the outcome they report (SUCCEEDED: money taken)", ["provider", "outcome"],
+# A provider callback about a payment or refund the gateway does not have (core.payments.report_unmatched): with
+# outcome SUCCEEDED money moved that nothing of ours records (PostgreSQL restored to an earlier point, say): kind
+# "collection", a member's money taken with no payment to credit; kind "refund", money paid out of the
+# cooperative's account with no refund to account for it. Alert on any increase; a person lists them with
+# GET /v1/provider-callbacks?unmatched=true&resolved=false. Labels bounded: a configured provider's name, the
+# callback's kind (collection, refund) and its ProviderOutcome (six values).
+CALLBACKS_UNMATCHED = Counter("gateway_callbacks_unmatched_total", "Provider callbacks that matched no payment "
+                              "(kind collection) or no refund (kind refund), by the outcome they report "
+                              "(SUCCEEDED: money taken, or paid out)", ["provider", "kind", "outcome"],
                               registry=REGISTRY)
 
 

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import utcnow
 from core.models import OutboxJob, Payment, ProviderEvent, SmsMessage, UssdSession, WebhookDelivery, WebhookEndpoint
-from core.payments import UNMATCHED
+from core.payments import UNMATCHED, UNMATCHED_REFUND
 from core.ports import ProviderOutcome
 from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SmsStatus
 
@@ -155,12 +155,14 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
     disabled = (await session.execute(scoped(
         select(func.count()).select_from(WebhookEndpoint).where(WebhookEndpoint.status == "DISABLED"),
         WebhookEndpoint))).scalar_one()
-    # Callbacks saying money was taken for a payment the gateway does not have, not yet accounted for
-    # (GET /v1/provider-callbacks?unmatched=true&resolved=false): they name no cooperative, so across all only.
-    unmatched = None if cooperative_id else (await session.execute(
-        select(func.count()).select_from(ProviderEvent)
-        .where(ProviderEvent.payment_id.is_(None), ProviderEvent.outcome == UNMATCHED,
-               ProviderEvent.status == ProviderOutcome.SUCCEEDED.value))).scalar_one()
+    # Callbacks saying money was taken for a payment the gateway does not have, or paid out for a refund it does
+    # not have, not yet accounted for (GET /v1/provider-callbacks?unmatched=true&resolved=false): they name no
+    # cooperative, so across all only.
+    unmatched = None if cooperative_id else dict((await session.execute(
+        select(ProviderEvent.outcome, func.count())
+        .where(ProviderEvent.payment_id.is_(None), ProviderEvent.outcome.in_((UNMATCHED, UNMATCHED_REFUND)),
+               ProviderEvent.status == ProviderOutcome.SUCCEEDED.value)
+        .group_by(ProviderEvent.outcome))).all())
 
     return {
         "generatedAt": now.isoformat(),
@@ -178,5 +180,7 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
                    "parked": sum(outbox.get("PARKED", {}).values()), "byStatus": outbox,
                    "due": due_jobs, "oldestDueSeconds": round(oldest_due, 1)},
         "webhooks": {"deliveries": hooks, "failed": hooks.get("FAILED", 0), "disabledEndpoints": disabled},
-        "unmatchedCallbacks": None if unmatched is None else {"moneyTakenUnresolved": unmatched},
+        "unmatchedCallbacks": None if unmatched is None else {
+            "moneyTakenUnresolved": unmatched.get(UNMATCHED, 0),
+            "refundsPaidUnresolved": unmatched.get(UNMATCHED_REFUND, 0)},
     }

@@ -702,7 +702,7 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
                     query_id = event.reference
                     adopted = event.reference if found.provider_transaction_id is None else None
         if found is None:
-            return await _store_unmatched(rt, event)
+            return await store_unmatched(rt, event)
         provider = rt.providers[found.provider]
         status = await provider.collection_status(found.provider_reference, query_id, found.currency)
         outcome, amount = status.outcome, status.amount or amount
@@ -732,10 +732,10 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
                                                           reason=reason, event_row_id=event_row_id,
                                                           provisional_transaction_id=provisional,
                                                           occurred_at=occurred)
-                await _set_outcome(session, event_row_id, UNMATCHED, None)
+                await keep_unmatched(session, event_row_id, event)
         except StaleTransition:
             continue  # the row moved under us (a poll or a parallel callback): re-read and re-apply
-        _report_unmatched(event)  # once stored: a store that failed is sent again by the provider
+        report_unmatched(event)  # once stored: a store that failed is sent again by the provider
         return UNMATCHED
     return "conflict"
 
@@ -820,83 +820,116 @@ async def _set_outcome(session: AsyncSession, event_row_id: str, outcome: str, p
         await session.execute(_SET_OUTCOME, params)
 
 
-# What a callback for no payment of ours keeps of its body: anyone who can reach the callback URL can send one.
+# What a callback for no payment (or refund) of ours keeps of its body: anyone who can reach the callback URL can
+# send one.
 UNMATCHED_PAYLOAD_BYTES = 2048
 # The outcome of a stored callback that matched no payment, and of one a person has since accounted for
-# (resolve_unmatched). core.retention names both too.
+# (resolve_unmatched); the same for a refund callback that matched no refund (core.refunds). core.retention and
+# admin_api.provider_callbacks name them too.
 UNMATCHED = "unknown_payment"
 UNMATCHED_RESOLVED = "unknown_payment_resolved"
+UNMATCHED_REFUND = "unknown_refund"
+UNMATCHED_REFUND_RESOLVED = "unknown_refund_resolved"
+UNMATCHED_OF = {EventKind.COLLECTION: UNMATCHED, EventKind.REFUND: UNMATCHED_REFUND}
+RESOLVED_OF = {UNMATCHED: UNMATCHED_RESOLVED, UNMATCHED_REFUND: UNMATCHED_REFUND_RESOLVED}
 # Where a resolved one keeps its note, beside the provider's body (as KEPT_TRANSACTION_ID is kept).
 RESOLUTION = "gatewayResolution"
 
 
 def bounded_body(raw: dict[str, Any]) -> dict[str, Any]:
-    """The body of a callback that matched no payment, if small; else its size and digest (enough to match it
-    with the provider's records, not 64 KiB a request kept for ever)."""
+    """The body of a callback that matched no payment or refund, if small; else its size and digest (enough to
+    match it with the provider's records, not 64 KiB a request kept for ever)."""
     body = json.dumps(raw, sort_keys=True, default=str).encode()
     if len(body) <= UNMATCHED_PAYLOAD_BYTES:
         return dict(raw)
     return {"truncated": {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}}
 
 
-async def _store_unmatched(rt: Runtime, event: ProviderEventData) -> str:
-    """An unsigned callback naming no payment of ours: kept unconfirmed (there is no payment to ask the
-    provider about), its body bounded."""
+async def store_unmatched(rt: Runtime, event: ProviderEventData) -> str:
+    """An unsigned callback naming no payment (or refund) of ours: kept unconfirmed (there is nothing to ask the
+    provider about), its body bounded. Returns its outcome (UNMATCHED_OF), or "duplicate"."""
+    outcome = UNMATCHED_OF[event.kind]
     async with rt.sessionmaker.begin() as session:
         stored = (await session.execute(
             insert_ignore(session.get_bind().dialect.name, ProviderEvent)
             .values(id=str(uuid.uuid4()), provider=event.provider, event_id=event.event_id[:200],
                     kind=event.kind.value, status=event.outcome.value, payload=bounded_body(dict(event.raw)),
-                    outcome=UNMATCHED, received_at=utcnow())
+                    outcome=outcome, received_at=utcnow())
             .on_conflict_do_nothing(index_elements=["provider", "event_id"])
             .returning(ProviderEvent.id))).scalar_one_or_none()
     if stored is None:
         return "duplicate"  # a copy sent at the same moment was stored (and reported) first
-    _report_unmatched(event)
-    return UNMATCHED
+    report_unmatched(event)
+    return outcome
 
 
-def _report_unmatched(event: ProviderEventData) -> None:
-    """Say that a callback matched no payment: the counter gateway_callbacks_unmatched_total, and a log line at
-    ERROR when it says money was taken (a member's money at the provider with no payment of ours to credit: after
-    PostgreSQL was restored to an earlier point, say), WARNING otherwise. The provider's ids only, never the
-    payer's number (the body, kept on the row, may hold it). A person lists and resolves them over the API
-    (GET /v1/provider-callbacks, admin_api.provider_callbacks); `main.py prune` keeps an unresolved money-taken
-    one whatever its age (core.retention)."""
-    metrics.CALLBACKS_UNMATCHED.labels(provider=event.provider, outcome=event.outcome.value).inc()
-    fields = {"provider": event.provider, "event_id": event.event_id[:200], "reference": event.reference[:128],
+async def keep_unmatched(session: AsyncSession, event_row_id: str, event: ProviderEventData) -> None:
+    """A callback just stored (whole, before its payment or refund was looked for) that matched none: its outcome
+    (UNMATCHED_OF) and its body bounded, as store_unmatched keeps an unsigned one. Report it (report_unmatched)
+    once the transaction has committed."""
+    table = table_of(ProviderEvent)
+    await session.execute(update(table).where(table.c.id == event_row_id)
+                          .values(outcome=UNMATCHED_OF[event.kind], payload=bounded_body(dict(event.raw))))
+
+
+_UNMATCHED_LOG = {EventKind.COLLECTION: log, EventKind.REFUND: logging.getLogger("gateway.refunds")}
+
+
+def report_unmatched(event: ProviderEventData) -> None:
+    """Say that a callback matched no payment or refund: the counter gateway_callbacks_unmatched_total (by kind),
+    and a log line at ERROR when it says money moved, WARNING otherwise. A collection SUCCEEDED: a member's money
+    was taken at the provider with no payment of ours to credit (after PostgreSQL was restored to an earlier point,
+    say); a refund SUCCEEDED: money left the cooperative's account to a member with no refund of ours to account
+    for it. The provider's ids only, never the payer's number (the body, kept on the row, may hold it). A person
+    lists and resolves them over the API (GET /v1/provider-callbacks, admin_api.provider_callbacks); `main.py
+    prune` keeps an unresolved money-moved one whatever its age (core.retention)."""
+    metrics.CALLBACKS_UNMATCHED.labels(provider=event.provider, kind=event.kind.value,
+                                       outcome=event.outcome.value).inc()
+    fields = {"provider": event.provider, "kind": event.kind.value, "event_id": event.event_id[:200],
+              "reference": event.reference[:128],
               "provider_transaction_id": (event.provider_transaction_id or "")[:128] or None,
               "outcome": event.outcome.value, "confirmed": not event.needs_confirmation}
-    if event.outcome is ProviderOutcome.SUCCEEDED:
-        log.error("provider says money was taken for a payment the gateway does not have: check the provider's "
-                  "statement (GET /v1/provider-callbacks?unmatched=true&resolved=false)", extra=fields)
+    logger = _UNMATCHED_LOG[event.kind]
+    moved = event.outcome is ProviderOutcome.SUCCEEDED
+    if event.kind is EventKind.REFUND and moved:
+        logger.error("provider says a refund was paid out that the gateway does not have: money left the "
+                     "cooperative's account; check the provider's statement "
+                     "(GET /v1/provider-callbacks?unmatched=true&kind=refund&resolved=false)", extra=fields)
+    elif event.kind is EventKind.REFUND:
+        logger.warning("provider callback for a refund the gateway does not have", extra=fields)
+    elif moved:
+        logger.error("provider says money was taken for a payment the gateway does not have: check the provider's "
+                     "statement (GET /v1/provider-callbacks?unmatched=true&resolved=false)", extra=fields)
     else:
-        log.warning("provider callback for a payment the gateway does not have", extra=fields)
+        logger.warning("provider callback for a payment the gateway does not have", extra=fields)
 
 
 async def resolve_unmatched(session: AsyncSession, event_row_id: str, note: str, *, actor: Actor) -> ProviderEvent:
     """A person accounts for a callback that matched no payment (credited by hand, refunded by the provider,
-    a test): its outcome moves from UNMATCHED to UNMATCHED_RESOLVED, the note is kept with it (RESOLUTION, next to
-    the provider's body) and in the audit log. NotFound for a row that is not such a callback; Conflict once
-    resolved (the first note stands)."""
+    a test) or no refund (the payout entered in the books, recovered from the member): its outcome moves from
+    UNMATCHED to UNMATCHED_RESOLVED (UNMATCHED_REFUND to UNMATCHED_REFUND_RESOLVED), the note is kept with it
+    (RESOLUTION, next to the provider's body) and in the audit log. NotFound for a row that is not such a callback;
+    Conflict once resolved (the first note stands)."""
     note = admin_note(note, "how the callback was accounted for, e.g. what the provider's statement shows")
     row = (await session.execute(
         select(ProviderEvent).where(ProviderEvent.id == event_row_id, ProviderEvent.payment_id.is_(None),
-                                    ProviderEvent.outcome.in_((UNMATCHED, UNMATCHED_RESOLVED)))
+                                    ProviderEvent.outcome.in_((*RESOLVED_OF, *RESOLVED_OF.values())))
         .with_for_update())).scalar_one_or_none()
     if row is None:
         raise NotFound("provider callback not found")
-    if row.outcome == UNMATCHED_RESOLVED:
+    before = row.outcome
+    if before not in RESOLVED_OF:
         raise Conflict("provider callback is resolved already", field="outcome")
+    after = RESOLVED_OF[before]
     at = utcnow()
     payload = dict(row.payload) if isinstance(row.payload, dict) else {"body": row.payload}
     payload[RESOLUTION] = {"note": note, "by": actor.id, "at": iso_z(at)}
     table = table_of(ProviderEvent)
-    await session.execute(update(table).where(table.c.id == row.id, table.c.outcome == UNMATCHED)
-                          .values(outcome=UNMATCHED_RESOLVED, payload=payload))
+    await session.execute(update(table).where(table.c.id == row.id, table.c.outcome == before)
+                          .values(outcome=after, payload=payload))
     await record(session, actor=actor, action="provider_callback.resolved", entity_type="provider_event",
-                 entity_id=row.id, before={"outcome": UNMATCHED},
-                 after={"outcome": UNMATCHED_RESOLVED, "note": note, "provider": row.provider,
+                 entity_id=row.id, before={"outcome": before},
+                 after={"outcome": after, "note": note, "provider": row.provider, "kind": row.kind,
                         "eventId": row.event_id, "status": row.status})
     await session.flush()
     await session.refresh(row)

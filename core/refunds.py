@@ -499,23 +499,29 @@ async def _find_refund(session: AsyncSession, event: ProviderEventData, outcome:
 
 async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
     """Store a refund callback once, confirm it by the provider's refund status query when it is unsigned
-    (as collection callbacks are), and apply it. Returns the outcome."""
+    (as collection callbacks are), and apply it. Returns the outcome. One that matches no refund of ours is kept
+    (outcome "unknown_refund", its body bounded), counted and logged as a payment's is (core.payments.
+    report_unmatched), for a super admin to list and resolve (GET /v1/provider-callbacks)."""
+    # local: core.payments reaches back into this module
+    from core.payments import UNMATCHED_REFUND, already_stored, keep_unmatched, report_unmatched, store_unmatched
+
     actor = Actor(f"provider:{event.provider}", "provider")
     outcome, txn, reason = event.outcome, event.provider_transaction_id, event.reason
     occurred = event.occurred_at
     if event.needs_confirmation:
-        from core.payments import already_stored  # local: core.payments reaches back into this module
-
         async with rt.sessionmaker() as session:
             if await already_stored(session, event):
                 return "duplicate"  # no status query for a callback we already applied
             known = await _find_refund(session, event, outcome)
-        if known is not None:
-            # Only what the provider answers counts; a ProviderError here leaves nothing recorded, so the
-            # route asks the provider to send the callback again.
-            status = await rt.providers[event.provider].refund_status(known.provider_reference, known.currency)
-            outcome, txn, reason = status.outcome, status.provider_transaction_id or txn, status.reason or reason
-            occurred = status.occurred_at or occurred
+        if known is None:
+            # As for a payment: there is no refund to ask the provider about, so its word is kept unconfirmed
+            # (never applied: a refund that appears later is not settled by it), counted and reported.
+            return await store_unmatched(rt, event)
+        # Only what the provider answers counts; a ProviderError here leaves nothing recorded, so the
+        # route asks the provider to send the callback again.
+        status = await rt.providers[event.provider].refund_status(known.provider_reference, known.currency)
+        outcome, txn, reason = status.outcome, status.provider_transaction_id or txn, status.reason or reason
+        occurred = status.occurred_at or occurred
     for _ in range(3):
         try:
             async with rt.sessionmaker.begin() as session:
@@ -525,20 +531,25 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
                                 received_at=utcnow())
                         .on_conflict_do_nothing(index_elements=["provider", "event_id"])
                         .returning(ProviderEvent.id))
-                if (await session.execute(stmt)).scalar_one_or_none() is None:
+                event_row_id = (await session.execute(stmt)).scalar_one_or_none()
+                if event_row_id is None:
                     return "duplicate"
                 refund = await _find_refund(session, event, outcome, lock=True)
-                if refund is None:
-                    log.warning("refund callback for an unknown refund", extra={"provider": event.provider})
-                    return "unknown_refund"
-                if outcome is ProviderOutcome.AMBIGUOUS and R(refund.status) is R.PROCESSING:
-                    # e.g. M-Pesa's "already reversed": the refund keeps its amount and waits for a clearer
-                    # answer, else its poll parks it for a person to check with the provider and record.
-                    log.warning("provider cannot tell whether a refund went through",
-                                extra={"provider": event.provider, "refund": refund.reference,
-                                       "reason": reason})
-                return await apply_refund_outcome(session, rt, refund, outcome, actor=actor,
-                                                  provider_transaction_id=txn, reason=reason, occurred_at=occurred)
+                if refund is not None:
+                    if outcome is ProviderOutcome.AMBIGUOUS and R(refund.status) is R.PROCESSING:
+                        # e.g. M-Pesa's "already reversed": the refund keeps its amount and waits for a clearer
+                        # answer, else its poll parks it for a person to check with the provider and record.
+                        log.warning("provider cannot tell whether a refund went through",
+                                    extra={"provider": event.provider, "refund": refund.reference,
+                                           "reason": reason})
+                    return await apply_refund_outcome(session, rt, refund, outcome, actor=actor,
+                                                      provider_transaction_id=txn, reason=reason,
+                                                      occurred_at=occurred)
+                # No refund of ours (PostgreSQL restored to a point before it, say): a SUCCEEDED one is money
+                # paid out of the cooperative's account that nothing here records. Kept as the payment side's.
+                await keep_unmatched(session, event_row_id, event)
         except StaleTransition:
             continue
+        report_unmatched(event)  # once stored: a store that failed is sent again by the provider
+        return UNMATCHED_REFUND
     return "conflict"

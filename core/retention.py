@@ -7,10 +7,12 @@ What goes, and what stays (each period an environment variable; 0 keeps that kin
   a refund, an SMS, a sweep slot), and the SMS and the webhook delivery of an event dedupe again on their own rows.
 - ussd_sessions: sessions started and ended more than RETENTION_USSD_SESSIONS_DAYS (90) ago (one the aggregator
   never reported ended counts from its start: a USSD session lasts minutes).
-- provider_events: only callbacks for an unknown payment (outcome "unknown_payment", no payment; see
-  core.payments._store_unmatched) received more than RETENTION_UNKNOWN_CALLBACKS_DAYS (30) ago, and not one that
-  says money was taken (status SUCCEEDED) until a person has resolved it (outcome "unknown_payment_resolved",
-  POST /v1/provider-callbacks/{id}/resolve): that is a member's money at the provider that no payment records.
+- provider_events: only callbacks for an unknown payment or refund (outcome "unknown_payment" or
+  "unknown_refund", no payment; see core.payments.store_unmatched) received more than
+  RETENTION_UNKNOWN_CALLBACKS_DAYS (30) ago, and not one that says money moved (status SUCCEEDED) until a person
+  has resolved it (outcome "unknown_payment_resolved" or "unknown_refund_resolved",
+  POST /v1/provider-callbacks/{id}/resolve): that is a member's money at the provider that no payment records, or
+  money paid out of the cooperative's account that no refund records.
   The others stay: they are the provider's own word on a payment or refund, the money trail a dispute or a
   reconciliation goes back to years later, and they number a few per payment (the payments themselves are kept).
 - webhook_deliveries: DELIVERED or FAILED (given up) deliveries created and last changed more than
@@ -138,19 +140,20 @@ def _old_sessions(cutoff: datetime) -> ColumnElement[bool]:
 
 
 _EVENTS = table_of(ProviderEvent)
-# The outcomes core.payments gives a callback no payment matched (UNMATCHED), and one a person resolved since
-# (UNMATCHED_RESOLVED); and the status of one saying money was taken.
-UNKNOWN_PAYMENT = "unknown_payment"
-UNKNOWN_PAYMENT_RESOLVED = "unknown_payment_resolved"
-MONEY_TAKEN = "SUCCEEDED"
+# The outcomes core.payments gives a callback no payment or refund matched (UNMATCHED, UNMATCHED_REFUND), and one
+# a person resolved since (UNMATCHED_RESOLVED, UNMATCHED_REFUND_RESOLVED); and the status of one saying money moved
+# (taken from a member, or paid out to one). The strings core.payments gives them (a test holds them equal).
+UNKNOWN_CALLBACKS = ("unknown_payment", "unknown_refund")
+UNKNOWN_CALLBACKS_RESOLVED = ("unknown_payment_resolved", "unknown_refund_resolved")
+MONEY_MOVED = "SUCCEEDED"
 
 
 def _old_unknown_callbacks(cutoff: datetime) -> ColumnElement[bool]:
     # payment_id IS NULL first: ix_provider_events_payment_id holds the NULLs too (PostgreSQL). One that says money
-    # was taken stays, however old, until a person resolves it: it is the only record of that money.
+    # moved stays, however old, until a person resolves it: it is the only record of that money.
     return and_(_EVENTS.c.payment_id.is_(None), _EVENTS.c.received_at < cutoff,
-                or_(_EVENTS.c.outcome == UNKNOWN_PAYMENT_RESOLVED,
-                    and_(_EVENTS.c.outcome == UNKNOWN_PAYMENT, _EVENTS.c.status != MONEY_TAKEN)))
+                or_(_EVENTS.c.outcome.in_(UNKNOWN_CALLBACKS_RESOLVED),
+                    and_(_EVENTS.c.outcome.in_(UNKNOWN_CALLBACKS), _EVENTS.c.status != MONEY_MOVED)))
 
 
 _DELIVERIES = table_of(WebhookDelivery)
@@ -212,8 +215,8 @@ KINDS = (
     _Kind(_SESSIONS, "RETENTION_USSD_SESSIONS_DAYS", lambda p: p.ussd_sessions_days, _old_sessions,
           "sessions ended before {cutoff}", _SESSIONS.c.started_at),
     _Kind(_EVENTS, "RETENTION_UNKNOWN_CALLBACKS_DAYS", lambda p: p.unknown_callbacks_days, _old_unknown_callbacks,
-          "callbacks for unknown payments received before {cutoff}, but not unresolved ones saying money was "
-          "taken; the others are kept"),
+          "callbacks for unknown payments or refunds received before {cutoff}, but not unresolved ones saying "
+          "money was taken or paid out; the others are kept"),
     _Kind(_DELIVERIES, "RETENTION_WEBHOOK_DELIVERIES_DAYS", lambda p: p.webhook_deliveries_days, _old_deliveries,
           "delivered or given up, last changed before {cutoff}", _DELIVERIES.c.created_at, _finished_deliveries),
     _Kind(_USED_REFRESH, "", lambda p: USED_REFRESH_TOKENS_DAYS, _expired_refresh_uses,

@@ -1,6 +1,9 @@
 """`main.py prune` and callbacks for no payment of ours: one saying money was taken stays, however old, until a
 person has resolved it (it is the only record of a member's money at the provider); resolved ones and those
-reporting no money taken go after RETENTION_UNKNOWN_CALLBACKS_DAYS as before."""
+reporting no money taken go after RETENTION_UNKNOWN_CALLBACKS_DAYS as before.
+
+Callbacks for no refund of ours (outcome "unknown_refund") the same: one saying the refund was paid out (money out of
+the cooperative's account) stays until resolved. Before, their outcome was never set and none was ever pruned."""
 
 from __future__ import annotations
 
@@ -11,15 +14,16 @@ from sqlalchemy import insert, select
 
 from core.audit import Actor
 from core.models import ProviderEvent
-from core.payments import resolve_unmatched
-from core.retention import RetentionPolicy, prune
+from core.payments import RESOLVED_OF, UNMATCHED_OF, resolve_unmatched
+from core.retention import UNKNOWN_CALLBACKS, UNKNOWN_CALLBACKS_RESOLVED, RetentionPolicy, prune
 from tests.core.test_retention import _ago
 
 
-async def _unmatched(s: Any, name: str, *, days: float, status: str, outcome: str = "unknown_payment") -> str:
+async def _unmatched(s: Any, name: str, *, days: float, status: str, outcome: str | None = "unknown_payment",
+                     kind: str = "collection") -> str:
     row_id = str(uuid.uuid4())
     await s.execute(insert(ProviderEvent).values(
-        id=row_id, provider="mtn_momo", event_id=name, payment_id=None, kind="collection", status=status,
+        id=row_id, provider="mtn_momo", event_id=name, payment_id=None, kind=kind, status=status,
         payload={"n": name}, outcome=outcome, received_at=_ago(days)))
     return row_id
 
@@ -52,3 +56,38 @@ async def test_money_taken_stays_until_resolved(rt: Any) -> None:
                                 actor=Actor("admin:test", "api"))
     assert {p.table: p.count for p in await prune(rt.engine, RetentionPolicy())}["provider_events"] == 1
     assert await _left(rt) == {"taken-old", "taken-resolved-new", "failed-new"}
+
+
+async def test_a_refund_paid_out_for_no_refund_stays_until_resolved(rt: Any) -> None:
+    async with rt.sessionmaker.begin() as s:
+        for name, days, status, outcome in (
+                ("paid-old", 400, "SUCCEEDED", "unknown_refund"),
+                ("paid-old-resolved-later", 45, "SUCCEEDED", "unknown_refund"),
+                ("paid-resolved-old", 31, "SUCCEEDED", "unknown_refund_resolved"),
+                ("paid-resolved-new", 29, "SUCCEEDED", "unknown_refund_resolved"),
+                ("refund-failed-old", 31, "FAILED", "unknown_refund"),
+                ("refund-failed-new", 29, "FAILED", "unknown_refund")):
+            row_id = await _unmatched(s, name, days=days, status=status, outcome=outcome, kind="refund")
+            if name == "paid-old-resolved-later":
+                resolve_later = row_id
+        # A refund callback of a known refund (its outcome never set) is the money trail: never pruned.
+        await _unmatched(s, "known-refund-old", days=400, status="SUCCEEDED", outcome=None, kind="refund")
+
+    assert {p.table: p.count for p in await prune(rt.engine, RetentionPolicy(), dry_run=True)}[
+        "provider_events"] == 2
+    assert {p.table: p.count for p in await prune(rt.engine, RetentionPolicy())}["provider_events"] == 2
+    assert await _left(rt) == {"paid-old", "paid-old-resolved-later", "paid-resolved-new", "refund-failed-new",
+                               "known-refund-old"}
+
+    async with rt.sessionmaker.begin() as s:
+        resolved = await resolve_unmatched(s, resolve_later, "paid back per MTN's statement, booked by hand",
+                                           actor=Actor("admin:test", "api"))
+    assert resolved.outcome == "unknown_refund_resolved"
+    assert {p.table: p.count for p in await prune(rt.engine, RetentionPolicy())}["provider_events"] == 1
+    assert await _left(rt) == {"paid-old", "paid-resolved-new", "refund-failed-new", "known-refund-old"}
+
+
+def test_prune_names_the_outcomes_core_payments_gives() -> None:
+    # core.retention spells them itself (prune reads no payment code); they must stay the same strings.
+    assert set(UNKNOWN_CALLBACKS) == set(RESOLVED_OF) == set(UNMATCHED_OF.values())
+    assert set(UNKNOWN_CALLBACKS_RESOLVED) == set(RESOLVED_OF.values())
