@@ -80,10 +80,51 @@ _RECORDED_LATER = {
         },
     },
 }
+_PAYMENTS_RECORDED_LATER = {
+    "type": "array",
+    "description": "Payments collected in the period (in `settled`) but whose completion was recorded at or after its "
+                   "end: a provider's answer that came after the period closed dated by the provider's own time (a "
+                   "bank payment paid at 23:59:59 on the last day, its webhook after midnight), or an admin's "
+                   "statement line recorded with a `completedAt` in the period (at most 500). A closed period's "
+                   "`settled` collections grew after it ended: these grew them",
+    "items": {
+        "type": "object",
+        "required": ["id", "reference", "status", "provider", "paymentMethod", "amount", "collected", "currency",
+                     "completedAt", "createdAt", "recordedAt", "recordedBy", "late", "mismatch",
+                     "providerTransactionId"],
+        "properties": {
+            "id": {"type": "string"},
+            "reference": {"type": "string"},
+            "status": {"type": "string"},
+            "provider": {"type": "string", "description": "The provider that carried the money: its `settled` line"},
+            "paymentMethod": {"type": "string"},
+            "amount": {"type": ["integer", "string"], "description": "The amount asked for"},
+            "collected": {"type": ["integer", "string"],
+                          "description": "What the provider took, as `settled` counts it"},
+            "currency": {"type": "string"},
+            "completedAt": {"type": "string", "format": "date-time",
+                            "description": "When the money was taken, as the provider dates it: in the period"},
+            "createdAt": {"type": "string", "format": "date-time"},
+            "recordedAt": {"type": "string", "format": "date-time",
+                           "description": "When the gateway recorded the money taken (the audit log's "
+                                          "payment.completed, or payment.success_after_failure for money taken "
+                                          "after a failure): at or after the period's end"},
+            "recordedBy": {"type": "string",
+                           "description": "Who recorded it: the provider (provider:<name>), or the admin "
+                                          "(admin:<id>) who recorded the statement line (audited "
+                                          "payment.outcome_recorded with the note)"},
+            "late": {"type": "boolean"},
+            "mismatch": {"type": "boolean"},
+            "providerTransactionId": {"type": ["string", "null"],
+                                      "description": "The provider's id for it, to match its statement line"},
+        },
+    },
+}
 RECONCILIATION = {
     "type": "object",
     "required": ["period", "payments", "totals", "refunds", "settled", "openDisputes", "flagged", "flaggedCount",
-                 "refundsRecordedLater", "refundsRecordedLaterCount"],
+                 "refundsRecordedLater", "refundsRecordedLaterCount", "paymentsRecordedLater",
+                 "paymentsRecordedLaterCount"],
     "properties": {
         "period": {"type": "object", "required": ["from", "to"]},
         "payments": {
@@ -99,6 +140,8 @@ RECONCILIATION = {
         "flaggedCount": {"type": "integer"},
         "refundsRecordedLater": _RECORDED_LATER,
         "refundsRecordedLaterCount": {"type": "integer"},
+        "paymentsRecordedLater": _PAYMENTS_RECORDED_LATER,
+        "paymentsRecordedLaterCount": {"type": "integer"},
     },
 }
 # With cooperativeId a super admin narrows a report to one cooperative (its bare dates are then that

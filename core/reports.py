@@ -14,10 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.cooperatives import zone_of
 from core.db import iso_z
-from core.models import Cooperative, Dispute, Payment, PaymentType, Refund
+from core.models import AuditEvent, Cooperative, Dispute, Payment, PaymentType, Refund
 from core.money import total_to_api
 from core.refunds import collected as taken
-from core.state.payment import HELD, holds_money
+from core.state.payment import HELD, PAYMENT, PaymentStatus, holds_money
 from core.state.refund import RefundStatus
 
 # Restricts a SELECT on a model to what the caller may see (core.auth.Principal.scope).
@@ -36,6 +36,12 @@ FLAGGED_IN = (*BASES, "refunded")
 # What the provider actually took, reckoned as core.refunds.collected() does (refunds are capped by it): what it
 # reported when that differs from the amount, less or more (NULL collected_minor: it reported the amount).
 TAKEN = func.coalesce(Payment.collected_minor, Payment.amount_minor)
+# The audit actions that record a payment's money moving (its completed_at set, once): the move to COMPLETED
+# (core.state.transition audits it as <machine>.<target>: a provider's answer, or an admin's statement line through
+# POST /v1/payments/{id}/outcome, which is audited payment.outcome_recorded just before it, in the same transaction),
+# and money reported taken after a definite failure (the payment stays FAILED; repeated if reported again).
+# COMPLETED is reached once (no move leads back to it), so the first of these is when the completion was recorded.
+COMPLETION_ACTIONS = (f"{PAYMENT.name}.{PaymentStatus.COMPLETED.value.lower()}", "payment.success_after_failure")
 
 
 def _amount(minor: int | None, currency: str) -> int | str:
@@ -203,6 +209,7 @@ async def reconciliation(
             await session.execute(scope(select(func.count(Payment.id)), Payment).where(is_flagged))
         ).scalar_one()
     recorded_later, recorded_later_count = await _recorded_later(session, scope, start, end)
+    payments_later, payments_later_count = await _payments_recorded_later(session, scope, start, end)
     refunded_here = set((await session.execute(
         refunded_in.where(Refund.payment_id.in_([p.id for p in flagged_rows])))).scalars()) if flagged_rows else set()
     flagged = [
@@ -234,6 +241,8 @@ async def reconciliation(
         "flaggedCount": int(flagged_count),
         "refundsRecordedLater": recorded_later,
         "refundsRecordedLaterCount": recorded_later_count,
+        "paymentsRecordedLater": payments_later,
+        "paymentsRecordedLaterCount": payments_later_count,
     }
 
 
@@ -271,6 +280,65 @@ async def _recorded_later(session: AsyncSession, scope: Scope, start: datetime |
             "providerTransactionId": r.provider_transaction_id,
         }
         for r in rows
+    ], int(count)
+
+
+async def _payments_recorded_later(session: AsyncSession, scope: Scope, start: datetime | None,
+                                   end: datetime | None) -> tuple[list[dict[str, Any]], int]:
+    """Payments collected in the period (in its `settled` lines: completed_at in it, money held) whose completion
+    was recorded at or after its end: a bank payment paid at 23:59:59 on the 31st whose webhook came after midnight
+    (the provider's paidAt dates it), a provider's late answer, or an admin's statement line recorded with a
+    `completedAt` in the period (core.payments.money_moved_at). The period's `settled` collections grew after it
+    closed; these are the payments that grew them, with when and by whom the completion was recorded (the first of
+    COMPLETION_ACTIONS in the audit log: a payment's updated_at cannot tell, a refund or a flag changes it later).
+    None while the period is open-ended.
+
+    Read from the payments completed in the period (the completion indexes, as `settled`), each probing its own
+    audit rows (the (entity_type, entity_id) index): the period's size, however long ago it ended."""
+    if end is None:
+        return [], 0
+    recorded = (select(func.min(AuditEvent.at))
+                .where(AuditEvent.entity_type == PAYMENT.name, AuditEvent.entity_id == Payment.id,
+                       AuditEvent.action.in_(COMPLETION_ACTIONS))
+                .correlate(Payment).scalar_subquery())
+    later = and_(HELD, Payment.completed_at.is_not(None), _within(Payment.completed_at, start, end), recorded >= end)
+    rows = (
+        await session.execute(
+            scope(select(Payment, recorded.label("recorded_at")), Payment).where(later)
+            .order_by(Payment.completed_at, Payment.id).limit(FLAGGED_LIMIT)
+        )
+    ).all()
+    count = len(rows)
+    if count == FLAGGED_LIMIT:
+        count = (await session.execute(scope(select(func.count(Payment.id)), Payment).where(later))).scalar_one()
+    by: dict[str, str] = {}
+    if rows:
+        # Who recorded it: the first completion's actor (a provider's callback or poll, or the admin), ≤ 500 ids.
+        for entity_id, actor in (await session.execute(
+                select(AuditEvent.entity_id, AuditEvent.actor)
+                .where(AuditEvent.entity_type == PAYMENT.name, AuditEvent.entity_id.in_([p.id for p, _ in rows]),
+                       AuditEvent.action.in_(COMPLETION_ACTIONS))
+                .order_by(AuditEvent.at.desc(), AuditEvent.id.desc()))).all():
+            by[entity_id] = actor  # newest first: the first completion is written last
+    return [
+        {
+            "id": p.id,
+            "reference": p.reference,
+            "status": p.status,
+            "provider": p.provider,
+            "paymentMethod": p.method,
+            "amount": _amount(p.amount_minor, p.currency),
+            "collected": _amount(taken(p), p.currency),
+            "currency": p.currency,
+            "completedAt": _iso(p.completed_at),
+            "createdAt": _iso(p.created_at),
+            "recordedAt": _iso(recorded_at),
+            "recordedBy": by.get(p.id),
+            "late": bool(p.late),
+            "mismatch": bool(p.mismatch),
+            "providerTransactionId": p.provider_transaction_id,
+        }
+        for p, recorded_at in rows
     ], int(count)
 
 
