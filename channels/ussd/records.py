@@ -54,16 +54,17 @@ async def opened(rt: Any, *, aggregator: str, session_id: str, phone: Phone, ser
 @functools.cache
 def _seen_statement() -> Any:
     table = table_of(UssdSession)
-    return select(table.c.id).where(table.c.aggregator == bindparam("aggregator"),
-                                    table.c.session_id == bindparam("session_id"))
+    return select(table.c.service_code).where(table.c.aggregator == bindparam("aggregator"),
+                                              table.c.session_id == bindparam("session_id"))
 
 
-async def seen(rt: Any, *, aggregator: str, session_id: str) -> bool:
-    """Whether this session was opened before: its row is written on every session's first hop (opened), on
-    PostgreSQL and SQLite alike. One indexed read (the unique (aggregator, session id)), no transaction."""
+async def seen(rt: Any, *, aggregator: str, session_id: str) -> str | None:
+    """The code this session was opened with (its row's service_code, the whole code the member dialled), or
+    None when it was never opened: its row is written on every session's first hop (opened), on PostgreSQL
+    and SQLite alike. One indexed read (the unique (aggregator, session id)), no transaction."""
     async with autocommit(rt) as conn:
         row = await pgraw.first(conn, _seen_statement(), {"aggregator": aggregator, "session_id": session_id[:128]})
-    return row is not None
+    return None if row is None else str(row[0])
 
 
 @functools.cache

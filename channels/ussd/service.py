@@ -13,7 +13,7 @@ from typing import Any
 from channels.ussd import cache, flows, funnel, records, sessions
 from channels.ussd.engine import Ctx, Engine, State
 from channels.ussd.i18n import language, translate
-from channels.ussd.types import UssdReply, UssdTurn, side_effect_began
+from channels.ussd.types import UssdReply, UssdTurn, extension_of, side_effect_began
 from core import metrics
 
 log = logging.getLogger("gateway.ussd")
@@ -53,6 +53,18 @@ def latest_input(previous: str | None, accumulated: str) -> str | None:
     if accumulated.startswith(previous + "*"):
         return accumulated[len(previous) + 1:]
     return None
+
+
+def dialled_code(service_code: str, text: str) -> str:
+    """The whole code a member dialled whose end came as a first hop's text (*384*123# with text "4" ->
+    *384*123*4#), to keep on the session's row (32 characters): the code with its cooperative part only when
+    the whole is longer, the plain code when even that is (too long to name a cooperative anyway)."""
+    stem = service_code.strip().rstrip("#")
+    for tail in (text, text.split("*")[0]):
+        code = f"{stem}*{tail}#"
+        if len(code) <= 32:
+            return code
+    return service_code
 
 
 def is_earlier(previous: str, accumulated: str) -> bool:
@@ -203,13 +215,17 @@ class UssdService:
         stored = sessions.Stored(state=state, hops=1, started=time.time(), seen="")  # saved only if still new
         ctx = Ctx(rt=rt, turn=turn, state=state, limit=limit)
         extension = turn.extension
-        lost = False
+        dialled = turn.service_code  # the whole code the member dialled, kept on the session's row
+        lost: str | None = None
         if turn.accumulated and not extension:
             # Text on the very first hop is the end of the dialled code (*384*123*3# sent as
-            # serviceCode *384*123# with text 3): it names a cooperative, it is not a menu choice.
+            # serviceCode *384*123# with text 3): it names a cooperative, it is not a menu choice. On a
+            # session lost mid-way it is her keys so far; the code she dialled is the one its row kept.
             lost = await self._lost(rt, turn)
-            if not lost:
-                extension = turn.accumulated
+            if lost is None:
+                extension, dialled = turn.accumulated, dialled_code(turn.service_code, turn.accumulated)
+            else:
+                extension = extension_of(lost, turn.service_code)
         # Either way the text is consumed: the next hop's key is what follows it (as Hubtel and Nalo, which
         # send only the latest input, drop the key pressed on a lost session).
         stored.acc = turn.accumulated
@@ -237,16 +253,17 @@ class UssdService:
         coop_id = ms[0][1].id if len(ms) == 1 else state.data.get("x")
         if coop_id:
             state.data["fc"] = coop_id  # the ops funnel counts the session for it from the main menu on
-        if lost:
+        if lost is not None:
             return stored, reply, None  # its row was written by the session's real first hop
         opening = functools.partial(records.opened, rt, aggregator=turn.aggregator, session_id=turn.session_id,
-                                    phone=turn.phone, service_code=turn.service_code, network=turn.network,
+                                    phone=turn.phone, service_code=dialled, network=turn.network,
                                     cooperative_id=coop_id, member_id=member_id)
         return stored, reply, opening
 
-    async def _lost(self, rt: Any, turn: UssdTurn) -> bool:
-        """Whether a hop with text and no saved session continues a session lost from Redis (restart,
-        failover, eviction) rather than opening one with a dialled code in its text.
+    async def _lost(self, rt: Any, turn: UssdTurn) -> str | None:
+        """The code a session was opened with when a hop with text and no saved session continues it after
+        it was lost from Redis (restart, failover, eviction); None when the hop opens one with a dialled
+        code in its text.
 
         Africa's Talking sends every input so far, so after a loss the member's next key arrives as "4*1":
         read as a dialled code, her first key ("4", also a cooperative's one-digit code) would switch her
@@ -254,12 +271,15 @@ class UssdService:
         session row can (written on every first hop). Read only here (a hop with text and no session, rare):
         the common opening hop (empty text) costs nothing more. A database outage fails the hop as the
         opening hop's other reads would ("unavailable"): guessing would risk the wrong cooperative.
+
+        A session opened with a cooperative's code in its text (*384*123*4# sent as text "4") keeps that
+        cooperative: its row holds the whole code (*384*123*4#), which names it again.
         """
-        if not await records.seen(rt, aggregator=turn.aggregator, session_id=turn.session_id):
-            return False
-        log.warning("ussd session lost mid-way; its opening screen again, its text taken as consumed",
-                    extra={"aggregator": turn.aggregator, "session_id": turn.session_id})
-        return True
+        code = await records.seen(rt, aggregator=turn.aggregator, session_id=turn.session_id)
+        if code is not None:
+            log.warning("ussd session lost mid-way; its opening screen again, its text taken as consumed",
+                        extra={"aggregator": turn.aggregator, "session_id": turn.session_id})
+        return code
 
     async def _ended(self, rt: Any, turn: UssdTurn, stored: sessions.Stored) -> None:
         screen = stored.state.screen
