@@ -13,18 +13,36 @@ from core.text import is_number
 
 NAME = "africastalking"
 LIMIT = 182  # GSM-7 characters per screen
+# `text` is every input of the session so far, and only its newest part is read. A USSD input is at most 182
+# characters and a session lasts a few minutes: 8 KiB holds over 40 inputs of full length, more than a session
+# has time for (a session of ordinary choices is a few dozen characters). The request body's own cap (16 KiB,
+# channels.ussd.routes.MAX_BODY) is what protects the parser; this keeps the session kept in Redis, which holds
+# the text twice, small. (At 500 characters, three long inputs ended a member's session.)
+MAX_TEXT = 8 * 1024
+
+
+class MalformedHop(MalformedRequest):
+    """A hop whose phone number is readable but another field is not: she is answered in her language."""
+
+    def __init__(self, message: str, phone: Phone) -> None:
+        super().__init__(message)
+        self.phone = phone
 
 
 def parse(form: Mapping[str, Any], base_code: str) -> Parsed:
     """A session hop. `text` is accumulated; the session store works out the latest input."""
-    session_id = text_field(form, "sessionId", max_len=128)
     phone = phone_field(form, "phoneNumber")
-    service_code = text_field(form, "serviceCode", max_len=32)
-    text = text_field(form, "text", required=False, max_len=500)
+    try:
+        session_id = text_field(form, "sessionId", max_len=128)
+        service_code = text_field(form, "serviceCode", max_len=32)
+        text = text_field(form, "text", required=False, max_len=MAX_TEXT)
+        network = text_field(form, "networkCode", required=False, max_len=16) or None
+    except MalformedRequest as exc:
+        raise MalformedHop(str(exc), phone) from None
     turn = UssdTurn(
         aggregator=NAME, session_id=session_id, phone=phone, service_code=service_code, input=None,
-        is_new=text == "", network=text_field(form, "networkCode", required=False, max_len=16) or None,
-        accumulated=text, hop_key=text, extension=extension_of(service_code, base_code),
+        is_new=text == "", network=network, accumulated=text, hop_key=text,
+        extension=extension_of(service_code, base_code),
     )
     return Parsed(turn)
 
@@ -34,10 +52,10 @@ def render(reply: UssdReply, _parsed: Parsed | None = None) -> Rendered:
     return Rendered(200, (prefix + reply.text).encode(), "text/plain")
 
 
-def render_malformed(_detail: str) -> Rendered:
-    # Africa's Talking ends the user's session on a 4xx anyway; a clean END is kinder. The detail
-    # is for our logs, not for the user's screen.
-    return render(UssdReply(translate(None, "error.generic"), True))
+def render_malformed(_detail: str, lang: str | None = None) -> Rendered:
+    # Africa's Talking ends the user's session on a 4xx anyway; a clean END is kinder, in the phone's language
+    # when it is known (MalformedHop). The detail is for our logs, not for the user's screen.
+    return render(UssdReply(translate(lang, "error.generic"), True))
 
 
 def parse_event(form: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,4 +86,5 @@ def parse_event(form: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-__all__ = ["LIMIT", "NAME", "MalformedRequest", "parse", "parse_event", "render", "render_malformed"]
+__all__ = ["LIMIT", "MAX_TEXT", "NAME", "MalformedHop", "MalformedRequest", "parse", "parse_event", "render",
+           "render_malformed"]

@@ -297,9 +297,10 @@ async def enter(ctx: Ctx, flow: str) -> str:
         coop = await cooperative(ctx, extension_coop) if extension_coop else None
         if flow != "pay":
             if coop is not None:
-                # The dialled extension's cooperative: this phone may well be a member of another one.
+                # The dialled extension's cooperative: this phone may well be a member of another one. Pay
+                # registers her only where the cooperative takes members by phone; elsewhere its office does.
                 ctx.data["cn"] = short(coop.name, 40)
-                return "member_not_here"
+                return "member_not_here" if coop.self_registration else "member_not_here_office"
             return "member_none"
         if coop is not None:
             return _registration(ctx, coop)
@@ -755,9 +756,11 @@ async def resume_continue(ctx: Ctx, _key: str) -> str:
     if saved is None:
         ctx.state.stack.clear()
         return "home"
-    # This session's own funnel progress stays: the ops funnel counts each session once per step.
+    # This session's own funnel progress stays: the ops funnel counts each session once per step. So does its
+    # language: the person's now (her memberships', or the phone's choice), which a language chosen since the
+    # saved session was left has changed; the saved one would undo that choice.
     mine = {key: ctx.state.data[key] for key in funnel.OWN_KEYS if key in ctx.state.data}
-    ctx.state.stack, ctx.state.data, ctx.state.lang = saved.stack, {**saved.data, **mine}, saved.lang
+    ctx.state.stack, ctx.state.data = saved.stack, {**saved.data, **mine}
     ctx.state.data["rs"] = 1  # counted as a resumed session
     return await _resumed_reservation(ctx, saved.screen)
 
@@ -793,7 +796,7 @@ async def _resumed_reservation(ctx: Ctx, screen: str) -> str:
 
 
 async def resume_restart(ctx: Ctx, _key: str) -> str:
-    await sessions.drop_resume(ctx.rt.redis, ctx.rt.cipher, ctx.hop.phone)
+    # The saved route is dropped with this hop's save, as when 0 or 00 leaves the offer (service._answer).
     ctx.state.stack.clear()
     return "home"
 

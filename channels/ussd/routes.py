@@ -277,6 +277,9 @@ def _hop_handler(aggregator: str) -> Callable[[web.Request], Awaitable[web.Respo
         parsed: Parsed | None = None
         try:
             parsed = module.parse(await _read(request, aggregator), settings.service_code_for(aggregator))
+        except africastalking.MalformedHop as exc:  # her number is known: the answer in her language
+            log.warning("ussd callback malformed", extra={"aggregator": aggregator, "error": str(exc)})
+            return _respond(africastalking.render_malformed(str(exc), channel.service.language_of(rt, exc.phone)))
         except MalformedRequest as exc:
             log.warning("ussd callback malformed", extra={"aggregator": aggregator, "error": str(exc)})
             return _respond(module.render_malformed(str(exc)))

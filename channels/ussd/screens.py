@@ -31,6 +31,7 @@ _SCREENS: tuple[Screen, ...] = (
     End("member_pending", "member.pending", args=f.coop_args),
     End("member_none", "member.none"),
     End("member_not_here", "member.not_here", args=f.coop_args),
+    End("member_not_here_office", "member.not_here_office", args=f.coop_args),  # no registration by phone there
     # Pay.
     Menu("pay_type", "pay.types", items=f.type_items, on_item=f.type_chosen),
     End("pay_none", "pay.none", args=f.coop_args),

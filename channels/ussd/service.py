@@ -15,6 +15,7 @@ from channels.ussd.engine import Ctx, Engine, State
 from channels.ussd.i18n import language, translate
 from channels.ussd.types import UssdReply, UssdTurn, extension_of, side_effect_began
 from core import metrics
+from core.phone import Phone
 
 log = logging.getLogger("gateway.ussd")
 
@@ -128,9 +129,13 @@ class UssdService:
             stored.acc = turn.accumulated
         else:
             text = turn.input or ""
+        offered = stored.state.screen == "resume"
         reply = await self.engine.step(ctx, text)
         stored.hops += 1
-        return await self._answer(rt, turn, stored, reply, phone_index)
+        # The offer to continue left for the menu (Start again, or 0 / 00 past it): the saved route goes, as
+        # when she leaves a screen this session saved. Kept, a later dial would offer it again.
+        left_offer = offered and stored.state.screen == "home"
+        return await self._answer(rt, turn, stored, reply, phone_index, left_offer=left_offer)
 
     async def _not_new(self, rt: Any, turn: UssdTurn, stored: sessions.Stored) -> tuple[UssdReply, str]:
         """An accumulated text that is not a new hop: the screen shown now again, and no step."""
@@ -150,8 +155,10 @@ class UssdService:
         return reply, "stale"
 
     async def _answer(self, rt: Any, turn: UssdTurn, stored: sessions.Stored, reply: UssdReply, phone_index: str,
-                      opening: Callable[[], Awaitable[None]] | None = None) -> tuple[UssdReply, str]:
-        """Save the session with its answer (and, on the first hop, write the session row meanwhile)."""
+                      opening: Callable[[], Awaitable[None]] | None = None, *, left_offer: bool = False
+                      ) -> tuple[UssdReply, str]:
+        """Save the session with its answer (and, on the first hop, write the session row meanwhile);
+        `left_offer`: this hop went from the offer to continue to the menu, and the saved route goes."""
         stored.hop, stored.reply = turn.hop_key, (reply.text, reply.end)
         if stored.owner is None:
             stored.owner = owner_tag(phone_index)
@@ -159,10 +166,11 @@ class UssdService:
             stored.sequence = max(turn.sequence, stored.sequence or 0)
         state = stored.state
         # The resume route: kept while the user is somewhere worth coming back to; cleared at END, and when
-        # they went back to the menu after this session saved one ("rk"): a later dial must not offer to
-        # resume a screen they left. Untouched otherwise (most menu hops: no extra Redis command).
+        # they went back to the menu after this session saved one ("rk") or past the offer to continue an
+        # earlier one: a later dial must not offer to resume a screen they left. Untouched otherwise (most
+        # menu hops: no extra Redis command).
         if state.screen in NO_RESUME and not reply.end:
-            keep_route = False if state.data.pop("rk", None) else None
+            keep_route = False if state.data.pop("rk", None) or left_offer else None
         else:
             keep_route = not reply.end
             if keep_route:
@@ -313,9 +321,12 @@ class UssdService:
         return UssdReply(translate(self._language(rt, turn), "unsettled"), True)
 
     def _language(self, rt: Any, turn: UssdTurn | None) -> str | None:
-        if turn is None:
-            return None
+        return self.language_of(rt, turn.phone) if turn is not None else None
+
+    def language_of(self, rt: Any, phone: Phone) -> str | None:
+        """The language this process last answered the phone in (None when unknown): for answers given without
+        reading Redis or the database (an outage, load shedding, a malformed hop)."""
         try:
-            return self.languages.get(rt.cipher.blind_index(turn.phone.e164))
+            return self.languages.get(rt.cipher.blind_index(phone.e164))
         except Exception:
             return None

@@ -258,6 +258,3 @@ async def load_resume(redis: Any, cipher: PiiCipher, phone: Phone) -> State | No
     except (ValueError, KeyError, TypeError):
         return None
 
-
-async def drop_resume(redis: Any, cipher: PiiCipher, phone: Phone) -> None:
-    await redis.delete(resume_key(cipher, phone))
