@@ -186,8 +186,25 @@ async def rt(settings: Settings) -> AsyncIterator[Any]:
 
     async with open_runtime(settings) as runtime:
         await clean_database(runtime)
-        await runtime.redis.flushdb()
+        await _flush(runtime.redis)
         yield runtime
+
+
+async def _flush(redis: Any) -> None:
+    """Empty the test's Redis database. The runtime's client gives up connecting after 1 s (as a USSD hop must);
+    on a CI machine whose CPUs are taken by the suite, the first connection of a test can take longer, which is
+    the machine, not the code under test: a few tries before the test is counted as failed."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    for attempt in range(5):
+        try:
+            await redis.flushdb()
+            return
+        except (RedisConnectionError, RedisTimeoutError):
+            if attempt == 4:
+                raise
+            await asyncio.sleep(0.5)
 
 
 @pytest.fixture
