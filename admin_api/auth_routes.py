@@ -253,6 +253,7 @@ async def refresh_token(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     s = ctx.rt.settings
     pair = await auth.refresh(
         ctx.session,
+        ctx.rt.redis,
         ctx.body["refreshToken"],
         secret=s.jwt_secret.get(),
         ttl_seconds=s.jwt_ttl_seconds,

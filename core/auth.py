@@ -591,7 +591,7 @@ async def hold_account_for_change(session: AsyncSession, user_id: str) -> None:
     await session.execute(select(AdminUser.id).where(AdminUser.id == user_id).with_for_update(key_share=True))
 
 
-async def refresh(session: AsyncSession, token: str, *, secret: str, ttl_seconds: int) -> TokenPair:
+async def refresh(session: AsyncSession, redis: Redis, token: str, *, secret: str, ttl_seconds: int) -> TokenPair:
     """Trade a refresh token for a new pair; each refresh token works once (rotation)."""
     claims = decode_token(token, secret=secret, expected_type="refresh")
     if not await _spend(session, claims):
@@ -607,8 +607,35 @@ async def refresh(session: AsyncSession, token: str, *, secret: str, ttl_seconds
         raise Unauthorized("invalid token")
     if _ended_since(row, claims):
         raise Unauthorized("token has been revoked")
+    if not await _spend_in_redis(redis, claims):
+        raise Unauthorized("refresh token already used")
     # Dated at the read, not carried forward from the refresh token: a reset or deactivation from now on ends it.
     return issue_tokens(user, secret=secret, ttl_seconds=ttl_seconds, issued_at=read_at)
+
+
+def _used_key(jti: str) -> str:
+    """The previous release's record of a refresh token's use (cc79f48 and before), the key and expiry it wrote."""
+    return f"auth:{{refresh:{jti}}}:used"
+
+
+async def _spend_in_redis(redis: Redis, claims: dict[str, Any]) -> bool:
+    """Record the use where the previous release looks too (SET NX); False when that release spent it first.
+
+    Expand/contract across a rolling deploy and a rollback (`alembic downgrade`): a process of the previous
+    release checks only this key, this one the database row (_spend). Written here as well, a token spent on
+    either release is refused by the other, and one spent on this release stays spent after a rollback; of an
+    old and a new refresh with one token at once, the SET NX picks the one winner. Written last, once every
+    check has passed, so a refused refresh (its row rolled back) does not spend the token here either.
+    Redis down or failing: the database row alone decides (refresh works without Redis).
+    The write and its check go one release later: by then no process of a release before 0015 is left, and
+    the release rolled back to records the use in the database itself."""
+    try:
+        used = await redis.set(_used_key(str(claims["jti"])), b"1", nx=True, ex=REFRESH_TTL_SECONDS + 60)
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("refresh token's use not recorded in Redis; the database's record decides",
+                    extra={"error": type(exc).__name__})
+        return True
+    return bool(used)
 
 
 async def _spend(session: AsyncSession, claims: dict[str, Any]) -> bool:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, delete, exists, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
 from core.db import insert_ignore, utcnow
 from core.errors import Conflict, NotFound, ValidationError
-from core.models import Cooperative, Member, PhoneOptOut
+from core.models import AuditEvent, Cooperative, Member, PhoneOptOut
 from core.notify import send_sms
 from core.phone import Phone
 
@@ -75,6 +77,98 @@ async def set_number_opt_out(session: AsyncSession, phone_index: str, opt_out: b
                               .on_conflict_do_nothing(index_elements=["phone_index"]))
     else:
         await session.execute(delete(PhoneOptOut).where(PhoneOptOut.phone_index == phone_index))
+
+
+# The audit row every STOP or START that changed a membership's flag leaves, one per membership, written alike by
+# this release (channels.sms.routes) and the one before 0016: before {"reminders_opt_out": not x}, after
+# {"reminders_opt_out": x}, channel "sms".
+SMS_OPT_OUT_ACTION = "member.reminders_opt_out"
+
+
+@dataclass(frozen=True)
+class OptOutReplayed:
+    """A number's opt-out changed by replay_opt_outs: the STOP (opted_out) or START that decided it."""
+
+    phone_masked: str
+    opted_out: bool
+    at: datetime
+    audit_id: int
+
+
+@dataclass(frozen=True)
+class _LastWord:
+    audit_id: int
+    at: datetime
+    opted_out: bool
+    phone_masked: str
+
+
+def _opt_out_rows(since: datetime) -> Any:
+    """The STOP/START audit rows since `since`, each with its membership's current number (released: none)."""
+    return (select(AuditEvent.id, AuditEvent.at, AuditEvent.after, Member.phone_index, Member.phone_masked)
+            .join(Member, Member.id == AuditEvent.entity_id)
+            .where(AuditEvent.action == SMS_OPT_OUT_ACTION, AuditEvent.entity_type == "member",
+                   AuditEvent.channel == "sms", AuditEvent.at >= since, Member.phone_index.is_not(None)))
+
+
+async def _last_word(session: AsyncSession, phone_index: str, since: datetime) -> _LastWord | None:
+    """The number's latest STOP or START since `since` (by the audit row's time, then id), through its
+    memberships' current number; None when none holds it any more (released meanwhile)."""
+    row = (await session.execute(_opt_out_rows(since).where(Member.phone_index == phone_index)
+                                 .order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(1))).first()
+    if row is None:
+        return None
+    return _LastWord(row.id, row.at, bool((row.after or {}).get("reminders_opt_out")), row.phone_masked or "")
+
+
+class _ReleasedMeanwhile(Exception):
+    """The number left its last membership while it was replayed: its opt-out is release_phone's to forget."""
+
+
+async def replay_opt_outs(sessionmaker: async_sessionmaker[AsyncSession], since: datetime) -> list[OptOutReplayed]:
+    """After a rolling deploy to the release with migration 0016: the STOP and START taken meanwhile by a process
+    of the release before it changed the memberships' flags (and left their audit rows) but not the number's
+    opt-out (phone_opt_outs), which the worker's send-time check and every membership made later read. Each
+    number with a STOP or START since `since` gets the one its latest audit row says (time, then id: a STOP
+    then a START is a START), through its memberships' current number (released ones are skipped). This
+    release's own STOP and START wrote the same rows and the same opt-out: replayed, they change nothing.
+
+    Safe while serving: one short transaction a number. A STOP or START of the number taken meanwhile writes
+    the opt-out before its audit row, in one transaction: the latest row is read again after the write, and
+    written again until the two agree (a START whose delete our insert waited for is then seen; a STOP not yet
+    committed writes its own row after ours)."""
+    async with sessionmaker() as session:
+        numbers = (await session.execute(
+            select(_opt_out_rows(since).subquery().c.phone_index).distinct())).scalars().all()
+    changed: list[OptOutReplayed] = []
+    for phone_index in sorted(numbers):
+        try:
+            replayed = await _replay_number(sessionmaker, phone_index, since)
+        except _ReleasedMeanwhile:
+            continue
+        if replayed is not None:
+            changed.append(replayed)
+    return sorted(changed, key=lambda c: (c.at, c.audit_id))
+
+
+async def _replay_number(sessionmaker: async_sessionmaker[AsyncSession], phone_index: str,
+                         since: datetime) -> OptOutReplayed | None:
+    async with sessionmaker() as session, session.begin():
+        word = await _last_word(session, phone_index, since)
+        if word is None:
+            raise _ReleasedMeanwhile
+        had = bool(await opted_out_numbers(session, [phone_index]))
+        while True:
+            await set_number_opt_out(session, phone_index, word.opted_out)
+            again = await _last_word(session, phone_index, since)
+            if again is None:
+                raise _ReleasedMeanwhile  # rolls this number back
+            if again.audit_id == word.audit_id:
+                break
+            word = again
+    if had == word.opted_out:
+        return None
+    return OptOutReplayed(word.phone_masked, word.opted_out, word.at, word.audit_id)
 
 
 class PhoneReleased(Conflict):

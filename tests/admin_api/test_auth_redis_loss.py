@@ -212,3 +212,36 @@ async def test_refresh_needs_no_redis_and_stays_single_use_without_it(rt, client
     assert (await again.json())["message"] == "refresh token already used"
     replay = await client.post("/v1/auth/refresh", json={"refreshToken": pair["refreshToken"]})
     assert replay.status == 401  # Redis back: still spent
+
+
+# --- a rolling deploy: the previous release (before 0015) kept the single use in Redis alone -------------------
+
+
+def _previous_release_key(refresh_token: str) -> str:
+    """The key the previous release's refresh SETs NX and checks (cc79f48), spelled as it spelled it."""
+    jti = jwt.decode(refresh_token, options={"verify_signature": False})["jti"]
+    return f"auth:{{refresh:{jti}}}:used"
+
+
+async def test_a_refresh_token_spent_on_a_previous_release_process_is_refused(rt, client, admin, demo):
+    """During the deploy a process not yet restarted traded the token (its Redis key, no row): not once more here."""
+    await _clerk(admin)
+    pair = await login(client, CLERK, CLERK_PASSWORD)
+    await rt.redis.set(_previous_release_key(pair["refreshToken"]), b"1", nx=True, ex=auth.REFRESH_TTL_SECONDS + 60)
+    replay = await client.post("/v1/auth/refresh", json={"refreshToken": pair["refreshToken"]})
+    assert replay.status == 401 and (await replay.json())["message"] == "refresh token already used"
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(UsedRefreshToken))).first() is None  # refused: its row rolled back
+
+
+async def test_a_refresh_token_spent_here_is_spent_for_a_previous_release_process_too(rt, client, admin, demo):
+    """The previous release checks its Redis key only: during the deploy, or after a rollback, it must find it."""
+    await _clerk(admin)
+    pair = await login(client, CLERK, CLERK_PASSWORD)
+    key = _previous_release_key(pair["refreshToken"])
+    assert not await rt.redis.exists(key)
+    assert (await client.post("/v1/auth/refresh", json={"refreshToken": pair["refreshToken"]})).status == 200
+    assert await rt.redis.get(key) == b"1"
+    assert auth.REFRESH_TTL_SECONDS < await rt.redis.ttl(key) <= auth.REFRESH_TTL_SECONDS + 60
+    # What the previous release's refresh then does with the token: SET NX finds the key and refuses.
+    assert await rt.redis.set(key, b"1", nx=True, ex=auth.REFRESH_TTL_SECONDS + 60) is None
