@@ -16,12 +16,12 @@ from sqlalchemy import select, update
 from core.audit import Actor, record
 from core.db import utcnow
 from core.members import SMS_OPT_OUT_ACTION, create_member, release_phone, replay_opt_outs
-from core.models import AuditEvent, Cooperative, Member, PhoneOptOut
+from core.models import AuditEvent, Member, PhoneOptOut
 from core.phone import normalize
 from core.reminders import scan, why_not_send
 from tests.channels.sms.helpers import jobs_of
 from tests.channels.sms.test_routes import ALINE, JEAN, inbound
-from tests.channels.sms.test_stop_and_reply_limits import NOW
+from tests.channels.sms.test_stop_and_reply_limits import NOW, _second_coop
 from tests.conftest import _base_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,15 +57,6 @@ async def _previous_release(rt: Any, phone: str, command: str, *, at: datetime |
 async def _opted_out(rt: Any) -> set[str]:
     async with rt.sessionmaker() as s:
         return set((await s.execute(select(PhoneOptOut.phone_index))).scalars())
-
-
-async def _second_coop(rt: Any) -> Cooperative:
-    async with rt.sessionmaker.begin() as s:
-        coop = Cooperative(name="Musanze Farmers", short_code="MSZF", country="RW", currency="RWF",
-                           timezone="Africa/Kigali", ussd_extension="77", contact_phone="+250788123457",
-                           status="ACTIVE")
-        s.add(coop)
-    return coop
 
 
 async def _join_elsewhere(rt: Any, phone: str) -> Member:

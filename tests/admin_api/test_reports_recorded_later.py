@@ -21,17 +21,8 @@ from core.money import Money
 from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
 from tests.admin_api.conftest import bearer, idem, make_payment
+from tests.admin_api.test_chargeback_visibility import _last_month, _z
 from tests.conftest import requires_pg
-
-
-def _z(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _last_month() -> tuple[datetime, datetime]:
-    now = utcnow()
-    end = datetime(now.year, now.month, 1, tzinfo=UTC)
-    return (end - timedelta(days=1)).replace(day=1), end
 
 
 async def _report(admin: Any, start: datetime, end: datetime) -> dict[str, Any]:
