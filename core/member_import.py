@@ -17,7 +17,7 @@ from core.audit import Actor, record
 from core.crypto import PiiCipher
 from core.db import insert_ignore, new_id, row_insert, utcnow
 from core.errors import ValidationError
-from core.members import LANGUAGES, MEMBER_STATUSES, member_row, opted_out_numbers
+from core.members import LANGUAGES, MEMBER_STATUSES, created_audit, member_row, opted_out_numbers
 from core.models import AuditEvent, Cooperative, Member
 from core.phone import Phone, PhoneError, normalize
 from core.text import has_bad_characters
@@ -274,15 +274,7 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
         await session.execute(row_insert(dialect, AuditEvent), [{
             "cooperative_id": cooperative_id, "actor": actor.id, "channel": actor.channel,
             "action": "member.created", "entity_type": "member", "entity_id": v["id"], "before": None,
-            "after": _created(status, v), "at": now,
+            "after": created_audit(status, v["phone_masked"], v["reminders_opt_out"]), "at": now,
         } for v in values])
         ids.extend(str(v["id"]) for v in values)
     return ids
-
-
-def _created(status: str, values: dict[str, Any]) -> dict[str, Any]:
-    """A member.created audit row's `after`, as create_member writes it."""
-    after: dict[str, Any] = {"status": status, "phone": values["phone_masked"]}
-    if values["reminders_opt_out"]:
-        after["remindersOptOut"] = True  # the number had sent STOP
-    return after

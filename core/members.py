@@ -87,20 +87,13 @@ SMS_OPT_OUT_ACTION = "member.reminders_opt_out"
 
 @dataclass(frozen=True)
 class OptOutReplayed:
-    """A number's opt-out changed by replay_opt_outs: the STOP (opted_out) or START that decided it."""
+    """A number's latest STOP (opted_out) or START, by its audit row: what replay_opt_outs reads, and what it
+    reports for a number whose opt-out it changed."""
 
     phone_masked: str
     opted_out: bool
     at: datetime
     audit_id: int
-
-
-@dataclass(frozen=True)
-class _LastWord:
-    audit_id: int
-    at: datetime
-    opted_out: bool
-    phone_masked: str
 
 
 def _opt_out_rows(since: datetime) -> Any:
@@ -111,14 +104,14 @@ def _opt_out_rows(since: datetime) -> Any:
                    AuditEvent.channel == "sms", AuditEvent.at >= since, Member.phone_index.is_not(None)))
 
 
-async def _last_word(session: AsyncSession, phone_index: str, since: datetime) -> _LastWord | None:
+async def _last_word(session: AsyncSession, phone_index: str, since: datetime) -> OptOutReplayed | None:
     """The number's latest STOP or START since `since` (by the audit row's time, then id), through its
     memberships' current number; None when none holds it any more (released meanwhile)."""
     row = (await session.execute(_opt_out_rows(since).where(Member.phone_index == phone_index)
                                  .order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(1))).first()
     if row is None:
         return None
-    return _LastWord(row.id, row.at, bool((row.after or {}).get("reminders_opt_out")), row.phone_masked or "")
+    return OptOutReplayed(row.phone_masked or "", bool((row.after or {}).get("reminders_opt_out")), row.at, row.id)
 
 
 class _ReleasedMeanwhile(Exception):
@@ -166,9 +159,15 @@ async def _replay_number(sessionmaker: async_sessionmaker[AsyncSession], phone_i
             if again.audit_id == word.audit_id:
                 break
             word = again
-    if had == word.opted_out:
-        return None
-    return OptOutReplayed(word.phone_masked, word.opted_out, word.at, word.audit_id)
+    return None if had == word.opted_out else word
+
+
+def created_audit(status: str, phone_masked: str, opted_out: bool) -> dict[str, Any]:
+    """A member.created audit row's `after` (create_member, and the CSV import's rows)."""
+    after: dict[str, Any] = {"status": status, "phone": phone_masked}
+    if opted_out:
+        after["remindersOptOut"] = True  # the number had sent STOP
+    return after
 
 
 class PhoneReleased(Conflict):
@@ -259,11 +258,9 @@ async def create_member(
     member = (await session.scalars(stmt)).one_or_none()
     if member is None:
         raise Conflict(DUPLICATE_PHONE, field="phone")
-    after: dict[str, Any] = {"status": status, "phone": member.phone_masked}
-    if member.reminders_opt_out:
-        after["remindersOptOut"] = True  # the number had sent STOP
     await record(session, actor=actor, action="member.created", entity_type="member", entity_id=member.id,
-                 after=after, cooperative_id=cooperative_id)
+                 after=created_audit(status, member.phone_masked, member.reminders_opt_out),
+                 cooperative_id=cooperative_id)
     return member
 
 

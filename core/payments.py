@@ -873,6 +873,16 @@ async def keep_unmatched(session: AsyncSession, event_row_id: str, event: Provid
 
 
 _UNMATCHED_LOG = {EventKind.COLLECTION: log, EventKind.REFUND: logging.getLogger("gateway.refunds")}
+# What report_unmatched says, by the callback's kind and whether it says money moved (logged ERROR) or not.
+_UNMATCHED_SAYS = {
+    (EventKind.COLLECTION, True): "provider says money was taken for a payment the gateway does not have: check the "
+                                  "provider's statement (GET /v1/provider-callbacks?unmatched=true&resolved=false)",
+    (EventKind.COLLECTION, False): "provider callback for a payment the gateway does not have",
+    (EventKind.REFUND, True): "provider says a refund was paid out that the gateway does not have: money left the "
+                              "cooperative's account; check the provider's statement "
+                              "(GET /v1/provider-callbacks?unmatched=true&kind=refund&resolved=false)",
+    (EventKind.REFUND, False): "provider callback for a refund the gateway does not have",
+}
 
 
 def report_unmatched(event: ProviderEventData) -> None:
@@ -889,19 +899,9 @@ def report_unmatched(event: ProviderEventData) -> None:
               "reference": event.reference[:128],
               "provider_transaction_id": (event.provider_transaction_id or "")[:128] or None,
               "outcome": event.outcome.value, "confirmed": not event.needs_confirmation}
-    logger = _UNMATCHED_LOG[event.kind]
     moved = event.outcome is ProviderOutcome.SUCCEEDED
-    if event.kind is EventKind.REFUND and moved:
-        logger.error("provider says a refund was paid out that the gateway does not have: money left the "
-                     "cooperative's account; check the provider's statement "
-                     "(GET /v1/provider-callbacks?unmatched=true&kind=refund&resolved=false)", extra=fields)
-    elif event.kind is EventKind.REFUND:
-        logger.warning("provider callback for a refund the gateway does not have", extra=fields)
-    elif moved:
-        logger.error("provider says money was taken for a payment the gateway does not have: check the provider's "
-                     "statement (GET /v1/provider-callbacks?unmatched=true&resolved=false)", extra=fields)
-    else:
-        logger.warning("provider callback for a payment the gateway does not have", extra=fields)
+    _UNMATCHED_LOG[event.kind].log(logging.ERROR if moved else logging.WARNING,
+                                   _UNMATCHED_SAYS[event.kind, moved], extra=fields)
 
 
 async def resolve_unmatched(session: AsyncSession, event_row_id: str, note: str, *, actor: Actor) -> ProviderEvent:

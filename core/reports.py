@@ -297,29 +297,23 @@ async def _payments_recorded_later(session: AsyncSession, scope: Scope, start: d
     audit rows (the (entity_type, entity_id) index): the period's size, however long ago it ended."""
     if end is None:
         return [], 0
-    recorded = (select(func.min(AuditEvent.at))
-                .where(AuditEvent.entity_type == PAYMENT.name, AuditEvent.entity_id == Payment.id,
-                       AuditEvent.action.in_(COMPLETION_ACTIONS))
-                .correlate(Payment).scalar_subquery())
+    completions = select(AuditEvent).where(
+        AuditEvent.entity_type == PAYMENT.name, AuditEvent.entity_id == Payment.id,
+        AuditEvent.action.in_(COMPLETION_ACTIONS)).correlate(Payment)
+    recorded = completions.with_only_columns(func.min(AuditEvent.at)).scalar_subquery()
+    # Who recorded it: the first completion's actor (a provider's callback or poll, or the admin).
+    recorded_by = (completions.with_only_columns(AuditEvent.actor).order_by(AuditEvent.at, AuditEvent.id)
+                   .limit(1).scalar_subquery())
     later = and_(HELD, Payment.completed_at.is_not(None), _within(Payment.completed_at, start, end), recorded >= end)
     rows = (
         await session.execute(
-            scope(select(Payment, recorded.label("recorded_at")), Payment).where(later)
-            .order_by(Payment.completed_at, Payment.id).limit(FLAGGED_LIMIT)
+            scope(select(Payment, recorded.label("recorded_at"), recorded_by.label("recorded_by")), Payment)
+            .where(later).order_by(Payment.completed_at, Payment.id).limit(FLAGGED_LIMIT)
         )
     ).all()
     count = len(rows)
     if count == FLAGGED_LIMIT:
         count = (await session.execute(scope(select(func.count(Payment.id)), Payment).where(later))).scalar_one()
-    by: dict[str, str] = {}
-    if rows:
-        # Who recorded it: the first completion's actor (a provider's callback or poll, or the admin), ≤ 500 ids.
-        for entity_id, actor in (await session.execute(
-                select(AuditEvent.entity_id, AuditEvent.actor)
-                .where(AuditEvent.entity_type == PAYMENT.name, AuditEvent.entity_id.in_([p.id for p, _ in rows]),
-                       AuditEvent.action.in_(COMPLETION_ACTIONS))
-                .order_by(AuditEvent.at.desc(), AuditEvent.id.desc()))).all():
-            by[entity_id] = actor  # newest first: the first completion is written last
     return [
         {
             "id": p.id,
@@ -333,12 +327,12 @@ async def _payments_recorded_later(session: AsyncSession, scope: Scope, start: d
             "completedAt": _iso(p.completed_at),
             "createdAt": _iso(p.created_at),
             "recordedAt": _iso(recorded_at),
-            "recordedBy": by.get(p.id),
+            "recordedBy": recorded_by_actor,
             "late": bool(p.late),
             "mismatch": bool(p.mismatch),
             "providerTransactionId": p.provider_transaction_id,
         }
-        for p, recorded_at in rows
+        for p, recorded_at, recorded_by_actor in rows
     ], int(count)
 
 

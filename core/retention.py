@@ -48,6 +48,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from core.config import ConfigError
 from core.db import align_clock, table_of, utcnow
 from core.models import OutboxJob, ProviderEvent, SmsMessage, UsedRefreshToken, UssdSession, WebhookDelivery
+from core.payments import RESOLVED_OF
+from core.ports import ProviderOutcome
 
 DEFAULT_DAYS = {
     "RETENTION_OUTBOX_DONE_DAYS": 30,
@@ -142,10 +144,10 @@ def _old_sessions(cutoff: datetime) -> ColumnElement[bool]:
 _EVENTS = table_of(ProviderEvent)
 # The outcomes core.payments gives a callback no payment or refund matched (UNMATCHED, UNMATCHED_REFUND), and one
 # a person resolved since (UNMATCHED_RESOLVED, UNMATCHED_REFUND_RESOLVED); and the status of one saying money moved
-# (taken from a member, or paid out to one). The strings core.payments gives them (a test holds them equal).
-UNKNOWN_CALLBACKS = ("unknown_payment", "unknown_refund")
-UNKNOWN_CALLBACKS_RESOLVED = ("unknown_payment_resolved", "unknown_refund_resolved")
-MONEY_MOVED = "SUCCEEDED"
+# (taken from a member, or paid out to one).
+UNKNOWN_CALLBACKS = tuple(RESOLVED_OF)
+UNKNOWN_CALLBACKS_RESOLVED = tuple(RESOLVED_OF.values())
+MONEY_MOVED = ProviderOutcome.SUCCEEDED.value
 
 
 def _old_unknown_callbacks(cutoff: datetime) -> ColumnElement[bool]:

@@ -33,12 +33,17 @@ GROWTH_INDEXES = {
 DROPPED = "ix_audit_events_cooperative_id"  # covered by the two scoped audit composites
 
 
-async def _indexes(conn: Any) -> dict[str, tuple[bool, str]]:
+async def pg_indexes(conn: Any, names: list[str]) -> dict[str, tuple[bool, str]]:
+    """name -> (valid, "table (columns)[ WHERE predicate]") of those of `names` that exist (an asyncpg connection)."""
     rows = await conn.fetch(
         "SELECT c.relname, i.indisvalid, pg_get_indexdef(i.indexrelid) AS def FROM pg_index i "
-        "JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = ANY($1::text[])", [*GROWTH_INDEXES, DROPPED])
+        "JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = ANY($1::text[])", names)
     return {r["relname"]: (r["indisvalid"], r["def"].split(" ON ")[1].replace("public.", "")
                            .replace("USING btree ", "")) for r in rows}
+
+
+async def _indexes(conn: Any) -> dict[str, tuple[bool, str]]:
+    return await pg_indexes(conn, [*GROWTH_INDEXES, DROPPED])
 
 
 @requires_pg

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from core import reminders
 from tests.admin_api.conftest import bearer
 from tests.conftest import make_settings, requires_pg
-from tests.core.test_growth_indexes import OTHER_COOP, _plans, _statements, sqlite_indexes
+from tests.core.test_growth_indexes import OTHER_COOP, _plans, _statements, pg_indexes, sqlite_indexes
 from tests.core.test_reminder_scale import NOW, _cooperative
 
 # name -> "table (columns)[ WHERE predicate]" as pg_get_indexdef prints it.
@@ -24,11 +24,7 @@ INDEXES = {
 
 
 async def _indexes(conn: Any) -> dict[str, tuple[bool, str]]:
-    rows = await conn.fetch(
-        "SELECT c.relname, i.indisvalid, pg_get_indexdef(i.indexrelid) AS def FROM pg_index i "
-        "JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = ANY($1::text[])", list(INDEXES))
-    return {r["relname"]: (r["indisvalid"], r["def"].split(" ON ")[1].replace("public.", "")
-                           .replace("USING btree ", "")) for r in rows}
+    return await pg_indexes(conn, list(INDEXES))
 
 
 @requires_pg
