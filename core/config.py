@@ -99,6 +99,10 @@ class Settings:
     sms_payer_answer_days: int = 90
     # After the approval window, how long a payment whose outcome the provider cannot tell stays open and polled.
     payment_settle_grace_seconds: int = 86400
+    # After the approval window, how long a payment the provider still reports pending (the payer has not decided)
+    # stays open and polled: the provider's PIN prompt lives from when it received the request (MTN: about 5
+    # minutes), so it outlives our window, which runs from the payment's creation; an approval there takes the money.
+    payment_pending_grace_seconds: int = 600
     # A bank payment (an IremboPay invoice the payer settles on their bank's page or at a branch) is open this
     # long, and its invoice expires then; mobile money's PIN prompt has payment_timeout_seconds.
     bank_payment_timeout_seconds: int = 3600
@@ -551,6 +555,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         payment_timeout_seconds=_int(env, "PAYMENT_TIMEOUT_SECONDS", 300, minimum=1),
         bank_payment_timeout_seconds=_int(env, "BANK_PAYMENT_TIMEOUT_SECONDS", 3600, minimum=60),
         payment_settle_grace_seconds=_int(env, "PAYMENT_SETTLE_GRACE_SECONDS", 86400, minimum=60),
+        payment_pending_grace_seconds=_int(env, "PAYMENT_PENDING_GRACE_SECONDS", 600, minimum=1),
         ussd_service_code=service_code,
         ussd_service_codes=service_codes,
         log_level=log_level,

@@ -320,8 +320,10 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 delay = next_poll_in(payment, now)
                 await schedule_poll(payment.id, now, delay)
                 raise RetryLater(delay, "still pending")
-            # The provider says it is still waiting for the payer after the window: not approved in time (a
-            # later success still completes the payment, flagged late).
+            if status is not None:
+                await wait_for_the_payer(payment, now)  # RetryLater while the provider's prompt may be open
+            # The provider still waits for the payer after the window and its prompt's life: not approved in
+            # time (a later success still completes the payment, flagged late).
             outcome, reason = ProviderOutcome.EXPIRED, "not approved in time"
             if status is None and payment.status == PaymentStatus.PENDING.value:
                 # The provider never got the request (NOT_FOUND), and no attempt to send it was ever accepted
@@ -367,6 +369,24 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         if in_flight:
             await schedule_poll(payment.id, now, IN_FLIGHT_POLL_SECONDS)
             raise RetryLater(IN_FLIGHT_POLL_SECONDS, "its collection request is being sent: asked again after")
+
+    async def wait_for_the_payer(payment: Payment, now: datetime) -> None:
+        """The provider says the payer has not decided yet (MTN PENDING, Airtel TIP), after our approval window.
+        Its PIN prompt lives from when the provider received the request (MTN: about 5 minutes), which is later
+        than our window began (counted from the payment's creation; later still when the collect job was
+        delayed): the payer may still approve it, and MTN says so once, by a callback that may be lost. So the
+        payment stays open and polled (every minute) until the provider gives a final answer, or until
+        PAYMENT_PENDING_GRACE_SECONDS after the window; then this returns, to end it "not approved in time"."""
+        grace = timedelta(seconds=rt.settings.payment_pending_grace_seconds)
+        overdue = now - payment.expires_at
+        if overdue >= grace:
+            return
+        delay = settle_poll_in(payment, now, grace)
+        log.info("payment still pending at the provider after its approval window; asked again",
+                 extra={"payment": payment.reference, "provider": payment.provider,
+                        "overdue_seconds": int(overdue.total_seconds()), "delay_s": round(delay)})
+        await schedule_poll(payment.id, now, delay)
+        raise RetryLater(delay, "still pending at the provider after the approval window: its prompt may be open")
 
     async def wait_for_an_answer(payment: Payment, now: datetime, unknown: str) -> None:
         """The provider did not say what became of the payment: poll again (RetryLater), and once the

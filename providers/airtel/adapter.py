@@ -45,6 +45,12 @@ STATUS: dict[str, ProviderOutcome] = {
     "TE": ProviderOutcome.EXPIRED,
 }
 DUPLICATE = "ESB000041"  # the transaction id was used before: our earlier request stands
+# The status enquiry says Airtel has no transaction with our id: HTTP 404 (our recorded answer: 404, ESB000008
+# "Transaction not found"), or this result code ("No transaction found with provided transaction id", in Airtel's
+# code list, where ESB000008 alone is "Field validation"). Any other refusal (ESB000001 "Something went wrong",
+# ESB000014 "error while fetching the status") says nothing about the transaction: read as "not found", a
+# payment Airtel charged would end "nothing was taken".
+NOT_FOUND_CODE = "ESB000045"
 TOKEN_LIFETIME = 180.0
 
 
@@ -204,11 +210,17 @@ class AirtelAdapter:
                                             f"/standard/v1/payments/{provider_reference}", currency=currency,
                                             creates=False)
         tx = _transaction(answer)
-        if response.status_code == 404 or (response.status_code == 200 and not tx.get("status")):
+        block = _status_block(answer)
+        if response.status_code == 404 or block.get("result_code") == NOT_FOUND_CODE:
             raise ProviderError(f"Airtel Money has no transaction with this id: {_detail(answer)}",
                                 retryable=False, code="NOT_FOUND")
         if response.status_code != 200:
             raise http_error(NAME, "collection_status", response, _detail(answer))
+        if not tx.get("status"):
+            # An error answered 200 with success false and no transaction: the status is unknown, asked again.
+            PROVIDER_ERRORS.labels(provider=NAME, operation="collection_status").inc()
+            raise ProviderError(f"Airtel Money status enquiry failed: {_detail(answer)}", retryable=True,
+                                code=str(block.get("result_code") or "NO_STATUS"))
         try:
             outcome = _outcome(tx.get("status"))
         except UnknownStatus:

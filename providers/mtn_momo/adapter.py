@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,6 +62,10 @@ REASON_WORDS: dict[str, str] = {
     "TRANSACTION_CANCELED": "the transaction was cancelled",
 }
 _NOTE_LIMIT = 160
+# What payerMessage / payeeNote keep: MTN is reported to refuse a request whose notes hold '&' (and then has no
+# such request when asked), and to answer 500 to an empty one; which other characters it refuses is not
+# documented, so only these go (accents are dropped first: "Réparation" goes as "Reparation").
+_NOTE_REFUSED = re.compile(r"[^A-Za-z0-9 _.,/-]+")
 
 
 class UnknownStatus(ValueError):
@@ -114,6 +120,17 @@ def _status_result(body: Mapping[str, Any]) -> StatusResult:
                         provider_transaction_id=body.get("financialTransactionId") or None,
                         reason=words if outcome is not ProviderOutcome.SUCCEEDED else None,
                         raw=_scrubbed(body))
+
+
+def _note(text: str, fallback: str) -> str:
+    """`text` as a payerMessage / payeeNote MTN takes: letters, digits, spaces and -_.,/ only, one space between
+    words, at most 160 characters; `fallback` (our payment reference) when nothing is left: never an empty one."""
+    for candidate in (text, fallback):
+        plain = unicodedata.normalize("NFKD", candidate).encode("ascii", "ignore").decode("ascii")
+        kept = " ".join(_NOTE_REFUSED.sub(" ", plain).split())[:_NOTE_LIMIT].rstrip()
+        if kept:
+            return kept
+    return "payment"
 
 
 def _detail(response: httpx.Response) -> str:
@@ -213,8 +230,8 @@ class MtnMomoAdapter:
             # Our reference doubles as externalId: MTN echoes it in every callback.
             "externalId": request.provider_reference,
             "payer": {"partyIdType": "MSISDN", "partyId": request.payer.digits},
-            "payerMessage": (request.description or request.payment_reference)[:_NOTE_LIMIT],
-            "payeeNote": request.payment_reference[:_NOTE_LIMIT],
+            "payerMessage": _note(request.description, request.payment_reference),
+            "payeeNote": _note(request.payment_reference, "payment"),
         }
         response = await self._call("collection", "request_to_pay", "POST", "/collection/v1_0/requesttopay",
                                     creates=True, headers=headers, body=body)
@@ -244,8 +261,8 @@ class MtnMomoAdapter:
             "amount": str(request.amount.to_api()),
             "currency": request.amount.currency,
             "externalId": request.provider_reference,
-            "payerMessage": request.reason[:_NOTE_LIMIT],
-            "payeeNote": request.reason[:_NOTE_LIMIT],
+            "payerMessage": _note(request.reason, "refund"),
+            "payeeNote": _note(request.reason, "refund"),
             "referenceIdToRefund": request.original_provider_reference,
         }
         response = await self._call("disbursement", "refund", "POST", "/disbursement/v1_0/refund",

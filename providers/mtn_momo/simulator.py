@@ -27,6 +27,9 @@ REFUNDS = web.AppKey("mtn_refunds", dict)
 _AMOUNT = re.compile(r"^\d{1,15}(\.\d{1,2})?$", re.ASCII)
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _PARTY = re.compile(r"^\d{6,15}$", re.ASCII)
+# MTN is reported to refuse a request whose payerMessage / payeeNote holds '&' ('<' and '>' likewise here, as an
+# XML back end would) and to answer 500 to an empty or missing one: the simulator does the same.
+_NOTE_REFUSED = re.compile(r"[&<>]")
 # What the payer's answer does to the request, as MTN reports it: (status, reason).
 _FINAL: dict[Outcome, tuple[str, str | None]] = {
     Outcome.SUCCEED: ("SUCCESSFUL", None),
@@ -112,6 +115,12 @@ async def _body(request: web.Request, required: tuple[str, ...]) -> dict[str, An
         return _error(400, "INVALID_AMOUNT", "amount must be a positive decimal string.")
     if not isinstance(body["currency"], str) or not _CURRENCY.match(body["currency"]):
         return _error(400, "INVALID_CURRENCY", "currency must be an ISO 4217 code.")
+    for name in ("payerMessage", "payeeNote"):
+        text = body.get(name)
+        if not isinstance(text, str) or not text.strip():
+            return _error(500, "INTERNAL_PROCESSING_ERROR", "An internal error occurred while processing.")
+        if _NOTE_REFUSED.search(text):
+            return _error(400, "BAD_REQUEST", f"{name} holds characters that are not allowed.")
     return body
 
 

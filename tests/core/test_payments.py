@@ -294,9 +294,9 @@ async def test_refunds_of_a_short_payment_stop_at_what_was_taken(rt, demo, provi
 
 async def test_late_success_after_timeout_completes_with_late_flag(rt, demo, provider, worker):
     payment, _ = await _create(rt, _new(demo))
-    async with rt.sessionmaker.begin() as s:  # the approval window has passed
+    async with rt.sessionmaker.begin() as s:  # the approval window has passed, and the grace MTN's prompt has after it
         row = await s.get(Payment, payment.id)
-        row.expires_at = utcnow() - timedelta(seconds=1)
+        row.expires_at = utcnow() - timedelta(seconds=rt.settings.payment_pending_grace_seconds)
         await s.execute(OutboxJob.__table__.update().values(run_at=utcnow()))
     await drain(worker)
     timed_out = await _payment(rt, payment.id)

@@ -123,12 +123,14 @@ async def test_the_grace_is_the_configured_one(rt, demo, worker, monkeypatch):
         "TIMEOUT", UNCONFIRMED)
 
 
-async def test_pending_after_the_window_is_not_approved_in_time_at_once(rt, demo, worker):
-    # MTN itself answers: the payer has not approved. That is the provider's word, no grace needed.
+async def test_pending_after_the_window_and_its_grace_is_not_approved_in_time(rt, demo, worker):
+    # MTN itself answers: the payer has not approved, and its prompt (5 minutes from when MTN got the request) is
+    # over too. That is the provider's word: not approved in time, no settling grace. (Just after the window, its
+    # prompt may still be open: tests/core/test_pending_past_window.py.)
     wire, payment = await _processing(rt, demo, worker)
     ref = payment.provider_reference
     wire.on("GET", STATUS + ref, 200, {**SUCCESSFUL, "externalId": ref, "status": "PENDING"})
-    await _window_over(rt, payment.id)
+    await _window_over(rt, payment.id, timedelta(seconds=rt.settings.payment_pending_grace_seconds))
     await drain(worker)
     done = await _payment(rt, payment.id)
     assert (done.status, done.failure_reason) == ("TIMEOUT", "not approved in time")
