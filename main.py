@@ -1,5 +1,5 @@
 """Command line of the gateway: serve, worker, migrate, run (embedded all-in-one), seed-demo, create-admin,
-prune, advance-references, sync-opt-outs, simulate, dial."""
+reencrypt, rehash-requests, prune, advance-references, sync-opt-outs, simulate, dial."""
 
 from __future__ import annotations
 
@@ -150,6 +150,24 @@ async def _reencrypt(settings: Settings) -> int:
         print(f"{where}: {len(ids)} cannot be decrypted with any configured key (ids: {', '.join(ids[:20])})",
               file=sys.stderr)
     return 1 if report.unreadable else 2 if report.changed_meanwhile else 0
+
+
+async def _rehash_requests(settings: Settings) -> int:
+    """Exit 0 when no payment keeps a request hash from before they were keyed, 2 when some changed while it
+    ran (run it again)."""
+    from app import open_runtime
+    from core.rekey import rehash_requests
+
+    async with open_runtime(settings) as rt:
+        report = await rehash_requests(rt.sessionmaker, rt.cipher)
+    for where, count in sorted(report.rewritten.items()):
+        print(f"{where}: {count} rehashed under BLIND_INDEX_KEY")
+    if not report.rewritten and not report.changed_meanwhile:
+        print("no payment request hash left from before they were keyed")
+    if report.changed_meanwhile:
+        print(f"{report.changed_meanwhile} changed while this ran and may still be unkeyed: run it again",
+              file=sys.stderr)
+    return 2 if report.changed_meanwhile else 0
 
 
 async def _prune(settings: Settings, *, dry_run: bool) -> int:
@@ -451,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("seed-demo", help="create the demo cooperative, payment types, members and admins (idempotent)")
     sub.add_parser("reencrypt", help="re-encrypt stored phone numbers and webhook secrets under PII_ACTIVE_KEY_ID, "
                                      "so an old key can be removed from PII_ENCRYPTION_KEYS (safe while running)")
+    sub.add_parser("rehash-requests", help="once after the upgrade that keys the payments' request hashes: "
+                                           "replace the plain ones older payments keep (a backup would give "
+                                           "back their payers' numbers) by their HMAC (safe while running)")
     a = sub.add_parser("create-admin", help="create an administrator who can sign in (the first one of an "
                                             "install too; allowed in production); the password is read from "
                                             "ADMIN_PASSWORD or one line of stdin, never from the command line")
@@ -562,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "reencrypt":
             asyncio.run(check_migrations(settings))
             return asyncio.run(_reencrypt(settings))
+        elif args.command == "rehash-requests":
+            asyncio.run(check_migrations(settings))
+            return asyncio.run(_rehash_requests(settings))
         elif args.command == "prune":
             asyncio.run(check_migrations(settings))
             return asyncio.run(_prune(settings, dry_run=args.dry_run))

@@ -56,7 +56,9 @@ TOKEN = out(
 )
 LOGIN = obj(
     {
-        "username": {"type": "string", "minLength": 1, "maxLength": 120},
+        "username": {"type": "string", "minLength": 1, "maxLength": 120,
+                     "description": "in any case (usernames are unique whatever their case); surrounding "
+                                    "spaces are ignored"},
         "password": {"type": "string", "minLength": 1, "maxLength": 256},
     },
     ["username", "password"],

@@ -31,8 +31,12 @@ DATETIME = {"type": "string", "format": "date-time"}
 NULL_DATETIME = {"type": ["string", "null"], "format": "date-time"}
 NULL_STRING = {"type": ["string", "null"]}
 # Major units: an integer for currencies without minor units (RWF), a decimal string otherwise.
-AMOUNT_OUT = {"type": ["integer", "string"]}
-AMOUNT_IN = {"type": ["integer", "number", "string"], "description": "major units, e.g. 50000 RWF"}
+AMOUNT_OUT = {"type": ["integer", "string"], "examples": [50000, "1500.00"],
+              "description": "major units: an integer for RWF or UGX (50000), else a decimal string with the "
+                            "currency's decimal places (\"1500.00\" KES)"}
+AMOUNT_IN = {"type": ["integer", "number", "string"], "examples": [50000, "1500.00"],
+             "description": "major units of the currency: an integer for RWF or UGX (50000), else an integer or a "
+                           "decimal string (\"1500.00\" KES)"}
 
 META = {
     "type": "object",

@@ -36,7 +36,9 @@ COOPERATIVE = out(
 )
 _FIELDS = {
     "name": {"type": "string", "minLength": 2, "maxLength": 200},
-    "shortCode": {"type": "string", "pattern": "^[A-Za-z0-9_-]{2,32}$"},
+    "shortCode": {"type": "string", "pattern": "^[A-Za-z0-9_-]{2,32}$",
+                  "description": "unique whatever its case (409 when another cooperative, a suspended one too, "
+                                 "has it in any case); members may type it in any case"},
     "country": {"enum": sorted(service.COUNTRY_CURRENCY)},
     "currency": {"enum": sorted(EXPONENTS)},
     "timezone": {"type": "string", "minLength": 3, "maxLength": 64},
@@ -163,7 +165,7 @@ ROUTES = [
         "DELETE",
         "/cooperatives/{id}",
         suspend_cooperative,
-        "Suspend a cooperative (never deleted)",
+        "Suspend a cooperative (never deleted: it keeps its shortCode and ussdExtension until changed)",
         "cooperatives",
         "super",
         response=COOPERATIVE,

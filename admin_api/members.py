@@ -1,5 +1,5 @@
-"""Members over the API: create, read, edit, suspend, approve, release a suspended member's phone number,
-and import a CSV all-or-nothing."""
+"""Members over the API: create, read, edit (her phone number too), suspend, approve, release a suspended member's
+phone number, erase a suspended member, and import a CSV all-or-nothing."""
 
 from __future__ import annotations
 
@@ -56,7 +56,15 @@ CREATE = obj(
     },
     ["name", "phone"],
 )
-UPDATE = obj(_FIELDS, min_properties=1)
+UPDATE = obj(
+    {
+        **_FIELDS,
+        "phone": {"type": "string", "minLength": 5, "maxLength": 32,
+                  "description": "a corrected number (read in the cooperative's country, as on create); 409 if "
+                                 "another member of the cooperative has it, or if the member's number was released"},
+    },
+    min_properties=1,
+)
 IMPORTED = out({"imported": {"type": "integer"}, "memberIds": {"type": "array", "items": ID},
                "ignoredColumns": {"type": "array", "items": {"type": "string"},
                                   "description": "the file's columns not stored (name, phone, unit, language are)"},
@@ -139,7 +147,12 @@ async def get_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 async def update_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     member = await one(ctx, Member, request.match_info["id"], "member")
     body = ctx.body
-    was = member.status
+    phone = None
+    if "phone" in body:
+        coop = await ctx.session.get(Cooperative, member.cooperative_id)
+        phone = normalize(body["phone"], coop.country if coop is not None else DEFAULT_REGION)
+        member = await service.lock_member(ctx.session, member)  # the number it replaces, as last committed
+    was, number = member.status, member.phone_index
     status = body.get("status")
     # PENDING -> ACTIVE is an approval however it is asked for: the member is told, as by POST …/approve.
     approving = was == "PENDING" and status == "ACTIVE"
@@ -151,10 +164,13 @@ async def update_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         language=body.get("language"),
         unit=body["unit"] or "" if "unit" in body else None,
         status=None if approving else status,
+        phone=phone,
+        cipher=ctx.rt.cipher,
     )
     if approving:
         member = await service.approve_member(ctx.session, member, actor=ctx.who.actor, cipher=ctx.rt.cipher)
-    return await _saved(ctx, member, was)
+    # A corrected number: the old one's USSD language and resume route are not hers any more.
+    return await _saved(ctx, member, was, forget=number if number != member.phone_index else None)
 
 
 async def suspend_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -164,12 +180,18 @@ async def suspend_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return await _saved(ctx, member, was)
 
 
-async def _saved(ctx: Ctx, member: Member, was: str) -> web.StreamResponse:
+async def _saved(ctx: Ctx, member: Member, was: str, *, forget: str | None = None) -> web.StreamResponse:
+    """Commit the change and answer with the member; `forget`: the blind index of a number that is no longer
+    the member's (_forget_number)."""
+    if forget is not None:
+        await queue_forget_phone(ctx.session, forget, cooperative_id=member.cooperative_id)
     if member.status == "SUSPENDED" and was != "SUSPENDED":
         # The member's tenant logins stop working now (sign-in and refresh are refused on the rows).
         await end_sessions(ctx, "the member's", lambda: auth.revoke_member_tokens(
             ctx.session, ctx.rt.redis, member.id, ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
     await ctx.session.commit()
+    if forget is not None:
+        await _forget_number(ctx, member, forget)
     return json_response(present(member))
 
 
@@ -181,19 +203,31 @@ async def release_phone(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     member = await one(ctx, Member, request.match_info["id"], "member")
     index = member.phone_index
     member = await service.release_phone(ctx.session, member, actor=ctx.who.actor)
-    if index is not None:
-        await queue_forget_phone(ctx.session, index, cooperative_id=member.cooperative_id)
-    await ctx.session.commit()
-    if index is not None:
-        try:
-            await forget_phone(ctx.rt.redis, index)
-        except RedisError:
-            # The release stands; the worker's job deletes the keys once Redis is back (named by the number's
-            # blind index: no phone number in the log).
-            log.warning("released number's USSD language and resume route not cleared yet: Redis unavailable; "
-                        "the worker retries", extra={"member_id": member.id, "cooperative_id": member.cooperative_id,
-                                                     "redis_keys": " ".join(phone_keys(index))})
-    return json_response(present(member))
+    return await _saved(ctx, member, member.status, forget=index)
+
+
+async def erase_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """A SUSPENDED member who asked to be erased (core.members.erase_member): her name, unit and number, her
+    payments' account, her SMS rows' number and text, and her tenant logins' usernames go; the money records
+    stay. Her number is released as by release-phone. 409 while a payment or refund of hers is open. Calling it
+    again changes nothing."""
+    member = await one(ctx, Member, request.match_info["id"], "member")
+    index = member.phone_index
+    member = await service.erase_member(ctx.session, member, actor=ctx.who.actor)
+    return await _saved(ctx, member, member.status, forget=index)
+
+
+async def _forget_number(ctx: Ctx, member: Member, index: str) -> None:
+    """After the commit, a number no longer the member's (released, erased, corrected): its USSD language and
+    resume route deleted from Redis now; the job queued with the change (queue_forget_phone) deletes them
+    once Redis is back if it is down, so the change stands."""
+    try:
+        await forget_phone(ctx.rt.redis, index)
+    except RedisError:
+        # Named by the number's blind index: no phone number in the log.
+        log.warning("released number's USSD language and resume route not cleared yet: Redis unavailable; "
+                    "the worker retries", extra={"member_id": member.id, "cooperative_id": member.cooperative_id,
+                                                 "redis_keys": " ".join(phone_keys(index))})
 
 
 async def approve_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -347,6 +381,15 @@ ROUTES = [
         "/members/{id}/release-phone",
         release_phone,
         "Release a suspended member's phone number (it can then be registered again)",
+        "members",
+        "admin",
+        response=MEMBER,
+    ),
+    Route(
+        "POST",
+        "/members/{id}/erase",
+        erase_member,
+        "Erase a suspended member's personal data, keeping the money records",
         "members",
         "admin",
         response=MEMBER,

@@ -32,6 +32,26 @@ _SCOPE_TEXT = {
     "payments:write": "payments:write",
 }
 
+# What a route's one-line summary cannot say, added to its description (by operationId).
+_NOTES = {
+    "update_member": "phone corrects the member's number (read in the cooperative's country, as on create): her "
+                     "history stays, the old number's STOP is forgotten once no membership holds it and the new "
+                     "one keeps its own; 409 if another member of the cooperative has it or the number was "
+                     "released. The audit row says which of name and unit changed, not their values, and shows "
+                     "numbers masked.",
+    "erase_member": "For a member who asked to be erased. Only a SUSPENDED member (409 otherwise), none of whose "
+                    "payments or refunds is still PENDING or PROCESSING (409: erase once they settle). Her name, "
+                    "unit and number are replaced on her record (\"Erased member\", no unit, phone \"erased\"; "
+                    "the number is released as by release-phone); on her payments the account number is cleared "
+                    "(paymentAccount no longer finds them; shown as \"erased\") while amounts, references, "
+                    "provider transaction ids and statuses stay; on her SMS rows the number and text are cleared "
+                    "(one not yet sent is not sent); her tenant logins are deactivated and their usernames "
+                    "replaced by erased-<id>. A refund of her payments can afterwards only be recorded as "
+                    "returnedByProvider. Cannot be undone; calling it again changes nothing. The audit row "
+                    "(member.erased) names her by id only; audit rows written before this release keep the "
+                    "values they held (the audit log is append-only).",
+}
+
 
 def _operation(route: Route) -> dict[str, Any]:
     params: list[dict[str, Any]] = [
@@ -78,6 +98,7 @@ def _operation(route: Route) -> dict[str, Any]:
             f"Access: {_SCOPE_TEXT.get(route.scope or '', 'public')}"
             f"{'; tenants see only their own' if route.tenants else ''}. "
             f"Rate limit: {rate.count}/{rate.window}s per caller."
+            f"{' ' + _NOTES[route.name] if route.name in _NOTES else ''}"
         ),
         "security": [] if route.scope is None else [{"bearerAuth": []}, {"apiKey": []}],
     }
@@ -103,7 +124,11 @@ def build_document(routes: list[Route], server_url: str = PREFIX) -> dict[str, A
             "title": "Cooperative payment gateway API",
             "version": "1.0.0",
             "description": "Payments, payment types, members, refunds, disputes, reports and webhooks "
-            "for cooperatives. Amounts are in major units (RWF integers).",
+            "for cooperatives. Amounts are in major units of the cooperative's currency: an integer for a "
+            "currency without minor units (RWF, UGX: 50000 is 50,000 RWF), otherwise a decimal string with "
+            "the currency's decimal places (KES: \"1500.00\" is 1,500 shillings). Requests may send an "
+            "integer or a decimal string in any currency (1500 or \"1500.50\" KES); a fraction the currency "
+            "does not have is refused.",
         },
         "servers": [{"url": "/"}],
         "paths": paths,

@@ -56,8 +56,12 @@ ACTIVE_TYPE = out_only(PAYMENT_TYPE, "id", "name", "description", "amount", "cur
 _FIELDS = {
     "name": {"type": "string", "minLength": 1, "maxLength": 120},
     "description": {"type": ["string", "null"], "maxLength": 500},
-    "amount": AMOUNT_IN,
-    "isRecurring": {"type": "boolean"},
+    "amount": {**AMOUNT_IN, "description": f"{AMOUNT_IN['description']}. Refused (400) when no payment method "
+                                           "of the cooperative's country can collect it (M-Pesa takes whole "
+                                           "shillings)"},
+    "isRecurring": {"type": "boolean", "description": "a recurring type needs recurringInterval and dueDay (the "
+                                                      "day reminders go before). false also clears both; setting "
+                                                      "either on a one-off type makes it recurring"},
     "recurringInterval": INTERVAL,
     "dueDay": DUE_DAY,
     "isActive": {"type": "boolean"},
@@ -66,6 +70,9 @@ _FIELDS = {
 CREATE = obj(
     {
         **_FIELDS,
+        "isRecurring": {"type": "boolean", "description": "default: true when recurringInterval or dueDay is "
+                                                          "given, else false. A recurring type needs both; false "
+                                                          "with either is refused"},
         "currency": {"enum": sorted(EXPONENTS)},
         "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"},
     },
@@ -134,13 +141,13 @@ async def create_payment_type(request: web.Request, ctx: Ctx) -> web.StreamRespo
         amount=Money.from_api(body["amount"], currency),
         description=body.get("description"),
         allow_custom_amount=body.get("allowCustomAmount", False),
-        is_recurring=body.get("isRecurring", False),
+        is_recurring=body.get("isRecurring"),  # absent: recurring when an interval or due day is given
         recurring_interval=body.get("recurringInterval"),
         due_day=body.get("dueDay"),
         is_active=body.get("isActive", True),
     )
     pt = await service.create_payment_type(
-        ctx.session, cooperative_id=coop_id, fields=fields, actor=ctx.who.actor
+        ctx.session, cooperative_id=coop_id, fields=fields, actor=ctx.who.actor, rt=ctx.rt
     )
     await ctx.session.commit()
     return json_response(present(pt), status=201)
@@ -159,6 +166,7 @@ async def update_payment_type(request: web.Request, ctx: Ctx) -> web.StreamRespo
         payment_type_id=pt.id,
         changes=changes,
         actor=ctx.who.actor,
+        rt=ctx.rt,
     )
     await ctx.session.commit()
     return json_response(present(pt))

@@ -1,4 +1,5 @@
-"""Refunds over the API: request one for a payment (full by default) and list them."""
+"""Refunds over the API: request one for a payment (full by default), list them, record the outcome of one the
+gateway could not learn, and withdraw one not yet sent."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from admin_api.validation import LIMIT, PAGE, Param, period_params, statement_ti
 from core.models import Payment, Refund
 from core.money import Money
 from core.refunds import ReturnedByProvider, record_refund_outcome, request_refund
+from core.refunds import cancel_refund as withdraw_unsent
 from core.state.refund import RefundStatus
 
 REFUND = out(
@@ -83,7 +85,7 @@ async def returned_from(ctx: Ctx, body: dict[str, Any], cooperative_id: str) -> 
     when = statement_time(given.get("completedAt"), await cooperative_zone(ctx, cooperative_id),
                           "returnedByProvider.completedAt")
     return ReturnedByProvider(given["providerTransactionId"], when)
-OUTCOME = obj(
+OUTCOME = {**obj(
     {
         "status": {"enum": [RefundStatus.COMPLETED.value, RefundStatus.FAILED.value]},
         "providerTransactionId": {"type": ["string", "null"], "minLength": 1, "maxLength": 128},
@@ -95,7 +97,23 @@ OUTCOME = obj(
                                        "settled figures date the refund so"},
     },
     ["status", "note"],
-)
+), "description": "For a refund the gateway could not learn the outcome of: parked for manual review, or sent "
+                  "through the bank (IremboPay). 409 for a final refund (a FAILED one may still be recorded "
+                  "COMPLETED), for one whose submission is still queued (or withdraw it: POST "
+                  "/v1/refunds/{id}/cancel), and FAILED for one whose status is still being asked of the provider "
+                  "(not parked yet): it may still be paid out."}
+CANCEL = {
+    **obj({"note": {"type": "string", "minLength": 3, "maxLength": 300,
+                    "description": "why it is withdrawn (kept in the audit log and the refund's failureReason)"}},
+          ["note"]),
+    "description": "Withdraw a refund not yet sent to the provider (PENDING: queued, e.g. while the provider is "
+                   "down), before it goes: one the provider has meanwhile made itself (record that as a refund "
+                   "with returnedByProvider afterwards), or one asked for by mistake. It becomes FAILED (failureReason "
+                   "\"withdrawn by an admin: <note>\"), its amount is refundable again, the refund.failed webhook "
+                   "event is sent (no SMS: the member was never told of it). 409 when it is no longer PENDING, or "
+                   "may already have reached the provider (its submission is being sent, or a try of it may have "
+                   "arrived): wait for its outcome; or when its submission is parked: record its outcome.",
+}
 LIST_QUERY = {
     "page": PAGE,
     "limit": LIMIT,
@@ -151,6 +169,15 @@ async def record_outcome(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         succeeded=body["status"] == RefundStatus.COMPLETED.value, note=body["note"],
         provider_transaction_id=body.get("providerTransactionId"), actor=ctx.who.actor,
         completed_at=statement_time(body.get("completedAt"), await cooperative_zone(ctx, refund.cooperative_id)))
+    await ctx.session.commit()
+    return json_response(present(refund))
+
+
+async def cancel_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """Withdraw a refund before it is sent (core.refunds.cancel_refund)."""
+    refund = await one(ctx, Refund, request.match_info["id"], "refund")
+    refund = await withdraw_unsent(ctx.session, ctx.rt, refund_id=refund.id, cooperative_id=refund.cooperative_id,
+                                   note=ctx.body["note"], actor=ctx.who.actor)
     await ctx.session.commit()
     return json_response(present(refund))
 
@@ -224,6 +251,16 @@ ROUTES = [
         "refunds",
         "admin",
         body=OUTCOME,
+        response=REFUND,
+    ),
+    Route(
+        "POST",
+        "/refunds/{id}/cancel",
+        cancel_refund,
+        "Withdraw a refund not yet sent to the provider",
+        "refunds",
+        "admin",
+        body=CANCEL,
         response=REFUND,
     ),
 ]

@@ -50,7 +50,9 @@ DEACTIVATED = out_plus(
 PASSWORD = {"type": "string", "minLength": accounts.PASSWORD_MIN, "maxLength": accounts.PASSWORD_MAX}
 CREATE = obj(
     {
-        "username": {"type": "string", "minLength": accounts.USERNAME_MIN, "maxLength": accounts.USERNAME_MAX},
+        "username": {"type": "string", "minLength": accounts.USERNAME_MIN, "maxLength": accounts.USERNAME_MAX,
+                     "description": "kept as given (surrounding spaces dropped) and shown so; taken when an "
+                                    "account has it in any case (409), and signed in with in any case"},
         "password": PASSWORD,
         "role": {"enum": list(auth.ROLES)},
         "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"},
@@ -80,6 +82,11 @@ def present(u: AdminUser) -> dict[str, Any]:
         "isActive": u.is_active,
         "createdAt": iso(u.created_at),
     }
+
+
+def _case_note(held: str, asked: str) -> str:
+    """Said when the account holding the name has it in another case: the caller may not know they are one."""
+    return "" if held == asked else " (usernames are the same whatever their case)"
 
 
 def _people_only(ctx: Ctx) -> None:
@@ -127,7 +134,9 @@ async def create_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         action="user.created",
         entity_type="user",
         entity_id=user.id,
-        after={"username": username, "role": role, "memberId": member_id},
+        # A tenant's username is often her e-mail: it stays out of the append-only log, which an erasure of the
+        # member cannot clear (core.members.erase_member); an administrator's names who acts in the log.
+        after={**({} if role == auth.TENANT else {"username": username}), "role": role, "memberId": member_id},
         cooperative_id=coop_id,
     )
     await ctx.session.commit()
@@ -135,17 +144,19 @@ async def create_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 async def _refuse_taken(ctx: Ctx, username: str) -> None:
-    taken = (await ctx.session.execute(select(AdminUser).where(AdminUser.username == username))).scalar_one_or_none()
+    """409 when an account has this username in any case (sign-in does not tell them apart: auth.username_is)."""
+    taken = (await ctx.session.execute(select(AdminUser).where(auth.username_is(username)))).scalar_one_or_none()
     if taken is None:
         return
     # A deactivated account keeps its username (its audit trail names it): say how to have it back, to a
     # caller who may see that account.
     visible = (await ctx.session.execute(
         ctx.who.scope(select(AdminUser.id).where(AdminUser.id == taken.id), AdminUser))).first() is not None
+    note = _case_note(taken.username, username)
     if visible and not taken.is_active:
-        raise Conflict(f"this username is taken by a deactivated account: turn it on again with PATCH "
+        raise Conflict(f"this username is taken{note} by a deactivated account: turn it on again with PATCH "
                        f"/v1/users/{taken.id} {{\"isActive\": true}}", field="username")
-    raise Conflict("this username is taken", field="username")
+    raise Conflict(f"this username is taken{note}", field="username")
 
 
 async def list_users(request: web.Request, ctx: Ctx) -> web.StreamResponse:

@@ -16,7 +16,7 @@ from typing import Any
 import jwt
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
-from sqlalchemy import and_, bindparam, false, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, false, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
@@ -543,6 +543,14 @@ async def _mark_all(redis: Redis, user_ids: list[str], *, ttl_seconds: int) -> N
         await pipe.execute()
 
 
+def username_is(username: str) -> ColumnElement[bool]:
+    """Where an account's username is `username`, as it is signed in with: surrounding spaces dropped (as they are when
+    an account is made) and whatever the case of either (a phone keyboard capitalises an e-mail address, an
+    invitation may not). The unique index on lower(username) (migration 0017) holds one account per such name;
+    the name is stored, and shown, as it was typed."""
+    return func.lower(AdminUser.username) == func.lower(username.strip())
+
+
 async def login(session: AsyncSession, username: str, password: str) -> tuple[AdminUser, float]:
     """Check a username and password with the slow KDF; the same answer for every failure. With the account,
     the instant the pair is to be dated: once the account is held (hold_account), after the KDF.
@@ -555,7 +563,7 @@ async def login(session: AsyncSession, username: str, password: str) -> tuple[Ad
     password changed since the read (the password checked is no longer the account's) or an account no longer
     usable is refused as a wrong password is; otherwise the pair is dated after the hold, and a change from
     then on waits for this transaction and is dated after it (see admin_api.routing.end_sessions)."""
-    query = select(AdminUser).where(AdminUser.username == username)
+    query = select(AdminUser).where(username_is(username))
     user = (await session.execute(query)).scalar_one_or_none()
     # scrypt takes tens of milliseconds of CPU: keep it off the event loop.
     stored = user.password_hash if user else None
@@ -684,7 +692,7 @@ async def create_user(
             await session.flush()
     except IntegrityError:
         # Two requests for one username at once: the callers' check saw it free, the unique index did not.
-        taken = await session.execute(select(AdminUser.id).where(AdminUser.username == username))
+        taken = await session.execute(select(AdminUser.id).where(username_is(username)))
         if taken.scalar_one_or_none() is not None:
             raise Conflict("this username is taken", field="username") from None
         raise

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import false, select, update
+from sqlalchemy import ColumnElement, false, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -116,15 +116,37 @@ def _validate(values: dict[str, Any]) -> list[str]:
     return errors
 
 
+def code_is(code: str) -> ColumnElement[bool]:
+    """Where a cooperative's short code is `code`, whatever the case of either: members type it as they like,
+    and no two cooperatives have codes that differ only in case (the unique index on upper(short_code),
+    migration 0017)."""
+    return func.upper(Cooperative.short_code) == func.upper(code.strip())
+
+
 async def _unique(session: AsyncSession, values: dict[str, Any], exclude: str | None) -> None:
     for column, label in (("short_code", "shortCode"), ("ussd_extension", "ussdExtension")):
         if values.get(column) is None:
             continue
-        stmt = select(Cooperative.id).where(getattr(Cooperative, column) == values[column])
+        where = code_is(values[column]) if column == "short_code" else Cooperative.ussd_extension == values[column]
+        stmt = select(Cooperative.id, getattr(Cooperative, column), Cooperative.status).where(where)
         if exclude:
             stmt = stmt.where(Cooperative.id != exclude)
-        if (await session.execute(stmt)).first() is not None:
-            raise Conflict(f"{label} {values[column]!r} is already used", field=label)
+        holder = (await session.execute(stmt.limit(1))).first()
+        if holder is not None:
+            raise Conflict(_taken(label, values[column], *holder), field=label)
+
+
+def _taken(label: str, value: str, holder_id: str, held: str, status: str) -> str:
+    """Why `value` cannot be had: which cooperative holds it when that is not plain (another case of it, or a
+    suspended cooperative, which keeps its codes: DELETE only suspends) and how to free it."""
+    message = f"{label} {value!r} is already used"
+    if held != value:
+        message += f" (as {held!r}: codes are the same whatever their case)"
+    if status != "ACTIVE":
+        other = f"another {label}" + (" or null" if label == "ussdExtension" else "")
+        message += (f" by a suspended cooperative, which keeps its codes: PATCH /v1/cooperatives/{holder_id} with "
+                    f"{other} frees it")
+    return message
 
 
 async def _take_turns_on_sqlite(session: AsyncSession) -> None:

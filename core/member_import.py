@@ -17,7 +17,7 @@ from core.audit import Actor, record
 from core.crypto import PiiCipher
 from core.db import insert_ignore, new_id, row_insert, utcnow
 from core.errors import ValidationError
-from core.members import LANGUAGES, MEMBER_STATUSES, created_audit, member_row, opted_out_numbers
+from core.members import LANGUAGES, MEMBER_STATUSES, created_audit, member_row
 from core.models import AuditEvent, Cooperative, Member
 from core.phone import Phone, PhoneError, normalize
 from core.text import has_bad_characters
@@ -260,11 +260,9 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
                          unit=r.unit, status=status),
             "id": new_id(), "created_at": now, "updated_at": now,
         } for r in chunk]
-        # A number that sent STOP (before the import, or as a member elsewhere) starts opted out, as
-        # create_member does it: one query per chunk.
-        stopped = await opted_out_numbers(session, [v["phone_index"] for v in values])
-        for v in values:
-            v["reminders_opt_out"] = v["phone_index"] in stopped
+        # A number that sent STOP (before the import, or as a member elsewhere) gets no reminders here either,
+        # as with create_member, without its membership's flag or audit row saying so: the send-time check reads
+        # the number (core.members, a number's opt-out). A file of numbers does not read the STOP list.
         # One statement with the rows as parameters: SQLAlchemy sends it as multi-row INSERTs
         # ("insertmanyvalues") without compiling a statement per chunk.
         written = set((await session.execute(_insert_members(dialect), values)).scalars())
@@ -274,7 +272,7 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
         await session.execute(row_insert(dialect, AuditEvent), [{
             "cooperative_id": cooperative_id, "actor": actor.id, "channel": actor.channel,
             "action": "member.created", "entity_type": "member", "entity_id": v["id"], "before": None,
-            "after": created_audit(status, v["phone_masked"], v["reminders_opt_out"]), "at": now,
+            "after": created_audit(status, v["phone_masked"]), "at": now,
         } for v in values])
         ids.extend(str(v["id"]) for v in values)
     return ids

@@ -8,22 +8,31 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, exists, select, update
+from sqlalchemy import bindparam, delete, exists, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from core import users
 from core.audit import Actor, record
 from core.crypto import PiiCipher
 from core.db import insert_ignore, utcnow
 from core.errors import Conflict, NotFound, ValidationError
-from core.models import AuditEvent, Cooperative, Member, PhoneOptOut
+from core.models import AdminUser, AuditEvent, Cooperative, Member, Payment, PhoneOptOut, Refund, SmsMessage
 from core.notify import send_sms
 from core.phone import Phone
+from core.state import StaleTransition, transition
+from core.state.sms import SMS, SmsStatus
 
 LANGUAGES = ("en", "rw", "fr", "sw")
 MEMBER_STATUSES = ("PENDING", "ACTIVE", "SUSPENDED")
 DUPLICATE_PHONE = "a member with this phone number already exists in this cooperative"
 PHONE_RELEASED = "the member's phone number was released"
 RELEASED_MASK = "released"
+# What an erased member (erase_member) leaves where her name and number were: on her row, her payments' account
+# mask and her SMS rows' phone mask. Her payments' and messages' encrypted number, blind index and request hash
+# become '' (the columns are NOT NULL; '' decrypts to nothing and no number's blind index is '').
+ERASED_NAME = "Erased member"
+ERASED_MASK = "erased"
 
 
 def phone_context(cooperative_id: str) -> str:
@@ -49,10 +58,14 @@ def member_row(cipher: PiiCipher, *, cooperative_id: str, name: str, phone: Phon
 
 # ------------------------------------------------------------------------------------ a number's opt-out
 # STOP is the number's person's, not a membership's: it is kept by the number's blind index (phone_opt_outs), and
-# every membership made afterwards, whichever way (create_member: the API and USSD registration; the CSV import),
-# starts with reminders_opt_out from it. The reminder scan reads the membership's flag alone (no join per chunk);
-# the send-time check (core.reminders.why_not_send) also looks at the number, for a membership made while a STOP
-# was being recorded, or by a process of the release before this one during a deploy.
+# holds for every membership the number has later, whichever way it is made (create_member: the API and USSD
+# registration; the CSV import), silently: the send-time check (core.reminders.why_not_send) reads the number's
+# opt-out with the membership's flag. A new membership's own flag (reminders_opt_out) starts False whatever the
+# number did: copied, it showed in the cooperative's audit log (member.created) that a number its admin typed in
+# had texted STOP, as another cooperative's member or as nobody's (a 50-row import read 50 numbers of the list).
+# The flag says what the number sent while a member of this cooperative (channels.sms.routes). The reminder scan
+# reads the flag alone (no join per chunk): a reminder for a number opted out elsewhere is queued, as any other,
+# and dropped at its turn (not sent, nothing the cooperative sees tells it from one sent).
 
 
 def number_opted_out(phone_index: Any) -> Any:
@@ -162,12 +175,10 @@ async def _replay_number(sessionmaker: async_sessionmaker[AsyncSession], phone_i
     return None if had == word.opted_out else word
 
 
-def created_audit(status: str, phone_masked: str, opted_out: bool) -> dict[str, Any]:
-    """A member.created audit row's `after` (create_member, and the CSV import's rows)."""
-    after: dict[str, Any] = {"status": status, "phone": phone_masked}
-    if opted_out:
-        after["remindersOptOut"] = True  # the number had sent STOP
-    return after
+def created_audit(status: str, phone_masked: str) -> dict[str, Any]:
+    """A member.created audit row's `after` (create_member, and the CSV import's rows). Nothing of the number's
+    opt-out: the cooperative does not learn that the number texted STOP elsewhere (see above)."""
+    return {"status": status, "phone": phone_masked}
 
 
 class PhoneReleased(Conflict):
@@ -248,9 +259,8 @@ async def create_member(
         raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
     values = member_row(cipher, cooperative_id=cooperative_id, name=name, phone=phone,
                         language=check_language(language), unit=unit, status=status)
-    # A number that sent STOP (before registering, or as a member elsewhere) gets no reminders here either.
-    # Read in the INSERT itself: no round trip more.
-    values["reminders_opt_out"] = number_opted_out(values["phone_index"])
+    # A number that sent STOP (before registering, or as a member elsewhere) gets no reminders here either, but
+    # the membership's flag is not set from it: the send-time check reads the number (see a number's opt-out).
     # The unique (cooperative, phone) index decides, not a SELECT before: of two creates of one number at
     # once, the second inserts nothing (ON CONFLICT DO NOTHING) and is told so, as a later one would be.
     stmt = (insert_ignore(session.get_bind().dialect.name, Member).values(values)
@@ -259,14 +269,25 @@ async def create_member(
     if member is None:
         raise Conflict(DUPLICATE_PHONE, field="phone")
     await record(session, actor=actor, action="member.created", entity_type="member", entity_id=member.id,
-                 after=created_audit(status, member.phone_masked, member.reminders_opt_out),
+                 after=created_audit(status, member.phone_masked),
                  cooperative_id=cooperative_id)
     return member
 
 
+# The member's own words about herself: their audit rows say that they changed, not what they were or became (the
+# audit log is append-only: a value written there could never be erased, erase_member).
+PERSONAL_FIELDS = ("name", "unit")
+CHANGED = "changed"
+
+
 async def update_member(session: AsyncSession, member: Member, *, actor: Actor, name: str | None = None,
-                        language: str | None = None, unit: str | None = None, status: str | None = None) -> Member:
-    before = {"name": member.name, "language": member.language, "unit": member.unit, "status": member.status}
+                        language: str | None = None, unit: str | None = None, status: str | None = None,
+                        phone: Phone | None = None, cipher: PiiCipher | None = None) -> Member:
+    """Edit a member; `phone` (with `cipher`) corrects her number (_change_phone). The member.updated audit row
+    holds her language and status before and after, which of her name and unit changed (PERSONAL_FIELDS:
+    "changed", not the values), and her number masked when it changed."""
+    before: dict[str, Any] = {"language": member.language, "status": member.status}
+    was = {field: getattr(member, field) for field in PERSONAL_FIELDS}
     if name is not None:
         if not 2 <= len(name.strip()) <= 200:
             raise ValidationError("name must be 2 to 200 characters", field="name")
@@ -281,11 +302,59 @@ async def update_member(session: AsyncSession, member: Member, *, actor: Actor, 
         if status != "SUSPENDED" and status != member.status and await _released(session, member.id):
             raise Conflict(f"{PHONE_RELEASED}: register the person again as a new member", field="status")
         member.status = status
+    after: dict[str, Any] = {"language": member.language, "status": member.status}
+    after.update({field: CHANGED for field in PERSONAL_FIELDS if getattr(member, field) != was[field]})
+    if phone is not None:
+        assert cipher is not None, "a new phone number is encrypted: pass the cipher"
+        changed = await _change_phone(session, cipher, member, phone)
+        if changed is not None:
+            before.update(changed[0])
+            after.update(changed[1])
     await session.flush()
-    after = {"name": member.name, "language": member.language, "unit": member.unit, "status": member.status}
     await record(session, actor=actor, action="member.updated", entity_type="member", entity_id=member.id,
                  before=before, after=after, cooperative_id=member.cooperative_id)
     return member
+
+
+async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member,
+                        phone: Phone) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Correct the member's number (typed wrong at registration, a new SIM): encrypted, blind-indexed and masked
+    as create_member writes it, her history kept. The unique (cooperative, phone) index decides whether another
+    member of the cooperative has it (a 409, as for a create). Her flag starts again as a membership made now
+    would (False: what the new number sent elsewhere holds at send time, unseen here); the old number's STOP is
+    forgotten once no membership holds it (release_phone). The audit's before and after (masked numbers only),
+    or None when the number is the one she has. The caller locked the row first (lock_member), and forgets the
+    old number's USSD keys in Redis (admin_api.members)."""
+    if await _released(session, member.id):  # under the row's lock: none can release it meanwhile
+        raise Conflict(f"{PHONE_RELEASED}: register the person again as a new member", field="phone")
+    index = cipher.blind_index(phone.e164)
+    old_index, old_mask, old_opt_out = member.phone_index, member.phone_masked, member.reminders_opt_out
+    if index == old_index:
+        return None
+    member.phone_enc = cipher.encrypt(phone.e164, context=phone_context(member.cooperative_id))
+    member.phone_index = index
+    member.phone_masked = phone.masked()
+    member.reminders_opt_out = False
+    try:
+        async with session.begin_nested():  # a savepoint: the refused number leaves the caller's transaction usable
+            await session.flush()
+    except IntegrityError:
+        raise Conflict(DUPLICATE_PHONE, field="phone") from None
+    if old_index is not None:
+        await _forget_opt_out_if_unheld(session, old_index)
+    before: dict[str, Any] = {"phone": old_mask}
+    after: dict[str, Any] = {"phone": member.phone_masked}
+    if member.reminders_opt_out != old_opt_out:
+        before["remindersOptOut"], after["remindersOptOut"] = old_opt_out, member.reminders_opt_out
+    return before, after
+
+
+async def _forget_opt_out_if_unheld(session: AsyncSession, phone_index: str) -> None:
+    """A number's STOP was its person's: once no membership holds the number any more, its next holder does not
+    inherit it (while another membership still holds it, its person still has it, and it stays)."""
+    if (await session.execute(
+            select(Member.id).where(Member.phone_index == phone_index).limit(1))).first() is None:
+        await set_number_opt_out(session, phone_index, False)
 
 
 async def _released(session: AsyncSession, member_id: str) -> bool:
@@ -322,26 +391,132 @@ async def release_phone(session: AsyncSession, member: Member, *, actor: Actor) 
     its payments and disputes stay; the masked form stays for the record. Releasing it again changes nothing.
     The number's STOP was its person's: released from its last membership, the number's next holder does not
     inherit it (while another membership still holds the number, its person still has it, and it stays)."""
-    locked = (await session.execute(
-        select(Member).where(Member.id == member.id).with_for_update()
-        .execution_options(populate_existing=True)
-    )).scalar_one()
-    if locked.status != "SUSPENDED":
-        raise Conflict(f"member is {locked.status}: suspend the member before releasing the phone number")
+    locked = await _locked_suspended(session, member, "releasing the phone number")
     if locked.phone_enc is None:
         return locked
-    index = locked.phone_index
-    await session.execute(
-        update(Member).where(Member.id == locked.id)
-        .values(phone_enc=None, phone_index=None, phone_masked=locked.phone_masked or RELEASED_MASK,
-                updated_at=utcnow()))  # the loaded row is updated too (synchronize_session)
-    if index is not None and (await session.execute(
-            select(Member.id).where(Member.phone_index == index).limit(1))).first() is None:
-        await set_number_opt_out(session, index, False)
+    await _let_number_go(session, locked, locked.phone_masked or RELEASED_MASK)
     await record(session, actor=actor, action="member.phone_released", entity_type="member", entity_id=locked.id,
                  before={"phone": locked.phone_masked, "phoneReleased": False},
                  after={"phone": locked.phone_masked, "phoneReleased": True}, cooperative_id=locked.cooperative_id)
     return locked
+
+
+async def lock_member(session: AsyncSession, member: Member) -> Member:
+    """The member's row locked and read again, before changing it: of two changes at once, the second waits and
+    sees the first's (a number corrected twice at once forgets the number each replaces, not one twice)."""
+    return (await session.execute(
+        select(Member).where(Member.id == member.id).with_for_update()
+        .execution_options(populate_existing=True)
+    )).scalar_one()
+
+
+async def _locked_suspended(session: AsyncSession, member: Member, doing: str) -> Member:
+    """lock_member, and a Conflict unless it is SUSPENDED."""
+    locked = await lock_member(session, member)
+    if locked.status != "SUSPENDED":
+        raise Conflict(f"member is {locked.status}: suspend the member before {doing}")
+    return locked
+
+
+async def _let_number_go(session: AsyncSession, locked: Member, mask: str) -> None:
+    """Clear the locked member's number (ciphertext and blind index; `mask` shown in its place), and forget its
+    STOP if no other membership holds it (release_phone)."""
+    index = locked.phone_index
+    await session.execute(
+        update(Member).where(Member.id == locked.id)
+        .values(phone_enc=None, phone_index=None, phone_masked=mask,
+                updated_at=utcnow()))  # the loaded row is updated too (synchronize_session)
+    if index is not None:
+        await _forget_opt_out_if_unheld(session, index)
+
+
+# ------------------------------------------------------------------------------------ erasure
+# A member who left asks to be erased (Rwanda law 058/2021, Kenya DPA s.40). The money records stay (amounts,
+# references, provider transaction ids, dates: what the cooperative's books and the provider's statements are
+# reconciled against); what named or reached her goes. Old audit rows stay as written (the log is append-only):
+# those written since member.updated stopped holding names (update_member) name nobody.
+
+OPEN_PAYMENTS = ("PENDING", "PROCESSING")  # still moving money: the provider may yet take it, a job still sends
+OPEN_REFUNDS = ("PENDING", "PROCESSING")  # a refund's job pays out to the payment's account: it must be known
+ERASED_SMS_REASON = "not sent: member_erased"
+
+
+async def erase_member(session: AsyncSession, member: Member, *, actor: Actor) -> Member:
+    """Erase a SUSPENDED member's personal data, in the caller's transaction: her name, unit and number on her row
+    (placeholders; the number released as release_phone does, and its STOP forgotten if no other membership
+    holds it); on her payments the account (ciphertext, blind index: the number no longer finds them), its mask
+    and the request hash (a digest of the account); on her SMS rows the number and the text (a message still
+    QUEUED is not sent: FAILED); her tenant logins turned off and their usernames replaced (core.users). Amounts,
+    references, provider transaction ids and statuses stay. A payment or a refund of hers still open is a
+    Conflict: erase once it settles. Erasing again changes nothing. The audit row names her by id only.
+    The caller forgets her number's USSD keys in Redis (admin_api.members, as for a release)."""
+    locked = await _locked_suspended(session, member, "erasing it")
+    if (locked.name, locked.unit, locked.phone_masked, locked.phone_enc) == (ERASED_NAME, None, ERASED_MASK, None):
+        return locked  # erased already (a name typed since is cleared again)
+    await _refuse_open_money(session, locked.id)
+    await _let_number_go(session, locked, ERASED_MASK)
+    await session.execute(update(Member).where(Member.id == locked.id).values(name=ERASED_NAME, unit=None))
+    payments = await _erase_payments(session, locked.id)
+    messages = await _erase_messages(session, locked.id, actor=actor)
+    logins = await _erase_logins(session, locked.id, actor=actor)
+    await record(session, actor=actor, action="member.erased", entity_type="member", entity_id=locked.id,
+                 after={"erased": True, "payments": payments, "smsMessages": messages, "users": logins},
+                 cooperative_id=locked.cooperative_id)
+    return locked
+
+
+async def _refuse_open_money(session: AsyncSession, member_id: str) -> None:
+    """A Conflict if a payment of the member, or a refund of one, is still open. Her payments are locked first:
+    a refund asked for meanwhile (core.refunds locks its payment) waits, and then finds the account erased."""
+    statuses = (await session.execute(select(Payment.status).where(Payment.member_id == member_id)
+                                      .order_by(Payment.id).with_for_update())).scalars().all()
+    open_payments = sum(status in OPEN_PAYMENTS for status in statuses)
+    if open_payments:
+        raise Conflict(f"the member has {open_payments} payment(s) still open (PENDING or PROCESSING): "
+                       "erase the member once they have settled")
+    open_refunds = (await session.execute(
+        select(func.count()).select_from(Refund).join(Payment, Payment.id == Refund.payment_id)
+        .where(Payment.member_id == member_id, Refund.status.in_(OPEN_REFUNDS)))).scalar_one()
+    if open_refunds:
+        raise Conflict(f"the member has {open_refunds} refund(s) still open (PENDING or PROCESSING): "
+                       "erase the member once they have settled")
+
+
+async def _erase_payments(session: AsyncSession, member_id: str) -> int:
+    done = await session.execute(
+        update(Payment).where(Payment.member_id == member_id)
+        .values(payment_account_enc="", payment_account_index="", payment_account_masked=ERASED_MASK,
+                request_hash="", updated_at=utcnow())  # changed: a cooperative's sync picks the mask up
+        .execution_options(synchronize_session=False))
+    return int(done.rowcount)  # type: ignore[attr-defined]
+
+
+async def _erase_messages(session: AsyncSession, member_id: str, *, actor: Actor) -> int:
+    """Her SMS rows: number and text cleared. One still QUEUED (its job parked, or not yet run) is moved to
+    FAILED first, so its job finds it finished and sends nothing."""
+    queued = (await session.execute(select(SmsMessage.id).where(
+        SmsMessage.member_id == member_id, SmsMessage.status == SmsStatus.QUEUED.value))).scalars().all()
+    for message_id in queued:
+        try:
+            await transition(session, SMS, message_id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor,
+                             values={"failure_reason": ERASED_SMS_REASON, "provider_status": "Skipped"})
+        except StaleTransition:
+            pass  # sent (or refused) meanwhile: its number and text are cleared below all the same
+    done = await session.execute(
+        update(SmsMessage).where(SmsMessage.member_id == member_id)
+        .values(phone_enc="", phone_index="", phone_masked=ERASED_MASK, body="", updated_at=utcnow())
+        .execution_options(synchronize_session=False))
+    return int(done.rowcount)  # type: ignore[attr-defined]
+
+
+async def _erase_logins(session: AsyncSession, member_id: str, *, actor: Actor) -> list[str]:
+    """Her tenant logins: turned off (their API keys revoked) and their usernames, often her e-mail, replaced."""
+    logins = (await session.execute(select(AdminUser).where(AdminUser.member_id == member_id)
+                                    .order_by(AdminUser.id))).scalars().all()
+    for login in logins:
+        await users.deactivate(session, login, actor=actor)
+        await users.anonymise(session, login, actor=actor)
+    return [login.id for login in logins]
 
 
 async def set_language(session: AsyncSession, member_id: str, language: str, *, actor: Actor) -> None:

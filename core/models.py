@@ -47,6 +47,11 @@ def _coop_fk(nullable: bool = False, *, index: bool = True) -> Mapped[Any]:
 
 class Cooperative(Base):
     __tablename__ = "cooperatives"
+    __table_args__ = (
+        # Migration 0017: a short code is one code whatever its case (members type it as they like, and USSD
+        # registration finds it so: channels.ussd.flows, core.cooperatives.code_is).
+        Index("ux_cooperatives_upper_short_code", text("upper(short_code)"), unique=True),
+    )
 
     id: Mapped[str] = _id()
     name: Mapped[str] = mapped_column(String(200))
@@ -91,6 +96,10 @@ class Member(Base):
 
 class AdminUser(Base):
     __tablename__ = "admin_users"
+    __table_args__ = (
+        # Migration 0017: one account per username whatever its case (sign-in finds it so: core.auth.login).
+        Index("ux_admin_users_lower_username", text("lower(username)"), unique=True),
+    )
 
     id: Mapped[str] = _id()
     username: Mapped[str] = mapped_column(String(120), unique=True)

@@ -1,9 +1,14 @@
-"""Payment types: what a cooperative's members can pay (rent, water, a levy), and their services."""
+"""Payment types: what a cooperative's members can pay (rent, water, a levy), and their services.
+
+A type is checked as it will be saved, so none is saved that members cannot pay or that is never reminded of:
+its amount must be one a payment method of the cooperative's country can collect (M-Pesa takes whole
+shillings), and a recurring type has both its interval and its due day (the day reminders count to).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,6 +18,10 @@ from core.db import serialise_on_sqlite, utcnow
 from core.errors import Conflict, NotFound, ValidationError
 from core.models import Cooperative, PaymentType
 from core.money import Money
+from core.ports import amount_refusal
+
+if TYPE_CHECKING:
+    from core.runtime import Runtime
 
 RECURRING_INTERVALS = ("MONTHLY", "QUARTERLY", "YEARLY")
 _UPDATABLE = (
@@ -25,6 +34,18 @@ _UPDATABLE = (
     "due_day",
     "is_active",
 )
+_RECURRENCE = ("is_recurring", "recurring_interval", "due_day")
+# The wallet method of each mobile operator a cooperative's members pay with, by the cooperative's country
+# (USSD offers the one of the payer's operator: channels.ussd.flows.methods_for), and the banks (IremboPay),
+# which any cooperative's payment may name.
+_KENYA_WALLETS = {"SAFARICOM": "MPESA", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
+_WALLETS = {"MTN": "MOBILE_MONEY_MTN", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
+_BANKS = ("BANK_BK", "BANK_IM", "BANK_ECOBANK")
+
+
+def wallets_by_operator(country: str) -> dict[str, str]:
+    """Operator -> the wallet method its subscribers pay with, for a cooperative of `country`."""
+    return _KENYA_WALLETS if country == "KE" else _WALLETS
 
 
 async def active_payment_types(session: AsyncSession, cooperative_id: str) -> list[PaymentType]:
@@ -84,7 +105,9 @@ class PaymentTypeFields:
     amount: Money
     description: str | None = None
     allow_custom_amount: bool = False
-    is_recurring: bool = False
+    # None: recurring when a recurringInterval or dueDay is given (one given alone meant it recurs, and it was
+    # saved as a one-off type nobody was ever reminded of).
+    is_recurring: bool | None = None
     recurring_interval: str | None = None
     due_day: int | None = None
     is_active: bool = True
@@ -93,7 +116,6 @@ class PaymentTypeFields:
 def _check(
     name: str | None,
     amount: Money | None,
-    is_recurring: bool,
     interval: str | None,
     due_day: int | None,
     allow_custom: bool,
@@ -105,11 +127,48 @@ def _check(
         errors.append("amount must be a positive number")
     if interval is not None and interval not in RECURRING_INTERVALS:
         errors.append(f"recurringInterval must be one of {', '.join(RECURRING_INTERVALS)}")
-    if is_recurring and interval is None:
-        errors.append("recurringInterval is required when isRecurring is true")
     if due_day is not None and not (1 <= due_day <= 31):  # 29-31: the last day of a shorter month
         errors.append("dueDay must be between 1 and 31")
     return errors
+
+
+def _check_recurrence(is_recurring: bool, interval: str | None, due_day: int | None) -> list[str]:
+    """A recurring type needs its interval and its due day: reminders count to that day, and a type without
+    one is never reminded of (core.reminders.due_dates). A one-off type has neither: USSD would show members
+    "(due day 5)" for a type nobody reminds them of."""
+    if not is_recurring:
+        if interval is not None or due_day is not None:
+            return ["isRecurring is false, so recurringInterval and dueDay must be null (or left out)"]
+        return []
+    errors = []
+    if interval is None:
+        errors.append("recurringInterval is required when isRecurring is true")
+    if due_day is None:
+        errors.append("dueDay is required when isRecurring is true: reminders go out before it")
+    return errors
+
+
+def uncollectable(rt: Runtime, country: str, amount: Money) -> str | None:
+    """Why no payment method of `country` can collect `amount` by its provider's amount rule (M-Pesa: whole
+    shillings); None when one can. A type of that amount would be offered to members who are then told that no
+    method can take it. Methods whose provider does not collect the currency at all (this deployment's accounts)
+    do not make it refused: that is the deployment's to fix, not the type's, and a payment asked for says so."""
+    if not amount.is_positive():
+        return None  # a free type (allowCustomAmount): the payer names the amount
+    rules: list[str] = []
+    for method in (*wallets_by_operator(country).values(), *_BANKS):
+        name = rt.routes.get(method)
+        provider = rt.providers.get(name) if name else None
+        if provider is None:
+            continue
+        refusal = amount_refusal(provider, amount, method)
+        if refusal is None:
+            return None
+        if refusal[0] == "amount" and refusal[1] not in rules:
+            rules.append(refusal[1])
+    if not rules:
+        return None
+    return f"no payment method can collect {amount.format()}: {'; '.join(rules)}"
 
 
 async def _cooperative(session: AsyncSession, cooperative_id: str) -> Cooperative:
@@ -149,20 +208,31 @@ def snapshot(pt: PaymentType) -> dict[str, Any]:
 
 
 async def create_payment_type(
-    session: AsyncSession, *, cooperative_id: str, fields: PaymentTypeFields, actor: Actor
+    session: AsyncSession,
+    *,
+    cooperative_id: str,
+    fields: PaymentTypeFields,
+    actor: Actor,
+    rt: Runtime | None = None,
 ) -> PaymentType:
-    """Add a payment type; the amount must be in the cooperative's currency. Caller commits."""
+    """Add a payment type; the amount must be in the cooperative's currency and, with `rt` (its providers and
+    routes), one a payment method of the cooperative's country can collect. Caller commits."""
     coop = await _cooperative(session, cooperative_id)
+    is_recurring = fields.is_recurring
+    if is_recurring is None:
+        is_recurring = fields.recurring_interval is not None or fields.due_day is not None
     errors = _check(
         fields.name,
         fields.amount,
-        fields.is_recurring,
         fields.recurring_interval,
         fields.due_day,
         fields.allow_custom_amount,
     )
+    errors += _check_recurrence(is_recurring, fields.recurring_interval, fields.due_day)
     if fields.amount.currency != coop.currency:
         errors.append(f"currency must be the cooperative's currency ({coop.currency})")
+    elif rt is not None and (why := uncollectable(rt, coop.country, fields.amount)):
+        errors.append(why)
     if errors:
         raise ValidationError(errors[0], errors=errors)
     if await _name_taken(session, cooperative_id, fields.name, None):
@@ -174,7 +244,7 @@ async def create_payment_type(
         amount_minor=fields.amount.minor,
         currency=fields.amount.currency,
         allow_custom_amount=fields.allow_custom_amount,
-        is_recurring=fields.is_recurring,
+        is_recurring=is_recurring,
         recurring_interval=fields.recurring_interval,
         due_day=fields.due_day,
         is_active=fields.is_active,
@@ -193,10 +263,30 @@ async def create_payment_type(
     return pt
 
 
+def _recurrence_patch(pt: PaymentType, changes: dict[str, Any]) -> dict[str, Any]:
+    """The patch with what its recurrence fields imply: a recurringInterval or dueDay set on a one-off type makes
+    it recurring (as on create); isRecurring false also clears the interval and due day it does not name."""
+    changes = dict(changes)
+    if "is_recurring" not in changes:
+        if not pt.is_recurring and any(changes.get(key) is not None for key in ("recurring_interval", "due_day")):
+            changes["is_recurring"] = True
+    elif changes["is_recurring"] is False:
+        changes.setdefault("recurring_interval", None)
+        changes.setdefault("due_day", None)
+    return changes
+
+
 async def update_payment_type(
-    session: AsyncSession, *, cooperative_id: str, payment_type_id: str, changes: dict[str, Any], actor: Actor
+    session: AsyncSession,
+    *,
+    cooperative_id: str,
+    payment_type_id: str,
+    changes: dict[str, Any],
+    actor: Actor,
+    rt: Runtime | None = None,
 ) -> PaymentType:
-    """Apply a partial update (keys from _UPDATABLE; 'amount' is Money). Caller commits."""
+    """Apply a partial update (keys from _UPDATABLE; 'amount' is Money). With `rt`, a new amount must be one a
+    payment method of the cooperative's country can collect, as on create. Caller commits."""
     unknown = set(changes) - set(_UPDATABLE)
     if unknown:
         raise ValidationError(f"cannot change {', '.join(sorted(unknown))}")
@@ -207,22 +297,33 @@ async def update_payment_type(
         raise NotFound("payment type not found")
     before = snapshot(pt)
     amount: Money | None = changes.get("amount")
-    is_recurring = changes.get("is_recurring", pt.is_recurring)
-    interval = changes.get("recurring_interval", pt.recurring_interval)
     allow_custom = changes.get("allow_custom_amount", pt.allow_custom_amount)
     # The type as it will be, not the patch alone: {"allowCustomAmount": false} on a free type is unpayable.
     errors = _check(
         changes.get("name"),
         amount,
-        is_recurring,
-        interval,
+        changes.get("recurring_interval"),
         changes.get("due_day"),
         allow_custom,
     )
+    # Checked when the patch touches them, so a type saved before these rules can still be renamed or retired.
+    if any(key in changes for key in _RECURRENCE):
+        changes = _recurrence_patch(pt, changes)
+        errors += _check_recurrence(
+            changes.get("is_recurring", pt.is_recurring),
+            changes.get("recurring_interval", pt.recurring_interval),
+            changes.get("due_day", pt.due_day),
+        )
     if amount is None and pt.amount_minor == 0 and not allow_custom:
         errors.append("amount is 0, so allowCustomAmount must stay true unless a positive amount is set")
     if amount is not None and amount.currency != pt.currency:
         errors.append(f"currency must be {pt.currency}")
+    elif amount is not None and rt is not None:
+        country = (await session.execute(
+            select(Cooperative.country).where(Cooperative.id == cooperative_id)
+        )).scalar_one()
+        if why := uncollectable(rt, country, amount):
+            errors.append(why)
     if errors:
         raise ValidationError(errors[0], errors=errors)
     if "name" in changes:

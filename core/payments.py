@@ -25,11 +25,11 @@ from core.notify import changed_at, emit_event, notice_jobs
 from core.outbox import NewJob, db_now, enqueue_many
 from core.payment_statements import CONTEXT, create_statement, stored_and_locked
 from core.phone import Phone, PhoneError, normalize
-from core.ports import EventKind, ProviderOutcome, amount_refusal
+from core.ports import EventKind, ProviderError, ProviderOutcome, StatusResult, amount_refusal
 from core.ports import ProviderEvent as ProviderEventData
 from core.references import next_reference, reference_prefix
 from core.state import StaleTransition, transition
-from core.state.payment import OPEN, PAYMENT, UNCONFIRMED, PaymentStatus
+from core.state.payment import COLLECTED, OPEN, PAYMENT, UNCONFIRMED, PaymentStatus, holds_money
 from core.text import admin_note
 
 if TYPE_CHECKING:
@@ -82,13 +82,39 @@ def payer_phone(cipher: PiiCipher, payment: Payment) -> Phone | None:
     return Phone(cipher.decrypt(payment.payment_account_enc, context=account_context(payment.cooperative_id)))
 
 
-def _request_hash(new: NewPayment, amount: Money, account: str) -> str:
+# payments.request_hash is keyed: a plain digest of the request (the payer's full number among the fields, the
+# others in clear on the same row) is recomputed from a backup for each of the 10,000 numbers the masked account
+# leaves, naming the payer without any key. A stored hash starting with REQUEST_HASH_VERSION is the HMAC of the
+# request's digest under BLIND_INDEX_KEY (through the cipher's blind index); one without it was written by a
+# release before, as the plain digest, and is compared as such until `main.py rehash-requests` rewrites it (the
+# HMAC of the stored digest: the same value a new row holds, so the rewrite needs no decryption).
+REQUEST_HASH_VERSION = "v2:"
+_REQUEST_HASH_PURPOSE = "payment-request"
+
+
+def _request_digest(new: NewPayment, amount: Money, account: str) -> str:
+    """The request's plain SHA-256 (what a release before this one stored): never stored now."""
     canonical = json.dumps({
         "paymentTypeId": new.payment_type_id, "amount": amount.minor, "currency": amount.currency,
         "method": new.method, "account": account, "description": new.description,
         "dueDate": new.due_date.isoformat() if new.due_date else None, "member": new.member_id,
     }, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def keyed_request_hash(cipher: PiiCipher, digest: str) -> str:
+    """What a payment row stores for its request's digest: the version and the digest's HMAC, cut to the
+    column's 64 characters (61 hex digits, 244 bits)."""
+    keyed = cipher.blind_index(digest, purpose=_REQUEST_HASH_PURPOSE)
+    return REQUEST_HASH_VERSION + keyed[: 64 - len(REQUEST_HASH_VERSION)]
+
+
+def _same_request(cipher: PiiCipher, stored: str, digest: str) -> bool:
+    """Whether a payment's stored request hash is of this request's digest: keyed, or a plain one of a row
+    written before the hash was keyed and not rewritten yet."""
+    if stored.startswith(REQUEST_HASH_VERSION):
+        return stored == keyed_request_hash(cipher, digest)
+    return stored == digest
 
 
 def _check_key(key: str) -> str:
@@ -104,12 +130,12 @@ async def _find_by_key(session: AsyncSession, cooperative_id: str, key: str) -> 
     )).scalar_one_or_none()
 
 
-def _replay(existing: Payment, new: NewPayment, account: str) -> tuple[Payment, bool]:
+def _replay(cipher: PiiCipher, existing: Payment, new: NewPayment, account: str) -> tuple[Payment, bool]:
     """The first payment made with a key, when this request is the same one again. A request that named no
     amount is compared with the amount its first time charged: the type's price may have changed since, and
     a retry of the same body must still find its payment (not a 409, nor a 400 about today's price)."""
     amount = new.amount or Money(existing.amount_minor, existing.currency)
-    if existing.request_hash != _request_hash(new, amount, account):
+    if not _same_request(cipher, existing.request_hash, _request_digest(new, amount, account)):
         raise Conflict("Payment with this idempotency key already exists with a different request",
                        field="idempotencyKey")
     return existing, False
@@ -144,7 +170,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     if new.amount is not None and not amount.is_positive():
         raise ValidationError("amount must be a positive number", field="amount")
     account, account_refused = _normalise_account(new.method, new.account, coop.country)
-    request_hash = _request_hash(new, amount, account)
+    request_hash = keyed_request_hash(rt.cipher, _request_digest(new, amount, account))
     # Refusals that depend on what may have changed since a key was first accepted (the provider's account and
     # rules, the type's price, currency or state, the member's status): a replay of that request still answers
     # with its payment.
@@ -174,7 +200,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         # A replay of a key accepted before the type was deactivated still answers with its payment.
         existing = await _find_by_key(session, coop.id, key)
         if existing is not None:
-            return _replay(existing, new, account)
+            return _replay(rt.cipher, existing, new, account)
         raise refused
 
     provider = rt.provider_for(new.method)
@@ -232,7 +258,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         existing = await _find_by_key(session, coop.id, key)
         if existing is None:
             raise Conflict("a request with this idempotency key is in flight", field="idempotencyKey")
-        return _replay(existing, new, account)
+        return _replay(rt.cipher, existing, new, account)
     values["reference"] = reference
     metrics.PAYMENTS.labels(status="PENDING", method=new.method).inc()
     return _persistent(session, Payment(**values)), True
@@ -668,6 +694,11 @@ async def _find_by_our_reference(session: AsyncSession, event: ProviderEventData
 
 # Where a stored callback keeps the final id it claimed while its status query still said "pending".
 KEPT_TRANSACTION_ID = "gatewayKeptTransactionId"
+# The provider's id of the money a success reports, in a callback's raw body (set by the adapter when the payment's
+# provider_transaction_id names the request, not the money: IremboPay's paymentReference, one per payment of an
+# invoice) and in every stored success (the core writes the final id there otherwise): a success naming another
+# one than an earlier success of the payment is a second payment (_second_payment).
+MONEY_REFERENCE = "money_reference"
 
 
 async def already_stored(session: AsyncSession, event: ProviderEventData) -> bool:
@@ -704,7 +735,10 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
         if found is None:
             return await store_unmatched(rt, event)
         provider = rt.providers[found.provider]
-        status = await provider.collection_status(found.provider_reference, query_id, found.currency)
+        try:
+            status = await provider.collection_status(found.provider_reference, query_id, found.currency)
+        except ProviderError as exc:
+            status = _unconfirmed(provider, found, event, exc)
         outcome, amount = status.outcome, status.amount or amount
         txn, reason = status.provider_transaction_id or txn, status.reason or reason
         occurred = status.occurred_at or occurred
@@ -715,6 +749,8 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
 
     provisional = event.reference if _by_transaction(event) else None
     actor = Actor(f"provider:{event.provider}", "provider")
+    if outcome is ProviderOutcome.SUCCEEDED and not payload.get(MONEY_REFERENCE) and txn and txn != provisional:
+        payload[MONEY_REFERENCE] = txn
     for _ in range(3):
         try:
             async with rt.sessionmaker.begin() as session:
@@ -727,6 +763,11 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
                 if payment is not None:
                     if adopted is not None and payment.provider_transaction_id is None:
                         await _adopt_transaction_id(session, payment, adopted)
+                    if outcome is ProviderOutcome.SUCCEEDED and holds_money(payment):
+                        second = await _second_payment(session, payment, payload, event_row_id)
+                        if second is not None:
+                            return await _flag_paid_twice(session, payment, second, amount, actor=actor,
+                                                          event_row_id=event_row_id)
                     return await apply_collection_outcome(session, rt, payment, outcome, actor=actor,
                                                           amount=amount, provider_transaction_id=txn,
                                                           reason=reason, event_row_id=event_row_id,
@@ -738,6 +779,70 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
         report_unmatched(event)  # once stored: a store that failed is sent again by the provider
         return UNMATCHED
     return "conflict"
+
+
+def _unconfirmed(provider: object, payment: Payment, event: ProviderEventData, exc: ProviderError) -> StatusResult:
+    """What an unsigned callback counts for when its confirming status query failed (rate limit, 5xx, timeout).
+
+    By default nothing: the error propagates, nothing is stored, and the route asks the provider to send it again.
+    A provider that sends each callback once and puts in it what its status query cannot give (M-Pesa: the receipt
+    number a reversal needs) sets `keep_unconfirmed_callbacks`: the callback is stored as "pending" (a success's
+    final id kept, KEPT_TRANSACTION_ID) and the payment's poll settles the outcome, which then takes the kept id.
+    Nothing moves on the callback's word; a payment already collected only takes the final id it lacks, as it
+    would from a confirmed one."""
+    if not getattr(provider, "keep_unconfirmed_callbacks", False):
+        raise exc
+    current = P(payment.status)
+    collected = current in COLLECTED and event.outcome is ProviderOutcome.SUCCEEDED
+    fields = {"provider": event.provider, "event_id": event.event_id[:200], "payment_id": payment.id,
+              "status": current.value, "outcome": event.outcome.value, "error": str(exc)[:200]}
+    if current in OPEN or collected or event.outcome is not ProviderOutcome.SUCCEEDED:
+        log.warning("provider callback not confirmed (status query failed): kept for the payment's poll",
+                    extra=fields)
+    else:
+        # Given up (TIMEOUT, CANCELLED) or FAILED, and no poll left to ask: a person must look.
+        log.error("provider says money was taken for a payment that is over, and its status query failed: check "
+                  "the provider's statement (record money taken with POST /v1/payments/{id}/outcome)", extra=fields)
+    return StatusResult(ProviderOutcome.SUCCEEDED if collected else ProviderOutcome.PENDING)
+
+
+async def _second_payment(session: AsyncSession, payment: Payment, payload: dict[str, Any],
+                          event_row_id: str) -> str | None:
+    """The money reference of a success reported for a payment that holds money already, when it names another
+    payment than the success(es) stored before it (MONEY_REFERENCE): the payer paid twice. None when it is the
+    same money (another report of it), or nothing says (no reference; the payment completed by a status query or
+    by a person, so no earlier success to compare with)."""
+    reference = payload.get(MONEY_REFERENCE)
+    if not isinstance(reference, str) or not reference:
+        return None
+    earlier = (await session.execute(
+        select(ProviderEvent.payload).where(ProviderEvent.payment_id == payment.id,
+                                            ProviderEvent.kind == EventKind.COLLECTION.value,
+                                            ProviderEvent.status == ProviderOutcome.SUCCEEDED.value,
+                                            ProviderEvent.id != event_row_id))).scalars().all()
+    known = {kept.get(MONEY_REFERENCE) for kept in earlier if isinstance(kept, dict)} - {None, ""}
+    return reference if known and reference not in known else None
+
+
+async def _flag_paid_twice(session: AsyncSession, payment: Payment, reference: str, amount: Money | None, *,
+                           actor: Actor, event_row_id: str) -> str:
+    """A second payment reported for one that holds money already: never dropped, never credited as this
+    payment (its status stays), but flagged (mismatch) with an audit entry, so that a person finds the extra
+    money on the provider's statement and refunds it (or credits it) - as for a success after a failure."""
+    said = f"paid twice: provider reported another payment{f' ({amount})' if amount is not None else ''}, " \
+           f"reference {reference[:100]}"
+    await record(session, actor=actor, action="payment.paid_twice", entity_type="payment", entity_id=payment.id,
+                 before={"status": payment.status},
+                 after={"moneyReference": reference[:100], "amount": None if amount is None else amount.minor,
+                        "currency": None if amount is None else amount.currency},
+                 cooperative_id=payment.cooperative_id)
+    payment.mismatch = True
+    payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}" if payment.mismatch_detail else said)
+    payment.updated_at = changed_at(payment.updated_at)
+    log.error("provider reported a second payment for a payment that holds money already: refund or credit it",
+              extra={"payment_id": payment.id, "provider": payment.provider, "money_reference": reference[:100]})
+    await _set_outcome(session, event_row_id, "flagged_paid_twice", payment.id)
+    return "flagged_paid_twice"
 
 
 async def _adopt_transaction_id(session: AsyncSession, payment: Payment, transaction_id: str) -> None:

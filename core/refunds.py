@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import metrics
@@ -20,7 +21,7 @@ from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
-from core.outbox import end_waiting, enqueue, enqueue_many
+from core.outbox import CALL_STARTED, INTERRUPTED, end_waiting, enqueue, enqueue_many
 from core.ports import ProviderEvent as ProviderEventData
 from core.ports import ProviderOutcome
 from core.references import next_reference
@@ -35,6 +36,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.refunds")
 R = RefundStatus
 HOLDING = (R.PENDING.value, R.PROCESSING.value, R.COMPLETED.value)
+# How a refund's failure_reason starts when a person wrote the rest: their free text, never read as a provider's
+# code for the member's SMS (channels.sms.templates.refund_reason_key).
+RECORDED_BY_ADMIN = "recorded by an admin: "
+WITHDRAWN_BY_ADMIN = "withdrawn by an admin: "
+BY_A_PERSON = (RECORDED_BY_ADMIN, WITHDRAWN_BY_ADMIN)
 
 
 async def refundable(session: AsyncSession, payment: Payment) -> Money:
@@ -119,6 +125,9 @@ async def request_refund(
 
     if not holds_money(payment):
         raise BusinessRuleError(f"only collected payments can be refunded; this one is {payment.status}")
+    if returned is None and not payment.payment_account_enc:  # core.members.erase_member cleared it
+        raise Conflict("the payment's member was erased: the account to refund is no longer known; record a "
+                       "refund the provider made with returnedByProvider")
     available = await refundable(session, payment)
     amount = amount or available
     if amount.currency != payment.currency:
@@ -232,8 +241,11 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         if refund.failure_reason is not None:
             values["failure_reason"] = None  # no longer true (a FAILED one sent after all; the audit log keeps it)
         updated = await transition(session, REFUND, refund.id, current, R.COMPLETED, actor=actor, values=values)
-        payment = (await session.execute(select(Payment).where(Payment.id == refund.payment_id)
-                                         .with_for_update())).scalar_one()
+        # Read fresh under the lock: an instance the session already holds (loaded before another refund of this
+        # payment completed and committed) would count from a stale total, and a second outcome recorded at the
+        # same moment lost the first one's amount (PARTIALLY_REFUNDED -> PARTIALLY_REFUNDED passes the CAS).
+        payment = await lock_row(session, Payment, refund.payment_id)
+        assert payment is not None
         refunded = payment.refunded_minor + refund.amount_minor
         if current is R.FAILED:
             await _sent_after_failure(session, refund, payment, refunded, actor=actor)
@@ -325,9 +337,12 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
     over = await _held(session, payment) - collected(payment)
     if over <= 0:
         return
+    # SKIP LOCKED: a refund another transaction holds is being moved by it (its own outcome, its submission
+    # answered), and that transaction waits for this payment's lock, which this one holds: waiting for it was a
+    # deadlock (callbacks on one payment's refunds rolled back, answered 500). It is left to go, as one being sent.
     waiting = (await session.execute(
         select(Refund).where(Refund.payment_id == payment.id, Refund.status == R.PENDING.value, Refund.id != sent.id)
-        .order_by(Refund.created_at.desc(), Refund.id.desc()).with_for_update())).scalars().all()
+        .order_by(Refund.created_at.desc(), Refund.id.desc()).with_for_update(skip_locked=True))).scalars().all()
     reason = f"not sent: refund {sent.reference} went through after all"
     for refund in waiting:
         if over <= 0:
@@ -403,8 +418,10 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
     Until then the refund holds its amount. The outcome goes the way a provider's would (the payment's
     refunded amount, the payer's SMS, the webhook), with the admin's note in the audit log.
 
-    Refused for a final refund, and for one not yet sent whose submission is still queued (the provider
-    may be about to take it)."""
+    Refused for a final refund, for one not yet sent whose submission is still queued (the provider
+    may be about to take it), and FAILED for one sent whose status poll is still live (not parked): the poll
+    drops a refund no longer PROCESSING without asking, so the provider's payment of it would go unseen while
+    its amount, released, went back a second time. A COMPLETED from the statement is taken at any time."""
     note = admin_note(note, "what the provider confirmed")
     if provider_transaction_id is not None and not 1 <= len(provider_transaction_id.strip()) <= 128:
         raise ValidationError("providerTransactionId must be 1 to 128 characters", field="providerTransactionId")
@@ -419,15 +436,17 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
     # Its submission and its polls (a resend's poll too: refund-poll:<id>:resent:<n>).
     its_jobs = or_(OutboxJob.dedupe_key == f"refund:{refund.id}", OutboxJob.dedupe_key == f"refund-poll:{refund.id}",
                    OutboxJob.dedupe_key.like(f"refund-poll:{refund.id}:%"))
-    if R(refund.status) is R.PENDING and (await session.execute(select(OutboxJob.id).where(
-            its_jobs, OutboxJob.kind == "refund.submit", OutboxJob.status.in_(("PENDING", "RUNNING"))).limit(1))
-    ).first() is not None:
+    if R(refund.status) is R.PENDING and await _live(session, its_jobs, "refund.submit"):
         raise Conflict("refund has not been sent to the provider yet: wait for its submission", field="status")
+    if R(refund.status) is R.PROCESSING and not succeeded and await _live(session, its_jobs, "refund.poll"):
+        raise Conflict("refund is still being settled with the provider (its status is still asked for): record "
+                       "FAILED once it is parked for manual review, or COMPLETED if the statement shows it sent "
+                       "back", field="status")
     target = R.COMPLETED if succeeded else R.FAILED
     txn = (provider_transaction_id or "").strip() or None
     if succeeded and txn is not None:
         # The statement line it names is this refund's only: not one a chargeback or another refund already has.
-        paid = await session.get(Payment, refund.payment_id)
+        paid = await lock_row(session, Payment, refund.payment_id)  # (locked as apply_refund_outcome locks it)
         assert paid is not None
         await _reversal_not_recorded(session, paid, ReturnedByProvider(txn), exclude=refund.id,
                                      field="providerTransactionId")
@@ -444,12 +463,93 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
     await apply_refund_outcome(
         session, rt, refund, ProviderOutcome.SUCCEEDED if succeeded else ProviderOutcome.FAILED, actor=actor,
         provider_transaction_id=(provider_transaction_id or "").strip() or None,
-        reason=None if succeeded else f"recorded by an admin: {note}", occurred_at=completed_at)
+        reason=None if succeeded else f"{RECORDED_BY_ADMIN}{note}", occurred_at=completed_at)
     # Its parked jobs are settled (left PARKED they would still read as work for a person).
     await end_waiting(session, its_jobs, status="PARKED", reason=f"settled: refund outcome recorded ({target.value})")
     await session.flush()
     await session.refresh(refund)
     return refund
+
+
+async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, cooperative_id: str | None,
+                        note: str, actor: Actor) -> Refund:
+    """An admin withdraws a refund not yet sent: one queued while the provider is down (its submission waits to be
+    tried again), which the provider has meanwhile made itself (a chargeback, which could not be recorded while
+    this one held the amount), or which was asked for by mistake. FAILED ("withdrawn by an admin"), its submission
+    ended, audited with the admin's note, the cooperative's system told (refund.failed) and the dispute resolved
+    with it noted. The member gets no SMS: she was never told of a refund not sent.
+
+    Only while its submission is PENDING and no try of it may have reached the provider (core.outbox: a try
+    cut off, or lost with its worker, may have), ended in this transaction by the guarded end_waiting
+    _withdraw_unsent uses: a worker claiming it at the same moment either finds it ended or holds it RUNNING,
+    and then the refund may be on its way (409: wait for its outcome)."""
+    note = admin_note(note, "why the refund is withdrawn")
+    refund = await lock_row(session, Refund, refund_id, cooperative_id)
+    if refund is None:
+        raise NotFound("refund not found")
+    if R(refund.status) is not R.PENDING:
+        raise Conflict(f"refund is already {refund.status}: only one not yet sent to the provider can be withdrawn"
+                       + ("" if R(refund.status) is not R.PROCESSING else
+                          "; once the provider has settled it (or it is parked for manual review), record its "
+                          "outcome"), field="status")
+    reason = f"{WITHDRAWN_BY_ADMIN}{note}"
+    submission = (OutboxJob.kind == "refund.submit", OutboxJob.dedupe_key == f"refund:{refund.id}")
+    if not await end_waiting(session, *submission, _untried_or_refused(), status="PENDING", reason=reason):
+        parked = (await session.execute(select(OutboxJob.id).where(*submission, OutboxJob.status == "PARKED")
+                                        .limit(1))).first() is not None
+        raise Conflict("the refund's submission is parked for manual review: check with the provider, then record "
+                       "its outcome" if parked else
+                       "the refund may already have reached the provider (its submission is being sent, or a try "
+                       "of it may have arrived): wait for its outcome", field="status")
+    updated = await transition(session, REFUND, refund.id, R.PENDING, R.FAILED, actor=actor,
+                               values={"failure_reason": reason[:200]})
+    await record(session, actor=actor, action="refund.cancelled", entity_type="refund", entity_id=refund.id,
+                 before={"status": R.PENDING.value}, after={"status": R.FAILED.value, "note": note},
+                 cooperative_id=refund.cooperative_id)
+    log.warning("refund withdrawn by an admin before it was sent",
+                extra={"refund": refund.reference, "actor": actor.id})
+    await enqueue_many(session, notice_jobs(  # the webhook only (no member, no phone: no SMS)
+        template="refund_failed", event_type="refund.failed", cooperative_id=refund.cooperative_id, key=refund.id,
+        context={"refund_id": refund.id}, data=refund_data(updated), cipher=rt.cipher))
+    await _note_on_dispute(session, refund, actor=actor, action="dispute.refund_cancelled",
+                           text=f"refund {refund.reference} withdrawn before it was sent: {note}; the member has "
+                                "not been paid back by it",
+                           audit={"refundId": refund.id})
+    await session.flush()
+    await session.refresh(refund)
+    return refund
+
+
+def _untried_or_refused() -> Any:
+    """A refund submission none of whose tries may have reached the provider: never tried, or every try failed
+    before its call or with the provider's own "send it again" (a retryable error: an outage, a 503). A try cut
+    off or lost with its worker leaves INTERRUPTED (or its CALL_STARTED stamp): its request may have arrived."""
+    return or_(OutboxJob.last_error.is_(None),
+               and_(~OutboxJob.last_error.startswith(INTERRUPTED), OutboxJob.last_error != CALL_STARTED))
+
+
+async def _live(session: AsyncSession, its_jobs: Any, kind: str) -> bool:
+    """A job of `kind` among the refund's (`its_jobs`) that will still run: PENDING (waiting, or retrying later)
+    or RUNNING. PARKED (for a person) or ended, it will not."""
+    return (await session.execute(select(OutboxJob.id).where(
+        its_jobs, OutboxJob.kind == kind, OutboxJob.status.in_(("PENDING", "RUNNING"))).limit(1))).first() is not None
+
+
+def _deadlocked(exc: BaseException) -> bool:
+    """`exc`, or what it wraps (SQLAlchemy's .orig, the asyncpg error as its __cause__), is PostgreSQL's "deadlock
+    detected" (SQLSTATE 40P01): the transaction was rolled back, and may be run again."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen or len(seen) > 20:
+            continue
+        seen.add(id(error))
+        if getattr(error, "sqlstate", None) == "40P01":
+            return True
+        orig = getattr(error, "orig", None)
+        todo.extend((orig if isinstance(orig, BaseException) else None, error.__cause__))
+    return False
 
 
 def refund_data(refund: Refund) -> dict[str, object]:
@@ -522,7 +622,7 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
         status = await rt.providers[event.provider].refund_status(known.provider_reference, known.currency)
         outcome, txn, reason = status.outcome, status.provider_transaction_id or txn, status.reason or reason
         occurred = status.occurred_at or occurred
-    for _ in range(3):
+    for attempt in range(3):
         try:
             async with rt.sessionmaker.begin() as session:
                 stmt = (insert_ignore(session.get_bind().dialect.name, ProviderEvent)
@@ -549,6 +649,16 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
                 # paid out of the cooperative's account that nothing here records. Kept as the payment side's.
                 await keep_unmatched(session, event_row_id, event)
         except StaleTransition:
+            continue
+        except DBAPIError as exc:
+            # Callbacks on refunds of one payment each lock their refund, then the payment, then maybe more (the
+            # dispute resolved with it, for its note), while a dispute's resolution locks the dispute, then the
+            # payment: PostgreSQL ends such a deadlock by rolling one back. That one is applied again (the other
+            # has gone on by then), not answered 500 for the provider to send again.
+            if attempt == 2 or not _deadlocked(exc):
+                raise
+            log.warning("refund callback rolled back in a deadlock; applied again",
+                        extra={"provider": event.provider, "attempt": attempt + 1})
             continue
         report_unmatched(event)  # once stored: a store that failed is sent again by the provider
         return UNMATCHED_REFUND

@@ -7,6 +7,11 @@ under another key, then remove the old key and restart again. The command is saf
 runs and to run again: each row is rewritten by a compare-and-set on its old ciphertext (a row changed
 meanwhile is left for the next run), in batches of one short transaction each. The blind indexes
 (BLIND_INDEX_KEY) do not depend on these keys and are left alone.
+
+`python main.py rehash-requests` (rehash_requests), once after the upgrade to the release that keys the payments'
+request hashes (core.payments.keyed_request_hash): a payment written before it holds a plain digest of its
+request, from which anyone holding a backup finds the payer's number; each is replaced by its HMAC. Safe while
+serving and to run again, as reencrypt.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from core.db import utcnow
 from core.members import phone_context
 from core.models import Member, OutboxJob, Payment, SmsMessage, WebhookEndpoint
 from core.notify import SMS_PHONE_CONTEXT
-from core.payments import account_context
+from core.payments import REQUEST_HASH_VERSION, account_context, keyed_request_hash
 from core.webhooks import endpoint_secret_context, secret_expiry
 
 log = logging.getLogger("gateway.rekey")
@@ -197,3 +202,32 @@ async def _payloads(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiC
         if len(jobs) < batch:
             return
         after = jobs[-1].id
+
+
+async def rehash_requests(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiCipher, *,
+                          batch: int = BATCH) -> Report:
+    """Every payment's request hash written before it was keyed (a plain SHA-256 of the request, the payer's
+    full number in it) replaced by its HMAC (core.payments.keyed_request_hash of the stored digest: what the
+    same request gives now, so an idempotent replay of an old key still finds its payment). Nothing to
+    decrypt; each row by a compare-and-set on its old hash, updated_at kept (the payment did not change: a
+    cooperative's sync by updatedFrom does not list it again)."""
+    report = Report()
+    where = f"{Payment.__tablename__}.request_hash"
+    column = Payment.request_hash
+    after = ""
+    while True:
+        async with sessionmaker.begin() as session:
+            rows = (await session.execute(
+                select(Payment.id, column).where(~column.startswith(REQUEST_HASH_VERSION, autoescape=True),
+                                                 column != "", Payment.id > after)  # '': an erased payer's
+                .order_by(Payment.id).limit(batch))).all()
+            for row in rows:
+                done = await session.execute(
+                    update(Payment).where(Payment.id == row.id, column == row.request_hash)
+                    .values(request_hash=keyed_request_hash(cipher, row.request_hash),
+                            updated_at=Payment.updated_at)
+                    .execution_options(synchronize_session=False))
+                report.tally(where, done.rowcount)  # type: ignore[attr-defined]
+        if len(rows) < batch:
+            return report
+        after = str(rows[-1].id)

@@ -182,7 +182,8 @@ async def _plan(session: AsyncSession, rt: Runtime, coop: Cooperative, now: date
 
 def _remindable(cooperative_id: str) -> Any:
     """SQL condition: a member of the cooperative who gets reminders (active, not opted out by STOP). The
-    membership's flag alone: a membership made after its number's STOP starts with it (core.members)."""
+    membership's flag alone (no join per chunk): a number that sent STOP elsewhere or before joining is not on it
+    (core.members), and its reminder, queued as any other, is dropped at its turn (why_not_send)."""
     return and_(_MEMBER.c.cooperative_id == cooperative_id, _MEMBER.c.status == "ACTIVE",
                 _MEMBER.c.reminders_opt_out.is_(False))
 
@@ -322,8 +323,9 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
 _COOP, _TYPE = Cooperative.__table__, PaymentType.__table__
 # A reminder's member as it is at sending time (STOP sent, suspended or left, paid since the scan), and what
 # the reminder offers: its cooperative still active, its payment type still on the menu (NULL: deleted). STOP is
-# read on the membership and on its number (one primary-key probe): a membership inserted while its number's STOP
-# was being recorded, or by a process of the previous release during a deploy, may lack the flag.
+# read on the membership and on its number (one primary-key probe): a membership does not carry its number's STOP
+# sent elsewhere or before it was made (core.members: its cooperative must not learn of it). Both give the one
+# reason opted_out: whatever reads a skipped reminder's reason cannot tell them apart.
 
 
 def _reminder_state(paid_for: Any) -> Any:

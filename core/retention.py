@@ -18,9 +18,11 @@ What goes, and what stays (each period an environment variable; 0 keeps that kin
 - webhook_deliveries: DELIVERED or FAILED (given up) deliveries created and last changed more than
   RETENTION_WEBHOOK_DELIVERIES_DAYS (30) ago, unless a job not DONE still names them (a PARKED webhook.deliver
   job an admin may replay reopens its delivery). PENDING ones never.
-- sms_messages: the row stays (status, provider status, cost, dates: the evidence of what was sent); the text
-  of one no longer QUEUED, created more than RETENTION_SMS_BODY_DAYS (180) ago, is emptied (personal data; the
-  column is NOT NULL, so ''). A QUEUED one keeps its text: its parked job may still be replayed and send it.
+- sms_messages: the row stays (status, provider status, cost, dates, the masked number: the evidence of what was
+  sent); the text of one no longer QUEUED, created more than RETENTION_SMS_BODY_DAYS (180) ago, is emptied, and
+  with it the recipient's number (ciphertext and blind index: no number finds the row any more), all personal
+  data (the columns are NOT NULL, so ''). A QUEUED one keeps them: its parked job may still be replayed and send
+  it. (Rows emptied by a release before this one kept their number: they are not walked again.)
   The walk reads ix_sms_messages_body_kept, which holds only the rows whose text is still there: a run reads
   what is left to empty, not again every row an earlier run emptied.
 - used_refresh_tokens: the record of a refresh token's single use (core.auth.refresh), once the token expired a
@@ -273,7 +275,9 @@ def _deleting(table: Any, condition: ColumnElement[bool]) -> Apply:
 
 def _clearing(condition: ColumnElement[bool]) -> Apply:
     async def apply(conn: AsyncConnection, ids: list[Any], bound: ColumnElement[bool]) -> int:
-        statement = update(_SMS).where(_SMS.c.id.in_(ids), bound, condition).values(body="")
+        # The number goes with the text: kept, it would tie the row to its recipient for ever.
+        statement = (update(_SMS).where(_SMS.c.id.in_(ids), bound, condition)
+                     .values(body="", phone_enc="", phone_index=""))
         return int((await conn.execute(statement)).rowcount)
 
     return apply

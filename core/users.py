@@ -32,7 +32,8 @@ def check_password(password: str, *, field: str = "password") -> None:
 
 
 def check_username(username: str) -> str:
-    """The username as stored (surrounding spaces dropped, as the API does)."""
+    """The username as stored (surrounding spaces dropped, as the API does; its case kept, for display: it is
+    unique, and signed in with, whatever its case, see auth.username_is)."""
     name = username.strip()
     if not USERNAME_MIN <= len(name) <= USERNAME_MAX:
         raise ValidationError(f"username must be {USERNAME_MIN} to {USERNAME_MAX} characters long",
@@ -61,8 +62,10 @@ async def create_admin(session: AsyncSession, *, username: str, password: str, r
             raise ValidationError("a cooperative admin needs its cooperative's id", field="cooperativeId")
         if not is_uuid(cooperative_id) or await session.get(Cooperative, cooperative_id) is None:
             raise NotFound(f"cooperative {cooperative_id} not found")
-    if (await session.execute(select(AdminUser.id).where(AdminUser.username == name))).first() is not None:
-        raise Conflict(f"the username {name} is taken", field="username")
+    held = (await session.execute(select(AdminUser.username).where(auth.username_is(name)))).scalar_one_or_none()
+    if held is not None:
+        case = "" if held == name else f" (as {held}: usernames are the same whatever their case)"
+        raise Conflict(f"the username {name} is taken{case}", field="username")
     user = await auth.create_user(session, username=name, password=password, role=role,
                                   cooperative_id=cooperative_id)
     await record(session, actor=actor, action="user.created", entity_type="user", entity_id=user.id,
@@ -83,6 +86,22 @@ async def deactivate(session: AsyncSession, user: AdminUser, *, actor: Actor) ->
         await record(session, actor=actor, action="user.deactivated", entity_type="user", entity_id=user.id,
                      after={"apiKeysRevoked": [k.id for k in keys]}, cooperative_id=user.cooperative_id)
     return keys
+
+
+ERASED_USERNAME_PREFIX = "erased-"
+
+
+async def anonymise(session: AsyncSession, user: AdminUser, *, actor: Actor) -> None:
+    """A tenant login of an erased member (core.members.erase_member): its username, often the person's e-mail,
+    replaced by one made of its id, which names nobody and stays unique. Its audit row holds neither name (the
+    log is append-only). Calling it again changes nothing."""
+    anonymous = f"{ERASED_USERNAME_PREFIX}{user.id}"
+    if user.username == anonymous:
+        return
+    user.username = anonymous
+    await session.flush()
+    await record(session, actor=actor, action="user.anonymised", entity_type="user", entity_id=user.id,
+                 cooperative_id=user.cooperative_id)
 
 
 async def reactivate(session: AsyncSession, user: AdminUser, *, actor: Actor) -> None:

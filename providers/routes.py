@@ -168,6 +168,8 @@ async def provider_callback(request: web.Request) -> web.Response:
     except ProviderError as exc:
         # An unsigned callback could not be confirmed by a status query (provider unreachable): nothing
         # was recorded, so the provider must send it again. 503 tells it to, where a 500 says we broke.
+        # (A provider that never resends, M-Pesa, has its callback kept for the poll instead and gets its 200:
+        # core.payments._unconfirmed.)
         log.warning("provider callback not confirmed; asked to retry",
                     extra={"provider": name, "event_id": event.event_id, "error": str(exc)})
         await _release(adapter, callback)

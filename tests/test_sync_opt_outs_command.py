@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 
 from core.audit import Actor, record
 from core.db import utcnow
-from core.members import SMS_OPT_OUT_ACTION, create_member, release_phone, replay_opt_outs
+from core.members import SMS_OPT_OUT_ACTION, create_member, number_opted_out, release_phone, replay_opt_outs
 from core.models import AuditEvent, Member, PhoneOptOut
 from core.phone import normalize
 from core.reminders import scan, why_not_send
@@ -97,7 +97,12 @@ async def test_a_stop_taken_by_the_previous_release_holds_for_a_later_membership
     [changed] = await replay_opt_outs(rt.sessionmaker, since)
     assert (changed.phone_masked, changed.opted_out) == (normalize(ALINE).masked(), True)
     assert await _opted_out(rt) == {rt.cipher.blind_index(ALINE)}
-    assert (await _join_elsewhere(rt, ALINE)).reminders_opt_out is True
+    # The later membership holds it at send time, not in its own flag (which said True before the fix of the STOP
+    # list read through member.created: a cooperative must not learn of a STOP sent elsewhere).
+    later = await _join_elsewhere(rt, ALINE)
+    assert later.reminders_opt_out is False
+    async with rt.engine.connect() as conn:
+        assert await conn.scalar(select(number_opted_out(later.phone_index))) is True
 
 
 async def test_of_a_stop_and_a_start_in_the_window_the_latest_wins_by_time_then_id(rt, demo, client):

@@ -20,6 +20,7 @@ from core.money import Money
 from core.notify import SMS_PHONE_CONTEXT
 from core.payments import collected_amount
 from core.phone import Phone
+from core.refunds import BY_A_PERSON
 from core.state.payment import shown_status
 
 CATALOGS: dict[str, ModuleType] = {"en": en, "rw": rw, "fr": fr, "sw": sw}
@@ -82,6 +83,27 @@ def reason_key(reason: str | None) -> str:
         if any(w in text for w in words):
             return key
     return "unknown"
+
+
+def refund_reason_key(reason: str | None) -> str:
+    """A failed refund's reason, in the refund's own small set (catalog REFUND_REASONS), never the payment's:
+    there the payer declined, or had too little money, and in a refund neither is the member's doing (the
+    account short of money is the cooperative's). A person's note ("recorded by an admin: ...", free text that
+    may say "cancelled") is never classified: the neutral reason. Of a provider's words, only what the member
+    can understand is told: her account could not receive it, or the service had a problem."""
+    if not reason or reason.startswith(BY_A_PERSON):
+        return "not_sent"
+    text = reason.lower().replace("_", " ")
+    rules = (
+        # The receiving side: MTN's PAYEE_NOT_FOUND ("the receiving account does not exist").
+        # (Not "receiver": M-Pesa's reversal names the cooperative's own shortcode its ReceiverParty.)
+        ("receiving_account", ("payee", "receiving account")),
+        ("provider_error", ("internal", "unavailable", "could not perform", "service", "system error")),
+    )
+    for key, words in rules:
+        if any(w in text for w in words):
+            return key
+    return "not_sent"
 
 
 def dial_code(service_code: str, extension: str | None) -> str:
@@ -227,7 +249,7 @@ async def build_message(
             ref=refund.reference,
             payment_ref=payment.reference,
             coop=coop.name,
-            reason=catalog.REASONS[reason_key(refund.failure_reason)],
+            reason=catalog.REFUND_REASONS[refund_reason_key(refund.failure_reason)],
         )
     elif template.startswith("dispute_"):
         dispute = await _one(session, Dispute, context.get("dispute_id"), "dispute")

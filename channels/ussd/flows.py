@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from channels.ussd import cache, funnel, sessions
@@ -21,6 +21,7 @@ from core.audit import Actor
 from core.errors import Conflict, DomainError
 from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import Money, MoneyError
+from core.payment_types import wallets_by_operator
 from core.state.payment import OPEN, PaymentStatus, holds_money, shown_status
 from core.text import is_number
 
@@ -175,10 +176,11 @@ async def cooperative(ctx: Ctx, coop_id: str) -> CoopRow | None:
 
 
 async def cooperative_by_code(conn: Any, code: str) -> CoopRow | None:
-    # No core helper finds a cooperative by its short code yet; a read, not a side effect.
-    row = (await conn.execute(
-        select(*_COOP_COLUMNS).where(func.upper(Cooperative.short_code) == code.strip().upper(),
-                                     Cooperative.status == "ACTIVE"))).first()
+    """The active cooperative whose short code the member typed, in any case (at most one: codes are unique
+    whatever their case, so no other cooperative's members are taken in). A read, not a side effect."""
+    from core.cooperatives import code_is
+
+    row = (await conn.execute(select(*_COOP_COLUMNS).where(code_is(code), Cooperative.status == "ACTIVE"))).first()
     return _coop_row(row) if row is not None else None
 
 
@@ -484,10 +486,7 @@ def methods_for(country: str, operator: str | None, routed: Any, *, number_count
     provider name), only methods whose provider can collect that amount (its currency, its amount rule)."""
     if number_country is not None and number_country != country:
         return []
-    if country == "KE":
-        by_operator = {"SAFARICOM": "MPESA", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
-    else:
-        by_operator = {"MTN": "MOBILE_MONEY_MTN", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
+    by_operator = wallets_by_operator(country)
     if operator in by_operator:
         # The wallet must belong to the number's operator, so there is nothing to choose.
         candidates = [by_operator[operator]]
@@ -511,17 +510,42 @@ def _can_collect(method: str, routed: Any, amount: Money | None, providers: Any)
 async def _method_step(ctx: Ctx) -> str:
     coop = await cooperative(ctx, ctx.data["c"])
     phone = ctx.hop.phone
+    amount = Money(ctx.data["amt"], ctx.data["cur"]) if ctx.data.get("cur") else None
     options = methods_for(coop.country if coop else "", phone.operator, ctx.rt.routes,
-                          number_country=phone.region,
-                          amount=Money(ctx.data["amt"], ctx.data["cur"]) if ctx.data.get("cur") else None,
-                          providers=ctx.rt.providers)
+                          number_country=phone.region, amount=amount, providers=ctx.rt.providers)
     if not options:
-        return "pay_no_method"
+        return _no_method(ctx, coop.country if coop else "", amount)
     if len(options) == 1:
         ctx.data["mt"] = options[0]
         return "pay_confirm"
     ctx.data["mts"] = options
     return "pay_method"
+
+
+def _no_method(ctx: Ctx, country: str, amount: Money | None) -> str:
+    """The end screen when no method is left: "not this amount" when the number's methods refuse only the
+    amount by their provider's rule (M-Pesa: whole shillings, and a type priced 1,500.50 KES), since blaming
+    the number sends the member to the wrong place; else no method for the number."""
+    phone = ctx.hop.phone
+    usable = methods_for(country, phone.operator, ctx.rt.routes, number_country=phone.region)
+    if amount is None or not usable or not all(_refuses_amount(ctx, m, amount) for m in usable):
+        return "pay_no_method"
+    ctx.data["amtf"], ctx.data["xm"] = amount.format(), usable
+    return "pay_amount_no_method"
+
+
+def _refuses_amount(ctx: Ctx, method: str, amount: Money) -> bool:
+    """The method's provider refuses `amount` by its amount rule (not for its currency: the deployment's)."""
+    from core.ports import amount_refusal
+
+    provider = ctx.rt.providers.get(ctx.rt.routes[method])
+    refusal = amount_refusal(provider, amount, method) if provider is not None else None
+    return refusal is not None and refusal[0] == "amount"
+
+
+async def amount_no_method_args(ctx: Ctx) -> dict[str, Any]:
+    methods = " / ".join(ctx.t(f"method.{m}") for m in ctx.data.get("xm", []))
+    return {"amount": ctx.data.get("amtf", ""), "method": methods, "coop": ctx.data.get("cn", "CoopPay")}
 
 
 async def method_items(ctx: Ctx) -> list[Item]:

@@ -39,6 +39,8 @@ _SCREENS: tuple[Screen, ...] = (
           error="pay.amount_invalid", args=f.amount_args),
     Menu("pay_method", "pay.method", items=f.method_items, on_item=f.method_chosen),
     End("pay_no_method", "pay.no_method", args=f.coop_args),
+    # The number's methods all refuse this amount by their rule (M-Pesa: whole shillings), not the number.
+    End("pay_amount_no_method", "pay.amount_no_method", args=f.amount_no_method_args),
     Confirm("pay_confirm", "pay.confirm", on_confirm=f.confirmed, on_cancel="pay_cancelled",
             args=f.confirm_args),
     End("pay_done", "pay.done", args=f.done_args),

@@ -323,11 +323,22 @@ class IremboPayAdapter:
             except MoneyError:
                 raise CallbackRejected(f"IremboPay amount {data['amount']!r} / currency "
                                        f"{data.get('currency')!r} not understood", status=400) from None
+        raw = dict(data)
+        event_id = f"{invoice}:{status}"
+        paid_with = data.get("paymentReference")
+        if isinstance(paid_with, str | int) and not isinstance(paid_with, bool) and str(paid_with).strip():
+            # One invoice can be paid twice (a second push approved, a bank transfer after a mobile payment):
+            # each payment has its own paymentReference, which IremboPay's retries of a webhook repeat. In the
+            # event id, a second payment is not dropped as a duplicate of the first; as the money reference,
+            # the core tells it from the first (core.payments.MONEY_REFERENCE): the invoice number is the same.
+            paid_with = str(paid_with).strip()[:100]
+            event_id += f":{paid_with}"
+            raw["money_reference"] = paid_with
         return ProviderEvent(
-            provider=self.name, kind=EventKind.COLLECTION, event_id=f"{invoice}:{status}",
+            provider=self.name, kind=EventKind.COLLECTION, event_id=event_id,
             reference=reference, outcome=outcome, amount=amount, provider_transaction_id=invoice,
             reason="payment failed" if outcome is ProviderOutcome.FAILED else None,
-            needs_confirmation=False, raw=dict(data), occurred_at=_paid_at(data, outcome))
+            needs_confirmation=False, raw=raw, occurred_at=_paid_at(data, outcome))
 
     # --- plumbing -------------------------------------------------------------------------------
 

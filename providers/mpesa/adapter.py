@@ -47,6 +47,9 @@ except Exception:  # no tz database: Kenya has kept UTC+3 without DST since 1942
 # 1037 ("DS timeout, user cannot be reached") is FAILED, not EXPIRED: the prompt never reached the
 # phone, so the payer did not let it lapse; Safaricom has closed the request (no late success can
 # follow) and the useful message to the payer is "switch your phone on and try again".
+# Daraja's documented failures beyond PROTOCOLS.md's six (1001, 1025, 9999, 17, 26) are as final: nothing was
+# taken and the payer may try again. Any other non-zero code is a failure too (0 is Daraja's only success; see
+# _stk_outcome), except the query's "still processing" answers (_STILL_PENDING, _STILL_PROCESSING).
 STATUS: dict[str, ProviderOutcome] = {
     "0": ProviderOutcome.SUCCEEDED,
     "1": ProviderOutcome.FAILED,
@@ -54,13 +57,25 @@ STATUS: dict[str, ProviderOutcome] = {
     "1037": ProviderOutcome.FAILED,
     "2001": ProviderOutcome.FAILED,
     "1019": ProviderOutcome.EXPIRED,
+    "1001": ProviderOutcome.FAILED,
+    "1025": ProviderOutcome.FAILED,
+    "9999": ProviderOutcome.FAILED,
+    "17": ProviderOutcome.FAILED,
+    "26": ProviderOutcome.FAILED,
 }
+# What the payer can act on (a payment's failure_reason; channels.sms.templates.reason_key sorts it for the SMS).
 REASONS: dict[str, str] = {
     "1": "insufficient funds",
     "1032": "cancelled by the payer",
     "1037": "payer's phone could not be reached",
     "2001": "wrong M-Pesa PIN",
     "1019": "the request expired before the payer approved it",
+    "1001": "another M-Pesa transaction was in process on the payer's phone (M-Pesa service busy): "
+            "finish it, then pay again",
+    "1025": "M-Pesa service error: the prompt could not be sent to the payer's phone; nothing was taken, pay again",
+    "9999": "M-Pesa service error: the prompt could not be sent to the payer's phone; nothing was taken, pay again",
+    "17": "an M-Pesa limit or rule stopped the transaction: nothing was taken, pay again in a few minutes",
+    "26": "M-Pesa service busy: nothing was taken, pay again in a few minutes",
 }
 # Reversal Result ResultCode -> core outcome (Daraja's documented reversal answers).
 REFUND_STATUS: dict[str, ProviderOutcome] = {
@@ -80,6 +95,14 @@ REFUND_STATUS: dict[str, ProviderOutcome] = {
 _CREATES = frozenset({"stk_push", "reversal"})
 # The STK query answers this error code while the payer has not acted yet.
 _STILL_PENDING = "500.001.1001"
+# ...or this ResultCode ("The transaction is still under processing"; no callback is known to carry it).
+_STILL_PROCESSING = "4999"
+# Error codes of a refused STK push (HTTP 5xx) that say no prompt went out, so nothing can be taken: the payment
+# fails with the reason for the payer. The same 500.001.1001 on the query means "still processing" (above): it is
+# read per operation. Any other 5xx on the push stays "may have gone out" (ProviderTimeout).
+_PUSH_NOT_SENT: dict[str, str] = {
+    "500.001.1001": REASONS["1001"],  # "Unable to lock subscriber, a transaction is already in process"
+}
 _INVALID_TOKEN = "404.001.03"
 _ACCOUNT_REFERENCE_MAX = 12
 _REFERENCE_MAX = 64  # our provider reference (a UUID) as the CallBackURL's ref carries it
@@ -134,6 +157,10 @@ class MpesaAdapter:
     supports_partial_refund = False
     methods = frozenset({"MPESA"})
     currencies: frozenset[str] | None = frozenset({"KES"})
+    # Daraja sends each STK callback once (a 503 is never followed by a resend), and only the callback carries
+    # the MpesaReceiptNumber a reversal needs (the STK query has none): a callback whose confirming query fails
+    # is kept as pending with its receipt, for the payment's poll to settle (core.payments._unconfirmed).
+    keep_unconfirmed_callbacks = True
 
     @staticmethod
     def amount_rule(amount: Money) -> str | None:
@@ -197,9 +224,14 @@ class MpesaAdapter:
         resp = await self._post("stk_push", "/mpesa/stkpush/v1/processrequest", body)
         answer = self._json(resp)
         if resp.status_code >= 500:
+            error = self._error("stk_push", resp, answer)
+            not_sent = _PUSH_NOT_SENT.get(str(error.code))
+            if not_sent is not None:
+                # Daraja refused the push before prompting (the payer's line is busy with another
+                # transaction): a definite failure, which a status query could never settle (no CheckoutRequestID).
+                raise ProviderError(f"{not_sent} (Daraja {error.code})", retryable=False, code=error.code)
             # Daraja's 5xx does not say whether the prompt went out, and a second push is a second
             # charge (no idempotency key): as unanswered, so the status path settles it, never a resend.
-            error = self._error("stk_push", resp, answer)
             raise ProviderTimeout(f"{error}; the push may have gone out: ask the status, do not send again")
         if resp.status_code != 200 or str(answer.get("ResponseCode")) != "0":
             raise self._error("stk_push", resp, answer)
@@ -229,15 +261,8 @@ class MpesaAdapter:
         if resp.status_code != 200 or "ResultCode" not in answer:
             raise self._error("stk_query", resp, answer)
         code = str(answer["ResultCode"])
-        outcome = STATUS.get(code)
-        if outcome is None:
-            PROVIDER_ERRORS.labels(self.name, "stk_query").inc()
-            log.error("mpesa unknown STK ResultCode", extra={"result_code": code,
-                                                             "checkout_request_id": provider_transaction_id})
-            raise ProviderError(f"M-Pesa STK query: unknown ResultCode {code!r} "
-                                f"({scrub(str(answer.get('ResultDesc', '')))})",
-                                retryable=False, code="UNKNOWN_STATUS")
-        return StatusResult(outcome, reason=REASONS.get(code), raw=dict(answer))
+        outcome, reason = self._stk_outcome("stk_query", code, answer.get("ResultDesc"), provider_transaction_id)
+        return StatusResult(outcome, reason=reason, raw=dict(answer))
 
     async def request_refund(self, request: RefundRequest) -> CollectionAccepted:
         if not request.full:
@@ -328,12 +353,7 @@ class MpesaAdapter:
     def _stk_event(self, stk: Mapping[str, Any], ours: str | None) -> ProviderEvent:
         checkout = stk["CheckoutRequestID"]
         code = str(stk["ResultCode"])
-        outcome = STATUS.get(code)
-        if outcome is None:
-            PROVIDER_ERRORS.labels(self.name, "callback").inc()
-            log.error("mpesa callback with unknown ResultCode", extra={"result_code": code,
-                                                                       "checkout_request_id": checkout})
-            raise CallbackRejected(f"unknown M-Pesa ResultCode {code!r}", status=400, reference=checkout)
+        outcome, reason = self._stk_outcome("callback", code, stk.get("ResultDesc"), checkout)
         items = _metadata(stk.get("CallbackMetadata"))
         amount = None
         if "Amount" in items:
@@ -363,7 +383,7 @@ class MpesaAdapter:
         return ProviderEvent(
             provider=self.name, kind=EventKind.COLLECTION, event_id=f"{checkout}:{code}", reference=checkout,
             outcome=outcome, amount=amount, provider_transaction_id=str(receipt) if receipt else None,
-            reason=REASONS.get(code), needs_confirmation=True, raw=raw,
+            reason=reason, needs_confirmation=True, raw=raw,
             occurred_at=provider_time(items.get("TransactionDate"), _NAIROBI) if code == "0" else None)
 
     def _reversal_event(self, result: Mapping[str, Any], ours: str | None) -> ProviderEvent:
@@ -403,6 +423,25 @@ class MpesaAdapter:
             reason=None if code == "0" else scrub(str(result.get("ResultDesc") or f"ResultCode {code}")),
             needs_confirmation=False, raw=raw,
             occurred_at=provider_time(params.get("TransCompletedTime"), _NAIROBI) if code == "0" else None)
+
+    def _stk_outcome(self, operation: str, code: str, desc: object,
+                     checkout: str) -> tuple[ProviderOutcome, str | None]:
+        """An STK ResultCode (callback or query) as (outcome, reason for the payer).
+
+        A code outside STATUS is a failure with Daraja's own words for it: Daraja reports success with 0 only, and
+        a payment left open on a code we never saw would wait out its settling grace (a day) before ending
+        "unconfirmed", when Safaricom has long closed the request. Logged loudly, for STATUS to learn it."""
+        outcome = STATUS.get(code)
+        if outcome is not None:
+            return outcome, REASONS.get(code)
+        if code == _STILL_PROCESSING:
+            return ProviderOutcome.PENDING, None
+        PROVIDER_ERRORS.labels(self.name, operation).inc()
+        code, words = code[:20], scrub(str(desc or "")).strip()[:150]
+        log.error("mpesa unexpected STK ResultCode: taken as a failure",
+                  extra={"operation": operation, "result_code": code, "result_desc": words,
+                         "checkout_request_id": checkout})
+        return ProviderOutcome.FAILED, f"M-Pesa: {words or 'failed'} (ResultCode {code})"
 
     # --- plumbing -------------------------------------------------------------------------------
 

@@ -42,7 +42,10 @@ SUFFIX_OUTCOMES: dict[str, str] = {
     "0005": "2001",  # wrong PIN
     "0006": "1037",  # phone unreachable
     "0007": "1019",  # expired
+    "0008": "1001",  # another transaction was in process on the payer's phone
 }
+# Payer numbers whose STK push Daraja refuses outright (HTTP 500, errorCode 500.001.1001: no prompt sent).
+LOCKED_SUFFIX = "0009"
 RESULT_DESC: dict[str, str] = {
     "0": "The service request is processed successfully.",
     "1": "The balance is insufficient for the transaction.",
@@ -50,6 +53,7 @@ RESULT_DESC: dict[str, str] = {
     "1037": "DS timeout user cannot be reached",
     "2001": "The initiator information is invalid.",
     "1019": "Transaction has expired",
+    "1001": "Unable to lock subscriber, a transaction is already in process for the current subscriber",
 }
 # The payer's decision in the interactive (demo phone) mode, as a ResultCode.
 _INTERACTIVE: dict[Outcome, str] = {Outcome.SUCCEED: "0", Outcome.REJECT: "1032", Outcome.EXPIRE: "1019",
@@ -171,6 +175,9 @@ async def _stk_push(request: web.Request) -> web.Response:
         return _bad("AccountReference")
     if not isinstance(desc, str) or not 1 <= len(desc) <= 13:
         return _bad("TransactionDesc")
+    if str(body["PhoneNumber"]).endswith(LOCKED_SUFFIX):
+        return _error(500, "500.001.1001", "Unable to lock subscriber, a transaction is already in process for "
+                                           "the current subscriber")
     stamp = datetime.now(UTC).strftime("%d%m%Y%H%M%S")
     stk = _Stk(checkout=f"ws_CO_{stamp}{new_id(12)}", merchant=f"{new_id(5)}-{new_id(8)}-1",
                phone=str(body["PhoneNumber"]), amount=amount, callback_url=callback)

@@ -56,6 +56,7 @@ async def test_payment_type_services(session, demo):
         "name must be 1 to 120 characters",
         "amount must be a positive number",
         "dueDay must be between 1 and 31",
+        "recurringInterval is required when isRecurring is true",  # a due day given: it recurs
     ]
     await update_payment_type(
         session,

@@ -43,7 +43,8 @@ async def test_create_validation(admin, demo):
     core = await admin.json(
         "POST", "/v1/payment-types", 400, json={"name": "X", "amount": 5, "isRecurring": True}
     )
-    assert core["message"] == ["recurringInterval is required when isRecurring is true"]
+    assert core["message"] == ["recurringInterval is required when isRecurring is true",
+                               "dueDay is required when isRecurring is true: reminders go out before it"]
     currency = await admin.json(
         "POST", "/v1/payment-types", 400, json={"name": "X", "amount": 5, "currency": "KES"}
     )

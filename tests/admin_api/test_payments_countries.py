@@ -62,8 +62,9 @@ async def test_mtn_market_of_another_currency_is_refused_when_asked(superadmin: 
 
 
 async def test_kes_with_cents_by_mpesa_is_refused_when_asked(superadmin: Caller, rt: Any, client: Any) -> None:
-    """M-Pesa takes whole shillings: '1500.50' is a 400 at once, not a failure (and an SMS) from the worker."""
-    admin, ptype = await country_admin(superadmin, rt, client, "KE", "NRB", "1500.50")
+    """M-Pesa takes whole shillings: '1500.50' is a 400 at once, not a failure (and an SMS) from the worker. (The
+    type's own price is whole: a type priced with cents is refused when made, test_payment_type_rules.)"""
+    admin, ptype = await country_admin(superadmin, rt, client, "KE", "NRB", "1500.00")
     body = await refused(admin, ptype, "1500.50", "MPESA", "0712345678")
     assert body["message"] == ["M-Pesa takes whole shillings; 1,500.50 KES has cents"]
     await admin.json("POST", "/v1/payments", 201, json={

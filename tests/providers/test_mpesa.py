@@ -370,7 +370,8 @@ async def test_logs_carry_no_secret_and_no_full_phone(caplog: pytest.LogCaptureF
     wire = (token_route(Wire())
             .on("POST", "/mpesa/stkpush/v1/processrequest", 200, push["cases"][0]["json"])
             .on("POST", "/mpesa/stkpushquery/v1/query", 200, query[0]["json"])
-            .on("POST", "/mpesa/stkpushquery/v1/query", 200, query[-3]["json"])  # unknown code
+            .on("POST", "/mpesa/stkpushquery/v1/query", 200, query[-3]["json"])  # unexpected code: logged
+            .on("POST", "/mpesa/stkpushquery/v1/query", 400, query[-2]["json"])  # refused
             .on("POST", "/mpesa/stkpush/v1/processrequest", 400,
                 {"errorCode": "400.002.02",
                  "errorMessage": "Bad Request - Invalid PhoneNumber 254708000001"}))
@@ -378,6 +379,8 @@ async def test_logs_carry_no_secret_and_no_full_phone(caplog: pytest.LogCaptureF
         adapter = MpesaAdapter(http, config(), clock=lambda: NOW)
         await adapter.request_collection(collection())
         await adapter.collection_status("ref", "ws_CO_1", "KES")
+        assert query[-3]["name"] == "unexpected_code"
+        assert (await adapter.collection_status("ref", "ws_CO_1", "KES")).outcome is ProviderOutcome.FAILED
         with pytest.raises(ProviderError):
             await adapter.collection_status("ref", "ws_CO_1", "KES")
         with pytest.raises(ProviderError) as err:

@@ -71,6 +71,14 @@ REASONS = {
     "unknown": "the payment was not completed",
 }
 
+# A failed refund's {reason} (templates.refund_reason_key): its own set, never the payment's (in a refund the
+# member declined nothing, and an account short of money is the cooperative's).
+REFUND_REASONS = {
+    "not_sent": "the refund could not be sent",
+    "receiving_account": "your mobile money account could not receive it",
+    "provider_error": "the mobile money service had a problem",
+}
+
 KEYWORDS = {
     "RECEIPT": ("RECEIPT",),
     "STATUS": ("STATUS",),

@@ -75,6 +75,13 @@ REASONS = {
     "unknown": "le paiement n'a pas abouti",
 }
 
+# A failed refund's {reason} (templates.refund_reason_key).
+REFUND_REASONS = {
+    "not_sent": "l'envoi du remboursement n'a pas abouti",
+    "receiving_account": "votre compte mobile money n'a pas pu le recevoir",
+    "provider_error": "le service mobile money a eu un problème",
+}
+
 KEYWORDS = {
     "RECEIPT": ("RECU", "REÇU", "RECUS"),
     "STATUS": ("STATUT", "ETAT", "ÉTAT"),

@@ -72,6 +72,13 @@ REASONS = {
     "unknown": "ubwishyu ntibwarangiye",
 }
 
+# A failed refund's {reason} (templates.refund_reason_key).
+REFUND_REASONS = {
+    "not_sent": "amafaranga ntiyashoboye koherezwa",
+    "receiving_account": "konti yawe ya mobile money ntishobora kuyakira",
+    "provider_error": "serivisi ya mobile money yagize ikibazo",
+}
+
 KEYWORDS = {
     "RECEIPT": ("INYEMEZABUGUZI", "INYEMEZA"),
     "STATUS": ("IMIMERERE",),

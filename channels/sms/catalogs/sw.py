@@ -71,6 +71,13 @@ REASONS = {
     "unknown": "malipo hayakukamilika",
 }
 
+# A failed refund's {reason} (templates.refund_reason_key).
+REFUND_REASONS = {
+    "not_sent": "marejesho hayakuweza kutumwa",
+    "receiving_account": "akaunti yako ya pesa kwa simu haikuweza kuyapokea",
+    "provider_error": "huduma ya pesa kwa simu ilikuwa na tatizo",
+}
+
 KEYWORDS = {
     "RECEIPT": ("RISITI",),
     "STATUS": ("HALI",),

@@ -29,6 +29,11 @@ MPESA_EXPECTED = {
     "1037": "phone_unreachable",
     "2001": "wrong_pin",
     "1019": "not_approved",
+    "1001": "provider_error",
+    "1025": "provider_error",
+    "9999": "provider_error",
+    "17": "limit",
+    "26": "provider_error",
 }
 
 

@@ -1,0 +1,193 @@
+"""A member who left asks to be erased (Rwanda law 058/2021, Kenya DPA s.40): POST /v1/members/{id}/erase takes her
+name, unit and number off her record, her payments' account off her payments, her number and texts off her SMS rows
+and her e-mail off her tenant login, while the money records (amounts, references, provider transaction ids) stay;
+and nothing written from now on puts her name or login in the append-only audit log."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select
+
+from channels.ussd.sessions import phone_keys
+from core.models import AuditEvent, Member, OutboxJob, Payment, PhoneOptOut, SmsMessage
+from core.notify import SMS_PHONE_CONTEXT
+from core.retention import RetentionPolicy, prune
+from tests.admin_api.conftest import Caller, idem
+from tests.channels.sms.helpers import make_payment, start_simulator
+from tests.conftest import drain
+
+NAME, PHONE, UNIT, EMAIL = "Jeanne Mukeshimana", "+250788777111", "D-707", "jeanne.m@example.rw"
+
+
+async def _audits(rt: Any, member_id: str, action: str) -> list[AuditEvent]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == member_id, AuditEvent.action == action).order_by(AuditEvent.id))).scalars())
+
+
+async def _jeanne(admin: Caller) -> dict[str, Any]:
+    return await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE, "unit": UNIT,
+                                                               "status": "PENDING"})
+
+
+async def test_erasure_removes_her_name_number_and_login_and_keeps_the_money(
+        rt: Any, client: Any, admin: Caller, demo: Any, worker: Any, aiohttp_server: Any) -> None:
+    _, sim = await start_simulator(aiohttp_server, rt)
+    jeanne = await _jeanne(admin)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/approve", 200)  # the "you are now a member" SMS
+    await drain(worker)
+    assert [r["to"] for r in sim.requests] == [PHONE]
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    login = await admin.json("POST", "/v1/users", 201, json={"username": EMAIL, "password": "tenant-password-1",
+                                                              "role": "TENANT", "memberId": jeanne["id"]})
+    async with rt.sessionmaker() as s:
+        index = (await s.get(Member, jeanne["id"])).phone_index
+    for key in phone_keys(index):
+        await rt.redis.set(key, "rw")
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    erased = await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    assert (erased["name"], erased["unit"], erased["phone"], erased["phoneReleased"], erased["status"]) == (
+        "Erased member", None, "erased", True, "SUSPENDED")
+
+    # Her record: no name, unit or number; the number can be registered again, and is no longer hers.
+    async with rt.sessionmaker() as s:
+        row = await s.get(Member, jeanne["id"])
+        assert (row.name, row.unit, row.phone_enc, row.phone_index, row.phone_masked) == (
+            "Erased member", None, None, None, "erased")
+    assert await rt.redis.exists(*phone_keys(index)) == 0
+    assert (await admin.json("GET", f"/v1/members?phone={PHONE.replace('+', '%2B')}", 200))["data"] == []
+    # Her payment: the money record stays, nothing in it reaches her number.
+    assert (await admin.json("GET", f"/v1/payments?paymentAccount={PHONE.replace('+', '%2B')}", 200))["data"] == []
+    kept = await admin.json("GET", f"/v1/payments/{paid.id}", 200)
+    assert (kept["reference"], kept["amount"], kept["status"], kept["paymentAccount"]) == (
+        paid.reference, 50000, "COMPLETED", "erased")
+    async with rt.sessionmaker() as s:
+        pay = await s.get(Payment, paid.id)
+        assert (pay.payment_account_enc, pay.payment_account_index, pay.request_hash) == ("", "", "")
+        assert (pay.member_id, pay.provider_transaction_id, pay.amount_minor) == (jeanne["id"], "MTN-TX-778899", 50000)
+        [sms] = (await s.execute(select(SmsMessage).where(SmsMessage.member_id == jeanne["id"]))).scalars().all()
+    assert (sms.phone_enc, sms.phone_index, sms.phone_masked, sms.body) == ("", "", "erased", "")
+    assert (sms.status, sms.template) == ("SENT", "member_approved")  # what was sent, and when, stays
+    # Her tenant login: off, and named by its id only; her e-mail no longer signs in.
+    users = await admin.json("GET", "/v1/users?limit=100", 200)
+    [account] = [u for u in users["data"] if u["id"] == login["id"]]
+    assert (account["username"], account["isActive"]) == (f"erased-{login['id']}", False)
+    assert EMAIL not in json.dumps(users)
+    signin = await client.post("/v1/auth/token", json={"username": EMAIL, "password": "tenant-password-1"})
+    assert signin.status == 401
+    # The audit log names her by id only: not her name, unit, number or e-mail.
+    audit = json.dumps(await admin.json("GET", "/v1/audit-events?limit=100", 200))
+    for personal in (NAME, UNIT, PHONE, PHONE[1:], EMAIL):
+        assert personal not in audit
+    [event] = await _audits(rt, jeanne["id"], "member.erased")
+    assert event.after == {"erased": True, "payments": 1, "smsMessages": 1, "users": [login["id"]]}
+    assert event.before is None
+    # The number is free: its next holder registers.
+    await admin.json("POST", "/v1/members", 201, json={"name": "Next Holder", "phone": PHONE})
+
+
+async def test_only_a_suspended_member_with_no_open_payment_is_erased_and_only_once(
+        rt: Any, admin: Caller, superadmin: Caller, demo: Any) -> None:
+    jeanne = await _jeanne(admin)
+    active = await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 409)
+    assert active["message"] == "member is PENDING: suspend the member before erasing it"
+    open_payment = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"],
+                                      status="PROCESSING")
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    refused = await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 409)
+    assert refused["message"] == ("the member has 1 payment(s) still open (PENDING or PROCESSING): erase the "
+                                  "member once they have settled")
+    # Nothing changed.
+    member = await admin.json("GET", f"/v1/members/{jeanne['id']}", 200)
+    assert (member["name"], member["unit"], member["phoneReleased"]) == (NAME, UNIT, False)
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, open_payment.id)).payment_account_index == rt.cipher.blind_index(PHONE)
+    assert await _audits(rt, jeanne["id"], "member.erased") == []
+
+    async with rt.sessionmaker.begin() as s:  # it settles
+        (await s.get(Payment, open_payment.id)).status = "FAILED"
+    await superadmin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    again = await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)  # a retry changes nothing
+    assert (again["name"], again["phone"]) == ("Erased member", "erased")
+    assert len(await _audits(rt, jeanne["id"], "member.erased")) == 1
+    # Erased means released: she cannot come back with no number.
+    back = await admin.json("PATCH", f"/v1/members/{jeanne['id']}", 409, json={"status": "ACTIVE"})
+    assert "released" in back["message"]
+
+
+async def test_a_message_still_queued_is_not_sent_and_her_numbers_stop_goes(
+        rt: Any, admin: Caller, demo: Any, worker: Any, aiohttp_server: Any) -> None:
+    _, sim = await start_simulator(aiohttp_server, rt)
+    jeanne = await _jeanne(admin)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/approve", 200)  # queued, not sent yet
+    async with rt.sessionmaker.begin() as s:
+        parked = str((await s.execute(insert(SmsMessage).values(
+            cooperative_id=demo["cooperative_id"], member_id=jeanne["id"],
+            phone_enc=rt.cipher.encrypt(PHONE, context=SMS_PHONE_CONTEXT), phone_index=rt.cipher.blind_index(PHONE),
+            phone_masked="+25078****111", template="help", language="en", body=f"Hello {NAME}", encoding="GSM-7",
+            length=20, segments=1, status="QUEUED", idempotency_key="parked-help-1").returning(SmsMessage.id)
+        )).scalar_one())
+        s.add(PhoneOptOut(phone_index=rt.cipher.blind_index(PHONE), created_at=datetime.now(UTC)))
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    await drain(worker)
+    assert sim.requests == []  # neither the welcome nor the parked message left
+    async with rt.sessionmaker() as s:
+        row = await s.get(SmsMessage, parked)
+        assert (row.status, row.failure_reason, row.body, row.phone_enc) == (
+            "FAILED", "not sent: member_erased", "", "")
+        # Her STOP was hers: the number's next holder does not inherit it.
+        assert await s.get(PhoneOptOut, rt.cipher.blind_index(PHONE)) is None
+        forget = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "ussd.forget_phone"))).scalars().all()
+    assert [j.payload["blind_index"] for j in forget] == [rt.cipher.blind_index(PHONE)]
+
+
+async def test_a_refund_of_an_erased_members_payment_is_recorded_not_sent(rt: Any, admin: Caller, demo: Any) -> None:
+    jeanne = await _jeanne(admin)
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    refused = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 409, json={"idempotencyKey": idem()})
+    assert refused["message"] == ("the payment's member was erased: the account to refund is no longer known; "
+                                  "record a refund the provider made with returnedByProvider")
+    recorded = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201, json={
+        "idempotencyKey": idem(), "returnedByProvider": {"providerTransactionId": "MTN-REV-1"}})
+    assert recorded["status"] == "COMPLETED"
+
+
+async def test_audit_rows_say_which_personal_fields_changed_not_their_values(rt: Any, admin: Caller) -> None:
+    jeanne = await _jeanne(admin)
+    await admin.json("PATCH", f"/v1/members/{jeanne['id']}", 200,
+                     json={"name": "Jeanne M. Uwera", "unit": "E-1", "language": "rw"})
+    [event] = await _audits(rt, jeanne["id"], "member.updated")
+    assert event.before == {"language": "en", "status": "PENDING"}
+    assert event.after == {"language": "rw", "status": "PENDING", "name": "changed", "unit": "changed"}
+    login = await admin.json("POST", "/v1/users", 201, json={"username": EMAIL, "password": "tenant-password-1",
+                                                              "role": "TENANT", "memberId": jeanne["id"]})
+    [created] = await _audits(rt, login["id"], "user.created")
+    assert created.after == {"role": "TENANT", "memberId": jeanne["id"]}  # a tenant's username is often her e-mail
+
+
+async def test_prune_empties_an_old_messages_number_with_its_text(rt: Any) -> None:
+    old = datetime.now(UTC) - timedelta(days=200)
+    async with rt.sessionmaker.begin() as s:
+        sent = str((await s.execute(insert(SmsMessage).values(
+            phone_enc=rt.cipher.encrypt(PHONE, context=SMS_PHONE_CONTEXT), phone_index=rt.cipher.blind_index(PHONE),
+            phone_masked="+25078****111", template="receipt", language="en", body="Paid 50,000 RWF", encoding="GSM-7",
+            length=15, segments=1, status="SENT", idempotency_key="old-receipt", created_at=old, updated_at=old)
+            .returning(SmsMessage.id))).scalar_one())
+    report = {p.table: p.count for p in await prune(rt.engine, RetentionPolicy())}
+    assert report["sms_messages"] == 1
+    async with rt.sessionmaker() as s:
+        row = await s.get(SmsMessage, sent)
+    assert (row.body, row.phone_enc, row.phone_index, row.phone_masked) == ("", "", "", "+25078****111")
+
+
+async def test_erase_of_another_cooperatives_member_is_not_found(admin: Caller, demo: Any, coop_b: Any) -> None:
+    await coop_b["admin"].json("DELETE", f"/v1/members/{coop_b['member_id']}", 200)
+    await admin.json("POST", f"/v1/members/{coop_b['member_id']}/erase", 404)
+    assert (await coop_b["admin"].json("GET", f"/v1/members/{coop_b['member_id']}", 200))["name"] == "Bea Other"

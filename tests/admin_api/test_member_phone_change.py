@@ -1,0 +1,135 @@
+"""Right to rectification: a member's number typed wrong at registration, or a new SIM, is corrected on her record
+with PATCH /v1/members/{id} {"phone": ...}: read in the cooperative's country, encrypted, blind-indexed and masked
+as on create, her history kept; the old number is no longer hers (its USSD keys and, once no membership holds
+it, its STOP go), and the new one brings its own STOP state."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from channels.ussd.sessions import phone_keys
+from core.members import number_opted_out, phone_context
+from core.models import AuditEvent, Member, OutboxJob, Payment, PhoneOptOut
+from tests.admin_api.conftest import Caller
+from tests.admin_api.test_payments_countries import country_admin
+from tests.channels.sms.helpers import make_payment
+
+OLD, NEW = "+250788444001", "+250788444010"
+
+
+async def _member(rt: Any, member_id: str) -> Member:
+    async with rt.sessionmaker() as s:
+        return await s.get(Member, member_id)
+
+
+async def _stop(rt: Any, phone: str) -> None:
+    """The number sent STOP (channels.sms.routes): its opt-out, and the flag on its memberships."""
+    async with rt.sessionmaker.begin() as s:
+        s.add(PhoneOptOut(phone_index=rt.cipher.blind_index(phone), created_at=datetime.now(UTC)))
+        for member in (await s.execute(select(Member).where(
+                Member.phone_index == rt.cipher.blind_index(phone)))).scalars():
+            member.reminders_opt_out = True
+
+
+async def _opted_out(rt: Any, phone: str) -> bool:
+    async with rt.sessionmaker() as s:
+        return await s.get(PhoneOptOut, rt.cipher.blind_index(phone)) is not None
+
+
+async def test_admin_corrects_a_members_number_and_keeps_her_history(rt: Any, admin: Caller, demo: Any) -> None:
+    diane = await admin.json("POST", "/v1/members", 201, json={"name": "Diane Keza", "phone": OLD})
+    paid = await make_payment(rt, demo["cooperative_id"], account=OLD, member_id=diane["id"])
+    old_index = (await _member(rt, diane["id"])).phone_index
+    for key in phone_keys(old_index):
+        await rt.redis.set(key, "fr")
+
+    fixed = await admin.json("PATCH", f"/v1/members/{diane['id']}", 200, json={"phone": "0788 444 010"})
+    assert (fixed["phone"], fixed["phoneReleased"], fixed["name"]) == ("+25078****010", False, "Diane Keza")
+    row = await _member(rt, diane["id"])
+    assert rt.cipher.decrypt(row.phone_enc, context=phone_context(row.cooperative_id)) == NEW
+    assert (row.phone_index, row.phone_masked) == (rt.cipher.blind_index(NEW), "+25078****010")
+    # The number finds her now; the old one finds nobody and may be given to someone else.
+    assert [m["id"] for m in (await admin.json("GET", "/v1/members?phone=0788444010", 200))["data"]] == [diane["id"]]
+    assert (await admin.json("GET", "/v1/members?phone=0788444001", 200))["data"] == []
+    await admin.json("POST", "/v1/members", 201, json={"name": "Old Number Holder", "phone": OLD})
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, paid.id)).member_id == diane["id"]  # her history stays hers
+        [event] = (await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == diane["id"], AuditEvent.action == "member.updated"))).scalars().all()
+        forget = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "ussd.forget_phone"))).scalars().all()
+    assert event.before == {"language": "en", "status": "ACTIVE", "phone": "+25078****001"}
+    assert event.after == {"language": "en", "status": "ACTIVE", "phone": "+25078****010"}
+    assert OLD[4:] not in json.dumps([event.before, event.after]) and NEW[4:] not in json.dumps(event.after)
+    # The old number's USSD language and resume route are not hers any more (and a job deletes them too).
+    assert await rt.redis.exists(*phone_keys(old_index)) == 0
+    assert [j.payload["blind_index"] for j in forget] == [old_index]
+
+
+async def test_a_number_another_member_of_the_cooperative_has_is_refused(
+        rt: Any, admin: Caller, demo: Any, coop_b: Any) -> None:
+    diane = await admin.json("POST", "/v1/members", 201, json={"name": "Diane Keza", "phone": OLD})
+    taken = await admin.json("PATCH", f"/v1/members/{diane['id']}", 409, json={"phone": "+250788000001"})  # Aline's
+    assert taken["message"] == "a member with this phone number already exists in this cooperative"
+    assert (await _member(rt, diane["id"])).phone_index == rt.cipher.blind_index(OLD)
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == diane["id"], AuditEvent.action == "member.updated"))).first() is None
+    # Another cooperative's member with the number is no obstacle (one person, two memberships).
+    moved = await admin.json("PATCH", f"/v1/members/{diane['id']}", 200, json={"phone": "+250788999001"})
+    assert moved["phone"] == "+25078****001"
+    await admin.json("PATCH", f"/v1/members/{diane['id']}", 400, json={"phone": "12345"})  # not a number
+
+
+async def test_the_stop_goes_with_the_number(rt: Any, admin: Caller, demo: Any, coop_b: Any) -> None:
+    diane = await admin.json("POST", "/v1/members", 201, json={"name": "Diane Keza", "phone": OLD})
+    await _stop(rt, OLD)
+    # To a number that never sent STOP: reminders again, and the old number's STOP (no membership holds it) goes.
+    await admin.json("PATCH", f"/v1/members/{diane['id']}", 200, json={"phone": NEW})
+    assert (await _member(rt, diane["id"])).reminders_opt_out is False
+    assert not await _opted_out(rt, OLD)
+    async with rt.sessionmaker() as s:
+        [event] = (await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == diane["id"], AuditEvent.action == "member.updated"))).scalars().all()
+    assert (event.before["remindersOptOut"], event.after["remindersOptOut"]) == (True, False)
+    # To a number that sent STOP (elsewhere): held at send time, as for a member registered with it now, and
+    # nothing of it on her row or in the cooperative's audit log.
+    await _stop(rt, "+250788444020")
+    await admin.json("PATCH", f"/v1/members/{diane['id']}", 200, json={"phone": "+250788444020"})
+    row = await _member(rt, diane["id"])
+    assert row.reminders_opt_out is False
+    async with rt.engine.connect() as conn:
+        assert await conn.scalar(select(number_opted_out(row.phone_index))) is True
+    async with rt.sessionmaker() as s:
+        last = (await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == diane["id"], AuditEvent.action == "member.updated")
+            .order_by(AuditEvent.id.desc()).limit(1))).scalar_one()
+    assert "remindersOptOut" not in last.after
+    # A number still held by another membership (cooperative B's) keeps its person's STOP.
+    await _stop(rt, "+250788999001")
+    await admin.json("PATCH", f"/v1/members/{diane['id']}", 200, json={"phone": "+250788999001"})
+    await admin.json("PATCH", f"/v1/members/{diane['id']}", 200, json={"phone": NEW})
+    assert await _opted_out(rt, "+250788999001")
+    assert (await _member(rt, coop_b["member_id"])).reminders_opt_out is True
+
+
+async def test_a_released_number_is_not_corrected(rt: Any, admin: Caller, demo: Any) -> None:
+    aline = demo["members"]["+250788000001"]
+    await admin.json("DELETE", f"/v1/members/{aline}", 200)
+    await admin.json("POST", f"/v1/members/{aline}/release-phone", 200)
+    refused = await admin.json("PATCH", f"/v1/members/{aline}", 409, json={"phone": NEW})
+    assert refused["message"] == ("the member's phone number was released: register the person again as a new "
+                                  "member")
+    assert (await _member(rt, aline)).phone_enc is None
+
+
+async def test_the_number_is_read_in_the_cooperatives_country(
+        rt: Any, client: Any, superadmin: Caller) -> None:
+    admin, _ = await country_admin(superadmin, rt, client, "KE", "NRB", "1500.00")
+    wanjiru = await admin.json("POST", "/v1/members", 201, json={"name": "Wanjiru Kamau", "phone": "0712345678"})
+    fixed = await admin.json("PATCH", f"/v1/members/{wanjiru['id']}", 200, json={"phone": "0712345679"})
+    assert fixed["phone"] == "+25471****679"
+    assert (await _member(rt, wanjiru["id"])).phone_index == rt.cipher.blind_index("+254712345679")

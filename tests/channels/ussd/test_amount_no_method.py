@@ -1,0 +1,75 @@
+"""When the number's methods refuse only the amount (M-Pesa: whole shillings), the member is told so, not that
+her number has no payment method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from channels.ussd.i18n import translate
+from core.models import Payment, PaymentType
+from tests.admin_api.conftest import Caller, bearer
+from tests.channels.ussd.helpers import AtPhone
+
+SAFARICOM, AIRTEL_KE = "+254712000001", "+254733123456"
+
+
+@pytest.fixture
+async def operator(client: Any, demo: dict[str, Any]) -> Caller:
+    return await bearer(client, *demo["super_admin"])
+
+
+async def kenyan_coop(operator: Caller, rt: Any, amount_minor: int) -> None:
+    """A Kenyan cooperative whose one type costs `amount_minor` cents, stored as a type saved before the API
+    refused cents did (the API now answers 400), and a Safaricom and an Airtel member."""
+    coop = await operator.json("POST", "/v1/cooperatives", 201, json={
+        "name": "Nairobi Savings Group", "shortCode": "NSG", "country": "KE", "ussdExtension": "44"})
+    async with rt.sessionmaker.begin() as s:
+        s.add(PaymentType(cooperative_id=coop["id"], name="Monthly Contribution", amount_minor=amount_minor,
+                          currency="KES", is_active=True))
+    for name, phone in (("Achieng Otieno", SAFARICOM), ("Wanjiku Kamau", AIRTEL_KE)):
+        await operator.json("POST", "/v1/members", 201, json={"name": name, "phone": phone,
+                                                              "cooperativeId": coop["id"]})
+
+
+async def pay_the_type(client: Any, phone: str) -> str:
+    p = AtPhone(client, phone, service_code="*384*123*44#")
+    await p.dial()
+    await p.send("1")  # Pay
+    return await p.send("1")  # its only type
+
+
+async def test_safaricom_member_is_told_the_amount_is_the_problem(operator: Caller, client: Any, rt: Any,
+                                                                  db: Any) -> None:
+    """Was "No payment method is available for your number": the member calls about her number while her
+    cooperative's price (1,500.50 KES) is what M-Pesa refuses."""
+    await kenyan_coop(operator, rt, 150_050)
+    answer = await pay_the_type(client, SAFARICOM)
+    assert answer == ("END This amount (1,500.50 KES) cannot be paid by M-Pesa. "
+                      "Please contact Nairobi Savings Group.")
+    assert await db.count(Payment) == 0
+
+
+async def test_a_method_that_cannot_take_the_currency_is_still_the_numbers(operator: Caller, client: Any,
+                                                                           rt: Any, db: Any) -> None:
+    """The Airtel member: this deployment's Airtel account is Rwanda's, so no method serves her number in
+    Kenya whatever the amount; that is not the amount's fault."""
+    await kenyan_coop(operator, rt, 150_050)
+    answer = await pay_the_type(client, AIRTEL_KE)
+    assert answer == ("END No payment method is available for your number. "
+                      "Please contact Nairobi Savings Group.")
+    assert await db.count(Payment) == 0
+
+
+async def test_whole_shillings_go_on_to_the_confirmation(operator: Caller, client: Any, rt: Any) -> None:
+    await kenyan_coop(operator, rt, 150_000)
+    answer = await pay_the_type(client, SAFARICOM)
+    assert answer.startswith("CON Pay Monthly Contribution\nAmount: 1,500.00 KES"), answer
+    assert "Via M-Pesa" in answer
+
+
+@pytest.mark.parametrize("lang", ["en", "fr", "rw", "sw"])
+def test_every_language_names_the_amount_and_the_method(lang: str) -> None:
+    text = translate(lang, "pay.amount_no_method", amount="1,500.50 KES", method="M-Pesa", coop="NSG")
+    assert "1,500.50 KES" in text and "M-Pesa" in text and "NSG" in text
