@@ -34,7 +34,15 @@ from core.auth import OWN_PAYMENTS
 from core.errors import Conflict, NotFound, ValidationError
 from core.models import Member, Payment
 from core.money import Money
-from core.payments import METHODS, NewPayment, collected_amount, create_payment, load_context, record_collected
+from core.payments import (
+    METHODS,
+    NewPayment,
+    collected_amount,
+    create_payment,
+    load_context,
+    payer_index_guess,
+    record_collected,
+)
 from core.phone import normalize
 from core.ratelimit import Limit
 from core.state.payment import PaymentStatus
@@ -97,7 +105,10 @@ PAYMENT_CREATE = obj(
         "description": {"type": ["string", "null"], "maxLength": 500},
         "dueDate": {"type": ["string", "null"], "format": "date-time"},
         "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128},
-        "memberId": {"type": "string", "format": "uuid", "description": "admins: the member paying"},
+        "memberId": {"type": "string", "format": "uuid",
+                     "description": "admins: the member paying. Without it, a mobile-money payment is the "
+                                    "cooperative's ACTIVE member's whose registered number is paymentAccount "
+                                    "(none for another number or a bank method); a tenant always pays as themselves"},
         "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"},
     },
     ["paymentTypeId", "amount", "paymentMethod", "paymentAccount", "idempotencyKey"],
@@ -196,8 +207,12 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
         )
         if visible.scalar_one_or_none() is None:
             raise NotFound("member not found")
-    # The cooperative, the type and the member in one query, handed to create_payment (not read twice).
-    context = await load_context(ctx.session, coop_id, body["paymentTypeId"], member_id)
+    # No member named by an admin or a key (seed 001 has no memberId): the payment is the cooperative's active
+    # member's whose registered number pays, as a USSD payment is the dialling member's.
+    by_account = member_id is None and not who.is_tenant
+    guess = payer_index_guess(ctx.rt.cipher, body["paymentMethod"], body["paymentAccount"]) if by_account else None
+    # The cooperative, the type and the members in one query, handed to create_payment (not read twice).
+    context = await load_context(ctx.session, coop_id, body["paymentTypeId"], member_id, payer_index=guess)
     ptype = context.ptype
     if ptype is None:
         raise NotFound("payment type not found")
@@ -213,6 +228,7 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
         member_id=member_id,
         description=body.get("description"),
         due_date=_parse_due(due) if due else None,
+        member_from_account=by_account,
     )
     payment, created = await create_payment(ctx.session, ctx.rt, new, actor=who.actor, context=context)
     if not created and not who.has("payments:read") and payment.created_by != who.actor.id:
@@ -222,7 +238,9 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
                        "read: look it up with a key that has payments:read, or use a new idempotency key for a "
                        "new payment", field="idempotencyKey")
     await ctx.session.commit()
-    response = json_response(present(payment), status=201 if created else 200)
+    # A replay answers as the first request did (seed 001: 201, the same key "returns existing payment"): a
+    # client retrying after a lost answer checks for 201; Idempotent-Replayed tells the two apart.
+    response = json_response(present(payment), status=201)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return response
@@ -344,7 +362,6 @@ ROUTES = [
         response=PAYMENT,
         limit=Limit("payments:create", 10),
         tenants=True,
-        alt_statuses=(200,),
     ),
     Route(
         "GET",

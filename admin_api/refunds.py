@@ -157,7 +157,11 @@ async def create_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         returned=await returned_from(ctx, body, payment.cooperative_id),
     )
     await ctx.session.commit()
-    return json_response(present(refund), status=201 if created else 200)
+    # A replay answers as the first request did (201), marked as payments' replays are.
+    response = json_response(present(refund), status=201)
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 async def record_outcome(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -220,7 +224,6 @@ ROUTES = [
         status=201,
         body=CREATE,
         response=REFUND,
-        alt_statuses=(200,),
     ),
     Route(
         "GET",

@@ -566,13 +566,13 @@ def api_payments(b: Bench, label: str, name: str, second: Proc | None = None, no
 
 
 def replay_check(b: Bench, run: str) -> bool:
-    """The same key and body again: 200 with the same payment, no new row."""
+    """The same key and body again: 201 (as the first answer) with the same payment, marked replayed, no new row."""
     body = {"paymentTypeId": b.demo["payment_types"]["Water"], "amount": 5000, "paymentMethod": "MOBILE_MONEY_AIRTEL",
             "paymentAccount": AIRTEL_PAYER, "description": "bench", "idempotencyKey": f"bench-{run}-0-5"}
     headers = {"Authorization": f"Bearer {b.token}"}
     first = httpx.post(f"{b.url}/v1/payments", json=body, headers=headers, timeout=30)
     second = httpx.post(f"{b.url}/v1/payments", json=body, headers=headers, timeout=30)
-    return first.status_code in (200, 201) and second.status_code == 200 \
+    return first.status_code == 201 and second.status_code == 201 \
         and first.json()["id"] == second.json()["id"] and second.headers.get("Idempotent-Replayed") == "true"
 
 

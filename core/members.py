@@ -320,21 +320,21 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
                         phone: Phone) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """Correct the member's number (typed wrong at registration, a new SIM): encrypted, blind-indexed and masked
     as create_member writes it, her history kept. The unique (cooperative, phone) index decides whether another
-    member of the cooperative has it (a 409, as for a create). Her flag starts again as a membership made now
-    would (False: what the new number sent elsewhere holds at send time, unseen here); the old number's STOP is
-    forgotten once no membership holds it (release_phone). The audit's before and after (masked numbers only),
-    or None when the number is the one she has. The caller locked the row first (lock_member), and forgets the
+    member of the cooperative has it (a 409, as for a create). Her own flag stays: a STOP she sent as this
+    cooperative's member is hers, not her SIM's (a new SIM is what a correction is most often for; a START from the
+    new number clears it); what the new number sent elsewhere holds at send time, unseen here. The old number's
+    STOP is forgotten once no membership holds it (release_phone). The audit's before and after (masked numbers
+    only), or None when the number is the one she has. The caller locked the row first (lock_member), and forgets the
     old number's USSD keys in Redis (admin_api.members)."""
     if await _released(session, member.id):  # under the row's lock: none can release it meanwhile
         raise Conflict(f"{PHONE_RELEASED}: register the person again as a new member", field="phone")
     index = cipher.blind_index(phone.e164)
-    old_index, old_mask, old_opt_out = member.phone_index, member.phone_masked, member.reminders_opt_out
+    old_index, old_mask = member.phone_index, member.phone_masked
     if index == old_index:
         return None
     member.phone_enc = cipher.encrypt(phone.e164, context=phone_context(member.cooperative_id))
     member.phone_index = index
     member.phone_masked = phone.masked()
-    member.reminders_opt_out = False
     try:
         async with session.begin_nested():  # a savepoint: the refused number leaves the caller's transaction usable
             await session.flush()
@@ -342,11 +342,7 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
         raise Conflict(DUPLICATE_PHONE, field="phone") from None
     if old_index is not None:
         await _forget_opt_out_if_unheld(session, old_index)
-    before: dict[str, Any] = {"phone": old_mask}
-    after: dict[str, Any] = {"phone": member.phone_masked}
-    if member.reminders_opt_out != old_opt_out:
-        before["remindersOptOut"], after["remindersOptOut"] = old_opt_out, member.reminders_opt_out
-    return before, after
+    return {"phone": old_mask}, {"phone": member.phone_masked}
 
 
 async def _forget_opt_out_if_unheld(session: AsyncSession, phone_index: str) -> None:

@@ -51,6 +51,17 @@ WORKER_LOST = f"{INTERRUPTED}: worker lost while running (lease expired)"
 # What a handler whose provider call must not be sent twice blind writes on its running job just before that
 # call (call_starting). A job lost with its worker after this was written may have reached the provider.
 CALL_STARTED = "provider call started; if this attempt is lost, the call may have arrived"
+# How last_error starts once some try of a job may have reached its provider without the job being INTERRUPTED (so
+# it is sent again as it was, under the same reference): an attempt failed after stamping its call (call_starting)
+# with an error that has it sent again (a retryable ProviderError: a 5xx from a provider that deduplicates by our
+# reference), other than a refusal of nothing processed (NOTHING_PROCESSED). Every later attempt's last_error keeps
+# it (_doubt_kept): it speaks for the job's tries so far, not only its last (core.refunds.cancel_refund).
+CALL_SENT = "provider call sent, may have arrived"
+# The codes (core.ports.ProviderError.code) of a retryable failure that says the request was refused before the
+# provider processed anything: a connection never made (providers.calls.send), a rate limit's HTTP 429
+# (providers.calls.ProviderBusy). A stamped call that failed so is as one never sent. Anything else counts as
+# arrived: a list of what is safe, so an error nobody thought of errs on the side of "may have arrived".
+NOTHING_PROCESSED = frozenset({"UNREACHABLE", "HTTP_429"})
 # What a claim leaves on a job it starts for the first time (no last_error yet): claimed, its provider call not
 # started. Empty, so it reads as no error (and an older worker, which never wrote it, is never taken for one
 # whose call had not started). Found still there on a job whose worker was lost, it says the lost attempt
@@ -425,7 +436,7 @@ class OutboxWorker:
             outcome = "later"
             # Waiting is not failing: give the attempt back.
             await self._finish(job, status="PENDING", locked_by=None, attempts=job.attempts - 1,
-                               run_in=later.delay, last_error=str(later))
+                               run_in=later.delay, last_error=_doubt_kept(job, str(later))[:2000])
         except PermanentJobError as exc:
             outcome = "parked"
             log.error("job parked", extra={"job_id": job.id, "kind": job.kind, **_subject(job), "error": str(exc)})
@@ -444,6 +455,7 @@ class OutboxWorker:
                 # "send it again" (a retryable ProviderError): the request may have arrived (e.g. accepted,
                 # then the database went away before the answer was written). The next attempt asks.
                 error = f"{INTERRUPTED}: failed after its provider call started: {error}"[:2000]
+            error = _doubt_kept(job, error, exc)[:2000]
             if job.attempts >= job.max_attempts:
                 outcome = "parked"
                 log.error("job parked after retries",
@@ -476,6 +488,7 @@ class OutboxWorker:
         error = f"{SCHEMA_MISMATCH}: {type(exc).__name__}: {exc}"
         if job.call_started or job.interrupted:
             error = f"{INTERRUPTED}: {error}"
+        error = _doubt_kept(job, error)
         self._mismatches += 1
         now = time.monotonic()
         if now - self._mismatch_logged >= SCHEMA_LOG_SECONDS:
@@ -591,6 +604,19 @@ _FINISH = update(_TABLE).where(_TABLE.c.id == bindparam("b_id"), _TABLE.c.locked
                                _TABLE.c.status == "RUNNING")
 # _FINISH for a job due again in b_delay seconds by the database's clock (PostgreSQL; see _finish).
 _FINISH_LATER = _FINISH.values(run_at=_db_now_plus(bindparam("b_delay", type_=Float)))
+
+
+def _doubt_kept(job: Job, error: str, exc: BaseException | None = None) -> str:
+    """`error`, the last_error an attempt of `job` ends with, marked CALL_SENT when a try of the job may have reached
+    its provider and `error` does not already say so (INTERRUPTED): this attempt stamped its call and failed other
+    than with NOTHING_PROCESSED (`exc`), or an earlier try's doubt is carried on (CALL_SENT, or a call that may
+    have arrived before it)."""
+    if error.startswith((INTERRUPTED, CALL_SENT)):
+        return error
+    refused = getattr(exc, "retryable", None) is True and getattr(exc, "code", None) in NOTHING_PROCESSED
+    if (job.call_started and not refused) or job.call_may_have_arrived or (job.last_error or "").startswith(CALL_SENT):
+        return f"{CALL_SENT}: {error}"
+    return error
 
 
 def _told(last_error: str | None) -> str | None:

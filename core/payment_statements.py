@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import String, and_, bindparam, cast, func, insert, literal, literal_column, null, select, union_all
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import aliased
 
 from core.db import table_of
 from core.models import AuditEvent, Cooperative, Member, OutboxJob, Payment, PaymentType, ProviderEvent
@@ -74,17 +75,24 @@ def stored_and_locked(by_transaction: bool) -> Any:
             .with_for_update(of=table_of(Payment)))
 
 
-# The cooperative, its payment type (only if it is the cooperative's) and the member (only if theirs,
-# with their status: a pending or suspended member cannot pay).
-# Parameters: coop_id, type_id, member_id (None: no member). One row, or none without the cooperative.
+# The cooperative, its payment type (only if it is the cooperative's), the member (only if theirs, with their
+# status: a pending or suspended member cannot pay) and the paying member: the cooperative's ACTIVE member whose
+# registered number has the blind index payer_index (at most one: unique per cooperative; core.payments attaches
+# an API payment that names no member to them, as USSD does the dialling member). In the same query: the hot
+# path's one read stays one.
+# Parameters: coop_id, type_id, member_id (None: no member), payer_index (None: no lookup). One row, or none
+# without the cooperative.
+_PAYER = aliased(Member, name="payer")
 CONTEXT = (
     select(Cooperative.id.label("coop_id"), Cooperative.status.label("coop_status"), Cooperative.country,
            PaymentType.id.label("type_id"), PaymentType.cooperative_id.label("type_coop"), PaymentType.name,
            PaymentType.amount_minor, PaymentType.currency, PaymentType.allow_custom_amount, PaymentType.is_active,
-           Member.id.label("member_id"), Member.status.label("member_status"))
+           Member.id.label("member_id"), Member.status.label("member_status"), _PAYER.id.label("payer_id"))
     .select_from(Cooperative)
     .outerjoin(PaymentType, and_(PaymentType.id == bindparam("type_id", type_=String),
                                  PaymentType.cooperative_id == Cooperative.id))
     .outerjoin(Member, and_(Member.id == bindparam("member_id", type_=String), Member.cooperative_id == Cooperative.id))
+    .outerjoin(_PAYER, and_(_PAYER.phone_index == bindparam("payer_index", type_=String),
+                            _PAYER.cooperative_id == Cooperative.id, _PAYER.status == "ACTIVE"))
     .where(Cooperative.id == bindparam("coop_id", type_=String))
 )

@@ -19,7 +19,7 @@ from core import metrics, pgraw
 from core.audit import Actor, record
 from core.db import insert_ignore, iso_ms, iso_z, lock_row, row_insert, table_of, utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
-from core.models import Payment, ProviderEvent
+from core.models import Member, Payment, ProviderEvent
 from core.money import Money
 from core.notify import changed_at, emit_event, notice_jobs
 from core.outbox import NewJob, db_now, enqueue_many
@@ -63,6 +63,9 @@ class NewPayment:
     description: str | None = None
     due_date: datetime | None = None
     reference: str | None = None  # reserved beforehand (USSD shows it on the confirmation); else allocated
+    # No member named (an admin's or an API key's request, as seed 001 shapes it): the payment is the member's
+    # whose registered number pays, if that member is one of the cooperative's ACTIVE members (paying_member).
+    member_from_account: bool = False
 
 
 def account_context(cooperative_id: str) -> str:
@@ -134,6 +137,10 @@ def _replay(cipher: PiiCipher, existing: Payment, new: NewPayment, account: str)
     """The first payment made with a key, when this request is the same one again. A request that named no
     amount is compared with the amount its first time charged: the type's price may have changed since, and
     a retry of the same body must still find its payment (not a 409, nor a 400 about today's price)."""
+    if not existing.request_hash:
+        # Its payer was erased (core.members.erase_member): the request it was made with can no longer be compared,
+        # and the key still names this payment; calling the retry "a different request" would be a lie.
+        return existing, False
     amount = new.amount or Money(existing.amount_minor, existing.currency)
     if not _same_request(cipher, existing.request_hash, _request_digest(new, amount, account)):
         raise Conflict("Payment with this idempotency key already exists with a different request",
@@ -148,7 +155,8 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     The provider reference (a UUID) is on the row before the provider is ever called, so every
     retry of the collection reuses it. On PostgreSQL the payment, its audit row and both outbox jobs
     are one statement; a replayed key is found by the INSERT's conflict, not by a SELECT before it.
-    `context`: the cooperative, type and member as load_context read them, when the caller already did.
+    `context`: the cooperative, type and member as load_context read them, when the caller already did (with
+    payer_index_guess's index when `new.member_from_account`: the paying member is then found in that read).
     """
     key = _check_key(new.idempotency_key)
     if new.method not in METHODS:
@@ -159,7 +167,9 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         raise ValidationError("description must be at most 500 characters", field="description")
 
     if context is None:
-        context = await load_context(session, new.cooperative_id, new.payment_type_id, new.member_id)
+        guess = payer_index_guess(rt.cipher, new.method, new.account) if _found_by_account(new) else None
+        context = await load_context(session, new.cooperative_id, new.payment_type_id, new.member_id,
+                                     payer_index=guess)
     coop, ptype = context.coop, context.ptype
     if coop is None or coop.status != "ACTIVE":
         raise NotFound("cooperative not found")
@@ -203,13 +213,18 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
             return _replay(rt.cipher, existing, new, account)
         raise refused
 
+    # The member found by the paying number is not in the request's digest (that has the member as sent): a
+    # replay of the same body still matches, whoever holds the number by then.
+    member_id = new.member_id
+    if _found_by_account(new):
+        member_id = await paying_member(session, rt.cipher, context, coop.id, account)
     provider = rt.provider_for(new.method)
     now = utcnow()
     payment_id = str(uuid.uuid4())
     values: dict[str, Any] = {
         "id": payment_id,
         "cooperative_id": coop.id,
-        "member_id": new.member_id,
+        "member_id": member_id,
         "payment_type_id": ptype.id,
         "reference": new.reference,
         "amount_minor": amount.minor,
@@ -295,12 +310,16 @@ class PaymentContext:
     ptype: TypeFacts | None
     member_found: bool = False
     member_status: str | None = None  # the member's, when found: only an ACTIVE member pays
+    payer_index: str | None = None  # the blind index the paying member was looked up by (None: not looked up)
+    payer_id: str | None = None  # the cooperative's ACTIVE member with that number, if any
 
 
 async def load_context(session: AsyncSession, cooperative_id: str, payment_type_id: str,
-                       member_id: str | None) -> PaymentContext:
-    """The cooperative, its payment type and whether the member is theirs, in one query."""
-    params = {"coop_id": cooperative_id, "type_id": payment_type_id, "member_id": member_id}
+                       member_id: str | None, *, payer_index: str | None = None) -> PaymentContext:
+    """The cooperative, its payment type, whether the member is theirs and, with `payer_index`
+    (payer_index_guess), their active member with that number: in one query."""
+    params = {"coop_id": cooperative_id, "type_id": payment_type_id, "member_id": member_id,
+              "payer_index": payer_index}
     if session.get_bind().dialect.name == "postgresql":
         row: Any = await pgraw.fetchrow(session, pgraw.compiled(CONTEXT), params)
     else:
@@ -313,7 +332,42 @@ async def load_context(session: AsyncSession, cooperative_id: str, payment_type_
     if row["type_id"] is not None:
         ptype = TypeFacts(row["type_id"], row["type_coop"], row["name"], row["amount_minor"], row["currency"],
                           row["allow_custom_amount"], row["is_active"])
-    return PaymentContext(coop, ptype, row["member_id"] is not None, row["member_status"])
+    return PaymentContext(coop, ptype, row["member_id"] is not None, row["member_status"],
+                          payer_index, row["payer_id"])
+
+
+def _found_by_account(new: NewPayment) -> bool:
+    """Whether the payment's member is the one whose number pays: none named, asked for, and a wallet number
+    (a bank method's account is an account number or an e-mail, never a member's)."""
+    return new.member_id is None and new.member_from_account and new.method in METHOD_OPERATOR
+
+
+def payer_index_guess(cipher: PiiCipher, method: str, account: str) -> str | None:
+    """The blind index to look the paying member up by in load_context's query (None: nothing to look up, a
+    bank account or not a number). The cooperative's country, which a number without its country code is read
+    in, comes with that same query: such a number is read as DEFAULT_REGION's here, and paying_member checks the
+    guess against the account as create_payment stores it."""
+    if method not in METHOD_OPERATOR:
+        return None
+    try:
+        return cipher.blind_index(normalize(account).e164)
+    except PhoneError:
+        return None  # create_payment refuses it, with the cooperative's country
+
+
+async def paying_member(session: AsyncSession, cipher: PiiCipher, context: PaymentContext, cooperative_id: str,
+                        account: str) -> str | None:
+    """The cooperative's ACTIVE member whose registered number is `account` (E.164): the one a payment that
+    names no member is made by, as USSD attaches the dialling member. A pending or suspended member's number,
+    or a number no member has, gives None. Found by load_context's query when its guess was right; else (a
+    number without its country code in another country's cooperative) read now."""
+    index = cipher.blind_index(account)
+    if context.payer_index == index:
+        return context.payer_id
+    return (await session.execute(
+        select(Member.id).where(Member.cooperative_id == cooperative_id, Member.phone_index == index,
+                                Member.status == "ACTIVE")
+    )).scalar_one_or_none()
 
 
 def _persistent(session: AsyncSession, payment: Payment) -> Payment:

@@ -21,7 +21,7 @@ from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
-from core.outbox import CALL_STARTED, INTERRUPTED, end_waiting, enqueue, enqueue_many
+from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, end_waiting, enqueue, enqueue_many
 from core.ports import ProviderEvent as ProviderEventData
 from core.ports import ProviderOutcome
 from core.references import next_reference
@@ -479,10 +479,11 @@ async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, c
     ended, audited with the admin's note, the cooperative's system told (refund.failed) and the dispute resolved
     with it noted. The member gets no SMS: she was never told of a refund not sent.
 
-    Only while its submission is PENDING and no try of it may have reached the provider (core.outbox: a try
-    cut off, or lost with its worker, may have), ended in this transaction by the guarded end_waiting
-    _withdraw_unsent uses: a worker claiming it at the same moment either finds it ended or holds it RUNNING,
-    and then the refund may be on its way (409: wait for its outcome)."""
+    Only while its submission is PENDING and no try of it may have reached the provider (_untried_or_refused:
+    every try failed before its call, or was refused unprocessed - a connection never made, an HTTP 429; one
+    answered 5xx, cut off, or lost with its worker may be carried out), ended in this transaction by the guarded
+    end_waiting _withdraw_unsent uses: a worker claiming it at the same moment either finds it ended or holds it
+    RUNNING, and then the refund may be on its way (409: wait for its outcome, or record it once parked)."""
     note = admin_note(note, "why the refund is withdrawn")
     refund = await lock_row(session, Refund, refund_id, cooperative_id)
     if refund is None:
@@ -522,10 +523,15 @@ async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, c
 
 def _untried_or_refused() -> Any:
     """A refund submission none of whose tries may have reached the provider: never tried, or every try failed
-    before its call or with the provider's own "send it again" (a retryable error: an outage, a 503). A try cut
-    off or lost with its worker leaves INTERRUPTED (or its CALL_STARTED stamp): its request may have arrived."""
-    return or_(OutboxJob.last_error.is_(None),
-               and_(~OutboxJob.last_error.startswith(INTERRUPTED), OutboxJob.last_error != CALL_STARTED))
+    before its call (its token, say) or was refused before anything was processed (core.outbox.NOTHING_PROCESSED:
+    a connection never made, an HTTP 429). The worker marks the others for the job's whole life, as it records
+    each try: one that stamped its call and then failed otherwise (a 5xx - MTN's 504 is its back end not answering
+    in time, and it may still carry the refund out -, an unreadable answer) leaves CALL_SENT; one cut off or lost
+    with its worker leaves INTERRUPTED (or its CALL_STARTED stamp). Withdrawn then, and its amount refunded again
+    under a new reference, the member could be paid back twice."""
+    error = OutboxJob.last_error
+    return or_(error.is_(None), and_(~error.startswith(INTERRUPTED, autoescape=True),
+                                     ~error.startswith(CALL_SENT, autoescape=True), error != CALL_STARTED))
 
 
 async def _live(session: AsyncSession, its_jobs: Any, kind: str) -> bool:

@@ -24,5 +24,7 @@ function request()
 end
 
 function response(status, headers, body)
-  if status == 201 then created = created + 1 elseif status == 200 then replayed = replayed + 1 else bad = bad + 1 end
+  -- A replay of a key answers 201 too, marked Idempotent-Replayed (the API payments; the baseline never replays).
+  if status == 201 and headers["Idempotent-Replayed"] == nil then created = created + 1
+  elseif status == 201 or status == 200 then replayed = replayed + 1 else bad = bad + 1 end
 end

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
@@ -18,12 +18,15 @@ from channels.ussd.engine import Ctx, Invalid, Item
 from channels.ussd.i18n import LANGUAGES
 from channels.ussd.types import side_effect_started
 from core.audit import Actor
-from core.errors import Conflict, DomainError
+from core.errors import BusinessRuleError, Conflict, DomainError
 from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import Money, MoneyError
 from core.payment_types import wallets_by_operator
 from core.state.payment import OPEN, PaymentStatus, holds_money, shown_status
 from core.text import is_number
+
+if TYPE_CHECKING:
+    from core.payments import PaymentContext
 
 COLLECTED = ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED")
 REASONS = ("CHARGED_NOT_RECORDED", "WRONG_AMOUNT", "NOT_AUTHORISED", "OTHER")
@@ -585,7 +588,7 @@ async def confirm_args(ctx: Ctx) -> dict[str, Any]:
 
 
 async def confirmed(ctx: Ctx, _key: str) -> str:
-    from core.payments import NewPayment, create_payment, get_by_reference
+    from core.payments import NewPayment, create_payment, get_by_reference, load_context
 
     turn = ctx.hop
     reference = ctx.data.get("rr") or None
@@ -598,7 +601,12 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
     side_effect_started()
     try:
         async with ctx.rt.sessionmaker.begin() as session:
-            payment, _created = await create_payment(session, ctx.rt, new, actor=actor(ctx))
+            # The member as create_payment reads her, with the cooperative's active member of this number in
+            # the same query: the check below costs no extra round trip.
+            context = await load_context(session, new.cooperative_id, new.payment_type_id, new.member_id,
+                                         payer_index=ctx.rt.cipher.blind_index(turn.phone.e164))
+            _check_number_still_hers(context, new.member_id)
+            payment, _created = await create_payment(session, ctx.rt, new, actor=actor(ctx), context=context)
     except IntegrityError:
         # The reserved reference is taken: a resumed session carried it from a session whose
         # confirmation was committed but whose answer was lost. That payment is this one: shown as
@@ -611,6 +619,20 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
             raise
         return _earlier_payment(ctx, earlier)
     return _shown_payment(ctx, payment, "pay_done")
+
+
+def _check_number_still_hers(context: PaymentContext, member_id: str | None) -> None:
+    """Refuse a payment by a member whose number is no longer the dialling phone's.
+
+    The session chose her from its first hop's memberships and keeps them (memberships()): a number corrected,
+    released or erased since (the admin API) leaves the session of the old number going on as her, and its
+    payment would be hers, paid from a number that is not. An ACTIVE member who is not the cooperative's
+    active member of this number does not hold it any more (a number is one member's per cooperative). Not
+    ACTIVE: create_payment refuses her anyway, with its own reason.
+    """
+    if context.member_status == "ACTIVE" and context.payer_id != member_id:
+        raise BusinessRuleError("the member's number changed during the session: this phone no longer pays as her",
+                                field="memberId")
 
 
 def _earlier_payment(ctx: Ctx, payment: Payment) -> str:
@@ -777,7 +799,9 @@ async def help_args(ctx: Ctx) -> dict[str, Any]:
 
 async def resume_continue(ctx: Ctx, _key: str) -> str:
     saved = await sessions.load_resume(ctx.rt.redis, ctx.rt.cipher, ctx.hop.phone)
-    if saved is None:
+    if saved is None or not await _members_still_hold(ctx, saved.data):
+        # Nothing to continue, or a route of members this number is no longer (corrected, released or erased
+        # since): the menu, as Start again, and the route goes with this hop's save (service._answer).
         ctx.state.stack.clear()
         return "home"
     # This session's own funnel progress stays: the ops funnel counts each session once per step. So does its
@@ -787,6 +811,32 @@ async def resume_continue(ctx: Ctx, _key: str) -> str:
     ctx.state.stack, ctx.state.data = saved.stack, {**saved.data, **mine}
     ctx.state.data["rs"] = 1  # counted as a resumed session
     return await _resumed_reservation(ctx, saved.screen)
+
+
+_HELD = select(Member.id).where(Member.id.in_(bindparam("ids", expanding=True)),
+                                Member.phone_index == bindparam("phone_index"))
+
+
+async def _members_still_hold(ctx: Ctx, data: dict[str, Any]) -> bool:
+    """Whether every member a saved route names (its memberships, the one chosen) still has this phone's number.
+
+    A route carries the memberships its session read on its first hop, and a resumed session goes on from
+    them without reading them again (memberships()). A session of a number taken from its member meanwhile
+    (PATCH phone, release-phone, erase: they forget the route, but a session of the old number still open
+    then saves it again on its next hop) would resume as her: her payments, her disputes, a payment in her
+    name. One query, on the Continue hop only.
+    """
+    saved = data.get("m")
+    ids = {row[0] for row in saved if isinstance(row, list) and row and isinstance(row[0], str)} \
+        if isinstance(saved, list) else set()
+    if isinstance(data.get("mb"), str):
+        ids.add(data["mb"])
+    if not ids:
+        return True  # no member named (a phone of no cooperative): nothing of anyone's to resume
+    async with cache.autocommit(ctx.rt) as conn:
+        held = set((await conn.execute(_HELD, {"ids": sorted(ids), "phone_index": ctx.rt.cipher.blind_index(
+            ctx.hop.phone.e164)})).scalars())
+    return held == ids
 
 
 async def _resumed_reservation(ctx: Ctx, screen: str) -> str:

@@ -31,7 +31,7 @@ async def test_a_retry_on_a_rotated_write_key_is_refused_not_answered_with_a_pay
     await erp.json("POST", "/v1/payments", 201, json={**body, "idempotencyKey": body["idempotencyKey"] + "-2"})
     reader = Caller(client, {"X-API-Key": (await _key(admin, "ERP v3", ("payments:write", "payments:read")))["key"]})
     replayed = await reader.req("POST", "/v1/payments", json=body)
-    assert (replayed.status, (await replayed.json())["id"]) == (200, first["id"])
+    assert (replayed.status, (await replayed.json())["id"]) == (201, first["id"])
     assert replayed.headers["Idempotent-Replayed"] == "true"
     async with rt.sessionmaker() as s:
         assert (await s.execute(select(func.count()).select_from(Payment))).scalar_one() == 2
@@ -43,4 +43,4 @@ async def test_the_same_key_replaying_its_own_request_still_gets_its_payment(adm
     body = payment_body(demo["payment_types"]["Monthly Rent"])
     first = await erp.json("POST", "/v1/payments", 201, json=body)
     again = await erp.req("POST", "/v1/payments", json=body)
-    assert (again.status, (await again.json())["id"]) == (200, first["id"])
+    assert (again.status, (await again.json())["id"]) == (201, first["id"])

@@ -191,3 +191,25 @@ async def test_erase_of_another_cooperatives_member_is_not_found(admin: Caller, 
     await coop_b["admin"].json("DELETE", f"/v1/members/{coop_b['member_id']}", 200)
     await admin.json("POST", f"/v1/members/{coop_b['member_id']}/erase", 404)
     assert (await coop_b["admin"].json("GET", f"/v1/members/{coop_b['member_id']}", 200))["name"] == "Bea Other"
+
+
+async def test_a_retry_of_the_request_that_made_an_erased_members_payment_gets_the_payment(
+        rt: Any, admin: Caller, demo: Any) -> None:
+    """Her request's hash is cleared with her number: an integrator's retry of the same key and body gets the
+    payment (marked replayed), not a 409 calling it "a different request"."""
+    from tests.admin_api.conftest import complete_payment, payment_body
+
+    member = await admin.json("POST", "/v1/members", 201, json={"name": "Jeanne M", "phone": "+250788777222"})
+    if member["status"] != "ACTIVE":
+        await admin.json("POST", f"/v1/members/{member['id']}/approve", 200)
+    ptype = next(iter(demo["payment_types"].values()))
+    body = payment_body(ptype, paymentAccount="+250788777222", memberId=member["id"],
+                        idempotencyKey="int-retry-000001")
+    body["amount"] = (await admin.json("GET", f"/v1/payment-types/{ptype}", 200))["amount"]
+    first = await admin.json("POST", "/v1/payments", 201, json=body)
+    await complete_payment(rt, first["id"])
+    await admin.json("DELETE", f"/v1/members/{member['id']}", 200)
+    await admin.json("POST", f"/v1/members/{member['id']}/erase", 200)
+    again = await admin.req("POST", "/v1/payments", json=body)
+    assert again.status == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert (await again.json())["id"] == first["id"]

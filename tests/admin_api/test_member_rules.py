@@ -26,7 +26,7 @@ async def test_a_suspended_or_pending_member_cannot_be_charged(admin, rt, demo):
     assert refused["error"] == "Unprocessable Entity"
     # A retry of a request accepted before the suspension still answers with its payment.
     replay = await admin.req("POST", "/v1/payments", json=payment_body(rent, memberId=member, idempotencyKey=key))
-    assert replay.status == 200 and (await replay.json())["id"] == before["id"]
+    assert replay.status == 201 and (await replay.json())["id"] == before["id"]
     assert await _payments_of(rt, member) == 1
 
     pending = await admin.json("POST", "/v1/members", 201,

@@ -11,7 +11,8 @@ from core.ports import ProviderOutcome
 from core.refunds import apply_refund_outcome
 from tests.admin_api.conftest import complete_payment, idem, make_payment
 
-PAYER = "+250788000001"  # payment_body's paymentAccount
+# A number no member has: from a member's own number an admin's payment is hers (test_seed_member_and_replay).
+PAYER = "+250788555001"
 
 
 async def _jobs(rt, kind):
@@ -37,7 +38,7 @@ async def _settle_refund(rt, refund_id, outcome):
 
 
 async def test_refund_sms_goes_to_the_paying_phone(admin, rt, demo):
-    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"], paymentAccount=PAYER)
     assert paid["memberId"] is None
     await complete_payment(rt, paid["id"])
     part = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
@@ -51,7 +52,7 @@ async def test_refund_sms_goes_to_the_paying_phone(admin, rt, demo):
 
 
 async def test_dispute_sms_go_to_the_paying_phone(admin, rt, demo):
-    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"], paymentAccount=PAYER)
     dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
     assert await _sms_to(rt, "dispute_opened") == [(None, PAYER)]
     await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200, json={"status": "UNDER_REVIEW"})

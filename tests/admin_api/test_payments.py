@@ -99,7 +99,7 @@ async def test_same_key_same_body_replays_different_body_conflicts(admin, demo):
     first = await admin.json("POST", "/v1/payments", 201, json=first_body)
     resp = await admin.req("POST", "/v1/payments", json=first_body)
     replay = await resp.json()
-    assert resp.status == 200 and resp.headers["Idempotent-Replayed"] == "true"
+    assert resp.status == 201 and resp.headers["Idempotent-Replayed"] == "true"  # as the first (seed 001)
     assert replay["id"] == first["id"]
     conflict = await admin.json(
         "POST", "/v1/payments", 409, json={**first_body, "paymentAccount": "+250788000003"}
@@ -118,14 +118,14 @@ async def test_a_retry_after_the_price_changed_still_finds_its_payment(admin, de
     for retry in (body, {**body, "amount": 50000}):
         resp = await admin.req("POST", "/v1/payments", json=retry)
         replay = await resp.json()
-        assert resp.status == 200 and resp.headers["Idempotent-Replayed"] == "true", replay
+        assert resp.status == 201 and resp.headers["Idempotent-Replayed"] == "true", replay
         assert replay["id"] == first["id"] and replay["amount"] == 50000
     # A new request at the old price is refused with today's price; another body on the key is a conflict.
     fresh = await admin.json("POST", "/v1/payments", 400, json={**body, "idempotencyKey": idem(), "amount": 50000})
     assert fresh["message"] == ["Monthly Rent costs 55,000 RWF; this payment type does not accept another amount"]
     await admin.json("POST", "/v1/payments", 409, json={**body, "amount": 55000})
     await admin.json("PATCH", f"/v1/payment-types/{rent}", 200, json={"isActive": False})
-    assert (await admin.json("POST", "/v1/payments", 200, json=body))["id"] == first["id"]
+    assert (await admin.json("POST", "/v1/payments", 201, json=body))["id"] == first["id"]
 
 
 async def test_concurrent_duplicates_create_one_payment(admin, rt, demo):
@@ -133,7 +133,9 @@ async def test_concurrent_duplicates_create_one_payment(admin, rt, demo):
     responses = await asyncio.gather(*(admin.req("POST", "/v1/payments", json=body) for _ in range(6)))
     statuses = sorted(r.status for r in responses)
     ids = {(await r.json())["id"] for r in responses}
-    assert statuses.count(201) == 1 and set(statuses) <= {200, 201}
+    # Every answer is 201 (a replay answers as the first did); only the five replays are marked so.
+    assert statuses == [201] * 6
+    assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in responses) == 5
     assert len(ids) == 1
     async with rt.sessionmaker() as s:
         count = (await s.execute(select(func.count()).select_from(Payment))).scalar_one()
@@ -207,7 +209,8 @@ async def test_tenant_pays_as_themselves_and_sees_only_their_payments(admin, ten
     own = await make_payment(tenant, rent)
     assert own["memberId"] == aline
     other = await make_payment(admin, rent, memberId=bosco, paymentAccount="+250788000002")
-    unowned = await make_payment(admin, rent)
+    # A number no member has (from Aline's own, an admin's payment is hers: test_seed_member_and_replay).
+    unowned = await make_payment(admin, rent, paymentAccount="+250788555001")
     listed = await tenant.json("GET", "/v1/payments", 200)
     assert [p["id"] for p in listed["data"]] == [own["id"]]
     for pid in (other["id"], unowned["id"]):

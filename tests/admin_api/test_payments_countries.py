@@ -115,13 +115,13 @@ async def test_a_request_accepted_before_the_rules_changed_still_finds_its_payme
             "paymentAccount": "+250788000001", "idempotencyKey": idem()}
     made = await admin.json("POST", "/v1/payments", 201, json=body)
     monkeypatch.setattr(rt.provider_for("MOBILE_MONEY_MTN"), "currencies", frozenset({"UGX"}))
-    assert (await admin.json("POST", "/v1/payments", 200, json=body))["id"] == made["id"]
+    assert (await admin.json("POST", "/v1/payments", 201, json=body))["id"] == made["id"]
     await admin.json("POST", "/v1/payments", 400, json={**body, "idempotencyKey": idem()})  # a new one is refused
     monkeypatch.undo()
     from core.models import Cooperative
 
     async with rt.sessionmaker.begin() as s:
         await s.execute(Cooperative.__table__.update().values(country="UG"))
-    assert (await admin.json("POST", "/v1/payments", 200, json=body))["id"] == made["id"]
+    assert (await admin.json("POST", "/v1/payments", 201, json=body))["id"] == made["id"]
     answer = await admin.json("POST", "/v1/payments", 400, json={**body, "idempotencyKey": idem()})
     assert "UG numbers only" in str(answer["message"])

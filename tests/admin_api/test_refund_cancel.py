@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 from sqlalchemy import select, update
 
 from core.models import AuditEvent, Dispute, OutboxJob, Payment, Refund
@@ -18,11 +19,17 @@ from tests.providers.wires import ADMIN, completed, due_now, mtn_adapter, mtn_pa
 REFUND_PATH = "/disbursement/v1_0/refund"
 
 
+def unreachable(request: httpx.Request) -> httpx.Response:
+    """MTN down: the connection is refused, nothing reaches it (a 5xx would be an answer: see
+    test_refund_cancel_after_try)."""
+    raise httpx.ConnectError("connection refused", request=request)
+
+
 async def _queued_while_mtn_is_down(admin: Any, rt: Any, demo: dict[str, Any], worker: Any,
                                     body: dict[str, Any] | None = None) -> tuple[Any, Payment, dict[str, Any]]:
-    """A completed 50,000 RWF MTN payment and a full refund of it whose first try MTN answered 503: PENDING, its
+    """A completed 50,000 RWF MTN payment and a full refund of it whose first try could not reach MTN: PENDING, its
     submission waiting to be tried again."""
-    wire = mtn_wire().on("POST", REFUND_PATH, 503)
+    wire = mtn_wire().on("POST", REFUND_PATH, unreachable)
     mtn_adapter(rt, wire)
     async with rt.sessionmaker.begin() as s:
         payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
@@ -70,7 +77,7 @@ async def test_a_refund_queued_while_the_provider_is_down_is_withdrawn_and_the_c
     wire.on("POST", REFUND_PATH, 202)
     await due_now(rt, "refund.submit")
     await drain(worker)
-    assert len(wire.sent("POST", REFUND_PATH)) == 1  # the 503'd try only
+    assert len(wire.sent("POST", REFUND_PATH)) == 1  # the try that never connected only
     paid = await admin.json("GET", f"/v1/payments/{payment.id}", 200)
     assert (paid["status"], paid["refundedAmount"], paid["mismatch"]) == ("REFUNDED", 50000, False)
 
@@ -120,7 +127,7 @@ async def test_only_a_refund_not_yet_sent_is_withdrawn(admin: Any, rt: Any, demo
 
 async def test_a_dispute_resolved_with_the_withdrawn_refund_says_so(admin: Any, rt: Any, demo: dict[str, Any],
                                                                     worker: Any) -> None:
-    wire = mtn_wire().on("POST", REFUND_PATH, 503)
+    wire = mtn_wire().on("POST", REFUND_PATH, unreachable)
     mtn_adapter(rt, wire)
     async with rt.sessionmaker.begin() as s:
         payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)

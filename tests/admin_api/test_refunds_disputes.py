@@ -53,8 +53,8 @@ async def test_refund_idempotency_and_pending_payment(admin, rt, demo):
     first = await admin.json(
         "POST", f"/v1/payments/{payment['id']}/refunds", 201, json={"amount": 1000, "idempotencyKey": key}
     )
-    replay = await admin.json(
-        "POST", f"/v1/payments/{payment['id']}/refunds", 200, json={"amount": 1000, "idempotencyKey": key}
+    replay = await admin.json(  # answered as the first was (seed 001: 201), marked replayed
+        "POST", f"/v1/payments/{payment['id']}/refunds", 201, json={"amount": 1000, "idempotencyKey": key}
     )
     assert replay["id"] == first["id"]
     conflict = await admin.json(
@@ -154,7 +154,8 @@ async def test_dispute_lifecycle_with_refund_on_resolution(admin, tenant, rt, de
 
 
 async def test_dispute_validation_and_scoping(admin, tenant, coop_b, rt, demo):
-    other = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    # Paid from a number no member has (from Aline's own, an admin's payment would be hers, the tenant's).
+    other = await make_payment(admin, demo["payment_types"]["Monthly Rent"], paymentAccount="+250788555001")
     bad = await admin.json("POST", "/v1/disputes", 400, json={"paymentId": other["id"], "reason": "BORED"})
     assert any(m.startswith("reason must be one of") for m in bad["message"])
     await admin.json("POST", "/v1/disputes", 404, json={"paymentId": "nope", "reason": "OTHER"})

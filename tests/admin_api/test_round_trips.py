@@ -42,7 +42,7 @@ async def test_an_api_payment_is_one_read_and_one_write(client: Any, demo: Any, 
     # The replay finds the first payment through the INSERT's conflict: one SELECT more, nothing written.
     sent.clear()
     again = await admin.req("POST", "/v1/payments", json=body)
-    assert again.status == 200 and (await again.json())["id"] == created["id"]
+    assert again.status == 201 and (await again.json())["id"] == created["id"]
     assert [s.split()[0] for s in sent] == ["SELECT", "WITH", "BEGIN", "SELECT", "COMMIT"], sent
 
 

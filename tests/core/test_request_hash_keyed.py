@@ -64,7 +64,7 @@ async def test_a_key_accepted_before_the_upgrade_replays_before_and_after_the_re
 
     async def replays() -> None:
         again = await admin.req("POST", "/v1/payments", json=body)
-        assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
+        assert again.status == 201 and again.headers["Idempotent-Replayed"] == "true"
         assert (await again.json())["id"] == old["id"]
         other = await admin.json("POST", "/v1/payments", 409, json={**body, "paymentAccount": "+250788123457"})
         assert other["message"].startswith("Payment with this idempotency key already exists")

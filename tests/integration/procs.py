@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -39,6 +40,17 @@ LIVE: list[Harness] = []
 
 
 def free_port() -> int:
+    """A port free now, for a process started a moment later. Picked at random below Linux's ephemeral range
+    (32768-60999): a port the kernel hands out for port 0 is also what it hands the next outgoing connection or
+    another test's port-0 probe, and a simulator then failed to bind it ("address already in use")."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

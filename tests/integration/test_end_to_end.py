@@ -152,7 +152,9 @@ async def test_admin_sees_the_payment_and_refunds_part_of_it(stack: Stack, gw: A
     assert created["status"] == "PENDING" and int(created["amount"]) == 20_000
     async with http.post(f"{base}/v1/payments/{payment.id}/refunds", json=refund_body, headers=auth) as resp:
         replay = await resp.json()
-        assert resp.status == 200 and replay["id"] == created["id"], replay
+        # Answered as the first was (201), marked replayed.
+        assert resp.status == 201 and resp.headers["Idempotent-Replayed"] == "true", replay
+        assert replay["id"] == created["id"], replay
     # More than what is left (50,000 - 20,000) is refused with a clear error.
     async with http.post(f"{base}/v1/payments/{payment.id}/refunds",
                          json={"amount": 40_000, "idempotencyKey": f"refund-{uuid.uuid4().hex}"},

@@ -1,0 +1,107 @@
+"""A number taken from its member (PATCH phone, release-phone, erase) while a USSD session of it is open: the
+admin API forgets the number's resume route, but the open session saves it again on its next hop. Neither that
+session nor the number's next one goes on as her: a resumed route whose members no longer hold the number starts
+afresh, and a confirmation is refused once the member's number is not the dialling phone's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from channels.ussd import sessions
+from core.models import Payment
+from core.phone import normalize
+from tests.admin_api.conftest import Caller, bearer
+from tests.channels.sms.helpers import make_payment
+from tests.channels.ussd.helpers import AtPhone
+from tests.channels.ussd.test_flows_africastalking import EN_MTN, option
+
+NEW = "+250788999888"  # Jean Bosco's real number: the one she had registered (EN_MTN) was typed wrong
+
+
+@pytest.fixture
+async def admin(client: Any, demo: dict[str, Any]) -> Caller:
+    return await bearer(client, *demo["admin"])
+
+
+async def _take_number(admin: Caller, member_id: str, how: str) -> None:
+    """The member's number is no longer hers: corrected, or (once she is suspended) released or erased."""
+    if how == "corrected":
+        await admin.json("PATCH", f"/v1/members/{member_id}", 200, json={"phone": NEW})
+        return
+    await admin.json("DELETE", f"/v1/members/{member_id}", 200)
+    await admin.json("POST", f"/v1/members/{member_id}/{how}", 200)
+
+
+async def _route_waits(rt: Any, phone: str) -> bool:
+    return await rt.redis.exists(sessions.resume_key(rt.cipher, normalize(phone))) == 1
+
+
+@pytest.mark.parametrize("how", ["corrected", "release-phone", "erase"])
+async def test_a_route_saved_again_after_the_number_was_taken_does_not_resume_as_her(
+    rt: Any, client: Any, demo: Any, db: Any, admin: Caller, how: str
+) -> None:
+    jean = demo["members"][EN_MTN]
+    live = AtPhone(client, EN_MTN)
+    await live.dial()
+    types = await live.send("1")
+    await _take_number(admin, jean, how)
+    assert not await _route_waits(rt, EN_MTN)  # forgotten by the admin API
+    confirm = await live.send(option(types, "Water"))  # the open session's next hop, after the change
+    assert confirm.startswith("CON Pay Water")
+    assert await _route_waits(rt, EN_MTN)  # saved again: the session still holds her memberships
+
+    again = AtPhone(client, EN_MTN)  # the session drops; the number dials again
+    assert (await again.dial()).startswith("CON You did not finish your last session.")
+    resumed = await again.send("1")  # Continue
+    # Not her confirmation: the menu of a number that belongs to no cooperative, the route gone with it.
+    assert resumed.startswith("CON Welcome to CoopPay"), resumed
+    assert not await _route_waits(rt, EN_MTN)
+    assert (await AtPhone(client, EN_MTN).dial()).startswith("CON Welcome to CoopPay")  # nothing offered any more
+    register = await again.send("1")  # Pay: a stranger's way in, not her payment types
+    assert register.startswith("CON You are not registered yet."), register
+    assert await db.count(Payment) == 0
+
+
+async def test_a_resumed_route_of_a_released_number_does_not_show_her_payments(
+    rt: Any, client: Any, demo: Any, admin: Caller
+) -> None:
+    jean = demo["members"][EN_MTN]
+    paid = await make_payment(rt, demo["cooperative_id"], account=EN_MTN, member_id=jean)
+    live = AtPhone(client, EN_MTN)
+    await live.dial()
+    listed = await live.send("2")  # My payments
+    assert paid.reference in listed
+    await _take_number(admin, jean, "release-phone")
+    detail = await live.send("1")  # her payment's details: the route is saved again
+    assert paid.reference in detail and await _route_waits(rt, EN_MTN)
+    again = AtPhone(client, EN_MTN)
+    await again.dial()
+    resumed = await again.send("1")  # Continue
+    assert resumed.startswith("CON Welcome to CoopPay") and paid.reference not in resumed, resumed
+    assert (await again.send("2")).startswith("END This phone is not registered with any cooperative.")
+
+
+async def test_an_open_session_of_a_corrected_number_cannot_pay_as_her(
+    rt: Any, client: Any, demo: Any, db: Any, admin: Caller
+) -> None:
+    jean = demo["members"][EN_MTN]
+    live = AtPhone(client, EN_MTN)
+    await live.dial()
+    types = await live.send("1")
+    confirm = await live.send(option(types, "Water"))
+    assert confirm.startswith("CON Pay Water")
+    await admin.json("PATCH", f"/v1/members/{jean}", 200, json={"phone": NEW})
+    refused = await live.send("1")  # Confirm, from the number that is not hers any more
+    assert refused == "END Sorry, we could not complete your request. Please try again later.", refused
+    assert await db.count(Payment) == 0
+    assert not await _route_waits(rt, EN_MTN)  # the session ended: nothing to resume either
+    # From her corrected number she pays as before.
+    mine = AtPhone(client, NEW)
+    await mine.dial()
+    types = await mine.send("1")
+    await mine.send(option(types, "Water"))
+    assert (await mine.send("1")).startswith("END Approve the prompt")
+    payment = await db.one(Payment)
+    assert (payment.member_id, payment.payment_account_masked) == (jean, "+25078****888")
