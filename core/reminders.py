@@ -3,9 +3,14 @@
 A daily `reminders.scan` job (one per day whatever the number of workers: its dedupe key is the date)
 finds, per cooperative and in the cooperative's own time zone, the recurring payment types falling
 due within `REMINDER_DAYS_BEFORE` days, and queues `payment_reminder` for every active member who
-has not paid that type for the coming due date (see paid_for) and has not sent STOP. Each reminder's dedupe key
-names the member, the type and the due date, so a re-run, a second worker or a late scan never
-sends it twice.
+has not paid that type for the coming due date (see PaidFor: for a fixed-amount type, the amount kept
+reaches the type's), has no payment of it still open for that date (a second payment would pay twice), has
+not sent STOP, and has not been reminded of that due date yet. Reminded: a reminder of it was sent (it left
+for the aggregator), or one is still waiting to go (queued or being sent, before its day's cut-off). A
+reminder's dedupe key (and its message's) names the member, the type, the due date and the scan's day, so a
+re-run, a second worker or a late scan the same day never queues it twice, and one that did not go out (dropped
+at its turn: the member suspended, STOP, the day over after an aggregator outage; or parked) is queued again by
+the next morning's scan while the due date is still within the days before. Never two sent for one due date.
 
 No job's work grows with the number of members: the daily job fans out one `reminders.cooperative` job per
 cooperative with a type due (dedupe-keyed by day and cooperative), and each of those queues the reminders of
@@ -16,9 +21,10 @@ The reminders are not all due at once: their jobs' run_at is spread at REMINDER_
 rate (SMS_RATE_PER_SECOND), so payment jobs queued meanwhile are claimed between them and receipts keep
 the rest of the rate. A scan that missed its hour (no worker running) runs within CATCH_UP of it;
 later than that it is skipped (the next day's scan reminds whoever is still due) rather than texting
-members in the evening. Each reminder is checked again when its turn comes: one whose member has paid,
-sent STOP or been suspended since the scan, whose payment type was deactivated or cooperative suspended
-since, or still queued at SEND_UNTIL_LOCAL, is not sent.
+members in the evening. Each reminder is checked again when its turn comes: one whose member has paid (or has a
+payment of it open), sent STOP or been suspended since the scan, whose payment type was deactivated, no longer
+falls due on the reminder's date or its cooperative suspended since, whose due date was reminded by another
+reminder meanwhile, or still queued at SEND_UNTIL_LOCAL, is not sent.
 """
 
 from __future__ import annotations
@@ -31,13 +37,13 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, bindparam, exists, func, literal, or_, select
+from sqlalchemy import and_, bindparam, case, exists, false, func, literal, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from core.cooperatives import zone_of
 from core.db import UTCDateTime, parse_aware, row_insert, utcnow
 from core.members import number_opted_out
-from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType
+from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType, SmsMessage
 from core.notify import sms_job
 from core.outbox import Handler, Job, NewJob, enqueue
 
@@ -48,6 +54,12 @@ log = logging.getLogger("gateway.reminders")
 
 INTERVAL_MONTHS = {"MONTHLY": 1, "QUARTERLY": 3, "YEARLY": 12}
 PAID = ("COMPLETED", "PARTIALLY_REFUNDED")  # money kept: a fully refunded payment does not count
+# A payment still waiting for the provider's word (held up to the settle grace in an outage): it may yet take the
+# money, so its member is not told to pay again (she would pay twice); reminded if it fails.
+OPEN = ("PENDING", "PROCESSING")
+# The provider_status channels.sms.jobs writes on a reminder's message dropped at its turn (FAILED "not sent: ..."):
+# it never reached the aggregator, so it does not count as sent.
+SKIPPED = "Skipped"
 SCAN_HOUR_UTC = 6  # 08:00 in Kigali, 09:00 in Nairobi: a reasonable hour for an SMS
 # A scan missed at its hour (workers down, or one first started later) still runs up to this long after;
 # past it, it is skipped: a reminder at 22:00 is worse than the next morning's.
@@ -70,7 +82,9 @@ class PaidFor:
     a kept payment that names that due date (the API's dueDate falls on that local day), or one that names
     none and was made after the midpoint between the previous due date and this one. A payment made on the
     due day itself, or late (the 5th, for rent due the 1st), pays that period, not the next: the member is
-    still reminded of the next one. One made in the second half of the period pays ahead (early)."""
+    still reminded of the next one. One made in the second half of the period pays ahead (early). A dueDate
+    given as a bare date ("2026-12-01", read as UTC midnight, as seed 001 writes it) names that day in any zone,
+    also west of UTC where UTC midnight is still the local day before."""
 
     since: datetime  # UTC: local midnight of the period's midpoint
     due_from: datetime  # UTC: local midnight starting the due day
@@ -85,13 +99,18 @@ class PaidFor:
 
         return cls(midnight(midpoint), midnight(due), midnight(due + timedelta(days=1)))
 
-    def params(self) -> dict[str, datetime]:
-        return {"since": self.since, "due_from": self.due_from, "due_until": self.due_until}
+
+def utc_midnight(day: date) -> datetime:
+    """The instant a bare-date dueDate naming `day` is stored as."""
+    return datetime.combine(day, time(), tzinfo=UTC)
 
 
-def paid_clause(payment: Any, since: Any, due_from: Any, due_until: Any) -> Any:
-    """SQL: the payment (a table) pays the period PaidFor describes (its bounds as SQL expressions)."""
-    return or_(and_(payment.c.due_date.is_not(None), payment.c.due_date >= due_from, payment.c.due_date < due_until),
+def paid_clause(payment: Any, since: Any, due_from: Any, due_until: Any, named: Any) -> Any:
+    """SQL: the payment (a table) pays the period PaidFor describes (its bounds as SQL expressions; `named`: the
+    due day's utc_midnight)."""
+    return or_(and_(payment.c.due_date.is_not(None),
+                    or_(and_(payment.c.due_date >= due_from, payment.c.due_date < due_until),
+                        payment.c.due_date == named)),
                and_(payment.c.due_date.is_(None), payment.c.created_at > since))
 
 
@@ -136,7 +155,45 @@ def due_dates(ptype: PaymentType, today: date, zone: tzinfo = UTC) -> tuple[date
     return _on_day(prev_year, prev_month, ptype.due_day), due
 
 
-_MEMBER, _PAYMENT, _OUTBOX = Member.__table__, Payment.__table__, OutboxJob.__table__
+_MEMBER, _PAYMENT, _OUTBOX, _SMS = Member.__table__, Payment.__table__, OutboxJob.__table__, SmsMessage.__table__
+
+
+def amount_owed(allow_custom_amount: bool | None, amount_minor: int | None) -> int | None:
+    """The amount that pays a period of a type: the period is paid once the money kept by its payments in the
+    type's currency reaches it (a payment the provider took only in part, or in another currency, leaves the
+    rest owed). None for a type whose member chooses the amount (a custom amount allowed, or none set): any
+    payment kept pays the period."""
+    return None if allow_custom_amount or not amount_minor else amount_minor
+
+
+def _key_suffix(type_id: str, due: date, day: date | None) -> str:
+    return f":{type_id}:{due.isoformat()}" + ("" if day is None else f":{day.isoformat()}")
+
+
+def reminder_key(member_id: str, type_id: str, due: date, day: date | None) -> str:
+    """A reminder's key after "sms:" (sms_job), also its message's idempotency key: one per member, type, due date
+    and scan day (the cooperative's local day), so the next morning's scan can queue again one that did not go
+    out. `day` None: the key of the releases before the day was in it (still read as this due date's)."""
+    return f"reminder:{member_id}{_key_suffix(type_id, due, day)}"
+
+
+def _key_of(member: Any, type_id: str, due: date, day: date | None) -> Any:
+    """SQL: reminder_key of the member whose id is `member` (a column)."""
+    return literal("reminder:") + member + literal(_key_suffix(type_id, due, day))
+
+
+def _kept(payment: Any) -> Any:
+    """SQL: what a payment (a table) keeps of the member's money: what the provider took (amount_minor unless a
+    mismatch said otherwise; 0 when it took another currency) less what was refunded."""
+    return func.coalesce(payment.c.collected_minor, payment.c.amount_minor) - func.coalesce(payment.c.refunded_minor, 0)
+
+
+def _sent(keys: Any) -> Any:
+    """SQL condition: a reminder message with one of `keys` (SQL expressions, or an expanding bindparam) left for
+    the aggregator: anything but QUEUED (not yet sent, or parked) and FAILED SKIPPED (dropped at its turn). One the
+    aggregator refused (REJECTED: this number) counts too: sending it again would only be refused again."""
+    return exists().where(_SMS.c.idempotency_key.in_(keys), _SMS.c.status != "QUEUED",
+                          func.coalesce(_SMS.c.provider_status, "") != SKIPPED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +203,19 @@ class _Due:
     type_id: str
     due: date
     period: PaidFor
+    day: date  # the scan's local day: in the reminders' keys
+    first_day: date  # the first scan day that reminds of this due date (REMINDER_DAYS_BEFORE before it)
+    amount_minor: int | None  # what pays the period (kept, in `currency`); None: a free amount, any payment
+    currency: str
 
     def dedupe(self, member_id: str) -> str:
-        """The reminder's key after "sms:" (sms_job): one per member, type and due date, whatever release
-        queued it."""
-        return f"reminder:{member_id}:{self.type_id}:{self.due.isoformat()}"
+        return reminder_key(member_id, self.type_id, self.due, self.day)
+
+    def earlier(self) -> list[date | None]:
+        """The days an earlier reminder of this due date may be keyed by: the scan days before this one, and
+        None (the key of the releases before the day was in it)."""
+        days = (self.day - self.first_day).days
+        return [None, *(self.first_day + timedelta(days=n) for n in range(days))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,14 +232,17 @@ async def _plan(session: AsyncSession, rt: Runtime, coop: Cooperative, now: date
     """What `coop`'s scan at `now` reminds of: its active recurring types due within the days before."""
     zone = zone_of(coop.timezone)
     today = now.astimezone(zone).date()
+    before = rt.settings.reminder_days_before
     types = (await session.execute(select(PaymentType).where(
         PaymentType.cooperative_id == coop.id, PaymentType.is_active.is_(True),
         PaymentType.is_recurring.is_(True)).order_by(PaymentType.id))).scalars().all()
     dues = []
     for ptype in types:
         window = due_dates(ptype, today, zone)
-        if window is not None and 0 <= (window[1] - today).days <= rt.settings.reminder_days_before:
-            dues.append(_Due(ptype.id, window[1], PaidFor.of(*window, zone)))
+        if window is not None and 0 <= (window[1] - today).days <= before:
+            dues.append(_Due(ptype.id, window[1], PaidFor.of(*window, zone), today,
+                             window[1] - timedelta(days=before),
+                             amount_owed(ptype.allow_custom_amount, ptype.amount_minor), ptype.currency))
     # The local cut-off as real time (a scan run for another `now`, in tests, keeps the same window).
     send_before = start + (datetime.combine(today, SEND_UNTIL_LOCAL, tzinfo=zone) - now)
     return _Plan(coop.id, start, send_before, tuple(dues))
@@ -188,24 +256,62 @@ def _remindable(cooperative_id: str) -> Any:
                 _MEMBER.c.reminders_opt_out.is_(False))
 
 
-def _paid_by(plan: _Plan, due: _Due) -> Any:
-    """SQL condition on _PAYMENT: a kept payment of `due`'s type and period (its member: the caller's)."""
+def _of_period(plan: _Plan, due: _Due, statuses: tuple[str, ...]) -> Any:
+    """SQL condition on _PAYMENT: a payment of the member (the caller's _MEMBER row), of `due`'s type and period,
+    in one of `statuses`."""
     period = due.period
-    return and_(_PAYMENT.c.cooperative_id == plan.cooperative_id, _PAYMENT.c.payment_type_id == due.type_id,
-                _PAYMENT.c.status.in_(PAID),
-                paid_clause(_PAYMENT, period.since, period.due_from, period.due_until))
+    return and_(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.cooperative_id == plan.cooperative_id,
+                _PAYMENT.c.payment_type_id == due.type_id, _PAYMENT.c.status.in_(statuses),
+                paid_clause(_PAYMENT, period.since, period.due_from, period.due_until, utc_midnight(due.due)))
+
+
+def _settled(plan: _Plan, due: _Due) -> Any:
+    """SQL condition on _MEMBER: nothing to remind her of for `due`'s period. Paid: for a fixed amount, the money
+    kept by the period's payments in the type's currency reaches it (one the provider took only in part, or in
+    another currency, is still owed); for a free amount, any payment kept. Or a payment of it is still open: she
+    is not told to pay again while it may yet take the money (the next day's scan reminds her if it fails)."""
+    paid: Any
+    if due.amount_minor is None:
+        paid = exists().where(_of_period(plan, due, PAID))
+    else:
+        paid = select(func.coalesce(func.sum(_kept(_PAYMENT)), 0)).where(
+            _of_period(plan, due, PAID), _PAYMENT.c.currency == due.currency).scalar_subquery() >= due.amount_minor
+    return or_(paid, exists().where(_of_period(plan, due, OPEN)))
+
+
+def _reminded(due: _Due, now: datetime) -> Any:
+    """SQL condition on _MEMBER: she is reminded of `due`'s date already, or will be. Today's reminder is queued
+    (whatever became of it: the key is taken until tomorrow), one of an earlier scan day was sent (see _sent), or
+    one of an earlier day is still waiting to go: being sent, or due to run (pending) before its day's cut-off
+    (`send_before`, real time, as ISO text in UTC: compared as text, it orders as the instants do). One dropped at
+    its turn, parked (an aggregator outage) or still pending past its cut-off (dropped when it runs) is not:
+    this scan queues a new one. A few unique-key probes per member, whatever the tables' size."""
+    member = _MEMBER.c.id
+    earlier = [_key_of(member, due.type_id, due.due, day) for day in due.earlier()]
+    send_before = _OUTBOX.c.payload["send_before"].as_string()
+    # A CASE, not a condition on status the planner could look up by ix_outbox_due: with the statistics behind
+    # the thousands of reminders a scan adds, it scanned every pending job for each member (a chunk took seconds).
+    waiting = case((_OUTBOX.c.status == "RUNNING", true()),
+                   (_OUTBOX.c.status == "PENDING", or_(send_before.is_(None), send_before > now.isoformat())),
+                   else_=false())
+    return or_(exists().where(_OUTBOX.c.dedupe_key == literal("sms:") + _key_of(member, due.type_id, due.due,
+                                                                               due.day)),
+               _sent(earlier),
+               exists().where(_OUTBOX.c.dedupe_key.in_([literal("sms:") + key for key in earlier]), waiting))
+
+
+def _to_remind(plan: _Plan, due: _Due, now: datetime) -> Any:
+    """SQL condition on _MEMBER, a member who gets reminders (_remindable): to remind of `due` today."""
+    return and_(~_settled(plan, due), ~_reminded(due, now))
 
 
 async def _to_queue(session: AsyncSession, plan: _Plan) -> int:
-    """How many reminders the cooperative's scan will queue: its members not paid up for a type due and not
-    reminded of it yet (the daily fan-out hands out the send slots by it). One query per type due."""
-    count = 0
+    """How many reminders the cooperative's scan will queue: its members to remind of a type due (the daily
+    fan-out hands out the send slots by it). One query per type due."""
+    count, now = 0, utcnow()
     for due in plan.dues:
-        key = literal("sms:reminder:") + _MEMBER.c.id + literal(f":{due.type_id}:{due.due.isoformat()}")
         count += (await session.execute(select(func.count()).select_from(_MEMBER).where(
-            _remindable(plan.cooperative_id),
-            ~exists().where(_PAYMENT.c.member_id == _MEMBER.c.id, _paid_by(plan, due)),
-            ~exists().where(_OUTBOX.c.dedupe_key == key)))).scalar_one()
+            _remindable(plan.cooperative_id), _to_remind(plan, due, now)))).scalar_one()
     return count
 
 
@@ -221,10 +327,11 @@ class _Chunk:
 
 
 async def _scan_chunk(session: AsyncSession, rt: Runtime, plan: _Plan, *, after: str | None, slot: int) -> _Chunk:
-    """Queue the reminders of the next CHUNK members (by id, after `after`) in the caller's transaction: a few
-    queries and one INSERT, whatever the cooperative's size. Those already queued (a retry, a second scan the
-    same day, by this release or the one before) are skipped and take no send slot; the others take slots from
-    `slot` on. Past the cut-off, the rest of the cooperative is left for the next scan."""
+    """Queue the reminders of the next CHUNK members (by id, after `after`) in the caller's transaction: a query
+    per type due and one INSERT, whatever the cooperative's size. Those reminded already (a retry, a second scan
+    the same day, an earlier day's reminder sent or still waiting, by this release or the one before) are skipped
+    and take no send slot; the others take slots from `slot` on. Past the cut-off, the rest of the cooperative is
+    left for the next scan."""
     if not plan.dues:
         return _Chunk(0, 0, slot, None, 0)
     query = select(_MEMBER.c.id).where(_remindable(plan.cooperative_id)).order_by(_MEMBER.c.id).limit(CHUNK)
@@ -240,14 +347,12 @@ async def _scan_chunk(session: AsyncSession, rt: Runtime, plan: _Plan, *, after:
     rows: list[dict[str, Any]] = []
     deferred, now = 0, utcnow()
     for due in plan.dues:
-        paid = set((await session.execute(select(_PAYMENT.c.member_id).where(
-            _PAYMENT.c.member_id.in_(members), _paid_by(plan, due)))).scalars())
-        keys = {member_id: due.dedupe(member_id) for member_id in members if member_id not in paid}
-        queued = set((await session.execute(select(_OUTBOX.c.dedupe_key).where(
-            _OUTBOX.c.dedupe_key.in_([f"sms:{key}" for key in keys.values()])))).scalars())
-        for member_id, key in keys.items():
-            if f"sms:{key}" in queued:
-                continue
+        # By primary key alone (the chunk's members were read as _remindable): with the cooperative's condition
+        # too, the plan PostgreSQL settles on for a statement run again and again (a generic plan) read all its
+        # members by ix_members_coop_id and ran the checks on each (half a second a chunk at 20,000 members).
+        remind = set((await session.execute(select(_MEMBER.c.id).where(
+            _MEMBER.c.id.in_(members), _to_remind(plan, due, now)))).scalars())
+        for member_id in (member_id for member_id in members if member_id in remind):
             run_at = plan.start + shift + reminder_offset(slot, rate)
             if run_at >= plan.send_before:
                 deferred += 1  # no job: tomorrow's scan (still within the days before) queues it first
@@ -255,14 +360,16 @@ async def _scan_chunk(session: AsyncSession, rt: Runtime, plan: _Plan, *, after:
             job = sms_job(template="payment_reminder", cooperative_id=plan.cooperative_id, member_id=member_id,
                           context={"member_id": member_id, "payment_type_id": due.type_id,
                                    "due_date": due.due.isoformat()},
-                          cipher=rt.cipher, dedupe=key)
-            # Checked again when it is sent (channels.sms.jobs): paid for this due date since, opted out,
-            # suspended, its type or cooperative no longer active, or still queued at the cut-off (an
+                          cipher=rt.cipher, dedupe=due.dedupe(member_id))
+            # Checked again when it is sent (channels.sms.jobs, why_not_send): paid for this due date since (or a
+            # payment of it open), opted out, suspended, its type or cooperative no longer active, its type no
+            # longer due that day, its due date reminded meanwhile, or still queued at the cut-off (an
             # aggregator outage), it is dropped.
             period = due.period
             payload = {**job.payload, "paid_since": period.since.isoformat(),
                        "due_from": period.due_from.isoformat(), "due_until": period.due_until.isoformat(),
-                       "send_before": plan.send_before.isoformat()}
+                       "send_before": plan.send_before.isoformat(), "day": due.day.isoformat(),
+                       "first_day": due.first_day.isoformat()}
             rows.append(dataclasses.replace(job, payload=payload, run_at=run_at).row(now))
             slot += 1
     await _insert(session, rows)
@@ -322,20 +429,33 @@ async def scan(session: AsyncSession, rt: Runtime, *, now: datetime | None = Non
 
 _COOP, _TYPE = Cooperative.__table__, PaymentType.__table__
 # A reminder's member as it is at sending time (STOP sent, suspended or left, paid since the scan), and what
-# the reminder offers: its cooperative still active, its payment type still on the menu (NULL: deleted). STOP is
-# read on the membership and on its number (one primary-key probe): a membership does not carry its number's STOP
-# sent elsewhere or before it was made (core.members: its cooperative must not learn of it). Both give the one
-# reason opted_out: whatever reads a skipped reminder's reason cannot tell them apart.
+# the reminder offers: its cooperative still active, its payment type still on the menu (NULL: deleted) and still
+# falling due on the reminder's date. STOP is read on the membership and on its number (one primary-key probe): a
+# membership does not carry its number's STOP sent elsewhere or before it was made (core.members: its cooperative
+# must not learn of it). Both give the one reason opted_out: whatever reads a skipped reminder's reason cannot tell
+# them apart.
 
 
-def _reminder_state(paid_for: Any) -> Any:
+def _reminder_state(of_period: Any) -> Any:
+    """The state query; `of_period`: SQL condition on _PAYMENT, a payment of the reminder's period."""
+
+    def payments(statuses: tuple[str, ...]) -> Any:
+        return and_(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.payment_type_id == bindparam("t"),
+                    _PAYMENT.c.status.in_(statuses), of_period)
+
     return select(
         or_(_MEMBER.c.reminders_opt_out, number_opted_out(_MEMBER.c.phone_index)).label("reminders_opt_out"),
         _MEMBER.c.status,
         _COOP.c.status.label("coop_status"),
+        _COOP.c.timezone,
         _TYPE.c.is_active.label("type_active"),
-        exists().where(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.payment_type_id == bindparam("t"),
-                       _PAYMENT.c.status.in_(PAID), paid_for).label("paid"),
+        _TYPE.c.is_recurring, _TYPE.c.recurring_interval, _TYPE.c.due_day, _TYPE.c.created_at,
+        _TYPE.c.allow_custom_amount, _TYPE.c.amount_minor,
+        exists().where(payments(PAID)).label("paid"),
+        select(func.coalesce(func.sum(_kept(_PAYMENT)), 0)).where(
+            payments(PAID), _PAYMENT.c.currency == _TYPE.c.currency).scalar_subquery().label("kept"),
+        exists().where(payments(OPEN)).label("open"),
+        _sent(bindparam("others", expanding=True)).label("sent"),
     ).select_from(
         _MEMBER.join(_COOP, _COOP.c.id == _MEMBER.c.cooperative_id)
         .outerjoin(_TYPE, _TYPE.c.id == bindparam("t"))
@@ -344,29 +464,60 @@ def _reminder_state(paid_for: Any) -> Any:
 
 _SINCE = bindparam("since", type_=UTCDateTime())
 _REMINDER_STATE = _reminder_state(paid_clause(_PAYMENT, _SINCE, bindparam("due_from", type_=UTCDateTime()),
-                                              bindparam("due_until", type_=UTCDateTime())))
+                                              bindparam("due_until", type_=UTCDateTime()),
+                                              bindparam("named", type_=UTCDateTime())))
 # A reminder queued by a release before PaidFor (no due_from in its payload): any payment kept since paid_since
 # counts, as that release scanned it.
 _REMINDER_STATE_BY_TIME = _reminder_state(_PAYMENT.c.created_at > _SINCE)
 
 
+def _day(value: Any) -> date | None:
+    return date.fromisoformat(str(value)[:10]) if value else None
+
+
+def _others(payload: dict[str, Any], due: date | None, day: date | None) -> list[str]:
+    """The keys of the other reminders of the payload's due date (the other scan days that remind of it, and the
+    key of the releases before the day was in it); none for a reminder queued by such a release."""
+    context = payload.get("context") or {}
+    if due is None or day is None:
+        return []
+    first = _day(payload.get("first_day")) or day
+    days = [first + timedelta(days=n) for n in range((due - first).days + 1)]
+    return [reminder_key(payload["member_id"], str(context.get("payment_type_id")), due, other)
+            for other in (None, *days) if other != day]
+
+
+def _falls_due(state: Any, due: date, day: date | None) -> bool:
+    """The reminder's type (its columns in `state`) still falls due next on `due` seen from the scan's `day`: not
+    made one-off, nor its due day or interval changed since the scan (the text would give a wrong date, or "due
+    on" for a one-off). A reminder queued before the day was in its payload: the type is still recurring."""
+    window = due_dates(state, day or due, zone_of(state.timezone))
+    return window is not None and (day is None or window[1] == due)
+
+
 async def why_not_send(conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
     """Why a queued reminder (an 'sms.send' job's payload) must not go out any more, None to send it:
-    too_late, member_missing, cooperative_inactive, type_inactive, opted_out, member_inactive or paid.
+    too_late, member_missing, cooperative_inactive, type_inactive, type_changed, opted_out, member_inactive,
+    paid, payment_open or reminded.
     Reminders are spread over the morning and may wait out an aggregator outage: by their turn the member
-    may have paid, sent STOP or been suspended, the cooperative been suspended or the payment type taken
-    off the menu ("Dial ... to pay" for what the USSD no longer offers), or the day may be over (scan()
-    sets `send_before` and `paid_since`)."""
+    may have paid (or have a payment of it still open: she would pay twice), sent STOP or been suspended, the
+    cooperative been suspended, the payment type taken off the menu ("Dial ... to pay" for what the USSD no
+    longer offers) or its due date changed, another reminder of the due date been sent (a parked one replayed), or
+    the day may be over (scan() sets `send_before` and `paid_since`)."""
     send_before = parse_aware(payload.get("send_before"))
     if send_before is not None and utcnow() > send_before:
         return "too_late"
     context = payload.get("context") or {}
+    due, day = _day(context.get("due_date")), _day(payload.get("day"))
     # A job queued before paid_since existed: nothing is paid after now, so only the member is checked.
     params: dict[str, Any] = {"m": payload["member_id"], "t": context.get("payment_type_id"),
-                              "since": parse_aware(payload.get("paid_since")) or utcnow()}
+                              "since": parse_aware(payload.get("paid_since")) or utcnow(),
+                              "others": _others(payload, due, day)}
     due_from, due_until = parse_aware(payload.get("due_from")), parse_aware(payload.get("due_until"))
     if due_from is not None and due_until is not None:
-        state = (await conn.execute(_REMINDER_STATE, {**params, "due_from": due_from, "due_until": due_until})).first()
+        named = due_from if due is None else utc_midnight(due)
+        state = (await conn.execute(_REMINDER_STATE, {**params, "due_from": due_from, "due_until": due_until,
+                                                      "named": named})).first()
     else:  # queued by a release before PaidFor
         state = (await conn.execute(_REMINDER_STATE_BY_TIME, params)).first()
     if state is None:
@@ -375,12 +526,19 @@ async def why_not_send(conn: AsyncConnection, payload: dict[str, Any]) -> str | 
         return "cooperative_inactive"
     if not state.type_active:  # deactivated, or gone (no row)
         return "type_inactive"
+    if due is not None and not _falls_due(state, due, day):
+        return "type_changed"
     if state.reminders_opt_out:
         return "opted_out"
     if state.status != "ACTIVE":
         return "member_inactive"
-    if state.paid:
+    owed = amount_owed(state.allow_custom_amount, state.amount_minor)
+    if state.paid if owed is None else state.kept >= owed:
         return "paid"
+    if state.open:
+        return "payment_open"
+    if state.sent:
+        return "reminded"
     return None
 
 

@@ -42,7 +42,7 @@ from core.models import Cooperative, Member, Payment, PaymentType, SmsMessage
 from core.notify import SMS_PHONE_CONTEXT
 from core.outbox import Handler, Job, PermanentJobError, RetryLater
 from core.ratelimit import Limit, RateLimiter
-from core.reminders import why_not_send
+from core.reminders import SKIPPED, why_not_send
 from core.state import StaleTransition, transition_alone
 from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SMS, SmsStatus
 
@@ -134,9 +134,10 @@ class SmsJobs:
                 log.info("reminder not sent" if reminder else "member SMS not sent",
                          extra={"member_id": payload["member_id"], "reason": void,
                                 "template": payload.get("template")})
-                if existing is not None:  # an earlier attempt stored it: it ends here, unsent
+                if existing is not None:  # an earlier attempt stored it: it ends here, unsent (for a reminder,
+                    # SKIPPED: not sent, so the next morning's scan may queue its due date again)
                     await self._move(existing.id, SmsStatus.FAILED, failure_reason=f"not sent: {void}",
-                                     provider_status="Skipped")
+                                     provider_status=SKIPPED)
                 return
             lock = f"sms:lock:{{{hashlib.sha256(key.encode()).hexdigest()[:32]}}}"
             await self.throttle_and_lock(lock, str(job.id))
