@@ -190,7 +190,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                "overdue_minutes": int((now - payment.expires_at).total_seconds() // 60)})
             return
         if job.call_may_have_arrived:
-            # The previous attempt was cancelled mid-call: the provider may have the request (M-Pesa
+            # An earlier attempt was cut off mid-call (the last one, or one before tries that failed before
+            # they could ask: core.outbox.CALL_IN_DOUBT): the provider may have the request (M-Pesa
             # has no idempotency key, a second push is a second charge). Ask its status instead. (One whose
             # worker was lost before the stamp below never called: sent now, as IremboPay and M-Pesa, whose
             # status cannot be asked without the provider's own id, would otherwise never prompt the payer.)
@@ -434,8 +435,9 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             return
         provider = rt.providers[payment.provider]
         if job.call_may_have_arrived:
-            # The previous attempt was cut off mid-call (past the handler timeout, or its worker was lost):
-            # the provider may have the refund, and some cannot deduplicate it (Airtel refunds by the
+            # An earlier attempt was cut off mid-call (past the handler timeout, or its worker was lost; the
+            # doubt outlives tries that failed before they asked: core.outbox.CALL_IN_DOUBT): the provider may have
+            # the refund, and some cannot deduplicate it (Airtel refunds by the
             # payment's id; a second one is refused "not eligible" though the first went through). Never
             # sent again: it waits for the provider's word as an unanswered request does (refund.poll).
             log.warning("refund request was cut off; its status will settle it, not a second request",

@@ -57,6 +57,13 @@ CALL_STARTED = "provider call started; if this attempt is lost, the call may hav
 # reference), other than a refusal of nothing processed (NOTHING_PROCESSED). Every later attempt's last_error keeps
 # it (_doubt_kept): it speaks for the job's tries so far, not only its last (core.refunds.cancel_refund).
 CALL_SENT = "provider call sent, may have arrived"
+# How last_error starts once a try of a job may have reached its provider unanswered (Job.call_may_have_arrived: cut
+# off, or its worker lost after the stamp) and a later try ended before it could ask (its first read failed, its
+# write of "asked" was refused, a RetryLater): the doubt handed on as that try found it, so the next one asks too.
+# Written as CALL_SENT (sent again as it was), it had the try after it send a second STK push or Airtel refund.
+# It starts with CALL_SENT, so what reads that (core.refunds.cancel_refund) reads a try that may have arrived; not
+# INTERRUPTED, so Job.interrupted (an SMS's "cut off mid-send") keeps meaning the previous try only.
+CALL_IN_DOUBT = f"{CALL_SENT}, its outcome unknown (ask, never send it again)"
 # The codes (core.ports.ProviderError.code) of a retryable failure that says the request was refused before the
 # provider processed anything: a connection never made (providers.calls.send), a rate limit's HTTP 429
 # (providers.calls.ProviderBusy). A stamped call that failed so is as one never sent. Anything else counts as
@@ -146,8 +153,11 @@ class Job:
     def call_may_have_arrived(self) -> bool:
         """`interrupted`, for a handler that stamps its provider call (call_starting): an attempt lost before
         its stamp never called the provider, so its request is sent as on a first attempt. Any doubt (a
-        stamp, a cut-off, a loss on a retry or by a worker that did not stamp) still counts as arrived."""
-        return self.interrupted and not self.lost_before_call
+        stamp, a cut-off, a loss on a retry or by a worker that did not stamp) still counts as arrived, and so
+        does one an earlier try handed on (CALL_IN_DOUBT): once a try may have reached the provider, every later
+        try asks, whatever the tries in between met."""
+        return ((self.interrupted and not self.lost_before_call)
+                or (self.last_error or "").startswith(CALL_IN_DOUBT))
 
 
 Handler = Callable[[Job], Awaitable[None]]
@@ -607,14 +617,17 @@ _FINISH_LATER = _FINISH.values(run_at=_db_now_plus(bindparam("b_delay", type_=Fl
 
 
 def _doubt_kept(job: Job, error: str, exc: BaseException | None = None) -> str:
-    """`error`, the last_error an attempt of `job` ends with, marked CALL_SENT when a try of the job may have reached
-    its provider and `error` does not already say so (INTERRUPTED): this attempt stamped its call and failed other
-    than with NOTHING_PROCESSED (`exc`), or an earlier try's doubt is carried on (CALL_SENT, or a call that may
-    have arrived before it)."""
+    """`error`, the last_error an attempt of `job` ends with, marked when a try of the job may have reached its
+    provider and `error` does not already say so (INTERRUPTED): CALL_IN_DOUBT when this attempt was told a call
+    may have arrived unanswered (Job.call_may_have_arrived), so the next one asks as this one was to; else
+    CALL_SENT when this attempt stamped its call and failed other than with NOTHING_PROCESSED (`exc`), or an
+    earlier try's CALL_SENT is carried on."""
     if error.startswith((INTERRUPTED, CALL_SENT)):
         return error
+    if job.call_may_have_arrived:
+        return f"{CALL_IN_DOUBT}: {error}"
     refused = getattr(exc, "retryable", None) is True and getattr(exc, "code", None) in NOTHING_PROCESSED
-    if (job.call_started and not refused) or job.call_may_have_arrived or (job.last_error or "").startswith(CALL_SENT):
+    if (job.call_started and not refused) or (job.last_error or "").startswith(CALL_SENT):
         return f"{CALL_SENT}: {error}"
     return error
 
