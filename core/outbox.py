@@ -92,9 +92,9 @@ UNKNOWN_KIND_PARK_AFTER = timedelta(hours=6)
 SCHEMA_LOG_SECONDS = 60.0
 
 
-def schema_mismatch(exc: BaseException) -> bool:
+def raised_sqlstate(exc: BaseException, states: frozenset[str]) -> bool:
     """`exc` (or what it wraps: SQLAlchemy's .orig, the asyncpg error as its __cause__, a re-raise's
-    __context__) is PostgreSQL's undefined column or undefined table: the code does not match the schema."""
+    __context__) is a PostgreSQL error whose SQLSTATE is one of `states`."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -102,11 +102,16 @@ def schema_mismatch(exc: BaseException) -> bool:
         if error is None or id(error) in seen or len(seen) > 20:
             continue
         seen.add(id(error))
-        if getattr(error, "sqlstate", None) in SCHEMA_MISMATCH_STATES:
+        if getattr(error, "sqlstate", None) in states:
             return True
         orig = getattr(error, "orig", None)
         todo.extend((orig if isinstance(orig, BaseException) else None, error.__cause__, error.__context__))
     return False
+
+
+def schema_mismatch(exc: BaseException) -> bool:
+    """PostgreSQL's undefined column or undefined table: the code does not match the schema."""
+    return raised_sqlstate(exc, SCHEMA_MISMATCH_STATES)
 
 
 def handler_timeout(lease_seconds: float) -> float:

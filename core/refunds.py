@@ -21,7 +21,7 @@ from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
-from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, end_waiting, enqueue, enqueue_many
+from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, end_waiting, enqueue, enqueue_many, raised_sqlstate
 from core.ports import ProviderEvent as ProviderEventData
 from core.ports import ProviderOutcome
 from core.references import next_reference
@@ -541,21 +541,12 @@ async def _live(session: AsyncSession, its_jobs: Any, kind: str) -> bool:
         its_jobs, OutboxJob.kind == kind, OutboxJob.status.in_(("PENDING", "RUNNING"))).limit(1))).first() is not None
 
 
+_DEADLOCK = frozenset({"40P01"})
+
+
 def _deadlocked(exc: BaseException) -> bool:
-    """`exc`, or what it wraps (SQLAlchemy's .orig, the asyncpg error as its __cause__), is PostgreSQL's "deadlock
-    detected" (SQLSTATE 40P01): the transaction was rolled back, and may be run again."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        error = todo.pop()
-        if error is None or id(error) in seen or len(seen) > 20:
-            continue
-        seen.add(id(error))
-        if getattr(error, "sqlstate", None) == "40P01":
-            return True
-        orig = getattr(error, "orig", None)
-        todo.extend((orig if isinstance(orig, BaseException) else None, error.__cause__))
-    return False
+    """PostgreSQL's "deadlock detected": the transaction was rolled back, and may be run again."""
+    return raised_sqlstate(exc, _DEADLOCK)
 
 
 def refund_data(refund: Refund) -> dict[str, object]:
