@@ -38,6 +38,10 @@ MEMBER = out(
         "language": {"enum": list(service.LANGUAGES)},
         "unit": NULL_STRING,
         "status": {"enum": list(service.MEMBER_STATUSES)},
+        "remindersOptOut": {"type": "boolean",
+                            "description": "this membership gets no reminders: its number texted STOP while it "
+                                           "held it (START from the number clears it). A STOP the number sent "
+                                           "elsewhere, or before it was hers, is not shown here"},
         "createdAt": DATETIME,
         "updatedAt": DATETIME,
     }
@@ -62,6 +66,11 @@ UPDATE = obj(
         "phone": {"type": "string", "minLength": 5, "maxLength": 32,
                   "description": "a corrected number (read in the cooperative's country, as on create); 409 if "
                                  "another member of the cooperative has it, or if the member's number was released"},
+        "phoneChange": {"enum": list(service.PHONE_CHANGES),
+                        "description": "why phone is corrected (only with phone, 400 otherwise). NEW_SIM (the "
+                                       "default): her number changed; a STOP she sent stays (remindersOptOut). "
+                                       "TYPO: the old number was never hers; remindersOptOut is reset to false (a "
+                                       "STOP from it was its holder's)"},
     },
     min_properties=1,
 )
@@ -83,6 +92,7 @@ def present(m: Member) -> dict[str, Any]:
         "language": m.language,
         "unit": m.unit,
         "status": m.status,
+        "remindersOptOut": bool(m.reminders_opt_out),
         "createdAt": iso(m.created_at),
         "updatedAt": iso(m.updated_at),
     }
@@ -166,6 +176,7 @@ async def update_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         status=None if approving else status,
         phone=phone,
         cipher=ctx.rt.cipher,
+        phone_change=body.get("phoneChange"),
     )
     if approving:
         member = await service.approve_member(ctx.session, member, actor=ctx.who.actor, cipher=ctx.rt.cipher)

@@ -36,9 +36,13 @@ _SCOPE_TEXT = {
 _NOTES = {
     "update_member": "phone corrects the member's number (read in the cooperative's country, as on create): her "
                      "history stays, the old number's STOP is forgotten once no membership holds it and the new "
-                     "one keeps its own; 409 if another member of the cooperative has it or the number was "
-                     "released. The audit row says which of name and unit changed, not their values, and shows "
-                     "numbers masked.",
+                     "one keeps its own (held at send time, not shown); 409 if another member of the cooperative "
+                     "has it or the number was released. phoneChange (only with phone, 400 otherwise) says why: "
+                     "NEW_SIM (the default) keeps her remindersOptOut (a STOP she sent is hers, not her SIM's); "
+                     "TYPO (the old number was never hers, and a STOP from it was its holder's) resets it to "
+                     "false. A USSD session of the old number still open can no longer act as her. The audit "
+                     "row says which of name and unit changed, not their values, shows numbers masked, and "
+                     "remindersOptOut before and after when it changed.",
     "erase_member": "For a member who asked to be erased. Only a SUSPENDED member (409 otherwise), none of whose "
                     "payments or refunds is still PENDING or PROCESSING (409: erase once they settle). Her name, "
                     "unit and number are replaced on her record (\"Erased member\", no unit, phone \"erased\"; "

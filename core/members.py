@@ -278,14 +278,24 @@ async def create_member(
 # audit log is append-only: a value written there could never be erased, erase_member).
 PERSONAL_FIELDS = ("name", "unit")
 CHANGED = "changed"
+# Why a number is corrected (update_member's phone_change). NEW_SIM: she changed numbers; the STOP she sent as
+# this membership's member stays hers. TYPO: the number was never hers; a STOP sent from it was its holder's.
+PHONE_CHANGES = ("NEW_SIM", "TYPO")
 
 
 async def update_member(session: AsyncSession, member: Member, *, actor: Actor, name: str | None = None,
                         language: str | None = None, unit: str | None = None, status: str | None = None,
-                        phone: Phone | None = None, cipher: PiiCipher | None = None) -> Member:
-    """Edit a member; `phone` (with `cipher`) corrects her number (_change_phone). The member.updated audit row
-    holds her language and status before and after, which of her name and unit changed (PERSONAL_FIELDS:
-    "changed", not the values), and her number masked when it changed."""
+                        phone: Phone | None = None, cipher: PiiCipher | None = None,
+                        phone_change: str | None = None) -> Member:
+    """Edit a member; `phone` (with `cipher`) corrects her number (_change_phone), `phone_change` (PHONE_CHANGES,
+    only with `phone`; NEW_SIM when not given) says why. The member.updated audit row holds her language and status
+    before and after, which of her name and unit changed (PERSONAL_FIELDS: "changed", not the values), her number
+    masked when it changed, and her remindersOptOut when the correction changed it (a flag, not her data)."""
+    if phone_change is not None and phone is None:
+        raise ValidationError("phoneChange is only given with phone (the number being corrected)",
+                              field="phoneChange")
+    if phone_change is not None and phone_change not in PHONE_CHANGES:
+        raise ValidationError(f"phoneChange must be one of {', '.join(PHONE_CHANGES)}", field="phoneChange")
     before: dict[str, Any] = {"language": member.language, "status": member.status}
     was = {field: getattr(member, field) for field in PERSONAL_FIELDS}
     if name is not None:
@@ -306,7 +316,7 @@ async def update_member(session: AsyncSession, member: Member, *, actor: Actor, 
     after.update({field: CHANGED for field in PERSONAL_FIELDS if getattr(member, field) != was[field]})
     if phone is not None:
         assert cipher is not None, "a new phone number is encrypted: pass the cipher"
-        changed = await _change_phone(session, cipher, member, phone)
+        changed = await _change_phone(session, cipher, member, phone, typo=phone_change == "TYPO")
         if changed is not None:
             before.update(changed[0])
             after.update(changed[1])
@@ -316,16 +326,19 @@ async def update_member(session: AsyncSession, member: Member, *, actor: Actor, 
     return member
 
 
-async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member,
-                        phone: Phone) -> tuple[dict[str, Any], dict[str, Any]] | None:
+async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member, phone: Phone, *,
+                        typo: bool = False) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """Correct the member's number (typed wrong at registration, a new SIM): encrypted, blind-indexed and masked
     as create_member writes it, her history kept. The unique (cooperative, phone) index decides whether another
-    member of the cooperative has it (a 409, as for a create). Her own flag stays: a STOP she sent as this
-    cooperative's member is hers, not her SIM's (a new SIM is what a correction is most often for; a START from the
-    new number clears it); what the new number sent elsewhere holds at send time, unseen here. The old number's
-    STOP is forgotten once no membership holds it (release_phone). The audit's before and after (masked numbers
-    only), or None when the number is the one she has. The caller locked the row first (lock_member), and forgets the
-    old number's USSD keys in Redis (admin_api.members)."""
+    member of the cooperative has it (a 409, as for a create). A new SIM (the default): her own flag stays, a STOP
+    she sent as this cooperative's member is hers, not her SIM's (a START from the new number clears it). A typo
+    (`typo`): the old number was never hers, and a STOP from it was its holder's (who got her reminders), one she
+    could never undo (she does not know of it, and cannot send START from a number she never had): her flag is
+    reset, since what she sent herself is not known. Either way what the new number sent elsewhere holds at send
+    time, unseen here. The old number's STOP is forgotten once no membership holds it (release_phone). The audit's
+    before and after (masked numbers; remindersOptOut when it was reset), or None when the number is the one she
+    has. The caller locked the row first (lock_member), and forgets the old number's USSD keys in Redis
+    (admin_api.members)."""
     if await _released(session, member.id):  # under the row's lock: none can release it meanwhile
         raise Conflict(f"{PHONE_RELEASED}: register the person again as a new member", field="phone")
     index = cipher.blind_index(phone.e164)
@@ -342,7 +355,12 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
         raise Conflict(DUPLICATE_PHONE, field="phone") from None
     if old_index is not None:
         await _forget_opt_out_if_unheld(session, old_index)
-    return {"phone": old_mask}, {"phone": member.phone_masked}
+    before: dict[str, Any] = {"phone": old_mask}
+    after: dict[str, Any] = {"phone": member.phone_masked}
+    if typo and member.reminders_opt_out:
+        member.reminders_opt_out = False
+        before["remindersOptOut"], after["remindersOptOut"] = True, False
+    return before, after
 
 
 async def _forget_opt_out_if_unheld(session: AsyncSession, phone_index: str) -> None:

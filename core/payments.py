@@ -466,6 +466,21 @@ async def recent_payments_for_member(session: AsyncSession, member_id: str, limi
     return list(rows.scalars())
 
 
+async def recent_payments_of_holder(session: AsyncSession, member_id: str, phone_index: str,
+                                    limit: int = 5) -> list[Payment] | None:
+    """recent_payments_for_member for a caller acting as the member from a phone (USSD): None unless the member
+    still has the number of this blind index (corrected, released or erased since: not hers to act on). One
+    query: the member's row, outer-joined to her payments (a member with none gives one row without a payment)."""
+    rows = (await session.execute(
+        select(Member.id, Payment).select_from(Member)
+        .outerjoin(Payment, Payment.member_id == Member.id)
+        .where(Member.id == member_id, Member.phone_index == phone_index)
+        .order_by(Payment.created_at.desc()).limit(limit))).all()
+    if not rows:
+        return None
+    return [payment for _member_id, payment in rows if payment is not None]
+
+
 def collected_amount(payment: Any) -> Money | None:
     """What the provider reported taken, in the payment's currency; None while nothing is (completed_at is set
     when money is reported taken, also after a failure). The amount asked unless the provider reported another

@@ -219,17 +219,37 @@ async def payment_type(ctx: Ctx) -> TypeRow | None:
 
 
 async def recent_payments(ctx: Ctx) -> list[tuple[Payment, str]]:
-    """The member's last five payments with their type names."""
+    """The member's last five payments with their type names (refused once her number is not this phone's)."""
     if "recent" not in ctx.cache:
         from core.payment_types import list_payment_types
-        from core.payments import recent_payments_for_member
 
         async with ctx.rt.sessionmaker() as session:
-            payments = await recent_payments_for_member(session, ctx.data["mb"], limit=5)
+            payments = await _her_payments(ctx, session)
             types, _ = await list_payment_types(session, ctx.data["c"], include_inactive=True, limit=200)
         names = {t.id: t.name for t in types}
         ctx.cache["recent"] = [(p, names.get(p.payment_type_id, "")) for p in payments]
     return ctx.cache["recent"]
+
+
+NOT_HERS = "the member's number changed during the session: this phone no longer acts as her"
+
+
+async def _her_payments(ctx: Ctx, session: Any) -> list[Payment]:
+    """The chosen member's last five payments, in the caller's session, refused (BusinessRuleError) unless she
+    still has the dialling phone's number: in the same query (recent_payments_of_holder), no extra round trip.
+
+    The session chose her from its first hop's memberships and keeps them (memberships()): a number corrected,
+    released or erased since (the admin API) leaves the session of the old number going on as her, listing her
+    payments, sending her receipts, opening disputes in her name. Refused as a confirmation is
+    (_check_number_still_hers): the session ends on the generic error.
+    """
+    from core.payments import recent_payments_of_holder
+
+    mine = await recent_payments_of_holder(session, ctx.data["mb"], ctx.rt.cipher.blind_index(ctx.hop.phone.e164),
+                                           limit=5)
+    if mine is None:
+        raise BusinessRuleError(NOT_HERS, field="memberId")
+    return mine
 
 
 async def chosen_payment(ctx: Ctx) -> tuple[Payment, str] | None:
@@ -705,13 +725,13 @@ def _shown(payment: Any) -> str:
 async def send_receipt(ctx: Ctx, _key: str) -> str:
     from core.notify import send_sms
 
-    found = await chosen_payment(ctx)
-    if found is None:
-        raise Invalid("error.invalid_choice")
-    payment = found[0]
-    template = "payment_receipt" if payment.status in COLLECTED else "payment_status"
     side_effect_started()
     async with ctx.rt.sessionmaker.begin() as session:
+        # Read in this transaction, among the member's own payments while the number is still hers (_her_payments).
+        payment = next((p for p in await _her_payments(ctx, session) if p.id == ctx.data.get("py")), None)
+        if payment is None:
+            raise Invalid("error.invalid_choice")
+        template = "payment_receipt" if payment.status in COLLECTED else "payment_status"
         await send_sms(session, template=template, cooperative_id=payment.cooperative_id,
                        context={"payment_id": payment.id}, cipher=ctx.rt.cipher, member_id=ctx.data["mb"],
                        dedupe=f"ussd-receipt:{payment.id}:{ctx.hop.session_id}"[:190])
@@ -732,14 +752,13 @@ REASON_HANDLERS = {reason: _reason_handler(reason) for reason in REASONS}
 
 async def open_dispute(ctx: Ctx, reason: str) -> str:
     from core.disputes import open_dispute as open_
-    from core.payments import recent_payments_for_member
 
     try:
         side_effect_started()
         async with ctx.rt.sessionmaker.begin() as session:
-            # Loaded again in this transaction, and only among the member's own payments.
-            mine = await recent_payments_for_member(session, ctx.data["mb"], limit=5)
-            payment = next((p for p in mine if p.id == ctx.data.get("py")), None)
+            # Loaded again in this transaction, only among the member's own payments, and only while the number
+            # is still hers (_her_payments).
+            payment = next((p for p in await _her_payments(ctx, session) if p.id == ctx.data.get("py")), None)
             if payment is None:
                 raise Invalid("error.invalid_choice")
             dispute = await open_(session, payment=payment, reason=reason, channel="ussd", actor=actor(ctx),

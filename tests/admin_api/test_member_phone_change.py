@@ -1,7 +1,8 @@
 """Right to rectification: a member's number typed wrong at registration, or a new SIM, is corrected on her record
 with PATCH /v1/members/{id} {"phone": ...}: read in the cooperative's country, encrypted, blind-indexed and masked
 as on create, her history kept; the old number is no longer hers (its USSD keys and, once no membership holds
-it, its STOP go), and the new one brings its own STOP state."""
+it, its STOP go), and the new one brings its own STOP state. phoneChange says why: NEW_SIM (the default) keeps a
+STOP she sent on her membership; TYPO resets it (a STOP from a number never hers was its holder's)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from channels.ussd.sessions import phone_keys
@@ -145,16 +147,73 @@ async def test_her_stop_holds_on_her_new_sim(rt: Any, demo: Any, client: Any, ad
     (her STOP was dropped with the old number, and reminders went to the new one)."""
     from core.reminders import scan, why_not_send
     from tests.channels.sms.helpers import jobs_of
+    from tests.channels.sms.test_routes import ALINE, JEAN, inbound
+    from tests.channels.sms.test_stop_and_reply_limits import NOW
+
+    aline, jean = demo["members"][ALINE], demo["members"][JEAN]
+    await inbound(client, ALINE, "STOP", "in-stop-1")
+    fixed = await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": "+250788654321"})
+    assert fixed["remindersOptOut"] is True  # NEW_SIM, the default: her own STOP, shown
+    assert (await _member(rt, aline)).reminders_opt_out is True
+    async with rt.sessionmaker.begin() as s:
+        await scan(s, rt, now=NOW)
+    reminders = [j for j in await jobs_of(rt, "sms.send") if j.payload.get("template") == "payment_reminder"]
+    async with rt.engine.connect() as conn:
+        verdicts = {job.payload["member_id"]: await why_not_send(conn, job.payload) for job in reminders}
+    # Nothing queued for her (the scan reads her flag), while Jean, who never texted STOP, gets his.
+    assert aline not in verdicts and verdicts.get(jean, "not queued") is None, verdicts
+
+
+@pytest.mark.parametrize("new_number_stopped", [False, True])
+async def test_a_typo_correction_drops_the_strangers_stop(
+        rt: Any, demo: Any, client: Any, admin: Caller, new_number_stopped: bool) -> None:
+    """Aline's number was typed wrong at registration: the stranger who holds it got her reminders and texted STOP.
+    Corrected as a TYPO, the STOP (never hers) leaves her membership, and the admin sees it go; a STOP her real
+    number sent itself (number-wide) still holds at send time."""
+    from core.reminders import scan, why_not_send
+    from tests.channels.sms.helpers import jobs_of
     from tests.channels.sms.test_routes import ALINE, inbound
     from tests.channels.sms.test_stop_and_reply_limits import NOW
 
+    right = "+250788654321"
     aline = demo["members"][ALINE]
-    await inbound(client, ALINE, "STOP", "in-stop-1")
-    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": "+250788654321"})
-    assert (await _member(rt, aline)).reminders_opt_out is True
+    await inbound(client, ALINE, "STOP", "in-stop-stranger")  # the stranger, not Aline
+    if new_number_stopped:
+        await inbound(client, right, "STOP", "in-stop-right")  # her real number, as nobody's member yet
+    assert (await admin.json("GET", f"/v1/members/{aline}", 200))["remindersOptOut"] is True
+    fixed = await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": right, "phoneChange": "TYPO"})
+    assert (fixed["phone"], fixed["remindersOptOut"]) == ("+25078****321", False)
+    assert (await admin.json("GET", f"/v1/members/{aline}", 200))["remindersOptOut"] is False
+    assert (await _member(rt, aline)).reminders_opt_out is False
+    async with rt.sessionmaker() as s:
+        [event] = (await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == aline, AuditEvent.action == "member.updated"))).scalars().all()
+    assert event.before["remindersOptOut"] is True and event.after["remindersOptOut"] is False
+    assert (event.before["phone"], event.after["phone"]) == ("+25078****001", "+25078****321")
+
     async with rt.sessionmaker.begin() as s:
         await scan(s, rt, now=NOW)
     reminders = [j for j in await jobs_of(rt, "sms.send")
                  if j.payload.get("member_id") == aline and j.payload.get("template") == "payment_reminder"]
+    assert reminders, "no reminder queued for her"
     async with rt.engine.connect() as conn:
-        assert [await why_not_send(conn, job.payload) for job in reminders] == ["opted_out"] * len(reminders)
+        verdicts = {await why_not_send(conn, job.payload) for job in reminders}
+    assert verdicts == ({"opted_out"} if new_number_stopped else {None})
+
+
+async def test_phone_change_is_given_only_with_a_phone(rt: Any, demo: Any, admin: Caller) -> None:
+    aline = demo["members"]["+250788000001"]
+    await _stop(rt, "+250788000001")
+    for body in ({"phoneChange": "TYPO"}, {"name": "Aline U", "phoneChange": "NEW_SIM"},
+                 {"phone": NEW, "phoneChange": "WRONG"}):
+        refused = await admin.json("PATCH", f"/v1/members/{aline}", 400, json=body)
+        assert any("phoneChange" in line for line in refused["message"]), refused
+    row = await _member(rt, aline)
+    assert (row.phone_index, row.reminders_opt_out) == (rt.cipher.blind_index("+250788000001"), True)
+    # NEW_SIM said outright is the default: her own STOP stays, and the audit row does not mention it.
+    kept = await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": NEW, "phoneChange": "NEW_SIM"})
+    assert kept["remindersOptOut"] is True
+    async with rt.sessionmaker() as s:
+        [event] = (await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == aline, AuditEvent.action == "member.updated"))).scalars().all()
+    assert "remindersOptOut" not in event.after and "remindersOptOut" not in event.before

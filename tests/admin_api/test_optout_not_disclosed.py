@@ -51,7 +51,7 @@ async def test_a_number_that_texted_stop_elsewhere_looks_like_any_other_and_gets
         again = await admin.json("GET", f"/v1/members/{member['id']}", 200)
         assert {k: v for k, v in again.items() if k not in ("id", "phone", "updatedAt", "createdAt")} == {
             "cooperativeId": member["cooperativeId"], "name": "Probe Member", "phoneReleased": False,
-            "language": "en", "unit": None, "status": "ACTIVE"}, phone
+            "language": "en", "unit": None, "status": "ACTIVE", "remindersOptOut": False}, phone
     events = await admin.json("GET", "/v1/audit-events?action=member.created&limit=100", 200)
     after = {e["entityId"]: e["after"] for e in events["data"]}
     assert {phone: after[ids[phone]] for phone in made} == {

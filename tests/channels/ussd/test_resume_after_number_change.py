@@ -1,7 +1,8 @@
 """A number taken from its member (PATCH phone, release-phone, erase) while a USSD session of it is open: the
 admin API forgets the number's resume route, but the open session saves it again on its next hop. Neither that
 session nor the number's next one goes on as her: a resumed route whose members no longer hold the number starts
-afresh, and a confirmation is refused once the member's number is not the dialling phone's."""
+afresh, and a confirmation, her payments' list and details, a receipt and a dispute are refused once the member's
+number is not the dialling phone's."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from typing import Any
 import pytest
 
 from channels.ussd import sessions
-from core.models import Payment
+from core.models import Dispute, Payment
 from core.phone import normalize
 from tests.admin_api.conftest import Caller, bearer
-from tests.channels.sms.helpers import make_payment
+from tests.channels.sms.helpers import jobs_of, make_payment
 from tests.channels.ussd.helpers import AtPhone
 from tests.channels.ussd.test_flows_africastalking import EN_MTN, option
 
 NEW = "+250788999888"  # Jean Bosco's real number: the one she had registered (EN_MTN) was typed wrong
+REFUSED = "END Sorry, we could not complete your request. Please try again later."
 
 
 @pytest.fixture
@@ -64,7 +66,7 @@ async def test_a_route_saved_again_after_the_number_was_taken_does_not_resume_as
     assert await db.count(Payment) == 0
 
 
-async def test_a_resumed_route_of_a_released_number_does_not_show_her_payments(
+async def test_an_open_session_of_a_released_number_does_not_show_her_payments(
     rt: Any, client: Any, demo: Any, admin: Caller
 ) -> None:
     jean = demo["members"][EN_MTN]
@@ -74,12 +76,11 @@ async def test_a_resumed_route_of_a_released_number_does_not_show_her_payments(
     listed = await live.send("2")  # My payments
     assert paid.reference in listed
     await _take_number(admin, jean, "release-phone")
-    detail = await live.send("1")  # her payment's details: the route is saved again
-    assert paid.reference in detail and await _route_waits(rt, EN_MTN)
+    detail = await live.send("1")  # her payment's details, from the number that is not hers any more
+    assert detail == REFUSED, detail
+    assert not await _route_waits(rt, EN_MTN)  # the session ended: nothing saved to resume
     again = AtPhone(client, EN_MTN)
-    await again.dial()
-    resumed = await again.send("1")  # Continue
-    assert resumed.startswith("CON Welcome to CoopPay") and paid.reference not in resumed, resumed
+    assert (await again.dial()).startswith("CON Welcome to CoopPay")
     assert (await again.send("2")).startswith("END This phone is not registered with any cooperative.")
 
 
@@ -94,7 +95,7 @@ async def test_an_open_session_of_a_corrected_number_cannot_pay_as_her(
     assert confirm.startswith("CON Pay Water")
     await admin.json("PATCH", f"/v1/members/{jean}", 200, json={"phone": NEW})
     refused = await live.send("1")  # Confirm, from the number that is not hers any more
-    assert refused == "END Sorry, we could not complete your request. Please try again later.", refused
+    assert refused == REFUSED, refused
     assert await db.count(Payment) == 0
     assert not await _route_waits(rt, EN_MTN)  # the session ended: nothing to resume either
     # From her corrected number she pays as before.
@@ -105,3 +106,68 @@ async def test_an_open_session_of_a_corrected_number_cannot_pay_as_her(
     assert (await mine.send("1")).startswith("END Approve the prompt")
     payment = await db.one(Payment)
     assert (payment.member_id, payment.payment_account_masked) == (jean, "+25078****888")
+
+
+@pytest.mark.parametrize("how", ["corrected", "release-phone", "erase"])
+async def test_an_open_session_of_a_taken_number_cannot_open_a_dispute_as_her(
+    rt: Any, client: Any, demo: Any, db: Any, admin: Caller, how: str
+) -> None:
+    jean = demo["members"][EN_MTN]
+    paid = await make_payment(rt, demo["cooperative_id"], account=EN_MTN, member_id=jean)
+    live = AtPhone(client, EN_MTN)
+    await live.dial()
+    pick = await live.send("3")  # Problem with a payment
+    reasons = await live.send(option(pick, paid.reference))
+    assert reasons.startswith("CON What went wrong?"), reasons
+    await _take_number(admin, jean, how)
+    refused = await live.send("3")  # "I did not authorise it", from the number that is not hers any more
+    assert refused == REFUSED, refused
+    assert await db.count(Dispute) == 0 and await jobs_of(rt, "sms.send") == []
+    assert not await _route_waits(rt, EN_MTN)
+    if how != "corrected":
+        return
+    # From her corrected number she opens it as before.
+    mine = AtPhone(client, NEW)
+    await mine.dial()
+    pick = await mine.send("3")
+    await mine.send(option(pick, paid.reference))
+    assert (await mine.send("3")).startswith("END Complaint DSP_")
+    dispute = await db.one(Dispute)
+    assert dispute.payment_id == paid.id
+
+
+async def test_an_open_session_of_a_corrected_number_sends_her_no_receipt(
+    rt: Any, client: Any, demo: Any, db: Any, admin: Caller
+) -> None:
+    jean = demo["members"][EN_MTN]
+    paid = await make_payment(rt, demo["cooperative_id"], account=EN_MTN, member_id=jean)
+    live = AtPhone(client, EN_MTN)
+    await live.dial()
+    listed = await live.send("2")  # My payments
+    detail = await live.send(option(listed, paid.reference))
+    assert paid.reference in detail and "Send receipt by SMS" in detail, detail
+    await admin.json("PATCH", f"/v1/members/{jean}", 200, json={"phone": NEW})
+    refused = await live.send("1")  # Send receipt by SMS
+    assert refused == REFUSED, refused
+    assert await jobs_of(rt, "sms.send") == []
+    # From her corrected number the receipt is sent (to her number, the member's).
+    mine = AtPhone(client, NEW)
+    await mine.dial()
+    listed = await mine.send("2")
+    await mine.send(option(listed, paid.reference))
+    assert (await mine.send("1")).startswith(f"END Your receipt for {paid.reference}")
+    [receipt] = await jobs_of(rt, "sms.send")
+    assert (receipt.payload["template"], receipt.payload["member_id"]) == ("payment_receipt", jean)
+
+
+@pytest.mark.parametrize("entry", ["2", "3"])  # My payments; Problem with a payment
+async def test_an_open_session_of_a_corrected_number_does_not_list_her_payments(
+    rt: Any, client: Any, demo: Any, admin: Caller, entry: str
+) -> None:
+    jean = demo["members"][EN_MTN]
+    paid = await make_payment(rt, demo["cooperative_id"], account=EN_MTN, member_id=jean)
+    live = AtPhone(client, EN_MTN)
+    assert (await live.dial()).startswith("CON Welcome to Kigali")  # her memberships, kept for the session
+    await admin.json("PATCH", f"/v1/members/{jean}", 200, json={"phone": NEW})
+    listed = await live.send(entry)
+    assert listed == REFUSED and paid.reference not in listed, listed
