@@ -159,8 +159,7 @@ async def update_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     body = ctx.body
     phone = None
     if "phone" in body:
-        coop = await ctx.session.get(Cooperative, member.cooperative_id)
-        phone = normalize(body["phone"], coop.country if coop is not None else DEFAULT_REGION)
+        phone = normalize(body["phone"], await search_region(ctx, member.cooperative_id))
         member = await service.lock_member(ctx.session, member)  # the number it replaces, as last committed
     was, number = member.status, member.phone_index
     status = body.get("status")
@@ -236,9 +235,10 @@ async def _forget_number(ctx: Ctx, member: Member, index: str) -> None:
         await forget_phone(ctx.rt.redis, index)
     except RedisError:
         # Named by the number's blind index: no phone number in the log.
-        log.warning("released number's USSD language and resume route not cleared yet: Redis unavailable; "
-                    "the worker retries", extra={"member_id": member.id, "cooperative_id": member.cooperative_id,
-                                                 "redis_keys": " ".join(phone_keys(index))})
+        log.warning("USSD language and resume route of a number no longer its member's (released, corrected, "
+                    "erased) not cleared yet: Redis unavailable; the worker retries",
+                    extra={"member_id": member.id, "cooperative_id": member.cooperative_id,
+                           "redis_keys": " ".join(phone_keys(index))})
 
 
 async def approve_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:

@@ -75,15 +75,17 @@ def _operation(route: Route) -> dict[str, Any]:
         content = {"application/json": {"schema": dict(route.response or {"type": "object"})}}
     else:
         content = {route.produces: {"schema": {"type": "string"}}}
-    responses: dict[str, Any] = {
-        str(route.status): {"description": "Success", "headers": headers, "content": content}
-    }
-    for status in route.alt_statuses:
-        responses[str(status)] = {
-            "description": "Replayed (same idempotency key and body)",
-            "headers": headers,
-            "content": content,
+    success_headers: dict[str, Any] = dict(headers)
+    if "idempotencyKey" in (route.body or {}).get("properties", {}):
+        # A replay answers 201 as the first request did; only this header tells the two apart.
+        success_headers["Idempotent-Replayed"] = {
+            "description": "\"true\" when this answers an earlier request with the same idempotency key "
+                           "(nothing new was made); absent otherwise",
+            "schema": {"type": "string", "enum": ["true"]},
         }
+    responses: dict[str, Any] = {
+        str(route.status): {"description": "Success", "headers": success_headers, "content": content}
+    }
     errors = sorted(_ERRORS) if route.scope is not None else [400, 401, 404, 408, 413, 415, 429, 503]
     if route.handler in (openapi_json, docs_page):
         errors.remove(503)  # reads nothing: neither the database nor Redis

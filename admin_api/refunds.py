@@ -27,10 +27,10 @@ from admin_api.common import (
 )
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param, period_params, statement_time
+from core import refunds as service
 from core.models import Payment, Refund
 from core.money import Money
 from core.refunds import ReturnedByProvider, record_refund_outcome, request_refund
-from core.refunds import cancel_refund as withdraw_unsent
 from core.state.refund import RefundStatus
 
 REFUND = out(
@@ -180,8 +180,9 @@ async def record_outcome(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 async def cancel_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     """Withdraw a refund before it is sent (core.refunds.cancel_refund)."""
     refund = await one(ctx, Refund, request.match_info["id"], "refund")
-    refund = await withdraw_unsent(ctx.session, ctx.rt, refund_id=refund.id, cooperative_id=refund.cooperative_id,
-                                   note=ctx.body["note"], actor=ctx.who.actor)
+    refund = await service.cancel_refund(ctx.session, ctx.rt, refund_id=refund.id,
+                                         cooperative_id=refund.cooperative_id, note=ctx.body["note"],
+                                         actor=ctx.who.actor)
     await ctx.session.commit()
     return json_response(present(refund))
 

@@ -76,7 +76,6 @@ class Route:
     raw_body: str | None = None  # media type when the handler reads the body itself (CSV import)
     produces: str = "application/json"
     tenants: bool = False  # may a TENANT call it at all
-    alt_statuses: tuple[int, ...] = ()
     body_optional: bool = False  # the JSON body may be left out (the schema's defaults apply)
 
     @property

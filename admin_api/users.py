@@ -84,11 +84,6 @@ def present(u: AdminUser) -> dict[str, Any]:
     }
 
 
-def _case_note(held: str, asked: str) -> str:
-    """Said when the account holding the name has it in another case: the caller may not know they are one."""
-    return "" if held == asked else " (usernames are the same whatever their case)"
-
-
 def _people_only(ctx: Ctx) -> None:
     if ctx.who.kind != "user":
         raise Forbidden("accounts are managed by signed-in administrators")
@@ -152,11 +147,11 @@ async def _refuse_taken(ctx: Ctx, username: str) -> None:
     # caller who may see that account.
     visible = (await ctx.session.execute(
         ctx.who.scope(select(AdminUser.id).where(AdminUser.id == taken.id), AdminUser))).first() is not None
-    note = _case_note(taken.username, username)
+    taken_message = accounts.username_taken(username, taken.username)
     if visible and not taken.is_active:
-        raise Conflict(f"this username is taken{note} by a deactivated account: turn it on again with PATCH "
+        raise Conflict(f"{taken_message} by a deactivated account: turn it on again with PATCH "
                        f"/v1/users/{taken.id} {{\"isActive\": true}}", field="username")
-    raise Conflict(f"this username is taken{note}", field="username")
+    raise Conflict(taken_message, field="username")
 
 
 async def list_users(request: web.Request, ctx: Ctx) -> web.StreamResponse:

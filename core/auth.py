@@ -692,9 +692,11 @@ async def create_user(
             await session.flush()
     except IntegrityError:
         # Two requests for one username at once: the callers' check saw it free, the unique index did not.
+        from core.users import username_taken  # core.users builds on this module
+
         taken = await session.execute(select(AdminUser.id).where(username_is(username)))
         if taken.scalar_one_or_none() is not None:
-            raise Conflict("this username is taken", field="username") from None
+            raise Conflict(username_taken(username), field="username") from None
         raise
     return user
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,18 +15,22 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from core import users
 from core.audit import Actor, record
 from core.crypto import PiiCipher
-from core.db import insert_ignore, utcnow
+from core.db import insert_ignore, lock_row, utcnow
 from core.errors import Conflict, NotFound, ValidationError
 from core.models import AdminUser, AuditEvent, Cooperative, Member, Payment, PhoneOptOut, Refund, SmsMessage
 from core.notify import send_sms
 from core.phone import Phone
 from core.state import StaleTransition, transition
-from core.state.sms import SMS, SmsStatus
+from core.state.payment import OPEN_VALUES as OPEN_PAYMENT_VALUES
+from core.state.refund import OPEN_VALUES as OPEN_REFUND_VALUES
+from core.state.sms import SKIPPED, SMS, SmsStatus
 
 LANGUAGES = ("en", "rw", "fr", "sw")
 MEMBER_STATUSES = ("PENDING", "ACTIVE", "SUSPENDED")
 DUPLICATE_PHONE = "a member with this phone number already exists in this cooperative"
 PHONE_RELEASED = "the member's phone number was released"
+# The Conflict for a change a released number rules out (a status back from SUSPENDED, a number corrected).
+REGISTER_AGAIN = f"{PHONE_RELEASED}: register the person again as a new member"
 RELEASED_MASK = "released"
 # What an erased member (erase_member) leaves where her name and number were: on her row, her payments' account
 # mask and her SMS rows' phone mask. Her payments' and messages' encrypted number, blind index and request hash
@@ -71,14 +75,6 @@ def member_row(cipher: PiiCipher, *, cooperative_id: str, name: str, phone: Phon
 def number_opted_out(phone_index: Any) -> Any:
     """SQL condition: the number of this blind index (a value or a column) sent STOP and not START since."""
     return exists().where(PhoneOptOut.phone_index == phone_index)
-
-
-async def opted_out_numbers(session: AsyncSession, indexes: Collection[str]) -> set[str]:
-    """The blind indexes among `indexes` whose number sent STOP (one query; the caller keeps it to a chunk)."""
-    if not indexes:
-        return set()
-    rows = await session.execute(select(PhoneOptOut.phone_index).where(PhoneOptOut.phone_index.in_(list(indexes))))
-    return set(rows.scalars())
 
 
 async def set_number_opt_out(session: AsyncSession, phone_index: str, opt_out: bool) -> None:
@@ -134,9 +130,9 @@ class _ReleasedMeanwhile(Exception):
 async def replay_opt_outs(sessionmaker: async_sessionmaker[AsyncSession], since: datetime) -> list[OptOutReplayed]:
     """After a rolling deploy to the release with migration 0016: the STOP and START taken meanwhile by a process
     of the release before it changed the memberships' flags (and left their audit rows) but not the number's
-    opt-out (phone_opt_outs), which the worker's send-time check and every membership made later read. Each
-    number with a STOP or START since `since` gets the one its latest audit row says (time, then id: a STOP
-    then a START is a START), through its memberships' current number (released ones are skipped). This
+    opt-out (phone_opt_outs), which the worker's send-time check reads. Each number with a STOP or START since
+    `since` gets the one its latest audit row says (time, then id: a STOP then a START is a START), through its
+    memberships' current number (released ones are skipped). This
     release's own STOP and START wrote the same rows and the same opt-out: replayed, they change nothing.
 
     Safe while serving: one short transaction a number. A STOP or START of the number taken meanwhile writes
@@ -163,7 +159,7 @@ async def _replay_number(sessionmaker: async_sessionmaker[AsyncSession], phone_i
         word = await _last_word(session, phone_index, since)
         if word is None:
             raise _ReleasedMeanwhile
-        had = bool(await opted_out_numbers(session, [phone_index]))
+        had = bool((await session.execute(select(number_opted_out(phone_index)))).scalar_one())
         while True:
             await set_number_opt_out(session, phone_index, word.opted_out)
             again = await _last_word(session, phone_index, since)
@@ -310,7 +306,7 @@ async def update_member(session: AsyncSession, member: Member, *, actor: Actor, 
         if status not in MEMBER_STATUSES:
             raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
         if status != "SUSPENDED" and status != member.status and await _released(session, member.id):
-            raise Conflict(f"{PHONE_RELEASED}: register the person again as a new member", field="status")
+            raise Conflict(REGISTER_AGAIN, field="status")
         member.status = status
     after: dict[str, Any] = {"language": member.language, "status": member.status}
     after.update({field: CHANGED for field in PERSONAL_FIELDS if getattr(member, field) != was[field]})
@@ -340,7 +336,7 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
     has. The caller locked the row first (lock_member), and forgets the old number's USSD keys in Redis
     (admin_api.members)."""
     if await _released(session, member.id):  # under the row's lock: none can release it meanwhile
-        raise Conflict(f"{PHONE_RELEASED}: register the person again as a new member", field="phone")
+        raise Conflict(REGISTER_AGAIN, field="phone")
     index = cipher.blind_index(phone.e164)
     old_index, old_mask = member.phone_index, member.phone_masked
     if index == old_index:
@@ -416,12 +412,13 @@ async def release_phone(session: AsyncSession, member: Member, *, actor: Actor) 
 
 
 async def lock_member(session: AsyncSession, member: Member) -> Member:
-    """The member's row locked and read again, before changing it: of two changes at once, the second waits and
-    sees the first's (a number corrected twice at once forgets the number each replaces, not one twice)."""
-    return (await session.execute(
-        select(Member).where(Member.id == member.id).with_for_update()
-        .execution_options(populate_existing=True)
-    )).scalar_one()
+    """The member's row locked and read again, before changing it (core.db.lock_row: on SQLite, the write lock
+    too): of two changes at once, the second waits and sees the first's (a number corrected twice at once forgets
+    the number each replaces, not one twice)."""
+    locked: Member | None = await lock_row(session, Member, member.id)
+    if locked is None:  # members are never deleted: only a row never written is missing
+        raise NotFound("member not found")
+    return locked
 
 
 async def _locked_suspended(session: AsyncSession, member: Member, doing: str) -> Member:
@@ -450,8 +447,9 @@ async def _let_number_go(session: AsyncSession, locked: Member, mask: str) -> No
 # reconciled against); what named or reached her goes. Old audit rows stay as written (the log is append-only):
 # those written since member.updated stopped holding names (update_member) name nobody.
 
-OPEN_PAYMENTS = ("PENDING", "PROCESSING")  # still moving money: the provider may yet take it, a job still sends
-OPEN_REFUNDS = ("PENDING", "PROCESSING")  # a refund's job pays out to the payment's account: it must be known
+# Open payments (core.state.payment.OPEN_VALUES) still move money: the provider may yet take it, a job still
+# sends. Open refunds (core.state.refund.OPEN_VALUES): a refund's job pays out to the payment's account, which
+# must be known.
 ERASED_SMS_REASON = "not sent: member_erased"
 
 
@@ -484,13 +482,13 @@ async def _refuse_open_money(session: AsyncSession, member_id: str) -> None:
     a refund asked for meanwhile (core.refunds locks its payment) waits, and then finds the account erased."""
     statuses = (await session.execute(select(Payment.status).where(Payment.member_id == member_id)
                                       .order_by(Payment.id).with_for_update())).scalars().all()
-    open_payments = sum(status in OPEN_PAYMENTS for status in statuses)
+    open_payments = sum(status in OPEN_PAYMENT_VALUES for status in statuses)
     if open_payments:
         raise Conflict(f"the member has {open_payments} payment(s) still open (PENDING or PROCESSING): "
                        "erase the member once they have settled")
     open_refunds = (await session.execute(
         select(func.count()).select_from(Refund).join(Payment, Payment.id == Refund.payment_id)
-        .where(Payment.member_id == member_id, Refund.status.in_(OPEN_REFUNDS)))).scalar_one()
+        .where(Payment.member_id == member_id, Refund.status.in_(OPEN_REFUND_VALUES)))).scalar_one()
     if open_refunds:
         raise Conflict(f"the member has {open_refunds} refund(s) still open (PENDING or PROCESSING): "
                        "erase the member once they have settled")
@@ -513,7 +511,7 @@ async def _erase_messages(session: AsyncSession, member_id: str, *, actor: Actor
     for message_id in queued:
         try:
             await transition(session, SMS, message_id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor,
-                             values={"failure_reason": ERASED_SMS_REASON, "provider_status": "Skipped"})
+                             values={"failure_reason": ERASED_SMS_REASON, "provider_status": SKIPPED})
         except StaleTransition:
             pass  # sent (or refused) meanwhile: its number and text are cleared below all the same
     done = await session.execute(

@@ -477,9 +477,11 @@ class UsedRefreshToken(Base):
 
 class PhoneOptOut(Base):
     """A number that sent STOP (channels.sms.routes), by its blind index (the one members.phone_index holds;
-    never the number): the opt-out is the number's person's, so a membership made later, in this cooperative or
-    another, by the API, a CSV import or USSD registration, starts opted out (core.members). START deletes the
-    row; so does releasing the number from its last membership (the operator gives it to someone else)."""
+    never the number): the opt-out is the number's person's, so it holds for every membership the number has,
+    made before or later, in this cooperative or another: the send-time check (core.reminders.why_not_send)
+    reads this row beside the membership's own flag, which starts False (core.members: the cooperative does not
+    learn of it). START deletes the row; so does releasing the number from its last membership (the operator
+    gives it to someone else)."""
 
     __tablename__ = "phone_opt_outs"
 

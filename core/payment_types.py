@@ -18,7 +18,8 @@ from core.db import serialise_on_sqlite, utcnow
 from core.errors import Conflict, NotFound, ValidationError
 from core.models import Cooperative, PaymentType
 from core.money import Money
-from core.ports import amount_refusal
+from core.payments import METHOD_OPERATOR, METHODS, wallets_by_operator
+from core.ports import refusal_for
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
@@ -35,19 +36,8 @@ _UPDATABLE = (
     "is_active",
 )
 _RECURRENCE = ("is_recurring", "recurring_interval", "due_day")
-# The wallet method of each mobile operator a cooperative's members pay with, by the cooperative's country
-# (USSD offers the one of the payer's operator: channels.ussd.flows.methods_for), and the banks (IremboPay),
-# which any cooperative's payment may name.
-_KENYA_WALLETS = {"SAFARICOM": "MPESA", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
-_WALLETS = {"MTN": "MOBILE_MONEY_MTN", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
-_BANKS = ("BANK_BK", "BANK_IM", "BANK_ECOBANK")
-
-
-def wallets_by_operator(country: str) -> dict[str, str]:
-    """Operator -> the wallet method its subscribers pay with, for a cooperative of `country`."""
-    return _KENYA_WALLETS if country == "KE" else _WALLETS
-
-
+# The banks (IremboPay): every method that is no mobile operator's wallet.
+_BANKS = tuple(m for m in METHODS if m not in METHOD_OPERATOR)
 async def active_payment_types(session: AsyncSession, cooperative_id: str) -> list[PaymentType]:
     """What the USSD menu offers: active types of one cooperative, ordered by name."""
     rows = await session.execute(
@@ -157,11 +147,7 @@ def uncollectable(rt: Runtime, country: str, amount: Money) -> str | None:
         return None  # a free type (allowCustomAmount): the payer names the amount
     rules: list[str] = []
     for method in (*wallets_by_operator(country).values(), *_BANKS):
-        name = rt.routes.get(method)
-        provider = rt.providers.get(name) if name else None
-        if provider is None:
-            continue
-        refusal = amount_refusal(provider, amount, method)
+        refusal = refusal_for(rt.routes, rt.providers, method, amount)
         if refusal is None:
             return None
         if refusal[0] == "amount" and refusal[1] not in rules:

@@ -25,7 +25,14 @@ from core.notify import changed_at, emit_event, notice_jobs
 from core.outbox import NewJob, db_now, enqueue_many
 from core.payment_statements import CONTEXT, create_statement, stored_and_locked
 from core.phone import Phone, PhoneError, normalize
-from core.ports import EventKind, ProviderError, ProviderOutcome, StatusResult, amount_refusal
+from core.ports import (
+    MONEY_REFERENCE,
+    EventKind,
+    ProviderError,
+    ProviderOutcome,
+    StatusResult,
+    amount_refusal,
+)
 from core.ports import ProviderEvent as ProviderEventData
 from core.references import next_reference, reference_prefix
 from core.state import StaleTransition, transition
@@ -46,6 +53,18 @@ UNCONFIRMED_FLAG = "the provider never confirmed the outcome: check its statemen
 METHODS = ("MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL", "MPESA", "BANK_BK", "BANK_IM", "BANK_ECOBANK")
 # Which mobile operator a mobile-money method collects from (checked against the payer's number).
 METHOD_OPERATOR = {"MOBILE_MONEY_MTN": "MTN", "MOBILE_MONEY_AIRTEL": "AIRTEL", "MPESA": "SAFARICOM"}
+# The wallet method of each mobile operator a cooperative's members pay with, by the cooperative's country
+# (USSD offers the one of the payer's operator: channels.ussd.flows.methods_for). A method of no operator is a
+# bank (IremboPay), which any cooperative's payment may name.
+_KENYA_WALLETS = {"SAFARICOM": "MPESA", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
+_WALLETS = {"MTN": "MOBILE_MONEY_MTN", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
+
+
+def wallets_by_operator(country: str) -> dict[str, str]:
+    """Operator -> the wallet method its subscribers pay with, for a cooperative of `country`."""
+    return _KENYA_WALLETS if country == "KE" else _WALLETS
+
+
 CHANNELS = ("ussd", "api", "sms")
 P = PaymentStatus
 
@@ -460,17 +479,12 @@ async def get_by_reference(session: AsyncSession, reference: str) -> Payment | N
                                   )).scalar_one_or_none()
 
 
-async def recent_payments_for_member(session: AsyncSession, member_id: str, limit: int = 5) -> list[Payment]:
-    rows = await session.execute(select(Payment).where(Payment.member_id == member_id)
-                                 .order_by(Payment.created_at.desc()).limit(limit))
-    return list(rows.scalars())
-
-
 async def recent_payments_of_holder(session: AsyncSession, member_id: str, phone_index: str,
                                     limit: int = 5) -> list[Payment] | None:
-    """recent_payments_for_member for a caller acting as the member from a phone (USSD): None unless the member
-    still has the number of this blind index (corrected, released or erased since: not hers to act on). One
-    query: the member's row, outer-joined to her payments (a member with none gives one row without a payment)."""
+    """The member's latest payments (newest first, at most limit) for a caller acting as her from a phone (USSD
+    "my payments"): None unless the member still has the number of this blind index (corrected, released or
+    erased since: not hers to act on). One query: the member's row, outer-joined to her payments (a member with
+    none gives one row without a payment)."""
     rows = (await session.execute(
         select(Member.id, Payment).select_from(Member)
         .outerjoin(Payment, Payment.member_id == Member.id)
@@ -763,11 +777,6 @@ async def _find_by_our_reference(session: AsyncSession, event: ProviderEventData
 
 # Where a stored callback keeps the final id it claimed while its status query still said "pending".
 KEPT_TRANSACTION_ID = "gatewayKeptTransactionId"
-# The provider's id of the money a success reports, in a callback's raw body (set by the adapter when the payment's
-# provider_transaction_id names the request, not the money: IremboPay's paymentReference, one per payment of an
-# invoice) and in every stored success (the core writes the final id there otherwise): a success naming another
-# one than an earlier success of the payment is a second payment (_second_payment).
-MONEY_REFERENCE = "money_reference"
 
 
 async def already_stored(session: AsyncSession, event: ProviderEventData) -> bool:

@@ -31,6 +31,13 @@ class EventKind(StrEnum):
     REFUND = "refund"
 
 
+# The provider's id of the money a success reports, in a callback's raw body (set by the adapter when the payment's
+# provider_transaction_id names the request, not the money: IremboPay's paymentReference, one per payment of an
+# invoice) and in every stored success (the core writes the final id there otherwise): a success naming another
+# one than an earlier success of the payment is a second payment (core.payments._second_payment).
+MONEY_REFERENCE = "money_reference"
+
+
 @dataclass(frozen=True)
 class ProviderEvent:
     """A provider's callback or status answer, translated."""
@@ -185,6 +192,19 @@ def amount_refusal(provider: object, amount: Money, method: str) -> tuple[str, s
     rule = getattr(provider, "amount_rule", None)
     problem = rule(amount) if callable(rule) else None
     return ("amount", str(problem)) if problem else None
+
+
+def refusal_for(routes: Mapping[str, str], providers: Mapping[str, object], method: str,
+                amount: Money) -> tuple[str, str] | None:
+    """amount_refusal of the provider that `routes` sends `method` to (`providers`: name -> adapter). When no
+    provider serves the method (no route, or a route to a provider this deployment did not configure):
+    ("paymentMethod", Runtime.provider_for's "not available" message), a refusal that is not the amount's, so a
+    method nobody serves is never offered and never blamed on the amount."""
+    name = routes.get(method)
+    provider = providers.get(name) if name is not None else None
+    if provider is None:
+        return "paymentMethod", f"payment method {method!r} is not available"
+    return amount_refusal(provider, amount, method)
 
 
 @dataclass(frozen=True)

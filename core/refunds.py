@@ -437,7 +437,8 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
     its_jobs = or_(OutboxJob.dedupe_key == f"refund:{refund.id}", OutboxJob.dedupe_key == f"refund-poll:{refund.id}",
                    OutboxJob.dedupe_key.like(f"refund-poll:{refund.id}:%"))
     if R(refund.status) is R.PENDING and await _live(session, its_jobs, "refund.submit"):
-        raise Conflict("refund has not been sent to the provider yet: wait for its submission", field="status")
+        raise Conflict("refund has not been sent to the provider yet: wait for its submission; or withdraw it with "
+                       "POST /v1/refunds/{id}/cancel", field="status")
     if R(refund.status) is R.PROCESSING and not succeeded and await _live(session, its_jobs, "refund.poll"):
         raise Conflict("refund is still being settled with the provider (its status is still asked for): record "
                        "FAILED once it is parked for manual review, or COMPLETED if the statement shows it sent "

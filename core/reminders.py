@@ -46,6 +46,8 @@ from core.members import number_opted_out
 from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType, SmsMessage
 from core.notify import sms_job
 from core.outbox import Handler, Job, NewJob, enqueue
+from core.state.payment import OPEN_VALUES
+from core.state.sms import SKIPPED
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
@@ -54,12 +56,10 @@ log = logging.getLogger("gateway.reminders")
 
 INTERVAL_MONTHS = {"MONTHLY": 1, "QUARTERLY": 3, "YEARLY": 12}
 PAID = ("COMPLETED", "PARTIALLY_REFUNDED")  # money kept: a fully refunded payment does not count
-# A payment still waiting for the provider's word (held up to the settle grace in an outage): it may yet take the
-# money, so its member is not told to pay again (she would pay twice); reminded if it fails.
-OPEN = ("PENDING", "PROCESSING")
-# The provider_status channels.sms.jobs writes on a reminder's message dropped at its turn (FAILED "not sent: ..."):
-# it never reached the aggregator, so it does not count as sent.
-SKIPPED = "Skipped"
+# A payment still open (OPEN_VALUES) waits for the provider's word (held up to the settle grace in an outage): it
+# may yet take the money, so its member is not told to pay again (she would pay twice); reminded if it fails.
+# A reminder's message FAILED with provider_status SKIPPED (core.state.sms) was dropped at its turn: it never
+# reached the aggregator, so it does not count as sent.
 SCAN_HOUR_UTC = 6  # 08:00 in Kigali, 09:00 in Nairobi: a reasonable hour for an SMS
 # A scan missed at its hour (workers down, or one first started later) still runs up to this long after;
 # past it, it is skipped: a reminder at 22:00 is worse than the next morning's.
@@ -78,9 +78,11 @@ COOPERATIVE_SCAN = "reminders.cooperative"
 
 @dataclasses.dataclass(frozen=True)
 class PaidFor:
-    """What counts as having paid a recurring type for the due date `due` (local day, the cooperative's zone):
-    a kept payment that names that due date (the API's dueDate falls on that local day), or one that names
-    none and was made after the midpoint between the previous due date and this one. A payment made on the
+    """Which payments count toward a recurring type's period ending on the due date `due` (local day, the
+    cooperative's zone): a kept payment that names that due date (the API's dueDate falls on that local day), or
+    one that names none and was made after the midpoint between the previous due date and this one. For a type
+    whose member chooses the amount any one of them pays the period; for a fixed-amount type the money they keep
+    in its currency must reach amount_owed (_settled, why_not_send). A payment made on the
     due day itself, or late (the 5th, for rent due the 1st), pays that period, not the next: the member is
     still reminded of the next one. One made in the second half of the period pays ahead (early). A dueDate
     given as a bare date ("2026-12-01", read as UTC midnight, as seed 001 writes it) names that day in any zone,
@@ -276,7 +278,7 @@ def _settled(plan: _Plan, due: _Due) -> Any:
     else:
         paid = select(func.coalesce(func.sum(_kept(_PAYMENT)), 0)).where(
             _of_period(plan, due, PAID), _PAYMENT.c.currency == due.currency).scalar_subquery() >= due.amount_minor
-    return or_(paid, exists().where(_of_period(plan, due, OPEN)))
+    return or_(paid, exists().where(_of_period(plan, due, OPEN_VALUES)))
 
 
 def _reminded(due: _Due, now: datetime) -> Any:
@@ -454,7 +456,7 @@ def _reminder_state(of_period: Any) -> Any:
         exists().where(payments(PAID)).label("paid"),
         select(func.coalesce(func.sum(_kept(_PAYMENT)), 0)).where(
             payments(PAID), _PAYMENT.c.currency == _TYPE.c.currency).scalar_subquery().label("kept"),
-        exists().where(payments(OPEN)).label("open"),
+        exists().where(payments(OPEN_VALUES)).label("open"),
         _sent(bindparam("others", expanding=True)).label("sent"),
     ).select_from(
         _MEMBER.join(_COOP, _COOP.c.id == _MEMBER.c.cooperative_id)

@@ -24,6 +24,15 @@ from core.text import is_uuid
 PASSWORD_MIN, PASSWORD_MAX = 12, 256
 USERNAME_MIN, USERNAME_MAX = 3, 120
 ADMIN_ROLES = (auth.SUPER_ADMIN, auth.COOP_ADMIN)  # a TENANT login needs a member: the API makes those
+_SAME_IN_ANY_CASE = "usernames are the same whatever their case"
+
+
+def username_taken(asked: str, held: str | None = None) -> str:
+    """The API's 409 message for a username an account already has. `held` is that account's spelling when it
+    was read: when it differs in case the caller is told the two are one (they may not know), but never shown
+    it (the account may be another cooperative's). No note without it (auth.create_user's lost race)."""
+    note = "" if held is None or held == asked else f" ({_SAME_IN_ANY_CASE})"
+    return f"this username is taken{note}"
 
 
 def check_password(password: str, *, field: str = "password") -> None:
@@ -64,7 +73,8 @@ async def create_admin(session: AsyncSession, *, username: str, password: str, r
             raise NotFound(f"cooperative {cooperative_id} not found")
     held = (await session.execute(select(AdminUser.username).where(auth.username_is(name)))).scalar_one_or_none()
     if held is not None:
-        case = "" if held == name else f" (as {held}: usernames are the same whatever their case)"
+        # The command line is the operator's: it may name the other spelling, which the API does not show.
+        case = "" if held == name else f" (as {held}: {_SAME_IN_ANY_CASE})"
         raise Conflict(f"the username {name} is taken{case}", field="username")
     user = await auth.create_user(session, username=name, password=password, role=role,
                                   cooperative_id=cooperative_id)

@@ -42,9 +42,9 @@ from core.models import Cooperative, Member, Payment, PaymentType, SmsMessage
 from core.notify import SMS_PHONE_CONTEXT
 from core.outbox import Handler, Job, PermanentJobError, RetryLater
 from core.ratelimit import Limit, RateLimiter
-from core.reminders import SKIPPED, why_not_send
+from core.reminders import why_not_send
 from core.state import StaleTransition, transition_alone
-from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SMS, SmsStatus
+from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SKIPPED, SMS, SmsStatus
 
 if TYPE_CHECKING:
     from core.phone import Phone

@@ -21,7 +21,8 @@ from core.audit import Actor
 from core.errors import BusinessRuleError, Conflict, DomainError
 from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import Money, MoneyError
-from core.payment_types import wallets_by_operator
+from core.payments import wallets_by_operator
+from core.ports import refusal_for
 from core.state.payment import OPEN, PaymentStatus, holds_money, shown_status
 from core.text import is_number
 
@@ -524,10 +525,7 @@ def methods_for(country: str, operator: str | None, routed: Any, *, number_count
 def _can_collect(method: str, routed: Any, amount: Money | None, providers: Any) -> bool:
     if amount is None or providers is None:
         return True
-    from core.ports import amount_refusal
-
-    provider = providers.get(routed[method])
-    return provider is not None and amount_refusal(provider, amount, method) is None
+    return refusal_for(routed, providers, method, amount) is None
 
 
 async def _method_step(ctx: Ctx) -> str:
@@ -559,10 +557,7 @@ def _no_method(ctx: Ctx, country: str, amount: Money | None) -> str:
 
 def _refuses_amount(ctx: Ctx, method: str, amount: Money) -> bool:
     """The method's provider refuses `amount` by its amount rule (not for its currency: the deployment's)."""
-    from core.ports import amount_refusal
-
-    provider = ctx.rt.providers.get(ctx.rt.routes[method])
-    refusal = amount_refusal(provider, amount, method) if provider is not None else None
+    refusal = refusal_for(ctx.rt.routes, ctx.rt.providers, method, amount)
     return refusal is not None and refusal[0] == "amount"
 
 
@@ -651,8 +646,7 @@ def _check_number_still_hers(context: PaymentContext, member_id: str | None) -> 
     ACTIVE: create_payment refuses her anyway, with its own reason.
     """
     if context.member_status == "ACTIVE" and context.payer_id != member_id:
-        raise BusinessRuleError("the member's number changed during the session: this phone no longer pays as her",
-                                field="memberId")
+        raise BusinessRuleError(NOT_HERS, field="memberId")
 
 
 def _earlier_payment(ctx: Ctx, payment: Payment) -> str:

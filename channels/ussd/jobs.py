@@ -16,9 +16,10 @@ FORGET_PHONE = "ussd.forget_phone"
 
 
 async def queue_forget_phone(session: AsyncSession, blind_index: str, *, cooperative_id: str) -> None:
-    """Forget a released number's USSD language and resume route, in the release's transaction: the worker
-    deletes the keys (retrying while Redis is down), so the number's next holder is not greeted in the previous
-    holder's language once Redis is back. The route deletes them at once as well; the job's DEL is then a no-op."""
+    """Forget the USSD language and resume route of a number no longer its member's (released, corrected,
+    erased), in the change's transaction: the worker deletes the keys (retrying while Redis is down), so the
+    number's next holder is not greeted in the previous holder's language, nor offered her session, once Redis is
+    back. The route deletes them at once as well; the job's DEL is then a no-op."""
     # No dedupe key: a number given back to its member and released again later needs its own job (a key
     # naming the member and number would match the first, DONE, job); two releases at once queue two DELs.
     await enqueue(session, FORGET_PHONE, {"blind_index": blind_index}, cooperative_id=cooperative_id,

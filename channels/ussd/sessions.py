@@ -244,8 +244,9 @@ def phone_keys(blind_index: str) -> tuple[str, str]:
 
 
 async def forget_phone(redis: Any, blind_index: str) -> None:
-    """A released number's language and resume route: its next holder, given the number by the operator, is
-    neither greeted in the previous holder's language nor offered their session."""
+    """The language and resume route of a number no longer its member's (released, corrected, erased): its next
+    holder, given the number by the operator, is neither greeted in the previous holder's language nor offered
+    their session."""
     await redis.delete(*phone_keys(blind_index))
 
 

@@ -26,6 +26,7 @@ P = PaymentStatus
 # it (core.jobs): the money may have been taken.
 UNCONFIRMED = "provider status unknown: no answer to status queries"
 OPEN = frozenset({P.PENDING, P.PROCESSING})
+OPEN_VALUES = tuple(sorted(s.value for s in OPEN))  # OPEN as the stored strings, for SQL IN and plain comparisons
 COLLECTED = frozenset({P.COMPLETED, P.PARTIALLY_REFUNDED, P.REFUNDED})
 
 PAYMENT = StateMachine(

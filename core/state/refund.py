@@ -16,6 +16,9 @@ class RefundStatus(StrEnum):
 
 
 R = RefundStatus
+# Still moving money: a refund's job may yet pay out to the payment's account.
+OPEN = frozenset({R.PENDING, R.PROCESSING})
+OPEN_VALUES = tuple(sorted(s.value for s in OPEN))  # OPEN as the stored strings, for SQL IN and plain comparisons
 REFUND = StateMachine(
     name="refund",
     states=RefundStatus,

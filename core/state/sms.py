@@ -23,6 +23,10 @@ M = SmsStatus
 # send the aggregator may or may not have taken (not resent; no delivery report can match it).
 RETRIES_EXHAUSTED = "RetriesExhausted"
 SENT_UNCONFIRMED = "Unconfirmed"
+# And a FAILED one never handed to the aggregator: a reminder dropped at its turn ("not sent: ...", channels.sms.jobs)
+# or a queued message of a member erased (core.members). Not sent: a reminder marked so does not count as sent
+# (core.reminders), and the next morning's scan may queue its due date again.
+SKIPPED = "Skipped"
 SMS = StateMachine(
     name="sms",
     states=SmsStatus,

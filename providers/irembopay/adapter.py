@@ -20,6 +20,7 @@ from core.logs import scrub
 from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS
 from core.money import Money, MoneyError
 from core.ports import (
+    MONEY_REFERENCE,
     REFUND_UNSUPPORTED,
     CallbackRejected,
     CollectionAccepted,
@@ -330,10 +331,10 @@ class IremboPayAdapter:
             # One invoice can be paid twice (a second push approved, a bank transfer after a mobile payment):
             # each payment has its own paymentReference, which IremboPay's retries of a webhook repeat. In the
             # event id, a second payment is not dropped as a duplicate of the first; as the money reference,
-            # the core tells it from the first (core.payments.MONEY_REFERENCE): the invoice number is the same.
+            # the core tells it from the first (core.ports.MONEY_REFERENCE): the invoice number is the same.
             paid_with = str(paid_with).strip()[:100]
             event_id += f":{paid_with}"
-            raw["money_reference"] = paid_with
+            raw[MONEY_REFERENCE] = paid_with
         return ProviderEvent(
             provider=self.name, kind=EventKind.COLLECTION, event_id=event_id,
             reference=reference, outcome=outcome, amount=amount, provider_transaction_id=invoice,

@@ -63,6 +63,9 @@ STATUS: dict[str, ProviderOutcome] = {
     "17": ProviderOutcome.FAILED,
     "26": ProviderOutcome.FAILED,
 }
+# M-Pesa's own fault before the prompt reached the payer ("1025", "9999"): nothing to fix on the payer's side.
+_PROMPT_NOT_SENT = ("M-Pesa service error: the prompt could not be sent to the payer's phone; nothing was taken, "
+                    "pay again")
 # What the payer can act on (a payment's failure_reason; channels.sms.templates.reason_key sorts it for the SMS).
 REASONS: dict[str, str] = {
     "1": "insufficient funds",
@@ -72,8 +75,8 @@ REASONS: dict[str, str] = {
     "1019": "the request expired before the payer approved it",
     "1001": "another M-Pesa transaction was in process on the payer's phone (M-Pesa service busy): "
             "finish it, then pay again",
-    "1025": "M-Pesa service error: the prompt could not be sent to the payer's phone; nothing was taken, pay again",
-    "9999": "M-Pesa service error: the prompt could not be sent to the payer's phone; nothing was taken, pay again",
+    "1025": _PROMPT_NOT_SENT,
+    "9999": _PROMPT_NOT_SENT,
     "17": "an M-Pesa limit or rule stopped the transaction: nothing was taken, pay again in a few minutes",
     "26": "M-Pesa service busy: nothing was taken, pay again in a few minutes",
 }

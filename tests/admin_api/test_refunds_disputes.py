@@ -258,7 +258,8 @@ async def test_an_admin_records_the_outcome_of_a_refund_the_provider_never_settl
     # Not yet sent (its submission still queued): the provider may be about to take it.
     refused = await admin.json("POST", f"/v1/refunds/{second['id']}/outcome", 409,
                                json={"status": "FAILED", "note": "never mind"})
-    assert refused["message"] == "refund has not been sent to the provider yet: wait for its submission"
+    assert refused["message"] == ("refund has not been sent to the provider yet: wait for its submission; or "
+                                  "withdraw it with POST /v1/refunds/{id}/cancel")
     await _parked(rt, second["id"])
     failed = await admin.json("POST", f"/v1/refunds/{second['id']}/outcome", 200,
                               json={"status": "FAILED", "note": "Airtel: reversal rejected"})

@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from core.audit import Actor
 from core.members import create_member
 from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType
-from core.payments import recent_payments_for_member
+from core.payments import recent_payments_of_holder
 from core.phone import normalize
 from core.reminders import scan
 from tests.admin_api.conftest import Caller, complete_payment, idem
@@ -70,7 +70,8 @@ async def test_a_seed_shaped_payment_from_a_members_number_is_hers(rt: Any, demo
     transactions = await admin.json("GET", f"/v1/members/{aline}/transactions", 200)
     assert [p["id"] for p in transactions["data"]] == [payment["id"]]
     async with rt.sessionmaker() as s:
-        assert [p.id for p in await recent_payments_for_member(s, aline)] == [payment["id"]]
+        mine_by_ussd = await recent_payments_of_holder(s, aline, rt.cipher.blind_index(ALINE))
+    assert mine_by_ussd is not None and [p.id for p in mine_by_ussd] == [payment["id"]]
     await tenant.json("POST", "/v1/disputes", 201, json={"paymentId": payment["id"], "reason": "WRONG_AMOUNT"})
     # The month is paid: no "please pay your rent" three days before it is due.
     assert not await _reminded(rt, aline, due - timedelta(days=3) + timedelta(hours=6))
