@@ -378,16 +378,9 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         delayed): the payer may still approve it, and MTN says so once, by a callback that may be lost. So the
         payment stays open and polled (every minute) until the provider gives a final answer, or until
         PAYMENT_PENDING_GRACE_SECONDS after the window; then this returns, to end it "not approved in time"."""
-        grace = timedelta(seconds=rt.settings.payment_pending_grace_seconds)
-        overdue = now - payment.expires_at
-        if overdue >= grace:
-            return
-        delay = settle_poll_in(payment, now, grace)
-        log.info("payment still pending at the provider after its approval window; asked again",
-                 extra={"payment": payment.reference, "provider": payment.provider,
-                        "overdue_seconds": int(overdue.total_seconds()), "delay_s": round(delay)})
-        await schedule_poll(payment.id, now, delay)
-        raise RetryLater(delay, "still pending at the provider after the approval window: its prompt may be open")
+        await poll_within(payment, now, rt.settings.payment_pending_grace_seconds, logging.INFO,
+                          "payment still pending at the provider after its approval window; asked again",
+                          "still pending at the provider after the approval window: its prompt may be open")
 
     async def wait_for_an_answer(payment: Payment, now: datetime, unknown: str) -> None:
         """The provider did not say what became of the payment: poll again (RetryLater), and once the
@@ -396,20 +389,29 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             delay = next_poll_in(payment, now)
             await schedule_poll(payment.id, now, delay)
             raise RetryLater(delay, unknown)
-        overdue = now - payment.expires_at
-        grace = timedelta(seconds=rt.settings.payment_settle_grace_seconds)
-        if overdue < grace:
-            delay = settle_poll_in(payment, now, grace)
-            log.warning("payment outcome unknown after its approval window; kept open and asked again",
-                        extra={"payment": payment.reference, "provider": payment.provider,
-                               "overdue_minutes": int(overdue.total_seconds() // 60), "delay_s": round(delay),
-                               "error": unknown[:200]})
-            await schedule_poll(payment.id, now, delay)
-            raise RetryLater(delay, f"outcome unknown after the approval window: {unknown}")
+        overdue = await poll_within(payment, now, rt.settings.payment_settle_grace_seconds, logging.WARNING,
+                                    "payment outcome unknown after its approval window; kept open and asked again",
+                                    f"outcome unknown after the approval window: {unknown}", error=unknown[:200])
         metrics.PROVIDER_ERRORS.labels(provider=payment.provider, operation="status_unsettled").inc()
         log.error("payment given up as TIMEOUT: the provider never confirmed its outcome",
                   extra={"payment": payment.reference, "provider": payment.provider,
                          "overdue_hours": round(overdue.total_seconds() / 3600, 1), "error": unknown[:200]})
+
+    async def poll_within(payment: Payment, now: datetime, grace_seconds: int, level: int, said: str, why: str,
+                          **extra: str) -> timedelta:
+        """A payment past its approval window: while within `grace_seconds` after it, logged (`said`) and polled
+        again (settle_poll_in's cadence; RetryLater `why`); once the grace is over, how long past the window it
+        is, for the caller to end it."""
+        overdue = now - payment.expires_at
+        grace = timedelta(seconds=grace_seconds)
+        if overdue >= grace:
+            return overdue
+        delay = settle_poll_in(payment, now, grace)
+        log.log(level, said, extra={"payment": payment.reference, "provider": payment.provider,
+                                    "overdue_seconds": int(overdue.total_seconds()), "delay_s": round(delay),
+                                    **extra})
+        await schedule_poll(payment.id, now, delay)
+        raise RetryLater(delay, why)
 
     async def schedule_poll(payment_id: str, now: datetime, delay: float) -> None:
         """Record when the payment is asked about next, so the sweep does not take it for a stalled poll."""

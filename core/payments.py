@@ -235,8 +235,9 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     # The member found by the paying number is not in the request's digest (that has the member as sent): a
     # replay of the same body still matches, whoever holds the number by then.
     member_id = new.member_id
+    account_index = rt.cipher.blind_index(account)
     if _found_by_account(new):
-        member_id = await paying_member(session, rt.cipher, context, coop.id, account)
+        member_id = await paying_member(session, context, coop.id, account_index)
     provider = rt.provider_for(new.method)
     now = utcnow()
     payment_id = str(uuid.uuid4())
@@ -259,7 +260,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         "gateway_reference": None,
         "payment_url": None,
         "payment_account_enc": rt.cipher.encrypt(account, context=account_context(coop.id)),
-        "payment_account_index": rt.cipher.blind_index(account),
+        "payment_account_index": account_index,
         "payment_account_masked": _mask_account(account),
         "idempotency_key": key,
         "request_hash": request_hash,
@@ -374,13 +375,12 @@ def payer_index_guess(cipher: PiiCipher, method: str, account: str) -> str | Non
         return None  # create_payment refuses it, with the cooperative's country
 
 
-async def paying_member(session: AsyncSession, cipher: PiiCipher, context: PaymentContext, cooperative_id: str,
-                        account: str) -> str | None:
-    """The cooperative's ACTIVE member whose registered number is `account` (E.164): the one a payment that
-    names no member is made by, as USSD attaches the dialling member. A pending or suspended member's number,
-    or a number no member has, gives None. Found by load_context's query when its guess was right; else (a
-    number without its country code in another country's cooperative) read now."""
-    index = cipher.blind_index(account)
+async def paying_member(session: AsyncSession, context: PaymentContext, cooperative_id: str,
+                        index: str) -> str | None:
+    """The cooperative's ACTIVE member whose registered number has blind index `index` (the account's, as stored):
+    the one a payment that names no member is made by, as USSD attaches the dialling member. A pending or
+    suspended member's number, or a number no member has, gives None. Found by load_context's query when its
+    guess was right; else (a number without its country code in another country's cooperative) read now."""
     if context.payer_index == index:
         return context.payer_id
     return (await session.execute(
@@ -816,7 +816,7 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
         try:
             status = await provider.collection_status(found.provider_reference, query_id, found.currency)
         except ProviderError as exc:
-            status = _unconfirmed(provider, found, event, exc)
+            status = _unconfirmed(found, event, exc)
         outcome, amount = status.outcome, status.amount or amount
         txn, reason = status.provider_transaction_id or txn, status.reason or reason
         occurred = status.occurred_at or occurred
@@ -859,16 +859,16 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
     return "conflict"
 
 
-def _unconfirmed(provider: object, payment: Payment, event: ProviderEventData, exc: ProviderError) -> StatusResult:
+def _unconfirmed(payment: Payment, event: ProviderEventData, exc: ProviderError) -> StatusResult:
     """What an unsigned callback counts for when its confirming status query failed (rate limit, 5xx, timeout).
 
     By default nothing: the error propagates, nothing is stored, and the route asks the provider to send it again.
-    A provider that sends each callback once and puts in it what its status query cannot give (M-Pesa: the receipt
-    number a reversal needs) sets `keep_unconfirmed_callbacks`: the callback is stored as "pending" (a success's
+    A callback its provider sends once and that carries what a status query cannot give (`sent_once`; M-Pesa: the
+    receipt number a reversal needs) is stored as "pending" instead (a success's
     final id kept, KEPT_TRANSACTION_ID) and the payment's poll settles the outcome, which then takes the kept id.
     Nothing moves on the callback's word; a payment already collected only takes the final id it lacks, as it
     would from a confirmed one."""
-    if not getattr(provider, "keep_unconfirmed_callbacks", False):
+    if not event.sent_once:
         raise exc
     current = P(payment.status)
     collected = current in COLLECTED and event.outcome is ProviderOutcome.SUCCEEDED

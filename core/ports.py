@@ -51,6 +51,9 @@ class ProviderEvent:
     provider_transaction_id: str | None = None
     reason: str | None = None  # provider's failure reason, in plain words
     needs_confirmation: bool = False  # unsigned callback: confirm with a status query first
+    # The provider sends this callback once, and it carries what a status query cannot give (M-Pesa: the receipt
+    # number a reversal needs): when its confirming query fails it is kept pending for the poll, not refused.
+    sent_once: bool = False
     raw: Mapping[str, Any] = field(default_factory=dict)
     # When the money moved by the provider's own clock (IremboPay's paidAt, M-Pesa's TransactionDate), UTC;
     # None when the provider does not say (MTN, Airtel): the gateway dates it when it learns it.

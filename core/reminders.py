@@ -33,7 +33,7 @@ import calendar
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
@@ -216,8 +216,12 @@ class _Due:
     def earlier(self) -> list[date | None]:
         """The days an earlier reminder of this due date may be keyed by: the scan days before this one, and
         None (the key of the releases before the day was in it)."""
-        days = (self.day - self.first_day).days
-        return [None, *(self.first_day + timedelta(days=n) for n in range(days))]
+        return [None, *_scan_days(self.first_day, self.day - timedelta(days=1))]
+
+
+def _scan_days(first: date, last: date) -> list[date]:
+    """The scan days from `first` to `last`, both included (none when `last` is before `first`)."""
+    return [first + timedelta(days=n) for n in range((last - first).days + 1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,18 +271,23 @@ def _of_period(plan: _Plan, due: _Due, statuses: tuple[str, ...]) -> Any:
                 paid_clause(_PAYMENT, period.since, period.due_from, period.due_until, utc_midnight(due.due)))
 
 
+def _period_money(of_period: Callable[[tuple[str, ...]], Any], currency: Any) -> tuple[Any, Any, Any]:
+    """SQL, over the payments `of_period(statuses)` selects: whether one is kept (collected), the money they keep
+    in `currency` (a fixed amount is paid when it reaches it), and whether one is still open. The scan and the
+    send-time check read a period through these, so the two cannot disagree on what pays it."""
+    return (exists().where(of_period(PAID)),
+            select(func.coalesce(func.sum(_kept(_PAYMENT)), 0)).where(
+                of_period(PAID), _PAYMENT.c.currency == currency).scalar_subquery(),
+            exists().where(of_period(OPEN_VALUES)))
+
+
 def _settled(plan: _Plan, due: _Due) -> Any:
     """SQL condition on _MEMBER: nothing to remind her of for `due`'s period. Paid: for a fixed amount, the money
     kept by the period's payments in the type's currency reaches it (one the provider took only in part, or in
     another currency, is still owed); for a free amount, any payment kept. Or a payment of it is still open: she
     is not told to pay again while it may yet take the money (the next day's scan reminds her if it fails)."""
-    paid: Any
-    if due.amount_minor is None:
-        paid = exists().where(_of_period(plan, due, PAID))
-    else:
-        paid = select(func.coalesce(func.sum(_kept(_PAYMENT)), 0)).where(
-            _of_period(plan, due, PAID), _PAYMENT.c.currency == due.currency).scalar_subquery() >= due.amount_minor
-    return or_(paid, exists().where(_of_period(plan, due, OPEN_VALUES)))
+    any_kept, kept, still_open = _period_money(lambda statuses: _of_period(plan, due, statuses), due.currency)
+    return or_(any_kept if due.amount_minor is None else kept >= due.amount_minor, still_open)
 
 
 def _reminded(due: _Due, now: datetime) -> Any:
@@ -445,6 +454,7 @@ def _reminder_state(of_period: Any) -> Any:
         return and_(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.payment_type_id == bindparam("t"),
                     _PAYMENT.c.status.in_(statuses), of_period)
 
+    paid, kept, still_open = _period_money(payments, _TYPE.c.currency)
     return select(
         or_(_MEMBER.c.reminders_opt_out, number_opted_out(_MEMBER.c.phone_index)).label("reminders_opt_out"),
         _MEMBER.c.status,
@@ -453,10 +463,7 @@ def _reminder_state(of_period: Any) -> Any:
         _TYPE.c.is_active.label("type_active"),
         _TYPE.c.is_recurring, _TYPE.c.recurring_interval, _TYPE.c.due_day, _TYPE.c.created_at,
         _TYPE.c.allow_custom_amount, _TYPE.c.amount_minor,
-        exists().where(payments(PAID)).label("paid"),
-        select(func.coalesce(func.sum(_kept(_PAYMENT)), 0)).where(
-            payments(PAID), _PAYMENT.c.currency == _TYPE.c.currency).scalar_subquery().label("kept"),
-        exists().where(payments(OPEN_VALUES)).label("open"),
+        paid.label("paid"), kept.label("kept"), still_open.label("open"),
         _sent(bindparam("others", expanding=True)).label("sent"),
     ).select_from(
         _MEMBER.join(_COOP, _COOP.c.id == _MEMBER.c.cooperative_id)
@@ -484,9 +491,8 @@ def _others(payload: dict[str, Any], due: date | None, day: date | None) -> list
     if due is None or day is None:
         return []
     first = _day(payload.get("first_day")) or day
-    days = [first + timedelta(days=n) for n in range((due - first).days + 1)]
     return [reminder_key(payload["member_id"], str(context.get("payment_type_id")), due, other)
-            for other in (None, *days) if other != day]
+            for other in (None, *_scan_days(first, due)) if other != day]
 
 
 def _falls_due(state: Any, due: date, day: date | None) -> bool:

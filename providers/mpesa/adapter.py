@@ -160,10 +160,6 @@ class MpesaAdapter:
     supports_partial_refund = False
     methods = frozenset({"MPESA"})
     currencies: frozenset[str] | None = frozenset({"KES"})
-    # Daraja sends each STK callback once (a 503 is never followed by a resend), and only the callback carries
-    # the MpesaReceiptNumber a reversal needs (the STK query has none): a callback whose confirming query fails
-    # is kept as pending with its receipt, for the payment's poll to settle (core.payments._unconfirmed).
-    keep_unconfirmed_callbacks = True
 
     @staticmethod
     def amount_rule(amount: Money) -> str | None:
@@ -386,7 +382,10 @@ class MpesaAdapter:
         return ProviderEvent(
             provider=self.name, kind=EventKind.COLLECTION, event_id=f"{checkout}:{code}", reference=checkout,
             outcome=outcome, amount=amount, provider_transaction_id=str(receipt) if receipt else None,
-            reason=reason, needs_confirmation=True, raw=raw,
+            # Daraja sends each STK callback once (a 503 is never followed by a resend), and only the callback
+            # carries the MpesaReceiptNumber a reversal needs (the STK query has none): one whose confirming query
+            # fails is kept as pending with its receipt, for the payment's poll to settle.
+            reason=reason, needs_confirmation=True, sent_once=True, raw=raw,
             occurred_at=provider_time(items.get("TransactionDate"), _NAIROBI) if code == "0" else None)
 
     def _reversal_event(self, result: Mapping[str, Any], ours: str | None) -> ProviderEvent:
