@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, exists, func, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -17,7 +17,17 @@ from core.audit import Actor, record
 from core.crypto import PiiCipher
 from core.db import insert_ignore, lock_row, utcnow
 from core.errors import Conflict, NotFound, ValidationError
-from core.models import AdminUser, AuditEvent, Cooperative, Member, Payment, PhoneOptOut, Refund, SmsMessage
+from core.models import (
+    AdminUser,
+    AuditEvent,
+    Cooperative,
+    Member,
+    Payment,
+    PhoneOptOut,
+    Refund,
+    SmsMessage,
+    UssdSession,
+)
 from core.notify import send_sms
 from core.phone import Phone
 from core.state import StaleTransition, transition
@@ -458,29 +468,56 @@ async def erase_member(session: AsyncSession, member: Member, *, actor: Actor) -
     (placeholders; the number released as release_phone does, and its STOP forgotten if no other membership
     holds it); on her payments the account (ciphertext, blind index: the number no longer finds them), its mask
     and the request hash (a digest of the account); on her SMS rows the number and the text (a message still
-    QUEUED is not sent: FAILED); her tenant logins turned off and their usernames replaced (core.users). Amounts,
-    references, provider transaction ids and statuses stay. A payment or a refund of hers still open is a
-    Conflict: erase once it settles. Erasing again changes nothing. The audit row names her by id only.
+    QUEUED is not sent: FAILED); on her USSD session rows the number's blind index and mask; her tenant logins
+    turned off and their usernames replaced (core.users). "Hers" is what names her (member_id) and, while she
+    still holds her number, what her number left in her cooperative with no member attached (a payment or SMS
+    from before she registered, a USSD session of an unregistered dial: _hers). Amounts, references, provider
+    transaction ids and statuses stay. A payment or a refund of hers still open is a Conflict: erase once it
+    settles. Erasing again changes nothing. The audit row names her by id only.
     The caller forgets her number's USSD keys in Redis (admin_api.members, as for a release)."""
     locked = await _locked_suspended(session, member, "erasing it")
     if (locked.name, locked.unit, locked.phone_masked, locked.phone_enc) == (ERASED_NAME, None, ERASED_MASK, None):
         return locked  # erased already (a name typed since is cleared again)
-    await _refuse_open_money(session, locked.id)
+    hers = _Hers(locked.id, locked.cooperative_id, locked.phone_index)
+    await _refuse_open_money(session, hers)
     await _let_number_go(session, locked, ERASED_MASK)
     await session.execute(update(Member).where(Member.id == locked.id).values(name=ERASED_NAME, unit=None))
-    payments = await _erase_payments(session, locked.id)
-    messages = await _erase_messages(session, locked.id, actor=actor)
+    payments = await _erase_payments(session, hers)
+    messages = await _erase_messages(session, hers, actor=actor)
+    sessions = await _erase_ussd_sessions(session, hers)
     logins = await _erase_logins(session, locked.id, actor=actor)
     await record(session, actor=actor, action="member.erased", entity_type="member", entity_id=locked.id,
-                 after={"erased": True, "payments": payments, "smsMessages": messages, "users": logins},
+                 after={"erased": True, "payments": payments, "smsMessages": messages, "ussdSessions": sessions,
+                        "users": logins},
                  cooperative_id=locked.cooperative_id)
     return locked
 
 
-async def _refuse_open_money(session: AsyncSession, member_id: str) -> None:
+@dataclass(frozen=True)
+class _Hers:
+    """Whose records an erasure clears: the member's, and while she holds a number (index, None once released)
+    the ones its blind index left in her cooperative with no member attached. A number released earlier may be
+    someone else's since, so its memberless rows are left then. Another cooperative's rows are never touched."""
+    member_id: str
+    cooperative_id: str
+    index: str | None
+
+    def rows(self, member: Any, cooperative: Any, index: Any, *, no_cooperative: bool = False) -> ColumnElement[bool]:
+        """The condition on a table's member, cooperative and blind index columns (`no_cooperative`: rows
+        written before any cooperative was known, an unregistered dial or text, count as hers too)."""
+        if self.index is None:
+            return member == self.member_id  # type: ignore[no-any-return]
+        scope = cooperative == self.cooperative_id
+        if no_cooperative:
+            scope = or_(scope, cooperative.is_(None))
+        return or_(member == self.member_id, and_(member.is_(None), scope, index == self.index))
+
+
+async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
     """A Conflict if a payment of the member, or a refund of one, is still open. Her payments are locked first:
     a refund asked for meanwhile (core.refunds locks its payment) waits, and then finds the account erased."""
-    statuses = (await session.execute(select(Payment.status).where(Payment.member_id == member_id)
+    of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index)
+    statuses = (await session.execute(select(Payment.status).where(of_hers)
                                       .order_by(Payment.id).with_for_update())).scalars().all()
     open_payments = sum(status in OPEN_PAYMENT_VALUES for status in statuses)
     if open_payments:
@@ -488,26 +525,27 @@ async def _refuse_open_money(session: AsyncSession, member_id: str) -> None:
                        "erase the member once they have settled")
     open_refunds = (await session.execute(
         select(func.count()).select_from(Refund).join(Payment, Payment.id == Refund.payment_id)
-        .where(Payment.member_id == member_id, Refund.status.in_(OPEN_REFUND_VALUES)))).scalar_one()
+        .where(of_hers, Refund.status.in_(OPEN_REFUND_VALUES)))).scalar_one()
     if open_refunds:
         raise Conflict(f"the member has {open_refunds} refund(s) still open (PENDING or PROCESSING): "
                        "erase the member once they have settled")
 
 
-async def _erase_payments(session: AsyncSession, member_id: str) -> int:
+async def _erase_payments(session: AsyncSession, hers: _Hers) -> int:
     done = await session.execute(
-        update(Payment).where(Payment.member_id == member_id)
+        update(Payment).where(hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index))
         .values(payment_account_enc="", payment_account_index="", payment_account_masked=ERASED_MASK,
                 request_hash="", updated_at=utcnow())  # changed: a cooperative's sync picks the mask up
         .execution_options(synchronize_session=False))
     return int(done.rowcount)  # type: ignore[attr-defined]
 
 
-async def _erase_messages(session: AsyncSession, member_id: str, *, actor: Actor) -> int:
+async def _erase_messages(session: AsyncSession, hers: _Hers, *, actor: Actor) -> int:
     """Her SMS rows: number and text cleared. One still QUEUED (its job parked, or not yet run) is moved to
     FAILED first, so its job finds it finished and sends nothing."""
+    of_hers = hers.rows(SmsMessage.member_id, SmsMessage.cooperative_id, SmsMessage.phone_index, no_cooperative=True)
     queued = (await session.execute(select(SmsMessage.id).where(
-        SmsMessage.member_id == member_id, SmsMessage.status == SmsStatus.QUEUED.value))).scalars().all()
+        of_hers, SmsMessage.status == SmsStatus.QUEUED.value))).scalars().all()
     for message_id in queued:
         try:
             await transition(session, SMS, message_id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor,
@@ -515,8 +553,20 @@ async def _erase_messages(session: AsyncSession, member_id: str, *, actor: Actor
         except StaleTransition:
             pass  # sent (or refused) meanwhile: its number and text are cleared below all the same
     done = await session.execute(
-        update(SmsMessage).where(SmsMessage.member_id == member_id)
+        update(SmsMessage).where(of_hers)
         .values(phone_enc="", phone_index="", phone_masked=ERASED_MASK, body="", updated_at=utcnow())
+        .execution_options(synchronize_session=False))
+    return int(done.rowcount)  # type: ignore[attr-defined]
+
+
+async def _erase_ussd_sessions(session: AsyncSession, hers: _Hers) -> int:
+    """Her USSD session rows (kept RETENTION_USSD_SESSIONS_DAYS for the operations view): the number's blind index
+    and mask go; the screens, hops, codes and the payment made stay."""
+    done = await session.execute(
+        update(UssdSession)
+        .where(hers.rows(UssdSession.member_id, UssdSession.cooperative_id, UssdSession.phone_index,
+                         no_cooperative=True))
+        .values(phone_index="", phone_masked=ERASED_MASK)
         .execution_options(synchronize_session=False))
     return int(done.rowcount)  # type: ignore[attr-defined]
 

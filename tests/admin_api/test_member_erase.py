@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import insert, select
 
 from channels.ussd.sessions import phone_keys
-from core.models import AuditEvent, Member, OutboxJob, Payment, PhoneOptOut, SmsMessage
+from core.models import AuditEvent, Member, OutboxJob, Payment, PhoneOptOut, SmsMessage, UssdSession
 from core.notify import SMS_PHONE_CONTEXT
 from core.retention import RetentionPolicy, prune
 from tests.admin_api.conftest import Caller, idem
@@ -84,7 +84,8 @@ async def test_erasure_removes_her_name_number_and_login_and_keeps_the_money(
     for personal in (NAME, UNIT, PHONE, PHONE[1:], EMAIL):
         assert personal not in audit
     [event] = await _audits(rt, jeanne["id"], "member.erased")
-    assert event.after == {"erased": True, "payments": 1, "smsMessages": 1, "users": [login["id"]]}
+    assert event.after == {"erased": True, "payments": 1, "smsMessages": 1, "ussdSessions": 0,
+                           "users": [login["id"]]}
     assert event.before is None
     # The number is free: its next holder registers.
     await admin.json("POST", "/v1/members", 201, json={"name": "Next Holder", "phone": PHONE})
@@ -213,3 +214,82 @@ async def test_a_retry_of_the_request_that_made_an_erased_members_payment_gets_t
     again = await admin.req("POST", "/v1/payments", json=body)
     assert again.status == 201 and again.headers["Idempotent-Replayed"] == "true"
     assert (await again.json())["id"] == first["id"]
+
+
+async def _memberless_sms(rt: Any, cooperative_id: str | None, key: str, status: str = "SENT") -> str:
+    async with rt.sessionmaker.begin() as s:
+        return str((await s.execute(insert(SmsMessage).values(
+            cooperative_id=cooperative_id, member_id=None,
+            phone_enc=rt.cipher.encrypt(PHONE, context=SMS_PHONE_CONTEXT), phone_index=rt.cipher.blind_index(PHONE),
+            phone_masked="+25078****111", template="help", language="en", body="Reply PAY to pay", encoding="GSM-7",
+            length=16, segments=1, status=status, idempotency_key=key).returning(SmsMessage.id))).scalar_one())
+
+
+async def _ussd_session(rt: Any, session_id: str, cooperative_id: str | None, member_id: str | None) -> str:
+    async with rt.sessionmaker.begin() as s:
+        return str((await s.execute(insert(UssdSession).values(
+            aggregator="africastalking", session_id=session_id, cooperative_id=cooperative_id, member_id=member_id,
+            phone_index=rt.cipher.blind_index(PHONE), phone_masked="+25078****111", service_code="*384*123#",
+            status="Success", hops=4, last_screen="paid").returning(UssdSession.id))).scalar_one())
+
+
+async def test_what_her_number_left_before_she_registered_is_erased_too_in_her_cooperative_only(
+        rt: Any, admin: Caller, demo: Any, coop_b: Any) -> None:
+    """A payment she made and the texts she got before she registered, and the USSD sessions of her dials, carry
+    her number with no member attached: an erasure that cleared only rows naming her left her number in them
+    (found by her number in the payments list). Another cooperative's rows of the same number are not touched."""
+    coop = demo["cooperative_id"]
+    before = await make_payment(rt, coop, account=PHONE, member_id=None, reference="RENT-PRE-1")
+    elsewhere = await make_payment(rt, coop_b["cooperative_id"], account=PHONE, member_id=None, reference="B-PRE-1")
+    texts = [await _memberless_sms(rt, coop, "pre-help-1"), await _memberless_sms(rt, None, "pre-unknown-1")]
+    queued = await _memberless_sms(rt, coop, "pre-help-2", status="QUEUED")
+    their_text = await _memberless_sms(rt, coop_b["cooperative_id"], "b-help-1")
+    jeanne = await _jeanne(admin)
+    dials = [await _ussd_session(rt, "ATUid_pre", None, None), await _ussd_session(rt, "ATUid_her", coop, jeanne["id"])]
+    their_dial = await _ussd_session(rt, "ATUid_b", coop_b["cooperative_id"], None)
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+
+    assert (await admin.json("GET", f"/v1/payments?paymentAccount={PHONE.replace('+', '%2B')}", 200))["data"] == []
+    index = rt.cipher.blind_index(PHONE)
+    async with rt.sessionmaker() as s:
+        mine = await s.get(Payment, before.id)
+        assert (mine.payment_account_enc, mine.payment_account_index, mine.payment_account_masked) == ("", "", "erased")
+        assert (mine.reference, mine.amount_minor, mine.status) == ("RENT-PRE-1", 50000, "COMPLETED")
+        for text in [*texts, queued]:
+            row = await s.get(SmsMessage, text)
+            assert (row.phone_enc, row.phone_index, row.phone_masked, row.body) == ("", "", "erased", "")
+        assert (await s.get(SmsMessage, queued)).status == "FAILED"  # never sent to her number
+        for dial in dials:
+            row = await s.get(UssdSession, dial)
+            assert (row.phone_index, row.phone_masked, row.last_screen) == ("", "erased", "paid")
+        # The other cooperative's records of the number are its own.
+        assert (await s.get(Payment, elsewhere.id)).payment_account_index == index
+        assert (await s.get(SmsMessage, their_text)).phone_index == index
+        assert (await s.get(UssdSession, their_dial)).phone_index == index
+    [event] = await _audits(rt, jeanne["id"], "member.erased")
+    assert event.after is not None
+    assert (event.after["payments"], event.after["smsMessages"], event.after["ussdSessions"]) == (1, 3, 2)
+
+
+async def test_an_open_payment_from_her_number_before_she_registered_holds_the_erasure(
+        rt: Any, admin: Caller, demo: Any) -> None:
+    pending = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=None, status="PENDING")
+    jeanne = await _jeanne(admin)
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    refused = await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 409)
+    assert refused["message"].startswith("the member has 1 payment(s) still open")
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, pending.id)).payment_account_index == rt.cipher.blind_index(PHONE)
+
+
+async def test_a_number_she_released_earlier_keeps_its_memberless_rows(rt: Any, admin: Caller, demo: Any) -> None:
+    """Once released her number may be another person's: rows it left with no member attached are not hers to erase."""
+    jeanne = await _jeanne(admin)
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/release-phone", 200)
+    later = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=None)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, later.id)).payment_account_index == rt.cipher.blind_index(PHONE)
