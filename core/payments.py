@@ -797,6 +797,7 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
     occurred = event.occurred_at
     payload = dict(event.raw)
     found: Payment | None = None  # the payment the confirmation found (then locked by our reference)
+    query_error: str | None = None  # why the confirming status query failed, for a callback kept unconfirmed
     adopted: str | None = None  # the provider's id for it, learnt from this callback
     if event.needs_confirmation:
         async with rt.sessionmaker() as session:
@@ -817,6 +818,7 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
             status = await provider.collection_status(found.provider_reference, query_id, found.currency)
         except ProviderError as exc:
             status = _unconfirmed(found, event, exc)
+            query_error = str(exc)[:200]
         outcome, amount = status.outcome, status.amount or amount
         txn, reason = status.provider_transaction_id or txn, status.reason or reason
         occurred = status.occurred_at or occurred
@@ -841,6 +843,10 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
                 if payment is not None:
                     if adopted is not None and payment.provider_transaction_id is None:
                         await _adopt_transaction_id(session, payment, adopted)
+                    if (query_error is not None and event.outcome is ProviderOutcome.SUCCEEDED
+                            and unconfirmed_success_over(payment)):
+                        return await _flag_unconfirmed_success(session, payment, event, query_error, actor=actor,
+                                                               event_row_id=event_row_id)
                     if outcome is ProviderOutcome.SUCCEEDED and holds_money(payment):
                         second = await _second_payment(session, payment, payload, event_row_id)
                         if second is not None:
@@ -867,7 +873,8 @@ def _unconfirmed(payment: Payment, event: ProviderEventData, exc: ProviderError)
     receipt number a reversal needs) is stored as "pending" instead (a success's
     final id kept, KEPT_TRANSACTION_ID) and the payment's poll settles the outcome, which then takes the kept id.
     Nothing moves on the callback's word; a payment already collected only takes the final id it lacks, as it
-    would from a confirmed one."""
+    would from a confirmed one, and one that is over (unconfirmed_success_over) is flagged for a person when the
+    callback is stored (_flag_unconfirmed_success)."""
     if not event.sent_once:
         raise exc
     current = P(payment.status)
@@ -877,10 +884,8 @@ def _unconfirmed(payment: Payment, event: ProviderEventData, exc: ProviderError)
     if current in OPEN or collected or event.outcome is not ProviderOutcome.SUCCEEDED:
         log.warning("provider callback not confirmed (status query failed): kept for the payment's poll",
                     extra=fields)
-    else:
-        # Given up (TIMEOUT, CANCELLED) or FAILED, and no poll left to ask: a person must look.
-        log.error("provider says money was taken for a payment that is over, and its status query failed: check "
-                  "the provider's statement (record money taken with POST /v1/payments/{id}/outcome)", extra=fields)
+    # Else given up (TIMEOUT, CANCELLED) or FAILED, and no poll left to ask: a person must look. The payment is
+    # flagged where the callback is stored, under its lock (_flag_unconfirmed_success), which logs it.
     return StatusResult(ProviderOutcome.SUCCEEDED if collected else ProviderOutcome.PENDING)
 
 
@@ -917,10 +922,74 @@ async def _flag_paid_twice(session: AsyncSession, payment: Payment, reference: s
     payment.mismatch = True
     payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}" if payment.mismatch_detail else said)
     payment.updated_at = changed_at(payment.updated_at)
+    # The cooperative's system reconciles from webhooks: it must learn there that money is to be given back.
+    await _emit_reported(session, payment, "payment.paid_twice", reference[:100], amount)
     log.error("provider reported a second payment for a payment that holds money already: refund or credit it",
               extra={"payment_id": payment.id, "provider": payment.provider, "money_reference": reference[:100]})
     await _set_outcome(session, event_row_id, "flagged_paid_twice", payment.id)
     return "flagged_paid_twice"
+
+
+def reported_event_id(event_type: str, payment_id: str, reference: str | None) -> str:
+    """The id of an event about money a provider reported for a payment (payment.paid_twice,
+    payment.unconfirmed_success): one per payment and money reference, so a repeat of the same report queues
+    nothing (the outbox's dedupe key) and another report is another event. The reference is digested: it is the
+    provider's text, of any length and characters, and the event id is sent in a header (X-Gateway-Event-Id)."""
+    digest = hashlib.sha256((reference or "").encode()).hexdigest()[:16]
+    return f"evt_{event_type.replace('.', '_')}_{payment_id}_{digest}"
+
+
+async def _emit_reported(session: AsyncSession, payment: Payment, event_type: str, reference: str | None,
+                         amount: Money | None) -> None:
+    """Queue `event_type` about money a provider reported for `payment` without it moving the payment: the payment
+    as webhooks show it (flagged, its `updatedAt` the flag's) and `reportedPayment`, what the provider reported."""
+    reported = {"moneyReference": reference, "amount": None if amount is None else amount.to_api(),
+                "currency": None if amount is None else amount.currency}
+    await emit_event(session, cooperative_id=payment.cooperative_id, event_type=event_type,
+                     event_id=reported_event_id(event_type, payment.id, reference),
+                     data={**event_data(payment), "reportedPayment": reported})
+
+
+def unconfirmed_success_over(payment: Payment) -> bool:
+    """A success callback that could not be confirmed (its status query failed) must be flagged for a person on
+    this payment: given up (TIMEOUT, CANCELLED) or FAILED with no money held, so no poll is left to ask again and
+    nothing else will ever say the money was taken. An open payment's poll settles it; a collected one (or one
+    whose money taken after a failure is held) has its money on record."""
+    current = P(payment.status)
+    return current in GIVEN_UP or (current is P.FAILED and not holds_money(payment))
+
+
+async def _flag_unconfirmed_success(session: AsyncSession, payment: Payment, event: ProviderEventData, error: str,
+                                    *, actor: Actor, event_row_id: str) -> str:
+    """A provider's success callback, sent once, for a payment that is over (unconfirmed_success_over), whose
+    confirming status query failed: the payment does not move on its unconfirmed word, but it is flagged
+    (mismatch), audited and told to the cooperative's system (payment.unconfirmed_success), so that a person
+    checks the provider's statement. The callback stays "pending" (its receipt kept, KEPT_TRANSACTION_ID, for a
+    completion recorded later). Called under the payment's lock, in the transaction that stored the callback: a
+    repeat of it (its event id) is a duplicate before it gets here."""
+    receipt = (event.provider_transaction_id or "")[:100] or None
+    amount = event.amount
+    current = P(payment.status)
+    todo = ("a FAILED payment is not reopened: have the provider reverse it" if current is P.FAILED
+            else "record with POST /v1/payments/{id}/outcome")
+    said = f"provider says money was taken{f' (receipt {receipt})' if receipt else ''} but its status query " \
+           f"failed: check the statement, {todo}"
+    await record(session, actor=actor, action="payment.unconfirmed_success", entity_type="payment",
+                 entity_id=payment.id, before={"status": current.value},
+                 after={"providerTransactionId": receipt, "amount": None if amount is None else amount.minor,
+                        "currency": None if amount is None else amount.currency, "error": error},
+                 cooperative_id=payment.cooperative_id)
+    payment.mismatch = True
+    payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}" if payment.mismatch_detail else said)
+    payment.updated_at = changed_at(payment.updated_at)
+    # It was told the payment failed or timed out: the money may be the payer's to get back, or a late completion.
+    await _emit_reported(session, payment, "payment.unconfirmed_success", receipt, amount)
+    log.error("provider says money was taken for a payment that is over, and its status query failed: check the "
+              "provider's statement (the payment is flagged)",
+              extra={"provider": event.provider, "event_id": event.event_id[:200], "payment_id": payment.id,
+                     "status": current.value, "error": error})
+    await _set_outcome(session, event_row_id, "pending", payment.id)
+    return "flagged_unconfirmed_success"
 
 
 async def _adopt_transaction_id(session: AsyncSession, payment: Payment, transaction_id: str) -> None:

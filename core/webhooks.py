@@ -59,6 +59,8 @@ EVENTS = (
     "payment.completed",
     "payment.failed",
     "payment.taken_after_failure",
+    "payment.paid_twice",
+    "payment.unconfirmed_success",
     "payment.timeout",
     "refund.completed",
     "refund.failed",
@@ -269,13 +271,19 @@ async def approve_domain(
     return row
 
 
-# An event also sent to the endpoints of the event it follows: a system told a payment failed is told when the
-# provider took the money after all (it was never told, unless it had asked for an event it did not know of).
-FOLLOWS = {"payment.taken_after_failure": "payment.failed"}
+# An event also sent to the endpoints of the events it follows (and of those they follow): a system told a
+# payment failed is told when the provider took the money after all; one told it was paid (or its money taken after
+# a failure) is told the payer paid twice; one told it failed or timed out is told the provider says the money was
+# taken after all, unconfirmed. It was never told otherwise, unless it had asked for an event it did not know of.
+FOLLOWS: dict[str, tuple[str, ...]] = {
+    "payment.taken_after_failure": ("payment.failed",),
+    "payment.paid_twice": ("payment.completed", "payment.taken_after_failure"),
+    "payment.unconfirmed_success": ("payment.failed", "payment.timeout"),
+}
 
 
 def subscribed(events: list[str], event_type: str) -> bool:
-    return event_type in events or FOLLOWS.get(event_type) in events
+    return event_type in events or any(subscribed(events, earlier) for earlier in FOLLOWS.get(event_type, ()))
 
 
 def check_events(events: Any) -> list[str]:
