@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, bindparam, delete, exists, func, or_, select, update
@@ -28,7 +28,7 @@ from core.models import (
     SmsMessage,
     UssdSession,
 )
-from core.notify import send_sms
+from core.notify import SMS_PHONE_CONTEXT, send_sms
 from core.phone import Phone
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN_VALUES as OPEN_PAYMENT_VALUES
@@ -360,6 +360,7 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
     except IntegrityError:
         raise Conflict(DUPLICATE_PHONE, field="phone") from None
     if old_index is not None:
+        await _readdress_queued(session, cipher, member.id, old_index, phone)
         await _forget_opt_out_if_unheld(session, old_index)
     before: dict[str, Any] = {"phone": old_mask}
     after: dict[str, Any] = {"phone": member.phone_masked}
@@ -367,6 +368,34 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
         member.reminders_opt_out = False
         before["remindersOptOut"], after["remindersOptOut"] = True, False
     return before, after
+
+
+async def _readdress_queued(session: AsyncSession, cipher: PiiCipher, member_id: str, old_index: str,
+                            phone: Phone) -> None:
+    """Her texts still waiting to go to the number being corrected (a first try stored the row with its number,
+    and an aggregator outage, an empty balance or a parked job keeps it QUEUED for hours): they go to the new one.
+    The old number was never hers (a typo), or is no longer (a new SIM): her receipt would reach a stranger. A text
+    whose send is under way as this commits goes where it was going."""
+    await session.execute(
+        update(SmsMessage).where(SmsMessage.member_id == member_id, SmsMessage.phone_index == old_index,
+                                 SmsMessage.status == SmsStatus.QUEUED.value)
+        .values(phone_enc=cipher.encrypt(phone.e164, context=SMS_PHONE_CONTEXT),
+                phone_index=cipher.blind_index(phone.e164), phone_masked=phone.masked(), updated_at=utcnow())
+        .execution_options(synchronize_session=False))
+
+
+async def _hold_back_queued(session: AsyncSession, which: ColumnElement[bool], reason: str, *, actor: Actor) -> None:
+    """Her texts (`which`) still waiting to go to a number she no longer holds (released, erased): not sent
+    (FAILED with `reason`), so the job finds them finished and its next holder does not get them. One sent (or
+    refused) meanwhile is left as it ended."""
+    queued = (await session.execute(select(SmsMessage.id).where(
+        which, SmsMessage.status == SmsStatus.QUEUED.value))).scalars().all()
+    for message_id in queued:
+        try:
+            await transition(session, SMS, message_id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor,
+                             values={"failure_reason": reason, "provider_status": SKIPPED})
+        except StaleTransition:
+            pass
 
 
 async def _forget_opt_out_if_unheld(session: AsyncSession, phone_index: str) -> None:
@@ -414,6 +443,10 @@ async def release_phone(session: AsyncSession, member: Member, *, actor: Actor) 
     locked = await _locked_suspended(session, member, "releasing the phone number")
     if locked.phone_enc is None:
         return locked
+    if locked.phone_index is not None:
+        await _hold_back_queued(session, and_(SmsMessage.member_id == locked.id,
+                                              SmsMessage.phone_index == locked.phone_index),
+                                RELEASED_SMS_REASON, actor=actor)
     await _let_number_go(session, locked, locked.phone_masked or RELEASED_MASK)
     await record(session, actor=actor, action="member.phone_released", entity_type="member", entity_id=locked.id,
                  before={"phone": locked.phone_masked, "phoneReleased": False},
@@ -461,6 +494,7 @@ async def _let_number_go(session: AsyncSession, locked: Member, mask: str) -> No
 # sends. Open refunds (core.state.refund.OPEN_VALUES): a refund's job pays out to the payment's account, which
 # must be known.
 ERASED_SMS_REASON = "not sent: member_erased"
+RELEASED_SMS_REASON = "not sent: phone_released"
 
 
 async def erase_member(session: AsyncSession, member: Member, *, actor: Actor) -> Member:
@@ -470,15 +504,16 @@ async def erase_member(session: AsyncSession, member: Member, *, actor: Actor) -
     and the request hash (a digest of the account); on her SMS rows the number and the text (a message still
     QUEUED is not sent: FAILED); on her USSD session rows the number's blind index and mask; her tenant logins
     turned off and their usernames replaced (core.users). "Hers" is what names her (member_id) and, while she
-    still holds her number, what her number left in her cooperative with no member attached (a payment or SMS
-    from before she registered, a USSD session of an unregistered dial: _hers). Amounts, references, provider
-    transaction ids and statuses stay. A payment or a refund of hers still open is a Conflict: erase once it
-    settles. Erasing again changes nothing. The audit row names her by id only.
+    still holds her number, what her number left in her cooperative with no member attached since she got it
+    (a payment or SMS from just before she registered, a USSD session of an unregistered dial: _Hers). Amounts,
+    references, provider transaction ids and statuses stay. A payment or a refund of hers still open is a
+    Conflict: erase once it settles. Erasing again changes nothing. The audit row names her by id only.
     The caller forgets her number's USSD keys in Redis (admin_api.members, as for a release)."""
     locked = await _locked_suspended(session, member, "erasing it")
     if (locked.name, locked.unit, locked.phone_masked, locked.phone_enc) == (ERASED_NAME, None, ERASED_MASK, None):
         return locked  # erased already (a name typed since is cleared again)
-    hers = _Hers(locked.id, locked.cooperative_id, locked.phone_index)
+    hers = _Hers(locked.id, locked.cooperative_id, locked.phone_index,
+                 await _holds_number_since(session, locked) - NUMBER_MARGIN)
     await _refuse_open_money(session, hers)
     await _let_number_go(session, locked, ERASED_MASK)
     await session.execute(update(Member).where(Member.id == locked.id).values(name=ERASED_NAME, unit=None))
@@ -493,30 +528,49 @@ async def erase_member(session: AsyncSession, member: Member, *, actor: Actor) -
     return locked
 
 
+# How long before she registered her number (or had it corrected to it) what it left with no member attached
+# counts as hers: the dial she registered in, a payment made just before. Earlier, a recycled number was someone
+# else's (operators give a number out again after months unused).
+NUMBER_MARGIN = timedelta(hours=1)
+
+
+async def _holds_number_since(session: AsyncSession, member: Member) -> datetime:
+    """When the member got the number she holds: her registration, or the last correction of her number (its
+    member.updated audit row names the phone)."""
+    changes = (await session.execute(
+        select(AuditEvent.at, AuditEvent.after)
+        .where(AuditEvent.entity_type == "member", AuditEvent.entity_id == member.id,
+               AuditEvent.action == "member.updated"))).all()
+    return max([member.created_at, *(at for at, after in changes if isinstance(after, dict) and "phone" in after)])
+
+
 @dataclass(frozen=True)
 class _Hers:
     """Whose records an erasure clears: the member's, and while she holds a number (index, None once released)
-    the ones its blind index left in her cooperative with no member attached. A number released earlier may be
-    someone else's since, so its memberless rows are left then. Another cooperative's rows are never touched."""
+    the ones its blind index left in her cooperative with no member attached since she got it (`since`, less
+    NUMBER_MARGIN): before that, or once she released it, the number may have been someone else's, and those rows
+    are left. Another cooperative's rows are never touched."""
     member_id: str
     cooperative_id: str
     index: str | None
+    since: datetime
 
-    def rows(self, member: Any, cooperative: Any, index: Any, *, no_cooperative: bool = False) -> ColumnElement[bool]:
-        """The condition on a table's member, cooperative and blind index columns (`no_cooperative`: rows
-        written before any cooperative was known, an unregistered dial or text, count as hers too)."""
+    def rows(self, member: Any, cooperative: Any, index: Any, at: Any, *,
+             no_cooperative: bool = False) -> ColumnElement[bool]:
+        """The condition on a table's member, cooperative, blind index and creation time columns (`no_cooperative`:
+        rows written before any cooperative was known, an unregistered dial or text, count as hers too)."""
         if self.index is None:
             return member == self.member_id  # type: ignore[no-any-return]
         scope = cooperative == self.cooperative_id
         if no_cooperative:
             scope = or_(scope, cooperative.is_(None))
-        return or_(member == self.member_id, and_(member.is_(None), scope, index == self.index))
+        return or_(member == self.member_id, and_(member.is_(None), scope, index == self.index, at >= self.since))
 
 
 async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
     """A Conflict if a payment of the member, or a refund of one, is still open. Her payments are locked first:
     a refund asked for meanwhile (core.refunds locks its payment) waits, and then finds the account erased."""
-    of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index)
+    of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at)
     statuses = (await session.execute(select(Payment.status).where(of_hers)
                                       .order_by(Payment.id).with_for_update())).scalars().all()
     open_payments = sum(status in OPEN_PAYMENT_VALUES for status in statuses)
@@ -533,7 +587,8 @@ async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
 
 async def _erase_payments(session: AsyncSession, hers: _Hers) -> int:
     done = await session.execute(
-        update(Payment).where(hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index))
+        update(Payment)
+        .where(hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at))
         .values(payment_account_enc="", payment_account_index="", payment_account_masked=ERASED_MASK,
                 request_hash="", updated_at=utcnow())  # changed: a cooperative's sync picks the mask up
         .execution_options(synchronize_session=False))
@@ -543,15 +598,9 @@ async def _erase_payments(session: AsyncSession, hers: _Hers) -> int:
 async def _erase_messages(session: AsyncSession, hers: _Hers, *, actor: Actor) -> int:
     """Her SMS rows: number and text cleared. One still QUEUED (its job parked, or not yet run) is moved to
     FAILED first, so its job finds it finished and sends nothing."""
-    of_hers = hers.rows(SmsMessage.member_id, SmsMessage.cooperative_id, SmsMessage.phone_index, no_cooperative=True)
-    queued = (await session.execute(select(SmsMessage.id).where(
-        of_hers, SmsMessage.status == SmsStatus.QUEUED.value))).scalars().all()
-    for message_id in queued:
-        try:
-            await transition(session, SMS, message_id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor,
-                             values={"failure_reason": ERASED_SMS_REASON, "provider_status": SKIPPED})
-        except StaleTransition:
-            pass  # sent (or refused) meanwhile: its number and text are cleared below all the same
+    of_hers = hers.rows(SmsMessage.member_id, SmsMessage.cooperative_id, SmsMessage.phone_index,
+                        SmsMessage.created_at, no_cooperative=True)
+    await _hold_back_queued(session, of_hers, ERASED_SMS_REASON, actor=actor)
     done = await session.execute(
         update(SmsMessage).where(of_hers)
         .values(phone_enc="", phone_index="", phone_masked=ERASED_MASK, body="", updated_at=utcnow())
@@ -565,7 +614,7 @@ async def _erase_ussd_sessions(session: AsyncSession, hers: _Hers) -> int:
     done = await session.execute(
         update(UssdSession)
         .where(hers.rows(UssdSession.member_id, UssdSession.cooperative_id, UssdSession.phone_index,
-                         no_cooperative=True))
+                         UssdSession.started_at, no_cooperative=True))
         .values(phone_index="", phone_masked=ERASED_MASK)
         .execution_options(synchronize_session=False))
     return int(done.rowcount)  # type: ignore[attr-defined]

@@ -233,13 +233,15 @@ async def _ussd_session(rt: Any, session_id: str, cooperative_id: str | None, me
             status="Success", hops=4, last_screen="paid").returning(UssdSession.id))).scalar_one())
 
 
-async def test_what_her_number_left_before_she_registered_is_erased_too_in_her_cooperative_only(
+async def test_what_her_number_left_as_she_registered_is_erased_too_in_her_cooperative_only(
         rt: Any, admin: Caller, demo: Any, coop_b: Any) -> None:
-    """A payment she made and the texts she got before she registered, and the USSD sessions of her dials, carry
+    """A payment she made and the texts she got as she registered, and the USSD sessions of her dials, carry
     her number with no member attached: an erasure that cleared only rows naming her left her number in them
     (found by her number in the payments list). Another cooperative's rows of the same number are not touched."""
     coop = demo["cooperative_id"]
-    before = await make_payment(rt, coop, account=PHONE, member_id=None, reference="RENT-PRE-1")
+    just_before = datetime.now(UTC) - timedelta(minutes=20)  # the payment she made, then registered
+    before = await make_payment(rt, coop, account=PHONE, member_id=None, reference="RENT-PRE-1",
+                                created_at=just_before)
     elsewhere = await make_payment(rt, coop_b["cooperative_id"], account=PHONE, member_id=None, reference="B-PRE-1")
     texts = [await _memberless_sms(rt, coop, "pre-help-1"), await _memberless_sms(rt, None, "pre-unknown-1")]
     queued = await _memberless_sms(rt, coop, "pre-help-2", status="QUEUED")
@@ -273,9 +275,10 @@ async def test_what_her_number_left_before_she_registered_is_erased_too_in_her_c
     assert (event.after["payments"], event.after["smsMessages"], event.after["ussdSessions"]) == (1, 3, 2)
 
 
-async def test_an_open_payment_from_her_number_before_she_registered_holds_the_erasure(
+async def test_an_open_payment_from_her_number_as_she_registered_holds_the_erasure(
         rt: Any, admin: Caller, demo: Any) -> None:
-    pending = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=None, status="PENDING")
+    pending = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=None, status="PENDING",
+                                 created_at=datetime.now(UTC) - timedelta(minutes=10))
     jeanne = await _jeanne(admin)
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
     refused = await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 409)
@@ -293,3 +296,39 @@ async def test_a_number_she_released_earlier_keeps_its_memberless_rows(rt: Any, 
     await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
     async with rt.sessionmaker() as s:
         assert (await s.get(Payment, later.id)).payment_account_index == rt.cipher.blind_index(PHONE)
+
+
+async def test_what_her_number_left_before_she_had_it_is_its_previous_holders(
+        rt: Any, admin: Caller, demo: Any) -> None:
+    """Operators give a number out again: a payment made from it months before she registered was its previous
+    holder's, and erasing her wiped his record (his payment's account, a refund of it refused for good)."""
+    his = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=None, reference="RENT-HIS-1",
+                             created_at=datetime.now(UTC) - timedelta(days=200))
+    his_text = await _memberless_sms(rt, demo["cooperative_id"], "his-help-1")
+    async with rt.sessionmaker.begin() as s:
+        (await s.get(SmsMessage, his_text)).created_at = datetime.now(UTC) - timedelta(days=200)
+    jeanne = await _jeanne(admin)
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    async with rt.sessionmaker() as s:
+        kept = await s.get(Payment, his.id)
+        assert (kept.payment_account_index, kept.payment_account_masked) == (
+            rt.cipher.blind_index(PHONE), his.payment_account_masked)
+        assert (await s.get(SmsMessage, his_text)).body == "Reply PAY to pay"
+    refund = await admin.json("POST", f"/v1/payments/{his.id}/refunds", 201, json={"idempotencyKey": idem()})
+    assert refund["status"] == "PENDING"
+
+
+async def test_a_corrected_number_counts_from_its_correction(rt: Any, admin: Caller, demo: Any) -> None:
+    """She registered long ago with another number and was given this one by a correction: what this number
+    left before the correction (less the margin) was someone else's."""
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": "+250788777999"})
+    async with rt.sessionmaker.begin() as s:
+        (await s.get(Member, jeanne["id"])).created_at = datetime.now(UTC) - timedelta(days=400)
+    earlier = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=None,
+                                 created_at=datetime.now(UTC) - timedelta(days=30))
+    await admin.json("PATCH", f"/v1/members/{jeanne['id']}", 200, json={"phone": PHONE})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, earlier.id)).payment_account_index == rt.cipher.blind_index(PHONE)

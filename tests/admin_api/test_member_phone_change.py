@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from channels.ussd.sessions import phone_keys
 from core.members import number_opted_out, phone_context
-from core.models import AuditEvent, Member, OutboxJob, Payment, PhoneOptOut
+from core.models import AuditEvent, Member, OutboxJob, Payment, PhoneOptOut, SmsMessage
 from tests.admin_api.conftest import Caller
 from tests.admin_api.test_payments_countries import country_admin
 from tests.channels.sms.helpers import make_payment
@@ -217,3 +217,55 @@ async def test_phone_change_is_given_only_with_a_phone(rt: Any, demo: Any, admin
         [event] = (await s.execute(select(AuditEvent).where(
             AuditEvent.entity_id == aline, AuditEvent.action == "member.updated"))).scalars().all()
     assert "remindersOptOut" not in event.after and "remindersOptOut" not in event.before
+
+
+async def _receipt_held_by_an_outage(rt: Any, admin: Caller, demo: Any, sim: Any, worker: Any,
+                                     key: str) -> tuple[dict[str, Any], str]:
+    """Diane's receipt, tried once while Africa's Talking is down: its row holds her number, QUEUED for later."""
+    from core.notify import send_sms
+    from tests.conftest import drain
+
+    diane = await admin.json("POST", "/v1/members", 201, json={"name": "Diane Keza", "phone": OLD})
+    payment = await make_payment(rt, demo["cooperative_id"], account=OLD, member_id=diane["id"])
+    async with rt.sessionmaker.begin() as s:
+        await send_sms(s, template="payment_receipt", cooperative_id=demo["cooperative_id"],
+                       context={"payment_id": payment.id}, cipher=rt.cipher, member_id=diane["id"], dedupe=key)
+    sim.set_failure("http503")
+    await drain(worker)
+    async with rt.sessionmaker() as s:
+        [row] = (await s.execute(select(SmsMessage).where(SmsMessage.member_id == diane["id"]))).scalars().all()
+    assert (row.status, row.phone_index) == ("QUEUED", rt.cipher.blind_index(OLD))
+    return diane, row.id
+
+
+async def _aggregator_back(rt: Any, sim: Any, worker: Any) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from core.db import utcnow
+    from tests.conftest import drain
+
+    sim.set_failure(None)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
+    await drain(worker)
+
+
+@pytest.mark.parametrize("change", ["TYPO", "NEW_SIM"])
+async def test_a_text_held_by_an_outage_goes_to_the_corrected_number(
+        rt: Any, admin: Caller, demo: Any, worker: Any, aiohttp_server: Any, change: str) -> None:
+    """Her receipt's first try stored the number with the row; corrected before the retry, it went to the old number
+    (a stranger's, for a typo) with her amount, reference and cooperative."""
+    from tests.channels.sms.helpers import start_simulator
+
+    _, sim = await start_simulator(aiohttp_server, rt)
+    diane, message = await _receipt_held_by_an_outage(rt, admin, demo, sim, worker, f"receipt-held-{change}")
+    await admin.json("PATCH", f"/v1/members/{diane['id']}", 200, json={"phone": NEW, "phoneChange": change})
+    await _aggregator_back(rt, sim, worker)
+    assert sim.messages(OLD) == []
+    [sent] = sim.messages(NEW)
+    assert sent["message"].startswith("Payment received: 50,000 RWF")
+    async with rt.sessionmaker() as s:
+        row = await s.get(SmsMessage, message)
+    assert (row.status, row.phone_index, row.phone_masked) == ("SENT", rt.cipher.blind_index(NEW), "+25078****010")

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from core.models import AuditEvent, Member, Payment
+from core.models import AuditEvent, Member, Payment, SmsMessage
 from tests.admin_api.conftest import Caller
 from tests.channels.sms.helpers import make_payment
 from tests.channels.ussd.helpers import AtPhone
@@ -134,3 +134,21 @@ async def test_a_number_released_while_redis_is_down_is_forgotten_once_redis_is_
     assert await rt.redis.exists(lang, resume) == 0
     async with rt.sessionmaker() as s:
         assert (await s.get(OutboxJob, job.id)).status == "DONE"
+
+
+async def test_a_text_held_by_an_outage_is_not_sent_to_a_released_number(
+        rt: Any, admin: Caller, demo: Any, worker: Any, aiohttp_server: Any) -> None:
+    """The number's next holder got her receipt: its row, stored with her number by a first try during an outage,
+    was sent once the aggregator came back."""
+    from tests.admin_api.test_member_phone_change import OLD, _aggregator_back, _receipt_held_by_an_outage
+    from tests.channels.sms.helpers import start_simulator
+
+    _, sim = await start_simulator(aiohttp_server, rt)
+    diane, message = await _receipt_held_by_an_outage(rt, admin, demo, sim, worker, "receipt-held-release")
+    await admin.json("DELETE", f"/v1/members/{diane['id']}", 200)
+    await admin.json("POST", f"/v1/members/{diane['id']}/release-phone", 200)
+    await _aggregator_back(rt, sim, worker)
+    assert sim.messages(OLD) == []
+    async with rt.sessionmaker() as s:
+        row = await s.get(SmsMessage, message)
+    assert (row.status, row.failure_reason) == ("FAILED", "not sent: phone_released")
