@@ -117,6 +117,9 @@ class Settings:
     # Per aggregator, where its members dial another code (Ghana's aggregators are not Rwanda's): a cooperative's
     # extension is what follows that aggregator's code.
     ussd_service_codes: Mapping[str, str] = field(default_factory=dict)
+    # The words members start a text with on a shared short code (Africa's Talking forwards "KHHC STOP" whole),
+    # upper case; an inbound text's first word among them is not its command.
+    sms_shortcode_keywords: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def service_code_for(self, aggregator: str | None) -> str:
@@ -145,6 +148,17 @@ def _service_code(env: Mapping[str, str], name: str, default: str) -> str:
 
 # The embedded default's database: the same file for `scripts/run.sh` and every `main.py` command run from the
 # project folder (a key rotation, a migration or `seed-demo` must reach the database the service uses).
+def _shortcode_keywords(env: Mapping[str, str]) -> tuple[str, ...]:
+    """SMS_SHORTCODE_KEYWORDS: comma-separated words (ASCII letters and digits) members put before a command on a
+    shared short code, upper-cased (an inbound text is read in upper case). One that is also an SMS command is
+    refused when the SMS routes are set up (channels.sms.routes.setup)."""
+    words = tuple(word.strip().upper() for word in _get(env, "SMS_SHORTCODE_KEYWORDS", "").split(",") if word.strip())
+    for word in words:
+        if not (word.isascii() and word.isalnum()):
+            raise ConfigError("SMS_SHORTCODE_KEYWORDS", f"{word!r} is not one word of letters and digits")
+    return words
+
+
 EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///./var/gateway.db"
 
 
@@ -548,6 +562,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sms_api_key=secret("SMS_API_KEY"),
         sms_sender_id=env.get("SMS_SENDER_ID", "COOPPAY"),
         sms_rate_per_second=_float(env, "SMS_RATE_PER_SECOND", 50.0),
+        sms_shortcode_keywords=_shortcode_keywords(env),
         simulators_in_process=simulators,
         outbox_batch_size=_int(env, "OUTBOX_BATCH_SIZE", 50, minimum=1),
         outbox_lease_seconds=_int(env, "OUTBOX_LEASE_SECONDS", 60, minimum=1),

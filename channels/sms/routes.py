@@ -19,6 +19,7 @@ from sqlalchemy import Table, bindparam, case, select, update
 from channels.sms.templates import CATALOGS
 from core import metrics, pgraw
 from core.audit import Actor, record
+from core.config import ConfigError
 from core.cooperatives import COUNTRY_CURRENCY
 from core.db import autocommit, utcnow
 from core.members import set_number_opt_out
@@ -285,11 +286,15 @@ def _keywords() -> tuple[tuple[str, str, frozenset[str]], ...]:
     )
 
 
-def parse_keyword(text: str) -> tuple[str | None, str | None, str | None]:
+def parse_keyword(text: str, prefixes: tuple[str, ...] = ()) -> tuple[str | None, str | None, str | None]:
     """'risiti pay_20251016_001' -> ('RECEIPT', 'sw', 'PAY_20251016_001'). Unknown -> (None, None, None).
     Folded first (see fold), then every character that is not a letter, a digit or "_" separates words:
-    '"STOP"', '(Stop)', '#STOP', 'STOP🙏' and 'STATUS:PAY_20251016_001' are read as typed without them."""
+    '"STOP"', '(Stop)', '#STOP', 'STOP🙏' and 'STATUS:PAY_20251016_001' are read as typed without them. A first
+    word among `prefixes` (folded: the shared short code's keywords, SMS_SHORTCODE_KEYWORDS) is skipped: 'KHHC
+    stop' is STOP."""
     words = _NOT_WORD.sub(" ", fold(text or "")).split()
+    if words and words[0] in prefixes:
+        words = words[1:]
     if not words:
         return None, None, None
     word = words[0]
@@ -333,7 +338,7 @@ async def inbound(request: web.Request) -> web.Response:
         _field(form, "id", 128)
         or hashlib.sha256(f"{sender}|{_field(form, 'date')}|{text}".encode()).hexdigest()[:32]
     )
-    command, keyword_language, argument = parse_keyword(text)
+    command, keyword_language, argument = parse_keyword(text, rt.settings.sms_shortcode_keywords)
     index = rt.cipher.blind_index(phone.e164)
     actor = Actor(f"phone:{phone.masked()}", "sms")
     if phone.region not in SERVED_COUNTRIES and not await _has_membership(rt, index):
@@ -490,5 +495,8 @@ def setup(app: web.Application) -> None:
     settings = app.get(SETTINGS)
     if settings is not None and not settings.callback_secrets.get("sms"):
         log.warning("SMS callbacks accepted without a URL secret; set CALLBACK_SECRET_SMS")
+    for word in settings.sms_shortcode_keywords if settings is not None else ():
+        if parse_keyword(word)[0] is not None:  # members could no longer send that command
+            raise ConfigError("SMS_SHORTCODE_KEYWORDS", f"{word!r} is an SMS command (in one of the languages)")
     app.router.add_post("/sms/africastalking/delivery", delivery_report)
     app.router.add_post("/sms/africastalking/inbound", inbound)
