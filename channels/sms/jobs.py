@@ -6,7 +6,11 @@ What a failed send leaves, so that a message is neither lost nor doubled:
   (provider_status RetriesExhausted, failure_reason), still QUEUED, so replaying the job sends it;
 - the request went out but its answer was lost (read timeout, broken answer, a job cut off mid-send):
   AT may have queued it and has no idempotency key, so it is not sent again. The row is recorded SENT
-  without a provider message id (provider_status Unconfirmed, failure_reason says why) and the job ends.
+  without a provider message id (provider_status Unconfirmed, failure_reason says why) and the job ends;
+- AT answered but writing the outcome failed (the database went away under the write): AT has it, so it
+  is not sent again either. The attempt fails as interrupted (Job.interrupted), and AT's answer is kept in
+  Redis (answer_key) so the next attempt records it, AT's message id and all, without a request. Should
+  that key be gone, the interrupted attempt is enough: the next one records the message Unconfirmed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import String, bindparam, func, select, update
@@ -54,6 +59,10 @@ log = logging.getLogger("gateway.sms.jobs")
 WORKER = Actor("system", "worker")
 # The shortest a message's send lock is held (a crashed run's lock expires on its own).
 SEND_LOCK_SECONDS = 30
+# How long AT's answer for a message whose outcome could not be written is kept for the next attempt
+# (answer_key): past the job's retries (about three hours over its 10 attempts) and a week for a replay of
+# the parked job. Without it the next attempt still does not send (the job is interrupted): Unconfirmed.
+ANSWER_SECONDS = 7 * 24 * 3600
 
 
 def message_key(payload: dict[str, Any]) -> str:
@@ -63,6 +72,48 @@ def message_key(payload: dict[str, Any]) -> str:
         return str(payload["key"])[:160]
     ident = {k: payload.get(k) for k in ("template", "cooperative_id", "member_id", "context")}
     return "auto:" + hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def message_keys(key: str) -> tuple[str, str]:
+    """The message's Redis keys: its send lock, and where AT's answer is kept when its outcome could not be
+    written (see ANSWER_SECONDS). One hash tag, so a cluster keeps them on one slot (one pipeline)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return f"sms:lock:{{{digest}}}", f"sms:answer:{{{digest}}}"
+
+
+class Answer(NamedTuple):
+    """What AT answered for a message whose outcome could not be written, kept for the next attempt:
+    accepted (its id, which may be None, status, cost, when), or unconfirmed (`cause` set: AT may have it)."""
+
+    provider_message_id: str | None = None
+    provider_status: str | None = None
+    cost: str | None = None
+    sent_at: str | None = None  # ISO 8601, UTC
+    cause: str | None = None
+
+    def dump(self) -> str:
+        return json.dumps(self._asdict())
+
+    @classmethod
+    def load(cls, raw: bytes | str | None) -> Answer | None:
+        """The kept answer, None when there is none (or it cannot be read: the job's interrupted last error
+        still stops a resend, and the message is recorded Unconfirmed)."""
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            return cls(**{k: data.get(k) for k in cls._fields})
+        except (ValueError, TypeError, AttributeError):
+            log.error("unreadable kept SMS answer ignored")
+            return None
+
+
+class SmsOutcomeNotRecorded(Exception):
+    """AT may have the message (it accepted it, or its answer was lost) and writing that outcome failed.
+    Raised after the doubt is marked on the job (_may_have_it), so the outbox records the attempt as
+    interrupted and the next one does not send it again."""
+
+    retryable = False  # never the provider's "send it again" (core.outbox.run_job)
 
 
 def send_lock_seconds(lease_seconds: float) -> int:
@@ -86,12 +137,24 @@ class SmsJobs:
         self.sender_id = rt.settings.sms_sender_id or rt.settings.sms_username
         self.lock_seconds = send_lock_seconds(rt.settings.outbox_lease_seconds)
 
-    async def throttle_and_lock(self, lock: str, holder: str) -> None:
-        """Take a slot of the sender id's send rate and the message's send lock, in one round trip."""
+    async def throttle_and_lock(self, lock: str, holder: str, answer: str | None = None) -> Answer | None:
+        """Take a slot of the sender id's send rate and the message's send lock, in one round trip.
+
+        With `answer` (answer_key), the answer an earlier run kept is read in the same round trip: when
+        there is one, it is returned and the lock is not kept (the caller records it, nothing is sent)."""
         redis = self.rt.redis
-        decision, (locked,) = await self.limiter.hit_then(
-            self.limit, self.sender_id, lambda pipe: pipe.set(lock, holder, nx=True, ex=self.lock_seconds)
-        )
+
+        def then(pipe: Any) -> None:
+            pipe.set(lock, holder, nx=True, ex=self.lock_seconds)
+            if answer is not None:
+                pipe.get(answer)
+
+        decision, (locked, *kept) = await self.limiter.hit_then(self.limit, self.sender_id, then)
+        found = Answer.load(kept[0]) if kept else None
+        if found is not None:
+            if locked:
+                await redis.delete(lock)
+            return found
         if not decision.allowed:
             if locked:
                 await redis.delete(lock)
@@ -99,6 +162,7 @@ class SmsJobs:
         if not locked:
             # Two runs of one message at once (a lease that lapsed mid-send) must not both send it.
             raise RetryLater(self.lock_seconds, "message is being sent by another worker")
+        return None
 
     async def send(self, job: Job) -> None:
         rt = self.rt
@@ -106,6 +170,11 @@ class SmsJobs:
             raise PermanentJobError("no SMS sender configured")
         payload = job.payload
         key = message_key(payload)
+        # The previous attempt was cut off, lost with its worker, or failed after AT may have had the message:
+        # should this one fail before it settles that (even at the read below), the doubt is handed on.
+        doubt = job.interrupted
+        if doubt:
+            _may_have_it(job)
         # One connection, in autocommit, for everything before the send: each statement is its own
         # transaction (as each read was under READ COMMITTED) without a BEGIN and a ROLLBACK/COMMIT
         # around it, and without a pool checkout (a ping) per step. It is released before the HTTP call.
@@ -113,11 +182,10 @@ class SmsJobs:
             existing = await _first(conn, _BY_KEY, {"k": key})
             if existing is not None and existing.status != SmsStatus.QUEUED.value:
                 return  # sent (or refused) already: a duplicate job or a re-run after a crash
-            if existing is not None and job.interrupted:
-                # The worker cancelled the previous attempt, or was lost while running it (its lease
-                # lapsed), most likely waiting for AT's answer: AT may have the message. Asked before
-                # anything that could overwrite the job's last error.
-                await self._unconfirmed(job, existing, "previous attempt cut off mid-send")
+            lock, kept = message_keys(key)
+            if existing is None:
+                job.call_started.clear()  # never stored, so never sent: this is a first send
+            elif await self._settled_before(job, existing, kept, doubt):
                 return
             # Checked on every attempt: a reminder retried through an aggregator outage is exactly the one whose
             # member may have paid or sent STOP, or whose day may be over, by now; a welcome, one whose member
@@ -139,8 +207,12 @@ class SmsJobs:
                     await self._move(existing.id, SmsStatus.FAILED, failure_reason=f"not sent: {void}",
                                      provider_status=SKIPPED)
                 return
-            lock = f"sms:lock:{{{hashlib.sha256(key.encode()).hexdigest()[:32]}}}"
-            await self.throttle_and_lock(lock, str(job.id))
+            found = await self.throttle_and_lock(lock, str(job.id), kept)
+            if found is not None:  # another run of it had AT's answer and could not write it (the lock is free)
+                stored = existing or await _first(conn, _BY_KEY, {"k": key})
+                if stored is not None and stored.status == SmsStatus.QUEUED.value:
+                    await self._record_answer(job, stored, found, kept)
+                return
             message: Any = None
             try:
                 if existing is None:
@@ -161,14 +233,82 @@ class SmsJobs:
             return
         accepted: tuple[str, bool] | None = None
         try:
-            accepted = await self._send_once(job, message)
+            accepted = await self._send_once(job, message, kept)
         finally:
             if accepted is None:
                 await rt.redis.delete(lock)
         if accepted is not None:  # the lock is released with the parked-report check, in one round trip
             await self._apply_parked(message.id, *accepted, lock)
 
-    async def _send_once(self, job: Job, message: Any) -> tuple[str, bool] | None:
+    async def _settled_before(self, job: Job, message: Any, kept: str, doubt: bool) -> bool:
+        """For a message an earlier attempt stored (still QUEUED): whether an earlier attempt may have sent it,
+        in which case its outcome is recorded here, and nothing is sent: AT's answer that attempt kept
+        (answer_key: SENT with AT's id), else, when the previous attempt was cut off, lost with its worker or
+        failed after AT may have had it (`doubt`: Job.interrupted), Unconfirmed. Asked before the send-time
+        checks (a reminder whose member paid since was sent all the same) and before anything that could
+        overwrite the job's last error. One Redis read, on a retry only (a first attempt has no stored message)."""
+        found = Answer.load(await self.rt.redis.get(kept))
+        if found is not None:
+            await self._record_answer(job, message, found, kept)
+            return True
+        if doubt:
+            # The worker cancelled the previous attempt, or was lost while running it (its lease lapsed), most
+            # likely waiting for AT's answer, or it failed to write AT's answer: AT may have the message.
+            cause = ("previous attempt's outcome not written" if _NOT_RECORDED in (job.last_error or "")
+                     else "previous attempt cut off mid-send")
+            await self._unconfirmed(job, message, cause, kept)
+            return True
+        return False
+
+    async def _record_answer(self, job: Job, message: Any, answer: Answer, kept: str) -> None:
+        """Record the answer an earlier attempt kept (it could not write it): SENT with AT's id (then the
+        delivery reports parked for that id meanwhile are applied), or Unconfirmed. Nothing is sent."""
+        log.warning("SMS outcome recorded from the answer an earlier attempt kept, not resent",
+                    extra={"sms_id": message.id, "job_id": job.id, "provider_message_id": answer.provider_message_id})
+        if answer.cause is not None:
+            await self._unconfirmed(job, message, answer.cause, kept)
+            await self._forget(kept)
+            return
+        _may_have_it(job)
+        moved = await self._move(
+            message.id,
+            SmsStatus.SENT,
+            finish=job,
+            provider_message_id=answer.provider_message_id,
+            provider_status=answer.provider_status,
+            cost=answer.cost,
+            sent_at=_parse_time(answer.sent_at),
+            clear=("failure_reason",),
+        )
+        if answer.provider_message_id:  # releases the kept answer with the parked-report check
+            await self._apply_parked(message.id, answer.provider_message_id, moved, kept)
+        else:
+            await self._forget(kept)
+
+    async def _forget(self, kept: str) -> None:
+        """Drop a kept answer once recorded (it would only expire: the message is no longer QUEUED)."""
+        try:
+            await self.rt.redis.delete(kept)
+        except Exception:
+            log.warning("kept SMS answer not deleted (it expires)", exc_info=True)
+
+    async def _keep(self, message_id: str, kept: str, answer: Answer, error: Exception) -> SmsOutcomeNotRecorded:
+        """AT may have the message and its outcome could not be written: keep AT's answer for the next attempt
+        (best effort: without it the next attempt records it Unconfirmed), and say so in the job's error."""
+        try:
+            await self.rt.redis.set(kept, answer.dump(), ex=ANSWER_SECONDS)
+            saved = "kept for the next attempt"
+        except Exception:
+            log.exception("AT's answer not kept: the next attempt records the SMS Unconfirmed",
+                          extra={"sms_id": message_id})
+            saved = "not kept"
+        log.error("SMS outcome not recorded; it is not sent again", extra={
+            "sms_id": message_id, "provider_message_id": answer.provider_message_id, "error": repr(error)[:300]})
+        what = f"AT accepted it ({answer.provider_message_id})" if answer.cause is None else answer.cause
+        return SmsOutcomeNotRecorded(
+            f"{what}, answer {saved}; writing the outcome failed: {type(error).__name__}: {error}")
+
+    async def _send_once(self, job: Job, message: Any, kept: str) -> tuple[str, bool] | None:
         """Send and record the outcome; for a message the aggregator accepted with an id, (that id, whether
         this run recorded it), so delivery reports parked before it was stored can be applied."""
         rt = self.rt
@@ -179,7 +319,7 @@ class SmsJobs:
             if not result.accepted and not result.permanent:
                 raise SmsTemporaryError(f"SMS not accepted: {result.provider_status}")
         except SmsUnconfirmedError as exc:
-            await self._unconfirmed(job, message, exc.cause)
+            await self._unconfirmed(job, message, exc.cause, kept)
             return None
         except SmsTemporaryError as exc:
             if job.attempts >= job.max_attempts:
@@ -188,16 +328,24 @@ class SmsJobs:
                 await self._note_parked(message.id, str(exc))
             raise
         if result.accepted:
-            moved = await self._move(
-                message.id,
-                SmsStatus.SENT,
-                finish=job,
-                provider_message_id=result.provider_message_id,
-                provider_status=result.provider_status,
-                cost=result.cost,
-                sent_at=utcnow(),
-                clear=("failure_reason",),  # a parked attempt's note, if the job was replayed
-            )
+            # AT has it: from here on, no failure may lead to sending it again.
+            _may_have_it(job)
+            sent_at = utcnow()
+            try:
+                moved = await self._move(
+                    message.id,
+                    SmsStatus.SENT,
+                    finish=job,
+                    provider_message_id=result.provider_message_id,
+                    provider_status=result.provider_status,
+                    cost=result.cost,
+                    sent_at=sent_at,
+                    clear=("failure_reason",),  # a parked attempt's note, if the job was replayed
+                )
+            except Exception as exc:  # e.g. a pool timeout, a failover, a connection reset
+                raise await self._keep(message.id, kept, Answer(
+                    result.provider_message_id, result.provider_status, result.cost, sent_at.isoformat()), exc
+                ) from exc
             return (result.provider_message_id, moved) if result.provider_message_id else None
         # A permanent refusal (this number) is an outcome, not a job failure: record it and finish the job.
         log.warning(
@@ -264,8 +412,8 @@ class SmsJobs:
     async def _apply_parked(self, message_id: str, provider_message_id: str, moved: bool, lock: str) -> None:
         """Delivery reports that beat the id's commit were parked by the route: apply them now.
 
-        The send lock is released first, in the same round trip as the check (the outcome is recorded:
-        another run would find the message no longer QUEUED)."""
+        The send lock (or the kept answer just recorded) is released first, in the same round trip as the
+        check (the outcome is recorded: another run would find the message no longer QUEUED)."""
         try:
             # Almost always none were parked: one EXISTS instead of the database read that
             # apply_parked_reports starts with. When this run did not store the id (the row had moved
@@ -281,23 +429,28 @@ class SmsJobs:
             # The SMS left and is recorded SENT; failing the job would not bring a lost report back.
             log.exception("parked delivery reports not applied", extra={"sms_id": message_id})
 
-    async def _unconfirmed(self, job: Job, message: Any, cause: str) -> None:
+    async def _unconfirmed(self, job: Job, message: Any, cause: str, kept: str) -> None:
         """AT may have queued the message, and sending it again could give the member a second copy: it is
         recorded SENT (what it most likely is) without a provider message id, marked Unconfirmed, and the
-        job ends. An operator can check it against AT's dashboard; no delivery report can update it."""
+        job ends. An operator can check it against AT's dashboard; no delivery report can update it.
+        Should that write fail, the job stays in doubt (_may_have_it) and the cause is kept (`kept`)."""
+        _may_have_it(job)
         log.warning(
             "SMS may have reached Africa's Talking: recorded unconfirmed, not resent",
             extra={"sms_id": message.id, "cause": cause, "to": message.phone_masked, "job_id": job.id},
         )
         metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.unconfirmed").inc()
-        await self._move(
-            message.id,
-            SmsStatus.SENT,
-            finish=job,
-            provider_status=SENT_UNCONFIRMED,
-            failure_reason=f"unconfirmed, not resent: {cause}",
-            sent_at=utcnow(),
-        )
+        try:
+            await self._move(
+                message.id,
+                SmsStatus.SENT,
+                finish=job,
+                provider_status=SENT_UNCONFIRMED,
+                failure_reason=f"unconfirmed, not resent: {cause}",
+                sent_at=utcnow(),
+            )
+        except Exception as exc:
+            raise await self._keep(message.id, kept, Answer(cause=cause), exc) from exc
 
     async def _note_parked(self, message_id: str, reason: str) -> None:
         """Say on the still-QUEUED row why its job is being parked (not a state change: no transition)."""
@@ -331,6 +484,28 @@ class SmsJobs:
             return False
         metrics.SMS.labels(status=target.value).inc()
         return True
+
+
+_NOT_RECORDED = SmsOutcomeNotRecorded.__name__
+
+
+def _may_have_it(job: Job) -> None:
+    """Mark this attempt as one after which AT may have the message (it answered, or an earlier attempt may
+    have sent it): should it fail from here on, the outbox records it interrupted (core.outbox.run_job: a
+    failure after the provider call started), so the next attempt records the message instead of sending it
+    again (_settled_before). Only in memory, with no stamp on the job's row (core.outbox.call_starting): it is
+    set once AT answered, and an attempt lost before the outbox records its failure is WORKER_LOST, interrupted
+    all the same. No round trip on the send's path."""
+    if not job.call_started:
+        job.call_started.append(True)
+
+
+def _parse_time(value: str | None) -> datetime:
+    """A kept answer's time (when AT accepted it); now when it has none."""
+    try:
+        return datetime.fromisoformat(value) if value else utcnow()
+    except ValueError:
+        return utcnow()
 
 
 class _Message(NamedTuple):
