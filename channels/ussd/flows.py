@@ -7,19 +7,19 @@ reads with no core helper (cooperative by code or extension) are small private q
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
-from channels.ussd import cache, funnel, sessions
+from channels.ussd import cache, funnel, records, sessions
 from channels.ussd.engine import Ctx, Invalid, Item
 from channels.ussd.i18n import LANGUAGES
 from channels.ussd.types import side_effect_started
 from core.audit import Actor
 from core.errors import BusinessRuleError, Conflict, DomainError
-from core.models import Cooperative, Member, Payment, PaymentType
+from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType
 from core.money import Money, MoneyError
 from core.payments import wallets_by_operator
 from core.ports import refusal_for
@@ -27,7 +27,7 @@ from core.state.payment import OPEN, PaymentStatus, holds_money, shown_status
 from core.text import is_number
 
 if TYPE_CHECKING:
-    from core.payments import PaymentContext
+    from core.payments import NewPayment, PaymentContext
 
 COLLECTED = ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED")
 REASONS = ("CHARGED_NOT_RECORDED", "WRONG_AMOUNT", "NOT_AUTHORISED", "OTHER")
@@ -603,7 +603,7 @@ async def confirm_args(ctx: Ctx) -> dict[str, Any]:
 
 
 async def confirmed(ctx: Ctx, _key: str) -> str:
-    from core.payments import NewPayment, create_payment, get_by_reference, load_context
+    from core.payments import NewPayment, get_by_reference
 
     turn = ctx.hop
     reference = ctx.data.get("rr") or None
@@ -615,13 +615,7 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
     )
     side_effect_started()
     try:
-        async with ctx.rt.sessionmaker.begin() as session:
-            # The member as create_payment reads her, with the cooperative's active member of this number in
-            # the same query: the check below costs no extra round trip.
-            context = await load_context(session, new.cooperative_id, new.payment_type_id, new.member_id,
-                                         payer_index=ctx.rt.cipher.blind_index(turn.phone.e164))
-            _check_number_still_hers(context, new.member_id)
-            payment, _created = await create_payment(session, ctx.rt, new, actor=actor(ctx), context=context)
+        payment = await _pay(ctx, new)
     except IntegrityError:
         # The reserved reference is taken: a resumed session carried it from a session whose
         # confirmation was committed but whose answer was lost. That payment is this one: shown as
@@ -634,6 +628,68 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
             raise
         return _earlier_payment(ctx, earlier)
     return _shown_payment(ctx, payment, "pay_done")
+
+
+async def _pay(ctx: Ctx, new: NewPayment) -> Payment:
+    """The session's payment, keyed by the session id: a confirmation posted twice at once, or again after a
+    timeout, or replayed whole after Redis lost the session (Africa's Talking's text, with a reference reserved
+    anew) finds the payment the first one made instead of charging again.
+
+    An aggregator uses a session id again on another day (Hubtel, Nalo): the payment under the key is then a
+    previous session's (made before this session could have opened: records.previous_before), the same member's
+    last month or another member's. Answered with it, this confirmation made no payment and no PIN prompt
+    ("approve the prompt" with last month's reference, or "could not complete"). This session's payment is
+    then keyed by the id and the session's opening time (_this_sessions_key): every copy of this confirmation
+    still finds the one payment. Only a key found taken costs more: the common confirmation is one create.
+    """
+    try:
+        payment, created = await _create(ctx, new)
+    except Conflict as exc:
+        # Another request under the key: this session's refused as before; a previous session's is no answer.
+        if exc.field != "idempotencyKey" or not await _previous_sessions_payment(ctx, new):
+            raise
+    else:
+        if created or payment.created_at >= records.previous_before():
+            return payment
+    key = await _this_sessions_key(ctx, new.idempotency_key, 128)
+    payment, _created = await _create(ctx, replace(new, idempotency_key=key))
+    return payment
+
+
+async def _create(ctx: Ctx, new: NewPayment) -> tuple[Payment, bool]:
+    from core.payments import create_payment, load_context
+
+    async with ctx.rt.sessionmaker.begin() as session:
+        # The member as create_payment reads her, with the cooperative's active member of this number in
+        # the same query: the check below costs no extra round trip.
+        context = await load_context(session, new.cooperative_id, new.payment_type_id, new.member_id,
+                                     payer_index=ctx.rt.cipher.blind_index(ctx.hop.phone.e164))
+        _check_number_still_hers(context, new.member_id)
+        return await create_payment(session, ctx.rt, new, actor=actor(ctx), context=context)
+
+
+_CREATED_BY_KEY = select(Payment.created_at).where(Payment.cooperative_id == bindparam("coop_id"),
+                                                   Payment.idempotency_key == bindparam("key"))
+
+
+async def _previous_sessions_payment(ctx: Ctx, new: NewPayment) -> bool:
+    """Whether the payment a refused key names was made by a previous session of the id (not this session's)."""
+    async with cache.autocommit(ctx.rt) as conn:
+        created = (await conn.execute(_CREATED_BY_KEY, {"coop_id": new.cooperative_id,
+                                                        "key": new.idempotency_key})).scalar_one_or_none()
+    return created is not None and created < records.previous_before()
+
+
+async def _this_sessions_key(ctx: Ctx, key: str, size: int) -> str:
+    """`key` (one of the session id's) told apart from its previous sessions': with when this session opened, as
+    its row keeps it (the same for every hop and copy of a hop, whatever became of its Redis state); without a
+    row of its own (never expected: every first hop writes it), the confirmation's reserved reference."""
+    turn = ctx.hop
+    started = await records.opened_at(ctx.rt, aggregator=turn.aggregator, session_id=turn.session_id)
+    tag = str(round(started.timestamp() * 1000)) if started is not None else ctx.data.get("rr")
+    if not tag:
+        raise DomainError("no way to tell this session's payment from a previous session's of its id")
+    return f"{key[:size - len(tag) - 1]}@{tag}"
 
 
 def _check_number_still_hers(context: PaymentContext, member_id: str | None) -> None:
@@ -725,12 +781,28 @@ async def send_receipt(ctx: Ctx, _key: str) -> str:
         payment = next((p for p in await _her_payments(ctx, session) if p.id == ctx.data.get("py")), None)
         if payment is None:
             raise Invalid("error.invalid_choice")
+        dedupe = f"ussd-receipt:{payment.id}:{ctx.hop.session_id}"[:190]
         template = "payment_receipt" if payment.status in COLLECTED else "payment_status"
-        await send_sms(session, template=template, cooperative_id=payment.cooperative_id,
-                       context={"payment_id": payment.id}, cipher=ctx.rt.cipher, member_id=ctx.data["mb"],
-                       dedupe=f"ussd-receipt:{payment.id}:{ctx.hop.session_id}"[:190])
+        receipt = {"template": template, "cooperative_id": payment.cooperative_id,
+                   "context": {"payment_id": payment.id}, "cipher": ctx.rt.cipher, "member_id": ctx.data["mb"]}
+        # Keyed by the session: a retried hop sends it once. A receipt an earlier session of the id (the
+        # aggregator used it again) sent is not this one's, which goes under this session's own key.
+        again = not await send_sms(session, **receipt, dedupe=dedupe) and await _previous_sessions_sms(session, dedupe)
+    if again:
+        key = await _this_sessions_key(ctx, dedupe, 190)
+        async with ctx.rt.sessionmaker.begin() as session:
+            await send_sms(session, **receipt, dedupe=key)
     ctx.data["ref"] = payment.reference
     return "my_receipt_sent"
+
+
+_QUEUED_AT = select(OutboxJob.created_at).where(OutboxJob.dedupe_key == bindparam("key"))
+
+
+async def _previous_sessions_sms(session: Any, dedupe: str) -> bool:
+    """Whether the SMS queued under `dedupe` was a previous session's of the id (not this session's)."""
+    queued = (await session.execute(_QUEUED_AT, {"key": f"sms:{dedupe}"})).scalar_one_or_none()
+    return queued is not None and queued < records.previous_before()
 
 
 def _reason_handler(reason: str) -> Any:

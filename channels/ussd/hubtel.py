@@ -41,8 +41,7 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
     # when Hubtel puts the whole dialled code there, in ServiceCode itself.
     extension = None
     if kind == "Initiation":
-        in_dialled = extension_of(dialled, base_code) or extension_of(dialled, code) if dialled else None
-        extension = in_dialled or extension_of(code, base_code)
+        extension = _dialled_extension(dialled, base_code, code) or extension_of(code, base_code)
     turn = UssdTurn(
         aggregator=NAME, session_id=session_id, phone=phone, service_code=dialled or code,
         input=message if kind == "Response" else None, is_new=kind == "Initiation",
@@ -54,6 +53,28 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
     )
     # Echoed back verbatim, so it is checked like any other field (a string, printable, bounded).
     return Parsed(turn, {"ClientState": text_field(body, "ClientState", required=False, max_len=1000)})
+
+
+def _dialled_extension(dialled: str, base_code: str, service_code: str) -> str | None:
+    """The extension in the dialled string: what follows our configured code when the member dialled it (none
+    when they dialled exactly it), and only otherwise what follows Hubtel's ServiceCode.
+
+    On a shared short code our code is itself a sub-code (*713*45#, ServiceCode "713"): read relative to the
+    ServiceCode, the plain app code would give "45" and send the member to whichever cooperative has that
+    extension.
+    """
+    if not dialled:
+        return None
+    if _extends(dialled, base_code):
+        return extension_of(dialled, base_code)
+    return extension_of(dialled, service_code)
+
+
+def _extends(dialled: str, base_code: str) -> bool:
+    """Whether the dialled code is our configured code or our code followed by more: *384*123# or *384*123*7#
+    (not *384*1234#, another code)."""
+    stem_d, stem_b = dialled.strip().rstrip("#"), base_code.strip().rstrip("#")
+    return bool(stem_b) and (stem_d == stem_b or stem_d.startswith(stem_b + "*"))
 
 
 def render(reply: UssdReply, parsed: Parsed | None = None) -> Rendered:

@@ -1,20 +1,25 @@
 """The durable record of each USSD session (ussd_sessions row): opened, closed, end-of-session events.
 
 The channel owns this table and no core service writes it, so the few statements live here.
+
+A row is keyed by the aggregator's session id, which an aggregator uses again on another day: a row (or a
+payment, or a receipt, keyed by the id) older than the longest session is a previous session's (previous_before).
+The table keeps one row per (aggregator, session id): the previous session's row is reset for the new one.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, bindparam, case, select, update
+from sqlalchemy import String, bindparam, case, null, select, update
 
 from channels.ussd.cache import autocommit
+from channels.ussd.sessions import SESSION_TTL
 from core import pgraw
-from core.db import insert_ignore, new_id, row_insert, table_of, utcnow
+from core.db import insert_ignore, new_id, table_of, utcnow
 from core.models import UssdSession
 from core.phone import Phone
 
@@ -36,35 +41,78 @@ class SessionEvent:
     at: datetime | None = None
 
 
+# The longest a session lasts: aggregators end one after about 180 s, and its Redis state lives SESSION_TTL
+# (the margin covers their retries). Whatever a session id left before that is a previous session's.
+LONGEST_SESSION = timedelta(seconds=SESSION_TTL)
+# What a new session writes on its row; the rest (ended_at, duration, cost, error, payment) starts empty.
+_OPENING = ("cooperative_id", "member_id", "phone_index", "phone_masked", "service_code", "network_code", "status",
+            "hops", "last_screen", "started_at")
+_CLEARED = ("ended_at", "duration_ms", "cost", "error", "payment_id")
+
+
+def previous_before() -> datetime:
+    """Rows, payments and receipts of a session id made before this instant are a previous session's: the
+    aggregator used the id again (Hubtel's and Nalo's ids come back on another day)."""
+    return utcnow() - LONGEST_SESSION
+
+
+@functools.cache
+def _open_statement(dialect_name: str) -> Any:
+    """INSERT the row; a row of the id older than the longest session (a previous session's: the id came
+    again) is reset for this one, as if new (the table keeps one row per (aggregator, session id)). A younger
+    row is this session's (a hop after its state was lost from Redis) and is kept as it is."""
+    table = table_of(UssdSession)
+    stmt = insert_ignore(dialect_name, table)
+    fresh = {**{c: stmt.excluded[c] for c in _OPENING}, **{c: null() for c in _CLEARED}}
+    return stmt.on_conflict_do_update(index_elements=["aggregator", "session_id"], set_=fresh,
+                                      where=table.c.started_at < bindparam("previous_before"))
+
+
 async def opened(rt: Any, *, aggregator: str, session_id: str, phone: Phone, service_code: str,
                  network: str | None, cooperative_id: str | None, member_id: str | None) -> None:
     # One statement, so no transaction around it: BEGIN and COMMIT were two of its four round trips.
+    now = utcnow()
     row = {
         "id": new_id(), "aggregator": aggregator, "session_id": session_id[:128],
         "cooperative_id": cooperative_id, "member_id": member_id,
         "phone_index": rt.cipher.blind_index(phone.e164), "phone_masked": phone.masked(),
         "service_code": service_code[:32], "network_code": (network or "")[:16] or None, "status": "OPEN",
-        "hops": 1, "last_screen": None, "started_at": utcnow(),
+        "hops": 1, "last_screen": None, "started_at": now,
     }
     async with autocommit(rt) as conn:
-        stmt = row_insert(conn.dialect.name, UssdSession, ignore_conflict=("aggregator", "session_id"))
-        await pgraw.first(conn, stmt, row, tuple(row))  # straight on asyncpg on PostgreSQL
+        # straight on asyncpg on PostgreSQL
+        await pgraw.first(conn, _open_statement(conn.dialect.name), {**row, "previous_before": now - LONGEST_SESSION},
+                          tuple(row))
 
 
 @functools.cache
 def _seen_statement() -> Any:
     table = table_of(UssdSession)
-    return select(table.c.service_code).where(table.c.aggregator == bindparam("aggregator"),
-                                              table.c.session_id == bindparam("session_id"))
+    return select(table.c.service_code, table.c.started_at).where(
+        table.c.aggregator == bindparam("aggregator"), table.c.session_id == bindparam("session_id"),
+        table.c.started_at >= bindparam("previous_before"))
+
+
+async def _this_sessions(rt: Any, aggregator: str, session_id: str) -> Any:
+    async with autocommit(rt) as conn:
+        return await pgraw.first(conn, _seen_statement(), {"aggregator": aggregator, "session_id": session_id[:128],
+                                                           "previous_before": previous_before()})
 
 
 async def seen(rt: Any, *, aggregator: str, session_id: str) -> str | None:
     """The code this session was opened with (its row's service_code, the whole code the member dialled), or
     None when it was never opened: its row is written on every session's first hop (opened), on PostgreSQL
-    and SQLite alike. One indexed read (the unique (aggregator, session id)), no transaction."""
-    async with autocommit(rt) as conn:
-        row = await pgraw.first(conn, _seen_statement(), {"aggregator": aggregator, "session_id": session_id[:128]})
+    and SQLite alike. A row older than the longest session is a previous session's of the id: not this one's.
+    One indexed read (the unique (aggregator, session id)), no transaction."""
+    row = await _this_sessions(rt, aggregator, session_id)
     return None if row is None else str(row[0])
+
+
+async def opened_at(rt: Any, *, aggregator: str, session_id: str) -> datetime | None:
+    """When this session opened (its row's started_at), None when it has no row of its own: the same for every
+    hop of the session, whatever its Redis state went through. One indexed read."""
+    row = await _this_sessions(rt, aggregator, session_id)
+    return None if row is None else row[1]
 
 
 @functools.cache
