@@ -27,6 +27,7 @@ from core.models import Cooperative, Member, Payment, SmsMessage
 from core.notify import send_sms
 from core.phone import Phone, PhoneError, normalize
 from core.ratelimit import Limit, RateLimiter
+from core.references import REFERENCE_SHAPE
 from core.runtime import RUNTIME, Runtime
 from core.state import StaleTransition, transition_alone
 from core.state.payment import COLLECTED
@@ -58,7 +59,12 @@ HELP_DAILY_LIMIT = Limit("sms:help", count=1, window=86_400, sliding=False)
 # Replies go only to numbers of the countries the gateway serves (those a cooperative can be in), or of a member:
 # any other sender would cost an international SMS for each text (a wrong number, a robot, a premium-rate scam).
 SERVED_COUNTRIES = frozenset(COUNTRY_CURRENCY)
-_REF = re.compile(r"^[A-Z]{2,5}_\d{8}_\d{1,9}$", re.ASCII)
+# A reference as a member types it after STATUS or RECEIPT, where "_" is buried in a feature phone's symbols:
+# PAY_20260115_001, PAY 20260115 001, PAY-20260115-001, pay20260115001, the date in groups (PAY 2026 01 15 001).
+# Searched in the words after the keyword, joined by single spaces with "_" made one too. Only the prefixes the
+# gateway issues (core.references.next_reference: payments PAY, refunds RFD, disputes DSP): any other word is no
+# reference ("Hali gani", Swahili for "how are you", starts with HALI, Swahili for STATUS).
+_TYPED_REFERENCE = re.compile(r"\b(PAY|RFD|DSP) ?((?:\d ?){8})(\d{1,9})\b", re.ASCII)
 # What separates words in a keyword SMS: anything but a letter, a digit or "_" (quotes of any kind, brackets, a
 # dash, "#", an emoji, a colon between STATUS and its reference).
 _NOT_WORD = re.compile(r"[^\w]+")
@@ -291,18 +297,32 @@ def parse_keyword(text: str, prefixes: tuple[str, ...] = ()) -> tuple[str | None
     Folded first (see fold), then every character that is not a letter, a digit or "_" separates words:
     '"STOP"', '(Stop)', '#STOP', 'STOP🙏' and 'STATUS:PAY_20251016_001' are read as typed without them. A first
     word among `prefixes` (folded: the shared short code's keywords, SMS_SHORTCODE_KEYWORDS) is skipped: 'KHHC
-    stop' is STOP."""
+    stop' is STOP. The argument is what follows the keyword (see _argument): 'RISITI PAY 20251016 001' and
+    'RISITI PAY-20251016-001' give 'PAY_20251016_001'."""
     words = _NOT_WORD.sub(" ", fold(text or "")).split()
     if words and words[0] in prefixes:
         words = words[1:]
     if not words:
         return None, None, None
     word = words[0]
-    argument = words[1] if len(words) > 1 else None
+    argument = _argument(words[1:])
     for language, command, spellings in _keywords():
         if word in spellings:
             return command, language, argument
     return None, None, argument
+
+
+def _argument(words: list[str]) -> str | None:
+    """The words after the keyword: the reference they hold, rebuilt as it was issued (PAY_20251016_001) however
+    it was typed (_TYPED_REFERENCE), else the words as they came, joined by spaces; None when nothing follows."""
+    if not words:
+        return None
+    typed = " ".join(" ".join(words).replace("_", " ").split())
+    found = _TYPED_REFERENCE.search(typed)
+    if found is None:
+        return " ".join(words)
+    prefix, day, number = found.groups()
+    return f"{prefix}_{day.replace(' ', '')}_{number}"
 
 
 async def _owns(session: Any, rt: Runtime, payment: Payment, phone: Phone) -> bool:
@@ -392,13 +412,15 @@ async def inbound(request: web.Request) -> web.Response:
                         cooperative_id=member.cooperative_id,
                     )
             reply = ("opted_out" if opt_out else "opted_in", {}, None)
+        elif command in ("RECEIPT", "STATUS") and not (argument and REFERENCE_SHAPE.match(argument)):
+            # The keyword alone, or words that are no reference ("Hali gani"): how to ask, in her language, with
+            # its keyword; never "no payment GANI" or "no payment -".
+            reply = (f"no_reference_{command.lower()}", {}, None)
         elif command in ("RECEIPT", "STATUS"):
-            reference = (argument or "")[:32]
-            payment = None
-            if _REF.match(reference):
-                payment = (
-                    await session.execute(select(Payment).where(Payment.reference == reference))
-                ).scalar_one_or_none()
+            reference = cast(str, argument)
+            payment = (
+                await session.execute(select(Payment).where(Payment.reference == reference))
+            ).scalar_one_or_none()
             if payment is not None and await _owns(session, rt, payment, phone):
                 template = (
                     "payment_receipt"
@@ -408,7 +430,7 @@ async def inbound(request: web.Request) -> web.Response:
                 reply = (template, {"payment_id": payment.id}, payment.cooperative_id)
             else:
                 # Someone else's reference gets exactly the answer a made-up one gets.
-                reply = ("not_found", {"reference": reference or "-"}, None)
+                reply = ("not_found", {"reference": reference}, None)
         elif command == "HELP":
             reply = ("help", {}, members[0].cooperative_id if members else None)
         else:

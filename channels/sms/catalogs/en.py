@@ -23,6 +23,9 @@ MESSAGES = {
     "Re-enable it in the API.",
     "help": "Dial {dial} to pay. SMS: RECEIPT <ref>, STATUS <ref>, STOP (no reminders), START.",
     "not_found": "No payment {ref} found for this phone number.",
+    # STATUS or RECEIPT without a reference (the keyword alone, or words that are none): how to ask.
+    "no_reference_status": "Send STATUS followed by the reference, e.g. STATUS PAY_20260115_001.",
+    "no_reference_receipt": "Send RECEIPT followed by the reference, e.g. RECEIPT PAY_20260115_001.",
     "opted_out": "You will no longer get reminders. Receipts still come. Send START to get them again.",
     "opted_in": "Reminders are on again. Send STOP to turn them off.",
     "unknown": "Sorry, we did not understand. Send HELP or dial {dial}.",
@@ -33,6 +36,9 @@ AMOUNT_TAKEN = {
     "less": "{collected} of {amount}",
     "more": "{collected} ({amount} asked)",
 }
+
+# How an amount's digits are grouped and its decimals marked (templates.money_text): 50,000 RWF, 1,500.50 KES.
+THOUSANDS, DECIMALS = ",", "."
 
 PAYMENT_STATUS = {
     "PENDING": "waiting for your approval",

@@ -24,8 +24,10 @@ MESSAGES = {
     "member_approved": "Bienvenue! Votre adhésion à {coop} est approuvée. Pour payer, composez {dial}.",
     "webhook_disabled": "{coop}: le webhook vers {host} est désactivé après {failures} échecs. "
     "Réactivez-le via l'API.",
-    "help": "Composez {dial} pour payer. SMS: RECU <réf>, STATUT <réf>, STOP (rappels), START.",
+    "help": "Composez {dial} pour payer. SMS: RECU <réf>, STATUT <réf>, STOP (fin des rappels), START.",
     "not_found": "Aucun paiement {ref} trouvé pour ce numéro.",
+    "no_reference_status": "Envoyez STATUT suivi de la référence, ex. STATUT PAY_20260115_001.",
+    "no_reference_receipt": "Envoyez RECU suivi de la référence, ex. RECU PAY_20260115_001.",
     "opted_out": "Vous ne recevrez plus de rappels. Les confirmations de paiement continuent. "
     "Envoyez START pour les rappels.",
     "opted_in": "Rappels réactivés. Envoyez STOP pour ne plus les recevoir.",
@@ -37,6 +39,10 @@ AMOUNT_TAKEN = {
     "less": "{collected} sur {amount}",
     "more": "{collected} ({amount} demandés)",
 }
+
+# How an amount's digits are grouped and its decimals marked (templates.money_text): a French reader takes
+# "5,000 BIF" for five francs, so 5 000 BIF and 1 500,50 KES. A plain space: a no-break one is not GSM-7.
+THOUSANDS, DECIMALS = " ", ","
 
 PAYMENT_STATUS = {
     "PENDING": "en attente de votre approbation",

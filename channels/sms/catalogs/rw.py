@@ -21,9 +21,12 @@ MESSAGES = {
     "member_approved": "Murakaza neza! Ubu uri umunyamuryango wa {coop}. Kanda {dial} wishyure.",
     "webhook_disabled": "{coop}: webhook ya {host} yahagaritswe nyuma yo kunanirwa inshuro {failures}. "
     "Yisubizeho muri API.",
-    "help": "Kanda {dial} wishyure. SMS: INYEMEZABUGUZI <nimero>, IMIMERERE <nimero>, HAGARIKA, TANGIRA.",
+    "help": "Kanda {dial} wishyure. SMS: INYEMEZABWISHYU <nimero>, IMIMERERE <nimero>, HAGARIKA, TANGIRA.",
     "not_found": "Nta kwishyura {ref} kwabonetse kuri iyi nimero ya telefone.",
-    "opted_out": "Ntuzongera kubona ubutumwa bwo kwibutsa. Inyemezabuguzi zizakomeza. "
+    "no_reference_status": "Ohereza IMIMERERE ukurikizaho nimero y'ubwishyu, urugero IMIMERERE PAY_20260115_001.",
+    "no_reference_receipt": "Ohereza INYEMEZABWISHYU ukurikizaho nimero y'ubwishyu, "
+    "urugero INYEMEZABWISHYU PAY_20260115_001.",
+    "opted_out": "Ntuzongera kubona ubutumwa bwo kwibutsa. Inyemezabwishyu zizakomeza. "
     "Ohereza TANGIRA kubisubizaho.",
     "opted_in": "Ubutumwa bwo kwibutsa bwasubijweho. Ohereza HAGARIKA kubihagarika.",
     "unknown": "Ntitwabyumvise. Ohereza UBUFASHA cyangwa ukande {dial}.",
@@ -34,6 +37,9 @@ AMOUNT_TAKEN = {
     "less": "{collected} aho kuba {amount}",
     "more": "{collected} aho kuba {amount}",
 }
+
+# How an amount's digits are grouped and its decimals marked (templates.money_text): 50,000 RWF, 1,500.50 KES.
+THOUSANDS, DECIMALS = ",", "."
 
 PAYMENT_STATUS = {
     "PENDING": "dutegereje ko wemeza",
@@ -80,7 +86,8 @@ REFUND_REASONS = {
 }
 
 KEYWORDS = {
-    "RECEIPT": ("INYEMEZABUGUZI", "INYEMEZA"),
+    # INYEMEZABWISHYU is the USSD menu's word for the receipt (ussd/locale/rw.json), the one the help names.
+    "RECEIPT": ("INYEMEZABWISHYU", "INYEMEZABUGUZI", "INYEMEZA"),
     "STATUS": ("IMIMERERE",),
     "HELP": ("UBUFASHA",),
     "STOP": ("HAGARIKA",),

@@ -21,8 +21,10 @@ MESSAGES = {
     "member_approved": "Karibu! Sasa wewe ni mwanachama wa {coop}. Piga {dial} kulipa.",
     "webhook_disabled": "{coop}: webhook ya {host} imezimwa baada ya kushindwa mara {failures}. "
     "Iwashe tena kupitia API.",
-    "help": "Piga {dial} kulipa. SMS: RISITI <kumb>, HALI <kumb>, SITISHA (vikumbusho), ANZA.",
+    "help": "Piga {dial} kulipa. SMS: RISITI <kumb>, HALI <kumb>, SITISHA (kusimamisha vikumbusho), ANZA.",
     "not_found": "Hakuna malipo {ref} kwa namba hii ya simu.",
+    "no_reference_status": "Tuma HALI ikifuatiwa na kumbukumbu, mfano HALI PAY_20260115_001.",
+    "no_reference_receipt": "Tuma RISITI ikifuatiwa na kumbukumbu, mfano RISITI PAY_20260115_001.",
     "opted_out": "Hutapokea vikumbusho tena. Risiti zitaendelea. Tuma ANZA kuvirudisha.",
     "opted_in": "Vikumbusho vimerudishwa. Tuma SITISHA kuvizima.",
     "unknown": "Hatukuelewa. Tuma MSAADA au piga {dial}.",
@@ -34,12 +36,15 @@ AMOUNT_TAKEN = {
     "more": "{collected} badala ya {amount}",
 }
 
+# How an amount's digits are grouped and its decimals marked (templates.money_text): 50,000 RWF, 1,500.50 KES.
+THOUSANDS, DECIMALS = ",", "."
+
 PAYMENT_STATUS = {
     "PENDING": "inasubiri uthibitisho wako",
     "PROCESSING": "inashughulikiwa",
     "COMPLETED": "imelipwa",
     "FAILED": "imeshindwa",
-    "CANCELLED": "imesitishwa",
+    "CANCELLED": "imeghairiwa",
     "TIMEOUT": "haikuthibitishwa kwa wakati",
     "PARTIALLY_REFUNDED": "imelipwa, sehemu imerudishwa",
     "REFUNDED": "imerudishwa",

@@ -159,8 +159,8 @@ async def test_build_receipt_from_rows_in_member_language_and_local_time(
 
 TAKEN_SHOWN = {  # 40,000 or 60,000 RWF taken of a 50,000 RWF payment, in each language
     "en": ("Payment received: 40,000 RWF of 50,000 RWF for ", "Payment received: 60,000 RWF (50,000 RWF asked) for "),
-    "fr": ("Paiement confirmé: 40,000 RWF sur 50,000 RWF pour ",
-           "Paiement confirmé: 60,000 RWF (50,000 RWF demandés) pour "),
+    "fr": ("Paiement confirmé: 40 000 RWF sur 50 000 RWF pour ",  # French groups digits with spaces
+           "Paiement confirmé: 60 000 RWF (50 000 RWF demandés) pour "),
     "rw": ("Twakiriye 40,000 RWF aho kuba 50,000 RWF ya ", "Twakiriye 60,000 RWF aho kuba 50,000 RWF ya "),
     "sw": ("Tumepokea 40,000 RWF kati ya 50,000 RWF kwa ", "Tumepokea 60,000 RWF badala ya 50,000 RWF kwa "),
 }
@@ -191,7 +191,8 @@ async def test_a_receipt_states_what_was_taken_when_the_provider_took_another_am
             row.collected_minor = collected
         async with rt.sessionmaker() as session:
             _, _, body = await templates.build_message(session, rt.cipher, payload)
-        assert " 50,000 RWF " in body and "40,000" not in body and "60,000" not in body, body
+        sep = " " if language == "fr" else ","
+        assert f" 50{sep}000 RWF " in body and f"40{sep}000" not in body and f"60{sep}000" not in body, body
 
 
 async def test_a_message_before_money_is_taken_states_the_amount_asked(rt: Any, demo: dict[str, Any]) -> None:
@@ -310,4 +311,5 @@ async def test_a_reminder_of_a_type_the_member_pays_what_she_chooses_asks_no_zer
         bodies.append(body)
         assert measure(body).encoding == GSM7, body
     assert ANY_AMOUNT_SHOWN[language] in bodies[0] and "0 RWF" not in bodies[0], bodies[0]
-    assert "(2,000 RWF)" in bodies[1], bodies[1]  # a usual amount, even if another may be paid, is said
+    usual = "(2 000 RWF)" if language == "fr" else "(2,000 RWF)"  # French groups digits with spaces
+    assert usual in bodies[1], bodies[1]  # a usual amount, even if another may be paid, is said

@@ -1,0 +1,223 @@
+"""Replies to keyword SMS as members of each language write them, through POST /sms/africastalking/inbound and
+the simulator (findings of a localisation reviewer fluent in en, rw, fr and sw): STATUS or RECEIPT without a
+reference, a reference typed with spaces or dashes, the receipt word of the Kinyarwanda USSD menu, and the
+wording of the replies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from channels.sms import templates
+from channels.sms.encoding import GSM7, measure
+from channels.sms.routes import fold, parse_keyword
+from channels.sms.templates import CATALOGS, money_text, render
+from core.money import Money
+from tests.channels.sms.helpers import jobs_of, make_payment
+from tests.channels.sms.test_routes import inbound
+from tests.conftest import drain
+
+ALINE, JEAN, CLAUDINE, ERIC = "+250788000001", "+250788000002", "+250733000001", "+250733000002"  # rw en fr sw
+USSD_LOCALES = Path(__file__).parents[3] / "channels" / "ussd" / "locale"
+
+
+async def ask(sms_client: Any, sim: Any, worker: Any, phone: str, text: str, message_id: str) -> str:
+    """The reply the simulator received for one inbound text."""
+    before = len(sim.messages(phone))
+    await inbound(sms_client, phone, text, message_id)
+    await drain(worker)
+    replies = sim.messages(phone)[before:]
+    assert len(replies) == 1, replies
+    return str(replies[0]["message"])
+
+
+# ------------------------------------------------------------------------- STATUS or RECEIPT with no reference
+
+HOW_TO_ASK = {
+    "en": ("Send STATUS followed by the reference, e.g. STATUS PAY_20260115_001.",
+           "Send RECEIPT followed by the reference, e.g. RECEIPT PAY_20260115_001."),
+    "rw": ("Ohereza IMIMERERE ukurikizaho nimero y'ubwishyu, urugero IMIMERERE PAY_20260115_001.",
+           "Ohereza INYEMEZABWISHYU ukurikizaho nimero y'ubwishyu, urugero INYEMEZABWISHYU PAY_20260115_001."),
+    "fr": ("Envoyez STATUT suivi de la référence, ex. STATUT PAY_20260115_001.",
+           "Envoyez RECU suivi de la référence, ex. RECU PAY_20260115_001."),
+    "sw": ("Tuma HALI ikifuatiwa na kumbukumbu, mfano HALI PAY_20260115_001.",
+           "Tuma RISITI ikifuatiwa na kumbukumbu, mfano RISITI PAY_20260115_001."),
+}
+
+
+@pytest.mark.parametrize(("phone", "texts", "language"), [
+    (JEAN, ("STATUS", "receipt", "status please"), "en"),
+    (ALINE, ("IMIMERERE", "inyemezabwishyu", "STATUS"), "rw"),  # STATUS from a rw member: answered in rw
+    (CLAUDINE, ("STATUT", "Reçu PAY_1", "statut ?"), "fr"),  # PAY_1 is no reference: not "Aucun paiement PAY_1"
+    (ERIC, ("HALI", "Risiti tafadhali", "Hali gani"), "sw"),  # "Hali gani": "how are you", HALI is STATUS
+])
+async def test_status_or_receipt_without_a_reference_says_how_to_ask(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, phone: str, texts: tuple[str, ...],
+    language: str,
+) -> None:
+    """The keyword alone was answered "no payment -", a word after it "no payment GANI": she has a payment, and
+    is told instead how to ask, in the language she wrote in, naming that language's keyword."""
+    await make_payment(rt, demo["cooperative_id"], account=phone, member_id=demo["members"][phone])
+    status, receipt = HOW_TO_ASK[language]
+    replies = [await ask(sms_client, sim, worker, phone, text, f"{language}-{i}") for i, text in enumerate(texts)]
+    assert replies == [status, receipt, status]
+
+
+@pytest.mark.parametrize("language", sorted(CATALOGS))
+def test_how_to_ask_names_a_keyword_of_its_language_in_one_gsm7_sms(language: str) -> None:
+    for command, text in zip(("STATUS", "RECEIPT"), HOW_TO_ASK[language], strict=True):
+        body = render(f"no_reference_{command.lower()}", language, {})
+        assert body == text
+        assert measure(body).encoding == GSM7 and measure(body).segments == 1, body
+        # The keyword it names, and the example it gives, are read back as that command and reference.
+        assert parse_keyword(" ".join(body.split()[-2:])) == (command, language, "PAY_20260115_001")
+
+
+async def test_one_reply_per_inbound_id_without_a_reference(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    for _ in range(3):  # the aggregator retried
+        await inbound(sms_client, ERIC, "HALI", "same-id")
+    await drain(worker)
+    assert [m["message"] for m in sim.messages(ERIC)] == [HOW_TO_ASK["sw"][0]]
+    assert [j.payload["template"] for j in await jobs_of(rt, "sms.send")] == ["no_reference_status"]
+
+
+# ------------------------------------------------------------------------------ references as they are typed
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("RISITI PAY 20260115 123456", ("RECEIPT", "sw", "PAY_20260115_123456")),
+    ("RISITI PAY-20260115-123456", ("RECEIPT", "sw", "PAY_20260115_123456")),
+    ("risiti pay20260115123456", ("RECEIPT", "sw", "PAY_20260115_123456")),
+    ("STATUS PAY 2026 01 15 001", ("STATUS", "en", "PAY_20260115_001")),
+    ("STATUS PAY__20260115__001", ("STATUS", "en", "PAY_20260115_001")),
+    ("status of PAY_20260115_001 please", ("STATUS", "en", "PAY_20260115_001")),
+    ("STATUT PAY 20260115 001 merci", ("STATUS", "fr", "PAY_20260115_001")),
+    ("STATUS RFD 20260115 002", ("STATUS", "en", "RFD_20260115_002")),
+    ("Hali gani", ("STATUS", "sw", "GANI")),  # no reference: the route tells how to ask
+    ("STATUS", ("STATUS", "en", None)),
+])
+def test_the_reference_is_rebuilt_from_the_words_after_the_keyword(text: str, expected: tuple[Any, ...]) -> None:
+    assert parse_keyword(text) == expected
+
+
+@pytest.mark.parametrize("shape", [
+    lambda r: r.replace("_", " "),
+    lambda r: r.replace("_", "-"),
+    lambda r: r.replace("_", "").lower(),
+])
+async def test_a_reference_typed_with_spaces_or_dashes_finds_the_payment(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, shape: Any
+) -> None:
+    """"_" is deep in a feature phone's symbols: she types spaces or dashes; the reply was "no payment PAY"."""
+    paid = await make_payment(rt, demo["cooperative_id"], account=ERIC, member_id=demo["members"][ERIC])
+    receipt = await ask(sms_client, sim, worker, ERIC, f"RISITI {shape(paid.reference)}", "r1")
+    assert receipt.startswith("Tumepokea ") and f"Kumb: {paid.reference}." in receipt, receipt
+    status = await ask(sms_client, sim, worker, JEAN, f"STATUS {shape(paid.reference)}", "s1")
+    assert status == render("not_found", "en", {"ref": paid.reference})  # Eric's payment: not Jean's to ask
+
+
+async def test_a_made_up_reference_typed_with_spaces_is_not_found_as_issued(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    reply = await ask(sms_client, sim, worker, JEAN, "STATUS PAY 20260115 999999", "m1")
+    assert reply == "No payment PAY_20260115_999999 found for this phone number."
+
+
+# ----------------------------------------------------------------------------------------------- wording
+
+
+async def test_kinyarwanda_receipt_word_of_the_ussd_menu_is_a_keyword(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    """USSD offers "inyemezabwishyu" (my.receipt); the SMS keywords had only INYEMEZABUGUZI and INYEMEZA."""
+    paid = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    reply = await ask(sms_client, sim, worker, ALINE, f"Inyemezabwishyu {paid.reference}", "i1")
+    assert reply.startswith("Twakiriye 50,000 RWF ") and paid.reference in reply, reply
+    for old in ("INYEMEZABUGUZI", "INYEMEZA"):  # the words that worked still do
+        assert parse_keyword(f"{old} {paid.reference}") == ("RECEIPT", "rw", paid.reference)
+    help_ = await ask(sms_client, sim, worker, ALINE, "UBUFASHA", "h1")
+    assert "SMS: INYEMEZABWISHYU <nimero>, IMIMERERE <nimero>" in help_, help_
+    ussd_words = json.loads((USSD_LOCALES / "rw.json").read_text(encoding="utf-8"))["my.receipt"].split()
+    assert fold("INYEMEZABWISHYU") in {fold(word) for word in ussd_words}
+
+
+async def test_swahili_status_of_a_cancelled_payment_says_cancelled_not_suspended(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    paid = await make_payment(rt, demo["cooperative_id"], account=ERIC, member_id=demo["members"][ERIC],
+                              status="CANCELLED")
+    reply = await ask(sms_client, sim, worker, ERIC, f"HALI {paid.reference}", "c1")
+    assert reply.startswith(f"Malipo {paid.reference}: ") and " - imeghairiwa. Tarehe: " in reply, reply
+    assert "imesitishwa" not in reply
+    ussd = json.loads((USSD_LOCALES / "sw.json").read_text(encoding="utf-8"))["status.CANCELLED"]
+    assert ussd.lower() == "imeghairiwa"  # as the USSD says it
+
+
+@pytest.mark.parametrize(("phone", "text", "says"), [
+    (CLAUDINE, "AIDE", "STOP (fin des rappels), START."),  # was "STOP (rappels)": STOP for reminders
+    (ERIC, "MSAADA", "SITISHA (kusimamisha vikumbusho), ANZA."),  # was "SITISHA (vikumbusho)"
+])
+async def test_help_says_stop_ends_the_reminders(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, phone: str, text: str, says: str
+) -> None:
+    reply = await ask(sms_client, sim, worker, phone, text, "help")
+    assert reply.endswith(says), reply
+    [row] = sim.messages(phone)
+    assert measure(row["message"]).encoding == GSM7 and measure(row["message"]).segments == 1
+
+
+# --------------------------------------------------------------------------------------- amounts in French
+
+
+@pytest.mark.parametrize(("money", "language", "shown"), [
+    (Money(5_000, "BIF"), "fr", "5 000 BIF"),
+    (Money(150_050, "KES"), "fr", "1 500,50 KES"),
+    (Money(1_250_000, "RWF"), "fr", "1 250 000 RWF"),
+    (Money(500, "RWF"), "fr", "500 RWF"),
+    (Money(5_000, "BIF"), "en", "5,000 BIF"),
+    (Money(150_050, "KES"), "en", "1,500.50 KES"),
+    (Money(150_050, "KES"), "rw", "1,500.50 KES"),
+    (Money(150_050, "KES"), "sw", "1,500.50 KES"),
+])
+def test_amounts_are_written_as_the_language_writes_numbers(money: Money, language: str, shown: str) -> None:
+    """A French reader takes "5,000 BIF" for five francs: French groups digits with a (plain, GSM-7) space."""
+    assert money_text(money, CATALOGS[language]) == shown
+
+
+@pytest.mark.parametrize(("phone", "amount"), [(CLAUDINE, "50 000 RWF"), (JEAN, "50,000 RWF"),
+                                               (ALINE, "50,000 RWF"), (ERIC, "50,000 RWF")])
+async def test_a_receipt_states_the_amount_as_her_language_writes_it(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, phone: str, amount: str
+) -> None:
+    paid = await make_payment(rt, demo["cooperative_id"], account=phone, member_id=demo["members"][phone])
+    keyword = CATALOGS[{CLAUDINE: "fr", JEAN: "en", ALINE: "rw", ERIC: "sw"}[phone]].KEYWORDS["RECEIPT"][0]
+    reply = await ask(sms_client, sim, worker, phone, f"{keyword} {paid.reference}", "a1")
+    assert f" {amount} " in reply, reply
+
+
+async def test_a_french_reminder_and_refund_state_amounts_with_spaces(rt: Any, demo: dict[str, Any]) -> None:
+    """The reminder and the refund messages are built apart from the payment ones: the same number format."""
+    from core.models import Refund
+
+    rent = demo["payment_types"]["Monthly Rent"]
+    member = demo["members"][CLAUDINE]
+    paid = await make_payment(rt, demo["cooperative_id"], account=CLAUDINE, member_id=member)
+    async with rt.sessionmaker.begin() as session:
+        refund = Refund(payment_id=paid.id, cooperative_id=demo["cooperative_id"], reference="RFD_20260115_001",
+                        amount_minor=12_500, currency="RWF", status="COMPLETED", reason="test",
+                        idempotency_key="rfd-1", provider_reference="prov-rfd-1")
+        session.add(refund)
+    reminder = {"template": "payment_reminder", "member_id": member,
+                "context": {"member_id": member, "payment_type_id": rent, "due_date": "2026-02-01"}}
+    refunded = {"template": "refund_completed", "member_id": member, "context": {"refund_id": refund.id}}
+    async with rt.sessionmaker() as session:
+        _, language, body = await templates.build_message(session, rt.cipher, reminder)
+        _, _, refund_body = await templates.build_message(session, rt.cipher, refunded)
+    assert language == "fr"
+    assert body.startswith("Rappel: Monthly Rent (50 000 RWF) pour "), body
+    assert refund_body.startswith("Remboursement de 12 500 RWF effectué"), refund_body

@@ -1,0 +1,38 @@
+"""Wording of the USSD screens a member reads, through POST /ussd/africastalking (finding by a localisation
+reviewer: Swahili called the cooperative's code "namba", a number, when codes are letters such as KHHC)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.channels.ussd.helpers import AtPhone
+
+STRANGER = "+250788555123"  # belongs to no cooperative
+
+
+async def _in_swahili(client: Any) -> AtPhone:
+    phone = AtPhone(client, STRANGER)
+    await phone.dial()
+    await phone.send("4")  # Lugha / Language
+    await phone.send("4")  # Kiswahili
+    return phone
+
+
+async def test_swahili_asks_for_the_cooperatives_code_not_its_number(client: Any, demo: dict[str, Any]) -> None:
+    phone = await _in_swahili(client)
+    prompt = await phone.send("1")  # Lipa: not a member yet, so the cooperative's code first
+    assert prompt == "CON Hujasajiliwa. Weka msimbo wa chama chako:\n0. Rudi"
+    unknown = await phone.send("ZZZQ")
+    assert unknown.startswith("CON Hakuna chama chenye msimbo huu. Hakiki ujaribu tena:\n"), unknown
+    assert "namba" not in unknown
+    accepted = await phone.send(demo["short_code"].lower())  # the letters are the code
+    assert accepted.startswith("CON Weka jina lako"), accepted
+
+
+async def test_swahili_help_tells_a_stranger_to_ask_for_the_code(client: Any, demo: dict[str, Any]) -> None:
+    phone = await _in_swahili(client)
+    menu = await phone.dial()
+    help_key = next(line.split(".")[0] for line in menu.splitlines() if line.endswith("Msaada"))
+    answer = await phone.send(help_key)
+    assert answer.endswith("Uliza chama chako msimbo wake."), answer
+    assert "namba" not in answer
