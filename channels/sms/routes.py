@@ -91,7 +91,7 @@ async def _form(request: web.Request) -> Any:
     """The posted form; a body that is not one (bad encoding, multipart without boundary) is a 400."""
     try:
         return await request.post()
-    except ValueError:  # includes UnicodeDecodeError (a body not in UTF-8)
+    except (ValueError, LookupError):  # UnicodeDecodeError (a body not in UTF-8), a charset no codec knows
         raise web.HTTPBadRequest(text="body is not a readable form") from None
 
 

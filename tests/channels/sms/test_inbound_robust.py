@@ -92,3 +92,11 @@ async def test_stop_holds_when_the_reply_rate_limit_cannot_be_checked(
         member = await session.get(Member, demo["members"][ALINE])
     assert member.reminders_opt_out is False
     assert await jobs_of(rt, "sms.send") == []
+
+
+@pytest.mark.parametrize("route", ["inbound", "delivery"])
+async def test_a_form_in_a_charset_no_codec_knows_is_a_400_not_a_500(sms_client: Any, route: str) -> None:
+    """`Content-Type: ...; charset=bogus` made aiohttp raise LookupError: a 500 and an ERROR traceback per call."""
+    response = await sms_client.post(f"/sms/africastalking/{route}", data=b"from=%2B250788000001&text=STOP",
+                                     headers={"Content-Type": "application/x-www-form-urlencoded; charset=bogus"})
+    assert (response.status, await response.text()) == (400, "body is not a readable form")
