@@ -24,6 +24,7 @@ from core.config import Settings
 from core.crypto import PiiCipher
 from core.db import CLOCK_SKEW_WARNING_SECONDS, align_clock, clock_offset, make_engine, make_sessionmaker
 from core.http import make_client
+from core.inbound import close_after_unreadable_body, unreadable
 from core.logs import request_id
 from core.outbox import Handler, OutboxWorker
 from core.runtime import RUNTIME, SETTINGS, Runtime
@@ -231,11 +232,20 @@ async def request_context(request: web.Request,
         response = await handler(request)
         status = response.status
         response.headers["X-Request-Id"] = rid
+        close_after_unreadable_body(request, response)
         return response
     except web.HTTPException as exc:
         status = exc.status
         exc.headers["X-Request-Id"] = rid
+        close_after_unreadable_body(request, exc)
         raise
+    except web.RequestPayloadError as exc:
+        # A body aiohttp could not decode (Content-Encoding: gzip on bytes that are not gzip), read by a route
+        # itself (request.post()) and let through: the sender's mistake, a 400, not a 500 and a traceback.
+        status = 400
+        response = web.Response(status=400, text=unreadable(request, exc), headers={"X-Request-Id": rid})
+        close_after_unreadable_body(request, response)
+        return response
     finally:
         # A method a client invents counts as OTHER (before the cache: made-up words must not evict real series).
         count, latency = _http_series(route, request.method if request.method in _METHODS else "OTHER", status)

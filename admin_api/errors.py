@@ -13,6 +13,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from core.db import utcnow
 from core.errors import DomainError, ValidationError
+from core.inbound import unreadable
 from core.ratelimit import Decision
 
 log = logging.getLogger("gateway.api")
@@ -130,7 +131,16 @@ async def error_middleware(
             return _cut_short(request, exc)
         return _error_answer(request, exc)
     apply_rate_headers(request, response)
+    _not_stored(response)
     return response
+
+
+def _not_stored(response: web.StreamResponse) -> None:
+    """Answers carry members' names and phone numbers, payments, tokens: no browser disk or shared cache may keep
+    them (a signed-out admin's pages read back from the cache). A route that chose its own caching keeps it (the
+    payment types' list: private, max-age=30)."""
+    if not response.prepared and "Cache-Control" not in response.headers:
+        response.headers["Cache-Control"] = "no-store"
 
 
 def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
@@ -149,6 +159,10 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
             message = "request body is too large"
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         return error_response(request, exc.status, message or HTTPStatus(exc.status).phrase, headers)
+    if isinstance(exc, web.RequestPayloadError):
+        # A body aiohttp could not decode (Content-Encoding: gzip on bytes that are not gzip), read by a handler
+        # without read_body: the sender's mistake, not ours.
+        return error_response(request, 400, unreadable(request, exc))
     if isinstance(exc, DBAPIError) and _bad_value(exc):
         # Not an outage: "send it again" would loop forever. A check that should have refused the value
         # first is missing: logged with the code so it can be added.

@@ -15,23 +15,28 @@ from jsonschema.exceptions import ValidationError as SchemaError
 
 from admin_api.errors import ApiError
 from core.errors import ValidationError
+from core.inbound import unreadable
 from core.text import NOT_ALLOWED, is_uuid
 
 _FORMATS = FormatChecker()
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """Read at most `limit` bytes; 413 as soon as the declared or actual size is over it."""
+    """Read at most `limit` bytes; 413 as soon as the declared or actual size is over it, 400 when the body
+    cannot be decoded (a Content-Encoding its bytes do not follow)."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise ApiError(413, f"request body is larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is larger than {limit} bytes")
+            chunks.append(chunk)
+    except web.RequestPayloadError as exc:
+        raise ApiError(400, unreadable(request, exc)) from None
     return b"".join(chunks)
 
 
@@ -45,6 +50,8 @@ def parse_json(raw: bytes, request: web.Request) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ValidationError("body is not valid JSON") from None
+    except RecursionError:  # "[[[[..." a few thousand deep: Python's parser gives up, no request nests so
+        raise ValidationError("body is nested too deeply") from None
 
 
 def _where(error: SchemaError) -> str:

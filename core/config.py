@@ -510,6 +510,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         # MTN signs nothing either: a forged callback changes nothing (each is confirmed by a status query), but
         # without the secret anyone could make us store and query for every made-up reference.
         raise ConfigError("CALLBACK_SECRET_MTN_MOMO", "is required in production (MTN callbacks are unsigned)")
+    if production and not (callback_secrets["airtel"] or env.get("AIRTEL_CALLBACK_KEY", "")):
+        # Airtel hashes its callbacks only when callback authentication is on (AIRTEL_CALLBACK_KEY). With neither
+        # that nor a URL secret, anyone could post made-up "money taken" callbacks: each is kept unmatched, logged
+        # as an error and listed for the super admin.
+        raise ConfigError("CALLBACK_SECRET_AIRTEL", "is required in production unless AIRTEL_CALLBACK_KEY is set "
+                                                    "(Airtel callbacks are otherwise unauthenticated)")
     if production and not callback_secrets["sms"]:
         # Unsigned too: a forged inbound SMS would make us text any number, a forged report lie.
         raise ConfigError("CALLBACK_SECRET_SMS", "is required in production (SMS callbacks are unsigned)")

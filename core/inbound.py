@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from functools import lru_cache
 from typing import Any
 
 from aiohttp import web
+
+log = logging.getLogger("gateway.inbound")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -51,8 +54,42 @@ def limit_key(address: Address | None) -> str:
     return str(address)
 
 
+class UnreadableBody(web.HTTPBadRequest):
+    """The body could not be decoded (Content-Encoding: gzip on bytes that are not gzip, a broken chunked
+    encoding): the sender's mistake, answered 400 by any route that lets it through."""
+
+
+def unreadable(request: web.Request, error: Exception) -> str:
+    """What to answer (400) for a body aiohttp could not decode, logged as the sender's mistake (no traceback).
+
+    aiohttp raises RequestPayloadError for it, which nothing expected: a bare 500 and an ERROR traceback, even
+    before any credential or rate limit is checked."""
+    # aiohttp's text is "400, message:\n  Can not decode content-encoding: gzip": its last line says what broke.
+    reason = (str(error).strip().splitlines() or ["malformed"])[-1].strip()
+    log.warning("request body could not be read", extra={"method": request.method, "path": request.path,
+                                                         "reason": reason[:200]})
+    return f"the request body could not be read: {reason[:200]}"
+
+
+def body_unreadable(request: web.Request) -> bool:
+    """Whether aiohttp gave up decoding this request's body (read or not by its route)."""
+    return isinstance(request.content.exception(), web.RequestPayloadError)
+
+
+def close_after_unreadable_body(request: web.Request, response: web.StreamResponse) -> None:
+    """After a body aiohttp could not decode: answer with Connection: close, and mark the body finished.
+
+    The parser stopped in the middle of the body, so nothing more can be read on this connection; left as it
+    is, aiohttp would try to drain the rest after the answer and log the decoding error at ERROR with a
+    traceback ("Unhandled exception"), or keep a dead connection open."""
+    if body_unreadable(request):
+        request.content.feed_eof()
+        response.force_close()
+
+
 async def read_capped(request: web.Request, limit: int) -> bytes | None:
-    """The whole body, or None as soon as its declared or actual size is over `limit`.
+    """The whole body, or None as soon as its declared or actual size is over `limit`; UnreadableBody (a 400)
+    when it cannot be decoded.
 
     `request.content.read(n)` alone is not enough: it returns what has arrived so far, and a body that
     comes in more than one TCP segment (a proxy, a slow link, a large callback) would be cut short.
@@ -63,7 +100,10 @@ async def read_capped(request: web.Request, limit: int) -> bytes | None:
     chunks: list[bytes] = []
     size = 0
     while True:
-        chunk = await request.content.read(limit + 1 - size)
+        try:
+            chunk = await request.content.read(limit + 1 - size)
+        except web.RequestPayloadError as exc:
+            raise UnreadableBody(text=unreadable(request, exc)) from None
         if not chunk:  # end of the body
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         size += len(chunk)

@@ -3,9 +3,11 @@ callbacks for payments the gateway does not have."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
+from redis.exceptions import RedisError
 from sqlalchemy import case, func, literal_column, null, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -14,6 +16,8 @@ from core.models import OutboxJob, Payment, ProviderEvent, SmsMessage, UssdSessi
 from core.payments import UNMATCHED, UNMATCHED_REFUND
 from core.ports import ProviderOutcome
 from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SmsStatus
+
+log = logging.getLogger("gateway.ops")
 
 # The USSD pay funnel. Each session counts once per step it reaches, in Redis hash counters per UTC hour
 # (ops:{ussdfunnel}:<YYYYMMDDHH>, field "<scope>|<step>", scope "*" for all or a cooperative id). The
@@ -62,6 +66,16 @@ async def ussd_funnel(redis: Any, cooperative_id: str | None, now: datetime) -> 
     return out
 
 
+async def _funnel_if_reachable(redis: Any, cooperative_id: str | None, now: datetime
+                               ) -> list[dict[str, Any]] | None:
+    """The USSD funnel, or None while Redis cannot be reached (the page shows the funnel as unavailable)."""
+    try:
+        return await ussd_funnel(redis, cooperative_id, now)
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("USSD funnel unavailable: Redis unreachable", extra={"error": type(exc).__name__})
+        return None
+
+
 # SMS states an operator must tell apart (channels.sms.jobs): sent but never confirmed by the aggregator (not
 # resent, to send nothing twice), and waiting after an outage used up its retries (its job parked: replay it).
 _SMS_SHOWN = {(SmsStatus.SENT.value, SENT_UNCONFIRMED): "SENT_UNCONFIRMED",
@@ -78,7 +92,9 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
                     redis: Any = None) -> dict[str, Any]:
     """Everything the ops page draws, scoped to one cooperative unless a super admin asks.
 
-    `redis` holds the USSD funnel counters; without it the funnel steps are left out (an empty list).
+    `redis` holds the USSD funnel counters; without it the funnel steps are left out (an empty list). With
+    Redis down, the funnel is null and `funnelUnavailable` true: the rest comes from the database, and an
+    outage is when an operator watches the outbox and the SMS figures most.
     """
     now = utcnow()
     since = now - timedelta(minutes=minutes)
@@ -120,7 +136,7 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
     last_screens = [{"screen": screen or "(none)", "sessions": count, "paid": int(paid or 0)}
                     for screen, count, paid in funnel_rows.all()]
     last_screens.sort(key=lambda row: -row["sessions"])
-    funnel = await ussd_funnel(redis, cooperative_id, now) if redis is not None else []
+    funnel = await _funnel_if_reachable(redis, cooperative_id, now) if redis is not None else []
 
     sms_rows = await session.execute(scoped(
         select(SmsMessage.status, SmsMessage.provider_status, func.count()).where(SmsMessage.created_at >= day)
@@ -172,6 +188,7 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
         "openPayments": {"count": len(ages), "oldestSeconds": round(max(ages), 1) if ages else 0,
                          "buckets": buckets},
         "ussdFunnel": funnel,
+        "funnelUnavailable": funnel is None,
         "ussdLastScreens": last_screens,
         "sms": {"counts": sms, "delivered": sms.get("DELIVERED", 0), "sent": sent,
                 "deliveryRate": round(sms.get("DELIVERED", 0) / sent, 4) if sent else None},

@@ -394,7 +394,13 @@
     const ageMax = Math.max(1, ...ages.map(([, c]) => c));
     fillBars("ages", ages.map(([name, c], i) => barRow(name, c, ageMax, String(c), ["#2f8a3a", "#e0a030", "#c9372c"][i])));
 
-    drawFunnel(data.ussdFunnel || []);
+    if (data.funnelUnavailable) {
+      // Its counters live in Redis, which cannot be reached now: say so, rather than draw an empty funnel.
+      $("funnel").replaceChildren(el("div", "empty unavailable", "Unavailable: Redis cannot be reached."));
+      $("legend-funnel").replaceChildren();
+    } else {
+      drawFunnel(data.ussdFunnel || []);
+    }
     const screens = data.ussdLastScreens || [];
     const screensMax = Math.max(1, ...screens.map((r) => r.sessions));
     fillBars("screens", screens.map((r) =>

@@ -27,7 +27,7 @@ from channels.ussd.service import UssdService
 from channels.ussd.types import HOP_PROGRESS, HopProgress, HopUnsettled, UssdReply, UssdTurn
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered
 from core import metrics
-from core.inbound import client_address, read_capped
+from core.inbound import UnreadableBody, client_address, read_capped
 from core.runtime import RUNTIME, SETTINGS
 
 log = logging.getLogger("gateway.ussd")
@@ -206,7 +206,10 @@ def _respond(rendered: Rendered) -> web.Response:
 
 
 async def _read(request: web.Request, aggregator: str) -> Any:
-    raw = await read_capped(request, MAX_BODY)
+    try:
+        raw = await read_capped(request, MAX_BODY)
+    except UnreadableBody as exc:  # Content-Encoding its bytes do not follow (logged as the sender's mistake)
+        raise MalformedRequest(exc.text or "the request body could not be read") from None
     if raw is None:
         raise MalformedRequest("body too large")
     if aggregator == africastalking.NAME:
@@ -218,7 +221,7 @@ async def _read(request: web.Request, aggregator: str) -> Any:
             raise MalformedRequest("body is not UTF-8") from None
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         raise MalformedRequest("body is not JSON") from None
 
 

@@ -267,7 +267,7 @@ class AirtelAdapter:
     def _body(callback: InboundCallback) -> dict[str, Any]:
         try:
             body = json.loads(callback.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested past the parser
             raise CallbackRejected("Airtel Money callback is not JSON", status=400) from None
         if not isinstance(body, dict) or not isinstance(body.get("transaction"), dict):
             raise CallbackRejected("Airtel Money callback has no transaction object", status=400)

@@ -302,7 +302,7 @@ class IremboPayAdapter:
     def parse_callback(self, callback: InboundCallback) -> ProviderEvent:
         try:
             body = json.loads(callback.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested past the parser
             raise CallbackRejected("IremboPay webhook is not JSON", status=400) from None
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, dict):

@@ -329,7 +329,7 @@ class MpesaAdapter:
     def _parse_body(self, callback: InboundCallback) -> tuple[str, Mapping[str, Any]]:
         try:
             body = json.loads(callback.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested past the parser
             raise CallbackRejected("M-Pesa callback is not JSON", status=400) from None
         if not isinstance(body, dict):
             raise CallbackRejected("M-Pesa callback is not a JSON object", status=400)

@@ -301,7 +301,7 @@ class MtnMomoAdapter:
     def parse_callback(self, callback: InboundCallback) -> ProviderEvent:
         try:
             body = json.loads(callback.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested past the parser
             raise CallbackRejected("MTN MoMo callback is not JSON", status=400) from None
         if not isinstance(body, dict):
             raise CallbackRejected("MTN MoMo callback is not a JSON object", status=400)

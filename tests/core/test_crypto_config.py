@@ -151,6 +151,18 @@ def test_production_refuses_unsafe_settings(change, variable):
     assert info.value.variable == variable
 
 
+def test_production_needs_some_authentication_of_airtel_callbacks():
+    # Neither a URL secret nor the callback hash key: anyone could post made-up "money taken" callbacks.
+    env = {**_production_env(), "AIRTEL_CALLBACK_KEY": ""}
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert str(info.value) == ("configuration error: CALLBACK_SECRET_AIRTEL: is required in production unless "
+                               "AIRTEL_CALLBACK_KEY is set (Airtel callbacks are otherwise unauthenticated)")
+    # Either one is enough: the hash (Airtel's callback authentication) or the secret in the URL.
+    assert load_settings(_production_env()).is_production
+    assert load_settings({**env, "CALLBACK_SECRET_AIRTEL": "c" * 24}).callback_secrets["airtel"]
+
+
 def _main(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "WORKER_METRICS_PORT")}
     return subprocess.run([sys.executable, "main.py", *args], capture_output=True, text=True, env={**clean, **env},

@@ -1,0 +1,53 @@
+"""The operations page while Redis is down: the figures kept in the database still come, the USSD funnel (whose
+counters live in Redis) is answered as unavailable, and the outage is one warning, not a 500 and a traceback."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from core.models import OutboxJob
+from tests.admin_api.conftest import login, unreachable_redis
+from tests.web.conftest import page_client
+
+
+async def _ops_data(client: Any, token: str) -> tuple[int, Any]:
+    resp = await client.get("/ops/data", headers={"Authorization": f"Bearer {token}"})
+    return resp.status, await resp.json()
+
+
+async def test_ops_data_answers_without_the_funnel_while_redis_is_down(aiohttp_client: Any, rt: Any, demo: Any,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    client = await page_client(aiohttp_client, rt, rt.settings)
+    token = (await login(client, *demo["admin"]))["accessToken"]
+    async with rt.sessionmaker.begin() as s:
+        s.add(OutboxJob(kind="sms.send", payload={}, cooperative_id=demo["cooperative_id"], status="PARKED"))
+    status, healthy = await _ops_data(client, token)
+    assert status == 200 and healthy["funnelUnavailable"] is False
+    assert [step["step"] for step in healthy["ussdFunnel"]] == ["home", "pay_type", "pay_confirm", "pay_done"]
+
+    dead = unreachable_redis()
+    original, rt.redis = rt.redis, dead
+    try:
+        with caplog.at_level(logging.WARNING):
+            status, body = await _ops_data(client, token)
+    finally:
+        rt.redis = original
+        await dead.aclose()
+
+    assert status == 200, body
+    assert body["ussdFunnel"] is None and body["funnelUnavailable"] is True
+    # What the operator watches during the outage, from the database as before.
+    assert body["outbox"]["parked"] == 1 and body["outbox"] == healthy["outbox"]
+    assert body["sms"] == healthy["sms"] and body["scope"]["name"] == healthy["scope"]["name"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "USSD funnel unavailable: Redis unreachable" in warnings, warnings
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_the_ops_page_says_the_funnel_is_unavailable(aiohttp_client: Any, rt: Any) -> None:
+    client = await page_client(aiohttp_client, rt, rt.settings)
+    script = await (await client.get("/static/ops.js")).text()
+    assert "data.funnelUnavailable" in script and "Unavailable: Redis cannot be reached." in script
