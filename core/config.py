@@ -440,7 +440,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     database_url = _database_url(env)
     redis_url = _redis_url(env)
 
-    port = _int(env, "PORT", 8080, minimum=0)
+    port = _int(env, "PORT", 8080, minimum=1)
     if port > 65535:
         raise ConfigError("PORT", "must be at most 65535")
     host = _get(env, "HOST", "127.0.0.1")

@@ -114,3 +114,11 @@ def test_how_long_a_paying_number_is_answered_by_sms():
         with pytest.raises(ConfigError, match=says) as raised:
             load_settings({"SMS_PAYER_ANSWER_DAYS": bad})
         assert raised.value.variable == "SMS_PAYER_ANSWER_DAYS"
+
+
+@pytest.mark.parametrize("port", ["0", "-1"])
+def test_a_port_out_of_range_is_reported_as_port(port: str) -> None:
+    """PORT=0 was taken, and reported as an invalid port of PUBLIC_BASE_URL, a variable the operator never set."""
+    with pytest.raises(ConfigError, match="must be at least 1") as raised:
+        load_settings({"PORT": port})
+    assert raised.value.variable == "PORT"
