@@ -144,9 +144,13 @@ class End:
 Screen = Menu | Input | Confirm | End
 
 
-# Arguments that are names typed by people (any length): the ones shortened to fit a screen that must not page.
+# Arguments that are names typed by people (any length): the flows hand them whole, and a screen shortens them
+# only when it would not fit otherwise (cut before the screen was measured, a cooperative's name lost its end on a
+# screen with room to spare).
 FREE_TEXT_ARGS = frozenset({"type", "coop", "name"})
 MIN_NAME = 8
+CUT = ".."  # marks a shortened name or line: a single "." read as the end of a sentence ("ba Maraba.: for help")
+LINE = 72  # at most this many septets for one numbered line: a huge name must not eat the whole screen
 
 
 def fit(text: str, limit: int) -> str:
@@ -157,11 +161,51 @@ def fit(text: str, limit: int) -> str:
     out, used = [], 0
     for ch in text:
         cost = gsm.length(ch)
-        if used + cost > limit - 2:
+        if used + cost > limit - len(CUT):
             break
         out.append(ch)
         used += cost
-    return "".join(out).rstrip() + ".."
+    return "".join(out).rstrip() + CUT
+
+
+def cut_name(name: str, size: int) -> str:
+    """The name in at most `size` characters, marked CUT when shortened (not before a space or a comma)."""
+    if len(name) <= size:
+        return name
+    return name[:max(size - len(CUT), 1)].rstrip(" ,;:-/(") + CUT
+
+
+def fit_names(ctx: Ctx, msgid: str, room: int, args: dict[str, Any], then: tuple[str, ...] = ()) -> str | None:
+    """The message within `room` septets, its free-text names (a payment type's, a cooperative's, a person's)
+    shortened as far as MIN_NAME characters if need be, then the arguments `then` names, in their order; None
+    when even that does not fit. The common case, a message that fits, costs one translation."""
+    text = ctx.t_fit(msgid, room, **args)
+    if gsm.length(text) <= room:
+        return text
+    full = {k: " ".join(v.split()) for k, v in args.items() if k in FREE_TEXT_ARGS and isinstance(v, str)}
+    sizes = {k: len(v) for k, v in full.items()}
+    for names in [list(full), *([k] for k in then if isinstance(args.get(k), str))]:
+        for key in names:
+            full.setdefault(key, args[key])
+            sizes.setdefault(key, len(args[key]))
+        while gsm.length(text) > room:
+            level = _level([sizes[k] for k in names], gsm.length(text) - room)
+            if all(sizes[k] <= level for k in names):
+                break  # as short as they may get
+            for key in names:
+                sizes[key] = min(sizes[key], level)
+            text = ctx.t_fit(msgid, room, **{**args, **{k: cut_name(v, sizes[k]) for k, v in full.items()}})
+    return text if gsm.length(text) <= room else None
+
+
+def _level(sizes: list[int], over: int) -> int:
+    """The longest length (at least MIN_NAME) that names cut to it save `over` characters: the longest names are
+    shortened first, and two long ones alike (shortening only the longest kept a 59-character cooperative whole
+    and left the person's 59-character name "Jean Bosco Ha...")."""
+    for level in range(max(sizes, default=0) - 1, MIN_NAME, -1):
+        if sum(size - level for size in sizes if size > level) >= over:
+            return level
+    return MIN_NAME
 
 
 def _join(lines: list[str]) -> str:
@@ -262,14 +306,17 @@ class Engine:
             state.ids, state.first = [], 1
             # The last screen of a session cannot be paged: free-text names are shortened to keep the sentence
             # whole (cut at the limit, a long cooperative's and person's names left "SMS will follow on..").
-            text = self._fit_names(ctx, screen.text, ctx.limit, args) or fit(
+            text = fit_names(ctx, screen.text, ctx.limit, args) or fit(
                 ctx.t_fit(screen.text, ctx.limit, **args), ctx.limit)
             return UssdReply(text, True)
         if isinstance(screen, Input):
             state.ids, state.first = [], 1
             footer = self._footer(ctx, more=False)
             room = ctx.limit - gsm.length(_join(footer)) - 1 - (gsm.length(error) + 1 if error else 0)
+            # A name in the prompt ("to join {coop}") is shortened rather than the prompt cut at its end.
             header = ctx.t_fit(screen.prompt, room, **args)
+            if args and gsm.length(header) > room:
+                header = fit_names(ctx, screen.prompt, room, args) or header
             return UssdReply(self._assemble(ctx, error, header, [], footer), False)
         if isinstance(screen, Confirm):
             # Never paged: what is being confirmed and both answers on one screen (on a 120-character
@@ -279,36 +326,15 @@ class Engine:
             entries = [("o0", ctx.t(screen.yes)), ("o1", ctx.t(screen.no))]
             room = ctx.limit - gsm.length(_join([f"1. {entries[0][1]}", f"2. {entries[1][1]}",
                                                  *self._footer(ctx, more=False)])) - 1
-            summary = self._fit_names(ctx, screen.body, room - gsm.length(error) - 1, args) if error else None
+            summary = fit_names(ctx, screen.body, room - gsm.length(error) - 1, args) if error else None
             if summary is None:
                 error = None
-                summary = self._fit_names(ctx, screen.body, room, args) or fit(ctx.t_fit(screen.body, room, **args),
-                                                                               room)
+                summary = fit_names(ctx, screen.body, room, args) or fit(ctx.t_fit(screen.body, room, **args), room)
             return self._page(ctx, summary, entries, error)
         if screen.items is None:
             return self._static_menu(ctx, screen, args, error)
         items = [("i:" + it.key, it.label) for it in (await screen.items(ctx))[:MAX_ITEMS]]
         return self._menu(ctx, screen, args, error, items)
-
-    @staticmethod
-    def _fit_names(ctx: Ctx, msgid: str, room: int, args: dict[str, Any]) -> str | None:
-        """The message within `room`, its free-text names (a payment type's, a cooperative's) shortened as
-        far as MIN_NAME characters if need be; None when even that does not fit."""
-        text = ctx.t_fit(msgid, room, **args)
-        names = {k: v for k, v in args.items() if k in FREE_TEXT_ARGS and isinstance(v, str)}
-        while gsm.length(text) > room and names:
-            key = max(names, key=lambda k: len(names[k]))
-            size = max(MIN_NAME, len(names[key]) - (gsm.length(text) - room))
-            if size >= len(names[key]):
-                del names[key]  # as short as it may get
-                continue
-            names[key] = names[key][:size - 1].rstrip() + "."
-            text = ctx.t_fit(msgid, room, **{**args, **names})
-        for key, name in {**args, **names}.items():
-            if key in FREE_TEXT_ARGS and isinstance(name, str) and name.endswith(".") and name[:-1].strip():
-                # A shortened name ends a sentence: one full stop, not "..", which reads as text cut off.
-                text = text.replace(gsm.to_gsm(name) + ".", gsm.to_gsm(name))
-        return text if gsm.length(text) <= room else None
 
     def _menu(self, ctx: Ctx, screen: Menu, args: dict[str, Any], error: str | None,
               items: list[tuple[str, str]] | None = None) -> UssdReply:
@@ -316,7 +342,11 @@ class Engine:
         # A shorter title when it is what keeps the whole menu off one screen.
         whole = _join([f"{n}. {label}" for n, (_, label) in enumerate(entries, start=1)]
                       + self._footer(ctx, more=False))
-        header = ctx.t_fit(screen.title, ctx.limit - gsm.length(gsm.to_gsm(whole)) - 1, **args)
+        room = ctx.limit - gsm.length(gsm.to_gsm(whole)) - 1
+        # A name in the title ("Welcome to {name}") is shortened before the menu is paged or the title cut.
+        header = ctx.t_fit(screen.title, room, **args)
+        if args and gsm.length(header) > room:
+            header = fit_names(ctx, screen.title, room, args) or header
         return self._page(ctx, header, entries, error)
 
     def _static_menu(self, ctx: Ctx, screen: Menu, args: dict[str, Any], error: str | None) -> UssdReply:
@@ -393,7 +423,7 @@ class Engine:
     def _page(self, ctx: Ctx, header: str, entries: list[tuple[str, str]], error: str | None) -> UssdReply:
         state = ctx.state
         lines = [f"{n}. {label}" for n, (_, label) in enumerate(entries, start=1)]
-        lines = [fit(line, 72) for line in lines]  # a huge name must not eat the whole screen
+        lines = [fit(line, LINE) for line in lines]  # a huge name must not eat the whole screen
         # Page breaks leave room for an error line in place of the title, so they never move.
         error_line = error or ctx.t("error.invalid_choice")
         layout = header if gsm.length(header) >= gsm.length(error_line) else error_line

@@ -14,7 +14,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from channels.ussd import cache, funnel, records, sessions
-from channels.ussd.engine import Ctx, Invalid, Item
+from channels.ussd.engine import LINE, Ctx, Invalid, Item, cut_name, fit_names
 from channels.ussd.i18n import LANGUAGES
 from channels.ussd.types import side_effect_started
 from core.audit import Actor
@@ -261,8 +261,17 @@ async def chosen_payment(ctx: Ctx) -> tuple[Payment, str] | None:
 
 
 def short(name: str, size: int = 22) -> str:
-    name = " ".join(name.split())
-    return name if len(name) <= size else name[:size - 1].rstrip() + "."
+    """The name on one line in at most `size` characters, marked ".." when shortened (engine.cut_name)."""
+    return cut_name(" ".join(name.split()), size)
+
+
+# Names (a cooperative's, a person's, a payment type's) are kept whole for the screens, which shorten them only
+# when they would not fit (engine.fit_names); beyond this no screen could show them, nor need the session keep them.
+WHOLE = 150
+
+
+def whole(name: str) -> str:
+    return short(name, WHOLE)
 
 
 def shorts(names: list[str], size: int = 22) -> list[str]:
@@ -304,7 +313,7 @@ def _around(name: str, at: int, size: int) -> str:
 async def home_args(ctx: Ctx) -> dict[str, Any]:
     if "hn" not in ctx.data:
         ms = await memberships(ctx)
-        ctx.data["hn"] = short(ms[0][1].name, 40) if len({c.id for _, c in ms}) == 1 else "CoopPay"
+        ctx.data["hn"] = whole(ms[0][1].name) if len({c.id for _, c in ms}) == 1 else "CoopPay"
     return {"name": ctx.data["hn"]}
 
 
@@ -325,7 +334,7 @@ async def enter(ctx: Ctx, flow: str) -> str:
             if coop is not None:
                 # The dialled extension's cooperative: this phone may well be a member of another one. Pay
                 # registers her only where the cooperative takes members by phone; elsewhere its office does.
-                ctx.data["cn"] = short(coop.name, 40)
+                ctx.data["cn"] = whole(coop.name)
                 return "member_not_here" if coop.self_registration else "member_not_here_office"
             return "member_none"
         if coop is not None:
@@ -337,7 +346,7 @@ async def enter(ctx: Ctx, flow: str) -> str:
 
 
 async def _choose(ctx: Ctx, member: MemberRow, coop: CoopRow) -> str:
-    ctx.data["c"], ctx.data["mb"], ctx.data["cn"] = coop.id, member.id, short(coop.name, 40)
+    ctx.data["c"], ctx.data["mb"], ctx.data["cn"] = coop.id, member.id, whole(coop.name)
     if member.status == "PENDING" and ctx.data["nx"] != "help":
         return "member_pending"
     return await _start(ctx, ctx.data["nx"])
@@ -389,7 +398,7 @@ async def coop_args(ctx: Ctx) -> dict[str, Any]:
 # -- registration of a non-member -----------------------------------------------------------------
 
 def _registration(ctx: Ctx, coop: CoopRow) -> str:
-    ctx.data["rc"], ctx.data["cn"] = coop.id, short(coop.name, 40)
+    ctx.data["rc"], ctx.data["cn"] = coop.id, whole(coop.name)
     return "reg_name" if coop.self_registration else "reg_closed"
 
 
@@ -429,7 +438,7 @@ async def name_entered(ctx: Ctx, name: str) -> str:
                                          actor=actor(ctx))
     except Conflict:
         return "reg_exists"
-    ctx.data["mb"], ctx.data["nm"] = member.id, short(name, 30)
+    ctx.data["mb"], ctx.data["nm"] = member.id, whole(name)
     return "reg_done"
 
 
@@ -597,7 +606,7 @@ async def reserved_reference(ctx: Ctx) -> str:
 async def confirm_args(ctx: Ctx) -> dict[str, Any]:
     pt = await payment_type(ctx)
     currency = ctx.data.get("cur", "RWF")
-    return {"type": short(pt.name if pt else "", 30), "amount": Money(ctx.data["amt"], currency).format(),
+    return {"type": whole(pt.name if pt else ""), "amount": Money(ctx.data["amt"], currency).format(),
             "fee": Money(0, currency).format(), "method": ctx.t(f"method.{ctx.data['mt']}"),
             "ref": await reserved_reference(ctx)}
 
@@ -734,9 +743,19 @@ async def done_args(ctx: Ctx) -> dict[str, Any]:
 # -- my payments and disputes ---------------------------------------------------------------------
 
 async def payment_items(ctx: Ctx) -> list[Item]:
-    return [Item(p.id, ctx.t("my.line", amount=_amount(p),
-                             type=short(name, 12), status=ctx.t(f"status.{_shown(p)}"), ref=p.reference))
-            for p, name in await recent_payments(ctx)]
+    recent = await recent_payments(ctx)
+    labels = shorts([name for _, name in recent])  # as the list she paid from names them
+    return [Item(p.id, _payment_line(ctx, n, p, label)) for n, ((p, _), label) in enumerate(zip(
+        recent, labels, strict=True), start=1)]
+
+
+def _payment_line(ctx: Ctx, number: int, payment: Payment, type_name: str) -> str:
+    """One line of the list, within the engine's LINE with its number: a line too long shortens the payment type's
+    name, then the status, never the reference (what she quotes to complain or to ask for a receipt by SMS; cut at
+    the end, "Imeshindwa, pesa imekatwa PAY_20261202_1.." lost it)."""
+    args = {"amount": _amount(payment), "type": type_name, "status": ctx.t(f"status.{_shown(payment)}"),
+            "ref": payment.reference}
+    return fit_names(ctx, "my.line", LINE - len(f"{number}. "), args, then=("status",)) or ctx.t("my.line", **args)
 
 
 async def payment_chosen(ctx: Ctx, payment_id: str) -> str:
@@ -755,7 +774,7 @@ async def detail_args(ctx: Ctx) -> dict[str, Any]:
 
     coop = await cooperative(ctx, payment.cooperative_id)  # cached: the day as the member lives it (as the receipt)
     created = payment.created_at.astimezone(zone_of(coop.timezone if coop else None))
-    return {"ref": payment.reference, "type": short(name, 30),
+    return {"ref": payment.reference, "type": whole(name),
             "amount": _amount(payment),
             "status": ctx.t(f"status.{_shown(payment)}"), "date": created.strftime("%d/%m/%Y")}
 
@@ -879,7 +898,7 @@ async def set_language(ctx: Ctx, lang: str) -> str:
 
 async def help_args(ctx: Ctx) -> dict[str, Any]:
     _member, coop = await current(ctx)
-    return {"coop": short(coop.name, 40) if coop else "", "phone": (coop.contact_phone if coop else "") or ""}
+    return {"coop": whole(coop.name) if coop else "", "phone": (coop.contact_phone if coop else "") or ""}
 
 
 async def resume_continue(ctx: Ctx, _key: str) -> str:
