@@ -18,6 +18,11 @@ _AMOUNT = re.compile(r"^-?\d{1,15}(\.\d{1,6})?$", re.ASCII)
 MAX_MINOR = 10**15
 
 
+# How a language the gateway speaks writes a number other than '50,000.50' (thousands, decimals): a French
+# reader takes "5,000 BIF" for five francs. A plain space, since a no-break one is not GSM-7 (an SMS costs twice).
+NUMBER_MARKS: dict[str, tuple[str, str]] = {"fr": (" ", ",")}
+
+
 class MoneyError(ValidationError):
     """An amount or currency the gateway cannot represent exactly."""
 
@@ -82,10 +87,16 @@ class Money:
         """Major units for JSON: an int when the currency has no minor unit, else a decimal string."""
         return total_to_api(self.minor, self.currency)
 
-    def format(self) -> str:
-        """Human form with thousands separators: '50,000 RWF', '1,234.50 KES'."""
+    def format(self, language: str | None = None) -> str:
+        """Human form with thousands separators: '50,000 RWF', '1,234.50 KES'; as `language` writes numbers
+        (NUMBER_MARKS): in French '50 000 RWF', '1 234,50 KES'."""
         exp = exponent(self.currency)
-        return f"{self.major():,.{exp}f} {self.currency}"
+        number = f"{self.major():,.{exp}f}"
+        marks = NUMBER_MARKS.get(language or "")
+        if marks is not None:
+            table: dict[str, str | int | None] = {",": marks[0], ".": marks[1]}
+            number = number.translate(str.maketrans(table))
+        return f"{number} {self.currency}"
 
     def _same(self, other: Money) -> None:
         if self.currency != other.currency:

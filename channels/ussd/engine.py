@@ -11,6 +11,7 @@ from channels.ussd.i18n import translate, translate_fit
 from channels.ussd.types import UssdReply, UssdTurn
 from core import gsm
 from core.errors import DomainError
+from core.money import Money
 from core.text import is_number
 
 log = logging.getLogger("gateway.ussd")
@@ -65,6 +66,10 @@ class Ctx:
 
     def t(self, msgid: str, **args: Any) -> str:
         return translate(self.state.lang, msgid, **args)
+
+    def money(self, amount: Money) -> str:
+        """An amount as the session's language writes numbers ('50,000 RWF'; French '50 000 RWF')."""
+        return amount.format(self.state.lang)
 
     def t_fit(self, msgid: str, room: int, **args: Any) -> str:
         return translate_fit(self.state.lang, msgid, room, **args)

@@ -455,7 +455,7 @@ async def type_items(ctx: Ctx) -> list[Item]:
     for pt, name in zip(types, labels, strict=True):
         # A type whose amount the payer enters, with no usual amount: not "0 RWF".
         free = pt.allow_custom_amount and not pt.amount_minor
-        amount = ctx.t("pay.any_amount") if free else Money(pt.amount_minor, pt.currency).format()
+        amount = ctx.t("pay.any_amount") if free else ctx.money(Money(pt.amount_minor, pt.currency))
         if pt.due_day:
             label = ctx.t("pay.type_line_due", name=name, amount=amount, day=pt.due_day)
         else:
@@ -479,7 +479,7 @@ async def type_chosen(ctx: Ctx, type_id: str) -> str:
 async def amount_args(ctx: Ctx) -> dict[str, Any]:
     pt = await payment_type(ctx)
     currency = ctx.data.get("cur", "RWF")
-    usual = (ctx.t("pay.usual", amount=Money(pt.amount_minor, currency).format())
+    usual = (ctx.t("pay.usual", amount=ctx.money(Money(pt.amount_minor, currency)))
              if pt and pt.amount_minor else "")  # no "(usual: -)" for a type without one
     return {"currency": currency, "usual": usual}
 
@@ -495,12 +495,12 @@ async def validate_amount(ctx: Ctx, text: str) -> str:
         amount = Money.parse(text, currency)
     except MoneyError:
         if text.strip("0"):  # digits only, but more than money can hold: too high, not "not a number"
-            raise Invalid("pay.amount_too_big", max=cap.format()) from None
+            raise Invalid("pay.amount_too_big", max=ctx.money(cap)) from None
         raise Invalid("pay.amount_invalid", currency=currency, example=example) from None
     if not amount.is_positive():
         raise Invalid("pay.amount_invalid", currency=currency, example=example)
     if amount > cap:
-        raise Invalid("pay.amount_too_big", max=cap.format())
+        raise Invalid("pay.amount_too_big", max=ctx.money(cap))
     return str(amount.minor)
 
 
@@ -560,7 +560,7 @@ def _no_method(ctx: Ctx, country: str, amount: Money | None) -> str:
     usable = methods_for(country, phone.operator, ctx.rt.routes, number_country=phone.region)
     if amount is None or not usable or not all(_refuses_amount(ctx, m, amount) for m in usable):
         return "pay_no_method"
-    ctx.data["amtf"], ctx.data["xm"] = amount.format(), usable
+    ctx.data["amtf"], ctx.data["xm"] = ctx.money(amount), usable
     return "pay_amount_no_method"
 
 
@@ -606,8 +606,8 @@ async def reserved_reference(ctx: Ctx) -> str:
 async def confirm_args(ctx: Ctx) -> dict[str, Any]:
     pt = await payment_type(ctx)
     currency = ctx.data.get("cur", "RWF")
-    return {"type": whole(pt.name if pt else ""), "amount": Money(ctx.data["amt"], currency).format(),
-            "fee": Money(0, currency).format(), "method": ctx.t(f"method.{ctx.data['mt']}"),
+    return {"type": whole(pt.name if pt else ""), "amount": ctx.money(Money(ctx.data["amt"], currency)),
+            "fee": ctx.money(Money(0, currency)), "method": ctx.t(f"method.{ctx.data['mt']}"),
             "ref": await reserved_reference(ctx)}
 
 
@@ -730,7 +730,8 @@ def _earlier_payment(ctx: Ctx, payment: Payment) -> str:
 
 def _shown_payment(ctx: Ctx, payment: Payment, screen: str) -> str:
     # Already paid: what was taken (a provider may take less or more than asked); otherwise the amount asked.
-    amount = _amount(payment) if screen == "pay_already" else Money(payment.amount_minor, payment.currency).format()
+    asked = Money(payment.amount_minor, payment.currency)
+    amount = _amount(ctx, payment) if screen == "pay_already" else ctx.money(asked)
     ctx.data.update(ref=payment.reference, pid=payment.id, amtf=amount)
     return screen
 
@@ -753,7 +754,7 @@ def _payment_line(ctx: Ctx, number: int, payment: Payment, type_name: str) -> st
     """One line of the list, within the engine's LINE with its number: a line too long shortens the payment type's
     name, then the status, never the reference (what she quotes to complain or to ask for a receipt by SMS; cut at
     the end, "Imeshindwa, pesa imekatwa PAY_20261202_1.." lost it)."""
-    args = {"amount": _amount(payment), "type": type_name, "status": ctx.t(f"status.{_shown(payment)}"),
+    args = {"amount": _amount(ctx, payment), "type": type_name, "status": ctx.t(f"status.{_shown(payment)}"),
             "ref": payment.reference}
     return fit_names(ctx, "my.line", LINE - len(f"{number}. "), args, then=("status",)) or ctx.t("my.line", **args)
 
@@ -775,16 +776,16 @@ async def detail_args(ctx: Ctx) -> dict[str, Any]:
     coop = await cooperative(ctx, payment.cooperative_id)  # cached: the day as the member lives it (as the receipt)
     created = payment.created_at.astimezone(zone_of(coop.timezone if coop else None))
     return {"ref": payment.reference, "type": whole(name),
-            "amount": _amount(payment),
+            "amount": _amount(ctx, payment),
             "status": ctx.t(f"status.{_shown(payment)}"), "date": created.strftime("%d/%m/%Y")}
 
 
-def _amount(payment: Payment) -> str:
+def _amount(ctx: Ctx, payment: Payment) -> str:
     """What was taken once money is (a provider may take less or more than asked: the receipt says both),
     else the amount asked."""
     from core.payments import collected_amount
 
-    return (collected_amount(payment) or Money(payment.amount_minor, payment.currency)).format()
+    return ctx.money(collected_amount(payment) or Money(payment.amount_minor, payment.currency))
 
 
 def _shown(payment: Any) -> str:

@@ -87,3 +87,11 @@ def test_totals_pass_the_per_amount_ceiling() -> None:
         Money(10**15, "RWF")
     for minor, currency in ((0, "RWF"), (123_456, "KES"), (-7, "UGX")):
         assert total_to_api(minor, currency) == Money(minor, currency).to_api()
+
+
+def test_an_amount_is_written_as_its_readers_language_writes_numbers() -> None:
+    """A French reader takes "5,000 BIF" for five francs: USSD screens and SMS both write 5 000 (a plain space,
+    GSM-7) and decimals with a comma; the other languages, and no language, as before."""
+    assert Money(5000, "BIF").format("fr") == "5 000 BIF"
+    assert Money(150050, "KES").format("fr") == "1 500,50 KES"
+    assert [Money(150050, "KES").format(lang) for lang in (None, "en", "rw", "sw")] == ["1,500.50 KES"] * 4

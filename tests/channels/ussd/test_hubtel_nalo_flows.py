@@ -80,7 +80,7 @@ async def test_nalo_full_pay_flow_in_french_within_120_characters(client: Any, d
     types = await nalo(client, "nalo-1", "1", False)
     assert "Monthly Rent" in types["MSG"]
     confirm = await nalo(client, "nalo-1", "2", False)
-    assert "5,000 RWF" in confirm["MSG"] and "Airtel Money" in confirm["MSG"]
+    assert "5 000 RWF" in confirm["MSG"] and "Airtel Money" in confirm["MSG"]  # French writes 5 000
     done = await nalo(client, "nalo-1", "1", False)
     assert done["MSGTYPE"] is False and "PAY_" in done["MSG"]
     payment = await db.one(Payment)

@@ -106,7 +106,7 @@ async def test_already_paid_in_the_members_language(client: Any, demo: Any, rt: 
     await _outcome(rt, ref, ProviderOutcome.SUCCEEDED)
     again = AtPhone(client, FR_AIRTEL)
     assert (await again.dial()).startswith("CON Vous n'avez pas terminé")
-    assert await again.send("1") == f"END Vous avez déjà payé 5,000 RWF. Réf {ref}"
+    assert await again.send("1") == f"END Vous avez déjà payé 5 000 RWF. Réf {ref}"
 
 
 @pytest.mark.parametrize(("outcome", "status", "answer"), [
