@@ -281,6 +281,8 @@ class SmsMessage(Base):
         Index("ix_sms_messages_coop_created", "cooperative_id", "created_at"),
         # Migration 0013: the texts `prune` has still to empty (core.retention), by age.
         Index("ix_sms_messages_body_kept", "created_at", **_where("body <> ''")),
+        # Migration 0018: a member's texts, which erasing her clears (core.members).
+        Index("ix_sms_messages_member", "member_id", **_where("member_id IS NOT NULL")),
     )
 
     id: Mapped[str] = _id()
@@ -392,6 +394,8 @@ class UssdSession(Base):
         UniqueConstraint("aggregator", "session_id"),
         Index("ix_ussd_sessions_started", "started_at"),
         Index("ix_ussd_sessions_coop_started", "cooperative_id", "started_at"),
+        # Migration 0018: a member's session rows, which erasing her clears (core.members).
+        Index("ix_ussd_sessions_member", "member_id", **_where("member_id IS NOT NULL")),
     )
 
     id: Mapped[str] = _id()

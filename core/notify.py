@@ -60,14 +60,18 @@ def changed_at(previous: datetime | None) -> datetime:
     return now if previous is None else max(now, _to_tick(previous) + EVENT_TICK)
 
 
-def event_job(*, cooperative_id: str, event_type: str, event_id: str, data: dict[str, Any]) -> NewJob:
+def event_job(*, cooperative_id: str, event_type: str, event_id: str, data: dict[str, Any],
+              follows: tuple[str, ...] = ()) -> NewJob:
     """The outbox job for a cooperative webhook event; fan-out to endpoints happens in the worker. The event's
     `created` is now, when it happened, not when a worker (maybe minutes behind) fans it out; to the millisecond.
-    Between events about one entity the data's `updatedAt` is what orders them (see changed_at)."""
-    return NewJob("webhook.event",
-                  {"event_type": event_type, "event_id": event_id, "cooperative_id": cooperative_id, "data": data,
-                   "created": iso_ms(utcnow())},
-                  dedupe_key=f"wh:{event_id}", cooperative_id=cooperative_id)
+    Between events about one entity the data's `updatedAt` is what orders them (see changed_at). `follows`: the
+    events the cooperative's system was told of this entity that this one follows (core.webhooks.subscribed: it
+    also goes to their endpoints)."""
+    payload: dict[str, Any] = {"event_type": event_type, "event_id": event_id, "cooperative_id": cooperative_id,
+                               "data": data, "created": iso_ms(utcnow())}
+    if follows:
+        payload["follows"] = list(follows)
+    return NewJob("webhook.event", payload, dedupe_key=f"wh:{event_id}", cooperative_id=cooperative_id)
 
 
 def sms_dedupe(template: str, key: str, step: str | None = None) -> str:

@@ -947,7 +947,19 @@ async def _emit_reported(session: AsyncSession, payment: Payment, event_type: st
                 "currency": None if amount is None else amount.currency}
     await emit_event(session, cooperative_id=payment.cooperative_id, event_type=event_type,
                      event_id=reported_event_id(event_type, payment.id, reference),
-                     data={**event_data(payment), "reportedPayment": reported})
+                     data={**event_data(payment), "reportedPayment": reported}, follows=(_told(payment),))
+
+
+def _told(payment: Payment) -> str:
+    """The event the cooperative's system was last told of the payment's outcome (events about money reported
+    after it follow it, core.webhooks.subscribed): paid (payment.completed, also for a late completion and
+    after refunds), money taken after a failure, failed (CANCELLED is told as payment.failed), timed out."""
+    current = P(payment.status)
+    if current in COLLECTED:
+        return "payment.completed"
+    if current is P.FAILED:
+        return "payment.taken_after_failure" if holds_money(payment) else "payment.failed"
+    return "payment.timeout" if current is P.TIMEOUT else "payment.failed"
 
 
 def unconfirmed_success_over(payment: Payment) -> bool:

@@ -271,19 +271,20 @@ async def approve_domain(
     return row
 
 
-# An event also sent to the endpoints of the events it follows (and of those they follow): a system told a
-# payment failed is told when the provider took the money after all; one told it was paid (or its money taken after
-# a failure) is told the payer paid twice; one told it failed or timed out is told the provider says the money was
-# taken after all, unconfirmed. It was never told otherwise, unless it had asked for an event it did not know of.
-FOLLOWS: dict[str, tuple[str, ...]] = {
-    "payment.taken_after_failure": ("payment.failed",),
-    "payment.paid_twice": ("payment.completed", "payment.taken_after_failure"),
-    "payment.unconfirmed_success": ("payment.failed", "payment.timeout"),
-}
+# An event also sent to the endpoints of the event it follows: a system told a payment failed is told when the
+# provider took the money after all (it was never told, unless it had asked for an event it did not know of).
+FOLLOWS: dict[str, tuple[str, ...]] = {"payment.taken_after_failure": ("payment.failed",)}
 
 
-def subscribed(events: list[str], event_type: str) -> bool:
-    return event_type in events or any(subscribed(events, earlier) for earlier in FOLLOWS.get(event_type, ()))
+def subscribed(events: list[str], event_type: str, told: tuple[str, ...] = ()) -> bool:
+    """Whether an endpoint asking for `events` gets `event_type`: it asked for it, or for an event it follows
+    (FOLLOWS), or for one the event says its system was told of the same payment (`told`, the job's "follows":
+    payment.paid_twice follows the payment.completed or payment.taken_after_failure of its payment,
+    payment.unconfirmed_success its payment.failed or payment.timeout), with what those follow."""
+    wanted = {event_type, *FOLLOWS.get(event_type, ())}
+    for earlier in told:
+        wanted.update((earlier, *FOLLOWS.get(earlier, ())))
+    return not wanted.isdisjoint(events)
 
 
 def check_events(events: Any) -> list[str]:
@@ -687,7 +688,7 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
             ).scalars()
         )
         for endpoint in endpoints:
-            if not subscribed(endpoint.events or [], event_type):
+            if not subscribed(endpoint.events or [], event_type, tuple(payload.get("follows") or ())):
                 continue
             if (urlparse(endpoint.url).hostname or "").lower() not in approved:
                 log.warning(

@@ -218,10 +218,17 @@ def test_the_new_events_are_in_the_catalogue_and_follow_what_the_system_was_told
         "payment.paid_twice", "payment.unconfirmed_success"]
     assert {"payment.paid_twice", "payment.unconfirmed_success"} <= set(ENDPOINT_CREATE["properties"]["events"]
                                                                         ["items"]["enum"])
-    assert webhooks.subscribed(["payment.completed"], "payment.paid_twice")
+    # Each follows what the system was told of its payment (the job's "follows"), with what that follows.
+    assert webhooks.subscribed(["payment.completed"], "payment.paid_twice", ("payment.completed",))
     # Money taken after a failure follows payment.failed, and a second payment of it follows that.
-    assert webhooks.subscribed(["payment.failed"], "payment.paid_twice")
-    assert webhooks.subscribed(["payment.timeout"], "payment.unconfirmed_success")
-    assert webhooks.subscribed(["payment.failed"], "payment.unconfirmed_success")
-    assert not webhooks.subscribed(["payment.completed", "refund.completed"], "payment.unconfirmed_success")
-    assert not webhooks.subscribed(["refund.completed"], "payment.paid_twice")
+    assert webhooks.subscribed(["payment.failed"], "payment.paid_twice", ("payment.taken_after_failure",))
+    # A system that asked only for failures is not told of a second payment of a payment that completed (it was
+    # sent to it whatever the payment, before).
+    assert not webhooks.subscribed(["payment.failed"], "payment.paid_twice", ("payment.completed",))
+    assert webhooks.subscribed(["payment.timeout"], "payment.unconfirmed_success", ("payment.timeout",))
+    assert webhooks.subscribed(["payment.failed"], "payment.unconfirmed_success", ("payment.failed",))
+    assert not webhooks.subscribed(["payment.failed"], "payment.unconfirmed_success", ("payment.timeout",))
+    assert not webhooks.subscribed(["payment.completed", "refund.completed"], "payment.unconfirmed_success",
+                                   ("payment.failed",))
+    assert not webhooks.subscribed(["refund.completed"], "payment.paid_twice", ("payment.completed",))
+    assert webhooks.subscribed(["payment.paid_twice"], "payment.paid_twice")  # asked for by name

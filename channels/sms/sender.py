@@ -14,7 +14,7 @@ pooled httpx client, with a configurable base URL, a 10 s timeout and the status
 Africa's Talking has no idempotency key and no lookup by our id, so a message is sent again only when
 nothing of it can have reached AT (SmsTemporaryError: no connection, or an answer refusing it). Once the
 whole request is out and the answer is lost or unreadable, or AT's front end gave up waiting for its API
-(HTTP 502, 504), AT may have queued it: SmsUnconfirmedError, and the caller records it without sending it
+(HTTP 504), AT may have queued it: SmsUnconfirmedError, and the caller records it without sending it
 again (a second copy to the member is worse than a missing confirmation). Our own account's problems
 (credit, sender id, risk hold, credentials) refuse every message alike: SmsAccountError, retried slowly
 until someone fixes the account.
@@ -50,10 +50,12 @@ PERMANENT_CODES = frozenset(range(401, 410)) - frozenset(ACCOUNT_CODES)
 # the job is parked for a replay.
 ACCOUNT_RETRY_SECONDS = 1800.0
 
-# HTTP 502 Bad Gateway and 504 Gateway Timeout come from AT's front end (its load balancer) when its API
-# failed or was too slow to answer it: the API may have queued the message all the same (a 504 is our own
-# read timeout, one hop further in), so it is not sent again. 500 and 503 are the API refusing it: resent.
-IN_DOUBT_STATUSES = frozenset({502, 504})
+# HTTP 504 Gateway Timeout comes from AT's front end (its load balancer) when its API was too slow to answer
+# it: the API may have queued the message all the same (our own read timeout, one hop further in), so it is not
+# sent again. A 502 Bad Gateway is the front end not reaching the API (down, being redeployed): it never saw the
+# message, which is sent again once AT is back (taken as "may have it", every message of an AT outage was
+# recorded unconfirmed and never sent). 500 and 503 are the API refusing it: resent.
+IN_DOUBT_STATUSES = frozenset({504})
 
 # Raised before the request was all written: AT cannot have read a whole message, so sending it again
 # cannot double it. (A write cut off mid-body leaves AT an incomplete request, which it does not act on.)
@@ -70,8 +72,8 @@ _NOT_SENT = (
 
 
 class SmsTemporaryError(Exception):
-    """AT does not have the message: no connection, or an answer refusing it for now (HTTP 5xx but 502 and
-    504, 408, 429). Sending it again is safe; retry later."""
+    """AT does not have the message: no connection, or an answer refusing it for now (HTTP 5xx but 504, 408,
+    429). Sending it again is safe; retry later."""
 
 
 class SmsAccountError(SmsTemporaryError):
@@ -86,7 +88,7 @@ class SmsAccountError(SmsTemporaryError):
 
 class SmsUnconfirmedError(Exception):
     """The whole request reached AT, but its answer was lost or unreadable (read timeout, connection
-    dropped mid-answer, a 2xx we cannot read, a 502 or 504 from AT's front end): AT may have queued the
+    dropped mid-answer, a 2xx we cannot read, a 504 from AT's front end): AT may have queued the
     message. It has no idempotency key and no lookup by our id, so sending it again may give the member a
     second copy: do not resend."""
 

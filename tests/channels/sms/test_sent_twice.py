@@ -1,6 +1,6 @@
 """'sms.send' never sends a message twice once Africa's Talking may have it: not when writing AT's answer fails
 (a pool timeout, a PostgreSQL failover, a connection reset), once or several times in a row, not when the worker
-is lost between AT's answer and the write, not when AT's front end answers 502/504 after its API queued it, and
+is lost between AT's answer and the write, not when AT's front end answers 504 after its API queued it, and
 not for a reminder whose member's state changed before the retry (it was sent: SENT, never FAILED "not sent")."""
 
 from __future__ import annotations
@@ -247,8 +247,8 @@ async def test_a_504_from_ats_front_end_after_it_queued_the_message_is_not_resen
 @pytest.mark.parametrize(
     ("status", "outcome"),
     [
-        (502, SmsUnconfirmedError),  # AT's front end: its API may have queued it
-        (504, SmsUnconfirmedError),
+        (504, SmsUnconfirmedError),  # AT's front end gave up waiting: its API may have queued it
+        (502, SmsTemporaryError),  # AT's front end could not reach its API, which never saw it: resent
         (500, SmsTemporaryError),  # AT's API refusing it for now: resent
         (503, SmsTemporaryError),
         (408, SmsTemporaryError),
@@ -293,3 +293,22 @@ async def test_a_reminder_sent_before_its_member_opted_out_is_recorded_sent_not_
     job = await the_job(rt)
     assert job.status == "DONE"
     assert await kept_answer(rt, message_key(job.payload)) is None
+
+
+async def test_a_receipt_sent_while_ats_front_end_answers_502_goes_out_once_at_is_back(
+        rt: Any, demo: Any, worker: Any, aiohttp_server: Any) -> None:
+    """A 502 is AT's front end not reaching its API (down, redeployed): the API never saw the message. Taken as
+    'may have it', every receipt of such an outage was recorded Unconfirmed and never sent."""
+    from tests.channels.sms.helpers import start_simulator
+
+    _server, sim = await start_simulator(aiohttp_server, rt)
+    sim.set_failure("http502")
+    await queue_receipt(rt, demo)
+    await drain(worker)
+    assert (await the_row(rt)).status == "QUEUED"
+    sim.set_failure(None)  # AT is back
+    await make_due(rt)
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 1
+    row = await the_row(rt)
+    assert (row.status, row.provider_status) == ("SENT", "Success")
