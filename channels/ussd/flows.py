@@ -19,7 +19,7 @@ from channels.ussd.i18n import LANGUAGES
 from channels.ussd.types import side_effect_started
 from core.audit import Actor
 from core.errors import BusinessRuleError, Conflict, DomainError
-from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType
+from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import Money, MoneyError
 from core.payments import wallets_by_operator
 from core.ports import refusal_for
@@ -796,33 +796,38 @@ async def send_receipt(ctx: Ctx, _key: str) -> str:
     from core.notify import send_sms
 
     side_effect_started()
+    dedupe = await _receipt_key(ctx, str(ctx.data.get("py")))  # before the transaction: a read of its own
     async with ctx.rt.sessionmaker.begin() as session:
         # Read in this transaction, among the member's own payments while the number is still hers (_her_payments).
         payment = next((p for p in await _her_payments(ctx, session) if p.id == ctx.data.get("py")), None)
         if payment is None:
             raise Invalid("error.invalid_choice")
-        dedupe = f"ussd-receipt:{payment.id}:{ctx.hop.session_id}"[:190]
         template = "payment_receipt" if payment.status in COLLECTED else "payment_status"
-        receipt = {"template": template, "cooperative_id": payment.cooperative_id,
-                   "context": {"payment_id": payment.id}, "cipher": ctx.rt.cipher, "member_id": ctx.data["mb"]}
-        # Keyed by the session: a retried hop sends it once. A receipt an earlier session of the id (the
-        # aggregator used it again) sent is not this one's, which goes under this session's own key.
-        again = not await send_sms(session, **receipt, dedupe=dedupe) and await _previous_sessions_sms(session, dedupe)
-    if again:
-        key = await _this_sessions_key(ctx, dedupe, 190)
-        async with ctx.rt.sessionmaker.begin() as session:
-            await send_sms(session, **receipt, dedupe=key)
+        await send_sms(session, template=template, cooperative_id=payment.cooperative_id,
+                       context={"payment_id": payment.id}, cipher=ctx.rt.cipher, member_id=ctx.data["mb"],
+                       dedupe=dedupe)
     ctx.data["ref"] = payment.reference
     return "my_receipt_sent"
 
 
-_QUEUED_AT = select(OutboxJob.created_at).where(OutboxJob.dedupe_key == bindparam("key"))
+async def _receipt_key(ctx: Ctx, payment_id: str) -> str:
+    """The key of this session's receipt of the payment: the same for a retried hop, two copies of it at once and
+    a hop after Redis lost the session (one SMS), and never a previous session's of the id (Hubtel and Nalo use
+    an id again on another day): with when this session opened, as its row keeps it (records.opened_at: one
+    indexed read, on this screen only). Not by whether the previous session's outbox job is still there: `prune`
+    deletes it after RETENTION_OUTBOX_DONE_DAYS, and the SMS queued again under its key found that receipt's
+    sms_messages row (kept for good) SENT and sent nothing. Without a row of its own (never expected: every
+    first hop writes it), the session id alone."""
+    turn = ctx.hop
+    key = f"ussd-receipt:{payment_id}:{turn.session_id}"
+    started = await records.opened_at(ctx.rt, aggregator=turn.aggregator, session_id=turn.session_id)
+    if started is None:
+        return key[:RECEIPT_KEY_SIZE]
+    tag = str(round(started.timestamp() * 1000))
+    return f"{key[:RECEIPT_KEY_SIZE - len(tag) - 1]}@{tag}"
 
 
-async def _previous_sessions_sms(session: Any, dedupe: str) -> bool:
-    """Whether the SMS queued under `dedupe` was a previous session's of the id (not this session's)."""
-    queued = (await session.execute(_QUEUED_AT, {"key": f"sms:{dedupe}"})).scalar_one_or_none()
-    return queued is not None and queued < records.previous_before()
+RECEIPT_KEY_SIZE = 190  # an SMS's dedupe (its sms_messages idempotency key; "sms:" + it is the outbox job's)
 
 
 def _reason_handler(reason: str) -> Any:

@@ -380,7 +380,9 @@ async def test_my_payments_details_and_receipt_by_sms(client: Any, demo: Any, db
     sent = await phone.send(option(detail, "Send receipt by SMS"))
     assert sent == f"END Your receipt for {newest.reference} will arrive by SMS shortly."
     job = await db.one(OutboxJob, OutboxJob.kind == "sms.send")
-    assert job.dedupe_key == f"sms:ussd-receipt:{newest.id}:{phone.session_id}"
+    opened = (await db.one(UssdSession, UssdSession.session_id == phone.session_id)).started_at
+    # this session's own: with when it opened (a reused session id's next session has its own receipt)
+    assert job.dedupe_key == f"sms:ussd-receipt:{newest.id}:{phone.session_id}@{round(opened.timestamp() * 1000)}"
     assert job.payload["template"] == "payment_status"  # not collected yet
     assert job.payload["member_id"] == demo["members"][EN_MTN]
     assert job.payload["context"] == {"payment_id": newest.id}

@@ -26,9 +26,11 @@ from core.audit import Actor
 from core.members import create_member
 from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType, UssdSession
 from core.phone import normalize
+from tests.channels.sms.helpers import start_simulator
 from tests.channels.ussd.helpers import AtPhone
 from tests.channels.ussd.test_hubtel_nalo_flows import EN_MTN, HubtelPhone
 from tests.channels.ussd.test_hubtel_nalo_flows import nalo as nalo_post
+from tests.conftest import drain
 
 # -- 1. the plain app code on a shared short code ----------------------------------------------------------
 
@@ -215,11 +217,16 @@ async def hubtel_receipt(client: Any, session_id: str) -> dict[str, Any]:
 
 
 async def test_hubtel_a_receipt_asked_for_again_under_a_reused_session_id_is_sent(
-        client: Any, demo: Any, db: Any, rt: Any) -> None:
+        client: Any, demo: Any, db: Any, rt: Any, worker: Any, aiohttp_server: Any) -> None:
+    """Run through the worker to the SMS simulator: the receipts her phone receives (after last month's job was
+    pruned too: tests/channels/ussd/test_receipt_session_reuse.py)."""
+    _server, sim = await start_simulator(aiohttp_server, rt)
     await hubtel_pay(client, "pay-0001")
     sent = await hubtel_receipt(client, "receipt-0001")
     assert sent["Type"] == "Release" and "will arrive by SMS" in sent["Message"]
     assert await db.count(OutboxJob, OutboxJob.kind == "sms.send") == 1
+    await drain(worker)
+    assert len(sim.messages("+" + EN_MTN)) == 1
     await next_month(rt)
 
     again = await hubtel_receipt(client, "receipt-0001")
@@ -229,6 +236,9 @@ async def test_hubtel_a_receipt_asked_for_again_under_a_reused_session_id_is_sen
     await rt.redis.flushdb()  # the same session asks again (its state lost): still one SMS for it
     await hubtel_receipt(client, "receipt-0001")
     assert await db.count(OutboxJob, OutboxJob.kind == "sms.send") == 2
+    await drain(worker)
+    received = [m["message"] for m in sim.messages("+" + EN_MTN)]
+    assert len(received) == 2 and received[0] == received[1] and received[0].startswith("Payment PAY_"), received
 
 
 async def test_africastalking_a_reused_session_ids_old_row_is_not_a_lost_session(
