@@ -226,7 +226,8 @@ def test_0017_names_the_clashes_it_meets_and_builds_its_indexes_once_they_are_go
             conn.execute(sa.text("UPDATE cooperatives SET short_code = 'KHHC3' WHERE id = 'c2'"))
             conn.execute(sa.text("UPDATE admin_users SET username = 'wanjiru2@nsg.co.ke' WHERE id = 'u2'"))
         migrate(settings)
-        assert state() == ("0017", ["ux_admin_users_lower_username", "ux_cooperatives_upper_short_code"])
+        version, built = state()
+        assert version >= "0017" and built == ["ux_admin_users_lower_username", "ux_cooperatives_upper_short_code"]
         for statement in ("UPDATE cooperatives SET short_code = 'khhc2' WHERE id = 'c2'",
                           "UPDATE admin_users SET username = 'WANJIRU@nsg.co.ke' WHERE id = 'u2'"):
             with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
