@@ -384,6 +384,11 @@ async def _readdress_queued(session: AsyncSession, cipher: PiiCipher, member_id:
         .execution_options(synchronize_session=False))
 
 
+# Why a member's texts still waiting were not sent: she was erased, or her number released (_hold_back_queued).
+ERASED_SMS_REASON = "not sent: member_erased"
+RELEASED_SMS_REASON = "not sent: phone_released"
+
+
 async def _hold_back_queued(session: AsyncSession, which: ColumnElement[bool], reason: str, *, actor: Actor) -> None:
     """Her texts (`which`) still waiting to go to a number she no longer holds (released, erased): not sent
     (FAILED with `reason`), so the job finds them finished and its next holder does not get them. One sent (or
@@ -490,11 +495,6 @@ async def _let_number_go(session: AsyncSession, locked: Member, mask: str) -> No
 # reconciled against); what named or reached her goes. Old audit rows stay as written (the log is append-only):
 # those written since member.updated stopped holding names (update_member) name nobody.
 
-# Open payments (core.state.payment.OPEN_VALUES) still move money: the provider may yet take it, a job still
-# sends. Open refunds (core.state.refund.OPEN_VALUES): a refund's job pays out to the payment's account, which
-# must be known.
-ERASED_SMS_REASON = "not sent: member_erased"
-RELEASED_SMS_REASON = "not sent: phone_released"
 
 
 async def erase_member(session: AsyncSession, member: Member, *, actor: Actor) -> Member:
@@ -568,7 +568,9 @@ class _Hers:
 
 
 async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
-    """A Conflict if a payment of the member, or a refund of one, is still open. Her payments are locked first:
+    """A Conflict if a payment of the member, or a refund of one, is still open: an open payment still moves money
+    (the provider may yet take it, a job still sends), an open refund's job pays out to the payment's account,
+    which must be known. Her payments are locked first:
     a refund asked for meanwhile (core.refunds locks its payment) waits, and then finds the account erased."""
     of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at)
     statuses = (await session.execute(select(Payment.status).where(of_hers)

@@ -16,6 +16,9 @@ from core.phone import Phone
 P = ParamSpec("P")
 # The AES-GCM context of an SMS recipient's phone: in a job's payload and on the stored message.
 SMS_PHONE_CONTEXT = "sms"
+# How much of an SMS's dedupe key is its idempotency key (sms_messages.idempotency_key, channels.sms.jobs.message_key):
+# a key that tells two messages apart must do so within it.
+SMS_KEY_SIZE = 160
 
 
 def sms_job(

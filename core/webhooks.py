@@ -273,7 +273,7 @@ async def approve_domain(
 
 # An event also sent to the endpoints of the event it follows: a system told a payment failed is told when the
 # provider took the money after all (it was never told, unless it had asked for an event it did not know of).
-FOLLOWS: dict[str, tuple[str, ...]] = {"payment.taken_after_failure": ("payment.failed",)}
+FOLLOWS = {"payment.taken_after_failure": "payment.failed"}
 
 
 def subscribed(events: list[str], event_type: str, told: tuple[str, ...] = ()) -> bool:
@@ -281,9 +281,8 @@ def subscribed(events: list[str], event_type: str, told: tuple[str, ...] = ()) -
     (FOLLOWS), or for one the event says its system was told of the same payment (`told`, the job's "follows":
     payment.paid_twice follows the payment.completed or payment.taken_after_failure of its payment,
     payment.unconfirmed_success its payment.failed or payment.timeout), with what those follow."""
-    wanted = {event_type, *FOLLOWS.get(event_type, ())}
-    for earlier in told:
-        wanted.update((earlier, *FOLLOWS.get(earlier, ())))
+    wanted = {event_type, *told}
+    wanted.update(FOLLOWS[event] for event in tuple(wanted) if event in FOLLOWS)
     return not wanted.isdisjoint(events)
 
 

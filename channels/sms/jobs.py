@@ -4,13 +4,15 @@ What a failed send leaves, so that a message is neither lost nor doubled:
 - nothing left (no connection, AT refused it for now, our account refused): the row stays QUEUED and
   the outbox retries; when the attempts run out the job is parked and the row keeps saying why
   (provider_status RetriesExhausted, failure_reason), still QUEUED, so replaying the job sends it;
-- the request went out but its answer was lost (read timeout, broken answer, a job cut off mid-send):
+- the request went out but its answer was lost (read timeout, broken answer, an HTTP 504 from AT's front
+  end, a job cut off mid-send):
   AT may have queued it and has no idempotency key, so it is not sent again. The row is recorded SENT
   without a provider message id (provider_status Unconfirmed, failure_reason says why) and the job ends;
 - AT answered but writing the outcome failed (the database went away under the write): AT has it, so it
   is not sent again either. The attempt fails as interrupted (Job.interrupted), and AT's answer is kept in
-  Redis (answer_key) so the next attempt records it, AT's message id and all, without a request. Should
-  that key be gone, the interrupted attempt is enough: the next one records the message Unconfirmed.
+  Redis (the message's answer key, message_keys) so the next attempt records it, AT's message id and all,
+  without a request. Should that key be gone, the interrupted attempt is enough: the next one records the
+  message Unconfirmed.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from core.audit import Actor
 from core.db import autocommit, insert_ignore, new_id, utcnow
 from core.members import PhoneReleased
 from core.models import Cooperative, Member, Payment, PaymentType, SmsMessage
-from core.notify import SMS_PHONE_CONTEXT
+from core.notify import SMS_KEY_SIZE, SMS_PHONE_CONTEXT
 from core.outbox import Handler, Job, PermanentJobError, RetryLater
 from core.ratelimit import Limit, RateLimiter
 from core.reminders import why_not_send
@@ -60,8 +62,8 @@ WORKER = Actor("system", "worker")
 # The shortest a message's send lock is held (a crashed run's lock expires on its own).
 SEND_LOCK_SECONDS = 30
 # How long AT's answer for a message whose outcome could not be written is kept for the next attempt
-# (answer_key): past the job's retries (about three hours over its 10 attempts) and a week for a replay of
-# the parked job. Without it the next attempt still does not send (the job is interrupted): Unconfirmed.
+# (message_keys): past the job's retries (hours, when its account's problems make it wait) and a week for a
+# replay of the parked job. Without it the next attempt still does not send (the job is interrupted): Unconfirmed.
 ANSWER_SECONDS = 7 * 24 * 3600
 
 
@@ -69,7 +71,7 @@ def message_key(payload: dict[str, Any]) -> str:
     """The message's idempotency key: core puts its dedupe key in payload['key']; else a digest of the
     fields that identify the message (phone_enc is left out: it is encrypted with a fresh nonce)."""
     if payload.get("key"):
-        return str(payload["key"])[:160]
+        return str(payload["key"])[:SMS_KEY_SIZE]
     ident = {k: payload.get(k) for k in ("template", "cooperative_id", "member_id", "context")}
     return "auto:" + hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -113,8 +115,6 @@ class SmsOutcomeNotRecorded(Exception):
     Raised after the doubt is marked on the job (_may_have_it), so the outbox records the attempt as
     interrupted and the next one does not send it again."""
 
-    retryable = False  # never the provider's "send it again" (core.outbox.run_job)
-
 
 def send_lock_seconds(lease_seconds: float) -> int:
     """How long a message's send lock lasts: at least the outbox lease, so that a run whose worker was lost
@@ -140,8 +140,9 @@ class SmsJobs:
     async def throttle_and_lock(self, lock: str, holder: str, answer: str | None = None) -> Answer | None:
         """Take a slot of the sender id's send rate and the message's send lock, in one round trip.
 
-        With `answer` (answer_key), the answer an earlier run kept is read in the same round trip: when
-        there is one, it is returned and the lock is not kept (the caller records it, nothing is sent)."""
+        With `answer` (the message's answer key, message_keys), the answer an earlier run kept is read in the
+        same round trip: when there is one, it is returned and the lock is not kept (the caller records it,
+        nothing is sent)."""
         redis = self.rt.redis
 
         def then(pipe: Any) -> None:
@@ -243,7 +244,7 @@ class SmsJobs:
     async def _settled_before(self, job: Job, message: Any, kept: str, doubt: bool) -> bool:
         """For a message an earlier attempt stored (still QUEUED): whether an earlier attempt may have sent it,
         in which case its outcome is recorded here, and nothing is sent: AT's answer that attempt kept
-        (answer_key: SENT with AT's id), else, when the previous attempt was cut off, lost with its worker or
+        (its answer key: SENT with AT's id), else, when the previous attempt was cut off, lost with its worker or
         failed after AT may have had it (`doubt`: Job.interrupted), Unconfirmed. Asked before the send-time
         checks (a reminder whose member paid since was sent all the same) and before anything that could
         overwrite the job's last error. One Redis read, on a retry only (a first attempt has no stored message)."""
@@ -270,8 +271,17 @@ class SmsJobs:
             await self._forget(kept)
             return
         _may_have_it(job)
-        moved = await self._move(
-            message.id,
+        moved = await self._record_sent(job, message.id, answer)
+        if answer.provider_message_id:  # releases the kept answer with the parked-report check
+            await self._apply_parked(message.id, answer.provider_message_id, moved, kept)
+        else:
+            await self._forget(kept)
+
+    async def _record_sent(self, job: Job, message_id: str, answer: Answer) -> bool:
+        """QUEUED -> SENT with what AT answered (its id, status, cost, when), the job finished with it; whether
+        this run moved the row. A parked attempt's note (failure_reason) goes, if the job was replayed."""
+        return await self._move(
+            message_id,
             SmsStatus.SENT,
             finish=job,
             provider_message_id=answer.provider_message_id,
@@ -280,10 +290,6 @@ class SmsJobs:
             sent_at=_parse_time(answer.sent_at),
             clear=("failure_reason",),
         )
-        if answer.provider_message_id:  # releases the kept answer with the parked-report check
-            await self._apply_parked(message.id, answer.provider_message_id, moved, kept)
-        else:
-            await self._forget(kept)
 
     async def _forget(self, kept: str) -> None:
         """Drop a kept answer once recorded (it would only expire: the message is no longer QUEUED)."""
@@ -330,22 +336,11 @@ class SmsJobs:
         if result.accepted:
             # AT has it: from here on, no failure may lead to sending it again.
             _may_have_it(job)
-            sent_at = utcnow()
+            answer = Answer(result.provider_message_id, result.provider_status, result.cost, utcnow().isoformat())
             try:
-                moved = await self._move(
-                    message.id,
-                    SmsStatus.SENT,
-                    finish=job,
-                    provider_message_id=result.provider_message_id,
-                    provider_status=result.provider_status,
-                    cost=result.cost,
-                    sent_at=sent_at,
-                    clear=("failure_reason",),  # a parked attempt's note, if the job was replayed
-                )
+                moved = await self._record_sent(job, message.id, answer)
             except Exception as exc:  # e.g. a pool timeout, a failover, a connection reset
-                raise await self._keep(message.id, kept, Answer(
-                    result.provider_message_id, result.provider_status, result.cost, sent_at.isoformat()), exc
-                ) from exc
+                raise await self._keep(message.id, kept, answer, exc) from exc
             return (result.provider_message_id, moved) if result.provider_message_id else None
         # A permanent refusal (this number) is an outcome, not a job failure: record it and finish the job.
         log.warning(

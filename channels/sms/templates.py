@@ -16,7 +16,7 @@ from core.cooperatives import zone_of
 from core.crypto import PiiCipher
 from core.gsm import is_gsm, to_gsm
 from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, WebhookEndpoint
-from core.money import Money, exponent
+from core.money import Money
 from core.notify import SMS_PHONE_CONTEXT
 from core.payments import collected_amount
 from core.phone import Phone
@@ -148,23 +148,16 @@ class PaymentFacts(NamedTuple):
     coop_ussd_aggregator: str | None  # the aggregator whose code the member dials (None: the default code)
 
 
-def money_text(money: Money, catalog: ModuleType) -> str:
-    """An amount as the catalog's readers write numbers (its THOUSANDS and DECIMALS): '50,000 RWF', in French
-    '50 000 RWF' and '1 500,50 KES'. Every amount an SMS states goes through here."""
-    number = f"{money.major():,.{exponent(money.currency)}f}"
-    marks = str.maketrans({",": catalog.THOUSANDS, ".": catalog.DECIMALS})
-    return f"{number.translate(marks)} {money.currency}"
-
-
-def amount_text(facts: PaymentFacts, catalog: ModuleType) -> str:
-    """The payment's amount as the payer is told it: what was taken once money is, and, when the provider took
-    less or more than was asked, both ("40,000 RWF of 50,000 RWF"): never the amount asked as if received."""
+def amount_text(facts: PaymentFacts, language: str) -> str:
+    """The payment's amount as the payer is told it, as her language writes numbers (Money.format: in French
+    50 000 RWF): what was taken once money is, and, when the provider took less or more than was asked, both
+    ("40,000 RWF of 50,000 RWF"): never the amount asked as if received."""
     asked = Money(facts.amount_minor, facts.currency)
     taken = collected_amount(facts)
     if taken is None or taken == asked:
-        return money_text(asked, catalog)
-    phrase = catalog.AMOUNT_TAKEN["less" if taken < asked else "more"]
-    return str(phrase.format(collected=money_text(taken, catalog), amount=money_text(asked, catalog)))
+        return asked.format(language)
+    phrase = CATALOGS.get(language, en).AMOUNT_TAKEN["less" if taken < asked else "more"]
+    return str(phrase.format(collected=taken.format(language), amount=asked.format(language)))
 
 
 # The USSD code SMS texts name: one code, or the code of a cooperative's aggregator (Settings.service_code_for).
@@ -178,7 +171,7 @@ def code_of(service_code: ServiceCode, aggregator: str | None) -> str:
 def payment_values(facts: PaymentFacts, language: str, service_code: ServiceCode) -> dict[str, Any]:
     catalog = CATALOGS.get(language, en)
     return {
-        "amount": amount_text(facts, catalog),
+        "amount": amount_text(facts, language),
         "type": facts.type_name or "-",
         "coop": facts.coop_name,
         "ref": facts.reference,
@@ -253,7 +246,7 @@ async def build_message(
         payment = await _one(session, Payment, refund.payment_id, "payment")
         coop = coop or await _one(session, Cooperative, refund.cooperative_id, "cooperative")
         values.update(
-            amount=money_text(Money(refund.amount_minor, refund.currency), catalog),
+            amount=Money(refund.amount_minor, refund.currency).format(language),
             ref=refund.reference,
             payment_ref=payment.reference,
             coop=coop.name,
@@ -281,7 +274,7 @@ async def build_message(
         free = ptype.allow_custom_amount and not ptype.amount_minor
         values.update(
             type=ptype.name,
-            amount=catalog.ANY_AMOUNT if free else money_text(Money(ptype.amount_minor, ptype.currency), catalog),
+            amount=catalog.ANY_AMOUNT if free else Money(ptype.amount_minor, ptype.currency).format(language),
             coop=coop.name,
             due=due_text,
             dial=dial_code(code_of(service_code, coop.ussd_aggregator), coop.ussd_extension),

@@ -21,6 +21,7 @@ from core.audit import Actor
 from core.errors import BusinessRuleError, Conflict, DomainError
 from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import Money, MoneyError
+from core.notify import SMS_KEY_SIZE
 from core.payments import wallets_by_operator
 from core.ports import refusal_for
 from core.state.payment import OPEN, PaymentStatus, holds_money, shown_status
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from core.payments import NewPayment, PaymentContext
 
 COLLECTED = ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED")
+PAYMENT_KEY_SIZE = 128  # payments.idempotency_key (String(128)): a key tagged for its session fits whole
 REASONS = ("CHARGED_NOT_RECORDED", "WRONG_AMOUNT", "NOT_AUTHORISED", "OTHER")
 # Above these (major units) a USSD payment is refused: mobile-money wallets cap single transfers.
 MAX_AMOUNT = {"RWF": 5_000_000, "UGX": 5_000_000, "TZS": 5_000_000, "KES": 250_000, "GHS": 10_000,
@@ -660,7 +662,7 @@ async def _pay(ctx: Ctx, new: NewPayment) -> Payment:
     else:
         if created or payment.created_at >= records.previous_before():
             return payment
-    key = await _this_sessions_key(ctx, new.idempotency_key, 128)
+    key = await _this_sessions_key(ctx, new.idempotency_key, PAYMENT_KEY_SIZE)
     payment, _created = await _create(ctx, replace(new, idempotency_key=key))
     return payment
 
@@ -693,11 +695,23 @@ async def _this_sessions_key(ctx: Ctx, key: str, size: int) -> str:
     """`key` (one of the session id's) told apart from its previous sessions': with when this session opened, as
     its row keeps it (the same for every hop and copy of a hop, whatever became of its Redis state); without a
     row of its own (never expected: every first hop writes it), the confirmation's reserved reference."""
-    turn = ctx.hop
-    started = await records.opened_at(ctx.rt, aggregator=turn.aggregator, session_id=turn.session_id)
-    tag = str(round(started.timestamp() * 1000)) if started is not None else ctx.data.get("rr")
+    tag = await _session_tag(ctx) or ctx.data.get("rr")
     if not tag:
         raise DomainError("no way to tell this session's payment from a previous session's of its id")
+    return _tagged(key, size, tag)
+
+
+async def _session_tag(ctx: Ctx) -> str | None:
+    """When this session opened, in milliseconds, as its row keeps it (records.opened_at: one indexed read): the
+    same for every hop of the session and every copy of a hop, whatever became of its Redis state. None without a
+    row of its own (never expected: every first hop writes it)."""
+    turn = ctx.hop
+    started = await records.opened_at(ctx.rt, aggregator=turn.aggregator, session_id=turn.session_id)
+    return None if started is None else str(round(started.timestamp() * 1000))
+
+
+def _tagged(key: str, size: int, tag: str) -> str:
+    """`key` cut to `size` with `@tag` kept whole at its end (a long session id must not cut the tag off)."""
     return f"{key[:size - len(tag) - 1]}@{tag}"
 
 
@@ -818,16 +832,11 @@ async def _receipt_key(ctx: Ctx, payment_id: str) -> str:
     deletes it after RETENTION_OUTBOX_DONE_DAYS, and the SMS queued again under its key found that receipt's
     sms_messages row (kept for good) SENT and sent nothing. Without a row of its own (never expected: every
     first hop writes it), the session id alone."""
-    turn = ctx.hop
-    key = f"ussd-receipt:{payment_id}:{turn.session_id}"
-    started = await records.opened_at(ctx.rt, aggregator=turn.aggregator, session_id=turn.session_id)
-    if started is None:
-        return key[:RECEIPT_KEY_SIZE]
-    tag = str(round(started.timestamp() * 1000))
-    return f"{key[:RECEIPT_KEY_SIZE - len(tag) - 1]}@{tag}"
+    key = f"ussd-receipt:{payment_id}:{ctx.hop.session_id}"
+    tag = await _session_tag(ctx)
+    return key[:SMS_KEY_SIZE] if tag is None else _tagged(key, SMS_KEY_SIZE, tag)
 
 
-RECEIPT_KEY_SIZE = 190  # an SMS's dedupe (its sms_messages idempotency key; "sms:" + it is the outbox job's)
 
 
 def _reason_handler(reason: str) -> Any:

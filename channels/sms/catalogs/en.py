@@ -37,8 +37,6 @@ AMOUNT_TAKEN = {
     "more": "{collected} ({amount} asked)",
 }
 
-# How an amount's digits are grouped and its decimals marked (templates.money_text): 50,000 RWF, 1,500.50 KES.
-THOUSANDS, DECIMALS = ",", "."
 
 PAYMENT_STATUS = {
     "PENDING": "waiting for your approval",

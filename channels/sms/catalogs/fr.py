@@ -1,7 +1,5 @@
 """French SMS texts (no ç, ê, û: they would force UCS-2 and cost twice as much)."""
 
-from core.money import NUMBER_MARKS
-
 MESSAGES = {
     "payment_receipt": "Paiement confirmé: {amount} pour {type}, {coop}. Réf: {ref}. Transaction: {txn}. "
     "Date: {date}. Merci!",
@@ -42,9 +40,6 @@ AMOUNT_TAKEN = {
     "more": "{collected} ({amount} demandés)",
 }
 
-# How an amount's digits are grouped and its decimals marked (templates.money_text): a French reader takes
-# "5,000 BIF" for five francs, so 5 000 BIF and 1 500,50 KES (core.money.NUMBER_MARKS, which USSD reads too).
-THOUSANDS, DECIMALS = NUMBER_MARKS["fr"]
 
 PAYMENT_STATUS = {
     "PENDING": "en attente de votre approbation",

@@ -38,8 +38,6 @@ AMOUNT_TAKEN = {
     "more": "{collected} aho kuba {amount}",
 }
 
-# How an amount's digits are grouped and its decimals marked (templates.money_text): 50,000 RWF, 1,500.50 KES.
-THOUSANDS, DECIMALS = ",", "."
 
 PAYMENT_STATUS = {
     "PENDING": "dutegereje ko wemeza",

@@ -14,7 +14,7 @@ import pytest
 from channels.sms import templates
 from channels.sms.encoding import GSM7, measure
 from channels.sms.routes import fold, parse_keyword
-from channels.sms.templates import CATALOGS, money_text, render
+from channels.sms.templates import CATALOGS, render
 from core.money import Money
 from tests.channels.sms.helpers import jobs_of, make_payment
 from tests.channels.sms.test_routes import inbound
@@ -186,7 +186,7 @@ async def test_help_says_stop_ends_the_reminders(
 ])
 def test_amounts_are_written_as_the_language_writes_numbers(money: Money, language: str, shown: str) -> None:
     """A French reader takes "5,000 BIF" for five francs: French groups digits with a (plain, GSM-7) space."""
-    assert money_text(money, CATALOGS[language]) == shown
+    assert money.format(language) == shown
 
 
 @pytest.mark.parametrize(("phone", "amount"), [(CLAUDINE, "50 000 RWF"), (JEAN, "50,000 RWF"),

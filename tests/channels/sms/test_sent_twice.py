@@ -188,7 +188,8 @@ async def test_a_retry_in_doubt_that_fails_before_settling_keeps_the_doubt(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The worker is lost after AT's answer; the next attempt fails at its first read (the database is still
-    away): the one after it must still not send (it was a first attempt's loss: Job.lost_before_call)."""
+    away): the one after it must still not send (the failing attempt hands the doubt on: send() marks it before
+    its first read)."""
     await queue_receipt(rt, demo)
     await lose_the_worker_after_the_answer(rt, worker, monkeypatch)
     real_first = sms_jobs._first
@@ -307,6 +308,43 @@ async def test_a_receipt_sent_while_ats_front_end_answers_502_goes_out_once_at_i
     await drain(worker)
     assert (await the_row(rt)).status == "QUEUED"
     sim.set_failure(None)  # AT is back
+    await make_due(rt)
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 1
+    row = await the_row(rt)
+    assert (row.status, row.provider_status) == ("SENT", "Success")
+
+
+
+class _WorkerKilled(BaseException):
+    """The worker process dying mid-run (nothing of the handler's own error handling runs)."""
+
+
+async def test_a_worker_lost_before_the_message_was_stored_does_not_stop_its_send(
+        rt: Any, demo: Any, worker: Any, aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guard: lost before its row was stored, the message never reached AT; the next attempt's doubt (the job is
+    interrupted) is dropped once no row is found, so a 500 on it is an ordinary retry and the one after sends (it
+    was recorded Unconfirmed and never sent)."""
+    from tests.channels.sms.helpers import start_simulator
+
+    _server, sim = await start_simulator(aiohttp_server, rt)
+    await queue_receipt(rt, demo)
+    real = sms_jobs.SmsJobs._create
+
+    async def dies(self: Any, *a: Any, **k: Any) -> Any:
+        raise _WorkerKilled()
+
+    monkeypatch.setattr(sms_jobs.SmsJobs, "_create", dies)
+    [job] = await worker.claim()
+    with pytest.raises(_WorkerKilled):
+        await job_handlers(rt)["sms.send"](job)
+    monkeypatch.setattr(sms_jobs.SmsJobs, "_create", real)
+    async with rt.sessionmaker.begin() as s:  # its lease lapses: claimed again as a lost worker's
+        await s.execute(update(OutboxJob).values(run_at=utcnow()))
+    sim.set_failure("http500")  # AT refuses it for now: nothing reached it
+    await drain(worker)
+    assert (await the_row(rt)).status == "QUEUED"
+    sim.set_failure(None)
     await make_due(rt)
     await drain(worker)
     assert len(sim.messages(ALINE)) == 1

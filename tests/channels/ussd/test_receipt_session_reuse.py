@@ -14,6 +14,7 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from core.models import OutboxJob, Payment, SmsMessage, UssdSession
@@ -39,11 +40,15 @@ async def _month_old_jobs_pruned(rt: Any, db: Any) -> None:
     assert await db.count(OutboxJob, OutboxJob.kind == "sms.send") == 0
 
 
+# A session id as Hubtel's look, and one of 110 characters (parse takes up to 128): the receipt's key is cut to
+# what an SMS's idempotency key holds (160) with its session tag kept whole (cut off, next month's receipt met
+# last month's SENT row again).
+@pytest.mark.parametrize("session", ["receipt-0001", "r" * 110])
 async def test_a_receipt_asked_for_again_after_last_months_job_was_pruned_is_sent(
-        client: Any, demo: Any, db: Any, rt: Any, worker: Any, aiohttp_server: Any) -> None:
+        client: Any, demo: Any, db: Any, rt: Any, worker: Any, aiohttp_server: Any, session: str) -> None:
     _server, sim = await start_simulator(aiohttp_server, rt)
     await hubtel_pay(client, "pay-0001")
-    sent = await hubtel_receipt(client, "receipt-0001")
+    sent = await hubtel_receipt(client, session)
     assert sent["Type"] == "Release" and "will arrive by SMS" in sent["Message"]
     await drain(worker)
     [last_month] = sim.messages(INBOX)
@@ -51,19 +56,20 @@ async def test_a_receipt_asked_for_again_after_last_months_job_was_pruned_is_sen
     await next_month(rt)
     await _month_old_jobs_pruned(rt, db)
 
-    again = await hubtel_receipt(client, "receipt-0001")
+    again = await hubtel_receipt(client, session)
     assert again["Message"] == sent["Message"]  # she is told it will arrive by SMS: it does
     await drain(worker)
     assert [m["message"] for m in sim.messages(INBOX)] == [last_month["message"]] * 2
     rows = await db.all(SmsMessage)
     assert len(rows) == 2 and {row.status for row in rows} == {"SENT"}
     payment = await db.one(Payment)
-    opened = (await db.one(UssdSession, UssdSession.session_id == "receipt-0001")).started_at
-    assert f"ussd-receipt:{payment.id}:receipt-0001@{round(opened.timestamp() * 1000)}" in {
-        row.idempotency_key for row in rows}  # this session's own key
+    opened = (await db.one(UssdSession, UssdSession.session_id == session)).started_at
+    tag = f"@{round(opened.timestamp() * 1000)}"
+    own = f"ussd-receipt:{payment.id}:{session}"
+    assert f"{own[:160 - len(tag)]}{tag}" in {row.idempotency_key for row in rows}  # this session's own key
 
     await rt.redis.flushdb()  # this session asks again (its state lost): still one SMS for it
-    await hubtel_receipt(client, "receipt-0001")
+    await hubtel_receipt(client, session)
     await drain(worker)
     assert len(sim.messages(INBOX)) == 2
 
