@@ -82,7 +82,8 @@ class UssdPhone:
         types = await self.send("1")
         assert types.startswith("CON "), types
         confirm = await self.send(option(types, "Monthly Rent", default="1"))
-        assert confirm.startswith("CON ") and "50,000" in confirm, confirm
+        # As the member's language writes it (French: 50 000).
+        assert confirm.startswith("CON ") and ("50,000" in confirm or "50 000" in confirm), confirm
         done = await self.send("1")
         assert done.startswith("END "), done
         found = REFERENCE.search(done)
