@@ -11,6 +11,10 @@ from aiohttp import web
 
 log = logging.getLogger("gateway.inbound")
 
+# What json.loads raises on a body that is no JSON: ValueError (UnicodeDecodeError is one) and RecursionError
+# ("[[[[..." a few thousand deep, past Python's parser; no request nests so). Both are the sender's 400.
+JSON_ERRORS = (ValueError, RecursionError)
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -71,18 +75,13 @@ def unreadable(request: web.Request, error: Exception) -> str:
     return f"the request body could not be read: {reason[:200]}"
 
 
-def body_unreadable(request: web.Request) -> bool:
-    """Whether aiohttp gave up decoding this request's body (read or not by its route)."""
-    return isinstance(request.content.exception(), web.RequestPayloadError)
-
-
 def close_after_unreadable_body(request: web.Request, response: web.StreamResponse) -> None:
     """After a body aiohttp could not decode: answer with Connection: close, and mark the body finished.
 
     The parser stopped in the middle of the body, so nothing more can be read on this connection; left as it
     is, aiohttp would try to drain the rest after the answer and log the decoding error at ERROR with a
     traceback ("Unhandled exception"), or keep a dead connection open."""
-    if body_unreadable(request):
+    if isinstance(request.content.exception(), web.RequestPayloadError):  # aiohttp gave up decoding it
         request.content.feed_eof()
         response.force_close()
 

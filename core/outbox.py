@@ -142,6 +142,13 @@ class Job:
     # This attempt stamped its provider call (call_starting): a failure after it may follow a request that arrived.
     call_started: list[bool] = field(default_factory=list, compare=False, repr=False)
 
+    def mark_call_started(self) -> None:
+        """Mark this attempt as one after which its provider may have the request, in memory only: should it fail
+        from here on, run_job records it interrupted, and the next attempt asks instead of sending again
+        (call_starting also stamps the row first; a handler whose call answered already needs no stamp)."""
+        if not self.call_started:
+            self.call_started.append(True)
+
     def time_left(self, lease_seconds: float) -> float:
         """Seconds its handler may still run: the handler timeout, less the time it waited for a slot."""
         return handler_timeout(lease_seconds) - (time.monotonic() - self.claimed)
@@ -657,7 +664,7 @@ async def call_starting(sessionmaker: async_sessionmaker[AsyncSession], job: Job
                                                   "b_worker": job.locked_by})
         if not result.rowcount:
             raise LeaseLost(f"job {job.id} is no longer held by {job.locked_by}; its provider call is not made")
-    job.call_started.append(True)
+    job.mark_call_started()
 
 
 # What a job is about, so an operator can go from a payment (or a refund) to its jobs and back: in the job's log

@@ -139,14 +139,19 @@ def _same_request(cipher: PiiCipher, stored: str, digest: str) -> bool:
     return stored == digest
 
 
+# An idempotency key's longest (payments.idempotency_key).
+KEY_SIZE = 128
+
+
 def _check_key(key: str) -> str:
     key = (key or "").strip()
-    if not 8 <= len(key) <= 128 or not key.isprintable():
+    if not 8 <= len(key) <= KEY_SIZE or not key.isprintable():
         raise ValidationError("idempotencyKey must be 8 to 128 printable characters", field="idempotencyKey")
     return key
 
 
-async def _find_by_key(session: AsyncSession, cooperative_id: str, key: str) -> Payment | None:
+async def find_by_key(session: AsyncSession, cooperative_id: str, key: str) -> Payment | None:
+    """The cooperative's payment made with idempotency key `key`, if any."""
     return (await session.execute(
         select(Payment).where(Payment.cooperative_id == cooperative_id, Payment.idempotency_key == key)
     )).scalar_one_or_none()
@@ -227,7 +232,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
                                     "only an active member can pay", field="memberId")
     if refused is not None:
         # A replay of a key accepted before the type was deactivated still answers with its payment.
-        existing = await _find_by_key(session, coop.id, key)
+        existing = await find_by_key(session, coop.id, key)
         if existing is not None:
             return _replay(rt.cipher, existing, new, account)
         raise refused
@@ -290,7 +295,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     else:
         reference = await _insert_step_by_step(session, values, actor, audit_after, jobs)
     if reference is None:  # the key was used before, or a concurrent request with it won
-        existing = await _find_by_key(session, coop.id, key)
+        existing = await find_by_key(session, coop.id, key)
         if existing is None:
             raise Conflict("a request with this idempotency key is in flight", field="idempotencyKey")
         return _replay(rt.cipher, existing, new, account)

@@ -19,7 +19,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from core.audit import Actor
 from core.config import Settings
 from core.db import lock_row
-from core.inbound import client_address, limit_key, read_capped
+from core.inbound import JSON_ERRORS, client_address, limit_key, read_capped
 from core.logs import scrub
 from core.metrics import CALLBACK_REJECTED
 from core.models import Payment
@@ -79,7 +79,7 @@ def _unstorable_json(body: bytes) -> bool:
     """
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    except JSON_ERRORS:
         return False  # not JSON: the adapter refuses it with its own message
     stack = [value]
     while stack:

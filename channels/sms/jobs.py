@@ -112,7 +112,7 @@ class Answer(NamedTuple):
 
 class SmsOutcomeNotRecorded(Exception):
     """AT may have the message (it accepted it, or its answer was lost) and writing that outcome failed.
-    Raised after the doubt is marked on the job (_may_have_it), so the outbox records the attempt as
+    Raised after the doubt is marked on the job (Job.mark_call_started), so the outbox records the attempt as
     interrupted and the next one does not send it again."""
 
 
@@ -175,7 +175,7 @@ class SmsJobs:
         # should this one fail before it settles that (even at the read below), the doubt is handed on.
         doubt = job.interrupted
         if doubt:
-            _may_have_it(job)
+            job.mark_call_started()
         # One connection, in autocommit, for everything before the send: each statement is its own
         # transaction (as each read was under READ COMMITTED) without a BEGIN and a ROLLBACK/COMMIT
         # around it, and without a pool checkout (a ping) per step. It is released before the HTTP call.
@@ -270,7 +270,7 @@ class SmsJobs:
             await self._unconfirmed(job, message, answer.cause, kept)
             await self._forget(kept)
             return
-        _may_have_it(job)
+        job.mark_call_started()
         moved = await self._record_sent(job, message.id, answer)
         if answer.provider_message_id:  # releases the kept answer with the parked-report check
             await self._apply_parked(message.id, answer.provider_message_id, moved, kept)
@@ -334,8 +334,10 @@ class SmsJobs:
                 await self._note_parked(message.id, str(exc))
             raise
         if result.accepted:
-            # AT has it: from here on, no failure may lead to sending it again.
-            _may_have_it(job)
+            # AT has it: from here on, no failure may lead to sending it again. Marked in memory only, no stamp on
+            # the job's row (a round trip per message): an attempt lost before the outbox records its failure is
+            # WORKER_LOST, interrupted all the same.
+            job.mark_call_started()
             answer = Answer(result.provider_message_id, result.provider_status, result.cost, utcnow().isoformat())
             try:
                 moved = await self._record_sent(job, message.id, answer)
@@ -428,8 +430,8 @@ class SmsJobs:
         """AT may have queued the message, and sending it again could give the member a second copy: it is
         recorded SENT (what it most likely is) without a provider message id, marked Unconfirmed, and the
         job ends. An operator can check it against AT's dashboard; no delivery report can update it.
-        Should that write fail, the job stays in doubt (_may_have_it) and the cause is kept (`kept`)."""
-        _may_have_it(job)
+        Should that write fail, the job stays in doubt (Job.mark_call_started) and the cause is kept (`kept`)."""
+        job.mark_call_started()
         log.warning(
             "SMS may have reached Africa's Talking: recorded unconfirmed, not resent",
             extra={"sms_id": message.id, "cause": cause, "to": message.phone_masked, "job_id": job.id},
@@ -482,17 +484,6 @@ class SmsJobs:
 
 
 _NOT_RECORDED = SmsOutcomeNotRecorded.__name__
-
-
-def _may_have_it(job: Job) -> None:
-    """Mark this attempt as one after which AT may have the message (it answered, or an earlier attempt may
-    have sent it): should it fail from here on, the outbox records it interrupted (core.outbox.run_job: a
-    failure after the provider call started), so the next attempt records the message instead of sending it
-    again (_settled_before). Only in memory, with no stamp on the job's row (core.outbox.call_starting): it is
-    set once AT answered, and an attempt lost before the outbox records its failure is WORKER_LOST, interrupted
-    all the same. No round trip on the send's path."""
-    if not job.call_started:
-        job.call_started.append(True)
 
 
 def _parse_time(value: str | None) -> datetime:

@@ -203,6 +203,15 @@ def fit_names(ctx: Ctx, msgid: str, room: int, args: dict[str, Any], then: tuple
     return text if gsm.length(text) <= room else None
 
 
+def _title(ctx: Ctx, msgid: str, room: int, args: dict[str, Any]) -> str:
+    """A menu's title or an input's prompt within `room`: its names shortened (fit_names) when it would not fit,
+    else as translate_fit gives it. The common case, a title that fits, is one translation."""
+    text = ctx.t_fit(msgid, room, **args)
+    if args and gsm.length(text) > room:
+        return fit_names(ctx, msgid, room, args) or text
+    return text
+
+
 def _level(sizes: list[int], over: int) -> int:
     """The longest length (at least MIN_NAME) that names cut to it save `over` characters: the longest names are
     shortened first, and two long ones alike (shortening only the longest kept a 59-character cooperative whole
@@ -319,9 +328,7 @@ class Engine:
             footer = self._footer(ctx, more=False)
             room = ctx.limit - gsm.length(_join(footer)) - 1 - (gsm.length(error) + 1 if error else 0)
             # A name in the prompt ("to join {coop}") is shortened rather than the prompt cut at its end.
-            header = ctx.t_fit(screen.prompt, room, **args)
-            if args and gsm.length(header) > room:
-                header = fit_names(ctx, screen.prompt, room, args) or header
+            header = _title(ctx, screen.prompt, room, args)
             return UssdReply(self._assemble(ctx, error, header, [], footer), False)
         if isinstance(screen, Confirm):
             # Never paged: what is being confirmed and both answers on one screen (on a 120-character
@@ -349,9 +356,7 @@ class Engine:
                       + self._footer(ctx, more=False))
         room = ctx.limit - gsm.length(gsm.to_gsm(whole)) - 1
         # A name in the title ("Welcome to {name}") is shortened before the menu is paged or the title cut.
-        header = ctx.t_fit(screen.title, room, **args)
-        if args and gsm.length(header) > room:
-            header = fit_names(ctx, screen.title, room, args) or header
+        header = _title(ctx, screen.title, room, args)
         return self._page(ctx, header, entries, error)
 
     def _static_menu(self, ctx: Ctx, screen: Menu, args: dict[str, Any], error: str | None) -> UssdReply:

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from core.payments import NewPayment, PaymentContext
 
 COLLECTED = ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED")
-PAYMENT_KEY_SIZE = 128  # payments.idempotency_key (String(128)): a key tagged for its session fits whole
 REASONS = ("CHARGED_NOT_RECORDED", "WRONG_AMOUNT", "NOT_AUTHORISED", "OTHER")
 # Above these (major units) a USSD payment is refused: mobile-money wallets cap single transfers.
 MAX_AMOUNT = {"RWF": 5_000_000, "UGX": 5_000_000, "TZS": 5_000_000, "KES": 250_000, "GHS": 10_000,
@@ -662,7 +661,9 @@ async def _pay(ctx: Ctx, new: NewPayment) -> Payment:
     else:
         if created or payment.created_at >= records.previous_before():
             return payment
-    key = await _this_sessions_key(ctx, new.idempotency_key, PAYMENT_KEY_SIZE)
+    from core.payments import KEY_SIZE
+
+    key = await _this_sessions_key(ctx, new.idempotency_key, KEY_SIZE)
     payment, _created = await _create(ctx, replace(new, idempotency_key=key))
     return payment
 
@@ -679,16 +680,13 @@ async def _create(ctx: Ctx, new: NewPayment) -> tuple[Payment, bool]:
         return await create_payment(session, ctx.rt, new, actor=actor(ctx), context=context)
 
 
-_CREATED_BY_KEY = select(Payment.created_at).where(Payment.cooperative_id == bindparam("coop_id"),
-                                                   Payment.idempotency_key == bindparam("key"))
-
-
 async def _previous_sessions_payment(ctx: Ctx, new: NewPayment) -> bool:
     """Whether the payment a refused key names was made by a previous session of the id (not this session's)."""
-    async with cache.autocommit(ctx.rt) as conn:
-        created = (await conn.execute(_CREATED_BY_KEY, {"coop_id": new.cooperative_id,
-                                                        "key": new.idempotency_key})).scalar_one_or_none()
-    return created is not None and created < records.previous_before()
+    from core.payments import find_by_key
+
+    async with ctx.rt.sessionmaker() as session:
+        found = await find_by_key(session, new.cooperative_id, new.idempotency_key)
+    return found is not None and found.created_at < records.previous_before()
 
 
 async def _this_sessions_key(ctx: Ctx, key: str, size: int) -> str:
@@ -835,8 +833,6 @@ async def _receipt_key(ctx: Ctx, payment_id: str) -> str:
     key = f"ussd-receipt:{payment_id}:{ctx.hop.session_id}"
     tag = await _session_tag(ctx)
     return key[:SMS_KEY_SIZE] if tag is None else _tagged(key, SMS_KEY_SIZE, tag)
-
-
 
 
 def _reason_handler(reason: str) -> Any:

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from channels.ussd.types import UssdReply, UssdTurn, extension_of
+from channels.ussd.types import UssdReply, UssdTurn, extends, extension_of
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered, phone_field, text_field
 from core.text import is_number
 
@@ -65,16 +65,9 @@ def _dialled_extension(dialled: str, base_code: str, service_code: str) -> str |
     """
     if not dialled:
         return None
-    if _extends(dialled, base_code):
+    if extends(dialled, base_code):
         return extension_of(dialled, base_code)
     return extension_of(dialled, service_code)
-
-
-def _extends(dialled: str, base_code: str) -> bool:
-    """Whether the dialled code is our configured code or our code followed by more: *384*123# or *384*123*7#
-    (not *384*1234#, another code)."""
-    stem_d, stem_b = dialled.strip().rstrip("#"), base_code.strip().rstrip("#")
-    return bool(stem_b) and (stem_d == stem_b or stem_d.startswith(stem_b + "*"))
 
 
 def render(reply: UssdReply, parsed: Parsed | None = None) -> Rendered:

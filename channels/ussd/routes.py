@@ -27,7 +27,7 @@ from channels.ussd.service import UssdService
 from channels.ussd.types import HOP_PROGRESS, HopProgress, HopUnsettled, UssdReply, UssdTurn
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered
 from core import metrics
-from core.inbound import UnreadableBody, client_address, read_capped
+from core.inbound import JSON_ERRORS, UnreadableBody, client_address, read_capped
 from core.runtime import RUNTIME, SETTINGS
 
 log = logging.getLogger("gateway.ussd")
@@ -221,7 +221,7 @@ async def _read(request: web.Request, aggregator: str) -> Any:
             raise MalformedRequest("body is not UTF-8") from None
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
+    except JSON_ERRORS:
         raise MalformedRequest("body is not JSON") from None
 
 

@@ -37,16 +37,18 @@ class UssdReply:
     end: bool
 
 
+def extends(dialled: str, base: str) -> bool:
+    """Whether the dialled code is the base code, or the base code followed by more: *384*123# or *384*123*7#
+    (not *384*1234#, another code)."""
+    stem_d, stem_b = dialled.strip().rstrip("#"), base.strip().rstrip("#")
+    return bool(stem_d) and bool(stem_b) and (stem_d == stem_b or stem_d.startswith(stem_b + "*"))
+
+
 def extension_of(dialled: str, base: str) -> str | None:
     """The part of a dialled code after the base code: ('*384*123*3#', '*384*123#') -> '3'."""
-    dialled, base = dialled.strip(), base.strip()
-    if not dialled or not base:
+    if not extends(dialled, base):
         return None
-    stem_d, stem_b = dialled.rstrip("#"), base.rstrip("#")
-    if stem_d == stem_b or not stem_d.startswith(stem_b + "*"):
-        return None
-    rest = stem_d[len(stem_b) + 1:]
-    return rest or None
+    return dialled.strip().rstrip("#")[len(base.strip().rstrip("#")) + 1:] or None
 
 
 class HopProgress:

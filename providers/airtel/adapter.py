@@ -16,6 +16,7 @@ import httpx
 from core import config as core_config
 from core.config import ProviderConfig
 from core.cooperatives import COUNTRY_CURRENCY
+from core.inbound import JSON_ERRORS
 from core.metrics import PROVIDER_ERRORS
 from core.ports import (
     CallbackRejected,
@@ -267,7 +268,7 @@ class AirtelAdapter:
     def _body(callback: InboundCallback) -> dict[str, Any]:
         try:
             body = json.loads(callback.body)
-        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested past the parser
+        except JSON_ERRORS:
             raise CallbackRejected("Airtel Money callback is not JSON", status=400) from None
         if not isinstance(body, dict) or not isinstance(body.get("transaction"), dict):
             raise CallbackRejected("Airtel Money callback has no transaction object", status=400)

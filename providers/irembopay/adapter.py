@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from core.config import ProviderConfig
+from core.inbound import JSON_ERRORS
 from core.logs import scrub
 from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS
 from core.money import Money, MoneyError
@@ -302,7 +303,7 @@ class IremboPayAdapter:
     def parse_callback(self, callback: InboundCallback) -> ProviderEvent:
         try:
             body = json.loads(callback.body)
-        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested past the parser
+        except JSON_ERRORS:
             raise CallbackRejected("IremboPay webhook is not JSON", status=400) from None
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, dict):

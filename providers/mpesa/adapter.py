@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from core.config import ProviderConfig
+from core.inbound import JSON_ERRORS
 from core.logs import scrub
 from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS
 from core.money import Money, MoneyError
@@ -329,7 +330,7 @@ class MpesaAdapter:
     def _parse_body(self, callback: InboundCallback) -> tuple[str, Mapping[str, Any]]:
         try:
             body = json.loads(callback.body)
-        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested past the parser
+        except JSON_ERRORS:
             raise CallbackRejected("M-Pesa callback is not JSON", status=400) from None
         if not isinstance(body, dict):
             raise CallbackRejected("M-Pesa callback is not a JSON object", status=400)

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from core.config import MTN_ENVIRONMENT_CURRENCY, ProviderConfig
+from core.inbound import JSON_ERRORS
 from core.money import Money, MoneyError
 from core.phone import mask
 from core.ports import (
@@ -301,7 +302,7 @@ class MtnMomoAdapter:
     def parse_callback(self, callback: InboundCallback) -> ProviderEvent:
         try:
             body = json.loads(callback.body)
-        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested past the parser
+        except JSON_ERRORS:
             raise CallbackRejected("MTN MoMo callback is not JSON", status=400) from None
         if not isinstance(body, dict):
             raise CallbackRejected("MTN MoMo callback is not a JSON object", status=400)

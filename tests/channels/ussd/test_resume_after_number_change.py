@@ -66,14 +66,19 @@ async def test_a_route_saved_again_after_the_number_was_taken_does_not_resume_as
     assert await db.count(Payment) == 0
 
 
+async def _her_payments_listed(rt: Any, client: Any, demo: Any, jean: str) -> tuple[Any, AtPhone, str]:
+    """A paid payment of Jean's, and a session of her number on the list of her payments."""
+    paid = await make_payment(rt, demo["cooperative_id"], account=EN_MTN, member_id=jean)
+    live = AtPhone(client, EN_MTN)
+    await live.dial()
+    return paid, live, await live.send("2")  # My payments
+
+
 async def test_an_open_session_of_a_released_number_does_not_show_her_payments(
     rt: Any, client: Any, demo: Any, admin: Caller
 ) -> None:
     jean = demo["members"][EN_MTN]
-    paid = await make_payment(rt, demo["cooperative_id"], account=EN_MTN, member_id=jean)
-    live = AtPhone(client, EN_MTN)
-    await live.dial()
-    listed = await live.send("2")  # My payments
+    paid, live, listed = await _her_payments_listed(rt, client, demo, jean)
     assert paid.reference in listed
     await _take_number(admin, jean, "release-phone")
     detail = await live.send("1")  # her payment's details, from the number that is not hers any more
@@ -140,10 +145,7 @@ async def test_an_open_session_of_a_corrected_number_sends_her_no_receipt(
     rt: Any, client: Any, demo: Any, db: Any, admin: Caller
 ) -> None:
     jean = demo["members"][EN_MTN]
-    paid = await make_payment(rt, demo["cooperative_id"], account=EN_MTN, member_id=jean)
-    live = AtPhone(client, EN_MTN)
-    await live.dial()
-    listed = await live.send("2")  # My payments
+    paid, live, listed = await _her_payments_listed(rt, client, demo, jean)
     detail = await live.send(option(listed, paid.reference))
     assert paid.reference in detail and "Send receipt by SMS" in detail, detail
     await admin.json("PATCH", f"/v1/members/{jean}", 200, json={"phone": NEW})
