@@ -8,7 +8,7 @@ from typing import Any
 from app import ENGINE, HTTP, REDIS, create_app
 from core.auth import MARKS_RESTORED
 from core.runtime import RUNTIME
-from tests.conftest import make_settings
+from tests.conftest import make_settings, readiness
 
 
 async def test_app_opens_and_closes_each_resource(aiohttp_client: Any, rt: Any) -> None:
@@ -17,8 +17,8 @@ async def test_app_opens_and_closes_each_resource(aiohttp_client: Any, rt: Any) 
     assert len(app.cleanup_ctx) == 5
     await rt.redis.delete(MARKS_RESTORED)
     client = await aiohttp_client(app)
-    ready = await client.get("/readyz")
-    assert ready.status == 200 and (await ready.json())["checks"] == {"database": "ok", "redis": "ok"}
+    status, ready = await readiness(client)
+    assert status == 200 and ready["checks"] == {"database": "ok", "redis": "ok"}
     runtime = app[RUNTIME]
     assert runtime.engine is app[ENGINE] and runtime.redis is app[REDIS] and runtime.http is app[HTTP]
     for _ in range(100):  # the guard's first check runs at start: the marks are known to be complete

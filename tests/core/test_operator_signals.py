@@ -22,7 +22,7 @@ from core.outbox import OutboxWorker, enqueue, job_subject
 from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
 from tests.admin_api.conftest import bearer, make_payment, unreachable_redis
-from tests.conftest import drain
+from tests.conftest import drain, readiness
 
 
 async def _admin(client: Any, demo: dict[str, Any]) -> Any:
@@ -175,9 +175,7 @@ def _get(scraped: dict[Any, float], name: str, **labels: str) -> float:
 
 
 async def test_readiness_follows_the_database_and_reports_redis(rt, client, demo, monkeypatch):
-    ready = await client.get("/readyz")
-    assert ready.status == 200 and await ready.json() == {"status": "ok",
-                                                          "checks": {"database": "ok", "redis": "ok"}}
+    assert await readiness(client) == (200, {"status": "ok", "checks": {"database": "ok", "redis": "ok"}})
     assert _get(await _scrape(client), "gateway_redis_up") == 1
 
     # Redis down: the API and provider callbacks still work, so the balancer keeps the process; Redis is named.
