@@ -10,6 +10,8 @@ from channels.ussd.types import UssdReply, UssdTurn, extends, extension_of
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered, phone_field, text_field
 from core.text import is_number
 
+# Ghana's: a number sent in local form (0244123456) is a Ghanaian one, not one of the default region.
+REGION = "GH"
 NAME = "hubtel"
 LIMIT = 182
 _TYPES = ("Initiation", "Response", "Release", "Timeout")
@@ -22,7 +24,7 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
     if kind not in _TYPES:
         raise MalformedRequest(f"Type {kind!r} is not one of {', '.join(_TYPES)}")
     session_id = text_field(body, "SessionId", max_len=128)
-    phone = phone_field(body, "Mobile")
+    phone = phone_field(body, "Mobile", region=REGION)
     service_code = text_field(body, "ServiceCode", required=False, max_len=32)
     # A Response must carry Message, but it may be empty (the user sent an empty reply): the menu answers
     # "invalid choice" as it does on Africa's Talking, instead of a 400 that ends the session.

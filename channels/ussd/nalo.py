@@ -9,6 +9,8 @@ from typing import Any
 from channels.ussd.types import UssdReply, UssdTurn, extension_of
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered, phone_field, text_field
 
+# Ghana's: a number sent in local form (0244123456) is a Ghanaian one, not one of the default region.
+REGION = "GH"
 NAME = "nalo"
 LIMIT = 120
 
@@ -28,7 +30,7 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
         raise MalformedRequest("MSGTYPE is required")
     first = _flag(body["MSGTYPE"])
     session_id = text_field(body, "SESSIONID", max_len=128)
-    phone = phone_field(body, "MSISDN")
+    phone = phone_field(body, "MSISDN", region=REGION)
     # USERDATA must be there after the first hop, but may be empty (an empty reply): "invalid choice", not 400.
     if not first and body.get("USERDATA") is None:
         raise MalformedRequest("USERDATA is required")

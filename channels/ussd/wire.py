@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from channels.ussd.types import UssdTurn
-from core.phone import Phone, PhoneError, normalize
+from core.phone import DEFAULT_REGION, Phone, PhoneError, normalize
 
 _UNUSABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
@@ -48,9 +48,11 @@ def text_field(data: Mapping[str, Any], name: str, *, required: bool = True, max
     return text
 
 
-def phone_field(data: Mapping[str, Any], name: str) -> Phone:
+def phone_field(data: Mapping[str, Any], name: str, *, region: str = DEFAULT_REGION) -> Phone:
+    """The caller's number; `region` reads a number in its country's local form (`0244123456`), which an
+    aggregator serving one country may send instead of the international form."""
     raw = text_field(data, name, max_len=32)
     try:
-        return normalize(raw)
+        return normalize(raw, region)
     except PhoneError as exc:
         raise MalformedRequest(f"{name}: {exc.message}") from None
