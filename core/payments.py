@@ -672,12 +672,11 @@ async def _apply_outcome(
             return "already_completed"
         if current is P.FAILED:
             # Money taken after a definite failure: never reopen, but never drop it either.
-            await record(session, actor=actor, action="payment.success_after_failure", entity_type="payment",
-                         entity_id=payment.id, before={"status": current.value},
-                         after={"providerTransactionId": provider_transaction_id},
-                         cooperative_id=payment.cooperative_id)
+            first = payment.completed_at is None
+            before = {"status": current.value, "mismatch": payment.mismatch,
+                      "collected": payment.collected_minor, "completedAt": iso_z(payment.completed_at)}
             payment.mismatch = True
-            if payment.completed_at is None:
+            if first:
                 # The first report only: a repeat (another event id) would write over what flags added since
                 # (a refund of this money contradicted, the member paid back twice), and its amount may differ
                 # from what was recorded taken.
@@ -689,7 +688,7 @@ async def _apply_outcome(
                 # What a refund of the money needs (and what finds it at the provider): the callback's final id
                 # over a provisional one (M-Pesa's CheckoutRequestID; its reversal needs the receipt number).
                 payment.provider_transaction_id = provider_transaction_id
-            if payment.completed_at is None:
+            if first:
                 # The money the payer lost stays FAILED but is money held: what was taken (nothing we can send
                 # back automatically in another currency) and when, so it can be refunded through the API
                 # (core.refunds.refundable) and counted where the provider's statement counts it (reports).
@@ -702,6 +701,14 @@ async def _apply_outcome(
                 await emit_event(session, cooperative_id=payment.cooperative_id,
                                  event_type="payment.taken_after_failure",
                                  event_id=f"evt_payment_taken_after_failure_{payment.id}", data=event_data(payment))
+            # Written after the fields it reports: from the audit log alone an auditor rebuilds what this FAILED
+            # payment holds and in which period it counts (a repeat report's row shows them unchanged).
+            await record(session, actor=actor, action="payment.success_after_failure", entity_type="payment",
+                         entity_id=payment.id, before=before,
+                         after={"providerTransactionId": provider_transaction_id, "mismatch": True,
+                                "collected": payment.collected_minor, "currency": payment.currency,
+                                "completedAt": iso_z(payment.completed_at), "first": first},
+                         cooperative_id=payment.cooperative_id)
             return "flagged_success_after_failure"
         # updated_at chosen here (changed_at) so that the event built before the move carries what it writes.
         values: dict[str, Any] = {"completed_at": money_moved_at(payment.created_at, occurred_at),

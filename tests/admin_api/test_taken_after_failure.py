@@ -78,6 +78,30 @@ async def test_the_cooperatives_system_is_told_the_money_was_taken(admin, rt, de
     assert held["mismatchDetail"] == "provider reported success (50,000 RWF) after the payment had failed"
 
 
+async def test_the_audit_log_alone_says_what_was_taken_and_when(admin, rt, demo):
+    """An auditor rebuilds what a FAILED payment holds, and the period it counts in, from its audit rows: the
+    first report's row carries the amount taken and its date; a repeat's row shows them unchanged."""
+    payment = await _failed_then_taken(admin, rt, demo, Money(45_000, "RWF"))
+    async with rt.sessionmaker.begin() as s:
+        await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED,
+                                       actor=PROVIDER, amount=Money(45_000, "RWF"),
+                                       provider_transaction_id="MTN-LATE-9")
+    shown = await admin.json("GET", f"/v1/payments/{payment['id']}", 200)
+    async with rt.sessionmaker() as s:
+        rows = (await s.execute(select(AuditEvent.before, AuditEvent.after).where(
+            AuditEvent.entity_id == payment["id"], AuditEvent.action == "payment.success_after_failure")
+            .order_by(AuditEvent.id))).all()
+    assert [tuple(r) for r in rows] == [
+        ({"status": "FAILED", "mismatch": False, "collected": None, "completedAt": None},
+         {"providerTransactionId": "MTN-LATE-9", "mismatch": True, "collected": 45000, "currency": "RWF",
+          "completedAt": shown["completedAt"], "first": True}),
+        ({"status": "FAILED", "mismatch": True, "collected": 45000, "completedAt": shown["completedAt"]},
+         {"providerTransactionId": "MTN-LATE-9", "mismatch": True, "collected": 45000, "currency": "RWF",
+          "completedAt": shown["completedAt"], "first": False}),
+    ]
+    assert shown["completedAt"] is not None and shown["collectedAmount"] == 45000
+
+
 async def test_a_dispute_resolved_with_a_refund_gives_it_back(admin, rt, demo):
     payment = await _failed_then_taken(admin, rt, demo, None)  # no amount reported: the payment's amount
     dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": payment["id"], "reason": "OTHER"})

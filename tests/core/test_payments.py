@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from core.audit import Actor
-from core.db import utcnow
+from core.db import iso_z, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import AuditEvent, OutboxJob, Payment, PaymentType, ProviderEvent, Refund
 from core.money import Money
@@ -484,4 +484,5 @@ async def test_money_taken_after_a_failure_is_flagged_with_what_finds_it(rt, dem
         audit = (await s.execute(select(AuditEvent).where(AuditEvent.entity_id == payment.id,
                                                           AuditEvent.action == "payment.success_after_failure"))
                  ).scalar_one()
-    assert audit.after == {"providerTransactionId": "MTN-LATE-9"}
+    assert audit.after == {"providerTransactionId": "MTN-LATE-9", "mismatch": True, "collected": 50000,
+                           "currency": "RWF", "completedAt": iso_z(stored.completed_at), "first": True}
