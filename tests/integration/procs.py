@@ -215,6 +215,7 @@ def reset_database(database_url: str) -> None:
         try:
             tables = ", ".join(t.name for t in reversed(Base.metadata.sorted_tables))
             async with engine.begin() as conn:
+                await conn.execute(text("SET LOCAL session_replication_role = replica"))  # see clean_database
                 await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
         finally:
             await engine.dispose()
