@@ -12,11 +12,17 @@ from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param, period_params
 from core.models import AuditEvent
 
+# Who an event's actor is, by its kind (core.audit.Actor): the schema's field and the filter say the same.
+ACTORS = ("admin:<user id> (a staff login: super or cooperative admin), member:<member id> (the member "
+          "herself: on USSD, or through the API signed in with her own tenant login; channel tells which), "
+          "phone:<masked number> (a number not yet a member's, USSD or SMS), apikey:<key id>, provider:<name>, "
+          "system")
+
 AUDIT_EVENT = out(
     {
         "id": {"type": "integer"},
         "cooperativeId": {"type": ["string", "null"]},
-        "actor": {"type": "string"},
+        "actor": {"type": "string", "description": ACTORS},
         "channel": {"type": "string"},
         "action": {"type": "string"},
         "entityType": {"type": "string"},
@@ -76,7 +82,7 @@ ROUTES = [
             "limit": LIMIT,
             "entityType": Param(description="payment, refund, dispute..."),
             "entityId": Param(description="The entity's id"),
-            "actor": Param(description="admin:<id>, apikey:<id>, member:<id>, system..."),
+            "actor": Param(description=f"Exactly one actor: {ACTORS}"),
             "action": Param(description="e.g. payment.completed"),
             **period_params("recorded"),
         },

@@ -54,6 +54,10 @@ _NOTES = {
                     "returnedByProvider. Cannot be undone; calling it again changes nothing. The audit row "
                     "(member.erased) names her by id only; audit rows written before this release keep the "
                     "values they held (the audit log is append-only).",
+    "list_audit_events": "A tenant's acts through the API (her payments, disputes, her own password) are the "
+                         "member's, actor member:<member id> with channel api, as her USSD acts are with channel "
+                         "ussd; admin:<id> is a staff login's. Rows written before this release name a tenant's "
+                         "acts admin:<her user id> (the audit log is append-only).",
 }
 
 

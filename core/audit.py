@@ -13,7 +13,11 @@ from core.models import AuditEvent
 
 @dataclass(frozen=True, slots=True)
 class Actor:
-    """Who caused a change: 'admin:<id>', 'apikey:<id>', 'member:<id>', 'provider:<name>', 'system'."""
+    """Who caused a change, by kind and id; the channel says through what.
+
+    'admin:<user id>': a staff login (super or cooperative admin) through the API. 'member:<member id>': the
+    member herself, on USSD or through the API signed in with her own (tenant) login. 'phone:<masked number>':
+    a number not yet known as a member (USSD, SMS). 'apikey:<key id>', 'provider:<name>', 'system'."""
 
     id: str
     channel: str  # api | ussd | sms | provider | worker | system

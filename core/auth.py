@@ -88,7 +88,17 @@ class Principal:
 
     @property
     def actor(self) -> Actor:
-        return Actor(f"{'admin' if self.kind == 'user' else 'apikey'}:{self.id}", "api")
+        """Who the audit log (and a payment's created_by, a dispute note's actor) names for this caller's acts.
+
+        A tenant's login is the member herself, so her acts are hers, `member:<member id>`, as USSD writes
+        them; the channel (api) tells them from her USSD acts. Named `admin:<user id>`, they were mixed with
+        the staff's in the log read by actor, and missing from hers. Which of her logins acted is not written
+        (the row has no place for it: the actor is the member, as on USSD, where no login acts at all)."""
+        if self.kind == "api_key":
+            return Actor(f"apikey:{self.id}", "api")
+        if self.is_tenant:
+            return Actor(f"member:{self.member_id}", "api")
+        return Actor(f"admin:{self.id}", "api")
 
     @property
     def rate_key(self) -> str:
