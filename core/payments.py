@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -10,9 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import BigInteger, String, bindparam, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm import aliased, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from core import metrics, pgraw
@@ -36,7 +37,7 @@ from core.ports import (
 from core.ports import ProviderEvent as ProviderEventData
 from core.references import next_reference, reference_prefix
 from core.state import StaleTransition, transition
-from core.state.payment import COLLECTED, OPEN, PAYMENT, UNCONFIRMED, PaymentStatus, holds_money
+from core.state.payment import COLLECTED, OPEN, OPEN_VALUES, PAYMENT, UNCONFIRMED, PaymentStatus, holds_money
 from core.text import admin_note
 
 if TYPE_CHECKING:
@@ -337,18 +338,79 @@ class PaymentContext:
     member_status: str | None = None  # the member's, when found: only an ACTIVE member pays
     payer_index: str | None = None  # the blind index the paying member was looked up by (None: not looked up)
     payer_id: str | None = None  # the cooperative's ACTIVE member with that number, if any
+    open_reference: str | None = None  # an open payment like the one asked for (see OpenLike), if looked for
+
+
+@dataclass(frozen=True)
+class OpenLike:
+    """What load_context looks for an open payment like: the same payer's (the member's; with no member, the
+    number's of `payer_index`), of the same payment type and `amount` in the same cooperative, PENDING or
+    PROCESSING and still inside its approval window (expires_at), so its PIN prompt can still be approved and its
+    money still taken. A payment made with `idempotency_key` (the request's own, made before: a retry, a copy,
+    a replay) hides any: the request is answered with its own payment, as create_payment's key always did.
+
+    A member who dials again because no prompt came (the provider down, its collect job retrying) must not
+    make a second payment that the provider collects too once it recovers (channels.ussd.flows).
+
+    `since`: made after it (like_open gives now less the longest approval window): no payment made before can
+    still be inside its window, and the member's payments are then read from her (member_id, created_at)
+    index's last minutes only."""
+
+    amount: Money
+    idempotency_key: str
+    since: datetime
+
+
+def like_open(settings: Any, amount: Money, idempotency_key: str) -> OpenLike:
+    """The OpenLike of a request for `amount` with `idempotency_key`, now."""
+    longest = max(approval_window(settings, method) for method in METHODS)
+    return OpenLike(amount, idempotency_key, utcnow() - timedelta(seconds=longest))
+
+
+_OWN = aliased(Payment, name="own")
+
+
+@functools.cache
+def _context_with_open(by_member: bool) -> Any:
+    """CONTEXT and, as its column open_reference, the newest payment OpenLike describes: in the same query (the
+    confirmation's one read stays one; both lookups are index reads: a member's payments, or the number's, and
+    the cooperative's key). Parameters: CONTEXT's and open_key, open_amount, open_currency, open_since, open_now."""
+    payer = (Payment.member_id == bindparam("member_id", type_=String) if by_member
+             else Payment.payment_account_index == bindparam("payer_index", type_=String))
+    coop = bindparam("coop_id", type_=String)
+    own = select(_OWN.id).where(_OWN.cooperative_id == coop,
+                                _OWN.idempotency_key == bindparam("open_key", type_=String))
+    found = (select(Payment.reference)
+             .where(payer, Payment.cooperative_id == coop,
+                    Payment.payment_type_id == bindparam("type_id", type_=String),
+                    Payment.amount_minor == bindparam("open_amount", type_=BigInteger),
+                    Payment.currency == bindparam("open_currency", type_=String),
+                    Payment.created_at > bindparam("open_since", type_=Payment.__table__.c.created_at.type),
+                    or_(*(Payment.status == status for status in OPEN_VALUES)),
+                    Payment.expires_at > bindparam("open_now", type_=Payment.__table__.c.expires_at.type),
+                    ~exists(own))
+             .order_by(Payment.created_at.desc()).limit(1).scalar_subquery())
+    return CONTEXT.add_columns(found.label("open_reference"))
 
 
 async def load_context(session: AsyncSession, cooperative_id: str, payment_type_id: str,
-                       member_id: str | None, *, payer_index: str | None = None) -> PaymentContext:
+                       member_id: str | None, *, payer_index: str | None = None,
+                       open_like: OpenLike | None = None) -> PaymentContext:
     """The cooperative, its payment type, whether the member is theirs and, with `payer_index`
-    (payer_index_guess), their active member with that number: in one query."""
-    params = {"coop_id": cooperative_id, "type_id": payment_type_id, "member_id": member_id,
-              "payer_index": payer_index}
+    (payer_index_guess), their active member with that number; with `open_like`, an open payment like the
+    one asked for (its reference): in one query."""
+    params: dict[str, Any] = {"coop_id": cooperative_id, "type_id": payment_type_id, "member_id": member_id,
+                              "payer_index": payer_index}
+    statement = CONTEXT
+    if open_like is not None and (member_id is not None or payer_index is not None):
+        statement = _context_with_open(member_id is not None)
+        # The database's clock (utcnow is aligned to it), which dates expires_at and judges it in the polls.
+        params.update(open_key=open_like.idempotency_key, open_amount=open_like.amount.minor,
+                      open_currency=open_like.amount.currency, open_since=open_like.since, open_now=utcnow())
     if session.get_bind().dialect.name == "postgresql":
-        row: Any = await pgraw.fetchrow(session, pgraw.compiled(CONTEXT), params)
+        row: Any = await pgraw.fetchrow(session, pgraw.compiled(statement), params)
     else:
-        found = (await session.execute(CONTEXT, params)).first()
+        found = (await session.execute(statement, params)).first()
         row = found._mapping if found is not None else None
     if row is None:
         return PaymentContext(None, None)
@@ -358,7 +420,7 @@ async def load_context(session: AsyncSession, cooperative_id: str, payment_type_
         ptype = TypeFacts(row["type_id"], row["type_coop"], row["name"], row["amount_minor"], row["currency"],
                           row["allow_custom_amount"], row["is_active"])
     return PaymentContext(coop, ptype, row["member_id"] is not None, row["member_status"],
-                          payer_index, row["payer_id"])
+                          payer_index, row["payer_id"], row["open_reference"] if statement is not CONTEXT else None)
 
 
 def _found_by_account(new: NewPayment) -> bool:

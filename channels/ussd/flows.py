@@ -626,6 +626,8 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
     side_effect_started()
     try:
         payment = await _pay(ctx, new)
+    except OpenPayment as found:
+        return await _waiting(ctx, found.reference)
     except IntegrityError:
         # The reserved reference is taken: a resumed session carried it from a session whose
         # confirmation was committed but whose answer was lost. That payment is this one: shown as
@@ -668,16 +670,55 @@ async def _pay(ctx: Ctx, new: NewPayment) -> Payment:
     return payment
 
 
+class OpenPayment(Exception):
+    """The payer already has an open payment like the one confirmed (core.payments.OpenLike): none is made."""
+
+    def __init__(self, reference: str) -> None:
+        super().__init__(reference)
+        self.reference = reference
+
+
 async def _create(ctx: Ctx, new: NewPayment) -> tuple[Payment, bool]:
-    from core.payments import create_payment, load_context
+    from core.payments import create_payment, like_open, load_context
 
     async with ctx.rt.sessionmaker.begin() as session:
-        # The member as create_payment reads her, with the cooperative's active member of this number in
-        # the same query: the check below costs no extra round trip.
+        # The member as create_payment reads her, with the cooperative's active member of this number and her
+        # open payment like this one (unless this key has made its payment already) in the same query: the
+        # checks below cost no extra round trip.
+        like = like_open(ctx.rt.settings, new.amount, new.idempotency_key) if new.amount is not None else None
         context = await load_context(session, new.cooperative_id, new.payment_type_id, new.member_id,
-                                     payer_index=ctx.rt.cipher.blind_index(ctx.hop.phone.e164))
+                                     payer_index=ctx.rt.cipher.blind_index(ctx.hop.phone.e164), open_like=like)
         _check_number_still_hers(context, new.member_id)
+        if context.open_reference is not None:
+            raise OpenPayment(context.open_reference)
         return await create_payment(session, ctx.rt, new, actor=actor(ctx), context=context)
+
+
+async def _waiting(ctx: Ctx, reference: str) -> str:
+    """The end screen of a confirmation refused because the payer has an open payment of the same type and amount
+    (OpenPayment): its prompt may be on her phone, or the provider may be down with its collect job retrying (no
+    prompt yet); a second payment would be collected too once the provider answers. She is told which payment
+    waits, not to pay again, and that an SMS comes if it cannot be completed (every payment that fails, is
+    cancelled or times out sends one: core.payments._FAILED_TARGET; one that completes sends the receipt).
+
+    The open payment is the one this route reserved ("rr": a resumed confirmation whose payment was made by the
+    session it resumes): shown as before (_earlier_payment), as the one she made."""
+    if reference == ctx.data.get("rr"):
+        from core.payments import get_by_reference
+
+        async with ctx.rt.sessionmaker() as session:
+            earlier = await get_by_reference(session, reference)
+        if earlier is not None:
+            return _earlier_payment(ctx, earlier)
+    pt = await payment_type(ctx)
+    ctx.data.update(ref=reference, amtf=ctx.money(Money(ctx.data["amt"], ctx.data["cur"])),
+                    tn=whole(pt.name) if pt else "")
+    return "pay_waiting"
+
+
+async def waiting_args(ctx: Ctx) -> dict[str, Any]:
+    data = ctx.data
+    return {"ref": data.get("ref", ""), "amount": data.get("amtf", ""), "type": data.get("tn", "")}
 
 
 async def _previous_sessions_payment(ctx: Ctx, new: NewPayment) -> bool:

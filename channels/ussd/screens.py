@@ -47,6 +47,8 @@ _SCREENS: tuple[Screen, ...] = (
     # What a resumed confirmation's earlier payment became: paid already, or closed without being paid.
     End("pay_already", "pay.already", args=f.done_args),
     End("pay_not_completed", "pay.not_completed", args=f.done_args),
+    # Confirmed while an open payment of the same type and amount waits for her (or for the provider): none made.
+    End("pay_waiting", "pay.waiting", args=f.waiting_args),
     End("pay_cancelled", "pay.cancelled"),
     # My payments.
     Menu("my_list", "my.title", items=f.payment_items, on_item=f.payment_chosen),
