@@ -155,12 +155,19 @@ MEMBER_NOT_ACTIVE = "membership not active: not sent to the provider, nothing wa
 IN_FLIGHT_POLL_SECONDS = 15.0
 
 
-async def _collect_in_flight(session: AsyncSession, payment_id: str) -> bool:
+async def _collect_in_flight(session: AsyncSession, payment_id: str, *, retry_before: datetime | None = None
+                             ) -> bool:
     """A collect job of this payment (its first, or a resend after NOT_FOUND) is held by a worker: it may be
-    sending the request now. A RUNNING job is one of a few (ix_outbox_due: status first)."""
+    sending the request now. With `retry_before` (the end of the payment's window), also one waiting to try again
+    before then (a retry after a failed call, or not run yet): it will send the request itself, and a resend
+    beside it would only double the calls to a provider already failing. A RUNNING or PENDING job is one of a
+    few (ix_outbox_due: status first)."""
     key = OutboxJob.dedupe_key
+    live = OutboxJob.status == "RUNNING"
+    if retry_before is not None:
+        live = live | ((OutboxJob.status == "PENDING") & (OutboxJob.run_at < retry_before))
     return (await session.execute(select(OutboxJob.id).where(
-        OutboxJob.status == "RUNNING", OutboxJob.kind == "payment.collect",
+        live, OutboxJob.kind == "payment.collect",
         (key == f"collect:{payment_id}") | key.like(f"collect:{payment_id}:%")).limit(1))).first() is not None
 
 
@@ -293,16 +300,25 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         except ProviderError as exc:
             if exc.code != "NOT_FOUND":
                 unknown = f"status query failed: {exc}"
+            elif payment.status != PaymentStatus.PENDING.value:
+                # The provider accepted this request (its answer moved the payment to PROCESSING) and now says
+                # it has none: its status lookup is wrong or behind (MTN's, degraded, answers 404 for requests
+                # it holds), not a sign that nothing was taken. The payer may be at her PIN prompt now, so this
+                # is no answer: unknown, as a failed query is (the settling grace), never "not approved in
+                # time", which would invite her to pay again while her first payment can still go through.
+                unknown = f"the provider has no record of the request it accepted: {exc}"
             elif not expired:
                 # The collection never reached the provider (e.g. a timeout on send): send it again with
-                # the same reference, which the provider deduplicates.
+                # the same reference, which the provider deduplicates; unless a collect job of it is still to
+                # try inside the window (the first, retrying through an outage): that one sends it.
                 async with rt.sessionmaker.begin() as session:
-                    await enqueue(session, "payment.collect", {"payment_id": payment.id},
-                                  dedupe_key=f"collect:{payment.id}:{job.attempts}",
-                                  cooperative_id=payment.cooperative_id)
+                    if not await _collect_in_flight(session, payment.id, retry_before=payment.expires_at):
+                        await enqueue(session, "payment.collect", {"payment_id": payment.id},
+                                      dedupe_key=f"collect:{payment.id}:{job.attempts}",
+                                      cooperative_id=payment.cooperative_id)
                 unknown = str(exc)
-            # NOT_FOUND once the window is over is an answer: the provider never got the request, so
-            # nothing was taken (TIMEOUT below).
+            # NOT_FOUND once the window is over, for a request no attempt ever got accepted, is an answer: the
+            # provider never got it, so nothing was taken (FAILED PROVIDER_UNREACHABLE below).
         except Exception as exc:
             # Not a provider answer we understand (an unknown status, a bug): never guess about money.
             log.error("status query failed", extra={"payment": payment.reference, "error": type(exc).__name__},
@@ -326,36 +342,41 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             # The provider still waits for the payer after the window and its prompt's life: not approved in
             # time (a later success still completes the payment, flagged late).
             outcome, reason = ProviderOutcome.EXPIRED, "not approved in time"
-            if status is None and payment.status == PaymentStatus.PENDING.value:
+            if status is None:
                 # The provider never got the request (NOT_FOUND), and no attempt to send it was ever accepted
-                # (that moves it to PROCESSING): the collect job parked or failed through an outage. The payer
-                # was never prompted: our failure, not theirs, and nothing was taken. Checked again on the
-                # locked row below: a request sent just inside the window may be answered meanwhile.
+                # (that moves it to PROCESSING, and a NOT_FOUND then is no answer, above): the collect job
+                # parked or failed through an outage. The payer was never prompted: our failure, not theirs,
+                # and nothing was taken. Checked again on the locked row below: a request sent just inside the
+                # window may be answered meanwhile.
                 outcome, reason = ProviderOutcome.FAILED, PROVIDER_UNREACHABLE
             status = None
         else:
             outcome = status.outcome
             reason = status.reason or ("not approved in time" if outcome is ProviderOutcome.EXPIRED else None)
-        in_flight = False
+        ask_again: str | None = None  # why the payment is asked about again instead of ended now
         for attempt in range(3):
             try:
                 async with rt.sessionmaker.begin() as session:
                     fresh = (await session.execute(select(Payment).where(Payment.id == payment.id)
                                                    .with_for_update())).scalar_one()
                     if reason == PROVIDER_UNREACHABLE:
-                        if fresh.status != PaymentStatus.PENDING.value:
+                        if fresh.status == PaymentStatus.PROCESSING.value:
                             # The collect's request was accepted after our status query (sent just inside
-                            # the window, answered late): the payer was prompted; not approved in time.
-                            outcome, reason = ProviderOutcome.EXPIRED, "not approved in time"
-                        elif await _collect_in_flight(session, payment.id):
+                            # the window, answered late): the payer was prompted just now and may approve, and
+                            # the NOT_FOUND came before the provider had it. Asked again: its answer (pending,
+                            # then the payer's grace) ends it, never "not approved" while the prompt is open.
+                            ask_again = "its collection request was accepted after the status query: asked again"
+                            break
+                        if fresh.status != PaymentStatus.PENDING.value:
+                            return  # settled meanwhile (a callback): nothing to end
+                        if await _collect_in_flight(session, payment.id):
                             # A collect job is sending it now (claimed inside the window): the provider may
                             # have it in a moment. Asked again once that call has ended.
-                            in_flight = True
+                            ask_again = "its collection request is being sent: asked again after"
                             break
-                        else:
-                            log.warning("payment failed: its collection never reached the provider",
-                                        extra={"payment": payment.reference, "payment_id": payment.id,
-                                               "provider": payment.provider})
+                        log.warning("payment failed: its collection never reached the provider",
+                                    extra={"payment": payment.reference, "payment_id": payment.id,
+                                           "provider": payment.provider})
                     await apply_collection_outcome(
                         session, rt, fresh, outcome, actor=WORKER,
                         amount=status.amount if status else None,
@@ -367,9 +388,9 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 # or a callback; SQLite has no row lock to stop it): read it again and re-apply.
                 if attempt == 2:
                     raise
-        if in_flight:
+        if ask_again is not None:
             await schedule_poll(payment.id, now, IN_FLIGHT_POLL_SECONDS)
-            raise RetryLater(IN_FLIGHT_POLL_SECONDS, "its collection request is being sent: asked again after")
+            raise RetryLater(IN_FLIGHT_POLL_SECONDS, ask_again)
 
     async def wait_for_the_payer(payment: Payment, now: datetime) -> None:
         """The provider says the payer has not decided yet (MTN PENDING, Airtel TIP), after our approval window.
