@@ -21,7 +21,7 @@ async def test_app_opens_and_closes_each_resource(aiohttp_client: Any, rt: Any) 
     assert status == 200 and ready["checks"] == {"database": "ok", "redis": "ok"}
     runtime = app[RUNTIME]
     assert runtime.engine is app[ENGINE] and runtime.redis is app[REDIS] and runtime.http is app[HTTP]
-    for _ in range(100):  # the guard's first check runs at start: the marks are known to be complete
+    for _ in range(1000):  # the guard's first check runs at start: the marks are known to be complete (20 s at most)
         if await runtime.redis.exists(MARKS_RESTORED):
             break
         await asyncio.sleep(0.02)

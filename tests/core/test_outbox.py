@@ -80,8 +80,10 @@ async def test_a_claimed_job_never_runs_past_its_lease_nor_twice(sm, monkeypatch
     long is handed back (attempt and all) for a claim of its own: no job runs twice, none past its lease."""
     import core.outbox as outbox
 
-    monkeypatch.setattr(outbox, "handler_timeout", lambda lease: lease - 0.5)  # (the real one keeps 5 s)
-    monkeypatch.setattr(outbox, "MIN_HANDLER_SECONDS", 0.9)
+    # Times scaled up 2.5x from (lease 2 s, job 0.8 s, cut at 1.5 s): a job cut off by a pause of 0.7 s of a loaded
+    # machine ran twice. Three rounds of two jobs still outlast one lease, as the jobs claimed at once did.
+    monkeypatch.setattr(outbox, "handler_timeout", lambda lease: lease - 1.25)  # (the real one keeps 5 s)
+    monkeypatch.setattr(outbox, "MIN_HANDLER_SECONDS", 2.25)
     runs: defaultdict[int, int] = defaultdict(int)
     running = 0
     most = 0
@@ -91,14 +93,14 @@ async def test_a_claimed_job_never_runs_past_its_lease_nor_twice(sm, monkeypatch
         runs[job.payload["n"]] += 1
         running += 1
         most = max(most, running)
-        await asyncio.sleep(0.8)
+        await asyncio.sleep(2.0)
         running -= 1
 
     await _add_jobs(sm, 6)
-    worker = OutboxWorker(sm, {"test.record": record}, batch_size=10, concurrency=2, lease_seconds=2,
+    worker = OutboxWorker(sm, {"test.record": record}, batch_size=10, concurrency=2, lease_seconds=5,
                           idle_sleep=0.05)
     loop = asyncio.create_task(worker.run_forever())
-    for _ in range(200):
+    for _ in range(600):  # until every job is done (about 6 s; 30 s at most)
         await asyncio.sleep(0.05)
         async with sm() as session:
             left = (await session.execute(select(OutboxJob.id).where(OutboxJob.status != "DONE"))).all()
@@ -125,7 +127,7 @@ async def test_a_stopping_worker_hands_back_the_jobs_it_has_not_started(sm):
     await _add_jobs(sm, 5)
     worker = OutboxWorker(sm, {"test.record": record}, batch_size=10, concurrency=1, lease_seconds=60)
     loop = asyncio.create_task(worker.run_forever())
-    for _ in range(100):
+    for _ in range(1000):  # until the first job has started (its claim is a database round trip): 20 s at most
         await asyncio.sleep(0.02)
         if started:
             break
@@ -250,7 +252,9 @@ async def test_two_worker_processes_never_run_the_same_job(sm, settings, tmp_pat
 async def test_killed_workers_jobs_run_again_after_the_lease(sm, settings, tmp_path):
     out = tmp_path / "runs.txt"
     await _add_jobs(sm, 3)
-    victim = _start(settings.database_url, out, 60.0, 2, 60.0)  # holds its jobs for a minute
+    # A lease of 5 s: the rescuer's first claim below, a few steps after the victim's, must come before it ends
+    # (with 2 s, a pause of a loaded machine of under 2 s let it find the jobs already lapsed).
+    victim = _start(settings.database_url, out, 60.0, 5, 60.0)  # holds its jobs for a minute
     for _ in range(100):
         async with sm() as session:
             running = (await session.execute(select(OutboxJob).where(OutboxJob.status == "RUNNING"))).scalars().all()
@@ -269,7 +273,7 @@ async def test_killed_workers_jobs_run_again_after_the_lease(sm, settings, tmp_p
 
     rescuer = OutboxWorker(sm, {"test.record": record}, lease_seconds=30)
     assert await rescuer.run_once() == 0  # the lease has not lapsed yet
-    await asyncio.sleep(2.2)
+    await asyncio.sleep(5.2)
     assert await rescuer.run_once() == 3
     assert sorted(ran) == [0, 1, 2]
     async with sm() as session:

@@ -127,7 +127,7 @@ async def test_receipt_of_a_callback_the_query_could_not_confirm_yet_is_kept(rt,
 
 async def test_push_whose_answer_was_lost_completes_when_the_payer_approves(rt, demo, worker, client):
     # Safaricom (the simulator) takes the push and prompts the payer, but its answer comes too late.
-    sim = create_simulator(SimulatorOptions(delay=0.05, hang_request=1.5, credentials=MPESA_CREDS))
+    sim = create_simulator(SimulatorOptions(delay=0.05, hang_request=2.5, credentials=MPESA_CREDS))
     runner = web.AppRunner(sim, handler_cancellation=False)  # as `main.py simulate` runs it
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -137,7 +137,7 @@ async def test_push_whose_answer_was_lost_completes_when_the_payer_approves(rt, 
         # The gateway (the `client` fixture's server) is where the simulator calls back.
         rt.settings = dataclasses.replace(rt.settings, public_base_url=str(client.make_url("")).rstrip("/"))
         async with httpx.AsyncClient() as http:
-            mpesa_adapter(rt, f"http://127.0.0.1:{port}", http, read_timeout="0.3")
+            mpesa_adapter(rt, f"http://127.0.0.1:{port}", http, read_timeout="2")  # the token fetch's too
             payment = await mpesa_payment(rt, demo)
             await worker.run_once()  # collect: no answer in time, so no CheckoutRequestID on our side
             await sim[STATE].idle()  # the payer approved; the callback came back to the gateway

@@ -485,10 +485,12 @@ async def test_sim_duplicate_id_500_and_hang(start_sim: Any) -> None:
         await adapter.request_collection(collection(ref="other-ref-1"))
     assert err.value.retryable is True
 
-    slow, slow_state, _, _ = await start_sim(hang_request=0.3, read_timeout="0.05")
+    # The read timeout is the adapter's for the token fetch and the status query too: 2 s, not 0.05 s, so that
+    # only the hung answer (0.5 s later still) runs into it on a loaded machine.
+    slow, slow_state, _, _ = await start_sim(hang_request=2.5, read_timeout="2")
     with pytest.raises(ProviderTimeout):
         await slow.request_collection(collection())
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.6)
     await slow_state.idle()
     assert (await slow.collection_status(REF, None, "RWF")).outcome is ProviderOutcome.SUCCEEDED
 

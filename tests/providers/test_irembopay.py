@@ -641,9 +641,9 @@ async def test_simulator_outage_and_hang() -> None:
                 await live(base, http).request_collection(collection())
             assert err.value.retryable is True
             sim[STATE].options.fail_request_500 = False
-            sim[STATE].options.hang_request = 2.0
+            sim[STATE].options.hang_request = 2.5  # past the read timeout, 2 s as usual (every call has it)
         async with httpx.AsyncClient() as http:
-            adapter = IremboPayAdapter(http, config(base, read_timeout="0.3"))
+            adapter = IremboPayAdapter(http, config(base, read_timeout="2"))
             with pytest.raises(ProviderError) as err:  # the invoice call hangs: safe to send again
                 await adapter.request_collection(collection())
             assert (err.value.code, err.value.retryable) == ("TIMEOUT", True)
@@ -655,10 +655,10 @@ async def test_simulator_outage_and_hang() -> None:
 
 async def test_push_whose_answer_is_lost_still_prompts_the_payer(receiver: tuple[Receiver, str]) -> None:
     rec, url = receiver
-    server, sim, base = await start_sim(url, hang_request=1.0)
+    server, sim, base = await start_sim(url, hang_request=2.5)  # past the read timeout, which the status query has too
     try:
         async with httpx.AsyncClient() as http:
-            adapter = IremboPayAdapter(http, config(base, read_timeout="0.3"))
+            adapter = IremboPayAdapter(http, config(base, read_timeout="2"))
             # One request, as the core retries it (expiresAt is the payment's own: the same body both times;
             # two built a second apart would differ, which IremboPay answers 409 for a reused transactionId).
             request = collection()

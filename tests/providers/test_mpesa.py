@@ -596,9 +596,9 @@ async def test_simulator_outage_and_hang() -> None:
                 await MpesaAdapter(http, config(base)).request_collection(collection())
             assert sim[STATE].options.fail_request_500 and not sim[STORE].stk  # nothing was stored
             sim[STATE].options.fail_request_500 = False
-            sim[STATE].options.hang_request = 2.0
+            sim[STATE].options.hang_request = 2.5  # past the read timeout, 2 s as usual: the token fetch has it too
         async with httpx.AsyncClient() as http:
-            adapter = MpesaAdapter(http, config(base, read_timeout="0.3"))
+            adapter = MpesaAdapter(http, config(base, read_timeout="2"))
             with pytest.raises(ProviderTimeout):  # the push may have been taken: ask, never resend
                 await adapter.request_collection(collection())
         # Like Safaricom, the simulator took the push before its answer was lost.
@@ -609,10 +609,10 @@ async def test_simulator_outage_and_hang() -> None:
 
 async def test_push_timeout_then_approved_callback_names_our_reference(receiver: tuple[Receiver, str]) -> None:
     rec, url = receiver
-    server, sim, base = await start_sim(hang_request=1.0)
+    server, sim, base = await start_sim(hang_request=2.5)  # past the read timeout, which the token fetch has too
     try:
         async with httpx.AsyncClient() as http:
-            adapter = MpesaAdapter(http, config(base, read_timeout="0.3"))
+            adapter = MpesaAdapter(http, config(base, read_timeout="2"))
             request = collection("+254708000001", callback_url=url + "?secret=s")
             with pytest.raises(ProviderTimeout):
                 await adapter.request_collection(request)

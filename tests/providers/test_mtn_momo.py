@@ -558,10 +558,13 @@ async def test_sim_500_then_recovery_with_same_reference(start_sim: Any) -> None
 
 
 async def test_sim_hang_times_out_then_status_and_409(start_sim: Any) -> None:
-    adapter, state, _ = await start_sim(hang_request=0.4, read_timeout="0.1")
+    # The answer is 0.5 s later than the read timeout, and the read timeout is the file's usual 2 s: it is the
+    # adapter's for every call, and the token fetch and the status query must not time out on a loaded machine
+    # (with 0.1 s, the status query did, in a run of the suite).
+    adapter, state, _ = await start_sim(hang_request=2.5, read_timeout="2")
     with pytest.raises(ProviderTimeout):
         await adapter.request_collection(collection(callback=""))
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(0.6)
     await state.idle()
     # The provider did receive it: ask, don't resend; a resend of the same reference is a harmless 409.
     assert (await adapter.collection_status(REF, None, "RWF")).outcome is ProviderOutcome.SUCCEEDED

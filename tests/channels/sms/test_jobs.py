@@ -254,14 +254,27 @@ async def test_bad_template_is_parked(rt: Any, demo: dict[str, Any], sim: Any, w
 async def test_throttle_per_sender_id(rt: Any, demo: dict[str, Any], sim: Any) -> None:
     slow = dataclasses.replace(rt, settings=dataclasses.replace(rt.settings, sms_rate_per_second=2.0))
     jobs = SmsJobs(slow)
-    # The window is a calendar second: start the three calls early in one, so they cannot straddle two.
-    if time.time() % 1 > 0.5:
-        await asyncio.sleep(1.02 - time.time() % 1)
-    await jobs.throttle_and_lock("sms:lock:{a}", "1")
-    await jobs.throttle_and_lock("sms:lock:{b}", "2")
-    with pytest.raises(RetryLater) as raised:
-        await jobs.throttle_and_lock("sms:lock:{c}", "3")
-    assert 0 < raised.value.delay <= 1 and "rate" in str(raised.value)
+    # The window is a calendar second: start the three calls early in one, so they cannot straddle two. A
+    # loaded machine can still pause for half a second between them: then they said nothing about one window,
+    # and are made again in a fresh one (the straddle only; whatever they did, the last try is judged).
+    for _ in range(5):
+        if time.time() % 1 > 0.5:
+            await asyncio.sleep(1.02 - time.time() % 1)
+        second = int(time.time())
+        await jobs.throttle_and_lock("sms:lock:{a}", "1")
+        await jobs.throttle_and_lock("sms:lock:{b}", "2")
+        try:
+            await jobs.throttle_and_lock("sms:lock:{c}", "3")
+        except RetryLater as refused:
+            raised = refused
+        else:
+            raised = None
+        if int(time.time()) == second:
+            break
+        await rt.redis.delete(*[k async for k in rt.redis.scan_iter("sms:lock:*")],
+                              *[k async for k in rt.redis.scan_iter("rl:*:sms:send:*")])
+    assert raised is not None, "the third send in one second was let through"
+    assert 0 < raised.delay <= 1 and "rate" in str(raised)
     # Refused by the rate, the message's lock is not kept; the two that passed hold theirs.
     assert [await rt.redis.get(f"sms:lock:{{{k}}}") for k in "abc"] == [b"1", b"2", None]
     keys = [k.decode() async for k in rt.redis.scan_iter("rl:*:sms:send:*")]
