@@ -48,6 +48,12 @@ PROVIDER_OPERATIONS = Histogram("gateway_provider_operation_seconds",
                                 buckets=_FAST, registry=REGISTRY)
 PROVIDER_ERRORS = Counter("gateway_provider_errors_total", "Provider call errors", ["provider", "operation"],
                           registry=REGISTRY)
+# A provider in an outage as this process sees it (providers.calls.FAILING_AFTER): 1 from the call that made its
+# failures in a row (a 5xx, a timeout, no connection) that many, 0 again from the first call it answers. Per
+# process (each worker and serve sees its own calls): alert on the max across them.
+PROVIDER_FAILING = Gauge("gateway_provider_failing", "1 while this process's calls to the provider keep failing "
+                         "(a 5xx, a timeout or no connection, several in a row), 0 once one is answered",
+                         ["provider"], registry=REGISTRY)
 CALLBACK_REJECTED = Counter("gateway_callback_verification_failures_total", "Callbacks refused",
                             ["source"], registry=REGISTRY)
 JOBS = Counter("gateway_outbox_jobs_total", "Outbox jobs run", ["kind", "outcome"], registry=REGISTRY)
@@ -120,7 +126,7 @@ async def _read_outbox(session: AsyncSession) -> tuple[dict[str, int], dict[str,
     """Depth by status, due jobs by status, and the oldest due job's age in seconds, in one statement.
 
     The WHERE names the live statuses (not `!= 'DONE'`), so the (status, run_at) index that the claim uses
-    finds them without reading the DONE history; "due" is the claim's own test (core.outbox._DUE), by the
+    finds them without reading the DONE history; "due" is the claim's own test (core.outbox._claim), by the
     database's clock on PostgreSQL (workers measure run_at by it), by the local one on SQLite.
     """
     from core.models import OutboxJob

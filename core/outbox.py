@@ -10,18 +10,33 @@ import random
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Float, Table, and_, bindparam, case, exists, func, literal, or_, select, union_all, update
+from sqlalchemy import (
+    Float,
+    Table,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import pgraw
 from core.db import autocommit, row_insert, utcnow
-from core.models import OutboxJob
+from core.models import OutboxJob, Payment, Refund
 
 log = logging.getLogger("gateway.outbox")
 
@@ -141,6 +156,12 @@ class Job:
     lost_before_call: bool = False
     # This attempt stamped its provider call (call_starting): a failure after it may follow a request that arrived.
     call_started: list[bool] = field(default_factory=list, compare=False, repr=False)
+    # Set by claim: the outside service the job's handler calls (_lane), whose share of a worker's slots it
+    # counts against; None for a job that calls none the worker limits.
+    lane: str | None = None
+    # Set by claim: the row's (status, run_at, last_error, locked_by) before it, so a job the worker cannot start
+    # within its lane's share is put back exactly as it was found (OutboxWorker._unclaim).
+    before: tuple[str, datetime, str | None, str | None] | None = field(default=None, compare=False, repr=False)
 
     def mark_call_started(self) -> None:
         """Mark this attempt as one after which its provider may have the request, in memory only: should it fail
@@ -333,6 +354,7 @@ class OutboxWorker:
         idle_sleep: float = 0.2,
         worker_id: str | None = None,
         on_job: Callable[[str, str, float], None] | None = None,
+        lane_share: float = 0.5,
     ) -> None:
         self._sm = sessionmaker
         self._handlers = dict(handlers)
@@ -344,6 +366,17 @@ class OutboxWorker:
         # Slots: run_forever starts a job only with one of the semaphore's; _busy counts the ones taken (the
         # two change together, with no await between), so concurrency - _busy is what is free.
         self._concurrency, self._busy = concurrency, 0
+        # The most slots the jobs of one lane (_lane: a payment provider) may hold at once:
+        # a provider that hangs (each call waiting out its read timeout, and on rent day there are always more of
+        # its jobs due) holds that many, and the rest of the slots keep every other provider's payments, the SMS
+        # and the webhooks moving. Counted per worker; a job of a lane at its share is not claimed (_sparing).
+        if not 0 < lane_share <= 1:
+            raise ValueError("a lane's share of the worker's slots is more than 0 and at most 1")
+        self._share = max(1, int(concurrency * lane_share))
+        self._lanes: Counter[str] = Counter()
+        # Set when a lane's job ends: a worker that found only jobs of lanes at their share claims again then,
+        # not after its idle sleep.
+        self._lane_freed = asyncio.Event()
         self._idle = idle_sleep
         # Stored in locked_by (64 characters): a long host name (a Kubernetes pod, an FQDN) is cut so the id
         # still fits, keeping the pid and the random part that make it unique.
@@ -357,8 +390,9 @@ class OutboxWorker:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def claim(self, limit: int | None = None) -> list[Job]:
-        """Lease up to `limit` (a batch) due jobs (PENDING, or RUNNING with a lapsed lease), oldest first.
+    async def claim(self, limit: int | None = None, *, sparing: Sequence[str] = ()) -> list[Job]:
+        """Lease up to `limit` (a batch) due jobs (PENDING, or RUNNING with a lapsed lease), oldest first, none of
+        whose lane (_lane) is in `sparing`.
 
         A job taken back from a lapsed lease is marked WORKER_LOST (Job.interrupted) in the same statement;
         one whose lost attempt had not stamped its provider call is told so (Job.lost_before_call).
@@ -367,32 +401,41 @@ class OutboxWorker:
         process) uses the local clock.
         """
         batch = self._batch if limit is None else min(limit, self._batch)
+        full = sorted(sparing)
         engine = self._engine()
         if engine.dialect.name == "postgresql":
-            # One statement, atomic on its own: WITH due AS (SELECT ... FOR UPDATE SKIP LOCKED) UPDATE ... FROM due
-            # RETURNING, in autocommit (the BEGIN, SELECT, UPDATE and COMMIT were four round trips).
+            # One statement, atomic on its own, in autocommit (the BEGIN, SELECT, UPDATE and COMMIT were four round
+            # trips). Without a lane to spare, the plain claim: it reads no lane but the claimed jobs'.
+            params: dict[str, Any] = {"batch": batch, "worker": self.worker_id, "lease": float(self._lease)}
+            if full:
+                params["full"] = full
             async with autocommit(engine) as conn:
-                claimed = (await conn.execute(_CLAIM, {"batch": batch, "worker": self.worker_id,
-                                                       "lease": float(self._lease)})).all()
+                claimed = (await conn.execute(_claim(bool(full)), params)).all()
             # (A last_error of WORKER_LOST whose row had UNSTAMPED before: the row was RUNNING, see _LAST_ERROR.)
             return [Job(r.id, r.kind, dict(r.payload), r.attempts, r.max_attempts, r.created_at,
                         locked_by=self.worker_id, last_error=_told(r.last_error),
-                        lost_before_call=r.last_error == WORKER_LOST and r.last_error_before == UNSTAMPED)
+                        lost_before_call=r.last_error == WORKER_LOST and r.last_error_before == UNSTAMPED,
+                        lane=r.lane, before=(r.status_before, r.run_at_before, r.last_error_before,
+                                             r.locked_by_before))
                     for r in sorted(claimed, key=lambda r: (r.run_at_before, r.id))]
         now = utcnow()
+        where = and_(OutboxJob.status.in_(("PENDING", "RUNNING")), OutboxJob.run_at <= now)
         async with self._sm.begin() as session:
             rows = (
                 await session.execute(
-                    select(OutboxJob)
-                    .where(OutboxJob.status.in_(("PENDING", "RUNNING")), OutboxJob.run_at <= now)
+                    select(OutboxJob, _lane().label("lane"))
+                    .where(_sparing(where) if full else where)
                     .order_by(OutboxJob.run_at)
                     .limit(batch)
-                    .with_for_update(skip_locked=True)
+                    .with_for_update(skip_locked=True),
+                    {"full": full} if full else {},
                 )
-            ).scalars().all()
+            ).all()
             if not rows:
                 return []
-            ids = [r.id for r in rows]
+            ids = [r.id for r, _ in rows]
+            # (The rows' state as found, before the UPDATE changes the instances.)
+            before = {r.id: (r.status, r.run_at, r.last_error, r.locked_by) for r, _ in rows}
             await session.execute(
                 update(OutboxJob)
                 .where(OutboxJob.id.in_(ids))
@@ -404,8 +447,42 @@ class OutboxWorker:
             return [Job(r.id, r.kind, dict(r.payload), r.attempts + 1, r.max_attempts, r.created_at,
                         locked_by=self.worker_id,
                         last_error=WORKER_LOST if r.status == "RUNNING" else _told(r.last_error),
-                        lost_before_call=r.status == "RUNNING" and r.last_error == UNSTAMPED)
-                    for r in rows]
+                        lost_before_call=r.status == "RUNNING" and r.last_error == UNSTAMPED,
+                        lane=lane, before=before[r.id])
+                    for r, lane in rows]
+
+    async def _claim_within_shares(self, free: int) -> list[Job]:
+        """claim(free), sparing the lanes at their share; a job past its lane's share in this batch (the batch
+        brought more of one lane than it had room for) is put back as it was (_unclaim), not started."""
+        jobs = await self.claim(free, sparing=[lane for lane, n in self._lanes.items() if n >= self._share])
+        room = Counter({lane: self._share - self._lanes[lane] for lane in {j.lane for j in jobs if j.lane}})
+        keep: list[Job] = []
+        over: list[Job] = []
+        for job in jobs:
+            if job.lane is None or room[job.lane] > 0:
+                keep.append(job)
+                if job.lane is not None:
+                    room[job.lane] -= 1
+            else:
+                over.append(job)
+        if over:
+            try:
+                await self._unclaim(over)
+            except Exception:  # their leases bring them back; the jobs kept are this worker's to run
+                log.warning("could not put back jobs past their lane's share", exc_info=True,
+                            extra={"job_ids": [job.id for job in over]})
+        return keep
+
+    async def _unclaim(self, jobs: list[Job]) -> None:
+        """Put claimed jobs back exactly as the claim found them (status, due time, last_error, holder; its
+        attempt given back), in one round trip: for the worker they were never claimed, so they keep their place
+        in the queue and a lapsed job's lost attempt is still read as it was."""
+        now = utcnow()
+        await self._execute(_FINISH, [
+            {"status": status, "run_at": run_at, "last_error": last_error, "locked_by": locked_by,
+             "attempts": job.attempts - 1, "updated_at": now, "b_id": job.id, "b_worker": self.worker_id}
+            for job in jobs if job.before is not None
+            for status, run_at, last_error, locked_by in [job.before]])
 
     async def _finish(self, job: Job, *, run_in: float | None = None, **values: Any) -> None:
         """End this worker's run of `job` with `values`; `run_in`: due again that many seconds from now (the
@@ -419,9 +496,14 @@ class OutboxWorker:
                 statement, values["b_delay"] = _FINISH_LATER, float(run_in)
             else:
                 values["run_at"] = utcnow() + timedelta(seconds=run_in)
-        # One UPDATE is its own transaction: run it in autocommit, without the BEGIN and COMMIT round
-        # trips of a session transaction, as a Core statement built once per set of columns.
-        async with autocommit(engine) as conn:
+        # One UPDATE is its own transaction: run it in autocommit, as a Core statement built once per set of
+        # columns.
+        await self._execute(statement, values)
+
+    async def _execute(self, statement: Any, values: Any) -> None:
+        """One statement (or one statement with several rows of parameters) in autocommit, without the BEGIN and
+        COMMIT round trips of a session transaction."""
+        async with autocommit(self._engine()) as conn:
             await conn.execute(statement, values)
 
     def _engine(self) -> Any:
@@ -533,6 +615,11 @@ class OutboxWorker:
             log.exception("could not record job result", extra={"job_id": job.id, "kind": job.kind, **_subject(job)})
         finally:
             self._busy -= 1
+            if job.lane is not None:
+                self._lanes[job.lane] -= 1
+                if not self._lanes[job.lane]:
+                    del self._lanes[job.lane]
+                self._lane_freed.set()
             self._sem.release()
 
     async def run_once(self) -> int:
@@ -551,14 +638,16 @@ class OutboxWorker:
         # Up to a batch is claimed at once (one statement), but never more jobs than there are free slots:
         # a busy worker does not hold jobs it cannot start while an idle one finds nothing. A claimed job's
         # lease runs from its claim, so its handler gets the lease less the time it waited (run_job; one
-        # that waited too long is handed back), and a stop hands back the jobs not started yet.
+        # that waited too long is handed back), and a stop hands back the jobs not started yet. No lane holds
+        # more than its share of the slots (_claim_within_shares): its jobs wait in the queue, unclaimed.
         tasks: set[asyncio.Task[None]] = set()
         while not self._stopping.is_set():
             free = await self._free_slots()
             if self._stopping.is_set():
                 break
+            self._lane_freed.clear()
             try:
-                jobs = await self.claim(free)
+                jobs = await self._claim_within_shares(free)
             except Exception as exc:
                 await self._sleep(self._claim_trouble.failed(exc))
                 continue
@@ -570,20 +659,25 @@ class OutboxWorker:
                     await asyncio.gather(*(self._give_back(j) for j in jobs[index:]), return_exceptions=True)
                     break
                 self._busy += 1
+                if job.lane is not None:
+                    self._lanes[job.lane] += 1
                 task = asyncio.create_task(self._guarded(job))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if not jobs:
-                await self._sleep(self._idle)
+                await self._sleep(self._idle, self._lane_freed if self._lanes else None)
         # Graceful stop: let running jobs finish (their lease covers a hard kill).
         if tasks:
             await asyncio.wait(tasks, timeout=self._lease)
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float, or_until: asyncio.Event | None = None) -> None:
+        """Wait `seconds`, or less if the worker stops or `or_until` is set."""
+        waits = [asyncio.ensure_future(event.wait()) for event in (self._stopping, or_until) if event is not None]
         try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
 
 _TABLE = cast(Table, OutboxJob.__table__)
@@ -608,18 +702,56 @@ def _db_now_plus(seconds: Any) -> Any:
 # and last_error are still the row's before it.
 _LAST_ERROR = case((_TABLE.c.status == "RUNNING", literal(WORKER_LOST)),
                    (_TABLE.c.last_error.is_(None), literal(UNSTAMPED)), else_=_TABLE.c.last_error)
-_DUE = (select(_TABLE.c.id, _TABLE.c.run_at, _TABLE.c.last_error)
-        .where(_TABLE.c.status.in_(("PENDING", "RUNNING")), _TABLE.c.run_at <= func.now())
-        .order_by(_TABLE.c.run_at).limit(bindparam("batch")).with_for_update(skip_locked=True).cte("due"))
-# RETURNING shows the new row; the run_at it had before the lease (for the order) and its last_error (for
-# Job.lost_before_call) come from the CTE.
-_CLAIM = (update(_TABLE).where(_TABLE.c.id == _DUE.c.id)
-          .values(status="RUNNING", run_at=_db_now_plus(bindparam("lease", type_=Float)),
-                  locked_by=bindparam("worker"), attempts=_TABLE.c.attempts + 1, updated_at=func.now(),
-                  last_error=_LAST_ERROR)
-          .returning(_TABLE.c.id, _TABLE.c.kind, _TABLE.c.payload, _TABLE.c.attempts, _TABLE.c.max_attempts,
-                     _TABLE.c.created_at, _TABLE.c.last_error, _DUE.c.run_at.label("run_at_before"),
-                     _DUE.c.last_error.label("last_error_before")))
+# Lanes: the payment provider a job's handler waits on, so that one provider hanging holds no more than a share of a
+# worker's slots (OutboxWorker's `lane_share`) and every other job still runs. A payment's or refund's jobs call
+# the payment's provider, read from its row (its name, as configured). SMS, webhooks (each its own receiver), scans
+# and sweeps have no lane: they are never held back. (SMS had one, the aggregator's: capped at half the slots, the
+# benchmark's receipts ran at a third of their rate.)
+PAYMENT_KINDS = ("payment.collect", "payment.poll")
+REFUND_KINDS = ("refund.submit", "refund.poll")
+
+
+@functools.cache
+def _lane() -> Any:
+    """A job's lane as SQL on its outbox row: the payment's provider (one primary-key read, a refund's through its
+    payment), NULL for anything else."""
+    payments, refunds = cast(Table, Payment.__table__), cast(Table, Refund.__table__)
+    of_payment = (select(payments.c.provider).where(payments.c.id == _TABLE.c.payload["payment_id"].as_string())
+                  .correlate(_TABLE).scalar_subquery())
+    of_refund = (select(payments.c.provider).select_from(refunds.join(payments, payments.c.id == refunds.c.payment_id))
+                 .where(refunds.c.id == _TABLE.c.payload["refund_id"].as_string())
+                 .correlate(_TABLE).scalar_subquery())
+    return case((_TABLE.c.kind.in_(PAYMENT_KINDS), of_payment), (_TABLE.c.kind.in_(REFUND_KINDS), of_refund),
+                else_=null())
+
+
+def _sparing(where: Any) -> Any:
+    """`where`, and the job's lane is none of the parameter `full`'s (the lanes at their share): such a job is not
+    claimed at all, so it holds no slot and no lease and keeps its place and its attempts."""
+    return and_(where, func.coalesce(_lane(), "").not_in(bindparam("full", expanding=True)))
+
+
+@functools.cache
+def _claim(sparing: bool) -> Any:
+    """The claim: WITH due AS (SELECT ... FOR UPDATE SKIP LOCKED) UPDATE ... FROM due RETURNING, one statement;
+    `sparing`: skipping the jobs of the lanes in the parameter `full` (_sparing)."""
+    where = and_(_TABLE.c.status.in_(("PENDING", "RUNNING")), _TABLE.c.run_at <= func.now())
+    due = (select(_TABLE.c.id, _TABLE.c.status, _TABLE.c.run_at, _TABLE.c.last_error, _TABLE.c.locked_by)
+           .where(_sparing(where) if sparing else where)
+           .order_by(_TABLE.c.run_at).limit(bindparam("batch")).with_for_update(skip_locked=True).cte("due"))
+    # RETURNING shows the new row; the state it had before the lease (run_at for the order, last_error for
+    # Job.lost_before_call, all of it for _unclaim) comes from the CTE; the lane is read for the claimed rows only
+    # (when `sparing`, the WHERE read it too).
+    return (update(_TABLE).where(_TABLE.c.id == due.c.id)
+            .values(status="RUNNING", run_at=_db_now_plus(bindparam("lease", type_=Float)),
+                    locked_by=bindparam("worker"), attempts=_TABLE.c.attempts + 1, updated_at=func.now(),
+                    last_error=_LAST_ERROR)
+            .returning(_TABLE.c.id, _TABLE.c.kind, _TABLE.c.payload, _TABLE.c.attempts, _TABLE.c.max_attempts,
+                       _TABLE.c.created_at, _TABLE.c.last_error, _lane().label("lane"),
+                       due.c.status.label("status_before"), due.c.run_at.label("run_at_before"),
+                       due.c.last_error.label("last_error_before"), due.c.locked_by.label("locked_by_before")))
+
+
 # Only the lease holder may finish the job; a job re-claimed after a lapse belongs to another. Built once:
 # the SET clause comes from the parameters' column names.
 _FINISH = update(_TABLE).where(_TABLE.c.id == bindparam("b_id"), _TABLE.c.locked_by == bindparam("b_worker"),

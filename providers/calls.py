@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -12,13 +14,62 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 
 from core.config import ProviderConfig
-from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS
+from core.db import iso_z, utcnow
+from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS, PROVIDER_FAILING
 from core.ports import ProviderError, ProviderTimeout
+
+log = logging.getLogger("gateway.providers")
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_READ_TIMEOUT = 10.0
 # A Retry-After longer than this is not waited for as such: the job's own backoff takes over.
 MAX_RETRY_AFTER = 3600.0
+# Calls to one provider failed (a 5xx, a timeout, no connection) this many times in a row, with no answer between:
+# it is down or hanging, not one unlucky request. One error line says since when, and gateway_provider_failing reads
+# 1, until a call is answered again (one line more). Not one line per job: in an outage every job fails.
+FAILING_AFTER = 5
+
+
+@dataclass
+class Outage:
+    """A provider's calls failing in a row, as this process saw them."""
+
+    failures: int = 0
+    since: str | None = None  # when the first of them was sent (UTC, ISO 8601)
+    reported: bool = False  # the error line was written (FAILING_AFTER reached)
+    started: float = 0.0  # time.monotonic() of the first
+
+
+_outages: dict[str, Outage] = {}
+
+
+def call_failed(provider: str, started: float) -> None:
+    """A call to `provider` sent at `started` (time.perf_counter()) got no answer, or a 5xx."""
+    outage = _outages.setdefault(provider, Outage())
+    if not outage.failures:
+        ago = time.perf_counter() - started
+        outage.since = iso_z(datetime.fromtimestamp(utcnow().timestamp() - ago, UTC))
+        outage.started = time.monotonic() - ago
+    outage.failures += 1
+    if outage.failures >= FAILING_AFTER and not outage.reported:
+        outage.reported = True
+        PROVIDER_FAILING.labels(provider=provider).set(1)
+        log.error("%s calls failing since %s", provider, outage.since,
+                  extra={"provider": provider, "failures_in_a_row": outage.failures, "failing_since": outage.since})
+
+
+def call_answered(provider: str) -> None:
+    """A call to `provider` got an answer that is not a 5xx (a 4xx is the provider's answer too): an outage this
+    process reported is over."""
+    outage = _outages.get(provider)
+    if outage is None or not outage.failures:
+        return
+    if outage.reported:
+        PROVIDER_FAILING.labels(provider=provider).set(0)
+        log.warning("%s calls succeed again", provider,
+                    extra={"provider": provider, "failures_in_a_row": outage.failures, "failing_since": outage.since,
+                           "failed_for_s": round(time.monotonic() - outage.started)})
+    _outages[provider] = Outage()
 
 
 class ProviderBusy(ProviderError):
@@ -68,10 +119,12 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
                                       timeout=timeouts)
     except (httpx.ConnectTimeout, httpx.ConnectError) as exc:
         PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
+        call_failed(provider, started)
         raise ProviderError(f"{provider} could not be reached ({type(exc).__name__})", retryable=True,
                             code="UNREACHABLE") from None
     except (httpx.TimeoutException, httpx.TransportError) as exc:
         PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
+        call_failed(provider, started)
         if creates:
             raise ProviderTimeout(f"{provider} did not answer {operation} ({type(exc).__name__}); "
                                   "ask its status before sending again") from None
@@ -81,6 +134,9 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
         PROVIDER_CALLS.labels(provider=provider, operation=operation).observe(time.perf_counter() - started)
     if response.status_code >= 500:
         PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
+        call_failed(provider, started)
+    else:
+        call_answered(provider)
     return response
 
 

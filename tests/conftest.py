@@ -249,6 +249,16 @@ async def drain(worker: Any, *, rounds: int = 50) -> int:
     return total
 
 
+@pytest.fixture(autouse=True)
+def _no_provider_outage_carried_over() -> Iterator[None]:
+    """Each test starts with no provider failures counted (providers.calls counts them per process, for its one
+    "calls failing" line): another test's failed calls must not make this one's first failure an outage."""
+    from providers import calls
+
+    calls._outages.clear()
+    yield
+
+
 async def readiness(client: Any, *, tries: int = 5) -> tuple[int, dict[str, Any]]:
     """GET /readyz, asked again while its only fault is a Redis PING past the client's 1 s socket timeout: on a
     shared CI machine a stall of a second happens (stop 22 failed on one), and readiness reports it as it should

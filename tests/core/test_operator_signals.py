@@ -250,7 +250,7 @@ async def test_a_worker_whose_claims_fail_backs_off_and_logs_once_a_minute(rt, m
     waits: list[float] = []
     outcomes = iter([*[ConnectionRefusedError("database down")] * 7, None, None, OSError("again"), None])
 
-    async def claim(limit: int | None = None) -> list[Any]:
+    async def claim(limit: int | None = None, *, sparing: Any = ()) -> list[Any]:
         outcome = next(outcomes, StopAsyncIteration)
         if outcome is StopAsyncIteration:
             worker.stop()
@@ -258,7 +258,7 @@ async def test_a_worker_whose_claims_fail_backs_off_and_logs_once_a_minute(rt, m
             raise outcome
         return []
 
-    async def sleep(seconds: float) -> None:
+    async def sleep(seconds: float, or_until: Any = None) -> None:
         waits.append(seconds)
         clock[0] += seconds
 
