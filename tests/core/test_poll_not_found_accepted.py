@@ -27,17 +27,13 @@ from core.models import OutboxJob, Payment
 from core.payments import UNCONFIRMED_FLAG, create_payment
 from core.state.payment import UNCONFIRMED
 from tests.conftest import drain
+from tests.core.test_poll_unsettled import _payment, _processing, _window_over
 from tests.providers.wires import ADMIN, due_now, mtn_adapter, mtn_payment, mtn_wire
 
 RTP = "/collection/v1_0/requesttopay"
 NOT_FOUND = {"code": "RESOURCE_NOT_FOUND", "message": "Requested resource was not found."}
 SUCCESSFUL = {"amount": "50000", "currency": "RWF", "financialTransactionId": "FT-404",
               "payer": {"partyIdType": "MSISDN", "partyId": "250788000001"}, "status": "SUCCESSFUL"}
-
-
-async def _payment(rt: Any, payment_id: str) -> Payment:
-    async with rt.sessionmaker() as s:
-        return await s.get(Payment, payment_id)
 
 
 async def _jobs(rt: Any, kind: str) -> list[OutboxJob]:
@@ -51,21 +47,10 @@ async def _sms_templates(rt: Any, payment_id: str) -> list[str]:
             if (j.payload.get("context") or {}).get("payment_id") == payment_id]
 
 
-async def _window_over(rt: Any, payment_id: str, ago: timedelta = timedelta(seconds=1)) -> None:
-    async with rt.sessionmaker.begin() as s:
-        await s.execute(update(Payment).where(Payment.id == payment_id).values(expires_at=utcnow() - ago))
-    await due_now(rt, "payment.poll")
-
-
 async def _accepted_then_not_found(rt: Any, demo: dict[str, Any], worker: Any) -> tuple[Any, Payment]:
     """An MTN payment MTN accepted (202, PROCESSING); its status lookup then answers 404 for it."""
-    wire = mtn_wire().on("POST", RTP, 202).on("GET", RTP + "/*", 404, NOT_FOUND)
-    mtn_adapter(rt, wire)
-    async with rt.sessionmaker.begin() as s:
-        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
-    await worker.run_once()  # the collect job
-    stored = await _payment(rt, payment.id)
-    assert stored.status == "PROCESSING"
+    wire, stored = await _processing(rt, demo, worker)
+    wire.on("GET", RTP + "/*", 404, NOT_FOUND)
     return wire, stored
 
 
