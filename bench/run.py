@@ -46,6 +46,11 @@ SERVICE_CODE = "*384*123#"
 HOP_PHONE = "+250788000001"  # demo member: one membership, so the home menu needs no choice
 AIRTEL_PAYER = "+250733000001"  # demo member with an Airtel number: the API payments and callbacks
 CONNECTIONS = 32
+# Members per pay-session connection: each session of a connection is another member's (the gateway refuses a
+# member a second payment of a type and amount while her first is open, as the sessions' payments stay: no
+# worker runs them). More than a connection's sessions in one run; between runs the pool's payments are
+# closed (_close_pool_payments).
+PAY_MEMBERS_PER_CONNECTION = 100
 
 
 @dataclass
@@ -288,7 +293,8 @@ class RssSampler:
 # -- set-up ----------------------------------------------------------------------------------------
 
 async def seed(env: dict[str, str], members: int) -> dict[str, Any]:
-    """The demo, plus one MTN member per pay-session connection (no two sessions of a phone overlap)."""
+    """The demo, plus the pay sessions' MTN members (PAY_MEMBERS_PER_CONNECTION per connection, so no two sessions of
+    a phone overlap, nor follow one another within a run); the first is the spare phone (session_size)."""
     from app import open_runtime
     from core.audit import Actor
     from core.config import load_settings
@@ -465,15 +471,18 @@ def pay_sessions(b: Bench, label: str, name: str, second: Proc | None = None, no
     # Warm-up, not measured (as for the menu hops): the first confirmations of 32 sessions at once open
     # most of the database pool. Its payments are older than `started`, so the checks leave them out.
     warmed = datetime.now(UTC)
+    phones = {"BENCH_PHONE_FIRST": b.phones[0], "BENCH_PHONES_PER_CONNECTION": str(PAY_MEMBERS_PER_CONNECTION)}
+    _close_pool_payments(b)
     wrk(ussd_path(b), "ussd_pay.lua", seconds=1 if b.args.quick else 2, connections=CONNECTIONS,
-        env={"BENCH_PHONES": ",".join(b.phones), "BENCH_RUN": run + "w"})
+        env={**phones, "BENCH_RUN": run + "w"})
     settle(b, "SELECT count(*) FROM payments WHERE channel = 'ussd' AND created_at >= $1", warmed)
     forget_resume_routes(b)  # sessions the warm-up left mid-way would offer "resume" instead of the menu
+    _close_pool_payments(b)
     started = datetime.now(UTC)
     with RssSampler(b.serve, b.profile_path(name)) as rss, RssSampler(second) as rss2:
         # At least 3 s: the first hops of 32 new sessions come at once, and a smoke run must see ENDs.
         result = wrk(ussd_path(b), "ussd_pay.lua", seconds=max(3.0, b.seconds()), connections=CONNECTIONS,
-                     env={"BENCH_PHONES": ",".join(b.phones), "BENCH_RUN": run})
+                     env={**phones, "BENCH_RUN": run})
     b.rss_peak[name] = max(rss.peak, rss2.peak)
     ends = int(result.extra.get("ends", 0))
     settle(b, "SELECT count(*) FROM payments WHERE channel = 'ussd' AND created_at >= $1", started)
@@ -765,6 +774,14 @@ def scenario_memory(b: Bench) -> None:
                       notes="a pay session stopped at the confirmation screen (the most state it keeps)"))
 
 
+def _close_pool_payments(b: Bench) -> None:
+    """The open payments the pay sessions made so far, dated past their approval window: as if each member's had
+    ended (nothing runs them), so the next run's sessions of the same members each make a payment, as the
+    first did (a member's second payment of a type and amount is refused while her first is open)."""
+    db(b, "UPDATE payments SET expires_at = now() - interval '1 second' "
+          "WHERE channel = 'ussd' AND status IN ('PENDING', 'PROCESSING') AND expires_at > now()")
+
+
 def forget_resume_routes(b: Bench) -> None:
     import redis
 
@@ -896,9 +913,9 @@ def run(args: argparse.Namespace) -> int:
         b.log(f"services in {services['GATEWAY_SERVICES_DIR']}; logs in {workdir}")
         subprocess.run([python(), "main.py", "migrate"], cwd=ROOT, env=env, check=True, capture_output=True,
                        timeout=300)
-        b.demo = asyncio.run(seed(env, CONNECTIONS + 1))
-        b.phones = b.demo["phones"][:CONNECTIONS]
-        b.spare_phone = b.demo["phones"][CONNECTIONS]
+        b.demo = asyncio.run(seed(env, 1 + CONNECTIONS * PAY_MEMBERS_PER_CONNECTION))
+        b.spare_phone = b.demo["phones"][0]
+        b.phones = b.demo["phones"][1:]
         start_simulators(b)
         b.serve = start_serve(b)
         b.token = login(b)

@@ -160,8 +160,9 @@ async def _collect_in_flight(session: AsyncSession, payment_id: str, *, retry_be
     """A collect job of this payment (its first, or a resend after NOT_FOUND) is held by a worker: it may be
     sending the request now. With `retry_before` (the end of the payment's window), also one waiting to try again
     before then (a retry after a failed call, or not run yet): it will send the request itself, and a resend
-    beside it would only double the calls to a provider already failing. A RUNNING or PENDING job is one of a
-    few (ix_outbox_due: status first)."""
+    beside it would only double the calls to a provider already failing. RUNNING jobs are a few (ix_outbox_due:
+    status first); PENDING ones are the whole backlog, largest in an outage (a few ms more per poll then, read by
+    the dedupe key's prefix)."""
     key = OutboxJob.dedupe_key
     live = OutboxJob.status == "RUNNING"
     if retry_before is not None:

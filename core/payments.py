@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BigInteger, String, bindparam, exists, or_, select, update
+from sqlalchemy import BigInteger, String, and_, bindparam, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
@@ -37,7 +37,7 @@ from core.ports import (
 from core.ports import ProviderEvent as ProviderEventData
 from core.references import next_reference, reference_prefix
 from core.state import StaleTransition, transition
-from core.state.payment import COLLECTED, OPEN, OPEN_VALUES, PAYMENT, UNCONFIRMED, PaymentStatus, holds_money
+from core.state.payment import COLLECTED, OPEN, PAYMENT, UNCONFIRMED, PaymentStatus, holds_money
 from core.text import admin_note
 
 if TYPE_CHECKING:
@@ -344,10 +344,11 @@ class PaymentContext:
 @dataclass(frozen=True)
 class OpenLike:
     """What load_context looks for an open payment like: the same payer's (the member's; with no member, the
-    number's of `payer_index`), of the same payment type and `amount` in the same cooperative, PENDING or
-    PROCESSING and still inside its approval window (expires_at), so its PIN prompt can still be approved and its
-    money still taken. A payment made with `idempotency_key` (the request's own, made before: a retry, a copy,
-    a replay) hides any: the request is answered with its own payment, as create_payment's key always did.
+    number's of `payer_index`), of the same payment type and `amount` in the same cooperative, PENDING and
+    still inside its approval window (expires_at), or PROCESSING up to PAYMENT_PENDING_GRACE_SECONDS after it (the
+    polls wait that long for her), so its PIN prompt can still be approved and its money still taken. A payment
+    made with `idempotency_key` (the request's own, made before: a retry, a copy, a replay) hides any: the
+    request is answered with its own payment, as create_payment's key always did.
 
     A member who dials again because no prompt came (the provider down, its collect job retrying) must not
     make a second payment that the provider collects too once it recovers (channels.ussd.flows).
@@ -359,12 +360,17 @@ class OpenLike:
     amount: Money
     idempotency_key: str
     since: datetime
+    # A PROCESSING payment (the provider took the request: her prompt was sent, perhaps late, by a collect retried
+    # through an outage) can still be approved after its window: the polls wait PAYMENT_PENDING_GRACE_SECONDS
+    # for her (core.jobs), and so does this check. A PENDING one past its window is sent no more.
+    processing_grace: timedelta = timedelta(0)
 
 
 def like_open(settings: Any, amount: Money, idempotency_key: str) -> OpenLike:
     """The OpenLike of a request for `amount` with `idempotency_key`, now."""
     longest = max(approval_window(settings, method) for method in METHODS)
-    return OpenLike(amount, idempotency_key, utcnow() - timedelta(seconds=longest))
+    grace = timedelta(seconds=settings.payment_pending_grace_seconds)
+    return OpenLike(amount, idempotency_key, utcnow() - timedelta(seconds=longest) - grace, grace)
 
 
 _OWN = aliased(Payment, name="own")
@@ -378,6 +384,7 @@ def _context_with_open(by_member: bool) -> Any:
     payer = (Payment.member_id == bindparam("member_id", type_=String) if by_member
              else Payment.payment_account_index == bindparam("payer_index", type_=String))
     coop = bindparam("coop_id", type_=String)
+    expires = Payment.__table__.c.expires_at.type
     own = select(_OWN.id).where(_OWN.cooperative_id == coop,
                                 _OWN.idempotency_key == bindparam("open_key", type_=String))
     found = (select(Payment.reference)
@@ -386,8 +393,10 @@ def _context_with_open(by_member: bool) -> Any:
                     Payment.amount_minor == bindparam("open_amount", type_=BigInteger),
                     Payment.currency == bindparam("open_currency", type_=String),
                     Payment.created_at > bindparam("open_since", type_=Payment.__table__.c.created_at.type),
-                    or_(*(Payment.status == status for status in OPEN_VALUES)),
-                    Payment.expires_at > bindparam("open_now", type_=Payment.__table__.c.expires_at.type),
+                    or_(and_(Payment.status == PaymentStatus.PENDING.value,
+                             Payment.expires_at > bindparam("open_now", type_=expires)),
+                        and_(Payment.status == PaymentStatus.PROCESSING.value,
+                             Payment.expires_at > bindparam("open_processing", type_=expires))),
                     ~exists(own))
              .order_by(Payment.created_at.desc()).limit(1).scalar_subquery())
     return CONTEXT.add_columns(found.label("open_reference"))
@@ -405,8 +414,10 @@ async def load_context(session: AsyncSession, cooperative_id: str, payment_type_
     if open_like is not None and (member_id is not None or payer_index is not None):
         statement = _context_with_open(member_id is not None)
         # The database's clock (utcnow is aligned to it), which dates expires_at and judges it in the polls.
+        now = utcnow()
         params.update(open_key=open_like.idempotency_key, open_amount=open_like.amount.minor,
-                      open_currency=open_like.amount.currency, open_since=open_like.since, open_now=utcnow())
+                      open_currency=open_like.amount.currency, open_since=open_like.since, open_now=now,
+                      open_processing=now - open_like.processing_grace)
     if session.get_bind().dialect.name == "postgresql":
         row: Any = await pgraw.fetchrow(session, pgraw.compiled(statement), params)
     else:

@@ -137,6 +137,29 @@ async def test_a_payment_past_its_approval_window_does_not_stop_her_paying(
     assert await db.count(Payment) == 2
 
 
+async def test_a_request_the_provider_took_late_stops_her_until_its_prompt_is_over(
+        client: Any, demo: Any, db: Any, rt: Any) -> None:
+    """MTN was down; the collect's retry was taken just before the window's end (PROCESSING): her prompt lives on
+    after the window, and the polls wait PAYMENT_PENDING_GRACE_SECONDS for her. Dialling again 30 s after the
+    window, no prompt seen yet, she is told it waits, not given a second payment (two prompts, two rents). Past
+    that grace she pays again."""
+    _phone, _confirm, done = await pay(client, EN_MTN)
+    first = reference_on(done)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.reference == first)
+                        .values(status="PROCESSING", expires_at=utcnow() - timedelta(seconds=30)))
+    _again, _confirm, second = await pay(client, EN_MTN)
+    assert second.startswith(f"END Payment {first} of 50,000 RWF for Monthly Rent awaits your approval"), second
+    assert await db.count(Payment) == 1
+    grace = rt.settings.payment_pending_grace_seconds
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.reference == first)
+                        .values(expires_at=utcnow() - timedelta(seconds=grace + 1)))
+    _later, confirm, third = await pay(client, EN_MTN)
+    assert third == f"END Approve the prompt on your phone to pay 50,000 RWF. Ref {reference_on(confirm)}"
+    assert await db.count(Payment) == 2
+
+
 async def test_another_type_another_amount_or_another_member_is_not_stopped(
         client: Any, demo: Any, db: Any, rt: Any) -> None:
     _phone, _confirm, rent = await pay(client, EN_MTN)
