@@ -606,6 +606,13 @@ class OutboxWorker:
                            run_in=SCHEMA_RETRY_SECONDS, last_error=error[:2000])
 
     async def _give_back(self, job: Job) -> None:
+        """Hand back a claimed job this worker will not start (stopping, or its lease used up waiting for a slot):
+        as the claim found it (_unclaim), so a job taken back from a lost worker is still read as one, and one
+        lost before its provider call still as that (Job.lost_before_call: a collect then sends, where "the call
+        may have arrived" would not, and M-Pesa's or IremboPay's payer would never be prompted)."""
+        if job.before is not None:
+            await self._unclaim([job])
+            return
         await self._finish(job, status="PENDING", locked_by=None, attempts=job.attempts - 1, run_in=0)
 
     async def _guarded(self, job: Job) -> None:

@@ -16,7 +16,16 @@ from sqlalchemy import select, update
 
 from core.db import utcnow
 from core.models import OutboxJob
-from core.outbox import NewJob, OutboxWorker, PermanentJobError, RetryLater, backoff, enqueue, enqueue_many
+from core.outbox import (
+    UNSTAMPED,
+    NewJob,
+    OutboxWorker,
+    PermanentJobError,
+    RetryLater,
+    backoff,
+    enqueue,
+    enqueue_many,
+)
 from tests.conftest import requires_pg
 
 PROC = Path(__file__).with_name("outbox_proc.py")
@@ -140,6 +149,21 @@ async def test_a_stopping_worker_hands_back_the_jobs_it_has_not_started(sm):
                                       .order_by(OutboxJob.id))).all()
     assert rows[0] == ("DONE", None, 1)
     assert rows[1:] == [("PENDING", None, 0)] * 4  # not started: back for another worker, no attempt used
+
+
+async def test_a_job_handed_back_is_read_next_time_as_it_was_found(sm):
+    """A job taken back from a worker lost before its provider call, then handed back unstarted (a stop, or its
+    lease used up waiting for a slot), is still one lost before its call for the next worker: its collect sends
+    the request (read as "the call may have arrived", an M-Pesa or IremboPay payer would never be prompted)."""
+    async with sm.begin() as s:
+        await enqueue_many(s, [NewJob("payment.collect", {"payment_id": "x"}, dedupe_key="c1")])
+        await s.execute(update(OutboxJob).values(status="RUNNING", locked_by="gone", attempts=1,
+                                                 last_error=UNSTAMPED, run_at=utcnow() - timedelta(seconds=5)))
+    [job] = await OutboxWorker(sm, {}, worker_id="w1").claim()
+    assert (job.lost_before_call, job.call_may_have_arrived, job.attempts) == (True, False, 2)
+    await OutboxWorker(sm, {}, worker_id="w1")._give_back(job)
+    [again] = await OutboxWorker(sm, {}, worker_id="w2").claim()
+    assert (again.lost_before_call, again.call_may_have_arrived, again.attempts) == (True, False, 2)
 
 
 def test_a_worker_id_fits_its_column_whatever_the_host_name(sm, monkeypatch):
