@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -343,52 +342,47 @@ class PaymentContext:
 
 @dataclass(frozen=True)
 class OpenLike:
-    """What load_context looks for an open payment like: the same payer's (the member's; with no member, the
-    number's of `payer_index`), of the same payment type and `amount` in the same cooperative, PENDING and
-    still inside its approval window (expires_at), or PROCESSING up to PAYMENT_PENDING_GRACE_SECONDS after it (the
-    polls wait that long for her), so its PIN prompt can still be approved and its money still taken. A payment
-    made with `idempotency_key` (the request's own, made before: a retry, a copy, a replay) hides any: the
-    request is answered with its own payment, as create_payment's key always did.
+    """What load_context looks for an open payment like: the same member's, of the same payment type and `amount`
+    in the same cooperative, PENDING and still inside its approval window (expires_at), or PROCESSING up to
+    `grace` after it (the provider took the request, perhaps late, through a collect retried in an outage: the
+    polls wait PAYMENT_PENDING_GRACE_SECONDS for her prompt, and so does this check), so its PIN prompt can still
+    be approved and its money still taken. A payment made with `idempotency_key` (the request's own, made before:
+    a retry, a copy, a replay) hides any: the request is answered with its own payment, as create_payment's key
+    always did.
 
     A member who dials again because no prompt came (the provider down, its collect job retrying) must not
     make a second payment that the provider collects too once it recovers (channels.ussd.flows).
 
-    `since`: made after it (like_open gives now less the longest approval window): no payment made before can
-    still be inside its window, and the member's payments are then read from her (member_id, created_at)
-    index's last minutes only."""
+    `window`: the longest approval window; no payment made more than it and `grace` ago can still be open, so the
+    member's payments are read from her (member_id, created_at) index's last minutes only."""
 
     amount: Money
     idempotency_key: str
-    since: datetime
-    # A PROCESSING payment (the provider took the request: her prompt was sent, perhaps late, by a collect retried
-    # through an outage) can still be approved after its window: the polls wait PAYMENT_PENDING_GRACE_SECONDS
-    # for her (core.jobs), and so does this check. A PENDING one past its window is sent no more.
-    processing_grace: timedelta = timedelta(0)
+    window: timedelta
+    grace: timedelta
 
 
 def like_open(settings: Any, amount: Money, idempotency_key: str) -> OpenLike:
-    """The OpenLike of a request for `amount` with `idempotency_key`, now."""
+    """The OpenLike of a request for `amount` with `idempotency_key`."""
     longest = max(approval_window(settings, method) for method in METHODS)
-    grace = timedelta(seconds=settings.payment_pending_grace_seconds)
-    return OpenLike(amount, idempotency_key, utcnow() - timedelta(seconds=longest) - grace, grace)
+    return OpenLike(amount, idempotency_key, timedelta(seconds=longest),
+                    timedelta(seconds=settings.payment_pending_grace_seconds))
 
 
 _OWN = aliased(Payment, name="own")
 
 
-@functools.cache
-def _context_with_open(by_member: bool) -> Any:
-    """CONTEXT and, as its column open_reference, the newest payment OpenLike describes: in the same query (the
-    confirmation's one read stays one; both lookups are index reads: a member's payments, or the number's, and
-    the cooperative's key). Parameters: CONTEXT's and open_key, open_amount, open_currency, open_since, open_now."""
-    payer = (Payment.member_id == bindparam("member_id", type_=String) if by_member
-             else Payment.payment_account_index == bindparam("payer_index", type_=String))
+def _context_with_open() -> Any:
+    """CONTEXT and, as its column open_reference, the member's newest payment OpenLike describes: in the same query
+    (the confirmation's one read stays one; both lookups are index reads: the member's payments, and the
+    cooperative's key). Parameters: CONTEXT's and open_key, open_amount, open_currency, open_since, open_now,
+    open_processing."""
     coop = bindparam("coop_id", type_=String)
     expires = Payment.__table__.c.expires_at.type
     own = select(_OWN.id).where(_OWN.cooperative_id == coop,
                                 _OWN.idempotency_key == bindparam("open_key", type_=String))
     found = (select(Payment.reference)
-             .where(payer, Payment.cooperative_id == coop,
+             .where(Payment.member_id == bindparam("member_id", type_=String), Payment.cooperative_id == coop,
                     Payment.payment_type_id == bindparam("type_id", type_=String),
                     Payment.amount_minor == bindparam("open_amount", type_=BigInteger),
                     Payment.currency == bindparam("open_currency", type_=String),
@@ -402,22 +396,25 @@ def _context_with_open(by_member: bool) -> Any:
     return CONTEXT.add_columns(found.label("open_reference"))
 
 
+_CONTEXT_WITH_OPEN = _context_with_open()
+
+
 async def load_context(session: AsyncSession, cooperative_id: str, payment_type_id: str,
                        member_id: str | None, *, payer_index: str | None = None,
                        open_like: OpenLike | None = None) -> PaymentContext:
     """The cooperative, its payment type, whether the member is theirs and, with `payer_index`
-    (payer_index_guess), their active member with that number; with `open_like`, an open payment like the
-    one asked for (its reference): in one query."""
+    (payer_index_guess), their active member with that number; with `open_like` and a member, her open payment
+    like the one asked for (its reference): in one query."""
     params: dict[str, Any] = {"coop_id": cooperative_id, "type_id": payment_type_id, "member_id": member_id,
                               "payer_index": payer_index}
     statement = CONTEXT
-    if open_like is not None and (member_id is not None or payer_index is not None):
-        statement = _context_with_open(member_id is not None)
+    if open_like is not None and member_id is not None:
+        statement = _CONTEXT_WITH_OPEN
         # The database's clock (utcnow is aligned to it), which dates expires_at and judges it in the polls.
         now = utcnow()
         params.update(open_key=open_like.idempotency_key, open_amount=open_like.amount.minor,
-                      open_currency=open_like.amount.currency, open_since=open_like.since, open_now=now,
-                      open_processing=now - open_like.processing_grace)
+                      open_currency=open_like.amount.currency, open_since=now - open_like.window - open_like.grace,
+                      open_now=now, open_processing=now - open_like.grace)
     if session.get_bind().dialect.name == "postgresql":
         row: Any = await pgraw.fetchrow(session, pgraw.compiled(statement), params)
     else:

@@ -22,6 +22,7 @@ from core.money import Money
 from core.ports import ProviderOutcome
 from tests.channels.ussd.helpers import AtPhone
 from tests.channels.ussd.test_flows_africastalking import EN_MTN, RW_MTN, option, reference_on
+from tests.channels.ussd.test_resume_closed_payment import _outcome
 from tests.conftest import sql_sent
 
 WAITING_EN = ("END Payment {ref} of {amount} for {type} awaits your approval on your phone or mobile money. "
@@ -105,21 +106,10 @@ async def test_a_confirmation_replayed_by_its_own_session_still_finds_its_own_pa
     assert await db.count(Payment) == 1 and await collect_jobs(db) == 1
 
 
-async def _settle(rt: Any, reference: str, outcome: ProviderOutcome) -> None:
-    from core.payments import apply_collection_outcome, get_by_reference
-
-    async with rt.sessionmaker.begin() as s:
-        payment = await get_by_reference(s, reference)
-        assert payment is not None
-        await apply_collection_outcome(s, rt, payment, outcome, actor=Actor("provider:test", "provider"),
-                                       reason=None if outcome is ProviderOutcome.SUCCEEDED else "declined",
-                                       provider_transaction_id="TX-1")
-
-
 async def test_a_closed_payment_does_not_stop_her_paying(client: Any, demo: Any, db: Any, rt: Any) -> None:
     """She declined the prompt (FAILED): paying again makes a new payment and its prompt."""
     _phone, _confirm, done = await pay(client, EN_MTN)
-    await _settle(rt, reference_on(done), ProviderOutcome.FAILED)
+    await _outcome(rt, reference_on(done), ProviderOutcome.FAILED)
     _again, confirm, second = await pay(client, EN_MTN)
     assert second == f"END Approve the prompt on your phone to pay 50,000 RWF. Ref {reference_on(confirm)}"
     assert await db.count(Payment) == 2 and await collect_jobs(db) == 2
