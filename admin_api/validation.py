@@ -265,9 +265,12 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
     """Typed values for every declared parameter; unknown or bad parameters are all reported."""
     errors: list[str] = []
     values: dict[str, Any] = {name: p.default for name, p in params.items()}
-    for name in query:
+    for name in dict.fromkeys(query):
         if name not in params:
             errors.append(f"query parameter {name} is not allowed")
+        elif len(getattr(query, "getall", lambda _: [None])(name)) > 1:
+            # Read as its first value, `status=PENDING&status=PROCESSING` answered half of what was asked.
+            errors.append(f"query parameter {name} is given more than once")
     for name, param in params.items():
         raw = query.get(name)
         if raw is None:

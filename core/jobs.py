@@ -436,10 +436,12 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         raise RetryLater(delay, why)
 
     async def schedule_poll(payment_id: str, now: datetime, delay: float) -> None:
-        """Record when the payment is asked about next, so the sweep does not take it for a stalled poll."""
+        """Record when the payment is asked about next, so the sweep does not take it for a stalled poll. Not a
+        change anyone sees: updated_at is kept (an `updatedFrom` sync listed an open payment again at each poll)."""
         async with rt.sessionmaker.begin() as session:
             await session.execute(update(Payment).where(Payment.id == payment_id)
-                                  .values(next_poll_at=now + timedelta(seconds=delay)))
+                                  .values(next_poll_at=now + timedelta(seconds=delay),
+                                          updated_at=Payment.updated_at))
 
     def refund_request(refund: Refund, payment: Payment) -> RefundRequest:
         account = payment_account(rt, payment)
@@ -648,7 +650,8 @@ async def sweep_open_payments(rt: Runtime, *, now: datetime | None = None) -> in
             await enqueue(session, "payment.poll", {"payment_id": payment_id},
                           dedupe_key=f"poll:{payment_id}:sweep:{slot}", cooperative_id=cooperative_id,
                           max_attempts=30)
-            await session.execute(update(Payment).where(Payment.id == payment_id).values(next_poll_at=now))
+            await session.execute(update(Payment).where(Payment.id == payment_id)
+                                  .values(next_poll_at=now, updated_at=Payment.updated_at))
     return len(stuck)
 
 
