@@ -258,6 +258,7 @@ async def refresh_token(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         ctx.rt.redis,
         ctx.body["refreshToken"],
         secret=s.jwt_secret.get(),
+        previous=s.jwt_previous,
         ttl_seconds=s.jwt_ttl_seconds,
     )
     response = json_response(_tokens(pair))

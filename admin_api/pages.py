@@ -215,7 +215,8 @@ def principal_from_request(request: web.Request) -> tuple[auth.Principal, dict[s
     if scheme.lower() != "bearer" or not token.strip():
         raise auth.Unauthorized("a Bearer access token is required")
     settings = request.app[SETTINGS]
-    claims = auth.decode_token(token.strip(), secret=settings.jwt_secret.get(), expected_type="access")
+    claims = auth.decode_token(token.strip(), secret=settings.jwt_secret.get(), previous=settings.jwt_previous,
+                               expected_type="access")
     return auth.principal_from_access(claims), claims
 
 

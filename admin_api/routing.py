@@ -113,7 +113,8 @@ async def authenticate(request: web.Request, session: AsyncSession,
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Unauthorized")
-    claims = auth.decode_token(token.strip(), secret=rt.settings.jwt_secret.get(), expected_type="access")
+    claims = auth.decode_token(token.strip(), secret=rt.settings.jwt_secret.get(), previous=rt.settings.jwt_previous,
+                               expected_type="access")
     return auth.principal_from_access(claims), claims
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
+import hmac
 import logging
 import math
 import uuid
@@ -21,9 +23,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from core.audit import Actor, record
+from core.config import Settings
 from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
 from core.db import insert_ignore, serialise_on_sqlite, utcnow, wall
 from core.errors import Conflict, DomainError, Forbidden, NotFound, ValidationError
+from core.metrics import PREVIOUS_SECRET_USED
 from core.models import AdminUser, ApiKey, AuditEvent, Cooperative, Member, PaymentType, UsedRefreshToken
 from core.ratelimit import subject_tag
 
@@ -150,8 +154,31 @@ class TokenPair:
     cooperative_id: str | None
 
 
+# Hashed before the secret for its key id, so the id is no plain digest of the secret that might be met elsewhere.
+_KID_LABEL = b"coop-gateway jwt key id\x00"
+
+
+@functools.lru_cache(maxsize=16)
+def key_id(secret: str) -> str:
+    """The `kid` header of the tokens `secret` signs: 8 hex digits of SHA-256 over a fixed label and the secret, a
+    short fingerprint that names the key (verification picks it directly, core.auth.decode_token) and tells
+    nothing of it."""
+    return hashlib.sha256(_KID_LABEL + secret.encode()).hexdigest()[:8]
+
+
+@functools.lru_cache(maxsize=16)
+def _keys_by_id(secret: str, previous: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """kid -> the configured secrets with that id, the current one first: one each, unless two secrets' 32-bit
+    fingerprints collide, when both are tried (never more than the secrets configured)."""
+    keys: dict[str, tuple[str, ...]] = {}
+    for candidate in (secret, *previous):
+        kid = key_id(candidate)
+        keys[kid] = (*keys.get(kid, ()), candidate)
+    return keys
+
+
 def _encode(secret: str, claims: dict[str, Any]) -> str:
-    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+    return jwt.encode(claims, secret, algorithm=ALGORITHM, headers={"kid": key_id(secret)})
 
 
 def issue_tokens(user: AdminUser, *, secret: str, ttl_seconds: int, issued_at: float | None = None) -> TokenPair:
@@ -190,48 +217,84 @@ def issue_tokens(user: AdminUser, *, secret: str, ttl_seconds: int, issued_at: f
 
 
 # Verified access tokens, so a client sending the same token on every call pays the HMAC and claim
-# checks once per token life: (token, secret) -> (claims, exp). Only successful checks are kept; expiry
-# is still checked on every hit, with the same leeway.
-_VERIFIED: dict[tuple[str, str], tuple[dict[str, Any], float]] = {}
+# checks once per token life: (token, secret, previous secrets) -> (claims, exp, signed with a previous secret).
+# Only successful checks are kept; expiry is still checked on every hit, with the same leeway.
+_VERIFIED: dict[tuple[str, str, tuple[str, ...]], tuple[dict[str, Any], float, bool]] = {}
 _VERIFIED_MAX = 4096
 LEEWAY = 5
 
 
-def decode_token(token: str, *, secret: str, expected_type: str) -> dict[str, Any]:
-    """Verify signature, algorithm, issuer, audience, expiry and token type; 401 on any failure."""
-    cache_key = (token, secret)
+def decode_token(token: str, *, secret: str, expected_type: str, previous: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Verify signature, algorithm, issuer, audience, expiry and token type; 401 on any failure.
+
+    Tokens are signed with `secret` (JWT_SECRET); one signed with a `previous` secret (JWT_PREVIOUS_SECRETS, the
+    overlap of a rotation) verifies as well, and is counted each time it is used (previous_secret_used)."""
+    cache_key = (token, secret, previous)
     if expected_type == "access":
         hit = _VERIFIED.get(cache_key)
         if hit is not None:
-            claims, exp = hit
+            claims, exp, old_key = hit
             if wall() > exp + LEEWAY:
                 _VERIFIED.pop(cache_key, None)
                 raise Unauthorized("token has expired")
+            if old_key:
+                previous_secret_used("jwt")
             return dict(claims)
-    claims = _decode(token, secret=secret, expected_type=expected_type)
+    claims, signed_with = _decode(token, secret=secret, previous=previous, expected_type=expected_type)
+    old_key = signed_with != secret
+    if old_key:
+        previous_secret_used("jwt")
     if expected_type == "access":
         if len(_VERIFIED) >= _VERIFIED_MAX:
             _VERIFIED.pop(next(iter(_VERIFIED)))  # the oldest entry
-        _VERIFIED[cache_key] = (dict(claims), float(claims["exp"]))
+        _VERIFIED[cache_key] = (dict(claims), float(claims["exp"]), old_key)
     return claims
 
 
-def _decode(token: str, *, secret: str, expected_type: str) -> dict[str, Any]:
+def _candidate_secrets(token: str, secret: str, previous: tuple[str, ...]) -> tuple[str, ...]:
+    """The secrets a token may have been signed with: the one its `kid` header names. A token with no kid was
+    issued before this release wrote them: it is tried against the current secret, then each previous one. A kid
+    that names no configured secret (a removed one, a forgery) gets none: the token is refused as any bad token
+    is, with nothing said of which keys exist."""
     try:
-        claims = jwt.decode(
-            token,
-            secret,
-            algorithms=[ALGORITHM],
-            audience=AUDIENCE,
-            issuer=ISSUER,
-            # The times are checked below on the clock they were issued by (core.db.wall: PostgreSQL's, the
-            # same on every host), not by PyJWT on this host's: a host whose clock runs behind would refuse
-            # every token as issued in the future, one ahead would cut their lives short.
-            options={"require": ["exp", "iat", "sub", "typ", "jti"], "verify_exp": False, "verify_iat": False},
-            leeway=LEEWAY,
-        )
+        kid = jwt.get_unverified_header(token).get("kid")
     except jwt.InvalidTokenError:
         raise Unauthorized("invalid token") from None
+    if kid is None:
+        return (secret, *previous)
+    return _keys_by_id(secret, previous).get(kid, ()) if isinstance(kid, str) else ()
+
+
+def _verified_claims(token: str, secret: str, previous: tuple[str, ...]) -> tuple[dict[str, Any], str]:
+    """The token's claims and the secret that signed it, checked with that secret: signature, algorithm (pinned),
+    issuer, audience and the required claims. A wrong signature moves on to the next candidate (only a token
+    with no kid, or a colliding kid, has more than one); any other fault refuses the token at once."""
+    for candidate in _candidate_secrets(token, secret, previous):
+        try:
+            claims = jwt.decode(
+                token,
+                candidate,
+                algorithms=[ALGORITHM],
+                audience=AUDIENCE,
+                issuer=ISSUER,
+                # The times are checked by _decode on the clock they were issued by (core.db.wall: PostgreSQL's,
+                # the same on every host), not by PyJWT on this host's: a host whose clock runs behind would refuse
+                # every token as issued in the future, one ahead would cut their lives short.
+                options={"require": ["exp", "iat", "sub", "typ", "jti"], "verify_exp": False, "verify_iat": False},
+                leeway=LEEWAY,
+            )
+        except jwt.InvalidSignatureError:
+            continue
+        except jwt.InvalidTokenError:
+            break
+        return claims, candidate
+    raise Unauthorized("invalid token")
+
+
+def _decode(token: str, *, secret: str, previous: tuple[str, ...],
+            expected_type: str) -> tuple[dict[str, Any], str]:
+    """The token's claims, every check passed, and the secret that signed it."""
+    claims, signed_with = _verified_claims(token, secret, previous)
     now = wall()
     try:
         expires, issued = float(claims["exp"]), float(claims["iat"])
@@ -243,7 +306,43 @@ def _decode(token: str, *, secret: str, expected_type: str) -> dict[str, Any]:
         raise Unauthorized("invalid token")
     if claims.get("typ") != expected_type:
         raise Unauthorized("invalid token")
-    return claims
+    return claims, signed_with
+
+
+# The names whose previous secret this process has seen used, each logged once (previous_secret_used).
+_PREVIOUS_LOGGED: set[str] = set()
+
+
+def previous_secret_used(name: str) -> None:
+    """Count a token (name "jwt") or a callback (its name) accepted with a rotated-out secret, and say so at INFO
+    the first time in this process for the name: an operator removes the previous secret once the counter
+    (gateway_previous_secret_used_total) stops growing. Once, not per request: a busy overlap would flood the log."""
+    PREVIOUS_SECRET_USED.labels(name=name).inc()
+    if name in _PREVIOUS_LOGGED:
+        return
+    _PREVIOUS_LOGGED.add(name)
+    variable = "JWT_PREVIOUS_SECRETS" if name == "jwt" else f"CALLBACK_SECRET_{name.upper()}_PREVIOUS"
+    log.info("a previous secret was used; remove it once gateway_previous_secret_used_total stops growing",
+             extra={"secret_for": name, "variable": variable})
+
+
+def callback_secret_ok(settings: Settings, name: str, given: str) -> bool:
+    """Whether a callback's URL secret (`given`) is one `name` accepts: its CALLBACK_SECRET_<NAME>, or one of the
+    CALLBACK_SECRET_<NAME>_PREVIOUS it replaced (a payment requested before a rotation calls back with the URL it
+    was given then). Each is compared in constant time, every one of them whatever matched, so the time taken
+    tells nothing of which did. No current secret configured: nothing to check (True), as before."""
+    current = settings.callback_secrets.get(name)
+    if not current:
+        return True
+    sent = given.encode()
+    previous = settings.callback_previous_secrets.get(name, ())
+    matches = [hmac.compare_digest(sent, secret.get().encode()) for secret in (current, *previous)]
+    if matches[0]:
+        return True
+    if any(matches):
+        previous_secret_used(name)
+        return True
+    return False
 
 
 def principal_from_access(claims: dict[str, Any]) -> Principal:
@@ -609,9 +708,11 @@ async def hold_account_for_change(session: AsyncSession, user_id: str) -> None:
     await session.execute(select(AdminUser.id).where(AdminUser.id == user_id).with_for_update(key_share=True))
 
 
-async def refresh(session: AsyncSession, redis: Redis, token: str, *, secret: str, ttl_seconds: int) -> TokenPair:
-    """Trade a refresh token for a new pair; each refresh token works once (rotation)."""
-    claims = decode_token(token, secret=secret, expected_type="refresh")
+async def refresh(session: AsyncSession, redis: Redis, token: str, *, secret: str, ttl_seconds: int,
+                  previous: tuple[str, ...] = ()) -> TokenPair:
+    """Trade a refresh token for a new pair; each refresh token works once (rotation). One signed with a `previous`
+    secret (a JWT_SECRET rotation) is taken too: the new pair is signed with `secret`, as every token issued is."""
+    claims = decode_token(token, secret=secret, previous=previous, expected_type="refresh")
     if not await _spend(session, claims):
         raise Unauthorized("refresh token already used")
     # Taking turns with a change that ends the account's sessions (see hold_account): after one, its audit row

@@ -120,12 +120,23 @@ class Settings:
     # The words members start a text with on a shared short code (Africa's Talking forwards "KHHC STOP" whole),
     # upper case; an inbound text's first word among them is not its command.
     sms_shortcode_keywords: tuple[str, ...] = ()
+    # A rotation's overlap (JWT_PREVIOUS_SECRETS): the secrets JWT_SECRET replaced. Tokens they signed still verify
+    # (core.auth.decode_token); new tokens are signed with jwt_secret only.
+    jwt_previous_secrets: tuple[Secret, ...] = ()
+    # The same for callbacks (CALLBACK_SECRET_<NAME>_PREVIOUS), per name of callback_secrets: a callback carrying one
+    # is accepted as with the current secret (core.auth.callback_secret_ok); the URLs handed out carry the current.
+    callback_previous_secrets: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def service_code_for(self, aggregator: str | None) -> str:
         """The USSD code members dial through this aggregator (USSD_SERVICE_CODE_<AGGREGATOR>, else the shared
         one; None: the shared one)."""
         return self.ussd_service_codes.get(aggregator or "", self.ussd_service_code)
+
+    @property
+    def jwt_previous(self) -> tuple[str, ...]:
+        """The previous JWT secrets' values, in the order listed, as core.auth.decode_token takes them."""
+        return tuple(secret.get() for secret in self.jwt_previous_secrets)
 
     @property
     def is_embedded(self) -> bool:
@@ -429,6 +440,46 @@ def _check_ussd_callbacks_guarded(secrets: Mapping[str, Secret], shared: tuple[s
         )
 
 
+def _previous_secrets(env: Mapping[str, str], name: str, current: Secret, *,
+                      minimum_bytes: int = 0) -> tuple[Secret, ...]:
+    """A rotation's previous secrets (`name`: JWT_PREVIOUS_SECRETS, CALLBACK_SECRET_<NAME>_PREVIOUS), a comma list,
+    each item stripped of surrounding spaces. Unset or blank: none. Refused, as slips made while editing the list:
+    an empty item (a comma too many), the current secret itself (the old one not moved out of the current
+    variable, or the new one pasted twice), a secret listed twice, and one shorter than `minimum_bytes` (a
+    previous JWT secret verifies tokens as the current one does, so it is held to the same length).
+    No message shows a value."""
+    raw = env.get(name, "")
+    if not raw.strip():
+        return ()
+    items = [item.strip() for item in raw.split(",")]
+    if "" in items:
+        raise ConfigError(name, "has an empty item (a comma too many?): list the previous secrets, comma-separated")
+    if current.get() in items:
+        raise ConfigError(name, "holds the current secret: list only the secrets it replaced")
+    if len(set(items)) != len(items):
+        raise ConfigError(name, "lists a secret twice")
+    if any(len(item.encode()) < minimum_bytes for item in items):
+        raise ConfigError(name, f"each secret must be at least {minimum_bytes} bytes in production")
+    return tuple(Secret(item) for item in items)
+
+
+def _callback_previous_secrets(env: Mapping[str, str],
+                               secrets: Mapping[str, Secret]) -> dict[str, tuple[Secret, ...]]:
+    """CALLBACK_SECRET_<NAME>_PREVIOUS for each callback name (only those set). One set where its
+    CALLBACK_SECRET_<NAME> is not is refused: without a current secret no callback is checked at all, so the
+    previous one would guard nothing."""
+    previous: dict[str, tuple[Secret, ...]] = {}
+    for name, current in secrets.items():
+        variable = f"CALLBACK_SECRET_{name.upper()}_PREVIOUS"
+        if not env.get(variable, "").strip():
+            continue
+        if not current:
+            raise ConfigError(variable, f"is set but CALLBACK_SECRET_{name.upper()} is not: a previous secret is "
+                                        "accepted beside the current one, which must be set")
+        previous[name] = _previous_secrets(env, variable, current)
+    return previous
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every variable; raise ConfigError naming the first bad one."""
     env = os.environ if env is None else env
@@ -522,6 +573,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     jwt_secret = secret("JWT_SECRET")
     if production and len(jwt_secret.get().encode()) < 32:
         raise ConfigError("JWT_SECRET", "must be at least 32 bytes in production")
+    jwt_previous = _previous_secrets(env, "JWT_PREVIOUS_SECRETS", jwt_secret, minimum_bytes=32 if production else 0)
+    callback_previous = _callback_previous_secrets(env, callback_secrets)
     blind_index_key = secret("BLIND_INDEX_KEY")
     if production and len(blind_index_key.get().encode()) < 32:
         # The phone lookups' HMAC key: a short one can be searched for, and every member's phone with it.
@@ -559,8 +612,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         pii_active_key_id=active,
         blind_index_key=blind_index_key,
         jwt_secret=jwt_secret,
+        jwt_previous_secrets=jwt_previous,
         jwt_ttl_seconds=_int(env, "JWT_TTL_SECONDS", 900, minimum=60),
         callback_secrets=callback_secrets,
+        callback_previous_secrets=callback_previous,
         ussd_ip_allowlist=allowlist,
         providers=providers,
         sms_base_url=base_url("SMS_BASE_URL", "africastalking"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from core.audit import Actor
+from core.auth import callback_secret_ok
 from core.config import Settings
 from core.db import lock_row
 from core.inbound import JSON_ERRORS, client_address, limit_key, read_capped
@@ -130,9 +130,7 @@ async def provider_callback(request: web.Request) -> web.Response:
     if limited is not None:
         return limited
 
-    expected = rt.settings.callback_secrets.get(name)
-    given = request.query.get("secret", "")
-    if expected and not hmac.compare_digest(given.encode(), expected.get().encode()):
+    if not callback_secret_ok(rt.settings, name, request.query.get("secret", "")):
         return _refuse(request, name, 401, "callback secret is missing or wrong")
 
     body = await _read_body(request)

@@ -19,6 +19,7 @@ from sqlalchemy import Table, bindparam, case, select, update
 from channels.sms.templates import CATALOGS
 from core import metrics, pgraw
 from core.audit import Actor, record
+from core.auth import callback_secret_ok
 from core.config import ConfigError
 from core.cooperatives import COUNTRY_CURRENCY
 from core.db import autocommit, utcnow
@@ -71,12 +72,9 @@ _NOT_WORD = re.compile(r"[^\w]+")
 
 
 def _check_secret(request: web.Request, rt: Runtime) -> None:
-    expected = rt.settings.callback_secrets.get("sms")
-    if expected:
-        given = request.query.get("secret", "")
-        if not hmac.compare_digest(given.encode(), expected.get().encode()):
-            metrics.CALLBACK_REJECTED.labels(source="sms").inc()
-            raise web.HTTPForbidden(text="bad callback secret")
+    if not callback_secret_ok(rt.settings, "sms", request.query.get("secret", "")):
+        metrics.CALLBACK_REJECTED.labels(source="sms").inc()
+        raise web.HTTPForbidden(text="bad callback secret")
 
 
 # NUL cannot be stored in PostgreSQL and lone surrogates cannot be encoded: neither is a character.

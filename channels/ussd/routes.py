@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import ipaddress
 import json
 import logging
@@ -27,6 +26,7 @@ from channels.ussd.service import UssdService
 from channels.ussd.types import HOP_PROGRESS, HopProgress, HopUnsettled, UssdReply, UssdTurn
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered
 from core import metrics
+from core.auth import callback_secret_ok
 from core.inbound import JSON_ERRORS, UnreadableBody, client_address, read_capped
 from core.runtime import RUNTIME, SETTINGS
 
@@ -191,12 +191,9 @@ def _authorised(request: web.Request, aggregator: str) -> bool:
             log.warning("ussd callback refused: source address not allowed",
                         extra={"aggregator": aggregator, "remote": request.remote})
             return False
-    secret = settings.callback_secrets.get(aggregator)
-    if secret:
-        given = request.query.get("secret", "")
-        if not hmac.compare_digest(given.encode(), secret.get().encode()):
-            log.warning("ussd callback refused: wrong or missing secret", extra={"aggregator": aggregator})
-            return False
+    if not callback_secret_ok(settings, aggregator, request.query.get("secret", "")):
+        log.warning("ussd callback refused: wrong or missing secret", extra={"aggregator": aggregator})
+        return False
     return True
 
 
