@@ -32,16 +32,19 @@ from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param, body_datetime, period_params, statement_time
 from core.auth import OWN_PAYMENTS
 from core.errors import Conflict, NotFound, ValidationError
-from core.models import Member, Payment
+from core.models import Member, Payment, PaymentType
 from core.money import Money
 from core.payments import (
     METHODS,
+    RECORDED,
     NewPayment,
+    StatementLine,
     collected_amount,
     create_payment,
     load_context,
     payer_index_guess,
     record_collected,
+    record_payment,
 )
 from core.phone import normalize
 from core.ratelimit import Limit
@@ -78,7 +81,8 @@ PAYMENT = out(
         "cooperativeId": ID,
         "fee": AMOUNT_OUT,
         "refundedAmount": AMOUNT_OUT,
-        "channel": {"type": "string"},
+        "channel": {"type": "string", "description": "how it was made: ussd, api, sms, or recorded (an admin "
+                    "recorded money a provider's statement shows taken, POST /v1/payments/recorded)"},
         "failureReason": NULL_STRING,
         "mismatch": {"type": "boolean"},
         "mismatchDetail": {**NULL_STRING, "description": "why the payment is flagged, e.g. the amount the "
@@ -118,7 +122,8 @@ COLLECTED_OUTCOME = obj(
     {
         "status": {"enum": [PaymentStatus.COMPLETED.value]},
         "providerTransactionId": {"type": "string", "minLength": 1, "maxLength": 128,
-                                  "description": "the provider's id of the money taken (a refund needs it)"},
+                                  "description": "the provider's id of the money taken (a refund needs it); 409 "
+                                                 "when another payment of that provider holds it"},
         "amount": {**AMOUNT_IN, "description": "what the provider took, major units (default: the payment's amount)"},
         "note": {"type": "string", "minLength": 3, "maxLength": 300,
                  "description": "what the provider's statement shows (kept in the audit log)"},
@@ -128,6 +133,47 @@ COLLECTED_OUTCOME = obj(
                                        "reconciliation's settled figures date the payment so"},
     },
     ["status", "providerTransactionId", "note"],
+)
+RECORDED_PAYMENT = obj(
+    {
+        "paymentTypeId": {"type": "string", "minLength": 1, "maxLength": 64},
+        "amount": {**AMOUNT_IN, "description": "what the statement shows taken, major units of the type's currency"},
+        "paymentMethod": {"enum": list(METHODS),
+                          "description": "the provider follows from it, as for POST /v1/payments"},
+        "paymentAccount": {"type": "string", "minLength": 3, "maxLength": 120,
+                           "description": "the account the statement shows paying, as POST /v1/payments takes it; "
+                                          "without it, the member's registered number (mobile money)"},
+        "memberId": {"type": "string", "format": "uuid",
+                     "description": "the member who paid. Without it, the cooperative's ACTIVE member whose "
+                                    "registered number is paymentAccount (none for another number or a bank method)"},
+        "providerTransactionId": {"type": "string", "minLength": 1, "maxLength": 128,
+                                  "description": "the provider's id of the money on its statement (a refund needs "
+                                                 "it); 409 when a payment of that provider holds it"},
+        "completedAt": {"type": "string", "format": "date-time",
+                        "description": "when the statement shows the money taken (without an offset, the "
+                                       "cooperative's local time); the reconciliation's settled figures date the "
+                                       "payment so. Not in the future"},
+        "note": {"type": "string", "minLength": 3, "maxLength": 300,
+                 "description": "what the provider's statement shows (kept in the audit log)"},
+        "reference": {"type": "string", "minLength": 1, "maxLength": 32,
+                      "description": "the lost payment's reference (PAY_20261201_001) from the member's receipt or "
+                                     "the webhook log, so that her receipt and STATUS SMS find it: 409 if a payment "
+                                     "has it. Without it, a new one"},
+        "id": {"type": "string", "format": "uuid",
+               "description": "the lost payment's id from the webhook log, so that the cooperative's records match "
+                              "again: 409 if a payment has it. Without it, a new one"},
+        "callbackId": {"type": "string", "format": "uuid",
+                       "description": "super admin: a provider callback that matched no payment "
+                                      "(GET /v1/provider-callbacks) that this money accounts for: resolved with the "
+                                      "note in the same transaction"},
+        "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128,
+                           "description": "as for POST /v1/payments: the same request again answers the payment it "
+                                          "recorded, another request under it is a 409"},
+        "sendReceipt": {"type": "boolean", "default": False,
+                        "description": "send the payer the receipt SMS (she may hold the lost payment's already)"},
+        "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"},
+    },
+    ["paymentTypeId", "amount", "paymentMethod", "providerTransactionId", "completedAt", "note", "idempotencyKey"],
 )
 LIST_QUERY = {
     "page": PAGE,
@@ -325,6 +371,44 @@ async def record_payment_outcome(request: web.Request, ctx: Ctx) -> web.StreamRe
     return json_response(present(payment))
 
 
+async def record_statement_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """Money a provider's statement shows taken that no payment holds (a payment lost with a restore of PostgreSQL,
+    or money no request of ours asked for), recorded as a COMPLETED payment (core.payments.record_payment). The
+    same callers as recording a payment's outcome; a callback to resolve with it only a super admin's (none is a
+    cooperative's: admin_api.provider_callbacks)."""
+    body, who = ctx.body, ctx.who
+    coop_id = who.target_cooperative(body.get("cooperativeId"))
+    member_id = body.get("memberId")
+    if member_id is not None:
+        visible = await ctx.session.execute(who.scope(
+            select(Member.id).where(Member.id == member_id, Member.cooperative_id == coop_id), Member))
+        if visible.scalar_one_or_none() is None:
+            raise NotFound("memberId: member not found in the cooperative", field="memberId")
+    if body.get("callbackId") is not None and not who.is_super:
+        raise NotFound("callbackId: provider callback not found", field="callbackId")
+    currency = (await ctx.session.execute(select(PaymentType.currency).where(
+        PaymentType.id == body["paymentTypeId"], PaymentType.cooperative_id == coop_id))).scalar_one_or_none()
+    if currency is None:
+        raise NotFound("paymentTypeId: payment type not found in the cooperative", field="paymentTypeId")
+    new = NewPayment(
+        cooperative_id=coop_id, payment_type_id=body["paymentTypeId"], method=body["paymentMethod"],
+        account=body.get("paymentAccount") or "", idempotency_key=body["idempotencyKey"], channel=RECORDED,
+        amount=Money.from_api(body["amount"], currency), member_id=member_id, reference=body.get("reference"),
+        member_from_account=member_id is None,
+    )
+    line = StatementLine(
+        payment=new, provider_transaction_id=body["providerTransactionId"], note=body["note"],
+        completed_at=statement_time(body["completedAt"], await cooperative_zone(ctx, coop_id)),
+        payment_id=body.get("id"), callback_id=body.get("callbackId"), send_receipt=bool(body.get("sendReceipt")),
+    )
+    payment, created = await record_payment(ctx.session, ctx.rt, line, actor=who.actor)
+    await ctx.session.commit()
+    response = json_response(present(payment), status=201)
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
 async def payment_status(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     p = await _readable(ctx, request.match_info["id"])
     return json_response(
@@ -395,6 +479,18 @@ ROUTES = [
         "payments",
         "admin",
         body=COLLECTED_OUTCOME,
+        response=PAYMENT,
+    ),
+    Route(
+        "POST",
+        "/payments/recorded",
+        record_statement_payment,
+        "Record a payment the provider's statement shows collected that no payment holds (lost with a restore "
+        "of the database, or never asked for): COMPLETED at once, at completedAt",
+        "payments",
+        "admin",
+        status=201,
+        body=RECORDED_PAYMENT,
         response=PAYMENT,
     ),
     Route(

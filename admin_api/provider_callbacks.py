@@ -9,7 +9,9 @@ cooperative, so only a super admin sees them: the routes take the `admin` scope 
 cooperative's caller is scoped as everywhere (Principal.scope: rows of no cooperative are none of theirs), so its
 list is empty and an id answers 404 as a missing one. Resolving one (after checking the provider's statement and
 crediting, refunding or booking it by hand) records the note with it and in the audit log; `main.py prune` keeps
-an unresolved money-moved one whatever its age (core.retention)."""
+an unresolved money-moved one whatever its age (core.retention). A collection's money is credited with
+POST /v1/payments/recorded, which resolves the callback it names (callbackId) in the same transaction, and the
+resolution then names the payment (paymentId)."""
 
 from __future__ import annotations
 
@@ -44,7 +46,10 @@ CALLBACK = out(
         "resolution": {
             "type": ["object", "null"],
             "description": "Who resolved it, when, and their note; null while unresolved",
-            "properties": {"note": {"type": "string"}, "by": {"type": "string"}, "at": DATETIME},
+            "properties": {"note": {"type": "string"}, "by": {"type": "string"}, "at": DATETIME,
+                           "paymentId": {"type": "string", "format": "uuid",
+                                         "description": "the payment recorded for its money, when it was resolved "
+                                                        "by POST /v1/payments/recorded (callbackId)"}},
             "required": ["note", "by", "at"],
         },
     }

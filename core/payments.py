@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BigInteger, String, and_, bindparam, exists, or_, select, update
+from sqlalchemy import BigInteger, String, and_, bindparam, exists, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
@@ -34,10 +34,10 @@ from core.ports import (
     amount_refusal,
 )
 from core.ports import ProviderEvent as ProviderEventData
-from core.references import next_reference, reference_prefix
+from core.references import REFERENCE_SHAPE, next_reference, reference_prefix
 from core.state import StaleTransition, transition
 from core.state.payment import COLLECTED, OPEN, PAYMENT, UNCONFIRMED, PaymentStatus, holds_money
-from core.text import admin_note
+from core.text import admin_note, is_uuid
 
 if TYPE_CHECKING:
     from core.crypto import PiiCipher
@@ -166,10 +166,48 @@ def _replay(cipher: PiiCipher, existing: Payment, new: NewPayment, account: str)
         # and the key still names this payment; calling the retry "a different request" would be a lie.
         return existing, False
     amount = new.amount or Money(existing.amount_minor, existing.currency)
-    if not _same_request(cipher, existing.request_hash, _request_digest(new, amount, account)):
+    return _same_or_refused(cipher, existing, _request_digest(new, amount, account))
+
+
+def _same_or_refused(cipher: PiiCipher, existing: Payment, digest: str) -> tuple[Payment, bool]:
+    """The payment a key made, when `digest` is of the request it was made with (or its payer was erased: see
+    _replay); a Conflict otherwise."""
+    if existing.request_hash and not _same_request(cipher, existing.request_hash, digest):
         raise Conflict("Payment with this idempotency key already exists with a different request",
                        field="idempotencyKey")
     return existing, False
+
+
+# The channels whose idempotency key names one request for ever, so that the payment's provider reference is derived
+# from it (derived_provider_reference): the API's, chosen by the cooperative's system, which never sends a key again
+# for another payment (the gateway answers 409 to that while it holds the key's payment). Not USSD's: its key is the
+# aggregator's session id, which aggregators give again on another day to another session (channels.ussd.flows._pay),
+# the same member paying the same again included; had that earlier payment been lost with a restore, a derived
+# reference would name its request at the provider, which would answer that it has it, and the new payment would
+# take the earlier one's outcome (paid) without its money.
+_DERIVED_REFERENCE_CHANNELS = frozenset({"api"})
+_PROVIDER_REFERENCE_PURPOSE = "payment-provider-reference"
+
+
+def derived_provider_reference(cipher: PiiCipher, cooperative_id: str, key: str, digest: str) -> str:
+    """The provider reference (our request id at the provider: MTN's X-Reference-Id, Airtel's transaction id,
+    IremboPay's transactionId) of the payment a cooperative's request makes, derived from the cooperative, its
+    idempotency key and the request's digest (_request_digest) under BLIND_INDEX_KEY: a UUID version 4 in form, as
+    uuid4() gave it (MTN takes only those). The gateway that lost the key's payment (PostgreSQL restored from a
+    backup) and is sent the request again sends the provider the same request id as the first time: MTN and Airtel
+    answer that they have it (the payment then takes the first request's outcome, its money once), IremboPay
+    answers its invoice or refuses the id; never a second PIN prompt. The digest is in it so that a key sent again
+    with another request (another payer, amount or type) is another request at the provider, never one whose
+    outcome is another payment's."""
+    mac = cipher.blind_index(json.dumps([cooperative_id, key, digest]), purpose=_PROVIDER_REFERENCE_PURPOSE)
+    return str(uuid.UUID(hex=mac[:32], version=4))
+
+
+def _provider_reference(cipher: PiiCipher, new: NewPayment, cooperative_id: str, key: str, digest: str) -> str:
+    """A new payment's provider reference: derived for a key that names one request for ever, else random."""
+    if new.channel in _DERIVED_REFERENCE_CHANNELS:
+        return derived_provider_reference(cipher, cooperative_id, key, digest)
+    return str(uuid.uuid4())
 
 
 async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *, actor: Actor,
@@ -177,8 +215,10 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     """Create a PENDING payment and queue its collection; a replayed key returns the first payment.
 
     The provider reference (a UUID) is on the row before the provider is ever called, so every
-    retry of the collection reuses it. On PostgreSQL the payment, its audit row and both outbox jobs
-    are one statement; a replayed key is found by the INSERT's conflict, not by a SELECT before it.
+    retry of the collection reuses it; an API request's is derived from its key (derived_provider_reference), so
+    the same request sent again after a restore lost its payment reuses it too. On PostgreSQL the payment, its
+    audit row and both outbox jobs are one statement; a replayed key is found by the INSERT's conflict, not by a
+    SELECT before it.
     `context`: the cooperative, type and member as load_context read them, when the caller already did (with
     payer_index_guess's index when `new.member_from_account`: the paying member is then found in that read).
     """
@@ -204,32 +244,9 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     if new.amount is not None and not amount.is_positive():
         raise ValidationError("amount must be a positive number", field="amount")
     account, account_refused = _normalise_account(new.method, new.account, coop.country)
-    request_hash = keyed_request_hash(rt.cipher, _request_digest(new, amount, account))
-    # Refusals that depend on what may have changed since a key was first accepted (the provider's account and
-    # rules, the type's price, currency or state, the member's status): a replay of that request still answers
-    # with its payment.
-    refused: DomainError | None = None
-    # What the provider cannot collect (another currency than its account's, cents M-Pesa does not take) is a
-    # 400 now, not a 201 that the worker fails later with a "payment failed" SMS to the payer.
-    cannot = amount_refusal(rt.provider_for(new.method), amount, new.method)
-    if cannot is not None:
-        refused = ValidationError(cannot[1], field=cannot[0])
-    elif account_refused is not None:
-        refused = account_refused
-    elif amount.currency != ptype.currency:
-        refused = ValidationError(f"amount must be in {ptype.currency}", field="amount")
-    elif not amount.is_positive():
-        refused = ValidationError("amount must be a positive number", field="amount")
-    elif amount.minor != ptype.amount_minor and not ptype.allow_custom_amount:
-        refused = ValidationError(f"{ptype.name} costs {Money(ptype.amount_minor, ptype.currency)}; "
-                                  "this payment type does not accept another amount", field="amount")
-    elif not ptype.is_active:
-        refused = ValidationError("payment type is not active", field="paymentTypeId")
-    elif new.member_id is not None and not context.member_found:
-        refused = NotFound("member not found", field="member")
-    elif new.member_id is not None and context.member_status != "ACTIVE":
-        refused = BusinessRuleError(f"member is {(context.member_status or 'not active').lower()}; "
-                                    "only an active member can pay", field="memberId")
+    digest = _request_digest(new, amount, account)
+    request_hash = keyed_request_hash(rt.cipher, digest)
+    refused = _refusal(rt, new, context, ptype, amount, account_refused)
     if refused is not None:
         # A replay of a key accepted before the type was deactivated still answers with its payment.
         existing = await find_by_key(session, coop.id, key)
@@ -260,7 +277,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         "status": P.PENDING.value,
         "method": new.method,
         "provider": provider.name,
-        "provider_reference": str(uuid.uuid4()),
+        "provider_reference": _provider_reference(rt.cipher, new, coop.id, key, digest),
         "provider_transaction_id": None,
         "gateway_reference": None,
         "payment_url": None,
@@ -302,6 +319,35 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     values["reference"] = reference
     metrics.PAYMENTS.labels(status="PENDING", method=new.method).inc()
     return _persistent(session, Payment(**values)), True
+
+
+def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeFacts, amount: Money,
+             account_refused: DomainError | None) -> DomainError | None:
+    """Why a payment of `amount` cannot be made as `new` asks, if so: what may have changed since a key was first
+    accepted (the provider's account and rules, the type's price, currency or state, the member's status), so a
+    replay of that request still answers with its payment rather than this. What the provider cannot collect
+    (another currency than its account's, cents M-Pesa does not take) is a 400 now, not a 201 that the worker fails
+    later with a "payment failed" SMS to the payer."""
+    cannot = amount_refusal(rt.provider_for(new.method), amount, new.method)
+    if cannot is not None:
+        return ValidationError(cannot[1], field=cannot[0])
+    if account_refused is not None:  # (_normalise_account's: a number of another country or operator)
+        return account_refused
+    if amount.currency != ptype.currency:
+        return ValidationError(f"amount must be in {ptype.currency}", field="amount")
+    if not amount.is_positive():
+        return ValidationError("amount must be a positive number", field="amount")
+    if amount.minor != ptype.amount_minor and not ptype.allow_custom_amount:
+        return ValidationError(f"{ptype.name} costs {Money(ptype.amount_minor, ptype.currency)}; "
+                               "this payment type does not accept another amount", field="amount")
+    if not ptype.is_active:
+        return ValidationError("payment type is not active", field="paymentTypeId")
+    if new.member_id is not None and not context.member_found:
+        return NotFound("member not found", field="member")
+    if new.member_id is not None and context.member_status != "ACTIVE":
+        return BusinessRuleError(f"member is {(context.member_status or 'not active').lower()}; "
+                                 "only an active member can pay", field="memberId")
+    return None
 
 
 @dataclass(frozen=True)
@@ -663,14 +709,15 @@ def fit_detail(detail: str) -> str:
     return f"{detail[:head]} … {detail[-(limit - head - 3):]}"
 
 
-def check_statement_time(when: datetime | None, since: datetime, what: str, field: str = "completedAt") -> None:
+def check_statement_time(when: datetime | None, since: datetime | None, what: str = "",
+                         field: str = "completedAt") -> None:
     """An admin's `completedAt` read on a provider's statement: not before `since` (`what`: e.g. "the payment was
-    asked for"), not in the future."""
+    asked for"; None: no such bound), not in the future."""
     if when is None:
         return
     if when > utcnow():
         raise ValidationError(f"{field} is in the future: give the time the provider's statement shows", field=field)
-    if when < since:
+    if since is not None and when < since:
         raise ValidationError(f"{field} is before {what} ({iso_z(since)})", field=field)
 
 
@@ -1250,12 +1297,16 @@ def report_unmatched(event: ProviderEventData) -> None:
                                    _UNMATCHED_SAYS[event.kind, moved], extra=fields)
 
 
-async def resolve_unmatched(session: AsyncSession, event_row_id: str, note: str, *, actor: Actor) -> ProviderEvent:
+async def resolve_unmatched(session: AsyncSession, event_row_id: str, note: str, *, actor: Actor,
+                            payment_id: str | None = None) -> ProviderEvent:
     """A person accounts for a callback that matched no payment (credited by hand, refunded by the provider,
     a test) or no refund (the payout entered in the books, recovered from the member): its outcome moves from
     UNMATCHED to UNMATCHED_RESOLVED (UNMATCHED_REFUND to UNMATCHED_REFUND_RESOLVED), the note is kept with it
     (RESOLUTION, next to the provider's body) and in the audit log. NotFound for a row that is not such a callback;
-    Conflict once resolved (the first note stands)."""
+    Conflict once resolved (the first note stands).
+
+    `payment_id`: the payment recorded for its money (record_payment), kept with the note. The callback itself stays
+    without a payment (payment_id): it is still listed with the unmatched ones, resolved."""
     note = admin_note(note, "how the callback was accounted for, e.g. what the provider's statement shows")
     row = (await session.execute(
         select(ProviderEvent).where(ProviderEvent.id == event_row_id, ProviderEvent.payment_id.is_(None),
@@ -1269,14 +1320,17 @@ async def resolve_unmatched(session: AsyncSession, event_row_id: str, note: str,
     after = RESOLVED_OF[before]
     at = utcnow()
     payload = dict(row.payload) if isinstance(row.payload, dict) else {"body": row.payload}
-    payload[RESOLUTION] = {"note": note, "by": actor.id, "at": iso_z(at)}
+    resolution = {"note": note, "by": actor.id, "at": iso_z(at)}
+    if payment_id is not None:
+        resolution["paymentId"] = payment_id
+    payload[RESOLUTION] = resolution
     table = table_of(ProviderEvent)
     await session.execute(update(table).where(table.c.id == row.id, table.c.outcome == before)
                           .values(outcome=after, payload=payload))
     await record(session, actor=actor, action="provider_callback.resolved", entity_type="provider_event",
                  entity_id=row.id, before={"outcome": before},
                  after={"outcome": after, "note": note, "provider": row.provider, "kind": row.kind,
-                        "eventId": row.event_id, "status": row.status})
+                        "eventId": row.event_id, "status": row.status, "paymentId": payment_id})
     await session.flush()
     await session.refresh(row)
     return row
@@ -1297,14 +1351,12 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
 
     Refused for an open payment inside its approval window (the payer may be approving it: the provider answers
     soon), one already collected, and a FAILED one: the provider itself said it failed, and a final state is
-    never reopened (money reported taken after that is flagged for the provider's statement, not completed).
+    never reopened (money reported taken after that is flagged for the provider's statement, not completed); and
+    for a transaction id another payment of the provider holds (transaction_id_free: recorded there already).
 
     `completed_at`: when the statement shows the money taken (default: now); the reports date it so."""
     note = admin_note(note, "what the provider's statement shows")
-    txn = (provider_transaction_id or "").strip()
-    if not 1 <= len(txn) <= 128:
-        raise ValidationError("providerTransactionId must be 1 to 128 characters: the provider's id of the money "
-                              "taken (a refund needs it)", field="providerTransactionId")
+    txn = _statement_transaction_id(provider_transaction_id)
     payment = await lock_row(session, Payment, payment_id, cooperative_id)
     if payment is None:
         raise NotFound("payment not found")
@@ -1322,6 +1374,7 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
         if not amount.is_positive():
             raise ValidationError("amount must be positive", field="amount")
     check_statement_time(completed_at, payment.created_at, "the payment was asked for")
+    await transaction_id_free(session, payment.provider, txn, payment.cooperative_id, exclude=payment.id)
     await record(session, actor=actor, action="payment.outcome_recorded", entity_type="payment",
                  entity_id=payment.id, before={"status": current.value},
                  after={"status": P.COMPLETED.value, "note": note, "providerTransactionId": txn,
@@ -1333,3 +1386,257 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
     await session.flush()
     await session.refresh(payment)
     return payment
+
+
+def _statement_transaction_id(value: str | None) -> str:
+    """The provider's id of money taken, as an admin copies it from the provider's statement."""
+    txn = (value or "").strip()
+    if not 1 <= len(txn) <= 128:
+        raise ValidationError("providerTransactionId must be 1 to 128 characters: the provider's id of the money "
+                              "taken (a refund needs it)", field="providerTransactionId")
+    return txn
+
+
+async def _lock_transaction_id(session: AsyncSession, provider: str, txn: str) -> None:
+    """Two recordings of one transaction id at once take turns (transaction_id_free): on PostgreSQL a lock on the id
+    for the rest of the transaction, as core.refunds takes for a reversal (taking it again is harmless); the embedded
+    default has one writer at a time."""
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                              {"key": f"collected:{provider}:{txn}"})
+
+
+async def transaction_id_free(session: AsyncSession, provider: str, txn: str, cooperative_id: str, *,
+                              exclude: str | None = None) -> None:
+    """A Conflict when a payment of `provider` (other than `exclude`) holds `txn` as its transaction id: a line of the
+    provider's statement is money taken once, credited on one payment (recorded on two, it is counted twice in the
+    reconciliation's `settled` and could be refunded twice). Another cooperative's payment is not named."""
+    await _lock_transaction_id(session, provider, txn)
+    held = (await session.execute(
+        select(Payment.reference, Payment.cooperative_id)
+        .where(Payment.provider == provider, Payment.provider_transaction_id == txn, Payment.id != (exclude or ""))
+        .limit(1))).first()
+    if held is not None:
+        where = f"by payment {held[0]}" if held[1] == cooperative_id else "by another cooperative's payment"
+        raise Conflict(f"providerTransactionId {txn} is held already {where} of this provider: a statement line is "
+                       "recorded once (check the id on the statement)", field="providerTransactionId")
+
+
+# The channel of a payment recorded from a provider's statement (record_payment): the gateway never asked for it.
+RECORDED = "recorded"
+
+
+@dataclass(frozen=True)
+class StatementLine:
+    """Money a provider's statement shows taken that no payment of the gateway holds: a payment lost with a restore of
+    PostgreSQL (its receipt with the member, its payment.completed webhook with the cooperative's system), or money
+    a provider took that no request of ours asked for. `payment`: the cooperative, type, method, amount, idempotency
+    key, member and paying account as POST /v1/payments gives them (an empty account with a member: her registered
+    number), and the reference to give it (the lost payment's, from the receipt or the webhook log; None: a new
+    one)."""
+
+    payment: NewPayment
+    provider_transaction_id: str
+    completed_at: datetime | None  # when the statement shows the money taken: `settled` dates it so (required)
+    note: str
+    payment_id: str | None = None  # the lost payment's id (the webhook log), for the cooperative's records
+    callback_id: str | None = None  # the stored callback of no payment that this money accounts for
+    send_receipt: bool = False  # the payer's receipt SMS (she may hold one already)
+
+
+def _line_digest(line: StatementLine, amount: Money, account: str | None, txn: str, note: str) -> str:
+    """The digest of a recorded payment's request, as _request_digest is of a payment's (keyed the same way, so
+    a key sent again with another body is refused, and neither kind of request replays the other)."""
+    new = line.payment
+    canonical = json.dumps({
+        "recorded": True, "paymentTypeId": new.payment_type_id, "amount": amount.minor, "currency": amount.currency,
+        "method": new.method, "account": account, "member": new.member_id, "providerTransactionId": txn,
+        "completedAt": iso_ms(line.completed_at), "note": note, "reference": new.reference, "id": line.payment_id,
+        "callbackId": line.callback_id, "sendReceipt": line.send_receipt,
+    }, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine, *,
+                         actor: Actor) -> tuple[Payment, bool]:
+    """An admin records money a provider's statement shows taken that no payment holds: a COMPLETED payment, made
+    so at once (nothing is asked of the provider: no collect job, no poll), collected at its amount and dated at the
+    statement's time (the reconciliation's `settled` counts it there, as a collected payment), audited with the
+    admin's note (payment.recorded, then payment.completed as any completion), the cooperative's system told
+    (payment.completed: a recorded payment is news to it too) and, if asked, the payer sent the receipt. With a
+    callback that matched no payment (`callback_id`), that callback is resolved with the note in the same
+    transaction. A replayed idempotency key answers the payment it made; another request under it is a Conflict.
+
+    Refused: what create_payment refuses for the same fields, a statement time in the future, a transaction id a
+    payment of the provider holds (transaction_id_free), a reference or an id taken or malformed, and a callback that
+    is not a money-taken collection of this provider still unresolved."""
+    new = line.payment
+    key = _check_key(new.idempotency_key)
+    note = admin_note(line.note, "what the provider's statement shows")
+    txn = _statement_transaction_id(line.provider_transaction_id)
+    if new.method not in METHODS:
+        raise ValidationError(f"paymentMethod must be one of {', '.join(METHODS)}", field="paymentMethod")
+    if new.amount is None:
+        raise ValidationError("amount is required: what the statement shows taken", field="amount")
+    if not new.account and new.member_id is None:
+        raise ValidationError("paymentAccount is required without a memberId", field="paymentAccount")
+    if line.completed_at is None:
+        raise ValidationError("completedAt is required: when the statement shows the money taken", field="completedAt")
+    check_statement_time(line.completed_at, None)
+    guess = payer_index_guess(rt.cipher, new.method, new.account) if new.account and _found_by_account(new) else None
+    context = await load_context(session, new.cooperative_id, new.payment_type_id, new.member_id, payer_index=guess)
+    coop, ptype = context.coop, context.ptype
+    if coop is None or coop.status != "ACTIVE":
+        raise NotFound("cooperative not found")
+    if ptype is None:
+        raise NotFound("payment type not found", field="paymentTypeId")
+    amount = new.amount
+    account, account_refused = _normalise_account(new.method, new.account, coop.country) if new.account \
+        else (None, None)
+    provider = rt.provider_for(new.method)
+    digest = _line_digest(line, amount, account, txn, note)
+    # Before the key is looked for: the same request sent twice at once finds the first one's payment.
+    await _lock_transaction_id(session, provider.name, txn)
+    existing = await find_by_key(session, coop.id, key)
+    if existing is not None:
+        return _same_or_refused(rt.cipher, existing, digest)
+    refused = _refusal(rt, new, context, ptype, amount, account_refused)
+    if refused is not None:
+        raise refused
+    if account is None:
+        account, account_refused = _normalise_account(new.method, await _members_number(session, rt, new),
+                                                       coop.country)
+        if account_refused is not None:
+            raise ValidationError(f"{account_refused.message} (the member's registered number): give "
+                                  "paymentAccount", field="paymentAccount")
+    await transaction_id_free(session, provider.name, txn, coop.id)
+    payment_id = await _free_payment_id(session, line.payment_id)
+    reference = await _free_reference(session, new.reference)
+    if line.callback_id is not None:
+        await _callback_to_account_for(session, line.callback_id, provider.name)
+    member_id = new.member_id
+    account_index = rt.cipher.blind_index(account)
+    if _found_by_account(new):
+        member_id = await paying_member(session, context, coop.id, account_index)
+    await session.connection()  # then the stamp (see core.state.transition): the payment sync's horizon
+    now = utcnow()
+    values: dict[str, Any] = {
+        "id": payment_id, "cooperative_id": coop.id, "member_id": member_id, "payment_type_id": ptype.id,
+        "reference": reference or await next_reference(session, "PAY"), "amount_minor": amount.minor,
+        "currency": amount.currency, "fee_minor": 0, "refunded_minor": 0, "collected_minor": amount.minor,
+        "status": P.COMPLETED.value, "method": new.method, "provider": provider.name,
+        # Never sent to the provider (no request of ours collected this money); unique as every payment's is.
+        "provider_reference": str(uuid.uuid4()), "provider_transaction_id": txn, "gateway_reference": None,
+        "payment_url": None, "payment_account_enc": rt.cipher.encrypt(account, context=account_context(coop.id)),
+        "payment_account_index": account_index, "payment_account_masked": _mask_account(account),
+        "idempotency_key": key, "request_hash": keyed_request_hash(rt.cipher, digest),
+        "description": None, "due_date": None, "channel": RECORDED, "failure_reason": None,
+        "mismatch": False, "mismatch_detail": None, "late": False, "next_poll_at": None, "created_by": actor.id,
+        # Made when its money was taken, as the lost payment was moments before (the period it was asked for in the
+        # reports, the one it pays for the reminders); changed now (the payment sync lists it from now).
+        "created_at": line.completed_at, "expires_at": line.completed_at, "updated_at": now,
+        "completed_at": line.completed_at,
+    }
+    # Whichever unique value a request at the same moment took (the key, the id, the reference): nothing written.
+    inserted = (await session.execute(
+        insert_ignore(session.get_bind().dialect.name, table_of(Payment)).values(values).on_conflict_do_nothing()
+        .returning(table_of(Payment).c.id))).scalar_one_or_none()
+    if inserted is None:
+        existing = await find_by_key(session, coop.id, key)
+        if existing is not None:
+            return _same_or_refused(rt.cipher, existing, digest)
+        raise Conflict("the id or reference was taken by another payment at the same moment: look it up "
+                       "(GET /v1/payments)", field="id" if line.payment_id else "reference")
+    payment = _persistent(session, Payment(**values))
+    await _audit_recorded(session, payment, line, note, actor)
+    await enqueue_many(session, _recorded_notices(rt, payment, line.send_receipt))
+    if line.callback_id is not None:
+        await resolve_unmatched(session, line.callback_id, note, actor=actor, payment_id=payment.id)
+    return payment, True
+
+
+async def _members_number(session: AsyncSession, rt: Runtime, new: NewPayment) -> str:
+    """The paying account of a recorded payment that names only its member: her registered number, for a wallet
+    method (a bank account is never a member's)."""
+    from core.members import member_phone
+
+    if new.method not in METHOD_OPERATOR:
+        raise ValidationError(f"paymentAccount is required for {new.method}: the account the statement shows",
+                              field="paymentAccount")
+    member = await session.get(Member, new.member_id)
+    if member is None or member.phone_enc is None:
+        raise ValidationError("paymentAccount is required: the member has no registered number",
+                              field="paymentAccount")
+    return member_phone(rt.cipher, member).e164
+
+
+async def _free_payment_id(session: AsyncSession, wanted: str | None) -> str:
+    """The recorded payment's id: the lost payment's (the cooperative's system knows it from its webhooks) when it is
+    a UUID no payment has, else a new one."""
+    if wanted is None:
+        return str(uuid.uuid4())
+    if not is_uuid(wanted):
+        raise ValidationError("id must be a UUID: the payment's id as the webhook log gives it", field="id")
+    wanted = wanted.lower()
+    if (await session.execute(select(Payment.id).where(Payment.id == wanted))).first() is not None:
+        raise Conflict("id is taken: a payment has it (GET /v1/payments/{id})", field="id")
+    return wanted
+
+
+async def _free_reference(session: AsyncSession, wanted: str | None) -> str | None:
+    """The recorded payment's reference: the lost payment's (on the member's receipt and her STATUS SMS) when it has
+    a payment reference's shape and no payment has it; None without one (a new one is given)."""
+    if wanted is None:
+        return None
+    wanted = wanted.strip().upper()
+    if not (REFERENCE_SHAPE.match(wanted) and wanted.startswith("PAY_")):
+        raise ValidationError("reference must be a payment reference as receipts give it, e.g. PAY_20261201_001",
+                              field="reference")
+    if await get_by_reference(session, wanted) is not None:
+        raise Conflict(f"reference {wanted} is taken: a payment has it", field="reference")
+    return wanted
+
+
+async def _callback_to_account_for(session: AsyncSession, callback_id: str, provider: str) -> None:
+    """The stored callback a recorded payment accounts for (resolved with it, resolve_unmatched): one that matched
+    no payment, unresolved, of the payment's provider, saying money was taken."""
+    row = (await session.execute(
+        select(ProviderEvent).where(ProviderEvent.id == callback_id, ProviderEvent.payment_id.is_(None),
+                                    ProviderEvent.outcome.in_((UNMATCHED, UNMATCHED_RESOLVED)))
+        .with_for_update())).scalar_one_or_none()
+    if row is None:
+        raise NotFound("provider callback not found: a callback that matched no payment "
+                       "(GET /v1/provider-callbacks?unmatched=true&kind=collection)", field="callbackId")
+    if row.outcome == UNMATCHED_RESOLVED:
+        raise Conflict("provider callback is resolved already", field="callbackId")
+    if row.provider != provider:
+        raise Conflict(f"provider callback is {row.provider}'s; this payment's provider is {provider}",
+                       field="callbackId")
+    if row.status != ProviderOutcome.SUCCEEDED.value:
+        raise Conflict(f"provider callback says {row.status}, not that money was taken", field="callbackId")
+
+
+async def _audit_recorded(session: AsyncSession, payment: Payment, line: StatementLine, note: str,
+                          actor: Actor) -> None:
+    """payment.recorded (the statement line and the admin's note), then payment.completed, which every payment's
+    completion writes (the reconciliation reads when a completion was recorded from it: core.reports)."""
+    money = {"amount": payment.amount_minor, "currency": payment.currency, "method": payment.method,
+             "providerTransactionId": payment.provider_transaction_id, "completedAt": iso_z(payment.completed_at)}
+    await record(session, actor=actor, action="payment.recorded", entity_type="payment", entity_id=payment.id,
+                 after={"status": P.COMPLETED.value, "reference": payment.reference, "note": note, **money,
+                        "callbackId": line.callback_id, "sendReceipt": line.send_receipt},
+                 cooperative_id=payment.cooperative_id)
+    await record(session, actor=actor, action=f"{PAYMENT.name}.{P.COMPLETED.value.lower()}", entity_type="payment",
+                 entity_id=payment.id, before={"status": None},
+                 after={"status": P.COMPLETED.value, "recorded": True, **money},
+                 cooperative_id=payment.cooperative_id)
+
+
+def _recorded_notices(rt: Runtime, payment: Payment, send_receipt: bool) -> list[NewJob]:
+    """A recorded payment's payment.completed webhook event (the cooperative's system lost it with the restore, or
+    never had it), and the payer's receipt SMS only when asked (she may hold the lost payment's already)."""
+    if send_receipt:
+        return _notices(rt, payment, "payment_receipt", "payment.completed")
+    return notice_jobs(template="payment_receipt", event_type="payment.completed",
+                       cooperative_id=payment.cooperative_id, key=payment.id, context={"payment_id": payment.id},
+                       data=event_data(payment), cipher=rt.cipher)
