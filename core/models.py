@@ -316,6 +316,9 @@ class OutboxJob(Base):
     __table_args__ = (
         Index("ix_outbox_due", "status", "run_at"),
         Index("ix_outbox_jobs_coop_id", "cooperative_id", "id"),
+        # Migration 0020: a claim that spares the lanes at their share reads the others' due jobs by lane ranges
+        # (core.outbox._spared), never a full lane's backlog.
+        Index("ix_outbox_due_lane", "lane", "run_at", **_where("status IN ('PENDING', 'RUNNING')")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
@@ -333,6 +336,10 @@ class OutboxJob(Base):
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
     done_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The payment provider the job's handler calls (core.outbox's lanes): its payment's provider, written by the
+    # database when the job is inserted (migration 0020's trigger), whichever code inserts it; NULL for a job
+    # that calls none. Compared in byte order ("C" on PostgreSQL, SQLite's own), as the claim's ranges are built.
+    lane: Mapped[str | None] = mapped_column(String(24).with_variant(String(24, collation="C"), "postgresql"))
 
 
 class ApprovedDomain(Base):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import os
 import random
@@ -18,6 +19,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     Float,
+    String,
     Table,
     and_,
     bindparam,
@@ -369,7 +371,7 @@ class OutboxWorker:
         # The most slots the jobs of one lane (_lane: a payment provider) may hold at once:
         # a provider that hangs (each call waiting out its read timeout, and on rent day there are always more of
         # its jobs due) holds that many, and the rest of the slots keep every other provider's payments, the SMS
-        # and the webhooks moving. Counted per worker; a job of a lane at its share is not claimed (_sparing).
+        # and the webhooks moving. Counted per worker; a job of a lane at its share is not claimed (_spared).
         if not 0 < lane_share <= 1:
             raise ValueError("a lane's share of the worker's slots is more than 0 and at most 1")
         self._share = max(1, int(concurrency * lane_share))
@@ -401,16 +403,15 @@ class OutboxWorker:
         process) uses the local clock.
         """
         batch = self._batch if limit is None else min(limit, self._batch)
-        full = sorted(sparing)
+        # The lanes to spare in byte order (Python's order of str), as _spared's ranges compare them.
+        full = {f"full_{n}": lane for n, lane in enumerate(sorted(set(sparing)))}
         engine = self._engine()
         if engine.dialect.name == "postgresql":
             # One statement, atomic on its own, in autocommit (the BEGIN, SELECT, UPDATE and COMMIT were four round
             # trips). Without a lane to spare, the plain claim: it reads no lane but the claimed jobs'.
-            params: dict[str, Any] = {"batch": batch, "worker": self.worker_id, "lease": float(self._lease)}
-            if full:
-                params["full"] = full
+            params: dict[str, Any] = {"batch": batch, "worker": self.worker_id, "lease": float(self._lease), **full}
             async with autocommit(engine) as conn:
-                claimed = (await conn.execute(_claim(bool(full)), params)).all()
+                claimed = (await conn.execute(_claim(len(full)), params)).all()
             # (A last_error of WORKER_LOST whose row had UNSTAMPED before: the row was RUNNING, see _LAST_ERROR.)
             return [Job(r.id, r.kind, dict(r.payload), r.attempts, r.max_attempts, r.created_at,
                         locked_by=self.worker_id, last_error=_told(r.last_error),
@@ -423,12 +424,12 @@ class OutboxWorker:
         async with self._sm.begin() as session:
             rows = (
                 await session.execute(
-                    select(OutboxJob, _lane().label("lane"))
-                    .where(_sparing(where) if full else where)
+                    select(OutboxJob, _lane(False).label("lane"))
+                    .where(and_(where, _spared(len(full), False)) if full else where)
                     .order_by(OutboxJob.run_at)
                     .limit(batch)
                     .with_for_update(skip_locked=True),
-                    {"full": full} if full else {},
+                    full,
                 )
             ).all()
             if not rows:
@@ -711,50 +712,77 @@ _LAST_ERROR = case((_TABLE.c.status == "RUNNING", literal(WORKER_LOST)),
                    (_TABLE.c.last_error.is_(None), literal(UNSTAMPED)), else_=_TABLE.c.last_error)
 # Lanes: the payment provider a job's handler waits on, so that one provider hanging holds no more than a share of a
 # worker's slots (OutboxWorker's `lane_share`) and every other job still runs. A payment's or refund's jobs call
-# the payment's provider, read from its row (its name, as configured). SMS, webhooks (each its own receiver), scans
-# and sweeps have no lane: they are never held back. (SMS had one, the aggregator's: capped at half the slots, the
-# benchmark's receipts ran at a third of their rate.)
+# the payment's provider (its name, as configured), which the database writes on the job's row as it is inserted
+# (the `lane` column: migration 0020's trigger, whichever code or release inserts it; a payment's provider never
+# changes). SMS, webhooks (each its own receiver), scans and sweeps have no lane: they are never held back. (SMS
+# had one, the aggregator's: capped at half the slots, the benchmark's receipts ran at a third of their rate.)
 PAYMENT_KINDS = ("payment.collect", "payment.poll")
 REFUND_KINDS = ("refund.submit", "refund.poll")
+LANE_KINDS = PAYMENT_KINDS + REFUND_KINDS
 
 
 @functools.cache
-def _lane() -> Any:
-    """A job's lane as SQL on its outbox row: the payment's provider (one primary-key read, a refund's through its
-    payment), NULL for anything else."""
+def _lane_found(postgres: bool) -> Any:
+    """The lane of a row written without one (inserted while triggers were off, or before its payment could be read),
+    from its payment row (a refund's through its payment); NULL for a kind without a lane. On PostgreSQL migration
+    0020's outbox_job_lane(kind, payload), which its trigger writes the column with: the planner prices a function
+    as one call, where it priced the subquery as a read on every due row, planned the sparing claim as a scan of
+    them all and JIT-compiled it (half a second a claim with 20,000 due). Elsewhere (SQLite) the same subquery."""
+    kind = _TABLE.c.kind
+    if postgres:
+        return case((kind.in_(LANE_KINDS), func.outbox_job_lane(kind, _TABLE.c.payload, type_=String)),
+                    else_=null())
     payments, refunds = cast(Table, Payment.__table__), cast(Table, Refund.__table__)
     of_payment = (select(payments.c.provider).where(payments.c.id == _TABLE.c.payload["payment_id"].as_string())
                   .correlate(_TABLE).scalar_subquery())
     of_refund = (select(payments.c.provider).select_from(refunds.join(payments, payments.c.id == refunds.c.payment_id))
                  .where(refunds.c.id == _TABLE.c.payload["refund_id"].as_string())
                  .correlate(_TABLE).scalar_subquery())
-    return case((_TABLE.c.kind.in_(PAYMENT_KINDS), of_payment), (_TABLE.c.kind.in_(REFUND_KINDS), of_refund),
-                else_=null())
-
-
-def _sparing(where: Any) -> Any:
-    """`where`, and the job's lane is none of the parameter `full`'s (the lanes at their share): such a job is not
-    claimed at all, so it holds no slot and no lease and keeps its place and its attempts."""
-    return and_(where, func.coalesce(_lane(), "").not_in(bindparam("full", expanding=True)))
+    return case((kind.in_(PAYMENT_KINDS), of_payment), (kind.in_(REFUND_KINDS), of_refund), else_=null())
 
 
 @functools.cache
-def _claim(sparing: bool) -> Any:
-    """The claim: WITH due AS (SELECT ... FOR UPDATE SKIP LOCKED) UPDATE ... FROM due RETURNING, one statement;
-    `sparing`: skipping the jobs of the lanes in the parameter `full` (_sparing)."""
+def _lane(postgres: bool) -> Any:
+    """A job's lane as SQL on its outbox row: its `lane`, or for a row without one _lane_found."""
+    return func.coalesce(_TABLE.c.lane, _lane_found(postgres))
+
+
+@functools.cache
+def _spared(count: int, postgres: bool) -> Any:
+    """The jobs a claim sparing `count` lanes may take (the parameters full_0 < full_1 < ..., the lanes at their share,
+    in byte order as the column compares): none of whose lane is one of them, so such a job is not claimed at all,
+    holds no slot and no lease, and keeps its place and its attempts.
+
+    Written as the ranges between the full lanes (lane < full_0, full_0 < lane < full_1, ..., lane > the last) and the
+    jobs without a lane, each an index condition on ix_outbox_due_lane (lane, run_at): PostgreSQL reads the other
+    lanes' due jobs and never a full lane's. (`lane NOT IN (...)` is no index condition: the claim read every due
+    job of a full lane, thousands on rent day with a provider down, again at every claim.) A row of a lane kind
+    left without its lane is held by the lane _lane_found reads for it."""
+    lane = _TABLE.c.lane
+    full = [bindparam(f"full_{n}", type_=String) for n in range(count)]
+    ranges = [and_(*([] if low is None else [lane > low]), *([] if high is None else [lane < high]))
+              for low, high in itertools.pairwise([None, *full, None])]
+    unlaned = and_(lane.is_(None), or_(_TABLE.c.kind.not_in(LANE_KINDS),
+                                       func.coalesce(_lane_found(postgres), "").not_in(full)))
+    return or_(unlaned, *ranges)
+
+
+@functools.cache
+def _claim(spared: int) -> Any:
+    """The claim: WITH due AS (SELECT ... FOR UPDATE SKIP LOCKED) UPDATE ... FROM due RETURNING, one statement
+    (PostgreSQL); `spared`: how many lanes it spares (_spared; none: the plain claim)."""
     where = and_(_TABLE.c.status.in_(("PENDING", "RUNNING")), _TABLE.c.run_at <= func.now())
     due = (select(_TABLE.c.id, _TABLE.c.status, _TABLE.c.run_at, _TABLE.c.last_error, _TABLE.c.locked_by)
-           .where(_sparing(where) if sparing else where)
+           .where(and_(where, _spared(spared, True)) if spared else where)
            .order_by(_TABLE.c.run_at).limit(bindparam("batch")).with_for_update(skip_locked=True).cte("due"))
     # RETURNING shows the new row; the state it had before the lease (run_at for the order, last_error for
-    # Job.lost_before_call, all of it for _unclaim) comes from the CTE; the lane is read for the claimed rows only
-    # (when `sparing`, the WHERE read it too).
+    # Job.lost_before_call, all of it for _unclaim) comes from the CTE.
     return (update(_TABLE).where(_TABLE.c.id == due.c.id)
             .values(status="RUNNING", run_at=_db_now_plus(bindparam("lease", type_=Float)),
                     locked_by=bindparam("worker"), attempts=_TABLE.c.attempts + 1, updated_at=func.now(),
                     last_error=_LAST_ERROR)
             .returning(_TABLE.c.id, _TABLE.c.kind, _TABLE.c.payload, _TABLE.c.attempts, _TABLE.c.max_attempts,
-                       _TABLE.c.created_at, _TABLE.c.last_error, _lane().label("lane"),
+                       _TABLE.c.created_at, _TABLE.c.last_error, _lane(True).label("lane"),
                        due.c.status.label("status_before"), due.c.run_at.label("run_at_before"),
                        due.c.last_error.label("last_error_before"), due.c.locked_by.label("locked_by_before")))
 

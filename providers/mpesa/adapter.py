@@ -32,7 +32,7 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
-from providers.calls import provider_time, timeout_from, with_query
+from providers.calls import call_answered, call_failed, provider_time, timeout_from, with_query
 from providers.tokens import TokenCache
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,10 @@ _PUSH_NOT_SENT: dict[str, str] = {
     "500.001.1001": REASONS["1001"],  # "Unable to lock subscriber, a transaction is already in process"
 }
 _INVALID_TOKEN = "404.001.03"
+# Daraja's answers sent as HTTP 500 that are its word on the request, not a fault: the query's "still being
+# processed" and the push's "a transaction is already in process" on the payer's line (both 500.001.1001). Counted
+# as answered for the outage line (providers.calls): five payers slow to approve are not M-Pesa failing.
+_ANSWERED_AS_500 = frozenset({_STILL_PENDING, *_PUSH_NOT_SENT})
 _ACCOUNT_REFERENCE_MAX = 12
 _REFERENCE_MAX = 64  # our provider reference (a UUID) as the CallBackURL's ref carries it
 _DESCRIPTION_MAX = 13
@@ -480,16 +484,21 @@ class MpesaAdapter:
         return resp
 
     async def _send(self, operation: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One call to Daraja, counted for the outage line as providers.calls.send counts its calls (call_failed:
+        no connection, no answer in time, a 5xx that is not one of Daraja's answers, _ANSWERED_AS_500;
+        call_answered: anything else, a 4xx included)."""
         started = time.perf_counter()
         try:
-            return await self._http.request(method, self._base + path, timeout=self._timeouts, **kwargs)
+            resp = await self._http.request(method, self._base + path, timeout=self._timeouts, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             PROVIDER_ERRORS.labels(self.name, operation).inc()
+            call_failed(self.name, started)
             log.warning("mpesa %s: cannot connect (%s)", operation, type(exc).__name__)
             raise ProviderError(f"M-Pesa {operation}: cannot connect", retryable=True,
                                 code="UNREACHABLE") from exc
         except (httpx.TimeoutException, httpx.TransportError) as exc:
             PROVIDER_ERRORS.labels(self.name, operation).inc()
+            call_failed(self.name, started)
             log.warning("mpesa %s: no answer (%s)", operation, type(exc).__name__)
             if operation in _CREATES:
                 raise ProviderTimeout(f"M-Pesa {operation}: no answer in time; ask the status, "
@@ -499,6 +508,11 @@ class MpesaAdapter:
                                 code="TIMEOUT") from exc
         finally:
             PROVIDER_CALLS.labels(self.name, operation).observe(time.perf_counter() - started)
+        if resp.status_code >= 500 and self._json(resp).get("errorCode") not in _ANSWERED_AS_500:
+            call_failed(self.name, started)
+        else:
+            call_answered(self.name)
+        return resp
 
     @staticmethod
     def _json(resp: httpx.Response) -> dict[str, Any]:
