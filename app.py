@@ -273,24 +273,32 @@ async def readyz(request: web.Request) -> web.Response:
     """The balancer's check: 503 only when the database cannot be reached. Redis is reported, not required: without
     it a serve still answers the API (without per-caller limits) and takes provider callbacks, and every serve
     shares the one Redis, so failing on it would pull them all out of the balancer at once (and USSD answers its
-    own "service unavailable" either way). Alert on gateway_redis_up instead."""
+    own "service unavailable" either way). Alert on gateway_redis_up instead.
+
+    Redis is asked for a write, not a PING, and for its eviction policy (core.auth.redis_memory): one that refuses
+    writes for want of memory, or evicts keys (USSD sessions mid-menu), answers PING all the same. Either is
+    "degraded", named in checks.redis, for the same reason as Redis down; alert on gateway_redis_writes_refused
+    and gateway_redis_evicting, which this sets too."""
+    from core.auth import redis_memory
+
     rt = request.app[RUNTIME]
     checks: dict[str, str] = {}
 
-    async def db() -> None:
+    async def db() -> str:
         async with rt.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
+        return "ok"
 
-    async def redis() -> None:
-        await rt.redis.ping()
+    async def redis() -> str:
+        problem = (await redis_memory(rt.redis)).problem()
+        return "ok" if problem is None else f"degraded: {problem}"
 
     for name, check in (("database", db), ("redis", redis)):
         try:
-            await asyncio.wait_for(check(), timeout=2.0)
-            checks[name] = "ok"
+            checks[name] = await asyncio.wait_for(check(), timeout=2.0)
         except Exception as exc:
             checks[name] = f"error: {type(exc).__name__}"
-    metrics.REDIS_UP.set(1 if checks["redis"] == "ok" else 0)
+    metrics.REDIS_UP.set(0 if checks["redis"].startswith("error: ") else 1)
     if checks["database"] != "ok":
         return web.json_response({"status": "unavailable", "checks": checks}, status=503)
     return web.json_response({"status": "ok" if checks["redis"] == "ok" else "degraded", "checks": checks})

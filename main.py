@@ -383,7 +383,8 @@ async def _worker_metrics(rt: Runtime, host: str, port: int) -> web.AppRunner:
 
 
 async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0) -> None:
-    from app import create_worker, open_runtime
+    from app import create_worker, open_runtime, stop_background
+    from core.auth import watch_redis
 
     stop = asyncio.Event()
     _stop_on_signals(stop)  # first: a SIGTERM during start-up still shuts down cleanly
@@ -394,11 +395,15 @@ async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0) -
         from core.jobs import ensure_scheduled
 
         await ensure_scheduled(rt)
+        # Redis evicting keys or refusing writes, reported by the worker too (a serve's revocation guard does it).
+        watch_stop = asyncio.Event()
+        watcher = asyncio.create_task(watch_redis(rt.redis, stop=watch_stop))
         task = asyncio.create_task(worker.run_forever())
         log.info("worker started", extra={"worker_id": worker.worker_id})
         await stop.wait()
         log.info("worker stopping: finishing running jobs")
         await _stop_worker(worker, task, settings)
+        await stop_background(watcher, watch_stop, name="Redis watch")
         if runner is not None:
             await runner.cleanup()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import jwt
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from sqlalchemy import ColumnElement, and_, bindparam, false, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
@@ -27,7 +27,7 @@ from core.config import Settings
 from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
 from core.db import insert_ignore, serialise_on_sqlite, utcnow, wall
 from core.errors import Conflict, DomainError, Forbidden, NotFound, ValidationError
-from core.metrics import PREVIOUS_SECRET_USED
+from core.metrics import PREVIOUS_SECRET_USED, REDIS_EVICTED_KEYS, REDIS_EVICTING, REDIS_WRITES_REFUSED
 from core.models import AdminUser, ApiKey, AuditEvent, Cooperative, Member, PaymentType, UsedRefreshToken
 from core.ratelimit import subject_tag
 
@@ -496,11 +496,17 @@ def _older(mark: bytes, instant: float) -> bool:
 
 async def eviction_policy(redis: Redis) -> str | None:
     """The policy under which this Redis evicts keys when its memory is full, or None when it never does
-    (`noeviction`, or no memory limit) or will not say (CONFIG is disabled on some managed services)."""
+    (`noeviction`, or no memory limit) or will not say. Read with CONFIG, else (some managed services disable it)
+    from INFO memory, which says the same."""
     try:
         config = await redis.config_get("maxmemory*")
     except ResponseError:
-        return None
+        try:
+            memory = await redis.info("memory")
+        except ResponseError:
+            return None
+        config = {"maxmemory": memory.get("maxmemory", 0),
+                  "maxmemory-policy": memory.get("maxmemory_policy", "noeviction")}
     policy = str(config.get("maxmemory-policy", "noeviction"))
     limited = str(config.get("maxmemory", "0")).strip() not in ("", "0")
     return policy if limited and policy != "noeviction" else None
@@ -512,6 +518,113 @@ async def evicted_keys(redis: Redis) -> int | None:
         return int((await redis.info("stats"))["evicted_keys"])
     except (ResponseError, KeyError, TypeError, ValueError):
         return None
+
+
+async def server_run_id(redis: Redis) -> str | None:
+    """The id Redis draws at each start (INFO server run_id): another one is another server (restarted, or a replica
+    a failover promoted), whose configuration may differ. None when it will not say."""
+    try:
+        run_id = (await redis.info("server")).get("run_id")
+    except ResponseError:
+        return None
+    return None if run_id is None else str(run_id)
+
+
+# Written (one byte, a minute's life) to learn whether Redis takes writes: see redis_memory.
+WRITE_PROBE = "health:write-probe"
+
+
+@dataclass(frozen=True)
+class RedisMemory:
+    """How Redis copes with a full memory: the policy under which it evicts keys (None: it does not, or will not
+    say), and whether it refused a write for want of memory (OOM: full under noeviction, or past what evicting
+    frees)."""
+
+    policy: str | None
+    writes_refused: bool
+
+    def problem(self) -> str | None:
+        """What is wrong, in a few words (what /readyz says of Redis after "degraded: "); None when nothing is."""
+        if self.writes_refused:
+            return "out of memory, writes refused"
+        if self.policy is not None:
+            return f"evicts keys (maxmemory-policy {self.policy})"
+        return None
+
+
+async def redis_memory(redis: Redis) -> RedisMemory:
+    """Try a write and read the eviction policy, and set gateway_redis_writes_refused and gateway_redis_evicting
+    from them (NaN when Redis cannot be asked: the error is raised). A PING tells neither: a Redis that refuses
+    every write, or evicts USSD sessions mid-menu, still answers it."""
+    try:
+        try:
+            await redis.set(WRITE_PROBE, b"1", ex=60)
+            refused = False
+        except OutOfMemoryError:
+            refused = True
+        policy = await eviction_policy(redis)
+    except Exception:
+        REDIS_WRITES_REFUSED.set(math.nan)
+        REDIS_EVICTING.set(math.nan)
+        raise
+    REDIS_WRITES_REFUSED.set(1 if refused else 0)
+    REDIS_EVICTING.set(0 if policy is None else 1)
+    return RedisMemory(policy, refused)
+
+
+class RedisWatch:
+    """What a process last found of Redis's memory, looked at every cycle (guard_revocations in each serve,
+    watch_redis in each worker): each change is logged once, not every cycle, and evictions are counted
+    (gateway_redis_evicted_keys_total). Read every cycle, not once at start: a failover to a replica configured
+    otherwise, or a CONFIG SET while serving, changes it under a running process. A Redis with another run_id is
+    another server: an evicting policy is reported again for it, the same one too."""
+
+    def __init__(self) -> None:
+        self.said: tuple[str | None, str | None] | None = None  # (run_id, policy) last reported
+        self.writes_refused = False
+        self.counted: tuple[str | None, int] | None = None  # (run_id, INFO's eviction count) at the last look
+
+    async def check(self, redis: Redis) -> int | None:
+        """Look at Redis's memory now (four small commands); returns INFO's count of evicted keys (None: it will
+        not say). Raises when Redis cannot be asked."""
+        memory = await redis_memory(redis)  # first: Redis out of reach sets its gauges to NaN
+        run_id = await server_run_id(redis)
+        evicted = await evicted_keys(redis)
+        self._report_policy(run_id, memory.policy)
+        self._report_writes(memory.writes_refused)
+        self._count(run_id, evicted)
+        return evicted
+
+    def _report_policy(self, run_id: str | None, policy: str | None) -> None:
+        if self.said == (run_id, policy):
+            return
+        evicted_before = self.said is not None and self.said[1] is not None
+        self.said = (run_id, policy)
+        if policy is not None:
+            log.error("Redis evicts keys when its memory is full: USSD sessions, rate-limit counts and token "
+                      "revocation marks can vanish; run it with maxmemory-policy noeviction",
+                      extra={"policy": policy, "redis_run_id": run_id})
+        elif evicted_before:
+            log.info("Redis no longer evicts keys", extra={"redis_run_id": run_id})
+
+    def _report_writes(self, refused: bool) -> None:
+        if refused == self.writes_refused:
+            return
+        self.writes_refused = refused
+        if refused:
+            log.error("Redis refuses writes: its memory is full (maxmemory) and its policy frees none; every USSD "
+                      "hop answers \"service unavailable\" until memory is freed or the limit raised")
+        else:
+            log.info("Redis takes writes again")
+
+    def _count(self, run_id: str | None, evicted: int | None) -> None:
+        """Add the keys evicted since the last look. The first look, another server's or a lower count (Redis
+        restarted) only set where counting starts: what it counted before may predate this process."""
+        if evicted is None:
+            return
+        last, self.counted = self.counted, (run_id, evicted)
+        if last is not None and last[0] == run_id and evicted > last[1]:
+            REDIS_EVICTED_KEYS.inc(evicted - last[1])
 
 
 async def guard_revocations(redis: Redis, sessionmaker: async_sessionmaker[AsyncSession], *, ttl_seconds: int,
@@ -527,36 +640,55 @@ async def guard_revocations(redis: Redis, sessionmaker: async_sessionmaker[Async
     keys to stay under its memory limit (`volatile-*` policies take the marks, which expire, and leave the marker,
     which does not): INFO's eviction count is watched too, to say so in the log.
 
+    Each cycle also looks at Redis's memory (RedisWatch: an evicting policy, writes refused for want of memory,
+    evictions; logged once per change, exported as metrics). While Redis refuses writes, no mark can be written
+    back: the cycle stops there (said once, by the watch) instead of failing every 5 s.
+
     Ends once `stop` is set: at once while waiting for the next check, else after the check under way. A
     cancel alone is not enough: one that lands as redis-py finishes sending a command is lost (Python 3.11's
     asyncio.wait_for returns the finished send instead of raising), and the loop would go on for good."""
     stop = stop if stop is not None else asyncio.Event()  # none given: until cancelled (tests)
-    warned = False
+    watch = RedisWatch()
     seen = 0  # evictions before this process started may have taken marks as well
     while not stop.is_set():
         try:
-            if not warned:
-                policy = await eviction_policy(redis)
-                warned = True
-                if policy is not None:
-                    log.error("Redis evicts keys when its memory is full: USSD sessions, rate-limit counts and "
-                              "token revocation marks can vanish; run it with maxmemory-policy noeviction",
-                              extra={"policy": policy})
-            evicted = await evicted_keys(redis)
-            newly = 0 if evicted is None else evicted - seen
-            marks = await ensure_revocations(redis, sessionmaker, ttl_seconds=ttl_seconds)
-            if newly > 0 and marks.written:
-                log.warning("Redis evicted keys; token revocation marks re-written from the audit log",
-                            extra={"evicted": newly, "accounts": marks.written})
-            elif marks.written:  # a Redis that lost its data, failed over, or a shard that did
-                log.warning("token revocation marks were missing in Redis; restored from the audit log",
-                            extra={"accounts": marks.written})
-            if evicted is not None:
-                seen = evicted  # (lower after a Redis restart: the marks are checked every cycle anyway)
+            evicted = await watch.check(redis)
+            if not watch.writes_refused:
+                newly = 0 if evicted is None else evicted - seen
+                marks = await ensure_revocations(redis, sessionmaker, ttl_seconds=ttl_seconds)
+                if newly > 0 and marks.written:
+                    log.warning("Redis evicted keys; token revocation marks re-written from the audit log",
+                                extra={"evicted": newly, "accounts": marks.written})
+                elif marks.written:  # a Redis that lost its data, failed over, or a shard that did
+                    log.warning("token revocation marks were missing in Redis; restored from the audit log",
+                                extra={"accounts": marks.written})
+                if evicted is not None:
+                    seen = evicted  # (lower after a Redis restart: the marks are checked every cycle anyway)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis or the database down: the request path falls back to the row
             log.warning("could not check the token revocation marks", extra={"error": type(exc).__name__})
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every):
+                await stop.wait()
+
+
+async def watch_redis(redis: Redis, *, stop: asyncio.Event, every: float = RESTORE_CHECK_SECONDS) -> None:
+    """A worker's look at Redis's memory every `every` seconds until `stop` (RedisWatch; each serve's
+    guard_revocations does the same every cycle). A worker needs Redis too (every SMS's send rate and lock): an
+    evicting or full Redis is reported from its logs and /metrics as well. Redis out of reach is said once, until
+    it answers again (its gateway_redis_up reads 0 meanwhile)."""
+    watch = RedisWatch()
+    reachable = True
+    while not stop.is_set():
+        try:
+            await watch.check(redis)
+        except Exception as exc:
+            if reachable:
+                log.warning("could not look at Redis's memory", extra={"error": type(exc).__name__})
+            reachable = False
+        else:
+            reachable = True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(every):
                 await stop.wait()

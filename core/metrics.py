@@ -90,6 +90,18 @@ PAYMENTS_PAST_WINDOW_OLDEST = Gauge("gateway_payments_open_past_window_oldest_se
 # Whether this process's Redis answered a PING at the last scrape: /readyz no longer fails on Redis alone (a serve
 # keeps taking the API and provider callbacks without it), so this is what to alert on.
 REDIS_UP = Gauge("gateway_redis_up", "1 if Redis answered PING at the last scrape, 0 if not", registry=REGISTRY)
+# How Redis copes with a full memory, as this process last found it (core.auth.RedisWatch: every cycle of each
+# serve's revocation guard and of each worker's Redis watch, ~5 s; /readyz too). A policy that evicts takes USSD
+# sessions mid-menu, rate-limit counts and token revocation marks; a full Redis under noeviction refuses every write
+# (each USSD hop answers "service unavailable"), while PING, and so gateway_redis_up, still says 1. Alert on
+# max(gateway_redis_evicting) == 1, max(gateway_redis_writes_refused) == 1 and any increase of
+# gateway_redis_evicted_keys_total. The gauges read NaN while Redis cannot be asked (gateway_redis_up says so).
+REDIS_EVICTING = Gauge("gateway_redis_evicting", "1 if Redis has a memory limit and a maxmemory-policy other than "
+                       "noeviction (it evicts keys when full), 0 if not, at the last check", registry=REGISTRY)
+REDIS_WRITES_REFUSED = Gauge("gateway_redis_writes_refused", "1 if Redis refused a write for want of memory (OOM) "
+                             "at the last check, 0 if it took it", registry=REGISTRY)
+REDIS_EVICTED_KEYS = Counter("gateway_redis_evicted_keys_total", "Keys Redis evicted (INFO stats evicted_keys) "
+                             "while this process watched it", registry=REGISTRY)
 SMS = Counter("gateway_sms_total", "SMS messages by status", ["status"], registry=REGISTRY)
 # A refund the provider contradicted after it was final, each flagged on its payment for a person (README).
 REFUND_ANOMALIES = Counter("gateway_refund_anomalies_total", "Refunds flagged for a person: sent_after_failure, "

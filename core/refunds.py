@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import metrics
 from core.audit import Actor, record
-from core.db import insert_ignore, iso_ms, iso_z, lock_row, utcnow
+from core.db import insert_ignore, iso_ms, iso_z, lock_row, table_of, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
@@ -595,6 +595,16 @@ async def _find_refund(session: AsyncSession, event: ProviderEventData, outcome:
     return found
 
 
+async def _link_event(session: AsyncSession, event_row_id: str, refund: Refund, outcome: str) -> None:
+    """The stored callback names its refund and the refund's payment, with what applying it did (`outcome`), in the
+    transaction that applied it, as a payment's callback does (core.payments._set_outcome): a refund's callbacks
+    are found from it (by payment_id's index, then refund_id). Before, all three stayed NULL: nothing led from a
+    refund to its callbacks."""
+    events = table_of(ProviderEvent)
+    await session.execute(update(events).where(events.c.id == event_row_id)
+                          .values(refund_id=refund.id, payment_id=refund.payment_id, outcome=outcome))
+
+
 async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
     """Store a refund callback once, confirm it by the provider's refund status query when it is unsigned
     (as collection callbacks are), and apply it. Returns the outcome. One that matches no refund of ours is kept
@@ -640,9 +650,11 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
                         log.warning("provider cannot tell whether a refund went through",
                                     extra={"provider": event.provider, "refund": refund.reference,
                                            "reason": reason})
-                    return await apply_refund_outcome(session, rt, refund, outcome, actor=actor,
-                                                      provider_transaction_id=txn, reason=reason,
-                                                      occurred_at=occurred)
+                    result = await apply_refund_outcome(session, rt, refund, outcome, actor=actor,
+                                                        provider_transaction_id=txn, reason=reason,
+                                                        occurred_at=occurred)
+                    await _link_event(session, event_row_id, refund, result)
+                    return result
                 # No refund of ours (PostgreSQL restored to a point before it, say): a SUCCEEDED one is money
                 # paid out of the cooperative's account that nothing here records. Kept as the payment side's.
                 await keep_unmatched(session, event_row_id, event)

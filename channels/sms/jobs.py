@@ -12,7 +12,10 @@ What a failed send leaves, so that a message is neither lost nor doubled:
   is not sent again either. The attempt fails as interrupted (Job.interrupted), and AT's answer is kept in
   Redis (the message's answer key, message_keys) so the next attempt records it, AT's message id and all,
   without a request. Should that key be gone, the interrupted attempt is enough: the next one records the
-  message Unconfirmed.
+  message Unconfirmed;
+- the row lost after the send (PostgreSQL restored to a point before it, its job with it, pending again): AT's
+  answer is kept under that key after every send that AT may have (accepted, or unconfirmed) for ANSWER_SECONDS,
+  so the job, run again, finds it before sending and stores the row again as SENT with that answer.
 """
 
 from __future__ import annotations
@@ -61,9 +64,11 @@ log = logging.getLogger("gateway.sms.jobs")
 WORKER = Actor("system", "worker")
 # The shortest a message's send lock is held (a crashed run's lock expires on its own).
 SEND_LOCK_SECONDS = 30
-# How long AT's answer for a message whose outcome could not be written is kept for the next attempt
-# (message_keys): past the job's retries (hours, when its account's problems make it wait) and a week for a
-# replay of the parked job. Without it the next attempt still does not send (the job is interrupted): Unconfirmed.
+# How long AT's answer for a message is kept (message_keys), from every send AT may have: past the job's retries
+# (hours, when its account's problems make it wait), a week for a replay of the parked job, and for a PostgreSQL
+# restored to a point up to a week back, whose jobs pending then run again (their rows lost: stored again from the
+# answer, not resent). ~380 bytes of Redis a message: ~27 MB at 10,000 messages a day. Without it a retry still
+# does not send (the job is interrupted): Unconfirmed.
 ANSWER_SECONDS = 7 * 24 * 3600
 
 
@@ -77,15 +82,15 @@ def message_key(payload: dict[str, Any]) -> str:
 
 
 def message_keys(key: str) -> tuple[str, str]:
-    """The message's Redis keys: its send lock, and where AT's answer is kept when its outcome could not be
-    written (see ANSWER_SECONDS). One hash tag, so a cluster keeps them on one slot (one pipeline)."""
+    """The message's Redis keys: its send lock, and where AT's answer is kept once it may have the message (see
+    ANSWER_SECONDS). One hash tag, so a cluster keeps them on one slot (one pipeline)."""
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     return f"sms:lock:{{{digest}}}", f"sms:answer:{{{digest}}}"
 
 
 class Answer(NamedTuple):
-    """What AT answered for a message whose outcome could not be written, kept for the next attempt:
-    accepted (its id, which may be None, status, cost, when), or unconfirmed (`cause` set: AT may have it)."""
+    """What AT answered for a message, kept for any later run of its job: accepted (its id, which may be None,
+    status, cost, when), or unconfirmed (`cause` set: AT may have it)."""
 
     provider_message_id: str | None = None
     provider_status: str | None = None
@@ -209,8 +214,10 @@ class SmsJobs:
                                      provider_status=SKIPPED)
                 return
             found = await self.throttle_and_lock(lock, str(job.id), kept)
-            if found is not None:  # another run of it had AT's answer and could not write it (the lock is free)
+            if found is not None:  # AT may have it already (an earlier run's answer, kept): recorded, never resent
                 stored = existing or await _first(conn, _BY_KEY, {"k": key})
+                if stored is None:
+                    stored = await self._store_again(conn, job, payload, key, found)
                 if stored is not None and stored.status == SmsStatus.QUEUED.value:
                     await self._record_answer(job, stored, found, kept)
                 return
@@ -261,21 +268,33 @@ class SmsJobs:
             return True
         return False
 
+    async def _store_again(self, conn: AsyncConnection, job: Job, payload: dict[str, Any], key: str,
+                           answer: Answer) -> Any:
+        """The row of a message AT may have (its answer was kept at the send) is gone: PostgreSQL was restored to a
+        point before the send, and the job, pending then, runs again. The row is stored again, QUEUED for the
+        answer to be recorded on it, never sent. None when it cannot be built for the member's number any more
+        (released since): nothing to record it on, and nothing is sent either."""
+        log.warning("SMS already sent but its row is gone (PostgreSQL restored to before the send?): stored again "
+                    "from the answer kept at the send, not resent",
+                    extra={"job_id": job.id, "provider_message_id": answer.provider_message_id,
+                           "template": payload.get("template")})
+        try:
+            return await self._create(conn, payload, key)
+        except PhoneReleased:
+            return None
+
     async def _record_answer(self, job: Job, message: Any, answer: Answer, kept: str) -> None:
-        """Record the answer an earlier attempt kept (it could not write it): SENT with AT's id (then the
-        delivery reports parked for that id meanwhile are applied), or Unconfirmed. Nothing is sent."""
+        """Record the answer an earlier attempt kept: SENT with AT's id (then the delivery reports parked for that
+        id meanwhile are applied), or Unconfirmed. Nothing is sent; the answer stays kept (ANSWER_SECONDS)."""
         log.warning("SMS outcome recorded from the answer an earlier attempt kept, not resent",
                     extra={"sms_id": message.id, "job_id": job.id, "provider_message_id": answer.provider_message_id})
         if answer.cause is not None:
             await self._unconfirmed(job, message, answer.cause, kept)
-            await self._forget(kept)
             return
         job.mark_call_started()
         moved = await self._record_sent(job, message.id, answer)
-        if answer.provider_message_id:  # releases the kept answer with the parked-report check
-            await self._apply_parked(message.id, answer.provider_message_id, moved, kept)
-        else:
-            await self._forget(kept)
+        if answer.provider_message_id:
+            await self._apply_parked(message.id, answer.provider_message_id, moved)
 
     async def _record_sent(self, job: Job, message_id: str, answer: Answer) -> bool:
         """QUEUED -> SENT with what AT answered (its id, status, cost, when), the job finished with it; whether
@@ -291,12 +310,15 @@ class SmsJobs:
             clear=("failure_reason",),
         )
 
-    async def _forget(self, kept: str) -> None:
-        """Drop a kept answer once recorded (it would only expire: the message is no longer QUEUED)."""
+    async def _remember(self, message_id: str, kept: str, answer: Answer) -> None:
+        """Keep AT's answer for any later run of the job (ANSWER_SECONDS), before its outcome is written: a run
+        that finds the row lost since, or still QUEUED, records it instead of sending. Best effort: the outcome is
+        written all the same (should that fail too, _keep tries again)."""
         try:
-            await self.rt.redis.delete(kept)
+            await self.rt.redis.set(kept, answer.dump(), ex=ANSWER_SECONDS)
         except Exception:
-            log.warning("kept SMS answer not deleted (it expires)", exc_info=True)
+            log.warning("AT's answer not kept: a restore of the database to before this send would send it again",
+                        exc_info=True, extra={"sms_id": message_id})
 
     async def _keep(self, message_id: str, kept: str, answer: Answer, error: Exception) -> SmsOutcomeNotRecorded:
         """AT may have the message and its outcome could not be written: keep AT's answer for the next attempt
@@ -339,6 +361,7 @@ class SmsJobs:
             # WORKER_LOST, interrupted all the same.
             job.mark_call_started()
             answer = Answer(result.provider_message_id, result.provider_status, result.cost, utcnow().isoformat())
+            await self._remember(message.id, kept, answer)
             try:
                 moved = await self._record_sent(job, message.id, answer)
             except Exception as exc:  # e.g. a pool timeout, a failover, a connection reset
@@ -406,19 +429,21 @@ class SmsJobs:
         metrics.SMS.labels(status="QUEUED").inc()
         return row
 
-    async def _apply_parked(self, message_id: str, provider_message_id: str, moved: bool, lock: str) -> None:
+    async def _apply_parked(self, message_id: str, provider_message_id: str, moved: bool,
+                            lock: str | None = None) -> None:
         """Delivery reports that beat the id's commit were parked by the route: apply them now.
 
-        The send lock (or the kept answer just recorded) is released first, in the same round trip as the
-        check (the outcome is recorded: another run would find the message no longer QUEUED)."""
+        The send `lock`, if this run holds it, is released first, in the same round trip as the check (the
+        outcome is recorded: another run would find the message no longer QUEUED)."""
         try:
             # Almost always none were parked: one EXISTS instead of the database read that
             # apply_parked_reports starts with. When this run did not store the id (the row had moved
             # on), it goes through apply_parked_reports as before.
             pipe = self.rt.redis.pipeline(transaction=False)
-            pipe.delete(lock)
+            if lock is not None:
+                pipe.delete(lock)
             pipe.exists(parked_key(provider_message_id))
-            _, parked = await pipe.execute()
+            *_, parked = await pipe.execute()
             if moved and not parked:
                 return
             await apply_parked_reports(self.rt, provider_message_id)
@@ -430,13 +455,15 @@ class SmsJobs:
         """AT may have queued the message, and sending it again could give the member a second copy: it is
         recorded SENT (what it most likely is) without a provider message id, marked Unconfirmed, and the
         job ends. An operator can check it against AT's dashboard; no delivery report can update it.
-        Should that write fail, the job stays in doubt (Job.mark_call_started) and the cause is kept (`kept`)."""
+        The cause is kept first (`kept`: a later run, the row lost or not, records it so and never sends); should
+        the write fail, the job stays in doubt (Job.mark_call_started) and the cause is kept again."""
         job.mark_call_started()
         log.warning(
             "SMS may have reached Africa's Talking: recorded unconfirmed, not resent",
             extra={"sms_id": message.id, "cause": cause, "to": message.phone_masked, "job_id": job.id},
         )
         metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.unconfirmed").inc()
+        await self._remember(message.id, kept, Answer(cause=cause))
         try:
             await self._move(
                 message.id,
