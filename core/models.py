@@ -283,6 +283,10 @@ class SmsMessage(Base):
         Index("ix_sms_messages_body_kept", "created_at", **_where("body <> ''")),
         # Migration 0018: a member's texts, which erasing her clears (core.members).
         Index("ix_sms_messages_member", "member_id", **_where("member_id IS NOT NULL")),
+        # Migration 0021: a payment's texts, by their key's prefix (admin_api.messages.of_payment): LIKE 'prefix%'
+        # reads a btree only in byte order, which the unique index's collation is not.
+        Index("ix_sms_messages_key_prefix", "idempotency_key",
+              postgresql_ops={"idempotency_key": "text_pattern_ops"}),
     )
 
     id: Mapped[str] = _id()

@@ -4,7 +4,9 @@ CREATE INDEX CONCURRENTLY on PostgreSQL, outside the migration's transaction (`m
 database; a plain build blocks every INSERT and UPDATE of the table while it runs); an INVALID leftover of an
 interrupted build is dropped and built again, a valid index of that name is kept. SQLite builds them plainly.
 Used by revisions 0004, 0010, 0011, 0013 and 0014 (each keeps its own list: a revision's indexes never change once
-released). A partial index names its predicate in `where` (index name -> SQL), the same text on both databases.
+released). A partial index names its predicate in `where` (index name -> SQL), the same text on both databases; an
+index whose columns compare by another operator class on PostgreSQL names it in `ops` (index name -> {column: class},
+text_pattern_ops for LIKE prefixes), a plain index of the columns on SQLite.
 """
 
 from collections.abc import Mapping, Sequence
@@ -34,8 +36,9 @@ def _partial(name: str, where: Mapping[str, str]) -> dict[str, sa.TextClause]:
     return {'postgresql_where': sa.text(where[name]), 'sqlite_where': sa.text(where[name])}
 
 
-def build_indexes(indexes: Sequence[IndexSpec], where: Mapping[str, str] | None = None) -> None:
-    where = where or {}
+def build_indexes(indexes: Sequence[IndexSpec], where: Mapping[str, str] | None = None,
+                  ops: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    where, ops = where or {}, ops or {}
     if op.get_bind().dialect.name != 'postgresql':
         # IF NOT EXISTS: SQLite's DDL is not in the migration's transaction here (each CREATE commits at once), so a
         # migrate cut short leaves the indexes built so far under the old revision; the next one goes on.
@@ -50,7 +53,7 @@ def build_indexes(indexes: Sequence[IndexSpec], where: Mapping[str, str] | None 
                 op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
             if state is not True:
                 op.create_index(name, table, columns, postgresql_concurrently=True, if_not_exists=True,
-                                **_partial(name, where))
+                                postgresql_ops=dict(ops.get(name, {})), **_partial(name, where))
 
 
 def drop_indexes(indexes: Sequence[IndexSpec]) -> None:

@@ -25,7 +25,7 @@ from core.cooperatives import COUNTRY_CURRENCY
 from core.db import autocommit, utcnow
 from core.members import set_number_opt_out
 from core.models import Cooperative, Member, Payment, SmsMessage
-from core.notify import send_sms
+from core.notify import SMS_KEY_SIZE, send_sms
 from core.phone import Phone, PhoneError, normalize
 from core.ratelimit import Limit, RateLimiter
 from core.references import REFERENCE_SHAPE
@@ -388,6 +388,7 @@ async def inbound(request: web.Request) -> web.Response:
             or "en"
         )
         reply: tuple[str, dict[str, Any], str | None] | None = None  # template, context, cooperative
+        dedupe = f"inbound:{inbound_id}"  # one reply per inbound text (an aggregator's retry sends none)
         if command in ("STOP", "START"):
             opt_out = command == "STOP"
             # The number's, for the memberships it does not have yet (core.members), and each one it has.
@@ -420,12 +421,8 @@ async def inbound(request: web.Request) -> web.Response:
                 await session.execute(select(Payment).where(Payment.reference == reference))
             ).scalar_one_or_none()
             if payment is not None and await _owns(session, rt, payment, phone):
-                template = (
-                    "payment_receipt"
-                    if command == "RECEIPT" and payment.status in COLLECTED
-                    else "payment_status"
-                )
-                reply = (template, {"payment_id": payment.id}, payment.cooperative_id)
+                reply = payment_reply(payment, command)
+                dedupe = reply_key(payment.id, f"in:{inbound_id}")
             else:
                 # Someone else's reference gets exactly the answer a made-up one gets.
                 reply = ("not_found", {"reference": reference}, None)
@@ -445,10 +442,35 @@ async def inbound(request: web.Request) -> web.Response:
             context=context,
             cipher=rt.cipher,
             phone=phone,
-            dedupe=f"inbound:{inbound_id}",
+            dedupe=dedupe,
         )
     log.info("keyword SMS", extra={"command": command or "unknown", "reply": template})
     return web.Response(text="")
+
+
+# An SMS about one payment that someone asked for (the RECEIPT or STATUS keyword, the support desk's resend:
+# admin_api.messages) is keyed "reply:<payment id>:<origin>", the payment's id in a fixed place: the payment's
+# messages are found by their key's prefix (admin_api.messages), as its receipt and updates are by theirs
+# (core.notify.sms_dedupe) and a USSD receipt by "ussd-receipt:<payment id>:" (channels.ussd.flows).
+REPLY_PREFIX = "reply"
+
+
+def payment_reply(payment: Payment, command: str) -> tuple[str, dict[str, Any], str]:
+    """What answers a request for a payment's receipt or status (the RECEIPT and STATUS keywords, the support
+    desk's resend): (template, context, cooperative id). RECEIPT of a payment whose money was collected
+    (COLLECTED) is its receipt; STATUS, or RECEIPT of one that holds none, its status."""
+    template = "payment_receipt" if command == "RECEIPT" and payment.status in COLLECTED else "payment_status"
+    return template, {"payment_id": payment.id}, payment.cooperative_id
+
+
+def reply_key(payment_id: str, origin: str) -> str:
+    """The dedupe key of a reply about the payment asked for from `origin` (one inbound text, one resend by the
+    desk): the same origin gives the same key, so one SMS. Kept within the message's idempotency key
+    (SMS_KEY_SIZE): a longer origin (an aggregator's id of up to 128 characters) is digested."""
+    key = f"{REPLY_PREFIX}:{payment_id}:{origin}"
+    if len(key) <= SMS_KEY_SIZE:
+        return key
+    return f"{REPLY_PREFIX}:{payment_id}:{hashlib.sha256(origin.encode()).hexdigest()[:32]}"
 
 
 _REPLY_RANK = case(

@@ -1,0 +1,292 @@
+"""The SMS the gateway made for a member or a payment, for the support desk ("I paid yesterday and got no SMS"),
+and a payment's receipt sent again at the desk's request."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import ColumnElement, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from admin_api.common import DATETIME, ID, NULL_DATETIME, NULL_STRING, iso, json_response, obj, one, out, page_of, paged
+from admin_api.errors import ApiError
+from admin_api.routing import Ctx, Route
+from admin_api.validation import LIMIT, PAGE, Param
+from channels.sms.routes import REPLY_PREFIX, payment_reply, reply_key
+from channels.sms.templates import TEMPLATES, is_payment_template
+from core.audit import record
+from core.db import lock_row, utcnow
+from core.errors import Conflict
+from core.models import AuditEvent, Member, OutboxJob, Payment, SmsMessage
+from core.notify import sms_dedupe, sms_job
+from core.outbox import enqueue_job
+from core.payments import METHOD_OPERATOR, payer_phone
+from core.phone import Phone
+from core.state.payment import COLLECTED
+from core.state.sms import SmsStatus
+from core.text import is_uuid
+
+# The templates about one payment (its receipt, its updates, its status), keyed by it in one of the shapes below.
+PAYMENT_TEMPLATES = tuple(t for t in TEMPLATES if is_payment_template(t))
+# Besides "<template>:<payment id>" (core.notify.sms_dedupe: the receipt and updates its moves send), the keys
+# that carry the payment's id after a prefix, each ending "<prefix>:<payment id>:<origin>": a USSD receipt
+# (channels.ussd.flows._receipt_key) and a reply asked for by keyword or by the desk (channels.sms.routes.reply_key).
+# Matched with LIKE '<prefix>:<id>:%': neither a prefix nor an id (a UUID) holds LIKE's wildcards, "_" and "%".
+ASKED_PREFIXES = ("ussd-receipt", REPLY_PREFIX)
+STATUSES = tuple(s.value for s in SmsStatus)
+
+MESSAGE = out(
+    {
+        "id": ID,
+        "template": {"type": "string",
+                     "description": "payment_receipt, payment_failed, payment_status, payment_reminder, ..."},
+        "language": {"type": "string"},
+        "status": {"type": "string", "enum": list(STATUSES),
+                   "description": "QUEUED (not sent yet: waiting for its turn, or for a retry), SENT (Africa's "
+                                  "Talking took it), DELIVERED (the phone got it), FAILED, REJECTED or EXPIRED"},
+        "providerStatus": {**NULL_STRING, "description": "Africa's Talking's last word on it (Submitted, Buffered, "
+                                                         "Success, ...); RetriesExhausted: QUEUED, its job parked "
+                                                         "(replaying it sends it); Unconfirmed: SENT, its answer "
+                                                         "lost (never resent)"},
+        "failureReason": {**NULL_STRING, "description": "why it failed, was rejected or waits (as Africa's "
+                                                        "Talking or the gateway said it)"},
+        "phone": {"type": "string", "description": "the number it went to, masked: +25078****456"},
+        "segments": {"type": "integer", "description": "SMS parts it took"},
+        "memberId": {"type": ["string", "null"], "format": "uuid"},
+        "paymentId": {"type": ["string", "null"], "format": "uuid",
+                      "description": "the payment it is about (a receipt, a payment's update or status)"},
+        "body": {**NULL_STRING, "description": "its text, only with includeBody=true; null otherwise, and once "
+                                               "`prune` emptied it (RETENTION_SMS_BODY_DAYS, 180 days)"},
+        "createdAt": DATETIME,
+        "updatedAt": DATETIME,
+        "sentAt": NULL_DATETIME,
+        "deliveredAt": NULL_DATETIME,
+    }
+)
+LIST_QUERY = {
+    "page": PAGE,
+    "limit": LIMIT,
+    "includeBody": Param("boolean", "Include each message's text (it may name the member's payments)", False),
+}
+
+# A receipt sent again by the desk: at most RESENDS_PER_WINDOW a payment in any RESEND_WINDOW.
+RESENDS_PER_WINDOW = 3
+RESEND_WINDOW = timedelta(hours=24)
+RESENT_ACTION = "payment.receipt_resent"
+RESEND = {
+    **obj({"note": {"type": "string", "minLength": 1, "maxLength": 300,
+                    "description": "why it is sent again (kept in the audit log)"}}),
+    "description": "Queue the payment's receipt SMS again (as the member's RECEIPT keyword does), to the member's "
+                   "current number (a payment without a member: the number that paid). Only a payment whose money "
+                   "was collected (COMPLETED, PARTIALLY_REFUNDED, REFUNDED); 409 otherwise, and when there is no "
+                   "number to send it to; a number that texted STOP still gets it (STOP stops reminders). "
+                   "At most 3 a payment in 24 hours: 429 "
+                   "with Retry-After and the time it may be sent again.",
+}
+RESENT = out(
+    {
+        "jobId": {"type": "integer", "description": "the sms.send job queued (GET /v1/jobs?paymentId=...)"},
+        "paymentId": ID,
+        "template": {"type": "string"},
+        "phone": {"type": "string", "description": "the number it goes to, masked"},
+        "remaining": {"type": "integer", "description": "resends of this payment's receipt left in the last "
+                                                        "24 hours after this one"},
+    }
+)
+
+
+def payment_of(message: SmsMessage) -> str | None:
+    """The payment a message is about, read from its key (see ASKED_PREFIXES); None for any other message, and
+    for a keyword reply queued before its key named the payment ("inbound:<aggregator's id>")."""
+    if not is_payment_template(message.template):
+        return None
+    head, _, rest = message.idempotency_key.partition(":")
+    found = rest.split(":", 1)[0]
+    return found if (head == message.template or head in ASKED_PREFIXES) and is_uuid(found) else None
+
+
+def present(message: SmsMessage, *, body: bool = False) -> dict[str, Any]:
+    """A message as the desk sees it: the masked number, never the number; its text only when asked for."""
+    return {
+        "id": message.id,
+        "template": message.template,
+        "language": message.language,
+        "status": message.status,
+        "providerStatus": message.provider_status,
+        "failureReason": message.failure_reason,
+        "phone": message.phone_masked,
+        "segments": message.segments,
+        "memberId": message.member_id,
+        "paymentId": payment_of(message),
+        "body": (message.body or None) if body else None,
+        "createdAt": iso(message.created_at),
+        "updatedAt": iso(message.updated_at),
+        "sentAt": iso(message.sent_at),
+        "deliveredAt": iso(message.delivered_at),
+    }
+
+
+def of_payment(payment_id: str) -> ColumnElement[bool]:
+    """The messages about one payment, by their keys (see ASKED_PREFIXES). `payment_id` is a checked UUID.
+
+    The exact keys are found by the key's unique index. The prefixes need an index whose order LIKE can use: on
+    PostgreSQL under a collation other than "C" only one built with text_pattern_ops is (ix_sms_messages_key_prefix);
+    without it the prefixes are found by reading the table, with the same answer."""
+    key = SmsMessage.idempotency_key
+    return or_(key.in_([sms_dedupe(template, payment_id) for template in PAYMENT_TEMPLATES]),
+               *(key.like(f"{prefix}:{payment_id}:%") for prefix in ASKED_PREFIXES))
+
+
+async def _listed(ctx: Ctx, where: ColumnElement[bool]) -> web.StreamResponse:
+    """Newest first, paged as the other lists. The rows are the member's or payment's that `one` found visible to
+    the caller; the messages themselves are not scoped again (a message of no cooperative is still hers)."""
+    body = bool(ctx.query.get("includeBody"))
+    query = select(SmsMessage).where(where).order_by(SmsMessage.created_at.desc(), SmsMessage.id.desc())
+    return await paged(ctx, query, lambda message: present(message, body=body))
+
+
+async def member_messages(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    member = await one(ctx, Member, request.match_info["id"], "member")
+    return await _listed(ctx, SmsMessage.member_id == member.id)
+
+
+async def payment_messages(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    payment = await one(ctx, Payment, request.match_info["id"], "payment")
+    return await _listed(ctx, of_payment(payment.id))
+
+
+# ------------------------------------------------------------------------------------- a receipt sent again
+
+
+@dataclass(frozen=True)
+class _Recipient:
+    """Where a resent receipt goes: the member (her number read when it is sent), or the paying phone; its masked
+    number and blind index."""
+
+    masked: str
+    index: str
+    member_id: str | None = None
+    phone: Phone | None = None
+
+
+async def _recipient(ctx: Ctx, payment: Payment) -> _Recipient:
+    """The member's current number, or for a payment of no member the mobile-money number that paid it while it is
+    still likely the payer's (SMS_PAYER_ANSWER_DAYS, as the RECEIPT keyword answers it); a 409 saying why there is
+    none. STOP is not a reason: it stops reminders, and receipts still come (as the STOP confirmation tells her)."""
+    if payment.member_id is not None:
+        member = await ctx.session.get(Member, payment.member_id)
+        assert member is not None  # a foreign key
+        if member.phone_enc is None or member.phone_index is None:
+            raise Conflict("the member's number was released (or she was erased): there is no number of hers to "
+                           "send the receipt to")
+        if member.status == "SUSPENDED":
+            raise Conflict("the member is suspended: her number may no longer be hers, so no receipt is sent to it "
+                           "(as a RECEIPT keyword from it is not answered)")
+        found = _Recipient(member.phone_masked, member.phone_index, member_id=member.id)
+    else:
+        if payment.method not in METHOD_OPERATOR or not payment.payment_account_enc:
+            raise Conflict("the payment has no member and was not paid from a mobile-money number still on record "
+                           "(a bank payment, or its account erased): there is no number to send the receipt to")
+        days = ctx.rt.settings.sms_payer_answer_days
+        if days and payment.created_at < utcnow() - timedelta(days=days):
+            raise Conflict(f"the payment has no member and was made more than {days} days ago: the number that "
+                           "paid it may have been given to someone else since (SMS_PAYER_ANSWER_DAYS)")
+        phone = payer_phone(ctx.rt.cipher, payment)
+        found = _Recipient(payment.payment_account_masked, payment.payment_account_index, phone=phone)
+    return found
+
+
+async def _resent_at(session: AsyncSession, payment_id: str) -> Sequence[datetime]:
+    """When the desk sent the payment's receipt again, newest first: its audit rows (ix_audit_entity), never
+    deleted, so their number also numbers the next resend's key."""
+    return (await session.execute(
+        select(AuditEvent.at)
+        .where(AuditEvent.entity_type == "payment", AuditEvent.entity_id == payment_id,
+               AuditEvent.action == RESENT_ACTION)
+        .order_by(AuditEvent.at.desc()))).scalars().all()
+
+
+def _next_second(moment: datetime) -> datetime:
+    """`moment`, or the whole second after it: a time said to the second is never before it."""
+    whole = moment.replace(microsecond=0)
+    return whole if whole == moment else whole + timedelta(seconds=1)
+
+
+async def resend_receipt(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """Counted in the database, on the payment's audit rows, with the payment row locked: two resends at once are
+    counted one after the other, the count and the job commit together (a resend that failed is not counted),
+    and the audit log is the record of them anyway (Redis could lose or outlive a count)."""
+    found = await one(ctx, Payment, request.match_info["id"], "payment")
+    payment: Payment = await lock_row(ctx.session, Payment, found.id)
+    if payment.status not in COLLECTED:
+        raise Conflict(f"payment {payment.reference} is {payment.status}: only a payment whose money was collected "
+                       "(COMPLETED, PARTIALLY_REFUNDED, REFUNDED) has a receipt to send")
+    to = await _recipient(ctx, payment)
+    earlier = await _resent_at(ctx.session, payment.id)
+    now = utcnow()
+    recent = [at for at in earlier if at > now - RESEND_WINDOW]
+    if len(recent) >= RESENDS_PER_WINDOW:
+        again = _next_second(recent[RESENDS_PER_WINDOW - 1] + RESEND_WINDOW)  # as the API writes times: seconds
+        raise ApiError(429, f"payment {payment.reference}'s receipt was sent again {len(recent)} times in the last "
+                            f"24 hours (at most {RESENDS_PER_WINDOW}): it can be sent again from {iso(again)}",
+                       headers={"Retry-After": str(max(1, math.ceil((again - now).total_seconds())))})
+    template, context, cooperative_id = payment_reply(payment, "RECEIPT")
+    dedupe = reply_key(payment.id, f"desk:{len(earlier) + 1}")
+    queued = await enqueue_job(ctx.session, sms_job(
+        template=template, cooperative_id=cooperative_id, context=context, cipher=ctx.rt.cipher,
+        member_id=to.member_id, phone=to.phone, dedupe=dedupe))
+    if not queued:  # numbered under the lock, the key is new; should two count at once, the second stops here
+        raise Conflict("another resend of this receipt was queued at the same moment; nothing more was queued")
+    job_id = (await ctx.session.execute(
+        select(OutboxJob.id).where(OutboxJob.dedupe_key == f"sms:{dedupe}"))).scalar_one()
+    after: dict[str, Any] = {"template": template, "jobId": job_id, "phone": to.masked, "resend": len(earlier) + 1}
+    if ctx.body.get("note"):
+        after["note"] = ctx.body["note"]
+    await record(ctx.session, actor=ctx.who.actor, action=RESENT_ACTION, entity_type="payment",
+                 entity_id=payment.id, after=after, cooperative_id=payment.cooperative_id)
+    await ctx.session.commit()
+    return json_response({"jobId": job_id, "paymentId": payment.id, "template": template, "phone": to.masked,
+                          "remaining": RESENDS_PER_WINDOW - len(recent) - 1}, status=202)
+
+
+ROUTES = [
+    Route(
+        "GET",
+        "/members/{id}/messages",
+        member_messages,
+        "The SMS the gateway made for a member (receipts, payment updates, reminders, disputes, refunds), newest "
+        "first, with their delivery status; masked numbers; texts only with includeBody",
+        "messages",
+        "admin",
+        query=LIST_QUERY,
+        response=page_of(MESSAGE),
+    ),
+    Route(
+        "GET",
+        "/payments/{id}/messages",
+        payment_messages,
+        "The SMS the gateway made about a payment (its receipt or updates, receipts asked for by USSD, by the "
+        "RECEIPT or STATUS keyword or by the desk), newest first, with their delivery status",
+        "messages",
+        "admin",
+        query=LIST_QUERY,
+        response=page_of(MESSAGE),
+    ),
+    Route(
+        "POST",
+        "/payments/{id}/receipt",
+        resend_receipt,
+        "Send a payment's receipt SMS again to the member's current number (at most 3 a payment in 24 hours)",
+        "messages",
+        "admin",
+        status=202,
+        body=RESEND,
+        body_optional=True,
+        response=RESENT,
+    ),
+]
