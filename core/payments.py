@@ -322,12 +322,16 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
 
 
 def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeFacts, amount: Money,
-             account_refused: DomainError | None) -> DomainError | None:
+             account_refused: DomainError | None, *, taken: bool = False) -> DomainError | None:
     """Why a payment of `amount` cannot be made as `new` asks, if so: what may have changed since a key was first
     accepted (the provider's account and rules, the type's price, currency or state, the member's status), so a
     replay of that request still answers with its payment rather than this. What the provider cannot collect
     (another currency than its account's, cents M-Pesa does not take) is a 400 now, not a 201 that the worker fails
-    later with a "payment failed" SMS to the payer."""
+    later with a "payment failed" SMS to the payer.
+
+    `taken`: money a statement shows collected already (record_payment): only what holds whatever happened since is
+    checked; the type's price or state and the member's status at the time of recording do not undo a payment made
+    (a member suspended, a type repriced or closed since the restore point was still paid)."""
     cannot = amount_refusal(rt.provider_for(new.method), amount, new.method)
     if cannot is not None:
         return ValidationError(cannot[1], field=cannot[0])
@@ -337,6 +341,9 @@ def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeF
         return ValidationError(f"amount must be in {ptype.currency}", field="amount")
     if not amount.is_positive():
         return ValidationError("amount must be a positive number", field="amount")
+    if taken:
+        return NotFound("member not found", field="member") if new.member_id is not None and not context.member_found \
+            else None
     if amount.minor != ptype.amount_minor and not ptype.allow_custom_amount:
         return ValidationError(f"{ptype.name} costs {Money(ptype.amount_minor, ptype.currency)}; "
                                "this payment type does not accept another amount", field="amount")
@@ -1500,7 +1507,7 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     existing = await find_by_key(session, coop.id, key)
     if existing is not None:
         return _same_or_refused(rt.cipher, existing, digest)
-    refused = _refusal(rt, new, context, ptype, amount, account_refused)
+    refused = _refusal(rt, new, context, ptype, amount, account_refused, taken=True)
     if refused is not None:
         raise refused
     if account is None:
@@ -1594,6 +1601,15 @@ async def _free_reference(session: AsyncSession, wanted: str | None) -> str | No
                               field="reference")
     if await get_by_reference(session, wanted) is not None:
         raise Conflict(f"reference {wanted} is taken: a payment has it", field="reference")
+    if session.get_bind().dialect.name == "postgresql":
+        # A number the sequence has not handed out yet is no lost payment's (after a restore `advance-references`
+        # moves the sequence past every lost one), and taking it would make the payment that draws it later fail
+        # on the unique reference (a 500 to a member or a cooperative's system).
+        issued = (await session.execute(text("SELECT last_value FROM human_reference_seq"))).scalar_one()
+        if int(wanted.rsplit("_", 1)[1]) > issued:
+            raise ValidationError(f"reference {wanted} was never handed out (the references' sequence is at "
+                                  f"{issued}): check it against the receipt, and run `main.py advance-references` "
+                                  "after a restore before recording", field="reference")
     return wanted
 
 

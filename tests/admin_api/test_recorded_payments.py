@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from core.db import utcnow
 from core.models import AuditEvent, OutboxJob, Payment, ProviderEvent
@@ -22,6 +22,15 @@ from tests.admin_api.test_unmatched_callbacks import _lost_payment_reference, _m
 
 LOST_ID = "5b0f3c1e-8d2a-4f6b-9c7e-1a2b3c4d5e6f"
 LOST_REFERENCE = "PAY_20261130_4821"
+
+
+@pytest.fixture(autouse=True)
+async def _restored(rt: Any) -> None:
+    """As after a restore's first step (`main.py advance-references`): the sequence is past the lost references, so
+    LOST_REFERENCE is one it handed out (a reference it never did is refused: test_recorded_after_changes)."""
+    async with rt.sessionmaker.begin() as s:
+        if s.get_bind().dialect.name == "postgresql":
+            await s.execute(text("SELECT setval('human_reference_seq', 1000000)"))
 
 
 def _line(demo: dict[str, Any], **over: Any) -> dict[str, Any]:
@@ -123,7 +132,6 @@ def _said(answer: dict[str, Any]) -> str:
     ({"completedAt": "2099-01-01T00:00:00Z"}, 400, "completedAt"),
     ({"amount": 0}, 400, "amount"),
     ({"amount": -50000}, 400, "amount"),
-    ({"amount": 40000}, 400, "does not accept another amount"),  # Monthly Rent's price, as POST /v1/payments
     ({"paymentAccount": "0733000001"}, 400, "paymentAccount"),  # an Airtel number for MTN
     ({"memberId": None}, 400, "paymentAccount"),  # nobody paying
     ({"memberId": None, "paymentAccount": "+254708000001"}, 400, "paymentAccount"),  # a Kenyan number
