@@ -1381,6 +1381,7 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
         if not amount.is_positive():
             raise ValidationError("amount must be positive", field="amount")
     check_statement_time(completed_at, payment.created_at, "the payment was asked for")
+    await _lock_transaction_id(session, payment.provider, txn)
     await transaction_id_free(session, payment.provider, txn, payment.cooperative_id, exclude=payment.id)
     await record(session, actor=actor, action="payment.outcome_recorded", entity_type="payment",
                  entity_id=payment.id, before={"status": current.value},
@@ -1406,7 +1407,7 @@ def _statement_transaction_id(value: str | None) -> str:
 
 async def _lock_transaction_id(session: AsyncSession, provider: str, txn: str) -> None:
     """Two recordings of one transaction id at once take turns (transaction_id_free): on PostgreSQL a lock on the id
-    for the rest of the transaction, as core.refunds takes for a reversal (taking it again is harmless); the embedded
+    for the rest of the transaction, as core.refunds takes for a reversal; the embedded
     default has one writer at a time."""
     if session.get_bind().dialect.name == "postgresql":
         await session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
@@ -1417,8 +1418,8 @@ async def transaction_id_free(session: AsyncSession, provider: str, txn: str, co
                               exclude: str | None = None) -> None:
     """A Conflict when a payment of `provider` (other than `exclude`) holds `txn` as its transaction id: a line of the
     provider's statement is money taken once, credited on one payment (recorded on two, it is counted twice in the
-    reconciliation's `settled` and could be refunded twice). Another cooperative's payment is not named."""
-    await _lock_transaction_id(session, provider, txn)
+    reconciliation's `settled` and could be refunded twice). Another cooperative's payment is not named. The caller
+    holds the id's lock (_lock_transaction_id), so that two recordings of it take turns."""
     held = (await session.execute(
         select(Payment.reference, Payment.cooperative_id)
         .where(Payment.provider == provider, Payment.provider_transaction_id == txn, Payment.id != (exclude or ""))
