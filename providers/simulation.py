@@ -430,6 +430,7 @@ def new_simulator_app(name: str, options: SimulatorOptions) -> tuple[web.Applica
     app.router.add_post("/_control/options", _set_options)
     app.router.add_get("/_control/phone", _held_phones)
     app.router.add_post("/_control/phone", _hold_phone)
+    app.router.add_get("/_control/stats", _stats)
     return app, state
 
 
@@ -485,6 +486,12 @@ def _held_json(state: SimulatorState) -> dict[str, Any]:
     return {"interactive": state.options.interactive,
             "phones": [{"msisdn": "+" + held, "expiresIn": round(left, 1)}
                        for held, left in sorted(state.held_phones().items())]}
+
+
+async def _stats(request: web.Request) -> web.Response:
+    """How many collection and refund requests reached this simulator (faults included): a test that kills a
+    worker mid-request waits for its requests to be here first."""
+    return web.json_response({"requests": request.app[STATE].requests})
 
 
 async def _held_phones(request: web.Request) -> web.Response:

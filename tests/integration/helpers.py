@@ -122,6 +122,14 @@ async def set_sim_options(http: aiohttp.ClientSession, sim_url: str, **options: 
         return dict(body)
 
 
+async def sim_requests(http: aiohttp.ClientSession, sim_url: str) -> int:
+    """Collection and refund requests a provider simulator has received."""
+    async with http.get(f"{sim_url}/_control/stats") as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+        return int(body["requests"])
+
+
 async def set_sms_failure(http: aiohttp.ClientSession, sms_url: str, failure: str | None, *,
                           times: int | None = None, number: str | None = None) -> None:
     body: dict[str, Any] = {"failure": failure}
@@ -153,8 +161,8 @@ async def wait_payment_status(rt: Any, reference: str, statuses: set[str] | str,
         return await wait_for(check, timeout=timeout, what=f"{reference} in {sorted(wanted)}")
     except AssertionError:
         payment = await payment_by_reference(rt, reference)
-        raise AssertionError(f"{reference} is {payment.status if payment else 'missing'}, "
-                             f"expected {sorted(wanted)} within {timeout}s") from None
+        found = f"{payment.status} ({payment.failure_reason})" if payment else "missing"
+        raise AssertionError(f"{reference} is {found}, expected {sorted(wanted)} within {timeout}s") from None
 
 
 async def sms_rows(rt: Any, payment_id: str, template: str | None = None) -> list[SmsMessage]:

@@ -34,6 +34,7 @@ from tests.integration.helpers import (
     messages_about,
     set_sim_options,
     set_sms_failure,
+    sim_requests,
     sms_rows,
     transitions,
     wait_for,
@@ -391,13 +392,18 @@ async def test_worker_killed_while_holding_jobs_another_finishes_them_after_the_
     # Collection requests take 1.2 s to answer: the worker holds its jobs that long.
     await set_sim_options(http, mtn, hang_request=1.2)
     try:
+        before = await sim_requests(http, mtn)
         created = await asyncio.gather(*(api.created(MTN_OK) for _ in range(4)))
         ids = {c["id"] for c in created}
 
         async def held() -> list[OutboxJob]:
+            # Killed mid-request: the worker holds every job and MTN has every request (it is answering
+            # slowly). A kill before a request left is another case (nothing reached the provider: the poll
+            # sends it again inside the payment's window, or ends it PROVIDER_UNREACHABLE after).
             mine = [j for j in await jobs(gw, "payment.collect") if j.payload["payment_id"] in ids]
-            return mine if len(mine) == len(ids) and all(
-                j.status == "RUNNING" and j.locked_by and f":{victim.pid}:" in j.locked_by for j in mine) else []
+            mid_request = len(mine) == len(ids) and all(
+                j.status == "RUNNING" and j.locked_by and f":{victim.pid}:" in j.locked_by for j in mine)
+            return mine if mid_request and await sim_requests(http, mtn) - before >= len(ids) else []
 
         holding = await wait_for(held, timeout=10, interval=0.02, what="the worker to hold every collect job")
         stack.harness.kill(victim)  # SIGKILL, mid-request
