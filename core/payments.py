@@ -196,7 +196,8 @@ def derived_provider_reference(cipher: PiiCipher, cooperative_id: str, key: str,
     uuid4() gave it (MTN takes only those). The gateway that lost the key's payment (PostgreSQL restored from a
     backup) and is sent the request again sends the provider the same request id as the first time: MTN and Airtel
     answer that they have it (the payment then takes the first request's outcome, its money once), IremboPay
-    answers its invoice or refuses the id; never a second PIN prompt. The digest is in it so that a key sent again
+    answers its invoice or refuses the id, and the adapter finds that invoice by it (collected with it, pushed only
+    when it is the payment's own); never a second PIN prompt. The digest is in it so that a key sent again
     with another request (another payer, amount or type) is another request at the provider, never one whose
     outcome is another payment's."""
     mac = cipher.blind_index(json.dumps([cooperative_id, key, digest]), purpose=_PROVIDER_REFERENCE_PURPOSE)

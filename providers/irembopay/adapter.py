@@ -58,6 +58,11 @@ ERRORS: dict[str, bool] = {
     "BAD_PHONE_NUMBER": False,
     "INVOICE_NOT_FOUND": False,
 }
+# Refusals of an invoice whose transactionId IremboPay already holds: ours, sent before (an answer lost, or a payment
+# a PostgreSQL restore lost whose request the cooperative sent again: core.payments.derived_provider_reference).
+# PROTOCOLS.md names no code for it; the simulator answers 409 DUPLICATE_TRANSACTION_ID, and any 409 to a create is
+# taken as it (a lookup that finds nothing leaves the payment to the status poll: _existing_invoice).
+DUPLICATE_TRANSACTION_ID = "DUPLICATE_TRANSACTION_ID"
 # Only the push moves money; an invoice is a request to pay, unique by our transactionId, so an
 # unanswered invoice call may be sent again while an unanswered push must be followed by a status query.
 _CREATES = frozenset({"push"})
@@ -165,13 +170,19 @@ class IremboPayAdapter:
         if mobile and (request.payer is None or not request.payer.digits.startswith("250")):
             raise ProviderError("IremboPay mobile money needs a Rwandan number (07...)", retryable=False,
                                 code="BAD_PHONE_NUMBER")
-        invoice = await self._create_invoice(request)
+        invoice, ours = await self._create_invoice(request)
         invoice_number = invoice.get("invoiceNumber")
         if not isinstance(invoice_number, str) or not invoice_number:
             raise self._fail("invoice", "answer has no invoiceNumber")
         self._remember(request.provider_reference, invoice_number)
         status = invoice.get("paymentStatus", "NEW")
-        if mobile and status == "NEW":
+        if mobile and status == "NEW" and not ours:
+            # An earlier payment's invoice (made before a restore lost that payment), still open: that payment's
+            # push may be at the payer's phone now. A second would be a second PIN prompt for one invoice (both
+            # approved, paid twice); her answer to the first, by webhook or the status poll, settles this one.
+            log.warning("irembopay invoice of an earlier request found unpaid: not pushed again",
+                        extra={"invoice_number": invoice_number, "provider_reference": request.provider_reference})
+        elif mobile and status == "NEW":
             assert request.payer is not None
             body = {"accountIdentifier": request.payer.national, "paymentProvider": mobile,
                     "invoiceNumber": invoice_number, "transactionReference": request.provider_reference}
@@ -201,7 +212,9 @@ class IremboPayAdapter:
                                   provider_transaction_id=invoice_number) from error
         raise error
 
-    async def _create_invoice(self, request: CollectionRequest) -> Mapping[str, Any]:
+    async def _create_invoice(self, request: CollectionRequest) -> tuple[Mapping[str, Any], bool]:
+        """The invoice for the request, made now or found under our transactionId, and whether it is this payment's
+        own (its expiryAt is the payment's): only then may the payer be pushed for it (see request_collection)."""
         customer: dict[str, str] = {}
         if request.payer is not None:
             customer["phoneNumber"] = request.payer.national
@@ -211,7 +224,8 @@ class IremboPayAdapter:
             customer["name"] = request.payer_name
         body: dict[str, Any] = {
             # Our provider reference, saved before this call: a retry after a timeout sends the same
-            # transactionId, which IremboPay keeps unique (assumed to answer the existing invoice).
+            # transactionId, which IremboPay keeps unique (it answers the existing invoice, or refuses the
+            # transactionId as used: the invoice is then found by it, _existing_invoice).
             "transactionId": request.provider_reference,
             "paymentAccountIdentifier": self._config.options.get("payment_account", ""),
             "paymentItems": [{"code": self._config.options.get("payment_item_code", ""), "quantity": 1,
@@ -225,8 +239,57 @@ class IremboPayAdapter:
         resp = await self._send("invoice", "POST", "/payments/invoices", json=body)
         answer = self._json(resp)
         data = answer.get("data")
-        if resp.status_code not in (200, 201) or answer.get("success") is False or not isinstance(data, dict):
+        if resp.status_code in (200, 201) and answer.get("success") is not False and isinstance(data, dict):
+            return data, True
+        if resp.status_code != 409 and _error_code(resp, answer) != DUPLICATE_TRANSACTION_ID:
             raise self._error("invoice", resp, answer)
+        existing = await self._existing_invoice(request)
+        # The payment's own invoice (its answer was lost: its payer was never pushed) has the payment's expiryAt; an
+        # earlier payment's (the same request, sent again after a restore lost it) has that payment's, or one we
+        # cannot read: not ours to push for.
+        expires_at = _whole_seconds(request.expires_at)
+        return existing, expires_at is not None and _expires_at(existing) == expires_at
+
+    async def _existing_invoice(self, request: CollectionRequest) -> Mapping[str, Any]:
+        """The invoice IremboPay refused to make again: GET /payments/invoices/{invoice_reference} takes the invoice
+        number or the merchant's transactionId (IremboPay's API reference, Get Invoice). One IremboPay cannot show
+        is left to the status poll and the webhook (ProviderTimeout): nobody can say whether it was paid, so the
+        payment is neither failed nor pushed. One for another amount is not this request's: refused."""
+        path = f"/payments/invoices/{quote(request.provider_reference, safe='')}"
+        resp = await self._send("invoice", "GET", path)
+        answer = self._json(resp)
+        data = answer.get("data")
+        if resp.status_code == 404:
+            PROVIDER_ERRORS.labels(self.name, "invoice").inc()
+            log.error("irembopay refused our transactionId as used but shows no invoice under it",
+                      extra={"provider_reference": request.provider_reference})
+            raise ProviderTimeout("IremboPay refused the transactionId as used and shows no invoice under it: "
+                                  "left to the status poll and the webhook")
+        if resp.status_code != 200 or answer.get("success") is False or not isinstance(data, dict):
+            raise self._error("invoice", resp, answer)
+        number = data.get("invoiceNumber")
+        try:
+            amount = Money.from_api(data.get("amount"), str(data.get("currency") or request.amount.currency))
+        except MoneyError:
+            # Not known to be this request's, nor known not to be: never pushed, left to the status poll.
+            PROVIDER_ERRORS.labels(self.name, "invoice").inc()
+            log.error("irembopay invoice under our transactionId has no amount we can read",
+                      extra={"provider_reference": request.provider_reference, "invoice_number": number})
+            raise ProviderTimeout(f"IremboPay invoice amount {data.get('amount')!r} not understood: left to the "
+                                  "status poll", provider_transaction_id=number if isinstance(number, str) and number
+                                  else None) from None
+        if data.get("transactionId", request.provider_reference) != request.provider_reference \
+                or amount != request.amount:
+            PROVIDER_ERRORS.labels(self.name, "invoice").inc()
+            log.error("irembopay invoice under our transactionId is not this request's",
+                      extra={"provider_reference": request.provider_reference,
+                             "invoice_number": number, "amount": str(data.get("amount"))})
+            raise ProviderError(f"IremboPay holds another invoice under transactionId {request.provider_reference} "
+                                f"({amount.minor} {amount.currency})", retryable=False,
+                                code=DUPLICATE_TRANSACTION_ID)
+        log.info("irembopay invoice already held under our transactionId: collected with it",
+                 extra={"invoice_number": number, "payment_status": data.get("paymentStatus"),
+                        "provider_reference": request.provider_reference})
         return data
 
     async def collection_status(self, provider_reference: str, provider_transaction_id: str | None,
@@ -390,10 +453,8 @@ class IremboPayAdapter:
         return body if isinstance(body, dict) else {}
 
     def _error(self, operation: str, resp: httpx.Response, answer: Mapping[str, Any]) -> ProviderError:
-        errors = answer.get("errors")
-        first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
-        code = str(first.get("code") or answer.get("code") or resp.status_code)
-        detail = first.get("detail") or answer.get("message") or resp.reason_phrase
+        code = _error_code(resp, answer)
+        detail = _first_error(answer).get("detail") or answer.get("message") or resp.reason_phrase
         message = scrub(str(detail))
         retryable = ERRORS.get(code, resp.status_code >= 500 or resp.status_code == 429)
         PROVIDER_ERRORS.labels(self.name, operation).inc()
@@ -406,6 +467,26 @@ class IremboPayAdapter:
         PROVIDER_ERRORS.labels(self.name, operation).inc()
         log.warning("irembopay %s: %s", operation, message)
         return ProviderError(f"IremboPay {operation}: {message}", retryable=False, code="BAD_ANSWER")
+
+
+def _first_error(answer: Mapping[str, Any]) -> Mapping[str, Any]:
+    errors = answer.get("errors")
+    return errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
+
+
+def _error_code(resp: httpx.Response, answer: Mapping[str, Any]) -> str:
+    """An error answer's code (`errors[0].code`, else `code`), else its HTTP status."""
+    return str(_first_error(answer).get("code") or answer.get("code") or resp.status_code)
+
+
+def _whole_seconds(moment: datetime | None) -> datetime | None:
+    """`moment` as the invoice's expiryAt carries it: UTC, to the second (_create_invoice writes it so)."""
+    return moment.astimezone(UTC).replace(microsecond=0) if moment is not None else None
+
+
+def _expires_at(invoice: Mapping[str, Any]) -> datetime | None:
+    """An invoice's expiryAt (one written without an offset is Kigali time), to the second; None without one."""
+    return _whole_seconds(provider_time(invoice.get("expiryAt"), _KIGALI))
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:

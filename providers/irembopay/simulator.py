@@ -215,10 +215,13 @@ async def _get_invoice(request: web.Request) -> web.Response:
     body = await _authorised(request)
     if isinstance(body, web.Response):
         return body
-    invoice = request.app[STORE].invoices.get(request.match_info["invoice"])
+    # Like IremboPay's, the path takes the invoice number or the merchant's transactionId (Get Invoice's
+    # invoice_reference): a merchant whose create was refused as a reused transactionId finds its invoice so.
+    store, reference = request.app[STORE], request.match_info["invoice"]
+    invoice = store.invoices.get(reference) or store.by_transaction.get(reference)
     if invoice is None:
-        return _error(404, "INVOICE_NOT_FOUND", "no invoice with that number")
-    base = _base_url(request, f"/payments/invoices/{invoice.invoice_number}")
+        return _error(404, "INVOICE_NOT_FOUND", "no invoice with that number or transactionId")
+    base = _base_url(request, f"/payments/invoices/{reference}")
     return web.json_response({"success": True, "message": "Invoice found", "data": invoice.to_json(base)})
 
 
