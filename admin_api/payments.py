@@ -165,7 +165,15 @@ RECORDED_PAYMENT = obj(
         "callbackId": {"type": "string", "format": "uuid",
                        "description": "super admin: a provider callback that matched no payment "
                                       "(GET /v1/provider-callbacks) that this money accounts for: resolved with the "
-                                      "note in the same transaction"},
+                                      "note in the same transaction; the request it names (its payload's "
+                                      "gatewayReference) is the payment's"},
+        "gatewayReference": {"type": "string", "format": "uuid",
+                             "description": "the lost payment's gatewayReference (GET /v1/payments/{id} gave it; "
+                                            "MTN's statement shows it as the externalId): the request that took the "
+                                            "money, which an MTN refund names. Without it (or a callbackId naming "
+                                            "it) a refund of the payment through MTN is refused: record the money "
+                                            "MTN sends back with returnedByProvider instead. 409 if a payment of "
+                                            "the provider has it"},
         "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128,
                            "description": "as for POST /v1/payments: the same request again answers the payment it "
                                           "recorded, another request under it is a 409"},
@@ -400,6 +408,7 @@ async def record_statement_payment(request: web.Request, ctx: Ctx) -> web.Stream
         payment=new, provider_transaction_id=body["providerTransactionId"], note=body["note"],
         completed_at=statement_time(body["completedAt"], await cooperative_zone(ctx, coop_id)),
         payment_id=body.get("id"), callback_id=body.get("callbackId"), send_receipt=bool(body.get("sendReceipt")),
+        gateway_reference=body.get("gatewayReference"),
     )
     payment, created = await record_payment(ctx.session, ctx.rt, line, actor=who.actor)
     await ctx.session.commit()

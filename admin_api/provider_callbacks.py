@@ -41,7 +41,9 @@ CALLBACK = out(
                                                     "not confirmed"},
         "receivedAt": DATETIME,
         "payload": {"type": "object", "description": "The callback's body as kept (at most 2 KiB, else its size "
-                                                     "and SHA-256), to match with the provider's statement"},
+                                                     "and SHA-256), to match with the provider's statement; "
+                                                     "gatewayReference: the request of ours it named (a payment "
+                                                     "recorded for it takes it: POST /v1/payments/recorded)"},
         "outcome": {"type": "string", "enum": [*RESOLVED_OF, *RESOLVED_OF.values()]},
         "resolution": {
             "type": ["object", "null"],

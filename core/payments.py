@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from core.payment_statements import CONTEXT, create_statement, stored_and_locked
 from core.phone import Phone, PhoneError, normalize
 from core.ports import (
     MONEY_REFERENCE,
+    REQUEST_UNKNOWN,
     EventKind,
     ProviderError,
     ProviderOutcome,
@@ -1235,6 +1236,25 @@ UNMATCHED_OF = {EventKind.COLLECTION: UNMATCHED, EventKind.REFUND: UNMATCHED_REF
 RESOLVED_OF = {UNMATCHED: UNMATCHED_RESOLVED, UNMATCHED_REFUND: UNMATCHED_REFUND_RESOLVED}
 # Where a resolved one keeps its note, beside the provider's body (as KEPT_TRANSACTION_ID is kept).
 RESOLUTION = "gatewayResolution"
+# Where one keeps the reference of ours it named (_our_reference), beside the body: the request a collection's
+# callback answers, which a payment recorded for its money takes (record_payment), and an MTN refund names.
+CALLBACK_REFERENCE = "gatewayReference"
+
+
+def _our_reference(event: ProviderEventData) -> str | None:
+    """The reference of ours (our request id at the provider) a callback named: its reference, or, for one the
+    provider names by its own transaction id (M-Pesa), the one the adapter read from the callback's URL."""
+    ours = event.raw.get("provider_reference") if _by_transaction(event) else event.reference
+    return ours if isinstance(ours, str) and is_uuid(ours) else None
+
+
+def _kept_unmatched(event: ProviderEventData) -> dict[str, Any]:
+    """What a callback that matched nothing keeps: its body bounded, and the reference of ours it named."""
+    kept = bounded_body(dict(event.raw))
+    ours = _our_reference(event)
+    if ours is not None:
+        kept[CALLBACK_REFERENCE] = ours.lower()
+    return kept
 
 
 def bounded_body(raw: dict[str, Any]) -> dict[str, Any]:
@@ -1254,7 +1274,7 @@ async def store_unmatched(rt: Runtime, event: ProviderEventData) -> str:
         stored = (await session.execute(
             insert_ignore(session.get_bind().dialect.name, ProviderEvent)
             .values(id=str(uuid.uuid4()), provider=event.provider, event_id=event.event_id[:200],
-                    kind=event.kind.value, status=event.outcome.value, payload=bounded_body(dict(event.raw)),
+                    kind=event.kind.value, status=event.outcome.value, payload=_kept_unmatched(event),
                     outcome=outcome, received_at=utcnow())
             .on_conflict_do_nothing(index_elements=["provider", "event_id"])
             .returning(ProviderEvent.id))).scalar_one_or_none()
@@ -1270,7 +1290,7 @@ async def keep_unmatched(session: AsyncSession, event_row_id: str, event: Provid
     once the transaction has committed."""
     table = table_of(ProviderEvent)
     await session.execute(update(table).where(table.c.id == event_row_id)
-                          .values(outcome=UNMATCHED_OF[event.kind], payload=bounded_body(dict(event.raw))))
+                          .values(outcome=UNMATCHED_OF[event.kind], payload=_kept_unmatched(event)))
 
 
 _UNMATCHED_LOG = {EventKind.COLLECTION: log, EventKind.REFUND: logging.getLogger("gateway.refunds")}
@@ -1433,6 +1453,14 @@ async def transaction_id_free(session: AsyncSession, provider: str, txn: str, co
 
 # The channel of a payment recorded from a provider's statement (record_payment): the gateway never asked for it.
 RECORDED = "recorded"
+# A recorded payment whose request is not known (no gatewayReference, no callback naming it) holds REQUEST_UNKNOWN
+# and a UUID as its provider reference: unique as every payment's, never sent, and telling a refund that must name
+# that request (MTN's referenceIdToRefund) to refuse before anything is sent (core.refunds).
+
+
+def request_unknown(payment: Payment) -> bool:
+    """Whether no request of ours at the provider is known for the payment (recorded without its reference)."""
+    return payment.provider_reference.startswith(REQUEST_UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -1451,6 +1479,9 @@ class StatementLine:
     payment_id: str | None = None  # the lost payment's id (the webhook log), for the cooperative's records
     callback_id: str | None = None  # the stored callback of no payment that this money accounts for
     send_receipt: bool = False  # the payer's receipt SMS (she may hold one already)
+    # The lost payment's request id at the provider (its gatewayReference; MTN's X-Reference-Id, the externalId its
+    # statement shows): a refund through MTN names it.
+    gateway_reference: str | None = None
 
 
 def _line_digest(line: StatementLine, amount: Money, account: str | None, txn: str, note: str) -> str:
@@ -1462,8 +1493,41 @@ def _line_digest(line: StatementLine, amount: Money, account: str | None, txn: s
         "method": new.method, "account": account, "member": new.member_id, "providerTransactionId": txn,
         "completedAt": iso_ms(line.completed_at), "note": note, "reference": new.reference, "id": line.payment_id,
         "callbackId": line.callback_id, "sendReceipt": line.send_receipt,
+        # Absent without one: the digests stored before it could be given still match.
+        **({} if line.gateway_reference is None else {"gatewayReference": line.gateway_reference}),
     }, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _request_reference(value: str | None) -> str | None:
+    """The gatewayReference given with a recorded payment: a UUID, as every request id of ours at a provider is."""
+    if value is None:
+        return None
+    if not is_uuid(value.strip()):
+        raise ValidationError("gatewayReference must be a UUID: the lost payment's gatewayReference (MTN's statement "
+                              "shows it as the externalId)", field="gatewayReference")
+    return value.strip().lower()
+
+
+def _known_request(given: str | None, callback_reference: str | None) -> str | None:
+    """The request a recorded payment's money was taken by: the one given, or the one its callback named; both
+    given, they must agree (a statement line is one request's money)."""
+    if given is not None and callback_reference is not None and given != callback_reference:
+        raise Conflict(f"gatewayReference {given} is not the request the callback names ({callback_reference}): "
+                       "check both against the provider's statement", field="gatewayReference")
+    return given or callback_reference
+
+
+async def _request_free(session: AsyncSession, provider: str, reference: str, cooperative_id: str) -> None:
+    """A Conflict when a payment of `provider` holds `reference` as its provider reference ((provider, provider
+    reference) is unique): that request's money is on that payment. Another cooperative's payment is not named."""
+    held = (await session.execute(
+        select(Payment.reference, Payment.cooperative_id)
+        .where(Payment.provider == provider, Payment.provider_reference == reference).limit(1))).first()
+    if held is not None:
+        where = f"by payment {held[0]}" if held[1] == cooperative_id else "by another cooperative's payment"
+        raise Conflict(f"gatewayReference {reference} is held already {where}: that request's money is recorded "
+                       "(check it against the provider's statement)", field="gatewayReference")
 
 
 async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine, *,
@@ -1483,6 +1547,7 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     key = _check_key(new.idempotency_key)
     note = admin_note(line.note, "what the provider's statement shows")
     txn = _statement_transaction_id(line.provider_transaction_id)
+    line = replace(line, gateway_reference=_request_reference(line.gateway_reference))
     if new.method not in METHODS:
         raise ValidationError(f"paymentMethod must be one of {', '.join(METHODS)}", field="paymentMethod")
     if new.amount is None:
@@ -1521,8 +1586,12 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     await transaction_id_free(session, provider.name, txn, coop.id)
     payment_id = await _free_payment_id(session, line.payment_id)
     reference = await _free_reference(session, new.reference)
+    callback_reference = None
     if line.callback_id is not None:
-        await _callback_to_account_for(session, line.callback_id, provider.name)
+        callback_reference = await _callback_to_account_for(session, line.callback_id, provider.name)
+    request = _known_request(line.gateway_reference, callback_reference)
+    if request is not None:
+        await _request_free(session, provider.name, request, coop.id)
     member_id = new.member_id
     account_index = rt.cipher.blind_index(account)
     if _found_by_account(new):
@@ -1534,8 +1603,10 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
         "reference": reference or await next_reference(session, "PAY"), "amount_minor": amount.minor,
         "currency": amount.currency, "fee_minor": 0, "refunded_minor": 0, "collected_minor": amount.minor,
         "status": P.COMPLETED.value, "method": new.method, "provider": provider.name,
-        # Never sent to the provider (no request of ours collected this money); unique as every payment's is.
-        "provider_reference": str(uuid.uuid4()), "provider_transaction_id": txn, "gateway_reference": None,
+        # The request that took the money when it is known (a refund through MTN names it); else a value never sent
+        # to the provider, unique as every payment's is.
+        "provider_reference": request or f"{REQUEST_UNKNOWN}{uuid.uuid4()}", "provider_transaction_id": txn,
+        "gateway_reference": None,
         "payment_url": None, "payment_account_enc": rt.cipher.encrypt(account, context=account_context(coop.id)),
         "payment_account_index": account_index, "payment_account_masked": _mask_account(account),
         "idempotency_key": key, "request_hash": keyed_request_hash(rt.cipher, digest),
@@ -1554,8 +1625,9 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
         existing = await find_by_key(session, coop.id, key)
         if existing is not None:
             return _same_or_refused(rt.cipher, existing, digest)
-        raise Conflict("the id or reference was taken by another payment at the same moment: look it up "
-                       "(GET /v1/payments)", field="id" if line.payment_id else "reference")
+        raise Conflict("the id, reference or gatewayReference was taken by another payment at the same moment: "
+                       "look it up (GET /v1/payments)",
+                       field="id" if line.payment_id else "reference" if new.reference else "gatewayReference")
     payment = _persistent(session, Payment(**values))
     await _audit_recorded(session, payment, line, note, actor)
     await enqueue_many(session, _recorded_notices(rt, payment, line.send_receipt))
@@ -1615,9 +1687,10 @@ async def _free_reference(session: AsyncSession, wanted: str | None) -> str | No
     return wanted
 
 
-async def _callback_to_account_for(session: AsyncSession, callback_id: str, provider: str) -> None:
+async def _callback_to_account_for(session: AsyncSession, callback_id: str, provider: str) -> str | None:
     """The stored callback a recorded payment accounts for (resolved with it, resolve_unmatched): one that matched
-    no payment, unresolved, of the payment's provider, saying money was taken."""
+    no payment, unresolved, of the payment's provider, saying money was taken. Returns the reference of ours it
+    named (CALLBACK_REFERENCE: the request that took the money), when it kept one."""
     row = (await session.execute(
         select(ProviderEvent).where(ProviderEvent.id == callback_id, ProviderEvent.payment_id.is_(None),
                                     ProviderEvent.outcome.in_((UNMATCHED, UNMATCHED_RESOLVED)))
@@ -1632,6 +1705,8 @@ async def _callback_to_account_for(session: AsyncSession, callback_id: str, prov
                        field="callbackId")
     if row.status != ProviderOutcome.SUCCEEDED.value:
         raise Conflict(f"provider callback says {row.status}, not that money was taken", field="callbackId")
+    ours = row.payload.get(CALLBACK_REFERENCE) if isinstance(row.payload, dict) else None
+    return ours if isinstance(ours, str) and is_uuid(ours) else None
 
 
 async def _audit_recorded(session: AsyncSession, payment: Payment, line: StatementLine, note: str,
@@ -1642,7 +1717,8 @@ async def _audit_recorded(session: AsyncSession, payment: Payment, line: Stateme
              "providerTransactionId": payment.provider_transaction_id, "completedAt": iso_z(payment.completed_at)}
     await record(session, actor=actor, action="payment.recorded", entity_type="payment", entity_id=payment.id,
                  after={"status": P.COMPLETED.value, "reference": payment.reference, "note": note, **money,
-                        "callbackId": line.callback_id, "sendReceipt": line.send_receipt},
+                        "callbackId": line.callback_id, "sendReceipt": line.send_receipt,
+                        "gatewayReference": None if request_unknown(payment) else payment.provider_reference},
                  cooperative_id=payment.cooperative_id)
     await record(session, actor=actor, action=f"{PAYMENT.name}.{P.COMPLETED.value.lower()}", entity_type="payment",
                  entity_id=payment.id, before={"status": None},

@@ -112,6 +112,11 @@ class StatusResult:
 # and recorded by a person.
 REFUND_UNSUPPORTED = "REFUND_UNSUPPORTED"
 
+# How the provider reference of a payment recorded from a provider's statement starts when the request that took its
+# money is not known (core.payments.record_payment): no provider was ever sent it, so a refund that names that
+# request (MTN's referenceIdToRefund) is refused before it is sent (core.refunds; the MTN adapter too).
+REQUEST_UNKNOWN = "recorded:"
+
 
 class ProviderError(Exception):
     """A provider call failed. `retryable` says whether the same call may be sent again."""
@@ -161,6 +166,10 @@ class PaymentProvider(Protocol):
 
     name: str
     supports_partial_refund: bool
+    # Whether its refund names the request that took the money (our provider reference: MTN's referenceIdToRefund)
+    # rather than its own transaction id (Airtel's airtel_money_id, M-Pesa's receipt): a payment recorded from its
+    # statement without that request's reference cannot be refunded through it (core.refunds).
+    refund_names_request: bool
     # Payment methods this provider collects (MOBILE_MONEY_MTN, ...).
     methods: frozenset[str]
     # The currencies it collects in (M-Pesa: KES; IremboPay: RWF; MTN and Airtel: their account's, from

@@ -22,8 +22,8 @@ from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
 from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, end_waiting, enqueue, enqueue_many, raised_sqlstate
+from core.ports import PaymentProvider, ProviderOutcome
 from core.ports import ProviderEvent as ProviderEventData
-from core.ports import ProviderOutcome
 from core.references import next_reference
 from core.state import StaleTransition, transition
 from core.state.payment import PAYMENT, PaymentStatus, holds_money, taken_after_failure
@@ -31,6 +31,7 @@ from core.state.refund import REFUND, RefundStatus
 from core.text import admin_note
 
 if TYPE_CHECKING:
+    from core.crypto import PiiCipher
     from core.runtime import Runtime
 
 log = logging.getLogger("gateway.refunds")
@@ -128,6 +129,9 @@ async def request_refund(
     if returned is None and not payment.payment_account_enc:  # core.members.erase_member cleared it
         raise Conflict("the payment's member was erased: the account to refund is no longer known; record a "
                        "refund the provider made with returnedByProvider")
+    provider = rt.providers.get(payment.provider)
+    if returned is None and provider is not None:
+        _request_to_refund_known(payment, provider)
     available = await refundable(session, payment)
     amount = amount or available
     if amount.currency != payment.currency:
@@ -137,7 +141,6 @@ async def request_refund(
                                 field="amount")
     if amount.minor > available.minor:
         raise BusinessRuleError(f"refund of {amount} exceeds the refundable {available}", field="amount")
-    provider = rt.providers.get(payment.provider)
     whole = Money(collected(payment), payment.currency)
     if returned is None and provider is not None and not provider.supports_partial_refund \
             and amount.minor != whole.minor:  # (one the provider made itself is what it made)
@@ -152,7 +155,10 @@ async def request_refund(
         id=str(uuid.uuid4()), cooperative_id=payment.cooperative_id, payment_id=payment.id,
         reference=await next_reference(session, "RFD"), amount_minor=amount.minor, currency=amount.currency,
         status=R.PENDING.value, reason=reason, idempotency_key=key, request_hash=request_hash,
-        provider_reference=str(uuid.uuid4()), returned_by_provider=returned is not None,
+        # Never sent when the provider returned it: random. Sent, derived from its key (derived_refund_reference).
+        provider_reference=str(uuid.uuid4()) if returned is not None else derived_refund_reference(
+            rt.cipher, payment, key, request_hash),
+        returned_by_provider=returned is not None,
         dispute_id=dispute_id, created_by=actor.id,
     )
     session.add(refund)
@@ -174,6 +180,40 @@ async def request_refund(
     await enqueue(session, "refund.submit", {"refund_id": refund.id}, dedupe_key=f"refund:{refund.id}",
                   cooperative_id=payment.cooperative_id)
     return refund, True
+
+
+def _request_to_refund_known(payment: Payment, provider: PaymentProvider) -> None:
+    """A Conflict, before anything is queued, for a refund its provider cannot be sent: one whose refund names the
+    request that took the money (`refund_names_request`: MTN's referenceIdToRefund), of a payment recorded from
+    the statement without that request's reference (core.payments.request_unknown). Sent, MTN would refuse it
+    (it never had the value the payment holds) and the refund would fail at the provider."""
+    from core.payments import request_unknown  # local: core.payments reaches back into this module
+
+    if provider.refund_names_request and request_unknown(payment):
+        raise Conflict(f"payment {payment.reference} was recorded from the provider's statement without the "
+                       f"reference of the request that took its money, and a {payment.method} refund names that "
+                       "request: nothing was sent. Have the provider send the money back (its customer care) and "
+                       "record that refund with returnedByProvider; record such payments with gatewayReference "
+                       "(the externalId on MTN's statement) so that they can be refunded")
+
+
+# Why a sent refund's provider reference is derived (derived_refund_reference): a refund's idempotency key names one
+# request for ever within its payment (refunds hold (payment, key) unique; an API caller's key is its own, a dispute's
+# refund is keyed by the dispute's id), so the gateway that lost the refund (PostgreSQL restored from a backup) and is
+# sent it again sends the provider the same request id as the first time: MTN answers 409, it has it, and the refund
+# takes the first one's outcome (its status query): the member is paid back once.
+_REFUND_REFERENCE_PURPOSE = "refund-provider-reference"
+
+
+def derived_refund_reference(cipher: PiiCipher, payment: Payment, key: str, request_hash: str) -> str:
+    """The provider reference of a refund sent to the provider (our request id: MTN's X-Reference-Id, the `ref` of
+    M-Pesa's Result URL), derived from the payment's cooperative and id, the refund's idempotency key and its
+    request's digest (_request_hash) under BLIND_INDEX_KEY, in uuid4's form as core.payments.
+    derived_provider_reference gives a payment's (MTN takes only those). The digest is in it so that a key sent
+    again with another amount or reason after the loss is another request at the provider."""
+    mac = cipher.blind_index(json.dumps([payment.cooperative_id, payment.id, key, request_hash]),
+                             purpose=_REFUND_REFERENCE_PURPOSE)
+    return str(uuid.UUID(hex=mac[:32], version=4))
 
 
 async def _reversal_not_recorded(session: AsyncSession, payment: Payment, returned: ReturnedByProvider,

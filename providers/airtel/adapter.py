@@ -105,6 +105,7 @@ class AirtelAdapter:
 
     name = NAME
     supports_partial_refund = False
+    refund_names_request = False  # by the payment's airtel_money_id
     methods = frozenset({"MOBILE_MONEY_AIRTEL"})
     currencies: frozenset[str] | None = None
 

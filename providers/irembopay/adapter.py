@@ -138,6 +138,7 @@ class IremboPayAdapter:
     # No refund API: a person sends the money back (a bank or mobile-money transfer, of any amount) and records
     # it (core.jobs: the refund waits for them); nothing here limits it to the whole payment.
     supports_partial_refund = True
+    refund_names_request = False  # no refund API: a person's transfer
     methods = frozenset({"BANK_BK", "BANK_IM", "BANK_ECOBANK", "MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL"})
     currencies: frozenset[str] | None = frozenset({"RWF"})
 

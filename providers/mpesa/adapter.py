@@ -163,6 +163,7 @@ class MpesaAdapter:
 
     name = "mpesa"
     supports_partial_refund = False
+    refund_names_request = False  # a reversal of the payment's receipt (MpesaReceiptNumber)
     methods = frozenset({"MPESA"})
     currencies: frozenset[str] | None = frozenset({"KES"})
 

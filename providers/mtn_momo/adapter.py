@@ -16,6 +16,7 @@ from core.inbound import JSON_ERRORS
 from core.money import Money, MoneyError
 from core.phone import mask
 from core.ports import (
+    REQUEST_UNKNOWN,
     CallbackRejected,
     CollectionAccepted,
     CollectionRequest,
@@ -144,6 +145,7 @@ class MtnMomoAdapter:
 
     name = NAME
     supports_partial_refund = True
+    refund_names_request = True  # referenceIdToRefund: the request to pay's X-Reference-Id
     methods = frozenset({"MOBILE_MONEY_MTN"})
     currencies: frozenset[str] | None = None
 
@@ -254,6 +256,12 @@ class MtnMomoAdapter:
 
     # refunds ----------------------------------------------------------------
     async def request_refund(self, request: RefundRequest) -> CollectionAccepted:
+        if request.original_provider_reference.startswith(REQUEST_UNKNOWN):
+            # A payment recorded from the statement without its request's reference, whose refund was queued
+            # before core.refunds refused them: MTN never had that value. Refused unsent.
+            raise ProviderError("the payment's request to pay is not known (recorded from MTN's statement without "
+                                "its reference), and an MTN refund names it: record the money MTN sends back with "
+                                "returnedByProvider", retryable=False, code="NO_REQUEST_TO_REFUND")
         headers = {"X-Reference-Id": request.provider_reference}
         if request.callback_url:
             headers["X-Callback-Url"] = with_query(request.callback_url, ref=request.provider_reference,

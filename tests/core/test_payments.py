@@ -29,6 +29,7 @@ class RecordingProvider:
     def __init__(self, name="mtn_momo", partial=True):
         self.name = name
         self.supports_partial_refund = partial
+        self.refund_names_request = False
         self.methods = frozenset({"MOBILE_MONEY_MTN"})
         self.collections = []
         self.refunds = []
