@@ -191,6 +191,11 @@ LIST_QUERY = {
     "paymentTypeId": Param("uuid", "Filter by payment type"),
     "member": Param("uuid", "Filter by member id"),
     "reference": Param(description="The payment's reference as its receipt gives it (PAY_20261201_001)"),
+    "gatewayTransactionId": Param(description="The provider's id of the money, exact, as the payment's "
+                                  "`gatewayTransactionId` and the provider's statement give it (MTN's "
+                                  "financialTransactionId, an M-Pesa receipt number): the payment(s) holding it; "
+                                  "more than one is flagged (`mismatch`: the same money recorded twice)",
+                                  max_length=128),
     "paymentAccount": Param(description="Exact paying account: a phone number (read as the cooperative's "
                                         "country's), a bank account or an e-mail"),
     **period_params("created"),
@@ -312,6 +317,12 @@ async def filtered(ctx: Ctx) -> Any:
         query = query.where(Payment.updated_at >= updated_from)
     if q.get("reference") is not None:
         query = query.where(Payment.reference == q["reference"].strip().upper())
+    if q.get("gatewayTransactionId") is not None:
+        if not q["gatewayTransactionId"]:
+            raise ValidationError("gatewayTransactionId must not be empty: the provider's id of the money",
+                                  field="gatewayTransactionId")
+        # Exact, as stored (providers' ids are case-sensitive): ix_payments_transaction_id, the id first.
+        query = query.where(Payment.provider_transaction_id == q["gatewayTransactionId"])
     for flag, marked in (("mismatch", Payment.mismatch), ("late", Payment.late)):
         if q.get(flag) is not None:
             query = query.where(marked.is_(True) if q[flag] else marked.is_not(True))

@@ -162,6 +162,10 @@ class Payment(Base):
         Index("ix_payments_coop_late", "cooperative_id", "created_at", **_where("late IS true")),
         # Migration 0014: a super admin's export by completion (core.reports), entered when the money moves.
         Index("ix_payments_completed", "completed_at", **_where("completed_at IS NOT NULL")),
+        # Migration 0022: the provider's id of the money (an M-Pesa callback's payment, a statement line's probe,
+        # a completion's, the support desk's search): the id first, which the search gives without the provider.
+        Index("ix_payments_transaction_id", "provider_transaction_id", "provider",
+              **_where("provider_transaction_id IS NOT NULL")),
     )
 
     id: Mapped[str] = _id()
@@ -229,6 +233,8 @@ class Refund(Base):
         # Migration 0013: a super admin's refunds export, read in keyset batches (core.reports).
         Index("ix_refunds_created", "created_at"),
         Index("ix_refunds_completed", "completed_at"),
+        # Migration 0022: a refund's callback by the provider's id, a recorded reversal's probe (core.refunds).
+        Index("ix_refunds_transaction_id", "provider_transaction_id", **_where("provider_transaction_id IS NOT NULL")),
     )
 
     id: Mapped[str] = _id()

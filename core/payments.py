@@ -783,7 +783,9 @@ async def _apply_outcome(
     settle: _Settle | None,
     provisional_transaction_id: str | None = None,
     occurred_at: datetime | None = None,
+    checked_transaction_id: str | None = None,
 ) -> str:
+    """`checked_transaction_id`: the id the caller found free under its lock (record_collected), not probed again."""
     current = P(payment.status)
     if outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
         return "pending"
@@ -794,11 +796,25 @@ async def _apply_outcome(
                     stored is None or stored == provisional_transaction_id):
                 # Completed by a status query that names no final id (M-Pesa's STK query has no receipt
                 # number): the late callback's id is what a refund needs.
+                holder = await _held_elsewhere(session, payment, provider_transaction_id)
                 await _record_transaction_id(session, payment, provider_transaction_id, actor=actor)
+                if holder is not None:
+                    # Its money is counted already (and may be refunded): flagged for a person, not changed.
+                    said = await _flag_held_twice(session, payment, provider_transaction_id, holder, actor=actor,
+                                                  collected=payment.collected_minor)
+                    payment.mismatch = True
+                    payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}"
+                                                         if payment.mismatch_detail else said)
             return "already_completed"
         if current is P.FAILED:
             # Money taken after a definite failure: never reopen, but never drop it either.
             first = payment.completed_at is None
+            kept = (provider_transaction_id if provider_transaction_id
+                    and payment.provider_transaction_id in (None, provisional_transaction_id)
+                    else payment.provider_transaction_id)
+            # (the first report only: a repeat's money is recorded already, its probe made then)
+            holder = (await _held_elsewhere(session, payment, kept)
+                      if first and kept and kept != provisional_transaction_id else None)
             before = {"status": current.value, "mismatch": payment.mismatch,
                       "collected": payment.collected_minor, "completedAt": iso_z(payment.completed_at)}
             payment.mismatch = True
@@ -820,6 +836,11 @@ async def _apply_outcome(
                 # (core.refunds.refundable) and counted where the provider's statement counts it (reports).
                 same = amount is None or amount.currency == payment.currency
                 payment.collected_minor = (amount.minor if amount is not None else payment.amount_minor) if same else 0
+                if holder is not None and kept:
+                    # The same money as another payment's (_flag_held_twice): counted and refunded there.
+                    twice = await _flag_held_twice(session, payment, kept, holder, actor=actor, collected=0)
+                    payment.collected_minor = 0
+                    payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {twice}")
                 payment.completed_at = money_moved_at(payment.created_at, occurred_at)
                 payment.updated_at = changed_at(payment.updated_at)  # the event's updatedAt: after the failure's
                 # The cooperative's system was told it failed: tell it the money is held (once; a second report
@@ -846,6 +867,9 @@ async def _apply_outcome(
             provider_transaction_id = await _kept_transaction_id(session, payment) or provider_transaction_id
         if provider_transaction_id:
             values["provider_transaction_id"] = provider_transaction_id
+        held = provider_transaction_id or payment.provider_transaction_id
+        holder = (await _held_elsewhere(session, payment, held)
+                  if held and held not in (provisional_transaction_id, checked_transaction_id) else None)
         if PAYMENT.is_exceptional(current, P.COMPLETED):
             values["late"] = True
         if payment.failure_reason is not None:
@@ -862,6 +886,15 @@ async def _apply_outcome(
                          entity_id=payment.id, after={"reported": amount.minor, "reportedCurrency": amount.currency,
                                                       "expected": expected.minor},
                          cooperative_id=payment.cooperative_id)
+        if holder is not None and held:
+            # The provider says the money moved: completed, never dropped; but it is the money another payment holds
+            # (a retry after a restore completing with the statement line an admin recorded): counted and
+            # refundable there, not here (collected 0: the reconciliation's `settled` counts it once, and a refund
+            # of it is refused here), flagged for a person.
+            said = await _flag_held_twice(session, payment, held, holder, actor=actor, collected=0)
+            earlier = values.get("mismatch_detail", payment.mismatch_detail if payment.mismatch else None)
+            values.update(mismatch=True, mismatch_detail=fit_detail(f"{earlier}; {said}" if earlier else said),
+                          collected_minor=0)
         result = "late_completed" if values.get("late") else "completed"
         # The receipt, the webhook event and the stored callback's outcome are written with the move.
         await transition(session, PAYMENT, payment.id, current, P.COMPLETED, actor=actor, values=values,
@@ -1411,7 +1444,8 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
                         "completedAt": iso_z(completed_at)},
                  cooperative_id=payment.cooperative_id)
     await _apply_outcome(session, rt, payment, ProviderOutcome.SUCCEEDED, actor=actor, amount=amount,
-                         provider_transaction_id=txn, reason=None, settle=None, occurred_at=completed_at)
+                         provider_transaction_id=txn, reason=None, settle=None, occurred_at=completed_at,
+                         checked_transaction_id=txn)
     await session.flush()
     await session.refresh(payment)
     return payment
@@ -1441,14 +1475,53 @@ async def transaction_id_free(session: AsyncSession, provider: str, txn: str, co
     provider's statement is money taken once, credited on one payment (recorded on two, it is counted twice in the
     reconciliation's `settled` and could be refunded twice). Another cooperative's payment is not named. The caller
     holds the id's lock (_lock_transaction_id), so that two recordings of it take turns."""
-    held = (await session.execute(
-        select(Payment.reference, Payment.cooperative_id)
-        .where(Payment.provider == provider, Payment.provider_transaction_id == txn, Payment.id != (exclude or ""))
-        .limit(1))).first()
+    held = await _holder(session, provider, txn, exclude)
     if held is not None:
-        where = f"by payment {held[0]}" if held[1] == cooperative_id else "by another cooperative's payment"
+        where = f"by payment {held.reference}" if held.cooperative_id == cooperative_id \
+            else "by another cooperative's payment"
         raise Conflict(f"providerTransactionId {txn} is held already {where} of this provider: a statement line is "
                        "recorded once (check the id on the statement)", field="providerTransactionId")
+
+
+async def _holder(session: AsyncSession, provider: str, txn: str, exclude: str | None) -> Any:
+    """The payment of `provider` other than `exclude` that holds `txn` as its transaction id (id, reference,
+    cooperative_id), or None: one probe of ix_payments_transaction_id."""
+    return (await session.execute(
+        select(Payment.id, Payment.reference, Payment.cooperative_id)
+        .where(Payment.provider == provider, Payment.provider_transaction_id == txn, Payment.id != (exclude or ""))
+        .order_by(Payment.created_at, Payment.id).limit(1))).first()
+
+
+async def _held_elsewhere(session: AsyncSession, payment: Payment, txn: str) -> Any:
+    """The other payment of `payment`'s provider that holds `txn` already (_holder), as `payment` completes with it
+    (or is reported paid after a failure): one index probe per completion. Under the id's lock (_lock_transaction_id,
+    held to the commit, as a statement line's recording takes it): two completions of one id at once take turns,
+    and the second's probe (its own snapshot, READ COMMITTED) sees the first's payment, so that one of them is
+    flagged; the payment's row lock, taken before, is never waited for under this one (nothing takes them in the
+    other order: a recording takes the id's lock, then only inserts its payment)."""
+    await _lock_transaction_id(session, payment.provider, txn)
+    return await _holder(session, payment.provider, txn, payment.id)
+
+
+async def _flag_held_twice(session: AsyncSession, payment: Payment, txn: str, holder: Any, *, actor: Actor,
+                           collected: int | None) -> str:
+    """Audit (payment.transaction_id_held_twice) and log a payment recording the provider's transaction `txn` that
+    `holder` (_holder) holds already: the same money recorded on two payments (after a restore, the retry of a lost
+    payment completing with the id an admin recorded from the statement). `collected`: what this payment is left
+    holding (0: the money is counted on `holder` only). Returns the flag's text, naming the other payment only
+    within the cooperative (as transaction_id_free does)."""
+    ours = holder.cooperative_id == payment.cooperative_id
+    other = f"payment {holder.reference}" if ours else "another cooperative's payment"
+    await record(session, actor=actor, action="payment.transaction_id_held_twice", entity_type="payment",
+                 entity_id=payment.id, before={"status": payment.status},
+                 after={"providerTransactionId": txn, "heldBy": holder.reference if ours else None,
+                        "heldById": holder.id if ours else None, "collected": collected},
+                 cooperative_id=payment.cooperative_id)
+    log.error("a provider's transaction id is held by two payments: the same money recorded twice? (flagged)",
+              extra={"payment_id": payment.id, "held_by": holder.id, "provider": payment.provider,
+                     "provider_transaction_id": txn[:128]})
+    where = "counted there, not here" if collected == 0 else "check the statement before refunding either"
+    return f"provider transaction {txn[:64]} is held by {other} too: the same money recorded twice? {where}"
 
 
 # The channel of a payment recorded from a provider's statement (record_payment): the gateway never asked for it.

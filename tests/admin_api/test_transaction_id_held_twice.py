@@ -1,0 +1,269 @@
+"""One provider transaction id, one payment's money. After a restore of PostgreSQL an admin records the lost payment
+from the provider's statement (POST /v1/payments/recorded, MTN's financialTransactionId X); the cooperative's system
+then retries its original POST /v1/payments with the lost payment's key: a new payment, whose provider request id is
+the lost one's, so MTN answers 409 and its status query says SUCCESSFUL with X. Before, the retry completed with X as
+well, unflagged: the money counted twice in the reconciliation's `settled`, refundable twice. Now it completes (the
+provider says the money moved: never dropped) flagged (mismatch, naming the other payment, audited), holding nothing
+(collected 0: counted and refundable on the recorded payment only). The support desk finds both by the id
+(GET /v1/payments?gatewayTransactionId=X)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select, text, update
+
+from core.audit import Actor
+from core.config import ProviderConfig, Secret
+from core.db import utcnow
+from core.models import AuditEvent, OutboxJob, Payment
+from core.money import Money
+from core.payments import apply_collection_outcome
+from core.ports import ProviderOutcome
+from providers.mtn_momo.adapter import MtnMomoAdapter
+from providers.mtn_momo.simulator import TRANSACTIONS, create_simulator
+from providers.simulation import STATE, SimulatorOptions
+from tests.admin_api.conftest import Caller, idem, make_payment, payment_body
+from tests.admin_api.test_chargeback_visibility import _z
+from tests.admin_api.test_retried_key_after_restore import SIM_CREDS, _lose
+from tests.conftest import drain, requires_pg
+from tests.providers.wires import due_now
+
+PROVIDER = Actor("provider:test", "provider")
+
+
+async def _audit(rt: Any, payment_id: str, action: str) -> list[AuditEvent]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(AuditEvent).where(AuditEvent.entity_id == payment_id,
+                                                              AuditEvent.action == action))).scalars())
+
+
+async def _row(rt: Any, payment_id: str) -> Payment:
+    async with rt.sessionmaker() as s:
+        row = await s.get(Payment, payment_id)
+        assert row is not None
+        return row
+
+
+async def test_a_retry_after_the_restore_completing_with_a_recorded_id_is_flagged_and_counted_once(
+        admin: Caller, rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any,
+        coop_b: dict[str, Any]) -> None:
+    app = create_simulator(SimulatorOptions(delay=0.02, drop_callback=True, credentials=SIM_CREDS))
+    server = await aiohttp_server(app, host="127.0.0.1")
+    state = app[STATE]
+    config = ProviderConfig(base_url=str(server.make_url("")).rstrip("/"),
+                            credentials={k: Secret(v) for k, v in SIM_CREDS.items()},
+                            options={"target_environment": "mtnrwanda"})
+    async with httpx.AsyncClient() as http:
+        rt.providers = {**rt.providers, "mtn_momo": MtnMomoAdapter(http, config)}
+        body = payment_body(demo["payment_types"]["Monthly Rent"])
+        first = await admin.json("POST", "/v1/payments", 201, json=body)
+        await drain(worker)  # MTN prompts the member, who approves: the money is taken once, as X
+        await state.idle()
+        [taken] = app[TRANSACTIONS].values()
+        x = taken["financialTransactionId"]
+
+        await _lose(rt, first["id"])  # the restore
+        # The admin records the lost payment from MTN's statement.
+        recorded = await admin.json("POST", "/v1/payments/recorded", 201, json={
+            "paymentTypeId": body["paymentTypeId"], "amount": 50000, "paymentMethod": "MOBILE_MONEY_MTN",
+            "paymentAccount": body["paymentAccount"], "providerTransactionId": x,
+            "completedAt": _z(utcnow().replace(microsecond=0) - timedelta(minutes=5)),
+            "note": "MTN statement of the restore's gap", "idempotencyKey": idem()})
+        # Then the cooperative's system retries its timed-out request: MTN answers 409, its status says X.
+        retry = await admin.json("POST", "/v1/payments", 201, json=body)
+        await drain(worker)
+        await due_now(rt, "payment.poll")
+        await drain(worker)
+        await state.idle()
+    assert list(app[TRANSACTIONS]) == [first["gatewayReference"]]  # the member charged once
+
+    done = await admin.json("GET", f"/v1/payments/{retry['id']}", 200)
+    # Completed (the provider says the money moved), with X, but flagged and holding nothing.
+    assert (done["status"], done["gatewayTransactionId"], done["mismatch"], done["collectedAmount"]) == (
+        "COMPLETED", x, True, 0)
+    assert done["mismatchDetail"] == (f"provider transaction {x} is held by payment {recorded['reference']} too: "
+                                      "the same money recorded twice? counted there, not here")
+    [audit] = await _audit(rt, retry["id"], "payment.transaction_id_held_twice")
+    assert (audit.actor, audit.channel) == ("system", "worker")  # the poll that asked MTN
+    assert audit.after == {"providerTransactionId": x, "heldBy": recorded["reference"], "heldById": recorded["id"],
+                           "collected": 0}
+    assert audit.cooperative_id == demo["cooperative_id"]
+    # The recorded payment keeps the money: unflagged, collected.
+    kept = await admin.json("GET", f"/v1/payments/{recorded['id']}", 200)
+    assert (kept["mismatch"], kept["collectedAmount"]) == (False, 50000)
+    # The cooperative's system is told the retry completed, flagged and holding nothing.
+    async with rt.sessionmaker() as s:
+        events = [j.payload["data"] for j in (await s.execute(select(OutboxJob).where(
+            OutboxJob.kind == "webhook.event"))).scalars() if j.payload["data"]["id"] == retry["id"]
+            and j.payload["event_type"] == "payment.completed"]
+    assert [(e["mismatch"], e["collectedAmount"]) for e in events] == [(True, 0)]
+
+    # The reconciliation counts the money once (what MTN's statement shows), and lists the retry as flagged.
+    report = await admin.json("GET", "/v1/reports/reconciliation", 200)
+    [line] = [lin for lin in report["settled"] if lin["provider"] == "mtn_momo"]
+    assert line["collected"] == 50000
+    assert [f["reference"] for f in report["flagged"]] == [done["reference"]]
+    # Refunded once at most: the retry holds nothing to give back.
+    await admin.json("POST", f"/v1/payments/{retry['id']}/refunds", 422, json={"idempotencyKey": idem()})
+
+    # The support desk finds both by the id, newest first; another cooperative finds none.
+    found = await admin.json("GET", f"/v1/payments?gatewayTransactionId={x}", 200)
+    assert [p["id"] for p in found["data"]] == [retry["id"], recorded["id"]]
+    assert (await coop_b["admin"].json("GET", f"/v1/payments?gatewayTransactionId={x}", 200))["data"] == []
+
+
+async def _completed_holding(admin: Caller, rt: Any, demo: dict[str, Any], txn: str) -> dict[str, Any]:
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    async with rt.sessionmaker.begin() as s:
+        assert await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED,
+                                              actor=PROVIDER, provider_transaction_id=txn) == "completed"
+    return payment
+
+
+async def test_money_reported_after_a_failure_with_a_held_id_is_flagged_and_held_nowhere_else(
+        admin: Caller, rt: Any, demo: dict[str, Any]) -> None:
+    holder = await _completed_holding(admin, rt, demo, "MTN-HELD-1")
+    failed = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    async with rt.sessionmaker.begin() as s:
+        await apply_collection_outcome(s, rt, await s.get(Payment, failed["id"]), ProviderOutcome.FAILED,
+                                       actor=PROVIDER, reason="payer declined")
+    async with rt.sessionmaker.begin() as s:
+        assert await apply_collection_outcome(
+            s, rt, await s.get(Payment, failed["id"]), ProviderOutcome.SUCCEEDED, actor=PROVIDER,
+            amount=Money(50_000, "RWF"), provider_transaction_id="MTN-HELD-1") == "flagged_success_after_failure"
+    row = await _row(rt, failed["id"])
+    assert (row.status, row.provider_transaction_id, row.collected_minor, row.mismatch) == (
+        "FAILED", "MTN-HELD-1", 0, True)
+    assert row.mismatch_detail.endswith(f"held by payment {holder['reference']} too: the same money recorded "
+                                        "twice? counted there, not here")
+    [audit] = await _audit(rt, failed["id"], "payment.transaction_id_held_twice")
+    assert audit.after["heldById"] == holder["id"]
+    [after] = await _audit(rt, failed["id"], "payment.success_after_failure")
+    assert after.after["collected"] == 0  # the audit log alone says it holds nothing
+
+
+async def test_another_cooperatives_holder_is_not_named(admin: Caller, rt: Any, demo: dict[str, Any],
+                                                          coop_b: dict[str, Any]) -> None:
+    theirs = await make_payment(coop_b["admin"], coop_b["payment_type_id"], amount=1000,
+                                paymentAccount="+250788999001")
+    async with rt.sessionmaker.begin() as s:
+        await apply_collection_outcome(s, rt, await s.get(Payment, theirs["id"]), ProviderOutcome.SUCCEEDED,
+                                       actor=PROVIDER, provider_transaction_id="MTN-B-1")
+    ours = await _completed_holding(admin, rt, demo, "MTN-B-1")
+    row = await _row(rt, ours["id"])
+    assert row.mismatch_detail == ("provider transaction MTN-B-1 is held by another cooperative's payment too: the "
+                                   "same money recorded twice? counted there, not here")
+    assert theirs["reference"] not in row.mismatch_detail
+    [audit] = await _audit(rt, ours["id"], "payment.transaction_id_held_twice")
+    assert (audit.after["heldBy"], audit.after["heldById"]) == (None, None)
+    # Each cooperative's search shows its own payment only.
+    found = await admin.json("GET", "/v1/payments?gatewayTransactionId=MTN-B-1", 200)
+    assert [p["id"] for p in found["data"]] == [ours["id"]]
+
+
+async def test_a_provisional_id_is_not_probed_and_a_late_receipt_held_elsewhere_is_flagged(
+        admin: Caller, rt: Any, demo: dict[str, Any]) -> None:
+    """M-Pesa's way: the payment holds the CheckoutRequestID from its request; a status query without a receipt
+    completes it (nothing to compare: the provisional id is no money's id); the late callback's receipt, held by
+    another payment, is recorded and flagged, its money (counted at completion, perhaps refunded) left as it is."""
+    holder = await _completed_holding(admin, rt, demo, "RCPT-1")
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == payment["id"]).values(
+            provider_transaction_id="ws_CO_1"))
+    async with rt.sessionmaker.begin() as s:
+        assert await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED,
+                                              actor=PROVIDER, provisional_transaction_id="ws_CO_1") == "completed"
+    row = await _row(rt, payment["id"])
+    assert (row.provider_transaction_id, row.mismatch, row.collected_minor) == ("ws_CO_1", False, None)
+    async with rt.sessionmaker.begin() as s:
+        assert await apply_collection_outcome(
+            s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED, actor=PROVIDER,
+            provider_transaction_id="RCPT-1", provisional_transaction_id="ws_CO_1") == "already_completed"
+    row = await _row(rt, payment["id"])
+    assert (row.provider_transaction_id, row.mismatch, row.collected_minor) == ("RCPT-1", True, None)
+    assert row.mismatch_detail == (f"provider transaction RCPT-1 is held by payment {holder['reference']} too: the "
+                                   "same money recorded twice? check the statement before refunding either")
+    [audit] = await _audit(rt, payment["id"], "payment.transaction_id_held_twice")
+    assert audit.after["collected"] is None
+
+
+async def test_a_completion_with_its_own_id_again_is_not_flagged(admin: Caller, rt: Any,
+                                                                  demo: dict[str, Any]) -> None:
+    """A payment holding the id already (adopted from its callback) completing with it: itself, not another."""
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == payment["id"]).values(provider_transaction_id="OWN-1"))
+    async with rt.sessionmaker.begin() as s:
+        assert await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED,
+                                              actor=PROVIDER, provider_transaction_id="OWN-1") == "completed"
+    row = await _row(rt, payment["id"])
+    assert (row.mismatch, row.collected_minor) == (False, None)
+    assert await _audit(rt, payment["id"], "payment.transaction_id_held_twice") == []
+
+
+@requires_pg
+async def test_two_completions_of_one_id_at_once_take_turns_and_one_is_flagged(
+        admin: Caller, rt: Any, demo: dict[str, Any]) -> None:
+    """Each completion holds its own payment's row lock: without the id's lock neither probe sees the other's
+    uncommitted payment, and both complete unflagged. With it the second waits for the first's commit, then sees it."""
+    one = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    two = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+
+    async def complete(payment_id: str, started: asyncio.Event | None, go: asyncio.Event | None) -> str:
+        async with rt.sessionmaker.begin() as s:
+            payment = (await s.execute(select(Payment).where(Payment.id == payment_id).with_for_update())
+                       ).scalar_one()
+            result = await apply_collection_outcome(s, rt, payment, ProviderOutcome.SUCCEEDED, actor=PROVIDER,
+                                                    provider_transaction_id="MTN-RACE-1")
+            if started is not None and go is not None:
+                started.set()
+                await go.wait()  # the first's transaction is open, its payment written, not committed
+        return result
+
+    started, go = asyncio.Event(), asyncio.Event()
+    first = asyncio.create_task(complete(one["id"], started, go))
+    await started.wait()
+    second = asyncio.create_task(complete(two["id"], None, None))
+    await asyncio.sleep(0.3)
+    assert not second.done()  # waiting for the id's lock
+    go.set()
+    assert (await first, await second) == ("completed", "completed")
+    rows = [await _row(rt, one["id"]), await _row(rt, two["id"])]
+    assert [(r.mismatch, r.collected_minor) for r in rows] == [(False, None), (True, 0)]
+    async with rt.engine.connect() as conn:
+        held = (await conn.execute(text("SELECT count(*) FROM payments WHERE provider_transaction_id = 'MTN-RACE-1'"))
+                ).scalar_one()
+    assert held == 2  # both recorded: nothing the provider said is dropped
+
+
+@pytest.mark.parametrize(("query", "message"), [
+    ("gatewayTransactionId=", "gatewayTransactionId must not be empty"),
+    ("gatewayTransactionId=%20%20", "gatewayTransactionId must not be empty"),
+    (f"gatewayTransactionId={'X' * 129}", "gatewayTransactionId is too long"),
+    ("gatewayTransactionId=A&gatewayTransactionId=B", "query parameter gatewayTransactionId is given more than once"),
+    ("gatewayTransactionId=A%00B", "gatewayTransactionId contains characters that are not allowed"),
+])
+async def test_a_bad_transaction_id_search_is_refused(admin: Caller, query: str, message: str) -> None:
+    refused = await admin.json("GET", f"/v1/payments?{query}", 400)
+    assert message in str(refused)
+
+
+async def test_the_search_is_exact_and_combines_with_other_filters(admin: Caller, rt: Any,
+                                                                   demo: dict[str, Any]) -> None:
+    payment = await _completed_holding(admin, rt, demo, "MTN-Case-7")
+    await _completed_holding(admin, rt, demo, "MTN-OTHER-8")
+    assert [p["id"] for p in (await admin.json("GET", "/v1/payments?gatewayTransactionId=MTN-Case-7", 200))["data"]
+            ] == [payment["id"]]
+    assert (await admin.json("GET", "/v1/payments?gatewayTransactionId=mtn-case-7", 200))["data"] == []
+    assert (await admin.json("GET", "/v1/payments?gatewayTransactionId=MTN-Case-7&status=FAILED", 200)
+            )["data"] == []
+    spec = await admin.json("GET", "/v1/openapi.json", 200)
+    params = {p["name"]: p for p in spec["paths"]["/v1/payments"]["get"]["parameters"]}
+    assert params["gatewayTransactionId"]["in"] == "query"
+    assert "provider's id of the money" in params["gatewayTransactionId"]["description"]
