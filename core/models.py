@@ -329,6 +329,8 @@ class OutboxJob(Base):
         # Migration 0020: a claim that spares the lanes at their share reads the others' due jobs by lane ranges
         # (core.outbox._spared), never a full lane's backlog.
         Index("ix_outbox_due_lane", "lane", "run_at", **_where("status IN ('PENDING', 'RUNNING')")),
+        # Migration 0023: the plain claim (core.outbox._claim) reads the live jobs in run_at order, no sort of them all.
+        Index("ix_outbox_live_due", "run_at", **_where("status IN ('PENDING', 'RUNNING')")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
