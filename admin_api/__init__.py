@@ -15,6 +15,7 @@ def all_routes() -> list[Route]:
     from admin_api import (
         audit,
         auth_routes,
+        callbacks,
         cooperatives,
         disputes,
         jobs,
@@ -38,6 +39,7 @@ def all_routes() -> list[Route]:
         *cooperatives.ROUTES,
         *members.ROUTES,
         *messages.ROUTES,
+        *callbacks.ROUTES,
         *disputes.ROUTES,
         *reports.ROUTES,
         *audit.ROUTES,

@@ -80,6 +80,8 @@ async def _resources_of_a(admin, superadmin, rt, demo):
         "/members/{id}/messages": member,
         "/payments/{id}/messages": payment["id"],
         "/payments/{id}/receipt": payment["id"],
+        "/payments/{id}/callbacks": payment["id"],
+        "/refunds/{id}/callbacks": refund["id"],
         "/members/{id}": member,
         "/members/{id}/approve": member,
         "/members/{id}/release-phone": member,
