@@ -74,6 +74,10 @@ PAYMENT = out(
         "description": NULL_STRING,
         "dueDate": NULL_DATETIME,
         "completedAt": NULL_DATETIME,
+        "expiresAt": {**DATETIME, "description": "the end of its approval window: a payment still open then is "
+                      "asked about once more and ends not approved in time (one the provider still shows waiting "
+                      "for the payer is given its grace first); a success reported later still completes it, "
+                      "flagged late"},
         "createdAt": DATETIME,
         "updatedAt": DATETIME,
         "paymentTypeId": ID,
@@ -231,6 +235,7 @@ def present(p: Payment) -> dict[str, Any]:
         "description": p.description,
         "dueDate": iso(p.due_date),
         "completedAt": iso(p.completed_at),
+        "expiresAt": iso(p.expires_at),
         "createdAt": iso(p.created_at),
         "updatedAt": iso(p.updated_at),
         "paymentTypeId": p.payment_type_id,

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import BigInteger, String, and_, bindparam, exists, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
@@ -309,10 +310,24 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         NewJob("payment.poll", {"payment_id": payment_id}, dedupe_key=f"poll:{payment_id}",
                cooperative_id=coop.id, run_at=values["next_poll_at"], max_attempts=30),
     ]
-    if session.get_bind().dialect.name == "postgresql":
-        reference = await _insert_in_one_statement(session, values, actor, audit_after, jobs)
-    else:
-        reference = await _insert_step_by_step(session, values, actor, audit_after, jobs)
+    try:
+        if session.get_bind().dialect.name == "postgresql":
+            reference = await _insert_in_one_statement(session, values, actor, audit_after, jobs)
+        else:
+            reference = await _insert_step_by_step(session, values, actor, audit_after, jobs)
+    except IntegrityError as exc:
+        if "provider_reference" not in str(exc.orig):
+            raise
+        # The request id this request derives is held by another payment: after a restore, the lost payment recorded
+        # from the statement with its gatewayReference (record_payment). Its money is that payment's.
+        await session.rollback()
+        held = (await session.execute(
+            select(Payment.reference, Payment.cooperative_id)
+            .where(Payment.provider == values["provider"],
+                   Payment.provider_reference == values["provider_reference"]))).first()
+        named = f"as payment {held.reference} " if held is not None and held.cooperative_id == coop.id else ""
+        raise Conflict(f"this request's money is recorded already {named}(recorded from the provider's statement "
+                       "after a restore): it is not collected again", field="idempotencyKey") from None
     if reference is None:  # the key was used before, or a concurrent request with it won
         existing = await find_by_key(session, coop.id, key)
         if existing is None:
@@ -799,9 +814,16 @@ async def _apply_outcome(
                 holder = await _held_elsewhere(session, payment, provider_transaction_id)
                 await _record_transaction_id(session, payment, provider_transaction_id, actor=actor)
                 if holder is not None:
-                    # Its money is counted already (and may be refunded): flagged for a person, not changed.
+                    # The other payment's money, counted here since the completion. Nothing refunded or being
+                    # refunded of it here: counted and refundable there only (collected 0), as when the id comes
+                    # with the completion. Else a refund may be paying it back from here: flagged, not changed.
+                    from core.refunds import refunds_holding  # local: core.refunds imports this module
+
+                    spare = current is P.COMPLETED and await refunds_holding(session, payment) == 0
                     said = await _flag_held_twice(session, payment, provider_transaction_id, holder, actor=actor,
-                                                  collected=payment.collected_minor)
+                                                  collected=0 if spare else payment.collected_minor)
+                    if spare:
+                        payment.collected_minor = 0
                     payment.mismatch = True
                     payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}"
                                                          if payment.mismatch_detail else said)
@@ -897,10 +919,14 @@ async def _apply_outcome(
                           collected_minor=0)
         result = "late_completed" if values.get("late") else "completed"
         # The receipt, the webhook event and the stored callback's outcome are written with the move.
+        notices = _notices(rt, _Moved(payment, {"status": P.COMPLETED.value, **values}), "payment_receipt",
+                           "payment.completed")
+        if holder is not None:
+            # Her money is the other payment's (its receipt is hers): no second receipt for one payment. The
+            # cooperative's system is told (payment.completed, flagged, collected 0).
+            notices = [job for job in notices if job.kind != "sms.send"]
         await transition(session, PAYMENT, payment.id, current, P.COMPLETED, actor=actor, values=values,
-                         jobs=_notices(rt, _Moved(payment, {"status": P.COMPLETED.value, **values}),
-                                       "payment_receipt", "payment.completed"),
-                         alongside=settle.write(result) if settle else None)
+                         jobs=notices, alongside=settle.write(result) if settle else None)
         if settle is not None:
             settle.moved()
         metrics.PAYMENTS.labels(status="COMPLETED", method=payment.method).inc()

@@ -49,10 +49,10 @@ async def refundable(session: AsyncSession, payment: Payment) -> Money:
 
     When the provider reported less than the payment's amount, only what it reported can go back.
     """
-    return Money(max(0, collected(payment) - await _held(session, payment)), payment.currency)
+    return Money(max(0, collected(payment) - await refunds_holding(session, payment)), payment.currency)
 
 
-async def _held(session: AsyncSession, payment: Payment) -> int:
+async def refunds_holding(session: AsyncSession, payment: Payment) -> int:
     """What the payment's refunds not failed hold: sent back, being sent, or to be sent."""
     return int((await session.execute(
         select(func.coalesce(func.sum(Refund.amount_minor), 0))
@@ -374,7 +374,7 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
 
     The submission is ended only while it is PENDING and untried: a worker claiming it at the same moment
     either finds it ended or holds it RUNNING, and then it is left."""
-    over = await _held(session, payment) - collected(payment)
+    over = await refunds_holding(session, payment) - collected(payment)
     if over <= 0:
         return
     # SKIP LOCKED: a refund another transaction holds is being moved by it (its own outcome, its submission

@@ -36,6 +36,10 @@ FLAGGED_IN = (*BASES, "refunded")
 # What the provider actually took, reckoned as core.refunds.collected() does (refunds are capped by it): what it
 # reported when that differs from the amount, less or more (NULL collected_minor: it reported the amount).
 TAKEN = func.coalesce(Payment.collected_minor, Payment.amount_minor)
+# A payment whose money `collected` counts: `collectedCount` counts those, one a line of the provider's statement. Not
+# one that holds nothing: its money taken in another currency, or the same statement line as another payment's (a
+# transaction id held twice, core.payments._flag_held_twice: counted on the other).
+COUNTED = func.count(Payment.id).filter(TAKEN > 0)
 # The audit actions that record a payment's money moving (its completed_at set, once): the move to COMPLETED
 # (core.state.transition audits it as <machine>.<target>: a provider's answer, or an admin's statement line through
 # POST /v1/payments/{id}/outcome, which is audited payment.outcome_recorded just before it, in the same transaction),
@@ -148,7 +152,7 @@ async def reconciliation(
         }
         for c, n, a, f, r in (
             await session.execute(
-                payments(Payment.currency, count, taken_sum, fee, refunded)
+                payments(Payment.currency, COUNTED, taken_sum, fee, refunded)
                 .where(HELD)
                 .group_by(Payment.currency)
                 .order_by(Payment.currency)
@@ -348,7 +352,7 @@ async def _settled(session: AsyncSession, scope: Scope, start: datetime | None, 
     collected_rows = (
         await session.execute(
             _in_period(
-                scope(select(Payment.provider, Payment.method, Payment.currency, func.count(Payment.id),
+                scope(select(Payment.provider, Payment.method, Payment.currency, COUNTED,
                              func.coalesce(func.sum(TAKEN), 0), func.coalesce(func.sum(Payment.fee_minor), 0)),
                       Payment),
                 Payment.completed_at, start, end,

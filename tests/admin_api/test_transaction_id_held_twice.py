@@ -166,12 +166,9 @@ async def test_another_cooperatives_holder_is_not_named(admin: Caller, rt: Any, 
     assert [p["id"] for p in found["data"]] == [ours["id"]]
 
 
-async def test_a_provisional_id_is_not_probed_and_a_late_receipt_held_elsewhere_is_flagged(
-        admin: Caller, rt: Any, demo: dict[str, Any]) -> None:
+async def _completed_by_query(admin: Caller, rt: Any, demo: dict[str, Any]) -> dict[str, Any]:
     """M-Pesa's way: the payment holds the CheckoutRequestID from its request; a status query without a receipt
-    completes it (nothing to compare: the provisional id is no money's id); the late callback's receipt, held by
-    another payment, is recorded and flagged, its money (counted at completion, perhaps refunded) left as it is."""
-    holder = await _completed_holding(admin, rt, demo, "RCPT-1")
+    completes it (nothing to compare: the provisional id is no money's id)."""
     payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
     async with rt.sessionmaker.begin() as s:
         await s.execute(update(Payment).where(Payment.id == payment["id"]).values(
@@ -181,11 +178,43 @@ async def test_a_provisional_id_is_not_probed_and_a_late_receipt_held_elsewhere_
                                               actor=PROVIDER, provisional_transaction_id="ws_CO_1") == "completed"
     row = await _row(rt, payment["id"])
     assert (row.provider_transaction_id, row.mismatch, row.collected_minor) == ("ws_CO_1", False, None)
+    return payment
+
+
+async def _late_receipt(rt: Any, payment: dict[str, Any]) -> Payment:
     async with rt.sessionmaker.begin() as s:
         assert await apply_collection_outcome(
             s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED, actor=PROVIDER,
             provider_transaction_id="RCPT-1", provisional_transaction_id="ws_CO_1") == "already_completed"
-    row = await _row(rt, payment["id"])
+    return await _row(rt, payment["id"])
+
+
+async def test_a_provisional_id_is_not_probed_and_a_late_receipt_held_elsewhere_counts_there(
+        admin: Caller, rt: Any, demo: dict[str, Any]) -> None:
+    """The late callback's receipt, held by another payment, is recorded and flagged; nothing of it refunded here,
+    its money is counted and refundable on the other payment only (collected 0), as when the id comes with the
+    completion."""
+    holder = await _completed_holding(admin, rt, demo, "RCPT-1")
+    payment = await _completed_by_query(admin, rt, demo)
+    row = await _late_receipt(rt, payment)
+    assert (row.provider_transaction_id, row.mismatch, row.collected_minor) == ("RCPT-1", True, 0)
+    assert row.mismatch_detail == (f"provider transaction RCPT-1 is held by payment {holder['reference']} too: the "
+                                   "same money recorded twice? counted there, not here")
+    [audit] = await _audit(rt, payment["id"], "payment.transaction_id_held_twice")
+    assert audit.after["collected"] == 0
+    await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 422,
+                     json={"reason": "charged twice", "idempotencyKey": "late-receipt-refund"})
+
+
+async def test_a_late_receipt_held_elsewhere_leaves_money_being_refunded_as_it_is(
+        admin: Caller, rt: Any, demo: dict[str, Any]) -> None:
+    """A refund of the payment already holds its money (sent, or being sent): the payment keeps what it collected
+    (the refund is paying it back from here) and is flagged for a person to check the statement."""
+    holder = await _completed_holding(admin, rt, demo, "RCPT-1")
+    payment = await _completed_by_query(admin, rt, demo)
+    await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                     json={"reason": "charged twice", "idempotencyKey": "late-receipt-refund"})
+    row = await _late_receipt(rt, payment)
     assert (row.provider_transaction_id, row.mismatch, row.collected_minor) == ("RCPT-1", True, None)
     assert row.mismatch_detail == (f"provider transaction RCPT-1 is held by payment {holder['reference']} too: the "
                                    "same money recorded twice? check the statement before refunding either")
