@@ -3,7 +3,6 @@ only) in order, instead of reading every due job through ix_outbox_due (status, 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from sqlalchemy import event, text, update
@@ -11,8 +10,8 @@ from sqlalchemy import event, text, update
 from core.db import utcnow
 from core.models import OutboxJob
 from core.outbox import OutboxWorker
-from tests.conftest import make_settings, requires_pg
-from tests.core.test_growth_indexes import pg_indexes, sqlite_indexes
+from tests.conftest import requires_pg
+from tests.core.revision_indexes import check_comes_and_goes, check_sqlite_round_trip
 
 INDEX = {"ix_outbox_live_due": "outbox_jobs (run_at) WHERE ((status)::text = ANY ((ARRAY['PENDING'::character "
                                "varying, 'RUNNING'::character varying])::text[]))"}
@@ -20,45 +19,11 @@ INDEX = {"ix_outbox_live_due": "outbox_jobs (run_at) WHERE ((status)::text = ANY
 
 @requires_pg
 async def test_0023_index_comes_and_goes_with_the_revision(migrated_database: str) -> None:
-    import asyncpg
-    from alembic import command
-
-    from main import _alembic_config, migrate
-
-    settings = make_settings()
-    cfg = _alembic_config(settings)
-    conn = await asyncpg.connect(migrated_database.replace("postgresql+asyncpg://", "postgresql://"))
-    try:
-        assert await pg_indexes(conn, list(INDEX)) == {name: (True, d) for name, d in INDEX.items()}
-        await asyncio.to_thread(command.downgrade, cfg, "0022")
-        assert await pg_indexes(conn, list(INDEX)) == {}
-        await asyncio.to_thread(command.upgrade, cfg, "0023")
-        assert await pg_indexes(conn, list(INDEX)) == {name: (True, d) for name, d in INDEX.items()}
-    finally:
-        await conn.close()
-        await asyncio.to_thread(migrate, settings)  # at head again, whatever happened
+    await check_comes_and_goes(migrated_database, INDEX, "0023", "0022")
 
 
 def test_0023_downgrades_and_upgrades_again_on_sqlite(tmp_path: Any) -> None:
-    import sqlalchemy as sa
-    from alembic import command
-
-    from main import _alembic_config, migrate
-    from tests.core.test_migrations import _diff
-
-    url = f"sqlite+aiosqlite:///{tmp_path}/m.db"
-    settings = make_settings(DATABASE_URL=url)
-    migrate(settings)
-    engine = sa.create_engine(f"sqlite:///{tmp_path}/m.db")
-    try:
-        after = sqlite_indexes(engine)
-        assert "ix_outbox_live_due" in after and _diff(url) == []
-        command.downgrade(_alembic_config(settings), "0022")
-        assert "ix_outbox_live_due" not in sqlite_indexes(engine)
-        migrate(settings)
-        assert sqlite_indexes(engine) == after and _diff(url) == []
-    finally:
-        engine.dispose()
+    check_sqlite_round_trip(tmp_path, list(INDEX), "0022")
 
 
 @requires_pg

@@ -11,7 +11,8 @@ from typing import Any
 from sqlalchemy import select, text
 
 from tests.conftest import make_settings, requires_pg
-from tests.core.test_growth_indexes import pg_indexes, sqlite_indexes
+from tests.core.revision_indexes import check_comes_and_goes, check_sqlite_round_trip
+from tests.core.test_growth_indexes import pg_indexes
 
 INDEXES = {
     "ix_payments_transaction_id":
@@ -27,18 +28,12 @@ async def test_0022_indexes_come_and_go_with_the_revision(migrated_database: str
 
     from main import _alembic_config, migrate
 
+    await check_comes_and_goes(migrated_database, INDEXES, "0022", "0021")
     settings = make_settings()
     cfg = _alembic_config(settings)
     conn = await asyncpg.connect(migrated_database.replace("postgresql+asyncpg://", "postgresql://"))
     try:
-        assert await pg_indexes(conn, list(INDEXES)) == {name: (True, d) for name, d in INDEXES.items()}
-        await asyncio.to_thread(command.downgrade, cfg, "0021")
-        assert await pg_indexes(conn, list(INDEXES)) == {}
-        await asyncio.to_thread(command.upgrade, cfg, "0022")
-        assert await pg_indexes(conn, list(INDEXES)) == {name: (True, d) for name, d in INDEXES.items()}
-        # Run again over a build an interruption left INVALID: dropped and built again, the valid one kept.
-        await conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = "
-                           "'ix_payments_transaction_id'::regclass")
+        # Run again over a build an interruption left INVALID: dropped and built again.
         await asyncio.to_thread(command.downgrade, cfg, "0021")
         await conn.execute("CREATE INDEX ix_payments_transaction_id ON payments (provider)")
         await conn.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = "
@@ -51,27 +46,8 @@ async def test_0022_indexes_come_and_go_with_the_revision(migrated_database: str
 
 
 def test_0022_downgrades_and_upgrades_again_on_sqlite(tmp_path: Any) -> None:
-    import sqlalchemy as sa
-    from alembic import command
-
-    from main import _alembic_config, migrate
-    from tests.core.test_migrations import _diff
-
-    url = f"sqlite+aiosqlite:///{tmp_path}/m.db"
-    settings = make_settings(DATABASE_URL=url)
-    migrate(settings)
-    engine = sa.create_engine(f"sqlite:///{tmp_path}/m.db")
-    try:
-        after = sqlite_indexes(engine)
-        assert set(INDEXES) <= set(after) and _diff(url) == []
-        assert all("WHERE provider_transaction_id IS NOT NULL" in after[name] for name in INDEXES)
-        command.downgrade(_alembic_config(settings), "0021")
-        assert not set(INDEXES) & set(sqlite_indexes(engine))
-        migrate(settings)
-        migrate(settings)  # re-run at head: nothing to do
-        assert sqlite_indexes(engine) == after and _diff(url) == []
-    finally:
-        engine.dispose()
+    after = check_sqlite_round_trip(tmp_path, list(INDEXES), "0021")
+    assert all("WHERE provider_transaction_id IS NOT NULL" in after[name] for name in INDEXES)
 
 
 async def _fill(rt: Any, demo: dict[str, Any], n: int) -> None:
