@@ -254,8 +254,10 @@ class IremboPayAdapter:
     async def _existing_invoice(self, request: CollectionRequest) -> Mapping[str, Any]:
         """The invoice IremboPay refused to make again: GET /payments/invoices/{invoice_reference} takes the invoice
         number or the merchant's transactionId (IremboPay's API reference, Get Invoice). One IremboPay cannot show
-        is left to the status poll and the webhook (ProviderTimeout): nobody can say whether it was paid, so the
-        payment is neither failed nor pushed. One for another amount is not this request's: refused."""
+        is left to the status poll and the webhook (ProviderTimeout), never pushed: the poll asks for it by the same
+        transactionId (collection_status), and while IremboPay shows none the payment ends, after its window, as a
+        request that never reached it (no invoice it can show can have been paid). One for another amount is not
+        this request's: refused."""
         path = f"/payments/invoices/{quote(request.provider_reference, safe='')}"
         resp = await self._send("invoice", "GET", path)
         answer = self._json(resp)
@@ -296,18 +298,24 @@ class IremboPayAdapter:
     async def collection_status(self, provider_reference: str, provider_transaction_id: str | None,
                                 currency: str) -> StatusResult:
         provider_transaction_id = provider_transaction_id or self._invoices.get(provider_reference)
-        if not provider_transaction_id:
-            # Invoices are looked up by invoice number only; without one the invoice answer never
-            # arrived (or the collect job was cut off mid-push): nobody can tell, so the core keeps the
-            # payment open for its settling grace, where a signed webhook still settles it.
-            return StatusResult(ProviderOutcome.AMBIGUOUS,
-                                reason="no invoice number: the invoice answer never arrived")
-        path = f"/payments/invoices/{quote(provider_transaction_id, safe='')}"
-        resp = await self._send("status", "GET", path)
+        # Without the invoice number (its answer never arrived, or the collect job was cut off), the invoice is
+        # asked for by our transactionId, which Get Invoice takes too.
+        asked = provider_transaction_id or provider_reference
+        resp = await self._send("status", "GET", f"/payments/invoices/{quote(asked, safe='')}")
         answer = self._json(resp)
         data = answer.get("data")
+        if resp.status_code == 404 and not provider_transaction_id:
+            # No invoice under our transactionId: the request never reached IremboPay (nothing can have been paid).
+            # The core sends it again inside the payment's window, or ends it unreachable after.
+            raise ProviderError("IremboPay has no invoice under our transactionId", retryable=False,
+                                code="NOT_FOUND")
         if resp.status_code != 200 or not isinstance(data, dict):
             raise self._error("status", resp, answer)
+        if not provider_transaction_id:
+            number = data.get("invoiceNumber")
+            provider_transaction_id = number if isinstance(number, str) and number else None
+            if provider_transaction_id:
+                self._remember(provider_reference, provider_transaction_id)
         status = str(data.get("paymentStatus"))
         outcome = STATUS.get(status)
         if outcome is None:

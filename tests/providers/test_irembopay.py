@@ -279,12 +279,33 @@ def test_every_status_row_has_a_recorded_case() -> None:
     assert set(STATUS) <= recorded
 
 
-async def test_status_without_invoice_number_is_ambiguous() -> None:
-    wire = Wire()
+async def test_status_without_invoice_number_asks_for_the_invoice_by_our_transaction_id() -> None:
+    """The invoice answer never arrived (another process, or the collect job cut off): Get Invoice takes our
+    transactionId too; the invoice found gives its status and its number (remembered for the next query)."""
+    paid = fixture("status.json")["cases"][1]["json"]
+    number = paid["data"]["invoiceNumber"]
+    wire = (Wire().on("GET", f"/payments/invoices/{TX}", 200, paid)
+            .on("GET", f"/payments/invoices/{number}", 200, paid))
     async with wire.client() as http:
-        result = await IremboPayAdapter(http, config()).collection_status(TX, None, "RWF")
-    assert result.outcome is ProviderOutcome.AMBIGUOUS
-    assert wire.requests == []
+        adapter = IremboPayAdapter(http, config())
+        result = await adapter.collection_status(TX, None, "RWF")
+        again = await adapter.collection_status(TX, None, "RWF")
+    wire.done()
+    assert (result.outcome, result.provider_transaction_id) == (ProviderOutcome.SUCCEEDED, number)
+    assert again.outcome is ProviderOutcome.SUCCEEDED
+    assert [r.url.path for r in wire.requests] == [f"/payments/invoices/{TX}", f"/payments/invoices/{number}"]
+
+
+async def test_no_invoice_under_our_transaction_id_is_not_found() -> None:
+    """IremboPay never got the request (no invoice under our transactionId): NOT_FOUND, which the core answers by
+    sending it again inside the payment's window, or by ending it unreachable after (nothing can have been paid)."""
+    wire = Wire().on("GET", f"/payments/invoices/{TX}", 404, {
+        "success": False, "errors": [{"code": "INVOICE_NOT_FOUND", "detail": "Invoice not found"}]})
+    async with wire.client() as http:
+        with pytest.raises(ProviderError) as err:
+            await IremboPayAdapter(http, config()).collection_status(TX, None, "RWF")
+    wire.done()
+    assert (err.value.code, err.value.retryable) == ("NOT_FOUND", False)
 
 
 async def test_refund_is_refused_clearly() -> None:
