@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BigInteger, String, and_, bindparam, exists, or_, select, text, update
+from sqlalchemy import BigInteger, String, and_, bindparam, exists, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased, make_transient_to_detached
@@ -1491,8 +1491,7 @@ async def _lock_transaction_id(session: AsyncSession, provider: str, txn: str) -
     for the rest of the transaction, as core.refunds takes for a reversal; the embedded
     default has one writer at a time."""
     if session.get_bind().dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-                              {"key": f"collected:{provider}:{txn}"})
+        await session.execute(_ID_LOCK, {"key": _id_lock_key(provider, txn)})
 
 
 async def transaction_id_free(session: AsyncSession, provider: str, txn: str, cooperative_id: str, *,
@@ -1509,27 +1508,53 @@ async def transaction_id_free(session: AsyncSession, provider: str, txn: str, co
                        "recorded once (check the id on the statement)", field="providerTransactionId")
 
 
-async def _holder(session: AsyncSession, provider: str, txn: str, exclude: str | None) -> Any:
-    """The payment of `provider` other than `exclude` that holds `txn` as its transaction id (id, reference,
-    cooperative_id), or None: one probe of ix_payments_transaction_id."""
-    return (await session.execute(
-        select(Payment.id, Payment.reference, Payment.cooperative_id)
-        .where(Payment.provider == provider, Payment.provider_transaction_id == txn, Payment.id != (exclude or ""))
-        .order_by(Payment.created_at, Payment.id).limit(1))).first()
+@dataclass(frozen=True)
+class _Holder:
+    """The payment that holds a provider's transaction id (_holder)."""
+
+    id: str
+    reference: str
+    cooperative_id: str
 
 
-async def _held_elsewhere(session: AsyncSession, payment: Payment, txn: str) -> Any:
+# _holder's probe and the id's lock (_lock_transaction_id's key), built once: a completion runs them straight on
+# asyncpg in its transaction (pgraw: through the session, their two round trips cost more CPU than the rest of a
+# callback's statements together).
+_HOLDER = (select(Payment.id, Payment.reference, Payment.cooperative_id)
+           .where(Payment.provider == bindparam("provider"), Payment.provider_transaction_id == bindparam("txn"),
+                  Payment.id != bindparam("exclude"))
+           .order_by(Payment.created_at, Payment.id).limit(1))
+_ID_LOCK = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("key", type_=String))))
+
+
+def _id_lock_key(provider: str, txn: str) -> str:
+    return f"collected:{provider}:{txn}"
+
+
+async def _holder(session: AsyncSession, provider: str, txn: str, exclude: str | None) -> _Holder | None:
+    """The payment of `provider` other than `exclude` that holds `txn` as its transaction id, or None: one probe of
+    ix_payments_transaction_id."""
+    row = (await session.execute(_HOLDER, {"provider": provider, "txn": txn, "exclude": exclude or ""})).first()
+    return None if row is None else _Holder(*row)
+
+
+async def _held_elsewhere(session: AsyncSession, payment: Payment, txn: str) -> _Holder | None:
     """The other payment of `payment`'s provider that holds `txn` already (_holder), as `payment` completes with it
     (or is reported paid after a failure): one index probe per completion. Under the id's lock (_lock_transaction_id,
     held to the commit, as a statement line's recording takes it): two completions of one id at once take turns,
     and the second's probe (its own snapshot, READ COMMITTED) sees the first's payment, so that one of them is
     flagged; the payment's row lock, taken before, is never waited for under this one (nothing takes them in the
     other order: a recording takes the id's lock, then only inserts its payment)."""
+    if session.get_bind().dialect.name == "postgresql" and await pgraw.in_transaction(session):
+        await pgraw.fetchrow(session, pgraw.compiled(_ID_LOCK), {"key": _id_lock_key(payment.provider, txn)})
+        row = await pgraw.fetchrow(session, pgraw.compiled(_HOLDER),
+                                   {"provider": payment.provider, "txn": txn, "exclude": payment.id})
+        return None if row is None else _Holder(*row)
     await _lock_transaction_id(session, payment.provider, txn)
     return await _holder(session, payment.provider, txn, payment.id)
 
 
-async def _flag_held_twice(session: AsyncSession, payment: Payment, txn: str, holder: Any, *, actor: Actor,
+async def _flag_held_twice(session: AsyncSession, payment: Payment, txn: str, holder: _Holder, *, actor: Actor,
                            collected: int | None) -> str:
     """Audit (payment.transaction_id_held_twice) and log a payment recording the provider's transaction `txn` that
     `holder` (_holder) holds already: the same money recorded on two payments (after a restore, the retry of a lost

@@ -74,7 +74,8 @@ async def test_a_callback_is_four_statements_in_one_transaction(client: Any, dem
     # The event stored and the payment locked; the transaction id's lock and its one probe (no other payment holds
     # it: core.payments._held_elsewhere); the move with its audit row, the receipt and webhook jobs and the event's
     # outcome.
-    assert sent == ["BEGIN", "WITH e AS (INSERT", "SELECT pg_advisory_xact_lock(hashtext($1))",
+    assert sent == ["BEGIN", "WITH e AS (INSERT",
+                    "SELECT pg_advisory_xact_lock(hashtext($1::VARCHAR)) AS pg_advisory_xact_lock_1",
                     "SELECT payments.id, payments.reference, payments.cooperative_id", "WITH moved AS (UPDATE",
                     "COMMIT"], sent
     async with rt.sessionmaker() as s:
