@@ -22,10 +22,11 @@ from core.phone import Phone
 from core.ports import ProviderError, RefundRequest
 from core.refunds import derived_refund_reference
 from providers.mtn_momo.adapter import MtnMomoAdapter
-from providers.mtn_momo.simulator import REFUNDS, TRANSACTIONS, create_simulator
-from providers.simulation import STATE, SimulatorOptions
+from providers.mtn_momo.simulator import REFUNDS, TRANSACTIONS
+from providers.simulation import STATE
 from tests.admin_api.conftest import Caller, idem, payment_body
 from tests.admin_api.test_recorded_payments import _line, _said
+from tests.admin_api.test_retried_key_after_restore import mtn_simulator
 from tests.admin_api.test_unmatched_callbacks import _lost_payment_reference, _mtn_callback
 from tests.conftest import drain
 from tests.providers.wires import due_now
@@ -82,14 +83,8 @@ async def _settle_refunds(rt: Any, worker: Any, state: Any) -> None:
 
 async def test_a_recorded_payment_is_refunded_through_mtn_and_a_refund_sent_again_is_paid_once(
         admin: Caller, rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any) -> None:
-    app = create_simulator(SimulatorOptions(delay=0.02, drop_callback=True, credentials=SIM_CREDS))
-    server = await aiohttp_server(app, host="127.0.0.1")
-    state = app[STATE]
-    config = ProviderConfig(base_url=str(server.make_url("")).rstrip("/"),
-                            credentials={k: Secret(v) for k, v in SIM_CREDS.items()},
-                            options={"target_environment": "mtnrwanda"})
-    async with httpx.AsyncClient() as http:
-        rt.providers = {**rt.providers, "mtn_momo": MtnMomoAdapter(http, config)}
+    async with mtn_simulator(rt, aiohttp_server, SIM_CREDS) as app:
+        state = app[STATE]
         first = await admin.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Monthly Rent"]))
         await drain(worker)  # MTN prompts the member, who approves
         await state.idle()

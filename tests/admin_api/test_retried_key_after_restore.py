@@ -5,9 +5,12 @@ charged once. Before, each payment had a random reference, and the retry was a s
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+from aiohttp import web
 from sqlalchemy import text
 
 from core.config import ProviderConfig, Secret
@@ -20,6 +23,23 @@ from tests.conftest import drain
 from tests.providers.wires import ADMIN, due_now
 
 SIM_CREDS = {"api_user": "mtn-user-id", "api_key": "mtn-api-key-8f2a", "subscription_key": "mtn-sub-collection-77"}
+
+
+@contextlib.asynccontextmanager
+async def mtn_simulator(rt: Any, aiohttp_server: Any, credentials: dict[str, str] | None = None
+                        ) -> AsyncIterator[web.Application]:
+    """The MTN MoMo simulator over HTTP on 127.0.0.1 as the gateway's MTN while the block runs: payers approve within
+    20 ms, its callbacks are dropped (the status poll asks); its app holds TRANSACTIONS and STATE. `credentials`:
+    SIM_CREDS unless given (a refund needs the disbursement product's too)."""
+    credentials = credentials or SIM_CREDS
+    app = create_simulator(SimulatorOptions(delay=0.02, drop_callback=True, credentials=credentials))
+    server = await aiohttp_server(app, host="127.0.0.1")
+    config = ProviderConfig(base_url=str(server.make_url("")).rstrip("/"),
+                            credentials={k: Secret(v) for k, v in credentials.items()},
+                            options={"target_environment": "mtnrwanda"})
+    async with httpx.AsyncClient() as http:
+        rt.providers = {**rt.providers, "mtn_momo": MtnMomoAdapter(http, config)}
+        yield app
 
 
 async def _lose(rt: Any, payment_id: str) -> None:
@@ -68,14 +88,8 @@ async def test_a_ussd_key_keeps_a_random_reference(rt: Any, demo: dict[str, Any]
 
 async def test_a_retry_after_the_restore_is_collected_once_at_the_mtn_simulator(
         admin: Caller, rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any) -> None:
-    app = create_simulator(SimulatorOptions(delay=0.02, drop_callback=True, credentials=SIM_CREDS))
-    server = await aiohttp_server(app, host="127.0.0.1")
-    state = app[STATE]
-    config = ProviderConfig(base_url=str(server.make_url("")).rstrip("/"),
-                            credentials={k: Secret(v) for k, v in SIM_CREDS.items()},
-                            options={"target_environment": "mtnrwanda"})
-    async with httpx.AsyncClient() as http:
-        rt.providers = {**rt.providers, "mtn_momo": MtnMomoAdapter(http, config)}
+    async with mtn_simulator(rt, aiohttp_server) as app:
+        state = app[STATE]
         body = payment_body(demo["payment_types"]["Monthly Rent"])
         first = await admin.json("POST", "/v1/payments", 201, json=body)
         await drain(worker)  # the collect job: MTN prompts the member, who approves

@@ -8,21 +8,18 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import httpx
 from sqlalchemy import func, select
 
 from core.audit import Actor
-from core.config import ProviderConfig, Secret
 from core.db import utcnow
 from core.models import OutboxJob, Payment
 from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
-from providers.mtn_momo.adapter import MtnMomoAdapter
-from providers.mtn_momo.simulator import TRANSACTIONS, create_simulator
-from providers.simulation import STATE, SimulatorOptions
+from providers.mtn_momo.simulator import TRANSACTIONS
+from providers.simulation import STATE
 from tests.admin_api.conftest import Caller, idem, make_payment, payment_body
 from tests.admin_api.test_chargeback_visibility import _z
-from tests.admin_api.test_retried_key_after_restore import SIM_CREDS, _lose
+from tests.admin_api.test_retried_key_after_restore import _lose, mtn_simulator
 from tests.conftest import drain
 
 PROVIDER = Actor("provider:test", "provider")
@@ -30,13 +27,7 @@ PROVIDER = Actor("provider:test", "provider")
 
 async def test_the_retry_of_a_payment_recorded_with_its_request_is_refused_naming_it(
         admin: Caller, rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any) -> None:
-    app = create_simulator(SimulatorOptions(delay=0.02, drop_callback=True, credentials=SIM_CREDS))
-    server = await aiohttp_server(app, host="127.0.0.1")
-    config = ProviderConfig(base_url=str(server.make_url("")).rstrip("/"),
-                            credentials={k: Secret(v) for k, v in SIM_CREDS.items()},
-                            options={"target_environment": "mtnrwanda"})
-    async with httpx.AsyncClient() as http:
-        rt.providers = {**rt.providers, "mtn_momo": MtnMomoAdapter(http, config)}
+    async with mtn_simulator(rt, aiohttp_server) as app:
         body = payment_body(demo["payment_types"]["Monthly Rent"])
         first = await admin.json("POST", "/v1/payments", 201, json=body)
         await drain(worker)

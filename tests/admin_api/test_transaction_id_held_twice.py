@@ -13,23 +13,20 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import select, text, update
 
 from core.audit import Actor
-from core.config import ProviderConfig, Secret
 from core.db import utcnow
 from core.models import AuditEvent, OutboxJob, Payment
 from core.money import Money
 from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
-from providers.mtn_momo.adapter import MtnMomoAdapter
-from providers.mtn_momo.simulator import TRANSACTIONS, create_simulator
-from providers.simulation import STATE, SimulatorOptions
+from providers.mtn_momo.simulator import TRANSACTIONS
+from providers.simulation import STATE
 from tests.admin_api.conftest import Caller, idem, make_payment, payment_body
 from tests.admin_api.test_chargeback_visibility import _z
-from tests.admin_api.test_retried_key_after_restore import SIM_CREDS, _lose
+from tests.admin_api.test_retried_key_after_restore import _lose, mtn_simulator
 from tests.conftest import drain, requires_pg
 from tests.providers.wires import due_now
 
@@ -52,14 +49,8 @@ async def _row(rt: Any, payment_id: str) -> Payment:
 async def test_a_retry_after_the_restore_completing_with_a_recorded_id_is_flagged_and_counted_once(
         admin: Caller, rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any,
         coop_b: dict[str, Any]) -> None:
-    app = create_simulator(SimulatorOptions(delay=0.02, drop_callback=True, credentials=SIM_CREDS))
-    server = await aiohttp_server(app, host="127.0.0.1")
-    state = app[STATE]
-    config = ProviderConfig(base_url=str(server.make_url("")).rstrip("/"),
-                            credentials={k: Secret(v) for k, v in SIM_CREDS.items()},
-                            options={"target_environment": "mtnrwanda"})
-    async with httpx.AsyncClient() as http:
-        rt.providers = {**rt.providers, "mtn_momo": MtnMomoAdapter(http, config)}
+    async with mtn_simulator(rt, aiohttp_server) as app:
+        state = app[STATE]
         body = payment_body(demo["payment_types"]["Monthly Rent"])
         first = await admin.json("POST", "/v1/payments", 201, json=body)
         await drain(worker)  # MTN prompts the member, who approves: the money is taken once, as X
