@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import os
 import secrets
+import uuid
 from collections.abc import Mapping
 
 from cryptography.exceptions import InvalidTag
@@ -50,6 +52,11 @@ class PiiCipher:
     def blind_index(self, value: str, *, purpose: str = "phone") -> str:
         """Deterministic keyed hash for equality lookups without storing the clear value."""
         return hmac.new(self._index_key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
+
+    def request_id(self, parts: list[str], *, purpose: str) -> str:
+        """A provider request id derived from `parts` (the same parts, the same id, e.g. after a restore lost the
+        first request's row), under the blind-index key, in uuid4's form (MTN takes only those)."""
+        return str(uuid.UUID(hex=self.blind_index(json.dumps(parts), purpose=purpose)[:32], version=4))
 
 
 def hash_api_key(key: str) -> str:

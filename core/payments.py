@@ -202,8 +202,7 @@ def derived_provider_reference(cipher: PiiCipher, cooperative_id: str, key: str,
     when it is the payment's own); never a second PIN prompt. The digest is in it so that a key sent again
     with another request (another payer, amount or type) is another request at the provider, never one whose
     outcome is another payment's."""
-    mac = cipher.blind_index(json.dumps([cooperative_id, key, digest]), purpose=_PROVIDER_REFERENCE_PURPOSE)
-    return str(uuid.UUID(hex=mac[:32], version=4))
+    return cipher.request_id([cooperative_id, key, digest], purpose=_PROVIDER_REFERENCE_PURPOSE)
 
 
 def _provider_reference(cipher: PiiCipher, new: NewPayment, cooperative_id: str, key: str, digest: str) -> str:
@@ -321,10 +320,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         # The request id this request derives is held by another payment: after a restore, the lost payment recorded
         # from the statement with its gatewayReference (record_payment). Its money is that payment's.
         await session.rollback()
-        held = (await session.execute(
-            select(Payment.reference, Payment.cooperative_id)
-            .where(Payment.provider == values["provider"],
-                   Payment.provider_reference == values["provider_reference"]))).first()
+        held = await _reference_holder(session, values["provider"], values["provider_reference"])
         named = f"as payment {held.reference} " if held is not None and held.cooperative_id == coop.id else ""
         raise Conflict(f"this request's money is recorded already {named}(recorded from the provider's statement "
                        "after a restore): it is not collected again", field="idempotencyKey") from None
@@ -1642,14 +1638,21 @@ def _known_request(given: str | None, callback_reference: str | None) -> str | N
     return given or callback_reference
 
 
+async def _reference_holder(session: AsyncSession, provider: str, reference: str) -> Any:
+    """The payment (reference, cooperative_id) holding `reference` as its request id at `provider`, or None: one
+    probe of the (provider, provider_reference) unique index."""
+    return (await session.execute(
+        select(Payment.reference, Payment.cooperative_id)
+        .where(Payment.provider == provider, Payment.provider_reference == reference))).first()
+
+
 async def _request_free(session: AsyncSession, provider: str, reference: str, cooperative_id: str) -> None:
     """A Conflict when a payment of `provider` holds `reference` as its provider reference ((provider, provider
     reference) is unique): that request's money is on that payment. Another cooperative's payment is not named."""
-    held = (await session.execute(
-        select(Payment.reference, Payment.cooperative_id)
-        .where(Payment.provider == provider, Payment.provider_reference == reference).limit(1))).first()
+    held = await _reference_holder(session, provider, reference)
     if held is not None:
-        where = f"by payment {held[0]}" if held[1] == cooperative_id else "by another cooperative's payment"
+        where = f"by payment {held.reference}" if held.cooperative_id == cooperative_id \
+            else "by another cooperative's payment"
         raise Conflict(f"gatewayReference {reference} is held already {where}: that request's money is recorded "
                        "(check it against the provider's statement)", field="gatewayReference")
 

@@ -194,7 +194,7 @@ def _request_to_refund_known(payment: Payment, provider: PaymentProvider) -> Non
                        f"reference of the request that took its money, and a {payment.method} refund names that "
                        "request: nothing was sent. Have the provider send the money back (its customer care) and "
                        "record that refund with returnedByProvider; record such payments with gatewayReference "
-                       "(the externalId on MTN's statement) so that they can be refunded")
+                       "(our request's reference, as the provider's statement shows it) so that they can be refunded")
 
 
 # Why a sent refund's provider reference is derived (derived_refund_reference): a refund's idempotency key names one
@@ -211,9 +211,7 @@ def derived_refund_reference(cipher: PiiCipher, payment: Payment, key: str, requ
     request's digest (_request_hash) under BLIND_INDEX_KEY, in uuid4's form as core.payments.
     derived_provider_reference gives a payment's (MTN takes only those). The digest is in it so that a key sent
     again with another amount or reason after the loss is another request at the provider."""
-    mac = cipher.blind_index(json.dumps([payment.cooperative_id, payment.id, key, request_hash]),
-                             purpose=_REFUND_REFERENCE_PURPOSE)
-    return str(uuid.UUID(hex=mac[:32], version=4))
+    return cipher.request_id([payment.cooperative_id, payment.id, key, request_hash], purpose=_REFUND_REFERENCE_PURPOSE)
 
 
 async def _reversal_not_recorded(session: AsyncSession, payment: Payment, returned: ReturnedByProvider,
