@@ -78,7 +78,8 @@ async def _connect_redis(settings: Settings) -> tuple[Redis, Any]:
     url, server = (settings.redis_url, None)
     if settings.redis_url == "embedded":
         url, server = await asyncio.to_thread(_start_embedded_redis, settings)
-    client = Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30,
+    timeout = settings.redis_timeout_seconds
+    client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30,
                             max_connections=200, decode_responses=False)
     return client, server
 

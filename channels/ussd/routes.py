@@ -252,7 +252,7 @@ async def _run_hop(channel: UssdChannel, rt: Any, turn: UssdTurn, limit: int, st
         metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="unsettled").inc()
         return channel.service.unsettled(rt, turn), "unsettled"
     except Exception as exc:
-        log.warning("ussd hop failed; answering service unavailable",
+        log.warning("ussd hop failed (%s); answering service unavailable", type(exc).__name__,
                     extra={"aggregator": aggregator, "session_id": turn.session_id,
                            "phone": turn.phone.masked(), "error": type(exc).__name__},
                     exc_info=not isinstance(exc, EXPECTED_OUTAGES))

@@ -281,6 +281,9 @@ async def test_the_search_is_exact_and_combines_with_other_filters(admin: Caller
     assert [p["id"] for p in (await admin.json("GET", "/v1/payments?gatewayTransactionId=MTN-Case-7", 200))["data"]
             ] == [payment["id"]]
     assert (await admin.json("GET", "/v1/payments?gatewayTransactionId=mtn-case-7", 200))["data"] == []
+    # Copied from a statement with spaces around it: found, as its recording drops them.
+    assert [p["id"] for p in (await admin.json("GET", "/v1/payments?gatewayTransactionId=%20MTN-Case-7%20%20", 200)
+                              )["data"]] == [payment["id"]]
     assert (await admin.json("GET", "/v1/payments?gatewayTransactionId=MTN-Case-7&status=FAILED", 200)
             )["data"] == []
     spec = await admin.json("GET", "/v1/openapi.json", 200)
