@@ -70,6 +70,13 @@ _NOTES = {
                                 "of another provider or not saying money was taken (409). The same request under "
                                 "its idempotencyKey answers the payment it recorded (201, Idempotent-Replayed); "
                                 "another request under it, or under a key a POST /v1/payments used, is a 409.",
+    "give_gateway_reference": "Only for a payment recorded with POST /v1/payments/recorded without the request "
+                              "that took its money (channel recorded, gatewayReference starting recorded:): 409 for "
+                              "any other payment, and for one whose gatewayReference is known already (it is not "
+                              "changed). 409 if a payment of the provider holds the reference (another "
+                              "cooperative's is not named). Nothing is sent to the provider; audited "
+                              "payment.gateway_reference_set by the caller. A refund through MTN MoMo, refused "
+                              "before (409), can then be sent.",
     "list_audit_events": "A tenant's acts through the API (her payments, disputes, her own password) are the "
                          "member's, actor member:<member id> with channel api, as her USSD acts are with channel "
                          "ussd; admin:<id> is a staff login's. Rows written before this release name a tenant's "

@@ -45,6 +45,7 @@ from core.payments import (
     payer_index_guess,
     record_collected,
     record_payment,
+    set_gateway_reference,
 )
 from core.phone import normalize
 from core.ratelimit import Limit
@@ -138,6 +139,9 @@ COLLECTED_OUTCOME = obj(
     },
     ["status", "providerTransactionId", "note"],
 )
+# Our request id at a provider, as an admin copies it (a recorded payment's, given with it or after it): a UUID, as
+# core.payments checks it again (_request_reference).
+GATEWAY_REFERENCE = {"type": "string", "format": "uuid"}
 RECORDED_PAYMENT = obj(
     {
         "paymentTypeId": {"type": "string", "minLength": 1, "maxLength": 64},
@@ -171,13 +175,14 @@ RECORDED_PAYMENT = obj(
                                       "(GET /v1/provider-callbacks) that this money accounts for: resolved with the "
                                       "note in the same transaction; the request it names (its payload's "
                                       "gatewayReference) is the payment's"},
-        "gatewayReference": {"type": "string", "format": "uuid",
+        "gatewayReference": {**GATEWAY_REFERENCE,
                              "description": "the lost payment's gatewayReference (GET /v1/payments/{id} gave it; "
                                             "MTN's statement shows it as the externalId): the request that took the "
                                             "money, which an MTN refund names. Without it (or a callbackId naming "
                                             "it) a refund of the payment through MTN is refused: record the money "
-                                            "MTN sends back with returnedByProvider instead. 409 if a payment of "
-                                            "the provider has it"},
+                                            "MTN sends back with returnedByProvider instead (or give it later: "
+                                            "POST /v1/payments/{id}/gateway-reference). 409 if a payment of the "
+                                            "provider has it"},
         "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128,
                            "description": "as for POST /v1/payments: the same request again answers the payment it "
                                           "recorded, another request under it is a 409"},
@@ -186,6 +191,16 @@ RECORDED_PAYMENT = obj(
         "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"},
     },
     ["paymentTypeId", "amount", "paymentMethod", "providerTransactionId", "completedAt", "note", "idempotencyKey"],
+)
+REQUEST_FOUND = obj(
+    {
+        "gatewayReference": {**GATEWAY_REFERENCE,
+                             "description": "the request that took the payment's money, found after it was recorded "
+                                            "(MTN's statement export shows it as the externalId; the lost payment's "
+                                            "gatewayReference, as GET /v1/payments/{id} gave it): an MTN refund "
+                                            "names it. 409 if a payment of the provider has it"},
+    },
+    ["gatewayReference"],
 )
 LIST_QUERY = {
     "page": PAGE,
@@ -434,6 +449,16 @@ async def record_statement_payment(request: web.Request, ctx: Ctx) -> web.Stream
     return response
 
 
+async def give_gateway_reference(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """The request that took a recorded payment's money, found after it was recorded without it
+    (core.payments.set_gateway_reference): its MTN refund can then be sent. The same callers as recording it."""
+    payment = await one(ctx, Payment, request.match_info["id"], "payment")
+    payment = await set_gateway_reference(ctx.session, payment_id=payment.id, cooperative_id=payment.cooperative_id,
+                                          gateway_reference=ctx.body["gatewayReference"], actor=ctx.who.actor)
+    await ctx.session.commit()
+    return json_response(present(payment))
+
+
 async def payment_status(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     p = await _readable(ctx, request.match_info["id"])
     return json_response(
@@ -516,6 +541,17 @@ ROUTES = [
         "admin",
         status=201,
         body=RECORDED_PAYMENT,
+        response=PAYMENT,
+    ),
+    Route(
+        "POST",
+        "/payments/{id}/gateway-reference",
+        give_gateway_reference,
+        "Give a payment recorded from the provider's statement without its gatewayReference the request that took "
+        "its money, found since: its MTN refund can then be sent",
+        "payments",
+        "admin",
+        body=REQUEST_FOUND,
         response=PAYMENT,
     ),
     Route(

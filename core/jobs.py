@@ -26,7 +26,7 @@ from core.outbox import (
     enqueue,
     handler_timeout,
 )
-from core.payments import apply_collection_outcome, payment_account
+from core.payments import CONTESTED_JOB, apply_collection_outcome, flag_contested, payment_account
 from core.phone import Phone
 from core.ports import (
     REFUND_UNSUPPORTED,
@@ -615,8 +615,12 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         if count:
             log.warning("open payments without a live poll re-queued", extra={"count": count})
 
+    async def contested(job: Job) -> None:
+        async with rt.sessionmaker.begin() as session:
+            await flag_contested(session, job.payload["payment_id"], job.payload["provider_transaction_id"])
+
     return {"payment.collect": collect, "payment.poll": poll, "refund.submit": submit_refund,
-            "refund.poll": poll_refund, "payments.sweep": sweep}
+            "refund.poll": poll_refund, "payments.sweep": sweep, CONTESTED_JOB: contested}
 
 
 SWEEP_EVERY = timedelta(minutes=5)

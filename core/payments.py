@@ -813,9 +813,11 @@ async def _apply_outcome(
                     # The other payment's money, counted here since the completion. Nothing refunded or being
                     # refunded of it here: counted and refundable there only (collected 0), as when the id comes
                     # with the completion. Else a refund may be paying it back from here: flagged, not changed.
+                    # Another cooperative's recording moves nothing here (_same_money).
                     from core.refunds import refunds_holding  # local: core.refunds imports this module
 
-                    spare = current is P.COMPLETED and await refunds_holding(session, payment) == 0
+                    spare = (_same_money(payment, holder) and current is P.COMPLETED
+                             and await refunds_holding(session, payment) == 0)
                     said = await _flag_held_twice(session, payment, provider_transaction_id, holder, actor=actor,
                                                   collected=0 if spare else payment.collected_minor)
                     if spare:
@@ -855,9 +857,12 @@ async def _apply_outcome(
                 same = amount is None or amount.currency == payment.currency
                 payment.collected_minor = (amount.minor if amount is not None else payment.amount_minor) if same else 0
                 if holder is not None and kept:
-                    # The same money as another payment's (_flag_held_twice): counted and refunded there.
-                    twice = await _flag_held_twice(session, payment, kept, holder, actor=actor, collected=0)
-                    payment.collected_minor = 0
+                    # The same money as another payment's of the cooperative (_flag_held_twice): counted and
+                    # refunded there. Another cooperative's recording moves nothing here (_same_money).
+                    if _same_money(payment, holder):
+                        payment.collected_minor = 0
+                    twice = await _flag_held_twice(session, payment, kept, holder, actor=actor,
+                                                   collected=payment.collected_minor)
                     payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {twice}")
                 payment.completed_at = money_moved_at(payment.created_at, occurred_at)
                 payment.updated_at = changed_at(payment.updated_at)  # the event's updatedAt: after the failure's
@@ -904,20 +909,24 @@ async def _apply_outcome(
                          entity_id=payment.id, after={"reported": amount.minor, "reportedCurrency": amount.currency,
                                                       "expected": expected.minor},
                          cooperative_id=payment.cooperative_id)
+        counted_there = holder is not None and _same_money(payment, holder)
         if holder is not None and held:
-            # The provider says the money moved: completed, never dropped; but it is the money another payment holds
-            # (a retry after a restore completing with the statement line an admin recorded): counted and
-            # refundable there, not here (collected 0: the reconciliation's `settled` counts it once, and a refund
-            # of it is refused here), flagged for a person.
-            said = await _flag_held_twice(session, payment, held, holder, actor=actor, collected=0)
+            # The provider says the money moved: completed, never dropped; but it is the money another payment of
+            # the cooperative holds (a retry after a restore completing with the statement line an admin recorded):
+            # counted and refundable there, not here (collected 0: the reconciliation's `settled` counts it once,
+            # and a refund of it is refused here), flagged for a person. Another cooperative's recording of the id
+            # moves nothing here (_same_money): flagged only.
+            if counted_there:
+                values["collected_minor"] = 0
+            said = await _flag_held_twice(session, payment, held, holder, actor=actor,
+                                          collected=values.get("collected_minor", payment.collected_minor))
             earlier = values.get("mismatch_detail", payment.mismatch_detail if payment.mismatch else None)
-            values.update(mismatch=True, mismatch_detail=fit_detail(f"{earlier}; {said}" if earlier else said),
-                          collected_minor=0)
+            values.update(mismatch=True, mismatch_detail=fit_detail(f"{earlier}; {said}" if earlier else said))
         result = "late_completed" if values.get("late") else "completed"
         # The receipt, the webhook event and the stored callback's outcome are written with the move.
         notices = _notices(rt, _Moved(payment, {"status": P.COMPLETED.value, **values}), "payment_receipt",
                            "payment.completed")
-        if holder is not None:
+        if counted_there:
             # Her money is the other payment's (its receipt is hers): no second receipt for one payment. The
             # cooperative's system is told (payment.completed, flagged, collected 0).
             notices = [job for job in notices if job.kind != "sms.send"]
@@ -1550,15 +1559,24 @@ async def _held_elsewhere(session: AsyncSession, payment: Payment, txn: str) -> 
     return await _holder(session, payment.provider, txn, payment.id)
 
 
+def _same_money(payment: Payment, holder: _Holder) -> bool:
+    """Whether `holder`'s recording of the transaction id `payment` completes with is taken for the same money, counted
+    there and not on `payment` (_flag_held_twice): only within one cooperative (a restore's recording and the retry
+    of the payment it lost). A transaction id names one payment of one cooperative (the provider accounts are the
+    deployment's): another cooperative's recording of it (an admin's typo, or a guess) never moves this payment's
+    money, its receipt or its reconciliation; both are flagged for a person (_contest)."""
+    return holder.cooperative_id == payment.cooperative_id
+
+
 async def _flag_held_twice(session: AsyncSession, payment: Payment, txn: str, holder: _Holder, *, actor: Actor,
                            collected: int | None) -> str:
     """Audit (payment.transaction_id_held_twice) and log a payment recording the provider's transaction `txn` that
     `holder` (_holder) holds already: the same money recorded on two payments (after a restore, the retry of a lost
-    payment completing with the id an admin recorded from the statement). `collected`: what this payment is left
-    holding (0: the money is counted on `holder` only). Returns the flag's text, naming the other payment only
-    within the cooperative (as transaction_id_free does)."""
-    ours = holder.cooperative_id == payment.cooperative_id
-    other = f"payment {holder.reference}" if ours else "another cooperative's payment"
+    payment completing with the id an admin recorded from the statement). `collected`: the collected_minor this
+    payment is left holding (0: the money is counted on `holder` only; None: the amount asked). Returns the flag's
+    text, naming the other payment only within the cooperative (as transaction_id_free does); another cooperative's
+    holder is told in its own cooperative (_contest)."""
+    ours = _same_money(payment, holder)
     await record(session, actor=actor, action="payment.transaction_id_held_twice", entity_type="payment",
                  entity_id=payment.id, before={"status": payment.status},
                  after={"providerTransactionId": txn, "heldBy": holder.reference if ours else None,
@@ -1567,8 +1585,61 @@ async def _flag_held_twice(session: AsyncSession, payment: Payment, txn: str, ho
     log.error("a provider's transaction id is held by two payments: the same money recorded twice? (flagged)",
               extra={"payment_id": payment.id, "held_by": holder.id, "provider": payment.provider,
                      "provider_transaction_id": txn[:128]})
+    if not ours:
+        await _contest(session, holder, txn, actor=actor)
+        return _contested_detail(txn, "counted here")
     where = "counted there, not here" if collected == 0 else "check the statement before refunding either"
-    return f"provider transaction {txn[:64]} is held by {other} too: the same money recorded twice? {where}"
+    return f"provider transaction {txn[:64]} is held by payment {holder.reference} too: the same money recorded " \
+           f"twice? {where}"
+
+
+def _contested_detail(txn: str, counted: str) -> str:
+    """The flag of a payment whose provider transaction id another cooperative's payment holds too (_contest): which
+    cooperative's money it is, only the provider's statement says; the other is never named. `counted`: where the
+    money is counted meanwhile, as this cooperative's reconciliation sees it."""
+    return f"provider transaction {txn[:64]} is recorded by another cooperative's payment too: {counted}; check " \
+           "the provider's statement for whose money it is"
+
+
+# The outbox job that flags the payment of another cooperative holding a transaction id a completion brings
+# (_contest), run by the worker (core.jobs) in its own transaction.
+CONTESTED_JOB = "payment.contested"
+
+
+async def _contest(session: AsyncSession, holder: _Holder, txn: str, *, actor: Actor) -> None:
+    """Tell `holder`'s cooperative that a payment of another cooperative completed with the transaction id its
+    payment holds (a recording from the statement of what may be the other's money): audited there
+    (payment.transaction_id_contested, naming no other cooperative), and its payment flagged for a person by a job
+    (CONTESTED_JOB, flag_contested). Not flagged here: this transaction holds the id's lock
+    (_lock_transaction_id), and taking the holder's row lock under it could deadlock with that payment's own
+    completion or refund, which take its row lock first (see _held_elsewhere). One job per holder and id. The row's
+    actor is the provider or the gateway: a person of the other cooperative (an admin replaying its callback) is not
+    named there either."""
+    if actor.id != "system" and not actor.id.startswith("provider:"):
+        actor = Actor.system(actor.channel)
+    await record(session, actor=actor, action="payment.transaction_id_contested", entity_type="payment",
+                 entity_id=holder.id, after={"providerTransactionId": txn}, cooperative_id=holder.cooperative_id)
+    digest = hashlib.sha256(txn.encode()).hexdigest()[:16]
+    await enqueue_many(session, [NewJob(CONTESTED_JOB, {"payment_id": holder.id, "provider_transaction_id": txn},
+                                        dedupe_key=f"{CONTESTED_JOB}:{holder.id}:{digest}",
+                                        cooperative_id=holder.cooperative_id)])
+
+
+async def flag_contested(session: AsyncSession, payment_id: str, txn: str) -> None:
+    """The worker's half of _contest: flag (mismatch) the payment that holds `txn` another cooperative's payment
+    completed with, under its row lock alone (in the job's own transaction: no id's lock held). Nothing when it no
+    longer holds the id, or says so already (a repeat of the job)."""
+    payment = await lock_row(session, Payment, payment_id)
+    if payment is None or payment.provider_transaction_id != txn:
+        return
+    said = _contested_detail(txn, "counted here too")
+    if payment.mismatch and said in (payment.mismatch_detail or ""):
+        return
+    payment.mismatch = True
+    payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}" if payment.mismatch_detail else said)
+    payment.updated_at = changed_at(payment.updated_at)
+    log.warning("a payment's provider transaction id was reported for another cooperative's payment too (flagged)",
+                extra={"payment_id": payment.id, "provider": payment.provider})
 
 
 # The channel of a payment recorded from a provider's statement (record_payment): the gateway never asked for it.
@@ -1655,6 +1726,50 @@ async def _request_free(session: AsyncSession, provider: str, reference: str, co
             else "by another cooperative's payment"
         raise Conflict(f"gatewayReference {reference} is held already {where}: that request's money is recorded "
                        "(check it against the provider's statement)", field="gatewayReference")
+
+
+async def set_gateway_reference(session: AsyncSession, *, payment_id: str, cooperative_id: str | None,
+                                gateway_reference: str, actor: Actor) -> Payment:
+    """An admin gives a payment recorded from the provider's statement without its request (request_unknown) the
+    request that took its money, found since (the provider's statement export, the member's SMS): a refund through
+    MTN, which names that request (referenceIdToRefund), can then be sent. Checked as record_payment checks a
+    gatewayReference given with the line (_request_reference, _request_free), on the payment's locked row; audited
+    payment.gateway_reference_set.
+
+    Refused: a payment not recorded (its reference is the request the gateway sent) or one whose request is known
+    already, and a reference a payment of the provider holds. One that a payment takes while this runs (a lost
+    payment's retry, whose derived reference it is: create_payment) is found by the (provider, provider_reference)
+    unique index, and refused the same way, with nothing written."""
+    reference = _request_reference(gateway_reference)
+    payment = await lock_row(session, Payment, payment_id, cooperative_id)
+    if payment is None:
+        raise NotFound("payment not found")
+    if payment.channel != RECORDED:
+        raise Conflict(f"payment {payment.reference} was not recorded from a provider's statement (channel "
+                       f"{payment.channel}): its gatewayReference is the request the gateway sent, and is not "
+                       "changed", field="gatewayReference")
+    if not request_unknown(payment):
+        raise Conflict(f"payment {payment.reference} has its gatewayReference already ({payment.provider_reference}"
+                       "): it is not changed", field="gatewayReference")
+    assert reference is not None  # the body requires it; _request_reference answers None only for None
+    provider, coop_id, unknown = payment.provider, payment.cooperative_id, payment.provider_reference  # (a rollback
+    # below expires the row)
+    await _request_free(session, provider, reference, coop_id)
+    payment.provider_reference = reference
+    payment.updated_at = changed_at(payment.updated_at)  # changed: a cooperative's sync lists it again
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        if "provider_reference" not in str(exc.orig):
+            raise
+        await session.rollback()
+        await _request_free(session, provider, reference, coop_id)
+        raise Conflict(f"gatewayReference {reference} was taken by another payment at the same moment: look it up "
+                       "(GET /v1/payments)", field="gatewayReference") from None
+    await record(session, actor=actor, action="payment.gateway_reference_set", entity_type="payment",
+                 entity_id=payment.id, before={"gatewayReference": unknown},
+                 after={"gatewayReference": reference}, cooperative_id=coop_id)
+    return payment
 
 
 async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine, *,

@@ -7,6 +7,7 @@ from sqlalchemy import select
 from admin_api import all_routes
 from core.models import AuditEvent, OutboxJob, ProviderEvent
 from tests.admin_api.conftest import complete_payment, idem, make_payment
+from tests.admin_api.test_recorded_payments import _line
 
 # A schema-valid body for each write route, so that only scoping can refuse the call.
 BODIES = {
@@ -21,6 +22,7 @@ BODIES = {
     ("POST", "/payments/{id}/outcome"): {"status": "COMPLETED", "providerTransactionId": "TX-B", "note": "taken"},
     ("POST", "/webhook-endpoints/{id}/rotate-secret"): {"overlapHours": 0},
     ("POST", "/provider-callbacks/{id}/resolve"): {"note": "taken over"},
+    ("POST", "/payments/{id}/gateway-reference"): {"gatewayReference": "5b0f3c1e-8d2a-4f6b-9c7e-1a2b3c4d5e6f"},
 }
 # Routes only a super admin may call at all: B's admin is stopped earlier, with 403.
 SUPER_ONLY = {
@@ -38,6 +40,8 @@ async def _resources_of_a(admin, superadmin, rt, demo):
     refund = await admin.json(
         "POST", f"/v1/payments/{payment['id']}/refunds", 201, json={"amount": 100, "idempotencyKey": idem()}
     )
+    # Recorded from the statement without its request: one a gatewayReference may be given to.
+    recorded = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo))
     dispute = await admin.json(
         "POST", "/v1/disputes", 201, json={"paymentId": payment["id"], "reason": "OTHER"}
     )
@@ -73,6 +77,7 @@ async def _resources_of_a(admin, superadmin, rt, demo):
         "/payments/{id}/status": payment["id"],
         "/payments/{id}/outcome": payment["id"],
         "/payments/{id}/refunds": payment["id"],
+        "/payments/{id}/gateway-reference": recorded["id"],
         "/refunds/{id}": refund["id"],
         "/refunds/{id}/outcome": refund["id"],
         "/refunds/{id}/cancel": refund["id"],
@@ -119,6 +124,8 @@ async def test_every_resource_route_hides_other_cooperatives(admin, superadmin, 
     assert (await admin.json("GET", f"/v1/members/{ids['/members/{id}']}", 200))["name"] == "Aline Uwase"
     assert (await admin.json("GET", f"/v1/disputes/{ids['/disputes/{id}']}", 200))["status"] == "OPEN"
     assert (await admin.json("GET", "/v1/api-keys", 200))["data"][0]["revokedAt"] is None
+    recorded = await admin.json("GET", f"/v1/payments/{ids['/payments/{id}/gateway-reference']}", 200)
+    assert recorded["gatewayReference"].startswith("recorded:")  # no request given to it
     clerk = await admin.client.post("/v1/auth/token", json={"username": "clerk@a.rw", "password": "clerk-password-1"})
     assert clerk.status == 200  # A's account kept its password and is still on
     async with rt.sessionmaker() as s:

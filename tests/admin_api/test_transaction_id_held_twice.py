@@ -93,6 +93,12 @@ async def test_a_retry_after_the_restore_completing_with_a_recorded_id_is_flagge
             OutboxJob.kind == "webhook.event"))).scalars() if j.payload["data"]["id"] == retry["id"]
             and j.payload["event_type"] == "payment.completed"]
     assert [(e["mismatch"], e["collectedAmount"]) for e in events] == [(True, 0)]
+    # No second receipt for one payment (hers is the recorded one's), and nothing contested: the same cooperative.
+    async with rt.sessionmaker() as s:
+        jobs = list((await s.execute(select(OutboxJob))).scalars())
+    assert [j for j in jobs if j.kind == "sms.send" and j.payload["context"].get("payment_id") == retry["id"]] == []
+    assert [j for j in jobs if j.kind == "payment.contested"] == []
+    assert await _audit(rt, recorded["id"], "payment.transaction_id_contested") == []
 
     # The reconciliation counts the money once (what MTN's statement shows), and lists the retry as flagged.
     report = await admin.json("GET", "/v1/reports/reconciliation", 200)
@@ -147,11 +153,15 @@ async def test_another_cooperatives_holder_is_not_named(admin: Caller, rt: Any, 
                                        actor=PROVIDER, provider_transaction_id="MTN-B-1")
     ours = await _completed_holding(admin, rt, demo, "MTN-B-1")
     row = await _row(rt, ours["id"])
-    assert row.mismatch_detail == ("provider transaction MTN-B-1 is held by another cooperative's payment too: the "
-                                   "same money recorded twice? counted there, not here")
+    # Another cooperative's holder never moves this payment's money (tests/admin_api/test_transaction_id_contested).
+    assert (row.mismatch, row.collected_minor) == (True, None)
+    assert row.mismatch_detail == ("provider transaction MTN-B-1 is recorded by another cooperative's payment too: "
+                                   "counted here; check the provider's statement for whose money it is")
     assert theirs["reference"] not in row.mismatch_detail
     [audit] = await _audit(rt, ours["id"], "payment.transaction_id_held_twice")
     assert (audit.after["heldBy"], audit.after["heldById"]) == (None, None)
+    [told] = await _audit(rt, theirs["id"], "payment.transaction_id_contested")
+    assert told.cooperative_id == coop_b["cooperative_id"]
     # Each cooperative's search shows its own payment only.
     found = await admin.json("GET", "/v1/payments?gatewayTransactionId=MTN-B-1", 200)
     assert [p["id"] for p in found["data"]] == [ours["id"]]
