@@ -236,7 +236,11 @@ async def resend_receipt(request: web.Request, ctx: Ctx) -> web.StreamResponse:
                             f"24 hours (at most {RESENDS_PER_WINDOW}): it can be sent again from {iso(again)}",
                        headers={"Retry-After": str(max(1, math.ceil((again - now).total_seconds())))})
     template, context, cooperative_id = payment_reply(payment, "RECEIPT")
-    dedupe = reply_key(payment.id, f"desk:{len(earlier) + 1}")
+    # Numbered, and tagged with when it was asked (as a USSD receipt's key with its session's start): after a
+    # restore of PostgreSQL the audit rows of the resends since the restore point are gone and the number comes
+    # again, while the SMS service's answer to that key's send is still kept in Redis (core.sms: a job run again
+    # stores a lost row SENT from it, sending nothing). A key never used before is sent.
+    dedupe = reply_key(payment.id, f"desk:{len(earlier) + 1}@{round(now.timestamp() * 1000)}")
     queued = await enqueue_job(ctx.session, sms_job(
         template=template, cooperative_id=cooperative_id, context=context, cipher=ctx.rt.cipher,
         member_id=to.member_id, phone=to.phone, dedupe=dedupe))

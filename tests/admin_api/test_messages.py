@@ -10,7 +10,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
+from sqlalchemy import text as sql
 
 from admin_api import messages
 from core.db import utcnow
@@ -188,7 +189,7 @@ async def test_a_resend_queues_one_job_and_one_more_sms_and_is_audited(
     assert listed[0]["paymentId"] == payment.id
     async with rt.sessionmaker() as s:
         keys = (await s.execute(select(SmsMessage.idempotency_key).order_by(SmsMessage.created_at))).scalars().all()
-    assert keys == [f"payment_receipt:{payment.id}", f"reply:{payment.id}:desk:1"]
+    assert keys[0] == f"payment_receipt:{payment.id}" and keys[1].startswith(f"reply:{payment.id}:desk:1@")
 
     [audit] = await _resend_audits(rt, payment.id)
     assert (audit.actor.startswith("admin:"), audit.channel, audit.entity_type) == (True, "api", "payment")
@@ -221,7 +222,7 @@ async def test_the_fourth_resend_in_24_hours_is_refused_until_the_first_leaves_t
     # from the three before (an SMS row's key is never used again).
     monkeypatch.setattr(messages, "utcnow", lambda: utcnow() + messages.RESEND_WINDOW + timedelta(seconds=2))
     assert (await admin.json("POST", path, 202))["remaining"] == 2
-    assert (await _sms_jobs(rt))[-1].dedupe_key == f"sms:reply:{payment.id}:desk:4"
+    assert (await _sms_jobs(rt))[-1].dedupe_key.startswith(f"sms:reply:{payment.id}:desk:4@")
 
 
 async def test_two_resends_at_once_beyond_the_bound_queue_one(
@@ -317,7 +318,8 @@ async def test_the_key_shapes_a_payments_messages_are_found_by(rt: Any, demo: di
         f"ussd-receipt:{payment.id}:ATUid_1@1768500000000": True,
         reply_key(payment.id, "in:" + "x" * 128): True,
         f"payment_receipt:{other}": False,
-        f"reply:{other}:desk:1": False,
+        f"reply:{payment.id}:desk:1@1768500000000": True,
+        f"reply:{other}:desk:1@1768500000000": False,
         f"ussd-receipt:{payment.id}": False,  # no origin: not a shape any code writes
         "inbound:ATXid_1": False,
     }
@@ -336,3 +338,33 @@ async def test_the_key_shapes_a_payments_messages_are_found_by(rt: Any, demo: di
     assert all(m["paymentId"] == payment.id for m in listed)
     async with rt.sessionmaker() as s:
         assert (await s.execute(select(func.count()).select_from(SmsMessage))).scalar_one() == len(keys)
+
+
+async def test_a_resend_after_a_restore_lost_the_previous_one_is_sent(
+    rt: Any, demo: dict[str, Any], admin: Caller, sim: Any, worker: Any
+) -> None:
+    """PostgreSQL restored to before the desk's first resend: its audit row, job and SMS row are gone, while the SMS
+    service's answer to its send is still kept in Redis (channels.sms.jobs.ANSWER_SECONDS). The next resend is
+    numbered 1 again; keyed by the number alone it met that answer and was stored SENT, sending nothing, while the
+    desk told the member it was on its way."""
+    payment = await _paid(rt, demo)
+    await drain(worker)
+    path = f"/v1/payments/{payment.id}/receipt"
+    first = await admin.json("POST", path, 202)
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 2
+    async with rt.sessionmaker.begin() as s:  # the restore: what the first resend wrote is gone
+        await s.execute(sql("SET LOCAL session_replication_role = replica"))  # the audit log refuses deletes
+        await s.execute(delete(AuditEvent).where(AuditEvent.action == messages.RESENT_ACTION))
+        await s.execute(delete(OutboxJob).where(OutboxJob.id == first["jobId"]))
+        await s.execute(delete(SmsMessage).where(SmsMessage.idempotency_key.like(f"reply:{payment.id}:desk:%")))
+
+    again = await admin.json("POST", path, 202)
+    assert again["remaining"] == 2  # counted from the audit rows the database has
+    await drain(worker)
+    received = sim.messages(ALINE)
+    assert len(received) == 3 and received[2]["message"] == received[0]["message"]
+    async with rt.sessionmaker() as s:
+        [row] = (await s.execute(select(SmsMessage).where(
+            SmsMessage.idempotency_key.like(f"reply:{payment.id}:desk:%")))).scalars().all()
+    assert row.status in ("SENT", "DELIVERED") and row.provider_message_id is not None
