@@ -45,6 +45,7 @@ from core.payments import (
     payer_index_guess,
     record_collected,
     record_payment,
+    review_flags,
     set_gateway_reference,
 )
 from core.phone import normalize
@@ -91,7 +92,18 @@ PAYMENT = out(
         "failureReason": NULL_STRING,
         "mismatch": {"type": "boolean"},
         "mismatchDetail": {**NULL_STRING, "description": "why the payment is flagged, e.g. the amount the "
-                           "provider reported against the amount asked"},
+                           "provider reported against the amount asked; null while not flagged (what a reviewed "
+                           "flag said: review.mismatchDetail)"},
+        "review": {
+            "type": ["object", "null"],
+            "description": "The last review of its flags (POST /v1/payments/{id}/review): what they said, who cleared "
+                           "them, when, and their note; null if never reviewed. A flag raised after it sets "
+                           "mismatch again (mismatchDetail says only what is new); earlier reviews are in the "
+                           "audit log (payment.reviewed)",
+            "properties": {"mismatchDetail": {**NULL_STRING, "description": "the flag's detail when it was reviewed"},
+                           "note": {"type": "string"}, "by": {"type": "string"}, "at": DATETIME},
+            "required": ["mismatchDetail", "note", "by", "at"],
+        },
         "late": {"type": "boolean"},
     }
 )
@@ -142,6 +154,12 @@ COLLECTED_OUTCOME = obj(
 # Our request id at a provider, as an admin copies it (a recorded payment's, given with it or after it): a UUID, as
 # core.payments checks it again (_request_reference).
 GATEWAY_REFERENCE = {"type": "string", "format": "uuid"}
+REVIEW = obj(
+    {"note": {"type": "string", "minLength": 3, "maxLength": 300,
+              "description": "what was checked and done, e.g. what the provider's statement shows and how the "
+                             "money was accounted for (kept with the payment's review and in the audit log)"}},
+    ["note"],
+)
 RECORDED_PAYMENT = obj(
     {
         "paymentTypeId": {"type": "string", "minLength": 1, "maxLength": 64},
@@ -262,8 +280,16 @@ def present(p: Payment) -> dict[str, Any]:
         "failureReason": p.failure_reason,
         "mismatch": bool(p.mismatch),
         "mismatchDetail": p.mismatch_detail,
+        "review": _review(p),
         "late": bool(p.late),
     }
+
+
+def _review(p: Payment) -> dict[str, Any] | None:
+    if p.reviewed_at is None:
+        return None
+    return {"mismatchDetail": p.reviewed_detail, "note": p.review_note, "by": p.reviewed_by,
+            "at": iso(p.reviewed_at)}
 
 
 def _collected(p: Payment) -> int | str | None:
@@ -410,6 +436,16 @@ async def record_payment_outcome(request: web.Request, ctx: Ctx) -> web.StreamRe
     return json_response(present(payment))
 
 
+async def review_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """A person checked a flagged payment and dealt with it: the flag is cleared, what it said kept as the
+    payment's review (core.payments.review_flags). Another cooperative's payment is not found, as for the reads."""
+    payment = await one(ctx, Payment, request.match_info["id"], "payment")
+    payment = await review_flags(ctx.session, payment.id, payment.cooperative_id, ctx.body["note"],
+                                 actor=ctx.who.actor)
+    await ctx.session.commit()
+    return json_response(present(payment))
+
+
 async def record_statement_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     """Money a provider's statement shows taken that no payment holds (a payment lost with a restore of PostgreSQL,
     or money no request of ours asked for), recorded as a COMPLETED payment (core.payments.record_payment). The
@@ -529,6 +565,18 @@ ROUTES = [
         "payments",
         "admin",
         body=COLLECTED_OUTCOME,
+        response=PAYMENT,
+    ),
+    Route(
+        "POST",
+        "/payments/{id}/review",
+        review_payment,
+        "Clear a payment's flag (mismatch) once a person has checked it against the provider's statement and dealt "
+        "with it: what the flag said is kept as the payment's review, with who, when and the note. 409 for a "
+        "payment not flagged; no money figure changes; a later flag sets mismatch again",
+        "payments",
+        "admin",
+        body=REVIEW,
         response=PAYMENT,
     ),
     Route(

@@ -197,6 +197,12 @@ class Payment(Base):
     failure_reason: Mapped[str | None] = mapped_column(String(200))
     mismatch: Mapped[bool] = mapped_column(Boolean, default=False)
     mismatch_detail: Mapped[str | None] = mapped_column(String(300))
+    # Migration 0024: the last review of its flags (core.payments.review_flags): what they said (the detail it had),
+    # who cleared them, when, and the note. Kept when a later flag sets `mismatch` again.
+    reviewed_detail: Mapped[str | None] = mapped_column(String(300))
+    reviewed_by: Mapped[str | None] = mapped_column(String(64))
+    reviewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    review_note: Mapped[str | None] = mapped_column(String(300))
     late: Mapped[bool] = mapped_column(Boolean, default=False)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     next_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

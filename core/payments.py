@@ -52,6 +52,8 @@ log = logging.getLogger("gateway.payments")
 # not "not approved".
 UNCONFIRMED_FLAG = "the provider never confirmed the outcome: check its statement (record money taken with " \
     "POST /v1/payments/{id}/outcome)"
+# A payment's review columns (review_flags) as a new payment has them: never reviewed.
+NOT_REVIEWED = {"reviewed_detail": None, "reviewed_by": None, "reviewed_at": None, "review_note": None}
 METHODS = ("MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL", "MPESA", "BANK_BK", "BANK_IM", "BANK_ECOBANK")
 # Which mobile operator a mobile-money method collects from (checked against the payer's number).
 METHOD_OPERATOR = {"MOBILE_MONEY_MTN": "MTN", "MOBILE_MONEY_AIRTEL": "AIRTEL", "MPESA": "SAFARICOM"}
@@ -294,6 +296,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         "failure_reason": None,
         "mismatch": False,
         "mismatch_detail": None,
+        **NOT_REVIEWED,
         "late": False,
         "expires_at": now + timedelta(seconds=approval_window(rt.settings, new.method)),
         "next_poll_at": now + timedelta(seconds=rt.settings.poll_after_seconds),
@@ -1428,6 +1431,45 @@ async def resolve_unmatched(session: AsyncSession, event_row_id: str, note: str,
     return row
 
 
+async def review_flags(session: AsyncSession, payment_id: str, cooperative_id: str | None, note: str, *,
+                       actor: Actor) -> Payment:
+    """A person checked a flagged payment (`mismatch`: another amount taken, money taken after a failure, a provider
+    transaction id held twice, a refund contradicted, the outcome never confirmed...) against the provider's
+    statement and dealt with it: the flag is cleared so that the flagged lists (GET /v1/payments?mismatch=true, the
+    reconciliation's `flagged`) show what is still to do. What it said moves to the payment's review
+    (`reviewed_detail`, with who, when and the note; the audit log keeps every review), so its JSON still says it
+    was flagged and why.
+
+    Under the payment's lock, read fresh, as every flag is written under it: the review clears the flags written
+    before it, and a flag written after it (a new provider event) sets `mismatch` again with only what it says
+    (`mismatch_detail` is empty from here). Nothing else changes: no money figure (collected, refunded: refunds are
+    capped by what was collected, never by the flag), no status, no webhook event (the flag's events told the
+    cooperative's system of the money; the payment sync lists the change by its updatedAt). NotFound for no such
+    payment of `cooperative_id` (None: any cooperative's, a super admin); Conflict for a payment not flagged."""
+    note = admin_note(note, "what was checked and done, e.g. what the provider's statement shows")
+    payment = await lock_row(session, Payment, payment_id, cooperative_id)
+    if payment is None:
+        raise NotFound("payment not found")
+    if not payment.mismatch:
+        last = (f": its last flags were reviewed at {iso_z(payment.reviewed_at)}" if payment.reviewed_at is not None
+                else "")
+        raise Conflict(f"payment is not flagged (mismatch is false), so there is nothing to review{last}",
+                       field="mismatch")
+    detail = payment.mismatch_detail
+    at = changed_at(payment.updated_at)  # the sync's cursor and the webhook events order by it
+    await record(session, actor=actor, action="payment.reviewed", entity_type="payment", entity_id=payment.id,
+                 before={"mismatch": True, "mismatchDetail": detail},
+                 after={"mismatch": False, "mismatchDetail": None, "reviewedDetail": detail, "note": note,
+                        "reviewedAt": iso_z(at)},
+                 cooperative_id=payment.cooperative_id)
+    payment.mismatch, payment.mismatch_detail = False, None
+    payment.reviewed_detail, payment.reviewed_by, payment.reviewed_at, payment.review_note = (
+        detail, actor.id, at, note)
+    payment.updated_at = at
+    await session.flush()
+    return payment
+
+
 GIVEN_UP = (P.TIMEOUT, P.CANCELLED)
 
 
@@ -1853,7 +1895,8 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
         "payment_account_index": account_index, "payment_account_masked": _mask_account(account),
         "idempotency_key": key, "request_hash": keyed_request_hash(rt.cipher, digest),
         "description": None, "due_date": None, "channel": RECORDED, "failure_reason": None,
-        "mismatch": False, "mismatch_detail": None, "late": False, "next_poll_at": None, "created_by": actor.id,
+        "mismatch": False, "mismatch_detail": None, **NOT_REVIEWED, "late": False, "next_poll_at": None,
+        "created_by": actor.id,
         # Made when its money was taken, as the lost payment was moments before (the period it was asked for in the
         # reports, the one it pays for the reminders); changed now (the payment sync lists it from now).
         "created_at": line.completed_at, "expires_at": line.completed_at, "updated_at": now,

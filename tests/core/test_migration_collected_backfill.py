@@ -25,7 +25,9 @@ TAKEN_AT = utcnow().replace(microsecond=0) - timedelta(days=40)
 
 
 async def _as_an_old_release_wrote_them(url: str) -> dict[str, str]:
-    """Payments as releases before 0002 (and before money taken after a failure was kept) left them."""
+    """Payments as releases before 0002 (and before money taken after a failure was kept) left them. Written at
+    head (by the models of this release, which name columns added after 0009) before the downgrade to 0008,
+    which keeps them as they are."""
     engine = make_engine(url)
     ids: dict[str, str] = {}
     try:
@@ -80,8 +82,8 @@ async def _payments(url: str, ids: dict[str, str]) -> dict[str, Payment]:
 def _backfill(url: str) -> None:
     settings = make_settings(DATABASE_URL=url)
     migrate(settings)
-    command.downgrade(_alembic_config(settings), "0008")  # as an install before 0009
     ids = asyncio.run(_as_an_old_release_wrote_them(url))
+    command.downgrade(_alembic_config(settings), "0008")  # as an install before 0009
     migrate(settings)
     got = asyncio.run(_payments(url, ids))
     assert collected(got["under"]) == 40_000  # not 50,000: only what was received can go back

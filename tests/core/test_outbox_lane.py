@@ -179,15 +179,24 @@ OLD_JOBS = {f"{RUN}-collect": ("payment.collect", "PENDING"), f"{RUN}-poll": ("p
             f"{RUN}-done": ("payment.poll", "DONE"), f"{RUN}-sms": ("sms.send", "PENDING")}
 
 
-async def _as_the_previous_release_wrote_them(url: str) -> None:
-    """Jobs of each state written before 0020 (no lane column), by the statements that release used."""
+async def _payments_and_refund(url: str) -> tuple[str, str]:
+    """An MTN payment, and an Airtel payment's refund: made at head (by the models of this release, which name
+    columns added after 0020), before the downgrade that keeps them. Their ids."""
     engine = make_engine(url)
     try:
         async with AsyncSession(engine) as session, session.begin():
             coop = await factories.cooperative(session)
             mtn = await _payment(session, coop, "mtn_momo")
-            airtel = await _payment(session, coop, "airtel")
-            refund = await _refund(session, coop, airtel)
+            return mtn, await _refund(session, coop, await _payment(session, coop, "airtel"))
+    finally:
+        await engine.dispose()
+
+
+async def _as_the_previous_release_wrote_them(url: str, mtn: str, refund: str) -> None:
+    """Jobs of each state written before 0020 (no lane column), by the statements that release used."""
+    engine = make_engine(url)
+    try:
+        async with AsyncSession(engine) as session, session.begin():
             payloads = {"payment.collect": {"payment_id": mtn}, "payment.poll": {"payment_id": mtn},
                         "refund.submit": {"refund_id": refund}, "refund.poll": {"refund_id": refund},
                         "sms.send": {"context": {"payment_id": mtn}}}
@@ -240,9 +249,10 @@ def _backfill(url: str) -> None:
     settings = make_settings(DATABASE_URL=url)
     migrate(settings)
     cfg = _alembic_config(settings)
+    mtn, refund = asyncio.run(_payments_and_refund(url))
     command.downgrade(cfg, "0019")  # as an install before 0020
     assert not asyncio.run(_has_lane(url))
-    asyncio.run(_as_the_previous_release_wrote_them(url))
+    asyncio.run(_as_the_previous_release_wrote_them(url, mtn, refund))
     migrate(settings)
     expected = {"collect": "mtn_momo", "poll": "mtn_momo", "submit": "airtel", "refund-poll": "airtel",
                 "done": None, "sms": None}  # DONE is never claimed again: left as it was
