@@ -23,7 +23,7 @@ from admin_api.common import (
 )
 from admin_api.refunds import RETURNED, returned_from
 from admin_api.routing import Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param, check_path_id
+from admin_api.validation import LIMIT, PAGE, Param, check_path_id, period_params
 from core.disputes import move_dispute, open_dispute
 from core.errors import Forbidden, NotFound
 from core.models import Dispute, Payment
@@ -125,13 +125,45 @@ async def create_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return json_response(present(dispute), status=201)
 
 
+# What the desk still has to answer: a dispute neither resolved, rejected nor withdrawn.
+UNSETTLED = (DisputeStatus.OPEN.value, DisputeStatus.UNDER_REVIEW.value)
+LIST_QUERY = {
+    "page": PAGE,
+    "limit": LIMIT,
+    "status": Param(enum=tuple(STATUSES)),
+    "open": Param("boolean", "true: only disputes still to answer (OPEN or UNDER_REVIEW); false: only those "
+                  "settled (RESOLVED, REJECTED, WITHDRAWN)"),
+    "reason": Param(enum=tuple(REASONS)),
+    "paymentId": Param("uuid", "Disputes of one payment"),
+    "member": Param("uuid", "Disputes of one member"),
+    "reference": Param(description="The dispute's reference as its SMS gives it (DSP_20261201_001)"),
+    **period_params("created"),
+}
+
+
 async def list_disputes(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """Newest first. The desk's queue is ?open=true; a member calling about hers is ?member= or the reference her
+    SMS gave; the month's, from/to (bare dates in the cooperative's zone, as every list reads them)."""
     q = ctx.query
     query = ctx.who.scope(select(Dispute), Dispute)
     if q.get("status"):
         query = query.where(Dispute.status == q["status"])
+    if q.get("open") is not None:
+        query = query.where(Dispute.status.in_(UNSETTLED) if q["open"] else Dispute.status.not_in(UNSETTLED))
+    if q.get("reason"):
+        query = query.where(Dispute.reason == q["reason"])
     if q.get("paymentId"):
         query = query.where(Dispute.payment_id == q["paymentId"])
+    if q.get("member"):
+        query = query.where(Dispute.member_id == q["member"])
+    if q.get("reference") is not None:
+        query = query.where(Dispute.reference == q["reference"].strip().upper())
+    if q.get("cooperativeId"):
+        query = query.where(Dispute.cooperative_id == q["cooperativeId"])
+    if q.get("from"):
+        query = query.where(Dispute.created_at >= q["from"])
+    if q.get("to"):
+        query = query.where(Dispute.created_at < q["to"])
     return await paged(ctx, query.order_by(Dispute.created_at.desc(), Dispute.id.desc()), present)
 
 
@@ -185,12 +217,7 @@ ROUTES = [
         "payments:read",
         response=page_of(DISPUTE),
         tenants=True,
-        query={
-            "page": PAGE,
-            "limit": LIMIT,
-            "status": Param(enum=tuple(STATUSES)),
-            "paymentId": Param("uuid", "Disputes of one payment"),
-        },
+        query=LIST_QUERY,
     ),
     Route(
         "GET",

@@ -300,3 +300,35 @@ async def test_a_dispute_resolved_with_a_refund_that_fails_says_so(admin, rt, de
     assert dispute["status"] == "RESOLVED"
     assert dispute["notes"][-1]["text"] == (f"refund {refund['reference']} failed: recorded by an admin: MTN "
                                            "rejected the reversal; the member has not been paid back")
+
+
+async def test_the_desk_finds_disputes_by_what_is_left_to_answer_reason_member_reference_and_period(
+        admin, tenant, coop_b, superadmin, rt, demo):
+    hers = await make_payment(tenant, demo["payment_types"]["Monthly Rent"])
+    await complete_payment(rt, hers["id"])
+    nobodys = await _paid(admin, rt, demo, paymentAccount="+250788555001")
+    aline = demo["members"]["+250788000001"]
+    wrong = await tenant.json("POST", "/v1/disputes", 201, json={"paymentId": hers["id"], "reason": "WRONG_AMOUNT"})
+    other = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": nobodys["id"], "reason": "OTHER"})
+    await admin.json("POST", f"/v1/disputes/{other['id']}/transitions", 200,
+                     json={"status": "REJECTED", "note": "the statement shows one payment"})
+
+    async def ids(caller, query):
+        return [d["id"] for d in (await caller.json("GET", f"/v1/disputes?{query}", 200))["data"]]
+
+    assert await ids(admin, "open=true") == [wrong["id"]]
+    assert await ids(admin, "open=false") == [other["id"]]
+    assert await ids(admin, "reason=OTHER") == [other["id"]]
+    assert await ids(admin, f"member={aline}") == [wrong["id"]]
+    assert await ids(admin, f"reference=%20{wrong['reference'].lower()}%20") == [wrong["id"]]
+    assert await ids(admin, "reference=DSP_20000101_999") == []
+    assert await ids(admin, "from=2000-01-01&to=2999-01-01&open=true&reason=WRONG_AMOUNT") == [wrong["id"]]
+    assert await ids(admin, "from=2999-01-01") == []
+    assert await ids(tenant, "open=false") == []  # hers only: the rejected one is not
+    assert await ids(coop_b["admin"], f"reference={wrong['reference']}") == []
+    assert await ids(superadmin, f"cooperativeId={demo['cooperative_id']}&open=true") == [wrong["id"]]
+    assert await ids(superadmin, f"cooperativeId={coop_b['cooperative_id']}") == []
+    for query, said in (("reason=BORED", "reason must be one of"), ("open=maybe", "open must be"),
+                        ("member=nope", "member must be"), ("from=2026-13-01", "from")):
+        refused = await admin.json("GET", f"/v1/disputes?{query}", 400)
+        assert said in str(refused["message"]), (query, refused)
