@@ -1601,6 +1601,14 @@ async def _held_elsewhere(session: AsyncSession, payment: Payment, txn: str) -> 
     return await _holder(session, payment.provider, txn, payment.id)
 
 
+async def held_by_another_cooperative(session: AsyncSession, payment: Payment, txn: str) -> bool:
+    """Whether a payment of another cooperative than `payment`'s holds `txn` as its transaction id at `payment`'s
+    provider (a contested id, _contest): one probe of ix_payments_transaction_id."""
+    return (await session.execute(
+        select(Payment.id).where(Payment.provider == payment.provider, Payment.provider_transaction_id == txn,
+                                 Payment.cooperative_id != payment.cooperative_id).limit(1))).first() is not None
+
+
 def _same_money(payment: Payment, holder: _Holder) -> bool:
     """Whether `holder`'s recording of the transaction id `payment` completes with is taken for the same money, counted
     there and not on `payment` (_flag_held_twice): only within one cooperative (a restore's recording and the retry
@@ -1675,7 +1683,9 @@ async def flag_contested(session: AsyncSession, payment_id: str, txn: str) -> No
     if payment is None or payment.provider_transaction_id != txn:
         return
     said = _contested_detail(txn, "counted here too")
-    if payment.mismatch and said in (payment.mismatch_detail or ""):
+    if (payment.mismatch and said in (payment.mismatch_detail or "")) or said in (payment.reviewed_detail or ""):
+        # A repeat: flagged already, or flagged and reviewed since (the job's dedupe key makes one job per holder
+        # and id, so a second run is always the same contest).
         return
     payment.mismatch = True
     payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}" if payment.mismatch_detail else said)

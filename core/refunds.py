@@ -132,6 +132,8 @@ async def request_refund(
     provider = rt.providers.get(payment.provider)
     if returned is None and provider is not None:
         _request_to_refund_known(payment, provider)
+    if returned is None:
+        await _recording_not_contested(session, payment)
     available = await refundable(session, payment)
     amount = amount or available
     if amount.currency != payment.currency:
@@ -195,6 +197,24 @@ def _request_to_refund_known(payment: Payment, provider: PaymentProvider) -> Non
                        "request: nothing was sent. Have the provider send the money back (its customer care) and "
                        "record that refund with returnedByProvider; record such payments with gatewayReference "
                        "(our request's reference, as the provider's statement shows it) so that they can be refunded")
+
+
+async def _recording_not_contested(session: AsyncSession, payment: Payment) -> None:
+    """A Conflict, before anything is queued, for a refund sent to the provider of a payment recorded from the
+    statement whose transaction id a payment of another cooperative holds too (core.payments._contest): the provider
+    reported that id for the other cooperative's own request, so the money is not this recording's, and a refund
+    naming it (Airtel's, M-Pesa's reversal) would give the other cooperative's member her money back while her
+    payment keeps counting it. One probe of ix_payments_transaction_id; refunds are no hot path."""
+    from core.payments import RECORDED, held_by_another_cooperative  # local: core.payments imports this module
+
+    txn = payment.provider_transaction_id
+    if payment.channel != RECORDED or not txn or not await held_by_another_cooperative(session, payment, txn):
+        return
+    raise Conflict(f"payment {payment.reference} was recorded from the provider's statement with transaction "
+                   f"{txn[:64]}, which the provider reported for another cooperative's payment too (its flag, "
+                   "mismatchDetail or review.mismatchDetail, says so): a refund through the provider would pay "
+                   "back that payment's money. Nothing was sent; check the provider's statement, and record money "
+                   "it sent back with returnedByProvider")
 
 
 # Why a sent refund's provider reference is derived (derived_refund_reference): a refund's idempotency key names one
