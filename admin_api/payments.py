@@ -1,4 +1,5 @@
-"""Payments over the API: initiate with an idempotency key, read one, its status, and filtered pages."""
+"""Payments over the API: initiate with an idempotency key, read one, its status, and filtered pages; the
+support desk cancels an open one."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from core.payments import (
     RECORDED,
     NewPayment,
     StatementLine,
+    cancel_payment,
     collected_amount,
     create_payment,
     load_context,
@@ -220,6 +222,21 @@ REQUEST_FOUND = obj(
     },
     ["gatewayReference"],
 )
+CANCEL = {
+    **obj({"note": {"type": "string", "minLength": 3, "maxLength": 300,
+                    "description": "why it is cancelled, e.g. what the member asked (kept in the audit log; the "
+                                   "payment's failureReason is \"cancelled by the cooperative: <note>\")"}},
+          ["note"]),
+    "description": "The support desk cancels an open payment (PENDING or PROCESSING) a member asked for by mistake "
+                   "(the wrong amount or type) or whose prompt never came, instead of waiting for its approval window "
+                   "to end. It becomes CANCELLED at once: the member's SMS and the payment.failed webhook event, as "
+                   "when a payer declines. Its request is never sent if it has not been yet. No provider can withdraw "
+                   "a request it holds: a prompt already on the member's phone (or a bank payment's IremboPay "
+                   "invoice) can still be paid, and so can a request being sent at that moment; the gateway keeps "
+                   "asking the provider, and money taken after the cancel completes the payment late (late: true, "
+                   "the receipt SMS, payment.completed): refund it then if the member wants it back. 409 when the "
+                   "payment is no longer open (its status is named).",
+}
 LIST_QUERY = {
     "page": PAGE,
     "limit": LIMIT,
@@ -495,6 +512,17 @@ async def give_gateway_reference(request: web.Request, ctx: Ctx) -> web.StreamRe
     return json_response(present(payment))
 
 
+async def cancel_open_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """The support desk cancels an open payment (core.payments.cancel_payment). Admins only: a member declines
+    the prompt on her phone, the provider's own cancel, which a cancel here cannot replace (the prompt stays
+    payable at the provider)."""
+    payment = await one(ctx, Payment, request.match_info["id"], "payment")
+    payment = await cancel_payment(ctx.session, ctx.rt, payment_id=payment.id, cooperative_id=payment.cooperative_id,
+                                   note=ctx.body["note"], actor=ctx.who.actor)
+    await ctx.session.commit()
+    return json_response(present(payment))
+
+
 async def payment_status(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     p = await _readable(ctx, request.match_info["id"])
     return json_response(
@@ -600,6 +628,17 @@ ROUTES = [
         "payments",
         "admin",
         body=REQUEST_FOUND,
+        response=PAYMENT,
+    ),
+    Route(
+        "POST",
+        "/payments/{id}/cancel",
+        cancel_open_payment,
+        "Cancel an open payment (PENDING or PROCESSING) for a member: CANCELLED at once; money the provider "
+        "still takes completes it late",
+        "payments",
+        "admin",
+        body=CANCEL,
         response=PAYMENT,
     ),
     Route(

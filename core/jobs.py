@@ -26,7 +26,13 @@ from core.outbox import (
     enqueue,
     handler_timeout,
 )
-from core.payments import CONTESTED_JOB, apply_collection_outcome, flag_contested, payment_account
+from core.payments import (
+    CONTESTED_JOB,
+    WATCH_AFTER_CANCEL,
+    apply_collection_outcome,
+    flag_contested,
+    payment_account,
+)
 from core.phone import Phone
 from core.ports import (
     REFUND_UNSUPPORTED,
@@ -262,12 +268,20 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         async with rt.sessionmaker.begin() as session:
             values = {"provider_transaction_id": accepted.provider_transaction_id or payment.provider_transaction_id,
                       "gateway_reference": accepted.gateway_reference, "payment_url": accepted.payment_url}
+            given = {k: v for k, v in values.items() if v is not None}
             try:
                 await transition(session, PAYMENT, payment.id, PaymentStatus.PENDING, PaymentStatus.PROCESSING,
-                                 actor=WORKER, values={k: v for k, v in values.items() if v is not None})
+                                 actor=WORKER, values=given)
                 metrics.PAYMENTS.labels(status="PROCESSING", method=payment.method).inc()
             except StaleTransition:
-                pass  # a callback already settled it
+                # A callback already settled it, or its cooperative cancelled it while this request was on its way
+                # (core.payments.cancel_payment): the provider may still take the money, so its ids are kept for
+                # the status queries after the cancel and for a callback to find it (M-Pesa's CheckoutRequestID),
+                # never over one stored meanwhile.
+                if given:
+                    await session.execute(update(Payment).where(
+                        Payment.id == payment.id, Payment.status == PaymentStatus.CANCELLED.value).values(
+                        updated_at=utcnow(), **{k: func.coalesce(getattr(Payment, k), v) for k, v in given.items()}))
 
     async def collection_failed(payment: Payment, exc: ProviderError) -> None:
         """The provider refused the collection for good (or its credentials): FAILED, nothing was taken."""
@@ -288,6 +302,9 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 provider_transaction_id=provider_transaction_id, updated_at=utcnow()))
 
     async def poll(job: Job) -> None:
+        if WATCH_AFTER_CANCEL in job.payload:
+            await watch_after_cancel(job)
+            return
         async with rt.sessionmaker() as session:
             payment, now = await payment_and_now(session, job.payload["payment_id"])
         if payment is None or PaymentStatus(payment.status) not in OPEN:
@@ -393,6 +410,60 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         if ask_again is not None:
             await schedule_poll(payment.id, now, IN_FLIGHT_POLL_SECONDS)
             raise RetryLater(IN_FLIGHT_POLL_SECONDS, ask_again)
+
+    async def watch_after_cancel(job: Job) -> None:
+        """A payment its cooperative cancelled (core.payments.cancel_payment) while the provider may hold its
+        request: the member may still approve the prompt (or pay the bank invoice), and MTN tells that once, by a
+        callback that may be lost. Asked as an open payment is (poll), until the provider's answer is final; a
+        success then completes it late (CANCELLED -> COMPLETED, its receipt and webhook event). Still waiting for
+        the payer: asked until the approval window and its PAYMENT_PENDING_GRACE_SECONDS are over; no answer
+        (a query failing, the provider not finding a request it accepted): until the settling grace is. Ends at
+        once when the provider never got the request and no collect job is sending it (one not yet sent finds the
+        payment closed and never sends it): nothing can be taken."""
+        async with rt.sessionmaker() as session:
+            payment, now = await payment_and_now(session, job.payload["payment_id"])
+        if payment is None or payment.status != PaymentStatus.CANCELLED.value:
+            return  # completed late meanwhile (a callback, an admin's record): nothing left to ask
+        provider = rt.providers[payment.provider]
+        status: StatusResult | None = None
+        unknown: str | None = None
+        try:
+            status = await _timed(provider.name, "status", provider.collection_status(
+                payment.provider_reference, payment.provider_transaction_id, payment.currency))
+        except ProviderError as exc:
+            if exc.code == "NOT_FOUND" and job.payload[WATCH_AFTER_CANCEL] == PaymentStatus.PENDING.value:
+                async with rt.sessionmaker() as session:
+                    if not await _collect_in_flight(session, payment.id):
+                        return  # never sent, and never will be: nothing can be taken
+                unknown = "its collection request was being sent when it was cancelled"
+            else:
+                unknown = f"status query failed: {exc}"
+        except Exception as exc:
+            log.error("status query failed", extra={"payment": payment.reference, "error": type(exc).__name__},
+                      exc_info=True)
+            unknown = f"status query failed: {type(exc).__name__}"
+        if status is not None and status.outcome is ProviderOutcome.SUCCEEDED:
+            async with rt.sessionmaker.begin() as session:
+                fresh = (await session.execute(select(Payment).where(Payment.id == payment.id)
+                                               .with_for_update())).scalar_one()
+                await apply_collection_outcome(
+                    session, rt, fresh, ProviderOutcome.SUCCEEDED, actor=WORKER, amount=status.amount,
+                    provider_transaction_id=status.provider_transaction_id, occurred_at=status.occurred_at)
+            log.warning("payment cancelled by its cooperative was then paid: completed late",
+                        extra={"payment": payment.reference, "payment_id": payment.id})
+            return
+        if status is not None and status.outcome not in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
+            return  # declined, expired or failed at the provider: it will take nothing
+        waiting = unknown is None and status is not None and status.outcome is ProviderOutcome.PENDING
+        grace = timedelta(seconds=rt.settings.payment_pending_grace_seconds if waiting
+                          else rt.settings.payment_settle_grace_seconds)
+        if now - payment.expires_at >= grace:
+            log.warning("payment cancelled by its cooperative: no longer asked about",
+                        extra={"payment": payment.reference, "payment_id": payment.id,
+                               "last_answer": unknown or (status.reason if status else None) or "pending"})
+            return
+        delay = next_poll_in(payment, now) if now < payment.expires_at else settle_poll_in(payment, now, grace)
+        raise RetryLater(delay, unknown or "cancelled, still pending at the provider: its prompt may be open")
 
     async def wait_for_the_payer(payment: Payment, now: datetime) -> None:
         """The provider says the payer has not decided yet (MTN PENDING, Airtel TIP), after our approval window.

@@ -766,6 +766,7 @@ async def apply_collection_outcome(
     event_row_id: str | None = None,
     provisional_transaction_id: str | None = None,
     occurred_at: datetime | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> str:
     """Apply what the provider says to a payment; returns what happened, in one word.
 
@@ -774,11 +775,13 @@ async def apply_collection_outcome(
     `provisional_transaction_id`: the provider's id this callback was matched by, when it is an id given
     at request time rather than the final one (M-Pesa's CheckoutRequestID before the receipt number): a
     completed payment still holding it (or none) takes the callback's final id.
-    `occurred_at`: when the provider says the money moved (see money_moved_at)."""
+    `occurred_at`: when the provider says the money moved (see money_moved_at).
+    `audit`: more for the audit row of a move to a failed state (an admin's note: cancel_payment)."""
     settle = None if event_row_id is None else _Settle(event_row_id, payment.id)
     result = await _apply_outcome(session, rt, payment, outcome, actor=actor, amount=amount,
                                   provider_transaction_id=provider_transaction_id, reason=reason, settle=settle,
-                                  provisional_transaction_id=provisional_transaction_id, occurred_at=occurred_at)
+                                  provisional_transaction_id=provisional_transaction_id, occurred_at=occurred_at,
+                                  audit=audit)
     if settle is not None and not settle.done:
         await _set_outcome(session, settle.event_row_id, result, payment.id)
     return result
@@ -798,6 +801,7 @@ async def _apply_outcome(
     provisional_transaction_id: str | None = None,
     occurred_at: datetime | None = None,
     checked_transaction_id: str | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> str:
     """`checked_transaction_id`: the id the caller found free under its lock (record_collected), not probed again."""
     current = P(payment.status)
@@ -947,7 +951,7 @@ async def _apply_outcome(
     if reason == UNCONFIRMED:
         template = "payment_unconfirmed"
         values.update(mismatch=True, mismatch_detail=UNCONFIRMED_FLAG)
-    await transition(session, PAYMENT, payment.id, current, target, actor=actor, values=values,
+    await transition(session, PAYMENT, payment.id, current, target, actor=actor, values=values, audit=audit,
                      jobs=_notices(rt, _Moved(payment, {"status": target.value, **values}), template, event_type),
                      alongside=settle.write(result) if settle else None)
     if settle is not None:
@@ -1471,6 +1475,58 @@ async def review_flags(session: AsyncSession, payment_id: str, cooperative_id: s
 
 
 GIVEN_UP = (P.TIMEOUT, P.CANCELLED)
+
+# How a payment's failure_reason starts once its cooperative's support desk cancelled it (cancel_payment), the
+# admin's note after it. channels.sms.templates.reason_key tells the member "your cooperative cancelled it".
+CANCELLED_BY_COOPERATIVE = "cancelled by the cooperative: "
+# The poll job that keeps asking the provider about a cancelled payment (core.jobs: payload `cancelled`).
+WATCH_AFTER_CANCEL = "cancelled"
+
+
+async def cancel_payment(session: AsyncSession, rt: Runtime, *, payment_id: str, cooperative_id: str | None,
+                         note: str, actor: Actor) -> Payment:
+    """The cooperative's support desk cancels an open payment (PENDING, PROCESSING) a member asked for by mistake
+    or whose prompt never came: CANCELLED as a payer's decline ends one (the member's payment_failed SMS, the
+    payment.failed webhook event), failure_reason "cancelled by the cooperative: <note>", audited
+    payment.cancelled (the move's own audit row) with the note whole.
+
+    No provider has a cancel the gateway can send (MTN's request to pay, Airtel's and M-Pesa's pushes, an
+    IremboPay invoice: none can be withdrawn), so the prompt already on the member's phone, or the bank invoice,
+    may still be paid. A collect job not yet sent finds the payment closed and sends nothing (core.jobs collect
+    checks its status first); one already sending, or a request the provider holds, may still take the money:
+    the payment is then asked about after the cancel (a poll job with `cancelled` in its payload) as an open one
+    is, until the provider's answer is final or the approval window and the grace an open payment is given after
+    it are over, and a success then (that poll, the provider's callback, or an admin recording it from the
+    statement) completes it late, flagged, with its receipt: money taken after the cancel is never dropped."""
+    note = admin_note(note, "why the payment is cancelled")
+    payment = await lock_row(session, Payment, payment_id, cooperative_id)
+    if payment is None:
+        raise NotFound("payment not found")
+    current = P(payment.status)
+    if current not in OPEN:
+        raise Conflict(f"payment is {current.value}: only an open payment (PENDING or PROCESSING) can be cancelled"
+                       + _closed_hint(current), field="status")
+    reason = f"{CANCELLED_BY_COOPERATIVE}{note}"
+    await apply_collection_outcome(session, rt, payment, ProviderOutcome.CANCELLED, actor=actor, reason=reason,
+                                   audit={"note": note})
+    # Its status keeps being asked: the provider may still take the money (the prompt stays open at it).
+    await enqueue_many(session, [NewJob(
+        "payment.poll", {"payment_id": payment.id, WATCH_AFTER_CANCEL: current.value},
+        dedupe_key=f"poll:{payment.id}:{WATCH_AFTER_CANCEL}", cooperative_id=payment.cooperative_id,
+        run_at=utcnow() + timedelta(seconds=rt.settings.poll_after_seconds), max_attempts=30)])
+    log.warning("payment cancelled by its cooperative",
+                extra={"payment": payment.reference, "payment_id": payment.id, "actor": actor.id,
+                       "was": current.value})
+    await session.flush()
+    await session.refresh(payment)
+    return payment
+
+
+def _closed_hint(status: PaymentStatus) -> str:
+    """What to do instead, for a payment no longer open."""
+    if status in COLLECTED:
+        return "; its money is taken: refund it (POST /v1/payments/{id}/refunds)"
+    return ""
 
 
 async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: str, cooperative_id: str | None,

@@ -67,6 +67,9 @@ def reason_key(reason: str | None) -> str:
     # The providers' codes and the adapters' own words for them (providers/*/adapter.py REASON_WORDS, REASONS),
     # which are what a payment stores: tests/channels/sms/test_reason_words.py feeds every one of them through.
     rules = (
+        # Its cooperative's support desk cancelled it (core.payments.CANCELLED_BY_COOPERATIVE): first, as the admin's
+        # note after it is free text ("the prompt never reached her") that the rules below would misread.
+        ("cancelled_by_cooperative", ("cancelled by the cooperative",)),
         # Our outage, not the payer's doing: the request never reached the provider (core.jobs.PROVIDER_UNREACHABLE).
         ("provider_unreachable", ("provider unreachable", "never reached the provider")),
         ("insufficient_funds", ("insufficient", "not enough", "enough money", "balance", "funds")),

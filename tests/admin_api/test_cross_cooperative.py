@@ -24,6 +24,7 @@ BODIES = {
     ("POST", "/webhook-endpoints/{id}/rotate-secret"): {"overlapHours": 0},
     ("POST", "/provider-callbacks/{id}/resolve"): {"note": "taken over"},
     ("POST", "/payments/{id}/gateway-reference"): {"gatewayReference": "5b0f3c1e-8d2a-4f6b-9c7e-1a2b3c4d5e6f"},
+    ("POST", "/payments/{id}/cancel"): {"note": "taken over"},
 }
 # Routes only a super admin may call at all: B's admin is stopped earlier, with 403.
 SUPER_ONLY = {
@@ -80,6 +81,7 @@ async def _resources_of_a(admin, superadmin, rt, demo):
         "/payments/{id}/review": payment["id"],
         "/payments/{id}/refunds": payment["id"],
         "/payments/{id}/gateway-reference": recorded["id"],
+        "/payments/{id}/cancel": payment["id"],
         "/refunds/{id}": refund["id"],
         "/refunds/{id}/outcome": refund["id"],
         "/refunds/{id}/cancel": refund["id"],

@@ -65,6 +65,7 @@ ANY_AMOUNT = "any amount"
 REASONS = {
     "insufficient_funds": "not enough money on the account",
     "declined": "you declined the request",
+    "cancelled_by_cooperative": "your cooperative cancelled it",
     "not_approved": "the request was not approved in time",
     "limit": "an account limit was reached",
     "invalid_account": "the account cannot receive this payment",

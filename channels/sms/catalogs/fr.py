@@ -68,6 +68,7 @@ ANY_AMOUNT = "montant libre"
 REASONS = {
     "insufficient_funds": "solde insuffisant",
     "declined": "vous avez refusé la demande",
+    "cancelled_by_cooperative": "votre coopérative l'a annulé",
     "not_approved": "la demande n'a pas été approuvée à temps",
     "limit": "une limite du compte est atteinte",
     "invalid_account": "le compte ne peut pas recevoir ce paiement",

@@ -66,6 +66,7 @@ ANY_AMOUNT = "amafaranga ushaka"
 REASONS = {
     "insufficient_funds": "amafaranga ntahagije kuri konti",
     "declined": "wanze kwemeza",
+    "cancelled_by_cooperative": "koperative yawe yabuhagaritse",
     "not_approved": "ntiwemeje ku gihe",
     "limit": "konti yageze ku rugero ntarengwa",
     "invalid_account": "konti ntishobora kwakira ubu bwishyu",

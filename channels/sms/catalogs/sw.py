@@ -64,6 +64,7 @@ ANY_AMOUNT = "kiasi chochote"
 REASONS = {
     "insufficient_funds": "salio halitoshi",
     "declined": "ulikataa ombi",
+    "cancelled_by_cooperative": "chama chako kimeyaghairi",
     "not_approved": "ombi halikuthibitishwa kwa wakati",
     "limit": "kikomo cha akaunti kimefikiwa",
     "invalid_account": "akaunti haiwezi kupokea malipo haya",
