@@ -151,6 +151,21 @@ async def capped_count(session: AsyncSession, query: Select[Any], start: int = 0
     return (bound, True) if counted > bound else (int(counted), False)
 
 
+def matching(ctx: Ctx, query: Select[Any], columns: dict[str, Any], moment: Any) -> Select[Any]:
+    """`query` filtered by the list's query parameters: each of `columns` (a parameter's name: its column) equal to
+    its value when given, and `moment` within the period (`from` inclusive, `to` exclusive, as admin_api.routing
+    read them: period_params)."""
+    q = ctx.query
+    for param, column in columns.items():
+        if q.get(param) is not None:
+            query = query.where(column == q[param])
+    if q.get("from") is not None:
+        query = query.where(moment >= q["from"])
+    if q.get("to") is not None:
+        query = query.where(moment < q["to"])
+    return query
+
+
 async def paged(ctx: Ctx, query: Select[Any], present: Any) -> web.Response:
     """Count (capped: COUNT_CAP), fetch one page and present it with the seed's meta block."""
     page, limit = ctx.query["page"], ctx.query["limit"]

@@ -15,6 +15,7 @@ from admin_api.common import (
     NULL_STRING,
     iso,
     json_response,
+    matching,
     obj,
     one,
     out,
@@ -145,25 +146,13 @@ async def list_disputes(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     """Newest first. The desk's queue is ?open=true; a member calling about hers is ?member= or the reference her
     SMS gave; the month's, from/to (bare dates in the cooperative's zone, as every list reads them)."""
     q = ctx.query
-    query = ctx.who.scope(select(Dispute), Dispute)
-    if q.get("status"):
-        query = query.where(Dispute.status == q["status"])
+    query = matching(ctx, ctx.who.scope(select(Dispute), Dispute),
+                     {"status": Dispute.status, "reason": Dispute.reason, "paymentId": Dispute.payment_id,
+                      "member": Dispute.member_id, "cooperativeId": Dispute.cooperative_id}, Dispute.created_at)
     if q.get("open") is not None:
         query = query.where(Dispute.status.in_(UNSETTLED) if q["open"] else Dispute.status.not_in(UNSETTLED))
-    if q.get("reason"):
-        query = query.where(Dispute.reason == q["reason"])
-    if q.get("paymentId"):
-        query = query.where(Dispute.payment_id == q["paymentId"])
-    if q.get("member"):
-        query = query.where(Dispute.member_id == q["member"])
     if q.get("reference") is not None:
         query = query.where(Dispute.reference == q["reference"].strip().upper())
-    if q.get("cooperativeId"):
-        query = query.where(Dispute.cooperative_id == q["cooperativeId"])
-    if q.get("from"):
-        query = query.where(Dispute.created_at >= q["from"])
-    if q.get("to"):
-        query = query.where(Dispute.created_at < q["to"])
     return await paged(ctx, query.order_by(Dispute.created_at.desc(), Dispute.id.desc()), present)
 
 

@@ -20,6 +20,7 @@ from admin_api.common import (
     iso,
     json_response,
     local_bound,
+    matching,
     money_out,
     obj,
     one,
@@ -398,19 +399,9 @@ async def filtered(ctx: Ctx) -> Any:
         except ValidationError:
             pass  # not a phone number: a bank account or an e-mail, stored as given
         query = query.where(Payment.payment_account_index == ctx.rt.cipher.blind_index(account))
-    for param, column in (
-        ("status", Payment.status),
-        ("paymentMethod", Payment.method),
-        ("paymentTypeId", Payment.payment_type_id),
-        ("member", Payment.member_id),
-        ("cooperativeId", Payment.cooperative_id),
-    ):
-        if q.get(param) is not None:
-            query = query.where(column == q[param])
-    if q.get("from") is not None:
-        query = query.where(Payment.created_at >= q["from"])
-    if q.get("to") is not None:
-        query = query.where(Payment.created_at < q["to"])
+    query = matching(ctx, query, {"status": Payment.status, "paymentMethod": Payment.method,
+                                  "paymentTypeId": Payment.payment_type_id, "member": Payment.member_id,
+                                  "cooperativeId": Payment.cooperative_id}, Payment.created_at)
     return query.order_by(Payment.created_at.desc(), Payment.id.desc())
 
 

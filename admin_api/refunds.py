@@ -18,6 +18,7 @@ from admin_api.common import (
     cooperative_zone,
     iso,
     json_response,
+    matching,
     money_out,
     obj,
     one,
@@ -188,15 +189,8 @@ async def cancel_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 def _filters(ctx: Ctx, query: Any) -> Any:
-    q = ctx.query
-    if q.get("status"):
-        query = query.where(Refund.status == q["status"])
-    if q.get("cooperativeId"):
-        query = query.where(Refund.cooperative_id == q["cooperativeId"])
-    if q.get("from"):
-        query = query.where(Refund.created_at >= q["from"])
-    if q.get("to"):
-        query = query.where(Refund.created_at < q["to"])
+    query = matching(ctx, query, {"status": Refund.status, "cooperativeId": Refund.cooperative_id},
+                     Refund.created_at)
     return query.order_by(Refund.created_at.desc(), Refund.id.desc())
 
 
