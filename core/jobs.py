@@ -29,6 +29,7 @@ from core.outbox import (
 from core.payments import (
     CONTESTED_JOB,
     WATCH_AFTER_CANCEL,
+    WATCH_JOB,
     apply_collection_outcome,
     flag_contested,
     payment_account,
@@ -282,6 +283,13 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                     await session.execute(update(Payment).where(
                         Payment.id == payment.id, Payment.status == PaymentStatus.CANCELLED.value).values(
                         updated_at=utcnow(), **{k: func.coalesce(getattr(Payment, k), v) for k, v in given.items()}))
+                # The provider accepted it: its watch after the cancel takes a NOT_FOUND from now on as a lookup
+                # behind (no answer, as poll does for a PROCESSING payment), never as "never sent".
+                watch = (await session.execute(select(OutboxJob).where(
+                    OutboxJob.dedupe_key == f"poll:{payment.id}:{WATCH_AFTER_CANCEL}",
+                    OutboxJob.status.in_(("PENDING", "RUNNING"))).with_for_update())).scalar_one_or_none()
+                if watch is not None and watch.payload.get(WATCH_AFTER_CANCEL) == PaymentStatus.PENDING.value:
+                    watch.payload = {**watch.payload, WATCH_AFTER_CANCEL: PaymentStatus.PROCESSING.value}
 
     async def collection_failed(payment: Payment, exc: ProviderError) -> None:
         """The provider refused the collection for good (or its credentials): FAILED, nothing was taken."""
@@ -696,7 +704,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             await flag_contested(session, job.payload["payment_id"], job.payload["provider_transaction_id"])
 
     return {"payment.collect": collect, "payment.poll": poll, "refund.submit": submit_refund,
-            "refund.poll": poll_refund, "payments.sweep": sweep, CONTESTED_JOB: contested}
+            "refund.poll": poll_refund, "payments.sweep": sweep, CONTESTED_JOB: contested,
+            WATCH_JOB: watch_after_cancel}
 
 
 SWEEP_EVERY = timedelta(minutes=5)

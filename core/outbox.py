@@ -841,7 +841,7 @@ async def call_starting(sessionmaker: async_sessionmaker[AsyncSession], job: Job
 SUBJECT_KEYS = {"payment": "payment_id", "refund": "refund_id"}
 # ...the kinds whose payload holds it at the top...
 OWN_SUBJECT = {"payment.collect": "payment", "payment.poll": "payment", "refund.submit": "refund",
-               "refund.poll": "refund", "payment.contested": "payment"}
+               "refund.poll": "refund", "payment.contested": "payment", "payment.watch": "payment"}
 # ...an SMS's in its message context (core.notify.sms_job: a receipt's {"payment_id"}, a refund's {"refund_id"})...
 SMS_KIND = "sms.send"
 # ...and a webhook event's (and each of its deliveries') in its event id, as core.notify.notice_jobs makes it:

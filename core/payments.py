@@ -1481,6 +1481,9 @@ GIVEN_UP = (P.TIMEOUT, P.CANCELLED)
 CANCELLED_BY_COOPERATIVE = "cancelled by the cooperative: "
 # The poll job that keeps asking the provider about a cancelled payment (core.jobs: payload `cancelled`).
 WATCH_AFTER_CANCEL = "cancelled"
+# Its kind: one of its own, not payment.poll, so a worker of the previous release (a rolling deploy) has no handler
+# for it and hands it back (core.outbox) rather than ending it as the poll of a payment no longer open.
+WATCH_JOB = "payment.watch"
 
 
 async def cancel_payment(session: AsyncSession, rt: Runtime, *, payment_id: str, cooperative_id: str | None,
@@ -1494,7 +1497,7 @@ async def cancel_payment(session: AsyncSession, rt: Runtime, *, payment_id: str,
     IremboPay invoice: none can be withdrawn), so the prompt already on the member's phone, or the bank invoice,
     may still be paid. A collect job not yet sent finds the payment closed and sends nothing (core.jobs collect
     checks its status first); one already sending, or a request the provider holds, may still take the money:
-    the payment is then asked about after the cancel (a poll job with `cancelled` in its payload) as an open one
+    the payment is then asked about after the cancel (a payment.watch job, `cancelled` in its payload) as an open one
     is, until the provider's answer is final or the approval window and the grace an open payment is given after
     it are over, and a success then (that poll, the provider's callback, or an admin recording it from the
     statement) completes it late, flagged, with its receipt: money taken after the cancel is never dropped."""
@@ -1511,7 +1514,7 @@ async def cancel_payment(session: AsyncSession, rt: Runtime, *, payment_id: str,
                                    audit={"note": note})
     # Its status keeps being asked: the provider may still take the money (the prompt stays open at it).
     await enqueue_many(session, [NewJob(
-        "payment.poll", {"payment_id": payment.id, WATCH_AFTER_CANCEL: current.value},
+        WATCH_JOB, {"payment_id": payment.id, WATCH_AFTER_CANCEL: current.value},
         dedupe_key=f"poll:{payment.id}:{WATCH_AFTER_CANCEL}", cooperative_id=payment.cooperative_id,
         run_at=utcnow() + timedelta(seconds=rt.settings.poll_after_seconds), max_attempts=30)])
     log.warning("payment cancelled by its cooperative",

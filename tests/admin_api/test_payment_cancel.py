@@ -88,6 +88,7 @@ async def test_cancelled_before_its_collect_job_ran_nothing_reaches_mtn(
         assert (cancelled["status"], cancelled["failureReason"], cancelled["late"]) == (
             "CANCELLED", f"cancelled by the cooperative: {NOTE}", False)
         await due_now(rt, "payment.poll")
+        await due_now(rt, "payment.watch")
         await drain(worker)  # the collect job finds it closed; the watch: MTN has no such request, nothing to ask
         async with httpx.AsyncClient() as http:
             stats = (await http.get(f"{base}/_control/stats")).json()
@@ -134,6 +135,7 @@ async def test_cancelled_after_the_prompt_then_approved_completes_late_with_its_
         [taken] = app[TRANSACTIONS].values()
         assert taken["status"] == "SUCCESSFUL"
         await due_now(rt, "payment.poll")
+        await due_now(rt, "payment.watch")
         await drain(worker)  # the watch asks MTN: paid
         assert state.requests == 1  # one request to pay, never sent again
     done = await admin.json("GET", f"/v1/payments/{made['id']}", 200)
@@ -171,14 +173,16 @@ async def test_cancelled_while_its_request_is_on_its_way_still_completes_late(
         await http.post(f"{base}/_control/decide", json={"reference": prompt["reference"], "approve": True})
         await state.idle()
         await due_now(rt, "payment.poll")
+        await due_now(rt, "payment.watch")
         await drain(worker)
         assert state.requests == 1
         [taken] = app[TRANSACTIONS].values()
     done = await admin.json("GET", f"/v1/payments/{made['id']}", 200)
     assert (done["status"], done["late"], done["gatewayTransactionId"]) == (
         "COMPLETED", True, taken["financialTransactionId"])
+    # Its request was accepted after the cancel: the watch takes a NOT_FOUND as a lookup behind from then on.
     [watch] = await _watch_jobs(rt, made["id"])
-    assert (watch.status, watch.payload["cancelled"]) == ("DONE", "PENDING")
+    assert (watch.status, watch.payload["cancelled"]) == ("DONE", "PROCESSING")
 
 
 async def test_an_mpesa_push_answered_after_the_cancel_keeps_its_checkout_id_and_completes_late(
@@ -202,6 +206,7 @@ async def test_an_mpesa_push_answered_after_the_cancel_keeps_its_checkout_id_and
                                  "CheckoutRequestID": CHECKOUT, "ResultCode": "0",
                                  "ResultDesc": "The service request is processed successfully."})
     await due_now(rt, "payment.poll")
+    await due_now(rt, "payment.watch")
     await drain(worker)
     [query] = wire.sent("POST", QUERY)
     assert json.loads(query.content)["CheckoutRequestID"] == CHECKOUT
@@ -218,12 +223,14 @@ async def test_cancelled_while_the_prompt_stays_open_is_asked_again_then_left_on
         prompt = await _prompt(http, base, MEMBER)
         await admin.json("POST", f"/v1/payments/{made['id']}/cancel", 200, json={"note": NOTE})
         await due_now(rt, "payment.poll")
+        await due_now(rt, "payment.watch")
         await drain(worker)  # MTN: still PENDING (her prompt is open): asked again later
         [watch] = await _watch_jobs(rt, made["id"])
         assert (watch.status, watch.attempts) == ("PENDING", 0)
         await http.post(f"{base}/_control/decide", json={"reference": prompt["reference"], "approve": False})
         await state.idle()
         await due_now(rt, "payment.poll")
+        await due_now(rt, "payment.watch")
         await drain(worker)
         [watch] = await _watch_jobs(rt, made["id"])
         assert watch.status == "DONE"
