@@ -310,9 +310,6 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 provider_transaction_id=provider_transaction_id, updated_at=utcnow()))
 
     async def poll(job: Job) -> None:
-        if WATCH_AFTER_CANCEL in job.payload:
-            await watch_after_cancel(job)
-            return
         async with rt.sessionmaker() as session:
             payment, now = await payment_and_now(session, job.payload["payment_id"])
         if payment is None or PaymentStatus(payment.status) not in OPEN:
