@@ -1435,6 +1435,15 @@ async def resolve_unmatched(session: AsyncSession, event_row_id: str, note: str,
     return row
 
 
+async def _locked_payment(session: AsyncSession, payment_id: str, cooperative_id: str | None) -> Payment:
+    """The payment's row, locked for the rest of the transaction, of `cooperative_id` (None: any cooperative's, a
+    super admin); NotFound as a missing one otherwise (an admin's act on a payment: review, cancel, an outcome)."""
+    payment = await lock_row(session, Payment, payment_id, cooperative_id)
+    if payment is None:
+        raise NotFound("payment not found")
+    return payment
+
+
 async def review_flags(session: AsyncSession, payment_id: str, cooperative_id: str | None, note: str, *,
                        actor: Actor) -> Payment:
     """A person checked a flagged payment (`mismatch`: another amount taken, money taken after a failure, a provider
@@ -1451,9 +1460,7 @@ async def review_flags(session: AsyncSession, payment_id: str, cooperative_id: s
     cooperative's system of the money; the payment sync lists the change by its updatedAt). NotFound for no such
     payment of `cooperative_id` (None: any cooperative's, a super admin); Conflict for a payment not flagged."""
     note = admin_note(note, "what was checked and done, e.g. what the provider's statement shows")
-    payment = await lock_row(session, Payment, payment_id, cooperative_id)
-    if payment is None:
-        raise NotFound("payment not found")
+    payment = await _locked_payment(session, payment_id, cooperative_id)
     if not payment.mismatch:
         last = (f": its last flags were reviewed at {iso_z(payment.reviewed_at)}" if payment.reviewed_at is not None
                 else "")
@@ -1502,9 +1509,7 @@ async def cancel_payment(session: AsyncSession, rt: Runtime, *, payment_id: str,
     it are over, and a success then (that poll, the provider's callback, or an admin recording it from the
     statement) completes it late, flagged, with its receipt: money taken after the cancel is never dropped."""
     note = admin_note(note, "why the payment is cancelled")
-    payment = await lock_row(session, Payment, payment_id, cooperative_id)
-    if payment is None:
-        raise NotFound("payment not found")
+    payment = await _locked_payment(session, payment_id, cooperative_id)
     current = P(payment.status)
     if current not in OPEN:
         raise Conflict(f"payment is {current.value}: only an open payment (PENDING or PROCESSING) can be cancelled"
@@ -1550,9 +1555,7 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
     `completed_at`: when the statement shows the money taken (default: now); the reports date it so."""
     note = admin_note(note, "what the provider's statement shows")
     txn = _statement_transaction_id(provider_transaction_id)
-    payment = await lock_row(session, Payment, payment_id, cooperative_id)
-    if payment is None:
-        raise NotFound("payment not found")
+    payment = await _locked_payment(session, payment_id, cooperative_id)
     current = P(payment.status)
     if current in OPEN and await db_now(session) < payment.expires_at:  # (the clock the polls judge it by)
         raise Conflict("payment is still open inside its approval window: the payer may be approving it and the "
@@ -1852,9 +1855,7 @@ async def set_gateway_reference(session: AsyncSession, *, payment_id: str, coope
     payment's retry, whose derived reference it is: create_payment) is found by the (provider, provider_reference)
     unique index, and refused the same way, with nothing written."""
     reference = _request_reference(gateway_reference)
-    payment = await lock_row(session, Payment, payment_id, cooperative_id)
-    if payment is None:
-        raise NotFound("payment not found")
+    payment = await _locked_payment(session, payment_id, cooperative_id)
     if payment.channel != RECORDED:
         raise Conflict(f"payment {payment.reference} was not recorded from a provider's statement (channel "
                        f"{payment.channel}): its gatewayReference is the request the gateway sent, and is not "
