@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BigInteger, String, and_, bindparam, exists, func, or_, select, text, update
+from sqlalchemy import BigInteger, String, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased, make_transient_to_detached
@@ -36,6 +36,7 @@ from core.ports import (
     amount_refusal,
 )
 from core.ports import ProviderEvent as ProviderEventData
+from core.reference_mark import ISSUED
 from core.references import REFERENCE_SHAPE, next_reference, reference_prefix
 from core.state import StaleTransition, transition
 from core.state.payment import COLLECTED, OPEN, PAYMENT, UNCONFIRMED, PaymentStatus, holds_money
@@ -2034,7 +2035,8 @@ async def _free_reference(session: AsyncSession, wanted: str | None) -> str | No
         # A number the sequence has not handed out yet is no lost payment's (after a restore `advance-references`
         # moves the sequence past every lost one), and taking it would make the payment that draws it later fail
         # on the unique reference (a 500 to a member or a cooperative's system).
-        issued = (await session.execute(text("SELECT last_value FROM human_reference_seq"))).scalar_one()
+        # (not last_value alone: after `setval(n, false)`, as a restore's tools leave it, n is still to hand out)
+        issued = (await session.execute(ISSUED)).scalar_one()
         if int(wanted.rsplit("_", 1)[1]) > issued:
             raise ValidationError(f"reference {wanted} was never handed out (the references' sequence is at "
                                   f"{issued}): check it against the receipt, and run `main.py advance-references` "

@@ -43,7 +43,7 @@ REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 REDIS_WAIT_SECONDS = 2.0
 
 # The highest number the sequence has handed out: last_value, unless setval(n, false) left n still to hand out.
-_ISSUED = text("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM human_reference_seq")
+ISSUED = text("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM human_reference_seq")
 # Atomic max: the mark is set to ARGV[1] only when it is higher (or there is none); the mark after is returned.
 _RAISE = """
 local raw = redis.call('GET', KEYS[1])
@@ -89,7 +89,7 @@ def applies(db: AsyncEngine | AsyncConnection | AsyncSession) -> bool:
 
 async def issued(db: AsyncConnection | AsyncSession) -> int:
     """The highest number the sequence has handed out (a read: it takes none)."""
-    return int((await db.execute(_ISSUED)).scalar_one())
+    return int((await db.execute(ISSUED)).scalar_one())
 
 
 async def read_mark(redis: Redis) -> int | None:

@@ -8,12 +8,13 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from core.db import utcnow
 from core.models import Member, Payment, PaymentType
 from tests.admin_api.conftest import Caller, idem, payment_body
 from tests.admin_api.test_chargeback_visibility import _z
+from tests.conftest import requires_pg
 
 ALINE = "+250788000001"
 
@@ -60,3 +61,21 @@ async def test_a_reference_never_handed_out_is_refused(admin: Caller, rt: Any, d
     if old is not None:
         done = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo, reference=old))
         assert done["reference"] == old
+
+
+@requires_pg
+async def test_a_number_the_sequence_still_has_to_hand_out_is_refused(admin: Caller, rt: Any,
+                                                                      demo: dict[str, Any]) -> None:
+    """`setval(n, false)` (how a restore's tools set a sequence) leaves last_value at n with n still to hand out:
+    the number is no lost payment's, and the payment that draws it next must not fail on a taken reference."""
+    first = await admin.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Monthly Rent"]))
+    head, _, number = first["reference"].rpartition("_")
+    nxt = int(number) + 1
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(text("SELECT setval('human_reference_seq', :n, false)"), {"n": nxt})
+    refused = await admin.json("POST", "/v1/payments/recorded", 400,
+                               json=_line(demo, reference=f"{head}_{nxt:03d}"))
+    assert f"the references' sequence is at {int(number)}" in str(refused["message"])
+    drawn = await admin.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Monthly Rent"],
+                                                                            paymentAccount="+250788000002"))
+    assert drawn["reference"] == f"{head}_{nxt:03d}"
