@@ -723,6 +723,12 @@ _FAILED_TARGET = {
 }
 
 
+def add_flag(earlier: str | None, said: str) -> str:
+    """A payment's `mismatch_detail` once `said` is added after what it said already (`earlier`, None for nothing),
+    within its column (fit_detail)."""
+    return fit_detail(f"{earlier}; {said}" if earlier else said)
+
+
 def fit_detail(detail: str) -> str:
     """A payment's `mismatch_detail` within its column (300 characters): the oldest flag's start and the newest
     flags' end, which say what happened first and what a person must do now."""
@@ -831,8 +837,7 @@ async def _apply_outcome(
                     if spare:
                         payment.collected_minor = 0
                     payment.mismatch = True
-                    payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}"
-                                                         if payment.mismatch_detail else said)
+                    payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
             return "already_completed"
         if current is P.FAILED:
             # Money taken after a definite failure: never reopen, but never drop it either.
@@ -852,8 +857,7 @@ async def _apply_outcome(
                 # from what was recorded taken.
                 taken = f" ({amount})" if amount is not None else ""
                 said = f"provider reported success{taken} after the payment had failed"
-                payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}" if payment.mismatch_detail
-                                                     else said)
+                payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
             if provider_transaction_id and payment.provider_transaction_id in (None, provisional_transaction_id):
                 # What a refund of the money needs (and what finds it at the provider): the callback's final id
                 # over a provisional one (M-Pesa's CheckoutRequestID; its reversal needs the receipt number).
@@ -871,7 +875,7 @@ async def _apply_outcome(
                         payment.collected_minor = 0
                     twice = await _flag_held_twice(session, payment, kept, holder, actor=actor,
                                                    collected=payment.collected_minor)
-                    payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {twice}")
+                    payment.mismatch_detail = add_flag(payment.mismatch_detail, twice)
                 payment.completed_at = money_moved_at(payment.created_at, occurred_at)
                 payment.updated_at = changed_at(payment.updated_at)  # the event's updatedAt: after the failure's
                 # The cooperative's system was told it failed: tell it the money is held (once; a second report
@@ -929,7 +933,7 @@ async def _apply_outcome(
             said = await _flag_held_twice(session, payment, held, holder, actor=actor,
                                           collected=values.get("collected_minor", payment.collected_minor))
             earlier = values.get("mismatch_detail", payment.mismatch_detail if payment.mismatch else None)
-            values.update(mismatch=True, mismatch_detail=fit_detail(f"{earlier}; {said}" if earlier else said))
+            values.update(mismatch=True, mismatch_detail=add_flag(earlier, said))
         result = "late_completed" if values.get("late") else "completed"
         # The receipt, the webhook event and the stored callback's outcome are written with the move.
         notices = _notices(rt, _Moved(payment, {"status": P.COMPLETED.value, **values}), "payment_receipt",
@@ -1130,7 +1134,7 @@ async def _flag_paid_twice(session: AsyncSession, payment: Payment, reference: s
                         "currency": None if amount is None else amount.currency},
                  cooperative_id=payment.cooperative_id)
     payment.mismatch = True
-    payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}" if payment.mismatch_detail else said)
+    payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
     payment.updated_at = changed_at(payment.updated_at)
     # The cooperative's system reconciles from webhooks: it must learn there that money is to be given back.
     await _emit_reported(session, payment, "payment.paid_twice", reference[:100], amount)
@@ -1202,7 +1206,7 @@ async def _flag_unconfirmed_success(session: AsyncSession, payment: Payment, eve
                         "currency": None if amount is None else amount.currency, "error": error},
                  cooperative_id=payment.cooperative_id)
     payment.mismatch = True
-    payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}" if payment.mismatch_detail else said)
+    payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
     payment.updated_at = changed_at(payment.updated_at)
     # It was told the payment failed or timed out: the money may be the payer's to get back, or a late completion.
     await _emit_reported(session, payment, "payment.unconfirmed_success", receipt, amount)
@@ -1751,7 +1755,7 @@ async def flag_contested(session: AsyncSession, payment_id: str, txn: str) -> No
         # and id, so a second run is always the same contest).
         return
     payment.mismatch = True
-    payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}" if payment.mismatch_detail else said)
+    payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
     payment.updated_at = changed_at(payment.updated_at)
     log.warning("a payment's provider transaction id was reported for another cooperative's payment too (flagged)",
                 extra={"payment_id": payment.id, "provider": payment.provider})

@@ -429,10 +429,10 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
 
 async def _flag(session: AsyncSession, payment: Payment, detail: str) -> None:
     """Flag the payment for a person (`mismatch`), keeping what an earlier flag said (an amount mismatch, a refund
-    paid twice): the newest last, within the column (core.payments.fit_detail)."""
-    from core.payments import fit_detail  # local: core.payments reaches back into this module
+    paid twice): the newest last, within the column (core.payments.add_flag)."""
+    from core.payments import add_flag  # local: core.payments reaches back into this module
 
-    detail = fit_detail(f"{payment.mismatch_detail}; {detail}" if payment.mismatch_detail else detail)
+    detail = add_flag(payment.mismatch_detail, detail)
     payment.mismatch_detail = detail
     await session.execute(update(Payment).where(Payment.id == payment.id)
                           .values(mismatch=True, mismatch_detail=detail, updated_at=utcnow()))
