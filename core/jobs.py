@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import metrics
 from core.audit import Actor
-from core.db import utcnow
+from core.db import lock_row, utcnow
 from core.models import Member, OutboxJob, Payment, Refund
 from core.money import Money
 from core.outbox import (
@@ -449,8 +449,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             unknown = f"status query failed: {type(exc).__name__}"
         if status is not None and status.outcome is ProviderOutcome.SUCCEEDED:
             async with rt.sessionmaker.begin() as session:
-                fresh = (await session.execute(select(Payment).where(Payment.id == payment.id)
-                                               .with_for_update())).scalar_one()
+                fresh = await lock_row(session, Payment, payment.id)
                 await apply_collection_outcome(
                     session, rt, fresh, ProviderOutcome.SUCCEEDED, actor=WORKER, amount=status.amount,
                     provider_transaction_id=status.provider_transaction_id, occurred_at=status.occurred_at)
