@@ -50,6 +50,7 @@ from core.payments import (
     record_payment,
     review_flags,
     set_gateway_reference,
+    void_recording,
 )
 from core.phone import normalize
 from core.ratelimit import Limit
@@ -237,6 +238,25 @@ CANCEL = {
                    "asking the provider, and money taken after the cancel completes the payment late (late: true, "
                    "the receipt SMS, payment.completed): refund it then if the member wants it back. 409 when the "
                    "payment is no longer open (its status is named).",
+}
+VOID = {
+    **obj({"note": {"type": "string", "minLength": 3, "maxLength": 300,
+                    "description": "what was recorded in error and why, e.g. the statement line it really was "
+                                   "(kept in the audit log; the payment's failureReason is \"recording voided: "
+                                   "<note>\")"}},
+          ["note"]),
+    "description": "The support desk voids a recording of money taken made in error (POST /v1/payments/recorded, or "
+                   "POST /v1/payments/{id}/outcome): the wrong statement line, member or transaction id, or another "
+                   "cooperative's line. A refund would send real money to someone; this moves none. The payment "
+                   "becomes VOIDED (final): collectedAmount 0, out of the reconciliation's collected and settled "
+                   "figures and not refundable; its gatewayTransactionId is released (and a recorded payment's "
+                   "gatewayReference), both kept in the audit row (payment.voided, its before, with the note), so the "
+                   "right line can be recorded with POST /v1/payments/recorded (under a new idempotencyKey). The "
+                   "payment.voided webhook event is queued (sent to endpoints of payment.completed too); no SMS. "
+                   "409 for a payment the provider itself reported paid (a callback, or the one a recording accounts "
+                   "for: refund it instead), one not recorded by an admin, one with a refund that is not FAILED (money "
+                   "may be on its way back), one with an open dispute, and one VOIDED already. A success the provider "
+                   "reports afterwards for its request flags it (mismatch) and never reopens it.",
 }
 LIST_QUERY = {
     "page": PAGE,
@@ -514,6 +534,16 @@ async def cancel_open_payment(request: web.Request, ctx: Ctx) -> web.StreamRespo
     return json_response(present(payment))
 
 
+async def void_recorded_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """The support desk voids a recording of money taken made in error (core.payments.void_recording). The same
+    callers as recording it; another cooperative's payment is not found, as for the reads."""
+    payment = await one(ctx, Payment, request.match_info["id"], "payment")
+    payment = await void_recording(ctx.session, payment_id=payment.id, cooperative_id=payment.cooperative_id,
+                                   note=ctx.body["note"], actor=ctx.who.actor)
+    await ctx.session.commit()
+    return json_response(present(payment))
+
+
 async def payment_status(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     p = await _readable(ctx, request.match_info["id"])
     return json_response(
@@ -630,6 +660,17 @@ ROUTES = [
         "payments",
         "admin",
         body=CANCEL,
+        response=PAYMENT,
+    ),
+    Route(
+        "POST",
+        "/payments/{id}/void",
+        void_recorded_payment,
+        "Void a recording of money taken made in error (the wrong statement line, member or transaction id): "
+        "VOIDED, nothing collected, its transaction id released for the right line; no money moves",
+        "payments",
+        "admin",
+        body=VOID,
         response=PAYMENT,
     ),
     Route(

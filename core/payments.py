@@ -20,9 +20,9 @@ from core import metrics, pgraw
 from core.audit import Actor, record
 from core.db import insert_ignore, iso_ms, iso_z, lock_row, row_insert, table_of, utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
-from core.models import Member, Payment, ProviderEvent
+from core.models import AuditEvent, Dispute, Member, Payment, ProviderEvent, Refund
 from core.money import Money
-from core.notify import changed_at, emit_event, notice_jobs
+from core.notify import changed_at, emit_event, event_job, notice_jobs
 from core.outbox import NewJob, db_now, enqueue_many
 from core.payment_statements import CONTEXT, create_statement, stored_and_locked
 from core.phone import Phone, PhoneError, normalize
@@ -39,7 +39,9 @@ from core.ports import ProviderEvent as ProviderEventData
 from core.reference_mark import ISSUED
 from core.references import REFERENCE_SHAPE, next_reference, reference_prefix
 from core.state import StaleTransition, transition
+from core.state.dispute import DisputeStatus
 from core.state.payment import COLLECTED, OPEN, PAYMENT, UNCONFIRMED, PaymentStatus, holds_money
+from core.state.refund import RefundStatus
 from core.text import admin_note, is_uuid
 
 if TYPE_CHECKING:
@@ -839,6 +841,8 @@ async def _apply_outcome(
                     payment.mismatch = True
                     payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
             return "already_completed"
+        if current is P.VOIDED:
+            return await _flag_success_after_void(session, payment, provider_transaction_id, amount, actor=actor)
         if current is P.FAILED:
             # Money taken after a definite failure: never reopen, but never drop it either.
             first = payment.completed_at is None
@@ -1173,6 +1177,8 @@ def _told(payment: Payment) -> str:
         return "payment.completed"
     if current is P.FAILED:
         return "payment.taken_after_failure" if holds_money(payment) else "payment.failed"
+    if current is P.VOIDED:
+        return "payment.voided"
     return "payment.timeout" if current is P.TIMEOUT else "payment.failed"
 
 
@@ -1182,7 +1188,7 @@ def unconfirmed_success_over(payment: Payment) -> bool:
     nothing else will ever say the money was taken. An open payment's poll settles it; a collected one (or one
     whose money taken after a failure is held) has its money on record."""
     current = P(payment.status)
-    return current in GIVEN_UP or (current is P.FAILED and not holds_money(payment))
+    return current in GIVEN_UP or current is P.VOIDED or (current is P.FAILED and not holds_money(payment))
 
 
 async def _flag_unconfirmed_success(session: AsyncSession, payment: Payment, event: ProviderEventData, error: str,
@@ -1197,7 +1203,7 @@ async def _flag_unconfirmed_success(session: AsyncSession, payment: Payment, eve
     amount = event.amount
     current = P(payment.status)
     todo = ("a FAILED payment is not reopened: have the provider reverse it" if current is P.FAILED
-            else "record with POST /v1/payments/{id}/outcome")
+            else _AFTER_VOID if current is P.VOIDED else "record with POST /v1/payments/{id}/outcome")
     said = f"provider says money was taken{f' (receipt {receipt})' if receipt else ''} but its status query " \
            f"failed: check the statement, {todo}"
     await record(session, actor=actor, action="payment.unconfirmed_success", entity_type="payment",
@@ -1567,6 +1573,7 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
                        "provider will answer; record it once the window is over", field="status")
     if current not in GIVEN_UP and current not in OPEN:
         why = ("the provider said it failed; a final payment is not reopened" if current is P.FAILED
+               else f"its recording was voided; {_AFTER_VOID}" if current is P.VOIDED
                else "its money is recorded already")
         raise Conflict(f"payment is {current.value}: {why}", field="status")
     if amount is not None:
@@ -2095,3 +2102,115 @@ def _recorded_notices(rt: Runtime, payment: Payment, send_receipt: bool) -> list
     return notice_jobs(template="payment_receipt", event_type="payment.completed",
                        cooperative_id=payment.cooperative_id, key=payment.id, context={"payment_id": payment.id},
                        data=event_data(payment), cipher=rt.cipher)
+
+
+# How a voided recording's failure_reason starts (void_recording), the admin's note after it.
+VOIDED_RECORDING = "recording voided: "
+# The audit actions of an admin's recording of money taken: a payment recorded from a statement line
+# (record_payment), or a given-up payment's money (record_collected).
+RECORDING_ACTIONS = ("payment.recorded", "payment.outcome_recorded")
+# A dispute still being handled: it may end in a refund of the payment, which a voided one no longer allows.
+OPEN_DISPUTES = (DisputeStatus.OPEN.value, DisputeStatus.UNDER_REVIEW.value)
+
+
+async def void_recording(session: AsyncSession, *, payment_id: str, cooperative_id: str | None, note: str,
+                         actor: Actor) -> Payment:
+    """An admin voids a recording of money taken made in error (the wrong statement line, member, transaction id,
+    or another cooperative's line): the only undo there is, a refund, would send real money to someone. The
+    payment becomes VOIDED (final): nothing collected (collected_minor 0, so neither the reconciliation nor a refund
+    counts it: core.state.payment.HELD), its provider transaction id released (and a recorded payment's request,
+    its gatewayReference) so the right line can be recorded (POST /v1/payments/recorded), both kept in the move's
+    audit row (payment.voided, its before) with the note; failure_reason "recording voided: <note>". The
+    cooperative's system is told (payment.voided, which an endpoint of payment.completed gets too:
+    core.webhooks.FOLLOWS); the member is not texted (no money of hers moved through us).
+
+    Only a payment whose money an admin's recording gave (RECORDING_ACTIONS; record_collected's payment may have
+    been asked for by the gateway, its request kept), never one the provider itself reported paid: a success
+    callback stored for it, or the callback a recorded payment accounts for. Refused (Conflict) too while a refund
+    of it is not FAILED (money may be on its way back) or a dispute of it is open. Under the payment's lock, which
+    a refund's request and a dispute's opening take too: neither can slip in between the checks and the move."""
+    note = admin_note(note, "why the recording is voided, e.g. which statement line it was")
+    payment = await _locked_payment(session, payment_id, cooperative_id)
+    current = P(payment.status)
+    if current is P.VOIDED:
+        raise Conflict(f"payment is VOIDED already: {payment.failure_reason}", field="status")
+    recorded = (await session.execute(
+        select(AuditEvent.action, AuditEvent.after).where(
+            AuditEvent.entity_type == PAYMENT.name, AuditEvent.entity_id == payment.id,
+            AuditEvent.action.in_(RECORDING_ACTIONS)).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(1)
+    )).first()
+    if recorded is None:
+        raise Conflict(f"payment is {current.value} on the provider's own word, not recorded by an admin: only a "
+                       "recording made in error is voided" + _closed_hint(current), field="status")
+    callback = (recorded.after or {}).get("callbackId") if recorded.action == "payment.recorded" else None
+    said = (await session.execute(
+        select(ProviderEvent.received_at).where(
+            ProviderEvent.payment_id == payment.id, ProviderEvent.kind == EventKind.COLLECTION.value,
+            ProviderEvent.status == ProviderOutcome.SUCCEEDED.value).limit(1))).first()
+    if said is not None or callback is not None:
+        which = (f"its callback received {iso_z(said.received_at)}" if said is not None
+                 else f"the provider's callback {callback} it accounts for")
+        raise Conflict(f"the provider itself reported this payment's money taken ({which}): it is not voided"
+                       + _closed_hint(current), field="status")
+    refund = (await session.execute(
+        select(Refund.reference, Refund.status).where(Refund.payment_id == payment.id,
+                                                      Refund.status != RefundStatus.FAILED.value).limit(1))).first()
+    if refund is not None:
+        raise Conflict(f"refund {refund.reference} of this payment is {refund.status}: money may be on its way "
+                       "back to the payer, so the recording is not voided", field="status")
+    dispute = (await session.execute(
+        select(Dispute.reference, Dispute.status).where(Dispute.payment_id == payment.id,
+                                                        Dispute.status.in_(OPEN_DISPUTES)).limit(1))).first()
+    if dispute is not None:
+        raise Conflict(f"dispute {dispute.reference} of this payment is {dispute.status}: close it before voiding "
+                       "the recording", field="status")
+    if current is not P.COMPLETED:  # (a refund, which the checks above refuse, moves it on)
+        raise Conflict(f"payment is {current.value}: only a COMPLETED recording is voided", field="status")
+    values: dict[str, Any] = {"collected_minor": 0, "provider_transaction_id": None,
+                              "failure_reason": f"{VOIDED_RECORDING}{note}"[:200],
+                              "updated_at": changed_at(payment.updated_at)}
+    was: dict[str, Any] = {"collected": payment.collected_minor, "providerTransactionId":
+                           payment.provider_transaction_id, "completedAt": iso_z(payment.completed_at)}
+    if payment.channel == RECORDED and not request_unknown(payment):
+        # The request it named: the right line may be the same request's money (an MTN refund names it).
+        was["gatewayReference"] = payment.provider_reference
+        values["provider_reference"] = f"{REQUEST_UNKNOWN}{uuid.uuid4()}"
+    moved: Any = _Moved(payment, {"status": P.VOIDED.value, **values})  # the event is built before the move
+    event = event_job(cooperative_id=payment.cooperative_id, event_type="payment.voided",
+                      event_id=f"evt_payment_voided_{payment.id}", data=event_data(moved))
+    await transition(session, PAYMENT, payment.id, current, P.VOIDED, actor=actor, values=values,
+                     audit={"note": note, "recordedBy": recorded.action}, was=was, jobs=[event])
+    metrics.PAYMENTS.labels(status=P.VOIDED.value, method=payment.method).inc()
+    log.warning("a recording of money taken voided by its cooperative",
+                extra={"payment": payment.reference, "payment_id": payment.id, "actor": actor.id})
+    await session.flush()
+    await session.refresh(payment)
+    return payment
+
+
+# What to do with money taken for a voided payment (it is never reopened).
+_AFTER_VOID = "record the statement line as a payment (POST /v1/payments/recorded)"
+
+
+async def _flag_success_after_void(session: AsyncSession, payment: Payment, provider_transaction_id: str | None,
+                                   amount: Money | None, *, actor: Actor) -> str:
+    """The provider reports a voided payment's request paid after all (a recording voided, void_recording, of a
+    payment the gateway had asked for): the money was taken, so it is never dropped, but a voided payment is not
+    reopened (its transaction id may be recorded on the right payment since): flagged (mismatch) and audited
+    for a person, who records the statement line (POST /v1/payments/recorded). The stored callback keeps the
+    provider's id."""
+    said = (f"provider reported success{f' ({amount})' if amount is not None else ''}"
+            f"{f', transaction {provider_transaction_id[:64]}' if provider_transaction_id else ''} after the "
+            f"recording was voided: check the statement, {_AFTER_VOID}")
+    await record(session, actor=actor, action="payment.success_after_void", entity_type="payment",
+                 entity_id=payment.id, before={"status": payment.status, "mismatch": payment.mismatch},
+                 after={"providerTransactionId": provider_transaction_id, "mismatch": True,
+                        "amount": None if amount is None else amount.minor,
+                        "currency": None if amount is None else amount.currency},
+                 cooperative_id=payment.cooperative_id)
+    payment.mismatch = True
+    payment.mismatch_detail = fit_detail(f"{payment.mismatch_detail}; {said}" if payment.mismatch_detail else said)
+    payment.updated_at = changed_at(payment.updated_at)
+    log.error("provider reported a voided payment paid: record the statement line (the payment is flagged)",
+              extra={"payment_id": payment.id, "provider": payment.provider})
+    return "flagged_success_after_void"

@@ -62,6 +62,7 @@ EVENTS = (
     "payment.paid_twice",
     "payment.unconfirmed_success",
     "payment.timeout",
+    "payment.voided",
     "refund.completed",
     "refund.failed",
     "dispute.opened",
@@ -272,8 +273,9 @@ async def approve_domain(
 
 
 # An event also sent to the endpoints of the event it follows: a system told a payment failed is told when the
-# provider took the money after all (it was never told, unless it had asked for an event it did not know of).
-FOLLOWS = {"payment.taken_after_failure": "payment.failed"}
+# provider took the money after all, and one told a payment completed when that recording was voided
+# (core.payments.void_recording) (it was never told, unless it had asked for an event it did not know of).
+FOLLOWS = {"payment.taken_after_failure": "payment.failed", "payment.voided": "payment.completed"}
 
 
 def subscribed(events: list[str], event_type: str, told: tuple[str, ...] = ()) -> bool:

@@ -92,6 +92,7 @@ async def transition(
     actor: Actor,
     values: Mapping[str, Any] | None = None,
     audit: Mapping[str, Any] | None = None,
+    was: Mapping[str, Any] | None = None,
     cooperative_id: str | None = None,
     jobs: Sequence[NewJob] = (),
     alongside: tuple[Any, dict[str, Any]] | None = None,
@@ -99,7 +100,8 @@ async def transition(
     """Move one row from `source` to `target` with UPDATE ... WHERE status = :source RETURNING.
 
     Raises IllegalTransition if the table forbids it and StaleTransition if zero rows matched.
-    The audit event is written in the caller's transaction; the caller commits.
+    The audit event is written in the caller's transaction; the caller commits. `audit`: more for its after,
+    `was`: for its before (what the move clears, e.g. the ids a voided recording releases).
 
     `jobs`: outbox jobs the move queues (a receipt, a webhook event), and `alongside`: another write made
     with it (a Core UPDATE built once, its parameters). On PostgreSQL they travel in the move's statement
@@ -112,6 +114,7 @@ async def transition(
     # updated_at older than its transaction, behind a payment sync's horizon (admin_api.common.sync_horizon).
     await session.connection()
     changes, before, after, action = _describe(machine, source, target, values, audit)
+    before.update(was or {})
     sync = session.sync_session
     if sync.autoflush and (sync.new or sync.dirty or sync.deleted):
         await session.flush()  # what the ORM UPDATE's autoflush did: pending changes go first

@@ -19,6 +19,9 @@ class PaymentStatus(StrEnum):
     TIMEOUT = "TIMEOUT"
     PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
     REFUNDED = "REFUNDED"
+    # An admin's recording of money taken (POST /v1/payments/recorded, /outcome) made in error and voided
+    # (core.payments.void_recording): nothing collected, final.
+    VOIDED = "VOIDED"
 
 
 P = PaymentStatus
@@ -36,10 +39,13 @@ PAYMENT = StateMachine(
     table={
         P.PENDING: frozenset({P.PROCESSING, P.COMPLETED, P.FAILED, P.CANCELLED, P.TIMEOUT}),
         P.PROCESSING: frozenset({P.COMPLETED, P.FAILED, P.CANCELLED, P.TIMEOUT}),
-        P.COMPLETED: frozenset({P.PARTIALLY_REFUNDED, P.REFUNDED}),
+        P.COMPLETED: frozenset({P.PARTIALLY_REFUNDED, P.REFUNDED, P.VOIDED}),
         P.PARTIALLY_REFUNDED: frozenset({P.PARTIALLY_REFUNDED, P.REFUNDED}),
         P.REFUNDED: frozenset(),
         P.FAILED: frozenset(),
+        # Final: a provider's success reported afterwards is flagged for a person, never completes it
+        # (core.payments._apply_outcome), and the right statement line is recorded as a payment of its own.
+        P.VOIDED: frozenset(),
         # Money reported taken after we gave up: recorded, flagged late, audited.
         P.CANCELLED: frozenset({P.COMPLETED}),
         P.TIMEOUT: frozenset({P.COMPLETED}),

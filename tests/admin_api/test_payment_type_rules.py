@@ -53,6 +53,20 @@ async def test_kes_amount_with_cents_is_refused_on_create_and_on_change(superadm
     assert stored_amount(await stored(rt, coop)) == 160_000
 
 
+async def test_kes_amount_over_mpesas_ceiling_is_refused(superadmin: Caller, rt: Any, demo: Any) -> None:
+    """A SACCO's 300,000 KES loan instalment: no method here takes it in one transaction (M-Pesa's ceiling is
+    KES 250,000), so every Safaricom member would have been told the amount cannot be paid."""
+    coop = await kenyan_coop(superadmin)
+    refused = await superadmin.json("POST", "/v1/payment-types", 400, json={
+        "name": "Loan Instalment", "amount": 300000, "cooperativeId": coop})
+    assert refused["message"] == ["no payment method can collect 300,000.00 KES: M-Pesa takes at most "
+                                  "250,000.00 KES in one transaction; 300,000.00 KES is more"]
+    assert await stored(rt, coop) == {}
+    await superadmin.json("POST", "/v1/payment-types", 201, json={
+        "name": "Loan Instalment", "amount": 250000, "cooperativeId": coop})
+    assert (await stored(rt, coop))["Loan Instalment"].amount_minor == 25_000_000
+
+
 def stored_amount(types: dict[str, PaymentType]) -> int:
     return types["Monthly Contribution"].amount_minor
 

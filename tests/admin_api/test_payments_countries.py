@@ -72,6 +72,19 @@ async def test_kes_with_cents_by_mpesa_is_refused_when_asked(superadmin: Caller,
         "idempotencyKey": idem()})
 
 
+async def test_kes_over_mpesas_ceiling_is_refused_when_asked(superadmin: Caller, rt: Any, client: Any) -> None:
+    """Safaricom takes at most KES 250,000 in one transaction: 250,001 was a 201 that Daraja then refused, the
+    member told by SMS that her payment failed. A 400 at once; the ceiling itself is taken."""
+    admin, ptype = await country_admin(superadmin, rt, client, "KE", "NRB", "1500.00")
+    body = await refused(admin, ptype, 250001, "MPESA", "0712345678")
+    assert body["message"] == ["M-Pesa takes at most 250,000.00 KES in one transaction; 250,001.00 KES is more"]
+    await no_payment(rt)
+    made = await admin.json("POST", "/v1/payments", 201, json={
+        "paymentTypeId": ptype, "amount": "250000.00", "paymentMethod": "MPESA", "paymentAccount": "0712345678",
+        "idempotencyKey": idem()})
+    assert made["amount"] == "250000.00"
+
+
 async def test_a_wallet_of_another_country_is_refused(superadmin: Caller, rt: Any, client: Any,
                                                       admin: Caller, demo: dict[str, Any]) -> None:
     """A Rwandan cooperative (MTN Rwanda) asked to collect from a Ugandan MTN number: no MTN market can."""

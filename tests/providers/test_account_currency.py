@@ -122,5 +122,9 @@ def test_mpesa_declares_whole_shillings() -> None:
     assert amount_refusal(mpesa, Money(150050, "KES"), "MPESA") == (
         "amount", "M-Pesa takes whole shillings; 1,500.50 KES has cents")
     assert amount_refusal(mpesa, Money(150000, "KES"), "MPESA") is None
+    # Safaricom's ceiling for one transaction: at it, taken; a shilling over, refused when asked for.
+    assert amount_refusal(mpesa, Money(25_000_000, "KES"), "MPESA") is None
+    assert amount_refusal(mpesa, Money(25_000_100, "KES"), "MPESA") == (
+        "amount", "M-Pesa takes at most 250,000.00 KES in one transaction; 250,001.00 KES is more")
     assert amount_refusal(mpesa, Money(1500, "RWF"), "MPESA") == (
         "paymentMethod", "MPESA collects KES only; this payment is in RWF")

@@ -163,6 +163,7 @@ def test_transaction_desc_fits_thirteen_characters() -> None:
     (Money(15050, "KES"), "+254708000001", "AMOUNT_HAS_CENTS"),
     (Money(15000, "RWF"), "+254708000001", "CURRENCY_UNSUPPORTED"),
     (Money(0, "KES"), "+254708000001", "BAD_AMOUNT"),
+    (Money(25_000_100, "KES"), "+254708000001", "AMOUNT_OVER_LIMIT"),  # Safaricom's KES 250,000 a transaction
     (Money(15000, "KES"), "+250788000001", "BAD_PHONE_NUMBER"),
 ])
 async def test_refuses_bad_requests_before_calling(amount: Money, phone: str, code: str) -> None:

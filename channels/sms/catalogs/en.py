@@ -47,6 +47,7 @@ PAYMENT_STATUS = {
     "TIMEOUT": "not approved in time",
     "PARTIALLY_REFUNDED": "paid, partly refunded",
     "REFUNDED": "refunded",
+    "VOIDED": "not paid: recorded in error",
     "UNCONFIRMED": "not confirmed by the provider; if money was taken it will be confirmed or refunded",
     "TAKEN_AFTER_FAILURE": "failed, but the money was taken: your cooperative will return it",
 }

@@ -50,6 +50,7 @@ PAYMENT_STATUS = {
     "TIMEOUT": "non approuvé à temps",
     "PARTIALLY_REFUNDED": "payé, remboursé en partie",
     "REFUNDED": "remboursé",
+    "VOIDED": "non payé: enregistré par erreur",
     "UNCONFIRMED": "non confirmé par l'opérateur; si l'argent a été prélevé, il sera confirmé ou remboursé",
     "TAKEN_AFTER_FAILURE": "échoué, mais l'argent a été prélevé: votre coopérative vous le rendra",
 }

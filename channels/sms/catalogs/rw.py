@@ -48,6 +48,7 @@ PAYMENT_STATUS = {
     "TIMEOUT": "ntibyemejwe ku gihe",
     "PARTIALLY_REFUNDED": "byishyuwe, igice cyasubijwe",
     "REFUNDED": "byasubijwe",
+    "VOIDED": "ntibyishyuwe: byanditswe ku makosa",
     "UNCONFIRMED": "ntibiremezwa; niba amafaranga yavuyeho, tuzabyemeza cyangwa tuyagusubize",
     "TAKEN_AFTER_FAILURE": "ntibyakunze ariko amafaranga yavuyeho: koperative yawe izayagusubiza",
 }

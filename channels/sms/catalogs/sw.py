@@ -46,6 +46,7 @@ PAYMENT_STATUS = {
     "TIMEOUT": "haikuthibitishwa kwa wakati",
     "PARTIALLY_REFUNDED": "imelipwa, sehemu imerudishwa",
     "REFUNDED": "imerudishwa",
+    "VOIDED": "haijalipwa: iliandikwa kimakosa",
     "UNCONFIRMED": "haijathibitishwa; ikiwa pesa zilikatwa, itathibitishwa au utarudishiwa",
     "TAKEN_AFTER_FAILURE": "imeshindikana lakini pesa zilikatwa: chama chako kitakurudishia",
 }

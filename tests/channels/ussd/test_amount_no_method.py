@@ -51,6 +51,17 @@ async def test_safaricom_member_is_told_the_amount_is_the_problem(operator: Call
     assert await db.count(Payment) == 0
 
 
+async def test_a_type_over_mpesas_ceiling_is_the_amounts_problem(operator: Caller, client: Any, rt: Any,
+                                                                   db: Any) -> None:
+    """A type priced over Safaricom's KES 250,000 a transaction (saved before the API refused it): M-Pesa was
+    offered, the payment made, and Daraja refused the push; the member is told the amount is the problem."""
+    await kenyan_coop(operator, rt, 30_000_000)
+    answer = await pay_the_type(client, SAFARICOM)
+    assert answer == ("END This amount (300,000.00 KES) cannot be paid by M-Pesa. "
+                      "Please contact Nairobi Savings Group.")
+    assert await db.count(Payment) == 0
+
+
 async def test_a_method_that_cannot_take_the_currency_is_still_the_numbers(operator: Caller, client: Any,
                                                                            rt: Any, db: Any) -> None:
     """The Airtel member: this deployment's Airtel account is Rwanda's, so no method serves her number in
