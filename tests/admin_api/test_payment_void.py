@@ -1,0 +1,225 @@
+"""POST /v1/payments/{id}/void: the support desk voids a recording of money taken made in error (the wrong statement
+line, member or transaction id, another cooperative's line), where a refund would send real money to someone. The
+payment becomes VOIDED: nothing collected (the reconciliation and refunds no longer count it), its transaction id
+released so the right line can be recorded, audited payment.voided with what it released, the cooperative's system
+told (payment.voided), the member not texted. Refused for money the provider itself reported, for a payment not
+recorded, while a refund may be moving money or a dispute is open, and twice."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+
+from core.audit import Actor
+from core.db import utcnow
+from core.models import AuditEvent, OutboxJob, Payment, Refund
+from core.payments import apply_collection_outcome
+from core.ports import ProviderOutcome
+from core.webhooks import subscribed
+from tests.admin_api.conftest import Caller, complete_payment, idem, make_payment
+from tests.admin_api.test_chargeback_visibility import _z
+from tests.admin_api.test_payment_outcome import RECORD, _given_up
+from tests.admin_api.test_unmatched_callbacks import _lost_payment_reference, _mtn_callback
+
+NOTE = "wrong line: MTN statement line 12 is Eric's rent, not Aline's"
+TXN = "MTN-STMT-4821"
+
+
+def _line(demo: dict[str, Any], member: str = "+250788000001", **over: Any) -> dict[str, Any]:
+    body = {"paymentTypeId": demo["payment_types"]["Monthly Rent"], "amount": 50000,
+            "paymentMethod": "MOBILE_MONEY_MTN", "memberId": demo["members"][member],
+            "providerTransactionId": TXN, "completedAt": _z(utcnow() - timedelta(hours=3)),
+            "note": "MTN statement of 2 Dec, line 12", "idempotencyKey": idem()}
+    body.update(over)
+    return body
+
+
+async def _row(rt: Any, payment_id: str) -> Payment:
+    async with rt.sessionmaker() as s:
+        return await s.get(Payment, payment_id)
+
+
+async def _audit(rt: Any, payment_id: str, action: str = "payment.voided") -> list[AuditEvent]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == payment_id, AuditEvent.action == action).order_by(AuditEvent.id))).scalars())
+
+
+async def _jobs(rt: Any, kind: str) -> list[OutboxJob]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(OutboxJob).where(OutboxJob.kind == kind).order_by(OutboxJob.id)))
+                    .scalars())
+
+
+def _money(report: dict[str, Any]) -> dict[str, Any]:
+    """The reconciliation's money: what moved (settled), what the period's payments collected, by status, by method
+    and in all."""
+    return {"settled": [(s["provider"], s["collectedCount"], s["collected"], s["net"]) for s in report["settled"]],
+            "byStatus": [(s["status"], s["count"], s["amount"]) for s in report["payments"]["byStatus"]],
+            "byMethod": [(m["paymentMethod"], m["count"], m["completedCount"], m["completedAmount"])
+                         for m in report["payments"]["byMethod"]],
+            "totals": [(t["currency"], t["collectedCount"], t["collected"], t["net"]) for t in report["totals"]]}
+
+
+async def test_a_recording_in_error_is_voided_then_the_right_line_recorded(rt: Any, admin: Caller,
+                                                                           demo: dict[str, Any]) -> None:
+    wrong = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo))
+    url = f"/v1/payments/{wrong['id']}"
+    recorded = _money(await admin.json("GET", "/v1/reports/reconciliation", 200))
+    assert recorded == {"settled": [("mtn_momo", 1, 50000, 50000)], "byStatus": [("COMPLETED", 1, 50000)],
+                        "byMethod": [("MOBILE_MONEY_MTN", 1, 1, 50000)], "totals": [("RWF", 1, 50000, 50000)]}
+    before = await _row(rt, wrong["id"])
+    events = len(await _jobs(rt, "webhook.event"))
+
+    voided = await admin.json("POST", f"{url}/void", 200, json={"note": f"  {NOTE} "})
+
+    assert (voided["status"], voided["collectedAmount"], voided["gatewayTransactionId"], voided["failureReason"]) == (
+        "VOIDED", 0, None, f"recording voided: {NOTE}")
+    assert voided["completedAt"] == wrong["completedAt"] and voided["amount"] == 50000
+    row = await _row(rt, wrong["id"])
+    assert (row.status, row.collected_minor, row.provider_transaction_id) == ("VOIDED", 0, None)
+    assert row.updated_at > before.updated_at
+    [audit] = await _audit(rt, wrong["id"])
+    assert audit.actor.startswith("admin:") and audit.cooperative_id == demo["cooperative_id"]
+    assert audit.before == {"status": "COMPLETED", "collected": 50000, "providerTransactionId": TXN,
+                            "completedAt": wrong["completedAt"]}
+    after = audit.after or {}
+    assert (after["status"], after["collected_minor"], after["provider_transaction_id"], after["note"],
+            after["recordedBy"]) == ("VOIDED", 0, None, NOTE, "payment.recorded")
+    # The cooperative's system is told; nobody is texted (she paid nothing through us).
+    webhooks = await _jobs(rt, "webhook.event")
+    assert len(webhooks) == events + 1
+    told = webhooks[-1].payload
+    assert (told["event_type"], told["data"]["id"], told["data"]["status"], told["data"]["collectedAmount"],
+            told["data"]["gatewayTransactionId"]) == ("payment.voided", wrong["id"], "VOIDED", 0, None)
+    assert subscribed(["payment.completed"], "payment.voided")  # an endpoint told it was paid is told
+    assert await _jobs(rt, "sms.send") == []
+    # Out of the money: nothing settled or collected (the payment is still listed, VOIDED), nothing refundable.
+    assert _money(await admin.json("GET", "/v1/reports/reconciliation", 200)) == {
+        "settled": [], "byStatus": [("VOIDED", 1, 50000)], "byMethod": [("MOBILE_MONEY_MTN", 1, 0, 0)], "totals": []}
+    refused = await admin.json("POST", f"{url}/refunds", 422, json={"amount": 1000, "idempotencyKey": idem()})
+    assert refused["message"] == "only collected payments can be refunded; this one is VOIDED"
+    assert [p["id"] for p in (await admin.json("GET", "/v1/payments?status=VOIDED", 200))["data"]] == [wrong["id"]]
+
+    # The right line (Eric's), under the same transaction id: recorded.
+    right = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo, member="+250788000002"))
+    assert (right["status"], right["gatewayTransactionId"], right["memberId"]) == (
+        "COMPLETED", TXN, demo["members"]["+250788000002"])
+    assert _money(await admin.json("GET", "/v1/reports/reconciliation", 200)) == {
+        **recorded, "byStatus": [("COMPLETED", 1, 50000), ("VOIDED", 1, 50000)],
+        "byMethod": [("MOBILE_MONEY_MTN", 2, 1, 50000)]}
+    # Voided once: a second void is refused, with what the first said.
+    again = await admin.json("POST", f"{url}/void", 409, json={"note": NOTE})
+    assert again["message"] == f"payment is VOIDED already: recording voided: {NOTE}"
+    assert len(await _audit(rt, wrong["id"])) == 1
+
+
+async def test_a_given_up_payment_recorded_in_error_is_voided_and_never_reopened(rt: Any, admin: Caller,
+                                                                                demo: dict[str, Any]) -> None:
+    payment = await _given_up(admin, rt, demo)
+    url = f"/v1/payments/{payment['id']}"
+    await admin.json("POST", f"{url}/outcome", 200, json=RECORD)
+
+    voided = await admin.json("POST", f"{url}/void", 200, json={"note": NOTE})
+    assert (voided["status"], voided["collectedAmount"], voided["gatewayTransactionId"]) == ("VOIDED", 0, None)
+    # The gateway's own request stays the payment's (the provider may still answer about it).
+    assert voided["gatewayReference"] == payment["gatewayReference"]
+    [audit] = await _audit(rt, payment["id"])
+    assert (audit.before or {})["providerTransactionId"] == RECORD["providerTransactionId"]
+    assert (audit.after or {})["recordedBy"] == "payment.outcome_recorded"
+    again = await admin.json("POST", f"{url}/outcome", 409, json={**RECORD, "providerTransactionId": "MP-7782"})
+    assert again["message"] == ("payment is VOIDED: its recording was voided; record the statement line as a "
+                                "payment (POST /v1/payments/recorded)")
+
+    # The provider then says the request was paid after all: flagged for a person, never reopened or dropped.
+    async with rt.sessionmaker.begin() as s:
+        row = await s.get(Payment, payment["id"])
+        said = await apply_collection_outcome(s, rt, row, ProviderOutcome.SUCCEEDED,
+                                              actor=Actor("provider:test", "provider"),
+                                              provider_transaction_id="MP-9001")
+    assert said == "flagged_success_after_void"
+    row = await _row(rt, payment["id"])
+    assert (row.status, row.collected_minor, row.provider_transaction_id, row.mismatch) == ("VOIDED", 0, None, True)
+    assert "transaction MP-9001 after the recording was voided" in (row.mismatch_detail or "")
+    assert len(await _audit(rt, payment["id"], "payment.success_after_void")) == 1
+    # The right line is then recorded as a payment of its own.
+    await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo, providerTransactionId="MP-7781"))
+
+
+async def test_refused_while_money_may_move_or_a_dispute_is_open(rt: Any, admin: Caller,
+                                                                 demo: dict[str, Any]) -> None:
+    request = str(uuid.uuid4())
+    payment = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo, gatewayReference=request))
+    url = f"/v1/payments/{payment['id']}"
+    refund = await admin.json("POST", f"{url}/refunds", 201, json={"amount": 10000, "idempotencyKey": idem()})
+    said = await admin.json("POST", f"{url}/void", 409, json={"note": NOTE})
+    assert said["message"] == (f"refund {refund['reference']} of this payment is PENDING: money may be on its way "
+                               "back to the payer, so the recording is not voided")
+    async with rt.sessionmaker.begin() as s:  # the provider refused it
+        await s.execute(update(Refund).where(Refund.id == refund["id"]).values(status="FAILED"))
+
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": payment["id"], "reason": "OTHER"})
+    said = await admin.json("POST", f"{url}/void", 409, json={"note": NOTE})
+    assert said["message"] == (f"dispute {dispute['reference']} of this payment is OPEN: close it before voiding "
+                               "the recording")
+    assert await _audit(rt, payment["id"]) == []
+    assert (await _row(rt, payment["id"])).status == "COMPLETED"
+    await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200, json={"status": "REJECTED"})
+
+    voided = await admin.json("POST", f"{url}/void", 200, json={"note": NOTE})
+    # A recorded payment's request is released too, kept in the audit row.
+    assert voided["status"] == "VOIDED" and voided["gatewayReference"].startswith("recorded:")
+    [audit] = await _audit(rt, payment["id"])
+    assert (audit.before or {})["gatewayReference"] == request
+    again = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo, gatewayReference=request))
+    assert again["gatewayReference"] == request
+
+
+async def test_refused_for_money_the_provider_reported(rt: Any, client: Any, admin: Caller, superadmin: Caller,
+                                                      demo: dict[str, Any]) -> None:
+    # Completed on the provider's word: not a recording.
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    await complete_payment(rt, paid["id"])
+    said = await admin.json("POST", f"/v1/payments/{paid['id']}/void", 409, json={"note": NOTE})
+    assert said["message"] == ("payment is COMPLETED on the provider's own word, not recorded by an admin: only a "
+                               "recording made in error is voided; its money is taken: refund it "
+                               "(POST /v1/payments/{id}/refunds)")
+    open_one = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    said = await admin.json("POST", f"/v1/payments/{open_one['id']}/void", 409, json={"note": NOTE})
+    assert said["message"] == ("payment is PENDING on the provider's own word, not recorded by an admin: only a "
+                               "recording made in error is voided")
+
+    # Recorded for a callback of the provider's that matched no payment: its money is the provider's word.
+    reference = await _lost_payment_reference(rt, admin, demo)
+    await _mtn_callback(client, reference, txn="MTN-9911")
+    [callback] = (await superadmin.json("GET", "/v1/provider-callbacks?unmatched=true", 200))["data"]
+    recorded = await superadmin.json("POST", "/v1/payments/recorded", 201, json=_line(
+        demo, providerTransactionId="MTN-9911", callbackId=callback["id"], cooperativeId=demo["cooperative_id"]))
+    said = await admin.json("POST", f"/v1/payments/{recorded['id']}/void", 409, json={"note": NOTE})
+    assert said["message"] == (f"the provider itself reported this payment's money taken (the provider's callback "
+                               f"{callback['id']} it accounts for): it is not voided; its money is taken: refund it "
+                               "(POST /v1/payments/{id}/refunds)")
+    for payment_id in (paid["id"], open_one["id"], recorded["id"]):
+        assert await _audit(rt, payment_id) == []
+
+
+async def test_notes_roles_and_cooperatives(rt: Any, admin: Caller, tenant: Caller, superadmin: Caller,
+                                            coop_b: dict[str, Any], demo: dict[str, Any]) -> None:
+    payment = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo))
+    url = f"/v1/payments/{payment['id']}/void"
+    for bad in ({}, {"note": "ok"}, {"note": "x" * 301}, {"note": 12345}, {"note": NOTE, "status": "VOIDED"}):
+        assert (await admin.json("POST", url, 400, json=bad))["message"], bad
+    await tenant.json("POST", url, 403, json={"note": NOTE})
+    other = await coop_b["admin"].json("POST", url, 404, json={"note": NOTE})
+    assert other["message"] == "payment not found"
+    await admin.json("POST", "/v1/payments/00000000-0000-4000-8000-000000000000/void", 404, json={"note": NOTE})
+    assert (await _row(rt, payment["id"])).status == "COMPLETED" and await _audit(rt, payment["id"]) == []
+
+    # A super admin voids any cooperative's recording.
+    done = await superadmin.json("POST", url, 200, json={"note": NOTE})
+    assert done["status"] == "VOIDED"
+    [audit] = await _audit(rt, payment["id"])
+    assert audit.cooperative_id == demo["cooperative_id"]
