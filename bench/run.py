@@ -352,6 +352,19 @@ def db_value(b: Bench, query: str, *params: Any) -> Any:
     return rows[0][0] if rows else None
 
 
+def pg_sessions(b: Bench) -> int:
+    """Connections PostgreSQL has accepted so far (pg_stat_database.sessions, PostgreSQL 14+; its statistics are
+    flushed within a second or so): the difference across a load is how many the service opened during it (a pool
+    that closes what it lends beyond its size and opens again makes every such checkout a backend fork)."""
+    time.sleep(1.0)  # the previous statements' sessions flushed to the statistics
+    return int(db_value(b, "SELECT coalesce(sum(sessions), 0) FROM pg_stat_database") or 0)
+
+
+def opened_during(b: Bench, before: int) -> int:
+    """Connections opened since `before` (pg_sessions), less the one this count itself opens."""
+    return pg_sessions(b) - before - 1
+
+
 # -- scenarios -------------------------------------------------------------------------------------
 
 def _lat(row: Row, result: LoadResult) -> Row:
@@ -479,11 +492,13 @@ def pay_sessions(b: Bench, label: str, name: str, second: Proc | None = None, no
     forget_resume_routes(b)  # sessions the warm-up left mid-way would offer "resume" instead of the menu
     _close_pool_payments(b)
     started = datetime.now(UTC)
+    sessions_before = pg_sessions(b)
     with RssSampler(b.serve, b.profile_path(name)) as rss, RssSampler(second) as rss2:
         # At least 3 s: the first hops of 32 new sessions come at once, and a smoke run must see ENDs.
         result = wrk(ussd_path(b), "ussd_pay.lua", seconds=max(3.0, b.seconds()), connections=CONNECTIONS,
                      env={**phones, "BENCH_RUN": run})
     b.rss_peak[name] = max(rss.peak, rss2.peak)
+    opened = opened_during(b, sessions_before)
     ends = int(result.extra.get("ends", 0))
     settle(b, "SELECT count(*) FROM payments WHERE channel = 'ussd' AND created_at >= $1", started)
     payments, jobs = db(b, """
@@ -499,7 +514,8 @@ def pay_sessions(b: Bench, label: str, name: str, second: Proc | None = None, no
                            checks={"errors": errors, "hops": result.requests, "sessions_ended": ends,
                                    "serve_cpu_ms_per_hop": cpu_per_op(result.requests, rss, rss2),
                                    "second_process_cpu_share": second_share(rss, rss2) if second else None,
-                                   "payments_in_db": payments, "collect_jobs": jobs, "consistent": consistent},
+                                   "payments_in_db": payments, "collect_jobs": jobs, "consistent": consistent,
+                                   "db_connections_opened": opened},
                            notes="latency columns are per hop; after 2 s of the same load, not measured"
                                  + (f"; {notes}" if notes else "")),
                        result))
@@ -544,9 +560,11 @@ def api_payments(b: Bench, label: str, name: str, second: Proc | None = None, no
     assert base is not None
     run = b.run_id + secrets.token_hex(2)
     b.log(f"{label}: POST /v1/payments with idempotency keys")
+    sessions_before = pg_sessions(b)
     with RssSampler(b.serve, b.profile_path(name)) as rss, RssSampler(second) as rss2:
         result = api_payments_load(b, b.seconds(), run)
     b.rss_peak[name] = max(rss.peak, rss2.peak)
+    opened = opened_during(b, sessions_before)
     created = int(result.extra.get("created", 0))
     like = f"bench-{run}-%"
     settle(b, "SELECT count(*) FROM payments WHERE idempotency_key LIKE $1", like)
@@ -568,7 +586,7 @@ def api_payments(b: Bench, label: str, name: str, second: Proc | None = None, no
                                    "second_process_cpu_share": second_share(rss, rss2) if second else None,
                                    "audit_rows": audit, "outbox_jobs": jobs, "replay_ok": replay,
                                    "consistent": consistent, "baseline_p99_ms": base.p99_ms,
-                                   "baseline_errors": _load_errors(base)},
+                                   "baseline_errors": _load_errors(base), "db_connections_opened": opened},
                            notes="payment + audit + 2 outbox rows in one transaction; JWT auth, schema check"
                                  + (f"; {notes}" if notes else "")),
                        result))
@@ -663,9 +681,11 @@ def callbacks(b: Bench, label: str, name: str, second: Proc | None = None, *, re
     b.callback_bodies = len(payments)
     url = f"{b.url}/webhooks/payments/airtel?secret={b.env['CALLBACK_SECRET_AIRTEL']}"
     b.log(f"{label}: {len(payments)} signed Airtel callbacks, 32 connections")
+    sessions_before = pg_sessions(b)
     with RssSampler(b.serve, b.profile_path(name)) as rss, RssSampler(second) as rss2:
         result = loadgen(url, path, connections=min(CONNECTIONS, count))
     b.rss_peak[name] = max(rss.peak, rss2.peak)
+    opened = opened_during(b, sessions_before)
     first = callback_counts(b, ids)
     # Every callback again: all must be answered as duplicates and change nothing.
     replay = loadgen(url, path, connections=min(CONNECTIONS, count))
@@ -686,7 +706,7 @@ def callbacks(b: Bench, label: str, name: str, second: Proc | None = None, *, re
                                    "second_process_cpu_share": second_share(rss, rss2) if second else None,
                                    **{f"db_{k}": v for k, v in first.items()}, "replayed_as_duplicates":
                                    int(replay.extra.get("duplicate", 0)), "db_unchanged_after_replay":
-                                   second_counts == first, "exactly_once": exact},
+                                   second_counts == first, "exactly_once": exact, "db_connections_opened": opened},
                            notes="HMAC verify, event stored once, PENDING->COMPLETED with audit, receipt SMS "
                                  "and webhook jobs; every callback then replayed; load from bench/loadgen.py "
                                  "(a Python process: each body once)" + (f"; {notes}" if notes else "")), result))
