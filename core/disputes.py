@@ -18,7 +18,7 @@ from core.money import Money
 from core.notify import changed_at, notice_jobs, sms_dedupe
 from core.outbox import enqueue_many
 from core.payments import payer_phone
-from core.references import next_reference
+from core.references import cooperative_reference
 from core.state import transition
 from core.state.dispute import DISPUTE, DisputeReason, DisputeStatus
 
@@ -100,7 +100,8 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
         raise Conflict(f"dispute {already.reference} is already open for this payment")
     dispute = Dispute(
         id=str(uuid.uuid4()), cooperative_id=payment.cooperative_id, payment_id=payment.id,
-        member_id=payment.member_id, reference=await next_reference(session, "DSP"), reason=reason.value,
+        member_id=payment.member_id, reference=await cooperative_reference(session, "DSP", payment.cooperative_id),
+        reason=reason.value,
         status=D.OPEN.value, channel=channel,
         notes=[{"at": utcnow().isoformat(), "actor": actor.id, "text": note}] if note else [],
     )

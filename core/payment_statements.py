@@ -85,7 +85,8 @@ def stored_and_locked(by_transaction: bool) -> Any:
 _PAYER = aliased(Member, name="payer")
 CONTEXT = (
     select(Cooperative.id.label("coop_id"), Cooperative.status.label("coop_status"), Cooperative.country,
-           PaymentType.id.label("type_id"), PaymentType.cooperative_id.label("type_coop"), PaymentType.name,
+           Cooperative.timezone, PaymentType.id.label("type_id"), PaymentType.cooperative_id.label("type_coop"),
+           PaymentType.name,
            PaymentType.amount_minor, PaymentType.currency, PaymentType.allow_custom_amount, PaymentType.is_active,
            Member.id.label("member_id"), Member.status.label("member_status"), _PAYER.id.label("payer_id"))
     .select_from(Cooperative)

@@ -7,7 +7,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import BigInteger, String, and_, bindparam, exists, func, or_, select, update
@@ -18,6 +18,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from core import metrics, pgraw
 from core.audit import Actor, record
+from core.cooperatives import zone_of
 from core.db import insert_ignore, iso_ms, iso_z, lock_row, row_insert, table_of, utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
 from core.models import AuditEvent, Dispute, Member, Payment, ProviderEvent, Refund
@@ -315,11 +316,12 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         NewJob("payment.poll", {"payment_id": payment_id}, dedupe_key=f"poll:{payment_id}",
                cooperative_id=coop.id, run_at=values["next_poll_at"], max_attempts=30),
     ]
+    zone = zone_of(coop.timezone)  # the reference is dated by the cooperative's day, as its receipt is
     try:
         if session.get_bind().dialect.name == "postgresql":
-            reference = await _insert_in_one_statement(session, values, actor, audit_after, jobs)
+            reference = await _insert_in_one_statement(session, values, actor, audit_after, jobs, zone)
         else:
-            reference = await _insert_step_by_step(session, values, actor, audit_after, jobs)
+            reference = await _insert_step_by_step(session, values, actor, audit_after, jobs, zone)
     except IntegrityError as exc:
         if "provider_reference" not in str(exc.orig):
             raise
@@ -383,6 +385,7 @@ class CoopFacts:
     id: str
     status: str
     country: str
+    timezone: str | None = None  # its payments' references are dated by its days (core.references)
 
 
 @dataclass(frozen=True)
@@ -494,7 +497,7 @@ async def load_context(session: AsyncSession, cooperative_id: str, payment_type_
         row = found._mapping if found is not None else None
     if row is None:
         return PaymentContext(None, None)
-    coop = CoopFacts(row["coop_id"], row["coop_status"], row["country"])
+    coop = CoopFacts(row["coop_id"], row["coop_status"], row["country"], row["timezone"])
     ptype = None
     if row["type_id"] is not None:
         ptype = TypeFacts(row["type_id"], row["type_coop"], row["name"], row["amount_minor"], row["currency"],
@@ -544,14 +547,14 @@ def _persistent(session: AsyncSession, payment: Payment) -> Payment:
 
 
 async def _insert_in_one_statement(session: AsyncSession, values: dict[str, Any], actor: Actor,
-                                   audit_after: dict[str, Any], jobs: list[NewJob]) -> str | None:
+                                   audit_after: dict[str, Any], jobs: list[NewJob], zone: tzinfo) -> str | None:
     """WITH p AS (INSERT payment ON CONFLICT (cooperative, key) DO NOTHING RETURNING ...), the audit row and
     the jobs inserted from p: all or nothing, in one round trip. The reference's number comes from the
     sequence inside the statement unless the caller reserved one. None: the key exists."""
     reserved = values["reference"] is not None
     params = {f"p_{k}": v for k, v in values.items() if k != "reference" or reserved}
     if not reserved:
-        params["ref_prefix"] = reference_prefix("PAY")
+        params["ref_prefix"] = reference_prefix("PAY", zone)
     params.update(a_actor=actor.id, a_channel=actor.channel, a_after=audit_after, a_at=values["created_at"])
     for n, job in enumerate(jobs):
         params.update({f"j{n}_{k}": v for k, v in job.row().items()})
@@ -560,9 +563,9 @@ async def _insert_in_one_statement(session: AsyncSession, values: dict[str, Any]
 
 
 async def _insert_step_by_step(session: AsyncSession, values: dict[str, Any], actor: Actor,
-                               audit_after: dict[str, Any], jobs: list[NewJob]) -> str | None:
+                               audit_after: dict[str, Any], jobs: list[NewJob], zone: tzinfo) -> str | None:
     """The same rows as _insert_in_one_statement, one statement each (SQLite: no data-modifying CTEs)."""
-    row = dict(values, reference=values["reference"] or await next_reference(session, "PAY"))
+    row = dict(values, reference=values["reference"] or await next_reference(session, "PAY", zone))
     stmt = row_insert(session.get_bind().dialect.name, Payment,
                       ignore_conflict=("cooperative_id", "idempotency_key"), returning="id")
     if (await session.execute(stmt, row)).scalar_one_or_none() is None:
@@ -1966,7 +1969,8 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     now = utcnow()
     values: dict[str, Any] = {
         "id": payment_id, "cooperative_id": coop.id, "member_id": member_id, "payment_type_id": ptype.id,
-        "reference": reference or await next_reference(session, "PAY"), "amount_minor": amount.minor,
+        "reference": reference or await next_reference(session, "PAY", zone_of(coop.timezone)),
+        "amount_minor": amount.minor,
         "currency": amount.currency, "fee_minor": 0, "refunded_minor": 0, "collected_minor": amount.minor,
         "status": P.COMPLETED.value, "method": new.method, "provider": provider.name,
         # The request that took the money when it is known (a refund through MTN names it); else a value never sent

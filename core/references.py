@@ -1,22 +1,28 @@
-"""Human references (PAY_20251016_001): short enough to type in an SMS, unique. The day is the day it was made;
-the number comes from one PostgreSQL sequence across days and kinds (no hot counter row), so it grows past three
-digits (a federation's year of payments reaches seven) and is unique on its own; on SQLite, a counter per day."""
+"""Human references (PAY_20251016_001): short enough to type in an SMS, unique. The day is the day it was made, in
+its cooperative's time zone (the day its receipt and the USSD "My payments" show: in UTC, every payment made
+between midnight and 02:00 in Kigali carried the day before); the number comes from one PostgreSQL sequence
+across days and kinds (no hot counter row), so it grows past three digits (a federation's year of payments
+reaches seven) and is unique on its own; on SQLite, a counter per day."""
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, tzinfo
 from typing import Any
 
-from sqlalchemy import Text, case, cast, func, text
+from sqlalchemy import Text, case, cast, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from core import pgraw
+from core.cooperatives import zone_of
 from core.db import utcnow
+from core.models import Cooperative
 
 
-async def next_reference(session: AsyncSession | AsyncConnection, prefix: str) -> str:
-    """The next reference; `session` may also be a bare connection (one statement, no transaction needed)."""
-    start = reference_prefix(prefix)
+async def next_reference(session: AsyncSession | AsyncConnection, prefix: str, zone: tzinfo = UTC) -> str:
+    """The next reference, dated today in `zone` (the cooperative's: core.cooperatives.zone_of); `session` may also
+    be a bare connection (one statement, no transaction needed)."""
+    start = reference_prefix(prefix, zone)
     dialect = session.dialect if isinstance(session, AsyncConnection) else session.get_bind().dialect
     if dialect.name == "postgresql":
         # A sequence never blocks concurrent writers, unlike a counter row held until commit. Straight on
@@ -30,14 +36,22 @@ async def next_reference(session: AsyncSession | AsyncConnection, prefix: str) -
     return f"{start}{number:03d}"
 
 
+async def cooperative_reference(session: AsyncSession, prefix: str, cooperative_id: str) -> str:
+    """The next reference of the cooperative's refund or dispute, dated by its day (its zone read here: a refund or
+    a dispute is made far less often than a payment, whose context query reads the zone with the rest)."""
+    timezone = (await session.execute(select(Cooperative.timezone).where(Cooperative.id == cooperative_id))
+                ).scalar_one_or_none()
+    return await next_reference(session, prefix, zone_of(timezone))
+
+
 # What a reference looks like: PAY_20251016_001 (prefix, day, a number of at least three digits).
 REFERENCE_SHAPE = re.compile(r"^[A-Z]{2,5}_\d{8}_\d{1,9}$", re.ASCII)
 _NEXTVAL = text("SELECT nextval('human_reference_seq')")
 
 
-def reference_prefix(prefix: str) -> str:
-    """'PAY_20251016_': what a reference starts with today; the number follows."""
-    now = utcnow()
+def reference_prefix(prefix: str, zone: tzinfo = UTC) -> str:
+    """'PAY_20251016_': what a reference starts with today in `zone` (the cooperative's); the number follows."""
+    now = utcnow().astimezone(zone)
     return f"{prefix}_{now.year:04d}{now.month:02d}{now.day:02d}_"
 
 

@@ -24,7 +24,7 @@ from core.notify import notice_jobs
 from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, end_waiting, enqueue, enqueue_many, raised_sqlstate
 from core.ports import PaymentProvider, ProviderOutcome
 from core.ports import ProviderEvent as ProviderEventData
-from core.references import next_reference
+from core.references import cooperative_reference
 from core.state import StaleTransition, transition
 from core.state.payment import PAYMENT, PaymentStatus, holds_money, taken_after_failure
 from core.state.refund import REFUND, RefundStatus
@@ -155,7 +155,8 @@ async def request_refund(
 
     refund = Refund(
         id=str(uuid.uuid4()), cooperative_id=payment.cooperative_id, payment_id=payment.id,
-        reference=await next_reference(session, "RFD"), amount_minor=amount.minor, currency=amount.currency,
+        reference=await cooperative_reference(session, "RFD", payment.cooperative_id), amount_minor=amount.minor,
+        currency=amount.currency,
         status=R.PENDING.value, reason=reason, idempotency_key=key, request_hash=request_hash,
         # Never sent when the provider returned it: random. Sent, derived from its key (derived_refund_reference).
         provider_reference=str(uuid.uuid4()) if returned is not None else derived_refund_reference(

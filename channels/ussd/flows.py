@@ -595,11 +595,16 @@ async def reserved_reference(ctx: Ctx) -> str:
     """
     ref = ctx.data.get("rr")
     if not ref:
+        from core.cooperatives import zone_of
         from core.references import next_reference
 
+        # Dated by the cooperative's day, as the receipt and "My payments" date the payment (its row is cached
+        # by the memberships' read of this process; else read once).
+        coop = await cooperative(ctx, ctx.data["c"])
+        zone = zone_of(coop.timezone if coop else None)
         # nextval() needs no transaction around it: BEGIN and COMMIT were two of its four round trips.
         async with cache.autocommit(ctx.rt) as conn:
-            ref = await next_reference(conn, "PAY")
+            ref = await next_reference(conn, "PAY", zone)
         ctx.data["rr"] = ref
     return ref
 
