@@ -256,7 +256,10 @@ def _since(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time, e.g. 2026-12-02T09:30:00Z") from None
     if at.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no offset: give it in UTC, e.g. {text}Z")
-    return at.astimezone(UTC)
+    try:
+        return at.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first instant Python can hold in UTC
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range") from None
 
 
 async def _sync_opt_outs(settings: Settings, since: datetime) -> int:

@@ -160,3 +160,6 @@ async def test_a_since_without_its_offset_is_refused(rt):
     assert refused.returncode == 2 and refused.stdout == ""
     assert "has no offset: give it in UTC, e.g. 2026-12-02T09:30:00Z" in refused.stderr
     assert _run("--since", "yesterday").returncode == 2
+    # Before the first instant UTC can hold: an argument error, not a traceback.
+    early = _run("--since", "0001-01-01T00:00:00+01:00")
+    assert early.returncode == 2 and "is out of range" in early.stderr and "Traceback" not in early.stderr
