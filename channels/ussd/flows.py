@@ -6,6 +6,7 @@ reads with no core helper (cooperative by code or extension) are small private q
 
 from __future__ import annotations
 
+import calendar
 import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from channels.ussd.engine import LINE, Ctx, Invalid, Item, cut_name, fit_names
 from channels.ussd.i18n import LANGUAGES
 from channels.ussd.types import side_effect_started
 from core.audit import Actor
+from core.db import utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError
 from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import Money, MoneyError
@@ -458,11 +460,21 @@ async def type_items(ctx: Ctx) -> list[Item]:
         free = pt.allow_custom_amount and not pt.amount_minor
         amount = ctx.t("pay.any_amount") if free else ctx.money(Money(pt.amount_minor, pt.currency))
         if pt.due_day:
-            label = ctx.t("pay.type_line_due", name=name, amount=amount, day=pt.due_day)
+            label = ctx.t("pay.type_line_due", name=name, amount=amount, day=await _due_day_this_month(ctx, pt.due_day))
         else:
             label = ctx.t("pay.type_line", name=name, amount=amount)
         items.append(Item(pt.id, label))
     return items
+
+
+async def _due_day_this_month(ctx: Ctx, due_day: int) -> int:
+    """A type's due day in this month where the cooperative is: the 31st is the 30th in November, as its reminders
+    date it (core.reminders.due_dates)."""
+    from core.cooperatives import zone_of
+
+    coop = await cooperative(ctx, ctx.data["c"])
+    today = utcnow().astimezone(zone_of(coop.timezone if coop else None)).date()
+    return min(due_day, calendar.monthrange(today.year, today.month)[1])
 
 
 async def type_chosen(ctx: Ctx, type_id: str) -> str:

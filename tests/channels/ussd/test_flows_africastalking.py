@@ -1034,3 +1034,23 @@ async def test_my_payments_show_what_was_taken_when_the_provider_took_less(clien
     assert "40,000 RWF" in listing and "50,000" not in listing
     detail = await phone.send("1")
     assert "Monthly Rent: 40,000 RWF\nStatus: Paid" in detail
+
+
+@pytest.mark.parametrize(("now", "shown"), [("2026-11-29T12:00:00+00:00", 30),  # November: its 31st is the 30th
+                                            ("2026-11-30T22:30:00+00:00", 31)])  # 00:30 on 1 December in Kigali
+async def test_a_due_day_past_the_months_end_is_shown_as_this_months_last_day(
+        client: Any, demo: Any, rt: Any, monkeypatch: pytest.MonkeyPatch, now: str, shown: int) -> None:
+    from datetime import datetime
+
+    from channels.ussd import flows
+
+    async with rt.sessionmaker.begin() as s:
+        water = await s.get(PaymentType, demo["payment_types"]["Water"])
+        water.due_day = 31
+        coop = await s.get(Cooperative, water.cooperative_id)
+        assert coop.timezone == "Africa/Kigali"
+    monkeypatch.setattr(flows, "utcnow", lambda: datetime.fromisoformat(now))
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    types = await phone.send("1")
+    assert f"Water 5,000 RWF (due day {shown})" in types, types
