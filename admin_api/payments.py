@@ -249,14 +249,17 @@ VOID = {
                    "POST /v1/payments/{id}/outcome): the wrong statement line, member or transaction id, or another "
                    "cooperative's line. A refund would send real money to someone; this moves none. The payment "
                    "becomes VOIDED (final): collectedAmount 0, out of the reconciliation's collected and settled "
-                   "figures and not refundable; its gatewayTransactionId is released (and a recorded payment's "
-                   "gatewayReference), both kept in the audit row (payment.voided, its before, with the note), so the "
-                   "right line can be recorded with POST /v1/payments/recorded (under a new idempotencyKey). The "
+                   "figures and not refundable (a period that had ended names it in paymentsVoidedLater); its "
+                   "gatewayTransactionId is released (and a recorded payment's gatewayReference), both kept in the "
+                   "audit row (payment.voided, its before, with the note), so the right line can be recorded with "
+                   "POST /v1/payments/recorded (under a new idempotencyKey). The "
                    "payment.voided webhook event is queued (sent to endpoints of payment.completed too); no SMS. "
                    "409 for a payment the provider itself reported paid (a callback, or the one a recording accounts "
                    "for: refund it instead), one not recorded by an admin, one with a refund that is not FAILED (money "
-                   "may be on its way back), one with an open dispute, and one VOIDED already. A success the provider "
-                   "reports afterwards for its request flags it (mismatch) and never reopens it.",
+                   "may be on its way back), one with an open dispute, one whose transaction id a payment the "
+                   "provider reported paid holds too with its money counted on this recording, and one VOIDED "
+                   "already. A success the provider reports afterwards for its request flags it (mismatch) and "
+                   "never reopens it.",
 }
 LIST_QUERY = {
     "page": PAGE,

@@ -120,11 +120,42 @@ _PAYMENTS_RECORDED_LATER = {
         },
     },
 }
+_PAYMENTS_VOIDED_LATER = {
+    "type": "array",
+    "description": "Recordings of money taken dated in the period (their `completedAt` in it) and voided at or after "
+                   "its end (POST /v1/payments/{id}/void: VOIDED, nothing collected; at most 500). A closed period's "
+                   "`settled` collections shrank after it ended: these shrank them",
+    "items": {
+        "type": "object",
+        "required": ["id", "reference", "provider", "paymentMethod", "amount", "collected", "currency",
+                     "completedAt", "createdAt", "voidedAt", "voidedBy", "note", "providerTransactionId"],
+        "properties": {
+            "id": {"type": "string"},
+            "reference": {"type": "string"},
+            "provider": {"type": "string", "description": "The provider account whose `settled` line it left"},
+            "paymentMethod": {"type": "string"},
+            "amount": {"type": ["integer", "string"], "description": "The amount asked for"},
+            "collected": {"type": ["integer", "string"],
+                          "description": "What `settled` counted of it until the void"},
+            "currency": {"type": "string"},
+            "completedAt": {"type": "string", "format": "date-time",
+                            "description": "When the recording said the money was taken: in the period"},
+            "createdAt": {"type": "string", "format": "date-time"},
+            "voidedAt": {"type": "string", "format": "date-time",
+                         "description": "When it was voided (the audit log's payment.voided): at or after the "
+                                        "period's end"},
+            "voidedBy": {"type": "string", "description": "Who voided it (admin:<id>)"},
+            "note": {"type": ["string", "null"], "description": "Why it was voided, as the admin wrote it"},
+            "providerTransactionId": {"type": ["string", "null"],
+                                      "description": "The transaction id it held until the void released it"},
+        },
+    },
+}
 RECONCILIATION = {
     "type": "object",
     "required": ["period", "payments", "totals", "refunds", "settled", "openDisputes", "flagged", "flaggedCount",
                  "refundsRecordedLater", "refundsRecordedLaterCount", "paymentsRecordedLater",
-                 "paymentsRecordedLaterCount"],
+                 "paymentsRecordedLaterCount", "paymentsVoidedLater", "paymentsVoidedLaterCount"],
     "properties": {
         "period": {"type": "object", "required": ["from", "to"]},
         "payments": {
@@ -142,6 +173,8 @@ RECONCILIATION = {
         "refundsRecordedLaterCount": {"type": "integer"},
         "paymentsRecordedLater": _PAYMENTS_RECORDED_LATER,
         "paymentsRecordedLaterCount": {"type": "integer"},
+        "paymentsVoidedLater": _PAYMENTS_VOIDED_LATER,
+        "paymentsVoidedLaterCount": {"type": "integer"},
     },
 }
 # With cooperativeId a super admin narrows a report to one cooperative (its bare dates are then that

@@ -1062,7 +1062,9 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
                 if event_row_id is None:
                     return "duplicate"
                 if payment is not None:
-                    if adopted is not None and payment.provider_transaction_id is None:
+                    # (Not a voided recording's: its ids were released for the right line, and it takes none back.)
+                    if (adopted is not None and payment.provider_transaction_id is None
+                            and payment.status != P.VOIDED.value):
                         await _adopt_transaction_id(session, payment, adopted)
                     if (query_error is not None and event.outcome is ProviderOutcome.SUCCEEDED
                             and unconfirmed_success_over(payment)):
@@ -2170,6 +2172,23 @@ async def void_recording(session: AsyncSession, *, payment_id: str, cooperative_
                        "the recording", field="status")
     if current is not P.COMPLETED:  # (a refund, which the checks above refuse, moves it on)
         raise Conflict(f"payment is {current.value}: only a COMPLETED recording is voided", field="status")
+    txn = payment.provider_transaction_id
+    if txn:
+        # A payment of the cooperative the provider itself reported paid with this transaction id after it was
+        # recorded (the retry of a payment a restore lost) counts nothing (_flag_held_twice: collected 0, "counted
+        # there, not here"): voided, the money the provider reported taken would be counted nowhere. Under the id's
+        # lock, taken after the payment's (the order a completion takes them in): a completion probing the id now
+        # waits for this void, and then finds it released and counts the money itself.
+        await _lock_transaction_id(session, payment.provider, txn)
+        counted_here = (await session.execute(
+            select(Payment.reference).where(Payment.provider == payment.provider,
+                                            Payment.provider_transaction_id == txn, Payment.id != payment.id,
+                                            Payment.cooperative_id == payment.cooperative_id,
+                                            Payment.collected_minor == 0).limit(1))).first()
+        if counted_here is not None:
+            raise Conflict(f"payment {counted_here.reference} completed with the same provider transaction "
+                           f"{txn[:64]} on the provider's own word, its money counted on this recording: voided, "
+                           "it would be counted nowhere", field="status")
     values: dict[str, Any] = {"collected_minor": 0, "provider_transaction_id": None,
                               "failure_reason": f"{VOIDED_RECORDING}{note}"[:200],
                               "updated_at": changed_at(payment.updated_at)}

@@ -319,14 +319,18 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
             log.error("member paid back more than was collected", extra={
                 "refund": refund.reference, "payment": payment.reference,
                 "over_refunded_minor": refunded - collected(payment), "actor": actor.id})
-        if taken_after_failure(payment) or payment.status == PaymentStatus.REFUNDED.value:
+        voided = payment.status == PaymentStatus.VOIDED.value
+        if taken_after_failure(payment) or payment.status == PaymentStatus.REFUNDED.value or voided:
             # Money taken after the payment failed, given back: the payment stays FAILED (a final state is
             # never reopened); what went back is counted on it. (Or a payment already REFUNDED whose failed
-            # refund went through after all: the member was paid back twice; flagged by _sent_after_failure.)
+            # refund went through after all: the member was paid back twice; flagged by _sent_after_failure.
+            # Or a voided recording's (core.payments.void_recording, allowed once its refunds had FAILED): it stays
+            # VOIDED, the money that left is counted on it, flagged by _sent_after_failure.)
             await session.execute(update(Payment).where(Payment.id == payment.id)
                                   .values(refunded_minor=refunded, updated_at=utcnow()))
-            await record(session, actor=actor, action="payment.refunded_after_failure" if taken_after_failure(payment)
-                         else "payment.refunded_beyond_collected", entity_type="payment",
+            action = ("payment.refunded_after_failure" if taken_after_failure(payment)
+                      else "payment.refunded_after_void" if voided else "payment.refunded_beyond_collected")
+            await record(session, actor=actor, action=action, entity_type="payment",
                          entity_id=payment.id, after={"refundId": refund.id, "refunded": refunded},
                          cooperative_id=payment.cooperative_id)
         else:

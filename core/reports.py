@@ -214,6 +214,7 @@ async def reconciliation(
         ).scalar_one()
     recorded_later, recorded_later_count = await _recorded_later(session, scope, start, end)
     payments_later, payments_later_count = await _payments_recorded_later(session, scope, start, end)
+    voided_later, voided_later_count = await _payments_voided_later(session, scope, start, end)
     refunded_here = set((await session.execute(
         refunded_in.where(Refund.payment_id.in_([p.id for p in flagged_rows])))).scalars()) if flagged_rows else set()
     flagged = [
@@ -247,6 +248,8 @@ async def reconciliation(
         "refundsRecordedLaterCount": recorded_later_count,
         "paymentsRecordedLater": payments_later,
         "paymentsRecordedLaterCount": payments_later_count,
+        "paymentsVoidedLater": voided_later,
+        "paymentsVoidedLaterCount": voided_later_count,
     }
 
 
@@ -338,6 +341,57 @@ async def _payments_recorded_later(session: AsyncSession, scope: Scope, start: d
         }
         for p, recorded_at, recorded_by_actor in rows
     ], int(count)
+
+
+# The audit action of a recording voided (core.payments.void_recording: the move to VOIDED, audited as
+# <machine>.<target> with the note, and the collected figure and transaction id it cleared in its before).
+VOID_ACTION = f"{PAYMENT.name}.{PaymentStatus.VOIDED.value.lower()}"
+
+
+async def _payments_voided_later(session: AsyncSession, scope: Scope, start: datetime | None,
+                                 end: datetime | None) -> tuple[list[dict[str, Any]], int]:
+    """Recordings of money taken dated in the period (their completed_at in it, which a void keeps) and voided at
+    or after its end (core.payments.void_recording): the period's `settled` collections shrank after it closed (a
+    VOIDED payment holds nothing), and nothing else in the report says so (a void is not flagged, and the payment
+    may have been asked for in another period). These are the payments that shrank them, with what each counted
+    (`collected`, the void's audit row's before), when and by whom it was voided and why. None while the period is
+    open-ended. A payment is voided once (VOIDED is final): one audit row each."""
+    if end is None:
+        return [], 0
+    voids = and_(AuditEvent.entity_type == PAYMENT.name, AuditEvent.entity_id == Payment.id,
+                 AuditEvent.action == VOID_ACTION)
+    later = and_(Payment.status == PaymentStatus.VOIDED.value, Payment.completed_at.is_not(None),
+                 _within(Payment.completed_at, start, end), AuditEvent.at >= end)
+    rows = (
+        await session.execute(
+            scope(select(Payment, AuditEvent.at, AuditEvent.actor, AuditEvent.before, AuditEvent.after), Payment)
+            .join(AuditEvent, voids).where(later).order_by(Payment.completed_at, Payment.id).limit(FLAGGED_LIMIT)
+        )
+    ).all()
+    count = len(rows)
+    if count == FLAGGED_LIMIT:
+        count = (await session.execute(scope(select(func.count(Payment.id)), Payment).join(AuditEvent, voids)
+                                       .where(later))).scalar_one()
+    listed = []
+    for p, voided_at, voided_by, before, after in rows:
+        was, said = before or {}, after or {}
+        counted = was.get("collected")
+        listed.append({
+            "id": p.id,
+            "reference": p.reference,
+            "provider": p.provider,
+            "paymentMethod": p.method,
+            "amount": _amount(p.amount_minor, p.currency),
+            "collected": _amount(p.amount_minor if counted is None else counted, p.currency),
+            "currency": p.currency,
+            "completedAt": _iso(p.completed_at),
+            "createdAt": _iso(p.created_at),
+            "voidedAt": _iso(voided_at),
+            "voidedBy": voided_by,
+            "note": said.get("note"),
+            "providerTransactionId": was.get("providerTransactionId"),
+        })
+    return listed, int(count)
 
 
 async def _settled(session: AsyncSession, scope: Scope, start: datetime | None, end: datetime | None

@@ -21,7 +21,7 @@ from core.notify import SMS_PHONE_CONTEXT
 from core.payments import collected_amount
 from core.phone import Phone
 from core.refunds import BY_A_PERSON
-from core.state.payment import shown_status
+from core.state.payment import PaymentStatus, shown_status
 
 CATALOGS: dict[str, ModuleType] = {"en": en, "rw": rw, "fr": fr, "sw": sw}
 LANGUAGES = tuple(CATALOGS)
@@ -154,9 +154,10 @@ class PaymentFacts(NamedTuple):
 def amount_text(facts: PaymentFacts, language: str) -> str:
     """The payment's amount as the payer is told it, as her language writes numbers (Money.format: in French
     50 000 RWF): what was taken once money is, and, when the provider took less or more than was asked, both
-    ("40,000 RWF of 50,000 RWF"): never the amount asked as if received."""
+    ("40,000 RWF of 50,000 RWF"): never the amount asked as if received. A voided recording (VOIDED: collected 0,
+    its completed_at kept) took nothing: the amount asked, as a failed payment's, never "0 RWF of 50,000 RWF"."""
     asked = Money(facts.amount_minor, facts.currency)
-    taken = collected_amount(facts)
+    taken = None if facts.status == PaymentStatus.VOIDED.value else collected_amount(facts)
     if taken is None or taken == asked:
         return asked.format(language)
     phrase = CATALOGS.get(language, en).AMOUNT_TAKEN["less" if taken < asked else "more"]

@@ -852,10 +852,11 @@ async def detail_args(ctx: Ctx) -> dict[str, Any]:
 
 def _amount(ctx: Ctx, payment: Payment) -> str:
     """What was taken once money is (a provider may take less or more than asked: the receipt says both),
-    else the amount asked."""
+    else the amount asked (also for a voided recording: it took nothing, and "0 RWF" reads as a payment of 0)."""
     from core.payments import collected_amount
 
-    return ctx.money(collected_amount(payment) or Money(payment.amount_minor, payment.currency))
+    taken = None if payment.status == PaymentStatus.VOIDED.value else collected_amount(payment)
+    return ctx.money(taken or Money(payment.amount_minor, payment.currency))
 
 
 def _shown(payment: Any) -> str:

@@ -20,7 +20,7 @@ from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
 from core.webhooks import subscribed
 from tests.admin_api.conftest import Caller, complete_payment, idem, make_payment
-from tests.admin_api.test_chargeback_visibility import _z
+from tests.admin_api.test_chargeback_visibility import _last_month, _z
 from tests.admin_api.test_payment_outcome import RECORD, _given_up
 from tests.admin_api.test_unmatched_callbacks import _lost_payment_reference, _mtn_callback
 
@@ -223,3 +223,84 @@ async def test_notes_roles_and_cooperatives(rt: Any, admin: Caller, tenant: Call
     assert done["status"] == "VOIDED"
     [audit] = await _audit(rt, payment["id"])
     assert audit.cooperative_id == demo["cooperative_id"]
+
+
+async def test_refused_while_the_money_is_counted_here_for_another_payment(rt: Any, admin: Caller,
+                                                                          demo: dict[str, Any]) -> None:
+    """A statement line recorded (after a restore), then the gateway's own payment of that money completed by the
+    provider with the same transaction id: counted on the recording only (the other's collected 0, flagged "counted
+    there, not here"). Voiding the recording would leave money the provider reported taken counted nowhere."""
+    recorded = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo))
+    asked = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    async with rt.sessionmaker.begin() as s:
+        row = await s.get(Payment, asked["id"])
+        said = await apply_collection_outcome(s, rt, row, ProviderOutcome.SUCCEEDED,
+                                              actor=Actor("provider:test", "provider"), provider_transaction_id=TXN)
+    assert said == "completed"
+    row = await _row(rt, asked["id"])
+    assert (row.status, row.collected_minor, row.provider_transaction_id) == ("COMPLETED", 0, TXN)
+    counted = _money(await admin.json("GET", "/v1/reports/reconciliation", 200))
+    assert counted["settled"] == [("mtn_momo", 1, 50000, 50000)]
+
+    refused = await admin.json("POST", f"/v1/payments/{recorded['id']}/void", 409, json={"note": NOTE})
+    assert refused["message"] == (
+        f"payment {asked['reference']} completed with the same provider transaction {TXN} on the provider's own "
+        "word, its money counted on this recording: voided, it would be counted nowhere")
+    assert (await _row(rt, recorded["id"])).status == "COMPLETED" and await _audit(rt, recorded["id"]) == []
+    assert _money(await admin.json("GET", "/v1/reports/reconciliation", 200)) == counted
+
+
+async def test_a_void_of_money_dated_in_a_closed_month_is_named_in_its_reconciliation(
+        rt: Any, admin: Caller, demo: dict[str, Any]) -> None:
+    """A statement line recorded into last month (closed: the treasurer signed its `settled` figures off), voided
+    this month: last month's collections shrink after it ended, and its reconciliation names the void that shrank
+    them, as it names the money recorded into it later (paymentsRecordedLater)."""
+    start, end = _last_month()
+    period = f"from={_z(start)}&to={_z(end)}"
+    payment = await admin.json("POST", "/v1/payments/recorded", 201,
+                               json=_line(demo, completedAt=_z(start + timedelta(days=9))))
+    closed = await admin.json("GET", f"/v1/reports/reconciliation?{period}", 200)
+    assert _money(closed)["settled"] == [("mtn_momo", 1, 50000, 50000)]
+    assert (closed["paymentsVoidedLater"], closed["paymentsVoidedLaterCount"]) == ([], 0)
+
+    await admin.json("POST", f"/v1/payments/{payment['id']}/void", 200, json={"note": NOTE})
+    [audit] = await _audit(rt, payment["id"])
+    reread = await admin.json("GET", f"/v1/reports/reconciliation?{period}", 200)
+    assert _money(reread)["settled"] == []
+    assert reread["paymentsVoidedLater"] == [{
+        "id": payment["id"], "reference": payment["reference"], "provider": "mtn_momo",
+        "paymentMethod": "MOBILE_MONEY_MTN", "amount": 50000, "collected": 50000, "currency": "RWF",
+        "completedAt": payment["completedAt"], "createdAt": payment["createdAt"], "voidedAt": _z(audit.at),
+        "voidedBy": audit.actor, "note": NOTE, "providerTransactionId": TXN}]
+    assert reread["paymentsVoidedLaterCount"] == 1
+    # This month's report: nothing of it (its money was last month's), and nothing named.
+    this_month = await admin.json("GET", f"/v1/reports/reconciliation?from={_z(end)}", 200)
+    assert (this_month["paymentsVoidedLater"], this_month["paymentsVoidedLaterCount"]) == ([], 0)
+    assert _money(this_month)["settled"] == []
+
+
+async def test_a_failed_refund_sent_back_after_the_void_is_recorded_and_flagged(rt: Any, admin: Caller,
+                                                                                demo: dict[str, Any]) -> None:
+    """A refund of the recording failed (so the void was allowed); the provider's statement then shows it sent back
+    after all. The money left the cooperative's account: the refund is recorded COMPLETED (counted in `settled` as
+    refunded), the payment stays VOIDED (final, never reopened) with what went back on it, flagged for a person."""
+    payment = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(
+        demo, gatewayReference=str(uuid.uuid4())))
+    url = f"/v1/payments/{payment['id']}"
+    refund = await admin.json("POST", f"{url}/refunds", 201, json={"amount": 10000, "idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:  # the provider refused it, and the submission is over
+        await s.execute(update(Refund).where(Refund.id == refund["id"]).values(status="FAILED"))
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.submit").values(status="DONE"))
+    await admin.json("POST", f"{url}/void", 200, json={"note": NOTE})
+
+    done = await admin.json("POST", f"/v1/refunds/{refund['id']}/outcome", 200, json={
+        "status": "COMPLETED", "note": "MTN statement: sent back on 2 Dec after all"})
+    assert done["status"] == "COMPLETED"
+    row = await _row(rt, payment["id"])
+    assert (row.status, row.collected_minor, row.refunded_minor, row.mismatch) == ("VOIDED", 0, 10000, True)
+    assert f"refund {refund['reference']} reported sent back" in (row.mismatch_detail or "")
+    [audit] = await _audit(rt, payment["id"], "payment.refunded_after_void")
+    assert (audit.after or {})["refunded"] == 10000
+    report = await admin.json("GET", "/v1/reports/reconciliation", 200)
+    assert [(s["provider"], s["collected"], s["refunded"], s["net"]) for s in report["settled"]] == [
+        ("mtn_momo", 0, 10000, -10000)]

@@ -227,3 +227,34 @@ async def test_reversal_result_naming_another_refunds_id_is_not_applied_by_refer
                              json=_reversal_result("AG_1"))
     async with rt.sessionmaker() as s:
         assert (await s.get(Refund, refund.id)).status == "COMPLETED"
+
+
+async def test_late_callback_of_a_voided_recording_flags_it_and_takes_back_no_id(rt, demo, worker, client):
+    """A push given up (TIMEOUT), its money recorded by an admin from the statement (the receipt replaces the
+    CheckoutRequestID), then the recording voided (core.payments.void_recording: its id released). Daraja's late
+    callback finds it by our reference (no payment holds the CheckoutRequestID any more): flagged for a person, and
+    the voided payment holds no id again (it would be found by it, and shown with it)."""
+    from sqlalchemy import update
+
+    from core.audit import Actor
+    from core.payments import record_collected, void_recording
+
+    wire, payment = await _pushed(rt, demo, worker)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == payment.id).values(
+            status="TIMEOUT", failure_reason="not approved in time"))
+    admin = Actor("admin:desk", "admin")
+    async with rt.sessionmaker.begin() as s:
+        await record_collected(s, rt, payment_id=payment.id, cooperative_id=None, provider_transaction_id=RECEIPT,
+                               note="statement line 4", actor=admin)
+    async with rt.sessionmaker.begin() as s:
+        await void_recording(s, payment_id=payment.id, cooperative_id=None, note="wrong line: not hers",
+                             actor=admin)
+    wire.on("POST", QUERY, *_query_answer("0"))
+    resp = await client.post(f"/webhooks/payments/mpesa?ref={payment.provider_reference}",
+                             json=_stk_callback(0, "SKL3LATE99"))
+    assert resp.status == 200
+    stored = await _payment(rt, payment.id)
+    assert (stored.status, stored.collected_minor, stored.mismatch) == ("VOIDED", 0, True)
+    assert "after the recording was voided" in (stored.mismatch_detail or "")
+    assert stored.provider_transaction_id is None

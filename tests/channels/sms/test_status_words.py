@@ -65,3 +65,23 @@ async def test_status_of_money_taken_after_a_failure(rt: Any, demo: dict[str, An
     await drain(worker)
     [reply] = sim.messages(JEAN)
     assert "failed, but the money was taken: your cooperative will return it" in reply["message"]
+
+
+async def test_status_of_a_voided_recording(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any,
+                                            worker: Any) -> None:
+    """A recording of money taken voided by the desk (collected 0, its completedAt kept): "not paid: recorded in
+    error", with the amount asked (never "0 RWF of 50,000 RWF", which reads as a part payment)."""
+    p = await make_payment(rt, demo["cooperative_id"], account=JEAN, status="VOIDED",
+                           failure_reason="recording voided: wrong statement line",
+                           created_at=utcnow() - timedelta(days=1))
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == p.id).values(collected_minor=0,
+                                                                         completed_at=utcnow() - timedelta(hours=1)))
+    await inbound(sms_client, JEAN, f"STATUS {p.reference}", "u-3")
+    await inbound(sms_client, JEAN, f"RECEIPT {p.reference}", "u-4")
+    await drain(worker)
+    replies = [m["message"] for m in sim.messages(JEAN)]
+    assert len(replies) == 2
+    for reply in replies:
+        assert "50,000 RWF" in reply and "not paid: recorded in error" in reply, reply
+        assert "0 RWF of" not in reply, reply

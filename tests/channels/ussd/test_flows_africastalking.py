@@ -1054,3 +1054,21 @@ async def test_a_due_day_past_the_months_end_is_shown_as_this_months_last_day(
     await phone.dial()
     types = await phone.send("1")
     assert f"Water 5,000 RWF (due day {shown})" in types, types
+
+
+async def test_my_payments_show_the_amount_asked_of_a_voided_recording(client: Any, demo: Any, db: Any,
+                                                                       rt: Any) -> None:
+    """A recording of money taken voided by the desk (core.payments.void_recording: collected 0, its completedAt
+    kept): nothing was taken, so "my payments" says the amount asked, as for a failed payment, never "0 RWF"."""
+    from sqlalchemy import update
+
+    await _pay(client, EN_MTN)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).values(status="VOIDED", collected_minor=0, completed_at=Payment.created_at,
+                                               failure_reason="recording voided: wrong statement line"))
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    listing = await phone.send("2")
+    assert "50,000 RWF" in listing and "Voided" in listing and " 0 RWF" not in listing
+    detail = await phone.send("1")
+    assert "Monthly Rent: 50,000 RWF\nStatus: Voided" in detail
