@@ -117,7 +117,8 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
         providers.setdefault(provider, {})[status] = count
     success = {}
     for provider, counts in providers.items():
-        settled = sum(v for k, v in counts.items() if k not in ("PENDING", "PROCESSING"))
+        # (A voided recording is no provider's outcome: an admin recorded money in error and took it back.)
+        settled = sum(v for k, v in counts.items() if k not in ("PENDING", "PROCESSING", "VOIDED"))
         good = sum(v for k, v in counts.items() if k in ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED"))
         success[provider] = {"settled": settled, "succeeded": good,
                              "rate": round(good / settled, 4) if settled else None, "counts": counts}

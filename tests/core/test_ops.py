@@ -31,6 +31,16 @@ async def test_dashboard_counts_payments_providers_and_outbox(rt, demo):
     # 3 collect + 3 poll jobs, one receipt and one failure SMS, two webhook events, all still pending
     assert figures["outbox"]["pending"] == 10
     assert other["openPayments"]["count"] == 0 and other["providers"] == {}
+    # A recording an admin voided (core.payments.void_recording) is no provider's outcome: not in its rate.
+    from sqlalchemy import update
+
+    from core.models import Payment
+
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == made[2].id).values(status="VOIDED"))
+    async with rt.sessionmaker() as s:
+        mtn = (await dashboard(s, demo["cooperative_id"]))["providers"]["mtn_momo"]
+    assert (mtn["settled"], mtn["succeeded"], mtn["rate"]) == (2, 1, 0.5) and mtn["counts"]["VOIDED"] == 1
 
 
 # -- the USSD funnel ------------------------------------------------------------------------------------
