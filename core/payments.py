@@ -1867,8 +1867,9 @@ async def set_gateway_reference(session: AsyncSession, *, payment_id: str, coope
     gatewayReference given with the line (_request_reference, _request_free), on the payment's locked row; audited
     payment.gateway_reference_set.
 
-    Refused: a payment not recorded (its reference is the request the gateway sent) or one whose request is known
-    already, and a reference a payment of the provider holds. One that a payment takes while this runs (a lost
+    Refused: a payment not recorded (its reference is the request the gateway sent), one whose request is known
+    already, a voided one (final, no money of it to refund: the request its void released is the right line's), and
+    a reference a payment of the provider holds. One that a payment takes while this runs (a lost
     payment's retry, whose derived reference it is: create_payment) is found by the (provider, provider_reference)
     unique index, and refused the same way, with nothing written."""
     reference = _request_reference(gateway_reference)
@@ -1877,6 +1878,11 @@ async def set_gateway_reference(session: AsyncSession, *, payment_id: str, coope
         raise Conflict(f"payment {payment.reference} was not recorded from a provider's statement (channel "
                        f"{payment.channel}): its gatewayReference is the request the gateway sent, and is not "
                        "changed", field="gatewayReference")
+    if payment.status == P.VOIDED.value:
+        # Its void released the request it named (void_recording) for the right line; taken here, that line could
+        # not be recorded with it, and nothing could take it back.
+        raise Conflict(f"payment {payment.reference} is VOIDED: its recording was voided; {_AFTER_VOID} with "
+                       "the gatewayReference", field="status")
     if not request_unknown(payment):
         raise Conflict(f"payment {payment.reference} has its gatewayReference already ({payment.provider_reference}"
                        "): it is not changed", field="gatewayReference")

@@ -13,10 +13,13 @@ from typing import Any
 
 from sqlalchemy import select
 
+import admin_api.payments
 from core import cooperatives
 from core import payment_types as service
-from core.models import Cooperative, PaymentType
+from core.models import AdminUser, AuditEvent, Cooperative, OutboxJob, PaymentType
+from tests.admin_api.conftest import make_payment
 from tests.admin_api.test_cooperatives import NEW as NEW_COOP
+from tests.admin_api.test_payment_void import _line as recorded_line
 
 WAIT = 1.0
 
@@ -88,3 +91,33 @@ async def test_one_short_code_given_to_two_new_cooperatives_at_once(superadmin, 
     async with rt.sessionmaker() as s:
         made = (await s.execute(select(Cooperative.name).where(Cooperative.short_code == "MFS"))).scalars().all()
     assert len(made) == 1
+
+
+async def test_the_desk_cancels_or_voids_one_payment_twice_at_once(admin, rt, demo, monkeypatch):
+    """Two desk clerks (or a client retrying) cancel one open payment, or void one recording, at the same moment,
+    both having read it open: one effect (one audit row naming the clerk, one SMS, one webhook event, one watch)
+    and a 409 saying why for the other, which waits on the payment's lock and reads it as the first left it."""
+    opened = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    recorded = await admin.json("POST", "/v1/payments/recorded", 201, json=recorded_line(demo))
+    async with rt.sessionmaker() as s:
+        clerk = (await s.execute(select(AdminUser.id).where(AdminUser.username == demo["admin"][0]))).scalar_one()
+    _both_read(monkeypatch, admin_api.payments, "one")
+    for payment, act, action, jobs, said in (
+            (opened, "cancel", "payment.cancelled", 3,
+             "payment is CANCELLED: only an open payment (PENDING or PROCESSING) can be cancelled"),
+            (recorded, "void", "payment.voided", 1, "payment is VOIDED already: recording voided: {note}")):
+        async with rt.sessionmaker() as s:
+            jobs_before = set((await s.execute(select(OutboxJob.dedupe_key))).scalars())
+        notes = ("first clerk's note", "second clerk's note")
+        answers = await asyncio.gather(*(
+            admin.req("POST", f"/v1/payments/{payment['id']}/{act}", json={"note": note}) for note in notes))
+        assert sorted(r.status for r in answers) == [200, 409], [await r.json() for r in answers]
+        [won] = [note for note, r in zip(notes, answers, strict=True) if r.status == 200]
+        [refused] = [await r.json() for r in answers if r.status == 409]
+        assert refused["message"] == said.format(note=won)
+        async with rt.sessionmaker() as s:
+            audited = (await s.execute(select(AuditEvent.actor, AuditEvent.after).where(
+                AuditEvent.entity_id == payment["id"], AuditEvent.action == action))).all()
+            new_jobs = [k for k in (await s.execute(select(OutboxJob.dedupe_key))).scalars() if k not in jobs_before]
+        assert [(actor, after["note"]) for actor, after in audited] == [(f"admin:{clerk}", won)]
+        assert len(new_jobs) == jobs, new_jobs

@@ -25,6 +25,7 @@ BODIES = {
     ("POST", "/provider-callbacks/{id}/resolve"): {"note": "taken over"},
     ("POST", "/payments/{id}/gateway-reference"): {"gatewayReference": "5b0f3c1e-8d2a-4f6b-9c7e-1a2b3c4d5e6f"},
     ("POST", "/payments/{id}/cancel"): {"note": "taken over"},
+    ("POST", "/payments/{id}/void"): {"note": "taken over"},
 }
 # Routes only a super admin may call at all: B's admin is stopped earlier, with 403.
 SUPER_ONLY = {
@@ -82,6 +83,7 @@ async def _resources_of_a(admin, superadmin, rt, demo):
         "/payments/{id}/refunds": payment["id"],
         "/payments/{id}/gateway-reference": recorded["id"],
         "/payments/{id}/cancel": payment["id"],
+        "/payments/{id}/void": recorded["id"],
         "/refunds/{id}": refund["id"],
         "/refunds/{id}/outcome": refund["id"],
         "/refunds/{id}/cancel": refund["id"],
@@ -130,6 +132,7 @@ async def test_every_resource_route_hides_other_cooperatives(admin, superadmin, 
     assert (await admin.json("GET", "/v1/api-keys", 200))["data"][0]["revokedAt"] is None
     recorded = await admin.json("GET", f"/v1/payments/{ids['/payments/{id}/gateway-reference']}", 200)
     assert recorded["gatewayReference"].startswith("recorded:")  # no request given to it
+    assert recorded["status"] == "COMPLETED"  # nor voided
     clerk = await admin.client.post("/v1/auth/token", json={"username": "clerk@a.rw", "password": "clerk-password-1"})
     assert clerk.status == 200  # A's account kept its password and is still on
     async with rt.sessionmaker() as s:

@@ -183,3 +183,20 @@ async def test_access(admin: Caller, tenant: Caller, superadmin: Caller, coop_b:
     assert done["gatewayReference"] == body["gatewayReference"]
     [audit] = await _audited(rt, recorded["id"])
     assert audit.actor.startswith("admin:") and audit.cooperative_id == demo["cooperative_id"]
+
+
+async def test_a_voided_recording_is_given_no_request(admin: Caller, rt: Any, demo: dict[str, Any]) -> None:
+    """A voided recording is final and moves no money: the request whose money the void released is left for the right
+    line's recording, not taken by the voided payment (which would leave that line unrecordable with it: 409)."""
+    recorded = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo))
+    await admin.json("POST", f"/v1/payments/{recorded['id']}/void", 200, json={"note": "wrong statement line"})
+    request = str(uuid.uuid4())
+    refused = await admin.json("POST", _url(recorded), 409, json={"gatewayReference": request})
+    assert f"payment {recorded['reference']} is VOIDED" in _said(refused)
+    row = await _row(rt, recorded["id"])
+    assert row.status == "VOIDED" and row.provider_reference.startswith("recorded:")
+    assert await _audited(rt, recorded["id"]) == []
+    # The right line is recorded with that request.
+    right = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(
+        demo, gatewayReference=request, providerTransactionId="MTN-RIGHT"))
+    assert right["gatewayReference"] == request
