@@ -1528,8 +1528,9 @@ async def cancel_payment(session: AsyncSession, rt: Runtime, *, payment_id: str,
     payment = await _locked_payment(session, payment_id, cooperative_id)
     current = P(payment.status)
     if current not in OPEN:
-        raise Conflict(f"payment is {current.value}: only an open payment (PENDING or PROCESSING) can be cancelled"
-                       + _closed_hint(current), field="status")
+        why = f" ({payment.failure_reason})" if payment.failure_reason else ""  # e.g. who cancelled it, and why
+        raise Conflict(f"payment is {current.value}{why}: only an open payment (PENDING or PROCESSING) can be "
+                       "cancelled" + _closed_hint(current), field="status")
     reason = f"{CANCELLED_BY_COOPERATIVE}{note}"
     await apply_collection_outcome(session, rt, payment, ProviderOutcome.CANCELLED, actor=actor, reason=reason,
                                    audit={"note": note})

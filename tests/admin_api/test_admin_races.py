@@ -104,7 +104,8 @@ async def test_the_desk_cancels_or_voids_one_payment_twice_at_once(admin, rt, de
     _both_read(monkeypatch, admin_api.payments, "one")
     for payment, act, action, jobs, said in (
             (opened, "cancel", "payment.cancelled", 3,
-             "payment is CANCELLED: only an open payment (PENDING or PROCESSING) can be cancelled"),
+             "payment is CANCELLED (cancelled by the cooperative: {note}): only an open payment (PENDING or "
+             "PROCESSING) can be cancelled"),
             (recorded, "void", "payment.voided", 1, "payment is VOIDED already: recording voided: {note}")):
         async with rt.sessionmaker() as s:
             jobs_before = set((await s.execute(select(OutboxJob.dedupe_key))).scalars())

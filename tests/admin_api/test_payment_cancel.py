@@ -248,7 +248,8 @@ async def test_only_an_open_payment_is_cancelled(admin: Caller, rt: Any, demo: d
     open_one = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
     await admin.json("POST", f"/v1/payments/{open_one['id']}/cancel", 200, json={"note": NOTE})
     again = await admin.json("POST", f"/v1/payments/{open_one['id']}/cancel", 409, json={"note": NOTE})
-    assert again["message"] == "payment is CANCELLED: only an open payment (PENDING or PROCESSING) can be cancelled"
+    assert again["message"] == (f"payment is CANCELLED (cancelled by the cooperative: {NOTE}): only an open payment "
+                                "(PENDING or PROCESSING) can be cancelled")
     async with rt.sessionmaker() as s:
         audits = (await s.execute(select(AuditEvent.entity_id).where(AuditEvent.action == "payment.cancelled")
                                   )).scalars().all()
