@@ -58,7 +58,9 @@ async def early_in_window(window: int = 60, room: float = 10.0) -> None:
     """Wait, if need be, until at least `room` seconds are left in the current calendar window.
 
     The API's rate limits count per calendar minute (sliding over the previous one): a test that fills a
-    bucket and expects the next call refused must not straddle a minute's turn. Setup only.
+    bucket and expects the next call refused must not straddle a minute's turn. Setup only. `room` is what the
+    test may take on a loaded CI machine, not on a quiet one: ten sign-ins (a scrypt check each) took 5-8 s on a
+    loaded 2-CPU machine, so those tests ask for 25 s.
     """
     left = window - time.time() % window
     if left < room:

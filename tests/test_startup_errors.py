@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import httpx
 
 from tests.conftest import _base_env, requires_pg
 from tests.core.test_crypto_config import _production_env
+from tests.integration.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,18 +118,12 @@ def test_a_redis_database_that_is_not_a_number_is_refused():
     assert _one_line(result).startswith("configuration error: REDIS_URL: names the database 'abc'")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @requires_pg
 def test_serve_runs_degraded_while_redis_cannot_be_reached(migrated_database):
     # As the README says: an unreachable Redis does not stop `serve` (no exit 4); /readyz names it but answers 200
     # ("degraded"): the API and provider callbacks work without Redis, and every serve shares it, so a 503 would
     # take them all out of the balancer at once. Only the database gates readiness.
-    port = _free_port()
+    port = free_port()
     env = {**_base_env(), "REDIS_URL": "redis://127.0.0.1:1/0", "PORT": str(port)}
     proc = subprocess.Popen([sys.executable, "main.py", "serve"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)

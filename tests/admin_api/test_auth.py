@@ -207,7 +207,7 @@ async def test_coop_admin_cannot_reach_super_admin_routes(admin):
 
 
 async def test_sign_in_attempts_are_limited_per_username(client, demo):
-    await early_in_window()
+    await early_in_window(room=25)
     for _ in range(10):
         resp = await client.post("/v1/auth/token", json={"username": demo["admin"][0], "password": "guess"})
         assert resp.status == 401

@@ -147,7 +147,7 @@ async def test_super_admin_names_the_cooperative(superadmin, coop_b):
 
 
 async def test_rate_limit_on_payment_type_creation(admin):
-    await early_in_window()
+    await early_in_window(room=20)
     for i in range(20):
         resp = await admin.req("POST", "/v1/payment-types", json={**NEW, "name": f"Levy {i:02d}"})
         assert resp.status == 201

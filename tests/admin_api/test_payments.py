@@ -283,7 +283,7 @@ async def test_super_admin_sees_all_and_names_the_cooperative_to_pay_into(supera
 
 
 async def test_rate_limit_on_payment_creation(admin, demo):
-    await early_in_window()
+    await early_in_window(room=20)
     rent = demo["payment_types"]["Monthly Rent"]
     last = None
     for i in range(10):

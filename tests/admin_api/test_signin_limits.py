@@ -39,7 +39,7 @@ async def _sign_in(client: Any, username: str, password: str, address: str) -> A
 async def test_wrong_passwords_from_elsewhere_do_not_lock_the_admin_out(migrated_database, aiohttp_client):
     async with _behind_balancer(aiohttp_client) as (client, demo):
         username, password = demo["admin"]
-        await early_in_window()
+        await early_in_window(room=25)
         for _ in range(10):
             assert (await _sign_in(client, username, "guess-guess", "41.186.0.66")).status == 401
         guesser = await _sign_in(client, username, password, "41.186.0.66")
@@ -52,7 +52,7 @@ async def test_wrong_passwords_from_elsewhere_do_not_lock_the_admin_out(migrated
 async def test_only_failures_are_counted(migrated_database, aiohttp_client):
     async with _behind_balancer(aiohttp_client) as (client, demo):
         username, password = demo["admin"]
-        await early_in_window()
+        await early_in_window(room=25)
         for _ in range(9):
             assert (await _sign_in(client, username, "guess-guess", "41.186.0.8")).status == 401
         for _ in range(5):  # signing in again and again fills no bucket
@@ -65,7 +65,7 @@ async def test_guessing_spread_over_addresses_is_bounded_per_username(migrated_d
     # Scaled down (x0.2): 2 failures a minute per address, 20 an hour per username.
     async with _behind_balancer(aiohttp_client, RATE_LIMIT_MULTIPLIER="0.2") as (client, demo):
         username, password = demo["admin"]
-        await early_in_window()
+        await early_in_window(room=25)
         for n in range(20):
             assert (await _sign_in(client, username, "guess-guess", f"41.186.1.{n}")).status == 401
         # An address that failed once has room in its own bucket, but the username's is full.
@@ -97,7 +97,7 @@ async def redis_down(rt: Any) -> AsyncIterator[None]:
 
 async def test_sign_in_works_with_redis_down_and_guessing_is_still_limited(client, demo, redis_down):
     username, password = demo["admin"]
-    await early_in_window()
+    await early_in_window(room=25)
     resp = await client.post("/v1/auth/token", json={"username": username, "password": password})
     body = await resp.json()
     assert resp.status == 200, body

@@ -191,7 +191,7 @@ async def test_a_tenant_changes_their_own_password_but_an_api_key_has_none(clien
 
 async def test_wrong_current_passwords_are_counted_as_failed_sign_ins(client, demo):
     username, password = demo["admin"]
-    await early_in_window()
+    await early_in_window(room=25)
     me = _caller(client, await login(client, username, password))
     body = {"currentPassword": "guess-guess", "newPassword": "my-new-password-9"}
     for _ in range(10):

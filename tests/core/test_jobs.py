@@ -36,6 +36,10 @@ from tests.providers.wires import (
 )
 
 PUSH = "/mpesa/stkpush/v1/processrequest"
+# Where the tests below cut a provider call off (the call budget or the handler timeout): after the token and the
+# reads before the call, which must fit (the call itself hangs 30 s). It was 1.5 s: on a loaded machine those
+# reads can take that long, and the call was then cut before it was sent.
+CUT = 4.0
 
 
 async def _jobs(rt: Any, kind: str) -> list[OutboxJob]:
@@ -189,7 +193,7 @@ async def test_mtn_rate_limit_retries_the_collection_after_retry_after(rt, demo,
 
 
 async def test_collect_still_waiting_at_its_deadline_is_left_to_the_status_query(rt, demo, worker, monkeypatch):
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 1.5)
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: CUT)
     wire = mpesa_wire()
     mpesa_adapter(rt, MPESA_BASE, wire.client())
 
@@ -207,8 +211,8 @@ async def test_collect_still_waiting_at_its_deadline_is_left_to_the_status_query
 
 
 async def test_collect_cut_off_by_the_worker_is_not_sent_again(rt, demo, worker, monkeypatch):
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 1.5)
-    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)  # (1.5 s is less than a job is started with)
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: CUT)
+    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)  # (started whatever is left of CUT)
     wire = mpesa_wire()
     mpesa_adapter(rt, MPESA_BASE, wire.client())
 
@@ -283,7 +287,7 @@ async def test_refund_cut_off_by_the_worker_is_asked_about_not_sent_again(rt, de
     went through. A submit cut off at the handler timeout waits for the provider's word instead."""
     from tests.providers.test_refund_ambiguous import AIRTEL_REFUND, _told, airtel_collected
 
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 1.5)
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: CUT)
     monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
     wire, payment = await airtel_collected(rt, demo, "key-airtel-cut")
 
@@ -314,7 +318,7 @@ async def test_refund_cut_off_by_the_worker_is_asked_about_not_sent_again(rt, de
 
 async def test_mtn_refund_cut_off_is_settled_by_its_status(rt, demo, worker, monkeypatch):
     """MTN can be asked: the cut-off refund is not sent again, its status query completes it."""
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 1.5)
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: CUT)
     monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
     wire, _payment, refund = await _mtn_refund(rt, demo)
 
@@ -438,7 +442,7 @@ async def test_a_member_suspended_after_a_push_that_may_have_arrived_is_left_to_
     from core.models import Member
     from core.outbox import INTERRUPTED
 
-    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 1.5)
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: CUT)
     monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
     rtp = "/collection/v1_0/requesttopay"
     for first_answer in ("cut off", "5xx"):

@@ -12,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from core.db import utcnow
 from core.models import OutboxJob
@@ -213,12 +213,13 @@ async def test_permanent_error_parks_at_once_and_retry_later_keeps_attempts(sm):
         await enqueue(session, "l", {})
         await enqueue(session, "unknown.kind", {})
     worker = OutboxWorker(sm, {"p": permanent, "l": later})
+    ran = utcnow()  # before the run: a loaded machine can take seconds over it and the reads below
     assert await worker.run_once() == 3
     async with sm() as session:
         jobs = {j.kind: j for j in (await session.execute(select(OutboxJob))).scalars()}
     assert jobs["p"].status == "PARKED" and jobs["p"].last_error == "refused for good"
     assert jobs["l"].status == "PENDING" and jobs["l"].attempts == 0
-    assert jobs["l"].run_at > utcnow() + timedelta(seconds=25)
+    assert jobs["l"].run_at > ran + timedelta(seconds=25)
     # A kind this worker has no handler for is another release's: handed back, not parked
     # (tests/core/test_rolling_deploy.py).
     assert (jobs["unknown.kind"].status, jobs["unknown.kind"].attempts) == ("PENDING", 0)
@@ -251,7 +252,9 @@ async def test_two_worker_processes_never_run_the_same_job(sm, settings, tmp_pat
     out = tmp_path / "runs.txt"
     # Until the jobs are done, not for a fixed time: on a loaded machine the second process took 8 s to start
     # and the first, given 6 s, had stopped before the jobs appeared.
-    procs = [_start(settings.database_url, out, 0.05, 30, 120.0) for _ in range(2)]
+    # Each job holds its worker 0.3 s (not 0.05 s): one worker alone then needs seconds for the 60, so the other,
+    # slowed by a loaded machine, still gets some (with 0.05 s one could finish them all in under a second).
+    procs = [_start(settings.database_url, out, 0.3, 30, 120.0) for _ in range(2)]
     await _add_jobs(sm, 60)  # both workers are polling when the jobs appear
     for _ in range(1200):
         async with sm() as session:
@@ -276,10 +279,10 @@ async def test_two_worker_processes_never_run_the_same_job(sm, settings, tmp_pat
 async def test_killed_workers_jobs_run_again_after_the_lease(sm, settings, tmp_path):
     out = tmp_path / "runs.txt"
     await _add_jobs(sm, 3)
-    # A lease of 5 s: the rescuer's first claim below, a few steps after the victim's, must come before it ends
-    # (with 2 s, a pause of a loaded machine of under 2 s let it find the jobs already lapsed).
-    victim = _start(settings.database_url, out, 60.0, 5, 60.0)  # holds its jobs for a minute
-    for _ in range(100):
+    # A lease of 10 s: the rescuer's first claim below, a few steps after the victim's, must come before it ends
+    # (with 2 s, then 5 s, a pause of a loaded machine let it find the jobs already lapsed).
+    victim = _start(settings.database_url, out, 60.0, 10, 60.0)  # holds its jobs for a minute
+    for _ in range(600):  # until it holds all three: 30 s at most (a loaded machine's patience)
         async with sm() as session:
             running = (await session.execute(select(OutboxJob).where(OutboxJob.status == "RUNNING"))).scalars().all()
         if len(running) == 3:
@@ -297,7 +300,13 @@ async def test_killed_workers_jobs_run_again_after_the_lease(sm, settings, tmp_p
 
     rescuer = OutboxWorker(sm, {"test.record": record}, lease_seconds=30)
     assert await rescuer.run_once() == 0  # the lease has not lapsed yet
-    await asyncio.sleep(5.2)
+    # Until it has lapsed by the database's clock (a RUNNING job's run_at is its lease's end), not for a fixed
+    # time: a pause of this process between the victim's claim and here comes off the wait.
+    for _ in range(600):
+        async with sm() as session:
+            if (await session.execute(select(func.now() > func.max(OutboxJob.run_at)))).scalar_one():
+                break
+        await asyncio.sleep(0.05)
     assert await rescuer.run_once() == 3
     assert sorted(ran) == [0, 1, 2]
     async with sm() as session:

@@ -89,10 +89,12 @@ async def test_a_hanging_provider_holds_half_the_slots_and_the_rest_run(sm) -> N
     loop = asyncio.create_task(worker.run_forever())
     try:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(reached[4].wait(), 10)
-        # Every job that does not call the hanging provider ran, while four of its calls hang.
+            await asyncio.wait_for(reached[4].wait(), 30)
+        # Every job that does not call the hanging provider ran, while four of its calls hang: long before any
+        # slot could be freed by a handler timeout (55 s under this lease). (The bound was 5 s, which a loaded
+        # machine's pause of this process can pass.)
         assert len(ran) == 4, f"only {sorted(ran)} ran: the hanging provider's jobs held every slot"
-        assert max(ran.values()) < 5
+        assert max(ran.values()) < 30
         assert most["hangs"] == running["hangs"] == 4  # half of 8 slots, its share
         # The hanging provider's other jobs were not left claimed (nor claimed again and again): they wait in the
         # queue as they were, their attempts and place untouched.
@@ -107,7 +109,7 @@ async def test_a_hanging_provider_holds_half_the_slots_and_the_rest_run(sm) -> N
         # The provider answers again: its jobs run, still four at a time, the refund with them.
         release.set()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(reached[45].wait(), 20)
+            await asyncio.wait_for(reached[45].wait(), 60)  # a loaded machine's patience
         assert len(ran) == 45
         assert most["hangs"] == 4
     finally:

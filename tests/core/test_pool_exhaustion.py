@@ -56,7 +56,7 @@ async def test_an_exhausted_pool_is_a_prompt_503_with_retry_after(rt: Any, clien
     assert resp.status == 503, body
     assert resp.headers["Retry-After"] == "1"
     assert body["statusCode"] == 503 and "nothing was changed, send it again" in body["message"]
-    assert time.monotonic() - started < 10  # the pool's 0.5 s, not SQLAlchemy's default 30 s
+    assert time.monotonic() - started < 20  # the pool's 0.5 s, not SQLAlchemy's default 30 s (a loaded machine)
     # One warning line that says what happened, no traceback: an outage, not a bug.
     api = [r for r in caplog.records if r.name == "gateway.api"]
     assert [(r.levelno, r.exc_info) for r in api] == [(logging.WARNING, None)], [r.getMessage() for r in api]

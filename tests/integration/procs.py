@@ -57,7 +57,11 @@ def free_port() -> int:
 
 
 def base_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_PREFIXES)}
+    # As in tests/conftest.py's _base_env: the service's 1 s wait for Redis is shorter than a pause of a loaded CI
+    # machine, and a hop then answered "unavailable" with nothing wrong (a stopped Redis refuses at once anyway).
+    env.setdefault("REDIS_TIMEOUT_SECONDS", "5")
+    return env
 
 
 @dataclass
@@ -176,7 +180,7 @@ class Harness:
             with contextlib.suppress(ProcessLookupError):
                 if proc.alive():
                     os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 8.0
+        deadline = time.monotonic() + 30.0  # a loaded machine's patience: a clean exit can take seconds there
         for proc in order:
             try:
                 proc.popen.wait(max(0.1, deadline - time.monotonic()))

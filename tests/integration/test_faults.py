@@ -10,6 +10,7 @@ timeout 1.5 s.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 import uuid
@@ -111,6 +112,18 @@ async def _one_message(http: aiohttp.ClientSession, stack: Stack, phone: str, re
     return str(found[0])
 
 
+def _hop_lines(stack: Stack, sessions: set[str]) -> list[dict[str, Any]]:
+    """The serve processes' log lines (JSON) about these USSD sessions' hops, in the order each wrote them."""
+    lines = []
+    for proc in stack.serve_procs:
+        for raw in proc.log.read_text(errors="replace").splitlines():
+            if raw.startswith("{") and "ussd hop" in raw:
+                line = json.loads(raw)
+                if line.get("session_id") in sessions:
+                    lines.append(line)
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------ Redis
 
 
@@ -126,26 +139,37 @@ async def test_redis_stopped_and_restarted_in_the_middle_of_ussd_sessions(
     services.stop_redis()
     try:
         answers: list[tuple[str, float]] = []
+        sessions: set[str] = set()
         for phone in open_sessions:  # the next key of a session in progress
             answers.append((await phone.send("1"), phone.latencies[-1]))
+            sessions.add(phone.session_id)
         for number in (MTN_OK, "+250733000002"):  # somebody dials during the outage
             phone = UssdPhone(http, urls, number)
             answers.append((await phone.dial(), phone.latencies[-1]))
             answers.append((await phone.send("1"), phone.latencies[-1]))
+            sessions.add(phone.session_id)
     finally:
         services.start_redis()
     # Every hop got a valid screen (UssdPhone checks 200 and CON/END) and quickly: without its session
     # store the service ends the session politely instead of guessing.
     assert all(body.startswith("END ") for body, _ in answers), answers
-    # A refused connection is known at once: no hop may sit out the 3 s budget waiting for Redis.
-    slow = [(body, round(latency, 2)) for body, latency in answers if latency > HOP_BUDGET / 2]
-    assert not slow, f"hops slow while Redis was down: {slow}"
+    # A refused connection is known at once: no hop may sit out the 3 s budget waiting for Redis. Judged by
+    # the service's own account of each hop (its log: the error that failed it, the time it took by its own
+    # clock), not by this process's clock, which also counts the client's side and a loaded machine's pauses
+    # of this process (a round trip here can take over 1.5 s with the service answering in milliseconds).
+    said = _hop_lines(stack, sessions)
+    hops = [(line["session_id"], line["ms"]) for line in said if line["msg"] == "ussd hop" and line["end"]]
+    assert len(hops) == len(answers), said
+    slow = [hop for hop in hops if hop[1] > HOP_BUDGET / 2 * 1000]
+    assert not slow, f"hops slow while Redis was down (ms by the service's clock): {slow}; by ours: {answers}"
+    errors = {line["error"] for line in said if line["msg"].startswith("ussd hop failed")}
+    assert errors and "TimeoutError" not in errors, said  # a refused connection, not the budget's cut
 
     # Back up: a new session works from the first hop to the payment, and the worker sends the receipt.
     async def dial_works() -> bool:
         return (await UssdPhone(http, urls, MTN_OK).dial()).startswith("CON ")
 
-    await wait_for(dial_works, timeout=10, interval=0.5, what="USSD to work again after Redis restarted")
+    await wait_for(dial_works, timeout=30, interval=0.5, what="USSD to work again after Redis restarted")
     # The restarted Redis is empty: the session that was mid-way gets a valid screen, not an error.
     assert (await quiet.send("1")).startswith(("CON ", "END "))
     reference = await UssdPhone(http, urls, MTN_OK).pay_first_type()
@@ -416,7 +440,8 @@ async def test_worker_killed_while_holding_jobs_another_finishes_them_after_the_
         mine = [j for j in await jobs(gw, "payment.collect") if j.id in {h.id for h in holding}]
         return mine if all(j.status == "DONE" for j in mine) else []
 
-    done = await wait_for(finished, timeout=25, what="the other worker to finish the held jobs")
+    # The rest of the lease, then the new worker's claim: a loaded machine's patience.
+    done = await wait_for(finished, timeout=60, what="the other worker to finish the held jobs")
     assert all(j.attempts == 2 and j.locked_by is None for j in done), [(j.attempts, j.locked_by) for j in done]
     assert time.monotonic() - killed_at >= 2, "re-run before the lease ran out"
     for created_payment in created:

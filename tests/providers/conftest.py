@@ -114,7 +114,8 @@ class CallbackReceiver:
             self._changed.notify_all()
         return web.json_response({"status": "accepted"})
 
-    async def wait_for(self, count: int, within: float = 5.0) -> list[Received]:
+    async def wait_for(self, count: int, within: float = 30.0) -> list[Received]:
+        """The calls once `count` have arrived; `within` is patience for a loaded machine, not a bound tested."""
         async def enough() -> None:
             async with self._changed:
                 await self._changed.wait_for(lambda: len(self.calls) >= count)

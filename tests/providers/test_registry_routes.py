@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
@@ -30,6 +29,7 @@ from providers.registry import (
     simulator_options,
 )
 from providers.simulation import STATE, Outcome, options_from_args, options_from_env, outcome_for
+from tests.integration.procs import free_port
 
 REF = "3f0c8a52-6a8e-4c1e-9d0b-2b7f5b1e9a01"
 
@@ -165,7 +165,7 @@ class Recorder:
                 self.arrived.clear()
                 await self.arrived.wait()
 
-        await asyncio.wait_for(enough(), 5)
+        await asyncio.wait_for(enough(), 30)  # patience for a loaded machine
         return self.events
 
 
@@ -176,12 +176,6 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     rec = Recorder()
     monkeypatch.setattr(core.payments, "handle_provider_event", rec)
     return rec
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
