@@ -86,7 +86,9 @@ _PAYMENTS_RECORDED_LATER = {
                    "end: a provider's answer that came after the period closed dated by the provider's own time (a "
                    "bank payment paid at 23:59:59 on the last day, its webhook after midnight), or an admin's "
                    "statement line recorded with a `completedAt` in the period (at most 500). A closed period's "
-                   "`settled` collections grew after it ended: these grew them",
+                   "`settled` collections grew after it ended: these grew them. A recording voided since (`status` "
+                   "VOIDED, no longer in `settled`) is still named, with what it counted until then: "
+                   "`paymentsVoidedLater` names its void, and the two net out",
     "items": {
         "type": "object",
         "required": ["id", "reference", "status", "provider", "paymentMethod", "amount", "collected", "currency",
@@ -100,7 +102,8 @@ _PAYMENTS_RECORDED_LATER = {
             "paymentMethod": {"type": "string"},
             "amount": {"type": ["integer", "string"], "description": "The amount asked for"},
             "collected": {"type": ["integer", "string"],
-                          "description": "What the provider took, as `settled` counts it"},
+                          "description": "What the provider took, as `settled` counts it (a voided recording: what it "
+                                         "counted until the void)"},
             "currency": {"type": "string"},
             "completedAt": {"type": "string", "format": "date-time",
                             "description": "When the money was taken, as the provider dates it: in the period"},
@@ -116,7 +119,8 @@ _PAYMENTS_RECORDED_LATER = {
             "late": {"type": "boolean"},
             "mismatch": {"type": "boolean"},
             "providerTransactionId": {"type": ["string", "null"],
-                                      "description": "The provider's id for it, to match its statement line"},
+                                      "description": "The provider's id for it, to match its statement line (a voided "
+                                                     "recording: the one its void released)"},
         },
     },
 }

@@ -2239,7 +2239,8 @@ async def _flag_success_after_void(session: AsyncSession, payment: Payment, prov
                         "currency": None if amount is None else amount.currency},
                  cooperative_id=payment.cooperative_id)
     payment.mismatch = True
-    payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
+    if said not in (payment.mismatch_detail or ""):  # a repeat of the same report (a provider's retry) is audited only
+        payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
     payment.updated_at = changed_at(payment.updated_at)
     log.error("provider reported a voided payment paid: record the statement line (the payment is flagged)",
               extra={"payment_id": payment.id, "provider": payment.provider})

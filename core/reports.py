@@ -298,7 +298,9 @@ async def _payments_recorded_later(session: AsyncSession, scope: Scope, start: d
     `completedAt` in the period (core.payments.money_moved_at). The period's `settled` collections grew after it
     closed; these are the payments that grew them, with when and by whom the completion was recorded (the first of
     COMPLETION_ACTIONS in the audit log: a payment's updated_at cannot tell, a refund or a flag changes it later).
-    None while the period is open-ended.
+    A recording voided since stays named (VOIDED, with what it counted and the id it held until the void):
+    _payments_voided_later names the void, and the two lists net out as `settled` does. None while the period is
+    open-ended.
 
     Read from the payments completed in the period (the completion indexes, as `settled`), each probing its own
     audit rows (the (entity_type, entity_id) index): the period's size, however long ago it ended."""
@@ -311,7 +313,11 @@ async def _payments_recorded_later(session: AsyncSession, scope: Scope, start: d
     # Who recorded it: the first completion's actor (a provider's callback or poll, or the admin).
     recorded_by = (completions.with_only_columns(AuditEvent.actor).order_by(AuditEvent.at, AuditEvent.id)
                    .limit(1).scalar_subquery())
-    later = and_(HELD, Payment.completed_at.is_not(None), _within(Payment.completed_at, start, end), recorded >= end)
+    # A recording voided since (VOIDED holds nothing) stays named: paymentsVoidedLater names its void, and without
+    # it here the void alone would read as money taken off a figure that, when the period ended, never counted it.
+    voided = Payment.status == PaymentStatus.VOIDED.value
+    later = and_(or_(HELD, voided), Payment.completed_at.is_not(None), _within(Payment.completed_at, start, end),
+                 recorded >= end)
     rows = (
         await session.execute(
             scope(select(Payment, recorded.label("recorded_at"), recorded_by.label("recorded_by")), Payment)
@@ -321,15 +327,27 @@ async def _payments_recorded_later(session: AsyncSession, scope: Scope, start: d
     count = len(rows)
     if count == FLAGGED_LIMIT:
         count = (await session.execute(scope(select(func.count(Payment.id)), Payment).where(later))).scalar_one()
-    return [
-        {
+    # What a voided one counted, and the transaction id it held, until its void (the void's audit row's before).
+    was = {entity_id: before or {} for entity_id, before in (await session.execute(
+        select(AuditEvent.entity_id, AuditEvent.before).where(
+            AuditEvent.entity_type == PAYMENT.name, AuditEvent.action == VOID_ACTION,
+            AuditEvent.entity_id.in_([p.id for p, _, _ in rows if p.status == PaymentStatus.VOIDED.value]))))
+    } if any(p.status == PaymentStatus.VOIDED.value for p, _, _ in rows) else {}
+    listed = []
+    for p, recorded_at, recorded_by_actor in rows:
+        counted, txn = taken(p), p.provider_transaction_id
+        if p.id in was:
+            said = was[p.id].get("collected")
+            counted = p.amount_minor if said is None else int(said)
+            txn = was[p.id].get("providerTransactionId")
+        listed.append({
             "id": p.id,
             "reference": p.reference,
             "status": p.status,
             "provider": p.provider,
             "paymentMethod": p.method,
             "amount": _amount(p.amount_minor, p.currency),
-            "collected": _amount(taken(p), p.currency),
+            "collected": _amount(counted, p.currency),
             "currency": p.currency,
             "completedAt": _iso(p.completed_at),
             "createdAt": _iso(p.created_at),
@@ -337,10 +355,9 @@ async def _payments_recorded_later(session: AsyncSession, scope: Scope, start: d
             "recordedBy": recorded_by_actor,
             "late": bool(p.late),
             "mismatch": bool(p.mismatch),
-            "providerTransactionId": p.provider_transaction_id,
-        }
-        for p, recorded_at, recorded_by_actor in rows
-    ], int(count)
+            "providerTransactionId": txn,
+        })
+    return listed, int(count)
 
 
 # The audit action of a recording voided (core.payments.void_recording: the move to VOIDED, audited as

@@ -14,7 +14,7 @@
   const SVG = "http://www.w3.org/2000/svg";
   const STATUS_COLORS = {
     COMPLETED: "#2f8a3a", PARTIALLY_REFUNDED: "#5aa36a", REFUNDED: "#7e57c2", PROCESSING: "#1f78c8",
-    PENDING: "#e0a030", FAILED: "#c9372c", TIMEOUT: "#8a8f96", CANCELLED: "#4e5660",
+    PENDING: "#e0a030", FAILED: "#c9372c", TIMEOUT: "#8a8f96", CANCELLED: "#4e5660", VOIDED: "#b07aa1",
   };
   const METHOD_LABELS = { MOBILE_MONEY_MTN: "MTN MoMo", MOBILE_MONEY_AIRTEL: "Airtel Money", MPESA: "M-Pesa",
                           BANK_BK: "Bank of Kigali", BANK_IM: "I&M Bank", BANK_ECOBANK: "Ecobank" };

@@ -145,6 +145,14 @@ async def test_a_given_up_payment_recorded_in_error_is_voided_and_never_reopened
     assert (row.status, row.collected_minor, row.provider_transaction_id, row.mismatch) == ("VOIDED", 0, None, True)
     assert "transaction MP-9001 after the recording was voided" in (row.mismatch_detail or "")
     assert len(await _audit(rt, payment["id"], "payment.success_after_void")) == 1
+    # The same report again (a provider's retry under another event id): audited, the flag not written twice.
+    flagged = row.mismatch_detail
+    async with rt.sessionmaker.begin() as s:
+        row = await s.get(Payment, payment["id"])
+        await apply_collection_outcome(s, rt, row, ProviderOutcome.SUCCEEDED, actor=Actor("provider:test", "provider"),
+                                       provider_transaction_id="MP-9001")
+    assert (await _row(rt, payment["id"])).mismatch_detail == flagged
+    assert len(await _audit(rt, payment["id"], "payment.success_after_void")) == 2
     # The right line is then recorded as a payment of its own.
     await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo, providerTransactionId="MP-7781"))
 
@@ -304,3 +312,30 @@ async def test_a_failed_refund_sent_back_after_the_void_is_recorded_and_flagged(
     report = await admin.json("GET", "/v1/reports/reconciliation", 200)
     assert [(s["provider"], s["collected"], s["refunded"], s["net"]) for s in report["settled"]] == [
         ("mtn_momo", 0, 10000, -10000)]
+
+
+async def test_a_line_recorded_into_a_closed_month_then_voided_nets_out_in_its_reconciliation(
+        rt: Any, admin: Caller, demo: dict[str, Any]) -> None:
+    """A statement line recorded into last month after it ended (paymentsRecordedLater: its `settled` grew), then
+    voided (paymentsVoidedLater: it shrank). The figures are back to what they were when the month ended, and the
+    two lists still say so: the recording stays named in paymentsRecordedLater (VOIDED, with what it counted until
+    the void), or the void alone would read as money taken off a figure that never counted it."""
+    start, end = _last_month()
+    period = f"from={_z(start)}&to={_z(end)}"
+    at_end = await admin.json("GET", f"/v1/reports/reconciliation?{period}", 200)
+    payment = await admin.json("POST", "/v1/payments/recorded", 201,
+                               json=_line(demo, completedAt=_z(start + timedelta(days=9))))
+    grown = await admin.json("GET", f"/v1/reports/reconciliation?{period}", 200)
+    assert [(p["id"], p["status"], p["collected"]) for p in grown["paymentsRecordedLater"]] == [
+        (payment["id"], "COMPLETED", 50000)]
+
+    await admin.json("POST", f"/v1/payments/{payment['id']}/void", 200, json={"note": NOTE})
+    reread = await admin.json("GET", f"/v1/reports/reconciliation?{period}", 200)
+    assert _money(reread)["settled"] == _money(at_end)["settled"] == []
+    assert [(p["id"], p["status"], p["collected"], p["providerTransactionId"])
+            for p in reread["paymentsRecordedLater"]] == [(payment["id"], "VOIDED", 50000, TXN)]
+    assert reread["paymentsRecordedLaterCount"] == 1
+    assert [(p["id"], p["collected"]) for p in reread["paymentsVoidedLater"]] == [(payment["id"], 50000)]
+    # What grew the figure after its end, less what shrank it: nothing, as `settled` says.
+    assert sum(p["collected"] for p in reread["paymentsRecordedLater"]) == sum(
+        p["collected"] for p in reread["paymentsVoidedLater"])
