@@ -112,6 +112,9 @@ class Settings:
     # Seconds the Redis client waits to connect and for each answer (app._connect_redis): past it the USSD hop is
     # answered "unavailable" within its budget rather than held by a stalled Redis.
     redis_timeout_seconds: float = 1.0
+    # Seconds a USSD hop may take before it is answered "unavailable" (channels.ussd.routes): with the grace a hop
+    # that started a payment gets (5 s) it must fit the aggregator's own wait (Africa's Talking's about 10 s).
+    ussd_hop_budget_seconds: float = 3.0
     # USSD hops one serve process runs at once; past it a hop is answered "unavailable" at once (see
     # channels.ussd.routes): under overload the excess would otherwise queue until the aggregator gives up.
     ussd_max_hops_in_flight: int = 32
@@ -645,6 +648,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         # A bound, not a wait: past about 30 s the caller (an aggregator, a provider) has given up anyway.
         db_pool_timeout_seconds=_float(env, "DB_POOL_TIMEOUT_SECONDS", 5.0, maximum=30.0),
         redis_timeout_seconds=_float(env, "REDIS_TIMEOUT_SECONDS", 1.0, maximum=30.0),
+        ussd_hop_budget_seconds=_float(env, "USSD_HOP_BUDGET_SECONDS", 3.0, maximum=8.0),
         ussd_max_hops_in_flight=_int(env, "USSD_MAX_HOPS_IN_FLIGHT", 32, minimum=1),
         ussd_ip_allowlists=allowlists,
         trusted_proxies=trusted_proxies,

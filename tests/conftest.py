@@ -51,6 +51,9 @@ def _base_env() -> dict[str, str]:
     # suite takes can stall this process for longer, and a hop then failed "unavailable" with nothing wrong but
     # the machine (stop 23's CI). Tests of a Redis that hangs use their own clients and timeouts.
     env.setdefault("REDIS_TIMEOUT_SECONDS", "5")
+    # And a hop's 3 s budget: a hop cut by it while the machine stalled this process answered "unavailable" (the
+    # CI try of 2026-12-03). Tests of the budget set their channel's own (app[USSD].budget).
+    env.setdefault("USSD_HOP_BUDGET_SECONDS", "8")
     return env
 
 

@@ -50,9 +50,10 @@ EXPECTED_OUTAGES: tuple[type[BaseException], ...] = (OSError, RedisError, DBAPIE
 
 class UssdChannel:
     def __init__(self, allowlist: tuple[str, ...], per_aggregator: Mapping[str, tuple[str, ...]] | None = None,
-                 trusted_proxies: tuple[str, ...] = (), max_in_flight: int = 32) -> None:
+                 trusted_proxies: tuple[str, ...] = (), max_in_flight: int = 32,
+                 budget: float = HOP_BUDGET_SECONDS) -> None:
         self.service = UssdService(build_engine())
-        self.budget = HOP_BUDGET_SECONDS
+        self.budget = budget
         self.grace = SIDE_EFFECT_GRACE_SECONDS
         # Hops running now, and how many may: one more is answered "unavailable" at once (see admit()).
         self.max_in_flight = max_in_flight
@@ -167,7 +168,7 @@ USSD = web.AppKey("ussd_channel", UssdChannel)
 def setup(app: web.Application) -> None:
     settings = app[SETTINGS]
     app[USSD] = UssdChannel(settings.ussd_ip_allowlist, settings.ussd_ip_allowlists, settings.trusted_proxies,
-                            max_in_flight=settings.ussd_max_hops_in_flight)
+                            max_in_flight=settings.ussd_max_hops_in_flight, budget=settings.ussd_hop_budget_seconds)
     # Read at each scrape, not moved per hop (a gauge's inc and dec cost a lock each); the process's one app
     # (in tests the latest), not kept alive by the gauge.
     channel = weakref.ref(app[USSD])

@@ -186,7 +186,7 @@ async def test_list_query_validation(admin):
     assert "page must not be less than 1" in body["message"]
     assert (
         "status must be one of: PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED, TIMEOUT, "
-        "PARTIALLY_REFUNDED, REFUNDED" in body["message"]
+        "PARTIALLY_REFUNDED, REFUNDED, VOIDED" in body["message"]
     )
     assert "from must be an ISO 8601 date-time" in body["message"]
     assert "query parameter bogus is not allowed" in body["message"]

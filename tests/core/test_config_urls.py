@@ -122,3 +122,22 @@ def test_a_port_out_of_range_is_reported_as_port(port: str) -> None:
     with pytest.raises(ConfigError, match="must be at least 1") as raised:
         load_settings({"PORT": port})
     assert raised.value.variable == "PORT"
+
+
+async def test_the_ussd_hop_budget_is_a_setting_within_the_aggregators_wait():
+    """USSD_HOP_BUDGET_SECONDS reaches the channel; past 8 s (plus a paying hop's 5 s grace) the aggregator would
+    give up first, so it is refused at start."""
+    from aiohttp import web
+
+    from app import SETTINGS
+    from channels.ussd.routes import USSD, setup
+
+    assert load_settings({}).ussd_hop_budget_seconds == 3.0
+    app = web.Application()
+    app[SETTINGS] = load_settings({"USSD_HOP_BUDGET_SECONDS": "4.5"})
+    setup(app)
+    assert app[USSD].budget == 4.5
+    for bad in ("9", "0", "-1", "nan"):
+        with pytest.raises(ConfigError) as info:
+            load_settings({"USSD_HOP_BUDGET_SECONDS": bad})
+        assert info.value.variable == "USSD_HOP_BUDGET_SECONDS"
