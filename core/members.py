@@ -226,6 +226,11 @@ async def membership_rows(conn: Any, cipher: PiiCipher, phone: Phone, coop_colum
     return list(rows.all())
 
 
+def membership_query(coop_columns: Sequence[Any]) -> Any:
+    """membership_rows' SELECT (built once per set of columns), run with {"phone_index": the phone's blind index}."""
+    return _membership_rows(tuple(coop_columns))
+
+
 @functools.cache  # built once per set of columns: building it per hop cost about as much as running it
 def _membership_rows(coop_columns: tuple[Any, ...]) -> Any:
     return (select(Member.id.label("member_id"), Member.status.label("member_status"),

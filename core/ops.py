@@ -32,8 +32,9 @@ FUNNEL_TTL = (FUNNEL_HOURS + 2) * 3600
 
 
 def funnel_key(at: datetime) -> str:
-    # One hash tag for every hour: the dashboard reads them all in one pipeline, even on Redis Cluster.
-    return f"ops:{{ussdfunnel}}:{at:%Y%m%d%H}"
+    # One hash tag for every hour: the dashboard reads them all in one pipeline, even on Redis Cluster. Formatted
+    # by hand: strftime was most of what a hop's save spent on its funnel counters.
+    return f"ops:{{ussdfunnel}}:{at.year:04d}{at.month:02d}{at.day:02d}{at.hour:02d}"
 
 
 def funnel_field(scope: str, step: str) -> str:

@@ -96,6 +96,14 @@ async def fetchrow(
         return await conn.fetchrow(statement.sql, *statement.args(params))
 
 
+async def fetch(
+    session: AsyncSession | AsyncConnection, statement: RawStatement, params: dict[str, Any]
+) -> list[asyncpg.Record]:
+    conn = await driver(session)
+    with _as_sqlalchemy_errors(statement.sql):
+        return await conn.fetch(statement.sql, *statement.args(params))
+
+
 async def first(
     conn: AsyncSession | AsyncConnection, stmt: Any, params: dict[str, Any], column_keys: tuple[str, ...] | None = None
 ) -> Any:

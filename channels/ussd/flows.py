@@ -9,7 +9,7 @@ from __future__ import annotations
 import calendar
 import re
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
@@ -127,11 +127,48 @@ def person_language(rows: Any) -> str | None:
     return latest.member_language if latest is not None else None
 
 
+async def opening_memberships(ctx: Ctx, **opening: Any) -> list[tuple[MemberRow, CoopRow]] | None:
+    """memberships() on a session's first hop, with its session row written in the same round trip as
+    records.opened() would write it given `opening` (records.opened_reading); None where that is not done (other
+    databases than PostgreSQL): the caller then reads memberships() and calls records.opened()."""
+    from core.members import membership_query
+
+    phone_index = ctx.rt.cipher.blind_index(ctx.hop.phone.e164)
+    async with cache.autocommit(ctx.rt) as conn:
+        records_ = await records.opened_reading(conn, ctx.rt, membership_query(_MEMBERSHIP_COLUMNS),
+                                                {"phone_index": phone_index}, only=ctx.data.get("x") or None,
+                                                **opening)
+    if records_ is None:
+        return None
+    ctx.cache["ms"] = _memberships_of(ctx, [_MembershipRow(**r) for r in records_])
+    return ctx.cache["ms"]
+
+
+class _MembershipRow(NamedTuple):
+    """A raw membership row (opened_reading's), by name as SQLAlchemy's rows are read: membership_query's columns."""
+
+    member_id: str
+    member_status: str
+    member_language: str
+    id: str
+    name: str
+    country: str
+    contact_phone: str | None
+    self_registration: bool
+    status: str
+    timezone: str | None
+    member_updated: Any
+
+
 async def _read_memberships(ctx: Ctx) -> list[tuple[MemberRow, CoopRow]]:
     from core.members import membership_rows
 
     async with cache.autocommit(ctx.rt) as conn:
         rows = await membership_rows(conn, ctx.rt.cipher, ctx.hop.phone, _MEMBERSHIP_COLUMNS)
+    return _memberships_of(ctx, rows)
+
+
+def _memberships_of(ctx: Ctx, rows: Any) -> list[tuple[MemberRow, CoopRow]]:
     # Read before the rows are narrowed to the dialled cooperative: the language is the person's, and the
     # memberships of other cooperatives carry it too.
     ctx.cache["lang"] = person_language(rows)

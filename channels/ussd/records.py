@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, bindparam, case, null, select, update
+from sqlalchemy import String, bindparam, case, func, null, or_, select, update
 
 from channels.ussd.cache import autocommit
 from channels.ussd.sessions import SESSION_TTL
@@ -68,21 +68,64 @@ def _open_statement(dialect_name: str) -> Any:
                                       where=table.c.started_at < bindparam("previous_before"))
 
 
+def _opening_row(rt: Any, *, aggregator: str, session_id: str, phone: Phone, service_code: str,
+                 network: str | None) -> dict[str, Any]:
+    """What opened() writes, but the cooperative and the member."""
+    return {
+        "id": new_id(), "aggregator": aggregator, "session_id": session_id[:128],
+        "phone_index": rt.cipher.blind_index(phone.e164), "phone_masked": phone.masked(),
+        "service_code": service_code[:32], "network_code": (network or "")[:16] or None, "status": "OPEN",
+        "hops": 1, "last_screen": None, "started_at": utcnow(),
+    }
+
+
 async def opened(rt: Any, *, aggregator: str, session_id: str, phone: Phone, service_code: str,
                  network: str | None, cooperative_id: str | None, member_id: str | None) -> None:
     # One statement, so no transaction around it: BEGIN and COMMIT were two of its four round trips.
-    now = utcnow()
-    row = {
-        "id": new_id(), "aggregator": aggregator, "session_id": session_id[:128],
-        "cooperative_id": cooperative_id, "member_id": member_id,
-        "phone_index": rt.cipher.blind_index(phone.e164), "phone_masked": phone.masked(),
-        "service_code": service_code[:32], "network_code": (network or "")[:16] or None, "status": "OPEN",
-        "hops": 1, "last_screen": None, "started_at": now,
-    }
+    row = {**_opening_row(rt, aggregator=aggregator, session_id=session_id, phone=phone, service_code=service_code,
+                          network=network), "cooperative_id": cooperative_id, "member_id": member_id}
     async with autocommit(rt) as conn:
         # straight on asyncpg on PostgreSQL
-        await pgraw.first(conn, _open_statement(conn.dialect.name), {**row, "previous_before": now - LONGEST_SESSION},
-                          tuple(row))
+        await pgraw.first(conn, _open_statement(conn.dialect.name),
+                          {**row, "previous_before": row["started_at"] - LONGEST_SESSION}, tuple(row))
+
+
+@functools.cache
+def _opening_with_statement(memberships: Any) -> Any:
+    """`memberships` (a SELECT of member_id, cooperative `id` and its other columns, built once) and opened()'s
+    write of the session row in one statement (PostgreSQL): the row's cooperative and member are what the first
+    hop gives opened(): those of the one membership among them (narrowed to the dialled extension's cooperative
+    `only` when named), else `only` and no member."""
+    table = table_of(UssdSession)
+    m = memberships.order_by(None).cte("m")
+    only = bindparam("only", type_=String)
+    n = select(m.c.member_id, m.c.id).where(or_(only.is_(None), m.c.id == only)).cte("n")
+    one = func.count() == 1
+    given = [c for c in _OPENING if c not in ("cooperative_id", "member_id")]
+    source = select(bindparam("id", type_=table.c.id.type), bindparam("aggregator", type_=table.c.aggregator.type),
+                    bindparam("session_id", type_=table.c.session_id.type),
+                    case((one, func.min(n.c.id)), else_=only), case((one, func.min(n.c.member_id)), else_=null()),
+                    *(bindparam(c, type_=table.c[c].type) for c in given)).select_from(n)
+    stmt = insert_ignore("postgresql", table).from_select(
+        ["id", "aggregator", "session_id", "cooperative_id", "member_id", *given], source)
+    fresh = {**{c: stmt.excluded[c] for c in _OPENING}, **{c: null() for c in _CLEARED}}
+    written = stmt.on_conflict_do_update(index_elements=["aggregator", "session_id"], set_=fresh,
+                                         where=table.c.started_at < bindparam("previous_before")).cte("o")
+    return select(m).add_cte(written).order_by(m.c.name, m.c.id)
+
+
+async def opened_reading(conn: Any, rt: Any, memberships: Any, params: dict[str, Any], *, only: str | None,
+                         aggregator: str, session_id: str, phone: Phone, service_code: str, network: str | None
+                         ) -> list[Any] | None:
+    """The rows of `memberships` (see _opening_with_statement; run with `params`), with the session row written as
+    opened() writes it, in one round trip on PostgreSQL (the first hop's other one is the session's save). None
+    elsewhere: the caller reads, then calls opened()."""
+    if conn.dialect.name != "postgresql":
+        return None
+    row = _opening_row(rt, aggregator=aggregator, session_id=session_id, phone=phone, service_code=service_code,
+                       network=network)
+    return await pgraw.fetch(conn, pgraw.compiled(_opening_with_statement(memberships)),
+                             {**params, **row, "only": only, "previous_before": row["started_at"] - LONGEST_SESSION})
 
 
 @functools.cache

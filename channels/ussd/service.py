@@ -86,8 +86,14 @@ class UssdService:
 
     async def handle(self, rt: Any, turn: UssdTurn, limit: int) -> tuple[UssdReply, str]:
         """Answer one hop; returns the reply and the screen id (for metrics and logs)."""
-        stored = await sessions.load(rt.redis, turn.aggregator, turn.session_id)
         phone_index = rt.cipher.blind_index(turn.phone.e164)  # once a hop: the owner check and the language memory
+        facts: tuple[bool, str | None] | None = None
+        if turn.is_new and not turn.closed:
+            # A hop that opens a session: what its first hop reads of the phone (a resume route, a chosen
+            # language) comes in the same round trip as the session (none, unless this is a retry).
+            stored, facts = await sessions.load_opening(rt.redis, turn.aggregator, turn.session_id, phone_index)
+        else:
+            stored = await sessions.load(rt.redis, turn.aggregator, turn.session_id)
         owner = owner_tag(phone_index)
         if stored is not None and stored.owner is not None and stored.owner != owner:
             # A session belongs to the phone that opened it: a hop with its id and another number (forged,
@@ -118,7 +124,7 @@ class UssdService:
         if stored is None:
             # The cooperative of the extension, the memberships and the session row: one connection.
             async with cache.one_connection(rt):
-                stored, reply, opening = await self._first_hop(rt, turn, limit)
+                stored, reply, opening = await self._first_hop(rt, turn, limit, facts)
                 return await self._answer(rt, turn, stored, reply, phone_index, opening)
         ctx = Ctx(rt=rt, turn=turn, state=stored.state, limit=limit)
         if turn.accumulated is not None:
@@ -215,10 +221,11 @@ class UssdService:
             await self._ended(rt, turn, stored)
         return reply, state.screen
 
-    async def _first_hop(self, rt: Any, turn: UssdTurn, limit: int
+    async def _first_hop(self, rt: Any, turn: UssdTurn, limit: int, facts: tuple[bool, str | None] | None = None
                          ) -> tuple[sessions.Stored, UssdReply, Callable[[], Awaitable[None]] | None]:
         """The opening screen; the session row's write is returned to run alongside the session's save (None
-        when the row is there already: a session lost from Redis mid-way)."""
+        when the row is there already: a session lost from Redis mid-way, or written with the memberships).
+        `facts`: sessions.opening_facts(), when read with the session already."""
         state = State(screen="home")
         stored = sessions.Stored(state=state, hops=1, started=time.time(), seen="")  # saved only if still new
         ctx = Ctx(rt=rt, turn=turn, state=state, limit=limit)
@@ -242,16 +249,35 @@ class UssdService:
             if coop is not None:
                 state.data["x"] = coop.id
                 ctx.cache[f"coop:{coop.id}"] = coop
-        # The resume route (Redis) is looked up while the memberships (PostgreSQL) are read: under load each
-        # await of a hop waits its turn behind the other hops, and the opening hop has the most of them.
-        peek = asyncio.ensure_future(sessions.opening_facts(rt.redis, rt.cipher, turn.phone))
-        try:
-            ms = await flows.memberships(ctx)
-        except BaseException:
-            peek.cancel()
-            await asyncio.gather(peek, return_exceptions=True)
-            raise
-        resumable, chosen = await peek
+        written = False
+
+        async def read_memberships() -> list[Any]:
+            # On PostgreSQL the session row is written in the memberships' statement (one round trip, not two):
+            # its cooperative and member are the memberships' (below), so nothing is written before they are known.
+            nonlocal written
+            if lost is None:
+                found = await flows.opening_memberships(ctx, aggregator=turn.aggregator, session_id=turn.session_id,
+                                                        phone=turn.phone, service_code=dialled, network=turn.network)
+                if found is not None:
+                    written = True
+                    return found
+            return await flows.memberships(ctx)
+
+        # The resume route (Redis), unless read with the session, is looked up while the memberships (PostgreSQL)
+        # are read: under load each await of a hop waits its turn behind the other hops, and the opening hop has
+        # the most of them.
+        if facts is None:
+            peek = asyncio.ensure_future(sessions.opening_facts(rt.redis, rt.cipher, turn.phone))
+            try:
+                ms = await read_memberships()
+            except BaseException:
+                peek.cancel()
+                await asyncio.gather(peek, return_exceptions=True)
+                raise
+            facts = await peek
+        else:
+            ms = await read_memberships()
+        resumable, chosen = facts
         # The person's language, the same on every serve process: her memberships' (all of them, not only
         # those of a dialled extension's cooperative), else what the phone chose in Redis. Not this process's
         # memory: another process would greet the same phone in another language.
@@ -263,6 +289,8 @@ class UssdService:
             state.data["fc"] = coop_id  # the ops funnel counts the session for it from the main menu on
         if lost is not None:
             return stored, reply, None  # its row was written by the session's real first hop
+        if written:
+            return stored, reply, None  # with the memberships
         opening = functools.partial(records.opened, rt, aggregator=turn.aggregator, session_id=turn.session_id,
                                     phone=turn.phone, service_code=dialled, network=turn.network,
                                     cooperative_id=coop_id, member_id=member_id)

@@ -131,7 +131,22 @@ def _seen(raw: bytes) -> str:
 
 
 async def load(redis: Any, aggregator: str, session_id: str) -> Stored | None:
-    raw = await redis.get(session_key(aggregator, session_id))
+    return _loaded(await redis.get(session_key(aggregator, session_id)))
+
+
+async def load_opening(redis: Any, aggregator: str, session_id: str, blind_index: str
+                       ) -> tuple[Stored | None, tuple[bool, str | None]]:
+    """load() and opening_facts() of the phone (by its blind index) in one round trip, for a hop that opens a
+    session: its first hop wants both, and each round trip costs more than the reply of the one it saves."""
+    lang_key, route_key = phone_keys(blind_index)
+    pipe = redis.pipeline(transaction=False)
+    pipe.get(session_key(aggregator, session_id))
+    pipe.mget(route_key, lang_key)
+    raw, (route, lang) = await pipe.execute()
+    return _loaded(raw), _facts(route, lang)
+
+
+def _loaded(raw: bytes | None) -> Stored | None:
     if not raw:
         return None
     stored = decode(raw)
@@ -230,7 +245,10 @@ LANGUAGE_TTL = 90 * 24 * 3600
 async def opening_facts(redis: Any, cipher: PiiCipher, phone: Phone) -> tuple[bool, str | None]:
     """For a session's first hop, in one round trip: whether a resume route waits, and the language a
     phone that belongs to no cooperative chose before (on any server: not only this process's memory)."""
-    route, lang = await redis.mget(resume_key(cipher, phone), language_key(cipher, phone))
+    return _facts(*await redis.mget(resume_key(cipher, phone), language_key(cipher, phone)))
+
+
+def _facts(route: bytes | None, lang: bytes | str | None) -> tuple[bool, str | None]:
     return route is not None, lang.decode() if isinstance(lang, bytes) else lang
 
 

@@ -71,7 +71,7 @@ async def capped(rt: Any, aiohttp_client: Any, settings_factory: Any) -> Any:
 async def fill(client: Any, monkeypatch: Any) -> tuple[Gate, list[asyncio.Task[str]]]:
     """Two opening hops held in flight: the cap is full until the gate opens."""
     gate = Gate()
-    monkeypatch.setattr(sessions, "load", gate.hold(sessions.load))
+    monkeypatch.setattr(sessions, "load_opening", gate.hold(sessions.load_opening))
     held = [asyncio.create_task(AtPhone(client, EN_MTN).dial()) for _ in range(2)]
     await gate.until(2)
     return gate, held
@@ -86,7 +86,7 @@ async def test_the_hop_past_the_cap_is_answered_unavailable_at_once_and_nothing_
         capped: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
     await learn_language(capped, RW_MTN)
     gate = Gate()
-    monkeypatch.setattr(sessions, "load", gate.hold(sessions.load))
+    monkeypatch.setattr(sessions, "load_opening", gate.hold(sessions.load_opening))
     rows, keys = await db.count(UssdSession), sorted(await rt.redis.keys("*"))
     shed, busy_hops = shed_count("africastalking"), sample("gateway_ussd_hops_total", aggregator="africastalking",
                                                            screen="busy")
