@@ -171,3 +171,97 @@ async def test_the_opening_row_names_the_cooperative_and_member_the_memberships_
     await rt.redis.delete(f"ussd:{{at:{reused.session_id}}}")
     again = AtPhone(client, RW_MTN, session_id=reused.session_id)
     assert await opened(again) == (demo["cooperative_id"], demo["members"][RW_MTN], "*384*123#", "OPEN", 1)
+
+
+async def test_the_one_statement_opening_writes_what_the_two_statement_one_does(client: Any, demo: Any, db: Any,
+                                                                                 rt: Any, monkeypatch: Any) -> None:
+    """On PostgreSQL the SQL decides the row's cooperative and member; elsewhere Python does, from the same
+    memberships. Both give the same row, session and screen for every mix: several memberships, a pending one
+    (counted), a suspended one (not), an extension with and without a membership there, an unknown extension,
+    a language chosen in another cooperative, and Hubtel's and Nalo's opening hops."""
+    import pytest
+
+    from channels.ussd import sessions
+    from core.audit import Actor
+    from core.members import create_member
+    from core.models import Member
+    from core.phone import normalize
+    from tests.channels.ussd.test_flows_africastalking import FR_AIRTEL
+    from tests.channels.ussd.test_hubtel_nalo_flows import HubtelPhone, nalo
+    from tests.channels.ussd.test_lost_session_text import other_cooperative
+
+    if not is_postgres():
+        pytest.skip("one path only elsewhere")
+    other = await other_cooperative(rt, "4")
+    async with rt.sessionmaker.begin() as s:
+        for number, language, status in ((EN_MTN, "sw", "ACTIVE"), (RW_MTN, "en", "PENDING"),
+                                         (FR_AIRTEL, "en", "SUSPENDED")):
+            member = await create_member(s, rt.cipher, cooperative_id=other, name="Second", language=language,
+                                         phone=normalize(number), actor=Actor("system", "system"))
+            await s.execute(update(Member).where(Member.id == member.id).values(status=status))
+
+    async def opening(tag: str) -> list[Any]:
+        seen: list[tuple[Any, ...]] = []
+        for number in (EN_MTN, RW_MTN, FR_AIRTEL, STRANGER):
+            for code in ("*384*123#", "*384*123*4#", "*384*123*9#"):
+                phone = AtPhone(client, number, service_code=code)
+                reply = await phone.dial()
+                stored = await sessions.load(rt.redis, "africastalking", phone.session_id)
+                assert stored is not None
+                seen.append((reply, stored.state.data, stored.state.lang, phone.session_id))
+        hubtel = await HubtelPhone(client, FR_AIRTEL[1:], f"hubtel-{tag}").post("Initiation", "*384*123#")
+        seen.append((hubtel["Message"], f"hubtel-{tag}"))
+        seen.append(((await nalo(client, f"nalo-{tag}", "*384*123#", True))["MSG"], f"nalo-{tag}"))
+        out = []
+        for *shown, session_id in seen:
+            row = await db.one(UssdSession, UssdSession.session_id == session_id)
+            out.append((*shown, row.aggregator, row.cooperative_id, row.member_id, row.phone_index, row.phone_masked,
+                        row.service_code, row.network_code, row.status, row.hops, row.last_screen, row.ended_at))
+        return out
+
+    one_statement = await opening("a")
+
+    async def elsewhere(*args: Any, **kwargs: Any) -> None:
+        return None  # as on other databases: the memberships read, then records.opened()
+
+    monkeypatch.setattr(records, "opened_reading", elsewhere)
+    assert one_statement == await opening("b")
+    # (a few that tell the cases apart: her one membership at the extension, pending included; none there)
+    assert [row[4:6] for row in one_statement[3:6]] == [(None, None), (other, one_statement[4][1]["m"][0][0]),
+                                                        (None, None)]
+    assert one_statement[7][4:6] == (other, None) and one_statement[7][1]["m"] == []  # suspended there: none
+
+
+async def test_redis_dropping_mid_pipeline_answers_unavailable(client: Any, demo: Any, rt: Any) -> None:
+    """The opening hop's one Redis round trip (the session, the phone's route and language): a connection that
+    answers the session's GET and drops before the MGET's answer fails the hop as Redis down does."""
+    import asyncio
+
+    from redis.asyncio import Redis
+
+    from tests.channels.ussd.helpers import swapped_redis
+
+    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readline():
+            args = []
+            for _ in range(int(head[1:])):
+                size = int((await reader.readline())[1:])
+                args.append((await reader.readexactly(size + 2))[:-2].upper())
+            if args[0] == b"GET":
+                writer.write(b"_\r\n")  # no session (RESP3 null); the MGET sent with it is never answered
+                await writer.drain()
+                writer.close()
+                return
+            writer.write(b"%1\r\n+proto\r\n:3\r\n" if args[0] == b"HELLO" else b"+OK\r\n")
+            await writer.drain()
+
+    server = await asyncio.start_server(half, "127.0.0.1", 0)
+    broken = Redis.from_url(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0", protocol=3,
+                            socket_timeout=5.0)
+    try:
+        with swapped_redis(rt, broken):
+            answer = await asyncio.wait_for(AtPhone(client, STRANGER).dial(), 30)
+    finally:
+        await broken.aclose()
+        server.close()
+    assert answer == "END Service unavailable, please try again later."
