@@ -328,11 +328,12 @@ async def _payments_recorded_later(session: AsyncSession, scope: Scope, start: d
     if count == FLAGGED_LIMIT:
         count = (await session.execute(scope(select(func.count(Payment.id)), Payment).where(later))).scalar_one()
     # What a voided one counted, and the transaction id it held, until its void (the void's audit row's before).
+    voided_ids = [p.id for p, _, _ in rows if p.status == PaymentStatus.VOIDED.value]
     was = {entity_id: before or {} for entity_id, before in (await session.execute(
         select(AuditEvent.entity_id, AuditEvent.before).where(
             AuditEvent.entity_type == PAYMENT.name, AuditEvent.action == VOID_ACTION,
-            AuditEvent.entity_id.in_([p.id for p, _, _ in rows if p.status == PaymentStatus.VOIDED.value]))))
-    } if any(p.status == PaymentStatus.VOIDED.value for p, _, _ in rows) else {}
+            AuditEvent.entity_id.in_(voided_ids))))
+    } if voided_ids else {}
     listed = []
     for p, recorded_at, recorded_by_actor in rows:
         counted, txn = taken(p), p.provider_transaction_id

@@ -9,7 +9,8 @@ from __future__ import annotations
 import calendar
 import re
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, NamedTuple
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
@@ -140,24 +141,9 @@ async def opening_memberships(ctx: Ctx, **opening: Any) -> list[tuple[MemberRow,
                                                 **opening)
     if records_ is None:
         return None
-    ctx.cache["ms"] = _memberships_of(ctx, [_MembershipRow(**r) for r in records_])
+    # (by name, as SQLAlchemy's rows are read: membership_query's columns)
+    ctx.cache["ms"] = _memberships_of(ctx, [SimpleNamespace(**r) for r in records_])
     return ctx.cache["ms"]
-
-
-class _MembershipRow(NamedTuple):
-    """A raw membership row (opened_reading's), by name as SQLAlchemy's rows are read: membership_query's columns."""
-
-    member_id: str
-    member_status: str
-    member_language: str
-    id: str
-    name: str
-    country: str
-    contact_phone: str | None
-    self_registration: bool
-    status: str
-    timezone: str | None
-    member_updated: Any
 
 
 async def _read_memberships(ctx: Ctx) -> list[tuple[MemberRow, CoopRow]]:
@@ -492,26 +478,28 @@ async def type_items(ctx: Ctx) -> list[Item]:
     items = []
     types = await payment_types(ctx)
     labels = shorts([pt.name for pt in types])
+    last_day = await _last_day_this_month(ctx) if any(pt.due_day for pt in types) else 31
     for pt, name in zip(types, labels, strict=True):
         # A type whose amount the payer enters, with no usual amount: not "0 RWF".
         free = pt.allow_custom_amount and not pt.amount_minor
         amount = ctx.t("pay.any_amount") if free else ctx.money(Money(pt.amount_minor, pt.currency))
         if pt.due_day:
-            label = ctx.t("pay.type_line_due", name=name, amount=amount, day=await _due_day_this_month(ctx, pt.due_day))
+            # This month's day where the cooperative is: the 31st is the 30th in November, as its reminders date it
+            # (core.reminders.due_dates).
+            label = ctx.t("pay.type_line_due", name=name, amount=amount, day=min(pt.due_day, last_day))
         else:
             label = ctx.t("pay.type_line", name=name, amount=amount)
         items.append(Item(pt.id, label))
     return items
 
 
-async def _due_day_this_month(ctx: Ctx, due_day: int) -> int:
-    """A type's due day in this month where the cooperative is: the 31st is the 30th in November, as its reminders
-    date it (core.reminders.due_dates)."""
+async def _last_day_this_month(ctx: Ctx) -> int:
+    """The last day of this month where the session's cooperative is."""
     from core.cooperatives import zone_of
 
     coop = await cooperative(ctx, ctx.data["c"])
     today = utcnow().astimezone(zone_of(coop.timezone if coop else None)).date()
-    return min(due_day, calendar.monthrange(today.year, today.month)[1])
+    return calendar.monthrange(today.year, today.month)[1]
 
 
 async def type_chosen(ctx: Ctx, type_id: str) -> str:
