@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from email.utils import parsedate_to_datetime
@@ -103,37 +103,48 @@ def timeout_from(config: ProviderConfig) -> httpx.Timeout:
 
 async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method: str, url: str,
                timeouts: httpx.Timeout, creates: bool, headers: Mapping[str, str] | None = None,
-               json: Any = None, auth: httpx.Auth | tuple[str, str] | None = None) -> httpx.Response:
+               json: Any = None, auth: httpx.Auth | tuple[str, str] | None = None, params: Any = None,
+               label: str | None = None, answered: Callable[[httpx.Response], bool] | None = None,
+               count_5xx: bool = True) -> httpx.Response:
     """Send once. `creates`: the request starts a payment or refund, so an unanswered one is ambiguous.
 
     A failure to connect is retryable (nothing reached the provider). A request that may have
     reached the provider but got no answer raises ProviderTimeout when it `creates`: the caller must
     ask the status of the same reference rather than send it again.
 
-    gateway_provider_errors_total is counted here (a transport failure, a 5xx) and in http_error (a 4xx),
-    once per failed HTTP call: the jobs above (core.jobs) time operations but count no errors.
+    For the outage line (call_failed / call_answered) a call fails when it could not connect, got no answer in
+    time, or was answered 5xx, unless `answered` says that 5xx is the provider's answer (Daraja's
+    "still processing"). `label`: the provider as its errors name it ("M-Pesa"; its key by default).
+
+    gateway_provider_errors_total is counted here (a transport failure, a 5xx unless `count_5xx` is off: an
+    adapter that counts its errors as it reads them) and in http_error (a 4xx), once per failed HTTP call: the
+    jobs above (core.jobs) time operations but count no errors. Nothing is logged per call: in an outage every
+    job fails, and the outage line (call_failed) says it once.
     """
+    name = label or provider
     started = time.perf_counter()
     try:
         response = await http.request(method, url, headers=dict(headers or {}), json=json, auth=auth,
-                                      timeout=timeouts)
+                                      params=params, timeout=timeouts)
     except (httpx.ConnectTimeout, httpx.ConnectError) as exc:
         PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
         call_failed(provider, started)
-        raise ProviderError(f"{provider} could not be reached ({type(exc).__name__})", retryable=True,
+        raise ProviderError(f"{name} {operation}: cannot connect ({type(exc).__name__})", retryable=True,
                             code="UNREACHABLE") from None
     except (httpx.TimeoutException, httpx.TransportError) as exc:
         PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
         call_failed(provider, started)
         if creates:
-            raise ProviderTimeout(f"{provider} did not answer {operation} ({type(exc).__name__}); "
-                                  "ask its status before sending again") from None
-        raise ProviderError(f"{provider} did not answer {operation} ({type(exc).__name__})", retryable=True,
+            raise ProviderTimeout(f"{name} {operation}: no answer in time ({type(exc).__name__}); ask the "
+                                  "status, do not send again") from None
+        # A token or a query changes nothing at the provider: asking again is safe.
+        raise ProviderError(f"{name} {operation}: no answer in time ({type(exc).__name__})", retryable=True,
                             code="TIMEOUT") from None
     finally:
         PROVIDER_CALLS.labels(provider=provider, operation=operation).observe(time.perf_counter() - started)
-    if response.status_code >= 500:
-        PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
+    if response.status_code >= 500 and (answered is None or not answered(response)):
+        if count_5xx:
+            PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
         call_failed(provider, started)
     else:
         call_answered(provider)

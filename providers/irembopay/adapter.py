@@ -18,7 +18,7 @@ import httpx
 from core.config import ProviderConfig
 from core.inbound import JSON_ERRORS
 from core.logs import scrub
-from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS
+from core.metrics import PROVIDER_ERRORS
 from core.money import Money, MoneyError
 from core.ports import (
     MONEY_REFERENCE,
@@ -36,7 +36,7 @@ from core.ports import (
     StatusResult,
 )
 from core.text import is_number
-from providers.calls import call_answered, call_failed, provider_time, timeout_from
+from providers.calls import provider_time, send, timeout_from
 
 log = logging.getLogger(__name__)
 
@@ -422,36 +422,12 @@ class IremboPayAdapter:
         self._invoices[provider_reference] = invoice_number
 
     async def _send(self, operation: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One call to IremboPay, counted for the outage line as providers.calls.send counts its calls (call_failed:
-        no connection, no answer in time, a 5xx; call_answered: anything else, a 4xx included)."""
+        """One call to IremboPay (providers.calls.send; its errors are counted as _error reads them)."""
         headers = {"irembopay-secretKey": self._config.secret("secret_key"), "X-API-Version": "2",
                    "Accept": "application/json"}
-        started = time.perf_counter()
-        try:
-            resp = await self._http.request(method, self._base + path, headers=headers,
-                                            timeout=self._timeouts, **kwargs)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            PROVIDER_ERRORS.labels(self.name, operation).inc()
-            call_failed(self.name, started)
-            log.warning("irembopay %s: cannot connect (%s)", operation, type(exc).__name__)
-            raise ProviderError(f"IremboPay {operation}: cannot connect", retryable=True,
-                                code="UNREACHABLE") from exc
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
-            PROVIDER_ERRORS.labels(self.name, operation).inc()
-            call_failed(self.name, started)
-            log.warning("irembopay %s: no answer (%s)", operation, type(exc).__name__)
-            if operation in _CREATES:
-                raise ProviderTimeout(f"IremboPay {operation}: no answer in time; ask the status, "
-                                      "do not send again") from exc
-            raise ProviderError(f"IremboPay {operation}: no answer in time", retryable=True,
-                                code="TIMEOUT") from exc
-        finally:
-            PROVIDER_CALLS.labels(self.name, operation).observe(time.perf_counter() - started)
-        if resp.status_code >= 500:
-            call_failed(self.name, started)
-        else:
-            call_answered(self.name)
-        return resp
+        return await send(self._http, provider=self.name, operation=operation, method=method, url=self._base + path,
+                          timeouts=self._timeouts, creates=operation in _CREATES, headers=headers, label="IremboPay",
+                          count_5xx=False, **kwargs)
 
     @staticmethod
     def _json(resp: httpx.Response) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import base64
 import json
 import logging
 import re
-import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -16,7 +15,7 @@ import httpx
 from core.config import ProviderConfig
 from core.inbound import JSON_ERRORS
 from core.logs import scrub
-from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS
+from core.metrics import PROVIDER_ERRORS
 from core.money import Money, MoneyError
 from core.phone import mask
 from core.ports import (
@@ -32,7 +31,7 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
-from providers.calls import call_answered, call_failed, provider_time, timeout_from, with_query
+from providers.calls import provider_time, send, timeout_from, with_query
 from providers.tokens import TokenCache
 
 log = logging.getLogger(__name__)
@@ -492,35 +491,11 @@ class MpesaAdapter:
         return resp
 
     async def _send(self, operation: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One call to Daraja, counted for the outage line as providers.calls.send counts its calls (call_failed:
-        no connection, no answer in time, a 5xx that is not one of Daraja's answers, _ANSWERED_AS_500;
-        call_answered: anything else, a 4xx included)."""
-        started = time.perf_counter()
-        try:
-            resp = await self._http.request(method, self._base + path, timeout=self._timeouts, **kwargs)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            PROVIDER_ERRORS.labels(self.name, operation).inc()
-            call_failed(self.name, started)
-            log.warning("mpesa %s: cannot connect (%s)", operation, type(exc).__name__)
-            raise ProviderError(f"M-Pesa {operation}: cannot connect", retryable=True,
-                                code="UNREACHABLE") from exc
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
-            PROVIDER_ERRORS.labels(self.name, operation).inc()
-            call_failed(self.name, started)
-            log.warning("mpesa %s: no answer (%s)", operation, type(exc).__name__)
-            if operation in _CREATES:
-                raise ProviderTimeout(f"M-Pesa {operation}: no answer in time; ask the status, "
-                                      "do not send again") from exc
-            # A token or a query changes nothing at Safaricom: asking again is safe.
-            raise ProviderError(f"M-Pesa {operation}: no answer in time", retryable=True,
-                                code="TIMEOUT") from exc
-        finally:
-            PROVIDER_CALLS.labels(self.name, operation).observe(time.perf_counter() - started)
-        if resp.status_code >= 500 and self._json(resp).get("errorCode") not in _ANSWERED_AS_500:
-            call_failed(self.name, started)
-        else:
-            call_answered(self.name)
-        return resp
+        """One call to Daraja (providers.calls.send; its errors are counted as _error reads them). A 500 that is
+        one of Daraja's answers (_ANSWERED_AS_500) is not a failing call for the outage line."""
+        return await send(self._http, provider=self.name, operation=operation, method=method, url=self._base + path,
+                          timeouts=self._timeouts, creates=operation in _CREATES, label="M-Pesa", count_5xx=False,
+                          answered=lambda resp: self._json(resp).get("errorCode") in _ANSWERED_AS_500, **kwargs)
 
     @staticmethod
     def _json(resp: httpx.Response) -> dict[str, Any]:
