@@ -312,6 +312,16 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+async def _close_collect_now(app: web.Application) -> None:
+    # At shutdown, before the runtime's resources close (on_cleanup): a bank payment's collect job this process
+    # started for a waiting POST /v1/payments (core.collect_now) finishes, or is cancelled for a worker to take again.
+    from core import collect_now
+
+    rt = app.get(RUNTIME)
+    if rt is not None:
+        await collect_now.close(rt)
+
+
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.Application:
     """Build the service. With `runtime` given (tests, `run`), the caller owns the resources."""
     app = web.Application(middlewares=[request_context], client_max_size=MAX_BODY)
@@ -367,6 +377,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
     # Seed 001's development webhook only beside the simulators (never in production: it trusts its caller).
     setup_providers(app, test_webhook=settings.simulators_in_process and not settings.is_production)
     app.add_subapp("/v1", create_admin_app(settings))
+    app.on_shutdown.append(_close_collect_now)
     if settings.simulators_in_process:
         from channels.sms.simulator import simulator_from_settings
         from providers.registry import mount_simulators

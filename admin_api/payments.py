@@ -33,10 +33,12 @@ from admin_api.members import search_region
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param, body_datetime, period_params, statement_time
 from core.auth import OWN_PAYMENTS
+from core.collect_now import CollectNow
 from core.errors import Conflict, NotFound, ValidationError
 from core.models import Member, Payment, PaymentType
 from core.money import Money
 from core.payments import (
+    METHOD_OPERATOR,
     METHODS,
     RECORDED,
     NewPayment,
@@ -75,8 +77,9 @@ PAYMENT = out(
         "gatewayTransactionId": NULL_STRING,
         "gatewayReference": NULL_STRING,
         "paymentUrl": {**NULL_STRING, "description": "bank methods (BANK_*): where the payer pays the IremboPay "
-                       "invoice. null in the 201: the worker creates the invoice within seconds; read it with "
-                       "GET /v1/payments/{id} (mobile money needs none: the payer approves a prompt on the phone)"},
+                       "invoice, in the 201 (status PROCESSING) when IremboPay makes it within "
+                       "PAYMENT_URL_WAIT_SECONDS (5 s); null past it, and GET /v1/payments/{id} carries it once made "
+                       "(mobile money needs none: the payer approves a prompt on the phone)"},
         "description": NULL_STRING,
         "dueDate": NULL_DATETIME,
         "completedAt": NULL_DATETIME,
@@ -384,6 +387,13 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
                        "read: look it up with a key that has payments:read, or use a new idempotency key for a "
                        "new payment", field="idempotencyKey")
     await ctx.session.commit()
+    wait = ctx.rt.settings.payment_url_wait_seconds
+    if (wait > 0 and payment.method not in METHOD_OPERATOR and payment.payment_url is None
+            and payment.status == PaymentStatus.PENDING.value):
+        # A bank payment: the client redirects the payer to its invoice's paymentUrl (seed 001), made within the
+        # wait when IremboPay answers in time (core.collect_now); a replay waits for it too.
+        await CollectNow.of(ctx.rt).wait(payment.id, wait)
+        payment = await ctx.session.get(Payment, payment.id, populate_existing=True) or payment
     # A replay answers as the first request did (seed 001: 201, the same key "returns existing payment"): a
     # client retrying after a lost answer checks for 201; Idempotent-Replayed tells the two apart.
     response = json_response(present(payment), status=201)

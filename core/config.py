@@ -106,6 +106,9 @@ class Settings:
     # A bank payment (an IremboPay invoice the payer settles on their bank's page or at a branch) is open this
     # long, and its invoice expires then; mobile money's PIN prompt has payment_timeout_seconds.
     bank_payment_timeout_seconds: int = 3600
+    # Seconds POST /v1/payments waits for a bank payment's paymentUrl (its IremboPay invoice), running the collect job
+    # at once itself when no worker has taken it (core.collect_now); 0: answered at once, the URL comes on GET.
+    payment_url_wait_seconds: float = 5.0
     db_pool_size: int = 20
     # Seconds a request waits for a free pooled connection before it is answered 503 (core.db.POOL_TIMEOUT_SECONDS).
     db_pool_timeout_seconds: float = 5.0
@@ -636,6 +639,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         poll_after_seconds=_int(env, "POLL_AFTER_SECONDS", 30, minimum=1),
         payment_timeout_seconds=_int(env, "PAYMENT_TIMEOUT_SECONDS", 300, minimum=1),
         bank_payment_timeout_seconds=_int(env, "BANK_PAYMENT_TIMEOUT_SECONDS", 3600, minimum=60),
+        payment_url_wait_seconds=_float(env, "PAYMENT_URL_WAIT_SECONDS", 5.0, zero_means="answers at once",
+                                        maximum=20.0),
         payment_settle_grace_seconds=_int(env, "PAYMENT_SETTLE_GRACE_SECONDS", 86400, minimum=60),
         payment_pending_grace_seconds=_int(env, "PAYMENT_PENDING_GRACE_SECONDS", 600, minimum=1),
         ussd_service_code=service_code,

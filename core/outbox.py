@@ -392,9 +392,11 @@ class OutboxWorker:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def claim(self, limit: int | None = None, *, sparing: Sequence[str] = ()) -> list[Job]:
+    async def claim(self, limit: int | None = None, *, sparing: Sequence[str] = (), key: str | None = None
+                    ) -> list[Job]:
         """Lease up to `limit` (a batch) due jobs (PENDING, or RUNNING with a lapsed lease), oldest first, none of
-        whose lane (_lane) is in `sparing`.
+        whose lane (_lane) is in `sparing`; with `key`, only the job of that dedupe key, if it is due (a job
+        another worker holds is skipped, never waited for).
 
         A job taken back from a lapsed lease is marked WORKER_LOST (Job.interrupted) in the same statement;
         one whose lost attempt had not stamped its provider call is told so (Job.lost_before_call).
@@ -410,8 +412,10 @@ class OutboxWorker:
             # One statement, atomic on its own, in autocommit (the BEGIN, SELECT, UPDATE and COMMIT were four round
             # trips). Without a lane to spare, the plain claim: it reads no lane but the claimed jobs'.
             params: dict[str, Any] = {"batch": batch, "worker": self.worker_id, "lease": float(self._lease), **full}
+            if key is not None:
+                params["key"] = key
             async with autocommit(engine) as conn:
-                claimed = (await conn.execute(_claim(len(full)), params)).all()
+                claimed = (await conn.execute(_claim(len(full), keyed=key is not None), params)).all()
             # (A last_error of WORKER_LOST whose row had UNSTAMPED before: the row was RUNNING, see _LAST_ERROR.)
             return [Job(r.id, r.kind, dict(r.payload), r.attempts, r.max_attempts, r.created_at,
                         locked_by=self.worker_id, last_error=_told(r.last_error),
@@ -421,6 +425,8 @@ class OutboxWorker:
                     for r in sorted(claimed, key=lambda r: (r.run_at_before, r.id))]
         now = utcnow()
         where = and_(OutboxJob.status.in_(("PENDING", "RUNNING")), OutboxJob.run_at <= now)
+        if key is not None:
+            where = and_(where, OutboxJob.dedupe_key == key)
         async with self._sm.begin() as session:
             rows = (
                 await session.execute(
@@ -768,10 +774,13 @@ def _spared(count: int, postgres: bool) -> Any:
 
 
 @functools.cache
-def _claim(spared: int) -> Any:
+def _claim(spared: int, keyed: bool = False) -> Any:
     """The claim: WITH due AS (SELECT ... FOR UPDATE SKIP LOCKED) UPDATE ... FROM due RETURNING, one statement
-    (PostgreSQL); `spared`: how many lanes it spares (_spared; none: the plain claim)."""
+    (PostgreSQL); `spared`: how many lanes it spares (_spared; none: the plain claim); `keyed`: only the job of
+    the dedupe key `key` (its unique index)."""
     where = and_(_TABLE.c.status.in_(("PENDING", "RUNNING")), _TABLE.c.run_at <= func.now())
+    if keyed:
+        where = and_(where, _TABLE.c.dedupe_key == bindparam("key"))
     due = (select(_TABLE.c.id, _TABLE.c.status, _TABLE.c.run_at, _TABLE.c.last_error, _TABLE.c.locked_by)
            .where(and_(where, _spared(spared, True)) if spared else where)
            .order_by(_TABLE.c.run_at).limit(bindparam("batch")).with_for_update(skip_locked=True).cte("due"))

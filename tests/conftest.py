@@ -54,6 +54,9 @@ def _base_env() -> dict[str, str]:
     # And a hop's 3 s budget: a hop cut by it while the machine stalled this process answered "unavailable" (the
     # CI try of 2026-12-03). Tests of the budget set their channel's own (app[USSD].budget).
     env.setdefault("USSD_HOP_BUDGET_SECONDS", "8")
+    # A bank payment's POST answers at once, its collect job left to the test's worker as every other payment's:
+    # the tests of the wait (core.collect_now) set their own (tests/admin_api/test_bank_payment_url.py).
+    env.setdefault("PAYMENT_URL_WAIT_SECONDS", "0")
     return env
 
 

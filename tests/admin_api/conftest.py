@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,3 +178,41 @@ def unreachable_redis() -> Any:
         port = sock.getsockname()[1]
     return Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=0.5,
                  retry=Retry(NoBackoff(), 0))
+
+
+IREMBO_SECRET = "irembo-sim-secret-5c1e"
+
+
+class Irembo:
+    """The IremboPay simulator on 127.0.0.1, the gateway's adapter pointed at it, and every request it was sent."""
+
+    def __init__(self, app: Any, base: str) -> None:
+        self.app, self.base = app, base
+        self.sent: list[tuple[str, str]] = []
+
+    async def record(self, request: Any) -> None:
+        self.sent.append((request.method, request.url.path))
+
+    def calls(self, method: str, path: str) -> int:
+        return self.sent.count((method, path))
+
+
+@pytest.fixture
+async def irembo(rt: Any, aiohttp_server: Any) -> AsyncIterator[Irembo]:
+    """The IremboPay simulator as `irembopay`, which takes the bank methods and MTN mobile money (its push)."""
+    import httpx
+
+    from core.config import ProviderConfig, Secret
+    from providers.irembopay.adapter import IremboPayAdapter
+    from providers.irembopay.simulator import create_simulator
+    from providers.simulation import SimulatorOptions
+
+    app = create_simulator(SimulatorOptions(delay=0.02, drop_callback=True, credentials={"secret_key": IREMBO_SECRET}))
+    server = await aiohttp_server(app, host="127.0.0.1")
+    sim = Irembo(app, str(server.make_url("")).rstrip("/"))
+    config = ProviderConfig(base_url=sim.base, credentials={"secret_key": Secret(IREMBO_SECRET)},
+                            options={"payment_account": "PI-coop", "payment_item_code": "PC-rent"})
+    async with httpx.AsyncClient(event_hooks={"request": [sim.record]}) as http:
+        rt.providers = {**rt.providers, "irembopay": IremboPayAdapter(http, config)}
+        rt.routes = {**rt.routes, "MOBILE_MONEY_MTN": "irembopay"}
+        yield sim

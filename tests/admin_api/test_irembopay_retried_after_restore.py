@@ -7,54 +7,20 @@ second push, never FAILED with a "payment failed" SMS. Before, the refusal faile
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
-import pytest
-from aiohttp import web
 from sqlalchemy import select
 
-from core.config import ProviderConfig, Secret
 from core.models import OutboxJob
-from providers.irembopay.adapter import IremboPayAdapter
-from providers.irembopay.simulator import STORE, create_simulator
-from providers.simulation import STATE, SimulatorOptions
-from tests.admin_api.conftest import Caller, payment_body
+from providers.irembopay.simulator import STORE
+from providers.simulation import STATE
+from tests.admin_api.conftest import Caller, Irembo, payment_body
 from tests.admin_api.test_retried_key_after_restore import _lose
 from tests.conftest import drain
 from tests.providers.wires import due_now
 
-SECRET = "irembo-sim-secret-5c1e"
 PUSH = "/payments/transactions/initiate"
-
-
-class Irembo:
-    """The IremboPay simulator on 127.0.0.1, the gateway's adapter pointed at it, and every request it was sent."""
-
-    def __init__(self, app: web.Application, base: str) -> None:
-        self.app, self.base = app, base
-        self.sent: list[tuple[str, str]] = []
-
-    async def record(self, request: httpx.Request) -> None:
-        self.sent.append((request.method, request.url.path))
-
-    def calls(self, method: str, path: str) -> int:
-        return self.sent.count((method, path))
-
-
-@pytest.fixture
-async def irembo(rt: Any, aiohttp_server: Any) -> AsyncIterator[Irembo]:
-    app = create_simulator(SimulatorOptions(delay=0.02, drop_callback=True, credentials={"secret_key": SECRET}))
-    server = await aiohttp_server(app, host="127.0.0.1")
-    sim = Irembo(app, str(server.make_url("")).rstrip("/"))
-    config = ProviderConfig(base_url=sim.base, credentials={"secret_key": Secret(SECRET)},
-                            options={"payment_account": "PI-coop", "payment_item_code": "PC-rent"})
-    async with httpx.AsyncClient(event_hooks={"request": [sim.record]}) as http:
-        rt.providers = {**rt.providers, "irembopay": IremboPayAdapter(http, config)}
-        rt.routes = {**rt.routes, "MOBILE_MONEY_MTN": "irembopay"}
-        yield sim
 
 
 async def _sms_templates(rt: Any, payment_id: str) -> list[str]:
