@@ -262,7 +262,9 @@ VOID = {
                    "may be on its way back), one with an open dispute, one whose transaction id a payment the "
                    "provider reported paid holds too with its money counted on this recording, and one VOIDED "
                    "already. A success the provider reports afterwards for its request flags it (mismatch) and "
-                   "never reopens it.",
+                   "never reopens it: payment.taken_after_void is queued (data.reportedPayment: the provider's "
+                   "transaction id and amount; sent to endpoints of payment.voided and payment.completed too), "
+                   "once per transaction id.",
 }
 LIST_QUERY = {
     "page": PAGE,

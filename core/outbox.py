@@ -34,7 +34,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from core import pgraw
 from core.db import autocommit, row_insert, utcnow
@@ -957,6 +957,18 @@ async def finish_in(session: AsyncSession, job: Job) -> bool:
         return False
     result = await session.execute(_FINISH, finish_values(job))
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def finish_unsent(conn: AsyncConnection, job: Job, reason: str) -> None:
+    """End `job` DONE with `reason` as its last word, as end_waiting ends a job superseded before it ran: its handler
+    found, at its turn, that what it was to send must not go out any more (a receipt for a payment voided since), so
+    its row says why nothing was sent (GET /v1/jobs, lastError). Only the lease holder finishes it (finish_in's
+    WHERE); a job not claimed by a worker is left to the worker, which ends it DONE without the reason."""
+    if job.locked_by is None:
+        return
+    result = await conn.execute(_FINISH, {**finish_values(job), "last_error": reason[:2000]})
+    if result.rowcount:
+        finished(job)
 
 
 def finished(job: Job) -> None:

@@ -1155,9 +1155,10 @@ async def _flag_paid_twice(session: AsyncSession, payment: Payment, reference: s
 
 def reported_event_id(event_type: str, payment_id: str, reference: str | None) -> str:
     """The id of an event about money a provider reported for a payment (payment.paid_twice,
-    payment.unconfirmed_success): one per payment and money reference, so a repeat of the same report queues
-    nothing (the outbox's dedupe key) and another report is another event. The reference is digested: it is the
-    provider's text, of any length and characters, and the event id is sent in a header (X-Gateway-Event-Id)."""
+    payment.unconfirmed_success, payment.taken_after_void): one per payment and money reference, so a repeat of the
+    same report queues nothing (the outbox's dedupe key) and another report is another event. The reference is
+    digested: it is the provider's text, of any length and characters, and the event id is sent in a header
+    (X-Gateway-Event-Id)."""
     digest = hashlib.sha256((reference or "").encode()).hexdigest()[:16]
     return f"evt_{event_type.replace('.', '_')}_{payment_id}_{digest}"
 
@@ -2228,7 +2229,9 @@ async def _flag_success_after_void(session: AsyncSession, payment: Payment, prov
     payment the gateway had asked for): the money was taken, so it is never dropped, but a voided payment is not
     reopened (its transaction id may be recorded on the right payment since): flagged (mismatch) and audited
     for a person, who records the statement line (POST /v1/payments/recorded). The stored callback keeps the
-    provider's id."""
+    provider's id. The cooperative's system, told payment.voided (nothing collected), is told the money was taken
+    after all (payment.taken_after_void, with what the provider reported): once per report, a repeat (the
+    provider's retry under another event id) is audited only."""
     said = (f"provider reported success{f' ({amount})' if amount is not None else ''}"
             f"{f', transaction {provider_transaction_id[:64]}' if provider_transaction_id else ''} after the "
             f"recording was voided: check the statement, {_AFTER_VOID}")
@@ -2239,9 +2242,15 @@ async def _flag_success_after_void(session: AsyncSession, payment: Payment, prov
                         "currency": None if amount is None else amount.currency},
                  cooperative_id=payment.cooperative_id)
     payment.mismatch = True
-    if said not in (payment.mismatch_detail or ""):  # a repeat of the same report (a provider's retry) is audited only
+    repeat = said in (payment.mismatch_detail or "")  # the same report again (a provider's retry): audited only
+    if not repeat:
         payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
     payment.updated_at = changed_at(payment.updated_at)
+    if not repeat:
+        # Told payment.voided (collectedAmount 0): it must learn the money was taken after all, and is nowhere
+        # counted until a person records the statement line. (One event per transaction id, too: a repeat whose
+        # flag was cut from mismatch_detail (fit_detail) queues nothing more either.)
+        await _emit_reported(session, payment, "payment.taken_after_void", provider_transaction_id, amount)
     log.error("provider reported a voided payment paid: record the statement line (the payment is flagged)",
               extra={"payment_id": payment.id, "provider": payment.provider})
     return "flagged_success_after_void"

@@ -63,6 +63,7 @@ EVENTS = (
     "payment.unconfirmed_success",
     "payment.timeout",
     "payment.voided",
+    "payment.taken_after_void",
     "refund.completed",
     "refund.failed",
     "dispute.opened",
@@ -282,7 +283,8 @@ def subscribed(events: list[str], event_type: str, told: tuple[str, ...] = ()) -
     """Whether an endpoint asking for `events` gets `event_type`: it asked for it, or for an event it follows
     (FOLLOWS), or for one the event says its system was told of the same payment (`told`, the job's "follows":
     payment.paid_twice follows the payment.completed or payment.taken_after_failure of its payment,
-    payment.unconfirmed_success its payment.failed or payment.timeout), with what those follow."""
+    payment.unconfirmed_success its payment.failed or payment.timeout, payment.taken_after_void its
+    payment.voided), with what those follow."""
     wanted = {event_type, *told}
     wanted.update(FOLLOWS[event] for event in tuple(wanted) if event in FOLLOWS)
     return not wanted.isdisjoint(events)

@@ -50,10 +50,11 @@ from core.db import autocommit, insert_ignore, new_id, utcnow
 from core.members import PhoneReleased
 from core.models import Cooperative, Member, Payment, PaymentType, SmsMessage
 from core.notify import SMS_KEY_SIZE, SMS_PHONE_CONTEXT
-from core.outbox import Handler, Job, PermanentJobError, RetryLater
+from core.outbox import Handler, Job, PermanentJobError, RetryLater, finish_unsent
 from core.ratelimit import Limit, RateLimiter
 from core.reminders import why_not_send
 from core.state import StaleTransition, transition_alone
+from core.state.payment import PaymentStatus
 from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SKIPPED, SMS, SmsStatus
 
 if TYPE_CHECKING:
@@ -204,14 +205,19 @@ class SmsJobs:
                     metrics.REMINDERS_SKIPPED.labels(reason=void).inc()
             elif payload.get("member_id") and payload.get("template") in MEMBER_TEMPLATES:
                 void = await _member_void(conn, payload)
+            elif existing is not None and payload.get("template") in RECEIPT_TEMPLATES:
+                # Built by an earlier attempt (a first one's build checks it: _build), and retried through an
+                # aggregator outage: its payment may have been voided since.
+                void = await _receipt_void(conn, payload)
             if void is not None:
                 log.info("reminder not sent" if reminder else "member SMS not sent",
-                         extra={"member_id": payload["member_id"], "reason": void,
+                         extra={"member_id": payload.get("member_id"), "reason": void,
                                 "template": payload.get("template")})
                 if existing is not None:  # an earlier attempt stored it: it ends here, unsent (for a reminder,
                     # SKIPPED: not sent, so the next morning's scan may queue its due date again)
                     await self._move(existing.id, SmsStatus.FAILED, failure_reason=f"not sent: {void}",
                                      provider_status=SKIPPED)
+                await finish_unsent(conn, job, f"not sent: {void}")
                 return
             found = await self.throttle_and_lock(lock, str(job.id), kept)
             if found is not None:  # AT may have it already (an earlier run's answer, kept): recorded, never resent
@@ -230,6 +236,12 @@ class SmsJobs:
                         log.info("member SMS not sent", extra={"member_id": payload.get("member_id"),
                                                                "reason": "phone_released",
                                                                "template": payload.get("template")})
+                        return
+                    except _NotSent as stale:  # what it says is no longer true (_build): never stored, not sent
+                        log.info("member SMS not sent", extra={"member_id": payload.get("member_id"),
+                                                               "reason": stale.reason,
+                                                               "template": payload.get("template")})
+                        await finish_unsent(conn, job, f"not sent: {stale.reason}")
                         return
                 else:
                     # Re-read under the lock: the other run may have finished while we waited for it.
@@ -390,6 +402,8 @@ class SmsJobs:
         try:
             facts = await _payment_facts(conn, payload)
             if facts is not None:
+                if payload["template"] in RECEIPT_TEMPLATES and facts.payment.status == PaymentStatus.VOIDED.value:
+                    raise _NotSent(PAYMENT_VOIDED)
                 phone, language = recipient(rt.cipher, payload, facts.member)
                 return phone, language, render(payload["template"], language,
                                                payment_values(facts.payment, language, service_code))
@@ -572,6 +586,32 @@ async def _member_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | 
     if status is not None and status[0] != "ACTIVE":
         return "member_inactive"
     return None
+
+
+# Receipts worth sending only while the payment still holds the money they say was received: one queued before
+# its recording was voided (core.payments.void_recording) and sent after it (the worker or the aggregator was
+# down meanwhile) would tell the member she paid what the cooperative has just taken off her record.
+RECEIPT_TEMPLATES = frozenset({"payment_receipt"})
+PAYMENT_VOIDED = "payment_voided"  # why such a receipt is not sent: the job's last word is "not sent: <this>"
+_PAYMENT_STATUS = select(Payment.__table__.c.status).where(Payment.__table__.c.id == bindparam("p", type_=String))
+
+
+class _NotSent(Exception):
+    """A message built for its turn that must not go out any more (`reason`): nothing stored, nothing sent."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _receipt_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
+    """Why a RECEIPT_TEMPLATES message stored by an earlier attempt must not go out any more, None to send it:
+    payment_voided. (A first attempt's build reads the payment's status with the rest of its facts: _build.)"""
+    payment_id = (payload.get("context") or {}).get("payment_id")
+    if not isinstance(payment_id, str):
+        return None
+    status = await pgraw.first(conn, _PAYMENT_STATUS, {"p": payment_id})
+    return PAYMENT_VOIDED if status is not None and status[0] == PaymentStatus.VOIDED.value else None
 
 
 class _Member(NamedTuple):

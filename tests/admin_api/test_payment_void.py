@@ -7,22 +7,31 @@ recorded, while a refund may be moving money or a dispute is open, and twice."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
 
+from core import webhooks
 from core.audit import Actor
 from core.db import utcnow
-from core.models import AuditEvent, OutboxJob, Payment, Refund
+from core.models import AuditEvent, OutboxJob, Payment, Refund, SmsMessage, WebhookDelivery
+from core.money import Money
 from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
 from core.webhooks import subscribed
 from tests.admin_api.conftest import Caller, complete_payment, idem, make_payment
 from tests.admin_api.test_chargeback_visibility import _last_month, _z
 from tests.admin_api.test_payment_outcome import RECORD, _given_up
+from tests.admin_api.test_payment_review import _mtn_says
 from tests.admin_api.test_unmatched_callbacks import _lost_payment_reference, _mtn_callback
+from tests.channels.sms.helpers import start_simulator
+from tests.conftest import drain
+from tests.core.test_webhooks import approved_endpoint
+from tests.providers.wires import mtn_adapter, mtn_wire
 
 NOTE = "wrong line: MTN statement line 12 is Eric's rent, not Aline's"
 TXN = "MTN-STMT-4821"
@@ -155,6 +164,123 @@ async def test_a_given_up_payment_recorded_in_error_is_voided_and_never_reopened
     assert len(await _audit(rt, payment["id"], "payment.success_after_void")) == 2
     # The right line is then recorded as a payment of its own.
     await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo, providerTransactionId="MP-7781"))
+
+
+async def test_a_confirmed_success_after_the_void_is_told_to_the_cooperatives_system(
+        rt: Any, client: Any, admin: Caller, demo: dict[str, Any]) -> None:
+    """MTN confirms a voided payment's request paid after all (its callback, confirmed by its status query). The
+    cooperative's system was told payment.voided (nothing collected): it is told the money was taken after all
+    (payment.taken_after_void, with MTN's transaction id and amount), also at endpoints that asked only for
+    payment.voided or payment.completed, and once: the same report again queues nothing more."""
+    wire = mtn_wire()
+    mtn_adapter(rt, wire)
+    payment = await _given_up(admin, rt, demo)
+    url = f"/v1/payments/{payment['id']}"
+    await admin.json("POST", f"{url}/outcome", 200, json=RECORD)
+    await admin.json("POST", f"{url}/void", 200, json={"note": NOTE})
+    [voided] = [j.payload for j in await _jobs(rt, "webhook.event") if j.payload["event_type"] == "payment.voided"]
+
+    assert await _mtn_says(client, wire, payment["gatewayReference"], "50000", "MTN-LATE-1") == (
+        "flagged_success_after_void")
+    row = await _row(rt, payment["id"])
+    assert (row.status, row.collected_minor, row.provider_transaction_id, row.mismatch) == ("VOIDED", 0, None, True)
+    [told] = [j.payload for j in await _jobs(rt, "webhook.event")
+              if j.payload["event_type"] == "payment.taken_after_void"]
+    digest = hashlib.sha256(b"MTN-LATE-1").hexdigest()[:16]
+    assert (told["event_id"], told["cooperative_id"], told["follows"]) == (
+        f"evt_payment_taken_after_void_{payment['id']}_{digest}", demo["cooperative_id"], ["payment.voided"])
+    data = told["data"]
+    assert (data["id"], data["status"], data["collectedAmount"], data["gatewayTransactionId"], data["mismatch"],
+            data["mismatchDetail"]) == (payment["id"], "VOIDED", 0, None, True, row.mismatch_detail)
+    assert "transaction MTN-LATE-1 after the recording was voided" in data["mismatchDetail"]
+    assert data["reportedPayment"] == {"moneyReference": "MTN-LATE-1", "amount": 50000, "currency": "RWF"}
+    assert data["updatedAt"] > voided["data"]["updatedAt"]  # the newer news about the payment
+
+    # MTN sends the callback again: a duplicate. Then the same money reported under another event id (a retry):
+    # audited, nothing more queued.
+    assert await _mtn_says(client, wire, payment["gatewayReference"], "50000", "MTN-LATE-1") == "duplicate"
+    async with rt.sessionmaker.begin() as s:
+        again = await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED,
+                                               actor=Actor("provider:mtn_momo", "provider"),
+                                               provider_transaction_id="MTN-LATE-1",
+                                               amount=Money(50000, "RWF"))
+    assert again == "flagged_success_after_void"
+    assert len(await _audit(rt, payment["id"], "payment.success_after_void")) == 2
+    assert [j.payload["event_id"] for j in await _jobs(rt, "webhook.event")
+            if j.payload["event_type"] == "payment.taken_after_void"] == [told["event_id"]]
+
+    # Delivered to the endpoints told of the payment (voided, or paid before that), not to one of failures only.
+    for path, events in (("voided", ["payment.voided"]), ("paid", ["payment.completed"]),
+                         ("failed", ["payment.failed"])):
+        await approved_endpoint(rt, demo["cooperative_id"], f"http://127.0.0.1:9/{path}", events=events)
+    assert await webhooks.fan_out(rt, told) == 2
+    async with rt.sessionmaker() as s:
+        urls = {e.id: e.url for e in (await s.execute(select(webhooks.WebhookEndpoint))).scalars()}
+        sent = (await s.execute(select(WebhookDelivery).where(
+            WebhookDelivery.event_type == "payment.taken_after_void"))).scalars().all()
+    assert sorted(urls[d.endpoint_id] for d in sent) == ["http://127.0.0.1:9/paid", "http://127.0.0.1:9/voided"]
+    assert all(d.payload["data"] == data for d in sent)
+
+
+async def _receipt_job(rt: Any, payment_id: str) -> OutboxJob:
+    async with rt.sessionmaker() as s:
+        return (await s.execute(select(OutboxJob).where(
+            OutboxJob.dedupe_key == f"sms:payment_receipt:{payment_id}"))).scalar_one()
+
+
+async def _receipts(rt: Any) -> list[SmsMessage]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(SmsMessage).where(SmsMessage.template == "payment_receipt"))).scalars())
+
+
+async def test_a_receipt_queued_before_the_void_is_not_sent(rt: Any, admin: Caller, demo: dict[str, Any],
+                                                            worker: Any, aiohttp_server: Any) -> None:
+    """The receipt of a recording (sendReceipt) waits in the outbox (the worker is down); the recording is voided
+    meanwhile. At its turn it does not go out: she would be told she paid what was just taken off her record. Its
+    job ends (not retried), saying why; nothing is stored or sent."""
+    wrong = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo, sendReceipt=True))
+    # A receipt of another recording, not voided, queued with it: sent.
+    right = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(
+        demo, member="+250788000002", providerTransactionId="MTN-STMT-4822", sendReceipt=True))
+    assert (await _receipt_job(rt, wrong["id"])).status == "PENDING"
+    await admin.json("POST", f"/v1/payments/{wrong['id']}/void", 200, json={"note": NOTE})
+
+    _server, sim = await start_simulator(aiohttp_server, rt)
+    await drain(worker)
+    assert list(sim.inbox) == ["+250788000002"]
+    assert [(m.status, m.body.split(":")[0]) for m in await _receipts(rt)] == [("SENT", "Payment received")]
+    assert [m.member_id for m in await _receipts(rt)] == [right["memberId"]]
+    job = await _receipt_job(rt, wrong["id"])
+    assert (job.status, job.attempts, job.last_error) == ("DONE", 1, "not sent: payment_voided")
+    # The admin reads why in the job list.
+    listed = (await admin.json("GET", "/v1/jobs?kind=sms.send&status=DONE", 200))["data"]
+    assert [(j["id"], j["lastError"]) for j in listed if j["lastError"]] == [(job.id, "not sent: payment_voided")]
+
+
+async def test_a_receipt_retried_through_an_outage_is_not_sent_once_voided(
+        rt: Any, admin: Caller, demo: dict[str, Any], worker: Any, aiohttp_server: Any) -> None:
+    """Its first try stored the message and the aggregator refused it (503): it waits for its retry, and the
+    recording is voided meanwhile. At the retry it ends unsent: the stored message FAILED, "not sent"."""
+    wrong = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo, sendReceipt=True))
+    _server, sim = await start_simulator(aiohttp_server, rt, global_failure="http503")
+    await drain(worker)
+    [stored] = await _receipts(rt)
+    assert stored.status == "QUEUED" and sim.inbox == {}
+    job = await _receipt_job(rt, wrong["id"])
+    assert (job.status, job.attempts) == ("PENDING", 1)
+
+    await admin.json("POST", f"/v1/payments/{wrong['id']}/void", 200, json={"note": NOTE})
+    sim.set_failure(None)
+    async with rt.sessionmaker.begin() as s:  # its backoff is over
+        await s.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(run_at=utcnow()))
+    requests = len(sim.requests)
+    await drain(worker)
+    assert sim.inbox == {} and len(sim.requests) == requests
+    [stored] = await _receipts(rt)
+    assert (stored.status, stored.failure_reason, stored.provider_status) == (
+        "FAILED", "not sent: payment_voided", "Skipped")
+    job = await _receipt_job(rt, wrong["id"])
+    assert (job.status, job.attempts, job.last_error) == ("DONE", 2, "not sent: payment_voided")
 
 
 async def test_refused_while_money_may_move_or_a_dispute_is_open(rt: Any, admin: Caller,
@@ -339,3 +465,79 @@ async def test_a_line_recorded_into_a_closed_month_then_voided_nets_out_in_its_r
     # What grew the figure after its end, less what shrank it: nothing, as `settled` says.
     assert sum(p["collected"] for p in reread["paymentsRecordedLater"]) == sum(
         p["collected"] for p in reread["paymentsVoidedLater"])
+
+
+async def _period_ended() -> datetime:
+    """The end of a period that ends now, to the second (as the report's `to` reads it): waited for, so that what
+    follows happens after it."""
+    end = (utcnow() + timedelta(seconds=1)).replace(microsecond=0)
+    await asyncio.sleep((end - utcnow()).total_seconds() + 0.01)
+    return end
+
+
+def _asked(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures of the payments asked for in the period (by method, by type, totals)."""
+    return {"byMethod": [(m["paymentMethod"], m["count"], m["completedCount"], m["completedAmount"])
+                         for m in report["payments"]["byMethod"]],
+            "byType": [(t["name"], t["count"], t["completedCount"], t["completedAmount"])
+                       for t in report["payments"]["byPaymentType"]],
+            "totals": [(t["currency"], t["collectedCount"], t["collected"]) for t in report["totals"]]}
+
+
+async def test_a_payment_asked_for_in_a_closed_period_completed_after_it_then_voided_is_back_to_its_close(
+        rt: Any, admin: Caller, demo: dict[str, Any]) -> None:
+    """Asked for in a period and given up in it; its money recorded after the period ended (dated then), then
+    voided. The period's by-method and by-type figures (payments asked for in it) grew with the late recording (the
+    payment named in `flagged`, late) and the void takes them back to what they were when the period ended: nothing
+    is owed a list. Its `settled` lines never counted it (the money is dated after the period)."""
+    start = utcnow().replace(microsecond=0) - timedelta(seconds=1)
+    payment = await _given_up(admin, rt, demo)
+    end = await _period_ended()
+    period = f"from={_z(start)}&to={_z(end)}"
+    closed = await admin.json("GET", f"/v1/reports/reconciliation?{period}", 200)
+    assert _asked(closed) == {"byMethod": [("MOBILE_MONEY_MTN", 1, 0, 0)], "byType": [("Monthly Rent", 1, 0, 0)],
+                              "totals": []}
+
+    await admin.json("POST", f"/v1/payments/{payment['id']}/outcome", 200, json=RECORD)
+    grown = await admin.json("GET", f"/v1/reports/reconciliation?{period}", 200)
+    assert _asked(grown) == {"byMethod": [("MOBILE_MONEY_MTN", 1, 1, 50000)],
+                             "byType": [("Monthly Rent", 1, 1, 50000)], "totals": [("RWF", 1, 50000)]}
+    assert [(f["id"], f["late"], f["flaggedIn"]) for f in grown["flagged"]] == [(payment["id"], True, ["created"])]
+
+    await admin.json("POST", f"/v1/payments/{payment['id']}/void", 200, json={"note": NOTE})
+    reread = await admin.json("GET", f"/v1/reports/reconciliation?{period}", 200)
+    assert _asked(reread) == _asked(closed)
+    assert reread["settled"] == closed["settled"] == []
+    assert (reread["paymentsVoidedLater"], reread["paymentsRecordedLater"]) == ([], [])
+    assert [(f["id"], f["status"], f["late"]) for f in reread["flagged"]] == [(payment["id"], "VOIDED", True)]
+
+
+async def test_a_payment_asked_for_and_recorded_in_a_closed_period_then_voided_is_named_in_it(
+        rt: Any, admin: Caller, demo: dict[str, Any]) -> None:
+    """The other way a void can move a closed period's by-method and by-type figures: the payment was asked for and
+    its money recorded before the period ended (counted in them when it closed). Then its money is dated in the
+    period too (an /outcome's completedAt is neither before the request nor after the recording; a statement line
+    recorded with POST /v1/payments/recorded is asked for when it is dated), so paymentsVoidedLater names the void,
+    with the method and the amount the figures lost."""
+    start = utcnow().replace(microsecond=0) - timedelta(seconds=1)
+    payment = await _given_up(admin, rt, demo)
+    await admin.json("POST", f"/v1/payments/{payment['id']}/outcome", 200, json=RECORD)
+    line = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(
+        demo, member="+250788000002", providerTransactionId="MTN-STMT-4822", completedAt=_z(utcnow())))
+    end = await _period_ended()
+    period = f"from={_z(start)}&to={_z(end)}"
+    closed = await admin.json("GET", f"/v1/reports/reconciliation?{period}", 200)
+    assert _asked(closed) == {"byMethod": [("MOBILE_MONEY_MTN", 2, 2, 100000)],
+                              "byType": [("Monthly Rent", 2, 2, 100000)], "totals": [("RWF", 2, 100000)]}
+
+    for voided in (payment, line):
+        await admin.json("POST", f"/v1/payments/{voided['id']}/void", 200, json={"note": NOTE})
+    reread = await admin.json("GET", f"/v1/reports/reconciliation?{period}", 200)
+    assert _asked(reread) == {"byMethod": [("MOBILE_MONEY_MTN", 2, 0, 0)], "byType": [("Monthly Rent", 2, 0, 0)],
+                              "totals": []}
+    named = reread["paymentsVoidedLater"]
+    assert sorted(v["id"] for v in named) == sorted([payment["id"], line["id"]])
+    assert all(start <= datetime.fromisoformat(v[k]) < end for v in named for k in ("createdAt", "completedAt"))
+    # What the closed figures lost is what the voids it names counted.
+    lost = closed["payments"]["byMethod"][0]["completedAmount"] - reread["payments"]["byMethod"][0]["completedAmount"]
+    assert lost == sum(v["collected"] for v in named if v["paymentMethod"] == "MOBILE_MONEY_MTN") == 100000
