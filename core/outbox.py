@@ -443,20 +443,25 @@ class OutboxWorker:
             ids = [r.id for r, _ in rows]
             # (The rows' state as found, before the UPDATE changes the instances.)
             before = {r.id: (r.status, r.run_at, r.last_error, r.locked_by) for r, _ in rows}
-            await session.execute(
+            # The due check again: the driver read the rows outside the write transaction (SQLite takes its write
+            # lock at the UPDATE), so another claimer in this process (the worker, and a POST running its bank
+            # payment's collect job: core.collect_now) may have leased one since; only what this UPDATE leased is
+            # this claim's.
+            leased = set((await session.execute(
                 update(OutboxJob)
-                .where(OutboxJob.id.in_(ids))
+                .where(OutboxJob.id.in_(ids), OutboxJob.status.in_(("PENDING", "RUNNING")), OutboxJob.run_at <= now)
                 .values(status="RUNNING", run_at=now + timedelta(seconds=self._lease), last_error=_LAST_ERROR,
                         locked_by=self.worker_id, attempts=OutboxJob.attempts + 1, updated_at=now)
+                .returning(OutboxJob.id)
                 .execution_options(synchronize_session=False)
-            )
+            )).scalars())
             # (The rows were read before the UPDATE: their status is the one the claim found.)
             return [Job(r.id, r.kind, dict(r.payload), r.attempts + 1, r.max_attempts, r.created_at,
                         locked_by=self.worker_id,
                         last_error=WORKER_LOST if r.status == "RUNNING" else _told(r.last_error),
                         lost_before_call=r.status == "RUNNING" and r.last_error == UNSTAMPED,
                         lane=lane, before=before[r.id])
-                    for r, lane in rows]
+                    for r, lane in rows if r.id in leased]
 
     async def _claim_within_shares(self, free: int) -> list[Job]:
         """claim(free), sparing the lanes at their share; a job past its lane's share in this batch (the batch
