@@ -24,7 +24,7 @@ from admin_api.common import (
 )
 from admin_api.refunds import RETURNED, returned_from
 from admin_api.routing import Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param, check_path_id, period_params
+from admin_api.validation import ID_KEYWORD, LIMIT, PAGE, Param, check_path_id, period_params
 from core.disputes import move_dispute, open_dispute
 from core.errors import Forbidden, NotFound
 from core.models import Dispute, Payment
@@ -62,7 +62,7 @@ DISPUTE = out(
 )
 CREATE = obj(
     {
-        "paymentId": {"type": "string", "minLength": 1, "maxLength": 64},
+        "paymentId": {"type": "string", "minLength": 1, "maxLength": 64, ID_KEYWORD: True},
         "reason": {"enum": REASONS},
         "note": {"type": ["string", "null"], "maxLength": 1000},
     },

@@ -31,7 +31,15 @@ from admin_api.common import (
 )
 from admin_api.members import search_region
 from admin_api.routing import Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param, body_datetime, period_params, statement_time
+from admin_api.validation import (
+    ID_KEYWORD,
+    LIMIT,
+    PAGE,
+    Param,
+    body_datetime,
+    period_params,
+    statement_time,
+)
 from core.auth import OWN_PAYMENTS
 from core.collect_now import CollectNow
 from core.errors import Conflict, NotFound, ValidationError
@@ -124,9 +132,11 @@ PAYMENT_STATUS = out(
         "updatedAt": DATETIME,
     }
 )
+# Not `format: uuid`: one that is no UUID is answered "payment type not found" (404), as one of another cooperative.
+PAYMENT_TYPE_ID = {"type": "string", "minLength": 1, "maxLength": 64, ID_KEYWORD: True}
 PAYMENT_CREATE = obj(
     {
-        "paymentTypeId": {"type": "string", "minLength": 1, "maxLength": 64},
+        "paymentTypeId": PAYMENT_TYPE_ID,
         "amount": AMOUNT_IN,
         "paymentMethod": {"enum": list(METHODS)},
         "paymentAccount": {"type": "string", "minLength": 3, "maxLength": 120},
@@ -169,7 +179,7 @@ REVIEW = obj(
 )
 RECORDED_PAYMENT = obj(
     {
-        "paymentTypeId": {"type": "string", "minLength": 1, "maxLength": 64},
+        "paymentTypeId": PAYMENT_TYPE_ID,
         "amount": {**AMOUNT_IN, "description": "what the statement shows taken, major units of the type's currency"},
         "paymentMethod": {"enum": list(METHODS),
                           "description": "the provider follows from it, as for POST /v1/payments"},

@@ -19,6 +19,13 @@ from core.inbound import unreadable
 from core.text import NOT_ALLOWED, is_uuid
 
 _FORMATS = FormatChecker()
+# An id is a UUID in the form the gateway writes them (core.text.is_uuid: hyphenated, nothing before or after).
+# jsonschema's own "uuid" check takes Python's UUID() forms too: "<uuid>}" or "<uuid>-" passed it and then
+# could only be not found, or failed to fit the 36-character column.
+_FORMATS.checks("uuid")(lambda instance: not isinstance(instance, str) or is_uuid(instance))
+# Marks an id field that is not `format: uuid` (a malformed one is answered not found, 404, by its route rather
+# than refused by the shape check): canonical_ids lower-cases it as it does a `format: uuid` one.
+ID_KEYWORD = "x-gateway-id"
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -152,6 +159,28 @@ def validate(instance: Any, schema: Mapping[str, Any]) -> None:
                 messages.append(text)
     if messages:
         raise ValidationError(messages[0], errors=messages)
+    canonical_ids(instance, schema)
+
+
+def canonical_ids(instance: Any, schema: Mapping[str, Any]) -> Any:
+    """The ids of a checked body in the form the gateway stores them (lower case), in place; returns `instance`.
+
+    UUIDs compare case-insensitively (RFC 4122 section 3): a client that writes them in upper case (.NET's
+    Guid.ToString("D").ToUpper(), some spreadsheets) named a payment type, member or callback that exists, and
+    was answered not found. Paths and query parameters are lower-cased where they are read (check_path_id,
+    parse_query); a body by its schema here: each string declared `format: uuid` or ID_KEYWORD that holds a
+    UUID. Nothing else is touched: an idempotency key or a provider's transaction id may look like a UUID and is
+    compared as sent."""
+    if isinstance(instance, str):
+        marked = schema.get("format") == "uuid" or schema.get(ID_KEYWORD)
+        return instance.lower() if marked and is_uuid(instance) else instance
+    if isinstance(instance, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name in instance:
+                instance[name] = canonical_ids(instance[name], sub)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), Mapping):
+        instance[:] = [canonical_ids(item, schema["items"]) for item in instance]
+    return instance
 
 
 # --- query parameters -----------------------------------------------------------------------------

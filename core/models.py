@@ -269,6 +269,10 @@ class Refund(Base):
 
 class Dispute(Base):
     __tablename__ = "disputes"
+    __table_args__ = (
+        # Migration 0025: a member's disputes (GET /v1/disputes?member=); partial: one of no member is no entry.
+        Index("ix_disputes_member", "member_id", **_where("member_id IS NOT NULL")),
+    )
 
     id: Mapped[str] = _id()
     cooperative_id: Mapped[str] = _coop_fk()

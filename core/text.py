@@ -10,7 +10,7 @@ _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4
 def is_uuid(value: str | None) -> bool:
     """An id as the gateway writes them (hyphenated UUID): checked before a lookup, so a malformed one is "not
     found" rather than a database error."""
-    return bool(_UUID.match(value or ""))
+    return bool(_UUID.fullmatch(value or ""))  # not match: its "$" let "<uuid>\n" through
 
 
 def is_number(text: str) -> bool:

@@ -9,7 +9,8 @@ from enum import StrEnum
 from types import SimpleNamespace
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import bindparam, exists, func, insert, inspect, select, update
+from sqlalchemy import bindparam, cast, exists, func, insert, inspect, literal_column, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.util import identity_key
@@ -58,6 +59,9 @@ class StateMachine(Generic[S]):
     table: Mapping[S, frozenset[S]]
     # Moves out of a final state that are allowed but must be flagged (money taken after we gave up).
     exceptional: frozenset[tuple[S, S]] = field(default_factory=frozenset)
+    # (audit key, column): columns of the moved row that every audit row of its moves carries in `after`, read
+    # from the row the move returned (so each caller need not know them, and none can give a stale value).
+    audit_columns: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         missing = set(self.states) - set(self.table)
@@ -131,8 +135,10 @@ async def transition(
                 if params.keys() & alongside[1].keys():  # one namespace: a clash would overwrite the move's
                     raise ValueError(f"parameters of the write alongside clash: {params.keys() & alongside[1].keys()}")
                 params.update(alongside[1])
-        statement = (_moved_and_audited(model, keys, False, len(jobs), None if alongside is None else alongside[0])
-                     if carried and (jobs or alongside is not None) else _moved_and_audited(model, keys))
+        shown = machine.audit_columns
+        statement = (_moved_and_audited(model, keys, False, len(jobs), None if alongside is None else alongside[0],
+                                        shown)
+                     if carried and (jobs or alongside is not None) else _moved_and_audited(model, keys, shown=shown))
         if await pgraw.in_transaction(session):
             # The caller's transaction is open (an earlier statement began it): the statement joins it
             # straight on asyncpg. As the first statement it goes through SQLAlchemy, which begins one.
@@ -152,6 +158,7 @@ async def transition(
     if returned is None:
         raise StaleTransition(machine.name, entity_id, source.value)
     row = _refresh_loaded(session, model, entity_id, returned)
+    after.update(_audited_columns(machine, returned))
     await record(
         session,
         actor=actor,
@@ -200,7 +207,8 @@ async def transition_alone(
             ends = finish is not None and finish.locked_by is not None
             if ends:
                 params.update(finish_values(finish))  # type: ignore[arg-type]
-            statement = pgraw.compiled(_moved_and_audited(machine.model, tuple(changes), ends))
+            statement = pgraw.compiled(_moved_and_audited(machine.model, tuple(changes), ends,
+                                                          shown=machine.audit_columns))
             raw = await pgraw.fetchrow(conn, statement, params)
         if raw is None:
             raise StaleTransition(machine.name, entity_id, source.value)
@@ -238,10 +246,11 @@ def _cte_params(
 
 @functools.cache
 def _moved_and_audited(model: Any, keys: tuple[str, ...], finishes: bool = False, jobs: int = 0,
-                       alongside: Any | None = None) -> Any:
+                       alongside: Any | None = None, shown: tuple[tuple[str, str], ...] = ()) -> Any:
     """WITH moved AS (UPDATE ... WHERE id AND status RETURNING *), audited AS (INSERT INTO audit_events
     SELECT ... FROM moved) SELECT * FROM moved; built once per model and set of changed columns (and
-    count of `jobs` queued, write `alongside`: both only when the row moved)."""
+    count of `jobs` queued, write `alongside`: both only when the row moved). `shown`: the machine's
+    audit_columns, added to the audit row's after from the moved row (after || jsonb_build_object(...))."""
     table, audit_table = table_of(model), table_of(AuditEvent)
     moved = (
         update(table)
@@ -263,7 +272,7 @@ def _moved_and_audited(model: Any, keys: tuple[str, ...], finishes: bool = False
             bindparam("a_type", type_=audit_table.c.entity_type.type),
             bindparam("a_entity", type_=audit_table.c.entity_id.type),
             bindparam("a_before", type_=audit_table.c.before.type),
-            bindparam("a_after", type_=audit_table.c.after.type),
+            _after(moved, shown, bindparam("a_after", type_=audit_table.c.after.type)),
             bindparam("a_at", type_=audit_table.c.at.type),
         ).select_from(moved),
     ).cte("audited")
@@ -279,6 +288,22 @@ def _moved_and_audited(model: Any, keys: tuple[str, ...], finishes: bool = False
         stmt = stmt.add_cte(ended).add_columns(
             exists(select(ended.c.id)).label("finished"))
     return stmt
+
+
+def _after(moved: Any, shown: tuple[tuple[str, str], ...], given: Any) -> Any:
+    """The audit row's after: what the move gives, with the moved row's `shown` columns (PostgreSQL: jsonb)."""
+    if not shown:
+        return given
+    pairs: list[Any] = []
+    for key, column in shown:
+        pairs += [literal_column(f"'{key}'"), moved.c[column]]
+    return cast(given, JSONB).op("||")(func.jsonb_build_object(*pairs))
+
+
+def _audited_columns(machine: StateMachine[Any], returned: Any) -> dict[str, Any]:
+    """The machine's audit_columns of the row a move returned (the path without PostgreSQL's one statement)."""
+    values = returned._mapping
+    return {key: _jsonable(values[column]) for key, column in machine.audit_columns}
 
 
 def _refresh_loaded(session: AsyncSession, model: Any, entity_id: str, returned: Sequence[Any]) -> Any:

@@ -39,4 +39,8 @@ SMS = StateMachine(
         M.REJECTED: frozenset(),
         M.EXPIRED: frozenset(),
     },
+    # Which text went to whom, on each of its audit rows (sms.sent, sms.delivered, ...): the template and the
+    # member's id (null: a number of no member). Never the number or the text: the audit log is append-only, so
+    # erasing a member (core.members) could not clear them there as it does on her SMS rows.
+    audit_columns=(("template", "template"), ("memberId", "member_id")),
 )

@@ -141,6 +141,10 @@ async def test_a_message_still_queued_is_not_sent_and_her_numbers_stop_goes(
         row = await s.get(SmsMessage, parked)
         assert (row.status, row.failure_reason, row.body, row.phone_enc) == (
             "FAILED", "not sent: member_erased", "", "")
+        # Its audit row says which text it was and whose, and neither her number nor the text it held.
+        [held] = (await s.execute(select(AuditEvent).where(AuditEvent.entity_id == parked))).scalars().all()
+        assert (held.action, held.after["template"], held.after["memberId"]) == ("sms.failed", "help", jeanne["id"])
+        assert NAME not in str(held.after) and PHONE[-9:] not in str(held.after)
         # Her STOP was hers: the number's next holder does not inherit it.
         assert await s.get(PhoneOptOut, rt.cipher.blind_index(PHONE)) is None
         forget = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "ussd.forget_phone"))).scalars().all()
