@@ -25,7 +25,7 @@ from admin_api.common import (
 from admin_api.refunds import RETURNED, returned_from
 from admin_api.routing import Ctx, Route
 from admin_api.validation import ID_KEYWORD, LIMIT, PAGE, Param, check_path_id, period_params
-from core.disputes import move_dispute, open_dispute
+from core.disputes import move_dispute, open_dispute, present_note
 from core.errors import Forbidden, NotFound
 from core.models import Dispute, Payment
 from core.money import Money
@@ -36,7 +36,7 @@ REASONS = [r.value for r in DisputeReason]
 NOTE = {
     "type": "object",
     "properties": {
-        "at": {"type": "string"},
+        "at": DATETIME,
         "actor": {"type": "string"},
         "text": NULL_STRING,
         "evidence": NULL_STRING,
@@ -90,7 +90,7 @@ def present(d: Dispute) -> dict[str, Any]:
         "reason": d.reason,
         "status": d.status,
         "channel": d.channel,
-        "notes": list(d.notes or []),
+        "notes": [present_note(note) for note in d.notes or []],
         "resolution": d.resolution,
         "refundId": d.refund_id,
         "createdAt": iso(d.created_at),

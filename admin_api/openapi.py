@@ -77,6 +77,14 @@ _NOTES = {
                               "cooperative's is not named). Nothing is sent to the provider; audited "
                               "payment.gateway_reference_set by the caller. A refund through MTN MoMo, refused "
                               "before (409), can then be sent.",
+    "update_endpoint": "url and events (at least one) are checked as at registration: the event list; https, no "
+                       "credentials, a domain approved for the cooperative (403 otherwise). Deliveries still "
+                       "pending (retrying, or held while the endpoint is switched off after failures) of an event "
+                       "it no longer gets (neither asked for nor following one asked for) are given up: FAILED, "
+                       "as DELETE gives up all of them, and not sent again if the event is added back. The others "
+                       "stay pending and go to the URL as it is when each is sent. A new URL starts a new count of "
+                       "consecutiveFailures; the status is kept (one switched off stays off until enabled). Audited "
+                       "webhook_endpoint.updated, url and events before and after (never the secret).",
     "list_audit_events": "A tenant's acts through the API (her payments, disputes, her own password) are the "
                          "member's, actor member:<member id> with channel api, as her USSD acts are with channel "
                          "ussd; admin:<id> is a staff login's. Rows written before this release name a tenant's "

@@ -111,6 +111,13 @@ ENDPOINT_CREATE = obj(
     },
     ["url", "events"],
 )
+ENDPOINT_UPDATE = obj(
+    {
+        "url": ENDPOINT_CREATE["properties"]["url"],
+        "events": ENDPOINT_CREATE["properties"]["events"],
+    },
+    min_properties=1,
+)
 DECISION = obj({"note": {"type": ["string", "null"], "maxLength": 500}})
 
 
@@ -234,6 +241,21 @@ async def get_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     )
 
 
+async def update_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    endpoint = await one(ctx, WebhookEndpoint, request.match_info["id"], "webhook endpoint")
+    endpoint = await webhooks.update_endpoint(
+        ctx.session,
+        endpoint_id=endpoint.id,
+        cooperative_id=endpoint.cooperative_id,
+        actor=ctx.who.actor,
+        url=ctx.body.get("url"),
+        events=ctx.body.get("events"),
+        embedded=ctx.rt.settings.is_embedded,
+    )
+    await ctx.session.commit()
+    return json_response(present_endpoint(endpoint))
+
+
 async def disable_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     endpoint = await one(ctx, WebhookEndpoint, request.match_info["id"], "webhook endpoint")
     endpoint = await webhooks.delete_endpoint(
@@ -353,6 +375,16 @@ ROUTES = [
         "Get a webhook endpoint",
         "webhooks",
         "admin",
+        response=ENDPOINT,
+    ),
+    Route(
+        "PATCH",
+        "/webhook-endpoints/{id}",
+        update_endpoint,
+        "Change a webhook endpoint's events or URL (its secret, status and deliveries kept)",
+        "webhooks",
+        "admin",
+        body=ENDPOINT_UPDATE,
         response=ENDPOINT,
     ),
     Route(

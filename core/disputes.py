@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
-from core.db import iso_ms, iso_z, lock_row, serialise_on_sqlite, utcnow
+from core.db import iso_ms, iso_z, lock_row, parse_aware, serialise_on_sqlite, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment
 from core.money import Money
@@ -103,7 +103,7 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
         member_id=payment.member_id, reference=await cooperative_reference(session, "DSP", payment.cooperative_id),
         reason=reason.value,
         status=D.OPEN.value, channel=channel,
-        notes=[{"at": utcnow().isoformat(), "actor": actor.id, "text": note}] if note else [],
+        notes=[{"at": iso_z(utcnow()), "actor": actor.id, "text": note}] if note else [],
     )
     session.add(dispute)
     await session.flush()
@@ -114,7 +114,18 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
 
 
 def _note(actor: Actor, text: str | None, evidence: str | None, status: str) -> dict[str, Any]:
-    return {"at": utcnow().isoformat(), "actor": actor.id, "text": text, "evidence": evidence, "status": status}
+    """A note as stored: `at` written as the API writes every time (iso_z). Notes stored before were Python's
+    isoformat (`…T07:03:17.960057+00:00`); present_note shows those the same way."""
+    return {"at": iso_z(utcnow()), "actor": actor.id, "text": text, "evidence": evidence, "status": status}
+
+
+def present_note(note: Any) -> Any:
+    """A stored note as the API shows it: `at` in the API's form (iso_z), whichever form it was stored in (an
+    `at` that is not a moment is left as it is)."""
+    if not isinstance(note, dict):
+        return note
+    at = note.get("at")
+    return {**note, "at": iso_z(parse_aware(at)) or at}
 
 
 async def add_note(session: AsyncSession, dispute: Dispute, *, actor: Actor, text: str | None,

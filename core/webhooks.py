@@ -17,7 +17,9 @@ attempts in a row) is switched off and the cooperative's contact told; nothing i
 off its deliveries are held PENDING and new events are still recorded for it; enabling it again sends them
 all, oldest first. An endpoint an admin DELETEs is off on purpose: it records nothing new, and what it still
 held is marked FAILED. Both are status DISABLED; which one is read from the endpoint's last
-`webhook_endpoint.disabled` audit event (`after.reason`: "failures" or "deleted").
+`webhook_endpoint.disabled` audit event (`after.reason`: "failures" or "deleted"). An endpoint's events and URL
+can be changed (PATCH, update_endpoint): what it held or was retrying of an event it no longer gets is marked
+FAILED the same way; the rest goes to the URL as it is when sent.
 """
 
 from __future__ import annotations
@@ -290,6 +292,19 @@ def subscribed(events: list[str], event_type: str, told: tuple[str, ...] = ()) -
     return not wanted.isdisjoint(events)
 
 
+# What an event's `follows` can name (core.payments._told: the outcome a system was last told of the payment), for
+# the events queued with one (core.payments._emit_reported). A delivery does not keep its event's `follows`.
+TOLD = ("payment.completed", "payment.taken_after_failure", "payment.failed", "payment.voided", "payment.timeout")
+MAY_FOLLOW = {"payment.paid_twice": TOLD, "payment.unconfirmed_success": TOLD}
+
+
+def still_subscribed(events: list[str], event_type: str) -> bool:
+    """Whether an endpoint asking for `events` may still be sent a recorded event of `event_type`: subscribed,
+    with any `follows` such an event can carry (not kept with its delivery, so none of them is ruled out).
+    Deliveries of the others are given up when an endpoint's events change (update_endpoint)."""
+    return subscribed(events, event_type, MAY_FOLLOW.get(event_type, ()))
+
+
 def check_events(events: Any) -> list[str]:
     if not isinstance(events, list | tuple) or not events or not all(isinstance(e, str) for e in events):
         raise ValidationError(
@@ -330,16 +345,7 @@ async def register_endpoint(
     """Create an endpoint on an approved domain; the signing secret is returned once and stored encrypted."""
     url, host = check_url(url, embedded=embedded)
     chosen = check_events(events)
-    approved = (
-        await session.execute(
-            select(ApprovedDomain.status).where(
-                ApprovedDomain.cooperative_id == cooperative_id, ApprovedDomain.domain == host
-            )
-        )
-    ).scalar_one_or_none()
-    if approved != "APPROVED":
-        state = "pending approval" if approved == "PENDING" else "not approved"
-        raise Forbidden(f"domain {host} is {state}: request it and have a super admin approve it first")
+    await _check_approved(session, cooperative_id, host)
     await _check_room(session, cooperative_id)
     secret = new_secret()
     endpoint = WebhookEndpoint(
@@ -362,6 +368,99 @@ async def register_endpoint(
         cooperative_id=cooperative_id,
     )
     return endpoint, secret
+
+
+async def _check_approved(session: AsyncSession, cooperative_id: str, host: str) -> None:
+    """Forbidden unless `host` is a domain approved for the cooperative (registration, and a URL changed)."""
+    approved = (
+        await session.execute(
+            select(ApprovedDomain.status).where(
+                ApprovedDomain.cooperative_id == cooperative_id, ApprovedDomain.domain == host
+            )
+        )
+    ).scalar_one_or_none()
+    if approved != "APPROVED":
+        state = "pending approval" if approved == "PENDING" else "not approved"
+        raise Forbidden(f"domain {host} is {state}: request it and have a super admin approve it first")
+
+
+async def update_endpoint(
+    session: AsyncSession,
+    *,
+    endpoint_id: str,
+    cooperative_id: str,
+    actor: Actor,
+    url: str | None = None,
+    events: list[str] | None = None,
+    embedded: bool = False,
+) -> WebhookEndpoint:
+    """PATCH: change which events an endpoint is sent, or where, keeping its secret, its status and its
+    deliveries. Both are checked as at registration (the event list; https, no credentials, a domain approved
+    for the cooperative).
+
+    Deliveries still pending (retrying, or held while the endpoint is switched off after failures) of an event
+    it no longer gets (still_subscribed) are given up, marked FAILED as DELETE marks all of them: taking an
+    event off the list is how a cooperative stops receiving it, those already queued included. The others stay
+    pending and go to the URL as it is when each is sent (deliver reads it then), signed as before. A new URL
+    starts a new streak of failures (those counted were the old URL's); the status is left as it is, so one
+    switched off stays off until it is enabled.
+
+    The deliveries are written before the endpoint, as in delete_endpoint (the order a delivery's end takes
+    them, see _finish), so that the two cannot wait on each other."""
+    if url is None and events is None:
+        raise ValidationError("send url or events (or both)")
+    host = None
+    if url is not None:
+        url, host = check_url(url, embedded=embedded)
+    chosen = check_events(events) if events is not None else None
+    exists = (
+        await session.execute(
+            select(WebhookEndpoint.id).where(
+                WebhookEndpoint.id == endpoint_id, WebhookEndpoint.cooperative_id == cooperative_id
+            )
+        )
+    ).scalar_one_or_none()
+    if exists is None:
+        raise NotFound("webhook endpoint not found")
+    if host is not None:
+        await _check_approved(session, cooperative_id, host)
+    dropped = 0
+    gone = [] if chosen is None else [event for event in EVENTS if not still_subscribed(chosen, event)]
+    if gone:
+        result = await session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.endpoint_id == endpoint_id,
+                WebhookDelivery.status == "PENDING",
+                WebhookDelivery.event_type.in_(gone),
+            )
+            .values(status="FAILED", updated_at=utcnow())
+        )
+        dropped = int(result.rowcount)  # type: ignore[attr-defined]
+    endpoint = await lock_row(session, WebhookEndpoint, endpoint_id, cooperative_id)  # two at once: in turn
+    if endpoint is None:
+        raise NotFound("webhook endpoint not found")
+    before = {"url": endpoint.url, "events": list(endpoint.events or [])}
+    values: dict[str, Any] = {"events": chosen if chosen is not None else before["events"]}
+    if url is not None and url != endpoint.url:
+        values.update(url=url, consecutive_failures=0, updated_at=utcnow())
+    else:
+        # As rotate_secret: while the endpoint is failing, updated_at says since when (see _finish), and a change
+        # of its events must not push back its switching off.
+        values["updated_at"] = WebhookEndpoint.updated_at
+    await session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint.id).values(**values))
+    await session.refresh(endpoint)
+    await record(
+        session,
+        actor=actor,
+        action="webhook_endpoint.updated",
+        entity_type="webhook_endpoint",
+        entity_id=endpoint.id,
+        before=before,
+        after={"url": endpoint.url, "events": list(endpoint.events or []), "dropped_deliveries": dropped},
+        cooperative_id=cooperative_id,
+    )
+    return endpoint
 
 
 async def _check_room(session: AsyncSession, cooperative_id: str, enabling: str | None = None) -> None:
@@ -823,6 +922,21 @@ async def deliver(rt: Runtime, job: Job) -> str:
             },
         )
         return "endpoint_disabled"
+    if not still_subscribed(endpoint.events or [], delivery.event_type):
+        # Its event was taken off the endpoint's list (update_endpoint) while it was being recorded: given up as
+        # the change gave up those it found, not sent.
+        await _finish(
+            rt,
+            delivery.id,
+            status="FAILED",
+            attempt={
+                "at": utcnow().isoformat(),
+                "status_code": None,
+                "latency_ms": 0,
+                "error": "event no longer subscribed",
+            },
+        )
+        return "unsubscribed"
 
     body = body_bytes(delivery.payload)
     keys = signing_secrets(rt.cipher, endpoint)  # the current secret, and each replaced one while it overlaps

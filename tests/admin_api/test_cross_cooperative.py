@@ -22,6 +22,7 @@ BODIES = {
     ("POST", "/payments/{id}/outcome"): {"status": "COMPLETED", "providerTransactionId": "TX-B", "note": "taken"},
     ("POST", "/payments/{id}/review"): {"note": "taken over"},
     ("POST", "/webhook-endpoints/{id}/rotate-secret"): {"overlapHours": 0},
+    ("PATCH", "/webhook-endpoints/{id}"): {"events": ["payment.failed"]},
     ("POST", "/provider-callbacks/{id}/resolve"): {"note": "taken over"},
     ("POST", "/payments/{id}/gateway-reference"): {"gatewayReference": "5b0f3c1e-8d2a-4f6b-9c7e-1a2b3c4d5e6f"},
     ("POST", "/payments/{id}/cancel"): {"note": "taken over"},
@@ -139,6 +140,9 @@ async def test_every_resource_route_hides_other_cooperatives(admin, superadmin, 
         rotated = (await s.execute(select(AuditEvent.id).where(
             AuditEvent.action == "webhook_endpoint.secret_rotated"))).all()
     assert rotated == []  # A's webhook secret too
+    endpoint = await admin.json("GET", f"/v1/webhook-endpoints/{ids['/webhook-endpoints/{id}']}", 200)
+    assert (endpoint["events"], endpoint["url"], endpoint["status"]) == (
+        ["payment.completed"], "https://a.example.rw/h", "ACTIVE")  # nor its events (PATCH) nor its status
 
 
 async def test_every_list_route_shows_nothing_of_other_cooperatives(admin, superadmin, rt, demo, coop_b):
