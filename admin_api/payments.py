@@ -195,13 +195,18 @@ RECORDED_PAYMENT = obj(
         "completedAt": {"type": "string", "format": "date-time",
                         "description": "when the statement shows the money taken (without an offset, the "
                                        "cooperative's local time); the reconciliation's settled figures date the "
-                                       "payment so. Not in the future"},
+                                       "payment so, and a new reference its day. Not in the future, nor more than "
+                                       "RECORDED_PAYMENT_MAX_AGE_DAYS (400 by default) before now: 400 naming the "
+                                       "bound"},
         "note": {"type": "string", "minLength": 3, "maxLength": 300,
                  "description": "what the provider's statement shows (kept in the audit log)"},
         "reference": {"type": "string", "minLength": 1, "maxLength": 32,
                       "description": "the lost payment's reference (PAY_20261201_001) from the member's receipt or "
                                      "the webhook log, so that her receipt and STATUS SMS find it: 409 if a payment "
-                                     "has it. Without it, a new one"},
+                                     "has it, 400 if it was never handed out; its day must be a date, and its "
+                                     "number is kept as receipts write it (PAY_20261201_1 is PAY_20261201_001). "
+                                     "Without it, a new one dated the day of completedAt in the cooperative's time "
+                                     "zone"},
         "id": {"type": "string", "format": "uuid",
                "description": "the lost payment's id from the webhook log, so that the cooperative's records match "
                               "again: 409 if a payment has it. Without it, a new one"},

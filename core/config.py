@@ -97,6 +97,10 @@ class Settings:
     # How long the number that paid may ask STATUS/RECEIPT about a payment by SMS (0: always); a member's own
     # number may always ask about the member's payments.
     sms_payer_answer_days: int = 90
+    # How far back an admin may date money recorded from a provider's statement (POST /v1/payments/recorded's
+    # completedAt): a year of statements and the month after, when a cooperative closes its year. Older is a typo
+    # (1970, a wrong year) that would land in a month long reported on; an operator raises it for an older line.
+    recorded_payment_max_age_days: int = 400
     # After the approval window, how long a payment whose outcome the provider cannot tell stays open and polled.
     payment_settle_grace_seconds: int = 86400
     # After the approval window, how long a payment the provider still reports pending (the payer has not decided)
@@ -649,6 +653,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         reminder_days_before=_int(env, "REMINDER_DAYS_BEFORE", 3, minimum=0),
         reminders_enabled=_bool(env, "REMINDERS_ENABLED", True),
         sms_payer_answer_days=_int(env, "SMS_PAYER_ANSWER_DAYS", 90, minimum=0, maximum=36500),
+        recorded_payment_max_age_days=_int(env, "RECORDED_PAYMENT_MAX_AGE_DAYS", 400, minimum=1, maximum=36500),
         db_pool_size=_int(env, "DB_POOL_SIZE", 20, minimum=1),
         # A bound, not a wait: past about 30 s the caller (an aggregator, a provider) has given up anyway.
         db_pool_timeout_seconds=_float(env, "DB_POOL_TIMEOUT_SECONDS", 5.0, maximum=30.0),

@@ -7,7 +7,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, tzinfo
+from datetime import date, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import BigInteger, String, and_, bindparam, exists, func, or_, select, update
@@ -21,7 +21,7 @@ from core.audit import Actor, record
 from core.cooperatives import zone_of
 from core.db import insert_ignore, iso_ms, iso_z, lock_row, row_insert, table_of, utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
-from core.models import AuditEvent, Dispute, Member, Payment, ProviderEvent, Refund
+from core.models import AuditEvent, Dispute, Member, Payment, ProviderEvent, ReferenceCounter, Refund
 from core.money import Money
 from core.notify import changed_at, emit_event, event_job, notice_jobs
 from core.outbox import NewJob, db_now, enqueue_many
@@ -754,6 +754,18 @@ def check_statement_time(when: datetime | None, since: datetime | None, what: st
         raise ValidationError(f"{field} is in the future: give the time the provider's statement shows", field=field)
     if since is not None and when < since:
         raise ValidationError(f"{field} is before {what} ({iso_z(since)})", field=field)
+
+
+def check_recorded_age(when: datetime, max_age_days: int, field: str = "completedAt") -> None:
+    """A recorded payment's `completedAt` (record_payment) not older than `max_age_days`
+    (RECORDED_PAYMENT_MAX_AGE_DAYS): no payment bounds it from below, and a date of 1970 or a wrong year would date
+    the money into a month reported on long ago. Not the cooperative's creation: one created again after a restore
+    lost it has lost payments made before its new row."""
+    oldest = utcnow() - timedelta(days=max_age_days)
+    if when < oldest:
+        raise ValidationError(f"{field} is before {iso_z(oldest)}, {max_age_days} days ago: money is not recorded "
+                              "from an older statement line (check the year; an operator sets the limit with "
+                              "RECORDED_PAYMENT_MAX_AGE_DAYS)", field=field)
 
 
 def money_moved_at(since: datetime, said: datetime | None) -> datetime:
@@ -1919,9 +1931,12 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     callback that matched no payment (`callback_id`), that callback is resolved with the note in the same
     transaction. A replayed idempotency key answers the payment it made; another request under it is a Conflict.
 
-    Refused: what create_payment refuses for the same fields, a statement time in the future, a transaction id a
-    payment of the provider holds (transaction_id_free), a reference or an id taken or malformed, and a callback that
-    is not a money-taken collection of this provider still unresolved."""
+    Refused: what create_payment refuses for the same fields, a statement time in the future or older than
+    RECORDED_PAYMENT_MAX_AGE_DAYS (check_recorded_age), a transaction id a payment of the provider holds
+    (transaction_id_free), a reference or an id taken or malformed, and a callback that is not a money-taken
+    collection of this provider still unresolved. Without a reference, a new one dated the day the money was taken
+    in the cooperative's time zone, as the payment is (its created_at): the member's receipt and the USSD "My
+    payments" show that day, not the day it was recorded."""
     new = line.payment
     key = _check_key(new.idempotency_key)
     note = admin_note(line.note, "what the provider's statement shows")
@@ -1953,6 +1968,8 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     existing = await find_by_key(session, coop.id, key)
     if existing is not None:
         return _same_or_refused(rt.cipher, existing, digest)
+    # After the key: the same request sent again once its line has aged past the limit still answers its payment.
+    check_recorded_age(line.completed_at, rt.settings.recorded_payment_max_age_days)
     refused = _refusal(rt, new, context, ptype, amount, account_refused, taken=True)
     if refused is not None:
         raise refused
@@ -1979,7 +1996,7 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     now = utcnow()
     values: dict[str, Any] = {
         "id": payment_id, "cooperative_id": coop.id, "member_id": member_id, "payment_type_id": ptype.id,
-        "reference": reference or await next_reference(session, "PAY", zone_of(coop.timezone)),
+        "reference": reference or await next_reference(session, "PAY", zone_of(coop.timezone), line.completed_at),
         "amount_minor": amount.minor,
         "currency": amount.currency, "fee_minor": 0, "refunded_minor": 0, "collected_minor": amount.minor,
         "status": P.COMPLETED.value, "method": new.method, "provider": provider.name,
@@ -2054,15 +2071,37 @@ async def _free_reference(session: AsyncSession, wanted: str | None) -> str | No
     if not (REFERENCE_SHAPE.match(wanted) and wanted.startswith("PAY_")):
         raise ValidationError("reference must be a payment reference as receipts give it, e.g. PAY_20261201_001",
                               field="reference")
+    _, day, digits = wanted.split("_")
+    try:
+        date(int(day[:4]), int(day[4:6]), int(day[6:]))
+    except ValueError:
+        raise ValidationError(f"reference {wanted} is not dated with a day (PAY_YYYYMMDD_NNN, as receipts give it): "
+                              "check it against the receipt", field="reference") from None
+    number = int(digits)
+    if number == 0:
+        raise ValidationError(f"reference {wanted} was never handed out (numbers start at 001): check it against "
+                              "the receipt", field="reference")
+    # As references are written (core.references: zero-padded to three digits, no more): PAY_20261130_1 or _0001
+    # typed from PAY_20261130_001 on her receipt is that reference, and her receipt and STATUS SMS find it.
+    wanted = f"PAY_{day}_{number:03d}"
     if await get_by_reference(session, wanted) is not None:
         raise Conflict(f"reference {wanted} is taken: a payment has it", field="reference")
-    if session.get_bind().dialect.name == "postgresql":
+    if session.get_bind().dialect.name != "postgresql":
+        # SQLite numbers each day from its own counter (core.references): a number past the day's is no lost
+        # payment's, and taken it would make the day's payment that draws it later fail on the unique reference (a
+        # recording dated that day draws from it too).
+        reached = (await session.execute(select(ReferenceCounter.value).where(ReferenceCounter.key == f"PAY_{day}"))
+                   ).scalar_one_or_none() or 0
+        if number > reached:
+            raise ValidationError(f"reference {wanted} was never handed out (no reference of that day reached "
+                                  "its number): check it against the receipt", field="reference")
+    else:
         # A number the sequence has not handed out yet is no lost payment's (after a restore `advance-references`
         # moves the sequence past every lost one), and taking it would make the payment that draws it later fail
         # on the unique reference (a 500 to a member or a cooperative's system).
         # (not last_value alone: after `setval(n, false)`, as a restore's tools leave it, n is still to hand out)
         issued = (await session.execute(ISSUED)).scalar_one()
-        if int(wanted.rsplit("_", 1)[1]) > issued:
+        if number > issued:
             raise ValidationError(f"reference {wanted} was never handed out (the references' sequence is at "
                                   f"{issued}): check it against the receipt, and run `main.py advance-references` "
                                   "after a restore before recording", field="reference")

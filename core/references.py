@@ -1,13 +1,14 @@
 """Human references (PAY_20251016_001): short enough to type in an SMS, unique. The day is the day it was made, in
 its cooperative's time zone (the day its receipt and the USSD "My payments" show: in UTC, every payment made
-between midnight and 02:00 in Kigali carried the day before); the number comes from one PostgreSQL sequence
-across days and kinds (no hot counter row), so it grows past three digits (a federation's year of payments
-reaches seven) and is unique on its own; on SQLite, a counter per day."""
+between midnight and 02:00 in Kigali carried the day before); a payment recorded from a provider's statement was
+made when the statement shows its money taken, and is dated that day (next_reference's `at`). The number comes
+from one PostgreSQL sequence across days and kinds (no hot counter row), so it grows past three digits (a
+federation's year of payments reaches seven) and is unique on its own; on SQLite, a counter per day."""
 
 from __future__ import annotations
 
 import re
-from datetime import UTC, tzinfo
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from sqlalchemy import Text, case, cast, func, select, text
@@ -19,10 +20,13 @@ from core.db import utcnow
 from core.models import Cooperative
 
 
-async def next_reference(session: AsyncSession | AsyncConnection, prefix: str, zone: tzinfo = UTC) -> str:
-    """The next reference, dated today in `zone` (the cooperative's: core.cooperatives.zone_of); `session` may also
-    be a bare connection (one statement, no transaction needed)."""
-    start = reference_prefix(prefix, zone)
+async def next_reference(session: AsyncSession | AsyncConnection, prefix: str, zone: tzinfo = UTC,
+                         at: datetime | None = None) -> str:
+    """The next reference, dated today in `zone` (the cooperative's: core.cooperatives.zone_of), or the day of `at`
+    there (a payment recorded from a statement: when its money was taken); `session` may also be a bare
+    connection (one statement, no transaction needed). The number is unique whatever the day: PostgreSQL's
+    sequence is one across days, SQLite's counter one per day."""
+    start = reference_prefix(prefix, zone, at)
     dialect = session.dialect if isinstance(session, AsyncConnection) else session.get_bind().dialect
     if dialect.name == "postgresql":
         # A sequence never blocks concurrent writers, unlike a counter row held until commit. Straight on
@@ -49,10 +53,11 @@ REFERENCE_SHAPE = re.compile(r"^[A-Z]{2,5}_\d{8}_\d{1,9}$", re.ASCII)
 _NEXTVAL = text("SELECT nextval('human_reference_seq')")
 
 
-def reference_prefix(prefix: str, zone: tzinfo = UTC) -> str:
-    """'PAY_20251016_': what a reference starts with today in `zone` (the cooperative's); the number follows."""
-    now = utcnow().astimezone(zone)
-    return f"{prefix}_{now.year:04d}{now.month:02d}{now.day:02d}_"
+def reference_prefix(prefix: str, zone: tzinfo = UTC, at: datetime | None = None) -> str:
+    """'PAY_20251016_': what a reference starts with today in `zone` (the cooperative's), or on the day of `at`
+    (timezone-aware) there; the number follows."""
+    day = (utcnow() if at is None else at).astimezone(zone)
+    return f"{prefix}_{day.year:04d}{day.month:02d}{day.day:02d}_"
 
 
 def sql_reference(prefix_param: Any, number: Any) -> Any:

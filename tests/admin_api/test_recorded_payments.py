@@ -7,15 +7,18 @@ cooperative's system, and resolving the callback that matched no payment when na
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import func, select, text
 
 from core.db import utcnow
-from core.models import AuditEvent, OutboxJob, Payment, ProviderEvent
+from core.models import AuditEvent, OutboxJob, Payment, ProviderEvent, ReferenceCounter
 from tests.admin_api.conftest import Caller, idem, make_payment
 from tests.admin_api.test_chargeback_visibility import _last_month, _z
 from tests.admin_api.test_unmatched_callbacks import _lost_payment_reference, _mtn_callback
@@ -27,10 +30,13 @@ LOST_REFERENCE = "PAY_20261130_4821"
 @pytest.fixture(autouse=True)
 async def _restored(rt: Any) -> None:
     """As after a restore's first step (`main.py advance-references`): the sequence is past the lost references, so
-    LOST_REFERENCE is one it handed out (a reference it never did is refused: test_recorded_after_changes)."""
+    LOST_REFERENCE is one it handed out (a reference it never did is refused: test_recorded_after_changes). SQLite
+    numbers each day on its own: that day's counter is past it."""
     async with rt.sessionmaker.begin() as s:
         if s.get_bind().dialect.name == "postgresql":
             await s.execute(text("SELECT setval('human_reference_seq', 1000000)"))
+        else:
+            s.add(ReferenceCounter(key=LOST_REFERENCE.rsplit("_", 1)[0], value=1000000))
 
 
 def _line(demo: dict[str, Any], **over: Any) -> dict[str, Any]:
@@ -138,6 +144,10 @@ def _said(answer: dict[str, Any]) -> str:
     ({"memberId": str(uuid.uuid4())}, 404, "memberId"),
     ({"reference": "PAY-2026-11"}, 400, "reference"),
     ({"reference": "RFD_20261130_001"}, 400, "reference"),
+    ({"reference": "PAY_20261331_001"}, 400, "reference"),  # no such day: no receipt carries it
+    ({"reference": "PAY_00000000_001"}, 400, "reference"),
+    ({"reference": "PAY_20261130_000"}, 400, "reference"),  # numbers start at 001
+    ({"completedAt": "1970-01-01T00:00:00Z"}, 400, "completedAt"),
     ({"providerTransactionId": "   "}, 400, "providerTransactionId"),
     ({"note": " x "}, 400, "note"),
     ({"paymentTypeId": str(uuid.uuid4())}, 404, "paymentTypeId"),
@@ -224,3 +234,95 @@ async def test_the_callback_it_accounts_for_is_resolved_with_it(admin: Caller, s
         **line, "providerTransactionId": "MTN-9912", "idempotencyKey": idem()})
     assert "resolved already" in _said(again)
     assert await _payment_count(rt) == 1
+
+
+async def test_a_statement_time_older_than_the_limit_is_refused_naming_the_bound(admin: Caller, rt: Any,
+                                                                               demo: dict[str, Any],
+                                                                               monkeypatch: Any) -> None:
+    """Nothing but the future bounded completedAt: 1970 (or a wrong year) was recorded, dated into a month reported
+    on long ago. Refused past RECORDED_PAYMENT_MAX_AGE_DAYS (400 by default), the bound named; an operator raises
+    it for a genuinely older line."""
+    for old in ("1970-01-01T00:00:00Z", "2025-10-01T09:00:00", _z(utcnow() - timedelta(days=401))):
+        before = utcnow()
+        refused = await admin.json("POST", "/v1/payments/recorded", 400, json=_line(demo, completedAt=old))
+        after = utcnow()
+        said = _said(refused)
+        found = re.fullmatch(r"completedAt is before (\S+), 400 days ago: money is not recorded from an older "
+                             r"statement line \(check the year; an operator sets the limit with "
+                             r"RECORDED_PAYMENT_MAX_AGE_DAYS\)", said)
+        assert found is not None, said
+        bound = datetime.fromisoformat(found[1].replace("Z", "+00:00"))
+        assert before - timedelta(days=400, seconds=1) <= bound <= after - timedelta(days=400)
+    assert await _payment_count(rt) == 0
+    assert await _jobs(rt, "webhook.event") == []
+
+    # Within it: recorded, dated as the statement says (last year's closing, a year on).
+    when = utcnow().replace(microsecond=0) - timedelta(days=399)
+    body = _line(demo, completedAt=_z(when))
+    done = await admin.json("POST", "/v1/payments/recorded", 201, json=body)
+    assert done["completedAt"] == _z(when)
+    # Sent again once the line is past the limit (here: the limit lowered), it still answers the payment it made.
+    monkeypatch.setattr(rt, "settings", dataclasses.replace(rt.settings, recorded_payment_max_age_days=30))
+    again = await admin.req("POST", "/v1/payments/recorded", json=body)
+    assert (again.status, again.headers.get("Idempotent-Replayed"), (await again.json())["id"]) == (
+        201, "true", done["id"])
+    refused = await admin.json("POST", "/v1/payments/recorded", 400, json={**body, "idempotencyKey": idem()})
+    assert ", 30 days ago: money is not recorded" in _said(refused)
+
+    monkeypatch.setattr(rt, "settings", dataclasses.replace(rt.settings, recorded_payment_max_age_days=3650))
+    older = utcnow().replace(microsecond=0) - timedelta(days=2000)
+    done = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(
+        demo, completedAt=_z(older), providerTransactionId="MTN-STMT-OLD"))
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, done["id"])).completed_at == older
+
+
+async def test_a_new_reference_carries_the_statement_day_in_the_cooperatives_zone(admin: Caller, rt: Any,
+                                                                                   demo: dict[str, Any]) -> None:
+    """A recorded payment is made when its money was taken (its createdAt): its receipt, STATUS SMS and "My
+    payments" show that day, in Kigali time, as every reference's, not the day an admin recorded it. 01:30 in
+    Kigali is 23:30 UTC the day before."""
+    kigali = ZoneInfo("Africa/Kigali")
+    day = (utcnow().astimezone(kigali) - timedelta(days=10)).date()
+    local = datetime(day.year, day.month, day.day, 1, 30, tzinfo=kigali)
+    prefix = f"PAY_{day:%Y%m%d}_"
+    # Written as the statement shows it, without an offset: the cooperative's local time.
+    done = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(
+        demo, completedAt=local.strftime("%Y-%m-%dT%H:%M:%S")))
+    assert done["completedAt"] == f"{day - timedelta(days=1):%Y-%m-%d}T23:30:00Z"
+    assert done["reference"].startswith(prefix), done["reference"]
+    found = await admin.json("GET", f"/v1/payments?reference={done['reference']}", 200)
+    assert [p["id"] for p in found["data"]] == [done["id"]]
+
+    # More lines of that day: that day's references, each its own (SQLite numbers each day from its counter).
+    more = [await admin.json("POST", "/v1/payments/recorded", 201, json=_line(
+        demo, completedAt=_z((local + timedelta(hours=3)).astimezone(UTC)), providerTransactionId=f"MTN-STMT-{n}"))
+        for n in (3, 4)]
+    references = [done["reference"], *(p["reference"] for p in more)]
+    assert len(set(references)) == 3 and all(r.startswith(prefix) for r in references)
+    # A reference of that day is checked against that day's numbers: the next one was never handed out (on
+    # PostgreSQL the sequence's, one across days).
+    head, _, number = more[-1]["reference"].rpartition("_")
+    ahead = f"{head}_{int(number) + 1:03d}"
+    refused = await admin.json("POST", "/v1/payments/recorded", 400, json=_line(
+        demo, reference=ahead, providerTransactionId="MTN-STMT-5"))
+    assert _said(refused).startswith(f"reference {ahead} was never handed out")
+    # A payment asked for today is dated today, as before.
+    today = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    assert today["reference"].startswith(f"PAY_{utcnow().astimezone(kigali):%Y%m%d}_")
+
+
+async def test_a_reference_typed_with_other_zeros_is_the_receipts(admin: Caller, rt: Any,
+                                                                   demo: dict[str, Any]) -> None:
+    """PAY_20261130_04821 (or _4821 with leading zeros dropped, as a member reads it out) typed from a receipt
+    showing PAY_20261130_4821 is that reference: kept as receipts write it, so her receipt finds it, and taken once
+    (before, each spelling was recorded as another payment's reference)."""
+    done = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo, reference="pay_20261130_04821"))
+    assert done["reference"] == LOST_REFERENCE
+    refused = await admin.json("POST", "/v1/payments/recorded", 409, json=_line(
+        demo, reference=LOST_REFERENCE, providerTransactionId="MTN-STMT-2"))
+    assert _said(refused) == f"reference {LOST_REFERENCE} is taken: a payment has it"
+    short = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(
+        demo, reference="PAY_20261130_7", providerTransactionId="MTN-STMT-3"))
+    assert short["reference"] == "PAY_20261130_007"
+    assert await _payment_count(rt) == 2

@@ -116,6 +116,16 @@ def test_how_long_a_paying_number_is_answered_by_sms():
         assert raised.value.variable == "SMS_PAYER_ANSWER_DAYS"
 
 
+def test_how_far_back_money_is_recorded_from_a_statement():
+    assert load_settings({}).recorded_payment_max_age_days == 400
+    assert load_settings({"RECORDED_PAYMENT_MAX_AGE_DAYS": "3650"}).recorded_payment_max_age_days == 3650
+    # 0 would refuse every line (not "no limit"): at least a day.
+    for bad, says in (("0", "must be at least 1"), ("40000", "must be at most 36500"), ("a year", "an integer")):
+        with pytest.raises(ConfigError, match=says) as raised:
+            load_settings({"RECORDED_PAYMENT_MAX_AGE_DAYS": bad})
+        assert raised.value.variable == "RECORDED_PAYMENT_MAX_AGE_DAYS"
+
+
 @pytest.mark.parametrize("port", ["0", "-1"])
 def test_a_port_out_of_range_is_reported_as_port(port: str) -> None:
     """PORT=0 was taken, and reported as an invalid port of PUBLIC_BASE_URL, a variable the operator never set."""
