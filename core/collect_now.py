@@ -56,6 +56,9 @@ class CollectNow:
                                     concurrency=MAX_AT_ONCE, worker_id=worker_id, on_job=metrics.observe_job)
         self._rt = rt
         self._running: set[asyncio.Task[None]] = set()
+        # Set by close (at shutdown): a request still in flight then watches its row and starts no job, which the
+        # runtime's cleanup would cut off mid-run.
+        self._closed = False
 
     @staticmethod
     def of(rt: Runtime) -> CollectNow:
@@ -69,23 +72,49 @@ class CollectNow:
         `seconds`, running its collect job here if it is due and no worker has it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        if len(self._running) < MAX_AT_ONCE:
-            try:
-                jobs = await self._worker.claim(1, key=f"collect:{payment_id}")
-            except Exception:  # the database went away after the 201's commit: the workers will run it
-                log.warning("collect job not started by the API", exc_info=True, extra={"payment_id": payment_id})
-                return
-            if jobs:
-                task = asyncio.create_task(self._worker.run_job(jobs[0]))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
+        if not self._closed and len(self._running) < MAX_AT_ONCE:
+            # The claim and the run are one task, never cancelled by the wait: a claim still in flight at the
+            # deadline (its connection slow to come), or when the request is cancelled (a shutdown's), may lease
+            # the job all the same, and then runs it, rather than leave it leased to no one until the lease lapses.
+            claimed: asyncio.Future[bool] = loop.create_future()
+            task = asyncio.create_task(self._take(payment_id, claimed))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            await asyncio.wait({claimed}, timeout=left())
+            if not claimed.done():
+                return  # the claim goes on behind the 201 (and runs the job if it gets it)
+            if claimed.result():
                 # Not cancelled at the deadline: the provider call may be on its way, and the job records its answer.
-                await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+                await asyncio.wait({task}, timeout=left())
                 return  # done (the row says how) or still running past the wait
         while loop.time() < deadline:
-            if not await self._pending(payment_id):
+            try:
+                if not await self._pending(payment_id):
+                    return
+            except Exception:  # the payment is committed: its 201 goes without the URL, not as an error
+                log.warning("payment not watched for its invoice", exc_info=True, extra={"payment_id": payment_id})
                 return
-            await asyncio.sleep(min(WATCH_EVERY_SECONDS, max(0.0, deadline - loop.time())))
+            await asyncio.sleep(min(WATCH_EVERY_SECONDS, left()))
+
+    async def _take(self, payment_id: str, claimed: asyncio.Future[bool]) -> None:
+        """Lease the payment's collect job and run it; `claimed` tells the waiting request whether it got it."""
+        try:
+            jobs = await self._worker.claim(1, key=f"collect:{payment_id}")
+        except Exception:  # the database went away after the 201's commit: the workers will run it
+            log.warning("collect job not started by the API", exc_info=True, extra={"payment_id": payment_id})
+            jobs = []
+        claimed.set_result(bool(jobs))
+        if not jobs:
+            return
+        try:
+            await self._worker.run_job(jobs[0])
+        except Exception:  # the database went away while finishing: the lease brings the job back (as a worker's)
+            log.exception("could not record job result", extra={"job_id": jobs[0].id, "kind": jobs[0].kind,
+                                                                 "payment_id": payment_id})
 
     async def _pending(self, payment_id: str) -> bool:
         async with self._rt.sessionmaker() as session:
@@ -93,6 +122,7 @@ class CollectNow:
         return status == PaymentStatus.PENDING.value
 
     async def close(self) -> None:
+        self._closed = True
         if not self._running:
             return
         _, left = await asyncio.wait(set(self._running), timeout=CLOSE_GRACE_SECONDS)
@@ -103,6 +133,8 @@ class CollectNow:
 
 async def close(rt: Any) -> None:
     """Let this process's collect jobs finish (or cancel them after CLOSE_GRACE_SECONDS): at shutdown."""
-    found = rt.extras.pop(_EXTRA, None)
+    # Left in rt.extras, closed: aiohttp runs on_shutdown before it waits for the requests in flight, and one of
+    # them reaching CollectNow.of afterwards must find this one, not make a new one whose job nobody waits for.
+    found = rt.extras.get(_EXTRA)
     if found is not None:
         await found.close()

@@ -548,6 +548,11 @@ class OutboxWorker:
                 return
             async with deadline:
                 await handler(job)
+        except asyncio.CancelledError:
+            # Cancelled from outside (a serve process's shutdown cutting a job it ran for a waiting request,
+            # core.collect_now): not done; left RUNNING for a worker to take back at the lease's end.
+            outcome = "cancelled"
+            raise
         except RetryLater as later:
             outcome = "later"
             # Waiting is not failing: give the attempt back.

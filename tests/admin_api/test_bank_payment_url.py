@@ -15,6 +15,7 @@ from sqlalchemy import select
 from core.collect_now import CollectNow
 from core.config import ConfigError, load_settings
 from core.models import OutboxJob, Payment
+from core.outbox import CALL_STARTED
 from providers.simulation import STATE, SimulatorOptions
 from tests.admin_api.conftest import Caller, Irembo, payment_body
 from tests.conftest import drain
@@ -144,3 +145,104 @@ def test_the_wait_is_configured_and_bounded() -> None:
     for bad in ("-1", "21", "nan", "soon"):
         with pytest.raises(ConfigError):
             load_settings({"PAYMENT_URL_WAIT_SECONDS": bad})
+
+
+async def _until_processing(rt: Any, payment_id: str) -> Payment:
+    for _ in range(300):
+        async with rt.sessionmaker() as s:
+            stored = await s.get(Payment, payment_id)
+        if stored is not None and stored.payment_url:
+            return stored
+        await asyncio.sleep(0.1)
+    raise AssertionError("no invoice made")
+
+
+async def test_a_claim_slower_than_the_wait_does_not_hold_the_201(admin: Caller, rt: Any, demo: Any, irembo: Irembo,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The claim's connection is slow to come (a busy pool, SQLite's write lock): the 201 goes at the wait's end,
+    # and the claim, when it gets the job, still runs it (not left leased to no one until its lease lapses).
+    _wait(rt, 0.5)
+    collect = CollectNow.of(rt)
+    claim, release = collect._worker.claim, asyncio.Event()
+
+    async def slow_claim(*args: Any, **kwargs: Any) -> Any:
+        await release.wait()
+        return await claim(*args, **kwargs)
+
+    monkeypatch.setattr(collect._worker, "claim", slow_claim)
+    created = await asyncio.wait_for(admin.json("POST", "/v1/payments", 201, json=_bank(demo)), 30)
+    assert created["status"] == "PENDING" and created["paymentUrl"] is None
+    job = await _collect_job(rt, created["id"])
+    assert job.status == "PENDING" and job.attempts == 0 and irembo.sent == []  # the claim is still waiting
+    release.set()
+    stored = await _until_processing(rt, created["id"])
+    assert stored.status == "PROCESSING"
+    job = await _collect_job(rt, created["id"])
+    assert job.status == "DONE" and job.attempts == 1 and job.locked_by is None
+    assert irembo.calls(*INVOICES) == 1
+
+
+async def test_after_shutdown_began_a_request_in_flight_starts_no_job(admin: Caller, rt: Any, demo: Any,
+                                                                      irembo: Irembo, worker: Any) -> None:
+    # aiohttp runs on_shutdown (collect_now.close) before it waits for the requests in flight: one reaching the
+    # wait then must not start a job the runtime's cleanup would cut off; it is the workers'.
+    from core import collect_now
+
+    _wait(rt, 0.3)
+    CollectNow.of(rt)
+    await collect_now.close(rt)
+    created = await admin.json("POST", "/v1/payments", 201, json=_bank(demo))
+    assert created["status"] == "PENDING" and created["paymentUrl"] is None
+    job = await _collect_job(rt, created["id"])
+    assert job.status == "PENDING" and job.attempts == 0 and job.locked_by is None and irembo.sent == []
+    await drain(worker)
+    assert irembo.calls(*INVOICES) == 1
+
+
+async def test_a_run_that_cannot_record_its_result_is_logged(admin: Caller, rt: Any, demo: Any, irembo: Irembo,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    # As a worker's (_guarded): the database gone while the job records its end is said, not lost as a task's
+    # exception nobody reads; the lease brings the job back.
+    _wait(rt, 10)
+    collect = CollectNow.of(rt)
+
+    async def run_job(job: Any) -> None:
+        raise ConnectionResetError("database went away")
+
+    monkeypatch.setattr(collect._worker, "run_job", run_job)
+    created = await admin.json("POST", "/v1/payments", 201, json=_bank(demo))
+    assert created["status"] == "PENDING"
+    [record] = [r for r in caplog.records if r.getMessage() == "could not record job result"]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], ConnectionResetError)
+    assert record.payment_id == created["id"]  # type: ignore[attr-defined]
+    job = await _collect_job(rt, created["id"])
+    assert job.status == "RUNNING" and job.locked_by is not None  # leased: a worker takes it when the lease lapses
+
+
+async def test_a_job_cut_at_shutdown_is_left_leased_and_counted_cancelled(admin: Caller, rt: Any, demo: Any,
+                                                                        irembo: Irembo,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # IremboPay hangs past the shutdown's grace: the job is cancelled mid-call, left RUNNING with its call stamped
+    # (a worker takes it back at the lease's end and asks before sending again), and /metrics does not count it
+    # a job done.
+    from core import collect_now
+    from core.metrics import JOBS
+
+    _wait(rt, 0.3)
+    _options(irembo).hang_request = 30.0
+    monkeypatch.setattr(collect_now, "CLOSE_GRACE_SECONDS", 0.5)
+    done_before = JOBS.labels(kind="payment.collect", outcome="done")._value.get()
+    cancelled_before = JOBS.labels(kind="payment.collect", outcome="cancelled")._value.get()
+    created = await admin.json("POST", "/v1/payments", 201, json=_bank(demo))
+    assert created["status"] == "PENDING" and created["paymentUrl"] is None
+    for _ in range(300):  # the invoice request has left
+        if irembo.calls(*INVOICES):
+            break
+        await asyncio.sleep(0.1)
+    await collect_now.close(rt)
+    job = await _collect_job(rt, created["id"])
+    assert job.status == "RUNNING" and job.attempts == 1 and job.locked_by is not None
+    assert job.last_error == CALL_STARTED
+    assert JOBS.labels(kind="payment.collect", outcome="done")._value.get() == done_before
+    assert JOBS.labels(kind="payment.collect", outcome="cancelled")._value.get() == cancelled_before + 1
