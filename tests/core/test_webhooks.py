@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import json
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from core.errors import Conflict, Forbidden, NotFound, ValidationError
 from core.models import ApprovedDomain, OutboxJob, WebhookDelivery, WebhookEndpoint
 from core.notify import emit_event
 from core.outbox import PermanentJobError, RetryLater
+from core.state.payment import PaymentStatus
 from tests.channels.sms.helpers import as_job, jobs_of, start_simulator
 from tests.conftest import drain
 
@@ -481,3 +482,18 @@ def test_readme_verification_function_agrees() -> None:
     assert readme_verify("whsec_y", good, body) is False
     assert readme_verify("whsec_x", old, body) is False
     assert readme_verify("whsec_x", good, body + b"\n") is False
+
+
+@pytest.mark.parametrize("status", [s.value for s in PaymentStatus])
+@pytest.mark.parametrize("taken", [False, True])
+def test_every_event_a_payment_was_last_told_is_one_a_report_may_follow(status: str, taken: bool) -> None:
+    """core.webhooks.TOLD (what payment.paid_twice and payment.unconfirmed_success may follow, checked again when
+    they are sent) lists every answer of core.payments._told: one it lacked would mark those deliveries FAILED as
+    "no longer subscribed" at their send."""
+    from types import SimpleNamespace
+
+    from core.payments import _told
+
+    payment = SimpleNamespace(status=status, completed_at=datetime.now(UTC) if taken else None,
+                              collected_minor=5000 if taken else 0)
+    assert _told(payment) in webhooks.TOLD  # type: ignore[arg-type]
