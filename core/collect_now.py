@@ -19,12 +19,14 @@ import logging
 import os
 import random
 import socket
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
 from core import metrics
-from core.models import Payment
+from core.db import utcnow
+from core.models import OutboxJob, Payment
 from core.outbox import OutboxWorker
 from core.state.payment import PaymentStatus
 
@@ -93,7 +95,7 @@ class CollectNow:
                 return  # done (the row says how) or still running past the wait
         while loop.time() < deadline:
             try:
-                if not await self._pending(payment_id):
+                if not await self._may_change(payment_id):
                     return
             except Exception:  # the payment is committed: its 201 goes without the URL, not as an error
                 log.warning("payment not watched for its invoice", exc_info=True, extra={"payment_id": payment_id})
@@ -116,10 +118,20 @@ class CollectNow:
             log.exception("could not record job result", extra={"job_id": jobs[0].id, "kind": jobs[0].kind,
                                                                  "payment_id": payment_id})
 
-    async def _pending(self, payment_id: str) -> bool:
+    async def _may_change(self, payment_id: str) -> bool:
+        """Whether the payment is PENDING with its collect job running or due now (a worker's): what the wait can
+        see happen. Not one whose job waits for a retry (its provider answered 5xx), is done or parked (the call
+        went unanswered: the status poll settles it, later): a replayed POST then answers at once."""
+        job = OutboxJob.__table__
+        query = (select(Payment.status, job.c.status, job.c.run_at)
+                 .select_from(Payment.__table__.outerjoin(job, job.c.dedupe_key == f"collect:{payment_id}"))
+                 .where(Payment.id == payment_id))
         async with self._rt.sessionmaker() as session:
-            status = (await session.execute(select(Payment.status).where(Payment.id == payment_id))).scalar()
-        return status == PaymentStatus.PENDING.value
+            row = (await session.execute(query)).first()
+        if row is None or row[0] != PaymentStatus.PENDING.value:
+            return False
+        return row[1] == "RUNNING" or (row[1] == "PENDING" and row[2] is not None
+                                       and row[2] <= utcnow() + timedelta(seconds=WATCH_EVERY_SECONDS * 10))
 
     async def close(self) -> None:
         self._closed = True

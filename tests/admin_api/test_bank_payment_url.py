@@ -68,6 +68,7 @@ async def test_a_job_a_worker_holds_is_watched_not_run_twice(admin: Caller, rt: 
     created = await admin.json("POST", "/v1/payments", 201, json=body)
     assert created["paymentUrl"] is None and created["status"] == "PENDING"
     [job] = await worker.claim(key=f"collect:{created['id']}")  # a worker took it first
+    assert await CollectNow.of(rt)._may_change(created["id"])  # its run is what the wait watches for
     waiting = asyncio.create_task(CollectNow.of(rt).wait(created["id"], 20))
     await asyncio.sleep(0.3)
     assert not waiting.done()  # the API process does not run a job a worker holds: it watches the row
@@ -133,6 +134,8 @@ async def test_an_invoice_answered_500_is_left_to_the_workers_retry(admin: Calle
     assert created["status"] == "PENDING" and created["paymentUrl"] is None
     job = await _collect_job(rt, created["id"])
     assert job.status == "PENDING" and job.attempts == 1 and "500" in (job.last_error or "")
+    # Its retry is due later: a replay of the POST has nothing to watch for, and answers at once.
+    assert not await CollectNow.of(rt)._may_change(created["id"])
 
 
 def _options(irembo: Irembo) -> SimulatorOptions:
