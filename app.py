@@ -255,6 +255,14 @@ async def request_context(request: web.Request,
         request_id.reset(token)
 
 
+async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """The request's id on an answer its handler sends itself (a CSV export, streamed: its headers leave before
+    request_context sees it), as on every other: the id a support desk asks for about an export cut short."""
+    rid = request_id.get()
+    if rid and "X-Request-Id" not in response.headers:
+        response.headers["X-Request-Id"] = rid
+
+
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -325,6 +333,7 @@ async def _close_collect_now(app: web.Application) -> None:
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.Application:
     """Build the service. With `runtime` given (tests, `run`), the caller owns the resources."""
     app = web.Application(middlewares=[request_context], client_max_size=MAX_BODY)
+    app.on_response_prepare.append(_request_id_header)
     app[SETTINGS] = settings
 
     if runtime is not None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from admin_api.common import AMOUNT_OUT, NULL_DATETIME
 from admin_api.errors import apply_rate_headers
 from admin_api.payments import STATUSES as PAYMENT_STATUSES
 from admin_api.routing import Ctx, Route
@@ -16,22 +17,48 @@ from core import reports
 from core.payments import METHODS
 from core.state.refund import RefundStatus
 
-_GROUP = {"type": "array", "items": {"type": "object"}}
-_SETTLED = {
-    "type": "array",
-    "description": "Money that moved in the period (completed_at), per provider account and currency",
-    "items": {
-        "type": "object",
-        "required": ["provider", "paymentMethod", "currency", "collectedCount", "collected", "fees",
-                     "refundedCount", "refunded", "net"],
-        "properties": {
-            "provider": {"type": "string", "description": "The provider that carried the money (mtn_momo, "
-                                                          "irembopay...): its statement is the one to match"},
-            "paymentMethod": {"type": "string"},
-            "currency": {"type": "string"},
-        },
+_COUNT = {"type": "integer"}
+
+
+def _lines(description: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """An array of report lines, each with every one of `fields` (amounts in AMOUNT_OUT's form: a client
+    generated from the document needs their types, an integer for RWF and a decimal string for KES)."""
+    return {"type": "array", "description": description,
+            "items": {"type": "object", "required": list(fields), "properties": fields}}
+
+
+_BY_STATUS = _lines("Payments asked for in the period, by status and currency",
+                    {"status": {"enum": list(PAYMENT_STATUSES)}, "currency": {"type": "string"}, "count": _COUNT,
+                     "amount": AMOUNT_OUT})
+_ASKED_AND_COLLECTED = {"currency": {"type": "string"}, "count": _COUNT, "amount": AMOUNT_OUT,
+                        "completedCount": {**_COUNT, "description": "those whose money is held (collected)"},
+                        "completedAmount": {**AMOUNT_OUT, "description": "what was collected of them"}}
+_BY_METHOD = _lines("Payments asked for in the period, by method and currency",
+                    {"paymentMethod": {"enum": list(METHODS)}, **_ASKED_AND_COLLECTED})
+_BY_TYPE = _lines("Payments asked for in the period, by payment type and currency",
+                  {"paymentTypeId": {"type": "string", "format": "uuid"}, "name": {"type": "string"},
+                   **_ASKED_AND_COLLECTED})
+_TOTALS = _lines("The period's payments collected, with what has been refunded of them so far, per currency",
+                 {"currency": {"type": "string"}, "collectedCount": _COUNT, "collected": AMOUNT_OUT,
+                  "fees": AMOUNT_OUT, "refunded": AMOUNT_OUT, "net": AMOUNT_OUT})
+_REFUNDS = _lines("Refunds asked for in the period, by status and currency",
+                  {"status": {"enum": [s.value for s in RefundStatus]}, "currency": {"type": "string"},
+                   "count": _COUNT, "amount": AMOUNT_OUT})
+_SETTLED = _lines(
+    "Money that moved in the period (completed_at), per provider account and currency",
+    {
+        "provider": {"type": "string", "description": "The provider that carried the money (mtn_momo, "
+                                                      "irembopay...): its statement is the one to match"},
+        "paymentMethod": {"type": "string"},
+        "currency": {"type": "string"},
+        "collectedCount": _COUNT,
+        "collected": AMOUNT_OUT,
+        "fees": AMOUNT_OUT,
+        "refundedCount": _COUNT,
+        "refunded": AMOUNT_OUT,
+        "net": {**AMOUNT_OUT, "description": "collected less fees and refunded"},
     },
-}
+)
 _FLAGGED = {
     "type": "array",
     "description": "Late or mismatched payments asked for in the period or completed in it, and mismatched ones "
@@ -161,14 +188,15 @@ RECONCILIATION = {
                  "refundsRecordedLater", "refundsRecordedLaterCount", "paymentsRecordedLater",
                  "paymentsRecordedLaterCount", "paymentsVoidedLater", "paymentsVoidedLaterCount"],
     "properties": {
-        "period": {"type": "object", "required": ["from", "to"]},
+        "period": {"type": "object", "required": ["from", "to"],
+                   "properties": {"from": NULL_DATETIME, "to": NULL_DATETIME}},
         "payments": {
             "type": "object",
             "required": ["byStatus", "byMethod", "byPaymentType"],
-            "properties": {"byStatus": _GROUP, "byMethod": _GROUP, "byPaymentType": _GROUP},
+            "properties": {"byStatus": _BY_STATUS, "byMethod": _BY_METHOD, "byPaymentType": _BY_TYPE},
         },
-        "totals": _GROUP,
-        "refunds": _GROUP,
+        "totals": _TOTALS,
+        "refunds": _REFUNDS,
         "settled": _SETTLED,
         "openDisputes": {"type": "integer"},
         "flagged": _FLAGGED,

@@ -85,9 +85,7 @@ def _describe(error: SchemaError) -> list[str]:
         case "type":
             kinds = value if isinstance(value, list) else [value]
             readable = " or ".join(
-                "an integer" if k == "integer" else f"a {k}" if k != "array" else "an array"
-                for k in kinds
-                if k != "null"
+                f"an {k}" if k in ("integer", "array", "object") else f"a {k}" for k in kinds if k != "null"
             )
             return [f"{where} must be {readable}"]
         case "enum":
@@ -109,9 +107,9 @@ def _describe(error: SchemaError) -> list[str]:
         case "pattern":
             return [f"{where} has an invalid format"]
         case "minItems":
-            return [f"{where} must contain at least {value} items"]
+            return [f"{where} must contain at least {value} item{'s' if value != 1 else ''}"]
         case "maxItems":
-            return [f"{where} must contain at most {value} items"]
+            return [f"{where} must contain at most {value} item{'s' if value != 1 else ''}"]
         case "uniqueItems":
             return [f"{where} must not contain duplicates"]
         case "minProperties":

@@ -49,12 +49,15 @@ class ImportRow:
 
 
 class ImportRejected(ValidationError):
-    """The file had bad rows; the list says which, and nothing was imported."""
+    """The file had bad rows; the list says which, and nothing was imported. `rows` are the file's rows that
+    passed their own checks (parse_rows), still to be checked against the cooperative's members, so that one
+    answer names every problem of the file."""
 
-    def __init__(self, errors: list[RowError]) -> None:
+    def __init__(self, errors: list[RowError], rows: list[ImportRow] | None = None) -> None:
         texts = [e.text() for e in errors]
         super().__init__(f"{len(errors)} problem(s) in the file; nothing was imported", errors=texts)
         self.row_errors = errors
+        self.rows = rows or []
 
 
 DELIMITERS = ",;\t"
@@ -173,7 +176,7 @@ def parse_rows(data: bytes, *, region: str) -> ParsedFile:
     except csv.Error as exc:
         errors.append(RowError(line + 1, "row", f"not valid CSV: {exc}"))
     if errors:
-        raise ImportRejected(errors)
+        raise ImportRejected(errors, rows)
     if not rows:
         raise ImportRejected([RowError(2, "file", "no member rows")])
     return ParsedFile(rows, ignored, encoding)
@@ -204,25 +207,19 @@ async def import_members(
         raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
     # Parsing 10,000 rows (phonenumbers) is about half a second of CPU: in a thread, so the event loop keeps
     # serving other requests between its turns.
-    parsed = await asyncio.to_thread(parse_rows, data, region=cooperative.country)
+    try:
+        parsed = await asyncio.to_thread(parse_rows, data, region=cooperative.country)
+    except ImportRejected as exc:
+        if not exc.rows:
+            raise
+        # The file's good rows are checked against the members too: an admin who fixed the rows first named
+        # would otherwise learn of its numbers already registered only on sending it again.
+        known = await _already_members(session, cipher, cooperative.id, exc.rows)
+        raise ImportRejected(sorted(exc.row_errors + known, key=lambda e: e.row)) from None
     rows = parsed.rows
-    by_index = {cipher.blind_index(r.phone.e164): r for r in rows}
-    existing: set[str] = set()
-    keys = list(by_index)
-    for start in range(0, len(keys), 500):
-        chunk = keys[start : start + 500]
-        found = await session.execute(
-            select(Member.phone_index).where(
-                Member.cooperative_id == cooperative.id, Member.phone_index.in_(chunk)
-            )
-        )
-        existing.update(i for i in found.scalars() if i is not None)
-    if existing:
-        errors = sorted(
-            (RowError(by_index[i].row, "phone", "already a member of this cooperative") for i in existing),
-            key=lambda e: e.row,
-        )
-        raise ImportRejected(errors)
+    known = await _already_members(session, cipher, cooperative.id, rows)
+    if known:
+        raise ImportRejected(known)
     ids = await _insert_rows(session, cipher, cooperative.id, rows, actor=actor, status=status)
     await record(
         session,
@@ -234,6 +231,24 @@ async def import_members(
         cooperative_id=cooperative.id,
     )
     return Imported(ids, parsed.ignored_columns, parsed.encoding)
+
+
+async def _already_members(session: AsyncSession, cipher: PiiCipher, cooperative_id: str,
+                           rows: list[ImportRow]) -> list[RowError]:
+    """A RowError, in the file's order, for each row whose number is already a member's of the cooperative."""
+    by_index = {cipher.blind_index(r.phone.e164): r for r in rows}
+    existing: set[str] = set()
+    keys = list(by_index)
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        found = await session.execute(
+            select(Member.phone_index).where(
+                Member.cooperative_id == cooperative_id, Member.phone_index.in_(chunk)
+            )
+        )
+        existing.update(i for i in found.scalars() if i is not None)
+    return sorted((RowError(by_index[i].row, "phone", "already a member of this cooperative") for i in existing),
+                  key=lambda e: e.row)
 
 
 @functools.cache

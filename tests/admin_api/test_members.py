@@ -214,6 +214,37 @@ async def test_import_refuses_existing_members_headers_and_types(admin, rt, demo
     assert await _count(rt, demo["cooperative_id"]) == before
 
 
+async def test_import_names_numbers_already_members_beside_the_rows_bad_in_themselves(admin, rt, demo):
+    """One answer lists every problem of the file: a number already registered was named only once the rows bad
+    in themselves were fixed and the file sent again."""
+    before = await _count(rt, demo["cooperative_id"])
+    csv_text = (
+        "name,phone,unit,language\n"
+        "New Person,0788123101,C-1,en\n"
+        "Aline Again,+250788000001,A-1,rw\n"
+        "Bad Phone,12345,C-2,en\n"
+        "Jean Again,0788000002,C-3,de\n"
+    )
+    resp = await admin.req(
+        "POST", "/v1/members/import", data=csv_text.encode(), headers={"Content-Type": "text/csv"}
+    )
+    body = await resp.json()
+    assert resp.status == 400, body
+    assert body["message"] == [
+        "row 3: phone: already a member of this cooperative",
+        "row 4: phone: not a valid phone number",
+        "row 5: language: must be one of en, rw, fr, sw",
+    ]
+    assert await _count(rt, demo["cooperative_id"]) == before
+    fixed = csv_text.replace("12345", "0788123102").replace(",de", ",en")
+    resp = await admin.req("POST", "/v1/members/import", data=fixed.encode(), headers={"Content-Type": "text/csv"})
+    body = await resp.json()
+    assert resp.status == 400, body
+    assert body["message"] == ["row 3: phone: already a member of this cooperative",
+                               "row 5: phone: already a member of this cooperative"]
+    assert await _count(rt, demo["cooperative_id"]) == before
+
+
 async def test_import_takes_a_spreadsheets_file_as_it_comes(admin, rt, demo):
     """What a SACCO's office exports: Excel's "CSV (Comma delimited)" in Windows-1252 (é as one byte) with an
     email column and trailing separators, sent as a form's file (curl -F); Excel's "Unicode Text" (UTF-16, tabs).

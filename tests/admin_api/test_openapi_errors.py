@@ -64,7 +64,7 @@ async def test_wrong_content_type_and_non_object_body(admin):
     resp = await admin.req("POST", "/v1/api-keys", data=b"name=x", headers={"Content-Type": "text/plain"})
     assert resp.status == 415
     resp = await admin.req("POST", "/v1/api-keys", json=["not", "an", "object"])
-    assert resp.status == 400 and (await resp.json())["message"] == ["body must be a object"]
+    assert resp.status == 400 and (await resp.json())["message"] == ["body must be an object"]
 
 
 async def test_body_refused_where_none_is_taken(admin, demo):

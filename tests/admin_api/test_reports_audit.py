@@ -206,3 +206,17 @@ def test_csv_cells_that_a_spreadsheet_could_run_are_quoted(value, exported):
     from core.reports import _cell
 
     assert _cell(value) == exported
+
+
+async def test_an_export_carries_the_request_id_as_every_answer_does(admin, rt, demo):
+    """A streamed export sends its headers itself, before the middleware that names the request saw the answer:
+    it went without X-Request-Id, the one answer most likely to be cut short and asked about."""
+    resp = await admin.req("GET", "/v1/reports/payments.csv", headers={"X-Request-Id": "desk-ticket-0042"})
+    assert resp.status == 200 and resp.content_type == "text/csv"
+    await resp.read()
+    assert resp.headers["X-Request-Id"] == "desk-ticket-0042"
+    resp = await admin.req("GET", "/v1/reports/refunds.csv")
+    await resp.read()
+    assert resp.status == 200 and len(resp.headers["X-Request-Id"]) == 32
+    listed = await admin.req("GET", "/v1/payments", headers={"X-Request-Id": "desk-ticket-0043"})
+    assert listed.status == 200 and listed.headers.getall("X-Request-Id") == ["desk-ticket-0043"]

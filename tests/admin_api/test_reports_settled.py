@@ -135,3 +135,29 @@ async def test_flagged_count_says_how_many_when_the_list_stops(admin, rt, demo, 
     monkeypatch.setattr(reports, "FLAGGED_LIMIT", 5)
     report = await admin.json("GET", "/v1/reports/reconciliation", 200)
     assert len(report["flagged"]) == 3 and report["flaggedCount"] == 3
+
+
+async def test_the_document_describes_every_figure_of_the_reconciliations_lines(admin, rt, demo, client):
+    """A client generated from the OpenAPI document reads each line's counts and amounts with their types: the
+    lines were objects of no known fields (`settled` listed its figures as required without describing them)."""
+    await _month(admin, rt, demo)
+    october = await admin.json("GET", f"/v1/reports/reconciliation?{OCTOBER}", 200)  # validated against it
+    doc = await (await client.get("/v1/openapi.json")).json()
+    schema = doc["paths"]["/v1/reports/reconciliation"]["get"]["responses"]["200"]["content"]["application/json"][
+        "schema"]
+    sections = {"settled": schema["properties"]["settled"], "totals": schema["properties"]["totals"],
+                "refunds": schema["properties"]["refunds"],
+                **{f"payments.{k}": v for k, v in schema["properties"]["payments"]["properties"].items()}}
+    for name, section in sections.items():
+        lines = october["settled"] if name == "settled" else (
+            october[name] if "." not in name else october["payments"][name.split(".")[1]])
+        assert lines, name
+        described = section["items"]["properties"]
+        assert set(section["items"]["required"]) == set(described), name
+        for line in lines:
+            assert set(line) == set(described), name
+        assert all("type" in p or "enum" in p for p in described.values()), name
+    amounts = schema["properties"]["settled"]["items"]["properties"]
+    assert {k for k, p in amounts.items() if p.get("type") == ["integer", "string"]} == {
+        "collected", "fees", "refunded", "net"}
+    assert set(schema["properties"]["period"]["properties"]) == {"from", "to"}

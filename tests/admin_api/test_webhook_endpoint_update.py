@@ -96,7 +96,7 @@ async def test_refusals_change_nothing(admin, superadmin, tenant, rt, demo, coop
     path = f"/v1/webhook-endpoints/{created['id']}"
     for body, expected in (
         ({}, "body must contain at least one field"),
-        ({"events": []}, "events must contain at least 1 items"),
+        ({"events": []}, "events must contain at least 1 item"),
         ({"events": ["nope"]}, "events.0 must be one of: payment.completed"),
         ({"events": ["payment.failed", "payment.failed"]}, "events must not contain duplicates"),
         ({"events": "payment.failed"}, "events must be an array"),
