@@ -158,6 +158,20 @@ CUT = ".."  # marks a shortened name or line: a single "." read as the end of a 
 LINE = 72  # at most this many septets for one numbered line: a huge name must not eat the whole screen
 
 
+class Name(str):
+    """A free-text name that fit_names shortens with its own `cut(size)` rather than by its end (cut_name): a
+    payment type's on the confirmation, shortened as the list she chose it from shortened it. Cut by its end,
+    "Monthly contribution ... Block B" and "... Block C" of the same amount both read "Monthly contribution t..",
+    so she could not tell which one she was confirming; the list showed "Monthly contr..Block B"."""
+
+    cut: Callable[[int], str]
+
+    def __new__(cls, value: str, cut: Callable[[int], str]) -> Name:
+        name = super().__new__(cls, value)
+        name.cut = cut
+        return name
+
+
 def fit(text: str, limit: int) -> str:
     """Cut a text to the limit in GSM-7 septets (dynamic data can be longer than planned)."""
     text = gsm.to_gsm(text)
@@ -188,6 +202,7 @@ def fit_names(ctx: Ctx, msgid: str, room: int, args: dict[str, Any], then: tuple
     if gsm.length(text) <= room:
         return text
     full = {k: " ".join(v.split()) for k, v in args.items() if k in FREE_TEXT_ARGS and isinstance(v, str)}
+    cutters = {k: v.cut for k, v in args.items() if k in full and isinstance(v, Name)}
     sizes = {k: len(v) for k, v in full.items()}
     for names in [list(full), *([k] for k in then if isinstance(args.get(k), str))]:
         for key in names:
@@ -199,7 +214,8 @@ def fit_names(ctx: Ctx, msgid: str, room: int, args: dict[str, Any], then: tuple
                 break  # as short as they may get
             for key in names:
                 sizes[key] = min(sizes[key], level)
-            text = ctx.t_fit(msgid, room, **{**args, **{k: cut_name(v, sizes[k]) for k, v in full.items()}})
+            cut = {k: cutters[k](sizes[k]) if k in cutters else cut_name(v, sizes[k]) for k, v in full.items()}
+            text = ctx.t_fit(msgid, room, **{**args, **cut})
     return text if gsm.length(text) <= room else None
 
 

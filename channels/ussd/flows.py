@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from channels.ussd import cache, funnel, records, sessions
-from channels.ussd.engine import LINE, Ctx, Invalid, Item, cut_name, fit_names
+from channels.ussd.engine import LINE, MIN_NAME, Ctx, Invalid, Item, Name, cut_name, fit_names
 from channels.ussd.i18n import LANGUAGES
 from channels.ussd.types import side_effect_started
 from core.audit import Actor
@@ -649,9 +649,22 @@ async def reserved_reference(ctx: Ctx) -> str:
 async def confirm_args(ctx: Ctx) -> dict[str, Any]:
     pt = await payment_type(ctx)
     currency = ctx.data.get("cur", "RWF")
-    return {"type": whole(pt.name if pt else ""), "amount": ctx.money(Money(ctx.data["amt"], currency)),
+    return {"type": await _type_name(ctx, pt), "amount": ctx.money(Money(ctx.data["amt"], currency)),
             "fee": ctx.money(Money(0, currency)), "method": ctx.t(f"method.{ctx.data['mt']}"),
             "ref": await reserved_reference(ctx)}
+
+
+async def _type_name(ctx: Ctx, pt: TypeRow | None) -> str:
+    """The type's name whole, shortened where the screen needs it as the list of the cooperative's types shortens
+    it (shorts): what tells it apart from the others it was chosen among stays ("Monthly contr..Block C")."""
+    if pt is None:
+        return ""
+    types = await payment_types(ctx)  # cached: the confirmation read them for `pt`
+    at = next((n for n, p in enumerate(types) if p.id == pt.id), None)
+    if at is None:
+        return whole(pt.name)
+    names = [p.name for p in types]
+    return Name(whole(pt.name), lambda size: shorts(names, max(size, MIN_NAME))[at])
 
 
 async def confirmed(ctx: Ctx, _key: str) -> str:

@@ -182,3 +182,35 @@ async def test_registration_keeps_long_names_whole_where_they_fit_and_marks_them
         assert text.endswith(tails), (tails, text)
     assert not re.search(r"[^.]\.[:;,]", text), text  # no single "." glued to a name's end
     assert (await db.one(Member, Member.status == "PENDING")).name == PERSON59  # the name kept whole
+
+
+BLOCKS = ("Monthly contribution to the market stall maintenance fund Block B",
+          "Monthly contribution to the market stall maintenance fund Block C")
+
+
+@pytest.mark.parametrize("aggregator", AGGREGATORS)
+async def test_the_confirmation_keeps_what_tells_a_shortened_type_from_the_others(
+        client: Any, demo: Any, rt: Any, db: Any, aggregator: str) -> None:
+    """Two types of the same amount whose names differ only at their end: the list tells them apart
+    ("Monthly contr..Block C"), and so must the confirmation. Shortened by its end to fit Nalo's 120 characters, both
+    read "Monthly contribution t..: 1,500 RWF", and she could not see which one she was about to pay."""
+    async with rt.sessionmaker.begin() as s:
+        for name in BLOCKS:
+            s.add(PaymentType(cooperative_id=demo["cooperative_id"], name=name, amount_minor=1_500, currency="RWF",
+                              is_active=True))
+    limit = AGGREGATORS[aggregator]
+    member = phone_on(aggregator, client, MEMBERS["en"])
+    await member.dial()
+    listing = shown(await member.send("1"), limit)
+    while not any("Block C" in line for line in listing.split("\n")):
+        assert "98. " in listing, listing
+        listing = shown(await member.send("98"), limit)
+    number = next(line.split(".")[0] for line in listing.split("\n") if "Block C" in line)
+    summary = shown(await member.send(number), limit)
+    assert "Block C" in summary and "Block B" not in summary, summary
+    if aggregator == "africastalking":
+        assert BLOCKS[1] in summary, summary  # room for it whole
+    assert (await member.send("1")).startswith("END "), "confirmed"
+    paid = await db.one(Payment, Payment.member_id == demo["members"][MEMBERS["en"]])
+    chosen = await db.one(PaymentType, PaymentType.id == paid.payment_type_id)
+    assert chosen.name == BLOCKS[1]
