@@ -217,7 +217,11 @@ class SmsJobs:
                     # SKIPPED: not sent, so the next morning's scan may queue its due date again)
                     await self._move(existing.id, SmsStatus.FAILED, failure_reason=f"not sent: {void}",
                                      provider_status=SKIPPED)
-                await finish_unsent(conn, job, f"not sent: {void}")
+                if void == PAYMENT_VOIDED:
+                    # Said on the job (GET /v1/jobs). A reminder's or member SMS's reason is not: "opted_out" may be
+                    # a STOP the number sent to another cooperative, which this one must not learn (it ends DONE
+                    # as quietly as one sent).
+                    await finish_unsent(conn, job, f"not sent: {void}")
                 return
             found = await self.throttle_and_lock(lock, str(job.id), kept)
             if found is not None:  # AT may have it already (an earlier run's answer, kept): recorded, never resent
