@@ -369,18 +369,18 @@ async def inbound(request: web.Request) -> web.Response:
         # Every membership of the number (STOP and START apply to all), the one the reply speaks for first:
         # an active one in an active cooperative, then a pending one; a suspended one (perhaps the number's
         # previous holder) only when there is nothing else.
-        members = (
-            (
-                await session.execute(
-                    select(Member)
-                    .join(Cooperative, Cooperative.id == Member.cooperative_id)
-                    .where(Member.phone_index == index)
-                    .order_by(_REPLY_RANK, Member.created_at)
-                )
+        ranked = (
+            await session.execute(
+                select(Member, _REPLY_RANK)
+                .join(Cooperative, Cooperative.id == Member.cooperative_id)
+                .where(Member.phone_index == index)
+                .order_by(_REPLY_RANK, Member.created_at)
             )
-            .scalars()
-            .all()
-        )
+        ).all()
+        members = [member for member, _rank in ranked]
+        # Not one membership she can pay with (suspended, or of a suspended cooperative): USSD tells her it is not
+        # active (channels.ussd.flows.enter), and so does HELP, rather than "Dial <her cooperative's code> to pay".
+        inactive = bool(ranked) and ranked[0][1] >= _INACTIVE_RANK
         language = (
             (keyword_language if keyword_language not in (None, "en") else None)
             or (members[0].language if members else None)
@@ -427,7 +427,7 @@ async def inbound(request: web.Request) -> web.Response:
                 # Someone else's reference gets exactly the answer a made-up one gets.
                 reply = ("not_found", {"reference": reference}, None)
         elif command == "HELP":
-            reply = ("help", {}, members[0].cooperative_id if members else None)
+            reply = ("help_inactive" if inactive else "help", {}, members[0].cooperative_id if members else None)
         else:
             reply = ("unknown", {}, members[0].cooperative_id if members else None)
 
@@ -479,6 +479,7 @@ _REPLY_RANK = case(
     (Member.status == "PENDING", 1),
     else_=2,
 )
+_INACTIVE_RANK = 2  # ranks from which a membership cannot pay: a suspended member, a suspended cooperative
 
 
 def _reply_limits(command: str | None) -> tuple[Limit, ...]:

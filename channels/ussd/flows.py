@@ -21,7 +21,7 @@ from channels.ussd.i18n import LANGUAGES
 from channels.ussd.types import side_effect_started
 from core.audit import Actor
 from core.db import utcnow
-from core.errors import BusinessRuleError, Conflict, DomainError
+from core.errors import BusinessRuleError, Conflict, DomainError, NotFound
 from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import Money, MoneyError
 from core.notify import SMS_KEY_SIZE
@@ -143,6 +143,8 @@ async def opening_memberships(ctx: Ctx, **opening: Any) -> list[tuple[MemberRow,
         return None
     # (by name, as SQLAlchemy's rows are read: membership_query's columns)
     ctx.cache["ms"] = _memberships_of(ctx, [SimpleNamespace(**r) for r in records_])
+    if not records_:
+        await _unusable_memberships(ctx)
     return ctx.cache["ms"]
 
 
@@ -151,7 +153,29 @@ async def _read_memberships(ctx: Ctx) -> list[tuple[MemberRow, CoopRow]]:
 
     async with cache.autocommit(ctx.rt) as conn:
         rows = await membership_rows(conn, ctx.rt.cipher, ctx.hop.phone, _MEMBERSHIP_COLUMNS)
-    return _memberships_of(ctx, rows)
+    found = _memberships_of(ctx, rows)
+    if not rows:
+        await _unusable_memberships(ctx)
+    return found
+
+
+_UNUSABLE = (select(Member.id.label("member_id"), Member.language.label("member_language"),
+                    Member.updated_at.label("member_updated"), Member.cooperative_id)
+             .where(Member.phone_index == bindparam("phone_index")))
+
+
+async def _unusable_memberships(ctx: Ctx) -> None:
+    """For a phone with no membership the menus can use (memberships(): none ACTIVE or PENDING in an ACTIVE
+    cooperative), its other ones: the member suspended, or her cooperative. Their cooperatives are kept as
+    data["ia"], so a flow tells her that her membership is not active (enter) rather than "not registered, choose
+    Pay to register" and a code prompt that refuses her cooperative's code; and their language is the person's
+    (greeted in English, though she reads Kinyarwanda). One indexed read, on the first hop of such a phone only
+    (a stranger's too: it finds nothing)."""
+    async with cache.autocommit(ctx.rt) as conn:
+        rows = (await conn.execute(_UNUSABLE, {"phone_index": ctx.rt.cipher.blind_index(ctx.hop.phone.e164)})).all()
+    if rows:
+        ctx.cache["lang"] = person_language(rows)
+        ctx.data["ia"] = sorted({row.cooperative_id for row in rows})
 
 
 def _memberships_of(ctx: Ctx, rows: Any) -> list[tuple[MemberRow, CoopRow]]:
@@ -175,9 +199,12 @@ async def _saved_memberships(ctx: Ctx, saved: list[Any]) -> list[tuple[MemberRow
     try:
         for member_id, status, lang, coop_id in saved:
             coop = await cooperative(ctx, coop_id)
-            # As the query does: a cooperative suspended since (seen within the cache's TTL) drops out.
+            # As the query does: a cooperative suspended since (seen within the cache's TTL) drops out, and is
+            # then one of her memberships that are not active (_unusable_memberships).
             if coop is not None and coop.status == "ACTIVE":
                 found.append((MemberRow(member_id, status, lang, coop_id), coop))
+            elif coop is not None and coop_id not in ctx.data.get("ia", []):
+                ctx.data["ia"] = [*ctx.data.get("ia", []), coop_id]
     except (TypeError, ValueError):
         return None  # not what this code writes: read them again
     return found
@@ -352,6 +379,10 @@ async def enter(ctx: Ctx, flow: str) -> str:
         # is asked each time a flow starts from the menu, so after Home the others are still reachable.
         return await _start(ctx, flow)
     if not ms:
+        inactive = await _inactive_here(ctx)
+        if inactive is not None:
+            ctx.data["cn"] = whole(inactive.name)
+            return "member_inactive"
         if flow == "help":
             return "help_general"
         extension_coop = ctx.data.get("x")
@@ -369,6 +400,18 @@ async def enter(ctx: Ctx, flow: str) -> str:
     if len(ms) == 1:
         return await _choose(ctx, ms[0][0], ms[0][1])
     return "coop_pick"
+
+
+async def _inactive_here(ctx: Ctx) -> CoopRow | None:
+    """The cooperative of a membership of this phone that is not active (the member or the cooperative suspended:
+    _unusable_memberships), where the session is: the dialled extension's cooperative, when one is (of another,
+    she may register there), else any. None when there is none."""
+    inactive = ctx.data.get("ia") or []
+    extension_coop = ctx.data.get("x")
+    for coop_id in [extension_coop] if extension_coop else inactive:
+        if coop_id in inactive:
+            return await cooperative(ctx, coop_id)
+    return None
 
 
 async def _choose(ctx: Ctx, member: MemberRow, coop: CoopRow) -> str:
@@ -407,7 +450,30 @@ async def help_(ctx: Ctx, _key: str) -> str:
 
 async def coop_items(ctx: Ctx) -> list[Item]:
     ms = await memberships(ctx)
-    return [Item(c.id, label) for (_, c), label in zip(ms, shorts([c.name for _, c in ms], 30), strict=True)]
+    names = [c.name for _, c in ms]
+    return [Item(c.id, label) for (_, c), label in zip(ms, shorts(names, _coop_size(ctx, names)), strict=True)]
+
+
+def _coop_size(ctx: Ctx, names: list[str]) -> int:
+    """How long the picker's names may be: whole (up to a line, engine.LINE) when the list fits one screen with
+    them, else as long as lets it fit (shorts: what tells names apart stays), never under the payment types' 22;
+    where even that does not fit, the engine pages the list. Cut to 30 whatever the room, "Kigali Heights Housing
+    Coope.." left 78 of Africa's Talking's 182 characters unused. Measured as the engine lays a page out: the
+    longer of the title and an error line in its place, the numbered lines and the footer."""
+    from core import gsm
+
+    stack = ctx.state.stack
+    footer = [ctx.t("nav.back")] if stack else []
+    if len(stack) >= 2:
+        footer.append(ctx.t("nav.home"))
+    top = max(gsm.length(ctx.t("coop.pick")), gsm.length(ctx.t("error.invalid_choice")))
+    fixed = top + sum(gsm.length(line) + 1 for line in footer)
+    widest = LINE - len(f"{len(names)}. ")
+    for size in range(min(max(map(len, names), default=0), widest), 22, -1):
+        lines = [f"{n}. {label}" for n, label in enumerate(shorts(names, size), start=1)]
+        if fixed + sum(gsm.length(gsm.to_gsm(line)) + 1 for line in lines) <= ctx.limit:
+            return size
+    return 22
 
 
 async def coop_chosen(ctx: Ctx, coop_id: str) -> str:
@@ -683,6 +749,8 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
         payment = await _pay(ctx, new)
     except OpenPayment as found:
         return await _waiting(ctx, found.reference)
+    except NotActive:
+        return "member_inactive"
     except IntegrityError:
         # The reserved reference is taken: a resumed session carried it from a session whose
         # confirmation was committed but whose answer was lost. That payment is this one: shown as
@@ -725,6 +793,11 @@ async def _pay(ctx: Ctx, new: NewPayment) -> Payment:
     return payment
 
 
+class NotActive(Exception):
+    """The member or her cooperative was suspended since the session chose them (memberships()): create_payment
+    refuses her. Told as such, not as "try again later" (the generic error), which cannot help."""
+
+
 class OpenPayment(Exception):
     """The payer already has an open payment like the one confirmed (core.payments.OpenLike): none is made."""
 
@@ -746,7 +819,14 @@ async def _create(ctx: Ctx, new: NewPayment) -> tuple[Payment, bool]:
         _check_number_still_hers(context, new.member_id)
         if context.open_reference is not None:
             raise OpenPayment(context.open_reference)
-        return await create_payment(session, ctx.rt, new, actor=actor(ctx), context=context)
+        try:
+            return await create_payment(session, ctx.rt, new, actor=actor(ctx), context=context)
+        except (BusinessRuleError, NotFound):
+            # Refused after its key's payment was looked for (a copy of a confirmation that paid still finds it).
+            if (context.coop is not None and context.coop.status != "ACTIVE") or (
+                    context.member_found and context.member_status != "ACTIVE"):
+                raise NotActive() from None
+            raise
 
 
 async def _waiting(ctx: Ctx, reference: str) -> str:
@@ -869,9 +949,14 @@ def _payment_line(ctx: Ctx, number: int, payment: Payment, type_name: str) -> st
 
 async def payment_chosen(ctx: Ctx, payment_id: str) -> str:
     ctx.data["py"] = payment_id
-    if await chosen_payment(ctx) is None:
+    found = await chosen_payment(ctx)
+    if found is None:
         raise Invalid("error.invalid_choice")
-    return "my_detail" if ctx.data.get("nx") == "my" else "dsp_reason"
+    if ctx.data.get("nx") != "my":
+        return "dsp_reason"
+    # The SMS offered is the one send_receipt sends: a receipt once money was collected, else the payment's status
+    # ("Send receipt by SMS" of a failed payment sent "... failed").
+    return "my_detail" if found[0].status in COLLECTED else "my_detail_status"
 
 
 async def detail_args(ctx: Ctx) -> dict[str, Any]:
@@ -916,7 +1001,8 @@ async def send_receipt(ctx: Ctx, _key: str) -> str:
                        context={"payment_id": payment.id}, cipher=ctx.rt.cipher, member_id=ctx.data["mb"],
                        dedupe=dedupe)
     ctx.data["ref"] = payment.reference
-    return "my_receipt_sent"
+    # What is on its way, as read in this transaction (a payment completed since the detail was shown: its receipt).
+    return "my_receipt_sent" if template == "payment_receipt" else "my_status_sent"
 
 
 async def _receipt_key(ctx: Ctx, payment_id: str) -> str:

@@ -32,6 +32,8 @@ _SCREENS: tuple[Screen, ...] = (
     End("member_none", "member.none"),
     End("member_not_here", "member.not_here", args=f.coop_args),
     End("member_not_here_office", "member.not_here_office", args=f.coop_args),  # no registration by phone there
+    # Her membership or her cooperative is suspended: paying cannot work until the cooperative acts.
+    End("member_inactive", "member.inactive", args=f.coop_args),
     # Pay.
     Menu("pay_type", "pay.types", items=f.type_items, on_item=f.type_chosen),
     End("pay_none", "pay.none", args=f.coop_args),
@@ -55,6 +57,9 @@ _SCREENS: tuple[Screen, ...] = (
     End("my_none", "my.none"),
     Menu("my_detail", "my.detail", args=f.detail_args, options=(Option("my.receipt", f.send_receipt),)),
     End("my_receipt_sent", "my.receipt_sent", args=f.done_args),
+    # A payment that holds no money (failed, pending, ...): its status is what an SMS can tell, not a receipt.
+    Menu("my_detail_status", "my.detail", args=f.detail_args, options=(Option("my.status_sms", f.send_receipt),)),
+    End("my_status_sent", "my.status_sent", args=f.done_args),
     # Problem with a payment.
     Menu("dsp_pick", "dsp.pick", items=f.payment_items, on_item=f.payment_chosen),
     Menu("dsp_reason", "dsp.reason", options=tuple(

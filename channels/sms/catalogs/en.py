@@ -22,6 +22,9 @@ MESSAGES = {
     "webhook_disabled": "{coop}: webhook to {host} was disabled after {failures} failed deliveries. "
     "Re-enable it in the API.",
     "help": "Dial {dial} to pay. SMS: RECEIPT <ref>, STATUS <ref>, STOP (no reminders), START.",
+    # HELP from a member who cannot pay (suspended, or her cooperative is): no code to dial that cannot work.
+    "help_inactive": "Your membership is not active, so you cannot pay by phone. Please contact your cooperative. "
+    "SMS: RECEIPT <ref>, STATUS <ref>.",
     "not_found": "No payment {ref} found for this phone number.",
     # STATUS or RECEIPT without a reference (the keyword alone, or words that are none): how to ask.
     "no_reference_status": "Send STATUS followed by the reference, e.g. STATUS PAY_20260115_001.",

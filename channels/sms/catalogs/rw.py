@@ -22,6 +22,8 @@ MESSAGES = {
     "webhook_disabled": "{coop}: webhook ya {host} yahagaritswe nyuma yo kunanirwa inshuro {failures}. "
     "Yisubizeho muri API.",
     "help": "Kanda {dial} wishyure. SMS: INYEMEZABWISHYU <nimero>, IMIMERERE <nimero>, HAGARIKA, TANGIRA.",
+    "help_inactive": "Ubunyamuryango bwawe ntibukora: ntushobora kwishyura kuri telefoni. Gana koperative yawe. "
+    "SMS: INYEMEZABWISHYU <nimero>, IMIMERERE <nimero>.",
     "not_found": "Nta kwishyura {ref} kwabonetse kuri iyi nimero ya telefone.",
     "no_reference_status": "Ohereza IMIMERERE ukurikizaho nimero y'ubwishyu, urugero IMIMERERE PAY_20260115_001.",
     "no_reference_receipt": "Ohereza INYEMEZABWISHYU ukurikizaho nimero y'ubwishyu, "

@@ -171,6 +171,39 @@ async def test_help_says_stop_ends_the_reminders(
     assert measure(row["message"]).encoding == GSM7 and measure(row["message"]).segments == 1
 
 
+# ------------------------------------------------------------------------ HELP from a member who cannot pay
+
+
+@pytest.mark.parametrize("suspended", ["cooperative", "member"])
+@pytest.mark.parametrize(("phone", "language"), [(JEAN, "en"), (ALINE, "rw"), (CLAUDINE, "fr"), (ERIC, "sw")])
+async def test_help_to_a_member_who_cannot_pay_names_no_code_and_says_why(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, phone: str, language: str, suspended: str
+) -> None:
+    """Her cooperative suspended (or she): HELP told her "Dial *384*123# to pay", and dialling it cannot pay (USSD
+    tells her that her membership is not active). The reply says so, in her language, and names no code."""
+    from sqlalchemy import update
+
+    from core.models import Cooperative, Member
+
+    async with rt.sessionmaker.begin() as s:
+        if suspended == "cooperative":
+            await s.execute(update(Cooperative).where(Cooperative.id == demo["cooperative_id"]).values(
+                status="SUSPENDED"))
+        else:
+            await s.execute(update(Member).where(Member.id == demo["members"][phone]).values(status="SUSPENDED"))
+    reply = await ask(sms_client, sim, worker, phone, "HELP", "help-inactive")
+    assert reply == render("help_inactive", language, {}), reply
+    assert "*384*" not in reply and "#" not in reply
+    assert measure(reply).encoding == GSM7 and measure(reply).segments == 1
+
+
+async def test_help_to_an_active_member_still_names_the_code_to_dial(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    reply = await ask(sms_client, sim, worker, JEAN, "HELP", "help-active")
+    assert reply.startswith("Dial *384*123") and "# to pay. SMS: RECEIPT <ref>" in reply, reply
+
+
 # --------------------------------------------------------------------------------------- amounts in French
 
 

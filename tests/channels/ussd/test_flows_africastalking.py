@@ -388,8 +388,9 @@ async def test_my_payments_details_and_receipt_by_sms(client: Any, demo: Any, db
     newest = max(payments.values(), key=lambda p: p.created_at)
     detail = await phone.send(option(listing, newest.reference))
     assert detail.startswith(f"CON {newest.reference}\nMonthly Rent: 50,000 RWF\nStatus: Pending\nDate: ")
-    sent = await phone.send(option(detail, "Send receipt by SMS"))
-    assert sent == f"END Your receipt for {newest.reference} will arrive by SMS shortly."
+    assert "receipt" not in detail  # not paid yet: no receipt to send, its status
+    sent = await phone.send(option(detail, "Send status by SMS"))
+    assert sent == f"END The status of {newest.reference} will arrive by SMS shortly."
     job = await db.one(OutboxJob, OutboxJob.kind == "sms.send")
     opened = (await db.one(UssdSession, UssdSession.session_id == phone.session_id)).started_at
     # this session's own: with when it opened (a reused session id's next session has its own receipt)

@@ -207,12 +207,12 @@ async def test_nalo_another_member_pays_under_a_reused_session_id(client: Any, d
 
 
 async def hubtel_receipt(client: Any, session_id: str) -> dict[str, Any]:
-    """My payments, the newest, Send receipt by SMS."""
+    """My payments, the newest, its SMS (its status: not paid yet)."""
     phone = HubtelPhone(client, EN_MTN, session_id)
     await phone.post("Initiation", "*384*123#")
     await phone.post("Response", "2")
     detail = await phone.post("Response", "1")
-    key = next(line.split(".")[0] for line in detail["Message"].split("\n") if "receipt" in line.lower())
+    key = next(line.split(".")[0] for line in detail["Message"].split("\n") if "by SMS" in line)
     return await phone.post("Response", key)
 
 

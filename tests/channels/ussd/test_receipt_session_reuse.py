@@ -83,7 +83,7 @@ async def test_one_session_sends_one_receipt(client: Any, demo: Any, db: Any, rt
     await phone.post("Initiation", "*384*123#")
     await phone.post("Response", "2")
     detail = await phone.post("Response", "1")
-    key = next(line.split(".")[0] for line in detail["Message"].split("\n") if "receipt" in line.lower())
+    key = next(line.split(".")[0] for line in detail["Message"].split("\n") if "by SMS" in line)
     both = await asyncio.gather(phone.post("Response", key, sequence=4), phone.post("Response", key, sequence=4))
     assert all("will arrive by SMS" in done["Message"] for done in both), both
     assert "will arrive by SMS" in (await phone.post("Response", key, sequence=4))["Message"]  # retried

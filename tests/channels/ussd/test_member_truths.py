@@ -1,0 +1,207 @@
+"""What the USSD screens tell a member about what will happen, through POST /ussd/africastalking and /ussd/nalo
+(findings of an exploratory tester, each reproduced twice):
+
+- "My payments" offered "Send receipt by SMS" for a failed or pending payment and ended "Your receipt for PAY_...
+  will arrive by SMS shortly"; what arrived was its status ("... failed"). The offer and the end now name what
+  the SMS is: the receipt of a paid payment, else the payment's status.
+- A member suspended (or whose cooperative was) while she was on the confirmation was told "Sorry, we could not
+  complete your request. Please try again later.": trying later cannot help. She is told her membership is not
+  active and to contact the cooperative, as when she dials afterwards (she was told "not registered, choose Pay to
+  register", and the code prompt then refused her cooperative's code), greeted in her own language (English
+  before: a suspended cooperative's membership was not counted).
+- The cooperative picker cut every name to 30 characters ("Kigali Heights Housing Coope..") on a screen with
+  room to spare: names are whole where the list fits, shortened (marked "..") only as far as it needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from channels.sms.templates import CATALOGS
+from channels.ussd.i18n import translate
+from core import gsm
+from core.audit import Actor
+from core.members import create_member
+from core.models import Cooperative, Member, OutboxJob, Payment
+from core.phone import normalize
+from tests.channels.sms.helpers import make_payment, start_simulator
+from tests.channels.ussd.helpers import AtPhone
+from tests.channels.ussd.test_flows_africastalking import option
+from tests.channels.ussd.test_language_across_cooperatives import add_cooperative, another_serve_process
+from tests.channels.ussd.test_names_and_lines import NaloPhone
+from tests.conftest import drain
+
+MEMBERS = {"en": "+250788000002", "rw": "+250788000001", "fr": "+250733000001", "sw": "+250733000002"}
+COOP = "Kigali Heights Housing Cooperative"  # the demo's
+
+
+async def _detail(client: Any, phone: str, reference: str) -> tuple[AtPhone, str]:
+    member = AtPhone(client, phone)
+    await member.dial()
+    listing = await member.send("2")
+    return member, await member.send(option(listing, reference))
+
+
+# --------------------------------------------------------------------------- the SMS "My payments" offers
+
+
+@pytest.mark.parametrize("status", ["FAILED", "PENDING"])
+@pytest.mark.parametrize("lang", MEMBERS)
+async def test_a_payment_not_paid_offers_its_status_by_sms_and_that_is_what_arrives(
+        client: Any, demo: Any, rt: Any, db: Any, worker: Any, aiohttp_server: Any, lang: str, status: str) -> None:
+    _server, sim = await start_simulator(aiohttp_server, rt)
+    phone = MEMBERS[lang]
+    payment = await make_payment(rt, demo["cooperative_id"], account=phone, member_id=demo["members"][phone],
+                                 status=status, failure_reason="declined" if status == "FAILED" else None)
+    member, detail = await _detail(client, phone, payment.reference)
+    assert translate(lang, "my.receipt") not in detail, detail  # no receipt is on offer: none would come
+    sent = await member.send(option(detail, translate(lang, "my.status_sms")))
+    assert sent == "END " + translate(lang, "my.status_sent", ref=payment.reference), sent
+    await drain(worker)
+    [sms] = sim.messages(phone)
+    assert (await db.one(OutboxJob, OutboxJob.kind == "sms.send")).payload["template"] == "payment_status"
+    assert payment.reference in sms["message"], sms
+    assert CATALOGS[lang].PAYMENT_STATUS[status] in sms["message"], sms  # "... failed", as the END said it would
+
+
+@pytest.mark.parametrize("lang", ["en", "sw"])
+async def test_a_paid_payment_offers_its_receipt_and_the_receipt_arrives(
+        client: Any, demo: Any, rt: Any, worker: Any, aiohttp_server: Any, lang: str) -> None:
+    _server, sim = await start_simulator(aiohttp_server, rt)
+    phone = MEMBERS[lang]
+    payment = await make_payment(rt, demo["cooperative_id"], account=phone, member_id=demo["members"][phone])
+    member, detail = await _detail(client, phone, payment.reference)
+    assert translate(lang, "my.status_sms") not in detail, detail
+    sent = await member.send(option(detail, translate(lang, "my.receipt")))
+    assert sent == "END " + translate(lang, "my.receipt_sent", ref=payment.reference), sent
+    await drain(worker)
+    [sms] = sim.messages(phone)
+    receipt = CATALOGS[lang].MESSAGES["payment_receipt"]
+    assert sms["message"].startswith(receipt[:receipt.index("{")]) and payment.reference in sms["message"], sms
+
+
+# ------------------------------------------------------------------- a membership that is not active (any more)
+
+
+@pytest.mark.parametrize("lang", MEMBERS)
+async def test_a_member_suspended_before_she_confirms_is_told_her_membership_is_not_active(
+        client: Any, demo: Any, rt: Any, db: Any, lang: str) -> None:
+    phone = MEMBERS[lang]
+    member = AtPhone(client, phone)
+    await member.dial()
+    await member.send("1")  # Pay
+    confirm = await member.send("1")  # the first type: its confirmation
+    assert "PAY_" in confirm and confirm.startswith("CON "), confirm
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Member).where(Member.id == demo["members"][phone]).values(status="SUSPENDED"))
+    refused = await member.send("1")  # Confirm
+    assert refused == "END " + translate(lang, "member.inactive", coop=COOP), refused
+    assert refused != "END " + translate(lang, "error.generic")
+    assert await db.count(Payment) == 0
+
+
+async def test_a_cooperative_suspended_before_she_confirms_is_told_so_too(
+        client: Any, demo: Any, rt: Any, db: Any) -> None:
+    member = AtPhone(client, MEMBERS["en"])
+    await member.dial()
+    await member.send("1")
+    await member.send("1")
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Cooperative).where(Cooperative.id == demo["cooperative_id"]).values(
+            status="SUSPENDED"))
+    refused = await member.send("1")
+    assert refused == f"END Your membership of {COOP} is not active. Please contact the cooperative office.", refused
+    assert await db.count(Payment) == 0
+
+
+@pytest.mark.parametrize("lang", MEMBERS)
+async def test_a_member_of_a_suspended_cooperative_is_greeted_in_her_language_and_told_it_is_not_active(
+        demo: Any, rt: Any, aiohttp_client: Any, lang: str) -> None:
+    """Every flow says so (Pay asked for her cooperative's code and refused it; My payments said "not registered,
+    choose Pay to register"); the greeting is in her language, not English."""
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Cooperative).where(Cooperative.id == demo["cooperative_id"]).values(
+            status="SUSPENDED"))
+    told = "END " + translate(lang, "member.inactive", coop=COOP)
+    for key in ("1", "2", "3", "5"):  # Pay, My payments, Problem with a payment, Help
+        member = AtPhone(await another_serve_process(rt, aiohttp_client), MEMBERS[lang])
+        home = await member.dial()
+        assert home.startswith("CON " + translate(lang, "home.title", name="CoopPay") + "\n"), home
+        assert await member.send(key) == told, key
+
+
+async def test_a_suspended_member_dialling_is_told_her_membership_is_not_active(
+        client: Any, demo: Any, rt: Any) -> None:
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Member).where(Member.id == demo["members"][MEMBERS["rw"]]).values(
+            status="SUSPENDED"))
+    member = AtPhone(client, MEMBERS["rw"])
+    assert (await member.dial()).startswith("CON " + translate("rw", "home.title", name="CoopPay"))
+    assert await member.send("1") == "END " + translate("rw", "member.inactive", coop=COOP)
+
+
+async def test_a_stranger_is_still_asked_for_her_cooperatives_code(client: Any, demo: Any) -> None:
+    stranger = AtPhone(client, "+250788555123")
+    await stranger.dial()
+    assert (await stranger.send("1")).startswith("CON You are not registered yet. Enter your cooperative's code:")
+
+
+async def test_a_member_suspended_in_one_cooperative_may_still_register_in_another_by_its_extension(
+        client: Any, demo: Any, rt: Any) -> None:
+    await add_cooperative(rt, "Remera Teachers SACCO", "7")
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Member).where(Member.id == demo["members"][MEMBERS["en"]]).values(
+            status="SUSPENDED"))
+    member = AtPhone(client, MEMBERS["en"], service_code="*384*123*7#")
+    await member.dial()
+    assert (await member.send("1")).startswith("CON Enter your full name to join Remera Teachers SACCO"), "registers"
+
+
+# ------------------------------------------------------------------------------------- the cooperative picker
+
+OTHERS = ("Nyamirambo Savings and Credit Cooperative", "Remera Teachers SACCO")
+LONG = ("Koperative y'Abahinzi b'Ikawa ba Maraba na Nyamagabe KOAIMA",
+        "Koperative y'Abahinzi b'Ikawa ba Maraba na Nyamagabe KOAIMB")
+
+
+async def _member_of(rt: Any, names: tuple[str, ...]) -> None:
+    async with rt.sessionmaker.begin() as s:
+        for n, name in enumerate(names, start=7):
+            coop = await add_cooperative(rt, name, str(n))
+            await create_member(s, rt.cipher, cooperative_id=coop, name="Jean Bosco", phone=normalize(MEMBERS["en"]),
+                                actor=Actor("system", "system"), language="en", status="ACTIVE")
+
+
+async def _picker(client: Any, aggregator: str) -> str:
+    member = AtPhone(client, MEMBERS["en"]) if aggregator == "africastalking" else NaloPhone(client, MEMBERS["en"])
+    await member.dial()
+    screen = await member.send("1")
+    assert screen.startswith("CON Choose your cooperative:\n"), screen
+    return screen[4:]
+
+
+async def test_the_picker_shows_names_whole_where_the_screen_has_room(client: Any, demo: Any, rt: Any) -> None:
+    await _member_of(rt, OTHERS)
+    screen = await _picker(client, "africastalking")
+    assert [line.split(". ", 1)[1] for line in screen.split("\n")[1:4]] == sorted([COOP, *OTHERS]), screen
+    assert ".." not in screen and gsm.length(screen) <= 182
+
+
+@pytest.mark.parametrize(("aggregator", "limit"), [("africastalking", 182), ("nalo", 120)])
+async def test_the_picker_shortens_names_only_as_far_as_one_screen_needs(
+        client: Any, demo: Any, rt: Any, aggregator: str, limit: int) -> None:
+    """Two 59-character names that differ at their end: shortened (marked "..") to fit one screen, still told
+    apart; the shortest name is whole; no "More"."""
+    await _member_of(rt, LONG)
+    screen = await _picker(client, aggregator)
+    lines = screen.split("\n")
+    names = [line.split(". ", 1)[1] for line in lines if line[:1].isdigit() and not line.startswith("0.")]
+    assert len(names) == 3 and "98. " not in screen and gsm.length(screen) <= limit, screen
+    assert [name[-1] for name in names[1:]] == ["A", "B"] and all(".." in name for name in names[1:]), screen
+    if aggregator == "africastalking":
+        assert names[0] == COOP and min(map(len, names[1:])) > 30, screen  # the room is used (was 30 always)
+    else:
+        assert COOP.startswith(names[0][:-2]) and names[0].endswith(".."), screen
