@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, time, timedelta
 from time import monotonic
 from typing import Any
@@ -36,7 +37,9 @@ AMOUNT_OUT = {"type": ["integer", "string"], "examples": [50000, "1500.00"],
                             "currency's decimal places (\"1500.00\" KES)"}
 AMOUNT_IN = {"type": ["integer", "number", "string"], "examples": [50000, "1500.00"],
              "description": "major units of the currency: an integer for RWF or UGX (50000), else an integer or a "
-                           "decimal string (\"1500.00\" KES)"}
+                           "decimal string (\"1500.00\" KES); a JSON number is read as written (5E4 is 50000, "
+                           "1e-7 has seven decimal places). Zero or less, more decimal places than the currency "
+                           "has, or 10^15 minor units and more: 400"}
 
 META = {
     "type": "object",
@@ -166,12 +169,16 @@ def matching(ctx: Ctx, query: Select[Any], columns: dict[str, Any], moment: Any)
     return query
 
 
-async def paged(ctx: Ctx, query: Select[Any], present: Any) -> web.Response:
-    """Count (capped: COUNT_CAP), fetch one page and present it with the seed's meta block."""
+async def paged(ctx: Ctx, query: Select[Any], present: Any,
+                prepare: Callable[[Sequence[Any]], Awaitable[None]] | None = None) -> web.Response:
+    """Count (capped: COUNT_CAP), fetch one page and present it with the seed's meta block. `prepare`: run on the
+    page's rows before they are presented (what `present` needs read for the whole page in one query)."""
     page, limit = ctx.query["page"], ctx.query["limit"]
     offset = (page - 1) * limit
     total, capped = await capped_count(ctx.session, query, offset)
     rows = (await ctx.session.execute(query.offset(offset).limit(limit))).scalars().all()
+    if prepare is not None:
+        await prepare(rows)
     return json_response({"data": [present(r) for r in rows], "meta": meta(page, limit, total, capped=capped)})
 
 

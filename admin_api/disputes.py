@@ -26,7 +26,7 @@ from admin_api.refunds import RETURNED, returned_from
 from admin_api.routing import Ctx, Route
 from admin_api.validation import ID_KEYWORD, LIMIT, PAGE, Param, check_path_id, period_params
 from core.disputes import move_dispute, open_dispute, present_note
-from core.errors import Forbidden, NotFound
+from core.errors import Forbidden, NotFound, ValidationError
 from core.models import Dispute, Payment
 from core.money import Money
 from core.state.dispute import DisputeReason, DisputeStatus
@@ -167,7 +167,9 @@ async def transition_dispute(request: web.Request, ctx: Ctx) -> web.StreamRespon
     if body.get("refundAmount") is not None:
         payment = await ctx.session.get(Payment, dispute.payment_id)
         assert payment is not None
-        refund_amount = Money.from_api(body["refundAmount"], payment.currency)
+        refund_amount = Money.from_api(body["refundAmount"], payment.currency, "refundAmount")
+        if not refund_amount.is_positive():  # (400 as for a refund's own amount: core.refunds.request_refund)
+            raise ValidationError("refundAmount must be a positive number", field="refundAmount")
     updated = await move_dispute(
         ctx.session,
         ctx.rt,

@@ -4,7 +4,7 @@ and a payment's receipt sent again at the desk's request."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,7 +22,7 @@ from channels.sms.templates import TEMPLATES, is_payment_template
 from core.audit import record
 from core.db import lock_row, utcnow
 from core.errors import Conflict
-from core.models import AuditEvent, Member, OutboxJob, Payment, SmsMessage
+from core.models import AuditEvent, Member, OutboxJob, Payment, Refund, SmsMessage
 from core.notify import sms_dedupe, sms_job
 from core.outbox import enqueue_job
 from core.payments import METHOD_OPERATOR, payer_phone
@@ -38,6 +38,9 @@ PAYMENT_TEMPLATES = tuple(t for t in TEMPLATES if is_payment_template(t))
 # (channels.ussd.flows._receipt_key) and a reply asked for by keyword or by the desk (channels.sms.routes.reply_key).
 # Matched with LIKE '<prefix>:<id>:%': neither a prefix nor an id (a UUID) holds LIKE's wildcards, "_" and "%".
 ASKED_PREFIXES = ("ussd-receipt", REPLY_PREFIX)
+# The notices about one of the payment's refunds (core.refunds: "<template>:<refund id>", as sms_dedupe keys them):
+# the payment's messages too, found by their exact keys from its refunds' ids (ix_refunds_payment_id).
+REFUND_TEMPLATES = ("refund_completed", "refund_failed")
 STATUSES = tuple(s.value for s in SmsStatus)
 
 MESSAGE = out(
@@ -59,7 +62,8 @@ MESSAGE = out(
         "segments": {"type": "integer", "description": "SMS parts it took"},
         "memberId": {"type": ["string", "null"], "format": "uuid"},
         "paymentId": {"type": ["string", "null"], "format": "uuid",
-                      "description": "the payment it is about (a receipt, a payment's update or status)"},
+                      "description": "the payment it is about (a receipt, a payment's update or status, the "
+                                     "notice of one of its refunds)"},
         "body": {**NULL_STRING, "description": "its text, only with includeBody=true; null otherwise, and once "
                                                "`prune` emptied it (RETENTION_SMS_BODY_DAYS, 180 days)"},
         "createdAt": DATETIME,
@@ -100,9 +104,12 @@ RESENT = out(
 )
 
 
-def payment_of(message: SmsMessage) -> str | None:
-    """The payment a message is about, read from its key (see ASKED_PREFIXES); None for any other message, and
-    for a keyword reply queued before its key named the payment ("inbound:<aggregator's id>")."""
+def payment_of(message: SmsMessage, refunds: Mapping[str, str]) -> str | None:
+    """The payment a message is about, read from its key (see ASKED_PREFIXES), or for a refund's notice from its
+    refund (`refunds`: refund id -> payment id, see refunds_of); None for any other message, and for a keyword
+    reply queued before its key named the payment ("inbound:<aggregator's id>")."""
+    if message.template in REFUND_TEMPLATES:
+        return refunds.get(refund_of(message) or "")
     if not is_payment_template(message.template):
         return None
     head, _, rest = message.idempotency_key.partition(":")
@@ -110,8 +117,24 @@ def payment_of(message: SmsMessage) -> str | None:
     return found if (head == message.template or head in ASKED_PREFIXES) and is_uuid(found) else None
 
 
-def present(message: SmsMessage, *, body: bool = False) -> dict[str, Any]:
-    """A message as the desk sees it: the masked number, never the number; its text only when asked for."""
+def refund_of(message: SmsMessage) -> str | None:
+    """The refund a refund's notice is about ("<template>:<refund id>"); None for any other message."""
+    head, _, found = message.idempotency_key.partition(":")
+    return found if message.template in REFUND_TEMPLATES and head == message.template and is_uuid(found) else None
+
+
+async def refunds_of(session: AsyncSession, messages: Sequence[SmsMessage]) -> dict[str, str]:
+    """The payment of each refund a page's notices are about, in one look-up by the refunds' primary key."""
+    ids = {found for found in map(refund_of, messages) if found is not None}
+    if not ids:
+        return {}
+    rows = await session.execute(select(Refund.id, Refund.payment_id).where(Refund.id.in_(sorted(ids))))
+    return {refund_id: payment_id for refund_id, payment_id in rows}
+
+
+def present(message: SmsMessage, *, body: bool = False, payment_id: str | None = None) -> dict[str, Any]:
+    """A message as the desk sees it: the masked number, never the number; its text only when asked for.
+    `payment_id`: the payment it is about (payment_of)."""
     return {
         "id": message.id,
         "template": message.template,
@@ -122,7 +145,7 @@ def present(message: SmsMessage, *, body: bool = False) -> dict[str, Any]:
         "phone": message.phone_masked,
         "segments": message.segments,
         "memberId": message.member_id,
-        "paymentId": payment_of(message),
+        "paymentId": payment_id,
         "body": (message.body or None) if body else None,
         "createdAt": iso(message.created_at),
         "updatedAt": iso(message.updated_at),
@@ -131,15 +154,17 @@ def present(message: SmsMessage, *, body: bool = False) -> dict[str, Any]:
     }
 
 
-def of_payment(payment_id: str) -> ColumnElement[bool]:
-    """The messages about one payment, by their keys (see ASKED_PREFIXES). `payment_id` is a checked UUID.
+def of_payment(payment_id: str, refund_ids: Sequence[str] = ()) -> ColumnElement[bool]:
+    """The messages about one payment, by their keys (see ASKED_PREFIXES), and the notices of its refunds
+    (`refund_ids`, see REFUND_TEMPLATES). `payment_id` and `refund_ids` are UUIDs the database holds.
 
     The exact keys are found by the key's unique index. The prefixes need an index whose order LIKE can use: on
     PostgreSQL under a collation other than "C" only one built with text_pattern_ops is (ix_sms_messages_key_prefix);
     without it the prefixes are found by reading the table, with the same answer."""
     key = SmsMessage.idempotency_key
-    return or_(key.in_([sms_dedupe(template, payment_id) for template in PAYMENT_TEMPLATES]),
-               *(key.like(f"{prefix}:{payment_id}:%") for prefix in ASKED_PREFIXES))
+    exact = [sms_dedupe(template, payment_id) for template in PAYMENT_TEMPLATES]
+    exact += [sms_dedupe(template, refund_id) for refund_id in refund_ids for template in REFUND_TEMPLATES]
+    return or_(key.in_(exact), *(key.like(f"{prefix}:{payment_id}:%") for prefix in ASKED_PREFIXES))
 
 
 async def _listed(ctx: Ctx, where: ColumnElement[bool]) -> web.StreamResponse:
@@ -147,7 +172,14 @@ async def _listed(ctx: Ctx, where: ColumnElement[bool]) -> web.StreamResponse:
     the caller; the messages themselves are not scoped again (a message of no cooperative is still hers)."""
     body = bool(ctx.query.get("includeBody"))
     query = select(SmsMessage).where(where).order_by(SmsMessage.created_at.desc(), SmsMessage.id.desc())
-    return await paged(ctx, query, lambda message: present(message, body=body))
+    refunds: dict[str, str] = {}
+
+    async def look_up(messages: Sequence[SmsMessage]) -> None:
+        refunds.update(await refunds_of(ctx.session, messages))
+
+    return await paged(ctx, query, lambda message: present(message, body=body,
+                                                             payment_id=payment_of(message, refunds)),
+                       prepare=look_up)
 
 
 async def member_messages(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -156,8 +188,11 @@ async def member_messages(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 async def payment_messages(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """Its refunds are read first (ix_refunds_payment_id): their notices are keyed by the refund's id."""
     payment = await one(ctx, Payment, request.match_info["id"], "payment")
-    return await _listed(ctx, of_payment(payment.id))
+    refund_ids = (await ctx.session.execute(
+        select(Refund.id).where(Refund.payment_id == payment.id).order_by(Refund.id))).scalars().all()
+    return await _listed(ctx, of_payment(payment.id, refund_ids))
 
 
 # ------------------------------------------------------------------------------------- a receipt sent again
@@ -275,7 +310,7 @@ ROUTES = [
         "/payments/{id}/messages",
         payment_messages,
         "The SMS the gateway made about a payment (its receipt or updates, receipts asked for by USSD, by the "
-        "RECEIPT or STATUS keyword or by the desk), newest first, with their delivery status",
+        "RECEIPT or STATUS keyword or by the desk, its refunds' notices), newest first, with their delivery status",
         "messages",
         "admin",
         query=LIST_QUERY,

@@ -68,7 +68,8 @@ RETURNED = {
 }
 CREATE = obj(
     {
-        "amount": {**AMOUNT_IN, "description": "major units; omitted = everything still refundable"},
+        "amount": {**AMOUNT_IN, "description": "major units, more than zero (400 otherwise); omitted = everything "
+                                               "still refundable (422 when nothing is; so is more than is left)"},
         "reason": {"type": ["string", "null"], "maxLength": 300},
         "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128},
         "returnedByProvider": RETURNED,

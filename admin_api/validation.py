@@ -16,6 +16,7 @@ from jsonschema.exceptions import ValidationError as SchemaError
 from admin_api.errors import ApiError
 from core.errors import ValidationError
 from core.inbound import unreadable
+from core.money import JsonNumber
 from core.text import NOT_ALLOWED, is_uuid
 
 _FORMATS = FormatChecker()
@@ -47,14 +48,22 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _not_json(name: str) -> Any:
+    """NaN, Infinity and -Infinity: Python's parser takes them, JSON (RFC 8259) has no such numbers, and no amount,
+    count or day can be one; refused here as any other text that is not JSON, naming it."""
+    raise ValidationError(f"body is not valid JSON: {name} is not a JSON value (JSON numbers are finite)")
+
+
 def parse_json(raw: bytes, request: web.Request) -> Any:
+    """The body as JSON. A number with a fraction or an exponent is read as a JsonNumber: a float that keeps the
+    text it was written as, from which an amount is read exactly (core.money.Money.from_api)."""
     ctype = request.content_type
     if raw and ctype not in ("application/json", "") and not ctype.endswith("+json"):
         raise ApiError(415, "Content-Type must be application/json")
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_float=JsonNumber, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError):
         raise ValidationError("body is not valid JSON") from None
     except RecursionError:  # "[[[[..." a few thousand deep: Python's parser gives up, no request nests so

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from core.errors import ValidationError
 
@@ -14,7 +15,12 @@ EXPONENTS: dict[str, int] = {
     "NGN": 2, "ZAR": 2, "XOF": 0, "XAF": 0, "USD": 2, "EUR": 2, "GBP": 2,
 }
 
-_AMOUNT = re.compile(r"^-?\d{1,15}(\.\d{1,6})?$", re.ASCII)
+# A decimal string ("50000", "12.50"); a JSON number's text may also carry an exponent ("1e-7", "5E4"). Bounded in
+# length (a longer one is no amount), not in digits: "12.1234567" is told it has too many decimal places, and a
+# sixteen-digit number that it is too large, rather than that either is not a number.
+_AMOUNT = re.compile(r"-?\d+(\.\d+)?", re.ASCII)
+_NUMBER = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?", re.ASCII)
+_MAX_TEXT = 64
 MAX_MINOR = 10**15
 
 
@@ -25,6 +31,28 @@ NUMBER_MARKS: dict[str, tuple[str, str]] = {"fr": (" ", ",")}
 
 class MoneyError(ValidationError):
     """An amount or currency the gateway cannot represent exactly."""
+
+
+class JsonNumber(float):
+    """A JSON number with the text it was written as: an amount is read from that text, exactly (1e-7 has seven
+    decimal places, 1e999 is too large), never from the binary float the text rounds to (1e-07, inf). Anything
+    else takes it as the float it is."""
+
+    text: str
+
+    def __new__(cls, text: str) -> JsonNumber:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
+def _places(dec: Decimal) -> int:
+    """The decimal places `dec` (finite) writes, its trailing zeros aside ("50000.00": none); counted from its
+    digits, so no arithmetic context rounds a long one to fewer."""
+    _, digits, exp = dec.as_tuple()
+    assert isinstance(exp, int)
+    kept = len("".join(map(str, digits)).rstrip("0"))
+    return 0 if kept == 0 else max(0, -(exp + len(digits) - kept))
 
 
 def exponent(currency: str) -> int:
@@ -47,38 +75,51 @@ class Money:
             raise MoneyError("amount is too large", field="amount")
 
     @classmethod
-    def parse(cls, value: str | int | Decimal, currency: str) -> Money:
-        """Parse a major-unit amount ("50000", "12.50", 50000); refuse fractions the currency lacks."""
+    def parse(cls, value: str | int | Decimal | JsonNumber, currency: str, field: str = "amount") -> Money:
+        """Parse a major-unit amount ("50000", "12.50", 50000); refuse fractions the currency lacks. `field`: the
+        name the errors give it (a dispute's refundAmount)."""
         exp = exponent(currency)
         if isinstance(value, bool):
-            raise MoneyError("amount must be a number", field="amount")
+            raise MoneyError(f"{field} must be a number", field=field)
+        if isinstance(value, JsonNumber):
+            return cls._exact(value.text, _NUMBER, currency, field)
         if isinstance(value, float):
-            raise MoneyError("amount must not be a binary float; send an integer or a string",
-                             field="amount")
+            raise MoneyError(f"{field} must not be a binary float; send an integer or a string", field=field)
         if isinstance(value, int):
+            if abs(value) * 10**exp >= MAX_MINOR:
+                shown = str(value) if len(str(abs(value))) <= _MAX_TEXT else "given"
+                raise MoneyError(f"{field} {shown} is too large", field=field)
             return cls(value * 10**exp, currency)
-        text = str(value).strip()
-        if not _AMOUNT.match(text):
-            raise MoneyError(f"amount {text!r} is not a decimal number", field="amount")
-        try:
-            dec = Decimal(text)
-        except InvalidOperation:
-            raise MoneyError(f"amount {text!r} is not a decimal number", field="amount") from None
-        scaled = dec.scaleb(exp)
-        if scaled != scaled.to_integral_value():
-            raise MoneyError(f"{currency} has {exp} decimal places; {text} has more", field="amount")
-        return cls(int(scaled), currency)
+        return cls._exact(str(value).strip(), _AMOUNT, currency, field)
 
     @classmethod
-    def from_api(cls, value: object, currency: str) -> Money:
-        """An API amount in major units: int, integral float from JSON, or decimal string."""
-        if isinstance(value, float):
+    def _exact(cls, text: str, form: re.Pattern[str], currency: str, field: str) -> Money:
+        """The amount `text` writes, exactly (no context rounding), or the error that says what is wrong with it:
+        not a number, more decimal places than `currency` has, too large."""
+        exp = exponent(currency)
+        if len(text) > _MAX_TEXT or not form.fullmatch(text):
+            shown = text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
+            raise MoneyError(f"{field} {shown!r} is not a decimal number", field=field)
+        dec = Decimal(text)
+        if _places(dec) > exp:
+            raise MoneyError(f"{currency} has {exp} decimal places; {text} has more", field=field)
+        if abs(dec) >= Decimal(MAX_MINOR).scaleb(-exp):
+            raise MoneyError(f"{field} {text} is too large", field=field)
+        return cls(int(dec.scaleb(exp)), currency)
+
+    @classmethod
+    def from_api(cls, value: object, currency: str, field: str = "amount") -> Money:
+        """An API amount in major units: int, a JSON number (admin_api.validation.parse_json reads it as a
+        JsonNumber: its text, exactly), integral float from JSON, or decimal string."""
+        if isinstance(value, float) and not isinstance(value, JsonNumber):
+            if not math.isfinite(value):
+                raise MoneyError(f"{field} must be a finite number", field=field)
             if not value.is_integer():
-                return cls.parse(repr(value), currency)
+                return cls.parse(JsonNumber(repr(value)), currency, field)
             value = int(value)
-        if not isinstance(value, int | str | Decimal) or isinstance(value, bool):
-            raise MoneyError("amount must be a number", field="amount")
-        return cls.parse(value, currency)
+        if not isinstance(value, int | str | Decimal | JsonNumber) or isinstance(value, bool):
+            raise MoneyError(f"{field} must be a number", field=field)
+        return cls.parse(value, currency, field)
 
     def major(self) -> Decimal:
         return Decimal(self.minor).scaleb(-exponent(self.currency))

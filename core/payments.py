@@ -1599,7 +1599,7 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
         if amount.currency != payment.currency:
             raise ValidationError(f"amount must be in {payment.currency}", field="amount")
         if not amount.is_positive():
-            raise ValidationError("amount must be positive", field="amount")
+            raise ValidationError("amount must be a positive number", field="amount")
     check_statement_time(completed_at, payment.created_at, "the payment was asked for")
     await _lock_transaction_id(session, payment.provider, txn)
     await transaction_id_free(session, payment.provider, txn, payment.cooperative_id, exclude=payment.id)

@@ -105,6 +105,10 @@ async def request_refund(
     key = (idempotency_key or "").strip()
     if not 8 <= len(key) <= 128:
         raise ValidationError("idempotencyKey must be 8 to 128 characters", field="idempotencyKey")
+    if amount is not None and not amount.is_positive():
+        # A mistake in the request whatever the payment holds (400, as a payment's or a type's amount is),
+        # unlike the refusals below, which depend on what is left to refund (422).
+        raise ValidationError("amount must be a positive number", field="amount")
     payment = await lock_row(session, Payment, payment_id, cooperative_id)
     if payment is None:
         raise NotFound("payment not found")
@@ -138,9 +142,8 @@ async def request_refund(
     amount = amount or available
     if amount.currency != payment.currency:
         raise ValidationError(f"refund must be in {payment.currency}", field="amount")
-    if not amount.is_positive():
-        raise BusinessRuleError("nothing left to refund" if available.minor <= 0 else "amount must be positive",
-                                field="amount")
+    if not amount.is_positive():  # (everything still refundable, asked for when nothing is)
+        raise BusinessRuleError("nothing left to refund", field="amount")
     if amount.minor > available.minor:
         raise BusinessRuleError(f"refund of {amount} exceeds the refundable {available}", field="amount")
     whole = Money(collected(payment), payment.currency)

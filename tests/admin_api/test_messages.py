@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy import text as sql
 
 from admin_api import messages
 from core.db import utcnow
-from core.models import AuditEvent, OutboxJob, SmsMessage
+from core.models import AuditEvent, OutboxJob, Refund, SmsMessage
 from core.payments import handle_provider_event
 from core.ports import EventKind, ProviderEvent, ProviderOutcome
 from tests.admin_api.conftest import Caller, bearer
@@ -143,6 +144,66 @@ async def test_a_failed_payments_update_and_the_keyword_replies_are_the_payments
                              "hasPrevious": True}
     assert [m["paymentId"] for m in (await admin.json("GET", f"/v1/payments/{other.id}/messages", 200))["data"]] \
         == [other.id]
+
+
+async def _refund_failed_by_mtn(rt: Any, admin: Caller, payment_id: str, amount: int) -> dict[str, Any]:
+    """A refund sent to MTN (its submission taken), whose callback then says it failed."""
+    refund = await admin.json("POST", f"/v1/payments/{payment_id}/refunds", 201,
+                              json={"amount": amount, "idempotencyKey": f"refund-{uuid.uuid4().hex}"})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Refund).where(Refund.id == refund["id"]).values(status="PROCESSING"))
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.submit").values(status="DONE"))
+        ours = (await s.get(Refund, refund["id"])).provider_reference
+    assert await handle_provider_event(rt, ProviderEvent(
+        provider="mtn_momo", kind=EventKind.REFUND, event_id=f"rf-{refund['id']}", reference=ours,
+        outcome=ProviderOutcome.FAILED, reason="reversal declined")) == "failed"
+    return refund
+
+
+async def test_a_payments_refund_notices_are_its_messages_and_name_it(
+    rt: Any, demo: dict[str, Any], admin: Caller, sim: Any, worker: Any
+) -> None:
+    """The member told her refund went through, or failed, is seen from the payment (the notices are keyed by the
+    refund's id, not the payment's); another payment's refund notice is not its."""
+    payment = await _paid(rt, demo)
+    other = await make_payment(rt, demo["cooperative_id"], account=ALINE, status="PENDING", created_at=utcnow(),
+                               member_id=demo["members"][ALINE])
+    await _settled(rt, other, provider_transaction_id="TX-2")
+    await drain(worker)
+    back = await admin.json("POST", f"/v1/payments/{payment.id}/refunds", 201, json={
+        "amount": 20000, "idempotencyKey": f"refund-{uuid.uuid4().hex}",
+        "returnedByProvider": {"providerTransactionId": "MTN-REV-1"}})
+    assert back["status"] == "COMPLETED"
+    await drain(worker)
+    failed = await _refund_failed_by_mtn(rt, admin, payment.id, 10000)
+    await admin.json("POST", f"/v1/payments/{other.id}/refunds", 201, json={
+        "amount": 5000, "idempotencyKey": f"refund-{uuid.uuid4().hex}",
+        "returnedByProvider": {"providerTransactionId": "MTN-REV-2"}})
+    await drain(worker)
+    await _reports(sim, 5)
+
+    page = await admin.json("GET", f"/v1/payments/{payment.id}/messages?includeBody=true", 200)
+    assert [m["template"] for m in page["data"]] == ["refund_failed", "refund_completed", "payment_receipt"]
+    assert [m["paymentId"] for m in page["data"]] == [payment.id] * 3
+    assert page["data"][0]["createdAt"] >= page["data"][1]["createdAt"] >= page["data"][2]["createdAt"]
+    assert {m["body"] for m in page["data"]} <= {m["message"] for m in sim.messages(ALINE)}
+    assert "10,000 RWF" in page["data"][0]["body"] and "20,000 RWF" in page["data"][1]["body"]
+    assert page["meta"]["total"] == 3
+    second = await admin.json("GET", f"/v1/payments/{payment.id}/messages?limit=2&page=2", 200)
+    assert [m["id"] for m in second["data"]] == [page["data"][2]["id"]] and second["meta"]["total"] == 3
+    async with rt.sessionmaker() as s:
+        keys = (await s.execute(select(SmsMessage.idempotency_key).where(
+            SmsMessage.id.in_([m["id"] for m in page["data"][:2]])))).scalars().all()
+    assert sorted(keys) == sorted([f"refund_failed:{failed['id']}", f"refund_completed:{back['id']}"])
+    theirs = await admin.json("GET", f"/v1/payments/{other.id}/messages", 200)
+    assert [(m["template"], m["paymentId"]) for m in theirs["data"]] == \
+        [("refund_completed", other.id), ("payment_receipt", other.id)]
+
+    # Her own list names the payment of each of her refunds' notices too.
+    mine = await admin.json("GET", f"/v1/members/{demo['members'][ALINE]}/messages", 200)
+    assert [(m["template"], m["paymentId"]) for m in mine["data"]] == [
+        ("refund_completed", other.id), ("refund_failed", payment.id), ("refund_completed", payment.id),
+        ("payment_receipt", other.id), ("payment_receipt", payment.id)]
 
 
 async def test_another_cooperatives_payment_and_member_are_not_found(

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.money import EXPONENTS, Money, MoneyError, total_to_api
+from core.money import EXPONENTS, JsonNumber, Money, MoneyError, total_to_api
 
 
 @pytest.mark.parametrize(
@@ -45,6 +45,31 @@ def test_from_api_accepts_integral_json_floats_only():
         Money.from_api(50000.5, "RWF")
     with pytest.raises(MoneyError):
         Money.from_api([1], "RWF")
+
+
+@pytest.mark.parametrize(("value", "currency", "outcome"), [
+    (JsonNumber("1e999"), "RWF", "amount 1e999 is too large"),  # the float it rounds to is inf
+    (JsonNumber("1e-7"), "KES", "KES has 2 decimal places; 1e-7 has more"),  # the float's repr is 1e-07
+    (JsonNumber("1.000000000000000000000000000001"), "KES", "KES has 2 decimal places; "
+                                                            "1.000000000000000000000000000001 has more"),
+    (JsonNumber("1e-999999999999"), "KES", "KES has 2 decimal places; 1e-999999999999 has more"),  # not 0
+    ("12.1234567", "KES", "KES has 2 decimal places; 12.1234567 has more"),
+    ("1234567890123456", "RWF", "amount 1234567890123456 is too large"),
+    (10**14, "KES", "amount 100000000000000 is too large"),
+    (float("inf"), "RWF", "amount must be a finite number"),
+    (float("nan"), "RWF", "amount must be a finite number"),
+    (JsonNumber("12.50"), "KES", Money(1250, "KES")),
+    (JsonNumber("5E4"), "RWF", Money(50_000, "RWF")),
+    (JsonNumber("50000.000"), "RWF", Money(50_000, "RWF")),
+    (1e-2, "KES", Money(1, "KES")),  # a provider's plain float, read from its shortest text
+])
+def test_from_api_says_what_is_wrong_with_the_number_as_written(value, currency, outcome):
+    if isinstance(outcome, Money):
+        assert Money.from_api(value, currency) == outcome
+        return
+    with pytest.raises(MoneyError) as refused:
+        Money.from_api(value, currency)
+    assert refused.value.message == outcome
 
 
 def test_format_and_api():

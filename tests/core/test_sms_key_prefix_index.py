@@ -46,3 +46,30 @@ async def test_a_payments_messages_are_read_through_the_index(rt: Any, demo: dic
         plan = "\n".join((await conn.execute(_explain(query))).scalars())
         assert "ix_sms_messages_key_prefix" in plan and "Seq Scan" not in plan, plan
         assert len((await conn.execute(query)).all()) == 3
+
+
+@requires_pg
+async def test_a_payments_refund_notices_are_read_through_an_index(rt: Any, demo: dict[str, Any]) -> None:
+    """Its refunds' notices ("refund_completed:<refund id>"), among 20,000 texts, are found by their exact keys
+    alongside the payment's own, not by reading the table."""
+    from admin_api.messages import of_payment
+    from core.models import SmsMessage
+    from tests.core.test_member_rows_indexes import _explain
+
+    async with rt.engine.begin() as conn:
+        await conn.execute(text(
+            "INSERT INTO sms_messages (id, cooperative_id, member_id, phone_enc, phone_index, phone_masked, template,"
+            " language, body, encoding, length, segments, status, idempotency_key, created_at, updated_at)"
+            " SELECT gen_random_uuid()::text, NULL, NULL, 'x', md5(i::text), '+25078****000', t, 'en', 'b', 'GSM-7',"
+            " 1, 1, 'SENT', t || chr(58) || md5(i::text)::uuid::text, now() - (i || ' seconds')::interval, now()"
+            " FROM (SELECT i, CASE i % 3 WHEN 0 THEN 'payment_receipt' WHEN 1 THEN 'refund_completed'"
+            " ELSE 'refund_failed' END AS t FROM generate_series(1, 20000) i) s"))
+        await conn.execute(text("ANALYZE sms_messages"))
+        payment, *refunds = (await conn.execute(text(
+            "SELECT md5(i::text)::uuid::text FROM unnest(ARRAY[3, 1, 4, 5]) i"))).scalars()
+    query = select(SmsMessage).where(of_payment(payment, refunds)).order_by(SmsMessage.created_at.desc()).limit(10)
+    async with rt.engine.connect() as conn:
+        plan = "\n".join((await conn.execute(_explain(query))).scalars())
+        assert "Seq Scan" not in plan and "Index" in plan, plan
+        found = (await conn.execute(query)).scalars().all()
+    assert len(found) == 4  # the receipt, refund_completed of 1 and 4, refund_failed of 5
