@@ -11,6 +11,7 @@ from admin_api.common import DATETIME, iso, out, page_of, paged
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param, period_params
 from core.models import AuditEvent
+from core.text import is_uuid
 
 # Who an event's actor is, by its kind (core.audit.Actor): the schema's field and the filter say the same.
 ACTORS = ("admin:<user id> (a staff login: super or cooperative admin), member:<member id> (the member "
@@ -49,6 +50,13 @@ def present(e: AuditEvent) -> dict[str, Any]:
     }
 
 
+def _canonical(value: str) -> str:
+    """A filter's id as the rows hold it: a UUID lower-cased (as a path's or a body's is, validation.canonical_ids),
+    alone (entityId) or after an actor's kind (actor: admin:<id>); anything else as sent (provider:mtn_momo)."""
+    kind, colon, rest = value.rpartition(":")
+    return f"{kind}{colon}{rest.lower()}" if is_uuid(rest) else value
+
+
 async def list_audit_events(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     q = ctx.query
     query = ctx.who.scope(select(AuditEvent), AuditEvent)
@@ -60,7 +68,7 @@ async def list_audit_events(request: web.Request, ctx: Ctx) -> web.StreamRespons
         ("cooperativeId", AuditEvent.cooperative_id),
     ):
         if q.get(param):
-            query = query.where(column == q[param])
+            query = query.where(column == _canonical(q[param]))
     if q.get("from"):
         query = query.where(AuditEvent.at >= q["from"])
     if q.get("to"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 from core.errors import ValidationError
 
@@ -100,7 +100,18 @@ class Money:
         if len(text) > _MAX_TEXT or not form.fullmatch(text):
             shown = text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
             raise MoneyError(f"{field} {shown!r} is not a decimal number", field=field)
-        dec = Decimal(text)
+        try:
+            dec = Decimal(text)
+        except InvalidOperation:
+            # Only an exponent past what Decimal holds (1e9999999999999999999: the form matched): a number no
+            # amount is, told as the one it writes is (its mantissa has at most _MAX_TEXT digits), not a 500.
+            mantissa, _, power = text.lower().partition("e")
+            if not mantissa.strip("-0."):
+                dec = Decimal(0)
+            elif power.startswith("-"):
+                raise MoneyError(f"{currency} has {exp} decimal places; {text} has more", field=field) from None
+            else:
+                raise MoneyError(f"{field} {text} is too large", field=field) from None
         if _places(dec) > exp:
             raise MoneyError(f"{currency} has {exp} decimal places; {text} has more", field=field)
         if abs(dec) >= Decimal(MAX_MINOR).scaleb(-exp):

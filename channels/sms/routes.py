@@ -427,7 +427,11 @@ async def inbound(request: web.Request) -> web.Response:
                 # Someone else's reference gets exactly the answer a made-up one gets.
                 reply = ("not_found", {"reference": reference}, None)
         elif command == "HELP":
-            reply = ("help_inactive" if inactive else "help", {}, members[0].cooperative_id if members else None)
+            # RECEIPT and STATUS answer a member of a suspended cooperative, never a suspended member (_owns):
+            # HELP offers them only to a number with a membership that is not suspended.
+            asks = any(member.status != "SUSPENDED" for member in members)
+            help_ = ("help_inactive" if asks else "help_suspended") if inactive else "help"
+            reply = (help_, {}, members[0].cooperative_id if members else None)
         else:
             reply = ("unknown", {}, members[0].cooperative_id if members else None)
 

@@ -70,6 +70,10 @@ async def _written(rt: Any) -> dict[str, Any]:
     ("1e15", "{field} 1e15 is too large"),
     ("1234567890123456", "{field} 1234567890123456 is too large"),
     ("1e-7", "RWF has 0 decimal places; 1e-7 has more"),
+    # Exponents past what Python's Decimal holds (its 999999999999999999): still a number too large or too fine.
+    ("1e9999999999999999999", "{field} 1e9999999999999999999 is too large"),
+    ("-1E+9999999999999999999", "{field} -1E+9999999999999999999 is too large"),
+    ("1e-9999999999999999999", "RWF has 0 decimal places; 1e-9999999999999999999 has more"),
     ("50000.5", "RWF has 0 decimal places; 50000.5 has more"),
     ('"50000.1234567"', "RWF has 0 decimal places; 50000.1234567 has more"),
 ])

@@ -114,3 +114,20 @@ async def test_a_provider_transaction_id_shaped_like_a_uuid_is_kept_as_sent(admi
     await admin.json("POST", f"/v1/payments/{made['id'].upper()}/outcome", 200, json={
         "status": "COMPLETED", "providerTransactionId": txn, "note": "MTN statement line 4"})
     assert (await _payment(rt, made["id"])).provider_transaction_id == txn
+
+
+async def test_upper_case_ids_in_the_audit_logs_filters_find_the_rows(admin: Caller, demo: dict[str, Any]) -> None:
+    """GET /v1/audit-events?entityId= and ?actor= take ids as a path or another query parameter does: in upper case
+    they name the same payment and the same admin (they found nothing)."""
+    made = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    rows = (await admin.json("GET", f"/v1/audit-events?entityId={made['id']}", 200))["data"]
+    assert rows and {r["entityId"] for r in rows} == {made["id"]}
+    upper = (await admin.json("GET", f"/v1/audit-events?entityId={made['id'].upper()}", 200))["data"]
+    assert upper == rows
+    actor = rows[-1]["actor"]
+    kind, _, actor_id = actor.partition(":")
+    assert kind == "admin"
+    by_actor = (await admin.json("GET", f"/v1/audit-events?actor={kind}:{actor_id.upper()}", 200))["data"]
+    assert by_actor and {r["actor"] for r in by_actor} == {actor}
+    # Not a UUID: compared as sent (an entity's id of another form, a system actor).
+    assert (await admin.json("GET", "/v1/audit-events?entityId=NOT-AN-ID", 200))["data"] == []

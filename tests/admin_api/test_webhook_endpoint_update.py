@@ -245,3 +245,28 @@ def test_what_an_endpoint_still_gets() -> None:
         for told in webhooks.TOLD:
             assert still([told], reported)
         assert not still(["refund.completed", "dispute.opened"], reported)
+
+
+async def test_money_taken_after_a_void_reaches_the_endpoints_told_of_the_payment(rt, demo, receiver, worker):
+    """payment.taken_after_void follows payment.voided (its job's `follows`): an endpoint that asked for
+    payment.voided, or payment.completed which that follows, is sent it, not given it up at delivery as an event no
+    longer asked for; and a change of its events that keeps payment.voided keeps it pending."""
+    hook, url = receiver
+    coop = demo["cooperative_id"]
+    endpoint, _ = await approved_endpoint(rt, coop, url, events=["payment.voided"])
+    assert await webhooks.fan_out(rt, {"event_type": "payment.taken_after_void", "cooperative_id": coop,
+                                       "event_id": "evt_taken", "follows": ["payment.voided"]}) == 1
+    await drain(worker)
+    assert [r["headers"]["X-Gateway-Event-Id"] for r in hook.requests] == ["evt_taken"]
+    assert await _statuses(rt) == {"evt_taken": "DELIVERED"}
+
+    async with rt.sessionmaker.begin() as s:
+        await webhooks._disable(rt, s, endpoint.id, webhooks.DISABLE_AFTER, utcnow() - timedelta(days=1))
+    assert await webhooks.fan_out(rt, {"event_type": "payment.taken_after_void", "cooperative_id": coop,
+                                       "event_id": "evt_held", "follows": ["payment.voided"]}) == 1
+    async with rt.sessionmaker.begin() as s:
+        await webhooks.update_endpoint(s, endpoint_id=endpoint.id, cooperative_id=coop, actor=test_webhooks.ADMIN,
+                                       events=["payment.voided", "refund.completed"])
+    assert (await _statuses(rt))["evt_held"] == "PENDING"
+    assert webhooks.still_subscribed(["payment.completed"], "payment.taken_after_void")
+    assert not webhooks.still_subscribed(["payment.failed"], "payment.taken_after_void")

@@ -53,6 +53,11 @@ def test_from_api_accepts_integral_json_floats_only():
     (JsonNumber("1.000000000000000000000000000001"), "KES", "KES has 2 decimal places; "
                                                             "1.000000000000000000000000000001 has more"),
     (JsonNumber("1e-999999999999"), "KES", "KES has 2 decimal places; 1e-999999999999 has more"),  # not 0
+    # Exponents past Decimal's own bound (999999999999999999): read as written still, never an InvalidOperation.
+    (JsonNumber("1e9999999999999999999"), "RWF", "amount 1e9999999999999999999 is too large"),
+    (JsonNumber("-2.5E+9999999999999999999"), "KES", "amount -2.5E+9999999999999999999 is too large"),
+    (JsonNumber("1e-9999999999999999999"), "KES", "KES has 2 decimal places; 1e-9999999999999999999 has more"),
+    (JsonNumber("0.0e9999999999999999999"), "RWF", Money(0, "RWF")),
     ("12.1234567", "KES", "KES has 2 decimal places; 12.1234567 has more"),
     ("1234567890123456", "RWF", "amount 1234567890123456 is too large"),
     (10**14, "KES", "amount 100000000000000 is too large"),

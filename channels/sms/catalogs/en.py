@@ -25,6 +25,8 @@ MESSAGES = {
     # HELP from a member who cannot pay (suspended, or her cooperative is): no code to dial that cannot work.
     "help_inactive": "Your membership is not active, so you cannot pay by phone. Please contact your cooperative. "
     "SMS: RECEIPT <ref>, STATUS <ref>.",
+    # The same to a suspended member: her RECEIPT and STATUS are not answered (her number may be someone else's).
+    "help_suspended": "Your membership is not active, so you cannot pay by phone. Please contact your cooperative.",
     "not_found": "No payment {ref} found for this phone number.",
     # STATUS or RECEIPT without a reference (the keyword alone, or words that are none): how to ask.
     "no_reference_status": "Send STATUS followed by the reference, e.g. STATUS PAY_20260115_001.",

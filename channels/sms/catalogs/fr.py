@@ -27,6 +27,7 @@ MESSAGES = {
     "help": "Composez {dial} pour payer. SMS: RECU <réf>, STATUT <réf>, STOP (fin des rappels), START.",
     "help_inactive": "Votre adhésion n'est pas active : pas de paiement par téléphone. Contactez votre coopérative. "
     "SMS: RECU <réf>, STATUT <réf>.",
+    "help_suspended": "Votre adhésion n'est pas active : pas de paiement par téléphone. Contactez votre coopérative.",
     "not_found": "Aucun paiement {ref} trouvé pour ce numéro.",
     "no_reference_status": "Envoyez STATUT suivi de la référence, ex. STATUT PAY_20260115_001.",
     "no_reference_receipt": "Envoyez RECU suivi de la référence, ex. RECU PAY_20260115_001.",

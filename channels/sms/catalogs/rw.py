@@ -24,6 +24,7 @@ MESSAGES = {
     "help": "Kanda {dial} wishyure. SMS: INYEMEZABWISHYU <nimero>, IMIMERERE <nimero>, HAGARIKA, TANGIRA.",
     "help_inactive": "Ubunyamuryango bwawe ntibukora: ntushobora kwishyura kuri telefoni. Gana koperative yawe. "
     "SMS: INYEMEZABWISHYU <nimero>, IMIMERERE <nimero>.",
+    "help_suspended": "Ubunyamuryango bwawe ntibukora: ntushobora kwishyura kuri telefoni. Gana koperative yawe.",
     "not_found": "Nta kwishyura {ref} kwabonetse kuri iyi nimero ya telefone.",
     "no_reference_status": "Ohereza IMIMERERE ukurikizaho nimero y'ubwishyu, urugero IMIMERERE PAY_20260115_001.",
     "no_reference_receipt": "Ohereza INYEMEZABWISHYU ukurikizaho nimero y'ubwishyu, "

@@ -24,6 +24,7 @@ MESSAGES = {
     "help": "Piga {dial} kulipa. SMS: RISITI <kumb>, HALI <kumb>, SITISHA (kusimamisha vikumbusho), ANZA.",
     "help_inactive": "Uanachama wako hauko hai, huwezi kulipa kwa simu. Wasiliana na chama chako. "
     "SMS: RISITI <kumb>, HALI <kumb>.",
+    "help_suspended": "Uanachama wako hauko hai, huwezi kulipa kwa simu. Wasiliana na chama chako.",
     "not_found": "Hakuna malipo {ref} kwa namba hii ya simu.",
     "no_reference_status": "Tuma HALI ikifuatiwa na kumbukumbu, mfano HALI PAY_20260115_001.",
     "no_reference_receipt": "Tuma RISITI ikifuatiwa na kumbukumbu, mfano RISITI PAY_20260115_001.",

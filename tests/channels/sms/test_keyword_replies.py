@@ -192,9 +192,36 @@ async def test_help_to_a_member_who_cannot_pay_names_no_code_and_says_why(
         else:
             await s.execute(update(Member).where(Member.id == demo["members"][phone]).values(status="SUSPENDED"))
     reply = await ask(sms_client, sim, worker, phone, "HELP", "help-inactive")
-    assert reply == render("help_inactive", language, {}), reply
+    # A suspended member's RECEIPT and STATUS are not answered (channels.sms.routes._owns): HELP offers her none.
+    assert reply == render("help_inactive" if suspended == "cooperative" else "help_suspended", language, {}), reply
     assert "*384*" not in reply and "#" not in reply
     assert measure(reply).encoding == GSM7 and measure(reply).segments == 1
+
+
+@pytest.mark.parametrize("suspended", ["cooperative", "member"])
+async def test_what_help_offers_a_member_who_cannot_pay_is_answered(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, suspended: str
+) -> None:
+    """HELP's "SMS: RECEIPT <ref>, STATUS <ref>" to a member who cannot pay: answered when her cooperative is
+    suspended (she is still its member), and not offered to a suspended member, whose RECEIPT gets "No payment ...
+    found" (her number may be someone else's now)."""
+    from sqlalchemy import update
+
+    from core.models import Cooperative, Member
+
+    paid = await make_payment(rt, demo["cooperative_id"], account=JEAN, member_id=demo["members"][JEAN])
+    async with rt.sessionmaker.begin() as s:
+        if suspended == "cooperative":
+            await s.execute(update(Cooperative).where(Cooperative.id == demo["cooperative_id"]).values(
+                status="SUSPENDED"))
+        else:
+            await s.execute(update(Member).where(Member.id == demo["members"][JEAN]).values(status="SUSPENDED"))
+    help_ = await ask(sms_client, sim, worker, JEAN, "HELP", "help-then-receipt")
+    receipt = await ask(sms_client, sim, worker, JEAN, f"RECEIPT {paid.reference}", "receipt-after-help")
+    answered = receipt != f"No payment {paid.reference} found for this phone number."
+    assert answered == (suspended == "cooperative"), receipt
+    assert ("RECEIPT <ref>" in help_) == answered, help_
+    assert help_.startswith("Your membership is not active") and "*384*" not in help_
 
 
 async def test_help_to_an_active_member_still_names_the_code_to_dial(
