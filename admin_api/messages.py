@@ -21,8 +21,9 @@ from channels.sms.routes import REPLY_PREFIX, payment_reply, reply_key
 from channels.sms.templates import TEMPLATES, is_payment_template
 from core.audit import record
 from core.db import lock_row, utcnow
+from core.disputes import DISPUTE_TEMPLATES, sms_keys
 from core.errors import Conflict
-from core.models import AuditEvent, Member, OutboxJob, Payment, Refund, SmsMessage
+from core.models import AuditEvent, Dispute, Member, OutboxJob, Payment, Refund, SmsMessage
 from core.notify import sms_dedupe, sms_job
 from core.outbox import enqueue_job
 from core.payments import METHOD_OPERATOR, payer_phone
@@ -41,6 +42,9 @@ ASKED_PREFIXES = ("ussd-receipt", REPLY_PREFIX)
 # The notices about one of the payment's refunds (core.refunds: "<template>:<refund id>", as sms_dedupe keys them):
 # the payment's messages too, found by their exact keys from its refunds' ids (ix_refunds_payment_id).
 REFUND_TEMPLATES = ("refund_completed", "refund_failed")
+# And the SMS about one of its disputes (core.disputes: "<template>:<dispute id>:<step>", core.disputes.sms_keys),
+# by their exact keys from its disputes' ids (ix_disputes_payment_id).
+NOTICE_TEMPLATES = REFUND_TEMPLATES + DISPUTE_TEMPLATES
 STATUSES = tuple(s.value for s in SmsStatus)
 
 MESSAGE = out(
@@ -63,7 +67,7 @@ MESSAGE = out(
         "memberId": {"type": ["string", "null"], "format": "uuid"},
         "paymentId": {"type": ["string", "null"], "format": "uuid",
                       "description": "the payment it is about (a receipt, a payment's update or status, the "
-                                     "notice of one of its refunds)"},
+                                     "notice of one of its refunds or disputes)"},
         "body": {**NULL_STRING, "description": "its text, only with includeBody=true; null otherwise, and once "
                                                "`prune` emptied it (RETENTION_SMS_BODY_DAYS, 180 days)"},
         "createdAt": DATETIME,
@@ -104,12 +108,13 @@ RESENT = out(
 )
 
 
-def payment_of(message: SmsMessage, refunds: Mapping[str, str]) -> str | None:
-    """The payment a message is about, read from its key (see ASKED_PREFIXES), or for a refund's notice from its
-    refund (`refunds`: refund id -> payment id, see refunds_of); None for any other message, and for a keyword
-    reply queued before its key named the payment ("inbound:<aggregator's id>")."""
-    if message.template in REFUND_TEMPLATES:
-        return refunds.get(refund_of(message) or "")
+def payment_of(message: SmsMessage, notices: Mapping[str, str]) -> str | None:
+    """The payment a message is about, read from its key (see ASKED_PREFIXES), or for a refund's or dispute's
+    notice from its refund or dispute (`notices`: refund or dispute id -> payment id, see notices_of); None for
+    any other message, and for a keyword reply queued before its key named the payment ("inbound:<aggregator's
+    id>")."""
+    if message.template in NOTICE_TEMPLATES:
+        return notices.get(refund_of(message) or dispute_of(message) or "")
     if not is_payment_template(message.template):
         return None
     head, _, rest = message.idempotency_key.partition(":")
@@ -123,13 +128,26 @@ def refund_of(message: SmsMessage) -> str | None:
     return found if message.template in REFUND_TEMPLATES and head == message.template and is_uuid(found) else None
 
 
-async def refunds_of(session: AsyncSession, messages: Sequence[SmsMessage]) -> dict[str, str]:
-    """The payment of each refund a page's notices are about, in one look-up by the refunds' primary key."""
-    ids = {found for found in map(refund_of, messages) if found is not None}
-    if not ids:
-        return {}
-    rows = await session.execute(select(Refund.id, Refund.payment_id).where(Refund.id.in_(sorted(ids))))
-    return {refund_id: payment_id for refund_id, payment_id in rows}
+def dispute_of(message: SmsMessage) -> str | None:
+    """The dispute a dispute's SMS is about ("<template>:<dispute id>:<step>", one of core.disputes.sms_keys);
+    None for any other message."""
+    head, _, rest = message.idempotency_key.partition(":")
+    found = rest.split(":", 1)[0]
+    if message.template not in DISPUTE_TEMPLATES or head != message.template or not is_uuid(found):
+        return None
+    return found if message.idempotency_key in sms_keys(found) else None
+
+
+async def notices_of(session: AsyncSession, messages: Sequence[SmsMessage]) -> dict[str, str]:
+    """The payment of each refund and dispute a page's notices are about, in one look-up of each by its primary
+    key (ids are UUIDs: a refund's and a dispute's are never the same)."""
+    found: dict[str, str] = {}
+    for table, of in ((Refund, refund_of), (Dispute, dispute_of)):
+        ids = {one for one in map(of, messages) if one is not None}
+        if ids:
+            rows = await session.execute(select(table.id, table.payment_id).where(table.id.in_(sorted(ids))))
+            found.update({notice_id: payment_id for notice_id, payment_id in rows})
+    return found
 
 
 def present(message: SmsMessage, *, body: bool = False, payment_id: str | None = None) -> dict[str, Any]:
@@ -154,9 +172,11 @@ def present(message: SmsMessage, *, body: bool = False, payment_id: str | None =
     }
 
 
-def of_payment(payment_id: str, refund_ids: Sequence[str] = ()) -> ColumnElement[bool]:
+def of_payment(payment_id: str, refund_ids: Sequence[str] = (), dispute_ids: Sequence[str] = ()
+               ) -> ColumnElement[bool]:
     """The messages about one payment, by their keys (see ASKED_PREFIXES), and the notices of its refunds
-    (`refund_ids`, see REFUND_TEMPLATES). `payment_id` and `refund_ids` are UUIDs the database holds.
+    (`refund_ids`, see REFUND_TEMPLATES) and disputes (`dispute_ids`, see NOTICE_TEMPLATES). `payment_id`,
+    `refund_ids` and `dispute_ids` are UUIDs the database holds.
 
     The exact keys are found by the key's unique index. The prefixes need an index whose order LIKE can use: on
     PostgreSQL under a collation other than "C" only one built with text_pattern_ops is (ix_sms_messages_key_prefix);
@@ -164,6 +184,7 @@ def of_payment(payment_id: str, refund_ids: Sequence[str] = ()) -> ColumnElement
     key = SmsMessage.idempotency_key
     exact = [sms_dedupe(template, payment_id) for template in PAYMENT_TEMPLATES]
     exact += [sms_dedupe(template, refund_id) for refund_id in refund_ids for template in REFUND_TEMPLATES]
+    exact += [found for dispute_id in dispute_ids for found in sms_keys(dispute_id)]
     return or_(key.in_(exact), *(key.like(f"{prefix}:{payment_id}:%") for prefix in ASKED_PREFIXES))
 
 
@@ -172,13 +193,13 @@ async def _listed(ctx: Ctx, where: ColumnElement[bool]) -> web.StreamResponse:
     the caller; the messages themselves are not scoped again (a message of no cooperative is still hers)."""
     body = bool(ctx.query.get("includeBody"))
     query = select(SmsMessage).where(where).order_by(SmsMessage.created_at.desc(), SmsMessage.id.desc())
-    refunds: dict[str, str] = {}
+    notices: dict[str, str] = {}
 
     async def look_up(messages: Sequence[SmsMessage]) -> None:
-        refunds.update(await refunds_of(ctx.session, messages))
+        notices.update(await notices_of(ctx.session, messages))
 
     return await paged(ctx, query, lambda message: present(message, body=body,
-                                                             payment_id=payment_of(message, refunds)),
+                                                             payment_id=payment_of(message, notices)),
                        prepare=look_up)
 
 
@@ -188,11 +209,14 @@ async def member_messages(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 async def payment_messages(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    """Its refunds are read first (ix_refunds_payment_id): their notices are keyed by the refund's id."""
+    """Its refunds and disputes are read first (ix_refunds_payment_id, ix_disputes_payment_id): their notices are
+    keyed by the refund's or dispute's id."""
     payment = await one(ctx, Payment, request.match_info["id"], "payment")
     refund_ids = (await ctx.session.execute(
         select(Refund.id).where(Refund.payment_id == payment.id).order_by(Refund.id))).scalars().all()
-    return await _listed(ctx, of_payment(payment.id, refund_ids))
+    dispute_ids = (await ctx.session.execute(
+        select(Dispute.id).where(Dispute.payment_id == payment.id).order_by(Dispute.id))).scalars().all()
+    return await _listed(ctx, of_payment(payment.id, refund_ids, dispute_ids))
 
 
 # ------------------------------------------------------------------------------------- a receipt sent again
@@ -310,7 +334,8 @@ ROUTES = [
         "/payments/{id}/messages",
         payment_messages,
         "The SMS the gateway made about a payment (its receipt or updates, receipts asked for by USSD, by the "
-        "RECEIPT or STATUS keyword or by the desk, its refunds' notices), newest first, with their delivery status",
+        "RECEIPT or STATUS keyword or by the desk, its refunds' and disputes' notices), newest first, with their "
+        "delivery status",
         "messages",
         "admin",
         query=LIST_QUERY,

@@ -65,14 +65,22 @@ async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, te
 
 SMS_SPACING = timedelta(seconds=3)
 _STEPS = tuple(s.value.lower() for s in DisputeStatus)
+# The templates of a dispute's SMS (_notify), each keyed by the dispute's id and a step: see sms_keys.
+DISPUTE_TEMPLATES = ("dispute_opened", "dispute_updated", "dispute_resolved")
+
+
+def sms_keys(dispute_id: str) -> list[str]:
+    """Every key (after "sms:") one dispute's SMS can have: the ones notice_jobs gives them (sms_dedupe), the
+    opening's step "opened", a move's its target status. Exact keys: found by the unique index, here and by the
+    payment's messages (admin_api.messages)."""
+    return [sms_dedupe("dispute_opened", dispute_id, "opened")] + [
+        sms_dedupe(template, dispute_id, step) for template in ("dispute_updated", "dispute_resolved")
+        for step in _STEPS]
 
 
 async def _last_unsent_sms(session: AsyncSession, dispute_id: str) -> datetime | None:
     """When the latest of this dispute's SMS still waiting is due (by their dedupe keys: the unique index)."""
-    # The keys notice_jobs gives them (sms_dedupe): the opening's step is "opened", a move's its target status.
-    keys = [f"sms:{sms_dedupe('dispute_opened', dispute_id, 'opened')}"] + [
-        f"sms:{sms_dedupe(template, dispute_id, step)}"
-        for template in ("dispute_updated", "dispute_resolved") for step in _STEPS]
+    keys = [f"sms:{key}" for key in sms_keys(dispute_id)]
     rows = (await session.execute(select(OutboxJob.status, OutboxJob.run_at).where(
         OutboxJob.dedupe_key.in_(keys), OutboxJob.status.in_(("PENDING", "RUNNING"))))).all()
     # One being sent counts from now (its run_at is its lease's end), one waiting from when it is due.

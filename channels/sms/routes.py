@@ -379,7 +379,8 @@ async def inbound(request: web.Request) -> web.Response:
         ).all()
         members = [member for member, _rank in ranked]
         # Not one membership she can pay with (suspended, or of a suspended cooperative): USSD tells her it is not
-        # active (channels.ussd.flows.enter), and so does HELP, rather than "Dial <her cooperative's code> to pay".
+        # active (channels.ussd.flows.enter), and so do HELP and the reply to a word not understood, rather than
+        # "Dial <her cooperative's code> to pay" or "Send HELP or dial <it>".
         inactive = bool(ranked) and ranked[0][1] >= _INACTIVE_RANK
         language = (
             (keyword_language if keyword_language not in (None, "en") else None)
@@ -433,7 +434,7 @@ async def inbound(request: web.Request) -> web.Response:
             help_ = ("help_inactive" if asks else "help_suspended") if inactive else "help"
             reply = (help_, {}, members[0].cooperative_id if members else None)
         else:
-            reply = ("unknown", {}, members[0].cooperative_id if members else None)
+            reply = ("unknown_inactive" if inactive else "unknown", {}, members[0].cooperative_id if members else None)
 
         if not reply_allowed:
             return web.Response(text="")  # what the keyword changed commits, without a reply

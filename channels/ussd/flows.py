@@ -142,9 +142,10 @@ async def opening_memberships(ctx: Ctx, **opening: Any) -> list[tuple[MemberRow,
     if records_ is None:
         return None
     # (by name, as SQLAlchemy's rows are read: membership_query's columns)
-    ctx.cache["ms"] = _memberships_of(ctx, [SimpleNamespace(**r) for r in records_])
-    if not records_:
-        await _unusable_memberships(ctx)
+    rows = [SimpleNamespace(**r) for r in records_]
+    ctx.cache["ms"] = _memberships_of(ctx, rows)
+    if not ctx.cache["ms"]:  # as _read_memberships
+        await _unusable_memberships(ctx, usable={_coop_row(row).id for row in rows})
     return ctx.cache["ms"]
 
 
@@ -154,8 +155,11 @@ async def _read_memberships(ctx: Ctx) -> list[tuple[MemberRow, CoopRow]]:
     async with cache.autocommit(ctx.rt) as conn:
         rows = await membership_rows(conn, ctx.rt.cipher, ctx.hop.phone, _MEMBERSHIP_COLUMNS)
     found = _memberships_of(ctx, rows)
-    if not rows:
-        await _unusable_memberships(ctx)
+    if not found:
+        # None she can use, or none in the dialled extension's cooperative while she has some elsewhere: there
+        # she may be suspended, and is told so rather than "not registered" (or, at Pay, asked her name and
+        # then "already registered").
+        await _unusable_memberships(ctx, usable={_coop_row(row).id for row in rows})
     return found
 
 
@@ -164,18 +168,22 @@ _UNUSABLE = (select(Member.id.label("member_id"), Member.language.label("member_
              .where(Member.phone_index == bindparam("phone_index")))
 
 
-async def _unusable_memberships(ctx: Ctx) -> None:
+async def _unusable_memberships(ctx: Ctx, usable: set[str]) -> None:
     """For a phone with no membership the menus can use (memberships(): none ACTIVE or PENDING in an ACTIVE
-    cooperative), its other ones: the member suspended, or her cooperative. Their cooperatives are kept as
-    data["ia"], so a flow tells her that her membership is not active (enter) rather than "not registered, choose
-    Pay to register" and a code prompt that refuses her cooperative's code; and their language is the person's
-    (greeted in English, though she reads Kinyarwanda). One indexed read, on the first hop of such a phone only
-    (a stranger's too: it finds nothing)."""
+    cooperative), or none in the dialled extension's cooperative, its other ones: the member suspended, or her
+    cooperative. Their cooperatives are kept as data["ia"], so a flow tells her that her membership is not active
+    (enter) rather than "not registered, choose Pay to register" and a code prompt that refuses her cooperative's
+    code (or, by its extension, a registration there that ends "already registered"); with none usable anywhere,
+    their language is the person's (greeted in English, though she reads Kinyarwanda). One indexed read, on the
+    first hop of such a phone only (a stranger's too: it finds nothing). `usable`: the cooperatives of those the
+    menus can use, before the extension narrowed them (none of her memberships there is inactive)."""
     async with cache.autocommit(ctx.rt) as conn:
         rows = (await conn.execute(_UNUSABLE, {"phone_index": ctx.rt.cipher.blind_index(ctx.hop.phone.e164)})).all()
-    if rows:
+    if rows and not usable:  # else the language was read from the usable ones (_memberships_of), as before
         ctx.cache["lang"] = person_language(rows)
-        ctx.data["ia"] = sorted({row.cooperative_id for row in rows})
+    inactive = sorted({row.cooperative_id for row in rows} - usable)
+    if inactive:
+        ctx.data["ia"] = inactive
 
 
 def _memberships_of(ctx: Ctx, rows: Any) -> list[tuple[MemberRow, CoopRow]]:

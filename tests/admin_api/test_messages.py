@@ -206,6 +206,55 @@ async def test_a_payments_refund_notices_are_its_messages_and_name_it(
         ("payment_receipt", other.id), ("payment_receipt", payment.id)]
 
 
+async def test_a_payments_dispute_sms_are_its_messages_and_name_it(
+    rt: Any, demo: dict[str, Any], admin: Caller, sim: Any, worker: Any
+) -> None:
+    """The member told her dispute was registered, reviewed and closed is seen from the payment (those SMS are
+    keyed by the dispute's id and the step, not the payment's), a second dispute's too; another payment's dispute
+    SMS is not its."""
+    payment = await _paid(rt, demo)
+    other = await make_payment(rt, demo["cooperative_id"], account=ALINE, status="PENDING", created_at=utcnow(),
+                               member_id=demo["members"][ALINE])
+    await _settled(rt, other, provider_transaction_id="TX-2")
+    await drain(worker)
+    first = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": payment.id, "reason": "WRONG_AMOUNT"})
+    await drain(worker)  # each change's SMS sent before the next is made (else it waits its turn: SMS_SPACING)
+    for status in ("UNDER_REVIEW", "REJECTED"):
+        await admin.json("POST", f"/v1/disputes/{first['id']}/transitions", 200, json={"status": status})
+        await drain(worker)
+    second = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": payment.id, "reason": "OTHER"})
+    await drain(worker)
+    theirs_opened = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": other.id, "reason": "OTHER"})
+    await drain(worker)
+    await _reports(sim, 7)
+
+    page = await admin.json("GET", f"/v1/payments/{payment.id}/messages?includeBody=true", 200)
+    assert [m["template"] for m in page["data"]] == [
+        "dispute_opened", "dispute_resolved", "dispute_updated", "dispute_opened", "payment_receipt"]
+    assert [m["paymentId"] for m in page["data"]] == [payment.id] * 5
+    assert page["meta"]["total"] == 5
+    assert {m["body"] for m in page["data"]} <= {m["message"] for m in sim.messages(ALINE)}
+    assert second["reference"] in page["data"][0]["body"]
+    assert all(first["reference"] in m["body"] for m in page["data"][1:4])
+    async with rt.sessionmaker() as s:
+        keys = (await s.execute(select(SmsMessage.idempotency_key).where(
+            SmsMessage.id.in_([m["id"] for m in page["data"][:4]])))).scalars().all()
+    assert sorted(keys) == sorted([
+        f"dispute_opened:{second['id']}:opened", f"dispute_resolved:{first['id']}:rejected",
+        f"dispute_updated:{first['id']}:under_review", f"dispute_opened:{first['id']}:opened"])
+    theirs = await admin.json("GET", f"/v1/payments/{other.id}/messages?includeBody=true", 200)
+    assert [(m["template"], m["paymentId"]) for m in theirs["data"]] == \
+        [("dispute_opened", other.id), ("payment_receipt", other.id)]
+    assert theirs_opened["reference"] in theirs["data"][0]["body"]
+
+    # Her own list names the payment of each of her disputes' SMS too.
+    mine = await admin.json("GET", f"/v1/members/{demo['members'][ALINE]}/messages", 200)
+    assert [(m["template"], m["paymentId"]) for m in mine["data"]] == [
+        ("dispute_opened", other.id), ("dispute_opened", payment.id), ("dispute_resolved", payment.id),
+        ("dispute_updated", payment.id), ("dispute_opened", payment.id), ("payment_receipt", other.id),
+        ("payment_receipt", payment.id)]
+
+
 async def test_another_cooperatives_payment_and_member_are_not_found(
     rt: Any, demo: dict[str, Any], admin: Caller, superadmin: Caller, coop_b: dict[str, Any], sim: Any,
     worker: Any, tenant: Caller,

@@ -73,3 +73,34 @@ async def test_a_payments_refund_notices_are_read_through_an_index(rt: Any, demo
         assert "Seq Scan" not in plan and "Index" in plan, plan
         found = (await conn.execute(query)).scalars().all()
     assert len(found) == 4  # the receipt, refund_completed of 1 and 4, refund_failed of 5
+
+
+@requires_pg
+async def test_a_payments_dispute_sms_are_read_through_an_index(rt: Any, demo: dict[str, Any]) -> None:
+    """Its disputes' SMS ("dispute_updated:<dispute id>:<step>", every step's key), among 20,000 texts, are found
+    by their exact keys alongside the payment's own and its refunds', not by reading the table."""
+    from admin_api.messages import of_payment
+    from core.models import SmsMessage
+    from tests.core.test_member_rows_indexes import _explain
+
+    async with rt.engine.begin() as conn:
+        await conn.execute(text(
+            "INSERT INTO sms_messages (id, cooperative_id, member_id, phone_enc, phone_index, phone_masked, template,"
+            " language, body, encoding, length, segments, status, idempotency_key, created_at, updated_at)"
+            " SELECT gen_random_uuid()::text, NULL, NULL, 'x', md5(i::text), '+25078****000', t, 'en', 'b', 'GSM-7',"
+            " 1, 1, 'SENT', t || chr(58) || md5(i::text)::uuid::text || s, now() - (i || ' seconds')::interval, now()"
+            " FROM (SELECT i, CASE i % 4 WHEN 0 THEN 'payment_receipt' WHEN 1 THEN 'dispute_opened'"
+            " WHEN 2 THEN 'dispute_updated' ELSE 'refund_completed' END AS t,"
+            " CASE i % 4 WHEN 1 THEN chr(58) || 'opened' WHEN 2 THEN chr(58) || 'under_review' ELSE '' END AS s"
+            " FROM generate_series(1, 20000) i) s"))
+        await conn.execute(text("ANALYZE sms_messages"))
+        payment, refund, *disputes = (await conn.execute(text(
+            "SELECT md5(i::text)::uuid::text FROM unnest(ARRAY[4, 3, 1, 6, 9]) i"))).scalars()
+    query = (select(SmsMessage).where(of_payment(payment, [refund], disputes))
+             .order_by(SmsMessage.created_at.desc()).limit(10))
+    async with rt.engine.connect() as conn:
+        plan = "\n".join((await conn.execute(_explain(query))).scalars())
+        assert "Seq Scan" not in plan and "Index" in plan, plan
+        found = (await conn.execute(query)).scalars().all()
+    # The receipt, the refund's notice, the opening of 1 and 9, the review of 6.
+    assert len(found) == 5

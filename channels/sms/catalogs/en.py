@@ -34,6 +34,9 @@ MESSAGES = {
     "opted_out": "You will no longer get reminders. Receipts still come. Send START to get them again.",
     "opted_in": "Reminders are on again. Send STOP to turn them off.",
     "unknown": "Sorry, we did not understand. Send HELP or dial {dial}.",
+    # Not understood, from a member who cannot pay (as help_inactive): no code to dial that cannot work.
+    "unknown_inactive": "Sorry, we did not understand. Your membership is not active: please contact your "
+    "cooperative. Send HELP.",
 }
 
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).

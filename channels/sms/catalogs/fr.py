@@ -35,6 +35,8 @@ MESSAGES = {
     "Envoyez START pour les rappels.",
     "opted_in": "Rappels réactivés. Envoyez STOP pour ne plus les recevoir.",
     "unknown": "Message non compris. Envoyez AIDE ou composez {dial}.",
+    "unknown_inactive": "Message non compris. Votre adhésion n'est pas active : contactez votre coopérative. "
+    "Envoyez AIDE.",
 }
 
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).

@@ -33,6 +33,7 @@ MESSAGES = {
     "Ohereza TANGIRA kubisubizaho.",
     "opted_in": "Ubutumwa bwo kwibutsa bwasubijweho. Ohereza HAGARIKA kubihagarika.",
     "unknown": "Ntitwabyumvise. Ohereza UBUFASHA cyangwa ukande {dial}.",
+    "unknown_inactive": "Ntitwabyumvise. Ubunyamuryango bwawe ntibukora: gana koperative yawe. Ohereza UBUFASHA.",
 }
 
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).

@@ -31,6 +31,7 @@ MESSAGES = {
     "opted_out": "Hutapokea vikumbusho tena. Risiti zitaendelea. Tuma ANZA kuvirudisha.",
     "opted_in": "Vikumbusho vimerudishwa. Tuma SITISHA kuvizima.",
     "unknown": "Hatukuelewa. Tuma MSAADA au piga {dial}.",
+    "unknown_inactive": "Hatukuelewa. Uanachama wako hauko hai: wasiliana na chama chako. Tuma MSAADA.",
 }
 
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).

@@ -171,16 +171,19 @@ async def test_help_says_stop_ends_the_reminders(
     assert measure(row["message"]).encoding == GSM7 and measure(row["message"]).segments == 1
 
 
-# ------------------------------------------------------------------------ HELP from a member who cannot pay
+# ----------------------------------------------------- HELP, or a word not understood, from a member who cannot pay
 
 
+@pytest.mark.parametrize(("text", "template"), [("HELP", "help_inactive"), ("what now", "unknown_inactive")])
 @pytest.mark.parametrize("suspended", ["cooperative", "member"])
 @pytest.mark.parametrize(("phone", "language"), [(JEAN, "en"), (ALINE, "rw"), (CLAUDINE, "fr"), (ERIC, "sw")])
 async def test_help_to_a_member_who_cannot_pay_names_no_code_and_says_why(
-    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, phone: str, language: str, suspended: str
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, phone: str, language: str, suspended: str,
+    text: str, template: str,
 ) -> None:
-    """Her cooperative suspended (or she): HELP told her "Dial *384*123# to pay", and dialling it cannot pay (USSD
-    tells her that her membership is not active). The reply says so, in her language, and names no code."""
+    """Her cooperative suspended (or she): HELP told her "Dial *384*123# to pay", and a word not understood "Send
+    HELP or dial *384*123#", and dialling it cannot pay (USSD tells her that her membership is not active). Each
+    reply says so, in her language, and names no code."""
     from sqlalchemy import update
 
     from core.models import Cooperative, Member
@@ -191,9 +194,11 @@ async def test_help_to_a_member_who_cannot_pay_names_no_code_and_says_why(
                 status="SUSPENDED"))
         else:
             await s.execute(update(Member).where(Member.id == demo["members"][phone]).values(status="SUSPENDED"))
-    reply = await ask(sms_client, sim, worker, phone, "HELP", "help-inactive")
-    # A suspended member's RECEIPT and STATUS are not answered (channels.sms.routes._owns): HELP offers her none.
-    assert reply == render("help_inactive" if suspended == "cooperative" else "help_suspended", language, {}), reply
+    reply = await ask(sms_client, sim, worker, phone, text, "help-inactive")
+    if text == "HELP" and suspended == "member":
+        # A suspended member's RECEIPT and STATUS are not answered (channels.sms.routes._owns): HELP offers her none.
+        template = "help_suspended"
+    assert reply == render(template, language, {}), reply
     assert "*384*" not in reply and "#" not in reply
     assert measure(reply).encoding == GSM7 and measure(reply).segments == 1
 
@@ -229,6 +234,8 @@ async def test_help_to_an_active_member_still_names_the_code_to_dial(
 ) -> None:
     reply = await ask(sms_client, sim, worker, JEAN, "HELP", "help-active")
     assert reply.startswith("Dial *384*123") and "# to pay. SMS: RECEIPT <ref>" in reply, reply
+    reply = await ask(sms_client, sim, worker, JEAN, "what now", "unknown-active")
+    assert reply.startswith("Sorry, we did not understand. Send HELP or dial *384*123") and reply.endswith("#."), reply
 
 
 # --------------------------------------------------------------------------------------- amounts in French

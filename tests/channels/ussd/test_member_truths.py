@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from channels.sms.templates import CATALOGS
 from channels.ussd.i18n import translate
@@ -158,6 +158,41 @@ async def test_a_member_suspended_in_one_cooperative_may_still_register_in_anoth
     member = AtPhone(client, MEMBERS["en"], service_code="*384*123*7#")
     await member.dial()
     assert (await member.send("1")).startswith("CON Enter your full name to join Remera Teachers SACCO"), "registers"
+
+
+@pytest.mark.parametrize("lang", ["en", "rw"])
+async def test_a_member_suspended_in_one_cooperative_and_active_in_another_is_told_the_truth_at_each(
+        client: Any, demo: Any, rt: Any, db: Any, lang: str) -> None:
+    """Suspended in the demo cooperative, active in Remera: dialling the demo cooperative's extension said "not
+    registered with it" (My payments, Problem, Help) or, at Pay, asked her name and then "already registered
+    with it": her membership there is not active, as it tells a member suspended everywhere. Remera's extension,
+    and the plain code, still take her to Remera's payments."""
+    phone = MEMBERS[lang]
+    remera = await add_cooperative(rt, "Remera Teachers SACCO", "7")
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Member).where(Member.id == demo["members"][phone]).values(status="SUSPENDED"))
+        await create_member(s, rt.cipher, cooperative_id=remera, name="Member Two", phone=normalize(phone),
+                            actor=Actor("system", "system"), language=lang, status="ACTIVE")
+    told = "END " + translate(lang, "member.inactive", coop=COOP)
+    for key in ("1", "2", "3", "5"):  # Pay, My payments, Problem with a payment, Help
+        member = AtPhone(client, phone, service_code="*384*123*123#")
+        home = await member.dial()
+        assert home.startswith("CON "), home
+        assert await member.send(key) == told, key
+
+    for code in ("*384*123*7#", "*384*123#"):
+        member = AtPhone(client, phone, service_code=code)
+        await member.dial()
+        # Pay: Remera's type ("Savings"; the demo cooperative has none of that name), no picker: Remera is the one
+        # membership she can pay with.
+        paying = await member.send("1")
+        assert paying.startswith("CON ") and "Savings" in paying, (code, paying)
+    assert await db.count(Payment) == 0
+    async with rt.sessionmaker() as s:
+        statuses = {m.cooperative_id: m.status for m in (await s.execute(
+            select(Member).where(Member.cooperative_id.in_([demo["cooperative_id"], remera])))).scalars()
+            if m.id == demo["members"][phone] or m.cooperative_id == remera}
+    assert statuses == {demo["cooperative_id"]: "SUSPENDED", remera: "ACTIVE"}  # no registration made at either
 
 
 # ------------------------------------------------------------------------------------- the cooperative picker
