@@ -505,7 +505,7 @@ def _falls_due(state: Any, due: date, day: date | None) -> bool:
 
 async def why_not_send(conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
     """Why a queued reminder (an 'sms.send' job's payload) must not go out any more, None to send it:
-    too_late, member_missing, cooperative_inactive, type_inactive, type_changed, opted_out, member_inactive,
+    too_late, member_missing, cooperative_inactive, type_inactive, type_changed, member_inactive, opted_out,
     paid, payment_open or reminded.
     Reminders are spread over the morning and may wait out an aggregator outage: by their turn the member
     may have paid (or have a payment of it still open: she would pay twice), sent STOP or been suspended, the
@@ -536,10 +536,13 @@ async def why_not_send(conn: AsyncConnection, payload: dict[str, Any]) -> str | 
         return "type_inactive"
     if due is not None and not _falls_due(state, due, day):
         return "type_changed"
-    if state.reminders_opt_out:
-        return "opted_out"
+    # A suspended member's reminder says so whether or not her number sent STOP: the reason the stored message
+    # shows (channels.sms.jobs.shown_reason) is then the same for a number that sent STOP elsewhere as for one
+    # that did not.
     if state.status != "ACTIVE":
         return "member_inactive"
+    if state.reminders_opt_out:
+        return "opted_out"
     owed = amount_owed(state.allow_custom_amount, state.amount_minor)
     if state.paid if owed is None else state.kept >= owed:
         return "paid"

@@ -215,7 +215,7 @@ class SmsJobs:
                                 "template": payload.get("template")})
                 if existing is not None:  # an earlier attempt stored it: it ends here, unsent (for a reminder,
                     # SKIPPED: not sent, so the next morning's scan may queue its due date again)
-                    await self._move(existing.id, SmsStatus.FAILED, failure_reason=f"not sent: {void}",
+                    await self._move(existing.id, SmsStatus.FAILED, failure_reason=shown_reason(void),
                                      provider_status=SKIPPED)
                 if void == PAYMENT_VOIDED:
                     # Said on the job (GET /v1/jobs). A reminder's or member SMS's reason is not: "opted_out" may be
@@ -574,6 +574,22 @@ def _insert(dialect_name: str) -> Any:
     """INSERT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING the send's columns, built once."""
     return (insert_ignore(dialect_name, _SMS).on_conflict_do_nothing(index_elements=["idempotency_key"])
             .returning(*_COLUMNS))
+
+
+# What a stored message skipped at a retry says (GET /v1/members/{id}/messages shows it to the cooperative):
+# opted_out may be a STOP the number sent to another cooperative (core.reminders reads the number's STOP list),
+# which this one must not learn, so it reads as a reminder whose day ran out does (too_late: a matter of when
+# the worker or the aggregator got to it, which the cooperative cannot tell either). A STOP sent as this
+# cooperative's member shows on the member (remindersOptOut) anyway. Every other reason is about this
+# cooperative's own records (its member suspended, its payment type changed, the payment made or voided, the
+# due date reminded) and keeps its words. Logs and metrics keep the reason as it is.
+QUIET_REASONS = frozenset({"opted_out", "too_late"})
+QUIET_WORDS = "not sent: skipped"
+
+
+def shown_reason(void: str) -> str:
+    """The failure_reason of a stored message not sent for `void` (QUIET_REASONS)."""
+    return QUIET_WORDS if void in QUIET_REASONS else f"not sent: {void}"
 
 
 # Messages about the membership itself: worth sending only while the member is still ACTIVE ("Welcome, you

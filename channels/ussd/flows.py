@@ -389,7 +389,9 @@ async def enter(ctx: Ctx, flow: str) -> str:
     if not ms:
         inactive = await _inactive_here(ctx)
         if inactive is not None:
-            ctx.data["cn"] = whole(inactive.name)
+            # The session row's cooperative (records.closed): the one she was told about, whose session list
+            # should show it. Not "c" (a membership she may use; the ops funnel counts the session for it).
+            ctx.data["cn"], ctx.data["ic"] = whole(inactive.name), inactive.id
             return "member_inactive"
         if flow == "help":
             return "help_general"

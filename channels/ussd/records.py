@@ -181,6 +181,8 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, hops: int, last_s
     for column, key in (("cooperative_id", "c"), ("member_id", "mb"), ("payment_id", "pid")):
         if data.get(key):
             values[column] = data[key]
+    if "cooperative_id" not in values and data.get("ic"):  # ended on member.inactive from the first menu
+        values["cooperative_id"] = data["ic"]
     params = {f"v_{c}": v for c, v in values.items()}
     params.update(v_status=status, w_aggregator=aggregator, w_session_id=session_id[:128])
     async with autocommit(rt) as conn:

@@ -5,12 +5,14 @@ cooperative shows as this membership's flag."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import select, update
 
-from core.models import AuditEvent, Member, OutboxJob
+from core.db import utcnow
+from core.models import AuditEvent, Member, OutboxJob, SmsMessage
 from core.reminders import scan, why_not_send
 from tests.channels.sms.helpers import jobs_of, start_simulator
 from tests.channels.sms.test_routes import inbound
@@ -109,3 +111,50 @@ async def test_a_stop_sent_as_this_cooperatives_member_shows_here(rt: Any, clien
     assert [(e["entityId"], e["after"]) for e in events["data"]] == [(made["id"], {"reminders_opt_out": True})]
     await inbound(client, BEA, "START", "in-start")
     assert await _flags(rt, [made["id"], coop_b["member_id"]]) == {made["id"]: False, coop_b["member_id"]: False}
+
+
+@pytest.mark.parametrize("suspended", [False, True])
+async def test_a_reminder_retried_after_a_stop_sent_elsewhere_reads_as_one_skipped_for_another_reason(
+        rt: Any, client: Any, admin: Any, demo: dict[str, Any], coop_b: dict[str, Any], worker: Any,
+        aiohttp_server: Any, suspended: bool) -> None:
+    """The aggregator is down for the reminders' first attempt (stored, QUEUED). Before the retry Aline's number is
+    corrected (TYPO) to Bea's, which texted STOP as B's member, and Grace's reminder runs past its day: both
+    stored reminders end the same, and A's messages say nothing of a STOP. Both members suspended meanwhile (Grace's
+    day not over): both say so, STOP or not."""
+    aline, grace = demo["members"]["+250788000001"], demo["members"]["+250788000002"]
+    await inbound(client, BEA, "STOP", "in-stop-bea")
+    async with rt.sessionmaker.begin() as s:
+        await scan(s, rt, now=NOW)
+    _server, sim = await start_simulator(aiohttp_server, rt)
+    sim.set_failure("http503")
+    await drain(worker)
+    async with rt.sessionmaker() as s:
+        queued = set((await s.execute(select(SmsMessage.member_id).where(
+            SmsMessage.template == "payment_reminder", SmsMessage.status == "QUEUED"))).scalars())
+    assert {aline, grace} <= queued and sim.inbox == {}
+
+    fixed = await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": BEA, "phoneChange": "TYPO"})
+    assert fixed["remindersOptOut"] is False
+    if suspended:
+        for member_id in (aline, grace):
+            await admin.json("PATCH", f"/v1/members/{member_id}", 200, json={"status": "SUSPENDED"})
+    async with rt.sessionmaker.begin() as s:
+        if not suspended:
+            [late] = [j for j in (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars()
+                      if j.payload.get("member_id") == grace and j.payload.get("template") == "payment_reminder"]
+            await s.execute(update(OutboxJob).where(OutboxJob.id == late.id).values(
+                payload={**late.payload, "send_before": (utcnow() - timedelta(minutes=1)).isoformat()}))
+        await s.execute(update(OutboxJob).where(OutboxJob.status == "PENDING").values(run_at=utcnow()))
+    sim.set_failure(None)
+    await drain(worker)
+
+    shown = {}
+    for member_id in (aline, grace):
+        listed = await admin.json("GET", f"/v1/members/{member_id}/messages", 200)
+        [reminder] = [m for m in listed["data"] if m["template"] == "payment_reminder"]
+        shown[member_id] = (reminder["status"], reminder["providerStatus"], reminder["failureReason"])
+        assert "opted" not in str(listed).lower()
+    words = "not sent: member_inactive" if suspended else "not sent: skipped"
+    assert shown == {aline: ("FAILED", "Skipped", words), grace: ("FAILED", "Skipped", words)}
+    assert [m["message"][: len(STOPPED)] for m in sim.messages(BEA)] == [STOPPED]  # the STOP's reply only
+    assert sim.messages("+250788000002") == []

@@ -199,7 +199,8 @@ async def test_reminders_the_sms_rate_cannot_send_before_the_evening_wait_for_th
 async def test_a_reminder_retried_through_an_outage_is_checked_again_each_attempt(
         rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any) -> None:
     """The aggregator is down for the first attempt (the message is stored, QUEUED); by the retry the member
-    has sent STOP: the stored message ends FAILED "not sent: opted_out" and nothing leaves."""
+    has sent STOP: the stored message ends FAILED "not sent: skipped" (as one whose day ran out: the STOP may have
+    been sent to another cooperative, tests/admin_api/test_optout_not_disclosed) and nothing leaves."""
     members = demo["members"]
     async with rt.sessionmaker.begin() as s:
         await s.execute(update(Member).where(Member.id != members["+250733000001"]).values(reminders_opt_out=True))
@@ -218,7 +219,7 @@ async def test_a_reminder_retried_through_an_outage_is_checked_again_each_attemp
     async with rt.sessionmaker() as s:
         message = await s.get(SmsMessage, queued.id)
         [job] = [j for j in (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars()]
-    assert (message.status, message.failure_reason) == ("FAILED", "not sent: opted_out")
+    assert (message.status, message.failure_reason) == ("FAILED", "not sent: skipped")
     assert sim.inbox == {} and job.status == "DONE"
 
 

@@ -25,7 +25,7 @@ from channels.ussd.i18n import translate
 from core import gsm
 from core.audit import Actor
 from core.members import create_member
-from core.models import Cooperative, Member, OutboxJob, Payment
+from core.models import Cooperative, Member, OutboxJob, Payment, UssdSession
 from core.phone import normalize
 from tests.channels.sms.helpers import make_payment, start_simulator
 from tests.channels.ussd.helpers import AtPhone
@@ -240,3 +240,28 @@ async def test_the_picker_shortens_names_only_as_far_as_one_screen_needs(
         assert names[0] == COOP and min(map(len, names[1:])) > 30, screen  # the room is used (was 30 always)
     else:
         assert COOP.startswith(names[0][:-2]) and names[0].endswith(".."), screen
+
+
+@pytest.mark.parametrize("code", ["*384*123#", "*384*123*123#"])  # the plain code, the cooperative's extension
+async def test_a_session_told_the_membership_is_not_active_is_in_that_cooperatives_session_list(
+        client: Any, demo: Any, rt: Any, code: str) -> None:
+    """Ended on member.inactive from the first menu, the session's row named no cooperative (dialled with the plain
+    code: the phone has no membership it may use), so the cooperative's operations page did not count it; the
+    cooperative it was told about is now its row's."""
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Member).where(Member.id == demo["members"][MEMBERS["en"]]).values(
+            status="SUSPENDED"))
+    member = AtPhone(client, MEMBERS["en"], service_code=code)
+    await member.dial()
+    assert await member.send("1") == "END " + translate("en", "member.inactive", coop=COOP)
+    async with rt.sessionmaker() as s:
+        row = (await s.execute(select(UssdSession).where(UssdSession.session_id == member.session_id))).scalar_one()
+    assert (row.status, row.last_screen, row.cooperative_id) == ("Success", "member_inactive", demo["cooperative_id"])
+
+    token = (await (await client.post("/v1/auth/token", json=dict(zip(("username", "password"), demo["admin"],
+                                                                      strict=True)))).json())["accessToken"]
+    resp = await client.get("/ops/data", headers={"Authorization": f"Bearer {token}"})
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert [r for r in body["ussdLastScreens"] if r["screen"] == "member_inactive"] == [
+        {"screen": "member_inactive", "sessions": 1, "paid": 0}]
