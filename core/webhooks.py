@@ -913,32 +913,12 @@ async def deliver(rt: Runtime, job: Job) -> str:
         )
         return "held"
     if endpoint.status != "ACTIVE":
-        await _finish(
-            rt,
-            delivery.id,
-            status="FAILED",
-            attempt={
-                "at": utcnow().isoformat(),
-                "status_code": None,
-                "latency_ms": 0,
-                "error": "endpoint disabled",
-            },
-        )
+        await _given_up(rt, delivery.id, "endpoint disabled")
         return "endpoint_disabled"
     if not still_subscribed(endpoint.events or [], delivery.event_type):
         # Its event was taken off the endpoint's list (update_endpoint) while it was being recorded: given up as
         # the change gave up those it found, not sent.
-        await _finish(
-            rt,
-            delivery.id,
-            status="FAILED",
-            attempt={
-                "at": utcnow().isoformat(),
-                "status_code": None,
-                "latency_ms": 0,
-                "error": "event no longer subscribed",
-            },
-        )
+        await _given_up(rt, delivery.id, "event no longer subscribed")
         return "unsubscribed"
 
     body = body_bytes(delivery.payload)
@@ -1084,6 +1064,12 @@ async def _retries_from(rt: Runtime, delivery: WebhookDelivery, job: Job) -> dat
         if action == REPLAYED or (isinstance(after, dict) and after.get("resumed_deliveries"))
     )
     return max(moments)
+
+
+async def _given_up(rt: Runtime, delivery_id: str, error: str) -> None:
+    """A delivery ended FAILED without being sent (its endpoint switched off or deleted, its event unsubscribed)."""
+    await _finish(rt, delivery_id, status="FAILED",
+                  attempt={"at": utcnow().isoformat(), "status_code": None, "latency_ms": 0, "error": error})
 
 
 async def _finish(
