@@ -494,7 +494,11 @@ def _simulate(name: str, host: str, port: int, argv: list[str]) -> None:
         app = SIMULATORS[name](options_from_args(argv))
     else:
         raise SystemExit(f"unknown simulator {name!r}; choose from {', '.join([*SIMULATORS, 'africastalking'])}")
-    web.run_app(app, host=host, port=port, access_log=None, print=lambda *_: None)
+    try:
+        web.run_app(app, host=host, port=port, access_log=None, print=lambda *_: None)
+    except OSError as exc:  # the port taken: one line and serve's exit code, not a traceback
+        print(f"cannot start: {_reason(exc)}", file=sys.stderr)
+        raise SystemExit(4) from None
 
 
 def _accept_references_flag(parser: argparse.ArgumentParser) -> None:
@@ -515,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     for starting in (v, w):
         _accept_references_flag(starting)
     w.add_argument("--concurrency", type=_at_least(1), default=16, help="jobs run at once (default 16)")
-    w.add_argument("--metrics-port", type=_at_least(0), default=None,
+    w.add_argument("--metrics-port", type=_port(0), default=None,
                    help="serve this worker's /metrics and /healthz on HOST:PORT (default WORKER_METRICS_PORT; "
                         "0 = off)")
     sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
@@ -556,10 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="run one provider or SMS simulator as its own process")
     s.add_argument("name", help="mtn_momo, airtel, mpesa, irembopay or africastalking")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--port", type=_port(1), required=True)
     d = sub.add_parser("dial", help="terminal phone: drive USSD menus through the Africa's Talking endpoint")
     d.add_argument("code", help="USSD code, e.g. '*384*123#'")
-    d.add_argument("phone", help="caller's phone number, e.g. +250788000001")
+    d.add_argument("phone", type=_phone, help="caller's phone number, e.g. +250788000001")
     d.add_argument("--url", default="http://127.0.0.1:8080", help="base URL of a running gateway")
     d.add_argument("--secret", default=None, help="callback secret, if the gateway requires one")
     return parser
@@ -576,6 +580,30 @@ def _at_least(lowest: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _port(lowest: int) -> Callable[[str], int]:
+    """A TCP port from the command line. Without the upper bound the OS took the number modulo 65536 and the process
+    listened elsewhere than asked (and than it logged): `--port 70000` on 4464."""
+    at_least = _at_least(lowest)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > 65535:
+            raise argparse.ArgumentTypeError("must be at most 65535")
+        return value
+
+    return parse
+
+
+def _phone(text: str) -> str:
+    """dial's caller: a number the gateway reads (its error, not a traceback, for one it does not)."""
+    from core.phone import PhoneError, normalize
+
+    try:
+        return normalize(text).e164
+    except PhoneError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _metrics_port(given: int | None) -> int:

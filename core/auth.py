@@ -650,6 +650,7 @@ async def guard_revocations(redis: Redis, sessionmaker: async_sessionmaker[Async
     stop = stop if stop is not None else asyncio.Event()  # none given: until cancelled (tests)
     watch = RedisWatch()
     seen = 0  # evictions before this process started may have taken marks as well
+    failing = False  # said once per outage (as a worker's watch_redis does), not every 5 s for as long as it lasts
     while not stop.is_set():
         try:
             evicted = await watch.check(redis)
@@ -664,10 +665,16 @@ async def guard_revocations(redis: Redis, sessionmaker: async_sessionmaker[Async
                                 extra={"accounts": marks.written})
                 if evicted is not None:
                     seen = evicted  # (lower after a Redis restart: the marks are checked every cycle anyway)
+            if failing:
+                log.info("checking the token revocation marks works again")
+            failing = False
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis or the database down: the request path falls back to the row
-            log.warning("could not check the token revocation marks", extra={"error": type(exc).__name__})
+            if not failing:
+                log.warning("could not check the token revocation marks (said once until it works again)",
+                            extra={"error": type(exc).__name__})
+            failing = True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(every):
                 await stop.wait()

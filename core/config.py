@@ -453,6 +453,26 @@ def _check_ussd_callbacks_guarded(secrets: Mapping[str, Secret], shared: tuple[s
         )
 
 
+def _check_per_name_variables(env: Mapping[str, str]) -> None:
+    """Refuse a per-aggregator or per-callback variable whose name is none of ours (`USSD_IP_ALLOWLIST_AFRICAS_TALKING`,
+    `CALLBACK_SECRET_MTN`): read by nothing, it would leave that aggregator open to any address, or its callbacks
+    unchecked, while the operator believes them guarded."""
+    callback_names = ("africastalking", "hubtel", "nalo", *PROVIDER_NAMES, "sms")
+    known = {
+        "USSD_IP_ALLOWLIST_": {name.upper() for name in USSD_AGGREGATORS},
+        "USSD_SERVICE_CODE_": {name.upper() for name in USSD_AGGREGATORS},
+        "CALLBACK_SECRET_": {suffix for name in callback_names
+                             for suffix in (name.upper(), f"{name.upper()}_PREVIOUS")},
+    }
+    for variable in sorted(env):
+        for prefix, suffixes in known.items():
+            if variable.startswith(prefix) and variable[len(prefix):] not in suffixes:
+                names = ", ".join(sorted(prefix + suffix for suffix in suffixes if not suffix.endswith("_PREVIOUS")))
+                also = " (each also with _PREVIOUS)" if prefix == "CALLBACK_SECRET_" else ""
+                raise ConfigError(variable, f"is not a variable the gateway reads (misspelt?): it must be one of "
+                                            f"{names}{also}")
+
+
 def _previous_secrets(env: Mapping[str, str], name: str, current: Secret, *,
                       minimum_bytes: int = 0) -> tuple[Secret, ...]:
     """A rotation's previous secrets (`name`: JWT_PREVIOUS_SECRETS, CALLBACK_SECRET_<NAME>_PREVIOUS), a comma list,
@@ -598,6 +618,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("PHONE_SIMULATOR_ENABLED", "must be off in production (it exposes payment lookups)")
     if production and simulators:
         raise ConfigError("SIMULATORS_IN_PROCESS", "must be off in production")
+    _check_per_name_variables(env)
     allowlist = _networks(env, "USSD_IP_ALLOWLIST")
     # Per aggregator, replacing the shared list for that aggregator (their gateways differ).
     allowlists = {name: _networks(env, f"USSD_IP_ALLOWLIST_{name.upper()}")

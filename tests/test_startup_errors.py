@@ -112,6 +112,21 @@ def test_production_refuses_a_base_url_without_a_host_and_a_short_blind_index_ke
         assert _one_line(result).startswith(f"configuration error: {variable}: {says}")
 
 
+def test_a_misspelt_per_aggregator_or_callback_variable_is_refused():
+    # USSD_IP_ALLOWLIST_AFRICAS_TALKING was read by nothing: `serve` started and took USSD hops from any address
+    # while the operator believed Africa's Talking's gateways were the only ones let in (and in production, with
+    # the callback secret set, nothing said the allowlist was off).
+    for variable, value, names in (
+            ("USSD_IP_ALLOWLIST_AFRICAS_TALKING", "196.201.214.0/24", "USSD_IP_ALLOWLIST_AFRICASTALKING, "),
+            ("USSD_SERVICE_CODE_NALLO", "*920*44#", "USSD_SERVICE_CODE_NALO"),
+            ("CALLBACK_SECRET_MTN", "t" * 24, "CALLBACK_SECRET_MTN_MOMO, ")):
+        result = _main("serve", **{**_production_env(), variable: value})
+        assert result.returncode == 2, (variable, result.stderr)
+        line = _one_line(result)
+        assert line.startswith(f"configuration error: {variable}: is not a variable the gateway reads"), line
+        assert names in line
+
+
 def test_a_redis_database_that_is_not_a_number_is_refused():
     result = _main("worker", REDIS_URL="redis://127.0.0.1:6379/abc")
     assert result.returncode == 2
@@ -144,3 +159,35 @@ def test_serve_runs_degraded_while_redis_cannot_be_reached(migrated_database):
             os.kill(proc.pid, signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
+
+
+def test_a_port_past_65535_is_refused_not_taken_modulo_65536():
+    # `simulate airtel --port 70000` listened on 4464 and `worker --metrics-port 83627` on 18091 (logging :83627).
+    for args, says in ((("simulate", "airtel", "--port", "70000"), "argument --port: must be at most 65535"),
+                       (("simulate", "airtel", "--port", "0"), "argument --port: must be at least 1"),
+                       (("worker", "--metrics-port", "83627"), "argument --metrics-port: must be at most 65535")):
+        result = _main(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.splitlines()[-1].endswith(says), result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_a_simulator_on_a_port_taken_says_so_in_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _main("simulate", "mtn_momo", "--port", str(port))
+    assert result.returncode == 4, result.stderr
+    assert _one_line(result).startswith("cannot start: OSError: ")
+    assert "address already in use" in result.stderr
+
+
+def test_dial_refuses_a_caller_that_is_not_a_phone_number():
+    # A traceback from core.phone (exit 1) before: now argparse's usage error, exit 2, and nothing is dialled.
+    result = _main("dial", "*384*123#", "notaphone", "--url", "http://127.0.0.1:1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == "main.py dial: error: argument phone: 'notaphone': not a phone number"
+    assert "Traceback" not in result.stderr and result.stdout == ""

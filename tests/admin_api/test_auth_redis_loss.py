@@ -245,3 +245,59 @@ async def test_a_refresh_token_spent_here_is_spent_for_a_previous_release_proces
     assert auth.REFRESH_TTL_SECONDS < await rt.redis.ttl(key) <= auth.REFRESH_TTL_SECONDS + 60
     # What the previous release's refresh then does with the token: SET NX finds the key and refuses.
     assert await rt.redis.set(key, b"1", nx=True, ex=auth.REFRESH_TTL_SECONDS + 60) is None
+
+
+async def test_redis_out_of_reach_is_logged_once_per_outage_not_every_cycle(rt, monkeypatch, caplog):
+    """Each serve checks the marks every 5 s: with Redis down for an hour it logged the same WARNING 720 times
+    (a worker says it once). Now once when the checks start failing, an INFO line when they work again."""
+    import logging
+
+    from tests.admin_api.conftest import unreachable_redis
+
+    class Switchable:  # the client the guard holds; what it talks to changes under it, as a Redis outage does
+        def __init__(self, target: Any) -> None:
+            self.target = target
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.target, name)
+
+    cycles = 0
+    check = auth.RedisWatch.check
+
+    async def counted(self: Any, redis: Any) -> Any:
+        nonlocal cycles
+        cycles += 1
+        return await check(self, redis)
+
+    monkeypatch.setattr(auth.RedisWatch, "check", counted)
+    caplog.set_level(logging.INFO, logger="gateway.auth")
+    down = unreachable_redis()
+    redis = Switchable(down)
+
+    def said(text: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "gateway.auth" and r.getMessage().startswith(text)]
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(600):  # generous: the machine is shared
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("condition not reached")
+
+    stop = asyncio.Event()
+    guard = asyncio.create_task(auth.guard_revocations(redis, rt.sessionmaker, ttl_seconds=rt.settings.jwt_ttl_seconds,
+                                                       every=0.01, stop=stop))
+    try:
+        await until(lambda: cycles >= 6)
+        assert [r.levelno for r in said("could not check the token revocation marks")] == [logging.WARNING]
+        redis.target = rt.redis  # Redis is back
+        await until(lambda: bool(said("checking the token revocation marks works again")))
+        redis.target = down  # and gone again: a new outage is said again, once
+        seen = cycles
+        await until(lambda: cycles >= seen + 6)
+    finally:
+        stop.set()
+        await asyncio.wait_for(guard, 30)
+        await down.aclose()
+    assert len(said("could not check the token revocation marks")) == 2
+    assert [r.levelno for r in said("checking the token revocation marks works again")] == [logging.INFO]

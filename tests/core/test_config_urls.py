@@ -151,3 +151,16 @@ async def test_the_ussd_hop_budget_is_a_setting_within_the_aggregators_wait():
         with pytest.raises(ConfigError) as info:
             load_settings({"USSD_HOP_BUDGET_SECONDS": bad})
         assert info.value.variable == "USSD_HOP_BUDGET_SECONDS"
+
+
+def test_every_per_aggregator_and_callback_variable_the_gateway_reads_is_accepted():
+    # The start-up check that refuses misspelt names (tests/test_startup_errors.py) lets each real one through.
+    env = {**_production_env(), "USSD_IP_ALLOWLIST_AFRICASTALKING": "196.201.214.0/24",
+           "USSD_IP_ALLOWLIST_HUBTEL": "10.1.0.0/16", "USSD_IP_ALLOWLIST_NALO": "10.2.0.1",
+           "USSD_SERVICE_CODE_NALO": "*920*44#", "USSD_SERVICE_CODE_HUBTEL": "*713*45#",
+           "CALLBACK_SECRET_IREMBOPAY": "i" * 24, "CALLBACK_SECRET_MTN_MOMO_PREVIOUS": "o" * 24,
+           "CALLBACK_SECRET_SMS_PREVIOUS": "p" * 24}
+    settings = load_settings(env)
+    assert settings.ussd_ip_allowlists["nalo"] == ("10.2.0.1",)
+    assert settings.ussd_service_codes["hubtel"] == "*713*45#"
+    assert [s.get() for s in settings.callback_previous_secrets["mtn_momo"]] == ["o" * 24]
