@@ -51,7 +51,7 @@ def present(e: AuditEvent) -> dict[str, Any]:
 
 
 def _canonical(value: str) -> str:
-    """A filter's id as the rows hold it: a UUID lower-cased (as a path's or a body's is, validation.canonical_ids),
+    """A filter's id as the rows hold it: a UUID lower-cased (as a path's or a body's is, validation.normalised),
     alone (entityId) or after an actor's kind (actor: admin:<id>); anything else as sent (provider:mtn_momo)."""
     kind, colon, rest = value.rpartition(":")
     return f"{kind}{colon}{rest.lower()}" if is_uuid(rest) else value

@@ -28,6 +28,7 @@ from core.notify import sms_dedupe, sms_job
 from core.outbox import enqueue_job
 from core.payments import METHOD_OPERATOR, payer_phone
 from core.phone import Phone
+from core.refunds import REFUND_TEMPLATES
 from core.state.payment import COLLECTED
 from core.state.sms import SmsStatus
 from core.text import is_uuid
@@ -39,9 +40,8 @@ PAYMENT_TEMPLATES = tuple(t for t in TEMPLATES if is_payment_template(t))
 # (channels.ussd.flows._receipt_key) and a reply asked for by keyword or by the desk (channels.sms.routes.reply_key).
 # Matched with LIKE '<prefix>:<id>:%': neither a prefix nor an id (a UUID) holds LIKE's wildcards, "_" and "%".
 ASKED_PREFIXES = ("ussd-receipt", REPLY_PREFIX)
-# The notices about one of the payment's refunds (core.refunds: "<template>:<refund id>", as sms_dedupe keys them):
-# the payment's messages too, found by their exact keys from its refunds' ids (ix_refunds_payment_id).
-REFUND_TEMPLATES = ("refund_completed", "refund_failed")
+# The notices about one of the payment's refunds (core.refunds.REFUND_TEMPLATES, "<template>:<refund id>"): the
+# payment's messages too, found by their exact keys from its refunds' ids (ix_refunds_payment_id).
 # And the SMS about one of its disputes (core.disputes: "<template>:<dispute id>:<step>", core.disputes.sms_keys),
 # by their exact keys from its disputes' ids (ix_disputes_payment_id).
 NOTICE_TEMPLATES = REFUND_TEMPLATES + DISPUTE_TEMPLATES

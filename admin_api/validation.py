@@ -26,7 +26,7 @@ _FORMATS = FormatChecker()
 # could only be not found, or failed to fit the 36-character column.
 _FORMATS.checks("uuid")(lambda instance: not isinstance(instance, str) or is_uuid(instance))
 # Marks an id field that is not `format: uuid` (a malformed one is answered not found, 404, by its route rather
-# than refused by the shape check): canonical_ids lower-cases it as it does a `format: uuid` one.
+# than refused by the shape check): normalised lower-cases it as it does a `format: uuid` one.
 ID_KEYWORD = "x-gateway-id"
 
 
@@ -167,10 +167,9 @@ def validate(instance: Any, schema: Mapping[str, Any]) -> None:
                 messages.append(text)
     if messages:
         raise ValidationError(messages[0], errors=messages)
-    messages = whole_numbers(instance, schema, "body")
+    messages = normalised(instance, schema, "body")
     if messages:
         raise ValidationError(messages[0], errors=messages)
-    canonical_ids(instance, schema)
 
 
 def _whole(schema: Mapping[str, Any]) -> bool:
@@ -179,14 +178,22 @@ def _whole(schema: Mapping[str, Any]) -> bool:
     return "integer" in kinds and "number" not in kinds
 
 
-def whole_numbers(instance: Any, schema: Mapping[str, Any], where: str) -> list[str]:
-    """The whole-number fields of a checked body as ints, in place; the errors of those that are not whole.
+def normalised(instance: Any, schema: Mapping[str, Any], where: str) -> list[str]:
+    """A checked body put in the form the gateway reads, in place, in one walk by its schema; the errors of its
+    whole-number fields that are not whole.
 
-    JSON Schema counts 5.0 as an integer, so `"dueDay": 5.0` (or 5e0) passed the shape check as a float, was
-    stored as 5 and echoed back as 5.0; and 31.000000000000001, which rounds to the float 31.0, passed as 31.
-    Read as an amount is (core.money.Money.from_api: "50000.00" is 50000, "50000.5" in RWF refused), from the
+    Whole numbers: JSON Schema counts 5.0 as an integer, so `"dueDay": 5.0` (or 5e0) passed the shape check as a
+    float, was stored as 5 and echoed back as 5.0; and 31.000000000000001, which rounds to the float 31.0, passed as
+    31. Read as an amount is (core.money.Money.from_api: "50000.00" is 50000, "50000.5" in RWF refused), from the
     text it was written as: a whole number written with a fraction or an exponent is that int, any other is
-    refused as a fraction is."""
+    refused as a fraction is.
+
+    Ids: UUIDs compare case-insensitively (RFC 4122 section 3): a client that writes them in upper case (.NET's
+    Guid.ToString("D").ToUpper(), some spreadsheets) named a payment type, member or callback that exists, and
+    was answered not found. Paths and query parameters are lower-cased where they are read (check_path_id,
+    parse_query); a body by its schema here: each string declared `format: uuid` or ID_KEYWORD that holds a
+    UUID. Nothing else is touched: an idempotency key or a provider's transaction id may look like a UUID and is
+    compared as sent."""
     if isinstance(instance, dict):
         fields = [(name, sub, name if where == "body" else f"{where}.{name}")
                   for name, sub in schema.get("properties", {}).items() if name in instance]
@@ -197,14 +204,17 @@ def whole_numbers(instance: Any, schema: Mapping[str, Any], where: str) -> list[
     found: list[str] = []
     for key, sub, at in fields:
         value = instance[key]
-        if isinstance(value, float) and _whole(sub):
+        if isinstance(value, str):
+            if (sub.get("format") == "uuid" or sub.get(ID_KEYWORD)) and is_uuid(value):
+                instance[key] = value.lower()
+        elif isinstance(value, float) and _whole(sub):
             whole = _as_int(value)
             if whole is None:
                 found.append(f"{at} must be an integer")
             else:
                 instance[key] = whole
         else:
-            found += whole_numbers(value, sub, at)
+            found += normalised(value, sub, at)
     return found
 
 
@@ -215,27 +225,6 @@ def _as_int(value: float) -> int | None:
     except InvalidOperation:
         return None
     return int(exact) if exact.is_finite() and exact == exact.to_integral_value() else None
-
-
-def canonical_ids(instance: Any, schema: Mapping[str, Any]) -> Any:
-    """The ids of a checked body in the form the gateway stores them (lower case), in place; returns `instance`.
-
-    UUIDs compare case-insensitively (RFC 4122 section 3): a client that writes them in upper case (.NET's
-    Guid.ToString("D").ToUpper(), some spreadsheets) named a payment type, member or callback that exists, and
-    was answered not found. Paths and query parameters are lower-cased where they are read (check_path_id,
-    parse_query); a body by its schema here: each string declared `format: uuid` or ID_KEYWORD that holds a
-    UUID. Nothing else is touched: an idempotency key or a provider's transaction id may look like a UUID and is
-    compared as sent."""
-    if isinstance(instance, str):
-        marked = schema.get("format") == "uuid" or schema.get(ID_KEYWORD)
-        return instance.lower() if marked and is_uuid(instance) else instance
-    if isinstance(instance, dict):
-        for name, sub in schema.get("properties", {}).items():
-            if name in instance:
-                instance[name] = canonical_ids(instance[name], sub)
-    elif isinstance(instance, list) and isinstance(schema.get("items"), Mapping):
-        instance[:] = [canonical_ids(item, schema["items"]) for item in instance]
-    return instance
 
 
 # --- query parameters -----------------------------------------------------------------------------

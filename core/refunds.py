@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.refunds")
 R = RefundStatus
 HOLDING = (R.PENDING.value, R.PROCESSING.value, R.COMPLETED.value)
+# The member's notices of a refund's outcome, keyed "<template>:<refund id>" (core.notify.sms_dedupe): the SMS a
+# payment's messages list for its refunds (admin_api.messages).
+REFUND_TEMPLATES = ("refund_completed", "refund_failed")
 # How a refund's failure_reason starts when a person wrote the rest: their free text, never read as a provider's
 # code for the member's SMS (channels.sms.templates.refund_reason_key).
 RECORDED_BY_ADMIN = "recorded by an admin: "

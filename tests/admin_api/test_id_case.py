@@ -2,7 +2,7 @@
 payment type, member, payment or callback it means. Before, ids in a path or query were lower-cased where they were
 read, but those in a JSON body were compared as sent: `paymentTypeId` in upper case answered "payment type not found"
 (404) for the cooperative's own type. A body's ids are now stored and looked up lower-case (admin_api.validation
-.canonical_ids); a malformed one is still refused as before, and a field that only looks like a UUID (an
+.normalised); a malformed one is still refused as before, and a field that only looks like a UUID (an
 idempotency key, a provider's transaction id) is kept as sent."""
 
 from __future__ import annotations
