@@ -885,8 +885,10 @@ async def _apply_outcome(
                 # The money the payer lost stays FAILED but is money held: what was taken (nothing we can send
                 # back automatically in another currency) and when, so it can be refunded through the API
                 # (core.refunds.refundable) and counted where the provider's statement counts it (reports).
+                # (A negative amount, a reversal's sign or the provider's bug, is nothing taken either: a person looks.)
                 same = amount is None or amount.currency == payment.currency
-                payment.collected_minor = (amount.minor if amount is not None else payment.amount_minor) if same else 0
+                payment.collected_minor = (max(amount.minor, 0) if amount is not None else payment.amount_minor) \
+                    if same else 0
                 if holder is not None and kept:
                     # The same money as another payment's of the cooperative (_flag_held_twice): counted and
                     # refunded there. Another cooperative's recording moves nothing here (_same_money).
@@ -934,8 +936,10 @@ async def _apply_outcome(
         if amount is not None and amount != expected:
             values["mismatch"] = True
             values["mismatch_detail"] = f"provider reported {amount}, expected {expected}"
-            # Another currency: nothing we can refund automatically; a person must look.
-            values["collected_minor"] = amount.minor if amount.currency == expected.currency else 0
+            # Another currency, or a negative amount (a reversal's sign, the provider's bug): nothing we can count or
+            # refund automatically (a negative one would be subtracted from what other payments collected); a person
+            # must look.
+            values["collected_minor"] = max(amount.minor, 0) if amount.currency == expected.currency else 0
             await record(session, actor=actor, action="payment.amount_mismatch", entity_type="payment",
                          entity_id=payment.id, after={"reported": amount.minor, "reportedCurrency": amount.currency,
                                                       "expected": expected.minor},

@@ -23,7 +23,7 @@ from core.audit import Actor
 from core.db import utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound
 from core.models import Cooperative, Member, Payment, PaymentType
-from core.money import Money, MoneyError
+from core.money import Money, MoneyError, exponent
 from core.notify import SMS_KEY_SIZE
 from core.payments import wallets_by_operator
 from core.ports import refusal_for
@@ -41,6 +41,9 @@ MAX_AMOUNT = {"RWF": 5_000_000, "UGX": 5_000_000, "TZS": 5_000_000, "KES": 250_0
 DEFAULT_MAX = 1_000_000
 _NAME = re.compile(r"^[^\W\d_](?:[^\W\d_]|[ '.-]){1,59}$")
 _DSP_REF = re.compile(r"DSP_\w+")
+# An amount in a currency with cents as typed on a keypad: whole units, then "." or "," and the cents (ASCII digits
+# only: str.isdigit takes "³" and "٣").
+_DECIMAL_AMOUNT = re.compile(r"([0-9]+)(?:[.,]([0-9]+))?", re.ASCII)
 
 
 def actor(ctx: Ctx) -> Actor:
@@ -600,22 +603,46 @@ async def amount_args(ctx: Ctx) -> dict[str, Any]:
 
 async def validate_amount(ctx: Ctx, text: str) -> str:
     currency = ctx.data.get("cur", "RWF")
-    example = "5000"
-    # Whole units only: a "." or "," typed on a keypad is a mistake more often than cents.
-    if not is_number(text):
-        raise Invalid("pay.amount_invalid", currency=currency, example=example)
+    places = exponent(currency)
+    if places:
+        # A currency with cents (GHS, KES): the amount as the screens write it, "12.50" (French "12,50"). Whole
+        # units only refused the usual amount the prompt itself shows ("usual: 20.50 GHS"), and told her to enter
+        # "a whole amount, e.g. 5000". A comma followed by three digits ("1,000") is no amount: refused.
+        invalid = Invalid("pay.amount_invalid_decimal", currency=currency,
+                          example=ctx.money(Money(105 * 10 ** (places - 1), currency)).rsplit(" ", 1)[0])
+        match = _DECIMAL_AMOUNT.fullmatch(text)
+        if match is None or len(match.group(2) or "") > places:
+            raise invalid
+        text = match.group(1) + ("." + match.group(2) if match.group(2) else "")
+    else:
+        # Whole units only: a "." or "," typed on a keypad is a mistake more often than cents.
+        invalid = Invalid("pay.amount_invalid", currency=currency, example="5000")
+        if not is_number(text):
+            raise invalid
     cap = Money.parse(MAX_AMOUNT.get(currency, DEFAULT_MAX), currency)
     try:
         amount = Money.parse(text, currency)
     except MoneyError:
-        if text.strip("0"):  # digits only, but more than money can hold: too high, not "not a number"
+        if text.strip("0."):  # digits only, but more than money can hold: too high, not "not a number"
             raise Invalid("pay.amount_too_big", max=ctx.money(cap)) from None
-        raise Invalid("pay.amount_invalid", currency=currency, example=example) from None
+        raise invalid from None
     if not amount.is_positive():
-        raise Invalid("pay.amount_invalid", currency=currency, example=example)
+        raise invalid
     if amount > cap:
         raise Invalid("pay.amount_too_big", max=ctx.money(cap))
+    if amount.minor % 10 ** places and await _whole_only(ctx, amount):
+        # Her number's wallet takes whole units only (M-Pesa: whole shillings): asked again for a whole amount
+        # rather than ending the session on "this amount cannot be paid".
+        raise Invalid("pay.amount_invalid", currency=currency, example="5000")
     return str(amount.minor)
+
+
+async def _whole_only(ctx: Ctx, amount: Money) -> bool:
+    """Every method of the caller's number refuses `amount` by its provider's amount rule."""
+    coop = await cooperative(ctx, ctx.data["c"])
+    phone = ctx.hop.phone
+    usable = methods_for(coop.country if coop else "", phone.operator, ctx.rt.routes, number_country=phone.region)
+    return bool(usable) and all(_refuses_amount(ctx, m, amount) for m in usable)
 
 
 async def amount_entered(ctx: Ctx, minor: str) -> str:

@@ -278,6 +278,8 @@ class UssdService:
         else:
             ms = await read_memberships()
         resumable, chosen = facts
+        if resumable and state.data.get("x"):
+            resumable = await self._resumes_in(rt, turn.phone, state.data["x"])
         # The person's language, the same on every serve process: her memberships' (all of them, not only
         # those of a dialled extension's cooperative), else what the phone chose in Redis. Not this process's
         # memory: another process would greet the same phone in another language.
@@ -295,6 +297,20 @@ class UssdService:
                                     phone=turn.phone, service_code=dialled, network=turn.network,
                                     cooperative_id=coop_id, member_id=member_id)
         return stored, reply, opening
+
+    @staticmethod
+    async def _resumes_in(rt: Any, phone: Phone, coop_id: str) -> bool:
+        """Whether the session this phone left may be continued from a dial of `coop_id`'s own code: not when it
+        was another cooperative's. A member of two cooperatives who left a payment in one and dialled the other's
+        extension was offered "Continue where you left off", and Continue took her to the first one's payment
+        list and confirmation, which do not name the cooperative: she paid the wrong one. Its route stays for a
+        dial of its own cooperative's code (or the shared one). Read only when a route waits and a cooperative's
+        extension was dialled."""
+        saved = await sessions.load_resume(rt.redis, rt.cipher, phone)
+        if saved is None:
+            return False
+        theirs = saved.data.get("c") or saved.data.get("rc") or saved.data.get("x")
+        return theirs is None or theirs == coop_id
 
     async def _lost(self, rt: Any, turn: UssdTurn) -> str | None:
         """The code a session was opened with when a hop with text and no saved session continues it after
