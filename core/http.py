@@ -35,6 +35,12 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024  # providers answer a few KB; anything near this is not an answer
+# A request extension (`client.post(..., extensions={STATUS_ONLY: True})`): the caller acts on the status line
+# alone, so the answer's body is not read (its connection is closed rather than drained), and the Response
+# carries no content. A cooperative's webhook receiver is told "2xx counts": one that answers 200 and then
+# sends its body slowly (or a large one) has answered, and reading that body held the delivery until the
+# worker cut it off, unrecorded, and sent the event again.
+STATUS_ONLY = "gateway.status_only"
 
 
 def not_public(text: str) -> bool:
@@ -122,7 +128,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         try:
             async with session.request(request.method, URL(str(request.url), encoded=True), headers=headers,
                                        data=body or None, timeout=timeout, allow_redirects=False) as answer:
-                content = await _read(answer)
+                content = b"" if request.extensions.get(STATUS_ONLY) else await _read(answer)
                 status, raw_headers, reason = answer.status, answer.raw_headers, answer.reason
         except aiohttp.ClientError as exc:
             raise _translate(exc, request) from exc

@@ -47,7 +47,7 @@ from core.audit import Actor, record
 from core.crypto import PiiCipher
 from core.db import UTCDateTime, insert_ignore, iso_ms, lock_row, new_id, parse_aware, utcnow
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
-from core.http import not_public
+from core.http import STATUS_ONLY, not_public
 from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
 from core.outbox import Job, NewJob, PermanentJobError, RetryLater, end_waiting, enqueue, enqueue_many
 from core.text import is_number
@@ -152,7 +152,10 @@ def normalize_domain(domain: str, *, embedded: bool = False) -> str:
     """Lower-case host name; IP literals and localhost only in the embedded default (no SSRF into a LAN)."""
     host = (domain or "").strip().lower().rstrip(".")
     if "://" in host:
-        host = urlparse(host).hostname or ""
+        try:
+            host = urlparse(host).hostname or ""
+        except ValueError:  # "Invalid IPv6 URL" (an unclosed "["), a port that is no number
+            raise ValidationError(f"{host!r} is not a valid domain name", field="domain") from None
     if not host:
         raise ValidationError("domain is required", field="domain")
     try:
@@ -168,6 +171,12 @@ def normalize_domain(domain: str, *, embedded: bool = False) -> str:
         return host
     if not _HOSTNAME.match(host) or "." not in host:
         raise ValidationError(f"{host!r} is not a valid domain name", field="domain")
+    if not embedded and host.rsplit(".", 1)[1].isdigit():
+        # No top-level domain is all digits: "127.1" or "10.1" is an IP address in the short form the system
+        # resolver reads (127.0.0.1, 10.0.0.1), which ipaddress does not take.
+        raise ValidationError(
+            "webhook domains must be public host names, not IP addresses or localhost", field="domain"
+        )
     return host
 
 
@@ -221,21 +230,29 @@ async def request_domain(
 ) -> ApprovedDomain:
     """A cooperative asks for a domain; a super admin decides. Asking again returns the same request."""
     host = normalize_domain(domain, embedded=embedded)
-    existing = (
+    # ON CONFLICT DO NOTHING, then read the row: of two requests for one domain at once (a call retried on a
+    # timeout) the second gets the first's row, where a read-then-insert failed on the unique constraint (a 500).
+    table = ApprovedDomain.__table__
+    inserted = (
         await session.execute(
-            select(ApprovedDomain).where(
-                ApprovedDomain.cooperative_id == cooperative_id, ApprovedDomain.domain == host
-            )
+            insert_ignore(session.get_bind().dialect.name, table)
+            .values(cooperative_id=cooperative_id, domain=host, status="PENDING")
+            .on_conflict_do_nothing(index_elements=[table.c.cooperative_id, table.c.domain])
+            .returning(table.c.id)
         )
     ).scalar_one_or_none()
-    if existing is not None:
-        if existing.status == "REJECTED":
-            existing.status, existing.decided_by, existing.decided_at = "PENDING", None, None
+    row = (
+        await session.execute(
+            select(ApprovedDomain)
+            .where(ApprovedDomain.cooperative_id == cooperative_id, ApprovedDomain.domain == host)
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one()
+    if inserted is None:  # asked before: the same request
+        if row.status == "REJECTED":
+            row.status, row.decided_by, row.decided_at = "PENDING", None, None
             await session.flush()
-        return existing
-    row = ApprovedDomain(cooperative_id=cooperative_id, domain=host, status="PENDING")
-    session.add(row)
-    await session.flush()
+        return row
     await record(
         session,
         actor=actor,
@@ -323,7 +340,16 @@ def check_url(url: str, *, embedded: bool = False) -> tuple[str, str]:
     """Returns (url, host). https is required outside the embedded default."""
     if not isinstance(url, str) or not url.strip() or len(url) > 500:
         raise ValidationError("url is required (at most 500 characters)", field="url")
-    parsed = urlparse(url.strip())
+    try:
+        parsed = urlparse(url.strip())
+        port = parsed.port
+        # As the client that sends the deliveries reads it: a URL it refuses (a control character, a port
+        # that is no number) would fail every delivery unrecorded, never counted towards switching it off.
+        httpx.URL(url.strip())
+    except (ValueError, httpx.InvalidURL) as exc:  # an unclosed "[", a port past 65535, a "\r"
+        raise ValidationError(f"webhook url is not a valid URL: {exc}", field="url") from None
+    if port == 0:
+        raise ValidationError("webhook url port must be 1-65535", field="url")
     allowed = ("https", "http") if embedded else ("https",)
     if parsed.scheme not in allowed:
         raise ValidationError("webhook url must use https", field="url")
@@ -636,7 +662,7 @@ def _previous_after_rotation(endpoint: WebhookEndpoint, overlap: timedelta, now:
         first_free = min(until for entry in live if (until := secret_expiry(entry)) is not None)
         raise Conflict(
             f"{len(live)} earlier secrets of this webhook endpoint still sign deliveries (at most "
-            f"{MAX_PREVIOUS_SECRETS}); rotate again after {first_free.isoformat()}, when the first of them "
+            f"{MAX_PREVIOUS_SECRETS}); rotate again after {iso_ms(first_free)}, when the first of them "
             "stops, or with overlapHours 0 to stop them all at once"
         )
     # The current secret is stored as it was: the same key and context as previous secrets.
@@ -853,10 +879,13 @@ async def refused_destination(url: str, *, embedded: bool) -> str | None:
     """
     parsed = urlparse(url)
     host = (parsed.hostname or "").lower()
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError as exc:  # a port past 65535, stored before check_url refused it: a recorded failure
+        return f"invalid url: {exc}"
     if embedded or host == "localhost" or _is_ip(host):
         return None
     try:
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
         addresses = await resolve(host, port)
     except (OSError, ValueError) as exc:
         return f"cannot resolve {host}: {exc}"[:300]
@@ -936,14 +965,23 @@ async def deliver(rt: Runtime, job: Job) -> str:
     error = await refused_destination(endpoint.url, embedded=rt.settings.is_embedded)
     if error is None:
         try:
-            response = await _client(rt).post(
-                endpoint.url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT, follow_redirects=False
-            )
+            # The status line is the answer (a 2xx delivers), within DELIVERY_TIMEOUT in all: the body is not
+            # read (STATUS_ONLY), and an answer trickled out slower than the client's per-read timeout is cut
+            # off here. Otherwise a receiver that answered 200 and then sent its body slowly held the job until
+            # the worker cancelled it, nothing recorded, and was sent the event again at each of the job's tries.
+            async with asyncio.timeout(DELIVERY_TIMEOUT):
+                response = await _client(rt).post(
+                    endpoint.url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT, follow_redirects=False,
+                    extensions={STATUS_ONLY: True},
+                )
             status_code = response.status_code
             if not 200 <= status_code < 300:
                 error = f"HTTP {status_code}"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            # InvalidURL: a URL registered before check_url refused it; a failure recorded like any other.
             error = f"{type(exc).__name__}: {exc}"[:300] or type(exc).__name__
+        except TimeoutError:
+            error = f"no answer within {DELIVERY_TIMEOUT:.0f} s"
     latency_ms = int((time.perf_counter() - started) * 1000)
     attempt = {
         "at": utcnow().isoformat(),

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 
 from admin_api.common import iso
 from core import webhooks
-from core.db import parse_aware, utcnow
+from core.db import iso_ms, parse_aware, utcnow
 from core.models import AuditEvent, OutboxJob, WebhookDelivery, WebhookEndpoint
 from tests.conftest import drain
 from tests.core import test_webhooks
@@ -256,6 +256,10 @@ async def test_a_rotation_beyond_the_cap_is_refused_rather_than_cut_an_overlap_s
 
     refused = await admin.json("POST", path, 409)
     assert "overlapHours 0" in str(refused) and f"at most {webhooks.MAX_PREVIOUS_SECRETS}" in str(refused)
+    # When it may rotate again, written as the API writes instants (to the millisecond: the moment, not before it),
+    # not Python's "+00:00" form with microseconds.
+    first_free = min(until for entry in full.previous_secrets if (until := webhooks.secret_expiry(entry)))
+    assert f"rotate again after {iso_ms(first_free)}, when" in refused["message"], refused
     row = await _endpoint(rt, endpoint.id)
     assert (row.secret_enc, row.previous_secrets) == (full.secret_enc, full.previous_secrets)  # nothing changed
 

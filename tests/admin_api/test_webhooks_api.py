@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from sqlalchemy import select
 
-from core.models import WebhookEndpoint
+from core import webhooks
+from core.models import ApprovedDomain, AuditEvent, WebhookEndpoint
 from core.webhooks import endpoint_secret
 
 
@@ -61,6 +65,58 @@ async def test_validation(admin, rt):
     assert http["message"] == ["webhook url must use https"]
     ip = await admin.json("POST", "/v1/webhook-domains", 400, json={"domain": "10.0.0.1"})
     assert "not IP addresses" in ip["message"][0]
+
+
+async def test_urls_the_sender_cannot_use_are_refused_with_400(admin, superadmin, demo):
+    """A URL whose port is no port, with an unclosed "[" or a control character: a 400 naming the url, at
+    registration and on PATCH (before: a 500 with a traceback for the "[", and the others stored, each delivery
+    then failing unrecorded in the job, never counted towards switching the endpoint off)."""
+    domain = await admin.json("POST", "/v1/webhook-domains", 201, json={"domain": "erp.kigali-heights.rw"})
+    await superadmin.json("POST", f"/v1/webhook-domains/{domain['id']}/approve", 200)
+    good = "https://erp.kigali-heights.rw/hooks"
+    endpoint = await admin.json("POST", "/v1/webhook-endpoints", 201, json={"url": good, "events": ["payment.failed"]})
+    for url in (
+        "https://erp.kigali-heights.rw:99999/hooks",
+        "https://erp.kigali-heights.rw:abc/hooks",
+        "https://erp.kigali-heights.rw:0/hooks",
+        "https://[::1/hooks",
+        "https://erp.kigali-heights.rw/hooks\r\nX-Injected: 1",
+    ):
+        for method, path in (("POST", "/v1/webhook-endpoints"), ("PATCH", f"/v1/webhook-endpoints/{endpoint['id']}")):
+            refused = await admin.json(method, path, 400, json={"url": url, "events": ["payment.failed"]})
+            assert refused["error"] == "Bad Request", (method, url)
+            assert refused["message"][0].startswith("webhook url"), (method, url, refused)
+    listed = await admin.json("GET", "/v1/webhook-endpoints", 200)
+    assert [(e["id"], e["url"]) for e in listed["data"]] == [(endpoint["id"], good)]
+    refused = await admin.json("POST", "/v1/webhook-domains", 400, json={"domain": "https://[::1/x"})
+    assert refused["message"] == ["'https://[::1/x' is not a valid domain name"]
+
+
+async def test_one_domain_asked_for_twice_at_once_is_one_request(admin, rt, demo, monkeypatch):
+    """A cooperative's setup script that retries its call on a timeout: the two requests for one domain both
+    answer 201 with the one row (before: the second read "not asked yet" while the first's row was uncommitted,
+    inserted too, and failed on the unique constraint with a 500). The interleaving is forced: the first request
+    holds its transaction open (in its audit write) for up to a second, while the second arrives."""
+    original, calls = webhooks.record, []
+
+    async def record_held_once(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        await original(*args, **kwargs)
+        if len(calls) == 1:
+            await asyncio.sleep(1.0)
+
+    monkeypatch.setattr(webhooks, "record", record_held_once)
+    answers = await asyncio.gather(*(
+        admin.req("POST", "/v1/webhook-domains", json={"domain": "erp.kigali-heights.rw"}) for _ in range(2)
+    ))
+    bodies = [await answer.json() for answer in answers]
+    assert [answer.status for answer in answers] == [201, 201], bodies
+    assert bodies[0]["id"] == bodies[1]["id"] and bodies[0]["status"] == "PENDING"
+    async with rt.sessionmaker() as session:
+        rows = (await session.execute(select(ApprovedDomain.id))).scalars().all()
+        requested = (await session.execute(
+            select(AuditEvent.entity_id).where(AuditEvent.action == "webhook_domain.requested"))).scalars().all()
+    assert rows == [bodies[0]["id"]] and requested == [bodies[0]["id"]]
 
 
 async def test_domains_and_endpoints_are_scoped(admin, superadmin, coop_b):

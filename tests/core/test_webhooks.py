@@ -73,7 +73,7 @@ async def approved_endpoint(
 
     async with rt.sessionmaker.begin() as session:
         domain = await webhooks.request_domain(
-            session, cooperative_id=coop_id, domain=urlparse(url).hostname, actor=ADMIN, embedded=embedded
+            session, cooperative_id=coop_id, domain=urlparse(url).hostname or "", actor=ADMIN, embedded=embedded
         )
         await webhooks.approve_domain(session, domain_id=domain.id, actor=SUPER, is_super_admin=True)
         return await webhooks.register_endpoint(
@@ -174,6 +174,10 @@ async def test_registration_rules(rt: Any, demo: dict[str, Any]) -> None:
     [
         ("127.0.0.1", False, "not IP addresses or localhost"),
         ("localhost", False, "not IP addresses or localhost"),
+        # The short forms of IP addresses the system resolver reads (127.0.0.1, 10.0.0.1, 127.0.0.1 in hex).
+        ("127.1", False, "not IP addresses or localhost"),
+        ("10.1", False, "not IP addresses or localhost"),
+        ("0x7f.1", False, "not IP addresses or localhost"),
         ("not a domain", False, "not a valid domain"),
         ("nodot", False, "not a valid domain"),
         ("", False, "domain is required"),
