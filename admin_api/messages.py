@@ -322,8 +322,9 @@ ROUTES = [
         "GET",
         "/members/{id}/messages",
         member_messages,
-        "The SMS the gateway made for a member (receipts, payment updates, reminders, disputes, refunds), newest "
-        "first, with their delivery status; masked numbers; texts only with includeBody",
+        "The SMS the gateway made for a member (receipts, payment updates, reminders, disputes, refunds, the "
+        "replies to her keyword texts), newest first, with their delivery status; masked numbers; texts only with "
+        "includeBody",
         "messages",
         "admin",
         query=LIST_QUERY,

@@ -440,17 +440,34 @@ async def inbound(request: web.Request) -> web.Response:
             return web.Response(text="")  # what the keyword changed commits, without a reply
         template, context, cooperative_id = reply
         context = {**context, "language": language}
+        cooperative_id, member_id = _reply_membership(members, cooperative_id)
         await send_sms(
             session,
             template=template,
             cooperative_id=cooperative_id,
             context=context,
             cipher=rt.cipher,
-            phone=phone,
+            member_id=member_id,
+            phone=phone,  # to the number that texted, whatever number the membership holds when it is sent
             dedupe=dedupe,
         )
     log.info("keyword SMS", extra={"command": command or "unknown", "reply": template})
     return web.Response(text="")
+
+
+def _reply_membership(members: list[Member], cooperative_id: str | None) -> tuple[str | None, str | None]:
+    """(cooperative, member) a reply is stored with: the number's membership in the cooperative the reply is
+    for, so the support desk finds it in her messages (GET /v1/members/{id}/messages: "did she get the receipt she
+    asked for?") as it finds a receipt the desk resent. The reply's cooperative is the payment's for a RECEIPT or
+    STATUS, the one HELP names the code of (the first of `members`); a number in that cooperative is at most one
+    member of it. A reply about the number rather than one cooperative (STOP, START, "not found", how to ask) is
+    the cooperative's only when the number has no other membership: its STOP already shows on that membership
+    (its flag, its audit row). Of a number in several cooperatives it is none's (choosing one would show it to
+    that cooperative only, as if sent there), and of a number no member has, no one's."""
+    if cooperative_id is None and len(members) == 1:
+        cooperative_id = members[0].cooperative_id
+    member_id = next((member.id for member in members if member.cooperative_id == cooperative_id), None)
+    return cooperative_id, member_id
 
 
 # An SMS about one payment that someone asked for (the RECEIPT or STATUS keyword, the support desk's resend:
