@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 from redis.exceptions import RedisError
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, page_of, paged
 from admin_api.errors import ApiError
@@ -21,7 +21,7 @@ from channels.ussd.sessions import forget_phone, phone_keys
 from core import auth
 from core import members as service
 from core.errors import NotFound
-from core.member_import import import_members
+from core.member_import import EXISTING, import_members
 from core.models import Cooperative, Member
 from core.phone import DEFAULT_REGION, normalize
 
@@ -75,6 +75,11 @@ UPDATE = obj(
     min_properties=1,
 )
 IMPORTED = out({"imported": {"type": "integer"}, "memberIds": {"type": "array", "items": ID},
+               "updated": {"type": "integer", "description": "existing=update: members the file changed"},
+               "updatedIds": {"type": "array", "items": ID},
+               "unchanged": {"type": "integer",
+                             "description": "existing=update: rows whose member already had its name, unit and "
+                                            "language"},
                "ignoredColumns": {"type": "array", "items": {"type": "string"},
                                   "description": "the file's columns not stored (name, phone, unit, language are)"},
                "encoding": {"enum": ["utf-8", "utf-16", "windows-1252"]}})
@@ -131,6 +136,11 @@ async def list_members(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         query = query.where(Member.status == q["status"])
     if q.get("unit"):
         query = query.where(Member.unit == q["unit"])
+    if q.get("name"):
+        # The support desk finds a member by part of her name, whatever its case ("mutesi" finds "Mutesi
+        # Béatrice"); % and _ typed are letters, not wildcards.
+        typed = q["name"].strip().lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(func.lower(Member.name).like(f"%{typed}%", escape="\\"))
     if q.get("cooperativeId"):
         query = query.where(Member.cooperative_id == q["cooperativeId"])
     if q.get("phone"):
@@ -306,9 +316,12 @@ async def import_members_csv(request: web.Request, ctx: Ctx) -> web.StreamRespon
         data=data,
         actor=ctx.who.actor,
         status=ctx.query["status"],
+        existing=ctx.query["existing"],
     )
     await ctx.session.commit()
     return json_response({"imported": len(done.member_ids), "memberIds": done.member_ids,
+                          "updated": len(done.updated_ids), "updatedIds": done.updated_ids,
+                          "unchanged": done.unchanged,
                           "ignoredColumns": done.ignored_columns, "encoding": done.encoding}, status=201)
 
 
@@ -337,6 +350,7 @@ ROUTES = [
             "limit": LIMIT,
             "status": Param(enum=service.MEMBER_STATUSES),
             "unit": Param(description="Exact unit"),
+            "name": Param(description="Part of the name, any case"),
             "phone": Param(description="Exact phone number"),
             "cooperativeId": Param("uuid", "Super admin: one cooperative"),
         },
@@ -355,6 +369,11 @@ ROUTES = [
         query={
             "cooperativeId": Param("uuid", "Super admin: the cooperative"),
             "status": Param(enum=("ACTIVE", "PENDING"), default="ACTIVE"),
+            "existing": Param(enum=EXISTING, default="refuse",
+                              description="a row whose number is already a member's: refuse the file (naming the "
+                                          "row), or update that member's name, and unit and language where the "
+                                          "file has those columns (an empty language cell keeps hers); her status "
+                                          "and number stay"),
         },
     ),
     Route(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import csv
+import dataclasses
 import functools
 import io
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from core.audit import Actor, record
 from core.crypto import PiiCipher
 from core.db import insert_ignore, new_id, row_insert, utcnow
 from core.errors import ValidationError
-from core.members import LANGUAGES, MEMBER_STATUSES, created_audit, member_row
+from core.members import CHANGED, LANGUAGES, MEMBER_STATUSES, PERSONAL_FIELDS, created_audit, member_row
 from core.models import AuditEvent, Cooperative, Member
 from core.phone import Phone, PhoneError, normalize
 from core.text import has_bad_characters
@@ -27,16 +28,30 @@ REQUIRED = ("name", "phone")
 MAX_ROWS = 10_000
 MAX_COLUMNS = 50  # the four stored and what a spreadsheet export carries beside them
 CHUNK = 500  # rows per INSERT: 12 parameters a row, well under SQLite's 32,766 and PostgreSQL's 65,535
+# What a row whose number is already a member's does (the import's `existing`): refuse the file (the default,
+# naming the row), or update that member's name, unit and language from it (the clerk's whole list sent again).
+EXISTING = ("refuse", "update")
+ALREADY_A_MEMBER = "already a member of this cooperative"
+
+
+def already_members(errors: list[RowError]) -> list[RowError]:
+    """The rows whose number is already a member's, after one line saying what to do about them (said once: the
+    whole list sent again names every row)."""
+    if not errors:
+        return errors
+    return [RowError(0, "file", f"{len(errors)} row(s) with a number already a member's: leave them out, or import "
+                                "with existing=update to update those members' name, unit and language from the "
+                                "file"), *errors]
 
 
 @dataclass(frozen=True)
 class RowError:
-    row: int  # line number in the file, the header being line 1
+    row: int  # line number in the file, the header being line 1; 0: the whole file
     field: str
     message: str
 
     def text(self) -> str:
-        return f"row {self.row}: {self.field}: {self.message}"
+        return f"row {self.row}: {self.field}: {self.message}" if self.row else f"{self.field}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -45,7 +60,7 @@ class ImportRow:
     name: str
     phone: Phone
     unit: str | None
-    language: str
+    language: str | None  # None: no language given (a new member's is "en"; an updated member keeps hers)
 
 
 class ImportRejected(ValidationError):
@@ -61,12 +76,18 @@ class ImportRejected(ValidationError):
 
 
 DELIMITERS = ",;\t"
+# A language column a clerk typed as words: the language's name in English, French or itself reads as its code.
+LANGUAGE_NAMES = {"english": "en", "anglais": "en", "kinyarwanda": "rw", "ikinyarwanda": "rw", "french": "fr",
+                  "français": "fr", "francais": "fr", "swahili": "sw", "kiswahili": "sw"}
 
 
 def delimiter_of(text: str) -> str:
     """The header line's separator: a comma, or the semicolon a spreadsheet uses where the comma is the
-    decimal mark (Excel in a French locale), or a tab; whichever the header holds most (a comma on a tie)."""
-    first = text.split("\n", 1)[0]
+    decimal mark (Excel in a French locale), or a tab; whichever the header holds most (a comma on a tie). The
+    header is the first line with something in it: a sheet whose first rows were left empty saves them as blank
+    lines or as separators only (";;;")."""
+    lines = text.split("\n", 20)
+    first = next((line for line in lines[:20] if line.strip(DELIMITERS + " \r\ufeff")), lines[0])
     counts = {d: first.count(d) for d in DELIMITERS}
     best = max(DELIMITERS, key=lambda d: counts[d])  # the first of equals: the comma
     return best if counts[best] else ","
@@ -77,12 +98,25 @@ class ParsedFile:
     rows: list[ImportRow]
     ignored_columns: list[str]  # columns of the file the import does not store (an email, a member number)
     encoding: str
+    columns: frozenset[str] = frozenset(COLUMNS)  # which of COLUMNS the file has (an update sets only those)
+
+
+# A spreadsheet's own file sent instead of its CSV: a zip (.xlsx, .ods) or an OLE2 compound file (.xls). Read as
+# text they are "not UTF-8 or Windows-1252", which does not tell the clerk what to do.
+WORKBOOK = "is a spreadsheet workbook ({kind}), not a CSV file: save it as CSV (Excel: File > Save As > " \
+           "CSV UTF-8 (Comma delimited); LibreOffice: Save As > Text CSV; Google Sheets: File > Download > " \
+           "Comma-separated values) and import that file"
+_WORKBOOKS = ((b"PK\x03\x04", ".xlsx or .ods"), (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", ".xls"))
 
 
 def decode(data: bytes) -> tuple[str, str]:
     """The file's text and the encoding it was read in: UTF-8 (with or without a BOM); UTF-16 with its BOM
     (Excel's "Unicode Text"); else Windows-1252 (Excel's "CSV (Comma delimited)" on a Windows set to English or
-    French: "Amélie" is one byte é). A file that is none of these is refused."""
+    French: "Amélie" is one byte é). A file that is none of these is refused; a workbook is told how to save it as
+    CSV."""
+    for magic, kind in _WORKBOOKS:
+        if data.startswith(magic):
+            raise ImportRejected([RowError(0, "file", WORKBOOK.format(kind=kind))])
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
             return data.decode("utf-16"), "utf-16"
@@ -104,31 +138,39 @@ def parse_rows(data: bytes, *, region: str) -> ParsedFile:
     text, encoding = decode(data)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter_of(text))
     try:
-        header = [h.strip().lower() for h in next(reader)]
+        cells = next(reader)
+        while not any(c.strip() for c in cells):  # empty rows above the header (delimiter_of)
+            cells = next(reader)
+        header = [h.strip().lower() for h in cells]
+        head = reader.line_num  # 1 unless empty rows came first
     except StopIteration:
         raise ImportRejected([RowError(1, "header", "the file is empty")]) from None
     except csv.Error as exc:
-        raise ImportRejected([RowError(1, "header", f"not CSV: {exc}")]) from None
+        raise ImportRejected([RowError(max(reader.line_num, 1), "header", f"not CSV: {exc}")]) from None
     errors: list[RowError] = []
     # Other columns (a SACCO's export has an email, a member number...) are read past and named in the answer.
     # Columns with no name (a spreadsheet's trailing separators) likewise.
     ignored = [h for h in header if h and h not in COLUMNS]
     if len(header) > MAX_COLUMNS:
-        raise ImportRejected([RowError(1, "header", f"more than {MAX_COLUMNS} columns")])
+        raise ImportRejected([RowError(head, "header", f"more than {MAX_COLUMNS} columns")])
     if any(has_bad_characters(h) or len(h) > 64 for h in ignored):
-        errors.append(RowError(1, "header", "a column name has characters that are not allowed or is over 64 long"))
+        errors.append(RowError(head, "header", "a column name has characters that are not allowed or is over 64 long"))
+    # A header a clerk named otherwise ("Phone Number", "Nom"), or a file with no header row at all: the
+    # answer shows the header row as it was read, so what to rename is plain.
+    found = ", ".join(h for h in header if h)[:300] or "nothing"
     for col in REQUIRED:
         if col not in header:
-            errors.append(RowError(1, "header", f"column {col} is required"))
+            errors.append(RowError(head, "header", f"column {col} is required (the header row must name the columns "
+                                                f"name, phone, unit, language; it has: {found})"))
     known = [h for h in header if h in COLUMNS]
     if len(set(known)) != len(known):
-        errors.append(RowError(1, "header", "a column appears twice"))
+        errors.append(RowError(head, "header", "a column appears twice"))
     if errors:
         raise ImportRejected(errors)
 
     rows: list[ImportRow] = []
     seen: dict[str, int] = {}
-    line = 1
+    line = head
     try:
         for cells in reader:
             line = reader.line_num
@@ -160,8 +202,9 @@ def parse_rows(data: bytes, *, region: str) -> ParsedFile:
             unit = values.get("unit") or None
             if unit is not None and len(unit) > 64:
                 row_errors.append(RowError(line, "unit", "must be at most 64 characters"))
-            language = (values.get("language") or "en").lower()
-            if language not in LANGUAGES:
+            language = values.get("language", "").lower() or None
+            language = LANGUAGE_NAMES.get(language or "", language)
+            if language is not None and language not in LANGUAGES:
                 row_errors.append(RowError(line, "language", f"must be one of {', '.join(LANGUAGES)}"))
             if phone is not None:
                 first = seen.get(phone.e164)
@@ -179,7 +222,7 @@ def parse_rows(data: bytes, *, region: str) -> ParsedFile:
         raise ImportRejected(errors, rows)
     if not rows:
         raise ImportRejected([RowError(2, "file", "no member rows")])
-    return ParsedFile(rows, ignored, encoding)
+    return ParsedFile(rows, ignored, encoding, frozenset(h for h in header if h in COLUMNS))
 
 
 @dataclass(frozen=True)
@@ -187,6 +230,8 @@ class Imported:
     member_ids: list[str]
     ignored_columns: list[str]
     encoding: str
+    updated_ids: list[str] = dataclasses.field(default_factory=list)  # existing=update: members the file changed
+    unchanged: int = 0  # existing=update: rows whose member already had the file's name, unit and language
 
 
 async def import_members(
@@ -197,40 +242,57 @@ async def import_members(
     data: bytes,
     actor: Actor,
     status: str = "ACTIVE",
+    existing: str = "refuse",
 ) -> Imported:
-    """Validate the file, refuse numbers already in the cooperative, then create every member; returns
-    the new members' ids in the file's order, with the file's columns it did not store and its encoding.
+    """Validate the file, refuse numbers already in the cooperative (or, `existing="update"`, update those
+    members' name, unit and language from their rows), then create every other row's member; returns the new
+    members' ids in the file's order, with the file's columns it did not store and its encoding.
 
     The caller commits; on any error nothing has been written (the caller rolls back).
     """
     if status not in MEMBER_STATUSES:  # as create_member checks it
         raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
+    if existing not in EXISTING:
+        raise ValidationError(f"existing must be one of {', '.join(EXISTING)}", field="existing")
     # Parsing 10,000 rows (phonenumbers) is about half a second of CPU: in a thread, so the event loop keeps
     # serving other requests between its turns.
     try:
         parsed = await asyncio.to_thread(parse_rows, data, region=cooperative.country)
     except ImportRejected as exc:
-        if not exc.rows:
+        if not exc.rows or existing == "update":
             raise
         # The file's good rows are checked against the members too: an admin who fixed the rows first named
         # would otherwise learn of its numbers already registered only on sending it again.
         known = await _already_members(session, cipher, cooperative.id, exc.rows)
         raise ImportRejected(sorted(exc.row_errors + known, key=lambda e: e.row)) from None
     rows = parsed.rows
-    known = await _already_members(session, cipher, cooperative.id, rows)
-    if known:
-        raise ImportRejected(known)
+    updated: list[str] = []
+    unchanged = 0
+    if existing == "update":
+        members = await _members_of(session, cipher, cooperative.id, rows)
+        updated = await _update_rows(session, [(r, members[i]) for r in rows
+                                               if (i := cipher.blind_index(r.phone.e164)) in members],
+                                     parsed.columns, actor=actor)
+        unchanged = len(members) - len(updated)
+        rows = [r for r in rows if cipher.blind_index(r.phone.e164) not in members]
+    else:
+        known = await _already_members(session, cipher, cooperative.id, rows)
+        if known:
+            raise ImportRejected(known)
     ids = await _insert_rows(session, cipher, cooperative.id, rows, actor=actor, status=status)
+    after: dict[str, Any] = {"count": len(ids), "ignoredColumns": parsed.ignored_columns, "encoding": parsed.encoding}
+    if existing == "update":
+        after.update(updated=len(updated), unchanged=unchanged)
     await record(
         session,
         actor=actor,
         action="member.imported",
         entity_type="cooperative",
         entity_id=cooperative.id,
-        after={"count": len(ids), "ignoredColumns": parsed.ignored_columns, "encoding": parsed.encoding},
+        after=after,
         cooperative_id=cooperative.id,
     )
-    return Imported(ids, parsed.ignored_columns, parsed.encoding)
+    return Imported(ids, parsed.ignored_columns, parsed.encoding, updated, unchanged)
 
 
 async def _already_members(session: AsyncSession, cipher: PiiCipher, cooperative_id: str,
@@ -247,8 +309,55 @@ async def _already_members(session: AsyncSession, cipher: PiiCipher, cooperative
             )
         )
         existing.update(i for i in found.scalars() if i is not None)
-    return sorted((RowError(by_index[i].row, "phone", "already a member of this cooperative") for i in existing),
-                  key=lambda e: e.row)
+    return already_members(sorted((RowError(by_index[i].row, "phone", ALREADY_A_MEMBER) for i in existing),
+                                  key=lambda e: e.row))
+
+
+async def _members_of(session: AsyncSession, cipher: PiiCipher, cooperative_id: str,
+                      rows: list[ImportRow]) -> dict[str, Member]:
+    """The cooperative's members holding the file's numbers, by blind index, locked (FOR UPDATE): an erasure or a
+    release running meanwhile waits for the import, or the import for it, so a name is never written back onto an
+    erased member."""
+    keys = [cipher.blind_index(r.phone.e164) for r in rows]
+    members: dict[str, Member] = {}
+    for start in range(0, len(keys), 500):
+        found = await session.execute(
+            select(Member).where(Member.cooperative_id == cooperative_id,
+                                 Member.phone_index.in_(keys[start : start + 500]))
+            .order_by(Member.id).with_for_update())
+        members.update((m.phone_index, m) for m in found.scalars() if m.phone_index is not None)
+    return members
+
+
+async def _update_rows(session: AsyncSession, pairs: list[tuple[ImportRow, Member]], columns: frozenset[str], *,
+                       actor: Actor) -> list[str]:
+    """Each member whose row says otherwise gets the row's name, and its unit and language where the file has
+    those columns (an empty language cell keeps hers; an empty unit cell clears it, as the file says); her status
+    and number are not the file's to change. Audited as PATCH /members/{id} audits (member.updated), the audit
+    rows in one batched insert. The ids of the members changed, in the file's order."""
+    changed: list[Member] = []
+    audits: list[dict[str, Any]] = []
+    now = utcnow()
+    for row, member in pairs:
+        was = {field: getattr(member, field) for field in PERSONAL_FIELDS}
+        before = {"language": member.language, "status": member.status}
+        member.name = row.name
+        if "unit" in columns:
+            member.unit = row.unit
+        if row.language is not None:
+            member.language = row.language
+        after: dict[str, Any] = {"language": member.language, "status": member.status}
+        after.update({field: CHANGED for field in PERSONAL_FIELDS if getattr(member, field) != was[field]})
+        if after == before:
+            continue
+        changed.append(member)
+        audits.append({"cooperative_id": member.cooperative_id, "actor": actor.id, "channel": actor.channel,
+                       "action": "member.updated", "entity_type": "member", "entity_id": member.id,
+                       "before": before, "after": after, "at": now})
+    if changed:
+        await session.flush()  # one UPDATE per set of columns changed, its rows sent together
+        await session.execute(row_insert(session.get_bind().dialect.name, AuditEvent), audits)
+    return [m.id for m in changed]
 
 
 @functools.cache
@@ -271,7 +380,7 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
         chunk = rows[start : start + CHUNK]
         now = utcnow()
         values = [{
-            **member_row(cipher, cooperative_id=cooperative_id, name=r.name, phone=r.phone, language=r.language,
+            **member_row(cipher, cooperative_id=cooperative_id, name=r.name, phone=r.phone, language=r.language or "en",
                          unit=r.unit, status=status),
             "id": new_id(), "created_at": now, "updated_at": now,
         } for r in chunk]
@@ -282,8 +391,9 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
         # ("insertmanyvalues") without compiling a statement per chunk.
         written = set((await session.execute(_insert_members(dialect), values)).scalars())
         if len(written) != len(values):
-            raise ImportRejected([RowError(r.row, "phone", "already a member of this cooperative")
-                                  for r, v in zip(chunk, values, strict=True) if v["id"] not in written])
+            raise ImportRejected(already_members([RowError(r.row, "phone", ALREADY_A_MEMBER)
+                                                  for r, v in zip(chunk, values, strict=True)
+                                                  if v["id"] not in written]))
         await session.execute(row_insert(dialect, AuditEvent), [{
             "cooperative_id": cooperative_id, "actor": actor.id, "channel": actor.channel,
             "action": "member.created", "entity_type": "member", "entity_id": v["id"], "before": None,

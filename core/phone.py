@@ -48,6 +48,12 @@ _OPERATOR_PREFIXES: dict[str, str] = {
 }
 _MAX_PREFIX = max(len(p) for p in _OPERATOR_PREFIXES)
 _DIGITS = re.compile(r"[\s\-().]")
+# 2.50788E+11: a spreadsheet showed a number too wide for its column in scientific notation and saved it so (Excel's
+# CSV writes what the cell shows). Read as digits it is 25078811 or 2507881234 (the "." and "E" stripped or
+# refused): the number's last digits are gone, and only the sheet's owner can put them back.
+_SCIENTIFIC = re.compile(r"[+]?\d[.,]?\d*[eE][+]?\d+")
+SCIENTIFIC = ("written in scientific notation (as 2.50788E+11), which lost the number's last digits: format the "
+              "phone column as Text in the spreadsheet, type the numbers again and save it again")
 
 
 class PhoneError(ValidationError):
@@ -101,6 +107,8 @@ def normalize(raw: str, region: str = DEFAULT_REGION) -> Phone:
 # number again: remember recent answers (a refusal raises, so only valid numbers are kept).
 @functools.lru_cache(maxsize=10_000)
 def _normalize(raw: str, region: str) -> Phone:
+    if _SCIENTIFIC.fullmatch(raw.strip()):
+        raise PhoneError(SCIENTIFIC, field="phone")
     text = _DIGITS.sub("", raw.strip())
     if len(text) > 20:
         raise PhoneError("phone number is too long", field="phone")
@@ -113,6 +121,10 @@ def _normalize(raw: str, region: str) -> Phone:
     except NumberParseException:
         raise PhoneError("not a phone number", field="phone") from None
     if not phonenumbers.is_valid_number(parsed):
+        if not text.startswith("+") and region:
+            # 0772123456, a Ugandan tenant's number typed into a Rwandan cooperative's list: read as a Rwandan one.
+            raise PhoneError(f"not a valid phone number of {region} (a number of another country is written with + "
+                             "and its country code, as +256772123456)", field="phone")
         raise PhoneError("not a valid phone number", field="phone")
     kind = phonenumbers.number_type(parsed)
     if kind not in (PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE):

@@ -17,6 +17,12 @@ GOOD_CSV = (
 )
 
 
+def already(count: int) -> str:
+    """The line an import refused for numbers already registered starts with: what to do about them."""
+    return (f"file: {count} row(s) with a number already a member's: leave them out, or import with existing=update "
+            "to update those members' name, unit and language from the file")
+
+
 async def _count(rt, coop_id):
     async with rt.sessionmaker() as s:
         return (
@@ -197,18 +203,19 @@ async def test_import_refuses_existing_members_headers_and_types(admin, rt, demo
         "POST", "/v1/members/import", data=existing.encode(), headers={"Content-Type": "text/csv"}
     )
     assert resp.status == 400
-    assert (await resp.json())["message"] == ["row 3: phone: already a member of this cooperative"]
+    assert (await resp.json())["message"] == [already(1), "row 3: phone: already a member of this cooperative"]
     resp = await admin.req(
         "POST", "/v1/members/import", data=b"fullname,mobile\nA,B\n", headers={"Content-Type": "text/csv"}
     )
     msgs = (await resp.json())["message"]
-    assert resp.status == 400 and "row 1: header: column name is required" in msgs
+    assert resp.status == 400 and ("row 1: header: column name is required (the header row must name the columns "
+                                   "name, phone, unit, language; it has: fullname, mobile)") in msgs
     resp = await admin.req("POST", "/v1/members/import", data=b"", headers={"Content-Type": "text/csv"})
     assert resp.status == 400
     resp = await admin.req(
         "POST", "/v1/members/import", data=b"name,phone\n\x81\x8d,x\n", headers={"Content-Type": "text/csv"}
     )  # neither UTF-8 nor Windows-1252 (0x81 and 0x8D are unassigned there)
-    assert (await resp.json())["message"] == ["row 0: file: must be text: UTF-8, UTF-16 or Windows-1252"]
+    assert (await resp.json())["message"] == ["file: must be text: UTF-8, UTF-16 or Windows-1252"]
     resp = await admin.req("POST", "/v1/members/import", json={"rows": []})
     assert resp.status == 415
     assert await _count(rt, demo["cooperative_id"]) == before
@@ -231,8 +238,10 @@ async def test_import_names_numbers_already_members_beside_the_rows_bad_in_thems
     body = await resp.json()
     assert resp.status == 400, body
     assert body["message"] == [
+        already(1),
         "row 3: phone: already a member of this cooperative",
-        "row 4: phone: not a valid phone number",
+        "row 4: phone: not a valid phone number of RW (a number of another country is written with + and "
+        "its country code, as +256772123456)",
         "row 5: language: must be one of en, rw, fr, sw",
     ]
     assert await _count(rt, demo["cooperative_id"]) == before
@@ -240,7 +249,7 @@ async def test_import_names_numbers_already_members_beside_the_rows_bad_in_thems
     resp = await admin.req("POST", "/v1/members/import", data=fixed.encode(), headers={"Content-Type": "text/csv"})
     body = await resp.json()
     assert resp.status == 400, body
-    assert body["message"] == ["row 3: phone: already a member of this cooperative",
+    assert body["message"] == [already(2), "row 3: phone: already a member of this cooperative",
                                "row 5: phone: already a member of this cooperative"]
     assert await _count(rt, demo["cooperative_id"]) == before
 

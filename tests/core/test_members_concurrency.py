@@ -69,7 +69,10 @@ async def test_an_import_racing_a_create_of_one_of_its_numbers_names_the_row(rt:
         await first.close()
         with pytest.raises(ImportRejected) as refused:
             await racing
-        assert refused.value.errors == ["row 3: phone: already a member of this cooperative"]
+        assert refused.value.errors == [
+            "file: 1 row(s) with a number already a member's: leave them out, or import with existing=update to "
+            "update those members' name, unit and language from the file",
+            "row 3: phone: already a member of this cooperative"]
         await second.rollback()
 
 

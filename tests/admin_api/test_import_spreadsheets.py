@@ -1,0 +1,176 @@
+"""A cooperative's clerk keeps the member list in a spreadsheet and imports it: the whole list sent again to change
+names and languages (existing=update), a workbook sent instead of its CSV, numbers a spreadsheet wrote in scientific
+notation, a header named otherwise; and finds a member again by part of her name."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from typing import Any
+
+from sqlalchemy import func, select
+
+from core.models import AuditEvent, Member
+from core.phone import SCIENTIFIC
+
+
+def already(count: int) -> str:
+    return (f"file: {count} row(s) with a number already a member's: leave them out, or import with existing=update "
+            "to update those members' name, unit and language from the file")
+
+
+async def _import(admin: Any, data: bytes, query: str = "") -> tuple[int, Any]:
+    resp = await admin.req("POST", f"/v1/members/import{query}", data=data, headers={"Content-Type": "text/csv"})
+    return resp.status, await resp.json()
+
+
+async def _members(rt: Any, coop_id: str) -> dict[str, tuple[str, str | None, str, str]]:
+    async with rt.sessionmaker() as s:
+        rows = (await s.execute(select(Member.phone_masked, Member.name, Member.unit, Member.language, Member.status)
+                                .where(Member.cooperative_id == coop_id))).all()
+    return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
+
+
+async def test_the_whole_list_sent_again_updates_names_units_and_languages(admin, rt, demo):
+    coop = demo["cooperative_id"]
+    first = ("Name,Phone,Unit,Language\r\n"
+             "Mutesi Beatrice,0788100101,A-1,en\r\n"
+             "Nyiransengiyumva Agnes,0788100102,A-2,rw\r\n"
+             "Kamanzi Eric,0788100103,A-3,sw\r\n").encode("cp1252")
+    status, body = await _import(admin, first)
+    assert status == 201 and body["imported"] == 3, body
+    suspended = (await admin.json("GET", "/v1/members?phone=0788100103", 200))["data"][0]["id"]
+    await admin.json("DELETE", f"/v1/members/{suspended}", 200)
+
+    # The clerk fixed the accents, moved Agnès, asked Béatrice's language, left Eric's language cell empty and
+    # added a new member; Aline (demo) is in the list unchanged. Sent as Excel's "CSV (Comma delimited)".
+    again = ("Name,Phone,Unit,Language\r\n"
+             "Mutesi Béatrice,0788100101,A-1,fr\r\n"
+             "Nyiransengiyumva Agnès,+250 788 100 102,B-7,rw\r\n"
+             "Kamanzi Eric,788100103,A-3,\r\n"
+             "Aline Uwase,0788000001,A-101,rw\r\n"
+             "Uwera Chantal,0788100104,,\r\n").encode("cp1252")
+    status, body = await _import(admin, again)
+    assert status == 400, body  # by default a number already registered refuses the file, saying what to do
+    assert body["message"] == [already(4)] + [f"row {n}: phone: already a member of this cooperative"
+                                              for n in (2, 3, 4, 5)]
+
+    status, body = await _import(admin, again, "?existing=update")
+    assert status == 201, body
+    assert (body["imported"], body["updated"], body["unchanged"]) == (1, 2, 2)
+    members = await _members(rt, coop)
+    assert members["+25078****101"] == ("Mutesi Béatrice", "A-1", "fr", "ACTIVE")
+    assert members["+25078****102"] == ("Nyiransengiyumva Agnès", "B-7", "rw", "ACTIVE")
+    assert members["+25078****103"] == ("Kamanzi Eric", "A-3", "sw", "SUSPENDED")  # her language and status stay
+    assert members["+25078****104"] == ("Uwera Chantal", None, "en", "ACTIVE")
+    assert members["+25078****001"][:3] == ("Aline Uwase", "A-101", "rw")
+    async with rt.sessionmaker() as s:
+        audits = (await s.execute(select(AuditEvent.entity_id, AuditEvent.before, AuditEvent.after).where(
+            AuditEvent.action == "member.updated", AuditEvent.entity_id.in_(body["updatedIds"])))).all()
+    assert sorted(a.after.get("name", "") + "/" + a.after.get("unit", "") + "/" + a.after["language"]
+                  for a in audits) == ["changed//fr", "changed/changed/rw"]
+
+    # A file without a unit or language column changes names only; the same file twice changes nothing more.
+    names_only = "name,phone\nMutesi B. Béatrice,0788100101\n".encode()
+    status, body = await _import(admin, names_only, "?existing=update")
+    assert (status, body["imported"], body["updated"]) == (201, 0, 1), body
+    assert (await _members(rt, coop))["+25078****101"] == ("Mutesi B. Béatrice", "A-1", "fr", "ACTIVE")
+    status, body = await _import(admin, names_only, "?existing=update")
+    assert (status, body["updated"], body["unchanged"]) == (201, 0, 1), body
+
+
+async def test_an_erased_members_number_in_the_list_is_a_new_member_and_she_stays_erased(admin, rt, demo):
+    status, body = await _import(admin, b"name,phone\nLeft Already,0788100201\n")
+    gone = body["memberIds"][0]
+    await admin.json("DELETE", f"/v1/members/{gone}", 200)
+    await admin.json("POST", f"/v1/members/{gone}/erase", 200)
+    status, body = await _import(admin, b"name,phone\nLeft Already,0788100201\n", "?existing=update")
+    assert (status, body["imported"], body["updated"]) == (201, 1, 0), body
+    assert (await admin.json("GET", f"/v1/members/{gone}", 200))["name"] == "Erased member"
+
+
+async def test_a_workbook_sent_instead_of_its_csv_is_told_how_to_save_it(admin, rt, demo):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("[Content_Types].xml", "<Types/>")
+        z.writestr("xl/worksheets/sheet1.xml", "<worksheet><row><c><v>Aline</v></c></row></worksheet>")
+    for data, kind in ((buf.getvalue(), ".xlsx or .ods"), (bytes.fromhex("d0cf11e0a1b11ae1") + bytes(512), ".xls")):
+        status, body = await _import(admin, data)
+        assert status == 400
+        assert body["message"] == [f"file: is a spreadsheet workbook ({kind}), not a CSV file: save it as CSV "
+                                   "(Excel: File > Save As > CSV UTF-8 (Comma delimited); LibreOffice: Save As > "
+                                   "Text CSV; Google Sheets: File > Download > Comma-separated values) and import "
+                                   "that file"]
+
+
+async def test_numbers_in_scientific_notation_are_named_with_what_to_do(admin, rt, demo):
+    before = len(await _members(rt, demo["cooperative_id"]))
+    status, body = await _import(admin, b"name,phone\r\nMutesi Beatrice,2.50788E+11\r\nOk Person,0788100301\r\n"
+                                        b"Kamanzi Eric,\"2,50788E+11\"\r\n")
+    assert status == 400
+    assert body["message"] == [f"row 2: phone: {SCIENTIFIC}", f"row 4: phone: {SCIENTIFIC}"]
+    assert len(await _members(rt, demo["cooperative_id"])) == before
+    # The same number pasted into the API.
+    member = demo["members"]["+250788000001"]
+    resp = await admin.json("PATCH", f"/v1/members/{member}", 400, json={"phone": "2.50788E+11"})
+    assert resp["message"] == [SCIENTIFIC]
+
+
+async def test_a_header_named_otherwise_shows_what_the_first_row_has(admin, rt, demo):
+    status, body = await _import(admin, "Nom;Téléphone;Unit\nAline X;0788100401;A\n".encode("cp1252"))
+    assert status == 400
+    assert body["message"] == [
+        "row 1: header: column name is required (the header row must name the columns name, phone, unit, "
+        "language; it has: nom, téléphone, unit)",
+        "row 1: header: column phone is required (the header row must name the columns name, phone, unit, "
+        "language; it has: nom, téléphone, unit)",
+    ]
+
+
+async def test_members_are_found_by_part_of_their_name(admin, rt, demo):
+    status, body = await _import(admin, "name,phone\nMutesi Béatrice,0788100501\nMUTESI Jeanne,0788100502\n"
+                                        "Under_Score,0788100503\nUnderXScore,0788100504\n".encode())
+    assert status == 201, body
+    found = await admin.json("GET", "/v1/members?name=mutesi&limit=1", 200)
+    assert found["meta"]["total"] == 2 and found["data"][0]["name"] == "MUTESI Jeanne"
+    found = await admin.json("GET", "/v1/members?name=%20b%C3%A9atrice", 200)
+    assert [m["name"] for m in found["data"]] == ["Mutesi Béatrice"]
+    found = await admin.json("GET", "/v1/members?name=r_s", 200)  # "_" is the letter, not any character
+    assert [m["name"] for m in found["data"]] == ["Under_Score"]
+    async with rt.sessionmaker() as s:
+        total = (await s.execute(select(func.count()).select_from(Member))).scalar_one()
+    found = await admin.json("GET", "/v1/members?name=%25", 200)
+    assert found["meta"]["total"] == 0 < total
+
+
+async def test_empty_rows_above_the_header_and_languages_written_as_words(admin, rt, demo):
+    """A sheet whose first rows were left empty saves them as blank lines, or as separators only in a French
+    Excel's file (which then is only known to be `;`-separated from the header below them); a language column
+    typed as words ("Kinyarwanda", "Français") reads as the codes."""
+    data = (";;;\r\n;;;\r\nName;Phone;Unit;Language\r\n"
+            "Mutesi Béatrice;0788100601;A-1;Kinyarwanda\r\nUwase Agnès;0788100602;A-2;Français\r\n"
+            "Kamanzi Eric;0788100603;;english\r\n").encode("utf-8-sig")
+    status, body = await _import(admin, data)
+    assert status == 201, body
+    members = await _members(rt, demo["cooperative_id"])
+    assert [members[f"+25078****60{n}"] for n in (1, 2, 3)] == [
+        ("Mutesi Béatrice", "A-1", "rw", "ACTIVE"), ("Uwase Agnès", "A-2", "fr", "ACTIVE"),
+        ("Kamanzi Eric", None, "en", "ACTIVE")]
+    # Its rows keep their own line numbers, the header's too.
+    status, body = await _import(admin, b"\r\n\r\nname,mobile\r\nBad Row,0788100604\r\n")
+    assert (status, body["message"]) == (400, [
+        "row 3: header: column phone is required (the header row must name the columns name, phone, unit, "
+        "language; it has: name, mobile)"])
+    status, body = await _import(admin, b"\n,,\nname,phone,language\nBad Lang,0788100605,German\n")
+    assert (status, body["message"]) == (400, ["row 4: language: must be one of en, rw, fr, sw"])
+
+
+async def test_another_countrys_number_without_its_code_says_how_to_write_it(admin, rt, demo):
+    status, body = await _import(admin, b"name,phone\nOkello Ugandan,0701234567\nKenyan Tenant,+254 712 345 678\n")
+    assert (status, body["message"]) == (400, [
+        "row 2: phone: not a valid phone number of RW (a number of another country is written with + and its "
+        "country code, as +256772123456)"])
+    status, body = await _import(admin, b"name,phone\nOkello Ugandan,+256772123456\nKenyan Tenant,+254 712 345 678\n")
+    assert (status, body["imported"]) == (201, 2), body
+    members = await _members(rt, demo["cooperative_id"])
+    assert members["+25677****456"][0] == "Okello Ugandan" and members["+25471****678"][0] == "Kenyan Tenant"
