@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from admin_api import webhook_events
 from admin_api.common import ERROR
 from admin_api.routing import Ctx, Route
 
@@ -120,7 +121,8 @@ def _operation(route: Route) -> dict[str, Any]:
         # A replay answers 201 as the first request did; only this header tells the two apart.
         success_headers["Idempotent-Replayed"] = {
             "description": "\"true\" when this answers an earlier request with the same idempotency key "
-                           "(nothing new was made); absent otherwise",
+                           "(nothing new was made); absent otherwise. A replay is answered even past the rate "
+                           "limit and is not counted towards it",
             "schema": {"type": "string", "enum": ["true"]},
         }
     responses: dict[str, Any] = {
@@ -134,6 +136,10 @@ def _operation(route: Route) -> dict[str, Any]:
             "description": _ERRORS[status],
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
         }
+    if "429" in responses:  # the rate limit's refusal (admin_api.errors.apply_rate_headers)
+        responses["429"]["headers"] = {**headers, "Retry-After": {
+            "description": "whole seconds to wait: the next request is allowed then if nothing more is sent (a "
+                           "refused request is not counted)", "schema": {"type": "integer", "minimum": 1}}}
     op: dict[str, Any] = {
         "operationId": route.name,
         "summary": route.summary,
@@ -178,8 +184,10 @@ def build_document(routes: list[Route], server_url: str = PREFIX) -> dict[str, A
         },
         "servers": [{"url": "/"}],
         "paths": paths,
+        # What the gateway POSTs to cooperatives' registered endpoints (an OpenAPI 3.1 section).
+        "webhooks": webhook_events.webhooks(),
         "components": {
-            "schemas": {"Error": ERROR},
+            "schemas": {"Error": ERROR, **webhook_events.SCHEMAS},
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -206,6 +214,12 @@ fetch("openapi.json").then(r => r.json()).then(doc => {
   for (const [path, item] of Object.entries(doc.paths)) {
     for (const [method, op] of Object.entries(item)) {
       (byTag[op.tags[0]] = byTag[op.tags[0]] || []).push([method.toUpperCase(), path, op]);
+    }
+  }
+  for (const [event, item] of Object.entries(doc.webhooks || {})) {
+    for (const [method, op] of Object.entries(item)) {
+      (byTag["webhooks sent to your endpoints"] = byTag["webhooks sent to your endpoints"] || [])
+        .push([method.toUpperCase(), event, op]);
     }
   }
   const root = document.getElementById("ops");

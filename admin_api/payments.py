@@ -30,7 +30,7 @@ from admin_api.common import (
     synced,
 )
 from admin_api.members import search_region
-from admin_api.routing import Ctx, Route
+from admin_api.routing import IDEMPOTENT_REPLAYED, Ctx, Route
 from admin_api.validation import (
     ID_KEYWORD,
     LIMIT,
@@ -415,8 +415,17 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
     # client retrying after a lost answer checks for 201; Idempotent-Replayed tells the two apart.
     response = json_response(present(payment), status=201)
     if not created:
-        response.headers["Idempotent-Replayed"] = "true"
+        response.headers[IDEMPOTENT_REPLAYED] = "true"
     return response
+
+
+async def payment_key_used(ctx: Ctx) -> bool:
+    """Route.replay of both payment creates: whether the cooperative holds a payment made under the request's key
+    (POST /v1/payments and a recorded payment share a cooperative's keys: either's handler answers it or a 409)."""
+    coop_id = ctx.who.target_cooperative(ctx.body.get("cooperativeId"))
+    made = await ctx.session.execute(select(Payment.id).where(
+        Payment.cooperative_id == coop_id, Payment.idempotency_key == ctx.body["idempotencyKey"].strip()))
+    return made.first() is not None
 
 
 def _parse_due(text: str) -> Any:
@@ -539,7 +548,7 @@ async def record_statement_payment(request: web.Request, ctx: Ctx) -> web.Stream
     await ctx.session.commit()
     response = json_response(present(payment), status=201)
     if not created:
-        response.headers["Idempotent-Replayed"] = "true"
+        response.headers[IDEMPOTENT_REPLAYED] = "true"
     return response
 
 
@@ -611,6 +620,7 @@ ROUTES = [
         response=PAYMENT,
         limit=Limit("payments:create", 10),
         tenants=True,
+        replay=payment_key_used,
     ),
     Route(
         "GET",
@@ -669,6 +679,7 @@ ROUTES = [
         status=201,
         body=RECORDED_PAYMENT,
         response=PAYMENT,
+        replay=payment_key_used,
     ),
     Route(
         "POST",

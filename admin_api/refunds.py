@@ -26,8 +26,8 @@ from admin_api.common import (
     page_of,
     paged,
 )
-from admin_api.routing import Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param, period_params, statement_time
+from admin_api.routing import IDEMPOTENT_REPLAYED, Ctx, Route
+from admin_api.validation import LIMIT, PAGE, Param, check_path_id, period_params, statement_time
 from core import refunds as service
 from core.models import Payment, Refund
 from core.money import Money
@@ -162,8 +162,16 @@ async def create_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     # A replay answers as the first request did (201), marked as payments' replays are.
     response = json_response(present(refund), status=201)
     if not created:
-        response.headers["Idempotent-Replayed"] = "true"
+        response.headers[IDEMPOTENT_REPLAYED] = "true"
     return response
+
+
+async def refund_key_used(ctx: Ctx) -> bool:
+    """Route.replay: whether the payment (one the caller sees) holds a refund made under the request's key."""
+    payment_id = check_path_id(ctx.request.match_info["id"], "payment")
+    made = await ctx.session.execute(ctx.who.scope(select(Refund.id).where(
+        Refund.payment_id == payment_id, Refund.idempotency_key == ctx.body["idempotencyKey"].strip()), Refund))
+    return made.first() is not None
 
 
 async def record_outcome(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -220,6 +228,7 @@ ROUTES = [
         status=201,
         body=CREATE,
         response=REFUND,
+        replay=refund_key_used,
     ),
     Route(
         "GET",

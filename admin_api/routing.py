@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, time
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -21,10 +22,10 @@ from core import auth
 from core.auth import Principal, Unauthorized
 from core.cooperatives import zone_of
 from core.db import autocommit
-from core.errors import Forbidden, ServiceUnavailable, ValidationError
+from core.errors import DomainError, Forbidden, ServiceUnavailable, ValidationError
 from core.inbound import client_address, limit_key
 from core.models import Cooperative
-from core.ratelimit import Limit, RateLimiter
+from core.ratelimit import Decision, Limit, RateLimiter, clock
 from core.runtime import RUNTIME, Runtime
 
 log = logging.getLogger("gateway.api")
@@ -35,6 +36,9 @@ JSON_BODY_LIMIT = 64 * 1024
 # 52 kbit/s, slower than any link an integration calls from.
 BODY_READ_SECONDS = 10.0
 RATE_MULTIPLIER = web.AppKey("rate_multiplier", float)
+# The header a handler sets on an answer to an earlier request under the same idempotency key (nothing new made).
+IDEMPOTENT_REPLAYED = "Idempotent-Replayed"
+TOO_MANY = "Too many requests. Please try again later."
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Ctx:
 
 
 Handler = Callable[[web.Request, Ctx], Awaitable[web.StreamResponse]]
+# Whether a request names, by its idempotency key, what an earlier request already made (see Route.replay).
+ReplayCheck = Callable[[Ctx], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,10 @@ class Route:
     produces: str = "application/json"
     tenants: bool = False  # may a TENANT call it at all
     body_optional: bool = False  # the JSON body may be left out (the schema's defaults apply)
+    # An idempotent create (its handler marks a replay IDEMPOTENT_REPLAYED): whether the request's key names a
+    # row already made. A replay is answered with what its key made without consuming the limit, even past it:
+    # a client retrying after a lost answer (a timeout) must get its payment, not a 429 for it (see _wrap).
+    replay: ReplayCheck | None = None
 
     @property
     def name(self) -> str:
@@ -142,26 +152,49 @@ async def end_sessions(ctx: Ctx, whose: str, mark: Callable[[], Awaitable[Any]])
                     extra={"error": type(exc).__name__})
 
 
+@dataclass(frozen=True)
+class _Counted:
+    """A request's rate-limit decision, and what taking it back needs (RateLimiter.uncount): the limiter, the
+    subject and the instant it was counted at."""
+
+    decision: Decision
+    limiter: RateLimiter
+    limit: Limit
+    subject: str
+    at: float
+
+    async def uncount(self) -> Decision:
+        """Take this counted request back: the decision as if it had not been counted (one more remaining, and
+        so the next allowed now)."""
+        await self.limiter.uncount(self.limit, self.subject, now=self.at)
+        d = self.decision
+        return replace(d, remaining=d.remaining + 1, used=d.used - 1, reset=math.ceil(self.at))
+
+
 async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route, principal: Principal | None,
-                                claims: dict[str, Any] | None, session: AsyncSession) -> None:
-    """The rate limit and a user token's revocation mark, read in one Redis round trip.
+                                claims: dict[str, Any] | None, session: AsyncSession) -> _Counted | None:
+    """The rate limit and a user token's revocation mark, read in one Redis round trip. A request the limit
+    refuses is answered 429 here, unless its route answers replays (Route.replay): `_wrap` decides then, once
+    it has the body. The decision (None: no limit applied).
 
     Redis slow or down: the database is the system of record, so the API keeps answering without a
     limit rather than failing every request, and a token's account is checked on its row instead.
     """
     multiplier = request.config_dict[RATE_MULTIPLIER]
     mark = auth.revoked_key(principal.id) if claims is not None and principal is not None else None
-    decision = None
+    counted = None
     stamp: bytes | str | None = None
     redis_ok = True
     try:
         if multiplier > 0:
             subject = principal.rate_key if principal else f"ip:{client_ip(request)}"
             limiter = RateLimiter(rt.redis, multiplier=multiplier)
+            limit, at = route.effective_limit(), clock()
             if mark:  # the mark is tagged like the user's limits: one command (see auth.revoked_key)
-                decision, stamp = await limiter.hit_and_read(route.effective_limit(), subject, mark)
+                decision, stamp = await limiter.hit_and_read(limit, subject, mark, now=at)
             else:
-                decision = await limiter.hit(route.effective_limit(), subject)
+                decision = await limiter.hit(limit, subject, now=at)
+            counted = _Counted(decision, limiter, limit, subject, at)
         elif mark:
             stamp = await rt.redis.get(mark)
     except REDIS_DOWN as exc:
@@ -174,10 +207,33 @@ async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route,
         else:
             # The rows, and when the account's sessions were last ended (what the mark would say).
             await auth.check_still_active(session, principal.id, claims)
-    if decision is not None:
-        request[RATE_DECISION] = decision
-        if not decision.allowed:
-            raise ApiError(429, "Too many requests. Please try again later.")
+    if counted is not None:
+        request[RATE_DECISION] = counted.decision
+        if not counted.decision.allowed and route.replay is None:
+            raise ApiError(429, TOO_MANY)
+    return counted
+
+
+def _let_in(principal: Principal | None, route: Route) -> None:
+    """Forbidden unless the caller has the route's scope (or its own scope), and, a tenant, the route takes tenants."""
+    if principal is not None and (
+        not (principal.has(route.scope or "") or (route.own_scope and principal.has(route.own_scope)))
+        or (principal.is_tenant and not route.tenants)
+    ):
+        raise Forbidden("Forbidden resource")
+
+
+async def _names_earlier(route: Route, ctx: Ctx) -> bool:
+    """Whether a request the limit refused names by its idempotency key a row an earlier request made (its
+    route's `replay`): only such a request goes on to its handler past the limit, which then can only answer
+    with that row (the key is unique) or refuse; any other is refused 429, as is one that would be refused
+    for its caller's scope or its body (what a first check on it would say)."""
+    if route.replay is None:
+        return False
+    try:
+        return await route.replay(ctx)
+    except DomainError:
+        return False
 
 
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -240,30 +296,53 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
             if route.scope is not None:
                 principal, claims = await authenticate(request, session, rt)
             # A revoked token is refused (401) before its scope is looked at (403).
-            await _limit_and_revocation(request, rt, route, principal, claims, session)
-            if principal is not None and (
-                not (principal.has(route.scope or "") or (route.own_scope and principal.has(route.own_scope)))
-                or (principal.is_tenant and not route.tenants)
-            ):
-                raise Forbidden("Forbidden resource")
-            query = parse_query(request.query, route.query)
-            if "from" in route.query and "to" in route.query:
-                await _period(request, session, principal, query)
-            body: Any = None
-            if route.body is not None:
-                body = parse_json(raw or b"", request)
-                validate(body, route.body)
-            elif raw is not None and raw.strip() and parse_json(raw, request) not in ({}, None):
-                raise ApiError(400, ["this endpoint takes no request body"])
-            ctx = Ctx(rt=rt, session=session, principal=principal, body=body, query=query, request=request)
-            response = await route.handler(request, ctx)
+            counted = await _limit_and_revocation(request, rt, route, principal, claims, session)
+            # Refused by the limit, on a route that answers replays (else refused already): 429 unless it is one.
+            refused = counted is not None and not counted.decision.allowed
+            try:
+                _let_in(principal, route)
+                query = parse_query(request.query, route.query)
+                if "from" in route.query and "to" in route.query:
+                    await _period(request, session, principal, query)
+                body: Any = None
+                if route.body is not None:
+                    body = parse_json(raw or b"", request)
+                    validate(body, route.body)
+                elif raw is not None and raw.strip() and parse_json(raw, request) not in ({}, None):
+                    raise ApiError(400, ["this endpoint takes no request body"])
+                ctx = Ctx(rt=rt, session=session, principal=principal, body=body, query=query, request=request)
+                if refused and not await _names_earlier(route, ctx):
+                    raise ApiError(429, TOO_MANY)
+                response = await route.handler(request, ctx)
+            except (ApiError, DomainError) as exc:
+                if refused and not (isinstance(exc, ApiError) and exc.status == 429):
+                    # Past the limit, anything but the earlier answer (another request under the key: 409) is
+                    # what the limit says; the handler's transaction is rolled back with the session.
+                    raise ApiError(429, TOO_MANY) from None
+                raise
             if session.in_transaction():
                 await session.commit()
+            if counted is not None and route.replay is not None and response.headers.get(IDEMPOTENT_REPLAYED):
+                request[RATE_DECISION] = await _not_counted(counted, route)
             return response
 
     endpoint.__name__ = route.name
     endpoint.__doc__ = route.summary
     return endpoint
+
+
+async def _not_counted(counted: _Counted, route: Route) -> Decision:
+    """The decision to answer a replay with: one counted is taken back (a replay consumes nothing of the limit);
+    one answered past the limit is not refused (no Retry-After), its headers still saying none remain and when
+    the next is allowed. Redis failing to take it back leaves it counted (logged): the answer stands."""
+    if not counted.decision.allowed:
+        return replace(counted.decision, allowed=True, retry_after=0)
+    try:
+        return await counted.uncount()
+    except REDIS_DOWN as exc:
+        log.warning("a replay's count could not be taken back (Redis unavailable); it stays counted",
+                    extra={"route": route.name, "error": type(exc).__name__})
+        return counted.decision
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:

@@ -123,14 +123,16 @@ class CollectNow:
         see happen. Not one whose job waits for a retry (its provider answered 5xx), is done or parked (the call
         went unanswered: the status poll settles it, later): a replayed POST then answers at once."""
         job = OutboxJob.__table__
-        query = (select(Payment.status, job.c.status, job.c.run_at)
+        query = (select(Payment.status, job.c.status, job.c.run_at, job.c.attempts)
                  .select_from(Payment.__table__.outerjoin(job, job.c.dedupe_key == f"collect:{payment_id}"))
                  .where(Payment.id == payment_id))
         async with self._rt.sessionmaker() as session:
             row = (await session.execute(query)).first()
         if row is None or row[0] != PaymentStatus.PENDING.value:
             return False
-        return row[1] == "RUNNING" or (row[1] == "PENDING" and row[2] is not None
+        # A PENDING job tried before waits for its retry, however soon it is due (the backoff's jitter can make it
+        # due within the horizon below): only a first run due now is one the wait sees through.
+        return row[1] == "RUNNING" or (row[1] == "PENDING" and not row[3] and row[2] is not None
                                        and row[2] <= utcnow() + timedelta(seconds=WATCH_EVERY_SECONDS * 10))
 
     async def close(self) -> None:

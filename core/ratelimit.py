@@ -38,6 +38,13 @@ local also = false
 if KEYS[3] then also = redis.call('GET', KEYS[3]) end
 return {n, previous, also}
 """
+# A counted request taken back (`uncount`): the window it was counted in loses one, never below 0 (a key that
+# expired meanwhile stays absent: a DECR would create it at -1, without an expiry). DECR keeps the expiry.
+_UNCOUNT = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n > 0 then redis.call('DECR', KEYS[1]) end
+return n
+"""
 # A request whose outcome decides whether it counts (a sign-in: only a wrong password does) joins its subject's
 # requests in flight, a sorted set of one member per request scored by when its lease ends, if the first
 # limit (the gate) has room for it besides the confirmed count and those in flight; the confirmed counts of
@@ -240,6 +247,13 @@ class RateLimiter:
         decision = _decide(limit, allowed_count, now, int(results[0]), int(results[1] or 0), counted=True)
         return decision, results[2], extra
 
+    async def uncount(self, limit: Limit, subject: str, *, now: float) -> None:
+        """Take back one request `hit` counted at `now` (the same `now`: the window it was counted in, even if
+        another has begun since), once it turned out not to count: an idempotent replay answered with what its
+        key made (admin_api.routing)."""
+        base = f"{self._prefix}:{subject_tag(subject)}:{limit.name}"
+        await self._redis.eval(_UNCOUNT, 1, f"{base}:{_window_start(limit, now)}")
+
     async def peek(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
         """Whether one more would be allowed, counting nothing (MGET of the two windows: one tag, one node).
         For limits that count only some outcomes (failed sign-ins): look first, `hit` once the outcome is known."""
@@ -248,6 +262,11 @@ class RateLimiter:
         base = f"{self._prefix}:{subject_tag(subject)}:{limit.name}"
         current, previous = await self._redis.mget([f"{base}:{start}", f"{base}:{start - limit.window}"])
         return _decide(limit, self.effective(limit), now, int(current or 0), int(previous or 0), counted=False)
+
+
+def clock() -> float:
+    """Now, as the limiter reads it: a caller that will take a request back (`uncount`) counts it at this."""
+    return time.time()
 
 
 def effective_count(limit: Limit, multiplier: float) -> int:

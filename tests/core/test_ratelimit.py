@@ -141,3 +141,21 @@ async def test_every_wait_given_is_exactly_enough(limiter: Any, seed: int) -> No
 async def test_the_fallback_decides_as_redis_does(rt: Any) -> None:
     for seed in (4, 5):
         assert await _random_walk(RateLimiter(rt.redis), seed) == await _random_walk(LocalLimiter(LocalCounts()), seed)
+
+
+async def test_uncount_takes_back_one_in_the_window_it_was_counted_in(rt: Any) -> None:
+    """An idempotent replay counted and then taken back (admin_api.routing): the window it was counted in loses
+    one; a window with nothing in it (expired) is left absent, never -1."""
+    limiter = RateLimiter(rt.redis)
+    limit = Limit("replay:test", 3)
+    start = 1_800_000_000 - 1_800_000_000 % 60
+    for _ in range(3):
+        assert (await limiter.hit(limit, "user:u1", now=start + 5)).allowed
+    assert not (await limiter.hit(limit, "user:u1", now=start + 6)).allowed
+    await limiter.uncount(limit, "user:u1", now=start + 5)
+    assert await rt.redis.get("rl:{user:u1}:replay:test:" + str(start)) == b"2"
+    assert (await limiter.hit(limit, "user:u1", now=start + 7)).allowed
+    await limiter.uncount(limit, "user:u1", now=start + 7)
+    assert await rt.redis.get("rl:{user:u1}:replay:test:" + str(start)) == b"2"
+    await limiter.uncount(limit, "user:u1", now=start + 600)
+    assert await rt.redis.get("rl:{user:u1}:replay:test:" + str(start + 600)) is None
