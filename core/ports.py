@@ -175,7 +175,8 @@ class PaymentProvider(Protocol):
     # The currencies it collects in (M-Pesa: KES; IremboPay: RWF; MTN and Airtel: their account's, from
     # configuration); None: any (MTN's sandbox with no MTN_MOMO_CURRENCY). A payment in another is refused when
     # asked for, not failed later by the worker. A provider may also define `amount_rule(amount) -> str | None`
-    # (M-Pesa: whole shillings): see amount_refusal.
+    # (M-Pesa: whole shillings): see amount_refusal. And `refund_rule(provider_transaction_id) -> str | None`: why a
+    # payment holding that id cannot be refunded through it (M-Pesa: no receipt number yet; core.refunds, 409).
     currencies: frozenset[str] | None
 
     async def request_collection(self, request: CollectionRequest) -> CollectionAccepted: ...

@@ -192,12 +192,17 @@ async def request_refund(
 
 
 def _request_to_refund_known(payment: Payment, provider: PaymentProvider) -> None:
-    """A Conflict, before anything is queued, for a refund its provider cannot be sent: one whose refund names the
-    request that took the money (`refund_names_request`: MTN's referenceIdToRefund), of a payment recorded from
-    the statement without that request's reference (core.payments.request_unknown). Sent, MTN would refuse it
-    (it never had the value the payment holds) and the refund would fail at the provider."""
+    """A Conflict, before anything is queued, for a refund its provider cannot be sent: one its provider's optional
+    `refund_rule` refuses for the payment's transaction id (M-Pesa: no receipt number yet), and one whose refund names
+    the request that took the money (`refund_names_request`: MTN's referenceIdToRefund), of a payment recorded from
+    the statement without that request's reference (core.payments.request_unknown). Sent, the provider would refuse
+    it (it never had the value the payment holds) and the refund would fail at the provider."""
     from core.payments import request_unknown  # local: core.payments reaches back into this module
 
+    rule = getattr(provider, "refund_rule", None)
+    problem = rule(payment.provider_transaction_id) if callable(rule) else None
+    if problem:
+        raise Conflict(f"payment {payment.reference}: {problem}")
     if provider.refund_names_request and request_unknown(payment):
         raise Conflict(f"payment {payment.reference} was recorded from the provider's statement without the "
                        f"reference of the request that took its money, and a {payment.method} refund names that "

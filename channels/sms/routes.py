@@ -8,7 +8,7 @@ import json
 import logging
 import re
 import unicodedata
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any, NamedTuple, cast
 
@@ -66,6 +66,13 @@ SERVED_COUNTRIES = frozenset(COUNTRY_CURRENCY)
 # gateway issues (core.references.next_reference: payments PAY, refunds RFD, disputes DSP): any other word is no
 # reference ("Hali gani", Swahili for "how are you", starts with HALI, Swahili for STATUS).
 _TYPED_REFERENCE = re.compile(r"\b(PAY|RFD|DSP) ?((?:\d ?){8})(\d{1,9})\b", re.ASCII)
+# A payment's reference as M-Pesa shows it to the payer: its STK prompt and her M-Pesa confirmation SMS name the
+# "account" (providers.mpesa.adapter.account_reference: PAY_20261203_018 -> 20261203018, PAY_20261122_12345 ->
+# 26112212345), the number a Kenyan member keeps and types after RISITI. 11 or 12 digits alone as a word.
+_MPESA_ACCOUNT = re.compile(r"\b(\d{11,12})\b", re.ASCII)
+# ...or the receipt her M-Pesa confirmation SMS begins with ("SF65EC9797 Confirmed. Ksh1,000.00 sent to ..."), which
+# the payment holds as its provider transaction id once Daraja's callback brought it: ten letters and digits, both.
+_MPESA_RECEIPT = re.compile(r"\b(?=[A-Z0-9]*[0-9])(?=[A-Z0-9]*[A-Z])[A-Z0-9]{10}\b", re.ASCII)
 # What separates words in a keyword SMS: anything but a letter, a digit or "_" (quotes of any kind, brackets, a
 # dash, "#", an emoji, a colon between STATUS and its reference).
 _NOT_WORD = re.compile(r"[^\w]+")
@@ -312,15 +319,33 @@ def parse_keyword(text: str, prefixes: tuple[str, ...] = ()) -> tuple[str | None
 
 def _argument(words: list[str]) -> str | None:
     """The words after the keyword: the reference they hold, rebuilt as it was issued (PAY_20251016_001) however
-    it was typed (_TYPED_REFERENCE), else the words as they came, joined by spaces; None when nothing follows."""
+    it was typed (_TYPED_REFERENCE) or as M-Pesa names it (_MPESA_ACCOUNT), else an M-Pesa receipt among them
+    (_MPESA_RECEIPT), else the words as they came, joined by spaces; None when nothing follows."""
     if not words:
         return None
     typed = " ".join(" ".join(words).replace("_", " ").split())
     found = _TYPED_REFERENCE.search(typed)
     if found is None:
-        return " ".join(words)
+        account = _MPESA_ACCOUNT.search(typed)
+        receipt = _MPESA_RECEIPT.search(typed)
+        return ((account and _from_mpesa_account(account.group(1))) or (receipt and receipt.group(0))
+                or " ".join(words))
     prefix, day, number = found.groups()
     return f"{prefix}_{day.replace(' ', '')}_{number}"
+
+
+def _from_mpesa_account(digits: str) -> str | None:
+    """The payment reference an M-Pesa account number was cut from (providers.mpesa.adapter.account_reference keeps
+    the whole date with a 3- or 4-digit number, the date without its century with a 5- or 6-digit one), None when
+    the digits are neither (a phone number, 254712345678, has no date in it)."""
+    for day, number in ((digits[:8], digits[8:]), ("20" + digits[:6], digits[6:])):
+        if day.startswith("20"):
+            try:
+                datetime.strptime(day, "%Y%m%d")
+            except ValueError:
+                continue
+            return f"PAY_{day}_{number}"
+    return None
 
 
 async def _owns(session: Any, rt: Runtime, payment: Payment, phone: Phone) -> bool:
@@ -412,15 +437,17 @@ async def inbound(request: web.Request) -> web.Response:
                         cooperative_id=member.cooperative_id,
                     )
             reply = ("opted_out" if opt_out else "opted_in", {}, None)
-        elif command in ("RECEIPT", "STATUS") and not (argument and REFERENCE_SHAPE.match(argument)):
+        elif command in ("RECEIPT", "STATUS") and not (argument and (REFERENCE_SHAPE.match(argument)
+                                                                      or _MPESA_RECEIPT.fullmatch(argument))):
             # The keyword alone, or words that are no reference ("Hali gani"): how to ask, in her language, with
             # its keyword; never "no payment GANI" or "no payment -".
             reply = (f"no_reference_{command.lower()}", {}, None)
         elif command in ("RECEIPT", "STATUS"):
             reference = cast(str, argument)
-            payment = (
-                await session.execute(select(Payment).where(Payment.reference == reference))
-            ).scalar_one_or_none()
+            # A reference, or a receipt (ix_payments_transaction_id leads with the id).
+            by = Payment.reference if REFERENCE_SHAPE.match(reference) else Payment.provider_transaction_id
+            payment = (await session.execute(select(Payment).where(by == reference).order_by(Payment.created_at)
+                                             .limit(1))).scalar_one_or_none()
             if payment is not None and await _owns(session, rt, payment, phone):
                 reply = payment_reply(payment, command)
                 dedupe = reply_key(payment.id, f"in:{inbound_id}")

@@ -172,6 +172,20 @@ def code_of(service_code: ServiceCode, aggregator: str | None) -> str:
     return service_code(aggregator) if callable(service_code) else service_code
 
 
+# Provider ids no payer ever sees: M-Pesa's CheckoutRequestID ('ws_CO_...', providers.mpesa.adapter.CHECKOUT_PREFIX),
+# which a payment holds when Daraja's STK query confirmed it and its callback, with the receipt, never came.
+_NOT_SHOWN_TO_PAYERS = ("ws_CO_",)
+
+
+def payer_transaction_id(provider_transaction_id: str | None) -> str:
+    """The provider's transaction id as a receipt names it: the one on the payer's own confirmation SMS and
+    statement (M-Pesa's receipt 'SKL3ABC123'), "-" when the payment holds none. A CheckoutRequestID was sent as
+    'Transaction: ws_CO_03122026105846540253785904', an id she finds nowhere, where she looks for her receipt."""
+    if not provider_transaction_id or provider_transaction_id.startswith(_NOT_SHOWN_TO_PAYERS):
+        return "-"
+    return provider_transaction_id
+
+
 def payment_values(facts: PaymentFacts, language: str, service_code: ServiceCode) -> dict[str, Any]:
     catalog = CATALOGS.get(language, en)
     return {
@@ -179,7 +193,7 @@ def payment_values(facts: PaymentFacts, language: str, service_code: ServiceCode
         "type": facts.type_name or "-",
         "coop": facts.coop_name,
         "ref": facts.reference,
-        "txn": facts.provider_transaction_id or "-",
+        "txn": payer_transaction_id(facts.provider_transaction_id),
         "date": local_time(facts.completed_at or facts.updated_at, facts.coop_timezone),
         "status": catalog.PAYMENT_STATUS.get(shown_status(facts.status, facts.failure_reason, facts.completed_at),
                                               facts.status),

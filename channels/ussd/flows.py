@@ -612,7 +612,7 @@ async def validate_amount(ctx: Ctx, text: str) -> str:
                           example=ctx.money(Money(105 * 10 ** (places - 1), currency)).rsplit(" ", 1)[0])
         match = _DECIMAL_AMOUNT.fullmatch(text)
         if match is None or len(match.group(2) or "") > places:
-            raise invalid
+            raise await _whole_example(ctx, invalid, currency)
         text = match.group(1) + ("." + match.group(2) if match.group(2) else "")
     else:
         # Whole units only: a "." or "," typed on a keypad is a mistake more often than cents.
@@ -625,9 +625,9 @@ async def validate_amount(ctx: Ctx, text: str) -> str:
     except MoneyError:
         if text.strip("0."):  # digits only, but more than money can hold: too high, not "not a number"
             raise Invalid("pay.amount_too_big", max=ctx.money(cap)) from None
-        raise invalid from None
+        raise await _whole_example(ctx, invalid, currency) from None
     if not amount.is_positive():
-        raise invalid
+        raise await _whole_example(ctx, invalid, currency)
     if amount > cap:
         raise Invalid("pay.amount_too_big", max=ctx.money(cap))
     if amount.minor % 10 ** places and await _whole_only(ctx, amount):
@@ -635,6 +635,16 @@ async def validate_amount(ctx: Ctx, text: str) -> str:
         # rather than ending the session on "this amount cannot be paid".
         raise Invalid("pay.amount_invalid", currency=currency, example="5000")
     return str(amount.minor)
+
+
+async def _whole_example(ctx: Ctx, invalid: Invalid, currency: str) -> Invalid:
+    """The refusal of what is no amount: "e.g. 10.50" in a currency with cents, unless her number's wallet takes whole
+    units only (M-Pesa: whole shillings), where it is "a whole amount, e.g. 5000" (told "e.g. 10.50", a Kenyan member
+    who typed "1,500" typed the cents M-Pesa then refused)."""
+    places = exponent(currency)
+    if places and await _whole_only(ctx, Money(105 * 10 ** (places - 1), currency)):
+        return Invalid("pay.amount_invalid", currency=currency, example="5000")
+    return invalid
 
 
 async def _whole_only(ctx: Ctx, amount: Money) -> bool:

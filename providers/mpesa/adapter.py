@@ -111,6 +111,8 @@ _INVALID_TOKEN = "404.001.03"
 # processed" and the push's "a transaction is already in process" on the payer's line (both 500.001.1001). Counted
 # as answered for the outage line (providers.calls): five payers slow to approve are not M-Pesa failing.
 _ANSWERED_AS_500 = frozenset({_STILL_PENDING, *_PUSH_NOT_SENT})
+# Daraja's CheckoutRequestIDs start so ('ws_CO_22112026080000123456789012'); its receipts never do.
+CHECKOUT_PREFIX = "ws_CO_"
 _ACCOUNT_REFERENCE_MAX = 12
 _REFERENCE_MAX = 64  # our provider reference (a UUID) as the CallBackURL's ref carries it
 _DESCRIPTION_MAX = 13
@@ -143,6 +145,12 @@ def account_reference(reference: str) -> str:
     return text[-_ACCOUNT_REFERENCE_MAX:] or "PAYMENT"
 
 
+def is_receipt(provider_transaction_id: str | None) -> bool:
+    """An M-Pesa receipt number (MpesaReceiptNumber, 'SKL3ABC123': the id on the payer's M-Pesa SMS and the
+    statement), not the CheckoutRequestID ('ws_CO_...') a payment holds until Daraja's callback brings the receipt."""
+    return bool(provider_transaction_id) and not str(provider_transaction_id).startswith(CHECKOUT_PREFIX)
+
+
 def transaction_desc(description: str) -> str:
     text = " ".join(re.sub(r"[^A-Za-z0-9 ]", " ", description).split())
     return (text[:_DESCRIPTION_MAX].strip() or "Payment")
@@ -171,6 +179,19 @@ class MpesaAdapter:
     refund_names_request = False  # a reversal of the payment's receipt (MpesaReceiptNumber)
     methods = frozenset({"MPESA"})
     currencies: frozenset[str] | None = frozenset({"KES"})
+
+    @staticmethod
+    def refund_rule(provider_transaction_id: str | None) -> str | None:
+        """Why a payment holding `provider_transaction_id` cannot be reversed, checked when its refund is asked for
+        (core.refunds): a payment completed by the STK query alone (its callback lost) holds the CheckoutRequestID,
+        and Daraja's reversal names the receipt only its callback carries. Queued, the refund failed at once and
+        the member was texted that her refund failed."""
+        if is_receipt(provider_transaction_id):
+            return None
+        return ("M-Pesa confirmed this payment by its status query, which carries no M-Pesa receipt number, and a "
+                "reversal names that receipt: nothing was sent. It is taken from Daraja's callback if it still "
+                "comes; else reverse the payment in the M-Pesa portal and record that refund with "
+                "returnedByProvider")
 
     @staticmethod
     def amount_rule(amount: Money) -> str | None:
@@ -281,7 +302,7 @@ class MpesaAdapter:
                                 retryable=False, code="PARTIAL_REFUND_UNSUPPORTED")
         amount = _whole_shillings(request.amount)
         receipt = request.original_provider_transaction_id
-        if not receipt or receipt.startswith("ws_CO_"):
+        if not is_receipt(receipt):
             raise ProviderError("a reversal needs the M-Pesa receipt number (MpesaReceiptNumber) of the "
                                 "payment, which is not known", retryable=False, code="RECEIPT_UNKNOWN")
         body = {

@@ -9,9 +9,8 @@ import binascii
 import logging
 import os
 import secrets
-import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +31,7 @@ from providers.simulation import (
 
 log = logging.getLogger("gateway.simulator.mpesa")
 
+_NAIROBI = timezone(timedelta(hours=3), "EAT")  # Kenya: UTC+3, no daylight saving since 1942
 TOKEN_LIFETIME = 3599  # Daraja tokens live one hour
 # Kenyan payer numbers by their last four digits; any other number succeeds.
 SUFFIX_OUTCOMES: dict[str, str] = {
@@ -130,6 +130,13 @@ def _password_ok(state: SimulatorState, body: dict[str, Any]) -> bool:
     return raw.startswith(shortcode) and raw.endswith(timestamp) and len(raw) > len(shortcode + timestamp)
 
 
+def _nairobi_now() -> int:
+    """Daraja's TransactionDate / TransCompletedTime: Nairobi's wall clock as digits (20261203135731), as the
+    adapter reads them. UTC digits (and the machine's local time, UTC on a server) were read three hours early, so
+    the gateway kept the request's time as each payment's and reversal's completion instead of the payer's approval."""
+    return int(datetime.now(_NAIROBI).strftime("%Y%m%d%H%M%S"))
+
+
 def _kenyan_mobile(value: object) -> bool:
     text = str(value)
     return len(text) == 12 and text.isdigit() and text.startswith(("2547", "2541"))
@@ -215,7 +222,7 @@ async def _decide(state: SimulatorState, store: _Store, stk: _Stk) -> None:
         stk.receipt = "S" + secrets.token_hex(5).upper()[:9]
         store.receipts[stk.receipt] = stk
         item = [{"Name": "Amount", "Value": stk.amount}, {"Name": "MpesaReceiptNumber", "Value": stk.receipt},
-                {"Name": "TransactionDate", "Value": int(datetime.now(UTC).strftime("%Y%m%d%H%M%S"))},
+                {"Name": "TransactionDate", "Value": _nairobi_now()},
                 {"Name": "PhoneNumber", "Value": int(stk.phone)}]
     final = _callback(stk, code, item)
     # Out of order: an earlier "unreachable" attempt reported after the success (seen on Daraja).
@@ -297,7 +304,7 @@ async def _reverse(state: SimulatorState, store: _Store, body: dict[str, Any], a
         result["ResultParameters"] = {"ResultParameter": [
             {"Key": "DebitAccountBalance", "Value": "Utility Account|KES|0.00|0.00|0.00|0.00"},
             {"Key": "Amount", "Value": amount},
-            {"Key": "TransCompletedTime", "Value": int(time.strftime("%Y%m%d%H%M%S"))},
+            {"Key": "TransCompletedTime", "Value": _nairobi_now()},
             {"Key": "OriginalTransactionID", "Value": receipt},
             {"Key": "Charge", "Value": 0},
         ]}

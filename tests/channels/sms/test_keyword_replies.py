@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from channels.sms import templates
 from channels.sms.encoding import GSM7, measure
 from channels.sms.routes import fold, parse_keyword
 from channels.sms.templates import CATALOGS, render
+from core.models import Payment
 from core.money import Money
+from providers.mpesa.adapter import account_reference
 from tests.channels.sms.helpers import jobs_of, make_payment
 from tests.channels.sms.test_routes import inbound
 from tests.conftest import drain
@@ -98,6 +101,14 @@ async def test_one_reply_per_inbound_id_without_a_reference(
     ("status of PAY_20260115_001 please", ("STATUS", "en", "PAY_20260115_001")),
     ("STATUT PAY 20260115 001 merci", ("STATUS", "fr", "PAY_20260115_001")),
     ("STATUS RFD 20260115 002", ("STATUS", "en", "RFD_20260115_002")),
+    # The account M-Pesa names on the payer's prompt and confirmation SMS (providers.mpesa.adapter.account_reference)
+    ("RISITI 20261203018", ("RECEIPT", "sw", "PAY_20261203_018")),
+    ("risiti ya 202612031234 tafadhali", ("RECEIPT", "sw", "PAY_20261203_1234")),
+    ("STATUS 26112212345", ("STATUS", "en", "PAY_20261122_12345")),
+    ("STATUS 254712345678", ("STATUS", "en", "254712345678")),  # a phone number: no date in it
+    ("STATUS 20261341018", ("STATUS", "en", "20261341018")),  # no such day
+    ("risiti sf65ec9797", ("RECEIPT", "sw", "SF65EC9797")),  # her M-Pesa confirmation's receipt
+    ("RISITI SF65EC9797 Confirmed. Ksh1,000.00 sent to NYERI SACCO", ("RECEIPT", "sw", "SF65EC9797")),
     ("Hali gani", ("STATUS", "sw", "GANI")),  # no reference: the route tells how to ask
     ("STATUS", ("STATUS", "en", None)),
 ])
@@ -119,6 +130,25 @@ async def test_a_reference_typed_with_spaces_or_dashes_finds_the_payment(
     assert receipt.startswith("Tumepokea ") and f"Kumb: {paid.reference}." in receipt, receipt
     status = await ask(sms_client, sim, worker, JEAN, f"STATUS {shape(paid.reference)}", "s1")
     assert status == render("not_found", "en", {"ref": paid.reference})  # Eric's payment: not Jean's to ask
+
+
+async def test_the_account_number_on_her_m_pesa_sms_finds_the_payment(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    """Found walking a Kenyan SACCO: M-Pesa's prompt and confirmation SMS name the payment by its account number
+    (PAY_20261203_018 as 20261203018, Daraja's 12 characters), the number she keeps; "RISITI 20261203018" was
+    answered with how to ask ("send RISITI followed by the reference")."""
+    paid = await make_payment(rt, demo["cooperative_id"], account=ERIC, member_id=demo["members"][ERIC])
+    receipt = await ask(sms_client, sim, worker, ERIC, f"RISITI {account_reference(paid.reference)}", "mp1")
+    assert receipt.startswith("Tumepokea ") and f"Kumb: {paid.reference}." in receipt, receipt
+    # Or the receipt her M-Pesa confirmation SMS begins with, which the payment holds once Daraja's callback came;
+    # another number's receipt is not found (as another's reference is not).
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == paid.id).values(provider_transaction_id="SF65EC9797"))
+    receipt = await ask(sms_client, sim, worker, ERIC, "risiti SF65EC9797 Confirmed. Ksh150.00 sent", "mp2")
+    assert receipt.startswith("Tumepokea ") and "Muamala: SF65EC9797." in receipt, receipt
+    status = await ask(sms_client, sim, worker, JEAN, "STATUS SF65EC9797", "mp3")
+    assert status == render("not_found", "en", {"ref": "SF65EC9797"})
 
 
 async def test_a_made_up_reference_typed_with_spaces_is_not_found_as_issued(

@@ -88,3 +88,25 @@ async def test_whole_shillings_are_asked_for_where_the_wallet_takes_no_cents(ope
     confirm = await phone.send("150.00")
     assert "Amount: 150.00 KES" in confirm and "Via M-Pesa" in confirm, confirm
     assert await db.count(Payment) == 0
+
+
+async def test_what_is_no_amount_asks_for_whole_shillings_where_the_wallet_takes_no_cents(
+        operator: Caller, client: Any, db: Any) -> None:
+    """Found walking a Kenyan SACCO: a member who typed "1,500" (as Kenyans write it) was told "Enter an amount in
+    KES, e.g. 10.50", an amount with cents her M-Pesa wallet cannot pay (typed, it was refused in turn)."""
+    coop = await operator.json("POST", "/v1/cooperatives", 201, json={
+        "name": "Nyeri Teachers SACCO", "shortCode": "NTS", "country": "KE", "ussdExtension": "45"})
+    await operator.json("POST", "/v1/payment-types", 201, json={
+        "name": "Loan repayment", "amount": "500", "allowCustomAmount": True, "cooperativeId": coop["id"]})
+    await operator.json("POST", "/v1/members", 201, json={"name": "Wanjiru Kamau", "phone": "0110000021",
+                                                          "language": "sw", "cooperativeId": coop["id"]})
+    phone = AtPhone(client, "+254110000021", service_code="*384*123*45#")
+    await phone.dial()
+    await phone.send("1")
+    assert (await phone.send("1")).startswith("CON Weka kiasi kwa KES")
+    for bad in ("1,500", "abc", "0.00", "12."):
+        again = await phone.send(bad)
+        assert again.startswith("CON Weka kiasi kamili kwa KES, mfano 5000:\nWeka kiasi kwa KES"), (bad, again)
+    confirm = await phone.send("1500")
+    assert "Kiasi: 1,500.00 KES" in confirm and "Kupitia M-Pesa" in confirm, confirm
+    assert await db.count(Payment) == 0
