@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 from redis.exceptions import RedisError
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, page_of, paged
 from admin_api.errors import ApiError
@@ -20,6 +20,7 @@ from channels.ussd.jobs import queue_forget_phone
 from channels.ussd.sessions import forget_phone, phone_keys
 from core import auth
 from core import members as service
+from core.db import lower
 from core.errors import NotFound
 from core.member_import import EXISTING, import_members
 from core.models import Cooperative, Member
@@ -140,7 +141,7 @@ async def list_members(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         # The support desk finds a member by part of her name, whatever its case ("mutesi" finds "Mutesi
         # Béatrice"); % and _ typed are letters, not wildcards.
         typed = q["name"].strip().lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        query = query.where(func.lower(Member.name).like(f"%{typed}%", escape="\\"))
+        query = query.where(lower(ctx.session.get_bind().dialect.name, Member.name).like(f"%{typed}%", escape="\\"))
     if q.get("cooperativeId"):
         query = query.where(Member.cooperative_id == q["cooperativeId"])
     if q.get("phone"):

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
-from core.db import insert_ignore, new_id, row_insert, utcnow
+from core.db import insert_ignore, new_id, row_insert, serialise_on_sqlite, utcnow
 from core.errors import ValidationError
 from core.members import CHANGED, LANGUAGES, MEMBER_STATUSES, PERSONAL_FIELDS, created_audit, member_row
 from core.models import AuditEvent, Cooperative, Member
@@ -317,14 +317,17 @@ async def _members_of(session: AsyncSession, cipher: PiiCipher, cooperative_id: 
                       rows: list[ImportRow]) -> dict[str, Member]:
     """The cooperative's members holding the file's numbers, by blind index, locked (FOR UPDATE): an erasure or a
     release running meanwhile waits for the import, or the import for it, so a name is never written back onto an
-    erased member."""
-    keys = [cipher.blind_index(r.phone.e164) for r in rows]
+    erased member. (SQLite has no row locks: the database's write lock, taken before the read, serialise_on_sqlite.)"""
+    await serialise_on_sqlite(session, Cooperative, cooperative_id)
+    # Locked in one order whatever the file's (its numbers' blind indexes, across the chunks too): two imports of
+    # overlapping lists at once take turns instead of deadlocking.
+    keys = sorted({cipher.blind_index(r.phone.e164) for r in rows})
     members: dict[str, Member] = {}
     for start in range(0, len(keys), 500):
         found = await session.execute(
             select(Member).where(Member.cooperative_id == cooperative_id,
                                  Member.phone_index.in_(keys[start : start + 500]))
-            .order_by(Member.id).with_for_update())
+            .order_by(Member.phone_index).with_for_update())
         members.update((m.phone_index, m) for m in found.scalars() if m.phone_index is not None)
     return members
 

@@ -148,6 +148,15 @@ def verify_signature(
 # ------------------------------------------------------------------------------------ domains, endpoints
 
 
+def _inet_aton(host: str) -> bool:
+    """Whether the system resolver reads `host` as an IPv4 address (inet_aton: any short or hex form)."""
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return False
+    return True
+
+
 def normalize_domain(domain: str, *, embedded: bool = False) -> str:
     """Lower-case host name; IP literals and localhost only in the embedded default (no SSRF into a LAN)."""
     host = (domain or "").strip().lower().rstrip(".")
@@ -171,9 +180,9 @@ def normalize_domain(domain: str, *, embedded: bool = False) -> str:
         return host
     if not _HOSTNAME.match(host) or "." not in host:
         raise ValidationError(f"{host!r} is not a valid domain name", field="domain")
-    if not embedded and host.rsplit(".", 1)[1].isdigit():
+    if not embedded and (host.rsplit(".", 1)[1].isdigit() or _inet_aton(host)):
         # No top-level domain is all digits: "127.1" or "10.1" is an IP address in the short form the system
-        # resolver reads (127.0.0.1, 10.0.0.1), which ipaddress does not take.
+        # resolver reads (127.0.0.1, 10.0.0.1), which ipaddress does not take; so is "127.0x1" (its parts in hex).
         raise ValidationError(
             "webhook domains must be public host names, not IP addresses or localhost", field="domain"
         )

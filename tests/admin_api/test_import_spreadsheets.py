@@ -174,3 +174,15 @@ async def test_another_countrys_number_without_its_code_says_how_to_write_it(adm
     assert (status, body["imported"]) == (201, 2), body
     members = await _members(rt, demo["cooperative_id"])
     assert members["+25677****456"][0] == "Okello Ugandan" and members["+25471****678"][0] == "Kenyan Tenant"
+
+
+async def test_a_name_is_found_whatever_the_case_of_its_accented_letters(admin, rt, demo):
+    """SQLite's lower() folds A-Z only: "ÉMILIE" stayed "ÉMILIE" and was not found by "émilie", nor "Élise" by
+    "ÉLISE" or by "Élise" as typed (PostgreSQL's lower() folds every letter in a UTF-8 locale)."""
+    data = "name,phone\nÉMILIE Uwase,0788100701\nÉlise Nyirahabimana,0788100702\n".encode()
+    status, body = await _import(admin, data)
+    assert status == 201, body
+    for typed, name in (("émilie", "ÉMILIE Uwase"), ("ÉLISE", "Élise Nyirahabimana"), ("Élise", "Élise Nyirahabimana"),
+                        ("NYIRAHABIMANA", "Élise Nyirahabimana")):
+        found = await admin.json("GET", "/v1/members", 200, params={"name": typed})
+        assert [m["name"] for m in found["data"]] == [name], typed

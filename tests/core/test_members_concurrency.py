@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
+from core import member_import
 from core.audit import Actor
 from core.errors import Conflict, ValidationError
 from core.member_import import ImportRejected, import_members
-from core.members import DUPLICATE_PHONE, create_member
-from core.models import Cooperative
+from core.members import DUPLICATE_PHONE, ERASED_NAME, create_member, erase_member, update_member
+from core.models import Cooperative, Member
 from core.phone import normalize
 from tests.core import factories
 
@@ -82,3 +83,44 @@ async def test_an_import_with_an_unknown_status_is_refused_before_reading_the_fi
         with pytest.raises(ValidationError, match="status must be one of PENDING, ACTIVE, SUSPENDED"):
             await import_members(s, rt.cipher, cooperative=coop, data=b"name,phone\nAnne One,+250788000101\n",
                                  actor=ADMIN, status="VIP")
+
+
+async def test_an_update_import_racing_an_erasure_never_writes_her_name_back(rt: Any,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole list sent again (existing=update) while the desk erases a member it names: the erasure waits for
+    the import (or the import for it), so her name is never written back onto her erased row. On SQLite the import
+    read her row without the write lock, the erasure committed meanwhile, and the import's UPDATE by id put her
+    name back."""
+    coop = await _coop(rt)
+    async with rt.sessionmaker.begin() as s:
+        member = await create_member(s, rt.cipher, cooperative_id=coop.id, name="Mutesi Beatrice",
+                                     phone=normalize(PHONE), actor=ADMIN)
+        await update_member(s, member, actor=ADMIN, status="SUSPENDED")
+    read, go_on = asyncio.Event(), asyncio.Event()
+    original = member_import._update_rows
+
+    async def paused(*args: Any, **kwargs: Any) -> Any:
+        read.set()  # her row read (and, on PostgreSQL, locked)
+        await go_on.wait()
+        return await original(*args, **kwargs)
+
+    async def erase(session: Any) -> None:
+        async with session.begin():
+            await erase_member(session, await session.get(Member, member.id), actor=ADMIN)
+
+    monkeypatch.setattr(member_import, "_update_rows", paused)
+    csv = f"name,phone\nMutesi Béatrice,{PHONE}\n".encode()
+    async with rt.sessionmaker() as importing, rt.sessionmaker() as erasing:
+        racing = asyncio.create_task(import_members(importing, rt.cipher, cooperative=coop, data=csv, actor=ADMIN,
+                                                    existing="update"))
+        await asyncio.wait_for(read.wait(), 60)
+        erasure = asyncio.create_task(erase(erasing))
+        await asyncio.sleep(0.3)
+        assert not erasure.done()  # it waits for the import
+        go_on.set()
+        assert (await racing).updated_ids == [member.id]
+        await importing.commit()
+        await erasure
+    async with rt.sessionmaker() as s:
+        erased = await s.get(Member, member.id)
+        assert erased is not None and (erased.name, erased.phone_index) == (ERASED_NAME, None)

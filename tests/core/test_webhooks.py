@@ -178,6 +178,9 @@ async def test_registration_rules(rt: Any, demo: dict[str, Any]) -> None:
         ("127.1", False, "not IP addresses or localhost"),
         ("10.1", False, "not IP addresses or localhost"),
         ("0x7f.1", False, "not IP addresses or localhost"),
+        # Its last part in hex, or every part: the resolver reads those too (inet_aton).
+        ("127.0x1", False, "not IP addresses or localhost"),
+        ("0x7f.0x0.0x0.0x1", False, "not IP addresses or localhost"),
         ("not a domain", False, "not a valid domain"),
         ("nodot", False, "not a valid domain"),
         ("", False, "domain is required"),
