@@ -65,12 +65,18 @@ METHOD_OPERATOR = {"MOBILE_MONEY_MTN": "MTN", "MOBILE_MONEY_AIRTEL": "AIRTEL", "
 # (USSD offers the one of the payer's operator: channels.ussd.flows.methods_for). A method of no operator is a
 # bank (IremboPay), which any cooperative's payment may name.
 _KENYA_WALLETS = {"SAFARICOM": "MPESA", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
+# Tanzania has no MTN: of its operators only Airtel's wallet is one the gateway collects from (Vodacom's M-Pesa is
+# not Safaricom's Daraja; Yas, formerly Tigo, and Halotel have no method). MTN counted as a Tanzanian method let a
+# TZS type priced with cents Airtel cannot take be made (MTN's sandbox "could" collect it), and offered MTN MoMo to
+# a number of a range nobody names.
+_TANZANIA_WALLETS = {"AIRTEL": "MOBILE_MONEY_AIRTEL"}
 _WALLETS = {"MTN": "MOBILE_MONEY_MTN", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
+_COUNTRY_WALLETS = {"KE": _KENYA_WALLETS, "TZ": _TANZANIA_WALLETS}
 
 
 def wallets_by_operator(country: str) -> dict[str, str]:
     """Operator -> the wallet method its subscribers pay with, for a cooperative of `country`."""
-    return _KENYA_WALLETS if country == "KE" else _WALLETS
+    return _COUNTRY_WALLETS.get(country, _WALLETS)
 
 
 CHANNELS = ("ussd", "api", "sms")

@@ -23,7 +23,7 @@ from core.audit import Actor
 from core.db import utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound
 from core.models import Cooperative, Member, Payment, PaymentType
-from core.money import Money, MoneyError, exponent
+from core.money import NUMBER_MARKS, Money, MoneyError, exponent
 from core.notify import SMS_KEY_SIZE
 from core.payments import wallets_by_operator
 from core.ports import refusal_for
@@ -44,6 +44,9 @@ _DSP_REF = re.compile(r"DSP_\w+")
 # An amount in a currency with cents as typed on a keypad: whole units, then "." or "," and the cents (ASCII digits
 # only: str.isdigit takes "³" and "٣").
 _DECIMAL_AMOUNT = re.compile(r"([0-9]+)(?:[.,]([0-9]+))?", re.ASCII)
+# An amount with its thousands grouped by commas, as the screens write it outside French ("1,000 UGX", "usual:
+# 1,000.00 TZS"), the cents after a ".": a comma then exactly three digits, again and again.
+_GROUPED_AMOUNT = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?", re.ASCII)
 
 
 def actor(ctx: Ctx) -> Actor:
@@ -588,6 +591,12 @@ async def type_chosen(ctx: Ctx, type_id: str) -> str:
         raise Invalid("error.invalid_choice")
     ctx.data["cur"] = pt.currency
     if pt.allow_custom_amount:
+        coop = await cooperative(ctx, ctx.data["c"])
+        phone = ctx.hop.phone
+        if not methods_for(coop.country if coop else "", phone.operator, ctx.rt.routes, number_country=phone.region):
+            # No method takes her number's wallet whatever the amount (Vodacom's M-Pesa or Yas in Tanzania, Telkom in
+            # Kenya): told so now, not after she has typed an amount for nothing.
+            return "pay_no_method"
         return "pay_amount"
     ctx.data["amt"] = pt.amount_minor
     return await _method_step(ctx)
@@ -601,33 +610,41 @@ async def amount_args(ctx: Ctx) -> dict[str, Any]:
     return {"currency": currency, "usual": usual}
 
 
+def _ungrouped(text: str, language: str) -> str:
+    """`text` without the commas that group its thousands, where the session's language groups with commas (every
+    language but French, whose comma is the decimal mark: its "1,000" stays refused): a member who types the amount
+    as the menu and the prompt's "usual" show it ("1,000" in UGX, "10,000" or "1,000.00" in TZS) was asked
+    again for "a whole amount, e.g. 5000", though she had typed one."""
+    if NUMBER_MARKS.get(language, (",", "."))[0] == "," and _GROUPED_AMOUNT.fullmatch(text):
+        return text.replace(",", "")
+    return text
+
+
 async def validate_amount(ctx: Ctx, text: str) -> str:
     currency = ctx.data.get("cur", "RWF")
     places = exponent(currency)
+    text = _ungrouped(text, ctx.state.lang)
     if places:
         # A currency with cents (GHS, KES): the amount as the screens write it, "12.50" (French "12,50"). Whole
         # units only refused the usual amount the prompt itself shows ("usual: 20.50 GHS"), and told her to enter
-        # "a whole amount, e.g. 5000". A comma followed by three digits ("1,000") is no amount: refused.
-        invalid = Invalid("pay.amount_invalid_decimal", currency=currency,
-                          example=ctx.money(Money(105 * 10 ** (places - 1), currency)).rsplit(" ", 1)[0])
+        # "a whole amount, e.g. 5000". A comma followed by three digits ("1,000") groups thousands (_ungrouped),
+        # except in French, where it is no amount: refused.
         match = _DECIMAL_AMOUNT.fullmatch(text)
         if match is None or len(match.group(2) or "") > places:
-            raise await _whole_example(ctx, invalid, currency)
+            raise await _not_an_amount(ctx, currency)
         text = match.group(1) + ("." + match.group(2) if match.group(2) else "")
-    else:
+    elif not is_number(text):
         # Whole units only: a "." or "," typed on a keypad is a mistake more often than cents.
-        invalid = Invalid("pay.amount_invalid", currency=currency, example="5000")
-        if not is_number(text):
-            raise invalid
+        raise await _not_an_amount(ctx, currency)
     cap = Money.parse(MAX_AMOUNT.get(currency, DEFAULT_MAX), currency)
     try:
         amount = Money.parse(text, currency)
     except MoneyError:
         if text.strip("0."):  # digits only, but more than money can hold: too high, not "not a number"
             raise Invalid("pay.amount_too_big", max=ctx.money(cap)) from None
-        raise await _whole_example(ctx, invalid, currency) from None
+        raise await _not_an_amount(ctx, currency) from None
     if not amount.is_positive():
-        raise await _whole_example(ctx, invalid, currency)
+        raise await _not_an_amount(ctx, currency)
     if amount > cap:
         raise Invalid("pay.amount_too_big", max=ctx.money(cap))
     if amount.minor % 10 ** places and await _whole_only(ctx, amount):
@@ -637,14 +654,17 @@ async def validate_amount(ctx: Ctx, text: str) -> str:
     return str(amount.minor)
 
 
-async def _whole_example(ctx: Ctx, invalid: Invalid, currency: str) -> Invalid:
-    """The refusal of what is no amount: "e.g. 10.50" in a currency with cents, unless her number's wallet takes whole
-    units only (M-Pesa: whole shillings), where it is "a whole amount, e.g. 5000" (told "e.g. 10.50", a Kenyan member
-    who typed "1,500" typed the cents M-Pesa then refused)."""
+async def _not_an_amount(ctx: Ctx, currency: str) -> Invalid:
+    """What she is told who typed no amount: the form an amount takes in `currency`, with its cents ("e.g. 10.50")
+    where it has them, but a whole amount where her number's wallet takes whole units only (M-Pesa, Airtel Money in
+    Tanzania): told "e.g. 10.50", she typed 10.50 and was then asked for a whole amount."""
     places = exponent(currency)
-    if places and await _whole_only(ctx, Money(105 * 10 ** (places - 1), currency)):
-        return Invalid("pay.amount_invalid", currency=currency, example="5000")
-    return invalid
+    if places:
+        example = Money(105 * 10 ** (places - 1), currency)
+        if not await _whole_only(ctx, example):
+            return Invalid("pay.amount_invalid_decimal", currency=currency,
+                           example=ctx.money(example).rsplit(" ", 1)[0])
+    return Invalid("pay.amount_invalid", currency=currency, example="5000")
 
 
 async def _whole_only(ctx: Ctx, amount: Money) -> bool:

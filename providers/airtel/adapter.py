@@ -18,6 +18,7 @@ from core.config import ProviderConfig
 from core.cooperatives import COUNTRY_CURRENCY
 from core.inbound import JSON_ERRORS
 from core.metrics import PROVIDER_ERRORS
+from core.money import Money, exponent
 from core.ports import (
     CallbackRejected,
     CollectionAccepted,
@@ -53,6 +54,19 @@ DUPLICATE = "ESB000041"  # the transaction id was used before: our earlier reque
 # payment Airtel charged would end "nothing was taken".
 NOT_FOUND_CODE = "ESB000045"
 TOKEN_LIFETIME = 180.0
+# Currencies whose cents no Airtel Money wallet holds, though ISO 4217 gives them two decimals: the Tanzanian
+# shilling's cents have long left circulation, and wallets in Tanzania hold and move whole shillings only. A TZS
+# amount with cents ("1,500.50 TZS") was sent as "1500.50" and offered to members on USSD; it is refused when
+# asked for (amount_rule), and a whole amount goes on the wire as the whole number it is.
+_WHOLE_UNITS = frozenset({"TZS"})
+
+
+def _wire_amount(amount: Money) -> int | str:
+    """The amount as Airtel's body carries it: a whole number in a currency of whole units here (25000 TZS, not
+    "25000.00"), else as the API writes it."""
+    if amount.currency in _WHOLE_UNITS:
+        return amount.minor // 10 ** exponent(amount.currency)
+    return amount.to_api()
 
 
 class UnknownStatus(ValueError):
@@ -108,6 +122,14 @@ class AirtelAdapter:
     refund_names_request = False  # by the payment's airtel_money_id
     methods = frozenset({"MOBILE_MONEY_AIRTEL"})
     currencies: frozenset[str] | None = None
+
+    @staticmethod
+    def amount_rule(amount: Money) -> str | None:
+        """Why Airtel Money cannot take `amount` (whole units of a currency its wallets hold no cents of),
+        checked when the payment is asked for."""
+        if amount.currency in _WHOLE_UNITS and amount.minor % 10 ** exponent(amount.currency):
+            return f"Airtel Money takes whole units of {amount.currency}; {amount.format()} has cents"
+        return None
 
     def __init__(self, http: httpx.AsyncClient, config: ProviderConfig) -> None:
         self._http = http
@@ -176,6 +198,10 @@ class AirtelAdapter:
             raise ProviderError(f"this Airtel Money account ({self._country}) collects "
                                 f"{', '.join(sorted(self.currencies))} only, not {currency}", retryable=False,
                                 code="CURRENCY_UNSUPPORTED")
+        problem = self.amount_rule(request.amount)
+        if problem:
+            # Refused when the payment was asked for (core.ports.amount_refusal); kept as a guard.
+            raise ProviderError(problem, retryable=False, code="AMOUNT_HAS_CENTS")
         if request.payer.region != self._country:
             # The subscriber's msisdn goes without its country code: only the account's country can be meant.
             raise ProviderError(f"this Airtel Money account ({self._country}) cannot collect from a "
@@ -186,7 +212,7 @@ class AirtelAdapter:
             "reference": request.payment_reference,
             "subscriber": {"country": country, "currency": currency,
                            "msisdn": request.payer.national_significant},  # without country code
-            "transaction": {"amount": request.amount.to_api(), "country": country, "currency": currency,
+            "transaction": {"amount": _wire_amount(request.amount), "country": country, "currency": currency,
                             "id": request.provider_reference},
         }
         response, answer = await self._call("collection", "POST", "/merchant/v1/payments/", currency=currency,

@@ -45,7 +45,7 @@ async def test_an_amount_with_pesewas_is_paid(operator: Caller, client: Any, db:
     prompt = await to_the_amount(client, "nalo-cents-1", KWAME)
     assert prompt.startswith("Enter amount in GHS (usual: 20.50 GHS):"), prompt
     # Not amounts: the error names the form an amount takes in this currency, not "a whole amount, e.g. 5000".
-    for bad in ("abc", "1,000", "12.", "0.001", "0.00", "-5", "12.5.0", "²⁰"):
+    for bad in ("abc", "1,0000", "12.", "0.001", "0.00", "-5", "12.5.0", "²⁰"):
         answer = (await nalo(client, "nalo-cents-1", bad, False, KWAME))["MSG"]
         assert answer.startswith("Enter an amount in GHS, e.g. 10.50:\nEnter amount in GHS"), (bad, answer)
     confirm = (await nalo(client, "nalo-cents-1", "20.50", False, KWAME))["MSG"]
@@ -92,7 +92,7 @@ async def test_whole_shillings_are_asked_for_where_the_wallet_takes_no_cents(ope
 
 async def test_what_is_no_amount_asks_for_whole_shillings_where_the_wallet_takes_no_cents(
         operator: Caller, client: Any, db: Any) -> None:
-    """Found walking a Kenyan SACCO: a member who typed "1,500" (as Kenyans write it) was told "Enter an amount in
+    """Found walking a Kenyan SACCO: a member who typed what is no amount was told "Enter an amount in
     KES, e.g. 10.50", an amount with cents her M-Pesa wallet cannot pay (typed, it was refused in turn)."""
     coop = await operator.json("POST", "/v1/cooperatives", 201, json={
         "name": "Nyeri Teachers SACCO", "shortCode": "NTS", "country": "KE", "ussdExtension": "45"})
@@ -104,7 +104,7 @@ async def test_what_is_no_amount_asks_for_whole_shillings_where_the_wallet_takes
     await phone.dial()
     await phone.send("1")
     assert (await phone.send("1")).startswith("CON Weka kiasi kwa KES")
-    for bad in ("1,500", "abc", "0.00", "12."):
+    for bad in ("1,5000", "abc", "0.00", "12."):
         again = await phone.send(bad)
         assert again.startswith("CON Weka kiasi kamili kwa KES, mfano 5000:\nWeka kiasi kwa KES"), (bad, again)
     confirm = await phone.send("1500")
