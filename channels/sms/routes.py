@@ -337,7 +337,16 @@ def _argument(words: list[str]) -> str | None:
 def _from_mpesa_account(digits: str) -> str | None:
     """The payment reference an M-Pesa account number was cut from (providers.mpesa.adapter.account_reference keeps
     the whole date with a 3- or 4-digit number, the date without its century with a 5- or 6-digit one), None when
-    the digits are neither (a phone number, 254712345678, has no date in it)."""
+    the digits are neither (a phone number, 254712345678, has no date in it) or a mobile number of a country served:
+    a Rwandan Airtel one, 250722123456, reads as 22 July 2025 and 123456 (an account only a payment of 20 to 31 July
+    2025 numbered past 99999 could have had). Exactly as written: 270601123456 is 1 June 2027's account, not the
+    South African number it makes once normalize drops its trunk 0."""
+    try:
+        phone = normalize(f"+{digits}")
+        if phone.e164 == f"+{digits}" and phone.region in SERVED_COUNTRIES:
+            return None
+    except PhoneError:
+        pass
     for day, number in ((digits[:8], digits[8:]), ("20" + digits[:6], digits[6:])):
         if day.startswith("20"):
             try:

@@ -106,6 +106,9 @@ async def test_one_reply_per_inbound_id_without_a_reference(
     ("risiti ya 202612031234 tafadhali", ("RECEIPT", "sw", "PAY_20261203_1234")),
     ("STATUS 26112212345", ("STATUS", "en", "PAY_20261122_12345")),
     ("STATUS 254712345678", ("STATUS", "en", "254712345678")),  # a phone number: no date in it
+    # A phone number that reads as a date (a Rwandan Airtel number: 22 July 2025 and 123456) is no account either
+    ("STATUS 250722123456", ("STATUS", "en", "250722123456")),
+    ("status call me on 250731234567", ("STATUS", "en", "CALL ME ON 250731234567")),
     ("STATUS 20261341018", ("STATUS", "en", "20261341018")),  # no such day
     ("risiti sf65ec9797", ("RECEIPT", "sw", "SF65EC9797")),  # her M-Pesa confirmation's receipt
     ("RISITI SF65EC9797 Confirmed. Ksh1,000.00 sent to NYERI SACCO", ("RECEIPT", "sw", "SF65EC9797")),
@@ -130,6 +133,16 @@ async def test_a_reference_typed_with_spaces_or_dashes_finds_the_payment(
     assert receipt.startswith("Tumepokea ") and f"Kumb: {paid.reference}." in receipt, receipt
     status = await ask(sms_client, sim, worker, JEAN, f"STATUS {shape(paid.reference)}", "s1")
     assert status == render("not_found", "en", {"ref": paid.reference})  # Eric's payment: not Jean's to ask
+
+
+async def test_a_phone_number_after_the_keyword_is_no_reference(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    """A number typed after STATUS that is a phone number, though its digits read as an M-Pesa account's date and
+    number (250722123456: 22 July 2025, 123456), was answered "no payment PAY_20250722_123456", a reference she
+    never typed; she is told how to ask, as for any other words."""
+    await make_payment(rt, demo["cooperative_id"], account=JEAN, member_id=demo["members"][JEAN])
+    assert await ask(sms_client, sim, worker, JEAN, "STATUS 250722123456", "ph1") == HOW_TO_ASK["en"][0]
 
 
 async def test_the_account_number_on_her_m_pesa_sms_finds_the_payment(
