@@ -15,10 +15,12 @@ from admin_api.disputes import DISPUTE
 from admin_api.payments import PAYMENT
 from admin_api.refunds import REFUND
 from core.webhooks import (
+    DELIVERY_TIMEOUT,
     EVENT_HEADER,
     EVENT_ID_HEADER,
     EVENTS,
     MAY_FOLLOW,
+    RETRY_FOR,
     SIGNATURE_HEADER,
     SUBJECT_TYPES,
     TOLERANCE_SECONDS,
@@ -163,9 +165,9 @@ def webhooks() -> dict[str, Any]:
             "operationId": f"webhook_{event_type.replace('.', '_')}",
             "summary": event_type,
             "description": _SAYS[event_type] + _also_to(event_type) + " POSTed to the endpoints registered for it "
-                           "(POST /v1/webhook-endpoints). Answer 2xx within 10 seconds once the signature checks "
-                           "and the event is stored; anything else, a redirect included, is retried with backoff "
-                           "for three days.",
+                           f"(POST /v1/webhook-endpoints). Answer 2xx within {DELIVERY_TIMEOUT:.0f} seconds once the "
+                           "signature checks and the event is stored (the answer's body is not read); anything else, "
+                           f"a redirect included, is retried with backoff for {RETRY_FOR.days} days.",
             "tags": ["webhooks"],
             "parameters": [*_HEADERS, {"name": EVENT_HEADER, "in": "header", "required": True,
                                        "description": "the event's type, the body's type",
