@@ -10,12 +10,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -74,14 +76,34 @@ def _stop_embedded_redis(server: Any) -> None:
     server.shutdown()
 
 
+class _Cluster(RedisCluster):
+    """A Redis Cluster client whose "no node of the cluster answers" is a redis ConnectionError, as a plain
+    client's Redis down is: redis-py raises a RedisClusterException (no RedisError) when it cannot learn the
+    cluster's nodes (at the first command, and again after a node fails), which every `except RedisError` that
+    keeps the service answering without Redis (API limits skipped, callbacks, start-up) let through as a 500 or
+    a traceback. Its other RedisClusterExceptions (keys of several slots in one command) are the code's errors
+    and stay so."""
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        try:
+            return await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise RedisConnectionError(f"Redis Cluster out of reach: {exc}") from exc
+
+
 async def _connect_redis(settings: Settings) -> tuple[Redis, Any]:
     url, server = (settings.redis_url, None)
     if settings.redis_url == "embedded":
         url, server = await asyncio.to_thread(_start_embedded_redis, settings)
     timeout = settings.redis_timeout_seconds
-    client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30,
-                            max_connections=200, decode_responses=False)
-    return client, server
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                               "health_check_interval": 30, "max_connections": 200, "decode_responses": False}
+    if settings.redis_cluster:
+        # Keys that belong together share a hash tag (one slot, one node), so scripts and MULTI keep working; the
+        # cluster client sends each command to its slot's node (max_connections: per node). Typed as a Redis:
+        # the commands the service sends behave alike on both (see tests/test_redis_cluster.py).
+        return cast(Redis, _Cluster.from_url(url, **options)), server
+    return Redis.from_url(url, **options), server
 
 
 @contextlib.asynccontextmanager

@@ -17,6 +17,7 @@ from typing import Any
 
 import jwt
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from sqlalchemy import ColumnElement, and_, bindparam, false, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -494,44 +495,81 @@ def _older(mark: bytes, instant: float) -> bool:
         return True
 
 
+async def _masters(redis: RedisCluster) -> list[Any]:
+    if not redis.get_primaries():
+        await redis.initialize()  # the client learns the nodes at its first command
+    return list(redis.get_primaries())
+
+
+async def _each(redis: Redis, command: Any) -> list[Any]:
+    """`command(**target)` once for one server; on a Redis Cluster once for each master (target_nodes), whose
+    client would otherwise ask one node (its default) for the whole cluster: a full or evicting node among the
+    others would go unseen."""
+    if not isinstance(redis, RedisCluster):
+        return [await command()]
+    return [await command(target_nodes=node) for node in await _masters(redis)]
+
+
 async def eviction_policy(redis: Redis) -> str | None:
     """The policy under which this Redis evicts keys when its memory is full, or None when it never does
     (`noeviction`, or no memory limit) or will not say. Read with CONFIG, else (some managed services disable it)
-    from INFO memory, which says the same."""
+    from INFO memory, which says the same. A cluster evicts if any of its masters does."""
     try:
-        config = await redis.config_get("maxmemory*")
+        configs = await _each(redis, lambda **target: redis.config_get("maxmemory*", **target))
     except ResponseError:
         try:
-            memory = await redis.info("memory")
+            memories = await _each(redis, lambda **target: redis.info("memory", **target))
         except ResponseError:
             return None
-        config = {"maxmemory": memory.get("maxmemory", 0),
-                  "maxmemory-policy": memory.get("maxmemory_policy", "noeviction")}
-    policy = str(config.get("maxmemory-policy", "noeviction"))
-    limited = str(config.get("maxmemory", "0")).strip() not in ("", "0")
-    return policy if limited and policy != "noeviction" else None
+        configs = [{"maxmemory": memory.get("maxmemory", 0),
+                    "maxmemory-policy": memory.get("maxmemory_policy", "noeviction")} for memory in memories]
+    for config in configs:
+        policy = str(config.get("maxmemory-policy", "noeviction"))
+        limited = str(config.get("maxmemory", "0")).strip() not in ("", "0")
+        if limited and policy != "noeviction":
+            return policy
+    return None
 
 
 async def evicted_keys(redis: Redis) -> int | None:
-    """How many keys Redis has evicted since it started (INFO stats), or None when it will not say."""
+    """How many keys Redis has evicted since it started (INFO stats; a cluster's masters together), or None when
+    it will not say."""
     try:
-        return int((await redis.info("stats"))["evicted_keys"])
+        return sum(int(stats["evicted_keys"])
+                   for stats in await _each(redis, lambda **target: redis.info("stats", **target)))
     except (ResponseError, KeyError, TypeError, ValueError):
         return None
 
 
 async def server_run_id(redis: Redis) -> str | None:
     """The id Redis draws at each start (INFO server run_id): another one is another server (restarted, or a replica
-    a failover promoted), whose configuration may differ. None when it will not say."""
+    a failover promoted), whose configuration may differ. A cluster's: its masters' ids, one changes with any of
+    them. None when it will not say."""
     try:
-        run_id = (await redis.info("server")).get("run_id")
+        servers = await _each(redis, lambda **target: redis.info("server", **target))
     except ResponseError:
         return None
-    return None if run_id is None else str(run_id)
+    run_ids = [server.get("run_id") for server in servers]
+    return None if None in run_ids else ",".join(sorted(str(run_id) for run_id in run_ids))
 
 
 # Written (one byte, a minute's life) to learn whether Redis takes writes: see redis_memory.
 WRITE_PROBE = "health:write-probe"
+
+
+async def _write_probes(redis: Redis) -> list[str]:
+    """WRITE_PROBE, or on a cluster one probe key per master (WRITE_PROBE tagged with one of its slots): a full
+    master refuses the writes of its own slots only."""
+    if not isinstance(redis, RedisCluster):
+        return [WRITE_PROBE]
+    masters = {node.name for node in await _masters(redis)}
+    probes: dict[str, str] = {}
+    for tag in range(100_000):  # about as many tags as masters reach every one (CRC16 spreads them)
+        if len(probes) == len(masters):
+            break
+        key = f"{WRITE_PROBE}:{{{tag}}}"
+        probes.setdefault(redis.get_node_from_key(key).name, key)
+    return list(probes.values())
 
 
 @dataclass(frozen=True)
@@ -557,11 +595,12 @@ async def redis_memory(redis: Redis) -> RedisMemory:
     from them (NaN when Redis cannot be asked: the error is raised). A PING tells neither: a Redis that refuses
     every write, or evicts USSD sessions mid-menu, still answers it."""
     try:
-        try:
-            await redis.set(WRITE_PROBE, b"1", ex=60)
-            refused = False
-        except OutOfMemoryError:
-            refused = True
+        refused = False
+        for probe in await _write_probes(redis):
+            try:
+                await redis.set(probe, b"1", ex=60)
+            except OutOfMemoryError:
+                refused = True
         policy = await eviction_policy(redis)
     except Exception:
         REDIS_WRITES_REFUSED.set(math.nan)

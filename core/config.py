@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 
 class ConfigError(Exception):
@@ -119,6 +119,9 @@ class Settings:
     # Seconds the Redis client waits to connect and for each answer (app._connect_redis): past it the USSD hop is
     # answered "unavailable" within its budget rather than held by a stalled Redis.
     redis_timeout_seconds: float = 1.0
+    # REDIS_URL names one node of a Redis Cluster (app._connect_redis builds a cluster client, which learns the
+    # others from it): a plain client there is answered MOVED for every key another node holds.
+    redis_cluster: bool = False
     # Seconds a USSD hop may take before it is answered "unavailable" (channels.ussd.routes): with the grace a hop
     # that started a payment gets (5 s) it must fit the aggregator's own wait (Africa's Talking's about 10 s).
     ussd_hop_budget_seconds: float = 3.0
@@ -332,11 +335,15 @@ def _database_url(env: Mapping[str, str]) -> str:
     return url.set(query={**query, "ssl": mode}).render_as_string(hide_password=False)
 
 
-def _redis_url(env: Mapping[str, str]) -> str:
+def _redis_url(env: Mapping[str, str], *, cluster: bool) -> str:
     """REDIS_URL: redis-py reads a database number it cannot parse (redis://host/abc) as 0, silently, and a
-    bad port only at the first command: both are refused here."""
+    bad port only at the first command: both are refused here. With REDIS_CLUSTER, it names a node of the
+    cluster over TCP, and no database but 0 (a cluster has no other)."""
     name = "REDIS_URL"
     value = _get(env, name, "embedded")
+    if cluster and not value.startswith(("redis://", "rediss://")):
+        raise ConfigError(name, "must be redis://host:port or rediss://host:port (a node of the cluster) when "
+                                "REDIS_CLUSTER is on")
     if value == "embedded" or value.startswith("unix://"):
         return value
     if not value.startswith(("redis://", "rediss://")):
@@ -346,6 +353,11 @@ def _redis_url(env: Mapping[str, str]) -> str:
     db = parsed.path.strip("/")
     if db and not (db.isascii() and db.isdigit()):
         raise ConfigError(name, f"names the database {db!r}: it must be a number, such as redis://host:6379/0")
+    if cluster:
+        for named in (db, *parse_qs(parsed.query).get("db", ())):
+            if (named or "0") != "0":
+                raise ConfigError(name, f"names the database {named}: a Redis Cluster has only database 0 "
+                                        "(REDIS_CLUSTER is on)")
     return value
 
 
@@ -522,7 +534,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     production = environment == "production"
 
     database_url = _database_url(env)
-    redis_url = _redis_url(env)
+    redis_cluster = _bool(env, "REDIS_CLUSTER", False)
+    redis_url = _redis_url(env, cluster=redis_cluster)
 
     port = _int(env, "PORT", 8080, minimum=1)
     if port > 65535:
@@ -679,6 +692,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         # A bound, not a wait: past about 30 s the caller (an aggregator, a provider) has given up anyway.
         db_pool_timeout_seconds=_float(env, "DB_POOL_TIMEOUT_SECONDS", 5.0, maximum=30.0),
         redis_timeout_seconds=_float(env, "REDIS_TIMEOUT_SECONDS", 1.0, maximum=30.0),
+        redis_cluster=redis_cluster,
         ussd_hop_budget_seconds=_float(env, "USSD_HOP_BUDGET_SECONDS", 3.0, maximum=8.0),
         ussd_max_hops_in_flight=_int(env, "USSD_MAX_HOPS_IN_FLIGHT", 32, minimum=1),
         ussd_ip_allowlists=allowlists,

