@@ -21,10 +21,10 @@ from channels.ussd.sessions import forget_phone, phone_keys
 from core import auth
 from core import members as service
 from core.db import lower
-from core.errors import NotFound
+from core.errors import NotFound, ValidationError
 from core.member_import import EXISTING, import_members
 from core.models import Cooperative, Member
-from core.phone import DEFAULT_REGION, normalize
+from core.phone import DEFAULT_REGION, Phone, PhoneError, has_country_code, normalize
 
 IMPORT_LIMIT = 5 * 1024 * 1024
 MEMBER = out(
@@ -146,19 +146,57 @@ async def list_members(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         query = query.where(Member.cooperative_id == q["cooperativeId"])
     if q.get("phone"):
         # Phones are encrypted; an exact number is found through its blind index, read as a number of the
-        # cooperative's country (0712345678 is Kenyan in a Kenyan cooperative).
-        region = await search_region(ctx, ctx.who.cooperative_id or q.get("cooperativeId"))
-        query = query.where(Member.phone_index == ctx.rt.cipher.blind_index(normalize(q["phone"], region).e164))
+        # cooperative's country (0712345678 is Kenyan in a Kenyan cooperative): searched_number.
+        regions = await search_regions(ctx, ctx.who.cooperative_id or q.get("cooperativeId"))
+        phone = searched_number(q["phone"], regions, "phone")
+        query = query.where(Member.phone_index == ctx.rt.cipher.blind_index(phone.e164))
     return await paged(ctx, query.order_by(Member.name, Member.id), present)
 
 
-async def search_region(ctx: Ctx, coop_id: str | None) -> str:
-    """The country a searched number is read in: the cooperative's; a super admin searching every
-    cooperative gets the default (a number with its +country code is found anywhere)."""
-    if coop_id is None:
-        return DEFAULT_REGION
+# How a searched number is read (GET /members?phone=, GET /payments?paymentAccount=), said in both parameters.
+SEARCHED_NUMBER_RULE = ("A number in local form (0712345678) is read in the country of the cooperative searched "
+                        "(cooperativeId, or the caller's own); a super admin searching every cooperative gets it read "
+                        "in their country when they are all of one, and a 400 when they span several: give it with + "
+                        "and its country code (+254712345678), found in any cooperative, or give cooperativeId.")
+
+
+async def search_region(ctx: Ctx, coop_id: str) -> str:
+    """The country a number is read in for the cooperative `coop_id`: its own."""
     country = (await ctx.session.execute(select(Cooperative.country).where(Cooperative.id == coop_id))).scalar()
     return country or DEFAULT_REGION
+
+
+async def search_regions(ctx: Ctx, coop_id: str | None) -> list[str]:
+    """The countries a searched number may be of: the cooperative's; searching every cooperative (a super admin
+    without cooperativeId), those of all of them. Never the default region alone: read as Rwanda's, a Kenyan
+    cooperative's 0712345678 was refused (members) or found nowhere (payments)."""
+    if coop_id is not None:
+        return [await search_region(ctx, coop_id)]
+    countries = (await ctx.session.execute(select(Cooperative.country).distinct())).scalars().all()
+    return sorted(countries) or [DEFAULT_REGION]
+
+
+def searched_number(raw: str, regions: list[str], field: str) -> Phone:
+    """`raw` read as a number of `regions`' one country (SEARCHED_NUMBER_RULE). A number in local form is refused
+    when they are several: its country is a guess, and a wrong guess finds another person or nobody. With its
+    country code it is the same number whatever the region. A PhoneError (a ValidationError) when it is no
+    phone number there: GET /payments then looks it up as a bank account."""
+    if len(regions) > 1 and not has_country_code(raw):
+        if not any(_reads(raw, region) for region in regions):
+            raise PhoneError(f"not a valid phone number of any cooperative's country ({', '.join(regions)})",
+                             field=field)
+        raise ValidationError(f"{field} has no country code and the cooperatives are in several countries "
+                              f"({', '.join(regions)}): give it with + and its country code (as +254712345678), or "
+                              "cooperativeId to read it as that cooperative's country's", field=field)
+    return normalize(raw, regions[0])
+
+
+def _reads(raw: str, region: str) -> bool:
+    try:
+        normalize(raw, region)
+    except PhoneError:
+        return False
+    return True
 
 
 async def get_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -352,7 +390,7 @@ ROUTES = [
             "status": Param(enum=service.MEMBER_STATUSES),
             "unit": Param(description="Exact unit"),
             "name": Param(description="Part of the name, any case"),
-            "phone": Param(description="Exact phone number"),
+            "phone": Param(description=f"Exact phone number. {SEARCHED_NUMBER_RULE}"),
             "cooperativeId": Param("uuid", "Super admin: one cooperative"),
         },
     ),

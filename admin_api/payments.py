@@ -29,7 +29,7 @@ from admin_api.common import (
     paged,
     synced,
 )
-from admin_api.members import search_region
+from admin_api.members import SEARCHED_NUMBER_RULE, search_regions, searched_number
 from admin_api.routing import IDEMPOTENT_REPLAYED, Ctx, Route
 from admin_api.validation import (
     ID_KEYWORD,
@@ -62,7 +62,7 @@ from core.payments import (
     set_gateway_reference,
     void_recording,
 )
-from core.phone import normalize
+from core.phone import PhoneError
 from core.ratelimit import Limit
 from core.state.payment import PaymentStatus
 
@@ -294,8 +294,9 @@ LIST_QUERY = {
                                   "financialTransactionId, an M-Pesa receipt number): the payment(s) holding it; "
                                   "more than one is flagged (`mismatch`: the same money recorded twice)",
                                   max_length=128),
-    "paymentAccount": Param(description="Exact paying account: a phone number (read as the cooperative's "
-                                        "country's), a bank account or an e-mail"),
+    "paymentAccount": Param(description="Exact paying account: a phone number, a bank account or an e-mail (as "
+                                        "given: with paymentMethod a bank's, never read as a phone number). "
+                                        f"{SEARCHED_NUMBER_RULE}"),
     **period_params("created"),
     "cooperativeId": Param("uuid", "Super admin: one cooperative"),
     "mismatch": Param("boolean", "true: only payments flagged for a person (`mismatchDetail` says why: another amount "
@@ -451,12 +452,15 @@ async def filtered(ctx: Ctx) -> Any:
             query = query.where(marked.is_(True) if q[flag] else marked.is_not(True))
     if q.get("paymentAccount") is not None:
         # Stored encrypted: found through its blind index, as it was normalised when the payment was made.
+        # A bank payment's account is stored as given (core.payments._normalise_account), a wallet's as E.164:
+        # with paymentMethod a bank's, never read as a number (0788123456 may be an account number there).
         account = q["paymentAccount"].strip()
-        try:
-            account = normalize(account, await search_region(ctx, ctx.who.cooperative_id
-                                                                or q.get("cooperativeId"))).e164
-        except ValidationError:
-            pass  # not a phone number: a bank account or an e-mail, stored as given
+        if q.get("paymentMethod") is None or q["paymentMethod"] in METHOD_OPERATOR:
+            regions = await search_regions(ctx, ctx.who.cooperative_id or q.get("cooperativeId"))
+            try:
+                account = searched_number(account, regions, "paymentAccount").e164
+            except PhoneError:
+                pass  # not a phone number: a bank account or an e-mail, stored as given
         query = query.where(Payment.payment_account_index == ctx.rt.cipher.blind_index(account))
     query = matching(ctx, query, {"status": Payment.status, "paymentMethod": Payment.method,
                                   "paymentTypeId": Payment.payment_type_id, "member": Payment.member_id,

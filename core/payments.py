@@ -61,6 +61,9 @@ NOT_REVIEWED = {"reviewed_detail": None, "reviewed_by": None, "reviewed_at": Non
 METHODS = ("MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL", "MPESA", "BANK_BK", "BANK_IM", "BANK_ECOBANK")
 # Which mobile operator a mobile-money method collects from (checked against the payer's number).
 METHOD_OPERATOR = {"MOBILE_MONEY_MTN": "MTN", "MOBILE_MONEY_AIRTEL": "AIRTEL", "MPESA": "SAFARICOM"}
+# The wallets and operators by the names their subscribers know (USSD's method.* texts), in a person's message.
+METHOD_NAMES = {"MOBILE_MONEY_MTN": "MTN MoMo", "MOBILE_MONEY_AIRTEL": "Airtel Money", "MPESA": "M-Pesa"}
+_OPERATOR_NAMES = {"MTN": "MTN", "AIRTELTIGO": "AirtelTigo"}
 # The wallet method of each mobile operator a cooperative's members pay with, by the cooperative's country
 # (USSD offers the one of the payer's operator: channels.ussd.flows.methods_for). A method of no operator is a
 # bank (IremboPay), which any cooperative's payment may name.
@@ -614,9 +617,20 @@ def _normalise_account(method: str, account: str, country: str) -> tuple[str, Va
     # An unknown operator (a range neither phonenumbers' carrier data nor core.phone's table names) is let
     # through: the provider refuses a number not on its network; a known other one is refused here.
     if phone.operator is not None and phone.operator != operator:
-        return phone.e164, ValidationError(f"paymentAccount is a {phone.operator} number; {method} needs an "
-                                           f"{operator} number", field="paymentAccount")
+        return phone.e164, ValidationError(f"paymentAccount {phone.masked()} is {_a(_operator_name(phone.operator))} "
+                                           f"number; {METHOD_NAMES[method]} needs {_a(_operator_name(operator))} "
+                                           "number", field="paymentAccount")
     return phone.e164, None
+
+
+def _operator_name(operator: str) -> str:
+    """'AIRTEL' -> 'Airtel': the operator as its subscribers write it (core.phone names any other in capitals)."""
+    return _OPERATOR_NAMES.get(operator, operator.title())
+
+
+def _a(name: str) -> str:
+    """The name with its article, as it is said: an Airtel, an MTN (em-tee-en), a Safaricom."""
+    return f"{'an' if name[0] in 'AEIOU' or name == 'MTN' else 'a'} {name}"
 
 
 def _mask_account(account: str) -> str:

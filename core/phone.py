@@ -112,10 +112,7 @@ def _normalize(raw: str, region: str) -> Phone:
     text = _DIGITS.sub("", raw.strip())
     if len(text) > 20:
         raise PhoneError("phone number is too long", field="phone")
-    if text.startswith("00"):
-        text = "+" + text[2:]
-    elif not text.startswith("+") and len(text) >= 11 and text[:3] in _COUNTRY_PREFIXES:
-        text = "+" + text
+    text = _international(text)
     try:
         parsed = phonenumbers.parse(text, region)
     except NumberParseException:
@@ -133,6 +130,21 @@ def _normalize(raw: str, region: str) -> Phone:
 
 
 _COUNTRY_PREFIXES = {"250", "254", "256", "255", "233", "260", "257", "265", "234", "27"}
+
+
+def _international(text: str) -> str:
+    """Digits as typed -> '+' and the country code when they carry one (00254..., or 254... long enough for it)."""
+    if text.startswith("00"):
+        return "+" + text[2:]
+    if not text.startswith("+") and len(text) >= 11 and text[:3] in _COUNTRY_PREFIXES:
+        return "+" + text
+    return text
+
+
+def has_country_code(raw: str) -> bool:
+    """Whether `raw` says its own country (+254..., 00254..., 254...), as `normalize` reads it: a number in local
+    form (0712345678) is a number of whichever country the reader's region names."""
+    return _international(_DIGITS.sub("", (raw or "").strip())).startswith("+")
 
 
 # phonenumbers' carrier names -> our operator codes. Ghana's "at" (formerly AirtelTigo) is not Airtel.

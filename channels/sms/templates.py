@@ -72,6 +72,9 @@ def reason_key(reason: str | None) -> str:
         ("cancelled_by_cooperative", ("cancelled by the cooperative",)),
         # Our outage, not the payer's doing: the request never reached the provider (core.jobs.PROVIDER_UNREACHABLE).
         ("provider_unreachable", ("provider unreachable", "never reached the provider")),
+        # M-Pesa's 1001: another prompt still open on her phone. Before "service" (its words say "M-Pesa service
+        # busy") and "cancel": nothing is wrong with the service, and she finishes or cancels that one, then pays.
+        ("other_transaction", ("already in process", "in process on the payer", "lock subscriber")),
         ("insufficient_funds", ("insufficient", "not enough", "enough money", "balance", "funds")),
         ("wrong_pin", ("wrong pin", "invalid pin", "incorrect pin", "wrong m-pesa pin")),
         ("declined", ("declin", "reject", "cancel", "refus")),

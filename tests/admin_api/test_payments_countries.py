@@ -100,7 +100,16 @@ async def test_a_number_of_another_operator_is_refused(superadmin: Caller, rt: A
     from it was sent to Safaricom blindly. (Airtel is Rwanda's here, so KES by Airtel is refused for its currency.)"""
     admin, ptype = await country_admin(superadmin, rt, client, "KE", "NRB", "1500.00")
     body = await refused(admin, ptype, "1500.00", "MPESA", "0762345678")
-    assert body["message"] == ["paymentAccount is a AIRTEL number; MPESA needs an SAFARICOM number"]
+    assert body["message"] == ["paymentAccount +25476****678 is an Airtel number; M-Pesa needs a Safaricom number"]
+    await no_payment(rt)
+
+
+async def test_a_number_of_another_operator_is_refused_in_words_a_person_reads(admin: Caller, rt: Any,
+                                                                              demo: dict[str, Any]) -> None:
+    """Read by the desk: the operators and methods by the names on the member's phone, with their articles ("is a
+    AIRTEL number; MPESA needs an SAFARICOM number" was the codes pasted in)."""
+    body = await refused(admin, demo["payment_types"]["Monthly Rent"], 15000, "MOBILE_MONEY_MTN", "0731234567")
+    assert body["message"] == ["paymentAccount +25073****567 is an Airtel number; MTN MoMo needs an MTN number"]
     await no_payment(rt)
 
 

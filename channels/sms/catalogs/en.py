@@ -78,6 +78,8 @@ REASONS = {
     "not_approved": "the request was not approved in time",
     "limit": "an account limit was reached",
     "invalid_account": "the account cannot receive this payment",
+    # M-Pesa's 1001: a prompt of another payment is still open on her phone; M-Pesa takes one at a time.
+    "other_transaction": "another transaction is waiting on your phone: finish or cancel it, then pay again",
     "provider_error": "the mobile money service had a problem",
     "provider_unreachable": "the mobile money service could not be reached; nothing was taken",
     "wrong_pin": "the PIN entered was wrong",

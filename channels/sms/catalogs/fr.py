@@ -78,6 +78,8 @@ REASONS = {
     "not_approved": "la demande n'a pas été approuvée à temps",
     "limit": "une limite du compte est atteinte",
     "invalid_account": "le compte ne peut pas recevoir ce paiement",
+    "other_transaction": "une autre transaction attend sur votre téléphone: terminez-la ou annulez-la, "
+                         "puis payez à nouveau",
     "provider_error": "le service mobile money a eu un problème",
     "provider_unreachable": "le service mobile money était injoignable; rien n'a été prélevé",
     "wrong_pin": "le code PIN saisi était erroné",

@@ -75,6 +75,8 @@ REASONS = {
     "not_approved": "ntiwemeje ku gihe",
     "limit": "konti yageze ku rugero ntarengwa",
     "invalid_account": "konti ntishobora kwakira ubu bwishyu",
+    "other_transaction": "hari ubundi bwishyu butegereje kuri telefoni yawe: ubwemeze cyangwa ubuhagarike, "
+                         "hanyuma wongere wishyure",
     "provider_error": "serivisi ya mobile money yagize ikibazo",
     "provider_unreachable": "serivisi ya mobile money ntiyabonetse; nta mafaranga yakuweho",
     "wrong_pin": "PIN winjije si yo",

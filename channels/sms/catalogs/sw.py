@@ -73,6 +73,8 @@ REASONS = {
     "not_approved": "ombi halikuthibitishwa kwa wakati",
     "limit": "kikomo cha akaunti kimefikiwa",
     "invalid_account": "akaunti haiwezi kupokea malipo haya",
+    "other_transaction": "kuna muamala mwingine unaosubiri kwenye simu yako: uukamilishe au uughairi, "
+                         "kisha ulipe tena",
     "provider_error": "huduma ya pesa kwa simu ilikuwa na tatizo",
     "provider_unreachable": "huduma ya pesa kwa simu haikupatikana; hakuna pesa iliyokatwa",
     "wrong_pin": "PIN uliyoingiza si sahihi",

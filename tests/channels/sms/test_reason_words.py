@@ -29,7 +29,7 @@ MPESA_EXPECTED = {
     "1037": "phone_unreachable",
     "2001": "wrong_pin",
     "1019": "not_approved",
-    "1001": "provider_error",
+    "1001": "other_transaction",
     "1025": "provider_error",
     "9999": "provider_error",
     "17": "limit",
