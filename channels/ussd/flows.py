@@ -592,10 +592,10 @@ async def type_chosen(ctx: Ctx, type_id: str) -> str:
     ctx.data["cur"] = pt.currency
     if pt.allow_custom_amount:
         coop = await cooperative(ctx, ctx.data["c"])
-        phone = ctx.hop.phone
-        if not methods_for(coop.country if coop else "", phone.operator, ctx.rt.routes, number_country=phone.region):
+        if not _number_methods(ctx, coop.country if coop else "", pt.currency):
             # No method takes her number's wallet whatever the amount (Vodacom's M-Pesa or Yas in Tanzania, Telkom in
-            # Kenya): told so now, not after she has typed an amount for nothing.
+            # Kenya, an Airtel Money account of another country's currency): told so now, not after she has typed an
+            # amount for nothing.
             return "pay_no_method"
         return "pay_amount"
     ctx.data["amt"] = pt.amount_minor
@@ -628,9 +628,11 @@ async def validate_amount(ctx: Ctx, text: str) -> str:
         # A currency with cents (GHS, KES): the amount as the screens write it, "12.50" (French "12,50"). Whole
         # units only refused the usual amount the prompt itself shows ("usual: 20.50 GHS"), and told her to enter
         # "a whole amount, e.g. 5000". A comma followed by three digits ("1,000") groups thousands (_ungrouped),
-        # except in French, where it is no amount: refused.
+        # except in French, where it is no amount: refused. A comma left is a decimal mark in French only: where
+        # "1,000" is a thousand, "1,00" is a thousand mistyped, not 1.00 (as UGX refuses it).
         match = _DECIMAL_AMOUNT.fullmatch(text)
-        if match is None or len(match.group(2) or "") > places:
+        comma_decimal = NUMBER_MARKS.get(ctx.state.lang, (",", "."))[1] == ","
+        if match is None or len(match.group(2) or "") > places or ("," in text and not comma_decimal):
             raise await _not_an_amount(ctx, currency)
         text = match.group(1) + ("." + match.group(2) if match.group(2) else "")
     elif not is_number(text):
@@ -670,9 +672,20 @@ async def _not_an_amount(ctx: Ctx, currency: str) -> Invalid:
 async def _whole_only(ctx: Ctx, amount: Money) -> bool:
     """Every method of the caller's number refuses `amount` by its provider's amount rule."""
     coop = await cooperative(ctx, ctx.data["c"])
-    phone = ctx.hop.phone
-    usable = methods_for(coop.country if coop else "", phone.operator, ctx.rt.routes, number_country=phone.region)
+    usable = _number_methods(ctx, coop.country if coop else "", amount.currency)
     return bool(usable) and all(_refuses_amount(ctx, m, amount) for m in usable)
+
+
+def _number_methods(ctx: Ctx, country: str, currency: str | None) -> list[str]:
+    """methods_for the caller's number, less those whose provider collects no `currency` whatever the amount (an
+    MTN or Airtel Money account of another country): counted, they let her type an amount no method could take,
+    then blamed her number or asked for cents they never collect."""
+    phone = ctx.hop.phone
+    usable = methods_for(country, phone.operator, ctx.rt.routes, number_country=phone.region)
+    if currency is None:
+        return usable
+    probe = Money(0, currency)
+    return [m for m in usable if (refusal_for(ctx.rt.routes, ctx.rt.providers, m, probe) or ("amount",))[0] == "amount"]
 
 
 async def amount_entered(ctx: Ctx, minor: str) -> str:
@@ -727,8 +740,7 @@ def _no_method(ctx: Ctx, country: str, amount: Money | None) -> str:
     """The end screen when no method is left: "not this amount" when the number's methods refuse only the
     amount by their provider's rule (M-Pesa: whole shillings, and a type priced 1,500.50 KES), since blaming
     the number sends the member to the wrong place; else no method for the number."""
-    phone = ctx.hop.phone
-    usable = methods_for(country, phone.operator, ctx.rt.routes, number_country=phone.region)
+    usable = _number_methods(ctx, country, amount.currency if amount else None)
     if amount is None or not usable or not all(_refuses_amount(ctx, m, amount) for m in usable):
         return "pay_no_method"
     ctx.data["amtf"], ctx.data["xm"] = ctx.money(amount), usable

@@ -110,3 +110,27 @@ async def test_what_is_no_amount_asks_for_whole_shillings_where_the_wallet_takes
     confirm = await phone.send("1500")
     assert "Kiasi: 1,500.00 KES" in confirm and "Kupitia M-Pesa" in confirm, confirm
     assert await db.count(Payment) == 0
+
+
+async def test_a_comma_outside_french_groups_thousands_and_is_no_decimal_mark(operator: Caller, client: Any,
+                                                                             db: Any) -> None:
+    """Where the screens group thousands with commas ("usual: 1,000.00 KES"), "1,000" is a thousand shillings: the
+    same comma before two digits was read as cents, so "1,00" (a thousand mistyped) confirmed 1.00 KES and "50,00"
+    50.00 KES, where UGX asks again for "1,00" and M-Pesa's prompt asks for a whole amount."""
+    coop = await operator.json("POST", "/v1/cooperatives", 201, json={
+        "name": "Kisumu Fishers SACCO", "shortCode": "KFS", "country": "KE", "ussdExtension": "46"})
+    await operator.json("POST", "/v1/payment-types", 201, json={
+        "name": "Savings", "amount": "1000", "allowCustomAmount": True, "cooperativeId": coop["id"]})
+    await operator.json("POST", "/v1/members", 201, json={"name": "Otieno Odhiambo", "phone": "0712000031",
+                                                          "cooperativeId": coop["id"]})
+    phone = AtPhone(client, "+254712000031", service_code="*384*123*46#")
+    await phone.dial()
+    await phone.send("1")
+    assert (await phone.send("1")).startswith("CON Enter amount in KES (usual: 1,000.00 KES)")
+    for bad in ("1,00", "50,00", "1,000,00"):
+        again = await phone.send(bad)
+        assert again.startswith("CON Enter a whole amount in KES, e.g. 5000:"), (bad, again)
+    confirm = await phone.send("1,000")
+    assert "Amount: 1,000.00 KES" in confirm and "Via M-Pesa" in confirm, confirm
+    await phone.send("1")
+    assert (await db.one(Payment)).amount_minor == 100_000

@@ -156,3 +156,16 @@ async def test_a_wallet_no_method_takes_is_told_before_she_types_an_amount(opera
     answer = await phone.send("1")
     assert answer == "END Hakuna njia ya malipo kwa namba yako. Wasiliana na TZ Savings.", answer
     assert await db.count(Payment) == 0
+
+
+async def test_a_wallet_whose_account_takes_another_currency_is_told_before_she_types_an_amount(
+        operator: Caller, client: Any, db: Any) -> None:
+    """This deployment's Airtel Money account is Tanzania's (TZS): a Ugandan Airtel member was asked for an amount
+    in UGX, then told that no method takes her number."""
+    await coop(operator, "UG", "256", "1000", ("Okello James", "0702000001", "en"))
+    phone = AtPhone(client, "+256702000001", service_code="*384*123*256#")
+    await phone.dial()
+    await phone.send("1")
+    answer = await phone.send("1")
+    assert answer == "END No payment method is available for your number. Please contact UG Savings.", answer
+    assert await db.count(Payment) == 0
