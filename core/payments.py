@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
+import phonenumbers
+from phonenumbers import carrier
 from sqlalchemy import BigInteger, String, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -617,20 +619,28 @@ def _normalise_account(method: str, account: str, country: str) -> tuple[str, Va
     # An unknown operator (a range neither phonenumbers' carrier data nor core.phone's table names) is let
     # through: the provider refuses a number not on its network; a known other one is refused here.
     if phone.operator is not None and phone.operator != operator:
-        return phone.e164, ValidationError(f"paymentAccount {phone.masked()} is {_a(_operator_name(phone.operator))} "
+        return phone.e164, ValidationError(f"paymentAccount {phone.masked()} is "
+                                           f"{_a(_operator_name(phone.operator, phone.e164))} "
                                            f"number; {METHOD_NAMES[method]} needs {_a(_operator_name(operator))} "
                                            "number", field="paymentAccount")
     return phone.e164, None
 
 
-def _operator_name(operator: str) -> str:
-    """'AIRTEL' -> 'Airtel': the operator as its subscribers write it (core.phone names any other in capitals)."""
-    return _OPERATOR_NAMES.get(operator, operator.title())
+def _operator_name(operator: str, e164: str | None = None) -> str:
+    """'AIRTEL' -> 'Airtel': the operator as its subscribers write it (core.phone names any other in capitals, its
+    spaces as _): the carrier data's own spelling of the number's ('JTL', 'Homeland Media', not 'Jtl')."""
+    if operator in _OPERATOR_NAMES:
+        return _OPERATOR_NAMES[operator]
+    spelt = carrier.name_for_number(phonenumbers.parse(e164), "en") if e164 else ""
+    return spelt or operator.replace("_", " ").title()
 
 
 def _a(name: str) -> str:
-    """The name with its article, as it is said: an Airtel, an MTN (em-tee-en), a Safaricom."""
-    return f"{'an' if name[0] in 'AEIOU' or name == 'MTN' else 'a'} {name}"
+    """The name with its article, as it is said: an Airtel, a Safaricom; one said by its letters by the first's
+    sound: an MTN (em-tee-en), a UTL (you-tee-el), an NRG Media Limited."""
+    word = name.split()[0]
+    vowel = name[0] in ("AEFHILMNORSX" if word.isupper() and len(word) <= 4 else "AEIOU")
+    return f"{'an' if vowel else 'a'} {name}"
 
 
 def _mask_account(account: str) -> str:

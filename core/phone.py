@@ -136,15 +136,24 @@ def _international(text: str) -> str:
     """Digits as typed -> '+' and the country code when they carry one (00254..., or 254... long enough for it)."""
     if text.startswith("00"):
         return "+" + text[2:]
-    if not text.startswith("+") and len(text) >= 11 and text[:3] in _COUNTRY_PREFIXES:
+    # South Africa's code is two digits: 27821234567 is +27 82 123 4567.
+    if not text.startswith("+") and len(text) >= 11 and _COUNTRY_PREFIXES & {text[:2], text[:3]}:
         return "+" + text
     return text
 
 
 def has_country_code(raw: str) -> bool:
-    """Whether `raw` says its own country (+254..., 00254..., 254...), as `normalize` reads it: a number in local
-    form (0712345678) is a number of whichever country the reader's region names."""
-    return _international(_DIGITS.sub("", (raw or "").strip())).startswith("+")
+    """Whether `raw` says its own country (+254..., 00254..., 254..., tel:+254...), as `normalize` reads it: a number
+    in local form (0712345678) is a number of whichever country the reader's region names."""
+    text = _international(_DIGITS.sub("", (raw or "").strip()))
+    if text.startswith("+"):
+        return True
+    try:
+        # Read without a region, phonenumbers takes only a number that names its country (a tel: URI's +254...).
+        phonenumbers.parse(text, None)
+    except NumberParseException:
+        return False
+    return True
 
 
 # phonenumbers' carrier names -> our operator codes. Ghana's "at" (formerly AirtelTigo) is not Airtel.

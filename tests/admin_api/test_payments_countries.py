@@ -113,6 +113,26 @@ async def test_a_number_of_another_operator_is_refused_in_words_a_person_reads(a
     await no_payment(rt)
 
 
+@pytest.mark.parametrize(("account", "words"), [("0747123456", "a JTL number"),
+                                                ("0744123456", "a Homeland Media number")])
+async def test_another_operator_is_named_as_it_is_written(superadmin: Caller, rt: Any, client: Any, account: str,
+                                                         words: str) -> None:
+    """Kenya's smaller operators by their own spelling: not "a Jtl" nor "a Homeland_Media" (their codes title-cased)."""
+    admin, ptype = await country_admin(superadmin, rt, client, "KE", "NRB", "1500.00")
+    body = await refused(admin, ptype, "1500.00", "MPESA", account)
+    assert body["message"] == [f"paymentAccount +25474****456 is {words}; M-Pesa needs a Safaricom number"]
+    await no_payment(rt)
+
+
+def test_an_operator_said_by_its_letters_takes_their_article() -> None:
+    """UTL, Uganda's (you-tee-el): "a UTL number", as "an MTN number" (em-tee-en)."""
+    from core.payments import _normalise_account
+
+    _, refused_ = _normalise_account("MOBILE_MONEY_MTN", "0712345678", "UG")
+    assert refused_ is not None
+    assert refused_.message == "paymentAccount +25671****678 is a UTL number; MTN MoMo needs an MTN number"
+
+
 @pytest.mark.parametrize(("country", "zone"), [
     ("GH", "Africa/Accra"), ("KE", "Africa/Nairobi"), ("UG", "Africa/Kampala"), ("RW", "Africa/Kigali"),
 ])

@@ -55,6 +55,15 @@ async def test_a_local_number_searched_across_countries_is_refused_alike_on_both
     assert [p["id"] for p in found["data"]] == [paid["id"]]
 
 
+async def test_a_tel_link_is_a_number_with_its_country_code(superadmin: Caller, rt: Any, client: Any) -> None:
+    """tel:+254712345678 (copied from a click-to-call link) says its country: found across countries, not refused
+    for lacking a country code it carries."""
+    kenyan, _ = await country_admin(superadmin, rt, client, "KE", "NRB", "1500.00")
+    made = await kenyan.json("POST", "/v1/members", 201, json={"name": "Wanjiru", "phone": WANJIRU})
+    found = await superadmin.json("GET", "/v1/members?phone=tel:%2B254712345678", 200)
+    assert [m["id"] for m in found["data"]] == [made["id"]]
+
+
 async def test_a_deployment_of_one_country_reads_a_local_number_as_that_countrys(
         superadmin: Caller, rt: Any, demo: dict[str, Any]) -> None:
     """A Kenyan deployment (its one cooperative Kenyan): the super admin types numbers as they are written there."""

@@ -2,7 +2,7 @@
 
 import pytest
 
-from core.phone import PhoneError, mask, normalize
+from core.phone import PhoneError, has_country_code, mask, normalize
 
 
 @pytest.mark.parametrize(
@@ -29,6 +29,16 @@ def test_normalize(raw, region, e164, operator):
 def test_refuses(raw):
     with pytest.raises(PhoneError):
         normalize(raw)
+
+
+@pytest.mark.parametrize(("raw", "e164"), [("tel:+254712345678", "+254712345678"), ("27821234567", "+27821234567")])
+def test_a_number_with_its_country_code_is_that_number_in_every_region(raw, e164):
+    """A tel: link's number (pasted from a click-to-call page) and a South African number typed without its +: both
+    say their country, so a super admin's search across countries reads them (admin_api.members.searched_number)
+    instead of asking for the country code they carry. "27" is South Africa's two-digit code."""
+    assert has_country_code(raw)
+    for region in ("RW", "KE", "ZA"):
+        assert normalize(raw, region).e164 == e164
 
 
 def test_mask_keeps_prefix_and_last_three():
