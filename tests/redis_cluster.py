@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 SLOTS = 16384
 READY_WITHIN = 30.0  # generous: a shared CI machine may be slow to start three servers
@@ -68,7 +70,7 @@ def _wait(check: str, condition: object, deadline: float) -> None:
         try:
             if condition():  # type: ignore[operator]
                 return
-        except (redis.ConnectionError, redis.ResponseError):
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
             pass
         time.sleep(0.05)
     raise AssertionError(f"the test Redis Cluster did not come up: {check}")
@@ -85,12 +87,16 @@ def _slots_known_everywhere(cluster: Cluster) -> bool:
     return True
 
 
-def start_cluster(masters: int = 3) -> Iterator[Cluster]:
-    """Start `masters` nodes on free 127.0.0.1 ports, join them and split the slots between them; stop them (by
-    their PIDs) and remove their folder at the end."""
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    folder = Path(tempfile.mkdtemp(prefix="gateway-redis-cluster-"))
+class _NodeExited(Exception):
+    """A node stopped before the cluster came up: most likely its port, found free, was taken before it bound it
+    (another test's server, a connection's local port)."""
+
+
+ATTEMPTS = 3  # fresh ports each time a node could not bind its own
+
+
+def _launch(binary: str, folder: Path, masters: int) -> Cluster:
+    """Start `masters` nodes on free ports, join them and split the slots; stop them again if it fails."""
     ports = _free_ports(2 * masters)  # each node's client port, then its cluster bus port
     cluster = Cluster(ports[:masters])
     try:
@@ -104,9 +110,18 @@ def start_cluster(masters: int = 3) -> Iterator[Cluster]:
         deadline = time.monotonic() + READY_WITHIN
 
         def answering() -> bool:
+            for proc in cluster.procs:
+                if proc.poll() is not None:
+                    raise _NodeExited(f"exit status {proc.returncode}")
             for port in cluster.ports:
-                with cluster.node(port) as r:
-                    r.ping()
+                # One try, a short wait: something else on the port (our node failed to bind it) may never answer,
+                # and redis-py's own retries would hold this a minute before the exit above is seen.
+                with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, retry=Retry(NoBackoff(), 0)) as r:
+                    # Ours, not whatever took the port after our node failed to bind it.
+                    mine = str(folder / f"nodes-{port}.conf")
+                    said = r.config_get("cluster-config-file").values()
+                    if mine not in {v.decode() if isinstance(v, bytes) else v for v in said}:
+                        raise _NodeExited(f"another server answers on {port}")
             return True
 
         _wait("nodes answering PING", answering, deadline)
@@ -121,14 +136,41 @@ def start_cluster(masters: int = 3) -> Iterator[Cluster]:
                 r.execute_command("CLUSTER", "ADDSLOTSRANGE", start, end)
         _wait("cluster_state:ok with every slot known on every node", lambda: _slots_known_everywhere(cluster),
               deadline)
+        return cluster
+    except BaseException:
+        _stop(cluster)
+        raise
+
+
+def _stop(cluster: Cluster) -> None:
+    for proc in cluster.procs:
+        proc.terminate()
+    for proc in cluster.procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def start_cluster(masters: int = 3) -> Iterator[Cluster]:
+    """Start `masters` nodes on free 127.0.0.1 ports, join them and split the slots between them (again on other
+    ports if a port was taken meanwhile); stop them (by their PIDs) and remove their folder at the end."""
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    folder = Path(tempfile.mkdtemp(prefix="gateway-redis-cluster-"))
+    cluster: Cluster | None = None
+    try:
+        for attempt in range(ATTEMPTS):
+            try:
+                cluster = _launch(binary, folder, masters)
+                break
+            except _NodeExited:
+                if attempt == ATTEMPTS - 1:
+                    raise
+        assert cluster is not None
         yield cluster
     finally:
-        for proc in cluster.procs:
-            proc.terminate()
-        for proc in cluster.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if cluster is not None:
+            _stop(cluster)
         shutil.rmtree(folder, ignore_errors=True)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Generator, Iterator
+from typing import Any, cast
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
@@ -264,3 +264,41 @@ async def test_readiness_sees_a_master_other_than_the_clients_default_full_or_ev
             node.config_set("maxmemory", "0")
     status, body = await readiness(client)
     assert body["checks"]["redis"] == "ok", body
+
+
+def test_the_test_cluster_starts_on_other_ports_when_one_is_taken_meanwhile(monkeypatch: Any) -> None:
+    """A port found free may be taken before its node binds it (another test's server on a busy CI machine): the
+    cluster starts on fresh ports, and the nodes of the failed attempt are stopped, not left running."""
+    import socket
+
+    from tests import redis_cluster
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real = redis_cluster._free_ports
+    handed: list[list[int]] = []
+
+    def one_taken(count: int) -> list[int]:
+        ports = real(count)
+        if not handed:
+            ports[0] = taken.getsockname()[1]
+        handed.append(ports)
+        return ports
+
+    monkeypatch.setattr(redis_cluster, "_free_ports", one_taken)
+    try:
+        started = cast(Generator[Cluster, None, None], start_cluster(masters=3))
+        cluster = next(started)
+        try:
+            assert len(handed) == 2 and taken.getsockname()[1] not in cluster.ports
+            with cluster.node(cluster.ports[0]) as node:
+                assert b"cluster_state:ok" in node.execute_command("CLUSTER", "INFO")
+        finally:
+            started.close()
+        assert all(proc.poll() is not None for proc in cluster.procs)
+        for port in handed[0][1:3]:  # the first attempt's own nodes: stopped
+            with socket.socket() as probe:
+                assert probe.connect_ex(("127.0.0.1", port)) != 0, port
+    finally:
+        taken.close()
