@@ -364,6 +364,9 @@ def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeF
     `taken`: money a statement shows collected already (record_payment): only what holds whatever happened since is
     checked; the type's price or state and the member's status at the time of recording do not undo a payment made
     (a member suspended, a type repriced or closed since the restore point was still paid)."""
+    unpaid_with = _not_the_countrys_wallet(new.method, context.coop.country if context.coop else "")
+    if unpaid_with is not None:
+        return unpaid_with
     cannot = amount_refusal(rt.provider_for(new.method), amount, new.method)
     if cannot is not None:
         return ValidationError(cannot[1], field=cannot[0])
@@ -387,6 +390,19 @@ def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeF
         return BusinessRuleError(f"member is {(context.member_status or 'not active').lower()}; "
                                  "only an active member can pay", field="memberId")
     return None
+
+
+def _not_the_countrys_wallet(method: str, country: str) -> ValidationError | None:
+    """Why a wallet method is not one a cooperative of `country` is paid with (wallets_by_operator), if so: USSD
+    never offers it (methods_for), and the number check alone lets it through for a range nobody names (M-Pesa
+    from a Zambian number). First, before the account's operator or the provider's currency: another number or
+    amount would not make it one. A bank method (no operator) any cooperative's payment may name."""
+    wallets = wallets_by_operator(country).values()
+    if method not in METHOD_OPERATOR or method in wallets:
+        return None
+    named = ", ".join(f"{m} ({METHOD_NAMES[m]})" for m in wallets)
+    return ValidationError(f"paymentMethod {method} is not one a {country} cooperative's members pay with: "
+                           f"{named}, or a bank method", field="paymentMethod")
 
 
 @dataclass(frozen=True)
@@ -930,10 +946,15 @@ async def _apply_outcome(
                 payment.completed_at = money_moved_at(payment.created_at, occurred_at)
                 payment.updated_at = changed_at(payment.updated_at)  # the event's updatedAt: after the failure's
                 # The cooperative's system was told it failed: tell it the money is held (once; a second report
-                # of the same money changes nothing).
-                await emit_event(session, cooperative_id=payment.cooperative_id,
-                                 event_type="payment.taken_after_failure",
-                                 event_id=f"evt_payment_taken_after_failure_{payment.id}", data=event_data(payment))
+                # of the same money changes nothing). A zero or negative amount in the payment's currency holds
+                # nothing (taken_after_failure() is false, the reconciliation counts nothing): "money is held" would
+                # be false, and payment.failed stands; the flag and the audit row below are for a person. Another
+                # currency's amount is money taken that a person must look at: told, flagged.
+                if not (same and amount is not None and amount.minor <= 0):
+                    await emit_event(session, cooperative_id=payment.cooperative_id,
+                                     event_type="payment.taken_after_failure",
+                                     event_id=f"evt_payment_taken_after_failure_{payment.id}",
+                                     data=event_data(payment))
             # Written after the fields it reports: from the audit log alone an auditor rebuilds what this FAILED
             # payment holds and in which period it counts (a repeat report's row shows them unchanged).
             await record(session, actor=actor, action="payment.success_after_failure", entity_type="payment",

@@ -326,10 +326,12 @@ async def test_api_answers_without_a_rate_limit_when_redis_is_down(admin, rt, de
 
 
 async def test_a_method_that_cannot_collect_the_currency_is_refused_when_asked(admin, rt, demo):
-    """M-Pesa collects KES only: an RWF payment by M-Pesa is a 400 at once, not a 201 that the worker fails
-    later (with a "payment failed" SMS to the payer)."""
+    """M-Pesa (KES only) for a Rwandan cooperative's RWF payment is a 400 at once, not a 201 that the worker fails
+    later (with a "payment failed" SMS to the payer); named by the wallets a Rwandan cooperative's members pay with,
+    which M-Pesa is none of whatever the currency (a provider's currency refusal: test_payments_countries)."""
     body = payment_body(demo["payment_types"]["Monthly Rent"], paymentMethod="MPESA", paymentAccount="+254708000001")
     refused = await admin.json("POST", "/v1/payments", 400, json=body)
-    assert refused["message"] == ["MPESA collects KES only; this payment is in RWF"]
+    assert refused["message"] == ["paymentMethod MPESA is not one a RW cooperative's members pay with: "
+                                  "MOBILE_MONEY_MTN (MTN MoMo), MOBILE_MONEY_AIRTEL (Airtel Money), or a bank method"]
     async with rt.sessionmaker() as s:
         assert (await s.execute(select(func.count()).select_from(Payment))).scalar_one() == 0

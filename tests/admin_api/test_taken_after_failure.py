@@ -139,6 +139,12 @@ async def test_taken_in_another_currency_is_left_to_a_person(admin, rt, demo):
     assert "only collected payments can be refunded; this one is FAILED" in refused["message"]
     report = await admin.json("GET", "/v1/reports/reconciliation", 200)
     assert report["settled"] == [] and [f["id"] for f in report["flagged"]] == [payment["id"]]
+    # Money was taken (not counted here, in another currency): the cooperative's system is told, flagged.
+    async with rt.sessionmaker() as s:
+        events = list((await s.execute(select(OutboxJob.payload).where(OutboxJob.kind == "webhook.event")
+                                       .order_by(OutboxJob.id))).scalars())
+    assert [e["event_type"] for e in events] == ["payment.failed", "payment.taken_after_failure"]
+    assert (events[1]["data"]["collectedAmount"], events[1]["data"]["mismatch"]) == (0, True)
 
 
 async def test_a_failed_payment_nothing_was_taken_from_is_not_refundable(admin, rt, demo):
