@@ -83,7 +83,9 @@ async def test_a_start_taken_by_the_previous_release_brings_her_reminders_back(r
 
     async with rt.sessionmaker.begin() as s:  # the worker's morning scan, then its send-time check
         await scan(s, rt, now=NOW)
-    [job] = [j for j in await jobs_of(rt, "sms.send") if j.payload.get("member_id") == demo["members"][ALINE]]
+    # Her reminder (the STOP's and START's replies are hers too: tests/admin_api/test_keyword_replies_listed.py).
+    [job] = [j for j in await jobs_of(rt, "sms.send")
+             if (j.payload.get("member_id"), j.payload.get("template")) == (demo["members"][ALINE], "payment_reminder")]
     async with rt.engine.connect() as conn:
         assert await why_not_send(conn, job.payload) is None
 
