@@ -22,6 +22,7 @@ from core.payments import collected_amount
 from core.phone import Phone
 from core.refunds import BY_A_PERSON
 from core.state.payment import PaymentStatus, shown_status
+from providers.mpesa.adapter import is_receipt
 
 CATALOGS: dict[str, ModuleType] = {"en": en, "rw": rw, "fr": fr, "sw": sw}
 LANGUAGES = tuple(CATALOGS)
@@ -175,18 +176,13 @@ def code_of(service_code: ServiceCode, aggregator: str | None) -> str:
     return service_code(aggregator) if callable(service_code) else service_code
 
 
-# Provider ids no payer ever sees: M-Pesa's CheckoutRequestID ('ws_CO_...', providers.mpesa.adapter.CHECKOUT_PREFIX),
-# which a payment holds when Daraja's STK query confirmed it and its callback, with the receipt, never came.
-_NOT_SHOWN_TO_PAYERS = ("ws_CO_",)
-
-
 def payer_transaction_id(provider_transaction_id: str | None) -> str:
     """The provider's transaction id as a receipt names it: the one on the payer's own confirmation SMS and
     statement (M-Pesa's receipt 'SKL3ABC123'), "-" when the payment holds none. A CheckoutRequestID was sent as
     'Transaction: ws_CO_03122026105846540253785904', an id she finds nowhere, where she looks for her receipt."""
-    if not provider_transaction_id or provider_transaction_id.startswith(_NOT_SHOWN_TO_PAYERS):
-        return "-"
-    return provider_transaction_id
+    # M-Pesa's CheckoutRequestID, held when Daraja's STK query confirmed the payment and the callback with the receipt
+    # never came, is told from a receipt by the adapter that knows its form (is_receipt).
+    return provider_transaction_id if provider_transaction_id and is_receipt(provider_transaction_id) else "-"
 
 
 def payment_values(facts: PaymentFacts, language: str, service_code: ServiceCode) -> dict[str, Any]:
