@@ -73,8 +73,8 @@ ROTATION = obj(
 ATTEMPT = out(
     {
         "at": DATETIME,
-        "status_code": {"type": ["integer", "null"], "description": "null: no answer (timeout, refused, ...)"},
-        "latency_ms": {"type": "integer"},
+        "statusCode": {"type": ["integer", "null"], "description": "null: no answer (timeout, refused, ...)"},
+        "latencyMs": {"type": "integer"},
         "error": {"type": ["string", "null"], "description": "null: delivered (a 2xx answer)"},
     }
 )
@@ -151,9 +151,11 @@ def present_endpoint(e: WebhookEndpoint) -> dict[str, Any]:
 
 
 def present_attempt(attempt: dict[str, Any]) -> dict[str, Any]:
-    """A recorded attempt, its time written as every API timestamp (stored as Python's isoformat)."""
+    """A recorded attempt in the API's camelCase, its time written as every API timestamp (the row keeps
+    core.webhooks' snake_case keys and Python's isoformat)."""
     at = attempt.get("at")
-    return {**attempt, "at": iso(parse_aware(at)) or at}
+    return {"at": iso(parse_aware(at)) or at, "statusCode": attempt.get("status_code"),
+            "latencyMs": attempt.get("latency_ms", 0), "error": attempt.get("error")}
 
 
 def present_delivery(d: WebhookDelivery) -> dict[str, Any]:

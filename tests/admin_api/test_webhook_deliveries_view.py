@@ -53,7 +53,10 @@ async def test_attempt_times_are_written_as_every_api_timestamp(admin, rt, demo,
     endpoint, _, _ = await _disputed(admin, rt, demo, worker)
     listed = await admin.json("GET", f"/v1/webhook-endpoints/{endpoint.id}/deliveries", 200)
     attempts = [a for d in listed["data"] for a in d["attempts"]]
-    assert len(attempts) == 2 and all(a["error"] and a["status_code"] is None for a in attempts)
+    assert len(attempts) == 2 and all(a["error"] and a["statusCode"] is None for a in attempts)
+    # The API's camelCase, as every other field (the row keeps core.webhooks' own keys).
+    assert all(set(a) == {"at", "statusCode", "latencyMs", "error"} for a in attempts), attempts
+    assert all(isinstance(a["latencyMs"], int) for a in attempts)
     assert all(API_TIME.match(a["at"]) for a in attempts), [a["at"] for a in attempts]
     assert all(API_TIME.match(d["createdAt"]) for d in listed["data"])
 
