@@ -170,6 +170,20 @@ class _Counted:
         d = self.decision
         return replace(d, remaining=d.remaining + 1, used=d.used - 1, reset=math.ceil(self.at))
 
+    async def replay_allowed(self) -> bool:
+        """Whether a request past the limit may be looked at as a replay: those are counted in a bucket of their
+        own (`<bucket>:past-limit`, as many a window as the route's own), so a client repeating one key, or
+        posing as a retry with keys nothing was made with, cannot make every request past the limit a database
+        read (or a bank payment's wait for its URL). Redis failing here lets it be looked at (as the limit
+        itself lets requests through without Redis)."""
+        past = replace(self.limit, name=f"{self.limit.name}:past-limit")
+        try:
+            return (await self.limiter.hit(past, self.subject, now=self.at)).allowed
+        except REDIS_DOWN as exc:
+            log.warning("the replay budget past the limit is unavailable in Redis; the replay is looked at",
+                        extra={"error": type(exc).__name__})
+            return True
+
 
 async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route, principal: Principal | None,
                                 claims: dict[str, Any] | None, session: AsyncSession) -> _Counted | None:
@@ -311,7 +325,8 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
                 elif raw is not None and raw.strip() and parse_json(raw, request) not in ({}, None):
                     raise ApiError(400, ["this endpoint takes no request body"])
                 ctx = Ctx(rt=rt, session=session, principal=principal, body=body, query=query, request=request)
-                if refused and not await _names_earlier(route, ctx):
+                if refused and not (counted is not None and await counted.replay_allowed()
+                                    and await _names_earlier(route, ctx)):
                     raise ApiError(429, TOO_MANY)
                 response = await route.handler(request, ctx)
             except (ApiError, DomainError) as exc:

@@ -36,7 +36,8 @@ def _one_window(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def _counted(rt: Any, bucket: str) -> int:
     """The caller's count in `bucket` for the current window, as Redis holds it (one caller per test)."""
-    keys = [k for k in await rt.redis.keys(f"rl:*:{bucket}:*") if not k.endswith(b":in-flight")]
+    keys = [k for k in await rt.redis.keys(f"rl:*:{bucket}:*") if k.rsplit(b":", 1)[1].isdigit()
+            and k.rsplit(b":", 1)[0].endswith(f"}}:{bucket}".encode())]
     current = [k for k in keys if k.endswith(f":{T0 - T0 % 60}".encode())]
     assert len(current) == 1, keys
     return int(await rt.redis.get(current[0]))
@@ -157,3 +158,35 @@ async def test_a_recorded_payment_replayed_past_the_limit_is_answered_and_not_co
     assert await _counted(rt, "payments:write") == 60
     await _refused(await admin.req("POST", path, json={**sent, "idempotencyKey": "never-made-1"}), "POST", path)
     assert await _rows(rt, Payment) == 1
+
+
+async def test_replays_past_the_limit_have_a_budget_of_their_own(admin: Caller, rt: Any, demo: dict[str, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the limit each would-be replay was looked up in the database, without end: a client repeating its
+    key in a loop, or posing as a retry with keys nothing was made with, made every request a database read (a
+    bank payment's a wait for its URL). They are counted in a bucket of their own, as many a window as the
+    route's limit; past it, 429 before the database is asked."""
+    rent = demo["payment_types"]["Monthly Rent"]
+    sent = payment_body(rent)
+    first = await admin.json("POST", "/v1/payments", 201, json=sent)
+    for _ in range(9):  # payments:create: 10 a minute
+        await make_payment(admin, rent)
+    looked: list[str] = []
+    for fake in range(4):  # would-be replays under keys nothing was made with: refused, and counted
+        await _refused(await admin.req("POST", "/v1/payments", json={**sent, "idempotencyKey": f"never-made-{fake}"}),
+                       "POST", "/v1/payments")
+    for _ in range(6):  # the real retry: answered, and counted among the replays past the limit
+        await _replayed(await admin.req("POST", "/v1/payments", json=sent), first)
+    assert await _counted(rt, "payments:create:past-limit") == 10
+    assert await _counted(rt, "payments:create") == 10
+
+    # The budget spent, even the real replay is refused, and the database is not asked.
+    from admin_api import routing
+
+    async def never(route: Any, ctx: Any) -> bool:
+        looked.append(route.name)
+        raise AssertionError("past the replay budget, the database is not asked")
+    monkeypatch.setattr(routing, "_names_earlier", never)
+    await _refused(await admin.req("POST", "/v1/payments", json=sent), "POST", "/v1/payments")
+    assert looked == []
+    assert await _rows(rt, Payment) == 10
