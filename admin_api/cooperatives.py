@@ -13,6 +13,7 @@ from admin_api.validation import LIMIT, PAGE, Param
 from core import auth
 from core import cooperatives as service
 from core.config import USSD_AGGREGATORS
+from core.members import LANGUAGES
 from core.models import Cooperative
 from core.money import EXPONENTS
 from core.phone import mask
@@ -30,6 +31,7 @@ COOPERATIVE = out(
         "status": {"enum": list(service.STATUSES)},
         "contactPhone": NULL_STRING,
         "selfRegistration": {"type": "boolean"},
+        "language": {"enum": list(LANGUAGES)},
         "createdAt": DATETIME,
         "updatedAt": DATETIME,
     }
@@ -48,6 +50,10 @@ _FIELDS = {
     "status": {"enum": list(service.STATUSES)},
     "contactPhone": {"type": ["string", "null"], "maxLength": 32},
     "selfRegistration": {"type": "boolean"},
+    "language": {"enum": list(LANGUAGES),
+                 "description": "of its members added without one, of the SMS to its payers who are no members, "
+                                "and of its USSD menu for a caller it does not know (default: the country's, sw in "
+                                "TZ, else en); a member's own language always wins"},
 }
 CREATE = obj(_FIELDS, ["name", "shortCode", "country"])
 UPDATE = obj({k: v for k, v in _FIELDS.items() if k not in ("country", "currency")}, min_properties=1)
@@ -73,6 +79,7 @@ def present(c: Cooperative) -> dict[str, Any]:
         "status": c.status,
         "contactPhone": mask(c.contact_phone) if c.contact_phone else None,
         "selfRegistration": c.self_registration,
+        "language": c.language,
         "createdAt": iso(c.created_at),
         "updatedAt": iso(c.updated_at),
     }

@@ -122,7 +122,7 @@ async def create_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         name=body["name"],
         phone=normalize(body["phone"], coop.country),
         actor=ctx.who.actor,
-        language=body.get("language", "en"),
+        language=body.get("language") or coop.language,
         unit=body.get("unit"),
         status=body.get("status", "ACTIVE"),
     )

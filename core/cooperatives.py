@@ -15,6 +15,7 @@ from core.audit import Actor, record
 from core.config import USSD_AGGREGATORS
 from core.db import utcnow
 from core.errors import Conflict, NotFound, ValidationError
+from core.members import LANGUAGES
 from core.models import Cooperative
 from core.money import EXPONENTS
 from core.phone import normalize
@@ -46,6 +47,10 @@ COUNTRY_TIMEZONE = {
     "NG": "Africa/Lagos",
     "ZA": "Africa/Johannesburg",
 }
+# The language a cooperative of each country gets when none is given (its members added without one, its payers
+# who are no members, its menu for a caller it does not know): Swahili in Tanzania, where it is the language of
+# daily business; elsewhere English, which its admin changes (`language`) as the members use.
+COUNTRY_LANGUAGE = {"TZ": "sw"}
 _SHORT_CODE = re.compile(r"^[A-Za-z0-9_-]{2,32}$")
 _EXTENSION = re.compile(r"^[0-9]{1,8}$")
 _FIELDS = (
@@ -59,6 +64,7 @@ _FIELDS = (
     "status",
     "contact_phone",
     "self_registration",
+    "language",
 )
 
 
@@ -106,6 +112,8 @@ def _validate(values: dict[str, Any]) -> list[str]:
         errors.append("ussdExtension must be 1 to 8 digits")
     if values.get("ussd_aggregator") is not None and values["ussd_aggregator"] not in USSD_AGGREGATORS:
         errors.append(f"ussdAggregator must be one of {', '.join(USSD_AGGREGATORS)}")
+    if "language" in values and values["language"] not in LANGUAGES:
+        errors.append(f"language must be one of {', '.join(LANGUAGES)}")
     if "status" in values and values["status"] not in STATUSES:
         errors.append(f"status must be one of {', '.join(STATUSES)}")
     if values.get("contact_phone") is not None:
@@ -181,6 +189,7 @@ async def create_cooperative(session: AsyncSession, *, values: dict[str, Any], a
     values = dict(values)
     values.setdefault("currency", COUNTRY_CURRENCY.get(values.get("country", ""), ""))
     values.setdefault("timezone", COUNTRY_TIMEZONE.get(values.get("country", ""), "Africa/Kigali"))
+    values.setdefault("language", COUNTRY_LANGUAGE.get(values.get("country", ""), "en"))
     values.setdefault("status", "ACTIVE")
     missing = [f for f in ("name", "short_code", "country") if not values.get(f)]
     errors = [f"{m} is required" for m in missing] + _validate(values)

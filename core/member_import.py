@@ -279,7 +279,8 @@ async def import_members(
         known = await _already_members(session, cipher, cooperative.id, rows)
         if known:
             raise ImportRejected(known)
-    ids = await _insert_rows(session, cipher, cooperative.id, rows, actor=actor, status=status)
+    ids = await _insert_rows(session, cipher, cooperative.id, rows, actor=actor, status=status,
+                             language=cooperative.language or "en")
     after: dict[str, Any] = {"count": len(ids), "ignoredColumns": parsed.ignored_columns, "encoding": parsed.encoding}
     if existing == "update":
         after.update(updated=len(updated), unchanged=unchanged)
@@ -371,7 +372,7 @@ def _insert_members(dialect: str) -> Any:
 
 
 async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id: str, rows: list[ImportRow], *,
-                       actor: Actor, status: str) -> list[str]:
+                       actor: Actor, status: str, language: str) -> list[str]:
     """Every row as create_member would write it (the member and its "member.created" audit row), CHUNK
     rows to a statement: a 10,000-row file is 20 member INSERTs and a batched audit insert, where a row at
     a time was 20,000 round trips (25-34 s in one request). The unique (cooperative, phone) index still
@@ -383,7 +384,8 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
         chunk = rows[start : start + CHUNK]
         now = utcnow()
         values = [{
-            **member_row(cipher, cooperative_id=cooperative_id, name=r.name, phone=r.phone, language=r.language or "en",
+            **member_row(cipher, cooperative_id=cooperative_id, name=r.name, phone=r.phone,
+                         language=r.language or language,
                          unit=r.unit, status=status),
             "id": new_id(), "created_at": now, "updated_at": now,
         } for r in chunk]

@@ -408,7 +408,7 @@ class SmsJobs:
             if facts is not None:
                 if payload["template"] in RECEIPT_TEMPLATES and facts.payment.status == PaymentStatus.VOIDED.value:
                     raise _NotSent(PAYMENT_VOIDED)
-                phone, language = recipient(rt.cipher, payload, facts.member)
+                phone, language = recipient(rt.cipher, payload, facts.member, facts.coop_language)
                 return phone, language, render(payload["template"], language,
                                                payment_values(facts.payment, language, service_code))
             async with AsyncSession(bind=conn, expire_on_commit=False) as session:
@@ -643,6 +643,7 @@ class _Member(NamedTuple):
 class _PaymentRow(NamedTuple):
     payment: PaymentFacts
     member: _Member | None  # None when the payload names no member
+    coop_language: str  # a payer who is none of its members is texted in it
 
 
 _FACTS = len(PaymentFacts._fields)  # the query's columns: PaymentFacts', then _Member's
@@ -660,18 +661,18 @@ async def _payment_facts(conn: AsyncConnection, payload: dict[str, Any]) -> _Pay
     row = await pgraw.first(conn, _PAYMENT_FACTS, params)
     if row is None or row[_COOP_NAME] is None or (member_id and row[_FACTS] is None):
         return None  # the cooperative or the member is gone
-    member = _Member(*row[_FACTS:]) if member_id else None
-    return _PaymentRow(PaymentFacts(*row[:_FACTS]), member)
+    member = _Member(*row[_FACTS:-1]) if member_id else None
+    return _PaymentRow(PaymentFacts(*row[:_FACTS]), member, row[-1])
 
 
 _P, _T, _C, _M = (model.__table__ for model in (Payment, PaymentType, Cooperative, Member))
-# Built once; the columns in PaymentFacts' order, then the member's (_Member).
+# Built once; the columns in PaymentFacts' order, then the member's (_Member), then the cooperative's language.
 _PAYMENT_FACTS = (
     select(
         _P.c.amount_minor, _P.c.currency, _P.c.reference, _P.c.provider_transaction_id, _P.c.completed_at,
         _P.c.updated_at, _P.c.status, _P.c.failure_reason, _T.c.name, _C.c.name, _C.c.timezone,
         _C.c.ussd_extension, _P.c.collected_minor, _C.c.ussd_aggregator, _M.c.phone_enc, _M.c.cooperative_id,
-        _M.c.language,
+        _M.c.language, _C.c.language,
     )
     .select_from(_P)
     .outerjoin(_T, _T.c.id == _P.c.payment_type_id)

@@ -201,9 +201,11 @@ def payment_values(facts: PaymentFacts, language: str, service_code: ServiceCode
     }
 
 
-def recipient(cipher: PiiCipher, payload: dict[str, Any], member: Any) -> tuple[Phone, str]:
+def recipient(cipher: PiiCipher, payload: dict[str, Any], member: Any, default: str | None = None
+              ) -> tuple[Phone, str]:
     """Who the message goes to and in which language. `member`: the payload's member (a Member, or any row
-    with its phone_enc, cooperative_id and language), None when the payload names none."""
+    with its phone_enc, cooperative_id and language), None when the payload names none; `default`: the
+    language of the cooperative the message is about, for a payer who is none of its members."""
     from core.members import member_phone
 
     context = payload.get("context") or {}
@@ -213,7 +215,7 @@ def recipient(cipher: PiiCipher, payload: dict[str, Any], member: Any) -> tuple[
         phone = member_phone(cipher, member)
     else:
         raise TemplateError("SMS payload names neither a member nor a phone number")
-    language = context.get("language") or (member.language if member is not None else None) or "en"
+    language = context.get("language") or (member.language if member is not None else default) or "en"
     return phone, language if language in CATALOGS else "en"
 
 
@@ -237,12 +239,11 @@ async def build_message(
     member: Member | None = None
     if payload.get("member_id"):
         member = await _one(session, Member, payload["member_id"], "member")
-    phone, language = recipient(cipher, payload, member)
-    catalog = CATALOGS[language]
-
     coop: Cooperative | None = None
     if payload.get("cooperative_id"):
         coop = await _one(session, Cooperative, payload["cooperative_id"], "cooperative")
+    phone, language = recipient(cipher, payload, member, coop.language if coop else None)
+    catalog = CATALOGS[language]
     dial = dial_code(code_of(service_code, coop.ussd_aggregator if coop else None),
                      coop.ussd_extension if coop else None)
     values: dict[str, Any] = {"dial": dial, "ref": str(context.get("reference") or "-")[:32]}

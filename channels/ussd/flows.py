@@ -67,6 +67,7 @@ class CoopRow:
     self_registration: bool
     status: str
     timezone: str | None  # the dates the member is shown are this zone's days
+    language: str = "en"  # its menu's for a caller who is none of its members and chose none
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,7 @@ class TypeRow:
 
 
 _COOP_COLUMNS = (Cooperative.id, Cooperative.name, Cooperative.country, Cooperative.contact_phone,
-                 Cooperative.self_registration, Cooperative.status, Cooperative.timezone)
+                 Cooperative.self_registration, Cooperative.status, Cooperative.timezone, Cooperative.language)
 # With each membership: when its row was last written (the person's language, below, when rows differ).
 _MEMBERSHIP_COLUMNS = (*_COOP_COLUMNS, Member.updated_at.label("member_updated"))
 _COOP_BY_ID = select(*_COOP_COLUMNS).where(Cooperative.id == bindparam("coop_id"))
@@ -100,7 +101,7 @@ _TYPES = (select(PaymentType.id, PaymentType.name, PaymentType.amount_minor, Pay
 
 def _coop_row(row: Any) -> CoopRow:
     return CoopRow(row.id, row.name, row.country, row.contact_phone, bool(row.self_registration), row.status,
-                   row.timezone)
+                   row.timezone, row.language or "en")
 
 
 async def memberships(ctx: Ctx) -> list[tuple[MemberRow, CoopRow]]:

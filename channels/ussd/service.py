@@ -283,7 +283,10 @@ class UssdService:
         # The person's language, the same on every serve process: her memberships' (all of them, not only
         # those of a dialled extension's cooperative), else what the phone chose in Redis. Not this process's
         # memory: another process would greet the same phone in another language.
-        state.lang = language(ctx.cache.get("lang") or chosen)
+        # A caller none of whose cooperatives knows her, who chose no language, dialling a cooperative's code:
+        # that cooperative's.
+        dialled_coop = ctx.cache.get(f"coop:{state.data['x']}") if state.data.get("x") else None
+        state.lang = language(ctx.cache.get("lang") or chosen or (dialled_coop.language if dialled_coop else None))
         reply = await self.engine.show(ctx, "resume" if resumable else "home", push=False)
         member_id = ms[0][0].id if len(ms) == 1 else None
         coop_id = ms[0][1].id if len(ms) == 1 else state.data.get("x")
