@@ -8,7 +8,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -273,6 +273,12 @@ async def _period(request: web.Request, session: AsyncSession, principal: Princi
             query[name] = _local_midnight(query[name], zone)
         start, end = query.get("from"), query.get("to")
     if start is not None and end is not None and start >= end:
+        if len(bare) == 2 and start == end:
+            # One day asked for as a person writes it (from and to the same date): `to` is the end, not in it.
+            day = date.fromisoformat(request.query["from"].strip())
+            if day < date.max:
+                raise ValidationError(f"from must be before to: to is the day after the period (for {day} alone, "
+                                      f"from={day}&to={day + timedelta(days=1)})", field="from")
         raise ValidationError("from must be before to", field="from")
 
 

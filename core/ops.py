@@ -124,13 +124,14 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
         success[provider] = {"settled": settled, "succeeded": good,
                              "rate": round(good / settled, 4) if settled else None, "counts": counts}
 
-    open_rows = await session.execute(scoped(
-        select(Payment.created_at).where(Payment.status.in_(("PENDING", "PROCESSING")))
-        .order_by(Payment.created_at).limit(5000), Payment))
-    ages = [(now - created).total_seconds() for (created,) in open_rows.all()]
-    buckets = {"under_1m": 0, "1m_to_5m": 0, "over_5m": 0}
-    for age in ages:
-        buckets["under_1m" if age < 60 else "1m_to_5m" if age < 300 else "over_5m"] += 1
+    # Counted in the database, every one: the first 5,000 read (the oldest) were counted and bucketed, so an outage
+    # that left more open said 5,000, and none of the newest under a minute old.
+    minute_ago, five_ago = now - timedelta(minutes=1), now - timedelta(minutes=5)
+    open_count, under_1m, over_5m, oldest = (await session.execute(scoped(
+        select(func.count(), func.count().filter(Payment.created_at > minute_ago),
+               func.count().filter(Payment.created_at <= five_ago), func.min(Payment.created_at))
+        .where(Payment.status.in_(("PENDING", "PROCESSING"))), Payment))).one()
+    buckets = {"under_1m": under_1m, "1m_to_5m": open_count - under_1m - over_5m, "over_5m": over_5m}
 
     funnel_rows = await session.execute(scoped(
         select(UssdSession.last_screen, func.count(),
@@ -190,7 +191,8 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
         "paymentsPerMinute": [{"minute": m, "status": s, "method": meth, "count": c}
                               for m, s, meth, c in per_minute.all()],
         "providers": success,
-        "openPayments": {"count": len(ages), "oldestSeconds": round(max(ages), 1) if ages else 0,
+        "openPayments": {"count": open_count,
+                         "oldestSeconds": round(max(0.0, (now - oldest).total_seconds()), 1) if oldest else 0,
                          "buckets": buckets},
         "ussdFunnel": funnel,
         "funnelUnavailable": funnel is None,

@@ -1010,8 +1010,10 @@ async def _apply_outcome(
             values.update(mismatch=True, mismatch_detail=add_flag(earlier, said))
         result = "late_completed" if values.get("late") else "completed"
         # The receipt, the webhook event and the stored callback's outcome are written with the move.
-        notices = _notices(rt, _Moved(payment, {"status": P.COMPLETED.value, **values}), "payment_receipt",
-                           "payment.completed")
+        # Late (after a cancel or a timeout), the payer was told it failed and to pay again: her receipt says the
+        # money was taken after all, so that she does not.
+        notices = _notices(rt, _Moved(payment, {"status": P.COMPLETED.value, **values}),
+                           "payment_late_receipt" if values.get("late") else "payment_receipt", "payment.completed")
         if counted_there:
             # Her money is the other payment's (its receipt is hers): no second receipt for one payment. The
             # cooperative's system is told (payment.completed, flagged, collected 0).

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.cooperatives import zone_of
 from core.db import iso_z
-from core.models import AuditEvent, Cooperative, Dispute, Payment, PaymentType, Refund
+from core.models import AuditEvent, Cooperative, Dispute, Member, Payment, PaymentType, Refund
 from core.money import total_to_api
 from core.refunds import collected as taken
 from core.state.payment import HELD, PAYMENT, PaymentStatus, holds_money
@@ -492,6 +492,12 @@ def _cell(value: Any) -> Any:
 _ADDED = ("provider", "createdLocalDate", "completedLocalDate")
 
 
+# Who paid and whose cooperative it is, after those: a provider's statement line names the payer (the member's id
+# and masked number did not), and a super admin's export of every cooperative mixed their rows with nothing to tell
+# them apart. A payment no member holds has no name ("").
+_PAYER = ("memberName", "cooperativeShortCode")
+
+
 def _local_date(moment: datetime | None, timezone: str | None) -> str:
     return moment.astimezone(zone_of(timezone)).date().isoformat() if moment is not None else ""
 
@@ -520,6 +526,7 @@ PAYMENT_COLUMNS = (
     "description",
     # Added at the end, so scripts that read columns by position still find the others where they were.
     *_ADDED,
+    *_PAYER,
 )
 REFUND_COLUMNS = (
     "id",
@@ -539,6 +546,7 @@ REFUND_COLUMNS = (
     # rather than sent (a chargeback: core.refunds.ReturnedByProvider). After the others: positions unchanged.
     "providerTransactionId",
     "returnedByProvider",
+    *_PAYER,
 )
 
 
@@ -605,19 +613,20 @@ def payments_csv(
     basis: str = "created",
 ) -> AsyncIterator[bytes]:
     moment = Payment.completed_at if basis == "completed" else Payment.created_at
-    query = _in_period(scope(select(Payment, PaymentType.name, Cooperative.timezone), Payment), moment, start, end)
+    query = _in_period(scope(select(Payment, PaymentType.name, Cooperative.timezone, Cooperative.short_code,
+                                    Member.name), Payment), moment, start, end)
     if basis == "completed":
         # The lines behind the reconciliation's `settled` collections: money in, whatever became of it since.
         query = query.where(moment.is_not(None), HELD)
     query = query.join(PaymentType, PaymentType.id == Payment.payment_type_id).join(
-        Cooperative, Cooperative.id == Payment.cooperative_id)
+        Cooperative, Cooperative.id == Payment.cooperative_id).outerjoin(Member, Member.id == Payment.member_id)
     if status:
         query = query.where(Payment.status == status)
     if method:
         query = query.where(Payment.method == method)
 
     def row(item: Any) -> list[Any]:
-        p, type_name, timezone = item
+        p, type_name, timezone, short_code, member_name = item
         return [
             p.id,
             p.reference,
@@ -643,6 +652,8 @@ def payments_csv(
             p.provider,
             _local_date(p.created_at, timezone),
             _local_date(p.completed_at, timezone),
+            member_name or "",
+            short_code,
         ]
 
     return _stream(sessions, query, (moment, Payment.id), PAYMENT_COLUMNS, row)
@@ -658,18 +669,18 @@ def refunds_csv(
     basis: str = "created",
 ) -> AsyncIterator[bytes]:
     moment = Refund.completed_at if basis == "completed" else Refund.created_at
-    query = _in_period(scope(select(Refund, Payment.reference, Payment.provider, Cooperative.timezone), Refund),
-                       moment, start, end)
+    query = _in_period(scope(select(Refund, Payment.reference, Payment.provider, Cooperative.timezone,
+                                    Cooperative.short_code, Member.name), Refund), moment, start, end)
     if basis == "completed":
         # The lines behind the reconciliation's `settled` refunds: money paid back in the period.
         query = query.where(moment.is_not(None), Refund.status == RefundStatus.COMPLETED.value)
     query = query.join(Payment, Payment.id == Refund.payment_id).join(
-        Cooperative, Cooperative.id == Refund.cooperative_id)
+        Cooperative, Cooperative.id == Refund.cooperative_id).outerjoin(Member, Member.id == Payment.member_id)
     if status:
         query = query.where(Refund.status == status)
 
     def row(item: Any) -> list[Any]:
-        r, payment_ref, provider, timezone = item
+        r, payment_ref, provider, timezone, short_code, member_name = item
         return [
             r.id,
             r.reference,
@@ -688,6 +699,8 @@ def refunds_csv(
             _local_date(r.completed_at, timezone),
             r.provider_transaction_id or "",
             str(bool(r.returned_by_provider)).lower(),
+            member_name or "",
+            short_code,
         ]
 
     return _stream(sessions, query, (moment, Refund.id), REFUND_COLUMNS, row)

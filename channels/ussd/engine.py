@@ -18,6 +18,7 @@ log = logging.getLogger("gateway.ussd")
 
 MORE, BACK, HOME = "98", "0", "00"
 MAX_ITEMS = 90  # numbers stay clear of the navigation keys (98, 0, 00)
+PAGE = "@"  # a back-stack entry "my_list@1": the screen and the page it was left on
 
 
 class Invalid(Exception):
@@ -256,14 +257,15 @@ class Engine:
 
     # -- navigation -------------------------------------------------------------------------------
 
-    async def show(self, ctx: Ctx, screen_id: str, *, push: bool = True) -> UssdReply:
-        """Move to a screen (remembering the current one for Back) and render it."""
+    async def show(self, ctx: Ctx, screen_id: str, *, push: bool = True, page: int = 0) -> UssdReply:
+        """Move to a screen (remembering the current one, and its page, for Back) and render it."""
         state = ctx.state
         current = self.screens.get(state.screen)
         if push and current is not None and current.remember and screen_id != state.screen:
-            state.stack.append(state.screen)
+            # The page too: Back from a payment chosen on a list's second page is that page, not the first.
+            state.stack.append(f"{state.screen}{PAGE}{state.page}" if state.page else state.screen)
             del state.stack[:-12]  # a bounded stack keeps the session small
-        state.screen, state.page = screen_id, 0
+        state.screen, state.page = screen_id, page
         return await self.render(ctx)
 
     async def step(self, ctx: Ctx, text: str) -> UssdReply:
@@ -281,8 +283,8 @@ class Engine:
             if state.page > 0:
                 state.page -= 1
                 return await self.render(ctx)
-            previous = state.stack.pop() if state.stack else self.home
-            return await self.show(ctx, previous, push=False)
+            previous, _, page = (state.stack.pop() if state.stack else self.home).partition(PAGE)
+            return await self.show(ctx, previous, push=False, page=int(page) if is_number(page) else 0)
         if text == MORE and state.ids and state.data.get("_more"):
             state.page += 1
             return await self.render(ctx)

@@ -67,12 +67,12 @@ async def test_members_added_without_a_language_get_the_cooperatives(operator: C
         "name": "Grace Mushi", "phone": "0682000002", "language": "en", "cooperativeId": tz["id"]})
     assert own["language"] == "en"
     listed = await operator.req("POST", f"/v1/members/import?cooperativeId={tz['id']}",
-                                data="name,phone\nAsha Juma,0682000003\n".encode(),
+                                data=b"name,phone\nAsha Juma,0682000003\n",
                                 headers={"Content-Type": "text/csv"})
     assert listed.status in (200, 201), await listed.text()
     with_column = await operator.req("POST", f"/v1/members/import?cooperativeId={tz['id']}",
-                                     data="name,phone,language\nNeema Ally,0682000004,en\nJuma Said,0682000005,\n"
-                                     .encode(), headers={"Content-Type": "text/csv"})
+                                     data=b"name,phone,language\nNeema Ally,0682000004,en\nJuma Said,0682000005,\n"
+, headers={"Content-Type": "text/csv"})
     assert with_column.status in (200, 201), await with_column.text()
     async with rt.sessionmaker() as s:
         languages = dict((await s.execute(select(Member.name, Member.language)

@@ -144,11 +144,11 @@ async def test_cancelled_after_the_prompt_then_approved_completes_late_with_its_
     late = await admin.json("GET", "/v1/payments", 200, params={"late": "true"})
     assert [p["id"] for p in late["data"]] == [made["id"]]
     kinds = await _notices(rt, made["id"])
-    assert ("sms.send", "payment_failed") in kinds and ("sms.send", "payment_receipt") in kinds
+    assert ("sms.send", "payment_failed") in kinds and ("sms.send", "payment_late_receipt") in kinds
     assert {f"wh:evt_payment_failed_{made['id']}", f"wh:evt_payment_completed_{made['id']}"} <= set(
         await _events(rt, made["id"]))
     async with rt.sessionmaker() as s:
-        [receipt] = (await s.execute(select(SmsMessage).where(SmsMessage.template == "payment_receipt"))).scalars()
+        [receipt] = (await s.execute(select(SmsMessage).where(SmsMessage.template == "payment_late_receipt"))).scalars()
     assert taken["financialTransactionId"] in receipt.body
     [watch] = await _watch_jobs(rt, made["id"])
     assert (watch.status, watch.payload["cancelled"]) == ("DONE", "PROCESSING")
@@ -296,3 +296,31 @@ async def test_the_route_is_documented(client: Any) -> None:
     operation = doc["paths"]["/v1/payments/{id}/cancel"]["post"]
     assert {"200", "400", "404", "409"} <= set(operation["responses"])
     assert "late" in operation["requestBody"]["content"]["application/json"]["schema"]["description"]
+
+
+async def test_a_late_completion_after_the_cancel_sms_tells_her_the_money_was_taken_after_all(
+        admin: Caller, rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any) -> None:
+    """She was told "your cooperative cancelled it. To try again, dial ..."; then she approved the prompt and the
+    money was taken. A plain "Payment received" after that reads like the retry she may be about to make: the SMS
+    says the payment went through after all and the earlier message no longer holds (no second payment)."""
+    async with interactive_mtn(rt, aiohttp_server) as (app, base), httpx.AsyncClient() as http:
+        made = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+        await drain(worker)
+        prompt = await _prompt(http, base, MEMBER)
+        await admin.json("POST", f"/v1/payments/{made['id']}/cancel", 200, json={"note": NOTE})
+        await drain(worker)  # the cancel's SMS leaves
+        await http.post(f"{base}/_control/decide", json={"reference": prompt["reference"], "approve": True})
+        await app[STATE].idle()
+        await due_now(rt, "payment.poll")
+        await due_now(rt, "payment.watch")
+        await drain(worker)
+        [taken] = app[TRANSACTIONS].values()
+    async with rt.sessionmaker() as s:
+        sent = list((await s.execute(select(SmsMessage).where(SmsMessage.idempotency_key.like(f"%{made['id']}%"))
+                                     .order_by(SmsMessage.created_at))).scalars())
+    assert [m.template for m in sent] == ["payment_failed", "payment_late_receipt"]
+    cancelled, late = sent
+    assert CATALOGS["rw"].REASONS["cancelled_by_cooperative"] in cancelled.body
+    assert late.language == "rw" and late.body.startswith("Kwishyura 50,000 RWF ya Monthly Rent"), late.body
+    assert made["reference"] in late.body and taken["financialTransactionId"] in late.body
+    assert made["id"] not in late.body

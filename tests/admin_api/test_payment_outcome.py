@@ -55,7 +55,7 @@ async def test_money_taken_after_the_gateway_gave_up_is_recorded_then_refundable
             AuditEvent.entity_id == payment["id"], AuditEvent.action == "payment.outcome_recorded"))).scalar_one()
     assert audit.after["note"] == RECORD["note"] and audit.actor.startswith("admin:")
     assert await _jobs(rt, "sms.send") == [f"sms:payment_unconfirmed:{payment['id']}",
-                                           f"sms:payment_receipt:{payment['id']}"]
+                                           f"sms:payment_late_receipt:{payment['id']}"]
     # Now it is money the cooperative holds: an ordinary refund goes through.
     refund = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
                               json={"amount": 10000, "idempotencyKey": idem()})

@@ -126,7 +126,8 @@ async def test_refunds_csv(admin, rt, demo, coop_b):
     b = await coop_b["admin"].req("GET", "/v1/reports/refunds.csv")
     assert (await b.text()).strip().splitlines() == [
         "id,reference,paymentId,paymentReference,createdAt,completedAt,status,amount,currency,reason,"
-        "failureReason,disputeId,provider,createdLocalDate,completedLocalDate,providerTransactionId,returnedByProvider"
+        "failureReason,disputeId,provider,createdLocalDate,completedLocalDate,providerTransactionId,returnedByProvider,"
+        "memberName,cooperativeShortCode"
     ]
 
 

@@ -6,6 +6,7 @@ from core.audit import Actor
 from core.ops import dashboard
 from core.payments import NewPayment, create_payment, handle_provider_event
 from core.ports import EventKind, ProviderEvent, ProviderOutcome
+from tests.conftest import requires_pg
 
 
 async def test_dashboard_counts_payments_providers_and_outbox(rt, demo):
@@ -195,3 +196,28 @@ async def test_ussd_funnel_counters_expire_and_cost_no_extra_round_trip(rt, demo
     assert counters == {"*|home": 1, "*|pay_type": 1, f"{demo['cooperative_id']}|home": 1,
                         f"{demo['cooperative_id']}|pay_type": 1}
     assert 0 < await rt.redis.ttl(key) <= FUNNEL_TTL
+
+
+@requires_pg
+async def test_open_payments_are_counted_all_at_a_big_cooperatives_volume(rt, demo):
+    """An outage at month end leaves 6,000 payments open: the page counted the first 5,000 read (the oldest) and
+    bucketed only those, so it said 5,000 open, none under a minute old, while 500 had just been asked for."""
+    from sqlalchemy import text
+
+    async with rt.engine.begin() as conn:
+        await conn.execute(text(
+            "INSERT INTO payments (id, cooperative_id, payment_type_id, reference, amount_minor, currency, fee_minor,"
+            " refunded_minor, status, method, provider, provider_reference, payment_account_enc,"
+            " payment_account_index, payment_account_masked, idempotency_key, request_hash, channel, mismatch, late,"
+            " expires_at, created_at, updated_at)"
+            " SELECT gen_random_uuid()::text, :coop, :type, 'OPS' || i, 5000, 'RWF', 0, 0, 'PENDING',"
+            " 'MOBILE_MONEY_MTN', 'mtn_momo', 'ops-' || i, 'x', 'x', '+25078****001', 'ops-' || i, 'h', 'api', false,"
+            " false, now() + interval '1 hour', t, t"
+            " FROM (SELECT i, CASE WHEN i <= 5500 THEN now() - interval '10 minutes' ELSE now() END AS t"
+            " FROM generate_series(1, 6000) i) s"),
+            {"coop": demo["cooperative_id"], "type": demo["payment_types"]["Water"]})
+    async with rt.sessionmaker() as s:
+        open_payments = (await dashboard(s, demo["cooperative_id"]))["openPayments"]
+    assert open_payments["count"] == 6000
+    assert open_payments["buckets"] == {"under_1m": 500, "1m_to_5m": 0, "over_5m": 5500}
+    assert 590 <= open_payments["oldestSeconds"] < 900

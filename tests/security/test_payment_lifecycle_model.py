@@ -24,6 +24,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select, update
 
+from channels.sms.jobs import RECEIPT_TEMPLATES
 from core.db import utcnow
 from core.models import AuditEvent, Dispute, OutboxJob, Payment, Refund
 from core.payments import collected_amount
@@ -434,11 +435,15 @@ class Program:
             assert state == row.status, (moves, row.status)
             # One receipt and one payment.completed event for a payment that completed; none for one that never did.
             ever = any(target == "COMPLETED" for _, target in moves)
-            receipts = [p for k, p in jobs if k == "sms.send" and p["template"] == "payment_receipt"
+            receipts = [p for k, p in jobs if k == "sms.send" and p["template"] in RECEIPT_TEMPLATES
                         and p["context"].get("payment_id") == pid]
             events = [p for k, p in jobs if k == "webhook.event" and p["event_type"] == "payment.completed"
                       and p["data"]["id"] == pid]
             assert len(receipts) == (1 if ever else 0), (pid, moves, len(receipts))
+            # Completed after a cancel or a timeout (she was told it failed): the receipt says so.
+            late = any(target == "COMPLETED" and source in ("CANCELLED", "TIMEOUT") for source, target in moves)
+            assert [r["template"] for r in receipts] == (
+                ["payment_late_receipt" if late else "payment_receipt"] if ever else []), (pid, moves)
             assert len(events) == (1 if ever else 0), (pid, moves, len(events))
             # The API says what the row holds.
             status, shown, _ = await self.call("GET", f"/v1/payments/{pid}")

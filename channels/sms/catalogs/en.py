@@ -3,6 +3,9 @@
 MESSAGES = {
     "payment_receipt": "Payment received: {amount} for {type}, {coop}. Ref: {ref}. Transaction: {txn}. "
     "Date: {date}. Thank you!",
+    # A payment told failed, cancelled or not approved in time whose money was taken after all (core.payments: late).
+    "payment_late_receipt": "Your payment of {amount} for {type} ({coop}) went through after all: the money was taken. "
+    "Ignore our earlier message and do not pay again. Ref: {ref}. Transaction: {txn}. Date: {date}.",
     "payment_failed": "Your payment of {amount} for {type} ({coop}) failed: {reason}. Ref: {ref}. "
     "To try again, dial {dial}.",
     "payment_timeout": "Your payment of {amount} for {type} ({coop}) was not approved in time. Ref: {ref}. "

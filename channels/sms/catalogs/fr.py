@@ -3,6 +3,9 @@
 MESSAGES = {
     "payment_receipt": "Paiement confirmé: {amount} pour {type}, {coop}. Réf: {ref}. Transaction: {txn}. "
     "Date: {date}. Merci!",
+    "payment_late_receipt": "Votre paiement de {amount} pour {type} ({coop}) a finalement abouti: l'argent a été "
+    "prélevé. Ignorez notre message précédent et ne payez pas à nouveau. Réf: {ref}. Transaction: {txn}. "
+    "Date: {date}.",
     "payment_failed": "Votre paiement de {amount} pour {type} ({coop}) a échoué: {reason}. Réf: {ref}. "
     "Pour réessayer, composez {dial}.",
     "payment_timeout": "Votre paiement de {amount} pour {type} ({coop}) n'a pas été approuvé à temps. "

@@ -3,6 +3,9 @@
 MESSAGES = {
     "payment_receipt": "Twakiriye {amount} ya {type}, {coop}. Nimero: {ref}. Nimero y'ihererekanya: {txn}. "
     "Itariki: {date}. Murakoze!",
+    "payment_late_receipt": "Kwishyura {amount} ya {type} ({coop}) byakunze: amafaranga yavuye kuri konti yawe. "
+    "Ntimwite ku butumwa bwabanje, ntimwongere kwishyura. Nimero: {ref}. Nimero y'ihererekanya: {txn}. "
+    "Itariki: {date}.",
     "payment_failed": "Kwishyura {amount} ya {type} ({coop}) ntibyakunze: {reason}. Nimero: {ref}. "
     "Ongera ugerageze ukanda {dial}.",
     "payment_timeout": "Kwishyura {amount} ya {type} ({coop}) ntibyemejwe ku gihe. Nimero: {ref}. "

@@ -3,6 +3,8 @@
 MESSAGES = {
     "payment_receipt": "Tumepokea {amount} kwa {type}, {coop}. Kumb: {ref}. Muamala: {txn}. "
     "Tarehe: {date}. Asante!",
+    "payment_late_receipt": "Malipo yako ya {amount} kwa {type} ({coop}) yamefanikiwa hatimaye: pesa zimekatwa. "
+    "Puuza ujumbe wetu wa awali na usilipe tena. Kumb: {ref}. Muamala: {txn}. Tarehe: {date}.",
     "payment_failed": "Malipo yako ya {amount} kwa {type} ({coop}) hayakufanikiwa: {reason}. Kumb: {ref}. "
     "Jaribu tena kwa kupiga {dial}.",
     "payment_timeout": "Malipo yako ya {amount} kwa {type} ({coop}) hayakuthibitishwa kwa wakati. "
