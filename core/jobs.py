@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core import metrics
 from core.audit import Actor
 from core.db import lock_row, utcnow
-from core.models import Member, OutboxJob, Payment, Refund
+from core.models import Cooperative, Member, OutboxJob, Payment, Refund
 from core.money import Money
 from core.outbox import (
     Handler,
@@ -194,6 +194,10 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         async with rt.sessionmaker() as session:
             payment, now = await payment_and_now(session, job.payload["payment_id"])
             member = await session.get(Member, payment.member_id) if payment and payment.member_id else None
+            # A payer who is none of its members (an API payment for her number or account): the cooperative's
+            # language (IremboPay's invoice page is in it).
+            language = member.language if member is not None else (await session.scalar(
+                select(Cooperative.language).where(Cooperative.id == payment.cooperative_id)) if payment else None)
         if payment is None or payment.status != PaymentStatus.PENDING.value:
             return  # already moved on: running twice is harmless
         if now >= payment.expires_at:
@@ -239,7 +243,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             amount=Money(payment.amount_minor, payment.currency),
             payer=Phone(account) if account.startswith("+") else None, payer_account=account,
             description=payment.description or payment.reference, callback_url=_callback_url(rt, payment.provider),
-            method=payment.method, language=member.language if member else "en",
+            method=payment.method, language=language or "en",
             payer_name=member.name if member else "", expires_at=payment.expires_at)
         try:
             await ready_to_send(provider, "collect", deadline)  # before the stamp: a failure here sent nothing

@@ -189,9 +189,11 @@ class Irembo:
     def __init__(self, app: Any, base: str) -> None:
         self.app, self.base = app, base
         self.sent: list[tuple[str, str]] = []
+        self.bodies: list[tuple[str, bytes]] = []  # each request's path and body, in order
 
     async def record(self, request: Any) -> None:
         self.sent.append((request.method, request.url.path))
+        self.bodies.append((request.url.path, request.content))
 
     def calls(self, method: str, path: str) -> int:
         return self.sent.count((method, path))

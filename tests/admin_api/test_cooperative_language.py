@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from core.audit import Actor
 from core.models import AuditEvent, Member, OutboxJob, Payment
-from tests.admin_api.conftest import Caller, bearer, idem
+from tests.admin_api.conftest import Caller, Irembo, bearer, idem
 from tests.channels.ussd.helpers import AtPhone
 
 
@@ -120,3 +120,23 @@ async def test_a_payer_who_is_no_member_is_texted_in_its_language(operator: Call
     async with rt.sessionmaker() as s:  # and the row-by-row path
         _, language, body = await build_message(s, rt.cipher, job.payload)
     assert language == "sw" and body.startswith("Malipo yako"), body
+
+
+async def test_a_bank_payers_invoice_is_in_its_language(superadmin: Caller, admin: Caller, rt: Any, demo: Any,
+                                                         irembo: Irembo, worker: Any) -> None:
+    """IremboPay's invoice page is in the language the gateway sends: a bank payer is no member (her account is
+    no phone number), and it was English whatever her cooperative's."""
+    import json
+
+    from tests.admin_api.conftest import payment_body
+    from tests.conftest import drain
+
+    await superadmin.json("PATCH", f"/v1/cooperatives/{demo['cooperative_id']}", 200, json={"language": "rw"})
+    made = await admin.json("POST", "/v1/payments", 201, json=payment_body(
+        demo["payment_types"]["Monthly Rent"], paymentMethod="BANK_BK", paymentAccount="aline@example.rw"))
+    await drain(worker)
+    [invoice] = [json.loads(body) for path, body in irembo.bodies if path == "/payments/invoices"]
+    assert invoice["language"] == "RW" and invoice["transactionId"], invoice
+    async with rt.sessionmaker() as s:
+        payment = await s.get(Payment, made["id"])
+    assert payment is not None and payment.member_id is None and payment.payment_url
