@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.ussd.engine import State
+from channels.ussd.engine import PAGE, State
 from core.crypto import PiiCipher
 from core.db import utcnow
 from core.ops import FUNNEL_TTL, funnel_key
@@ -78,13 +78,22 @@ def resume_key(cipher: PiiCipher, phone: Phone) -> str:
 
 
 def _state(obj: dict[str, Any]) -> dict[str, Any]:
-    return {"s": obj["s"], "k": obj.get("k", []), "d": obj.get("d", {}), "l": obj.get("l", "en")}
+    kept = {"s": obj["s"], "k": obj.get("k", []), "d": obj.get("d", {}), "l": obj.get("l", "en")}
+    if "kp" in obj:
+        kept["kp"] = obj["kp"]
+    return kept
 
 
 def encode_state(state: State) -> dict[str, Any]:
     out: dict[str, Any] = {"s": state.screen, "l": state.lang}
     if state.stack:
-        out["k"] = state.stack
+        # The back stack as screen ids, the pages they were left on beside them ("kp", when one is not the first):
+        # a serve of the previous release shows what it pops from "k" as a screen ("my_list@1" was none), and
+        # drops "kp" when it writes the session, whose Back then shows those lists' first pages.
+        entries = [entry.partition(PAGE) for entry in state.stack]
+        out["k"] = [screen for screen, _, _ in entries]
+        if any(page for _, _, page in entries):
+            out["kp"] = [int(page) if page.isdigit() else 0 for _, _, page in entries]
     if state.data:
         out["d"] = state.data
     if state.page:
@@ -97,7 +106,10 @@ def encode_state(state: State) -> dict[str, Any]:
 
 
 def decode_state(obj: dict[str, Any]) -> State:
-    return State(screen=obj["s"], stack=list(obj.get("k", [])), data=dict(obj.get("d", {})),
+    stack, pages = list(obj.get("k", [])), obj.get("kp")
+    if isinstance(pages, list) and len(pages) == len(stack):
+        stack = [f"{screen}{PAGE}{page}" if page else screen for screen, page in zip(stack, pages, strict=True)]
+    return State(screen=obj["s"], stack=stack, data=dict(obj.get("d", {})),
                  page=int(obj.get("p", 0)), ids=list(obj.get("i", [])), first=int(obj.get("f", 1)),
                  lang=obj.get("l", "en"), ended=bool(obj.get("e")))
 

@@ -215,3 +215,28 @@ def test_session_keys_carry_hash_tags() -> None:
     assert sessions.session_key("hubtel", "abc") == "ussd:{hb:abc}"
     odd = sessions.session_key("nalo", "a}b{c")
     assert odd.startswith("ussd:{nl:") and odd.count("{") == 1 and odd.count("}") == 1
+
+
+async def test_the_page_back_returns_to_is_stored_where_the_previous_release_reads_only_screens(engine: Engine) -> None:
+    """Back returns to the page a list was left on; during a deploy a hop of the session may land on a serve of the
+    previous release, which pops the stored back stack and shows what it finds as a screen: a stored "fruits@1"
+    was no screen of it (KeyError: the member's Back failed). The stack is stored as screen ids, the pages beside
+    them; a session that release wrote (no pages) is read back as it was."""
+    c = ctx(80)
+    await engine.show(c, "home", push=False)
+    await engine.step(c, "1")
+    second = await engine.step(c, "98")
+    await engine.step(c, str(c.state.first))  # a fruit of the second page: its quantity asked
+    stored = sessions.Stored(state=c.state, hops=4, started=1_700_000_000.0)
+    raw = sessions.encode(stored)
+    written = sessions.json.loads(raw)["st"]
+    assert all(screen in SCREENS for screen in written["k"]), written  # what the previous release's Back shows
+    # Read back here: Back shows the page the fruit was chosen on.
+    later = Ctx(rt=None, turn=None, state=sessions.decode(raw).state, limit=80)
+    assert await engine.step(later, "0") == second
+    # Read and written again by the previous release (it knows no pages): Back is that list's first page.
+    old = {k: v for k, v in written.items() if k in ("s", "k", "d", "p", "i", "f", "l", "e")}
+    again = Ctx(rt=None, turn=None, state=sessions.decode_state(old), limit=80)
+    assert (await engine.step(again, "0")).text.startswith("Choose what to pay:\n1. Fruit number 01")
+    # The resume route keeps the pages too.
+    assert sessions.decode_state(sessions.json.loads(sessions._route(c.state))).stack == c.state.stack
