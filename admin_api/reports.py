@@ -27,21 +27,26 @@ def _lines(description: str, fields: dict[str, Any]) -> dict[str, Any]:
             "items": {"type": "object", "required": list(fields), "properties": fields}}
 
 
-_BY_STATUS = _lines("Payments asked for in the period, by status and currency",
+_BY_STATUS = _lines("Payments asked for in the period, by their status at the time of the request (one completed "
+                    "or failed after the period ended counts as it is now), and currency",
                     {"status": {"enum": list(PAYMENT_STATUSES)}, "currency": {"type": "string"}, "count": _COUNT,
                      "amount": AMOUNT_OUT})
 _ASKED_AND_COLLECTED = {"currency": {"type": "string"}, "count": _COUNT, "amount": AMOUNT_OUT,
-                        "completedCount": {**_COUNT, "description": "those whose money is held (collected)"},
+                        "completedCount": {**_COUNT, "description": "those whose money is held (collected) at the "
+                                                                 "time of the request, whenever it moved (the money "
+                                                                 "that moved in the period is `settled`)"},
                         "completedAmount": {**AMOUNT_OUT, "description": "what was collected of them"}}
 _BY_METHOD = _lines("Payments asked for in the period, by method and currency",
                     {"paymentMethod": {"enum": list(METHODS)}, **_ASKED_AND_COLLECTED})
 _BY_TYPE = _lines("Payments asked for in the period, by payment type and currency",
                   {"paymentTypeId": {"type": "string", "format": "uuid"}, "name": {"type": "string"},
                    **_ASKED_AND_COLLECTED})
-_TOTALS = _lines("The period's payments collected, with what has been refunded of them so far, per currency",
+_TOTALS = _lines("Payments asked for in the period whose money is held at the time of the request (whenever it "
+                 "moved), with what has been refunded of them so far, per currency (the money that moved in the "
+                 "period is `settled`)",
                  {"currency": {"type": "string"}, "collectedCount": _COUNT, "collected": AMOUNT_OUT,
                   "fees": AMOUNT_OUT, "refunded": AMOUNT_OUT, "net": AMOUNT_OUT})
-_REFUNDS = _lines("Refunds asked for in the period, by status and currency",
+_REFUNDS = _lines("Refunds asked for in the period, by their status at the time of the request, and currency",
                   {"status": {"enum": [s.value for s in RefundStatus]}, "currency": {"type": "string"},
                    "count": _COUNT, "amount": AMOUNT_OUT})
 _SETTLED = _lines(
@@ -184,7 +189,8 @@ _PAYMENTS_VOIDED_LATER = {
 }
 RECONCILIATION = {
     "type": "object",
-    "required": ["period", "payments", "totals", "refunds", "settled", "openDisputes", "flagged", "flaggedCount",
+    "required": ["period", "payments", "totals", "refunds", "settled", "openDisputes", "disputesOpened",
+                 "disputesOpenAtEnd", "flagged", "flaggedCount",
                  "refundsRecordedLater", "refundsRecordedLaterCount", "paymentsRecordedLater",
                  "paymentsRecordedLaterCount", "paymentsVoidedLater", "paymentsVoidedLaterCount"],
     "properties": {
@@ -198,7 +204,16 @@ RECONCILIATION = {
         "totals": _TOTALS,
         "refunds": _REFUNDS,
         "settled": _SETTLED,
-        "openDisputes": {"type": "integer"},
+        "openDisputes": {"type": "integer",
+                         "description": "Disputes open (OPEN or UNDER_REVIEW) at the time of the request, whatever "
+                                        "the period: September's report read in December counts December's. The "
+                                        "period's own figures are `disputesOpened` and `disputesOpenAtEnd`"},
+        "disputesOpened": {"type": "integer",
+                           "description": "Disputes opened in the period, whatever became of them since"},
+        "disputesOpenAtEnd": {"type": "integer",
+                              "description": "Disputes open at the period's end: opened before the period ended "
+                                             "and not closed (resolved, rejected or withdrawn) by then. Without "
+                                             "`to`, its end is now: `openDisputes`"},
         "flagged": _FLAGGED,
         "flaggedCount": {"type": "integer"},
         "refundsRecordedLater": _RECORDED_LATER,

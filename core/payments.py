@@ -43,7 +43,7 @@ from core.reference_mark import ISSUED
 from core.references import REFERENCE_SHAPE, next_reference, reference_prefix
 from core.state import StaleTransition, transition
 from core.state.dispute import DisputeStatus
-from core.state.payment import COLLECTED, OPEN, PAYMENT, UNCONFIRMED, PaymentStatus, holds_money
+from core.state.payment import COLLECTED, OPEN, PAYMENT, UNCONFIRMED, PaymentStatus, holds_money, taken_after_failure
 from core.state.refund import RefundStatus
 from core.text import admin_note, is_uuid
 
@@ -951,10 +951,14 @@ async def _apply_outcome(
                 # be false, and payment.failed stands; the flag and the audit row below are for a person. Another
                 # currency's amount is money taken that a person must look at: told, flagged.
                 if not (same and amount is not None and amount.minor <= 0):
-                    await emit_event(session, cooperative_id=payment.cooperative_id,
-                                     event_type="payment.taken_after_failure",
-                                     event_id=f"evt_payment_taken_after_failure_{payment.id}",
-                                     data=event_data(payment))
+                    # The payer was texted that it failed, and to try again: with the event, that the money was taken
+                    # after all, not to pay again, and that her cooperative counts it or refunds it. Only for money
+                    # held here (taken_after_failure): not another currency's (counted nowhere, not refundable), nor
+                    # money counted on another payment of the cooperative (_flag_held_twice), whose receipt is hers.
+                    notices = _notices(rt, payment, "payment_taken_after_failure", "payment.taken_after_failure")
+                    if not taken_after_failure(payment):
+                        notices = [job for job in notices if job.kind != "sms.send"]
+                    await enqueue_many(session, notices)
             # Written after the fields it reports: from the audit log alone an auditor rebuilds what this FAILED
             # payment holds and in which period it counts (a repeat report's row shows them unchanged).
             await record(session, actor=actor, action="payment.success_after_failure", entity_type="payment",

@@ -74,7 +74,7 @@ def _inside(moment: datetime | None, start: datetime | None, end: datetime | Non
 async def reconciliation(
     session: AsyncSession, *, scope: Scope, start: datetime | None, end: datetime | None
 ) -> dict[str, Any]:
-    """Counts and sums by status, method and payment type; fees, refunds, open disputes, flagged payments."""
+    """Counts and sums by status, method and payment type; fees, refunds, disputes, flagged payments."""
 
     def payments(*columns: Any) -> Select[Any]:
         return _in_period(scope(select(*columns), Payment), Payment.created_at, start, end)
@@ -183,11 +183,19 @@ async def reconciliation(
         {"status": s, "currency": c, "count": n, "amount": _amount(a, c)} for s, c, n, a in refund_rows
     ]
     settled = await _settled(session, scope, start, end)
-    open_disputes = (
+    # Disputes open now, whatever the period (`openDisputes`: September's report read in December counts December's);
+    # opened in the period; and open at its end (opened before it ended, not closed by then: resolved_at is set when a
+    # dispute closes, and a closed one is never reopened; open-ended, its end is now).
+    open_now = Dispute.status.in_(OPEN_DISPUTES)
+    open_at_end = (open_now if end is None
+                   else and_(Dispute.created_at < end, or_(open_now, Dispute.resolved_at >= end)))
+    open_disputes, disputes_opened, disputes_open_at_end = (
         await session.execute(
-            scope(select(func.count(Dispute.id)), Dispute).where(Dispute.status.in_(OPEN_DISPUTES))
+            scope(select(func.count(Dispute.id).filter(open_now),
+                         func.count(Dispute.id).filter(_within(Dispute.created_at, start, end)),
+                         func.count(Dispute.id).filter(open_at_end)), Dispute)
         )
-    ).scalar_one()
+    ).one()
     # Late or mismatched payments asked for in the period, or whose money moved in it (a late success lands in the
     # period's `settled` lines when it completed, possibly a month after it was asked for): `flaggedIn` says which.
     refunded_in = (select(Refund.payment_id).where(Refund.status == "COMPLETED",
@@ -242,6 +250,8 @@ async def reconciliation(
         "refunds": refunds,
         "settled": settled,
         "openDisputes": int(open_disputes),
+        "disputesOpened": int(disputes_opened),
+        "disputesOpenAtEnd": int(disputes_open_at_end),
         "flagged": flagged,
         "flaggedCount": int(flagged_count),
         "refundsRecordedLater": recorded_later,
@@ -527,6 +537,9 @@ PAYMENT_COLUMNS = (
     # Added at the end, so scripts that read columns by position still find the others where they were.
     *_ADDED,
     *_PAYER,
+    # Why a FAILED, CANCELLED or TIMEOUT payment is one (the payment's JSON `failureReason`; refunds.csv has its
+    # own in place). Free text, a provider's among it: neutralised as any (_cell).
+    "failureReason",
 )
 REFUND_COLUMNS = (
     "id",
@@ -654,6 +667,7 @@ def payments_csv(
             _local_date(p.completed_at, timezone),
             member_name or "",
             short_code,
+            p.failure_reason or "",
         ]
 
     return _stream(sessions, query, (moment, Payment.id), PAYMENT_COLUMNS, row)

@@ -42,7 +42,8 @@ async def test_the_exports_name_the_payer_and_the_cooperative(admin: Any, supera
                                 memberId=coop_b["member_id"], paymentAccount="+250788999001")
 
     header, rows = await _rows(admin, "/v1/reports/payments.csv?bom=true")
-    assert header == PAYMENT_COLUMNS_BEFORE + ADDED + PAYER  # at the end: the others keep their places
+    # At the end: the others keep their places (then failureReason: test_reports_reasons_and_disputes).
+    assert header == PAYMENT_COLUMNS_BEFORE + ADDED + PAYER + ["failureReason"]
     assert {r["id"]: (r["memberName"], r["cooperativeShortCode"]) for r in rows} == {
         paid["id"]: ('Uwase, Aline "Mama Keza"', "KHHC"),
         other["id"]: ("'=HYPERLINK(\"http://x.example\",\"Pay\")", "KHHC"),  # a formula no spreadsheet runs

@@ -8,15 +8,21 @@ import csv
 import io
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
+from channels.sms.encoding import GSM7, measure
 from core.audit import Actor
-from core.models import AuditEvent, OutboxJob, Payment, Refund
+from core.models import AuditEvent, OutboxJob, Payment, Refund, SmsMessage
 from core.money import Money
 from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
 from core.refunds import apply_refund_outcome
 from tests.admin_api.conftest import idem, make_payment
+from tests.admin_api.test_payment_review import _mtn_says
+from tests.channels.sms.helpers import start_simulator
+from tests.conftest import drain
+from tests.providers.wires import mtn_adapter, mtn_wire
 
 PROVIDER = Actor("provider:test", "provider")
 
@@ -56,7 +62,8 @@ async def test_the_money_is_given_back_and_the_payment_stays_failed(admin, rt, d
         sms = list((await s.execute(select(OutboxJob.dedupe_key).where(OutboxJob.kind == "sms.send")
                                     .order_by(OutboxJob.id))).scalars())
     assert audit == {"refundId": refund["id"], "refunded": 50000}
-    assert sms == [f"sms:payment_failed:{payment['id']}", f"sms:refund_completed:{refund['id']}"]
+    assert sms == [f"sms:payment_failed:{payment['id']}", f"sms:payment_taken_after_failure:{payment['id']}",
+                   f"sms:refund_completed:{refund['id']}"]
     left = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 422, json={"idempotencyKey": idem()})
     assert "nothing left to refund" in left["message"]
 
@@ -153,3 +160,90 @@ async def test_a_failed_payment_nothing_was_taken_from_is_not_refundable(admin, 
         await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.FAILED,
                                        actor=PROVIDER, reason="payer declined")
     await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 422, json={"idempotencyKey": idem()})
+
+
+MEMBER = "+250788000001"  # the demo's member who pays (Kinyarwanda)
+
+
+async def _texts(rt: Any, payment_id: str) -> list[SmsMessage]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(SmsMessage).where(SmsMessage.idempotency_key.like(f"%{payment_id}%"))
+                                     .order_by(SmsMessage.created_at))).scalars())
+
+
+async def _sms_jobs(rt: Any, payment_id: str) -> list[str]:
+    async with rt.sessionmaker() as s:
+        return [j.payload["template"] for j in (await s.execute(select(OutboxJob).where(
+            OutboxJob.kind == "sms.send").order_by(OutboxJob.id))).scalars()
+            if (j.payload.get("context") or {}).get("payment_id") == payment_id]
+
+
+async def test_the_member_told_it_failed_is_texted_that_the_money_was_taken_and_not_to_pay_again(
+        admin, rt, demo, client, worker, aiohttp_server):
+    """She was texted "your payment failed ... to try again, dial ..."; then MTN reports her money taken after all
+    (its callback, confirmed by its status query). Before, she heard nothing more and could pay a second time: she
+    is texted, once, in her language, that the money was taken, not to pay again, and that her cooperative counts it
+    or gives it back."""
+    await start_simulator(aiohttp_server, rt)  # Africa's Talking
+    wire = mtn_wire()
+    mtn_adapter(rt, wire)
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    async with rt.sessionmaker.begin() as s:
+        row = await s.get(Payment, payment["id"])
+        reference = row.provider_reference
+        await apply_collection_outcome(s, rt, row, ProviderOutcome.FAILED, actor=PROVIDER, reason="NOT_ENOUGH_FUNDS")
+    assert await _mtn_says(client, wire, reference, "50000", "MTN-LATE-77") == "flagged_success_after_failure"
+    async with rt.sessionmaker.begin() as s:  # the same money reported again (another event id): no second SMS
+        await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED,
+                                       actor=PROVIDER, amount=Money(50_000, "RWF"),
+                                       provider_transaction_id="MTN-LATE-77")
+    await drain(worker)
+    sent = await _texts(rt, payment["id"])
+    assert [(m.template, m.status) for m in sent] == [("payment_failed", "SENT"),
+                                                      ("payment_taken_after_failure", "SENT")]
+    failed, taken = sent
+    assert "Ongera ugerageze ukanda" in failed.body  # "to try again, dial": what the new text answers
+    assert "*384*" not in taken.body and taken.member_id == demo["members"][MEMBER] and taken.language == "rw"
+    assert taken.body.startswith("Kwishyura 50,000 RWF ya Monthly Rent"), taken.body
+    assert "ntimwongere kwishyura" in taken.body.lower() and "izayabara cyangwa izayagusubiza" in taken.body
+    assert payment["reference"] in taken.body and "MTN-LATE-77" in taken.body
+    assert payment["id"] not in taken.body and measure(taken.body).encoding == GSM7
+    # The desk finds it among the payment's and the member's messages, and the cooperative's system is told once.
+    listed = await admin.json("GET", f"/v1/payments/{payment['id']}/messages", 200)
+    assert [(m["template"], m["paymentId"]) for m in listed["data"]] == [
+        ("payment_taken_after_failure", payment["id"]), ("payment_failed", payment["id"])]
+    mine = await admin.json("GET", f"/v1/members/{demo['members'][MEMBER]}/messages", 200)
+    assert "payment_taken_after_failure" in [m["template"] for m in mine["data"]]
+    async with rt.sessionmaker() as s:
+        told = [p["event_type"] for p in (await s.execute(select(OutboxJob.payload).where(
+            OutboxJob.kind == "webhook.event"))).scalars() if p["data"]["id"] == payment["id"]]
+    assert told == ["payment.failed", "payment.taken_after_failure"]
+
+
+@pytest.mark.parametrize(("language", "words"), [
+    ("en", ("the money was taken after all", "Do not pay again", "your cooperative will count it or refund it")),
+    ("fr", ("a finalement été prélevé", "Ne payez pas à nouveau", "le comptera ou vous le remboursera")),
+    ("sw", ("pesa zimekatwa hatimaye", "Usilipe tena", "kitazihesabu au kitakurudishia")),
+])
+async def test_the_text_is_in_her_language(admin, rt, demo, worker, aiohttp_server, language, words):
+    await start_simulator(aiohttp_server, rt)
+    async with rt.sessionmaker.begin() as s:
+        from core.models import Member
+
+        await s.execute(Member.__table__.update().where(Member.id == demo["members"][MEMBER])
+                        .values(language=language))
+    payment = await _failed_then_taken(admin, rt, demo, Money(40_000, "RWF"))
+    await drain(worker)
+    [taken] = [m for m in await _texts(rt, payment["id"]) if m.template == "payment_taken_after_failure"]
+    assert taken.language == language and all(w in taken.body for w in words), taken.body
+    assert "40" in taken.body and "50" in taken.body  # what was taken, beside what was asked
+    assert measure(taken.body).encoding == GSM7 and payment["id"] not in taken.body
+
+
+@pytest.mark.parametrize("taken", [Money(0, "RWF"), Money(-50_000, "RWF"), Money(40_00, "USD")],
+                         ids=["zero", "negative", "another-currency"])
+async def test_no_text_when_no_money_of_hers_is_held_in_the_payments_currency(admin, rt, demo, taken):
+    """Nothing held (a zero or negative amount), or taken in another currency (counted nowhere, not refundable
+    through the API: a person looks): "your cooperative will count it or refund it" would not be true."""
+    payment = await _failed_then_taken(admin, rt, demo, taken)
+    assert await _sms_jobs(rt, payment["id"]) == ["payment_failed"]

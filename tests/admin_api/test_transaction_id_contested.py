@@ -153,6 +153,11 @@ async def test_money_reported_after_a_failure_is_kept_when_another_cooperative_r
                            "collected": 50_000}
     [after] = await _audit(rt, failed["id"], "payment.success_after_failure")
     assert after.after["collected"] == 50_000  # the audit log alone says it holds the money
+    # Counted here: the member told it failed is texted that the money was taken after all.
+    async with rt.sessionmaker() as s:
+        texts = [j.payload["template"] for j in (await s.execute(select(OutboxJob).where(
+            OutboxJob.kind == "sms.send"))).scalars() if j.payload["context"].get("payment_id") == failed["id"]]
+    assert texts == ["payment_failed", "payment_taken_after_failure"]
     contested = await _contested(rt, theirs, coop_b, "MTN-XC-2")
     assert contested.actor == "provider:test"
     # Refundable here: the money is A's member's to get back.

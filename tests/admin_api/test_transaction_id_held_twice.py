@@ -142,6 +142,11 @@ async def test_money_reported_after_a_failure_with_a_held_id_is_flagged_and_held
     assert audit.after["heldById"] == holder["id"]
     [after] = await _audit(rt, failed["id"], "payment.success_after_failure")
     assert after.after["collected"] == 0  # the audit log alone says it holds nothing
+    # Her money is the other payment's, whose receipt she has: no "the money was taken after all" for this one.
+    async with rt.sessionmaker() as s:
+        texts = [j.payload["template"] for j in (await s.execute(select(OutboxJob).where(
+            OutboxJob.kind == "sms.send"))).scalars() if j.payload["context"].get("payment_id") == failed["id"]]
+    assert texts == ["payment_failed"]
 
 
 async def test_another_cooperatives_holder_is_not_named(admin: Caller, rt: Any, demo: dict[str, Any],

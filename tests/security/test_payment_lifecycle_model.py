@@ -28,7 +28,7 @@ from channels.sms.jobs import RECEIPT_TEMPLATES
 from core.db import utcnow
 from core.models import AuditEvent, Dispute, OutboxJob, Payment, Refund
 from core.payments import collected_amount
-from core.state.payment import COLLECTED, OPEN_VALUES, PAYMENT, PaymentStatus
+from core.state.payment import COLLECTED, OPEN_VALUES, PAYMENT, PaymentStatus, taken_after_failure
 from tests.admin_api.conftest import check_shape, payment_body
 from tests.conftest import drain, make_settings, requires_pg
 from tests.providers.wires import Routes, mtn_adapter, mtn_wire
@@ -439,12 +439,18 @@ class Program:
                         and p["context"].get("payment_id") == pid]
             events = [p for k, p in jobs if k == "webhook.event" and p["event_type"] == "payment.completed"
                       and p["data"]["id"] == pid]
-            assert len(receipts) == (1 if ever else 0), (pid, moves, len(receipts))
+            # Money taken after it FAILED (it stays FAILED, the money held): the one text saying so, and its one event.
+            held_after_failure = taken_after_failure(row)
+            assert len(receipts) == (1 if ever or held_after_failure else 0), (pid, moves, len(receipts))
             # Completed after a cancel or a timeout (she was told it failed): the receipt says so.
             late = any(target == "COMPLETED" and source in ("CANCELLED", "TIMEOUT") for source, target in moves)
             assert [r["template"] for r in receipts] == (
-                ["payment_late_receipt" if late else "payment_receipt"] if ever else []), (pid, moves)
+                ["payment_late_receipt" if late else "payment_receipt"] if ever
+                else ["payment_taken_after_failure"] if held_after_failure else []), (pid, moves)
             assert len(events) == (1 if ever else 0), (pid, moves, len(events))
+            taken_events = [p for k, p in jobs if k == "webhook.event"
+                            and p["event_type"] == "payment.taken_after_failure" and p["data"]["id"] == pid]
+            assert len(taken_events) == (1 if held_after_failure else 0), (pid, moves, len(taken_events))
             # The API says what the row holds.
             status, shown, _ = await self.call("GET", f"/v1/payments/{pid}")
             assert status == 200
@@ -524,3 +530,32 @@ async def test_the_model_reaches_money_taken_and_given_back(rt: Any, demo: Any, 
     await program.check()
     assert [r.status for r in await program.refunds()] == ["COMPLETED"]
     assert (await program.row(program.payments[0])).status == "PARTIALLY_REFUNDED"
+
+
+async def test_the_model_checks_money_taken_after_a_failure(rt: Any, demo: Any, client: Any, admin: Any,
+                                                            worker: Any) -> None:
+    """The harness itself: a payment MTN failed whose money is then reported taken (outside what the model's final
+    MTN can do) stays FAILED with its one text and one event saying the money is held, and the checks hold."""
+    from core.audit import Actor
+    from core.money import Money
+    from core.payments import apply_collection_outcome
+    from core.ports import ProviderOutcome
+
+    mtn = Mtn()
+    mtn_adapter(rt, mtn.wire())
+    program = Program(rt, client, admin, worker, demo, mtn)
+    await program.create()
+    await program.decide(0, 3)  # not enough funds
+    await program.work()
+    [pid] = program.payments
+    assert (await program.row(pid)).status == "FAILED"
+    async with rt.sessionmaker.begin() as s:
+        assert await apply_collection_outcome(
+            s, rt, await s.get(Payment, pid), ProviderOutcome.SUCCEEDED, actor=Actor("provider:mtn_momo", "provider"),
+            amount=Money(50_000, "RWF"), provider_transaction_id="MP-LATE-1") == "flagged_success_after_failure"
+    await program.work()
+    await program.check()
+    async with rt.sessionmaker() as s:
+        texts = [p["template"] for p in (await s.execute(select(OutboxJob.payload).where(
+            OutboxJob.kind == "sms.send").order_by(OutboxJob.id))).scalars() if p["context"].get("payment_id") == pid]
+    assert texts == ["payment_failed", "payment_taken_after_failure"]

@@ -6,6 +6,11 @@ MESSAGES = {
     # A payment told failed, cancelled or not approved in time whose money was taken after all (core.payments: late).
     "payment_late_receipt": "Your payment of {amount} for {type} ({coop}) went through after all: the money was taken. "
     "Ignore our earlier message and do not pay again. Ref: {ref}. Transaction: {txn}. Date: {date}.",
+    # A FAILED payment whose money the provider then reported taken (core.payments, success after a failure): it stays
+    # FAILED, the money held until her cooperative counts it or refunds it.
+    "payment_taken_after_failure": "We said your payment of {amount} for {type} ({coop}) failed, but the money was "
+    "taken after all. Do not pay again: your cooperative will count it or refund it. Ref: {ref}. Transaction: {txn}. "
+    "Date: {date}.",
     "payment_failed": "Your payment of {amount} for {type} ({coop}) failed: {reason}. Ref: {ref}. "
     "To try again, dial {dial}.",
     "payment_timeout": "Your payment of {amount} for {type} ({coop}) was not approved in time. Ref: {ref}. "
@@ -60,7 +65,7 @@ PAYMENT_STATUS = {
     "REFUNDED": "refunded",
     "VOIDED": "not paid: recorded in error",
     "UNCONFIRMED": "not confirmed by the provider; if money was taken it will be confirmed or refunded",
-    "TAKEN_AFTER_FAILURE": "failed, but the money was taken: your cooperative will return it",
+    "TAKEN_AFTER_FAILURE": "failed, but the money was taken: your cooperative will count it or refund it",
 }
 
 DISPUTE_STATUS = {

@@ -6,6 +6,9 @@ MESSAGES = {
     "payment_late_receipt": "Votre paiement de {amount} pour {type} ({coop}) a finalement abouti: l'argent a été "
     "prélevé. Ignorez notre message précédent et ne payez pas à nouveau. Réf: {ref}. Transaction: {txn}. "
     "Date: {date}.",
+    "payment_taken_after_failure": "Votre paiement de {amount} pour {type} ({coop}), annoncé comme échoué, a "
+    "finalement été prélevé. Ne payez pas à nouveau: votre coopérative le comptera ou vous le remboursera. "
+    "Réf: {ref}. Transaction: {txn}. Date: {date}.",
     "payment_failed": "Votre paiement de {amount} pour {type} ({coop}) a échoué: {reason}. Réf: {ref}. "
     "Pour réessayer, composez {dial}.",
     "payment_timeout": "Votre paiement de {amount} pour {type} ({coop}) n'a pas été approuvé à temps. "
@@ -60,7 +63,7 @@ PAYMENT_STATUS = {
     "REFUNDED": "remboursé",
     "VOIDED": "non payé: enregistré par erreur",
     "UNCONFIRMED": "non confirmé par l'opérateur; si l'argent a été prélevé, il sera confirmé ou remboursé",
-    "TAKEN_AFTER_FAILURE": "échoué, mais l'argent a été prélevé: votre coopérative vous le rendra",
+    "TAKEN_AFTER_FAILURE": "échoué, mais l'argent a été prélevé: votre coopérative le comptera ou vous le remboursera",
 }
 
 DISPUTE_STATUS = {

@@ -6,6 +6,9 @@ MESSAGES = {
     "payment_late_receipt": "Kwishyura {amount} ya {type} ({coop}) byakunze: amafaranga yavuye kuri konti yawe. "
     "Ntimwite ku butumwa bwabanje, ntimwongere kwishyura. Nimero: {ref}. Nimero y'ihererekanya: {txn}. "
     "Itariki: {date}.",
+    "payment_taken_after_failure": "Kwishyura {amount} ya {type} ({coop}) twababwiye ko byanze, ariko amafaranga "
+    "yavuye kuri konti yawe. Ntimwongere kwishyura: koperative yawe izayabara cyangwa izayagusubiza. Nimero: {ref}. "
+    "Nimero y'ihererekanya: {txn}. Itariki: {date}.",
     "payment_failed": "Kwishyura {amount} ya {type} ({coop}) ntibyakunze: {reason}. Nimero: {ref}. "
     "Ongera ugerageze ukanda {dial}.",
     "payment_timeout": "Kwishyura {amount} ya {type} ({coop}) ntibyemejwe ku gihe. Nimero: {ref}. "
@@ -57,7 +60,7 @@ PAYMENT_STATUS = {
     "REFUNDED": "byasubijwe",
     "VOIDED": "ntibyishyuwe: byanditswe ku makosa",
     "UNCONFIRMED": "ntibiremezwa; niba amafaranga yavuyeho, tuzabyemeza cyangwa tuyagusubize",
-    "TAKEN_AFTER_FAILURE": "ntibyakunze ariko amafaranga yavuyeho: koperative yawe izayagusubiza",
+    "TAKEN_AFTER_FAILURE": "ntibyakunze ariko amafaranga yavuyeho: koperative yawe izayabara cyangwa izayagusubiza",
 }
 
 DISPUTE_STATUS = {

@@ -5,6 +5,9 @@ MESSAGES = {
     "Tarehe: {date}. Asante!",
     "payment_late_receipt": "Malipo yako ya {amount} kwa {type} ({coop}) yamefanikiwa hatimaye: pesa zimekatwa. "
     "Puuza ujumbe wetu wa awali na usilipe tena. Kumb: {ref}. Muamala: {txn}. Tarehe: {date}.",
+    "payment_taken_after_failure": "Tulisema malipo yako ya {amount} kwa {type} ({coop}) hayakufanikiwa, lakini pesa "
+    "zimekatwa hatimaye. Usilipe tena: chama chako kitazihesabu au kitakurudishia. Kumb: {ref}. Muamala: {txn}. "
+    "Tarehe: {date}.",
     "payment_failed": "Malipo yako ya {amount} kwa {type} ({coop}) hayakufanikiwa: {reason}. Kumb: {ref}. "
     "Jaribu tena kwa kupiga {dial}.",
     "payment_timeout": "Malipo yako ya {amount} kwa {type} ({coop}) hayakuthibitishwa kwa wakati. "
@@ -54,7 +57,7 @@ PAYMENT_STATUS = {
     "REFUNDED": "imerudishwa",
     "VOIDED": "haijalipwa: iliandikwa kimakosa",
     "UNCONFIRMED": "haijathibitishwa; ikiwa pesa zilikatwa, itathibitishwa au utarudishiwa",
-    "TAKEN_AFTER_FAILURE": "imeshindikana lakini pesa zilikatwa: chama chako kitakurudishia",
+    "TAKEN_AFTER_FAILURE": "imeshindikana lakini pesa zilikatwa: chama chako kitazihesabu au kitakurudishia",
 }
 
 DISPUTE_STATUS = {

@@ -64,7 +64,7 @@ async def test_status_of_money_taken_after_a_failure(rt: Any, demo: dict[str, An
     await inbound(sms_client, JEAN, f"STATUS {p.reference}", "u-2")
     await drain(worker)
     [reply] = sim.messages(JEAN)
-    assert "failed, but the money was taken: your cooperative will return it" in reply["message"]
+    assert "failed, but the money was taken: your cooperative will count it or refund it" in reply["message"]
 
 
 async def test_status_of_a_voided_recording(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any,
