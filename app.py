@@ -16,13 +16,13 @@ import httpx
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core import metrics
-from core.config import Settings
+from core.config import ConfigError, Settings
 from core.crypto import PiiCipher
 from core.db import CLOCK_SKEW_WARNING_SECONDS, align_clock, clock_offset, make_engine, make_sessionmaker
 from core.http import make_client
@@ -164,6 +164,25 @@ async def redis_client(settings: Settings) -> AsyncIterator[Redis]:
         await redis.aclose()
         if embedded_server is not None:
             await asyncio.to_thread(_stop_embedded_redis, embedded_server)
+
+
+async def refuse_redis_misconfigured(redis: Redis, settings: Settings) -> None:
+    """Before `serve` or `worker` starts: a Redis that answers but refuses REDIS_URL's database (past its
+    `databases` setting) or credentials will never serve this process, so it is a configuration error (exit 2),
+    not an outage to start degraded through. One that cannot be reached is left to the degraded start."""
+    try:
+        await asyncio.wait_for(redis.ping(), timeout=settings.redis_timeout_seconds + 1)
+    except AuthenticationError as exc:
+        raise ConfigError("REDIS_URL", f"Redis refuses its credentials ({type(exc).__name__}: {exc}): give the "
+                                       "user and password it expects, redis://user:password@host:6379/0") from None
+    except ResponseError as exc:
+        if "DB index" not in str(exc):
+            return
+        db = getattr(getattr(redis, "connection_pool", None), "connection_kwargs", {}).get("db", 0)
+        raise ConfigError("REDIS_URL", f"Redis refuses its database {db} ({exc}): give one below Redis's "
+                                       "`databases` setting (16 by default), such as redis://host:6379/0") from None
+    except (RedisError, OSError, TimeoutError):
+        return
 
 
 STOP_GRACE_SECONDS = 3.0

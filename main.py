@@ -364,7 +364,7 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
                  accept_references_behind: bool = False) -> None:
     from aiohttp import web
 
-    from app import create_app, create_worker
+    from app import create_app, create_worker, refuse_redis_misconfigured
     from core.reference_mark import check_at_start
     from core.runtime import RUNTIME
 
@@ -377,10 +377,11 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
     settle_heap()
     try:
         rt = app[RUNTIME]
+        await refuse_redis_misconfigured(rt.redis, settings)
         # Before the port opens: not one reference handed out by a database restored without advance-references.
         await check_at_start(rt.engine, rt.redis, accept_behind=accept_references_behind)
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=not settings.is_embedded)
-        await site.start()
+        await _listen(site, settings.host, settings.port)
         worker = create_worker(rt) if with_worker else None
         if worker:
             from core.jobs import ensure_scheduled
@@ -398,6 +399,15 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
         await runner.cleanup()
 
 
+async def _listen(site: web.TCPSite, host: str, port: int, names: str = "HOST, PORT") -> None:
+    """Start listening; an address that cannot be had (a HOST that does not resolve or is not this machine's, a
+    port taken) says which variables hold it."""
+    try:
+        await site.start()
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port} ({names}): {exc.strerror or exc}") from None
+
+
 async def _worker_metrics(rt: Runtime, host: str, port: int) -> web.AppRunner:
     """/metrics and /healthz of a worker process: its provider calls, jobs and SMS live in its memory."""
     from aiohttp import web
@@ -411,20 +421,21 @@ async def _worker_metrics(rt: Runtime, host: str, port: int) -> web.AppRunner:
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await _listen(web.TCPSite(runner, host, port), host, port, "HOST, WORKER_METRICS_PORT or --metrics-port")
     log.info("worker metrics", extra={"url": f"http://{host}:{port}/metrics"})
     return runner
 
 
 async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0, *,
                   accept_references_behind: bool = False) -> None:
-    from app import create_worker, open_runtime, stop_background
+    from app import create_worker, open_runtime, refuse_redis_misconfigured, stop_background
     from core.auth import watch_redis
     from core.reference_mark import check_at_start
 
     stop = asyncio.Event()
     _stop_on_signals(stop)  # first: a SIGTERM during start-up still shuts down cleanly
     async with open_runtime(settings) as rt:
+        await refuse_redis_misconfigured(rt.redis, settings)
         await check_at_start(rt.engine, rt.redis, accept_behind=accept_references_behind)
         runner = await _worker_metrics(rt, settings.host, metrics_port) if metrics_port else None
         worker = create_worker(rt, concurrency=concurrency)
@@ -482,18 +493,20 @@ def _simulate(name: str, host: str, port: int, argv: list[str]) -> None:
     from providers.registry import SIMULATORS
     from providers.simulation import options_from_args
 
-    if name == "africastalking":
-        from channels.sms.simulator import simulator_from_settings
+    if name not in (*SIMULATORS, "africastalking"):
+        print(f"unknown simulator {name!r}; choose from {', '.join([*SIMULATORS, 'africastalking'])}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    try:  # a SIM_* variable or an option mistake: one line and exit 2, as for the service's variables
+        if name == "africastalking":
+            from channels.sms.simulator import simulator_from_settings
 
-        try:
-            settings = load_settings()
-        except ConfigError as exc:
-            raise SystemExit(str(exc)) from None
-        app = simulator_from_settings(settings)
-    elif name in SIMULATORS:
-        app = SIMULATORS[name](options_from_args(argv))
-    else:
-        raise SystemExit(f"unknown simulator {name!r}; choose from {', '.join([*SIMULATORS, 'africastalking'])}")
+            app = simulator_from_settings(load_settings())
+        else:
+            app = SIMULATORS[name](options_from_args(argv))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         web.run_app(app, host=host, port=port, access_log=None, print=lambda *_: None)
     except OSError as exc:  # the port taken: one line and serve's exit code, not a traceback
@@ -710,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     except (OSError, DBAPIError, RedisError) as exc:  # the database or Redis unreachable, the port taken, ...
-        print(f"cannot start: {_reason(exc)}", file=sys.stderr)
+        print(f"cannot start: {_unresolved_database(settings, exc) or _reason(exc)}", file=sys.stderr)
         return 4
     except (ValueError, TypeError, OverflowError) as exc:
         # A DATABASE_URL that load_settings let through but the driver refuses when it connects.
@@ -742,6 +755,19 @@ def _from_database_url(exc: BaseException) -> bool:
         elif inside and path.startswith(str(ROOT)) and "/.venv/" not in path and "site-packages" not in path:
             return False
     return inside
+
+
+def _unresolved_database(settings: Settings, exc: BaseException) -> str | None:
+    """The one name resolved before anything listens is the database's: say so, since the resolver's own words
+    ("Name or service not known") name neither the host nor the variable."""
+    import socket
+
+    if not isinstance(getattr(exc, "orig", None) or exc, socket.gaierror):
+        return None
+    from sqlalchemy.engine import make_url
+
+    host = make_url(settings.database_url).host or "?"
+    return f"the database host {host} in DATABASE_URL cannot be resolved ({_reason(exc)})"
 
 
 def _reason(exc: BaseException) -> str:

@@ -252,7 +252,7 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     """A base URL paths are appended to: a scheme, a host (`https:pay.example.rw`, one slash short, has none),
     a valid port if any, and no query or fragment (a path appended after one would be lost in it)."""
     value = _get(env, name, default)
-    parsed = urlparse(value)
+    parsed = _parse_url(name, value)
     if parsed.scheme not in schemes or not parsed.hostname:
         raise ConfigError(name, f"must be a URL with scheme {'/'.join(schemes)} and a host, "
                                 f"such as {schemes[-1]}://pay.example.rw")
@@ -266,6 +266,15 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _TARGET_SESSION_ATTRS = ("any", "primary", "standby", "read-write", "read-only", "prefer-standby")
 _PG_QUERY = ("ssl", "sslmode", "host", "target_session_attrs", "passfile")
+
+
+def _parse_url(name: str, value: str) -> Any:
+    """urlparse, whose ValueError (`https://[2001:db8::1`, a bracket not closed) would be a traceback."""
+    try:
+        return urlparse(value)
+    except ValueError:
+        raise ConfigError(name, "is not a URL (an IPv6 address needs its closing bracket: https://[2001:db8::1]:443)"
+                          ) from None
 
 
 def _check_port(name: str, parsed: Any) -> None:
@@ -348,7 +357,7 @@ def _redis_url(env: Mapping[str, str], *, cluster: bool) -> str:
         return value
     if not value.startswith(("redis://", "rediss://")):
         raise ConfigError(name, "must be redis://..., rediss://..., unix://... or 'embedded'")
-    parsed = urlparse(value)
+    parsed = _parse_url(name, value)
     _check_port(name, parsed)
     db = parsed.path.strip("/")
     if db and not (db.isascii() and db.isdigit()):
@@ -358,7 +367,37 @@ def _redis_url(env: Mapping[str, str], *, cluster: bool) -> str:
             if (named or "0") != "0":
                 raise ConfigError(name, f"names the database {named}: a Redis Cluster has only database 0 "
                                         "(REDIS_CLUSTER is on)")
+    _check_redis_query(value, cluster=cluster)
     return value
+
+
+def _check_redis_query(value: str, *, cluster: bool) -> None:
+    """REDIS_URL's query as redis-py reads it, without a socket: it parses the query only when it connects, and
+    then a value it cannot read (`?db=abc`) or a parameter its connection does not take (a typo, a TLS option on
+    a redis:// URL) was a traceback from the first command. (The cluster client drops parameters it does not
+    take.)"""
+    from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, ConnectionPool
+    from redis.exceptions import RedisError
+
+    query = parse_qs(urlparse(value).query)
+    for key, values in query.items():
+        parser = URL_QUERY_ARGUMENT_PARSERS.get(key)
+        try:
+            if parser is not None:
+                parser(values[0])
+        except (TypeError, ValueError):
+            raise ConfigError("REDIS_URL", f"has an invalid value for the query parameter {key!r}") from None
+    if cluster:
+        return
+    try:
+        ConnectionPool.from_url(value).make_connection()  # builds the connection object; connects nothing
+    except RedisError:  # a TLS option's value (ssl_cert_reqs=bogus), read as the connection is built
+        bad = ", ".join(repr(key) for key in query if key.startswith("ssl")) or "?"
+        raise ConfigError("REDIS_URL", f"has an invalid value for the query parameter {bad}") from None
+    except (TypeError, ValueError):
+        unknown = ", ".join(repr(key) for key in query if key not in URL_QUERY_ARGUMENT_PARSERS) or "?"
+        raise ConfigError("REDIS_URL", f"has the query parameter {unknown}, which the Redis client does not take "
+                                       "(e.g. ?db=, ?protocol=, and on rediss:// ?ssl_cert_reqs=)") from None
 
 
 PROVIDER_NAMES = ("mtn_momo", "airtel", "mpesa", "irembopay")
@@ -564,6 +603,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         key_id, sep, material = part.strip().partition(":")
         if not sep or not key_id:
             raise ConfigError("PII_ENCRYPTION_KEYS", "must be a comma list of keyid:base64key")
+        if key_id in pii_keys:
+            # The second would replace the first: what the first encrypted could no longer be read.
+            raise ConfigError("PII_ENCRYPTION_KEYS", f"lists the key id {key_id!r} twice: give each key its own id "
+                                                     "(keyid:base64key)")
         pii_keys[key_id] = _key("PII_ENCRYPTION_KEYS", material)
         if production and material.strip() == DEV_KEY:
             raise ConfigError("PII_ENCRYPTION_KEYS", "holds the published development key; not in production")

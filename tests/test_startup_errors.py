@@ -3,6 +3,7 @@ that says what to do and the README's exit code, never a traceback."""
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import sqlite3
@@ -191,3 +192,109 @@ def test_dial_refuses_a_caller_that_is_not_a_phone_number():
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines()[-1] == "main.py dial: error: argument phone: 'notaphone': not a phone number"
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_a_redis_url_query_the_client_refuses_is_a_configuration_error():
+    # redis-py reads REDIS_URL's query only when it connects: `?db=abc` and a parameter it does not take (a typo,
+    # or a TLS option on a redis:// URL) were a traceback from the first command (exit 1), not the README's line.
+    for query, says in (("db=abc", "has an invalid value for the query parameter 'db'"),
+                        ("socket_timeout=abc", "has an invalid value for the query parameter 'socket_timeout'"),
+                        ("sockettimeout=1", "has the query parameter 'sockettimeout', which the Redis client does "
+                                            "not take"),
+                        ("ssl_ca_certs=/etc/ca.pem", "has the query parameter 'ssl_ca_certs', which the Redis client "
+                                                     "does not take")):
+        result = _main("worker", REDIS_URL=f"redis://127.0.0.1:6379/0?{query}")
+        assert result.returncode == 2, (query, result.stderr)
+        assert _one_line(result).startswith(f"configuration error: REDIS_URL: {says}"), query
+
+
+def test_two_encryption_keys_with_the_same_id_are_refused():
+    # `k1:<old>,k1:<new>` (a rotation that forgot to rename the new key): the second silently replaced the first,
+    # so every phone number stored under the old k1 could no longer be decrypted, and nothing said why.
+    old, new = base64.b64encode(b"o" * 32).decode(), base64.b64encode(b"n" * 32).decode()
+    result = _main("serve", **{**_production_env(), "PII_ENCRYPTION_KEYS": f"k1:{old},k1:{new}"})
+    assert result.returncode == 2, result.stderr
+    assert _one_line(result) == ("configuration error: PII_ENCRYPTION_KEYS: lists the key id 'k1' twice: give each "
+                                 "key its own id (keyid:base64key)")
+    assert old not in result.stderr and new not in result.stderr
+
+
+def _redis_url_with(url: str, *, db: str, user: str = "") -> str:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    return parsed._replace(netloc=f"{user}@{parsed.netloc}" if user else parsed.netloc, path=f"/{db}").geturl()
+
+
+@requires_pg
+def test_a_redis_that_refuses_the_urls_database_or_user_stops_the_start(migrated_database):
+    # Redis answers, but never for this REDIS_URL: a database past its `databases` (16 by default) or credentials
+    # it refuses. `serve` and `worker` started "degraded" and stayed so for good, /readyz saying only
+    # "error: ResponseError": a configuration mistake, not an outage to ride out.
+    redis_url = _base_env()["REDIS_URL"]
+    if not redis_url.startswith("redis://"):
+        import pytest
+
+        pytest.skip("needs a Redis over TCP (REDIS_URL)")
+    for url, says in ((_redis_url_with(redis_url, db="99"), "Redis refuses its database 99 (DB index is out of range)"),
+                      (_redis_url_with(redis_url, db="0", user="nobody:wrong-password"),
+                       "Redis refuses its credentials (AuthenticationError")):
+        for command in ("serve", "worker"):
+            result = _main(command, REDIS_URL=url, PORT=str(free_port()))
+            assert result.returncode == 2, (command, url, result.stderr)
+            line = _one_line(result)
+            assert line.startswith(f"configuration error: REDIS_URL: {says}"), line
+            assert "wrong-password" not in result.stderr
+
+
+def test_a_simulator_option_mistake_is_one_line():
+    # A negative --delay or an unreadable SIM_* variable was a traceback (exit 1); an unknown simulator exit 1
+    # while every other argument mistake is 2.
+    for args, env, says in ((("simulate", "mtn_momo", "--port", "1", "--delay", "-1"), {},
+                             "configuration error: --delay: must not be negative"),
+                            (("simulate", "airtel", "--port", "1"), {"SIM_DELAY": "abc"},
+                             "configuration error: SIM_DELAY: "),
+                            (("simulate", "mtn", "--port", "1"), {},
+                             "unknown simulator 'mtn'; choose from mtn_momo, airtel, mpesa, irembopay, "
+                             "africastalking")):
+        result = _main(*args, **env)
+        assert result.returncode == 2, (args, result.stderr)
+        assert _one_line(result).startswith(says), result.stderr
+
+
+def test_a_url_with_an_unclosed_ipv6_bracket_is_a_configuration_error():
+    # urllib's "Invalid IPv6 URL" (a ValueError) escaped load_settings: a traceback, exit 1.
+    for variable, value in (("PUBLIC_BASE_URL", "https://[2001:db8::1"), ("MTN_MOMO_BASE_URL", "https://[::1:8443"),
+                            ("REDIS_URL", "redis://[::1/0")):
+        result = _main("serve", **{**_production_env(), variable: value})
+        assert result.returncode == 2, (variable, result.stderr)
+        assert _one_line(result).startswith(f"configuration error: {variable}: "), result.stderr
+
+
+def test_a_tls_option_redis_does_not_know_is_a_configuration_error():
+    result = _main("worker", REDIS_URL="rediss://127.0.0.1:6379/0?ssl_cert_reqs=bogus")
+    assert result.returncode == 2, result.stderr
+    assert _one_line(result).startswith("configuration error: REDIS_URL: has an invalid value for the query "
+                                        "parameter 'ssl_cert_reqs'"), result.stderr
+
+
+def test_a_host_name_that_does_not_resolve_says_which_variable_holds_it():
+    # "cannot start: gaierror: [Errno -2] Name or service not known": nothing said which name failed.
+    result = _main("migrate", DATABASE_URL="postgresql+asyncpg://gw@db.nowhere.invalid:5432/gw")
+    assert result.returncode == 4, result.stderr
+    line = _one_line(result)
+    assert line.startswith("cannot start: the database host db.nowhere.invalid in DATABASE_URL cannot be "
+                           "resolved"), line
+
+
+@requires_pg
+def test_serve_on_an_address_it_cannot_listen_on_names_host_and_port(migrated_database):
+    port = free_port()
+    for host, says in (("listen.nowhere.invalid", "Name or service not known"),
+                       ("192.0.2.1", "cannot assign requested address")):
+        # Redis out of reach (a degraded start): no reference mark a test before left in it to compare with.
+        result = _main("serve", HOST=host, PORT=str(port), REDIS_URL="redis://127.0.0.1:1/0")
+        assert result.returncode == 4, result.stderr
+        line = _one_line(result)
+        assert line.startswith(f"cannot start: OSError: cannot listen on {host}:{port} (HOST, PORT): "), line
+        assert says in line
