@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core import metrics
 from core.audit import Actor
 from core.db import lock_row, utcnow
-from core.models import Cooperative, Member, OutboxJob, Payment, Refund
+from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType, Refund
 from core.money import Money
 from core.outbox import (
     Handler,
@@ -36,9 +36,11 @@ from core.payments import (
 )
 from core.phone import Phone
 from core.ports import (
+    AWAITING_CONFIGURATION,
     REFUND_UNSUPPORTED,
     CollectionAccepted,
     CollectionRequest,
+    CredentialsRefused,
     ProviderError,
     ProviderOutcome,
     ProviderTimeout,
@@ -158,6 +160,22 @@ async def ready_to_send(provider: object, operation: str, deadline: float) -> No
 # Why a payment whose member was suspended before its request left ends CANCELLED (nothing sent, nothing taken).
 MEMBER_NOT_ACTIVE = "membership not active: not sent to the provider, nothing was taken"
 
+# Why a payment whose provider refused the gateway's own credentials (core.ports.CredentialsRefused: a rotated key)
+# ended FAILED at once: its payer is waiting on her phone, and is told the service could not be reached (its words sort
+# so: channels.sms.templates.reason_key), not kept waiting for a configuration fix. The operator is told by the
+# adapter's error line and gateway_provider_failing (providers.calls.credentials_refused).
+CREDENTIALS_REFUSED = ("the provider refused the gateway's credentials (its configuration must be fixed): "
+                       "the request never reached the provider; nothing was taken")
+
+
+def awaiting_configuration(exc: CredentialsRefused) -> ProviderError:
+    """A refund's call refused for the gateway's credentials, as the outbox retries it: a refund is not urgent, and a
+    fault of ours is never a failed refund told to the member. Retried with backoff, then parked; replayed once the
+    configuration is fixed. Nothing was processed (core.outbox.NOTHING_PROCESSED): still a refund never sent."""
+    return ProviderError(f"{exc}; waits for the provider's configuration to be fixed", retryable=True,
+                         code=AWAITING_CONFIGURATION)
+
+
 # A payment the provider has never heard of after its window, while a collect job is still sending its request:
 # asked again this much later, when that call has been answered (or cut off at the job's deadline).
 IN_FLIGHT_POLL_SECONDS = 15.0
@@ -180,6 +198,30 @@ async def _collect_in_flight(session: AsyncSession, payment_id: str, *, retry_be
         (key == f"collect:{payment_id}") | key.like(f"collect:{payment_id}:%")).limit(1))).first() is not None
 
 
+async def refund_note(session: AsyncSession, payment: Payment) -> str:
+    """The note a refund's provider is sent (RefundRequest.note): the payment's reference and its cooperative's name,
+    which the member knows; never the admin's reason (internal wording), which stays in our records."""
+    name = await session.scalar(select(Cooperative.name).where(Cooperative.id == payment.cooperative_id))
+    return " ".join(("Refund", payment.reference, name or ""))
+
+
+async def collect_description(session: AsyncSession, payment: Payment) -> tuple[str, str | None]:
+    """What a collection request tells the payer it is for (CollectionRequest.description; her PIN prompt, MTN's
+    payerMessage): the description the cooperative's system gave, else the payment type, the payment's reference and
+    the cooperative's name ("Monthly Rent PAY_20261203_001 Kigali Heights"), never an internal id; and the
+    cooperative's language (None: its row is gone). One query."""
+    names = (await session.execute(
+        select(PaymentType.name, Cooperative.name, Cooperative.language)
+        .select_from(Cooperative)
+        .outerjoin(PaymentType, PaymentType.id == payment.payment_type_id)
+        .where(Cooperative.id == payment.cooperative_id))).first()
+    if payment.description:
+        return payment.description, names.language if names else None
+    if names is None:
+        return payment.reference, None
+    return " ".join(part for part in (names[0], payment.reference, names[1]) if part), names.language
+
+
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
     def call_deadline(job: Job) -> float:
         """When (the event loop's clock) the job's provider call, its token included, must be answered: the call
@@ -193,13 +235,13 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         deadline = call_deadline(job)
         async with rt.sessionmaker() as session:
             payment, now = await payment_and_now(session, job.payload["payment_id"])
-            member = await session.get(Member, payment.member_id) if payment and payment.member_id else None
+            if payment is None or payment.status != PaymentStatus.PENDING.value:
+                return  # already moved on: running twice is harmless
+            member = await session.get(Member, payment.member_id) if payment.member_id else None
+            description, coop_language = await collect_description(session, payment)
             # A payer who is none of its members (an API payment for her number or account): the cooperative's
             # language (IremboPay's invoice page is in it).
-            language = member.language if member is not None else (await session.scalar(
-                select(Cooperative.language).where(Cooperative.id == payment.cooperative_id)) if payment else None)
-        if payment is None or payment.status != PaymentStatus.PENDING.value:
-            return  # already moved on: running twice is harmless
+            language = member.language if member is not None else coop_language
         if now >= payment.expires_at:
             # Its approval window is over (by the database's clock, as the poll judges it): a request sent
             # now (a retry after an outage, a replayed parked job) would put a PIN prompt on the payer's phone
@@ -242,7 +284,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             provider_reference=payment.provider_reference, payment_reference=payment.reference,
             amount=Money(payment.amount_minor, payment.currency),
             payer=Phone(account) if account.startswith("+") else None, payer_account=account,
-            description=payment.description or payment.reference, callback_url=_callback_url(rt, payment.provider),
+            description=description, callback_url=_callback_url(rt, payment.provider),
             method=payment.method, language=language or "en",
             payer_name=member.name if member else "", expires_at=payment.expires_at)
         try:
@@ -297,11 +339,12 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
 
     async def collection_failed(payment: Payment, exc: ProviderError) -> None:
         """The provider refused the collection for good (or its credentials): FAILED, nothing was taken."""
+        reason = f"{CREDENTIALS_REFUSED}: {exc}" if isinstance(exc, CredentialsRefused) else str(exc)
         async with rt.sessionmaker.begin() as session:
             fresh = await session.get(Payment, payment.id)
             if fresh is not None and fresh.status in OPEN:
                 await apply_collection_outcome(session, rt, fresh, ProviderOutcome.FAILED, actor=WORKER,
-                                               reason=str(exc)[:200])
+                                               reason=reason[:200])
 
     async def keep_transaction_id(payment_id: str, provider_transaction_id: str) -> None:
         """Store the provider's id an unanswered request was sent under (IremboPay's invoice number), so a
@@ -523,22 +566,23 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                   .values(next_poll_at=now + timedelta(seconds=delay),
                                           updated_at=Payment.updated_at))
 
-    def refund_request(refund: Refund, payment: Payment) -> RefundRequest:
+    def refund_request(refund: Refund, payment: Payment, note: str) -> RefundRequest:
         account = payment_account(rt, payment)
         return RefundRequest(
             provider_reference=refund.provider_reference, original_provider_reference=payment.provider_reference,
             original_provider_transaction_id=payment.provider_transaction_id,
             amount=Money(refund.amount_minor, refund.currency), full=refund.amount_minor >= collected(payment),
             payer=Phone(account) if account.startswith("+") else None, reason=refund.reason or "refund",
-            callback_url=_callback_url(rt, payment.provider))
+            callback_url=_callback_url(rt, payment.provider), note=note)
 
     async def submit_refund(job: Job) -> None:
         deadline = call_deadline(job)  # for its token (the refund call itself keeps the worker's)
         async with rt.sessionmaker() as session:
             refund = await session.get(Refund, job.payload["refund_id"])
             payment = await session.get(Payment, refund.payment_id) if refund else None
-        if refund is None or payment is None or refund.status != RefundStatus.PENDING.value:
-            return
+            if refund is None or payment is None or refund.status != RefundStatus.PENDING.value:
+                return
+            note = await refund_note(session, payment)
         provider = rt.providers[payment.provider]
         if job.call_may_have_arrived:
             # An earlier attempt was cut off mid-call (past the handler timeout, or its worker was lost; the
@@ -550,9 +594,11 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                         extra={"refund": refund.reference, "provider": provider.name})
             await await_refund_outcome(refund, None)
             return
-        request = refund_request(refund, payment)
+        request = refund_request(refund, payment, note)
         try:
             await ready_to_send(provider, "refund", deadline)  # before the stamp: a failure here sent nothing
+        except CredentialsRefused as exc:
+            raise awaiting_configuration(exc) from exc
         except ProviderError as exc:
             if exc.retryable:
                 raise
@@ -563,6 +609,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             accepted = await _timed(provider.name, "refund", provider.request_refund(request))
         except ProviderTimeout:
             accepted = None
+        except CredentialsRefused as exc:
+            raise awaiting_configuration(exc) from exc
         except ProviderError as exc:
             if exc.retryable:
                 raise
@@ -622,6 +670,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         try:
             status = await _timed(provider.name, "refund_status",
                                   provider.refund_status(refund.provider_reference, refund.currency))
+        except CredentialsRefused as exc:
+            raise awaiting_configuration(exc) from exc
         except ProviderError as exc:
             if exc.retryable:
                 raise
@@ -660,10 +710,15 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         provider = rt.providers[payment.provider]
         log.warning("refund unknown to the provider; sending it again with the same reference",
                     extra={"refund": refund.reference, "provider": provider.name, "resend": resent + 1})
+        async with rt.sessionmaker() as session:
+            note = await refund_note(session, payment)
         try:
-            accepted = await _timed(provider.name, "refund", provider.request_refund(refund_request(refund, payment)))
+            accepted = await _timed(provider.name, "refund", provider.request_refund(refund_request(refund, payment,
+                                                                                                  note)))
         except ProviderTimeout:
             accepted = None  # it may have arrived this time: the next poll tells
+        except CredentialsRefused as exc:
+            raise awaiting_configuration(exc) from exc
         except ProviderError as exc:
             if exc.retryable:
                 raise

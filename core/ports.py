@@ -94,8 +94,11 @@ class RefundRequest:
     amount: Money
     full: bool  # the refund covers the whole collected amount
     payer: Phone | None
-    reason: str
+    reason: str  # the admin's, for our records: never sent to the provider (the member may see what it is sent)
     callback_url: str
+    # What the provider's note or remarks fields carry, which the member may see in her wallet: "Refund
+    # PAY_20261203_001 Kigali Heights Housing Cooperative" (core.jobs.refund_note). Each adapter fits it to its fields.
+    note: str = "Refund"
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,21 @@ class ProviderTimeout(ProviderError):
                  provider_transaction_id: str | None = None) -> None:
         super().__init__(message, retryable=False, code="TIMEOUT")
         self.provider_transaction_id = provider_transaction_id
+
+
+class CredentialsRefused(ProviderError):
+    """The provider refused the gateway's own credentials (HTTP 401 on its token, or on a call made with a fresh one;
+    M-Pesa's initiator refused): our configuration is wrong (a rotated key), not the request. Nothing was processed.
+    The same call fails the same way until the configuration is fixed: a collection, whose payer is waiting, fails
+    at once; a refund waits for the fix (core.jobs)."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, retryable=False, code=code)
+
+
+# ProviderError.code of a refund (or its status query) held back by CredentialsRefused: retryable, as the configuration
+# will be fixed; nothing was processed (core.outbox.NOTHING_PROCESSED), so it is still a refund never sent.
+AWAITING_CONFIGURATION = "AWAITING_CONFIGURATION"
 
 
 class CallbackRejected(Exception):

@@ -16,7 +16,7 @@ import httpx
 from core.config import ProviderConfig
 from core.db import iso_z, utcnow
 from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS, PROVIDER_FAILING
-from core.ports import ProviderError, ProviderTimeout
+from core.ports import CredentialsRefused, ProviderError, ProviderTimeout
 
 log = logging.getLogger("gateway.providers")
 
@@ -38,6 +38,7 @@ class Outage:
     since: str | None = None  # when the first of them was sent (UTC, ISO 8601)
     reported: bool = False  # the error line was written (FAILING_AFTER reached)
     started: float = 0.0  # time.monotonic() of the first
+    credentials: bool = False  # the provider refuses our credentials (credentials_refused): said once
 
 
 _outages: dict[str, Outage] = {}
@@ -56,6 +57,24 @@ def call_failed(provider: str, started: float) -> None:
         PROVIDER_FAILING.labels(provider=provider).set(1)
         log.error("%s calls failing since %s", provider, outage.since,
                   extra={"provider": provider, "failures_in_a_row": outage.failures, "failing_since": outage.since})
+
+
+def credentials_refused(provider: str, operation: str, detail: str) -> None:
+    """`provider` refused the gateway's own credentials (HTTP 401 after a fresh token): our configuration, which
+    no retry mends. Reported at once, not after FAILING_AFTER: one error line, gateway_provider_failing 1, until a
+    call is answered again (the configuration fixed)."""
+    outage = _outages.setdefault(provider, Outage())
+    if not outage.failures:
+        outage.since = iso_z(utcnow())
+        outage.started = time.monotonic()
+    outage.failures += 1
+    outage.reported = True
+    PROVIDER_FAILING.labels(provider=provider).set(1)
+    if not outage.credentials:
+        outage.credentials = True
+        log.error("%s refuses the gateway's credentials (%s): fix its configuration", provider,
+                  operation.replace("_", " "), extra={"provider": provider, "operation": operation,
+                                                      "error": detail[:200], "failing_since": outage.since})
 
 
 def call_answered(provider: str) -> None:
@@ -146,7 +165,9 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
         if count_5xx:
             PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
         call_failed(provider, started)
-    else:
+    elif response.status_code != 401:
+        # A 401 says nothing of the provider's health: a token revoked early (sent again with a new one), or our
+        # credentials refused (credentials_refused, which keeps an outage reported until an answer ends it).
         call_answered(provider)
     return response
 
@@ -194,6 +215,12 @@ def http_error(provider: str, operation: str, response: httpx.Response, detail: 
     if status >= 500:
         return ProviderError(f"{provider} {words} failed on the provider's side (HTTP {status}): "
                              f"{detail}", retryable=True, code=f"HTTP_{status}")
+    if status == 401:
+        # Adapters send a call refused 401 once more with a fresh token: a second 401, or one to the token request
+        # itself, is our credentials refused.
+        credentials_refused(provider, operation, detail)
+        return CredentialsRefused(f"{provider} refused the gateway's credentials for {words} (HTTP 401): {detail}",
+                                  code="HTTP_401")
     if status == 429:
         return ProviderBusy(f"{provider} is rate limiting {words} (HTTP 429): {detail}", code="HTTP_429",
                             retry_after=retry_after(response))

@@ -264,10 +264,13 @@ async def drain(worker: Any, *, rounds: int = 50) -> int:
 @pytest.fixture(autouse=True)
 def _no_provider_outage_carried_over() -> Iterator[None]:
     """Each test starts with no provider failures counted (providers.calls counts them per process, for its one
-    "calls failing" line): another test's failed calls must not make this one's first failure an outage."""
+    "calls failing" line): another test's failed calls must not make this one's first failure an outage, nor its
+    refused credentials (reported at once: providers.calls.credentials_refused) leave gateway_provider_failing set."""
+    from core.metrics import PROVIDER_FAILING
     from providers import calls
 
     calls._outages.clear()
+    PROVIDER_FAILING.clear()
     yield
 
 

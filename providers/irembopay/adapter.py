@@ -26,6 +26,7 @@ from core.ports import (
     CallbackRejected,
     CollectionAccepted,
     CollectionRequest,
+    CredentialsRefused,
     EventKind,
     InboundCallback,
     ProviderError,
@@ -36,7 +37,7 @@ from core.ports import (
     StatusResult,
 )
 from core.text import is_number
-from providers.calls import provider_time, send, timeout_from
+from providers.calls import credentials_refused, provider_time, send, timeout_from
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +446,10 @@ class IremboPayAdapter:
         PROVIDER_ERRORS.labels(self.name, operation).inc()
         log.warning("irembopay %s refused", operation,
                     extra={"http_status": resp.status_code, "error_code": code, "error": message})
+        if resp.status_code == 401:  # its secret key refused: our configuration
+            credentials_refused(self.name, operation, message)
+            return CredentialsRefused(f"IremboPay refused the gateway's credentials for {operation} "
+                                      f"({resp.status_code} {code}): {message}", code=code)
         return ProviderError(f"IremboPay {operation} refused ({resp.status_code} {code}): {message}",
                              retryable=retryable, code=code)
 

@@ -22,6 +22,7 @@ from core.ports import (
     CallbackRejected,
     CollectionAccepted,
     CollectionRequest,
+    CredentialsRefused,
     EventKind,
     InboundCallback,
     ProviderError,
@@ -31,7 +32,7 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
-from providers.calls import provider_time, send, timeout_from, with_query
+from providers.calls import credentials_refused, provider_time, send, timeout_from, with_query
 from providers.tokens import TokenCache
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,11 @@ _PUSH_NOT_SENT: dict[str, str] = {
     "500.001.1001": REASONS["1001"],  # "Unable to lock subscriber, a transaction is already in process"
 }
 _INVALID_TOKEN = "404.001.03"
+# Refusals of the gateway's own credentials (core.ports.CredentialsRefused): the consumer key and secret (the
+# token's "Invalid Authentication passed"), and a reversal's Initiator or SecurityCredential (Daraja's generic
+# "400.002.02 Bad Request - Invalid <field>", read by the field it names).
+_BAD_AUTHENTICATION = "400.008.01"
+_OUR_CREDENTIALS = ("Initiator", "SecurityCredential")
 # Daraja's answers sent as HTTP 500 that are its word on the request, not a fault: the query's "still being
 # processed" and the push's "a transaction is already in process" on the payer's line (both 500.001.1001). Counted
 # as answered for the outage line (providers.calls): five payers slow to approve are not M-Pesa failing.
@@ -116,6 +122,7 @@ CHECKOUT_PREFIX = "ws_CO_"
 _ACCOUNT_REFERENCE_MAX = 12
 _REFERENCE_MAX = 64  # our provider reference (a UUID) as the CallBackURL's ref carries it
 _DESCRIPTION_MAX = 13
+_REMARKS_MAX = 100
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 # Safaricom's ceiling on one customer-to-paybill transaction (KES 250,000 since 2023): a push for more is refused by
 # Daraja, so a payment of more is refused when asked for (amount_rule) instead of failed by the worker, with an SMS.
@@ -154,6 +161,12 @@ def is_receipt(provider_transaction_id: str | None) -> bool:
 def transaction_desc(description: str) -> str:
     text = " ".join(re.sub(r"[^A-Za-z0-9 ]", " ", description).split())
     return (text[:_DESCRIPTION_MAX].strip() or "Payment")
+
+
+def remarks(note: str) -> str:
+    """A reversal's Remarks (2 to 100 characters): `note` in letters, digits and spaces, as TransactionDesc."""
+    text = " ".join(re.sub(r"[^A-Za-z0-9 ]", " ", note).split())[:_REMARKS_MAX].strip()
+    return text if len(text) >= 2 else "Refund"
 
 
 def _whole_shillings(amount: Money) -> int:
@@ -317,7 +330,8 @@ class MpesaAdapter:
             # whose answer was lost is still found when its Result comes.
             "ResultURL": with_query(request.callback_url, ref=request.provider_reference),
             "QueueTimeOutURL": with_query(request.callback_url, ref=request.provider_reference),
-            "Remarks": transaction_desc(request.reason or "Refund")[:100],
+            # Our neutral note (the payment's reference, the cooperative), never the admin's reason.
+            "Remarks": remarks(request.note),
             "Occasion": request.provider_reference[:100],
         }
         resp = await self._post("reversal", "/mpesa/reversal/v1/request", body)
@@ -534,6 +548,11 @@ class MpesaAdapter:
         PROVIDER_ERRORS.labels(self.name, operation).inc()
         log.warning("mpesa %s refused", operation,
                     extra={"http_status": resp.status_code, "error_code": code, "error": message})
+        if resp.status_code == 401 or code == _BAD_AUTHENTICATION or (
+                resp.status_code == 400 and any(f"Invalid {name}" in message for name in _OUR_CREDENTIALS)):
+            credentials_refused(self.name, operation, message)
+            return CredentialsRefused(f"M-Pesa refused the gateway's credentials for {operation} "
+                                      f"({resp.status_code} {code}): {message}", code=str(code))
         return ProviderError(f"M-Pesa {operation} refused ({resp.status_code} {code}): {message}",
                              retryable=retryable, code=str(code))
 

@@ -270,8 +270,9 @@ class MtnMomoAdapter:
             "amount": str(request.amount.to_api()),
             "currency": request.amount.currency,
             "externalId": request.provider_reference,
-            "payerMessage": _note(request.reason, "refund"),
-            "payeeNote": _note(request.reason, "refund"),
+            # The member sees the notes in her wallet: our neutral note, never the admin's reason.
+            "payerMessage": _note(request.note, "refund"),
+            "payeeNote": _note(request.note, "refund"),
             "referenceIdToRefund": request.original_provider_reference,
         }
         response = await self._call("disbursement", "refund", "POST", "/disbursement/v1_0/refund",

@@ -288,7 +288,8 @@ def refund(**kw: Any) -> RefundRequest:
     values: dict[str, Any] = dict(
         provider_reference="5b0c1c3e-8f3e-4a57-9c1e-2f8d7a6b5c4d", original_provider_reference="orig",
         original_provider_transaction_id="NLJ7RT61SV", amount=Money(15000, "KES"), full=True,
-        payer=normalize("+254708000001"), reason="Member refund", callback_url=CALLBACK)
+        payer=normalize("+254708000001"), reason="internal: paid twice", callback_url=CALLBACK,
+        note="Refund PAY_20261203_001 Kigali Heights")
     values.update(kw)
     return RefundRequest(**values)
 

@@ -64,10 +64,10 @@ def collection(description: str, ref: str = REF) -> CollectionRequest:
                              callback_url="", method="MOBILE_MONEY_MTN")
 
 
-def refund(reason: str, ref: str = "9b1d6e33-0c4f-4e7a-8f55-6d2a1c3b4e02") -> RefundRequest:
+def refund(note: str, ref: str = "9b1d6e33-0c4f-4e7a-8f55-6d2a1c3b4e02") -> RefundRequest:
     return RefundRequest(provider_reference=ref, original_provider_reference=REF,
                          original_provider_transaction_id="1843215792", amount=Money(5000, "RWF"), full=False,
-                         payer=Phone("+250788000001"), reason=reason, callback_url="")
+                         payer=Phone("+250788000001"), reason="internal: charged twice", callback_url="", note=note)
 
 
 @pytest.fixture
@@ -168,13 +168,13 @@ async def test_mtn_request_to_pay_notes_keep_only_what_mtn_takes(description: st
     provider.assert_done()
 
 
-@pytest.mark.parametrize(("reason", "note"), [("Overpaid & refunded", "Overpaid refunded"), ("&", "refund")])
-async def test_mtn_refund_notes_keep_only_what_mtn_takes(reason: str, note: str) -> None:
+@pytest.mark.parametrize(("given", "note"), [("Refund PAY_1 Kigali & Co", "Refund PAY_1 Kigali Co"), ("&", "refund")])
+async def test_mtn_refund_notes_keep_only_what_mtn_takes(given: str, note: str) -> None:
     provider = FakeProvider(MTN_BASE)
     provider.expect("POST", "/disbursement/token/", 200, load("mtn_momo", "token.json"))
     provider.expect("POST", "/disbursement/v1_0/refund", 202)
     async with provider.client() as http:
-        await MtnMomoAdapter(http, mtn_config()).request_refund(refund(reason))
+        await MtnMomoAdapter(http, mtn_config()).request_refund(refund(given))
     [sent] = provider.requests_to("/disbursement/v1_0/refund")
     assert (_sent(sent)["payerMessage"], _sent(sent)["payeeNote"]) == (note, note)
     provider.assert_done()

@@ -75,8 +75,9 @@ def refund(amount: int = 5000, ref: str = REFUND_REF, callback: str = CALLBACK) 
         amount=Money(amount, "RWF"),
         full=False,
         payer=Phone("+250788000001"),
-        reason="Overpaid rent",
+        reason="Overpaid rent",  # the admin's: kept in our records, never sent (the member sees the notes)
         callback_url=callback,
+        note="Refund PAY_20261203_001 Kigali Heights",
     )
 
 
