@@ -120,7 +120,9 @@ async def _update(ctx: Ctx, coop_id: str, changes: dict[str, Any]) -> web.Stream
     coop = await service.update_cooperative(ctx.session, coop, changes=changes, actor=ctx.who.actor)
     if was_active and coop.status != "ACTIVE":
         # Its admins' and tenants' tokens stop working now, as its API keys do (new sign-ins and refreshes
-        # are refused on the rows).
+        # are refused on the rows; refresh tokens from before it for good, not again once it is ACTIVE).
+        await auth.record_sessions_ended(ctx.session, actor=ctx.who.actor, because="cooperative suspended",
+                                         cooperative_id=coop.id)
         await end_sessions(ctx, "the cooperative's", lambda: auth.revoke_cooperative_tokens(
             ctx.session, ctx.rt.redis, coop.id, ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
     await ctx.session.commit()

@@ -245,7 +245,10 @@ async def _saved(ctx: Ctx, member: Member, was: str, *, forget: str | None = Non
     if forget is not None:
         await queue_forget_phone(ctx.session, forget, cooperative_id=member.cooperative_id)
     if member.status == "SUSPENDED" and was != "SUSPENDED":
-        # The member's tenant logins stop working now (sign-in and refresh are refused on the rows).
+        # The member's tenant logins stop working now (sign-in and refresh are refused on the rows), and their
+        # earlier refresh tokens for good: not again once she is made active.
+        await auth.record_sessions_ended(ctx.session, actor=ctx.who.actor, because="member suspended",
+                                         member_id=member.id)
         await end_sessions(ctx, "the member's", lambda: auth.revoke_member_tokens(
             ctx.session, ctx.rt.redis, member.id, ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
     await ctx.session.commit()

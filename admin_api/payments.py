@@ -62,7 +62,7 @@ from core.payments import (
     set_gateway_reference,
     void_recording,
 )
-from core.phone import PhoneError
+from core.phone import PhoneError, normalize
 from core.ratelimit import Limit
 from core.state.payment import PaymentStatus
 
@@ -360,6 +360,22 @@ def _collected(p: Payment) -> int | str | None:
     return None if taken is None else money_out(taken.minor, taken.currency)
 
 
+async def _tenants_own_number(ctx: Ctx, account: str, country: str) -> None:
+    """A tenant's mobile-money payment is paid from her own registered number. From any number, a tenant put a PIN
+    prompt on another member's phone and read his wallet's answer in the payment's failureReason ("insufficient
+    funds"). Refused alike for any other number, so it tells nothing of whose number it is; an admin makes a
+    payment from another number. A number that cannot be read is left to create_payment's own refusal."""
+    try:
+        index = ctx.rt.cipher.blind_index(normalize(account, country).e164)
+    except PhoneError:
+        return
+    own = await ctx.session.scalar(select(Member.phone_index).where(Member.id == ctx.who.member_id))
+    if index != own:
+        raise ValidationError("paymentAccount must be your own registered number: a member pays from her own "
+                              "number (your cooperative's office can make a payment from another)",
+                              field="paymentAccount")
+
+
 async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     body, who = ctx.body, ctx.who
     coop_id = who.target_cooperative(body.get("cooperativeId"))
@@ -383,6 +399,8 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
     ptype = context.ptype
     if ptype is None:
         raise NotFound("payment type not found")
+    if who.is_tenant and body["paymentMethod"] in METHOD_OPERATOR and context.coop is not None:
+        await _tenants_own_number(ctx, body["paymentAccount"], context.coop.country)
     due = body.get("dueDate")
     new = NewPayment(
         cooperative_id=coop_id,
@@ -398,6 +416,11 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
         member_from_account=by_account,
     )
     payment, created = await create_payment(ctx.session, ctx.rt, new, actor=who.actor, context=context)
+    if not created and who.is_tenant and payment.member_id != who.member_id:
+        # The key names another member's payment (one whose payer was erased keeps no request to compare, so the
+        # key alone matched it): refused as any other request under a used key, not answered with that payment.
+        raise Conflict("Payment with this idempotency key already exists with a different request",
+                       field="idempotencyKey")
     if not created and not who.has("payments:read") and payment.created_by != who.actor.id:
         # A key that reads only its own payments (payments:write) replaying another key's request (a retry sent
         # with a rotated key): the payment it would answer with is one it cannot read or poll afterwards.

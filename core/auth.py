@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 from core.audit import Actor, record
 from core.config import Settings
 from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
-from core.db import insert_ignore, serialise_on_sqlite, utcnow, wall
+from core.db import insert_ignore, row_insert, serialise_on_sqlite, utcnow, wall
 from core.errors import Conflict, DomainError, Forbidden, NotFound, ValidationError
 from core.metrics import PREVIOUS_SECRET_USED, REDIS_EVICTED_KEYS, REDIS_EVICTING, REDIS_WRITES_REFUSED
 from core.models import AdminUser, ApiKey, AuditEvent, Cooperative, Member, PaymentType, UsedRefreshToken
@@ -397,7 +397,7 @@ def issued_by(claims: dict[str, Any], instant: float) -> bool:
 # The audit actions after which an account's earlier tokens are refused: its access tokens by the revocation
 # mark (written from these rows again when Redis loses it), its refresh tokens on these rows at each refresh
 # (they outlive the mark, and a deactivated account may be turned on again).
-SESSIONS_ENDED = ("user.deactivated", "user.password_reset", "user.password_changed")
+SESSIONS_ENDED = ("user.deactivated", "user.password_reset", "user.password_changed", "user.sessions_ended")
 
 # Set by each guard cycle once every mark is in Redis. No longer what the guard goes by (it checks the marks
 # themselves, every cycle: a replica promoted after missing the last writes has the marker but not the newest
@@ -804,6 +804,26 @@ async def check_token(redis: Redis, session: AsyncSession, principal: Principal,
         await check_still_active(session, principal.id, claims)
         return
     check_not_revoked(claims, stamp)
+
+
+async def record_sessions_ended(session: AsyncSession, *, actor: Actor, because: str,
+                                cooperative_id: str | None = None, member_id: str | None = None) -> None:
+    """A `user.sessions_ended` audit row for each account of the cooperative (or the member's tenant logins),
+    in the transaction that suspends it: what refuses their earlier refresh tokens (and, without Redis, access
+    tokens) on the rows also once the cooperative or member is made active again, as for a deactivated account
+    (SESSIONS_ENDED). The row names only why (`because`); tokens issued after it (a sign-in once active again)
+    work."""
+    users = select(AdminUser.id, AdminUser.cooperative_id)
+    users = users.where(AdminUser.member_id == member_id) if member_id else users.where(
+        AdminUser.cooperative_id == cooperative_id)
+    rows = (await session.execute(users)).all()
+    if not rows:
+        return
+    at = utcnow()
+    await session.execute(row_insert(session.get_bind().dialect.name, AuditEvent), [
+        {"cooperative_id": coop_id, "actor": actor.id, "channel": actor.channel, "action": "user.sessions_ended",
+         "entity_type": "user", "entity_id": user_id, "before": None, "after": {"because": because}, "at": at}
+        for user_id, coop_id in rows])
 
 
 async def revoke_cooperative_tokens(session: AsyncSession, redis: Redis, cooperative_id: str, *,

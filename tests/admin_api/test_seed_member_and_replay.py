@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from core.audit import Actor
 from core.members import create_member
@@ -108,12 +108,23 @@ async def test_no_member_for_a_stranger_an_inactive_member_or_a_bank_account(
 
 async def test_a_named_member_or_a_tenant_keeps_the_member_asked_for(rt: Any, demo: dict[str, Any], admin: Any,
                                                                      tenant: Any) -> None:
-    """Paying for someone else from one's own number: the member named is the payer, not the number's."""
+    """Paying for someone else from one's own number: the member named is the payer, not the number's. A tenant
+    pays from her own number only (from another, she put a PIN prompt on his phone and read his wallet's answer),
+    refused alike whether the number is a member's or no one's; in the local form too."""
     rent = demo["payment_types"]["Monthly Rent"]
     bosco, aline = demo["members"]["+250788000002"], demo["members"][ALINE]
     for_bosco = await admin.json("POST", "/v1/payments", 201, json=seed_body(rent, memberId=bosco))
     assert for_bosco["memberId"] == bosco
-    by_tenant = await tenant.json("POST", "/v1/payments", 201, json=seed_body(rent, paymentAccount="+250788000002"))
+    answers = []
+    for other in ("+250788000002", "0788000002", "+250788999999"):
+        refused = await tenant.json("POST", "/v1/payments", 400, json=seed_body(rent, paymentAccount=other))
+        answers.append(refused["message"])
+    assert answers[0] == answers[1] == answers[2] == [
+        "paymentAccount must be your own registered number: a member pays from her own number (your cooperative's "
+        "office can make a payment from another)"], answers
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(func.count(Payment.id)))).scalar_one() == 1  # Bosco's, by the admin
+    by_tenant = await tenant.json("POST", "/v1/payments", 201, json=seed_body(rent, paymentAccount="0788000001"))
     assert by_tenant["memberId"] == aline
 
 
