@@ -87,7 +87,9 @@ PAYMENT = out(
         "paymentUrl": {**NULL_STRING, "description": "bank methods (BANK_*): where the payer pays the IremboPay "
                        "invoice, in the 201 (status PROCESSING) when IremboPay makes it within "
                        "PAYMENT_URL_WAIT_SECONDS (5 s); null past it, and GET /v1/payments/{id} carries it once made "
-                       "(mobile money needs none: the payer approves a prompt on the phone)"},
+                       "(mobile money needs none: the payer approves a prompt on the phone); null again once the "
+                       "payment is CANCELLED (its invoice cannot be withdrawn at IremboPay: money paid on it "
+                       "still completes the payment, late)"},
         "description": NULL_STRING,
         "dueDate": NULL_DATETIME,
         "completedAt": NULL_DATETIME,
@@ -326,7 +328,9 @@ def present(p: Payment) -> dict[str, Any]:
         "reference": p.reference,
         "gatewayTransactionId": p.provider_transaction_id,
         "gatewayReference": p.gateway_reference or p.provider_reference,
-        "paymentUrl": p.payment_url,
+        # A cancelled payment's invoice stays payable at IremboPay (it has no call to withdraw one): its link is not
+        # handed out any more, so no client sends the payer to pay what her cooperative cancelled.
+        "paymentUrl": None if p.status == PaymentStatus.CANCELLED.value else p.payment_url,
         "description": p.description,
         "dueDate": iso(p.due_date),
         "completedAt": iso(p.completed_at),

@@ -678,6 +678,10 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             if exc.code == "NOT_FOUND":
                 await resend_refund(job, refund, payment)
                 return
+            if exc.code == REFUND_UNSUPPORTED:
+                # No refund API (IremboPay): nothing was sent; the desk sends it and records it (submit_refund).
+                raise PermanentJobError(f"refund {refund.id} needs manual review: {exc}; then record it with "
+                                        f"POST /v1/refunds/{refund.id}/outcome") from exc
             # The provider cannot tell (e.g. Airtel has no refund status query): a person must look.
             raise PermanentJobError(f"refund {refund.id} needs manual review: {exc}") from exc
         age = utcnow() - refund.created_at

@@ -1134,6 +1134,8 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
                 event_row_id, payment = await _store_event_and_lock(session, event, stored, found)
                 if event_row_id is None:
                     return "duplicate"
+                if payment is not None and _names_another_request(rt, payment, txn):
+                    payment = None  # kept for a person below, as a callback naming no payment of ours is
                 if payment is not None:
                     # (Not a voided recording's: its ids were released for the right line, and it takes none back.)
                     if (adopted is not None and payment.provider_transaction_id is None
@@ -1159,6 +1161,15 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
         report_unmatched(event)  # once stored: a store that failed is sent again by the provider
         return UNMATCHED
     return "conflict"
+
+
+def _names_another_request(rt: Runtime, payment: Payment, transaction_id: str | None) -> bool:
+    """Whether a callback found by our reference names another request than the payment's, at a provider whose
+    transaction id is the request's own (transaction_id_is_request: IremboPay's invoice number, one per transactionId
+    of ours). Such a callback is about another invoice: it neither settles this payment nor replaces its id."""
+    provider = rt.providers.get(payment.provider)
+    return (bool(getattr(provider, "transaction_id_is_request", False)) and payment.gateway_reference is not None
+            and transaction_id is not None and transaction_id != payment.gateway_reference)
 
 
 def _unconfirmed(payment: Payment, event: ProviderEventData, exc: ProviderError) -> StatusResult:

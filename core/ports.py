@@ -194,7 +194,9 @@ class PaymentProvider(Protocol):
     # configuration); None: any (MTN's sandbox with no MTN_MOMO_CURRENCY). A payment in another is refused when
     # asked for, not failed later by the worker. A provider may also define `amount_rule(amount) -> str | None`
     # (M-Pesa: whole shillings): see amount_refusal. And `refund_rule(provider_transaction_id) -> str | None`: why a
-    # payment holding that id cannot be refunded through it (M-Pesa: no receipt number yet; core.refunds, 409).
+    # payment holding that id cannot be refunded through it (M-Pesa: no receipt number yet; core.refunds, 409). And
+    # `transaction_id_is_request = True` when its transaction id is the request's own, made with it and never another
+    # (IremboPay's invoice number): a callback naming another than the payment's gatewayReference is not about it.
     currencies: frozenset[str] | None
 
     async def request_collection(self, request: CollectionRequest) -> CollectionAccepted: ...

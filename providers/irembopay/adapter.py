@@ -140,6 +140,8 @@ class IremboPayAdapter:
     # it (core.jobs: the refund waits for them); nothing here limits it to the whole payment.
     supports_partial_refund = True
     refund_names_request = False  # no refund API: a person's transfer
+    # The invoice number, our transactionId's one invoice: a webhook naming another is not the payment's.
+    transaction_id_is_request = True
     methods = frozenset({"BANK_BK", "BANK_IM", "BANK_ECOBANK", "MOBILE_MONEY_MTN", "MOBILE_MONEY_AIRTEL"})
     currencies: frozenset[str] | None = frozenset({"RWF"})
 
@@ -341,8 +343,8 @@ class IremboPayAdapter:
                             retryable=False, code=REFUND_UNSUPPORTED)
 
     async def refund_status(self, provider_reference: str, currency: str) -> StatusResult:
-        raise ProviderError("IremboPay has no refund API; refunds are recorded manually", retryable=False,
-                            code=REFUND_UNSUPPORTED)
+        raise ProviderError("IremboPay has no refund API: send the money back through the bank (a bank payment) or "
+                            "by a mobile-money transfer", retryable=False, code=REFUND_UNSUPPORTED)
 
     # --- inbound --------------------------------------------------------------------------------
 
