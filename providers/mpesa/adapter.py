@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -109,10 +110,11 @@ _PUSH_NOT_SENT: dict[str, str] = {
 }
 _INVALID_TOKEN = "404.001.03"
 # Refusals of the gateway's own credentials (core.ports.CredentialsRefused): the consumer key and secret (the
-# token's "Invalid Authentication passed"), and a reversal's Initiator or SecurityCredential (Daraja's generic
-# "400.002.02 Bad Request - Invalid <field>", read by the field it names).
+# token's "Invalid Authentication passed", or a token fetched a moment ago refused again as "Invalid Access Token"),
+# a reversal's Initiator or SecurityCredential, and an STK push's Password (our shortcode and passkey) or our
+# BusinessShortCode (Daraja's generic "400.002.02 Bad Request - Invalid <field>", read by the field it names).
 _BAD_AUTHENTICATION = "400.008.01"
-_OUR_CREDENTIALS = ("Initiator", "SecurityCredential")
+_OUR_CREDENTIALS = ("Initiator", "SecurityCredential", "Password", "BusinessShortCode")
 # Daraja's answers sent as HTTP 500 that are its word on the request, not a fault: the query's "still being
 # processed" and the push's "a transaction is already in process" on the payer's line (both 500.001.1001). Counted
 # as answered for the outage line (providers.calls): five payers slow to approve are not M-Pesa failing.
@@ -158,14 +160,20 @@ def is_receipt(provider_transaction_id: str | None) -> bool:
     return bool(provider_transaction_id) and not str(provider_transaction_id).startswith(CHECKOUT_PREFIX)
 
 
+def _plain(text: str) -> str:
+    """`text` in ASCII letters, digits and single spaces: an accented letter keeps its letter ("Coopérative" ->
+    "Cooperative", not "Coop rative"), anything else is a space."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return " ".join(re.sub(r"[^A-Za-z0-9 ]", " ", ascii_text).split())
+
+
 def transaction_desc(description: str) -> str:
-    text = " ".join(re.sub(r"[^A-Za-z0-9 ]", " ", description).split())
-    return (text[:_DESCRIPTION_MAX].strip() or "Payment")
+    return (_plain(description)[:_DESCRIPTION_MAX].strip() or "Payment")
 
 
 def remarks(note: str) -> str:
     """A reversal's Remarks (2 to 100 characters): `note` in letters, digits and spaces, as TransactionDesc."""
-    text = " ".join(re.sub(r"[^A-Za-z0-9 ]", " ", note).split())[:_REMARKS_MAX].strip()
+    text = _plain(note)[:_REMARKS_MAX].strip()
     return text if len(text) >= 2 else "Refund"
 
 
@@ -548,7 +556,7 @@ class MpesaAdapter:
         PROVIDER_ERRORS.labels(self.name, operation).inc()
         log.warning("mpesa %s refused", operation,
                     extra={"http_status": resp.status_code, "error_code": code, "error": message})
-        if resp.status_code == 401 or code == _BAD_AUTHENTICATION or (
+        if resp.status_code == 401 or code in (_BAD_AUTHENTICATION, _INVALID_TOKEN) or (
                 resp.status_code == 400 and any(f"Invalid {name}" in message for name in _OUR_CREDENTIALS)):
             credentials_refused(self.name, operation, message)
             return CredentialsRefused(f"M-Pesa refused the gateway's credentials for {operation} "

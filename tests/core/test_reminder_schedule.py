@@ -170,3 +170,43 @@ async def test_a_scan_that_fails_keeps_the_chain_and_what_it_queued(
     after = await _reminder_jobs(rt)
     assert len(after) == len(queued) + 1 and len({j.dedupe_key for j in after}) == len(after)
     assert [j.cooperative_id for j in after if j.cooperative_id == other_id] == [other_id]
+
+
+async def test_a_type_created_after_the_days_scan_is_reminded_of_the_next_morning(
+    rt: Any, demo: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the README says: the day's scan has run (and a worker restarted within the catch-up window runs none
+    again); a type made at 09:00 UTC, due in two days, is first reminded of by the next morning's scan."""
+    from core.models import PaymentType
+
+    handlers = reminders.job_handlers(rt)
+    async with rt.sessionmaker.begin() as s:
+        await reminders.schedule(s, NOW.date())
+        row = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "reminders.scan"))).scalar_one()
+        today = Job(row.id, row.kind, dict(row.payload), 1, row.max_attempts, row.created_at)
+    monkeypatch.setattr(reminders, "utcnow", lambda: NOW + timedelta(minutes=10))
+    await handlers["reminders.scan"](today)
+    await _run_cooperative_jobs(rt)
+    before = {j.dedupe_key for j in await _reminder_jobs(rt)}
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.id == row.id).values(status="DONE"))
+        levy = PaymentType(cooperative_id=demo["cooperative_id"], name="Levy", amount_minor=2_000, currency="RWF",
+                           is_active=True, is_recurring=True, recurring_interval="MONTHLY", due_day=30,
+                           created_at=NOW + timedelta(hours=3))
+        s.add(levy)
+        await s.flush()
+        levy_id = levy.id
+    await ensure_scheduled(rt, now=NOW + timedelta(minutes=70))  # a restart at 07:10: today's scan is done
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(OutboxJob.status).where(OutboxJob.id == row.id))).scalar_one() == "DONE"
+    assert {j.dedupe_key for j in await _reminder_jobs(rt)} == before
+
+    # The next morning (29 November, 08:00 in Kigali): the levy, due on the 30th, is reminded of.
+    async with rt.sessionmaker() as s:
+        nxt = (await s.execute(select(OutboxJob).where(
+            OutboxJob.dedupe_key == "reminders.scan:2026-11-29"))).scalar_one()
+    monkeypatch.setattr(reminders, "utcnow", lambda: NOW + timedelta(days=1, minutes=10))
+    await handlers["reminders.scan"](Job(nxt.id, nxt.kind, dict(nxt.payload), 1, nxt.max_attempts, nxt.created_at))
+    await _run_cooperative_jobs(rt)
+    levies = [j for j in await _reminder_jobs(rt) if j.payload["context"]["payment_type_id"] == levy_id]
+    assert levies and {j.payload["context"]["due_date"] for j in levies} == {"2026-11-30"}

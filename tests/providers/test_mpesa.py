@@ -16,13 +16,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from channels.sms.templates import reason_key
 from core.config import ProviderConfig, Secret
+from core.jobs import CREDENTIALS_REFUSED
 from core.logs import JsonFormatter
 from core.money import Money
 from core.phone import normalize
 from core.ports import (
     CallbackRejected,
     CollectionRequest,
+    CredentialsRefused,
     EventKind,
     InboundCallback,
     ProviderError,
@@ -31,7 +34,7 @@ from core.ports import (
     RefundRequest,
 )
 from providers.mpesa import MpesaAdapter
-from providers.mpesa.adapter import STATUS, account_reference, transaction_desc
+from providers.mpesa.adapter import STATUS, account_reference, remarks, transaction_desc
 from providers.mpesa.simulator import STORE, create_simulator
 from providers.simulation import STATE, SimulatorOptions
 
@@ -209,6 +212,43 @@ async def test_bad_credentials_are_not_retryable() -> None:
             await MpesaAdapter(http, config()).request_collection(collection())
     assert err.value.retryable is False
     assert err.value.code == "400.008.01"
+
+
+def test_accented_names_keep_their_letters_in_remarks_and_description() -> None:
+    """A cooperative or payment type named in French or with a Swahili/Kinyarwanda diacritic keeps its letters
+    (without the accent) in a reversal's Remarks and an STK push's TransactionDesc: not "Coop rative"."""
+    assert remarks("Refund PAY_20261203_001 Coopérative Twitezimbere") == \
+        "Refund PAY 20261203 001 Cooperative Twitezimbere"
+    assert transaction_desc("Épargne mensuelle") == "Epargne mensu"
+    assert remarks("Ré") == "Re"
+
+
+@pytest.mark.parametrize("field", ["Password", "BusinessShortCode"])
+async def test_our_passkey_or_shortcode_refused_is_our_credentials(field: str) -> None:
+    """An STK push refused for its Password (base64 of our shortcode, passkey and time) or our shortcode: our
+    configuration, never the payer's doing (the payer was told "you declined the request")."""
+    refused = {"requestId": "1-1", "errorCode": "400.002.02", "errorMessage": f"Bad Request - Invalid {field}"}
+    wire = token_route(Wire()).on("POST", "/mpesa/stkpush/v1/processrequest", 400, refused)
+    async with wire.client() as http:
+        with pytest.raises(CredentialsRefused) as err:
+            await MpesaAdapter(http, config(), clock=lambda: NOW).request_collection(collection())
+    wire.done()
+    assert (err.value.code, err.value.retryable) == ("400.002.02", False)
+    assert reason_key(f"{CREDENTIALS_REFUSED}: {err.value}") == "provider_unreachable"
+
+
+async def test_fresh_token_refused_again_is_our_credentials() -> None:
+    """Daraja's "Invalid Access Token" (404.001.03, whatever its HTTP status) for a token fetched a moment ago:
+    our configuration (another app's keys, another environment), not a refund or payment to fail and text."""
+    invalid = {"requestId": "1-1", "errorCode": "404.001.03", "errorMessage": "Invalid Access Token"}
+    wire = (token_route(Wire()).on("POST", "/mpesa/reversal/v1/request", 404, invalid)
+            .on("GET", "/oauth/v1/generate", 200, {"access_token": "tok-2", "expires_in": "3599"})
+            .on("POST", "/mpesa/reversal/v1/request", 404, invalid))
+    async with wire.client() as http:
+        with pytest.raises(CredentialsRefused) as err:
+            await MpesaAdapter(http, config()).request_refund(refund())
+    wire.done()
+    assert err.value.code == "404.001.03"
 
 
 @pytest.mark.parametrize(("exc", "kind"), [
