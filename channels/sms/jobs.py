@@ -200,7 +200,8 @@ class SmsJobs:
             reminder = payload.get("template") in OPTIONAL_TEMPLATES
             void = None
             if payload.get("member_id") and reminder:
-                void = await why_not_send(conn, payload)
+                # REMINDERS_ENABLED off stops the reminders already queued too, not only the next scans.
+                void = await why_not_send(conn, payload) if self.rt.settings.reminders_enabled else "reminders_off"
                 if void is not None:
                     metrics.REMINDERS_SKIPPED.labels(reason=void).inc()
             elif payload.get("member_id") and payload.get("template") in MEMBER_TEMPLATES:

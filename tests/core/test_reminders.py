@@ -177,6 +177,29 @@ async def test_a_queued_reminder_is_checked_again_when_its_turn_comes(rt: Any, d
                                                            "too_late": 1}
 
 
+async def test_reminders_turned_off_stop_those_already_queued(rt: Any, demo: dict[str, Any], worker: Any,
+                                                             aiohttp_server: Any) -> None:
+    """REMINDERS_ENABLED off stopped the next scans only: the morning's reminders already queued (spread over the
+    day, or waiting out an aggregator outage) still went out after the operator turned them off."""
+    from dataclasses import replace
+
+    from core import metrics
+
+    async with rt.sessionmaker.begin() as s:
+        assert await scan(s, rt, now=NOW) == 5
+    before = metrics.REGISTRY.get_sample_value("gateway_reminders_skipped_total", {"reason": "reminders_off"}) or 0.0
+    rt.settings = replace(rt.settings, reminders_enabled=False)
+    _server, sim = await start_simulator(aiohttp_server, rt)
+    await drain(worker)
+    assert not sim.inbox
+    async with rt.sessionmaker() as s:
+        sent = (await s.execute(select(SmsMessage).where(SmsMessage.template == "payment_reminder"))).scalars().all()
+        statuses = {j.status for j in await _reminder_jobs(rt)}
+    assert sent == [] and statuses == {"DONE"}
+    after = metrics.REGISTRY.get_sample_value("gateway_reminders_skipped_total", {"reason": "reminders_off"})
+    assert after == before + 5
+
+
 async def test_reminders_the_sms_rate_cannot_send_before_the_evening_wait_for_the_next_scan(
         rt: Any, demo: dict[str, Any]) -> None:
     """A rate too low for everyone due: the reminders that would go out after 20:00 local are not queued (and
