@@ -5,25 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 from redis.exceptions import RedisError
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, page_of, paged
 from admin_api.errors import ApiError
 from admin_api.routing import Ctx, Route, end_sessions
 from admin_api.validation import LIMIT, PAGE, Param, read_body
 from channels.ussd.jobs import queue_forget_phone
-from channels.ussd.sessions import forget_phone, phone_keys
+from channels.ussd.sessions import SESSION_TTL, forget_phone, phone_keys, session_key
 from core import auth
 from core import members as service
-from core.db import lower
+from core.db import lower, utcnow
 from core.errors import NotFound, ValidationError
 from core.member_import import EXISTING, import_members
-from core.models import Cooperative, Member
+from core.models import Cooperative, Member, UssdSession
 from core.phone import DEFAULT_REGION, Phone, PhoneError, has_country_code, normalize
 
 IMPORT_LIMIT = 5 * 1024 * 1024
@@ -275,8 +276,34 @@ async def erase_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     again changes nothing."""
     member = await one(ctx, Member, request.match_info["id"], "member")
     index = member.phone_index
+    sessions = await _recent_sessions(ctx, member, index)
     member = await service.erase_member(ctx.session, member, actor=ctx.who.actor)
-    return await _saved(ctx, member, member.status, forget=index)
+    answer = await _saved(ctx, member, member.status, forget=index)
+    await _forget_sessions(ctx, member, sessions)
+    return answer
+
+
+async def _recent_sessions(ctx: Ctx, member: Member, index: str | None) -> list[str]:
+    """The Redis keys of the member's USSD sessions that may still be there (opened within SESSION_TTL): their
+    saved state holds what she typed and was shown (her name as she registered, her payments)."""
+    since = utcnow() - timedelta(seconds=SESSION_TTL)
+    hers = UssdSession.member_id == member.id
+    if index is not None:
+        hers = or_(hers, UssdSession.phone_index == index)
+    rows = (await ctx.session.execute(select(UssdSession.aggregator, UssdSession.session_id).where(
+        UssdSession.started_at >= since, hers))).all()
+    return [session_key(aggregator, session_id) for aggregator, session_id in rows]
+
+
+async def _forget_sessions(ctx: Ctx, member: Member, keys: list[str]) -> None:
+    """After the erasure's commit, her recent sessions' keys deleted (Redis down: they expire within SESSION_TTL)."""
+    if not keys:
+        return
+    try:
+        await ctx.rt.redis.delete(*keys)
+    except RedisError:
+        log.warning("USSD sessions of an erased member not cleared: Redis unavailable; they expire within "
+                    "SESSION_TTL (300 s)", extra={"member_id": member.id, "cooperative_id": member.cooperative_id})
 
 
 async def _forget_number(ctx: Ctx, member: Member, index: str) -> None:

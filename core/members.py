@@ -22,6 +22,7 @@ from core.models import (
     AuditEvent,
     Cooperative,
     Member,
+    OutboxJob,
     Payment,
     PhoneOptOut,
     Refund,
@@ -608,11 +609,31 @@ async def _erase_messages(session: AsyncSession, hers: _Hers, *, actor: Actor) -
     of_hers = hers.rows(SmsMessage.member_id, SmsMessage.cooperative_id, SmsMessage.phone_index,
                         SmsMessage.created_at, no_cooperative=True)
     await _hold_back_queued(session, of_hers, ERASED_SMS_REASON, actor=actor)
+    await _erase_jobs_numbers(session, (await session.execute(
+        select(SmsMessage.idempotency_key).where(of_hers))).scalars().all())
     done = await session.execute(
         update(SmsMessage).where(of_hers)
         .values(phone_enc="", phone_index="", phone_masked=ERASED_MASK, body="", updated_at=utcnow())
         .execution_options(synchronize_session=False))
     return int(done.rowcount)  # type: ignore[attr-defined]
+
+
+# How many of her texts' jobs one statement reads (_erase_jobs_numbers): a bound on its IN list.
+_JOBS_AT_ONCE = 500
+
+
+async def _erase_jobs_numbers(session: AsyncSession, keys: Sequence[str]) -> None:
+    """The number her texts' outbox jobs carry (notify.sms_job's phone_enc: a keyword's reply, a text to a payer
+    who is none of the members) goes with the row's: a DONE job is kept RETENTION_OUTBOX_DONE_DAYS, a parked one
+    until replayed. Found by their unique dedupe key ("sms:" and the text's key); the rows are FAILED or sent by now,
+    so a job run again finds its text finished and sends nothing."""
+    for start in range(0, len(keys), _JOBS_AT_ONCE):
+        jobs = (await session.execute(select(OutboxJob).where(
+            OutboxJob.dedupe_key.in_([f"sms:{key}" for key in keys[start:start + _JOBS_AT_ONCE]])))).scalars().all()
+        for job in jobs:
+            if (job.payload or {}).get("phone_enc") is not None:
+                job.payload = {**job.payload, "phone_enc": None}
+    await session.flush()
 
 
 async def _erase_ussd_sessions(session: AsyncSession, hers: _Hers) -> int:

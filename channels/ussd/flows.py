@@ -898,15 +898,24 @@ async def _create(ctx: Ctx, new: NewPayment) -> tuple[Payment, bool]:
                                      payer_index=ctx.rt.cipher.blind_index(ctx.hop.phone.e164), open_like=like)
         _check_number_still_hers(context, new.member_id)
         if context.open_reference is not None:
+            # Suspended (or her cooperative) since the session chose her: the open payment's collect job sends
+            # her no prompt (core.jobs), so she is not told to approve one, but that she is not active.
+            if _not_active(context):
+                raise NotActive()
             raise OpenPayment(context.open_reference)
         try:
             return await create_payment(session, ctx.rt, new, actor=actor(ctx), context=context)
         except (BusinessRuleError, NotFound):
             # Refused after its key's payment was looked for (a copy of a confirmation that paid still finds it).
-            if (context.coop is not None and context.coop.status != "ACTIVE") or (
-                    context.member_found and context.member_status != "ACTIVE"):
+            if _not_active(context):
                 raise NotActive() from None
             raise
+
+
+def _not_active(context: PaymentContext) -> bool:
+    """Whether the member or her cooperative is no longer ACTIVE (NotActive)."""
+    return (context.coop is not None and context.coop.status != "ACTIVE") or (
+        context.member_found and context.member_status != "ACTIVE")
 
 
 async def _waiting(ctx: Ctx, reference: str) -> str:
