@@ -403,7 +403,10 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
     ptype = context.ptype
     if ptype is None:
         raise NotFound("payment type not found")
-    if who.is_tenant and body["paymentMethod"] in METHOD_OPERATOR and context.coop is not None:
+    if (who.is_tenant and body["paymentMethod"] in METHOD_OPERATOR and context.coop is not None
+            and not await payment_key_used(ctx)):
+        # (A key used already makes nothing: her retry answers her payment, made from her number then, as any
+        # replay does; another's payment or another request under it is a 409 below.)
         await _tenants_own_number(ctx, body["paymentAccount"], context.coop.country)
     due = body.get("dueDate")
     new = NewPayment(

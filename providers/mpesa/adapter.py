@@ -163,8 +163,9 @@ def is_receipt(provider_transaction_id: str | None) -> bool:
 def _plain(text: str) -> str:
     """`text` in ASCII letters, digits and single spaces: an accented letter keeps its letter ("Coopérative" ->
     "Cooperative", not "Coop rative"), anything else is a space."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    return " ".join(re.sub(r"[^A-Za-z0-9 ]", " ", ascii_text).split())
+    # Only the accents are dropped (the combining marks NFKD splits off): a dash or a guillemet is a space.
+    bare = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return " ".join(re.sub(r"[^A-Za-z0-9 ]", " ", bare).split())
 
 
 def transaction_desc(description: str) -> str:

@@ -175,3 +175,22 @@ async def test_a_replayed_refund_answers_201_marked_replayed(rt: Any, demo: dict
     assert again.status == 201 and again.headers["Idempotent-Replayed"] == "true"
     assert (await again.json())["id"] == (await first.json())["id"]
     assert len((await admin.json("GET", url, 200))["data"]) == 1
+
+
+async def test_a_tenants_replay_answers_her_payment_after_her_number_changed(
+        rt: Any, demo: dict[str, Any], admin: Any, tenant: Any) -> None:
+    """Her integration retries a payment after a lost answer: the same key and body answer 201 with her payment (seed
+    001's replay), also once her number was corrected since (NEW_SIM), when the body's number is no longer her own.
+    Before, the own-number check came first and the retry was a 400 "must be your own registered number", though
+    the payment is hers and went out from her own number then. A new payment from the old number is refused."""
+    rent, aline = demo["payment_types"]["Monthly Rent"], demo["members"][ALINE]
+    body = seed_body(rent, paymentAccount=ALINE)
+    first = await tenant.json("POST", "/v1/payments", 201, json=body)
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": "+250788000777"})
+    resp = await tenant.req("POST", "/v1/payments", json=body)
+    again = await resp.json()
+    assert resp.status == 201, again
+    assert again["id"] == first["id"] and resp.headers.get("Idempotent-Replayed") == "true"
+    await tenant.json("POST", "/v1/payments", 400, json=seed_body(rent, paymentAccount=ALINE))
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(func.count(Payment.id)))).scalar_one() == 1

@@ -223,6 +223,14 @@ def test_accented_names_keep_their_letters_in_remarks_and_description() -> None:
     assert remarks("Ré") == "Re"
 
 
+def test_a_sign_without_a_letter_in_it_is_a_space_not_dropped() -> None:
+    """A dash, a typographic apostrophe or a guillemet has no ASCII letter to keep: it is a space, as an ASCII sign
+    is, so the words around it stay apart. Dropping it (the accent's way) ran them together: "RentMarch"."""
+    assert transaction_desc("Rent\u2014March") == "Rent March"
+    assert remarks("Refund \u00abKigali\u2013Heights\u00bb") == "Refund Kigali Heights"
+    assert remarks("Aline\u2019s rent") == remarks("Aline's rent") == "Aline s rent"
+
+
 @pytest.mark.parametrize("field", ["Password", "BusinessShortCode"])
 async def test_our_passkey_or_shortcode_refused_is_our_credentials(field: str) -> None:
     """An STK push refused for its Password (base64 of our shortcode, passkey and time) or our shortcode: our
