@@ -10,6 +10,7 @@ from sqlalchemy import select
 from admin_api.common import DATETIME, iso, out, page_of, paged
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param, period_params
+from core.audit import formatted
 from core.models import AuditEvent
 from core.text import is_uuid
 
@@ -18,6 +19,10 @@ ACTORS = ("admin:<user id> (a staff login: super or cooperative admin), member:<
           "herself: on USSD, or through the API signed in with her own tenant login; channel tells which), "
           "phone:<masked number> (a number not yet a member's, USSD or SMS), apikey:<key id>, provider:<name>, "
           "system")
+
+FORMAT = ("What the act changed, in one format for every action: keys camelCase, times as the API writes them "
+          "(UTC to the second, Z), amounts integer minor units (with `currency` where the row names it); never a "
+          "secret, password hash, API key, full phone number or a member's name")
 
 AUDIT_EVENT = out(
     {
@@ -28,8 +33,8 @@ AUDIT_EVENT = out(
         "action": {"type": "string"},
         "entityType": {"type": "string"},
         "entityId": {"type": "string"},
-        "before": {"type": ["object", "null"]},
-        "after": {"type": ["object", "null"]},
+        "before": {"type": ["object", "null"], "description": FORMAT},
+        "after": {"type": ["object", "null"], "description": FORMAT},
         "at": DATETIME,
     }
 )
@@ -44,8 +49,10 @@ def present(e: AuditEvent) -> dict[str, Any]:
         "action": e.action,
         "entityType": e.entity_type,
         "entityId": e.entity_id,
-        "before": e.before,
-        "after": e.after,
+        # Rows written before the log had one format (snake_case columns, Python's isoformat times) read as the
+        # rows written since: the stored JSON is never rewritten (append-only), only shown so.
+        "before": formatted(e.before),
+        "after": formatted(e.after),
         "at": iso(e.at),
     }
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.db import row_insert, utcnow
+from core.db import iso_z, row_insert, utcnow
 from core.models import AuditEvent
 
 
@@ -28,6 +30,40 @@ class Actor:
 
 
 SYSTEM = Actor.system()
+
+# An instant as Python's isoformat wrote it (rows of state moves and some admin acts before this release:
+# `2026-12-03T14:41:39.447999+00:00`), read again to write it as the API does (iso_z).
+_INSTANT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:\d\d)")
+
+_COLUMN = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)+")
+
+
+def _key(name: str) -> str:
+    """A column's name as the API names its field: camelCase, an amount without `_minor` (audit amounts are all
+    integer minor units: `amount_minor` is `amount`, `refunded_minor` `refunded`, as hand-written rows say)."""
+    if not _COLUMN.fullmatch(name):
+        return name
+    head, *rest = name.removesuffix("_minor").split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def formatted(value: Any) -> Any:
+    """An audit row's before or after in the log's one format: keys camelCase (the API's), instants as the API
+    writes them (iso_z: UTC to the second, `Z`), amounts integer minor units with no `_minor` suffix. Applied to
+    every row written (record, core.state's moves) and, by the reader, to rows written before it was (their
+    stored JSON is never rewritten: the log is append-only); idempotent."""
+    if isinstance(value, dict):
+        return {_key(k) if isinstance(k, str) else k: formatted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [formatted(v) for v in value]
+    if isinstance(value, datetime):
+        return iso_z(value)
+    if isinstance(value, str) and _INSTANT.fullmatch(value):
+        try:
+            return iso_z(datetime.fromisoformat(value.replace("Z", "+00:00")))
+        except ValueError:
+            return value
+    return value
 
 
 async def record(
@@ -50,8 +86,8 @@ async def record(
             "action": action,
             "entity_type": entity_type,
             "entity_id": entity_id,
-            "before": before,
-            "after": after,
+            "before": formatted(before),
+            "after": formatted(after),
             "at": utcnow(),
         },
     )

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import users
-from core.audit import Actor, record
+from core.audit import Actor, formatted, record
 from core.crypto import PiiCipher
 from core.db import insert_ignore, lock_row, utcnow
 from core.errors import Conflict, NotFound, ValidationError
@@ -100,8 +100,9 @@ async def set_number_opt_out(session: AsyncSession, phone_index: str, opt_out: b
 
 
 # The audit row every STOP or START that changed a membership's flag leaves, one per membership, written alike by
-# this release (channels.sms.routes) and the one before 0016: before {"reminders_opt_out": not x}, after
-# {"reminders_opt_out": x}, channel "sms".
+# this release (channels.sms.routes) and the one before 0016: before {"remindersOptOut": not x}, after
+# {"remindersOptOut": x} (rows before the audit log's one format: "reminders_opt_out"; read through
+# core.audit.formatted), channel "sms".
 SMS_OPT_OUT_ACTION = "member.reminders_opt_out"
 
 
@@ -131,7 +132,8 @@ async def _last_word(session: AsyncSession, phone_index: str, since: datetime) -
                                  .order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(1))).first()
     if row is None:
         return None
-    return OptOutReplayed(row.phone_masked or "", bool((row.after or {}).get("reminders_opt_out")), row.at, row.id)
+    opted_out = bool(formatted(row.after or {}).get("remindersOptOut"))
+    return OptOutReplayed(row.phone_masked or "", opted_out, row.at, row.id)
 
 
 class _ReleasedMeanwhile(Exception):

@@ -43,9 +43,9 @@ import httpx
 from sqlalchemy import and_, case, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.audit import Actor, record
+from core.audit import Actor, formatted, record
 from core.crypto import PiiCipher
-from core.db import UTCDateTime, insert_ignore, iso_ms, lock_row, new_id, parse_aware, utcnow
+from core.db import UTCDateTime, insert_ignore, iso_ms, iso_z, lock_row, new_id, parse_aware, utcnow
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
 from core.http import STATUS_ONLY, not_public
 from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
@@ -495,7 +495,7 @@ async def update_endpoint(
         entity_type="webhook_endpoint",
         entity_id=endpoint.id,
         before=before,
-        after={"url": endpoint.url, "events": list(endpoint.events or []), "dropped_deliveries": dropped},
+        after={"url": endpoint.url, "events": list(endpoint.events or []), "droppedDeliveries": dropped},
         cooperative_id=cooperative_id,
     )
     return endpoint
@@ -557,7 +557,7 @@ async def enable_endpoint(
         action="webhook_endpoint.enabled",
         entity_type="webhook_endpoint",
         entity_id=endpoint.id,
-        after={"status": "ACTIVE", "resumed_deliveries": resumed},
+        after={"status": "ACTIVE", "resumedDeliveries": resumed},
         cooperative_id=cooperative_id,
     )
     return endpoint
@@ -600,7 +600,7 @@ async def delete_endpoint(
         entity_type="webhook_endpoint",
         entity_id=endpoint.id,
         before={"status": before},
-        after={"status": "DISABLED", "reason": REASON_DELETED, "dropped_deliveries": dropped},
+        after={"status": "DISABLED", "reason": REASON_DELETED, "droppedDeliveries": dropped},
         cooperative_id=cooperative_id,
     )
     return endpoint
@@ -652,9 +652,9 @@ async def rotate_secret(
         entity_type="webhook_endpoint",
         entity_id=endpoint.id,
         after={
-            "previous_secret_valid_until": kept[0]["expires_at"] if kept else None,
-            "previous_secrets_valid_until": [entry["expires_at"] for entry in kept],
-            "overlap_seconds": int(overlap.total_seconds()),
+            "previousSecretValidUntil": kept[0]["expires_at"] if kept else None,
+            "previousSecretsValidUntil": [entry["expires_at"] for entry in kept],
+            "overlapSeconds": int(overlap.total_seconds()),
         },
         cooperative_id=cooperative_id,
     )
@@ -707,7 +707,7 @@ async def disabled_for_failures(session: AsyncSession, endpoint_id: str) -> bool
     after = row.after if isinstance(row.after, dict) else {}
     if "reason" in after:
         return bool(after["reason"] == REASON_FAILURES)
-    return bool(row.actor == "system" and "consecutive_failures" in after)
+    return bool(row.actor == "system" and "consecutiveFailures" in formatted(after))
 
 
 async def _resume_held(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
@@ -1070,11 +1070,11 @@ async def reopen_for_replay(session: AsyncSession, job: OutboxJob, *, actor: Act
         entity_type="webhook_delivery",
         entity_id=delivery.id,
         before={"status": before},
-        after={"status": "PENDING", "job_id": job.id},
+        after={"status": "PENDING", "jobId": job.id},
         cooperative_id=delivery.cooperative_id,
     )
     log.info("parked webhook delivery replayed", extra={"endpoint_id": delivery.endpoint_id,
-                                                         "event_id": delivery.event_id, "job_id": job.id})
+                                                         "event_id": delivery.event_id, "jobId": job.id})
 
 
 def _client(rt: Runtime) -> httpx.AsyncClient:
@@ -1108,7 +1108,7 @@ async def _retries_from(rt: Runtime, delivery: WebhookDelivery, job: Job) -> dat
             AuditEvent.at > start))).all()
     moments.extend(
         at for action, at, after in events
-        if action == REPLAYED or (isinstance(after, dict) and after.get("resumed_deliveries"))
+        if action == REPLAYED or (isinstance(after, dict) and formatted(after).get("resumedDeliveries"))
     )
     return max(moments)
 
@@ -1198,8 +1198,8 @@ async def _disable(
         after={
             "status": "DISABLED",
             "reason": REASON_FAILURES,
-            "consecutive_failures": failures,
-            "failing_since": failing_since.isoformat(),
+            "consecutiveFailures": failures,
+            "failingSince": iso_z(failing_since),
         },
         cooperative_id=cooperative_id,
     )

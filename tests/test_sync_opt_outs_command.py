@@ -132,7 +132,7 @@ async def test_this_releases_own_stop_and_start_replayed_change_nothing(rt, demo
     async with rt.sessionmaker() as s:
         rows = (await s.execute(select(AuditEvent.after).where(AuditEvent.action == SMS_OPT_OUT_ACTION)
                                 .order_by(AuditEvent.id))).scalars().all()
-    assert rows == [{"reminders_opt_out": True}, {"reminders_opt_out": True}, {"reminders_opt_out": False}]
+    assert rows == [{"remindersOptOut": True}, {"remindersOptOut": True}, {"remindersOptOut": False}]
     assert await replay_opt_outs(rt.sessionmaker, since) == []
     assert await _opted_out(rt) == {rt.cipher.blind_index(ALINE)}
 

@@ -441,8 +441,8 @@ async def inbound(request: web.Request) -> web.Response:
                         action="member.reminders_opt_out",
                         entity_type="member",
                         entity_id=member.id,
-                        before={"reminders_opt_out": not opt_out},
-                        after={"reminders_opt_out": opt_out},
+                        before={"remindersOptOut": not opt_out},
+                        after={"remindersOptOut": opt_out},
                         cooperative_id=member.cooperative_id,
                     )
             reply = ("opted_out" if opt_out else "opted_in", {}, None)

@@ -16,7 +16,7 @@ from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.util import identity_key
 
 from core import pgraw
-from core.audit import Actor, record
+from core.audit import Actor, formatted, record
 from core.db import table_of, utcnow
 from core.errors import BusinessRuleError, Conflict
 from core.models import AuditEvent
@@ -119,6 +119,7 @@ async def transition(
     await session.connection()
     changes, before, after, action = _describe(machine, source, target, values, audit)
     before.update(was or {})
+    before, after = formatted(before), formatted(after)  # the log's one format (core.audit.formatted)
     sync = session.sync_session
     if sync.autoflush and (sync.new or sync.dirty or sync.deleted):
         await session.flush()  # what the ORM UPDATE's autoflush did: pending changes go first

@@ -101,8 +101,8 @@ async def test_every_reply_to_a_members_number_is_in_her_messages(
     events = (await admin.json("GET", f"/v1/audit-events?entityType=member&entityId={aline}"
                                "&action=member.reminders_opt_out", 200))["data"]
     assert [(e["before"], e["after"]) for e in events] == [
-        ({"reminders_opt_out": True}, {"reminders_opt_out": False}),
-        ({"reminders_opt_out": False}, {"reminders_opt_out": True})]
+        ({"remindersOptOut": True}, {"remindersOptOut": False}),
+        ({"remindersOptOut": False}, {"remindersOptOut": True})]
     assert {e["actor"] for e in events} == {"phone:+25078****001"}
 
 

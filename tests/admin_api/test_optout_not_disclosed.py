@@ -108,7 +108,7 @@ async def test_a_stop_sent_as_this_cooperatives_member_shows_here(rt: Any, clien
     await inbound(client, BEA, "STOP", "in-stop-2")
     assert await _flags(rt, [made["id"]]) == {made["id"]: True}
     events = await admin.json("GET", "/v1/audit-events?action=member.reminders_opt_out&limit=100", 200)
-    assert [(e["entityId"], e["after"]) for e in events["data"]] == [(made["id"], {"reminders_opt_out": True})]
+    assert [(e["entityId"], e["after"]) for e in events["data"]] == [(made["id"], {"remindersOptOut": True})]
     await inbound(client, BEA, "START", "in-start")
     assert await _flags(rt, [made["id"], coop_b["member_id"]]) == {made["id"]: False, coop_b["member_id"]: False}
 

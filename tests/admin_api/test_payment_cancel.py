@@ -103,8 +103,8 @@ async def test_cancelled_before_its_collect_job_ran_nothing_reaches_mtn(
         # One row: the move's, by the admin, with her note whole.
         assert audit.actor.startswith("admin:") and audit.cooperative_id == demo["cooperative_id"]
         assert audit.before == {"status": "PENDING"}
-        assert {k: audit.after[k] for k in ("status", "failure_reason", "note")} == {
-            "status": "CANCELLED", "failure_reason": f"cancelled by the cooperative: {NOTE}", "note": NOTE}
+        assert {k: audit.after[k] for k in ("status", "failureReason", "note")} == {
+            "status": "CANCELLED", "failureReason": f"cancelled by the cooperative: {NOTE}", "note": NOTE}
         assert stored is not None and stored.status == "CANCELLED"
         # The member is told, in her SMS, that her cooperative cancelled it (not that she declined it).
         assert sms.member_id == demo["members"][MEMBER] and sms.language == "rw"

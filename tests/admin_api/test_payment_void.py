@@ -96,7 +96,7 @@ async def test_a_recording_in_error_is_voided_then_the_right_line_recorded(rt: A
     assert audit.before == {"status": "COMPLETED", "collected": 50000, "providerTransactionId": TXN,
                             "completedAt": wrong["completedAt"]}
     after = audit.after or {}
-    assert (after["status"], after["collected_minor"], after["provider_transaction_id"], after["note"],
+    assert (after["status"], after["collected"], after["providerTransactionId"], after["note"],
             after["recordedBy"]) == ("VOIDED", 0, None, NOTE, "payment.recorded")
     # The cooperative's system is told; nobody is texted (she paid nothing through us).
     webhooks = await _jobs(rt, "webhook.event")

@@ -80,7 +80,7 @@ async def test_events_and_url_change_keeping_the_secret_audited(admin, superadmi
         "webhook_endpoint", created["id"], demo["cooperative_id"])
     assert first.before == {"url": URL, "events": ["payment.completed", "refund.completed"]}
     assert first.after == {"url": f"https://{DOMAIN}/hooks/v2", "events": ["payment.failed", "refund.failed"],
-                           "dropped_deliveries": 0}
+                           "droppedDeliveries": 0}
     assert second.before["events"] == ["payment.failed", "refund.failed"]
     assert second.after["events"] == ["dispute.opened"]
     assert third.actor.startswith("admin:") and third.actor != first.actor  # the super admin's own row
@@ -175,7 +175,7 @@ async def test_an_event_taken_off_is_given_up_and_the_new_url_gets_the_next_deli
     assert changed["consecutiveFailures"] == 0  # the old URL's failures are not the new one's
     assert await _statuses(rt) == {"evt_paid": "FAILED", "evt_refund": "PENDING"}
     [audit] = await _updates(rt)
-    assert audit.after["dropped_deliveries"] == 1
+    assert audit.after["droppedDeliveries"] == 1
 
     await emit(rt, coop, "payment.completed", "evt_paid_after")  # no longer asked for: not recorded
     await emit(rt, coop, "refund.completed", "evt_refund_after")

@@ -89,7 +89,7 @@ async def test_rotation_signs_pending_and_new_deliveries_with_both_secrets(
         [audit] = (await session.execute(select(AuditEvent).where(
             AuditEvent.action == "webhook_endpoint.secret_rotated"))).scalars().all()
     assert (audit.entity_id, audit.cooperative_id) == (endpoint.id, coop)
-    assert audit.after["overlap_seconds"] == 24 * 3600
+    assert audit.after["overlapSeconds"] == 24 * 3600
     assert new not in str(audit.after) and old not in str(audit.after)
 
     # The pending retry goes out now, signed with the new secret and the old one.
@@ -203,7 +203,7 @@ async def test_rotating_twice_within_an_overlap_keeps_the_original_secret_signin
     async with rt.sessionmaker() as session:
         audits = (await session.execute(select(AuditEvent).where(
             AuditEvent.action == "webhook_endpoint.secret_rotated").order_by(AuditEvent.at))).scalars().all()
-    assert [len(a.after["previous_secrets_valid_until"]) for a in audits] == [1, 2]
+    assert [len(a.after["previousSecretsValidUntil"]) for a in audits] == [1, 2]
 
     await emit(rt, coop, event_id="evt_after_two")
     await drain(worker)

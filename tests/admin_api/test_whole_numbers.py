@@ -49,7 +49,7 @@ async def test_a_due_day_written_whole_with_a_fraction_or_exponent_is_that_day(
                 for i in (made["id"], rent)] == [day, day]
         after = (await s.execute(select(AuditEvent.after).where(
             AuditEvent.entity_id == rent, AuditEvent.action == "payment_type.updated"))).scalar_one()
-    assert type(after["due_day"]) is int and after["due_day"] == day  # the audit row's too, never 5.0
+    assert type(after["dueDay"]) is int and after["dueDay"] == day  # the audit row's too, never 5.0
     listed = await admin.json("GET", f"/v1/payment-types/{rent}", 200)
     assert type(listed["dueDay"]) is int and listed["dueDay"] == day
 

@@ -83,7 +83,7 @@ async def test_stop_holds_when_the_reply_rate_limit_cannot_be_checked(
             await session.execute(select(AuditEvent).where(AuditEvent.action == "member.reminders_opt_out"))
         ).scalars().all()
     assert member.reminders_opt_out is True
-    assert [(a.entity_id, a.after) for a in audits] == [(member.id, {"reminders_opt_out": True})]
+    assert [(a.entity_id, a.after) for a in audits] == [(member.id, {"remindersOptOut": True})]
     # The reply is what is skipped.
     assert await jobs_of(rt, "sms.send") == []
     # START the same way.
