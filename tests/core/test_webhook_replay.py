@@ -66,7 +66,7 @@ async def test_a_replayed_parked_delivery_is_sent_once(
     [audit] = await _replays(rt)
     assert (audit.entity_type, audit.entity_id, audit.cooperative_id) == (
         "webhook_delivery", delivery.id, demo["cooperative_id"])
-    assert (audit.before, audit.after) == ({"status": "FAILED"}, {"status": "PENDING", "job_id": int(job_id)})
+    assert (audit.before, audit.after) == ({"status": "FAILED"}, {"status": "PENDING", "jobId": int(job_id)})
 
     await drain(worker)
     assert len(hook.requests) == 2
