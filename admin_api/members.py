@@ -18,6 +18,7 @@ from admin_api.errors import ApiError
 from admin_api.routing import Ctx, Route, end_sessions
 from admin_api.validation import LIMIT, PAGE, Param, read_body
 from channels.ussd.jobs import queue_forget_phone
+from channels.ussd.records import LONGEST_SESSION
 from channels.ussd.sessions import SESSION_TTL, forget_phone, phone_keys, session_key
 from core import auth
 from core import members as service
@@ -284,9 +285,10 @@ async def erase_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 async def _recent_sessions(ctx: Ctx, member: Member, index: str | None) -> list[str]:
-    """The Redis keys of the member's USSD sessions that may still be there (opened within SESSION_TTL): their
-    saved state holds what she typed and was shown (her name as she registered, her payments)."""
-    since = utcnow() - timedelta(seconds=SESSION_TTL)
+    """The Redis keys of the member's USSD sessions that may still be there: their saved state holds what she typed
+    and was shown (her name as she registered, her payments). A state lives SESSION_TTL after its last hop, which
+    comes up to LONGEST_SESSION after the session opened (its row's started_at)."""
+    since = utcnow() - LONGEST_SESSION - timedelta(seconds=SESSION_TTL)
     hers = UssdSession.member_id == member.id
     if index is not None:
         hers = or_(hers, UssdSession.phone_index == index)

@@ -30,6 +30,7 @@ from core.models import (
     UssdSession,
 )
 from core.notify import SMS_PHONE_CONTEXT, send_sms
+from core.outbox import SMS_KIND
 from core.phone import Phone
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN_VALUES as OPEN_PAYMENT_VALUES
@@ -612,7 +613,7 @@ async def _erase_messages(session: AsyncSession, hers: _Hers, *, actor: Actor) -
                         SmsMessage.created_at, no_cooperative=True)
     await _hold_back_queued(session, of_hers, ERASED_SMS_REASON, actor=actor)
     await _erase_jobs_numbers(session, (await session.execute(
-        select(SmsMessage.idempotency_key).where(of_hers))).scalars().all())
+        select(SmsMessage.idempotency_key).where(of_hers))).scalars().all(), hers.member_id)
     done = await session.execute(
         update(SmsMessage).where(of_hers)
         .values(phone_enc="", phone_index="", phone_masked=ERASED_MASK, body="", updated_at=utcnow())
@@ -624,17 +625,23 @@ async def _erase_messages(session: AsyncSession, hers: _Hers, *, actor: Actor) -
 _JOBS_AT_ONCE = 500
 
 
-async def _erase_jobs_numbers(session: AsyncSession, keys: Sequence[str]) -> None:
+async def _erase_jobs_numbers(session: AsyncSession, keys: Sequence[str], member_id: str) -> None:
     """The number her texts' outbox jobs carry (notify.sms_job's phone_enc: a keyword's reply, a text to a payer
     who is none of the members) goes with the row's: a DONE job is kept RETENTION_OUTBOX_DONE_DAYS, a parked one
     until replayed. Found by their unique dedupe key ("sms:" and the text's key); the rows are FAILED or sent by now,
-    so a job run again finds its text finished and sends nothing."""
+    so a job run again finds its text finished and sends nothing. A job of hers that has stored no row yet (not
+    run: the worker behind, the send rate reached) is found by her id: without the number it is built for hers,
+    released, and nothing is stored or sent (PhoneReleased)."""
+    waiting = select(OutboxJob).where(OutboxJob.kind == SMS_KIND,
+                                      OutboxJob.status.in_(("PENDING", "RUNNING", "PARKED")),
+                                      OutboxJob.payload["member_id"].as_string() == member_id)
+    found = [*(await session.execute(waiting)).scalars().all()]
     for start in range(0, len(keys), _JOBS_AT_ONCE):
-        jobs = (await session.execute(select(OutboxJob).where(
+        found += (await session.execute(select(OutboxJob).where(
             OutboxJob.dedupe_key.in_([f"sms:{key}" for key in keys[start:start + _JOBS_AT_ONCE]])))).scalars().all()
-        for job in jobs:
-            if (job.payload or {}).get("phone_enc") is not None:
-                job.payload = {**job.payload, "phone_enc": None}
+    for job in found:
+        if (job.payload or {}).get("phone_enc") is not None:
+            job.payload = {**job.payload, "phone_enc": None}
     await session.flush()
 
 

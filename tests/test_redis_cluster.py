@@ -302,3 +302,22 @@ def test_the_test_cluster_starts_on_other_ports_when_one_is_taken_meanwhile(monk
                 assert probe.connect_ex(("127.0.0.1", port)) != 0, port
     finally:
         taken.close()
+
+
+async def test_an_erasure_deletes_her_sessions_held_by_several_nodes(client: Any, rt: Any, demo: Any,
+                                                                     cluster: Cluster) -> None:
+    """Her recent sessions' keys (admin_api.members._forget_sessions) are of several slots: deleted in one call,
+    which the cluster client splits by slot (no CROSSSLOT), on each node that holds one."""
+    phones = [AtPhone(client, EN_MTN) for _ in range(8)]
+    for phone in phones:
+        assert (await phone.dial()).startswith("CON ")
+    keys = [sessions.session_key("africastalking", phone.session_id) for phone in phones]
+    assert len({cluster.port_of(key) for key in keys}) > 1
+    assert all(cluster.held_by(cluster.port_of(key), key) is not None for key in keys)
+    resp = await client.post("/v1/auth/token", json={"username": demo["admin"][0], "password": demo["admin"][1]})
+    headers = {"Authorization": f"Bearer {(await resp.json())['accessToken']}"}
+    member = demo["members"][EN_MTN]
+    assert (await client.delete(f"/v1/members/{member}", headers=headers)).status == 200
+    erased = await client.post(f"/v1/members/{member}/erase", headers=headers)
+    assert erased.status == 200, await erased.text()
+    assert [key for key in keys if cluster.held_by(cluster.port_of(key), key) is not None] == []

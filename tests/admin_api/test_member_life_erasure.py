@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from core.models import OutboxJob
+from core.db import utcnow
+from core.models import OutboxJob, SmsMessage, UssdSession
 from tests.admin_api.conftest import Caller
 from tests.channels.sms.helpers import start_simulator
 from tests.channels.ussd.helpers import AtPhone
@@ -60,3 +62,42 @@ async def test_her_recent_ussd_sessions_in_redis_go_with_the_erasure(
     left = {key: await rt.redis.get(key) for key in await rt.redis.keys("ussd:*")}
     assert not [key for key, value in left.items() if value and NAME.encode() in value], left
     assert any(other.session_id.encode() in key for key in left), left
+
+
+async def test_a_keyword_reply_not_yet_sent_when_she_is_erased_is_not_sent_nor_stored_with_her_number(
+        rt: Any, client: Any, admin: Caller, demo: Any, worker: Any, aiohttp_server: Any) -> None:
+    """Her reply's job had not run yet (the worker behind, the send rate reached): no SMS row of it to erase, and
+    its payload held her number. Run after the erasure, it stored a new row with her number and text, and sent."""
+    _, sim = await start_simulator(aiohttp_server, rt)
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    texted = await client.post("/sms/africastalking/inbound", data={
+        "from": PHONE, "to": "COOPPAY", "text": "STATUS PAY_20260115_000001", "id": "in-1", "date": "2026-01-15"})
+    assert texted.status == 200
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    async with rt.sessionmaker() as s:
+        [job] = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars().all()
+    assert job.payload["phone_enc"] is None, job.payload
+    await drain(worker)
+    assert sim.requests == []
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(SmsMessage))).scalars().all() == []
+
+
+async def test_her_session_opened_over_five_minutes_ago_and_still_going_goes_with_the_erasure(
+        rt: Any, client: Any, admin: Caller, demo: Any) -> None:
+    """A session's Redis state lives SESSION_TTL after its last hop, not after its first: one opened six minutes
+    ago whose last hop was a minute ago is still there, with her name."""
+    phone = AtPhone(client, PHONE)
+    await phone.dial()
+    await phone.send("1")
+    await phone.send("khhc")
+    done = await phone.send(NAME)
+    assert done.startswith(f"END Thank you {NAME}."), done
+    async with rt.sessionmaker.begin() as s:  # opened 6 minutes ago (its hops kept its state alive)
+        await s.execute(update(UssdSession).values(started_at=utcnow() - timedelta(minutes=6)))
+    [jeanne] = (await admin.json("GET", "/v1/members?name=Mukeshimana", 200))["data"]
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    left = {key: await rt.redis.get(key) for key in await rt.redis.keys("ussd:*")}
+    assert not [key for key, value in left.items() if value and NAME.encode() in value], left
