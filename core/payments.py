@@ -104,6 +104,9 @@ class NewPayment:
     # No member named (an admin's or an API key's request, as seed 001 shapes it): the payment is the member's
     # whose registered number pays, if that member is one of the cooperative's ACTIVE members (paying_member).
     member_from_account: bool = False
+    # The balance of a fixed-amount type's period the USSD offered her (core.reminders.balance_owed: the provider
+    # took part of its price): paid as well as the price. Never from a request: an API payment states its amount.
+    balance_minor: int | None = None
 
 
 def account_context(cooperative_id: str) -> str:
@@ -379,7 +382,7 @@ def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeF
     if taken:
         return NotFound("member not found", field="member") if new.member_id is not None and not context.member_found \
             else None
-    if amount.minor != ptype.amount_minor and not ptype.allow_custom_amount:
+    if amount.minor not in (ptype.amount_minor, new.balance_minor) and not ptype.allow_custom_amount:
         return ValidationError(f"{ptype.name} costs {Money(ptype.amount_minor, ptype.currency)}; "
                                "this payment type does not accept another amount", field="amount")
     if not ptype.is_active:

@@ -25,6 +25,10 @@ members in the evening. Each reminder is checked again when its turn comes: one 
 payment of it open), sent STOP or been suspended since the scan, whose payment type was deactivated, no longer
 falls due on the reminder's date or its cooperative suspended since, whose due date was reminded by another
 reminder meanwhile, or still queued at SEND_UNTIL_LOCAL, is not sent.
+
+A fixed amount the provider took only part of in the period (or partly refunded) is owed its balance: the reminder
+states it beside the price (reminder_balance), and the USSD offers and charges it when she picks the type
+(balance_owed, for the period a payment made then pays: current_period). An API payment states its own amount.
 """
 
 from __future__ import annotations
@@ -551,6 +555,60 @@ async def why_not_send(conn: AsyncConnection, payload: dict[str, Any]) -> str | 
     if state.sent:
         return "reminded"
     return None
+
+
+def current_period(ptype: Any, now: datetime, zone: tzinfo) -> tuple[date, PaidFor] | None:
+    """(due date, PaidFor) of the period a payment made at `now` naming no due date pays of a recurring type (its
+    columns as due_dates reads them), None for a type that is not: the next due date's once past the midpoint
+    before it (paid early: the reminders remind of that one then), else the last one's (paid late)."""
+    window = due_dates(ptype, now.astimezone(zone).date(), zone)
+    if window is None:
+        return None
+    period = PaidFor.of(*window, zone)
+    if now > period.since:
+        return window[1], period
+    previous = due_dates(ptype, window[0], zone)
+    if previous is None or previous[1] != window[0]:  # the type's first due date: there was no period before
+        return window[1], period
+    return window[0], PaidFor.of(*previous, zone)
+
+
+def _paid_in_period(statuses: tuple[str, ...]) -> Any:
+    return and_(_PAYMENT.c.member_id == bindparam("m"), _PAYMENT.c.payment_type_id == bindparam("t"),
+                _PAYMENT.c.status.in_(statuses),
+                paid_clause(_PAYMENT, _SINCE, bindparam("due_from", type_=UTCDateTime()),
+                            bindparam("due_until", type_=UTCDateTime()), bindparam("named", type_=UTCDateTime())))
+
+
+# The money a member's payments of a type keep in its currency for one period (as the scan and why_not_send count it).
+_PERIOD_KEPT = select(_period_money(_paid_in_period, bindparam("currency"))[1])
+
+
+async def balance_owed(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, due: date,
+                       period: PaidFor) -> int | None:
+    """What the member still owes of a fixed-amount type (`ptype`: its id, currency, amount_minor and
+    allow_custom_amount) for the period ending on `due`, when its payments kept part of the price but not all of it
+    (the provider took less, or part was refunded); None otherwise: a type whose member chooses the amount, a
+    period paid in full, or one nothing was kept of (its price is owed, said as it always was). One query."""
+    owed = amount_owed(ptype.allow_custom_amount, ptype.amount_minor)
+    if owed is None:
+        return None
+    kept = (await conn.execute(_PERIOD_KEPT, {
+        "m": member_id, "t": ptype.id, "currency": ptype.currency, "since": period.since,
+        "due_from": period.due_from, "due_until": period.due_until, "named": utc_midnight(due)})).scalar_one()
+    kept = int(kept)  # PostgreSQL sums integers as numeric
+    return owed - kept if 0 < kept < owed else None
+
+
+async def reminder_balance(conn: AsyncConnection | AsyncSession, payload: dict[str, Any], ptype: Any) -> int | None:
+    """balance_owed for a queued reminder (an 'sms.send' job's payload) of `ptype`: of the period its scan read
+    (paid_since, due_from, due_until). None for one queued by a release before PaidFor: its price, as then."""
+    context = payload.get("context") or {}
+    due = _day(context.get("due_date"))
+    since, due_from, due_until = (parse_aware(payload.get(name)) for name in ("paid_since", "due_from", "due_until"))
+    if due is None or since is None or due_from is None or due_until is None or not payload.get("member_id"):
+        return None
+    return await balance_owed(conn, payload["member_id"], ptype, due, PaidFor(since, due_from, due_until))
 
 
 def _scan_time(day: date) -> datetime:

@@ -21,6 +21,7 @@ from core.notify import SMS_PHONE_CONTEXT
 from core.payments import collected_amount
 from core.phone import Phone
 from core.refunds import BY_A_PERSON
+from core.reminders import reminder_balance
 from core.state.payment import PaymentStatus, shown_status
 from providers.mpesa.adapter import is_receipt
 
@@ -76,6 +77,9 @@ def reason_key(reason: str | None) -> str:
         # M-Pesa's 1001: another prompt still open on her phone. Before "service" (its words say "M-Pesa service
         # busy") and "cancel": nothing is wrong with the service, and she finishes or cancels that one, then pays.
         ("other_transaction", ("already in process", "in process on the payer", "lock subscriber")),
+        # IremboPay's FAILED invoice (providers.irembopay.adapter.FAILED_REASON): declined or not approved, it does not
+        # say which; before "declined", whose words it holds.
+        ("declined_or_not_approved", ("declined or not approved",)),
         ("insufficient_funds", ("insufficient", "not enough", "enough money", "balance", "funds")),
         ("wrong_pin", ("wrong pin", "invalid pin", "incorrect pin", "wrong m-pesa pin")),
         ("declined", ("declin", "reject", "cancel", "refus")),
@@ -290,9 +294,15 @@ async def build_message(
         due_text = date.fromisoformat(str(due)[:10]).strftime(DAY_FORMAT) if due else "-"
         # A type the member pays what she chooses (a savings contribution): no "0 RWF" to pay.
         free = ptype.allow_custom_amount and not ptype.amount_minor
+        price = catalog.ANY_AMOUNT if free else Money(ptype.amount_minor, ptype.currency).format(language)
+        # A fixed amount the provider took only part of this period (or partly refunded): the balance, beside the
+        # price ("balance 20,000 RWF of 50,000 RWF"), as the USSD then offers it; the price again overpaid.
+        balance = None if free else await reminder_balance(session, payload, ptype)
+        if balance is not None:
+            price = catalog.BALANCE.format(balance=Money(balance, ptype.currency).format(language), amount=price)
         values.update(
             type=ptype.name,
-            amount=catalog.ANY_AMOUNT if free else Money(ptype.amount_minor, ptype.currency).format(language),
+            amount=price,
             coop=coop.name,
             due=due_text,
             dial=dial_code(code_of(service_code, coop.ussd_aggregator), coop.ussd_extension),

@@ -30,6 +30,15 @@ class Invalid(Exception):
         self.args_ = args
 
 
+class Ended(Exception):
+    """Raised by a flow: the session ends on this End screen, a refusal the flow can name truthfully (rather than
+    the generic "try again later" a DomainError ends on)."""
+
+    def __init__(self, screen: str, message: str = "") -> None:
+        super().__init__(message or screen)
+        self.screen = screen
+
+
 @dataclass
 class State:
     """Everything a session remembers between hops; serialised compactly by the session store."""
@@ -195,10 +204,12 @@ def cut_name(name: str, size: int) -> str:
     return name[:max(size - len(CUT), 1)].rstrip(" ,;:-/(") + CUT
 
 
-def fit_names(ctx: Ctx, msgid: str, room: int, args: dict[str, Any], then: tuple[str, ...] = ()) -> str | None:
+def fit_names(ctx: Ctx, msgid: str, room: int, args: dict[str, Any], then: tuple[str, ...] = (),
+              *, or_cut: bool = False) -> str | None:
     """The message within `room` septets, its free-text names (a payment type's, a cooperative's, a person's)
     shortened as far as MIN_NAME characters if need be, then the arguments `then` names, in their order; None
-    when even that does not fit. The common case, a message that fits, costs one translation."""
+    when even that does not fit (`or_cut`: that shortest text cut at its end, so what comes first stays whole). The
+    common case, a message that fits, costs one translation."""
     text = ctx.t_fit(msgid, room, **args)
     if gsm.length(text) <= room:
         return text
@@ -217,7 +228,9 @@ def fit_names(ctx: Ctx, msgid: str, room: int, args: dict[str, Any], then: tuple
                 sizes[key] = min(sizes[key], level)
             cut = {k: cutters[k](sizes[k]) if k in cutters else cut_name(v, sizes[k]) for k, v in full.items()}
             text = ctx.t_fit(msgid, room, **{**args, **cut})
-    return text if gsm.length(text) <= room else None
+    if gsm.length(text) <= room:
+        return text
+    return fit(text, room) if or_cut else None
 
 
 def _title(ctx: Ctx, msgid: str, room: int, args: dict[str, Any]) -> str:
@@ -302,6 +315,9 @@ class Engine:
             return await self.show(ctx, await self._dispatch(ctx, screen, key))
         except Invalid as bad:
             return await self.render(ctx, error=ctx.t(bad.msgid or "error.invalid_choice", **bad.args_))
+        except Ended as end:
+            log.info("ussd flow ended", extra={"screen": screen.id, "error": str(end)})
+            return await self.show(ctx, end.screen)
         except DomainError as exc:
             log.info("ussd flow refused", extra={"screen": screen.id, "error": exc.message})
             return await self.show(ctx, "failed") if "failed" in self.screens else UssdReply(
@@ -359,7 +375,9 @@ class Engine:
             summary = fit_names(ctx, screen.body, room - gsm.length(error) - 1, args) if error else None
             if summary is None:
                 error = None
-                summary = fit_names(ctx, screen.body, room, args) or fit(ctx.t_fit(screen.body, room, **args), room)
+                # Still too long with its names at their shortest (a balance beside a long name on a 120-character
+                # screen): cut at its end, what is paid and the reference first stay whole.
+                summary = fit_names(ctx, screen.body, room, args, or_cut=True) or ""
             return self._page(ctx, summary, entries, error)
         if screen.items is None:
             return self._static_menu(ctx, screen, args, error)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import calendar
 import re
 from dataclasses import dataclass, replace
+from datetime import datetime
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from channels.ussd import cache, funnel, records, sessions
-from channels.ussd.engine import LINE, MIN_NAME, Ctx, Invalid, Item, Name, cut_name, fit_names
+from channels.ussd.engine import LINE, MIN_NAME, Ctx, Ended, Invalid, Item, Name, cut_name, fit_names
 from channels.ussd.i18n import LANGUAGES
 from channels.ussd.types import side_effect_started
 from core.audit import Actor
@@ -39,6 +40,9 @@ REASONS = ("CHARGED_NOT_RECORDED", "WRONG_AMOUNT", "NOT_AUTHORISED", "OTHER")
 MAX_AMOUNT = {"RWF": 5_000_000, "UGX": 5_000_000, "TZS": 5_000_000, "KES": 250_000, "GHS": 10_000,
               "ZMW": 50_000}
 DEFAULT_MAX = 1_000_000
+# The smallest screen whose confirmation has room for a balance and the price beside it ("20,000 RWF (balance of
+# 50,000 RWF)") with the reference, fee and method whole; a smaller one (Nalo's 120) says "20,000 RWF (balance)".
+BALANCE_WITH_PRICE = 160
 _NAME = re.compile(r"^[^\W\d_](?:[^\W\d_]|[ '.-]){1,59}$")
 _DSP_REF = re.compile(r"DSP_\w+")
 # An amount in a currency with cents as typed on a keypad: whole units, then "." or "," and the cents (ASCII digits
@@ -86,6 +90,10 @@ class TypeRow:
     currency: str
     due_day: int | None
     allow_custom_amount: bool
+    # When it falls due (core.reminders.due_dates): the period whose balance a fixed amount left part-paid owes.
+    is_recurring: bool = False
+    recurring_interval: str | None = None
+    created_at: datetime | None = None
 
 
 _COOP_COLUMNS = (Cooperative.id, Cooperative.name, Cooperative.country, Cooperative.contact_phone,
@@ -94,7 +102,8 @@ _COOP_COLUMNS = (Cooperative.id, Cooperative.name, Cooperative.country, Cooperat
 _MEMBERSHIP_COLUMNS = (*_COOP_COLUMNS, Member.updated_at.label("member_updated"))
 _COOP_BY_ID = select(*_COOP_COLUMNS).where(Cooperative.id == bindparam("coop_id"))
 _TYPES = (select(PaymentType.id, PaymentType.name, PaymentType.amount_minor, PaymentType.currency,
-                 PaymentType.due_day, PaymentType.allow_custom_amount)
+                 PaymentType.due_day, PaymentType.allow_custom_amount, PaymentType.is_recurring,
+                 PaymentType.recurring_interval, PaymentType.created_at)
           .where(PaymentType.cooperative_id == bindparam("coop_id"), PaymentType.is_active.is_(True))
           .order_by(PaymentType.name, PaymentType.id))
 
@@ -248,11 +257,12 @@ async def cooperative(ctx: Ctx, coop_id: str) -> CoopRow | None:
 
 
 async def cooperative_by_code(conn: Any, code: str) -> CoopRow | None:
-    """The active cooperative whose short code the member typed, in any case (at most one: codes are unique
-    whatever their case, so no other cooperative's members are taken in). A read, not a side effect."""
+    """The cooperative whose short code the member typed, in any case (at most one: codes are unique whatever
+    their case, so no other cooperative's members are taken in), active or not (code_entered tells a suspended
+    one apart: its code exists). A read, not a side effect."""
     from core.cooperatives import code_is
 
-    row = (await conn.execute(select(*_COOP_COLUMNS).where(code_is(code), Cooperative.status == "ACTIVE"))).first()
+    row = (await conn.execute(select(*_COOP_COLUMNS).where(code_is(code)))).first()
     return _coop_row(row) if row is not None else None
 
 
@@ -274,7 +284,8 @@ async def payment_types(ctx: Ctx) -> tuple[TypeRow, ...]:
             async with cache.autocommit(ctx.rt) as conn:
                 rows = await conn.execute(_TYPES, {"coop_id": coop_id})
                 types = tuple(TypeRow(r.id, r.name, r.amount_minor, r.currency, r.due_day,
-                                      bool(r.allow_custom_amount)) for r in rows)
+                                      bool(r.allow_custom_amount), bool(r.is_recurring), r.recurring_interval,
+                                      r.created_at) for r in rows)
             types_cache.put(coop_id, types)
         ctx.cache["pts"] = types
     return ctx.cache["pts"]
@@ -303,21 +314,29 @@ async def recent_payments(ctx: Ctx) -> list[tuple[Payment, str]]:
 NOT_HERS = "the member's number changed during the session: this phone no longer acts as her"
 
 
+class NotHers(Ended):
+    """The member's number is no longer the dialling phone's (NOT_HERS): the session ends saying so and to dial
+    again (a new session sees the phone as it now is), not "try again later", which cannot help whoever holds it."""
+
+    def __init__(self) -> None:
+        super().__init__("number_changed", NOT_HERS)
+
+
 async def _her_payments(ctx: Ctx, session: Any) -> list[Payment]:
-    """The chosen member's last five payments, in the caller's session, refused (BusinessRuleError) unless she
+    """The chosen member's last five payments, in the caller's session, refused (NotHers) unless she
     still has the dialling phone's number: in the same query (recent_payments_of_holder), no extra round trip.
 
     The session chose her from its first hop's memberships and keeps them (memberships()): a number corrected,
     released or erased since (the admin API) leaves the session of the old number going on as her, listing her
     payments, sending her receipts, opening disputes in her name. Refused as a confirmation is
-    (_check_number_still_hers): the session ends on the generic error.
+    (_check_number_still_hers): the session ends saying the number is no longer registered for her (NotHers).
     """
     from core.payments import recent_payments_of_holder
 
     mine = await recent_payments_of_holder(session, ctx.data["mb"], ctx.rt.cipher.blind_index(ctx.hop.phone.e164),
                                            limit=5)
     if mine is None:
-        raise BusinessRuleError(NOT_HERS, field="memberId")
+        raise NotHers()
     return mine
 
 
@@ -526,6 +545,10 @@ async def validate_code(ctx: Ctx, text: str) -> str:
 async def code_entered(ctx: Ctx, coop_id: str) -> str:
     coop = await cooperative(ctx, coop_id)
     assert coop is not None
+    if coop.status != "ACTIVE":
+        # Its code exists ("no cooperative has this code" had her try it again and again): it takes no payments
+        # or members now. No more is told (not its name, not why).
+        return "reg_suspended"
     return _registration(ctx, coop)
 
 
@@ -591,6 +614,7 @@ async def type_chosen(ctx: Ctx, type_id: str) -> str:
     if pt is None:
         raise Invalid("error.invalid_choice")
     ctx.data["cur"] = pt.currency
+    ctx.data.pop("full", None)  # another type's balance, chosen before Back
     if pt.allow_custom_amount:
         coop = await cooperative(ctx, ctx.data["c"])
         if not _number_methods(ctx, coop.country if coop else "", pt.currency):
@@ -600,7 +624,29 @@ async def type_chosen(ctx: Ctx, type_id: str) -> str:
             return "pay_no_method"
         return "pay_amount"
     ctx.data["amt"] = pt.amount_minor
+    balance = await _balance(ctx, pt)
+    if balance is not None:
+        # What is left of the period's price, not the price again (she would overpay by what was taken); the
+        # confirmation says it is the balance (data["full"]: the price).
+        ctx.data["amt"], ctx.data["full"] = balance, pt.amount_minor
     return await _method_step(ctx)
+
+
+async def _balance(ctx: Ctx, pt: TypeRow) -> int | None:
+    """The balance the member owes of a fixed-amount recurring type for the period a payment made now pays, when
+    the provider took only part of its price (or part was refunded): core.reminders.balance_owed, the balance her
+    reminder states. One query, made only when she picks such a type (none on the opening hop)."""
+    if not pt.is_recurring or pt.allow_custom_amount or not pt.amount_minor:
+        return None
+    from core.cooperatives import zone_of
+    from core.reminders import balance_owed, current_period
+
+    coop = await cooperative(ctx, ctx.data["c"])
+    period = current_period(pt, utcnow(), zone_of(coop.timezone if coop else None))
+    if period is None:
+        return None
+    async with cache.autocommit(ctx.rt) as conn:
+        return await balance_owed(conn, ctx.data["mb"], pt, *period)
 
 
 async def amount_args(ctx: Ctx) -> dict[str, Any]:
@@ -795,7 +841,12 @@ async def reserved_reference(ctx: Ctx) -> str:
 async def confirm_args(ctx: Ctx) -> dict[str, Any]:
     pt = await payment_type(ctx)
     currency = ctx.data.get("cur", "RWF")
-    return {"type": await _type_name(ctx, pt), "amount": ctx.money(Money(ctx.data["amt"], currency)),
+    amount = ctx.money(Money(ctx.data["amt"], currency))
+    if ctx.data.get("full"):  # the balance of the period (type_chosen): said so, beside the price where it fits
+        price = ctx.money(Money(ctx.data["full"], currency))
+        amount = (ctx.t("pay.balance", balance=amount, amount=price) if ctx.limit >= BALANCE_WITH_PRICE
+                  else ctx.t("pay.balance.short", balance=amount))
+    return {"type": await _type_name(ctx, pt), "amount": amount,
             "fee": ctx.money(Money(0, currency)), "method": ctx.t(f"method.{ctx.data['mt']}"),
             "ref": await reserved_reference(ctx)}
 
@@ -822,7 +873,7 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
         cooperative_id=ctx.data["c"], payment_type_id=ctx.data["pt"], method=ctx.data["mt"],
         account=turn.phone.e164, idempotency_key=f"ussd:{turn.aggregator}:{turn.session_id}"[:128],
         channel="ussd", amount=Money(ctx.data["amt"], ctx.data["cur"]), member_id=ctx.data["mb"],
-        reference=reference,
+        reference=reference, balance_minor=ctx.data["amt"] if ctx.data.get("full") else None,
     )
     side_effect_started()
     try:
@@ -988,7 +1039,7 @@ def _check_number_still_hers(context: PaymentContext, member_id: str | None) -> 
     ACTIVE: create_payment refuses her anyway, with its own reason.
     """
     if context.member_status == "ACTIVE" and context.payer_id != member_id:
-        raise BusinessRuleError(NOT_HERS, field="memberId")
+        raise NotHers()
 
 
 def _earlier_payment(ctx: Ctx, payment: Payment) -> str:

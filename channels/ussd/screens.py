@@ -26,6 +26,8 @@ _SCREENS: tuple[Screen, ...] = (
     Input("reg_name", "reg.name", validate=f.validate_name, on_valid=f.name_entered, error="reg.name_invalid",
           args=f.coop_args),
     End("reg_closed", "reg.closed", args=f.coop_args),
+    # The code of a cooperative that is not active (suspended): it exists, and takes nothing now.
+    End("reg_suspended", "reg.suspended"),
     End("reg_done", "reg.done", args=f.reg_args),
     End("reg_exists", "reg.exists", args=f.coop_args),
     End("member_pending", "member.pending", args=f.coop_args),
@@ -34,6 +36,8 @@ _SCREENS: tuple[Screen, ...] = (
     End("member_not_here_office", "member.not_here_office", args=f.coop_args),  # no registration by phone there
     # Her membership or her cooperative is suspended: paying cannot work until the cooperative acts.
     End("member_inactive", "member.inactive", args=f.coop_args),
+    # Her number was changed (NEW_SIM, a typo corrected, released) while this session of the old one was open.
+    End("number_changed", "member.number_changed"),
     # Pay.
     Menu("pay_type", "pay.types", items=f.type_items, on_item=f.type_chosen),
     End("pay_none", "pay.none", args=f.coop_args),

@@ -51,6 +51,10 @@ STATUS: dict[str, ProviderOutcome] = {
     "CANCELLED": ProviderOutcome.CANCELLED,
     "FAILED": ProviderOutcome.FAILED,
 }
+# A FAILED invoice's reason: the webhook and the status carry paymentStatus only (PROTOCOLS.md), and a push's prompt
+# ends FAILED when the payer declines it or it is not approved (her PIN, her balance: IremboPay does not say which).
+# channels.sms.templates.reason_key tells her so; "payment failed" told her nothing ("not completed").
+FAILED_REASON = "declined or not approved"
 # Error code -> may the same call be sent again?
 ERRORS: dict[str, bool] = {
     "INVOICE_EXPIRED": False,  # a new invoice is needed
@@ -334,7 +338,7 @@ class IremboPayAdapter:
             except MoneyError:
                 raise self._fail("status", f"amount {data['amount']!r} is not a number") from None
         return StatusResult(outcome, amount=amount, provider_transaction_id=provider_transaction_id,
-                            reason=None if outcome is not ProviderOutcome.FAILED else "payment failed",
+                            reason=None if outcome is not ProviderOutcome.FAILED else FAILED_REASON,
                             raw=dict(data), occurred_at=_paid_at(data, outcome))
 
     async def request_refund(self, request: RefundRequest) -> CollectionAccepted:
@@ -414,7 +418,7 @@ class IremboPayAdapter:
         return ProviderEvent(
             provider=self.name, kind=EventKind.COLLECTION, event_id=event_id,
             reference=reference, outcome=outcome, amount=amount, provider_transaction_id=invoice,
-            reason="payment failed" if outcome is ProviderOutcome.FAILED else None,
+            reason=FAILED_REASON if outcome is ProviderOutcome.FAILED else None,
             needs_confirmation=False, raw=raw, occurred_at=_paid_at(data, outcome))
 
     # --- plumbing -------------------------------------------------------------------------------

@@ -79,9 +79,14 @@ DISPUTE_STATUS = {
 # A recurring type whose amount the member chooses, in a reminder's "{amount}" (as USSD says it).
 ANY_AMOUNT = "any amount"
 
+# A fixed amount the provider took only part of this period, in a reminder's "{amount}": what is left to pay,
+# and the price.
+BALANCE = "balance {balance} of {amount}"
+
 REASONS = {
     "insufficient_funds": "not enough money on the account",
     "declined": "you declined the request",
+    "declined_or_not_approved": "the request was declined or not approved",
     "cancelled_by_cooperative": "your cooperative cancelled it",
     "not_approved": "the request was not approved in time",
     "limit": "an account limit was reached",

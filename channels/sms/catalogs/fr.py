@@ -77,9 +77,12 @@ DISPUTE_STATUS = {
 # A recurring type whose amount the member chooses, in a reminder's "{amount}" (as USSD says it).
 ANY_AMOUNT = "montant libre"
 
+BALANCE = "reste {balance} sur {amount}"
+
 REASONS = {
     "insufficient_funds": "solde insuffisant",
     "declined": "vous avez refusé la demande",
+    "declined_or_not_approved": "la demande a été refusée ou n'a pas été approuvée",
     "cancelled_by_cooperative": "votre coopérative l'a annulé",
     "not_approved": "la demande n'a pas été approuvée à temps",
     "limit": "une limite du compte est atteinte",

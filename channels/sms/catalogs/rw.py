@@ -74,9 +74,12 @@ DISPUTE_STATUS = {
 # A recurring type whose amount the member chooses, in a reminder's "{amount}" (as USSD says it).
 ANY_AMOUNT = "amafaranga ushaka"
 
+BALANCE = "asigaye {balance} kuri {amount}"
+
 REASONS = {
     "insufficient_funds": "amafaranga ntahagije kuri konti",
     "declined": "wanze kwemeza",
+    "declined_or_not_approved": "ubusabe bwanzwe cyangwa ntibwemejwe",
     "cancelled_by_cooperative": "koperative yawe yabuhagaritse",
     "not_approved": "ntiwemeje ku gihe",
     "limit": "konti yageze ku rugero ntarengwa",

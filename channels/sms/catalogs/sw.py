@@ -71,9 +71,12 @@ DISPUTE_STATUS = {
 # A recurring type whose amount the member chooses, in a reminder's "{amount}" (as USSD says it).
 ANY_AMOUNT = "kiasi chochote"
 
+BALANCE = "salio {balance} kati ya {amount}"
+
 REASONS = {
     "insufficient_funds": "salio halitoshi",
     "declined": "ulikataa ombi",
+    "declined_or_not_approved": "ombi lilikataliwa au halikuthibitishwa",
     "cancelled_by_cooperative": "chama chako kimeyaghairi",
     "not_approved": "ombi halikuthibitishwa kwa wakati",
     "limit": "kikomo cha akaunti kimefikiwa",

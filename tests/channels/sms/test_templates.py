@@ -313,3 +313,16 @@ async def test_a_reminder_of_a_type_the_member_pays_what_she_chooses_asks_no_zer
     assert ANY_AMOUNT_SHOWN[language] in bodies[0] and "0 RWF" not in bodies[0], bodies[0]
     usual = "(2 000 RWF)" if language == "fr" else "(2,000 RWF)"  # French groups digits with spaces
     assert usual in bodies[1], bodies[1]  # a usual amount, even if another may be paid, is said
+
+
+@pytest.mark.parametrize("language", sorted(CATALOGS))
+def test_a_reminder_of_a_balance_fits(language: str) -> None:
+    """A fixed amount the provider took only part of is reminded as its balance and the price beside it ("balance
+    20,000 RWF of 50,000 RWF"): still GSM-7, within three parts, in every language."""
+    phrase = CATALOGS[language].BALANCE
+    assert templates._placeholders(phrase) == {"balance", "amount"}, (language, phrase)
+    values = {**WORST_CASE, "amount": phrase.format(balance="1,249,999 RWF", amount="1,250,000 RWF")}
+    body = render("payment_reminder", language, values)
+    size = measure(body)
+    assert size.encoding == GSM7, f"{language} would force UCS-2: {body!r}"
+    assert size.segments <= 3, f"{language} is {size.length} septets"

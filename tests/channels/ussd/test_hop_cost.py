@@ -38,8 +38,11 @@ async def test_a_pay_session_reads_each_thing_once(client: Any, demo: Any, db: A
     assert "Monthly Rent" in types and second == []  # memberships kept in the session, types cached
     with statements(rt) as third:
         confirm = await phone.send(option(types, "Monthly Rent"))
-    assert confirm.startswith("CON Pay Monthly Rent") and len(third) == 1, third  # the reference
-    assert "nextval" in third[0] or "reference_counters" in third[0]  # PostgreSQL or SQLite
+    # What she kept of the period's rent (a fixed amount due monthly: flows._balance, only once she picks such a
+    # type), and the reference.
+    assert confirm.startswith("CON Pay Monthly Rent") and len(third) == 2, third
+    assert "sum(" in third[0] and "payments" in third[0], third
+    assert "nextval" in third[1] or "reference_counters" in third[1]  # PostgreSQL or SQLite
     with statements(rt) as fourth:
         done = await phone.send("1")
     assert done.startswith("END Approve the prompt")

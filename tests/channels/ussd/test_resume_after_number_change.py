@@ -20,7 +20,8 @@ from tests.channels.ussd.helpers import AtPhone
 from tests.channels.ussd.test_flows_africastalking import EN_MTN, option
 
 NEW = "+250788999888"  # Jean Bosco's real number: the one she had registered (EN_MTN) was typed wrong
-REFUSED = "END Sorry, we could not complete your request. Please try again later."
+# Not "try again later", which cannot help whoever holds the phone: the number is no longer hers (NotHers).
+REFUSED = "END This number is no longer registered for this member. Please dial again."
 
 
 @pytest.fixture

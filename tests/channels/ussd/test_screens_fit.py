@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from channels.ussd.engine import Confirm, Ctx, End, Engine, Item, Menu, State, cut_name
+from channels.ussd.engine import MIN_NAME, Confirm, Ctx, End, Engine, Item, Menu, Name, State, cut_name
+from channels.ussd.flows import BALANCE_WITH_PRICE, shorts
 from channels.ussd.i18n import LANGUAGES, catalog, translate
 from channels.ussd.screens import SCREENS
 from core import gsm
@@ -225,3 +226,29 @@ async def test_the_confirmation_is_one_screen_whatever_the_name(lang: str, limit
             for whole in ("5,000 RWF", method, "PAY_20261122_001"):
                 assert whole in text, (lang, limit, whole, text)
             assert name[:6] in text, text  # the name shortened, not dropped
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("lang", LANGUAGES)
+async def test_a_balance_on_the_confirmation_is_kept_whole(lang: str, limit: int) -> None:
+    """The balance of a period part-paid (flows.type_chosen) is confirmed beside the price: both amounts, the
+    reference and both answers on one screen, a long name shortened rather than the amounts cut."""
+    method = translate(lang, "method.MOBILE_MONEY_AIRTEL")
+    # Beside the price where the screen has room for both (flows.BALANCE_WITH_PRICE), else "(balance)" alone.
+    amount = (translate(lang, "pay.balance", balance="1,249,999 RWF", amount="1,250,000 RWF")
+              if limit >= BALANCE_WITH_PRICE else translate(lang, "pay.balance.short", balance="1,249,999 RWF"))
+
+    async def args(_ctx: Ctx) -> dict[str, Any]:
+        name = "Monthly Rent - Building A, Block 3"
+        return {**sample_args(lang), "type": Name(name, lambda size: shorts([name], max(size, MIN_NAME))[0]),
+                "amount": amount, "method": method}
+
+    engine = Engine({**SCREENS, "pay_confirm": dataclasses.replace(SCREENS["pay_confirm"], args=args)})
+    for stack in ([], ["home", "pay_type"]):
+        state = State(screen="pay_confirm", stack=list(stack), lang=lang)
+        text = (await engine.render(Ctx(rt=None, turn=None, state=state, limit=limit))).text
+        assert gsm.length(text) <= limit and gsm.is_gsm(text), (lang, limit, text)
+        # The name shortened first; on the smallest screen the fee and method lines (chosen the screen before) may
+        # be cut, never the amount or the reference.
+        assert amount in text and "PAY_20261122_001" in text, (lang, limit, text)
+        assert f"1. {translate(lang, 'confirm.yes')}" in text and f"2. {translate(lang, 'confirm.no')}" in text

@@ -1,0 +1,95 @@
+"""A member whose provider took less than a fixed-amount recurring type's price is offered the balance of the
+period, not the whole price again (core.reminders.balance_owed): paying 50,000 more after 30,000 were taken
+overpaid by 30,000."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from core.db import utcnow
+from core.models import Payment, PaymentType
+from tests.channels.ussd.helpers import AtPhone
+from tests.channels.ussd.test_flows_africastalking import EN_MTN, FR_AIRTEL, RW_MTN, SW_AIRTEL, option
+
+
+async def _kept(rt: Any, demo: dict[str, Any], phone: str, *, type_name: str = "Monthly Rent",
+                collected: int | None = 30_000, amount: int = 50_000, currency: str = "RWF") -> None:
+    """A COMPLETED payment of the member's, made a minute ago, the provider having taken `collected` of it."""
+    created = utcnow() - timedelta(minutes=1)
+    async with rt.sessionmaker.begin() as s:
+        s.add(Payment(cooperative_id=demo["cooperative_id"], payment_type_id=demo["payment_types"][type_name],
+                      member_id=demo["members"][phone], reference=f"PAY_{uuid.uuid4().hex[:10]}",
+                      amount_minor=amount, currency=currency, status="COMPLETED", collected_minor=collected,
+                      method="MOBILE_MONEY_MTN", provider="mtn_momo", provider_reference=str(uuid.uuid4()),
+                      payment_account_enc="x", payment_account_index="x", payment_account_masked="+25078****002",
+                      idempotency_key=uuid.uuid4().hex, request_hash="h", channel="ussd",
+                      expires_at=created + timedelta(minutes=5), created_at=created, completed_at=created))
+
+
+async def _confirmation(client: Any, phone_number: str, type_label: str = "Monthly Rent") -> tuple[AtPhone, str]:
+    phone = AtPhone(client, phone_number)
+    await phone.dial()
+    types = await phone.send("1")
+    return phone, await phone.send(option(types, type_label))
+
+
+async def _new_payment(rt: Any, member_id: str) -> Payment:
+    async with rt.sessionmaker() as s:
+        return (await s.execute(select(Payment).where(Payment.member_id == member_id, Payment.status == "PENDING"))
+                ).scalar_one()
+
+
+async def test_the_balance_of_the_period_is_offered_and_charged_after_an_underpayment(
+        client: Any, demo: Any, rt: Any) -> None:
+    await _kept(rt, demo, EN_MTN)
+    phone, confirm = await _confirmation(client, EN_MTN)
+    assert confirm.startswith("CON Pay Monthly Rent\nAmount: 20,000 RWF (balance of 50,000 RWF)\n"), confirm
+    done = await phone.send("1")
+    assert done.startswith("END Approve the prompt on your phone to pay 20,000 RWF."), done
+    payment = await _new_payment(rt, demo["members"][EN_MTN])
+    assert (payment.amount_minor, payment.currency, payment.payment_type_id) == (
+        20_000, "RWF", demo["payment_types"]["Monthly Rent"])
+
+
+async def test_the_balance_is_said_in_each_language(client: Any, demo: Any, rt: Any) -> None:
+    said = {RW_MTN: "20,000 RWF (asigaye kuri 50,000 RWF)", FR_AIRTEL: "20 000 RWF (reste sur 50 000 RWF)",
+            SW_AIRTEL: "20,000 RWF (salio la 50,000 RWF)"}
+    labels = {RW_MTN: "Monthly Rent", FR_AIRTEL: "Monthly Rent", SW_AIRTEL: "Monthly Rent"}
+    for number, text in said.items():
+        await _kept(rt, demo, number)
+        _phone, confirm = await _confirmation(client, number, labels[number])
+        assert text in confirm, confirm
+
+
+async def test_a_period_paid_in_full_or_nothing_taken_offers_the_price_as_before(
+        client: Any, demo: Any, rt: Any) -> None:
+    # Paid in full: the price, as today (the reminders no longer remind her).
+    await _kept(rt, demo, EN_MTN, collected=None)
+    _phone, confirm = await _confirmation(client, EN_MTN)
+    assert "\nAmount: 50,000 RWF\n" in confirm, confirm
+    # Taken in another currency (collected 0): nothing kept, the price.
+    await _kept(rt, demo, RW_MTN, collected=0)
+    _phone, confirm = await _confirmation(client, RW_MTN)
+    assert "50,000 RWF" in confirm and "20,000" not in confirm and "asigaye" not in confirm, confirm
+
+
+async def test_a_type_whose_amount_the_member_chooses_asks_for_it_as_before(client: Any, demo: Any, rt: Any) -> None:
+    async with rt.sessionmaker.begin() as s:
+        rent = await s.get(PaymentType, demo["payment_types"]["Monthly Rent"])
+        rent.allow_custom_amount = True
+    await _kept(rt, demo, EN_MTN)
+    _phone, screen = await _confirmation(client, EN_MTN)
+    assert screen.startswith("CON Enter amount in RWF (usual: 50,000 RWF):"), screen
+
+
+async def test_the_underpayment_of_another_type_leaves_this_ones_price(client: Any, demo: Any, rt: Any) -> None:
+    await _kept(rt, demo, EN_MTN, type_name="Water", amount=5_000, collected=2_000)
+    phone, confirm = await _confirmation(client, EN_MTN)
+    assert "\nAmount: 50,000 RWF\n" in confirm, confirm
+    assert (await phone.send("2")).startswith("END Payment cancelled")
+    _phone, confirm = await _confirmation(client, EN_MTN, "Water")
+    assert "\nAmount: 3,000 RWF (balance of 5,000 RWF)\n" in confirm, confirm
