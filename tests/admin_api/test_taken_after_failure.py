@@ -192,6 +192,7 @@ async def test_the_member_told_it_failed_is_texted_that_the_money_was_taken_and_
         row = await s.get(Payment, payment["id"])
         reference = row.provider_reference
         await apply_collection_outcome(s, rt, row, ProviderOutcome.FAILED, actor=PROVIDER, reason="NOT_ENOUGH_FUNDS")
+    await drain(worker)  # her "failed" SMS goes out, as it does long before a late report of her money
     assert await _mtn_says(client, wire, reference, "50000", "MTN-LATE-77") == "flagged_success_after_failure"
     async with rt.sessionmaker.begin() as s:  # the same money reported again (another event id): no second SMS
         await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED,
