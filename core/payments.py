@@ -23,7 +23,7 @@ from core.audit import Actor, record
 from core.cooperatives import zone_of
 from core.db import insert_ignore, iso_ms, iso_z, lock_row, row_insert, table_of, utcnow
 from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
-from core.models import AuditEvent, Dispute, Member, Payment, ProviderEvent, ReferenceCounter, Refund
+from core.models import AuditEvent, Dispute, Member, Payment, PaymentType, ProviderEvent, ReferenceCounter, Refund
 from core.money import Money
 from core.notify import changed_at, emit_event, event_job, notice_jobs
 from core.outbox import NewJob, db_now, enqueue_many
@@ -269,6 +269,8 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     digest = _request_digest(new, amount, account)
     request_hash = keyed_request_hash(rt.cipher, digest)
     refused = _refusal(rt, new, context, ptype, amount, account_refused)
+    if refused is None and amount.minor != ptype.amount_minor and amount.minor == new.balance_minor:
+        refused = await _balance_refusal(session, new, coop, amount)
     if refused is not None:
         # A replay of a key accepted before the type was deactivated still answers with its payment.
         existing = await find_by_key(session, coop.id, key)
@@ -393,6 +395,24 @@ def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeF
         return BusinessRuleError(f"member is {(context.member_status or 'not active').lower()}; "
                                  "only an active member can pay", field="memberId")
     return None
+
+
+async def _balance_refusal(session: AsyncSession, new: NewPayment, coop: CoopFacts, amount: Money
+                           ) -> DomainError | None:
+    """Why `amount`, the balance the USSD offered (new.balance_minor), is not what the member owes of the period
+    now (core.reminders.balance_owed), if so: the session offered it when she picked the type, and she may have
+    paid the rest since (another session, the office), the type been repriced, or the period turned. Charged on
+    the session's word, it overpaid again. One read of the type and one of the period's payments, only for a
+    balance."""
+    from core.reminders import balance_owed, current_period
+
+    ptype = await session.get(PaymentType, new.payment_type_id)
+    period = None if ptype is None else current_period(ptype, utcnow(), zone_of(coop.timezone))
+    owed = None if period is None or new.member_id is None else await balance_owed(session, new.member_id,
+                                                                                  ptype, *period)
+    if owed == amount.minor:
+        return None
+    return BusinessRuleError(f"{amount} is no longer the balance owed of this period", field="amount")
 
 
 def _not_the_countrys_wallet(method: str, country: str) -> ValidationError | None:

@@ -282,7 +282,16 @@ class Engine:
         return await self.render(ctx)
 
     async def step(self, ctx: Ctx, text: str) -> UssdReply:
-        """Apply one input to the current screen."""
+        """Apply one input to the current screen. A flow's Ended, wherever it is raised (a choice, or a screen
+        rendered again by Back or More, or with an error), ends the session on its screen."""
+        at = ctx.state.screen
+        try:
+            return await self._step(ctx, text)
+        except Ended as end:
+            log.info("ussd flow ended", extra={"screen": at, "error": str(end)})
+            return await self.show(ctx, end.screen)
+
+    async def _step(self, ctx: Ctx, text: str) -> UssdReply:
         state = ctx.state
         screen = self.screens.get(state.screen)
         if screen is None or isinstance(screen, End):
@@ -315,9 +324,6 @@ class Engine:
             return await self.show(ctx, await self._dispatch(ctx, screen, key))
         except Invalid as bad:
             return await self.render(ctx, error=ctx.t(bad.msgid or "error.invalid_choice", **bad.args_))
-        except Ended as end:
-            log.info("ussd flow ended", extra={"screen": screen.id, "error": str(end)})
-            return await self.show(ctx, end.screen)
         except DomainError as exc:
             log.info("ussd flow refused", extra={"screen": screen.id, "error": exc.message})
             return await self.show(ctx, "failed") if "failed" in self.screens else UssdReply(

@@ -93,3 +93,37 @@ async def test_the_underpayment_of_another_type_leaves_this_ones_price(client: A
     assert (await phone.send("2")).startswith("END Payment cancelled")
     _phone, confirm = await _confirmation(client, EN_MTN, "Water")
     assert "\nAmount: 3,000 RWF (balance of 5,000 RWF)\n" in confirm, confirm
+
+
+# Confirm refused (core.payments._balance_refusal): she dials again, and is offered what is owed then.
+REFUSED = "END Sorry, we could not complete your request. Please try again later."
+
+
+async def test_a_balance_paid_meanwhile_is_not_charged_again(client: Any, demo: Any, rt: Any) -> None:
+    """The balance is the session's (offered when she picked the type): paid in full since (another session, the
+    office), Confirm charged it again (the payment type accepted that amount on the session's word)."""
+    await _kept(rt, demo, EN_MTN)
+    phone, confirm = await _confirmation(client, EN_MTN)
+    assert "\nAmount: 20,000 RWF (balance of 50,000 RWF)\n" in confirm, confirm
+    await _kept(rt, demo, EN_MTN, amount=20_000, collected=None)  # the rest, paid meanwhile
+    done = await phone.send("1")
+    assert done == REFUSED, done
+    async with rt.sessionmaker() as s:
+        made = (await s.execute(select(Payment).where(Payment.member_id == demo["members"][EN_MTN],
+                                                      Payment.status == "PENDING"))).scalars().all()
+    assert made == [], [(p.amount_minor, p.reference) for p in made]
+
+
+async def test_a_balance_of_a_type_repriced_meanwhile_is_not_charged(client: Any, demo: Any, rt: Any) -> None:
+    await _kept(rt, demo, EN_MTN)
+    phone, confirm = await _confirmation(client, EN_MTN)
+    assert "20,000 RWF (balance of 50,000 RWF)" in confirm, confirm
+    async with rt.sessionmaker.begin() as s:
+        rent = await s.get(PaymentType, demo["payment_types"]["Monthly Rent"])
+        rent.amount_minor = 40_000  # 10,000 left now
+    done = await phone.send("1")
+    assert done == REFUSED, done
+    async with rt.sessionmaker() as s:
+        made = (await s.execute(select(Payment).where(Payment.member_id == demo["members"][EN_MTN],
+                                                      Payment.status == "PENDING"))).scalars().all()
+    assert made == [], [(p.amount_minor, p.reference) for p in made]

@@ -113,3 +113,19 @@ def test_the_end_texts_are_gsm7_and_fit_one_screen(language: str) -> None:
     for key in ("reg.suspended", "member.number_changed"):
         text = catalog[key]
         assert gsm.is_gsm(text) and gsm.length(text) <= 182, (key, text)
+
+
+async def test_back_to_her_payments_from_the_old_number_ends_saying_the_number_changed(
+        rt: Any, client: Any, demo: dict[str, Any], admin: Caller) -> None:
+    """Back to the list of her payments (rendered again, outside the step's choice) ends as a choice does."""
+    member = demo["members"][EN_MTN]
+    await make_payment(rt, demo["cooperative_id"], account=EN_MTN, member_id=member)
+    live = AtPhone(client, EN_MTN)
+    await live.dial()
+    listed = await live.send("2")  # My payments
+    assert listed.startswith("CON "), listed
+    detail = await live.send("1")
+    assert detail.startswith("CON "), detail
+    await admin.json("PATCH", f"/v1/members/{member}", 200, json={"phone": "+250788999881"})
+    told = await live.send("0")  # Back: the list again
+    assert told == NUMBER_CHANGED["en"], told
