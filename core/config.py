@@ -367,11 +367,11 @@ def _redis_url(env: Mapping[str, str], *, cluster: bool) -> str:
             if (named or "0") != "0":
                 raise ConfigError(name, f"names the database {named}: a Redis Cluster has only database 0 "
                                         "(REDIS_CLUSTER is on)")
-    _check_redis_query(value, cluster=cluster)
+    _check_redis_query(value, parse_qs(parsed.query), cluster=cluster)
     return value
 
 
-def _check_redis_query(value: str, *, cluster: bool) -> None:
+def _check_redis_query(value: str, query: dict[str, list[str]], *, cluster: bool) -> None:
     """REDIS_URL's query as redis-py reads it, without a socket: it parses the query only when it connects, and
     then a value it cannot read (`?db=abc`) or a parameter its connection does not take (a typo, a TLS option on
     a redis:// URL) was a traceback from the first command. (The cluster client drops parameters it does not
@@ -379,7 +379,6 @@ def _check_redis_query(value: str, *, cluster: bool) -> None:
     from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, ConnectionPool
     from redis.exceptions import RedisError
 
-    query = parse_qs(urlparse(value).query)
     for key, values in query.items():
         parser = URL_QUERY_ARGUMENT_PARSERS.get(key)
         try:

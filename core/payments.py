@@ -404,12 +404,11 @@ async def _balance_refusal(session: AsyncSession, new: NewPayment, coop: CoopFac
     paid the rest since (another session, the office), the type been repriced, or the period turned. Charged on
     the session's word, it overpaid again. One read of the type and one of the period's payments, only for a
     balance."""
-    from core.reminders import balance_owed, current_period
+    from core.reminders import balance_now
 
     ptype = await session.get(PaymentType, new.payment_type_id)
-    period = None if ptype is None else current_period(ptype, utcnow(), zone_of(coop.timezone))
-    owed = None if period is None or new.member_id is None else await balance_owed(session, new.member_id,
-                                                                                  ptype, *period)
+    owed = None if ptype is None or new.member_id is None else await balance_now(session, new.member_id, ptype,
+                                                                                coop.timezone)
     if owed == amount.minor:
         return None
     return BusinessRuleError(f"{amount} is no longer the balance owed of this period", field="amount")

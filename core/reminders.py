@@ -600,6 +600,14 @@ async def balance_owed(conn: AsyncConnection | AsyncSession, member_id: str, pty
     return owed - kept if 0 < kept < owed else None
 
 
+async def balance_now(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, timezone: str | None
+                      ) -> int | None:
+    """balance_owed for the period a payment made now pays (current_period, in the cooperative's zone): what the
+    USSD offers when she picks the type and what create_payment checks a balance payment against."""
+    period = current_period(ptype, utcnow(), zone_of(timezone))
+    return None if period is None else await balance_owed(conn, member_id, ptype, *period)
+
+
 async def reminder_balance(conn: AsyncConnection | AsyncSession, payload: dict[str, Any], ptype: Any) -> int | None:
     """balance_owed for a queued reminder (an 'sms.send' job's payload) of `ptype`: of the period its scan read
     (paid_since, due_from, due_until). None for one queued by a release before PaidFor: its price, as then."""

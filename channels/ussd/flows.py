@@ -638,15 +638,11 @@ async def _balance(ctx: Ctx, pt: TypeRow) -> int | None:
     reminder states. One query, made only when she picks such a type (none on the opening hop)."""
     if not pt.is_recurring or pt.allow_custom_amount or not pt.amount_minor:
         return None
-    from core.cooperatives import zone_of
-    from core.reminders import balance_owed, current_period
+    from core.reminders import balance_now
 
     coop = await cooperative(ctx, ctx.data["c"])
-    period = current_period(pt, utcnow(), zone_of(coop.timezone if coop else None))
-    if period is None:
-        return None
     async with cache.autocommit(ctx.rt) as conn:
-        return await balance_owed(conn, ctx.data["mb"], pt, *period)
+        return await balance_now(conn, ctx.data["mb"], pt, coop.timezone if coop else None)
 
 
 async def amount_args(ctx: Ctx) -> dict[str, Any]:
