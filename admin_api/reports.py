@@ -232,6 +232,19 @@ BASIS = Param(enum=reports.BASES, default="created",
                           "as the reconciliation's `settled` section and the provider's statement count it)")
 BOM = Param("boolean", "Start the file with a UTF-8 byte-order mark, so that Excel opening it with a double "
             "click reads it as UTF-8 (accents, em dashes) rather than as Windows-1252", False)
+DELIMITER = Param(enum=tuple(reports.DELIMITERS), default="comma",
+                  description="The separator between cells: `comma` (the default), or `semicolon` for Excel in a "
+                              "locale whose decimal mark is a comma (French: Rwanda), which opens a comma file as one "
+                              "column. A `semicolon` file also writes its amounts (amount, fee, refundedAmount, "
+                              "collectedAmount) with a decimal comma (`1500,50` KES), as that Excel reads a number; "
+                              "amounts without decimals (RWF) are the same either way, and nothing else changes")
+EXCEL = Param("boolean", "For a person opening the file in Excel, not for a script: a UTF-8 byte-order mark first "
+              "(as `bom=true`), and identifiers of digits only (reference, paymentReference, gatewayReference, "
+              "gatewayTransactionId, providerTransactionId, paymentAccount, cooperativeShortCode) written as "
+              "`=\"<digits>\"`, which Excel shows as text: a long provider transaction id keeps every digit instead "
+              "of turning into 2,02610E+19, and a leading zero stays. Amounts stay numbers. Combine with "
+              "`delimiter=semicolon` in a French locale", False)
+CSV_OPTIONS = {"bom": BOM, "delimiter": DELIMITER, "excel": EXCEL}
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -283,6 +296,16 @@ async def _send_csv(request: web.Request, ctx: Ctx, chunks: AsyncIterator[bytes]
     return response
 
 
+def _options(ctx: Ctx) -> dict[str, Any]:
+    """How the cells are written: the separator (and with `;` the decimal comma) and Excel's text ids."""
+    return {"delimiter": reports.DELIMITERS[ctx.query.get("delimiter") or "comma"],
+            "excel": bool(ctx.query.get("excel"))}
+
+
+def _bom(ctx: Ctx) -> bool:
+    return bool(ctx.query.get("bom") or ctx.query.get("excel"))
+
+
 async def payments_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     start, end = await _period(ctx, request)
     chunks = reports.payments_csv(
@@ -293,8 +316,9 @@ async def payments_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         status=ctx.query.get("status"),
         method=ctx.query.get("paymentMethod"),
         basis=ctx.query.get("basis") or "created",
+        **_options(ctx),
     )
-    return await _send_csv(request, ctx, chunks, "payments.csv", bom=bool(ctx.query.get("bom")))
+    return await _send_csv(request, ctx, chunks, "payments.csv", bom=_bom(ctx))
 
 
 async def refunds_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -306,8 +330,9 @@ async def refunds_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         end=end,
         status=ctx.query.get("status"),
         basis=ctx.query.get("basis") or "created",
+        **_options(ctx),
     )
-    return await _send_csv(request, ctx, chunks, "refunds.csv", bom=bool(ctx.query.get("bom")))
+    return await _send_csv(request, ctx, chunks, "refunds.csv", bom=_bom(ctx))
 
 
 ROUTES = [
@@ -329,7 +354,7 @@ ROUTES = [
         "reports",
         "admin",
         query={**PERIOD, "status": Param(enum=PAYMENT_STATUSES), "paymentMethod": Param(enum=METHODS), "basis": BASIS,
-               "bom": BOM},
+               **CSV_OPTIONS},
         produces="text/csv",
     ),
     Route(
@@ -339,7 +364,8 @@ ROUTES = [
         "Export refunds as CSV (streamed)",
         "reports",
         "admin",
-        query={**PERIOD, "status": Param(enum=tuple(s.value for s in RefundStatus)), "basis": BASIS, "bom": BOM},
+        query={**PERIOD, "status": Param(enum=tuple(s.value for s in RefundStatus)), "basis": BASIS,
+               **CSV_OPTIONS},
         produces="text/csv",
     ),
 ]

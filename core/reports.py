@@ -496,6 +496,36 @@ def _cell(value: Any) -> Any:
     return value
 
 
+# The exports' separators (admin_api.reports: `delimiter=`). A French-locale Excel (Rwanda) splits a file on `;`,
+# and reads `1500.00` as text: a `;` file writes its amounts with a decimal comma, as Excel's own does.
+DELIMITERS = {"comma": ",", "semicolon": ";"}
+_AMOUNT_COLUMNS = frozenset({"amount", "fee", "refundedAmount", "collectedAmount"})
+# Identifiers Excel would read as numbers: 13+ digits in scientific notation, digits past the 15th lost, leading
+# zeros dropped. With `excel`, a digit-only one (a `+` first allowed: a number in E.164) is written ="<digits>",
+# which Excel shows as the text it is. Only digits are ever put between the quotes, and only after _cell: the
+# formula guard is unchanged for every other value (a provider's `=...` still starts with `'`).
+_ID_COLUMNS = frozenset({"reference", "paymentReference", "gatewayReference", "gatewayTransactionId",
+                         "providerTransactionId", "paymentAccount", "cooperativeShortCode"})
+_DIGITS = re.compile(r"\+?[0-9]+")
+
+
+def _spreadsheet(header: tuple[str, ...], delimiter: str, excel: bool) -> Callable[[list[Any]], list[Any]] | None:
+    """What the options change in a row's cells (already through _cell), None when nothing: the default file."""
+    commas = [i for i, name in enumerate(header) if name in _AMOUNT_COLUMNS] if delimiter == ";" else []
+    texts = [i for i, name in enumerate(header) if name in _ID_COLUMNS] if excel else []
+    if not commas and not texts:
+        return None
+
+    def cells(values: list[Any]) -> list[Any]:
+        for i in commas:
+            values[i] = str(values[i]).replace(".", ",")
+        for i in texts:
+            if isinstance(values[i], str) and _DIGITS.fullmatch(values[i]):
+                values[i] = f'="{values[i]}"'
+        return values
+    return cells
+
+
 # The provider that carried the money (the `settled` lines' provider account; a refund goes back through its
 # payment's), and the days of creation and completion in the row's own cooperative's time zone (createdAt and
 # completedAt are UTC instants: 00:30 on 1 November in Kigali is 2026-10-31T22:30:00Z).
@@ -569,6 +599,8 @@ async def _stream(
     order: tuple[Any, Any],
     header: tuple[str, ...],
     row: Callable[[Any], list[Any]],
+    delimiter: str = ",",
+    excel: bool = False,
 ) -> AsyncIterator[bytes]:
     """The export's rows in `order` (its moment, then the id: unique; columns of the entity each row starts with),
     CHUNK_ROWS at a time, each batch read in a session of its own that is closed before the batch is yielded.
@@ -592,8 +624,9 @@ async def _stream(
     index holds only the payments whose money moved, which is what basis=completed reads).
     """
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    writer = csv.writer(buffer, delimiter=delimiter)
     writer.writerow(header)
+    spreadsheet = _spreadsheet(header, delimiter, excel)
     after: tuple[Any, Any] | None = None
     while True:
         page = query if after is None else query.where(tuple_(*order) > after)  # binds typed as `order`
@@ -604,7 +637,8 @@ async def _stream(
                 page.order_by(*order).limit(CHUNK_ROWS).execution_options(yield_per=CHUNK_ROWS))
             items = await result.all()
         for item in items:
-            writer.writerow([_cell(v) for v in row(item)])
+            cells = [_cell(v) for v in row(item)]
+            writer.writerow(spreadsheet(cells) if spreadsheet else cells)
         if buffer.tell():  # nothing only for an empty batch after a full one
             yield buffer.getvalue().encode()
             buffer.seek(0)
@@ -624,6 +658,8 @@ def payments_csv(
     status: str | None = None,
     method: str | None = None,
     basis: str = "created",
+    delimiter: str = ",",
+    excel: bool = False,
 ) -> AsyncIterator[bytes]:
     moment = Payment.completed_at if basis == "completed" else Payment.created_at
     query = _in_period(scope(select(Payment, PaymentType.name, Cooperative.timezone, Cooperative.short_code,
@@ -670,7 +706,7 @@ def payments_csv(
             p.failure_reason or "",
         ]
 
-    return _stream(sessions, query, (moment, Payment.id), PAYMENT_COLUMNS, row)
+    return _stream(sessions, query, (moment, Payment.id), PAYMENT_COLUMNS, row, delimiter, excel)
 
 
 def refunds_csv(
@@ -681,6 +717,8 @@ def refunds_csv(
     end: datetime | None,
     status: str | None = None,
     basis: str = "created",
+    delimiter: str = ",",
+    excel: bool = False,
 ) -> AsyncIterator[bytes]:
     moment = Refund.completed_at if basis == "completed" else Refund.created_at
     query = _in_period(scope(select(Refund, Payment.reference, Payment.provider, Cooperative.timezone,
@@ -717,4 +755,4 @@ def refunds_csv(
             short_code,
         ]
 
-    return _stream(sessions, query, (moment, Refund.id), REFUND_COLUMNS, row)
+    return _stream(sessions, query, (moment, Refund.id), REFUND_COLUMNS, row, delimiter, excel)
