@@ -270,7 +270,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     request_hash = keyed_request_hash(rt.cipher, digest)
     refused = _refusal(rt, new, context, ptype, amount, account_refused)
     if refused is None and amount.minor != ptype.amount_minor and amount.minor == new.balance_minor:
-        refused = await _balance_refusal(session, new, coop, amount)
+        refused = await _balance_refusal(session, rt, new, coop, amount)
     if refused is not None:
         # A replay of a key accepted before the type was deactivated still answers with its payment.
         existing = await find_by_key(session, coop.id, key)
@@ -397,21 +397,44 @@ def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeF
     return None
 
 
-async def _balance_refusal(session: AsyncSession, new: NewPayment, coop: CoopFacts, amount: Money
+async def _balance_refusal(session: AsyncSession, rt: Runtime, new: NewPayment, coop: CoopFacts, amount: Money
                            ) -> DomainError | None:
     """Why `amount`, the balance the USSD offered (new.balance_minor), is not what the member owes of the period
     now (core.reminders.balance_owed), if so: the session offered it when she picked the type, and she may have
     paid the rest since (another session, the office), the type been repriced, or the period turned. Charged on
-    the session's word, it overpaid again. One read of the type and one of the period's payments, only for a
-    balance."""
-    from core.reminders import balance_now
+    the session's word, it overpaid again. Nor while a payment of the type is still open for her in the period,
+    whatever its amount (the whole price, its PIN prompt on her phone: both taken, she paid 50,000 + 20,000 when
+    20,000 was owed). One read of the type and two of the period's payments, only for a balance."""
+    from core.reminders import balance_owed, current_period
 
     ptype = await session.get(PaymentType, new.payment_type_id)
-    owed = None if ptype is None or new.member_id is None else await balance_now(session, new.member_id, ptype,
-                                                                                coop.timezone)
-    if owed == amount.minor:
-        return None
-    return BusinessRuleError(f"{amount} is no longer the balance owed of this period", field="amount")
+    now, member_id = utcnow(), new.member_id
+    period = None if ptype is None or member_id is None else current_period(ptype, now, zone_of(coop.timezone))
+    owed = None if period is None or member_id is None else await balance_owed(session, member_id, ptype, *period)
+    if owed != amount.minor or period is None or member_id is None:
+        return BusinessRuleError(f"{amount} is no longer the balance owed of this period", field="amount")
+    waiting = await _open_in_period(session, rt.settings, coop.id, member_id, new.payment_type_id, *period, now=now)
+    if waiting is not None:
+        return BusinessRuleError(f"payment {waiting} of this type is still open for this period (awaiting approval): "
+                                 "its balance is not charged beside it", field="amount")
+    return None
+
+
+async def _open_in_period(session: AsyncSession, settings: Any, cooperative_id: str, member_id: str, type_id: str,
+                          due: date, period: Any, *, now: datetime) -> str | None:
+    """The reference of the member's newest payment of the type that pays the period ending on `due` (`period`: its
+    core.reminders.PaidFor) and is still open as OpenLike judges it (its prompt can still be approved), if any."""
+    from core.reminders import paid_clause, utc_midnight
+
+    window, grace = _open_window(settings)
+    table = Payment.__table__
+    query = (select(Payment.reference)
+             .where(Payment.member_id == member_id, Payment.cooperative_id == cooperative_id,
+                    Payment.payment_type_id == type_id, Payment.created_at > now - window - grace,
+                    _still_open(now, now - grace),
+                    paid_clause(table, period.since, period.due_from, period.due_until, utc_midnight(due)))
+             .order_by(Payment.created_at.desc()).limit(1))
+    return (await session.execute(query)).scalar_one_or_none()
 
 
 def _not_the_countrys_wallet(method: str, country: str) -> ValidationError | None:
@@ -484,43 +507,55 @@ class OpenLike:
     idempotency_key: str
     window: timedelta
     grace: timedelta
+    # A balance of the period (NewPayment.balance_minor): an open payment of the type is like it whatever its amount
+    # (the whole price still open beside the underpaid payment would take the balance's money too).
+    any_amount: bool = False
 
 
-def like_open(settings: Any, amount: Money, idempotency_key: str) -> OpenLike:
-    """The OpenLike of a request for `amount` with `idempotency_key`."""
+def like_open(settings: Any, amount: Money, idempotency_key: str, *, any_amount: bool = False) -> OpenLike:
+    """The OpenLike of a request for `amount` with `idempotency_key` (`any_amount`: see OpenLike)."""
+    return OpenLike(amount, idempotency_key, *_open_window(settings), any_amount)
+
+
+def _open_window(settings: Any) -> tuple[timedelta, timedelta]:
+    """OpenLike's window (the longest approval window) and grace."""
     longest = max(approval_window(settings, method) for method in METHODS)
-    return OpenLike(amount, idempotency_key, timedelta(seconds=longest),
-                    timedelta(seconds=settings.payment_pending_grace_seconds))
+    return timedelta(seconds=longest), timedelta(seconds=settings.payment_pending_grace_seconds)
 
 
 _OWN = aliased(Payment, name="own")
 
 
-def _context_with_open() -> Any:
-    """CONTEXT and, as its column open_reference, the member's newest payment OpenLike describes: in the same query
-    (the confirmation's one read stays one; both lookups are index reads: the member's payments, and the
-    cooperative's key). Parameters: CONTEXT's and open_key, open_amount, open_currency, open_since, open_now,
-    open_processing."""
+def _still_open(now: Any, processing: Any) -> Any:
+    """SQL: the payment is open as OpenLike judges it: PENDING before its expires_at (`now`), or PROCESSING before
+    its expires_at plus the grace (`processing`: now less the grace)."""
+    return or_(and_(Payment.status == PaymentStatus.PENDING.value, Payment.expires_at > now),
+               and_(Payment.status == PaymentStatus.PROCESSING.value, Payment.expires_at > processing))
+
+
+def _context_with_open(any_amount: bool) -> Any:
+    """CONTEXT and, as its column open_reference, the member's newest payment OpenLike describes (`any_amount`: of
+    any amount of the type): in the same query (the confirmation's one read stays one; both lookups are index
+    reads: the member's payments, and the cooperative's key). Parameters: CONTEXT's and open_key, open_amount,
+    open_currency (unused with `any_amount`), open_since, open_now, open_processing."""
     coop = bindparam("coop_id", type_=String)
     expires = Payment.__table__.c.expires_at.type
     own = select(_OWN.id).where(_OWN.cooperative_id == coop,
                                 _OWN.idempotency_key == bindparam("open_key", type_=String))
+    same_amount = () if any_amount else (Payment.amount_minor == bindparam("open_amount", type_=BigInteger),
+                                         Payment.currency == bindparam("open_currency", type_=String))
     found = (select(Payment.reference)
              .where(Payment.member_id == bindparam("member_id", type_=String), Payment.cooperative_id == coop,
-                    Payment.payment_type_id == bindparam("type_id", type_=String),
-                    Payment.amount_minor == bindparam("open_amount", type_=BigInteger),
-                    Payment.currency == bindparam("open_currency", type_=String),
+                    Payment.payment_type_id == bindparam("type_id", type_=String), *same_amount,
                     Payment.created_at > bindparam("open_since", type_=Payment.__table__.c.created_at.type),
-                    or_(and_(Payment.status == PaymentStatus.PENDING.value,
-                             Payment.expires_at > bindparam("open_now", type_=expires)),
-                        and_(Payment.status == PaymentStatus.PROCESSING.value,
-                             Payment.expires_at > bindparam("open_processing", type_=expires))),
+                    _still_open(bindparam("open_now", type_=expires), bindparam("open_processing", type_=expires)),
                     ~exists(own))
              .order_by(Payment.created_at.desc()).limit(1).scalar_subquery())
     return CONTEXT.add_columns(found.label("open_reference"))
 
 
-_CONTEXT_WITH_OPEN = _context_with_open()
+_CONTEXT_WITH_OPEN = _context_with_open(any_amount=False)
+_CONTEXT_WITH_ANY_OPEN = _context_with_open(any_amount=True)
 
 
 async def load_context(session: AsyncSession, cooperative_id: str, payment_type_id: str,
@@ -533,7 +568,7 @@ async def load_context(session: AsyncSession, cooperative_id: str, payment_type_
                               "payer_index": payer_index}
     statement = CONTEXT
     if open_like is not None and member_id is not None:
-        statement = _CONTEXT_WITH_OPEN
+        statement = _CONTEXT_WITH_ANY_OPEN if open_like.any_amount else _CONTEXT_WITH_OPEN
         # The database's clock (utcnow is aligned to it), which dates expires_at and judges it in the polls.
         now = utcnow()
         params.update(open_key=open_like.idempotency_key, open_amount=open_like.amount.minor,

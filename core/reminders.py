@@ -603,7 +603,7 @@ async def balance_owed(conn: AsyncConnection | AsyncSession, member_id: str, pty
 async def balance_now(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, timezone: str | None
                       ) -> int | None:
     """balance_owed for the period a payment made now pays (current_period, in the cooperative's zone): what the
-    USSD offers when she picks the type and what create_payment checks a balance payment against."""
+    USSD offers when she picks the type (create_payment._balance_refusal reads the same period itself)."""
     period = current_period(ptype, utcnow(), zone_of(timezone))
     return None if period is None else await balance_owed(conn, member_id, ptype, *period)
 

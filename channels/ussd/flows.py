@@ -939,8 +939,10 @@ async def _create(ctx: Ctx, new: NewPayment) -> tuple[Payment, bool]:
     async with ctx.rt.sessionmaker.begin() as session:
         # The member as create_payment reads her, with the cooperative's active member of this number and her
         # open payment like this one (unless this key has made its payment already) in the same query: the
-        # checks below cost no extra round trip.
-        like = like_open(ctx.rt.settings, new.amount, new.idempotency_key) if new.amount is not None else None
+        # checks below cost no extra round trip. For the balance of the period, one of the type of any amount (the
+        # whole price still open beside the underpaid payment: both would be taken).
+        like = (like_open(ctx.rt.settings, new.amount, new.idempotency_key, any_amount=new.balance_minor is not None)
+                if new.amount is not None else None)
         context = await load_context(session, new.cooperative_id, new.payment_type_id, new.member_id,
                                      payer_index=ctx.rt.cipher.blind_index(ctx.hop.phone.e164), open_like=like)
         _check_number_still_hers(context, new.member_id)
@@ -967,23 +969,27 @@ def _not_active(context: PaymentContext) -> bool:
 
 async def _waiting(ctx: Ctx, reference: str) -> str:
     """The end screen of a confirmation refused because the payer has an open payment of the same type and amount
-    (OpenPayment): its prompt may be on her phone, or the provider may be down with its collect job retrying (no
-    prompt yet); a second payment would be collected too once the provider answers. She is told which payment
-    waits, not to pay again, and that an SMS comes if it cannot be completed (every payment that fails, is
-    cancelled or times out sends one: core.payments._FAILED_TARGET; one that completes sends the receipt).
+    (OpenPayment), or of the type whatever its amount when she confirmed the period's balance: its prompt may be on
+    her phone, or the provider may be down with its collect job retrying (no prompt yet); a second payment would be
+    collected too once the provider answers. She is told which payment waits, not to pay again, and that an SMS
+    comes if it cannot be completed (every payment that fails, is cancelled or times out sends one:
+    core.payments._FAILED_TARGET; one that completes sends the receipt).
 
     The open payment is the one this route reserved ("rr": a resumed confirmation whose payment was made by the
-    session it resumes): shown as before (_earlier_payment), as the one she made."""
-    if reference == ctx.data.get("rr"):
+    session it resumes): shown as before (_earlier_payment), as the one she made. Refused a balance, she is told the
+    waiting payment's own amount (the whole price, not the balance), read by its reference."""
+    amount = Money(ctx.data["amt"], ctx.data["cur"])
+    if reference == ctx.data.get("rr") or ctx.data.get("full"):
         from core.payments import get_by_reference
 
         async with ctx.rt.sessionmaker() as session:
             earlier = await get_by_reference(session, reference)
-        if earlier is not None:
+        if earlier is not None and reference == ctx.data.get("rr"):
             return _earlier_payment(ctx, earlier)
+        if earlier is not None:
+            amount = Money(earlier.amount_minor, earlier.currency)
     pt = await payment_type(ctx)
-    ctx.data.update(ref=reference, amtf=ctx.money(Money(ctx.data["amt"], ctx.data["cur"])),
-                    tn=whole(pt.name) if pt else "")
+    ctx.data.update(ref=reference, amtf=ctx.money(amount), tn=whole(pt.name) if pt else "")
     return "pay_waiting"
 
 

@@ -8,7 +8,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core.db import utcnow
 from core.models import Payment, PaymentType
@@ -17,17 +17,22 @@ from tests.channels.ussd.test_flows_africastalking import EN_MTN, FR_AIRTEL, RW_
 
 
 async def _kept(rt: Any, demo: dict[str, Any], phone: str, *, type_name: str = "Monthly Rent",
-                collected: int | None = 30_000, amount: int = 50_000, currency: str = "RWF") -> None:
-    """A COMPLETED payment of the member's, made a minute ago, the provider having taken `collected` of it."""
+                collected: int | None = 30_000, amount: int = 50_000, currency: str = "RWF",
+                status: str = "COMPLETED") -> str:
+    """A COMPLETED payment of the member's, made a minute ago, the provider having taken `collected` of it (or one
+    in `status`, still inside its approval window); its reference."""
     created = utcnow() - timedelta(minutes=1)
+    reference = f"PAY_{uuid.uuid4().hex[:10].upper()}"
     async with rt.sessionmaker.begin() as s:
         s.add(Payment(cooperative_id=demo["cooperative_id"], payment_type_id=demo["payment_types"][type_name],
-                      member_id=demo["members"][phone], reference=f"PAY_{uuid.uuid4().hex[:10]}",
-                      amount_minor=amount, currency=currency, status="COMPLETED", collected_minor=collected,
+                      member_id=demo["members"][phone], reference=reference,
+                      amount_minor=amount, currency=currency, status=status, collected_minor=collected,
                       method="MOBILE_MONEY_MTN", provider="mtn_momo", provider_reference=str(uuid.uuid4()),
                       payment_account_enc="x", payment_account_index="x", payment_account_masked="+25078****002",
                       idempotency_key=uuid.uuid4().hex, request_hash="h", channel="ussd",
-                      expires_at=created + timedelta(minutes=5), created_at=created, completed_at=created))
+                      expires_at=created + timedelta(minutes=5), created_at=created,
+                      completed_at=created if status == "COMPLETED" else None))
+    return reference
 
 
 async def _confirmation(client: Any, phone_number: str, type_label: str = "Monthly Rent") -> tuple[AtPhone, str]:
@@ -127,3 +132,58 @@ async def test_a_balance_of_a_type_repriced_meanwhile_is_not_charged(client: Any
         made = (await s.execute(select(Payment).where(Payment.member_id == demo["members"][EN_MTN],
                                                       Payment.status == "PENDING"))).scalars().all()
     assert made == [], [(p.amount_minor, p.reference) for p in made]
+
+
+# An open payment of the type beside the underpaid one (channels.ussd.flows._create, core.payments._balance_refusal).
+WAITING_EN = ("END Payment {ref} of {amount} for {type} awaits your approval on your phone or mobile money. "
+              "Do not pay again. If it is not completed, you will get an SMS.")
+
+
+async def _pending(rt: Any, member_id: str) -> list[tuple[str, int]]:
+    async with rt.sessionmaker() as s:
+        rows = await s.execute(select(Payment.reference, Payment.amount_minor).where(
+            Payment.member_id == member_id, Payment.status == "PENDING"))
+    return sorted((reference, amount) for reference, amount in rows)
+
+
+async def test_an_open_payment_of_the_price_stops_the_balance(client: Any, demo: Any, rt: Any) -> None:
+    """Her payment of the whole price is still open (its PIN prompt on her phone) beside the period the provider
+    took 30,000 of: confirming the balance too charged 50,000 + 20,000 when 20,000 was owed. She is told which
+    payment waits, with its own amount, and no second one is made."""
+    await _kept(rt, demo, EN_MTN)
+    waiting = await _kept(rt, demo, EN_MTN, status="PENDING", collected=None)
+    phone, confirm = await _confirmation(client, EN_MTN)
+    assert "\nAmount: 20,000 RWF (balance of 50,000 RWF)\n" in confirm, confirm
+    done = await phone.send("1")
+    assert done == WAITING_EN.format(ref=waiting, amount="50,000 RWF", type="Monthly Rent"), done
+    assert await _pending(rt, demo["members"][EN_MTN]) == [(waiting, 50_000)]
+    assert await phone.resend() == done  # the aggregator's retry of the hop: the same answer, still nothing made
+    assert await _pending(rt, demo["members"][EN_MTN]) == [(waiting, 50_000)]
+
+
+async def test_the_open_payment_is_said_in_her_language(client: Any, demo: Any, rt: Any) -> None:
+    await _kept(rt, demo, RW_MTN)
+    waiting = await _kept(rt, demo, RW_MTN, status="PENDING", collected=None)
+    phone, _confirm = await _confirmation(client, RW_MTN)
+    done = await phone.send("1")
+    assert done == (f"END Kwishyura 50,000 RWF ya Monthly Rent (Ref {waiting}) biracyategereje ko ubyemeza "
+                    "kuri telefoni yawe cyangwa mobile money. Ntukongere kwishyura. Nibidakunda, uzabona SMS."), done
+
+
+async def test_an_open_payment_past_its_window_or_of_another_type_does_not_stop_the_balance(
+        client: Any, demo: Any, rt: Any) -> None:
+    """As for the price (test_open_payment_guard): a prompt that can no longer be approved, or a payment of another
+    type, is no payment waiting for this balance."""
+    member = demo["members"][EN_MTN]
+    await _kept(rt, demo, EN_MTN)
+    water = await _kept(rt, demo, EN_MTN, type_name="Water", amount=5_000, status="PENDING", collected=None)
+    stale = await _kept(rt, demo, EN_MTN, status="PENDING", collected=None)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.reference == stale)
+                        .values(expires_at=utcnow() - timedelta(seconds=1)))
+    phone, confirm = await _confirmation(client, EN_MTN)
+    assert "20,000 RWF (balance of 50,000 RWF)" in confirm, confirm
+    done = await phone.send("1")
+    assert done.startswith("END Approve the prompt on your phone to pay 20,000 RWF."), done
+    made = [row for row in await _pending(rt, member) if row[0] not in (water, stale)]
+    assert [amount for _reference, amount in made] == [20_000], made
