@@ -507,14 +507,17 @@ class OpenLike:
     idempotency_key: str
     window: timedelta
     grace: timedelta
-    # A balance of the period (NewPayment.balance_minor): an open payment of the type is like it whatever its amount
-    # (the whole price still open beside the underpaid payment would take the balance's money too).
-    any_amount: bool = False
+    # A balance of the period (NewPayment.balance_minor): the period's (due date, core.reminders.PaidFor), as
+    # core.reminders.current_period gives it. An open payment of the type that pays that period is like it whatever
+    # its amount (the whole price still open beside the underpaid payment would take the balance's money too); one
+    # of another period is not (_balance_refusal judges it so).
+    period: tuple[date, Any] | None = None
 
 
-def like_open(settings: Any, amount: Money, idempotency_key: str, *, any_amount: bool = False) -> OpenLike:
-    """The OpenLike of a request for `amount` with `idempotency_key` (`any_amount`: see OpenLike)."""
-    return OpenLike(amount, idempotency_key, *_open_window(settings), any_amount)
+def like_open(settings: Any, amount: Money, idempotency_key: str, *, period: tuple[date, Any] | None = None
+              ) -> OpenLike:
+    """The OpenLike of a request for `amount` with `idempotency_key` (`period`: see OpenLike)."""
+    return OpenLike(amount, idempotency_key, *_open_window(settings), period)
 
 
 def _open_window(settings: Any) -> tuple[timedelta, timedelta]:
@@ -535,15 +538,21 @@ def _still_open(now: Any, processing: Any) -> Any:
 
 def _context_with_open(any_amount: bool) -> Any:
     """CONTEXT and, as its column open_reference, the member's newest payment OpenLike describes (`any_amount`: of
-    any amount of the type): in the same query (the confirmation's one read stays one; both lookups are index
-    reads: the member's payments, and the cooperative's key). Parameters: CONTEXT's and open_key, open_amount,
-    open_currency (unused with `any_amount`), open_since, open_now, open_processing."""
+    any amount of the type, paying OpenLike.period): in the same query (the confirmation's one read stays one; both
+    lookups are index reads: the member's payments, and the cooperative's key). Parameters: CONTEXT's and open_key,
+    open_amount, open_currency (unused with `any_amount`), open_since, open_now, open_processing, and with
+    `any_amount` the period's open_period_since, open_due_from, open_due_until, open_named."""
+    from core.reminders import paid_clause
+
     coop = bindparam("coop_id", type_=String)
     expires = Payment.__table__.c.expires_at.type
     own = select(_OWN.id).where(_OWN.cooperative_id == coop,
                                 _OWN.idempotency_key == bindparam("open_key", type_=String))
-    same_amount = () if any_amount else (Payment.amount_minor == bindparam("open_amount", type_=BigInteger),
-                                         Payment.currency == bindparam("open_currency", type_=String))
+    moment = Payment.__table__.c.created_at.type
+    same_amount = ((paid_clause(Payment.__table__, *(bindparam(name, type_=moment) for name in (
+                       "open_period_since", "open_due_from", "open_due_until", "open_named"))),) if any_amount
+                   else (Payment.amount_minor == bindparam("open_amount", type_=BigInteger),
+                         Payment.currency == bindparam("open_currency", type_=String)))
     found = (select(Payment.reference)
              .where(Payment.member_id == bindparam("member_id", type_=String), Payment.cooperative_id == coop,
                     Payment.payment_type_id == bindparam("type_id", type_=String), *same_amount,
@@ -568,12 +577,18 @@ async def load_context(session: AsyncSession, cooperative_id: str, payment_type_
                               "payer_index": payer_index}
     statement = CONTEXT
     if open_like is not None and member_id is not None:
-        statement = _CONTEXT_WITH_ANY_OPEN if open_like.any_amount else _CONTEXT_WITH_OPEN
+        statement = _CONTEXT_WITH_ANY_OPEN if open_like.period is not None else _CONTEXT_WITH_OPEN
         # The database's clock (utcnow is aligned to it), which dates expires_at and judges it in the polls.
         now = utcnow()
         params.update(open_key=open_like.idempotency_key, open_amount=open_like.amount.minor,
                       open_currency=open_like.amount.currency, open_since=now - open_like.window - open_like.grace,
                       open_now=now, open_processing=now - open_like.grace)
+        if open_like.period is not None:
+            from core.reminders import utc_midnight
+
+            due, paid_for = open_like.period
+            params.update(open_period_since=paid_for.since, open_due_from=paid_for.due_from,
+                          open_due_until=paid_for.due_until, open_named=utc_midnight(due))
     if session.get_bind().dialect.name == "postgresql":
         row: Any = await pgraw.fetchrow(session, pgraw.compiled(statement), params)
     else:

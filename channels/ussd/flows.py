@@ -9,7 +9,7 @@ from __future__ import annotations
 import calendar
 import re
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import date, datetime
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -939,9 +939,10 @@ async def _create(ctx: Ctx, new: NewPayment) -> tuple[Payment, bool]:
     async with ctx.rt.sessionmaker.begin() as session:
         # The member as create_payment reads her, with the cooperative's active member of this number and her
         # open payment like this one (unless this key has made its payment already) in the same query: the
-        # checks below cost no extra round trip. For the balance of the period, one of the type of any amount (the
-        # whole price still open beside the underpaid payment: both would be taken).
-        like = (like_open(ctx.rt.settings, new.amount, new.idempotency_key, any_amount=new.balance_minor is not None)
+        # checks below cost no extra round trip. For the balance of the period, one of the type of any amount that
+        # pays the period (the whole price still open beside the underpaid payment: both would be taken).
+        period = await _period_now(ctx) if new.balance_minor is not None else None
+        like = (like_open(ctx.rt.settings, new.amount, new.idempotency_key, period=period)
                 if new.amount is not None else None)
         context = await load_context(session, new.cooperative_id, new.payment_type_id, new.member_id,
                                      payer_index=ctx.rt.cipher.blind_index(ctx.hop.phone.e164), open_like=like)
@@ -959,6 +960,17 @@ async def _create(ctx: Ctx, new: NewPayment) -> tuple[Payment, bool]:
             if _not_active(context):
                 raise NotActive() from None
             raise
+
+
+async def _period_now(ctx: Ctx) -> tuple[date, Any] | None:
+    """The period of the session's type a payment made now pays (core.reminders.current_period, in the
+    cooperative's zone), as create_payment's balance check reads it; None for a type that has none."""
+    from core.cooperatives import zone_of
+    from core.reminders import current_period
+
+    pt = await payment_type(ctx)
+    coop = await cooperative(ctx, ctx.data["c"])
+    return None if pt is None else current_period(pt, utcnow(), zone_of(coop.timezone if coop else None))
 
 
 def _not_active(context: PaymentContext) -> bool:

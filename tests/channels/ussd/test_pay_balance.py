@@ -187,3 +187,26 @@ async def test_an_open_payment_past_its_window_or_of_another_type_does_not_stop_
     assert done.startswith("END Approve the prompt on your phone to pay 20,000 RWF."), done
     made = [row for row in await _pending(rt, member) if row[0] not in (water, stale)]
     assert [amount for _reference, amount in made] == [20_000], made
+
+
+async def test_an_open_payment_of_another_period_does_not_stop_the_balance(client: Any, demo: Any, rt: Any) -> None:
+    """A payment of the type for another period (the API's dueDate naming an earlier one), its prompt still open,
+    takes none of this period's balance: as create_payment's re-check judges it (_balance_refusal), the balance is
+    made, not refused with "payment ... is waiting" (she still owed it once that one was paid)."""
+    from core.cooperatives import zone_of
+    from core.reminders import current_period, utc_midnight
+
+    member = demo["members"][EN_MTN]
+    await _kept(rt, demo, EN_MTN)
+    arrears = await _kept(rt, demo, EN_MTN, status="PENDING", collected=None)
+    async with rt.sessionmaker.begin() as s:
+        ptype = await s.get(PaymentType, demo["payment_types"]["Monthly Rent"])
+        period = current_period(ptype, utcnow(), zone_of("Africa/Kigali"))
+        assert period is not None
+        await s.execute(update(Payment).where(Payment.reference == arrears)
+                        .values(due_date=utc_midnight(period[0] - timedelta(days=62))))
+    phone, confirm = await _confirmation(client, EN_MTN)
+    assert "20,000 RWF (balance of 50,000 RWF)" in confirm, confirm
+    done = await phone.send("1")
+    assert done.startswith("END Approve the prompt on your phone to pay 20,000 RWF."), done
+    assert [amount for reference, amount in await _pending(rt, member) if reference != arrears] == [20_000]
