@@ -182,6 +182,9 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
                        audit={"note": note, "evidence": evidence})
         await session.flush()
         return dispute
+    # Before any refund is asked for: a closed dispute's answer is that it is closed, not a refund's refusal (more
+    # than is left, or the key of the refund it was resolved with).
+    DISPUTE.check(current, target)
     notes = list(dispute.notes or [])
     if note or evidence:
         notes.append(_note(actor, note, evidence, target.value))

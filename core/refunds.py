@@ -27,7 +27,7 @@ from core.ports import ProviderEvent as ProviderEventData
 from core.references import cooperative_reference
 from core.state import StaleTransition, transition
 from core.state.payment import PAYMENT, PaymentStatus, holds_money, taken_after_failure
-from core.state.refund import REFUND, RefundStatus
+from core.state.refund import OPEN_VALUES, REFUND, RefundStatus
 from core.text import admin_note
 
 if TYPE_CHECKING:
@@ -148,11 +148,17 @@ async def request_refund(
     if not amount.is_positive():  # (everything still refundable, asked for when nothing is)
         raise BusinessRuleError("nothing left to refund", field="amount")
     if amount.minor > available.minor:
-        raise BusinessRuleError(f"refund of {amount} exceeds the refundable {available}", field="amount")
+        raise BusinessRuleError(f"refund of {amount} exceeds the refundable {available}"
+                                f"{await _held_by_unsettled(session, payment)}", field="amount")
     whole = Money(collected(payment), payment.currency)
     if returned is None and provider is not None and not provider.supports_partial_refund \
             and amount.minor != whole.minor:  # (one the provider made itself is what it made)
-        raise BusinessRuleError(f"{payment.method} refunds only the full amount ({whole})",
+        # Part of it already back (a chargeback recorded): the whole is no longer refundable either, so say so,
+        # or each refusal sends the officer to the other.
+        rest = "" if available.minor >= whole.minor else (
+            f", and {available} of it is left to refund: have the provider send that back and record it with "
+            "returnedByProvider")
+        raise BusinessRuleError(f"{payment.method} refunds only the full amount ({whole}){rest}",
                                 field="amount")
     if reason is not None and len(reason) > 300:
         raise ValidationError("reason must be at most 300 characters", field="reason")
@@ -189,6 +195,21 @@ async def request_refund(
     await enqueue(session, "refund.submit", {"refund_id": refund.id}, dedupe_key=f"refund:{refund.id}",
                   cooperative_id=payment.cooperative_id)
     return refund, True
+
+
+async def _held_by_unsettled(session: AsyncSession, payment: Payment) -> str:
+    """What the payment's refunds not settled yet hold, for a refusal of more than is left: without it, a refund
+    queued while the provider is down read as money the member already has ("exceeds the refundable 0")."""
+    rows = (await session.execute(
+        select(Refund.reference, Refund.amount_minor)
+        .where(Refund.payment_id == payment.id, Refund.status.in_(OPEN_VALUES))
+        .order_by(Refund.created_at, Refund.id))).all()
+    if not rows:
+        return ""
+    held = Money(sum(minor for _, minor in rows), payment.currency)
+    named = ", ".join(reference for reference, _ in rows[:5]) + (", ..." if len(rows) > 5 else "")
+    return (f"; refunds not settled yet hold {held} ({named}): withdraw one not yet sent with "
+            "POST /v1/refunds/{id}/cancel")
 
 
 def _request_to_refund_known(payment: Payment, provider: PaymentProvider) -> None:
