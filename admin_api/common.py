@@ -69,6 +69,9 @@ ERROR = {
         "error": {"type": "string"},
         "timestamp": DATETIME,
         "path": {"type": "string"},
+        "field": {"type": "string", "description": "the one request field (body or query) the refusal is about, "
+                  "as the request names it (paymentTypeId, amount, idempotencyKey...); absent when it is about "
+                  "none or several (a 400 of the request's shape lists each in message)"},
     },
 }
 

@@ -19,6 +19,10 @@ from core.ratelimit import Decision
 log = logging.getLogger("gateway.api")
 # The rate-limit decision for this request, for the X-RateLimit-* headers.
 RATE_DECISION = web.RequestKey("ratelimit", Decision)
+# The fields the request's route takes (its body's properties and its query parameters): an error's `field` is
+# answered only when it is one of them. A refusal of the entity's state (a payment already VOIDED) names its
+# `status`, which is no field of the request that was refused.
+REQUEST_FIELDS = web.RequestKey("request_fields", frozenset)
 
 
 class ApiError(DomainError):
@@ -39,20 +43,24 @@ def timestamp() -> str:
     return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def error_body(status: int, message: str | list[str], path: str) -> dict[str, object]:
-    return {
+def error_body(status: int, message: str | list[str], path: str, field: str | None = None) -> dict[str, object]:
+    """The seed's error shape; `field`, the one request field a refusal is about (DomainError.field), is added when
+    there is one (absent otherwise, so every other answer keeps the seed's shape exactly)."""
+    body: dict[str, object] = {
         "statusCode": status,
         "message": message,
         "error": HTTPStatus(status).phrase,
         "timestamp": timestamp(),
         "path": path,
     }
+    return {**body, "field": field} if field else body
 
 
 def error_response(
-    request: web.Request, status: int, message: str | list[str], headers: dict[str, str] | None = None
+    request: web.Request, status: int, message: str | list[str], headers: dict[str, str] | None = None,
+    *, field: str | None = None,
 ) -> web.Response:
-    response = web.json_response(error_body(status, message, request.path_qs), status=status, headers=headers)
+    response = web.json_response(error_body(status, message, request.path_qs, field), status=status, headers=headers)
     apply_rate_headers(request, response)
     return response
 
@@ -147,14 +155,18 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     """The error in the API's shape, when nothing of a response was written yet."""
     if isinstance(exc, ApiError):
         return error_response(request, exc.status, exc.payload, exc.headers)
+    field = exc.field if isinstance(exc, DomainError) and exc.field in request.get(REQUEST_FIELDS, ()) else None
     if isinstance(exc, ValidationError):
-        return error_response(request, exc.status, list(exc.errors))
+        return error_response(request, exc.status, list(exc.errors), field=field)
     if isinstance(exc, DomainError):
-        return error_response(request, exc.status, exc.message)
+        return error_response(request, exc.status, exc.message, field=field)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc
         message = exc.text if exc.status != 404 else f"Cannot {request.method} {request.path}"
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            # aiohttp's text is "405: Method Not Allowed": name the method refused and those the path takes.
+            message = f"Cannot {request.method} {request.path}: it takes {', '.join(sorted(exc.allowed_methods))}"
         if exc.status == 413:
             message = "request body is too large"
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}

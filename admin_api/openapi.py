@@ -16,7 +16,8 @@ _ERRORS = {
     400: "Invalid request: message lists every field the request's shape check refuses (checks against stored "
          "data, such as the account number or the price, follow one at a time)",
     401: "Missing or invalid credentials",
-    403: "Not allowed for this caller",
+    403: "Not allowed for this caller: message says why (an API key told the scope it lacks, super admins only, "
+         "not open to tenants)",
     404: "Not found (or not visible to this caller)",
     408: "The request body did not arrive within 10 seconds; nothing was changed, send it again",
     409: "Conflict",
@@ -25,6 +26,13 @@ _ERRORS = {
     422: "Business rule refused",
     429: "Too many requests",
     503: "A dependency is unavailable; nothing was changed, send it again",
+}
+# The rate limit's headers, on every answer of a limited route (admin_api.errors.apply_rate_headers).
+_RATE_HEADERS = {
+    "X-RateLimit-Limit": "requests allowed per window to this caller on this route",
+    "X-RateLimit-Remaining": "how many more are allowed right now",
+    "X-RateLimit-Reset": "when the next request is allowed if nothing more is sent, in epoch seconds (not seconds "
+                         "to wait: Retry-After on a 429)",
 }
 _SCOPE_TEXT = {
     "super": "super admin only",
@@ -108,10 +116,7 @@ def _operation(route: Route) -> dict[str, Any]:
         for name, p in route.query.items()
     ]
     rate = route.effective_limit()
-    headers = {
-        h: {"schema": {"type": "integer"}}
-        for h in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
-    }
+    headers = {h: {"description": text, "schema": {"type": "integer"}} for h, text in _RATE_HEADERS.items()}
     if route.produces == "application/json":
         content = {"application/json": {"schema": dict(route.response or {"type": "object"})}}
     else:

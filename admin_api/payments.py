@@ -386,14 +386,14 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
     member_id = body.get("memberId")
     if who.is_tenant:
         if member_id and member_id != who.member_id:
-            raise NotFound("member not found")
+            raise NotFound("member not found", field="memberId")
         member_id = who.member_id
     elif member_id:
         visible = await ctx.session.execute(
             who.scope(select(Member.id).where(Member.id == member_id), Member)
         )
         if visible.scalar_one_or_none() is None:
-            raise NotFound("member not found")
+            raise NotFound("member not found", field="memberId")
     # No member named by an admin or a key (seed 001 has no memberId): the payment is the cooperative's active
     # member's whose registered number pays, as a USSD payment is the dialling member's.
     by_account = member_id is None and not who.is_tenant
@@ -402,7 +402,7 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
     context = await load_context(ctx.session, coop_id, body["paymentTypeId"], member_id, payer_index=guess)
     ptype = context.ptype
     if ptype is None:
-        raise NotFound("payment type not found")
+        raise NotFound("payment type not found", field="paymentTypeId")
     if (who.is_tenant and body["paymentMethod"] in METHOD_OPERATOR and context.coop is not None
             and not await payment_key_used(ctx)):
         # (A key used already makes nothing: her retry answers her payment, made from her number then, as any

@@ -16,7 +16,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from admin_api.errors import RATE_DECISION, ApiError
+from admin_api.errors import RATE_DECISION, REQUEST_FIELDS, ApiError
 from admin_api.validation import Param, parse_json, parse_query, read_body, validate
 from core import auth
 from core.auth import Principal, Unauthorized
@@ -230,11 +230,22 @@ async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route,
 
 def _let_in(principal: Principal | None, route: Route) -> None:
     """Forbidden unless the caller has the route's scope (or its own scope), and, a tenant, the route takes tenants."""
-    if principal is not None and (
-        not (principal.has(route.scope or "") or (route.own_scope and principal.has(route.own_scope)))
-        or (principal.is_tenant and not route.tenants)
-    ):
-        raise Forbidden("Forbidden resource")
+    if principal is None:
+        return
+    if principal.is_tenant and not route.tenants:
+        raise Forbidden("Forbidden resource: not open to tenants")
+    if not (principal.has(route.scope or "") or (route.own_scope and principal.has(route.own_scope))):
+        raise Forbidden(refusal(principal, route.scope or ""))
+
+
+def refusal(principal: Principal, scope: str) -> str:
+    """The 403 of a caller without `scope`, saying what it lacks: an integrator's key is told the scope to ask for
+    (its admin makes a key with it), an admin that the route is a super admin's."""
+    if scope == "super":
+        return "Forbidden resource: super admins only"
+    if principal.kind == "api_key":
+        return f"Forbidden resource: this API key lacks the {scope} scope"
+    return "Forbidden resource"
 
 
 async def _names_earlier(route: Route, ctx: Ctx) -> bool:
@@ -307,7 +318,10 @@ async def _read_raw_body(request: web.Request, route: Route) -> bytes | None:
 
 
 def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    fields = frozenset((route.body or {}).get("properties", {})) | frozenset(route.query)
+
     async def endpoint(request: web.Request) -> web.StreamResponse:
+        request[REQUEST_FIELDS] = fields  # what an error's `field` may name (admin_api.errors)
         rt = request.config_dict[RUNTIME]
         raw = await _read_raw_body(request, route)
         async with rt.sessionmaker() as session:
@@ -367,13 +381,18 @@ async def _not_counted(counted: _Counted, route: Route) -> Decision:
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:
-    """Anything under /v1 that no route matches, answered in the API's error shape."""
+    """Anything under /v1 that no route matches, answered in the API's error shape. A path some route has with
+    another method is a 405 whose Allow lists every method of the path: each route is its own resource (its own
+    name), so each one resolved gives its own method only (before: Allow named the first found, POST of GET, POST)."""
+    allowed: set[str] = set()
     for resource in request.app.router.resources():
         if resource.canonical.endswith("{tail}"):
             continue
-        match, allowed = await resource.resolve(request)
-        if match is None and allowed:
-            raise web.HTTPMethodNotAllowed(request.method, allowed)
+        match, methods = await resource.resolve(request)
+        if match is None:
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
     raise web.HTTPNotFound()
 
 

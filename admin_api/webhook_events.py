@@ -115,10 +115,11 @@ _SAYS = {
 
 _HEADERS = [
     {"name": SIGNATURE_HEADER, "in": "header", "required": True,
-     "description": f"t=<unix seconds>,v1=<hex>: the HMAC-SHA256, with the endpoint's secret, of t + \".\" + the raw "
-                    f"body. While a rotated secret still signs (rotate-secret's overlap) one v1 per secret, newest "
-                    f"first: accept the event if any matches. Refuse a t more than {TOLERANCE_SECONDS} seconds "
-                    f"from now.",
+     "description": f"t=<unix seconds>,v1=<hex>: the HMAC-SHA256, lowercase hex, of t + \".\" + the raw body, keyed "
+                    f"with the endpoint's whole secret as returned, whsec_ included, as UTF-8 bytes (not "
+                    f"base64-decoded). While a rotated secret still signs (rotate-secret's overlap) one v1 per "
+                    f"secret, newest first: accept the event if any matches. Refuse a t more than "
+                    f"{TOLERANCE_SECONDS} seconds from now.",
      "schema": {"type": "string", "pattern": r"^t=\d+(,v1=[0-9a-f]{64})+$"}},
     {"name": EVENT_ID_HEADER, "in": "header", "required": True,
      "description": "the event's id, the body's id: the same on every attempt; ignore one already processed",

@@ -156,7 +156,7 @@ async def test_api_key_shown_once_stored_hashed_scoped_and_revocable(client, rt,
     await key.json("GET", "/v1/payments", 200)
     rent = demo["payment_types"]["Monthly Rent"]
     denied = await key.json("POST", "/v1/payments", 403, json=payment_body(rent))
-    assert denied["message"] == "Forbidden resource"
+    assert denied["message"] == "Forbidden resource: this API key lacks the payments:write scope"
     await key.json("GET", "/v1/members", 403)  # needs the admin scope
     await key.json("POST", "/v1/api-keys", 403, json={"name": "x", "scopes": ["admin"]})
 

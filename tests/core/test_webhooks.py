@@ -474,21 +474,24 @@ async def test_retry_later_is_raised_for_a_failure(
 
 
 def test_readme_verification_function_agrees() -> None:
-    """The function receivers copy from the README verifies what we sign, and rejects what we would."""
+    """The function receivers copy from the README verifies what we sign, and rejects what we would: the project's
+    README (where an integrator reads it, "Webhooks to cooperatives' systems") and the SMS channel's copy."""
     from pathlib import Path
 
-    readme = (Path(__file__).parents[2] / "channels" / "sms" / "README.md").read_text()
-    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    namespace: dict[str, Any] = {}
-    exec(code, namespace)  # our own README
-    readme_verify = namespace["verify_signature"]
-    body = b'{"id":"evt_1"}'
-    good = webhooks.sign("whsec_x", body, int(time.time()))
-    old = webhooks.sign("whsec_x", body, int(time.time()) - 400)
-    assert readme_verify("whsec_x", good, body) is True
-    assert readme_verify("whsec_y", good, body) is False
-    assert readme_verify("whsec_x", old, body) is False
-    assert readme_verify("whsec_x", good, body + b"\n") is False
+    root = Path(__file__).parents[2]
+    for readme in (root / "README.md", root / "channels" / "sms" / "README.md"):
+        code = readme.read_text().split("```python\n", 1)[1].split("```", 1)[0]
+        namespace: dict[str, Any] = {}
+        exec(code, namespace)  # our own README
+        readme_verify = namespace["verify_signature"]
+        body = b'{"id":"evt_1"}'
+        good = webhooks.sign("whsec_x", body, int(time.time()))
+        old = webhooks.sign("whsec_x", body, int(time.time()) - 400)
+        assert readme_verify("whsec_x", good, body) is True, readme
+        assert readme_verify("whsec_x", webhooks.sign("whsec_new", body, int(time.time()), "whsec_x"), body) is True
+        assert readme_verify("whsec_y", good, body) is False
+        assert readme_verify("whsec_x", old, body) is False
+        assert readme_verify("whsec_x", good, body + b"\n") is False
 
 
 @pytest.mark.parametrize("status", [s.value for s in PaymentStatus])
