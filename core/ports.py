@@ -58,6 +58,11 @@ class ProviderEvent:
     # When the money moved by the provider's own clock (IremboPay's paidAt, M-Pesa's TransactionDate), UTC;
     # None when the provider does not say (MTN, Airtel): the gateway dates it when it learns it.
     occurred_at: datetime | None = None
+    # The provider took the request, then refused it for the gateway's own credentials (M-Pesa's reversal Result
+    # 2001, "the initiator information is invalid", and 21, "initiator not allowed"): nothing was processed. As a call
+    # refused so (CredentialsRefused), never a failure of the request: its outcome is PENDING, and a refund goes back
+    # to waiting, unsent, for the configuration to be fixed (core.refunds.handle_refund_event). `reason` says which.
+    credentials_refused: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,9 @@ class PaymentProvider(Protocol):
     # (M-Pesa: whole shillings): see amount_refusal. And `refund_rule(provider_transaction_id) -> str | None`: why a
     # payment holding that id cannot be refunded through it (M-Pesa: no receipt number yet; core.refunds, 409). And
     # `transaction_id_is_request = True` when its transaction id is the request's own, made with it and never another
-    # (IremboPay's invoice number): a callback naming another than the payment's gatewayReference is not about it.
+    # (IremboPay's invoice number): a callback naming another than the payment's gatewayReference is not about it. And
+    # a static `payer_sees(provider_transaction_id) -> bool` when a payment may hold an id its payer never sees
+    # (M-Pesa's CheckoutRequestID before the receipt): the receipt SMS asks it through providers.registry.payer_sees.
     currencies: frozenset[str] | None
 
     async def request_collection(self, request: CollectionRequest) -> CollectionAccepted: ...

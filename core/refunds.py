@@ -22,7 +22,7 @@ from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
 from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, end_waiting, enqueue, enqueue_many, raised_sqlstate
-from core.ports import PaymentProvider, ProviderOutcome
+from core.ports import AWAITING_CONFIGURATION, PaymentProvider, ProviderOutcome
 from core.ports import ProviderEvent as ProviderEventData
 from core.references import cooperative_reference
 from core.state import StaleTransition, transition
@@ -700,6 +700,38 @@ async def _link_event(session: AsyncSession, event_row_id: str, refund: Refund, 
                           .values(refund_id=refund.id, payment_id=refund.payment_id, outcome=outcome))
 
 
+# handle_refund_event's outcome for a refund taken by the provider, then refused for the gateway's credentials.
+AWAITING_CONFIGURATION_OUTCOME = "awaiting_configuration"
+
+
+async def _awaiting_configuration(session: AsyncSession, refund: Refund, *, actor: Actor, reason: str | None) -> str:
+    """The provider took the refund, then refused it for the gateway's own credentials (ProviderEvent.
+    credentials_refused: M-Pesa's reversal Result 2001 or 21, its initiator): nothing was processed. Never FAILED (a
+    fault of ours is never a failed refund told to the member): as a call refused so when it is sent
+    (core.jobs.awaiting_configuration), the refund is PENDING again, not sent, its submission parked with the reason
+    (the operator told by gateway_provider_failing and the adapter's error line) and sent again when it is replayed
+    once the configuration is fixed; or withdrawn by an admin (cancel_refund: nothing reached the member)."""
+    why = (f"{AWAITING_CONFIGURATION}: {reason or 'the provider refused the gateway credentials'}; the refund was "
+           "not sent back and waits for the provider's configuration to be fixed, then this job is replayed")[:2000]
+    await transition(session, REFUND, refund.id, R.PROCESSING, R.PENDING, actor=actor,
+                     values={"provider_transaction_id": None}, audit={"reason": why[:200]})
+    submission = (OutboxJob.kind == "refund.submit", OutboxJob.dedupe_key == f"refund:{refund.id}")
+    await enqueue(session, "refund.submit", {"refund_id": refund.id}, dedupe_key=f"refund:{refund.id}",
+                  cooperative_id=refund.cooperative_id)  # (it has one: DONE since the provider took it)
+    now = utcnow()
+    await session.execute(update(OutboxJob).where(*submission).values(
+        status="PARKED", locked_by=None, done_at=None, last_error=why, updated_at=now))
+    # Its status polls have nothing to ask about until it is sent again.
+    polls = or_(OutboxJob.dedupe_key == f"refund-poll:{refund.id}",
+                OutboxJob.dedupe_key.like(f"refund-poll:{refund.id}:%"))
+    await end_waiting(session, OutboxJob.kind == "refund.poll", polls, status="PENDING",
+                      reason=f"superseded: {why}")
+    log.error("provider refused the gateway's credentials for a refund it had taken; the refund waits for the "
+              "configuration to be fixed (replay its parked job)",
+              extra={"refund": refund.reference, "reason": (reason or "")[:200]})
+    return AWAITING_CONFIGURATION_OUTCOME
+
+
 async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
     """Store a refund callback once, confirm it by the provider's refund status query when it is unsigned
     (as collection callbacks are), and apply it. Returns the outcome. One that matches no refund of ours is kept
@@ -738,6 +770,10 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
                 if event_row_id is None:
                     return "duplicate"
                 refund = await _find_refund(session, event, outcome, lock=True)
+                if refund is not None and event.credentials_refused and R(refund.status) is R.PROCESSING:
+                    result = await _awaiting_configuration(session, refund, actor=actor, reason=reason)
+                    await _link_event(session, event_row_id, refund, result)
+                    return result
                 if refund is not None:
                     if outcome is ProviderOutcome.AMBIGUOUS and R(refund.status) is R.PROCESSING:
                         # e.g. M-Pesa's "already reversed": the refund keeps its amount and waits for a clearer

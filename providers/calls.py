@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -38,7 +38,10 @@ class Outage:
     since: str | None = None  # when the first of them was sent (UTC, ISO 8601)
     reported: bool = False  # the error line was written (FAILING_AFTER reached)
     started: float = 0.0  # time.monotonic() of the first
-    credentials: bool = False  # the provider refuses our credentials (credentials_refused): said once
+    # The operations whose credentials the provider refuses (credentials_refused), each said once. An answer to
+    # another operation, made with other credentials (M-Pesa's STK push beside its reversal initiator, MTN's
+    # collection product beside its disbursement one), does not end the outage: only one to a refused operation does.
+    refused: set[str] = field(default_factory=set)
 
 
 _outages: dict[str, Outage] = {}
@@ -70,18 +73,22 @@ def credentials_refused(provider: str, operation: str, detail: str) -> None:
     outage.failures += 1
     outage.reported = True
     PROVIDER_FAILING.labels(provider=provider).set(1)
-    if not outage.credentials:
-        outage.credentials = True
+    if operation not in outage.refused:
+        outage.refused.add(operation)
         log.error("%s refuses the gateway's credentials (%s): fix its configuration", provider,
                   operation.replace("_", " "), extra={"provider": provider, "operation": operation,
                                                       "error": detail[:200], "failing_since": outage.since})
 
 
-def call_answered(provider: str) -> None:
-    """A call to `provider` got an answer that is not a 5xx (a 4xx is the provider's answer too): an outage this
-    process reported is over."""
+def call_answered(provider: str, operation: str | None = None) -> None:
+    """A call to `provider` (its `operation`) got an answer that is not a 5xx (a 4xx is the provider's answer too):
+    an outage this process reported is over, unless the provider still refuses our credentials for another
+    operation (Outage.refused)."""
     outage = _outages.get(provider)
     if outage is None or not outage.failures:
+        return
+    if operation is not None and outage.refused - {operation}:
+        outage.refused.discard(operation)
         return
     if outage.reported:
         PROVIDER_FAILING.labels(provider=provider).set(0)
@@ -168,7 +175,7 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
     elif response.status_code != 401:
         # A 401 says nothing of the provider's health: a token revoked early (sent again with a new one), or our
         # credentials refused (credentials_refused, which keeps an outage reported until an answer ends it).
-        call_answered(provider)
+        call_answered(provider, operation)
     return response
 
 

@@ -58,6 +58,18 @@ DEFAULT_ROUTES: dict[str, str] = {
 }
 
 
+def payer_sees(provider: str, provider_transaction_id: str | None) -> bool:
+    """Whether `provider_transaction_id`, held by a payment through `provider`, is the id its payer sees on her own
+    confirmation and statement, which her receipt SMS may name (channels.sms.templates.payer_transaction_id): an
+    adapter that holds another id for a while says which by its static `payer_sees(provider_transaction_id) -> bool`
+    (M-Pesa: its receipt number, not the CheckoutRequestID a payment keeps until Daraja's callback brings the
+    receipt); one that does not shows every id it gives. A payment holding none shows none."""
+    if not provider_transaction_id:
+        return False
+    rule = getattr(ADAPTERS.get(provider), "payer_sees", None)
+    return bool(rule(provider_transaction_id)) if callable(rule) else True
+
+
 def build_providers(settings: Settings, http: httpx.AsyncClient,
                     redis: Any = None) -> dict[str, PaymentProvider]:
     """One adapter per configured provider, sharing the process's HTTP client.

@@ -673,8 +673,8 @@ _PAYMENT_FACTS = (
     select(
         _P.c.amount_minor, _P.c.currency, _P.c.reference, _P.c.provider_transaction_id, _P.c.completed_at,
         _P.c.updated_at, _P.c.status, _P.c.failure_reason, _T.c.name, _C.c.name, _C.c.timezone,
-        _C.c.ussd_extension, _P.c.collected_minor, _C.c.ussd_aggregator, _M.c.phone_enc, _M.c.cooperative_id,
-        _M.c.language, _C.c.language,
+        _C.c.ussd_extension, _P.c.collected_minor, _C.c.ussd_aggregator, _P.c.provider, _M.c.phone_enc,
+        _M.c.cooperative_id, _M.c.language, _C.c.language,
     )
     .select_from(_P)
     .outerjoin(_T, _T.c.id == _P.c.payment_type_id)

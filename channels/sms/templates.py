@@ -23,7 +23,7 @@ from core.phone import Phone
 from core.refunds import BY_A_PERSON
 from core.reminders import reminder_balance
 from core.state.payment import PaymentStatus, shown_status
-from providers.mpesa.adapter import is_receipt
+from providers.registry import payer_sees
 
 CATALOGS: dict[str, ModuleType] = {"en": en, "rw": rw, "fr": fr, "sw": sw}
 LANGUAGES = tuple(CATALOGS)
@@ -157,6 +157,7 @@ class PaymentFacts(NamedTuple):
     coop_ussd_extension: str | None
     collected_minor: int | None  # set when the provider reported taking another amount (core.payments)
     coop_ussd_aggregator: str | None  # the aggregator whose code the member dials (None: the default code)
+    provider: str  # the payment's provider, asked whether its transaction id is one the payer sees
 
 
 def amount_text(facts: PaymentFacts, language: str) -> str:
@@ -180,13 +181,14 @@ def code_of(service_code: ServiceCode, aggregator: str | None) -> str:
     return service_code(aggregator) if callable(service_code) else service_code
 
 
-def payer_transaction_id(provider_transaction_id: str | None) -> str:
+def payer_transaction_id(provider: str, provider_transaction_id: str | None) -> str:
     """The provider's transaction id as a receipt names it: the one on the payer's own confirmation SMS and
     statement (M-Pesa's receipt 'SKL3ABC123'), "-" when the payment holds none. A CheckoutRequestID was sent as
     'Transaction: ws_CO_03122026105846540253785904', an id she finds nowhere, where she looks for her receipt."""
     # M-Pesa's CheckoutRequestID, held when Daraja's STK query confirmed the payment and the callback with the receipt
-    # never came, is told from a receipt by the adapter that knows its form (is_receipt).
-    return provider_transaction_id if provider_transaction_id and is_receipt(provider_transaction_id) else "-"
+    # never came, is told from a receipt by the adapter that knows its form, asked through the registry.
+    return provider_transaction_id if provider_transaction_id and payer_sees(provider, provider_transaction_id) \
+        else "-"
 
 
 def payment_values(facts: PaymentFacts, language: str, service_code: ServiceCode) -> dict[str, Any]:
@@ -196,7 +198,7 @@ def payment_values(facts: PaymentFacts, language: str, service_code: ServiceCode
         "type": facts.type_name or "-",
         "coop": facts.coop_name,
         "ref": facts.reference,
-        "txn": payer_transaction_id(facts.provider_transaction_id),
+        "txn": payer_transaction_id(facts.provider, facts.provider_transaction_id),
         "date": local_time(facts.completed_at or facts.updated_at, facts.coop_timezone),
         "status": catalog.PAYMENT_STATUS.get(shown_status(facts.status, facts.failure_reason, facts.completed_at),
                                               facts.status),
@@ -260,7 +262,7 @@ async def build_message(
             payment.amount_minor, payment.currency, payment.reference, payment.provider_transaction_id,
             payment.completed_at, payment.updated_at, payment.status, payment.failure_reason,
             ptype.name if ptype else None, coop.name, coop.timezone, coop.ussd_extension, payment.collected_minor,
-            coop.ussd_aggregator,
+            coop.ussd_aggregator, payment.provider,
         )
         values.update(payment_values(facts, language, service_code))
     elif template.startswith("refund_"):

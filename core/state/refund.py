@@ -25,7 +25,10 @@ REFUND = StateMachine(
     model=Refund,
     table={
         R.PENDING: frozenset({R.PROCESSING, R.COMPLETED, R.FAILED}),
-        R.PROCESSING: frozenset({R.COMPLETED, R.FAILED}),
+        # The provider took the request, then refused it for the gateway's own credentials (M-Pesa's reversal Result
+        # 2001/21): nothing was processed, so it is a refund not sent again, waiting for the configuration to be fixed
+        # (core.refunds.handle_refund_event).
+        R.PROCESSING: frozenset({R.COMPLETED, R.FAILED, R.PENDING}),
         R.COMPLETED: frozenset(),
         # The provider reports the money sent back after all (a late answer, or a person recorded FAILED too
         # soon): the member has it, so the refund completes, flagged and audited (core.refunds).

@@ -87,14 +87,20 @@ REFUND_STATUS: dict[str, ProviderOutcome] = {
     "0": ProviderOutcome.SUCCEEDED,
     "1": ProviderOutcome.FAILED,  # the organisation's balance cannot cover the reversal
     "11": ProviderOutcome.FAILED,  # debit party in an invalid state
-    "21": ProviderOutcome.FAILED,  # initiator not allowed
-    "2001": ProviderOutcome.FAILED,  # initiator credentials invalid
     # "The transaction has already been reversed": the money went back to the payer, but not necessarily
     # by this request (an earlier reversal of ours whose answer was lost, or one made by hand). Never a
     # failure (that would invite paying the member twice), nor a success on this word alone: the refund
     # waits for the Result of the reversal that did it, else is parked for a person to record.
     "R000001": ProviderOutcome.AMBIGUOUS,
     "R000002": ProviderOutcome.FAILED,  # original transaction id invalid
+}
+# Reversal Results that refuse the gateway's own initiator (MPESA_INITIATOR and its password,
+# MPESA_SECURITY_CREDENTIAL): Daraja took the reversal and processed nothing. Not the refund's failure (the member
+# was texted "refund failed" for a password rotated at Safaricom): the refund waits for the configuration as a
+# CredentialsRefused call does (ProviderEvent.credentials_refused).
+_INITIATOR_REFUSED: dict[str, str] = {
+    "2001": "initiator credentials invalid (MPESA_INITIATOR or MPESA_SECURITY_CREDENTIAL)",
+    "21": "initiator not allowed to reverse transactions (MPESA_INITIATOR needs the reversal role)",
 }
 # Calls that start a payment or refund: with no answer we cannot tell whether it was taken.
 _CREATES = frozenset({"stk_push", "reversal"})
@@ -201,6 +207,12 @@ class MpesaAdapter:
     refund_names_request = False  # a reversal of the payment's receipt (MpesaReceiptNumber)
     methods = frozenset({"MPESA"})
     currencies: frozenset[str] | None = frozenset({"KES"})
+
+    @staticmethod
+    def payer_sees(provider_transaction_id: str | None) -> bool:
+        """The payer's M-Pesa SMS and statement name the receipt (is_receipt), never the CheckoutRequestID: asked
+        through providers.registry.payer_sees by the receipt SMS."""
+        return is_receipt(provider_transaction_id)
 
     @staticmethod
     def refund_rule(provider_transaction_id: str | None) -> str | None:
@@ -447,7 +459,8 @@ class MpesaAdapter:
     def _reversal_event(self, result: Mapping[str, Any], ours: str | None) -> ProviderEvent:
         conversation = result["ConversationID"]
         code = str(result["ResultCode"])
-        outcome = REFUND_STATUS.get(code)
+        refused = _INITIATOR_REFUSED.get(code)
+        outcome = ProviderOutcome.PENDING if refused else REFUND_STATUS.get(code)
         if outcome is None:
             PROVIDER_ERRORS.labels(self.name, "callback").inc()
             log.error("mpesa reversal Result with unknown ResultCode",
@@ -472,14 +485,18 @@ class MpesaAdapter:
         }
         if ours:
             raw["provider_reference"] = ours  # found by it when the ConversationID was never stored
+        reason = None if code == "0" else scrub(str(result.get("ResultDesc") or f"ResultCode {code}"))
+        if refused:
+            reason = (f"M-Pesa refused the gateway's reversal initiator: {refused} (ResultCode {code}: {reason}); "
+                      "nothing was processed")
+            credentials_refused(self.name, "reversal", reason)
         # Not confirmable: Daraja has no synchronous reversal status. The callback URL secret
         # (checked by the route) is what authenticates it.
         return ProviderEvent(
             provider=self.name, kind=EventKind.REFUND, event_id=f"reversal:{conversation}:{code}",
             reference=conversation, outcome=outcome, amount=amount,
             provider_transaction_id=result.get("TransactionID") or None,
-            reason=None if code == "0" else scrub(str(result.get("ResultDesc") or f"ResultCode {code}")),
-            needs_confirmation=False, raw=raw,
+            reason=reason, needs_confirmation=False, raw=raw, credentials_refused=bool(refused),
             occurred_at=provider_time(params.get("TransCompletedTime"), _NAIROBI) if code == "0" else None)
 
     def _stk_outcome(self, operation: str, code: str, desc: object,

@@ -46,6 +46,10 @@ SUFFIX_OUTCOMES: dict[str, str] = {
 }
 # Payer numbers whose STK push Daraja refuses outright (HTTP 500, errorCode 500.001.1001: no prompt sent).
 LOCKED_SUFFIX = "0009"
+# An initiator Daraja knows but that may not reverse transactions: its reversals are taken, then refused in their
+# Result with ResultCode 21. Any other initiator than the configured one is refused there with 2001 ("The initiator
+# information is invalid."): Daraja checks the initiator when it processes the reversal, not when it takes it.
+INITIATOR_NOT_ALLOWED = "no-reversal-role"
 RESULT_DESC: dict[str, str] = {
     "0": "The service request is processed successfully.",
     "1": "The balance is insufficient for the transaction.",
@@ -55,6 +59,9 @@ RESULT_DESC: dict[str, str] = {
     "1019": "Transaction has expired",
     "1001": "Unable to lock subscriber, a transaction is already in process for the current subscriber",
 }
+# A reversal's Result when Daraja refuses its initiator.
+_INITIATOR_REFUSED: dict[str, str] = {"2001": RESULT_DESC["2001"], "21": "The initiator is not allowed to initiate "
+                                                                        "this request."}
 # The payer's decision in the interactive (demo phone) mode, as a ResultCode.
 _INTERACTIVE: dict[Outcome, str] = {Outcome.SUCCEED: "0", Outcome.REJECT: "1032", Outcome.EXPIRE: "1019",
                                     Outcome.FAIL: "1", Outcome.PAYER_NOT_FOUND: "1037"}
@@ -263,7 +270,8 @@ async def _reversal(request: web.Request) -> web.Response:
         return body
     if state.fail_now() is not None:
         return _error(500, "500.003.02", "System is busy. Please try again in few minutes.")
-    if not state.credential_ok("initiator", body.get("Initiator")):
+    initiator = body.get("Initiator")
+    if not isinstance(initiator, str) or not initiator:
         return _error(400, "400.002.02", "Bad Request - Invalid Initiator")
     if not state.credential_ok("security_credential", body.get("SecurityCredential")):
         return _error(400, "400.002.02", "Bad Request - Invalid SecurityCredential")
@@ -278,7 +286,9 @@ async def _reversal(request: web.Request) -> web.Response:
         if not isinstance(body.get(name), str | int) or not str(body.get(name)):
             return _bad(name)
     originator, conversation = f"{new_id(5)}-{new_id(8)}-1", f"AG_{datetime.now(UTC):%Y%m%d}_{new_id(20)}"
-    state.spawn(_reverse(state, store, body, amount, originator, conversation))
+    refused = ("21" if initiator == INITIATOR_NOT_ALLOWED
+               else None if state.credential_ok("initiator", initiator) else "2001")
+    state.spawn(_reverse(state, store, body, amount, originator, conversation, refused))
     await state.hang()  # after the reversal is under way: only the answer is lost
     return web.json_response({"OriginatorConversationID": originator, "ConversationID": conversation,
                               "ResponseCode": "0",
@@ -286,19 +296,23 @@ async def _reversal(request: web.Request) -> web.Response:
 
 
 async def _reverse(state: SimulatorState, store: _Store, body: dict[str, Any], amount: int, originator: str,
-                   conversation: str) -> None:
+                   conversation: str, refused: str | None) -> None:
+    """The reversal's Result; `refused`: the initiator's ResultCode (2001 or 21) when Daraja refuses it."""
     await asyncio.sleep(state.options.delay)
     receipt = str(body["TransactionID"])
     stk = store.receipts.get(receipt)
-    if stk is None or stk.amount != amount:
+    if refused is not None:
+        code, desc = refused, _INITIATOR_REFUSED[refused]
+    elif stk is None or stk.amount != amount:
         code, desc = "R000002", "The OriginalTransactionID is invalid."
     elif receipt in store.reversed:
         code, desc = "R000001", "The transaction has already been reversed."
     else:
         code, desc = "0", "The service request is processed successfully."
         store.reversed.add(receipt)
-    result: dict[str, Any] = {"ResultType": 0, "ResultCode": 0 if code == "0" else code, "ResultDesc": desc,
-                              "OriginatorConversationID": originator, "ConversationID": conversation,
+    result: dict[str, Any] = {"ResultType": 0, "ResultCode": int(code) if code.isdigit() else code,
+                              "ResultDesc": desc, "OriginatorConversationID": originator,
+                              "ConversationID": conversation,
                               "TransactionID": "S" + secrets.token_hex(5).upper()[:9]}
     if code == "0":
         result["ResultParameters"] = {"ResultParameter": [

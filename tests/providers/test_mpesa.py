@@ -20,6 +20,7 @@ from channels.sms.templates import reason_key
 from core.config import ProviderConfig, Secret
 from core.jobs import CREDENTIALS_REFUSED
 from core.logs import JsonFormatter
+from core.metrics import REGISTRY
 from core.money import Money
 from core.phone import normalize
 from core.ports import (
@@ -399,6 +400,43 @@ async def test_callbacks(case: dict[str, Any]) -> None:
     if "reason" in want:
         assert event.reason == want["reason"]
     assert "254708000001" not in json.dumps(event.raw)  # the stored event keeps a masked number only
+
+
+@pytest.mark.parametrize(("code", "desc", "words"), [
+    (2001, "The initiator information is invalid.", "initiator credentials invalid"),
+    (21, "The initiator is not allowed to initiate this request.", "initiator not allowed"),
+])
+async def test_reversal_result_refusing_our_initiator_is_no_failure(code: int, desc: str, words: str) -> None:
+    """Daraja took the reversal, then refused the gateway's initiator: nothing was processed, the refund is not
+    FAILED (core.refunds puts it back to wait for the configuration), and the operator is told at once."""
+    adapter = MpesaAdapter(httpx.AsyncClient(transport=httpx.MockTransport(Wire().handler)), config())
+    body = {"Result": {"ResultType": 0, "ResultCode": code, "ResultDesc": desc,
+                       "OriginatorConversationID": "8521-4298025-1", "ConversationID": "AG_20261122_00006bd489ff"}}
+    event = adapter.parse_callback(inbound(body, query={"ref": "ref-of-ours"}))
+    assert (event.kind, event.outcome, event.credentials_refused) == (EventKind.REFUND, ProviderOutcome.PENDING, True)
+    assert words in (event.reason or "") and f"ResultCode {code}" in (event.reason or "") and desc in event.reason
+    assert event.raw["provider_reference"] == "ref-of-ours"
+    assert REGISTRY.get_sample_value("gateway_provider_failing", {"provider": "mpesa"}) == 1
+
+
+async def test_refused_initiator_stays_reported_while_other_calls_are_answered() -> None:
+    """gateway_provider_failing, set by a reversal refused for the initiator, read 0 again at the next STK push
+    answered: M-Pesa calls succeed, but refunds still wait for the initiator. Only a reversal answered again (the
+    configuration fixed) ends it."""
+    push = fixture("stk_push.json")["cases"][0]
+    reversal = fixture("reversal.json")["response"]
+    wire = (token_route(Wire()).on("POST", "/mpesa/stkpush/v1/processrequest", push["status"], push["json"])
+            .on("POST", "/mpesa/reversal/v1/request", reversal["status"], reversal["json"]))
+    body = {"Result": {"ResultType": 0, "ResultCode": 2001, "ResultDesc": "The initiator information is invalid.",
+                       "OriginatorConversationID": "8521-4298025-1", "ConversationID": "AG_20261122_00006bd489ff"}}
+    async with wire.client() as http:
+        adapter = MpesaAdapter(http, config(), clock=lambda: NOW)
+        adapter.parse_callback(inbound(body))
+        await adapter.request_collection(collection())  # a token and an STK push, answered
+        assert REGISTRY.get_sample_value("gateway_provider_failing", {"provider": "mpesa"}) == 1
+        await adapter.request_refund(refund())  # a reversal answered: its initiator may be fixed
+        assert REGISTRY.get_sample_value("gateway_provider_failing", {"provider": "mpesa"}) == 0
+    wire.done()
 
 
 @pytest.mark.parametrize("case", fixture("callbacks.json")["rejected"], ids=lambda c: c["name"])

@@ -394,3 +394,22 @@ def test_mount_simulators_with_overrides() -> None:
     for sub in mounted.values():
         options = sub[STATE].options
         assert options.interactive is True and options.delay == 0.5
+
+
+@pytest.mark.parametrize(("provider", "seen", "unseen"), [
+    ("mpesa", "SKL3ABC123", "ws_CO_03122026105846540253785904"),  # the receipt, not the CheckoutRequestID
+    ("mtn_momo", "1839201057", None),  # financialTransactionId
+    ("airtel", "MP210603.1234.L06941", None),  # airtel_money_id
+    ("irembopay", "880419623157", None),  # invoice number
+])
+def test_each_provider_says_which_transaction_id_its_payer_sees(provider: str, seen: str, unseen: str | None) -> None:
+    """The hook an SMS receipt asks (channels.sms.templates.payer_transaction_id) without naming a provider: the
+    id on the payer's own confirmation and statement is shown; M-Pesa's CheckoutRequestID, held until Daraja's
+    callback brings the receipt, is not; a payment holding none shows none."""
+    from providers.registry import payer_sees
+
+    assert set(ADAPTERS) == set(PROVIDER_NAMES)
+    assert payer_sees(provider, seen) is True
+    assert payer_sees(provider, None) is False and payer_sees(provider, "") is False
+    if unseen is not None:
+        assert payer_sees(provider, unseen) is False

@@ -1,0 +1,100 @@
+"""M-Pesa taking a reversal, then refusing it in its Result for the gateway's own initiator (ResultCode 2001: "The
+initiator information is invalid.", a rotated initiator password; 21: the initiator may not reverse), against the
+simulator over HTTP. Read as any reversal failure, the refund was FAILED and the member texted that her refund
+failed, when nothing was processed and only the gateway's configuration was wrong. It waits for the fix as a refund
+whose credentials are refused when it is sent does: PENDING, its submission parked naming the initiator, the
+operator told, and sent again once the configuration is fixed and the job replayed."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from sqlalchemy import select
+
+from core.config import ProviderConfig, Secret
+from core.metrics import REGISTRY
+from core.models import OutboxJob, ProviderEvent, Refund, SmsMessage
+from core.outbox import replay_job
+from providers.mpesa import MpesaAdapter
+from providers.mpesa.simulator import INITIATOR_NOT_ALLOWED, create_simulator
+from providers.simulation import STATE, SimulatorOptions
+from tests.conftest import drain
+from tests.core.test_provider_faults_mpesa import _payment
+from tests.core.test_refund_credentials_providers import Recorder, _refund
+from tests.providers.wires import MPESA_CREDS, due_now, mpesa_payment
+
+REVERSAL = "/mpesa/reversal/v1/request"
+
+
+def _mpesa(rt: Any, base: str, http: httpx.AsyncClient, **creds: str) -> None:
+    rt.providers = {**rt.providers, "mpesa": MpesaAdapter(http, ProviderConfig(
+        base_url=base, credentials={k: Secret(v) for k, v in {**MPESA_CREDS, **creds}.items()},
+        options={"shortcode": "174379"}))}
+
+
+@pytest.mark.parametrize(("initiator", "code"), [("an-old-initiator", "2001"), (INITIATOR_NOT_ALLOWED, "21")],
+                         ids=["invalid_2001", "not_allowed_21"])
+async def test_reversal_refused_for_the_initiator_waits_for_the_configuration(
+        rt: Any, demo: dict[str, Any], worker: Any, client: Any, initiator: str, code: str) -> None:
+    sim = create_simulator(SimulatorOptions(delay=0.05, credentials=MPESA_CREDS))
+    runner = web.AppRunner(sim, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    recorder = Recorder()
+    try:
+        rt.settings = dataclasses.replace(rt.settings, public_base_url=str(client.make_url("")).rstrip("/"))
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with httpx.AsyncClient(event_hooks={"request": [recorder]}) as http:
+            _mpesa(rt, base, http)
+            payment = await mpesa_payment(rt, demo)
+            await worker.run_once()  # the STK push; the payer approves, the callback brings the receipt
+            await sim[STATE].idle()
+            assert (await _payment(rt, payment.id)).status == "COMPLETED"
+
+            _mpesa(rt, base, http, initiator=initiator)  # the initiator rotated away at Safaricom
+            refund_id = await _refund(rt, demo, payment.id)
+            await due_now(rt, "refund.submit")
+            await drain(worker)  # Daraja takes the reversal (ResponseCode 0)...
+            await sim[STATE].idle()  # ...and refuses it in its Result
+            await drain(worker)
+            assert len(recorder.bodies(REVERSAL)) == 1
+            async with rt.sessionmaker() as s:
+                refund = await s.get(Refund, refund_id)
+                job = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{refund_id}"))
+                       ).scalar_one()
+                texts = (await s.execute(select(SmsMessage.body).where(SmsMessage.template.startswith("refund_")))
+                         ).all()
+                sms_jobs = (await s.execute(select(OutboxJob.dedupe_key).where(
+                    OutboxJob.dedupe_key.like(f"%refund_failed:{refund_id}")))).scalars().all()
+                [result] = (await s.execute(select(ProviderEvent).where(ProviderEvent.kind == "refund"))).scalars()
+            # Not FAILED, nobody told the refund failed: it waits, unsent, for the configuration.
+            assert refund.status == "PENDING", (refund.status, refund.failure_reason)
+            assert refund.failure_reason is None
+            assert not texts and not sms_jobs
+            assert job.status == "PARKED", (job.status, job.last_error)
+            assert "initiator" in (job.last_error or "") and f"ResultCode {code}" in (job.last_error or ""), \
+                job.last_error
+            assert (result.payload["ResultCode"], result.refund_id, result.outcome) == \
+                (code, refund_id, "awaiting_configuration")
+            assert REGISTRY.get_sample_value("gateway_provider_failing", {"provider": "mpesa"}) == 1
+
+            _mpesa(rt, base, http)  # fixed
+            async with rt.sessionmaker.begin() as s:
+                assert await replay_job(s, job.id) is not None
+            await drain(worker)
+            await sim[STATE].idle()
+            await drain(worker)
+        async with rt.sessionmaker() as s:
+            refund = await s.get(Refund, refund_id)
+            texts = (await s.execute(select(SmsMessage.template).where(SmsMessage.template.startswith("refund_")))
+                     ).scalars().all()
+        assert len(recorder.bodies(REVERSAL)) == 2
+        assert refund.status == "COMPLETED", (refund.status, refund.failure_reason)
+        assert texts == ["refund_completed"]
+    finally:
+        await runner.cleanup()
