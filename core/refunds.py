@@ -26,6 +26,7 @@ from core.ports import AWAITING_CONFIGURATION, PaymentProvider, ProviderOutcome
 from core.ports import ProviderEvent as ProviderEventData
 from core.references import cooperative_reference
 from core.state import StaleTransition, transition
+from core.state.dispute import DisputeStatus
 from core.state.payment import PAYMENT, PaymentStatus, holds_money, taken_after_failure
 from core.state.refund import OPEN_VALUES, REFUND, RefundStatus
 from core.text import admin_note
@@ -112,6 +113,10 @@ async def request_refund(
         # A mistake in the request whatever the payment holds (400, as a payment's or a type's amount is),
         # unlike the refusals below, which depend on what is left to refund (422).
         raise ValidationError("amount must be a positive number", field="amount")
+    # A refund while the payment is disputed is noted on the dispute (_note_refund_on_disputes), whose lock comes
+    # first: a resolution locks its dispute, then the payment (core.disputes.move_dispute), so the other order
+    # deadlocks against it. The dispute's own refund (dispute_id) comes with its dispute locked already.
+    disputes = [] if dispute_id is not None else await _lock_open_disputes(session, payment_id, cooperative_id)
     payment = await lock_row(session, Payment, payment_id, cooperative_id)
     if payment is None:
         raise NotFound("payment not found")
@@ -164,6 +169,11 @@ async def request_refund(
         raise ValidationError("reason must be at most 300 characters", field="reason")
     if returned is not None:
         await _reversal_not_recorded(session, payment, returned)
+    if dispute_id is None:
+        disputes = await _still_open_disputes(session, payment, disputes)
+        # Linked to the dispute it was made during (the oldest, if an earlier race left two): its failure or
+        # withdrawal is noted there too (_note_on_dispute), as a resolution's refund's is.
+        dispute_id = disputes[0].id if disputes else None
 
     refund = Refund(
         id=str(uuid.uuid4()), cooperative_id=payment.cooperative_id, payment_id=payment.id,
@@ -181,6 +191,7 @@ async def request_refund(
     await record(session, actor=actor, action="refund.requested", entity_type="refund", entity_id=refund.id,
                  after={"paymentId": payment.id, "amount": amount.minor, "currency": amount.currency,
                         "reason": reason}, cooperative_id=payment.cooperative_id)
+    await _note_refund_on_disputes(session, disputes, refund, actor=actor, returned=returned is not None)
     if returned is not None:
         await record(session, actor=actor, action="refund.returned_by_provider", entity_type="refund",
                      entity_id=refund.id, after={"providerTransactionId": returned.provider_transaction_id,
@@ -195,6 +206,53 @@ async def request_refund(
     await enqueue(session, "refund.submit", {"refund_id": refund.id}, dedupe_key=f"refund:{refund.id}",
                   cooperative_id=payment.cooperative_id)
     return refund, True
+
+
+_OPEN_DISPUTE = (DisputeStatus.OPEN.value, DisputeStatus.UNDER_REVIEW.value)  # (core.disputes.OPEN_STATES)
+
+
+async def _lock_open_disputes(session: AsyncSession, payment_id: str, cooperative_id: str | None) -> list[Dispute]:
+    """The payment's open disputes, locked (in id order) before the payment is: one indexed probe, nothing
+    locked when there is none. One being resolved is waited for, then left out once it is closed."""
+    query = (select(Dispute).where(Dispute.payment_id == payment_id, Dispute.status.in_(_OPEN_DISPUTE))
+             .order_by(Dispute.id).with_for_update())
+    if cooperative_id is not None:
+        query = query.where(Dispute.cooperative_id == cooperative_id)
+    return list((await session.execute(query.execution_options(populate_existing=True))).scalars().all())
+
+
+async def _still_open_disputes(session: AsyncSession, payment: Payment, locked: list[Dispute]) -> list[Dispute]:
+    """The payment's open disputes, read under its lock: those locked before it (_lock_open_disputes), and one
+    opened since (core.disputes.open_dispute committed while this waited for the payment). That one is taken only
+    if it is free (SKIP LOCKED): waiting for it while holding the payment is the deadlock the order avoids; one held
+    is being moved by an officer right now, and the refund is refused for her to send again."""
+    opened = set((await session.execute(select(Dispute.id).where(
+        Dispute.payment_id == payment.id, Dispute.status.in_(_OPEN_DISPUTE)))).scalars().all())
+    new = opened - {dispute.id for dispute in locked}
+    taken = [] if not new else (await session.execute(
+        select(Dispute).where(Dispute.id.in_(new), Dispute.status.in_(_OPEN_DISPUTE)).order_by(Dispute.id)
+        .with_for_update(skip_locked=True).execution_options(populate_existing=True))).scalars().all()
+    if len(taken) < len(new):
+        raise Conflict("a dispute on this payment was opened and is being changed right now: nothing was "
+                       "refunded; send the refund again")
+    return sorted([*locked, *taken], key=lambda dispute: (dispute.created_at, dispute.id))  # the oldest first
+
+
+async def _note_refund_on_disputes(session: AsyncSession, disputes: list[Dispute], refund: Refund, *, actor: Actor,
+                                   returned: bool) -> None:
+    """A refund made on a disputed payment, noted on its open disputes (locked: _lock_open_disputes) where the
+    officer resolving one looks: without it, her resolution's refund paid the member a second time."""
+    if not disputes:
+        return
+    from core.disputes import add_note  # local: core.disputes asks this module for refunds
+
+    amount = Money(refund.amount_minor, refund.currency)
+    made = "recorded as sent back by the provider" if returned else "requested"
+    for dispute in disputes:
+        await add_note(session, dispute, actor=actor, action="dispute.refund_made",
+                       text=f"refund {refund.reference} of {amount} {made} on the payment while this dispute is "
+                            f"{dispute.status}: count it before resolving with a refund",
+                       audit={"refundId": refund.id, "amount": refund.amount_minor, "currency": refund.currency})
 
 
 async def _held_by_unsettled(session: AsyncSession, payment: Payment) -> str:
@@ -525,6 +583,11 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
         raise NotFound("refund not found")
     if R(refund.status) is R.COMPLETED or (R(refund.status) is R.FAILED and not succeeded):
         raise Conflict(f"refund is already {refund.status}", field="status")
+    if refund.dispute_id is not None:
+        # Its dispute is noted after the payment is locked (_note_on_dispute): locked first, as a resolution locks
+        # its dispute before the payment (core.disputes.move_dispute; a refund made during an open dispute is
+        # linked to it), or the two deadlock.
+        await lock_row(session, Dispute, refund.dispute_id)
     # A FAILED refund the provider's statement shows sent back after all (its answer came late, or reached a
     # process of an earlier release that dropped it) is recorded COMPLETED: flagged as the provider's late word
     # is (apply_refund_outcome), so the same money cannot be refunded again.
