@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from admin_api.common import DATETIME, iso, json_response, out, page_of, paged
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param
+from channels.sms import jobs as sms_jobs
 from core import webhooks
 from core.audit import Actor, record
 from core.errors import Conflict, NotFound, ValidationError
@@ -29,6 +30,7 @@ SUBJECT_PARAMS = {"payment": "paymentId", "refund": "refundId"}
 ON_REPLAY: dict[str, Callable[[AsyncSession, OutboxJob, Actor], Awaitable[None]]] = {
     "webhook.deliver": lambda session, job, actor: webhooks.reopen_for_replay(session, job, actor=actor),
     "payment.collect": lambda session, job, actor: _collect_still_open(session, job),
+    "sms.send": lambda session, job, actor: sms_jobs.reopen_for_replay(session, job.payload or {}),
 }
 JOB = out(
     {
@@ -61,8 +63,16 @@ def subject_of(kind: str, payload: dict[str, Any] | None) -> dict[str, str] | No
 
 async def _collect_still_open(session: AsyncSession, job: OutboxJob) -> None:
     """A parked 'payment.collect' job is replayed only while its payment may still be approved: once its
-    window is over the job would send nothing (core.jobs), and the payment is settled by its status poll."""
+    window is over, or the payment is no longer PENDING (its poll ended it, or the provider has it), the job would
+    send nothing (core.jobs), and a 200 would read as the payer prompted."""
     payment, now = await payment_and_now(session, str((job.payload or {}).get("payment_id") or ""))
+    if payment is not None and payment.status == "PROCESSING":
+        raise Conflict(f"payment {payment.id} is PROCESSING: the provider has its request, so replaying its collect "
+                       "job would send nothing. Its callback or status poll settles it")
+    if payment is not None and payment.status != "PENDING":
+        reason = f" ({payment.failure_reason})" if payment.failure_reason else ""
+        raise Conflict(f"payment {payment.id} is {payment.status}{reason}: replaying its collect job would send "
+                       "nothing")
     if payment is not None and payment.status == "PENDING" and now >= payment.expires_at:
         raise Conflict(f"payment {payment.id}'s approval window is over: replaying its collect job would send "
                        "nothing (a PIN prompt now would come too late). Its status poll settles it; the payer "
@@ -126,12 +136,15 @@ async def replay(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         raise NotFound("job not found")
     job = await replay_job(ctx.session, job_id)
     if job is None:
-        raise Conflict("only a PARKED job can be replayed")
+        # Named, so a replay sent again (its answer lost) reads as the first one taken: PENDING, back in the queue.
+        current = await ctx.session.get(OutboxJob, job_id)  # the row replay_job read and locked
+        raise Conflict(f"job {job_id} is {current.status if current else 'gone'}: only a PARKED job can be replayed")
     reopen = ON_REPLAY.get(job.kind)
     if reopen is not None:
         await reopen(ctx.session, job, ctx.who.actor)
     await record(ctx.session, actor=ctx.who.actor, action="job.replayed", entity_type="outbox_job",
-                 entity_id=str(job.id), after={"kind": job.kind}, cooperative_id=job.cooperative_id)
+                 entity_id=str(job.id), after={"kind": job.kind, "subject": subject_of(job.kind, job.payload)},
+                 cooperative_id=job.cooperative_id)
     await ctx.session.flush()
     return json_response(present(job))
 

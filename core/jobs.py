@@ -683,7 +683,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 raise PermanentJobError(f"refund {refund.id} needs manual review: {exc}; then record it with "
                                         f"POST /v1/refunds/{refund.id}/outcome") from exc
             # The provider cannot tell (e.g. Airtel has no refund status query): a person must look.
-            raise PermanentJobError(f"refund {refund.id} needs manual review: {exc}") from exc
+            raise PermanentJobError(f"refund {refund.reference} needs manual review: {exc}; check with the provider, "
+                                    f"then record it with POST /v1/refunds/{refund.id}/outcome") from exc
         age = utcnow() - refund.created_at
         if status.outcome in (ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
             if age >= REFUND_POLL_LIMIT:
@@ -694,7 +695,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 raise PermanentJobError(
                     f"refund {refund.reference} needs manual review: {provider.name} has not settled it "
                     f"{hours:.0f} h after it was asked for ({status.reason or 'still pending'}); check with "
-                    "the provider, then record the outcome")
+                    f"the provider, then record it with POST /v1/refunds/{refund.id}/outcome")
             raise RetryLater(poll_delay(age.total_seconds()), "refund still pending")
         async with rt.sessionmaker.begin() as session:
             fresh = (await session.execute(select(Refund).where(Refund.id == refund.id).with_for_update())
@@ -710,7 +711,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         resent = int(job.payload.get("resent", 0))
         if resent >= REFUND_RESENDS:
             raise PermanentJobError(f"refund {refund.reference} needs manual review: the provider still has no "
-                                    f"refund with its reference after {resent} resends")
+                                    f"refund with its reference after {resent} resends; check with it, then record "
+                                    f"it with POST /v1/refunds/{refund.id}/outcome")
         provider = rt.providers[payment.provider]
         log.warning("refund unknown to the provider; sending it again with the same reference",
                     extra={"refund": refund.reference, "provider": provider.name, "resend": resent + 1})

@@ -570,6 +570,18 @@ _NOTE_PARKED = (
 )
 
 
+async def reopen_for_replay(session: AsyncSession, payload: dict[str, Any]) -> None:
+    """A parked 'sms.send' job is being replayed (admin_api.jobs): its still-QUEUED message is back in the queue,
+    so it no longer says its retries are exhausted (the ops page's QUEUED_PARKED, "replay it"); the reason it waited
+    stays until it goes out, and a replay that runs out of attempts again notes it again (_note_parked)."""
+    await session.execute(
+        update(SmsMessage)
+        .where(SmsMessage.idempotency_key == message_key(payload), SmsMessage.status == SmsStatus.QUEUED.value,
+               SmsMessage.provider_status == RETRIES_EXHAUSTED)
+        .values(provider_status=None, updated_at=utcnow())
+    )
+
+
 @functools.cache
 def _insert(dialect_name: str) -> Any:
     """INSERT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING the send's columns, built once."""

@@ -33,8 +33,10 @@ from core import metrics
 from core.config import Secret, Settings
 from core.phone import Phone
 from core.ports import SendResult, SmsSender
+from providers.calls import call_answered, call_failed
 
 log = logging.getLogger("gateway.sms.sender")
+NAME = "africastalking"  # its label in the provider metrics and outage lines (providers.calls)
 
 # Recipient statusCode values (Africa's Talking messaging API).
 ACCEPTED_CODES = frozenset({100, 101, 102})  # Processed, Sent, Queued
@@ -136,17 +138,25 @@ class AfricasTalkingSender:
             )
         except _NOT_SENT as exc:
             metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.send").inc()
+            call_failed(NAME, started)
             raise SmsTemporaryError(
                 f"network error talking to Africa's Talking: {type(exc).__name__}"
             ) from exc
         except httpx.HTTPError as exc:
             # ReadTimeout, ReadError, RemoteProtocolError, ...: the request was out, the answer was not read.
             metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.send").inc()
+            call_failed(NAME, started)
             raise SmsUnconfirmedError(f"{type(exc).__name__} after the send") from exc
         finally:
             metrics.PROVIDER_CALLS.labels(provider="africastalking", operation="sms.send").observe(
                 time.perf_counter() - started
             )
+        # An outage (5xx, no connection, no answer: several in a row) is reported once, as a payment provider's is
+        # (providers.calls): one error line and gateway_provider_failing, not only a warning per message.
+        if response.status_code >= 500:
+            call_failed(NAME, started)
+        else:
+            call_answered(NAME)
         return self._parse(phone, response)
 
     def _parse(self, phone: Phone, response: httpx.Response) -> SendResult:

@@ -17,6 +17,7 @@ from core import config as core_config
 from core.config import ProviderConfig
 from core.cooperatives import COUNTRY_CURRENCY
 from core.inbound import JSON_ERRORS
+from core.logs import scrub
 from core.metrics import PROVIDER_ERRORS
 from core.money import Money, exponent
 from core.ports import (
@@ -102,10 +103,17 @@ def _succeeded(block: Mapping[str, Any]) -> bool:
 
 
 def _detail(body: Mapping[str, Any]) -> str:
+    """Airtel's words for a refusal, the subscriber's number masked (they become a payment's failureReason and a
+    job's lastError)."""
     block = _status_block(body)
-    message = block.get("message") or body.get("error_description") or body.get("error") or "no details"
+    message = scrub(str(block.get("message") or body.get("error_description") or body.get("error") or "no details"))
     code = block.get("result_code") or block.get("response_code")
-    return f"{message} ({code})" if code else str(message)
+    return f"{message} ({code})" if code else message
+
+
+def _words(message: object) -> str | None:
+    """A transaction's message as a failure reason, the subscriber's number masked; None when it has none."""
+    return scrub(str(message)) if message else None
 
 
 def _outcome(status: object) -> ProviderOutcome:
@@ -255,7 +263,7 @@ class AirtelAdapter:
             log.error("Airtel Money answered an unknown status", extra={"status": str(tx.get("status"))})
             raise
         return StatusResult(outcome=outcome, provider_transaction_id=tx.get("airtel_money_id") or None,
-                            reason=None if outcome is ProviderOutcome.SUCCEEDED else tx.get("message"),
+                            reason=None if outcome is ProviderOutcome.SUCCEEDED else _words(tx.get("message")),
                             raw=dict(answer))
 
     # refunds ----------------------------------------------------------------
@@ -287,7 +295,7 @@ class AirtelAdapter:
         raise http_error(NAME, "refund", response, _detail(answer), deduplicated=False)
 
     async def refund_status(self, provider_reference: str, currency: str) -> StatusResult:
-        raise ProviderError("Airtel Money has no refund status query; the refund answer is final",
+        raise ProviderError("Airtel Money has no refund status query: its outcome cannot be asked",
                             retryable=False, code="NO_REFUND_STATUS")
 
     # callbacks --------------------------------------------------------------
@@ -330,5 +338,5 @@ class AirtelAdapter:
         return ProviderEvent(
             provider=NAME, kind=EventKind.COLLECTION, event_id=f"{reference}:{status}", reference=reference,
             outcome=outcome, provider_transaction_id=tx.get("airtel_money_id") or None,
-            reason=None if outcome is ProviderOutcome.SUCCEEDED else (tx.get("message") or None),
+            reason=None if outcome is ProviderOutcome.SUCCEEDED else _words(tx.get("message")),
             needs_confirmation=not self._callback_key, raw=body)

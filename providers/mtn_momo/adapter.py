@@ -13,6 +13,7 @@ import httpx
 
 from core.config import MTN_ENVIRONMENT_CURRENCY, ProviderConfig
 from core.inbound import JSON_ERRORS
+from core.logs import scrub
 from core.money import Money, MoneyError
 from core.phone import mask
 from core.ports import (
@@ -80,9 +81,9 @@ def _reason(raw: object) -> tuple[str | None, str | None]:
         code = raw.get("code")
         message = raw.get("message")
         code = str(code) if code else None
-        return code, REASON_WORDS.get(code or "") or (str(message) if message else code)
+        return code, REASON_WORDS.get(code or "") or (scrub(str(message)) if message else code)
     if isinstance(raw, str) and raw:
-        return raw, REASON_WORDS.get(raw, raw)
+        return raw, REASON_WORDS.get(raw, scrub(raw))
     return None, None
 
 
@@ -136,8 +137,10 @@ def _note(text: str, fallback: str) -> str:
 
 
 def _detail(response: httpx.Response) -> str:
+    """MTN's words for a refusal or failure, the payer's number masked: some name it ("Account holder with
+    FRI:<number>/MSISDN not found"), and they become a payment's failureReason and a job's lastError."""
     body = json_body(response)
-    return str(body.get("message") or body.get("code") or body.get("error") or "no details")
+    return scrub(str(body.get("message") or body.get("code") or body.get("error") or "no details"))
 
 
 class MtnMomoAdapter:

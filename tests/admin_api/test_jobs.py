@@ -9,7 +9,9 @@ from sqlalchemy import select, update
 from core.db import utcnow
 from core.models import AuditEvent, OutboxJob
 from core.outbox import UNKNOWN_KIND_PARK_AFTER, enqueue
+from core.payments import create_payment
 from tests.conftest import drain
+from tests.providers.wires import ADMIN, mtn_payment
 
 
 async def _parked_job(rt, worker, cooperative_id: str) -> int:
@@ -40,7 +42,8 @@ async def test_parked_job_listed_and_replayed(admin, rt, demo, worker):
         assert [(a.entity_id, a.cooperative_id) for a in audit] == [(str(job_id), demo["cooperative_id"])]
 
     body = await admin.json("POST", f"/v1/jobs/{job_id}/replay", 409)
-    assert "PARKED" in body["message"]
+    # A replay sent again (its answer lost) says the first one took: the job is back in the queue.
+    assert f"job {job_id} is PENDING" in body["message"] and "PARKED" in body["message"]
     # The replayed job runs again (and parks again: its cause was not fixed).
     await drain(worker)
     async with rt.sessionmaker() as s:
@@ -60,3 +63,16 @@ async def test_jobs_of_another_cooperative_are_invisible(admin, rt, demo, worker
     await admin.json("GET", "/v1/jobs?status=BOGUS", 400)
     async with rt.sessionmaker() as s:
         assert (await s.get(OutboxJob, job_id)).status == "PARKED"
+
+
+async def test_a_replay_is_audited_with_the_payment_it_is_about(admin, rt, demo):
+    """The morning after, "who replayed the collect of payment X?" is answered from the audit log."""
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "payment.collect").values(
+            status="PARKED", last_error="ProviderError: mtn_momo request to pay failed (HTTP 500)"))
+        job_id = (await s.execute(select(OutboxJob.id).where(OutboxJob.kind == "payment.collect"))).scalar_one()
+    await admin.json("POST", f"/v1/jobs/{job_id}/replay", 200)
+    async with rt.sessionmaker() as s:
+        [audit] = (await s.execute(select(AuditEvent).where(AuditEvent.action == "job.replayed"))).scalars().all()
+    assert audit.after == {"kind": "payment.collect", "subject": {"type": "payment", "id": payment.id}}

@@ -48,3 +48,21 @@ async def test_jobs_view_names_the_payment_not_the_payload(admin, rt, demo, work
     # it; nothing else of its payload (an encrypted phone number) is shown.
     assert sms["data"] and all(j["subject"] == {"type": "payment", "id": payment.id} for j in sms["data"])
     assert all("payload" not in j and "phone" not in json.dumps(j) for j in sms["data"])
+
+
+async def test_replay_of_collect_whose_payment_has_ended_is_refused_not_a_silent_no_op(admin, rt, demo, worker):
+    """After the outage the poll ends the payment (FAILED: MTN never got it) while its collect job stays parked.
+    Replaying that job would be answered 200 and then send nothing (the collect leaves a payment that is no longer
+    PENDING alone): the engineer would believe the payer was prompted. Refused, saying why."""
+    wire, payment, collect = await outage_payment(rt, demo, worker)
+    await due_now(rt, "payment.poll")
+    await drain(worker, rounds=2)
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, payment.id)).status == "FAILED"
+    body = await admin.json("POST", f"/v1/jobs/{collect.id}/replay", 409)
+    assert payment.id in body["message"] and "FAILED" in body["message"]
+    await drain(worker)
+    assert wire.sent("POST", RTP) == []
+    async with rt.sessionmaker() as s:
+        assert (await s.get(OutboxJob, collect.id)).status == "PARKED"
+        assert (await s.execute(select(AuditEvent).where(AuditEvent.action == "job.replayed"))).first() is None

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from core.config import ProviderConfig, Secret
 from core.models import OutboxJob, Payment, ProviderEvent, Refund
+from core.outbox import replay_job
 from core.payments import create_payment
 from core.ports import ProviderError, ProviderOutcome, ProviderTimeout
 from core.refunds import record_refund_outcome, request_refund
@@ -222,4 +223,28 @@ async def test_airtel_refund_answered_5xx_is_parked_for_a_person_not_sent_again(
     stored, paid, jobs = await _rows(rt, refund.id, payment.id)
     assert (stored.status, stored.provider_transaction_id) == ("COMPLETED", "RF210604.0934.B54321")
     assert (paid.status, paid.refunded_minor) == ("REFUNDED", 50_000)
+    assert len(wire.sent("POST", AIRTEL_REFUND)) == 1
+
+
+async def test_an_airtel_refund_parked_for_a_person_says_what_to_do_and_replays_nothing(rt, demo, worker):
+    """The on-call engineer reads the parked poll's reason: Airtel never answered (502), so its reason must not say
+    "the refund answer is final" (there was none: the money may or may not have gone back), and it names how to
+    settle it. Replaying the poll (a person's first reflex) sends nothing and parks it with the same words."""
+    wire, payment = await airtel_collected(rt, demo, "key-airtel-parked-words")
+    wire.on("POST", AIRTEL_REFUND, 502, {"status": {"message": "Bad Gateway", "success": False}})
+    refund = await _ask_refund(rt, demo, payment)
+    await drain(worker)
+    await due_now(rt, "refund.poll")
+    await drain(worker)
+    [poll] = [j for j in (await _rows(rt, refund.id, payment.id))[2] if j.kind == "refund.poll"]
+    assert poll.status == "PARKED"
+    assert "answer is final" not in poll.last_error
+    assert refund.reference in poll.last_error and f"POST /v1/refunds/{refund.id}/outcome" in poll.last_error
+
+    async with rt.sessionmaker.begin() as s:
+        assert await replay_job(s, poll.id) is not None
+    await drain(worker)
+    async with rt.sessionmaker() as s:
+        again = await s.get(OutboxJob, poll.id)
+    assert (again.status, again.last_error) == ("PARKED", poll.last_error)
     assert len(wire.sent("POST", AIRTEL_REFUND)) == 1

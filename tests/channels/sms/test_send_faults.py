@@ -26,6 +26,7 @@ from core.config import Secret
 from core.db import utcnow
 from core.models import OutboxJob, SmsMessage
 from core.notify import send_sms
+from core.ops import dashboard
 from core.outbox import OutboxWorker
 from core.phone import Phone
 from tests.channels.sms.helpers import SIM_KEY, jobs_of, make_payment
@@ -100,6 +101,31 @@ async def test_a_send_parked_after_an_outage_is_sent_when_replayed(
     row = await the_row(rt)
     assert (row.status, row.provider_message_id, row.failure_reason) == ("SENT", sent["id"], None)
     assert (await the_job(rt)).status == "DONE"
+
+
+async def test_a_replayed_send_is_shown_queued_again_not_parked(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, client: Any
+) -> None:
+    """Once replayed, the message is back in the queue: the ops page and its row must not keep calling it parked
+    (QUEUED_PARKED: "replay it") while its job retries; parked again, it says so again."""
+    await queue_receipt(rt, demo)
+    await last_attempt(rt)
+    sim.set_failure("http503")
+    await drain(worker)
+    job = await the_job(rt)
+    await replay_over_the_api(client, demo, job.id)
+    row = await the_row(rt)
+    assert (row.status, row.provider_status) == ("QUEUED", None)
+    assert "HTTP 503" in row.failure_reason  # why it waited, kept until it goes out
+    async with rt.sessionmaker() as session:
+        counts = (await dashboard(session, demo["cooperative_id"]))["sms"]["counts"]
+    assert counts == {"QUEUED": 1}
+
+    await last_attempt(rt)  # AT still refuses it: the replay's attempts run out and it parks again
+    await drain(worker)
+    assert (await the_job(rt)).status == "PARKED"
+    assert (await the_row(rt)).provider_status == "RetriesExhausted"
+    assert sim.messages(ALINE) == []
 
 
 async def test_replaying_a_job_whose_message_left_sends_nothing(
@@ -328,3 +354,37 @@ async def test_account_answers_are_retried_slowly(answer: httpx.Response) -> Non
     with pytest.raises(SmsAccountError) as raised:
         await sender.send(Phone(ALINE), "Hello")
     assert raised.value.retry_after == ACCOUNT_RETRY_SECONDS
+
+
+async def test_an_aggregator_outage_is_reported_once_as_the_providers_are(caplog: Any) -> None:
+    """Africa's Talking refusing every message for a while (HTTP 5xx, or out of reach) is an outage as a payment
+    provider's is: one error line and gateway_provider_failing{provider="africastalking"} 1 from the fifth failure in
+    a row, back to 0 with one line when it answers again, not only a warning per message."""
+    from core.metrics import REGISTRY
+
+    answers = [httpx.Response(503)] * 3 + ["down"] * 2 + [httpx.Response(500)] * 2 + [ACCEPTED_ANSWER]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        given = answers.pop(0)
+        if given == "down":
+            raise httpx.ConnectError("connection refused", request=request)
+        return given
+
+    def failing() -> float | None:
+        return REGISTRY.get_sample_value("gateway_provider_failing", {"provider": "africastalking"})
+
+    sender, _ = sender_over(answer)
+    with caplog.at_level(logging.INFO, logger="gateway.providers"):
+        for _ in range(7):
+            with pytest.raises(SmsTemporaryError):
+                await sender.send(Phone(ALINE), "Hello")
+        assert failing() == 1
+        assert (await sender.send(Phone(ALINE), "Hello")).accepted
+        assert failing() == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.providers"]
+    assert len(lines) == 2 and lines[0].startswith("africastalking calls failing since 20"), lines
+    assert lines[1] == "africastalking calls succeed again"
+
+
+ACCEPTED_ANSWER = httpx.Response(201, json={"SMSMessageData": {"Message": "Sent to 1/1", "Recipients": [
+    {"statusCode": 101, "number": ALINE, "status": "Success", "cost": "RWF 20", "messageId": "ATXid_1"}]}})
