@@ -98,7 +98,7 @@ ROUTES = [
             "entityType": Param(description="payment, refund, dispute..."),
             "entityId": Param(description="The entity's id"),
             "actor": Param(description=f"Exactly one actor: {ACTORS}"),
-            "action": Param(description="e.g. payment.completed"),
+            "action": Param(description="e.g. payment.completed, user.signed_in, user.locked_out"),
             **period_params("recorded"),
         },
     ),

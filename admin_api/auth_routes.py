@@ -35,6 +35,7 @@ from admin_api.users import PASSWORD
 from admin_api.validation import LIMIT, PAGE
 from core import auth
 from core import users as accounts
+from core.audit import Actor, record
 from core.auth import Unauthorized
 from core.db import wall
 from core.errors import Forbidden, ValidationError
@@ -231,19 +232,49 @@ async def _end(request: web.Request, attempt: _Attempt, *, failed: bool) -> None
             await local.end(attempt.flights, count=True)
 
 
+def _lockouts(attempt: _Attempt) -> list[dict[str, Any]]:
+    """The buckets this attempt's failure fills, each as its lockout's audit row says it: the last failure this
+    address had room for (10 a minute), or the last the username had across addresses (100 an hour). Judged on
+    the counts as the attempt began (confirmed failures and attempts in flight): of a burst, the one that took
+    the last place."""
+    here, everywhere = attempt.flights
+    filled = []
+    for flight, per, limit in ((here, "address", FAILED_PER_ADDRESS), (everywhere, "account", FAILED_PER_USERNAME)):
+        bucket = flight.confirmed[0]
+        if flight.joined and bucket.used + flight.in_flight + 1 >= bucket.limit:
+            filled.append({"per": per, "failedAttempts": bucket.limit, "windowSeconds": limit.window})
+    return filled
+
+
+async def _record_lockouts(ctx: Ctx, attempt: _Attempt | None, account: AdminUser | None) -> None:
+    """A `user.locked_out` audit row for each bucket a wrong password for a known account filled (committed: the
+    attempt's answer is an error, whose transaction is rolled back). Never the password tried, nor the username
+    typed: the row names the account by id; a username that names no account is not audited at all."""
+    if attempt is None or account is None:
+        return
+    filled = _lockouts(attempt)
+    for after in filled:
+        await record(ctx.session, actor=Actor.system("api"), action="user.locked_out", entity_type="user",
+                     entity_id=account.id, after=after, cooperative_id=account.cooperative_id)
+    if filled:
+        await ctx.session.commit()
+
+
 async def issue_token(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     limited = request.config_dict[RATE_MULTIPLIER] > 0
     username = ctx.body["username"]
     attempt = await _begin_attempt(request, ctx, username) if limited else None
-    failed = False
+    failed, refused = False, None
     try:
         user, read_at = await auth.login(ctx.session, username, ctx.body["password"])
-    except Unauthorized:
-        failed = True
+    except Unauthorized as exc:
+        failed, refused = True, exc
         raise
     finally:
         if attempt is not None:
             await _end(request, attempt, failed=failed)
+        if isinstance(refused, auth.SignInRefused):
+            await _record_lockouts(ctx, attempt, refused.account)
     s = ctx.rt.settings
     response = json_response(_tokens(auth.issue_tokens(user, secret=s.jwt_secret.get(),
                                                        ttl_seconds=s.jwt_ttl_seconds, issued_at=read_at)))
@@ -286,6 +317,7 @@ async def change_own_password(request: web.Request, ctx: Ctx) -> web.StreamRespo
         if attempt is not None:
             await _end(request, attempt, failed=failed)
     if failed:
+        await _record_lockouts(ctx, attempt, user)
         raise ValidationError("currentPassword is not your current password", field="currentPassword")
     if ctx.body["newPassword"] == ctx.body["currentPassword"]:
         raise ValidationError("newPassword must differ from the current password", field="newPassword")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -25,7 +26,7 @@ from admin_api.common import (
 from admin_api.refunds import RETURNED, returned_from
 from admin_api.routing import Ctx, Route, refusal
 from admin_api.validation import ID_KEYWORD, LIMIT, PAGE, Param, check_path_id, period_params
-from core.disputes import move_dispute, open_dispute, present_note
+from core.disputes import STAFF_LABEL, move_dispute, open_dispute, present_note
 from core.errors import Forbidden, NotFound, ValidationError
 from core.models import Dispute, Payment
 from core.money import Money
@@ -37,7 +38,10 @@ NOTE = {
     "type": "object",
     "properties": {
         "at": DATETIME,
-        "actor": {"type": "string"},
+        "actor": {"type": "string",
+                  "description": "who wrote it: to a staff login, as the audit log names them (admin:<user id>, "
+                                 "apikey:<key id>, member:<member id>, system); to a tenant or an API key, a "
+                                 f"staff member's or a key's note reads \"{STAFF_LABEL}\" (never an internal id)"},
         "text": NULL_STRING,
         "evidence": NULL_STRING,
         "status": NULL_STRING,
@@ -81,7 +85,14 @@ TRANSITION = obj(
 )
 
 
-def present(d: Dispute) -> dict[str, Any]:
+def presenter(ctx: Ctx) -> Callable[[Dispute], dict[str, Any]]:
+    """`present` for this caller: a staff login (cooperative or super admin) sees who wrote each note as the
+    audit log names them; a tenant or an API key sees a staff member's as STAFF_LABEL (core.disputes.present_note)."""
+    staff = ctx.who.kind == "user" and not ctx.who.is_tenant
+    return lambda d: present(d, staff=staff)
+
+
+def present(d: Dispute, *, staff: bool = True) -> dict[str, Any]:
     return {
         "id": d.id,
         "reference": d.reference,
@@ -90,7 +101,7 @@ def present(d: Dispute) -> dict[str, Any]:
         "reason": d.reason,
         "status": d.status,
         "channel": d.channel,
-        "notes": [present_note(note) for note in d.notes or []],
+        "notes": [present_note(note, staff=staff) for note in d.notes or []],
         "resolution": d.resolution,
         "refundId": d.refund_id,
         "createdAt": iso(d.created_at),
@@ -123,7 +134,7 @@ async def create_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         note=ctx.body.get("note"),
     )
     await ctx.session.commit()
-    return json_response(present(dispute), status=201)
+    return json_response(presenter(ctx)(dispute), status=201)
 
 
 # What the desk still has to answer: a dispute neither resolved, rejected nor withdrawn.
@@ -153,11 +164,11 @@ async def list_disputes(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         query = query.where(Dispute.status.in_(UNSETTLED) if q["open"] else Dispute.status.not_in(UNSETTLED))
     if q.get("reference") is not None:
         query = query.where(Dispute.reference == q["reference"].strip().upper())
-    return await paged(ctx, query.order_by(Dispute.created_at.desc(), Dispute.id.desc()), present)
+    return await paged(ctx, query.order_by(Dispute.created_at.desc(), Dispute.id.desc()), presenter(ctx))
 
 
 async def get_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    return json_response(present(await one(ctx, Dispute, request.match_info["id"], "dispute")))
+    return json_response(presenter(ctx)(await one(ctx, Dispute, request.match_info["id"], "dispute")))
 
 
 async def transition_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -183,7 +194,7 @@ async def transition_dispute(request: web.Request, ctx: Ctx) -> web.StreamRespon
         returned=await returned_from(ctx, body, dispute.cooperative_id),
     )
     await ctx.session.commit()
-    return json_response(present(updated))
+    return json_response(presenter(ctx)(updated))
 
 
 ROUTES = [

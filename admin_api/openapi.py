@@ -102,7 +102,14 @@ _NOTES = {
     "list_audit_events": "A tenant's acts through the API (her payments, disputes, her own password) are the "
                          "member's, actor member:<member id> with channel api, as her USSD acts are with channel "
                          "ussd; admin:<id> is a staff login's. Rows written before this release name a tenant's "
-                         "acts admin:<her user id> (the audit log is append-only).",
+                         "acts admin:<her user id> (the audit log is append-only). Sign-ins: user.signed_in for "
+                         "each one, the account itself as the actor (admin:<user id>, a tenant's member:<member "
+                         "id>); user.locked_out (actor system) when wrong passwords for an account fill a sign-in "
+                         "limit, after {per: address (10 a minute from one address) | account (100 an hour across "
+                         "addresses), failedAttempts, windowSeconds}. Never the password tried; a username that "
+                         "names no account is not audited. Ending an account's sessions: user.deactivated, "
+                         "user.password_reset, user.password_changed, user.sessions_ended (its cooperative or "
+                         "member suspended).",
 }
 
 

@@ -72,6 +72,16 @@ class Unauthorized(DomainError):
     code = "Unauthorized"
 
 
+class SignInRefused(Unauthorized):
+    """A sign-in refused (the same answer for every failure: the message says nothing of why). `account`: the
+    account the username names, when it names one (a wrong password, an account no longer usable), for the audit
+    log's lockout row (admin_api.auth_routes); None for a username that names no account."""
+
+    def __init__(self, account: AdminUser | None) -> None:
+        super().__init__("invalid username or password")
+        self.account = account
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller. `scope` is the only place rows are filtered by who may see them."""
@@ -812,11 +822,18 @@ async def record_sessions_ended(session: AsyncSession, *, actor: Actor, because:
     in the transaction that suspends it: what refuses their earlier refresh tokens (and, without Redis, access
     tokens) on the rows also once the cooperative or member is made active again, as for a deactivated account
     (SESSIONS_ENDED). The row names only why (`because`); tokens issued after it (a sign-in once active again)
-    work."""
+    work.
+
+    The accounts are held for the change first (FOR NO KEY UPDATE, as hold_account_for_change holds one), and
+    the rows dated once they are: a sign-in or refresh that holds an account (hold_account) finishes first and
+    its pair is dated before these rows; one that comes later waits for the commit and finds the account no
+    longer usable. Unheld, a sign-in that read the cooperative ACTIVE while the suspension was written but not
+    committed got a pair dated after these rows, whose refresh token worked again once it was ACTIVE again."""
     users = select(AdminUser.id, AdminUser.cooperative_id)
     users = users.where(AdminUser.member_id == member_id) if member_id else users.where(
         AdminUser.cooperative_id == cooperative_id)
-    rows = (await session.execute(users)).all()
+    # (SQLite: the suspension's own write, made before, holds the database's write lock already.)
+    rows = (await session.execute(users.order_by(AdminUser.id).with_for_update(key_share=True))).all()
     if not rows:
         return
     at = utcnow()
@@ -879,11 +896,21 @@ async def login(session: AsyncSession, username: str, password: str) -> tuple[Ad
     stored = user.password_hash if user else None
     ok = await asyncio.to_thread(lambda: verify_password(password, stored or _dummy_hash()))
     if user is None or not ok or not user.is_active:
-        raise Unauthorized("invalid username or password")
+        raise SignInRefused(user)
     held = await hold_account(session, user.id)
     if held is None or held.password_hash != stored or not held.is_active or not await usable(session, held.id):
-        raise Unauthorized("invalid username or password")
-    return held, wall()
+        raise SignInRefused(user)
+    read_at = wall()
+    # Who signed in and when, for the cooperative's auditor: one insert in this transaction (committed with the
+    # answer), as the account itself (a tenant's login is the member herself: Principal.actor).
+    await record(session, actor=account_actor(held), action="user.signed_in", entity_type="user",
+                 entity_id=held.id, cooperative_id=held.cooperative_id)
+    return held, read_at
+
+
+def account_actor(user: AdminUser) -> Actor:
+    """Who the audit log names for an account's own acts, as for its tokens' (Principal.actor)."""
+    return Principal("user", user.id, user.role, user.cooperative_id, user.member_id).actor
 
 
 async def hold_account(session: AsyncSession, user_id: str) -> AdminUser | None:

@@ -127,13 +127,25 @@ def _note(actor: Actor, text: str | None, evidence: str | None, status: str) -> 
     return {"at": iso_z(utcnow()), "actor": actor.id, "text": text, "evidence": evidence, "status": status}
 
 
-def present_note(note: Any) -> Any:
+# What a caller who is not staff (a tenant, an API key) sees as the writer of a staff member's note.
+STAFF_LABEL = "gateway staff"
+# The actors (core.audit.Actor) whose id is the gateway's own business: a staff login's user id, an API key's id.
+_STAFF_KINDS = ("admin", "apikey")
+
+
+def present_note(note: Any, *, staff: bool = True) -> Any:
     """A stored note as the API shows it: `at` in the API's form (iso_z), whichever form it was stored in (an
-    `at` that is not a moment is left as it is)."""
+    `at` that is not a moment is left as it is). `staff` (a staff login) sees the actor as the audit log names
+    it; anyone else (a tenant, an API key) sees a staff member's or a key's note as STAFF_LABEL's, never the
+    internal id (a member's own note, the system's and a provider's are shown as they are)."""
     if not isinstance(note, dict):
         return note
     at = note.get("at")
-    return {**note, "at": iso_z(parse_aware(at)) or at}
+    shown = {**note, "at": iso_z(parse_aware(at)) or at}
+    actor = note.get("actor")
+    if not staff and isinstance(actor, str) and actor.partition(":")[0] in _STAFF_KINDS:
+        shown["actor"] = STAFF_LABEL
+    return shown
 
 
 async def add_note(session: AsyncSession, dispute: Dispute, *, actor: Actor, text: str | None,

@@ -73,7 +73,8 @@ async def test_a_tenants_payment_and_dispute_are_audited_as_her_member(
     confirm = await phone.send(_option(types, "Monthly Rent"))
     assert (await phone.send("1")).startswith("END "), confirm
     mine = [(e["action"], e["channel"]) for e in await _by_actor(admin, member)]
-    assert mine == [("payment.created", "api"), ("dispute.opened", "api"), ("payment.created", "ussd")]
+    assert mine == [("user.signed_in", "api"), ("payment.created", "api"), ("dispute.opened", "api"),
+                    ("payment.created", "ussd")]  # her sign-in too (the tenant fixture's), as the member
 
 
 async def test_a_tenants_own_password_change_is_audited_as_her_member(
