@@ -98,7 +98,17 @@ _NOTES = {
                        "as DELETE gives up all of them, and not sent again if the event is added back. The others "
                        "stay pending and go to the URL as it is when each is sent. A new URL starts a new count of "
                        "consecutiveFailures; the status is kept (one switched off stays off until enabled). Audited "
-                       "webhook_endpoint.updated, url and events before and after (never the secret).",
+                       "webhook_endpoint.updated, url and events before and after (never the secret). 409 for an "
+                       "endpoint that was DELETEd (enable it first), or for a url another ACTIVE endpoint of the "
+                       "cooperative has (as at registration).",
+    "create_endpoint": "409 when an ACTIVE endpoint of the cooperative has the url already (scheme and host in any "
+                       "case, the default port, a trailing slash: the same url), its id in the message: each event "
+                       "goes to every endpoint, so a second one would be sent everything twice. A registration "
+                       "retried after a lost answer gets that 409: rotate the endpoint's secret if it was lost. A "
+                       "DELETEd endpoint's url may be registered again.",
+    "rotate_secret": "409 for an endpoint that was DELETEd: enable it first.",
+    "enable_endpoint": "409 when another ACTIVE endpoint of the cooperative has its url (registered since it was "
+                       "deleted), or no room is left for it.",
     "list_audit_events": "A tenant's acts through the API (her payments, disputes, her own password) are the "
                          "member's, actor member:<member id> with channel api, as her USSD acts are with channel "
                          "ussd; admin:<id> is a staff login's. Rows written before this release name a tenant's "

@@ -15,6 +15,7 @@ from admin_api.disputes import DISPUTE
 from admin_api.payments import PAYMENT
 from admin_api.refunds import REFUND
 from core.webhooks import (
+    ATTEMPT_HEADER,
     DELIVERY_TIMEOUT,
     EVENT_HEADER,
     EVENT_ID_HEADER,
@@ -124,6 +125,13 @@ _HEADERS = [
     {"name": EVENT_ID_HEADER, "in": "header", "required": True,
      "description": "the event's id, the body's id: the same on every attempt; ignore one already processed",
      "schema": {"type": "string"}},
+    {"name": ATTEMPT_HEADER, "in": "header", "required": True,
+     "description": "which attempt at delivering this event to this endpoint this is: 1 the first time, one more on "
+                    "each retry, and on from there when the delivery is sent again (its job replayed, the endpoint "
+                    "enabled again); the number of attempts recorded before it (GET "
+                    "/v1/webhook-endpoints/{id}/deliveries) plus one. For logs: a number above 1 is no new event, "
+                    "drop it by X-Gateway-Event-Id if it was processed",
+     "schema": {"type": "string", "pattern": r"^[1-9][0-9]*$"}},
 ]
 
 

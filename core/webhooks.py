@@ -45,7 +45,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, formatted, record
 from core.crypto import PiiCipher
-from core.db import UTCDateTime, insert_ignore, iso_ms, iso_z, lock_row, new_id, parse_aware, utcnow
+from core.db import (
+    UTCDateTime,
+    insert_ignore,
+    iso_ms,
+    iso_z,
+    lock_row,
+    new_id,
+    parse_aware,
+    serialise_on_sqlite,
+    utcnow,
+)
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
 from core.http import STATUS_ONLY, not_public
 from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
@@ -78,6 +88,7 @@ DELIVERY_STATUSES = ("PENDING", "DELIVERED", "FAILED")
 SIGNATURE_HEADER = "X-Gateway-Signature"
 EVENT_ID_HEADER = "X-Gateway-Event-Id"
 EVENT_HEADER = "X-Gateway-Event"
+ATTEMPT_HEADER = "X-Gateway-Delivery-Attempt"  # 1 on a delivery's first attempt, then one more on each
 TOLERANCE_SECONDS = 300
 DELIVERY_TIMEOUT = 10.0
 RETRY_FOR = timedelta(days=3)
@@ -370,6 +381,70 @@ def check_url(url: str, *, embedded: bool = False) -> tuple[str, str]:
     return url.strip(), host
 
 
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+def url_key(url: str) -> str:
+    """`url` as two registrations of one receiver compare: scheme and host whatever their case, the scheme's
+    default port as none, a trailing slash of the path as none; the path (case included) and query as typed.
+    The URL is stored and called as it was given."""
+    parsed = urlparse(url.strip())
+    scheme, host = parsed.scheme.lower(), (parsed.hostname or "").rstrip(".")
+    port = parsed.port
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        netloc += f":{port}"
+    query = f"?{parsed.query}" if parsed.query else ""
+    return f"{scheme}://{netloc}{parsed.path.rstrip('/')}{query}"
+
+
+async def _check_url_free(
+    session: AsyncSession, cooperative_id: str, url: str, other_than: str | None = None
+) -> None:
+    """Conflict when another ACTIVE endpoint of the cooperative has `url` (url_key): each event goes to every
+    endpoint, so a second one at a URL (a setup script's registration retried after a lost answer) has the
+    receiver sent every event twice, one copy signed with a secret it never kept. The Conflict names the endpoint
+    that has it: its secret, if lost, is rotated. Called under _lock_cooperative, so that two at once take turns."""
+    key = url_key(url)
+    rows = (
+        await session.execute(
+            select(WebhookEndpoint.id, WebhookEndpoint.url).where(
+                WebhookEndpoint.cooperative_id == cooperative_id, WebhookEndpoint.status == "ACTIVE"
+            )
+        )
+    ).all()
+    for endpoint_id, held in rows:
+        if endpoint_id != other_than and url_key(held) == key:
+            raise Conflict(
+                f"{held} is registered already for this cooperative: webhook endpoint {endpoint_id} (ACTIVE), "
+                "which is sent every event it asked for; a second endpoint at this URL would be sent each of them "
+                "twice. Its secret was shown once: if it was lost, rotate it (POST "
+                f"/v1/webhook-endpoints/{endpoint_id}/rotate-secret); change its events with PATCH "
+                f"/v1/webhook-endpoints/{endpoint_id}",
+                field="url",
+            )
+
+
+async def _lock_cooperative(session: AsyncSession, cooperative_id: str) -> None:
+    """Two registrations (or a registration, an enable and a change of URL) of one cooperative take turns, the
+    second's checks (_check_room, _check_url_free) seeing the first's endpoint: the cooperative's row locked (FOR
+    NO KEY UPDATE: inserts pointing at it are not held), on SQLite the database's write lock."""
+    await serialise_on_sqlite(session, Cooperative, cooperative_id)
+    await session.execute(
+        select(Cooperative.id).where(Cooperative.id == cooperative_id).with_for_update(key_share=True)
+    )
+
+
+async def _refuse_deleted(session: AsyncSession, endpoint: WebhookEndpoint) -> None:
+    """Conflict for an endpoint an admin deleted (one switched off after failures is changed and rotated: its URL
+    fixed before it is enabled again). GET still shows it, DISABLED, and enable brings it back: so 409, not 404."""
+    if endpoint.status != "ACTIVE" and not await disabled_for_failures(session, endpoint.id):
+        raise Conflict(
+            f"webhook endpoint {endpoint.id} was deleted (DELETE): it is sent nothing and is not changed; enable it "
+            f"first (POST /v1/webhook-endpoints/{endpoint.id}/enable)"
+        )
+
+
 async def register_endpoint(
     session: AsyncSession,
     cipher: PiiCipher,
@@ -385,6 +460,7 @@ async def register_endpoint(
     chosen = check_events(events)
     await _check_approved(session, cooperative_id, host)
     await _check_room(session, cooperative_id)
+    await _check_url_free(session, cooperative_id, url)
     secret = new_secret()
     endpoint = WebhookEndpoint(
         cooperative_id=cooperative_id,
@@ -478,6 +554,10 @@ async def update_endpoint(
     endpoint = await lock_row(session, WebhookEndpoint, endpoint_id, cooperative_id)  # two at once: in turn
     if endpoint is None:
         raise NotFound("webhook endpoint not found")
+    await _refuse_deleted(session, endpoint)
+    if url is not None and url_key(url) != url_key(endpoint.url):
+        await _lock_cooperative(session, cooperative_id)  # after the endpoint's lock, as enable_endpoint takes them
+        await _check_url_free(session, cooperative_id, url, other_than=endpoint.id)
     before = {"url": endpoint.url, "events": list(endpoint.events or [])}
     values: dict[str, Any] = {"events": chosen if chosen is not None else before["events"]}
     if url is not None and url != endpoint.url:
@@ -508,9 +588,7 @@ async def _check_room(session: AsyncSession, cooperative_id: str, enabling: str 
     only disables) and ones switched off longer ago do not count. Re-enabling one is checked here too. The
     cooperative's row is locked (FOR NO KEY UPDATE: inserts pointing at it are not held) so that two
     registrations at once cannot both take the last place."""
-    await session.execute(
-        select(Cooperative.id).where(Cooperative.id == cooperative_id).with_for_update(key_share=True)
-    )
+    await _lock_cooperative(session, cooperative_id)
     rows = (
         await session.execute(
             select(WebhookEndpoint.id, WebhookEndpoint.status, WebhookEndpoint.disabled_at).where(
@@ -547,6 +625,7 @@ async def enable_endpoint(
     was_active = endpoint.status == "ACTIVE"
     if not was_active:
         await _check_room(session, cooperative_id, enabling=endpoint.id)
+        await _check_url_free(session, cooperative_id, endpoint.url, other_than=endpoint.id)
     endpoint.status, endpoint.consecutive_failures, endpoint.disabled_at = "ACTIVE", 0, None
     await session.flush()
     # What it held while switched off goes out now (an active one's pending deliveries have their jobs).
@@ -630,6 +709,7 @@ async def rotate_secret(
     endpoint = await lock_row(session, WebhookEndpoint, endpoint_id, cooperative_id)  # two at once: in turn
     if endpoint is None:
         raise NotFound("webhook endpoint not found")
+    await _refuse_deleted(session, endpoint)
     now = utcnow()
     kept = _previous_after_rotation(endpoint, overlap, now)
     secret = new_secret()
@@ -967,7 +1047,7 @@ async def deliver(rt: Runtime, job: Job) -> str:
         SIGNATURE_HEADER: sign(keys[0], body, int(time.time()), *keys[1:]),
         EVENT_ID_HEADER: delivery.event_id,
         EVENT_HEADER: delivery.event_type,
-        "X-Gateway-Delivery-Attempt": str(len(delivery.attempts or []) + 1),
+        ATTEMPT_HEADER: str(len(delivery.attempts or []) + 1),
     }
     started = time.perf_counter()
     status_code: int | None = None

@@ -52,7 +52,8 @@ async def test_every_event_type_is_described_and_no_other_is_sent(client: Any, r
     for event_type, item in doc["webhooks"].items():
         post = item["post"]
         headers = {p["name"]: p for p in post["parameters"] if p["in"] == "header"}
-        assert set(headers) == {"X-Gateway-Signature", "X-Gateway-Event-Id", "X-Gateway-Event"}
+        assert set(headers) == {"X-Gateway-Signature", "X-Gateway-Event-Id", "X-Gateway-Event",
+                                "X-Gateway-Delivery-Attempt"}
         assert headers["X-Gateway-Event"]["schema"] == {"const": event_type}
         assert post["requestBody"]["content"]["application/json"]["schema"]["properties"]["type"] == {
             "const": event_type}
