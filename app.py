@@ -319,6 +319,28 @@ async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+WORKER = web.AppKey("worker", OutboxWorker)
+STALE_AFTER = web.AppKey("stale_after", float)
+
+
+def worker_app(rt: Runtime, worker: OutboxWorker, *, stale_after: float) -> web.Application:
+    """/metrics and /healthz of a worker process (main: WORKER_METRICS_PORT). Its /healthz answers 503, with the
+    reason, while the worker's claims keep failing or none has come back for `stale_after` seconds
+    (OutboxWorker.health): a worker alive but doing no work (its database away) is seen, and restarted."""
+    app = web.Application()
+    app[RUNTIME], app[WORKER], app[STALE_AFTER] = rt, worker, stale_after
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/healthz", worker_healthz)
+    return app
+
+
+async def worker_healthz(request: web.Request) -> web.Response:
+    reason = request.app[WORKER].health(request.app[STALE_AFTER])
+    if reason is not None:
+        return web.json_response({"status": "failing", "reason": reason}, status=503)
+    return web.json_response({"status": "ok"})
+
+
 async def readyz(request: web.Request) -> web.Response:
     """The balancer's check: 503 only when the database cannot be reached. Redis is reported, not required: without
     it a serve still answers the API (without per-caller limits) and takes provider callbacks, and every serve

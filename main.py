@@ -408,17 +408,14 @@ async def _listen(site: web.TCPSite, host: str, port: int, names: str = "HOST, P
         raise OSError(f"cannot listen on {host}:{port} ({names}): {exc.strerror or exc}") from None
 
 
-async def _worker_metrics(rt: Runtime, host: str, port: int) -> web.AppRunner:
-    """/metrics and /healthz of a worker process: its provider calls, jobs and SMS live in its memory."""
+async def _worker_metrics(rt: Runtime, worker: Any, host: str, port: int) -> web.AppRunner:
+    """/metrics and /healthz of a worker process: its provider calls, jobs and SMS live in its memory; its /healthz
+    fails while its claims do (app.worker_app)."""
     from aiohttp import web
 
-    from app import healthz, metrics_endpoint
-    from core.runtime import RUNTIME
+    from app import worker_app
 
-    app = web.Application()
-    app[RUNTIME] = rt
-    app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_get("/healthz", healthz)
+    app = worker_app(rt, worker, stale_after=rt.settings.worker_stale_seconds)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     await _listen(web.TCPSite(runner, host, port), host, port, "HOST, WORKER_METRICS_PORT or --metrics-port")
@@ -437,8 +434,8 @@ async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0, *
     async with open_runtime(settings) as rt:
         await refuse_redis_misconfigured(rt.redis, settings)
         await check_at_start(rt.engine, rt.redis, accept_behind=accept_references_behind)
-        runner = await _worker_metrics(rt, settings.host, metrics_port) if metrics_port else None
         worker = create_worker(rt, concurrency=concurrency)
+        runner = await _worker_metrics(rt, worker, settings.host, metrics_port) if metrics_port else None
         settle_heap()
         from core.jobs import ensure_scheduled
 

@@ -9,16 +9,16 @@ from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from admin_api.common import DATETIME, iso, json_response, out, page_of, paged
+from admin_api.common import DATETIME, iso, json_response, obj, out, page_of, paged
 from admin_api.routing import Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param
+from admin_api.validation import LIMIT, PAGE, Param, body_datetime
 from channels.sms import jobs as sms_jobs
 from core import webhooks
 from core.audit import Actor, record
 from core.errors import Conflict, NotFound, ValidationError
 from core.jobs import payment_and_now
 from core.models import OutboxJob
-from core.outbox import job_subject, replay_job, subject_filter
+from core.outbox import job_lane, job_subject, replay_job, subject_filter
 from core.text import is_number
 
 STATUSES = ("PENDING", "RUNNING", "DONE", "PARKED")
@@ -52,6 +52,38 @@ JOB = out(
         "doneAt": {"type": ["string", "null"], "format": "date-time"},
     }
 )
+
+
+# POST /v1/jobs/replay: the parked jobs one call puts back (the oldest parked first; `more` says others matched).
+BULK_REPLAY_DEFAULT, BULK_REPLAY_MAX = 100, 500
+BULK_REPLAY = {
+    **obj({
+        "kind": {"type": "string", "minLength": 1, "maxLength": 48,
+                 "description": "e.g. payment.collect, sms.send, webhook.deliver"},
+        "provider": {"type": "string", "minLength": 1, "maxLength": 48,
+                     "description": "the payment provider the jobs call (their lane: mtn_momo, airtel_money...): "
+                                    "its collects, polls and refunds"},
+        "paymentId": {"type": "string", "format": "uuid", "description": "the jobs about one payment"},
+        "refundId": {"type": "string", "format": "uuid", "description": "the jobs about one refund"},
+        "lastErrorPrefix": {"type": "string", "minLength": 1, "maxLength": 200,
+                            "description": "the jobs whose last error starts so (e.g. \"ProviderError: mtn_momo\")"},
+        "parkedSince": {"type": "string", "format": "date-time",
+                        "description": "the jobs parked at or after this instant (without an offset: UTC)"},
+        "limit": {"type": "integer", "minimum": 1, "maximum": BULK_REPLAY_MAX, "default": BULK_REPLAY_DEFAULT,
+                  "description": f"at most this many jobs (default {BULK_REPLAY_DEFAULT})"},
+    }),
+    "description": "Which of the caller's cooperative's PARKED jobs to replay: every filter given must match (none: "
+                   "all of them, up to `limit`).",
+}
+BULK_REPLAYED = out({
+    "replayed": {"type": "array", "items": {"type": "integer"}, "description": "the jobs put back (PENDING)"},
+    "skipped": {"type": "array", "items": obj({"id": {"type": "integer"}, "reason": {"type": "string"}},
+                                              ["id", "reason"]),
+                "description": "the jobs left PARKED, each with why (as a single replay's 409 says it)"},
+    "replayedCount": {"type": "integer"},
+    "skippedCount": {"type": "integer"},
+    "more": {"type": "boolean", "description": "more parked jobs matched than `limit`: call again for them"},
+})
 
 
 def subject_of(kind: str, payload: dict[str, Any] | None) -> dict[str, str] | None:
@@ -134,6 +166,47 @@ async def replay(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         ctx.who.scope(select(OutboxJob.id).where(OutboxJob.id == job_id), OutboxJob))).scalar_one_or_none()
     if visible is None:
         raise NotFound("job not found")
+    return json_response(present(await _replay_one(ctx, job_id)))
+
+
+async def replay_many(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """The parked jobs matching the body's filters, in the caller's cooperative, each replayed as replay does (its
+    ON_REPLAY hook, its audit entry), in a savepoint of its own: one refused (a collect whose payment ended) is
+    left PARKED and named with its reason, and the others still go back."""
+    body = ctx.body or {}
+    limit = int(body.get("limit", BULK_REPLAY_DEFAULT))
+    query = ctx.who.scope(select(OutboxJob.id).where(OutboxJob.status == "PARKED"), OutboxJob)
+    asked = [(subject, body[param]) for subject, param in SUBJECT_PARAMS.items() if body.get(param)]
+    if len(asked) > 1:
+        raise ValidationError("give paymentId or refundId, not both", field="refundId")
+    if asked:
+        query = query.where(subject_filter(*asked[0]))
+    if body.get("kind"):
+        query = query.where(OutboxJob.kind == body["kind"])
+    if body.get("provider"):
+        query = query.where(job_lane(ctx.session.get_bind().dialect.name == "postgresql") == body["provider"])
+    if body.get("lastErrorPrefix"):
+        query = query.where(OutboxJob.last_error.startswith(body["lastErrorPrefix"], autoescape=True))
+    if body.get("parkedSince"):
+        # A parked job's row is last written when it parks (core.outbox: _finish stamps updated_at).
+        query = query.where(OutboxJob.updated_at >= body_datetime(body["parkedSince"], "parkedSince"))
+    ids = list((await ctx.session.execute(query.order_by(OutboxJob.id).limit(limit + 1))).scalars())
+    replayed: list[int] = []
+    skipped: list[dict[str, Any]] = []
+    for job_id in ids[:limit]:
+        try:
+            async with ctx.session.begin_nested():
+                await _replay_one(ctx, job_id)
+        except Conflict as exc:
+            skipped.append({"id": job_id, "reason": str(exc)})
+        else:
+            replayed.append(job_id)
+    return json_response({"replayed": replayed, "skipped": skipped, "replayedCount": len(replayed),
+                          "skippedCount": len(skipped), "more": len(ids) > limit})
+
+
+async def _replay_one(ctx: Ctx, job_id: int) -> OutboxJob:
+    """Put back one job the caller may see, as POST /v1/jobs/{id}/replay does; Conflict when it cannot be."""
     job = await replay_job(ctx.session, job_id)
     if job is None:
         # Named, so a replay sent again (its answer lost) reads as the first one taken: PENDING, back in the queue.
@@ -146,7 +219,7 @@ async def replay(request: web.Request, ctx: Ctx) -> web.StreamResponse:
                  entity_id=str(job.id), after={"kind": job.kind, "subject": subject_of(job.kind, job.payload)},
                  cooperative_id=job.cooperative_id)
     await ctx.session.flush()
-    return json_response(present(job))
+    return job
 
 
 ROUTES = [
@@ -159,4 +232,9 @@ ROUTES = [
                                     "jobs are not searched (with status DONE: 400)"),
                  "refundId": Param("uuid", "As paymentId, for one refund")}),
     Route("POST", "/jobs/{id}/replay", replay, "Replay a parked job", "jobs", "admin", response=JOB),
+    Route("POST", "/jobs/replay", replay_many,
+          f"Replay the parked jobs matching filters (at most {BULK_REPLAY_MAX} a call), each as a single replay: "
+          "put back PENDING with a fresh attempt budget and audited (job.replayed), or skipped with its reason "
+          "(a collect whose payment ended or whose approval window is over)", "jobs", "admin",
+          body=BULK_REPLAY, body_optional=True, response=BULK_REPLAYED),
 ]

@@ -136,6 +136,9 @@ class Settings:
     # The words members start a text with on a shared short code (Africa's Talking forwards "KHHC STOP" whole),
     # upper case; an inbound text's first word among them is not its command.
     sms_shortcode_keywords: tuple[str, ...] = ()
+    # A worker's /healthz fails when no claim of its has come back (nor a job of its ended) for this long: twice the
+    # default lease (a busy worker claims again within one, its jobs cut under it), past the claims' 30 s backoff.
+    worker_stale_seconds: int = 120
     # A rotation's overlap (JWT_PREVIOUS_SECRETS): the secrets JWT_SECRET replaced. Tokens they signed still verify
     # (core.auth.decode_token); new tokens are signed with jwt_secret only.
     jwt_previous_secrets: tuple[Secret, ...] = ()
@@ -737,6 +740,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_cluster=redis_cluster,
         ussd_hop_budget_seconds=_float(env, "USSD_HOP_BUDGET_SECONDS", 3.0, maximum=8.0),
         ussd_max_hops_in_flight=_int(env, "USSD_MAX_HOPS_IN_FLIGHT", 32, minimum=1),
+        worker_stale_seconds=_int(env, "WORKER_STALE_SECONDS", 120, minimum=1),
         ussd_ip_allowlists=allowlists,
         trusted_proxies=trusted_proxies,
         extra={"rate_limit_multiplier": rate_multiplier, "phone_simulator_enabled": phone_page},

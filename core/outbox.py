@@ -300,6 +300,8 @@ def backoff(attempt: int, *, base: float = 2.0, cap: float = 3600.0) -> float:
 CLAIM_RETRY_FIRST = 2.0
 CLAIM_RETRY_MAX = 30.0
 CLAIM_LOG_SECONDS = 60.0
+# Claims failed in a row for a worker's /healthz to fail (OutboxWorker.health): with the backoff, about 6 s of them.
+CLAIM_FAILURES_UNHEALTHY = 3
 
 
 @dataclass
@@ -310,11 +312,13 @@ class ClaimTrouble:
     unlogged: int = 0  # since the last line
     since: float = 0.0  # time.monotonic() of the first
     logged: float = 0.0  # ...and of the last line
+    error: str = ""  # the last one's exception's type
 
     def failed(self, exc: Exception) -> float:
         """Count (and log, at most once a CLAIM_LOG_SECONDS) a failed claim; seconds to wait before the next."""
         now = time.monotonic()
         self.failures += 1
+        self.error = type(exc).__name__
         self.unlogged += 1
         if self.failures == 1:
             self.since = self.logged = now
@@ -389,9 +393,24 @@ class OutboxWorker:
         # Schema mismatches (schema_mismatch) handed back since the last log line, and when that was written.
         self._mismatches, self._mismatch_logged = 0, -SCHEMA_LOG_SECONDS
         self._claim_trouble = ClaimTrouble()
+        # time.monotonic() of the loop's last sign of life: a claim that worked, or a job of its that ended (a worker
+        # whose slots are all taken claims nothing until one does). Read by health.
+        self._alive = time.monotonic()
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def health(self, stale_after: float) -> str | None:
+        """Why this worker's loop is not doing its work (its /healthz answers 503 with it), or None: its last
+        CLAIM_FAILURES_UNHEALTHY claims or more failed, or no claim has come back for `stale_after` seconds."""
+        trouble = self._claim_trouble
+        if trouble.failures >= CLAIM_FAILURES_UNHEALTHY:
+            return (f"{trouble.failures} claims failed in a row ({trouble.error}) for "
+                    f"{round(time.monotonic() - trouble.since)} s")
+        quiet = time.monotonic() - self._alive
+        if quiet > stale_after:
+            return f"no claim has succeeded for {round(quiet)} s (more than {stale_after:g} s)"
+        return None
 
     async def claim(self, limit: int | None = None, *, sparing: Sequence[str] = (), key: str | None = None
                     ) -> list[Job]:
@@ -639,6 +658,7 @@ class OutboxWorker:
         except Exception:  # the database went away while finishing: the lease brings the job back
             log.exception("could not record job result", extra={"job_id": job.id, "kind": job.kind, **_subject(job)})
         finally:
+            self._alive = time.monotonic()
             self._busy -= 1
             if job.lane is not None:
                 self._lanes[job.lane] -= 1
@@ -677,6 +697,7 @@ class OutboxWorker:
                 await self._sleep(self._claim_trouble.failed(exc))
                 continue
             self._claim_trouble.succeeded()
+            self._alive = time.monotonic()
             for index, job in enumerate(jobs):
                 await self._sem.acquire()
                 if self._stopping.is_set():
@@ -762,6 +783,11 @@ def _lane_found(postgres: bool) -> Any:
 def _lane(postgres: bool) -> Any:
     """A job's lane as SQL on its outbox row: its `lane`, or for a row without one _lane_found."""
     return func.coalesce(_TABLE.c.lane, _lane_found(postgres))
+
+
+def job_lane(postgres: bool) -> Any:
+    """A job's lane (the payment provider it calls; NULL for a kind without one) as SQL on its outbox row."""
+    return _lane(postgres)
 
 
 @functools.cache
