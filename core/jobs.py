@@ -656,9 +656,16 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                  actor=WORKER, values=values)
             except StaleTransition:
                 return
-            await enqueue(session, "refund.poll", {"refund_id": refund.id}, dedupe_key=f"refund-poll:{refund.id}",
-                          run_at=utcnow() + timedelta(seconds=rt.settings.poll_after_seconds),
-                          cooperative_id=refund.cooperative_id, max_attempts=30)
+            run_at = utcnow() + timedelta(seconds=rt.settings.poll_after_seconds)
+            if not await enqueue(session, "refund.poll", {"refund_id": refund.id},
+                                 dedupe_key=f"refund-poll:{refund.id}", run_at=run_at,
+                                 cooperative_id=refund.cooperative_id, max_attempts=30):
+                # Sent again (replayed) after its first sending was taken and refused unprocessed (core.refunds.
+                # _awaiting_configuration ended that sending's poll, which keeps the key): it polls again, for this one.
+                await session.execute(update(OutboxJob).where(
+                    OutboxJob.kind == "refund.poll", OutboxJob.dedupe_key == f"refund-poll:{refund.id}",
+                    OutboxJob.status == "DONE").values(status="PENDING", attempts=0, run_at=run_at, locked_by=None,
+                                                       done_at=None, last_error=None, updated_at=utcnow()))
 
     async def poll_refund(job: Job) -> None:
         async with rt.sessionmaker() as session:

@@ -654,7 +654,11 @@ async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, c
                           "outcome"), field="status")
     reason = f"{WITHDRAWN_BY_ADMIN}{note}"
     submission = (OutboxJob.kind == "refund.submit", OutboxJob.dedupe_key == f"refund:{refund.id}")
-    if not await end_waiting(session, *submission, _untried_or_refused(), status="PENDING", reason=reason):
+    # A submission parked by _awaiting_configuration: the provider took it and processed nothing (its Result refused
+    # the gateway's initiator), so it is withdrawn as one never sent.
+    unsent_parked = OutboxJob.last_error.startswith(f"{AWAITING_CONFIGURATION}: ", autoescape=True)
+    if not await end_waiting(session, *submission, _untried_or_refused(), status="PENDING", reason=reason) \
+            and not await end_waiting(session, *submission, unsent_parked, status="PARKED", reason=reason):
         parked = (await session.execute(select(OutboxJob.id).where(*submission, OutboxJob.status == "PARKED")
                                         .limit(1))).first() is not None
         raise Conflict("the refund's submission is parked for manual review: check with the provider, then record "

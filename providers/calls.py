@@ -98,6 +98,16 @@ def call_answered(provider: str, operation: str | None = None) -> None:
     _outages[provider] = Outage()
 
 
+def credentials_accepted(provider: str, operation: str) -> None:
+    """`provider` took `operation` with the gateway's credentials, as its callback says (M-Pesa's reversal Result
+    other than 2001/21): its refusal reported by credentials_refused is over. The process that receives the callback
+    (serve) may never make that call itself (the worker sends reversals), so call_answered alone left
+    gateway_provider_failing at 1 there for good."""
+    outage = _outages.get(provider)
+    if outage is not None and operation in outage.refused:
+        call_answered(provider, operation)
+
+
 class ProviderBusy(ProviderError):
     """The provider refused for now (HTTP 429): nothing was processed, so the same call may go again.
 

@@ -33,7 +33,7 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
-from providers.calls import credentials_refused, provider_time, send, timeout_from, with_query
+from providers.calls import credentials_accepted, credentials_refused, provider_time, send, timeout_from, with_query
 from providers.tokens import TokenCache
 
 log = logging.getLogger(__name__)
@@ -490,6 +490,8 @@ class MpesaAdapter:
             reason = (f"M-Pesa refused the gateway's reversal initiator: {refused} (ResultCode {code}: {reason}); "
                       "nothing was processed")
             credentials_refused(self.name, "reversal", reason)
+        else:
+            credentials_accepted(self.name, "reversal")  # Daraja processed it: the initiator is accepted again
         # Not confirmable: Daraja has no synchronous reversal status. The callback URL secret
         # (checked by the route) is what authenticates it.
         return ProviderEvent(

@@ -439,6 +439,25 @@ async def test_refused_initiator_stays_reported_while_other_calls_are_answered()
     wire.done()
 
 
+async def test_refused_initiator_report_ends_with_a_reversal_result_processed() -> None:
+    """The Result refusing the initiator reaches the serve process, which sends no reversal (the worker does): a
+    call answered never ended its report there, and gateway_provider_failing{provider="mpesa"} read 1 for as long as
+    that process lived, the initiator fixed and the refund sent back. A later reversal's Result other than 2001/21
+    says Daraja accepted the initiator: the report ends."""
+    adapter = MpesaAdapter(httpx.AsyncClient(transport=httpx.MockTransport(Wire().handler)), config())
+    refused = {"Result": {"ResultType": 0, "ResultCode": 2001, "ResultDesc": "The initiator information is invalid.",
+                          "OriginatorConversationID": "8521-4298025-1", "ConversationID": "AG_20261122_00006bd489ff"}}
+    adapter.parse_callback(inbound(refused, query={"ref": "ref-of-ours"}))
+    assert REGISTRY.get_sample_value("gateway_provider_failing", {"provider": "mpesa"}) == 1
+    processed = {"Result": {"ResultType": 0, "ResultCode": 0,
+                            "ResultDesc": "The service request is processed successfully.",
+                            "OriginatorConversationID": "8521-4298025-2", "ConversationID": "AG_20261122_00006bd48a00",
+                            "TransactionID": "SKL3ABC999"}}
+    event = adapter.parse_callback(inbound(processed, query={"ref": "ref-of-ours"}))
+    assert event.outcome is ProviderOutcome.SUCCEEDED
+    assert REGISTRY.get_sample_value("gateway_provider_failing", {"provider": "mpesa"}) == 0
+
+
 @pytest.mark.parametrize("case", fixture("callbacks.json")["rejected"], ids=lambda c: c["name"])
 async def test_rejected_callbacks(case: dict[str, Any]) -> None:
     adapter = MpesaAdapter(httpx.AsyncClient(transport=httpx.MockTransport(Wire().handler)), config())

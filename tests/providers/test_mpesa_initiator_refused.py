@@ -19,13 +19,14 @@ from core.config import ProviderConfig, Secret
 from core.metrics import REGISTRY
 from core.models import OutboxJob, ProviderEvent, Refund, SmsMessage
 from core.outbox import replay_job
+from core.refunds import cancel_refund
 from providers.mpesa import MpesaAdapter
 from providers.mpesa.simulator import INITIATOR_NOT_ALLOWED, create_simulator
 from providers.simulation import STATE, SimulatorOptions
 from tests.conftest import drain
 from tests.core.test_provider_faults_mpesa import _payment
 from tests.core.test_refund_credentials_providers import Recorder, _refund
-from tests.providers.wires import MPESA_CREDS, due_now, mpesa_payment
+from tests.providers.wires import ADMIN, MPESA_CREDS, due_now, mpesa_payment
 
 REVERSAL = "/mpesa/reversal/v1/request"
 
@@ -96,5 +97,93 @@ async def test_reversal_refused_for_the_initiator_waits_for_the_configuration(
         assert len(recorder.bodies(REVERSAL)) == 2
         assert refund.status == "COMPLETED", (refund.status, refund.failure_reason)
         assert texts == ["refund_completed"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_reversal_refused_for_the_initiator_can_be_withdrawn(
+        rt: Any, demo: dict[str, Any], worker: Any, client: Any) -> None:
+    """Nothing reached the member, so an admin may withdraw the refund instead of waiting for the configuration
+    (a chargeback made meanwhile, say). Its parked submission was read as one parked for manual review (409 "check
+    with the provider, then record its outcome"), and recording FAILED texted the member that her refund failed."""
+    sim = create_simulator(SimulatorOptions(delay=0.05, credentials=MPESA_CREDS))
+    runner = web.AppRunner(sim, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    recorder = Recorder()
+    try:
+        rt.settings = dataclasses.replace(rt.settings, public_base_url=str(client.make_url("")).rstrip("/"))
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with httpx.AsyncClient(event_hooks={"request": [recorder]}) as http:
+            _mpesa(rt, base, http)
+            payment = await mpesa_payment(rt, demo)
+            await worker.run_once()
+            await sim[STATE].idle()
+            _mpesa(rt, base, http, initiator="an-old-initiator")
+            refund_id = await _refund(rt, demo, payment.id)
+            await due_now(rt, "refund.submit")
+            await drain(worker)
+            await sim[STATE].idle()
+            await drain(worker)
+            async with rt.sessionmaker.begin() as s:
+                withdrawn = await cancel_refund(s, rt, refund_id=refund_id, cooperative_id=demo["cooperative_id"],
+                                                note="the member was paid back by hand", actor=ADMIN)
+            assert (withdrawn.status, withdrawn.failure_reason) == \
+                ("FAILED", "withdrawn by an admin: the member was paid back by hand")
+            async with rt.sessionmaker() as s:
+                job = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{refund_id}"))
+                       ).scalar_one()
+                texts = (await s.execute(select(SmsMessage.template).where(SmsMessage.template.startswith("refund_"))
+                                         )).scalars().all()
+                member_sms = (await s.execute(select(OutboxJob.dedupe_key).where(
+                    OutboxJob.kind == "sms.send", OutboxJob.dedupe_key.like(f"%{refund_id}%")))).scalars().all()
+            assert (job.status, job.last_error) == ("DONE", withdrawn.failure_reason)
+            assert not texts and not member_sms
+            # Replaying it now sends nothing.
+            assert len(recorder.bodies(REVERSAL)) == 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_replayed_reversal_is_polled_again(rt: Any, demo: dict[str, Any], worker: Any, client: Any) -> None:
+    """The refund sent again on replay waits for its Result with a status poll, as its first sending did: the poll
+    that parks it for a person when the Result never comes. The first sending's poll, ended when the initiator was
+    refused, kept its dedupe key: the second was never queued, and a replayed reversal whose Result was lost stayed
+    PROCESSING for good, never put before anyone."""
+    sim = create_simulator(SimulatorOptions(delay=0.05, credentials=MPESA_CREDS))
+    runner = web.AppRunner(sim, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        rt.settings = dataclasses.replace(rt.settings, public_base_url=str(client.make_url("")).rstrip("/"))
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with httpx.AsyncClient() as http:
+            _mpesa(rt, base, http)
+            payment = await mpesa_payment(rt, demo)
+            await worker.run_once()
+            await sim[STATE].idle()
+            _mpesa(rt, base, http, initiator="an-old-initiator")
+            refund_id = await _refund(rt, demo, payment.id)
+            await due_now(rt, "refund.submit")
+            await drain(worker)
+            await sim[STATE].idle()
+            await drain(worker)
+            _mpesa(rt, base, http)  # fixed
+            sim[STATE].options.drop_callback = True  # the replayed reversal's Result is lost
+            async with rt.sessionmaker.begin() as s:
+                job = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{refund_id}"))
+                       ).scalar_one()
+                assert await replay_job(s, job.id) is not None
+            await drain(worker)
+            await sim[STATE].idle()
+        async with rt.sessionmaker() as s:
+            refund = await s.get(Refund, refund_id)
+            polls = (await s.execute(select(OutboxJob.status).where(
+                OutboxJob.kind == "refund.poll", OutboxJob.payload["refund_id"].as_string() == refund_id))
+                     ).scalars().all()
+        assert refund.status == "PROCESSING"
+        assert "PENDING" in polls, polls
     finally:
         await runner.cleanup()
