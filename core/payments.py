@@ -1733,12 +1733,12 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
     current = P(payment.status)
     if current in OPEN and await db_now(session) < payment.expires_at:  # (the clock the polls judge it by)
         raise Conflict("payment is still open inside its approval window: the payer may be approving it and the "
-                       "provider will answer; record it once the window is over", field="status")
+                       "provider will answer; record it once the window is over")
     if current not in GIVEN_UP and current not in OPEN:
         why = ("the provider said it failed; a final payment is not reopened" if current is P.FAILED
                else f"its recording was voided; {_AFTER_VOID}" if current is P.VOIDED
                else "its money is recorded already")
-        raise Conflict(f"payment is {current.value}: {why}", field="status")
+        raise Conflict(f"payment is {current.value}: {why}")
     if amount is not None:
         if amount.currency != payment.currency:
             raise ValidationError(f"amount must be in {payment.currency}", field="amount")

@@ -390,6 +390,11 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         if refund.failure_reason is not None:
             values["failure_reason"] = None  # no longer true (a FAILED one sent after all; the audit log keeps it)
         updated = await transition(session, REFUND, refund.id, current, R.COMPLETED, actor=actor, values=values)
+        if current is R.FAILED and refund.dispute_id is not None:
+            # Its dispute is noted below, after the payment is locked (_sent_after_failure): locked first, as a
+            # refund made during the dispute (_lock_open_disputes) and a resolution lock it before the payment, or
+            # a late success deadlocks against them (record_refund_outcome locks it so too).
+            await lock_row(session, Dispute, refund.dispute_id)
         # Read fresh under the lock: an instance the session already holds (loaded before another refund of this
         # payment completed and committed) would count from a stale total, and a second outcome recorded at the
         # same moment lost the first one's amount (PARTIALLY_REFUNDED -> PARTIALLY_REFUNDED passes the CAS).
@@ -596,7 +601,7 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
                    OutboxJob.dedupe_key.like(f"refund-poll:{refund.id}:%"))
     if R(refund.status) is R.PENDING and await _live(session, its_jobs, "refund.submit"):
         raise Conflict("refund has not been sent to the provider yet: wait for its submission; or withdraw it with "
-                       "POST /v1/refunds/{id}/cancel", field="status")
+                       "POST /v1/refunds/{id}/cancel")
     if R(refund.status) is R.PROCESSING and not succeeded and await _live(session, its_jobs, "refund.poll"):
         raise Conflict("refund is still being settled with the provider (its status is still asked for): record "
                        "FAILED once it is parked for manual review, or COMPLETED if the statement shows it sent "

@@ -79,3 +79,22 @@ async def test_a_refusal_about_one_field_names_it(admin, rt, demo):
     # A refusal of the payment's state names no field: its `status` is none of the request's.
     state = await admin.json("POST", f"/v1/payments/{paid['id']}/cancel", 409, json={"note": "asked by mistake"})
     assert state["message"].startswith("payment is") and "field" not in state
+
+
+async def test_a_refusal_of_what_the_payment_or_refund_is_names_no_field_on_an_outcome(admin, rt, demo):
+    """POST .../outcome takes a `status` (the outcome recorded); a refusal of the payment's or the refund's own state,
+    whatever outcome was sent, is not about that field (before: `field: status`, as if the outcome sent were wrong
+    and another would do)."""
+    body = payment_body(demo["payment_types"]["Monthly Rent"])
+    paid = await admin.json("POST", "/v1/payments", 201, json=body)
+    await complete_payment(rt, paid["id"])
+    # (COMPLETED is the only outcome a payment's takes)
+    done = await admin.json("POST", f"/v1/payments/{paid['id']}/outcome", 409, json={
+        "status": "COMPLETED", "note": "statement checked", "providerTransactionId": "TXN-OUTCOME-1"})
+    assert done["message"].startswith("payment is COMPLETED") and "field" not in done, done
+    refund = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                              json={"amount": 1000, "idempotencyKey": idem()})
+    for status in ("COMPLETED", "FAILED"):
+        queued = await admin.json("POST", f"/v1/refunds/{refund['id']}/outcome", 409,
+                                  json={"status": status, "note": "statement checked"})
+        assert "not been sent to the provider yet" in queued["message"] and "field" not in queued, queued

@@ -164,3 +164,64 @@ async def _until_waiting_for_a_lock(rt) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the refund never waited for the payment's lock")
+
+
+async def _until_waiting(rt, count: int) -> None:
+    for _ in range(500):
+        async with rt.sessionmaker() as s:
+            waiting = (await s.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"))).scalar_one()
+        if waiting >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never {count} transactions waiting for a lock")
+
+
+@requires_pg
+async def test_a_late_success_of_a_refund_made_during_the_dispute_never_deadlocks_another_refund(admin, rt, demo):
+    """A refund made during the dispute (linked to it) failed, then the provider says it went through after all: its
+    callback notes that on the dispute. Meanwhile an officer refunds the payment (the dispute locked, then the
+    payment). Before: the callback locked the payment, then the dispute, and one of the two was rolled back in a
+    deadlock (the officer's answered 500)."""
+    from core.ports import ProviderOutcome
+    from core.refunds import apply_refund_outcome
+
+    actor = Actor("admin:test", "admin")
+    payment, dispute, _actor = await _disputed(admin, rt, demo)
+    early = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                             json={"amount": 10000, "idempotencyKey": idem()})
+    assert early["disputeId"] == dispute["id"]
+    async with rt.sessionmaker.begin() as s:  # the provider refused it
+        await s.execute(text("UPDATE refunds SET status = 'FAILED', failure_reason = 'refused' WHERE id = :id"),
+                        {"id": early["id"]})
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()  # holds the payment while both line up for it: the callback first
+        await blocker.execute(select(Payment.id).where(Payment.id == payment["id"]).with_for_update())
+
+        async def late_success():
+            async with rt.sessionmaker.begin() as s:
+                fresh = (await s.execute(select(Refund).where(Refund.id == early["id"]).with_for_update())
+                         ).scalar_one()
+                await apply_refund_outcome(s, rt, fresh, ProviderOutcome.SUCCEEDED, actor=actor)
+
+        async def officer_refund():
+            async with rt.sessionmaker.begin() as s:
+                await request_refund(s, rt, payment_id=payment["id"], cooperative_id=None,
+                                     amount=Money(5000, "RWF"), reason=None, idempotency_key=idem(), actor=actor)
+
+        callback = asyncio.create_task(late_success())
+        await _until_waiting(rt, 1)
+        officer = asyncio.create_task(officer_refund())
+        await _until_waiting(rt, 2)
+        await blocker.commit()
+        results = await asyncio.gather(callback, officer, return_exceptions=True)
+    finally:
+        await blocker.close()
+    assert results == [None, None], results
+    async with rt.sessionmaker() as s:
+        stored = await s.get(Dispute, dispute["id"])
+        assert (await s.get(Refund, early["id"])).status == "COMPLETED"
+    assert any("went through after all" in (n["text"] or "") for n in stored.notes)
+    assert await _held(rt, payment["id"]) == 15000
