@@ -10,6 +10,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -37,9 +38,9 @@ from core import auth
 from core import users as accounts
 from core.audit import Actor, record
 from core.auth import Unauthorized
-from core.db import wall
+from core.db import utcnow, wall
 from core.errors import Forbidden, ValidationError
-from core.models import AdminUser, ApiKey
+from core.models import AdminUser, ApiKey, AuditEvent
 from core.ratelimit import Decision, Flight, Limit, LocalCounts, LocalLimiter, RateLimiter, Tally
 
 log = logging.getLogger("gateway.api")
@@ -246,13 +247,24 @@ def _lockouts(attempt: _Attempt) -> list[dict[str, Any]]:
     return filled
 
 
+async def _locked_out_lately(ctx: Ctx, account_id: str, after: dict[str, Any]) -> bool:
+    """Whether the account's lockout of this kind (`per`) is audited already within its window. The buckets
+    slide: once full, one more attempt fits each few seconds as old failures weigh less, and its wrong password
+    fills the bucket again; a guesser keeping at it is one lockout, not a row per guess."""
+    since = utcnow() - timedelta(seconds=after["windowSeconds"])
+    noted = (await ctx.session.execute(
+        select(AuditEvent.after).where(AuditEvent.entity_type == "user", AuditEvent.entity_id == account_id,
+                                       AuditEvent.action == "user.locked_out", AuditEvent.at >= since))).scalars()
+    return any((row or {}).get("per") == after["per"] for row in noted)
+
+
 async def _record_lockouts(ctx: Ctx, attempt: _Attempt | None, account: AdminUser | None) -> None:
     """A `user.locked_out` audit row for each bucket a wrong password for a known account filled (committed: the
     attempt's answer is an error, whose transaction is rolled back). Never the password tried, nor the username
     typed: the row names the account by id; a username that names no account is not audited at all."""
     if attempt is None or account is None:
         return
-    filled = _lockouts(attempt)
+    filled = [after for after in _lockouts(attempt) if not await _locked_out_lately(ctx, account.id, after)]
     for after in filled:
         await record(ctx.session, actor=Actor.system("api"), action="user.locked_out", entity_type="user",
                      entity_id=account.id, after=after, cooperative_id=account.cooperative_id)

@@ -1062,6 +1062,11 @@ async def create_api_key(
     if bad or not scopes:
         raise ValidationError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}", field="scopes")
     if created_by is not None:
+        # The cooperative's row first, as the key's foreign key takes it (FOR KEY SHARE), then the account: the
+        # order a suspension takes them in (its UPDATE, then record_sessions_ended). The other way round, one that
+        # also changed the short code (FOR UPDATE) waited for the account while the key's insert waited for it.
+        await session.execute(select(Cooperative.id).where(Cooperative.id == cooperative_id)
+                              .with_for_update(read=True, key_share=True))
         await hold_account(session, created_by)
         if claims is not None:
             await check_still_active(session, created_by, claims)

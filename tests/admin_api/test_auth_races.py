@@ -339,3 +339,23 @@ async def test_with_redis_down_a_burst_of_wrong_passwords_gets_ten_guesses(clien
     await early_in_window(room=25)
     assert await _burst(client, username, 20) == [401] * 10 + [429] * 10  # counted in this process
     assert (await client.post("/v1/auth/token", json={"username": username, "password": password})).status == 429
+
+
+async def test_an_api_key_made_while_its_cooperative_is_suspended_and_renamed_does_not_deadlock(
+        rt, client, admin, superadmin, demo, monkeypatch):
+    """A super admin suspends the cooperative and changes its short code in one PATCH (its row held FOR UPDATE:
+    a unique column changes) while one of its admins makes an API key, holding her account. The suspension then
+    waits for her account (record_sessions_ended holds them all); the key's insert, for the cooperative's row
+    (its foreign key). Each waited for the other: the database broke the deadlock by failing one (500)."""
+    real_check, suspending = auth.check_still_active, []
+
+    async def check_then_suspend(*args: Any, **kwargs: Any) -> None:
+        await real_check(*args, **kwargs)  # the account is held now
+        await _meanwhile(suspending, lambda: superadmin.req(
+            "PATCH", f"/v1/cooperatives/{demo['cooperative_id']}", json={"status": "SUSPENDED", "shortCode": "KHNEW"}))
+
+    monkeypatch.setattr(auth, "check_still_active", check_then_suspend)
+    made = await admin.req("POST", "/v1/api-keys", json={"name": "during", "scopes": ["admin"]})
+    monkeypatch.setattr(auth, "check_still_active", real_check)
+    suspended = await suspending[0]
+    assert (made.status, suspended.status) == (201, 200), (await made.text(), await suspended.text())

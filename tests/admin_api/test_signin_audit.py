@@ -5,10 +5,13 @@ no account."""
 from __future__ import annotations
 
 import json
+import types
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
+from core import ratelimit
 from core.models import AdminUser, AuditEvent
 from tests.admin_api.conftest import Caller, login
 from tests.conftest import early_in_window
@@ -89,3 +92,31 @@ async def test_wrong_current_passwords_that_lock_the_account_out_are_audited(rt,
     rows = (await admin.json("GET", f"/v1/audit-events?action=user.locked_out&entityId={made['id']}", 200))["data"]
     assert [(r["actor"], r["after"]["per"], r["after"]["failedAttempts"]) for r in rows] == [("system", "address", 10)]
     assert "guess-" not in json.dumps([(r.before, r.after) for r in await _all_rows(rt)])
+
+
+async def test_a_lockout_that_lasts_is_audited_once_not_at_each_further_wrong_password(
+        rt, client, admin: Caller, demo, monkeypatch: pytest.MonkeyPatch):
+    """The failed-sign-in buckets slide: once full, each few seconds one old failure weighs less and one more
+    attempt fits, whose wrong password fills the bucket again. A guesser keeping at it is still the one lockout,
+    not a user.locked_out row per guess."""
+    made = await admin.json("POST", "/v1/users", 201,
+                            json={"username": CLERK, "password": CLERK_PASSWORD, "role": "COOP_ADMIN"})
+    start = 1_800_000_000 - (1_800_000_000 % 3600)  # the start of an hour (and of a minute)
+    clock = [start + 1.0]
+    monkeypatch.setattr(ratelimit, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    async def guess(n: int) -> int:
+        return (await client.post("/v1/auth/token", json={"username": CLERK, "password": f"guess-{n:04d}"})).status
+
+    assert [await guess(n) for n in range(10)] == [401] * 10
+    assert await guess(10) == 429
+    # In the next minute, the last one's ten failures weigh 9.8, 9.7, ...: room for one more each time one
+    # fewer counts.
+    statuses = []
+    for n, at in enumerate((61.0, 62.0, 67.0, 68.0, 73.0), start=11):
+        clock[0] = start + at
+        statuses.append(await guess(n))
+    assert statuses == [401, 429, 401, 429, 401]
+
+    rows = (await admin.json("GET", f"/v1/audit-events?action=user.locked_out&entityId={made['id']}", 200))["data"]
+    assert [(r["after"]["per"], r["after"]["failedAttempts"]) for r in rows] == [("address", 10)]
