@@ -69,11 +69,14 @@ BULK_REPLAY = {
                             "description": "the jobs whose last error starts so (e.g. \"ProviderError: mtn_momo\")"},
         "parkedSince": {"type": "string", "format": "date-time",
                         "description": "the jobs parked at or after this instant (without an offset: UTC)"},
+        "afterId": {"type": "integer", "minimum": 0,
+                    "description": "the jobs after this id: the previous call's lastId, to go on past the jobs it "
+                                   "skipped (they stay PARKED and would come first again)"},
         "limit": {"type": "integer", "minimum": 1, "maximum": BULK_REPLAY_MAX, "default": BULK_REPLAY_DEFAULT,
                   "description": f"at most this many jobs (default {BULK_REPLAY_DEFAULT})"},
     }),
-    "description": "Which of the caller's cooperative's PARKED jobs to replay: every filter given must match (none: "
-                   "all of them, up to `limit`).",
+    "description": "Which of the caller's cooperative's PARKED jobs (a super admin's: every cooperative's) to "
+                   "replay: every filter given must match (none: all of them, up to `limit`).",
 }
 BULK_REPLAYED = out({
     "replayed": {"type": "array", "items": {"type": "integer"}, "description": "the jobs put back (PENDING)"},
@@ -82,7 +85,9 @@ BULK_REPLAYED = out({
                 "description": "the jobs left PARKED, each with why (as a single replay's 409 says it)"},
     "replayedCount": {"type": "integer"},
     "skippedCount": {"type": "integer"},
-    "more": {"type": "boolean", "description": "more parked jobs matched than `limit`: call again for them"},
+    "more": {"type": "boolean",
+             "description": "more parked jobs matched than `limit`: call again for them, with afterId lastId"},
+    "lastId": {"type": ["integer", "null"], "description": "the last job this call replayed or skipped"},
 })
 
 
@@ -187,6 +192,8 @@ async def replay_many(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         query = query.where(job_lane(ctx.session.get_bind().dialect.name == "postgresql") == body["provider"])
     if body.get("lastErrorPrefix"):
         query = query.where(OutboxJob.last_error.startswith(body["lastErrorPrefix"], autoescape=True))
+    if body.get("afterId") is not None:
+        query = query.where(OutboxJob.id > int(body["afterId"]))
     if body.get("parkedSince"):
         # A parked job's row is last written when it parks (core.outbox: _finish stamps updated_at).
         query = query.where(OutboxJob.updated_at >= body_datetime(body["parkedSince"], "parkedSince"))
@@ -202,7 +209,8 @@ async def replay_many(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         else:
             replayed.append(job_id)
     return json_response({"replayed": replayed, "skipped": skipped, "replayedCount": len(replayed),
-                          "skippedCount": len(skipped), "more": len(ids) > limit})
+                          "skippedCount": len(skipped), "more": len(ids) > limit,
+                          "lastId": ids[:limit][-1] if ids else None})
 
 
 async def _replay_one(ctx: Ctx, job_id: int) -> OutboxJob:

@@ -37,7 +37,7 @@ import socket
 import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import httpx
 from sqlalchemy import and_, case, literal, or_, select, update
@@ -387,10 +387,15 @@ _DEFAULT_PORTS = {"https": 443, "http": 80}
 def url_key(url: str) -> str:
     """`url` as two registrations of one receiver compare: scheme and host whatever their case, the scheme's
     default port as none, a trailing slash of the path as none; the path (case included) and query as typed.
-    The URL is stored and called as it was given."""
-    parsed = urlparse(url.strip())
+    The URL is stored and called as it was given. One stored before check_url refused it (a port past 65535) is
+    its own key, as typed: it matches no other, and the cooperative's registrations do not fail on it."""
+    # urlsplit: urlparse takes a ";params" off the path, and /hook;tenant=a and /hook;tenant=b compared the same.
+    parsed = urlsplit(url.strip())
     scheme, host = parsed.scheme.lower(), (parsed.hostname or "").rstrip(".")
-    port = parsed.port
+    try:
+        port = parsed.port
+    except ValueError:
+        return url.strip()
     netloc = f"[{host}]" if ":" in host else host
     if port is not None and port != _DEFAULT_PORTS.get(scheme):
         netloc += f":{port}"

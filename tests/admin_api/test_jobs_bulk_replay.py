@@ -110,3 +110,15 @@ async def test_bulk_replay_by_provider_payment_and_parked_since(admin, rt, demo)
     since = (utcnow() - timedelta(days=1)).isoformat()
     assert (await admin.json("POST", "/v1/jobs/replay", 200, json={"parkedSince": since}))["replayed"] == []
     assert (await _statuses(rt))[old] == "PARKED"
+
+
+async def test_jobs_skipped_for_good_do_not_keep_the_next_call_from_the_rest(admin, rt, demo):
+    # The oldest parked collect's payment ended: every call skipped it first, and with limit 1 (or a page of
+    # them) `more` said "call again" while no call ever reached the jobs behind it.
+    settled_collect, _ = await _parked_collect(rt, demo, "bulk-stuck-0001", settled=True)
+    later = await _park(rt, "no.such.kind", "bulk-behind", demo["cooperative_id"])
+    first = await admin.json("POST", "/v1/jobs/replay", 200, json={"limit": 1})
+    assert ([s["id"] for s in first["skipped"]], first["replayed"], first["more"]) == ([settled_collect], [], True)
+    second = await admin.json("POST", "/v1/jobs/replay", 200, json={"limit": 1, "afterId": first["lastId"]})
+    assert (second["replayed"], second["more"]) == ([later], False)
+    assert (await _statuses(rt))[later] == "PENDING"

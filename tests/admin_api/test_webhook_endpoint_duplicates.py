@@ -109,3 +109,25 @@ async def test_an_endpoint_switched_off_after_failures_is_still_changed_and_rota
     changed = await admin.json("PATCH", path, 200, json={"url": f"https://{DOMAIN}/hooks/v2"})
     assert changed["status"] == "DISABLED"
     await admin.json("POST", f"{path}/rotate-secret", 200)
+
+
+async def test_urls_differing_in_their_path_parameters_are_two_receivers(rt, admin, superadmin):
+    # ";tenant=a" is part of the path the receiver routes on (urlparse kept it apart, and the key dropped it).
+    await _approved(admin, superadmin)
+    first = await _register(admin, f"{URL};tenant=a")
+    second = await _register(admin, f"{URL};tenant=b")
+    assert {row.id for row in await _rows(rt)} == {first["id"], second["id"]}
+    await _register(admin, f"{URL};tenant=a", 409)
+
+
+async def test_a_stored_url_the_parser_now_refuses_does_not_fail_registrations(rt, admin, superadmin, demo):
+    # An endpoint registered before its port was checked (past 65535): the cooperative's next registration and a
+    # PATCH of that endpoint's URL (how it is fixed) answered 500.
+    await _approved(admin, superadmin)
+    legacy = await _register(admin, URL)
+    async with rt.sessionmaker.begin() as s:
+        row = await s.get(WebhookEndpoint, legacy["id"])
+        row.url = f"https://{DOMAIN}:99999/hooks/payments"
+    await _register(admin, f"https://{DOMAIN}/hooks/other")
+    fixed = await admin.json("PATCH", f"/v1/webhook-endpoints/{legacy['id']}", 200, json={"url": URL})
+    assert fixed["url"] == URL
