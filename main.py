@@ -415,7 +415,9 @@ async def _worker_metrics(rt: Runtime, worker: Any, host: str, port: int) -> web
 
     from app import worker_app
 
-    app = worker_app(rt, worker, stale_after=rt.settings.worker_stale_seconds)
+    # Twice the lease at least: a worker whose slots all hold jobs of a longer lease claims nothing until one ends.
+    stale_after = max(rt.settings.worker_stale_seconds, 2 * rt.settings.outbox_lease_seconds)
+    app = worker_app(rt, worker, stale_after=stale_after)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     await _listen(web.TCPSite(runner, host, port), host, port, "HOST, WORKER_METRICS_PORT or --metrics-port")
