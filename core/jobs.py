@@ -37,6 +37,7 @@ from core.payments import (
 from core.phone import Phone
 from core.ports import (
     AWAITING_CONFIGURATION,
+    AWAITING_CONFIGURATION_NOTE,
     REFUND_UNSUPPORTED,
     CollectionAccepted,
     CollectionRequest,
@@ -48,7 +49,7 @@ from core.ports import (
     StatusResult,
 )
 from core.reference_mark import ReferenceWatch
-from core.refunds import apply_refund_outcome, collected
+from core.refunds import apply_kept_refusal, apply_refund_outcome, collected
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN, PAYMENT, UNCONFIRMED, PaymentStatus
 from core.state.refund import REFUND, RefundStatus
@@ -172,8 +173,7 @@ def awaiting_configuration(exc: CredentialsRefused) -> ProviderError:
     """A refund's call refused for the gateway's credentials, as the outbox retries it: a refund is not urgent, and a
     fault of ours is never a failed refund told to the member. Retried with backoff, then parked; replayed once the
     configuration is fixed. Nothing was processed (core.outbox.NOTHING_PROCESSED): still a refund never sent."""
-    return ProviderError(f"{exc}; waits for the provider's configuration to be fixed", retryable=True,
-                         code=AWAITING_CONFIGURATION)
+    return ProviderError(f"{exc}{AWAITING_CONFIGURATION_NOTE}", retryable=True, code=AWAITING_CONFIGURATION)
 
 
 # A payment the provider has never heard of after its window, while a collect job is still sending its request:
@@ -656,6 +656,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                  actor=WORKER, values=values)
             except StaleTransition:
                 return
+            if values and await apply_kept_refusal(session, refund, values["provider_transaction_id"]):
+                return  # its Result, refusing the gateway's credentials, came before this commit
             run_at = utcnow() + timedelta(seconds=rt.settings.poll_after_seconds)
             if not await enqueue(session, "refund.poll", {"refund_id": refund.id},
                                  dedupe_key=f"refund-poll:{refund.id}", run_at=run_at,

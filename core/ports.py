@@ -160,6 +160,9 @@ class CredentialsRefused(ProviderError):
 # ProviderError.code of a refund (or its status query) held back by CredentialsRefused: retryable, as the configuration
 # will be fixed; nothing was processed (core.outbox.NOTHING_PROCESSED), so it is still a refund never sent.
 AWAITING_CONFIGURATION = "AWAITING_CONFIGURATION"
+# How such a refusal's message ends (core.jobs.awaiting_configuration), so its job's last_error, once its retries
+# run out and it is parked, still says what parked it (core.refunds.cancel_refund).
+AWAITING_CONFIGURATION_NOTE = "; waits for the provider's configuration to be fixed"
 
 
 class CallbackRejected(Exception):

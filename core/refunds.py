@@ -22,7 +22,7 @@ from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
 from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, end_waiting, enqueue, enqueue_many, raised_sqlstate
-from core.ports import AWAITING_CONFIGURATION, PaymentProvider, ProviderOutcome
+from core.ports import AWAITING_CONFIGURATION, AWAITING_CONFIGURATION_NOTE, PaymentProvider, ProviderOutcome
 from core.ports import ProviderEvent as ProviderEventData
 from core.references import cooperative_reference
 from core.state import StaleTransition, transition
@@ -659,9 +659,14 @@ async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, c
                           "outcome"), field="status")
     reason = f"{WITHDRAWN_BY_ADMIN}{note}"
     submission = (OutboxJob.kind == "refund.submit", OutboxJob.dedupe_key == f"refund:{refund.id}")
-    # A submission parked by _awaiting_configuration: the provider took it and processed nothing (its Result refused
-    # the gateway's initiator), so it is withdrawn as one never sent.
-    unsent_parked = OutboxJob.last_error.startswith(f"{AWAITING_CONFIGURATION}: ", autoescape=True)
+    # A submission parked for the gateway's credentials, which sent nothing: by _awaiting_configuration (the provider
+    # took it and processed nothing: its Result refused the gateway's initiator), or by the outbox once its retries
+    # ran out on the provider refusing them at send time (core.jobs.awaiting_configuration: a 401), every try of it
+    # refused unprocessed (_untried_or_refused: one that may have arrived before keeps its CALL_SENT). Withdrawn as
+    # one never sent.
+    unsent_parked = or_(OutboxJob.last_error.startswith(f"{AWAITING_CONFIGURATION}: ", autoescape=True),
+                        and_(_untried_or_refused(),
+                             OutboxJob.last_error.endswith(AWAITING_CONFIGURATION_NOTE, autoescape=True)))
     if not await end_waiting(session, *submission, _untried_or_refused(), status="PENDING", reason=reason) \
             and not await end_waiting(session, *submission, unsent_parked, status="PARKED", reason=reason):
         parked = (await session.execute(select(OutboxJob.id).where(*submission, OutboxJob.status == "PARKED")
@@ -762,18 +767,25 @@ async def _find_refund(session: AsyncSession, event: ProviderEventData, outcome:
     return found
 
 
-async def _link_event(session: AsyncSession, event_row_id: str, refund: Refund, outcome: str) -> None:
+async def _link_event(session: AsyncSession, event_row_id: str, refund: Refund, outcome: str,
+                      payload: dict[str, Any] | None = None) -> None:
     """The stored callback names its refund and the refund's payment, with what applying it did (`outcome`), in the
     transaction that applied it, as a payment's callback does (core.payments._set_outcome): a refund's callbacks
     are found from it (by payment_id's index, then refund_id). Before, all three stayed NULL: nothing led from a
     refund to its callbacks."""
     events = table_of(ProviderEvent)
     await session.execute(update(events).where(events.c.id == event_row_id)
-                          .values(refund_id=refund.id, payment_id=refund.payment_id, outcome=outcome))
+                          .values(refund_id=refund.id, payment_id=refund.payment_id, outcome=outcome,
+                                  **({} if payload is None else {"payload": payload})))
 
 
 # handle_refund_event's outcome for a refund taken by the provider, then refused for the gateway's credentials.
 AWAITING_CONFIGURATION_OUTCOME = "awaiting_configuration"
+# Its outcome for such a refusal that came before the worker wrote the refund PROCESSING (the provider's answer to
+# the sending taken, the worker's commit not yet made): kept, with the sending's id and the reason in its payload,
+# for that commit to apply (apply_kept_refusal).
+REFUSAL_KEPT = "awaiting_configuration_kept"
+_KEPT_SENDING, _KEPT_REASON = "gateway_kept_sending", "gateway_kept_reason"
 
 
 async def _awaiting_configuration(session: AsyncSession, refund: Refund, *, actor: Actor, reason: str | None) -> str:
@@ -802,6 +814,26 @@ async def _awaiting_configuration(session: AsyncSession, refund: Refund, *, acto
               "configuration to be fixed (replay its parked job)",
               extra={"refund": refund.reference, "reason": (reason or "")[:200]})
     return AWAITING_CONFIGURATION_OUTCOME
+
+
+async def apply_kept_refusal(session: AsyncSession, refund: Refund, provider_transaction_id: str) -> bool:
+    """The refund just written PROCESSING, in this transaction, for the sending the provider answered with
+    `provider_transaction_id` (core.jobs.await_refund_outcome): a callback refusing that very sending for the
+    gateway's credentials that came first (REFUSAL_KEPT: M-Pesa's Result beating the worker's commit) is applied now,
+    as it would have been after the commit. True when one was (the refund is PENDING again, its submission parked).
+    Only that sending's: a refusal of an earlier one says nothing of it."""
+    kept = (await session.execute(select(ProviderEvent.id, ProviderEvent.provider, ProviderEvent.payload).where(
+        ProviderEvent.payment_id == refund.payment_id, ProviderEvent.refund_id == refund.id,
+        ProviderEvent.outcome == REFUSAL_KEPT))).all()
+    for row_id, provider, payload in kept:
+        if not isinstance(payload, dict) or payload.get(_KEPT_SENDING) != provider_transaction_id:
+            continue
+        reason = payload.get(_KEPT_REASON)
+        result = await _awaiting_configuration(session, refund, actor=Actor(f"provider:{provider}", "provider"),
+                                               reason=reason if isinstance(reason, str) else None)
+        await _link_event(session, row_id, refund, result)
+        return True
+    return False
 
 
 async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
@@ -846,6 +878,17 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
                     result = await _awaiting_configuration(session, refund, actor=actor, reason=reason)
                     await _link_event(session, event_row_id, refund, result)
                     return result
+                if refund is not None and event.credentials_refused and R(refund.status) is R.PENDING \
+                        and event.raw.get("lookup") == "provider_transaction_id":
+                    # It came before the worker wrote the refund PROCESSING for the sending it refuses (that
+                    # sending's answer taken, its commit not yet made; the refund found by our reference): applied
+                    # now it would be undone by that commit, and dropped ("pending") the refund waited a day for a
+                    # Result already come. Kept for that commit to apply (apply_kept_refusal).
+                    await _link_event(session, event_row_id, refund, REFUSAL_KEPT, payload={
+                        **event.raw, _KEPT_SENDING: event.reference, _KEPT_REASON: reason})
+                    log.warning("provider refused the gateway's credentials for a refund before its sending was "
+                                "recorded; applied when it is", extra={"refund": refund.reference})
+                    return REFUSAL_KEPT
                 if refund is not None:
                     if outcome is ProviderOutcome.AMBIGUOUS and R(refund.status) is R.PROCESSING:
                         # e.g. M-Pesa's "already reversed": the refund keeps its amount and waits for a clearer

@@ -9,14 +9,16 @@ import json
 from typing import Any
 
 import httpx
-from sqlalchemy import select
+import pytest
+from sqlalchemy import select, update
 
 from core.config import ProviderConfig, Secret
+from core.errors import Conflict
 from core.metrics import REGISTRY
 from core.models import OutboxJob, Refund, SmsMessage
-from core.outbox import replay_job
+from core.outbox import CALL_SENT, replay_job
 from core.payments import create_payment
-from core.refunds import request_refund
+from core.refunds import cancel_refund, request_refund
 from providers.airtel.adapter import AirtelAdapter
 from providers.airtel.simulator import create_simulator as airtel_simulator
 from providers.mpesa.adapter import MpesaAdapter
@@ -116,3 +118,47 @@ async def test_mpesa_reversal_waits_for_its_security_credential(rt, demo, worker
     assert refund.status == "PROCESSING" and refund.provider_transaction_id, refund.status  # Daraja took it
     remarks = {b["Remarks"] for b in recorder.bodies("/mpesa/reversal/v1/request")}
     assert remarks == {f"Refund {payment.reference.replace('_', ' ')} Kigali Heights Housing Cooperative"}, remarks
+
+
+async def test_a_refund_parked_for_its_credentials_can_be_withdrawn(rt, demo, worker, aiohttp_server) -> None:
+    """Its submission, refused a 401 at every try and parked, sent nothing (the README: PENDING and withdrawable):
+    an admin may withdraw it, the member told nothing. It was refused 409 "parked for manual review": its job's
+    last_error is the outbox's (`ProviderError: ...`), not the `AWAITING_CONFIGURATION: ` a reversal's Result
+    writes."""
+    server = await aiohttp_server(airtel_simulator(SimulatorOptions(delay=0.01, drop_callback=True,
+                                                                    credentials=AIRTEL_CREDS)), host="127.0.0.1")
+    base = str(server.make_url("")).rstrip("/")
+    recorder = Recorder()
+    async with httpx.AsyncClient(event_hooks={"request": [recorder]}) as http:
+        rt.providers = {**rt.providers, "airtel": AirtelAdapter(http, ProviderConfig(base_url=base, credentials={
+            k: Secret(v) for k, v in {**AIRTEL_CREDS, "client_secret": "rotated-away"}.items()},
+            options={"country": "RW", "currency": "RWF"}))}
+        async with rt.sessionmaker.begin() as s:
+            new = dataclasses.replace(mtn_payment(demo, key="airtel-creds-2"), method="MOBILE_MONEY_AIRTEL",
+                                      account="+250738000002")
+            payment, _ = await create_payment(s, rt, new, actor=ADMIN)
+        await completed(rt, payment, "AM12345679")
+        refund_id = await _refund(rt, demo, payment.id)
+        parked = await _waits(rt, worker, refund_id, "airtel")
+        # One whose earlier try may have arrived (a 5xx, say: its CALL_SENT is carried on) is not withdrawn.
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(update(OutboxJob).where(OutboxJob.id == parked.id).values(
+                last_error=f"{CALL_SENT}: {parked.last_error}"))
+        with pytest.raises(Conflict, match="parked for manual review"):
+            async with rt.sessionmaker.begin() as s:
+                await cancel_refund(s, rt, refund_id=refund_id, cooperative_id=demo["cooperative_id"],
+                                    note="paid back by hand", actor=ADMIN)
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(update(OutboxJob).where(OutboxJob.id == parked.id).values(last_error=parked.last_error))
+        async with rt.sessionmaker.begin() as s:
+            withdrawn = await cancel_refund(s, rt, refund_id=refund_id, cooperative_id=demo["cooperative_id"],
+                                            note="paid back by hand", actor=ADMIN)
+        assert (withdrawn.status, withdrawn.failure_reason) == ("FAILED", "withdrawn by an admin: paid back by hand")
+        async with rt.sessionmaker() as s:
+            job = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{refund_id}"))
+                   ).scalar_one()
+            member_sms = (await s.execute(select(OutboxJob.dedupe_key).where(
+                OutboxJob.kind == "sms.send", OutboxJob.dedupe_key.like(f"%{refund_id}%")))).scalars().all()
+        assert (job.status, job.last_error) == ("DONE", withdrawn.failure_reason)
+        assert not member_sms
+    assert not recorder.bodies("/standard/v1/payments/refund")

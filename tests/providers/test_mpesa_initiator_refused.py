@@ -187,3 +187,58 @@ async def test_a_replayed_reversal_is_polled_again(rt: Any, demo: dict[str, Any]
         assert "PENDING" in polls, polls
     finally:
         await runner.cleanup()
+
+
+async def test_a_refusal_before_the_worker_commits_its_sending_is_applied(
+        rt: Any, demo: dict[str, Any], worker: Any, client: Any) -> None:
+    """Daraja's Result refusing the initiator arrives before the worker has written the refund PROCESSING (its
+    answer to the reversal request taken, the worker's commit not yet made). It was stored "pending" for a refund
+    still PENDING, and lost: the refund then waited PROCESSING for a Result already come, until its poll parked it
+    for manual review a day later. It waits for the configuration as a refusal after that commit does."""
+    sim = create_simulator(SimulatorOptions(delay=0.05, credentials=MPESA_CREDS))
+    runner = web.AppRunner(sim, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+
+    class ResultFirst(MpesaAdapter):
+        async def request_refund(self, request: Any) -> Any:
+            accepted = await super().request_refund(request)
+            await sim[STATE].idle()  # its Result is handled before the worker goes on
+            return accepted
+
+    try:
+        rt.settings = dataclasses.replace(rt.settings, public_base_url=str(client.make_url("")).rstrip("/"))
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with httpx.AsyncClient() as http:
+            _mpesa(rt, base, http)
+            payment = await mpesa_payment(rt, demo)
+            await worker.run_once()
+            await sim[STATE].idle()
+            rt.providers = {**rt.providers, "mpesa": ResultFirst(http, ProviderConfig(
+                base_url=base, credentials={k: Secret(v) for k, v in
+                                            {**MPESA_CREDS, "initiator": "an-old-initiator"}.items()},
+                options={"shortcode": "174379"}))}
+            refund_id = await _refund(rt, demo, payment.id)
+            await due_now(rt, "refund.submit")
+            await drain(worker)
+        async with rt.sessionmaker() as s:
+            refund = await s.get(Refund, refund_id)
+            job = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{refund_id}"))
+                   ).scalar_one()
+            polls = (await s.execute(select(OutboxJob.status).where(
+                OutboxJob.kind == "refund.poll", OutboxJob.payload["refund_id"].as_string() == refund_id,
+                OutboxJob.status.in_(("PENDING", "RUNNING"))))).scalars().all()
+            [result] = (await s.execute(select(ProviderEvent).where(ProviderEvent.kind == "refund"))).scalars()
+            sms_jobs = (await s.execute(select(OutboxJob.dedupe_key).where(
+                OutboxJob.dedupe_key.like(f"%refund_failed:{refund_id}")))).scalars().all()
+        assert (refund.status, refund.provider_transaction_id) == ("PENDING", None), refund.status
+        assert job.status == "PARKED" and "initiator" in (job.last_error or ""), (job.status, job.last_error)
+        assert not polls and not sms_jobs
+        assert (result.refund_id, result.outcome) == (refund_id, "awaiting_configuration")
+        async with rt.sessionmaker.begin() as s:  # and it can be withdrawn, as nothing was processed
+            withdrawn = await cancel_refund(s, rt, refund_id=refund_id, cooperative_id=demo["cooperative_id"],
+                                            note="paid back by hand", actor=ADMIN)
+        assert withdrawn.status == "FAILED"
+    finally:
+        await runner.cleanup()
