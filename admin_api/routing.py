@@ -107,6 +107,9 @@ def client_ip(request: web.Request) -> str:
     return limit_key(client_address(request, request.config_dict[RUNTIME].settings.trusted_proxies))
 
 
+API_KEY_PREFIX = "cpk_"  # core.crypto.new_api_key's
+
+
 async def authenticate(request: web.Request, session: AsyncSession,
                        rt: Runtime) -> tuple[Principal, dict[str, Any] | None]:
     """The caller, and a signed-in user's token claims (None for an API key: its row was just read).
@@ -123,6 +126,9 @@ async def authenticate(request: web.Request, session: AsyncSession,
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Unauthorized")
+    if token.strip().startswith(API_KEY_PREFIX):
+        # The README's calls all show a bearer token: "invalid token" did not say where a key goes.
+        raise Unauthorized("an API key goes in the X-API-Key header, not Authorization: Bearer")
     claims = auth.decode_token(token.strip(), secret=rt.settings.jwt_secret.get(), previous=rt.settings.jwt_previous,
                                expected_type="access")
     return auth.principal_from_access(claims), claims

@@ -71,6 +71,14 @@ def parse_json(raw: bytes, request: web.Request) -> Any:
         raise ValidationError("body is nested too deeply") from None
 
 
+# A request field's pattern in words: "shortCode has an invalid format" did not say that "KAMPALA SACCO"'s space was
+# the fault, nor what a code may hold (the words core.cooperatives uses for the same rules).
+PATTERN_WORDS = {
+    "^[A-Za-z0-9_-]{2,32}$": "must be 2 to 32 letters, digits, '-' or '_'",
+    "^[0-9]{1,8}$": "must be 1 to 8 digits",
+}
+
+
 def _where(error: SchemaError) -> str:
     parts = [str(p) for p in error.absolute_path]
     return ".".join(parts) if parts else "body"
@@ -115,7 +123,7 @@ def _describe(error: SchemaError) -> list[str]:
         case "format":
             return [f"{where} must be a valid {value}"]
         case "pattern":
-            return [f"{where} has an invalid format"]
+            return [f"{where} {PATTERN_WORDS.get(value, 'has an invalid format')}"]
         case "minItems":
             return [f"{where} must contain at least {value} item{'s' if value != 1 else ''}"]
         case "maxItems":

@@ -99,6 +99,13 @@ def _validate(values: dict[str, Any]) -> list[str]:
         errors.append(f"country must be one of {', '.join(sorted(COUNTRY_CURRENCY))}")
     if "currency" in values and values["currency"] not in EXPONENTS:
         errors.append("currency is not supported")
+    elif values.get("currency") and values.get("country") in COUNTRY_CURRENCY \
+            and values["currency"] != COUNTRY_CURRENCY[values["country"]]:
+        # Every method of a country collects its currency only (payments check the method against both), and a
+        # currency never changes: a Kampala cooperative made in RWF could never be paid.
+        local = COUNTRY_CURRENCY[values["country"]]
+        errors.append(f"currency must be {local} for a cooperative in {values['country']} (its mobile money "
+                      f"collects {local} only)")
     if "timezone" in values:
         try:
             zone = ZoneInfo(values["timezone"])

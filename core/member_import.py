@@ -127,10 +127,33 @@ def decode(data: bytes) -> tuple[str, str]:
             return data.decode("utf-8-sig"), "utf-8"
         except UnicodeDecodeError:
             try:
-                return data.decode("cp1252"), "windows-1252"
+                text = data.decode("cp1252")
             except UnicodeDecodeError:
                 pass
+            else:
+                _refuse_mixed(data)
+                return text, "windows-1252"
     raise ImportRejected([RowError(0, "file", "must be text: UTF-8, UTF-16 or Windows-1252")])
+
+
+def _refuse_mixed(data: bytes) -> None:
+    """A file not UTF-8 as a whole whose lines beyond ASCII are partly UTF-8 (a list saved as CSV UTF-8, then rows
+    pasted in from an older Windows export): read as Windows-1252, its UTF-8 names were stored as "ZoÃ« AkÃ©llo".
+    Refused naming the lines that are not UTF-8, beside the first that is."""
+    utf8, other = [], []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if line.isascii():
+            continue
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            other.append(number)
+        else:
+            utf8.append(number)
+    if utf8 and other:
+        raise ImportRejected([RowError(n, "file", f"is not UTF-8 while row {utf8[0]} is: its letters beyond A-Z "
+                                                  "would be read wrong; save the whole list again as CSV UTF-8 and "
+                                                  "import that file") for n in other])
 
 
 def parse_rows(data: bytes, *, region: str) -> ParsedFile:

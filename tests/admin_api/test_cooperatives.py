@@ -39,7 +39,7 @@ async def test_validation(superadmin):
     )
     msgs = body["message"]
     assert "name must be at least 2 characters" in msgs
-    assert "shortCode has an invalid format" in msgs
+    assert "shortCode must be 2 to 32 letters, digits, '-' or '_'" in msgs
     assert any(m.startswith("country must be one of") for m in msgs)
     tz = await superadmin.json("POST", "/v1/cooperatives", 400, json={**NEW, "timezone": "Mars/Olympus"})
     assert tz["message"] == ["timezone must be an IANA time zone name"]

@@ -8,11 +8,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from core import auth
 from core.db import iso_z, utcnow
-from core.models import Payment
+from core.models import Cooperative, Payment, PaymentType
 from tests.admin_api.conftest import Caller, bearer, idem
 
 
@@ -71,7 +71,10 @@ async def test_mpesa_from_a_range_nobody_names_is_refused_outside_kenya(superadm
                                                                         client: Any) -> None:
     """Zambia's 0790 range has no operator in the carrier data, so the number check lets it through; a Zambian
     cooperative kept in shillings then had M-Pesa (Safaricom's Daraja) sent a Zambian number."""
-    admin, ptype = await country_admin(superadmin, rt, client, "ZM", "LUN", "1500.00", currency="KES")
+    admin, ptype = await country_admin(superadmin, rt, client, "ZM", "LUN", "1500.00")
+    async with rt.sessionmaker.begin() as s:  # made before a cooperative's currency was held to its country's
+        await s.execute(update(Cooperative).where(Cooperative.short_code == "LUN").values(currency="KES"))
+        await s.execute(update(PaymentType).where(PaymentType.id == ptype).values(currency="KES"))
     body = await asked(admin, ptype, 400, "MPESA", "+260790123456", "1500.00")
     assert body["message"] == ["paymentMethod MPESA is not one a ZM cooperative's members pay with: "
                                "MOBILE_MONEY_MTN (MTN MoMo), MOBILE_MONEY_AIRTEL (Airtel Money), or a bank method"]
