@@ -305,7 +305,7 @@ def parse_keyword(text: str, prefixes: tuple[str, ...] = ()) -> tuple[str | None
     stop' is STOP. The argument is what follows the keyword (see _argument): 'RISITI PAY 20251016 001' and
     'RISITI PAY-20251016-001' give 'PAY_20251016_001'."""
     words = _NOT_WORD.sub(" ", fold(text or "")).split()
-    if words and words[0] in prefixes:
+    if shortcode_prefix(text, prefixes):
         words = words[1:]
     if not words:
         return None, None, None
@@ -315,6 +315,13 @@ def parse_keyword(text: str, prefixes: tuple[str, ...] = ()) -> tuple[str | None
         if word in spellings:
             return command, language, argument
     return None, None, argument
+
+
+def shortcode_prefix(text: str, prefixes: tuple[str, ...]) -> str | None:
+    """The shared short code's word the text begins with ('khhc, stop' -> 'KHHC'), None when it begins with none:
+    replies name their keywords after it (templates.KEYWORD_PREFIX), as a text without it does not reach us."""
+    words = _NOT_WORD.sub(" ", fold(text or "")).split()
+    return words[0] if words and words[0] in prefixes else None
 
 
 def _argument(words: list[str]) -> str | None:
@@ -476,6 +483,9 @@ async def inbound(request: web.Request) -> web.Response:
             return web.Response(text="")  # what the keyword changed commits, without a reply
         template, context, cooperative_id = reply
         context = {**context, "language": language}
+        prefix = shortcode_prefix(text, rt.settings.sms_shortcode_keywords)
+        if prefix:
+            context["keyword_prefix"] = prefix
         cooperative_id, member_id = _reply_membership(members, cooperative_id)
         await send_sms(
             session,

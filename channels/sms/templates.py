@@ -31,6 +31,9 @@ TEMPLATES = tuple(en.MESSAGES)
 # Templates a member may opt out of with STOP; receipts and updates always go.
 OPTIONAL_TEMPLATES = frozenset({"payment_reminder"})
 DATE_FORMAT = "%d/%m/%Y %H:%M"
+# Before each keyword a reply names ("{kw}STOP"): the shared short code's word the member's text began with (value
+# "KHHC" gives "KHHC STOP"), as a text without it never reaches the gateway (SMS_SHORTCODE_KEYWORDS); none otherwise.
+KEYWORD_PREFIX = "kw"
 DAY_FORMAT = "%d/%m/%Y"
 
 
@@ -48,14 +51,19 @@ def render(template: str, language: str, values: dict[str, Any]) -> str:
     text = catalog.MESSAGES.get(template)
     if text is None:
         raise TemplateError(f"unknown SMS template {template!r}")
+    prefix = values.get(KEYWORD_PREFIX)
+    values = {**values, KEYWORD_PREFIX: ""}
     missing = _placeholders(text) - values.keys()
     if missing:
         raise TemplateError(f"template {template!r} needs {sorted(missing)}")
     if is_gsm(text):
         # One character outside GSM-7 in a value (an accent the alphabet lacks, a pasted dash) would send
         # the whole message as UCS-2: 70 characters a part instead of 160, so more parts to pay for.
-        return text.format(**{k: to_gsm(_clean(v)) for k, v in values.items()})
-    return text.format(**{k: _clean(v) for k, v in values.items()})
+        flat = {k: to_gsm(_clean(v)) for k, v in values.items()}
+    else:
+        flat = {k: _clean(v) for k, v in values.items()}
+    word = to_gsm(_clean(prefix)) if prefix else ""
+    return text.format(**{**flat, KEYWORD_PREFIX: f"{word} " if word else ""})
 
 
 def _clean(value: Any) -> str:
@@ -253,6 +261,8 @@ async def build_message(
     dial = dial_code(code_of(service_code, coop.ussd_aggregator if coop else None),
                      coop.ussd_extension if coop else None)
     values: dict[str, Any] = {"dial": dial, "ref": str(context.get("reference") or "-")[:32]}
+    if context.get("keyword_prefix"):
+        values[KEYWORD_PREFIX] = context["keyword_prefix"]
 
     if is_payment_template(template):
         payment = await _one(session, Payment, context.get("payment_id"), "payment")

@@ -29,22 +29,22 @@ MESSAGES = {
     "member_approved": "Welcome! You are now a member of {coop}. To pay, dial {dial}.",
     "webhook_disabled": "{coop}: webhook to {host} was disabled after {failures} failed deliveries. "
     "Re-enable it in the API.",
-    "help": "Dial {dial} to pay. SMS: RECEIPT <ref>, STATUS <ref>, STOP (no reminders), START.",
+    "help": "Dial {dial} to pay. SMS: {kw}RECEIPT <ref>, {kw}STATUS <ref>, {kw}STOP (no reminders), {kw}START.",
     # HELP from a member who cannot pay (suspended, or her cooperative is): no code to dial that cannot work.
     "help_inactive": "Your membership is not active, so you cannot pay by phone. Please contact your cooperative. "
-    "SMS: RECEIPT <ref>, STATUS <ref>.",
+    "SMS: {kw}RECEIPT <ref>, {kw}STATUS <ref>.",
     # The same to a suspended member: her RECEIPT and STATUS are not answered (her number may be someone else's).
     "help_suspended": "Your membership is not active, so you cannot pay by phone. Please contact your cooperative.",
     "not_found": "No payment {ref} found for this phone number.",
     # STATUS or RECEIPT without a reference (the keyword alone, or words that are none): how to ask.
-    "no_reference_status": "Send STATUS followed by the reference, e.g. STATUS PAY_20260115_001.",
-    "no_reference_receipt": "Send RECEIPT followed by the reference, e.g. RECEIPT PAY_20260115_001.",
-    "opted_out": "You will no longer get reminders. Receipts still come. Send START to get them again.",
-    "opted_in": "Reminders are on again. Send STOP to turn them off.",
-    "unknown": "Sorry, we did not understand. Send HELP or dial {dial}.",
+    "no_reference_status": "Send {kw}STATUS followed by the reference, e.g. {kw}STATUS PAY_20260115_001.",
+    "no_reference_receipt": "Send {kw}RECEIPT followed by the reference, e.g. {kw}RECEIPT PAY_20260115_001.",
+    "opted_out": "You will no longer get reminders. Receipts still come. Send {kw}START to get them again.",
+    "opted_in": "Reminders are on again. Send {kw}STOP to turn them off.",
+    "unknown": "Sorry, we did not understand. Send {kw}HELP or dial {dial}.",
     # Not understood, from a member who cannot pay (as help_inactive): no code to dial that cannot work.
     "unknown_inactive": "Sorry, we did not understand. Your membership is not active: please contact your "
-    "cooperative. Send HELP.",
+    "cooperative. Send {kw}HELP.",
 }
 
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).

@@ -30,19 +30,19 @@ MESSAGES = {
     "member_approved": "Bienvenue! Votre adhésion à {coop} est approuvée. Pour payer, composez {dial}.",
     "webhook_disabled": "{coop}: le webhook vers {host} est désactivé après {failures} échecs. "
     "Réactivez-le via l'API.",
-    "help": "Composez {dial} pour payer. SMS: RECU <réf>, STATUT <réf>, STOP (fin des rappels), START.",
+    "help": "Composez {dial} pour payer. SMS: {kw}RECU <réf>, {kw}STATUT <réf>, {kw}STOP (fin des rappels), {kw}START.",
     "help_inactive": "Votre adhésion n'est pas active : pas de paiement par téléphone. Contactez votre coopérative. "
-    "SMS: RECU <réf>, STATUT <réf>.",
+    "SMS: {kw}RECU <réf>, {kw}STATUT <réf>.",
     "help_suspended": "Votre adhésion n'est pas active : pas de paiement par téléphone. Contactez votre coopérative.",
     "not_found": "Aucun paiement {ref} trouvé pour ce numéro.",
-    "no_reference_status": "Envoyez STATUT suivi de la référence, ex. STATUT PAY_20260115_001.",
-    "no_reference_receipt": "Envoyez RECU suivi de la référence, ex. RECU PAY_20260115_001.",
+    "no_reference_status": "Envoyez {kw}STATUT suivi de la référence, ex. {kw}STATUT PAY_20260115_001.",
+    "no_reference_receipt": "Envoyez {kw}RECU suivi de la référence, ex. {kw}RECU PAY_20260115_001.",
     "opted_out": "Vous ne recevrez plus de rappels. Les confirmations de paiement continuent. "
-    "Envoyez START pour les rappels.",
-    "opted_in": "Rappels réactivés. Envoyez STOP pour ne plus les recevoir.",
-    "unknown": "Message non compris. Envoyez AIDE ou composez {dial}.",
+    "Envoyez {kw}START pour les rappels.",
+    "opted_in": "Rappels réactivés. Envoyez {kw}STOP pour ne plus les recevoir.",
+    "unknown": "Message non compris. Envoyez {kw}AIDE ou composez {dial}.",
     "unknown_inactive": "Message non compris. Votre adhésion n'est pas active : contactez votre coopérative. "
-    "Envoyez AIDE.",
+    "Envoyez {kw}AIDE.",
 }
 
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).

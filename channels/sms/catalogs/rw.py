@@ -27,19 +27,21 @@ MESSAGES = {
     "member_approved": "Murakaza neza! Ubu uri umunyamuryango wa {coop}. Kanda {dial} wishyure.",
     "webhook_disabled": "{coop}: webhook ya {host} yahagaritswe nyuma yo kunanirwa inshuro {failures}. "
     "Yisubizeho muri API.",
-    "help": "Kanda {dial} wishyure. SMS: INYEMEZABWISHYU <nimero>, IMIMERERE <nimero>, HAGARIKA, TANGIRA.",
+    "help": "Kanda {dial} wishyure. SMS: {kw}INYEMEZABWISHYU <nimero>, {kw}IMIMERERE <nimero>, {kw}HAGARIKA, "
+    "{kw}TANGIRA.",
     "help_inactive": "Ubunyamuryango bwawe ntibukora: ntushobora kwishyura kuri telefoni. Gana koperative yawe. "
-    "SMS: INYEMEZABWISHYU <nimero>, IMIMERERE <nimero>.",
+    "SMS: {kw}INYEMEZABWISHYU <nimero>, {kw}IMIMERERE <nimero>.",
     "help_suspended": "Ubunyamuryango bwawe ntibukora: ntushobora kwishyura kuri telefoni. Gana koperative yawe.",
     "not_found": "Nta kwishyura {ref} kwabonetse kuri iyi nimero ya telefone.",
-    "no_reference_status": "Ohereza IMIMERERE ukurikizaho nimero y'ubwishyu, urugero IMIMERERE PAY_20260115_001.",
-    "no_reference_receipt": "Ohereza INYEMEZABWISHYU ukurikizaho nimero y'ubwishyu, "
-    "urugero INYEMEZABWISHYU PAY_20260115_001.",
+    "no_reference_status": "Ohereza {kw}IMIMERERE ukurikizaho nimero y'ubwishyu, "
+    "urugero {kw}IMIMERERE PAY_20260115_001.",
+    "no_reference_receipt": "Ohereza {kw}INYEMEZABWISHYU ukurikizaho nimero y'ubwishyu, "
+    "urugero {kw}INYEMEZABWISHYU PAY_20260115_001.",
     "opted_out": "Ntuzongera kubona ubutumwa bwo kwibutsa. Inyemezabwishyu zizakomeza. "
-    "Ohereza TANGIRA kubisubizaho.",
-    "opted_in": "Ubutumwa bwo kwibutsa bwasubijweho. Ohereza HAGARIKA kubihagarika.",
-    "unknown": "Ntitwabyumvise. Ohereza UBUFASHA cyangwa ukande {dial}.",
-    "unknown_inactive": "Ntitwabyumvise. Ubunyamuryango bwawe ntibukora: gana koperative yawe. Ohereza UBUFASHA.",
+    "Ohereza {kw}TANGIRA kubisubizaho.",
+    "opted_in": "Ubutumwa bwo kwibutsa bwasubijweho. Ohereza {kw}HAGARIKA kubihagarika.",
+    "unknown": "Ntitwabyumvise. Ohereza {kw}UBUFASHA cyangwa ukande {dial}.",
+    "unknown_inactive": "Ntitwabyumvise. Ubunyamuryango bwawe ntibukora: gana koperative yawe. Ohereza {kw}UBUFASHA.",
 }
 
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).

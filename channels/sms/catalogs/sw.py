@@ -26,17 +26,18 @@ MESSAGES = {
     "member_approved": "Karibu! Sasa wewe ni mwanachama wa {coop}. Piga {dial} kulipa.",
     "webhook_disabled": "{coop}: webhook ya {host} imezimwa baada ya kushindwa mara {failures}. "
     "Iwashe tena kupitia API.",
-    "help": "Piga {dial} kulipa. SMS: RISITI <kumb>, HALI <kumb>, SITISHA (kusimamisha vikumbusho), ANZA.",
+    "help": "Piga {dial} kulipa. SMS: {kw}RISITI <kumb>, {kw}HALI <kumb>, {kw}SITISHA (kusimamisha vikumbusho), "
+    "{kw}ANZA.",
     "help_inactive": "Uanachama wako hauko hai, huwezi kulipa kwa simu. Wasiliana na chama chako. "
-    "SMS: RISITI <kumb>, HALI <kumb>.",
+    "SMS: {kw}RISITI <kumb>, {kw}HALI <kumb>.",
     "help_suspended": "Uanachama wako hauko hai, huwezi kulipa kwa simu. Wasiliana na chama chako.",
     "not_found": "Hakuna malipo {ref} kwa namba hii ya simu.",
-    "no_reference_status": "Tuma HALI ikifuatiwa na kumbukumbu, mfano HALI PAY_20260115_001.",
-    "no_reference_receipt": "Tuma RISITI ikifuatiwa na kumbukumbu, mfano RISITI PAY_20260115_001.",
-    "opted_out": "Hutapokea vikumbusho tena. Risiti zitaendelea. Tuma ANZA kuvirudisha.",
-    "opted_in": "Vikumbusho vimerudishwa. Tuma SITISHA kuvizima.",
-    "unknown": "Hatukuelewa. Tuma MSAADA au piga {dial}.",
-    "unknown_inactive": "Hatukuelewa. Uanachama wako hauko hai: wasiliana na chama chako. Tuma MSAADA.",
+    "no_reference_status": "Tuma {kw}HALI ikifuatiwa na kumbukumbu, mfano {kw}HALI PAY_20260115_001.",
+    "no_reference_receipt": "Tuma {kw}RISITI ikifuatiwa na kumbukumbu, mfano {kw}RISITI PAY_20260115_001.",
+    "opted_out": "Hutapokea vikumbusho tena. Risiti zitaendelea. Tuma {kw}ANZA kuvirudisha.",
+    "opted_in": "Vikumbusho vimerudishwa. Tuma {kw}SITISHA kuvizima.",
+    "unknown": "Hatukuelewa. Tuma {kw}MSAADA au piga {dial}.",
+    "unknown_inactive": "Hatukuelewa. Uanachama wako hauko hai: wasiliana na chama chako. Tuma {kw}MSAADA.",
 }
 
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).
