@@ -656,7 +656,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                  actor=WORKER, values=values)
             except StaleTransition:
                 return
-            if values and await apply_kept_refusal(session, refund, values["provider_transaction_id"]):
+            if await apply_kept_refusal(session, refund, values.get("provider_transaction_id")):
                 return  # its Result, refusing the gateway's credentials, came before this commit
             run_at = utcnow() + timedelta(seconds=rt.settings.poll_after_seconds)
             if not await enqueue(session, "refund.poll", {"refund_id": refund.id},

@@ -136,20 +136,27 @@ def decode(data: bytes) -> tuple[str, str]:
     raise ImportRejected([RowError(0, "file", "must be text: UTF-8, UTF-16 or Windows-1252")])
 
 
+# Two-byte UTF-8 from U+0180 (IPA, Greek, Cyrillic...) is also Windows-1252's capital accented letter before a
+# symbol or a no-break space ("RENÉ" + NBSP is C9 A0, "ɠ"): a line reading so is no sign the list mixes UTF-8 in.
+_CP1252_LOOKALIKE = ("\u0180", "\u07ff")
+
+
 def _refuse_mixed(data: bytes) -> None:
     """A file not UTF-8 as a whole whose lines beyond ASCII are partly UTF-8 (a list saved as CSV UTF-8, then rows
     pasted in from an older Windows export): read as Windows-1252, its UTF-8 names were stored as "ZoÃ« AkÃ©llo".
     Refused naming the lines that are not UTF-8, beside the first that is."""
     utf8, other = [], []
-    for number, line in enumerate(data.split(b"\n"), start=1):
+    # Lines as the CSV reader counts them (parse_rows' row numbers): LF, CRLF or a bare CR (Excel for Mac).
+    for number, line in enumerate(data.splitlines(), start=1):
         if line.isascii():
             continue
         try:
-            line.decode("utf-8")
+            read = line.decode("utf-8")
         except UnicodeDecodeError:
             other.append(number)
         else:
-            utf8.append(number)
+            if not any(_CP1252_LOOKALIKE[0] <= char <= _CP1252_LOOKALIKE[1] for char in read):
+                utf8.append(number)
     if utf8 and other:
         raise ImportRejected([RowError(n, "file", f"is not UTF-8 while row {utf8[0]} is: its letters beyond A-Z "
                                                   "would be read wrong; save the whole list again as CSV UTF-8 and "

@@ -816,17 +816,20 @@ async def _awaiting_configuration(session: AsyncSession, refund: Refund, *, acto
     return AWAITING_CONFIGURATION_OUTCOME
 
 
-async def apply_kept_refusal(session: AsyncSession, refund: Refund, provider_transaction_id: str) -> bool:
+async def apply_kept_refusal(session: AsyncSession, refund: Refund, provider_transaction_id: str | None) -> bool:
     """The refund just written PROCESSING, in this transaction, for the sending the provider answered with
     `provider_transaction_id` (core.jobs.await_refund_outcome): a callback refusing that very sending for the
     gateway's credentials that came first (REFUSAL_KEPT: M-Pesa's Result beating the worker's commit) is applied now,
     as it would have been after the commit. True when one was (the refund is PENDING again, its submission parked).
-    Only that sending's: a refusal of an earlier one says nothing of it."""
+    Only that sending's: a refusal of an earlier one says nothing of it. With no id (its answer never came: a
+    timeout, a cut-off attempt), any kept one: each sending's commit applies its own, so one still kept is this
+    sending's, which never sends again (core.jobs.submit_refund asks once a call may have arrived)."""
     kept = (await session.execute(select(ProviderEvent.id, ProviderEvent.provider, ProviderEvent.payload).where(
         ProviderEvent.payment_id == refund.payment_id, ProviderEvent.refund_id == refund.id,
         ProviderEvent.outcome == REFUSAL_KEPT))).all()
     for row_id, provider, payload in kept:
-        if not isinstance(payload, dict) or payload.get(_KEPT_SENDING) != provider_transaction_id:
+        if not isinstance(payload, dict) or (provider_transaction_id is not None
+                                             and payload.get(_KEPT_SENDING) != provider_transaction_id):
             continue
         reason = payload.get(_KEPT_REASON)
         result = await _awaiting_configuration(session, refund, actor=Actor(f"provider:{provider}", "provider"),

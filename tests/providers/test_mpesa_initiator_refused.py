@@ -19,6 +19,7 @@ from core.config import ProviderConfig, Secret
 from core.metrics import REGISTRY
 from core.models import OutboxJob, ProviderEvent, Refund, SmsMessage
 from core.outbox import replay_job
+from core.ports import ProviderTimeout
 from core.refunds import cancel_refund
 from providers.mpesa import MpesaAdapter
 from providers.mpesa.simulator import INITIATOR_NOT_ALLOWED, create_simulator
@@ -240,5 +241,49 @@ async def test_a_refusal_before_the_worker_commits_its_sending_is_applied(
             withdrawn = await cancel_refund(s, rt, refund_id=refund_id, cooperative_id=demo["cooperative_id"],
                                             note="paid back by hand", actor=ADMIN)
         assert withdrawn.status == "FAILED"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_refusal_before_the_worker_commits_an_unanswered_sending_is_applied(
+        rt: Any, demo: dict[str, Any], worker: Any, client: Any) -> None:
+    """The same race when Daraja's answer to the reversal request never reached the worker (it timed out): the
+    worker writes the refund PROCESSING with no id of the provider's, and the Result it kept was never applied,
+    the refund waiting PROCESSING for a Result already come."""
+    sim = create_simulator(SimulatorOptions(delay=0.05, credentials=MPESA_CREDS))
+    runner = web.AppRunner(sim, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+
+    class ResultFirstUnanswered(MpesaAdapter):
+        async def request_refund(self, request: Any) -> Any:
+            await super().request_refund(request)
+            await sim[STATE].idle()  # its Result is handled before the worker goes on
+            raise ProviderTimeout("mpesa: no answer in time")
+
+    try:
+        rt.settings = dataclasses.replace(rt.settings, public_base_url=str(client.make_url("")).rstrip("/"))
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with httpx.AsyncClient() as http:
+            _mpesa(rt, base, http)
+            payment = await mpesa_payment(rt, demo)
+            await worker.run_once()
+            await sim[STATE].idle()
+            rt.providers = {**rt.providers, "mpesa": ResultFirstUnanswered(http, ProviderConfig(
+                base_url=base, credentials={k: Secret(v) for k, v in
+                                            {**MPESA_CREDS, "initiator": "an-old-initiator"}.items()},
+                options={"shortcode": "174379"}))}
+            refund_id = await _refund(rt, demo, payment.id)
+            await due_now(rt, "refund.submit")
+            await drain(worker)
+        async with rt.sessionmaker() as s:
+            refund = await s.get(Refund, refund_id)
+            job = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{refund_id}"))
+                   ).scalar_one()
+            [result] = (await s.execute(select(ProviderEvent).where(ProviderEvent.kind == "refund"))).scalars()
+        assert refund.status == "PENDING", refund.status
+        assert job.status == "PARKED" and "initiator" in (job.last_error or ""), (job.status, job.last_error)
+        assert (result.refund_id, result.outcome) == (refund_id, "awaiting_configuration")
     finally:
         await runner.cleanup()

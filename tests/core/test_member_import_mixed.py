@@ -1,0 +1,29 @@
+"""A member list mixing UTF-8 and Windows-1252 rows (core.member_import._refuse_mixed), as its lines are counted."""
+
+import pytest
+
+from core.member_import import ImportRejected, parse_rows
+
+UTF8_ROW = "Nabukeera Zoë Akéllo,0772000456".encode()
+CP1252_ROW = "Namuli Bénédicte,0772000458".encode("cp1252")
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_a_mixed_list_is_refused_naming_its_rows_whatever_its_line_ends(newline: bytes) -> None:
+    """Excel for Mac's "CSV (Macintosh)" ends its lines with a bare CR, which the CSV reader counts as lines: split on
+    LF alone, the whole file was one line, never both UTF-8 and not, and its UTF-8 names were stored garbled."""
+    data = newline.join([b"name,phone", UTF8_ROW, b"Okello Jane,0772000457", CP1252_ROW]) + newline
+    with pytest.raises(ImportRejected) as refused:
+        parse_rows(data, region="UG")
+    assert [(e.row, e.field) for e in refused.value.row_errors] == [(4, "file")]
+    assert "while row 2 is" in refused.value.row_errors[0].message
+
+
+def test_a_windows_1252_list_whose_row_also_reads_as_utf8_is_not_refused() -> None:
+    """"RENÉ" then a no-break space (a name pasted from a web page) is bytes C9 A0 in Windows-1252, which are also
+    UTF-8 (an IPA letter, "RENɠMUGISHA"): that row was taken for a UTF-8 one and a list all in Windows-1252
+    refused as mixed."""
+    data = "name,phone\nRENÉ\xa0MUGISHA,0772000456\nNamuli Bénédicte,0772000458\n".encode("cp1252")
+    parsed = parse_rows(data, region="UG")
+    assert parsed.encoding == "windows-1252"
+    assert [row.name for row in parsed.rows] == ["RENÉ\xa0MUGISHA", "Namuli Bénédicte"]
