@@ -419,10 +419,13 @@ async def enter(ctx: Ctx, flow: str) -> str:
             # should show it. Not "c" (a membership she may use; the ops funnel counts the session for it).
             ctx.data["cn"], ctx.data["ic"] = whole(inactive.name), inactive.id
             return "member_inactive"
-        if flow == "help":
-            return "help_general"
         extension_coop = ctx.data.get("x")
         coop = await cooperative(ctx, extension_coop) if extension_coop else None
+        if flow == "help":
+            # Dialling a cooperative's own code, she is given its help, not told to ask it for that code.
+            if coop is None:
+                return "help_general"
+            return "help" if coop.contact_phone else "help_office"
         if flow != "pay":
             if coop is not None:
                 # The dialled extension's cooperative: this phone may well be a member of another one. Pay
@@ -1246,6 +1249,8 @@ async def set_language(ctx: Ctx, lang: str) -> str:
 
 async def help_args(ctx: Ctx) -> dict[str, Any]:
     _member, coop = await current(ctx)
+    if coop is None and ctx.data.get("x"):  # no member: the dialled extension's cooperative (enter)
+        coop = await cooperative(ctx, ctx.data["x"])
     return {"coop": whole(coop.name) if coop else "", "phone": (coop.contact_phone if coop else "") or ""}
 
 
