@@ -40,6 +40,14 @@ async def _held(rt, payment_id: str) -> int:
             Refund.payment_id == payment_id, Refund.status != "FAILED"))).scalar_one()
 
 
+async def _race(admin, payment, dispute, amount: int):
+    """A direct refund of `amount` on the payment and the dispute resolved with a 30,000 RWF refund, sent at once."""
+    return await asyncio.gather(
+        admin.req("POST", f"/v1/payments/{payment['id']}/refunds", json={"amount": amount, "idempotencyKey": idem()}),
+        admin.req("POST", f"/v1/disputes/{dispute['id']}/transitions",
+                  json={"status": "RESOLVED", "refundAmount": 30000}))
+
+
 async def test_a_refund_made_while_a_dispute_is_open_is_noted_on_it(admin, rt, demo):
     payment, dispute, actor = await _disputed(admin, rt, demo)
     body = {"amount": 20000, "reason": "goodwill", "idempotencyKey": idem()}
@@ -84,11 +92,7 @@ async def test_a_direct_refund_racing_a_resolution_with_refund_moves_only_what_w
     Each asks 30,000 of 50,000: exactly one is made; the other is refused as more than is left."""
     for _ in range(ROUNDS):
         payment, dispute, actor = await _disputed(admin, rt, demo)
-        direct, resolve = await asyncio.gather(
-            admin.req("POST", f"/v1/payments/{payment['id']}/refunds",
-                      json={"amount": 30000, "idempotencyKey": idem()}),
-            admin.req("POST", f"/v1/disputes/{dispute['id']}/transitions",
-                      json={"status": "RESOLVED", "refundAmount": 30000}))
+        direct, resolve = await _race(admin, payment, dispute, 30000)
         statuses = sorted([direct.status, resolve.status])
         assert statuses in ([200, 422], [201, 422]), (statuses, await direct.text(), await resolve.text())
         assert await _held(rt, payment["id"]) == 30000
@@ -106,11 +110,7 @@ async def test_a_direct_refund_racing_a_resolution_with_refund_moves_only_what_w
 async def test_a_direct_refund_and_a_resolution_that_both_fit_are_both_made(admin, rt, demo):
     for _ in range(ROUNDS):
         payment, dispute, _actor = await _disputed(admin, rt, demo)
-        direct, resolve = await asyncio.gather(
-            admin.req("POST", f"/v1/payments/{payment['id']}/refunds",
-                      json={"amount": 20000, "idempotencyKey": idem()}),
-            admin.req("POST", f"/v1/disputes/{dispute['id']}/transitions",
-                      json={"status": "RESOLVED", "refundAmount": 30000}))
+        direct, resolve = await _race(admin, payment, dispute, 20000)
         assert (direct.status, resolve.status) == (201, 200), (await direct.text(), await resolve.text())
         assert await _held(rt, payment["id"]) == 50000
         made = await direct.json()

@@ -7,7 +7,9 @@ operator told, and sent again once the configuration is fixed and the job replay
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -38,19 +40,27 @@ def _mpesa(rt: Any, base: str, http: httpx.AsyncClient, **creds: str) -> None:
         options={"shortcode": "174379"}))}
 
 
-@pytest.mark.parametrize(("initiator", "code"), [("an-old-initiator", "2001"), (INITIATOR_NOT_ALLOWED, "21")],
-                         ids=["invalid_2001", "not_allowed_21"])
-async def test_reversal_refused_for_the_initiator_waits_for_the_configuration(
-        rt: Any, demo: dict[str, Any], worker: Any, client: Any, initiator: str, code: str) -> None:
+@contextlib.asynccontextmanager
+async def _simulator(rt: Any, client: Any) -> AsyncIterator[tuple[web.Application, str]]:
+    """The M-Pesa simulator served on its own port, its callbacks to the gateway under test: it and its base URL."""
     sim = create_simulator(SimulatorOptions(delay=0.05, credentials=MPESA_CREDS))
     runner = web.AppRunner(sim, handler_cancellation=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    recorder = Recorder()
     try:
         rt.settings = dataclasses.replace(rt.settings, public_base_url=str(client.make_url("")).rstrip("/"))
-        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        yield sim, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(("initiator", "code"), [("an-old-initiator", "2001"), (INITIATOR_NOT_ALLOWED, "21")],
+                         ids=["invalid_2001", "not_allowed_21"])
+async def test_reversal_refused_for_the_initiator_waits_for_the_configuration(
+        rt: Any, demo: dict[str, Any], worker: Any, client: Any, initiator: str, code: str) -> None:
+    recorder = Recorder()
+    async with _simulator(rt, client) as (sim, base):
         async with httpx.AsyncClient(event_hooks={"request": [recorder]}) as http:
             _mpesa(rt, base, http)
             payment = await mpesa_payment(rt, demo)
@@ -98,8 +108,6 @@ async def test_reversal_refused_for_the_initiator_waits_for_the_configuration(
         assert len(recorder.bodies(REVERSAL)) == 2
         assert refund.status == "COMPLETED", (refund.status, refund.failure_reason)
         assert texts == ["refund_completed"]
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_reversal_refused_for_the_initiator_can_be_withdrawn(
@@ -107,15 +115,8 @@ async def test_a_reversal_refused_for_the_initiator_can_be_withdrawn(
     """Nothing reached the member, so an admin may withdraw the refund instead of waiting for the configuration
     (a chargeback made meanwhile, say). Its parked submission was read as one parked for manual review (409 "check
     with the provider, then record its outcome"), and recording FAILED texted the member that her refund failed."""
-    sim = create_simulator(SimulatorOptions(delay=0.05, credentials=MPESA_CREDS))
-    runner = web.AppRunner(sim, handler_cancellation=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
     recorder = Recorder()
-    try:
-        rt.settings = dataclasses.replace(rt.settings, public_base_url=str(client.make_url("")).rstrip("/"))
-        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    async with _simulator(rt, client) as (sim, base):
         async with httpx.AsyncClient(event_hooks={"request": [recorder]}) as http:
             _mpesa(rt, base, http)
             payment = await mpesa_payment(rt, demo)
@@ -143,8 +144,6 @@ async def test_a_reversal_refused_for_the_initiator_can_be_withdrawn(
             assert not texts and not member_sms
             # Replaying it now sends nothing.
             assert len(recorder.bodies(REVERSAL)) == 1
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_replayed_reversal_is_polled_again(rt: Any, demo: dict[str, Any], worker: Any, client: Any) -> None:
@@ -152,14 +151,7 @@ async def test_a_replayed_reversal_is_polled_again(rt: Any, demo: dict[str, Any]
     that parks it for a person when the Result never comes. The first sending's poll, ended when the initiator was
     refused, kept its dedupe key: the second was never queued, and a replayed reversal whose Result was lost stayed
     PROCESSING for good, never put before anyone."""
-    sim = create_simulator(SimulatorOptions(delay=0.05, credentials=MPESA_CREDS))
-    runner = web.AppRunner(sim, handler_cancellation=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        rt.settings = dataclasses.replace(rt.settings, public_base_url=str(client.make_url("")).rstrip("/"))
-        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    async with _simulator(rt, client) as (sim, base):
         async with httpx.AsyncClient() as http:
             _mpesa(rt, base, http)
             payment = await mpesa_payment(rt, demo)
@@ -186,8 +178,6 @@ async def test_a_replayed_reversal_is_polled_again(rt: Any, demo: dict[str, Any]
                      ).scalars().all()
         assert refund.status == "PROCESSING"
         assert "PENDING" in polls, polls
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_refusal_before_the_worker_commits_its_sending_is_applied(
@@ -196,21 +186,13 @@ async def test_a_refusal_before_the_worker_commits_its_sending_is_applied(
     answer to the reversal request taken, the worker's commit not yet made). It was stored "pending" for a refund
     still PENDING, and lost: the refund then waited PROCESSING for a Result already come, until its poll parked it
     for manual review a day later. It waits for the configuration as a refusal after that commit does."""
-    sim = create_simulator(SimulatorOptions(delay=0.05, credentials=MPESA_CREDS))
-    runner = web.AppRunner(sim, handler_cancellation=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    async with _simulator(rt, client) as (sim, base):
+        class ResultFirst(MpesaAdapter):
+            async def request_refund(self, request: Any) -> Any:
+                accepted = await super().request_refund(request)
+                await sim[STATE].idle()  # its Result is handled before the worker goes on
+                return accepted
 
-    class ResultFirst(MpesaAdapter):
-        async def request_refund(self, request: Any) -> Any:
-            accepted = await super().request_refund(request)
-            await sim[STATE].idle()  # its Result is handled before the worker goes on
-            return accepted
-
-    try:
-        rt.settings = dataclasses.replace(rt.settings, public_base_url=str(client.make_url("")).rstrip("/"))
-        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
         async with httpx.AsyncClient() as http:
             _mpesa(rt, base, http)
             payment = await mpesa_payment(rt, demo)
@@ -241,8 +223,6 @@ async def test_a_refusal_before_the_worker_commits_its_sending_is_applied(
             withdrawn = await cancel_refund(s, rt, refund_id=refund_id, cooperative_id=demo["cooperative_id"],
                                             note="paid back by hand", actor=ADMIN)
         assert withdrawn.status == "FAILED"
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_refusal_before_the_worker_commits_an_unanswered_sending_is_applied(
@@ -250,21 +230,13 @@ async def test_a_refusal_before_the_worker_commits_an_unanswered_sending_is_appl
     """The same race when Daraja's answer to the reversal request never reached the worker (it timed out): the
     worker writes the refund PROCESSING with no id of the provider's, and the Result it kept was never applied,
     the refund waiting PROCESSING for a Result already come."""
-    sim = create_simulator(SimulatorOptions(delay=0.05, credentials=MPESA_CREDS))
-    runner = web.AppRunner(sim, handler_cancellation=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    async with _simulator(rt, client) as (sim, base):
+        class ResultFirstUnanswered(MpesaAdapter):
+            async def request_refund(self, request: Any) -> Any:
+                await super().request_refund(request)
+                await sim[STATE].idle()  # its Result is handled before the worker goes on
+                raise ProviderTimeout("mpesa: no answer in time")
 
-    class ResultFirstUnanswered(MpesaAdapter):
-        async def request_refund(self, request: Any) -> Any:
-            await super().request_refund(request)
-            await sim[STATE].idle()  # its Result is handled before the worker goes on
-            raise ProviderTimeout("mpesa: no answer in time")
-
-    try:
-        rt.settings = dataclasses.replace(rt.settings, public_base_url=str(client.make_url("")).rstrip("/"))
-        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
         async with httpx.AsyncClient() as http:
             _mpesa(rt, base, http)
             payment = await mpesa_payment(rt, demo)
@@ -285,5 +257,3 @@ async def test_a_refusal_before_the_worker_commits_an_unanswered_sending_is_appl
         assert refund.status == "PENDING", refund.status
         assert job.status == "PARKED" and "initiator" in (job.last_error or ""), (job.status, job.last_error)
         assert (result.refund_id, result.outcome) == (refund_id, "awaiting_configuration")
-    finally:
-        await runner.cleanup()
