@@ -176,19 +176,27 @@ def _service_code(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
-# The embedded default's database: the same file for `scripts/run.sh` and every `main.py` command run from the
-# project folder (a key rotation, a migration or `seed-demo` must reach the database the service uses).
+# The longest SMS_SHORTCODE_KEYWORDS word: a keyword reply names it before each keyword (four times in HELP), and
+# HELP stays one SMS with it in every language (tests/channels/sms/test_shared_shortcode.py).
+SHORTCODE_KEYWORD_MAX = 8
+
+
 def _shortcode_keywords(env: Mapping[str, str]) -> tuple[str, ...]:
-    """SMS_SHORTCODE_KEYWORDS: comma-separated words (ASCII letters and digits) members put before a command on a
-    shared short code, upper-cased (an inbound text is read in upper case). One that is also an SMS command is
-    refused when the SMS routes are set up (channels.sms.routes.setup)."""
+    """SMS_SHORTCODE_KEYWORDS: comma-separated words (ASCII letters and digits, at most SHORTCODE_KEYWORD_MAX) members
+    put before a command on a shared short code, upper-cased (an inbound text is read in upper case). One that is
+    also an SMS command is refused when the SMS routes are set up (channels.sms.routes.setup)."""
     words = tuple(word.strip().upper() for word in _get(env, "SMS_SHORTCODE_KEYWORDS", "").split(",") if word.strip())
     for word in words:
         if not (word.isascii() and word.isalnum()):
             raise ConfigError("SMS_SHORTCODE_KEYWORDS", f"{word!r} is not one word of letters and digits")
+        if len(word) > SHORTCODE_KEYWORD_MAX:
+            raise ConfigError("SMS_SHORTCODE_KEYWORDS", f"{word!r} is longer than {SHORTCODE_KEYWORD_MAX} characters "
+                              "(replies name it before each keyword)")
     return words
 
 
+# The embedded default's database: the same file for `scripts/run.sh` and every `main.py` command run from the
+# project folder (a key rotation, a migration or `seed-demo` must reach the database the service uses).
 EMBEDDED_DATABASE_URL = "sqlite+aiosqlite:///./var/gateway.db"
 
 

@@ -11,10 +11,13 @@ import pytest
 from sqlalchemy import select
 
 from app import create_app
+from channels.sms.encoding import GSM7, measure
 from channels.sms.routes import parse_keyword
+from channels.sms.templates import CATALOGS, KEYWORD_PREFIX, TEMPLATES, render
 from core.config import ConfigError
 from core.models import PhoneOptOut
 from tests.channels.sms.test_routes import ALINE, inbound
+from tests.channels.sms.test_templates import ONE_PART, WORST_CASE
 from tests.conftest import make_settings
 
 
@@ -30,6 +33,31 @@ def test_the_setting_is_read_upper_case_and_refuses_what_is_not_one_word() -> No
     assert make_settings().sms_shortcode_keywords == ()
     with pytest.raises(ConfigError, match="SMS_SHORTCODE_KEYWORDS"):
         make_settings(SMS_SHORTCODE_KEYWORDS="K-HHC")
+
+
+def _accepted(word: str) -> bool:
+    try:
+        make_settings(SMS_SHORTCODE_KEYWORDS=word)
+    except ConfigError:
+        return False
+    return True
+
+
+def test_replies_keep_their_size_with_the_longest_keyword_the_setting_accepts() -> None:
+    """Each reply names the word before every keyword (four times in HELP): a longer word than the replies have room
+    for made HELP two parts to pay for ("KIGALIHEIGHTS"), or more, and is refused at start-up."""
+    longest = max(n for n in range(1, 41) if _accepted("K" * n))
+    assert not _accepted("K" * (longest + 1))
+    for language, catalog in CATALOGS.items():
+        values = {
+            **WORST_CASE,
+            "status": max([*catalog.PAYMENT_STATUS.values(), *catalog.DISPUTE_STATUS.values()], key=len),
+            "reason": max(catalog.REASONS.values(), key=len),
+            KEYWORD_PREFIX: "K" * longest,
+        }
+        for template in TEMPLATES:
+            size = measure(render(template, language, values))
+            assert size.encoding == GSM7 and size.segments <= (1 if template in ONE_PART else 3), (template, language)
 
 
 async def test_a_keyword_that_is_a_command_is_refused_at_start_up(rt: Any) -> None:

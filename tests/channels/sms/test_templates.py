@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -27,6 +28,8 @@ WORST_CASE: dict[str, Any] = {
     "host": "hooks.kigali-heights.example.rw",
     "failures": 20,
 }
+# Templates that fit one SMS, whatever the values.
+ONE_PART = ("help", "help_inactive", "not_found", "opted_in", "unknown", "unknown_inactive", "dispute_updated")
 
 
 @pytest.mark.parametrize("language", sorted(CATALOGS))
@@ -44,7 +47,7 @@ def test_every_template_fits(template: str, language: str) -> None:
     size = measure(body)
     assert size.encoding == GSM7, f"{template}/{language} would force UCS-2: {body!r}"
     assert size.segments <= 3, f"{template}/{language} is {size.length} septets"
-    if template in ("help", "help_inactive", "not_found", "opted_in", "unknown", "unknown_inactive", "dispute_updated"):
+    if template in ONE_PART:
         assert size.segments == 1, f"{template}/{language} should fit one SMS: {body!r}"
 
 
@@ -82,6 +85,19 @@ def test_catalogs_have_the_same_templates_and_placeholders() -> None:
             assert templates._placeholders(text) <= templates._placeholders(english.MESSAGES[name]) | {
                 "dial"
             }, (language, name)
+
+
+def test_every_keyword_a_message_names_comes_after_the_short_codes_word() -> None:
+    """On a shared short code her next text reaches us only with its word first ("KHHC STOP"): every keyword any
+    catalog's message tells her to send carries {kw}, in every language (a translation without it sends her nowhere)."""
+    from channels.sms.routes import fold
+
+    spellings = {fold(s) for catalog in CATALOGS.values() for words in catalog.KEYWORDS.values() for s in words}
+    for language, catalog in CATALOGS.items():
+        for name, text in catalog.MESSAGES.items():
+            for named in re.finditer(r"(\{kw\})?\b(\w+)\b", text):
+                if fold(named[2]) in spellings and named[2].isupper():
+                    assert named[1], (language, name, named[2])
 
 
 def test_render_refuses_unknown_template_and_missing_values() -> None:
