@@ -204,6 +204,7 @@ async def transition_alone(
         # statement runs alone, in autocommit. Stamped once it is held (see transition).
         async with engine.connect() as conn:
             changes, before, after, action = _describe(machine, source, target, values, None)
+            before, after = formatted(before), formatted(after)  # the log's one format, as transition writes it
             params = _cte_params(machine, entity_id, source, changes, actor, action, before, after, None)
             ends = finish is not None and finish.locked_by is not None
             if ends:

@@ -367,7 +367,7 @@ async def test_a_move_that_ends_its_job_commits_both_or_neither(sm, lease_held):
         audits = (await session.execute(select(AuditEvent.action, AuditEvent.after)
                                         .where(AuditEvent.entity_id == sms_id))).all()
     assert (sms.status, sms.provider_message_id) == ("SENT", "ATXid_1")
-    assert audits == [("sms.sent", {"status": "SENT", "provider_message_id": "ATXid_1", "template": "help",
+    assert audits == [("sms.sent", {"status": "SENT", "providerMessageId": "ATXid_1", "template": "help",
                                     "memberId": None})]
     if lease_held:
         assert (stored.status, stored.locked_by, stored.done_at is not None) == ("DONE", None, True)

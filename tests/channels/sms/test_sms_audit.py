@@ -51,7 +51,8 @@ async def test_a_receipts_audit_rows_name_its_template_and_member(rt: Any, demo:
         assert event.cooperative_id == demo["cooperative_id"]
         assert (after["template"], after["memberId"]) == ("payment_receipt", aline)
         _nothing_personal(after, row, ALINE)
-    assert (sent.after or {})["provider_message_id"] == row.provider_message_id  # what it said before stays
+    # What it said before stays, in the log's one format (camelCase) on every database.
+    assert (sent.after or {})["providerMessageId"] == row.provider_message_id
 
     # As the cooperative's admin reads it.
     admin = await bearer(client, *demo["admin"])
