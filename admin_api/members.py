@@ -4,7 +4,9 @@ phone number, erase a suspended member, and import a CSV all-or-nothing."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -13,7 +15,7 @@ from aiohttp.helpers import parse_mimetype
 from redis.exceptions import RedisError
 from sqlalchemy import or_, select
 
-from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, page_of, paged
+from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, out_plus, page_of, paged
 from admin_api.errors import ApiError
 from admin_api.routing import Ctx, Route, end_sessions
 from admin_api.validation import LIMIT, PAGE, Param, read_body
@@ -26,6 +28,7 @@ from core.db import lower, utcnow
 from core.errors import NotFound, ValidationError
 from core.member_import import EXISTING, import_members
 from core.models import Cooperative, Member, UssdSession
+from core.payments import foreign_number_warning
 from core.phone import DEFAULT_REGION, Phone, PhoneError, has_country_code, normalize
 
 IMPORT_LIMIT = 5 * 1024 * 1024
@@ -77,6 +80,12 @@ UPDATE = obj(
     },
     min_properties=1,
 )
+FOREIGN_NUMBER = ("A new member whose number is another country's than the cooperative's is registered all the same "
+                  "(she may live abroad) with a warning: no mobile-money method of the cooperative takes her number "
+                  "and its USSD menus offer her none, so she can pay only by a bank method that collects the "
+                  "cooperative's currency, or never (the message says which). Empty: nothing to look at.")
+WARNING = out({"field": {"type": "string"}, "message": {"type": "string"}})
+CREATED = out_plus(MEMBER, warnings={"type": "array", "items": WARNING, "description": FOREIGN_NUMBER})
 IMPORTED = out({"imported": {"type": "integer"}, "memberIds": {"type": "array", "items": ID},
                "updated": {"type": "integer", "description": "existing=update: members the file changed"},
                "updatedIds": {"type": "array", "items": ID},
@@ -85,7 +94,10 @@ IMPORTED = out({"imported": {"type": "integer"}, "memberIds": {"type": "array", 
                                             "language"},
                "ignoredColumns": {"type": "array", "items": {"type": "string"},
                                   "description": "the file's columns not stored (name, phone, unit, language are)"},
-               "encoding": {"enum": ["utf-8", "utf-16", "windows-1252"]}})
+               "encoding": {"enum": ["utf-8", "utf-16", "windows-1252"]},
+               "warnings": {"type": "array", "items": out({"row": {"type": "integer"}, "field": {"type": "string"},
+                                                           "message": {"type": "string"}}),
+                            "description": f"{FOREIGN_NUMBER} Each names its row (the header is row 1)"}})
 
 log = logging.getLogger("gateway.api")
 
@@ -122,14 +134,22 @@ async def create_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         ctx.rt.cipher,
         cooperative_id=coop.id,
         name=body["name"],
-        phone=normalize(body["phone"], coop.country),
+        phone=(phone := normalize(body["phone"], coop.country)),
         actor=ctx.who.actor,
         language=body.get("language") or coop.language,
         unit=body.get("unit"),
         status=body.get("status", "ACTIVE"),
     )
     await ctx.session.commit()
-    return json_response(present(member), status=201)
+    said = _phone_warning(ctx, coop)(phone)
+    return json_response({**present(member), "warnings": [{"field": "phone", "message": said}] if said else []},
+                         status=201)
+
+
+def _phone_warning(ctx: Ctx, coop: Cooperative) -> Callable[[Phone], str | None]:
+    """What to tell the admin of a new member's number of `coop` (FOREIGN_NUMBER), by this deployment's routes."""
+    return functools.partial(foreign_number_warning, country=coop.country, currency=coop.currency,
+                             routes=ctx.rt.routes, providers=ctx.rt.providers)
 
 
 async def list_members(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -388,12 +408,15 @@ async def import_members_csv(request: web.Request, ctx: Ctx) -> web.StreamRespon
         actor=ctx.who.actor,
         status=ctx.query["status"],
         existing=ctx.query["existing"],
+        phone_warning=_phone_warning(ctx, coop),
     )
     await ctx.session.commit()
     return json_response({"imported": len(done.member_ids), "memberIds": done.member_ids,
                           "updated": len(done.updated_ids), "updatedIds": done.updated_ids,
                           "unchanged": done.unchanged,
-                          "ignoredColumns": done.ignored_columns, "encoding": done.encoding}, status=201)
+                          "ignoredColumns": done.ignored_columns, "encoding": done.encoding,
+                          "warnings": [{"row": w.row, "field": w.field, "message": w.message} for w in done.warnings]},
+                         status=201)
 
 
 ROUTES = [
@@ -406,7 +429,7 @@ ROUTES = [
         "admin",
         status=201,
         body=CREATE,
-        response=MEMBER,
+        response=CREATED,
     ),
     Route(
         "GET",

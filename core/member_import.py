@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import functools
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,6 +263,8 @@ class Imported:
     encoding: str
     updated_ids: list[str] = dataclasses.field(default_factory=list)  # existing=update: members the file changed
     unchanged: int = 0  # existing=update: rows whose member already had the file's name, unit and language
+    # New members imported all the same whose number the admin should look at (phone_warning: another country's)
+    warnings: list[RowError] = dataclasses.field(default_factory=list)
 
 
 async def import_members(
@@ -273,10 +276,13 @@ async def import_members(
     actor: Actor,
     status: str = "ACTIVE",
     existing: str = "refuse",
+    phone_warning: Callable[[Phone], str | None] | None = None,
 ) -> Imported:
     """Validate the file, refuse numbers already in the cooperative (or, `existing="update"`, update those
     members' name, unit and language from their rows), then create every other row's member; returns the new
-    members' ids in the file's order, with the file's columns it did not store and its encoding.
+    members' ids in the file's order, with the file's columns it did not store and its encoding, and a warning
+    for each new member's row whose number `phone_warning` has something to say about (not a refusal: a member
+    living abroad is still one).
 
     The caller commits; on any error nothing has been written (the caller rolls back).
     """
@@ -323,7 +329,9 @@ async def import_members(
         after=after,
         cooperative_id=cooperative.id,
     )
-    return Imported(ids, parsed.ignored_columns, parsed.encoding, updated, unchanged)
+    warnings = [RowError(r.row, "phone", said) for r in rows
+                if phone_warning is not None and (said := phone_warning(r.phone)) is not None]
+    return Imported(ids, parsed.ignored_columns, parsed.encoding, updated, unchanged, warnings)
 
 
 async def _already_members(session: AsyncSession, cipher: PiiCipher, cooperative_id: str,

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ from core.ports import (
     ProviderOutcome,
     StatusResult,
     amount_refusal,
+    refusal_for,
 )
 from core.ports import ProviderEvent as ProviderEventData
 from core.reference_mark import ISSUED
@@ -448,6 +450,31 @@ def _not_the_countrys_wallet(method: str, country: str) -> ValidationError | Non
     named = ", ".join(f"{m} ({METHOD_NAMES[m]})" for m in wallets)
     return ValidationError(f"paymentMethod {method} is not one a {country} cooperative's members pay with: "
                            f"{named}, or a bank method", field="paymentMethod")
+
+
+BANK_METHODS = tuple(m for m in METHODS if m not in METHOD_OPERATOR)
+
+
+def foreign_number_warning(phone: Phone, country: str, currency: str, routes: Mapping[str, str],
+                           providers: Mapping[str, object]) -> str | None:
+    """What an admin registering `phone` as a member of a `country` cooperative (paid in `currency`) is told
+    when it is another country's number: registered all the same (she may live abroad), but no wallet method
+    takes her number (methods_for, _not_the_countrys_wallet) and USSD offers her none; she can pay only by a bank
+    method whose provider collects `currency` (`routes` and `providers` as Runtime's), or never. None for a
+    number of the cooperative's country."""
+    region = phone.region
+    if not country or region == country:
+        return None
+    wallets = " or ".join(dict.fromkeys(METHOD_NAMES[m] for m in wallets_by_operator(country).values()))
+    # A bank the deployment routes to a provider that collects the currency (an amount rule is no matter here).
+    banks = [m for m in BANK_METHODS
+             if (refused := refusal_for(routes, providers, m, Money(1, currency))) is None
+             or refused[0] != "paymentMethod"]
+    head = (f"{phone.masked()} is a {region or 'foreign'} number, not {country}: this {country} cooperative's members "
+            f"pay with {wallets} from a {country} number")
+    if banks:
+        return f"{head}; this member can pay only by bank ({', '.join(banks)})"
+    return f"{head}, and no bank method collects {currency}; this member can never pay"
 
 
 @dataclass(frozen=True)

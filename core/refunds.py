@@ -390,11 +390,12 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         if refund.failure_reason is not None:
             values["failure_reason"] = None  # no longer true (a FAILED one sent after all; the audit log keeps it)
         updated = await transition(session, REFUND, refund.id, current, R.COMPLETED, actor=actor, values=values)
-        if current is R.FAILED and refund.dispute_id is not None:
-            # Its dispute is noted below, after the payment is locked (_sent_after_failure): locked first, as a
-            # refund made during the dispute (_lock_open_disputes) and a resolution lock it before the payment, or
-            # a late success deadlocks against them (record_refund_outcome locks it so too).
-            await lock_row(session, Dispute, refund.dispute_id)
+        if current is R.FAILED:
+            # Its dispute, and those of the refunds it may withdraw (_withdraw_unsent), are noted below, after the
+            # payment is locked: locked first, as a refund made during the dispute (_lock_open_disputes) and a
+            # resolution lock it before the payment, or a late success deadlocks against them (record_refund_outcome
+            # locks its own so too).
+            await _lock_disputes_noted(session, refund)
         # Read fresh under the lock: an instance the session already holds (loaded before another refund of this
         # payment completed and committed) would count from a stale total, and a second outcome recorded at the
         # same moment lost the first one's amount (PARTIALLY_REFUNDED -> PARTIALLY_REFUNDED passes the CAS).
@@ -453,6 +454,17 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         # Without a member, the phone that paid is told (a mobile-money payment's), as of the receipt.
         member_id=paid.member_id or None, phone=payer_phone(rt.cipher, paid)))
     return updated.status.lower()
+
+
+async def _lock_disputes_noted(session: AsyncSession, refund: Refund) -> None:
+    """The disputes a late success of `refund` notes (its own, and those of the payment's refunds waiting to be
+    sent, which _withdraw_unsent may withdraw), locked in id order before the payment. One probe; a late success
+    is rare."""
+    waiting = select(Refund.dispute_id).where(Refund.payment_id == refund.payment_id,
+                                              Refund.status == R.PENDING.value, Refund.dispute_id.is_not(None))
+    linked = Dispute.id.in_(waiting) if refund.dispute_id is None else or_(Dispute.id == refund.dispute_id,
+                                                                             Dispute.id.in_(waiting))
+    await session.execute(select(Dispute.id).where(linked).order_by(Dispute.id).with_for_update())
 
 
 async def _sent_after_failure(session: AsyncSession, refund: Refund, payment: Payment, refunded: int, *,

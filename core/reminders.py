@@ -593,19 +593,31 @@ async def balance_owed(conn: AsyncConnection | AsyncSession, member_id: str, pty
     owed = amount_owed(ptype.allow_custom_amount, ptype.amount_minor)
     if owed is None:
         return None
-    kept = (await conn.execute(_PERIOD_KEPT, {
-        "m": member_id, "t": ptype.id, "currency": ptype.currency, "since": period.since,
-        "due_from": period.due_from, "due_until": period.due_until, "named": utc_midnight(due)})).scalar_one()
-    kept = int(kept)  # PostgreSQL sums integers as numeric
+    kept = await _period_kept(conn, member_id, ptype, due, period)
     return owed - kept if 0 < kept < owed else None
 
 
-async def balance_now(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, timezone: str | None
-                      ) -> int | None:
-    """balance_owed for the period a payment made now pays (current_period, in the cooperative's zone): what the
-    USSD offers when she picks the type (create_payment._balance_refusal reads the same period itself)."""
+async def _period_kept(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, due: date,
+                       period: PaidFor) -> int:
+    kept = (await conn.execute(_PERIOD_KEPT, {
+        "m": member_id, "t": ptype.id, "currency": ptype.currency, "since": period.since,
+        "due_from": period.due_from, "due_until": period.due_until, "named": utc_midnight(due)})).scalar_one()
+    return int(kept)  # PostgreSQL sums integers as numeric
+
+
+async def owed_now(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, timezone: str | None
+                   ) -> tuple[date, int] | None:
+    """The due date of the period a payment made now pays (current_period, in the cooperative's zone) of a
+    fixed-amount recurring type, and what the member still owes of it: the price when nothing was kept, the
+    balance (balance_owed) when part was, 0 when it is paid in full. What the USSD offers when she picks the type
+    (create_payment._balance_refusal reads the same period itself); None for a type that is not recurring or whose
+    member chooses the amount. One query."""
     period = current_period(ptype, utcnow(), zone_of(timezone))
-    return None if period is None else await balance_owed(conn, member_id, ptype, *period)
+    owed = amount_owed(ptype.allow_custom_amount, ptype.amount_minor)
+    if period is None or owed is None:
+        return None
+    kept = await _period_kept(conn, member_id, ptype, *period)
+    return period[0], max(owed - kept, 0) if kept > 0 else owed
 
 
 async def reminder_balance(conn: AsyncConnection | AsyncSession, payload: dict[str, Any], ptype: Any) -> int | None:

@@ -618,6 +618,7 @@ async def type_chosen(ctx: Ctx, type_id: str) -> str:
         raise Invalid("error.invalid_choice")
     ctx.data["cur"] = pt.currency
     ctx.data.pop("full", None)  # another type's balance, chosen before Back
+    ctx.data.pop("paid", None)  # or its period paid in full
     if pt.allow_custom_amount:
         coop = await cooperative(ctx, ctx.data["c"])
         if not _number_methods(ctx, coop.country if coop else "", pt.currency):
@@ -627,25 +628,44 @@ async def type_chosen(ctx: Ctx, type_id: str) -> str:
             return "pay_no_method"
         return "pay_amount"
     ctx.data["amt"] = pt.amount_minor
-    balance = await _balance(ctx, pt)
-    if balance is not None:
+    owed = await _owed(ctx, pt)
+    if owed is not None and owed[1] == 0:
+        # Paid in full: she is told so before anything is offered (data["paid"]: the period's due date, as her
+        # reminder names it); Back to the list, or pay the price again (a payment made now pays this period: the
+        # next one is paid ahead from its midpoint on, core.reminders.current_period, when this reads it unpaid).
+        ctx.data["paid"] = owed[0].isoformat()
+        return "pay_paid"
+    if owed is not None and owed[1] != pt.amount_minor:
         # What is left of the period's price, not the price again (she would overpay by what was taken); the
         # confirmation says it is the balance (data["full"]: the price).
-        ctx.data["amt"], ctx.data["full"] = balance, pt.amount_minor
+        ctx.data["amt"], ctx.data["full"] = owed[1], pt.amount_minor
     return await _method_step(ctx)
 
 
-async def _balance(ctx: Ctx, pt: TypeRow) -> int | None:
-    """The balance the member owes of a fixed-amount recurring type for the period a payment made now pays, when
-    the provider took only part of its price (or part was refunded): core.reminders.balance_owed, the balance her
-    reminder states. One query, made only when she picks such a type (none on the opening hop)."""
+async def paid_args(ctx: Ctx) -> dict[str, Any]:
+    """The type chosen and the due date of its period paid in full (type_chosen), dated as her reminder and
+    "My payments" date days."""
+    return {"type": await _type_name(ctx, await payment_type(ctx)),
+            "due": date.fromisoformat(ctx.data["paid"]).strftime("%d/%m/%Y")}
+
+
+async def pay_again(ctx: Ctx, _key: str) -> str:
+    """Told the period is paid, she pays its price again: the method, then the confirmation, as for any type."""
+    return await _method_step(ctx)
+
+
+async def _owed(ctx: Ctx, pt: TypeRow) -> tuple[date, int] | None:
+    """The due date of the period a payment made now pays of a fixed-amount recurring type and what the member
+    still owes of it (core.reminders.owed_now): the balance her reminder states when the provider took only part
+    of its price (or part was refunded), 0 when paid in full. One query, made only when she picks such a type
+    (none on the opening hop)."""
     if not pt.is_recurring or pt.allow_custom_amount or not pt.amount_minor:
         return None
-    from core.reminders import balance_now
+    from core.reminders import owed_now
 
     coop = await cooperative(ctx, ctx.data["c"])
     async with cache.autocommit(ctx.rt) as conn:
-        return await balance_now(conn, ctx.data["mb"], pt, coop.timezone if coop else None)
+        return await owed_now(conn, ctx.data["mb"], pt, coop.timezone if coop else None)
 
 
 async def amount_args(ctx: Ctx) -> dict[str, Any]:

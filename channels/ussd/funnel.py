@@ -13,8 +13,8 @@ from core.ops import FUNNEL_ALL, FUNNEL_STEPS, funnel_field
 
 # Screens that stand for a funnel step; the amount and method screens belong to "what to pay", and
 # the resume offer is a session's main menu.
-STEP_OF = {"home": 0, "resume": 0, "pay_type": 1, "pay_amount": 1, "pay_method": 1, "pay_confirm": 2,
-           "pay_done": 3}
+STEP_OF = {"home": 0, "resume": 0, "pay_type": 1, "pay_amount": 1, "pay_method": 1, "pay_paid": 1,
+           "pay_confirm": 2, "pay_done": 3}
 # Keys of this session's own funnel bookkeeping: a resumed session keeps them, not the dropped one's.
 OWN_KEYS = ("f", "fc")
 

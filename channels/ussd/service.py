@@ -15,6 +15,7 @@ from channels.ussd.engine import Ctx, Engine, State
 from channels.ussd.i18n import language, translate
 from channels.ussd.types import UssdReply, UssdTurn, extension_of, side_effect_began
 from core import metrics
+from core.cooperatives import COUNTRY_LANGUAGE
 from core.phone import Phone
 
 log = logging.getLogger("gateway.ussd")
@@ -284,9 +285,11 @@ class UssdService:
         # those of a dialled extension's cooperative), else what the phone chose in Redis. Not this process's
         # memory: another process would greet the same phone in another language.
         # A caller none of whose cooperatives knows her, who chose no language, dialling a cooperative's code:
-        # that cooperative's.
+        # that cooperative's. Dialling the shared code: her number's country's (a Tanzanian stranger was greeted
+        # in English), computed from the number alone, no read.
         dialled_coop = ctx.cache.get(f"coop:{state.data['x']}") if state.data.get("x") else None
-        state.lang = language(ctx.cache.get("lang") or chosen or (dialled_coop.language if dialled_coop else None))
+        state.lang = language(ctx.cache.get("lang") or chosen or (dialled_coop.language if dialled_coop else None)
+                              or COUNTRY_LANGUAGE.get(turn.phone.region))
         reply = await self.engine.show(ctx, "resume" if resumable else "home", push=False)
         member_id = ms[0][0].id if len(ms) == 1 else None
         coop_id = ms[0][1].id if len(ms) == 1 else state.data.get("x")

@@ -225,3 +225,57 @@ async def test_a_late_success_of_a_refund_made_during_the_dispute_never_deadlock
         assert (await s.get(Refund, early["id"])).status == "COMPLETED"
     assert any("went through after all" in (n["text"] or "") for n in stored.notes)
     assert await _held(rt, payment["id"]) == 15000
+
+
+@requires_pg
+async def test_a_late_success_withdrawing_a_refund_made_during_a_dispute_never_deadlocks_the_officer(admin, rt, demo):
+    """A refund made before the dispute (linked to none) failed; one made during it waits to be sent. The first goes
+    through after all: the second is withdrawn, and that is noted on its dispute. Meanwhile an officer refunds the
+    payment (the dispute locked, then the payment). Before: the late success locked the payment, then the withdrawn
+    refund's dispute, and one of the two was rolled back in a deadlock."""
+    from core.errors import BusinessRuleError
+    from core.ports import ProviderOutcome
+    from core.refunds import apply_refund_outcome
+
+    actor = Actor("admin:test", "admin")
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    await complete_payment(rt, payment["id"])
+    early = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                             json={"amount": 50000, "idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:  # the provider refused it
+        await s.execute(text("UPDATE refunds SET status = 'FAILED', failure_reason = 'refused' WHERE id = :id"),
+                        {"id": early["id"]})
+    dispute = await admin.json("POST", "/v1/disputes", 201,
+                               json={"paymentId": payment["id"], "reason": "OTHER", "note": "charged twice"})
+    queued = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                              json={"amount": 30000, "idempotencyKey": idem()})
+    assert early["disputeId"] is None and queued["disputeId"] == dispute["id"]
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()  # holds the payment while both line up for it: the late success first
+        await blocker.execute(select(Payment.id).where(Payment.id == payment["id"]).with_for_update())
+
+        async def late_success():
+            async with rt.sessionmaker.begin() as s:
+                fresh = (await s.execute(select(Refund).where(Refund.id == early["id"]).with_for_update())
+                         ).scalar_one()
+                await apply_refund_outcome(s, rt, fresh, ProviderOutcome.SUCCEEDED, actor=actor)
+
+        async def officer_refund():
+            async with rt.sessionmaker.begin() as s:
+                await request_refund(s, rt, payment_id=payment["id"], cooperative_id=None,
+                                     amount=Money(5000, "RWF"), reason=None, idempotency_key=idem(), actor=actor)
+
+        callback = asyncio.create_task(late_success())
+        await _until_waiting(rt, 1)
+        officer = asyncio.create_task(officer_refund())
+        await _until_waiting(rt, 2)
+        await blocker.commit()
+        results = await asyncio.gather(callback, officer, return_exceptions=True)
+    finally:
+        await blocker.close()
+    assert results[0] is None and isinstance(results[1], BusinessRuleError), results  # nothing left to refund
+    async with rt.sessionmaker() as s:
+        stored = await s.get(Dispute, dispute["id"])
+        assert (await s.get(Refund, queued["id"])).status == "FAILED"
+    assert any("went through after all" in (n["text"] or "") for n in stored.notes)

@@ -174,3 +174,40 @@ async def test_a_list_mixing_utf8_and_windows_1252_rows_is_refused_naming_them(o
     whole = await admin.json("POST", "/v1/members/import", 201, headers={"Content-Type": "text/csv"}, data=(
         "name,phone\nNabukeera Zoë Akéllo,0772000456\nNamuli Bénédicte,0772000458\n".encode("cp1252")))
     assert whole["encoding"] == "windows-1252"  # a file in Windows-1252 alone is still read so
+
+
+KE_UG = ("+25471****678 is a KE number, not UG: this UG cooperative's members pay with MTN MoMo or Airtel Money from "
+         "a UG number, and no bank method collects UGX; this member can never pay")
+
+
+async def test_a_kenyan_number_in_a_ugandan_list_is_imported_with_a_warning(operator: Caller, client: Any,
+                                                                            rt: Any) -> None:
+    coop, _, admin = await _cooperative(operator, client)
+    data = b"name,phone\nNakato Ssebunya,0772 000 456\nWanjiru Kamau,+254712345678\n"
+    imported = await admin.json("POST", "/v1/members/import", 201, data=data, headers={"Content-Type": "text/csv"})
+    assert imported["imported"] == 2
+    assert imported["warnings"] == [{"row": 3, "field": "phone", "message": KE_UG}]
+    async with rt.sessionmaker() as s:
+        names = set((await s.execute(select(Member.name).where(Member.cooperative_id == coop["id"]))).scalars())
+    assert names == {"Nakato Ssebunya", "Wanjiru Kamau"}
+    # Numbers of the cooperative's country: no warning.
+    more = await admin.json("POST", "/v1/members/import", 201, data=b"name,phone\nOkello Paul,0701 000 459\n",
+                            headers={"Content-Type": "text/csv"})
+    assert more["warnings"] == []
+
+
+async def test_a_member_created_with_a_foreign_number_is_warned_about(operator: Caller, client: Any) -> None:
+    _, _, admin = await _cooperative(operator, client)
+    made = await admin.json("POST", "/v1/members", 201, json={"name": "Wanjiru Kamau", "phone": "+254712345678"})
+    assert made["warnings"] == [{"field": "phone", "message": KE_UG}]
+    home = await admin.json("POST", "/v1/members", 201, json={"name": "Nakato Ssebunya", "phone": "0772000456"})
+    assert home["warnings"] == []
+
+
+async def test_a_foreign_member_of_a_rwandan_cooperative_can_pay_by_bank(operator: Caller, client: Any,
+                                                                         demo: dict[str, Any]) -> None:
+    made = await operator.json("POST", "/v1/members", 201, json={
+        "name": "Wanjiru Kamau", "phone": "+254712345678", "cooperativeId": demo["cooperative_id"]})
+    assert made["warnings"] == [{"field": "phone", "message": (
+        "+25471****678 is a KE number, not RW: this RW cooperative's members pay with MTN MoMo or Airtel Money "
+        "from a RW number; this member can pay only by bank (BANK_BK, BANK_IM, BANK_ECOBANK)")}]

@@ -3,6 +3,7 @@ reviewer: Swahili called the cooperative's code "namba", a number, when codes ar
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tests.channels.ussd.helpers import AtPhone
@@ -36,3 +37,17 @@ async def test_swahili_help_tells_a_stranger_to_ask_for_the_code(client: Any, de
     answer = await phone.send(help_key)
     assert answer.endswith("Uliza chama chako msimbo wake."), answer
     assert "namba" not in answer
+
+
+def test_swahili_never_makes_a_cooperatives_name_the_subject_of_a_verb() -> None:
+    """A Swahili verb agrees with its subject's noun class, and a cooperative's name has any ("Ushirika wa ..." u-,
+    "Chama cha ..." ki-, "Kikundi ..." ki-, "SACCO ..." i-): "Ushirika wa Nyumba Sinza itawasiliana nawe" (and
+    "... haina malipo", "... haisajili wanachama") was wrong for most names. The name is put where nothing agrees
+    with it."""
+    from channels.ussd.i18n import catalog, translate
+
+    name = "Ushirika wa Nyumba Sinza"
+    assert translate("sw", "pay.none", coop=name) == f"{name}: hakuna malipo kwa sasa."
+    assert translate("sw", "reg.closed", coop=name).startswith(f"{name}: hakuna usajili wa wanachama kwa simu. ")
+    subject = [msgid for msgid, text in catalog("sw").items() if re.search(r"(^|\. )\{coop\} [a-z]", text)]
+    assert not subject, subject

@@ -70,15 +70,53 @@ async def test_the_balance_is_said_in_each_language(client: Any, demo: Any, rt: 
         assert text in confirm, confirm
 
 
-async def test_a_period_paid_in_full_or_nothing_taken_offers_the_price_as_before(
+async def _due_now(rt: Any, demo: dict[str, Any]) -> str:
+    """The due date of the Monthly Rent period a payment made now pays, as her reminder writes it."""
+    from core.cooperatives import zone_of
+    from core.reminders import current_period
+
+    async with rt.sessionmaker() as s:
+        ptype = await s.get(PaymentType, demo["payment_types"]["Monthly Rent"])
+        period = current_period(ptype, utcnow(), zone_of("Africa/Kigali"))
+    assert period is not None
+    return period[0].strftime("%d/%m/%Y")
+
+
+async def test_a_period_paid_in_full_is_said_paid_before_anything_is_offered(
         client: Any, demo: Any, rt: Any) -> None:
-    # Paid in full: the price, as today (the reminders no longer remind her).
+    """Paid in full this period, she picked the type again and was offered its price as if nothing was paid: a
+    second 50,000 overpaid the month. She is told the period is paid (its due date, as her reminder names it), and
+    may go back to the list or pay again."""
+    due = await _due_now(rt, demo)
     await _kept(rt, demo, EN_MTN, collected=None)
-    _phone, confirm = await _confirmation(client, EN_MTN)
-    assert "\nAmount: 50,000 RWF\n" in confirm, confirm
-    # Taken in another currency (collected 0): nothing kept, the price.
+    phone, paid = await _confirmation(client, EN_MTN)
+    assert paid == (f"CON You have already paid Monthly Rent for {due}.\n1. Pay again\n0. Back\n00. Home"), paid
+    types = await phone.send("0")  # Back: the list, nothing reserved or made
+    assert types.startswith("CON Choose what to pay:") and "Monthly Rent" in types, types
+    paid = await phone.send(option(types, "Monthly Rent"))
+    confirm = await phone.send("1")  # paying again is not refused: the price, confirmed as any payment
+    assert confirm.startswith("CON Pay Monthly Rent\nAmount: 50,000 RWF\n"), confirm
+    done = await phone.send("1")
+    assert done.startswith("END Approve the prompt on your phone to pay 50,000 RWF."), done
+    assert (await _new_payment(rt, demo["members"][EN_MTN])).amount_minor == 50_000
+
+
+async def test_a_period_paid_in_full_is_said_in_each_language(client: Any, demo: Any, rt: Any) -> None:
+    due = await _due_now(rt, demo)
+    said = {RW_MTN: f"CON Wamaze kwishyura Monthly Rent ya {due}.\n1. Ongera wishyure\n",
+            FR_AIRTEL: f"CON Vous avez déjà payé Monthly Rent pour le {due}.\n1. Payer à nouveau\n",
+            SW_AIRTEL: f"CON Tayari umelipa Monthly Rent ya tarehe {due}.\n1. Lipa tena\n"}
+    for number, text in said.items():
+        await _kept(rt, demo, number, collected=None)
+        _phone, paid = await _confirmation(client, number)
+        assert paid.startswith(text), paid
+
+
+async def test_a_period_nothing_was_kept_of_offers_the_price_as_before(client: Any, demo: Any, rt: Any) -> None:
+    # Taken in another currency (collected 0): nothing kept, the price, not said paid.
     await _kept(rt, demo, RW_MTN, collected=0)
     _phone, confirm = await _confirmation(client, RW_MTN)
+    assert confirm.startswith("CON Kwishyura Monthly Rent\n"), confirm
     assert "50,000 RWF" in confirm and "20,000" not in confirm and "asigaye" not in confirm, confirm
 
 

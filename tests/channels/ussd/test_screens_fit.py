@@ -33,7 +33,7 @@ def sample_args(lang: str, coop: str = COOP) -> dict[str, Any]:
             "type": "Monthly Rent", "phone": "+250788123456", "currency": "RWF",
             "method": translate(lang, "method.MOBILE_MONEY_AIRTEL"), "status": longest_status,
             "date": "22/11/2026", "max": "5,000,000 RWF", "example": "5000", "fee": "0 RWF",
-            "usual": translate(lang, "pay.usual", amount="5,000,000 RWF")}
+            "usual": translate(lang, "pay.usual", amount="5,000,000 RWF"), "due": "30/11/2026"}
 
 
 def sample_items(screen_id: str, lang: str) -> list[Item]:

@@ -144,5 +144,32 @@ async def test_her_rent_declined_timed_out_then_paid_in_swahili(
                              f"{local:%d/%m/%Y}\n1. Tuma risiti kwa SMS"), detail
     _home, _types, balance = await walk(client, ["1", "1"])
     assert "\nKiasi: 50,000.00 TZS (salio la 150,000.00 TZS)\n" in balance, balance
-    for screen in (home, types, confirm, done, listing, detail, balance):
+    # She complains about it: the confirmation agrees with "chama", not with her cooperative's name ("Ushirika wa
+    # ..." takes u-, never the i- it was given: "Ushirika wa Nyumba Sinza itawasiliana nawe").
+    _resume, _home, _listing, _reasons, disputed = await walk(client, ["2", "3", "1", "1"])  # 2: start over
+    assert disputed.startswith("END Lalamiko DSP"), disputed
+    assert disputed.endswith(f" limefunguliwa. Chama chako, {COOP}, kitawasiliana nawe."), disputed
+    for screen in (home, types, confirm, done, listing, detail, balance, disputed):
         assert len(screen) - 4 <= 182 and "{" not in screen, screen
+
+
+async def test_a_stranger_dialling_the_shared_code_from_a_tanzanian_number_is_greeted_in_swahili(
+        operator: Caller, client: Any) -> None:
+    # No member anywhere, no cooperative's code dialled: no cooperative's language applies. Her number's country's
+    # does (Swahili for +255), not the deployment's English.
+    stranger = AtPhone(client, "+255682000009")
+    assert await stranger.dial() == ("CON Karibu CoopPay\n1. Lipa\n2. Malipo yangu\n3. Tatizo la malipo\n4. Lugha\n"
+                                     "5. Msaada")
+    # A Rwandan stranger keeps the deployment's default.
+    assert (await AtPhone(client, "+250788000009").dial()).startswith("CON Welcome to CoopPay\n1. Pay\n")
+    # Her own choice (remembered for the phone) wins over her number's country, on this dial and the next.
+    assert await stranger.send("4") == ("CON Chagua lugha:\n1. English\n2. Ikinyarwanda\n3. Francais\n4. Kiswahili\n"
+                                        "0. Rudi")
+    assert (await stranger.send("1")).startswith("CON Welcome to CoopPay\n1. Pay\n")
+    assert (await AtPhone(client, "+255682000009").dial()).startswith("CON Welcome to CoopPay\n1. Pay\n")
+    # So does a Tanzanian member's own language, dialling the shared code.
+    made = await operator.json("POST", "/v1/cooperatives", 201, json={
+        "name": COOP, "shortCode": "SINZA", "country": "TZ"})
+    await operator.json("POST", "/v1/members", 201, json={
+        "name": "Zawadi Mushi", "phone": "0682000002", "cooperativeId": made["id"], "language": "en"})
+    assert (await AtPhone(client, ZAWADI).dial()).startswith(f"CON Welcome to {COOP}\n1. Pay\n")
