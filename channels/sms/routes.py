@@ -476,6 +476,15 @@ async def inbound(request: web.Request) -> web.Response:
             asks = any(member.status != "SUSPENDED" for member in members)
             help_ = ("help_inactive" if asks else "help_suspended") if inactive else "help"
             reply = (help_, {}, members[0].cooperative_id if members else None)
+        elif command == "BALANCE":
+            # What she owes, of the membership the reply speaks for (built when it is sent: templates.balance_items);
+            # a number no member has is told so, one that cannot pay (suspended, or her cooperative) nothing of it.
+            if not members:
+                reply = ("not_member", {}, None)
+            elif inactive or members[0].status != "ACTIVE":
+                reply = ("help_suspended", {}, members[0].cooperative_id)
+            else:
+                reply = ("balance", {}, members[0].cooperative_id)
         else:
             reply = ("unknown_inactive" if inactive else "unknown", {}, members[0].cooperative_id if members else None)
 

@@ -9,6 +9,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from channels.sms.catalogs import en, fr, rw, sw
@@ -21,7 +22,7 @@ from core.notify import SMS_PHONE_CONTEXT
 from core.payments import collected_amount
 from core.phone import Phone
 from core.refunds import BY_A_PERSON
-from core.reminders import reminder_balance
+from core.reminders import owed_now, reminder_balance
 from core.state.payment import PaymentStatus, shown_status
 from providers.registry import payer_sees
 
@@ -35,6 +36,10 @@ DATE_FORMAT = "%d/%m/%Y %H:%M"
 # "KHHC" gives "KHHC STOP"), as a text without it never reaches the gateway (SMS_SHORTCODE_KEYWORDS); none otherwise.
 KEYWORD_PREFIX = "kw"
 DAY_FORMAT = "%d/%m/%Y"
+# The BALANCE reply lists this many types at most ("+2 more" for the rest), each name cut to BALANCE_NAME
+# characters: one SMS for the usual cooperative.
+BALANCE_TYPES = 3
+BALANCE_NAME = 20
 
 
 class TemplateError(Exception):
@@ -145,6 +150,33 @@ async def _one(session: AsyncSession, model: Any, entity_id: Any, what: str) -> 
     if row is None:
         raise TemplateError(f"{what} {entity_id} not found")
     return row
+
+
+async def balance_items(session: AsyncSession, member: Member, coop: Cooperative, language: str) -> str:
+    """The BALANCE reply's list: each of the member's cooperative's active fixed-amount recurring types with what
+    she still owes of it for the period a payment made now pays (core.reminders.owed_now), "paid" once
+    nothing is; those owed first, then by name, BALANCE_TYPES of them and "+N more". Hers only: her member id."""
+    catalog = CATALOGS.get(language, en)
+    types = (await session.execute(
+        select(PaymentType).where(PaymentType.cooperative_id == coop.id, PaymentType.is_active.is_(True),
+                                  PaymentType.is_recurring.is_(True))
+        .order_by(PaymentType.name, PaymentType.id))).scalars().all()
+    owed: list[tuple[bool, str, str]] = []
+    for ptype in types:
+        found = await owed_now(session, member.id, ptype, coop.timezone)
+        if found is None:
+            continue  # an amount she chooses, or no period
+        left = found[1]
+        name = _clean(ptype.name)[:BALANCE_NAME].rstrip()
+        owed.append((left == 0, name, catalog.BALANCE_PAID if left == 0 else Money(left, ptype.currency).format(
+            language)))
+    if not owed:
+        return str(catalog.BALANCE_NONE)
+    owed.sort(key=lambda item: item[0])  # stable: by name within owed, then paid
+    items = [f"{name} {amount}" for _paid, name, amount in owed[:BALANCE_TYPES]]
+    if len(owed) > BALANCE_TYPES:
+        items.append(catalog.BALANCE_MORE.format(count=len(owed) - BALANCE_TYPES))
+    return ", ".join(items)
 
 
 class PaymentFacts(NamedTuple):
@@ -319,6 +351,13 @@ async def build_message(
             due=due_text,
             dial=dial_code(code_of(service_code, coop.ussd_aggregator), coop.ussd_extension),
         )
+    elif template == "balance":
+        # The cooperative by its short code (the word texts begin with on a shared code): its name would take a
+        # quarter of the one SMS the list should fit.
+        if member is None:
+            raise TemplateError("balance needs a member")
+        coop = coop or await _one(session, Cooperative, member.cooperative_id, "cooperative")
+        values.update(coop=coop.short_code, items=await balance_items(session, member, coop, language))
     elif template == "member_approved":
         if member is None:
             raise TemplateError("member_approved needs a member")

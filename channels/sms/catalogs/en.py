@@ -29,7 +29,8 @@ MESSAGES = {
     "member_approved": "Welcome! You are now a member of {coop}. To pay, dial {dial}.",
     "webhook_disabled": "{coop}: webhook to {host} was disabled after {failures} failed deliveries. "
     "Re-enable it in the API.",
-    "help": "Dial {dial} to pay. SMS: {kw}RECEIPT <ref>, {kw}STATUS <ref>, {kw}STOP (no reminders), {kw}START.",
+    "help": "Dial {dial} to pay. SMS: {kw}RECEIPT <ref>, {kw}STATUS <ref>, {kw}BALANCE, "
+    "{kw}STOP (no reminders), {kw}START.",
     # HELP from a member who cannot pay (suspended, or her cooperative is): no code to dial that cannot work.
     "help_inactive": "Your membership is not active, so you cannot pay by phone. Please contact your cooperative. "
     "SMS: {kw}RECEIPT <ref>, {kw}STATUS <ref>.",
@@ -45,6 +46,10 @@ MESSAGES = {
     # Not understood, from a member who cannot pay (as help_inactive): no code to dial that cannot work.
     "unknown_inactive": "Sorry, we did not understand. Your membership is not active: please contact your "
     "cooperative. Send {kw}HELP.",
+    # BALANCE: what she still owes this period of each fixed-amount recurring type (templates.balance_items).
+    "balance": "Still to pay this period ({coop}): {items}. Dial {dial} to pay.",
+    # A keyword about her membership (BALANCE) from a number no member has.
+    "not_member": "This phone number is not registered with any cooperative. Please contact your cooperative.",
 }
 
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).
@@ -83,6 +88,11 @@ ANY_AMOUNT = "any amount"
 # and the price.
 BALANCE = "balance {balance} of {amount}"
 
+# The BALANCE reply's {items}: a type paid this period, the types left out ("+2 more"), and none to list.
+BALANCE_PAID = "paid"
+BALANCE_MORE = "+{count} more"
+BALANCE_NONE = "nothing"
+
 REASONS = {
     "insufficient_funds": "not enough money on the account",
     "declined": "you declined the request",
@@ -114,4 +124,5 @@ KEYWORDS = {
     "HELP": ("HELP",),
     "STOP": ("STOP",),
     "START": ("START",),
+    "BALANCE": ("BALANCE", "BAL"),
 }

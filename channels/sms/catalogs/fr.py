@@ -30,7 +30,8 @@ MESSAGES = {
     "member_approved": "Bienvenue! Votre adhésion à {coop} est approuvée. Pour payer, composez {dial}.",
     "webhook_disabled": "{coop}: le webhook vers {host} est désactivé après {failures} échecs. "
     "Réactivez-le via l'API.",
-    "help": "Composez {dial} pour payer. SMS: {kw}RECU <réf>, {kw}STATUT <réf>, {kw}STOP (fin des rappels), {kw}START.",
+    "help": "Composez {dial} pour payer. SMS: {kw}RECU <réf>, {kw}STATUT <réf>, {kw}SOLDE, "
+    "{kw}STOP (fin des rappels), {kw}START.",
     "help_inactive": "Votre adhésion n'est pas active : pas de paiement par téléphone. Contactez votre coopérative. "
     "SMS: {kw}RECU <réf>, {kw}STATUT <réf>.",
     "help_suspended": "Votre adhésion n'est pas active : pas de paiement par téléphone. Contactez votre coopérative.",
@@ -43,6 +44,8 @@ MESSAGES = {
     "unknown": "Message non compris. Envoyez {kw}AIDE ou composez {dial}.",
     "unknown_inactive": "Message non compris. Votre adhésion n'est pas active : contactez votre coopérative. "
     "Envoyez {kw}AIDE.",
+    "balance": "Reste à payer ({coop}): {items}. Composez {dial}.",
+    "not_member": "Ce numéro n'est inscrit dans aucune coopérative. Contactez votre coopérative.",
 }
 
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).
@@ -79,6 +82,10 @@ ANY_AMOUNT = "montant libre"
 
 BALANCE = "reste {balance} sur {amount}"
 
+BALANCE_PAID = "payé"
+BALANCE_MORE = "+{count} autre(s)"
+BALANCE_NONE = "rien"
+
 REASONS = {
     "insufficient_funds": "solde insuffisant",
     "declined": "vous avez refusé la demande",
@@ -109,4 +116,5 @@ KEYWORDS = {
     "HELP": ("AIDE",),
     "STOP": ("ARRET", "ARRÊT", "ARRETER"),
     "START": ("REPRENDRE", "DEMARRER"),
+    "BALANCE": ("SOLDE",),
 }

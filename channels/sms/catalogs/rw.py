@@ -27,8 +27,8 @@ MESSAGES = {
     "member_approved": "Murakaza neza! Ubu uri umunyamuryango wa {coop}. Kanda {dial} wishyure.",
     "webhook_disabled": "{coop}: webhook ya {host} yahagaritswe nyuma yo kunanirwa inshuro {failures}. "
     "Yisubizeho muri API.",
-    "help": "Kanda {dial} wishyure. SMS: {kw}INYEMEZABWISHYU <nimero>, {kw}IMIMERERE <nimero>, {kw}HAGARIKA, "
-    "{kw}TANGIRA.",
+    "help": "Kanda {dial} wishyure. SMS: {kw}INYEMEZABWISHYU <nimero>, {kw}IMIMERERE <nimero>, {kw}ASIGAYE, "
+    "{kw}HAGARIKA, {kw}TANGIRA.",
     "help_inactive": "Ubunyamuryango bwawe ntibukora: ntushobora kwishyura kuri telefoni. Gana koperative yawe. "
     "SMS: {kw}INYEMEZABWISHYU <nimero>, {kw}IMIMERERE <nimero>.",
     "help_suspended": "Ubunyamuryango bwawe ntibukora: ntushobora kwishyura kuri telefoni. Gana koperative yawe.",
@@ -42,6 +42,8 @@ MESSAGES = {
     "opted_in": "Ubutumwa bwo kwibutsa bwasubijweho. Ohereza {kw}HAGARIKA kubihagarika.",
     "unknown": "Ntitwabyumvise. Ohereza {kw}UBUFASHA cyangwa ukande {dial}.",
     "unknown_inactive": "Ntitwabyumvise. Ubunyamuryango bwawe ntibukora: gana koperative yawe. Ohereza {kw}UBUFASHA.",
+    "balance": "Ibyo usigaje kwishyura ({coop}): {items}. Kanda {dial} wishyure.",
+    "not_member": "Iyi nimero ya telefone ntiyanditse muri koperative. Gana koperative yawe.",
 }
 
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).
@@ -78,6 +80,10 @@ ANY_AMOUNT = "amafaranga ushaka"
 
 BALANCE = "asigaye {balance} kuri {amount}"
 
+BALANCE_PAID = "byishyuwe"
+BALANCE_MORE = "+{count} ibindi"
+BALANCE_NONE = "nta na kimwe"
+
 REASONS = {
     "insufficient_funds": "amafaranga ntahagije kuri konti",
     "declined": "wanze kwemeza",
@@ -109,4 +115,5 @@ KEYWORDS = {
     "HELP": ("UBUFASHA",),
     "STOP": ("HAGARIKA",),
     "START": ("TANGIRA",),
+    "BALANCE": ("ASIGAYE",),
 }

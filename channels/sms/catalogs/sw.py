@@ -26,8 +26,8 @@ MESSAGES = {
     "member_approved": "Karibu! Sasa wewe ni mwanachama wa {coop}. Piga {dial} kulipa.",
     "webhook_disabled": "{coop}: webhook ya {host} imezimwa baada ya kushindwa mara {failures}. "
     "Iwashe tena kupitia API.",
-    "help": "Piga {dial} kulipa. SMS: {kw}RISITI <kumb>, {kw}HALI <kumb>, {kw}SITISHA (kusimamisha vikumbusho), "
-    "{kw}ANZA.",
+    "help": "Piga {dial} kulipa. SMS: {kw}RISITI <kumb>, {kw}HALI <kumb>, {kw}SALIO, "
+    "{kw}SITISHA (kusimamisha vikumbusho), {kw}ANZA.",
     "help_inactive": "Uanachama wako hauko hai, huwezi kulipa kwa simu. Wasiliana na chama chako. "
     "SMS: {kw}RISITI <kumb>, {kw}HALI <kumb>.",
     "help_suspended": "Uanachama wako hauko hai, huwezi kulipa kwa simu. Wasiliana na chama chako.",
@@ -38,6 +38,8 @@ MESSAGES = {
     "opted_in": "Vikumbusho vimerudishwa. Tuma {kw}SITISHA kuvizima.",
     "unknown": "Hatukuelewa. Tuma {kw}MSAADA au piga {dial}.",
     "unknown_inactive": "Hatukuelewa. Uanachama wako hauko hai: wasiliana na chama chako. Tuma {kw}MSAADA.",
+    "balance": "Kiasi cha kulipa ({coop}): {items}. Piga {dial} kulipa.",
+    "not_member": "Namba hii ya simu haijasajiliwa na chama chochote. Wasiliana na chama chako.",
 }
 
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).
@@ -74,6 +76,10 @@ ANY_AMOUNT = "kiasi chochote"
 
 BALANCE = "salio {balance} kati ya {amount}"
 
+BALANCE_PAID = "imelipwa"
+BALANCE_MORE = "+{count} zaidi"
+BALANCE_NONE = "hakuna"
+
 REASONS = {
     "insufficient_funds": "salio halitoshi",
     "declined": "ulikataa ombi",
@@ -104,4 +110,5 @@ KEYWORDS = {
     "HELP": ("MSAADA",),
     "STOP": ("SITISHA",),
     "START": ("ANZA",),
+    "BALANCE": ("SALIO",),
 }

@@ -79,14 +79,14 @@ async def test_replies_on_the_shared_code_name_its_keyword(
     'Send TANGIRA' (or HELP's list of keywords) sends her texts nowhere."""
     client = await _walk_client(rt, aiohttp_client)
     _server, sim = await start_simulator(aiohttp_server, rt)
-    for i, text in enumerate(("KHHC HAGARIKA", "KHHC UBUFASHA", "KHHC IMIMERERE", "KHHC bal")):
+    for i, text in enumerate(("KHHC HAGARIKA", "KHHC UBUFASHA", "KHHC IMIMERERE", "KHHC murakoze")):
         await inbound(client, ALINE, text, f"kw-{i}")
     await drain(worker)
     replies = sorted(str(m["message"]) for m in sim.messages(ALINE))
     assert replies == sorted([
         "Ntuzongera kubona ubutumwa bwo kwibutsa. Inyemezabwishyu zizakomeza. Ohereza KHHC TANGIRA kubisubizaho.",
-        "Kanda *384*123*123# wishyure. SMS: KHHC INYEMEZABWISHYU <nimero>, KHHC IMIMERERE <nimero>, KHHC HAGARIKA, "
-        "KHHC TANGIRA.",
+        "Kanda *384*123*123# wishyure. SMS: KHHC INYEMEZABWISHYU <nimero>, KHHC IMIMERERE <nimero>, KHHC ASIGAYE, "
+        "KHHC HAGARIKA, KHHC TANGIRA.",
         "Ohereza KHHC IMIMERERE ukurikizaho nimero y'ubwishyu, urugero KHHC IMIMERERE PAY_20260115_001.",
         "Ntitwabyumvise. Ohereza KHHC UBUFASHA cyangwa ukande *384*123*123#.",
     ])

@@ -27,9 +27,13 @@ WORST_CASE: dict[str, Any] = {
     "due": "01/02/2026",
     "host": "hooks.kigali-heights.example.rw",
     "failures": 20,
+    # The BALANCE list at its longest: three names cut to templates.BALANCE_NAME, and the rest counted.
+    "items": "Monthly Rent and Serv 1,250,000 RWF, Security and Garbage 1,250,000 RWF, Water and Electricit "
+             "1,250,000 RWF, +9 more",
 }
 # Templates that fit one SMS, whatever the values.
-ONE_PART = ("help", "help_inactive", "not_found", "opted_in", "unknown", "unknown_inactive", "dispute_updated")
+ONE_PART = ("help", "help_inactive", "not_found", "opted_in", "unknown", "unknown_inactive", "dispute_updated",
+            "not_member")
 
 
 @pytest.mark.parametrize("language", sorted(CATALOGS))
