@@ -41,8 +41,10 @@ _SCREENS: tuple[Screen, ...] = (
     # Pay.
     Menu("pay_type", "pay.types", items=f.type_items, on_item=f.type_chosen),
     End("pay_none", "pay.none", args=f.coop_args),
-    # The type's period is paid in full already: Back to the list (the footer), or pay it again.
-    Menu("pay_paid", "pay.paid", args=f.paid_args, options=(Option("pay.paid_again", f.pay_again),)),
+    # The type's period is paid in full already: Back to the list (the footer), or pay it again. Neither on the back
+    # stack nor resumed (service.NO_RESUME): a serve of the previous release knows no such screen.
+    Menu("pay_paid", "pay.paid", args=f.paid_args, options=(Option("pay.paid_again", f.pay_again),),
+         remember=False),
     Input("pay_amount", "pay.amount", validate=f.validate_amount, on_valid=f.amount_entered,
           error="pay.amount_invalid", args=f.amount_args),
     Menu("pay_method", "pay.method", items=f.method_items, on_item=f.method_chosen),

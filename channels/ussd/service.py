@@ -20,8 +20,9 @@ from core.phone import Phone
 
 log = logging.getLogger("gateway.ussd")
 
-# Screens not worth resuming: starting over lands there anyway.
-NO_RESUME = frozenset({"home", "resume", "language"})
+# Screens not worth resuming: starting over lands there anyway (pay_paid: and a serve of the previous release in a
+# rolling deploy, resuming it, would show a screen it does not know).
+NO_RESUME = frozenset({"home", "resume", "language", "pay_paid"})
 
 
 class LanguageMemory:

@@ -248,3 +248,27 @@ async def test_an_open_payment_of_another_period_does_not_stop_the_balance(clien
     done = await phone.send("1")
     assert done.startswith("END Approve the prompt on your phone to pay 20,000 RWF."), done
     assert [amount for reference, amount in await _pending(rt, member) if reference != arrears] == [20_000]
+
+
+async def test_the_paid_screen_is_never_stored_where_a_previous_release_shows_it(
+        client: Any, demo: Any, rt: Any) -> None:
+    """During a deploy a hop may land on a serve of the previous release, which knows no "pay_paid": popped from
+    the back stack (Back from the confirmation after Pay again) or resumed from the route (Continue), it was shown
+    as a screen (KeyError: her Back or Continue failed). Neither the stack nor the route names it; Back after Pay
+    again is the list she chose the type from."""
+    from channels.ussd import sessions
+    from channels.ussd.screens import SCREENS
+    from core.phone import normalize
+
+    previous = set(SCREENS) - {"pay_paid"}
+    await _kept(rt, demo, EN_MTN, collected=None)
+    phone, paid = await _confirmation(client, EN_MTN)
+    assert paid.startswith("CON You have already paid Monthly Rent"), paid
+    route = await sessions.load_resume(rt.redis, rt.cipher, normalize(EN_MTN))
+    assert route is None or {route.screen, *route.stack} <= previous, route
+    confirm = await phone.send("1")
+    assert confirm.startswith("CON Pay Monthly Rent\n"), confirm
+    route = await sessions.load_resume(rt.redis, rt.cipher, normalize(EN_MTN))
+    assert route is not None and {route.screen, *route.stack} <= previous, route
+    back = await phone.send("0")
+    assert back.startswith("CON Choose what to pay:"), back
