@@ -607,7 +607,7 @@ def shown_reason(void: str) -> str:
 
 # Messages about the membership itself: worth sending only while the member is still ACTIVE ("Welcome, you
 # are now a member" to someone suspended a moment after the approval, before the worker's turn, is wrong).
-MEMBER_TEMPLATES = frozenset({"member_approved"})
+MEMBER_TEMPLATES = frozenset({"member_approved", "balance"})  # balance: what she owes, to a member still ACTIVE
 _MEMBER_STATUS = select(Member.__table__.c.status).where(Member.__table__.c.id == bindparam("m", type_=String))
 
 

@@ -8,13 +8,14 @@ import json
 import logging
 import re
 import unicodedata
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from functools import cache
 from typing import Any, NamedTuple, cast
 
 from aiohttp import web
 from redis.exceptions import RedisError
-from sqlalchemy import Table, bindparam, case, select, update
+from sqlalchemy import Table, bindparam, case, func, select, update
 
 from channels.sms.templates import CATALOGS
 from core import metrics, pgraw
@@ -479,12 +480,14 @@ async def inbound(request: web.Request) -> web.Response:
         elif command == "BALANCE":
             # What she owes, of the membership the reply speaks for (built when it is sent: templates.balance_items);
             # a number no member has is told so, one that cannot pay (suspended, or her cooperative) nothing of it.
-            if not members:
+            # On a shared code, the membership of the cooperative whose short code her text begins with.
+            named = await _named_membership(session, ranked, shortcode_prefix(text, rt.settings.sms_shortcode_keywords))
+            if named is None:
                 reply = ("not_member", {}, None)
-            elif inactive or members[0].status != "ACTIVE":
-                reply = ("help_suspended", {}, members[0].cooperative_id)
+            elif named[1] >= _INACTIVE_RANK or named[0].status != "ACTIVE":
+                reply = ("help_suspended", {}, named[0].cooperative_id)
             else:
-                reply = ("balance", {}, members[0].cooperative_id)
+                reply = ("balance", {}, named[0].cooperative_id)
         else:
             reply = ("unknown_inactive" if inactive else "unknown", {}, members[0].cooperative_id if members else None)
 
@@ -508,6 +511,19 @@ async def inbound(request: web.Request) -> web.Response:
         )
     log.info("keyword SMS", extra={"command": command or "unknown", "reply": template})
     return web.Response(text="")
+
+
+async def _named_membership(session: Any, ranked: Sequence[Any], prefix: str | None) -> Any:
+    """(member, rank) of `ranked` in the cooperative whose short code is `prefix` (the shared code's word her
+    text began with), else the first: a member of two cooperatives asks each for its own. None when none."""
+    if not ranked:
+        return None
+    if prefix:
+        named = (await session.execute(select(Cooperative.id).where(
+            Cooperative.id.in_([row[0].cooperative_id for row in ranked]),
+            func.upper(Cooperative.short_code) == prefix))).scalar()
+        return next((row for row in ranked if row[0].cooperative_id == named), ranked[0])
+    return ranked[0]
 
 
 def _reply_membership(members: list[Member], cooperative_id: str | None) -> tuple[str | None, str | None]:

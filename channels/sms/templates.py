@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from channels.sms.catalogs import en, fr, rw, sw
+from channels.sms.encoding import measure
 from core.cooperatives import zone_of
 from core.crypto import PiiCipher
 from core.gsm import is_gsm, to_gsm
@@ -40,6 +41,8 @@ DAY_FORMAT = "%d/%m/%Y"
 # characters: one SMS for the usual cooperative.
 BALANCE_TYPES = 3
 BALANCE_NAME = 20
+# Types whose balance a BALANCE text reads at most (one query each); the rest are counted in "+N more".
+BALANCE_READ = 10
 
 
 class TemplateError(Exception):
@@ -152,17 +155,18 @@ async def _one(session: AsyncSession, model: Any, entity_id: Any, what: str) -> 
     return row
 
 
-async def balance_items(session: AsyncSession, member: Member, coop: Cooperative, language: str) -> str:
+async def balance_items(session: AsyncSession, member: Member, coop: Cooperative, language: str
+                        ) -> list[tuple[str, str]]:
     """The BALANCE reply's list: each of the member's cooperative's active fixed-amount recurring types with what
     she still owes of it for the period a payment made now pays (core.reminders.owed_now), "paid" once
-    nothing is; those owed first, then by name, BALANCE_TYPES of them and "+N more". Hers only: her member id."""
+    nothing is; those owed first, then by name. Hers only: her member id. One query per type, BALANCE_READ at most."""
     catalog = CATALOGS.get(language, en)
     types = (await session.execute(
         select(PaymentType).where(PaymentType.cooperative_id == coop.id, PaymentType.is_active.is_(True),
-                                  PaymentType.is_recurring.is_(True))
+                                  PaymentType.is_recurring.is_(True), PaymentType.allow_custom_amount.is_(False))
         .order_by(PaymentType.name, PaymentType.id))).scalars().all()
     owed: list[tuple[bool, str, str]] = []
-    for ptype in types:
+    for ptype in types[:BALANCE_READ]:
         found = await owed_now(session, member.id, ptype, coop.timezone)
         if found is None:
             continue  # an amount she chooses, or no period
@@ -170,12 +174,19 @@ async def balance_items(session: AsyncSession, member: Member, coop: Cooperative
         name = _clean(ptype.name)[:BALANCE_NAME].rstrip()
         owed.append((left == 0, name, catalog.BALANCE_PAID if left == 0 else Money(left, ptype.currency).format(
             language)))
+    owed.sort(key=lambda item: item[0])  # stable: by name within owed, then paid
+    # Past BALANCE_READ, unread (no query each): counted in "+N more" (balance_text), nameless.
+    return [(name, amount) for _paid, name, amount in owed] + [("", "")] * max(0, len(types) - BALANCE_READ)
+
+
+def balance_text(owed: list[tuple[str, str]], language: str, shown: int = BALANCE_TYPES) -> str:
+    """The BALANCE reply's {items}: the first `shown` of balance_items, then "+N more" for the rest."""
+    catalog = CATALOGS.get(language, en)
     if not owed:
         return str(catalog.BALANCE_NONE)
-    owed.sort(key=lambda item: item[0])  # stable: by name within owed, then paid
-    items = [f"{name} {amount}" for _paid, name, amount in owed[:BALANCE_TYPES]]
-    if len(owed) > BALANCE_TYPES:
-        items.append(catalog.BALANCE_MORE.format(count=len(owed) - BALANCE_TYPES))
+    items = [f"{name} {amount}" for name, amount in owed[:shown] if name]
+    if len(owed) > len(items):
+        items.append(catalog.BALANCE_MORE.format(count=len(owed) - len(items)))
     return ", ".join(items)
 
 
@@ -356,8 +367,20 @@ async def build_message(
         # quarter of the one SMS the list should fit.
         if member is None:
             raise TemplateError("balance needs a member")
+        # Hers to the number that asked only while it is hers: a new SIM since, and the old number (perhaps
+        # someone else's by now) is told nothing of what she owes.
+        if member.phone_index is None or member.phone_index != cipher.blind_index(phone.e164):
+            from core.members import PhoneReleased
+
+            raise PhoneReleased("the member no longer holds the number that asked")
         coop = coop or await _one(session, Cooperative, member.cooperative_id, "cooperative")
-        values.update(coop=coop.short_code, items=await balance_items(session, member, coop, language))
+        owed = await balance_items(session, member, coop, language)
+        values.update(coop=coop.short_code)
+        # As many types as one SMS holds (long names and prices in Kinyarwanda do not fit three), the rest "+N more".
+        for shown in range(BALANCE_TYPES, 0, -1):
+            values["items"] = balance_text(owed, language, shown)
+            if measure(render(template, language, values)).segments == 1:
+                break
     elif template == "member_approved":
         if member is None:
             raise TemplateError("member_approved needs a member")

@@ -14,9 +14,12 @@ from app import create_app
 from channels.sms.encoding import GSM7, measure
 from channels.sms.routes import REPLY_LIMIT, parse_keyword
 from channels.sms.templates import CATALOGS, render
+from core.audit import Actor
 from core.cooperatives import zone_of
 from core.db import utcnow
-from core.models import Cooperative, Payment, PaymentType
+from core.members import create_member, update_member
+from core.models import Cooperative, Member, Payment, PaymentType
+from core.phone import normalize
 from core.reminders import current_period, utc_midnight
 from tests.channels.sms.helpers import make_payment
 from tests.channels.sms.test_keyword_replies import ALINE, CLAUDINE, ERIC, JEAN, ask
@@ -24,6 +27,7 @@ from tests.channels.sms.test_routes import inbound
 from tests.conftest import drain
 
 STRANGER = "+250788555444"
+SYSTEM = Actor("system", "system")
 
 
 @pytest.mark.parametrize(("text", "language"), [
@@ -134,3 +138,89 @@ def test_help_names_balance_in_one_sms(language: str) -> None:
     body = render("help", language, {"dial": "*384*123*123#", "kw": "KHHC"})
     assert f"KHHC {CATALOGS[language].KEYWORDS['BALANCE'][0]}" in body
     assert measure(body).encoding == GSM7 and measure(body).segments == 1, body
+
+
+async def _second_membership(rt: Any, phone: str) -> str:
+    """`phone`'s membership of a second cooperative (OTHER, on the same shared code), with one fixed monthly type."""
+    async with rt.sessionmaker.begin() as s:
+        coop = Cooperative(name="Other Coop", short_code="OTHER", country="RW", currency="RWF",
+                           timezone="Africa/Kigali", status="ACTIVE", ussd_extension="77")
+        s.add(coop)
+        await s.flush()
+        s.add(PaymentType(cooperative_id=coop.id, name="Shares", amount_minor=7_000, currency="RWF",
+                          is_recurring=True, recurring_interval="MONTHLY", due_day=5, is_active=True))
+        await create_member(s, rt.cipher, cooperative_id=coop.id, name="Jean Other", phone=normalize(phone),
+                            language="en", actor=SYSTEM)
+        return coop.id
+
+
+async def test_a_member_of_two_cooperatives_gets_the_balance_of_the_one_her_text_names(
+    rt: Any, demo: dict[str, Any], aiohttp_client: Any, sim: Any, worker: Any,
+) -> None:
+    """On the shared code the word she begins with is her cooperative's short code: OTHER BAL is OTHER's balance,
+    KHHC BAL is KHHC's (it used to be the first membership's whichever she named)."""
+    await _second_membership(rt, JEAN)
+    rt.settings = dataclasses.replace(rt.settings, sms_shortcode_keywords=("KHHC", "OTHER"))
+    client = await aiohttp_client(create_app(rt.settings, runtime=rt))
+    other = await ask(client, sim, worker, JEAN, "OTHER BAL", "bal-two-1")
+    assert other == "Still to pay this period (OTHER): Shares 7,000 RWF. Dial *384*123*77# to pay."
+    khhc = await ask(client, sim, worker, JEAN, "KHHC BAL", "bal-two-2")
+    assert khhc.startswith("Still to pay this period (KHHC): Monthly Rent 50,000 RWF"), khhc
+
+
+async def test_a_balance_is_not_sent_to_a_number_she_no_longer_holds(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any,
+) -> None:
+    """Asked, then her number changed (a new SIM) before the reply was built: the old number, perhaps already
+    someone else's, does not get what she owes; neither does the new one (it did not ask)."""
+    await inbound(sms_client, JEAN, "BAL", "bal-moved")
+    async with rt.sessionmaker.begin() as s:
+        member = await s.get(Member, demo["members"][JEAN])
+        await update_member(s, member, actor=SYSTEM, phone=normalize("+250788999111"), cipher=rt.cipher)
+    await drain(worker)
+    assert sim.messages(JEAN) == [] and sim.messages("+250788999111") == []
+
+
+@pytest.mark.parametrize("language", sorted(CATALOGS))
+async def test_long_names_and_amounts_still_fit_one_sms(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, language: str,
+) -> None:
+    """Four types with 20-character names and six-figure prices: fewer listed, the rest "+N more", in one SMS."""
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Member).where(Member.id == demo["members"][JEAN]).values(language=language))
+        for name in ("Umusanzu w'ukwezi wa koperative", "Ubwiteganyirize bw'abanyamuryango",
+                     "Inguzanyo y'ishuri ry'abana", "Amafaranga y'isuku n'umutekano"):
+            s.add(PaymentType(cooperative_id=demo["cooperative_id"], name=name, amount_minor=1_250_000,
+                              currency="RWF", is_recurring=True, recurring_interval="MONTHLY", due_day=5,
+                              is_active=True))
+    reply = await ask(sms_client, sim, worker, JEAN, "BAL", f"bal-long-{language}")
+    assert measure(reply).segments == 1, reply
+    assert CATALOGS[language].BALANCE_MORE.split("{")[0] in reply, reply
+
+
+async def test_a_cooperative_of_many_types_is_read_at_most_balance_read_types(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Twenty fixed monthly types besides the demo's two: the text reads the balance of BALANCE_READ of them (a query
+    each), not of every one, and counts the others in "+N more" (every type named or counted once)."""
+    import channels.sms.templates as templates
+
+    async with rt.sessionmaker.begin() as s:
+        for i in range(20):
+            s.add(PaymentType(cooperative_id=demo["cooperative_id"], name=f"Levy {i:02d}", amount_minor=1_000,
+                              currency="RWF", is_recurring=True, recurring_interval="MONTHLY", due_day=5,
+                              is_active=True))
+    reads: list[str] = []
+    real = templates.owed_now
+
+    async def counted(conn: Any, member_id: str, ptype: Any, timezone: str | None) -> Any:
+        reads.append(ptype.name)
+        return await real(conn, member_id, ptype, timezone)
+
+    monkeypatch.setattr(templates, "owed_now", counted)
+    reply = await ask(sms_client, sim, worker, JEAN, "BAL", "bal-many")
+    assert len(reads) == templates.BALANCE_READ
+    named = reply.split(": ", 1)[1].split(". Dial")[0].split(", ")
+    more = int(named[-1].removeprefix("+").removesuffix(" more"))
+    assert len(named) - 1 + more == 22, reply
+    assert measure(reply).segments == 1, reply
