@@ -82,6 +82,10 @@ class UssdPhone:
         types = await self.send("1")
         assert types.startswith("CON "), types
         confirm = await self.send(option(types, "Monthly Rent", default="1"))
+        if confirm.startswith("CON ") and "50,000" not in confirm and "50 000" not in confirm:
+            # This period's rent paid already (an earlier test's payment of hers): told so, she pays it again (1).
+            assert "Monthly Rent" in confirm and "/" in confirm, confirm
+            confirm = await self.send("1")
         # As the member's language writes it (French: 50 000).
         assert confirm.startswith("CON ") and ("50,000" in confirm or "50 000" in confirm), confirm
         done = await self.send("1")

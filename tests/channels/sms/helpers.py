@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,6 +14,10 @@ from channels.sms.simulator import STATE, SimulatorState, create_simulator
 from core.config import Secret
 from core.models import Cooperative, OutboxJob, Payment, PaymentType
 from core.outbox import Job
+
+# The references make_payment gives, one after another from a random start: a random one each (one in a million)
+# met an earlier payment's in a long run (uq_payments_reference, the CI try of fc8a745).
+_REFERENCES = itertools.count(uuid.uuid4().int % 10**6)
 
 SIM_KEY = "sim-test-key"
 
@@ -63,7 +68,7 @@ async def make_payment(
             cooperative_id=cooperative_id,
             member_id=member_id,
             payment_type_id=ptype.id,
-            reference=reference or f"PAY_20260115_{uuid.uuid4().int % 10**6:06d}",
+            reference=reference or f"PAY_20260115_{next(_REFERENCES) % 10**6:06d}",
             amount_minor=50_000,
             currency="RWF",
             status=status,
