@@ -20,7 +20,7 @@ from core.outbox import enqueue_many
 from core.payments import payer_phone
 from core.references import cooperative_reference
 from core.state import transition
-from core.state.dispute import DISPUTE, DisputeReason, DisputeStatus
+from core.state.dispute import DISPUTE, OPEN_VALUES, DisputeReason, DisputeStatus
 
 if TYPE_CHECKING:
     from core.crypto import PiiCipher
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from core.runtime import Runtime
 
 D = DisputeStatus
-OPEN_STATES = (D.OPEN.value, D.UNDER_REVIEW.value)
 
 
 def dispute_data(dispute: Dispute) -> dict[str, Any]:
@@ -101,7 +100,7 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
     await serialise_on_sqlite(session, Payment, payment.id)
     await session.execute(select(Payment.id).where(Payment.id == payment.id).with_for_update(key_share=True))
     already = (await session.execute(
-        select(Dispute).where(Dispute.payment_id == payment.id, Dispute.status.in_(OPEN_STATES))
+        select(Dispute).where(Dispute.payment_id == payment.id, Dispute.status.in_(OPEN_VALUES))
         .order_by(Dispute.created_at, Dispute.id).limit(1)  # several, left by an earlier race: name the first
     )).scalars().first()
     if already is not None:

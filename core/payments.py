@@ -272,7 +272,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     request_hash = keyed_request_hash(rt.cipher, digest)
     refused = _refusal(rt, new, context, ptype, amount, account_refused)
     if refused is None and amount.minor != ptype.amount_minor and amount.minor == new.balance_minor:
-        refused = await _balance_refusal(session, rt, new, coop, amount)
+        refused = await _balance_refusal(session, rt, new, coop, amount, open_checked=context.any_open_checked)
     if refused is not None:
         # A replay of a key accepted before the type was deactivated still answers with its payment.
         existing = await find_by_key(session, coop.id, key)
@@ -399,14 +399,15 @@ def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeF
     return None
 
 
-async def _balance_refusal(session: AsyncSession, rt: Runtime, new: NewPayment, coop: CoopFacts, amount: Money
-                           ) -> DomainError | None:
+async def _balance_refusal(session: AsyncSession, rt: Runtime, new: NewPayment, coop: CoopFacts, amount: Money, *,
+                           open_checked: bool = False) -> DomainError | None:
     """Why `amount`, the balance the USSD offered (new.balance_minor), is not what the member owes of the period
     now (core.reminders.balance_owed), if so: the session offered it when she picked the type, and she may have
     paid the rest since (another session, the office), the type been repriced, or the period turned. Charged on
     the session's word, it overpaid again. Nor while a payment of the type is still open for her in the period,
     whatever its amount (the whole price, its PIN prompt on her phone: both taken, she paid 50,000 + 20,000 when
-    20,000 was owed). One read of the type and two of the period's payments, only for a balance."""
+    20,000 was owed). One read of the type and two of the period's payments, only for a balance; the second not
+    when the caller's context looked for those open payments already (`open_checked`: the USSD confirmation)."""
     from core.reminders import balance_owed, current_period
 
     ptype = await session.get(PaymentType, new.payment_type_id)
@@ -415,6 +416,8 @@ async def _balance_refusal(session: AsyncSession, rt: Runtime, new: NewPayment, 
     owed = None if period is None or member_id is None else await balance_owed(session, member_id, ptype, *period)
     if owed != amount.minor or period is None or member_id is None:
         return BusinessRuleError(f"{amount} is no longer the balance owed of this period", field="amount")
+    if open_checked:
+        return None
     waiting = await _open_in_period(session, rt.settings, coop.id, member_id, new.payment_type_id, *period, now=now)
     if waiting is not None:
         return BusinessRuleError(f"payment {waiting} of this type is still open for this period (awaiting approval): "
@@ -512,6 +515,9 @@ class PaymentContext:
     payer_index: str | None = None  # the blind index the paying member was looked up by (None: not looked up)
     payer_id: str | None = None  # the cooperative's ACTIVE member with that number, if any
     open_reference: str | None = None  # an open payment like the one asked for (see OpenLike), if looked for
+    # Looked for among the type's open payments of any amount paying the period (OpenLike.period): a balance's
+    # re-check (_balance_refusal) need not look again.
+    any_open_checked: bool = False
 
 
 @dataclass(frozen=True)
@@ -629,7 +635,8 @@ async def load_context(session: AsyncSession, cooperative_id: str, payment_type_
         ptype = TypeFacts(row["type_id"], row["type_coop"], row["name"], row["amount_minor"], row["currency"],
                           row["allow_custom_amount"], row["is_active"])
     return PaymentContext(coop, ptype, row["member_id"] is not None, row["member_status"],
-                          payer_index, row["payer_id"], row["open_reference"] if statement is not CONTEXT else None)
+                          payer_index, row["payer_id"], row["open_reference"] if statement is not CONTEXT else None,
+                          statement is _CONTEXT_WITH_ANY_OPEN)
 
 
 def _found_by_account(new: NewPayment) -> bool:

@@ -26,7 +26,7 @@ from core.ports import AWAITING_CONFIGURATION, AWAITING_CONFIGURATION_NOTE, Paym
 from core.ports import ProviderEvent as ProviderEventData
 from core.references import cooperative_reference
 from core.state import StaleTransition, transition
-from core.state.dispute import DisputeStatus
+from core.state.dispute import OPEN_VALUES as OPEN_DISPUTES
 from core.state.payment import PAYMENT, PaymentStatus, holds_money, taken_after_failure
 from core.state.refund import OPEN_VALUES, REFUND, RefundStatus
 from core.text import admin_note
@@ -208,13 +208,10 @@ async def request_refund(
     return refund, True
 
 
-_OPEN_DISPUTE = (DisputeStatus.OPEN.value, DisputeStatus.UNDER_REVIEW.value)  # (core.disputes.OPEN_STATES)
-
-
 async def _lock_open_disputes(session: AsyncSession, payment_id: str, cooperative_id: str | None) -> list[Dispute]:
     """The payment's open disputes, locked (in id order) before the payment is: one indexed probe, nothing
     locked when there is none. One being resolved is waited for, then left out once it is closed."""
-    query = (select(Dispute).where(Dispute.payment_id == payment_id, Dispute.status.in_(_OPEN_DISPUTE))
+    query = (select(Dispute).where(Dispute.payment_id == payment_id, Dispute.status.in_(OPEN_DISPUTES))
              .order_by(Dispute.id).with_for_update())
     if cooperative_id is not None:
         query = query.where(Dispute.cooperative_id == cooperative_id)
@@ -227,10 +224,10 @@ async def _still_open_disputes(session: AsyncSession, payment: Payment, locked: 
     if it is free (SKIP LOCKED): waiting for it while holding the payment is the deadlock the order avoids; one held
     is being moved by an officer right now, and the refund is refused for her to send again."""
     opened = set((await session.execute(select(Dispute.id).where(
-        Dispute.payment_id == payment.id, Dispute.status.in_(_OPEN_DISPUTE)))).scalars().all())
+        Dispute.payment_id == payment.id, Dispute.status.in_(OPEN_DISPUTES)))).scalars().all())
     new = opened - {dispute.id for dispute in locked}
     taken = [] if not new else (await session.execute(
-        select(Dispute).where(Dispute.id.in_(new), Dispute.status.in_(_OPEN_DISPUTE)).order_by(Dispute.id)
+        select(Dispute).where(Dispute.id.in_(new), Dispute.status.in_(OPEN_DISPUTES)).order_by(Dispute.id)
         .with_for_update(skip_locked=True).execution_options(populate_existing=True))).scalars().all()
     if len(taken) < len(new):
         raise Conflict("a dispute on this payment was opened and is being changed right now: nothing was "

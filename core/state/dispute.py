@@ -24,6 +24,8 @@ class DisputeReason(StrEnum):
 
 
 D = DisputeStatus
+# A dispute still to be decided: one opened on a payment refuses another, and a refund made meanwhile is noted on it.
+OPEN_VALUES = (D.OPEN.value, D.UNDER_REVIEW.value)
 DISPUTE = StateMachine(
     name="dispute",
     states=DisputeStatus,
