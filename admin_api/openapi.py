@@ -109,6 +109,33 @@ _NOTES = {
     "rotate_secret": "409 for an endpoint that was DELETEd: enable it first.",
     "enable_endpoint": "409 when another ACTIVE endpoint of the cooperative has its url (registered since it was "
                        "deleted), or no room is left for it.",
+    "list_payments": "Without updatedFrom or after: pages of payments newest first (createdAt, then id), by page "
+                     "and limit. A payment made while you page goes on top and moves every row down one: paging a "
+                     "period still open (this month), give a `to` fixed when you read the first page (a few "
+                     "seconds before it) and keep it for every page, so none is listed twice or skipped; a period "
+                     "that has ended gets no new payments. To read every change as it happens, sync with "
+                     "updatedFrom and after instead.",
+    # What a treasurer reads in a file: the columns (their names in the header line, in this order), which are UTC
+    # and which the cooperative's days, and the rows' order (core.reports.PAYMENT_COLUMNS, REFUND_COLUMNS).
+    "payments_csv": "One row per payment, oldest first (by createdAt, or completedAt with basis=completed, then id). "
+                    "Columns: `id`, `reference`, `createdAt` (asked for) and `completedAt` (money taken; empty if "
+                    "never) as UTC instants (2026-11-30T22:30:00Z is 00:30 on 1 December in Kigali), `status` (now), "
+                    "`paymentMethod`, `amount` (asked for), `currency`, `fee`, `refundedAmount` (refunded so far, "
+                    "whenever), `collectedAmount` (what the provider took and the payment still holds, 0 if none), "
+                    "`paymentTypeId`, `paymentType` (its name), `memberId`, `paymentAccount` (masked), "
+                    "`gatewayReference`, `gatewayTransactionId` (the provider's id of the money), `channel`, "
+                    "`mismatch`, `late`, `description`, `provider`, `createdLocalDate` and `completedLocalDate` "
+                    "(YYYY-MM-DD in the row's cooperative's time zone: the day the period's bare dates count it "
+                    "in), `memberName`, `cooperativeShortCode`, `failureReason`. Amounts in major units of "
+                    "`currency`, as in the JSON (50000 RWF, 1500.00 KES).",
+    "refunds_csv": "One row per refund, oldest first (by createdAt, or completedAt with basis=completed, then id). "
+                   "Columns: `id`, `reference`, `paymentId`, `paymentReference`, `createdAt` (asked for) and "
+                   "`completedAt` (paid back; empty if not) as UTC instants, `status` (now), `amount`, `currency`, "
+                   "`reason`, `failureReason`, `disputeId`, `provider` (its payment's), `createdLocalDate` and "
+                   "`completedLocalDate` (YYYY-MM-DD in the row's cooperative's time zone: the day the period's bare "
+                   "dates count it in), `providerTransactionId`, `returnedByProvider` (true: a chargeback recorded, "
+                   "never sent), `memberName`, `cooperativeShortCode`. Amounts in major units of `currency`, as in "
+                   "the JSON.",
     "list_audit_events": "A tenant's acts through the API (her payments, disputes, her own password) are the "
                          "member's, actor member:<member id> with channel api, as her USSD acts are with channel "
                          "ussd; admin:<id> is a staff login's. Rows written before this release name a tenant's "

@@ -35,7 +35,10 @@ _ASKED_AND_COLLECTED = {"currency": {"type": "string"}, "count": _COUNT, "amount
                         "completedCount": {**_COUNT, "description": "those whose money is held (collected) at the "
                                                                  "time of the request, whenever it moved (the money "
                                                                  "that moved in the period is `settled`)"},
-                        "completedAmount": {**AMOUNT_OUT, "description": "what was collected of them"}}
+                        "completedAmount": {**AMOUNT_OUT, "description": "what was collected of them"},
+                        "refundedAmount": {**AMOUNT_OUT, "description": "what has been refunded of those held so far "
+                                           "(whenever: a closed month's grows when one of its payments is refunded "
+                                           "later), as `totals` counts it: the lines add up to its `refunded`"}}
 _BY_METHOD = _lines("Payments asked for in the period, by method and currency",
                     {"paymentMethod": {"enum": list(METHODS)}, **_ASKED_AND_COLLECTED})
 _BY_TYPE = _lines("Payments asked for in the period, by payment type and currency",
@@ -315,6 +318,8 @@ async def payments_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         end=end,
         status=ctx.query.get("status"),
         method=ctx.query.get("paymentMethod"),
+        payment_type_id=ctx.query.get("paymentTypeId"),
+        member_id=ctx.query.get("member"),
         basis=ctx.query.get("basis") or "created",
         **_options(ctx),
     )
@@ -353,8 +358,12 @@ ROUTES = [
         "Export payments as CSV (streamed)",
         "reports",
         "admin",
-        query={**PERIOD, "status": Param(enum=PAYMENT_STATUSES), "paymentMethod": Param(enum=METHODS), "basis": BASIS,
-               **CSV_OPTIONS},
+        query={**PERIOD, "status": Param(enum=PAYMENT_STATUSES, description="Only payments in this status (now)"),
+               "paymentMethod": Param(enum=METHODS, description="Only payments by this method"),
+               "paymentTypeId": Param("uuid", "Only payments of this payment type (its `byPaymentType` line of the "
+                                              "reconciliation)"),
+               "member": Param("uuid", "Only this member's payments (member id), as the payments list filters them"),
+               "basis": BASIS, **CSV_OPTIONS},
         produces="text/csv",
     ),
     Route(
@@ -364,7 +373,8 @@ ROUTES = [
         "Export refunds as CSV (streamed)",
         "reports",
         "admin",
-        query={**PERIOD, "status": Param(enum=tuple(s.value for s in RefundStatus)), "basis": BASIS,
+        query={**PERIOD, "status": Param(enum=tuple(s.value for s in RefundStatus),
+                                         description="Only refunds in this status (now)"), "basis": BASIS,
                **CSV_OPTIONS},
         produces="text/csv",
     ),

@@ -97,6 +97,8 @@ async def reconciliation(
     ]
     collected_amount = func.coalesce(func.sum(TAKEN).filter(HELD), 0)
     collected_count = func.count(Payment.id).filter(HELD)
+    # What has been refunded so far of those whose money is held, as `totals` counts it: its lines add up to it.
+    refunded_amount = func.coalesce(func.sum(Payment.refunded_minor).filter(HELD), 0)
     by_method = [
         {
             "paymentMethod": m,
@@ -105,10 +107,12 @@ async def reconciliation(
             "amount": _amount(a, c),
             "completedCount": cn,
             "completedAmount": _amount(ca, c),
+            "refundedAmount": _amount(ra, c),
         }
-        for m, c, n, a, cn, ca in (
+        for m, c, n, a, cn, ca, ra in (
             await session.execute(
-                payments(Payment.method, Payment.currency, count, amount, collected_count, collected_amount)
+                payments(Payment.method, Payment.currency, count, amount, collected_count, collected_amount,
+                         refunded_amount)
                 .group_by(Payment.method, Payment.currency)
                 .order_by(Payment.method, Payment.currency)
             )
@@ -123,8 +127,9 @@ async def reconciliation(
             "amount": _amount(a, c),
             "completedCount": cn,
             "completedAmount": _amount(ca, c),
+            "refundedAmount": _amount(ra, c),
         }
-        for t, name, c, n, a, cn, ca in (
+        for t, name, c, n, a, cn, ca, ra in (
             await session.execute(
                 payments(
                     Payment.payment_type_id,
@@ -134,6 +139,7 @@ async def reconciliation(
                     amount,
                     collected_count,
                     collected_amount,
+                    refunded_amount,
                 )
                 .join(PaymentType, PaymentType.id == Payment.payment_type_id)
                 .group_by(Payment.payment_type_id, PaymentType.name, Payment.currency)
@@ -657,6 +663,8 @@ def payments_csv(
     end: datetime | None,
     status: str | None = None,
     method: str | None = None,
+    payment_type_id: str | None = None,
+    member_id: str | None = None,
     basis: str = "created",
     delimiter: str = ",",
     excel: bool = False,
@@ -673,6 +681,12 @@ def payments_csv(
         query = query.where(Payment.status == status)
     if method:
         query = query.where(Payment.method == method)
+    # One payment type's or one member's rows (the reconciliation's byPaymentType line, a member's statement), as
+    # the payments list filters them.
+    if payment_type_id:
+        query = query.where(Payment.payment_type_id == payment_type_id)
+    if member_id:
+        query = query.where(Payment.member_id == member_id)
 
     def row(item: Any) -> list[Any]:
         p, type_name, timezone, short_code, member_name = item

@@ -197,9 +197,19 @@ async def test_later_activity_changes_the_month_only_as_its_later_lists_say(admi
     for key in ("refundsRecordedLater", "paymentsRecordedLater", "paymentsVoidedLater"):
         # Each names a payment with its status now (the partly refunded one is REFUNDED since): the rest stays.
         assert [{**x, "status": None} for x in later[key]] == [{**x, "status": None} for x in closed[key]], key
-    assert later["payments"] == closed["payments"] | {"byStatus": later["payments"]["byStatus"]}
-    # Documented: `totals.refunded` is what has been refunded of the month's payments so far.
+    def but_refunded(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**x, "refundedAmount": None} for x in lines]
+
+    assert {k: but_refunded(v) for k, v in later["payments"].items() if k != "byStatus"} == {
+        k: but_refunded(v) for k, v in closed["payments"].items() if k != "byStatus"}
+    # Documented: `totals.refunded` is what has been refunded of the month's payments so far, and each line's
+    # `refundedAmount` too (the rent's line and MTN's grow by the rest paid back in November).
     assert later["totals"][0]["refunded"] == closed["totals"][0]["refunded"] + 40000
+    for section, key, grown in (("byPaymentType", "name", "Monthly Rent"), ("byMethod", "paymentMethod",
+                                                                            "MOBILE_MONEY_MTN")):
+        before = {x[key]: x["refundedAmount"] for x in closed["payments"][section]}
+        assert {x[key]: x["refundedAmount"] for x in later["payments"][section]} == {
+            **before, grown: before[grown] + 40000}, section
     # Recorded today and dated into October: named (this test's provider completions are recorded today too, so
     # every October collection is), the voided one with what it counted until its void, which is named too.
     named = {p["id"]: p for p in closed["paymentsRecordedLater"]}
