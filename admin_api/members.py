@@ -24,7 +24,7 @@ from channels.ussd.records import LONGEST_SESSION
 from channels.ussd.sessions import SESSION_TTL, forget_phone, phone_keys, session_key
 from core import auth
 from core import members as service
-from core.db import lower, utcnow
+from core.db import unaccent_lower, unaccent_lower_text, utcnow
 from core.errors import NotFound, ValidationError
 from core.member_import import EXISTING, import_members
 from core.models import Cooperative, Member, UssdSession
@@ -86,6 +86,9 @@ FOREIGN_NUMBER = ("A new member whose number is another country's than the coope
                   "cooperative's currency, or never (the message says which). Empty: nothing to look at.")
 WARNING = out({"field": {"type": "string"}, "message": {"type": "string"}})
 CREATED = out_plus(MEMBER, warnings={"type": "array", "items": WARNING, "description": FOREIGN_NUMBER})
+UPDATED = out_plus(MEMBER, warnings={"type": "array", "items": WARNING,
+                                     "description": f"{FOREIGN_NUMBER} Said of a number changed (phone) as of a new "
+                                                    "member's; empty without phone"})
 IMPORTED = out({"imported": {"type": "integer"}, "memberIds": {"type": "array", "items": ID},
                "updated": {"type": "integer", "description": "existing=update: members the file changed"},
                "updatedIds": {"type": "array", "items": ID},
@@ -160,10 +163,11 @@ async def list_members(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     if q.get("unit"):
         query = query.where(Member.unit == q["unit"])
     if q.get("name"):
-        # The support desk finds a member by part of her name, whatever its case ("mutesi" finds "Mutesi
-        # Béatrice"); % and _ typed are letters, not wildcards.
-        typed = q["name"].strip().lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        query = query.where(lower(ctx.session.get_bind().dialect.name, Member.name).like(f"%{typed}%", escape="\\"))
+        # The support desk finds a member by part of her name, whatever its case and accents ("mutesi beatrice"
+        # finds "Mutesi Béatrice"); % and _ typed are letters, not wildcards.
+        typed = unaccent_lower_text(q["name"].strip()).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(unaccent_lower(ctx.session.get_bind().dialect.name, Member.name).like(
+            f"%{typed}%", escape="\\"))
     if q.get("cooperativeId"):
         query = query.where(Member.cooperative_id == q["cooperativeId"])
     if q.get("phone"):
@@ -228,9 +232,11 @@ async def get_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 async def update_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     member = await one(ctx, Member, request.match_info["id"], "member")
     body = ctx.body
-    phone = None
+    phone = said = None
     if "phone" in body:
-        phone = normalize(body["phone"], await search_region(ctx, member.cooperative_id))
+        coop = await ctx.session.get_one(Cooperative, member.cooperative_id)
+        phone = normalize(body["phone"], coop.country or DEFAULT_REGION)  # as search_region reads it
+        said = _phone_warning(ctx, coop)(phone)  # as on create: another country's number, and how she can pay
         member = await service.lock_member(ctx.session, member)  # the number it replaces, as last committed
     was, number = member.status, member.phone_index
     status = body.get("status")
@@ -251,7 +257,8 @@ async def update_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     if approving:
         member = await service.approve_member(ctx.session, member, actor=ctx.who.actor, cipher=ctx.rt.cipher)
     # A corrected number: the old one's USSD language and resume route are not hers any more.
-    return await _saved(ctx, member, was, forget=number if number != member.phone_index else None)
+    return await _saved(ctx, member, was, forget=number if number != member.phone_index else None,
+                        warnings=[{"field": "phone", "message": said}] if said else [])
 
 
 async def suspend_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -261,9 +268,10 @@ async def suspend_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return await _saved(ctx, member, was)
 
 
-async def _saved(ctx: Ctx, member: Member, was: str, *, forget: str | None = None) -> web.StreamResponse:
-    """Commit the change and answer with the member; `forget`: the blind index of a number that is no longer
-    the member's (_forget_number)."""
+async def _saved(ctx: Ctx, member: Member, was: str, *, forget: str | None = None,
+                 warnings: list[dict[str, str]] | None = None) -> web.StreamResponse:
+    """Commit the change and answer with the member (and `warnings`, when given: UPDATED); `forget`: the blind
+    index of a number that is no longer the member's (_forget_number)."""
     if forget is not None:
         await queue_forget_phone(ctx.session, forget, cooperative_id=member.cooperative_id)
     if member.status == "SUSPENDED" and was != "SUSPENDED":
@@ -276,7 +284,7 @@ async def _saved(ctx: Ctx, member: Member, was: str, *, forget: str | None = Non
     await ctx.session.commit()
     if forget is not None:
         await _forget_number(ctx, member, forget)
-    return json_response(present(member))
+    return json_response(present(member) if warnings is None else {**present(member), "warnings": warnings})
 
 
 async def release_phone(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -444,7 +452,7 @@ ROUTES = [
             "limit": LIMIT,
             "status": Param(enum=service.MEMBER_STATUSES),
             "unit": Param(description="Exact unit"),
-            "name": Param(description="Part of the name, any case"),
+            "name": Param(description="Part of the name, any case, with or without its accents (zoe finds Zoë)"),
             "phone": Param(description=f"Exact phone number. {SEARCHED_NUMBER_RULE}"),
             "cooperativeId": Param("uuid", "Super admin: one cooperative"),
         },
@@ -488,7 +496,7 @@ ROUTES = [
         "members",
         "admin",
         body=UPDATE,
-        response=MEMBER,
+        response=UPDATED,
     ),
     Route("DELETE", "/members/{id}", suspend_member, "Suspend a member", "members", "admin", response=MEMBER),
     Route(

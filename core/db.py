@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+import unicodedata
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +17,7 @@ from sqlalchemy import exc as exc_module
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.sql.expression import literal_column
 from sqlalchemy.util import await_
 
 NAMING = {
@@ -165,7 +168,7 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False,
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
-            dbapi_conn.create_function(UNICODE_LOWER, 1, _unicode_lower, deterministic=True)
+            dbapi_conn.create_function(UNACCENT_LOWER, 1, unaccent_lower_text, deterministic=True)
 
         return engine
     engine = create_async_engine(
@@ -278,19 +281,29 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-# SQLite's lower() folds A-Z only: "Éric" stays "Éric", and a search for "éric" missed her. Its own name, not
-# lower() overridden: the unique index on lower(username) (migration 0017) was built with the built-in.
-UNICODE_LOWER = "unicode_lower"
+# Name search ignores case and accents: "zoe" finds Zoë, "eric" Éric, and a name stored with its accent as a mark of
+# its own (e + U+0301, as some phones write it) is the one with the precomposed é. Both sides are lower-cased,
+# decomposed (NFD) and stripped of the combining diacritical marks, at query time (no stored column to backfill).
+# SQLite's lower() folds A-Z only ("Éric" stayed "Éric"): its own function, not lower() overridden, since the unique
+# index on lower(username) (migration 0017) was built with the built-in.
+UNACCENT_LOWER = "unaccent_lower"
+_MARKS = "[\u0300-\u036f]"
+_MARKS_RE = re.compile(_MARKS)
 
 
-def _unicode_lower(value: Any) -> Any:
-    return value.lower() if isinstance(value, str) else value
+def unaccent_lower_text(value: Any) -> Any:
+    """`value` lower-cased and without its accents (a str; anything else as it is), as unaccent_lower folds a
+    column: what is typed into a name search."""
+    return _MARKS_RE.sub("", unicodedata.normalize("NFD", value.lower())) if isinstance(value, str) else value
 
 
-def lower(dialect_name: str, column: Any) -> Any:
-    """lower(`column`) of every letter, as str.lower does, for the session's dialect (PostgreSQL's lower() does so
-    in a UTF-8 locale)."""
-    return func.lower(column) if dialect_name == "postgresql" else getattr(func, UNICODE_LOWER)(column)
+def unaccent_lower(dialect_name: str, column: Any) -> Any:
+    """`column` folded as unaccent_lower_text folds a str, for the session's dialect: on PostgreSQL by its lower()
+    (every letter, in a UTF-8 locale), normalize() (13 and later, a UTF-8 database) and a regular expression; on
+    SQLite by unaccent_lower_text itself."""
+    if dialect_name == "postgresql":
+        return func.regexp_replace(func.normalize(func.lower(column), literal_column("NFD")), _MARKS, "", "g")
+    return getattr(func, UNACCENT_LOWER)(column)
 
 
 def insert_ignore(dialect_name: str, table: Any) -> Any:

@@ -582,6 +582,10 @@ def _paid_in_period(statuses: tuple[str, ...]) -> Any:
 
 # The money a member's payments of a type keep in its currency for one period (as the scan and why_not_send count it).
 _PERIOD_KEPT = select(_period_money(_paid_in_period, bindparam("currency"))[1])
+# ... and the money its open payments ask (awaiting her PIN, or the provider's word), in the same currency.
+_PERIOD_KEPT_OPEN = _PERIOD_KEPT.add_columns(
+    select(func.coalesce(func.sum(_PAYMENT.c.amount_minor), 0)).where(
+        _paid_in_period(OPEN_VALUES), _PAYMENT.c.currency == bindparam("currency")).scalar_subquery())
 
 
 async def balance_owed(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, due: date,
@@ -597,11 +601,14 @@ async def balance_owed(conn: AsyncConnection | AsyncSession, member_id: str, pty
     return owed - kept if 0 < kept < owed else None
 
 
+def _period_params(member_id: str, ptype: Any, due: date, period: PaidFor) -> dict[str, Any]:
+    return {"m": member_id, "t": ptype.id, "currency": ptype.currency, "since": period.since,
+            "due_from": period.due_from, "due_until": period.due_until, "named": utc_midnight(due)}
+
+
 async def _period_kept(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, due: date,
                        period: PaidFor) -> int:
-    kept = (await conn.execute(_PERIOD_KEPT, {
-        "m": member_id, "t": ptype.id, "currency": ptype.currency, "since": period.since,
-        "due_from": period.due_from, "due_until": period.due_until, "named": utc_midnight(due)})).scalar_one()
+    kept = (await conn.execute(_PERIOD_KEPT, _period_params(member_id, ptype, due, period))).scalar_one()
     return int(kept)  # PostgreSQL sums integers as numeric
 
 
@@ -618,6 +625,29 @@ async def owed_now(conn: AsyncConnection | AsyncSession, member_id: str, ptype: 
         return None
     kept = await _period_kept(conn, member_id, ptype, *period)
     return period[0], max(owed - kept, 0) if kept > 0 else owed
+
+
+@dataclasses.dataclass(frozen=True)
+class BalanceNow:
+    """owed_now's period and what is left of it, and what the member's open payments of it ask (`waiting`)."""
+
+    due: date
+    left: int
+    waiting: int
+
+
+async def balance_now(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, timezone: str | None
+                      ) -> BalanceNow | None:
+    """owed_now, and the money the member's payments of that period still open ask in the type's currency (awaiting
+    her PIN or the provider's word: money that may yet be taken, not counted as paid): the BALANCE SMS says a
+    payment is under way, or she pays again. None as owed_now. One query."""
+    period = current_period(ptype, utcnow(), zone_of(timezone))
+    owed = amount_owed(ptype.allow_custom_amount, ptype.amount_minor)
+    if period is None or owed is None:
+        return None
+    kept, waiting = (await conn.execute(_PERIOD_KEPT_OPEN, _period_params(member_id, ptype, *period))).one()
+    kept = int(kept)  # PostgreSQL sums integers as numeric
+    return BalanceNow(period[0], max(owed - kept, 0) if kept > 0 else owed, int(waiting))
 
 
 async def reminder_balance(conn: AsyncConnection | AsyncSession, payload: dict[str, Any], ptype: Any) -> int | None:

@@ -441,11 +441,13 @@ class SmsJobs:
             "updated_at": now,
         }
         row = await _first(conn, _insert(conn.dialect.name), values, tuple(values))
-        if row is None:  # another run inserted it first (ON CONFLICT DO NOTHING returns no row)
-            row = await _first(conn, _BY_KEY, {"k": key})
-            if row is None:
-                raise RetryLater(1, "message row neither inserted nor found")
-        metrics.SMS.labels(status="QUEUED").inc()
+        if row is not None:
+            metrics.SMS.labels(status="QUEUED").inc()  # by the run whose insert stored it: once a message
+            return row
+        # Another run inserted it first (ON CONFLICT DO NOTHING returns no row), and counted it.
+        row = await _first(conn, _BY_KEY, {"k": key})
+        if row is None:
+            raise RetryLater(1, "message row neither inserted nor found")
         return row
 
     async def _apply_parked(self, message_id: str, provider_message_id: str, moved: bool,

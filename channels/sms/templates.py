@@ -23,7 +23,7 @@ from core.notify import SMS_PHONE_CONTEXT
 from core.payments import collected_amount
 from core.phone import Phone
 from core.refunds import BY_A_PERSON
-from core.reminders import owed_now, reminder_balance
+from core.reminders import balance_now, reminder_balance
 from core.state.payment import PaymentStatus, shown_status
 from providers.registry import payer_sees
 
@@ -158,25 +158,42 @@ async def _one(session: AsyncSession, model: Any, entity_id: Any, what: str) -> 
 async def balance_items(session: AsyncSession, member: Member, coop: Cooperative, language: str
                         ) -> list[tuple[str, str]]:
     """The BALANCE reply's list: each of the member's cooperative's active fixed-amount recurring types with what
-    she still owes of it for the period a payment made now pays (core.reminders.owed_now), "paid" once
-    nothing is; those owed first, then by name. Hers only: her member id. One query per type, BALANCE_READ at most."""
+    she still owes of it for the period a payment made now pays (core.reminders.balance_now), "paid" once
+    nothing is, and what a payment of it still open asks (BALANCE_WAITING: only the completed ones count as paid,
+    and the full price owed with nothing said of the prompt on her phone had her pay again); those with an open
+    payment first (no "+N more" hides it), then those owed, then by name. Hers only: her member id. One query per
+    type, BALANCE_READ at most."""
     catalog = CATALOGS.get(language, en)
     types = (await session.execute(
         select(PaymentType).where(PaymentType.cooperative_id == coop.id, PaymentType.is_active.is_(True),
                                   PaymentType.is_recurring.is_(True), PaymentType.allow_custom_amount.is_(False))
         .order_by(PaymentType.name, PaymentType.id))).scalars().all()
-    owed: list[tuple[bool, str, str]] = []
+    owed: list[tuple[bool, bool, str, str]] = []
     for ptype in types[:BALANCE_READ]:
-        found = await owed_now(session, member.id, ptype, coop.timezone)
+        found = await balance_now(session, member.id, ptype, coop.timezone)
         if found is None:
             continue  # an amount she chooses, or no period
-        left = found[1]
-        name = _clean(ptype.name)[:BALANCE_NAME].rstrip()
-        owed.append((left == 0, name, catalog.BALANCE_PAID if left == 0 else Money(left, ptype.currency).format(
-            language)))
-    owed.sort(key=lambda item: item[0])  # stable: by name within owed, then paid
+        amount = (catalog.BALANCE_PAID if found.left == 0 else Money(found.left, ptype.currency).format(language))
+        if found.waiting and found.waiting == found.left:
+            amount = catalog.BALANCE_ALL_WAITING.format(amount=amount)
+        elif found.waiting:
+            amount = catalog.BALANCE_WAITING.format(amount=amount, waiting=Money(found.waiting, ptype.currency)
+                                                    .format(language))
+        owed.append((not found.waiting, found.left == 0, short_name(ptype.name), amount))
+    owed.sort(key=lambda item: item[:2])  # stable: by name within each
     # Past BALANCE_READ, unread (no query each): counted in "+N more" (balance_text), nameless.
-    return [(name, amount) for _paid, name, amount in owed] + [("", "")] * max(0, len(types) - BALANCE_READ)
+    return [(name, amount) for *_order, name, amount in owed] + [("", "")] * max(0, len(types) - BALANCE_READ)
+
+
+def short_name(name: str) -> str:
+    """A type's name in the BALANCE reply: BALANCE_NAME characters at most, cut after the last whole word that fits
+    ("Monthly security levy" is "Monthly security", not "Monthly security lev"); mid-word only when its first word
+    alone is longer."""
+    name = _clean(name)
+    if len(name) <= BALANCE_NAME:
+        return name
+    head = name[:BALANCE_NAME + 1].rpartition(" ")[0].rstrip()  # the character after the cut: a space ends a word
+    return head or name[:BALANCE_NAME].rstrip()
 
 
 def balance_text(owed: list[tuple[str, str]], language: str, shown: int = BALANCE_TYPES) -> str:

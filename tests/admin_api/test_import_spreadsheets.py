@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import zipfile
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import func, select
 
@@ -141,6 +142,25 @@ async def test_members_are_found_by_part_of_their_name(admin, rt, demo):
         total = (await s.execute(select(func.count()).select_from(Member))).scalar_one()
     found = await admin.json("GET", "/v1/members?name=%25", 200)
     assert found["meta"]["total"] == 0 < total
+
+
+async def test_members_are_found_by_their_name_typed_without_its_accents(admin, rt, demo):
+    """A feature phone's or a US keyboard's "zoe" finds Zoë, "eric" Éric; the accent typed where the name has none
+    finds it too; a name stored with its accent as a separate mark (e + U+0301, as some phones and Macs write it) is
+    one name with the precomposed é."""
+    status, body = await _import(admin, "name,phone\nZoë Akéllo,0788100601\nERIC Nshuti,0788100602\n"
+                                        "Mukamana Zoe,0788100603\nJose\u0301 Habimana,0788100604\n".encode())
+    assert status == 201, body
+
+    async def names(typed: str) -> list[str]:
+        return sorted(m["name"] for m in (await admin.json("GET", f"/v1/members?name={quote(typed)}", 200))["data"])
+
+    assert await names("zoe") == ["Mukamana Zoe", "Zoë Akéllo"]
+    assert await names("ZOË") == ["Mukamana Zoe", "Zoë Akéllo"]
+    assert await names("akello") == ["Zoë Akéllo"]
+    assert await names("éric ns") == ["ERIC Nshuti"]
+    assert await names("josé") == ["Jose\u0301 Habimana"] == await names("jose")
+    assert await names("zoe\u0308 ak") == ["Zoë Akéllo"]
 
 
 async def test_empty_rows_above_the_header_and_languages_written_as_words(admin, rt, demo):

@@ -204,6 +204,19 @@ async def test_a_member_created_with_a_foreign_number_is_warned_about(operator: 
     assert home["warnings"] == []
 
 
+async def test_a_members_number_changed_to_a_foreign_one_is_warned_about(operator: Caller, client: Any) -> None:
+    """Her new SIM is Kenyan: the number is stored as on create, and the admin is told as on create how she can pay."""
+    _, _, admin = await _cooperative(operator, client)
+    home = await admin.json("POST", "/v1/members", 201, json={"name": "Wanjiru Kamau", "phone": "0772000456"})
+    moved = await admin.json("PATCH", f"/v1/members/{home['id']}", 200, json={"phone": "+254712345678"})
+    assert (moved["phone"], moved["warnings"]) == ("+25471****678", [{"field": "phone", "message": KE_UG}])
+    # Back to a number of the cooperative's country, or no number changed: nothing to look at.
+    back = await admin.json("PATCH", f"/v1/members/{home['id']}", 200, json={"phone": "0772000456"})
+    assert (back["phone"], back["warnings"]) == ("+25677****456", [])
+    renamed = await admin.json("PATCH", f"/v1/members/{home['id']}", 200, json={"name": "Wanjiru Kamau Njeri"})
+    assert (renamed["name"], renamed["warnings"]) == ("Wanjiru Kamau Njeri", [])
+
+
 async def test_a_foreign_member_of_a_rwandan_cooperative_can_pay_by_bank(operator: Caller, client: Any,
                                                                          demo: dict[str, Any]) -> None:
     made = await operator.json("POST", "/v1/members", 201, json={

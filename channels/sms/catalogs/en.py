@@ -92,6 +92,10 @@ BALANCE = "balance {balance} of {amount}"
 BALANCE_PAID = "paid"
 BALANCE_MORE = "+{count} more"
 BALANCE_NONE = "nothing"
+# A type of which a payment is still open (awaiting her PIN): what it asks, beside what is left to pay; the
+# amount left once, when the open payment asks all of it (the usual case: USSD offers the balance).
+BALANCE_WAITING = "{amount} ({waiting} awaiting approval)"
+BALANCE_ALL_WAITING = "{amount} awaiting approval"
 
 REASONS = {
     "insufficient_funds": "not enough money on the account",

@@ -85,6 +85,8 @@ BALANCE = "reste {balance} sur {amount}"
 BALANCE_PAID = "payé"
 BALANCE_MORE = "+{count} autre(s)"
 BALANCE_NONE = "rien"
+BALANCE_WAITING = "{amount} ({waiting} en attente d'approbation)"
+BALANCE_ALL_WAITING = "{amount} en attente d'approbation"
 
 REASONS = {
     "insufficient_funds": "solde insuffisant",

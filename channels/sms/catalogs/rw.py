@@ -83,6 +83,8 @@ BALANCE = "asigaye {balance} kuri {amount}"
 BALANCE_PAID = "byishyuwe"
 BALANCE_MORE = "+{count} ibindi"
 BALANCE_NONE = "nta na kimwe"
+BALANCE_WAITING = "{amount} ({waiting} dutegereje ko wemeza)"
+BALANCE_ALL_WAITING = "{amount} dutegereje ko wemeza"
 
 REASONS = {
     "insufficient_funds": "amafaranga ntahagije kuri konti",

@@ -79,6 +79,8 @@ BALANCE = "salio {balance} kati ya {amount}"
 BALANCE_PAID = "imelipwa"
 BALANCE_MORE = "+{count} zaidi"
 BALANCE_NONE = "hakuna"
+BALANCE_WAITING = "{amount} ({waiting} inasubiri uthibitisho wako)"
+BALANCE_ALL_WAITING = "{amount} inasubiri uthibitisho wako"
 
 REASONS = {
     "insufficient_funds": "salio halitoshi",

@@ -37,17 +37,19 @@ def test_balance_keyword_in_every_language(text: str, language: str) -> None:
     assert parse_keyword(text, ("KHHC",)) == ("BALANCE", language, None)
 
 
-async def _pay(rt: Any, demo: dict[str, Any], phone: str, type_name: str, collected: int) -> None:
+async def _pay(rt: Any, demo: dict[str, Any], phone: str, type_name: str, collected: int, *,
+               status: str = "COMPLETED") -> None:
     """A completed payment of `type_name` for the member of `phone`, for the period a payment made now pays, of
-    which the provider took `collected`."""
+    which the provider took `collected`; with `status` PENDING, one of `collected` still awaiting her PIN."""
     payment = await make_payment(rt, demo["cooperative_id"], account=phone, member_id=demo["members"][phone],
-                                 created_at=utcnow())
+                                 created_at=utcnow(), status=status)
     async with rt.sessionmaker.begin() as s:
         ptype = (await s.execute(select(PaymentType).where(PaymentType.name == type_name))).scalar_one()
         due, _period = current_period(ptype, utcnow(), zone_of("Africa/Kigali"))
         await s.execute(update(Payment).where(Payment.id == payment.id).values(
-            payment_type_id=ptype.id, amount_minor=ptype.amount_minor, collected_minor=collected,
-            due_date=utc_midnight(due)))
+            payment_type_id=ptype.id, due_date=utc_midnight(due),
+            **({"amount_minor": ptype.amount_minor, "collected_minor": collected} if status == "COMPLETED" else
+               {"amount_minor": collected, "collected_minor": None, "provider_transaction_id": None})))
 
 
 async def _types(rt: Any, demo: dict[str, Any]) -> None:
@@ -90,6 +92,65 @@ async def test_she_is_told_what_she_still_owes_this_period(
     reply = await ask(sms_client, sim, worker, phone, text, f"bal-{phone}")
     assert reply == EXPECTED[phone]
     assert measure(reply).encoding == GSM7 and measure(reply).segments == 1
+
+
+OPEN = {
+    JEAN: "Still to pay this period (KHHC): Garbage 1,000 RWF awaiting approval, Monthly Rent 30,000 RWF awaiting "
+          "approval, +2 more. Dial *384*123*123# to pay.",
+    ALINE: "Ibyo usigaje kwishyura (KHHC): Garbage 1,000 RWF dutegereje ko wemeza, Monthly Rent 30,000 RWF "
+           "dutegereje ko wemeza, +2 ibindi. Kanda *384*123*123# wishyure.",
+    CLAUDINE: "Reste à payer (KHHC): Garbage 1 000 RWF en attente d'approbation, Monthly Rent 30 000 RWF en "
+              "attente d'approbation, +2 autre(s). Composez *384*123*123#.",
+    ERIC: "Kiasi cha kulipa (KHHC): Garbage 1,000 RWF inasubiri uthibitisho wako, Monthly Rent 30,000 RWF inasubiri "
+          "uthibitisho wako, +2 zaidi. Piga *384*123*123# kulipa.",
+}
+
+
+@pytest.mark.parametrize(("phone", "text"), [(JEAN, "BAL"), (ALINE, "ASIGAYE"), (CLAUDINE, "solde"),
+                                             (ERIC, "Salio")])
+async def test_a_payment_awaiting_her_pin_is_said_in_the_same_sms(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, phone: str, text: str,
+) -> None:
+    """Rent taken 20,000 of 50,000 and the 30,000 left asked, garbage asked: both prompts still wait for her PIN.
+    The reply said she owed both in full as if nothing were under way (she paid again); now it says what awaits
+    her approval, those types first so that no "+N more" hides it, in one GSM-7 SMS."""
+    await _types(rt, demo)
+    await _pay(rt, demo, phone, "Monthly Rent", 20_000)
+    await _pay(rt, demo, phone, "Monthly Rent", 30_000, status="PENDING")
+    await _pay(rt, demo, phone, "Garbage", 1_000, status="PROCESSING")
+    other = JEAN if phone != JEAN else ALINE
+    await _pay(rt, demo, other, "Security", 2_000, status="PENDING")  # another member's: nothing of hers
+    reply = await ask(sms_client, sim, worker, phone, text, f"bal-open-{phone}")
+    assert reply == OPEN[phone]
+    assert measure(reply).encoding == GSM7 and measure(reply).segments == 1
+
+
+async def test_an_open_payment_of_another_amount_is_said_with_its_own(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any,
+) -> None:
+    """Water paid, and a second prompt for it on her phone (an API payment): "paid" and what the prompt asks; rent
+    20,000 asked of the 50,000 owed: both amounts."""
+    await _pay(rt, demo, JEAN, "Water", 5_000)
+    await _pay(rt, demo, JEAN, "Water", 5_000, status="PENDING")
+    await _pay(rt, demo, JEAN, "Monthly Rent", 20_000, status="PENDING")
+    assert await ask(sms_client, sim, worker, JEAN, "BAL", "bal-open-other") == (
+        "Still to pay this period (KHHC): Monthly Rent 50,000 RWF (20,000 RWF awaiting approval), "
+        "Water paid (5,000 RWF awaiting approval). Dial *384*123*123# to pay.")
+
+
+async def test_long_names_are_cut_between_words(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any,
+                                                worker: Any) -> None:
+    """A name longer than BALANCE_NAME ends at the last word that fits ("Monthly security lev" was sent); one with
+    no space in its first characters is cut where it must."""
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(PaymentType).where(PaymentType.cooperative_id == demo["cooperative_id"]).values(
+            is_active=False))
+        for name in ("Monthly security levy", "Cooperativecontributions"):
+            s.add(PaymentType(cooperative_id=demo["cooperative_id"], name=name, amount_minor=1_000, currency="RWF",
+                              is_recurring=True, recurring_interval="MONTHLY", due_day=5, is_active=True))
+    assert await ask(sms_client, sim, worker, JEAN, "BAL", "bal-cut") == (
+        "Still to pay this period (KHHC): Cooperativecontribut 1,000 RWF, Monthly security 1,000 RWF. "
+        "Dial *384*123*123# to pay.")
 
 
 async def test_paid_types_say_paid(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any) -> None:
@@ -211,13 +272,13 @@ async def test_a_cooperative_of_many_types_is_read_at_most_balance_read_types(
                               currency="RWF", is_recurring=True, recurring_interval="MONTHLY", due_day=5,
                               is_active=True))
     reads: list[str] = []
-    real = templates.owed_now
+    real = templates.balance_now
 
     async def counted(conn: Any, member_id: str, ptype: Any, timezone: str | None) -> Any:
         reads.append(ptype.name)
         return await real(conn, member_id, ptype, timezone)
 
-    monkeypatch.setattr(templates, "owed_now", counted)
+    monkeypatch.setattr(templates, "balance_now", counted)
     reply = await ask(sms_client, sim, worker, JEAN, "BAL", "bal-many")
     assert len(reads) == templates.BALANCE_READ
     named = reply.split(": ", 1)[1].split(". Dial")[0].split(", ")

@@ -439,3 +439,31 @@ async def test_a_receipt_for_a_member_that_is_gone_is_parked_with_the_reason(
     for job in jobs:
         assert job.status == "PARKED" and "member no-such-member not found" in job.last_error
     assert sim.requests == [] and await sms_rows(rt) == []
+
+
+async def test_a_message_stored_by_another_run_first_is_counted_queued_once(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs build the same message; the other stores it between this run's look-up and its insert (ON CONFLICT
+    DO NOTHING: no row). gateway_sms_total{status="QUEUED"} counted it twice: once per run, not per row."""
+    from core.db import autocommit
+    from core.metrics import REGISTRY
+
+    real_build = SmsJobs._build
+    raced: list[str] = []
+
+    async def racing(self: SmsJobs, conn: Any, payload: dict[str, Any]) -> Any:
+        built = await real_build(self, conn, payload)
+        if not raced:  # the other run, inserting the row (and counting it) before this run's insert
+            raced.append(message_key(payload))
+            async with autocommit(rt.engine) as other:
+                await self._create(other, payload, raced[0])
+        return built
+
+    monkeypatch.setattr(SmsJobs, "_build", racing)
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    await queue_receipt(rt, demo, payment.id)
+    before = REGISTRY.get_sample_value("gateway_sms_total", {"status": "QUEUED"}) or 0.0
+    await drain(worker)
+    assert raced and len(await sms_rows(rt)) == 1 and len(sim.messages(ALINE)) == 1
+    assert REGISTRY.get_sample_value("gateway_sms_total", {"status": "QUEUED"}) == before + 1

@@ -51,3 +51,19 @@ def test_swahili_never_makes_a_cooperatives_name_the_subject_of_a_verb() -> None
     assert translate("sw", "reg.closed", coop=name).startswith(f"{name}: hakuna usajili wa wanachama kwa simu. ")
     subject = [msgid for msgid, text in catalog("sw").items() if re.search(r"(^|\. )\{coop\} [a-z]", text)]
     assert not subject, subject
+
+
+def test_kinyarwanda_never_makes_a_cooperatives_name_the_subject_of_a_verb() -> None:
+    """As in Swahili: a Kinyarwanda verb agrees with its subject's noun class, and a cooperative's name has any
+    ("Koperative ..." i-, "Umuryango w'..." u-, "Ikigo ..." ki-): "Umuryango w'Abahinzi Kicukiro izakuvugisha" (and
+    "... ntiyandika abanyamuryango") agreed with koperative only. The verb agrees with "Koperative yawe" beside the
+    name, or the name is put where nothing agrees with it (after "muri", as pay.none has it)."""
+    from channels.ussd.i18n import catalog, translate
+
+    name = "Umuryango w'Abahinzi Kicukiro"
+    assert translate("rw", "dsp.done", ref="DSP-1", coop=name) == (
+        f"Ikirego DSP-1 cyakiriwe. Koperative yawe, {name}, izakuvugisha.")
+    assert translate("rw", "reg.closed", coop=name).startswith(
+        f"Nta kwiyandikisha kuri telefoni guhari muri {name}. ")
+    subject = [msgid for msgid, text in catalog("rw").items() if re.search(r"(^|\. )\{coop\} [a-z]", text)]
+    assert not subject, subject
