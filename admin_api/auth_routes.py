@@ -39,7 +39,7 @@ from core import users as accounts
 from core.audit import Actor, record
 from core.auth import Unauthorized
 from core.db import utcnow, wall
-from core.errors import Forbidden, ValidationError
+from core.errors import ACCOUNT_LOCKED, TOKEN_INVALID, Forbidden, ValidationError
 from core.models import AdminUser, ApiKey, AuditEvent
 from core.ratelimit import Decision, Flight, Limit, LocalCounts, LocalLimiter, RateLimiter, Tally
 
@@ -209,6 +209,7 @@ async def _begin_attempt(request: web.Request, ctx: Ctx, username: str) -> _Atte
                 429,
                 "Too many failed sign-in attempts for this user. Please try again later.",
                 headers={"Retry-After": str(refusing.retry_after)},
+                code=ACCOUNT_LOCKED,
             )
         if asyncio.get_running_loop().time() + pause > deadline:
             raise ApiError(
@@ -317,7 +318,7 @@ async def change_own_password(request: web.Request, ctx: Ctx) -> web.StreamRespo
         raise Forbidden("an API key has no password; sign in as the account whose password it is")
     user = await ctx.session.get(AdminUser, ctx.who.id)
     if user is None:
-        raise Unauthorized("token has been revoked")
+        raise Unauthorized("token has been revoked", code=TOKEN_INVALID)
     # A wrong current password counts as a wrong password at sign-in, in the same buckets: a stolen token
     # gives no more guesses at the password than the sign-in page does.
     limited = request.config_dict[RATE_MULTIPLIER] > 0

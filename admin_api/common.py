@@ -21,7 +21,7 @@ from admin_api.routing import Ctx
 from core import metrics
 from core.cooperatives import zone_of
 from core.db import iso_z, utcnow
-from core.errors import NotFound, ValidationError
+from core.errors import CODES, NotFound, ValidationError
 from core.models import Cooperative
 from core.money import Money
 from core.text import is_uuid
@@ -62,11 +62,15 @@ META = {
 }
 ERROR = {
     "type": "object",
-    "required": ["statusCode", "message", "error", "timestamp", "path"],
+    "required": ["statusCode", "message", "error", "code", "timestamp", "path"],
     "properties": {
         "statusCode": {"type": "integer"},
         "message": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
         "error": {"type": "string"},
+        "code": {"type": "string", "enum": sorted(CODES),
+                 "description": "the machine-readable reason, stable across releases (branch on it, not on message): "
+                 "the status's default, or a finer one. " + "; ".join(f"{code} ({text})" for code, text in
+                                                                       CODES.items())},
         "timestamp": DATETIME,
         "path": {"type": "string"},
         "field": {"type": "string", "description": "the one request field (body or query) the refusal is about, "

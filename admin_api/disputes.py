@@ -27,7 +27,7 @@ from admin_api.refunds import RETURNED, returned_from
 from admin_api.routing import Ctx, Route, refusal
 from admin_api.validation import ID_KEYWORD, LIMIT, PAGE, Param, check_path_id, period_params
 from core.disputes import STAFF_LABEL, move_dispute, open_dispute, present_note
-from core.errors import Forbidden, NotFound, ValidationError
+from core.errors import NotFound, ValidationError
 from core.models import Dispute, Payment
 from core.money import Money
 from core.state.dispute import DisputeReason, DisputeStatus
@@ -114,7 +114,7 @@ async def create_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     # The route lets tenants in by payments:write; a key with that scope alone (an integrator's: it creates
     # payments and reads only their status) does not handle disputes, on its payments or anyone's.
     if not ctx.who.has("payments:read"):
-        raise Forbidden(refusal(ctx.who, "payments:read"))
+        raise refusal(ctx.who, "payments:read")
     try:
         payment_id = check_path_id(ctx.body["paymentId"], "payment")
     except NotFound:

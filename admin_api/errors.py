@@ -1,4 +1,5 @@
-"""Every failure answers in the seed's shape: {statusCode, message, error, timestamp, path}."""
+"""Every failure answers in the seed's shape: {statusCode, message, error, timestamp, path}, with `code`, the
+machine-readable reason (core.errors.CODES), and `field` when the refusal is about one field of the request."""
 
 from __future__ import annotations
 
@@ -23,17 +24,28 @@ RATE_DECISION = web.RequestKey("ratelimit", Decision)
 # answered only when it is one of them. A refusal of the entity's state (a payment already VOIDED) names its
 # `status`, which is no field of the request that was refused.
 REQUEST_FIELDS = web.RequestKey("request_fields", frozenset)
+# The code of an answer that names none (an HTTP-level refusal, a fault): its status's, as core.errors' classes have.
+STATUS_CODES = {
+    400: "VALIDATION_FAILED", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
+    408: "REQUEST_TIMEOUT", 409: "CONFLICT", 413: "BODY_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
+    422: "BUSINESS_RULE_VIOLATED", 429: "RATE_LIMITED", 500: "INTERNAL_ERROR", 503: "SERVICE_UNAVAILABLE",
+}
+
+
+def status_code(status: int) -> str:
+    """The default `code` of an error answer of `status` (another 4xx is the request's fault, another 5xx ours)."""
+    return STATUS_CODES.get(status) or ("VALIDATION_FAILED" if status < 500 else "INTERNAL_ERROR")
 
 
 class ApiError(DomainError):
     """An HTTP-level refusal raised by the API layer itself (413, 415, 429...)."""
 
     def __init__(
-        self, status: int, message: str | list[str], *, headers: dict[str, str] | None = None
+        self, status: int, message: str | list[str], *, headers: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
-        super().__init__(message if isinstance(message, str) else "; ".join(message))
+        super().__init__(message if isinstance(message, str) else "; ".join(message), code=code or status_code(status))
         self.status = status
-        self.code = HTTPStatus(status).phrase
         self.payload = message
         self.headers = headers or {}
 
@@ -43,13 +55,15 @@ def timestamp() -> str:
     return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def error_body(status: int, message: str | list[str], path: str, field: str | None = None) -> dict[str, object]:
-    """The seed's error shape; `field`, the one request field a refusal is about (DomainError.field), is added when
-    there is one (absent otherwise, so every other answer keeps the seed's shape exactly)."""
+def error_body(status: int, message: str | list[str], path: str, field: str | None = None,
+               code: str | None = None) -> dict[str, object]:
+    """The seed's error shape with `code` (DomainError.code; the status's by default); `field`, the one request
+    field a refusal is about (DomainError.field), is added when there is one (absent otherwise)."""
     body: dict[str, object] = {
         "statusCode": status,
         "message": message,
         "error": HTTPStatus(status).phrase,
+        "code": code or status_code(status),
         "timestamp": timestamp(),
         "path": path,
     }
@@ -58,9 +72,10 @@ def error_body(status: int, message: str | list[str], path: str, field: str | No
 
 def error_response(
     request: web.Request, status: int, message: str | list[str], headers: dict[str, str] | None = None,
-    *, field: str | None = None,
+    *, field: str | None = None, code: str | None = None,
 ) -> web.Response:
-    response = web.json_response(error_body(status, message, request.path_qs, field), status=status, headers=headers)
+    response = web.json_response(error_body(status, message, request.path_qs, field, code), status=status,
+                                 headers=headers)
     apply_rate_headers(request, response)
     return response
 
@@ -154,12 +169,12 @@ def _not_stored(response: web.StreamResponse) -> None:
 def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     """The error in the API's shape, when nothing of a response was written yet."""
     if isinstance(exc, ApiError):
-        return error_response(request, exc.status, exc.payload, exc.headers)
+        return error_response(request, exc.status, exc.payload, exc.headers, code=exc.code)
     field = exc.field if isinstance(exc, DomainError) and exc.field in request.get(REQUEST_FIELDS, ()) else None
     if isinstance(exc, ValidationError):
-        return error_response(request, exc.status, list(exc.errors), field=field)
+        return error_response(request, exc.status, list(exc.errors), field=field, code=exc.code)
     if isinstance(exc, DomainError):
-        return error_response(request, exc.status, exc.message, field=field)
+        return error_response(request, exc.status, exc.message, field=field, code=exc.code)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc

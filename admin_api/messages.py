@@ -22,7 +22,7 @@ from channels.sms.templates import TEMPLATES, is_payment_template
 from core.audit import record
 from core.db import lock_row, utcnow
 from core.disputes import DISPUTE_TEMPLATES, sms_keys
-from core.errors import Conflict
+from core.errors import INVALID_STATE, Conflict
 from core.models import AuditEvent, Dispute, Member, OutboxJob, Payment, Refund, SmsMessage
 from core.notify import sms_dedupe, sms_job
 from core.outbox import enqueue_job
@@ -290,7 +290,7 @@ async def resend_receipt(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     payment: Payment = await lock_row(ctx.session, Payment, found.id)
     if payment.status not in COLLECTED:
         raise Conflict(f"payment {payment.reference} is {payment.status}: only a payment whose money was collected "
-                       "(COMPLETED, PARTIALLY_REFUNDED, REFUNDED) has a receipt to send")
+                       "(COMPLETED, PARTIALLY_REFUNDED, REFUNDED) has a receipt to send", code=INVALID_STATE)
     to = await _recipient(ctx, payment)
     earlier = await _resent_at(ctx.session, payment.id)
     now = utcnow()

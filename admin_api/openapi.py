@@ -10,6 +10,7 @@ from aiohttp import web
 from admin_api import webhook_events
 from admin_api.common import ERROR
 from admin_api.routing import Ctx, Route
+from core.errors import CODES
 
 PREFIX = "/v1"
 _ERRORS = {
@@ -27,6 +28,9 @@ _ERRORS = {
     429: "Too many requests",
     503: "A dependency is unavailable; nothing was changed, send it again",
 }
+# The codes (core.errors.CODES) an error answer of each status may carry: each code's text starts with its statuses.
+_CODES_OF = {status: [code for code, text in CODES.items() if str(status) in text.partition(":")[0]]
+             for status in _ERRORS}
 # The rate limit's headers, on every answer of a limited route (admin_api.errors.apply_rate_headers).
 _RATE_HEADERS = {
     "X-RateLimit-Limit": "requests allowed per window to this caller on this route",
@@ -182,7 +186,7 @@ def _operation(route: Route) -> dict[str, Any]:
         errors.remove(503)  # reads nothing: neither the database nor Redis
     for status in errors:
         responses[str(status)] = {
-            "description": _ERRORS[status],
+            "description": f"{_ERRORS[status]} (code: {', '.join(_CODES_OF[status])})",
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
         }
     if "429" in responses:  # the rate limit's refusal (admin_api.errors.apply_rate_headers)

@@ -42,7 +42,14 @@ from admin_api.validation import (
 )
 from core.auth import OWN_PAYMENTS
 from core.collect_now import CollectNow
-from core.errors import Conflict, NotFound, ValidationError
+from core.errors import (
+    IDEMPOTENCY_KEY_OTHER_CALLER,
+    IDEMPOTENCY_KEY_REUSED,
+    MEMBER_NOT_FOUND,
+    Conflict,
+    NotFound,
+    ValidationError,
+)
 from core.models import Member, Payment, PaymentType
 from core.money import Money
 from core.payments import (
@@ -386,14 +393,14 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
     member_id = body.get("memberId")
     if who.is_tenant:
         if member_id and member_id != who.member_id:
-            raise NotFound("member not found", field="memberId")
+            raise NotFound("member not found", field="memberId", code=MEMBER_NOT_FOUND)
         member_id = who.member_id
     elif member_id:
         visible = await ctx.session.execute(
             who.scope(select(Member.id).where(Member.id == member_id), Member)
         )
         if visible.scalar_one_or_none() is None:
-            raise NotFound("member not found", field="memberId")
+            raise NotFound("member not found", field="memberId", code=MEMBER_NOT_FOUND)
     # No member named by an admin or a key (seed 001 has no memberId): the payment is the cooperative's active
     # member's whose registered number pays, as a USSD payment is the dialling member's.
     by_account = member_id is None and not who.is_tenant
@@ -427,13 +434,13 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
         # The key names another member's payment (one whose payer was erased keeps no request to compare, so the
         # key alone matched it): refused as any other request under a used key, not answered with that payment.
         raise Conflict("Payment with this idempotency key already exists with a different request",
-                       field="idempotencyKey")
+                       field="idempotencyKey", code=IDEMPOTENCY_KEY_REUSED)
     if not created and not who.has("payments:read") and payment.created_by != who.actor.id:
         # A key that reads only its own payments (payments:write) replaying another key's request (a retry sent
         # with a rotated key): the payment it would answer with is one it cannot read or poll afterwards.
         raise Conflict("a payment with this idempotency key was made by another API key, which this key cannot "
                        "read: look it up with a key that has payments:read, or use a new idempotency key for a "
-                       "new payment", field="idempotencyKey")
+                       "new payment", field="idempotencyKey", code=IDEMPOTENCY_KEY_OTHER_CALLER)
     await ctx.session.commit()
     wait = ctx.rt.settings.payment_url_wait_seconds
     if (wait > 0 and payment.method not in METHOD_OPERATOR and payment.payment_url is None
@@ -559,7 +566,7 @@ async def record_statement_payment(request: web.Request, ctx: Ctx) -> web.Stream
         visible = await ctx.session.execute(who.scope(
             select(Member.id).where(Member.id == member_id, Member.cooperative_id == coop_id), Member))
         if visible.scalar_one_or_none() is None:
-            raise NotFound("memberId: member not found in the cooperative", field="memberId")
+            raise NotFound("memberId: member not found in the cooperative", field="memberId", code=MEMBER_NOT_FOUND)
     if body.get("callbackId") is not None and not who.is_super:
         raise NotFound("callbackId: provider callback not found", field="callbackId")
     currency = (await ctx.session.execute(select(PaymentType.currency).where(

@@ -22,7 +22,7 @@ from core import auth
 from core.auth import Principal, Unauthorized
 from core.cooperatives import zone_of
 from core.db import autocommit
-from core.errors import DomainError, Forbidden, ServiceUnavailable, ValidationError
+from core.errors import SCOPE_MISSING, DomainError, Forbidden, ServiceUnavailable, ValidationError
 from core.inbound import client_address, limit_key
 from core.models import Cooperative
 from core.ratelimit import Decision, Limit, RateLimiter, clock
@@ -241,17 +241,17 @@ def _let_in(principal: Principal | None, route: Route) -> None:
     if principal.is_tenant and not route.tenants:
         raise Forbidden("Forbidden resource: not open to tenants")
     if not (principal.has(route.scope or "") or (route.own_scope and principal.has(route.own_scope))):
-        raise Forbidden(refusal(principal, route.scope or ""))
+        raise refusal(principal, route.scope or "")
 
 
-def refusal(principal: Principal, scope: str) -> str:
+def refusal(principal: Principal, scope: str) -> Forbidden:
     """The 403 of a caller without `scope`, saying what it lacks: an integrator's key is told the scope to ask for
-    (its admin makes a key with it), an admin that the route is a super admin's."""
+    (its admin makes a key with it; code SCOPE_MISSING), an admin that the route is a super admin's."""
     if scope == "super":
-        return "Forbidden resource: super admins only"
+        return Forbidden("Forbidden resource: super admins only")
     if principal.kind == "api_key":
-        return f"Forbidden resource: this API key lacks the {scope} scope"
-    return "Forbidden resource"
+        return Forbidden(f"Forbidden resource: this API key lacks the {scope} scope", code=SCOPE_MISSING)
+    return Forbidden("Forbidden resource")
 
 
 async def _names_earlier(route: Route, ctx: Ctx) -> bool:

@@ -27,7 +27,7 @@ from core.audit import Actor, record
 from core.config import Settings
 from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
 from core.db import insert_ignore, row_insert, serialise_on_sqlite, utcnow, wall
-from core.errors import Conflict, DomainError, Forbidden, NotFound, ValidationError
+from core.errors import TOKEN_EXPIRED, TOKEN_INVALID, Conflict, DomainError, Forbidden, NotFound, ValidationError
 from core.metrics import PREVIOUS_SECRET_USED, REDIS_EVICTED_KEYS, REDIS_EVICTING, REDIS_WRITES_REFUSED
 from core.models import AdminUser, ApiKey, AuditEvent, Cooperative, Member, PaymentType, UsedRefreshToken
 from core.ratelimit import subject_tag
@@ -69,7 +69,7 @@ def _dummy_hash() -> str:
 
 class Unauthorized(DomainError):
     status = 401
-    code = "Unauthorized"
+    code = "UNAUTHORIZED"
 
 
 class SignInRefused(Unauthorized):
@@ -247,7 +247,7 @@ def decode_token(token: str, *, secret: str, expected_type: str, previous: tuple
             claims, exp, old_key = hit
             if wall() > exp + LEEWAY:
                 _VERIFIED.pop(cache_key, None)
-                raise Unauthorized("token has expired")
+                raise Unauthorized("token has expired", code=TOKEN_EXPIRED)
             if old_key:
                 previous_secret_used("jwt")
             return dict(claims)
@@ -270,7 +270,7 @@ def _candidate_secrets(token: str, secret: str, previous: tuple[str, ...]) -> tu
     try:
         kid = jwt.get_unverified_header(token).get("kid")
     except jwt.InvalidTokenError:
-        raise Unauthorized("invalid token") from None
+        raise Unauthorized("invalid token", code=TOKEN_INVALID) from None
     if kid is None:
         return (secret, *previous)
     return _keys_by_id(secret, previous).get(kid, ()) if isinstance(kid, str) else ()
@@ -299,7 +299,7 @@ def _verified_claims(token: str, secret: str, previous: tuple[str, ...]) -> tupl
         except jwt.InvalidTokenError:
             break
         return claims, candidate
-    raise Unauthorized("invalid token")
+    raise Unauthorized("invalid token", code=TOKEN_INVALID)
 
 
 def _decode(token: str, *, secret: str, previous: tuple[str, ...],
@@ -310,13 +310,13 @@ def _decode(token: str, *, secret: str, previous: tuple[str, ...],
     try:
         expires, issued = float(claims["exp"]), float(claims["iat"])
     except (TypeError, ValueError):
-        raise Unauthorized("invalid token") from None
+        raise Unauthorized("invalid token", code=TOKEN_INVALID) from None
     if now > expires + LEEWAY:
-        raise Unauthorized("token has expired")
+        raise Unauthorized("token has expired", code=TOKEN_EXPIRED)
     if issued > now + LEEWAY:
-        raise Unauthorized("invalid token")
+        raise Unauthorized("invalid token", code=TOKEN_INVALID)
     if claims.get("typ") != expected_type:
-        raise Unauthorized("invalid token")
+        raise Unauthorized("invalid token", code=TOKEN_INVALID)
     return claims, signed_with
 
 
@@ -359,11 +359,11 @@ def callback_secret_ok(settings: Settings, name: str, given: str) -> bool:
 def principal_from_access(claims: dict[str, Any]) -> Principal:
     role = claims.get("role")
     if role not in ROLES:
-        raise Unauthorized("invalid token")
+        raise Unauthorized("invalid token", code=TOKEN_INVALID)
     if role != SUPER_ADMIN and not claims.get("coop"):
-        raise Unauthorized("invalid token")
+        raise Unauthorized("invalid token", code=TOKEN_INVALID)
     if role == TENANT and not claims.get("mid"):
-        raise Unauthorized("invalid token")
+        raise Unauthorized("invalid token", code=TOKEN_INVALID)
     return Principal(
         "user", str(claims["sub"]), role, claims.get("coop"), claims.get("mid"), _ROLE_SCOPES[role]
     )
@@ -757,7 +757,7 @@ def check_not_revoked(claims: dict[str, Any], stamp: bytes | str | None) -> None
     """`stamp` is the user's revocation mark (None: none). A token issued at or before its instant is revoked;
     one issued after it (a new sign-in, the pair POST /auth/password hands out) works."""
     if stamp is not None and issued_by(claims, revoked_at(stamp)):
-        raise Unauthorized("token has been revoked")
+        raise Unauthorized("token has been revoked", code=TOKEN_INVALID)
 
 
 # An account signs in and keeps working only while it is active, its cooperative is ACTIVE (a suspended
@@ -791,11 +791,11 @@ async def check_still_active(session: AsyncSession, user_id: str, claims: dict[s
     account's last deactivation or new password is refused, also once the account is active again."""
     if claims is None:
         if not await usable(session, user_id):
-            raise Unauthorized("token has been revoked")
+            raise Unauthorized("token has been revoked", code=TOKEN_INVALID)
         return
     row = (await session.execute(_USABLE_SINCE, {"user_id": user_id})).first()
     if row is None or _ended_since(row, claims):
-        raise Unauthorized("token has been revoked")
+        raise Unauthorized("token has been revoked", code=TOKEN_INVALID)
 
 
 def _ended_since(row: Any, claims: dict[str, Any]) -> bool:
@@ -942,7 +942,7 @@ async def refresh(session: AsyncSession, redis: Redis, token: str, *, secret: st
     secret (a JWT_SECRET rotation) is taken too: the new pair is signed with `secret`, as every token issued is."""
     claims = decode_token(token, secret=secret, previous=previous, expected_type="refresh")
     if not await _spend(session, claims):
-        raise Unauthorized("refresh token already used")
+        raise Unauthorized("refresh token already used", code=TOKEN_INVALID)
     # Taking turns with a change that ends the account's sessions (see hold_account): after one, its audit row
     # is read below and refuses this token; before one, the pair is dated before the change's audit row.
     user = await hold_account(session, str(claims["sub"]))
@@ -951,11 +951,11 @@ async def refresh(session: AsyncSession, redis: Redis, token: str, *, secret: st
     # token outlives the revocation mark, so it is judged on the rows.
     row = (await session.execute(_USABLE_SINCE, {"user_id": user.id})).first() if user is not None else None
     if user is None or row is None:
-        raise Unauthorized("invalid token")
+        raise Unauthorized("invalid token", code=TOKEN_INVALID)
     if _ended_since(row, claims):
-        raise Unauthorized("token has been revoked")
+        raise Unauthorized("token has been revoked", code=TOKEN_INVALID)
     if not await _spend_in_redis(redis, claims):
-        raise Unauthorized("refresh token already used")
+        raise Unauthorized("refresh token already used", code=TOKEN_INVALID)
     # Dated at the read, not carried forward from the refresh token: a reset or deactivation from now on ends it.
     return issue_tokens(user, secret=secret, ttl_seconds=ttl_seconds, issued_at=read_at)
 

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.db import iso_ms, iso_z, lock_row, parse_aware, serialise_on_sqlite, utcnow
-from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
+from core.errors import INVALID_STATE, BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment
 from core.money import Money
 from core.notify import changed_at, notice_jobs, sms_dedupe
@@ -188,7 +188,7 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
         # line), kept on the dispute and in the audit log; the member is not messaged about it.
         if not (note or evidence) or refund_amount is not None:
             raise BusinessRuleError(f"the dispute is already {current.value}: send a note or evidence to add "
-                                    "to it, or another status", field="status")
+                                    "to it, or another status", field="status", code=INVALID_STATE)
         await add_note(session, dispute, actor=actor, text=note, evidence=evidence, action="dispute.note_added",
                        audit={"note": note, "evidence": evidence})
         await session.flush()

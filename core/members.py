@@ -16,7 +16,7 @@ from core import users
 from core.audit import Actor, formatted, record
 from core.crypto import PiiCipher
 from core.db import insert_ignore, lock_row, utcnow
-from core.errors import Conflict, NotFound, ValidationError
+from core.errors import INVALID_STATE, MEMBER_PHONE_TAKEN, Conflict, NotFound, ValidationError
 from core.models import (
     AdminUser,
     AuditEvent,
@@ -282,7 +282,7 @@ async def create_member(
             .on_conflict_do_nothing(index_elements=["cooperative_id", "phone_index"]).returning(Member))
     member = (await session.scalars(stmt)).one_or_none()
     if member is None:
-        raise Conflict(DUPLICATE_PHONE, field="phone")
+        raise Conflict(DUPLICATE_PHONE, field="phone", code=MEMBER_PHONE_TAKEN)
     await record(session, actor=actor, action="member.created", entity_type="member", entity_id=member.id,
                  after=created_audit(status, member.phone_masked),
                  cooperative_id=cooperative_id)
@@ -367,7 +367,7 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
         async with session.begin_nested():  # a savepoint: the refused number leaves the caller's transaction usable
             await session.flush()
     except IntegrityError:
-        raise Conflict(DUPLICATE_PHONE, field="phone") from None
+        raise Conflict(DUPLICATE_PHONE, field="phone", code=MEMBER_PHONE_TAKEN) from None
     if old_index is not None:
         await _readdress_queued(session, cipher, member.id, old_index, phone)
         await _forget_opt_out_if_unheld(session, old_index)
@@ -436,7 +436,7 @@ async def approve_member(session: AsyncSession, member: Member, *, actor: Actor,
         .execution_options(populate_existing=True)
     )).scalar_one()
     if locked.status != "PENDING":
-        raise Conflict(f"member is {locked.status}, not PENDING")
+        raise Conflict(f"member is {locked.status}, not PENDING", code=INVALID_STATE)
     approved_at = utcnow()
     member = await update_member(session, locked, actor=actor, status="ACTIVE")
     # One SMS per approval (the job and the sms_messages row both dedupe on this key); a member set back
@@ -482,7 +482,7 @@ async def _locked_suspended(session: AsyncSession, member: Member, doing: str) -
     """lock_member, and a Conflict unless it is SUSPENDED."""
     locked = await lock_member(session, member)
     if locked.status != "SUSPENDED":
-        raise Conflict(f"member is {locked.status}: suspend the member before {doing}")
+        raise Conflict(f"member is {locked.status}: suspend the member before {doing}", code=INVALID_STATE)
     return locked
 
 

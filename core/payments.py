@@ -23,7 +23,23 @@ from core import metrics, pgraw
 from core.audit import Actor, record
 from core.cooperatives import zone_of
 from core.db import insert_ignore, iso_ms, iso_z, lock_row, row_insert, table_of, utcnow
-from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
+from core.errors import (
+    DUPLICATE_REFERENCE,
+    IDEMPOTENCY_KEY_IN_FLIGHT,
+    IDEMPOTENCY_KEY_REUSED,
+    INVALID_STATE,
+    MEMBER_NOT_ACTIVE,
+    MEMBER_NOT_FOUND,
+    PAYMENT_ACCOUNT_NOT_ACCEPTED,
+    PAYMENT_ALREADY_RECORDED,
+    PAYMENT_METHOD_NOT_AVAILABLE,
+    PROVIDER_REFUSED,
+    BusinessRuleError,
+    Conflict,
+    DomainError,
+    NotFound,
+    ValidationError,
+)
 from core.models import AuditEvent, Dispute, Member, Payment, PaymentType, ProviderEvent, ReferenceCounter, Refund
 from core.money import Money
 from core.notify import changed_at, emit_event, event_job, notice_jobs
@@ -198,7 +214,7 @@ def _same_or_refused(cipher: PiiCipher, existing: Payment, digest: str) -> tuple
     _replay); a Conflict otherwise."""
     if existing.request_hash and not _same_request(cipher, existing.request_hash, digest):
         raise Conflict("Payment with this idempotency key already exists with a different request",
-                       field="idempotencyKey")
+                       field="idempotencyKey", code=IDEMPOTENCY_KEY_REUSED)
     return existing, False
 
 
@@ -349,11 +365,13 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         held = await _reference_holder(session, values["provider"], values["provider_reference"])
         named = f"as payment {held.reference} " if held is not None and held.cooperative_id == coop.id else ""
         raise Conflict(f"this request's money is recorded already {named}(recorded from the provider's statement "
-                       "after a restore): it is not collected again", field="idempotencyKey") from None
+                       "after a restore): it is not collected again", field="idempotencyKey",
+                       code=PAYMENT_ALREADY_RECORDED) from None
     if reference is None:  # the key was used before, or a concurrent request with it won
         existing = await find_by_key(session, coop.id, key)
         if existing is None:
-            raise Conflict("a request with this idempotency key is in flight", field="idempotencyKey")
+            raise Conflict("a request with this idempotency key is in flight", field="idempotencyKey",
+                           code=IDEMPOTENCY_KEY_IN_FLIGHT)
         return _replay(rt.cipher, existing, new, account)
     values["reference"] = reference
     metrics.PAYMENTS.labels(status="PENDING", method=new.method).inc()
@@ -376,7 +394,7 @@ def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeF
         return unpaid_with
     cannot = amount_refusal(rt.provider_for(new.method), amount, new.method)
     if cannot is not None:
-        return ValidationError(cannot[1], field=cannot[0])
+        return ValidationError(cannot[1], field=cannot[0], code=PROVIDER_REFUSED)
     if account_refused is not None:  # (_normalise_account's: a number of another country or operator)
         return account_refused
     if amount.currency != ptype.currency:
@@ -384,18 +402,18 @@ def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeF
     if not amount.is_positive():
         return ValidationError("amount must be a positive number", field="amount")
     if taken:
-        return NotFound("member not found", field="member") if new.member_id is not None and not context.member_found \
-            else None
+        missing = new.member_id is not None and not context.member_found
+        return NotFound("member not found", field="member", code=MEMBER_NOT_FOUND) if missing else None
     if amount.minor not in (ptype.amount_minor, new.balance_minor) and not ptype.allow_custom_amount:
         return ValidationError(f"{ptype.name} costs {Money(ptype.amount_minor, ptype.currency)}; "
                                "this payment type does not accept another amount", field="amount")
     if not ptype.is_active:
         return ValidationError("payment type is not active", field="paymentTypeId")
     if new.member_id is not None and not context.member_found:
-        return NotFound("member not found", field="member")
+        return NotFound("member not found", field="member", code=MEMBER_NOT_FOUND)
     if new.member_id is not None and context.member_status != "ACTIVE":
         return BusinessRuleError(f"member is {(context.member_status or 'not active').lower()}; "
-                                 "only an active member can pay", field="memberId")
+                                 "only an active member can pay", field="memberId", code=MEMBER_NOT_ACTIVE)
     return None
 
 
@@ -452,7 +470,7 @@ def _not_the_countrys_wallet(method: str, country: str) -> ValidationError | Non
         return None
     named = ", ".join(f"{m} ({METHOD_NAMES[m]})" for m in wallets)
     return ValidationError(f"paymentMethod {method} is not one a {country} cooperative's members pay with: "
-                           f"{named}, or a bank method", field="paymentMethod")
+                           f"{named}, or a bank method", field="paymentMethod", code=PAYMENT_METHOD_NOT_AVAILABLE)
 
 
 BANK_METHODS = tuple(m for m in METHODS if m not in METHOD_OPERATOR)
@@ -737,14 +755,14 @@ def _normalise_account(method: str, account: str, country: str) -> tuple[str, Va
     if phone.region != country:
         return phone.e164, ValidationError(f"paymentAccount is a {phone.region or 'foreign'} number; this "
                                            f"cooperative collects mobile money from {country} numbers only",
-                                           field="paymentAccount")
+                                           field="paymentAccount", code=PAYMENT_ACCOUNT_NOT_ACCEPTED)
     # An unknown operator (a range neither phonenumbers' carrier data nor core.phone's table names) is let
     # through: the provider refuses a number not on its network; a known other one is refused here.
     if phone.operator is not None and phone.operator != operator:
         return phone.e164, ValidationError(f"paymentAccount {phone.masked()} is "
                                            f"{_a(_operator_name(phone.operator, phone.e164))} "
                                            f"number; {METHOD_NAMES[method]} needs {_a(_operator_name(operator))} "
-                                           "number", field="paymentAccount")
+                                           "number", field="paymentAccount", code=PAYMENT_ACCOUNT_NOT_ACCEPTED)
     return phone.e164, None
 
 
@@ -1721,7 +1739,7 @@ async def cancel_payment(session: AsyncSession, rt: Runtime, *, payment_id: str,
     if current not in OPEN:
         why = f" ({payment.failure_reason})" if payment.failure_reason else ""  # e.g. who cancelled it, and why
         raise Conflict(f"payment is {current.value}{why}: only an open payment (PENDING or PROCESSING) can be "
-                       "cancelled" + _closed_hint(current), field="status")
+                       "cancelled" + _closed_hint(current), field="status", code=INVALID_STATE)
     reason = f"{CANCELLED_BY_COOPERATIVE}{note}"
     await apply_collection_outcome(session, rt, payment, ProviderOutcome.CANCELLED, actor=actor, reason=reason,
                                    audit={"note": note})
@@ -1767,12 +1785,12 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
     current = P(payment.status)
     if current in OPEN and await db_now(session) < payment.expires_at:  # (the clock the polls judge it by)
         raise Conflict("payment is still open inside its approval window: the payer may be approving it and the "
-                       "provider will answer; record it once the window is over")
+                       "provider will answer; record it once the window is over", code=INVALID_STATE)
     if current not in GIVEN_UP and current not in OPEN:
         why = ("the provider said it failed; a final payment is not reopened" if current is P.FAILED
                else f"its recording was voided; {_AFTER_VOID}" if current is P.VOIDED
                else "its money is recorded already")
-        raise Conflict(f"payment is {current.value}: {why}")
+        raise Conflict(f"payment is {current.value}: {why}", code=INVALID_STATE)
     if amount is not None:
         if amount.currency != payment.currency:
             raise ValidationError(f"amount must be in {payment.currency}", field="amount")
@@ -1823,7 +1841,8 @@ async def transaction_id_free(session: AsyncSession, provider: str, txn: str, co
         where = f"by payment {held.reference}" if held.cooperative_id == cooperative_id \
             else "by another cooperative's payment"
         raise Conflict(f"providerTransactionId {txn} is held already {where} of this provider: a statement line is "
-                       "recorded once (check the id on the statement)", field="providerTransactionId")
+                       "recorded once (check the id on the statement)", field="providerTransactionId",
+                       code=DUPLICATE_REFERENCE)
 
 
 @dataclass(frozen=True)
@@ -2048,7 +2067,8 @@ async def _request_free(session: AsyncSession, provider: str, reference: str, co
         where = f"by payment {held.reference}" if held.cooperative_id == cooperative_id \
             else "by another cooperative's payment"
         raise Conflict(f"gatewayReference {reference} is held already {where}: that request's money is recorded "
-                       "(check it against the provider's statement)", field="gatewayReference")
+                       "(check it against the provider's statement)", field="gatewayReference",
+                       code=DUPLICATE_REFERENCE)
 
 
 async def set_gateway_reference(session: AsyncSession, *, payment_id: str, cooperative_id: str | None,
@@ -2074,7 +2094,7 @@ async def set_gateway_reference(session: AsyncSession, *, payment_id: str, coope
         # Its void released the request it named (void_recording) for the right line; taken here, that line could
         # not be recorded with it, and nothing could take it back.
         raise Conflict(f"payment {payment.reference} is VOIDED: its recording was voided; {_AFTER_VOID} with "
-                       "the gatewayReference", field="status")
+                       "the gatewayReference", field="status", code=INVALID_STATE)
     if not request_unknown(payment):
         raise Conflict(f"payment {payment.reference} has its gatewayReference already ({payment.provider_reference}"
                        "): it is not changed", field="gatewayReference")
@@ -2092,7 +2112,7 @@ async def set_gateway_reference(session: AsyncSession, *, payment_id: str, coope
         await session.rollback()
         await _request_free(session, provider, reference, coop_id)
         raise Conflict(f"gatewayReference {reference} was taken by another payment at the same moment: look it up "
-                       "(GET /v1/payments)", field="gatewayReference") from None
+                       "(GET /v1/payments)", field="gatewayReference", code=DUPLICATE_REFERENCE) from None
     await record(session, actor=actor, action="payment.gateway_reference_set", entity_type="payment",
                  entity_id=payment.id, before={"gatewayReference": unknown},
                  after={"gatewayReference": reference}, cooperative_id=coop_id)
@@ -2203,7 +2223,8 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
             return _same_or_refused(rt.cipher, existing, digest)
         raise Conflict("the id, reference or gatewayReference was taken by another payment at the same moment: "
                        "look it up (GET /v1/payments)",
-                       field="id" if line.payment_id else "reference" if new.reference else "gatewayReference")
+                       field="id" if line.payment_id else "reference" if new.reference else "gatewayReference",
+                       code=DUPLICATE_REFERENCE)
     payment = _persistent(session, Payment(**values))
     await _audit_recorded(session, payment, line, note, actor)
     await enqueue_many(session, _recorded_notices(rt, payment, line.send_receipt))
@@ -2236,7 +2257,7 @@ async def _free_payment_id(session: AsyncSession, wanted: str | None) -> str:
         raise ValidationError("id must be a UUID: the payment's id as the webhook log gives it", field="id")
     wanted = wanted.lower()
     if (await session.execute(select(Payment.id).where(Payment.id == wanted))).first() is not None:
-        raise Conflict("id is taken: a payment has it (GET /v1/payments/{id})", field="id")
+        raise Conflict("id is taken: a payment has it (GET /v1/payments/{id})", field="id", code=DUPLICATE_REFERENCE)
     return wanted
 
 
@@ -2263,7 +2284,7 @@ async def _free_reference(session: AsyncSession, wanted: str | None) -> str | No
     # typed from PAY_20261130_001 on her receipt is that reference, and her receipt and STATUS SMS find it.
     wanted = f"PAY_{day}_{number:03d}"
     if await get_by_reference(session, wanted) is not None:
-        raise Conflict(f"reference {wanted} is taken: a payment has it", field="reference")
+        raise Conflict(f"reference {wanted} is taken: a payment has it", field="reference", code=DUPLICATE_REFERENCE)
     if session.get_bind().dialect.name != "postgresql":
         # SQLite numbers each day from its own counter (core.references): a number past the day's is no lost
         # payment's, and taken it would make the day's payment that draws it later fail on the unique reference (a
@@ -2364,7 +2385,7 @@ async def void_recording(session: AsyncSession, *, payment_id: str, cooperative_
     payment = await _locked_payment(session, payment_id, cooperative_id)
     current = P(payment.status)
     if current is P.VOIDED:
-        raise Conflict(f"payment is VOIDED already: {payment.failure_reason}", field="status")
+        raise Conflict(f"payment is VOIDED already: {payment.failure_reason}", field="status", code=INVALID_STATE)
     recorded = (await session.execute(
         select(AuditEvent.action, AuditEvent.after).where(
             AuditEvent.entity_type == PAYMENT.name, AuditEvent.entity_id == payment.id,
@@ -2396,7 +2417,8 @@ async def void_recording(session: AsyncSession, *, payment_id: str, cooperative_
         raise Conflict(f"dispute {dispute.reference} of this payment is {dispute.status}: close it before voiding "
                        "the recording", field="status")
     if current is not P.COMPLETED:  # (a refund, which the checks above refuse, moves it on)
-        raise Conflict(f"payment is {current.value}: only a COMPLETED recording is voided", field="status")
+        raise Conflict(f"payment is {current.value}: only a COMPLETED recording is voided", field="status",
+                       code=INVALID_STATE)
     txn = payment.provider_transaction_id
     if txn:
         # A payment of the cooperative the provider itself reported paid with this transaction id after it was

@@ -17,7 +17,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core import metrics
 from core.audit import Actor, record
 from core.db import insert_ignore, iso_ms, iso_z, lock_row, table_of, utcnow
-from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
+from core.errors import (
+    DUPLICATE_REFERENCE,
+    IDEMPOTENCY_KEY_REUSED,
+    INVALID_STATE,
+    PARTIAL_REFUND_UNSUPPORTED,
+    PROVIDER_REFUSED,
+    REFUND_EXCEEDS_REFUNDABLE,
+    BusinessRuleError,
+    Conflict,
+    NotFound,
+    ValidationError,
+)
 from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
@@ -130,14 +141,15 @@ async def request_refund(
         if existing.request_hash is not None and existing.request_hash != request_hash:
             # Another amount, "everything" instead of a sum (or the reverse), another reason: not a retry.
             raise Conflict("Refund with this idempotency key already exists with a different request",
-                           field="idempotencyKey")
+                           field="idempotencyKey", code=IDEMPOTENCY_KEY_REUSED)
         if amount is not None and amount.minor != existing.amount_minor:  # (refunds made before the digest)
             raise Conflict("Refund with this idempotency key already exists with a different amount",
-                           field="idempotencyKey")
+                           field="idempotencyKey", code=IDEMPOTENCY_KEY_REUSED)
         return existing, False
 
     if not holds_money(payment):
-        raise BusinessRuleError(f"only collected payments can be refunded; this one is {payment.status}")
+        raise BusinessRuleError(f"only collected payments can be refunded; this one is {payment.status}",
+                                code=INVALID_STATE)
     if returned is None and not payment.payment_account_enc:  # core.members.erase_member cleared it
         raise Conflict("the payment's member was erased: the account to refund is no longer known; record a "
                        "refund the provider made with returnedByProvider")
@@ -151,10 +163,11 @@ async def request_refund(
     if amount.currency != payment.currency:
         raise ValidationError(f"refund must be in {payment.currency}", field="amount")
     if not amount.is_positive():  # (everything still refundable, asked for when nothing is)
-        raise BusinessRuleError("nothing left to refund", field="amount")
+        raise BusinessRuleError("nothing left to refund", field="amount", code=REFUND_EXCEEDS_REFUNDABLE)
     if amount.minor > available.minor:
         raise BusinessRuleError(f"refund of {amount} exceeds the refundable {available}"
-                                f"{await _held_by_unsettled(session, payment)}", field="amount")
+                                f"{await _held_by_unsettled(session, payment)}", field="amount",
+                                code=REFUND_EXCEEDS_REFUNDABLE)
     whole = Money(collected(payment), payment.currency)
     if returned is None and provider is not None and not provider.supports_partial_refund \
             and amount.minor != whole.minor:  # (one the provider made itself is what it made)
@@ -164,7 +177,7 @@ async def request_refund(
             f", and {available} of it is left to refund: have the provider send that back and record it with "
             "returnedByProvider")
         raise BusinessRuleError(f"{payment.method} refunds only the full amount ({whole}){rest}",
-                                field="amount")
+                                field="amount", code=PARTIAL_REFUND_UNSUPPORTED)
     if reason is not None and len(reason) > 300:
         raise ValidationError("reason must be at most 300 characters", field="reason")
     if returned is not None:
@@ -278,13 +291,14 @@ def _request_to_refund_known(payment: Payment, provider: PaymentProvider) -> Non
     rule = getattr(provider, "refund_rule", None)
     problem = rule(payment.provider_transaction_id) if callable(rule) else None
     if problem:
-        raise Conflict(f"payment {payment.reference}: {problem}")
+        raise Conflict(f"payment {payment.reference}: {problem}", code=PROVIDER_REFUSED)
     if provider.refund_names_request and request_unknown(payment):
         raise Conflict(f"payment {payment.reference} was recorded from the provider's statement without the "
                        f"reference of the request that took its money, and a {payment.method} refund names that "
                        "request: nothing was sent. Have the provider send the money back (its customer care) and "
                        "record that refund with returnedByProvider; record such payments with gatewayReference "
-                       "(our request's reference, as the provider's statement shows it) so that they can be refunded")
+                       "(our request's reference, as the provider's statement shows it) so that they can be refunded",
+                       code=PROVIDER_REFUSED)
 
 
 async def _recording_not_contested(session: AsyncSession, payment: Payment) -> None:
@@ -342,7 +356,8 @@ async def _reversal_not_recorded(session: AsyncSession, payment: Payment, return
         where = (f"by refund {taken[0]}" if taken[1] == payment.cooperative_id
                  else "on another payment of this provider: check the id on the statement")
         what = "reversal" if field == "returnedByProvider" else "transaction"
-        raise Conflict(f"the provider's {what} {txn} is already recorded, {where}", field=field)
+        raise Conflict(f"the provider's {what} {txn} is already recorded, {where}", field=field,
+                       code=DUPLICATE_REFERENCE)
 
 
 def _checked_return(returned: ReturnedByProvider, payment: Payment) -> ReturnedByProvider:
@@ -596,7 +611,7 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
     if refund is None:
         raise NotFound("refund not found")
     if R(refund.status) is R.COMPLETED or (R(refund.status) is R.FAILED and not succeeded):
-        raise Conflict(f"refund is already {refund.status}", field="status")
+        raise Conflict(f"refund is already {refund.status}", field="status", code=INVALID_STATE)
     if refund.dispute_id is not None:
         # Its dispute is noted after the payment is locked (_note_on_dispute): locked first, as a resolution locks
         # its dispute before the payment (core.disputes.move_dispute; a refund made during an open dispute is
@@ -610,11 +625,11 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
                    OutboxJob.dedupe_key.like(f"refund-poll:{refund.id}:%"))
     if R(refund.status) is R.PENDING and await _live(session, its_jobs, "refund.submit"):
         raise Conflict("refund has not been sent to the provider yet: wait for its submission; or withdraw it with "
-                       "POST /v1/refunds/{id}/cancel")
+                       "POST /v1/refunds/{id}/cancel", code=INVALID_STATE)
     if R(refund.status) is R.PROCESSING and not succeeded and await _live(session, its_jobs, "refund.poll"):
         raise Conflict("refund is still being settled with the provider (its status is still asked for): record "
                        "FAILED once it is parked for manual review, or COMPLETED if the statement shows it sent "
-                       "back", field="status")
+                       "back", field="status", code=INVALID_STATE)
     target = R.COMPLETED if succeeded else R.FAILED
     txn = (provider_transaction_id or "").strip() or None
     if succeeded and txn is not None:
@@ -665,7 +680,7 @@ async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, c
         raise Conflict(f"refund is already {refund.status}: only one not yet sent to the provider can be withdrawn"
                        + ("" if R(refund.status) is not R.PROCESSING else
                           "; once the provider has settled it (or it is parked for manual review), record its "
-                          "outcome"), field="status")
+                          "outcome"), field="status", code=INVALID_STATE)
     reason = f"{WITHDRAWN_BY_ADMIN}{note}"
     submission = (OutboxJob.kind == "refund.submit", OutboxJob.dedupe_key == f"refund:{refund.id}")
     # A submission parked for the gateway's credentials, which sent nothing: by _awaiting_configuration (the provider
@@ -683,7 +698,7 @@ async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, c
         raise Conflict("the refund's submission is parked for manual review: check with the provider, then record "
                        "its outcome" if parked else
                        "the refund may already have reached the provider (its submission is being sent, or a try "
-                       "of it may have arrived): wait for its outcome", field="status")
+                       "of it may have arrived): wait for its outcome", field="status", code=INVALID_STATE)
     updated = await transition(session, REFUND, refund.id, R.PENDING, R.FAILED, actor=actor,
                                values={"failure_reason": reason[:200]})
     await record(session, actor=actor, action="refund.cancelled", entity_type="refund", entity_id=refund.id,

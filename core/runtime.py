@@ -37,11 +37,12 @@ class Runtime:
     extras: dict[str, Any] = field(default_factory=dict)
 
     def provider_for(self, method: str) -> PaymentProvider:
-        from core.errors import ValidationError
+        from core.errors import PAYMENT_METHOD_NOT_AVAILABLE, ValidationError
 
         name = self.routes.get(method)
         if name is None or name not in self.providers:
-            raise ValidationError(f"payment method {method!r} is not available", field="paymentMethod")
+            raise ValidationError(f"payment method {method!r} is not available", field="paymentMethod",
+                                  code=PAYMENT_METHOD_NOT_AVAILABLE)
         return self.providers[name]
 
 

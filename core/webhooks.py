@@ -56,7 +56,7 @@ from core.db import (
     serialise_on_sqlite,
     utcnow,
 )
-from core.errors import Conflict, Forbidden, NotFound, ValidationError
+from core.errors import INVALID_STATE, WEBHOOK_URL_TAKEN, Conflict, Forbidden, NotFound, ValidationError
 from core.http import STATUS_ONLY, not_public
 from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
 from core.outbox import Job, NewJob, PermanentJobError, RetryLater, end_waiting, enqueue, enqueue_many
@@ -427,6 +427,7 @@ async def _check_url_free(
                 f"/v1/webhook-endpoints/{endpoint_id}/rotate-secret); change its events with PATCH "
                 f"/v1/webhook-endpoints/{endpoint_id}",
                 field="url",
+                code=WEBHOOK_URL_TAKEN,
             )
 
 
@@ -446,7 +447,8 @@ async def _refuse_deleted(session: AsyncSession, endpoint: WebhookEndpoint) -> N
     if endpoint.status != "ACTIVE" and not await disabled_for_failures(session, endpoint.id):
         raise Conflict(
             f"webhook endpoint {endpoint.id} was deleted (DELETE): it is sent nothing and is not changed; enable it "
-            f"first (POST /v1/webhook-endpoints/{endpoint.id}/enable)"
+            f"first (POST /v1/webhook-endpoints/{endpoint.id}/enable)",
+            code=INVALID_STATE,
         )
 
 

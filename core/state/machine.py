@@ -18,7 +18,7 @@ from sqlalchemy.orm.util import identity_key
 from core import pgraw
 from core.audit import Actor, formatted, record
 from core.db import table_of, utcnow
-from core.errors import BusinessRuleError, Conflict
+from core.errors import INVALID_STATE, BusinessRuleError, Conflict
 from core.models import AuditEvent
 from core.outbox import (
     Job,
@@ -38,6 +38,8 @@ S = TypeVar("S", bound=StrEnum)
 class IllegalTransition(BusinessRuleError):
     """The table does not allow this move."""
 
+    code = INVALID_STATE
+
     def __init__(self, machine: str, source: str, target: str) -> None:
         super().__init__(f"{machine}: {source} -> {target} is not allowed")
         self.machine, self.source, self.target = machine, source, target
@@ -45,6 +47,8 @@ class IllegalTransition(BusinessRuleError):
 
 class StaleTransition(Conflict):
     """The row was not in the expected state: another writer won the race, or it moved on."""
+
+    code = INVALID_STATE
 
     def __init__(self, machine: str, entity_id: str, source: str) -> None:
         super().__init__(f"{machine} {entity_id} is no longer {source}")

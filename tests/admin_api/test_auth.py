@@ -33,8 +33,8 @@ async def test_wrong_password_and_unknown_user_get_the_same_401(client, demo):
         body = await resp.json()
         assert resp.status == 401
         assert body["message"] == "invalid username or password"
-        assert set(body) == {"statusCode", "message", "error", "timestamp", "path"}
-        assert body["path"] == "/v1/auth/token" and body["error"] == "Unauthorized"
+        assert set(body) == {"statusCode", "message", "error", "code", "timestamp", "path"}
+        assert body["path"] == "/v1/auth/token" and body["error"] == "Unauthorized" and body["code"] == "UNAUTHORIZED"
 
 
 async def test_token_request_validation_lists_every_field(client, demo):

@@ -56,7 +56,8 @@ def _claims(**over: Any) -> dict[str, Any]:
 def _refused_like_a_bad_token(status: int, body: dict[str, Any]) -> None:
     assert status == 401
     assert {k: v for k, v in body.items() if k != "timestamp"} == {
-        "statusCode": 401, "message": "invalid token", "error": "Unauthorized", "path": "/v1/payments"}
+        "statusCode": 401, "message": "invalid token", "error": "Unauthorized", "code": "TOKEN_INVALID",
+        "path": "/v1/payments"}
 
 
 async def test_a_pair_issued_before_the_rotation_works_and_refreshes_to_the_new_secret(

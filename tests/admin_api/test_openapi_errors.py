@@ -44,9 +44,11 @@ async def test_unknown_path_and_method_answer_in_the_error_shape(client):
     resp = await client.get("/v1/no-such-thing")
     body = await resp.json()
     assert resp.status == 404 and body["message"] == "Cannot GET /v1/no-such-thing"
-    assert set(body) == {"statusCode", "message", "error", "timestamp", "path"}
+    assert set(body) == {"statusCode", "message", "error", "code", "timestamp", "path"}
+    assert body["code"] == "NOT_FOUND"
     resp = await client.put("/v1/payments")
-    assert resp.status == 405 and (await resp.json())["statusCode"] == 405
+    body = await resp.json()
+    assert resp.status == 405 and body["statusCode"] == 405 and body["code"] == "METHOD_NOT_ALLOWED"
 
 
 async def test_body_too_large_is_413(admin, demo):
@@ -89,6 +91,7 @@ async def test_read_rate_limit_headers_and_429(admin, rt):
         await limiter.hit(Limit("payments:list", 100), subject)
     resp = await admin.req("GET", "/v1/payments")
     assert resp.status == 429 and resp.headers["X-RateLimit-Remaining"] == "0"
+    assert (await resp.json())["code"] == "RATE_LIMITED"
 
 
 async def test_every_schema_in_the_document_is_valid_json_schema(client):

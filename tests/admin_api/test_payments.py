@@ -296,6 +296,7 @@ async def test_rate_limit_on_payment_creation(admin, demo):
     resp = await admin.req("POST", "/v1/payments", json=payment_body(rent))
     body = await resp.json()
     assert resp.status == 429 and body["statusCode"] == 429 and body["error"] == "Too Many Requests"
+    assert body["code"] == "RATE_LIMITED"
     assert resp.headers["X-RateLimit-Remaining"] == "0"
     assert int(resp.headers["X-RateLimit-Reset"]) >= int(last.headers["X-RateLimit-Reset"])
     assert int(resp.headers["Retry-After"]) >= 1

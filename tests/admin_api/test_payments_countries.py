@@ -50,6 +50,7 @@ async def test_airtel_account_of_another_currency_is_refused_when_asked(superadm
     admin, ptype = await country_admin(superadmin, rt, client, "UG", "KLA", "20000")
     body = await refused(admin, ptype, 20000, "MOBILE_MONEY_AIRTEL", "0701234567")
     assert body["message"] == ["MOBILE_MONEY_AIRTEL collects RWF only; this payment is in UGX"]
+    assert body["code"] == "PROVIDER_REFUSED"
     await no_payment(rt)
 
 
@@ -67,6 +68,7 @@ async def test_kes_with_cents_by_mpesa_is_refused_when_asked(superadmin: Caller,
     admin, ptype = await country_admin(superadmin, rt, client, "KE", "NRB", "1500.00")
     body = await refused(admin, ptype, "1500.50", "MPESA", "0712345678")
     assert body["message"] == ["M-Pesa takes whole shillings; 1,500.50 KES has cents"]
+    assert body["code"] == "PROVIDER_REFUSED"
     await admin.json("POST", "/v1/payments", 201, json={
         "paymentTypeId": ptype, "amount": "1500.00", "paymentMethod": "MPESA", "paymentAccount": "0712345678",
         "idempotencyKey": idem()})

@@ -126,6 +126,7 @@ async def test_dispute_lifecycle_with_refund_on_resolution(admin, tenant, rt, de
     empty = await admin.json("POST", f"/v1/disputes/{opened['id']}/transitions", 422,
                              json={"status": "UNDER_REVIEW"})
     assert empty["message"].startswith("the dispute is already UNDER_REVIEW: send a note or evidence")
+    assert empty["code"] == "INVALID_STATE"
     early_refund = await admin.json(
         "POST",
         f"/v1/disputes/{opened['id']}/transitions",
@@ -133,6 +134,7 @@ async def test_dispute_lifecycle_with_refund_on_resolution(admin, tenant, rt, de
         json={"status": "REJECTED", "refundAmount": 100},
     )
     assert "refund can only come with a resolution" in early_refund["message"]
+    assert early_refund["code"] == "BUSINESS_RULE_VIOLATED"
     resolved = await admin.json(
         "POST",
         f"/v1/disputes/{opened['id']}/transitions",
@@ -145,7 +147,7 @@ async def test_dispute_lifecycle_with_refund_on_resolution(admin, tenant, rt, de
     illegal = await admin.json(
         "POST", f"/v1/disputes/{opened['id']}/transitions", 422, json={"status": "OPEN"}
     )
-    assert illegal["message"] == "dispute: RESOLVED -> OPEN is not allowed"
+    assert (illegal["message"], illegal["code"]) == ("dispute: RESOLVED -> OPEN is not allowed", "INVALID_STATE")
     async with rt.sessionmaker() as s:
         sms = (await s.execute(select(OutboxJob.payload).where(OutboxJob.kind == "sms.send"))).scalars().all()
     templates = sorted(p["template"] for p in sms)

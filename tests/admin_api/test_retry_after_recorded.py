@@ -45,6 +45,7 @@ async def test_the_retry_of_a_payment_recorded_with_its_request_is_refused_namin
         assert refused["message"] == (f"this request's money is recorded already as payment {recorded['reference']} "
                                       "(recorded from the provider's statement after a restore): it is not "
                                       "collected again")
+        assert refused["code"] == "PAYMENT_ALREADY_RECORDED"
         await drain(worker)
     assert len(app[TRANSACTIONS]) == 1  # never sent again
     async with rt.sessionmaker() as s:

@@ -95,6 +95,7 @@ async def test_a_body_not_delivered_in_time_is_408(client: Any, api_key: str, mo
         writer.close()
     body = json.loads(raw)
     assert status == 408 and body["statusCode"] == 408 and body["error"] == "Request Timeout", body
+    assert body["code"] == "REQUEST_TIMEOUT"
     assert "did not arrive within 0.5 seconds" in body["message"]
     assert headers["content-type"].startswith("application/json")
 

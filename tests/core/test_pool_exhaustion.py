@@ -56,6 +56,7 @@ async def test_an_exhausted_pool_is_a_prompt_503_with_retry_after(rt: Any, clien
     assert resp.status == 503, body
     assert resp.headers["Retry-After"] == "1"
     assert body["statusCode"] == 503 and "nothing was changed, send it again" in body["message"]
+    assert body["code"] == "SERVICE_UNAVAILABLE"
     assert time.monotonic() - started < 20  # the pool's 0.5 s, not SQLAlchemy's default 30 s (a loaded machine)
     # One warning line that says what happened, no traceback: an outage, not a bug.
     api = [r for r in caplog.records if r.name == "gateway.api"]
