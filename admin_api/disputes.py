@@ -23,7 +23,7 @@ from admin_api.common import (
     page_of,
     paged,
 )
-from admin_api.refunds import RETURNED, returned_from
+from admin_api.refunds import RETURNED, TO_PAYING_NUMBER, returned_from
 from admin_api.routing import Ctx, Route, refusal
 from admin_api.validation import ID_KEYWORD, LIMIT, PAGE, Param, check_path_id, period_params
 from core.disputes import STAFF_LABEL, move_dispute, open_dispute, present_note
@@ -80,6 +80,8 @@ TRANSITION = obj(
         "refundAmount": {**AMOUNT_IN, "description": "with RESOLVED: refund this much in the same step"},
         "returnedByProvider": {**RETURNED, "description": "with refundAmount: the provider already sent it back "
                                                           "(a chargeback): recorded, nothing sent"},
+        "toPayingNumber": {**TO_PAYING_NUMBER, "description": "with refundAmount: "
+                                                              + TO_PAYING_NUMBER["description"]},
     },
     ["status"],
 )
@@ -192,6 +194,7 @@ async def transition_dispute(request: web.Request, ctx: Ctx) -> web.StreamRespon
         evidence=body.get("evidence"),
         refund_amount=refund_amount,
         returned=await returned_from(ctx, body, dispute.cooperative_id),
+        to_paying_number=bool(body.get("toPayingNumber")),
     )
     await ctx.session.commit()
     return json_response(presenter(ctx)(updated))

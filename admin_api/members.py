@@ -71,12 +71,16 @@ UPDATE = obj(
         **_FIELDS,
         "phone": {"type": "string", "minLength": 5, "maxLength": 32,
                   "description": "a corrected number (read in the cooperative's country, as on create); 409 if "
-                                 "another member of the cooperative has it, or if the member's number was released"},
+                                 "another member of the cooperative has it (naming her; phoneChange SWAP exchanges "
+                                 "their numbers), or if the member's number was released"},
         "phoneChange": {"enum": list(service.PHONE_CHANGES),
                         "description": "why phone is corrected (only with phone, 400 otherwise). NEW_SIM (the "
                                        "default): her number changed; a STOP she sent stays (remindersOptOut). "
                                        "TYPO: the old number was never hers; remindersOptOut is reset to false (a "
-                                       "STOP from it was its holder's)"},
+                                       "STOP from it was its holder's). SWAP: two members of the cooperative "
+                                       "exchange their numbers (sisters swapping phones): the member holding phone "
+                                       "gets this member's number, each audited (member.updated, swappedWith); 409 "
+                                       "when no other member holds phone"},
     },
     min_properties=1,
 )
@@ -256,8 +260,11 @@ async def update_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     )
     if approving:
         member = await service.approve_member(ctx.session, member, actor=ctx.who.actor, cipher=ctx.rt.cipher)
-    # A corrected number: the old one's USSD language and resume route are not hers any more.
-    return await _saved(ctx, member, was, forget=number if number != member.phone_index else None,
+    # A corrected number: the old one's USSD language and resume route are not hers any more. Swapped, neither
+    # number's are: the one she took was the other member's.
+    forget = (number, member.phone_index) if body.get("phoneChange") == "SWAP" and number != member.phone_index \
+        else (number,) if number != member.phone_index else ()
+    return await _saved(ctx, member, was, forget=forget,
                         warnings=[{"field": "phone", "message": said}] if said else [])
 
 
@@ -268,12 +275,13 @@ async def suspend_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return await _saved(ctx, member, was)
 
 
-async def _saved(ctx: Ctx, member: Member, was: str, *, forget: str | None = None,
+async def _saved(ctx: Ctx, member: Member, was: str, *, forget: tuple[str | None, ...] = (),
                  warnings: list[dict[str, str]] | None = None) -> web.StreamResponse:
     """Commit the change and answer with the member (and `warnings`, when given: UPDATED); `forget`: the blind
-    index of a number that is no longer the member's (_forget_number)."""
-    if forget is not None:
-        await queue_forget_phone(ctx.session, forget, cooperative_id=member.cooperative_id)
+    indexes of numbers that are no longer the member's (_forget_number)."""
+    indexes = [index for index in forget if index is not None]
+    for index in indexes:
+        await queue_forget_phone(ctx.session, index, cooperative_id=member.cooperative_id)
     if member.status == "SUSPENDED" and was != "SUSPENDED":
         # The member's tenant logins stop working now (sign-in and refresh are refused on the rows), and their
         # earlier refresh tokens for good: not again once she is made active.
@@ -282,8 +290,8 @@ async def _saved(ctx: Ctx, member: Member, was: str, *, forget: str | None = Non
         await end_sessions(ctx, "the member's", lambda: auth.revoke_member_tokens(
             ctx.session, ctx.rt.redis, member.id, ttl_seconds=ctx.rt.settings.jwt_ttl_seconds))
     await ctx.session.commit()
-    if forget is not None:
-        await _forget_number(ctx, member, forget)
+    for index in indexes:
+        await _forget_number(ctx, member, index)
     return json_response(present(member) if warnings is None else {**present(member), "warnings": warnings})
 
 
@@ -295,7 +303,7 @@ async def release_phone(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     member = await one(ctx, Member, request.match_info["id"], "member")
     index = member.phone_index
     member = await service.release_phone(ctx.session, member, actor=ctx.who.actor)
-    return await _saved(ctx, member, member.status, forget=index)
+    return await _saved(ctx, member, member.status, forget=(index,))
 
 
 async def erase_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -307,7 +315,7 @@ async def erase_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     index = member.phone_index
     sessions = await _recent_sessions(ctx, member, index)
     member = await service.erase_member(ctx.session, member, actor=ctx.who.actor)
-    answer = await _saved(ctx, member, member.status, forget=index)
+    answer = await _saved(ctx, member, member.status, forget=(index,))
     await _forget_sessions(ctx, member, sessions)
     return answer
 

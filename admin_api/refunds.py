@@ -66,6 +66,13 @@ RETURNED = {
           ["providerTransactionId"]),
     "description": "the provider already sent this money back (a chargeback): record it, send nothing",
 }
+TO_PAYING_NUMBER = {
+    "type": "boolean",
+    "description": "the payment was paid from a number its member no longer holds (her number was changed since: "
+                   "a new SIM), and the provider sends a refund back to the number that paid, which the operator may "
+                   "have given to someone else: true sends it there all the same (she still holds that wallet). "
+                   "Without it such a refund is refused (409) naming that number, nothing sent",
+}
 CREATE = obj(
     {
         "amount": {**AMOUNT_IN, "description": "major units, more than zero (400 otherwise); omitted = everything "
@@ -73,6 +80,7 @@ CREATE = obj(
         "reason": {"type": ["string", "null"], "maxLength": 300},
         "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128},
         "returnedByProvider": RETURNED,
+        "toPayingNumber": TO_PAYING_NUMBER,
     },
     ["idempotencyKey"],
 )
@@ -157,6 +165,7 @@ async def create_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         idempotency_key=body["idempotencyKey"],
         actor=ctx.who.actor,
         returned=await returned_from(ctx, body, payment.cooperative_id),
+        to_paying_number=bool(body.get("toPayingNumber")),
     )
     await ctx.session.commit()
     # A replay answers as the first request did (201), marked as payments' replays are.

@@ -160,9 +160,10 @@ async def add_note(session: AsyncSession, dispute: Dispute, *, actor: Actor, tex
 async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, cooperative_id: str | None,
                        target: DisputeStatus | str, actor: Actor, note: str | None = None,
                        evidence: str | None = None, refund_amount: Money | None = None,
-                       returned: ReturnedByProvider | None = None) -> Dispute:
-    """Move a dispute; RESOLVED may come with a refund of `refund_amount`, sent to the provider, or with `returned`
-    recorded as one the provider already made (a chargeback: never sent, so the member is not paid twice)."""
+                       returned: ReturnedByProvider | None = None, to_paying_number: bool = False) -> Dispute:
+    """Move a dispute; RESOLVED may come with a refund of `refund_amount`, sent to the provider (`to_paying_number`:
+    as core.refunds.request_refund takes it), or with `returned` recorded as one the provider already made (a
+    chargeback: never sent, so the member is not paid twice)."""
     try:
         target = DisputeStatus(target)
     except ValueError:
@@ -211,7 +212,7 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
                                          cooperative_id=dispute.cooperative_id, amount=refund_amount,
                                          reason=f"dispute {dispute.reference}",
                                          idempotency_key=f"dispute:{dispute.id}", actor=actor, dispute_id=dispute.id,
-                                         returned=returned)
+                                         returned=returned, to_paying_number=to_paying_number)
         values["refund_id"] = refund.id
     updated = await transition(session, DISPUTE, dispute.id, DisputeStatus(dispute.status), target, actor=actor,
                                values=values, audit={"note": note} if note else None)

@@ -76,6 +76,7 @@ SCOPE_MISSING = "SCOPE_MISSING"
 TOKEN_EXPIRED = "TOKEN_EXPIRED"
 TOKEN_INVALID = "TOKEN_INVALID"
 ACCOUNT_LOCKED = "ACCOUNT_LOCKED"
+PAYING_NUMBER_CHANGED = "PAYING_NUMBER_CHANGED"
 
 # Every `code` an API error answer may carry, with what it means (the OpenAPI document's Error schema lists them):
 # first each status's default, then the finer ones. Stable: a code is never renamed or given another meaning.
@@ -122,4 +123,7 @@ CODES: dict[str, str] = {
     TOKEN_EXPIRED: "401: the access or refresh token has expired: refresh it, or sign in again",
     TOKEN_INVALID: "401: the token is malformed, not signed by the gateway, revoked or already used: sign in again",
     ACCOUNT_LOCKED: "429: too many failed sign-ins for this account; wait Retry-After seconds",
+    PAYING_NUMBER_CHANGED: "409: the payment was paid from a number that is no longer its member's: the refund "
+                           "would go back to that number; send it with toPayingNumber: true, or pay her another "
+                           "way and record it with returnedByProvider",
 }

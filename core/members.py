@@ -295,7 +295,10 @@ PERSONAL_FIELDS = ("name", "unit")
 CHANGED = "changed"
 # Why a number is corrected (update_member's phone_change). NEW_SIM: she changed numbers; the STOP she sent as
 # this membership's member stays hers. TYPO: the number was never hers; a STOP sent from it was its holder's.
-PHONE_CHANGES = ("NEW_SIM", "TYPO")
+PHONE_CHANGES = ("NEW_SIM", "TYPO", "SWAP")
+# The 409 of a correction to a number another member of the cooperative holds (_change_phone), with her id.
+TAKEN_BY = (DUPLICATE_PHONE + " (member {holder}): correct hers first, or, if the two members exchange their "
+            "numbers (sisters swapping phones), send phoneChange SWAP")
 
 
 async def update_member(session: AsyncSession, member: Member, *, actor: Actor, name: str | None = None,
@@ -331,7 +334,8 @@ async def update_member(session: AsyncSession, member: Member, *, actor: Actor, 
     after.update({field: CHANGED for field in PERSONAL_FIELDS if getattr(member, field) != was[field]})
     if phone is not None:
         assert cipher is not None, "a new phone number is encrypted: pass the cipher"
-        changed = await _change_phone(session, cipher, member, phone, typo=phone_change == "TYPO")
+        changed = await _change_phone(session, cipher, member, phone, typo=phone_change == "TYPO",
+                                      swap=phone_change == "SWAP", actor=actor)
         if changed is not None:
             before.update(changed[0])
             after.update(changed[1])
@@ -342,7 +346,8 @@ async def update_member(session: AsyncSession, member: Member, *, actor: Actor, 
 
 
 async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member, phone: Phone, *,
-                        typo: bool = False) -> tuple[dict[str, Any], dict[str, Any]] | None:
+                        typo: bool = False, swap: bool = False,
+                        actor: Actor | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """Correct the member's number (typed wrong at registration, a new SIM): encrypted, blind-indexed and masked
     as create_member writes it, her history kept. The unique (cooperative, phone) index decides whether another
     member of the cooperative has it (a 409, as for a create). A new SIM (the default): her own flag stays, a STOP
@@ -353,13 +358,24 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
     time, unseen here. The old number's STOP is forgotten once no membership holds it (release_phone). The audit's
     before and after (masked numbers; remindersOptOut when it was reset), or None when the number is the one she
     has. The caller locked the row first (lock_member), and forgets the old number's USSD keys in Redis
-    (admin_api.members)."""
+    (admin_api.members). A swap (`swap`): the member of the cooperative holding the number gets hers in exchange
+    (_swap_with)."""
     if await _released(session, member.id):  # under the row's lock: none can release it meanwhile
         raise Conflict(REGISTER_AGAIN, field="phone")
     index = cipher.blind_index(phone.e164)
     old_index, old_mask = member.phone_index, member.phone_masked
     if index == old_index:
         return None
+    holder = await _holder(session, member.cooperative_id, index)
+    if swap:
+        if holder is None:
+            raise Conflict("no other member of the cooperative has this number: nothing to swap (send phoneChange "
+                           "NEW_SIM or TYPO)", field="phoneChange")
+        old_phone = member_phone(cipher, member)
+        holder.phone_enc = holder.phone_index = None  # for a moment: the unique index holds one number once
+        await session.flush()
+    elif holder is not None:
+        raise Conflict(TAKEN_BY.format(holder=holder.id), field="phone", code=MEMBER_PHONE_TAKEN)
     member.phone_enc = cipher.encrypt(phone.e164, context=phone_context(member.cooperative_id))
     member.phone_index = index
     member.phone_masked = phone.masked()
@@ -368,6 +384,10 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
             await session.flush()
     except IntegrityError:
         raise Conflict(DUPLICATE_PHONE, field="phone", code=MEMBER_PHONE_TAKEN) from None
+    if holder is not None and old_index is not None:
+        await _swap_with(session, cipher, holder, old_phone, phone, member, actor=actor)
+        await _readdress_queued(session, cipher, member.id, old_index, phone)
+        return {"phone": old_mask}, {"phone": member.phone_masked, "swappedWith": holder.id}
     if old_index is not None:
         await _readdress_queued(session, cipher, member.id, old_index, phone)
         await _forget_opt_out_if_unheld(session, old_index)
@@ -377,6 +397,29 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
         member.reminders_opt_out = False
         before["remindersOptOut"], after["remindersOptOut"] = True, False
     return before, after
+
+
+async def _holder(session: AsyncSession, cooperative_id: str, index: str) -> Member | None:
+    """The cooperative's member holding the number (blind index), locked: a swap gives her another."""
+    return (await session.execute(select(Member).where(
+        Member.cooperative_id == cooperative_id, Member.phone_index == index).with_for_update())).scalar_one_or_none()
+
+
+async def _swap_with(session: AsyncSession, cipher: PiiCipher, holder: Member, phone: Phone, phone_given: Phone,
+                     member: Member, *, actor: Actor | None) -> None:
+    """The other side of a swap: `holder` (her number `phone_given` just given to `member`) gets `member`'s old
+    number `phone` as a new SIM of hers (her STOP stays hers; both numbers stay held, so neither number's STOP is
+    forgotten), her texts waiting for the number she gave go to the one she gets, audited as her own correction."""
+    was = holder.phone_masked
+    holder.phone_enc = cipher.encrypt(phone.e164, context=phone_context(holder.cooperative_id))
+    holder.phone_index = cipher.blind_index(phone.e164)
+    holder.phone_masked = phone.masked()
+    await session.flush()
+    await _readdress_queued(session, cipher, holder.id, cipher.blind_index(phone_given.e164), phone)
+    await record(session, actor=actor or Actor("system", "system"), action="member.updated", entity_type="member",
+                 entity_id=holder.id, before={"language": holder.language, "status": holder.status, "phone": was},
+                 after={"language": holder.language, "status": holder.status, "phone": holder.phone_masked,
+                        "swappedWith": member.id}, cooperative_id=holder.cooperative_id)
 
 
 async def _readdress_queued(session: AsyncSession, cipher: PiiCipher, member_id: str, old_index: str,
@@ -522,7 +565,7 @@ async def erase_member(session: AsyncSession, member: Member, *, actor: Actor) -
     if (locked.name, locked.unit, locked.phone_masked, locked.phone_enc) == (ERASED_NAME, None, ERASED_MASK, None):
         return locked  # erased already (a name typed since is cleared again)
     hers = _Hers(locked.id, locked.cooperative_id, locked.phone_index,
-                 await _holds_number_since(session, locked) - NUMBER_MARGIN)
+                 await holds_number_since(session, locked) - NUMBER_MARGIN)
     await _refuse_open_money(session, hers)
     await _let_number_go(session, locked, ERASED_MASK)
     await session.execute(update(Member).where(Member.id == locked.id).values(name=ERASED_NAME, unit=None))
@@ -543,7 +586,7 @@ async def erase_member(session: AsyncSession, member: Member, *, actor: Actor) -
 NUMBER_MARGIN = timedelta(hours=1)
 
 
-async def _holds_number_since(session: AsyncSession, member: Member) -> datetime:
+async def holds_number_since(session: AsyncSession, member: Member) -> datetime:
     """When the member got the number she holds: her registration, or the last correction of her number (its
     member.updated audit row names the phone)."""
     changes = (await session.execute(

@@ -22,6 +22,7 @@ from core.errors import (
     IDEMPOTENCY_KEY_REUSED,
     INVALID_STATE,
     PARTIAL_REFUND_UNSUPPORTED,
+    PAYING_NUMBER_CHANGED,
     PROVIDER_REFUSED,
     REFUND_EXCEEDS_REFUNDABLE,
     BusinessRuleError,
@@ -29,7 +30,8 @@ from core.errors import (
     NotFound,
     ValidationError,
 )
-from core.models import Dispute, OutboxJob, Payment, ProviderEvent, Refund
+from core.members import holds_number_since
+from core.models import Dispute, Member, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
 from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, end_waiting, enqueue, enqueue_many, raised_sqlstate
@@ -114,9 +116,11 @@ async def request_refund(
     actor: Actor,
     dispute_id: str | None = None,
     returned: ReturnedByProvider | None = None,
+    to_paying_number: bool = False,
 ) -> tuple[Refund, bool]:
     """A refund of (part of) a collected payment, queued to its provider; with `returned`, one the provider already
-    made, recorded COMPLETED and never sent."""
+    made, recorded COMPLETED and never sent. `to_paying_number`: sent all the same when the number that paid is no
+    longer its member's (_paying_number_still_hers)."""
     key = (idempotency_key or "").strip()
     if not 8 <= len(key) <= 128:
         raise ValidationError("idempotencyKey must be 8 to 128 characters", field="idempotencyKey")
@@ -158,6 +162,8 @@ async def request_refund(
         _request_to_refund_known(payment, provider)
     if returned is None:
         await _recording_not_contested(session, payment)
+        if not to_paying_number:
+            await _paying_number_still_hers(session, payment)
     available = await refundable(session, payment)
     amount = amount or available
     if amount.currency != payment.currency:
@@ -299,6 +305,27 @@ def _request_to_refund_known(payment: Payment, provider: PaymentProvider) -> Non
                        "record that refund with returnedByProvider; record such payments with gatewayReference "
                        "(our request's reference, as the provider's statement shows it) so that they can be refunded",
                        code=PROVIDER_REFUSED)
+
+
+async def _paying_number_still_hers(session: AsyncSession, payment: Payment) -> None:
+    """A Conflict, before anything is queued, for a refund of a member's mobile-money payment made from a number
+    she no longer holds, her number corrected since (a new SIM, PATCH /v1/members): the provider sends a refund
+    back to the wallet that paid, and the operator gives an abandoned number to someone else. The admin says it
+    goes there all the same (`toPayingNumber`), or pays her another way and records that."""
+    from core.payments import METHOD_NAMES  # local: core.payments reaches back into this module
+
+    if payment.member_id is None or payment.method not in METHOD_NAMES:
+        return
+    member = await session.get(Member, payment.member_id)
+    if member is None or member.phone_index is None or member.phone_index == payment.payment_account_index:
+        return
+    if payment.created_at >= await holds_number_since(session, member):
+        return  # paid from another number (someone paying for her) while she held hers: as it was paid
+    raise Conflict(f"this payment was paid from {payment.payment_account_masked}, which is no longer its member's "
+                   f"number (changed since): {METHOD_NAMES[payment.method]} sends a refund back to the number that "
+                   "paid, which the operator may have given to someone else. Send it there only if the member still "
+                   "holds that wallet (toPayingNumber: true); else pay her another way and record it with "
+                   "returnedByProvider", field="toPayingNumber", code=PAYING_NUMBER_CHANGED)
 
 
 async def _recording_not_contested(session: AsyncSession, payment: Payment) -> None:

@@ -75,7 +75,10 @@ async def test_a_number_another_member_of_the_cooperative_has_is_refused(
         rt: Any, admin: Caller, demo: Any, coop_b: Any) -> None:
     diane = await admin.json("POST", "/v1/members", 201, json={"name": "Diane Keza", "phone": OLD})
     taken = await admin.json("PATCH", f"/v1/members/{diane['id']}", 409, json={"phone": "+250788000001"})  # Aline's
-    assert taken["message"] == "a member with this phone number already exists in this cooperative"
+    assert taken["message"] == (
+        "a member with this phone number already exists in this cooperative (member "
+        f"{demo['members']['+250788000001']}): correct hers first, or, if the two members exchange their numbers "
+        "(sisters swapping phones), send phoneChange SWAP")
     assert (await _member(rt, diane["id"])).phone_index == rt.cipher.blind_index(OLD)
     async with rt.sessionmaker() as s:
         assert (await s.execute(select(AuditEvent).where(

@@ -1,0 +1,276 @@
+"""Aline loses her SIM while a rent payment of hers waits for her MoMo PIN; her cooperative's admin moves her to her
+new number (PATCH member, NEW_SIM) and MTN gives the old number to a stranger, who dials the cooperative's code and
+texts its short code. Walked through the app: USSD as Africa's Talking sends it, SMS inbound, the admin API, the MTN
+and SMS simulators."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from aiohttp import web
+from sqlalchemy import select
+
+from channels.ussd.sessions import phone_keys
+from core.config import ProviderConfig, Secret
+from core.models import AuditEvent, Payment
+from providers.mtn_momo.adapter import MtnMomoAdapter
+from providers.mtn_momo.simulator import create_simulator
+from providers.simulation import STATE, SimulatorOptions
+from tests.admin_api.conftest import Caller, bearer, idem
+from tests.channels.sms.helpers import make_payment, start_simulator
+from tests.channels.sms.test_routes import inbound
+from tests.channels.ussd.helpers import AtPhone
+from tests.channels.ussd.test_flows_africastalking import option, reference_on
+from tests.conftest import drain
+from tests.providers.test_mtn_momo import CREDS as SIM_CREDS
+from tests.providers.wires import due_now
+
+OLD = "+250788000001"  # Aline's lost SIM (the demo's Kinyarwanda-speaking MTN member), recycled to a stranger
+NEW = "+250788123456"  # her new SIM
+
+
+REFUNDS_SENT = web.AppKey("refunds_sent", list)
+
+
+@contextlib.asynccontextmanager
+async def mtn(rt: Any, aiohttp_server: Any) -> AsyncIterator[web.Application]:
+    """The MTN simulator, every PIN prompt waiting for a decision (interactive), its callbacks dropped: the
+    worker's status polls learn the outcome."""
+    app = create_simulator(SimulatorOptions(delay=0.01, drop_callback=True, interactive=True,
+                                            credentials=SIM_CREDS))
+    app[REFUNDS_SENT] = []  # MTN's refund requests, as sent
+    server = await aiohttp_server(app, host="127.0.0.1")
+    config = ProviderConfig(base_url=str(server.make_url("")).rstrip("/"),
+                            credentials={k: Secret(v) for k, v in SIM_CREDS.items()},
+                            options={"target_environment": "mtnrwanda"})
+    async def record(request: httpx.Request) -> None:
+        if request.method == "POST" and request.url.path == "/disbursement/v1_0/refund":
+            app[REFUNDS_SENT].append(json.loads(request.content))
+
+    async with httpx.AsyncClient(event_hooks={"request": [record]}) as http:
+        rt.providers = {**rt.providers, "mtn_momo": MtnMomoAdapter(http, config)}
+        yield app
+
+
+async def settle(rt: Any, worker: Any, app: web.Application) -> None:
+    for _ in range(3):
+        await drain(worker)
+        await asyncio.sleep(0.05)
+        for kind in ("payment.poll", "refund.poll", "sms.send"):
+            await due_now(rt, kind)
+        await drain(worker)
+
+
+async def _pending_rent(client: Any, rt: Any, worker: Any, app: web.Application) -> tuple[str, Any]:
+    """Aline pays her rent from her old SIM; the PIN prompt reaches it and waits."""
+    phone = AtPhone(client, OLD)
+    await phone.dial()
+    types = await phone.send("1")
+    await phone.send(option(types, "Monthly Rent"))
+    done = await phone.send("1")
+    reference = reference_on(done)
+    await drain(worker)
+    for _ in range(50):
+        if app[STATE].prompts.pending(OLD):
+            break
+        await asyncio.sleep(0.02)
+    [prompt] = app[STATE].prompts.pending(OLD)
+    return reference, prompt
+
+
+async def _payment(rt: Any, reference: str) -> Payment:
+    async with rt.sessionmaker() as s:
+        return (await s.execute(select(Payment).where(Payment.reference == reference))).scalar_one()
+
+
+async def _texts(client: Any, rt: Any, worker: Any, app: web.Application, phone: str, *texts: str) -> None:
+    for text in texts:
+        await inbound(client, phone, text, f"in-{next(_inbound)}")
+    await settle(rt, worker, app)
+
+
+async def test_the_stranger_on_her_old_number_learns_nothing_of_her_payment(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    """The number that paid is answered about its payment for SMS_PAYER_ANSWER_DAYS (a husband paying for her):
+    not when that number was the member's own and she has since moved to another, its next holder being a
+    stranger. He read her pending rent (STATUS) and, once paid, got her receipt (RECEIPT): amount, type,
+    cooperative, reference and MTN's transaction id."""
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    async with mtn(rt, aiohttp_server) as app:
+        reference, prompt = await _pending_rent(client, rt, worker, app)
+        await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": NEW, "phoneChange": "NEW_SIM"})
+        # The stranger now holding her old SIM: a number no cooperative knows, in USSD and by SMS.
+        home = await AtPhone(client, OLD).dial()
+        assert home.startswith("CON Welcome to CoopPay") and "Kigali" not in home, home
+        mine = AtPhone(client, OLD)
+        await mine.dial()
+        assert (await mine.send("2")).startswith("END This phone is not registered with any cooperative.")
+        await _texts(client, rt, worker, app, OLD, f"STATUS {reference}", "BALANCE", f"RECEIPT {reference}")
+        # Her prompt, approved on the lost SIM before it went (MTN's answer comes later): paid, her receipt to
+        # her new number, in her language.
+        app[STATE].prompts.decide(prompt.reference, True)
+        await settle(rt, worker, app)
+        paid = await _payment(rt, reference)
+        assert (paid.status, paid.member_id) == ("COMPLETED", aline)
+        [receipt] = [m["message"] for m in sms.messages(NEW)]
+        assert receipt.startswith("Twakiriye 50,000 RWF") and reference in receipt
+        await _texts(client, rt, worker, app, OLD, f"RECEIPT {reference}", f"STATUS {paid.provider_transaction_id}")
+        told = [str(m["message"]) for m in sms.messages(OLD)]
+        assert all(reference not in text or text.startswith("No payment") for text in told), told
+        assert not any("50,000" in text or "Monthly Rent" in text for text in told), told
+        # From her new number she asks as before.
+        await _texts(client, rt, worker, app, NEW, f"RECEIPT {reference}")
+        assert [m["message"] for m in sms.messages(NEW)][-1] == receipt
+
+
+_inbound = itertools.count(1)
+
+
+async def _paid_then_moved(client: Any, rt: Any, worker: Any, app: web.Application, admin: Caller,
+                           aline: str) -> Payment:
+    reference, prompt = await _pending_rent(client, rt, worker, app)
+    app[STATE].prompts.decide(prompt.reference, True)
+    await settle(rt, worker, app)
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": NEW})
+    return await _payment(rt, reference)
+
+
+SENT_BACK_TO_OLD = ("this payment was paid from +25078****001, which is no longer its member's number (changed "
+                    "since): MTN MoMo sends a refund back to the number that paid, which the operator may have given "
+                    "to someone else. Send it there only if the member still holds that wallet (toPayingNumber: "
+                    "true); else pay her another way and record it with returnedByProvider")
+
+
+async def test_a_refund_to_the_number_she_no_longer_holds_is_confirmed_first(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    """MTN refunds to the wallet that paid: her old SIM's, now perhaps a stranger's. The admin refunding her rent
+    expected it to reach Aline (and her SMS says it did); he is told where it would go before anything is sent."""
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    async with mtn(rt, aiohttp_server) as app:
+        paid = await _paid_then_moved(client, rt, worker, app, admin, aline)
+        refused = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 409,
+                                   json={"reason": "overpaid", "idempotencyKey": idem()})
+        assert (refused["message"], refused.get("field"), refused["code"]) == (
+            SENT_BACK_TO_OLD, "toPayingNumber", "PAYING_NUMBER_CHANGED"), refused
+        # A dispute resolved with a refund is refused alike, and stays open.
+        dispute = await admin.json("POST", "/v1/disputes", 201, json={
+            "paymentId": paid.id, "reason": "OTHER", "note": "paid twice"})
+        resolve = {"status": "RESOLVED", "note": "refunded", "refundAmount": 50000}
+        assert (await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 409, json=resolve))["message"] \
+            == SENT_BACK_TO_OLD
+        assert (await admin.json("GET", f"/v1/disputes/{dispute['id']}", 200))["status"] == "OPEN"
+        await settle(rt, worker, app)
+        assert app[REFUNDS_SENT] == []
+        assert (await admin.json("GET", f"/v1/payments/{paid.id}/refunds", 200))["data"] == []
+        # She still holds that wallet (she says so at the office): sent there, as asked.
+        await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200,
+                         json={**resolve, "toPayingNumber": True})
+        await settle(rt, worker, app)
+        [sent] = app[REFUNDS_SENT]
+        assert sent["referenceIdToRefund"] == paid.provider_reference
+        [refund] = (await admin.json("GET", f"/v1/payments/{paid.id}/refunds", 200))["data"]
+        assert refund["status"] == "COMPLETED"
+        # Her refund SMS to her new number; her old number had only her receipt, sent while she held it.
+        assert "RFD_" in str(sms.messages(NEW)[-1]["message"])
+        assert not any("RFD_" in str(m["message"]) for m in sms.messages(OLD))
+
+
+async def test_her_payments_from_her_new_number_refund_as_before(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    _server, _sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    async with mtn(rt, aiohttp_server) as app:
+        await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": NEW})
+        phone = AtPhone(client, NEW)
+        await phone.dial()
+        types = await phone.send("1")
+        await phone.send(option(types, "Monthly Rent"))
+        reference = reference_on(await phone.send("1"))
+        await drain(worker)
+        for _ in range(50):
+            if app[STATE].prompts.pending(NEW):
+                break
+            await asyncio.sleep(0.02)
+        [prompt] = app[STATE].prompts.pending(NEW)
+        app[STATE].prompts.decide(prompt.reference, True)
+        await settle(rt, worker, app)
+        paid = await _payment(rt, reference)
+        await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201, json={"idempotencyKey": idem()})
+        await settle(rt, worker, app)
+        assert [r["referenceIdToRefund"] for r in app[REFUNDS_SENT]] == [paid.provider_reference]
+
+
+SISTER = "+250788123789"  # Béatrice, Aline's sister, a member too
+
+
+async def test_two_sisters_swap_their_phones(rt: Any, demo: dict[str, Any], client: Any) -> None:
+    """Two members exchanging numbers: each number is held by the other, so a correction alone is refused whichever
+    goes first (one member per number). The 409 names who holds it and the way: phoneChange SWAP."""
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    paid = await make_payment(rt, demo["cooperative_id"], account=OLD, member_id=aline)
+    sister = (await admin.json("POST", "/v1/members", 201, json={"name": "Beatrice Uwase", "phone": SISTER}))["id"]
+    for key in (*phone_keys(rt.cipher.blind_index(OLD)), *phone_keys(rt.cipher.blind_index(SISTER))):
+        await rt.redis.set(key, "rw")
+    refused = await admin.json("PATCH", f"/v1/members/{aline}", 409, json={"phone": SISTER})
+    assert refused["message"] == (f"a member with this phone number already exists in this cooperative (member "
+                                  f"{sister}): correct hers first, or, if the two members exchange their numbers "
+                                  "(sisters swapping phones), send phoneChange SWAP"), refused
+    assert refused["code"] == "MEMBER_PHONE_TAKEN"
+    nobody = await admin.json("PATCH", f"/v1/members/{aline}", 409, json={"phone": NEW, "phoneChange": "SWAP"})
+    assert nobody["field"] == "phoneChange"
+    swapped = await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": SISTER, "phoneChange": "SWAP"})
+    assert swapped["phone"] == "+25078****789"
+    assert (await admin.json("GET", f"/v1/members/{sister}", 200))["phone"] == "+25078****001"
+    assert [m["id"] for m in (await admin.json("GET", f"/v1/members?phone={OLD}", 200))["data"]] == [sister]
+    assert [m["id"] for m in (await admin.json("GET", f"/v1/members?phone={SISTER}", 200))["data"]] == [aline]
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, paid.id)).member_id == aline  # her history stays hers
+        events = (await s.execute(select(AuditEvent).where(AuditEvent.action == "member.updated")
+                                  .order_by(AuditEvent.id))).scalars().all()
+    assert [(e.entity_id, e.before["phone"], e.after["phone"], e.after.get("swappedWith")) for e in events] == [
+        (sister, "+25078****789", "+25078****001", aline), (aline, "+25078****001", "+25078****789", sister)]
+    assert all(e.actor == events[0].actor and e.actor.startswith("admin:") for e in events)
+    # Neither number's USSD language is carried over to the sister who now holds it.
+    assert await rt.redis.exists(*phone_keys(rt.cipher.blind_index(OLD)),
+                                 *phone_keys(rt.cipher.blind_index(SISTER))) == 0
+    # Her old number dials as her sister, a member.
+    home = await AtPhone(client, OLD).dial()
+    assert home.startswith("CON Welcome to Kigali"), home
+
+
+async def test_her_prompt_never_approved_fails_to_her_new_number(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    """The lost SIM's prompt declined (or expired): the payment fails cleanly, its SMS to her new number only, and
+    from it she pays again."""
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    async with mtn(rt, aiohttp_server) as app:
+        reference, prompt = await _pending_rent(client, rt, worker, app)
+        await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": NEW})
+        app[STATE].prompts.decide(prompt.reference, False)
+        await settle(rt, worker, app)
+        failed = await _payment(rt, reference)
+        assert failed.status == "CANCELLED"  # declined at the prompt
+        [told] = [str(m["message"]) for m in sms.messages(NEW)]
+        assert reference in told
+        assert sms.messages(OLD) == []
+        shown = await admin.json("GET", f"/v1/payments/{failed.id}", 200)
+        assert (shown["status"], shown["memberId"], shown["paymentAccount"]) == ("CANCELLED", aline, "+25078****001")
+        phone = AtPhone(client, NEW)
+        await phone.dial()
+        types = await phone.send("1")
+        await phone.send(option(types, "Monthly Rent"))
+        assert (await phone.send("1")).startswith("END Emeza")  # her PIN prompt, in Kinyarwanda
