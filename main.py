@@ -388,7 +388,8 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
 
             await ensure_scheduled(rt)
         worker_task = asyncio.create_task(worker.run_forever()) if worker else None
-        log.info("serving", extra={"url": settings.public_base_url, "worker": with_worker})
+        log.info("serving", extra={"url": settings.public_base_url, "listen": f"{settings.host}:{settings.port}",
+                                   "worker": with_worker})
         if banner:
             print(banner, flush=True)
         await stop.wait()
@@ -396,7 +397,8 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
         if worker and worker_task:
             await _stop_worker(worker, worker_task, settings)
     finally:
-        await runner.cleanup()
+        await runner.cleanup()  # answers the requests in flight first (aiohttp's shutdown_timeout, 60 s)
+    log.info("stopped")
 
 
 async def _listen(site: web.TCPSite, host: str, port: int, names: str = "HOST, PORT") -> None:
@@ -453,6 +455,7 @@ async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0, *
         await stop_background(watcher, watch_stop, name="Redis watch")
         if runner is not None:
             await runner.cleanup()
+    log.info("worker stopped")
 
 
 async def _stop_worker(worker: Any, task: asyncio.Task[Any], settings: Settings) -> None:

@@ -16,8 +16,10 @@ from urllib.parse import parse_qs, urlparse
 class ConfigError(Exception):
     """A configuration variable is missing or invalid; the message names it."""
 
-    def __init__(self, variable: str, problem: str) -> None:
-        super().__init__(f"configuration error: {variable}: {problem}")
+    def __init__(self, variable: str, problem: str, *more: tuple[str, str]) -> None:
+        # `more`: other variables wrong at once, each on its own line (a first install misses them all).
+        lines = (f"configuration error: {name}: {what}" for name, what in ((variable, problem), *more))
+        super().__init__("\n".join(lines))
         self.variable = variable
 
 
@@ -427,6 +429,16 @@ _PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
     "mpesa": {"SHORTCODE": "174379"},
     "irembopay": {"PAYMENT_ACCOUNT": "PI-demo", "PAYMENT_ITEM_CODE": "PC-demo"},
 }
+# Options whose defaults are demo or sandbox accounts: production names its own (a live provider refuses these).
+_PRODUCTION_OPTIONS: dict[str, dict[str, str]] = {
+    "mtn_momo": {"TARGET_ENVIRONMENT": "the country's MTN environment, e.g. mtnrwanda"},
+    "mpesa": {"SHORTCODE": "your Daraja paybill or till number"},
+    "irembopay": {"PAYMENT_ACCOUNT": "your IremboPay payment account", "PAYMENT_ITEM_CODE": "your IremboPay "
+                                                                                         "product code"},
+}
+# Daraja's sandbox test paybill, the default: refused in production, where it is nobody's account.
+MPESA_SANDBOX_SHORTCODE = "174379"
+_SMS_USERNAME_WHY = "your Africa's Talking account's username"
 # MTN MoMo's X-Target-Environment values: its sandbox and one per country it operates in. A wrong one is
 # refused by MTN on every call, so it is checked at start-up; production must name a live market.
 MTN_TARGET_ENVIRONMENTS = frozenset({
@@ -574,13 +586,75 @@ def _callback_previous_secrets(env: Mapping[str, str],
     return previous
 
 
+def _sms_username(env: Mapping[str, str], production: bool) -> str:
+    """Africa's Talking's username: `sandbox` (the default) is its test account, which texts no phone, and which
+    its live API refuses: in production every SMS, receipts included, would fail."""
+    username = _get(env, "SMS_USERNAME", "sandbox")
+    if production and username.strip() == "sandbox":
+        raise ConfigError("SMS_USERNAME", f"must not be sandbox in production (Africa's Talking's test account): "
+                                          f"{_SMS_USERNAME_WHY}")
+    return username
+
+
+def _missing_in_production(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Every variable production needs that is not set, in the order load_settings checks them: a first install
+    is told them all at once rather than one per start. (Their values are checked afterwards, one at a time.)"""
+    def unset(name: str) -> bool:
+        return not env.get(name, "").strip()
+
+    missing = [(name, "is required in production (the default is the embedded one, for trying the gateway out)")
+               for name in ("DATABASE_URL", "REDIS_URL") if unset(name)]
+    if unset("PII_ENCRYPTION_KEYS"):
+        missing.append(("PII_ENCRYPTION_KEYS", "is required in production (keyid:key, the key 32 bytes in base64, "
+                                               "e.g. k1: and the output of openssl rand -base64 32)"))
+    for name in PROVIDER_NAMES:
+        prefix = name.upper()
+        missing += [(f"{prefix}_{cred}", "is required in production") for cred in _PROVIDER_CREDENTIALS[name]
+                    if cred != "CALLBACK_KEY" and unset(f"{prefix}_{cred}")]
+        if unset(f"{prefix}_BASE_URL"):
+            missing.append((f"{prefix}_BASE_URL", "is required in production (the default is the simulator)"))
+        missing += [(f"{prefix}_{option}", f"is required in production ({why})")
+                    for option, why in _PRODUCTION_OPTIONS.get(name, {}).items() if unset(f"{prefix}_{option}")]
+    if unset("PUBLIC_BASE_URL"):
+        missing.append(("PUBLIC_BASE_URL", "is required in production (providers call back to it)"))
+    for name, why in (("MPESA", "M-Pesa callbacks are unsigned"), ("MTN_MOMO", "MTN callbacks are unsigned")):
+        if unset(f"CALLBACK_SECRET_{name}"):
+            missing.append((f"CALLBACK_SECRET_{name}", f"is required in production ({why})"))
+    if unset("CALLBACK_SECRET_AIRTEL") and unset("AIRTEL_CALLBACK_KEY"):
+        missing.append(("CALLBACK_SECRET_AIRTEL", "is required in production unless AIRTEL_CALLBACK_KEY is set "
+                                                  "(Airtel callbacks are otherwise unauthenticated)"))
+    if unset("CALLBACK_SECRET_SMS"):
+        missing.append(("CALLBACK_SECRET_SMS", "is required in production (SMS callbacks are unsigned)"))
+    missing += [(name, "is required in production (at least 32 bytes, e.g. the output of openssl rand -base64 32)")
+                for name in ("JWT_SECRET", "BLIND_INDEX_KEY") if unset(name)]
+    for name in USSD_AGGREGATORS:
+        allowlist = f"USSD_IP_ALLOWLIST_{name.upper()}"
+        if unset(f"CALLBACK_SECRET_{name.upper()}") and unset(allowlist) and unset("USSD_IP_ALLOWLIST"):
+            missing.append((f"CALLBACK_SECRET_{name.upper()}",
+                            f"is required in production unless USSD_IP_ALLOWLIST or {allowlist} is set "
+                            "(USSD callbacks would otherwise be accepted from anyone)"))
+    if unset("SMS_BASE_URL"):
+        missing.append(("SMS_BASE_URL", "is required in production (the default is the simulator)"))
+    if unset("SMS_USERNAME"):
+        missing.append(("SMS_USERNAME", f"is required in production ({_SMS_USERNAME_WHY})"))
+    if unset("SMS_API_KEY"):
+        missing.append(("SMS_API_KEY", "is required in production"))
+    if "SMS_SENDER_ID" not in env:  # set empty, it is Africa's Talking's default sender
+        missing.append(("SMS_SENDER_ID", "is required in production (the sender id Africa's Talking registered for "
+                                         "you, or empty for its default sender)"))
+    return missing
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate every variable; raise ConfigError naming the first bad one."""
+    """Read and validate every variable; raise ConfigError naming the first bad one (in production, first every
+    required variable that is not set, one line each)."""
     env = os.environ if env is None else env
     environment = _get(env, "GATEWAY_ENV", "development")
     if environment not in ("development", "production", "test"):
         raise ConfigError("GATEWAY_ENV", "must be development, production or test")
     production = environment == "production"
+    if production and (missing := _missing_in_production(env)):
+        raise ConfigError(*missing[0], *missing[1:])
 
     database_url = _database_url(env)
     redis_cluster = _bool(env, "REDIS_CLUSTER", False)
@@ -639,6 +713,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                    for opt, default in _PROVIDER_OPTIONS[name].items()}
         if name == "mtn_momo":
             _check_mtn_environment(env, production)
+        if name == "mpesa" and production and options["shortcode"].strip() == MPESA_SANDBOX_SHORTCODE:
+            raise ConfigError("MPESA_SHORTCODE", f"must not be {MPESA_SANDBOX_SHORTCODE} in production (Daraja's "
+                                                 "sandbox test paybill): your paybill or till number")
         if name in ("mtn_momo", "airtel"):
             _account_currency(name, options)
         for opt in ("CONNECT_TIMEOUT", "READ_TIMEOUT"):  # seconds; read by providers.calls.timeout_from
@@ -719,7 +796,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ussd_ip_allowlist=allowlist,
         providers=providers,
         sms_base_url=base_url("SMS_BASE_URL", "africastalking"),
-        sms_username=_get(env, "SMS_USERNAME", "sandbox"),
+        sms_username=_sms_username(env, production),
         sms_api_key=secret("SMS_API_KEY"),
         sms_sender_id=env.get("SMS_SENDER_ID", "COOPPAY"),
         sms_rate_per_second=_float(env, "SMS_RATE_PER_SECOND", 50.0),

@@ -298,3 +298,61 @@ def test_serve_on_an_address_it_cannot_listen_on_names_host_and_port(migrated_da
         line = _one_line(result)
         assert line.startswith(f"cannot start: OSError: cannot listen on {host}:{port} (HOST, PORT): "), line
         assert says in line
+
+
+@requires_pg
+def test_serve_and_worker_stopped_by_sigterm_say_so_last(migrated_database):
+    # The operator's `kill -TERM <pid>` (systemd's stop): each process finishes what it was doing, exits 0 and its
+    # last log line says it stopped, so a log read after a deploy tells a clean stop from a killed or hung one.
+    import json
+
+    import redis
+
+    # An earlier test's reference mark, above this database's sequence, would stop the start (exit 2).
+    redis.Redis.from_url(_base_env()["REDIS_URL"]).delete("references:high-water")
+
+    ports = {"serve": free_port(), "worker": free_port()}
+    procs = {
+        "serve": subprocess.Popen([sys.executable, "main.py", "serve"], cwd=ROOT,
+                                  env={**_base_env(), "PORT": str(ports["serve"])}, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL),
+        "worker": subprocess.Popen([sys.executable, "main.py", "worker", "--metrics-port", str(ports["worker"])],
+                                   cwd=ROOT, env=_base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True, stdin=subprocess.DEVNULL),
+    }
+    try:
+        for name, path in (("serve", "/readyz"), ("worker", "/healthz")):
+            deadline, answered = time.monotonic() + 60, False
+            while not answered and time.monotonic() < deadline and procs[name].poll() is None:
+                try:
+                    answered = httpx.get(f"http://127.0.0.1:{ports[name]}{path}", timeout=5).status_code == 200
+                except httpx.TransportError:
+                    time.sleep(0.3)
+            assert answered, procs[name].communicate()[1]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+        stderr = {name: proc.communicate(timeout=90)[1] for name, proc in procs.items()}
+    for name, last in (("serve", "stopped"), ("worker", "worker stopped")):
+        assert procs[name].returncode == 0, stderr[name]
+        lines = [json.loads(line) for line in stderr[name].splitlines() if line.startswith("{")]
+        assert lines[-1]["msg"] == last, stderr[name]
+        if name == "serve":  # where it listens, not only the public URL the providers call back to
+            [serving] = [line for line in lines if line["msg"] == "serving"]
+            assert serving["listen"] == f"127.0.0.1:{ports['serve']}", serving
+
+
+def test_the_readme_lists_every_command():
+    # An operator reads the README's table of commands, not the code: `prune`, `advance-references` and
+    # `sync-opt-outs` were missing from it while the README's own procedures told her to run them.
+    import argparse
+    import re
+
+    from main import build_parser
+
+    [sub] = [action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| command | what it does |", 1)[1].split("\n\n", 1)[0]
+    listed = {match.group(1) for match in re.finditer(r"^\| `([a-z-]+)", table, re.MULTILINE)}
+    assert listed == set(sub.choices), set(sub.choices) ^ listed

@@ -61,8 +61,12 @@ def test_secret_never_shows():
         ({"PII_ENCRYPTION_KEYS": "k1:" + base64.b64encode(b"short").decode()}, "PII_ENCRYPTION_KEYS"),
         ({"PII_ACTIVE_KEY_ID": "nope"}, "PII_ACTIVE_KEY_ID"),
         ({"GATEWAY_ENV": "staging"}, "GATEWAY_ENV"),
-        ({"GATEWAY_ENV": "production"}, "PII_ENCRYPTION_KEYS"),
-        ({"GATEWAY_ENV": "production", "PII_ENCRYPTION_KEYS": "k1:" + base64.b64encode(b"k" * 32).decode(),
+        ({"GATEWAY_ENV": "production"}, "DATABASE_URL"),
+        ({"GATEWAY_ENV": "production", "DATABASE_URL": "postgresql+asyncpg://gw@db/gw"}, "REDIS_URL"),
+        ({"GATEWAY_ENV": "production", "DATABASE_URL": "postgresql+asyncpg://gw@db/gw", "REDIS_URL": "redis://r/0"},
+         "PII_ENCRYPTION_KEYS"),
+        ({"GATEWAY_ENV": "production", "DATABASE_URL": "postgresql+asyncpg://gw@db/gw", "REDIS_URL": "redis://r/0",
+          "PII_ENCRYPTION_KEYS": "k1:" + base64.b64encode(b"k" * 32).decode(),
           "BLIND_INDEX_KEY": "x", "JWT_SECRET": "y", "SMS_API_KEY": "z"}, "MTN_MOMO_API_USER"),
         ({"MTN_MOMO_BASE_URL": "ftp://x"}, "MTN_MOMO_BASE_URL"),
         ({"SIMULATORS_IN_PROCESS": "maybe"}, "SIMULATORS_IN_PROCESS"),
@@ -111,7 +115,9 @@ def _production_env() -> dict[str, str]:
            "CALLBACK_SECRET_AFRICASTALKING": "a" * 24, "CALLBACK_SECRET_HUBTEL": "h" * 24,
            "CALLBACK_SECRET_NALO": "n" * 24,
            "PUBLIC_BASE_URL": "https://pay.example.rw", "SMS_BASE_URL": "https://api.africastalking.com",
-           "MTN_MOMO_TARGET_ENVIRONMENT": "mtnrwanda"}
+           "MTN_MOMO_TARGET_ENVIRONMENT": "mtnrwanda", "SMS_USERNAME": "twisungane", "SMS_SENDER_ID": "TWISUNGANE",
+           "MPESA_SHORTCODE": "600981",
+           "IREMBOPAY_PAYMENT_ACCOUNT": "PI-4b1c9e", "IREMBOPAY_PAYMENT_ITEM_CODE": "PC-77a2f0"}
     for provider, creds in _PROVIDER_CREDENTIALS.items():
         env[f"{provider.upper()}_BASE_URL"] = f"https://{provider}.example.com"
         for cred in creds:
@@ -149,6 +155,69 @@ def test_production_refuses_unsafe_settings(change, variable):
     with pytest.raises(ConfigError) as info:
         load_settings({**_production_env(), **change})
     assert info.value.variable == variable
+
+
+@pytest.mark.parametrize(("change", "variable", "says"), [
+    # Demo and sandbox values that would reach a live provider: Africa's Talking's sandbox account texts no phone,
+    # 174379 is Daraja's sandbox paybill, PI-demo and PC-demo no IremboPay account's.
+    ({"SMS_USERNAME": ""}, "SMS_USERNAME", "is required in production (your Africa's Talking account's username)"),
+    ({"SMS_USERNAME": "sandbox"}, "SMS_USERNAME", "must not be sandbox in production"),
+    ({"MPESA_SHORTCODE": ""}, "MPESA_SHORTCODE", "is required in production"),
+    ({"MPESA_SHORTCODE": "174379"}, "MPESA_SHORTCODE", "must not be 174379 in production"),
+    ({"IREMBOPAY_PAYMENT_ACCOUNT": ""}, "IREMBOPAY_PAYMENT_ACCOUNT", "is required in production"),
+    ({"IREMBOPAY_PAYMENT_ITEM_CODE": ""}, "IREMBOPAY_PAYMENT_ITEM_CODE", "is required in production"),
+])
+def test_production_takes_no_demo_or_sandbox_account(change, variable, says):
+    with pytest.raises(ConfigError) as info:
+        load_settings({**_production_env(), **change})
+    assert info.value.variable == variable
+    assert str(info.value).startswith(f"configuration error: {variable}: {says}")
+
+
+def test_production_sends_sms_from_a_sender_id_it_was_given():
+    # The default, COOPPAY, is registered with nobody's Africa's Talking account: each SMS would be refused.
+    env = {k: v for k, v in _production_env().items() if k != "SMS_SENDER_ID"}
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert str(info.value) == ("configuration error: SMS_SENDER_ID: is required in production (the sender id "
+                               "Africa's Talking registered for you, or empty for its default sender)")
+    assert load_settings({**env, "SMS_SENDER_ID": ""}).sms_sender_id == ""
+    assert load_settings({**env, "SMS_SENDER_ID": "TWISUNGANE"}).sms_sender_id == "TWISUNGANE"
+    assert load_settings({k: v for k, v in env.items() if k != "GATEWAY_ENV"}).sms_sender_id == "COOPPAY"
+
+
+def test_production_names_every_missing_variable_at_once():
+    # A first install sets none of them: each is named on its own line in one go, not one per restart.
+    result = _main("migrate", GATEWAY_ENV="production", DATABASE_URL="postgresql+asyncpg://gw@127.0.0.1:1/gw",
+                   REDIS_URL="redis://127.0.0.1:1/0")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("configuration error: ") for line in lines), lines
+    named = [line.split(":")[1].strip() for line in lines]
+    assert named[0] == "PII_ENCRYPTION_KEYS"
+    from core.config import _PROVIDER_CREDENTIALS
+
+    expected = {"PII_ENCRYPTION_KEYS", "PUBLIC_BASE_URL", "JWT_SECRET", "BLIND_INDEX_KEY", "SMS_BASE_URL",
+                "SMS_USERNAME", "SMS_API_KEY", "SMS_SENDER_ID", "MTN_MOMO_TARGET_ENVIRONMENT", "MPESA_SHORTCODE",
+                "IREMBOPAY_PAYMENT_ACCOUNT", "IREMBOPAY_PAYMENT_ITEM_CODE",
+                *(f"CALLBACK_SECRET_{name}" for name in ("MPESA", "MTN_MOMO", "AIRTEL", "SMS", "AFRICASTALKING",
+                                                          "HUBTEL", "NALO")),
+                *(f"{provider.upper()}_BASE_URL" for provider in _PROVIDER_CREDENTIALS),
+                *(f"{provider.upper()}_{cred}" for provider, creds in _PROVIDER_CREDENTIALS.items()
+                  for cred in creds if cred != "CALLBACK_KEY")}
+    assert set(named) == expected and len(named) == len(expected)
+    # Set them all but one: that one alone is named.
+    env = {k: v for k, v in _production_env().items() if k != "JWT_SECRET"}
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert str(info.value) == ("configuration error: JWT_SECRET: is required in production (at least 32 bytes, "
+                               "e.g. the output of openssl rand -base64 32)")
+    # A key's line says how to make one.
+    env = {k: v for k, v in _production_env().items() if k != "PII_ENCRYPTION_KEYS"}
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert str(info.value) == ("configuration error: PII_ENCRYPTION_KEYS: is required in production (keyid:key, the "
+                               "key 32 bytes in base64, e.g. k1: and the output of openssl rand -base64 32)")
 
 
 def test_production_needs_some_authentication_of_airtel_callbacks():

@@ -90,13 +90,13 @@ def test_development_and_test_still_start_open_with_a_warning(
     assert any("without a URL secret" in r.getMessage() for r in caplog.records), caplog.records
 
 
-def test_serve_stops_with_one_line_naming_the_variable() -> None:
+def test_serve_stops_with_a_line_naming_each_variable() -> None:
     clean: dict[str, Any] = {k: v for k, v in os.environ.items()
                              if not k.startswith(("CALLBACK_SECRET_", "USSD_IP_ALLOWLIST", "WORKER_METRICS_PORT"))}
     result = subprocess.run([sys.executable, "main.py", "serve"], capture_output=True, text=True,
                             env={**clean, **_open_ussd_env()}, timeout=60, check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "configuration error: CALLBACK_SECRET_AFRICASTALKING: is required in production unless "
-        "USSD_IP_ALLOWLIST or USSD_IP_ALLOWLIST_AFRICASTALKING is set "
-        "(USSD callbacks would otherwise be accepted from anyone)"]
+        f"configuration error: CALLBACK_SECRET_{name}: is required in production unless "
+        f"USSD_IP_ALLOWLIST or USSD_IP_ALLOWLIST_{name} is set "
+        "(USSD callbacks would otherwise be accepted from anyone)" for name in ("AFRICASTALKING", "HUBTEL", "NALO")]
