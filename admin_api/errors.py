@@ -13,7 +13,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingErr
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from core.db import utcnow
-from core.errors import DomainError, ValidationError
+from core.errors import DomainError, ValidationError, status_code
 from core.inbound import unreadable
 from core.ratelimit import Decision
 
@@ -24,17 +24,6 @@ RATE_DECISION = web.RequestKey("ratelimit", Decision)
 # answered only when it is one of them. A refusal of the entity's state (a payment already VOIDED) names its
 # `status`, which is no field of the request that was refused.
 REQUEST_FIELDS = web.RequestKey("request_fields", frozenset)
-# The code of an answer that names none (an HTTP-level refusal, a fault): its status's, as core.errors' classes have.
-STATUS_CODES = {
-    400: "VALIDATION_FAILED", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
-    408: "REQUEST_TIMEOUT", 409: "CONFLICT", 413: "BODY_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
-    422: "BUSINESS_RULE_VIOLATED", 429: "RATE_LIMITED", 500: "INTERNAL_ERROR", 503: "SERVICE_UNAVAILABLE",
-}
-
-
-def status_code(status: int) -> str:
-    """The default `code` of an error answer of `status` (another 4xx is the request's fault, another 5xx ours)."""
-    return STATUS_CODES.get(status) or ("VALIDATION_FAILED" if status < 500 else "INTERNAL_ERROR")
 
 
 class ApiError(DomainError):

@@ -15,7 +15,7 @@ from admin_api.validation import LIMIT, PAGE, Param, body_datetime
 from channels.sms import jobs as sms_jobs
 from core import webhooks
 from core.audit import Actor, record
-from core.errors import Conflict, NotFound, ValidationError
+from core.errors import INVALID_STATE, Conflict, NotFound, ValidationError
 from core.jobs import payment_and_now
 from core.models import OutboxJob
 from core.outbox import job_lane, job_subject, replay_job, subject_filter
@@ -105,15 +105,15 @@ async def _collect_still_open(session: AsyncSession, job: OutboxJob) -> None:
     payment, now = await payment_and_now(session, str((job.payload or {}).get("payment_id") or ""))
     if payment is not None and payment.status == "PROCESSING":
         raise Conflict(f"payment {payment.id} is PROCESSING: the provider has its request, so replaying its collect "
-                       "job would send nothing. Its callback or status poll settles it")
+                       "job would send nothing. Its callback or status poll settles it", code=INVALID_STATE)
     if payment is not None and payment.status != "PENDING":
         reason = f" ({payment.failure_reason})" if payment.failure_reason else ""
         raise Conflict(f"payment {payment.id} is {payment.status}{reason}: replaying its collect job would send "
-                       "nothing")
+                       "nothing", code=INVALID_STATE)
     if payment is not None and payment.status == "PENDING" and now >= payment.expires_at:
         raise Conflict(f"payment {payment.id}'s approval window is over: replaying its collect job would send "
                        "nothing (a PIN prompt now would come too late). Its status poll settles it; the payer "
-                       "can start a new payment")
+                       "can start a new payment", code=INVALID_STATE)
 
 
 def present(job: OutboxJob) -> dict[str, Any]:
@@ -219,7 +219,8 @@ async def _replay_one(ctx: Ctx, job_id: int) -> OutboxJob:
     if job is None:
         # Named, so a replay sent again (its answer lost) reads as the first one taken: PENDING, back in the queue.
         current = await ctx.session.get(OutboxJob, job_id)  # the row replay_job read and locked
-        raise Conflict(f"job {job_id} is {current.status if current else 'gone'}: only a PARKED job can be replayed")
+        raise Conflict(f"job {job_id} is {current.status if current else 'gone'}: only a PARKED job can be replayed",
+                       code=INVALID_STATE)
     reopen = ON_REPLAY.get(job.kind)
     if reopen is not None:
         await reopen(ctx.session, job, ctx.who.actor)

@@ -11,7 +11,7 @@ from aiohttp import web
 from sqlalchemy import or_, select
 
 from core import auth
-from core.errors import DomainError
+from core.errors import DomainError, status_code
 from core.models import Cooperative, Payment, PaymentType
 from core.references import REFERENCE_SHAPE
 from core.runtime import RUNTIME, SETTINGS
@@ -187,7 +187,8 @@ async def simulator_payment(request: web.Request) -> web.Response:
 # --- operations data --------------------------------------------------------------------------------
 
 
-def _error(request: web.Request, status: int, message: str) -> web.Response:
+def _error(request: web.Request, status: int, message: str, code: str | None = None) -> web.Response:
+    """The API's error shape, with `code`: the refusal's (an expired token's TOKEN_EXPIRED), else its status's."""
     from datetime import UTC, datetime
 
     reason = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}.get(
@@ -199,6 +200,7 @@ def _error(request: web.Request, status: int, message: str) -> web.Response:
             "statusCode": status,
             "message": message,
             "error": reason,
+            "code": code or status_code(status),
             "timestamp": datetime.now(UTC).isoformat(),
             "path": request.path,
         },
@@ -230,7 +232,7 @@ async def ops_data(request: web.Request) -> web.Response:
         async with rt.sessionmaker() as session:  # a deactivated account's token is refused here too
             await auth.check_token(rt.redis, session, principal, claims)
     except DomainError as exc:
-        return _error(request, 401, str(exc) or "unauthorized")
+        return _error(request, 401, str(exc) or "unauthorized", exc.code if exc.status == 401 else None)
     if principal.role not in OPS_ROLES:
         return _error(request, 403, "the operations page is for super admins and cooperative admins")
     requested = request.query.get("cooperativeId", "").strip() or None

@@ -27,7 +27,7 @@ from admin_api.validation import LIMIT, PAGE, Param
 from core import auth
 from core import users as accounts
 from core.audit import record
-from core.errors import Conflict, Forbidden, NotFound, ValidationError
+from core.errors import MEMBER_NOT_FOUND, NAME_TAKEN, Conflict, Forbidden, NotFound, ValidationError
 from core.models import AdminUser, ApiKey, Member
 
 USER = out(
@@ -110,7 +110,7 @@ async def create_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
             )
         )
         if found.scalar_one_or_none() is None:
-            raise NotFound("member not found")
+            raise NotFound("member not found", field="memberId", code=MEMBER_NOT_FOUND)
     elif member_id:
         raise ValidationError("memberId is only for a TENANT", field="memberId")
     username = body["username"].strip()
@@ -150,8 +150,8 @@ async def _refuse_taken(ctx: Ctx, username: str) -> None:
     taken_message = accounts.username_taken(username, taken.username)
     if visible and not taken.is_active:
         raise Conflict(f"{taken_message} by a deactivated account: turn it on again with PATCH "
-                       f"/v1/users/{taken.id} {{\"isActive\": true}}", field="username")
-    raise Conflict(taken_message, field="username")
+                       f"/v1/users/{taken.id} {{\"isActive\": true}}", field="username", code=NAME_TAKEN)
+    raise Conflict(taken_message, field="username", code=NAME_TAKEN)
 
 
 async def list_users(request: web.Request, ctx: Ctx) -> web.StreamResponse:

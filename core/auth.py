@@ -27,7 +27,16 @@ from core.audit import Actor, record
 from core.config import Settings
 from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
 from core.db import insert_ignore, row_insert, serialise_on_sqlite, utcnow, wall
-from core.errors import TOKEN_EXPIRED, TOKEN_INVALID, Conflict, DomainError, Forbidden, NotFound, ValidationError
+from core.errors import (
+    NAME_TAKEN,
+    TOKEN_EXPIRED,
+    TOKEN_INVALID,
+    Conflict,
+    DomainError,
+    Forbidden,
+    NotFound,
+    ValidationError,
+)
 from core.metrics import PREVIOUS_SECRET_USED, REDIS_EVICTED_KEYS, REDIS_EVICTING, REDIS_WRITES_REFUSED
 from core.models import AdminUser, ApiKey, AuditEvent, Cooperative, Member, PaymentType, UsedRefreshToken
 from core.ratelimit import subject_tag
@@ -1035,7 +1044,7 @@ async def create_user(
 
         taken = await session.execute(select(AdminUser.id).where(username_is(username)))
         if taken.scalar_one_or_none() is not None:
-            raise Conflict(username_taken(username), field="username") from None
+            raise Conflict(username_taken(username), field="username", code=NAME_TAKEN) from None
         raise
     return user
 

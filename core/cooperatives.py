@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core.audit import Actor, record
 from core.config import USSD_AGGREGATORS
 from core.db import utcnow
-from core.errors import Conflict, NotFound, ValidationError
+from core.errors import NAME_TAKEN, Conflict, NotFound, ValidationError
 from core.members import LANGUAGES
 from core.models import Cooperative
 from core.money import EXPONENTS
@@ -148,7 +148,7 @@ async def _unique(session: AsyncSession, values: dict[str, Any], exclude: str | 
             stmt = stmt.where(Cooperative.id != exclude)
         holder = (await session.execute(stmt.limit(1))).first()
         if holder is not None:
-            raise Conflict(_taken(label, values[column], *holder), field=label)
+            raise Conflict(_taken(label, values[column], *holder), field=label, code=NAME_TAKEN)
 
 
 def _taken(label: str, value: str, holder_id: str, held: str, status: str) -> str:

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.db import iso_ms, iso_z, lock_row, parse_aware, serialise_on_sqlite, utcnow
-from core.errors import INVALID_STATE, BusinessRuleError, Conflict, NotFound, ValidationError
+from core.errors import DISPUTE_ALREADY_OPEN, INVALID_STATE, BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, OutboxJob, Payment
 from core.money import Money
 from core.notify import changed_at, notice_jobs, sms_dedupe
@@ -104,7 +104,7 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
         .order_by(Dispute.created_at, Dispute.id).limit(1)  # several, left by an earlier race: name the first
     )).scalars().first()
     if already is not None:
-        raise Conflict(f"dispute {already.reference} is already open for this payment")
+        raise Conflict(f"dispute {already.reference} is already open for this payment", code=DISPUTE_ALREADY_OPEN)
     dispute = Dispute(
         id=str(uuid.uuid4()), cooperative_id=payment.cooperative_id, payment_id=payment.id,
         member_id=payment.member_id, reference=await cooperative_reference(session, "DSP", payment.cooperative_id),

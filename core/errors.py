@@ -56,6 +56,19 @@ class ServiceUnavailable(DomainError):
     code = "SERVICE_UNAVAILABLE"
 
 
+# The code of an error answer that names none (an HTTP-level refusal, a fault): its status's, as the classes have.
+STATUS_CODES = {
+    400: "VALIDATION_FAILED", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
+    408: "REQUEST_TIMEOUT", 409: "CONFLICT", 413: "BODY_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
+    422: "BUSINESS_RULE_VIOLATED", 429: "RATE_LIMITED", 500: "INTERNAL_ERROR", 503: "SERVICE_UNAVAILABLE",
+}
+
+
+def status_code(status: int) -> str:
+    """The default `code` of an error answer of `status` (another 4xx is the request's fault, another 5xx ours)."""
+    return STATUS_CODES.get(status) or ("VALIDATION_FAILED" if status < 500 else "INTERNAL_ERROR")
+
+
 # The finer codes raise sites name.
 IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
 IDEMPOTENCY_KEY_IN_FLIGHT = "IDEMPOTENCY_KEY_IN_FLIGHT"
@@ -72,6 +85,8 @@ PAYMENT_METHOD_NOT_AVAILABLE = "PAYMENT_METHOD_NOT_AVAILABLE"
 PAYMENT_ACCOUNT_NOT_ACCEPTED = "PAYMENT_ACCOUNT_NOT_ACCEPTED"
 PROVIDER_REFUSED = "PROVIDER_REFUSED"
 WEBHOOK_URL_TAKEN = "WEBHOOK_URL_TAKEN"
+NAME_TAKEN = "NAME_TAKEN"
+DISPUTE_ALREADY_OPEN = "DISPUTE_ALREADY_OPEN"
 SCOPE_MISSING = "SCOPE_MISSING"
 TOKEN_EXPIRED = "TOKEN_EXPIRED"
 TOKEN_INVALID = "TOKEN_INVALID"
@@ -103,8 +118,11 @@ CODES: dict[str, str] = {
                                   "this key cannot read",
     PAYMENT_ALREADY_RECORDED: "409: this request's money is recorded already (a payment recorded from the "
                               "provider's statement): it is not collected again",
-    INVALID_STATE: "409 or 422: the payment, refund, dispute or member is in a state that does not allow the "
-                   "operation (message names its state)",
+    INVALID_STATE: "409 or 422: the payment, refund, dispute, member, job or webhook endpoint is in a state that "
+                   "does not allow the operation, or one it depends on is (a member's payment still open, a "
+                   "payment's open dispute); message names the state. 422: a refund of a payment whose money "
+                   "was not collected, or a move its state machine does not allow (a dispute to a disallowed "
+                   "status, or to its own); 409 otherwise",
     REFUND_EXCEEDS_REFUNDABLE: "422: the refund's amount exceeds what is left to refund of the payment",
     PARTIAL_REFUND_UNSUPPORTED: "422: the payment's provider refunds only the full amount",
     DUPLICATE_REFERENCE: "409: the id, reference, gatewayReference or provider transaction id is held already by "
@@ -119,6 +137,10 @@ CODES: dict[str, str] = {
     PROVIDER_REFUSED: "400 or 409: the provider would refuse it, checked before anything is sent: a currency or "
                       "an amount it does not take, a refund it cannot be sent",
     WEBHOOK_URL_TAKEN: "409: an ACTIVE webhook endpoint of the cooperative has this URL already",
+    NAME_TAKEN: "409: the name is another's already (field names it): a payment type's name in the cooperative, an "
+                "account's username (in any case), a cooperative's shortCode or ussdExtension",
+    DISPUTE_ALREADY_OPEN: "409: a dispute of the payment is open already (message names it): add a note "
+                          "to it with POST /v1/disputes/{id}/transitions",
     SCOPE_MISSING: "403: the API key lacks the scope the route needs (message names it)",
     TOKEN_EXPIRED: "401: the access or refresh token has expired: refresh it, or sign in again",
     TOKEN_INVALID: "401: the token is malformed, not signed by the gateway, revoked or already used: sign in again",

@@ -328,7 +328,7 @@ async def update_member(session: AsyncSession, member: Member, *, actor: Actor, 
         if status not in MEMBER_STATUSES:
             raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
         if status != "SUSPENDED" and status != member.status and await _released(session, member.id):
-            raise Conflict(REGISTER_AGAIN, field="status")
+            raise Conflict(REGISTER_AGAIN, field="status", code=INVALID_STATE)
         member.status = status
     after: dict[str, Any] = {"language": member.language, "status": member.status}
     after.update({field: CHANGED for field in PERSONAL_FIELDS if getattr(member, field) != was[field]})
@@ -361,7 +361,7 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
     (admin_api.members). A swap (`swap`): the member of the cooperative holding the number gets hers in exchange
     (_swap_with)."""
     if await _released(session, member.id):  # under the row's lock: none can release it meanwhile
-        raise Conflict(REGISTER_AGAIN, field="phone")
+        raise Conflict(REGISTER_AGAIN, field="phone", code=INVALID_STATE)
     index = cipher.blind_index(phone.e164)
     old_index, old_mask = member.phone_index, member.phone_masked
     if index == old_index:
@@ -630,13 +630,13 @@ async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
     open_payments = sum(status in OPEN_PAYMENT_VALUES for status in statuses)
     if open_payments:
         raise Conflict(f"the member has {open_payments} payment(s) still open (PENDING or PROCESSING): "
-                       "erase the member once they have settled")
+                       "erase the member once they have settled", code=INVALID_STATE)
     open_refunds = (await session.execute(
         select(func.count()).select_from(Refund).join(Payment, Payment.id == Refund.payment_id)
         .where(of_hers, Refund.status.in_(OPEN_REFUND_VALUES)))).scalar_one()
     if open_refunds:
         raise Conflict(f"the member has {open_refunds} refund(s) still open (PENDING or PROCESSING): "
-                       "erase the member once they have settled")
+                       "erase the member once they have settled", code=INVALID_STATE)
 
 
 async def _erase_payments(session: AsyncSession, hers: _Hers) -> int:

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.db import serialise_on_sqlite, utcnow
-from core.errors import Conflict, NotFound, ValidationError
+from core.errors import NAME_TAKEN, Conflict, NotFound, ValidationError
 from core.models import Cooperative, PaymentType
 from core.money import Money
 from core.payments import METHOD_OPERATOR, METHODS, wallets_by_operator
@@ -222,7 +222,7 @@ async def create_payment_type(
     if errors:
         raise ValidationError(errors[0], errors=errors)
     if await _name_taken(session, cooperative_id, fields.name, None):
-        raise Conflict(f"a payment type named {fields.name.strip()!r} already exists")
+        raise Conflict(f"a payment type named {fields.name.strip()!r} already exists", field="name", code=NAME_TAKEN)
     pt = PaymentType(
         cooperative_id=cooperative_id,
         name=fields.name.strip(),
@@ -315,7 +315,8 @@ async def update_payment_type(
     if "name" in changes:
         await _cooperative(session, cooperative_id)  # the lock: see _cooperative
         if await _name_taken(session, cooperative_id, changes["name"], pt.id):
-            raise Conflict(f"a payment type named {changes['name'].strip()!r} already exists")
+            raise Conflict(f"a payment type named {changes['name'].strip()!r} already exists", field="name",
+                           code=NAME_TAKEN)
     for key, value in changes.items():
         if key == "amount":
             pt.amount_minor = value.minor

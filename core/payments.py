@@ -2409,13 +2409,13 @@ async def void_recording(session: AsyncSession, *, payment_id: str, cooperative_
                                                       Refund.status != RefundStatus.FAILED.value).limit(1))).first()
     if refund is not None:
         raise Conflict(f"refund {refund.reference} of this payment is {refund.status}: money may be on its way "
-                       "back to the payer, so the recording is not voided", field="status")
+                       "back to the payer, so the recording is not voided", field="status", code=INVALID_STATE)
     dispute = (await session.execute(
         select(Dispute.reference, Dispute.status).where(Dispute.payment_id == payment.id,
                                                         Dispute.status.in_(OPEN_DISPUTES)).limit(1))).first()
     if dispute is not None:
         raise Conflict(f"dispute {dispute.reference} of this payment is {dispute.status}: close it before voiding "
-                       "the recording", field="status")
+                       "the recording", field="status", code=INVALID_STATE)
     if current is not P.COMPLETED:  # (a refund, which the checks above refuse, moves it on)
         raise Conflict(f"payment is {current.value}: only a COMPLETED recording is voided", field="status",
                        code=INVALID_STATE)

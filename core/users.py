@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core import auth
 from core.audit import Actor, record
 from core.crypto import hash_password, verify_password
-from core.errors import Conflict, NotFound, ValidationError
+from core.errors import NAME_TAKEN, Conflict, NotFound, ValidationError
 from core.models import AdminUser, ApiKey, AuditEvent, Cooperative
 from core.text import is_uuid
 
@@ -75,7 +75,7 @@ async def create_admin(session: AsyncSession, *, username: str, password: str, r
     if held is not None:
         # The command line is the operator's: it may name the other spelling, which the API does not show.
         case = "" if held == name else f" (as {held}: {_SAME_IN_ANY_CASE})"
-        raise Conflict(f"the username {name} is taken{case}", field="username")
+        raise Conflict(f"the username {name} is taken{case}", field="username", code=NAME_TAKEN)
     user = await auth.create_user(session, username=name, password=password, role=role,
                                   cooperative_id=cooperative_id)
     await record(session, actor=actor, action="user.created", entity_type="user", entity_id=user.id,

@@ -19,6 +19,7 @@ from core.audit import Actor
 from core.auth import callback_secret_ok
 from core.config import Settings
 from core.db import lock_row
+from core.errors import status_code
 from core.inbound import JSON_ERRORS, client_address, limit_key, read_capped
 from core.logs import scrub
 from core.metrics import CALLBACK_REJECTED
@@ -49,8 +50,10 @@ def callback_url(settings: Settings, provider: str) -> str:
 
 
 def _error(request: web.Request, status: int, message: str) -> web.Response:
+    """The API's error shape, with its status's `code` (core.errors.status_code) as every API error has."""
     return web.json_response({"statusCode": status, "message": message, "error": HTTPStatus(status).phrase,
-                              "timestamp": datetime.now(UTC).isoformat(), "path": request.path},
+                              "code": status_code(status), "timestamp": datetime.now(UTC).isoformat(),
+                              "path": request.path},
                              status=status)
 
 

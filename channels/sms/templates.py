@@ -179,10 +179,12 @@ async def balance_items(session: AsyncSession, member: Member, coop: Cooperative
         elif found.waiting:
             amount = catalog.BALANCE_WAITING.format(amount=amount, waiting=Money(found.waiting, ptype.currency)
                                                     .format(language))
-        owed.append((not found.waiting, found.left == 0, short_name(ptype.name), amount))
+        owed.append((not found.waiting, found.left == 0, ptype.name, amount))
     owed.sort(key=lambda item: item[:2])  # stable: by name within each
+    names = short_names([name for *_order, name, _amount in owed])
     # Past BALANCE_READ, unread (no query each): counted in "+N more" (balance_text), nameless.
-    return [(name, amount) for *_order, name, amount in owed] + [("", "")] * max(0, len(types) - BALANCE_READ)
+    return [(name, amount) for name, (*_item, amount) in zip(names, owed, strict=True)] + [("", "")] * max(
+        0, len(types) - BALANCE_READ)
 
 
 def short_name(name: str) -> str:
@@ -194,6 +196,26 @@ def short_name(name: str) -> str:
         return name
     head = name[:BALANCE_NAME + 1].rpartition(" ")[0].rstrip()  # the character after the cut: a space ends a word
     return head or name[:BALANCE_NAME].rstrip()
+
+
+def short_names(names: list[str]) -> list[str]:
+    """short_name of each, except that names it would make read the same while they differ (which one is paid?)
+    keep what tells them apart: cut at BALANCE_NAME characters, mid-word, when their first characters differ
+    ("Amafaranga y'umutekano" and "Amafaranga y'ubwisungane" were both "Amafaranga"), else their start and the end
+    that differs, as the USSD list names them ("Monthly Rent - Block A" and "... B": "Monthly Ren..Block A")."""
+    cut = [short_name(name) for name in names]
+    for label in {label for label in cut if cut.count(label) > 1}:
+        group = [i for i, other in enumerate(cut) if other == label]
+        full = [_clean(names[i]) for i in group]
+        labels = [name[:BALANCE_NAME].rstrip() for name in full]
+        if len(set(labels)) < len(labels):
+            differ = next((k for k in range(1, BALANCE_NAME) if len({name[-k:] for name in full}) == len(full)), None)
+            if differ is not None and differ + 6 <= BALANCE_NAME - 6:
+                tail = differ + 6
+                labels = [name[:BALANCE_NAME - 2 - tail].rstrip() + ".." + name[-tail:] for name in full]
+        for i, shown in zip(group, labels, strict=True):
+            cut[i] = shown
+    return cut
 
 
 def balance_text(owed: list[tuple[str, str]], language: str, shown: int = BALANCE_TYPES) -> str:

@@ -222,3 +222,102 @@ def test_the_readme_lists_every_code() -> None:
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert [code for code in CODES if f"`{code}`" not in readme] == []
+
+
+async def test_refresh_token_expired_and_revoked(client: Any, rt: Any, demo: dict[str, Any]) -> None:
+    # An expired refresh token says so (the client signs in again), as an expired access token does.
+    past = utcnow() - timedelta(days=30)
+    old = _token(rt, typ="refresh", iat=past, exp=past + timedelta(days=7))
+    expired = await _refused(await client.post("/v1/auth/refresh", json={"refreshToken": old}), 401)
+    assert (expired["code"], expired["message"]) == ("TOKEN_EXPIRED", "token has expired")
+    # A refresh token of a session a new password ended: revoked.
+    username, password = demo["admin"]
+    first = await login(client, username, password)
+    second = await login(client, username, password)
+    resp = await client.post("/v1/auth/password", json={"currentPassword": password,
+                                                         "newPassword": "another-long-passphrase-9"},
+                             headers={"Authorization": f"Bearer {second['accessToken']}"})
+    assert resp.status == 200, await resp.text()
+    revoked = await _refused(await client.post("/v1/auth/refresh", json={"refreshToken": first["refreshToken"]}),
+                             401)
+    assert (revoked["code"], revoked["message"]) == ("TOKEN_INVALID", "token has been revoked")
+
+
+async def test_conflicts_an_integrator_tells_apart(admin: Caller, superadmin: Caller, rt: Any,
+                                                   demo: dict[str, Any]) -> None:
+    rent = demo["payment_types"]["Monthly Rent"]
+    paid = await admin.json("POST", "/v1/payments", 201, json=payment_body(rent))
+    await complete_payment(rt, paid["id"])
+    opened = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
+    again = await admin.json("POST", "/v1/disputes", 409, json={"paymentId": paid["id"], "reason": "OTHER"})
+    assert again["code"] == "DISPUTE_ALREADY_OPEN" and opened["reference"] in again["message"]
+
+    # A name another of its kind has: the payment type's (created or renamed), the account's username.
+    named = await admin.json("POST", "/v1/payment-types", 409, json={"name": "monthly rent", "amount": 5})
+    assert (named["code"], named["field"]) == ("NAME_TAKEN", "name")
+    water = await admin.json("POST", "/v1/payment-types", 201, json={"name": "Water (codes)", "amount": 5})
+    renamed = await admin.json("PATCH", f"/v1/payment-types/{water['id']}", 409, json={"name": "Monthly Rent"})
+    assert (renamed["code"], renamed["field"]) == ("NAME_TAKEN", "name")
+    user = {"username": "clerk.codes", "password": "a-long-clerk-passphrase-1", "role": "COOP_ADMIN"}
+    await admin.json("POST", "/v1/users", 201, json=user)
+    taken = await admin.json("POST", "/v1/users", 409, json={**user, "username": "Clerk.Codes"})
+    assert (taken["code"], taken["field"]) == ("NAME_TAKEN", "username")
+    coop = {"name": "Codes SACCO", "shortCode": "CDS", "country": "RW", "contactPhone": "0788123999"}
+    await superadmin.json("POST", "/v1/cooperatives", 201, json=coop)
+    code = await superadmin.json("POST", "/v1/cooperatives", 409, json={**coop, "shortCode": "cds"})
+    assert (code["code"], code["field"]) == ("NAME_TAKEN", "shortCode")
+    # A tenant account for a memberId that names no member: as a payment's.
+    nobody = await admin.json("POST", "/v1/users", 404, json={
+        "username": "tenant.codes", "password": "a-long-tenant-passphrase-1", "role": "TENANT",
+        "memberId": "00000000-0000-4000-8000-000000000000"})
+    assert (nobody["code"], nobody["field"]) == ("MEMBER_NOT_FOUND", "memberId")
+
+
+async def test_state_refusals_say_invalid_state(admin: Caller, rt: Any, demo: dict[str, Any]) -> None:
+    from core.outbox import enqueue
+
+    # A job that is not PARKED (queued, or replayed already) is not replayed.
+    async with rt.sessionmaker.begin() as s:
+        await enqueue(s, "no.such.kind", {"n": 1}, dedupe_key="codes-test", cooperative_id=demo["cooperative_id"])
+    async with rt.sessionmaker() as s:
+        from sqlalchemy import select
+
+        from core.models import OutboxJob
+        job_id = (await s.execute(select(OutboxJob.id).where(OutboxJob.dedupe_key == "codes-test"))).scalar_one()
+    queued = await admin.json("POST", f"/v1/jobs/{job_id}/replay", 409)
+    assert queued["code"] == "INVALID_STATE" and "PARKED" in queued["message"]
+
+    # A member with a payment still open is not erased yet.
+    rent = demo["payment_types"]["Monthly Rent"]
+    member = demo["members"]["+250788000001"]
+    await admin.json("POST", "/v1/payments", 201, json=payment_body(rent, memberId=member))
+    await admin.json("DELETE", f"/v1/members/{member}", 200)
+    erase = await admin.json("POST", f"/v1/members/{member}/erase", 409)
+    assert erase["code"] == "INVALID_STATE" and "still open" in erase["message"]
+
+    # A recording is not voided while a dispute of its payment is open.
+    recorded = await admin.json("POST", "/v1/payments/recorded", 201, json={
+        "paymentTypeId": rent, "amount": 50000, "paymentMethod": "MOBILE_MONEY_MTN",
+        "paymentAccount": "+250788000002", "providerTransactionId": "TX-CODES-1",
+        "completedAt": (utcnow() - timedelta(minutes=5)).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "note": "MTN statement", "idempotencyKey": idem()})
+    # MTN's refund names the request that took the money, which a recording without gatewayReference lacks.
+    unsendable = await admin.json("POST", f"/v1/payments/{recorded['id']}/refunds", 409,
+                                  json={"amount": 1000, "idempotencyKey": idem()})
+    assert unsendable["code"] == "PROVIDER_REFUSED" and "nothing was sent" in unsendable["message"]
+    await admin.json("POST", "/v1/disputes", 201, json={"paymentId": recorded["id"], "reason": "OTHER"})
+    void = await admin.json("POST", f"/v1/payments/{recorded['id']}/void", 409, json={"note": "typed twice"})
+    assert void["code"] == "INVALID_STATE" and "close it before voiding" in void["message"]
+
+
+async def test_ops_data_and_provider_callback_errors_have_a_code(client: Any, rt: Any, tenant: Caller) -> None:
+    """Outside /v1 an integrator (the ops page's script, a provider's or her own test callback) sees error
+    answers in the same shape: with a code, a 401 of /ops/data saying whether to refresh the token."""
+    past = utcnow() - timedelta(hours=1)
+    expired = await _refused(await client.get("/ops/data", headers={
+        "Authorization": f"Bearer {_token(rt, iat=past, exp=past + timedelta(minutes=5))}"}), 401)
+    assert expired["code"] == "TOKEN_EXPIRED"
+    assert (await _refused(await client.get("/ops/data"), 401))["code"] == "UNAUTHORIZED"
+    assert (await _refused(await tenant.req("GET", "/ops/data"), 403))["code"] == "FORBIDDEN"
+    unknown = await _refused(await client.post("/webhooks/payments/nosuch", json={}), 404)
+    assert unknown["code"] == "NOT_FOUND"

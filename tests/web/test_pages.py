@@ -162,8 +162,9 @@ async def test_ops_data_refuses_missing_and_bad_tokens(pages: Any, rt: Any, demo
     resp = await pages.get("/ops/data")
     assert resp.status == 401
     body = await resp.json()
-    assert set(body) == {"statusCode", "message", "error", "timestamp", "path"}
-    assert body["path"] == "/ops/data" and resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert set(body) == {"statusCode", "message", "error", "code", "timestamp", "path"}
+    assert (body["path"], body["code"]) == ("/ops/data", "UNAUTHORIZED")
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     secret = rt.settings.jwt_secret.get()
     now = utcnow()
     claims = {"sub": "u", "role": "SUPER_ADMIN", "coop": None, "iss": auth.ISSUER, "aud": auth.AUDIENCE,

@@ -153,6 +153,39 @@ async def test_long_names_are_cut_between_words(rt: Any, demo: dict[str, Any], s
         "Dial *384*123*123# to pay.")
 
 
+async def test_names_cut_alike_are_told_apart(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any,
+                                             worker: Any) -> None:
+    """Two names that differ in their first BALANCE_NAME characters but not before their last space there: cut
+    between words both read "Amafaranga" (which is which was paid?); such names are cut where they must, as before,
+    which tells them apart."""
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(PaymentType).where(PaymentType.cooperative_id == demo["cooperative_id"]).values(
+            is_active=False))
+        for name, amount in (("Amafaranga y'umutekano", 2_000), ("Amafaranga y'ubwisungane", 3_000),
+                             ("Monthly security levy", 1_000)):
+            s.add(PaymentType(cooperative_id=demo["cooperative_id"], name=name, amount_minor=amount, currency="RWF",
+                              is_recurring=True, recurring_interval="MONTHLY", due_day=5, is_active=True))
+    assert await ask(sms_client, sim, worker, JEAN, "BAL", "bal-alike") == (
+        "Still to pay this period (KHHC): Amafaranga y'ubwisun 3,000 RWF, Amafaranga y'umuteka 2,000 RWF, "
+        "Monthly security 1,000 RWF. Dial *384*123*123# to pay.")
+
+
+async def test_names_alike_in_their_first_characters_keep_their_ends(rt: Any, demo: dict[str, Any], sms_client: Any,
+                                                                     sim: Any, worker: Any) -> None:
+    """Each block's rent: both cut to "Monthly Rent - Block" (which one is paid?). They keep the end that tells
+    them apart, as the USSD list names them."""
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(PaymentType).where(PaymentType.cooperative_id == demo["cooperative_id"]).values(
+            is_active=False))
+        for name, amount in (("Monthly Rent - Block A", 50_000), ("Monthly Rent - Block B", 40_000)):
+            s.add(PaymentType(cooperative_id=demo["cooperative_id"], name=name, amount_minor=amount, currency="RWF",
+                              is_recurring=True, recurring_interval="MONTHLY", due_day=5, is_active=True))
+    await _pay(rt, demo, JEAN, "Monthly Rent - Block B", 40_000)
+    assert await ask(sms_client, sim, worker, JEAN, "BAL", "bal-blocks") == (
+        "Still to pay this period (KHHC): Monthly Ren..Block A 50,000 RWF, Monthly Ren..Block B paid. "
+        "Dial *384*123*123# to pay.")
+
+
 async def test_paid_types_say_paid(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any) -> None:
     await _pay(rt, demo, JEAN, "Water", 5_000)
     assert await ask(sms_client, sim, worker, JEAN, "BALANCE", "bal-paid") == (
