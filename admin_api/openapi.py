@@ -132,6 +132,18 @@ _NOTES = {
                     "(YYYY-MM-DD in the row's cooperative's time zone: the day the period's bare dates count it "
                     "in), `memberName`, `cooperativeShortCode`, `failureReason`. Amounts in major units of "
                     "`currency`, as in the JSON (50000 RWF, 1500.00 KES).",
+    "dues_report": "For the treasurer's question \"who has not paid November's rent yet?\": "
+                   "/v1/reports/dues?paymentTypeId=<rent>&period=2026-11-01&status=UNPAID. A payment counts toward "
+                   "the period as the reminders count it (core.reminders.PaidFor): the money kept by the member's "
+                   "payments of it, in the type's currency, against the type's price. Amounts in major units of the "
+                   "type's currency, as in every report. Read when asked: a payment completed or refunded since "
+                   "changes a closed period's lines.",
+    "dues_csv": "The lines of GET /v1/reports/dues (same query; every line, no pages), in the same order (by name, "
+                "then member id). Columns: `memberId`, `name`, `unit`, `status`, `currency`, `amountDue`, "
+                "`amountPaid`, `amountAwaitingApproval`, `amountOutstanding` (major units of `currency`, as in the "
+                "JSON), `lastPaymentAt` (UTC; empty when none), `dueDate` (the period's, YYYY-MM-DD local). "
+                "`delimiter`, `excel` and `bom` as the other exports (`excel`: a unit of digits only is written as "
+                "text).",
     "refunds_csv": "One row per refund, oldest first (by createdAt, or completedAt with basis=completed, then id). "
                    "Columns: `id`, `reference`, `paymentId`, `paymentReference`, `createdAt` (asked for) and "
                    "`completedAt` (paid back; empty if not) as UTC instants, `status` (now), `amount`, `currency`, "
@@ -160,7 +172,7 @@ def _operation(route: Route) -> dict[str, Any]:
         for name in re.findall(r"{(\w+)}", route.path)
     ]
     params += [
-        {"name": name, "in": "query", "required": False, "description": p.description, "schema": p.schema()}
+        {"name": name, "in": "query", "required": p.required, "description": p.description, "schema": p.schema()}
         for name, p in route.query.items()
     ]
     rate = route.effective_limit()

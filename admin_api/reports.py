@@ -7,13 +7,18 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy import select
 
-from admin_api.common import AMOUNT_OUT, NULL_DATETIME
+from admin_api.common import AMOUNT_OUT, DATETIME, ID, META, NULL_DATETIME, capped_count, json_response, meta
 from admin_api.errors import apply_rate_headers
 from admin_api.payments import STATUSES as PAYMENT_STATUSES
 from admin_api.routing import Ctx, Route
-from admin_api.validation import Param, period_params
+from admin_api.validation import LIMIT, PAGE, Param, period_params
 from core import reports
+from core.db import iso_z, utcnow
+from core.errors import NotFound
+from core.models import Cooperative, PaymentType
+from core.money import total_to_api
 from core.payments import METHODS
 from core.state.refund import RefundStatus
 
@@ -340,6 +345,157 @@ async def refunds_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return await _send_csv(request, ctx, chunks, "refunds.csv", bom=_bom(ctx))
 
 
+async def _dues(ctx: Ctx) -> reports.Dues:
+    """The period the query names of the payment type it names, which must be the caller's cooperative's (a super
+    admin's: any), recurring and of a fixed amount (core.reports.dues_of)."""
+    found = (await ctx.session.execute(ctx.who.scope(
+        select(PaymentType, Cooperative.timezone).join(Cooperative, Cooperative.id == PaymentType.cooperative_id)
+        .where(PaymentType.id == ctx.query["paymentTypeId"]), PaymentType))).first()
+    if found is None:
+        raise NotFound("payment type not found", field="paymentTypeId")
+    ptype, timezone = found
+    return reports.dues_of(ptype, timezone, ctx.query.get("period"), utcnow())
+
+
+def _dues_head(dues: reports.Dues) -> dict[str, Any]:
+    ptype, period = dues.ptype, dues.period
+    return {
+        "paymentType": {"id": ptype.id, "name": ptype.name, "currency": ptype.currency,
+                        "amount": total_to_api(dues.owed, ptype.currency),
+                        "recurringInterval": (ptype.recurring_interval or "MONTHLY").upper(),
+                        "dueDay": ptype.due_day},
+        "period": {"dueDate": dues.due.isoformat(), "previousDueDate": dues.previous_due.isoformat(),
+                   "timezone": dues.timezone, "paidFrom": iso_z(period.since),
+                   "paidUntil": iso_z(dues.paid_until), "dueDayStart": iso_z(period.due_from),
+                   "dueDayEnd": iso_z(period.due_until)},
+    }
+
+
+async def dues_report(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    dues = await _dues(ctx)
+    status = ctx.query.get("status")
+    page, limit = ctx.query["page"], ctx.query["limit"]
+    query = reports.dues_page(dues, status)
+    offset = (page - 1) * limit
+    total, capped = await capped_count(ctx.session, query, offset)
+    rows = (await ctx.session.execute(query.offset(offset).limit(limit))).all()
+    return json_response({**_dues_head(dues), "data": [reports.dues_line(dues, row) for row in rows],
+                          "meta": meta(page, limit, total, capped=capped),
+                          "totals": await reports.dues_totals(ctx.session, dues, status)})
+
+
+async def dues_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    dues = await _dues(ctx)
+    chunks = reports.dues_csv(ctx.rt.sessionmaker, dues, status=ctx.query.get("status"), **_options(ctx))
+    return await _send_csv(request, ctx, chunks, f"dues-{dues.due.isoformat()}.csv", bom=_bom(ctx))
+
+
+_DUES_STATUS = {"type": "string", "enum": list(reports.DUES_STATUSES),
+                "description": "The first that applies: `PAID` (amountPaid reaches amountDue), `AWAITING_APPROVAL` (a "
+                               "payment of the period is still open: waiting for her PIN or the provider's answer; "
+                               "the reminders leave her alone meanwhile), `PARTIAL` (part of amountDue paid), "
+                               "`UNPAID` (nothing kept)"}
+_DUES_LINE = {
+    "type": "object",
+    "required": ["memberId", "name", "unit", "status", "currency", "amountDue", "amountPaid",
+                 "amountAwaitingApproval", "amountOutstanding", "lastPaymentAt"],
+    "properties": {
+        "memberId": ID,
+        "name": {"type": "string"},
+        "unit": {"type": ["string", "null"], "description": "Her unit (house, stall...), as the member list has it"},
+        "status": _DUES_STATUS,
+        "currency": {"type": "string", "description": "The payment type's: every amount of the line is in it"},
+        "amountDue": {**AMOUNT_OUT, "description": "The payment type's price: what pays the period"},
+        "amountPaid": {**AMOUNT_OUT, "description": "What her payments of the period keep: what the provider took "
+                       "(less when it took less than asked) less what was refunded, in the type's currency, of "
+                       "those COMPLETED or PARTIALLY_REFUNDED. A fully refunded payment (REFUNDED) keeps nothing and "
+                       "counts for nothing, as the reminders, the USSD and the BALANCE SMS count it. More than "
+                       "amountDue when she paid more"},
+        "amountAwaitingApproval": {**AMOUNT_OUT, "description": "What her payments of the period still open (PENDING "
+                                   "or PROCESSING: her PIN, or the provider's answer) ask: money that may yet be "
+                                   "taken, not counted in amountPaid"},
+        "amountOutstanding": {**AMOUNT_OUT, "description": "What is left to pay: amountDue when nothing was kept, "
+                              "else amountDue less amountPaid, 0 when paid in full (what the USSD offers her and the "
+                              "BALANCE SMS says, for the period a payment made now pays). Money awaiting approval "
+                              "is not taken off"},
+        "lastPaymentAt": {**NULL_DATETIME, "description": "When the money of her last payment of the period that "
+                          "counts in amountPaid moved (its completedAt, UTC); null when none"},
+    },
+}
+DUES = {
+    "type": "object",
+    "required": ["paymentType", "period", "data", "meta", "totals"],
+    "properties": {
+        "paymentType": {"type": "object", "required": ["id", "name", "currency", "amount", "recurringInterval",
+                                                        "dueDay"],
+                        "properties": {"id": ID, "name": {"type": "string"}, "currency": {"type": "string"},
+                                       "amount": {**AMOUNT_OUT, "description": "Its price: each line's amountDue"},
+                                       "recurringInterval": {"type": "string",
+                                                             "enum": ["MONTHLY", "QUARTERLY", "YEARLY"]},
+                                       "dueDay": {"type": "integer"}}},
+        "period": {
+            "type": "object",
+            "required": ["dueDate", "previousDueDate", "timezone", "paidFrom", "paidUntil", "dueDayStart",
+                         "dueDayEnd"],
+            "description": "The period that falls due on `dueDate`. A payment pays it when it names that due date "
+                           "(a payment's dueDate on that day, in the cooperative's time zone, or the bare date), or "
+                           "names none and was asked for after `paidFrom` (the midpoint since the previous due "
+                           "date): one made late, after the due date, still pays it; one made in the second half "
+                           "before the next due date pays the next one, as the reminders and the USSD count it",
+            "properties": {
+                "dueDate": {"type": "string", "format": "date",
+                            "description": "The due date (the cooperative's local day)"},
+                "previousDueDate": {"type": "string", "format": "date",
+                                    "description": "The due date before it: the period runs from it"},
+                "timezone": {"type": "string", "description": "The cooperative's time zone: the days above are its"},
+                "paidFrom": {**DATETIME, "description": "UTC: a payment naming no due date, asked for after this "
+                                                        "instant (local midnight at the period's midpoint), pays "
+                                                        "this period (or a later one)"},
+                "dueDayStart": {**DATETIME, "description": "UTC: local midnight starting the due day"},
+                "paidUntil": {**DATETIME, "description": "UTC: from this instant (the next period's paidFrom) a "
+                                                         "payment naming no due date pays the next period, and the "
+                                                         "USSD and the BALANCE SMS ask for that one. A member "
+                                                         "registered after it is listed only if she has a payment "
+                                                         "of this period"},
+                "dueDayEnd": {**DATETIME, "description": "UTC: local midnight ending the due day"},
+            },
+        },
+        "data": {"type": "array", "items": _DUES_LINE,
+                 "description": "One line per member listed, by name then member id: the cooperative's members "
+                                "ACTIVE now (a suspended or pending one is left out: she is not reminded and cannot "
+                                "pay by USSD) registered before `paidUntil`, and those registered after it with a "
+                                "payment of the period (kept or open)"},
+        "meta": META,
+        "totals": {
+            "type": "object",
+            "description": "Of every line the query selects (all pages; with status=, those in it)",
+            "required": ["members", "byStatus", "currency", "amountDue", "amountPaid", "amountAwaitingApproval",
+                         "amountOutstanding"],
+            "properties": {
+                "members": {"type": "integer"},
+                "byStatus": {"type": "object", "required": list(reports.DUES_STATUSES),
+                             "properties": {s: {"type": "integer"} for s in reports.DUES_STATUSES},
+                             "description": "How many lines have each status"},
+                "currency": {"type": "string"},
+                "amountDue": AMOUNT_OUT,
+                "amountPaid": AMOUNT_OUT,
+                "amountAwaitingApproval": AMOUNT_OUT,
+                "amountOutstanding": AMOUNT_OUT,
+            },
+        },
+    },
+}
+DUES_QUERY = {
+    "paymentTypeId": Param("uuid", "The payment type: recurring, of a fixed amount (a type whose member chooses "
+                           "the amount owes nothing per period: 400), and the caller's cooperative's (another's: "
+                           "404)", required=True),
+    "period": Param("date", "The period, by its due date (YYYY-MM-DD, the cooperative's local day): one of the "
+                    "type's due dates (another day: 400 naming the due dates either side). Default: the period a "
+                    "payment made now pays (the USSD's and the BALANCE SMS's: the next due date once past the "
+                    "midpoint before it, else the last one)"),
+    "status": Param(enum=reports.DUES_STATUSES, description="Only the lines in this status (`status` of a line)"),
+}
+
 ROUTES = [
     Route(
         "GET",
@@ -376,6 +532,26 @@ ROUTES = [
         query={**PERIOD, "status": Param(enum=tuple(s.value for s in RefundStatus),
                                          description="Only refunds in this status (now)"), "basis": BASIS,
                **CSV_OPTIONS},
+        produces="text/csv",
+    ),
+    Route(
+        "GET",
+        "/reports/dues",
+        dues_report,
+        "Dues of a period of a recurring payment type: who has paid, who has not",
+        "reports",
+        "admin",
+        query={**DUES_QUERY, "page": PAGE, "limit": LIMIT},
+        response=DUES,
+    ),
+    Route(
+        "GET",
+        "/reports/dues.csv",
+        dues_csv,
+        "Export the dues of a period as CSV (streamed)",
+        "reports",
+        "admin",
+        query={**DUES_QUERY, **CSV_OPTIONS},
         produces="text/csv",
     ),
 ]

@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, date, datetime, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -242,18 +242,21 @@ def _as_int(value: float) -> int | None:
 class Param:
     """A query parameter: its type for parsing and for the OpenAPI document."""
 
-    type: str = "string"  # string | integer | boolean | date-time | uuid
+    type: str = "string"  # string | integer | boolean | date-time | date | uuid
     description: str = ""
     default: Any = None
     minimum: int | None = None
     maximum: int | None = None
     enum: tuple[str, ...] | None = None
     max_length: int = 200
+    required: bool = False  # 400 when left out (the OpenAPI document says so)
 
     def schema(self) -> dict[str, Any]:
         schema: dict[str, Any]
         if self.type == "date-time":
             schema = {"type": "string", "format": "date-time"}
+        elif self.type == "date":
+            schema = {"type": "string", "format": "date"}
         elif self.type == "uuid":
             schema = {"type": "string", "format": "uuid"}
         else:
@@ -297,6 +300,7 @@ class DateOutOfRange(ValueError):
 # An un-encoded "+" of the offset arrives as a space.
 # Any number of fraction digits (.NET's round-trip format writes 7, Go's RFC3339Nano up to 9): past the
 # microsecond they are dropped.
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}([Tt]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+\- ]\d{2}:?\d{2})?)?")
 
 
@@ -355,6 +359,8 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
     for name, param in params.items():
         raw = query.get(name)
         if raw is None:
+            if param.required:
+                errors.append(f"query parameter {name} is required")
             continue
         raw = raw.strip()
         if NOT_ALLOWED.search(raw):
@@ -383,6 +389,10 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
                 except DateOutOfRange:
                     errors.append(f"{name} must be a date-time {DateOutOfRange.RANGE}")
                     continue
+            elif param.type == "date":
+                if not _DATE.fullmatch(raw):
+                    raise ValueError
+                values[name] = date.fromisoformat(raw)
             elif param.type == "uuid":
                 if not is_uuid(raw):
                     raise ValueError
@@ -397,6 +407,7 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
                 "integer": "an integer",
                 "boolean": "true or false",
                 "date-time": "an ISO 8601 date-time",
+                "date": "a date (YYYY-MM-DD)",
                 "uuid": "a UUID",
             }.get(param.type, "valid")
             errors.append(f"{name} must be {kind}")

@@ -95,6 +95,11 @@ class PaidFor:
     since: datetime  # UTC: local midnight of the period's midpoint
     due_from: datetime  # UTC: local midnight starting the due day
     due_until: datetime  # UTC: local midnight ending it
+    # UTC: the next period's `since`, from which a payment naming no due date pays that one instead; None: no end.
+    # The scan, the USSD and the BALANCE SMS read the period coming or under way, which nothing was paid after yet,
+    # and leave it open; a period read after it ended (the dues report) ends here, or every payment made since
+    # naming none (the USSD's) would pay it too.
+    until: datetime | None = None
 
     @classmethod
     def of(cls, previous_due: date, due: date, zone: tzinfo) -> PaidFor:
@@ -111,13 +116,16 @@ def utc_midnight(day: date) -> datetime:
     return datetime.combine(day, time(), tzinfo=UTC)
 
 
-def paid_clause(payment: Any, since: Any, due_from: Any, due_until: Any, named: Any) -> Any:
+def paid_clause(payment: Any, since: Any, due_from: Any, due_until: Any, named: Any, until: Any = None) -> Any:
     """SQL: the payment (a table) pays the period PaidFor describes (its bounds as SQL expressions; `named`: the
-    due day's utc_midnight)."""
+    due day's utc_midnight; `until`: PaidFor.until, None for none)."""
+    undated = [payment.c.due_date.is_(None), payment.c.created_at > since]
+    if until is not None:
+        undated.append(payment.c.created_at <= until)
     return or_(and_(payment.c.due_date.is_not(None),
                     or_(and_(payment.c.due_date >= due_from, payment.c.due_date < due_until),
                         payment.c.due_date == named)),
-               and_(payment.c.due_date.is_(None), payment.c.created_at > since))
+               and_(*undated))
 
 
 def reminder_offset(index: int, rate_per_second: float) -> timedelta:
@@ -266,13 +274,17 @@ def _remindable(cooperative_id: str) -> Any:
                 _MEMBER.c.reminders_opt_out.is_(False))
 
 
+def of_period(cooperative_id: str, type_id: str, due: date, period: PaidFor, statuses: tuple[str, ...]) -> Any:
+    """SQL condition on _PAYMENT: a payment of the member (the caller's _MEMBER row), of the type's period ending
+    on `due` (`period`: PaidFor.of it), in one of `statuses`."""
+    return and_(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.cooperative_id == cooperative_id,
+                _PAYMENT.c.payment_type_id == type_id, _PAYMENT.c.status.in_(statuses),
+                paid_clause(_PAYMENT, period.since, period.due_from, period.due_until, utc_midnight(due),
+                            period.until))
+
+
 def _of_period(plan: _Plan, due: _Due, statuses: tuple[str, ...]) -> Any:
-    """SQL condition on _PAYMENT: a payment of the member (the caller's _MEMBER row), of `due`'s type and period,
-    in one of `statuses`."""
-    period = due.period
-    return and_(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.cooperative_id == plan.cooperative_id,
-                _PAYMENT.c.payment_type_id == due.type_id, _PAYMENT.c.status.in_(statuses),
-                paid_clause(_PAYMENT, period.since, period.due_from, period.due_until, utc_midnight(due.due)))
+    return of_period(plan.cooperative_id, due.type_id, due.due, due.period, statuses)
 
 
 def _period_money(of_period: Callable[[tuple[str, ...]], Any], currency: Any) -> tuple[Any, Any, Any]:
@@ -283,6 +295,29 @@ def _period_money(of_period: Callable[[tuple[str, ...]], Any], currency: Any) ->
             select(func.coalesce(func.sum(_kept(_PAYMENT)), 0)).where(
                 of_period(PAID), _PAYMENT.c.currency == currency).scalar_subquery(),
             exists().where(of_period(OPEN_VALUES)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PeriodColumns:
+    """SQL scalar subqueries on the caller's _MEMBER row, over her payments of one period of a type (of_period):
+    what the dues report (core.reports.dues_of) lists of her, read as the scan, why_not_send and balance_now read it."""
+
+    kept: Any  # the money her kept payments keep in the type's currency (_period_money: what pays the period)
+    waiting: Any  # the money her open payments ask in that currency (balance_now's `waiting`)
+    still_open: Any  # whether a payment of it is open (in any currency): the scan does not remind her then
+    any_payment: Any  # whether a payment of it is kept or open
+    last_paid_at: Any  # the latest completed_at of her kept payments of it (NULL: none)
+
+
+def period_columns(cooperative_id: str, type_id: str, currency: str, due: date, period: PaidFor) -> PeriodColumns:
+    def of(statuses: tuple[str, ...]) -> Any:
+        return of_period(cooperative_id, type_id, due, period, statuses)
+
+    _, kept, still_open = _period_money(of, currency)
+    waiting = select(func.coalesce(func.sum(_PAYMENT.c.amount_minor), 0)).where(
+        of(OPEN_VALUES), _PAYMENT.c.currency == currency).scalar_subquery()
+    last = select(func.max(_PAYMENT.c.completed_at)).where(of(PAID)).scalar_subquery()
+    return PeriodColumns(kept, waiting, still_open, exists().where(of(PAID + OPEN_VALUES)), last)
 
 
 def _settled(plan: _Plan, due: _Due) -> Any:
@@ -624,7 +659,16 @@ async def owed_now(conn: AsyncConnection | AsyncSession, member_id: str, ptype: 
     if period is None or owed is None:
         return None
     kept = await _period_kept(conn, member_id, ptype, *period)
-    return period[0], max(owed - kept, 0) if kept > 0 else owed
+    return period[0], left_to_pay(owed, kept)
+
+
+def left_to_pay(owed: int, kept: Any) -> Any:
+    """What is left of a fixed amount `owed` once a period's payments keep `kept` (an int, or a SQL expression):
+    the price when nothing was kept, else the balance, 0 when it is paid in full (or more). What owed_now and
+    balance_now say, and the dues report's amountOutstanding."""
+    if isinstance(kept, int):
+        return max(owed - kept, 0) if kept > 0 else owed
+    return case((kept <= 0, owed), (kept >= owed, 0), else_=owed - kept)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -647,7 +691,7 @@ async def balance_now(conn: AsyncConnection | AsyncSession, member_id: str, ptyp
         return None
     kept, waiting = (await conn.execute(_PERIOD_KEPT_OPEN, _period_params(member_id, ptype, *period))).one()
     kept = int(kept)  # PostgreSQL sums integers as numeric
-    return BalanceNow(period[0], max(owed - kept, 0) if kept > 0 else owed, int(waiting))
+    return BalanceNow(period[0], left_to_pay(owed, kept), int(waiting))
 
 
 async def reminder_balance(conn: AsyncConnection | AsyncSession, payload: dict[str, Any], ptype: Any) -> int | None:

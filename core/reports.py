@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import re
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select, true, tuple_
+from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select, true, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from core import reminders
 from core.cooperatives import zone_of
 from core.db import iso_z
+from core.errors import ValidationError
 from core.models import AuditEvent, Cooperative, Dispute, Member, Payment, PaymentType, Refund
 from core.money import total_to_api
 from core.refunds import collected as taken
@@ -505,12 +508,15 @@ def _cell(value: Any) -> Any:
 # The exports' separators (admin_api.reports: `delimiter=`). A French-locale Excel (Rwanda) splits a file on `;`,
 # and reads `1500.00` as text: a `;` file writes its amounts with a decimal comma, as Excel's own does.
 DELIMITERS = {"comma": ",", "semicolon": ";"}
-_AMOUNT_COLUMNS = frozenset({"amount", "fee", "refundedAmount", "collectedAmount"})
+_AMOUNT_COLUMNS = frozenset({"amount", "fee", "refundedAmount", "collectedAmount",
+                            # dues.csv's
+                            "amountDue", "amountPaid", "amountAwaitingApproval", "amountOutstanding"})
 # Identifiers Excel would read as numbers: 13+ digits in scientific notation, digits past the 15th lost, leading
 # zeros dropped. With `excel`, a digit-only one (a `+` first allowed: a number in E.164) is written ="<digits>",
 # which Excel shows as the text it is. Only digits are ever put between the quotes, and only after _cell: the
 # formula guard is unchanged for every other value (a provider's `=...` still starts with `'`).
-_ID_COLUMNS = frozenset({"reference", "paymentReference", "gatewayReference", "gatewayTransactionId",
+# dues.csv's `unit` too: a unit of digits only (0012) keeps its zeros.
+_ID_COLUMNS = frozenset({"unit", "reference", "paymentReference", "gatewayReference", "gatewayTransactionId",
                          "providerTransactionId", "paymentAccount", "cooperativeShortCode"})
 _DIGITS = re.compile(r"\+?[0-9]+")
 
@@ -607,8 +613,10 @@ async def _stream(
     row: Callable[[Any], list[Any]],
     delimiter: str = ",",
     excel: bool = False,
+    key: Callable[[Any], tuple[Any, Any]] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The export's rows in `order` (its moment, then the id: unique; columns of the entity each row starts with),
+    """The export's rows in `order` (its moment, then the id: unique; columns of the entity each row starts with,
+    or any two columns with `key` reading their values from a row),
     CHUNK_ROWS at a time, each batch read in a session of its own that is closed before the batch is yielded.
     Nothing waits on the client with a transaction open: one cursor read the whole export before, and a slow
     download held a pooled connection and an old snapshot as long as it lasted (an hour for 70 MB at 16 KB/s: the
@@ -651,6 +659,9 @@ async def _stream(
             buffer.truncate()
         if len(items) < CHUNK_ROWS:
             return
+        if key is not None:  # rows of columns, not of an entity (the dues)
+            after = key(items[-1])
+            continue
         last = items[-1][0]
         after = (getattr(last, order[0].key), getattr(last, order[1].key))
 
@@ -770,3 +781,136 @@ def refunds_csv(
         ]
 
     return _stream(sessions, query, (moment, Refund.id), REFUND_COLUMNS, row, delimiter, excel)
+
+
+# --- dues: who has paid a period of a recurring payment type --------------------------------------------------------
+
+# A member's line of a period, first that applies: PAID (her kept payments reach the price), AWAITING_APPROVAL (a
+# payment of it is still open: her PIN or the provider's word, as the reminders leave her alone then), PARTIAL (part
+# of the price kept), UNPAID.
+DUES_STATUSES = ("PAID", "AWAITING_APPROVAL", "PARTIAL", "UNPAID")
+DUES_COLUMNS = ("memberId", "name", "unit", "status", "currency", "amountDue", "amountPaid", "amountAwaitingApproval",
+                "amountOutstanding", "lastPaymentAt", "dueDate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dues:
+    """One period of a fixed-amount recurring type: what its dues report reads (core.reminders' own terms)."""
+
+    ptype: PaymentType
+    timezone: str
+    previous_due: date
+    due: date
+    # Its PaidFor, ending (`until`) where the next period's starts: from then a payment naming no due date pays the
+    # next one, and the USSD and the BALANCE SMS ask a member for the next one. A member registered after it is
+    # listed only if she has a payment of this one.
+    period: reminders.PaidFor
+    owed: int  # the price: what pays the period (reminders.amount_owed)
+
+    @property
+    def paid_until(self) -> datetime:
+        assert self.period.until is not None
+        return self.period.until
+
+
+def dues_of(ptype: PaymentType, timezone: str | None, day: date | None, now: datetime) -> Dues:
+    """The period of `ptype` ending on the due date `day` (None: the period a payment made `now` pays, as the USSD
+    and the BALANCE SMS read it: reminders.current_period). ValidationError (field paymentTypeId) for a type that
+    is not recurring or whose member chooses the amount, (field period) for a day that is not one of its due
+    dates (its due dates either side are named)."""
+    zone = zone_of(timezone)
+    owed = reminders.amount_owed(ptype.allow_custom_amount, ptype.amount_minor)
+    if reminders.due_dates(ptype, now.astimezone(zone).date(), zone) is None:
+        raise ValidationError(f"payment type {ptype.name!r} is not recurring (no due day): it has no dues to "
+                              "report; its payments are in payments.csv?paymentTypeId=", field="paymentTypeId")
+    if owed is None:
+        raise ValidationError(f"payment type {ptype.name!r} takes the amount the member chooses: no amount is owed "
+                              "for a period, so it has no dues to report; its payments are in "
+                              "payments.csv?paymentTypeId=", field="paymentTypeId")
+    if day is None:
+        current = reminders.current_period(ptype, now, zone)
+        assert current is not None  # recurring: checked above
+        day = current[0]
+    window = reminders.due_dates(ptype, day, zone)
+    assert window is not None
+    if window[1] != day:
+        around = " or ".join(d.isoformat() for d in window if d < day) or None
+        after = window[1].isoformat()
+        raise ValidationError(f"period must be a due date of {ptype.name!r}: {around + ' or ' if around else ''}"
+                              f"{after}", field="period")
+    following = reminders.due_dates(ptype, day + timedelta(days=1), zone)
+    assert following is not None and following[0] == day
+    period = dataclasses.replace(reminders.PaidFor.of(*window, zone),
+                                 until=reminders.PaidFor.of(*following, zone).since)
+    return Dues(ptype, timezone or "UTC", window[0], day, period, owed)
+
+
+def _dues_lines(dues: Dues, status: str | None) -> tuple[Any, Any]:
+    """(the lines' query, its subquery of members): the cooperative's ACTIVE members registered before `paid_until`
+    (the USSD asked them for this period), or after it with a payment of the period kept or open, each with her money
+    of the period as core.reminders reads it, and her status; `status`: only the lines in it."""
+    ptype = dues.ptype
+    money = reminders.period_columns(ptype.cooperative_id, ptype.id, ptype.currency, dues.due, dues.period)
+    members = select(Member.id, Member.name, Member.unit, money.kept.label("kept"),
+                     money.waiting.label("waiting"), money.still_open.label("still_open"),
+                     money.last_paid_at.label("last_paid_at")).where(
+        Member.cooperative_id == ptype.cooperative_id, Member.status == "ACTIVE",
+        or_(Member.created_at < dues.paid_until, money.any_payment)).subquery("dues")
+    kept = members.c.kept
+    line_status = case((kept >= dues.owed, "PAID"), (members.c.still_open, "AWAITING_APPROVAL"),
+                       (kept > 0, "PARTIAL"), else_="UNPAID")
+    query = select(members.c.id, members.c.name, members.c.unit, kept, members.c.waiting, members.c.last_paid_at,
+                   line_status.label("status"),
+                   reminders.left_to_pay(dues.owed, kept).label("outstanding"))
+    if status:
+        query = query.where(line_status == status)
+    return query, members
+
+
+def dues_line(dues: Dues, row: Any) -> dict[str, Any]:
+    currency = dues.ptype.currency
+    return {"memberId": row.id, "name": row.name, "unit": row.unit, "status": row.status, "currency": currency,
+            "amountDue": _amount(dues.owed, currency), "amountPaid": _amount(row.kept, currency),
+            "amountAwaitingApproval": _amount(row.waiting, currency),
+            "amountOutstanding": _amount(row.outstanding, currency),
+            "lastPaymentAt": _iso(row.last_paid_at) if row.last_paid_at is not None else None}
+
+
+def dues_page(dues: Dues, status: str | None) -> Select[Any]:
+    """The lines in the report's order (name, then member id)."""
+    query, members = _dues_lines(dues, status)
+    return query.order_by(members.c.name, members.c.id)
+
+
+async def dues_totals(session: AsyncSession, dues: Dues, status: str | None) -> dict[str, Any]:
+    """The lines' totals (every page's), and how many lines each status has."""
+    query, _ = _dues_lines(dues, status)
+    lines = query.subquery()
+    rows = (await session.execute(select(
+        lines.c.status, func.count(), func.coalesce(func.sum(lines.c.kept), 0),
+        func.coalesce(func.sum(lines.c.waiting), 0), func.coalesce(func.sum(lines.c.outstanding), 0),
+    ).group_by(lines.c.status))).all()
+    by_status = dict.fromkeys(DUES_STATUSES, 0) | {s: int(n) for s, n, *_ in rows}
+    count = sum(by_status.values())
+    currency = dues.ptype.currency
+
+    def total(index: int) -> int | str:
+        return _amount(sum(int(row[index]) for row in rows), currency)
+
+    return {"members": count, "byStatus": by_status, "currency": currency,
+            "amountDue": _amount(dues.owed * count, currency), "amountPaid": total(2),
+            "amountAwaitingApproval": total(3), "amountOutstanding": total(4)}
+
+
+def dues_csv(sessions: async_sessionmaker[AsyncSession], dues: Dues, *, status: str | None = None,
+             delimiter: str = ",", excel: bool = False) -> AsyncIterator[bytes]:
+    """dues_page's lines as CSV (DUES_COLUMNS), streamed as the other exports are, keyset on (name, member id)."""
+    query, members = _dues_lines(dues, status)
+
+    def row(item: Any) -> list[Any]:
+        line = dues_line(dues, item)
+        return [*(line[name] if line[name] is not None else "" for name in DUES_COLUMNS[:-1]),
+                dues.due.isoformat()]
+
+    return _stream(sessions, query, (members.c.name, members.c.id), DUES_COLUMNS, row, delimiter, excel,
+                   key=lambda item: (item.name, item.id))

@@ -1,0 +1,254 @@
+"""The treasurer's "who has not paid November's rent yet?": GET /v1/reports/dues (and dues.csv) lists each active
+member's money of one period of a recurring type, counted as the reminders, the USSD and the BALANCE SMS count it
+(core.reminders): paid in full, partly, awaiting her PIN, not at all, paid in two payments, or paid and refunded."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from core.audit import Actor
+from core.cooperatives import zone_of
+from core.db import utcnow
+from core.models import Member, Payment, PaymentType, Refund
+from core.money import Money
+from core.payments import apply_collection_outcome
+from core.ports import ProviderOutcome
+from core.refunds import apply_refund_outcome
+from tests.admin_api.conftest import complete_payment, idem, make_payment
+from tests.conftest import make_settings
+
+PROVIDER = Actor("provider:t", "provider")
+NOVEMBER = "2026-11-01"
+LONG_AGO = datetime(2026, 1, 5, tzinfo=UTC)
+AIRTEL = "MOBILE_MONEY_AIRTEL"
+
+
+@pytest.fixture
+def settings(migrated_database):
+    # A month of a cooperative's payments, more than one admin may create in a minute: the limiter is not under test.
+    return make_settings(RATE_LIMIT_MULTIPLIER="100")
+
+
+async def _registered(rt: Any, cooperative_id: str, when: datetime = LONG_AGO) -> None:
+    """The cooperative's types and members as made long before November (rows are stamped when the test makes
+    them: a monthly type's due dates start in the month it was made, and a member registered in December was
+    never asked for November)."""
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(PaymentType).where(PaymentType.cooperative_id == cooperative_id)
+                        .values(created_at=when))
+        await s.execute(update(Member).where(Member.cooperative_id == cooperative_id).values(created_at=when))
+
+
+async def _pay(admin: Any, rt: Any, type_id: str, account: str, *, method: str = "MOBILE_MONEY_MTN",
+               due: str | None = NOVEMBER, taken: int | None = None, amount: int = 50000) -> dict[str, Any]:
+    """A payment of the member whose number is `account`, naming the due date `due`, completed by the provider
+    (having taken `taken` of it: a mismatch), or left PENDING (`taken` 0: her PIN still awaited)."""
+    extra = {"dueDate": due} if due else {}
+    made = await make_payment(admin, type_id, amount=amount, paymentAccount=account, paymentMethod=method, **extra)
+    if taken == 0:
+        return made
+    if taken is None:
+        await complete_payment(rt, made["id"])
+    else:
+        async with rt.sessionmaker.begin() as s:
+            await apply_collection_outcome(s, rt, await s.get(Payment, made["id"]), ProviderOutcome.SUCCEEDED,
+                                           actor=PROVIDER, amount=Money(taken, "RWF"),
+                                           provider_transaction_id=f"MTN-{made['id'][:8]}")
+    return made
+
+
+async def _refund(admin: Any, rt: Any, payment_id: str, amount: int) -> None:
+    refund = await admin.json("POST", f"/v1/payments/{payment_id}/refunds", 201,
+                              json={"amount": amount, "idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:
+        await apply_refund_outcome(s, rt, await s.get(Refund, refund["id"]), ProviderOutcome.SUCCEEDED,
+                                   actor=PROVIDER)
+
+
+async def _november(admin: Any, rt: Any, demo: dict[str, Any]) -> dict[str, str]:
+    """Monthly Rent (50,000 RWF, due the 1st) for November, member by member; returns their ids by name."""
+    rent, water, m = demo["payment_types"]["Monthly Rent"], demo["payment_types"]["Water"], demo["members"]
+    refunded = await admin.json("POST", "/v1/members", 201, json={"name": "Fidele Refunded", "phone": "+250788000111",
+                                                                  "unit": "0012"})
+    suspended = await admin.json("POST", "/v1/members", 201, json={"name": "Suzan Suspended",
+                                                                   "phone": "+250788000112"})
+    await _registered(rt, demo["cooperative_id"])
+    late = await admin.json("POST", "/v1/members", 201, json={"name": "Lea Late", "phone": "+250788000113"})
+    late_payer = await admin.json("POST", "/v1/members", 201, json={"name": "Paul Late", "phone": "+250788000114"})
+
+    await _pay(admin, rt, rent, "+250788000001")  # Aline: paid in full
+    await _pay(admin, rt, rent, "+250788000002", taken=30000)  # Jean: the provider took 30,000 of 50,000
+    # ... and she paid rent now (December or later) naming no due date, as the USSD pays: a later period's, not
+    # November's.
+    await _pay(admin, rt, rent, "+250788000002", due=None)
+    await _pay(admin, rt, rent, "+250733000001", method=AIRTEL, taken=0)  # Claudine: her PIN awaited
+    # Eric: October's rent and November's water, nothing of November's rent.
+    await _pay(admin, rt, rent, "+250733000002", method=AIRTEL, due="2026-10-01")
+    await _pay(admin, rt, water, "+250733000002", method=AIRTEL, amount=5000)
+    # Grace: two payments, 30,000 taken of one, 50,000 of the other of which 30,000 went back: 50,000 kept.
+    await _pay(admin, rt, rent, "+250788000003", taken=30000)
+    second = await _pay(admin, rt, rent, "+250788000003")
+    await _refund(admin, rt, second["id"], 30000)
+    # Fidele: paid, then all of it refunded (REFUNDED: nothing kept).
+    back = await _pay(admin, rt, rent, "+250788000111")
+    await _refund(admin, rt, back["id"], 50000)
+    # Suzan paid, then was suspended: not listed. Lea registered in December owes nothing of November; Paul,
+    # registered in December too, paid it: listed.
+    await _pay(admin, rt, rent, "+250788000112")
+    await admin.json("DELETE", f"/v1/members/{suspended['id']}", 200)
+    await _pay(admin, rt, rent, "+250788000114")
+    return {"Aline": m["+250788000001"], "Jean": m["+250788000002"], "Claudine": m["+250733000001"],
+            "Eric": m["+250733000002"], "Grace": m["+250788000003"], "Fidele": refunded["id"],
+            "Suzan": suspended["id"], "Lea": late["id"], "Paul": late_payer["id"]}
+
+
+def _short(line: dict[str, Any]) -> tuple[Any, ...]:
+    return (line["name"], line["status"], line["amountDue"], line["amountPaid"], line["amountAwaitingApproval"],
+            line["amountOutstanding"])
+
+
+async def test_who_has_not_paid_novembers_rent(admin, rt, demo, coop_b):
+    ids = await _november(admin, rt, demo)
+    rent = demo["payment_types"]["Monthly Rent"]
+    # Another cooperative's member has paid its own recurring type for November: never in this report.
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(PaymentType).where(PaymentType.id == coop_b["payment_type_id"]).values(
+            is_recurring=True, recurring_interval="MONTHLY", due_day=1))
+    await _registered(rt, coop_b["cooperative_id"])
+
+    report = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={NOVEMBER}&limit=100", 200)
+    assert [_short(line) for line in report["data"]] == [
+        ("Aline Uwase", "PAID", 50000, 50000, 0, 0),
+        ("Claudine Mukamana", "AWAITING_APPROVAL", 50000, 0, 50000, 50000),
+        ("Eric Niyonzima", "UNPAID", 50000, 0, 0, 50000),
+        ("Fidele Refunded", "UNPAID", 50000, 0, 0, 50000),
+        ("Grace Ingabire", "PAID", 50000, 50000, 0, 0),
+        ("Jean Bosco Habimana", "PARTIAL", 50000, 30000, 0, 20000),
+        ("Paul Late", "PAID", 50000, 50000, 0, 0),
+    ]
+    assert {line["memberId"] for line in report["data"]} == set(ids.values()) - {ids["Suzan"], ids["Lea"]}
+    assert coop_b["member_id"] not in {line["memberId"] for line in report["data"]}
+    by_name = {line["name"]: line for line in report["data"]}
+    assert by_name["Fidele Refunded"]["unit"] == "0012" and by_name["Aline Uwase"]["unit"] == "A-101"
+    assert by_name["Aline Uwase"]["lastPaymentAt"] is not None and by_name["Eric Niyonzima"]["lastPaymentAt"] is None
+    assert by_name["Fidele Refunded"]["lastPaymentAt"] is None  # a refunded payment paid nothing
+    assert report["totals"] == {
+        "members": 7, "currency": "RWF", "amountDue": 350000, "amountPaid": 180000, "amountAwaitingApproval": 50000,
+        "amountOutstanding": 170000, "byStatus": {"PAID": 3, "AWAITING_APPROVAL": 1, "PARTIAL": 1, "UNPAID": 2}}
+    assert report["period"] == {
+        "dueDate": NOVEMBER, "previousDueDate": "2026-10-01", "timezone": "Africa/Kigali",
+        "paidFrom": "2026-10-16T22:00:00Z", "paidUntil": "2026-11-15T22:00:00Z",
+        "dueDayStart": "2026-10-31T22:00:00Z", "dueDayEnd": "2026-11-01T22:00:00Z"}
+    assert report["paymentType"]["amount"] == 50000 and report["paymentType"]["id"] == rent
+
+    # What the treasurer asked: who has not paid yet.
+    unpaid = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={NOVEMBER}&status=UNPAID", 200)
+    assert [line["name"] for line in unpaid["data"]] == ["Eric Niyonzima", "Fidele Refunded"]
+    assert unpaid["totals"]["members"] == 2 and unpaid["totals"]["amountOutstanding"] == 100000
+    assert unpaid["meta"]["total"] == 2
+
+    # Pages, as the other lists page; the totals are every page's.
+    second = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={NOVEMBER}&limit=3&page=2", 200)
+    assert [line["name"] for line in second["data"]] == ["Fidele Refunded", "Grace Ingabire", "Jean Bosco Habimana"]
+    assert second["meta"] == {"page": 2, "limit": 3, "total": 7, "totalPages": 3, "hasNext": True,
+                              "hasPrevious": True}
+    assert second["totals"] == report["totals"]
+
+    # The other cooperative sees its own member only, and not this one's type.
+    b_report = await coop_b["admin"].json(
+        "GET", f"/v1/reports/dues?paymentTypeId={coop_b['payment_type_id']}&period={NOVEMBER}", 200)
+    assert [line["memberId"] for line in b_report["data"]] == [coop_b["member_id"]]
+    refused = await coop_b["admin"].json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={NOVEMBER}", 404)
+    assert refused["field"] == "paymentTypeId"
+    resp = await coop_b["admin"].req("GET", f"/v1/reports/dues.csv?paymentTypeId={rent}&period={NOVEMBER}")
+    assert resp.status == 404
+
+
+async def test_the_csv_has_the_lines_of_the_json(admin, superadmin, rt, demo):
+    await _november(admin, rt, demo)
+    rent = demo["payment_types"]["Monthly Rent"]
+    query = f"paymentTypeId={rent}&period={NOVEMBER}"
+    report = await admin.json("GET", f"/v1/reports/dues?{query}&limit=100", 200)
+    resp = await admin.req("GET", f"/v1/reports/dues.csv?{query}")
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/csv")
+    assert 'filename="dues-2026-11-01.csv"' in resp.headers["Content-Disposition"]
+    rows = list(csv.DictReader(io.StringIO(await resp.text())))
+    as_json = [{k: "" if v is None else str(v) for k, v in line.items()} | {"dueDate": NOVEMBER}
+               for line in report["data"]]
+    assert rows == as_json
+
+    # The exports' options: a French Excel's file, a unit of digits kept as text.
+    resp = await admin.req("GET", f"/v1/reports/dues.csv?{query}&excel=true&delimiter=semicolon&status=UNPAID")
+    body = await resp.read()
+    assert body.startswith(b"\xef\xbb\xbf")
+    lines = body.decode("utf-8-sig").splitlines()
+    assert lines[0].startswith("memberId;name;unit;status;currency;amountDue")
+    assert [line.split(";")[1:3] for line in lines[1:]] == [["Eric Niyonzima", "B-202"],
+                                                            ["Fidele Refunded", '"=""0012"""']]
+
+    # A super admin reads any cooperative's, the same lines.
+    as_super = await superadmin.json("GET", f"/v1/reports/dues?{query}&limit=100", 200)
+    assert as_super["data"] == report["data"]
+
+
+async def test_the_csv_is_read_in_batches_without_losing_a_line(admin, rt, demo, monkeypatch):
+    from core import reports
+
+    await _november(admin, rt, demo)
+    monkeypatch.setattr(reports, "CHUNK_ROWS", 2)
+    rent = demo["payment_types"]["Monthly Rent"]
+    resp = await admin.req("GET", f"/v1/reports/dues.csv?paymentTypeId={rent}&period={NOVEMBER}")
+    names = [row["name"] for row in csv.DictReader(io.StringIO(await resp.text()))]
+    assert names == ["Aline Uwase", "Claudine Mukamana", "Eric Niyonzima", "Fidele Refunded", "Grace Ingabire",
+                     "Jean Bosco Habimana", "Paul Late"]
+
+
+async def test_what_cannot_be_reported_is_refused(admin, tenant, rt, demo):
+    rent = demo["payment_types"]["Monthly Rent"]
+    await _registered(rt, demo["cooperative_id"])
+    one_off = await admin.json("POST", "/v1/payment-types", 201, json={"name": "Joining fee", "amount": 10000})
+    free = await admin.json("POST", "/v1/payment-types", 201, json={
+        "name": "Savings", "amount": 1000, "allowCustomAmount": True, "isRecurring": True,
+        "recurringInterval": "MONTHLY", "dueDay": 5})
+
+    refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={one_off['id']}", 400)
+    assert refused["field"] == "paymentTypeId" and "not recurring" in refused["message"][0]
+    refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={free['id']}", 400)
+    assert refused["field"] == "paymentTypeId" and "amount the member chooses" in refused["message"][0]
+    refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period=2026-11-15", 400)
+    assert refused["field"] == "period"
+    assert refused["message"][0] == "period must be a due date of 'Monthly Rent': 2026-11-01 or 2026-12-01"
+    refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period=2026-11-31", 400)
+    assert "period must be a date (YYYY-MM-DD)" in refused["message"][0]
+    refused = await admin.json("GET", "/v1/reports/dues", 400)
+    assert "query parameter paymentTypeId is required" in refused["message"][0]
+    resp = await admin.req("GET", f"/v1/reports/dues.csv?paymentTypeId={rent}&period=2026-11-15")
+    assert resp.status == 400
+    # A member (tenant) reads her own payments, not her neighbours' dues.
+    await tenant.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={NOVEMBER}", 403)
+
+
+async def test_the_default_period_is_the_one_a_payment_made_now_pays(admin, rt, demo):
+    """As the USSD and the BALANCE SMS read it (core.reminders.owed_now): a payment made now naming no due date pays
+    it, and the member's line says what owed_now says."""
+    from core.reminders import owed_now
+
+    rent = demo["payment_types"]["Monthly Rent"]
+    await _registered(rt, demo["cooperative_id"])
+    await _pay(admin, rt, rent, "+250788000002", due=None, taken=20000)
+    report = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&limit=100", 200)
+    async with rt.sessionmaker() as s:
+        ptype = await s.get(PaymentType, rent)
+        due, left = await owed_now(s, demo["members"]["+250788000002"], ptype, "Africa/Kigali")
+    assert report["period"]["dueDate"] == due.isoformat()
+    assert due >= utcnow().astimezone(zone_of("Africa/Kigali")).date().replace(day=1)
+    jean = next(line for line in report["data"] if line["name"] == "Jean Bosco Habimana")
+    assert (jean["status"], jean["amountPaid"], jean["amountOutstanding"]) == ("PARTIAL", 20000, left) == (
+        "PARTIAL", 20000, 30000)
+    assert len(report["data"]) == 5  # every demo member, none paid but Jean
