@@ -80,7 +80,9 @@ UPDATE = obj(
                                        "STOP from it was its holder's). SWAP: two members of the cooperative "
                                        "exchange their numbers (sisters swapping phones): the member holding phone "
                                        "gets this member's number, each audited (member.updated, swappedWith); 409 "
-                                       "when no other member holds phone"},
+                                       "when no other member holds phone, or either member is SUSPENDED. Each "
+                                       "number's STOP follows it: the two remindersOptOut are exchanged. The "
+                                       "audit row names the phoneChange"},
     },
     min_properties=1,
 )
@@ -241,7 +243,9 @@ async def update_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         coop = await ctx.session.get_one(Cooperative, member.cooperative_id)
         phone = normalize(body["phone"], coop.country or DEFAULT_REGION)  # as search_region reads it
         said = _phone_warning(ctx, coop)(phone)  # as on create: another country's number, and how she can pay
-        member = await service.lock_member(ctx.session, member)  # the number it replaces, as last committed
+        # The number it replaces, as last committed (a swap: the other member's row too, in a fixed order).
+        member = await service.lock_member(ctx.session, member, swapping_to=ctx.rt.cipher.blind_index(phone.e164)
+                                           if body.get("phoneChange") == "SWAP" else None)
     was, number = member.status, member.phone_index
     status = body.get("status")
     # PENDING -> ACTIVE is an approval however it is asked for: the member is told, as by POST …/approve.

@@ -69,9 +69,11 @@ RETURNED = {
 TO_PAYING_NUMBER = {
     "type": "boolean",
     "description": "the payment was paid from a number its member no longer holds (her number was changed since: "
-                   "a new SIM), and the provider sends a refund back to the number that paid, which the operator may "
-                   "have given to someone else: true sends it there all the same (she still holds that wallet). "
-                   "Without it such a refund is refused (409) naming that number, nothing sent",
+                   "a new SIM, or swapped with another member's), and the provider sends a refund back to the number "
+                   "that paid, which the operator may have given to someone else: true sends it there all the same "
+                   "(she still holds that wallet). Without it such a refund is refused (409 PAYING_NUMBER_CHANGED) "
+                   "naming that number, nothing sent; a number that was never hers (someone paying for her, or one a "
+                   "TYPO correction replaced) is refunded as it paid, unasked",
 }
 CREATE = obj(
     {

@@ -296,6 +296,9 @@ CHANGED = "changed"
 # Why a number is corrected (update_member's phone_change). NEW_SIM: she changed numbers; the STOP she sent as
 # this membership's member stays hers. TYPO: the number was never hers; a STOP sent from it was its holder's.
 PHONE_CHANGES = ("NEW_SIM", "TYPO", "SWAP")
+# The 409 of a swap with a suspended member: her number is on its way out (release-phone), nothing is sent to her.
+SWAP_SUSPENDED = ("member {member} is SUSPENDED: a suspended member's number is not swapped (make her ACTIVE first, "
+                  "or release her number and correct the other member's with NEW_SIM)")
 # The 409 of a correction to a number another member of the cooperative holds (_change_phone), with her id.
 TAKEN_BY = (DUPLICATE_PHONE + " (member {holder}): correct hers first, or, if the two members exchange their "
             "numbers (sisters swapping phones), send phoneChange SWAP")
@@ -308,7 +311,8 @@ async def update_member(session: AsyncSession, member: Member, *, actor: Actor, 
     """Edit a member; `phone` (with `cipher`) corrects her number (_change_phone), `phone_change` (PHONE_CHANGES,
     only with `phone`; NEW_SIM when not given) says why. The member.updated audit row holds her language and status
     before and after, which of her name and unit changed (PERSONAL_FIELDS: "changed", not the values), her number
-    masked when it changed, and her remindersOptOut when the correction changed it (a flag, not her data)."""
+    masked when it changed with the phoneChange that changed it, and her remindersOptOut when the correction changed
+    it (a flag, not her data)."""
     if phone_change is not None and phone is None:
         raise ValidationError("phoneChange is only given with phone (the number being corrected)",
                               field="phoneChange")
@@ -338,7 +342,7 @@ async def update_member(session: AsyncSession, member: Member, *, actor: Actor, 
                                       swap=phone_change == "SWAP", actor=actor)
         if changed is not None:
             before.update(changed[0])
-            after.update(changed[1])
+            after.update({**changed[1], "phoneChange": phone_change or "NEW_SIM"})
     await session.flush()
     await record(session, actor=actor, action="member.updated", entity_type="member", entity_id=member.id,
                  before=before, after=after, cooperative_id=member.cooperative_id)
@@ -371,6 +375,9 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
         if holder is None:
             raise Conflict("no other member of the cooperative has this number: nothing to swap (send phoneChange "
                            "NEW_SIM or TYPO)", field="phoneChange")
+        for one in (member, holder):
+            if one.status == "SUSPENDED":
+                raise Conflict(SWAP_SUSPENDED.format(member=one.id), field="phoneChange", code=INVALID_STATE)
         old_phone = member_phone(cipher, member)
         holder.phone_enc = holder.phone_index = None  # for a moment: the unique index holds one number once
         await session.flush()
@@ -385,9 +392,16 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
     except IntegrityError:
         raise Conflict(DUPLICATE_PHONE, field="phone", code=MEMBER_PHONE_TAKEN) from None
     if holder is not None and old_index is not None:
-        await _swap_with(session, cipher, holder, old_phone, phone, member, actor=actor)
+        # Each number's STOP follows it (a telco opt-out is the number's): the number's own opt-out stays with it,
+        # and the two memberships' flags are exchanged with their numbers.
+        was_out, member.reminders_opt_out = member.reminders_opt_out, holder.reminders_opt_out
+        await _swap_with(session, cipher, holder, old_phone, phone, member, actor=actor, opt_out=was_out)
         await _readdress_queued(session, cipher, member.id, old_index, phone)
-        return {"phone": old_mask}, {"phone": member.phone_masked, "swappedWith": holder.id}
+        swapped: tuple[dict[str, Any], dict[str, Any]] = (
+            {"phone": old_mask}, {"phone": member.phone_masked, "swappedWith": holder.id})
+        if was_out != member.reminders_opt_out:
+            swapped[0]["remindersOptOut"], swapped[1]["remindersOptOut"] = was_out, member.reminders_opt_out
+        return swapped
     if old_index is not None:
         await _readdress_queued(session, cipher, member.id, old_index, phone)
         await _forget_opt_out_if_unheld(session, old_index)
@@ -406,20 +420,25 @@ async def _holder(session: AsyncSession, cooperative_id: str, index: str) -> Mem
 
 
 async def _swap_with(session: AsyncSession, cipher: PiiCipher, holder: Member, phone: Phone, phone_given: Phone,
-                     member: Member, *, actor: Actor | None) -> None:
+                     member: Member, *, actor: Actor | None, opt_out: bool) -> None:
     """The other side of a swap: `holder` (her number `phone_given` just given to `member`) gets `member`'s old
-    number `phone` as a new SIM of hers (her STOP stays hers; both numbers stay held, so neither number's STOP is
-    forgotten), her texts waiting for the number she gave go to the one she gets, audited as her own correction."""
-    was = holder.phone_masked
+    number `phone`, and with it that number's STOP (`opt_out`, `member`'s flag: both numbers stay held, so neither
+    number's own opt-out is forgotten), her texts waiting for the number she gave go to the one she gets, audited as
+    her own correction."""
+    was, was_out = holder.phone_masked, holder.reminders_opt_out
+    holder.reminders_opt_out = opt_out
     holder.phone_enc = cipher.encrypt(phone.e164, context=phone_context(holder.cooperative_id))
     holder.phone_index = cipher.blind_index(phone.e164)
     holder.phone_masked = phone.masked()
     await session.flush()
     await _readdress_queued(session, cipher, holder.id, cipher.blind_index(phone_given.e164), phone)
+    before: dict[str, Any] = {"language": holder.language, "status": holder.status, "phone": was}
+    after: dict[str, Any] = {"language": holder.language, "status": holder.status, "phone": holder.phone_masked,
+                             "phoneChange": "SWAP", "swappedWith": member.id}
+    if was_out != opt_out:
+        before["remindersOptOut"], after["remindersOptOut"] = was_out, opt_out
     await record(session, actor=actor or Actor("system", "system"), action="member.updated", entity_type="member",
-                 entity_id=holder.id, before={"language": holder.language, "status": holder.status, "phone": was},
-                 after={"language": holder.language, "status": holder.status, "phone": holder.phone_masked,
-                        "swappedWith": member.id}, cooperative_id=holder.cooperative_id)
+                 entity_id=holder.id, before=before, after=after, cooperative_id=holder.cooperative_id)
 
 
 async def _readdress_queued(session: AsyncSession, cipher: PiiCipher, member_id: str, old_index: str,
@@ -511,10 +530,18 @@ async def release_phone(session: AsyncSession, member: Member, *, actor: Actor) 
     return locked
 
 
-async def lock_member(session: AsyncSession, member: Member) -> Member:
+async def lock_member(session: AsyncSession, member: Member, *, swapping_to: str | None = None) -> Member:
     """The member's row locked and read again, before changing it (core.db.lock_row: on SQLite, the write lock
     too): of two changes at once, the second waits and sees the first's (a number corrected twice at once forgets
-    the number each replaces, not one twice)."""
+    the number each replaces, not one twice). `swapping_to`: the blind index of the number a swap takes (phoneChange
+    SWAP): the two members' rows are locked in the order of their ids (the other's, _change_phone's _holder, after
+    hers when hers comes first), so two opposite swaps at once wait for each other instead of each holding her row
+    and waiting for the other's (a deadlock: one refused)."""
+    if swapping_to is not None:
+        holder = (await session.execute(select(Member.id).where(
+            Member.cooperative_id == member.cooperative_id, Member.phone_index == swapping_to))).scalar_one_or_none()
+        if holder is not None and holder < member.id:
+            await lock_row(session, Member, holder)
     locked: Member | None = await lock_row(session, Member, member.id)
     if locked is None:  # members are never deleted: only a row never written is missing
         raise NotFound("member not found")
@@ -589,11 +616,20 @@ NUMBER_MARGIN = timedelta(hours=1)
 async def holds_number_since(session: AsyncSession, member: Member) -> datetime:
     """When the member got the number she holds: her registration, or the last correction of her number (its
     member.updated audit row names the phone)."""
-    changes = (await session.execute(
-        select(AuditEvent.at, AuditEvent.after)
+    return (await number_history(session, member))[0]
+
+
+async def number_history(session: AsyncSession, member: Member) -> tuple[datetime, set[str]]:
+    """When the member got the number she holds (holds_number_since), and the masks of the numbers she held before
+    it: each correction's number before, but a TYPO's (never hers: its holder was taken for her). Rows from before
+    the audit named the phoneChange count as NEW_SIM (the default)."""
+    changes = [(at, before, after) for at, before, after in (await session.execute(
+        select(AuditEvent.at, AuditEvent.before, AuditEvent.after)
         .where(AuditEvent.entity_type == "member", AuditEvent.entity_id == member.id,
-               AuditEvent.action == "member.updated"))).all()
-    return max([member.created_at, *(at for at, after in changes if isinstance(after, dict) and "phone" in after)])
+               AuditEvent.action == "member.updated"))).all() if isinstance(after, dict) and "phone" in after]
+    held = {before["phone"] for _at, before, after in changes
+            if isinstance(before, dict) and before.get("phone") and after.get("phoneChange") != "TYPO"}
+    return max([member.created_at, *(at for at, _before, _after in changes)]), held
 
 
 @dataclass(frozen=True)

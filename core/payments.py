@@ -288,7 +288,8 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     request_hash = keyed_request_hash(rt.cipher, digest)
     refused = _refusal(rt, new, context, ptype, amount, account_refused)
     if refused is None and amount.minor != ptype.amount_minor and amount.minor == new.balance_minor:
-        refused = await _balance_refusal(session, rt, new, coop, amount, open_checked=context.any_open_checked)
+        refused = await _balance_refusal(session, rt, new, coop, amount, open_checked=context.any_open_checked,
+                                         payer=rt.cipher.blind_index(account))
     if refused is not None:
         # A replay of a key accepted before the type was deactivated still answers with its payment.
         existing = await find_by_key(session, coop.id, key)
@@ -418,14 +419,16 @@ def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeF
 
 
 async def _balance_refusal(session: AsyncSession, rt: Runtime, new: NewPayment, coop: CoopFacts, amount: Money, *,
-                           open_checked: bool = False) -> DomainError | None:
+                           payer: str, open_checked: bool = False) -> DomainError | None:
     """Why `amount`, the balance the USSD offered (new.balance_minor), is not what the member owes of the period
     now (core.reminders.balance_owed), if so: the session offered it when she picked the type, and she may have
     paid the rest since (another session, the office), the type been repriced, or the period turned. Charged on
     the session's word, it overpaid again. Nor while a payment of the type is still open for her in the period,
     whatever its amount (the whole price, its PIN prompt on her phone: both taken, she paid 50,000 + 20,000 when
     20,000 was owed). One read of the type and two of the period's payments, only for a balance; the second not
-    when the caller's context looked for those open payments already (`open_checked`: the USSD confirmation)."""
+    when the caller's context looked for those open payments already (`open_checked`: the USSD confirmation).
+    `payer`: the blind index of the number paying (an open payment from a number she no longer holds:
+    _approvable_by)."""
     from core.reminders import balance_owed, current_period
 
     ptype = await session.get(PaymentType, new.payment_type_id)
@@ -436,7 +439,8 @@ async def _balance_refusal(session: AsyncSession, rt: Runtime, new: NewPayment, 
         return BusinessRuleError(f"{amount} is no longer the balance owed of this period", field="amount")
     if open_checked:
         return None
-    waiting = await _open_in_period(session, rt.settings, coop.id, member_id, new.payment_type_id, *period, now=now)
+    waiting = await _open_in_period(session, rt.settings, coop.id, member_id, new.payment_type_id, *period, now=now,
+                                    payer=payer)
     if waiting is not None:
         return BusinessRuleError(f"payment {waiting} of this type is still open for this period (awaiting approval): "
                                  "its balance is not charged beside it", field="amount")
@@ -444,9 +448,10 @@ async def _balance_refusal(session: AsyncSession, rt: Runtime, new: NewPayment, 
 
 
 async def _open_in_period(session: AsyncSession, settings: Any, cooperative_id: str, member_id: str, type_id: str,
-                          due: date, period: Any, *, now: datetime) -> str | None:
+                          due: date, period: Any, *, now: datetime, payer: str) -> str | None:
     """The reference of the member's newest payment of the type that pays the period ending on `due` (`period`: its
-    core.reminders.PaidFor) and is still open as OpenLike judges it (its prompt can still be approved), if any."""
+    core.reminders.PaidFor) and is still open as OpenLike judges it (its prompt can still be approved by her paying
+    from the number whose blind index is `payer`: _approvable_by), if any."""
     from core.reminders import paid_clause, utc_midnight
 
     window, grace = _open_window(settings)
@@ -454,7 +459,7 @@ async def _open_in_period(session: AsyncSession, settings: Any, cooperative_id: 
     query = (select(Payment.reference)
              .where(Payment.member_id == member_id, Payment.cooperative_id == cooperative_id,
                     Payment.payment_type_id == type_id, Payment.created_at > now - window - grace,
-                    _still_open(now, now - grace),
+                    _still_open(now, now - grace), _approvable_by(member_id, payer),
                     paid_clause(table, period.since, period.due_from, period.due_until, utc_midnight(due)))
              .order_by(Payment.created_at.desc()).limit(1))
     return (await session.execute(query)).scalar_one_or_none()
@@ -580,6 +585,21 @@ def _open_window(settings: Any) -> tuple[timedelta, timedelta]:
 _OWN = aliased(Payment, name="own")
 
 
+def _approvable_by(member: Any, payer: Any) -> Any:
+    """SQL: an open payment of the member's is one she can still approve as `payer` (the blind index of the number
+    she pays from now): made from that number, or made since she got her number (another's number paying for her:
+    its prompt is someone's she knows). Made before she got it from another number (her old SIM's, lost: PATCH
+    member with a new number; core.members.holds_number_since reads the same audit rows), its prompt waits on a SIM
+    she no longer has, approved only with her PIN there: it does not stop her paying from her number (nor is she
+    told it is "on your phone"). If it completes all the same, it counts for her period (core.reminders reads her
+    payments by member, whatever number paid)."""
+    since = (select(func.max(AuditEvent.at))
+             .where(AuditEvent.entity_type == "member", AuditEvent.entity_id == member,
+                    AuditEvent.action == "member.updated", AuditEvent.after["phone"].as_string().is_not(None))
+             .scalar_subquery())
+    return or_(Payment.payment_account_index == payer, since.is_(None), Payment.created_at >= since)
+
+
 def _still_open(now: Any, processing: Any) -> Any:
     """SQL: the payment is open as OpenLike judges it: PENDING before its expires_at (`now`), or PROCESSING before
     its expires_at plus the grace (`processing`: now less the grace)."""
@@ -609,6 +629,7 @@ def _context_with_open(any_amount: bool) -> Any:
                     Payment.payment_type_id == bindparam("type_id", type_=String), *same_amount,
                     Payment.created_at > bindparam("open_since", type_=Payment.__table__.c.created_at.type),
                     _still_open(bindparam("open_now", type_=expires), bindparam("open_processing", type_=expires)),
+                    _approvable_by(bindparam("member_id", type_=String), bindparam("payer_index", type_=String)),
                     ~exists(own))
              .order_by(Payment.created_at.desc()).limit(1).scalar_subquery())
     return CONTEXT.add_columns(found.label("open_reference"))

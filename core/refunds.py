@@ -30,7 +30,7 @@ from core.errors import (
     NotFound,
     ValidationError,
 )
-from core.members import holds_number_since
+from core.members import number_history
 from core.models import Dispute, Member, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
@@ -162,8 +162,6 @@ async def request_refund(
         _request_to_refund_known(payment, provider)
     if returned is None:
         await _recording_not_contested(session, payment)
-        if not to_paying_number:
-            await _paying_number_still_hers(session, payment)
     available = await refundable(session, payment)
     amount = amount or available
     if amount.currency != payment.currency:
@@ -188,6 +186,8 @@ async def request_refund(
         raise ValidationError("reason must be at most 300 characters", field="reason")
     if returned is not None:
         await _reversal_not_recorded(session, payment, returned)
+    elif not to_paying_number:  # last: asked where the money goes only of a refund that can be made
+        await _paying_number_still_hers(session, payment)
     if dispute_id is None:
         disputes = await _still_open_disputes(session, payment, disputes)
         # Linked to the dispute it was made during (the oldest, if an earlier race left two): its failure or
@@ -311,7 +311,10 @@ async def _paying_number_still_hers(session: AsyncSession, payment: Payment) -> 
     """A Conflict, before anything is queued, for a refund of a member's mobile-money payment made from a number
     she no longer holds, her number corrected since (a new SIM, PATCH /v1/members): the provider sends a refund
     back to the wallet that paid, and the operator gives an abandoned number to someone else. The admin says it
-    goes there all the same (`toPayingNumber`), or pays her another way and records that."""
+    goes there all the same (`toPayingNumber`), or pays her another way and records that. A number that was never
+    hers (her husband paying for her, or the number a TYPO correction replaced: its holder paid) gets its money
+    back as before: the payment's masked number is none of those she held (core.members.number_history; two numbers
+    masked alike are asked about, the safe side)."""
     from core.payments import METHOD_NAMES  # local: core.payments reaches back into this module
 
     if payment.member_id is None or payment.method not in METHOD_NAMES:
@@ -319,8 +322,9 @@ async def _paying_number_still_hers(session: AsyncSession, payment: Payment) -> 
     member = await session.get(Member, payment.member_id)
     if member is None or member.phone_index is None or member.phone_index == payment.payment_account_index:
         return
-    if payment.created_at >= await holds_number_since(session, member):
-        return  # paid from another number (someone paying for her) while she held hers: as it was paid
+    since, held = await number_history(session, member)
+    if payment.created_at >= since or payment.payment_account_masked not in held:
+        return  # paid from a number that was never hers (someone paying for her): back to it, as it was paid
     raise Conflict(f"this payment was paid from {payment.payment_account_masked}, which is no longer its member's "
                    f"number (changed since): {METHOD_NAMES[payment.method]} sends a refund back to the number that "
                    "paid, which the operator may have given to someone else. Send it there only if the member still "

@@ -24,7 +24,7 @@ from core.auth import callback_secret_ok
 from core.config import ConfigError
 from core.cooperatives import COUNTRY_CURRENCY
 from core.db import autocommit, utcnow
-from core.members import holds_number_since, set_number_opt_out
+from core.members import number_history, set_number_opt_out
 from core.models import Cooperative, Member, Payment, SmsMessage
 from core.notify import SMS_KEY_SIZE, send_sms
 from core.phone import Phone, PhoneError, normalize
@@ -371,8 +371,9 @@ async def _owns(session: Any, rt: Runtime, payment: Payment, phone: Phone) -> bo
     number was released, is nobody's to ask about by SMS, and the number that paid is asked about only while
     it is likely still the payer's (an anonymous payment has no member to suspend: a number's next holder
     would otherwise read its payments for ever, references being a date and a counter). Nor is it asked about a
-    member's payment made before her number was last corrected (a new SIM, PATCH /v1/members): the number that paid
-    may have been her old one, which the operator gives to someone else."""
+    member's payment made before her number was last corrected (a new SIM, PATCH /v1/members) from a number that was
+    hers (core.members.number_history: not her husband's paying for her): her old one, which the operator gives to
+    someone else."""
     index = rt.cipher.blind_index(phone.e164)
     member = await session.get(Member, payment.member_id) if payment.member_id else None
     if payment.member_id and (member is None or member.status == "SUSPENDED" or member.phone_enc is None):
@@ -383,7 +384,10 @@ async def _owns(session: Any, rt: Runtime, payment: Payment, phone: Phone) -> bo
     recent = days == 0 or payment.created_at >= utcnow() - timedelta(days=days)
     if not (recent and hmac.compare_digest(payment.payment_account_index, index)):
         return False
-    return member is None or payment.created_at >= await holds_number_since(session, member)
+    if member is None:
+        return True
+    since, held = await number_history(session, member)
+    return payment.created_at >= since or payment.payment_account_masked not in held
 
 
 async def inbound(request: web.Request) -> web.Response:

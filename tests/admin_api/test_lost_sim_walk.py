@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from sqlalchemy import select
 from channels.ussd.sessions import phone_keys
 from core.config import ProviderConfig, Secret
 from core.models import AuditEvent, Payment
+from core.phone import mask
 from providers.mtn_momo.adapter import MtnMomoAdapter
 from providers.mtn_momo.simulator import create_simulator
 from providers.simulation import STATE, SimulatorOptions
@@ -274,3 +276,143 @@ async def test_her_prompt_never_approved_fails_to_her_new_number(
         types = await phone.send("1")
         await phone.send(option(types, "Monthly Rent"))
         assert (await phone.send("1")).startswith("END Emeza")  # her PIN prompt, in Kinyarwanda
+
+
+async def test_her_lost_sims_open_prompt_does_not_keep_her_from_paying_from_her_new_number(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    """Her rent's PIN prompt waits on the lost SIM (only her PIN there approves it): moved to her new number, she
+    paid her rent again from it and was told for up to ~15 minutes that a payment awaits her approval "on your
+    phone" (the lost one), no payment made. Now the open payment of a number she no longer holds does not stop her;
+    if that old prompt was approved before the SIM went (MTN answering late), it counts for her period as before."""
+    _server, _sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    async with mtn(rt, aiohttp_server) as app:
+        old_reference, old_prompt = await _pending_rent(client, rt, worker, app)
+        await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": NEW, "phoneChange": "NEW_SIM"})
+        phone = AtPhone(client, NEW)
+        await phone.dial()
+        types = await phone.send("1")
+        await phone.send(option(types, "Monthly Rent"))
+        done = await phone.send("1")
+        assert done.startswith("END Emeza"), done  # her PIN prompt, on her new number
+        assert old_reference not in done, done
+        reference = reference_on(done)
+        await drain(worker)
+        for _ in range(50):
+            if app[STATE].prompts.pending(NEW):
+                break
+            await asyncio.sleep(0.02)
+        [new_prompt] = app[STATE].prompts.pending(NEW)
+        # The lost SIM's prompt was approved before it went; her new one she declines, seeing that.
+        app[STATE].prompts.decide(old_prompt.reference, True)
+        app[STATE].prompts.decide(new_prompt.reference, False)
+        await settle(rt, worker, app)
+        assert ((await _payment(rt, old_reference)).status, (await _payment(rt, reference)).status) == (
+            "COMPLETED", "CANCELLED")
+        # Her month is paid: the old SIM's payment counts for her.
+        again = AtPhone(client, NEW)
+        await again.dial()
+        types = await again.send("1")
+        assert (await again.send(option(types, "Monthly Rent"))).startswith("CON Wamaze kwishyura")
+
+
+async def test_an_open_payment_from_her_own_number_still_waits(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    """Not moved, she dials again while her prompt waits: told it waits, no second payment (as before)."""
+    _server, _sms = await start_simulator(aiohttp_server, rt)
+    async with mtn(rt, aiohttp_server) as app:
+        reference, _prompt = await _pending_rent(client, rt, worker, app)
+        phone = AtPhone(client, OLD)
+        await phone.dial()
+        types = await phone.send("1")
+        await phone.send(option(types, "Monthly Rent"))
+        waiting = await phone.send("1")
+        assert reference in waiting and "telefoni yawe" in waiting, waiting
+
+
+HUSBAND = "+250788123111"  # Aline's husband, who pays for her sometimes
+
+
+async def _paid_from(rt: Any, demo: dict[str, Any], account: str, member_id: str) -> Payment:
+    """Her rent, COMPLETED, paid from `account` (last January: before any correction of her number)."""
+    paid = await make_payment(rt, demo["cooperative_id"], account=account, member_id=member_id)
+    async with rt.sessionmaker.begin() as s:
+        row = await s.get(Payment, paid.id)
+        row.payment_account_masked = mask(account)
+    return paid
+
+
+async def test_a_payment_her_husband_made_for_her_refunds_to_him_after_her_new_sim(
+        rt: Any, demo: dict[str, Any], client: Any) -> None:
+    """Paid from her husband's number, never hers: the refund goes back to his wallet, as it would have before she
+    changed SIMs. It was refused as paid "from a number that is no longer its member's"."""
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    paid = await _paid_from(rt, demo, HUSBAND, aline)
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": NEW, "phoneChange": "NEW_SIM"})
+    await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201, json={"idempotencyKey": idem()})
+
+
+async def test_a_payment_from_a_number_typed_wrong_refunds_to_the_number_that_paid(
+        rt: Any, demo: dict[str, Any], client: Any) -> None:
+    """Registered under a number typed wrong, its holder was taken for her and paid from it; corrected as a TYPO, the
+    number was never hers: a refund goes back to the wallet that paid, as before the correction. Her own old number
+    (NEW_SIM) is still confirmed first."""
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    typed = await _paid_from(rt, demo, OLD, aline)
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": NEW, "phoneChange": "TYPO"})
+    await admin.json("POST", f"/v1/payments/{typed.id}/refunds", 201, json={"idempotencyKey": idem()})
+    hers = await _paid_from(rt, demo, NEW, aline)
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": SISTER, "phoneChange": "NEW_SIM"})
+    refused = await admin.json("POST", f"/v1/payments/{hers.id}/refunds", 409, json={"idempotencyKey": idem()})
+    assert refused["code"] == "PAYING_NUMBER_CHANGED", refused
+
+
+async def test_a_swapped_number_is_confirmed_before_a_refund_goes_to_her_sister(
+        rt: Any, demo: dict[str, Any], client: Any) -> None:
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    paid = await _paid_from(rt, demo, OLD, aline)
+    await admin.json("POST", "/v1/members", 201, json={"name": "Beatrice Uwase", "phone": SISTER})
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": SISTER, "phoneChange": "SWAP"})
+    refused = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 409, json={"idempotencyKey": idem()})
+    assert refused["code"] == "PAYING_NUMBER_CHANGED", refused
+
+
+async def test_a_payment_refunded_already_says_so_before_asking_where_to_send(
+        rt: Any, demo: dict[str, Any], client: Any) -> None:
+    """Refunded in full while she held her old number, then moved: a second refund was refused 409 asking for
+    toPayingNumber, and sent with it, 422 (nothing left). Now the 422 first; a part left still asks where to."""
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    whole = await _paid_from(rt, demo, OLD, aline)
+    part = await _paid_from(rt, demo, OLD, aline)
+    await admin.json("POST", f"/v1/payments/{whole.id}/refunds", 201, json={"idempotencyKey": idem()})
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": NEW, "phoneChange": "NEW_SIM"})
+    nothing = await admin.json("POST", f"/v1/payments/{whole.id}/refunds", 422, json={"idempotencyKey": idem()})
+    assert nothing["code"] == "REFUND_EXCEEDS_REFUNDABLE", nothing
+    too_much = await admin.json("POST", f"/v1/payments/{part.id}/refunds", 422,
+                                json={"idempotencyKey": idem(), "amount": 60000})
+    assert too_much["code"] == "REFUND_EXCEEDS_REFUNDABLE", too_much
+    asked = await admin.json("POST", f"/v1/payments/{part.id}/refunds", 409, json={"idempotencyKey": idem()})
+    assert asked["code"] == "PAYING_NUMBER_CHANGED", asked
+
+
+async def test_her_husband_still_asks_by_sms_about_what_he_paid_for_her_after_her_new_sim(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    """The number that paid is answered about its payment for SMS_PAYER_ANSWER_DAYS: her husband's, never hers, was
+    told "not found" once she changed SIMs (the rule meant for her old number, which a stranger may hold now)."""
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    paid = await make_payment(rt, demo["cooperative_id"], account=HUSBAND, member_id=aline,
+                              created_at=datetime.now(UTC) - timedelta(minutes=5))
+    async with rt.sessionmaker.begin() as s:
+        (await s.get(Payment, paid.id)).payment_account_masked = mask(HUSBAND)
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": NEW, "phoneChange": "NEW_SIM"})
+    async with mtn(rt, aiohttp_server) as app:
+        await _texts(client, rt, worker, app, HUSBAND, f"STATUS {paid.reference}")
+    [told] = [str(m["message"]) for m in sms.messages(HUSBAND)]
+    assert paid.reference in told and not told.startswith("No payment"), told

@@ -64,7 +64,8 @@ async def test_admin_corrects_a_members_number_and_keeps_her_history(rt: Any, ad
             AuditEvent.entity_id == diane["id"], AuditEvent.action == "member.updated"))).scalars().all()
         forget = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "ussd.forget_phone"))).scalars().all()
     assert event.before == {"language": "en", "status": "ACTIVE", "phone": "+25078****001"}
-    assert event.after == {"language": "en", "status": "ACTIVE", "phone": "+25078****010"}
+    assert event.after == {"language": "en", "status": "ACTIVE", "phone": "+25078****010",
+                           "phoneChange": "NEW_SIM"}
     assert OLD[4:] not in json.dumps([event.before, event.after]) and NEW[4:] not in json.dumps(event.after)
     # The old number's USSD language and resume route are not hers any more (and a job deletes them too).
     assert await rt.redis.exists(*phone_keys(old_index)) == 0

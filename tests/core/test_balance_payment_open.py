@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from core.audit import Actor
+from core.audit import Actor, record
 from core.errors import BusinessRuleError
 from core.models import Payment
 from core.money import Money
@@ -40,5 +40,21 @@ async def test_a_balance_with_no_open_payment_of_the_type_is_made(rt: Any, demo:
     await _kept(rt, demo, EN_MTN, type_name="Water", amount=5_000, status="PENDING", collected=None)
     async with rt.sessionmaker.begin() as s:
         made, created = await create_payment(s, rt, _balance(demo, "ussd:test:balance-2"),
+                                             actor=Actor("member:test", "ussd"))
+    assert created and (made.amount_minor, made.status) == (20_000, "PENDING")
+
+
+async def test_a_balance_is_made_beside_an_open_payment_of_a_number_she_no_longer_holds(
+        rt: Any, demo: dict[str, Any]) -> None:
+    """The open whole price was paid from her old SIM (lost; her number corrected since, member.updated naming the
+    phone): its prompt waits on a SIM she no longer has, and does not stop her balance from her number."""
+    await _kept(rt, demo, EN_MTN)
+    await _kept(rt, demo, EN_MTN, status="PENDING", collected=None)  # from another number ("x"), a minute ago
+    async with rt.sessionmaker.begin() as s:
+        await record(s, actor=Actor("admin:test", "api"), action="member.updated", entity_type="member",
+                     entity_id=demo["members"][EN_MTN], before={"phone": "+25078****002"},
+                     after={"phone": "+25078****003", "phoneChange": "NEW_SIM"}, cooperative_id=demo["cooperative_id"])
+    async with rt.sessionmaker.begin() as s:
+        made, created = await create_payment(s, rt, _balance(demo, "ussd:test:balance-3"),
                                              actor=Actor("member:test", "ussd"))
     assert created and (made.amount_minor, made.status) == (20_000, "PENDING")
