@@ -15,7 +15,7 @@ from admin_api.validation import LIMIT, PAGE, Param, body_datetime
 from channels.sms import jobs as sms_jobs
 from core import webhooks
 from core.audit import Actor, record
-from core.errors import INVALID_STATE, Conflict, NotFound, ValidationError
+from core.errors import CODES, INVALID_STATE, Conflict, NotFound, ValidationError
 from core.jobs import payment_and_now
 from core.models import OutboxJob
 from core.outbox import job_lane, job_subject, replay_job, subject_filter
@@ -80,9 +80,14 @@ BULK_REPLAY = {
 }
 BULK_REPLAYED = out({
     "replayed": {"type": "array", "items": {"type": "integer"}, "description": "the jobs put back (PENDING)"},
-    "skipped": {"type": "array", "items": obj({"id": {"type": "integer"}, "reason": {"type": "string"}},
-                                              ["id", "reason"]),
-                "description": "the jobs left PARKED, each with why (as a single replay's 409 says it)"},
+    "skipped": {"type": "array", "items": obj({"id": {"type": "integer"},
+                                               "code": {"type": "string", "enum": sorted(CODES),
+                                                        "description": "why, to branch on: INVALID_STATE (no longer "
+                                                                       "PARKED, or a collect whose payment ended)"},
+                                               "reason": {"type": "string"}},
+                                              ["id", "code", "reason"]),
+                "description": "the jobs left PARKED, each with why (as a single replay's 409 says it: its code and "
+                               "message)"},
     "replayedCount": {"type": "integer"},
     "skippedCount": {"type": "integer"},
     "more": {"type": "boolean",
@@ -205,7 +210,7 @@ async def replay_many(request: web.Request, ctx: Ctx) -> web.StreamResponse:
             async with ctx.session.begin_nested():
                 await _replay_one(ctx, job_id)
         except Conflict as exc:
-            skipped.append({"id": job_id, "reason": str(exc)})
+            skipped.append({"id": job_id, "code": exc.code, "reason": str(exc)})
         else:
             replayed.append(job_id)
     return json_response({"replayed": replayed, "skipped": skipped, "replayedCount": len(replayed),

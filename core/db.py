@@ -282,8 +282,9 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 
 # Name search ignores case and accents: "zoe" finds Zoë, "eric" Éric, and a name stored with its accent as a mark of
-# its own (e + U+0301, as some phones write it) is the one with the precomposed é. Both sides are lower-cased,
-# decomposed (NFD) and stripped of the combining diacritical marks, at query time (no stored column to backfill).
+# its own (e + U+0301, as some phones write it) is the one with the precomposed é. Both sides are decomposed
+# (NFD), stripped of the combining diacritical marks and then lower-cased, at query time (no stored column to
+# backfill).
 # SQLite's lower() folds A-Z only ("Éric" stayed "Éric"): its own function, not lower() overridden, since the unique
 # index on lower(username) (migration 0017) was built with the built-in.
 UNACCENT_LOWER = "unaccent_lower"
@@ -294,15 +295,16 @@ _MARKS_RE = re.compile(_MARKS)
 def unaccent_lower_text(value: Any) -> Any:
     """`value` lower-cased and without its accents (a str; anything else as it is), as unaccent_lower folds a
     column: what is typed into a name search."""
-    return _MARKS_RE.sub("", unicodedata.normalize("NFD", value.lower())) if isinstance(value, str) else value
+    return _MARKS_RE.sub("", unicodedata.normalize("NFD", value)).lower() if isinstance(value, str) else value
 
 
 def unaccent_lower(dialect_name: str, column: Any) -> Any:
-    """`column` folded as unaccent_lower_text folds a str, for the session's dialect: on PostgreSQL by its lower()
-    (every letter, in a UTF-8 locale), normalize() (13 and later, a UTF-8 database) and a regular expression; on
-    SQLite by unaccent_lower_text itself."""
+    """`column` folded as unaccent_lower_text folds a str, for the session's dialect: on PostgreSQL by normalize()
+    (13 and later, a UTF-8 database), a regular expression and then lower(), which on a database whose LC_CTYPE is
+    plain C folds A-Z only: run on the letters without their marks, "É" is "E" by then ("ÉRIC" lowered first stayed
+    "Éric", not found by "eric"); on SQLite by unaccent_lower_text itself."""
     if dialect_name == "postgresql":
-        return func.regexp_replace(func.normalize(func.lower(column), literal_column("NFD")), _MARKS, "", "g")
+        return func.lower(func.regexp_replace(func.normalize(column, literal_column("NFD")), _MARKS, "", "g"))
     return getattr(func, UNACCENT_LOWER)(column)
 
 

@@ -18,9 +18,11 @@ from core import metrics
 from core.audit import Actor, record
 from core.db import insert_ignore, iso_ms, iso_z, lock_row, table_of, utcnow
 from core.errors import (
+    CONCURRENT_CHANGE,
     DUPLICATE_REFERENCE,
     IDEMPOTENCY_KEY_REUSED,
     INVALID_STATE,
+    MEMBER_ERASED,
     PARTIAL_REFUND_UNSUPPORTED,
     PAYING_NUMBER_CHANGED,
     PROVIDER_REFUSED,
@@ -156,7 +158,7 @@ async def request_refund(
                                 code=INVALID_STATE)
     if returned is None and not payment.payment_account_enc:  # core.members.erase_member cleared it
         raise Conflict("the payment's member was erased: the account to refund is no longer known; record a "
-                       "refund the provider made with returnedByProvider")
+                       "refund the provider made with returnedByProvider", code=MEMBER_ERASED)
     provider = rt.providers.get(payment.provider)
     if returned is None and provider is not None:
         _request_to_refund_known(payment, provider)
@@ -250,7 +252,7 @@ async def _still_open_disputes(session: AsyncSession, payment: Payment, locked: 
         .with_for_update(skip_locked=True).execution_options(populate_existing=True))).scalars().all()
     if len(taken) < len(new):
         raise Conflict("a dispute on this payment was opened and is being changed right now: nothing was "
-                       "refunded; send the refund again")
+                       "refunded; send the refund again", code=CONCURRENT_CHANGE)
     return sorted([*locked, *taken], key=lambda dispute: (dispute.created_at, dispute.id))  # the oldest first
 
 

@@ -24,7 +24,7 @@ from core.payments import collected_amount
 from core.phone import Phone
 from core.refunds import BY_A_PERSON
 from core.reminders import balance_now, reminder_balance
-from core.state.payment import PaymentStatus, shown_status
+from core.state.payment import OPEN_VALUES, PaymentStatus, shown_status
 from providers.registry import payer_sees
 
 CATALOGS: dict[str, ModuleType] = {"en": en, "rw": rw, "fr": fr, "sw": sw}
@@ -161,13 +161,18 @@ async def balance_items(session: AsyncSession, member: Member, coop: Cooperative
     she still owes of it for the period a payment made now pays (core.reminders.balance_now), "paid" once
     nothing is, and what a payment of it still open asks (BALANCE_WAITING: only the completed ones count as paid,
     and the full price owed with nothing said of the prompt on her phone had her pay again); those with an open
-    payment first (no "+N more" hides it), then those owed, then by name. Hers only: her member id. One query per
-    type, BALANCE_READ at most."""
+    payment first (no "+N more" hides it: they are the first read), then those owed, then by name. Hers only: her
+    member id. One query for the types she has a payment of open, then one per type, BALANCE_READ at most."""
     catalog = CATALOGS.get(language, en)
     types = (await session.execute(
         select(PaymentType).where(PaymentType.cooperative_id == coop.id, PaymentType.is_active.is_(True),
                                   PaymentType.is_recurring.is_(True), PaymentType.allow_custom_amount.is_(False))
         .order_by(PaymentType.name, PaymentType.id))).scalars().all()
+    # Her open payments of any period: of a type past BALANCE_READ read anyway (one of another period only moves it).
+    opened = set((await session.execute(
+        select(Payment.payment_type_id).where(Payment.member_id == member.id, Payment.status.in_(OPEN_VALUES))
+        .distinct())).scalars())
+    types = sorted(types, key=lambda ptype: ptype.id not in opened)  # stable: by name within each
     owed: list[tuple[bool, bool, str, str]] = []
     for ptype in types[:BALANCE_READ]:
         found = await balance_now(session, member.id, ptype, coop.timezone)

@@ -14,7 +14,7 @@ from core import auth
 from core.db import utcnow
 from core.errors import CODES
 from tests.admin_api.conftest import Caller, complete_payment, idem, login, payment_body
-from tests.conftest import early_in_window
+from tests.conftest import early_in_window, requires_pg
 
 SEED_KEYS = {"statusCode", "message", "error", "timestamp", "path"}
 
@@ -321,3 +321,36 @@ async def test_ops_data_and_provider_callback_errors_have_a_code(client: Any, rt
     assert (await _refused(await tenant.req("GET", "/ops/data"), 403))["code"] == "FORBIDDEN"
     unknown = await _refused(await client.post("/webhooks/payments/nosuch", json={}), 404)
     assert unknown["code"] == "NOT_FOUND"
+
+
+@requires_pg
+async def test_a_refund_raced_by_a_dispute_being_opened_says_send_it_again(admin: Caller, rt: Any,
+                                                                         demo: dict[str, Any],
+                                                                         monkeypatch: Any) -> None:
+    """A dispute opened after the refund read the payment's disputes and held by the officer moving it: nothing is
+    refunded, and the code (not CONFLICT) says the same request sent again goes through."""
+    from sqlalchemy import select
+
+    import core.refunds
+    from core.models import Dispute, Refund
+
+    rent = demo["payment_types"]["Monthly Rent"]
+    paid = await admin.json("POST", "/v1/payments", 201, json=payment_body(rent))
+    await complete_payment(rt, paid["id"])
+    opened = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
+
+    async def read_before_it_was_opened(*args: Any) -> list[Any]:
+        return []
+
+    body = {"amount": 1000, "idempotencyKey": idem()}
+    async with rt.sessionmaker() as officer:  # her transition of the dispute holds its row
+        await officer.execute(select(Dispute).where(Dispute.id == opened["id"]).with_for_update())
+        with monkeypatch.context() as patched:
+            patched.setattr(core.refunds, "_lock_open_disputes", read_before_it_was_opened)
+            raced = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 409, json=body)
+        await officer.rollback()
+    assert raced["code"] == "CONCURRENT_CHANGE" and "send the refund again" in raced["message"]
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(Refund.id))).all() == []
+    again = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json=body)
+    assert again["amount"] == 1000

@@ -61,6 +61,7 @@ async def test_bulk_replay_puts_back_the_callers_parked_jobs_and_skips_an_ended_
     assert answer["replayed"] == [open_collect]
     assert [s["id"] for s in answer["skipped"]] == [settled_collect]
     assert settled_payment in answer["skipped"][0]["reason"] and "SUCCESS" in answer["skipped"][0]["reason"]
+    assert answer["skipped"][0]["code"] == "INVALID_STATE"  # as a single replay's 409 says it, to branch on
     assert (answer["replayedCount"], answer["skippedCount"], answer["more"]) == (1, 1, False)
 
     # By the reason they parked, a page at a time: the oldest first, and `more` says the rest are waiting.

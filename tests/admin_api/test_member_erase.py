@@ -159,6 +159,7 @@ async def test_a_refund_of_an_erased_members_payment_is_recorded_not_sent(rt: An
     refused = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 409, json={"idempotencyKey": idem()})
     assert refused["message"] == ("the payment's member was erased: the account to refund is no longer known; "
                                   "record a refund the provider made with returnedByProvider")
+    assert refused["code"] == "MEMBER_ERASED"  # not CONFLICT: nothing to send again, a recording to make
     recorded = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201, json={
         "idempotencyKey": idem(), "returnedByProvider": {"providerTransactionId": "MTN-REV-1"}})
     assert recorded["status"] == "COMPLETED"

@@ -22,7 +22,8 @@ MESSAGES = {
     "dispute_opened": "Ikirego cyawe {ref} ku kwishyura {payment_ref} ({coop}) cyakiriwe. Tuzakumenyesha.",
     "dispute_updated": "Ikirego {ref} ku kwishyura {payment_ref}: {status}.",
     "dispute_resolved": "Ikirego {ref} ku kwishyura {payment_ref} cyarangiye: {status}. Murakoze.",
-    "payment_reminder": "Kwibutsa: {type} ({amount}) ya {coop} igomba kwishyurwa ku wa {due}. "
+    # No verb or connective agrees with the type's or the cooperative's name: their noun class is any.
+    "payment_reminder": "Kwibutsa: kwishyura {type} ({amount}) muri {coop} bitarenze ku wa {due}. "
     "Kanda {dial} wishyure.",
     "member_approved": "Murakaza neza! Ubu uri umunyamuryango wa {coop}. Kanda {dial} wishyure.",
     "webhook_disabled": "{coop}: webhook ya {host} yahagaritswe nyuma yo kunanirwa inshuro {failures}. "

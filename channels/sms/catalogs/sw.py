@@ -22,7 +22,9 @@ MESSAGES = {
     "Tutakujulisha.",
     "dispute_updated": "Malalamiko {ref} kuhusu malipo {payment_ref}: {status}.",
     "dispute_resolved": "Malalamiko {ref} kuhusu malipo {payment_ref} yamefungwa: {status}. Asante.",
-    "payment_reminder": "Kumbusho: {type} ({amount}) ya {coop} inadaiwa tarehe {due}. Piga {dial} kulipa.",
+    # The verb agrees with "malipo", not with the type's or the cooperative's name: their noun class is any.
+    "payment_reminder": "Kumbusho: malipo ya {type} ({amount}) kwa {coop} yanadaiwa tarehe {due}. "
+    "Piga {dial} kulipa.",
     "member_approved": "Karibu! Sasa wewe ni mwanachama wa {coop}. Piga {dial} kulipa.",
     "webhook_disabled": "{coop}: webhook ya {host} imezimwa baada ya kushindwa mara {failures}. "
     "Iwashe tena kupitia API.",

@@ -318,3 +318,22 @@ async def test_a_cooperative_of_many_types_is_read_at_most_balance_read_types(
     more = int(named[-1].removeprefix("+").removesuffix(" more"))
     assert len(named) - 1 + more == 22, reply
     assert measure(reply).segments == 1, reply
+
+
+async def test_an_open_payment_past_the_types_read_is_read_and_listed_first(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any,
+) -> None:
+    """Twenty fixed monthly types named before the demo's Water: her payment of Water awaiting approval is read and
+    said first, not hidden in "+N more" (she would pay it again)."""
+    async with rt.sessionmaker.begin() as s:
+        for i in range(20):
+            s.add(PaymentType(cooperative_id=demo["cooperative_id"], name=f"Levy {i:02d}", amount_minor=1_000,
+                              currency="RWF", is_recurring=True, recurring_interval="MONTHLY", due_day=5,
+                              is_active=True))
+    await _pay(rt, demo, JEAN, "Water", 2_000, status="PENDING")
+    reply = await ask(sms_client, sim, worker, JEAN, "BAL", "bal-open-late")
+    assert reply.startswith(
+        "Still to pay this period (KHHC): Water 5,000 RWF (2,000 RWF awaiting approval), Levy 00 1,000 RWF"), reply
+    named = reply.split(": ", 1)[1].split(". Dial")[0].split(", ")
+    assert int(named[-1].removeprefix("+").removesuffix(" more")) == 22 - (len(named) - 1), reply
+    assert measure(reply).segments == 1, reply

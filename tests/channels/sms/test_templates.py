@@ -33,7 +33,7 @@ WORST_CASE: dict[str, Any] = {
 }
 # Templates that fit one SMS, whatever the values.
 ONE_PART = ("help", "help_inactive", "not_found", "opted_in", "unknown", "unknown_inactive", "dispute_updated",
-            "not_member")
+            "not_member", "payment_reminder")
 
 
 @pytest.mark.parametrize("language", sorted(CATALOGS))
@@ -89,6 +89,32 @@ def test_catalogs_have_the_same_templates_and_placeholders() -> None:
             assert templates._placeholders(text) <= templates._placeholders(english.MESSAGES[name]) | {
                 "dial"
             }, (language, name)
+
+
+# A connective after a type's name ("{type} ya ...", "{type} ({amount}) ya ...") agrees with the name's noun class.
+CONNECTIVE_AFTER_TYPE = re.compile(r"\{type\}( \([^)]*\))? (wa|ya|la|cha|vya|za|rya|cya|bya|bwa|twa|ka|ra)\b")
+
+
+@pytest.mark.parametrize(("language", "name", "coop", "expected"), [
+    ("rw", "Umusanzu w'ukwezi", "Umuryango w'Abahinzi Kicukiro",
+     "Kwibutsa: kwishyura Umusanzu w'ukwezi (5,000 RWF) muri Umuryango w'Abahinzi Kicukiro bitarenze ku wa "
+     "01/02/2026. Kanda *384*123*123# wishyure."),
+    ("sw", "Mchango wa mwezi", "Ushirika wa Nyumba Sinza",
+     "Kumbusho: malipo ya Mchango wa mwezi (5,000 RWF) kwa Ushirika wa Nyumba Sinza yanadaiwa tarehe 01/02/2026. "
+     "Piga *384*123*123# kulipa."),
+])
+def test_a_reminder_makes_neither_name_the_subject_of_a_verb(language: str, name: str, coop: str,
+                                                            expected: str) -> None:
+    """A Kinyarwanda or Swahili verb (and connective) agrees with its subject's noun class, and a type's or a
+    cooperative's name has any: "Umusanzu w'ukwezi (...) ya ... igomba kwishyurwa" and "Mchango wa mwezi (...) ya
+    ... inadaiwa" agreed with a class-9 noun only. The verb agrees with a fixed noun (Swahili "malipo ya ..."), or
+    nothing does (Kinyarwanda "kwishyura ..."); the cooperative's name after "muri"/"kwa", as USSD's pay.none."""
+    body = render("payment_reminder", language, {**WORST_CASE, "type": name, "coop": coop, "amount": "5,000 RWF"})
+    assert body == expected
+    for catalog in (CATALOGS["rw"], CATALOGS["sw"]):
+        wrong = [key for key, text in catalog.MESSAGES.items()
+                 if CONNECTIVE_AFTER_TYPE.search(text) or re.search(r"(^|\. )\{(coop|type)\} [a-z]", text)]
+        assert not wrong, wrong
 
 
 def test_every_keyword_a_message_names_comes_after_the_short_codes_word() -> None:

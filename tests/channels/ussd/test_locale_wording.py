@@ -67,3 +67,19 @@ def test_kinyarwanda_never_makes_a_cooperatives_name_the_subject_of_a_verb() -> 
         f"Nta kwiyandikisha kuri telefoni guhari muri {name}. ")
     subject = [msgid for msgid, text in catalog("rw").items() if re.search(r"(^|\. )\{coop\} [a-z]", text)]
     assert not subject, subject
+
+
+def test_paid_names_the_period_beside_the_type_not_after_a_connective() -> None:
+    """"Wamaze kwishyura {type} ya {due}" and "Tayari umelipa {type} ya tarehe {due}": the connective "ya" agreed
+    with a class-9 type name only ("Umusanzu w'ukwezi ya ...", "Mchango wa mwezi ya ..."); the date is in
+    parentheses as pay.type_line_due has it, where nothing agrees with the name."""
+    from channels.ussd.i18n import catalog, translate
+
+    assert translate("rw", "pay.paid", type="Umusanzu w'ukwezi", due="05/01/2026") == (
+        "Wamaze kwishyura Umusanzu w'ukwezi (itariki 05/01/2026).")
+    assert translate("sw", "pay.paid", type="Mchango wa mwezi", due="05/01/2026") == (
+        "Tayari umelipa Mchango wa mwezi (tarehe 05/01/2026).")
+    connective = re.compile(r"\{(type|name)\}( \([^)]*\))? (wa|ya|la|cha|vya|za|rya|cya|bya|bwa|twa|ka|ra)\b")
+    for language in ("rw", "sw"):
+        wrong = [msgid for msgid, text in catalog(language).items() if connective.search(text)]
+        assert not wrong, (language, wrong)

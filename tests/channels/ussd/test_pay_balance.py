@@ -103,9 +103,9 @@ async def test_a_period_paid_in_full_is_said_paid_before_anything_is_offered(
 
 async def test_a_period_paid_in_full_is_said_in_each_language(client: Any, demo: Any, rt: Any) -> None:
     due = await _due_now(rt, demo)
-    said = {RW_MTN: f"CON Wamaze kwishyura Monthly Rent ya {due}.\n1. Ongera wishyure\n",
+    said = {RW_MTN: f"CON Wamaze kwishyura Monthly Rent (itariki {due}).\n1. Ongera wishyure\n",
             FR_AIRTEL: f"CON Vous avez déjà payé Monthly Rent pour le {due}.\n1. Payer à nouveau\n",
-            SW_AIRTEL: f"CON Tayari umelipa Monthly Rent ya tarehe {due}.\n1. Lipa tena\n"}
+            SW_AIRTEL: f"CON Tayari umelipa Monthly Rent (tarehe {due}).\n1. Lipa tena\n"}
     for number, text in said.items():
         await _kept(rt, demo, number, collected=None)
         _phone, paid = await _confirmation(client, number)
