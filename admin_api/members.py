@@ -81,13 +81,15 @@ UPDATE = obj(
                                        "exchange their numbers (sisters swapping phones): the member holding phone "
                                        "gets this member's number, each audited (member.updated, swappedWith); 409 "
                                        "when no other member holds phone, or either member is SUSPENDED. Each "
-                                       "number's STOP follows it: the two remindersOptOut are exchanged. The "
-                                       "audit row names the phoneChange"},
+                                       "number's STOP follows it: a remindersOptOut that is her number's STOP "
+                                       "goes with it (one kept from an earlier SIM stays hers). The audit row "
+                                       "names the phoneChange"},
     },
     min_properties=1,
 )
 FOREIGN_NUMBER = ("A new member whose number is another country's than the cooperative's is registered all the same "
-                  "(she may live abroad) with a warning: no mobile-money method of the cooperative takes her number "
+                  "(she may live abroad) with a warning, as is one of its country on a network none of its wallets "
+                  "collects from (Telecel or AT in Ghana): no mobile-money method of the cooperative takes her number "
                   "and its USSD menus offer her none, so she can pay only by a bank method that collects the "
                   "cooperative's currency, or never (the message says which). Empty: nothing to look at.")
 WARNING = out({"field": {"type": "string"}, "message": {"type": "string"}})

@@ -73,7 +73,8 @@ TO_PAYING_NUMBER = {
                    "that paid, which the operator may have given to someone else: true sends it there all the same "
                    "(she still holds that wallet). Without it such a refund is refused (409 PAYING_NUMBER_CHANGED) "
                    "naming that number, nothing sent; a number that was never hers (someone paying for her, or one a "
-                   "TYPO correction replaced) is refunded as it paid, unasked",
+                   "TYPO correction replaced) is refunded as it paid, unasked, unless another member got that number "
+                   "since (a swap): asked alike",
 }
 CREATE = obj(
     {

@@ -147,6 +147,9 @@ class Settings:
     # The same for callbacks (CALLBACK_SECRET_<NAME>_PREVIOUS), per name of callback_secrets: a callback carrying one
     # is accepted as with the current secret (core.auth.callback_secret_ok); the URLs handed out carry the current.
     callback_previous_secrets: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
+    # Variables of providers left out of PROVIDERS that are set all the same: never read, named in a warning at
+    # start (providers.registry.build_providers) so the operator can remove them or add the provider back.
+    unused_provider_variables: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def service_code_for(self, aggregator: str | None) -> str:
@@ -454,6 +457,38 @@ MTN_ENVIRONMENT_CURRENCY = {
 }
 DEV_CREDENTIAL = "sim-dev-credential"  # what simulators accept when no credential is configured
 _DEV_CREDENTIAL = DEV_CREDENTIAL
+# What a missing provider variable's line suggests when PROVIDERS is unset (a Rwandan deployment, without M-Pesa).
+_PROVIDERS_EXAMPLE = "PROVIDERS=mtn_momo,airtel,irembopay"
+
+
+def _used_providers(env: Mapping[str, str]) -> tuple[str, ...]:
+    """PROVIDERS: the providers this deployment uses, a comma list of PROVIDER_NAMES (any case), in
+    PROVIDER_NAMES's order. Unset or empty: every one (the embedded default and its simulators; a production
+    configured before PROVIDERS existed, which had to set them all). Only these are configured, required in
+    production, built and routed to (providers.registry)."""
+    raw = env.get("PROVIDERS", "")
+    if raw == "":
+        return PROVIDER_NAMES
+    names = [part.strip().lower() for part in raw.split(",")]
+    if "" in names:
+        raise ConfigError("PROVIDERS", "has an empty item (a comma too many?)")
+    for name in names:
+        if name not in PROVIDER_NAMES:
+            raise ConfigError("PROVIDERS", f"{name!r} is not a provider (these are: {', '.join(PROVIDER_NAMES)})")
+    return tuple(name for name in PROVIDER_NAMES if name in names)
+
+
+def _unused_provider_variables(env: Mapping[str, str], used: tuple[str, ...]) -> tuple[str, ...]:
+    """The variables set (not empty) of the providers left out of PROVIDERS: <PREFIX>_* and its
+    CALLBACK_SECRET_<PREFIX> (and _PREVIOUS)."""
+    left_out = [name.upper() for name in PROVIDER_NAMES if name not in used]
+
+    def theirs(variable: str) -> bool:
+        return any(variable.startswith(f"{prefix}_")
+                   or variable in (f"CALLBACK_SECRET_{prefix}", f"CALLBACK_SECRET_{prefix}_PREVIOUS")
+                   for prefix in left_out)
+
+    return tuple(sorted(name for name, value in env.items() if value.strip() and theirs(name)))
 
 
 def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
@@ -596,31 +631,43 @@ def _sms_username(env: Mapping[str, str], production: bool) -> str:
     return username
 
 
-def _missing_in_production(env: Mapping[str, str]) -> list[tuple[str, str]]:
+def _missing_in_production(env: Mapping[str, str], used: tuple[str, ...] = PROVIDER_NAMES
+                           ) -> list[tuple[str, str]]:
     """Every variable production needs that is not set, in the order load_settings checks them: a first install
-    is told them all at once rather than one per start. (Their values are checked afterwards, one at a time.)"""
+    is told them all at once rather than one per start. (Their values are checked afterwards, one at a time.)
+    Of the providers, only those `used` (PROVIDERS); each one's first line says why it is required."""
     def unset(name: str) -> bool:
         return not env.get(name, "").strip()
+
+    def because(name: str, why: str = "") -> str:
+        # The first missing line of a provider says how it came to be required; its others say only why.
+        if not any(missing_name.startswith(f"{name.upper()}_") for missing_name, _ in missing):
+            listed = (f"{name} is in PROVIDERS" if not unset("PROVIDERS") else
+                      f"PROVIDERS is unset: every provider is used; list only yours, e.g. {_PROVIDERS_EXAMPLE}")
+            why = f"{why}; {listed}" if why else listed
+        return f"is required in production ({why})" if why else "is required in production"
 
     missing = [(name, "is required in production (the default is the embedded one, for trying the gateway out)")
                for name in ("DATABASE_URL", "REDIS_URL") if unset(name)]
     if unset("PII_ENCRYPTION_KEYS"):
         missing.append(("PII_ENCRYPTION_KEYS", "is required in production (keyid:key, the key 32 bytes in base64, "
                                                "e.g. k1: and the output of openssl rand -base64 32)"))
-    for name in PROVIDER_NAMES:
+    for name in used:
         prefix = name.upper()
-        missing += [(f"{prefix}_{cred}", "is required in production") for cred in _PROVIDER_CREDENTIALS[name]
-                    if cred != "CALLBACK_KEY" and unset(f"{prefix}_{cred}")]
+        for cred in _PROVIDER_CREDENTIALS[name]:
+            if cred != "CALLBACK_KEY" and unset(f"{prefix}_{cred}"):
+                missing.append((f"{prefix}_{cred}", because(name)))
         if unset(f"{prefix}_BASE_URL"):
-            missing.append((f"{prefix}_BASE_URL", "is required in production (the default is the simulator)"))
-        missing += [(f"{prefix}_{option}", f"is required in production ({why})")
-                    for option, why in _PRODUCTION_OPTIONS.get(name, {}).items() if unset(f"{prefix}_{option}")]
+            missing.append((f"{prefix}_BASE_URL", because(name, "the default is the simulator")))
+        for option, why in _PRODUCTION_OPTIONS.get(name, {}).items():
+            if unset(f"{prefix}_{option}"):
+                missing.append((f"{prefix}_{option}", because(name, why)))
     if unset("PUBLIC_BASE_URL"):
         missing.append(("PUBLIC_BASE_URL", "is required in production (providers call back to it)"))
-    for name, why in (("MPESA", "M-Pesa callbacks are unsigned"), ("MTN_MOMO", "MTN callbacks are unsigned")):
-        if unset(f"CALLBACK_SECRET_{name}"):
-            missing.append((f"CALLBACK_SECRET_{name}", f"is required in production ({why})"))
-    if unset("CALLBACK_SECRET_AIRTEL") and unset("AIRTEL_CALLBACK_KEY"):
+    for name, why in (("mpesa", "M-Pesa callbacks are unsigned"), ("mtn_momo", "MTN callbacks are unsigned")):
+        if name in used and unset(f"CALLBACK_SECRET_{name.upper()}"):
+            missing.append((f"CALLBACK_SECRET_{name.upper()}", f"is required in production ({why})"))
+    if "airtel" in used and unset("CALLBACK_SECRET_AIRTEL") and unset("AIRTEL_CALLBACK_KEY"):
         missing.append(("CALLBACK_SECRET_AIRTEL", "is required in production unless AIRTEL_CALLBACK_KEY is set "
                                                   "(Airtel callbacks are otherwise unauthenticated)"))
     if unset("CALLBACK_SECRET_SMS"):
@@ -653,7 +700,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if environment not in ("development", "production", "test"):
         raise ConfigError("GATEWAY_ENV", "must be development, production or test")
     production = environment == "production"
-    if production and (missing := _missing_in_production(env)):
+    used = _used_providers(env)
+    if production and (missing := _missing_in_production(env, used)):
         raise ConfigError(*missing[0], *missing[1:])
 
     database_url = _database_url(env)
@@ -700,7 +748,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     providers: dict[str, ProviderConfig] = {}
     simulators = _bool(env, "SIMULATORS_IN_PROCESS", not production and database_url.startswith("sqlite"))
-    for name in PROVIDER_NAMES:
+    for name in used:  # a provider left out of PROVIDERS: none of its variables is read
         prefix = name.upper()
         creds = {}
         for cred in _PROVIDER_CREDENTIALS[name]:
@@ -727,17 +775,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         # Providers and the SMS aggregator call back here: the default (this machine's loopback) reaches nobody.
         raise ConfigError("PUBLIC_BASE_URL", "is required in production (providers call back to it)")
     callback_secrets: dict[str, Secret] = {}
-    for name in ("africastalking", "hubtel", "nalo", *PROVIDER_NAMES, "sms"):
+    for name in ("africastalking", "hubtel", "nalo", *used, "sms"):
         value = env.get(f"CALLBACK_SECRET_{name.upper()}", "")
         callback_secrets[name] = Secret(value)
     # M-Pesa signs nothing: in production its callback URL must carry a secret.
-    if production and not callback_secrets["mpesa"]:
+    if production and "mpesa" in used and not callback_secrets["mpesa"]:
         raise ConfigError("CALLBACK_SECRET_MPESA", "is required in production (M-Pesa callbacks are unsigned)")
-    if production and not callback_secrets["mtn_momo"]:
+    if production and "mtn_momo" in used and not callback_secrets["mtn_momo"]:
         # MTN signs nothing either: a forged callback changes nothing (each is confirmed by a status query), but
         # without the secret anyone could make us store and query for every made-up reference.
         raise ConfigError("CALLBACK_SECRET_MTN_MOMO", "is required in production (MTN callbacks are unsigned)")
-    if production and not (callback_secrets["airtel"] or env.get("AIRTEL_CALLBACK_KEY", "")):
+    if production and "airtel" in used and not (callback_secrets["airtel"] or env.get("AIRTEL_CALLBACK_KEY", "")):
         # Airtel hashes its callbacks only when callback authentication is on (AIRTEL_CALLBACK_KEY). With neither
         # that nor a URL secret, anyone could post made-up "money taken" callbacks: each is kept unmatched, logged
         # as an error and listed for the super admin.
@@ -793,6 +841,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         jwt_ttl_seconds=_int(env, "JWT_TTL_SECONDS", 900, minimum=60),
         callback_secrets=callback_secrets,
         callback_previous_secrets=callback_previous,
+        unused_provider_variables=_unused_provider_variables(env, used),
         ussd_ip_allowlist=allowlist,
         providers=providers,
         sms_base_url=base_url("SMS_BASE_URL", "africastalking"),

@@ -132,8 +132,9 @@ CODES: dict[str, str] = {
     MEMBER_NOT_FOUND: "404: the member named (memberId) does not exist in the cooperative, or is not visible",
     MEMBER_NOT_ACTIVE: "422: the member is not ACTIVE (pending or suspended): she cannot pay",
     MEMBER_PHONE_TAKEN: "409: another member of the cooperative has this phone number",
-    PAYMENT_METHOD_NOT_AVAILABLE: "400: the payment method is not served here: no provider for it, or not a "
-                                  "mobile-money wallet of the cooperative's country",
+    PAYMENT_METHOD_NOT_AVAILABLE: "400: the payment method is not served here: no provider for it (none routed, "
+                                  "or its provider not in the deployment's PROVIDERS: a refund of a payment made "
+                                  "through one too), or not a mobile-money wallet of the cooperative's country",
     PAYMENT_ACCOUNT_NOT_ACCEPTED: "400: the paymentAccount number is not a wallet the method collects from: "
                                   "another country's number, or another operator's",
     PROVIDER_REFUSED: "400 or 409: the provider would refuse it, checked before anything is sent: a currency or "

@@ -17,6 +17,7 @@ from core.db import lock_row, utcnow
 from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType, Refund
 from core.money import Money
 from core.outbox import (
+    CALL_SENT,
     Handler,
     Job,
     PermanentJobError,
@@ -70,7 +71,8 @@ SETTLE_POLL_CAP = 1800.0  # seconds between status queries once backed off
 # The failure reason of a payment whose collection never reached the provider (an outage: the collect job
 # failed or parked, the provider has no such request once the window is over). channels.sms reads it as
 # reason "provider_unreachable" (nothing was taken, try again), never as "not approved in time".
-PROVIDER_UNREACHABLE = "provider unreachable: the request never reached the provider; nothing was taken"
+NEVER_SENT = "the request never reached the provider; nothing was taken"
+PROVIDER_UNREACHABLE = f"provider unreachable: {NEVER_SENT}"
 # Times a refund the provider says it never received (status NOT_FOUND) is sent again, same reference.
 REFUND_RESENDS = 3
 
@@ -169,11 +171,38 @@ CREDENTIALS_REFUSED = ("the provider refused the gateway's credentials (its conf
                        "the request never reached the provider; nothing was taken")
 
 
+def left_out(provider: str) -> str:
+    """Why a row's provider cannot be called: this deployment no longer uses it (PROVIDERS; the row is from before
+    it was left out), and builds no adapter for it."""
+    return f"provider {provider} is not in PROVIDERS (this deployment does not use it)"
+
+
 def awaiting_configuration(exc: CredentialsRefused) -> ProviderError:
     """A refund's call refused for the gateway's credentials, as the outbox retries it: a refund is not urgent, and a
     fault of ours is never a failed refund told to the member. Retried with backoff, then parked; replayed once the
     configuration is fixed. Nothing was processed (core.outbox.NOTHING_PROCESSED): still a refund never sent."""
     return ProviderError(f"{exc}{AWAITING_CONFIGURATION_NOTE}", retryable=True, code=AWAITING_CONFIGURATION)
+
+
+def _not_asked(payment: Payment) -> str:
+    """Why the job of an open payment whose provider was left out of PROVIDERS is parked, and what a person does:
+    its status cannot be asked, and nothing is guessed about money."""
+    return (f"payment {payment.reference}: {left_out(payment.provider)}, so its status cannot be asked; add "
+            f"{payment.provider} back to PROVIDERS (with its variables) and replay this job, or check the provider's "
+            f"statement and record its outcome with POST /v1/payments/{payment.id}/outcome")
+
+
+def _refund_not_sent(job: Job, refund: Refund, payment: Payment) -> str:
+    """Why a refund's submission whose provider was left out of PROVIDERS is parked. One no try of which may have
+    reached the provider starts with AWAITING_CONFIGURATION, which core.refunds.cancel_refund reads as never sent
+    (withdrawable); one an earlier try of which may have (CALL_SENT) keeps that, so it is never withdrawn and
+    refunded twice."""
+    what = (f"refund {refund.reference}: {left_out(payment.provider)}, so it cannot be sent; add {payment.provider} "
+            "back to PROVIDERS (with its variables) and replay this job, or ")
+    if (job.last_error or "").startswith(CALL_SENT):
+        return (f"{CALL_SENT}: {what}check with the provider (an earlier try may have reached it) and record its "
+                f"outcome with POST /v1/refunds/{refund.id}/outcome")
+    return f"{AWAITING_CONFIGURATION}: {what}withdraw it with POST /v1/refunds/{refund.id}/cancel"
 
 
 # A payment the provider has never heard of after its window, while a collect job is still sending its request:
@@ -259,6 +288,18 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             # status cannot be asked without the provider's own id, would otherwise never prompt the payer.)
             log.warning("collection attempt was cut off; status polling will settle it",
                         extra={"payment": payment.reference})
+            return
+        if payment.provider not in rt.providers:
+            # Its provider was left out of PROVIDERS after the payment was made (its request still queued).
+            if job.attempts > 1:  # an earlier attempt may have reached it: a person settles what it holds
+                raise PermanentJobError(_not_asked(payment))
+            async with rt.sessionmaker.begin() as session:  # never sent, nothing taken: its payer is told so
+                fresh = await session.get(Payment, payment.id, with_for_update=True)
+                if fresh is not None and fresh.status == PaymentStatus.PENDING.value:
+                    await apply_collection_outcome(session, rt, fresh, ProviderOutcome.FAILED, actor=WORKER,
+                                                   reason=f"{left_out(payment.provider)}: {NEVER_SENT}")
+            log.warning("collection not sent: its provider is not in PROVIDERS",
+                        extra={"payment": payment.reference, "payment_id": payment.id, "provider": payment.provider})
             return
         if member is not None and member.status != "ACTIVE":
             # Suspended (or set back to pending) after the payment was made, perhaps while its USSD hop ran:
@@ -361,7 +402,9 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             payment, now = await payment_and_now(session, job.payload["payment_id"])
         if payment is None or PaymentStatus(payment.status) not in OPEN:
             return
-        provider = rt.providers[payment.provider]
+        provider = rt.providers.get(payment.provider)
+        if provider is None:
+            raise PermanentJobError(_not_asked(payment))
         expired = now >= payment.expires_at
         status: StatusResult | None = None
         unknown: str | None = None  # why we cannot tell what the provider did with the payment
@@ -476,7 +519,9 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             payment, now = await payment_and_now(session, job.payload["payment_id"])
         if payment is None or payment.status != PaymentStatus.CANCELLED.value:
             return  # completed late meanwhile (a callback, an admin's record): nothing left to ask
-        provider = rt.providers[payment.provider]
+        provider = rt.providers.get(payment.provider)
+        if provider is None:
+            raise PermanentJobError(_not_asked(payment))
         status: StatusResult | None = None
         unknown: str | None = None
         try:
@@ -583,7 +628,9 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             if refund is None or payment is None or refund.status != RefundStatus.PENDING.value:
                 return
             note = await refund_note(session, payment)
-        provider = rt.providers[payment.provider]
+        provider = rt.providers.get(payment.provider)
+        if provider is None and not job.call_may_have_arrived:
+            raise PermanentJobError(_refund_not_sent(job, refund, payment))
         if job.call_may_have_arrived:
             # An earlier attempt was cut off mid-call (past the handler timeout, or its worker was lost; the
             # doubt outlives tries that failed before they asked: core.outbox.CALL_IN_DOUBT): the provider may have
@@ -591,9 +638,10 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             # payment's id; a second one is refused "not eligible" though the first went through). Never
             # sent again: it waits for the provider's word as an unanswered request does (refund.poll).
             log.warning("refund request was cut off; its status will settle it, not a second request",
-                        extra={"refund": refund.reference, "provider": provider.name})
+                        extra={"refund": refund.reference, "provider": payment.provider})
             await await_refund_outcome(refund, None)
             return
+        assert provider is not None  # (one left out is parked above unless its call may have arrived)
         request = refund_request(refund, payment, note)
         try:
             await ready_to_send(provider, "refund", deadline)  # before the stamp: a failure here sent nothing
@@ -675,7 +723,12 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             payment = await session.get(Payment, refund.payment_id) if refund else None
         if refund is None or payment is None or refund.status != RefundStatus.PROCESSING.value:
             return
-        provider = rt.providers[payment.provider]
+        provider = rt.providers.get(payment.provider)
+        if provider is None:
+            raise PermanentJobError(f"refund {refund.reference}: {left_out(payment.provider)}, so its status cannot "
+                                    f"be asked; add {payment.provider} back to PROVIDERS (with its variables) and "
+                                    "replay this job, or check with the provider and record its outcome with "
+                                    f"POST /v1/refunds/{refund.id}/outcome")
         try:
             status = await _timed(provider.name, "refund_status",
                                   provider.refund_status(refund.provider_reference, refund.currency))
@@ -722,7 +775,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             raise PermanentJobError(f"refund {refund.reference} needs manual review: the provider still has no "
                                     f"refund with its reference after {resent} resends; check with it, then record "
                                     f"it with POST /v1/refunds/{refund.id}/outcome")
-        provider = rt.providers[payment.provider]
+        provider = rt.providers[payment.provider]  # (poll_refund parks a refund whose provider is left out)
         log.warning("refund unknown to the provider; sending it again with the same reference",
                     extra={"refund": refund.reference, "provider": provider.name, "resend": resent + 1})
         async with rt.sessionmaker() as session:
@@ -803,7 +856,7 @@ async def sweep_open_payments(rt: Runtime, *, now: datetime | None = None) -> in
         slot = int(now.timestamp() // SWEEP_EVERY.total_seconds())
         stuck = (await session.execute(
             select(Payment.id, Payment.cooperative_id).where(
-                Payment.status.in_([s.value for s in OPEN]),
+                Payment.status.in_([s.value for s in OPEN]), Payment.provider.in_(list(rt.providers)),
                 Payment.next_poll_at < now - STUCK_AFTER, ~_LIVE_POLL).limit(1000))).all()
         for payment_id, cooperative_id in stuck:
             await enqueue(session, "payment.poll", {"payment_id": payment_id},

@@ -393,9 +393,14 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
         raise Conflict(DUPLICATE_PHONE, field="phone", code=MEMBER_PHONE_TAKEN) from None
     if holder is not None and old_index is not None:
         # Each number's STOP follows it (a telco opt-out is the number's): the number's own opt-out stays with it,
-        # and the two memberships' flags are exchanged with their numbers.
-        was_out, member.reminders_opt_out = member.reminders_opt_out, holder.reminders_opt_out
-        await _swap_with(session, cipher, holder, old_phone, phone, member, actor=actor, opt_out=was_out)
+        # and a membership's flag goes with the number when it is that number's STOP (its opt-out shows it). A flag
+        # without it was sent from an earlier SIM (NEW_SIM keeps it hers): it stays hers, not given to the other.
+        mine = member.reminders_opt_out and await _opted_out(session, old_index)
+        theirs = holder.reminders_opt_out and await _opted_out(session, index)
+        was_out = member.reminders_opt_out
+        member.reminders_opt_out = (was_out and not mine) or theirs
+        await _swap_with(session, cipher, holder, old_phone, phone, member, actor=actor,
+                         opt_out=(holder.reminders_opt_out and not theirs) or mine)
         await _readdress_queued(session, cipher, member.id, old_index, phone)
         swapped: tuple[dict[str, Any], dict[str, Any]] = (
             {"phone": old_mask}, {"phone": member.phone_masked, "swappedWith": holder.id})
@@ -413,6 +418,11 @@ async def _change_phone(session: AsyncSession, cipher: PiiCipher, member: Member
     return before, after
 
 
+async def _opted_out(session: AsyncSession, phone_index: str) -> bool:
+    """Whether the number of this blind index sent STOP (and not START since): its own opt-out."""
+    return bool((await session.execute(select(number_opted_out(phone_index)))).scalar_one())
+
+
 async def _holder(session: AsyncSession, cooperative_id: str, index: str) -> Member | None:
     """The cooperative's member holding the number (blind index), locked: a swap gives her another."""
     return (await session.execute(select(Member).where(
@@ -422,9 +432,9 @@ async def _holder(session: AsyncSession, cooperative_id: str, index: str) -> Mem
 async def _swap_with(session: AsyncSession, cipher: PiiCipher, holder: Member, phone: Phone, phone_given: Phone,
                      member: Member, *, actor: Actor | None, opt_out: bool) -> None:
     """The other side of a swap: `holder` (her number `phone_given` just given to `member`) gets `member`'s old
-    number `phone`, and with it that number's STOP (`opt_out`, `member`'s flag: both numbers stay held, so neither
-    number's own opt-out is forgotten), her texts waiting for the number she gave go to the one she gets, audited as
-    her own correction."""
+    number `phone`, and with it that number's STOP (`opt_out`, her flag as _change_phone works it out: both numbers
+    stay held, so neither number's own opt-out is forgotten), her texts waiting for the number she gave go to the
+    one she gets, audited as her own correction."""
     was, was_out = holder.phone_masked, holder.reminders_opt_out
     holder.reminders_opt_out = opt_out
     holder.phone_enc = cipher.encrypt(phone.e164, context=phone_context(holder.cooperative_id))
@@ -630,6 +640,21 @@ async def number_history(session: AsyncSession, member: Member) -> tuple[datetim
     held = {before["phone"] for _at, before, after in changes
             if isinstance(before, dict) and before.get("phone") and after.get("phoneChange") != "TYPO"}
     return max([member.created_at, *(at for at, _before, _after in changes)]), held
+
+
+async def number_came_since(session: AsyncSession, phone_index: str, moment: datetime, *,
+                            but: str | None = None) -> bool:
+    """Whether a member (of any cooperative; not `but`) holding the number of this blind index got it by a correction
+    after `moment` (NEW_SIM, SWAP: until then the number was someone else's, a sister's, a stranger's; not a TYPO,
+    which gave her the number that was hers all along)."""
+    found = (await session.execute(
+        select(AuditEvent.id).join(Member, Member.id == AuditEvent.entity_id)
+        .where(Member.phone_index == phone_index, *((Member.id != but,) if but else ()),
+               AuditEvent.entity_type == "member", AuditEvent.action == "member.updated", AuditEvent.at > moment,
+               AuditEvent.after["phone"].as_string().is_not(None),
+               func.coalesce(AuditEvent.after["phoneChange"].as_string(), "NEW_SIM") != "TYPO")
+        .limit(1))).first()
+    return found is not None
 
 
 @dataclass(frozen=True)

@@ -93,8 +93,11 @@ _KENYA_WALLETS = {"SAFARICOM": "MPESA", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
 # TZS type priced with cents Airtel cannot take be made (MTN's sandbox "could" collect it), and offered MTN MoMo to
 # a number of a range nobody names.
 _TANZANIA_WALLETS = {"AIRTEL": "MOBILE_MONEY_AIRTEL"}
+# Ghana has no Airtel Money: Airtel's network there became AirtelTigo, now AT, whose wallet is not Airtel's Open API
+# (nor is Telecel Cash a method): only MTN MoMo.
+_GHANA_WALLETS = {"MTN": "MOBILE_MONEY_MTN"}
 _WALLETS = {"MTN": "MOBILE_MONEY_MTN", "AIRTEL": "MOBILE_MONEY_AIRTEL"}
-_COUNTRY_WALLETS = {"KE": _KENYA_WALLETS, "TZ": _TANZANIA_WALLETS}
+_COUNTRY_WALLETS = {"KE": _KENYA_WALLETS, "TZ": _TANZANIA_WALLETS, "GH": _GHANA_WALLETS}
 
 
 def wallets_by_operator(country: str) -> dict[str, str]:
@@ -484,20 +487,33 @@ BANK_METHODS = tuple(m for m in METHODS if m not in METHOD_OPERATOR)
 def foreign_number_warning(phone: Phone, country: str, currency: str, routes: Mapping[str, str],
                            providers: Mapping[str, object]) -> str | None:
     """What an admin registering `phone` as a member of a `country` cooperative (paid in `currency`) is told
-    when it is another country's number: registered all the same (she may live abroad), but no wallet method
-    takes her number (methods_for, _not_the_countrys_wallet) and USSD offers her none; she can pay only by a bank
-    method whose provider collects `currency` (`routes` and `providers` as Runtime's), or never. None for a
-    number of the cooperative's country."""
-    region = phone.region
-    if not country or region == country:
+    when it is another country's number, or one of its country on a network none of its wallets collects from:
+    registered all the same (she may live abroad, or change SIM), but no wallet method takes her number
+    (methods_for, _not_the_countrys_wallet) and USSD offers her none; she can pay only by a bank method whose
+    provider collects `currency` (`routes` and `providers` as Runtime's), or never. None for any other number of
+    the cooperative's country."""
+    if not country:
         return None
-    wallets = " or ".join(dict.fromkeys(METHOD_NAMES[m] for m in wallets_by_operator(country).values()))
+    region = phone.region
+    by_operator = wallets_by_operator(country)
+    if region == country:
+        # A number of the country on a network none of its wallets collects from (Telecel or AT in Ghana, Telkom in
+        # Kenya): USSD offers her no method either (methods_for). One of a range nobody names may be any wallet's.
+        operator = phone.operator
+        if operator is None or operator in by_operator:
+            return None
+        wallets = " or ".join(f"{METHOD_NAMES[m]} (from {_a(_operator_name(o))} number)"
+                              for o, m in by_operator.items())
+        head = (f"{phone.masked()} is {_a(_operator_name(operator, phone.e164))} number: this {country} cooperative's "
+                f"members pay with {wallets}")
+    else:
+        wallets = " or ".join(dict.fromkeys(METHOD_NAMES[m] for m in by_operator.values()))
+        head = (f"{phone.masked()} is a {region or 'foreign'} number, not {country}: this {country} cooperative's "
+                f"members pay with {wallets} from a {country} number")
     # A bank the deployment routes to a provider that collects the currency (an amount rule is no matter here).
     banks = [m for m in BANK_METHODS
              if (refused := refusal_for(routes, providers, m, Money(1, currency))) is None
              or refused[0] != "paymentMethod"]
-    head = (f"{phone.masked()} is a {region or 'foreign'} number, not {country}: this {country} cooperative's members "
-            f"pay with {wallets} from a {country} number")
     if banks:
         return f"{head}; this member can pay only by bank ({', '.join(banks)})"
     return f"{head}, and no bank method collects {currency}; this member can never pay"
@@ -587,17 +603,20 @@ _OWN = aliased(Payment, name="own")
 
 def _approvable_by(member: Any, payer: Any) -> Any:
     """SQL: an open payment of the member's is one she can still approve as `payer` (the blind index of the number
-    she pays from now): made from that number, or made since she got her number (another's number paying for her:
-    its prompt is someone's she knows). Made before she got it from another number (her old SIM's, lost: PATCH
-    member with a new number; core.members.holds_number_since reads the same audit rows), its prompt waits on a SIM
-    she no longer has, approved only with her PIN there: it does not stop her paying from her number (nor is she
-    told it is "on your phone"). If it completes all the same, it counts for her period (core.reminders reads her
-    payments by member, whatever number paid)."""
-    since = (select(func.max(AuditEvent.at))
-             .where(AuditEvent.entity_type == "member", AuditEvent.entity_id == member,
-                    AuditEvent.action == "member.updated", AuditEvent.after["phone"].as_string().is_not(None))
-             .scalar_subquery())
-    return or_(Payment.payment_account_index == payer, since.is_(None), Payment.created_at >= since)
+    she pays from now): made from that number, made since she got her number, or from a number the membership
+    never held (another's number paying for her, her husband's at the office: its prompt is on his phone, and
+    can still be approved, whenever it was made). Made before she got it from a number she held (her old SIM's,
+    lost: PATCH member with a new number; core.members.number_history reads the same audit rows, by the masked
+    number) or the one a TYPO replaced (a stranger's, who ignores the prompt), its prompt waits on a SIM she no
+    longer has, approved only with her PIN there: it does not stop her paying from her number (nor is she told it
+    is "on your phone"). If it completes all the same, it counts for her period (core.reminders reads her payments
+    by member, whatever number paid)."""
+    changes = (AuditEvent.entity_type == "member", AuditEvent.entity_id == member,
+               AuditEvent.action == "member.updated", AuditEvent.after["phone"].as_string().is_not(None))
+    since = select(func.max(AuditEvent.at)).where(*changes).scalar_subquery()
+    held = AuditEvent.before["phone"].as_string()
+    return or_(Payment.payment_account_index == payer, since.is_(None), Payment.created_at >= since,
+               Payment.payment_account_masked.not_in(select(held).where(*changes, held.is_not(None))))
 
 
 def _still_open(now: Any, processing: Any) -> Any:

@@ -25,6 +25,7 @@ from core.errors import (
     MEMBER_ERASED,
     PARTIAL_REFUND_UNSUPPORTED,
     PAYING_NUMBER_CHANGED,
+    PAYMENT_METHOD_NOT_AVAILABLE,
     PROVIDER_REFUSED,
     REFUND_EXCEEDS_REFUNDABLE,
     BusinessRuleError,
@@ -32,7 +33,7 @@ from core.errors import (
     NotFound,
     ValidationError,
 )
-from core.members import number_history
+from core.members import number_came_since, number_history
 from core.models import Dispute, Member, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
@@ -160,6 +161,11 @@ async def request_refund(
         raise Conflict("the payment's member was erased: the account to refund is no longer known; record a "
                        "refund the provider made with returnedByProvider", code=MEMBER_ERASED)
     provider = rt.providers.get(payment.provider)
+    if returned is None and provider is None:
+        # Its provider was left out of PROVIDERS since the payment: there is no adapter to send a refund with.
+        raise ValidationError(f"payment {payment.reference} was made with {payment.method}, whose provider "
+                              f"{payment.provider} is not in PROVIDERS (this deployment does not use it): no refund "
+                              "can be sent to it", code=PAYMENT_METHOD_NOT_AVAILABLE)
     if returned is None and provider is not None:
         _request_to_refund_known(payment, provider)
     if returned is None:
@@ -316,7 +322,8 @@ async def _paying_number_still_hers(session: AsyncSession, payment: Payment) -> 
     goes there all the same (`toPayingNumber`), or pays her another way and records that. A number that was never
     hers (her husband paying for her, or the number a TYPO correction replaced: its holder paid) gets its money
     back as before: the payment's masked number is none of those she held (core.members.number_history; two numbers
-    masked alike are asked about, the safe side)."""
+    masked alike are asked about, the safe side), unless another member got that number since (a sister's it paid
+    from, swapped since: core.members.number_came_since), which is asked about alike."""
     from core.payments import METHOD_NAMES  # local: core.payments reaches back into this module
 
     if payment.member_id is None or payment.method not in METHOD_NAMES:
@@ -326,7 +333,13 @@ async def _paying_number_still_hers(session: AsyncSession, payment: Payment) -> 
         return
     since, held = await number_history(session, member)
     if payment.created_at >= since or payment.payment_account_masked not in held:
-        return  # paid from a number that was never hers (someone paying for her): back to it, as it was paid
+        if not await number_came_since(session, payment.payment_account_index, payment.created_at, but=member.id):
+            return  # paid from a number that was never hers (someone paying for her): back to it, as it was paid
+        raise Conflict(f"this payment was paid from {payment.payment_account_masked}, which another member got "
+                       f"since (a swap, a new SIM): {METHOD_NAMES[payment.method]} sends a refund back to the number "
+                       "that paid. Send it there only if its payer still holds that wallet (toPayingNumber: true); "
+                       "else pay the payer another way and record it with returnedByProvider", field="toPayingNumber",
+                       code=PAYING_NUMBER_CHANGED)
     raise Conflict(f"this payment was paid from {payment.payment_account_masked}, which is no longer its member's "
                    f"number (changed since): {METHOD_NAMES[payment.method]} sends a refund back to the number that "
                    "paid, which the operator may have given to someone else. Send it there only if the member still "

@@ -6,11 +6,11 @@ import csv
 import dataclasses
 import io
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select, true, tuple_
+from sqlalchemy import ColumnElement, Select, and_, case, false, func, or_, select, true, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import reminders
@@ -613,10 +613,8 @@ async def _stream(
     row: Callable[[Any], list[Any]],
     delimiter: str = ",",
     excel: bool = False,
-    key: Callable[[Any], tuple[Any, Any]] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The export's rows in `order` (its moment, then the id: unique; columns of the entity each row starts with,
-    or any two columns with `key` reading their values from a row),
+    """The export's rows in `order` (its moment, then the id: unique; columns of the entity each row starts with),
     CHUNK_ROWS at a time, each batch read in a session of its own that is closed before the batch is yielded.
     Nothing waits on the client with a transaction open: one cursor read the whole export before, and a slow
     download held a pooled connection and an old snapshot as long as it lasted (an hour for 70 MB at 16 KB/s: the
@@ -637,19 +635,34 @@ async def _stream(
     (completed_at) for a super admin's payments and refunds (migrations 0013 and 0014; the payments' completion
     index holds only the payments whose money moved, which is what basis=completed reads).
     """
+    async def batches() -> AsyncIterator[Sequence[Any]]:
+        after: tuple[Any, Any] | None = None
+        while True:
+            page = query if after is None else query.where(tuple_(*order) > after)  # binds typed as `order`
+            async with sessions() as session:
+                result = await session.stream(
+                    page.order_by(*order).limit(CHUNK_ROWS).execution_options(yield_per=CHUNK_ROWS))
+                items = await result.all()
+            yield items
+            if len(items) < CHUNK_ROWS:
+                return
+            last = items[-1][0]
+            after = (getattr(last, order[0].key), getattr(last, order[1].key))
+
+    async for chunk in _written(batches(), header, row, delimiter, excel):
+        yield chunk
+
+
+async def _written(batches: AsyncIterator[Sequence[Any]], header: tuple[str, ...], row: Callable[[Any], list[Any]],
+                   delimiter: str, excel: bool) -> AsyncIterator[bytes]:
+    """An export's CSV, a chunk per batch of items (`row`: the cells of one); the header goes out with the first
+    batch: nothing is yielded before its query has run (the route sends its status line on the first chunk, so a
+    failing query is still an error response)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter=delimiter)
     writer.writerow(header)
     spreadsheet = _spreadsheet(header, delimiter, excel)
-    after: tuple[Any, Any] | None = None
-    while True:
-        page = query if after is None else query.where(tuple_(*order) > after)  # binds typed as `order`
-        async with sessions() as session:
-            # The header goes out with the first batch: nothing is yielded before the query has run (the route
-            # sends its status line on the first chunk, so a failing query is still an error response).
-            result = await session.stream(
-                page.order_by(*order).limit(CHUNK_ROWS).execution_options(yield_per=CHUNK_ROWS))
-            items = await result.all()
+    async for items in batches:
         for item in items:
             cells = [_cell(v) for v in row(item)]
             writer.writerow(spreadsheet(cells) if spreadsheet else cells)
@@ -657,13 +670,6 @@ async def _stream(
             yield buffer.getvalue().encode()
             buffer.seek(0)
             buffer.truncate()
-        if len(items) < CHUNK_ROWS:
-            return
-        if key is not None:  # rows of columns, not of an entity (the dues)
-            after = key(items[-1])
-            continue
-        last = items[-1][0]
-        after = (getattr(last, order[0].key), getattr(last, order[1].key))
 
 
 def payments_csv(
@@ -831,31 +837,38 @@ def dues_of(ptype: PaymentType, timezone: str | None, day: date | None, now: dat
         current = reminders.current_period(ptype, now, zone)
         assert current is not None  # recurring: checked above
         day = current[0]
-    window = reminders.due_dates(ptype, day, zone)
+    try:
+        window = reminders.due_dates(ptype, day, zone)
+        following = reminders.due_dates(ptype, day + timedelta(days=1), zone)
+    except (ValueError, OverflowError):  # a due date after 9999-12-31
+        raise ValidationError(f"period must be a due date of {ptype.name!r} before the last of year 9999",
+                              field="period") from None
     assert window is not None
     if window[1] != day:
         around = " or ".join(d.isoformat() for d in window if d < day) or None
         after = window[1].isoformat()
         raise ValidationError(f"period must be a due date of {ptype.name!r}: {around + ' or ' if around else ''}"
                               f"{after}", field="period")
-    following = reminders.due_dates(ptype, day + timedelta(days=1), zone)
     assert following is not None and following[0] == day
-    period = dataclasses.replace(reminders.PaidFor.of(*window, zone),
-                                 until=reminders.PaidFor.of(*following, zone).since)
+    period = dataclasses.replace(reminders.period_of(ptype, window, zone),
+                                 until=reminders.period_of(ptype, following, zone).since)
     return Dues(ptype, timezone or "UTC", window[0], day, period, owed)
 
 
-def _dues_lines(dues: Dues, status: str | None) -> tuple[Any, Any]:
+def _dues_lines(dues: Dues, status: str | None, member_ids: Sequence[str] | None = None) -> tuple[Any, Any]:
     """(the lines' query, its subquery of members): the cooperative's ACTIVE members registered before `paid_until`
     (the USSD asked them for this period), or after it with a payment of the period kept or open, each with her money
-    of the period as core.reminders reads it, and her status; `status`: only the lines in it."""
+    of the period as core.reminders reads it, and her status; `status`: only the lines in it; `member_ids`: only
+    theirs (a batch of the CSV: their payments only are read, not all the period's)."""
     ptype = dues.ptype
-    money = reminders.period_columns(ptype.cooperative_id, ptype.id, ptype.currency, dues.due, dues.period)
-    members = select(Member.id, Member.name, Member.unit, money.kept.label("kept"),
-                     money.waiting.label("waiting"), money.still_open.label("still_open"),
-                     money.last_paid_at.label("last_paid_at")).where(
+    money = reminders.period_money(ptype.cooperative_id, ptype.id, ptype.currency, dues.due, dues.period, member_ids)
+    members = select(Member.id, Member.name, Member.unit, func.coalesce(money.c.kept, 0).label("kept"),
+                     func.coalesce(money.c.waiting, 0).label("waiting"),
+                     func.coalesce(money.c.still_open, false()).label("still_open"),
+                     money.c.last_paid_at).outerjoin(money, money.c.member_id == Member.id).where(
         Member.cooperative_id == ptype.cooperative_id, Member.status == "ACTIVE",
-        or_(Member.created_at < dues.paid_until, money.any_payment)).subquery("dues")
+        or_(Member.created_at < dues.paid_until, money.c.member_id.is_not(None)),
+        true() if member_ids is None else Member.id.in_(member_ids)).subquery("dues")
     kept = members.c.kept
     line_status = case((kept >= dues.owed, "PAID"), (members.c.still_open, "AWAITING_APPROVAL"),
                        (kept > 0, "PARTIAL"), else_="UNPAID")
@@ -904,13 +917,31 @@ async def dues_totals(session: AsyncSession, dues: Dues, status: str | None) -> 
 
 def dues_csv(sessions: async_sessionmaker[AsyncSession], dues: Dues, *, status: str | None = None,
              delimiter: str = ",", excel: bool = False) -> AsyncIterator[bytes]:
-    """dues_page's lines as CSV (DUES_COLUMNS), streamed as the other exports are, keyset on (name, member id)."""
-    query, members = _dues_lines(dues, status)
+    """dues_page's lines as CSV (DUES_COLUMNS), streamed in batches as the other exports are (_dues_batches)."""
 
     def row(item: Any) -> list[Any]:
         line = dues_line(dues, item)
         return [*(line[name] if line[name] is not None else "" for name in DUES_COLUMNS[:-1]),
                 dues.due.isoformat()]
 
-    return _stream(sessions, query, (members.c.name, members.c.id), DUES_COLUMNS, row, delimiter, excel,
-                   key=lambda item: (item.name, item.id))
+    return _written(_dues_batches(sessions, dues, status), DUES_COLUMNS, row, delimiter, excel)
+
+
+async def _dues_batches(sessions: async_sessionmaker[AsyncSession], dues: Dues, status: str | None
+                        ) -> AsyncIterator[Sequence[Any]]:
+    """The dues' lines (`status`: those in it) CHUNK_ROWS at a time, each batch in a session of its own, in the
+    order (name, then member id) of the members listed when the download began: who is in the file, and where, is
+    read once (their ids), and each batch reads its members' lines by id, as they are then. A keyset on the name (it
+    is not a row's moment: an admin edits it) repeated a member renamed during the download to after the lines
+    already sent, and skipped one renamed to before them. A member no longer listed when her batch is read is left
+    out."""
+    query, members = _dues_lines(dues, status)
+    async with sessions() as session:
+        ids = list((await session.execute(
+            query.with_only_columns(members.c.id).order_by(members.c.name, members.c.id))).scalars())
+    for start in range(0, max(len(ids), 1), CHUNK_ROWS):
+        batch = ids[start:start + CHUNK_ROWS]
+        async with sessions() as session:
+            items = (await session.execute(_dues_lines(dues, status, batch)[0])).all() if batch else []
+        position = {member_id: n for n, member_id in enumerate(batch)}
+        yield sorted(items, key=lambda item: position[item.id])

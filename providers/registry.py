@@ -4,6 +4,10 @@ Routes: by default MOBILE_MONEY_MTN -> mtn_momo, MOBILE_MONEY_AIRTEL -> airtel, 
 banks (BANK_BK, BANK_IM, BANK_ECOBANK) -> irembopay. PAYMENT_ROUTES overrides some or all of them, e.g.
 PAYMENT_ROUTES="MOBILE_MONEY_MTN=irembopay,MOBILE_MONEY_AIRTEL=irembopay"; it is read from
 settings.extra["PAYMENT_ROUTES"] when present, else from the environment, when the routes are built.
+
+Only the providers this deployment uses (PROVIDERS: settings.providers holds those only) are built, routed to and
+simulated: a default route to one left out is dropped (its methods are not available: the API refuses them, USSD
+does not offer them), and its callback route answers 404 as for any name it does not know.
 """
 
 from __future__ import annotations
@@ -77,6 +81,10 @@ def build_providers(settings: Settings, http: httpx.AsyncClient,
     With `redis`, IremboPay's one-time webhook check is shared by every gateway process (a webhook
     replayed to another `serve` process is refused too); without it, it is process-local.
     """
+    if settings.unused_provider_variables:
+        log.warning("variables of providers not in PROVIDERS are set and ignored: remove them, or add their "
+                    "provider to PROVIDERS", extra={"variables": ", ".join(settings.unused_provider_variables),
+                                                    "providers": ", ".join(settings.providers)})
     providers: dict[str, PaymentProvider] = {}
     for name, config in settings.providers.items():
         adapter_class = ADAPTERS.get(name)
@@ -126,12 +134,15 @@ def _route_overrides(settings: Settings, env: Mapping[str, str]) -> dict[str, st
 
 def build_routes(settings: Settings, providers: Mapping[str, PaymentProvider],
                  env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Payment method -> provider name; every route must land on a provider that collects that method."""
-    routes = {**DEFAULT_ROUTES, **_route_overrides(settings, os.environ if env is None else env)}
+    """Payment method -> provider name; every route must land on a provider that collects that method. A default
+    route to a provider this deployment does not use (PROVIDERS) is left out; PAYMENT_ROUTES naming one is refused."""
+    overrides = _route_overrides(settings, os.environ if env is None else env)
+    routes = {**{method: name for method, name in DEFAULT_ROUTES.items() if name in providers}, **overrides}
     for method, name in routes.items():
         provider = providers.get(name)
         if provider is None:
-            raise ConfigError("PAYMENT_ROUTES", f"{method} routes to {name!r}, which is not configured")
+            why = "which is not in PROVIDERS" if name in ADAPTERS else "which is not configured"
+            raise ConfigError("PAYMENT_ROUTES", f"{method} routes to {name!r}, {why}")
         if method not in provider.methods:
             raise ConfigError("PAYMENT_ROUTES", f"{name} does not collect {method}")
     return routes
@@ -154,6 +165,8 @@ def mount_simulators(app: web.Application, settings: Settings, **overrides: Any)
     the numbers it shows only (/_sim/<name>/_control/phone); every other number is decided by its script.
     """
     for name, create in SIMULATORS.items():
+        if name not in settings.providers:  # not in PROVIDERS: nothing calls it
+            continue
         options = replace(simulator_options(settings, name), **overrides)
         app.add_subapp(f"/_sim/{name}", create(options))
         log.info("simulator mounted", extra={"provider": name, "path": f"/_sim/{name}"})

@@ -113,6 +113,23 @@ def test_production_refuses_a_base_url_without_a_host_and_a_short_blind_index_ke
         assert _one_line(result).startswith(f"configuration error: {variable}: {says}")
 
 
+def test_a_deployment_without_a_provider_starts_without_its_variables():
+    # A Rwandan federation has no M-Pesa account: production required every MPESA_* variable all the same (and
+    # CALLBACK_SECRET_MPESA), so it made them up. Leaving mpesa out of PROVIDERS, none is needed: `serve` gets past
+    # its configuration to the database (out of reach here: exit 4, not 2).
+    env = {k: v for k, v in _production_env().items() if not k.startswith(("MPESA_", "CALLBACK_SECRET_MPESA"))}
+    refused = _main("serve", **env)
+    assert refused.returncode == 2 and "configuration error: MPESA_CONSUMER_KEY: " in refused.stderr
+    started = _main("serve", **{**env, "PROVIDERS": "mtn_momo,airtel,irembopay",
+                                "DATABASE_URL": "postgresql+asyncpg://gw@127.0.0.1:1/gw"})
+    assert started.returncode == 4, started.stderr
+    assert started.stderr.strip().splitlines()[-1].startswith("cannot start: ")
+    typo = _main("serve", **{**env, "PROVIDERS": "mtn_momo,airtel,irembo"})
+    assert typo.returncode == 2
+    assert _one_line(typo) == ("configuration error: PROVIDERS: 'irembo' is not a provider (these are: mtn_momo, "
+                               "airtel, mpesa, irembopay)")
+
+
 def test_a_misspelt_per_aggregator_or_callback_variable_is_refused():
     # USSD_IP_ALLOWLIST_AFRICAS_TALKING was read by nothing: `serve` started and took USSD hops from any address
     # while the operator believed Africa's Talking's gateways were the only ones let in (and in production, with

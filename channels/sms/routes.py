@@ -24,7 +24,7 @@ from core.auth import callback_secret_ok
 from core.config import ConfigError
 from core.cooperatives import COUNTRY_CURRENCY
 from core.db import autocommit, utcnow
-from core.members import number_history, set_number_opt_out
+from core.members import number_came_since, number_history, set_number_opt_out
 from core.models import Cooperative, Member, Payment, SmsMessage
 from core.notify import SMS_KEY_SIZE, send_sms
 from core.phone import Phone, PhoneError, normalize
@@ -373,7 +373,8 @@ async def _owns(session: Any, rt: Runtime, payment: Payment, phone: Phone) -> bo
     would otherwise read its payments for ever, references being a date and a counter). Nor is it asked about a
     member's payment made before her number was last corrected (a new SIM, PATCH /v1/members) from a number that was
     hers (core.members.number_history: not her husband's paying for her): her old one, which the operator gives to
-    someone else."""
+    someone else. Nor by a number another member got after the payment (core.members.number_came_since: sisters
+    swapping phones, or a new SIM whose number was someone else's): she did not pay it."""
     index = rt.cipher.blind_index(phone.e164)
     member = await session.get(Member, payment.member_id) if payment.member_id else None
     if payment.member_id and (member is None or member.status == "SUSPENDED" or member.phone_enc is None):
@@ -384,6 +385,8 @@ async def _owns(session: Any, rt: Runtime, payment: Payment, phone: Phone) -> bo
     recent = days == 0 or payment.created_at >= utcnow() - timedelta(days=days)
     if not (recent and hmac.compare_digest(payment.payment_account_index, index)):
         return False
+    if await number_came_since(session, index, payment.created_at, but=payment.member_id):
+        return False  # a member got the number since (a swap, a new SIM): she is not who paid
     if member is None:
         return True
     since, held = await number_history(session, member)

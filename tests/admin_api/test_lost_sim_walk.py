@@ -416,3 +416,43 @@ async def test_her_husband_still_asks_by_sms_about_what_he_paid_for_her_after_he
         await _texts(client, rt, worker, app, HUSBAND, f"STATUS {paid.reference}")
     [told] = [str(m["message"]) for m in sms.messages(HUSBAND)]
     assert paid.reference in told and not told.startswith("No payment"), told
+
+
+async def test_after_a_swap_her_sister_learns_nothing_of_what_her_number_paid_for_a_friend(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    """Aline paid Jean Bosco's rent from her number at the office (the number that paid is answered about it for
+    SMS_PAYER_ANSWER_DAYS). The sisters then swapped phones: her old number is Béatrice's now, a member whose number
+    came to her after the payment, so not its payer. She read Jean Bosco's rent (STATUS: amount, type, status)."""
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline, friend = demo["members"][OLD], demo["members"]["+250788000002"]
+    paid = await make_payment(rt, demo["cooperative_id"], account=OLD, member_id=friend,
+                              created_at=datetime.now(UTC) - timedelta(minutes=5))
+    async with rt.sessionmaker.begin() as s:
+        (await s.get(Payment, paid.id)).payment_account_masked = mask(OLD)
+    sister = (await admin.json("POST", "/v1/members", 201, json={"name": "Beatrice Uwase", "phone": SISTER}))["id"]
+    async with mtn(rt, aiohttp_server) as app:
+        await _texts(client, rt, worker, app, OLD, f"STATUS {paid.reference}")
+        [told] = [str(m["message"]) for m in sms.messages(OLD)]
+        assert paid.reference in told and not told.startswith("No payment"), told  # Aline, who paid it
+        await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": SISTER, "phoneChange": "SWAP"})
+        assert (await admin.json("GET", f"/v1/members/{sister}", 200))["phone"] == mask(OLD)
+        await _texts(client, rt, worker, app, OLD, f"STATUS {paid.reference}", f"RECEIPT {paid.reference}")
+    told = [str(m["message"]) for m in sms.messages(OLD)][1:]
+    assert len(told) == 2 and all(text.startswith("No payment") for text in told), told
+
+
+async def test_a_payment_her_number_made_for_a_friend_is_confirmed_before_a_refund_goes_to_her_sister(
+        rt: Any, demo: dict[str, Any], client: Any) -> None:
+    """Aline paid Jean Bosco's rent from her number; the sisters swapped phones since. MTN refunds to the number that
+    paid, Béatrice's now: sent unasked (Jean Bosco's number never changed), as her own payment's refund is not."""
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline, friend = demo["members"][OLD], demo["members"]["+250788000002"]
+    paid = await _paid_from(rt, demo, OLD, friend)
+    await admin.json("POST", "/v1/members", 201, json={"name": "Beatrice Uwase", "phone": SISTER})
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": SISTER, "phoneChange": "SWAP"})
+    refused = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 409, json={"idempotencyKey": idem()})
+    assert (refused["code"], refused["field"]) == ("PAYING_NUMBER_CHANGED", "toPayingNumber"), refused
+    assert "+25078****001" in refused["message"], refused
+    await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                     json={"idempotencyKey": idem(), "toPayingNumber": True})

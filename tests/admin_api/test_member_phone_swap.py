@@ -12,7 +12,7 @@ from sqlalchemy import select
 from core import members as service
 from core.models import AuditEvent, Member
 from tests.admin_api.conftest import Caller
-from tests.admin_api.test_member_phone_change import _stop
+from tests.admin_api.test_member_phone_change import _opted_out, _stop
 from tests.conftest import requires_pg
 
 ALINE, SISTER = "+250788555001", "+250788555002"
@@ -115,3 +115,35 @@ async def test_no_swap_with_an_erased_member_either_way(rt: Any, admin: Caller, 
     assert nothing["field"] == "phoneChange", nothing
     await admin.json("PATCH", f"/v1/members/{sister}", 409, json={"phone": ALINE, "phoneChange": "SWAP"})
     assert await _numbers(rt, aline, sister) == [rt.cipher.blind_index(ALINE), None]
+
+
+async def test_a_stop_kept_from_an_earlier_sim_stays_hers_in_a_swap(rt: Any, admin: Caller, demo: Any) -> None:
+    """Aline sent STOP from the SIM she lost; moved to her new number (NEW_SIM) her flag stayed hers, and the old
+    number's opt-out went with it. Neither her new number nor her sister's ever sent STOP. The swap handed her flag
+    to Béatrice, whose reminders stopped though she never asked (and Aline's came back though she had): a flag
+    follows a number only when it is that number's STOP (the number's own opt-out shows it)."""
+    lost = "+250788555009"
+    aline = (await admin.json("POST", "/v1/members", 201, json={"name": "Aline Mukamana", "phone": lost}))["id"]
+    sister = (await admin.json("POST", "/v1/members", 201, json={"name": "Beatrice Uwase", "phone": SISTER}))["id"]
+    await _stop(rt, lost)
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": ALINE, "phoneChange": "NEW_SIM"})
+    assert (await admin.json("GET", f"/v1/members/{aline}", 200))["remindersOptOut"] is True
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": SISTER, "phoneChange": "SWAP"})
+    assert await _numbers(rt, aline, sister) == [rt.cipher.blind_index(SISTER), rt.cipher.blind_index(ALINE)]
+    assert (await admin.json("GET", f"/v1/members/{aline}", 200))["remindersOptOut"] is True
+    assert (await admin.json("GET", f"/v1/members/{sister}", 200))["remindersOptOut"] is False
+    assert not await _opted_out(rt, ALINE) and not await _opted_out(rt, SISTER)
+    async with rt.sessionmaker() as s:
+        swaps = (await s.execute(select(AuditEvent).where(
+            AuditEvent.action == "member.updated", AuditEvent.after["phoneChange"].as_string() == "SWAP"))).scalars()
+        assert all("remindersOptOut" not in e.after for e in swaps)  # no flag changed
+
+
+async def test_the_swapped_numbers_stops_follow_them_each_way(rt: Any, admin: Caller, demo: Any) -> None:
+    """Both numbers sent STOP: each sister keeps a silenced number, and so stays opted out."""
+    aline, sister = await _two(admin)
+    await _stop(rt, ALINE)
+    await _stop(rt, SISTER)
+    await admin.json("PATCH", f"/v1/members/{sister}", 200, json={"phone": ALINE, "phoneChange": "SWAP"})
+    assert (await admin.json("GET", f"/v1/members/{aline}", 200))["remindersOptOut"] is True
+    assert (await admin.json("GET", f"/v1/members/{sister}", 200))["remindersOptOut"] is True

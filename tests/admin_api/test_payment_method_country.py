@@ -67,6 +67,24 @@ async def test_mtn_for_a_kenyan_cooperative_is_refused_by_its_countrys_wallets(s
     assert await payments(rt) == 0
 
 
+async def test_airtel_money_for_a_ghanaian_cooperative_is_refused_by_its_countrys_wallets(
+        superadmin: Caller, rt: Any, client: Any) -> None:
+    """Ghana has no Airtel Money: Airtel's Ghanaian network became AirtelTigo, now AT, whose wallet is not Airtel's
+    Open API. The desk of a Kumasi susu group was told its members pay with "MOBILE_MONEY_AIRTEL (Airtel Money)",
+    and an AT number was refused only because Airtel's account collects another currency."""
+    admin, ptype = await country_admin(superadmin, rt, client, "GH", "KSI", "50.00")
+    for account in ("0561234567", "0244123456"):  # an AT number, an MTN one
+        body = await asked(admin, ptype, 400, "MOBILE_MONEY_AIRTEL", account, "50.00")
+        assert body["message"] == ["paymentMethod MOBILE_MONEY_AIRTEL is not one a GH cooperative's members pay "
+                                   "with: MOBILE_MONEY_MTN (MTN MoMo), or a bank method"]
+    body = await asked(admin, ptype, 400, "MPESA", "0244123456", "50.00")
+    assert body["message"] == ["paymentMethod MPESA is not one a GH cooperative's members pay with: "
+                               "MOBILE_MONEY_MTN (MTN MoMo), or a bank method"]
+    assert await payments(rt) == 0
+    made = await asked(admin, ptype, 201, "MOBILE_MONEY_MTN", "024 412 3456", "50.00")
+    assert (made["paymentMethod"], made["amount"], made["currency"]) == ("MOBILE_MONEY_MTN", "50.00", "GHS")
+
+
 async def test_mpesa_from_a_range_nobody_names_is_refused_outside_kenya(superadmin: Caller, rt: Any,
                                                                         client: Any) -> None:
     """Zambia's 0790 range has no operator in the carrier data, so the number check lets it through; a Zambian

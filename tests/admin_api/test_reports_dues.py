@@ -20,7 +20,7 @@ from core.money import Money
 from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
 from core.refunds import apply_refund_outcome
-from tests.admin_api.conftest import complete_payment, idem, make_payment
+from tests.admin_api.conftest import Caller, complete_payment, idem, make_payment
 from tests.conftest import make_settings
 
 PROVIDER = Actor("provider:t", "provider")
@@ -226,6 +226,10 @@ async def test_what_cannot_be_reported_is_refused(admin, tenant, rt, demo):
     assert refused["message"][0] == "period must be a due date of 'Monthly Rent': 2026-11-01 or 2026-12-01"
     refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period=2026-11-31", 400)
     assert "period must be a date (YYYY-MM-DD)" in refused["message"][0]
+    # A period at the calendar's end (its next due date would be in year 10000): refused, not a 500.
+    for far in ("9999-12-01", "9999-12-31"):
+        refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={far}", 400)
+        assert refused["field"] == "period"
     refused = await admin.json("GET", "/v1/reports/dues", 400)
     assert "query parameter paymentTypeId is required" in refused["message"][0]
     resp = await admin.req("GET", f"/v1/reports/dues.csv?paymentTypeId={rent}&period=2026-11-15")
@@ -252,3 +256,108 @@ async def test_the_default_period_is_the_one_a_payment_made_now_pays(admin, rt, 
     assert (jean["status"], jean["amountPaid"], jean["amountOutstanding"]) == ("PARTIAL", 20000, left) == (
         "PARTIAL", 20000, 30000)
     assert len(report["data"]) == 5  # every demo member, none paid but Jean
+
+
+async def test_a_member_renamed_during_the_download_is_in_the_csv_once(admin, rt, demo, monkeypatch):
+    """The file is read in batches: a member renamed between two of them (Aline, already sent, now sorts last; Paul,
+    not sent yet, now sorts first) is still in it exactly once, not repeated or skipped."""
+    from core import reports
+
+    ids = await _november(admin, rt, demo)
+    monkeypatch.setattr(reports, "CHUNK_ROWS", 2)
+    rent = demo["payment_types"]["Monthly Rent"]
+    async with rt.sessionmaker() as s:
+        ptype = await s.get(PaymentType, rent)
+    dues = reports.dues_of(ptype, "Africa/Kigali", datetime(2026, 11, 1).date(), utcnow())
+    chunks = reports.dues_csv(rt.sessionmaker, dues)
+    body = [await anext(chunks)]
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Member).where(Member.id == ids["Aline"]).values(name="Zaina Uwase"))
+        await s.execute(update(Member).where(Member.id == ids["Paul"]).values(name="Aaron Late"))
+    body += [chunk async for chunk in chunks]
+    rows = list(csv.DictReader(io.StringIO(b"".join(body).decode())))
+    assert sorted(row["memberId"] for row in rows) == sorted(set(ids.values()) - {ids["Suzan"], ids["Lea"]})
+    # In the order of the names when the download began; each line as its batch read it.
+    assert [row["name"] for row in rows] == ["Aline Uwase", "Claudine Mukamana", "Eric Niyonzima", "Fidele Refunded",
+                                             "Grace Ingabire", "Jean Bosco Habimana", "Aaron Late"]
+
+
+async def _paid_lines(admin: Any, type_id: str, period: str) -> set[str]:
+    report = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={type_id}&period={period}&limit=100", 200)
+    return {line["name"] for line in report["data"] if line["status"] == "PAID"}
+
+
+async def test_a_payment_at_a_periods_bound_pays_one_period_the_one_the_ussd_asked_for(admin, rt, demo):
+    """Undated payments (the USSD's) made exactly at November's bounds (paidFrom, paidUntil) and a microsecond after:
+    each is in one period's dues only, the period current_period gave a payment made at that instant."""
+    from datetime import timedelta
+
+    from core.reminders import current_period
+
+    rent, m = demo["payment_types"]["Monthly Rent"], demo["members"]
+    await _registered(rt, demo["cooperative_id"])
+    since, until = datetime(2026, 10, 16, 22, tzinfo=UTC), datetime(2026, 11, 15, 22, tzinfo=UTC)
+    tick = timedelta(microseconds=1)
+    made = {"+250788000001": since, "+250788000002": since + tick, "+250733000001": until,
+            "+250733000002": until + tick}
+    async with rt.sessionmaker() as s:
+        ptype = await s.get(PaymentType, rent)
+    expected: dict[str, set[str]] = {"2026-10-01": set(), NOVEMBER: set(), "2026-12-01": set()}
+    for account, at in made.items():
+        method = AIRTEL if account.startswith("+25073") else "MOBILE_MONEY_MTN"
+        payment = await _pay(admin, rt, rent, account, due=None, method=method)
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(update(Payment).where(Payment.id == payment["id"]).values(created_at=at))
+            name = (await s.get(Member, m[account])).name
+        period = current_period(ptype, at, zone_of("Africa/Kigali"))
+        assert period is not None
+        expected[period[0].isoformat()].add(name)
+    assert expected == {"2026-10-01": {"Aline Uwase"}, NOVEMBER: {"Jean Bosco Habimana", "Claudine Mukamana"},
+                        "2026-12-01": {"Eric Niyonzima"}}
+    for day, names in expected.items():
+        assert await _paid_lines(admin, rent, day) == names
+
+
+async def test_a_quarterly_type_due_the_31st_in_nairobi(admin, rt, demo):
+    """Quarterly from January, due the 31st: April's falls on the 30th. In Nairobi (UTC+3) a dueDate naming the local
+    day (or the bare date) pays it, one naming the day before does not; periods are its due dates only."""
+    from core.models import Cooperative
+
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Cooperative).where(Cooperative.id == demo["cooperative_id"])
+                        .values(timezone="Africa/Nairobi"))
+    made = await admin.json("POST", "/v1/payment-types", 201, json={
+        "name": "Levy", "amount": 50000, "isRecurring": True, "recurringInterval": "QUARTERLY", "dueDay": 31})
+    await _registered(rt, demo["cooperative_id"])
+    levy = made["id"]
+    await _pay(admin, rt, levy, "+250788000001", due="2026-04-30")
+    await _pay(admin, rt, levy, "+250788000002", due="2026-04-30T00:30:00+03:00")  # 2026-04-29T21:30Z
+    # The day before, local.
+    await _pay(admin, rt, levy, "+250733000001", due="2026-04-29T23:30:00+03:00", method=AIRTEL)
+    report = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={levy}&period=2026-04-30&limit=100", 200)
+    assert report["period"] == {
+        "dueDate": "2026-04-30", "previousDueDate": "2026-01-31", "timezone": "Africa/Nairobi",
+        "paidFrom": "2026-03-16T21:00:00Z", "paidUntil": "2026-06-14T21:00:00Z",
+        "dueDayStart": "2026-04-29T21:00:00Z", "dueDayEnd": "2026-04-30T21:00:00Z"}
+    assert {line["name"] for line in report["data"] if line["status"] == "PAID"} == {"Aline Uwase",
+                                                                                     "Jean Bosco Habimana"}
+    refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={levy}&period=2026-05-31", 400)
+    assert refused["message"][0] == "period must be a due date of 'Levy': 2026-04-30 or 2026-07-31"
+    assert (await admin.json("GET", f"/v1/reports/dues?paymentTypeId={levy}&period=2026-07-31", 200)
+            )["period"]["previousDueDate"] == "2026-04-30"
+
+
+async def test_an_api_key_reads_the_dues_with_the_admin_scope_only(admin, client, rt, demo, coop_b):
+    rent = demo["payment_types"]["Monthly Rent"]
+    await _registered(rt, demo["cooperative_id"])
+    query = f"paymentTypeId={rent}&period={NOVEMBER}"
+    reader = await admin.json("POST", "/v1/api-keys", 201, json={"name": "BI", "scopes": ["payments:read"]})
+    bi = Caller(client, {"X-API-Key": reader["key"]})
+    assert (await bi.json("GET", f"/v1/reports/dues?{query}", 403))["code"] == "SCOPE_MISSING"
+    assert (await bi.req("GET", f"/v1/reports/dues.csv?{query}")).status == 403
+    erp = await admin.json("POST", "/v1/api-keys", 201, json={"name": "ERP", "scopes": ["admin"]})
+    books = Caller(client, {"X-API-Key": erp["key"]})
+    assert len((await books.json("GET", f"/v1/reports/dues?{query}", 200))["data"]) == 5
+    # Another cooperative's type: not found, as for its admin.
+    other = f"paymentTypeId={coop_b['payment_type_id']}&period={NOVEMBER}"
+    assert (await books.json("GET", f"/v1/reports/dues?{other}", 404))["field"] == "paymentTypeId"
