@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import func, select, text
 
 from core.audit import Actor
+from core.cooperatives import zone_of
 from core.db import iso_z, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
-from core.models import AuditEvent, OutboxJob, Payment, PaymentType, ProviderEvent, Refund
+from core.models import AuditEvent, Cooperative, OutboxJob, Payment, PaymentType, ProviderEvent, Refund
 from core.money import Money
 from core.payments import NewPayment, create_payment, handle_provider_event
 from core.ports import CollectionAccepted, EventKind, ProviderError, ProviderOutcome, StatusResult
@@ -124,7 +125,10 @@ async def test_reference_number_is_padded_to_three_digits_and_never_cut(rt, demo
     async with rt.sessionmaker.begin() as s:
         await s.execute(text("SELECT setval('human_reference_seq', :n)"), {"n": last})
     payment, _ = await _create(rt, _new(demo))
-    assert payment.reference == f"PAY_{utcnow():%Y%m%d}{suffix}"
+    # Dated by the cooperative's day (Kigali, UTC+2), not UTC's: from 22:00 UTC it is the next day there.
+    async with rt.sessionmaker() as s:
+        zone = zone_of((await s.get(Cooperative, payment.cooperative_id)).timezone)
+    assert payment.reference == f"PAY_{utcnow().astimezone(zone):%Y%m%d}{suffix}"
 
 
 async def test_a_replayed_key_still_answers_after_its_type_was_deactivated(rt, demo, provider):
