@@ -38,6 +38,14 @@ _INSTANT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:\d\
 _COLUMN = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)+")
 
 
+def phone_changes(member: Any) -> tuple[Any, ...]:
+    """SQL conditions on AuditEvent: the rows recording a correction of the member's number (`member`: her id, or a
+    column naming it): member.updated rows whose after names a phone (core.members.number_came_since,
+    core.payments._approvable_by)."""
+    return (AuditEvent.entity_type == "member", AuditEvent.entity_id == member, AuditEvent.action == "member.updated",
+            AuditEvent.after["phone"].as_string().is_not(None))
+
+
 def _key(name: str) -> str:
     """A column's name as the API names its field: camelCase, an amount without `_minor` (audit amounts are all
     integer minor units: `amount_minor` is `amount`, `refunded_minor` `refunded`, as hand-written rows say)."""

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import users
-from core.audit import Actor, formatted, record
+from core.audit import Actor, formatted, phone_changes, record
 from core.crypto import PiiCipher
 from core.db import insert_ignore, lock_row, utcnow
 from core.errors import INVALID_STATE, MEMBER_PHONE_TAKEN, Conflict, NotFound, ValidationError
@@ -650,8 +650,7 @@ async def number_came_since(session: AsyncSession, phone_index: str, moment: dat
     found = (await session.execute(
         select(AuditEvent.id).join(Member, Member.id == AuditEvent.entity_id)
         .where(Member.phone_index == phone_index, *((Member.id != but,) if but else ()),
-               AuditEvent.entity_type == "member", AuditEvent.action == "member.updated", AuditEvent.at > moment,
-               AuditEvent.after["phone"].as_string().is_not(None),
+               *phone_changes(Member.id), AuditEvent.at > moment,
                func.coalesce(AuditEvent.after["phoneChange"].as_string(), "NEW_SIM") != "TYPO")
         .limit(1))).first()
     return found is not None

@@ -20,7 +20,7 @@ from sqlalchemy.orm import aliased, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from core import metrics, pgraw
-from core.audit import Actor, record
+from core.audit import Actor, phone_changes, record
 from core.cooperatives import zone_of
 from core.db import insert_ignore, iso_ms, iso_z, lock_row, row_insert, table_of, utcnow
 from core.errors import (
@@ -611,8 +611,7 @@ def _approvable_by(member: Any, payer: Any) -> Any:
     longer has, approved only with her PIN there: it does not stop her paying from her number (nor is she told it
     is "on your phone"). If it completes all the same, it counts for her period (core.reminders reads her payments
     by member, whatever number paid)."""
-    changes = (AuditEvent.entity_type == "member", AuditEvent.entity_id == member,
-               AuditEvent.action == "member.updated", AuditEvent.after["phone"].as_string().is_not(None))
+    changes = phone_changes(member)
     since = select(func.max(AuditEvent.at)).where(*changes).scalar_subquery()
     held = AuditEvent.before["phone"].as_string()
     return or_(Payment.payment_account_index == payer, since.is_(None), Payment.created_at >= since,
