@@ -146,6 +146,18 @@ async def test_a_failed_payments_update_and_the_keyword_replies_are_the_payments
         == [other.id]
 
 
+async def _until_sms(rt: Any, worker: Any, idempotency_key: str) -> None:
+    """Drain the worker until the SMS with this key has been made (fails the test if it never is)."""
+    for _ in range(100):
+        await drain(worker)
+        async with rt.sessionmaker() as s:
+            if (await s.execute(select(SmsMessage.id).where(
+                    SmsMessage.idempotency_key == idempotency_key))).first() is not None:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no SMS {idempotency_key} after 100 drains")
+
+
 async def _refund_failed_by_mtn(rt: Any, admin: Caller, payment_id: str, amount: int) -> dict[str, Any]:
     """A refund sent to MTN (its submission taken), whose callback then says it failed."""
     refund = await admin.json("POST", f"/v1/payments/{payment_id}/refunds", 201,
@@ -174,14 +186,10 @@ async def test_a_payments_refund_notices_are_its_messages_and_name_it(
         "amount": 20000, "idempotencyKey": f"refund-{uuid.uuid4().hex}",
         "returnedByProvider": {"providerTransactionId": "MTN-REV-1"}})
     assert back["status"] == "COMPLETED"
-    for _ in range(100):  # its notice sent before the next refund's (a loaded machine's SMS pacing may defer it)
-        await drain(worker)
-        async with rt.sessionmaker() as s:
-            if (await s.execute(select(SmsMessage.id).where(
-                    SmsMessage.idempotency_key == f"refund_completed:{back['id']}"))).first() is not None:
-                break
-        await asyncio.sleep(0.05)
+    # Each notice is made before the next refund's (a loaded machine's SMS pacing may defer it), so the order is known.
+    await _until_sms(rt, worker, f"refund_completed:{back['id']}")
     failed = await _refund_failed_by_mtn(rt, admin, payment.id, 10000)
+    await _until_sms(rt, worker, f"refund_failed:{failed['id']}")
     await admin.json("POST", f"/v1/payments/{other.id}/refunds", 201, json={
         "amount": 5000, "idempotencyKey": f"refund-{uuid.uuid4().hex}",
         "returnedByProvider": {"providerTransactionId": "MTN-REV-2"}})
