@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import logging
 import time
 import uuid
@@ -255,6 +256,15 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
     return handlers
 
 
+async def schedule_periodic(rt: Runtime) -> None:
+    """Called when a worker starts: the periodic jobs of every package that has some exist, once each."""
+    from channels.ussd.jobs import ensure_scheduled as ussd_periodic
+    from core.jobs import ensure_scheduled as core_periodic
+
+    await core_periodic(rt)
+    await ussd_periodic(rt)
+
+
 def create_worker(rt: Runtime, *, concurrency: int = 16) -> OutboxWorker:
     s = rt.settings
     return OutboxWorker(rt.sessionmaker, job_handlers(rt), batch_size=s.outbox_batch_size,
@@ -376,8 +386,25 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok" if checks["redis"] == "ok" else "degraded", "checks": checks})
 
 
+def _scrape_refused(request: web.Request, token: str) -> web.Response | None:
+    """With METRICS_TOKEN set, a scrape without `Authorization: Bearer <it>` is answered 401 in the API's error
+    shape (the token compared in constant time); None: it may read the metrics."""
+    if not token:
+        return None
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return None
+    from admin_api.errors import error_body
+
+    body = error_body(401, "the metrics need Authorization: Bearer <METRICS_TOKEN>", request.path)
+    return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
+
+
 async def metrics_endpoint(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    refused = _scrape_refused(request, rt.settings.metrics_token.get())
+    if refused is not None:
+        return refused
     await metrics.refresh_gauges(rt)
     body, content_type = metrics.render()
     return web.Response(body=body, headers={"Content-Type": content_type})

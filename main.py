@@ -364,7 +364,7 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
                  accept_references_behind: bool = False) -> None:
     from aiohttp import web
 
-    from app import create_app, create_worker, refuse_redis_misconfigured
+    from app import create_app, create_worker, refuse_redis_misconfigured, schedule_periodic
     from core.reference_mark import check_at_start
     from core.runtime import RUNTIME
 
@@ -382,11 +382,10 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
         await check_at_start(rt.engine, rt.redis, accept_behind=accept_references_behind)
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=not settings.is_embedded)
         await _listen(site, settings.host, settings.port)
+        _warn_if_metrics_open(settings)
         worker = create_worker(rt) if with_worker else None
         if worker:
-            from core.jobs import ensure_scheduled
-
-            await ensure_scheduled(rt)
+            await schedule_periodic(rt)
         worker_task = asyncio.create_task(worker.run_forever()) if worker else None
         log.info("serving", extra={"url": settings.public_base_url, "listen": f"{settings.host}:{settings.port}",
                                    "worker": with_worker})
@@ -399,6 +398,13 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
     finally:
         await runner.cleanup()  # answers the requests in flight first (aiohttp's shutdown_timeout, 60 s)
     log.info("stopped")
+
+
+def _warn_if_metrics_open(settings: Settings) -> None:
+    """Once at a production start that serves /metrics: without METRICS_TOKEN it answers whoever reaches the port."""
+    if settings.is_production and not settings.metrics_token:
+        log.warning("/metrics answers anyone who reaches this port: set METRICS_TOKEN (the scraper then sends "
+                    "Authorization: Bearer <it>), or let only your monitoring reach the port")
 
 
 async def _listen(site: web.TCPSite, host: str, port: int, names: str = "HOST, PORT") -> None:
@@ -424,12 +430,13 @@ async def _worker_metrics(rt: Runtime, worker: Any, host: str, port: int) -> web
     await runner.setup()
     await _listen(web.TCPSite(runner, host, port), host, port, "HOST, WORKER_METRICS_PORT or --metrics-port")
     log.info("worker metrics", extra={"url": f"http://{host}:{port}/metrics"})
+    _warn_if_metrics_open(rt.settings)
     return runner
 
 
 async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0, *,
                   accept_references_behind: bool = False) -> None:
-    from app import create_worker, open_runtime, refuse_redis_misconfigured, stop_background
+    from app import create_worker, open_runtime, refuse_redis_misconfigured, schedule_periodic, stop_background
     from core.auth import watch_redis
     from core.reference_mark import check_at_start
 
@@ -441,9 +448,7 @@ async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0, *
         worker = create_worker(rt, concurrency=concurrency)
         runner = await _worker_metrics(rt, worker, settings.host, metrics_port) if metrics_port else None
         settle_heap()
-        from core.jobs import ensure_scheduled
-
-        await ensure_scheduled(rt)
+        await schedule_periodic(rt)
         # Redis evicting keys or refusing writes, reported by the worker too (a serve's revocation guard does it).
         watch_stop = asyncio.Event()
         watcher = asyncio.create_task(watch_redis(rt.redis, stop=watch_stop))

@@ -59,7 +59,7 @@ from core.payments import (
     NewPayment,
     StatementLine,
     cancel_payment,
-    collected_amount,
+    collected_to_credit,
     create_payment,
     load_context,
     payer_index_guess,
@@ -81,9 +81,11 @@ PAYMENT = out(
         "amount": AMOUNT_OUT,
         "currency": {"type": "string"},
         "collectedAmount": {
-            "type": ["integer", "string", "null"],
-            "description": "what the provider reported taken, to credit (amount is what was asked; mismatch: "
-            "they differ, 0 when taken in another currency); null while nothing is taken",
+            "type": ["integer", "string"],
+            "description": "what the provider reported taken and the payment still holds, to credit (amount is "
+            "what was asked; mismatch: they differ); 0 while nothing is taken (completedAt null), and when taken "
+            "in another currency, counted on another payment holding the same gatewayTransactionId, or VOIDED. "
+            "payments.csv's collectedAmount is the same figure",
         },
         "status": {"enum": list(STATUSES)},
         "paymentMethod": {"enum": list(METHODS)},
@@ -150,7 +152,16 @@ PAYMENT_CREATE = obj(
         "paymentMethod": {"enum": list(METHODS)},
         "paymentAccount": {"type": "string", "minLength": 3, "maxLength": 120},
         "description": {"type": ["string", "null"], "maxLength": 500},
-        "dueDate": {"type": ["string", "null"], "format": "date-time"},
+        "dueDate": {"type": ["string", "null"], "format": "date-time",
+                    "description": "The due date of the period the payment pays, for a recurring payment type: one "
+                                   "of its due dates (its dueDay, every month, quarter or year), as the bare date "
+                                   "(2026-11-01, 2026-11-01T00:00:00Z) or an instant on that day in the "
+                                   "cooperative's time zone. Another day is refused (400 VALIDATION_FAILED, field "
+                                   "dueDate, naming the due dates either side): it would pay no period, and the "
+                                   "member would still be reminded and listed UNPAID in the dues report "
+                                   "(GET /v1/reports/dues). Without it, the payment pays the period a payment made "
+                                   "at that moment pays, as the USSD's do. Any day for a type that is not "
+                                   "recurring"},
         "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128},
         "memberId": {"type": "string", "format": "uuid",
                      "description": "admins: the member paying. Without it, a mobile-money payment is the "
@@ -365,10 +376,11 @@ def _review(p: Payment) -> dict[str, Any] | None:
             "at": iso(p.reviewed_at)}
 
 
-def _collected(p: Payment) -> int | str | None:
-    # Formatted as `amount` is; the webhook's `collectedAmount` (core.payments.event_data) reads the same.
-    taken = collected_amount(p)
-    return None if taken is None else money_out(taken.minor, taken.currency)
+def _collected(p: Payment) -> int | str:
+    # Formatted as `amount` is; the webhook's `collectedAmount` (core.payments.event_data) and payments.csv's read
+    # the same.
+    taken = collected_to_credit(p)
+    return money_out(taken.minor, taken.currency)
 
 
 async def _tenants_own_number(ctx: Ctx, account: str, country: str) -> None:

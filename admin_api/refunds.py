@@ -74,7 +74,9 @@ TO_PAYING_NUMBER = {
                    "(she still holds that wallet). Without it such a refund is refused (409 PAYING_NUMBER_CHANGED) "
                    "naming that number, nothing sent; a number that was never hers (someone paying for her, or one a "
                    "TYPO correction replaced) is refunded as it paid, unasked, unless another member got that number "
-                   "since (a swap): asked alike",
+                   "since (a swap): asked alike, as is a payment of no member (or of a member whose number was "
+                   "released) whose number a member got since. A refund asked without it whose number changes so "
+                   "before the worker sends it is not sent: FAILED, its failureReason starting PAYING_NUMBER_CHANGED",
 }
 CREATE = obj(
     {

@@ -419,7 +419,10 @@ _DUES_LINE = {
                               "BALANCE SMS says, for the period a payment made now pays). Money awaiting approval "
                               "is not taken off"},
         "lastPaymentAt": {**NULL_DATETIME, "description": "When the money of her last payment of the period that "
-                          "counts in amountPaid moved (its completedAt, UTC); null when none"},
+                          "counts in amountPaid moved (its completedAt, UTC): of the payments amountPaid adds money "
+                          "of (COMPLETED or PARTIALLY_REFUNDED, keeping more than 0 in the type's currency). One the "
+                          "provider completed in another currency, or that keeps nothing, is left out, as amountPaid "
+                          "leaves it; null when none (amountPaid 0)"},
     },
 }
 DUES = {

@@ -41,7 +41,7 @@ _COLUMN = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)+")
 def phone_changes(member: Any) -> tuple[Any, ...]:
     """SQL conditions on AuditEvent: the rows recording a correction of the member's number (`member`: her id, or a
     column naming it): member.updated rows whose after names a phone (core.members.number_came_since,
-    core.payments._approvable_by)."""
+    core.payments.approvable_by)."""
     return (AuditEvent.entity_type == "member", AuditEvent.entity_id == member, AuditEvent.action == "member.updated",
             AuditEvent.after["phone"].as_string().is_not(None))
 

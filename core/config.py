@@ -150,6 +150,9 @@ class Settings:
     # Variables of providers left out of PROVIDERS that are set all the same: never read, named in a warning at
     # start (providers.registry.build_providers) so the operator can remove them or add the provider back.
     unused_provider_variables: tuple[str, ...] = ()
+    # METRICS_TOKEN: when set, /metrics (each serve's, a worker's) answers only `Authorization: Bearer <it>`
+    # (app.metrics_endpoint); unset, it answers anyone who reaches the port, and a production start says so.
+    metrics_token: Secret = field(default_factory=lambda: Secret(""))
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def service_code_for(self, aggregator: str | None) -> str:
@@ -877,5 +880,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         worker_stale_seconds=_int(env, "WORKER_STALE_SECONDS", 120, minimum=1),
         ussd_ip_allowlists=allowlists,
         trusted_proxies=trusted_proxies,
+        metrics_token=Secret(env.get("METRICS_TOKEN", "").strip()),
         extra={"rate_limit_multiplier": rate_multiplier, "phone_simulator_enabled": phone_page},
     )

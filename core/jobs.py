@@ -50,7 +50,7 @@ from core.ports import (
     StatusResult,
 )
 from core.reference_mark import ReferenceWatch
-from core.refunds import apply_kept_refusal, apply_refund_outcome, collected
+from core.refunds import apply_kept_refusal, apply_refund_outcome, collected, paying_number_changed
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN, PAYMENT, UNCONFIRMED, PaymentStatus
 from core.state.refund import REFUND, RefundStatus
@@ -628,6 +628,14 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             if refund is None or payment is None or refund.status != RefundStatus.PENDING.value:
                 return
             note = await refund_note(session, payment)
+            # Checked as the API checked it when the refund was asked for, unless a try may have reached the provider
+            # (then its outcome is waited for, below): the number that paid may have changed hands since.
+            changed = None if job.call_may_have_arrived else await paying_number_changed(session, refund, payment)
+        if changed is not None:
+            log.warning("refund not sent: the number that paid is no longer its payer's",
+                        extra={"refund": refund.reference, "provider": payment.provider})
+            await refund_failed(refund, changed, tell_paying_number=False)
+            return
         provider = rt.providers.get(payment.provider)
         if provider is None and not job.call_may_have_arrived:
             raise PermanentJobError(_refund_not_sent(job, refund, payment))
@@ -650,7 +658,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         except ProviderError as exc:
             if exc.retryable:
                 raise
-            await refund_failed(refund, exc)
+            await refund_failed(refund, str(exc))
             return
         await call_starting(rt.sessionmaker, job)  # a worker lost before this line never sent it
         try:
@@ -671,7 +679,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                             extra={"refund": refund.reference, "provider": provider.name})
                 await await_refund_outcome(refund, None)
                 return
-            await refund_failed(refund, exc)
+            await refund_failed(refund, str(exc))
             return
         if accepted is not None and accepted.outcome is not None and accepted.outcome not in (
                 ProviderOutcome.PENDING, ProviderOutcome.AMBIGUOUS):
@@ -683,13 +691,14 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             return
         await await_refund_outcome(refund, accepted)
 
-    async def refund_failed(refund: Refund, exc: ProviderError) -> None:
-        """The provider refused the refund for good (or its credentials): FAILED, nothing was sent back."""
+    async def refund_failed(refund: Refund, reason: str, *, tell_paying_number: bool = True) -> None:
+        """The provider refused the refund for good (or its credentials), or it was not sent to a number no longer
+        its payer's: FAILED, nothing was sent back."""
         async with rt.sessionmaker.begin() as session:
             fresh = await session.get(Refund, refund.id)
             if fresh is not None:
                 await apply_refund_outcome(session, rt, fresh, ProviderOutcome.FAILED, actor=WORKER,
-                                           reason=str(exc)[:200])
+                                           reason=reason[:200], tell_paying_number=tell_paying_number)
 
     async def await_refund_outcome(refund: Refund, accepted: CollectionAccepted | None) -> None:
         """The provider took the refund without an outcome, or may have it (no answer, a cut-off attempt):

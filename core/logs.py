@@ -87,6 +87,17 @@ class JsonFormatter(logging.Formatter):
 # way, and aiosqlite, whose debug lines carry every statement with its parameters (names, ciphertexts).
 NOISY_LOGGERS = ("aiohttp.access", "httpx", "httpcore", "asyncio", "aiosqlite", "hpack",
                  "alembic.runtime.plugins")  # (alembic: a line per plugin set up, at every start)
+# alembic's lines about the connection, logged at INFO whenever it reads the migration state (every command, with
+# nothing to migrate too): DEBUG here. Its "Running upgrade a -> b" lines, from the same logger, stay INFO.
+_ALEMBIC_CONTEXT_LINES = frozenset({"Context impl %s.", "Will assume %s DDL.", "Generating static SQL"})
+
+
+class _AlembicContextAtDebug(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in _ALEMBIC_CONTEXT_LINES:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 def configure(level: str = "INFO", stream: Any = None) -> None:
@@ -104,3 +115,6 @@ def configure(level: str = "INFO", stream: Any = None) -> None:
     root.setLevel(level)
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    migration = logging.getLogger("alembic.runtime.migration")
+    if not any(isinstance(f, _AlembicContextAtDebug) for f in migration.filters):
+        migration.addFilter(_AlembicContextAtDebug())

@@ -170,6 +170,10 @@ class Payment(Base):
         # a completion's, the support desk's search): the id first, which the search gives without the provider.
         Index("ix_payments_transaction_id", "provider_transaction_id", "provider",
               **_where("provider_transaction_id IS NOT NULL")),
+        # Migration 0027: a period's payments naming its due date (the dues report: core.reminders.period_money);
+        # those naming none are read through ix_payments_coop_created.
+        Index("ix_payments_coop_type_due", "cooperative_id", "payment_type_id", "due_date",
+              **_where("due_date IS NOT NULL")),
     )
 
     id: Mapped[str] = _id()

@@ -27,6 +27,9 @@ MAX_MINOR = 10**15
 # How a language the gateway speaks writes a number other than '50,000.50' (thousands, decimals): a French
 # reader takes "5,000 BIF" for five francs. A plain space, since a no-break one is not GSM-7 (an SMS costs twice).
 NUMBER_MARKS: dict[str, tuple[str, str]] = {"fr": (" ", ",")}
+# Currencies whose people write the code before the number: Ghanaians write "GHS 50.00" ("50.00 GHS" reads foreign).
+# The code, not the sign GH₵, which is not GSM-7 (an SMS costs twice, a USSD screen holds half).
+CODE_FIRST = frozenset({"GHS"})
 
 
 class MoneyError(ValidationError):
@@ -140,15 +143,21 @@ class Money:
         return total_to_api(self.minor, self.currency)
 
     def format(self, language: str | None = None) -> str:
-        """Human form with thousands separators: '50,000 RWF', '1,234.50 KES'; as `language` writes numbers
-        (NUMBER_MARKS): in French '50 000 RWF', '1 234,50 KES'."""
+        """Human form with thousands separators: '50,000 RWF', '1,234.50 KES', the code first where its people
+        write it so (CODE_FIRST: 'GHS 1,234.50'); as `language` writes numbers (NUMBER_MARKS): in French
+        '50 000 RWF', '1 234,50 KES'."""
+        number = self.number(language)
+        return f"{self.currency} {number}" if self.currency in CODE_FIRST else f"{number} {self.currency}"
+
+    def number(self, language: str | None = None) -> str:
+        """The number alone, as format() writes it ('1,234.50'; French '1 234,50'): an example of what to type."""
         exp = exponent(self.currency)
         number = f"{self.major():,.{exp}f}"
         marks = NUMBER_MARKS.get(language or "")
         if marks is not None:
             table: dict[str, str | int | None] = {",": marks[0], ".": marks[1]}
             number = number.translate(str.maketrans(table))
-        return f"{number} {self.currency}"
+        return number
 
     def _same(self, other: Money) -> None:
         if self.currency != other.currency:

@@ -290,6 +290,8 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     digest = _request_digest(new, amount, account)
     request_hash = keyed_request_hash(rt.cipher, digest)
     refused = _refusal(rt, new, context, ptype, amount, account_refused)
+    if refused is None and new.due_date is not None:
+        refused = await _due_date_refusal(session, coop, ptype, new.due_date)
     if refused is None and amount.minor != ptype.amount_minor and amount.minor == new.balance_minor:
         refused = await _balance_refusal(session, rt, new, coop, amount, open_checked=context.any_open_checked,
                                          payer=rt.cipher.blind_index(account))
@@ -421,6 +423,17 @@ def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeF
     return None
 
 
+async def _due_date_refusal(session: AsyncSession, coop: CoopFacts, ptype: TypeFacts, due: datetime
+                            ) -> DomainError | None:
+    """Why an API payment's dueDate names no period of its type, if so (core.reminders.due_date_refusal): read only
+    for a payment that names one (the USSD's never do), and checked as _refusal's are, so a replay of a key accepted
+    before the type's due day changed still answers with its payment."""
+    from core.reminders import due_date_refusal
+
+    row = await session.get(PaymentType, ptype.id)
+    return None if row is None else due_date_refusal(row, zone_of(coop.timezone), due)
+
+
 async def _balance_refusal(session: AsyncSession, rt: Runtime, new: NewPayment, coop: CoopFacts, amount: Money, *,
                            payer: str, open_checked: bool = False) -> DomainError | None:
     """Why `amount`, the balance the USSD offered (new.balance_minor), is not what the member owes of the period
@@ -431,7 +444,7 @@ async def _balance_refusal(session: AsyncSession, rt: Runtime, new: NewPayment, 
     20,000 was owed). One read of the type and two of the period's payments, only for a balance; the second not
     when the caller's context looked for those open payments already (`open_checked`: the USSD confirmation).
     `payer`: the blind index of the number paying (an open payment from a number she no longer holds:
-    _approvable_by)."""
+    approvable_by)."""
     from core.reminders import balance_owed, current_period
 
     ptype = await session.get(PaymentType, new.payment_type_id)
@@ -454,7 +467,7 @@ async def _open_in_period(session: AsyncSession, settings: Any, cooperative_id: 
                           due: date, period: Any, *, now: datetime, payer: str) -> str | None:
     """The reference of the member's newest payment of the type that pays the period ending on `due` (`period`: its
     core.reminders.PaidFor) and is still open as OpenLike judges it (its prompt can still be approved by her paying
-    from the number whose blind index is `payer`: _approvable_by), if any."""
+    from the number whose blind index is `payer`: approvable_by), if any."""
     from core.reminders import paid_clause, utc_midnight
 
     window, grace = _open_window(settings)
@@ -462,7 +475,7 @@ async def _open_in_period(session: AsyncSession, settings: Any, cooperative_id: 
     query = (select(Payment.reference)
              .where(Payment.member_id == member_id, Payment.cooperative_id == cooperative_id,
                     Payment.payment_type_id == type_id, Payment.created_at > now - window - grace,
-                    _still_open(now, now - grace), _approvable_by(member_id, payer),
+                    _still_open(now, now - grace), approvable_by(member_id, payer),
                     paid_clause(table, period.since, period.due_from, period.due_until, utc_midnight(due)))
              .order_by(Payment.created_at.desc()).limit(1))
     return (await session.execute(query)).scalar_one_or_none()
@@ -601,7 +614,7 @@ def _open_window(settings: Any) -> tuple[timedelta, timedelta]:
 _OWN = aliased(Payment, name="own")
 
 
-def _approvable_by(member: Any, payer: Any) -> Any:
+def approvable_by(member: Any, payer: Any) -> Any:
     """SQL: an open payment of the member's is one she can still approve as `payer` (the blind index of the number
     she pays from now): made from that number, made since she got her number, or from a number the membership
     never held (another's number paying for her, her husband's at the office: its prompt is on his phone, and
@@ -647,7 +660,7 @@ def _context_with_open(any_amount: bool) -> Any:
                     Payment.payment_type_id == bindparam("type_id", type_=String), *same_amount,
                     Payment.created_at > bindparam("open_since", type_=Payment.__table__.c.created_at.type),
                     _still_open(bindparam("open_now", type_=expires), bindparam("open_processing", type_=expires)),
-                    _approvable_by(bindparam("member_id", type_=String), bindparam("payer_index", type_=String)),
+                    approvable_by(bindparam("member_id", type_=String), bindparam("payer_index", type_=String)),
                     ~exists(own))
              .order_by(Payment.created_at.desc()).limit(1).scalar_subquery())
     return CONTEXT.add_columns(found.label("open_reference"))
@@ -866,17 +879,24 @@ def collected_amount(payment: Any) -> Money | None:
     return Money(taken, payment.currency)
 
 
+def collected_to_credit(payment: Any) -> Money:
+    """`collectedAmount` as the API, the webhooks and payments.csv all state it: what the provider took and the
+    payment still holds (collected_amount: 0 once voided, taken in another currency, or held by another payment),
+    and 0 while nothing is taken: one number to credit, never null."""
+    taken = collected_amount(payment)
+    return Money(0, payment.currency) if taken is None else taken
+
+
 def event_data(payment: Payment) -> dict[str, Any]:
     """The payment as cooperatives' systems receive it in webhooks (no full phone number). `collectedAmount`
     is what to credit: `amount` is what was asked, and a provider may take less or more (`mismatch`).
     `updatedAt` (to the millisecond) is the updated_at the change being told writes (a _Moved carries the move's,
     see changed_at): of two events about one payment, the later change has the later one."""
     money = Money(payment.amount_minor, payment.currency)
-    collected = collected_amount(payment)
     return {
         "id": payment.id, "reference": payment.reference, "status": payment.status,
         "amount": money.to_api(), "currency": payment.currency,
-        "collectedAmount": collected.to_api() if collected is not None else None, "paymentMethod": payment.method,
+        "collectedAmount": collected_to_credit(payment).to_api(), "paymentMethod": payment.method,
         "paymentAccount": payment.payment_account_masked, "paymentTypeId": payment.payment_type_id,
         "memberId": payment.member_id, "gatewayTransactionId": payment.provider_transaction_id,
         "failureReason": payment.failure_reason, "late": payment.late, "mismatch": payment.mismatch,

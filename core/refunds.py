@@ -34,7 +34,7 @@ from core.errors import (
     ValidationError,
 )
 from core.members import number_came_since, number_history
-from core.models import Dispute, Member, OutboxJob, Payment, ProviderEvent, Refund
+from core.models import AuditEvent, Dispute, Member, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
 from core.notify import notice_jobs
 from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, end_waiting, enqueue, enqueue_many, raised_sqlstate
@@ -217,7 +217,11 @@ async def request_refund(
     await session.flush()
     await record(session, actor=actor, action="refund.requested", entity_type="refund", entity_id=refund.id,
                  after={"paymentId": payment.id, "amount": amount.minor, "currency": amount.currency,
-                        "reason": reason}, cooperative_id=payment.cooperative_id)
+                        "reason": reason,
+                        # The admin's word that it goes to the number that paid, read again when it is sent
+                        # (paying_number_changed).
+                        **({"toPayingNumber": True} if to_paying_number and returned is None else {})},
+                 cooperative_id=payment.cooperative_id)
     await _note_refund_on_disputes(session, disputes, refund, actor=actor, returned=returned is not None)
     if returned is not None:
         await record(session, actor=actor, action="refund.returned_by_provider", entity_type="refund",
@@ -315,26 +319,47 @@ def _request_to_refund_known(payment: Payment, provider: PaymentProvider) -> Non
                        code=PROVIDER_REFUSED)
 
 
-async def _paying_number_still_hers(session: AsyncSession, payment: Payment) -> None:
-    """A Conflict, before anything is queued, for a refund of a member's mobile-money payment made from a number
-    she no longer holds, her number corrected since (a new SIM, PATCH /v1/members): the provider sends a refund
-    back to the wallet that paid, and the operator gives an abandoned number to someone else. The admin says it
-    goes there all the same (`toPayingNumber`), or pays her another way and records that. A number that was never
-    hers (her husband paying for her, or the number a TYPO correction replaced: its holder paid) gets its money
-    back as before: the payment's masked number is none of those she held (core.members.number_history; two numbers
-    masked alike are asked about, the safe side), unless another member got that number since (a sister's it paid
-    from, swapped since: core.members.number_came_since), which is asked about alike."""
+# Why a refund's paying number is asked about (_paying_number_change): its member no longer holds it, or another member
+# got it since the payment.
+NUMBER_LEFT_HER, NUMBER_WENT_TO_ANOTHER = "left_her", "went_to_another"
+
+
+async def _paying_number_change(session: AsyncSession, payment: Payment) -> str | None:
+    """Whether a refund of a mobile-money payment, which the provider sends back to the wallet that paid, would go
+    to a number that is no longer its payer's: NUMBER_LEFT_HER when it was her member's own and her number was
+    corrected since (a new SIM, PATCH /v1/members: the operator gives an abandoned number to someone else);
+    NUMBER_WENT_TO_ANOTHER when another member got it by a correction after the payment (a sister's it paid from,
+    swapped since; the number of a payment of no member, or of a member whose number was released, given since to
+    a member: core.members.number_came_since). None otherwise: a number that was never hers (her husband paying for
+    her, or the number a TYPO correction replaced: its holder paid) gets its money back as before, as does one no
+    correction has given to anyone since. Her own: the payment's masked number is one of those she held
+    (core.members.number_history; two numbers masked alike are asked about, the safe side)."""
     from core.payments import METHOD_NAMES  # local: core.payments reaches back into this module
 
-    if payment.member_id is None or payment.method not in METHOD_NAMES:
+    if payment.method not in METHOD_NAMES or payment.payment_account_index is None:
+        return None
+    member = None if payment.member_id is None else await session.get(Member, payment.member_id)
+    if member is not None and member.phone_index == payment.payment_account_index:
+        return None
+    if member is not None and member.phone_index is not None:
+        since, held = await number_history(session, member)
+        if payment.created_at < since and payment.payment_account_masked in held:
+            return NUMBER_LEFT_HER
+    if await number_came_since(session, payment.payment_account_index, payment.created_at, but=payment.member_id):
+        return NUMBER_WENT_TO_ANOTHER
+    return None
+
+
+async def _paying_number_still_hers(session: AsyncSession, payment: Payment) -> None:
+    """A Conflict, before anything is queued, for a refund that would go to a number no longer its payer's
+    (_paying_number_change). The admin says it goes there all the same (`toPayingNumber`), or pays her another way
+    and records that."""
+    from core.payments import METHOD_NAMES  # local: core.payments reaches back into this module
+
+    change = await _paying_number_change(session, payment)
+    if change is None:
         return
-    member = await session.get(Member, payment.member_id)
-    if member is None or member.phone_index is None or member.phone_index == payment.payment_account_index:
-        return
-    since, held = await number_history(session, member)
-    if payment.created_at >= since or payment.payment_account_masked not in held:
-        if not await number_came_since(session, payment.payment_account_index, payment.created_at, but=member.id):
-            return  # paid from a number that was never hers (someone paying for her): back to it, as it was paid
+    if change == NUMBER_WENT_TO_ANOTHER:
         raise Conflict(f"this payment was paid from {payment.payment_account_masked}, which another member got "
                        f"since (a swap, a new SIM): {METHOD_NAMES[payment.method]} sends a refund back to the number "
                        "that paid. Send it there only if its payer still holds that wallet (toPayingNumber: true); "
@@ -345,6 +370,29 @@ async def _paying_number_still_hers(session: AsyncSession, payment: Payment) -> 
                    "paid, which the operator may have given to someone else. Send it there only if the member still "
                    "holds that wallet (toPayingNumber: true); else pay her another way and record it with "
                    "returnedByProvider", field="toPayingNumber", code=PAYING_NUMBER_CHANGED)
+
+
+async def paying_number_changed(session: AsyncSession, refund: Refund, payment: Payment) -> str | None:
+    """At its submission (core.jobs.submit_refund), the failure reason of a refund asked for without
+    `toPayingNumber` whose payment's number is no longer its payer's (_paying_number_change): it passed that check
+    when it was asked for, so her number changed (or another member got it) since, while it waited to be sent (the
+    provider down, the outbox behind). Sent, the money went to the number's new holder. None: send it (one the
+    admin asked to go there all the same, whose refund.requested audit row says so, is sent as asked)."""
+    if refund.returned_by_provider:
+        return None
+    change = await _paying_number_change(session, payment)
+    if change is None:
+        return None
+    asked = (await session.execute(select(AuditEvent.after).where(
+        AuditEvent.entity_type == "refund", AuditEvent.entity_id == refund.id,
+        AuditEvent.action == "refund.requested"))).scalars().all()
+    if any(isinstance(after, dict) and after.get("toPayingNumber") is True for after in asked):
+        return None
+    whose = ("is no longer its member's (changed since the refund was asked): make it again with toPayingNumber "
+             "if she still holds that wallet") if change == NUMBER_LEFT_HER else (
+        "went to another member since the refund was asked: make it again with toPayingNumber if its payer still "
+        "holds that wallet")
+    return f"{PAYING_NUMBER_CHANGED}: not sent: {payment.payment_account_masked}, the number that paid, {whose}"
 
 
 async def _recording_not_contested(session: AsyncSession, payment: Payment) -> None:
@@ -423,10 +471,11 @@ def _checked_return(returned: ReturnedByProvider, payment: Payment) -> ReturnedB
 async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refund, outcome: ProviderOutcome, *,
                                actor: Actor, provider_transaction_id: str | None = None,
                                reason: str | None = None, occurred_at: datetime | None = None,
-                               not_before: datetime | None = None) -> str:
+                               not_before: datetime | None = None, tell_paying_number: bool = True) -> str:
     """`occurred_at`: when the provider (or an admin, from its statement) says the money went back; the refund's
     completion is dated so, within its request (`not_before`: another floor, as a chargeback recorded after it
-    happened) and now (core.payments.money_moved_at)."""
+    happened) and now (core.payments.money_moved_at). `tell_paying_number`: False when the number that paid is no
+    longer its payer's (paying_number_changed): a payment of no member's SMS is not sent to its new holder."""
     from core.payments import money_moved_at  # local: core.payments reaches back into this module
 
     current = R(refund.status)
@@ -510,7 +559,7 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         template=template, event_type=event_type, cooperative_id=refund.cooperative_id, key=refund.id,
         context={"refund_id": refund.id}, data=refund_data(updated), cipher=rt.cipher,
         # Without a member, the phone that paid is told (a mobile-money payment's), as of the receipt.
-        member_id=paid.member_id or None, phone=payer_phone(rt.cipher, paid)))
+        member_id=paid.member_id or None, phone=payer_phone(rt.cipher, paid) if tell_paying_number else None))
     return updated.status.lower()
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import calendar
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from core.cooperatives import zone_of
 from core.db import UTCDateTime, parse_aware, row_insert, utcnow
+from core.errors import ValidationError
 from core.members import number_opted_out
 from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType, SmsMessage
 from core.notify import sms_job
@@ -180,6 +182,52 @@ def due_dates(ptype: PaymentType, today: date, zone: tzinfo = UTC) -> tuple[date
         due = _on_day(year, month, ptype.due_day)
     prev_year, prev_month = _add_months(year, month, -months)
     return _on_day(prev_year, prev_month, ptype.due_day), due
+
+
+def due_dates_around(ptype: Any, day: date, zone: tzinfo = UTC) -> tuple[date | None, date | None] | None:
+    """(the last due date before `day`, the first on or after it) of a recurring type on its schedule (due_dates'
+    months), also before the type was made (due_dates starts at its first); None for a type that is not recurring.
+    Either is None past the calendar's ends (year 1, year 9999)."""
+    months = INTERVAL_MONTHS.get((ptype.recurring_interval or "MONTHLY").upper())
+    if not ptype.is_recurring or not ptype.due_day or months is None:
+        return None
+    anchor = (ptype.created_at or utcnow()).astimezone(zone).date()
+    elapsed = (day.year - anchor.year) * 12 + (day.month - anchor.month)
+    # The month of the schedule on or before `day`'s (a month index: year * 12 + month - 1).
+    index = anchor.year * 12 + anchor.month - 1 + elapsed // months * months
+
+    def due_in(month_index: int) -> date | None:
+        year, month = divmod(month_index, 12)
+        return _on_day(year, month + 1, ptype.due_day) if 1 <= year <= 9999 else None
+
+    due = due_in(index)
+    if due is not None and due >= day:
+        return due_in(index - months), due
+    return due, due_in(index + months)
+
+
+def due_date_refusal(ptype: Any, zone: tzinfo, due_date: datetime) -> ValidationError | None:
+    """Why an API payment's `due_date` names no period of `ptype` (a PaymentType; `zone`: its cooperative's), if so.
+    A payment pays the period whose due date its dueDate names (PaidFor: that local day, or the bare date, stored as
+    UTC midnight), and no other: one naming another day (the 15th of rent due the 1st, the day before the due day
+    in the cooperative's zone) paid none, its member UNPAID in every dues report, reminded and asked again by the
+    USSD. Refused, naming the due dates either side, rather than read as some period: the 15th is as much the
+    period before's (paid late) as the one after's (paid early), and the reminders, the USSD, the BALANCE SMS and
+    the dues report find a period's payments by its due day. Any day of the type's schedule is taken, also one
+    before the type was made (seed 001's example). A type that is not recurring has no periods: any day is."""
+    utc_day = due_date.astimezone(UTC).date()
+    try:
+        local: date | None = due_date.astimezone(zone).date()
+    except OverflowError:  # within a day of the calendar's ends
+        local = None
+    named = [day for day in (local, utc_day if due_date == utc_midnight(utc_day) else None) if day is not None]
+    shown = local or utc_day
+    around = due_dates_around(ptype, shown, zone)
+    if around is None or any((due_dates_around(ptype, day, zone) or (None, None))[1] == day for day in named):
+        return None
+    either = " or ".join(day.isoformat() for day in around if day is not None)
+    return ValidationError(f"dueDate must be a due date of {ptype.name!r}, the day its period ends (the "
+                           f"cooperative's local day, or the bare date YYYY-MM-DD): {either}", field="dueDate")
 
 
 _MEMBER, _PAYMENT, _OUTBOX, _SMS = Member.__table__, Payment.__table__, OutboxJob.__table__, SmsMessage.__table__
@@ -317,7 +365,8 @@ def period_money(cooperative_id: str, type_id: str, currency: str, due: date, pe
     read as the scan, why_not_send and balance_now read it: `kept` (the money her kept payments keep in the type's
     currency: _period_money's), `waiting` (the money her open payments ask in it: balance_now's), `still_open`
     (a payment of it open, in any currency: the scan does not remind her then), `last_paid_at` (the latest
-    completed_at of her kept payments of it). One pass over the period's payments grouped by member: a subquery per
+    completed_at of those of her kept payments that `kept` counts money of: one the provider took in another
+    currency, or that keeps nothing, is none). One pass over the period's payments grouped by member: a subquery per
     member and column read them again for each of 20,000 members (seconds a page). `member_ids`: only theirs."""
     kept_now, open_now = _PAYMENT.c.status.in_(PAID), _PAYMENT.c.status.in_(OPEN_VALUES)
     same = _PAYMENT.c.currency == currency
@@ -326,7 +375,7 @@ def period_money(cooperative_id: str, type_id: str, currency: str, due: date, pe
         func.coalesce(func.sum(case((and_(kept_now, same), _kept(_PAYMENT)), else_=0)), 0).label("kept"),
         func.coalesce(func.sum(case((and_(open_now, same), _PAYMENT.c.amount_minor), else_=0)), 0).label("waiting"),
         (func.sum(case((open_now, 1), else_=0)) > 0).label("still_open"),
-        func.max(case((kept_now, _PAYMENT.c.completed_at))).label("last_paid_at"),
+        func.max(case((and_(kept_now, same, _kept(_PAYMENT) > 0), _PAYMENT.c.completed_at))).label("last_paid_at"),
     ).where(_PAYMENT.c.cooperative_id == cooperative_id, _PAYMENT.c.payment_type_id == type_id,
             _PAYMENT.c.status.in_(PAID + OPEN_VALUES),
             paid_clause(_PAYMENT, period.since, period.due_from, period.due_until, utc_midnight(due), period.until)
@@ -633,10 +682,19 @@ def _paid_in_period(statuses: tuple[str, ...]) -> Any:
 
 # The money a member's payments of a type keep in its currency for one period (as the scan and why_not_send count it).
 _PERIOD_KEPT = select(_period_money(_paid_in_period, bindparam("currency"))[1])
-# ... and the money its open payments ask (awaiting her PIN, or the provider's word), in the same currency.
-_PERIOD_KEPT_OPEN = _PERIOD_KEPT.add_columns(
-    select(func.coalesce(func.sum(_PAYMENT.c.amount_minor), 0)).where(
-        _paid_in_period(OPEN_VALUES), _PAYMENT.c.currency == bindparam("currency")).scalar_subquery())
+
+
+@functools.cache
+def _period_kept_open() -> Any:
+    """_PERIOD_KEPT and the money its open payments ask (awaiting her PIN, or the provider's word), in the same
+    currency: those she can still approve paying from the number whose blind index is `payer` (core.payments.
+    approvable_by, as the USSD judges them: not a prompt left on a SIM she lost). Built once, on first use."""
+    from core.payments import approvable_by  # local: core.payments reads paid_clause from this module at import
+
+    return _PERIOD_KEPT.add_columns(
+        select(func.coalesce(func.sum(_PAYMENT.c.amount_minor), 0)).where(
+            _paid_in_period(OPEN_VALUES), _PAYMENT.c.currency == bindparam("currency"),
+            approvable_by(bindparam("m"), bindparam("payer"))).scalar_subquery())
 
 
 async def balance_owed(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, due: date,
@@ -696,16 +754,19 @@ class BalanceNow:
     waiting: int
 
 
-async def balance_now(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, timezone: str | None
-                      ) -> BalanceNow | None:
+async def balance_now(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, timezone: str | None, *,
+                      payer: str | None) -> BalanceNow | None:
     """owed_now, and the money the member's payments of that period still open ask in the type's currency (awaiting
     her PIN or the provider's word: money that may yet be taken, not counted as paid): the BALANCE SMS says a
-    payment is under way, or she pays again. None as owed_now. One query."""
+    payment is under way, or she pays again. Only those she can still approve from the number whose blind index is
+    `payer` (core.payments.approvable_by): a prompt left on her lost SIM is not hers to approve, and the USSD lets
+    her pay beside it. None as owed_now. One query."""
     period = current_period(ptype, utcnow(), zone_of(timezone))
     owed = amount_owed(ptype.allow_custom_amount, ptype.amount_minor)
     if period is None or owed is None:
         return None
-    kept, waiting = (await conn.execute(_PERIOD_KEPT_OPEN, _period_params(member_id, ptype, *period))).one()
+    kept, waiting = (await conn.execute(_period_kept_open(), {**_period_params(member_id, ptype, *period),
+                                                           "payer": payer})).one()
     kept = int(kept)  # PostgreSQL sums integers as numeric
     return BalanceNow(period[0], left_to_pay(owed, kept), int(waiting))
 

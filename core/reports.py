@@ -19,8 +19,9 @@ from core.db import iso_z
 from core.errors import ValidationError
 from core.models import AuditEvent, Cooperative, Dispute, Member, Payment, PaymentType, Refund
 from core.money import total_to_api
+from core.payments import collected_to_credit
 from core.refunds import collected as taken
-from core.state.payment import HELD, PAYMENT, PaymentStatus, holds_money
+from core.state.payment import HELD, PAYMENT, PaymentStatus
 from core.state.refund import RefundStatus
 
 # Restricts a SELECT on a model to what the caller may see (core.auth.Principal.scope).
@@ -718,7 +719,7 @@ def payments_csv(
             p.currency,
             _amount(p.fee_minor, p.currency),
             _amount(p.refunded_minor, p.currency),
-            _amount(taken(p) if holds_money(p) else 0, p.currency),
+            _amount(collected_to_credit(p).minor, p.currency),  # as the payment's JSON and webhook state it
             p.payment_type_id,
             type_name,
             p.member_id,

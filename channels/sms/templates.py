@@ -20,7 +20,7 @@ from core.gsm import is_gsm, to_gsm
 from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, WebhookEndpoint
 from core.money import Money
 from core.notify import SMS_PHONE_CONTEXT
-from core.payments import collected_amount
+from core.payments import approvable_by, collected_amount
 from core.phone import Phone
 from core.refunds import BY_A_PERSON
 from core.reminders import balance_now, reminder_balance
@@ -160,7 +160,8 @@ async def balance_items(session: AsyncSession, member: Member, coop: Cooperative
     """The BALANCE reply's list: each of the member's cooperative's active fixed-amount recurring types with what
     she still owes of it for the period a payment made now pays (core.reminders.balance_now), "paid" once
     nothing is, and what a payment of it still open asks (BALANCE_WAITING: only the completed ones count as paid,
-    and the full price owed with nothing said of the prompt on her phone had her pay again); those with an open
+    and the full price owed with nothing said of the prompt on her phone had her pay again; not one whose prompt
+    waits on a SIM she lost, which the USSD lets her pay beside: core.payments.approvable_by); those with an open
     payment first (no "+N more" hides it: they are the first read), then those owed, then by name. Hers only: her
     member id. One query for the types she has a payment of open, then one per type, BALANCE_READ at most."""
     catalog = CATALOGS.get(language, en)
@@ -169,13 +170,15 @@ async def balance_items(session: AsyncSession, member: Member, coop: Cooperative
                                   PaymentType.is_recurring.is_(True), PaymentType.allow_custom_amount.is_(False))
         .order_by(PaymentType.name, PaymentType.id))).scalars().all()
     # Her open payments of any period: of a type past BALANCE_READ read anyway (one of another period only moves it).
+    # Those she can still approve from the number that asked, which she holds (approvable_by, as balance_now).
     opened = set((await session.execute(
-        select(Payment.payment_type_id).where(Payment.member_id == member.id, Payment.status.in_(OPEN_VALUES))
+        select(Payment.payment_type_id).where(Payment.member_id == member.id, Payment.status.in_(OPEN_VALUES),
+                                              approvable_by(member.id, member.phone_index))
         .distinct())).scalars())
     types = sorted(types, key=lambda ptype: ptype.id not in opened)  # stable: by name within each
     owed: list[tuple[bool, bool, str, str]] = []
     for ptype in types[:BALANCE_READ]:
-        found = await balance_now(session, member.id, ptype, coop.timezone)
+        found = await balance_now(session, member.id, ptype, coop.timezone, payer=member.phone_index)
         if found is None:
             continue  # an amount she chooses, or no period
         amount = (catalog.BALANCE_PAID if found.left == 0 else Money(found.left, ptype.currency).format(language))

@@ -731,7 +731,7 @@ async def _not_an_amount(ctx: Ctx, currency: str) -> Invalid:
         example = Money(105 * 10 ** (places - 1), currency)
         if not await _whole_only(ctx, example):
             return Invalid("pay.amount_invalid_decimal", currency=currency,
-                           example=ctx.money(example).rsplit(" ", 1)[0])
+                           example=example.number(ctx.state.lang))
     return Invalid("pay.amount_invalid", currency=currency, example="5000")
 
 

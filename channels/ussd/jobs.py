@@ -1,18 +1,31 @@
-"""The USSD channel's outbox jobs: what must reach Redis even when Redis is down at the moment it is decided."""
+"""The USSD channel's outbox jobs: what must reach Redis even when Redis is down at the moment it is decided, and
+the periodic sweep of the sessions no aggregator reported ended."""
 
 from __future__ import annotations
 
+import logging
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from channels.ussd.records import close_abandoned
 from channels.ussd.sessions import forget_phone
-from core.outbox import Handler, Job, enqueue
+from core.outbox import Handler, Job, db_now, enqueue
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
 
+log = logging.getLogger("gateway.ussd")
+
 FORGET_PHONE = "ussd.forget_phone"
+SWEEP_JOB = "ussd.sessions.sweep"
+SWEEP_EVERY = timedelta(minutes=5)
+# A sweep reads the sessions started in its last SWEEP_WINDOW, through the started_at index (the earlier ones were
+# closed by the sweeps before it), not the whole table's history; the day's first sweep, and the first one a worker
+# queues (ensure_scheduled), read them all: a backlog left while no worker ran, or rows older than the sweep.
+SWEEP_WINDOW = timedelta(days=1)
+_SLOTS_A_DAY = int(timedelta(days=1) / SWEEP_EVERY)
 
 
 async def queue_forget_phone(session: AsyncSession, blind_index: str, *, cooperative_id: str) -> None:
@@ -26,8 +39,33 @@ async def queue_forget_phone(session: AsyncSession, blind_index: str, *, coopera
                   max_attempts=25)
 
 
+async def schedule_sweep(session: AsyncSession, *, now: datetime | None = None, everything: bool = False) -> None:
+    """The next sweep, once per slot whatever the number of workers (slots by the database's clock, as
+    core.jobs.schedule_sweep's); `everything`: it reads every session, not only SWEEP_WINDOW's."""
+    now = now or await db_now(session)
+    slot = int(now.timestamp() // SWEEP_EVERY.total_seconds()) + 1
+    run_at = datetime.fromtimestamp(slot * SWEEP_EVERY.total_seconds(), UTC)
+    await enqueue(session, SWEEP_JOB, {"all": everything or slot % _SLOTS_A_DAY == 0},
+                  dedupe_key=f"{SWEEP_JOB}:{slot}", run_at=run_at, max_attempts=3)
+
+
+async def ensure_scheduled(rt: Runtime) -> None:
+    """Called when a worker starts: the sweep exists (a second worker's call adds none)."""
+    async with rt.sessionmaker.begin() as session:
+        await schedule_sweep(session, everything=True)
+
+
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
     async def forget(job: Job) -> None:
         await forget_phone(rt.redis, job.payload["blind_index"])  # Redis down: raises, retried with backoff
 
-    return {FORGET_PHONE: forget}
+    async def sweep(job: Job) -> None:
+        # The next run first, in its own transaction: a run that fails on every attempt parks, the chain goes on.
+        async with rt.sessionmaker.begin() as session:
+            await schedule_sweep(session)
+            now = await db_now(session)
+        count = await close_abandoned(rt, now=now, since=None if job.payload.get("all") else now - SWEEP_WINDOW)
+        if count:
+            log.info("ussd sessions no aggregator ended recorded as timed out", extra={"count": count})
+
+    return {FORGET_PHONE: forget, SWEEP_JOB: sweep}

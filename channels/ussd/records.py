@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, bindparam, case, func, null, or_, select, update
+from sqlalchemy import String, and_, bindparam, case, func, null, or_, select, update
 
 from channels.ussd.cache import autocommit
 from channels.ussd.sessions import SESSION_TTL
-from core import pgraw
+from core import metrics, pgraw
 from core.db import insert_ignore, new_id, table_of, utcnow
 from core.models import UssdSession
 from core.phone import Phone
@@ -48,6 +48,15 @@ LONGEST_SESSION = timedelta(seconds=SESSION_TTL)
 _OPENING = ("cooperative_id", "member_id", "phone_index", "phone_masked", "service_code", "network_code", "status",
             "hops", "last_screen", "started_at")
 _CLEARED = ("ended_at", "duration_ms", "cost", "error", "payment_id")
+
+
+# A session no aggregator reported ended, once its Redis state (SESSION_TTL after its last hop, which comes within
+# LONGEST_SESSION of its start) is gone: no hop continues it any more. Nalo never reports an end; an Africa's
+# Talking notification may be lost. Closed by the worker's sweep (close_abandoned) as Incomplete, the status the
+# aggregators give a session the caller left or the network timed out, with TIMED_OUT as its error: the sweep's
+# guess, which the session's own end (a late hop's END, the aggregator's notice) replaces.
+ABANDONED_AFTER = LONGEST_SESSION + timedelta(seconds=SESSION_TTL)
+TIMED_OUT = "no end of session reported: timed out"
 
 
 def previous_before() -> datetime:
@@ -166,11 +175,14 @@ def _close_statement(columns: tuple[str, ...]) -> Any:
     statement where there were two, atomic on its own, so no transaction around it.
     """
     table = table_of(UssdSession)
+    # The sweep's Incomplete (close_abandoned) was a guess: a session whose state outlived it ended here.
+    guessed = and_(table.c.status == "Incomplete", table.c.error == TIMED_OUT)
     return (update(table)
             .where(table.c.aggregator == bindparam("w_aggregator"), table.c.session_id == bindparam("w_session_id"))
             .values({**{table.c[c]: bindparam(f"v_{c}") for c in columns},
-                     table.c.status: case((table.c.status == "OPEN", bindparam("v_status", type_=String)),
-                                          else_=table.c.status)}))
+                     table.c.status: case((or_(table.c.status == "OPEN", guessed),
+                                           bindparam("v_status", type_=String)), else_=table.c.status),
+                     table.c.error: case((guessed, null()), else_=table.c.error)}))
 
 
 async def closed(rt: Any, *, aggregator: str, session_id: str, hops: int, last_screen: str,
@@ -198,8 +210,8 @@ async def record_event(rt: Any, event: SessionEvent) -> None:
         values["duration_ms"] = event.duration_ms
     if event.cost:
         values["cost"] = event.cost[:32]
-    if event.error:
-        values["error"] = event.error[:300]
+    # The aggregator's own word: it replaces what the sweep guessed (TIMED_OUT) when it comes after it.
+    values["error"] = event.error[:300] if event.error else None
     async with rt.sessionmaker.begin() as session:
         stmt = insert_ignore(session.get_bind().dialect.name, UssdSession).values(
             id=new_id(), aggregator=event.aggregator, session_id=event.session_id[:128],
@@ -209,3 +221,41 @@ async def record_event(rt: Any, event: SessionEvent) -> None:
         )
         stmt = stmt.on_conflict_do_update(index_elements=["aggregator", "session_id"], set_=values)
         await session.execute(stmt)
+
+
+@functools.cache
+def _abandoned_statement(bounded: bool) -> Any:
+    """Up to `batch` OPEN rows started before `before` (and since `since` when `bounded`) recorded ended, as
+    Incomplete with TIMED_OUT, RETURNING their aggregators. Rows another worker's sweep holds are skipped (SKIP
+    LOCKED), and the status is checked again as each row is written: a row is closed once, and a session's own
+    end that came meanwhile stands."""
+    table = table_of(UssdSession)
+    picked = [table.c.status == "OPEN", table.c.started_at < bindparam("before")]
+    if bounded:
+        picked.append(table.c.started_at >= bindparam("since"))
+    due = (select(table.c.id).where(*picked).order_by(table.c.started_at).limit(bindparam("batch"))
+           .with_for_update(skip_locked=True))
+    return (update(table).where(table.c.id.in_(due), table.c.status == "OPEN")
+            .values(status="Incomplete", error=TIMED_OUT, ended_at=bindparam("v_ended_at"))
+            .returning(table.c.aggregator))
+
+
+async def close_abandoned(rt: Any, *, now: datetime | None = None, since: datetime | None = None,
+                          batch: int = 500) -> int:
+    """Record ended every session still OPEN ABANDONED_AFTER its start (started from `since` on, when given): no
+    aggregator will (see ABANDONED_AFTER). One transaction per batch, until a batch comes
+    short; safe with two workers sweeping at once. Returns how many were closed (counted in gateway_ussd_sessions
+    as timed_out, by aggregator). Its duration stays unknown (NULL): no one saw the session's last hop end it."""
+    now = now or utcnow()
+    params: dict[str, Any] = {"before": now - ABANDONED_AFTER, "batch": batch, "v_ended_at": now}
+    if since is not None:
+        params["since"] = since
+    total = 0
+    while True:
+        async with rt.sessionmaker.begin() as session:
+            closed_by = (await session.execute(_abandoned_statement(since is not None), params)).scalars().all()
+        for aggregator in set(closed_by):
+            metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="timed_out").inc(closed_by.count(aggregator))
+        total += len(closed_by)
+        if len(closed_by) < batch:
+            return total

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from channels.ussd.sessions import phone_keys
 from core.config import ProviderConfig, Secret
-from core.models import AuditEvent, Payment
+from core.models import AuditEvent, OutboxJob, Payment
 from core.phone import mask
 from providers.mtn_momo.adapter import MtnMomoAdapter
 from providers.mtn_momo.simulator import create_simulator
@@ -456,3 +456,148 @@ async def test_a_payment_her_number_made_for_a_friend_is_confirmed_before_a_refu
     assert "+25078****001" in refused["message"], refused
     await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
                      json={"idempotencyKey": idem(), "toPayingNumber": True})
+
+
+async def _rent_paid(client: Any, rt: Any, worker: Any, app: web.Application) -> Payment:
+    """Aline pays her rent from her old SIM, approved: COMPLETED."""
+    reference, prompt = await _pending_rent(client, rt, worker, app)
+    app[STATE].prompts.decide(prompt.reference, True)
+    await settle(rt, worker, app)
+    return await _payment(rt, reference)
+
+
+def _not_sent(masked: str) -> str:
+    return (f"PAYING_NUMBER_CHANGED: not sent: {masked}, the number that paid, is no longer its member's (changed "
+            "since the refund was asked): make it again with toPayingNumber if she still holds that wallet")
+
+
+async def _webhooks(rt: Any, refund_ids: list[str]) -> list[str]:
+    async with rt.sessionmaker() as s:
+        return sorted((await s.execute(select(OutboxJob.dedupe_key).where(OutboxJob.dedupe_key.in_(
+            [f"wh:evt_refund_failed_{refund_id}" for refund_id in refund_ids])))).scalars())
+
+
+async def test_a_refund_queued_before_her_new_sim_is_not_sent_to_her_old_number(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    """Her rent refunded in part, and her dispute resolved with a refund, while she held her old SIM (the API let
+    both through: the number was hers); before the worker sent them she lost the SIM and was moved to her new
+    number. Both went to her old number, a stranger's now, unchecked. The worker checks as the API does: neither
+    is sent; each FAILED with a reason the admin acts on, she is told on her new number, the cooperative by
+    refund.failed, the dispute noted; made again with toPayingNumber (she still holds that wallet), it goes."""
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    async with mtn(rt, aiohttp_server) as app:
+        paid = await _rent_paid(client, rt, worker, app)
+        dispute = await admin.json("POST", "/v1/disputes", 201, json={
+            "paymentId": paid.id, "reason": "OTHER", "note": "paid twice"})
+        await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200, json={
+            "status": "RESOLVED", "note": "refunded", "refundAmount": 20000})
+        await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                         json={"amount": 10000, "reason": "overpaid", "idempotencyKey": idem()})
+        await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": NEW, "phoneChange": "NEW_SIM"})
+        await settle(rt, worker, app)
+        assert app[REFUNDS_SENT] == []
+        refunds = (await admin.json("GET", f"/v1/payments/{paid.id}/refunds", 200))["data"]
+        assert [(r["status"], r["failureReason"]) for r in refunds] == [("FAILED", _not_sent("+25078****001"))] * 2
+        assert await _webhooks(rt, [r["id"] for r in refunds]) == sorted(
+            f"wh:evt_refund_failed_{r['id']}" for r in refunds)
+        told = [str(m["message"]) for m in sms.messages(NEW)]
+        assert sorted(r["reference"] for r in refunds) == sorted(
+            r["reference"] for r in refunds if any(r["reference"] in text for text in told)), told
+        assert not any("RFD_" in str(m["message"]) for m in sms.messages(OLD))
+        notes = [n["text"] for n in (await admin.json("GET", f"/v1/disputes/{dispute['id']}", 200))["notes"]]
+        assert any("failed" in (text or "") and "PAYING_NUMBER_CHANGED" in (text or "") for text in notes), notes
+        assert (await admin.json("GET", f"/v1/payments/{paid.id}", 200))["status"] == "COMPLETED"
+        # She still holds that wallet: made again with toPayingNumber, it goes there.
+        again = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                                 json={"amount": 30000, "idempotencyKey": idem(), "toPayingNumber": True})
+        await settle(rt, worker, app)
+        [sent] = app[REFUNDS_SENT]
+        assert sent["referenceIdToRefund"] == paid.provider_reference
+        assert (await admin.json("GET", f"/v1/refunds/{again['id']}", 200))["status"] == "COMPLETED"
+
+
+async def test_a_refund_queued_while_the_number_was_still_hers_goes_once_it_is_her_new_one_that_changed(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    """Asked with toPayingNumber after her new SIM (she still holds the old wallet), then her new number corrected
+    as a TYPO before the worker sent it: the number that paid is not concerned, and the admin's word stands."""
+    _server, _sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    async with mtn(rt, aiohttp_server) as app:
+        paid = await _rent_paid(client, rt, worker, app)
+        await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": NEW, "phoneChange": "NEW_SIM"})
+        await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                         json={"idempotencyKey": idem(), "toPayingNumber": True})
+        await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": SISTER, "phoneChange": "TYPO"})
+        await settle(rt, worker, app)
+        assert [r["referenceIdToRefund"] for r in app[REFUNDS_SENT]] == [paid.provider_reference]
+
+
+STRANGER = "+250788123222"  # a number no member had when it paid
+
+
+async def _paid_by_number(rt: Any, demo: dict[str, Any], account: str, member_id: str | None = None) -> Payment:
+    paid = await make_payment(rt, demo["cooperative_id"], account=account, member_id=member_id,
+                              created_at=datetime.now(UTC) - timedelta(minutes=5))
+    async with rt.sessionmaker.begin() as s:
+        (await s.get(Payment, paid.id)).payment_account_masked = mask(account)
+    return paid
+
+
+async def test_a_payment_of_no_member_is_confirmed_before_a_refund_goes_to_the_member_who_got_its_number(
+        rt: Any, demo: dict[str, Any], client: Any) -> None:
+    """Paid from a number no member had (an API payment for it); Aline then moved to that number (a new SIM: the
+    operator gave it to her). MTN refunds to the number that paid, hers now: it went unasked, as a member's
+    payment from a number another member got since is not. A TYPO correction (the number was hers all along) asks
+    nothing."""
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    paid = await _paid_by_number(rt, demo, STRANGER)
+    typed = await _paid_by_number(rt, demo, SISTER)
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": SISTER, "phoneChange": "TYPO"})
+    await admin.json("POST", f"/v1/payments/{typed.id}/refunds", 201, json={"idempotencyKey": idem()})
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": STRANGER, "phoneChange": "NEW_SIM"})
+    refused = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 409, json={"idempotencyKey": idem()})
+    assert (refused["code"], refused["field"]) == ("PAYING_NUMBER_CHANGED", "toPayingNumber"), refused
+    assert "+25078****222" in refused["message"], refused
+    await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                     json={"idempotencyKey": idem(), "toPayingNumber": True})
+
+
+async def test_a_released_members_payment_is_confirmed_before_a_refund_goes_to_the_member_who_got_her_number(
+        rt: Any, demo: dict[str, Any], client: Any) -> None:
+    """Jean Bosco left (suspended, his number released); Aline was moved to his old number since (NEW_SIM). A refund
+    of what he paid from it went to her wallet unasked."""
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline, jean = demo["members"][OLD], demo["members"]["+250788000002"]
+    paid = await _paid_by_number(rt, demo, "+250788000002", jean)
+    await admin.json("DELETE", f"/v1/members/{jean}", 200)
+    await admin.json("POST", f"/v1/members/{jean}/release-phone", 200)
+    await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                     json={"amount": 10000, "idempotencyKey": idem()})  # nobody holds it yet: as before
+    await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": "+250788000002", "phoneChange": "NEW_SIM"})
+    refused = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 409,
+                               json={"amount": 10000, "idempotencyKey": idem()})
+    assert refused["code"] == "PAYING_NUMBER_CHANGED", refused
+
+
+async def test_a_refund_of_no_members_payment_queued_before_its_number_moved_is_not_sent(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    """Asked while no member had the number that paid; before it was sent Aline was moved to that number. Not
+    sent: FAILED, the cooperative told; the number, hers now, is told nothing of another's payment."""
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    aline = demo["members"][OLD]
+    paid = await _paid_by_number(rt, demo, STRANGER)
+    async with mtn(rt, aiohttp_server) as app:
+        refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201, json={"idempotencyKey": idem()})
+        await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": STRANGER, "phoneChange": "NEW_SIM"})
+        await settle(rt, worker, app)
+        assert app[REFUNDS_SENT] == []
+    shown = await admin.json("GET", f"/v1/refunds/{refund['id']}", 200)
+    assert shown["status"] == "FAILED" and shown["failureReason"].startswith(
+        "PAYING_NUMBER_CHANGED: not sent: +25078****222, the number that paid, went to another member"), shown
+    assert await _webhooks(rt, [refund["id"]]) == [f"wh:evt_refund_failed_{refund['id']}"]
+    assert not any(paid.reference in str(m["message"]) for m in sms.messages(STRANGER))

@@ -69,6 +69,37 @@ async def test_payments_csv_has_the_collected_amount(admin, rt, demo):
     assert (rows[pending["id"]]["amount"], rows[pending["id"]]["collectedAmount"]) == ("5000", "0")
 
 
+async def test_the_json_the_csv_and_the_webhook_state_the_same_collected_amount(admin, rt, demo):
+    """One figure (what the provider took and the payment still holds, 0 if none) in the three places a cooperative
+    reads it, in every state: the JSON and the webhook said null where the CSV wrote 0 (nothing taken yet, failed)."""
+    from core.payments import event_data
+
+    short = await _short_paid(admin, rt, demo)
+    pending = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)
+    failed = await make_payment(admin, demo["payment_types"]["Water"], amount=5000,
+                                paymentAccount="+250788000002")
+    elsewhere = await make_payment(admin, demo["payment_types"]["Water"], amount=5000,
+                                   paymentAccount="+250788000003")
+    async with rt.sessionmaker.begin() as s:
+        for payment, outcome, amount in ((failed, ProviderOutcome.FAILED, None),
+                                         (elsewhere, ProviderOutcome.SUCCEEDED, Money(5000, "KES"))):
+            row = await s.get(Payment, payment["id"])
+            await apply_collection_outcome(s, rt, row, outcome, actor=Actor("provider:t", "provider"),
+                                           amount=amount, provider_transaction_id=f"TX-{payment['id'][:8]}")
+    resp = await admin.req("GET", "/v1/reports/payments.csv")
+    cells = {r["id"]: (r["status"], r["collectedAmount"]) for r in csv.DictReader(io.StringIO(await resp.text()))}
+    shown, told = {}, {}
+    for payment in (short, pending, failed, elsewhere):
+        got = await admin.json("GET", f"/v1/payments/{payment['id']}", 200)
+        shown[payment["id"]] = (got["status"], got["collectedAmount"])
+        async with rt.sessionmaker() as s:
+            told[payment["id"]] = event_data(await s.get(Payment, payment["id"]))["collectedAmount"]
+    assert shown == {short["id"]: ("COMPLETED", 40000), pending["id"]: ("PENDING", 0),
+                     failed["id"]: ("FAILED", 0), elsewhere["id"]: ("COMPLETED", 0)}
+    assert told == {key: collected for key, (_status, collected) in shown.items()}
+    assert cells == {key: (status, str(collected)) for key, (status, collected) in shown.items()}
+
+
 async def test_an_overpayment_is_counted_and_refundable_in_full(admin, rt, demo):
     """The provider reported more than the amount: all of it is the payer's money held by the cooperative."""
     from core.models import Refund

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from core.audit import Actor
 from core.cooperatives import zone_of
@@ -90,7 +90,7 @@ async def _november(admin: Any, rt: Any, demo: dict[str, Any]) -> dict[str, str]
     await _pay(admin, rt, rent, "+250733000001", method=AIRTEL, taken=0)  # Claudine: her PIN awaited
     # Eric: October's rent and November's water, nothing of November's rent.
     await _pay(admin, rt, rent, "+250733000002", method=AIRTEL, due="2026-10-01")
-    await _pay(admin, rt, water, "+250733000002", method=AIRTEL, amount=5000)
+    await _pay(admin, rt, water, "+250733000002", method=AIRTEL, amount=5000, due="2026-11-10")  # due the 10th
     # Grace: two payments, 30,000 taken of one, 50,000 of the other of which 30,000 went back: 50,000 kept.
     await _pay(admin, rt, rent, "+250788000003", taken=30000)
     second = await _pay(admin, rt, rent, "+250788000003")
@@ -320,7 +320,7 @@ async def test_a_payment_at_a_periods_bound_pays_one_period_the_one_the_ussd_ask
 
 async def test_a_quarterly_type_due_the_31st_in_nairobi(admin, rt, demo):
     """Quarterly from January, due the 31st: April's falls on the 30th. In Nairobi (UTC+3) a dueDate naming the local
-    day (or the bare date) pays it, one naming the day before does not; periods are its due dates only."""
+    day (or the bare date) pays it, one naming the day before is refused; periods are its due dates only."""
     from core.models import Cooperative
 
     async with rt.sessionmaker.begin() as s:
@@ -332,8 +332,11 @@ async def test_a_quarterly_type_due_the_31st_in_nairobi(admin, rt, demo):
     levy = made["id"]
     await _pay(admin, rt, levy, "+250788000001", due="2026-04-30")
     await _pay(admin, rt, levy, "+250788000002", due="2026-04-30T00:30:00+03:00")  # 2026-04-29T21:30Z
-    # The day before, local.
-    await _pay(admin, rt, levy, "+250733000001", due="2026-04-29T23:30:00+03:00", method=AIRTEL)
+    # The day before, local: no due date of the levy, refused (it would pay no period).
+    refused = await admin.json("POST", "/v1/payments", 400, json={
+        "paymentTypeId": levy, "amount": 50000, "paymentMethod": AIRTEL, "paymentAccount": "+250733000001",
+        "dueDate": "2026-04-29T23:30:00+03:00", "idempotencyKey": idem()})
+    assert refused["field"] == "dueDate" and refused["message"][0].endswith(": 2026-01-31 or 2026-04-30")
     report = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={levy}&period=2026-04-30&limit=100", 200)
     assert report["period"] == {
         "dueDate": "2026-04-30", "previousDueDate": "2026-01-31", "timezone": "Africa/Nairobi",
@@ -361,3 +364,81 @@ async def test_an_api_key_reads_the_dues_with_the_admin_scope_only(admin, client
     # Another cooperative's type: not found, as for its admin.
     other = f"paymentTypeId={coop_b['payment_type_id']}&period={NOVEMBER}"
     assert (await books.json("GET", f"/v1/reports/dues?{other}", 404))["field"] == "paymentTypeId"
+
+
+async def test_last_payment_at_is_that_of_a_payment_counted_in_amount_paid(admin, rt, demo):
+    """lastPaymentAt is read from the payments amountPaid counts: one the provider completed in another currency (it
+    keeps nothing in the type's) is not her last payment of the period, and alone it leaves the line UNPAID with no
+    lastPaymentAt, as amountPaid is 0."""
+    rent = demo["payment_types"]["Monthly Rent"]
+    await _registered(rt, demo["cooperative_id"])
+    counted = await _pay(admin, rt, rent, "+250788000001")
+    paid_at = datetime(2026, 10, 30, 9, tzinfo=UTC)
+    elsewhere: list[str] = []
+    for account in ("+250788000001", "+250788000002"):  # Aline's second payment; Jean's only one
+        made = await _pay(admin, rt, rent, account, taken=0)
+        async with rt.sessionmaker.begin() as s:
+            await apply_collection_outcome(s, rt, await s.get(Payment, made["id"]), ProviderOutcome.SUCCEEDED,
+                                           actor=PROVIDER, amount=Money(40_00, "USD"),
+                                           provider_transaction_id=f"MTN-{made['id'][:8]}")
+        elsewhere.append(made["id"])
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == counted["id"]).values(completed_at=paid_at))
+        await s.execute(update(Payment).where(Payment.id.in_(elsewhere))
+                        .values(completed_at=datetime(2026, 10, 31, 9, tzinfo=UTC)))
+        taken = (await s.execute(select(Payment.status, Payment.collected_minor)
+                                 .where(Payment.id.in_(elsewhere)))).all()
+        assert set(taken) == {("COMPLETED", 0)}
+    query = f"paymentTypeId={rent}&period={NOVEMBER}"
+    report = await admin.json("GET", f"/v1/reports/dues?{query}&limit=100", 200)
+    by_name = {line["name"]: line for line in report["data"]}
+    aline, jean = by_name["Aline Uwase"], by_name["Jean Bosco Habimana"]
+    assert (aline["status"], aline["amountPaid"], aline["lastPaymentAt"]) == ("PAID", 50000, "2026-10-30T09:00:00Z")
+    assert (jean["status"], jean["amountPaid"], jean["lastPaymentAt"]) == ("UNPAID", 0, None)
+    rows = {row["name"]: row for row in csv.DictReader(io.StringIO(
+        await (await admin.req("GET", f"/v1/reports/dues.csv?{query}")).text()))}
+    assert rows["Aline Uwase"]["lastPaymentAt"] == "2026-10-30T09:00:00Z"
+    assert rows["Jean Bosco Habimana"]["lastPaymentAt"] == ""
+
+
+async def test_a_due_date_that_is_none_of_the_types_is_refused_not_counted_nowhere(admin, rt, demo):
+    """An API payment's dueDate names the period it pays by its due date. One that is no due date of a recurring type
+    (the 15th of rent due the 1st; the day before the due day in the cooperative's zone) paid no period: the member
+    who paid showed UNPAID in every dues report, was reminded and asked again by the USSD. It is refused (400, field
+    dueDate, the due dates either side named), nothing made; a due date (as the bare date or the local day) is
+    taken and pays its period. A type that is not recurring has no periods: any dueDate is taken."""
+    from sqlalchemy import func
+
+    rent = demo["payment_types"]["Monthly Rent"]
+    await _registered(rt, demo["cooperative_id"])
+
+    async def count() -> int:
+        async with rt.sessionmaker() as s:
+            return int(await s.scalar(select(func.count()).select_from(Payment)) or 0)
+
+    before = await count()
+    for due, around in (("2026-11-15T00:00:00Z", "2026-11-01 or 2026-12-01"),
+                        ("2026-11-15", "2026-11-01 or 2026-12-01"),
+                        ("2026-10-31T23:30:00+02:00", "2026-10-01 or 2026-11-01"),  # 31 October in Kigali
+                        ("0999-12-31T00:00:00Z", "0999-12-01 or 1000-01-01"),
+                        ("9999-12-31T23:59:59Z", "9999-12-01")):  # (its next due date would be in year 10000)
+        refused = await admin.json("POST", "/v1/payments", 400, json={
+            "paymentTypeId": rent, "amount": 50000, "paymentMethod": "MOBILE_MONEY_MTN",
+            "paymentAccount": "+250788000001", "dueDate": due, "idempotencyKey": idem()})
+        assert (refused["code"], refused["field"]) == ("VALIDATION_FAILED", "dueDate"), due
+        assert refused["message"] == [f"dueDate must be a due date of 'Monthly Rent', the day its period ends (the "
+                                      f"cooperative's local day, or the bare date YYYY-MM-DD): {around}"], due
+    assert await count() == before
+
+    # A due date: the bare date, the local day (00:30 on 1 November in Kigali is 31 October in UTC), one before the
+    # type was made (seed 001's example): taken, and those of November pay November.
+    await _pay(admin, rt, rent, "+250788000001", due="2026-11-01")
+    await _pay(admin, rt, rent, "+250788000002", due="2026-11-01T00:30:00+02:00")
+    await _pay(admin, rt, rent, "+250733000001", due="2025-11-01T00:00:00Z", method=AIRTEL)
+    assert await _paid_lines(admin, rent, NOVEMBER) == {"Aline Uwase", "Jean Bosco Habimana"}
+
+    one_off = await admin.json("POST", "/v1/payment-types", 201, json={"name": "Joining fee", "amount": 10000})
+    made = await admin.json("POST", "/v1/payments", 201, json={
+        "paymentTypeId": one_off["id"], "amount": 10000, "paymentMethod": "MOBILE_MONEY_MTN",
+        "paymentAccount": "+250788000003", "dueDate": "2026-11-15T00:00:00Z", "idempotencyKey": idem()})
+    assert made["dueDate"] == "2026-11-15T00:00:00Z"

@@ -148,7 +148,7 @@ async def test_a_failed_callback_moves_and_queues_in_one_statement(client: Any, 
     assert jobs["sms.send"][0] == f"sms:payment_failed:{payment.id}"
     assert jobs["webhook.event"][1]["data"] == event_data(moved)
     assert jobs["webhook.event"][1]["data"]["failureReason"] == "payer declined"
-    assert jobs["webhook.event"][1]["data"]["collectedAmount"] is None  # nothing taken
+    assert jobs["webhook.event"][1]["data"]["collectedAmount"] == 0  # nothing taken
     # The same callback again: stored once, nothing moves or is queued twice.
     sent.clear()
     assert await handle_provider_event(rt, callback) == "duplicate"

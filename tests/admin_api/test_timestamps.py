@@ -28,8 +28,8 @@ EVENT_FORMAT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
 async def test_an_early_due_date_and_a_period_from_year_one_are_written_with_four_digit_years(admin, demo):
     made = await admin.json("POST", "/v1/payments", 201, json=payment_body(
-        demo["payment_types"]["Monthly Rent"], dueDate="0999-12-31T00:00:00Z"))
-    assert made["dueDate"] == "0999-12-31T00:00:00Z"
+        demo["payment_types"]["Monthly Rent"], dueDate="0999-12-01T00:00:00Z"))  # (a due date of rent: the 1st)
+    assert made["dueDate"] == "0999-12-01T00:00:00Z"
     report = await admin.json("GET", f"/v1/reports/reconciliation?from={quote('0001-01-01T00:00:00Z')}", 200)
     assert report["period"]["from"] == "0001-01-01T00:00:00Z"
 

@@ -71,13 +71,13 @@ async def test_the_api_the_webhook_and_the_receipt_say_what_was_taken(
     assert sent["message"].startswith(f"Payment received: {shown} for Monthly Rent, "), sent["message"]
 
 
-async def test_nothing_taken_is_null_and_a_full_payment_collects_its_amount(
+async def test_nothing_taken_is_0_and_a_full_payment_collects_its_amount(
     admin: Any, rt: Any, demo: dict[str, Any], sim: Any
 ) -> None:
     payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
-    assert (payment["collectedAmount"], payment["mismatchDetail"]) == (None, None)
+    assert (payment["collectedAmount"], payment["mismatchDetail"]) == (0, None)
     pending = await admin.json("GET", f"/v1/payments/{payment['id']}", 200)
-    assert (pending["status"], pending["collectedAmount"]) == ("PENDING", None)
+    assert (pending["status"], pending["collectedAmount"], pending["completedAt"]) == ("PENDING", 0, None)
 
     await complete_payment(rt, payment["id"])
     done = await admin.json("GET", f"/v1/payments/{payment['id']}", 200)
@@ -93,7 +93,7 @@ async def test_a_failed_payment_tells_the_webhook_nothing_was_taken(admin: Any, 
                                        reason="payer declined")
     [event] = await _queued(rt, "webhook.event")
     assert event.payload["event_type"] == "payment.failed"
-    assert (event.payload["data"]["amount"], event.payload["data"]["collectedAmount"]) == (50000, None)
+    assert (event.payload["data"]["amount"], event.payload["data"]["collectedAmount"]) == (50000, 0)
 
 
 def test_the_served_document_lists_what_was_taken() -> None:
@@ -103,4 +103,4 @@ def test_the_served_document_lists_what_was_taken() -> None:
     get = build_document(all_routes())["paths"]["/v1/payments/{id}"]["get"]
     payment = get["responses"]["200"]["content"]["application/json"]["schema"]
     assert {"collectedAmount", "mismatchDetail"} <= set(payment["required"])
-    assert payment["properties"]["collectedAmount"]["type"] == ["integer", "string", "null"]
+    assert payment["properties"]["collectedAmount"]["type"] == ["integer", "string"]  # 0 if none, as payments.csv

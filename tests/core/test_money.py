@@ -84,6 +84,16 @@ def test_format_and_api():
     assert Money(1250, "KES").to_api() == "12.50"
 
 
+def test_cedis_are_written_as_ghanaians_write_them_the_code_first():
+    """Ghanaians write "GHS 50.00" (the SMS and USSD texts said "50.00 GHS"); every other currency keeps its code
+    after the number."""
+    assert Money(5_000, "GHS").format() == "GHS 50.00"
+    assert Money(123_456, "GHS").format() == "GHS 1,234.56"
+    assert Money(2_050, "GHS").format("fr") == "GHS 20,50"
+    assert str(Money(-1_234, "GHS")) == "GHS -12.34"
+    assert Money(50_000, "RWF").format() == "50,000 RWF" and Money(100_000, "KES").format() == "1,000.00 KES"
+
+
 def test_arithmetic_refuses_mixed_currencies():
     assert Money(5, "RWF") + Money(7, "RWF") == Money(12, "RWF")
     with pytest.raises(MoneyError):

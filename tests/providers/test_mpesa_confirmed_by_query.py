@@ -54,7 +54,7 @@ async def test_the_receipt_sms_names_no_checkout_request_id(rt: Any, demo: dict[
     async with rt.sessionmaker() as s:
         [receipt] = (await s.execute(select(SmsMessage).where(SmsMessage.template == "payment_receipt"))).scalars()
     assert receipt.status == "SENT"
-    assert f"Ref: {payment.reference}. Transaction: -. " in receipt.body, receipt.body
+    assert f"Ref: {payment.reference}. Txn: -. " in receipt.body, receipt.body
     assert "ws_CO_" not in receipt.body
     assert [m for messages in sms.inbox.values() for m in messages if "ws_CO_" in str(m)] == []
 

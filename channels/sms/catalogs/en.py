@@ -1,8 +1,9 @@
 """English SMS texts."""
 
 MESSAGES = {
-    "payment_receipt": "Payment received: {amount} for {type}, {coop}. Ref: {ref}. Transaction: {txn}. "
-    "Date: {date}. Thank you!",
+    # One SMS for the usual receipt (a 30-character cooperative name, GHS 1,234.56: 163 septets, two SMS, when it
+    # said "Transaction:" and "Date:"): "Txn", and a date that needs no label.
+    "payment_receipt": "Payment received: {amount} for {type}, {coop}. Ref: {ref}. Txn: {txn}. {date}. Thank you!",
     # A payment told failed, cancelled or not approved in time whose money was taken after all (core.payments: late).
     "payment_late_receipt": "Your payment of {amount} for {type} ({coop}) went through after all: the money was taken. "
     "Ignore our earlier message and do not pay again. Ref: {ref}. Transaction: {txn}. Date: {date}.",

@@ -19,7 +19,7 @@ from core.cooperatives import zone_of
 from core.db import utcnow
 from core.members import create_member, update_member
 from core.models import Cooperative, Member, Payment, PaymentType
-from core.phone import normalize
+from core.phone import mask, normalize
 from core.reminders import current_period, utc_midnight
 from tests.channels.sms.helpers import make_payment
 from tests.channels.sms.test_keyword_replies import ALINE, CLAUDINE, ERIC, JEAN, ask
@@ -307,9 +307,9 @@ async def test_a_cooperative_of_many_types_is_read_at_most_balance_read_types(
     reads: list[str] = []
     real = templates.balance_now
 
-    async def counted(conn: Any, member_id: str, ptype: Any, timezone: str | None) -> Any:
+    async def counted(conn: Any, member_id: str, ptype: Any, timezone: str | None, **kwargs: Any) -> Any:
         reads.append(ptype.name)
-        return await real(conn, member_id, ptype, timezone)
+        return await real(conn, member_id, ptype, timezone, **kwargs)
 
     monkeypatch.setattr(templates, "balance_now", counted)
     reply = await ask(sms_client, sim, worker, JEAN, "BAL", "bal-many")
@@ -337,3 +337,26 @@ async def test_an_open_payment_past_the_types_read_is_read_and_listed_first(
     named = reply.split(": ", 1)[1].split(". Dial")[0].split(", ")
     assert int(named[-1].removeprefix("+").removesuffix(" more")) == 22 - (len(named) - 1), reply
     assert measure(reply).segments == 1, reply
+
+
+async def test_a_prompt_left_on_her_lost_sim_is_not_said_to_await_her_approval(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any,
+) -> None:
+    """Her rent's PIN prompt waits on the SIM she lost (her number corrected since, NEW_SIM): only her PIN there
+    approves it, and the USSD lets her pay from her new number (core.payments.approvable_by). The BALANCE reply
+    from her new number said the rent was "awaiting approval", so she did not pay it; now it says what she owes.
+    Her husband's prompt, paying her water for her from his phone, still awaits approval."""
+    new = "+250788999222"
+    await _pay(rt, demo, JEAN, "Monthly Rent", 50_000, status="PENDING")
+    await _pay(rt, demo, JEAN, "Water", 5_000, status="PENDING")
+    async with rt.sessionmaker.begin() as s:
+        rows = (await s.execute(select(Payment).where(Payment.member_id == demo["members"][JEAN])
+                                .order_by(Payment.created_at))).scalars().all()
+        rows[0].payment_account_masked = mask(JEAN)  # from her own (old) number
+        rows[1].payment_account_masked = mask("+250788123111")  # her husband's
+    async with rt.sessionmaker.begin() as s:
+        member = await s.get(Member, demo["members"][JEAN])
+        await update_member(s, member, actor=SYSTEM, phone=normalize(new), cipher=rt.cipher, phone_change="NEW_SIM")
+    assert await ask(sms_client, sim, worker, new, "BAL", "bal-lost-sim") == (
+        "Still to pay this period (KHHC): Water 5,000 RWF awaiting approval, Monthly Rent 50,000 RWF. "
+        "Dial *384*123*123# to pay.")

@@ -43,15 +43,15 @@ async def to_the_amount(client: Any, session: str, msisdn: str) -> str:
 async def test_an_amount_with_pesewas_is_paid(operator: Caller, client: Any, db: Any) -> None:
     await ghana_coop(operator)
     prompt = await to_the_amount(client, "nalo-cents-1", KWAME)
-    assert prompt.startswith("Enter amount in GHS (usual: 20.50 GHS):"), prompt
+    assert prompt.startswith("Enter amount in GHS (usual: GHS 20.50):"), prompt
     # Not amounts: the error names the form an amount takes in this currency, not "a whole amount, e.g. 5000".
     for bad in ("abc", "1,0000", "12.", "0.001", "0.00", "-5", "12.5.0", "²⁰"):
         answer = (await nalo(client, "nalo-cents-1", bad, False, KWAME))["MSG"]
         assert answer.startswith("Enter an amount in GHS, e.g. 10.50:\nEnter amount in GHS"), (bad, answer)
     confirm = (await nalo(client, "nalo-cents-1", "20.50", False, KWAME))["MSG"]
-    assert "20.50 GHS" in confirm and "1. Confirm" in confirm, confirm
+    assert "GHS 20.50" in confirm and "1. Confirm" in confirm, confirm
     done = await nalo(client, "nalo-cents-1", "1", False, KWAME)
-    assert done["MSGTYPE"] is False and "pay 20.50 GHS" in done["MSG"], done
+    assert done["MSGTYPE"] is False and "pay GHS 20.50" in done["MSG"], done
     payment = await db.one(Payment)
     assert (payment.amount_minor, payment.currency) == (2050, "GHS")
 
@@ -60,11 +60,11 @@ async def test_a_french_decimal_comma_is_read_as_its_screens_write_it(operator: 
                                                                       db: Any) -> None:
     await ghana_coop(operator)
     prompt = await to_the_amount(client, "nalo-cents-2", AKOSUA)
-    assert "20,50 GHS" in prompt, prompt
+    assert "GHS 20,50" in prompt, prompt
     refused = (await nalo(client, "nalo-cents-2", "douze", False, AKOSUA))["MSG"]
     assert refused.startswith("Entrez un montant en GHS, ex. 10,50 :"), refused
     confirm = (await nalo(client, "nalo-cents-2", "12,5", False, AKOSUA))["MSG"]
-    assert "12,50 GHS" in confirm, confirm
+    assert "GHS 12,50" in confirm, confirm
     await nalo(client, "nalo-cents-2", "1", False, AKOSUA)
     assert (await db.one(Payment)).amount_minor == 1250
 

@@ -169,10 +169,10 @@ async def test_the_susu_paid_through_hubtel_on_its_first_day_is_paid(
         home, types, confirm, done = await Hubtel(client, "0244123456", "hub-susu").walk("1", "1", "1")
         assert home == (f"Welcome to {COOP}\n1. Pay\n2. My payments\n3. Problem with a payment\n4. Language\n"
                         "5. Help")
-        assert types == (f"Choose what to pay:\n1. Monthly susu 50.00 GHS (due day {due_day})\n"
-                         "2. Savings deposit 20.00 GHS\n0. Back")
-        assert confirm.startswith("Pay Monthly susu\nAmount: 50.00 GHS\nFee: 0.00 GHS\nVia MTN MoMo\nRef: PAY_")
-        assert done.startswith("Approve the prompt on your phone to pay 50.00 GHS. Ref PAY_")
+        assert types == (f"Choose what to pay:\n1. Monthly susu GHS 50.00 (due day {due_day})\n"
+                         "2. Savings deposit GHS 20.00\n0. Back")
+        assert confirm.startswith("Pay Monthly susu\nAmount: GHS 50.00\nFee: GHS 0.00\nVia MTN MoMo\nRef: PAY_")
+        assert done.startswith("Approve the prompt on your phone to pay GHS 50.00. Ref PAY_")
         await approve(rt, worker, app)
         [(path, asked)] = app[SENT]
         assert path == "/collection/v1_0/requesttopay"
@@ -180,7 +180,7 @@ async def test_the_susu_paid_through_hubtel_on_its_first_day_is_paid(
     paid = await db.one(Payment)
     assert (paid.status, paid.amount_minor, paid.currency) == ("COMPLETED", 5000, "GHS")
     [receipt] = [m["message"] for m in sms.messages(AKOSUA)]
-    assert receipt.startswith(f"Payment received: 50.00 GHS for Monthly susu, {COOP}. Ref: {paid.reference}.")
+    assert receipt.startswith(f"Payment received: GHS 50.00 for Monthly susu, {COOP}. Ref: {paid.reference}.")
     # BALANCE: the period she just paid, not still owed.
     await inbound(client, AKOSUA, "BALANCE", "gh-bal-1")
     await settle(rt, worker)
@@ -200,8 +200,8 @@ async def test_a_savings_amount_typed_through_nalo_is_read_in_pesewas(operator: 
                                                                       typed: str, minor: int) -> None:
     await kejetia(operator)
     _home, _types, prompt, confirm = await Nalo(client, "233544123457", "nalo-amt").walk("1", "2", typed)
-    assert prompt == "Enter amount in GHS (usual: 20.00 GHS):\n0. Back\n00. Home"
-    shown = f"{minor // 100:,}.{minor % 100:02d} GHS"
+    assert prompt == "Enter amount in GHS (usual: GHS 20.00):\n0. Back\n00. Home"
+    shown = f"GHS {minor // 100:,}.{minor % 100:02d}"
     assert confirm.startswith(f"Savings deposit: {shown}\nRef PAY_"), confirm
     assert confirm.endswith("\nMTN MoMo\n1. Confirm\n2. Cancel\n0. Back\n00. Home")
 
@@ -210,7 +210,7 @@ async def test_a_savings_amount_typed_through_nalo_is_read_in_pesewas(operator: 
 async def test_an_amount_nalo_cannot_read_is_asked_again(operator: Caller, client: Any, typed: str) -> None:
     await kejetia(operator)
     *_, again = await Nalo(client, "233544123457", "nalo-bad").walk("1", "2", typed)
-    assert again == ("Enter an amount in GHS, e.g. 10.50:\nEnter amount in GHS (usual: 20.00 GHS):\n0. Back\n"
+    assert again == ("Enter an amount in GHS, e.g. 10.50:\nEnter amount in GHS (usual: GHS 20.00):\n0. Back\n"
                      "00. Home")
 
 
@@ -219,12 +219,12 @@ async def test_a_hubtel_timeout_is_resumed_from_nalo_with_the_amount_typed(opera
     await kejetia(operator)
     hubtel = Hubtel(client, "233244123456", "hub-timeout")
     *_, confirm = await hubtel.walk("1", "2", "15.75")
-    assert confirm.startswith("Pay Savings deposit\nAmount: 15.75 GHS\n")
+    assert confirm.startswith("Pay Savings deposit\nAmount: GHS 15.75\n")
     assert (await hubtel.post("Timeout", ""))["Type"] == "Release"
     assert (await db.one(UssdSession)).status == "Incomplete"
     offer, resumed = await Nalo(client, "0244123456", "nalo-resume").walk("1")
     assert offer == "You did not finish your last session.\n1. Continue where you left off\n2. Start again"
-    assert resumed.startswith("Savings deposit: 15.75 GHS\nRef PAY_")
+    assert resumed.startswith("Savings deposit: GHS 15.75\nRef PAY_")
 
 
 async def test_refund_in_part_and_dispute(operator: Caller, client: Any, rt: Any, db: Any, worker: Any,
@@ -234,7 +234,7 @@ async def test_refund_in_part_and_dispute(operator: Caller, client: Any, rt: Any
     _server, sms = await start_simulator(aiohttp_server, rt)
     async with mtn(rt, aiohttp_server) as app:
         *_, done = await Hubtel(client, "0244123456", "hub-save").walk("1", "2", "20.50", "1")
-        assert done.startswith("Approve the prompt on your phone to pay 20.50 GHS.")
+        assert done.startswith("Approve the prompt on your phone to pay GHS 20.50.")
         await approve(rt, worker, app)
         paid = await db.one(Payment)
         listed = await operator.json("GET", f"/v1/payments?cooperativeId={cid}", 200)
@@ -261,5 +261,5 @@ async def test_refund_in_part_and_dispute(operator: Caller, client: Any, rt: Any
     got = await operator.json("GET", f"/v1/payments/{paid.id}", 200)
     assert (got["status"], got["refundedAmount"]) == ("REFUNDED", "20.50")
     texts = [m["message"] for m in sms.messages(AKOSUA)]
-    assert f"Refund of 12.34 GHS for payment {paid.reference} ({COOP}) completed." in " ".join(texts)
-    assert f"Refund of 8.16 GHS for payment {paid.reference} ({COOP}) completed." in " ".join(texts)
+    assert f"Refund of GHS 12.34 for payment {paid.reference} ({COOP}) completed." in " ".join(texts)
+    assert f"Refund of GHS 8.16 for payment {paid.reference} ({COOP}) completed." in " ".join(texts)

@@ -1,0 +1,76 @@
+"""/metrics behind METRICS_TOKEN: unset, it answers anyone (as before) and a production start says so once; set, a
+scrape without `Authorization: Bearer <the token>` is refused with the API's error shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import pytest
+
+from tests.conftest import make_settings
+
+TOKEN = "scrape-token-0123456789abcdef"
+
+
+async def _metrics_client(aiohttp_client: Any, rt: Any, **env: str) -> Any:
+    from app import create_app
+
+    rt.settings = make_settings(**env)
+    return await aiohttp_client(create_app(rt.settings, runtime=rt))
+
+
+async def test_without_a_token_metrics_answer_as_before(client: Any) -> None:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert "gateway_outbox_gauges_ok" in await response.text()
+
+
+async def test_with_a_token_a_scrape_needs_it(rt: Any, aiohttp_client: Any) -> None:
+    client = await _metrics_client(aiohttp_client, rt, METRICS_TOKEN=TOKEN)
+    for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {TOKEN}"},
+                    {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": "Bearer é"}):
+        refused = await client.get("/metrics", headers=headers)
+        assert refused.status == 401, headers
+        body = await refused.json()
+        assert {k: body[k] for k in ("statusCode", "error", "code", "path")} == {
+            "statusCode": 401, "error": "Unauthorized", "code": "UNAUTHORIZED", "path": "/metrics"}
+        assert "METRICS_TOKEN" in body["message"] and TOKEN not in await refused.text()
+        assert refused.headers["WWW-Authenticate"] == "Bearer"
+        assert "gateway_outbox" not in await refused.text()
+
+    scraped = await client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert scraped.status == 200
+    assert "gateway_outbox_gauges_ok" in await scraped.text()
+    assert (await client.get("/metrics", headers={"Authorization": f"bearer {TOKEN}"})).status == 200
+
+
+async def test_a_workers_metrics_take_the_same_token(rt: Any, aiohttp_client: Any) -> None:
+    from app import create_worker, worker_app
+
+    rt.settings = make_settings(METRICS_TOKEN=TOKEN)
+    client = await aiohttp_client(worker_app(rt, create_worker(rt), stale_after=120))
+    assert (await client.get("/metrics")).status == 401
+    assert (await client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})).status == 200
+    assert (await client.get("/healthz")).status == 200  # the supervisor's check needs no token
+
+
+def test_a_production_start_with_metrics_open_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    from main import _warn_if_metrics_open
+
+    production = dataclasses.replace(make_settings(), environment="production")
+    guarded = dataclasses.replace(make_settings(METRICS_TOKEN=TOKEN), environment="production")
+    with caplog.at_level(logging.WARNING, logger="gateway.main"):
+        _warn_if_metrics_open(make_settings())  # development, test: nothing to say
+        _warn_if_metrics_open(guarded)
+        assert caplog.records == []
+        _warn_if_metrics_open(production)
+    [line] = caplog.records
+    assert line.levelno == logging.WARNING and "METRICS_TOKEN" in line.getMessage()
+
+
+def test_the_token_is_kept_as_a_secret() -> None:
+    settings = make_settings(METRICS_TOKEN=TOKEN)
+    assert settings.metrics_token.get() == TOKEN and TOKEN not in repr(settings)
+    assert not make_settings().metrics_token
