@@ -52,8 +52,9 @@ async def _paid(rt: Any, demo: dict[str, Any], phone: str = ALINE, *, member: bo
 
 
 async def _reports(sim: Any, count: int) -> None:
-    """Wait for the simulator's delivery reports to have been taken by the gateway."""
-    for _ in range(200):
+    """Wait for the simulator's delivery reports to have been taken by the gateway (30 s at most, patience for a
+    loaded machine: it waited 4 s)."""
+    for _ in range(1500):
         if len(sim.reports_posted) >= count:
             return
         await asyncio.sleep(0.02)
@@ -178,6 +179,8 @@ async def test_a_payments_refund_notices_are_its_messages_and_name_it(
     """The member told her refund went through, or failed, is seen from the payment (the notices are keyed by the
     refund's id, not the payment's); another payment's refund notice is not its."""
     payment = await _paid(rt, demo)
+    # Its receipt made before the other's (one worker round sends the two in parallel, in either order).
+    await _until_sms(rt, worker, f"payment_receipt:{payment.id}")
     other = await make_payment(rt, demo["cooperative_id"], account=ALINE, status="PENDING", created_at=utcnow(),
                                member_id=demo["members"][ALINE])
     await _settled(rt, other, provider_transaction_id="TX-2")
@@ -227,6 +230,7 @@ async def test_a_payments_dispute_sms_are_its_messages_and_name_it(
     keyed by the dispute's id and the step, not the payment's), a second dispute's too; another payment's dispute
     SMS is not its."""
     payment = await _paid(rt, demo)
+    await _until_sms(rt, worker, f"payment_receipt:{payment.id}")  # before the other's (see the refunds' test)
     other = await make_payment(rt, demo["cooperative_id"], account=ALINE, status="PENDING", created_at=utcnow(),
                                member_id=demo["members"][ALINE])
     await _settled(rt, other, provider_transaction_id="TX-2")

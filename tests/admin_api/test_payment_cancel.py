@@ -87,9 +87,11 @@ async def test_cancelled_before_its_collect_job_ran_nothing_reaches_mtn(
         cancelled = await admin.json("POST", f"/v1/payments/{made['id']}/cancel", 200, json={"note": f"  {NOTE} "})
         assert (cancelled["status"], cancelled["failureReason"], cancelled["late"]) == (
             "CANCELLED", f"cancelled by the cooperative: {NOTE}", False)
+        await drain(worker)  # the collect job finds it closed
+        # Then the watch (in the collect job's round it could run first, see that job still RUNNING, and wait).
         await due_now(rt, "payment.poll")
         await due_now(rt, "payment.watch")
-        await drain(worker)  # the collect job finds it closed; the watch: MTN has no such request, nothing to ask
+        await drain(worker)  # the watch: MTN has no such request and no collect job is sending it, nothing to ask
         async with httpx.AsyncClient() as http:
             stats = (await http.get(f"{base}/_control/stats")).json()
         assert stats == {"requests": 0} and state.requests == 0 and dict(app[TRANSACTIONS]) == {}
