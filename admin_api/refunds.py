@@ -76,7 +76,9 @@ TO_PAYING_NUMBER = {
                    "TYPO correction replaced) is refunded as it paid, unasked, unless another member got that number "
                    "since (a swap): asked alike, as is a payment of no member (or of a member whose number was "
                    "released) whose number a member got since. A refund asked without it whose number changes so "
-                   "before the worker sends it is not sent: FAILED, its failureReason starting PAYING_NUMBER_CHANGED",
+                   "before the worker sends it is not sent: FAILED, its failureReason starting PAYING_NUMBER_CHANGED "
+                   "(one a try of which may have reached the provider is PROCESSING until the provider says whether "
+                   "it has it)",
 }
 CREATE = obj(
     {

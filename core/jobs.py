@@ -631,6 +631,15 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             # Checked as the API checked it when the refund was asked for, unless a try may have reached the provider
             # (then its outcome is waited for, below): the number that paid may have changed hands since.
             changed = None if job.call_may_have_arrived else await paying_number_changed(session, refund, payment)
+        if changed is not None and (job.last_error or "").startswith(CALL_SENT):
+            # An earlier try may have reached the provider (a 5xx after its call: core.outbox.CALL_SENT), which may
+            # carry it out still: failed here, it could be refunded again and paid twice; sent again, it would go
+            # to the number's new holder should that try not have arrived. Its outcome is asked (refund.poll; one
+            # the provider has not got is checked again before it is resent).
+            log.warning("refund not sent again: the number that paid is no longer its payer's; its outcome is asked",
+                        extra={"refund": refund.reference, "provider": payment.provider})
+            await await_refund_outcome(refund, None)
+            return
         if changed is not None:
             log.warning("refund not sent: the number that paid is no longer its payer's",
                         extra={"refund": refund.reference, "provider": payment.provider})
@@ -785,10 +794,17 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                     f"refund with its reference after {resent} resends; check with it, then record "
                                     f"it with POST /v1/refunds/{refund.id}/outcome")
         provider = rt.providers[payment.provider]  # (poll_refund parks a refund whose provider is left out)
-        log.warning("refund unknown to the provider; sending it again with the same reference",
-                    extra={"refund": refund.reference, "provider": provider.name, "resend": resent + 1})
         async with rt.sessionmaker() as session:
             note = await refund_note(session, payment)
+            # Not sent yet, as the provider says: checked as submit_refund checks a first send.
+            changed = await paying_number_changed(session, refund, payment)
+        if changed is not None:
+            log.warning("refund unknown to the provider not sent again: the number that paid is no longer its "
+                        "payer's", extra={"refund": refund.reference, "provider": provider.name})
+            await refund_failed(refund, changed, tell_paying_number=False)
+            return
+        log.warning("refund unknown to the provider; sending it again with the same reference",
+                    extra={"refund": refund.reference, "provider": provider.name, "resend": resent + 1})
         try:
             accepted = await _timed(provider.name, "refund", provider.request_refund(refund_request(refund, payment,
                                                                                                   note)))

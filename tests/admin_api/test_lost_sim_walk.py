@@ -20,18 +20,22 @@ from sqlalchemy import select
 from channels.ussd.sessions import phone_keys
 from core.config import ProviderConfig, Secret
 from core.models import AuditEvent, OutboxJob, Payment
+from core.outbox import CALL_SENT
+from core.payments import create_payment
 from core.phone import mask
 from providers.mtn_momo.adapter import MtnMomoAdapter
 from providers.mtn_momo.simulator import create_simulator
 from providers.simulation import STATE, SimulatorOptions
 from tests.admin_api.conftest import Caller, bearer, idem
+from tests.admin_api.test_refund_cancel import REFUND_PATH, _submission
 from tests.channels.sms.helpers import make_payment, start_simulator
 from tests.channels.sms.test_routes import inbound
 from tests.channels.ussd.helpers import AtPhone
 from tests.channels.ussd.test_flows_africastalking import option, reference_on
 from tests.conftest import drain
+from tests.providers.conftest import load
 from tests.providers.test_mtn_momo import CREDS as SIM_CREDS
-from tests.providers.wires import due_now
+from tests.providers.wires import ADMIN, Routes, completed, due_now, mtn_adapter, mtn_payment, mtn_wire
 
 OLD = "+250788000001"  # Aline's lost SIM (the demo's Kinyarwanda-speaking MTN member), recycled to a stranger
 NEW = "+250788123456"  # her new SIM
@@ -601,3 +605,55 @@ async def test_a_refund_of_no_members_payment_queued_before_its_number_moved_is_
         "PAYING_NUMBER_CHANGED: not sent: +25078****222, the number that paid, went to another member"), shown
     assert await _webhooks(rt, [refund["id"]]) == [f"wh:evt_refund_failed_{refund['id']}"]
     assert not any(paid.reference in str(m["message"]) for m in sms.messages(STRANGER))
+
+
+async def _refund_answered_504(rt: Any, demo: dict[str, Any], admin: Caller, worker: Any) -> tuple[Routes, str]:
+    """Aline's rent (paid from her own number, OLD) refunded in full; MTN answered the refund's first try 504 (its
+    back end not answering in time: it may still carry the refund out, and takes it once by its reference)."""
+    wire = mtn_wire().on("POST", REFUND_PATH, 504)
+    mtn_adapter(rt, wire)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    await completed(rt, payment)
+    refund = await admin.json("POST", f"/v1/payments/{payment.id}/refunds", 201, json={"idempotencyKey": idem()})
+    await drain(worker)
+    [job] = await _submission(rt, refund["id"])
+    assert job.status == "PENDING" and job.last_error.startswith(CALL_SENT), job.last_error
+    return wire, refund["id"]
+
+
+async def test_a_refund_a_504_may_have_carried_out_is_not_failed_when_her_number_changes_before_its_next_try(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any) -> None:
+    """Her number corrected (NEW_SIM) between a try MTN answered 504 and the next: the refund was FAILED as never
+    sent (its amount refundable again, the dispute told she was not paid back) while MTN carried out the first try
+    and paid her old wallet: a second refund paid her twice. Neither sent again blind nor failed: MTN is asked."""
+    admin: Caller = await bearer(client, *demo["admin"])
+    wire, refund_id = await _refund_answered_504(rt, demo, admin, worker)
+    await admin.json("PATCH", f"/v1/members/{demo['members'][OLD]}", 200,
+                     json={"phone": NEW, "phoneChange": "NEW_SIM"})
+    wire.on("POST", REFUND_PATH, 202).on("GET", f"{REFUND_PATH}/*", 200,
+                                         load("mtn_momo", "refund_status_successful.json"))
+    await due_now(rt, "refund.submit")
+    await drain(worker)
+    assert (await admin.json("GET", f"/v1/refunds/{refund_id}", 200))["status"] == "PROCESSING"
+    assert len(wire.sent("POST", REFUND_PATH)) == 1  # not sent again to a number that may be a stranger's now
+    await due_now(rt, "refund.poll")
+    await drain(worker)
+    assert (await admin.json("GET", f"/v1/refunds/{refund_id}", 200))["status"] == "COMPLETED"
+
+
+async def test_a_refund_mtn_never_got_is_not_sent_again_once_her_number_changed(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any) -> None:
+    """As above, but MTN has no refund of that reference (the first try never reached it): sent again it went to
+    her old number, a stranger's now, unchecked (the poll's resend). FAILED as the worker's first send would be."""
+    admin: Caller = await bearer(client, *demo["admin"])
+    wire, refund_id = await _refund_answered_504(rt, demo, admin, worker)
+    await admin.json("PATCH", f"/v1/members/{demo['members'][OLD]}", 200,
+                     json={"phone": NEW, "phoneChange": "NEW_SIM"})
+    wire.on("POST", REFUND_PATH, 202).on("GET", f"{REFUND_PATH}/*", 404)
+    for kind in ("refund.submit", "refund.poll"):
+        await due_now(rt, kind)
+        await drain(worker)
+    assert len(wire.sent("POST", REFUND_PATH)) == 1
+    shown = await admin.json("GET", f"/v1/refunds/{refund_id}", 200)
+    assert (shown["status"], shown["failureReason"]) == ("FAILED", _not_sent("+25078****001")), shown
