@@ -392,7 +392,10 @@ def _scrape_refused(request: web.Request, token: str) -> web.Response | None:
     if not token:
         return None
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+    # (surrogateescape: bytes that are not UTF-8, in the header or the environment, are read as lone surrogates;
+    # compared as the bytes sent, a wrong token is a 401, not a 500)
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
+                                                          token.encode("utf-8", "surrogateescape")):
         return None
     from admin_api.errors import error_body
 

@@ -85,6 +85,7 @@ PAYMENT = out(
             "description": "what the provider reported taken and the payment still holds, to credit (amount is "
             "what was asked; mismatch: they differ); 0 while nothing is taken (completedAt null), and when taken "
             "in another currency, counted on another payment holding the same gatewayTransactionId, or VOIDED. "
+            "Refunds are not taken off it (refundedAmount: a REFUNDED payment keeps what was taken here). "
             "payments.csv's collectedAmount is the same figure",
         },
         "status": {"enum": list(STATUSES)},

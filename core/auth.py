@@ -249,6 +249,8 @@ def decode_token(token: str, *, secret: str, expected_type: str, previous: tuple
 
     Tokens are signed with `secret` (JWT_SECRET); one signed with a `previous` secret (JWT_PREVIOUS_SECRETS, the
     overlap of a rotation) verifies as well, and is counted each time it is used (previous_secret_used)."""
+    if not token.isascii():  # (a JWT is ASCII; a header's bytes that are not UTF-8 come as lone surrogates)
+        raise Unauthorized("invalid token", code=TOKEN_INVALID)
     cache_key = (token, secret, previous)
     if expected_type == "access":
         hit = _VERIFIED.get(cache_key)
@@ -1168,7 +1170,8 @@ async def principal_from_api_key(conn: AsyncConnection | AsyncSession, clear: st
     `conn`: the API passes an autocommit connection (admin_api.routing.authenticate), so neither the lookup
     nor the last-used stamp keeps a transaction open, or the key's row locked, while the request runs; in a
     session both join its transaction."""
-    if not clear or len(clear) > 200:
+    # (Keys are ASCII; a header's bytes that are not UTF-8 come as lone surrogates, which the hash cannot encode.)
+    if not clear or len(clear) > 200 or not clear.isascii():
         raise Unauthorized("invalid or inactive API key")
     row = (await conn.execute(_KEY_LOOKUP, {"key_hash": hash_api_key(clear)})).first()
     # A key made by no account (created_by NULL: the CLI, older rows) has no creator to check.

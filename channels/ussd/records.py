@@ -226,36 +226,43 @@ async def record_event(rt: Any, event: SessionEvent) -> None:
 @functools.cache
 def _abandoned_statement(bounded: bool) -> Any:
     """Up to `batch` OPEN rows started before `before` (and since `since` when `bounded`) recorded ended, as
-    Incomplete with TIMED_OUT, RETURNING their aggregators. Rows another worker's sweep holds are skipped (SKIP
-    LOCKED), and the status is checked again as each row is written: a row is closed once, and a session's own
-    end that came meanwhile stands."""
+    Incomplete with TIMED_OUT, RETURNING their aggregators and starts. Rows another worker's sweep holds are skipped
+    (SKIP LOCKED), and the status is checked again as each row is written: a row is closed once, and a session's own
+    end that came meanwhile stands. The batch is a MATERIALIZED CTE, picked once: as `id IN (SELECT ... LIMIT)`
+    PostgreSQL may plan it as a semi join's inner side, run again for each row the UPDATE reads, each run past the
+    rows the statement itself just closed, and one batch then closed every OPEN row."""
     table = table_of(UssdSession)
     picked = [table.c.status == "OPEN", table.c.started_at < bindparam("before")]
     if bounded:
         picked.append(table.c.started_at >= bindparam("since"))
     due = (select(table.c.id).where(*picked).order_by(table.c.started_at).limit(bindparam("batch"))
-           .with_for_update(skip_locked=True))
-    return (update(table).where(table.c.id.in_(due), table.c.status == "OPEN")
+           .with_for_update(skip_locked=True).cte("due").prefix_with("MATERIALIZED"))
+    return (update(table).where(table.c.id.in_(select(due.c.id)), table.c.status == "OPEN")
             .values(status="Incomplete", error=TIMED_OUT, ended_at=bindparam("v_ended_at"))
-            .returning(table.c.aggregator))
+            .returning(table.c.aggregator, table.c.started_at))
 
 
 async def close_abandoned(rt: Any, *, now: datetime | None = None, since: datetime | None = None,
                           batch: int = 500) -> int:
     """Record ended every session still OPEN ABANDONED_AFTER its start (started from `since` on, when given): no
-    aggregator will (see ABANDONED_AFTER). One transaction per batch, until a batch comes
-    short; safe with two workers sweeping at once. Returns how many were closed (counted in gateway_ussd_sessions
-    as timed_out, by aggregator). Its duration stays unknown (NULL): no one saw the session's last hop end it."""
+    aggregator will (see ABANDONED_AFTER). One transaction per batch, until a batch comes short, each batch read
+    from the latest start the one before closed (through the started_at index, not past every row the batches
+    before closed again: a backlog of months is read once); safe with two workers sweeping at once (the rows one
+    skips, held by the other, are the other's to close). Returns how many were closed (counted in
+    gateway_ussd_sessions as timed_out, by aggregator). Its duration stays unknown (NULL): no one saw the session's
+    last hop end it."""
     now = now or utcnow()
     params: dict[str, Any] = {"before": now - ABANDONED_AFTER, "batch": batch, "v_ended_at": now}
-    if since is not None:
-        params["since"] = since
     total = 0
     while True:
+        if since is not None:
+            params["since"] = since
         async with rt.sessionmaker.begin() as session:
-            closed_by = (await session.execute(_abandoned_statement(since is not None), params)).scalars().all()
-        for aggregator in set(closed_by):
-            metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="timed_out").inc(closed_by.count(aggregator))
+            closed_by = (await session.execute(_abandoned_statement(since is not None), params)).all()
+        aggregators = [aggregator for aggregator, _ in closed_by]
+        for aggregator in set(aggregators):
+            metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="timed_out").inc(aggregators.count(aggregator))
         total += len(closed_by)
         if len(closed_by) < batch:
             return total
+        since = max(started for _, started in closed_by)

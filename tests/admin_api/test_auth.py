@@ -223,3 +223,22 @@ async def test_sign_in_attempts_are_limited_per_username(client, demo):
         "/v1/auth/token", json={"username": demo["tenant"][0], "password": demo["tenant"][1]}
     )
     assert ok.status == 200
+
+
+async def test_credentials_that_are_not_utf8_are_refused_not_an_error(client):
+    """A bearer token or an API key holding bytes that are not UTF-8 (a latin-1 é; aiohttp reads it as a lone
+    surrogate): 401 as any bad credential. It was a 500, its traceback logged, from the JWT or key hash's encode."""
+    import asyncio
+
+    async def status(path: bytes, header: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+        writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + header + b"\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        return answer.split(b"\r\n")[0]
+
+    for path, header in ((b"/v1/payments", b"Authorization: Bearer caf\xe9"),
+                         (b"/v1/payments", b"X-API-Key: cpk_caf\xe9"),
+                         (b"/ops/data", b"Authorization: Bearer caf\xe9")):
+        assert await status(path, header) == b"HTTP/1.1 401 Unauthorized", (path, header)

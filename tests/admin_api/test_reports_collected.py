@@ -57,6 +57,13 @@ async def test_a_full_refund_of_a_short_payment_nets_to_zero(admin, rt, demo):
     assert report["totals"] == [
         {"currency": "RWF", "collectedCount": 1, "collected": 40000, "fees": 0, "refunded": 40000, "net": 0}
     ]
+    # The payment's JSON and payments.csv, as the reconciliation: what was taken, the refund beside it (not taken
+    # off: a system crediting collectedAmount less refundedAmount nets to 0 as the totals do).
+    got = await admin.json("GET", f"/v1/payments/{payment['id']}", 200)
+    assert (got["status"], got["collectedAmount"], got["refundedAmount"]) == ("REFUNDED", 40000, 40000)
+    rows = {r["id"]: r for r in csv.DictReader(io.StringIO(
+        await (await admin.req("GET", "/v1/reports/payments.csv")).text()))}
+    assert (rows[payment["id"]]["collectedAmount"], rows[payment["id"]]["refundedAmount"]) == ("40000", "40000")
 
 
 async def test_payments_csv_has_the_collected_amount(admin, rt, demo):

@@ -442,3 +442,24 @@ async def test_a_due_date_that_is_none_of_the_types_is_refused_not_counted_nowhe
         "paymentTypeId": one_off["id"], "amount": 10000, "paymentMethod": "MOBILE_MONEY_MTN",
         "paymentAccount": "+250788000003", "dueDate": "2026-11-15T00:00:00Z", "idempotencyKey": idem()})
     assert made["dueDate"] == "2026-11-15T00:00:00Z"
+
+
+async def test_a_key_accepted_before_the_types_due_day_changed_still_answers_its_payment(admin, rt, demo):
+    """A payment naming the 1st, due date of rent then; rent then falls due the 5th. The same request sent again (a
+    client's retry after a lost answer) answers the payment made (201, replayed), not the 400 a new one would get;
+    a new key with that body is refused."""
+    from core.models import Cooperative
+
+    async with rt.sessionmaker.begin() as s:
+        coop = await s.get(Cooperative, demo["cooperative_id"])
+        coop.timezone = "Africa/Nairobi"
+    rent = demo["payment_types"]["Monthly Rent"]
+    body = {"paymentTypeId": rent, "amount": 50000, "paymentMethod": "MOBILE_MONEY_MTN",
+            "paymentAccount": "+250788000001", "dueDate": "2026-11-01T00:00:00+03:00", "idempotencyKey": idem()}
+    made = await admin.json("POST", "/v1/payments", 201, json=body)
+    await admin.json("PATCH", f"/v1/payment-types/{rent}", 200, json={"dueDay": 5})
+    again = await admin.req("POST", "/v1/payments", json=body)
+    assert again.status == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert (await again.json())["id"] == made["id"]
+    refused = await admin.json("POST", "/v1/payments", 400, json={**body, "idempotencyKey": idem()})
+    assert refused["field"] == "dueDate" and refused["message"][0].endswith(": 2026-10-05 or 2026-11-05")

@@ -74,3 +74,18 @@ def test_the_token_is_kept_as_a_secret() -> None:
     settings = make_settings(METRICS_TOKEN=TOKEN)
     assert settings.metrics_token.get() == TOKEN and TOKEN not in repr(settings)
     assert not make_settings().metrics_token
+
+
+async def test_a_token_not_in_utf8_is_refused_not_an_error(rt: Any, aiohttp_client: Any) -> None:
+    """A scrape whose Authorization header holds bytes that are not UTF-8 (a latin-1 é: aiohttp reads it as a lone
+    surrogate) is refused 401 as any wrong token: it was a 500 and an error logged with a traceback."""
+    import asyncio
+
+    client = await _metrics_client(aiohttp_client, rt, METRICS_TOKEN=TOKEN)
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer caf\xe9\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.split(b"\r\n")[0] == b"HTTP/1.1 401 Unauthorized"
+    assert b'"code": "UNAUTHORIZED"' in answer or b'"code":"UNAUTHORIZED"' in answer

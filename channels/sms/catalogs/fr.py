@@ -1,8 +1,9 @@
 """French SMS texts (no ç, ê, û: they would force UCS-2 and cost twice as much)."""
 
 MESSAGES = {
-    "payment_receipt": "Paiement confirmé: {amount} pour {type}, {coop}. Réf: {ref}. Transaction: {txn}. "
-    "Date: {date}. Merci!",
+    # One SMS for the usual receipt, as in English (a 30-character cooperative name, GHS 1 234,56: 161 septets, two
+    # SMS, with "Date:" and "Merci!"): a date that needs no label.
+    "payment_receipt": "Paiement confirmé: {amount} pour {type}, {coop}. Réf: {ref}. Transaction: {txn}. {date}.",
     "payment_late_receipt": "Votre paiement de {amount} pour {type} ({coop}) a finalement abouti: l'argent a été "
     "prélevé. Ignorez notre message précédent et ne payez pas à nouveau. Réf: {ref}. Transaction: {txn}. "
     "Date: {date}.",
@@ -70,7 +71,7 @@ PAYMENT_STATUS = {
 }
 
 DISPUTE_STATUS = {
-    "OPEN": "reçue",
+    "OPEN": "enregistrée",  # as dispute_opened says it; "reçue" is not GSM-7
     "UNDER_REVIEW": "en cours d'examen",
     "RESOLVED": "résolue en votre faveur",
     "REJECTED": "non retenue",

@@ -1,8 +1,9 @@
 """Kinyarwanda SMS texts."""
 
 MESSAGES = {
-    "payment_receipt": "Twakiriye {amount} ya {type}, {coop}. Nimero: {ref}. Nimero y'ihererekanya: {txn}. "
-    "Itariki: {date}. Murakoze!",
+    # One SMS for the usual receipt, as in English (a 30-character cooperative name, GHS 1,234.56: 169 septets, two
+    # SMS, with "Itariki:" and "Murakoze!"): a date that needs no label.
+    "payment_receipt": "Twakiriye {amount} ya {type}, {coop}. Nimero: {ref}. Nimero y'ihererekanya: {txn}. {date}.",
     "payment_late_receipt": "Kwishyura {amount} ya {type} ({coop}) byakunze: amafaranga yavuye kuri konti yawe. "
     "Ntimwite ku butumwa bwabanje, ntimwongere kwishyura. Nimero: {ref}. Nimero y'ihererekanya: {txn}. "
     "Itariki: {date}.",

@@ -1,8 +1,8 @@
 """Swahili SMS texts."""
 
 MESSAGES = {
-    "payment_receipt": "Tumepokea {amount} kwa {type}, {coop}. Kumb: {ref}. Muamala: {txn}. "
-    "Tarehe: {date}. Asante!",
+    # One SMS for the usual receipt, as in English, with room for a longer name or amount: a date that needs no label.
+    "payment_receipt": "Tumepokea {amount} kwa {type}, {coop}. Kumb: {ref}. Muamala: {txn}. {date}. Asante!",
     "payment_late_receipt": "Malipo yako ya {amount} kwa {type} ({coop}) yamefanikiwa hatimaye: pesa zimekatwa. "
     "Puuza ujumbe wetu wa awali na usilipe tena. Kumb: {ref}. Muamala: {txn}. Tarehe: {date}.",
     "payment_taken_after_failure": "Tulisema malipo yako ya {amount} kwa {type} ({coop}) hayakufanikiwa, lakini pesa "

@@ -386,3 +386,45 @@ def test_a_ghana_receipt_of_a_four_figure_amount_is_one_sms() -> None:
     assert (size.encoding, size.segments) == (GSM7, 1), f"{size.length} septets: {body!r}"
     for value in values.values():
         assert value in body
+
+
+@pytest.mark.parametrize("currency", ["GHS", "RWF", "KES"])
+@pytest.mark.parametrize("language", sorted(CATALOGS))
+def test_a_receipt_of_a_usual_payment_is_one_sms_in_every_language(language: str, currency: str) -> None:
+    """The English receipt fitted one SMS with a 30-character cooperative name and a four- to seven-figure amount; the
+    French one was 165 septets, the Kinyarwanda one 173: two SMS, twice the cost of each of their receipts. Each fits
+    one, and still says the amount, what for, the cooperative, the reference, the provider's transaction and when."""
+    from core.money import Money
+
+    minor = {"GHS": 123_456, "RWF": 1_234_567, "KES": 1_234_500}[currency]  # GHS 1,234.56, 1,234,567 RWF, 12,345.00 KES
+    values = {"amount": Money(minor, currency).format(language), "type": "Monthly savings",
+              "coop": "Kejetia Market Women Susu Assn", "ref": "PAY_20260115_001", "txn": "8419567321",
+              "date": "15/01/2026 10:30"}
+    assert len(values["coop"]) == 30
+    body = render("payment_receipt", language, values)
+    size = measure(body)
+    assert (size.encoding, size.segments) == (GSM7, 1), f"{size.length} septets: {body!r}"
+    for value in values.values():
+        assert value in body
+
+
+def _texts(catalog: Any) -> dict[str, str]:
+    """Every phrase of a catalog that goes into an SMS: its messages and the phrases filled into them."""
+    texts = {}
+    for name in ("MESSAGES", "AMOUNT_TAKEN", "PAYMENT_STATUS", "DISPUTE_STATUS", "REASONS", "REFUND_REASONS"):
+        texts.update({f"{name}.{key}": text for key, text in getattr(catalog, name).items()})
+    for name in ("ANY_AMOUNT", "BALANCE", "BALANCE_PAID", "BALANCE_MORE", "BALANCE_NONE", "BALANCE_WAITING",
+                 "BALANCE_ALL_WAITING"):
+        texts[name] = getattr(catalog, name)
+    return texts
+
+
+@pytest.mark.parametrize("language", sorted(CATALOGS))
+def test_every_phrase_of_every_catalog_is_gsm7(language: str) -> None:
+    """A character outside GSM-7 in a message's fixed text sends the whole SMS as UCS-2 (70 characters a part), and
+    in a phrase filled into one (a status) it is changed to the nearest GSM-7 letter: a French dispute was told
+    "Réclamation ...: recue.". Every phrase is GSM-7 as written."""
+    from core.gsm import is_gsm
+
+    wrong = {key: text for key, text in _texts(CATALOGS[language]).items() if not is_gsm(text)}
+    assert not wrong, wrong
