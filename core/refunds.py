@@ -90,12 +90,16 @@ class ReturnedByProvider:
 
 
 def _request_hash(amount: Money | None, reason: str | None, dispute_id: str | None,
-                  returned: ReturnedByProvider | None = None) -> str:
+                  returned: ReturnedByProvider | None = None, to_paying_number: bool = False) -> str:
     fields: dict[str, Any] = {"amount": None if amount is None else amount.minor,
                               "currency": None if amount is None else amount.currency,
                               "reason": reason, "dispute": dispute_id}
     if returned is not None:  # absent otherwise: the digests stored before it existed still match
         fields["returned"] = [returned.provider_transaction_id, iso_z(returned.completed_at)]
+    if to_paying_number and returned is None:  # the same: only when asked (and only where it means something)
+        # Part of the request: a refund FAILED because the number changed (paying_number_changed), sent again
+        # with its key and toPayingNumber, is refused as another request, not answered with the FAILED one.
+        fields["toPayingNumber"] = True
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -141,7 +145,7 @@ async def request_refund(
 
     if returned is not None:
         returned = _checked_return(returned, payment)
-    request_hash = _request_hash(amount, reason, dispute_id, returned)
+    request_hash = _request_hash(amount, reason, dispute_id, returned, to_paying_number)
     existing = (await session.execute(select(Refund).where(Refund.payment_id == payment.id,
                                                            Refund.idempotency_key == key))).scalar_one_or_none()
     if existing is not None:

@@ -497,11 +497,16 @@ async def test_a_refund_queued_before_her_new_sim_is_not_sent_to_her_old_number(
             "paymentId": paid.id, "reason": "OTHER", "note": "paid twice"})
         await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200, json={
             "status": "RESOLVED", "note": "refunded", "refundAmount": 20000})
-        await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
-                         json={"amount": 10000, "reason": "overpaid", "idempotencyKey": idem()})
+        overpaid = {"amount": 10000, "reason": "overpaid", "idempotencyKey": idem()}
+        await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201, json=overpaid)
         await admin.json("PATCH", f"/v1/members/{aline}", 200, json={"phone": NEW, "phoneChange": "NEW_SIM"})
         await settle(rt, worker, app)
         assert app[REFUNDS_SENT] == []
+        # Sent again with its key and toPayingNumber, it is another request (not its FAILED refund answered back
+        # as if it were that one's): the admin is told to use a new key.
+        reused = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 409,
+                                  json={**overpaid, "toPayingNumber": True})
+        assert reused["code"] == "IDEMPOTENCY_KEY_REUSED"
         refunds = (await admin.json("GET", f"/v1/payments/{paid.id}/refunds", 200))["data"]
         assert [(r["status"], r["failureReason"]) for r in refunds] == [("FAILED", _not_sent("+25078****001"))] * 2
         assert await _webhooks(rt, [r["id"] for r in refunds]) == sorted(
