@@ -150,7 +150,7 @@ async def error_middleware(
 def _not_stored(response: web.StreamResponse) -> None:
     """Answers carry members' names and phone numbers, payments, tokens: no browser disk or shared cache may keep
     them (a signed-out admin's pages read back from the cache). A route that chose its own caching keeps it (the
-    payment types' list: private, max-age=30)."""
+    active payment types' list, /v1/payment-types/active: private, max-age=30)."""
     if not response.prepared and "Cache-Control" not in response.headers:
         response.headers["Cache-Control"] = "no-store"
 
