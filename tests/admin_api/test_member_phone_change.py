@@ -269,7 +269,7 @@ async def test_a_text_held_by_an_outage_goes_to_the_corrected_number(
     await _aggregator_back(rt, sim, worker)
     assert sim.messages(OLD) == []
     [sent] = sim.messages(NEW)
-    assert sent["message"].startswith("Payment received: 50,000 RWF")
+    assert sent["message"].startswith("We received 50,000 RWF")
     async with rt.sessionmaker() as s:
         row = await s.get(SmsMessage, message)
     assert (row.status, row.phone_index, row.phone_masked) == ("SENT", rt.cipher.blind_index(NEW), "+25078****010")

@@ -109,8 +109,8 @@ async def test_a_kampala_cooperative_from_nothing_to_its_report(operator: Caller
     from channels.sms.jobs import SmsJobs
     async with rt.engine.connect() as conn:
         texts = sorted([(await SmsJobs(rt)._build(conn, j.payload))[2] for j in jobs])
-    assert texts[0].startswith("Payment received: 20,000 UGX for Monthly dues, Kampala Akiba Savings."), texts
-    assert texts[1].startswith("Payment received: 250,000 UGX for Savings deposit, Kampala Akiba Savings.")
+    assert texts[0].startswith("We received 20,000 UGX for Monthly dues, Kampala Akiba Savings."), texts
+    assert texts[1].startswith("We received 250,000 UGX for Savings deposit, Kampala Akiba Savings.")
 
     report = await admin.json("GET", "/v1/reports/reconciliation?from=2026-01-01&to=2027-01-01", 200)
     assert report["period"]["from"] == "2025-12-31T21:00:00Z"  # Kampala's midnight

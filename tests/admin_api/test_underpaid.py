@@ -68,7 +68,7 @@ async def test_the_api_the_webhook_and_the_receipt_say_what_was_taken(
     [receipt] = [j for j in await _queued(rt, "sms.send") if j.payload["template"] == "payment_receipt"]
     await SmsJobs(rt).send(as_job(receipt))
     [sent] = sim.messages(PAYER)
-    assert sent["message"].startswith(f"Payment received: {shown} for Monthly Rent, "), sent["message"]
+    assert sent["message"].startswith(f"We received {shown} for Monthly Rent, "), sent["message"]
 
 
 async def test_nothing_taken_is_0_and_a_full_payment_collects_its_amount(

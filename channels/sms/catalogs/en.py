@@ -2,8 +2,9 @@
 
 MESSAGES = {
     # One SMS for the usual receipt (a 30-character cooperative name, GHS 1,234.56: 163 septets, two SMS, when it
-    # said "Transaction:" and "Date:"): "Txn", and a date that needs no label.
-    "payment_receipt": "Payment received: {amount} for {type}, {coop}. Ref: {ref}. Txn: {txn}. {date}. Thank you!",
+    # said "Transaction:" and "Date:"): "Txn", and a date that needs no label. "We received", no closing thanks: one
+    # SMS too when the provider took another amount than asked (AMOUNT_TAKEN, both amounts: 175 septets before).
+    "payment_receipt": "We received {amount} for {type}, {coop}. Ref: {ref}. Txn: {txn}. {date}.",
     # A payment told failed, cancelled or not approved in time whose money was taken after all (core.payments: late).
     "payment_late_receipt": "Your payment of {amount} for {type} ({coop}) went through after all: the money was taken. "
     "Ignore our earlier message and do not pay again. Ref: {ref}. Transaction: {txn}. Date: {date}.",
@@ -12,10 +13,12 @@ MESSAGES = {
     "payment_taken_after_failure": "We said your payment of {amount} for {type} ({coop}) failed, but the money was "
     "taken after all. Do not pay again: your cooperative will count it or refund it. Ref: {ref}. Transaction: {txn}. "
     "Date: {date}.",
-    "payment_failed": "Your payment of {amount} for {type} ({coop}) failed: {reason}. Ref: {ref}. "
-    "To try again, dial {dial}.",
-    "payment_timeout": "Your payment of {amount} for {type} ({coop}) was not approved in time. Ref: {ref}. "
-    "To try again, dial {dial}.",
+    # One SMS for the usual failure and timeout (a payment the member declined or let lapse: frequent), with a
+    # seven-figure amount and the longest usual reason: no cooperative's name (the code to dial is its own; the type,
+    # amount and reference say which payment), which made them 165 to 189 septets, two SMS.
+    "payment_failed": "Payment of {amount} for {type} failed: {reason}. Ref: {ref}. Dial {dial} to try again.",
+    "payment_timeout": "Payment of {amount} for {type} was not approved in time. Ref: {ref}. "
+    "Dial {dial} to try again.",
     "payment_unconfirmed": "We could not confirm your payment of {amount} for {type} ({coop}) with the provider. "
     "If money was taken, it will be confirmed or refunded. Ref: {ref}.",
     "payment_status": "Payment {ref}: {amount} for {type} ({coop}) - {status}. Date: {date}.",

@@ -10,10 +10,11 @@ MESSAGES = {
     "payment_taken_after_failure": "Votre paiement de {amount} pour {type} ({coop}), annoncé comme échoué, a "
     "finalement été prélevé. Ne payez pas à nouveau: votre coopérative le comptera ou vous le remboursera. "
     "Réf: {ref}. Transaction: {txn}. Date: {date}.",
-    "payment_failed": "Votre paiement de {amount} pour {type} ({coop}) a échoué: {reason}. Réf: {ref}. "
+    # One SMS for the usual failure and timeout (en.py): no cooperative's name, "Votre" dropped.
+    "payment_failed": "Paiement de {amount} pour {type} a échoué: {reason}. Réf: {ref}. "
     "Pour réessayer, composez {dial}.",
-    "payment_timeout": "Votre paiement de {amount} pour {type} ({coop}) n'a pas été approuvé à temps. "
-    "Réf: {ref}. Pour réessayer, composez {dial}.",
+    "payment_timeout": "Paiement de {amount} pour {type} n'a pas été approuvé à temps. Réf: {ref}. "
+    "Pour réessayer, composez {dial}.",
     "payment_unconfirmed": "Nous n'avons pas pu confirmer votre paiement de {amount} pour {type} ({coop}) "
     "auprès de l'opérateur. Si l'argent a été prélevé, il sera confirmé ou remboursé. Réf: {ref}.",
     "payment_status": "Paiement {ref}: {amount} pour {type} ({coop}) - {status}. Date: {date}.",
@@ -92,9 +93,10 @@ BALANCE_ALL_WAITING = "{amount} en attente d'approbation"
 REASONS = {
     "insufficient_funds": "solde insuffisant",
     "declined": "vous avez refusé la demande",
-    "declined_or_not_approved": "la demande a été refusée ou n'a pas été approuvée",
+    # Short enough for payment_failed to stay one SMS ("non approuvé" as PAYMENT_STATUS["TIMEOUT"] says it).
+    "declined_or_not_approved": "demande refusée ou non approuvée",
     "cancelled_by_cooperative": "votre coopérative l'a annulé",
-    "not_approved": "la demande n'a pas été approuvée à temps",
+    "not_approved": "demande non approuvée à temps",
     "limit": "une limite du compte est atteinte",
     "invalid_account": "le compte ne peut pas recevoir ce paiement",
     "other_transaction": "une autre transaction attend sur votre téléphone: terminez-la ou annulez-la, "

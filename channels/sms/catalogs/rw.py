@@ -10,9 +10,10 @@ MESSAGES = {
     "payment_taken_after_failure": "Kwishyura {amount} ya {type} ({coop}) twababwiye ko byanze, ariko amafaranga "
     "yavuye kuri konti yawe. Ntimwongere kwishyura: koperative yawe izayabara cyangwa izayagusubiza. Nimero: {ref}. "
     "Nimero y'ihererekanya: {txn}. Itariki: {date}.",
-    "payment_failed": "Kwishyura {amount} ya {type} ({coop}) ntibyakunze: {reason}. Nimero: {ref}. "
+    # One SMS for the usual failure and timeout (en.py): no cooperative's name.
+    "payment_failed": "Kwishyura {amount} ya {type} ntibyakunze: {reason}. Nimero: {ref}. "
     "Ongera ugerageze ukanda {dial}.",
-    "payment_timeout": "Kwishyura {amount} ya {type} ({coop}) ntibyemejwe ku gihe. Nimero: {ref}. "
+    "payment_timeout": "Kwishyura {amount} ya {type} ntibyemejwe ku gihe. Nimero: {ref}. "
     "Ongera ugerageze ukanda {dial}.",
     "payment_unconfirmed": "Ntitwashoboye kwemeza kwishyura {amount} ya {type} ({coop}). Niba amafaranga "
     "yavuye kuri konti yawe, tuzabyemeza cyangwa tuyagusubize. Nimero: {ref}.",

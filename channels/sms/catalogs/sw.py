@@ -8,10 +8,11 @@ MESSAGES = {
     "payment_taken_after_failure": "Tulisema malipo yako ya {amount} kwa {type} ({coop}) hayakufanikiwa, lakini pesa "
     "zimekatwa hatimaye. Usilipe tena: chama chako kitazihesabu au kitakurudishia. Kumb: {ref}. Muamala: {txn}. "
     "Tarehe: {date}.",
-    "payment_failed": "Malipo yako ya {amount} kwa {type} ({coop}) hayakufanikiwa: {reason}. Kumb: {ref}. "
-    "Jaribu tena kwa kupiga {dial}.",
-    "payment_timeout": "Malipo yako ya {amount} kwa {type} ({coop}) hayakuthibitishwa kwa wakati. "
-    "Kumb: {ref}. Jaribu tena kwa kupiga {dial}.",
+    # One SMS for the usual failure and timeout (en.py): no cooperative's name, "yako" dropped, and what to do as the
+    # other messages say it ("Piga {dial} kulipa"), "tena" (again) added.
+    "payment_failed": "Malipo ya {amount} kwa {type} hayakufanikiwa: {reason}. Kumb: {ref}. Piga {dial} kulipa tena.",
+    "payment_timeout": "Malipo ya {amount} kwa {type} hayakuthibitishwa kwa wakati. Kumb: {ref}. "
+    "Piga {dial} kulipa tena.",
     "payment_unconfirmed": "Hatukuweza kuthibitisha malipo yako ya {amount} kwa {type} ({coop}). Ikiwa pesa "
     "zilikatwa, malipo yatathibitishwa au utarudishiwa pesa. Kumb: {ref}.",
     "payment_status": "Malipo {ref}: {amount} kwa {type} ({coop}) - {status}. Tarehe: {date}.",

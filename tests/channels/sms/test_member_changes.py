@@ -81,7 +81,7 @@ async def test_released_number_registered_again_does_not_read_the_old_members_pa
     await drain(worker)
     theirs, own = [m["message"] for m in sim.messages(ALINE)]
     assert theirs == render("not_found", "en", {"ref": old.reference})
-    assert own.startswith("Payment received") and mine.reference in own  # the new holder's own, in English
+    assert own.startswith("We received") and mine.reference in own  # the new holder's own, in English
 
 
 async def test_welcome_not_sent_to_a_member_suspended_before_it_left(

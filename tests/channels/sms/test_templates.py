@@ -204,7 +204,7 @@ async def test_build_receipt_from_rows_in_member_language_and_local_time(
 
 
 TAKEN_SHOWN = {  # 40,000 or 60,000 RWF taken of a 50,000 RWF payment, in each language
-    "en": ("Payment received: 40,000 RWF of 50,000 RWF for ", "Payment received: 60,000 RWF (50,000 RWF asked) for "),
+    "en": ("We received 40,000 RWF of 50,000 RWF for ", "We received 60,000 RWF (50,000 RWF asked) for "),
     "fr": ("Paiement confirmé: 40 000 RWF sur 50 000 RWF pour ",  # French groups digits with spaces
            "Paiement confirmé: 60 000 RWF (50 000 RWF demandés) pour "),
     "rw": ("Twakiriye 40,000 RWF aho kuba 50,000 RWF ya ", "Twakiriye 60,000 RWF aho kuba 50,000 RWF ya "),
@@ -248,7 +248,7 @@ async def test_a_message_before_money_is_taken_states_the_amount_asked(rt: Any, 
                "phone_enc": rt.cipher.encrypt("+250788000003", context="sms")}
     async with rt.sessionmaker() as session:
         _, _, body = await templates.build_message(session, rt.cipher, payload)
-    assert body.startswith("Your payment of 50,000 RWF for "), body
+    assert body.startswith("Payment of 50,000 RWF for "), body
 
 
 async def test_build_failed_in_kinyarwanda_with_reason_and_dial(rt: Any, demo: dict[str, Any]) -> None:
@@ -428,3 +428,56 @@ def test_every_phrase_of_every_catalog_is_gsm7(language: str) -> None:
 
     wrong = {key: text for key, text in _texts(CATALOGS[language]).items() if not is_gsm(text)}
     assert not wrong, wrong
+
+
+# The reasons a payment usually fails for, which fill payment_failed's {reason} (templates.reason_key): the member
+# declined or let the prompt lapse, had too little money, typed a wrong PIN, her phone was off, IremboPay's "declined or
+# not approved", and none given. The rarer ones (the provider's outage, another prompt open) may take two SMS.
+USUAL_REASONS = ("insufficient_funds", "declined", "declined_or_not_approved", "not_approved", "wrong_pin",
+                 "phone_unreachable", "unknown")
+
+
+@pytest.mark.parametrize("currency", ["GHS", "RWF", "KES"])
+@pytest.mark.parametrize("language", sorted(CATALOGS))
+def test_a_failed_or_lapsed_payment_is_one_sms_in_every_language(language: str, currency: str) -> None:
+    """Members often cancel or ignore the PIN prompt, and each failure or timeout SMS was two (the English timeout 165
+    septets, the French 178; a failure 168 to 209): twice the cost of the most frequent texts after receipts. Each fits
+    one with the receipt's values and the usual reasons, and still says which payment (amount, type, reference), that
+    it did not go through and the code to dial to try again."""
+    from core.money import Money
+
+    catalog = CATALOGS[language]
+    minor = {"GHS": 123_456, "RWF": 1_234_567, "KES": 1_234_500}[currency]
+    values = {"amount": Money(minor, currency).format(language), "type": "Monthly savings",
+              "coop": "Kejetia Market Women Susu Assn", "ref": "PAY_20260115_001", "dial": "*384*123*123#"}
+    reasons = [catalog.REASONS[key] for key in USUAL_REASONS]
+    bodies = [render("payment_timeout", language, values)] + [
+        render("payment_failed", language, {**values, "reason": reason}) for reason in reasons]
+    for body, reason in zip(bodies, ["", *reasons], strict=True):
+        size = measure(body)
+        assert (size.encoding, size.segments) == (GSM7, 1), f"{size.length} septets: {body!r}"
+        for name in ("amount", "type", "ref", "dial"):
+            assert values[name] in body, (name, body)
+        assert reason in body
+
+
+@pytest.mark.parametrize(("currency", "asked", "taken"), [
+    ("GHS", 150_000, 123_456), ("GHS", 123_456, 150_000),  # GHS 1,234.56 of GHS 1,500.00, and the other way
+    ("RWF", 1_500_000, 1_234_567), ("RWF", 1_234_567, 1_500_000),
+    ("KES", 1_500_000, 1_234_500), ("KES", 1_234_500, 1_500_000),
+])
+def test_a_receipt_of_another_amount_than_asked_is_one_sms_in_english(currency: str, asked: int, taken: int) -> None:
+    """A provider that took less or more than was asked: the English receipt states both ("GHS 1,234.56 (GHS 1,500.00
+    asked)"), and was 168 to 175 septets, two SMS. It fits one, with every fact of the usual receipt kept."""
+    from core.money import Money
+
+    phrase = CATALOGS["en"].AMOUNT_TAKEN["less" if taken < asked else "more"]
+    collected, amount = Money(taken, currency).format("en"), Money(asked, currency).format("en")
+    values = {"amount": phrase.format(collected=collected, amount=amount), "type": "Monthly savings",
+              "coop": "Kejetia Market Women Susu Assn", "ref": "PAY_20260115_001", "txn": "8419567321",
+              "date": "15/01/2026 10:30"}
+    body = render("payment_receipt", "en", values)
+    size = measure(body)
+    assert (size.encoding, size.segments) == (GSM7, 1), f"{size.length} septets: {body!r}"
+    for value in (collected, amount, *values.values()):
+        assert value in body

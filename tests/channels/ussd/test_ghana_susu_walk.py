@@ -180,7 +180,7 @@ async def test_the_susu_paid_through_hubtel_on_its_first_day_is_paid(
     paid = await db.one(Payment)
     assert (paid.status, paid.amount_minor, paid.currency) == ("COMPLETED", 5000, "GHS")
     [receipt] = [m["message"] for m in sms.messages(AKOSUA)]
-    assert receipt.startswith(f"Payment received: GHS 50.00 for Monthly susu, {COOP}. Ref: {paid.reference}.")
+    assert receipt.startswith(f"We received GHS 50.00 for Monthly susu, {COOP}. Ref: {paid.reference}.")
     # BALANCE: the period she just paid, not still owed.
     await inbound(client, AKOSUA, "BALANCE", "gh-bal-1")
     await settle(rt, worker)
