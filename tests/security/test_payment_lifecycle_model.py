@@ -456,7 +456,7 @@ class Program:
             assert status == 200
             assert (shown["status"], shown["refundedAmount"], shown["collectedAmount"], shown["late"],
                     shown["gatewayTransactionId"]) == (
-                row.status, row.refunded_minor, None if taken is None else taken.minor, bool(row.late),
+                row.status, row.refunded_minor, 0 if taken is None else taken.minor, bool(row.late),
                 row.provider_transaction_id), (shown, row.status)
 
 
