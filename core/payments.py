@@ -470,12 +470,12 @@ async def _open_in_period(session: AsyncSession, settings: Any, cooperative_id: 
     from the number whose blind index is `payer`: approvable_by), if any."""
     from core.reminders import paid_clause, utc_midnight
 
-    window, grace = _open_window(settings)
+    window, grace = open_window(settings)
     table = Payment.__table__
     query = (select(Payment.reference)
              .where(Payment.member_id == member_id, Payment.cooperative_id == cooperative_id,
                     Payment.payment_type_id == type_id, Payment.created_at > now - window - grace,
-                    _still_open(now, now - grace), approvable_by(member_id, payer),
+                    still_open(now, now - grace), approvable_by(member_id, payer),
                     paid_clause(table, period.since, period.due_from, period.due_until, utc_midnight(due)))
              .order_by(Payment.created_at.desc()).limit(1))
     return (await session.execute(query)).scalar_one_or_none()
@@ -602,11 +602,12 @@ class OpenLike:
 def like_open(settings: Any, amount: Money, idempotency_key: str, *, period: tuple[date, Any] | None = None
               ) -> OpenLike:
     """The OpenLike of a request for `amount` with `idempotency_key` (`period`: see OpenLike)."""
-    return OpenLike(amount, idempotency_key, *_open_window(settings), period)
+    return OpenLike(amount, idempotency_key, *open_window(settings), period)
 
 
-def _open_window(settings: Any) -> tuple[timedelta, timedelta]:
-    """OpenLike's window (the longest approval window) and grace."""
+def open_window(settings: Any) -> tuple[timedelta, timedelta]:
+    """OpenLike's window (the longest approval window) and grace (the SMS BALANCE reads a payment still open with
+    the same: core.reminders.balance_now)."""
     longest = max(approval_window(settings, method) for method in METHODS)
     return timedelta(seconds=longest), timedelta(seconds=settings.payment_pending_grace_seconds)
 
@@ -631,9 +632,10 @@ def approvable_by(member: Any, payer: Any) -> Any:
                Payment.payment_account_masked.not_in(select(held).where(*changes, held.is_not(None))))
 
 
-def _still_open(now: Any, processing: Any) -> Any:
+def still_open(now: Any, processing: Any) -> Any:
     """SQL: the payment is open as OpenLike judges it: PENDING before its expires_at (`now`), or PROCESSING before
-    its expires_at plus the grace (`processing`: now less the grace)."""
+    its expires_at plus the grace (`processing`: now less the grace). As the USSD, create_payment and the SMS
+    BALANCE (core.reminders.balance_now) judge it: past them the prompt can no longer be approved."""
     return or_(and_(Payment.status == PaymentStatus.PENDING.value, Payment.expires_at > now),
                and_(Payment.status == PaymentStatus.PROCESSING.value, Payment.expires_at > processing))
 
@@ -659,7 +661,7 @@ def _context_with_open(any_amount: bool) -> Any:
              .where(Payment.member_id == bindparam("member_id", type_=String), Payment.cooperative_id == coop,
                     Payment.payment_type_id == bindparam("type_id", type_=String), *same_amount,
                     Payment.created_at > bindparam("open_since", type_=Payment.__table__.c.created_at.type),
-                    _still_open(bindparam("open_now", type_=expires), bindparam("open_processing", type_=expires)),
+                    still_open(bindparam("open_now", type_=expires), bindparam("open_processing", type_=expires)),
                     approvable_by(bindparam("member_id", type_=String), bindparam("payer_index", type_=String)),
                     ~exists(own))
              .order_by(Payment.created_at.desc()).limit(1).scalar_subquery())

@@ -559,12 +559,37 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
 
     paid = await session.get(Payment, refund.payment_id)
     assert paid is not None
+    # Without a member, the phone that paid is told (a mobile-money payment's), as of the receipt: while it is still
+    # its payer's (_payer_still_holds).
+    phone = payer_phone(rt.cipher, paid) if tell_paying_number else None
+    if phone is not None and not await _payer_still_holds(session, updated, paid, template, actor=actor):
+        phone = None
     await enqueue_many(session, notice_jobs(  # the SMS and the webhook event in one round trip
         template=template, event_type=event_type, cooperative_id=refund.cooperative_id, key=refund.id,
         context={"refund_id": refund.id}, data=refund_data(updated), cipher=rt.cipher,
-        # Without a member, the phone that paid is told (a mobile-money payment's), as of the receipt.
-        member_id=paid.member_id or None, phone=payer_phone(rt.cipher, paid) if tell_paying_number else None))
+        member_id=paid.member_id or None, phone=phone))
     return updated.status.lower()
+
+
+async def _payer_still_holds(session: AsyncSession, refund: Refund, payment: Payment, template: str, *,
+                             actor: Actor) -> bool:
+    """Whether the number that paid a payment of no member, where its refund's SMS goes (payer_phone), is still its
+    payer's: not once a member got it by a correction since the payment (a new SIM, a swap: _paying_number_change).
+    Then "your refund was sent" (or "failed") told the number's new holder of another's payment: not sent, the
+    cooperative's system told all the same (its webhook event), audited and logged. Asked when the outcome is
+    known, not only when the refund was asked for or sent: the number may have moved while the provider settled
+    it; and a refund sent there on the admin's word (toPayingNumber) or recorded as the provider's
+    (returnedByProvider) is where the money went, not who holds the number now (the cooperative's records say who
+    does). One probe of the number's corrections, for a payment of no member only."""
+    change = await _paying_number_change(session, payment)
+    if change is None:
+        return True
+    await record(session, actor=actor, action="refund.payer_not_told", entity_type="refund", entity_id=refund.id,
+                 after={"template": template, "paymentAccount": payment.payment_account_masked, "reason": change},
+                 cooperative_id=refund.cooperative_id)
+    log.warning("refund SMS not sent: the number that paid is no longer its payer's", extra={
+        "refund": refund.reference, "payment": payment.reference, "template": template, "actor": actor.id})
+    return False
 
 
 async def _lock_disputes_noted(session: AsyncSession, refund: Refund) -> None:

@@ -687,13 +687,18 @@ _PERIOD_KEPT = select(_period_money(_paid_in_period, bindparam("currency"))[1])
 @functools.cache
 def _period_kept_open() -> Any:
     """_PERIOD_KEPT and the money its open payments ask (awaiting her PIN, or the provider's word), in the same
-    currency: those she can still approve paying from the number whose blind index is `payer` (core.payments.
-    approvable_by, as the USSD judges them: not a prompt left on a SIM she lost). Built once, on first use."""
-    from core.payments import approvable_by  # local: core.payments reads paid_clause from this module at import
+    currency: those still open as the USSD judges them (core.payments.still_open: PENDING inside its approval window,
+    `open_now`; PROCESSING up to the grace after it, `open_processing`: not a prompt past its window, which can no
+    longer be approved and the worker closes as TIMEOUT) that she can still approve paying from the number whose
+    blind index is `payer` (core.payments.approvable_by: not a prompt left on a SIM she lost). Built once, on first
+    use."""
+    # local: core.payments reads paid_clause from this module at import
+    from core.payments import approvable_by, still_open
 
     return _PERIOD_KEPT.add_columns(
         select(func.coalesce(func.sum(_PAYMENT.c.amount_minor), 0)).where(
             _paid_in_period(OPEN_VALUES), _PAYMENT.c.currency == bindparam("currency"),
+            still_open(bindparam("open_now", type_=UTCDateTime()), bindparam("open_processing", type_=UTCDateTime())),
             approvable_by(bindparam("m"), bindparam("payer"))).scalar_subquery())
 
 
@@ -755,18 +760,22 @@ class BalanceNow:
 
 
 async def balance_now(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, timezone: str | None, *,
-                      payer: str | None) -> BalanceNow | None:
+                      payer: str | None, grace: timedelta) -> BalanceNow | None:
     """owed_now, and the money the member's payments of that period still open ask in the type's currency (awaiting
     her PIN or the provider's word: money that may yet be taken, not counted as paid): the BALANCE SMS says a
-    payment is under way, or she pays again. Only those she can still approve from the number whose blind index is
-    `payer` (core.payments.approvable_by): a prompt left on her lost SIM is not hers to approve, and the USSD lets
-    her pay beside it. None as owed_now. One query."""
-    period = current_period(ptype, utcnow(), zone_of(timezone))
+    payment is under way, or she pays again. Only those the USSD takes for still open (core.payments.still_open,
+    PROCESSING up to `grace` past its window: core.payments.open_window's): a prompt past its approval window can no
+    longer be approved, and the USSD lets her pay beside it; and only those she can still approve from the number
+    whose blind index is `payer` (core.payments.approvable_by): a prompt left on her lost SIM is not hers to
+    approve either. None as owed_now. One query."""
+    now = utcnow()  # the database's clock (utcnow is aligned to it), which dates expires_at
+    period = current_period(ptype, now, zone_of(timezone))
     owed = amount_owed(ptype.allow_custom_amount, ptype.amount_minor)
     if period is None or owed is None:
         return None
     kept, waiting = (await conn.execute(_period_kept_open(), {**_period_params(member_id, ptype, *period),
-                                                           "payer": payer})).one()
+                                                           "payer": payer, "open_now": now,
+                                                           "open_processing": now - grace})).one()
     kept = int(kept)  # PostgreSQL sums integers as numeric
     return BalanceNow(period[0], left_to_pay(owed, kept), int(waiting))
 

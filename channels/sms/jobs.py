@@ -413,7 +413,8 @@ class SmsJobs:
                 return phone, language, render(payload["template"], language,
                                                payment_values(facts.payment, language, service_code))
             async with AsyncSession(bind=conn, expire_on_commit=False) as session:
-                return await build_message(session, rt.cipher, payload, service_code=service_code)
+                return await build_message(session, rt.cipher, payload, service_code=service_code,
+                                           settings=rt.settings)
         except TemplateError as exc:
             raise PermanentJobError(f"cannot build SMS: {exc}") from exc
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from types import ModuleType
 from typing import Any, NamedTuple
 from urllib.parse import urlparse
@@ -16,11 +16,12 @@ from channels.sms.catalogs import en, fr, rw, sw
 from channels.sms.encoding import measure
 from core.cooperatives import zone_of
 from core.crypto import PiiCipher
+from core.db import utcnow
 from core.gsm import is_gsm, to_gsm
 from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, WebhookEndpoint
 from core.money import Money
 from core.notify import SMS_PHONE_CONTEXT
-from core.payments import approvable_by, collected_amount
+from core.payments import approvable_by, collected_amount, open_window, still_open
 from core.phone import Phone
 from core.refunds import BY_A_PERSON
 from core.reminders import balance_now, reminder_balance
@@ -155,30 +156,34 @@ async def _one(session: AsyncSession, model: Any, entity_id: Any, what: str) -> 
     return row
 
 
-async def balance_items(session: AsyncSession, member: Member, coop: Cooperative, language: str
-                        ) -> list[tuple[str, str]]:
+async def balance_items(session: AsyncSession, member: Member, coop: Cooperative, language: str, *,
+                        grace: timedelta) -> list[tuple[str, str]]:
     """The BALANCE reply's list: each of the member's cooperative's active fixed-amount recurring types with what
     she still owes of it for the period a payment made now pays (core.reminders.balance_now), "paid" once
     nothing is, and what a payment of it still open asks (BALANCE_WAITING: only the completed ones count as paid,
     and the full price owed with nothing said of the prompt on her phone had her pay again; not one whose prompt
-    waits on a SIM she lost, which the USSD lets her pay beside: core.payments.approvable_by); those with an open
-    payment first (no "+N more" hides it: they are the first read), then those owed, then by name. Hers only: her
-    member id. One query for the types she has a payment of open, then one per type, BALANCE_READ at most."""
+    waits on a SIM she lost, nor one past its approval window, which the USSD lets her pay beside:
+    core.payments.approvable_by, still_open, PROCESSING up to `grace` past its window); those with an open payment
+    first (no "+N more" hides it: they are the first read), then those owed, then by name. Hers only: her member
+    id. One query for the types she has a payment of open, then one per type, BALANCE_READ at most."""
     catalog = CATALOGS.get(language, en)
     types = (await session.execute(
         select(PaymentType).where(PaymentType.cooperative_id == coop.id, PaymentType.is_active.is_(True),
                                   PaymentType.is_recurring.is_(True), PaymentType.allow_custom_amount.is_(False))
         .order_by(PaymentType.name, PaymentType.id))).scalars().all()
     # Her open payments of any period: of a type past BALANCE_READ read anyway (one of another period only moves it).
-    # Those she can still approve from the number that asked, which she holds (approvable_by, as balance_now).
+    # Those still open (still_open) that she can still approve from the number that asked, which she holds
+    # (approvable_by), as balance_now reads them.
+    now = utcnow()
     opened = set((await session.execute(
         select(Payment.payment_type_id).where(Payment.member_id == member.id, Payment.status.in_(OPEN_VALUES),
+                                              still_open(now, now - grace),
                                               approvable_by(member.id, member.phone_index))
         .distinct())).scalars())
     types = sorted(types, key=lambda ptype: ptype.id not in opened)  # stable: by name within each
     owed: list[tuple[bool, bool, str, str]] = []
     for ptype in types[:BALANCE_READ]:
-        found = await balance_now(session, member.id, ptype, coop.timezone, payer=member.phone_index)
+        found = await balance_now(session, member.id, ptype, coop.timezone, payer=member.phone_index, grace=grace)
         if found is None:
             continue  # an amount she chooses, or no period
         amount = (catalog.BALANCE_PAID if found.left == 0 else Money(found.left, ptype.currency).format(language))
@@ -334,8 +339,10 @@ async def build_message(
     payload: dict[str, Any],
     *,
     service_code: ServiceCode = "*384*123#",
+    settings: Any = None,
 ) -> tuple[Phone, str, str]:
-    """From an 'sms.send' job payload to (phone, language, body), reading the rows the template names."""
+    """From an 'sms.send' job payload to (phone, language, body), reading the rows the template names. `settings`:
+    the runtime's, which BALANCE reads (how long a payment stays open: core.payments.open_window)."""
     template = payload.get("template")
     if template not in TEMPLATES:
         raise TemplateError(f"unknown SMS template {template!r}")
@@ -420,8 +427,10 @@ async def build_message(
             from core.members import PhoneReleased
 
             raise PhoneReleased("the member no longer holds the number that asked")
+        if settings is None:
+            raise TemplateError("balance needs the settings (how long a payment stays open)")
         coop = coop or await _one(session, Cooperative, member.cooperative_id, "cooperative")
-        owed = await balance_items(session, member, coop, language)
+        owed = await balance_items(session, member, coop, language, grace=open_window(settings)[1])
         values.update(coop=coop.short_code)
         # As many types as one SMS holds (long names and prices in Kinyarwanda do not fit three), the rest "+N more".
         for shown in range(BALANCE_TYPES, 0, -1):

@@ -14,12 +14,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 from aiohttp import web
 from sqlalchemy import select
 
 from channels.ussd.sessions import phone_keys
 from core.config import ProviderConfig, Secret
-from core.models import AuditEvent, OutboxJob, Payment
+from core.models import AuditEvent, OutboxJob, Payment, SmsMessage
 from core.outbox import CALL_SENT
 from core.payments import create_payment
 from core.phone import mask
@@ -662,3 +663,104 @@ async def test_a_refund_mtn_never_got_is_not_sent_again_once_her_number_changed(
     assert len(wire.sent("POST", REFUND_PATH)) == 1
     shown = await admin.json("GET", f"/v1/refunds/{refund_id}", 200)
     assert (shown["status"], shown["failureReason"]) == ("FAILED", _not_sent("+25078****001")), shown
+
+
+async def _refund_texts(rt: Any, refund_id: str) -> tuple[list[str], list[str]]:
+    """The refund's SMS: the jobs queued (their dedupe keys) and the messages the worker stored (their templates and
+    the number each went to, masked)."""
+    async with rt.sessionmaker() as s:
+        jobs = (await s.execute(select(OutboxJob.dedupe_key).where(
+            OutboxJob.kind == "sms.send", OutboxJob.dedupe_key.like(f"sms:refund_%:{refund_id}")))).scalars().all()
+        stored = (await s.execute(select(SmsMessage.template, SmsMessage.phone_masked).where(
+            SmsMessage.idempotency_key.like(f"refund_%:{refund_id}")))).all()
+    return sorted(jobs), sorted(f"{template} {masked}" for template, masked in stored)
+
+
+async def _not_told(rt: Any, refund_id: str) -> list[dict[str, Any]]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(AuditEvent.after).where(
+            AuditEvent.entity_type == "refund", AuditEvent.entity_id == refund_id,
+            AuditEvent.action == "refund.payer_not_told"))).scalars())
+
+
+async def _in_flight(rt: Any, admin: Caller, worker: Any, paid: Payment) -> tuple[Routes, str]:
+    """A refund of `paid` MTN took without its outcome yet (202: PROCESSING, its status asked later)."""
+    wire = mtn_wire().on("POST", REFUND_PATH, 202)
+    mtn_adapter(rt, wire)
+    refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201, json={"idempotencyKey": idem()})
+    await drain(worker)
+    assert (await admin.json("GET", f"/v1/refunds/{refund['id']}", 200))["status"] == "PROCESSING"
+    return wire, refund["id"]
+
+
+REFUND_FAILED_AT_MTN = {**load("mtn_momo", "refund_status_successful.json"), "status": "FAILED",
+                        "reason": "PAYEE_NOT_FOUND"}
+
+
+@pytest.mark.parametrize("settled", ["COMPLETED", "FAILED"])
+@pytest.mark.parametrize("moved", [True, False])
+async def test_a_refund_of_no_members_payment_settled_after_its_number_moved_is_not_texted_to_it(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any, settled: str,
+        moved: bool) -> None:
+    """Paid from a number no member had; its refund sent while no member had it either (its payer, told at the
+    number that paid, as of the receipt). Before MTN settled it Aline was moved to that number (NEW_SIM): "your
+    refund of ... was sent" (or "failed"), another's payment, went to her phone. Not texted now; the cooperative's
+    system is told (refund.completed or refund.failed) and the audit log says why the payer was not. Not moved, the
+    payer is told at the number that paid, as before."""
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    paid = await _paid_by_number(rt, demo, STRANGER)
+    wire, refund_id = await _in_flight(rt, admin, worker, paid)
+    if moved:
+        await admin.json("PATCH", f"/v1/members/{demo['members'][OLD]}", 200,
+                         json={"phone": STRANGER, "phoneChange": "NEW_SIM"})
+    wire.on("GET", f"{REFUND_PATH}/*", 200, load("mtn_momo", "refund_status_successful.json")
+            if settled == "COMPLETED" else REFUND_FAILED_AT_MTN)
+    await due_now(rt, "refund.poll")
+    await drain(worker)
+    assert (await admin.json("GET", f"/v1/refunds/{refund_id}", 200))["status"] == settled
+    template, event = ("refund_completed", "refund_completed") if settled == "COMPLETED" else (
+        "refund_failed", "refund_failed")
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(OutboxJob.kind).where(
+            OutboxJob.dedupe_key == f"wh:evt_{event}_{refund_id}"))).scalar_one() == "webhook.event"
+    jobs, stored = await _refund_texts(rt, refund_id)
+    if moved:
+        assert (jobs, stored) == ([], [])
+        assert not any(paid.reference in str(m["message"]) for m in sms.messages(STRANGER))
+        assert await _not_told(rt, refund_id) == [{"template": template, "paymentAccount": "+25078****222",
+                                                    "reason": "went_to_another"}]
+    else:
+        assert (jobs, stored) == ([f"sms:{template}:{refund_id}"], [f"{template} +25078****222"])
+        assert await _not_told(rt, refund_id) == []
+
+
+async def test_a_refund_of_no_members_payment_the_admin_sends_to_its_number_is_not_texted_to_its_new_holder(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    """Aline got the number that paid since (NEW_SIM). The admin sends the refund there all the same
+    (toPayingNumber: its payer says he still holds that wallet), or records the one MTN made (returnedByProvider):
+    the money is as he decided, but the number is Aline's by the cooperative's own records, and she is not texted
+    another's refund. The cooperative's system is told."""
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    paid = await _paid_by_number(rt, demo, STRANGER)
+    await admin.json("PATCH", f"/v1/members/{demo['members'][OLD]}", 200,
+                     json={"phone": STRANGER, "phoneChange": "NEW_SIM"})
+    mtn_adapter(rt, mtn_wire().on("POST", REFUND_PATH, 202).on("GET", f"{REFUND_PATH}/*", 200,
+                                                                  load("mtn_momo", "refund_status_successful.json")))
+    sent = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                            json={"amount": 20000, "idempotencyKey": idem(), "toPayingNumber": True})
+    await drain(worker)
+    await due_now(rt, "refund.poll")
+    await drain(worker)
+    returned = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201, json={
+        "amount": 10000, "idempotencyKey": idem(), "returnedByProvider": {"providerTransactionId": "MTN-REV-31"}})
+    await drain(worker)
+    for refund in (sent, returned):
+        assert (await admin.json("GET", f"/v1/refunds/{refund['id']}", 200))["status"] == "COMPLETED"
+        async with rt.sessionmaker() as s:
+            assert (await s.execute(select(OutboxJob.kind).where(
+                OutboxJob.dedupe_key == f"wh:evt_refund_completed_{refund['id']}"))).scalar_one() == "webhook.event"
+        assert await _refund_texts(rt, refund["id"]) == ([], [])
+        assert [after["template"] for after in await _not_told(rt, refund["id"])] == ["refund_completed"]
+    assert not any(paid.reference in str(m["message"]) for m in sms.messages(STRANGER))

@@ -5,6 +5,7 @@ another member's; a stranger told the number is no member's; the per-number repl
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -358,5 +359,38 @@ async def test_a_prompt_left_on_her_lost_sim_is_not_said_to_await_her_approval(
         member = await s.get(Member, demo["members"][JEAN])
         await update_member(s, member, actor=SYSTEM, phone=normalize(new), cipher=rt.cipher, phone_change="NEW_SIM")
     assert await ask(sms_client, sim, worker, new, "BAL", "bal-lost-sim") == (
+        "Still to pay this period (KHHC): Water 5,000 RWF awaiting approval, Monthly Rent 50,000 RWF. "
+        "Dial *384*123*123# to pay.")
+
+
+async def _opened(rt: Any, demo: dict[str, Any], type_name: str, status: str, ago: timedelta) -> None:
+    """Jean's payment of `type_name` (its price, `status`) made `ago` before now: its approval window
+    (PAYMENT_TIMEOUT_SECONDS, an MTN prompt's) runs from then."""
+    await _pay(rt, demo, JEAN, type_name, 0, status=status)
+    made = utcnow() - ago
+    async with rt.sessionmaker.begin() as s:
+        ptype = (await s.execute(select(PaymentType).where(PaymentType.name == type_name))).scalar_one()
+        await s.execute(update(Payment).where(Payment.member_id == demo["members"][JEAN],
+                                              Payment.payment_type_id == ptype.id).values(
+            amount_minor=ptype.amount_minor, created_at=made, updated_at=made,
+            expires_at=made + timedelta(seconds=rt.settings.payment_timeout_seconds)))
+
+
+@pytest.mark.parametrize("status", ["PENDING", "PROCESSING"])
+async def test_a_prompt_past_its_approval_window_is_not_said_to_await_her_approval(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, status: str,
+) -> None:
+    """Her rent's prompt is past its approval window (PENDING past it; PROCESSING past it and the grace the
+    provider's word is waited for): it can no longer be approved, and the worker closes it as TIMEOUT at its next
+    poll. The USSD lets her pay beside it (core.payments: still open only inside the window); the BALANCE reply
+    said the rent was "awaiting approval" all the same, so she did not pay it. Now it says what she owes. Her water
+    prompt, inside the window (PROCESSING: within the grace), still awaits her approval."""
+    window = timedelta(seconds=rt.settings.payment_timeout_seconds)
+    grace = timedelta(seconds=rt.settings.payment_pending_grace_seconds)
+    past = window + (grace if status == "PROCESSING" else timedelta()) + timedelta(minutes=1)
+    inside = (window + grace / 2) if status == "PROCESSING" else window / 2
+    await _opened(rt, demo, "Monthly Rent", status, past)
+    await _opened(rt, demo, "Water", status, inside)
+    assert await ask(sms_client, sim, worker, JEAN, "BAL", f"bal-past-window-{status}") == (
         "Still to pay this period (KHHC): Water 5,000 RWF awaiting approval, Monthly Rent 50,000 RWF. "
         "Dial *384*123*123# to pay.")
