@@ -18,12 +18,14 @@ from sqlalchemy import Select, and_, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from admin_api.routing import Ctx
+from admin_api.validation import Param
 from core import metrics
 from core.cooperatives import zone_of
 from core.db import iso_z, utcnow
 from core.errors import CODES, NotFound, ValidationError
 from core.models import Cooperative
 from core.money import Money
+from core.reports import BASES
 from core.text import is_uuid
 
 log = logging.getLogger("gateway.api")
@@ -174,6 +176,27 @@ def matching(ctx: Ctx, query: Select[Any], columns: dict[str, Any], moment: Any)
     if q.get("to") is not None:
         query = query.where(moment < q["to"])
     return query
+
+
+def basis_param(rows: str) -> Param:
+    """`basis` as a list takes it (the payments', the refunds'): the values, default and 400 of the CSV exports'
+    (admin_api.reports.BASIS), `rows` naming what the list holds."""
+    return Param(enum=BASES, default="created",
+                 description=f"Which moment puts {rows} in the period (from/to) and orders the pages: `created` "
+                             f"(createdAt: asked for) or `completed` (completedAt: money moved, as the "
+                             f"reconciliation's `settled` section, the exports' basis=completed and the provider's "
+                             f"statement count it). With `completed` only {rows} whose money moved are listed, "
+                             f"newest completion first, even without a period")
+
+
+def by_basis(ctx: Ctx, query: Select[Any], created: Any, completed: Any) -> tuple[Select[Any], Any]:
+    """`query` and the moment its period and pages go by, per the list's `basis` (basis_param): `created`, or with
+    basis=completed `completed`, the rows without one (never moved, or not yet) left out. Set once, never moved or
+    cleared after (core.reports._stream), a completedAt orders pages as steadily as a createdAt does; that filter is
+    also the predicate of the super admin's completion index (migration 0014)."""
+    if ctx.query.get("basis") == "completed":
+        return query.where(completed.is_not(None)), completed
+    return query, created
 
 
 async def paged(ctx: Ctx, query: Select[Any], present: Any,

@@ -466,7 +466,8 @@ ROUTES = [
             "limit": LIMIT,
             "status": Param(enum=service.MEMBER_STATUSES),
             "unit": Param(description="Exact unit"),
-            "name": Param(description="Part of the name, any case, with or without its accents (zoe finds Zoë)"),
+            "name": Param(description="Part of the name, any case, with or without its accents (zoe finds Zoë; "
+                                      "lukasz soren finds Łukasz Søren, strasse Straße)"),
             "phone": Param(description=f"Exact phone number. {SEARCHED_NUMBER_RULE}"),
             "cooperativeId": Param("uuid", "Super admin: one cooperative"),
         },

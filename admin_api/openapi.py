@@ -117,8 +117,14 @@ _NOTES = {
                      "and limit. A payment made while you page goes on top and moves every row down one: paging a "
                      "period still open (this month), give a `to` fixed when you read the first page (a few "
                      "seconds before it) and keep it for every page, so none is listed twice or skipped; a period "
-                     "that has ended gets no new payments. To read every change as it happens, sync with "
-                     "updatedFrom and after instead.",
+                     "that has ended gets no new payments. With basis=completed the period and the pages go by "
+                     "completedAt (then id), and only payments whose money moved are listed: a payment asked for "
+                     "on 31 October and paid on 1 November is November's, as in the reconciliation's `settled` "
+                     "section and payments.csv?basis=completed (which also leaves out what no longer holds money, "
+                     "a voided recording: here `status` says so). A fixed `to` holds those pages less well: money "
+                     "is dated by the provider's time, or the statement's for a recording, which can fall before "
+                     "it. To read every change as it happens, sync with updatedFrom and after instead (basis then "
+                     "only chooses the period's payments; the cursor goes by the changes).",
     # What a treasurer reads in a file: the columns (their names in the header line, in this order), which are UTC
     # and which the cooperative's days, and the rows' order (core.reports.PAYMENT_COLUMNS, REFUND_COLUMNS).
     "payments_csv": "One row per payment, oldest first (by createdAt, or completedAt with basis=completed, then id). "

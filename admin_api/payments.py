@@ -16,6 +16,8 @@ from admin_api.common import (
     NULL_DATETIME,
     NULL_STRING,
     SYNC_LAG,
+    basis_param,
+    by_basis,
     cooperative_zone,
     iso,
     json_response,
@@ -318,7 +320,8 @@ LIST_QUERY = {
     "paymentAccount": Param(description="Exact paying account: a phone number, a bank account or an e-mail (as "
                                         "given: with paymentMethod a bank's, never read as a phone number). "
                                         f"{SEARCHED_NUMBER_RULE}"),
-    **period_params("created"),
+    **period_params("createdAt, or completedAt with basis=completed"),
+    "basis": basis_param("payments"),
     "cooperativeId": Param("uuid", "Super admin: one cooperative"),
     "mismatch": Param("boolean", "true: only payments flagged for a person (`mismatchDetail` says why: another amount "
                       "taken, money taken after a failure, a refund the provider contradicted, the member paid back "
@@ -512,10 +515,12 @@ async def filtered(ctx: Ctx) -> Any:
             except PhoneError:
                 pass  # not a phone number: a bank account or an e-mail, stored as given
         query = query.where(Payment.payment_account_index == ctx.rt.cipher.blind_index(account))
+    query, moment = by_basis(ctx, query, Payment.created_at, Payment.completed_at)
     query = matching(ctx, query, {"status": Payment.status, "paymentMethod": Payment.method,
                                   "paymentTypeId": Payment.payment_type_id, "member": Payment.member_id,
-                                  "cooperativeId": Payment.cooperative_id}, Payment.created_at)
-    return query.order_by(Payment.created_at.desc(), Payment.id.desc())
+                                  "cooperativeId": Payment.cooperative_id}, moment)
+    # A sync orders by its cursor instead (admin_api.common.synced); the basis then only picks the period's rows.
+    return query.order_by(moment.desc(), Payment.id.desc())
 
 
 async def list_payments(request: web.Request, ctx: Ctx) -> web.StreamResponse:

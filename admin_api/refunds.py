@@ -15,6 +15,8 @@ from admin_api.common import (
     ID,
     NULL_DATETIME,
     NULL_STRING,
+    basis_param,
+    by_basis,
     cooperative_zone,
     iso,
     json_response,
@@ -135,7 +137,8 @@ LIST_QUERY = {
     "page": PAGE,
     "limit": LIMIT,
     "status": Param(enum=tuple(s.value for s in RefundStatus)),
-    **period_params("created"),
+    **period_params("createdAt, or completedAt with basis=completed"),
+    "basis": basis_param("refunds"),
 }
 
 
@@ -214,9 +217,9 @@ async def cancel_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 def _filters(ctx: Ctx, query: Any) -> Any:
-    query = matching(ctx, query, {"status": Refund.status, "cooperativeId": Refund.cooperative_id},
-                     Refund.created_at)
-    return query.order_by(Refund.created_at.desc(), Refund.id.desc())
+    query, moment = by_basis(ctx, query, Refund.created_at, Refund.completed_at)
+    query = matching(ctx, query, {"status": Refund.status, "cooperativeId": Refund.cooperative_id}, moment)
+    return query.order_by(moment.desc(), Refund.id.desc())
 
 
 async def list_payment_refunds(request: web.Request, ctx: Ctx) -> web.StreamResponse:

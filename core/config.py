@@ -151,7 +151,8 @@ class Settings:
     # start (providers.registry.build_providers) so the operator can remove them or add the provider back.
     unused_provider_variables: tuple[str, ...] = ()
     # METRICS_TOKEN: when set, /metrics (each serve's, a worker's) answers only `Authorization: Bearer <it>`
-    # (app.metrics_endpoint); unset, it answers anyone who reaches the port, and a production start says so.
+    # (app.metrics_endpoint); unset, it answers anyone who reaches the port, and a production start says so. In
+    # production a token shorter than 32 bytes is refused (load_settings), as a short JWT_SECRET is.
     metrics_token: Secret = field(default_factory=lambda: Secret(""))
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -825,6 +826,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     service_codes = {name: _service_code(env, f"USSD_SERVICE_CODE_{name.upper()}", service_code)
                      for name in USSD_AGGREGATORS if env.get(f"USSD_SERVICE_CODE_{name.upper()}", "").strip()}
 
+    metrics_token = Secret(env.get("METRICS_TOKEN", "").strip())
+    if production and metrics_token and len(metrics_token.get().encode()) < 32:
+        # A bearer secret as JWT_SECRET is, held to its length: a word or a placeholder left in is guessed. Unset
+        # stays allowed (/metrics open, which the start warns of: main._warn_if_metrics_open).
+        raise ConfigError("METRICS_TOKEN", "must be at least 32 bytes in production (e.g. the output of openssl "
+                                           "rand -hex 24)")
+
     log_level = _get(env, "LOG_LEVEL", "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
@@ -880,6 +888,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         worker_stale_seconds=_int(env, "WORKER_STALE_SECONDS", 120, minimum=1),
         ussd_ip_allowlists=allowlists,
         trusted_proxies=trusted_proxies,
-        metrics_token=Secret(env.get("METRICS_TOKEN", "").strip()),
+        metrics_token=metrics_token,
         extra={"rate_limit_multiplier": rate_multiplier, "phone_simulator_enabled": phone_page},
     )

@@ -283,28 +283,44 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 # Name search ignores case and accents: "zoe" finds Zoë, "eric" Éric, and a name stored with its accent as a mark of
 # its own (e + U+0301, as some phones write it) is the one with the precomposed é. Both sides are decomposed
-# (NFD), stripped of the combining diacritical marks and then lower-cased, at query time (no stored column to
-# backfill).
+# (NFD), stripped of the combining diacritical marks, the letters no decomposition reaches mapped (_LETTERS) and then
+# lower-cased, at query time (no stored column to backfill: a change here applies to every row at once).
 # SQLite's lower() folds A-Z only ("Éric" stayed "Éric"): its own function, not lower() overridden, since the unique
 # index on lower(username) (migration 0017) was built with the built-in.
 UNACCENT_LOWER = "unaccent_lower"
 _MARKS = "[\u0300-\u036f]"
 _MARKS_RE = re.compile(_MARKS)
+# Letters with a stroke, ligatures and the like are letters of their own to Unicode, not a letter and a mark: NFD
+# leaves Ł, Ø, Æ, ß as they are, and a keyboard without them types the letters they are read as ("lukasz" for
+# Łukasz, "soren" for Søren). Both cases, each to lower-case ASCII: on PostgreSQL lower() runs last and, under a C
+# LC_CTYPE, would leave a non-ASCII capital as it is. (Ð is Icelandic's eth, drawn as Đ and typed for it.)
+_LETTERS = {"Ø": "o", "ø": "o", "Ł": "l", "ł": "l", "Đ": "d", "đ": "d", "Ð": "d", "ð": "d", "Ħ": "h", "ħ": "h",
+            "ı": "i", "Æ": "ae", "æ": "ae", "Œ": "oe", "œ": "oe", "ß": "ss", "ẞ": "ss", "Þ": "th", "þ": "th"}
+_LETTERS_TABLE = str.maketrans(_LETTERS)
+_ONE_FOR_ONE = {letter: plain for letter, plain in _LETTERS.items() if len(plain) == 1}
+_ONE_FOR_TWO = {letter: plain for letter, plain in _LETTERS.items() if len(plain) > 1}
 
 
 def unaccent_lower_text(value: Any) -> Any:
     """`value` lower-cased and without its accents (a str; anything else as it is), as unaccent_lower folds a
     column: what is typed into a name search."""
-    return _MARKS_RE.sub("", unicodedata.normalize("NFD", value)).lower() if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    return _MARKS_RE.sub("", unicodedata.normalize("NFD", value)).translate(_LETTERS_TABLE).lower()
 
 
 def unaccent_lower(dialect_name: str, column: Any) -> Any:
     """`column` folded as unaccent_lower_text folds a str, for the session's dialect: on PostgreSQL by normalize()
-    (13 and later, a UTF-8 database), a regular expression and then lower(), which on a database whose LC_CTYPE is
-    plain C folds A-Z only: run on the letters without their marks, "É" is "E" by then ("ÉRIC" lowered first stayed
-    "Éric", not found by "eric"); on SQLite by unaccent_lower_text itself."""
+    (13 and later, a UTF-8 database), a regular expression, translate() and replace() for _LETTERS and then
+    lower(), which on a database whose LC_CTYPE is plain C folds A-Z only: run on the letters without their marks,
+    "É" is "E" by then ("ÉRIC" lowered first stayed "Éric", not found by "eric"); on SQLite by unaccent_lower_text
+    itself."""
     if dialect_name == "postgresql":
-        return func.lower(func.regexp_replace(func.normalize(column, literal_column("NFD")), _MARKS, "", "g"))
+        folded = func.regexp_replace(func.normalize(column, literal_column("NFD")), _MARKS, "", "g")
+        folded = func.translate(folded, "".join(_ONE_FOR_ONE), "".join(_ONE_FOR_ONE.values()))
+        for letter, plain in _ONE_FOR_TWO.items():
+            folded = func.replace(folded, letter, plain)
+        return func.lower(folded)
     return getattr(func, UNACCENT_LOWER)(column)
 
 

@@ -163,6 +163,22 @@ async def test_members_are_found_by_their_name_typed_without_its_accents(admin, 
     assert await names("zoe\u0308 ak") == ["Zoë Akéllo"]
 
 
+async def test_members_are_found_by_letters_that_have_no_accent_to_drop(admin, rt, demo):
+    """Ł, Ø, Đ, Æ, ß... are letters of their own, not a letter and an accent (Unicode does not decompose them): a
+    keyboard without them types l, o, d, ae, ss, and finds the name."""
+    status, body = await _import(admin, "name,phone\nŁukasz Søren,0788100701\nĐorđe Æbelø,0788100702\n"
+                                        "Straße Þór,0788100703\n".encode())
+    assert status == 201, body
+
+    async def names(typed: str) -> list[str]:
+        return sorted(m["name"] for m in (await admin.json("GET", f"/v1/members?name={quote(typed)}", 200))["data"])
+
+    assert await names("lukasz") == ["Łukasz Søren"] == await names("soren")
+    assert await names("ŁUKASZ SØREN") == ["Łukasz Søren"] == await names("łukasz søren")
+    assert await names("dorde aebelo") == ["Đorđe Æbelø"] == await names("ÐORÐE")
+    assert await names("strasse thor") == ["Straße Þór"] == await names("STRAẞE")
+
+
 async def test_empty_rows_above_the_header_and_languages_written_as_words(admin, rt, demo):
     """A sheet whose first rows were left empty saves them as blank lines, or as separators only in a French
     Excel's file (which then is only known to be `;`-separated from the header below them); a language column

@@ -89,3 +89,24 @@ async def test_a_token_not_in_utf8_is_refused_not_an_error(rt: Any, aiohttp_clie
     writer.close()
     assert answer.split(b"\r\n")[0] == b"HTTP/1.1 401 Unauthorized"
     assert b'"code": "UNAUTHORIZED"' in answer or b'"code":"UNAUTHORIZED"' in answer
+
+
+def test_production_refuses_a_short_token_and_still_takes_none() -> None:
+    """A scrape token is a bearer secret as JWT_SECRET is: in production one shorter than 32 bytes (a word, a
+    placeholder left in) is refused at start, naming the variable and never the value. Unset or blank stays
+    allowed: /metrics is then open, and the start warns (test_a_production_start_with_metrics_open_warns_once)."""
+    from core.config import ConfigError, load_settings
+    from tests.core.test_crypto_config import _production_env
+
+    for short in ("changeme", "m" * 31, "é" * 15 + "x"):  # 31 bytes: the length is counted in bytes, as the others
+        with pytest.raises(ConfigError) as info:
+            load_settings({**_production_env(), "METRICS_TOKEN": short})
+        assert info.value.variable == "METRICS_TOKEN"
+        assert str(info.value) == ("configuration error: METRICS_TOKEN: must be at least 32 bytes in production "
+                                   "(e.g. the output of openssl rand -hex 24)")
+        assert short not in str(info.value)
+    assert load_settings({**_production_env(), "METRICS_TOKEN": " " + "m" * 32}).metrics_token.get() == "m" * 32
+    for unset in ("", "   "):
+        assert not load_settings({**_production_env(), "METRICS_TOKEN": unset}).metrics_token
+    assert not load_settings(_production_env()).metrics_token
+    assert make_settings(METRICS_TOKEN="short").metrics_token.get() == "short"  # development and tests: any length
