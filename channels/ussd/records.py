@@ -10,11 +10,12 @@ The table keeps one row per (aggregator, session id): the previous session's row
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, and_, bindparam, case, func, null, or_, select, update
+from sqlalchemy import String, and_, bindparam, case, func, literal_column, null, or_, select, update
 
 from channels.ussd.cache import autocommit
 from channels.ussd.sessions import SESSION_TTL
@@ -167,26 +168,47 @@ async def opened_at(rt: Any, *, aggregator: str, session_id: str) -> datetime | 
     return None if row is None else row[1]
 
 
-@functools.cache
-def _close_statement(columns: tuple[str, ...]) -> Any:
-    """One UPDATE per set of columns, built once and run with the values as parameters.
+def _guessed(table: Any) -> Any:
+    """The row is the sweep's guess (close_abandoned): closed by it as Incomplete, TIMED_OUT, and counted timed_out."""
+    return and_(table.c.status == "Incomplete", table.c.error == TIMED_OUT)
 
-    An aggregator's own end-of-session status, if it came first, is not overwritten (the CASE); one
-    statement where there were two, atomic on its own, so no transaction around it.
-    """
+
+def _not_guessed(table: Any) -> Any:
+    """Not _guessed, an error of NULL included (NOT of the AND would be NULL for an Incomplete row without one)."""
+    return or_(table.c.status != "Incomplete", table.c.error.is_distinct_from(TIMED_OUT))
+
+
+@functools.cache
+def _close_statement(columns: tuple[str, ...], swept: bool) -> Any:
+    """One UPDATE per set of columns, built once and run with the values as parameters, RETURNING the id of the row
+    it wrote.
+
+    An aggregator's own end-of-session status, if it came first, is not overwritten (the CASE). `swept` False: the
+    row is written unless it is the sweep's guess; True: whatever it is (run when the first found it swept)."""
     table = table_of(UssdSession)
     # The sweep's Incomplete (close_abandoned) was a guess: a session whose state outlived it ended here.
-    guessed = and_(table.c.status == "Incomplete", table.c.error == TIMED_OUT)
-    return (update(table)
-            .where(table.c.aggregator == bindparam("w_aggregator"), table.c.session_id == bindparam("w_session_id"))
+    guessed = _guessed(table)
+    which = [table.c.aggregator == bindparam("w_aggregator"), table.c.session_id == bindparam("w_session_id")]
+    if not swept:
+        which.append(_not_guessed(table))
+    return (update(table).where(*which)
             .values({**{table.c[c]: bindparam(f"v_{c}") for c in columns},
                      table.c.status: case((or_(table.c.status == "OPEN", guessed),
                                            bindparam("v_status", type_=String)), else_=table.c.status),
-                     table.c.error: case((guessed, null()), else_=table.c.error)}))
+                     table.c.error: case((guessed, null()), else_=table.c.error)})
+            .returning(table.c.id))
 
 
 async def closed(rt: Any, *, aggregator: str, session_id: str, hops: int, last_screen: str,
-                 data: dict[str, Any], status: str = "Success", duration_ms: int | None = None) -> None:
+                 data: dict[str, Any], status: str = "Success", duration_ms: int | None = None) -> bool:
+    """Record the session ended. Returns whether the sweep had closed it first (its row the sweep's guess, which
+    this replaces): the sweep counted it timed_out, so the caller counts no outcome of its own.
+
+    One statement, atomic on its own, so no transaction around it; a second only for a swept row. The first writes
+    the row unless it is the sweep's guess: a row it leaves was swept before it ran (a row the sweep closes
+    meanwhile is left too, PostgreSQL checking the row again once the sweep's lock is gone), and a swept row stays
+    swept (no one makes it OPEN again), so the second, which writes it whatever it is, tells it right even when an
+    aggregator's notice replaced the guess in between."""
     values: dict[str, Any] = {"hops": hops, "last_screen": last_screen[:48], "ended_at": utcnow()}
     if duration_ms is not None:
         values["duration_ms"] = duration_ms
@@ -198,11 +220,15 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, hops: int, last_s
     params = {f"v_{c}": v for c, v in values.items()}
     params.update(v_status=status, w_aggregator=aggregator, w_session_id=session_id[:128])
     async with autocommit(rt) as conn:
-        await pgraw.first(conn, _close_statement(tuple(values)), params)
+        if await pgraw.first(conn, _close_statement(tuple(values), False), params) is not None:
+            return False
+        # No row at all (its opening write failed) is no swept one either.
+        return await pgraw.first(conn, _close_statement(tuple(values), True), params) is not None
 
 
-async def record_event(rt: Any, event: SessionEvent) -> None:
-    """Upsert by (aggregator, session id): the notification may arrive before, after or without hops."""
+async def record_event(rt: Any, event: SessionEvent) -> bool:
+    """Upsert by (aggregator, session id): the notification may arrive before, after or without hops. Returns
+    whether the sweep had closed the session first (see closed(): its outcome was counted, as timed_out)."""
     values: dict[str, Any] = {"status": event.status, "ended_at": event.at or utcnow()}
     if event.hops is not None:
         values["hops"] = event.hops
@@ -212,6 +238,7 @@ async def record_event(rt: Any, event: SessionEvent) -> None:
         values["cost"] = event.cost[:32]
     # The aggregator's own word: it replaces what the sweep guessed (TIMED_OUT) when it comes after it.
     values["error"] = event.error[:300] if event.error else None
+    table = table_of(UssdSession)
     async with rt.sessionmaker.begin() as session:
         stmt = insert_ignore(session.get_bind().dialect.name, UssdSession).values(
             id=new_id(), aggregator=event.aggregator, session_id=event.session_id[:128],
@@ -219,8 +246,15 @@ async def record_event(rt: Any, event: SessionEvent) -> None:
             service_code=event.service_code[:32], network_code=(event.network or "")[:16] or None,
             started_at=utcnow(), **{"hops": 0, **values},
         )
-        stmt = stmt.on_conflict_do_update(index_elements=["aggregator", "session_id"], set_=values)
-        await session.execute(stmt)
+        # A swept row is left (no row RETURNED), and written next, as closed() does: a swept row stays swept.
+        stmt = stmt.on_conflict_do_update(index_elements=["aggregator", "session_id"], set_=values,
+                                          where=_not_guessed(table)).returning(table.c.id)
+        if (await session.execute(stmt)).first() is not None:
+            return False
+        swept = update(table).where(table.c.aggregator == event.aggregator,
+                                    table.c.session_id == event.session_id[:128]).values(values)
+        await session.execute(swept)
+        return True
 
 
 @functools.cache
@@ -230,9 +264,13 @@ def _abandoned_statement(bounded: bool) -> Any:
     (SKIP LOCKED), and the status is checked again as each row is written: a row is closed once, and a session's own
     end that came meanwhile stands. The batch is a MATERIALIZED CTE, picked once: as `id IN (SELECT ... LIMIT)`
     PostgreSQL may plan it as a semi join's inner side, run again for each row the UPDATE reads, each run past the
-    rows the statement itself just closed, and one batch then closed every OPEN row."""
+    rows the statement itself just closed, and one batch then closed every OPEN row.
+
+    Read through ix_ussd_sessions_open (migration 0028), which holds the OPEN rows alone: its predicate is written
+    out, not bound (PostgreSQL uses a partial index for `status = $1` only while it plans for that value, not in a
+    plan it reuses), as retention's _TEXT_KEPT is."""
     table = table_of(UssdSession)
-    picked = [table.c.status == "OPEN", table.c.started_at < bindparam("before")]
+    picked = [table.c.status == literal_column("'OPEN'"), table.c.started_at < bindparam("before")]
     if bounded:
         picked.append(table.c.started_at >= bindparam("since"))
     due = (select(table.c.id).where(*picked).order_by(table.c.started_at).limit(bindparam("batch"))
@@ -242,15 +280,26 @@ def _abandoned_statement(bounded: bool) -> Any:
             .returning(table.c.aggregator, table.c.started_at))
 
 
+class SweepUnfinished(Exception):
+    """close_abandoned stopped at its `until` with OPEN rows maybe left: `closed` were closed (and counted)."""
+
+    def __init__(self, closed: int) -> None:
+        super().__init__(f"{closed} sessions closed; stopped at its time, more may be left")
+        self.closed = closed
+
+
 async def close_abandoned(rt: Any, *, now: datetime | None = None, since: datetime | None = None,
-                          batch: int = 500) -> int:
+                          batch: int = 500, until: float | None = None) -> int:
     """Record ended every session still OPEN ABANDONED_AFTER its start (started from `since` on, when given): no
     aggregator will (see ABANDONED_AFTER). One transaction per batch, until a batch comes short, each batch read
-    from the latest start the one before closed (through the started_at index, not past every row the batches
-    before closed again: a backlog of months is read once); safe with two workers sweeping at once (the rows one
-    skips, held by the other, are the other's to close). Returns how many were closed (counted in
-    gateway_ussd_sessions as timed_out, by aggregator). Its duration stays unknown (NULL): no one saw the session's
-    last hop end it."""
+    from the latest start the one before closed (through ix_ussd_sessions_open; not from the oldest again, past the
+    index entries of every row the batches before closed, which stay until a vacuum: a backlog of months is read
+    once); safe with two workers sweeping at once (the rows one skips, held by the other, are the other's to close).
+    Returns how many were closed (counted in gateway_ussd_sessions as timed_out, by aggregator). Its duration stays
+    unknown (NULL): no one saw the session's last hop end it.
+
+    `until` (a time.monotonic() instant): no batch starts after it, SweepUnfinished is raised instead (the batches
+    done stay done), so a caller with a time limit stops between batches rather than be cut off in one."""
     now = now or utcnow()
     params: dict[str, Any] = {"before": now - ABANDONED_AFTER, "batch": batch, "v_ended_at": now}
     total = 0
@@ -265,4 +314,6 @@ async def close_abandoned(rt: Any, *, now: datetime | None = None, since: dateti
         total += len(closed_by)
         if len(closed_by) < batch:
             return total
+        if until is not None and time.monotonic() >= until:
+            raise SweepUnfinished(total)
         since = max(started for _, started in closed_by)

@@ -324,12 +324,13 @@ async def _events(request: web.Request) -> web.Response:
         return web.json_response({"error": "Bad Request", "message": str(exc)}, status=400)
     event = records.SessionEvent(aggregator=africastalking.NAME, **fields)
     try:
-        await asyncio.wait_for(records.record_event(rt, event), timeout=5.0)
+        swept = await asyncio.wait_for(records.record_event(rt, event), timeout=5.0)
     except Exception as exc:
         log.warning("ussd event not recorded", extra={"session_id": event.session_id,
                                                       "error": type(exc).__name__})
         return web.json_response({"error": "Service Unavailable"}, status=503)
-    if event.status != "Success":
+    # Not when the sweep had closed it: counted then, as timed_out (a session is counted once; see service._closed).
+    if event.status != "Success" and not swept:
         metrics.USSD_SESSIONS.labels(aggregator=africastalking.NAME, outcome=event.status.lower()).inc()
     log.info("ussd session ended", extra={"session_id": event.session_id, "phone": event.phone.masked(),
                                           "status": event.status, "hops": event.hops})

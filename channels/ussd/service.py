@@ -341,28 +341,30 @@ class UssdService:
         return code
 
     async def _ended(self, rt: Any, turn: UssdTurn, stored: sessions.Stored) -> None:
-        screen = stored.state.screen
-        outcome = "payment" if screen == "pay_done" else "completed"
-        metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome=outcome).inc()
-        if stored.state.data.get("rs"):
+        outcome = "payment" if stored.state.screen == "pay_done" else "completed"
+        if not await self._closed(rt, turn, stored, status="Success"):
+            metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome=outcome).inc()
+        if stored.state.data.get("rs"):  # what the session did, not how it ended: counted whoever counted that
             metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome="resumed").inc()
-        try:
-            await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id, hops=stored.hops,
-                                 last_screen=screen, data=stored.state.data,
-                                 duration_ms=int((time.time() - stored.started) * 1000))
-        except Exception:  # the user's answer matters more than the bookkeeping row
-            log.exception("ussd session record not updated", extra={"session_id": turn.session_id})
 
     async def _abandoned(self, rt: Any, turn: UssdTurn, stored: sessions.Stored | None) -> None:
-        metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome="abandoned").inc()
-        if stored is None:
-            return
+        if stored is None or not await self._closed(rt, turn, stored, status="Incomplete"):
+            metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome="abandoned").inc()
+
+    @staticmethod
+    async def _closed(rt: Any, turn: UssdTurn, stored: sessions.Stored, *, status: str) -> bool:
+        """The session's row recorded ended; whether the sweep had closed it first. A session is counted once in
+        gateway_ussd_sessions: the sweep counted a row it closed as timed_out, and a counter cannot take that
+        back, so its late end (the sweep guessed wrong: a hop came after all) counts no outcome of its own; the
+        row still says how it really ended. A row not written (the database failing) counts: better once than
+        not at all."""
         try:
-            await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id, hops=stored.hops,
-                                 last_screen=stored.state.screen, data=stored.state.data, status="Incomplete",
-                                 duration_ms=int((time.time() - stored.started) * 1000))
-        except Exception:
+            return await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id,
+                                        hops=stored.hops, last_screen=stored.state.screen, data=stored.state.data,
+                                        status=status, duration_ms=int((time.time() - stored.started) * 1000))
+        except Exception:  # the user's answer matters more than the bookkeeping row
             log.exception("ussd session record not updated", extra={"session_id": turn.session_id})
+            return False
 
     def unavailable(self, rt: Any, turn: UssdTurn | None) -> UssdReply:
         return UssdReply(translate(self._language(rt, turn), "unavailable"), True)

@@ -7,14 +7,17 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import event, func, select, update
+import pytest
+from sqlalchemy import event, func, insert, select, update
 
 from channels.ussd import jobs as ussd_jobs
 from channels.ussd import records
-from core.db import utcnow
+from core.db import new_id, utcnow
 from core.models import OutboxJob, Payment, UssdSession
-from tests.channels.ussd.test_hubtel_nalo_flows import FR_AIRTEL, nalo
-from tests.conftest import drain
+from core.outbox import Job, RetryLater
+from core.phone import normalize
+from tests.channels.ussd.test_hubtel_nalo_flows import EN_MTN, FR_AIRTEL, HubtelPhone, nalo
+from tests.conftest import drain, requires_pg
 
 
 async def _age(rt: Any, session_id: str, minutes: int) -> None:
@@ -168,3 +171,142 @@ async def test_a_batch_closes_no_more_rows_than_its_size(client: Any, demo: Any,
             "before": utcnow() - records.ABANDONED_AFTER, "batch": 2, "v_ended_at": utcnow()})).all()
     assert len(closed) == 2
     assert await db.count(UssdSession, UssdSession.status == "OPEN") == 3
+
+
+def _sessions_counted(aggregator: str) -> dict[str, float]:
+    """gateway_ussd_sessions_total of `aggregator`, by outcome (the process's real counter)."""
+    from core.metrics import REGISTRY
+
+    return {outcome: REGISTRY.get_sample_value("gateway_ussd_sessions_total",
+                                               {"aggregator": aggregator, "outcome": outcome}) or 0.0
+            for outcome in ("timed_out", "payment", "completed", "abandoned", "incomplete", "failed", "resumed")}
+
+
+def _added(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {outcome: after[outcome] - before[outcome] for outcome in after if after[outcome] != before[outcome]}
+
+
+async def test_a_swept_session_that_ends_after_all_is_counted_once(client: Any, demo: Any, db: Any,
+                                                                   rt: Any) -> None:
+    """The sweep counted it timed_out; its late END (a payment) replaces the row's guess but counts no second
+    outcome: a counter cannot take the timed_out back, so the session stays counted once, as the sweep did. A
+    session the sweep never touched is still counted by its END."""
+    await nalo(client, "nalo-late", "*384*123#", True)
+    await _age(rt, "nalo-late", 11)
+    before = _sessions_counted("nalo")
+    assert await records.close_abandoned(rt) == 1
+    assert _added(before, _sessions_counted("nalo")) == {"timed_out": 1}
+    await nalo(client, "nalo-late", "1", False)
+    await nalo(client, "nalo-late", "2", False)
+    done = await nalo(client, "nalo-late", "1", False)
+    assert done["MSGTYPE"] is False and "PAY_" in done["MSG"]
+    assert (await _row(db, "nalo-late")).status == "Success"  # the row says how it really ended
+    assert _added(before, _sessions_counted("nalo")) == {"timed_out": 1}
+    # Not swept: its END counts it.
+    await nalo(client, "nalo-paid", "*384*123#", True, EN_MTN)
+    await nalo(client, "nalo-paid", "1", False, EN_MTN)
+    await nalo(client, "nalo-paid", "2", False, EN_MTN)
+    await nalo(client, "nalo-paid", "1", False, EN_MTN)
+    assert _added(before, _sessions_counted("nalo")) == {"timed_out": 1, "payment": 1}
+
+
+async def test_a_swept_session_the_aggregator_then_reports_left_is_counted_once(client: Any, demo: Any, db: Any,
+                                                                                rt: Any) -> None:
+    """Hubtel's Timeout, and Africa's Talking's notice, after the sweep: the row takes their word, the counter
+    keeps the sweep's timed_out alone."""
+    phone = HubtelPhone(client, EN_MTN, "hubtel-late")
+    await phone.post("Initiation", "*384*123#")
+    await phone.post("Response", "1")
+    await _age(rt, "hubtel-late", 11)
+    resp = await client.post("/ussd/africastalking", data={
+        "sessionId": "ATUid_left", "serviceCode": "*384*123#", "phoneNumber": "+250788000002",
+        "networkCode": "63510", "text": ""})
+    assert resp.status == 200
+    await _age(rt, "ATUid_left", 11)
+    hubtel, at = _sessions_counted("hubtel"), _sessions_counted("africastalking")
+    assert await records.close_abandoned(rt) == 2
+    assert (await phone.post("Timeout", ""))["Type"] == "Release"
+    resp = await client.post("/ussd/africastalking/events", data={
+        "date": "2026-01-15 10:00:00", "sessionId": "ATUid_left", "serviceCode": "*384*123#", "networkCode": "63510",
+        "phoneNumber": "+250788000002", "status": "Incomplete", "cost": "KES 0.05", "durationInMillis": "20000",
+        "hopsCount": "1", "input": "", "lastAppResponse": "CON Welcome", "errorMessage": "user left"})
+    assert resp.status == 200
+    left, notified = await _row(db, "hubtel-late"), await _row(db, "ATUid_left")
+    assert (left.status, left.error, left.last_screen) == ("Incomplete", None, "pay_type")
+    assert (notified.status, notified.error) == ("Incomplete", "user left")
+    assert _added(hubtel, _sessions_counted("hubtel")) == {"timed_out": 1}
+    assert _added(at, _sessions_counted("africastalking")) == {"timed_out": 1}
+    # A notice of a session the sweep never closed still counts it.
+    resp = await client.post("/ussd/africastalking/events", data={
+        "date": "2026-01-15 10:00:00", "sessionId": "ATUid_other", "serviceCode": "*384*123#",
+        "networkCode": "63510", "phoneNumber": "+250788000002", "status": "Failed", "cost": "", "durationInMillis": "",
+        "hopsCount": "", "input": "", "lastAppResponse": "", "errorMessage": ""})
+    assert resp.status == 200
+    assert _added(at, _sessions_counted("africastalking")) == {"timed_out": 1, "failed": 1}
+
+
+async def _left_open(rt: Any, count: int) -> None:
+    """`count` Nalo sessions left OPEN an hour ago (a backlog), started a minute apart."""
+    async with rt.sessionmaker.begin() as s:
+        for n in range(count):
+            await s.execute(insert(UssdSession).values(
+                id=new_id(), aggregator="nalo", session_id=f"nalo-backlog-{n}", phone_index="ix", phone_masked="x",
+                service_code="*384*123#", status="OPEN", hops=1, started_at=utcnow() - timedelta(minutes=60 + n)))
+
+
+async def test_one_sweep_run_closes_a_backlog_of_several_batches(db: Any, rt: Any, worker: Any,
+                                                                 monkeypatch: Any) -> None:
+    monkeypatch.setattr(ussd_jobs, "SWEEP_BATCH", 2)
+    await _left_open(rt, 5)
+    async with rt.sessionmaker.begin() as s:  # this slot's sweep, due
+        await ussd_jobs.schedule_sweep(s, now=utcnow() - ussd_jobs.SWEEP_EVERY)
+    await drain(worker)
+    assert await db.count(UssdSession, UssdSession.status == "OPEN") == 0
+    [ran] = await db.all(OutboxJob, OutboxJob.kind == ussd_jobs.SWEEP_JOB, OutboxJob.status == "DONE")
+    assert ran.attempts == 1
+
+
+async def test_a_sweep_out_of_time_stops_between_batches_and_runs_again_for_the_rest(db: Any, rt: Any,
+                                                                                      monkeypatch: Any) -> None:
+    """A backlog the handler's time does not cover: it stops between two batches (the worker's timeout would cut
+    one mid-way, each attempt used up, and park the sweep after three) and is run again at once, its attempt given
+    back, until none is left."""
+    monkeypatch.setattr(ussd_jobs, "SWEEP_BATCH", 2)
+    monkeypatch.setattr(ussd_jobs, "SWEEP_MARGIN", 3600.0)  # no time at all: one batch a run
+    await _left_open(rt, 5)
+    sweep = ussd_jobs.job_handlers(rt)[ussd_jobs.SWEEP_JOB]
+    job = Job(id=1, kind=ussd_jobs.SWEEP_JOB, payload={"all": True}, attempts=1, max_attempts=3,
+              created_at=utcnow())
+    left = []
+    for _ in range(2):
+        with pytest.raises(RetryLater) as later:
+            await sweep(job)
+        assert later.value.delay <= 1
+        left.append(await db.count(UssdSession, UssdSession.status == "OPEN"))
+    await sweep(job)  # the last, short, batch: done
+    assert left == [3, 1] and await db.count(UssdSession, UssdSession.status == "OPEN") == 0
+
+
+@requires_pg
+async def test_a_late_end_waiting_on_the_sweeps_lock_is_told_the_sweep_closed_it(client: Any, demo: Any, db: Any,
+                                                                                 rt: Any) -> None:
+    """The late END (and a notice) while the sweep's batch holds the row: each waits for the sweep to commit, then
+    writes the row as the sweep left it, swept; its close is not counted a second time."""
+    for session_id in ("nalo-race", "ATUid_race"):
+        await nalo(client, session_id, "*384*123#", True)
+        await _age(rt, session_id, 11)
+    async with rt.sessionmaker.begin() as s:
+        swept = (await s.execute(records._abandoned_statement(False), {
+            "before": utcnow() - records.ABANDONED_AFTER, "batch": 10, "v_ended_at": utcnow()})).all()
+        assert len(swept) == 2
+        late = asyncio.create_task(records.closed(rt, aggregator="nalo", session_id="nalo-race", hops=3,
+                                                  last_screen="home", data={}))
+        notice = asyncio.create_task(records.record_event(rt, records.SessionEvent(
+            aggregator="nalo", session_id="ATUid_race", phone=normalize("+250733000001"), service_code="*384*123#",
+            network=None, status="Failed", hops=2, duration_ms=None, cost=None, error="network")))
+        await asyncio.sleep(0.3)
+        assert not late.done() and not notice.done()  # waiting on the sweep's row locks
+    assert await late is True and await notice is True
+    race, noticed = await _row(db, "nalo-race"), await _row(db, "ATUid_race")
+    assert (race.status, race.error, race.hops) == ("Success", None, 3)
+    assert (noticed.status, noticed.error, noticed.hops) == ("Failed", "network", 2)
