@@ -19,7 +19,7 @@ from core.db import iso_z, utcnow
 from core.errors import NotFound
 from core.models import Cooperative, PaymentType
 from core.money import total_to_api
-from core.payments import METHODS
+from core.payments import METHODS, open_window
 from core.state.refund import RefundStatus
 
 _COUNT = {"type": "integer"}
@@ -354,7 +354,8 @@ async def _dues(ctx: Ctx) -> reports.Dues:
     if found is None:
         raise NotFound("payment type not found", field="paymentTypeId")
     ptype, timezone = found
-    return reports.dues_of(ptype, timezone, ctx.query.get("period"), utcnow())
+    return reports.dues_of(ptype, timezone, ctx.query.get("period"), utcnow(),
+                           grace=open_window(ctx.rt.settings)[1])
 
 
 def _dues_head(dues: reports.Dues) -> dict[str, Any]:
@@ -392,9 +393,9 @@ async def dues_csv(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 _DUES_STATUS = {"type": "string", "enum": list(reports.DUES_STATUSES),
                 "description": "The first that applies: `PAID` (amountPaid reaches amountDue), `AWAITING_APPROVAL` (a "
-                               "payment of the period is still open: waiting for her PIN or the provider's answer; "
-                               "the reminders leave her alone meanwhile), `PARTIAL` (part of amountDue paid), "
-                               "`UNPAID` (nothing kept)"}
+                               "payment of the period is still open: waiting for her PIN or the provider's answer, "
+                               "as amountAwaitingApproval counts it; the reminders leave her alone meanwhile), "
+                               "`PARTIAL` (part of amountDue paid), `UNPAID` (nothing kept)"}
 _DUES_LINE = {
     "type": "object",
     "required": ["memberId", "name", "unit", "status", "currency", "amountDue", "amountPaid",
@@ -413,7 +414,11 @@ _DUES_LINE = {
                        "amountDue when she paid more"},
         "amountAwaitingApproval": {**AMOUNT_OUT, "description": "What her payments of the period still open (PENDING "
                                    "or PROCESSING: her PIN, or the provider's answer) ask: money that may yet be "
-                                   "taken, not counted in amountPaid"},
+                                   "taken, not counted in amountPaid. Open as the USSD and the BALANCE SMS judge it: "
+                                   "PENDING inside its approval window, PROCESSING up to "
+                                   "PAYMENT_PENDING_GRACE_SECONDS after it. A prompt past that can no longer be "
+                                   "approved (the USSD asks her to pay again): not counted here, nor does it make "
+                                   "the line AWAITING_APPROVAL, even before the worker closes it"},
         "amountOutstanding": {**AMOUNT_OUT, "description": "What is left to pay: amountDue when nothing was kept, "
                               "else amountDue less amountPaid, 0 when paid in full (what the USSD offers her and the "
                               "BALANCE SMS says, for the period a payment made now pays). Money awaiting approval "

@@ -17,8 +17,8 @@ from core.models import Dispute, OutboxJob, Payment
 from core.money import Money
 from core.notify import changed_at, notice_jobs, sms_dedupe
 from core.outbox import enqueue_many
-from core.payments import payer_phone
 from core.references import cooperative_reference
+from core.refunds import payer_to_tell
 from core.state import transition
 from core.state.dispute import DISPUTE, OPEN_VALUES, DisputeReason, DisputeStatus
 
@@ -40,15 +40,16 @@ def dispute_data(dispute: Dispute) -> dict[str, Any]:
 
 
 async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, template: str, event_type: str,
-                  step: str, *, payment: Payment | None = None) -> None:
-    """The SMS (to the member, or without one to the phone that paid) and the webhook event. The SMS context
-    names the status this change moved the dispute to: the worker fills the message in later, when the
-    dispute may have moved on (OPEN -> UNDER_REVIEW -> REJECTED before it sends the first), and each SMS must
-    tell its own change."""
+                  step: str, *, actor: Actor, payment: Payment | None = None) -> None:
+    """The SMS (to the member, or without one to the phone that paid while it is still its payer's:
+    core.refunds.payer_to_tell) and the webhook event. The SMS context names the status this change moved the
+    dispute to: the worker fills the message in later, when the dispute may have moved on (OPEN -> UNDER_REVIEW ->
+    REJECTED before it sends the first), and each SMS must tell its own change."""
     phone = None
     if not dispute.member_id:
         payment = payment or await session.get(Payment, dispute.payment_id)
-        phone = payer_phone(cipher, payment) if payment is not None else None
+        if payment is not None:
+            phone = await payer_to_tell(session, cipher, payment, about=dispute, template=template, actor=actor)
     jobs = notice_jobs(
         template=template, event_type=event_type, cooperative_id=dispute.cooperative_id, key=dispute.id, step=step,
         context={"dispute_id": dispute.id, "status": dispute.status}, data=dispute_data(dispute), cipher=cipher,
@@ -116,7 +117,8 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
     await session.flush()
     await record(session, actor=actor, action="dispute.opened", entity_type="dispute", entity_id=dispute.id,
                  after={"paymentId": payment.id, "reason": reason.value}, cooperative_id=payment.cooperative_id)
-    await _notify(session, cipher, dispute, "dispute_opened", "dispute.opened", "opened", payment=payment)
+    await _notify(session, cipher, dispute, "dispute_opened", "dispute.opened", "opened", actor=actor,
+                  payment=payment)
     return dispute
 
 
@@ -218,7 +220,7 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
                                values=values, audit={"note": note} if note else None)
     final = target in (D.RESOLVED, D.REJECTED, D.WITHDRAWN)
     await _notify(session, rt.cipher, updated, "dispute_resolved" if final else "dispute_updated",
-                  "dispute.updated", target.value.lower())
+                  "dispute.updated", target.value.lower(), actor=actor)
     return updated
 
 

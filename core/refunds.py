@@ -49,6 +49,7 @@ from core.text import admin_note
 
 if TYPE_CHECKING:
     from core.crypto import PiiCipher
+    from core.phone import Phone
     from core.runtime import Runtime
 
 log = logging.getLogger("gateway.refunds")
@@ -399,6 +400,35 @@ async def paying_number_changed(session: AsyncSession, refund: Refund, payment: 
     return f"{PAYING_NUMBER_CHANGED}: not sent: {payment.payment_account_masked}, the number that paid, {whose}"
 
 
+async def payer_to_tell(session: AsyncSession, cipher: PiiCipher, payment: Payment, *, about: Refund | Dispute,
+                        template: str, actor: Actor) -> Phone | None:
+    """Where the SMS `template` about a payment of no member (a refund's outcome, a dispute's change) goes: the
+    number that paid it (core.payments.payer_phone), while that number is still its payer's: not once a member got
+    it by a correction since the payment (a new SIM, a swap: _paying_number_change). Then "your refund was sent" or
+    "your dispute is closed" told the number's new holder of another's payment: not sent (None), the cooperative's
+    system told all the same (the caller's webhook event), audited (refund.payer_not_told, dispute.payer_not_told)
+    and logged. Asked when each SMS is queued: the number may have moved while the provider settled a refund or a
+    dispute stayed open; and a refund sent there on the admin's word (toPayingNumber) or recorded as the provider's
+    (returnedByProvider) is where the money went, not who holds the number now (the cooperative's records say who
+    does). One probe of the number's corrections, for a payment of no member only (None for any other: a member's
+    SMS goes to her, a bank payment has no number)."""
+    from core.payments import payer_phone  # local: core.payments reaches back into this module
+
+    phone = payer_phone(cipher, payment)
+    if phone is None:
+        return None
+    change = await _paying_number_change(session, payment)
+    if change is None:
+        return phone
+    kind = "refund" if isinstance(about, Refund) else "dispute"
+    await record(session, actor=actor, action=f"{kind}.payer_not_told", entity_type=kind, entity_id=about.id,
+                 after={"template": template, "paymentAccount": payment.payment_account_masked, "reason": change},
+                 cooperative_id=about.cooperative_id)
+    log.warning(f"{kind} SMS not sent: the number that paid is no longer its payer's", extra={
+        kind: about.reference, "payment": payment.reference, "template": template, "actor": actor.id})
+    return None
+
+
 async def _recording_not_contested(session: AsyncSession, payment: Payment) -> None:
     """A Conflict, before anything is queued, for a refund sent to the provider of a payment recorded from the
     statement whose transaction id a payment of another cooperative holds too (core.payments._contest): the provider
@@ -555,41 +585,17 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
             await _note_on_dispute(session, refund, actor=actor, action="dispute.refund_failed",
                                    text=f"refund {refund.reference} failed: {why}; the member has not been paid back",
                                    audit={"refundId": refund.id, "reason": why})
-    from core.payments import payer_phone  # local: core.payments reaches back into this module
-
     paid = await session.get(Payment, refund.payment_id)
     assert paid is not None
     # Without a member, the phone that paid is told (a mobile-money payment's), as of the receipt: while it is still
-    # its payer's (_payer_still_holds).
-    phone = payer_phone(rt.cipher, paid) if tell_paying_number else None
-    if phone is not None and not await _payer_still_holds(session, updated, paid, template, actor=actor):
-        phone = None
+    # its payer's (payer_to_tell).
+    phone = await payer_to_tell(session, rt.cipher, paid, about=updated, template=template,
+                                actor=actor) if tell_paying_number else None
     await enqueue_many(session, notice_jobs(  # the SMS and the webhook event in one round trip
         template=template, event_type=event_type, cooperative_id=refund.cooperative_id, key=refund.id,
         context={"refund_id": refund.id}, data=refund_data(updated), cipher=rt.cipher,
         member_id=paid.member_id or None, phone=phone))
     return updated.status.lower()
-
-
-async def _payer_still_holds(session: AsyncSession, refund: Refund, payment: Payment, template: str, *,
-                             actor: Actor) -> bool:
-    """Whether the number that paid a payment of no member, where its refund's SMS goes (payer_phone), is still its
-    payer's: not once a member got it by a correction since the payment (a new SIM, a swap: _paying_number_change).
-    Then "your refund was sent" (or "failed") told the number's new holder of another's payment: not sent, the
-    cooperative's system told all the same (its webhook event), audited and logged. Asked when the outcome is
-    known, not only when the refund was asked for or sent: the number may have moved while the provider settled
-    it; and a refund sent there on the admin's word (toPayingNumber) or recorded as the provider's
-    (returnedByProvider) is where the money went, not who holds the number now (the cooperative's records say who
-    does). One probe of the number's corrections, for a payment of no member only."""
-    change = await _paying_number_change(session, payment)
-    if change is None:
-        return True
-    await record(session, actor=actor, action="refund.payer_not_told", entity_type="refund", entity_id=refund.id,
-                 after={"template": template, "paymentAccount": payment.payment_account_masked, "reason": change},
-                 cooperative_id=refund.cooperative_id)
-    log.warning("refund SMS not sent: the number that paid is no longer its payer's", extra={
-        "refund": refund.reference, "payment": payment.reference, "template": template, "actor": actor.id})
-    return False
 
 
 async def _lock_disputes_noted(session: AsyncSession, refund: Refund) -> None:

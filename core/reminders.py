@@ -359,16 +359,23 @@ def _period_money(of_period: Callable[[tuple[str, ...]], Any], currency: Any) ->
 
 
 def period_money(cooperative_id: str, type_id: str, currency: str, due: date, period: PaidFor,
-                 member_ids: Sequence[str] | None = None) -> Any:
+                 member_ids: Sequence[str] | None = None, *, now: datetime, grace: timedelta) -> Any:
     """SQL subquery: one row per member (`member_id`) with a payment kept or open of the type's period ending on `due`
     (`period`: PaidFor.of it, as of_period selects), with what the dues report (core.reports.dues_of) lists of her,
     read as the scan, why_not_send and balance_now read it: `kept` (the money her kept payments keep in the type's
     currency: _period_money's), `waiting` (the money her open payments ask in it: balance_now's), `still_open`
     (a payment of it open, in any currency: the scan does not remind her then), `last_paid_at` (the latest
     completed_at of those of her kept payments that `kept` counts money of: one the provider took in another
-    currency, or that keeps nothing, is none). One pass over the period's payments grouped by member: a subquery per
-    member and column read them again for each of 20,000 members (seconds a page). `member_ids`: only theirs."""
-    kept_now, open_now = _PAYMENT.c.status.in_(PAID), _PAYMENT.c.status.in_(OPEN_VALUES)
+    currency, or that keeps nothing, is none). Open as balance_now and the USSD judge it at `now`
+    (core.payments.still_open, PROCESSING up to `grace` past its window: core.payments.open_window's): a prompt past
+    its approval window can no longer be approved, and the USSD asks her to pay again beside it, so it is neither
+    paid nor awaiting her approval, whether or not the worker has closed it yet (the scan, reading any open payment,
+    leaves her alone until it does). One pass over the period's payments grouped by member: a subquery per member
+    and column read them again for each of 20,000 members (seconds a page). `member_ids`: only theirs."""
+    # local: core.payments reads paid_clause from this module at import
+    from core.payments import still_open
+
+    kept_now, open_now = _PAYMENT.c.status.in_(PAID), still_open(now, now - grace)
     same = _PAYMENT.c.currency == currency
     query = select(
         _PAYMENT.c.member_id,
@@ -377,7 +384,7 @@ def period_money(cooperative_id: str, type_id: str, currency: str, due: date, pe
         (func.sum(case((open_now, 1), else_=0)) > 0).label("still_open"),
         func.max(case((and_(kept_now, same, _kept(_PAYMENT) > 0), _PAYMENT.c.completed_at))).label("last_paid_at"),
     ).where(_PAYMENT.c.cooperative_id == cooperative_id, _PAYMENT.c.payment_type_id == type_id,
-            _PAYMENT.c.status.in_(PAID + OPEN_VALUES),
+            or_(kept_now, open_now),
             paid_clause(_PAYMENT, period.since, period.due_from, period.due_until, utc_midnight(due), period.until)
             ).group_by(_PAYMENT.c.member_id)
     if member_ids is not None:

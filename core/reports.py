@@ -793,8 +793,8 @@ def refunds_csv(
 # --- dues: who has paid a period of a recurring payment type --------------------------------------------------------
 
 # A member's line of a period, first that applies: PAID (her kept payments reach the price), AWAITING_APPROVAL (a
-# payment of it is still open: her PIN or the provider's word, as the reminders leave her alone then), PARTIAL (part
-# of the price kept), UNPAID.
+# payment of it is still open as the USSD judges it: her PIN or the provider's word, as the reminders leave her alone
+# then; not a prompt past its approval window: reminders.period_money), PARTIAL (part of the price kept), UNPAID.
 DUES_STATUSES = ("PAID", "AWAITING_APPROVAL", "PARTIAL", "UNPAID")
 DUES_COLUMNS = ("memberId", "name", "unit", "status", "currency", "amountDue", "amountPaid", "amountAwaitingApproval",
                 "amountOutstanding", "lastPaymentAt", "dueDate")
@@ -813,6 +813,11 @@ class Dues:
     # listed only if she has a payment of this one.
     period: reminders.PaidFor
     owed: int  # the price: what pays the period (reminders.amount_owed)
+    # When it is read, and how long a PROCESSING payment stays open past its approval window (core.payments.
+    # open_window's grace): a payment of the period is awaiting approval while the USSD takes it for open
+    # (reminders.period_money). One moment for every page and batch of a read.
+    now: datetime
+    grace: timedelta
 
     @property
     def paid_until(self) -> datetime:
@@ -820,11 +825,12 @@ class Dues:
         return self.period.until
 
 
-def dues_of(ptype: PaymentType, timezone: str | None, day: date | None, now: datetime) -> Dues:
+def dues_of(ptype: PaymentType, timezone: str | None, day: date | None, now: datetime, *,
+            grace: timedelta) -> Dues:
     """The period of `ptype` ending on the due date `day` (None: the period a payment made `now` pays, as the USSD
-    and the BALANCE SMS read it: reminders.current_period). ValidationError (field paymentTypeId) for a type that
-    is not recurring or whose member chooses the amount, (field period) for a day that is not one of its due
-    dates (its due dates either side are named)."""
+    and the BALANCE SMS read it: reminders.current_period), read at `now` (`grace`: Dues.grace). ValidationError
+    (field paymentTypeId) for a type that is not recurring or whose member chooses the amount, (field period) for a
+    day that is not one of its due dates (its due dates either side are named)."""
     zone = zone_of(timezone)
     owed = reminders.amount_owed(ptype.allow_custom_amount, ptype.amount_minor)
     if reminders.due_dates(ptype, now.astimezone(zone).date(), zone) is None:
@@ -853,7 +859,7 @@ def dues_of(ptype: PaymentType, timezone: str | None, day: date | None, now: dat
     assert following is not None and following[0] == day
     period = dataclasses.replace(reminders.period_of(ptype, window, zone),
                                  until=reminders.period_of(ptype, following, zone).since)
-    return Dues(ptype, timezone or "UTC", window[0], day, period, owed)
+    return Dues(ptype, timezone or "UTC", window[0], day, period, owed, now, grace)
 
 
 def _dues_lines(dues: Dues, status: str | None, member_ids: Sequence[str] | None = None) -> tuple[Any, Any]:
@@ -862,7 +868,8 @@ def _dues_lines(dues: Dues, status: str | None, member_ids: Sequence[str] | None
     of the period as core.reminders reads it, and her status; `status`: only the lines in it; `member_ids`: only
     theirs (a batch of the CSV: their payments only are read, not all the period's)."""
     ptype = dues.ptype
-    money = reminders.period_money(ptype.cooperative_id, ptype.id, ptype.currency, dues.due, dues.period, member_ids)
+    money = reminders.period_money(ptype.cooperative_id, ptype.id, ptype.currency, dues.due, dues.period, member_ids,
+                                   now=dues.now, grace=dues.grace)
     members = select(Member.id, Member.name, Member.unit, func.coalesce(money.c.kept, 0).label("kept"),
                      func.coalesce(money.c.waiting, 0).label("waiting"),
                      func.coalesce(money.c.still_open, false()).label("still_open"),

@@ -764,3 +764,69 @@ async def test_a_refund_of_no_members_payment_the_admin_sends_to_its_number_is_n
         assert await _refund_texts(rt, refund["id"]) == ([], [])
         assert [after["template"] for after in await _not_told(rt, refund["id"])] == ["refund_completed"]
     assert not any(paid.reference in str(m["message"]) for m in sms.messages(STRANGER))
+
+
+async def _dispute_texts(rt: Any, dispute_id: str) -> tuple[list[str], list[str]]:
+    """The dispute's SMS: the jobs queued (their dedupe keys) and the messages the worker stored (their templates and
+    the number each went to, masked)."""
+    async with rt.sessionmaker() as s:
+        jobs = (await s.execute(select(OutboxJob.dedupe_key).where(
+            OutboxJob.kind == "sms.send", OutboxJob.dedupe_key.like(f"sms:dispute_%:{dispute_id}:%")))).scalars().all()
+        stored = (await s.execute(select(SmsMessage.template, SmsMessage.phone_masked).where(
+            SmsMessage.idempotency_key.like(f"dispute_%:{dispute_id}:%")))).all()
+    return sorted(jobs), sorted(f"{template} {masked}" for template, masked in stored)
+
+
+async def _sent(rt: Any, worker: Any) -> None:
+    """The SMS queued sent now (a dispute's next is queued a few seconds after the one before: SMS_SPACING)."""
+    for _ in range(3):
+        await due_now(rt, "sms.send")
+        await drain(worker)
+
+
+@pytest.mark.parametrize("moved", ["never", "before_it_was_opened", "while_it_was_open"])
+async def test_a_dispute_of_no_members_payment_is_not_texted_to_a_member_who_got_its_number(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any, moved: str) -> None:
+    """A dispute of a payment from a number no member had: its payer is told of each change at the number that paid,
+    as a refund's outcome is. Aline was moved to that number (NEW_SIM) before the dispute was opened, or while it was
+    open: "dispute ... about payment ... is closed", another's payment, went to her phone. Not texted once she holds
+    it; the cooperative's system is told of every change, and the audit log says why the payer was not. Not moved,
+    the payer is told of each, as before."""
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    paid = await _paid_by_number(rt, demo, STRANGER)
+
+    async def move() -> None:
+        await admin.json("PATCH", f"/v1/members/{demo['members'][OLD]}", 200,
+                         json={"phone": STRANGER, "phoneChange": "NEW_SIM"})
+
+    if moved == "before_it_was_opened":
+        await move()
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid.id, "reason": "OTHER"})
+    await _sent(rt, worker)
+    if moved == "while_it_was_open":
+        await move()
+    for status in ("UNDER_REVIEW", "REJECTED"):
+        await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200,
+                         json={"status": status, "note": "paid as asked"})
+    await _sent(rt, worker)
+    dispute_id = dispute["id"]
+    async with rt.sessionmaker() as s:
+        assert sorted((await s.execute(select(OutboxJob.dedupe_key).where(
+            OutboxJob.kind == "webhook.event", OutboxJob.dedupe_key.like(f"wh:evt_dispute_%_{dispute_id}_%"))))
+            .scalars()) == [f"wh:evt_dispute_opened_{dispute_id}_opened",
+                            f"wh:evt_dispute_updated_{dispute_id}_rejected",
+                            f"wh:evt_dispute_updated_{dispute_id}_under_review"]
+        not_told = [after for after, in (await s.execute(select(AuditEvent.after).where(
+            AuditEvent.entity_type == "dispute", AuditEvent.entity_id == dispute_id,
+            AuditEvent.action == "dispute.payer_not_told").order_by(AuditEvent.at, AuditEvent.id))).all()]
+    told = {"never": ["opened", "under_review", "rejected"], "before_it_was_opened": [],
+            "while_it_was_open": ["opened"]}[moved]
+    template = {"opened": "dispute_opened", "under_review": "dispute_updated", "rejected": "dispute_resolved"}
+    jobs, stored = await _dispute_texts(rt, dispute_id)
+    assert jobs == sorted(f"sms:{template[step]}:{dispute_id}:{step}" for step in told)
+    assert stored == sorted(f"{template[step]} +25078****222" for step in told)
+    texted = [m["message"] for m in sms.messages(STRANGER) if dispute["reference"] in str(m["message"])]
+    assert len(texted) == len(told), texted
+    assert not_told == [{"template": template[step], "paymentAccount": "+25078****222", "reason": "went_to_another"}
+                        for step in ("opened", "under_review", "rejected") if step not in told]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -17,7 +17,7 @@ from core.cooperatives import zone_of
 from core.db import utcnow
 from core.models import Member, Payment, PaymentType, Refund
 from core.money import Money
-from core.payments import apply_collection_outcome
+from core.payments import apply_collection_outcome, open_window
 from core.ports import ProviderOutcome
 from core.refunds import apply_refund_outcome
 from tests.admin_api.conftest import Caller, complete_payment, idem, make_payment
@@ -268,7 +268,8 @@ async def test_a_member_renamed_during_the_download_is_in_the_csv_once(admin, rt
     rent = demo["payment_types"]["Monthly Rent"]
     async with rt.sessionmaker() as s:
         ptype = await s.get(PaymentType, rent)
-    dues = reports.dues_of(ptype, "Africa/Kigali", datetime(2026, 11, 1).date(), utcnow())
+    dues = reports.dues_of(ptype, "Africa/Kigali", datetime(2026, 11, 1).date(), utcnow(),
+                           grace=open_window(rt.settings)[1])
     chunks = reports.dues_csv(rt.sessionmaker, dues)
     body = [await anext(chunks)]
     async with rt.sessionmaker.begin() as s:
@@ -290,8 +291,6 @@ async def _paid_lines(admin: Any, type_id: str, period: str) -> set[str]:
 async def test_a_payment_at_a_periods_bound_pays_one_period_the_one_the_ussd_asked_for(admin, rt, demo):
     """Undated payments (the USSD's) made exactly at November's bounds (paidFrom, paidUntil) and a microsecond after:
     each is in one period's dues only, the period current_period gave a payment made at that instant."""
-    from datetime import timedelta
-
     from core.reminders import current_period
 
     rent, m = demo["payment_types"]["Monthly Rent"], demo["members"]
@@ -463,3 +462,50 @@ async def test_a_key_accepted_before_the_types_due_day_changed_still_answers_its
     assert (await again.json())["id"] == made["id"]
     refused = await admin.json("POST", "/v1/payments", 400, json={**body, "idempotencyKey": idem()})
     assert refused["field"] == "dueDate" and refused["message"][0].endswith(": 2026-10-05 or 2026-11-05")
+
+
+async def test_a_payment_past_its_approval_window_is_not_awaiting_approval(admin, rt, demo):
+    """Open as the USSD and the BALANCE SMS read it (core.payments.still_open): PENDING inside its approval window,
+    PROCESSING up to PAYMENT_PENDING_GRACE_SECONDS past it (the provider's prompt may still be answered). Past that
+    the prompt can no longer be approved and the USSD asks her to pay again: the report does not list her as
+    awaiting approval, nor its money, whether or not the worker has closed it yet; a member registered after the
+    period with only such a payment of it is not listed."""
+    rent, m = demo["payment_types"]["Monthly Rent"], demo["members"]
+    await _registered(rt, demo["cooperative_id"])
+    late = await admin.json("POST", "/v1/members", 201, json={"name": "Paul Late", "phone": "+250788000114"})
+    grace = timedelta(seconds=rt.settings.payment_pending_grace_seconds)
+    now = utcnow()
+
+    async def prompt(account: str, status: str, ended: timedelta | None, method: str = "MOBILE_MONEY_MTN") -> None:
+        """A payment of hers left `status`, its window ended `ended` ago (None: still running)."""
+        made = await _pay(admin, rt, rent, account, method=method, taken=0)
+        async with rt.sessionmaker.begin() as s:
+            values: dict[str, Any] = {"status": status}
+            if ended is not None:
+                values["expires_at"] = now - ended
+            await s.execute(update(Payment).where(Payment.id == made["id"]).values(**values))
+
+    await prompt("+250788000001", "PENDING", None)  # Aline: her PIN awaited, inside the window
+    await prompt("+250788000002", "PENDING", timedelta(minutes=1))  # Jean: the window ended a minute ago
+    await prompt("+250733000001", "PROCESSING", grace - timedelta(minutes=1), AIRTEL)  # Claudine: within the grace
+    await prompt("+250733000002", "PROCESSING", grace + timedelta(minutes=1), AIRTEL)  # Eric: past it
+    await _pay(admin, rt, rent, "+250788000003", taken=30000)  # Grace: 30,000 kept, and a prompt past its window
+    await prompt("+250788000003", "PENDING", timedelta(minutes=1))
+    await prompt("+250788000114", "PROCESSING", grace + timedelta(minutes=1))  # Paul: registered since, past it
+
+    report = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={NOVEMBER}&limit=100", 200)
+    assert [_short(line) for line in report["data"]] == [
+        ("Aline Uwase", "AWAITING_APPROVAL", 50000, 0, 50000, 50000),
+        ("Claudine Mukamana", "AWAITING_APPROVAL", 50000, 0, 50000, 50000),
+        ("Eric Niyonzima", "UNPAID", 50000, 0, 0, 50000),
+        ("Grace Ingabire", "PARTIAL", 50000, 30000, 0, 20000),
+        ("Jean Bosco Habimana", "UNPAID", 50000, 0, 0, 50000),
+    ]
+    assert late["id"] not in {line["memberId"] for line in report["data"]}
+    assert report["totals"]["amountAwaitingApproval"] == 100000
+    assert report["totals"]["byStatus"] == {"PAID": 0, "AWAITING_APPROVAL": 2, "PARTIAL": 1, "UNPAID": 2}
+    resp = await admin.req("GET", f"/v1/reports/dues.csv?paymentTypeId={rent}&period={NOVEMBER}")
+    assert resp.status == 200
+    rows = {row["memberId"]: row for row in csv.DictReader(io.StringIO(await resp.text()))}
+    assert (rows[m["+250788000002"]]["status"], rows[m["+250788000002"]]["amountAwaitingApproval"]) == ("UNPAID", "0")
+    assert rows[m["+250788000001"]]["status"] == "AWAITING_APPROVAL"

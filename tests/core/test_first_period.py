@@ -7,7 +7,7 @@ read the period from 13 December only, so she would have been reminded to pay it
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
@@ -33,7 +33,7 @@ def test_a_payment_made_the_day_the_type_was_created_pays_its_first_period() -> 
 
 
 def test_the_dues_report_of_the_first_period_counts_from_the_day_the_type_was_created() -> None:
-    first = dues_of(susu(), "Africa/Accra", None, PAID)  # type: ignore[arg-type]
+    first = dues_of(susu(), "Africa/Accra", None, PAID, grace=timedelta(0))  # type: ignore[arg-type]
     assert (first.due, first.period.since) == (date(2026, 12, 28), datetime(2026, 12, 3, tzinfo=UTC))
     # It ends where the next one starts, at its midpoint: no payment pays both.
     assert first.period.until == datetime(2027, 1, 13, tzinfo=UTC)
