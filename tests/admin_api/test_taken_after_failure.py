@@ -203,7 +203,7 @@ async def test_the_member_told_it_failed_is_texted_that_the_money_was_taken_and_
     assert [(m.template, m.status) for m in sent] == [("payment_failed", "SENT"),
                                                       ("payment_taken_after_failure", "SENT")]
     failed, taken = sent
-    assert "Ongera ugerageze ukanda" in failed.body  # "to try again, dial": what the new text answers
+    assert "Ongera ukande *384*" in failed.body  # "dial ... again": what the new text answers
     assert "*384*" not in taken.body and taken.member_id == demo["members"][MEMBER] and taken.language == "rw"
     assert taken.body.startswith("Kwishyura 50,000 RWF ya Monthly Rent"), taken.body
     assert "ntimwongere kwishyura" in taken.body.lower() and "izayabara cyangwa izayagusubiza" in taken.body

@@ -6,8 +6,11 @@ MESSAGES = {
     # SMS too when the provider took another amount than asked (AMOUNT_TAKEN, both amounts: 175 septets before).
     "payment_receipt": "We received {amount} for {type}, {coop}. Ref: {ref}. Txn: {txn}. {date}.",
     # A payment told failed, cancelled or not approved in time whose money was taken after all (core.payments: late).
-    "payment_late_receipt": "Your payment of {amount} for {type} ({coop}) went through after all: the money was taken. "
-    "Ignore our earlier message and do not pay again. Ref: {ref}. Transaction: {txn}. Date: {date}.",
+    # One SMS (248 septets before): "after all" says the earlier message was wrong; no cooperative's name (the type,
+    # amount and reference say which payment, and RECEIPT <ref> gives the full receipt); "Txn" and the date as the
+    # receipt says them.
+    "payment_late_receipt": "Your payment of {amount} for {type} went through after all: do not pay again. "
+    "Ref: {ref}. Txn: {txn}. {date}.",
     # A FAILED payment whose money the provider then reported taken (core.payments, success after a failure): it stays
     # FAILED, the money held until her cooperative counts it or refunds it.
     "payment_taken_after_failure": "We said your payment of {amount} for {type} ({coop}) failed, but the money was "
@@ -15,15 +18,18 @@ MESSAGES = {
     "Date: {date}.",
     # One SMS for the usual failure and timeout (a payment the member declined or let lapse: frequent), with a
     # seven-figure amount and the longest usual reason: no cooperative's name (the code to dial is its own; the type,
-    # amount and reference say which payment), which made them 165 to 189 septets, two SMS.
+    # amount and reference say which payment), which made them 165 to 189 septets, two SMS. The rarer reasons too
+    # (REASONS: other_transaction, provider_unreachable), worded to fit.
     "payment_failed": "Payment of {amount} for {type} failed: {reason}. Ref: {ref}. Dial {dial} to try again.",
     "payment_timeout": "Payment of {amount} for {type} was not approved in time. Ref: {ref}. "
     "Dial {dial} to try again.",
-    "payment_unconfirmed": "We could not confirm your payment of {amount} for {type} ({coop}) with the provider. "
+    # One SMS (199 septets before), as payment_failed: no cooperative's name.
+    "payment_unconfirmed": "We could not confirm your payment of {amount} for {type}. "
     "If money was taken, it will be confirmed or refunded. Ref: {ref}.",
     "payment_status": "Payment {ref}: {amount} for {type} ({coop}) - {status}. Date: {date}.",
     "refund_completed": "Refund of {amount} for payment {payment_ref} ({coop}) completed. Ref: {ref}.",
-    "refund_failed": "Refund of {amount} for payment {payment_ref} ({coop}) failed: {reason}. "
+    # One SMS with any REFUND_REASONS (199 septets before): the payment's reference says which cooperative's.
+    "refund_failed": "Refund of {amount} for payment {payment_ref} failed: {reason}. "
     "Your cooperative will contact you. Ref: {ref}.",
     "dispute_opened": "Your dispute {ref} about payment {payment_ref} ({coop}) is registered. "
     "We will keep you informed.",
@@ -109,10 +115,11 @@ REASONS = {
     "not_approved": "the request was not approved in time",
     "limit": "an account limit was reached",
     "invalid_account": "the account cannot receive this payment",
-    # M-Pesa's 1001: a prompt of another payment is still open on her phone; M-Pesa takes one at a time.
-    "other_transaction": "another transaction is waiting on your phone: finish or cancel it, then pay again",
+    # M-Pesa's 1001: a prompt of another payment is still open on her phone; M-Pesa takes one at a time. Then she
+    # pays again: payment_failed ends "Dial {dial} to try again".
+    "other_transaction": "another transaction is open: finish or cancel it",
     "provider_error": "the mobile money service had a problem",
-    "provider_unreachable": "the mobile money service could not be reached; nothing was taken",
+    "provider_unreachable": "mobile money was unreachable; nothing was taken",
     "wrong_pin": "the PIN entered was wrong",
     "phone_unreachable": "your phone could not be reached",
     "unknown": "the payment was not completed",
@@ -122,7 +129,7 @@ REASONS = {
 # member declined nothing, and an account short of money is the cooperative's).
 REFUND_REASONS = {
     "not_sent": "the refund could not be sent",
-    "receiving_account": "your mobile money account could not receive it",
+    "receiving_account": "your account could not receive it",
     "provider_error": "the mobile money service had a problem",
 }
 

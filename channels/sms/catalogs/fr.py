@@ -2,11 +2,13 @@
 
 MESSAGES = {
     # One SMS for the usual receipt, as in English (a 30-character cooperative name, GHS 1 234,56: 161 septets, two
-    # SMS, with "Date:" and "Merci!"): a date that needs no label.
-    "payment_receipt": "Paiement confirmé: {amount} pour {type}, {coop}. Réf: {ref}. Transaction: {txn}. {date}.",
-    "payment_late_receipt": "Votre paiement de {amount} pour {type} ({coop}) a finalement abouti: l'argent a été "
-    "prélevé. Ignorez notre message précédent et ne payez pas à nouveau. Réf: {ref}. Transaction: {txn}. "
-    "Date: {date}.",
+    # SMS, with "Date:" and "Merci!"): a date that needs no label. "Payé:", not "Paiement confirmé:", for one SMS too
+    # when the provider took another amount than asked (AMOUNT_TAKEN, both amounts: 177 septets before).
+    "payment_receipt": "Payé: {amount} pour {type}, {coop}. Réf: {ref}. Transaction: {txn}. {date}.",
+    # One SMS (261 septets before), as in English: no cooperative's name; "finalement" says the earlier message was
+    # wrong.
+    "payment_late_receipt": "Paiement de {amount} pour {type} a finalement abouti: ne payez pas à nouveau. "
+    "Réf: {ref}. Transaction: {txn}. {date}.",
     "payment_taken_after_failure": "Votre paiement de {amount} pour {type} ({coop}), annoncé comme échoué, a "
     "finalement été prélevé. Ne payez pas à nouveau: votre coopérative le comptera ou vous le remboursera. "
     "Réf: {ref}. Transaction: {txn}. Date: {date}.",
@@ -15,13 +17,15 @@ MESSAGES = {
     "Pour réessayer, composez {dial}.",
     "payment_timeout": "Paiement de {amount} pour {type} n'a pas été approuvé à temps. Réf: {ref}. "
     "Pour réessayer, composez {dial}.",
-    "payment_unconfirmed": "Nous n'avons pas pu confirmer votre paiement de {amount} pour {type} ({coop}) "
-    "auprès de l'opérateur. Si l'argent a été prélevé, il sera confirmé ou remboursé. Réf: {ref}.",
+    # One SMS (219 septets before): no cooperative's name, worded as PAYMENT_STATUS["UNCONFIRMED"].
+    "payment_unconfirmed": "Paiement de {amount} pour {type} non confirmé par l'opérateur. "
+    "Si l'argent a été prélevé, il sera confirmé ou remboursé. Réf: {ref}.",
     "payment_status": "Paiement {ref}: {amount} pour {type} ({coop}) - {status}. Date: {date}.",
     "refund_completed": "Remboursement de {amount} effectué pour le paiement {payment_ref} ({coop}). "
     "Réf: {ref}.",
-    "refund_failed": "Le remboursement de {amount} pour le paiement {payment_ref} ({coop}) a échoué: "
-    "{reason}. Votre coopérative vous contactera. Réf: {ref}.",
+    # One SMS with any REFUND_REASONS (218 septets before): no cooperative's name, "Échec du remboursement".
+    "refund_failed": "Échec du remboursement de {amount} (paiement {payment_ref}): {reason}. "
+    "Votre coopérative vous contactera. Réf: {ref}.",
     "dispute_opened": "Votre réclamation {ref} sur le paiement {payment_ref} ({coop}) est enregistrée. "
     "Nous vous tiendrons informé.",
     "dispute_updated": "Réclamation {ref} sur le paiement {payment_ref}: {status}.",
@@ -53,7 +57,7 @@ MESSAGES = {
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).
 AMOUNT_TAKEN = {
     "less": "{collected} sur {amount}",
-    "more": "{collected} ({amount} demandés)",
+    "more": "{collected} et non {amount}",  # "({amount} demandés)": the receipt was two SMS
 }
 
 
@@ -98,11 +102,11 @@ REASONS = {
     "cancelled_by_cooperative": "votre coopérative l'a annulé",
     "not_approved": "demande non approuvée à temps",
     "limit": "une limite du compte est atteinte",
-    "invalid_account": "le compte ne peut pas recevoir ce paiement",
-    "other_transaction": "une autre transaction attend sur votre téléphone: terminez-la ou annulez-la, "
-                         "puis payez à nouveau",
-    "provider_error": "le service mobile money a eu un problème",
-    "provider_unreachable": "le service mobile money était injoignable; rien n'a été prélevé",
+    # The rarer reasons as short, for one SMS too (payment_failed then says to dial again).
+    "invalid_account": "le compte ne peut recevoir ce paiement",
+    "other_transaction": "terminez ou annulez l'autre transaction",
+    "provider_error": "problème du service mobile money",
+    "provider_unreachable": "service injoignable, aucun prélèvement",
     "wrong_pin": "le code PIN saisi était erroné",
     "phone_unreachable": "votre téléphone était injoignable",
     "unknown": "le paiement n'a pas abouti",
@@ -110,9 +114,9 @@ REASONS = {
 
 # A failed refund's {reason} (templates.refund_reason_key).
 REFUND_REASONS = {
-    "not_sent": "l'envoi du remboursement n'a pas abouti",
-    "receiving_account": "votre compte mobile money n'a pas pu le recevoir",
-    "provider_error": "le service mobile money a eu un problème",
+    "not_sent": "l'envoi n'a pas abouti",
+    "receiving_account": "votre compte n'a pu le recevoir",
+    "provider_error": "problème du service mobile money",
 }
 
 KEYWORDS = {

@@ -2,24 +2,30 @@
 
 MESSAGES = {
     # One SMS for the usual receipt, as in English (a 30-character cooperative name, GHS 1,234.56: 169 septets, two
-    # SMS, with "Itariki:" and "Murakoze!"): a date that needs no label.
-    "payment_receipt": "Twakiriye {amount} ya {type}, {coop}. Nimero: {ref}. Nimero y'ihererekanya: {txn}. {date}.",
-    "payment_late_receipt": "Kwishyura {amount} ya {type} ({coop}) byakunze: amafaranga yavuye kuri konti yawe. "
-    "Ntimwite ku butumwa bwabanje, ntimwongere kwishyura. Nimero: {ref}. Nimero y'ihererekanya: {txn}. "
-    "Itariki: {date}.",
+    # SMS, with "Itariki:" and "Murakoze!"): a date that needs no label. The provider's transaction beside the
+    # reference, not after "Nimero y'ihererekanya:", for one SMS too when the provider took another amount than asked
+    # (AMOUNT_TAKEN, both amounts: 177 septets before).
+    "payment_receipt": "Twakiriye {amount} ya {type}, {coop}. Nimero: {ref} ({txn}). {date}.",
+    # One SMS (261 septets before), as in English: no cooperative's name, "nyuma" (after all) for "ignore our earlier
+    # message".
+    "payment_late_receipt": "Kwishyura {amount} ya {type} byakunze nyuma: amafaranga yavuyeho. "
+    "Ntimwongere kwishyura. Nimero: {ref} ({txn}). {date}.",
     "payment_taken_after_failure": "Kwishyura {amount} ya {type} ({coop}) twababwiye ko byanze, ariko amafaranga "
     "yavuye kuri konti yawe. Ntimwongere kwishyura: koperative yawe izayabara cyangwa izayagusubiza. Nimero: {ref}. "
     "Nimero y'ihererekanya: {txn}. Itariki: {date}.",
-    # One SMS for the usual failure and timeout (en.py): no cooperative's name.
+    # One SMS for the usual failure and timeout (en.py): no cooperative's name. "Ongera ukande" (dial again), not
+    # "Ongera ugerageze ukanda" (try again, dialling), for the rarer reasons to fit too.
     "payment_failed": "Kwishyura {amount} ya {type} ntibyakunze: {reason}. Nimero: {ref}. "
-    "Ongera ugerageze ukanda {dial}.",
+    "Ongera ukande {dial}.",
     "payment_timeout": "Kwishyura {amount} ya {type} ntibyemejwe ku gihe. Nimero: {ref}. "
     "Ongera ugerageze ukanda {dial}.",
-    "payment_unconfirmed": "Ntitwashoboye kwemeza kwishyura {amount} ya {type} ({coop}). Niba amafaranga "
-    "yavuye kuri konti yawe, tuzabyemeza cyangwa tuyagusubize. Nimero: {ref}.",
+    # One SMS (198 septets before): no cooperative's name, "yavuyeho" as PAYMENT_STATUS["UNCONFIRMED"].
+    "payment_unconfirmed": "Ntitwashoboye kwemeza kwishyura {amount} ya {type}. Niba amafaranga "
+    "yavuyeho, tuzabyemeza cyangwa tuyagusubize. Nimero: {ref}.",
     "payment_status": "Kwishyura {ref}: {amount} ya {type} ({coop}) - {status}. Itariki: {date}.",
     "refund_completed": "Twagusubije {amount} yo kwishyura {payment_ref} ({coop}). Nimero: {ref}.",
-    "refund_failed": "Gusubizwa {amount} yo kwishyura {payment_ref} ({coop}) ntibyakunze: {reason}. "
+    # One SMS with any REFUND_REASONS (203 septets before): no cooperative's name.
+    "refund_failed": "Gusubizwa {amount} yo kwishyura {payment_ref} ntibyakunze: {reason}. "
     "Koperative yawe izakuvugisha. Nimero: {ref}.",
     "dispute_opened": "Ikirego cyawe {ref} ku kwishyura {payment_ref} ({coop}) cyakiriwe. Tuzakumenyesha.",
     "dispute_updated": "Ikirego {ref} ku kwishyura {payment_ref}: {status}.",
@@ -97,10 +103,10 @@ REASONS = {
     "not_approved": "ntiwemeje ku gihe",
     "limit": "konti yageze ku rugero ntarengwa",
     "invalid_account": "konti ntishobora kwakira ubu bwishyu",
-    "other_transaction": "hari ubundi bwishyu butegereje kuri telefoni yawe: ubwemeze cyangwa ubuhagarike, "
-                         "hanyuma wongere wishyure",
+    # payment_failed then says to dial again ("Ongera ukande").
+    "other_transaction": "emeza cyangwa uhagarike ubundi bwishyu",
     "provider_error": "serivisi ya mobile money yagize ikibazo",
-    "provider_unreachable": "serivisi ya mobile money ntiyabonetse; nta mafaranga yakuweho",
+    "provider_unreachable": "serivisi ntiyabonetse; nta mafaranga yakuweho",
     "wrong_pin": "PIN winjije si yo",
     "phone_unreachable": "telefoni yawe ntiyabonetse",
     "unknown": "ubwishyu ntibwarangiye",
@@ -109,8 +115,8 @@ REASONS = {
 # A failed refund's {reason} (templates.refund_reason_key).
 REFUND_REASONS = {
     "not_sent": "amafaranga ntiyashoboye koherezwa",
-    "receiving_account": "konti yawe ya mobile money ntishobora kuyakira",
-    "provider_error": "serivisi ya mobile money yagize ikibazo",
+    "receiving_account": "konti yawe ntishobora kuyakira",
+    "provider_error": "ikibazo cya serivisi ya mobile money",
 }
 
 KEYWORDS = {

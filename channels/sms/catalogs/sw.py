@@ -1,10 +1,12 @@
 """Swahili SMS texts."""
 
 MESSAGES = {
-    # One SMS for the usual receipt, as in English, with room for a longer name or amount: a date that needs no label.
-    "payment_receipt": "Tumepokea {amount} kwa {type}, {coop}. Kumb: {ref}. Muamala: {txn}. {date}. Asante!",
-    "payment_late_receipt": "Malipo yako ya {amount} kwa {type} ({coop}) yamefanikiwa hatimaye: pesa zimekatwa. "
-    "Puuza ujumbe wetu wa awali na usilipe tena. Kumb: {ref}. Muamala: {txn}. Tarehe: {date}.",
+    # One SMS for the usual receipt, as in English: a date that needs no label, and no closing "Asante!", for one SMS
+    # too when the provider took another amount than asked (AMOUNT_TAKEN, both amounts: 171 septets before).
+    "payment_receipt": "Tumepokea {amount} kwa {type}, {coop}. Kumb: {ref}. Muamala: {txn}. {date}",
+    # One SMS (235 septets before), as in English: no cooperative's name, "hatimaye" says the earlier message was wrong.
+    "payment_late_receipt": "Malipo yako ya {amount} kwa {type} yamefanikiwa hatimaye: usilipe tena. "
+    "Kumb: {ref}. Muamala: {txn}. {date}.",
     "payment_taken_after_failure": "Tulisema malipo yako ya {amount} kwa {type} ({coop}) hayakufanikiwa, lakini pesa "
     "zimekatwa hatimaye. Usilipe tena: chama chako kitazihesabu au kitakurudishia. Kumb: {ref}. Muamala: {txn}. "
     "Tarehe: {date}.",
@@ -13,11 +15,13 @@ MESSAGES = {
     "payment_failed": "Malipo ya {amount} kwa {type} hayakufanikiwa: {reason}. Kumb: {ref}. Piga {dial} kulipa tena.",
     "payment_timeout": "Malipo ya {amount} kwa {type} hayakuthibitishwa kwa wakati. Kumb: {ref}. "
     "Piga {dial} kulipa tena.",
-    "payment_unconfirmed": "Hatukuweza kuthibitisha malipo yako ya {amount} kwa {type} ({coop}). Ikiwa pesa "
+    # One SMS (197 septets before): no cooperative's name, "yako" dropped, as payment_failed.
+    "payment_unconfirmed": "Hatukuweza kuthibitisha malipo ya {amount} kwa {type}. Ikiwa pesa "
     "zilikatwa, malipo yatathibitishwa au utarudishiwa pesa. Kumb: {ref}.",
     "payment_status": "Malipo {ref}: {amount} kwa {type} ({coop}) - {status}. Tarehe: {date}.",
     "refund_completed": "Umerudishiwa {amount} ya malipo {payment_ref} ({coop}). Kumb: {ref}.",
-    "refund_failed": "Kurudisha {amount} ya malipo {payment_ref} ({coop}) hakukufanikiwa: {reason}. "
+    # One SMS with any REFUND_REASONS (206 septets before): no cooperative's name.
+    "refund_failed": "Kurudisha {amount} ya malipo {payment_ref} hakukufanikiwa: {reason}. "
     "Chama chako kitawasiliana nawe. Kumb: {ref}.",
     "dispute_opened": "Malalamiko yako {ref} kuhusu malipo {payment_ref} ({coop}) yamepokelewa. "
     "Tutakujulisha.",
@@ -48,7 +52,7 @@ MESSAGES = {
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).
 AMOUNT_TAKEN = {
     "less": "{collected} kati ya {amount}",
-    "more": "{collected} badala ya {amount}",
+    "more": "{collected} (ombi {amount})",  # "ombi" (request), as USSD's pay.done; "badala ya": two SMS
 }
 
 
@@ -93,10 +97,10 @@ REASONS = {
     "not_approved": "ombi halikuthibitishwa kwa wakati",
     "limit": "kikomo cha akaunti kimefikiwa",
     "invalid_account": "akaunti haiwezi kupokea malipo haya",
-    "other_transaction": "kuna muamala mwingine unaosubiri kwenye simu yako: uukamilishe au uughairi, "
-                         "kisha ulipe tena",
+    # payment_failed then says to pay again ("Piga {dial} kulipa tena").
+    "other_transaction": "kamilisha au ghairi muamala unaosubiri",
     "provider_error": "huduma ya pesa kwa simu ilikuwa na tatizo",
-    "provider_unreachable": "huduma ya pesa kwa simu haikupatikana; hakuna pesa iliyokatwa",
+    "provider_unreachable": "huduma haikupatikana; pesa hazikukatwa",
     "wrong_pin": "PIN uliyoingiza si sahihi",
     "phone_unreachable": "simu yako haikupatikana",
     "unknown": "malipo hayakukamilika",
@@ -105,8 +109,8 @@ REASONS = {
 # A failed refund's {reason} (templates.refund_reason_key).
 REFUND_REASONS = {
     "not_sent": "marejesho hayakuweza kutumwa",
-    "receiving_account": "akaunti yako ya pesa kwa simu haikuweza kuyapokea",
-    "provider_error": "huduma ya pesa kwa simu ilikuwa na tatizo",
+    "receiving_account": "akaunti yako haikuweza kuyapokea",
+    "provider_error": "tatizo la huduma ya pesa kwa simu",
 }
 
 KEYWORDS = {

@@ -115,4 +115,4 @@ async def test_an_account_that_cannot_receive_it_is_said_so(rt: Any, demo: dict[
                                    reason=MTN_WORDS["PAYEE_NOT_FOUND"])
 
     body = await _refund_failed_sms(rt, demo, mtn_says_no_payee)
-    assert "failed: your mobile money account could not receive it. Your cooperative will contact you." in body, body
+    assert "failed: your account could not receive it. Your cooperative will contact you." in body, body

@@ -205,10 +205,10 @@ async def test_build_receipt_from_rows_in_member_language_and_local_time(
 
 TAKEN_SHOWN = {  # 40,000 or 60,000 RWF taken of a 50,000 RWF payment, in each language
     "en": ("We received 40,000 RWF of 50,000 RWF for ", "We received 60,000 RWF (50,000 RWF asked) for "),
-    "fr": ("Paiement confirmé: 40 000 RWF sur 50 000 RWF pour ",  # French groups digits with spaces
-           "Paiement confirmé: 60 000 RWF (50 000 RWF demandés) pour "),
+    "fr": ("Payé: 40 000 RWF sur 50 000 RWF pour ",  # French groups digits with spaces
+           "Payé: 60 000 RWF et non 50 000 RWF pour "),
     "rw": ("Twakiriye 40,000 RWF aho kuba 50,000 RWF ya ", "Twakiriye 60,000 RWF aho kuba 50,000 RWF ya "),
-    "sw": ("Tumepokea 40,000 RWF kati ya 50,000 RWF kwa ", "Tumepokea 60,000 RWF badala ya 50,000 RWF kwa "),
+    "sw": ("Tumepokea 40,000 RWF kati ya 50,000 RWF kwa ", "Tumepokea 60,000 RWF (ombi 50,000 RWF) kwa "),
 }
 
 
@@ -430,11 +430,23 @@ def test_every_phrase_of_every_catalog_is_gsm7(language: str) -> None:
     assert not wrong, wrong
 
 
-# The reasons a payment usually fails for, which fill payment_failed's {reason} (templates.reason_key): the member
-# declined or let the prompt lapse, had too little money, typed a wrong PIN, her phone was off, IremboPay's "declined or
-# not approved", and none given. The rarer ones (the provider's outage, another prompt open) may take two SMS.
-USUAL_REASONS = ("insufficient_funds", "declined", "declined_or_not_approved", "not_approved", "wrong_pin",
-                 "phone_unreachable", "unknown")
+# The values the one-SMS tests measure with: a 30-character cooperative name, a four- to seven-figure amount (GHS
+# 1,234.56, 1,234,567 RWF, 12,345.00 KES), a reference, the provider's transaction, the date and a code with an
+# extension.
+USUAL_MINOR = {"GHS": 123_456, "RWF": 1_234_567, "KES": 1_234_500}
+
+
+def _usual(language: str, currency: str) -> dict[str, Any]:
+    from core.money import Money
+
+    return {"amount": Money(USUAL_MINOR[currency], currency).format(language), "type": "Monthly savings",
+            "coop": "Kejetia Market Women Susu Assn", "ref": "PAY_20260115_001", "txn": "8419567321",
+            "date": "15/01/2026 10:30", "dial": "*384*123*123#"}
+
+
+def _one_sms(body: str) -> None:
+    size = measure(body)
+    assert (size.encoding, size.segments) == (GSM7, 1), f"{size.length} septets: {body!r}"
 
 
 @pytest.mark.parametrize("currency", ["GHS", "RWF", "KES"])
@@ -442,42 +454,72 @@ USUAL_REASONS = ("insufficient_funds", "declined", "declined_or_not_approved", "
 def test_a_failed_or_lapsed_payment_is_one_sms_in_every_language(language: str, currency: str) -> None:
     """Members often cancel or ignore the PIN prompt, and each failure or timeout SMS was two (the English timeout 165
     septets, the French 178; a failure 168 to 209): twice the cost of the most frequent texts after receipts. Each fits
-    one with the receipt's values and the usual reasons, and still says which payment (amount, type, reference), that
-    it did not go through and the code to dial to try again."""
-    from core.money import Money
-
+    one with the receipt's values and every reason, the rarer ones too (another prompt open on her phone: 191 to 227
+    septets; the provider unreachable: 174 to 184; its error in French and Kinyarwanda, and an account that cannot
+    receive it in French: 161 to 163), and still says which payment (amount, type, reference), why it did not go
+    through and the code to dial to try again."""
     catalog = CATALOGS[language]
-    minor = {"GHS": 123_456, "RWF": 1_234_567, "KES": 1_234_500}[currency]
-    values = {"amount": Money(minor, currency).format(language), "type": "Monthly savings",
-              "coop": "Kejetia Market Women Susu Assn", "ref": "PAY_20260115_001", "dial": "*384*123*123#"}
-    reasons = [catalog.REASONS[key] for key in USUAL_REASONS]
+    values = _usual(language, currency)
+    reasons = list(catalog.REASONS.values())
     bodies = [render("payment_timeout", language, values)] + [
         render("payment_failed", language, {**values, "reason": reason}) for reason in reasons]
     for body, reason in zip(bodies, ["", *reasons], strict=True):
-        size = measure(body)
-        assert (size.encoding, size.segments) == (GSM7, 1), f"{size.length} septets: {body!r}"
+        _one_sms(body)
         for name in ("amount", "type", "ref", "dial"):
             assert values[name] in body, (name, body)
         assert reason in body
 
 
+@pytest.mark.parametrize("currency", ["GHS", "RWF", "KES"])
+@pytest.mark.parametrize("language", sorted(CATALOGS))
+def test_a_failed_refund_is_one_sms_in_every_language(language: str, currency: str) -> None:
+    """A refund that failed was told in 199 to 218 septets, two SMS. It fits one with every reason, and still says
+    what failed (the refund, its amount, the payment it pays back), why, that her cooperative will contact her, and
+    the refund's reference."""
+    values = {**_usual(language, currency), "payment_ref": "PAY_20260115_001", "ref": "RFD_20260115_001"}
+    for reason in CATALOGS[language].REFUND_REASONS.values():
+        body = render("refund_failed", language, {**values, "reason": reason})
+        _one_sms(body)
+        for name in ("amount", "payment_ref", "ref"):
+            assert values[name] in body, (name, body)
+        assert reason in body
+
+
+@pytest.mark.parametrize("currency", ["GHS", "RWF", "KES"])
+@pytest.mark.parametrize("language", sorted(CATALOGS))
+@pytest.mark.parametrize(("template", "facts"), [
+    # Not confirmed by the provider (197 to 219 septets): which payment, and that money taken is confirmed or refunded.
+    ("payment_unconfirmed", ("amount", "type", "ref")),
+    # Told failed, then taken after all (235 to 261 septets): which payment, not to pay again, and its receipt's facts.
+    ("payment_late_receipt", ("amount", "type", "ref", "txn", "date")),
+])
+def test_an_unconfirmed_or_late_payment_is_one_sms_in_every_language(template: str, facts: tuple[str, ...],
+                                                                      language: str, currency: str) -> None:
+    values = _usual(language, currency)
+    body = render(template, language, values)
+    _one_sms(body)
+    for name in facts:
+        assert values[name] in body, (name, body)
+
+
+@pytest.mark.parametrize("language", sorted(CATALOGS))
 @pytest.mark.parametrize(("currency", "asked", "taken"), [
     ("GHS", 150_000, 123_456), ("GHS", 123_456, 150_000),  # GHS 1,234.56 of GHS 1,500.00, and the other way
     ("RWF", 1_500_000, 1_234_567), ("RWF", 1_234_567, 1_500_000),
     ("KES", 1_500_000, 1_234_500), ("KES", 1_234_500, 1_500_000),
 ])
-def test_a_receipt_of_another_amount_than_asked_is_one_sms_in_english(currency: str, asked: int, taken: int) -> None:
-    """A provider that took less or more than was asked: the English receipt states both ("GHS 1,234.56 (GHS 1,500.00
-    asked)"), and was 168 to 175 septets, two SMS. It fits one, with every fact of the usual receipt kept."""
+def test_a_receipt_of_another_amount_than_asked_is_one_sms_in_every_language(language: str, currency: str, asked: int,
+                                                                             taken: int) -> None:
+    """A provider that took less or more than was asked: the receipt states both ("GHS 1,234.56 (GHS 1,500.00
+    asked)"), and was two SMS (English 168 to 175 septets; French and Kinyarwanda 177, Swahili 171). It fits one, with
+    every fact of the usual receipt kept."""
     from core.money import Money
 
-    phrase = CATALOGS["en"].AMOUNT_TAKEN["less" if taken < asked else "more"]
-    collected, amount = Money(taken, currency).format("en"), Money(asked, currency).format("en")
-    values = {"amount": phrase.format(collected=collected, amount=amount), "type": "Monthly savings",
-              "coop": "Kejetia Market Women Susu Assn", "ref": "PAY_20260115_001", "txn": "8419567321",
-              "date": "15/01/2026 10:30"}
-    body = render("payment_receipt", "en", values)
-    size = measure(body)
-    assert (size.encoding, size.segments) == (GSM7, 1), f"{size.length} septets: {body!r}"
+    phrase = CATALOGS[language].AMOUNT_TAKEN["less" if taken < asked else "more"]
+    collected, amount = Money(taken, currency).format(language), Money(asked, currency).format(language)
+    values = {**_usual(language, currency), "amount": phrase.format(collected=collected, amount=amount)}
+    del values["dial"]
+    body = render("payment_receipt", language, values)
+    _one_sms(body)
     for value in (collected, amount, *values.values()):
         assert value in body
