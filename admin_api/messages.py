@@ -23,6 +23,7 @@ from core.audit import record
 from core.db import lock_row, utcnow
 from core.disputes import DISPUTE_TEMPLATES, sms_keys
 from core.errors import INVALID_STATE, Conflict
+from core.members import number_came_since
 from core.models import AuditEvent, Dispute, Member, OutboxJob, Payment, Refund, SmsMessage
 from core.notify import sms_dedupe, sms_job
 from core.outbox import enqueue_job
@@ -92,7 +93,8 @@ RESEND = {
     "description": "Queue the payment's receipt SMS again (as the member's RECEIPT keyword does), to the member's "
                    "current number (a payment without a member: the number that paid). Only a payment whose money "
                    "was collected (COMPLETED, PARTIALLY_REFUNDED, REFUNDED); 409 otherwise, and when there is no "
-                   "number to send it to; a number that texted STOP still gets it (STOP stops reminders). "
+                   "number to send it to (without a member: also once a member got the number that paid, by a swap "
+                   "or a new SIM); a number that texted STOP still gets it (STOP stops reminders). "
                    "At most 3 a payment in 24 hours: 429 "
                    "with Retry-After and the time it may be sent again.",
 }
@@ -241,8 +243,9 @@ class _Recipient:
 
 async def _recipient(ctx: Ctx, payment: Payment) -> _Recipient:
     """The member's current number, or for a payment of no member the mobile-money number that paid it while it is
-    still likely the payer's (SMS_PAYER_ANSWER_DAYS, as the RECEIPT keyword answers it); a 409 saying why there is
-    none. STOP is not a reason: it stops reminders, and receipts still come (as the STOP confirmation tells her)."""
+    still likely the payer's (SMS_PAYER_ANSWER_DAYS) and no member got it since (core.members.number_came_since), as
+    the RECEIPT keyword answers it; a 409 saying why there is none. STOP is not a reason: it stops reminders, and
+    receipts still come (as the STOP confirmation tells her)."""
     if payment.member_id is not None:
         member = await ctx.session.get(Member, payment.member_id)
         assert member is not None  # a foreign key
@@ -261,6 +264,12 @@ async def _recipient(ctx: Ctx, payment: Payment) -> _Recipient:
         if days and payment.created_at < utcnow() - timedelta(days=days):
             raise Conflict(f"the payment has no member and was made more than {days} days ago: the number that "
                            "paid it may have been given to someone else since (SMS_PAYER_ANSWER_DAYS)")
+        if await number_came_since(ctx.session, payment.payment_account_index, payment.created_at):
+            # A member got the number by a correction since (a swap, a new SIM: it was someone else's when it
+            # paid): not told of another's payment, as the RECEIPT keyword from it is not answered
+            # (channels.sms.routes._owns) and a refund's SMS is not sent to it (core.refunds.payer_to_tell).
+            raise Conflict("the payment has no member and the number that paid it went to a member since (a swap, "
+                           "a new SIM): the receipt would tell that member of another's payment")
         phone = payer_phone(ctx.rt.cipher, payment)
         found = _Recipient(payment.payment_account_masked, payment.payment_account_index, phone=phone)
     return found

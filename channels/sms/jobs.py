@@ -47,11 +47,13 @@ from channels.sms.templates import (
 from core import metrics, pgraw
 from core.audit import Actor
 from core.db import autocommit, insert_ignore, new_id, utcnow
-from core.members import PhoneReleased
-from core.models import Cooperative, Member, Payment, PaymentType, SmsMessage
+from core.disputes import DISPUTE_TEMPLATES
+from core.members import PhoneReleased, number_came_since
+from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, SmsMessage
 from core.notify import SMS_KEY_SIZE, SMS_PHONE_CONTEXT
 from core.outbox import Handler, Job, PermanentJobError, RetryLater, finish_unsent
 from core.ratelimit import Limit, RateLimiter
+from core.refunds import REFUND_TEMPLATES
 from core.reminders import why_not_send
 from core.state import StaleTransition, transition_alone
 from core.state.payment import PaymentStatus
@@ -210,6 +212,9 @@ class SmsJobs:
                 # Built by an earlier attempt (a first one's build checks it: _build), and retried through an
                 # aggregator outage: its payment may have been voided since.
                 void = await _receipt_void(conn, payload)
+            elif not payload.get("member_id") and payload.get("template") in PAYER_TEMPLATES:
+                # To the number that paid a payment of no member: a member may have got it since it was queued.
+                void = await _payer_void(conn, payload)
             if void is not None:
                 log.info("reminder not sent" if reminder else "member SMS not sent",
                          extra={"member_id": payload.get("member_id"), "reason": void,
@@ -218,7 +223,7 @@ class SmsJobs:
                     # SKIPPED: not sent, so the next morning's scan may queue its due date again)
                     await self._move(existing.id, SmsStatus.FAILED, failure_reason=shown_reason(void),
                                      provider_status=SKIPPED)
-                if void == PAYMENT_VOIDED:
+                if void in (PAYMENT_VOIDED, NUMBER_WENT_TO_A_MEMBER):
                     # Said on the job (GET /v1/jobs). A reminder's or member SMS's reason is not: "opted_out" may be
                     # a STOP the number sent to another cooperative, which this one must not learn (it ends DONE
                     # as quietly as one sent).
@@ -649,6 +654,41 @@ async def _receipt_void(conn: AsyncConnection, payload: dict[str, Any]) -> str |
         return None
     status = await pgraw.first(conn, _PAYMENT_STATUS, {"p": payment_id})
     return PAYMENT_VOIDED if status is not None and status[0] == PaymentStatus.VOIDED.value else None
+
+
+# A refund's or dispute's SMS to the number that paid a payment of no member (core.refunds.payer_to_tell judges
+# it when it is queued), checked again on every attempt: queued while that number was its payer's and sent after a
+# member got it (a new SIM, a swap: the worker or the aggregator down meanwhile, a parked job replayed), it told her
+# of another's payment. Not sent then; the job says why (lastError "not sent: number_went_to_a_member").
+PAYER_TEMPLATES = frozenset(REFUND_TEMPLATES + DISPUTE_TEMPLATES)
+NUMBER_WENT_TO_A_MEMBER = "number_went_to_a_member"
+_PAYER_PAYMENT = {
+    "refund_id": select(Refund.__table__.c.payment_id).where(Refund.__table__.c.id == bindparam("i", type_=String)),
+    "dispute_id": select(Dispute.__table__.c.payment_id).where(Dispute.__table__.c.id == bindparam("i", type_=String)),
+}
+
+
+async def _payer_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
+    """Why a PAYER_TEMPLATES message to the number that paid must not go out any more, None to send it:
+    NUMBER_WENT_TO_A_MEMBER once a member got that number by a correction since the payment
+    (core.members.number_came_since, as core.refunds.payer_to_tell asks it). Two probes and the number's
+    corrections, for a payment of no member's notices only (rare)."""
+    context = payload.get("context") or {}
+    for name, query in _PAYER_PAYMENT.items():
+        if isinstance(context.get(name), str):
+            found = await pgraw.first(conn, query, {"i": context[name]})
+            break
+    else:
+        return None
+    if found is None:
+        return None  # left to the build, which names what is missing
+    async with AsyncSession(bind=conn, expire_on_commit=False) as session:
+        payment = await session.get(Payment, found[0])
+        if payment is None or payment.member_id is not None or payment.payment_account_index is None:
+            return None
+        if await number_came_since(session, payment.payment_account_index, payment.created_at):
+            return NUMBER_WENT_TO_A_MEMBER
+    return None
 
 
 class _Member(NamedTuple):

@@ -830,3 +830,43 @@ async def test_a_dispute_of_no_members_payment_is_not_texted_to_a_member_who_got
     assert len(texted) == len(told), texted
     assert not_told == [{"template": template[step], "paymentAccount": "+25078****222", "reason": "went_to_another"}
                         for step in ("opened", "under_review", "rejected") if step not in told]
+
+
+@pytest.mark.parametrize("stored", [False, True])
+async def test_a_refund_sms_queued_before_its_number_moved_is_not_sent_after(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any, stored: bool) -> None:
+    """The refund of a payment of no member completed while no member had the number that paid: its SMS was
+    queued to it, the payer's then. Before the worker's turn (the aggregator down, the outbox behind; `stored`: a
+    first attempt stored it and failed at Africa's Talking) Aline was moved to that number (NEW_SIM). Sent now,
+    "your refund of ..." told her of another's payment: not sent (the job says why; a stored message ends FAILED,
+    not sent), as one queued after the move is not queued at all."""
+    from core.audit import Actor
+    from core.models import Refund
+    from core.ports import ProviderOutcome
+    from core.refunds import apply_refund_outcome
+
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    paid = await _paid_by_number(rt, demo, STRANGER)
+    _wire, refund_id = await _in_flight(rt, admin, worker, paid)
+    async with rt.sessionmaker.begin() as s:
+        refund = await s.get(Refund, refund_id)
+        assert refund is not None
+        await apply_refund_outcome(s, rt, refund, ProviderOutcome.SUCCEEDED, actor=Actor("provider:t", "provider"))
+    key = f"sms:refund_completed:{refund_id}"
+    assert (await _refund_texts(rt, refund_id))[0] == [key]  # to the number that paid, its payer's still
+    if stored:
+        sms.set_failure("http503", number=STRANGER, times=1)  # AT refuses it once: stored, QUEUED, retried later
+        await drain(worker)
+        assert (await _refund_texts(rt, refund_id))[1] == ["refund_completed +25078****222"]
+    await admin.json("PATCH", f"/v1/members/{demo['members'][OLD]}", 200,
+                     json={"phone": STRANGER, "phoneChange": "NEW_SIM"})
+    await due_now(rt, "sms.send")
+    await drain(worker)
+    assert not any(paid.reference in str(m["message"]) for m in sms.messages(STRANGER))
+    async with rt.sessionmaker() as s:
+        job = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == key))).scalar_one()
+        rows = (await s.execute(select(SmsMessage.status, SmsMessage.failure_reason).where(
+            SmsMessage.idempotency_key == key.removeprefix("sms:")))).all()
+    assert (job.status, job.last_error) == ("DONE", "not sent: number_went_to_a_member")
+    assert rows == ([("FAILED", "not sent: number_went_to_a_member")] if stored else [])

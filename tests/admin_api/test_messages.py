@@ -433,6 +433,35 @@ async def test_a_payment_of_no_member_is_resent_to_the_number_that_paid_while_it
     assert "more than 90 days ago" in refused["message"]
 
 
+@pytest.mark.parametrize("change", ["NEW_SIM", "TYPO"])
+async def test_a_payment_of_no_member_is_not_resent_to_its_number_once_a_member_got_it(
+    rt: Any, demo: dict[str, Any], admin: Caller, sim: Any, worker: Any, change: str
+) -> None:
+    """Paid from a number no member had; Jean was then moved to that number (a new SIM, a swap: the operator gave
+    it to him). The receipt resent to the number that paid would tell him of another's payment (its amount, its
+    reference): refused, as the RECEIPT keyword from that number is not answered (channels.sms.routes._owns) and a
+    refund's SMS is not sent there (core.refunds.payer_to_tell). A TYPO correction (the number was his all
+    along: he paid it) resends as before."""
+    payment = await _paid(rt, demo, STRANGER, member=False)
+    await drain(worker)
+    received = len(sim.messages(STRANGER))
+    await admin.json("PATCH", f"/v1/members/{demo['members'][JEAN]}", 200,
+                     json={"phone": STRANGER, "phoneChange": change})
+    jobs = len(await _sms_jobs(rt))
+    if change == "TYPO":
+        await admin.json("POST", f"/v1/payments/{payment.id}/receipt", 202)
+        await drain(worker)
+        assert len(sim.messages(STRANGER)) == received + 1
+        return
+    refused = await admin.json("POST", f"/v1/payments/{payment.id}/receipt", 409)
+    assert refused["message"] == ("the payment has no member and the number that paid it went to a member since (a "
+                                  "swap, a new SIM): the receipt would tell that member of another's payment")
+    assert len(await _sms_jobs(rt)) == jobs
+    assert await _resend_audits(rt, payment.id) == []
+    await drain(worker)
+    assert len(sim.messages(STRANGER)) == received
+
+
 async def test_the_key_shapes_a_payments_messages_are_found_by(rt: Any, demo: dict[str, Any], admin: Caller) -> None:
     """Every key shape of a message about the payment is found (a USSD receipt's as channels.ussd.flows writes it,
     a long inbound id digested), and none of a payment whose id only begins the same, nor a keyword reply queued

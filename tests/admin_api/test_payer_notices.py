@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from core.audit import Actor
-from core.models import OutboxJob, Refund
+from core.models import AuditEvent, OutboxJob, Refund
 from core.ports import ProviderOutcome
 from core.refunds import apply_refund_outcome
 from tests.admin_api.conftest import complete_payment, idem, make_payment
@@ -76,3 +76,27 @@ async def test_a_bank_payment_without_a_member_has_no_sms_but_its_webhook_event(
     assert await _sms_to(rt, "dispute_opened") == []
     events = [j.payload["event_type"] for j in await _jobs(rt, "webhook.event")]
     assert events == ["dispute.opened"]
+
+
+async def test_dispute_sms_are_not_sent_to_the_paying_phone_once_a_member_got_it(admin, rt, demo):
+    """Jean was moved to the number that paid since the payment (a new SIM: the operator gave it to him). The
+    dispute's SMS ("your dispute about payment ...", its resolution) would tell him of another's payment: not sent,
+    as a refund's is not (core.refunds.payer_to_tell); the cooperative's system is still told, and the audit
+    log says why the payer was not. A dispute opened before the move told the payer then."""
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"], paymentAccount=PAYER)
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
+    assert await _sms_to(rt, "dispute_opened") == [(None, PAYER)]
+    await admin.json("PATCH", f"/v1/members/{demo['members']['+250788000002']}", 200,
+                     json={"phone": PAYER, "phoneChange": "NEW_SIM"})
+    await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200, json={"status": "UNDER_REVIEW"})
+    await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200,
+                     json={"status": "REJECTED", "note": "paid as asked"})
+    assert await _sms_to(rt, "dispute_updated") == [] == await _sms_to(rt, "dispute_resolved")
+    events = [j.payload["event_type"] for j in await _jobs(rt, "webhook.event")]
+    assert events.count("dispute.updated") == 2
+    async with rt.sessionmaker() as s:
+        told = (await s.execute(select(AuditEvent.after).where(
+            AuditEvent.entity_id == dispute["id"], AuditEvent.action == "dispute.payer_not_told")
+            .order_by(AuditEvent.id))).scalars().all()
+    assert told == [{"template": "dispute_updated", "paymentAccount": "+25078****001", "reason": "went_to_another"},
+                    {"template": "dispute_resolved", "paymentAccount": "+25078****001", "reason": "went_to_another"}]
