@@ -433,8 +433,6 @@ class UssdSession(Base):
         Index("ix_ussd_sessions_coop_started", "cooperative_id", "started_at"),
         # Migration 0018: a member's session rows, which erasing her clears (core.members).
         Index("ix_ussd_sessions_member", "member_id", **_where("member_id IS NOT NULL")),
-        # Migration 0028: the sessions still OPEN, which the sweep closes (channels.ussd.records.close_abandoned).
-        Index("ix_ussd_sessions_open", "started_at", **_where("status = 'OPEN'")),
     )
 
     id: Mapped[str] = _id()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, and_, bindparam, case, func, literal_column, null, or_, select, update
+from sqlalchemy import String, and_, bindparam, case, func, null, or_, select, update
 
 from channels.ussd.cache import autocommit
 from channels.ussd.sessions import SESSION_TTL
@@ -173,24 +173,32 @@ def _guessed(table: Any) -> Any:
     return and_(table.c.status == "Incomplete", table.c.error == TIMED_OUT)
 
 
-def _not_guessed(table: Any) -> Any:
-    """Not _guessed, an error of NULL included (NOT of the AND would be NULL for an Incomplete row without one)."""
-    return or_(table.c.status != "Incomplete", table.c.error.is_distinct_from(TIMED_OUT))
+# A session is counted once in gateway_ussd_sessions: by the first close of its row, whichever it is (the sweep, the
+# aggregator's notice, the END hop, Hubtel's Timeout) and in whatever order the others come; they write the row's
+# truth and count nothing (a counter cannot take the first one's count back). The first close is the write that
+# finds the row OPEN: each closer writes `WHERE status = 'OPEN'` first, a statement of its own, and what it RETURNS
+# tells whether it was (one round trip, the normal case); a closer that wrote nothing then writes the row whatever it
+# is (a second). No row goes back to OPEN (but as a new session of the id, a new row), so the second write is right
+# though run apart. Two closers at once: PostgreSQL makes the second wait for the first's row lock and checks its
+# condition again on the row the first left, not OPEN any more; SQLite runs one write at a time: exactly one counts.
+def _first_close(table: Any) -> Any:
+    return table.c.status == "OPEN"
 
 
 @functools.cache
-def _close_statement(columns: tuple[str, ...], swept: bool) -> Any:
+def _close_statement(columns: tuple[str, ...], first: bool, young: bool) -> Any:
     """One UPDATE per set of columns, built once and run with the values as parameters, RETURNING the id of the row
-    it wrote.
-
-    An aggregator's own end-of-session status, if it came first, is not overwritten (the CASE). `swept` False: the
-    row is written unless it is the sweep's guess; True: whatever it is (run when the first found it swept)."""
+    it wrote. `first`: only an OPEN row (the session's first close); else the row whatever it is, an aggregator's own
+    end-of-session status, if it came first, not overwritten (the CASE), the sweep's guess (TIMED_OUT) replaced.
+    `young`: only a row started since `w_since`."""
     table = table_of(UssdSession)
     # The sweep's Incomplete (close_abandoned) was a guess: a session whose state outlived it ended here.
     guessed = _guessed(table)
     which = [table.c.aggregator == bindparam("w_aggregator"), table.c.session_id == bindparam("w_session_id")]
-    if not swept:
-        which.append(_not_guessed(table))
+    if young:
+        which.append(table.c.started_at >= bindparam("w_since"))
+    if first:
+        which.append(_first_close(table))
     return (update(table).where(*which)
             .values({**{table.c[c]: bindparam(f"v_{c}") for c in columns},
                      table.c.status: case((or_(table.c.status == "OPEN", guessed),
@@ -199,19 +207,26 @@ def _close_statement(columns: tuple[str, ...], swept: bool) -> Any:
             .returning(table.c.id))
 
 
-async def closed(rt: Any, *, aggregator: str, session_id: str, hops: int, last_screen: str,
-                 data: dict[str, Any], status: str = "Success", duration_ms: int | None = None) -> bool:
-    """Record the session ended. Returns whether the sweep had closed it first (its row the sweep's guess, which
-    this replaces): the sweep counted it timed_out, so the caller counts no outcome of its own.
+async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Success", hops: int | None = None,
+                 last_screen: str | None = None, data: dict[str, Any] | None = None,
+                 duration_ms: int | None = None, stateless: bool = False) -> bool:
+    """Record the session ended (by its END hop, or Hubtel's Timeout; what the hop does not know, None, is left as
+    it is). Returns whether its row was closed before (by the sweep, the aggregator's notice, another hop): that
+    close counted the session, so the caller counts no outcome of its own (see _first_close).
 
-    One statement, atomic on its own, so no transaction around it; a second only for a swept row. The first writes
-    the row unless it is the sweep's guess: a row it leaves was swept before it ran (a row the sweep closes
-    meanwhile is left too, PostgreSQL checking the row again once the sweep's lock is gone), and a swept row stays
-    swept (no one makes it OPEN again), so the second, which writes it whatever it is, tells it right even when an
-    aggregator's notice replaced the guess in between."""
-    values: dict[str, Any] = {"hops": hops, "last_screen": last_screen[:48], "ended_at": utcnow()}
+    `stateless`: a hop without the session's state (gone from Redis), which cannot tell the row is this session's
+    (the session's state, or its first hop's write, tells a hop that): only a row younger than the longest session
+    is (previous_before), an older one a previous session's of the id, left as it is.
+
+    One statement, atomic on its own, so no transaction around it; a second only for a row closed before."""
+    values: dict[str, Any] = {"ended_at": utcnow()}
+    if hops is not None:
+        values["hops"] = hops
+    if last_screen is not None:
+        values["last_screen"] = last_screen[:48]
     if duration_ms is not None:
         values["duration_ms"] = duration_ms
+    data = data or {}
     for column, key in (("cooperative_id", "c"), ("member_id", "mb"), ("payment_id", "pid")):
         if data.get(key):
             values[column] = data[key]
@@ -219,16 +234,20 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, hops: int, last_s
         values["cooperative_id"] = data["ic"]
     params = {f"v_{c}": v for c, v in values.items()}
     params.update(v_status=status, w_aggregator=aggregator, w_session_id=session_id[:128])
+    if stateless:
+        params["w_since"] = previous_before()
     async with autocommit(rt) as conn:
-        if await pgraw.first(conn, _close_statement(tuple(values), False), params) is not None:
+        if await pgraw.first(conn, _close_statement(tuple(values), True, stateless), params) is not None:
             return False
-        # No row at all (its opening write failed) is no swept one either.
-        return await pgraw.first(conn, _close_statement(tuple(values), True), params) is not None
+        # No row at all (its opening write failed) was not closed before either: the caller counts it.
+        return await pgraw.first(conn, _close_statement(tuple(values), False, stateless), params) is not None
 
 
 async def record_event(rt: Any, event: SessionEvent) -> bool:
     """Upsert by (aggregator, session id): the notification may arrive before, after or without hops. Returns
-    whether the sweep had closed the session first (see closed(): its outcome was counted, as timed_out)."""
+    whether the row was closed before (by the sweep, the END hop, an earlier copy of this notice): that close
+    counted the session, so the caller counts nothing (see _first_close). The aggregator's word is written either
+    way: it replaces the sweep's guess (TIMED_OUT) and an END hop's Success."""
     values: dict[str, Any] = {"status": event.status, "ended_at": event.at or utcnow()}
     if event.hops is not None:
         values["hops"] = event.hops
@@ -236,7 +255,6 @@ async def record_event(rt: Any, event: SessionEvent) -> bool:
         values["duration_ms"] = event.duration_ms
     if event.cost:
         values["cost"] = event.cost[:32]
-    # The aggregator's own word: it replaces what the sweep guessed (TIMED_OUT) when it comes after it.
     values["error"] = event.error[:300] if event.error else None
     table = table_of(UssdSession)
     async with rt.sessionmaker.begin() as session:
@@ -246,14 +264,14 @@ async def record_event(rt: Any, event: SessionEvent) -> bool:
             service_code=event.service_code[:32], network_code=(event.network or "")[:16] or None,
             started_at=utcnow(), **{"hops": 0, **values},
         )
-        # A swept row is left (no row RETURNED), and written next, as closed() does: a swept row stays swept.
+        # A new row, or an OPEN one, is the session's first close; a row closed before is left (no row RETURNED),
+        # and written next.
         stmt = stmt.on_conflict_do_update(index_elements=["aggregator", "session_id"], set_=values,
-                                          where=_not_guessed(table)).returning(table.c.id)
+                                          where=_first_close(table)).returning(table.c.id)
         if (await session.execute(stmt)).first() is not None:
             return False
-        swept = update(table).where(table.c.aggregator == event.aggregator,
-                                    table.c.session_id == event.session_id[:128]).values(values)
-        await session.execute(swept)
+        await session.execute(update(table).where(table.c.aggregator == event.aggregator,
+                                                  table.c.session_id == event.session_id[:128]).values(values))
         return True
 
 
@@ -266,11 +284,10 @@ def _abandoned_statement(bounded: bool) -> Any:
     PostgreSQL may plan it as a semi join's inner side, run again for each row the UPDATE reads, each run past the
     rows the statement itself just closed, and one batch then closed every OPEN row.
 
-    Read through ix_ussd_sessions_open (migration 0028), which holds the OPEN rows alone: its predicate is written
-    out, not bound (PostgreSQL uses a partial index for `status = $1` only while it plans for that value, not in a
-    plan it reuses), as retention's _TEXT_KEPT is."""
+    Read through ix_ussd_sessions_started: no index reads `status` (a partial index of the OPEN rows would),
+    so that a session's end stays a HOT update."""
     table = table_of(UssdSession)
-    picked = [table.c.status == literal_column("'OPEN'"), table.c.started_at < bindparam("before")]
+    picked = [table.c.status == "OPEN", table.c.started_at < bindparam("before")]
     if bounded:
         picked.append(table.c.started_at >= bindparam("since"))
     due = (select(table.c.id).where(*picked).order_by(table.c.started_at).limit(bindparam("batch"))
@@ -292,11 +309,11 @@ async def close_abandoned(rt: Any, *, now: datetime | None = None, since: dateti
                           batch: int = 500, until: float | None = None) -> int:
     """Record ended every session still OPEN ABANDONED_AFTER its start (started from `since` on, when given): no
     aggregator will (see ABANDONED_AFTER). One transaction per batch, until a batch comes short, each batch read
-    from the latest start the one before closed (through ix_ussd_sessions_open; not from the oldest again, past the
-    index entries of every row the batches before closed, which stay until a vacuum: a backlog of months is read
-    once); safe with two workers sweeping at once (the rows one skips, held by the other, are the other's to close).
-    Returns how many were closed (counted in gateway_ussd_sessions as timed_out, by aggregator). Its duration stays
-    unknown (NULL): no one saw the session's last hop end it.
+    from the latest start the one before closed (through the started_at index, not past every row the batches
+    before closed again: a backlog of months is read once); safe with two workers sweeping at once (the rows one
+    skips, held by the other, are the other's to close). Returns how many were closed (counted in
+    gateway_ussd_sessions as timed_out, by aggregator). Its duration stays unknown (NULL): no one saw the session's
+    last hop end it.
 
     `until` (a time.monotonic() instant): no batch starts after it, SweepUnfinished is raised instead (the batches
     done stay done), so a caller with a time limit stops between batches rather than be cut off in one."""

@@ -324,14 +324,17 @@ async def _events(request: web.Request) -> web.Response:
         return web.json_response({"error": "Bad Request", "message": str(exc)}, status=400)
     event = records.SessionEvent(aggregator=africastalking.NAME, **fields)
     try:
-        swept = await asyncio.wait_for(records.record_event(rt, event), timeout=5.0)
+        closed_before = await asyncio.wait_for(records.record_event(rt, event), timeout=5.0)
     except Exception as exc:
         log.warning("ussd event not recorded", extra={"session_id": event.session_id,
                                                       "error": type(exc).__name__})
         return web.json_response({"error": "Service Unavailable"}, status=503)
-    # Not when the sweep had closed it: counted then, as timed_out (a session is counted once; see service._closed).
-    if event.status != "Success" and not swept:
-        metrics.USSD_SESSIONS.labels(aggregator=africastalking.NAME, outcome=event.status.lower()).inc()
+    # Counted by the first close of its row (see service._closed): this notice's, unless the END hop, the sweep or
+    # a copy of it came first. A Success first (its END hop not recorded yet) is counted completed: the notice
+    # cannot tell a payment, and the END coming after it counts nothing.
+    if not closed_before:
+        outcome = "completed" if event.status == "Success" else event.status.lower()
+        metrics.USSD_SESSIONS.labels(aggregator=africastalking.NAME, outcome=outcome).inc()
     log.info("ussd session ended", extra={"session_id": event.session_id, "phone": event.phone.masked(),
                                           "status": event.status, "hops": event.hops})
     return web.Response(text="OK")

@@ -348,17 +348,22 @@ class UssdService:
             metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome="resumed").inc()
 
     async def _abandoned(self, rt: Any, turn: UssdTurn, stored: sessions.Stored | None) -> None:
-        if stored is None or not await self._closed(rt, turn, stored, status="Incomplete"):
+        # Its state gone (lost), the row is closed all the same, with what the Timeout says: left OPEN, the sweep
+        # would count the session a second time.
+        if not await self._closed(rt, turn, stored, status="Incomplete"):
             metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome="abandoned").inc()
 
     @staticmethod
-    async def _closed(rt: Any, turn: UssdTurn, stored: sessions.Stored, *, status: str) -> bool:
-        """The session's row recorded ended; whether the sweep had closed it first. A session is counted once in
-        gateway_ussd_sessions: the sweep counted a row it closed as timed_out, and a counter cannot take that
-        back, so its late end (the sweep guessed wrong: a hop came after all) counts no outcome of its own; the
-        row still says how it really ended. A row not written (the database failing) counts: better once than
-        not at all."""
+    async def _closed(rt: Any, turn: UssdTurn, stored: sessions.Stored | None, *, status: str) -> bool:
+        """The session's row recorded ended; whether it was closed before. A session is counted once in
+        gateway_ussd_sessions, by the first close of its row (records._first_close): the sweep's timed_out, the
+        aggregator's notice (its outcome), or this hop's; a counter cannot take the first back, so a later close
+        counts no outcome of its own, and the row still says how the session really ended. A row not written (the
+        database failing) counts: better once than not at all."""
         try:
+            if stored is None:
+                return await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id,
+                                            status=status, stateless=True)
             return await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id,
                                         hops=stored.hops, last_screen=stored.state.screen, data=stored.state.data,
                                         status=status, duration_ms=int((time.time() - stored.started) * 1000))

@@ -1,0 +1,236 @@
+"""Each USSD session is counted once in gateway_ussd_sessions_total, whatever closes its row first and in whatever
+order the others come: the sweep, Africa's Talking's end-of-session notice, the END hop, Hubtel's Timeout. The first
+close of a row counts; a later one writes the row's truth (the aggregator's word stands) and counts nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from channels.ussd import records
+from core.models import UssdSession
+from core.phone import normalize
+from tests.channels.ussd.helpers import AtPhone
+from tests.channels.ussd.test_abandoned_sessions import _added, _age, _row, _sessions_counted
+from tests.channels.ussd.test_flows_africastalking import EN_MTN, RW_MTN, option
+from tests.channels.ussd.test_hubtel_nalo_flows import EN_MTN as HUBTEL_EN_MTN
+from tests.channels.ussd.test_hubtel_nalo_flows import FR_AIRTEL as HUBTEL_FR_AIRTEL
+from tests.channels.ussd.test_hubtel_nalo_flows import HubtelPhone
+from tests.conftest import requires_pg
+
+AT = "africastalking"
+
+
+async def _notice(client: Any, session_id: str, status: str, error: str = "") -> None:
+    """Africa's Talking's end-of-session notification of the session."""
+    resp = await client.post("/ussd/africastalking/events", data={
+        "date": "2026-01-15 10:00:00", "sessionId": session_id, "serviceCode": "*384*123#", "networkCode": "63510",
+        "phoneNumber": EN_MTN, "status": status, "cost": "KES 0.05", "durationInMillis": "20000", "hopsCount": "3",
+        "input": "2", "lastAppResponse": "END", "errorMessage": error})
+    assert resp.status == 200, await resp.text()
+
+
+async def _to_confirm(phone: AtPhone) -> None:
+    """The session up to its payment's confirmation: its next key ("2", cancel) ends it, counted completed."""
+    await phone.dial()
+    types = await phone.send("1")
+    confirm = await phone.send(option(types, "Monthly Rent"))
+    assert confirm.startswith("CON ") and "Monthly Rent" in confirm
+
+
+async def _cancel(phone: AtPhone) -> None:
+    assert (await phone.send("2")).startswith("END ")
+
+
+@pytest.mark.parametrize(("status", "outcome"), [("Incomplete", "incomplete"), ("Failed", "failed"),
+                                                 ("Success", "completed")])
+async def test_a_notice_before_the_end_hop_counts_the_session_once(status: str, outcome: str, client: Any,
+                                                                   demo: Any, db: Any, rt: Any) -> None:
+    """Africa's Talking gave up on a slow hop and said so before that hop's END was written: the notice counted
+    the session (its outcome: it came first; a Success, which cannot tell a payment, as completed), the END
+    counts nothing and writes what it knows on the row, the aggregator's status standing."""
+    phone = AtPhone(client, EN_MTN)
+    await _to_confirm(phone)
+    before = _sessions_counted(AT)
+    await _notice(client, phone.session_id, status, "" if status == "Success" else "network timeout")
+    assert _added(before, _sessions_counted(AT)) == {outcome: 1}
+    await _cancel(phone)
+    assert _added(before, _sessions_counted(AT)) == {outcome: 1}
+    row = await _row(db, phone.session_id)
+    assert (row.status, row.last_screen, row.hops) == (status, "pay_cancelled", 4)
+
+
+@pytest.mark.parametrize("status", ["Incomplete", "Failed", "Success"])
+async def test_a_notice_after_the_end_hop_counts_nothing(status: str, client: Any, demo: Any, db: Any,
+                                                        rt: Any) -> None:
+    phone = AtPhone(client, EN_MTN)
+    await _to_confirm(phone)
+    before = _sessions_counted(AT)
+    await _cancel(phone)
+    assert _added(before, _sessions_counted(AT)) == {"completed": 1}
+    await _notice(client, phone.session_id, status)
+    await _notice(client, phone.session_id, status)  # the aggregator's retry of it
+    assert _added(before, _sessions_counted(AT)) == {"completed": 1}
+    assert (await _row(db, phone.session_id)).status == status  # the aggregator's word
+
+
+async def test_a_notice_sent_twice_counts_once(client: Any, demo: Any, db: Any, rt: Any) -> None:
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    before = _sessions_counted(AT)
+    await _notice(client, phone.session_id, "Incomplete")
+    await _notice(client, phone.session_id, "Incomplete")
+    # A notice of a session no hop reached (no row) counts it, once too.
+    await _notice(client, "ATUid_no_hop", "Failed")
+    await _notice(client, "ATUid_no_hop", "Failed")
+    assert _added(before, _sessions_counted(AT)) == {"incomplete": 1, "failed": 1}
+
+
+async def test_the_sweep_then_a_notice_then_the_end_hop_count_the_sweeps_timed_out_alone(
+        client: Any, demo: Any, db: Any, rt: Any) -> None:
+    """The notice replaces the sweep's guess on the row (no more Incomplete with TIMED_OUT): the END coming after it
+    still knows the session was counted."""
+    phone = AtPhone(client, EN_MTN)
+    await _to_confirm(phone)
+    await _age(rt, phone.session_id, 11)
+    before = _sessions_counted(AT)
+    assert await records.close_abandoned(rt) == 1
+    await _notice(client, phone.session_id, "Failed", "network")
+    await _cancel(phone)
+    assert _added(before, _sessions_counted(AT)) == {"timed_out": 1}
+    row = await _row(db, phone.session_id)
+    assert (row.status, row.error, row.last_screen) == ("Failed", "network", "pay_cancelled")
+
+
+async def test_a_notice_then_the_sweep_counts_the_notice_alone(client: Any, demo: Any, db: Any, rt: Any) -> None:
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    await _age(rt, phone.session_id, 11)
+    before = _sessions_counted(AT)
+    await _notice(client, phone.session_id, "Success")
+    assert await records.close_abandoned(rt) == 0
+    assert _added(before, _sessions_counted(AT)) == {"completed": 1}
+
+
+async def _hubtel_to_confirm(client: Any, session_id: str) -> HubtelPhone:
+    phone = HubtelPhone(client, HUBTEL_EN_MTN, session_id)
+    await phone.post("Initiation", "*384*123#")
+    await phone.post("Response", "1")
+    assert (await phone.post("Response", "1"))["Message"].startswith("Pay Monthly Rent")
+    return phone
+
+
+async def test_hubtels_timeout_after_the_end_hop_counts_nothing(client: Any, demo: Any, db: Any, rt: Any) -> None:
+    phone = await _hubtel_to_confirm(client, "hubtel-ended")
+    before = _sessions_counted("hubtel")
+    assert (await phone.post("Response", "2"))["Type"] == "Release"
+    assert (await phone.post("Timeout", ""))["Type"] == "Release"
+    assert _added(before, _sessions_counted("hubtel")) == {"completed": 1}
+    assert (await _row(db, "hubtel-ended")).status == "Success"
+
+
+async def test_hubtels_timeout_before_a_late_end_hop_counts_it_abandoned(client: Any, demo: Any, db: Any,
+                                                                         rt: Any) -> None:
+    phone = await _hubtel_to_confirm(client, "hubtel-timeout")
+    before = _sessions_counted("hubtel")
+    assert (await phone.post("Timeout", ""))["Type"] == "Release"
+    await phone.post("Response", "2")
+    assert _added(before, _sessions_counted("hubtel")) == {"abandoned": 1}
+    row = await _row(db, "hubtel-timeout")
+    assert (row.status, row.last_screen) == ("Incomplete", "pay_cancelled")
+
+
+async def test_hubtels_timeout_of_a_session_whose_state_is_gone_closes_its_row(client: Any, demo: Any, db: Any,
+                                                                              rt: Any) -> None:
+    """No Redis state left (lost): the Timeout still closes the row, and the sweep then finds it closed. It used to
+    count abandoned and leave the row OPEN, for the sweep to count a second time. A row older than the longest
+    session is a previous session's of the id (Hubtel uses ids again): left as it is, this Timeout counted."""
+    phone = await _hubtel_to_confirm(client, "hubtel-lost")
+    previous = HubtelPhone(client, HUBTEL_FR_AIRTEL, "hubtel-previous")
+    await previous.post("Initiation", "*384*123#")
+    await _age(rt, "hubtel-previous", 11)
+    before = _sessions_counted("hubtel")
+    assert await records.close_abandoned(rt) == 1
+    await rt.redis.flushdb()
+    assert (await phone.post("Timeout", ""))["Type"] == "Release"
+    assert _added(before, _sessions_counted("hubtel")) == {"timed_out": 1, "abandoned": 1}
+    row = await _row(db, "hubtel-lost")
+    assert (row.status, row.error) == ("Incomplete", None) and row.ended_at is not None
+    await _age(rt, "hubtel-lost", 11)
+    assert await records.close_abandoned(rt) == 0
+    swept = (await _row(db, "hubtel-previous")).ended_at
+    assert (await previous.post("Timeout", ""))["Type"] == "Release"  # of a new session of the id
+    assert _added(before, _sessions_counted("hubtel")) == {"timed_out": 1, "abandoned": 2}
+    assert (await _row(db, "hubtel-previous")).ended_at == swept
+
+
+async def test_the_end_hop_and_the_notice_at_once_count_each_session_once(client: Any, demo: Any, db: Any,
+                                                                          rt: Any) -> None:
+    phones = []
+    before = _sessions_counted(AT)
+    for _ in range(4):
+        pair = [AtPhone(client, EN_MTN), AtPhone(client, RW_MTN)]
+        for phone in pair:
+            await _to_confirm(phone)
+        await asyncio.gather(*(step for phone in pair for step in (
+            _cancel(phone), _notice(client, phone.session_id, "Incomplete"))))
+        phones += pair
+    added = _added(before, _sessions_counted(AT))
+    assert sum(added.values()) == len(phones) and set(added) <= {"completed", "incomplete"}, added
+    for phone in phones:
+        row = await _row(db, phone.session_id)
+        assert row.last_screen == "pay_cancelled" and row.status in ("Incomplete", "Success")
+
+
+async def test_two_closes_at_once_tell_exactly_one_it_was_first(client: Any, demo: Any, db: Any, rt: Any) -> None:
+    """records.closed() and record_event() return whether the session was closed (counted) before them: of two
+    run at once, exactly one is the first."""
+    for n in range(6):
+        phone = AtPhone(client, EN_MTN, session_id=f"ATUid_race_{n}")
+        await phone.dial()
+        event = records.SessionEvent(aggregator=AT, session_id=phone.session_id, phone=normalize(EN_MTN),
+                                     service_code="*384*123#", network=None, status="Failed", hops=2,
+                                     duration_ms=None, cost=None, error="network")
+        close = records.closed(rt, aggregator=AT, session_id=phone.session_id, hops=2, last_screen="home", data={})
+        other = records.record_event(rt, event) if n % 2 else records.closed(  # a notice, or Hubtel's Timeout
+            rt, aggregator=AT, session_id=phone.session_id, hops=2, last_screen="home", data={}, status="Incomplete")
+        before = await asyncio.gather(close, other)
+        assert sorted(before) == [False, True], (n, before)
+
+
+@requires_pg
+async def test_an_end_waiting_on_a_notices_lock_is_told_the_notice_counted(client: Any, demo: Any, db: Any,
+                                                                           rt: Any) -> None:
+    """The notice's write holds the row while the END's close comes: the close waits for it to commit, finds the
+    row closed, and counts nothing (PostgreSQL checks the OPEN condition again on the row the notice left)."""
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(UssdSession).where(UssdSession.session_id == phone.session_id)
+                        .values(status="Failed", error="network"))
+        late = asyncio.create_task(records.closed(rt, aggregator=AT, session_id=phone.session_id, hops=3,
+                                                  last_screen="home", data={}))
+        await asyncio.sleep(0.3)
+        assert not late.done()  # waiting on the notice's row lock
+    assert await late is True
+    row = await _row(db, phone.session_id)
+    assert (row.status, row.error, row.hops, row.last_screen) == ("Failed", "network", 3, "home")
+
+
+async def test_the_end_hop_closes_its_row_in_one_statement_and_a_second_only_after_a_notice(
+        client: Any, demo: Any, db: Any, rt: Any) -> None:
+    """The hop path's cost: an END on an OPEN row is one UPDATE (the normal case); after the notice, a second writes
+    the row closed before."""
+    from tests.channels.ussd.test_hop_cost import statements
+
+    for notice_first, writes in ((False, 1), (True, 2)):
+        phone = AtPhone(client, EN_MTN)
+        await _to_confirm(phone)
+        if notice_first:
+            await _notice(client, phone.session_id, "Incomplete")
+        with statements(rt) as sent:
+            await _cancel(phone)
+        assert len([s for s in sent if "ussd_sessions" in s]) == writes, sent
