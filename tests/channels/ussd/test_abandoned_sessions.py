@@ -287,6 +287,28 @@ async def test_a_sweep_out_of_time_stops_between_batches_and_runs_again_for_the_
     assert left == [3, 1] and await db.count(UssdSession, UssdSession.status == "OPEN") == 0
 
 
+async def test_a_sweep_out_of_time_run_by_the_worker_uses_no_attempt_however_many_runs_it_takes(
+        db: Any, rt: Any, worker: Any, monkeypatch: Any) -> None:
+    """The same, through the worker: each run handed back (RetryLater) gives its attempt back, so a backlog of more
+    runs than the sweep's max_attempts (3) is closed to the end and the job ends DONE, not PARKED."""
+    monkeypatch.setattr(ussd_jobs, "SWEEP_BATCH", 1)
+    monkeypatch.setattr(ussd_jobs, "SWEEP_MARGIN", 3600.0)  # one batch a run: five runs
+    await _left_open(rt, 5)
+    async with rt.sessionmaker.begin() as s:  # this slot's sweep, due
+        await ussd_jobs.schedule_sweep(s, now=utcnow() - ussd_jobs.SWEEP_EVERY)
+    [job] = await db.all(OutboxJob, OutboxJob.kind == ussd_jobs.SWEEP_JOB)
+    runs = []
+    for _ in range(10):
+        runs.append(await drain(worker))
+        ran = await db.one(OutboxJob, OutboxJob.id == job.id)
+        if ran.status != "PENDING":
+            break
+        assert ran.attempts == 0 and ran.run_at <= utcnow() + timedelta(seconds=2)  # at once, its attempt back
+        async with rt.sessionmaker.begin() as s:  # its second's wait skipped
+            await s.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(run_at=utcnow()))
+    assert (ran.status, ran.attempts) == ("DONE", 1)
+    assert runs[:5] == [1, 1, 1, 1, 1] and await db.count(UssdSession, UssdSession.status == "OPEN") == 0
+
 @requires_pg
 async def test_a_late_end_waiting_on_the_sweeps_lock_is_told_the_sweep_closed_it(client: Any, demo: Any, db: Any,
                                                                                  rt: Any) -> None:
