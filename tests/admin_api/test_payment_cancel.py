@@ -323,6 +323,7 @@ async def test_a_late_completion_after_the_cancel_sms_tells_her_the_money_was_ta
     assert [m.template for m in sent] == ["payment_failed", "payment_late_receipt"]
     cancelled, late = sent
     assert CATALOGS["rw"].REASONS["cancelled_by_cooperative"] in cancelled.body
-    assert late.language == "rw" and late.body.startswith("Kwishyura 50,000 RWF ya Monthly Rent"), late.body
+    assert late.language == "rw", late.language
+    assert late.body.startswith("Twakiriye 50,000 RWF ya Monthly Rent nyuma: ntimwongere kwishyura."), late.body
     assert made["reference"] in late.body and taken["financialTransactionId"] in late.body
     assert made["id"] not in late.body

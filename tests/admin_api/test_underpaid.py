@@ -46,7 +46,7 @@ async def _queued(rt: Any, kind: str) -> list[OutboxJob]:
 
 
 @pytest.mark.parametrize(("taken", "shown"), [(40000, "40,000 RWF of 50,000 RWF"),
-                                              (60000, "60,000 RWF (50,000 RWF asked)")])
+                                              (60000, "60,000 RWF (50,000 RWF due)")])
 async def test_the_api_the_webhook_and_the_receipt_say_what_was_taken(
     admin: Any, rt: Any, demo: dict[str, Any], sim: Any, taken: int, shown: str
 ) -> None:

@@ -33,7 +33,7 @@ async def test_a_push_refused_for_a_prompt_already_on_her_phone_tells_her_to_fin
     await drain(worker)  # the collect job, then the SMS it queues
     assert (await _payment(rt, payment.id)).status == "FAILED"
     [text] = [m["message"] for m in sms.inbox.get(PAYER, [])]
-    assert "failed: another transaction is open: finish or cancel it. Ref: " in text and "to try again." in text
+    assert "failed: finish or cancel your other transaction. Ref: " in text and "to try again." in text
     assert en.REASONS["provider_error"] not in text
 
 

@@ -8,14 +8,16 @@ MESSAGES = {
     # A payment told failed, cancelled or not approved in time whose money was taken after all (core.payments: late).
     # One SMS (248 septets before): "after all" says the earlier message was wrong; no cooperative's name (the type,
     # amount and reference say which payment, and RECEIPT <ref> gives the full receipt); "Txn" and the date as the
-    # receipt says them.
-    "payment_late_receipt": "Your payment of {amount} for {type} went through after all: do not pay again. "
-    "Ref: {ref}. Txn: {txn}. {date}.",
+    # receipt says them. Worded as the receipt ("We received"), for one SMS too with a seven-digit reference and
+    # both amounts (AMOUNT_TAKEN: 175 septets as "Your payment of ... went through after all").
+    "payment_late_receipt": "We received {amount} for {type} after all: do not pay again. Ref: {ref}. Txn: {txn}. "
+    "{date}.",
     # A FAILED payment whose money the provider then reported taken (core.payments, success after a failure): it stays
-    # FAILED, the money held until her cooperative counts it or refunds it.
+    # FAILED, the money held until her cooperative counts it or refunds it. Two SMS, rare (tests/channels/sms/
+    # test_templates.py TWO_SMS): one would lose the type, the transaction and its date. "Txn" and the date as the
+    # receipt says them, for two SMS and not three with a seven-digit reference and both amounts.
     "payment_taken_after_failure": "We said your payment of {amount} for {type} ({coop}) failed, but the money was "
-    "taken after all. Do not pay again: your cooperative will count it or refund it. Ref: {ref}. Transaction: {txn}. "
-    "Date: {date}.",
+    "taken after all. Do not pay again: your cooperative will count it or refund it. Ref: {ref}. Txn: {txn}. {date}.",
     # One SMS for the usual failure and timeout (a payment the member declined or let lapse: frequent), with a
     # seven-figure amount and the longest usual reason: no cooperative's name (the code to dial is its own; the type,
     # amount and reference say which payment), which made them 165 to 189 septets, two SMS. The rarer reasons too
@@ -28,9 +30,10 @@ MESSAGES = {
     "If money was taken, it will be confirmed or refunded. Ref: {ref}.",
     "payment_status": "Payment {ref}: {amount} for {type} ({coop}) - {status}. Date: {date}.",
     "refund_completed": "Refund of {amount} for payment {payment_ref} ({coop}) completed. Ref: {ref}.",
-    # One SMS with any REFUND_REASONS (199 septets before): the payment's reference says which cooperative's.
-    "refund_failed": "Refund of {amount} for payment {payment_ref} failed: {reason}. "
-    "Your cooperative will contact you. Ref: {ref}.",
+    # One SMS with any REFUND_REASONS (199 septets before): the payment's reference says which cooperative's. The
+    # refund's reference first, no "Ref:", for one SMS with seven-digit references (166 septets otherwise).
+    "refund_failed": "Refund {ref} of {amount} (payment {payment_ref}) failed: {reason}. "
+    "Your cooperative will contact you.",
     "dispute_opened": "Your dispute {ref} about payment {payment_ref} ({coop}) is registered. "
     "We will keep you informed.",
     "dispute_updated": "Dispute {ref} about payment {payment_ref}: {status}.",
@@ -65,7 +68,7 @@ MESSAGES = {
 # A payment's {amount} when the provider took less or more than was asked (templates.amount_text).
 AMOUNT_TAKEN = {
     "less": "{collected} of {amount}",
-    "more": "{collected} ({amount} asked)",
+    "more": "{collected} ({amount} due)",  # "asked": the receipt was 162 septets with a seven-digit reference
 }
 
 
@@ -116,10 +119,12 @@ REASONS = {
     "limit": "an account limit was reached",
     "invalid_account": "the account cannot receive this payment",
     # M-Pesa's 1001: a prompt of another payment is still open on her phone; M-Pesa takes one at a time. Then she
-    # pays again: payment_failed ends "Dial {dial} to try again".
-    "other_transaction": "another transaction is open: finish or cancel it",
+    # pays again: payment_failed ends "Dial {dial} to try again". This one and the unreachable provider as short as
+    # the others, for one SMS with a seven-digit reference (161 and 162 septets as "another transaction is open:
+    # finish or cancel it", "mobile money was unreachable; ...").
+    "other_transaction": "finish or cancel your other transaction",
     "provider_error": "the mobile money service had a problem",
-    "provider_unreachable": "mobile money was unreachable; nothing was taken",
+    "provider_unreachable": "mobile money unreachable; nothing was taken",
     "wrong_pin": "the PIN entered was wrong",
     "phone_unreachable": "your phone could not be reached",
     "unknown": "the payment was not completed",

@@ -4,28 +4,34 @@ MESSAGES = {
     # One SMS for the usual receipt, as in English (a 30-character cooperative name, GHS 1 234,56: 161 septets, two
     # SMS, with "Date:" and "Merci!"): a date that needs no label. "Payé:", not "Paiement confirmé:", for one SMS too
     # when the provider took another amount than asked (AMOUNT_TAKEN, both amounts: 177 septets before).
-    "payment_receipt": "Payé: {amount} pour {type}, {coop}. Réf: {ref}. Transaction: {txn}. {date}.",
+    # The provider's transaction beside the reference, as in Kinyarwanda, not after "Transaction:": one SMS with a
+    # seven-digit reference and both amounts (164 septets).
+    "payment_receipt": "Payé: {amount} pour {type}, {coop}. Réf: {ref} ({txn}). {date}.",
     # One SMS (261 septets before), as in English: no cooperative's name; "finalement" says the earlier message was
-    # wrong.
-    "payment_late_receipt": "Paiement de {amount} pour {type} a finalement abouti: ne payez pas à nouveau. "
-    "Réf: {ref}. Transaction: {txn}. {date}.",
+    # wrong. "Finalement payé:" as the receipt's "Payé:", for one SMS with both amounts (182 septets as "Paiement de
+    # ... a finalement abouti").
+    "payment_late_receipt": "Finalement payé: {amount} pour {type}. Ne payez pas à nouveau. Réf: {ref} ({txn}). "
+    "{date}.",
+    # Two SMS (en.py): the provider's transaction beside the reference as in the receipt, for two and not three.
     "payment_taken_after_failure": "Votre paiement de {amount} pour {type} ({coop}), annoncé comme échoué, a "
     "finalement été prélevé. Ne payez pas à nouveau: votre coopérative le comptera ou vous le remboursera. "
-    "Réf: {ref}. Transaction: {txn}. Date: {date}.",
-    # One SMS for the usual failure and timeout (en.py): no cooperative's name, "Votre" dropped.
-    "payment_failed": "Paiement de {amount} pour {type} a échoué: {reason}. Réf: {ref}. "
-    "Pour réessayer, composez {dial}.",
+    "Réf: {ref} ({txn}). {date}.",
+    # One SMS for the usual failure and timeout (en.py): no cooperative's name, "Votre" dropped. "Recomposez" (dial
+    # again), not "Pour réessayer, composez": one SMS with a seven-digit reference and the rarer reasons (164 septets).
+    "payment_failed": "Paiement de {amount} pour {type} a échoué: {reason}. Réf: {ref}. Recomposez {dial}.",
     "payment_timeout": "Paiement de {amount} pour {type} n'a pas été approuvé à temps. Réf: {ref}. "
-    "Pour réessayer, composez {dial}.",
-    # One SMS (219 septets before): no cooperative's name, worded as PAYMENT_STATUS["UNCONFIRMED"].
+    "Recomposez {dial}.",
+    # One SMS (219 septets before): no cooperative's name. "Tout prélèvement", not "Si l'argent a été prélevé, il":
+    # one SMS with a seven-digit reference (161 septets).
     "payment_unconfirmed": "Paiement de {amount} pour {type} non confirmé par l'opérateur. "
-    "Si l'argent a été prélevé, il sera confirmé ou remboursé. Réf: {ref}.",
+    "Tout prélèvement sera confirmé ou remboursé. Réf: {ref}.",
     "payment_status": "Paiement {ref}: {amount} pour {type} ({coop}) - {status}. Date: {date}.",
     "refund_completed": "Remboursement de {amount} effectué pour le paiement {payment_ref} ({coop}). "
     "Réf: {ref}.",
-    # One SMS with any REFUND_REASONS (218 septets before): no cooperative's name, "Échec du remboursement".
-    "refund_failed": "Échec du remboursement de {amount} (paiement {payment_ref}): {reason}. "
-    "Votre coopérative vous contactera. Réf: {ref}.",
+    # One SMS with any REFUND_REASONS (218 septets before): no cooperative's name. The refund's reference first, no
+    # "Réf:", for one SMS with seven-digit references (168 septets as "Échec du remboursement de ...").
+    "refund_failed": "Remboursement {ref} de {amount} (paiement {payment_ref}) échoué: {reason}. "
+    "Votre coopérative vous contactera.",
     "dispute_opened": "Votre réclamation {ref} sur le paiement {payment_ref} ({coop}) est enregistrée. "
     "Nous vous tiendrons informé.",
     "dispute_updated": "Réclamation {ref} sur le paiement {payment_ref}: {status}.",

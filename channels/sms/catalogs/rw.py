@@ -7,16 +7,18 @@ MESSAGES = {
     # (AMOUNT_TAKEN, both amounts: 177 septets before).
     "payment_receipt": "Twakiriye {amount} ya {type}, {coop}. Nimero: {ref} ({txn}). {date}.",
     # One SMS (261 septets before), as in English: no cooperative's name, "nyuma" (after all) for "ignore our earlier
-    # message".
-    "payment_late_receipt": "Kwishyura {amount} ya {type} byakunze nyuma: amafaranga yavuyeho. "
-    "Ntimwongere kwishyura. Nimero: {ref} ({txn}). {date}.",
+    # message". "Twakiriye" as the receipt, for one SMS with a seven-digit reference and both amounts (186 septets as
+    # "Kwishyura ... byakunze nyuma: amafaranga yavuyeho").
+    "payment_late_receipt": "Twakiriye {amount} ya {type} nyuma: ntimwongere kwishyura. Nimero: {ref} ({txn}). "
+    "{date}.",
+    # Two SMS (en.py): the provider's transaction beside the reference as in the receipt, for two and not three.
     "payment_taken_after_failure": "Kwishyura {amount} ya {type} ({coop}) twababwiye ko byanze, ariko amafaranga "
-    "yavuye kuri konti yawe. Ntimwongere kwishyura: koperative yawe izayabara cyangwa izayagusubiza. Nimero: {ref}. "
-    "Nimero y'ihererekanya: {txn}. Itariki: {date}.",
+    "yavuye kuri konti yawe. Ntimwongere kwishyura: koperative yawe izayabara cyangwa izayagusubiza. "
+    "Nimero: {ref} ({txn}). {date}.",
     # One SMS for the usual failure and timeout (en.py): no cooperative's name. "Ongera ukande" (dial again), not
-    # "Ongera ugerageze ukanda" (try again, dialling), for the rarer reasons to fit too.
-    "payment_failed": "Kwishyura {amount} ya {type} ntibyakunze: {reason}. Nimero: {ref}. "
-    "Ongera ukande {dial}.",
+    # "Ongera ugerageze ukanda" (try again, dialling), for the rarer reasons to fit too; no closing full stop, for the
+    # unreachable provider to fit with a seven-digit reference (161 septets).
+    "payment_failed": "Kwishyura {amount} ya {type} ntibyakunze: {reason}. Nimero: {ref}. Ongera ukande {dial}",
     "payment_timeout": "Kwishyura {amount} ya {type} ntibyemejwe ku gihe. Nimero: {ref}. "
     "Ongera ugerageze ukanda {dial}.",
     # One SMS (198 septets before): no cooperative's name, "yavuyeho" as PAYMENT_STATUS["UNCONFIRMED"].
@@ -24,9 +26,10 @@ MESSAGES = {
     "yavuyeho, tuzabyemeza cyangwa tuyagusubize. Nimero: {ref}.",
     "payment_status": "Kwishyura {ref}: {amount} ya {type} ({coop}) - {status}. Itariki: {date}.",
     "refund_completed": "Twagusubije {amount} yo kwishyura {payment_ref} ({coop}). Nimero: {ref}.",
-    # One SMS with any REFUND_REASONS (203 septets before): no cooperative's name.
+    # One SMS with any REFUND_REASONS (203 septets before): no cooperative's name; "Koperative", not "Koperative
+    # yawe", for seven-digit references (168 septets).
     "refund_failed": "Gusubizwa {amount} yo kwishyura {payment_ref} ntibyakunze: {reason}. "
-    "Koperative yawe izakuvugisha. Nimero: {ref}.",
+    "Koperative izakuvugisha. Nimero: {ref}.",
     "dispute_opened": "Ikirego cyawe {ref} ku kwishyura {payment_ref} ({coop}) cyakiriwe. Tuzakumenyesha.",
     "dispute_updated": "Ikirego {ref} ku kwishyura {payment_ref}: {status}.",
     "dispute_resolved": "Ikirego {ref} ku kwishyura {payment_ref} cyarangiye: {status}. Murakoze.",
@@ -116,7 +119,7 @@ REASONS = {
 REFUND_REASONS = {
     "not_sent": "amafaranga ntiyashoboye koherezwa",
     "receiving_account": "konti yawe ntishobora kuyakira",
-    "provider_error": "ikibazo cya serivisi ya mobile money",
+    "provider_error": "ikibazo cya mobile money",  # "cya serivisi ya": refund_failed was 163 septets
 }
 
 KEYWORDS = {

@@ -2,27 +2,31 @@
 
 MESSAGES = {
     # One SMS for the usual receipt, as in English: a date that needs no label, and no closing "Asante!", for one SMS
-    # too when the provider took another amount than asked (AMOUNT_TAKEN, both amounts: 171 septets before).
-    "payment_receipt": "Tumepokea {amount} kwa {type}, {coop}. Kumb: {ref}. Muamala: {txn}. {date}",
+    # too when the provider took another amount than asked (AMOUNT_TAKEN, both amounts: 171 septets before). The
+    # provider's transaction beside the reference, as in Kinyarwanda, not after "Muamala:": one SMS with a seven-digit
+    # reference and both amounts (164 septets).
+    "payment_receipt": "Tumepokea {amount} kwa {type}, {coop}. Kumb: {ref} ({txn}). {date}",
     # One SMS (235 septets before), as in English: no cooperative's name, "hatimaye" says the earlier message was wrong.
-    "payment_late_receipt": "Malipo yako ya {amount} kwa {type} yamefanikiwa hatimaye: usilipe tena. "
-    "Kumb: {ref}. Muamala: {txn}. {date}.",
+    # "Tumepokea" as the receipt, for one SMS with both amounts (174 septets as "Malipo yako ya ... yamefanikiwa").
+    "payment_late_receipt": "Tumepokea {amount} kwa {type} hatimaye: usilipe tena. Kumb: {ref} ({txn}). {date}",
+    # Two SMS (en.py): the provider's transaction beside the reference as in the receipt.
     "payment_taken_after_failure": "Tulisema malipo yako ya {amount} kwa {type} ({coop}) hayakufanikiwa, lakini pesa "
-    "zimekatwa hatimaye. Usilipe tena: chama chako kitazihesabu au kitakurudishia. Kumb: {ref}. Muamala: {txn}. "
-    "Tarehe: {date}.",
+    "zimekatwa hatimaye. Usilipe tena: chama chako kitazihesabu au kitakurudishia. Kumb: {ref} ({txn}). {date}",
     # One SMS for the usual failure and timeout (en.py): no cooperative's name, "yako" dropped, and what to do as the
     # other messages say it ("Piga {dial} kulipa"), "tena" (again) added.
     "payment_failed": "Malipo ya {amount} kwa {type} hayakufanikiwa: {reason}. Kumb: {ref}. Piga {dial} kulipa tena.",
     "payment_timeout": "Malipo ya {amount} kwa {type} hayakuthibitishwa kwa wakati. Kumb: {ref}. "
     "Piga {dial} kulipa tena.",
-    # One SMS (197 septets before): no cooperative's name, "yako" dropped, as payment_failed.
+    # One SMS (197 septets before): no cooperative's name, "yako" dropped, as payment_failed; "utarudishiwa" without
+    # "pesa" (as PAYMENT_STATUS["UNCONFIRMED"]) with a seven-digit reference (163 septets).
     "payment_unconfirmed": "Hatukuweza kuthibitisha malipo ya {amount} kwa {type}. Ikiwa pesa "
-    "zilikatwa, malipo yatathibitishwa au utarudishiwa pesa. Kumb: {ref}.",
+    "zilikatwa, malipo yatathibitishwa au utarudishiwa. Kumb: {ref}.",
     "payment_status": "Malipo {ref}: {amount} kwa {type} ({coop}) - {status}. Tarehe: {date}.",
     "refund_completed": "Umerudishiwa {amount} ya malipo {payment_ref} ({coop}). Kumb: {ref}.",
-    # One SMS with any REFUND_REASONS (206 septets before): no cooperative's name.
+    # One SMS with any REFUND_REASONS (206 septets before): no cooperative's name; "Chama", not "Chama chako", for
+    # seven-digit references (165 septets).
     "refund_failed": "Kurudisha {amount} ya malipo {payment_ref} hakukufanikiwa: {reason}. "
-    "Chama chako kitawasiliana nawe. Kumb: {ref}.",
+    "Chama kitawasiliana nawe. Kumb: {ref}.",
     "dispute_opened": "Malalamiko yako {ref} kuhusu malipo {payment_ref} ({coop}) yamepokelewa. "
     "Tutakujulisha.",
     "dispute_updated": "Malalamiko {ref} kuhusu malipo {payment_ref}: {status}.",
@@ -99,7 +103,7 @@ REASONS = {
     "invalid_account": "akaunti haiwezi kupokea malipo haya",
     # payment_failed then says to pay again ("Piga {dial} kulipa tena").
     "other_transaction": "kamilisha au ghairi muamala unaosubiri",
-    "provider_error": "huduma ya pesa kwa simu ilikuwa na tatizo",
+    "provider_error": "tatizo la huduma ya pesa kwa simu",  # as REFUND_REASONS: payment_failed was 162 septets
     "provider_unreachable": "huduma haikupatikana; pesa hazikukatwa",
     "wrong_pin": "PIN uliyoingiza si sahihi",
     "phone_unreachable": "simu yako haikupatikana",

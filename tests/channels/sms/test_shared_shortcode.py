@@ -17,7 +17,7 @@ from channels.sms.templates import CATALOGS, KEYWORD_PREFIX, TEMPLATES, render
 from core.config import ConfigError
 from core.models import PhoneOptOut
 from tests.channels.sms.test_routes import ALINE, inbound
-from tests.channels.sms.test_templates import ONE_PART, WORST_CASE
+from tests.channels.sms.test_templates import ONE_PART, worst_case
 from tests.conftest import make_settings
 
 
@@ -48,14 +48,9 @@ def test_replies_keep_their_size_with_the_longest_keyword_the_setting_accepts() 
     for made HELP two parts to pay for ("KIGALIHEIGHTS"), or more, and is refused at start-up."""
     longest = max(n for n in range(1, 41) if _accepted("K" * n))
     assert not _accepted("K" * (longest + 1))
-    for language, catalog in CATALOGS.items():
-        values = {
-            **WORST_CASE,
-            "status": max([*catalog.PAYMENT_STATUS.values(), *catalog.DISPUTE_STATUS.values()], key=len),
-            "reason": max(catalog.REASONS.values(), key=len),
-            KEYWORD_PREFIX: "K" * longest,
-        }
+    for language in CATALOGS:
         for template in TEMPLATES:
+            values = {**worst_case(template, language), KEYWORD_PREFIX: "K" * longest}
             size = measure(render(template, language, values))
             assert size.encoding == GSM7 and size.segments <= (1 if template in ONE_PART else 3), (template, language)
 

@@ -12,18 +12,23 @@ from channels.sms.encoding import GSM7, measure
 from channels.sms.templates import CATALOGS, TEMPLATES, TemplateError, render
 from tests.channels.sms.helpers import make_payment
 
+# References at their realistic longest: the number comes from one PostgreSQL sequence shared by every cooperative,
+# day and kind of a deployment (core/references.py), so a federation's year of payments makes it seven digits
+# (PAY_20260115_1234567: 20 characters), not the three of PAY_20260115_001. A payment's, a refund's and a dispute's.
+PAY_REF, RFD_REF, DSP_REF = "PAY_20260115_1234567", "RFD_20260115_1234568", "DSP_20260115_1234569"
+
 # Long but realistic values: the longest names an admin would type.
 WORST_CASE: dict[str, Any] = {
     "amount": "1,250,000 RWF",
     "type": "Monthly Rent and Service Charge",
     "coop": "Kigali Heights Housing Coop",
-    "ref": "PAY_20260115_000123",
+    "ref": PAY_REF,
     "txn": "MTN-1234567890123456",
     "date": "15/01/2026 23:30",
     "status": "",
     "reason": "",
     "dial": "*384*123*123#",
-    "payment_ref": "PAY_20260115_000123",
+    "payment_ref": PAY_REF,
     "due": "01/02/2026",
     "host": "hooks.kigali-heights.example.rw",
     "failures": 20,
@@ -31,28 +36,41 @@ WORST_CASE: dict[str, Any] = {
     "items": "Monthly Rent and Serv 1,250,000 RWF, Security and Garbage 1,250,000 RWF, Water and Electricit "
              "1,250,000 RWF, +9 more",
 }
-# Templates that fit one SMS, whatever the values.
+# Templates that fit one SMS, whatever the values (the one-SMS tests below measure the payment's and refund's texts
+# with the values of a usual payment).
 ONE_PART = ("help", "help_inactive", "not_found", "opted_in", "unknown", "unknown_inactive", "dispute_updated",
             "not_member", "payment_reminder")
+
+
+def worst_case(template: str, language: str) -> dict[str, Any]:
+    """WORST_CASE for one template in one language: its own kind of reference, and the longest status and reason
+    phrases of that language it can say (a dispute's status is one of DISPUTE_STATUS, templates.build_message; a
+    payment's one of PAYMENT_STATUS)."""
+    catalog = CATALOGS[language]
+    statuses = catalog.DISPUTE_STATUS if template.startswith("dispute_") else catalog.PAYMENT_STATUS
+    return {
+        **WORST_CASE,
+        "ref": _own_reference(template),
+        "status": max(statuses.values(), key=len),
+        "reason": max(catalog.REASONS.values(), key=len),
+    }
 
 
 @pytest.mark.parametrize("language", sorted(CATALOGS))
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_every_template_fits(template: str, language: str) -> None:
-    catalog = CATALOGS[language]
-    # The longest status and reason phrases of that language, to measure the worst case.
-    values = {
-        **WORST_CASE,
-        "status": max([*catalog.PAYMENT_STATUS.values(), *catalog.DISPUTE_STATUS.values()], key=len),
-        "reason": max(catalog.REASONS.values(), key=len),
-    }
-    body = render(template, language, values)
+    body = render(template, language, worst_case(template, language))
     assert "{" not in body and "}" not in body
     size = measure(body)
     assert size.encoding == GSM7, f"{template}/{language} would force UCS-2: {body!r}"
     assert size.segments <= 3, f"{template}/{language} is {size.length} septets"
     if template in ONE_PART:
         assert size.segments == 1, f"{template}/{language} should fit one SMS: {body!r}"
+
+
+def _own_reference(template: str) -> str:
+    """The {ref} a template names: a refund's or a dispute's own, else a payment's."""
+    return RFD_REF if template.startswith("refund_") else DSP_REF if template.startswith("dispute_") else PAY_REF
 
 
 @pytest.mark.parametrize("language", sorted(CATALOGS))
@@ -204,7 +222,7 @@ async def test_build_receipt_from_rows_in_member_language_and_local_time(
 
 
 TAKEN_SHOWN = {  # 40,000 or 60,000 RWF taken of a 50,000 RWF payment, in each language
-    "en": ("We received 40,000 RWF of 50,000 RWF for ", "We received 60,000 RWF (50,000 RWF asked) for "),
+    "en": ("We received 40,000 RWF of 50,000 RWF for ", "We received 60,000 RWF (50,000 RWF due) for "),
     "fr": ("Payé: 40 000 RWF sur 50 000 RWF pour ",  # French groups digits with spaces
            "Payé: 60 000 RWF et non 50 000 RWF pour "),
     "rw": ("Twakiriye 40,000 RWF aho kuba 50,000 RWF ya ", "Twakiriye 60,000 RWF aho kuba 50,000 RWF ya "),
@@ -379,7 +397,7 @@ def test_a_ghana_receipt_of_a_four_figure_amount_is_one_sms() -> None:
     cost of every receipt of such an amount. It fits one, and still says the amount, what for, the reference, the
     cooperative, the provider's transaction and when."""
     values = {"amount": "GHS 1,234.56", "type": "Monthly susu", "coop": "Kejetia Market Women Susu Assn",
-              "ref": "PAY_20260115_001", "txn": "8419567321", "date": "15/01/2026 10:30"}
+              "ref": PAY_REF, "txn": "8419567321", "date": "15/01/2026 10:30"}
     assert len(values["coop"]) == 30
     body = render("payment_receipt", "en", values)
     size = measure(body)
@@ -398,7 +416,7 @@ def test_a_receipt_of_a_usual_payment_is_one_sms_in_every_language(language: str
 
     minor = {"GHS": 123_456, "RWF": 1_234_567, "KES": 1_234_500}[currency]  # GHS 1,234.56, 1,234,567 RWF, 12,345.00 KES
     values = {"amount": Money(minor, currency).format(language), "type": "Monthly savings",
-              "coop": "Kejetia Market Women Susu Assn", "ref": "PAY_20260115_001", "txn": "8419567321",
+              "coop": "Kejetia Market Women Susu Assn", "ref": PAY_REF, "txn": "8419567321",
               "date": "15/01/2026 10:30"}
     assert len(values["coop"]) == 30
     body = render("payment_receipt", language, values)
@@ -431,16 +449,17 @@ def test_every_phrase_of_every_catalog_is_gsm7(language: str) -> None:
 
 
 # The values the one-SMS tests measure with: a 30-character cooperative name, a four- to seven-figure amount (GHS
-# 1,234.56, 1,234,567 RWF, 12,345.00 KES), a reference, the provider's transaction, the date and a code with an
-# extension.
+# 1,234.56, 1,234,567 RWF, 12,345.00 KES), a seven-digit reference (PAY_REF), the provider's transaction, the date and
+# a code with an extension.
 USUAL_MINOR = {"GHS": 123_456, "RWF": 1_234_567, "KES": 1_234_500}
+CURRENCIES = sorted(USUAL_MINOR)
 
 
 def _usual(language: str, currency: str) -> dict[str, Any]:
     from core.money import Money
 
     return {"amount": Money(USUAL_MINOR[currency], currency).format(language), "type": "Monthly savings",
-            "coop": "Kejetia Market Women Susu Assn", "ref": "PAY_20260115_001", "txn": "8419567321",
+            "coop": "Kejetia Market Women Susu Assn", "ref": PAY_REF, "txn": "8419567321",
             "date": "15/01/2026 10:30", "dial": "*384*123*123#"}
 
 
@@ -449,15 +468,31 @@ def _one_sms(body: str) -> None:
     assert (size.encoding, size.segments) == (GSM7, 1), f"{size.length} septets: {body!r}"
 
 
-@pytest.mark.parametrize("currency", ["GHS", "RWF", "KES"])
+# A payment of which the provider took less or more than was asked (GHS 1,234.56 of GHS 1,500.00, and the other way):
+# its messages state both amounts (AMOUNT_TAKEN).
+OTHER_AMOUNTS = [("GHS", 150_000, 123_456), ("GHS", 123_456, 150_000), ("RWF", 1_500_000, 1_234_567),
+                 ("RWF", 1_234_567, 1_500_000), ("KES", 1_500_000, 1_234_500), ("KES", 1_234_500, 1_500_000)]
+
+
+def _other_amount(language: str, currency: str, asked: int, taken: int) -> tuple[str, str, str]:
+    """What was taken, what was asked, and the {amount} that says both."""
+    from core.money import Money
+
+    phrase = CATALOGS[language].AMOUNT_TAKEN["less" if taken < asked else "more"]
+    collected, amount = Money(taken, currency).format(language), Money(asked, currency).format(language)
+    return collected, amount, phrase.format(collected=collected, amount=amount)
+
+
+@pytest.mark.parametrize("currency", CURRENCIES)
 @pytest.mark.parametrize("language", sorted(CATALOGS))
 def test_a_failed_or_lapsed_payment_is_one_sms_in_every_language(language: str, currency: str) -> None:
     """Members often cancel or ignore the PIN prompt, and each failure or timeout SMS was two (the English timeout 165
     septets, the French 178; a failure 168 to 209): twice the cost of the most frequent texts after receipts. Each fits
     one with the receipt's values and every reason, the rarer ones too (another prompt open on her phone: 191 to 227
     septets; the provider unreachable: 174 to 184; its error in French and Kinyarwanda, and an account that cannot
-    receive it in French: 161 to 163), and still says which payment (amount, type, reference), why it did not go
-    through and the code to dial to try again."""
+    receive it in French: 161 to 163; with a seven-digit reference, another prompt open, the provider unreachable or
+    its error 161 to 164 in every language), and still says which payment (amount, type, reference), why it did not
+    go through and the code to dial to try again."""
     catalog = CATALOGS[language]
     values = _usual(language, currency)
     reasons = list(catalog.REASONS.values())
@@ -470,25 +505,31 @@ def test_a_failed_or_lapsed_payment_is_one_sms_in_every_language(language: str, 
         assert reason in body
 
 
-@pytest.mark.parametrize("currency", ["GHS", "RWF", "KES"])
+@pytest.mark.parametrize("currency", CURRENCIES)
 @pytest.mark.parametrize("language", sorted(CATALOGS))
-def test_a_failed_refund_is_one_sms_in_every_language(language: str, currency: str) -> None:
-    """A refund that failed was told in 199 to 218 septets, two SMS. It fits one with every reason, and still says
-    what failed (the refund, its amount, the payment it pays back), why, that her cooperative will contact her, and
-    the refund's reference."""
-    values = {**_usual(language, currency), "payment_ref": "PAY_20260115_001", "ref": "RFD_20260115_001"}
+def test_a_refund_is_one_sms_in_every_language(language: str, currency: str) -> None:
+    """A refund that failed was told in 199 to 218 septets, two SMS (with seven-digit references, 165 to 168 after the
+    first trim). It fits one with every reason, and still says what failed (the refund, its amount, the payment it
+    pays back), why, that her cooperative will contact her, and the refund's reference. A completed refund too: its
+    amount, the payment, the cooperative and the refund's reference."""
+    values = {**_usual(language, currency), "payment_ref": PAY_REF, "ref": RFD_REF}
     for reason in CATALOGS[language].REFUND_REASONS.values():
         body = render("refund_failed", language, {**values, "reason": reason})
         _one_sms(body)
         for name in ("amount", "payment_ref", "ref"):
             assert values[name] in body, (name, body)
         assert reason in body
+    body = render("refund_completed", language, values)
+    _one_sms(body)
+    for name in ("amount", "payment_ref", "coop", "ref"):
+        assert values[name] in body, (name, body)
 
 
-@pytest.mark.parametrize("currency", ["GHS", "RWF", "KES"])
+@pytest.mark.parametrize("currency", CURRENCIES)
 @pytest.mark.parametrize("language", sorted(CATALOGS))
 @pytest.mark.parametrize(("template", "facts"), [
-    # Not confirmed by the provider (197 to 219 septets): which payment, and that money taken is confirmed or refunded.
+    # Not confirmed by the provider (197 to 219 septets; 161 to 163 in French and Swahili with a seven-digit
+    # reference): which payment, and that money taken is confirmed or refunded.
     ("payment_unconfirmed", ("amount", "type", "ref")),
     # Told failed, then taken after all (235 to 261 septets): which payment, not to pay again, and its receipt's facts.
     ("payment_late_receipt", ("amount", "type", "ref", "txn", "date")),
@@ -503,23 +544,46 @@ def test_an_unconfirmed_or_late_payment_is_one_sms_in_every_language(template: s
 
 
 @pytest.mark.parametrize("language", sorted(CATALOGS))
-@pytest.mark.parametrize(("currency", "asked", "taken"), [
-    ("GHS", 150_000, 123_456), ("GHS", 123_456, 150_000),  # GHS 1,234.56 of GHS 1,500.00, and the other way
-    ("RWF", 1_500_000, 1_234_567), ("RWF", 1_234_567, 1_500_000),
-    ("KES", 1_500_000, 1_234_500), ("KES", 1_234_500, 1_500_000),
-])
-def test_a_receipt_of_another_amount_than_asked_is_one_sms_in_every_language(language: str, currency: str, asked: int,
+@pytest.mark.parametrize("template", ["payment_receipt", "payment_late_receipt"])
+@pytest.mark.parametrize(("currency", "asked", "taken"), OTHER_AMOUNTS)
+def test_a_receipt_of_another_amount_than_asked_is_one_sms_in_every_language(template: str, language: str,
+                                                                             currency: str, asked: int,
                                                                              taken: int) -> None:
     """A provider that took less or more than was asked: the receipt states both ("GHS 1,234.56 (GHS 1,500.00
-    asked)"), and was two SMS (English 168 to 175 septets; French and Kinyarwanda 177, Swahili 171). It fits one, with
-    every fact of the usual receipt kept."""
-    from core.money import Money
-
-    phrase = CATALOGS[language].AMOUNT_TAKEN["less" if taken < asked else "more"]
-    collected, amount = Money(taken, currency).format(language), Money(asked, currency).format(language)
-    values = {**_usual(language, currency), "amount": phrase.format(collected=collected, amount=amount)}
+    due)"), and was two SMS (English 168 to 175 septets; French and Kinyarwanda 177, Swahili 171; with a seven-digit
+    reference 159 to 164). It fits one, with every fact of the usual receipt kept; the late one too (174 to 186
+    septets), which also says not to pay again."""
+    collected, amount, both = _other_amount(language, currency, asked, taken)
+    values = {**_usual(language, currency), "amount": both}
     del values["dial"]
-    body = render("payment_receipt", language, values)
+    if template == "payment_late_receipt":
+        del values["coop"]  # which payment: the type, the amounts and the reference say it
+    body = render(template, language, values)
     _one_sms(body)
     for value in (collected, amount, *values.values()):
         assert value in body
+
+
+# The texts the one-SMS tests leave at two, and why: each with how many septets it takes at most with the usual
+# values (a seven-digit reference), in any language, with one amount or with what was taken beside what was asked.
+TWO_SMS = {
+    # A FAILED payment whose money the provider then reported taken (rare: a late report after a failure): it says
+    # which payment (amount, type, cooperative, reference), that the failure she was told of was not the end, not to
+    # pay again, that her cooperative counts the money or refunds it, and the provider's transaction and its date, her
+    # proof of the money taken. One SMS would lose the type, the transaction and the date, and would not fit even
+    # then with two amounts in French (about 178 septets).
+    "payment_taken_after_failure": 294,
+}
+
+
+@pytest.mark.parametrize("language", sorted(CATALOGS))
+@pytest.mark.parametrize("template", sorted(TWO_SMS))
+def test_the_texts_left_at_two_sms_are_two_and_no_more(template: str, language: str) -> None:
+    """A text on the list that comes to fit one SMS leaves the list for the one-SMS tests; one that grows past its
+    septets, or past two SMS, is seen."""
+    amounts = [_usual(language, currency)["amount"] for currency in CURRENCIES] + [
+        _other_amount(language, *case)[2] for case in OTHER_AMOUNTS]
+    sizes = [measure(render(template, language, {**_usual(language, "RWF"), "amount": amount})) for amount in amounts]
+    assert {size.encoding for size in sizes} == {GSM7}
+    assert max(size.length for size in sizes) <= TWO_SMS[template]
+    assert {size.segments for size in sizes} == {2}, [size.length for size in sizes]
