@@ -464,7 +464,8 @@ DUES = {
                                                          "payment naming no due date pays the next period, and the "
                                                          "USSD and the BALANCE SMS ask for that one. A member "
                                                          "registered after it is listed only if she has a payment "
-                                                         "of this period"},
+                                                         "of this period kept or still open (as "
+                                                         "amountAwaitingApproval counts it)"},
                 "dueDayEnd": {**DATETIME, "description": "UTC: local midnight ending the due day"},
             },
         },
@@ -472,7 +473,8 @@ DUES = {
                  "description": "One line per member listed, by name then member id: the cooperative's members "
                                 "ACTIVE now (a suspended or pending one is left out: she is not reminded and cannot "
                                 "pay by USSD) registered before `paidUntil`, and those registered after it with a "
-                                "payment of the period (kept or open)"},
+                                "payment of the period kept or still open (as amountAwaitingApproval counts it: "
+                                "not a prompt past its approval window)"},
         "meta": META,
         "totals": {
             "type": "object",
