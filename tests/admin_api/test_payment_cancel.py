@@ -302,9 +302,9 @@ async def test_the_route_is_documented(client: Any) -> None:
 
 async def test_a_late_completion_after_the_cancel_sms_tells_her_the_money_was_taken_after_all(
         admin: Caller, rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any) -> None:
-    """She was told "your cooperative cancelled it. To try again, dial ..."; then she approved the prompt and the
-    money was taken. A plain "Payment received" after that reads like the retry she may be about to make: the SMS
-    says the payment went through after all and the earlier message no longer holds (no second payment)."""
+    """She was told "failed: your cooperative cancelled it ... Dial ... to try again"; then she approved the prompt
+    and the money was taken. A plain receipt after that reads like the retry she may be about to make: the SMS says
+    it was received after all ("nyuma") and not to pay again (no second payment)."""
     async with interactive_mtn(rt, aiohttp_server) as (app, base), httpx.AsyncClient() as http:
         made = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
         await drain(worker)

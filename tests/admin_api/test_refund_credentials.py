@@ -125,7 +125,7 @@ async def test_collection_refused_our_credentials_fails_fast_as_a_service_proble
     assert "credentials" in payment["failureReason"], payment
     texts = [m.body for m in await sms_of(rt, "payment_failed")]
     assert texts, texts
-    # "the mobile money service could not be reached; nothing was taken", never "you declined"
+    # "mobile money unreachable; nothing was taken", never "you declined"
     assert all("ntiyabonetse" in t and "wanze" not in t for t in texts), texts
     assert failing("mtn_momo") == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
