@@ -9,16 +9,22 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import httpx
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+try:
+    from redis.exceptions import RedisClusterUnreachableError
+except ImportError:  # redis-py before it: raised nowhere
+    class RedisClusterUnreachableError(RedisClusterException):  # type: ignore[no-redef]
+        pass
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -90,6 +96,34 @@ class _Cluster(RedisCluster):
             return await super().initialize(*args, **kwargs)
         except RedisClusterException as exc:
             raise RedisConnectionError(f"Redis Cluster out of reach: {exc}") from exc
+
+    # redis-py 8.2 also raises a command's or a pipeline's connection error as a RedisClusterUnreachableError (a
+    # RedisClusterException) while its last topology refresh reached no node, whatever the refresh raised: the
+    # same outage, the same ConnectionError.
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        with _out_of_reach():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused as redis-py refuses it
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py builds its own
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """A cluster pipeline (a MULTI too) whose "no node answers" is a ConnectionError (_Cluster)."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        with _out_of_reach():
+            return await super().execute(raise_on_error, allow_redirections)
+
+
+@contextlib.contextmanager
+def _out_of_reach() -> Iterator[None]:
+    try:
+        yield
+    except RedisClusterUnreachableError as exc:
+        raise RedisConnectionError(f"Redis Cluster out of reach: {exc}") from exc
 
 
 async def _connect_redis(settings: Settings) -> tuple[Redis, Any]:
