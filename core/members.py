@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, delete, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -647,13 +647,17 @@ async def number_came_since(session: AsyncSession, phone_index: str, moment: dat
     """Whether a member (of any cooperative; not `but`) holding the number of this blind index got it by a correction
     after `moment` (NEW_SIM, SWAP: until then the number was someone else's, a sister's, a stranger's; not a TYPO,
     which gave her the number that was hers all along)."""
-    found = (await session.execute(
-        select(AuditEvent.id).join(Member, Member.id == AuditEvent.entity_id)
-        .where(Member.phone_index == phone_index, *((Member.id != but,) if but else ()),
-               *phone_changes(Member.id), AuditEvent.at > moment,
-               func.coalesce(AuditEvent.after["phoneChange"].as_string(), "NEW_SIM") != "TYPO")
-        .limit(1))).first()
+    found = (await session.execute(number_came_since_rows(phone_index, moment, but=but).limit(1))).first()
     return found is not None
+
+
+def number_came_since_rows(phone_index: Any, moment: Any, *, but: Any = None) -> Select[Any]:
+    """The audit rows number_came_since looks for; `phone_index` and `moment` may be columns of an enclosing query
+    (channels.sms.jobs asks it of the payment an SMS is about, in the statement that reads the payment)."""
+    return (select(AuditEvent.id).join(Member, Member.id == AuditEvent.entity_id)
+            .where(Member.phone_index == phone_index, *((Member.id != but,) if but is not None else ()),
+                   *phone_changes(Member.id), AuditEvent.at > moment,
+                   func.coalesce(AuditEvent.after["phoneChange"].as_string(), "NEW_SIM") != "TYPO"))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import math
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import String, bindparam, func, select, update
+from sqlalchemy import String, and_, bindparam, case, false, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from channels.sms.encoding import measure
@@ -36,6 +36,7 @@ from channels.sms.routes import apply_parked_reports, parked_key
 from channels.sms.sender import SmsTemporaryError, SmsUnconfirmedError
 from channels.sms.templates import (
     OPTIONAL_TEMPLATES,
+    TEMPLATES,
     PaymentFacts,
     TemplateError,
     build_message,
@@ -48,7 +49,7 @@ from core import metrics, pgraw
 from core.audit import Actor
 from core.db import autocommit, insert_ignore, new_id, utcnow
 from core.disputes import DISPUTE_TEMPLATES
-from core.members import PhoneReleased, number_came_since
+from core.members import PhoneReleased, number_came_since_rows
 from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, SmsMessage
 from core.notify import SMS_KEY_SIZE, SMS_PHONE_CONTEXT
 from core.outbox import Handler, Job, PermanentJobError, RetryLater, finish_unsent
@@ -199,21 +200,25 @@ class SmsJobs:
             # Checked on every attempt: a reminder retried through an aggregator outage is exactly the one whose
             # member may have paid or sent STOP, or whose day may be over, by now; a welcome, one whose member
             # was suspended since.
-            reminder = payload.get("template") in OPTIONAL_TEMPLATES
+            template = payload.get("template")
+            reminder = template in OPTIONAL_TEMPLATES
             void = None
-            if payload.get("member_id") and reminder:
-                # REMINDERS_ENABLED off stops the reminders already queued too, not only the next scans.
-                void = await why_not_send(conn, payload) if self.rt.settings.reminders_enabled else "reminders_off"
-                if void is not None:
-                    metrics.REMINDERS_SKIPPED.labels(reason=void).inc()
-            elif payload.get("member_id") and payload.get("template") in MEMBER_TEMPLATES:
-                void = await _member_void(conn, payload)
-            elif existing is not None and payload.get("template") in RECEIPT_TEMPLATES:
-                # Built by an earlier attempt (a first one's build checks it: _build), and retried through an
-                # aggregator outage: its payment may have been voided since.
-                void = await _receipt_void(conn, payload)
-            elif not payload.get("member_id") and payload.get("template") in PAYER_TEMPLATES:
-                # To the number that paid a payment of no member: a member may have got it since it was queued.
+            if payload.get("member_id"):
+                if reminder:
+                    # REMINDERS_ENABLED off stops the reminders already queued too, not only the next scans.
+                    void = await why_not_send(conn, payload) if self.rt.settings.reminders_enabled else "reminders_off"
+                    if void is not None:
+                        metrics.REMINDERS_SKIPPED.labels(reason=void).inc()
+                elif template in MEMBER_TEMPLATES:
+                    void = await _member_void(conn, payload)
+                elif existing is not None and template in RECEIPT_TEMPLATES:
+                    # Built by an earlier attempt (a first one's build checks it: _build), and retried through an
+                    # aggregator outage: its payment may have been voided since.
+                    void = await _receipt_void(conn, payload)
+            elif template in PAYER_TEMPLATES and (existing is not None or not is_payment_template(template)):
+                # To the number that paid a payment of no member: a member may have got it since it was queued (and a
+                # receipt's payment may have been voided since). A payment's own SMS is asked on a retry only: a first
+                # attempt's build reads it with the payment's facts, in the same query (_build).
                 void = await _payer_void(conn, payload)
             if void is not None:
                 log.info("reminder not sent" if reminder else "member SMS not sent",
@@ -414,6 +419,8 @@ class SmsJobs:
             if facts is not None:
                 if payload["template"] in RECEIPT_TEMPLATES and facts.payment.status == PaymentStatus.VOIDED.value:
                     raise _NotSent(PAYMENT_VOIDED)
+                if facts.number_moved:  # to the number that paid a payment of no member, a member's since (_payer_void)
+                    raise _NotSent(NUMBER_WENT_TO_A_MEMBER)
                 phone, language = recipient(rt.cipher, payload, facts.member, facts.coop_language)
                 return phone, language, render(payload["template"], language,
                                                payment_values(facts.payment, language, service_code))
@@ -656,39 +663,59 @@ async def _receipt_void(conn: AsyncConnection, payload: dict[str, Any]) -> str |
     return PAYMENT_VOIDED if status is not None and status[0] == PaymentStatus.VOIDED.value else None
 
 
-# A refund's or dispute's SMS to the number that paid a payment of no member (core.refunds.payer_to_tell judges
-# it when it is queued), checked again on every attempt: queued while that number was its payer's and sent after a
-# member got it (a new SIM, a swap: the worker or the aggregator down meanwhile, a parked job replayed), it told her
-# of another's payment. Not sent then; the job says why (lastError "not sent: number_went_to_a_member").
-PAYER_TEMPLATES = frozenset(REFUND_TEMPLATES + DISPUTE_TEMPLATES)
+# The SMS to the number that paid a payment of no member (its receipt, "your payment failed", a refund's, a dispute's:
+# every template a payer who is no member is texted, PAYER_TEMPLATES), checked again on every attempt: queued while
+# that number was its payer's and sent after a member got it (a new SIM, a swap: the worker or the aggregator down
+# meanwhile, a parked job replayed, a late success told after the move), it told her of another's payment, its
+# amount and reference. Not sent then; the job says why (lastError "not sent: number_went_to_a_member"). A refund's
+# or dispute's is judged when it is queued too (core.refunds.payer_to_tell, audited); a payment's is judged here only,
+# whenever it was queued: asked at the callback it would be a round trip more on every payment of no member's
+# outcome, under its row lock, for what this check, a first attempt's in the query that reads the receipt's rows,
+# catches anyway.
+PAYER_TEMPLATES = frozenset((*REFUND_TEMPLATES, *DISPUTE_TEMPLATES, *filter(is_payment_template, TEMPLATES)))
 NUMBER_WENT_TO_A_MEMBER = "number_went_to_a_member"
-_PAYER_PAYMENT = {
-    "refund_id": select(Refund.__table__.c.payment_id).where(Refund.__table__.c.id == bindparam("i", type_=String)),
-    "dispute_id": select(Dispute.__table__.c.payment_id).where(Dispute.__table__.c.id == bindparam("i", type_=String)),
+_R, _D = Refund.__table__, Dispute.__table__
+_P = Payment.__table__
+
+
+def _number_moved(*also: Any) -> Any:
+    """In a statement reading the payment (payments): whether a member got the number that paid it by a correction
+    since (core.members.number_came_since, as core.refunds.payer_to_tell asks it). Asked of a payment of no member
+    (and `also`) only: in a CASE, the audit log is probed for those rows alone, and a member's payment costs nothing."""
+    came = number_came_since_rows(_P.c.payment_account_index, _P.c.created_at).correlate(_P).exists()
+    return case((and_(*also, _P.c.member_id.is_(None), _P.c.payment_account_index.is_not(None)), came),
+                else_=false())
+
+
+# The payment a PAYER_TEMPLATES message is about (its context names it, or its refund or dispute): its status and
+# whether its number went to a member since, in one probe.
+_PAYER_PROBES = {
+    "payment_id": select(_P.c.status, _number_moved()).where(_P.c.id == bindparam("i", type_=String)),
+    "refund_id": select(_P.c.status, _number_moved()).select_from(_R.join(_P, _P.c.id == _R.c.payment_id))
+    .where(_R.c.id == bindparam("i", type_=String)),
+    "dispute_id": select(_P.c.status, _number_moved()).select_from(_D.join(_P, _P.c.id == _D.c.payment_id))
+    .where(_D.c.id == bindparam("i", type_=String)),
 }
 
 
 async def _payer_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
-    """Why a PAYER_TEMPLATES message to the number that paid must not go out any more, None to send it:
-    NUMBER_WENT_TO_A_MEMBER once a member got that number by a correction since the payment
-    (core.members.number_came_since, as core.refunds.payer_to_tell asks it). Two probes and the number's
-    corrections, for a payment of no member's notices only (rare)."""
+    """Why a PAYER_TEMPLATES message to a number (no member named) must not go out any more, None to send it:
+    PAYMENT_VOIDED for a receipt whose payment was voided since (as _receipt_void), NUMBER_WENT_TO_A_MEMBER once a
+    member got the number that paid a payment of no member by a correction since the payment. One probe; the
+    audit log's only for a payment of no member (_number_moved)."""
     context = payload.get("context") or {}
-    for name, query in _PAYER_PAYMENT.items():
+    for name, probe in _PAYER_PROBES.items():
         if isinstance(context.get(name), str):
-            found = await pgraw.first(conn, query, {"i": context[name]})
+            found = await pgraw.first(conn, probe, {"i": context[name]})
             break
     else:
         return None
     if found is None:
         return None  # left to the build, which names what is missing
-    async with AsyncSession(bind=conn, expire_on_commit=False) as session:
-        payment = await session.get(Payment, found[0])
-        if payment is None or payment.member_id is not None or payment.payment_account_index is None:
-            return None
-        if await number_came_since(session, payment.payment_account_index, payment.created_at):
-            return NUMBER_WENT_TO_A_MEMBER
-    return None
+    status, moved = found
+    if payload.get("template") in RECEIPT_TEMPLATES and status == PaymentStatus.VOIDED.value:
+        return PAYMENT_VOIDED
+    return NUMBER_WENT_TO_A_MEMBER if moved else None
 
 
 class _Member(NamedTuple):
@@ -701,6 +728,7 @@ class _PaymentRow(NamedTuple):
     payment: PaymentFacts
     member: _Member | None  # None when the payload names no member
     coop_language: str  # a payer who is none of its members is texted in it
+    number_moved: bool  # no member named, and a member got the number that paid a payment of no member since
 
 
 _FACTS = len(PaymentFacts._fields)  # the query's columns: PaymentFacts', then _Member's
@@ -718,18 +746,20 @@ async def _payment_facts(conn: AsyncConnection, payload: dict[str, Any]) -> _Pay
     row = await pgraw.first(conn, _PAYMENT_FACTS, params)
     if row is None or row[_COOP_NAME] is None or (member_id and row[_FACTS] is None):
         return None  # the cooperative or the member is gone
-    member = _Member(*row[_FACTS:-1]) if member_id else None
-    return _PaymentRow(PaymentFacts(*row[:_FACTS]), member, row[-1])
+    member = _Member(*row[_FACTS:-2]) if member_id else None
+    return _PaymentRow(PaymentFacts(*row[:_FACTS]), member, row[-2], bool(row[-1]))
 
 
-_P, _T, _C, _M = (model.__table__ for model in (Payment, PaymentType, Cooperative, Member))
-# Built once; the columns in PaymentFacts' order, then the member's (_Member), then the cooperative's language.
+_T, _C, _M = (model.__table__ for model in (PaymentType, Cooperative, Member))
+# Built once; the columns in PaymentFacts' order, then the member's (_Member), then the cooperative's language, then
+# whether the number that paid a payment of no member went to a member since (_number_moved: for a payload that names
+# no member only, so a member's receipt reads no more than before).
 _PAYMENT_FACTS = (
     select(
         _P.c.amount_minor, _P.c.currency, _P.c.reference, _P.c.provider_transaction_id, _P.c.completed_at,
         _P.c.updated_at, _P.c.status, _P.c.failure_reason, _T.c.name, _C.c.name, _C.c.timezone,
         _C.c.ussd_extension, _P.c.collected_minor, _C.c.ussd_aggregator, _P.c.provider, _M.c.phone_enc,
-        _M.c.cooperative_id, _M.c.language, _C.c.language,
+        _M.c.cooperative_id, _M.c.language, _C.c.language, _number_moved(bindparam("m", type_=String).is_(None)),
     )
     .select_from(_P)
     .outerjoin(_T, _T.c.id == _P.c.payment_type_id)

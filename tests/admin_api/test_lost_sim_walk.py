@@ -548,8 +548,9 @@ async def test_a_refund_queued_while_the_number_was_still_hers_goes_once_it_is_h
 STRANGER = "+250788123222"  # a number no member had when it paid
 
 
-async def _paid_by_number(rt: Any, demo: dict[str, Any], account: str, member_id: str | None = None) -> Payment:
-    paid = await make_payment(rt, demo["cooperative_id"], account=account, member_id=member_id,
+async def _paid_by_number(rt: Any, demo: dict[str, Any], account: str, member_id: str | None = None,
+                          status: str = "COMPLETED") -> Payment:
+    paid = await make_payment(rt, demo["cooperative_id"], account=account, member_id=member_id, status=status,
                               created_at=datetime.now(UTC) - timedelta(minutes=5))
     async with rt.sessionmaker.begin() as s:
         (await s.get(Payment, paid.id)).payment_account_masked = mask(account)
@@ -870,3 +871,103 @@ async def test_a_refund_sms_queued_before_its_number_moved_is_not_sent_after(
             SmsMessage.idempotency_key == key.removeprefix("sms:")))).all()
     assert (job.status, job.last_error) == ("DONE", "not sent: number_went_to_a_member")
     assert rows == ([("FAILED", "not sent: number_went_to_a_member")] if stored else [])
+
+
+async def _settled(rt: Any, paid: Payment, outcome: str) -> None:
+    """The provider's outcome of `paid` applied (as its callback or a status poll does): its notices queued."""
+    from core.audit import Actor
+    from core.payments import apply_collection_outcome
+    from core.ports import ProviderOutcome
+
+    async with rt.sessionmaker.begin() as s:
+        payment = await s.get(Payment, paid.id, with_for_update=True)
+        assert payment is not None
+        await apply_collection_outcome(s, rt, payment, ProviderOutcome(outcome), actor=Actor("provider:t", "provider"))
+
+
+async def _payment_text(rt: Any, key: str) -> tuple[tuple[str, str | None], list[tuple[str, str | None]]]:
+    """The SMS job of `key` (its status and last error) and the message the worker stored for it (its status and
+    failure reason)."""
+    async with rt.sessionmaker() as s:
+        job = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == key))).scalar_one()
+        rows = (await s.execute(select(SmsMessage.status, SmsMessage.failure_reason).where(
+            SmsMessage.idempotency_key == key.removeprefix("sms:")))).all()
+    return (job.status, job.last_error), [tuple(row) for row in rows]
+
+
+@pytest.mark.parametrize(("outcome", "template"), [("SUCCEEDED", "payment_receipt"), ("FAILED", "payment_failed")])
+@pytest.mark.parametrize("stored", [False, True])
+@pytest.mark.parametrize("moved", [True, False])
+async def test_a_payment_sms_queued_before_its_number_moved_is_not_sent_after(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any, outcome: str, template: str,
+        stored: bool, moved: bool) -> None:
+    """A payment of no member settled while no member had the number that paid: its receipt (or "your payment
+    failed") was queued to it, the payer's then. Before the worker's turn (the aggregator down, the outbox behind;
+    `stored`: a first attempt stored it and failed at Africa's Talking) Aline was moved to that number (NEW_SIM).
+    Sent now, it told her of another's payment (its amount, its reference): not sent (the job says why; a stored
+    message ends FAILED, not sent), as a refund's is not. The number not moved: sent, as ever."""
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    paid = await _paid_by_number(rt, demo, STRANGER, status="PROCESSING")
+    await _settled(rt, paid, outcome)
+    key = f"sms:{template}:{paid.id}"
+    if stored:
+        sms.set_failure("http503", number=STRANGER, times=1)  # AT refuses it once: stored, QUEUED, retried later
+        await drain(worker)
+        assert [status for status, _why in (await _payment_text(rt, key))[1]] == ["QUEUED"]
+    if moved:
+        await admin.json("PATCH", f"/v1/members/{demo['members'][OLD]}", 200,
+                         json={"phone": STRANGER, "phoneChange": "NEW_SIM"})
+    await due_now(rt, "sms.send")
+    await drain(worker)
+    texts = [m for m in sms.messages(STRANGER) if paid.reference in str(m["message"])]
+    job, rows = await _payment_text(rt, key)
+    if not moved:
+        assert len(texts) == 1 and job[0] == "DONE" and [status for status, _why in rows] == ["SENT"], (job, rows)
+        return
+    assert texts == []
+    assert job == ("DONE", "not sent: number_went_to_a_member")
+    assert rows == ([("FAILED", "not sent: number_went_to_a_member")] if stored else [])
+
+
+async def test_a_late_receipt_of_no_members_payment_after_its_number_moved_is_not_sent(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    """The payment of no member timed out (its payer told so, at the number that paid); Aline was then moved to that
+    number (NEW_SIM), and MTN's late success came after: its late receipt ("the money was taken after all") is
+    queued with the webhook event, and not sent to her at the worker's turn. The cooperative's system is told."""
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    paid = await _paid_by_number(rt, demo, STRANGER, status="PROCESSING")
+    await _settled(rt, paid, "EXPIRED")
+    await drain(worker)
+    assert [m for m in sms.messages(STRANGER) if paid.reference in str(m["message"])] != []  # the payer's, then
+    told = len(sms.messages(STRANGER))
+    await admin.json("PATCH", f"/v1/members/{demo['members'][OLD]}", 200,
+                     json={"phone": STRANGER, "phoneChange": "NEW_SIM"})
+    await _settled(rt, paid, "SUCCEEDED")
+    await due_now(rt, "sms.send")
+    await drain(worker)
+    assert len(sms.messages(STRANGER)) == told
+    job, rows = await _payment_text(rt, f"sms:payment_late_receipt:{paid.id}")
+    assert (job, rows) == (("DONE", "not sent: number_went_to_a_member"), [])
+    async with rt.sessionmaker() as s:
+        events = (await s.execute(select(OutboxJob.dedupe_key).where(OutboxJob.kind == "webhook.event"))).scalars()
+        assert f"wh:evt_payment_completed_{paid.id}" in list(events)
+
+
+async def test_a_members_receipt_goes_to_her_when_the_number_that_paid_it_moved(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any) -> None:
+    """Jean's payment, made from a number not his (a friend's): its receipt goes to Jean, whoever got the number
+    that paid since (Aline, NEW_SIM): the check is for the SMS to a payer of no member's number only."""
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    jean = "+250788000002"
+    paid = await _paid_by_number(rt, demo, STRANGER, member_id=demo["members"][jean], status="PROCESSING")
+    await _settled(rt, paid, "SUCCEEDED")
+    await admin.json("PATCH", f"/v1/members/{demo['members'][OLD]}", 200,
+                     json={"phone": STRANGER, "phoneChange": "NEW_SIM"})
+    await due_now(rt, "sms.send")
+    await drain(worker)
+    assert [m for m in sms.messages(jean) if paid.reference in str(m["message"])] != []
+    job, rows = await _payment_text(rt, f"sms:payment_receipt:{paid.id}")
+    assert job == ("DONE", None) and [status for status, _why in rows] == ["SENT"], (job, rows)

@@ -212,6 +212,31 @@ async def test_an_sms_receipt_is_four_statements_and_no_transaction(rt: Any, dem
     assert row.status == "SENT" and row.provider_message_id == sim.messages(phone)[0]["id"]
 
 
+async def test_a_receipt_to_the_number_that_paid_is_four_statements_too(rt: Any, demo: Any, aiohttp_server: Any,
+                                                                        sent: list[str]) -> None:
+    """A payment of no member's receipt goes to the number that paid it while no member got that number since
+    (channels.sms.jobs._number_moved): asked in the query that reads the receipt's rows, not in a round trip more."""
+    from channels.sms.jobs import SmsJobs
+    from core.notify import send_sms
+    from core.outbox import OutboxWorker
+    from core.phone import Phone
+    from tests.channels.sms.helpers import make_payment, start_simulator
+
+    _, sim = await start_simulator(aiohttp_server, rt)
+    phone = "+250788123222"  # no member's
+    payment = await make_payment(rt, demo["cooperative_id"], account=phone)
+    async with rt.sessionmaker.begin() as s:
+        await send_sms(s, template="payment_receipt", cooperative_id=demo["cooperative_id"], cipher=rt.cipher,
+                       context={"payment_id": payment.id}, phone=Phone(phone), dedupe="rt-payer-receipt")
+    [job] = await OutboxWorker(rt.sessionmaker, {}, lease_seconds=30).claim()
+    sent.clear()
+    await SmsJobs(rt).send(job)
+    assert sent == ["SELECT sms_messages.id, sms_messages.status, sms_messages.body,",
+                    "SELECT payments.amount_minor, payments.currency, payments.reference,",
+                    "INSERT INTO sms_messages (id,", "WITH moved AS (UPDATE"], sent
+    assert len(sim.messages(phone)) == 1 and payment.reference in sim.messages(phone)[0]["message"]
+
+
 async def test_a_delivery_report_is_one_read_and_one_write(rt: Any, sent: list[str]) -> None:
     from channels.sms.routes import apply_delivery_report
     from core.models import AuditEvent, SmsMessage
