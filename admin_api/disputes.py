@@ -133,6 +133,7 @@ async def create_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         channel="api",
         actor=ctx.who.actor,
         cipher=ctx.rt.cipher,
+        answer_days=ctx.rt.settings.sms_payer_answer_days,
         note=ctx.body.get("note"),
     )
     await ctx.session.commit()

@@ -418,7 +418,10 @@ _DUES_LINE = {
                                    "PENDING inside its approval window, PROCESSING up to "
                                    "PAYMENT_PENDING_GRACE_SECONDS after it. A prompt past that can no longer be "
                                    "approved (the USSD asks her to pay again): not counted here, nor does it make "
-                                   "the line AWAITING_APPROVAL, even before the worker closes it"},
+                                   "the line AWAITING_APPROVAL, even before the worker closes it. Nor is a prompt "
+                                   "left on a SIM she lost (made from a number she held before her number was "
+                                   "corrected): she can no longer approve it, and the USSD lets her pay from her "
+                                   "new number"},
         "amountOutstanding": {**AMOUNT_OUT, "description": "What is left to pay: amountDue when nothing was kept, "
                               "else amountDue less amountPaid, 0 when paid in full (what the USSD offers her and the "
                               "BALANCE SMS says, for the period a payment made now pays). Money awaiting approval "

@@ -40,7 +40,7 @@ def dispute_data(dispute: Dispute) -> dict[str, Any]:
 
 
 async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, template: str, event_type: str,
-                  step: str, *, actor: Actor, payment: Payment | None = None) -> None:
+                  step: str, *, actor: Actor, answer_days: int, payment: Payment | None = None) -> None:
     """The SMS (to the member, or without one to the phone that paid while it is still its payer's:
     core.refunds.payer_to_tell) and the webhook event. The SMS context names the status this change moved the
     dispute to: the worker fills the message in later, when the dispute may have moved on (OPEN -> UNDER_REVIEW ->
@@ -49,7 +49,8 @@ async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, te
     if not dispute.member_id:
         payment = payment or await session.get(Payment, dispute.payment_id)
         if payment is not None:
-            phone = await payer_to_tell(session, cipher, payment, about=dispute, template=template, actor=actor)
+            phone = await payer_to_tell(session, cipher, payment, about=dispute, template=template, actor=actor,
+                                        answer_days=answer_days)
     jobs = notice_jobs(
         template=template, event_type=event_type, cooperative_id=dispute.cooperative_id, key=dispute.id, step=step,
         context={"dispute_id": dispute.id, "status": dispute.status}, data=dispute_data(dispute), cipher=cipher,
@@ -88,7 +89,9 @@ async def _last_unsent_sms(session: AsyncSession, dispute_id: str) -> datetime |
 
 
 async def open_dispute(session: AsyncSession, *, payment: Payment, reason: DisputeReason | str, channel: str,
-                       actor: Actor, cipher: PiiCipher, note: str | None = None) -> Dispute:
+                       actor: Actor, cipher: PiiCipher, answer_days: int, note: str | None = None) -> Dispute:
+    """Open a dispute of `payment` and tell its member, or without one the number that paid it (`answer_days`:
+    SMS_PAYER_ANSWER_DAYS, core.refunds.payer_to_tell), and the cooperative's system."""
     try:
         reason = DisputeReason(reason)
     except ValueError:
@@ -118,7 +121,7 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
     await record(session, actor=actor, action="dispute.opened", entity_type="dispute", entity_id=dispute.id,
                  after={"paymentId": payment.id, "reason": reason.value}, cooperative_id=payment.cooperative_id)
     await _notify(session, cipher, dispute, "dispute_opened", "dispute.opened", "opened", actor=actor,
-                  payment=payment)
+                  answer_days=answer_days, payment=payment)
     return dispute
 
 
@@ -220,7 +223,8 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
                                values=values, audit={"note": note} if note else None)
     final = target in (D.RESOLVED, D.REJECTED, D.WITHDRAWN)
     await _notify(session, rt.cipher, updated, "dispute_resolved" if final else "dispute_updated",
-                  "dispute.updated", target.value.lower(), actor=actor)
+                  "dispute.updated", target.value.lower(), actor=actor,
+                  answer_days=rt.settings.sms_payer_answer_days)
     return updated
 
 

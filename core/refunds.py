@@ -7,7 +7,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, func, or_, select, text, update
@@ -327,6 +327,9 @@ def _request_to_refund_known(payment: Payment, provider: PaymentProvider) -> Non
 # Why a refund's paying number is asked about (_paying_number_change): its member no longer holds it, or another member
 # got it since the payment.
 NUMBER_LEFT_HER, NUMBER_WENT_TO_ANOTHER = "left_her", "went_to_another"
+# Why the number that paid a payment of no member is not texted about it (payer_to_tell), besides those: the payment
+# is older than SMS_PAYER_ANSWER_DAYS.
+OLDER_THAN_ANSWER_DAYS = "older_than_answer_days"
 
 
 async def _paying_number_change(session: AsyncSession, payment: Payment) -> str | None:
@@ -401,30 +404,36 @@ async def paying_number_changed(session: AsyncSession, refund: Refund, payment: 
 
 
 async def payer_to_tell(session: AsyncSession, cipher: PiiCipher, payment: Payment, *, about: Refund | Dispute,
-                        template: str, actor: Actor) -> Phone | None:
+                        template: str, actor: Actor, answer_days: int) -> Phone | None:
     """Where the SMS `template` about a payment of no member (a refund's outcome, a dispute's change) goes: the
-    number that paid it (core.payments.payer_phone), while that number is still its payer's: not once a member got
-    it by a correction since the payment (a new SIM, a swap: _paying_number_change). Then "your refund was sent" or
-    "your dispute is closed" told the number's new holder of another's payment: not sent (None), the cooperative's
-    system told all the same (the caller's webhook event), audited (refund.payer_not_told, dispute.payer_not_told)
-    and logged. Asked when each SMS is queued: the number may have moved while the provider settled a refund or a
-    dispute stayed open; and a refund sent there on the admin's word (toPayingNumber) or recorded as the provider's
-    (returnedByProvider) is where the money went, not who holds the number now (the cooperative's records say who
-    does). One probe of the number's corrections, for a payment of no member only (None for any other: a member's
-    SMS goes to her, a bank payment has no number)."""
+    number that paid it (core.payments.payer_phone), while that number is still likely its payer's. Not once the
+    payment is older than `answer_days` (SMS_PAYER_ANSWER_DAYS; 0: no limit), as the RECEIPT keyword
+    (channels.sms.routes._owns) and the support desk's resend (admin_api.messages) judge it: operators give a number
+    left unused for months to someone else, and no correction of ours says so. Nor once a member got it by a
+    correction since the payment (a new SIM, a swap: _paying_number_change). Then "your refund was sent" or "your
+    dispute is closed" told the number's new holder of another's payment: not sent (None), the cooperative's
+    system told all the same (the caller's webhook event), audited (refund.payer_not_told, dispute.payer_not_told,
+    with the reason: OLDER_THAN_ANSWER_DAYS, or _paying_number_change's) and logged. Asked when each SMS is queued:
+    the number may have moved while the provider settled a refund or a dispute stayed open; and a refund sent there
+    on the admin's word (toPayingNumber) or recorded as the provider's (returnedByProvider) is where the money went,
+    not who holds the number now (the cooperative's records say who does). One probe of the number's corrections
+    (none past the age limit), for a payment of no member only (None for any other: a member's SMS goes to her, a
+    bank payment has no number)."""
     from core.payments import payer_phone  # local: core.payments reaches back into this module
 
     phone = payer_phone(cipher, payment)
     if phone is None:
         return None
-    change = await _paying_number_change(session, payment)
+    old = bool(answer_days) and payment.created_at < utcnow() - timedelta(days=answer_days)
+    change = OLDER_THAN_ANSWER_DAYS if old else await _paying_number_change(session, payment)
     if change is None:
         return phone
     kind = "refund" if isinstance(about, Refund) else "dispute"
     await record(session, actor=actor, action=f"{kind}.payer_not_told", entity_type=kind, entity_id=about.id,
                  after={"template": template, "paymentAccount": payment.payment_account_masked, "reason": change},
                  cooperative_id=about.cooperative_id)
-    log.warning(f"{kind} SMS not sent: the number that paid is no longer its payer's", extra={
+    why = "the payment is older than SMS_PAYER_ANSWER_DAYS" if old else "the number that paid is no longer its payer's"
+    log.warning(f"{kind} SMS not sent: {why}", extra={
         kind: about.reference, "payment": payment.reference, "template": template, "actor": actor.id})
     return None
 
@@ -589,8 +598,8 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
     assert paid is not None
     # Without a member, the phone that paid is told (a mobile-money payment's), as of the receipt: while it is still
     # its payer's (payer_to_tell).
-    phone = await payer_to_tell(session, rt.cipher, paid, about=updated, template=template,
-                                actor=actor) if tell_paying_number else None
+    phone = await payer_to_tell(session, rt.cipher, paid, about=updated, template=template, actor=actor,
+                                answer_days=rt.settings.sms_payer_answer_days) if tell_paying_number else None
     await enqueue_many(session, notice_jobs(  # the SMS and the webhook event in one round trip
         template=template, event_type=event_type, cooperative_id=refund.cooperative_id, key=refund.id,
         context={"refund_id": refund.id}, data=refund_data(updated), cipher=rt.cipher,

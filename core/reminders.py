@@ -370,12 +370,20 @@ def period_money(cooperative_id: str, type_id: str, currency: str, due: date, pe
     (core.payments.still_open, PROCESSING up to `grace` past its window: core.payments.open_window's): a prompt past
     its approval window can no longer be approved, and the USSD asks her to pay again beside it, so it is neither
     paid nor awaiting her approval, whether or not the worker has closed it yet (the scan, reading any open payment,
-    leaves her alone until it does). One pass over the period's payments grouped by member: a subquery per member
-    and column read them again for each of 20,000 members (seconds a page). `member_ids`: only theirs."""
+    leaves her alone until it does). Nor a prompt she can no longer approve from her number now (members.phone_index:
+    core.payments.approvable_by, as the USSD and balance_now judge it by the number she dials or texts from): one
+    left on a SIM she lost, made before the office corrected her number; if it completes all the same, it counts as
+    kept. One pass over the period's payments grouped by member: a subquery per member and column read them again for
+    each of 20,000 members (seconds a page); approvable_by's, correlated on the payment's member, is read only for
+    the few payments still open (AND evaluates left to right: a kept or closed one never reaches it), a few index
+    reads each (her member row, her number's corrections in the audit log). `member_ids`: only theirs."""
     # local: core.payments reads paid_clause from this module at import
-    from core.payments import still_open
+    from core.payments import approvable_by, still_open
 
-    kept_now, open_now = _PAYMENT.c.status.in_(PAID), still_open(now, now - grace)
+    # Her number now, by the payment's member: correlated on payments only (members is also the outer query's).
+    number = select(_MEMBER.c.phone_index).where(_MEMBER.c.id == _PAYMENT.c.member_id).correlate(_PAYMENT)
+    kept_now = _PAYMENT.c.status.in_(PAID)
+    open_now = and_(still_open(now, now - grace), approvable_by(_PAYMENT.c.member_id, number.scalar_subquery()))
     same = _PAYMENT.c.currency == currency
     query = select(
         _PAYMENT.c.member_id,

@@ -1218,7 +1218,7 @@ async def open_dispute(ctx: Ctx, reason: str) -> str:
             if payment is None:
                 raise Invalid("error.invalid_choice")
             dispute = await open_(session, payment=payment, reason=reason, channel="ussd", actor=actor(ctx),
-                                  cipher=ctx.rt.cipher)
+                                  cipher=ctx.rt.cipher, answer_days=ctx.rt.settings.sms_payer_answer_days)
     except Conflict as exc:
         found = _DSP_REF.search(exc.message)
         ctx.data["ref"] = found.group(0) if found else ""

@@ -3,10 +3,14 @@ a bank payment without a member has no phone to tell, and its changes still reac
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import dataclasses
+from datetime import timedelta
+
+from sqlalchemy import select, update
 
 from core.audit import Actor
-from core.models import AuditEvent, OutboxJob, Refund
+from core.db import utcnow
+from core.models import AuditEvent, OutboxJob, Payment, Refund
 from core.ports import ProviderOutcome
 from core.refunds import apply_refund_outcome
 from tests.admin_api.conftest import complete_payment, idem, make_payment
@@ -100,3 +104,50 @@ async def test_dispute_sms_are_not_sent_to_the_paying_phone_once_a_member_got_it
             .order_by(AuditEvent.id))).scalars().all()
     assert told == [{"template": "dispute_updated", "paymentAccount": "+25078****001", "reason": "went_to_another"},
                     {"template": "dispute_resolved", "paymentAccount": "+25078****001", "reason": "went_to_another"}]
+
+
+async def _made_days_ago(rt, payment_id, days):
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == payment_id)
+                        .values(created_at=utcnow() - timedelta(days=days)))
+
+
+async def _not_told(rt, entity_id, action):
+    async with rt.sessionmaker() as s:
+        return (await s.execute(select(AuditEvent.after).where(
+            AuditEvent.entity_id == entity_id, AuditEvent.action == action).order_by(AuditEvent.id))).scalars().all()
+
+
+async def test_the_paying_phone_is_not_texted_about_a_payment_older_than_sms_payer_answer_days(admin, rt, demo):
+    """As the RECEIPT keyword and the support desk's resend judge it: past SMS_PAYER_ANSWER_DAYS (90) the number
+    that paid a payment of no member may have been recycled to a stranger (an operator reissues a number left
+    unused for months), so its refund's and dispute's SMS are not sent there; the cooperative's system is still
+    told, and the audit log says why the payer was not. 89 days old, the payer is texted; with
+    SMS_PAYER_ANSWER_DAYS=0, always."""
+    rent = demo["payment_types"]["Monthly Rent"]
+    made = {}
+    for days in (91, 89, 900):
+        paid = await make_payment(admin, rent, paymentAccount=PAYER)
+        await complete_payment(rt, paid["id"])
+        await _made_days_ago(rt, paid["id"], days)
+        made[days] = paid["id"]
+    refunds = {days: (await admin.json("POST", f"/v1/payments/{made[days]}/refunds", 201,
+                                       json={"amount": 1000, "idempotencyKey": idem()}))["id"] for days in made}
+    always = dataclasses.replace(rt, settings=dataclasses.replace(rt.settings, sms_payer_answer_days=0))
+    await _settle_refund(rt, refunds[91], ProviderOutcome.SUCCEEDED)
+    assert await _sms_to(rt, "refund_completed") == []
+    await _settle_refund(rt, refunds[89], ProviderOutcome.SUCCEEDED)
+    await _settle_refund(always, refunds[900], ProviderOutcome.SUCCEEDED)
+    assert await _sms_to(rt, "refund_completed") == [(None, PAYER), (None, PAYER)]
+    events = [j.payload["event_type"] for j in await _jobs(rt, "webhook.event")]
+    assert events.count("refund.completed") == 3
+    assert await _not_told(rt, refunds[91], "refund.payer_not_told") == [
+        {"template": "refund_completed", "paymentAccount": "+25078****001", "reason": "older_than_answer_days"}]
+    assert await _not_told(rt, refunds[89], "refund.payer_not_told") == []
+
+    old = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": made[91], "reason": "OTHER"})
+    assert await _sms_to(rt, "dispute_opened") == []
+    await admin.json("POST", "/v1/disputes", 201, json={"paymentId": made[89], "reason": "OTHER"})
+    assert await _sms_to(rt, "dispute_opened") == [(None, PAYER)]
+    assert await _not_told(rt, old["id"], "dispute.payer_not_told") == [
+        {"template": "dispute_opened", "paymentAccount": "+25078****001", "reason": "older_than_answer_days"}]

@@ -132,7 +132,7 @@ async def test_a_dispute_opened_while_the_refund_waits_for_the_payment_is_noted(
         await opener.begin()
         paid = await opener.get(Payment, payment_id)
         dispute = await open_dispute(opener, payment=paid, reason="OTHER", channel="api", actor=actor,
-                                     cipher=rt.cipher)
+                                     cipher=rt.cipher, answer_days=rt.settings.sms_payer_answer_days)
 
         async def refund():
             async with rt.sessionmaker.begin() as s:

@@ -509,3 +509,37 @@ async def test_a_payment_past_its_approval_window_is_not_awaiting_approval(admin
     rows = {row["memberId"]: row for row in csv.DictReader(io.StringIO(await resp.text()))}
     assert (rows[m["+250788000002"]]["status"], rows[m["+250788000002"]]["amountAwaitingApproval"]) == ("UNPAID", "0")
     assert rows[m["+250788000001"]]["status"] == "AWAITING_APPROVAL"
+
+
+async def test_a_prompt_left_on_a_lost_sim_is_not_awaiting_approval(admin, rt, demo):
+    """Open as the USSD and the BALANCE SMS judge it, also by number (core.payments.approvable_by): Aline's rent
+    prompt went to her old SIM, then she lost it and the office put her new number on (NEW_SIM). The prompt waits on
+    a SIM she no longer has: the USSD lets her pay from her new number and the BALANCE SMS does not say it is under
+    way, so the report neither lists her as awaiting approval nor counts its money (nor lists a member registered
+    after the period with only such a prompt). Jean's prompt, his number unchanged, is awaiting approval."""
+    rent, m = demo["payment_types"]["Monthly Rent"], demo["members"]
+    await _registered(rt, demo["cooperative_id"])
+    late = await admin.json("POST", "/v1/members", 201, json={"name": "Paul Late", "phone": "+250788000114"})
+    await _pay(admin, rt, rent, "+250788000001", taken=0)  # Aline: her PIN awaited on the SIM she then lost
+    await admin.json("PATCH", f"/v1/members/{m['+250788000001']}", 200,
+                     json={"phone": "+250788000901", "phoneChange": "NEW_SIM"})
+    await _pay(admin, rt, rent, "+250788000114", taken=0)  # Paul, registered since: the same
+    await admin.json("PATCH", f"/v1/members/{late['id']}", 200,
+                     json={"phone": "+250788000914", "phoneChange": "NEW_SIM"})
+    await _pay(admin, rt, rent, "+250788000002", taken=0)  # Jean: his PIN awaited, his number unchanged
+
+    report = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={NOVEMBER}&limit=100", 200)
+    lines = {line["memberId"]: _short(line) for line in report["data"]}
+    assert lines[m["+250788000001"]] == ("Aline Uwase", "UNPAID", 50000, 0, 0, 50000)
+    assert lines[m["+250788000002"]] == ("Jean Bosco Habimana", "AWAITING_APPROVAL", 50000, 0, 50000, 50000)
+    assert late["id"] not in lines
+    assert report["totals"]["amountAwaitingApproval"] == 50000
+    assert report["totals"]["byStatus"]["AWAITING_APPROVAL"] == 1
+    waiting = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={NOVEMBER}"
+                                      "&status=AWAITING_APPROVAL", 200)
+    assert [line["memberId"] for line in waiting["data"]] == [m["+250788000002"]]
+    resp = await admin.req("GET", f"/v1/reports/dues.csv?paymentTypeId={rent}&period={NOVEMBER}")
+    assert resp.status == 200
+    rows = {row["memberId"]: row for row in csv.DictReader(io.StringIO(await resp.text()))}
+    assert (rows[m["+250788000001"]]["status"], rows[m["+250788000001"]]["amountAwaitingApproval"]) == ("UNPAID", "0")
+    assert rows[m["+250788000002"]]["status"] == "AWAITING_APPROVAL"

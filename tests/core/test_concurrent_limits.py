@@ -51,7 +51,7 @@ async def test_concurrent_dispute_opens_make_one_dispute(rt: Any, demo: Any) -> 
             async with rt.sessionmaker.begin() as s:
                 fresh = await s.get(Payment, payment.id)
                 await open_dispute(s, payment=fresh, reason="CHARGED_NOT_RECORDED", channel="api", actor=ADMIN,
-                                   cipher=rt.cipher)
+                                   cipher=rt.cipher, answer_days=rt.settings.sms_payer_answer_days)
             return "opened"
         except Conflict:
             return "conflict"

@@ -128,7 +128,7 @@ async def test_dispute_changes_in_one_millisecond_read_in_order(
         row = await session.get(Payment, payment.id)
         assert row is not None
         dispute = await open_dispute(session, payment=row, reason="OTHER", channel="api", actor=ADMIN,
-                                     cipher=rt.cipher)
+                                     cipher=rt.cipher, answer_days=rt.settings.sms_payer_answer_days)
     seen.append((await _events(rt))["dispute.opened"]["data"])
     for target in ("UNDER_REVIEW", "RESOLVED"):
         async with rt.sessionmaker.begin() as session:

@@ -27,7 +27,7 @@ async def _dispute(rt: Any, demo: dict[str, Any]) -> tuple[Dispute, str]:
     async with rt.sessionmaker.begin() as session:
         payment = await session.get(Payment, paid.id)
         dispute = await open_dispute(session, payment=payment, reason="WRONG_AMOUNT", channel="api", actor=ADMIN,
-                                     cipher=rt.cipher)
+                                     cipher=rt.cipher, answer_days=rt.settings.sms_payer_answer_days)
     return dispute, paid.reference
 
 
