@@ -10,6 +10,7 @@ The table keeps one row per (aggregator, session id): the previous session's row
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,6 +24,8 @@ from core import metrics, pgraw
 from core.db import insert_ignore, new_id, table_of, utcnow
 from core.models import UssdSession
 from core.phone import Phone
+
+log = logging.getLogger("gateway.ussd")
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,9 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
     (the session's state, or its first hop's write, tells a hop that): only a row younger than the longest session
     is (previous_before), an older one a previous session's of the id, left as it is.
 
-    One statement, atomic on its own, so no transaction around it; a second only for a row closed before."""
+    One statement, atomic on its own, so no transaction around it; a second only for a row closed before (which,
+    failing, is logged, not raised: the first told the answer). The first failing raises: the row is left as it
+    was, OPEN or not, and the caller judges who counts it (service._closed)."""
     values: dict[str, Any] = {"ended_at": utcnow()}
     if hops is not None:
         values["hops"] = hops
@@ -236,11 +241,20 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
     params.update(v_status=status, w_aggregator=aggregator, w_session_id=session_id[:128])
     if stateless:
         params["w_since"] = previous_before()
-    async with autocommit(rt) as conn:
-        if await pgraw.first(conn, _close_statement(tuple(values), True, stateless), params) is not None:
-            return False
-        # No row at all (its opening write failed) was not closed before either: the caller counts it.
-        return await pgraw.first(conn, _close_statement(tuple(values), False, stateless), params) is not None
+    before: bool | None = None
+    try:
+        async with autocommit(rt) as conn:
+            before = await pgraw.first(conn, _close_statement(tuple(values), True, stateless), params) is None
+            if before:
+                # No row at all (its opening write failed) was not closed before either: the caller counts it.
+                before = await pgraw.first(conn, _close_statement(tuple(values), False, stateless),
+                                           params) is not None
+    except Exception:
+        if before is None:
+            raise  # whether the row was closed before is not known: the caller's to judge
+        # The first write told it (closed before, or closed now: counted either way); what the hop knows is lost.
+        log.warning("ussd session record not completed", exc_info=True, extra={"session_id": session_id})
+    return before
 
 
 async def record_event(rt: Any, event: SessionEvent) -> bool:

@@ -330,11 +330,11 @@ async def _events(request: web.Request) -> web.Response:
                                                       "error": type(exc).__name__})
         return web.json_response({"error": "Service Unavailable"}, status=503)
     # Counted by the first close of its row (see service._closed): this notice's, unless the END hop, the sweep or
-    # a copy of it came first. A Success first (its END hop not recorded yet) is counted completed: the notice
-    # cannot tell a payment, and the END coming after it counts nothing.
-    if not closed_before:
-        outcome = "completed" if event.status == "Success" else event.status.lower()
-        metrics.USSD_SESSIONS.labels(aggregator=africastalking.NAME, outcome=outcome).inc()
+    # a copy of it came first. A Success never: it says our END ended the session, and the hop that answered it
+    # counted it (completed, payment; or busy, unavailable, unsettled, a hop that failed and left its row OPEN,
+    # which this notice closes). It cannot come before that hop's close, which runs before the END is answered.
+    if not closed_before and event.status != "Success":
+        metrics.USSD_SESSIONS.labels(aggregator=africastalking.NAME, outcome=event.status.lower()).inc()
     log.info("ussd session ended", extra={"session_id": event.session_id, "phone": event.phone.masked(),
                                           "status": event.status, "hops": event.hops})
     return web.Response(text="OK")

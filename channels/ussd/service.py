@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from channels.ussd import cache, flows, funnel, records, sessions
+from channels.ussd import africastalking, cache, flows, funnel, records, sessions
 from channels.ussd.engine import Ctx, Engine, State
 from channels.ussd.i18n import language, translate
 from channels.ussd.types import UssdReply, UssdTurn, extension_of, side_effect_began
@@ -348,6 +348,10 @@ class UssdService:
             metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome="resumed").inc()
 
     async def _abandoned(self, rt: Any, turn: UssdTurn, stored: sessions.Stored | None) -> None:
+        if stored is not None and stored.reply is not None and stored.reply[1]:
+            # Our END released the session, and its hop closed the row and counted it: a Timeout (or Release) after
+            # it tells nothing of how it ended. Written, it made the row's end and duration its own instant's.
+            return
         # Its state gone (lost), the row is closed all the same, with what the Timeout says: left OPEN, the sweep
         # would count the session a second time.
         if not await self._closed(rt, turn, stored, status="Incomplete"):
@@ -358,8 +362,11 @@ class UssdService:
         """The session's row recorded ended; whether it was closed before. A session is counted once in
         gateway_ussd_sessions, by the first close of its row (records._first_close): the sweep's timed_out, the
         aggregator's notice (its outcome), or this hop's; a counter cannot take the first back, so a later close
-        counts no outcome of its own, and the row still says how the session really ended. A row not written (the
-        database failing) counts: better once than not at all."""
+        counts no outcome of its own, and the row still says how the session really ended. A write that fails (the
+        database away) leaves the row OPEN: on Hubtel and Nalo its next close, the sweep's, counts it (timed_out),
+        so this one does not (twice, else); Africa's Talking reports our END a Success, which counts nothing
+        (routes._events), so its END counts (once, unless the notice is lost and the sweep closes the row).
+        (records.closed() tells a second write that fails: the first found the row closed before.)"""
         try:
             if stored is None:
                 return await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id,
@@ -369,7 +376,7 @@ class UssdService:
                                         status=status, duration_ms=int((time.time() - stored.started) * 1000))
         except Exception:  # the user's answer matters more than the bookkeeping row
             log.exception("ussd session record not updated", extra={"session_id": turn.session_id})
-            return False
+            return turn.aggregator != africastalking.NAME
 
     def unavailable(self, rt: Any, turn: UssdTurn | None) -> UssdReply:
         return UssdReply(translate(self._language(rt, turn), "unavailable"), True)

@@ -45,13 +45,13 @@ async def _cancel(phone: AtPhone) -> None:
     assert (await phone.send("2")).startswith("END ")
 
 
-@pytest.mark.parametrize(("status", "outcome"), [("Incomplete", "incomplete"), ("Failed", "failed"),
-                                                 ("Success", "completed")])
+@pytest.mark.parametrize(("status", "outcome"), [("Incomplete", "incomplete"), ("Failed", "failed")])
 async def test_a_notice_before_the_end_hop_counts_the_session_once(status: str, outcome: str, client: Any,
                                                                    demo: Any, db: Any, rt: Any) -> None:
     """Africa's Talking gave up on a slow hop and said so before that hop's END was written: the notice counted
-    the session (its outcome: it came first; a Success, which cannot tell a payment, as completed), the END
-    counts nothing and writes what it knows on the row, the aggregator's status standing."""
+    the session (its outcome: it came first), the END counts nothing and writes what it knows on the row, the
+    aggregator's status standing. (A Success cannot come first: it answers our END, whose hop closed the row
+    before answering; see test_a_hop_answered_unavailable_then_the_notice_counts_the_session_once.)"""
     phone = AtPhone(client, EN_MTN)
     await _to_confirm(phone)
     before = _sessions_counted(AT)
@@ -110,9 +110,9 @@ async def test_a_notice_then_the_sweep_counts_the_notice_alone(client: Any, demo
     await phone.dial()
     await _age(rt, phone.session_id, 11)
     before = _sessions_counted(AT)
-    await _notice(client, phone.session_id, "Success")
+    await _notice(client, phone.session_id, "Incomplete")
     assert await records.close_abandoned(rt) == 0
-    assert _added(before, _sessions_counted(AT)) == {"completed": 1}
+    assert _added(before, _sessions_counted(AT)) == {"incomplete": 1}
 
 
 async def _hubtel_to_confirm(client: Any, session_id: str) -> HubtelPhone:
@@ -234,3 +234,117 @@ async def test_the_end_hop_closes_its_row_in_one_statement_and_a_second_only_aft
         with statements(rt) as sent:
             await _cancel(phone)
         assert len([s for s in sent if "ussd_sessions" in s]) == writes, sent
+
+
+def _failing(monkeypatch: Any, *, first: bool) -> None:
+    """records.closed()'s first write (the row found OPEN or not) or its second (a row closed before) fails, as a
+    database going away does: ConnectionError."""
+    built = records._close_statement
+    failing: set[int] = set()
+
+    def close_statement(columns: tuple[str, ...], is_first: bool, young: bool) -> Any:
+        stmt = built(columns, is_first, young)
+        if is_first == first:
+            failing.add(id(stmt))
+        return stmt
+
+    real_first = records.pgraw.first
+
+    async def first_row(conn: Any, stmt: Any, *args: Any, **kwargs: Any) -> Any:
+        if id(stmt) in failing:
+            raise ConnectionError("database went away")
+        return await real_first(conn, stmt, *args, **kwargs)
+
+    monkeypatch.setattr(records, "_close_statement", close_statement)
+    monkeypatch.setattr(records.pgraw, "first", first_row)
+
+
+async def test_an_end_whose_second_write_fails_after_a_notice_counts_nothing(client: Any, demo: Any, db: Any,
+                                                                            rt: Any, monkeypatch: Any) -> None:
+    """The notice counted the session (its row closed); the END's first write found that, and its second (what the
+    hop knows, on the closed row) fails: the session was counted, the END counts nothing all the same."""
+    phone = AtPhone(client, EN_MTN)
+    await _to_confirm(phone)
+    before = _sessions_counted(AT)
+    await _notice(client, phone.session_id, "Incomplete", "network timeout")
+    _failing(monkeypatch, first=False)
+    await _cancel(phone)  # the member still hears her END
+    assert _added(before, _sessions_counted(AT)) == {"incomplete": 1}
+
+
+async def test_an_end_whose_write_fails_is_counted_once_by_the_sweep(client: Any, demo: Any, db: Any, rt: Any,
+                                                                    monkeypatch: Any) -> None:
+    """Hubtel (and Nalo) report no end: the END's close fails (the database away), its row stays OPEN, and the
+    sweep closes it later and counts it. The END counting it too made it twice."""
+    phone = await _hubtel_to_confirm(client, "hubtel-unwritten")
+    before = _sessions_counted("hubtel")
+    with monkeypatch.context() as patched:
+        _failing(patched, first=True)
+        assert (await phone.post("Response", "2"))["Type"] == "Release"
+    assert (await _row(db, "hubtel-unwritten")).status == "OPEN"
+    await _age(rt, "hubtel-unwritten", 11)
+    assert await records.close_abandoned(rt) == 1
+    assert _added(before, _sessions_counted("hubtel")) == {"timed_out": 1}
+
+
+async def test_an_africastalking_end_whose_write_fails_is_counted_once_by_the_end(client: Any, demo: Any, db: Any,
+                                                                                 rt: Any, monkeypatch: Any) -> None:
+    """Africa's Talking reports our END a Success, which counts nothing: the END whose close failed is the one to
+    count the session (not counted at all otherwise); the notice closes its row."""
+    phone = AtPhone(client, EN_MTN)
+    await _to_confirm(phone)
+    before = _sessions_counted(AT)
+    with monkeypatch.context() as patched:
+        _failing(patched, first=True)
+        await _cancel(phone)
+    await _notice(client, phone.session_id, "Success")
+    assert _added(before, _sessions_counted(AT)) == {"completed": 1}
+    assert (await _row(db, phone.session_id)).status == "Success"
+
+
+@pytest.mark.parametrize("kind", ["Timeout", "Release"])
+async def test_hubtels_close_after_the_end_hop_leaves_its_row_as_the_end_wrote_it(kind: str, client: Any, demo: Any,
+                                                                                   db: Any, rt: Any) -> None:
+    """A Timeout (or Release) of a session our END already released says nothing of how it ended: the row keeps the
+    END's end and duration (it took the Timeout's instant, a session as long as the wait for it)."""
+    phone = await _hubtel_to_confirm(client, f"hubtel-ended-{kind}")
+    assert (await phone.post("Response", "2"))["Type"] == "Release"
+    ended = await _row(db, f"hubtel-ended-{kind}")
+    await asyncio.sleep(0.05)
+    before = _sessions_counted("hubtel")
+    assert (await phone.post(kind, ""))["Type"] == "Release"
+    assert _added(before, _sessions_counted("hubtel")) == {}
+    row = await _row(db, f"hubtel-ended-{kind}")
+    assert (row.status, row.ended_at, row.duration_ms, row.hops, row.last_screen) == (
+        "Success", ended.ended_at, ended.duration_ms, ended.hops, ended.last_screen)
+
+
+def _with_unavailable(aggregator: str) -> dict[str, float]:
+    from core.metrics import REGISTRY
+
+    return {**_sessions_counted(aggregator), "unavailable": REGISTRY.get_sample_value(
+        "gateway_ussd_sessions_total", {"aggregator": aggregator, "outcome": "unavailable"}) or 0.0}
+
+
+async def test_a_hop_answered_unavailable_then_the_notice_counts_the_session_once(client: Any, demo: Any, db: Any,
+                                                                                   rt: Any, monkeypatch: Any) -> None:
+    """A hop that fails is answered END "service unavailable" and counted so (the alert's signal); its row is not
+    closed (the hop did not finish). Africa's Talking then reports the session a Success (our END ended it): not a
+    second count, as `completed`."""
+    from channels.ussd import service
+
+    phone = AtPhone(client, EN_MTN)
+    await _to_confirm(phone)
+    before = _with_unavailable(AT)
+
+    async def redis_down(*_args: Any, **_kwargs: Any) -> Any:
+        raise ConnectionError("redis went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(service.sessions, "save", redis_down)
+        assert (await phone.send("2")) == "END Service unavailable, please try again later."
+    unavailable = {"unavailable": 1}
+    assert _added(before, _with_unavailable(AT)) == unavailable
+    await _notice(client, phone.session_id, "Success")
+    assert _added(before, _with_unavailable(AT)) == unavailable
+    assert (await _row(db, phone.session_id)).status == "Success"
