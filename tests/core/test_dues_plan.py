@@ -5,30 +5,15 @@ the read's moment) is checked on those rows, never the reason to read the cooper
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from tests.admin_api.conftest import bearer
+from tests.admin_api.test_reports_recorded_later import _statements  # every statement and its parameters
 from tests.conftest import requires_pg
 
 OTHER_COOP = "00000000-0000-4000-8000-000000000077"
-
-
-@contextlib.contextmanager
-def _statements(rt: Any) -> Iterator[list[tuple[str, Any]]]:
-    seen: list[tuple[str, Any]] = []
-
-    def before(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
-        seen.append((statement, parameters))
-
-    event.listen(rt.engine.sync_engine, "before_cursor_execute", before)
-    try:
-        yield seen
-    finally:
-        event.remove(rt.engine.sync_engine, "before_cursor_execute", before)
 
 
 @requires_pg
