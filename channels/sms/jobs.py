@@ -299,14 +299,16 @@ class SmsJobs:
                            answer: Answer) -> Any:
         """The row of a message AT may have (its answer was kept at the send) is gone: PostgreSQL was restored to a
         point before the send, and the job, pending then, runs again. The row is stored again, QUEUED for the
-        answer to be recorded on it, never sent. None when it cannot be built for the member's number any more
-        (released since): nothing to record it on, and nothing is sent either."""
+        answer to be recorded on it, never sent: built as it went (`sent`), a receipt whose payment was voided since
+        or whose number went to a member since too, which would not go out now (_NotSent) but went out then. None
+        when it cannot be built for the member's number any more (released since): nothing to record it on, and
+        nothing is sent either."""
         log.warning("SMS already sent but its row is gone (PostgreSQL restored to before the send?): stored again "
                     "from the answer kept at the send, not resent",
                     extra={"job_id": job.id, "provider_message_id": answer.provider_message_id,
                            "template": payload.get("template")})
         try:
-            return await self._create(conn, payload, key)
+            return await self._create(conn, payload, key, sent=True)
         except PhoneReleased:
             return None
 
@@ -408,18 +410,24 @@ class SmsJobs:
         )
         return None
 
-    async def _build(self, conn: AsyncConnection, payload: dict[str, Any]) -> tuple[Phone, str, str]:
+    async def _build(self, conn: AsyncConnection, payload: dict[str, Any], *, sent: bool = False
+                     ) -> tuple[Phone, str, str]:
         """(phone, language, body). A receipt or payment update, the bulk of the traffic, is filled from one
         plain query; anything else, or a payment whose rows are not all there, goes through
-        `build_message`, which reads the rows one by one and names what is missing."""
+        `build_message`, which reads the rows one by one and names what is missing.
+
+        `sent`: the message went out already (its row lost to a restore: _store_again), so what would stop it now
+        (_NotSent) does not stop its row."""
         rt = self.rt
         service_code = rt.settings.service_code_for  # the cooperative's aggregator's, else USSD_SERVICE_CODE
         try:
             facts = await _payment_facts(conn, payload)
             if facts is not None:
-                if payload["template"] in RECEIPT_TEMPLATES and facts.payment.status == PaymentStatus.VOIDED.value:
+                if sent:
+                    pass  # it went out then: its row is stored as it went, whatever would stop it now
+                elif payload["template"] in RECEIPT_TEMPLATES and facts.payment.status == PaymentStatus.VOIDED.value:
                     raise _NotSent(PAYMENT_VOIDED)
-                if facts.number_moved:  # to the number that paid a payment of no member, a member's since (_payer_void)
+                elif facts.number_moved:  # the number that paid a payment of no member: a member's since (_payer_void)
                     raise _NotSent(NUMBER_WENT_TO_A_MEMBER)
                 phone, language = recipient(rt.cipher, payload, facts.member, facts.coop_language)
                 return phone, language, render(payload["template"], language,
@@ -430,9 +438,9 @@ class SmsJobs:
         except TemplateError as exc:
             raise PermanentJobError(f"cannot build SMS: {exc}") from exc
 
-    async def _create(self, conn: AsyncConnection, payload: dict[str, Any], key: str) -> Any:
+    async def _create(self, conn: AsyncConnection, payload: dict[str, Any], key: str, *, sent: bool = False) -> Any:
         rt = self.rt
-        phone, language, body = await self._build(conn, payload)
+        phone, language, body = await self._build(conn, payload, sent=sent)
         size = measure(body)
         now = utcnow()
         values = {

@@ -452,8 +452,8 @@ async def test_a_message_stored_by_another_run_first_is_counted_queued_once(
     real_build = SmsJobs._build
     raced: list[str] = []
 
-    async def racing(self: SmsJobs, conn: Any, payload: dict[str, Any]) -> Any:
-        built = await real_build(self, conn, payload)
+    async def racing(self: SmsJobs, conn: Any, payload: dict[str, Any], **kw: Any) -> Any:
+        built = await real_build(self, conn, payload, **kw)
         if not raced:  # the other run, inserting the row (and counting it) before this run's insert
             raced.append(message_key(payload))
             async with autocommit(rt.engine) as other:

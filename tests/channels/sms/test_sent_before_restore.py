@@ -6,13 +6,19 @@ SENT with that answer, and sends nothing."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import delete, update
 
 from channels.sms.jobs import ANSWER_SECONDS, message_keys
 from core.db import utcnow
-from core.models import OutboxJob, SmsMessage
+from core.models import OutboxJob, Payment, SmsMessage
+from core.notify import send_sms
+from core.phone import Phone
+from tests.admin_api.conftest import bearer
+from tests.channels.sms.helpers import make_payment
 from tests.channels.sms.test_send_faults import ALINE, queue_receipt, slow_simulator, the_job, the_row
 from tests.conftest import drain
 
@@ -68,3 +74,48 @@ async def test_an_unconfirmed_send_before_the_restore_is_not_sent_again(
     assert (row.status, row.provider_status, row.provider_message_id) == ("SENT", "Unconfirmed", None)
     assert row.failure_reason == "unconfirmed, not resent: ReadTimeout after the send"
     assert (await the_job(rt)).status == "DONE"
+
+
+STRANGER = "+250788123222"  # a number no member had when it paid
+
+
+@pytest.mark.parametrize("since", ["payment_voided", "number_went_to_a_member"])
+async def test_a_receipt_sent_before_the_restore_is_stored_again_when_it_would_not_go_out_now(
+        rt: Any, demo: dict[str, Any], sim: Any, worker: Any, client: Any, since: str) -> None:
+    """After the restore (before the job's turn) the receipt became one that must not go out: its payment voided,
+    or the number that paid a payment of no member given to a member (NEW_SIM). It went out before the restore all
+    the same: stored again as SENT with AT's answer, as any other, the job done; not "not sent", nor retried until
+    parked for a row it cannot build."""
+    if since == "payment_voided":
+        await queue_receipt(rt, demo)
+        to, key = ALINE, "receipt-1"
+    else:
+        paid = await make_payment(rt, demo["cooperative_id"], account=STRANGER,
+                                  created_at=datetime.now(UTC) - timedelta(minutes=5))
+        async with rt.sessionmaker.begin() as session:
+            await send_sms(session, template="payment_receipt", cooperative_id=demo["cooperative_id"],
+                           context={"payment_id": paid.id}, cipher=rt.cipher, phone=Phone(STRANGER),
+                           dedupe="receipt-2")
+        to, key = STRANGER, "receipt-2"
+    await drain(worker)
+    [copy] = sim.messages(to)
+    first = await the_row(rt)
+    assert (first.status, first.provider_message_id) == ("SENT", copy["id"])
+
+    await _restored_to_before_the_send(rt)
+    if since == "payment_voided":
+        async with rt.sessionmaker.begin() as session:
+            await session.execute(update(Payment).values(status="VOIDED"))
+    else:
+        admin = await bearer(client, *demo["admin"])
+        await admin.json("PATCH", f"/v1/members/{demo['members'][ALINE]}", 200,
+                         json={"phone": STRANGER, "phoneChange": "NEW_SIM"})
+    await drain(worker)
+
+    assert len(sim.requests) == 1 and sim.messages(to) == [copy]  # no second SMS
+    again = await the_row(rt)
+    assert (again.status, again.provider_message_id, again.sent_at, again.failure_reason) == (
+        "SENT", copy["id"], first.sent_at, None)
+    assert (again.body, again.phone_masked, again.idempotency_key) == (first.body, first.phone_masked, key)
+    job = await the_job(rt)
+    assert (job.status, job.attempts, job.last_error) == ("DONE", 1, None)
