@@ -141,8 +141,10 @@ def payment_account(rt: Runtime, payment: Payment) -> str:
 
 def payer_phone(cipher: PiiCipher, payment: Payment) -> Phone | None:
     """Where the payer's SMS about a payment without a member go (refunds, disputes): the paying phone of
-    a mobile-money payment, as _notices does for its receipt. None with a member or for a bank payment."""
-    if payment.member_id is not None or payment.method not in METHOD_OPERATOR:
+    a mobile-money payment, as _notices does for its receipt. None with a member, for a bank payment, or once the
+    account was erased (core.members.erase_member clears it on the payments her number made as she registered:
+    a dispute of one still open moves on, and has no number to tell)."""
+    if payment.member_id is not None or payment.method not in METHOD_OPERATOR or not payment.payment_account_enc:
         return None
     return Phone(cipher.decrypt(payment.payment_account_enc, context=account_context(payment.cooperative_id)))
 
@@ -941,12 +943,9 @@ class _Moved:
 
 def _notices(rt: Runtime, payment: Any, template: str, event_type: str) -> list[NewJob]:
     """The payer's SMS (to the member, or to the paying phone of a mobile-money payment without one) and
-    the cooperative's webhook event for a payment's new state."""
-    phone = None
-    if payment.member_id is None and payment.method in METHOD_OPERATOR:
-        from core.phone import Phone
-
-        phone = Phone(payment_account(rt, payment))
+    the cooperative's webhook event for a payment's new state. No phone once the account was erased (payer_phone:
+    money taken after the failure of a payment whose payer was erased since)."""
+    phone = payer_phone(rt.cipher, payment)
     return notice_jobs(template=template, event_type=event_type, cooperative_id=payment.cooperative_id,
                        key=payment.id, context={"payment_id": payment.id}, data=event_data(payment), cipher=rt.cipher,
                        member_id=payment.member_id, phone=phone)

@@ -151,3 +151,60 @@ async def test_the_paying_phone_is_not_texted_about_a_payment_older_than_sms_pay
     assert await _sms_to(rt, "dispute_opened") == [(None, PAYER)]
     assert await _not_told(rt, old["id"], "dispute.payer_not_told") == [
         {"template": "dispute_opened", "paymentAccount": "+25078****001", "reason": "older_than_answer_days"}]
+
+
+async def test_a_dispute_of_a_payment_whose_payer_was_erased_moves_without_an_sms(admin, rt, demo):
+    """The payer registered just after paying with no member (her number's payment is hers: core.members._Hers),
+    then left and was erased while her dispute of it was open: the payment's account is cleared (no ciphertext to
+    decrypt), so the dispute's later SMS have no number to go to. Its moves still go through (they raised
+    CryptoError: a 500, the dispute stuck OPEN), as does a chargeback recorded of it, and the cooperative's system
+    is still told."""
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"], paymentAccount=PAYER)
+    await complete_payment(rt, paid["id"])
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
+    assert await _sms_to(rt, "dispute_opened") == [(None, PAYER)]
+    her = await admin.json("POST", "/v1/members", 201, json={"name": "Ange Payer", "phone": PAYER})
+    await admin.json("DELETE", f"/v1/members/{her['id']}", 200)
+    await admin.json("POST", f"/v1/members/{her['id']}/erase", 200)
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, paid["id"])).payment_account_enc == ""
+    await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200,
+                     json={"status": "REJECTED", "note": "paid as asked"})
+    assert await _sms_to(rt, "dispute_resolved") == []
+    # A chargeback of it (the provider gave her the money back: recorded with returnedByProvider, the one refund an
+    # erased account takes) completes as recorded, with nobody to text either.
+    when = utcnow().isoformat()
+    refund = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json={
+        "amount": 1000, "idempotencyKey": idem(),
+        "returnedByProvider": {"providerTransactionId": "MTN-REV-ERASED", "completedAt": when}})
+    assert refund["status"] == "COMPLETED"
+    assert await _sms_to(rt, "refund_completed") == []
+    events = [j.payload["event_type"] for j in await _jobs(rt, "webhook.event")]
+    assert (events.count("dispute.updated"), events.count("refund.completed")) == (1, 1)
+
+
+async def test_money_taken_after_failure_from_an_erased_payer_is_told_to_the_cooperative_only(admin, rt, demo):
+    """Her payment with no member failed, she registered, left and was erased (its account cleared); then the
+    provider says it took the money after all. The payment is flagged as holding it and the cooperative's system
+    told (payment.taken_after_failure), with no SMS: there is no number left to text (it raised CryptoError, the
+    provider's report failed for good)."""
+    from core.models import Payment as P
+    from core.money import Money
+    from core.payments import apply_collection_outcome
+
+    provider = Actor("provider:test", "provider")
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"], paymentAccount=PAYER)
+    async with rt.sessionmaker.begin() as s:
+        await apply_collection_outcome(s, rt, await s.get(P, paid["id"]), ProviderOutcome.FAILED, actor=provider,
+                                       reason="payer declined")
+    her = await admin.json("POST", "/v1/members", 201, json={"name": "Ange Payer", "phone": PAYER})
+    await admin.json("DELETE", f"/v1/members/{her['id']}", 200)
+    await admin.json("POST", f"/v1/members/{her['id']}/erase", 200)
+    async with rt.sessionmaker.begin() as s:
+        result = await apply_collection_outcome(s, rt, await s.get(P, paid["id"]), ProviderOutcome.SUCCEEDED,
+                                                actor=provider, amount=Money(50_000, "RWF"),
+                                                provider_transaction_id="MTN-LATE-ERASED")
+    assert result == "flagged_success_after_failure"
+    assert await _sms_to(rt, "payment_taken_after_failure") == []
+    events = [j.payload["event_type"] for j in await _jobs(rt, "webhook.event")]
+    assert events.count("payment.taken_after_failure") == 1
