@@ -25,10 +25,10 @@ import hashlib
 import json
 import logging
 import math
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import String, and_, bindparam, case, false, func, select, update
+from sqlalchemy import DateTime, String, and_, bindparam, case, func, literal, null, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from channels.sms.encoding import measure
@@ -54,7 +54,7 @@ from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refu
 from core.notify import SMS_KEY_SIZE, SMS_PHONE_CONTEXT
 from core.outbox import Handler, Job, PermanentJobError, RetryLater, finish_unsent
 from core.ratelimit import Limit, RateLimiter
-from core.refunds import REFUND_TEMPLATES
+from core.refunds import OLDER_THAN_ANSWER_DAYS, REFUND_TEMPLATES
 from core.reminders import why_not_send
 from core.state import StaleTransition, transition_alone
 from core.state.payment import PaymentStatus
@@ -207,8 +207,6 @@ class SmsJobs:
                 if reminder:
                     # REMINDERS_ENABLED off stops the reminders already queued too, not only the next scans.
                     void = await why_not_send(conn, payload) if self.rt.settings.reminders_enabled else "reminders_off"
-                    if void is not None:
-                        metrics.REMINDERS_SKIPPED.labels(reason=void).inc()
                 elif template in MEMBER_TEMPLATES:
                     void = await _member_void(conn, payload)
                 elif existing is not None and template in RECEIPT_TEMPLATES:
@@ -216,11 +214,16 @@ class SmsJobs:
                     # aggregator outage: its payment may have been voided since.
                     void = await _receipt_void(conn, payload)
             elif template in PAYER_TEMPLATES and (existing is not None or not is_payment_template(template)):
-                # To the number that paid a payment of no member: a member may have got it since it was queued (and a
-                # receipt's payment may have been voided since). A payment's own SMS is asked on a retry only: a first
-                # attempt's build reads it with the payment's facts, in the same query (_build).
-                void = await _payer_void(conn, payload)
+                # To the number that paid a payment of no member: a member may have got it since it was queued, or
+                # the payment turned older than SMS_PAYER_ANSWER_DAYS (and a receipt's payment may have been voided
+                # since). A payment's own SMS is asked on a retry only: a first attempt's build reads it with the
+                # payment's facts, in the same query (_build).
+                void = await _payer_void(conn, payload, self.rt.settings.sms_payer_answer_days)
             if void is not None:
+                if existing is None and await self._sent_before_restore(conn, job, payload, key, kept):
+                    return  # it went out before a restore lost its row: stored again as sent, whatever stops it now
+                if reminder:
+                    metrics.REMINDERS_SKIPPED.labels(reason=void).inc()
                 log.info("reminder not sent" if reminder else "member SMS not sent",
                          extra={"member_id": payload.get("member_id"), "reason": void,
                                 "template": payload.get("template")})
@@ -228,7 +231,7 @@ class SmsJobs:
                     # SKIPPED: not sent, so the next morning's scan may queue its due date again)
                     await self._move(existing.id, SmsStatus.FAILED, failure_reason=shown_reason(void),
                                      provider_status=SKIPPED)
-                if void in (PAYMENT_VOIDED, NUMBER_WENT_TO_A_MEMBER):
+                if void in SAID_ON_THE_JOB:
                     # Said on the job (GET /v1/jobs). A reminder's or member SMS's reason is not: "opted_out" may be
                     # a STOP the number sent to another cooperative, which this one must not learn (it ends DONE
                     # as quietly as one sent).
@@ -295,12 +298,38 @@ class SmsJobs:
             return True
         return False
 
+    async def _sent_before_restore(self, conn: AsyncConnection, job: Job, payload: dict[str, Any], key: str,
+                                   kept: str) -> bool:
+        """For a message never stored that its send-time checks stop (a reminder whose member paid or sent STOP
+        since, a welcome whose member was suspended, an SMS to a payer's number given to a member since): whether
+        it went out all the same, before PostgreSQL was restored to a point before its send (its job pending then,
+        run again: the checks come before the answer is looked for on that path, throttle_and_lock). Then AT's
+        answer kept at the send is there, and the row is stored again as it went (_store_again) and the answer
+        recorded on it: SENT, not "not sent" with no row at all (for a reminder, SENT counts as sent: the next
+        morning's scan does not queue its due date again, rightly, as it went). One Redis read, on this rare path
+        only (a first attempt not sent): none for a message sent, nor for one stored by an earlier attempt
+        (_settled_before asked it). A row that cannot be built any more (its member gone, or her number released)
+        is not stored: nothing to record the answer on, the job ends as for one sent."""
+        found = Answer.load(await self.rt.redis.get(kept))
+        if found is None:
+            return False
+        try:
+            stored = await self._store_again(conn, job, payload, key, found)
+        except PermanentJobError as exc:  # what it was built from is gone: the job ends, not parked for a sent SMS
+            log.warning("SMS already sent but its row is gone and cannot be built again: not stored, not resent",
+                        extra={"job_id": job.id, "template": payload.get("template"), "error": str(exc)[:300]})
+            return True
+        if stored is not None and stored.status == SmsStatus.QUEUED.value:
+            await self._record_answer(job, stored, found, kept)
+        return True
+
     async def _store_again(self, conn: AsyncConnection, job: Job, payload: dict[str, Any], key: str,
                            answer: Answer) -> Any:
         """The row of a message AT may have (its answer was kept at the send) is gone: PostgreSQL was restored to a
         point before the send, and the job, pending then, runs again. The row is stored again, QUEUED for the
-        answer to be recorded on it, never sent: built as it went (`sent`), a receipt whose payment was voided since
-        or whose number went to a member since too, which would not go out now (_NotSent) but went out then. None
+        answer to be recorded on it, never sent: built as it went (`sent`), a receipt whose payment was voided since,
+        or whose number went to a member or turned older than SMS_PAYER_ANSWER_DAYS since, too, which would not go
+        out now (_NotSent; the send-time checks: _sent_before_restore) but went out then. None
         when it cannot be built for the member's number any more (released since): nothing to record it on, and
         nothing is sent either."""
         log.warning("SMS already sent but its row is gone (PostgreSQL restored to before the send?): stored again "
@@ -421,14 +450,14 @@ class SmsJobs:
         rt = self.rt
         service_code = rt.settings.service_code_for  # the cooperative's aggregator's, else USSD_SERVICE_CODE
         try:
-            facts = await _payment_facts(conn, payload)
+            facts = await _payment_facts(conn, payload, rt.settings.sms_payer_answer_days)
             if facts is not None:
                 if sent:
                     pass  # it went out then: its row is stored as it went, whatever would stop it now
                 elif payload["template"] in RECEIPT_TEMPLATES and facts.payment.status == PaymentStatus.VOIDED.value:
                     raise _NotSent(PAYMENT_VOIDED)
-                elif facts.number_moved:  # the number that paid a payment of no member: a member's since (_payer_void)
-                    raise _NotSent(NUMBER_WENT_TO_A_MEMBER)
+                elif facts.payer_gone:  # the number that paid a payment of no member: too old, or a member's since
+                    raise _NotSent(facts.payer_gone)
                 phone, language = recipient(rt.cipher, payload, facts.member, facts.coop_language)
                 return phone, language, render(payload["template"], language,
                                                payment_values(facts.payment, language, service_code))
@@ -675,55 +704,72 @@ async def _receipt_void(conn: AsyncConnection, payload: dict[str, Any]) -> str |
 # every template a payer who is no member is texted, PAYER_TEMPLATES), checked again on every attempt: queued while
 # that number was its payer's and sent after a member got it (a new SIM, a swap: the worker or the aggregator down
 # meanwhile, a parked job replayed, a late success told after the move), it told her of another's payment, its
-# amount and reference. Not sent then; the job says why (lastError "not sent: number_went_to_a_member"). A refund's
-# or dispute's is judged when it is queued too (core.refunds.payer_to_tell, audited); a payment's is judged here only,
-# whenever it was queued: asked at the callback it would be a round trip more on every payment of no member's
-# outcome, under its row lock, for what this check, a first attempt's in the query that reads the receipt's rows,
-# catches anyway.
+# amount and reference. Not sent then; the job says why (lastError "not sent: number_went_to_a_member"). Nor once the
+# payment is older than SMS_PAYER_ANSWER_DAYS ("not sent: older_than_answer_days"): the operator may have given the
+# number to a stranger since, as the RECEIPT keyword, the desk's resend and a refund's or dispute's SMS queued then
+# judge it (core.refunds.payer_to_tell); one queued on the 89th day and sent on the 91st, or a late receipt months
+# on, is judged as they are. A refund's or dispute's is judged when it is queued too (core.refunds.payer_to_tell,
+# audited); a payment's is judged here only, whenever it was queued: asked at the callback it would be a round trip
+# more on every payment of no member's outcome, under its row lock, for what this check, a first attempt's in the
+# query that reads the receipt's rows, catches anyway.
 PAYER_TEMPLATES = frozenset((*REFUND_TEMPLATES, *DISPUTE_TEMPLATES, *filter(is_payment_template, TEMPLATES)))
 NUMBER_WENT_TO_A_MEMBER = "number_went_to_a_member"
+# The reasons a message is not sent that its job says (GET /v1/jobs): about the cooperative's own records (a reminder's
+# or member SMS's are not: shown_reason).
+SAID_ON_THE_JOB = frozenset({PAYMENT_VOIDED, NUMBER_WENT_TO_A_MEMBER, OLDER_THAN_ANSWER_DAYS})
 _R, _D = Refund.__table__, Dispute.__table__
 _P = Payment.__table__
+# Payments made before this are past SMS_PAYER_ANSWER_DAYS (None: no limit, and `created_at < NULL` holds for none).
+_ANSWER_SINCE = bindparam("answer_since", type_=DateTime(timezone=True))
 
 
-def _number_moved(*also: Any) -> Any:
-    """In a statement reading the payment (payments): whether a member got the number that paid it by a correction
-    since (core.members.number_came_since, as core.refunds.payer_to_tell asks it). Asked of a payment of no member
-    (and `also`) only: in a CASE, the audit log is probed for those rows alone, and a member's payment costs nothing."""
+def _answer_since(answer_days: int) -> datetime | None:
+    """_ANSWER_SINCE's value: SMS_PAYER_ANSWER_DAYS (0: no limit) before now."""
+    return utcnow() - timedelta(days=answer_days) if answer_days else None
+
+
+def _payer_gone(*also: Any) -> Any:
+    """In a statement reading the payment (payments): why the number that paid it is no longer texted about it, NULL
+    while it is: OLDER_THAN_ANSWER_DAYS (made before _ANSWER_SINCE), or NUMBER_WENT_TO_A_MEMBER (a member got it by a
+    correction since: core.members.number_came_since), as core.refunds.payer_to_tell asks them, in that order. Asked
+    of a payment of no member (and `also`) only: in a CASE, the audit log is probed for those rows alone, and not for
+    one too old; a member's payment costs nothing."""
     came = number_came_since_rows(_P.c.payment_account_index, _P.c.created_at).correlate(_P).exists()
-    return case((and_(*also, _P.c.member_id.is_(None), _P.c.payment_account_index.is_not(None)), came),
-                else_=false())
+    payer = and_(*also, _P.c.member_id.is_(None), _P.c.payment_account_index.is_not(None))
+    return case((and_(payer, _P.c.created_at < _ANSWER_SINCE), literal(OLDER_THAN_ANSWER_DAYS)),
+                (and_(payer, came), literal(NUMBER_WENT_TO_A_MEMBER)), else_=null())
 
 
 # The payment a PAYER_TEMPLATES message is about (its context names it, or its refund or dispute): its status and
-# whether its number went to a member since, in one probe.
+# why its number is no longer texted about it, in one probe.
 _PAYER_PROBES = {
-    "payment_id": select(_P.c.status, _number_moved()).where(_P.c.id == bindparam("i", type_=String)),
-    "refund_id": select(_P.c.status, _number_moved()).select_from(_R.join(_P, _P.c.id == _R.c.payment_id))
+    "payment_id": select(_P.c.status, _payer_gone()).where(_P.c.id == bindparam("i", type_=String)),
+    "refund_id": select(_P.c.status, _payer_gone()).select_from(_R.join(_P, _P.c.id == _R.c.payment_id))
     .where(_R.c.id == bindparam("i", type_=String)),
-    "dispute_id": select(_P.c.status, _number_moved()).select_from(_D.join(_P, _P.c.id == _D.c.payment_id))
+    "dispute_id": select(_P.c.status, _payer_gone()).select_from(_D.join(_P, _P.c.id == _D.c.payment_id))
     .where(_D.c.id == bindparam("i", type_=String)),
 }
 
 
-async def _payer_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
+async def _payer_void(conn: AsyncConnection, payload: dict[str, Any], answer_days: int) -> str | None:
     """Why a PAYER_TEMPLATES message to a number (no member named) must not go out any more, None to send it:
-    PAYMENT_VOIDED for a receipt whose payment was voided since (as _receipt_void), NUMBER_WENT_TO_A_MEMBER once a
-    member got the number that paid a payment of no member by a correction since the payment. One probe; the
-    audit log's only for a payment of no member (_number_moved)."""
+    PAYMENT_VOIDED for a receipt whose payment was voided since (as _receipt_void); for a payment of no member,
+    OLDER_THAN_ANSWER_DAYS once it is older than `answer_days` (SMS_PAYER_ANSWER_DAYS, 0: no limit), or
+    NUMBER_WENT_TO_A_MEMBER once a member got the number that paid it by a correction since the payment. One probe;
+    the audit log's only for a payment of no member young enough (_payer_gone)."""
     context = payload.get("context") or {}
     for name, probe in _PAYER_PROBES.items():
         if isinstance(context.get(name), str):
-            found = await pgraw.first(conn, probe, {"i": context[name]})
+            found = await pgraw.first(conn, probe, {"i": context[name], "answer_since": _answer_since(answer_days)})
             break
     else:
         return None
     if found is None:
         return None  # left to the build, which names what is missing
-    status, moved = found
+    status, gone = found
     if payload.get("template") in RECEIPT_TEMPLATES and status == PaymentStatus.VOIDED.value:
         return PAYMENT_VOIDED
-    return NUMBER_WENT_TO_A_MEMBER if moved else None
+    return str(gone) if gone else None
 
 
 class _Member(NamedTuple):
@@ -736,38 +782,40 @@ class _PaymentRow(NamedTuple):
     payment: PaymentFacts
     member: _Member | None  # None when the payload names no member
     coop_language: str  # a payer who is none of its members is texted in it
-    number_moved: bool  # no member named, and a member got the number that paid a payment of no member since
+    payer_gone: str | None  # no member named, and the number that paid a payment of no member is texted no more
 
 
 _FACTS = len(PaymentFacts._fields)  # the query's columns: PaymentFacts', then _Member's
 _COOP_NAME = PaymentFacts._fields.index("coop_name")
 
 
-async def _payment_facts(conn: AsyncConnection, payload: dict[str, Any]) -> _PaymentRow | None:
+async def _payment_facts(conn: AsyncConnection, payload: dict[str, Any], answer_days: int) -> _PaymentRow | None:
     """A payment template's rows (payment, its type, the cooperative, the member) in one plain query, or
-    None: not a payment template, or a row missing (build_message then says which)."""
+    None: not a payment template, or a row missing (build_message then says which). `answer_days`:
+    SMS_PAYER_ANSWER_DAYS, for a payload naming no member (_payer_gone)."""
     payment_id = (payload.get("context") or {}).get("payment_id")
     if not is_payment_template(payload.get("template")) or not isinstance(payment_id, str):
         return None
     member_id = payload.get("member_id") or None
-    params = {"c": payload.get("cooperative_id") or None, "m": member_id, "p": payment_id}
+    params = {"c": payload.get("cooperative_id") or None, "m": member_id, "p": payment_id,
+              "answer_since": _answer_since(answer_days)}
     row = await pgraw.first(conn, _PAYMENT_FACTS, params)
     if row is None or row[_COOP_NAME] is None or (member_id and row[_FACTS] is None):
         return None  # the cooperative or the member is gone
     member = _Member(*row[_FACTS:-2]) if member_id else None
-    return _PaymentRow(PaymentFacts(*row[:_FACTS]), member, row[-2], bool(row[-1]))
+    return _PaymentRow(PaymentFacts(*row[:_FACTS]), member, row[-2], row[-1] or None)
 
 
 _T, _C, _M = (model.__table__ for model in (PaymentType, Cooperative, Member))
 # Built once; the columns in PaymentFacts' order, then the member's (_Member), then the cooperative's language, then
-# whether the number that paid a payment of no member went to a member since (_number_moved: for a payload that names
-# no member only, so a member's receipt reads no more than before).
+# why the number that paid a payment of no member is texted no more (_payer_gone: for a payload that names no member
+# only, so a member's receipt reads no more than before).
 _PAYMENT_FACTS = (
     select(
         _P.c.amount_minor, _P.c.currency, _P.c.reference, _P.c.provider_transaction_id, _P.c.completed_at,
         _P.c.updated_at, _P.c.status, _P.c.failure_reason, _T.c.name, _C.c.name, _C.c.timezone,
         _C.c.ussd_extension, _P.c.collected_minor, _C.c.ussd_aggregator, _P.c.provider, _M.c.phone_enc,
-        _M.c.cooperative_id, _M.c.language, _C.c.language, _number_moved(bindparam("m", type_=String).is_(None)),
+        _M.c.cooperative_id, _M.c.language, _C.c.language, _payer_gone(bindparam("m", type_=String).is_(None)),
     )
     .select_from(_P)
     .outerjoin(_T, _T.c.id == _P.c.payment_type_id)

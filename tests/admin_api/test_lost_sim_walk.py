@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -971,3 +972,61 @@ async def test_a_members_receipt_goes_to_her_when_the_number_that_paid_it_moved(
     assert [m for m in sms.messages(jean) if paid.reference in str(m["message"])] != []
     job, rows = await _payment_text(rt, f"sms:payment_receipt:{paid.id}")
     assert job == ("DONE", None) and [status for status, _why in rows] == ["SENT"], (job, rows)
+
+
+async def _aged(rt: Any, paid: Payment, days: int) -> None:
+    async with rt.sessionmaker.begin() as s:
+        (await s.get(Payment, paid.id)).created_at = datetime.now(UTC) - timedelta(days=days)
+
+
+@pytest.mark.parametrize("template", ["refund_completed", "payment_receipt"])
+@pytest.mark.parametrize("stored", [False, True])
+@pytest.mark.parametrize("answer_days", [90, 0])
+async def test_an_sms_queued_to_the_paying_number_is_not_sent_once_its_payment_is_older_than_answer_days(
+        rt: Any, demo: dict[str, Any], client: Any, worker: Any, aiohttp_server: Any, monkeypatch: Any,
+        template: str, stored: bool, answer_days: int) -> None:
+    """A payment of no member 89 days old: its refund's SMS ("your refund of ...") is queued to the number that paid
+    (core.refunds.payer_to_tell: younger than SMS_PAYER_ANSWER_DAYS), as its receipt is. Before the worker's turn
+    (the aggregator down, the outbox behind; `stored`: a first attempt stored it and failed at Africa's Talking)
+    the payment turned 91 days old: the operator may have given the number to a stranger since, as RECEIPT from it
+    is not answered then. Not sent (the job says why; a stored message ends FAILED, not sent). With
+    SMS_PAYER_ANSWER_DAYS=0, sent, as ever."""
+    from core.audit import Actor
+    from core.models import Refund
+    from core.ports import ProviderOutcome
+    from core.refunds import apply_refund_outcome
+
+    monkeypatch.setattr(rt, "settings", dataclasses.replace(rt.settings, sms_payer_answer_days=answer_days))
+    _server, sms = await start_simulator(aiohttp_server, rt)
+    admin: Caller = await bearer(client, *demo["admin"])
+    paid = await _paid_by_number(rt, demo, STRANGER, status="PROCESSING")
+    await _aged(rt, paid, 89)
+    if template == "refund_completed":
+        await _settled(rt, paid, "SUCCEEDED")
+        await drain(worker)  # the receipt, sent
+        _wire, refund_id = await _in_flight(rt, admin, worker, paid)
+        async with rt.sessionmaker.begin() as s:
+            refund = await s.get(Refund, refund_id)
+            assert refund is not None
+            await apply_refund_outcome(s, rt, refund, ProviderOutcome.SUCCEEDED, actor=Actor("provider:t", "provider"))
+        key = f"sms:refund_completed:{refund_id}"
+        assert (await _refund_texts(rt, refund_id))[0] == [key]  # queued to the number that paid: 89 days old
+    else:
+        await _settled(rt, paid, "SUCCEEDED")
+        key = f"sms:payment_receipt:{paid.id}"
+    told = len(sms.messages(STRANGER))
+    if stored:
+        sms.set_failure("http503", number=STRANGER, times=1)  # AT refuses it once: stored, QUEUED, retried later
+        await drain(worker)
+        assert [status for status, _why in (await _payment_text(rt, key))[1]] == ["QUEUED"]
+    await _aged(rt, paid, 91)
+    await due_now(rt, "sms.send")
+    await drain(worker)
+    job, rows = await _payment_text(rt, key)
+    if not answer_days:
+        assert len(sms.messages(STRANGER)) == told + 1 and job[0] == "DONE", job
+        assert [status for status, _why in rows] == ["SENT"]
+        return
+    assert len(sms.messages(STRANGER)) == told
+    assert job == ("DONE", "not sent: older_than_answer_days")
+    assert rows == ([("FAILED", "not sent: older_than_answer_days")] if stored else [])

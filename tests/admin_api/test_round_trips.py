@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from core.db import utcnow
 from core.models import AuditEvent, OutboxJob, Payment
 from core.models import ProviderEvent as ProviderEventRow
 from core.payments import event_data, handle_provider_event
@@ -214,8 +215,9 @@ async def test_an_sms_receipt_is_four_statements_and_no_transaction(rt: Any, dem
 
 async def test_a_receipt_to_the_number_that_paid_is_four_statements_too(rt: Any, demo: Any, aiohttp_server: Any,
                                                                         sent: list[str]) -> None:
-    """A payment of no member's receipt goes to the number that paid it while no member got that number since
-    (channels.sms.jobs._number_moved): asked in the query that reads the receipt's rows, not in a round trip more."""
+    """A payment of no member's receipt goes to the number that paid it while the payment is younger than
+    SMS_PAYER_ANSWER_DAYS and no member got that number since (channels.sms.jobs._payer_gone): asked in the query
+    that reads the receipt's rows, not in a round trip more."""
     from channels.sms.jobs import SmsJobs
     from core.notify import send_sms
     from core.outbox import OutboxWorker
@@ -224,7 +226,7 @@ async def test_a_receipt_to_the_number_that_paid_is_four_statements_too(rt: Any,
 
     _, sim = await start_simulator(aiohttp_server, rt)
     phone = "+250788123222"  # no member's
-    payment = await make_payment(rt, demo["cooperative_id"], account=phone)
+    payment = await make_payment(rt, demo["cooperative_id"], account=phone, created_at=utcnow())
     async with rt.sessionmaker.begin() as s:
         await send_sms(s, template="payment_receipt", cooperative_id=demo["cooperative_id"], cipher=rt.cipher,
                        context={"payment_id": payment.id}, phone=Phone(phone), dedupe="rt-payer-receipt")

@@ -401,7 +401,7 @@ async def test_payment_messages_from_the_one_query_match_the_row_by_row_build(
              "phone_enc": rt.cipher.encrypt(phone, context="sms")},
         ):
             async with autocommit(rt.engine) as conn:
-                assert await _payment_facts(conn, payload) is not None  # the fast path is the one taken
+                assert await _payment_facts(conn, payload, 90) is not None  # the fast path is the one taken
                 fast = await jobs._build(conn, payload)
             async with rt.sessionmaker() as session:
                 reference = await build_message(session, rt.cipher, payload,

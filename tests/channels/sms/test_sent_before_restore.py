@@ -10,11 +10,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
 
 from channels.sms.jobs import ANSWER_SECONDS, message_keys
 from core.db import utcnow
-from core.models import OutboxJob, Payment, SmsMessage
+from core.models import Member, OutboxJob, Payment, SmsMessage
 from core.notify import send_sms
 from core.phone import Phone
 from tests.admin_api.conftest import bearer
@@ -119,3 +119,84 @@ async def test_a_receipt_sent_before_the_restore_is_stored_again_when_it_would_n
     assert (again.body, again.phone_masked, again.idempotency_key) == (first.body, first.phone_masked, key)
     job = await the_job(rt)
     assert (job.status, job.attempts, job.last_error) == ("DONE", 1, None)
+
+
+async def _reminder(rt: Any, demo: dict[str, Any]) -> tuple[str, str]:
+    member_id = demo["members"][ALINE]
+    async with rt.sessionmaker.begin() as session:
+        await send_sms(session, template="payment_reminder", cooperative_id=demo["cooperative_id"],
+                       context={"member_id": member_id, "payment_type_id": demo["payment_types"]["Monthly Rent"],
+                                "due_date": "2026-02-01"}, cipher=rt.cipher, member_id=member_id, dedupe="reminder-1")
+    return ALINE, "reminder-1"
+
+
+async def _welcome(rt: Any, demo: dict[str, Any]) -> tuple[str, str]:
+    async with rt.sessionmaker.begin() as session:
+        await send_sms(session, template="member_approved", cooperative_id=demo["cooperative_id"], context={},
+                       cipher=rt.cipher,
+                       member_id=demo["members"][ALINE], dedupe="welcome-1")
+    return ALINE, "welcome-1"
+
+
+async def _dispute_to_the_payer(rt: Any, demo: dict[str, Any], admin: Any) -> tuple[str, str]:
+    paid = await make_payment(rt, demo["cooperative_id"], account=STRANGER,
+                              created_at=datetime.now(UTC) - timedelta(days=1))
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid.id, "reason": "OTHER"})
+    return STRANGER, f"dispute_opened:{dispute['id']}:opened"
+
+
+@pytest.mark.parametrize("since", ["reminder_opted_out", "member_suspended", "number_went_to_a_member",
+                                   "older_than_answer_days"])
+async def test_an_sms_sent_before_the_restore_is_stored_again_when_its_send_checks_would_stop_it_now(
+        rt: Any, demo: dict[str, Any], sim: Any, worker: Any, client: Any, since: str) -> None:
+    """After the restore (before the job's turn) the message became one its send-time checks stop before anything
+    else: a reminder whose member sent STOP (core.reminders.why_not_send), a welcome whose member was suspended, a
+    dispute's SMS to the number that paid a payment of no member given to a member since (NEW_SIM) or whose payment
+    turned older than SMS_PAYER_ANSWER_DAYS. It went out before the restore all the same: found by the answer kept at
+    the send, stored again as SENT with AT's answer, the job done; not left with no row ("not sent") at all. A
+    reminder so stored counts as sent (not SKIPPED): the next morning's scan does not queue its due date again."""
+    admin = await bearer(client, *demo["admin"])
+    if since == "reminder_opted_out":
+        to, key = await _reminder(rt, demo)
+    elif since == "member_suspended":
+        to, key = await _welcome(rt, demo)
+    else:
+        to, key = await _dispute_to_the_payer(rt, demo, admin)
+    await drain(worker)
+    [copy] = sim.messages(to)
+    first = await the_row(rt)
+    assert (first.status, first.provider_message_id, first.idempotency_key) == ("SENT", copy["id"], key)
+
+    await _restored_to_before_the_send(rt)
+    async with rt.sessionmaker.begin() as session:
+        if since == "reminder_opted_out":
+            await session.execute(update(Member).values(reminders_opt_out=True))
+        elif since == "member_suspended":
+            await session.execute(update(Member).where(Member.id == demo["members"][ALINE]).values(status="SUSPENDED"))
+        elif since == "older_than_answer_days":
+            await session.execute(update(Payment).values(created_at=utcnow() - timedelta(days=91)))
+    if since == "number_went_to_a_member":
+        await admin.json("PATCH", f"/v1/members/{demo['members'][ALINE]}", 200,
+                         json={"phone": STRANGER, "phoneChange": "NEW_SIM"})
+    await drain(worker)
+
+    assert len(sim.requests) == 1 and sim.messages(to) == [copy]  # no second SMS
+    again = await the_row(rt)
+    assert (again.status, again.provider_message_id, again.provider_status, again.sent_at, again.failure_reason) == (
+        "SENT", copy["id"], "Success", first.sent_at, None)
+    assert (again.body, again.phone_masked, again.idempotency_key) == (first.body, first.phone_masked, key)
+    job = await the_job(rt)
+    assert (job.status, job.attempts, job.last_error) == ("DONE", 1, None)
+
+
+async def test_a_first_attempt_stopped_by_its_checks_with_no_answer_kept_is_not_sent_and_stores_nothing(
+        rt: Any, demo: dict[str, Any], sim: Any, worker: Any) -> None:
+    """The usual case of the same path: no answer kept (never sent). Nothing is sent or stored, as before."""
+    await _reminder(rt, demo)
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(Member).values(reminders_opt_out=True))
+    await drain(worker)
+    assert sim.requests == []
+    async with rt.sessionmaker() as session:
+        assert (await session.execute(select(SmsMessage))).scalars().all() == []
+    assert (await the_job(rt)).status == "DONE"

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from core.db import utcnow
 from core.models import AuditEvent, SmsMessage
 from core.notify import send_sms
 from core.phone import normalize
@@ -65,7 +66,7 @@ async def test_a_refusal_of_a_text_to_no_member_says_so(rt: Any, demo: dict[str,
                                                         worker: Any) -> None:
     """A payer who is no member (a relative's number paid): memberId null, the template still named."""
     payer = "+250788000555"
-    payment = await make_payment(rt, demo["cooperative_id"], account=payer)
+    payment = await make_payment(rt, demo["cooperative_id"], account=payer, created_at=utcnow())
     sim.set_failure("UserInBlackList", number=payer)  # refused for good: REJECTED, not retried
     async with rt.sessionmaker.begin() as session:
         await send_sms(session, template="payment_receipt", cooperative_id=demo["cooperative_id"],
