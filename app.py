@@ -105,9 +105,11 @@ class _Cluster(RedisCluster):
             return await super().execute_command(*args, **kwargs)
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
-        if shard_hint:
-            return super().pipeline(transaction, shard_hint)  # refused as redis-py refuses it
-        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py builds its own
+        # Built (or refused) as redis-py builds it, whatever its release's constructor takes (5.x's takes the client
+        # alone); then made a _ClusterPipeline, a subclass with no state of its own: its execute() alone differs.
+        pipe = super().pipeline(transaction, shard_hint)
+        pipe.__class__ = _ClusterPipeline  # type: ignore[type-abstract]
+        return pipe
 
 
 class _ClusterPipeline(ClusterPipeline):
