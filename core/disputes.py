@@ -49,8 +49,8 @@ async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, te
     if not dispute.member_id:
         payment = payment or await session.get(Payment, dispute.payment_id)
         if payment is not None:
-            phone = await payer_to_tell(session, cipher, payment, about=dispute, template=template, actor=actor,
-                                        answer_days=answer_days)
+            phone = await payer_to_tell(session, cipher, payment, about=dispute, kind="dispute", template=template,
+                                        actor=actor, answer_days=answer_days)
     jobs = notice_jobs(
         template=template, event_type=event_type, cooperative_id=dispute.cooperative_id, key=dispute.id, step=step,
         context={"dispute_id": dispute.id, "status": dispute.status}, data=dispute_data(dispute), cipher=cipher,

@@ -8,7 +8,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.exc import DBAPIError
@@ -404,7 +404,8 @@ async def paying_number_changed(session: AsyncSession, refund: Refund, payment: 
 
 
 async def payer_to_tell(session: AsyncSession, cipher: PiiCipher, payment: Payment, *, about: Refund | Dispute,
-                        template: str, actor: Actor, answer_days: int) -> Phone | None:
+                        kind: Literal["refund", "dispute"], template: str, actor: Actor, answer_days: int
+                        ) -> Phone | None:
     """Where the SMS `template` about a payment of no member (a refund's outcome, a dispute's change) goes: the
     number that paid it (core.payments.payer_phone), while that number is still likely its payer's. Not once the
     payment is older than `answer_days` (SMS_PAYER_ANSWER_DAYS; 0: no limit), as the RECEIPT keyword
@@ -418,7 +419,7 @@ async def payer_to_tell(session: AsyncSession, cipher: PiiCipher, payment: Payme
     on the admin's word (toPayingNumber) or recorded as the provider's (returnedByProvider) is where the money went,
     not who holds the number now (the cooperative's records say who does). One probe of the number's corrections
     (none past the age limit), for a payment of no member only (None for any other: a member's SMS goes to her, a
-    bank payment has no number)."""
+    bank payment has no number). `kind`: what `about` is, the audit row's entity type."""
     from core.payments import payer_phone  # local: core.payments reaches back into this module
 
     phone = payer_phone(cipher, payment)
@@ -428,7 +429,6 @@ async def payer_to_tell(session: AsyncSession, cipher: PiiCipher, payment: Payme
     change = OLDER_THAN_ANSWER_DAYS if old else await _paying_number_change(session, payment)
     if change is None:
         return phone
-    kind = "refund" if isinstance(about, Refund) else "dispute"
     await record(session, actor=actor, action=f"{kind}.payer_not_told", entity_type=kind, entity_id=about.id,
                  after={"template": template, "paymentAccount": payment.payment_account_masked, "reason": change},
                  cooperative_id=about.cooperative_id)
@@ -598,7 +598,7 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
     assert paid is not None
     # Without a member, the phone that paid is told (a mobile-money payment's), as of the receipt: while it is still
     # its payer's (payer_to_tell).
-    phone = await payer_to_tell(session, rt.cipher, paid, about=updated, template=template, actor=actor,
+    phone = await payer_to_tell(session, rt.cipher, paid, about=updated, kind="refund", template=template, actor=actor,
                                 answer_days=rt.settings.sms_payer_answer_days) if tell_paying_number else None
     await enqueue_many(session, notice_jobs(  # the SMS and the webhook event in one round trip
         template=template, event_type=event_type, cooperative_id=refund.cooperative_id, key=refund.id,

@@ -54,6 +54,9 @@ def _placeholders(text: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(text) if name}
 
 
+NO_TXN = "-"  # a payment's transaction id when it holds none the payer can find (payer_transaction_id)
+
+
 def render(template: str, language: str, values: dict[str, Any]) -> str:
     """Fill one template; unknown languages fall back to English, missing values are an error."""
     catalog = CATALOGS.get(language, en)
@@ -65,6 +68,11 @@ def render(template: str, language: str, values: dict[str, Any]) -> str:
     missing = _placeholders(text) - values.keys()
     if missing:
         raise TemplateError(f"template {template!r} needs {sorted(missing)}")
+    if values.get("txn") == NO_TXN:
+        # No transaction id the payer can find (payer_transaction_id): where a catalog puts it in brackets after the
+        # reference (fr, rw, sw: "Réf: PAY_… (8419567321)"), the brackets go too, not "(-)"; a labelled one
+        # ("Txn: -") says it has none.
+        text = text.replace(" ({txn})", "")
     if is_gsm(text):
         # One character outside GSM-7 in a value (an accent the alphabet lacks, a pasted dash) would send
         # the whole message as UCS-2: 70 characters a part instead of 160, so more parts to pay for.
@@ -291,7 +299,7 @@ def payer_transaction_id(provider: str, provider_transaction_id: str | None) -> 
     # M-Pesa's CheckoutRequestID, held when Daraja's STK query confirmed the payment and the callback with the receipt
     # never came, is told from a receipt by the adapter that knows its form, asked through the registry.
     return provider_transaction_id if provider_transaction_id and payer_sees(provider, provider_transaction_id) \
-        else "-"
+        else NO_TXN
 
 
 def payment_values(facts: PaymentFacts, language: str, service_code: ServiceCode) -> dict[str, Any]:

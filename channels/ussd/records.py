@@ -171,6 +171,10 @@ async def opened_at(rt: Any, *, aggregator: str, session_id: str) -> datetime | 
     return None if row is None else row[1]
 
 
+# The columns that say how and when a session ended: a close writes them only on a row still OPEN, or the sweep's.
+_ENDING = ("ended_at", "duration_ms", "error")
+
+
 def _guessed(table: Any) -> Any:
     """The row is the sweep's guess (close_abandoned): closed by it as Incomplete, TIMED_OUT, and counted timed_out."""
     return and_(table.c.status == "Incomplete", table.c.error == TIMED_OUT)
@@ -202,24 +206,39 @@ def _close_statement(columns: tuple[str, ...], first: bool, young: bool) -> Any:
         which.append(table.c.started_at >= bindparam("w_since"))
     if first:
         which.append(_first_close(table))
-    return (update(table).where(*which)
-            .values({**{table.c[c]: bindparam(f"v_{c}") for c in columns},
-                     table.c.status: case((or_(table.c.status == "OPEN", guessed),
-                                           bindparam("v_status", type_=String)), else_=table.c.status),
-                     table.c.error: case((guessed, null()), else_=table.c.error)})
-            .returning(table.c.id))
+    # What the first close wrote of how and when the session ended stands (a later close knows less: a Timeout
+    # waited for after the session's end, a hop finishing in the background after its answer); what only this one
+    # knows (hops, screen, cooperative, member, payment) is written. The sweep's guess is replaced whole.
+    # (An end or duration the first close did not know, NULL, is filled in.)
+    ends = or_(table.c.status == "OPEN", guessed)
+
+    def ending(c: str) -> Any:
+        written = ends if c == "error" else or_(ends, table.c[c].is_(None))
+        return case((written, bindparam(f"v_{c}")), else_=table.c[c])
+
+    values: dict[Any, Any] = {table.c[c]: ending(c) if c in _ENDING else bindparam(f"v_{c}") for c in columns}
+    values[table.c.status] = case((ends, bindparam("v_status", type_=String)), else_=table.c.status)
+    if "error" not in columns:
+        values[table.c.error] = case((guessed, null()), else_=table.c.error)
+    return update(table).where(*which).values(values).returning(table.c.id)
 
 
 async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Success", hops: int | None = None,
                  last_screen: str | None = None, data: dict[str, Any] | None = None,
-                 duration_ms: int | None = None, stateless: bool = False) -> bool:
+                 duration_ms: int | None = None, stateless: bool = False, error: str | None = None) -> bool:
     """Record the session ended (by its END hop, or Hubtel's Timeout; what the hop does not know, None, is left as
     it is). Returns whether its row was closed before (by the sweep, the aggregator's notice, another hop): that
     close counted the session, so the caller counts no outcome of its own (see _first_close).
 
     `stateless`: a hop without the session's state (gone from Redis), which cannot tell the row is this session's
     (the session's state, or its first hop's write, tells a hop that): only a row younger than the longest session
-    is (previous_before), an older one a previous session's of the id, left as it is.
+    is (previous_before). An older one is left as it is, and told closed before: a late notice of the session the
+    sweep closed and counted (past ABANDONED_AFTER, older than any stateless close reaches), or of a previous
+    session of the id, counted by its own close. (A new session of the id whose first hop could not write its row
+    goes uncounted: rarer than a late notice, which counted it twice.)
+
+    `error`: why the session ended so, when the gateway ended it itself (the hop answered busy, unavailable or
+    unsettled: UssdService.ended_unanswered), written with the status as the row's end.
 
     One statement, atomic on its own, so no transaction around it; a second only for a row closed before (which,
     failing, is logged, not raised: the first told the answer). The first failing raises: the row is left as it
@@ -237,6 +256,8 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
             values[column] = data[key]
     if "cooperative_id" not in values and data.get("ic"):  # ended on member.inactive from the first menu
         values["cooperative_id"] = data["ic"]
+    if error is not None:
+        values["error"] = error[:300]
     params = {f"v_{c}": v for c, v in values.items()}
     params.update(v_status=status, w_aggregator=aggregator, w_session_id=session_id[:128])
     if stateless:
@@ -249,12 +270,21 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
                 # No row at all (its opening write failed) was not closed before either: the caller counts it.
                 before = await pgraw.first(conn, _close_statement(tuple(values), False, stateless),
                                            params) is not None
+                if not before and stateless:  # no young row: an older one, if any, is left and was counted
+                    before = await pgraw.first(conn, _any_row_statement(), params) is not None
     except Exception:
         if before is None:
             raise  # whether the row was closed before is not known: the caller's to judge
         # The first write told it (closed before, or closed now: counted either way); what the hop knows is lost.
         log.warning("ussd session record not completed", exc_info=True, extra={"session_id": session_id})
     return before
+
+
+@functools.cache
+def _any_row_statement() -> Any:
+    table = table_of(UssdSession)
+    return select(table.c.id).where(table.c.aggregator == bindparam("w_aggregator"),
+                                    table.c.session_id == bindparam("w_session_id"))
 
 
 async def record_event(rt: Any, event: SessionEvent) -> bool:

@@ -44,6 +44,13 @@ MAX_BODY = 16 * 1024
 SIDE_EFFECT_GRACE_SECONDS = 5.0
 # Past the cap on hops in flight (USSD_MAX_HOPS_IN_FLIGHT), a warning at most this often says how many were shed.
 SHED_WARN_EVERY = 60.0
+# A hop answered unavailable or unsettled waits this long for its session row's close (ended_unanswered) before it
+# answers; the close finishes in the background past it (a database away must not hold the answer). A shed hop
+# does not wait: its close runs in the background.
+CLOSE_WAIT_SECONDS = 0.5
+# Such closes running at once, at most: past it (the database far behind, hops shed by the hundred) a session is
+# not written, and counted or not as a close that failed is (UssdService._closed).
+MAX_PENDING_CLOSES = 64
 # Outages expected in production: logged without a traceback.
 EXPECTED_OUTAGES: tuple[type[BaseException], ...] = (OSError, RedisError, DBAPIError, PoolTimeout)  # OSError: timeouts
 
@@ -70,6 +77,8 @@ class UssdChannel:
         # Hops finishing their side effect after the aggregator was answered (asyncio keeps only weak
         # references to tasks: without this set one could be collected mid-way).
         self._finishing: dict[asyncio.Task[tuple[UssdReply, str]], tuple[tuple[str, str], HopProgress]] = {}
+        # Rows of sessions ended unanswered being closed (end_unanswered).
+        self._closing: set[asyncio.Task[None]] = set()
 
     def allowed_networks(self, aggregator: str) -> list[Any]:
         return self.networks_by_aggregator.get(aggregator, self.networks)
@@ -96,8 +105,9 @@ class UssdChannel:
         self.in_flight -= 1
 
     def shed(self, rt: Any, turn: UssdTurn) -> UssdReply:
-        """The answer to a hop not admitted. Nothing is read or written for it: no session, no payment, no
-        Redis key (the language is this process's memory of the phone, as for any "unavailable"). The
+        """The answer to a hop not admitted. Nothing is read for it, and nothing written but its session's row
+        closed (in the background, end_unanswered; not for an opening hop, which has none): no session, no
+        payment, no Redis key (the language is this process's memory of the phone, as for any "unavailable"). The
         aggregator ends the session; the session saved by the hop before stays as it was, and so does its
         resume route, which the member's next dial offers (a confirmation resumed keeps its reserved
         reference: a payment already made with it is shown, not made again). Only when a hop of this session
@@ -112,6 +122,29 @@ class UssdChannel:
         if running is not None and running.side_effects:
             return self.service.unsettled(rt, turn)
         return self.service.unavailable(rt, turn)
+
+    def running(self, turn: UssdTurn) -> bool:
+        """Whether a hop of this session runs here now (finishing in the background included)."""
+        return (turn.aggregator, turn.session_id) in self._live
+
+    async def end_unanswered(self, rt: Any, turn: UssdTurn, outcome: str, wait: float) -> None:
+        """Close the row of a session this hop ends without its own answer (busy, unavailable, unsettled) and count
+        it (UssdService.ended_unanswered), waiting for that at most `wait` seconds; the rest runs in the
+        background, bounded by MAX_PENDING_CLOSES."""
+        if len(self._closing) >= MAX_PENDING_CLOSES:
+            if turn.aggregator == africastalking.NAME:  # as _closed judges a write that failed
+                metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome=outcome).inc()
+            return
+        task = asyncio.create_task(self.service.ended_unanswered(rt, turn, outcome))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        if wait > 0:
+            await asyncio.wait({task}, timeout=wait)
+
+    async def settled(self, within: float = 5.0) -> None:
+        """Wait for the background closes of rows (end_unanswered): at shutdown, before the database goes."""
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=within)
 
     async def run_hop(self, rt: Any, turn: UssdTurn, limit: int, started: float | None = None
                       ) -> tuple[UssdReply, str]:
@@ -180,6 +213,11 @@ def setup(app: web.Application) -> None:
     for name in AGGREGATORS:
         app.router.add_post(f"/ussd/{name}", _hop_handler(name))
     app.router.add_post("/ussd/africastalking/events", _events)
+    app.on_shutdown.append(_settle)
+
+
+async def _settle(app: web.Application) -> None:
+    await app[USSD].settled()
 
 
 def _authorised(request: web.Request, aggregator: str) -> bool:
@@ -231,10 +269,9 @@ def _hop_metrics(aggregator: str, screen: str) -> tuple[Any, Any]:
 
 
 @functools.cache
-def _shed_metrics(aggregator: str) -> tuple[Any, Any]:
-    """The shed counter and the sessions counter's "busy" outcome of this aggregator."""
-    return (metrics.USSD_HOPS_SHED.labels(aggregator=aggregator),
-            metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="busy"))
+def _shed_metric(aggregator: str) -> Any:
+    """The shed counter of this aggregator."""
+    return metrics.USSD_HOPS_SHED.labels(aggregator=aggregator)
 
 
 async def _run_hop(channel: UssdChannel, rt: Any, turn: UssdTurn, limit: int, started: float
@@ -250,14 +287,14 @@ async def _run_hop(channel: UssdChannel, rt: Any, turn: UssdTurn, limit: int, st
                            "phone": turn.phone.masked(), "error": str(exc)},
                     exc_info=exc.__cause__ is not None
                     and not isinstance(exc.__cause__, EXPECTED_OUTAGES))
-        metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="unsettled").inc()
+        await channel.end_unanswered(rt, turn, "unsettled", CLOSE_WAIT_SECONDS)
         return channel.service.unsettled(rt, turn), "unsettled"
     except Exception as exc:
         log.warning("ussd hop failed (%s); answering service unavailable", type(exc).__name__,
                     extra={"aggregator": aggregator, "session_id": turn.session_id,
                            "phone": turn.phone.masked(), "error": type(exc).__name__},
                     exc_info=not isinstance(exc, EXPECTED_OUTAGES))
-        metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="unavailable").inc()
+        await channel.end_unanswered(rt, turn, "unavailable", CLOSE_WAIT_SECONDS)
         return channel.service.unavailable(rt, turn), "unavailable"
 
 
@@ -295,9 +332,13 @@ def _hop_handler(aggregator: str) -> Callable[[web.Request], Awaitable[web.Respo
                 channel.release()
         else:
             reply, screen = channel.shed(rt, turn), "busy"
-            shed, sessions = _shed_metrics(aggregator)
-            shed.inc()
-            sessions.inc()
+            _shed_metric(aggregator).inc()
+            if turn.is_new and not channel.running(turn):
+                # An opening hop shed has no row to close (nor a copy of it running here, which would write one):
+                # counted, and nothing is read or written for it.
+                metrics.USSD_SESSIONS.labels(aggregator=aggregator, outcome="busy").inc()
+            else:
+                await channel.end_unanswered(rt, turn, "busy", 0.0)
         elapsed = time.perf_counter() - started
         hops, latency = _hop_metrics(aggregator, screen)
         hops.inc()

@@ -587,3 +587,21 @@ def test_the_texts_left_at_two_sms_are_two_and_no_more(template: str, language: 
     assert {size.encoding for size in sizes} == {GSM7}
     assert max(size.length for size in sizes) <= TWO_SMS[template]
     assert {size.segments for size in sizes} == {2}, [size.length for size in sizes]
+
+
+@pytest.mark.parametrize("language", sorted(CATALOGS))
+@pytest.mark.parametrize("template", ["payment_receipt", "payment_late_receipt", "payment_taken_after_failure"])
+def test_a_receipt_without_a_transaction_id_shows_no_empty_brackets(template: str, language: str) -> None:
+    """A payment confirmed without an id the payer can find (M-Pesa confirmed by its status query, whose
+    CheckoutRequestID she finds nowhere): French, Kinyarwanda and Swahili put the id in brackets after the reference,
+    and showed "(-)"; the brackets go with it. English labels it ("Txn: -"), which says there is none."""
+    values = {**_usual(language, "RWF"), "txn": templates.payer_transaction_id("mpesa", None)}
+    body = render(template, language, values)
+    assert "(-)" not in body and "()" not in body, body
+    assert PAY_REF in body and values["amount"] in body
+    with_txn = render(template, language, _usual(language, "RWF"))
+    assert "8419567321" in with_txn
+    if language == "en":
+        assert "Txn: -." in body
+    else:
+        assert body == with_txn.replace(" (8419567321)", ""), (body, with_txn)

@@ -147,7 +147,8 @@ async def test_hubtels_timeout_of_a_session_whose_state_is_gone_closes_its_row(c
                                                                               rt: Any) -> None:
     """No Redis state left (lost): the Timeout still closes the row, and the sweep then finds it closed. It used to
     count abandoned and leave the row OPEN, for the sweep to count a second time. A row older than the longest
-    session is a previous session's of the id (Hubtel uses ids again): left as it is, this Timeout counted."""
+    session (one the sweep closed, or a previous session's of the id: Hubtel uses ids again) is left as it is, and
+    the Timeout counts nothing: a late notice of a session the sweep counted, which it counted a second time."""
     phone = await _hubtel_to_confirm(client, "hubtel-lost")
     previous = HubtelPhone(client, HUBTEL_FR_AIRTEL, "hubtel-previous")
     await previous.post("Initiation", "*384*123#")
@@ -162,9 +163,13 @@ async def test_hubtels_timeout_of_a_session_whose_state_is_gone_closes_its_row(c
     await _age(rt, "hubtel-lost", 11)
     assert await records.close_abandoned(rt) == 0
     swept = (await _row(db, "hubtel-previous")).ended_at
-    assert (await previous.post("Timeout", ""))["Type"] == "Release"  # of a new session of the id
+    assert (await previous.post("Timeout", ""))["Type"] == "Release"  # late, after the sweep
+    assert _added(before, _sessions_counted("hubtel")) == {"timed_out": 1, "abandoned": 1}
+    row = await _row(db, "hubtel-previous")
+    assert (row.status, row.error, row.ended_at) == ("Incomplete", records.TIMED_OUT, swept)
+    # A Timeout of an id no row holds (its first hop's write failed) still counts the session.
+    assert (await HubtelPhone(client, HUBTEL_EN_MTN, "hubtel-no-row").post("Timeout", ""))["Type"] == "Release"
     assert _added(before, _sessions_counted("hubtel")) == {"timed_out": 1, "abandoned": 2}
-    assert (await _row(db, "hubtel-previous")).ended_at == swept
 
 
 async def test_the_end_hop_and_the_notice_at_once_count_each_session_once(client: Any, demo: Any, db: Any,
@@ -348,3 +353,105 @@ async def test_a_hop_answered_unavailable_then_the_notice_counts_the_session_onc
     await _notice(client, phone.session_id, "Success")
     assert _added(before, _with_unavailable(AT)) == unavailable
     assert (await _row(db, phone.session_id)).status == "Success"
+
+
+def _counted(aggregator: str, *outcomes: str) -> dict[str, float]:
+    from core.metrics import REGISTRY
+
+    return {**_sessions_counted(aggregator), **{outcome: REGISTRY.get_sample_value(
+        "gateway_ussd_sessions_total", {"aggregator": aggregator, "outcome": outcome}) or 0.0
+        for outcome in outcomes}}
+
+
+async def _redis_down(*_args: Any, **_kwargs: Any) -> Any:
+    raise ConnectionError("redis went away")
+
+
+@pytest.mark.parametrize("aggregator", ["hubtel", "nalo"])
+async def test_a_hop_answered_unavailable_closes_its_row_and_the_sweep_counts_it_no_more(
+        aggregator: str, client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
+    """Hubtel and Nalo report no end after our END: a hop that failed and was answered "service unavailable" left
+    its row OPEN, and the sweep counted the session timed_out besides the hop's unavailable. The hop now closes
+    the row (Incomplete, "unavailable"), counted once; the sweep finds nothing to close."""
+    from channels.ussd import service
+    from tests.channels.ussd.test_hubtel_nalo_flows import nalo
+
+    session_id = f"{aggregator}-unavailable"
+    if aggregator == "hubtel":
+        phone = HubtelPhone(client, HUBTEL_EN_MTN, session_id)
+        await phone.post("Initiation", "*384*123#")
+    else:
+        await nalo(client, session_id, "*384*123#", True)
+    before = _counted(aggregator, "unavailable")
+    with monkeypatch.context() as patched:
+        patched.setattr(service.sessions, "save", _redis_down)
+        if aggregator == "hubtel":
+            answer = await phone.post("Response", "1")
+            assert (answer["Type"], answer["Message"]) == (
+                "Release", "Service unavailable, please try again later.")
+        else:
+            answer = await nalo(client, session_id, "1", False)
+            assert answer["MSGTYPE"] is False
+    assert _added(before, _counted(aggregator, "unavailable")) == {"unavailable": 1}
+    row = await _row(db, session_id)
+    assert (row.status, row.error) == ("Incomplete", "unavailable") and row.ended_at is not None
+    await _age(rt, session_id, 11)
+    assert await records.close_abandoned(rt) == 0
+    assert _added(before, _counted(aggregator, "unavailable")) == {"unavailable": 1}
+
+
+async def test_a_shed_hop_mid_session_closes_its_row_once(capped_client: Any, demo: Any, db: Any, rt: Any,
+                                                          monkeypatch: Any) -> None:
+    """A Hubtel hop shed past the cap on hops in flight mid-session: counted busy once, by its row's close in the
+    background; the sweep then finds the row closed. (An opening hop shed has no row: counted, nothing written;
+    tests/channels/ussd/test_overload.py.)"""
+    from channels.ussd.routes import USSD
+    from tests.channels.ussd.test_overload import Gate
+
+    phone = await _hubtel_to_confirm(capped_client, "hubtel-shed")
+    before = _counted("hubtel", "busy")
+    gate = Gate()
+    monkeypatch.setattr(sessions_module(), "load_opening", gate.hold(sessions_module().load_opening))
+    held = [asyncio.create_task(AtPhone(capped_client, EN_MTN).dial()) for _ in range(2)]
+    await gate.until(2)
+    answer = await phone.post("Response", "2")
+    assert (answer["Type"], answer["Message"]) == ("Release", "Service unavailable, please try again later.")
+    await capped_client.app[USSD].settled()
+    assert _added(before, _counted("hubtel", "busy")) == {"busy": 1}
+    row = await _row(db, "hubtel-shed")
+    assert (row.status, row.error) == ("Incomplete", "busy") and row.ended_at is not None
+    gate.opened.set()
+    await asyncio.gather(*held)
+    await _age(rt, "hubtel-shed", 11)
+    assert await records.close_abandoned(rt) == 0
+    assert _added(before, _counted("hubtel", "busy")) == {"busy": 1}
+
+
+def sessions_module() -> Any:
+    from channels.ussd import sessions
+
+    return sessions
+
+
+@pytest.fixture
+async def capped_client(rt: Any, aiohttp_client: Any, settings_factory: Any) -> Any:
+    """The app with room for two hops in flight."""
+    from app import create_app
+
+    return await aiohttp_client(create_app(settings_factory(USSD_MAX_HOPS_IN_FLIGHT="2"), runtime=rt))
+
+
+async def test_an_end_after_the_notice_leaves_the_notices_end_and_duration(client: Any, demo: Any, db: Any,
+                                                                           rt: Any) -> None:
+    """Africa's Talking gave up on the session and said when; the END hop that comes after writes what it knows
+    (its screen, hops) but not its own instant and duration over the aggregator's."""
+    phone = AtPhone(client, EN_MTN)
+    await _to_confirm(phone)
+    await _notice(client, phone.session_id, "Incomplete", "network timeout")
+    noticed = await _row(db, phone.session_id)
+    assert noticed.duration_ms == 20000
+    await asyncio.sleep(0.05)
+    await _cancel(phone)
+    row = await _row(db, phone.session_id)
+    assert (row.status, row.error, row.ended_at, row.duration_ms, row.last_screen) == (
+        "Incomplete", "network timeout", noticed.ended_at, 20000, "pay_cancelled")
