@@ -134,8 +134,10 @@ def schema_mismatch(exc: BaseException) -> bool:
 
 def handler_timeout(lease_seconds: float) -> float:
     """Seconds a handler may run before the worker cancels it: inside the lease, so no other worker
-    claims the job while it still runs."""
-    return max(5.0, lease_seconds - 5)
+    claims the job while it still runs. The lease less 5 s (the margin to record its outcome); under a 10 s lease
+    (OUTBOX_LEASE_SECONDS, tests and tight set-ups) half of it: 5 s there ran a handler to the lease's end, and
+    past it under 5 s, while another worker took the job back."""
+    return max(min(5.0, lease_seconds / 2), lease_seconds - 5)
 
 
 @dataclass(frozen=True)

@@ -271,7 +271,7 @@ async def test_mpesa_5xx_on_the_push_is_asked_about_never_resent(rt, demo, worke
     assert len(wire.sent("POST", PUSH)) == 1
 
 
-@pytest.mark.parametrize("lease", [60, 10])
+@pytest.mark.parametrize("lease", [60, 10, 5, 3])
 def test_collect_budget_stays_inside_the_handler_timeout(lease):
     from core.jobs import collect_call_budget
     from core.outbox import handler_timeout
