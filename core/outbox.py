@@ -52,11 +52,13 @@ class LeaseLost(Exception):
 
 
 class RetryLater(Exception):
-    """Not a failure: run the job again after `delay` seconds (e.g. a payment still pending)."""
+    """Not a failure: run the job again after `delay` seconds (e.g. a payment still pending); `payload`: the job's
+    payload from then on (a long job's progress, which its next run goes on from), unchanged when None."""
 
-    def __init__(self, delay: float, reason: str = "") -> None:
+    def __init__(self, delay: float, reason: str = "", payload: dict[str, Any] | None = None) -> None:
         super().__init__(reason or f"retry in {delay:.0f}s")
         self.delay = delay
+        self.payload = payload
 
 
 # How last_error starts when the worker cancelled a handler that ran past its time (see Job.interrupted).
@@ -578,8 +580,9 @@ class OutboxWorker:
         except RetryLater as later:
             outcome = "later"
             # Waiting is not failing: give the attempt back.
+            progress = {} if later.payload is None else {"payload": later.payload}
             await self._finish(job, status="PENDING", locked_by=None, attempts=job.attempts - 1,
-                               run_in=later.delay, last_error=_doubt_kept(job, str(later))[:2000])
+                               run_in=later.delay, last_error=_doubt_kept(job, str(later))[:2000], **progress)
         except PermanentJobError as exc:
             outcome = "parked"
             log.error("job parked", extra={"job_id": job.id, "kind": job.kind, **_subject(job), "error": str(exc)})

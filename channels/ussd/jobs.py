@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from channels.ussd.records import SweepUnfinished, close_abandoned
 from channels.ussd.sessions import forget_phone
+from core.db import parse_aware
 from core.outbox import Handler, Job, RetryLater, db_now, enqueue
 
 if TYPE_CHECKING:
@@ -74,6 +75,9 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             now = await db_now(session)
         until = time.monotonic() + job.time_left(rt.settings.outbox_lease_seconds) - SWEEP_MARGIN
         since = None if job.payload.get("all") else now - SWEEP_WINDOW
+        reached = parse_aware(job.payload.get("from"))  # a run that stopped at its time: on from where it did
+        if reached is not None:
+            since = reached if since is None else max(since, reached)
         try:
             count = await close_abandoned(rt, now=now, since=since, batch=SWEEP_BATCH, until=until)
         except SweepUnfinished as cut:
@@ -82,7 +86,9 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             # The rest by this job again, its attempt given back (not a failure: each run closes some). Cut off by
             # the worker's timeout mid-batch instead, each run would use up an attempt, and three park the sweep:
             # the day's first, which alone reads past SWEEP_WINDOW, would leave the older backlog for a day.
-            raise RetryLater(1, str(cut)) from None
+            # Its next run reads on from where this one stopped, not again past every row this one closed (a
+            # backlog of millions read once, not once a run).
+            raise RetryLater(1, str(cut), payload={**job.payload, "from": cut.reached.isoformat()}) from None
         if count:
             log.info("ussd sessions no aggregator ended recorded as timed out", extra={"count": count})
 

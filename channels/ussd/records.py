@@ -342,11 +342,13 @@ def _abandoned_statement(bounded: bool) -> Any:
 
 
 class SweepUnfinished(Exception):
-    """close_abandoned stopped at its `until` with OPEN rows maybe left: `closed` were closed (and counted)."""
+    """close_abandoned stopped at its `until` with OPEN rows maybe left: `closed` were closed (and counted), every
+    one started before `reached` (the `since` to go on from: no OPEN row it read before it is left)."""
 
-    def __init__(self, closed: int) -> None:
+    def __init__(self, closed: int, reached: datetime) -> None:
         super().__init__(f"{closed} sessions closed; stopped at its time, more may be left")
         self.closed = closed
+        self.reached = reached
 
 
 async def close_abandoned(rt: Any, *, now: datetime | None = None, since: datetime | None = None,
@@ -375,6 +377,6 @@ async def close_abandoned(rt: Any, *, now: datetime | None = None, since: dateti
         total += len(closed_by)
         if len(closed_by) < batch:
             return total
-        if until is not None and time.monotonic() >= until:
-            raise SweepUnfinished(total)
         since = max(started for _, started in closed_by)
+        if until is not None and time.monotonic() >= until:
+            raise SweepUnfinished(total, since)

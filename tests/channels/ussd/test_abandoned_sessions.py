@@ -4,7 +4,8 @@ worker's periodic sweep, once, whatever the number of workers; a late hop of one
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+import dataclasses
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -277,14 +278,21 @@ async def test_a_sweep_out_of_time_stops_between_batches_and_runs_again_for_the_
     sweep = ussd_jobs.job_handlers(rt)[ussd_jobs.SWEEP_JOB]
     job = Job(id=1, kind=ussd_jobs.SWEEP_JOB, payload={"all": True}, attempts=1, max_attempts=3,
               created_at=utcnow())
-    left = []
+    left, reached = [], []
     for _ in range(2):
         with pytest.raises(RetryLater) as later:
             await sweep(job)
         assert later.value.delay <= 1
         left.append(await db.count(UssdSession, UssdSession.status == "OPEN"))
+        # The next run goes on from the latest start this one closed (its payload says it), not from the oldest.
+        assert later.value.payload is not None and later.value.payload["all"] is True
+        reached.append(datetime.fromisoformat(later.value.payload["from"]))
+        closed = await db.all(UssdSession, UssdSession.status == "Incomplete")
+        assert reached[-1] == max(row.started_at for row in closed)
+        job = dataclasses.replace(job, payload=later.value.payload)
     await sweep(job)  # the last, short, batch: done
     assert left == [3, 1] and await db.count(UssdSession, UssdSession.status == "OPEN") == 0
+    assert reached[0] < reached[1]
 
 
 async def test_a_sweep_out_of_time_run_by_the_worker_uses_no_attempt_however_many_runs_it_takes(
@@ -332,3 +340,39 @@ async def test_a_late_end_waiting_on_the_sweeps_lock_is_told_the_sweep_closed_it
     race, noticed = await _row(db, "nalo-race"), await _row(db, "ATUid_race")
     assert (race.status, race.error, race.hops) == ("Success", None, 3)
     assert (noticed.status, noticed.error, noticed.hops) == ("Failed", "network", 2)
+
+
+async def test_a_sweep_run_again_after_its_time_reads_on_from_where_it_stopped(db: Any, rt: Any, worker: Any,
+                                                                               monkeypatch: Any) -> None:
+    """Run by the worker: the job handed back keeps in its payload where it stopped, and its next run reads the
+    started_at index from there. It read again from the oldest row, past every row the runs before had closed: a
+    backlog of millions read once a run."""
+    monkeypatch.setattr(ussd_jobs, "SWEEP_BATCH", 2)
+    monkeypatch.setattr(ussd_jobs, "SWEEP_MARGIN", 3600.0)  # one batch a run
+    await _left_open(rt, 5)
+    async with rt.sessionmaker.begin() as s:  # this slot's sweep, due
+        await ussd_jobs.schedule_sweep(s, now=utcnow() - ussd_jobs.SWEEP_EVERY)
+    [job] = await db.all(OutboxJob, OutboxJob.kind == ussd_jobs.SWEEP_JOB)
+    await drain(worker)
+    ran = await db.one(OutboxJob, OutboxJob.id == job.id)
+    assert ran.status == "PENDING" and ran.attempts == 0
+    closed = await db.all(UssdSession, UssdSession.status == "Incomplete")
+    assert len(closed) == 2
+    assert datetime.fromisoformat(ran.payload["from"]) == max(row.started_at for row in closed)
+    seen: list[dict[str, Any]] = []
+    real = records.close_abandoned
+
+    async def close_abandoned(rt: Any, **kwargs: Any) -> int:
+        seen.append(kwargs)
+        return await real(rt, **kwargs)
+
+    monkeypatch.setattr(ussd_jobs, "close_abandoned", close_abandoned)
+    for _ in range(4):
+        async with rt.sessionmaker.begin() as s:  # its second's wait skipped
+            await s.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(run_at=utcnow()))
+        await drain(worker)
+        if (await db.one(OutboxJob, OutboxJob.id == job.id)).status == "DONE":
+            break
+    assert await db.count(UssdSession, UssdSession.status == "OPEN") == 0
+    assert seen[0]["since"] == datetime.fromisoformat(ran.payload["from"])
+    assert seen[1]["since"] > seen[0]["since"]
