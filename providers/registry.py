@@ -110,7 +110,8 @@ def check_timeouts(settings: Settings, name: str) -> float:
         if settings.is_production:
             raise ConfigError(f"{name.upper()}_READ_TIMEOUT",
                               f"connect + read timeout ({longest:g}s) must be shorter than the {budget:g}s a "
-                              "worker gives a job (OUTBOX_LEASE_SECONDS less 5): lower it or raise the lease")
+                              "worker gives a job (OUTBOX_LEASE_SECONDS less 5, half of it under 10): lower it or "
+                              "raise the lease")
         log.warning("provider timeouts do not fit in the outbox lease; lower %s_READ_TIMEOUT / _CONNECT_TIMEOUT "
                     "or raise OUTBOX_LEASE_SECONDS", name.upper(),
                     extra={"provider": name, "call_seconds": longest, "job_seconds": budget})

@@ -214,7 +214,9 @@ def _close_statement(columns: tuple[str, ...], first: bool, young: bool) -> Any:
 
     def ending(c: str) -> Any:
         written = ends if c == "error" else or_(ends, table.c[c].is_(None))
-        return case((written, bindparam(f"v_{c}")), else_=table.c[c])
+        # (typed: inside a CASE the column's type is not given to the value, and SQLite stored a bare datetime
+        # with its offset, unlike every other time)
+        return case((written, bindparam(f"v_{c}", type_=table.c[c].type)), else_=table.c[c])
 
     values: dict[Any, Any] = {table.c[c]: ending(c) if c in _ENDING else bindparam(f"v_{c}") for c in columns}
     values[table.c.status] = case((ends, bindparam("v_status", type_=String)), else_=table.c.status)
@@ -225,7 +227,8 @@ def _close_statement(columns: tuple[str, ...], first: bool, young: bool) -> Any:
 
 async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Success", hops: int | None = None,
                  last_screen: str | None = None, data: dict[str, Any] | None = None,
-                 duration_ms: int | None = None, stateless: bool = False, error: str | None = None) -> bool:
+                 duration_ms: int | None = None, stateless: bool = False, error: str | None = None,
+                 opening: bool = False) -> bool:
     """Record the session ended (by its END hop, or Hubtel's Timeout; what the hop does not know, None, is left as
     it is). Returns whether its row was closed before (by the sweep, the aggregator's notice, another hop): that
     close counted the session, so the caller counts no outcome of its own (see _first_close).
@@ -236,6 +239,9 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
     sweep closed and counted (past ABANDONED_AFTER, older than any stateless close reaches), or of a previous
     session of the id, counted by its own close. (A new session of the id whose first hop could not write its row
     goes uncounted: rarer than a late notice, which counted it twice.)
+
+    `opening`: the close is of the session's opening hop (no late notice): an older row is a previous session's
+    of the id, and this session, which has no row, is counted by the caller.
 
     `error`: why the session ended so, when the gateway ended it itself (the hop answered busy, unavailable or
     unsettled: UssdService.ended_unanswered), written with the status as the row's end.
@@ -270,7 +276,7 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
                 # No row at all (its opening write failed) was not closed before either: the caller counts it.
                 before = await pgraw.first(conn, _close_statement(tuple(values), False, stateless),
                                            params) is not None
-                if not before and stateless:  # no young row: an older one, if any, is left and was counted
+                if not before and stateless and not opening:  # no young row: an older one is left, counted
                     before = await pgraw.first(conn, _any_row_statement(), params) is not None
     except Exception:
         if before is None:

@@ -135,11 +135,17 @@ class UssdChannel:
             if turn.aggregator == africastalking.NAME:  # as _closed judges a write that failed
                 metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome=outcome).inc()
             return
-        task = asyncio.create_task(self.service.ended_unanswered(rt, turn, outcome))
+        counted_here = False
+        task = asyncio.create_task(self.service.ended_unanswered(rt, turn, outcome, lambda: counted_here))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
         if wait > 0:
             await asyncio.wait({task}, timeout=wait)
+        if turn.aggregator == africastalking.NAME and not task.done():
+            # Africa's Talking's Success notice of this END counts nothing and may close the row before this close
+            # does (it runs on): the session is counted here, now, and the close counts nothing.
+            counted_here = True
+            metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome=outcome).inc()
 
     async def settled(self, within: float = 5.0) -> None:
         """Wait for the background closes of rows (end_unanswered): at shutdown, before the database goes."""
@@ -372,8 +378,10 @@ async def _events(request: web.Request) -> web.Response:
         return web.json_response({"error": "Service Unavailable"}, status=503)
     # Counted by the first close of its row (see service._closed): this notice's, unless the END hop, the sweep or
     # a copy of it came first. A Success never: it says our END ended the session, and the hop that answered it
-    # counted it (completed, payment; or busy, unavailable, unsettled, a hop that failed and left its row OPEN,
-    # which this notice closes). It cannot come before that hop's close, which runs before the END is answered.
+    # counted it (completed, payment; or busy, unavailable, unsettled). An END hop's close runs before its END is
+    # answered; a busy, unavailable or unsettled hop's may still be running when the notice comes, or have failed
+    # (the row left OPEN, which this notice closes): such a hop on Africa's Talking counted the session itself
+    # (UssdChannel.end_unanswered), its close counting nothing.
     if not closed_before and event.status != "Success":
         metrics.USSD_SESSIONS.labels(aggregator=africastalking.NAME, outcome=event.status.lower()).inc()
     log.info("ussd session ended", extra={"session_id": event.session_id, "phone": event.phone.masked(),

@@ -357,19 +357,22 @@ class UssdService:
         if not await self._closed(rt, turn, stored, status="Incomplete"):
             metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome="abandoned").inc()
 
-    async def ended_unanswered(self, rt: Any, turn: UssdTurn, outcome: str) -> None:
+    async def ended_unanswered(self, rt: Any, turn: UssdTurn, outcome: str,
+                               counted: Callable[[], bool] = lambda: False) -> None:
         """The session ended by an END the gateway gave without the hop's own answer: `outcome` busy (shed past the
         cap on hops in flight), unavailable (the hop failed) or unsettled (it failed, or ran out of time, after a
         payment began). Its row is closed (Incomplete, with the outcome as its error) and the session counted so, by
         the first close of its row (_closed), as any other. Left OPEN, Hubtel and Nalo, which report no end after
         our END, had the sweep count it a second time (timed_out). Stateless: the hop's answer did not read the
-        session's state (shed), or may not have (failed)."""
-        if not await self._closed(rt, turn, None, status="Incomplete", error=outcome):
+        session's state (shed), or may not have (failed). `counted()`: the hop counted the session itself
+        meanwhile (Africa's Talking, its close not done when answered: routes.UssdChannel.end_unanswered)."""
+        before = await self._closed(rt, turn, None, status="Incomplete", error=outcome, opening=turn.is_new)
+        if not before and not counted():
             metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome=outcome).inc()
 
     @staticmethod
     async def _closed(rt: Any, turn: UssdTurn, stored: sessions.Stored | None, *, status: str,
-                      error: str | None = None) -> bool:
+                      error: str | None = None, opening: bool = False) -> bool:
         """The session's row recorded ended; whether it was closed before. A session is counted once in
         gateway_ussd_sessions, by the first close of its row (records._first_close): the sweep's timed_out, the
         aggregator's notice (its outcome), or this hop's; a counter cannot take the first back, so a later close
@@ -381,7 +384,7 @@ class UssdService:
         try:
             if stored is None:
                 return await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id,
-                                            status=status, stateless=True, error=error)
+                                            status=status, stateless=True, error=error, opening=opening)
             return await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id,
                                         hops=stored.hops, last_screen=stored.state.screen, data=stored.state.data,
                                         status=status, duration_ms=int((time.time() - stored.started) * 1000))

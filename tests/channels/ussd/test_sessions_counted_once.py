@@ -455,3 +455,80 @@ async def test_an_end_after_the_notice_leaves_the_notices_end_and_duration(clien
     row = await _row(db, phone.session_id)
     assert (row.status, row.error, row.ended_at, row.duration_ms, row.last_screen) == (
         "Incomplete", "network timeout", noticed.ended_at, 20000, "pay_cancelled")
+
+
+async def test_a_shed_hop_whose_close_comes_after_africas_talkings_success_notice_is_counted_once(
+        capped_client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
+    """An Africa's Talking hop shed mid-session: its row's close runs in the background, after the END "unavailable"
+    was answered, and Africa's Talking's Success notice of that END (which counts nothing: the hop that ended the
+    session counts it) may close the row first, the database being slow under the load that shed the hop. The
+    session is still counted, busy, once."""
+    from channels.ussd.routes import USSD
+    from tests.channels.ussd.test_overload import Gate
+
+    phone = AtPhone(capped_client, EN_MTN)
+    await _to_confirm(phone)
+    before = _counted(AT, "busy")
+    gate, closing = Gate(), Gate()
+    monkeypatch.setattr(sessions_module(), "load_opening", gate.hold(sessions_module().load_opening))
+    monkeypatch.setattr(records, "closed", closing.hold(records.closed))
+    held = [asyncio.create_task(AtPhone(capped_client, RW_MTN).dial()) for _ in range(2)]
+    await gate.until(2)
+    assert (await phone.send("2")) == "END Service unavailable, please try again later."
+    await closing.until(1)
+    await _notice(capped_client, phone.session_id, "Success")
+    closing.opened.set()
+    await capped_client.app[USSD].settled()
+    gate.opened.set()
+    await asyncio.gather(*held)
+    assert _added(before, _counted(AT, "busy")) == {"busy": 1}
+    await _notice(capped_client, phone.session_id, "Success")  # its retry
+    assert _added(before, _counted(AT, "busy")) == {"busy": 1}
+
+
+@pytest.mark.parametrize("aggregator", ["hubtel", "nalo"])
+async def test_an_opening_hop_answered_unavailable_of_an_id_used_before_is_counted(
+        aggregator: str, client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
+    """Hubtel and Nalo use a session id again on another day: the previous session's row is there, closed and
+    counted. A new session of the id whose opening hop fails (Redis away) before its row is written is answered
+    "service unavailable": that session is counted (unavailable), and the previous session's row is left as it was."""
+    from channels.ussd import service
+    from tests.channels.ussd.test_hubtel_nalo_flows import nalo
+
+    session_id = f"{aggregator}-used-again"
+    if aggregator == "hubtel":
+        await HubtelPhone(client, HUBTEL_EN_MTN, session_id).post("Initiation", "*384*123#")
+    else:
+        await nalo(client, session_id, "*384*123#", True)
+    await _age(rt, session_id, 60 * 24)
+    assert await records.close_abandoned(rt) == 1
+    previous = await _row(db, session_id)
+    before = _counted(aggregator, "unavailable")
+    with monkeypatch.context() as patched:
+        patched.setattr(service.sessions, "load_opening", _redis_down)
+        if aggregator == "hubtel":
+            answer = await HubtelPhone(client, HUBTEL_EN_MTN, session_id).post("Initiation", "*384*123#")
+            assert answer["Type"] == "Release"
+        else:
+            assert (await nalo(client, session_id, "*384*123#", True))["MSGTYPE"] is False
+    assert _added(before, _counted(aggregator, "unavailable")) == {"unavailable": 1}
+    row = await _row(db, session_id)
+    assert (row.status, row.error, row.started_at, row.ended_at) == (
+        previous.status, previous.error, previous.started_at, previous.ended_at)
+
+
+async def test_a_close_writes_its_end_as_every_other_time_is_written(client: Any, demo: Any, db: Any,
+                                                                     rt: Any) -> None:
+    """The row's end, written by a close, is stored as the column's type stores it (UTC, on SQLite the same text as
+    every other time: no offset), not as the database driver would render a bare value."""
+    from sqlalchemy import text
+
+    phone = AtPhone(client, EN_MTN)
+    await _to_confirm(phone)
+    await _cancel(phone)
+    async with rt.sessionmaker() as s:
+        started, ended = (await s.execute(text("SELECT CAST(started_at AS TEXT), CAST(ended_at AS TEXT) "
+                                               "FROM ussd_sessions WHERE session_id = :id"),
+                                          {"id": phone.session_id})).one()
+    digits = ".0123456789"  # (the offset after the seconds: none on SQLite, "+00" on PostgreSQL)
+    assert ended[19:].lstrip(digits) == started[19:].lstrip(digits), (started, ended)
