@@ -49,8 +49,9 @@ SHED_WARN_EVERY = 60.0
 # does not wait: its close runs in the background.
 CLOSE_WAIT_SECONDS = 0.5
 # Such closes running at once, at most: past it (the database far behind, hops shed by the hundred) a session is
-# not written, and counted or not as a close that failed is (UssdService._closed).
-MAX_PENDING_CLOSES = 64
+# not written, and counted or not as a close that failed is (UssdService._closed). Few: each waits for one of the
+# pool's connections, ahead of the hops admitted after it, when the process is already past what it can serve.
+MAX_PENDING_CLOSES = 8
 # Outages expected in production: logged without a traceback.
 EXPECTED_OUTAGES: tuple[type[BaseException], ...] = (OSError, RedisError, DBAPIError, PoolTimeout)  # OSError: timeouts
 

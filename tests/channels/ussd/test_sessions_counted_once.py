@@ -532,3 +532,26 @@ async def test_a_close_writes_its_end_as_every_other_time_is_written(client: Any
                                           {"id": phone.session_id})).one()
     digits = ".0123456789"  # (the offset after the seconds: none on SQLite, "+00" on PostgreSQL)
     assert ended[19:].lstrip(digits) == started[19:].lstrip(digits), (started, ended)
+
+
+@pytest.mark.parametrize(("aggregator", "counted"), [("hubtel", 0.0), ("africastalking", 1.0)])
+async def test_past_the_cap_on_background_closes_nothing_is_written_and_counted_as_a_failed_close(
+        aggregator: str, counted: float, rt: Any) -> None:
+    """MAX_PENDING_CLOSES closes already running (each waiting for a pool connection, the process overloaded): the
+    next session ended unanswered is not written, and counted as a close that failed is: on Africa's Talking by the
+    hop (its Success notice counts nothing), on Hubtel and Nalo by the sweep, from its row left OPEN."""
+    from channels.ussd import routes
+    from channels.ussd.types import UssdTurn
+
+    channel = routes.UssdChannel(())
+    held = [asyncio.get_running_loop().create_future() for _ in range(routes.MAX_PENDING_CLOSES)]
+    channel._closing.update(asyncio.ensure_future(f) for f in held)
+    turn = UssdTurn(aggregator=aggregator, session_id=f"{aggregator}-capped", phone=normalize(EN_MTN),
+                    service_code="*384*123#", input="1", is_new=False)
+    before = _counted(aggregator, "busy")
+    await channel.end_unanswered(rt, turn, "busy", 0.0)
+    assert len(channel._closing) == routes.MAX_PENDING_CLOSES  # no close started
+    added = _added(before, _counted(aggregator, "busy"))
+    assert added == ({"busy": counted} if counted else {})
+    for f in held:
+        f.cancel()
