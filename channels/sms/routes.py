@@ -113,10 +113,13 @@ async def delivery_report(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="id and status are required")
     target = DELIVERY_STATUS.get(status)
     if target is None:
-        log.error("unknown SMS delivery status", extra={"status": status})
-        raise web.HTTPBadRequest(
-            text=f"unknown status {status!r}; expected one of {', '.join(DELIVERY_STATUS)}"
-        )
+        # A status this gateway does not know (Africa's Talking has been seen to send others, AbsentSubscriber):
+        # not lost to a 400 the aggregator retries and then drops. It is kept as the provider's word on a message
+        # still SENT, as Submitted and Buffered are (a final status stays as it is), and logged for a person to
+        # map it.
+        log.warning("unknown SMS delivery status: kept as the provider's word, the message still SENT",
+                    extra={"status": status})
+        target = SmsStatus.SENT
     reason = _field(form, "failureReason", 64) or None
     outcome = await apply_delivery_report(rt, message_id, target, status, reason)
     return web.Response(text=outcome)
@@ -412,8 +415,12 @@ async def inbound(request: web.Request) -> web.Response:
     command, keyword_language, argument = parse_keyword(text, rt.settings.sms_shortcode_keywords)
     index = rt.cipher.blind_index(phone.e164)
     actor = Actor(f"phone:{phone.masked()}", "sms")
+    # A STOP or START the aggregator posts again (our answer was late, though we took it) changes nothing again: her
+    # START retried after the STOP she sent next would turn the reminders back on.
+    switch = command in ("STOP", "START")
+    retried = switch and await _taken_before(rt, index, inbound_id)
     if phone.region not in SERVED_COUNTRIES and not await _has_membership(rt, index):
-        return await _unserved(rt, phone, index, command)
+        return await _unserved(rt, phone, index, command, inbound_id, retried)
     # Checked before, and outside, the transaction that records a STOP or START: Redis failing costs the
     # reply, never the opt-out (a STOP rolled back keeps the reminders coming).
     reply_allowed = await _reply_allowed(rt, index, phone, command)
@@ -446,8 +453,9 @@ async def inbound(request: web.Request) -> web.Response:
         if command in ("STOP", "START"):
             opt_out = command == "STOP"
             # The number's, for the memberships it does not have yet (core.members), and each one it has.
-            await set_number_opt_out(session, index, opt_out)
-            for member in members:
+            if not retried:
+                await set_number_opt_out(session, index, opt_out)
+            for member in members if not retried else ():
                 if member.reminders_opt_out != opt_out:
                     await session.execute(
                         update(Member)
@@ -502,24 +510,27 @@ async def inbound(request: web.Request) -> web.Response:
         else:
             reply = ("unknown_inactive" if inactive else "unknown", {}, members[0].cooperative_id if members else None)
 
-        if not reply_allowed:
-            return web.Response(text="")  # what the keyword changed commits, without a reply
         template, context, cooperative_id = reply
-        context = {**context, "language": language}
-        prefix = shortcode_prefix(text, rt.settings.sms_shortcode_keywords)
-        if prefix:
-            context["keyword_prefix"] = prefix
-        cooperative_id, member_id = _reply_membership(members, cooperative_id)
-        await send_sms(
-            session,
-            template=template,
-            cooperative_id=cooperative_id,
-            context=context,
-            cipher=rt.cipher,
-            member_id=member_id,
-            phone=phone,  # to the number that texted, whatever number the membership holds when it is sent
-            dedupe=dedupe,
-        )
+        if reply_allowed:  # else what the keyword changed commits, without a reply
+            context = {**context, "language": language}
+            prefix = shortcode_prefix(text, rt.settings.sms_shortcode_keywords)
+            if prefix:
+                context["keyword_prefix"] = prefix
+            cooperative_id, member_id = _reply_membership(members, cooperative_id)
+            await send_sms(
+                session,
+                template=template,
+                cooperative_id=cooperative_id,
+                context=context,
+                cipher=rt.cipher,
+                member_id=member_id,
+                phone=phone,  # to the number that texted, whatever number the membership holds when it is sent
+                dedupe=dedupe,
+            )
+    if switch and not retried:
+        await _mark_taken(rt, index, inbound_id)  # once committed: a retry of a text not taken still applies it
+    if not reply_allowed:
+        return web.Response(text="")
     log.info("keyword SMS", extra={"command": command or "unknown", "reply": template})
     return web.Response(text="")
 
@@ -614,6 +625,33 @@ async def _reply_allowed(rt: Runtime, index: str, phone: Phone, command: str | N
     return True
 
 
+# How long a STOP or START taken is remembered by its inbound id (_taken_before): past the aggregator's retries of it.
+TAKEN_SECONDS = 2 * 86_400
+
+
+def _taken_key(index: str, inbound_id: str) -> str:
+    digest = hashlib.sha256(f"{index}|{inbound_id}".encode()).hexdigest()[:32]
+    return f"sms:in:{{{digest}}}"
+
+
+async def _taken_before(rt: Runtime, index: str, inbound_id: str) -> bool:
+    """Whether this STOP or START (the number's text of this inbound id) was taken already: the aggregator posts a
+    text again when our answer was late. Redis unreachable: no (taken again, as before: a STOP is never lost)."""
+    try:
+        return bool(await rt.redis.exists(_taken_key(index, inbound_id)))
+    except (RedisError, OSError, TimeoutError):
+        return False
+
+
+async def _mark_taken(rt: Runtime, index: str, inbound_id: str) -> None:
+    """Remember a STOP or START committed (best effort), for _taken_before."""
+    try:
+        await rt.redis.set(_taken_key(index, inbound_id), 1, ex=TAKEN_SECONDS)
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("STOP/START taken but not remembered: a retry of it would be taken again",
+                    extra={"error": type(exc).__name__})
+
+
 _ANY_MEMBERSHIP = select(Member.id).where(Member.phone_index == bindparam("i")).limit(1)
 
 
@@ -624,13 +662,15 @@ async def _has_membership(rt: Runtime, index: str) -> bool:
         return await pgraw.first(conn, _ANY_MEMBERSHIP, {"i": index}) is not None
 
 
-async def _unserved(rt: Runtime, phone: Phone, index: str, command: str | None) -> web.Response:
+async def _unserved(rt: Runtime, phone: Phone, index: str, command: str | None, inbound_id: str,
+                    retried: bool) -> web.Response:
     """A text from a number outside the served countries that no member has: no reply (an international SMS
-    each, not counted either). Its STOP is still kept (and START: the number might be registered one day);
-    anything else is logged, masked, and dropped."""
-    if command in ("STOP", "START"):
+    each, not counted either). Its STOP is still kept (and START: the number might be registered one day), but for
+    the aggregator's retry of one taken already (`retried`); anything else is logged, masked, and dropped."""
+    if command in ("STOP", "START") and not retried:
         async with rt.sessionmaker.begin() as session:
             await set_number_opt_out(session, index, command == "STOP")
+        await _mark_taken(rt, index, inbound_id)
     log.info("keyword SMS from a number outside the served countries: no reply",
              extra={"phone": phone.masked(), "command": command or "unknown"})
     return web.Response(text="")

@@ -250,7 +250,6 @@ async def test_simulator_reporting_at_once_ends_delivered(
 @pytest.mark.parametrize(
     ("form", "message"),
     [
-        ({"id": "ATXid_X", "status": "Delivered"}, "unknown status 'Delivered'"),
         ({"id": "ATXid_X"}, "id and status are required"),
         ({"status": "Success"}, "id and status are required"),
     ],
@@ -263,6 +262,25 @@ async def test_bad_delivery_reports_are_400(
     assert response.status == 400
     assert message in await response.text()
     assert (await status_of(rt, sms_id)).status == "SENT"
+
+
+@pytest.mark.parametrize("status", ["AbsentSubscriber", "Delivered"])
+async def test_a_delivery_status_the_gateway_does_not_know_is_kept_not_refused(rt: Any, sms_client: Any,
+                                                                               status: str) -> None:
+    """Not a 400 (which the aggregator retries and then drops, the report lost): the provider's word is kept on the
+    message, still SENT, as Buffered is; a final status is not moved by it."""
+    sms_id = await sent_message(rt)
+    provider_id = (await status_of(rt, sms_id)).provider_message_id
+    response = await sms_client.post("/sms/africastalking/delivery", data={"id": provider_id, "status": status})
+    assert (response.status, await response.text()) == (200, "progress")
+    row = await status_of(rt, sms_id)
+    assert (row.status, row.provider_status) == ("SENT", status)
+    response = await sms_client.post("/sms/africastalking/delivery", data={"id": provider_id, "status": "Success"})
+    assert (response.status, (await status_of(rt, sms_id)).status) == (200, "DELIVERED")
+    response = await sms_client.post("/sms/africastalking/delivery", data={"id": provider_id, "status": status})
+    assert response.status == 200
+    row = await status_of(rt, sms_id)
+    assert (row.status, row.provider_status) == ("DELIVERED", "Success")
 
 
 async def test_callback_secret(rt: Any, aiohttp_client: Any) -> None:

@@ -178,6 +178,28 @@ async def test_releasing_the_number_leaves_its_stop_to_its_holder(
         assert (await s.get(Member, made["id"])).reminders_opt_out is False
 
 
+async def test_an_aggregator_retry_of_an_earlier_start_does_not_undo_her_stop(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    """Africa's Talking posts an inbound text again when it did not get our answer (a timeout), though we had
+    taken it: her START retried after the STOP she sent next must not turn the reminders back on (nor a STOP
+    retried after her START turn them off)."""
+    aline = demo["members"][ALINE]
+    await inbound(sms_client, ALINE, "START", "in-start-retried")
+    await inbound(sms_client, ALINE, "STOP", "in-stop-after")
+    await inbound(sms_client, ALINE, "START", "in-start-retried")  # the aggregator's retry of the first text
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Member, aline)).reminders_opt_out is True
+    assert await _opt_outs(rt) == [rt.cipher.blind_index(ALINE)]
+    await inbound(sms_client, ALINE, "TANGIRA", "in-start-after")
+    await inbound(sms_client, ALINE, "STOP", "in-stop-after")  # retried after her START
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Member, aline)).reminders_opt_out is False
+    assert await _opt_outs(rt) == []
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 3  # one reply per text she sent, none for the retries
+
+
 # ------------------------------------------------------------------------------------ who gets a (paid) reply
 
 
