@@ -423,7 +423,7 @@ async def inbound(request: web.Request) -> web.Response:
         return await _unserved(rt, phone, index, command, inbound_id, retried)
     # Checked before, and outside, the transaction that records a STOP or START: Redis failing costs the
     # reply, never the opt-out (a STOP rolled back keeps the reminders coming).
-    reply_allowed = await _reply_allowed(rt, index, phone, command)
+    reply_allowed = await _reply_allowed(rt, index, phone, command, inbound_id)
 
     async with rt.sessionmaker.begin() as session:
         # Every membership of the number (STOP and START apply to all), the one the reply speaks for first:
@@ -605,33 +605,48 @@ def _reply_limits(command: str | None) -> tuple[Limit, ...]:
     return REPLY_LIMIT, REPLY_DAILY_LIMIT
 
 
-async def _reply_allowed(rt: Runtime, index: str, phone: Phone, command: str | None) -> bool:
+async def _reply_allowed(rt: Runtime, index: str, phone: Phone, command: str | None,
+                         inbound_id: str) -> bool:
     """May this phone get a reply to `command` now (see REPLY_LIMIT)? Each limit is counted in turn, up to the
     first that refuses. When they cannot be checked (Redis down or restarting), no: the reply is skipped and
-    logged, and the keyword itself still takes effect."""
+    logged, and the keyword itself still takes effect.
+
+    Counted once per text: the verdict is kept by its inbound id (TAKEN_SECONDS), and the aggregator's retry of the
+    text (our answer was late, or failed after the count) gets it again without counting. Counted again, a retry
+    of a text not understood found the day's one help used by its own first try, and she never got it; the reply
+    itself goes once whatever the tries (its dedupe key names the inbound id)."""
+    verdict_key = _taken_key(index, inbound_id, "reply")
     limiter = RateLimiter(rt.redis)
     try:
+        kept = await rt.redis.get(verdict_key)
+        if kept is not None:
+            return kept in (b"1", "1")
+        allowed = True
         for limit in _reply_limits(command):
             if not (await limiter.hit(limit, index)).allowed:
                 log.info("keyword reply suppressed: rate limit",
                          extra={"phone": phone.masked(), "limit": limit.name})
-                return False
+                allowed = False
+                break
+        await rt.redis.set(verdict_key, "1" if allowed else "0", ex=TAKEN_SECONDS)
+        return allowed
     except (RedisError, OSError, TimeoutError) as exc:
         log.warning(
             "keyword reply skipped: its rate limit could not be checked",
             extra={"phone": phone.masked(), "error": type(exc).__name__},
         )
         return False
-    return True
 
 
 # How long a STOP or START taken is remembered by its inbound id (_taken_before): past the aggregator's retries of it.
 TAKEN_SECONDS = 2 * 86_400
 
 
-def _taken_key(index: str, inbound_id: str) -> str:
+def _taken_key(index: str, inbound_id: str, what: str = "switch") -> str:
+    """The key of what was taken of the number's text of this inbound id: its STOP or START ("switch"), its reply's
+    verdict ("reply"). The first keeps its old name."""
     digest = hashlib.sha256(f"{index}|{inbound_id}".encode()).hexdigest()[:32]
-    return f"sms:in:{{{digest}}}"
+    return f"sms:in:{{{digest}}}" if what == "switch" else f"sms:in:{what}:{{{digest}}}"
 
 
 async def _taken_before(rt: Runtime, index: str, inbound_id: str) -> bool:

@@ -366,3 +366,33 @@ def test_0016_keeps_the_stops_already_sent_for_their_numbers(tmp_path: Any) -> N
         assert flags == {"m1": True, "m2": True, "m3": False, "m4": True}
     finally:
         engine.dispose()
+
+
+async def test_a_retry_of_a_text_not_understood_gets_the_help_its_first_try_counted(
+    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first try of a text not understood counted the day's one help and then failed (the database away while
+    the reply was queued: a 500, which Africa's Talking retries): its retry gets that help, counted once, instead of
+    finding it used up by its own first try. A new text the same day still gets none."""
+    from channels.sms import routes
+
+    real = routes.send_sms
+    failing = {"left": 1}
+
+    async def send_once_failing(*args: Any, **kwargs: Any) -> Any:
+        if failing["left"]:
+            failing["left"] -= 1
+            raise ConnectionError("database went away")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(routes, "send_sms", send_once_failing)
+    response = await sms_client.post("/sms/africastalking/inbound", data={
+        "date": "2026-01-15 10:00:00", "from": ALINE, "id": "in-garbled", "linkId": "L1", "text": "Helo?",
+        "to": "12345", "networkCode": "63510"})
+    assert response.status == 500
+    assert await jobs_of(rt, "sms.send") == []
+    await inbound(sms_client, ALINE, "Helo?", "in-garbled")  # the aggregator's retry
+    await inbound(sms_client, ALINE, "Helo?", "in-garbled")  # and another, after our answer was late
+    assert [j.payload["template"] for j in await jobs_of(rt, "sms.send")] == ["unknown"]
+    await inbound(sms_client, ALINE, "Hello??", "in-garbled-2")  # a new text: the day's help is used
+    assert [j.payload["template"] for j in await jobs_of(rt, "sms.send")] == ["unknown"]
