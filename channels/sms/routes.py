@@ -261,7 +261,7 @@ async def apply_parked_reports(rt: Runtime, provider_message_id: str) -> list[st
         try:
             report = json.loads(item)
             status, reason = str(report["s"]), report.get("r")
-            target = DELIVERY_STATUS[status]
+            target = DELIVERY_STATUS.get(status, SmsStatus.SENT)  # one it does not know: as delivery_report
         except (ValueError, KeyError, TypeError):
             log.error("unreadable parked delivery report dropped", extra={"key": key})
             continue
@@ -408,17 +408,16 @@ async def inbound(request: web.Request) -> web.Response:
     except PhoneError:
         log.warning("inbound SMS from an unusable number")
         raise web.HTTPBadRequest(text="from is not a valid mobile number") from None
-    inbound_id = (
-        _field(form, "id", 128)
-        or hashlib.sha256(f"{sender}|{_field(form, 'date')}|{text}".encode()).hexdigest()[:32]
-    )
+    given_id, date = _field(form, "id", 128), _field(form, "date")
+    inbound_id = given_id or hashlib.sha256(f"{sender}|{date}|{text}".encode()).hexdigest()[:32]
     command, keyword_language, argument = parse_keyword(text, rt.settings.sms_shortcode_keywords)
     index = rt.cipher.blind_index(phone.e164)
     actor = Actor(f"phone:{phone.masked()}", "sms")
     # A STOP or START the aggregator posts again (our answer was late, though we took it) changes nothing again: her
     # START retried after the STOP she sent next would turn the reminders back on.
     switch = command in ("STOP", "START")
-    retried = switch and await _taken_before(rt, index, inbound_id)
+    # Without an id or a date, every STOP of the number reads alike: each is taken (her STOP after a START is no retry).
+    retried = switch and bool(given_id or date) and await _taken_before(rt, index, inbound_id)
     if phone.region not in SERVED_COUNTRIES and not await _has_membership(rt, index):
         return await _unserved(rt, phone, index, command, inbound_id, retried)
     # Checked before, and outside, the transaction that records a STOP or START: Redis failing costs the
@@ -511,7 +510,10 @@ async def inbound(request: web.Request) -> web.Response:
             reply = ("unknown_inactive" if inactive else "unknown", {}, members[0].cooperative_id if members else None)
 
         template, context, cooperative_id = reply
-        if reply_allowed:  # else what the keyword changed commits, without a reply
+        # Else what the keyword changed commits, without a reply. A retried STOP or START gets none either: its first
+        # try's reply went (the same dedupe key), or was skipped, and she may have switched since: "opted in" then
+        # told her the opposite of what holds.
+        if reply_allowed and not retried:
             context = {**context, "language": language}
             prefix = shortcode_prefix(text, rt.settings.sms_shortcode_keywords)
             if prefix:

@@ -283,6 +283,19 @@ async def test_a_delivery_status_the_gateway_does_not_know_is_kept_not_refused(r
     assert (row.status, row.provider_status) == ("DELIVERED", "Success")
 
 
+async def test_a_status_the_gateway_does_not_know_parked_before_the_send_is_recorded_is_kept(
+    rt: Any, sms_client: Any
+) -> None:
+    """Parked (the report beat the sender's commit) it is kept as it is when the row was there, not dropped as
+    unreadable."""
+    answer = await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_U", "status": "AbsentSubscriber"})
+    assert (answer.status, await answer.text()) == (200, "unknown")
+    sms_id = await sent_message(rt, "ATXid_U")
+    assert await routes.apply_parked_reports(rt, "ATXid_U") == ["progress"]
+    row = await status_of(rt, sms_id)
+    assert (row.status, row.provider_status) == ("SENT", "AbsentSubscriber")
+
+
 async def test_callback_secret(rt: Any, aiohttp_client: Any) -> None:
     guarded = dataclasses.replace(
         rt,

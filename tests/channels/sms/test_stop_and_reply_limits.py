@@ -200,6 +200,20 @@ async def test_an_aggregator_retry_of_an_earlier_start_does_not_undo_her_stop(
     assert len(sim.messages(ALINE)) == 3  # one reply per text she sent, none for the retries
 
 
+async def test_a_stop_posted_without_id_or_date_is_never_taken_for_a_retry(
+    rt: Any, demo: dict[str, Any], sms_client: Any
+) -> None:
+    """With neither `id` nor `date` every STOP of the number reads alike (sender|date|text): her second STOP, after
+    a START, is a text of its own, not a retry of the first, and must be taken."""
+    aline = demo["members"][ALINE]
+    for text in ("STOP", "START", "STOP"):
+        response = await sms_client.post("/sms/africastalking/inbound", data={"from": ALINE, "text": text})
+        assert response.status == 200
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Member, aline)).reminders_opt_out is True
+    assert await _opt_outs(rt) == [rt.cipher.blind_index(ALINE)]
+
+
 # ------------------------------------------------------------------------------------ who gets a (paid) reply
 
 
