@@ -41,6 +41,7 @@ from core.runtime import RUNTIME, SETTINGS, Runtime
 log = logging.getLogger("gateway")
 ENGINE = web.AppKey("engine", AsyncEngine)
 REDIS = web.AppKey("redis", Redis)
+HOP_REDIS: web.AppKey[Any] = web.AppKey("hop_redis")
 HTTP = web.AppKey("http", httpx.AsyncClient)
 WEBHOOK_HTTP = web.AppKey("webhook_http", httpx.AsyncClient)
 MAX_BODY = 1024 * 1024  # 1 MiB; CSV imports have their own, larger limit
@@ -203,6 +204,24 @@ async def redis_client(settings: Settings) -> AsyncIterator[Redis]:
             await asyncio.to_thread(_stop_embedded_redis, embedded_server)
 
 
+@contextlib.asynccontextmanager
+async def hop_redis_client(settings: Settings) -> AsyncIterator[Any]:
+    """The USSD hop path's multiplexed Redis connection (core.redis_mux), None where redis-py keeps that path too:
+    a cluster, the embedded server, or a URL the multiplexer does not take (TLS, a Unix socket, query options).
+    Connects at its first command."""
+    if settings.redis_cluster or settings.redis_url == "embedded":
+        yield None
+        return
+    from core.redis_mux import MuxRedis
+
+    mux = MuxRedis.from_url(settings.redis_url, timeout=settings.redis_timeout_seconds)
+    try:
+        yield mux
+    finally:
+        if mux is not None:
+            await mux.aclose()
+
+
 async def refuse_redis_misconfigured(redis: Redis, settings: Settings) -> None:
     """Before `serve` or `worker` starts: a Redis that answers but refuses REDIS_URL's database (past its
     `databases` setting) or credentials will never serve this process, so it is a configuration error (exit 2),
@@ -254,14 +273,14 @@ async def http_client(*, public_only: bool = False) -> AsyncIterator[httpx.Async
 
 
 def assemble(settings: Settings, engine: AsyncEngine, redis: Redis, http: httpx.AsyncClient,
-             webhook_http: httpx.AsyncClient | None = None) -> Runtime:
+             webhook_http: httpx.AsyncClient | None = None, hop_redis: Any = None) -> Runtime:
     """The Runtime over open resources: cipher, providers, routes and the SMS sender (no sockets of its own)."""
     from channels.sms.sender import build_sender
     from providers.registry import build_providers, build_routes
 
     cipher = PiiCipher(settings.pii_keys, settings.pii_active_key_id, settings.blind_index_key.get())
     rt = Runtime(settings=settings, engine=engine, sessionmaker=make_sessionmaker(engine), redis=redis,
-                 http=http, cipher=cipher, webhook_http=webhook_http)
+                 http=http, cipher=cipher, webhook_http=webhook_http, hop_redis=hop_redis)
     rt.providers = build_providers(settings, http, redis=redis)
     rt.routes = build_routes(settings, rt.providers)
     rt.sms = build_sender(settings, http)
@@ -271,9 +290,9 @@ def assemble(settings: Settings, engine: AsyncEngine, redis: Redis, http: httpx.
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     """Open every resource in order and close them in reverse, whatever happens (CLI, tests, worker)."""
-    async with (database(settings) as engine, redis_client(settings) as redis, http_client() as http,
-                http_client(public_only=not settings.is_embedded) as webhook_http):
-        yield assemble(settings, engine, redis, http, webhook_http)
+    async with (database(settings) as engine, redis_client(settings) as redis, hop_redis_client(settings) as hop,
+                http_client() as http, http_client(public_only=not settings.is_embedded) as webhook_http):
+        yield assemble(settings, engine, redis, http, webhook_http, hop)
 
 
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
@@ -475,8 +494,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
                 yield
 
         async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-            async with redis_client(settings) as redis:
-                app[REDIS] = redis
+            async with redis_client(settings) as redis, hop_redis_client(settings) as hop:
+                app[REDIS], app[HOP_REDIS] = redis, hop
                 yield
 
         async def http_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -485,7 +504,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
                 yield
 
         async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-            app[RUNTIME] = assemble(settings, app[ENGINE], app[REDIS], app[HTTP], app[WEBHOOK_HTTP])
+            app[RUNTIME] = assemble(settings, app[ENGINE], app[REDIS], app[HTTP], app[WEBHOOK_HTTP],
+                                    app[HOP_REDIS])
             yield
 
         async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -35,6 +35,14 @@ class Runtime:
     # Calls to customers' webhook URLs: connects only to public addresses outside the embedded default.
     webhook_http: httpx.AsyncClient | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # The USSD hop path's multiplexed Redis connection (core.redis_mux.MuxRedis); None: redis-py there too.
+    hop_redis: Any = None
+
+    @property
+    def session_redis(self) -> Any:
+        """What USSD sessions are read and saved with on the hop path: the multiplexed connection where there is
+        one, else the redis-py client (same server, same keys)."""
+        return self.redis if self.hop_redis is None else self.hop_redis
 
     def provider_for(self, method: str) -> PaymentProvider:
         from core.errors import PAYMENT_METHOD_NOT_AVAILABLE, ValidationError

@@ -49,9 +49,10 @@ class AtPhone:
 
 @contextlib.contextmanager
 def swapped_redis(rt: Any, redis: Any) -> Iterator[None]:
-    original = rt.redis
-    rt.redis = redis
+    """`redis` in place of the runtime's Redis clients, the hop path's multiplexed one included."""
+    original, hop = rt.redis, rt.hop_redis
+    rt.redis, rt.hop_redis = redis, None
     try:
         yield
     finally:
-        rt.redis = original
+        rt.redis, rt.hop_redis = original, hop

@@ -268,3 +268,37 @@ async def test_redis_dropping_mid_pipeline_answers_unavailable(client: Any, demo
         await broken.aclose()
         server.close()
     assert answer == "END Service unavailable, please try again later."
+
+
+async def test_menu_hops_read_and_save_their_session_over_the_multiplexed_connection(client: Any, demo: Any,
+                                                                                    rt: Any) -> None:
+    """With Redis on TCP, a hop's session read and save go over the one multiplexed connection (core.redis_mux),
+    one batch each, and nothing over redis-py's pool; with the embedded Redis (a Unix socket) redis-py does both."""
+    import pytest
+
+    from tests.core.test_ops import CountingRedis
+
+    if rt.hop_redis is None:
+        assert not rt.settings.redis_url.startswith("redis://")
+        pytest.skip("the embedded Redis: no multiplexed connection")
+    batches: list[int] = []
+    send = rt.hop_redis._send
+
+    async def counted(commands: Any) -> Any:
+        batches.append(len(commands))
+        return await send(commands)
+
+    counting, original = CountingRedis(rt.redis), rt.redis
+    rt.hop_redis._send, rt.redis = counted, counting
+    try:
+        phone = AtPhone(client, STRANGER)
+        assert (await phone.dial()).startswith("CON ")
+        assert (await phone.send("4")).startswith("CON ")  # Language
+        assert (await phone.send("0")).startswith("CON ")  # Back
+    finally:
+        rt.redis = original
+        del rt.hop_redis._send
+    # The opening hop: the session, the phone's route and language in one batch (GET, MGET), the save and the
+    # funnel's count in another; each later hop: the session's GET, then its compare-and-set.
+    assert batches == [2, 2, 1, 1, 1, 1], batches
+    assert counting.trips == 0

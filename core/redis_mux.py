@@ -1,0 +1,293 @@
+"""Redis commands of many coroutines over one connection: the USSD hop path's session reads and writes.
+
+redis-py checks a pooled connection out for each command and writes and reads it alone: about 125 µs of CPU per
+command in a `serve` process under load (bench/README.md). Here every command is written the moment it is asked
+for, on one shared connection, and its reply matched to it by order (Redis answers a connection's commands in the
+order they came): the commands of concurrent hops leave in the same write and come back in the same read, about
+18 µs each. Encoding and parsing are hiredis's (what redis[hiredis] parses with); errors are redis-py's exception
+classes, so callers handle both clients alike.
+
+Only the commands the hop path sends (GET, SET, MGET, DEL, EVAL, and pipelines of them without MULTI); blocking
+commands, pub/sub and transactions stay on redis-py. Used for a plain `redis://` server (not a cluster, TLS, or a
+Unix socket: those keep redis-py). A caller cancelled while waiting leaves its reply to be read and dropped: the
+replies of the others stay matched. A command unanswered past the timeout fails every command in flight and the
+connection is dropped (later replies could not be matched); the next command connects again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoScriptError,
+    ReadOnlyError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+_ERRORS: tuple[tuple[str, type[ResponseError] | type[RedisConnectionError]], ...] = (
+    ("NOSCRIPT", NoScriptError), ("LOADING", BusyLoadingError), ("READONLY", ReadOnlyError),
+    ("WRONGPASS", AuthenticationError), ("NOAUTH", AuthenticationError))
+
+
+def _reply_error(message: str) -> Exception:
+    """An error reply as the exception redis-py raises for it (returned by the reader, raised by the caller)."""
+    for prefix, cls in _ERRORS:
+        if message.startswith(prefix):
+            return cls(message)
+    return ResponseError(message)
+
+
+class _Batch:
+    """Commands written together and the future their replies complete."""
+
+    __slots__ = ("deadline", "expected", "future", "replies")
+
+    def __init__(self, future: asyncio.Future[list[Any]], expected: int, deadline: float) -> None:
+        self.future = future
+        self.expected = expected
+        self.replies: list[Any] = []
+        self.deadline = deadline
+
+
+class _Protocol(asyncio.Protocol):
+    """One connection: batches in the order written, each completed as its replies arrive."""
+
+    def __init__(self, on_lost: Any) -> None:
+        self.transport: Any = None  # asyncio's or uvloop's TCP transport (not an asyncio.Transport subclass)
+        self.reader = hiredis.Reader(replyError=_reply_error)
+        self.pending: collections.deque[_Batch] = collections.deque()
+        self.closed = False
+        self.timer: asyncio.TimerHandle | None = None  # at the oldest command's deadline
+        self._on_lost = on_lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a peer gone without a word (a dropped NAT entry) shows up without waiting for a command
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    def data_received(self, data: bytes) -> None:
+        reader, pending = self.reader, self.pending
+        try:
+            reader.feed(data)
+            while (reply := reader.gets()) is not False:
+                batch = pending[0]
+                batch.replies.append(reply)
+                if len(batch.replies) == batch.expected:
+                    pending.popleft()
+                    if not batch.future.done():  # (its caller was cancelled)
+                        batch.future.set_result(batch.replies)
+        except Exception as exc:  # a reply nobody asked for, or bytes that are not RESP: nothing can be matched now
+            self.fail(RedisConnectionError(f"Redis reply not understood: {type(exc).__name__}: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError("Connection closed by server." if exc is None else f"Connection lost: {exc}"))
+
+    def fail(self, error: Exception) -> None:
+        """Every command in flight fails with `error`, and the connection goes."""
+        if not self.closed:
+            self.closed = True
+            self._on_lost(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        while self.pending:
+            batch = self.pending.popleft()
+            if not batch.future.done():
+                batch.future.set_exception(error)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+
+class MuxRedis:
+    """The subset of redis.asyncio.Redis the USSD hop path calls, on one multiplexed connection."""
+
+    def __init__(self, host: str, port: int, *, username: str | None = None, password: str | None = None,
+                 db: int = 0, timeout: float = 1.0, connect_timeout: float | None = None) -> None:
+        self.host, self.port = host, port
+        self._username, self._password, self._db = username, password, db
+        self.timeout = timeout
+        self.connect_timeout = timeout if connect_timeout is None else connect_timeout
+        self._conn: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float = 1.0) -> MuxRedis | None:
+        """A client for a plain `redis://host:port/db` URL; None for any other (rediss://, unix://, options in its
+        query string): those stay with redis-py."""
+        parts = urlsplit(url)
+        if parts.scheme != "redis" or parts.query or not parts.hostname:
+            return None
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            return None
+        return cls(parts.hostname, parts.port or 6379,
+                   username=unquote(parts.username) if parts.username else None,
+                   password=unquote(parts.password) if parts.password else None,
+                   db=int(path) if path else 0, timeout=timeout)
+
+    # -- the commands ----------------------------------------------------------------------------------------
+
+    async def execute_command(self, *args: Any) -> Any:
+        reply = (await self._send((args,)))[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def get(self, name: str | bytes) -> Any:
+        return await self.execute_command("GET", name)
+
+    async def set(self, name: str | bytes, value: Any, ex: int | None = None) -> Any:
+        return _set_reply(await self.execute_command("SET", name, value, *(("EX", ex) if ex is not None else ())))
+
+    async def mget(self, *names: str | bytes) -> Any:
+        return await self.execute_command("MGET", *names)
+
+    async def delete(self, *names: str | bytes) -> Any:
+        return await self.execute_command("DEL", *names)
+
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return await self.execute_command("EVAL", script, numkeys, *keys_and_args)
+
+    def pipeline(self, transaction: bool = False) -> MuxPipeline:
+        if transaction:
+            raise NotImplementedError("MULTI/EXEC pipelines go through redis-py")
+        return MuxPipeline(self)
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            self._conn.fail(RedisConnectionError("client closed"))
+
+    # -- the connection --------------------------------------------------------------------------------------
+
+    async def _send(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = await self._connected()
+        return await self._write(conn, commands)
+
+    async def _write(self, conn: _Protocol, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        batch = _Batch(loop.create_future(), len(commands), loop.time() + self.timeout)
+        assert conn.transport is not None
+        try:
+            if len(commands) == 1:
+                conn.transport.write(hiredis.pack_command(tuple(commands[0])))
+            else:
+                conn.transport.write(b"".join(hiredis.pack_command(tuple(c)) for c in commands))
+        except Exception as exc:  # a value hiredis cannot encode: nothing was written
+            raise ResponseError(f"command not sent: {exc}") from exc
+        conn.pending.append(batch)
+        if conn.timer is None:
+            conn.timer = loop.call_at(batch.deadline, self._check_timeouts, conn)
+        return await batch.future
+
+    def _check_timeouts(self, conn: _Protocol) -> None:
+        """The oldest command past its deadline fails the connection; else look again at its deadline."""
+        conn.timer = None
+        if conn.closed or not conn.pending:
+            return
+        loop = asyncio.get_running_loop()
+        oldest = conn.pending[0].deadline
+        if oldest <= loop.time():
+            conn.fail(RedisTimeoutError(f"Timeout reading from {self.host}:{self.port}"))
+            return
+        conn.timer = loop.call_at(oldest, self._check_timeouts, conn)
+
+    async def _connected(self) -> _Protocol:
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        connecting = self._connecting
+        try:
+            # shield: a cancelled caller must not cancel the connection the others wait for
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
+
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(lambda: _Protocol(self._lost), self.host, self.port)
+        except TimeoutError:
+            raise RedisTimeoutError(f"Timeout connecting to {self.host}:{self.port}") from None
+        except OSError as exc:
+            raise RedisConnectionError(f"Error connecting to {self.host}:{self.port}: {exc}") from exc
+        hello: list[tuple[Any, ...]] = []
+        if self._password is not None:
+            hello.append(("AUTH", self._username, self._password) if self._username else ("AUTH", self._password))
+        if self._db:
+            hello.append(("SELECT", self._db))
+        if hello:
+            try:
+                for reply in await self._write(conn, hello):
+                    if isinstance(reply, Exception):
+                        raise reply
+            except BaseException:
+                conn.fail(RedisConnectionError("connection set-up failed"))
+                raise
+        self._conn = conn
+        return conn
+
+    def _lost(self, conn: _Protocol) -> None:
+        if self._conn is conn:
+            self._conn = None
+
+
+class MuxPipeline:
+    """Commands written in one go, replies in order (no MULTI): what the hop path's pipelines need."""
+
+    def __init__(self, client: MuxRedis) -> None:
+        self._client = client
+        self._commands: list[tuple[Any, ...]] = []
+        self._setters: list[bool] = []
+
+    def execute_command(self, *args: Any) -> MuxPipeline:
+        self._commands.append(args)
+        self._setters.append(False)
+        return self
+
+    def get(self, name: str | bytes) -> MuxPipeline:
+        return self.execute_command("GET", name)
+
+    def set(self, name: str | bytes, value: Any, ex: int | None = None) -> MuxPipeline:
+        self.execute_command("SET", name, value, *(("EX", ex) if ex is not None else ()))
+        self._setters[-1] = True
+        return self
+
+    def mget(self, *names: str | bytes) -> MuxPipeline:
+        return self.execute_command("MGET", *names)
+
+    def delete(self, *names: str | bytes) -> MuxPipeline:
+        return self.execute_command("DEL", *names)
+
+    def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> MuxPipeline:
+        return self.execute_command("EVAL", script, numkeys, *keys_and_args)
+
+    async def execute(self) -> list[Any]:
+        """The replies in order; the first error reply raised, as redis-py's pipeline does (the other commands ran)."""
+        commands, setters = self._commands, self._setters
+        self._commands, self._setters = [], []
+        if not commands:
+            return []
+        replies = await self._client._send(commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [_set_reply(reply) if setter else reply for reply, setter in zip(replies, setters, strict=True)]
+
+
+def _set_reply(reply: Any) -> Any:
+    """SET's answer as redis-py gives it: True for OK, None when NX/XX kept it from writing."""
+    return True if reply == b"OK" else reply
