@@ -27,6 +27,7 @@ import hiredis
 from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
+    DataError,
     NoScriptError,
     ReadOnlyError,
     ResponseError,
@@ -36,7 +37,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _ERRORS: tuple[tuple[str, type[ResponseError] | type[RedisConnectionError]], ...] = (
     ("NOSCRIPT", NoScriptError), ("LOADING", BusyLoadingError), ("READONLY", ReadOnlyError),
-    ("WRONGPASS", AuthenticationError), ("NOAUTH", AuthenticationError))
+    ("WRONGPASS", AuthenticationError), ("NOAUTH", AuthenticationError),
+    ("ERR invalid password", AuthenticationError), ("ERR max number of clients reached", RedisConnectionError))
 
 
 def _reply_error(message: str) -> Exception:
@@ -120,6 +122,7 @@ class MuxRedis:
         self.connect_timeout = timeout if connect_timeout is None else connect_timeout
         self._conn: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+        self._closing = False
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 1.0) -> MuxRedis | None:
@@ -165,6 +168,11 @@ class MuxRedis:
         return MuxPipeline(self)
 
     async def aclose(self) -> None:
+        """Close the connection, and one still being opened (it is closed when it opens)."""
+        self._closing = True
+        connecting = self._connecting
+        if connecting is not None and not connecting.done():
+            await asyncio.wait({connecting})
         if self._conn is not None:
             self._conn.fail(RedisConnectionError("client closed"))
 
@@ -177,16 +185,24 @@ class MuxRedis:
         return await self._write(conn, commands)
 
     async def _write(self, conn: _Protocol, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        loop = asyncio.get_running_loop()
-        batch = _Batch(loop.create_future(), len(commands), loop.time() + self.timeout)
-        assert conn.transport is not None
+        if conn.closed or conn.transport is None or conn.transport.is_closing():
+            # (lost between its opening and this caller's turn): asyncio's transport would drop the bytes unsaid
+            raise RedisConnectionError("Connection closed by server.")
         try:
             if len(commands) == 1:
-                conn.transport.write(hiredis.pack_command(tuple(commands[0])))
+                data = hiredis.pack_command(tuple(commands[0]))
             else:
-                conn.transport.write(b"".join(hiredis.pack_command(tuple(c)) for c in commands))
+                data = b"".join(hiredis.pack_command(tuple(c)) for c in commands)
         except Exception as exc:  # a value hiredis cannot encode: nothing was written
-            raise ResponseError(f"command not sent: {exc}") from exc
+            raise DataError(f"command not sent: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        batch = _Batch(loop.create_future(), len(commands), loop.time() + self.timeout)
+        try:
+            conn.transport.write(data)
+        except Exception as exc:  # the transport refused (closed under it): what was written of it is unknown
+            error = RedisConnectionError(f"Connection lost: {exc}")
+            conn.fail(error)
+            raise error from exc
         conn.pending.append(batch)
         if conn.timer is None:
             conn.timer = loop.call_at(batch.deadline, self._check_timeouts, conn)
@@ -195,25 +211,30 @@ class MuxRedis:
     def _check_timeouts(self, conn: _Protocol) -> None:
         """The oldest command past its deadline fails the connection; else look again at its deadline."""
         conn.timer = None
-        if conn.closed or not conn.pending:
+        if not conn.pending:
             return
         loop = asyncio.get_running_loop()
         oldest = conn.pending[0].deadline
-        if oldest <= loop.time():
+        if conn.closed or oldest <= loop.time():
             conn.fail(RedisTimeoutError(f"Timeout reading from {self.host}:{self.port}"))
             return
         conn.timer = loop.call_at(oldest, self._check_timeouts, conn)
 
     async def _connected(self) -> _Protocol:
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._connect())
         connecting = self._connecting
-        try:
-            # shield: a cancelled caller must not cancel the connection the others wait for
-            return await asyncio.shield(connecting)
-        finally:
-            if connecting.done() and self._connecting is connecting:
-                self._connecting = None
+        if connecting is None or connecting.done():
+            # One opening at a time, whoever waits for it: its outcome is read (and forgotten) when it ends, even
+            # if every caller waiting for it was cancelled meanwhile (a later caller opens a new one).
+            connecting = self._connecting = asyncio.ensure_future(self._connect())
+            connecting.add_done_callback(self._opened)
+        # shield: a cancelled caller must not cancel the opening the others wait for
+        return await asyncio.shield(connecting)
+
+    def _opened(self, connecting: asyncio.Future[_Protocol]) -> None:
+        if self._connecting is connecting:
+            self._connecting = None
+        if not connecting.cancelled():
+            connecting.exception()  # read: an opening nobody awaited any more is not logged as never retrieved
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -237,6 +258,9 @@ class MuxRedis:
             except BaseException:
                 conn.fail(RedisConnectionError("connection set-up failed"))
                 raise
+        if self._closing:
+            conn.fail(RedisConnectionError("client closed"))
+            raise RedisConnectionError("client closed")
         self._conn = conn
         return conn
 

@@ -271,3 +271,68 @@ def test_under_uvloop_as_serve_runs_it() -> None:
             await plain.aclose()
 
     uvloop.run(scenario())
+
+
+@needs_tcp_redis
+async def test_an_opening_whose_callers_were_all_cancelled_is_not_reused_after_the_connection_goes(
+        plain: Redis) -> None:
+    """A hop cut by its budget while the connection opened: the opening finished for nobody. When that connection
+    later goes, the next command opens a new one (it was handed the dead one and waited forever)."""
+    mux = MuxRedis.from_url(URL, timeout=0.5)
+    assert mux is not None
+    try:
+        first = asyncio.ensure_future(mux.get(_key()))
+        await asyncio.sleep(0)
+        first.cancel()
+        for _ in range(50):
+            if mux._conn is not None:
+                break
+            await asyncio.sleep(0.02)
+        killed = await mux.execute_command("CLIENT", "ID")
+        await plain.client_kill_filter(_id=killed)
+        await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(mux.get(_key()), 3) is None
+        assert await mux.execute_command("CLIENT", "ID") != killed
+    finally:
+        await mux.aclose()
+
+
+async def test_a_connection_lost_before_its_first_command_is_a_connection_error_not_a_silent_drop() -> None:
+    """A server that refuses at once (Redis at maxclients answers an error and hangs up): the command fails at once
+    with a connection error, and is not written to a closed transport to wait forever."""
+    async def full(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"-ERR max number of clients reached\r\n")
+        await writer.drain()
+        writer.close()
+
+    server, port = await _server(full)
+    client = MuxRedis("127.0.0.1", port, timeout=0.5)
+    try:
+        for _ in range(3):
+            with pytest.raises(RedisConnectionError):
+                await asyncio.wait_for(client.get("a"), 3)
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def test_closing_while_the_connection_opens_leaves_no_connection_open() -> None:
+    hung_up = asyncio.Event()
+
+    async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):
+            writer.write(b"+OK\r\n")
+        hung_up.set()
+
+    server, port = await _server(answers)
+    client = MuxRedis("127.0.0.1", port, db=2, timeout=2.0)
+    try:
+        pending = asyncio.ensure_future(client.get("a"))
+        await asyncio.sleep(0)  # opening (and selecting the database)
+        await client.aclose()
+        with pytest.raises(RedisConnectionError, match="client closed"):
+            await pending
+        assert client._conn is None
+        await asyncio.wait_for(hung_up.wait(), 3)  # the connection it opened was closed
+    finally:
+        server.close()
