@@ -41,6 +41,12 @@ _ERRORS: tuple[tuple[str, type[ResponseError] | type[RedisConnectionError]], ...
     ("ERR invalid password", AuthenticationError), ("ERR max number of clients reached", RedisConnectionError))
 
 
+# Probes after 30 s of quiet, every 10 s, 3 unanswered: the connection goes (Linux names; elsewhere the system's).
+KEEPALIVE: tuple[tuple[int, int], ...] = tuple(
+    (getattr(socket, name), value) for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, name))
+
+
 def _reply_error(message: str) -> Exception:
     """An error reply as the exception redis-py raises for it (returned by the reader, raised by the caller)."""
     for prefix, cls in _ERRORS:
@@ -75,8 +81,12 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         sock = transport.get_extra_info("socket")
-        if sock is not None:  # a peer gone without a word (a dropped NAT entry) shows up without waiting for a command
+        if sock is not None:
+            # A peer gone without a word (a firewall's idle entry dropped, a host lost) found within about a minute
+            # of quiet, not at the next hop (which would wait out the timeout, with every hop then in flight).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for option, value in KEEPALIVE:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
     def data_received(self, data: bytes) -> None:
         reader, pending = self.reader, self.pending

@@ -336,3 +336,17 @@ async def test_closing_while_the_connection_opens_leaves_no_connection_open() ->
         await asyncio.wait_for(hung_up.wait(), 3)  # the connection it opened was closed
     finally:
         server.close()
+
+
+@needs_tcp_redis
+async def test_a_quiet_connection_is_probed_so_a_silently_dropped_one_is_found(mux: MuxRedis) -> None:
+    import socket
+
+    await mux.get(_key())
+    assert mux._conn is not None
+    sock = mux._conn.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == (30, 10, 3)
