@@ -1,11 +1,11 @@
 """Redis commands of many coroutines over one connection: the USSD hop path's session reads and writes.
 
 redis-py checks a pooled connection out for each command and writes and reads it alone: about 125 µs of CPU per
-command in a `serve` process under load (bench/README.md). Here every command is written the moment it is asked
-for, on one shared connection, and its reply matched to it by order (Redis answers a connection's commands in the
-order they came): the commands of concurrent hops leave in the same write and come back in the same read, about
-18 µs each. Encoding and parsing are hiredis's (what redis[hiredis] parses with); errors are redis-py's exception
-classes, so callers handle both clients alike.
+command in a `serve` process under load (bench/README.md). Here the commands asked for in one turn of the event loop
+(the hops that ran in it) are written together at its end, on one shared connection, and each reply is matched to
+its command by order (Redis answers a connection's commands in the order they came): the commands of concurrent
+hops leave in one send and come back in one read, about 10 µs each. Encoding and parsing are hiredis's (what
+redis[hiredis] parses with); errors are redis-py's exception classes, so callers handle both clients alike.
 
 Only the commands the hop path sends (GET, SET, MGET, DEL, EVAL, and pipelines of them without MULTI); blocking
 commands, pub/sub and transactions stay on redis-py. Used for a plain `redis://` server (not a cluster, TLS, or a
@@ -76,6 +76,9 @@ class _Protocol(asyncio.Protocol):
         self.pending: collections.deque[_Batch] = collections.deque()
         self.closed = False
         self.timer: asyncio.TimerHandle | None = None  # at the oldest command's deadline
+        # Commands asked for in this turn of the event loop, written together at its end (one send for the hops
+        # that ran in the same turn; their order kept, as their batches' in `pending`).
+        self.unsent: list[bytes] = []
         self._on_lost = on_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -102,6 +105,16 @@ class _Protocol(asyncio.Protocol):
         except Exception as exc:  # a reply nobody asked for, or bytes that are not RESP: nothing can be matched now
             self.fail(RedisConnectionError(f"Redis reply not understood: {type(exc).__name__}: {exc}"))
 
+    def flush(self) -> None:
+        """Write what this turn asked for (called soon after the first of it)."""
+        data, self.unsent = self.unsent, []
+        if self.closed or not data:
+            return
+        try:
+            self.transport.write(data[0] if len(data) == 1 else b"".join(data))
+        except Exception as exc:  # the transport refused (closed under it): what was written of it is unknown
+            self.fail(RedisConnectionError(f"Connection lost: {exc}"))
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(RedisConnectionError("Connection closed by server." if exc is None else f"Connection lost: {exc}"))
 
@@ -113,6 +126,7 @@ class _Protocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.unsent.clear()
         while self.pending:
             batch = self.pending.popleft()
             if not batch.future.done():
@@ -207,12 +221,9 @@ class MuxRedis:
             raise DataError(f"command not sent: {exc}") from exc
         loop = asyncio.get_running_loop()
         batch = _Batch(loop.create_future(), len(commands), loop.time() + self.timeout)
-        try:
-            conn.transport.write(data)
-        except Exception as exc:  # the transport refused (closed under it): what was written of it is unknown
-            error = RedisConnectionError(f"Connection lost: {exc}")
-            conn.fail(error)
-            raise error from exc
+        if not conn.unsent:
+            loop.call_soon(conn.flush)
+        conn.unsent.append(data)
         conn.pending.append(batch)
         if conn.timer is None:
             conn.timer = loop.call_at(batch.deadline, self._check_timeouts, conn)

@@ -350,3 +350,28 @@ async def test_a_quiet_connection_is_probed_so_a_silently_dropped_one_is_found(m
         assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
                 sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
                 sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == (30, 10, 3)
+
+
+@needs_tcp_redis
+async def test_the_commands_of_one_turn_of_the_loop_leave_in_one_write(mux: MuxRedis, plain: Redis) -> None:
+    keys = [_key() for _ in range(20)]
+    await plain.mset({k: k.encode() for k in keys})
+    await mux.get(keys[0])  # connected
+    assert mux._conn is not None
+    transport = mux._conn.transport
+    writes: list[bytes] = []
+    real_write = transport.write
+
+    def write(data: bytes) -> None:
+        writes.append(data)
+        real_write(data)
+
+    mux._conn.transport = type("Counted", (), {"write": staticmethod(write),
+                                               "is_closing": staticmethod(transport.is_closing)})()
+    try:
+        replies = await asyncio.gather(*(mux.get(k) for k in keys), mux.mget(keys[0], keys[1]))
+    finally:
+        mux._conn.transport = transport
+    assert replies == [k.encode() for k in keys] + [[keys[0].encode(), keys[1].encode()]]
+    assert len(writes) == 1 and writes[0].count(b"GET") == 21
+    await plain.delete(*keys)
