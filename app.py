@@ -41,7 +41,7 @@ from core.runtime import RUNTIME, SETTINGS, Runtime
 log = logging.getLogger("gateway")
 ENGINE = web.AppKey("engine", AsyncEngine)
 REDIS = web.AppKey("redis", Redis)
-HOP_REDIS: web.AppKey[Any] = web.AppKey("hop_redis")
+REDIS_MUX: web.AppKey[Any] = web.AppKey("redis_mux")
 HTTP = web.AppKey("http", httpx.AsyncClient)
 WEBHOOK_HTTP = web.AppKey("webhook_http", httpx.AsyncClient)
 MAX_BODY = 1024 * 1024  # 1 MiB; CSV imports have their own, larger limit
@@ -205,8 +205,8 @@ async def redis_client(settings: Settings) -> AsyncIterator[Redis]:
 
 
 @contextlib.asynccontextmanager
-async def hop_redis_client(settings: Settings) -> AsyncIterator[Any]:
-    """The USSD hop path's multiplexed Redis connection (core.redis_mux), None where redis-py keeps that path too:
+async def redis_mux_client(settings: Settings) -> AsyncIterator[Any]:
+    """The hot paths' multiplexed Redis connection (core.redis_mux, Runtime.hot_redis), None where redis-py keeps them:
     a cluster, the embedded server, or a URL the multiplexer does not take (TLS, a Unix socket, query options).
     Connects at its first command."""
     if settings.redis_cluster or settings.redis_url == "embedded":
@@ -273,14 +273,14 @@ async def http_client(*, public_only: bool = False) -> AsyncIterator[httpx.Async
 
 
 def assemble(settings: Settings, engine: AsyncEngine, redis: Redis, http: httpx.AsyncClient,
-             webhook_http: httpx.AsyncClient | None = None, hop_redis: Any = None) -> Runtime:
+             webhook_http: httpx.AsyncClient | None = None, redis_mux: Any = None) -> Runtime:
     """The Runtime over open resources: cipher, providers, routes and the SMS sender (no sockets of its own)."""
     from channels.sms.sender import build_sender
     from providers.registry import build_providers, build_routes
 
     cipher = PiiCipher(settings.pii_keys, settings.pii_active_key_id, settings.blind_index_key.get())
     rt = Runtime(settings=settings, engine=engine, sessionmaker=make_sessionmaker(engine), redis=redis,
-                 http=http, cipher=cipher, webhook_http=webhook_http, hop_redis=hop_redis)
+                 http=http, cipher=cipher, webhook_http=webhook_http, redis_mux=redis_mux)
     rt.providers = build_providers(settings, http, redis=redis)
     rt.routes = build_routes(settings, rt.providers)
     rt.sms = build_sender(settings, http)
@@ -290,7 +290,7 @@ def assemble(settings: Settings, engine: AsyncEngine, redis: Redis, http: httpx.
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     """Open every resource in order and close them in reverse, whatever happens (CLI, tests, worker)."""
-    async with (database(settings) as engine, redis_client(settings) as redis, hop_redis_client(settings) as hop,
+    async with (database(settings) as engine, redis_client(settings) as redis, redis_mux_client(settings) as hop,
                 http_client() as http, http_client(public_only=not settings.is_embedded) as webhook_http):
         yield assemble(settings, engine, redis, http, webhook_http, hop)
 
@@ -494,8 +494,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
                 yield
 
         async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-            async with redis_client(settings) as redis, hop_redis_client(settings) as hop:
-                app[REDIS], app[HOP_REDIS] = redis, hop
+            async with redis_client(settings) as redis, redis_mux_client(settings) as hop:
+                app[REDIS], app[REDIS_MUX] = redis, hop
                 yield
 
         async def http_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -505,7 +505,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
 
         async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
             app[RUNTIME] = assemble(settings, app[ENGINE], app[REDIS], app[HTTP], app[WEBHOOK_HTTP],
-                                    app[HOP_REDIS])
+                                    app[REDIS_MUX])
             yield
 
         async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -1,4 +1,5 @@
-"""Redis commands of many coroutines over one connection: the USSD hop path's session reads and writes.
+"""Redis commands of many coroutines over one connection: the hot paths' plain commands (Runtime.hot_redis: a USSD
+hop's session read and save, an SMS send's rate slot, lock and kept answer).
 
 redis-py checks a pooled connection out for each command and writes and reads it alone: about 125 µs of CPU per
 command in a `serve` process under load (bench/README.md). Here the commands asked for in one turn of the event loop
@@ -7,7 +8,7 @@ its command by order (Redis answers a connection's commands in the order they ca
 hops leave in one send and come back in one read, about 10 µs each. Encoding and parsing are hiredis's (what
 redis[hiredis] parses with); errors are redis-py's exception classes, so callers handle both clients alike.
 
-Only the commands the hop path sends (GET, SET, MGET, DEL, EVAL, and pipelines of them without MULTI); blocking
+Only the commands the hot paths send (GET, SET, MGET, DEL, EXISTS, EVAL, and pipelines of them without MULTI); blocking
 commands, pub/sub and transactions stay on redis-py. Used for a plain `redis://` server (not a cluster, TLS, or a
 Unix socket: those keep redis-py). A caller cancelled while waiting leaves its reply to be read and dropped: the
 replies of the others stay matched. A command unanswered past the timeout fails every command in flight and the
@@ -136,7 +137,7 @@ class _Protocol(asyncio.Protocol):
 
 
 class MuxRedis:
-    """The subset of redis.asyncio.Redis the USSD hop path calls, on one multiplexed connection."""
+    """The subset of redis.asyncio.Redis the hot paths call, on one multiplexed connection."""
 
     def __init__(self, host: str, port: int, *, username: str | None = None, password: str | None = None,
                  db: int = 0, timeout: float = 1.0, connect_timeout: float | None = None) -> None:
@@ -174,14 +175,17 @@ class MuxRedis:
     async def get(self, name: str | bytes) -> Any:
         return await self.execute_command("GET", name)
 
-    async def set(self, name: str | bytes, value: Any, ex: int | None = None) -> Any:
-        return _set_reply(await self.execute_command("SET", name, value, *(("EX", ex) if ex is not None else ())))
+    async def set(self, name: str | bytes, value: Any, ex: int | None = None, nx: bool = False) -> Any:
+        return _set_reply(await self.execute_command(*_set_args(name, value, ex, nx)))
 
     async def mget(self, *names: str | bytes) -> Any:
         return await self.execute_command("MGET", *names)
 
     async def delete(self, *names: str | bytes) -> Any:
         return await self.execute_command("DEL", *names)
+
+    async def exists(self, *names: str | bytes) -> Any:
+        return await self.execute_command("EXISTS", *names)
 
     async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
         return await self.execute_command("EVAL", script, numkeys, *keys_and_args)
@@ -291,7 +295,7 @@ class MuxRedis:
 
 
 class MuxPipeline:
-    """Commands written in one go, replies in order (no MULTI): what the hop path's pipelines need."""
+    """Commands written in one go, replies in order (no MULTI): what the hot paths' pipelines need."""
 
     def __init__(self, client: MuxRedis) -> None:
         self._client = client
@@ -306,8 +310,8 @@ class MuxPipeline:
     def get(self, name: str | bytes) -> MuxPipeline:
         return self.execute_command("GET", name)
 
-    def set(self, name: str | bytes, value: Any, ex: int | None = None) -> MuxPipeline:
-        self.execute_command("SET", name, value, *(("EX", ex) if ex is not None else ()))
+    def set(self, name: str | bytes, value: Any, ex: int | None = None, nx: bool = False) -> MuxPipeline:
+        self.execute_command(*_set_args(name, value, ex, nx))
         self._setters[-1] = True
         return self
 
@@ -316,6 +320,9 @@ class MuxPipeline:
 
     def delete(self, *names: str | bytes) -> MuxPipeline:
         return self.execute_command("DEL", *names)
+
+    def exists(self, *names: str | bytes) -> MuxPipeline:
+        return self.execute_command("EXISTS", *names)
 
     def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> MuxPipeline:
         return self.execute_command("EVAL", script, numkeys, *keys_and_args)
@@ -331,6 +338,10 @@ class MuxPipeline:
             if isinstance(reply, Exception):
                 raise reply
         return [_set_reply(reply) if setter else reply for reply, setter in zip(replies, setters, strict=True)]
+
+
+def _set_args(name: str | bytes, value: Any, ex: int | None, nx: bool) -> tuple[Any, ...]:
+    return ("SET", name, value, *(("EX", ex) if ex is not None else ()), *(("NX",) if nx else ()))
 
 
 def _set_reply(reply: Any) -> Any:

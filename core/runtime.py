@@ -35,14 +35,15 @@ class Runtime:
     # Calls to customers' webhook URLs: connects only to public addresses outside the embedded default.
     webhook_http: httpx.AsyncClient | None = None
     extras: dict[str, Any] = field(default_factory=dict)
-    # The USSD hop path's multiplexed Redis connection (core.redis_mux.MuxRedis); None: redis-py there too.
-    hop_redis: Any = None
+    # The multiplexed Redis connection of the hot paths' plain commands (core.redis_mux.MuxRedis); None: redis-py.
+    redis_mux: Any = None
 
     @property
-    def session_redis(self) -> Any:
-        """What USSD sessions are read and saved with on the hop path: the multiplexed connection where there is
-        one, else the redis-py client (same server, same keys)."""
-        return self.redis if self.hop_redis is None else self.hop_redis
+    def hot_redis(self) -> Any:
+        """What the hot paths send their plain commands with (a USSD hop's session read and save, an SMS send's rate
+        slot, lock and kept answer): the multiplexed connection where there is one, else the redis-py client (same
+        server, same keys). Everything else uses `redis`."""
+        return self.redis if self.redis_mux is None else self.redis_mux
 
     def provider_for(self, method: str) -> PaymentProvider:
         from core.errors import PAYMENT_METHOD_NOT_AVAILABLE, ValidationError

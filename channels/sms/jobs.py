@@ -141,7 +141,7 @@ def send_limit(rate_per_second: float) -> Limit:
 class SmsJobs:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.limiter = RateLimiter(rt.redis, prefix="rl")
+        self.limiter = RateLimiter(rt.hot_redis, prefix="rl")
         self.limit = send_limit(rt.settings.sms_rate_per_second)
         self.sender_id = rt.settings.sms_sender_id or rt.settings.sms_username
         self.lock_seconds = send_lock_seconds(rt.settings.outbox_lease_seconds)
@@ -152,7 +152,7 @@ class SmsJobs:
         With `answer` (the message's answer key, message_keys), the answer an earlier run kept is read in the
         same round trip: when there is one, it is returned and the lock is not kept (the caller records it,
         nothing is sent)."""
-        redis = self.rt.redis
+        redis = self.rt.hot_redis
 
         def then(pipe: Any) -> None:
             pipe.set(lock, holder, nx=True, ex=self.lock_seconds)
@@ -266,7 +266,7 @@ class SmsJobs:
                     message = await _first(conn, _BY_ID, {"i": existing.id})
             finally:
                 if message is None or message.status != SmsStatus.QUEUED.value:
-                    await rt.redis.delete(lock)
+                    await rt.hot_redis.delete(lock)
         if message is None or message.status != SmsStatus.QUEUED.value:
             return
         accepted: tuple[str, bool] | None = None
@@ -274,7 +274,7 @@ class SmsJobs:
             accepted = await self._send_once(job, message, kept)
         finally:
             if accepted is None:
-                await rt.redis.delete(lock)
+                await rt.hot_redis.delete(lock)
         if accepted is not None:  # the lock is released with the parked-report check, in one round trip
             await self._apply_parked(message.id, *accepted, lock)
 
@@ -285,7 +285,7 @@ class SmsJobs:
         failed after AT may have had it (`doubt`: Job.interrupted), Unconfirmed. Asked before the send-time
         checks (a reminder whose member paid since was sent all the same) and before anything that could
         overwrite the job's last error. One Redis read, on a retry only (a first attempt has no stored message)."""
-        found = Answer.load(await self.rt.redis.get(kept))
+        found = Answer.load(await self.rt.hot_redis.get(kept))
         if found is not None:
             await self._record_answer(job, message, found, kept)
             return True
@@ -310,7 +310,7 @@ class SmsJobs:
         only (a first attempt not sent): none for a message sent, nor for one stored by an earlier attempt
         (_settled_before asked it). A row that cannot be built any more (its member gone, or her number released)
         is not stored: nothing to record the answer on, the job ends as for one sent."""
-        found = Answer.load(await self.rt.redis.get(kept))
+        found = Answer.load(await self.rt.hot_redis.get(kept))
         if found is None:
             return False
         try:
@@ -373,7 +373,7 @@ class SmsJobs:
         that finds the row lost since, or still QUEUED, records it instead of sending. Best effort: the outcome is
         written all the same (should that fail too, _keep tries again)."""
         try:
-            await self.rt.redis.set(kept, answer.dump(), ex=ANSWER_SECONDS)
+            await self.rt.hot_redis.set(kept, answer.dump(), ex=ANSWER_SECONDS)
         except Exception:
             log.warning("AT's answer not kept: a restore of the database to before this send would send it again",
                         exc_info=True, extra={"sms_id": message_id})
@@ -382,7 +382,7 @@ class SmsJobs:
         """AT may have the message and its outcome could not be written: keep AT's answer for the next attempt
         (best effort: without it the next attempt records it Unconfirmed), and say so in the job's error."""
         try:
-            await self.rt.redis.set(kept, answer.dump(), ex=ANSWER_SECONDS)
+            await self.rt.hot_redis.set(kept, answer.dump(), ex=ANSWER_SECONDS)
             saved = "kept for the next attempt"
         except Exception:
             log.exception("AT's answer not kept: the next attempt records the SMS Unconfirmed",
@@ -510,7 +510,7 @@ class SmsJobs:
             # Almost always none were parked: one EXISTS instead of the database read that
             # apply_parked_reports starts with. When this run did not store the id (the row had moved
             # on), it goes through apply_parked_reports as before.
-            pipe = self.rt.redis.pipeline(transaction=False)
+            pipe = self.rt.hot_redis.pipeline(transaction=False)
             if lock is not None:
                 pipe.delete(lock)
             pipe.exists(parked_key(provider_message_id))

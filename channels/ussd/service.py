@@ -93,9 +93,9 @@ class UssdService:
         if turn.is_new and not turn.closed:
             # A hop that opens a session: what its first hop reads of the phone (a resume route, a chosen
             # language) comes in the same round trip as the session (none, unless this is a retry).
-            stored, facts = await sessions.load_opening(rt.session_redis, turn.aggregator, turn.session_id, phone_index)
+            stored, facts = await sessions.load_opening(rt.hot_redis, turn.aggregator, turn.session_id, phone_index)
         else:
-            stored = await sessions.load(rt.session_redis, turn.aggregator, turn.session_id)
+            stored = await sessions.load(rt.hot_redis, turn.aggregator, turn.session_id)
         owner = owner_tag(phone_index)
         if stored is not None and stored.owner is not None and stored.owner != owner:
             # A session belongs to the phone that opened it: a hop with its id and another number (forged,
@@ -157,7 +157,7 @@ class UssdService:
         log.warning("ussd accumulated text does not extend the previous one",
                     extra={"aggregator": turn.aggregator, "session_id": turn.session_id})
         stored.acc, stored.hop = turn.accumulated, turn.hop_key
-        winner = await sessions.save(rt.session_redis, turn.aggregator, turn.session_id, stored)
+        winner = await sessions.save(rt.hot_redis, turn.aggregator, turn.session_id, stored)
         if winner is not None and winner.reply is not None:
             return UssdReply(*winner.reply), "retry"  # another copy of this hop answered first: its screen
         return reply, "stale"
@@ -185,7 +185,7 @@ class UssdService:
                 state.data["rk"] = 1
             else:
                 state.data.pop("rk", None)
-        saving = sessions.save(rt.session_redis, turn.aggregator, turn.session_id, stored,
+        saving = sessions.save(rt.hot_redis, turn.aggregator, turn.session_id, stored,
                                resume=None if keep_route is None else (rt.cipher, turn.phone, keep_route),
                                funnel=funnel.advance(state))
         winner: sessions.Stored | None = None

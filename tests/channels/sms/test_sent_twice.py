@@ -125,7 +125,7 @@ async def test_with_redis_failing_too_the_retry_records_it_unconfirmed(
     async def redis_down(*_args: Any, **_kw: Any) -> None:
         raise ConnectionError("Redis went away")
 
-    monkeypatch.setattr(rt.redis, "set", redis_down)
+    monkeypatch.setattr(rt.hot_redis, "set", redis_down)
     await queue_receipt(rt, demo)
     await drain(worker)
     assert "answer not kept" in (await the_job(rt)).last_error

@@ -50,9 +50,9 @@ class AtPhone:
 @contextlib.contextmanager
 def swapped_redis(rt: Any, redis: Any) -> Iterator[None]:
     """`redis` in place of the runtime's Redis clients, the hop path's multiplexed one included."""
-    original, hop = rt.redis, rt.hop_redis
-    rt.redis, rt.hop_redis = redis, None
+    original, hop = rt.redis, rt.redis_mux
+    rt.redis, rt.redis_mux = redis, None
     try:
         yield
     finally:
-        rt.redis, rt.hop_redis = original, hop
+        rt.redis, rt.redis_mux = original, hop

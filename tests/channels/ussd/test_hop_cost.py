@@ -278,18 +278,18 @@ async def test_menu_hops_read_and_save_their_session_over_the_multiplexed_connec
 
     from tests.core.test_ops import CountingRedis
 
-    if rt.hop_redis is None:
+    if rt.redis_mux is None:
         assert not rt.settings.redis_url.startswith("redis://")
         pytest.skip("the embedded Redis: no multiplexed connection")
     batches: list[int] = []
-    send = rt.hop_redis._send
+    send = rt.redis_mux._send
 
     async def counted(commands: Any) -> Any:
         batches.append(len(commands))
         return await send(commands)
 
     counting, original = CountingRedis(rt.redis), rt.redis
-    rt.hop_redis._send, rt.redis = counted, counting
+    rt.redis_mux._send, rt.redis = counted, counting
     try:
         phone = AtPhone(client, STRANGER)
         assert (await phone.dial()).startswith("CON ")
@@ -297,7 +297,7 @@ async def test_menu_hops_read_and_save_their_session_over_the_multiplexed_connec
         assert (await phone.send("0")).startswith("CON ")  # Back
     finally:
         rt.redis = original
-        del rt.hop_redis._send
+        del rt.redis_mux._send
     # The opening hop: the session, the phone's route and language in one batch (GET, MGET), the save and the
     # funnel's count in another; each later hop: the session's GET, then its compare-and-set.
     assert batches == [2, 2, 1, 1, 1, 1], batches
