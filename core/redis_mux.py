@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -61,17 +62,17 @@ class _Batch:
 
     __slots__ = ("deadline", "expected", "future", "replies")
 
-    def __init__(self, future: asyncio.Future[list[Any]], expected: int, deadline: float) -> None:
+    def __init__(self, future: asyncio.Future[list[Any]], expected: int) -> None:
         self.future = future
         self.expected = expected
         self.replies: list[Any] = []
-        self.deadline = deadline
+        self.deadline = math.inf  # set when its bytes are written: the timeout counts from there, as a socket's does
 
 
 class _Protocol(asyncio.Protocol):
     """One connection: batches in the order written, each completed as its replies arrive."""
 
-    def __init__(self, on_lost: Any) -> None:
+    def __init__(self, on_lost: Any, timeout: float, address: str) -> None:
         self.transport: Any = None  # asyncio's or uvloop's TCP transport (not an asyncio.Transport subclass)
         self.reader = hiredis.Reader(replyError=_reply_error)
         self.pending: collections.deque[_Batch] = collections.deque()
@@ -80,7 +81,10 @@ class _Protocol(asyncio.Protocol):
         # Commands asked for in this turn of the event loop, written together at its end (one send for the hops
         # that ran in the same turn; their order kept, as their batches' in `pending`).
         self.unsent: list[bytes] = []
+        self.unsent_batches = 0  # the last this many of `pending`: their bytes are in `unsent`
         self._on_lost = on_lost
+        self._timeout = timeout
+        self._address = address
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -107,14 +111,35 @@ class _Protocol(asyncio.Protocol):
             self.fail(RedisConnectionError(f"Redis reply not understood: {type(exc).__name__}: {exc}"))
 
     def flush(self) -> None:
-        """Write what this turn asked for (called soon after the first of it)."""
+        """Write what this turn asked for (called soon after the first of it); its commands' time starts now."""
         data, self.unsent = self.unsent, []
+        written, self.unsent_batches = self.unsent_batches, 0
         if self.closed or not data:
             return
         try:
             self.transport.write(data[0] if len(data) == 1 else b"".join(data))
         except Exception as exc:  # the transport refused (closed under it): what was written of it is unknown
             self.fail(RedisConnectionError(f"Connection lost: {exc}"))
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        pending = self.pending
+        for i in range(1, min(written, len(pending)) + 1):  # the newest batches are these (none answered yet)
+            pending[-i].deadline = deadline
+        if self.timer is None:
+            self.timer = loop.call_at(deadline, self.check_timeouts)
+
+    def check_timeouts(self) -> None:
+        """The oldest command past its deadline fails the connection; else look again at its deadline."""
+        self.timer = None
+        if not self.pending or self.pending[0].deadline == math.inf:
+            return  # nothing sent waits: the next flush starts the timer
+        loop = asyncio.get_running_loop()
+        oldest = self.pending[0].deadline
+        if self.closed or oldest <= loop.time():
+            self.fail(RedisTimeoutError(f"Timeout reading from {self._address}"))
+            return
+        self.timer = loop.call_at(oldest, self.check_timeouts)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(RedisConnectionError("Connection closed by server." if exc is None else f"Connection lost: {exc}"))
@@ -128,6 +153,7 @@ class _Protocol(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.unsent.clear()
+        self.unsent_batches = 0
         while self.pending:
             batch = self.pending.popleft()
             if not batch.future.done():
@@ -224,26 +250,13 @@ class MuxRedis:
         except Exception as exc:  # a value hiredis cannot encode: nothing was written
             raise DataError(f"command not sent: {exc}") from exc
         loop = asyncio.get_running_loop()
-        batch = _Batch(loop.create_future(), len(commands), loop.time() + self.timeout)
+        batch = _Batch(loop.create_future(), len(commands))
         if not conn.unsent:
             loop.call_soon(conn.flush)
         conn.unsent.append(data)
+        conn.unsent_batches += 1
         conn.pending.append(batch)
-        if conn.timer is None:
-            conn.timer = loop.call_at(batch.deadline, self._check_timeouts, conn)
         return await batch.future
-
-    def _check_timeouts(self, conn: _Protocol) -> None:
-        """The oldest command past its deadline fails the connection; else look again at its deadline."""
-        conn.timer = None
-        if not conn.pending:
-            return
-        loop = asyncio.get_running_loop()
-        oldest = conn.pending[0].deadline
-        if conn.closed or oldest <= loop.time():
-            conn.fail(RedisTimeoutError(f"Timeout reading from {self.host}:{self.port}"))
-            return
-        conn.timer = loop.call_at(oldest, self._check_timeouts, conn)
 
     async def _connected(self) -> _Protocol:
         connecting = self._connecting
@@ -265,7 +278,8 @@ class MuxRedis:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Protocol(self._lost), self.host, self.port)
+                _, conn = await loop.create_connection(
+                    lambda: _Protocol(self._lost, self.timeout, f"{self.host}:{self.port}"), self.host, self.port)
         except TimeoutError:
             raise RedisTimeoutError(f"Timeout connecting to {self.host}:{self.port}") from None
         except OSError as exc:

@@ -375,3 +375,25 @@ async def test_the_commands_of_one_turn_of_the_loop_leave_in_one_write(mux: MuxR
     assert replies == [k.encode() for k in keys] + [[keys[0].encode(), keys[1].encode()]]
     assert len(writes) == 1 and writes[0].count(b"GET") == 21
     await plain.delete(*keys)
+
+
+@needs_tcp_redis
+async def test_a_commands_time_counts_from_its_write_not_from_its_request() -> None:
+    """The loop held up past the timeout between the request and the turn's write (another task's blocking step):
+    the command is answered. Counted from the request, it failed, and every command in flight with it."""
+    import time
+
+    mux = MuxRedis.from_url(URL, timeout=0.3)
+    assert mux is not None
+    try:
+        await mux.get(_key())  # connected
+
+        async def blocking_step() -> None:
+            time.sleep(0.5)  # noqa: ASYNC251 - the point: the loop held up
+
+        asked = asyncio.ensure_future(mux.get(_key()))
+        held = asyncio.ensure_future(blocking_step())
+        assert await asked is None
+        await held
+    finally:
+        await mux.aclose()
