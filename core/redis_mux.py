@@ -11,7 +11,7 @@ redis[hiredis] parses with); errors are redis-py's exception classes, so callers
 Only the commands the hot paths send (GET, SET, MGET, DEL, EXISTS, EVAL, and pipelines of them without MULTI); blocking
 commands, pub/sub and transactions stay on redis-py. Used for a plain `redis://` server (not a cluster, TLS, or a
 Unix socket: those keep redis-py). A caller cancelled while waiting leaves its reply to be read and dropped: the
-replies of the others stay matched. A command unanswered past the timeout fails every command in flight and the
+replies of the others stay matched. A command unanswered a timeout after its write fails every command in flight and the
 connection is dropped (later replies could not be matched); the next command connects again.
 """
 
