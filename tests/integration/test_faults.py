@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from sqlalchemy import func, select
 
+from core.jobs import IN_FLIGHT_POLL_SECONDS
 from core.models import AuditEvent, OutboxJob, Payment, ProviderEvent
 from tests.conftest import requires_pg
 from tests.integration.conftest import start_stack
@@ -309,9 +310,15 @@ async def test_provider_500_hang_and_silence_every_open_payment_ends_final_throu
                      + final["hanging"].reference, worker_logs)
     # The window is 10 s: the FAILED is declared when it closes, not a poll interval later; MTN still saying
     # PENDING (its prompt may be open) keeps the payment open for the 3 s grace, then TIMEOUT as it ends.
-    for name, grace in (("airtel", 0), ("silent", 3)):
+    # Unless Airtel's collect job, retrying after its 500s, ran just as the window closed (its retry delays are
+    # jittered; it then sends nothing): the poll that found it running asks again IN_FLIGHT_POLL_SECONDS later,
+    # as it must while a collect may be sending (a CI run met this once: FAILED 15.1 s after the window).
+    collect_at_close = re.search(r'"collection not sent: the payment\'s approval window is over", "payment": "'
+                                 + final["airtel"].reference, worker_logs) is not None
+    for name, graces in (("airtel", (0, IN_FLIGHT_POLL_SECONDS) if collect_at_close else (0,)), ("silent", (3,))):
         p = final[name]
-        assert grace <= (p.updated_at - p.expires_at).total_seconds() < grace + 4, (name, p.updated_at, p.expires_at)
+        after = (p.updated_at - p.expires_at).total_seconds()
+        assert any(grace <= after < grace + 4 for grace in graces), (name, p.updated_at, p.expires_at)
     # One SMS each, of the right kind.
     for payment, phone, template in ((final["outage"], MTN_OK, "payment_receipt"),
                                      (final["hanging"], MTN_OK, "payment_receipt"),
