@@ -290,9 +290,9 @@ def assemble(settings: Settings, engine: AsyncEngine, redis: Redis, http: httpx.
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     """Open every resource in order and close them in reverse, whatever happens (CLI, tests, worker)."""
-    async with (database(settings) as engine, redis_client(settings) as redis, redis_mux_client(settings) as hop,
+    async with (database(settings) as engine, redis_client(settings) as redis, redis_mux_client(settings) as mux,
                 http_client() as http, http_client(public_only=not settings.is_embedded) as webhook_http):
-        yield assemble(settings, engine, redis, http, webhook_http, hop)
+        yield assemble(settings, engine, redis, http, webhook_http, mux)
 
 
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
@@ -494,8 +494,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
                 yield
 
         async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-            async with redis_client(settings) as redis, redis_mux_client(settings) as hop:
-                app[REDIS], app[REDIS_MUX] = redis, hop
+            async with redis_client(settings) as redis, redis_mux_client(settings) as mux:
+                app[REDIS], app[REDIS_MUX] = redis, mux
                 yield
 
         async def http_ctx(app: web.Application) -> AsyncIterator[None]:

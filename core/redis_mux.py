@@ -23,9 +23,10 @@ import math
 import socket
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import hiredis
+from redis.connection import parse_url
 from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
@@ -80,8 +81,7 @@ class _Protocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None  # at the oldest command's deadline
         # Commands asked for in this turn of the event loop, written together at its end (one send for the hops
         # that ran in the same turn; their order kept, as their batches' in `pending`).
-        self.unsent: list[bytes] = []
-        self.unsent_batches = 0  # the last this many of `pending`: their bytes are in `unsent`
+        self.unsent: list[bytes] = []  # one entry per batch: the last len(unsent) of `pending`
         self._on_lost = on_lost
         self._timeout = timeout
         self._address = address
@@ -113,7 +113,6 @@ class _Protocol(asyncio.Protocol):
     def flush(self) -> None:
         """Write what this turn asked for (called soon after the first of it); its commands' time starts now."""
         data, self.unsent = self.unsent, []
-        written, self.unsent_batches = self.unsent_batches, 0
         if self.closed or not data:
             return
         try:
@@ -124,7 +123,7 @@ class _Protocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         pending = self.pending
-        for i in range(1, min(written, len(pending)) + 1):  # the newest batches are these (none answered yet)
+        for i in range(1, min(len(data), len(pending)) + 1):  # the newest batches are these (none answered yet)
             pending[-i].deadline = deadline
         if self.timer is None:
             self.timer = loop.call_at(deadline, self.check_timeouts)
@@ -153,7 +152,6 @@ class _Protocol(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.unsent.clear()
-        self.unsent_batches = 0
         while self.pending:
             batch = self.pending.popleft()
             if not batch.future.done():
@@ -162,7 +160,34 @@ class _Protocol(asyncio.Protocol):
             self.transport.abort()
 
 
-class MuxRedis:
+class _Commands:
+    """The commands the hot paths send, each through `execute_command`: sent at once by the client (awaited), queued
+    by a pipeline (returned for chaining)."""
+
+    def execute_command(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def get(self, name: str | bytes) -> Any:
+        return self.execute_command("GET", name)
+
+    def set(self, name: str | bytes, value: Any, ex: int | None = None, nx: bool = False) -> Any:
+        return self.execute_command("SET", name, value, *(("EX", ex) if ex is not None else ()),
+                                    *(("NX",) if nx else ()))
+
+    def mget(self, *names: str | bytes) -> Any:
+        return self.execute_command("MGET", *names)
+
+    def delete(self, *names: str | bytes) -> Any:
+        return self.execute_command("DEL", *names)
+
+    def exists(self, *names: str | bytes) -> Any:
+        return self.execute_command("EXISTS", *names)
+
+    def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return self.execute_command("EVAL", script, numkeys, *keys_and_args)
+
+
+class MuxRedis(_Commands):
     """The subset of redis.asyncio.Redis the hot paths call, on one multiplexed connection."""
 
     def __init__(self, host: str, port: int, *, username: str | None = None, password: str | None = None,
@@ -179,16 +204,15 @@ class MuxRedis:
     def from_url(cls, url: str, *, timeout: float = 1.0) -> MuxRedis | None:
         """A client for a plain `redis://host:port/db` URL; None for any other (rediss://, unix://, options in its
         query string): those stay with redis-py."""
-        parts = urlsplit(url)
-        if parts.scheme != "redis" or parts.query or not parts.hostname:
+        split = urlsplit(url)
+        database = split.path.strip("/")
+        if split.scheme != "redis" or split.query or (database and not database.isdigit()):
+            return None  # (a database that is not a number is refused at start: core.config)
+        parts = parse_url(url)  # redis-py's own reading of it: user, password, host, port, database
+        if not parts.get("host"):
             return None
-        path = parts.path.strip("/")
-        if path and not path.isdigit():
-            return None
-        return cls(parts.hostname, parts.port or 6379,
-                   username=unquote(parts.username) if parts.username else None,
-                   password=unquote(parts.password) if parts.password else None,
-                   db=int(path) if path else 0, timeout=timeout)
+        return cls(parts["host"], parts.get("port") or 6379, username=parts.get("username") or None,
+                   password=parts.get("password") or None, db=int(parts.get("db") or 0), timeout=timeout)
 
     # -- the commands ----------------------------------------------------------------------------------------
 
@@ -196,25 +220,7 @@ class MuxRedis:
         reply = (await self._send((args,)))[0]
         if isinstance(reply, Exception):
             raise reply
-        return reply
-
-    async def get(self, name: str | bytes) -> Any:
-        return await self.execute_command("GET", name)
-
-    async def set(self, name: str | bytes, value: Any, ex: int | None = None, nx: bool = False) -> Any:
-        return _set_reply(await self.execute_command(*_set_args(name, value, ex, nx)))
-
-    async def mget(self, *names: str | bytes) -> Any:
-        return await self.execute_command("MGET", *names)
-
-    async def delete(self, *names: str | bytes) -> Any:
-        return await self.execute_command("DEL", *names)
-
-    async def exists(self, *names: str | bytes) -> Any:
-        return await self.execute_command("EXISTS", *names)
-
-    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
-        return await self.execute_command("EVAL", script, numkeys, *keys_and_args)
+        return _as_redis_py(args, reply)
 
     def pipeline(self, transaction: bool = False) -> MuxPipeline:
         if transaction:
@@ -254,7 +260,6 @@ class MuxRedis:
         if not conn.unsent:
             loop.call_soon(conn.flush)
         conn.unsent.append(data)
-        conn.unsent_batches += 1
         conn.pending.append(batch)
         return await batch.future
 
@@ -308,56 +313,29 @@ class MuxRedis:
             self._conn = None
 
 
-class MuxPipeline:
+class MuxPipeline(_Commands):
     """Commands written in one go, replies in order (no MULTI): what the hot paths' pipelines need."""
 
     def __init__(self, client: MuxRedis) -> None:
         self._client = client
         self._commands: list[tuple[Any, ...]] = []
-        self._setters: list[bool] = []
 
     def execute_command(self, *args: Any) -> MuxPipeline:
         self._commands.append(args)
-        self._setters.append(False)
         return self
-
-    def get(self, name: str | bytes) -> MuxPipeline:
-        return self.execute_command("GET", name)
-
-    def set(self, name: str | bytes, value: Any, ex: int | None = None, nx: bool = False) -> MuxPipeline:
-        self.execute_command(*_set_args(name, value, ex, nx))
-        self._setters[-1] = True
-        return self
-
-    def mget(self, *names: str | bytes) -> MuxPipeline:
-        return self.execute_command("MGET", *names)
-
-    def delete(self, *names: str | bytes) -> MuxPipeline:
-        return self.execute_command("DEL", *names)
-
-    def exists(self, *names: str | bytes) -> MuxPipeline:
-        return self.execute_command("EXISTS", *names)
-
-    def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> MuxPipeline:
-        return self.execute_command("EVAL", script, numkeys, *keys_and_args)
 
     async def execute(self) -> list[Any]:
         """The replies in order; the first error reply raised, as redis-py's pipeline does (the other commands ran)."""
-        commands, setters = self._commands, self._setters
-        self._commands, self._setters = [], []
+        commands, self._commands = self._commands, []
         if not commands:
             return []
         replies = await self._client._send(commands)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return [_set_reply(reply) if setter else reply for reply, setter in zip(replies, setters, strict=True)]
+        return [_as_redis_py(command, reply) for command, reply in zip(commands, replies, strict=True)]
 
 
-def _set_args(name: str | bytes, value: Any, ex: int | None, nx: bool) -> tuple[Any, ...]:
-    return ("SET", name, value, *(("EX", ex) if ex is not None else ()), *(("NX",) if nx else ()))
-
-
-def _set_reply(reply: Any) -> Any:
-    """SET's answer as redis-py gives it: True for OK, None when NX/XX kept it from writing."""
-    return True if reply == b"OK" else reply
+def _as_redis_py(command: Sequence[Any], reply: Any) -> Any:
+    """A reply as redis-py gives it: SET's OK as True (None when NX kept it from writing); others as they are."""
+    return True if command[0] == "SET" and reply == b"OK" else reply
