@@ -8,7 +8,6 @@ import functools
 import hmac
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -34,7 +33,7 @@ from core.crypto import PiiCipher
 from core.db import CLOCK_SKEW_WARNING_SECONDS, align_clock, clock_offset, make_engine, make_sessionmaker
 from core.http import make_client
 from core.inbound import close_after_unreadable_body, unreadable
-from core.logs import request_id
+from core.logs import new_request_id, request_id
 from core.outbox import Handler, OutboxWorker
 from core.runtime import RUNTIME, SETTINGS, Runtime
 
@@ -330,7 +329,7 @@ def create_worker(rt: Runtime, *, concurrency: int = 16) -> OutboxWorker:
 @web.middleware
 async def request_context(request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    rid = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+    rid = request.headers.get("X-Request-Id", "")[:64] or new_request_id()
     token = request_id.set(rid)
     started = time.perf_counter()
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"

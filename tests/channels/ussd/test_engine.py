@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -229,7 +230,7 @@ async def test_the_page_back_returns_to_is_stored_where_the_previous_release_rea
     await engine.step(c, str(c.state.first))  # a fruit of the second page: its quantity asked
     stored = sessions.Stored(state=c.state, hops=4, started=1_700_000_000.0)
     raw = sessions.encode(stored)
-    written = sessions.json.loads(raw)["st"]
+    written = json.loads(raw)["st"]
     assert all(screen in SCREENS for screen in written["k"]), written  # what the previous release's Back shows
     # Read back here: Back shows the page the fruit was chosen on.
     later = Ctx(rt=None, turn=None, state=sessions.decode(raw).state, limit=80)
@@ -239,4 +240,4 @@ async def test_the_page_back_returns_to_is_stored_where_the_previous_release_rea
     again = Ctx(rt=None, turn=None, state=sessions.decode_state(old), limit=80)
     assert (await engine.step(again, "0")).text.startswith("Choose what to pay:\n1. Fruit number 01")
     # The resume route keeps the pages too.
-    assert sessions.decode_state(sessions.json.loads(sessions._route(c.state))).stack == c.state.stack
+    assert sessions.decode_state(json.loads(sessions._route(c.state))).stack == c.state.stack
