@@ -197,6 +197,8 @@ async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route,
     refuses is answered 429 here, unless its route answers replays (Route.replay): `_wrap` decides then, once
     it has the body. The decision (None: no limit applied).
 
+    Every API request makes this round trip: on Runtime.hot_redis (the multiplexed connection where there is one;
+    `_Counted`'s uncount and replay budget too), whose failures are redis-py's classes, caught here alike.
     Redis slow or down: the database is the system of record, so the API keeps answering without a
     limit rather than failing every request, and a token's account is checked on its row instead.
     """
@@ -205,10 +207,11 @@ async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route,
     counted = None
     stamp: bytes | str | None = None
     redis_ok = True
+    redis = rt.hot_redis
     try:
         if multiplier > 0:
             subject = principal.rate_key if principal else f"ip:{client_ip(request)}"
-            limiter = RateLimiter(rt.redis, multiplier=multiplier)
+            limiter = RateLimiter(redis, multiplier=multiplier)
             limit, at = route.effective_limit(), clock()
             if mark:  # the mark is tagged like the user's limits: one command (see auth.revoked_key)
                 decision, stamp = await limiter.hit_and_read(limit, subject, mark, now=at)
@@ -216,7 +219,7 @@ async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route,
                 decision = await limiter.hit(limit, subject, now=at)
             counted = _Counted(decision, limiter, limit, subject, at)
         elif mark:
-            stamp = await rt.redis.get(mark)
+            stamp = await redis.get(mark)
     except REDIS_DOWN as exc:
         redis_ok = False
         log.warning("rate limit and token revocation unavailable in Redis; limit skipped, account checked "

@@ -1,5 +1,6 @@
 """Redis commands of many coroutines over one connection: the hot paths' plain commands (Runtime.hot_redis: a USSD
-hop's session read and save, an SMS send's rate slot, lock and kept answer).
+hop's session read and save, an SMS send's rate slot, lock and kept answer, an API request's rate limit and
+revocation mark, a provider callback's rate limit).
 
 redis-py checks a pooled connection out for each command and writes and reads it alone: about 125 µs of CPU per
 command in a `serve` process under load (bench/README.md). Here the commands asked for in one turn of the event loop
@@ -8,7 +9,8 @@ its command by order (Redis answers a connection's commands in the order they ca
 hops leave in one send and come back in one read, about 10 µs each. Encoding and parsing are hiredis's (what
 redis[hiredis] parses with); errors are redis-py's exception classes, so callers handle both clients alike.
 
-Only the commands the hot paths send (GET, SET, MGET, DEL, EXISTS, EVAL, and pipelines of them without MULTI); blocking
+Only the commands the hot paths send (GET, SET, MGET, DEL, EXISTS, EVAL, ZREM, and pipelines of them without MULTI:
+every command core.ratelimit.RateLimiter sends, for the API's and provider callbacks' limits); blocking
 commands, pub/sub and transactions stay on redis-py. Used for a plain `redis://` server (not a cluster, TLS, or a
 Unix socket: those keep redis-py). A caller cancelled while waiting leaves its reply to be read and dropped: the
 replies of the others stay matched. A command unanswered a timeout after its write fails every command in flight and the
@@ -26,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import hiredis
+from redis.commands.helpers import list_or_args
 from redis.connection import parse_url
 from redis.exceptions import (
     AuthenticationError,
@@ -174,8 +177,9 @@ class _Commands:
         return self.execute_command("SET", name, value, *(("EX", ex) if ex is not None else ()),
                                     *(("NX",) if nx else ()))
 
-    def mget(self, *names: str | bytes) -> Any:
-        return self.execute_command("MGET", *names)
+    def mget(self, keys: Any, *args: str | bytes) -> Any:
+        """As redis-py's: the keys as arguments, or a list of them (RateLimiter.peek) followed by any more."""
+        return self.execute_command("MGET", *list_or_args(keys, args))
 
     def delete(self, *names: str | bytes) -> Any:
         return self.execute_command("DEL", *names)
@@ -185,6 +189,9 @@ class _Commands:
 
     def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
         return self.execute_command("EVAL", script, numkeys, *keys_and_args)
+
+    def zrem(self, name: str | bytes, *values: Any) -> Any:
+        return self.execute_command("ZREM", name, *values)
 
 
 class MuxRedis(_Commands):

@@ -41,8 +41,9 @@ class Runtime:
     @property
     def hot_redis(self) -> Any:
         """What the hot paths send their plain commands with (a USSD hop's session read and save, an SMS send's rate
-        slot, lock and kept answer): the multiplexed connection where there is one, else the redis-py client (same
-        server, same keys). Everything else uses `redis`."""
+        slot, lock and kept answer, an API request's rate limit and revocation mark, a provider callback's rate
+        limit): the multiplexed connection where there is one, else the redis-py client (same server, same keys).
+        Everything else uses `redis`."""
         return self.redis if self.redis_mux is None else self.redis_mux
 
     def provider_for(self, method: str) -> PaymentProvider:

@@ -110,7 +110,8 @@ async def _rate_limited(request: web.Request, rt: Any) -> web.Response | None:
     try:
         # Per sender: behind our own load balancers, the nearest untrusted hop, not the balancer.
         source = client_address(request, settings.trusted_proxies)
-        decision = await RateLimiter(rt.redis, multiplier=multiplier).hit(CALLBACK_LIMIT, limit_key(source))
+        # On the multiplexed connection where there is one (Runtime.hot_redis): one EVAL per callback.
+        decision = await RateLimiter(rt.hot_redis, multiplier=multiplier).hit(CALLBACK_LIMIT, limit_key(source))
     except Exception:  # Redis down: a provider's money callback matters more than the limit
         log.warning("callback rate limit unavailable; letting the callback through")
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 from collections.abc import AsyncIterator
@@ -164,20 +165,58 @@ async def make_payment(caller: Caller, payment_type_id: str, **over: Any) -> dic
     return await caller.json("POST", "/v1/payments", 201, json=payment_body(payment_type_id, **over))
 
 
+def _unused_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def unreachable_redis() -> Any:
     """A Redis client of a port nothing listens on, failing at once (no retries with backoff: ~4 s a call):
     Redis down, for the paths that must keep working or refuse whole without it."""
-    import socket
-
     from redis.asyncio import Redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=0.5,
+    return Redis(host="127.0.0.1", port=_unused_port(), socket_connect_timeout=0.5, socket_timeout=0.5,
                  retry=Retry(NoBackoff(), 0))
+
+
+def unreachable_mux() -> Any:
+    """The multiplexed client (core.redis_mux.MuxRedis) of a port nothing listens on: each command fails at once
+    with redis-py's ConnectionError, as the runtime's own does while Redis is down."""
+    from core.redis_mux import MuxRedis
+
+    return MuxRedis("127.0.0.1", _unused_port(), timeout=0.5)
+
+
+@contextlib.asynccontextmanager
+async def redis_unreachable(rt: Any) -> AsyncIterator[Any]:
+    """Redis down for `rt` while the block runs: its redis-py client and, where it has one, its multiplexed client
+    (rt.redis_mux: what rt.hot_redis gives the API's rate limit and revocation mark, provider callbacks' limit,
+    the USSD and SMS hot paths) each of a port nothing listens on; put back after. Swapping rt.redis alone
+    left the hot paths talking to the live server: that part of the outage went untested. Yields the dead
+    redis-py client."""
+    dead = unreachable_redis()
+    dead_mux = None if rt.redis_mux is None else unreachable_mux()  # the runtime's own kind: None on a cluster
+    saved = rt.redis, rt.redis_mux
+    rt.redis, rt.redis_mux = dead, dead_mux
+    try:
+        yield dead
+    finally:
+        rt.redis, rt.redis_mux = saved
+        await dead.aclose()
+        if dead_mux is not None:
+            await dead_mux.aclose()
+
+
+def redis_fallbacks(caplog: Any) -> list[str]:
+    """The API requests whose rate limit and revocation mark Redis did not answer (admin_api.routing): served
+    without a limit, a user token checked on its account's rows. Capture WARNING of gateway.api to see them."""
+    return [r.getMessage() for r in caplog.records if r.name == "gateway.api"
+            and r.getMessage().startswith("rate limit and token revocation unavailable in Redis")]
 
 
 IREMBO_SECRET = "irembo-sim-secret-5c1e"

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from core import auth
 from core.models import AuditEvent, UsedRefreshToken
-from tests.admin_api.conftest import Caller, login, unreachable_redis
+from tests.admin_api.conftest import Caller, login, redis_unreachable
 
 CLERK, CLERK_PASSWORD = "clerk@kh.rw", "clerk-password-1"
 
@@ -200,14 +200,9 @@ async def test_a_refresh_refused_after_its_use_was_recorded_does_not_spend_the_t
 async def test_refresh_needs_no_redis_and_stays_single_use_without_it(rt, client, admin, demo):
     await _clerk(admin)
     pair = await login(client, CLERK, CLERK_PASSWORD)
-    dead = unreachable_redis()
-    original, rt.redis = rt.redis, dead
-    try:
+    async with redis_unreachable(rt):
         first = await client.post("/v1/auth/refresh", json={"refreshToken": pair["refreshToken"]})
         again = await client.post("/v1/auth/refresh", json={"refreshToken": pair["refreshToken"]})
-    finally:
-        rt.redis = original
-        await dead.aclose()
     assert first.status == 200 and again.status == 401
     assert (await again.json())["message"] == "refresh token already used"
     replay = await client.post("/v1/auth/refresh", json={"refreshToken": pair["refreshToken"]})

@@ -111,7 +111,7 @@ async def test_a_number_released_while_redis_is_down_is_forgotten_once_redis_is_
     Redis answers again (they were left for 90 days, for a person to delete by hand from a warning)."""
     from channels.ussd.sessions import phone_keys
     from core.models import OutboxJob
-    from tests.admin_api.conftest import unreachable_redis
+    from tests.admin_api.conftest import redis_unreachable
     from tests.conftest import drain
 
     aline = demo["members"][ALINE]
@@ -121,14 +121,9 @@ async def test_a_number_released_while_redis_is_down_is_forgotten_once_redis_is_
     await rt.redis.set(lang, "fr")
     await rt.redis.set(resume, "{}")
     await admin.json("DELETE", f"/v1/members/{aline}", 200)
-    dead, redis = unreachable_redis(), rt.redis
-    rt.redis = dead
-    try:
+    async with redis_unreachable(rt):
         assert (await admin.json("POST", f"/v1/members/{aline}/release-phone", 200))["phoneReleased"] is True
         assert await drain(worker) == 1  # tried, and retried later: Redis still down
-    finally:
-        rt.redis = redis
-        await dead.aclose()
     assert await rt.redis.exists(lang, resume) == 2
     async with rt.sessionmaker.begin() as s:
         [job] = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "ussd.forget_phone"))).scalars().all()

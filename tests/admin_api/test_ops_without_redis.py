@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from core.models import OutboxJob
-from tests.admin_api.conftest import login, unreachable_redis
+from tests.admin_api.conftest import login, redis_unreachable
 from tests.web.conftest import page_client
 
 
@@ -28,14 +28,9 @@ async def test_ops_data_answers_without_the_funnel_while_redis_is_down(aiohttp_c
     assert status == 200 and healthy["funnelUnavailable"] is False
     assert [step["step"] for step in healthy["ussdFunnel"]] == ["home", "pay_type", "pay_confirm", "pay_done"]
 
-    dead = unreachable_redis()
-    original, rt.redis = rt.redis, dead
-    try:
+    async with redis_unreachable(rt):
         with caplog.at_level(logging.WARNING):
             status, body = await _ops_data(client, token)
-    finally:
-        rt.redis = original
-        await dead.aclose()
 
     assert status == 200, body
     assert body["ussdFunnel"] is None and body["funnelUnavailable"] is True

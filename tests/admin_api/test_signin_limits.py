@@ -14,7 +14,7 @@ from admin_api import all_routes, auth_routes
 from admin_api.openapi import build_document
 from app import create_app, open_runtime
 from core.demo import seed_demo
-from tests.admin_api.conftest import check_shape, unreachable_redis
+from tests.admin_api.conftest import check_shape, redis_unreachable
 from tests.conftest import clean_database, early_in_window, make_settings
 
 BALANCER = "127.0.0.1/32"  # the test client's own address plays our load balancer
@@ -83,16 +83,14 @@ async def test_guessing_spread_over_addresses_is_bounded_per_username(migrated_d
 
 @pytest.fixture
 async def redis_down(rt: Any) -> AsyncIterator[None]:
-    """rt.redis pointed at a port nothing listens on, and this process's own failure counts emptied."""
-    dead = unreachable_redis()
-    original, rt.redis = rt.redis, dead
+    """The runtime's Redis clients (the multiplexed one too) pointed at a port nothing listens on, and this
+    process's own failure counts emptied."""
     auth_routes.LOCAL_FAILURES.clear()
     try:
-        yield
+        async with redis_unreachable(rt):
+            yield
     finally:
-        rt.redis = original
         auth_routes.LOCAL_FAILURES.clear()
-        await dead.aclose()
 
 
 async def test_sign_in_works_with_redis_down_and_guessing_is_still_limited(client, demo, redis_down):
@@ -112,15 +110,10 @@ async def test_sign_in_works_with_redis_down_and_guessing_is_still_limited(clien
 async def test_refresh_with_redis_down_works_once(client, demo, rt):
     tokens = await (await client.post("/v1/auth/token", json={"username": demo["admin"][0],
                                                              "password": demo["admin"][1]})).json()
-    dead = unreachable_redis()
-    original, rt.redis = rt.redis, dead
-    try:
+    async with redis_unreachable(rt):
         # The single use of a refresh token is kept in the database (core.auth._spend): Redis is not needed.
         resp = await client.post("/v1/auth/refresh", json={"refreshToken": tokens["refreshToken"]})
         body = await resp.json()
-    finally:
-        rt.redis = original
-        await dead.aclose()
     assert resp.status == 200
     check_shape("POST", "/v1/auth/refresh", 200, body)
     again = await client.post("/v1/auth/refresh", json={"refreshToken": tokens["refreshToken"]})

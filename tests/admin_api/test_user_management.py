@@ -10,7 +10,7 @@ from sqlalchemy import select
 from core import auth
 from core.crypto import verify_password
 from core.models import AdminUser, ApiKey, AuditEvent
-from tests.admin_api.conftest import Caller, bearer, login, unreachable_redis
+from tests.admin_api.conftest import Caller, bearer, login, redis_unreachable
 from tests.conftest import early_in_window
 
 CLERK, CLERK_PASSWORD = "clerk@kh.rw", "clerk-password-1"
@@ -205,15 +205,11 @@ async def test_wrong_current_passwords_are_counted_as_failed_sign_ins(client, de
     assert (await refused.json())["message"].startswith("Too many failed sign-in attempts")
 
 
-async def test_with_redis_down_a_new_password_is_refused_whole(rt, client, admin, superadmin, demo, monkeypatch):
+async def test_with_redis_down_a_new_password_is_refused_whole(rt, client, admin, superadmin, demo):
     made = await _clerk(admin)
-    dead = unreachable_redis()
-    monkeypatch.setattr(rt, "redis", dead)
-    try:
+    async with redis_unreachable(rt):
         refused = await superadmin.json("PATCH", f"/v1/users/{made['id']}", 503,
                                         json={"password": "not-stored-password"})
         assert "nothing was changed" in refused["message"]
-    finally:
-        await dead.aclose()
     assert verify_password(CLERK_PASSWORD, (await _row(rt, made["id"])).password_hash)
     assert await _audit(rt, made["id"], "user.password_reset") == []

@@ -21,7 +21,7 @@ from core.models import OutboxJob, Payment
 from core.outbox import OutboxWorker, enqueue, job_subject
 from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
-from tests.admin_api.conftest import bearer, make_payment, unreachable_redis
+from tests.admin_api.conftest import bearer, make_payment, redis_unreachable
 from tests.conftest import drain, readiness
 
 
@@ -179,17 +179,14 @@ async def test_readiness_follows_the_database_and_reports_redis(rt, client, demo
     assert _get(await _scrape(client), "gateway_redis_up") == 1
 
     # Redis down: the API and provider callbacks still work, so the balancer keeps the process; Redis is named.
-    working = rt.redis
-    monkeypatch.setattr(rt, "redis", unreachable_redis())
-    ready = await client.get("/readyz")
-    body = await ready.json()
-    assert ready.status == 200 and body["status"] == "degraded"
-    assert body["checks"]["database"] == "ok" and body["checks"]["redis"].startswith("error: ")
-    admin = await _admin(client, demo)
-    await admin.json("GET", "/v1/payments", 200)
-    assert _get(await _scrape(client), "gateway_redis_up") == 0
-    await rt.redis.aclose()
-    monkeypatch.setattr(rt, "redis", working)
+    async with redis_unreachable(rt):
+        ready = await client.get("/readyz")
+        body = await ready.json()
+        assert ready.status == 200 and body["status"] == "degraded"
+        assert body["checks"]["database"] == "ok" and body["checks"]["redis"].startswith("error: ")
+        admin = await _admin(client, demo)
+        await admin.json("GET", "/v1/payments", 200)
+        assert _get(await _scrape(client), "gateway_redis_up") == 0
     assert _get(await _scrape(client), "gateway_redis_up") == 1
 
     class DatabaseDown:

@@ -10,17 +10,30 @@ from typing import Any
 
 import pytest
 
-from core.ratelimit import Decision, Limit, LocalCounts, LocalLimiter, RateLimiter
+from core.ratelimit import Decision, Limit, LocalCounts, LocalLimiter, RateLimiter, Tally, subject_tag
 
 T0 = 1_800_000_000 - (1_800_000_000 % 3600)  # the start of a window of every length used here
 PER_MINUTE = Limit("t:minute", 10)
 
 
-@pytest.fixture(params=["redis", "local"])
+def _client(rt: Any, which: str) -> Any:
+    """The runtime's redis-py client, or its multiplexed one (core.redis_mux: Runtime.hot_redis, which the API's
+    and callbacks' limits and the SMS worker's use): the same limiter on either must decide alike."""
+    if which == "mux":
+        if rt.redis_mux is None:
+            pytest.skip("no multiplexed Redis connection for this REDIS_URL (a TCP redis:// server is needed)")
+        return rt.redis_mux
+    return rt.redis
+
+
+@pytest.fixture(params=["redis", "mux", "local"])
 def limiter(request: pytest.FixtureRequest) -> RateLimiter | LocalLimiter:
-    if request.param == "redis":
-        return RateLimiter(request.getfixturevalue("rt").redis)
+    if request.param in ("redis", "mux"):
+        return RateLimiter(_client(request.getfixturevalue("rt"), request.param))
     return LocalLimiter(LocalCounts())
+
+
+clients = pytest.mark.parametrize("which", ["redis", "mux"])
 
 
 async def _fill(limiter: Any, limit: Limit, subject: str, now: float) -> Decision:
@@ -74,8 +87,9 @@ async def test_refused_requests_do_not_extend_the_wait(limiter: Any) -> None:
     assert (await limiter.hit(PER_MINUTE, "u", now=T0 + 52.25 + first.retry_after)).allowed
 
 
-async def test_refusals_are_not_stored(rt: Any) -> None:
-    limiter = RateLimiter(rt.redis)
+@clients
+async def test_refusals_are_not_stored(rt: Any, which: str) -> None:
+    limiter = RateLimiter(_client(rt, which))
     await _fill(limiter, PER_MINUTE, "u", T0 + 5)
     for _ in range(5):
         assert not (await limiter.hit(PER_MINUTE, "u", now=T0 + 6)).allowed
@@ -138,15 +152,18 @@ async def test_every_wait_given_is_exactly_enough(limiter: Any, seed: int) -> No
     assert sum(not d.allowed for d in decisions) > 10  # the walk did get refused
 
 
-async def test_the_fallback_decides_as_redis_does(rt: Any) -> None:
+@clients
+async def test_the_fallback_decides_as_redis_does(rt: Any, which: str) -> None:
     for seed in (4, 5):
-        assert await _random_walk(RateLimiter(rt.redis), seed) == await _random_walk(LocalLimiter(LocalCounts()), seed)
+        assert (await _random_walk(RateLimiter(_client(rt, which)), seed)
+                == await _random_walk(LocalLimiter(LocalCounts()), seed))
 
 
-async def test_uncount_takes_back_one_in_the_window_it_was_counted_in(rt: Any) -> None:
+@clients
+async def test_uncount_takes_back_one_in_the_window_it_was_counted_in(rt: Any, which: str) -> None:
     """An idempotent replay counted and then taken back (admin_api.routing): the window it was counted in loses
     one; a window with nothing in it (expired) is left absent, never -1."""
-    limiter = RateLimiter(rt.redis)
+    limiter = RateLimiter(_client(rt, which))
     limit = Limit("replay:test", 3)
     start = 1_800_000_000 - 1_800_000_000 % 60
     for _ in range(3):
@@ -159,3 +176,68 @@ async def test_uncount_takes_back_one_in_the_window_it_was_counted_in(rt: Any) -
     assert await rt.redis.get("rl:{user:u1}:replay:test:" + str(start)) == b"2"
     await limiter.uncount(limit, "user:u1", now=start + 600)
     assert await rt.redis.get("rl:{user:u1}:replay:test:" + str(start + 600)) is None
+
+
+async def _every_method(limiter: RateLimiter, redis: Any, prefix: str) -> list[Any]:
+    """Each of RateLimiter's methods from the same starting state (the keys under `prefix`): what each gave (a
+    Flight without its key and random member), then every key it left, with its value and whether it expires."""
+    gave: list[Any] = []
+    limit, other = Limit("all:a", 3), Limit("all:b", 2, window=10, sliding=False)
+    subject = "user:u7"
+    mark = f"{prefix}:{subject_tag(subject)}:revoked"
+    for now in (T0 + 30.5, T0 + 31, T0 + 32.25, T0 + 33, T0 + 61.5):
+        gave.append(await limiter.hit(limit, subject, now=now))
+    gave.append(await limiter.hit_and_read(other, subject, mark, now=T0 + 62))
+    await redis.set(mark, b"1800000000.5")
+    gave.append(await limiter.hit_and_read(other, subject, mark, now=T0 + 62.5))
+    gave.append(await limiter.hit_and_read(other, subject, mark, now=T0 + 63))
+    await limiter.uncount(other, subject, now=T0 + 62)
+    gave.append(await limiter.peek(other, subject, now=T0 + 63))
+    gave.append(await limiter.peek(limit, subject, now=T0 + 90))
+
+    def then(pipe: Any) -> None:
+        pipe.set(f"{prefix}:kept", b"answer", ex=60)
+        pipe.set(f"{prefix}:kept", b"again", ex=60, nx=True)
+        pipe.get(f"{prefix}:kept")
+        pipe.mget(f"{prefix}:kept", f"{prefix}:none")
+        pipe.exists(f"{prefix}:kept", f"{prefix}:none")
+        pipe.delete(f"{prefix}:none")
+
+    gave.append(await limiter.hit_then(limit, subject, then, now=T0 + 91))
+    tallies = (Tally(subject, (limit, other)), Tally("ip:1.2.3.4", (other,)))
+    flights = await limiter.begin(tallies, now=T0 + 92)
+    again = await limiter.begin(tallies[1:], now=T0 + 92.5)
+    gave.extend((f.tally, f.confirmed, f.in_flight, f.joined) for f in [*flights, *again])
+    gave.append(await _keys_left(redis, prefix))
+    await limiter.end(flights, count=True, now=T0 + 93)
+    await limiter.end(again, count=False, now=T0 + 93)
+    gave.append(await limiter.peek(other, "ip:1.2.3.4", now=T0 + 93))
+    gave.append(await _keys_left(redis, prefix))
+    return gave
+
+
+async def _keys_left(redis: Any, prefix: str) -> dict[str, Any]:
+    """Every key under `prefix` (named without it): its type, value (a sorted set's size) and whether it expires."""
+    left = {}
+    for key in sorted(await redis.keys(f"{prefix}:*")):
+        kind = await redis.type(key)
+        value = await redis.get(key) if kind == b"string" else await redis.zcard(key)
+        left[key.decode().removeprefix(prefix)] = (kind, value, await redis.ttl(key) > 0)
+    return left
+
+
+async def test_the_limiter_on_the_multiplexed_connection_gives_what_it_gives_on_redis_py(rt: Any) -> None:
+    """Every method of RateLimiter (the EVALs of hit, hit_and_read and uncount, peek's MGET of a list, the
+    pipelines of hit_then, begin and end, ZREM included) answers alike on Runtime.hot_redis's multiplexed
+    client and on redis-py, and leaves the same keys behind."""
+    mux = _client(rt, "mux")
+    on_redis_py = await _every_method(RateLimiter(rt.redis, prefix="rl-py"), rt.redis, "rl-py")
+    on_mux = await _every_method(RateLimiter(mux, prefix="rl-mux"), rt.redis, "rl-mux")
+    assert on_mux == on_redis_py
+    in_flight, ended = on_mux[-3], on_mux[-1]
+    # The address's two requests joined its requests in flight (the user's gate was full); ended, ZREM took them
+    # out (the set went with its last member) and the one ended with count=True was counted.
+    assert in_flight[":{ip:1.2.3.4}:all:b:in-flight"] == (b"zset", 2, True)
+    assert not [kind for kind, _, _ in ended.values() if kind == b"zset"]
+    assert ended[f":{{ip:1.2.3.4}}:all:b:{T0 + 90}"] == (b"string", b"1", True)
+    assert on_mux[-1][":kept"] == (b"string", b"answer", True)  # hit_then's SET NX did not overwrite it

@@ -56,6 +56,24 @@ async def test_the_hop_path_commands_answer_as_redis_py_does(mux: MuxRedis, plai
 
 
 @needs_tcp_redis
+async def test_the_rate_limiters_mget_of_a_list_and_zrem_answer_as_redis_py_does(mux: MuxRedis, plain: Redis) -> None:
+    """core.ratelimit's other calls (peek: MGET of a list; end: ZREM in a pipeline), on both clients."""
+    key, other, flying = _key(), _key(), _key()
+    await plain.set(key, b"3")
+    for client in (plain, mux):
+        assert await client.mget([key, other]) == [b"3", None]
+        assert await client.mget([key], other) == [b"3", None]
+        assert await client.mget(key, other) == [b"3", None]
+    await plain.zadd(flying, {"a": 1.0, "b": 2.0, "c": 3.0})
+    assert await mux.zrem(flying, "a") == 1 == await plain.zrem(flying, "b")
+    assert await mux.zrem(flying, "a", "nothing") == 0 == await plain.zrem(flying, "a")
+    pipe = mux.pipeline(transaction=False)
+    pipe.zrem(flying, "c").mget([key, other])
+    assert await pipe.execute() == [1, [b"3", None]]
+    assert await plain.exists(flying) == 0
+
+
+@needs_tcp_redis
 async def test_a_pipeline_answers_each_command_in_order(mux: MuxRedis, plain: Redis) -> None:
     key, other = _key(), _key()
     await plain.set(other, b"there")

@@ -4,12 +4,22 @@ and her cooperative."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
 import pytest
 
-from tests.admin_api.conftest import Caller, bearer, complete_payment, idem, login, make_payment, unreachable_redis
+from tests.admin_api.conftest import (
+    Caller,
+    bearer,
+    complete_payment,
+    idem,
+    login,
+    make_payment,
+    redis_fallbacks,
+    redis_unreachable,
+)
 
 ALINE = "+250788000001"  # the demo tenant's member
 JEAN = "+250788000002"  # another member of her cooperative
@@ -154,7 +164,8 @@ async def test_a_key_that_only_makes_payments_reads_only_its_own(
 
 
 async def test_a_suspension_ends_her_refresh_token_for_good(
-        client: Any, rt: Any, admin: Caller, superadmin: Caller, demo: dict[str, Any]) -> None:
+        client: Any, rt: Any, admin: Caller, superadmin: Caller, demo: dict[str, Any],
+        caplog: pytest.LogCaptureFixture) -> None:
     """Her membership, then her cooperative, suspended and made active again: a refresh token from before it
     stays ended, as one from before her account's deactivation does (the suspension ended her sessions; taking
     it back does not start them again). A new sign-in works."""
@@ -165,14 +176,11 @@ async def test_a_suspension_ends_her_refresh_token_for_good(
     resp = await client.post("/v1/auth/refresh", json={"refreshToken": before["refreshToken"]})
     assert resp.status == 401, await resp.text()
     # Without Redis her access token is judged on the rows: ended by the suspension too.
-    dead = unreachable_redis()
-    original, rt.redis = rt.redis, dead
-    try:
-        resp = await client.get("/v1/payments", headers={"Authorization": f"Bearer {before['accessToken']}"})
-    finally:
-        rt.redis = original
-        await dead.aclose()
+    async with redis_unreachable(rt):
+        with caplog.at_level(logging.WARNING, logger="gateway.api"):
+            resp = await client.get("/v1/payments", headers={"Authorization": f"Bearer {before['accessToken']}"})
     assert resp.status == 401, await resp.text()
+    assert len(redis_fallbacks(caplog)) == 1  # on the rows: no mark was read
 
     before = await login(client, *demo["tenant"])
     coop = demo["cooperative_id"]

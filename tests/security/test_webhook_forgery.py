@@ -281,3 +281,24 @@ async def test_provider_callbacks_are_rate_limited_per_address(srt: Any, sdemo: 
     assert int(limited.headers["Retry-After"]) >= 1
     assert (await limited.json())["statusCode"] == 429
     assert rejected("rate_limited") == before + 1
+
+
+async def test_a_provider_callback_is_applied_with_redis_down_its_rate_limit_skipped(
+        srt: Any, sclient: Any, sdemo: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A provider's money callback matters more than its limit: with Redis down (both of the runtime's clients: the
+    limit goes on the multiplexed one, rt.hot_redis) it is verified and applied, the limit skipped and logged."""
+    import logging
+
+    from tests.admin_api.conftest import redis_unreachable
+
+    payment = await pending_payment(srt, sdemo, provider="airtel", method="MOBILE_MONEY_AIRTEL")
+    tx = {"id": payment.provider_reference, "message": "Paid", "status_code": "TS", "airtel_money_id": "MP78"}
+    async with redis_unreachable(srt):
+        with caplog.at_level(logging.WARNING, logger="gateway.providers.callbacks"):
+            resp = await sclient.post(url("airtel"), json={"transaction": tx, "hash": callback_hash(tx, AIRTEL_KEY)})
+    assert resp.status == 200, await resp.text()
+    assert "X-RateLimit-Limit" not in resp.headers
+    assert await status_of(srt, payment.id) == "COMPLETED"
+    skipped = [r for r in caplog.records if r.name == "gateway.providers.callbacks"
+               and r.getMessage() == "callback rate limit unavailable; letting the callback through"]
+    assert len(skipped) == 1
