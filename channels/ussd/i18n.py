@@ -7,7 +7,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from core.gsm import to_gsm
+from core.gsm import length, to_gsm
 
 LANGUAGES = ("en", "rw", "fr", "sw")
 DEFAULT = "en"
@@ -31,8 +31,6 @@ def has(lang: str | None, msgid: str) -> bool:
 
 def translate_fit(lang: str | None, msgid: str, room: int, **args: Any) -> str:
     """The message, or its `.short` variant when the full one does not fit in `room` septets."""
-    from core.gsm import length
-
     text = translate(lang, msgid, **args)
     if length(text) > room and has(lang, msgid + ".short"):
         return translate(lang, msgid + ".short", **args)

@@ -15,6 +15,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import ModuleType
 from typing import Any
 
+# (At the top: imported inside the hop, `from urllib.parse import ...` looked up the module's __path__ each time,
+# which urllib.parse's module __getattr__ answers by raising and formatting an AttributeError.)
+from urllib.parse import parse_qsl
+
 from aiohttp import web
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
@@ -278,8 +282,6 @@ async def _read(request: web.Request, aggregator: str) -> Any:
     if raw is None:
         raise MalformedRequest("body too large")
     if aggregator == africastalking.NAME:
-        from urllib.parse import parse_qsl
-
         try:
             return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
         except UnicodeDecodeError:
