@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import itertools
 import json
 import logging
 import os
 import re
 import sys
+import weakref
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,7 +26,8 @@ _PHONE = re.compile(r"(?<![\w.-])(\+?)(\d{3})(\d{2})(\d{1,7})(\d{3})(?![\w.-])")
 _NINE_DIGITS = re.compile(r"\d{9}")
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 _PLAIN = (str, int, float, bool, type(None))
-_FALLBACK = json.JSONEncoder(ensure_ascii=False, default=str).encode
+# (compact as orjson writes: one spelling for every line, whichever encoder wrote it)
+_FALLBACK = json.JSONEncoder(ensure_ascii=False, default=str, separators=(",", ":")).encode
 
 
 def _encode(entry: dict[str, Any]) -> str:
@@ -41,21 +43,29 @@ _LETTERS = str.maketrans("0123456789abcdef", "abcdefghijklmnop")
 
 
 class _RequestIds:
-    """A request's id when the caller sent none: 32 letters a-p (hex digits spelt as letters), a random prefix per
-    process and a counter. Unique across processes like a uuid4 (the prefix is 64 random bits), without a
-    getrandom() system call per request; a correlation id for logs and support, not a secret. Letters, not hex
-    digits: a run of nine digits in a line makes the log mask (scrub) search the whole line for phone numbers,
-    and a uuid4's hex has one about a third of the time."""
+    """A request's id when the caller sent none: 32 letters a-p (128 random bits, hex digits spelt as letters),
+    drawn from random bytes read 256 ids at a time: no getrandom() system call per request. Random, not a
+    per-process prefix and a counter: the id goes back to every caller (X-Request-Id), and consecutive counter
+    values told any caller how many requests the process served in between (the gateway's traffic). Letters, not
+    hex digits: a run of nine digits in a line makes the log mask (scrub) search the whole line for phone
+    numbers, and a uuid4's hex has one about a third of the time."""
+
+    BATCH = 256
 
     def __init__(self) -> None:
         self.reset()
         os.register_at_fork(after_in_child=self.reset)  # a forked child must not repeat its parent's ids
 
     def reset(self) -> None:
-        self.prefix, self.counter = os.urandom(8).hex().translate(_LETTERS), itertools.count(1)
+        self._ids: Iterator[str] = iter(())
 
     def next(self) -> str:
-        return self.prefix + f"{next(self.counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}".translate(_LETTERS)
+        rid = next(self._ids, None)  # (a list iterator's next is atomic: threads never share an id)
+        if rid is None:
+            text = os.urandom(16 * self.BATCH).hex().translate(_LETTERS)
+            self._ids = ids = iter([text[i:i + 32] for i in range(0, len(text), 32)])
+            rid = next(ids)
+        return rid
 
 
 new_request_id = _RequestIds().next
@@ -139,6 +149,13 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._kept: list[str] = []
         self._size = 0
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop a turn-end write is scheduled on
+        _TURN_BUFFERED.add(self)
+
+    def _forget_kept(self) -> None:
+        """In a forked child: the kept lines are the parent's, which writes them; written here too, twice."""
+        self._kept.clear()
+        self._size = 0
+        self._loop = None
 
     def emit(self, record: logging.LogRecord) -> None:
         # (Handler.handle holds self.lock: one thread at a time in here)
@@ -190,6 +207,17 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 super().flush()
 
 
+_TURN_BUFFERED: weakref.WeakSet[TurnBufferedHandler] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for handler in list(_TURN_BUFFERED):
+        handler._forget_kept()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 # Libraries whose own lines stay at WARNING even with LOG_LEVEL=DEBUG: request lines already logged our
 # way, and aiosqlite, whose debug lines carry every statement with its parameters (names, ciphertexts).
 NOISY_LOGGERS = ("aiohttp.access", "httpx", "httpcore", "asyncio", "aiosqlite", "hpack",
@@ -218,6 +246,9 @@ def configure(level: str = "INFO", stream: Any = None) -> None:
     handler = TurnBufferedHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
+    for old in root.handlers:  # lines an old handler still keeps (a loop that closed before its turn's end)
+        if isinstance(old, TurnBufferedHandler):
+            old.flush()
     root.handlers[:] = [handler]
     root.setLevel(level)
     for noisy in NOISY_LOGGERS:
