@@ -192,12 +192,13 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._loop = None
             try:
                 self._write("")
-            except Exception:  # the stream refused (closed, full disk): as StreamHandler, not the loop's error
+            except Exception:  # the stream refused (closed, full disk): as Handler.handleError, not the loop's error
                 self._kept.clear()
                 self._size = 0
-                import traceback
+                if logging.raiseExceptions:  # (False in production configurations that silence handler errors)
+                    import traceback
 
-                traceback.print_exc(file=sys.stderr)
+                    traceback.print_exc(file=sys.stderr)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
