@@ -119,19 +119,7 @@ async def test_past_the_limit_the_kept_lines_leave_without_waiting(logged: Any) 
 
 def test_lines_kept_when_a_loop_ends_leave_before_the_next_ones(logged: Any) -> None:
     log, out, _ = logged
-
-    async def last_words() -> None:
-        log.info("kept at the end")
-        loop = asyncio.get_running_loop()
-        loop.stop()  # the loop stops before the turn-end write runs
-
-    loop = asyncio.new_event_loop()
-    try:
-        task = loop.create_task(last_words())
-        loop.run_forever()
-        assert task.done()
-    finally:
-        loop.close()
+    _closed_loop_with_a_kept_line(log)  # the loop stops before the turn-end write runs
 
     async def next_run() -> None:
         log.info("next loop")
