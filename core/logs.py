@@ -151,8 +151,9 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop a turn-end write is scheduled on
         _TURN_BUFFERED.add(self)
 
-    def _forget_kept(self) -> None:
-        """In a forked child: the kept lines are the parent's, which writes them; written here too, twice."""
+    def _drop_kept(self) -> None:
+        """The kept lines gone unwritten: in a forked child (they are the parent's, which writes them), and after a
+        write the stream refused."""
         self._kept.clear()
         self._size = 0
         self._loop = None
@@ -162,7 +163,7 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         try:
             line = self.format(record) + self.terminator
             loop = asyncio.events._get_running_loop()
-            if loop is None or record.levelno >= logging.WARNING or loop.is_closed():
+            if loop is None or record.levelno >= logging.WARNING:
                 self._write(line)
                 return
             self._kept.append(line)
@@ -193,8 +194,7 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             try:
                 self._write("")
             except Exception:  # the stream refused (closed, full disk): as Handler.handleError, not the loop's error
-                self._kept.clear()
-                self._size = 0
+                self._drop_kept()
                 if logging.raiseExceptions:  # (False in production configurations that silence handler errors)
                     import traceback
 
@@ -213,7 +213,7 @@ _TURN_BUFFERED: weakref.WeakSet[TurnBufferedHandler] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for handler in list(_TURN_BUFFERED):
-        handler._forget_kept()
+        handler._drop_kept()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -14,10 +14,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from types import ModuleType
 from typing import Any
-
-# (At the top: imported inside the hop, `from urllib.parse import ...` looked up the module's __path__ each time,
-# which urllib.parse's module __getattr__ answers by raising and formatting an AttributeError.)
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl  # (here, not in the hop: urllib.parse's __getattr__ raised for __path__ each time)
 
 from aiohttp import web
 from redis.exceptions import RedisError
