@@ -751,7 +751,13 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
         raise NotFound("refund not found")
     if R(refund.status) is R.COMPLETED or (R(refund.status) is R.FAILED and not succeeded):
         raise Conflict(f"refund is already {refund.status}", field="status", code=INVALID_STATE)
-    if refund.dispute_id is not None:
+    if succeeded and R(refund.status) is R.FAILED:
+        # A late success notes its own dispute and those of the refunds it may withdraw (_withdraw_unsent): all
+        # locked now, before the payment (locked below for the statement line's id), as apply_refund_outcome
+        # locks them for a provider's late word; else a refund asked for on such a disputed payment at the same
+        # moment (its dispute, then the payment) deadlocks against this.
+        await _lock_disputes_noted(session, refund)
+    elif refund.dispute_id is not None:
         # Its dispute is noted after the payment is locked (_note_on_dispute): locked first, as a resolution locks
         # its dispute before the payment (core.disputes.move_dispute; a refund made during an open dispute is
         # linked to it), or the two deadlock.
