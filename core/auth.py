@@ -1072,6 +1072,8 @@ async def create_api_key(
     bad = sorted(set(scopes) - set(SCOPES))
     if bad or not scopes:
         raise ValidationError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}", field="scopes")
+    if not name.strip():  # stored trimmed: spaces alone named the key "" in every list
+        raise ValidationError("name must not be blank", field="name")
     if created_by is not None:
         # The cooperative's row first, as the key's foreign key takes it (FOR KEY SHARE), then the account: the
         # order a suspension takes them in (its UPDATE, then record_sessions_ended). The other way round, one that

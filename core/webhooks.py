@@ -917,7 +917,8 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
         for endpoint in endpoints:
             if not subscribed(endpoint.events or [], event_type, tuple(payload.get("follows") or ())):
                 continue
-            if (urlparse(endpoint.url).hostname or "").lower() not in approved:
+            # As check_url read it: the root's dot ("hooks.example.rw.") dropped, as the domain's was.
+            if (urlparse(endpoint.url).hostname or "").lower().rstrip(".") not in approved:
                 log.warning(
                     "webhook endpoint skipped: domain no longer approved",
                     extra={"endpoint_id": endpoint.id, "event_id": event_id},

@@ -182,6 +182,14 @@ async def test_api_key_scopes_validated(admin):
     await admin.json("POST", "/v1/api-keys", 400, json={"name": "x", "scopes": []})
 
 
+async def test_an_api_key_named_only_with_spaces_is_refused(admin, rt):
+    """The name is stored trimmed: one of spaces alone was a key named "" in every list."""
+    body = await admin.json("POST", "/v1/api-keys", 400, json={"name": "   ", "scopes": ["admin"]})
+    assert body["field"] == "name" and "name" in body["message"][0]
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(ApiKey))).scalars().all() == []
+
+
 async def test_api_keys_of_another_cooperative_are_not_found(admin, coop_b):
     created = await coop_b["admin"].json("POST", "/v1/api-keys", 201, json={"name": "B", "scopes": ["admin"]})
     await admin.json("DELETE", f"/v1/api-keys/{created['id']}", 404)

@@ -507,3 +507,16 @@ def test_every_event_a_payment_was_last_told_is_one_a_report_may_follow(status: 
     payment = SimpleNamespace(status=status, completed_at=datetime.now(UTC) if taken else None,
                               collected_minor=5000 if taken else 0)
     assert _told(payment) in webhooks.TOLD  # type: ignore[arg-type]
+
+
+async def test_an_endpoint_whose_host_ends_in_a_dot_gets_its_events(rt: Any, demo: dict[str, Any]) -> None:
+    """`https://hooks.example.rw./x` is registered on the approved hooks.example.rw (the root's dot dropped, as the
+    domain's), so its events are recorded for it, not skipped as if the domain were not approved."""
+    coop = demo["cooperative_id"]
+    endpoint, _secret = await approved_endpoint(rt, coop, "https://hooks.example.rw./x", embedded=False)
+    made = await webhooks.fan_out(rt, {"event_type": "payment.completed", "cooperative_id": coop,
+                                       "event_id": "evt_dot", "data": {"id": "p1"}})
+    assert made == 1
+    async with rt.sessionmaker() as session:
+        [delivery] = (await session.execute(select(WebhookDelivery))).scalars().all()
+    assert delivery.endpoint_id == endpoint.id and delivery.status == "PENDING"
