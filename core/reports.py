@@ -852,13 +852,21 @@ def dues_of(ptype: PaymentType, timezone: str | None, day: date | None, now: dat
                               field="period") from None
     assert window is not None
     if window[1] != day:
-        around = " or ".join(d.isoformat() for d in window if d < day) or None
+        # Before the type's first period (due_dates' earliest window ends on its first due date), the due date
+        # before is none of its periods (refused too): that period's only.
+        first = reminders.due_dates(ptype, date.min, zone)
+        assert first is not None
+        around = " or ".join(d.isoformat() for d in window if d < day and d >= first[1]) or None
         after = window[1].isoformat()
         raise ValidationError(f"period must be a due date of {ptype.name!r}: {around + ' or ' if around else ''}"
                               f"{after}", field="period")
     assert following is not None and following[0] == day
-    period = dataclasses.replace(reminders.period_of(ptype, window, zone),
-                                 until=reminders.period_of(ptype, following, zone).since)
+    try:
+        period = dataclasses.replace(reminders.period_of(ptype, window, zone),
+                                     until=reminders.period_of(ptype, following, zone).since)
+    except OverflowError:  # the next period's due day ends in year 10000 (a type due the 31st, read in 9999)
+        raise ValidationError(f"period must be a due date of {ptype.name!r} before the last of year 9999",
+                              field="period") from None
     return Dues(ptype, timezone or "UTC", window[0], day, period, owed, now, grace)
 
 

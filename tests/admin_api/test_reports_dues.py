@@ -224,6 +224,11 @@ async def test_what_cannot_be_reported_is_refused(admin, tenant, rt, demo):
     refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period=2026-11-15", 400)
     assert refused["field"] == "period"
     assert refused["message"][0] == "period must be a due date of 'Monthly Rent': 2026-11-01 or 2026-12-01"
+    # Before the type's first period (made on 5 January 2026, due the 1st: January's is its first), the message
+    # names that period only: 1 December 2025, before it, is refused too.
+    for before in ("2025-12-20", "2025-12-01"):
+        refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={before}", 400)
+        assert refused["message"][0] == "period must be a due date of 'Monthly Rent': 2026-01-01"
     refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period=2026-11-31", 400)
     assert "period must be a date (YYYY-MM-DD)" in refused["message"][0]
     # A period at the calendar's end (its next due date would be in year 10000): refused, not a 500.
@@ -236,6 +241,23 @@ async def test_what_cannot_be_reported_is_refused(admin, tenant, rt, demo):
     assert resp.status == 400
     # A member (tenant) reads her own payments, not her neighbours' dues.
     await tenant.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={NOVEMBER}", 403)
+
+
+async def test_the_period_before_the_calendars_last_due_date_is_refused_not_a_500(admin, rt, demo):
+    """A type due the 31st: its due date of November 9999 is one, but the period after it, due 31 December 9999,
+    ends on a day in year 10000. Refused naming `period`, as a period whose next due date is in year 10000 is."""
+    await _registered(rt, demo["cooperative_id"])
+    monthly = await admin.json("POST", "/v1/payment-types", 201, json={
+        "name": "Levy", "amount": 1000, "isRecurring": True, "recurringInterval": "MONTHLY", "dueDay": 31})
+    yearly = await admin.json("POST", "/v1/payment-types", 201, json={
+        "name": "Annual", "amount": 1000, "isRecurring": True, "recurringInterval": "YEARLY", "dueDay": 31})
+    for type_id, far in ((monthly["id"], "9999-11-30"), (yearly["id"], "9998-12-31")):
+        for path in ("/v1/reports/dues", "/v1/reports/dues.csv"):
+            refused = await admin.json("GET", f"{path}?paymentTypeId={type_id}&period={far}", 400)
+            assert refused["field"] == "period" and "before the last of year 9999" in refused["message"][0]
+    # The period before it still reads.
+    report = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={monthly['id']}&period=9999-10-31", 200)
+    assert report["period"]["dueDate"] == "9999-10-31"
 
 
 async def test_the_default_period_is_the_one_a_payment_made_now_pays(admin, rt, demo):
