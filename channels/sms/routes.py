@@ -411,6 +411,7 @@ async def inbound(request: web.Request) -> web.Response:
     given_id, date = _field(form, "id", 128), _field(form, "date")
     inbound_id = given_id or hashlib.sha256(f"{sender}|{date}|{text}".encode()).hexdigest()[:32]
     command, keyword_language, argument = parse_keyword(text, rt.settings.sms_shortcode_keywords)
+    named_code = shortcode_prefix(text, rt.settings.sms_shortcode_keywords)  # a cooperative's short code, perhaps
     index = rt.cipher.blind_index(phone.e164)
     actor = Actor(f"phone:{phone.masked()}", "sms")
     # A STOP or START the aggregator posts again (our answer was late, though we took it) changes nothing again: her
@@ -437,10 +438,6 @@ async def inbound(request: web.Request) -> web.Response:
             )
         ).all()
         members = [member for member, _rank in ranked]
-        # Not one membership she can pay with (suspended, or of a suspended cooperative): USSD tells her it is not
-        # active (channels.ussd.flows.enter), and so do HELP and the reply to a word not understood, rather than
-        # "Dial <her cooperative's code> to pay" or "Send HELP or dial <it>".
-        inactive = bool(ranked) and ranked[0][1] >= _INACTIVE_RANK
         language = (
             (keyword_language if keyword_language not in (None, "en") else None)
             or (members[0].language if members else None)
@@ -491,10 +488,12 @@ async def inbound(request: web.Request) -> web.Response:
                 reply = ("not_found", {"reference": reference}, None)
         elif command == "HELP":
             # RECEIPT and STATUS answer a member of a suspended cooperative, never a suspended member (_owns):
-            # HELP offers them only to a number with a membership that is not suspended.
+            # HELP offers them only to a number with a membership that is not suspended. The code to dial is that of
+            # the membership the text names on a shared code (as BALANCE), else the one the reply speaks for.
+            named = await _named_membership(session, ranked, named_code)
             asks = any(member.status != "SUSPENDED" for member in members)
-            help_ = ("help_inactive" if asks else "help_suspended") if inactive else "help"
-            reply = (help_, {}, members[0].cooperative_id if members else None)
+            help_ = ("help_inactive" if asks else "help_suspended") if _cannot_pay(named) else "help"
+            reply = (help_, {}, named[0].cooperative_id if named else None)
         elif command == "BALANCE":
             # What she owes, of the membership the reply speaks for (built when it is sent: templates.balance_items);
             # a number no member has is told so, one that cannot pay (suspended, or her cooperative) nothing of it.
@@ -507,7 +506,9 @@ async def inbound(request: web.Request) -> web.Response:
             else:
                 reply = ("balance", {}, named[0].cooperative_id)
         else:
-            reply = ("unknown_inactive" if inactive else "unknown", {}, members[0].cooperative_id if members else None)
+            named = await _named_membership(session, ranked, named_code)
+            reply = ("unknown_inactive" if _cannot_pay(named) else "unknown", {},
+                     named[0].cooperative_id if named else None)
 
         template, context, cooperative_id = reply
         # Else what the keyword changed commits, without a reply. A retried STOP or START gets none either: its first
@@ -548,6 +549,14 @@ async def _named_membership(session: Any, ranked: Sequence[Any], prefix: str | N
             func.upper(Cooperative.short_code) == prefix))).scalar()
         return next((row for row in ranked if row[0].cooperative_id == named), ranked[0])
     return ranked[0]
+
+
+def _cannot_pay(named: Any) -> bool:
+    """Whether the (member, rank) a reply speaks for (_named_membership) is a membership that cannot pay: suspended,
+    or of a suspended cooperative. USSD tells her it is not active (channels.ussd.flows.enter), and so do HELP and
+    the reply to a word not understood, rather than "Dial <her cooperative's code> to pay" or "Send HELP or dial
+    <it>". Without a short code's word that is the first of `ranked`, which can pay if any of hers can."""
+    return named is not None and named[1] >= _INACTIVE_RANK
 
 
 def _reply_membership(members: list[Member], cooperative_id: str | None) -> tuple[str | None, str | None]:

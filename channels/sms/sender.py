@@ -186,6 +186,8 @@ class AfricasTalkingSender:
             data: Any = response.json()
             message_data = data["SMSMessageData"]
             recipients = message_data.get("Recipients") or []
+            if not isinstance(recipients, list) or not all(isinstance(r, dict) for r in recipients):
+                raise TypeError("Recipients is not a list of objects")  # read as any other unreadable answer
         except (ValueError, KeyError, TypeError, AttributeError):
             if 200 <= status < 300:  # AT took the request; what it did with it is unknown
                 raise SmsUnconfirmedError(f"unreadable HTTP {status} answer") from None
@@ -205,7 +207,9 @@ class AfricasTalkingSender:
             raise SmsUnconfirmedError("answer without a statusCode") from None
         provider_status = str(recipient.get("status") or code)[:32]
         message_id = recipient.get("messageId") or None
-        cost = recipient.get("cost") or None
+        # A string ("RWF 20.0000"); anything else made one that fits its column, or writing the outcome would fail
+        # on every attempt and the message AT has would stay QUEUED.
+        cost = str(recipient.get("cost"))[:32] if recipient.get("cost") else None
         if code in ACCEPTED_CODES:
             if not message_id or message_id == "None":
                 # Accepted all the same: sending it again would double it. Without an id no delivery

@@ -394,3 +394,20 @@ async def test_a_prompt_past_its_approval_window_is_not_said_to_await_her_approv
     assert await ask(sms_client, sim, worker, JEAN, "BAL", f"bal-past-window-{status}") == (
         "Still to pay this period (KHHC): Water 5,000 RWF awaiting approval, Monthly Rent 50,000 RWF. "
         "Dial *384*123*123# to pay.")
+
+
+async def test_a_member_of_two_cooperatives_gets_the_help_of_the_one_her_text_names(
+    rt: Any, demo: dict[str, Any], aiohttp_client: Any, sim: Any, worker: Any,
+) -> None:
+    """HELP, and the reply to a word not understood, name the code to dial of the cooperative whose short code her text
+    begins with, as BALANCE does: OTHER HELP told her to dial KHHC's code (her first membership's) beside "OTHER
+    RECEIPT ...", and she paid the wrong cooperative."""
+    await _second_membership(rt, JEAN)
+    rt.settings = dataclasses.replace(rt.settings, sms_shortcode_keywords=("KHHC", "OTHER"))
+    client = await aiohttp_client(create_app(rt.settings, runtime=rt))
+    other = await ask(client, sim, worker, JEAN, "OTHER HELP", "help-two-1")
+    assert other.startswith("Dial *384*123*77# to pay. SMS: OTHER RECEIPT <ref>"), other
+    khhc = await ask(client, sim, worker, JEAN, "KHHC HELP", "help-two-2")
+    assert "*384*123*77#" not in khhc and khhc.startswith("Dial *384*123"), khhc
+    unknown = await ask(client, sim, worker, JEAN, "OTHER hello", "help-two-3")
+    assert unknown == "Sorry, we did not understand. Send OTHER HELP or dial *384*123*77#.", unknown

@@ -388,3 +388,51 @@ async def test_an_aggregator_outage_is_reported_once_as_the_providers_are(caplog
 
 ACCEPTED_ANSWER = httpx.Response(201, json={"SMSMessageData": {"Message": "Sent to 1/1", "Recipients": [
     {"statusCode": 101, "number": ALINE, "status": "Success", "cost": "RWF 20", "messageId": "ATXid_1"}]}})
+
+
+@pytest.mark.parametrize("recipients", [[None], "Sent", {"number": ALINE, "statusCode": 101}, [["Success"]]])
+async def test_an_accepted_request_with_unreadable_recipients_is_not_resent(
+    rt: Any, demo: dict[str, Any], worker: Any, recipients: Any
+) -> None:
+    """A 2xx whose Recipients are not objects is an answer we cannot read: AT took the request and may have queued
+    the message, so it is recorded Unconfirmed and not sent again (it failed the job, whose retry sent it again)."""
+    sent: list[httpx.Request] = []
+
+    def aggregator(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(201, json={"SMSMessageData": {"Message": "Sent to 1/1", "Recipients": recipients}})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(aggregator)) as http:
+        rt.sms = AfricasTalkingSender(http, AfricasTalkingConfig("http://127.0.0.1:9", "u", Secret("k"), "COOPPAY"))
+        await queue_receipt(rt, demo)
+        await drain(worker)
+        await make_due(rt)
+        await drain(worker)
+    assert len(sent) == 1
+    row = await the_row(rt)
+    assert (row.status, row.provider_status) == ("SENT", "Unconfirmed")
+    assert row.failure_reason == "unconfirmed, not resent: unreadable HTTP 201 answer"
+    assert (await the_job(rt)).status == "DONE"
+
+
+async def test_an_accepted_answer_with_a_numeric_cost_is_recorded_sent(
+    rt: Any, demo: dict[str, Any], worker: Any
+) -> None:
+    """AT's cost is a string ("RWF 20.0000"); one given as a number must not fail the outcome's write (the message,
+    which AT has, stayed QUEUED, its every retry failing the same write until the job was parked)."""
+    body = {"SMSMessageData": {"Message": "Sent to 1/1", "Recipients": [
+        {"statusCode": 101, "number": ALINE, "status": "Success", "cost": 20.5, "messageId": "ATXid_num"}]}}
+    sent: list[httpx.Request] = []
+
+    def aggregator(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(201, json=body)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(aggregator)) as http:
+        rt.sms = AfricasTalkingSender(http, AfricasTalkingConfig("http://127.0.0.1:9", "u", Secret("k"), "COOPPAY"))
+        await queue_receipt(rt, demo)
+        await drain(worker)
+    assert len(sent) == 1
+    row = await the_row(rt)
+    assert (row.status, row.provider_message_id, row.cost) == ("SENT", "ATXid_num", "20.5")
+    assert (await the_job(rt)).status == "DONE"
