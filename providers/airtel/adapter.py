@@ -29,6 +29,7 @@ from core.ports import (
     ProviderError,
     ProviderEvent,
     ProviderOutcome,
+    ProviderTimeout,
     RefundRequest,
     StatusResult,
 )
@@ -114,6 +115,14 @@ def _detail(body: Mapping[str, Any]) -> str:
 def _words(message: object) -> str | None:
     """A transaction's message as a failure reason, the subscriber's number masked; None when it has none."""
     return scrub(str(message)) if message else None
+
+
+def _unreadable(operation: str, then: str) -> ProviderTimeout:
+    """A request that moves money answered 200 with no `status` block we can read (not JSON, cut off, a proxy's
+    page): not Airtel's refusal, and it may have been carried out. As unanswered: its status settles it."""
+    PROVIDER_ERRORS.labels(provider=NAME, operation=operation).inc()
+    return ProviderTimeout(f"Airtel Money {operation} answered 200 without a status we can read: it may have been "
+                           f"carried out; {then}")
 
 
 def _outcome(status: object) -> ProviderOutcome:
@@ -233,6 +242,8 @@ class AirtelAdapter:
         if response.status_code == 200 and _succeeded(block):
             log.info("Airtel Money accepted collection", extra=log_extra)
             return CollectionAccepted()
+        if response.status_code == 200 and not block:
+            raise _unreadable("collection", "ask the status, do not send again")
         if response.status_code == 200:
             # 200 with success false: Airtel refused the request itself.
             PROVIDER_ERRORS.labels(provider=NAME, operation="collection").inc()
@@ -284,6 +295,8 @@ class AirtelAdapter:
             log.info("Airtel Money refunded", extra={"provider_reference": request.provider_reference})
             return SettledRefund(provider_transaction_id=tx.get("airtel_money_id") or None,
                                  outcome=ProviderOutcome.SUCCEEDED)
+        if response.status_code == 200 and not block:
+            raise _unreadable("refund", "not sent again")
         if response.status_code == 200:
             PROVIDER_ERRORS.labels(provider=NAME, operation="refund").inc()
             raise ProviderError(f"Airtel Money refused the refund: {_detail(answer)}", retryable=False,

@@ -299,11 +299,16 @@ class MpesaAdapter:
             # Daraja's 5xx does not say whether the prompt went out, and a second push is a second
             # charge (no idempotency key): as unanswered, so the status path settles it, never a resend.
             raise ProviderTimeout(f"{error}; the push may have gone out: ask the status, do not send again")
+        checkout = answer.get("CheckoutRequestID")
+        if resp.status_code == 200 and self._unreadable(answer, checkout):
+            # Daraja's answer, but not one we can read (not JSON, cut off; "0" without its CheckoutRequestID): the
+            # push may have gone out, and a second is a second charge. As unanswered: its callback (our `ref`)
+            # or the payment's settling grace ends it, never "payment failed" while the payer may be approving.
+            raise self._unanswered("stk_push", "answer has no CheckoutRequestID we can read: the push may have "
+                                               "gone out; ask the status, do not send again")
         if resp.status_code != 200 or str(answer.get("ResponseCode")) != "0":
             raise self._error("stk_push", resp, answer)
-        checkout = answer.get("CheckoutRequestID")
-        if not isinstance(checkout, str) or not checkout:
-            raise self._fail("stk_push", "answer has no CheckoutRequestID", retryable=False)
+        assert isinstance(checkout, str)
         log.info("mpesa stk push accepted", extra={"checkout_request_id": checkout,
                                                    "payer": request.payer.masked(),
                                                    "provider_reference": request.provider_reference})
@@ -364,11 +369,14 @@ class MpesaAdapter:
             error = self._error("reversal", resp, answer)
             raise ProviderTimeout(f"{error}; the reversal may have been taken: wait for its Result, "
                                   "do not send again")
+        conversation = answer.get("ConversationID")
+        if resp.status_code == 200 and self._unreadable(answer, conversation):
+            # As for the STK push: the reversal may have been taken; its Result finds the refund by our `ref`.
+            raise self._unanswered("reversal", "answer has no ConversationID we can read: the reversal may have "
+                                               "been taken; wait for its Result, do not send again")
         if resp.status_code != 200 or str(answer.get("ResponseCode")) != "0":
             raise self._error("reversal", resp, answer)
-        conversation = answer.get("ConversationID")
-        if not isinstance(conversation, str) or not conversation:
-            raise self._fail("reversal", "answer has no ConversationID", retryable=False)
+        assert isinstance(conversation, str)
         log.info("mpesa reversal accepted", extra={"conversation_id": conversation,
                                                    "provider_reference": request.provider_reference})
         return CollectionAccepted(provider_transaction_id=conversation,
@@ -583,6 +591,20 @@ class MpesaAdapter:
                                       f"({resp.status_code} {code}): {message}", code=str(code))
         return ProviderError(f"M-Pesa {operation} refused ({resp.status_code} {code}): {message}",
                              retryable=retryable, code=str(code))
+
+    @staticmethod
+    def _unreadable(answer: Mapping[str, Any], request_id: object) -> bool:
+        """A 200 that is not Daraja's answer we can read: neither a ResponseCode nor an errorCode (not JSON, cut off,
+        a proxy's page), or "0" (accepted) without the id it names the request by. A non-zero ResponseCode, or an
+        errorCode, is Daraja's refusal."""
+        if "ResponseCode" not in answer:
+            return "errorCode" not in answer
+        return str(answer.get("ResponseCode")) == "0" and (not isinstance(request_id, str) or not request_id)
+
+    def _unanswered(self, operation: str, message: str) -> ProviderTimeout:
+        PROVIDER_ERRORS.labels(self.name, operation).inc()
+        log.warning("mpesa %s: %s", operation, message)
+        return ProviderTimeout(f"M-Pesa {operation}: {message}")
 
     def _fail(self, operation: str, message: str, *, retryable: bool) -> ProviderError:
         PROVIDER_ERRORS.labels(self.name, operation).inc()
