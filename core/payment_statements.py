@@ -59,10 +59,15 @@ def create_statement(reserved: bool, job_count: int) -> Any:
 
 
 @functools.cache
-def stored_and_locked(by_transaction: bool) -> Any:
+def stored_and_locked(by_transaction: bool, lock_id: bool = False) -> Any:
     """WITH e AS (INSERT provider event ON CONFLICT DO NOTHING RETURNING id) SELECT payment, (SELECT id
     FROM e) FOR UPDATE OF payments. Parameters: e_<column>, provider, reference (the payment's provider
-    reference, or its provider transaction id when `by_transaction`)."""
+    reference, or its provider transaction id when `by_transaction`).
+
+    `lock_id`: the payment's row locked first, then the transaction id's lock (parameter id_key, the key of
+    core.payments' _ID_LOCK), taken only when a payment is found: WITH ..., p AS MATERIALIZED (SELECT ... FOR
+    UPDATE) SELECT p.*, pg_advisory_xact_lock(hashtext(:id_key)) FROM p. The outer projection runs on the rows
+    the CTE gives, each locked already: the order every path takes the two locks in (see _held_elsewhere)."""
     table = table_of(ProviderEvent)
     columns = ["id", "provider", "event_id", "kind", "status", "payload", "received_at"]
     stored = (postgresql.insert(table)
@@ -70,9 +75,14 @@ def stored_and_locked(by_transaction: bool) -> Any:
               .on_conflict_do_nothing(index_elements=["provider", "event_id"])
               .returning(table.c.id).cte("e"))
     column = Payment.provider_transaction_id if by_transaction else Payment.provider_reference
-    return (select(Payment, select(stored.c.id).scalar_subquery().label("event_row_id"))
-            .where(Payment.provider == bindparam("provider"), column == bindparam("reference"))
-            .with_for_update(of=table_of(Payment)))
+    locked = (select(Payment, select(stored.c.id).scalar_subquery().label("event_row_id"))
+              .where(Payment.provider == bindparam("provider"), column == bindparam("reference"))
+              .with_for_update(of=table_of(Payment)))
+    if not lock_id:
+        return locked
+    rows = locked.cte("p").prefix_with("MATERIALIZED", dialect="postgresql")
+    return select(aliased(Payment, rows), rows.c.event_row_id,
+                  func.pg_advisory_xact_lock(func.hashtext(bindparam("id_key", type_=String))).label("id_lock"))
 
 
 # The cooperative, its payment type (only if it is the cooperative's), the member (only if theirs, with their

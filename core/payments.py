@@ -917,6 +917,7 @@ class _Settle:
 
     event_row_id: str
     payment_id: str
+    id_locked: str | None = None  # the transaction id whose lock the callback's first statement took (_ID_LOCK)
     done: bool = False
 
     def write(self, result: str) -> tuple[Any, dict[str, Any]]:
@@ -1021,6 +1022,7 @@ async def apply_collection_outcome(
     provisional_transaction_id: str | None = None,
     occurred_at: datetime | None = None,
     audit: dict[str, Any] | None = None,
+    id_locked: str | None = None,
 ) -> str:
     """Apply what the provider says to a payment; returns what happened, in one word.
 
@@ -1030,8 +1032,10 @@ async def apply_collection_outcome(
     at request time rather than the final one (M-Pesa's CheckoutRequestID before the receipt number): a
     completed payment still holding it (or none) takes the callback's final id.
     `occurred_at`: when the provider says the money moved (see money_moved_at).
-    `audit`: more for the audit row of a move to a failed state (an admin's note: cancel_payment)."""
-    settle = None if event_row_id is None else _Settle(event_row_id, payment.id)
+    `audit`: more for the audit row of a move to a failed state (an admin's note: cancel_payment).
+    `id_locked`: a transaction id whose lock (_ID_LOCK) this transaction holds already, taken with the payment's
+    row by the callback's first statement (_store_event_and_lock): not taken again."""
+    settle = None if event_row_id is None else _Settle(event_row_id, payment.id, id_locked)
     result = await _apply_outcome(session, rt, payment, outcome, actor=actor, amount=amount,
                                   provider_transaction_id=provider_transaction_id, reason=reason, settle=settle,
                                   provisional_transaction_id=provisional_transaction_id, occurred_at=occurred_at,
@@ -1068,7 +1072,7 @@ async def _apply_outcome(
                     stored is None or stored == provisional_transaction_id):
                 # Completed by a status query that names no final id (M-Pesa's STK query has no receipt
                 # number): the late callback's id is what a refund needs.
-                holder = await _held_elsewhere(session, payment, provider_transaction_id)
+                holder = await _held_elsewhere(session, payment, provider_transaction_id, _locked(settle))
                 await _record_transaction_id(session, payment, provider_transaction_id, actor=actor)
                 if holder is not None:
                     # The other payment's money, counted here since the completion. Nothing refunded or being
@@ -1095,7 +1099,7 @@ async def _apply_outcome(
                     and payment.provider_transaction_id in (None, provisional_transaction_id)
                     else payment.provider_transaction_id)
             # (the first report only: a repeat's money is recorded already, its probe made then)
-            holder = (await _held_elsewhere(session, payment, kept)
+            holder = (await _held_elsewhere(session, payment, kept, _locked(settle))
                       if first and kept and kept != provisional_transaction_id else None)
             before = {"status": current.value, "mismatch": payment.mismatch,
                       "collected": payment.collected_minor, "completedAt": iso_z(payment.completed_at)}
@@ -1163,7 +1167,7 @@ async def _apply_outcome(
         if provider_transaction_id:
             values["provider_transaction_id"] = provider_transaction_id
         held = provider_transaction_id or payment.provider_transaction_id
-        holder = (await _held_elsewhere(session, payment, held)
+        holder = (await _held_elsewhere(session, payment, held, _locked(settle))
                   if held and held not in (provisional_transaction_id, checked_transaction_id) else None)
         if PAYMENT.is_exceptional(current, P.COMPLETED):
             values["late"] = True
@@ -1309,13 +1313,16 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
     actor = Actor(f"provider:{event.provider}", "provider")
     if outcome is ProviderOutcome.SUCCEEDED and not payload.get(MONEY_REFERENCE) and txn and txn != provisional:
         payload[MONEY_REFERENCE] = txn
+    # A success under the provider's final id: that id's lock (which the completion's probe for another payment
+    # holding it takes: _held_elsewhere) is taken in the statement that locks the payment, one round trip fewer.
+    id_lock = txn if outcome is ProviderOutcome.SUCCEEDED and txn and txn != provisional else None
     for _ in range(3):
         try:
             async with rt.sessionmaker.begin() as session:
                 stored = {"id": str(uuid.uuid4()), "provider": event.provider, "event_id": event.event_id[:200],
                           "kind": event.kind.value, "status": outcome.value, "payload": payload,
                           "received_at": utcnow()}
-                event_row_id, payment = await _store_event_and_lock(session, event, stored, found)
+                event_row_id, payment, id_locked = await _store_event_and_lock(session, event, stored, found, id_lock)
                 if event_row_id is None:
                     return "duplicate"
                 if payment is not None and _names_another_request(rt, payment, txn):
@@ -1338,7 +1345,8 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
                                                           amount=amount, provider_transaction_id=txn,
                                                           reason=reason, event_row_id=event_row_id,
                                                           provisional_transaction_id=provisional,
-                                                          occurred_at=occurred)
+                                                          occurred_at=occurred,
+                                                          id_locked=id_locked)
                 await keep_unmatched(session, event_row_id, event)
         except StaleTransition:
             continue  # the row moved under us (a poll or a parallel callback): re-read and re-apply
@@ -1536,13 +1544,17 @@ async def _kept_transaction_id(session: AsyncSession, payment: Payment) -> str |
     return None
 
 
-async def _store_event_and_lock(session: AsyncSession, event: ProviderEventData, stored: dict[str, Any],
-                                found: Payment | None = None) -> tuple[str | None, Payment | None]:
+async def _store_event_and_lock(
+    session: AsyncSession, event: ProviderEventData, stored: dict[str, Any], found: Payment | None = None,
+    id_lock: str | None = None,
+) -> tuple[str | None, Payment | None, str | None]:
     """Store the callback once and lock its payment: (the stored row's id or None for a duplicate, the
-    payment or None). On PostgreSQL one statement: WITH e AS (INSERT ... ON CONFLICT DO NOTHING RETURNING
-    id) SELECT payment, (SELECT id FROM e) ... FOR UPDATE OF payments.
+    payment or None, the transaction id locked or None). On PostgreSQL one statement: WITH e AS (INSERT ... ON
+    CONFLICT DO NOTHING RETURNING id) SELECT payment, (SELECT id FROM e) ... FOR UPDATE OF payments.
 
-    `found`: the payment a confirmation already identified; it is locked by our reference."""
+    `found`: the payment a confirmation already identified; it is locked by our reference.
+    `id_lock`: a provider transaction id whose lock (_ID_LOCK) the same statement takes once the payment's row is
+    locked (PostgreSQL, a payment found: else none is taken and None is returned for it)."""
     by_transaction = _by_transaction(event) if found is None else False
     reference = event.reference if found is None else found.provider_reference
     if session.get_bind().dialect.name != "postgresql":
@@ -1550,18 +1562,21 @@ async def _store_event_and_lock(session: AsyncSession, event: ProviderEventData,
                           returning="id")
         event_row_id = (await session.execute(stmt, stored)).scalar_one_or_none()
         if event_row_id is None:
-            return None, None
+            return None, None, None
         return event_row_id, await _find_payment(session, event, lock=True, by_transaction=by_transaction,
-                                                 reference=reference)
+                                                 reference=reference), None
     params = {f"e_{k}": v for k, v in stored.items()}
     params.update(provider=event.provider, reference=reference)
-    row = (await session.execute(stored_and_locked(by_transaction), params)).first()
+    if id_lock is not None:
+        params["id_key"] = _id_lock_key(event.provider, id_lock)
+    row = (await session.execute(stored_and_locked(by_transaction, id_lock is not None), params)).first()
     if row is not None:
-        return row[1], (row[0] if row[1] is not None else None)
+        # (A duplicate's statement took the id's lock too: it is held to the rollback, which follows at once.)
+        return (row[1], row[0], id_lock) if row[1] is not None else (None, None, None)
     # No such payment: the event row (if it is new) is found by its id, which only this call knows.
     event_row_id = (await session.execute(select(ProviderEvent.id).where(ProviderEvent.id == stored["id"])
                                           )).scalar_one_or_none()
-    return event_row_id, None
+    return event_row_id, None, None
 
 
 _SET_OUTCOME = (update(table_of(ProviderEvent))
@@ -1935,15 +1950,22 @@ async def _holder(session: AsyncSession, provider: str, txn: str, exclude: str |
     return None if row is None else _Holder(*row)
 
 
-async def _held_elsewhere(session: AsyncSession, payment: Payment, txn: str) -> _Holder | None:
+def _locked(settle: _Settle | None) -> str | None:
+    return None if settle is None else settle.id_locked
+
+
+async def _held_elsewhere(session: AsyncSession, payment: Payment, txn: str,
+                          locked: str | None = None) -> _Holder | None:
     """The other payment of `payment`'s provider that holds `txn` already (_holder), as `payment` completes with it
     (or is reported paid after a failure): one index probe per completion. Under the id's lock (_lock_transaction_id,
     held to the commit, as a statement line's recording takes it): two completions of one id at once take turns,
     and the second's probe (its own snapshot, READ COMMITTED) sees the first's payment, so that one of them is
     flagged; the payment's row lock, taken before, is never waited for under this one (nothing takes them in the
-    other order: a recording takes the id's lock, then only inserts its payment)."""
+    other order: a recording takes the id's lock, then only inserts its payment). `locked`: the id whose lock the
+    transaction took already (with the payment's row: _store_event_and_lock), not taken again."""
     if session.get_bind().dialect.name == "postgresql" and await pgraw.in_transaction(session):
-        await pgraw.fetchrow(session, pgraw.compiled(_ID_LOCK), {"key": _id_lock_key(payment.provider, txn)})
+        if txn != locked:
+            await pgraw.fetchrow(session, pgraw.compiled(_ID_LOCK), {"key": _id_lock_key(payment.provider, txn)})
         row = await pgraw.fetchrow(session, pgraw.compiled(_HOLDER),
                                    {"provider": payment.provider, "txn": txn, "exclude": payment.id})
         return None if row is None else _Holder(*row)

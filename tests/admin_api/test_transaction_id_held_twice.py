@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select, text, update
+from sqlalchemy.exc import DBAPIError
 
 from core.audit import Actor
 from core.db import utcnow
@@ -305,3 +306,50 @@ async def test_the_search_is_exact_and_combines_with_other_filters(admin: Caller
     params = {p["name"]: p for p in spec["paths"]["/v1/payments"]["get"]["parameters"]}
     assert params["gatewayTransactionId"]["in"] == "query"
     assert "provider's id of the money" in params["gatewayTransactionId"]["description"]
+
+
+async def test_a_callback_takes_the_ids_lock_after_its_payments_row_and_probes_after_both(
+        admin: Caller, rt: Any, demo: dict[str, Any]) -> None:
+    """A success callback takes the transaction id's lock in the statement that locks its payment (one round trip
+    fewer): its row first, then the id's lock, the order every path takes them in (a completion under the id's
+    lock never waits for a row). The probe for another payment holding the id runs after both: it sees the payment
+    that completed with the id while the callback waited."""
+    from core.payments import handle_provider_event
+    from core.ports import EventKind, ProviderEvent
+
+    one = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    two = await _row(rt, (await make_payment(admin, demo["payment_types"]["Monthly Rent"]))["id"])
+    callback = ProviderEvent(provider=two.provider, kind=EventKind.COLLECTION, event_id="cb-held-1",
+                             reference=two.provider_reference, outcome=ProviderOutcome.SUCCEEDED,
+                             provider_transaction_id="MTN-RACE-2")
+    async with rt.engine.connect() as other:
+        await other.begin()
+        await other.execute(text("SET LOCAL lock_timeout = '5s'"))
+        # Another completion of the id holds its lock (core.payments._ID_LOCK's key).
+        await other.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                            {"key": f"collected:{two.provider}:MTN-RACE-2"})
+        task = asyncio.create_task(handle_provider_event(rt, callback))
+        for _ in range(200):
+            async with rt.engine.connect() as look:  # (not `other`: pg_stat_activity is read once a transaction)
+                waiting = (await look.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND wait_event = 'advisory' AND datname = current_database()"))).scalar_one()
+            if waiting:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError(f"the callback never came to wait for the id's lock: {task.done() and task.result()}")
+        async with rt.engine.connect() as probe:
+            with pytest.raises(DBAPIError, match="could not obtain lock"):
+                await probe.execute(text("SELECT id FROM payments WHERE id = :id FOR UPDATE NOWAIT"),
+                                    {"id": two.id})
+        assert not task.done()
+        # The other completion writes its payment with the id and commits: the callback's probe must see it.
+        await other.execute(update(Payment).where(Payment.id == one["id"])
+                            .values(status="COMPLETED", provider_transaction_id="MTN-RACE-2"))
+        await other.commit()
+    assert await task == "completed"
+    flagged = await _row(rt, two.id)
+    assert (flagged.status, flagged.mismatch, flagged.collected_minor) == ("COMPLETED", True, 0)
+    assert one["reference"] in flagged.mismatch_detail
+    assert len(await _audit(rt, two.id, "payment.transaction_id_held_twice")) == 1
