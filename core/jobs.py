@@ -782,7 +782,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                      ).scalar_one()
             await apply_refund_outcome(session, rt, fresh, status.outcome, actor=WORKER,
                                        provider_transaction_id=status.provider_transaction_id, reason=status.reason,
-                                       occurred_at=status.occurred_at)
+                                       occurred_at=status.occurred_at, amount=status.amount)
 
     async def resend_refund(job: Job, refund: Refund, payment: Payment) -> None:
         """The provider says it has no refund with this reference (the request was lost on its way, e.g.

@@ -514,11 +514,16 @@ def _checked_return(returned: ReturnedByProvider, payment: Payment) -> ReturnedB
 async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refund, outcome: ProviderOutcome, *,
                                actor: Actor, provider_transaction_id: str | None = None,
                                reason: str | None = None, occurred_at: datetime | None = None,
-                               not_before: datetime | None = None, tell_paying_number: bool = True) -> str:
+                               not_before: datetime | None = None, tell_paying_number: bool = True,
+                               amount: Money | None = None) -> str:
     """`occurred_at`: when the provider (or an admin, from its statement) says the money went back; the refund's
     completion is dated so, within its request (`not_before`: another floor, as a chargeback recorded after it
     happened) and now (core.payments.money_moved_at). `tell_paying_number`: False when the number that paid is no
-    longer its payer's (paying_number_changed): a payment of no member's SMS is not sent to its new holder."""
+    longer its payer's (paying_number_changed): a payment of no member's SMS is not sent to its new holder.
+    `amount`: what the provider says it sent back, when it says: a success for another amount (or currency) than
+    the refund's completes it all the same (the provider says the money moved) with the payment flagged, audited
+    and logged for a person (_amount_differs); the refund's amount is what is counted until that person corrects
+    it with the provider."""
     from core.payments import money_moved_at  # local: core.payments reaches back into this module
 
     current = R(refund.status)
@@ -552,6 +557,8 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         payment = await lock_row(session, Payment, refund.payment_id)
         assert payment is not None
         refunded = payment.refunded_minor + refund.amount_minor
+        if amount is not None and amount != Money(refund.amount_minor, refund.currency):
+            await _amount_differs(session, refund, payment, amount, actor=actor)
         if current is R.FAILED:
             await _sent_after_failure(session, refund, payment, refunded, actor=actor)
             await _withdraw_unsent(session, rt, payment, refund, actor=actor)
@@ -699,6 +706,23 @@ async def _flag(session: AsyncSession, payment: Payment, detail: str) -> None:
     payment.mismatch_detail = detail
     await session.execute(update(Payment).where(Payment.id == payment.id)
                           .values(mismatch=True, mismatch_detail=detail, updated_at=utcnow()))
+
+
+async def _amount_differs(session: AsyncSession, refund: Refund, payment: Payment, reported: Money, *,
+                          actor: Actor) -> None:
+    """A refund the provider reports sent back for another amount (or currency) than was asked: the member may have
+    less (or more) back than her SMS and the reconciliation say. Flagged on the payment, audited
+    (refund.amount_mismatch) and logged for a person to check with the provider."""
+    expected = Money(refund.amount_minor, refund.currency)
+    await record(session, actor=actor, action="refund.amount_mismatch", entity_type="refund", entity_id=refund.id,
+                 after={"reported": reported.minor, "reportedCurrency": reported.currency,
+                        "expected": expected.minor}, cooperative_id=refund.cooperative_id)
+    await _flag(session, payment, f"refund {refund.reference}: provider reported {reported} sent back, "
+                                  f"expected {expected}")
+    metrics.REFUND_ANOMALIES.labels(kind="amount_mismatch").inc()
+    log.error("provider reported a refund for another amount", extra={
+        "refund": refund.reference, "payment": payment.reference, "reported_minor": reported.minor,
+        "reported_currency": reported.currency, "expected_minor": expected.minor, "actor": actor.id})
 
 
 async def _failed_after_completion(session: AsyncSession, refund: Refund, reason: str, *, actor: Actor) -> None:
@@ -1018,7 +1042,7 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
 
     actor = Actor(f"provider:{event.provider}", "provider")
     outcome, txn, reason = event.outcome, event.provider_transaction_id, event.reason
-    occurred = event.occurred_at
+    occurred, amount = event.occurred_at, event.amount
     if event.needs_confirmation:
         async with rt.sessionmaker() as session:
             if await already_stored(session, event):
@@ -1032,7 +1056,7 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
         # route asks the provider to send the callback again.
         status = await rt.providers[event.provider].refund_status(known.provider_reference, known.currency)
         outcome, txn, reason = status.outcome, status.provider_transaction_id or txn, status.reason or reason
-        occurred = status.occurred_at or occurred
+        occurred, amount = status.occurred_at or occurred, status.amount or amount
     for attempt in range(3):
         try:
             async with rt.sessionmaker.begin() as session:
@@ -1070,7 +1094,7 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
                                            "reason": reason})
                     result = await apply_refund_outcome(session, rt, refund, outcome, actor=actor,
                                                         provider_transaction_id=txn, reason=reason,
-                                                        occurred_at=occurred)
+                                                        occurred_at=occurred, amount=amount)
                     await _link_event(session, event_row_id, refund, result)
                     return result
                 # No refund of ours (PostgreSQL restored to a point before it, say): a SUCCEEDED one is money

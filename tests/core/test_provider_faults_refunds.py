@@ -146,3 +146,69 @@ async def test_a_refund_of_a_bank_payment_waits_for_a_person_to_record_it(rt, de
     assert done.status == "COMPLETED"
     stored, paid, _ = await _rows(rt, refund.id, payment.id)
     assert (paid.status, paid.refunded_minor) == ("PARTIALLY_REFUNDED", 20_000)
+
+
+async def test_a_refund_mtn_reports_for_another_amount_completes_flagged_for_a_person(rt, demo, worker, client):
+    """MTN's status says the refund went back, but for less than was asked: the member may have less back than her
+    SMS and the reconciliation say. It completes (the provider says the money moved), the payment flagged, audited."""
+    from core import metrics
+    from core.models import AuditEvent
+
+    wire = mtn_wire().on("POST", "/disbursement/v1_0/refund", 202)
+    mtn_adapter(rt, wire)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    await completed(rt, payment)
+    refund = await _refund(rt, demo, payment)
+    await drain(worker)
+    before = metrics.REFUND_ANOMALIES.labels(kind="amount_mismatch")._value.get()
+    wire.on("GET", STATUS_PATH.format(refund.provider_reference), 200,
+            {**_body(refund, "SUCCESSFUL"), "amount": "30000", "financialTransactionId": "RF-2"})
+    resp = await client.post(f"/webhooks/payments/mtn_momo?ref={refund.provider_reference}&kind=refund",
+                             json=_body(refund, "SUCCESSFUL"))
+    assert resp.status == 200, await resp.text()
+    stored, paid, _ = await _rows(rt, refund.id, payment.id)
+    assert stored.status == "COMPLETED"
+    assert (paid.status, paid.refunded_minor, paid.mismatch) == ("REFUNDED", 50_000, True)
+    assert paid.mismatch_detail.endswith(
+        f"refund {refund.reference}: provider reported 30,000 RWF sent back, expected 50,000 RWF"), paid.mismatch_detail
+    async with rt.sessionmaker() as s:
+        [audit] = (await s.execute(select(AuditEvent).where(AuditEvent.action == "refund.amount_mismatch"))
+                   ).scalars().all()
+    assert (audit.entity_id, audit.after) == (refund.id, {"reported": 30_000, "reportedCurrency": "RWF",
+                                                          "expected": 50_000})
+    assert metrics.REFUND_ANOMALIES.labels(kind="amount_mismatch")._value.get() == before + 1
+
+
+async def test_a_refund_polled_complete_for_its_own_amount_is_not_flagged(rt, demo, worker):
+    wire = mtn_wire().on("POST", "/disbursement/v1_0/refund", 202)
+    mtn_adapter(rt, wire)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    await completed(rt, payment)
+    refund = await _refund(rt, demo, payment)
+    await drain(worker)
+    wire.on("GET", STATUS_PATH.format(refund.provider_reference), 200,
+            {**_body(refund, "SUCCESSFUL"), "financialTransactionId": "RF-3"})
+    await due_now(rt, "refund.poll")
+    await drain(worker)
+    stored, paid, _ = await _rows(rt, refund.id, payment.id)
+    assert stored.status == "COMPLETED" and [r.url.path for r in wire.sent("GET", "/disbursement/v1_0/refund/*")]
+    assert (paid.status, paid.refunded_minor, paid.mismatch) == ("REFUNDED", 50_000, False)
+
+
+async def test_a_refund_polled_complete_for_another_amount_is_flagged(rt, demo, worker):
+    wire = mtn_wire().on("POST", "/disbursement/v1_0/refund", 202)
+    mtn_adapter(rt, wire)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    await completed(rt, payment)
+    refund = await _refund(rt, demo, payment)
+    await drain(worker)
+    wire.on("GET", STATUS_PATH.format(refund.provider_reference), 200,
+            {**_body(refund, "SUCCESSFUL"), "amount": "60000", "financialTransactionId": "RF-4"})
+    await due_now(rt, "refund.poll")
+    await drain(worker)
+    stored, paid, _ = await _rows(rt, refund.id, payment.id)
+    assert stored.status == "COMPLETED"
+    assert paid.mismatch and "provider reported 60,000 RWF sent back, expected 50,000 RWF" in paid.mismatch_detail
