@@ -39,6 +39,7 @@ from admin_api.validation import (
     PAGE,
     Param,
     body_datetime,
+    own_idempotency_key,
     period_params,
     statement_time,
 )
@@ -405,6 +406,7 @@ async def _tenants_own_number(ctx: Ctx, account: str, country: str) -> None:
 
 async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     body, who = ctx.body, ctx.who
+    own_idempotency_key(body["idempotencyKey"])
     coop_id = who.target_cooperative(body.get("cooperativeId"))
     member_id = body.get("memberId")
     if who.is_tenant:
@@ -578,6 +580,7 @@ async def record_statement_payment(request: web.Request, ctx: Ctx) -> web.Stream
     same callers as recording a payment's outcome; a callback to resolve with it only a super admin's (none is a
     cooperative's: admin_api.provider_callbacks)."""
     body, who = ctx.body, ctx.who
+    own_idempotency_key(body["idempotencyKey"])
     coop_id = who.target_cooperative(body.get("cooperativeId"))
     member_id = body.get("memberId")
     if member_id is not None:

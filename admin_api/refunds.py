@@ -29,7 +29,15 @@ from admin_api.common import (
     paged,
 )
 from admin_api.routing import IDEMPOTENT_REPLAYED, Ctx, Route
-from admin_api.validation import LIMIT, PAGE, Param, check_path_id, period_params, statement_time
+from admin_api.validation import (
+    LIMIT,
+    PAGE,
+    Param,
+    check_path_id,
+    own_idempotency_key,
+    period_params,
+    statement_time,
+)
 from core import refunds as service
 from core.models import Payment, Refund
 from core.money import Money
@@ -164,6 +172,7 @@ def present(r: Refund) -> dict[str, Any]:
 async def create_refund(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     payment = await one(ctx, Payment, request.match_info["id"], "payment")
     body = ctx.body
+    own_idempotency_key(body["idempotencyKey"])
     amount = Money.from_api(body["amount"], payment.currency) if body.get("amount") is not None else None
     refund, created = await request_refund(
         ctx.session,

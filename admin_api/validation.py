@@ -423,3 +423,18 @@ def check_path_id(value: str, name: str = "id") -> str:
 
         raise NotFound(f"{name} not found")
     return value.lower()
+
+
+# The idempotency keys the gateway gives its own requests, by prefix: a USSD payment's (channels.ussd.flows:
+# ussd:<aggregator>:<session id>) and a dispute's refund (core.disputes: dispute:<dispute id>).
+RESERVED_KEY_PREFIXES = {"ussd:": "USSD payments", "dispute:": "refunds of disputes"}
+
+
+def own_idempotency_key(key: str) -> None:
+    """Refuse a client's key that could take one the gateway gives its own requests (keys are unique per cooperative
+    for payments, per payment for refunds): the member's USSD payment, or the dispute's resolution with a refund,
+    would then be answered with the client's request (a 409 to the officer) instead of made."""
+    for prefix, whose in RESERVED_KEY_PREFIXES.items():
+        if key.strip().startswith(prefix):
+            raise ValidationError(f"idempotencyKey must not start with {prefix!r}: the gateway keys its own {whose} "
+                                  "so", field="idempotencyKey")

@@ -354,3 +354,35 @@ async def test_a_refund_raced_by_a_dispute_being_opened_says_send_it_again(admin
         assert (await s.execute(select(Refund.id))).all() == []
     again = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json=body)
     assert again["amount"] == 1000
+
+
+async def test_a_key_the_gateway_gives_its_own_requests_is_refused(admin: Caller, rt: Any,
+                                                                   demo: dict[str, Any]) -> None:
+    """A client's key under `ussd:` could take a member's USSD payment's (unique per cooperative: her payment would
+    be answered with the client's); one under `dispute:`, the refund a dispute is resolved with (the officer would
+    get a 409). Refused before anything is read or written."""
+    from sqlalchemy import func, select
+
+    from core.models import Payment, Refund
+
+    rent = demo["payment_types"]["Monthly Rent"]
+    ussd = await _refused(await admin.req("POST", "/v1/payments",
+                                          json=payment_body(rent, idempotencyKey="ussd:africastalking:ATUid_1")), 400)
+    assert (ussd["field"], ussd["message"]) == (
+        "idempotencyKey", ["idempotencyKey must not start with 'ussd:': the gateway keys its own USSD payments so"])
+    recorded = await admin.req("POST", "/v1/payments/recorded", json={
+        "paymentTypeId": rent, "amount": 50000, "paymentMethod": "MOBILE_MONEY_MTN", "providerTransactionId": "ST-1",
+        "completedAt": "2026-01-05T10:00:00Z", "note": "from the statement", "idempotencyKey": " ussd:nalo:123456"})
+    assert (await _refused(recorded, 400))["field"] == "idempotencyKey"
+    paid = await admin.json("POST", "/v1/payments", 201, json=payment_body(rent))
+    await complete_payment(rt, paid["id"])
+    refund = await _refused(await admin.req("POST", f"/v1/payments/{paid['id']}/refunds",
+                                            json={"amount": 1000, "idempotencyKey": "dispute:0f9a3c1e"}), 400)
+    assert refund["message"] == [
+        "idempotencyKey must not start with 'dispute:': the gateway keys its own refunds of disputes so"]
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(func.count()).select_from(Payment))).scalar_one() == 1
+        assert (await s.execute(select(func.count()).select_from(Refund))).scalar_one() == 0
+    # Keys merely containing the words are a client's own.
+    await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                     json={"amount": 1000, "idempotencyKey": "refund-for-dispute:42"})
