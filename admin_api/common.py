@@ -189,13 +189,18 @@ def basis_param(rows: str) -> Param:
                              f"newest completion first, even without a period")
 
 
-def by_basis(ctx: Ctx, query: Select[Any], created: Any, completed: Any) -> tuple[Select[Any], Any]:
+def by_basis(ctx: Ctx, query: Select[Any], created: Any, completed: Any,
+             held: Any = None) -> tuple[Select[Any], Any]:
     """`query` and the moment its period and pages go by, per the list's `basis` (basis_param): `created`, or with
     basis=completed `completed`, the rows without one (never moved, or not yet) left out. Set once, never moved or
     cleared after (core.reports._stream), a completedAt orders pages as steadily as a createdAt does; that filter is
-    also the predicate of the super admin's completion index (migration 0014)."""
+    also the predicate of the super admin's completion index (migration 0014). `held`: what else the CSV export's
+    basis=completed keeps a row by (core.reports.payments_csv: a payment's money held, not a recording voided since or
+    a failure reported taken for nothing), so the list and the export of a period hold the same rows; a filter on
+    the index's rows, the index still read."""
     if ctx.query.get("basis") == "completed":
-        return query.where(completed.is_not(None)), completed
+        query = query.where(completed.is_not(None))
+        return (query if held is None else query.where(held)), completed
     return query, created
 
 

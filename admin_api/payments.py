@@ -74,7 +74,7 @@ from core.payments import (
 )
 from core.phone import PhoneError, normalize
 from core.ratelimit import Limit
-from core.state.payment import PaymentStatus
+from core.state.payment import HELD, PaymentStatus
 
 STATUSES = tuple(s.value for s in PaymentStatus)
 
@@ -517,7 +517,10 @@ async def filtered(ctx: Ctx) -> Any:
             except PhoneError:
                 pass  # not a phone number: a bank account or an e-mail, stored as given
         query = query.where(Payment.payment_account_index == ctx.rt.cipher.blind_index(account))
-    query, moment = by_basis(ctx, query, Payment.created_at, Payment.completed_at)
+    # Pages by completion hold the export's rows (money held); a sync by completion keeps the rows whose money left
+    # since (a recording voided): it listed them as collected, and must list the change.
+    syncing = q.get("updatedFrom") is not None or q.get("after") is not None
+    query, moment = by_basis(ctx, query, Payment.created_at, Payment.completed_at, None if syncing else HELD)
     query = matching(ctx, query, {"status": Payment.status, "paymentMethod": Payment.method,
                                   "paymentTypeId": Payment.payment_type_id, "member": Payment.member_id,
                                   "cooperativeId": Payment.cooperative_id}, moment)

@@ -438,9 +438,13 @@ async def inbound(request: web.Request) -> web.Response:
             )
         ).all()
         members = [member for member, _rank in ranked]
+        # The membership the reply speaks for: on a shared code the one whose short code her text begins with, else
+        # the first. A language is a membership's (Jean is English at one cooperative, French at another): the
+        # reply is in that membership's, unless she wrote her keyword in another language than English.
+        named = await _named_membership(session, ranked, named_code)
         language = (
             (keyword_language if keyword_language not in (None, "en") else None)
-            or (members[0].language if members else None)
+            or (named[0].language if named else None)
             or keyword_language
             or "en"
         )
@@ -490,7 +494,6 @@ async def inbound(request: web.Request) -> web.Response:
             # RECEIPT and STATUS answer a member of a suspended cooperative, never a suspended member (_owns):
             # HELP offers them only to a number with a membership that is not suspended. The code to dial is that of
             # the membership the text names on a shared code (as BALANCE), else the one the reply speaks for.
-            named = await _named_membership(session, ranked, named_code)
             asks = any(member.status != "SUSPENDED" for member in members)
             help_ = ("help_inactive" if asks else "help_suspended") if _cannot_pay(named) else "help"
             reply = (help_, {}, named[0].cooperative_id if named else None)
@@ -498,7 +501,6 @@ async def inbound(request: web.Request) -> web.Response:
             # What she owes, of the membership the reply speaks for (built when it is sent: templates.balance_items);
             # a number no member has is told so, one that cannot pay (suspended, or her cooperative) nothing of it.
             # On a shared code, the membership of the cooperative whose short code her text begins with.
-            named = await _named_membership(session, ranked, shortcode_prefix(text, rt.settings.sms_shortcode_keywords))
             if named is None:
                 reply = ("not_member", {}, None)
             elif named[1] >= _INACTIVE_RANK or named[0].status != "ACTIVE":
@@ -506,7 +508,6 @@ async def inbound(request: web.Request) -> web.Response:
             else:
                 reply = ("balance", {}, named[0].cooperative_id)
         else:
-            named = await _named_membership(session, ranked, named_code)
             reply = ("unknown_inactive" if _cannot_pay(named) else "unknown", {},
                      named[0].cooperative_id if named else None)
 

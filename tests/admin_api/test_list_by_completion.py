@@ -4,6 +4,8 @@ for in October and paid in November is November's."""
 
 from __future__ import annotations
 
+import csv
+import io
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -121,3 +123,57 @@ async def test_a_basis_the_list_does_not_know_is_a_400(admin, demo, path):
         assert {k: bad[k] for k in ("statusCode", "error", "code", "message", "path")} == {
             "statusCode": 400, "error": "Bad Request", "code": "VALIDATION_FAILED",
             "message": ["basis must be one of: created, completed"], "path": f"{path}?basis={value}"}, bad
+
+
+async def test_the_list_by_completion_holds_the_payments_the_export_holds(admin, superadmin, rt, demo):
+    """Only money held, as payments.csv?basis=completed (the reconciliation's `settled`) lists it: a recording voided
+    since, and a payment that failed and was then reported taken in another currency or for nothing, keep their
+    completedAt but hold nothing, and are in neither; money taken after a failure is in both."""
+    from core.money import Money
+    from core.payments import apply_collection_outcome
+    from core.ports import ProviderOutcome
+    from tests.admin_api.test_payment_void import _line
+
+    async def failed_then_taken(taken: Money) -> str:
+        payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+        provider = Actor("provider:test", "provider")
+        for outcome in (ProviderOutcome.FAILED, ProviderOutcome.SUCCEEDED):
+            async with rt.sessionmaker.begin() as s:
+                await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), outcome, actor=provider,
+                                               reason="payer declined", amount=taken,
+                                               provider_transaction_id=f"MTN-{taken.minor}-{taken.currency}")
+        return str(payment["id"])
+
+    paid = await _paid(admin, rt, demo, "2026-10-15T08:00:00", "2026-10-15T08:01:00")
+    held = await failed_then_taken(Money(50_000, "RWF"))
+    other_currency = await failed_then_taken(Money(40_00, "USD"))
+    nothing = await failed_then_taken(Money(0, "RWF"))
+    voided = (await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo)))["id"]
+    await admin.json("POST", f"/v1/payments/{voided}/void", 200, json={"note": "wrong statement line"})
+    async with rt.sessionmaker() as s:
+        assert all([(await s.get(Payment, p)).completed_at for p in (other_currency, nothing, voided)])
+
+    for caller in (admin, superadmin):
+        exported = [row["id"] for row in csv.DictReader(io.StringIO(
+            await (await caller.req("GET", "/v1/reports/payments.csv?basis=completed")).text()))]
+        assert sorted(exported) == sorted([paid, held])
+        listed = await caller.json("GET", "/v1/payments?basis=completed&limit=100", 200)
+        assert sorted(p["id"] for p in listed["data"]) == sorted(exported) and listed["meta"]["total"] == 2
+        assert await _ids(caller, "/v1/payments?basis=completed&status=VOIDED") == []
+        assert await _ids(caller, "/v1/payments?status=VOIDED") == [voided]  # still listed by creation
+
+
+async def test_a_sync_by_completion_lists_a_recording_voided_since(admin, demo, monkeypatch):
+    """An ERP syncing by completion credited the recording: its void is a change it must be given, though the pages
+    by completion (the export's rows) no longer hold it."""
+    from tests.admin_api.test_payment_void import _line
+
+    monkeypatch.setattr("admin_api.common.SYNC_LAG", timedelta(0))
+    path = "/v1/payments?updatedFrom=2000-01-01T00:00:00Z&basis=completed"
+    recorded = (await admin.json("POST", "/v1/payments/recorded", 201, json=_line(demo)))["id"]
+    first = await admin.json("GET", path, 200)
+    assert [(p["id"], p["status"]) for p in first["data"]] == [(recorded, "COMPLETED")]
+    await admin.json("POST", f"/v1/payments/{recorded}/void", 200, json={"note": "wrong statement line"})
+    then = await admin.json("GET", f"{path}&after={first['nextCursor']}", 200)
+    assert [(p["id"], p["status"]) for p in then["data"]] == [(recorded, "VOIDED")]
+    assert await _ids(admin, "/v1/payments?basis=completed") == []

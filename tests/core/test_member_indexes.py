@@ -12,7 +12,7 @@ from sqlalchemy import text
 from core import reminders
 from tests.admin_api.conftest import bearer
 from tests.conftest import make_settings, requires_pg
-from tests.core.test_growth_indexes import OTHER_COOP, _plans, _statements, pg_indexes, sqlite_indexes
+from tests.core.test_growth_indexes import OTHER_COOP, _list_plans, _plans, _statements, pg_indexes, sqlite_indexes
 from tests.core.test_reminder_scale import NOW, _cooperative
 
 # name -> "table (columns)[ WHERE predicate]" as pg_get_indexdef prints it.
@@ -153,3 +153,8 @@ async def test_member_chunks_member_list_and_settled_export_read_their_indexes(r
     assert len(lines) == 1 + 2000  # the header and every collected payment
     batches = await _plans(rt, _ordered_by(sent, "ORDER BY payments.completed_at"), "payments")
     assert len(batches) == 5 and all("ix_payments_completed" in plan for plan in batches), "\n\n".join(batches)
+
+    # A super admin's payments list by completion, its rows the export's (money held: core.state.payment.HELD),
+    # counted and paged on the same index.
+    listed = await _list_plans(rt, root, "/v1/payments?basis=completed&limit=50&page=3", "payments")
+    assert all("ix_payments_completed" in plan for plan in listed), "\n\n".join(listed)

@@ -19,7 +19,7 @@ from core.audit import Actor
 from core.cooperatives import zone_of
 from core.db import utcnow
 from core.members import create_member, update_member
-from core.models import Cooperative, Member, Payment, PaymentType
+from core.models import Cooperative, Member, Payment, PaymentType, SmsMessage
 from core.phone import mask, normalize
 from core.reminders import current_period, utc_midnight
 from tests.channels.sms.helpers import make_payment
@@ -235,7 +235,7 @@ def test_help_names_balance_in_one_sms(language: str) -> None:
     assert measure(body).encoding == GSM7 and measure(body).segments == 1, body
 
 
-async def _second_membership(rt: Any, phone: str) -> str:
+async def _second_membership(rt: Any, phone: str, language: str = "en") -> str:
     """`phone`'s membership of a second cooperative (OTHER, on the same shared code), with one fixed monthly type."""
     async with rt.sessionmaker.begin() as s:
         coop = Cooperative(name="Other Coop", short_code="OTHER", country="RW", currency="RWF",
@@ -245,7 +245,7 @@ async def _second_membership(rt: Any, phone: str) -> str:
         s.add(PaymentType(cooperative_id=coop.id, name="Shares", amount_minor=7_000, currency="RWF",
                           is_recurring=True, recurring_interval="MONTHLY", due_day=5, is_active=True))
         await create_member(s, rt.cipher, cooperative_id=coop.id, name="Jean Other", phone=normalize(phone),
-                            language="en", actor=SYSTEM)
+                            language=language, actor=SYSTEM)
         return coop.id
 
 
@@ -411,3 +411,28 @@ async def test_a_member_of_two_cooperatives_gets_the_help_of_the_one_her_text_na
     assert "*384*123*77#" not in khhc and khhc.startswith("Dial *384*123"), khhc
     unknown = await ask(client, sim, worker, JEAN, "OTHER hello", "help-two-3")
     assert unknown == "Sorry, we did not understand. Send OTHER HELP or dial *384*123*77#.", unknown
+
+
+async def test_a_member_of_two_cooperatives_is_answered_in_the_language_of_the_one_her_text_names(
+    rt: Any, demo: dict[str, Any], aiohttp_client: Any, sim: Any, worker: Any,
+) -> None:
+    """A member's language is her membership's: Jean is English at KHHC and French at OTHER. HELP, BALANCE and the
+    reply to a word not understood speak for the membership her text's short code names, in its language (they
+    named OTHER's code in KHHC's English); a keyword written in another language than English still answers in
+    that language."""
+    await _second_membership(rt, JEAN, language="fr")
+    rt.settings = dataclasses.replace(rt.settings, sms_shortcode_keywords=("KHHC", "OTHER"))
+    client = await aiohttp_client(create_app(rt.settings, runtime=rt))
+    other = await ask(client, sim, worker, JEAN, "OTHER HELP", "lang-two-1")
+    assert other.startswith("Composez *384*123*77# pour payer. SMS: OTHER RECU <réf>"), other
+    unknown = await ask(client, sim, worker, JEAN, "OTHER hello", "lang-two-2")
+    assert unknown == "Message non compris. Envoyez OTHER AIDE ou composez *384*123*77#.", unknown
+    balance = await ask(client, sim, worker, JEAN, "OTHER BAL", "lang-two-3")
+    assert balance == "Reste à payer (OTHER): Shares 7 000 RWF. Composez *384*123*77#.", balance
+    khhc = await ask(client, sim, worker, JEAN, "KHHC HELP", "lang-two-4")
+    assert khhc.startswith("Dial *384*123") and "*77#" not in khhc, khhc
+    async with rt.sessionmaker() as s:
+        languages = (await s.execute(select(SmsMessage.template, SmsMessage.language).order_by(SmsMessage.created_at)
+                                     )).all()
+    assert [tuple(row) for row in languages] == [
+        ("help", "fr"), ("unknown", "fr"), ("balance", "fr"), ("help", "en")], languages
