@@ -245,6 +245,18 @@ def http_error(provider: str, operation: str, response: httpx.Response, detail: 
                          code=f"HTTP_{status}")
 
 
+def taken_unconfirmed(provider: str, operation: str, response: httpx.Response, then: str, *,
+                      label: str | None = None) -> ProviderTimeout:
+    """A request that moves money answered 2xx, but not as the provider documents its acceptance (MTN's 200 or 201
+    for its 202, Airtel's 201 for its 200, or a 2xx without the body that says accepted). A 2xx says the provider
+    took the request: failing the payment (or refund) could fail one whose money moves, and sending it again could
+    move it twice. As unanswered: its status settles it (`then` says how). `label`: the provider as its errors
+    name it (its key by default)."""
+    PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
+    return ProviderTimeout(f"{label or provider} {operation.replace('_', ' ')} answered HTTP {response.status_code}, "
+                           f"not as documented: it may have been taken; {then}")
+
+
 def json_body(response: httpx.Response) -> dict[str, Any]:
     """The answer as a JSON object, or {} when it is empty or not JSON."""
     if not response.content:

@@ -65,6 +65,10 @@ class TokenCache:
         if not task.cancelled():
             task.exception()  # read here: a failure whose callers all left is not reported as never retrieved
 
-    def invalidate(self) -> None:
-        self._token = None
-        self._expires = 0.0
+    def invalidate(self, token: str) -> None:
+        """`token` was refused (a 401): dropped, unless another caller has already replaced it. Each caller that
+        sent with the revoked token gets its 401; were each to drop whatever is cached, one answered after the
+        new token arrived would drop that fresh one too, and every such caller would fetch a token of its own."""
+        if self._token == token:
+            self._token = None
+            self._expires = 0.0

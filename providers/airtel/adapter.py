@@ -33,7 +33,7 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
-from providers.calls import http_error, json_body, send, timeout_from
+from providers.calls import http_error, json_body, send, taken_unconfirmed, timeout_from
 from providers.tokens import TokenCache
 
 log = logging.getLogger("gateway.providers.airtel")
@@ -49,6 +49,13 @@ STATUS: dict[str, ProviderOutcome] = {
     "TE": ProviderOutcome.EXPIRED,
 }
 DUPLICATE = "ESB000041"  # the transaction id was used before: our earlier request stands
+# Response codes (status.response_code) by which Airtel says a transaction is not settled yet, whatever its success
+# flag says: DP00800001000 "Ambiguous" (still processing: do the transaction enquiry), DP00800001006 "In process",
+# DP00800001024 "Transaction timed out" (Airtel's disbursement list says a timed-out one may have been processed or
+# failed). Its money may still move, so it is never failed: as unanswered, the status enquiry settles a collection
+# (a refund, having no enquiry, waits for a person). The other DP008 codes (incorrect PIN, not enough balance,
+# refused, do not honour, expired...) are definite failures.
+IN_DOUBT = frozenset({"DP00800001000", "DP00800001006", "DP00800001024"})
 # The status enquiry says Airtel has no transaction with our id: HTTP 404 (our recorded answer: 404, ESB000008
 # "Transaction not found"), or this result code ("No transaction found with provided transaction id", in Airtel's
 # code list, where ESB000008 alone is "Field validation"). Any other refusal (ESB000001 "Something went wrong",
@@ -125,6 +132,11 @@ def _unreadable(operation: str, then: str) -> ProviderTimeout:
                            f"carried out; {then}")
 
 
+def _in_doubt(operation: str, answer: Mapping[str, Any], then: str) -> ProviderTimeout:
+    """A request that moves money answered with a response code of IN_DOUBT: it may be carried out yet."""
+    return ProviderTimeout(f"Airtel Money {operation} not settled yet: {_detail(answer)}; {then}")
+
+
 def _outcome(status: object) -> ProviderOutcome:
     if not isinstance(status, str) or status not in STATUS:
         raise UnknownStatus(f"unknown Airtel Money status {status!r}")
@@ -193,7 +205,7 @@ class AirtelAdapter:
                                   headers=headers, json=body)
             if response.status_code == 401 and attempt == 1:
                 # Nothing was processed under a rejected token; the same id may go again.
-                self._tokens.invalidate()
+                self._tokens.invalidate(token)
                 continue
             return response, json_body(response)
         raise AssertionError("unreachable")
@@ -239,11 +251,16 @@ class AirtelAdapter:
         if block.get("result_code") == DUPLICATE:
             log.info("Airtel Money already has this transaction id", extra=log_extra)
             return CollectionAccepted()
-        if response.status_code == 200 and _succeeded(block):
+        if response.is_success and _succeeded(block):
             log.info("Airtel Money accepted collection", extra=log_extra)
             return CollectionAccepted()
+        if response.is_success and block.get("response_code") in IN_DOUBT:
+            raise _in_doubt("collection", answer, "ask the status, do not send again")
         if response.status_code == 200 and not block:
             raise _unreadable("collection", "ask the status, do not send again")
+        if response.is_success and response.status_code != 200:
+            raise taken_unconfirmed(NAME, "collection", response, "ask the status, do not send again",
+                                    label="Airtel Money")
         if response.status_code == 200:
             # 200 with success false: Airtel refused the request itself.
             PROVIDER_ERRORS.labels(provider=NAME, operation="collection").inc()
@@ -291,12 +308,16 @@ class AirtelAdapter:
                                             currency=currency, creates=True, body=body)
         block = _status_block(answer)
         tx = _transaction(answer)
-        if response.status_code == 200 and _succeeded(block):
+        if response.is_success and _succeeded(block):
             log.info("Airtel Money refunded", extra={"provider_reference": request.provider_reference})
             return SettledRefund(provider_transaction_id=tx.get("airtel_money_id") or None,
                                  outcome=ProviderOutcome.SUCCEEDED)
+        if response.is_success and block.get("response_code") in IN_DOUBT:
+            raise _in_doubt("refund", answer, "not sent again")
         if response.status_code == 200 and not block:
             raise _unreadable("refund", "not sent again")
+        if response.is_success and response.status_code != 200:
+            raise taken_unconfirmed(NAME, "refund", response, "not sent again", label="Airtel Money")
         if response.status_code == 200:
             PROVIDER_ERRORS.labels(provider=NAME, operation="refund").inc()
             raise ProviderError(f"Airtel Money refused the refund: {_detail(answer)}", retryable=False,

@@ -40,9 +40,15 @@ def _status(code: str, message: str, result_code: str, *, success: bool,
             "success": success}
 
 
-def _refusal(http_status: int, message: str, result_code: str) -> web.Response:
+# Airtel's collection response codes for a definite refusal: DP00800001000 is "ambiguous: do the transaction
+# enquiry" (providers.airtel.adapter.IN_DOUBT), never a refusal.
+REFUSED = "DP00800001008"
+NOT_FOUND = "DP00800001025"
+
+
+def _refusal(http_status: int, message: str, result_code: str, response_code: str = REFUSED) -> web.Response:
     return web.json_response({"data": {}, "status": _status(str(http_status), message, result_code,
-                                                             success=False, response_code="DP00800001000")},
+                                                             success=False, response_code=response_code)},
                              status=http_status)
 
 
@@ -157,7 +163,7 @@ async def _status_enquiry(request: web.Request) -> web.Response:
         return denied
     record = request.app[TRANSACTIONS].get(request.match_info["id"])
     if record is None:
-        return _refusal(404, "Transaction not found", "ESB000008")
+        return _refusal(404, "Transaction not found", "ESB000008", NOT_FOUND)
     tx = {"airtel_money_id": record["airtel_money_id"] or "", "id": record["id"],
           "message": record["message"], "status": record["status"]}
     return web.json_response({"data": {"transaction": tx},
@@ -179,12 +185,13 @@ async def _refund(request: web.Request) -> web.Response:
         return _refusal(400, "transaction.airtel_money_id is required", "ESB000001")
     record = next((r for r in request.app[TRANSACTIONS].values() if r["airtel_money_id"] == money_id), None)
     if record is None:
-        return _refusal(404, "Transaction not found", "ESB000008")
+        return _refusal(404, "Transaction not found", "ESB000008", NOT_FOUND)
     if record["status"] != "TS" or record["refunded"]:
+        # ESB000011 "Failed": ESB000045 is Airtel's "no transaction found with the provided id", which the status
+        # enquiry reads as never sent (providers.airtel.adapter.NOT_FOUND_CODE).
         return web.json_response({"data": {"transaction": {"airtel_money_id": money_id, "status": "FAILED"}},
                                   "status": _status("200", "Transaction is not eligible for refund",
-                                                    "ESB000045", success=False,
-                                                    response_code="DP00800001000")})
+                                                    "ESB000011", success=False, response_code=REFUSED)})
     record["refunded"] = True
     await state.hang()
     refund = {"airtel_money_id": "RF" + new_id(12), "status": "SUCCESS"}

@@ -212,10 +212,12 @@ class IremboPayAdapter:
         except ProviderTimeout as exc:
             raise ProviderTimeout(str(exc), provider_transaction_id=invoice_number) from exc
         answer = self._json(resp)
-        if resp.status_code in (200, 201) and answer.get("success") is not False:
-            return
+        if resp.is_success and answer.get("success") is not False:
+            return  # 200 or 201, or any other 2xx: IremboPay took the push
         error = self._error("push", resp, answer)
-        if error.code in _PUSH_SETTLED_BY_STATUS or (resp.status_code >= 500 and error.code not in ERRORS):
+        # A 2xx or a 5xx without one of IremboPay's definite codes: the payer may be prompted.
+        if error.code in _PUSH_SETTLED_BY_STATUS or ((resp.is_success or resp.status_code >= 500)
+                                                      and error.code not in ERRORS):
             raise ProviderTimeout(f"{error}; ask the invoice status, do not push again",
                                   provider_transaction_id=invoice_number) from error
         raise error

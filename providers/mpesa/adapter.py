@@ -306,7 +306,11 @@ class MpesaAdapter:
             # or the payment's settling grace ends it, never "payment failed" while the payer may be approving.
             raise self._unanswered("stk_push", "answer has no CheckoutRequestID we can read: the push may have "
                                                "gone out; ask the status, do not send again")
-        if resp.status_code != 200 or str(answer.get("ResponseCode")) != "0":
+        if resp.is_success and resp.status_code != 200 and (str(answer.get("ResponseCode")) != "0" or not checkout):
+            # Taken (2xx), but not Daraja's documented 200 acceptance: as unanswered, never "payment failed".
+            raise self._unanswered("stk_push", f"answered HTTP {resp.status_code} without an acceptance we can read: "
+                                               "the push may have gone out; ask the status, do not send again")
+        if not resp.is_success or str(answer.get("ResponseCode")) != "0":
             raise self._error("stk_push", resp, answer)
         assert isinstance(checkout, str)
         log.info("mpesa stk push accepted", extra={"checkout_request_id": checkout,
@@ -374,7 +378,12 @@ class MpesaAdapter:
             # As for the STK push: the reversal may have been taken; its Result finds the refund by our `ref`.
             raise self._unanswered("reversal", "answer has no ConversationID we can read: the reversal may have "
                                                "been taken; wait for its Result, do not send again")
-        if resp.status_code != 200 or str(answer.get("ResponseCode")) != "0":
+        if resp.is_success and resp.status_code != 200 and (str(answer.get("ResponseCode")) != "0"
+                                                            or not conversation):
+            raise self._unanswered("reversal", f"answered HTTP {resp.status_code} without an acceptance we can "
+                                               "read: the reversal may have been taken; wait for its Result, do not "
+                                               "send again")
+        if not resp.is_success or str(answer.get("ResponseCode")) != "0":
             raise self._error("reversal", resp, answer)
         assert isinstance(conversation, str)
         log.info("mpesa reversal accepted", extra={"conversation_id": conversation,
@@ -557,7 +566,7 @@ class MpesaAdapter:
             if resp.status_code != 401 and self._json(resp).get("errorCode") != _INVALID_TOKEN:
                 return resp
             # A revoked or expired token was refused before anything ran: fetch a new one once.
-            self._tokens.invalidate()
+            self._tokens.invalidate(token)
         assert resp is not None
         return resp
 

@@ -29,7 +29,7 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
-from providers.calls import http_error, json_body, send, timeout_from, with_query
+from providers.calls import http_error, json_body, send, taken_unconfirmed, timeout_from, with_query
 from providers.tokens import TokenCache
 
 log = logging.getLogger("gateway.providers.mtn_momo")
@@ -207,7 +207,7 @@ class MtnMomoAdapter:
                                   headers=all_headers, json=body)
             if response.status_code == 401 and attempt == 1:
                 # A 401 means nothing was processed, so sending the same reference again is safe.
-                self._tokens[product].invalidate()
+                self._tokens[product].invalidate(token)
                 continue
             return response
         raise AssertionError("unreachable")
@@ -249,6 +249,9 @@ class MtnMomoAdapter:
             # We sent this reference before (a retry after a lost answer): the first request stands.
             log.info("MTN MoMo already has this request to pay", extra=log_extra)
             return CollectionAccepted()
+        if response.is_success:
+            raise taken_unconfirmed(NAME, "request_to_pay", response, "ask the status, do not send again",
+                                    label="MTN MoMo")
         raise http_error(NAME, "request_to_pay", response, _detail(response))
 
     async def collection_status(self, provider_reference: str, provider_transaction_id: str | None,
@@ -284,6 +287,8 @@ class MtnMomoAdapter:
             log.info("MTN MoMo accepted refund", extra={"provider_reference": request.provider_reference,
                                                        "duplicate": response.status_code == 409})
             return CollectionAccepted()
+        if response.is_success:
+            raise taken_unconfirmed(NAME, "refund", response, "ask its status, do not send again", label="MTN MoMo")
         raise http_error(NAME, "refund", response, _detail(response))
 
     async def refund_status(self, provider_reference: str, currency: str) -> StatusResult:

@@ -87,7 +87,7 @@ async def test_an_airtel_refund_lost_after_its_stamp_is_not_sent_again_after_a_f
     await _lose_worker_mid_call(rt, lambda: wire.sent("POST", AIRTEL_REFUND), "refund.submit")
     wire.on("POST", AIRTEL_REFUND, 200, {
         "data": {"transaction": {"airtel_money_id": "MP210603.1234.A12345", "status": "FAILED"}},
-        "status": {"code": "200", "message": "Transaction is not eligible for refund", "result_code": "ESB000045",
+        "status": {"code": "200", "message": "Transaction is not eligible for refund", "result_code": "ESB000011",
                    "success": False}})
     left = _fails(monkeypatch, "transition", 1)
     worker = create_worker(rt)

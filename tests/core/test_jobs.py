@@ -302,7 +302,7 @@ async def test_refund_cut_off_by_the_worker_is_asked_about_not_sent_again(rt, de
     assert submit.status == "PENDING" and submit.last_error.startswith(INTERRUPTED)
     wire.on("POST", AIRTEL_REFUND, 200, {
         "data": {"transaction": {"airtel_money_id": "MP210603.1234.A12345", "status": "FAILED"}},
-        "status": {"code": "200", "message": "Transaction is not eligible for refund", "result_code": "ESB000045",
+        "status": {"code": "200", "message": "Transaction is not eligible for refund", "result_code": "ESB000011",
                    "success": False}})
     await due_now(rt, "refund.submit")
     await worker.run_once()

@@ -114,7 +114,7 @@ async def test_a_lost_workers_airtel_refund_is_not_sent_again_nor_failed(rt: Any
     # Sent again, Airtel would refuse it ("not eligible": the first went through) and it would read FAILED.
     wire.on("POST", AIRTEL_REFUND, 200, {
         "data": {"transaction": {"airtel_money_id": "MP210603.1234.A12345", "status": "FAILED"}},
-        "status": {"code": "200", "message": "Transaction is not eligible for refund", "result_code": "ESB000045",
+        "status": {"code": "200", "message": "Transaction is not eligible for refund", "result_code": "ESB000011",
                    "success": False}})
     worker = create_worker(rt)
     await worker.run_once()

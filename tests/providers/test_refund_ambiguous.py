@@ -197,13 +197,13 @@ async def test_an_earlier_reversals_result_completes_a_refund_stored_under_a_lat
 
 async def test_airtel_refund_answered_5xx_is_parked_for_a_person_not_sent_again(rt, demo, worker):
     wire, payment = await airtel_collected(rt, demo, "key-airtel-5xx")
-    # Airtel refunded, but its gateway answered 502; sent again, the refund is "not eligible" (ESB000045).
+    # Airtel refunded, but its gateway answered 502; sent again, the refund is "not eligible" (ESB000011).
     wire.on("POST", AIRTEL_REFUND, 502, {"status": {"message": "Bad Gateway", "success": False}})
     refund = await _ask_refund(rt, demo, payment)
     await drain(worker)
     wire.on("POST", AIRTEL_REFUND, 200, {
         "data": {"transaction": {"airtel_money_id": "MP210603.1234.A12345", "status": "FAILED"}},
-        "status": {"code": "200", "message": "Transaction is not eligible for refund", "result_code": "ESB000045",
+        "status": {"code": "200", "message": "Transaction is not eligible for refund", "result_code": "ESB000011",
                    "success": False}})
     await due_now(rt, "refund.submit")
     await due_now(rt, "refund.poll")
