@@ -53,6 +53,11 @@ ENDPOINT = out(
         "previousSecretValidUntil": NULL_DATETIME,
         # Every replaced secret still signing deliveries, newest first: when each stops.
         "previousSecrets": {"type": "array", "items": out({"validUntil": DATETIME})},
+        "domainStatus": {
+            "type": ["string", "null"], "enum": ["APPROVED", "PENDING", "REJECTED", None],
+            "description": "the status of the cooperative's request for the URL's domain: anything but APPROVED "
+            "holds its deliveries (heldReason domain_not_approved) until a super admin approves it",
+        },
         "createdAt": DATETIME,
         "updatedAt": DATETIME,
     }
@@ -89,6 +94,14 @@ DELIVERY = out(
                         "description": "what the event is about (its data's `id` is that entity's id)"},
         "subjectId": {"type": ["string", "null"], "description": "the payment, refund or dispute id"},
         "status": {"enum": list(webhooks.DELIVERY_STATUSES)},
+        "heldReason": {
+            "type": ["string", "null"],
+            "enum": [webhooks.HELD_SWITCHED_OFF, webhooks.HELD_DOMAIN_NOT_APPROVED, None],
+            "description": "a PENDING delivery that is not being sent, and why: endpoint_switched_off (sent when "
+            "the endpoint is enabled), domain_not_approved (the URL's domain was rejected or is pending: sent when "
+            "a super admin approves it). Held deliveries keep their attempts and are not given up while held. "
+            "null: delivered, given up, or sent (or retried) when due",
+        },
         "attempts": {"type": "array", "items": ATTEMPT},
         "createdAt": DATETIME,
         "deliveredAt": NULL_DATETIME,
@@ -133,7 +146,7 @@ def present_domain(d: ApprovedDomain) -> dict[str, Any]:
     }
 
 
-def present_endpoint(e: WebhookEndpoint) -> dict[str, Any]:
+def present_endpoint(e: WebhookEndpoint, domain_status: str | None) -> dict[str, Any]:
     previous = [iso(webhooks.secret_expiry(entry)) for entry in webhooks.live_previous_secrets(e)]
     return {
         "id": e.id,
@@ -145,6 +158,7 @@ def present_endpoint(e: WebhookEndpoint) -> dict[str, Any]:
         "disabledAt": iso(e.disabled_at),
         "previousSecretValidUntil": previous[0] if previous else None,
         "previousSecrets": [{"validUntil": until} for until in previous],
+        "domainStatus": domain_status,
         "createdAt": iso(e.created_at),
         "updatedAt": iso(e.updated_at),
     }
@@ -158,7 +172,13 @@ def present_attempt(attempt: dict[str, Any]) -> dict[str, Any]:
             "latencyMs": attempt.get("latency_ms", 0), "error": attempt.get("error")}
 
 
-def present_delivery(d: WebhookDelivery) -> dict[str, Any]:
+async def endpoint_out(ctx: Ctx, e: WebhookEndpoint) -> dict[str, Any]:
+    """present_endpoint, with its domain's status read."""
+    return present_endpoint(e, await webhooks.domain_status(ctx.session, e.cooperative_id, e.url))
+
+
+def present_delivery(d: WebhookDelivery, held: str | None = None) -> dict[str, Any]:
+    """`held`: why its endpoint's PENDING deliveries are held (webhooks.held_reason), shown on a PENDING one."""
     subject_type, subject_id = webhooks.event_subject(d.event_type, d.payload)
     return {
         "id": d.id,
@@ -168,6 +188,7 @@ def present_delivery(d: WebhookDelivery) -> dict[str, Any]:
         "subjectType": subject_type,
         "subjectId": subject_id,
         "status": d.status,
+        "heldReason": held if d.status == "PENDING" else None,
         "attempts": [present_attempt(a) for a in d.attempts or [] if isinstance(a, dict)],
         "createdAt": iso(d.created_at),
         "deliveredAt": iso(d.delivered_at),
@@ -225,21 +246,37 @@ async def create_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         embedded=ctx.rt.settings.is_embedded,
     )
     await ctx.session.commit()
-    response = json_response({**present_endpoint(endpoint), "secret": secret}, status=201)
+    response = json_response({**await endpoint_out(ctx, endpoint), "secret": secret}, status=201)
     response.headers["Cache-Control"] = "no-store"
     return response
 
 
 async def list_endpoints(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     query = ctx.who.scope(select(WebhookEndpoint), WebhookEndpoint)
+    statuses: dict[tuple[str, str], str] = {}
+
+    async def domains(rows: Any) -> None:  # the page's domains, in one query
+        if not rows:
+            return
+        found = await ctx.session.execute(
+            select(ApprovedDomain.cooperative_id, ApprovedDomain.domain, ApprovedDomain.status).where(
+                ApprovedDomain.cooperative_id.in_({e.cooperative_id for e in rows}),
+                ApprovedDomain.domain.in_({webhooks.endpoint_host(e.url) for e in rows}),
+            )
+        )
+        statuses.update({(coop, domain): status for coop, domain, status in found.all()})
+
     return await paged(
-        ctx, query.order_by(WebhookEndpoint.created_at.desc(), WebhookEndpoint.id), present_endpoint
+        ctx,
+        query.order_by(WebhookEndpoint.created_at.desc(), WebhookEndpoint.id),
+        lambda e: present_endpoint(e, statuses.get((e.cooperative_id, webhooks.endpoint_host(e.url)))),
+        domains,
     )
 
 
 async def get_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     return json_response(
-        present_endpoint(await one(ctx, WebhookEndpoint, request.match_info["id"], "webhook endpoint"))
+        await endpoint_out(ctx, await one(ctx, WebhookEndpoint, request.match_info["id"], "webhook endpoint"))
     )
 
 
@@ -255,7 +292,7 @@ async def update_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         embedded=ctx.rt.settings.is_embedded,
     )
     await ctx.session.commit()
-    return json_response(present_endpoint(endpoint))
+    return json_response(await endpoint_out(ctx, endpoint))
 
 
 async def disable_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -264,7 +301,7 @@ async def disable_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse
         ctx.session, endpoint_id=endpoint.id, cooperative_id=endpoint.cooperative_id, actor=ctx.who.actor
     )
     await ctx.session.commit()
-    return json_response(present_endpoint(endpoint))
+    return json_response(await endpoint_out(ctx, endpoint))
 
 
 async def enable_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -273,7 +310,7 @@ async def enable_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         ctx.session, endpoint_id=endpoint.id, cooperative_id=endpoint.cooperative_id, actor=ctx.who.actor
     )
     await ctx.session.commit()
-    return json_response(present_endpoint(endpoint))
+    return json_response(await endpoint_out(ctx, endpoint))
 
 
 async def rotate_secret(request: web.Request, ctx: Ctx) -> web.StreamResponse:
@@ -289,7 +326,7 @@ async def rotate_secret(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         overlap=overlap,
     )
     await ctx.session.commit()
-    response = json_response({**present_endpoint(endpoint), "secret": secret})
+    response = json_response({**await endpoint_out(ctx, endpoint), "secret": secret})
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -303,7 +340,8 @@ async def list_deliveries(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     )
     if ctx.query.get("status"):  # e.g. FAILED: what a receiver that was down has missed
         query = query.where(WebhookDelivery.status == ctx.query["status"])
-    return await paged(ctx, query, present_delivery)
+    held = await webhooks.held_reason(ctx.session, endpoint)
+    return await paged(ctx, query, lambda d: present_delivery(d, held))
 
 
 PAGING = {"page": PAGE, "limit": LIMIT}

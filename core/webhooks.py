@@ -20,6 +20,13 @@ held is marked FAILED. Both are status DISABLED; which one is read from the endp
 `webhook_endpoint.disabled` audit event (`after.reason`: "failures" or "deleted"). An endpoint's events and URL
 can be changed (PATCH, update_endpoint): what it held or was retrying of an event it no longer gets is marked
 FAILED the same way; the rest goes to the URL as it is when sent.
+
+A delivery is sent only while its endpoint's domain is approved for the cooperative, checked again at each
+send: once a super admin rejects the domain (or it is asked for again, pending), its deliveries are held PENDING
+as a switched-off endpoint's are, whether first tries, retries or resumed: not sent, no attempt recorded, their
+three days not running. Approving the domain again queues them (resume_for_domain), with three fresh days; the
+admin actions that end deliveries (DELETE, a change of events) end them too. One already being sent when the
+domain is rejected finishes (a 2xx is DELIVERED, never sent again).
 """
 
 from __future__ import annotations
@@ -59,7 +66,16 @@ from core.db import (
 from core.errors import INVALID_STATE, WEBHOOK_URL_TAKEN, Conflict, Forbidden, NotFound, ValidationError
 from core.http import STATUS_ONLY, not_public
 from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
-from core.outbox import Job, NewJob, PermanentJobError, RetryLater, end_waiting, enqueue, enqueue_many
+from core.outbox import (
+    Job,
+    NewJob,
+    PermanentJobError,
+    RetryLater,
+    end_waiting,
+    enqueue,
+    enqueue_many,
+    finish_unsent,
+)
 from core.text import is_number
 
 if TYPE_CHECKING:
@@ -102,6 +118,11 @@ DISABLE_AFTER_FAILING_FOR = timedelta(hours=24)
 # Why an endpoint is DISABLED, in its `webhook_endpoint.disabled` audit event's `after.reason`.
 REASON_FAILURES = "failures"  # switched off by the worker: deliveries held and recorded, resumed on enable
 REASON_DELETED = "deleted"  # DELETE by an admin: nothing new recorded, held deliveries marked FAILED
+# Why a PENDING delivery is held rather than sent (GET .../deliveries `heldReason`): its endpoint was switched off
+# after failures (sent when it is enabled), or its URL's domain is not approved for the cooperative (rejected, or
+# asked for again and pending: sent when a super admin approves it).
+HELD_SWITCHED_OFF = "endpoint_switched_off"
+HELD_DOMAIN_NOT_APPROVED = "domain_not_approved"
 # Held deliveries sent again when an endpoint is enabled: this many a second, oldest first, so that a day's
 # backlog neither floods the receiver that just came back nor holds up the outbox's other jobs.
 RESUME_PER_SECOND = 20
@@ -298,7 +319,12 @@ async def approve_domain(
     row.status = "APPROVED" if approve else "REJECTED"
     row.decided_by = actor.id
     row.decided_at = utcnow()
-    await session.flush()
+    await session.flush()  # the row locked (PostgreSQL; SQLite's write lock) until commit: see _hold_for_domain
+    after: dict[str, Any] = {"status": row.status, "domain": row.domain}
+    if approve:
+        # What was held while it was not approved goes out now (rejecting needs nothing: each delivery is held
+        # when its turn comes, deliver).
+        after["resumedDeliveries"] = await resume_for_domain(session, row)
     await record(
         session,
         actor=actor,
@@ -306,10 +332,59 @@ async def approve_domain(
         entity_type="approved_domain",
         entity_id=row.id,
         before={"status": before},
-        after={"status": row.status, "domain": row.domain},
+        after=after,
         cooperative_id=row.cooperative_id,
     )
     return row
+
+
+def endpoint_host(url: str) -> str:
+    """The domain an endpoint's URL is on, as check_url read it: lower case, the root's dot ("hooks.example.rw.")
+    dropped, as the domain's was."""
+    try:
+        return (urlparse(url).hostname or "").lower().rstrip(".")
+    except ValueError:  # stored before check_url refused it: on no domain
+        return ""
+
+
+async def domain_status(session: AsyncSession, cooperative_id: str, url: str) -> str | None:
+    """The status of the cooperative's request for the domain `url` is on (APPROVED, PENDING, REJECTED), None
+    when there is none."""
+    return (
+        await session.execute(
+            select(ApprovedDomain.status).where(
+                ApprovedDomain.cooperative_id == cooperative_id, ApprovedDomain.domain == endpoint_host(url)
+            )
+        )
+    ).scalar_one_or_none()
+
+
+async def held_reason(session: AsyncSession, endpoint: WebhookEndpoint) -> str | None:
+    """Why the endpoint's PENDING deliveries are held, not sent (as deliver finds it): HELD_SWITCHED_OFF,
+    HELD_DOMAIN_NOT_APPROVED, or None (sent, or retried, when due; a deleted endpoint holds nothing)."""
+    if endpoint.status != "ACTIVE":
+        return HELD_SWITCHED_OFF if await disabled_for_failures(session, endpoint.id) else None
+    if await domain_status(session, endpoint.cooperative_id, endpoint.url) != "APPROVED":
+        return HELD_DOMAIN_NOT_APPROVED
+    return None
+
+
+async def resume_for_domain(session: AsyncSession, domain: ApprovedDomain) -> int:
+    """Queue the deliveries held while `domain` was not approved: of each ACTIVE endpoint of its cooperative on
+    it, those PENDING with no job waiting or running (_resume_unqueued). One switched off after failures keeps
+    holding until it is enabled."""
+    endpoints = (
+        await session.execute(
+            select(WebhookEndpoint).where(
+                WebhookEndpoint.cooperative_id == domain.cooperative_id, WebhookEndpoint.status == "ACTIVE"
+            )
+        )
+    ).scalars().all()
+    resumed = 0
+    for endpoint in endpoints:
+        if endpoint_host(endpoint.url) == domain.domain:
+            resumed += await _resume_unqueued(session, endpoint)
+    return resumed
 
 
 # An event also sent to the endpoints of the event it follows: a system told a payment failed is told when the
@@ -519,10 +594,11 @@ async def update_endpoint(
     deliveries. Both are checked as at registration (the event list; https, no credentials, a domain approved
     for the cooperative).
 
-    Deliveries still pending (retrying, or held while the endpoint is switched off after failures) of an event
-    it no longer gets (still_subscribed) are given up, marked FAILED as DELETE marks all of them: taking an
-    event off the list is how a cooperative stops receiving it, those already queued included. The others stay
-    pending and go to the URL as it is when each is sent (deliver reads it then), signed as before. A new URL
+    Deliveries still pending (retrying, or held while the endpoint is switched off after failures or its domain
+    is not approved) of an event it no longer gets (still_subscribed) are given up, marked FAILED as DELETE marks
+    all of them: taking an event off the list is how a cooperative stops receiving it, those already queued
+    included. The others stay pending and go to the URL as it is when each is sent (deliver reads it then),
+    signed as before; those held for the old URL's domain are queued again for the new one. A new URL
     starts a new streak of failures (those counted were the old URL's); the status is left as it is, so one
     switched off stays off until it is enabled.
 
@@ -575,6 +651,12 @@ async def update_endpoint(
         values["updated_at"] = WebhookEndpoint.updated_at
     await session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint.id).values(**values))
     await session.refresh(endpoint)
+    after: dict[str, Any] = {"url": endpoint.url, "events": list(endpoint.events or []), "droppedDeliveries": dropped}
+    if "url" in values and endpoint.status == "ACTIVE":
+        # Those held while the old URL's domain was not approved go to the new one, approved (checked above).
+        resumed = await _resume_unqueued(session, endpoint)
+        if resumed:
+            after["resumedDeliveries"] = resumed
     await record(
         session,
         actor=actor,
@@ -582,7 +664,7 @@ async def update_endpoint(
         entity_type="webhook_endpoint",
         entity_id=endpoint.id,
         before=before,
-        after={"url": endpoint.url, "events": list(endpoint.events or []), "droppedDeliveries": dropped},
+        after=after,
         cooperative_id=cooperative_id,
     )
     return endpoint
@@ -808,7 +890,6 @@ async def _resume_held(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
     superseded = await end_waiting(session, OutboxJob.kind == "webhook.deliver",
                                    OutboxJob.dedupe_key.like(f"whd:{endpoint.id}:%"), status="PENDING",
                                    reason="superseded: the endpoint was enabled again")
-    now = utcnow()
     event_ids = (
         await session.execute(
             select(WebhookDelivery.event_id)
@@ -816,12 +897,52 @@ async def _resume_held(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
             .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
         )
     ).scalars().all()
-    stamp = _stamp(now)
+    queued = await _queue_resumed(session, endpoint, list(event_ids), f"resumed:{_stamp(utcnow())}")
+    if queued:
+        log.info("held webhook deliveries resumed", extra={"endpoint_id": endpoint.id, "count": queued,
+                                                           "superseded": superseded})
+    return queued
+
+
+async def _resume_unqueued(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
+    """Queue a resumed job (as _resume_held) for each PENDING delivery of `endpoint` that no 'webhook.deliver' job
+    waits or runs for: those held while its domain was not approved (their jobs ended, see _hold_for_domain).
+    One with a job still live is left to it: a job mid-send when the domain was rejected and approved again
+    finishes its send, and a second job would send the event twice."""
+    live = (
+        select(OutboxJob.id)
+        .where(
+            OutboxJob.kind == "webhook.deliver",
+            OutboxJob.status.in_(("PENDING", "RUNNING")),
+            OutboxJob.dedupe_key.like(f"whd:{endpoint.id}:%"),
+            OutboxJob.payload["event_id"].as_string() == WebhookDelivery.event_id,
+        )
+        .exists()
+    )
+    event_ids = (
+        await session.execute(
+            select(WebhookDelivery.event_id)
+            .where(WebhookDelivery.endpoint_id == endpoint.id, WebhookDelivery.status == "PENDING", ~live)
+            .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
+        )
+    ).scalars().all()
+    # Its own key, to the microsecond: an enable's (to the second) in the same second would take the same one.
+    queued = await _queue_resumed(session, endpoint, list(event_ids), f"unheld:{utcnow().strftime('%Y%m%dT%H%M%S%f')}")
+    if queued:
+        log.info("held webhook deliveries resumed: domain approved", extra={"endpoint_id": endpoint.id,
+                                                                            "count": queued})
+    return queued
+
+
+async def _queue_resumed(session: AsyncSession, endpoint: WebhookEndpoint, event_ids: list[str], tag: str) -> int:
+    """A job for each of `event_ids` (oldest first), RESUME_PER_SECOND a second, each carrying `resumed_at`;
+    `tag` ends their dedupe keys."""
+    now = utcnow()
     jobs = [
         NewJob(
             "webhook.deliver",
             {"endpoint_id": endpoint.id, "event_id": event_id, "resumed_at": now.isoformat()},
-            dedupe_key=f"whd:{endpoint.id}:{event_id}:resumed:{stamp}",
+            dedupe_key=f"whd:{endpoint.id}:{event_id}:{tag}",
             cooperative_id=endpoint.cooperative_id,
             run_at=now + timedelta(seconds=index // RESUME_PER_SECOND),
         )
@@ -829,9 +950,6 @@ async def _resume_held(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
     ]
     for start in range(0, len(jobs), _RESUME_BATCH):
         await enqueue_many(session, jobs[start : start + _RESUME_BATCH])
-    if jobs:
-        log.info("held webhook deliveries resumed", extra={"endpoint_id": endpoint.id, "count": len(jobs),
-                                                           "superseded": superseded})
     return len(jobs)
 
 
@@ -917,8 +1035,7 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
         for endpoint in endpoints:
             if not subscribed(endpoint.events or [], event_type, tuple(payload.get("follows") or ())):
                 continue
-            # As check_url read it: the root's dot ("hooks.example.rw.") dropped, as the domain's was.
-            if (urlparse(endpoint.url).hostname or "").lower().rstrip(".") not in approved:
+            if endpoint_host(endpoint.url) not in approved:
                 log.warning(
                     "webhook endpoint skipped: domain no longer approved",
                     extra={"endpoint_id": endpoint.id, "event_id": event_id},
@@ -1027,6 +1144,9 @@ async def deliver(rt: Runtime, job: Job) -> str:
             and endpoint.status != "ACTIVE"
             and await disabled_for_failures(session, endpoint.id)
         )
+        # Checked at every send, not only at fan-out: a domain rejected after its events were recorded (retries,
+        # deliveries resumed by an enable) must not be sent them.
+        approval = None if endpoint is None else await domain_status(session, endpoint.cooperative_id, endpoint.url)
     if delivery is None or endpoint is None:
         raise PermanentJobError(f"webhook delivery {endpoint_id}/{event_id} not found")
     if delivery.status != "PENDING":
@@ -1046,6 +1166,12 @@ async def deliver(rt: Runtime, job: Job) -> str:
         # the change gave up those it found, not sent.
         await _given_up(rt, delivery.id, "event no longer subscribed")
         return "unsubscribed"
+    url = endpoint.url
+    if approval != "APPROVED":
+        fresh = await _hold_for_domain(rt, job, endpoint, delivery.event_id)
+        if fresh is None:
+            return "held"
+        url = fresh
 
     body = body_bytes(delivery.payload)
     keys = signing_secrets(rt.cipher, endpoint)  # the current secret, and each replaced one while it overlaps
@@ -1059,7 +1185,7 @@ async def deliver(rt: Runtime, job: Job) -> str:
     }
     started = time.perf_counter()
     status_code: int | None = None
-    error = await refused_destination(endpoint.url, embedded=rt.settings.is_embedded)
+    error = await refused_destination(url, embedded=rt.settings.is_embedded)
     if error is None:
         try:
             # The status line is the answer (a 2xx delivers), within DELIVERY_TIMEOUT in all: the body is not
@@ -1068,7 +1194,7 @@ async def deliver(rt: Runtime, job: Job) -> str:
             # the worker cancelled it, nothing recorded, and was sent the event again at each of the job's tries.
             async with asyncio.timeout(DELIVERY_TIMEOUT):
                 response = await _client(rt).post(
-                    endpoint.url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT, follow_redirects=False,
+                    url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT, follow_redirects=False,
                     extensions={STATUS_ONLY: True},
                 )
             status_code = response.status_code
@@ -1122,6 +1248,52 @@ async def deliver(rt: Runtime, job: Job) -> str:
     if give_up:
         raise PermanentJobError(f"webhook {delivery.event_id} not delivered within {RETRY_FOR.days} days")
     raise RetryLater(delay, f"webhook attempt {failed_attempts} failed: {error}")
+
+
+async def _hold_for_domain(rt: Runtime, job: Job, endpoint: WebhookEndpoint, event_id: str) -> str | None:
+    """None when the endpoint's domain is still not approved: the delivery is held, left PENDING with no attempt
+    recorded, and its job ends DONE saying why (GET /v1/jobs); approving the domain queues it again
+    (resume_for_domain). The URL to send it to when its domain was approved meanwhile, or the endpoint's URL
+    changed to one on an approved domain.
+
+    Read again with the endpoint's and the domain's rows locked FOR SHARE (SQLite: the write lock), and the job
+    ended in the same transaction: an approval, or a PATCH to a URL on an approved domain (each locks the row it
+    changes), either commits first, read here, and this job sends, or waits for this job's end, and its resume,
+    which queues only deliveries whose job has ended (_resume_unqueued), finds this one."""
+    async with rt.sessionmaker.begin() as session:
+        await serialise_on_sqlite(session, WebhookEndpoint, endpoint.id)
+        url = (
+            await session.execute(
+                select(WebhookEndpoint.url).where(WebhookEndpoint.id == endpoint.id).with_for_update(read=True)
+            )
+        ).scalar_one_or_none()
+        host = endpoint_host(url or endpoint.url)
+        domain_id = (
+            await session.execute(
+                select(ApprovedDomain.id).where(
+                    ApprovedDomain.cooperative_id == endpoint.cooperative_id, ApprovedDomain.domain == host
+                )
+            )
+        ).scalar_one_or_none()
+        status = None
+        if domain_id is not None:
+            status = (
+                await session.execute(
+                    select(ApprovedDomain.status).where(ApprovedDomain.id == domain_id).with_for_update(read=True)
+                )
+            ).scalar_one_or_none()
+            if status == "APPROVED":
+                return url or endpoint.url
+        state = f"{status.lower()}" if status else "not requested"
+        await finish_unsent(
+            await session.connection(), job,
+            f"held: domain {host} is {state}, not approved; sent when a super admin approves it",
+        )
+    log.warning(
+        "webhook delivery held: domain not approved",
+        extra={"endpoint_id": endpoint.id, "event_id": event_id, "domain": host, "domain_status": status},
+    )
+    return None
 
 
 REPLAYED = "webhook_delivery.replayed"  # audit action: an admin replayed the delivery's parked job

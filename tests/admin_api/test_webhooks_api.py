@@ -181,3 +181,36 @@ async def test_delete_and_enable_of_an_endpoint_switched_off_after_failures(admi
     async with rt.sessionmaker() as s:
         rows = {d.event_id: d.status for d in (await s.execute(select(WebhookDelivery))).scalars()}
     assert rows == {"evt_api": "FAILED"}
+
+
+async def test_deliveries_held_for_a_rejected_domain_say_so(admin, superadmin, rt, demo, worker):
+    """The endpoint shows its domain's status, and each PENDING delivery that is not being sent its heldReason."""
+    from tests.conftest import drain
+    from tests.core.test_webhooks import approved_endpoint
+
+    coop = demo["cooperative_id"]
+    endpoint, _ = await approved_endpoint(rt, coop, "http://127.0.0.1:9/hook", events=["payment.completed"])
+    assert await webhooks.fan_out(rt, {"event_type": "payment.completed", "cooperative_id": coop,
+                                       "event_id": "evt_held", "data": {"id": "p1"}}) == 1
+    path = f"/v1/webhook-endpoints/{endpoint.id}"
+    assert (await admin.json("GET", path, 200))["domainStatus"] == "APPROVED"
+    [queued] = (await admin.json("GET", f"{path}/deliveries", 200))["data"]
+    assert queued["status"] == "PENDING" and queued["heldReason"] is None
+
+    async with rt.sessionmaker() as s:
+        domain_id = (await s.execute(select(ApprovedDomain.id))).scalar_one()
+    await superadmin.json("POST", f"/v1/webhook-domains/{domain_id}/reject", 200, json={})
+    await drain(worker)
+    [held] = (await admin.json("GET", f"{path}/deliveries", 200))["data"]
+    assert held["status"] == "PENDING" and held["heldReason"] == "domain_not_approved" and held["attempts"] == []
+    assert (await admin.json("GET", path, 200))["domainStatus"] == "REJECTED"
+    [listed] = (await admin.json("GET", "/v1/webhook-endpoints", 200))["data"]
+    assert listed["domainStatus"] == "REJECTED"
+
+    await superadmin.json("POST", f"/v1/webhook-domains/{domain_id}/approve", 200, json={})
+    [resumed] = (await admin.json("GET", f"{path}/deliveries", 200))["data"]
+    assert resumed["heldReason"] is None
+    async with rt.sessionmaker() as s:
+        audit = (await s.execute(select(AuditEvent).where(AuditEvent.action == "webhook_domain.approved")
+                                 .order_by(AuditEvent.id.desc()).limit(1))).scalar_one()
+    assert audit.after["resumedDeliveries"] == 1
