@@ -73,6 +73,21 @@ async def early_in_window(window: int = 60, room: float = 10.0) -> None:
         await asyncio.sleep(left + 0.05)
 
 
+async def waiting_for_locks(rt: Any, count: int, wait_event: str | None = None) -> None:
+    """Until `count` transactions of the test database wait for a lock (PostgreSQL; `wait_event`: of that kind only,
+    e.g. 'advisory'). Read on a new connection each time: pg_stat_activity is read once a transaction."""
+    which = " AND wait_event = :event" if wait_event else ""
+    for _ in range(200):
+        async with rt.engine.connect() as probe:
+            waiting = (await probe.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                f"AND datname = current_database(){which}"), {"event": wait_event})).scalar_one()
+        if waiting >= count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{count} transactions never came to wait for a lock")
+
+
 @contextlib.contextmanager
 def sql_sent(rt: Any, shape: Callable[[str], str] = lambda q: " ".join(q.split())) -> Iterator[list[str]]:
     """Every statement the service sends to the database while the block runs, as `shape` gives it.

@@ -14,7 +14,7 @@ from core.models import Dispute, Payment, Refund
 from core.money import Money
 from core.refunds import request_refund
 from tests.admin_api.conftest import complete_payment, idem, make_payment
-from tests.conftest import make_settings, requires_pg
+from tests.conftest import make_settings, requires_pg, waiting_for_locks
 
 ROUNDS = 20
 
@@ -142,7 +142,7 @@ async def test_a_dispute_opened_while_the_refund_waits_for_the_payment_is_noted(
                 return made.id, made.reference
 
         task = asyncio.create_task(refund())
-        await _until_waiting_for_a_lock(rt)
+        await waiting_for_locks(rt, 1)
         await opener.commit()
         refund_id, reference = await task
     finally:
@@ -152,30 +152,6 @@ async def test_a_dispute_opened_while_the_refund_waits_for_the_payment_is_noted(
         linked = await s.get(Refund, refund_id)
     assert linked.dispute_id == dispute.id
     assert [n["actor"] for n in stored.notes] == [actor.id] and reference in stored.notes[0]["text"]
-
-
-async def _until_waiting_for_a_lock(rt) -> None:
-    for _ in range(500):
-        async with rt.sessionmaker() as s:
-            waiting = (await s.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()"))).scalar_one()
-        if waiting:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the refund never waited for the payment's lock")
-
-
-async def _until_waiting(rt, count: int) -> None:
-    for _ in range(500):
-        async with rt.sessionmaker() as s:
-            waiting = (await s.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()"))).scalar_one()
-        if waiting >= count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never {count} transactions waiting for a lock")
 
 
 @requires_pg
@@ -212,9 +188,9 @@ async def test_a_late_success_of_a_refund_made_during_the_dispute_never_deadlock
                                      amount=Money(5000, "RWF"), reason=None, idempotency_key=idem(), actor=actor)
 
         callback = asyncio.create_task(late_success())
-        await _until_waiting(rt, 1)
+        await waiting_for_locks(rt, 1)
         officer = asyncio.create_task(officer_refund())
-        await _until_waiting(rt, 2)
+        await waiting_for_locks(rt, 2)
         await blocker.commit()
         results = await asyncio.gather(callback, officer, return_exceptions=True)
     finally:
@@ -267,9 +243,9 @@ async def test_a_late_success_withdrawing_a_refund_made_during_a_dispute_never_d
                                      amount=Money(5000, "RWF"), reason=None, idempotency_key=idem(), actor=actor)
 
         callback = asyncio.create_task(late_success())
-        await _until_waiting(rt, 1)
+        await waiting_for_locks(rt, 1)
         officer = asyncio.create_task(officer_refund())
-        await _until_waiting(rt, 2)
+        await waiting_for_locks(rt, 2)
         await blocker.commit()
         results = await asyncio.gather(callback, officer, return_exceptions=True)
     finally:

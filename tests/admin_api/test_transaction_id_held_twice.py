@@ -28,7 +28,7 @@ from providers.simulation import STATE
 from tests.admin_api.conftest import Caller, idem, make_payment, payment_body
 from tests.admin_api.test_chargeback_visibility import _z
 from tests.admin_api.test_retried_key_after_restore import _lose, mtn_simulator
-from tests.conftest import drain, requires_pg
+from tests.conftest import drain, requires_pg, waiting_for_locks
 from tests.providers.wires import due_now
 
 PROVIDER = Actor("provider:test", "provider")
@@ -329,16 +329,7 @@ async def test_a_callback_takes_the_ids_lock_after_its_payments_row_and_probes_a
         await other.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
                             {"key": f"collected:{two.provider}:MTN-RACE-2"})
         task = asyncio.create_task(handle_provider_event(rt, callback))
-        for _ in range(200):
-            async with rt.engine.connect() as look:  # (not `other`: pg_stat_activity is read once a transaction)
-                waiting = (await look.execute(text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND wait_event = 'advisory' AND datname = current_database()"))).scalar_one()
-            if waiting:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError(f"the callback never came to wait for the id's lock: {task.done() and task.result()}")
+        await waiting_for_locks(rt, 1, "advisory")
         async with rt.engine.connect() as probe:
             with pytest.raises(DBAPIError, match="could not obtain lock"):
                 await probe.execute(text("SELECT id FROM payments WHERE id = :id FOR UPDATE NOWAIT"),

@@ -155,12 +155,7 @@ async def test_a_refund_mtn_reports_for_another_amount_completes_flagged_for_a_p
     from core.models import AuditEvent
 
     wire = mtn_wire().on("POST", "/disbursement/v1_0/refund", 202)
-    mtn_adapter(rt, wire)
-    async with rt.sessionmaker.begin() as s:
-        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
-    await completed(rt, payment)
-    refund = await _refund(rt, demo, payment)
-    await drain(worker)
+    refund, payment = await _sent_refund(rt, demo, worker, wire)
     before = metrics.REFUND_ANOMALIES.labels(kind="amount_mismatch")._value.get()
     wire.on("GET", STATUS_PATH.format(refund.provider_reference), 200,
             {**_body(refund, "SUCCESSFUL"), "amount": "30000", "financialTransactionId": "RF-2"})
@@ -180,35 +175,27 @@ async def test_a_refund_mtn_reports_for_another_amount_completes_flagged_for_a_p
     assert metrics.REFUND_ANOMALIES.labels(kind="amount_mismatch")._value.get() == before + 1
 
 
-async def test_a_refund_polled_complete_for_its_own_amount_is_not_flagged(rt, demo, worker):
+@pytest.mark.parametrize("reported", ["50000", "60000"])
+async def test_a_refund_polled_complete_is_flagged_only_for_another_amount(rt, demo, worker, reported):
     wire = mtn_wire().on("POST", "/disbursement/v1_0/refund", 202)
+    refund, payment = await _sent_refund(rt, demo, worker, wire)
+    wire.on("GET", STATUS_PATH.format(refund.provider_reference), 200,
+            {**_body(refund, "SUCCESSFUL"), "amount": reported, "financialTransactionId": "RF-3"})
+    await due_now(rt, "refund.poll")
+    await drain(worker)
+    stored, paid, _ = await _rows(rt, refund.id, payment.id)
+    assert stored.status == "COMPLETED" and wire.sent("GET", "/disbursement/v1_0/refund/*")
+    assert (paid.status, paid.refunded_minor, paid.mismatch) == ("REFUNDED", 50_000, reported != "50000")
+    if reported != "50000":
+        assert paid.mismatch_detail.endswith("provider reported 60,000 RWF sent back, expected 50,000 RWF")
+
+
+async def _sent_refund(rt: Any, demo: dict[str, Any], worker: Any, wire: Any) -> tuple[Refund, Payment]:
+    """A completed MTN payment's refund, submitted (PROCESSING) through `wire`."""
     mtn_adapter(rt, wire)
     async with rt.sessionmaker.begin() as s:
         payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
     await completed(rt, payment)
     refund = await _refund(rt, demo, payment)
     await drain(worker)
-    wire.on("GET", STATUS_PATH.format(refund.provider_reference), 200,
-            {**_body(refund, "SUCCESSFUL"), "financialTransactionId": "RF-3"})
-    await due_now(rt, "refund.poll")
-    await drain(worker)
-    stored, paid, _ = await _rows(rt, refund.id, payment.id)
-    assert stored.status == "COMPLETED" and [r.url.path for r in wire.sent("GET", "/disbursement/v1_0/refund/*")]
-    assert (paid.status, paid.refunded_minor, paid.mismatch) == ("REFUNDED", 50_000, False)
-
-
-async def test_a_refund_polled_complete_for_another_amount_is_flagged(rt, demo, worker):
-    wire = mtn_wire().on("POST", "/disbursement/v1_0/refund", 202)
-    mtn_adapter(rt, wire)
-    async with rt.sessionmaker.begin() as s:
-        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
-    await completed(rt, payment)
-    refund = await _refund(rt, demo, payment)
-    await drain(worker)
-    wire.on("GET", STATUS_PATH.format(refund.provider_reference), 200,
-            {**_body(refund, "SUCCESSFUL"), "amount": "60000", "financialTransactionId": "RF-4"})
-    await due_now(rt, "refund.poll")
-    await drain(worker)
-    stored, paid, _ = await _rows(rt, refund.id, payment.id)
-    assert stored.status == "COMPLETED"
-    assert paid.mismatch and "provider reported 60,000 RWF sent back, expected 50,000 RWF" in paid.mismatch_detail
+    return refund, payment

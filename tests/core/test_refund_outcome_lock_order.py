@@ -17,20 +17,8 @@ from core.models import Dispute, OutboxJob, Payment, Refund
 from core.money import Money
 from core.payments import create_payment
 from core.refunds import record_refund_outcome, request_refund
-from tests.conftest import requires_pg
+from tests.conftest import requires_pg, waiting_for_locks
 from tests.providers.wires import ADMIN, completed, mtn_payment
-
-
-async def _waiting_for_locks(rt: Any, count: int) -> None:
-    for _ in range(200):
-        async with rt.engine.connect() as probe:
-            waiting = (await probe.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()"))).scalar_one()
-        if waiting >= count:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{count} transactions never came to wait for a lock")
 
 
 async def _refund(rt: Any, payment: Payment, amount: int) -> Refund:
@@ -73,7 +61,7 @@ async def test_a_failed_refund_recorded_completed_waits_for_the_dispute_before_h
         await other.execute(text("SET LOCAL lock_timeout = '5s'"))
         await other.execute(select(Dispute.id).where(Dispute.id == dispute.id).with_for_update())
         task = asyncio.create_task(recorded())
-        await _waiting_for_locks(rt, 1)
+        await waiting_for_locks(rt, 1)
         await other.execute(select(Payment.id).where(Payment.id == payment.id).with_for_update())
         await other.rollback()
     result = await task

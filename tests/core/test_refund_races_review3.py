@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 
 import core.refunds
@@ -25,7 +25,7 @@ from core.payments import create_payment, handle_provider_event
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as Event
 from core.refunds import record_refund_outcome, request_refund
-from tests.conftest import drain, requires_pg
+from tests.conftest import drain, requires_pg, waiting_for_locks
 from tests.providers.wires import ADMIN, completed, due_now, mtn_adapter, mtn_payment, mtn_wire
 
 STATUS_PATH = "/disbursement/v1_0/refund/{}"
@@ -76,21 +76,9 @@ async def _while_the_payment_is_held(rt: Any, payment: Payment, *calls: Any) -> 
         tasks = []
         for call in calls:
             tasks.append(asyncio.create_task(call()))
-            await _waiting_for_locks(rt, len(tasks))
+            await waiting_for_locks(rt, len(tasks))
         await holder.rollback()
     return list(await asyncio.gather(*tasks, return_exceptions=True))
-
-
-async def _waiting_for_locks(rt: Any, count: int) -> None:
-    for _ in range(200):
-        async with rt.engine.connect() as probe:
-            waiting = (await probe.execute(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()"))).scalar_one()
-        if waiting >= count:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{count} transactions never came to wait for a lock")
 
 
 async def _rows(rt: Any, payment: Payment) -> tuple[Payment, list[Refund]]:
