@@ -1103,8 +1103,10 @@ async def _apply_outcome(
                       if first and kept and kept != provisional_transaction_id else None)
             before = {"status": current.value, "mismatch": payment.mismatch,
                       "collected": payment.collected_minor, "completedAt": iso_z(payment.completed_at)}
-            payment.mismatch = True
             if first:
+                # (A repeat flags nothing again: after a person reviewed the flag it would set mismatch with no
+                # detail saying why.)
+                payment.mismatch = True
                 # The first report only: a repeat (another event id) would write over what flags added since
                 # (a refund of this money contradicted, the member paid back twice), and its amount may differ
                 # from what was recorded taken.
@@ -1151,7 +1153,7 @@ async def _apply_outcome(
             # payment holds and in which period it counts (a repeat report's row shows them unchanged).
             await record(session, actor=actor, action="payment.success_after_failure", entity_type="payment",
                          entity_id=payment.id, before=before,
-                         after={"providerTransactionId": provider_transaction_id, "mismatch": True,
+                         after={"providerTransactionId": provider_transaction_id, "mismatch": bool(payment.mismatch),
                                 "collected": payment.collected_minor, "currency": payment.currency,
                                 "completedAt": iso_z(payment.completed_at), "first": first},
                          cooperative_id=payment.cooperative_id)
@@ -2556,15 +2558,17 @@ async def _flag_success_after_void(session: AsyncSession, payment: Payment, prov
     said = (f"provider reported success{f' ({amount})' if amount is not None else ''}"
             f"{f', transaction {provider_transaction_id[:64]}' if provider_transaction_id else ''} after the "
             f"recording was voided: check the statement, {_AFTER_VOID}")
+    # The same report again (a provider's retry): audited only, also once a person reviewed its flag.
+    repeat = said in (payment.mismatch_detail or "") or said in (payment.reviewed_detail or "")
     await record(session, actor=actor, action="payment.success_after_void", entity_type="payment",
                  entity_id=payment.id, before={"status": payment.status, "mismatch": payment.mismatch},
-                 after={"providerTransactionId": provider_transaction_id, "mismatch": True,
+                 after={"providerTransactionId": provider_transaction_id,
+                        "mismatch": bool(payment.mismatch) or not repeat,
                         "amount": None if amount is None else amount.minor,
                         "currency": None if amount is None else amount.currency},
                  cooperative_id=payment.cooperative_id)
-    payment.mismatch = True
-    repeat = said in (payment.mismatch_detail or "")  # the same report again (a provider's retry): audited only
     if not repeat:
+        payment.mismatch = True
         payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
     payment.updated_at = changed_at(payment.updated_at)
     if not repeat:

@@ -541,3 +541,30 @@ async def test_a_payment_asked_for_and_recorded_in_a_closed_period_then_voided_i
     # What the closed figures lost is what the voids it names counted.
     lost = closed["payments"]["byMethod"][0]["completedAmount"] - reread["payments"]["byMethod"][0]["completedAmount"]
     assert lost == sum(v["collected"] for v in named if v["paymentMethod"] == "MOBILE_MONEY_MTN") == 100000
+
+
+async def test_a_repeat_report_after_the_flag_was_reviewed_flags_nothing_again(rt: Any, admin: Caller,
+                                                                              demo: dict[str, Any]) -> None:
+    """The provider reports a voided payment's request paid, a person reviews the flag (the statement checked, the
+    right line recorded), then the provider's retry of the same report (another event id) comes: audited, nothing
+    flagged again. It set the payment back in the flagged lists, the review's finding written again as new."""
+    payment = await _given_up(admin, rt, demo)
+    url = f"/v1/payments/{payment['id']}"
+    await admin.json("POST", f"{url}/outcome", 200, json=RECORD)
+    await admin.json("POST", f"{url}/void", 200, json={"note": NOTE})
+
+    async def report() -> str:
+        async with rt.sessionmaker.begin() as s:
+            return await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]),
+                                                  ProviderOutcome.SUCCEEDED, actor=Actor("provider:test", "provider"),
+                                                  provider_transaction_id="MP-9001")
+
+    assert await report() == "flagged_success_after_void"
+    reviewed = await admin.json("POST", f"{url}/review", 200,
+                                json={"note": "statement checked: MP-9001 recorded as its own payment"})
+    assert "transaction MP-9001 after the recording was voided" in reviewed["review"]["mismatchDetail"]
+    assert await report() == "flagged_success_after_void"
+    shown = await admin.json("GET", url, 200)
+    assert (shown["status"], shown["mismatch"], shown["mismatchDetail"]) == ("VOIDED", False, None)
+    assert shown["review"] == reviewed["review"]
+    assert len(await _audit(rt, payment["id"], "payment.success_after_void")) == 2

@@ -248,3 +248,28 @@ async def test_no_text_when_no_money_of_hers_is_held_in_the_payments_currency(ad
     through the API: a person looks): "your cooperative will count it or refund it" would not be true."""
     payment = await _failed_then_taken(admin, rt, demo, taken)
     assert await _sms_jobs(rt, payment["id"]) == ["payment_failed"]
+
+
+async def test_a_repeat_report_after_the_review_flags_nothing_again(admin, rt, demo):
+    """The provider reports the same money again (another event id: MTN's callback sent again, now with its
+    transaction id) after a person reviewed the flag: the repeat is audited and changes nothing. It left the payment
+    flagged (mismatch) with no detail saying why, back in the flagged lists for nothing new."""
+    payment = await _failed_then_taken(admin, rt, demo, None)
+    url = f"/v1/payments/{payment['id']}"
+    reviewed = await admin.json("POST", f"{url}/review", 200,
+                                json={"note": "MTN statement shows 50,000 taken; refund agreed with the member"})
+    assert (reviewed["mismatch"], reviewed["mismatchDetail"]) == (False, None)
+    async with rt.sessionmaker.begin() as s:
+        result = await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]),
+                                                ProviderOutcome.SUCCEEDED, actor=PROVIDER,
+                                                provider_transaction_id="MTN-LATE-9")
+    assert result == "flagged_success_after_failure"
+    shown = await admin.json("GET", url, 200)
+    assert (shown["status"], shown["mismatch"], shown["mismatchDetail"], shown["collectedAmount"]) == (
+        "FAILED", False, None, 50000)
+    assert shown["review"] == reviewed["review"]
+    async with rt.sessionmaker() as s:
+        rows = (await s.execute(select(AuditEvent.after).where(
+            AuditEvent.entity_id == payment["id"], AuditEvent.action == "payment.success_after_failure")
+            .order_by(AuditEvent.at, AuditEvent.id))).scalars().all()
+    assert [row["first"] for row in rows] == [True, False]
