@@ -202,20 +202,26 @@ def parse_rows(data: bytes, *, region: str) -> ParsedFile:
     rows: list[ImportRow] = []
     seen: dict[str, int] = {}
     line = head
+    count = 0  # the file's rows so far (not its problems: a row may have several)
     try:
         for cells in reader:
-            line = reader.line_num
+            # A row is named by the line it starts on: a quoted cell may hold line breaks, and the reader's count
+            # is of the row's last line.
+            start, line = line + 1, reader.line_num
             if not any(c.strip() for c in cells):
                 continue
-            if len(rows) + len(errors) >= MAX_ROWS:
-                errors.append(RowError(line, "file", f"more than {MAX_ROWS} rows"))
+            count += 1
+            if count > MAX_ROWS:
+                errors.append(RowError(start, "file", f"more than {MAX_ROWS} rows"))
                 break
             if len(cells) != len(header):
-                errors.append(RowError(line, "row", f"has {len(cells)} fields, expected {len(header)}"))
+                over = "" if line == start else (f" (it runs from line {start} to line {line}: a quote opening a "
+                                                 "cell and never closed takes in the lines after it)")
+                errors.append(RowError(start, "row", f"has {len(cells)} fields, expected {len(header)}{over}"))
                 continue
             # Checked as POST /members checks JSON: a NUL would reach the database (which refuses it), and
             # other control characters would be stored in names the API refuses.
-            bad = [RowError(line, h, "contains characters that are not allowed")
+            bad = [RowError(start, h, "contains characters that are not allowed")
                    for h, c in zip(header, cells, strict=True) if h in COLUMNS and has_bad_characters(c)]
             if bad:
                 errors.extend(bad)
@@ -224,29 +230,29 @@ def parse_rows(data: bytes, *, region: str) -> ParsedFile:
             row_errors: list[RowError] = []
             name = values.get("name", "")
             if not 2 <= len(name) <= 200:
-                row_errors.append(RowError(line, "name", "must be 2 to 200 characters"))
+                row_errors.append(RowError(start, "name", "must be 2 to 200 characters"))
             phone: Phone | None = None
             try:
                 phone = normalize(values.get("phone", ""), region)
             except PhoneError as exc:
-                row_errors.append(RowError(line, "phone", exc.message))
+                row_errors.append(RowError(start, "phone", exc.message))
             unit = values.get("unit") or None
             if unit is not None and len(unit) > 64:
-                row_errors.append(RowError(line, "unit", "must be at most 64 characters"))
+                row_errors.append(RowError(start, "unit", "must be at most 64 characters"))
             language = values.get("language", "").lower() or None
             language = LANGUAGE_NAMES.get(language or "", language)
             if language is not None and language not in LANGUAGES:
-                row_errors.append(RowError(line, "language", f"must be one of {', '.join(LANGUAGES)}"))
+                row_errors.append(RowError(start, "language", f"must be one of {', '.join(LANGUAGES)}"))
             if phone is not None:
                 first = seen.get(phone.e164)
                 if first is not None:
-                    row_errors.append(RowError(line, "phone", f"same number as row {first}"))
+                    row_errors.append(RowError(start, "phone", f"same number as row {first}"))
                 else:
-                    seen[phone.e164] = line
+                    seen[phone.e164] = start
             if row_errors or phone is None:
                 errors.extend(row_errors)
                 continue
-            rows.append(ImportRow(line, name, phone, unit, language))
+            rows.append(ImportRow(start, name, phone, unit, language))
     except csv.Error as exc:
         errors.append(RowError(line + 1, "row", f"not valid CSV: {exc}"))
     if errors:

@@ -54,6 +54,12 @@ _DIGITS = re.compile(r"[\s\-().]")
 _SCIENTIFIC = re.compile(r"[+]?\d[.,]?\d*[eE][+]?\d+")
 SCIENTIFIC = ("written in scientific notation (as 2.50788E+11), which lost the number's last digits: format the "
               "phone column as Text in the spreadsheet, type the numbers again and save it again")
+# A letter among a number's digits: phonenumbers reads it as a phone keypad's (1-800-FLOWERS), so a letter O typed
+# for a zero (0788OOO456) was another person's number (+250788666456). Words before the number (tel:, "Tel: ")
+# are read past, as phonenumbers does.
+_LETTER = re.compile(r"[A-Za-z]")
+_FIRST_DIGIT = re.compile(r"\d")
+LETTERS = "has a letter among its digits (an O typed for a 0?): type the number in digits only"
 
 
 class PhoneError(ValidationError):
@@ -110,6 +116,9 @@ def _normalize(raw: str, region: str) -> Phone:
     if _SCIENTIFIC.fullmatch(raw.strip()):
         raise PhoneError(SCIENTIFIC, field="phone")
     text = _DIGITS.sub("", raw.strip())
+    first = _FIRST_DIGIT.search(text)
+    if first is not None and _LETTER.search(text, first.start()):
+        raise PhoneError(LETTERS, field="phone")
     if len(text) > 20:
         raise PhoneError("phone number is too long", field="phone")
     text = _international(text)

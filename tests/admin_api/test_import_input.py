@@ -100,3 +100,45 @@ async def test_a_value_postgresql_refuses_is_400_not_an_outage(rt, aiohttp_clien
                               ("SELECT :v + 1", {"v": "one"})):
         resp = await _through_the_middleware(aiohttp_client, rt, statement, params)
         assert resp.status == 400, (statement, await resp.json())
+
+
+async def test_a_row_is_named_by_the_line_it_starts_on(admin, rt, demo):
+    """A cell may hold a line break when quoted (an address typed over two lines), so a row can run over several
+    lines: a problem of it is named by the line it starts on, and one quote left open (a name typed "JB Habimana
+    with no closing quote) swallows every line after it into one cell: named where it opens, not at the file's end
+    where nothing is wrong."""
+    before = await _count(rt, demo["cooperative_id"])
+    status, body = await _import(admin, (
+        b'name,phone,unit\n'
+        b'Amina Uwase,0788100051,"B-1\nfloor 2"\n'
+        b'Bad Phone,12345,"C-1\nback"\n'
+        b'Good Name,0788100053,D-1\n'
+    ))
+    assert status == 400 and body["message"] == [
+        "row 4: phone: not a valid phone number of RW (a number of another country is written with + and its "
+        "country code, as +256772123456)"], body
+    status, body = await _import(admin, (
+        b'name,phone\n'
+        b'Amina Uwase,0788100061\n'
+        b'"JB Habimana,0788100062\n'
+        b'Good Name,0788100063\n'
+        b'Other Name,0788100064\n'
+    ))
+    assert status == 400 and body["message"] == [
+        "row 3: row: has 1 fields, expected 2 (it runs from line 3 to line 5: a quote opening a cell and never "
+        "closed takes in the lines after it)"
+    ], body
+    assert await _count(rt, demo["cooperative_id"]) == before
+
+
+async def test_a_letter_o_typed_for_a_zero_is_refused_not_another_persons_number(admin, rt, demo):
+    """0788OOO456 was read on a phone keypad (O is 6) and registered as +250788666456, a stranger's number."""
+    before = await _count(rt, demo["cooperative_id"])
+    created = await admin.json("POST", "/v1/members", 400, json={"name": "Olive Uwase", "phone": "0788OOO456"})
+    assert created["message"] == ["has a letter among its digits (an O typed for a 0?): type the number in digits "
+                                  "only"]
+    status, body = await _import(admin, b"name,phone\nOlive Uwase,0788OOO456\nGood Name,0788100071\n")
+    assert status == 400 and body["message"] == [
+        "row 2: phone: has a letter among its digits (an O typed for a 0?): type the number in digits only"], body
+    assert await _count(rt, demo["cooperative_id"]) == before
+    assert (await admin.json("GET", "/v1/members?phone=0788666456", 200))["data"] == []

@@ -27,3 +27,22 @@ def test_a_windows_1252_list_whose_row_also_reads_as_utf8_is_not_refused() -> No
     parsed = parse_rows(data, region="UG")
     assert parsed.encoding == "windows-1252"
     assert [row.name for row in parsed.rows] == ["RENÉ\xa0MUGISHA", "Namuli Bénédicte"]
+
+
+def test_a_list_with_two_problems_a_row_is_not_said_to_be_over_the_row_limit() -> None:
+    """The row limit counts the file's rows, not its problems: a list of 6,000 rows each with a bad name and a bad
+    language was cut at row 5,002 as "more than 10000 rows", every row after it unchecked."""
+    rows = [f"X,07720{n:05d},Kirundi" for n in range(6000)]
+    data = ("name,phone,language\n" + "\n".join(rows) + "\n").encode()
+    with pytest.raises(ImportRejected) as refused:
+        parse_rows(data, region="UG")
+    errors = refused.value.row_errors
+    assert not [e for e in errors if e.field == "file"]
+    assert len(errors) == 12_000 and errors[-1].row == 6001
+
+
+def test_a_list_over_the_row_limit_is_refused_at_its_first_row_past_it() -> None:
+    rows = [f"Member {n},07720{n:05d}" for n in range(10_001)]
+    with pytest.raises(ImportRejected) as refused:
+        parse_rows(("name,phone\n" + "\n".join(rows) + "\n").encode(), region="UG")
+    assert [e.text() for e in refused.value.row_errors] == ["row 10002: file: more than 10000 rows"]

@@ -52,3 +52,18 @@ def test_national_forms():
     assert phone.national == "0788000001"
     assert phone.national_significant == "788000001"
     assert phone.region == "RW"
+
+
+@pytest.mark.parametrize("raw", ["0788OOO456", "0788ABC456", "+250 788 ONE 456", "0788-CALL-ME", "0788123456 ext 2"])
+def test_letters_in_a_number_are_refused_not_read_as_a_keypad(raw):
+    """phonenumbers reads letters as a phone keypad's (1-800-FLOWERS): a letter O typed for a zero in a member list
+    (0788OOO456) became +250788666456, a stranger's number, registered without a word (her SMS and PIN prompts
+    to him). A number is digits: letters are refused, saying so."""
+    with pytest.raises(PhoneError) as refused:
+        normalize(raw, "RW")
+    assert "letter" in refused.value.message
+
+
+@pytest.mark.parametrize("raw", ["tel:+250788123456", "Tel: 0788123456", "O788123456"])
+def test_a_tel_link_or_a_word_before_the_number_is_still_read(raw):
+    assert normalize(raw, "RW").e164 == "+250788123456"
