@@ -255,7 +255,8 @@ def _since(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time, e.g. 2026-12-02T09:30:00Z") from None
     if at.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} has no offset: give it in UTC, e.g. {text}Z")
+        # The example from what was read, not the text: a bare date with a Z ("2026-12-02Z") is refused again.
+        raise argparse.ArgumentTypeError(f"{text!r} has no offset: give it in UTC, e.g. {at.isoformat()}Z")
     try:
         return at.astimezone(UTC)
     except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first instant Python can hold in UTC
@@ -680,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "migrate":
             migrate(settings)
         elif args.command == "seed-demo":
-            migrate(settings) if settings.is_embedded else None
+            # The embedded default is migrated here (its first run); any other database must be at the head already.
+            migrate(settings) if settings.is_embedded else asyncio.run(check_migrations(settings))
             demo = asyncio.run(seed(settings))
             print(f"demo cooperative {demo['short_code']} ready ({demo['cooperative_id']})")
         elif args.command == "reencrypt":

@@ -874,7 +874,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ussd_service_code=service_code,
         ussd_service_codes=service_codes,
         log_level=log_level,
-        reminder_days_before=_int(env, "REMINDER_DAYS_BEFORE", 3, minimum=0),
+        # At most a year (a yearly type's whole period): a date cannot step back by any number of days, and a
+        # value it could not made every daily scan fail (core.reminders._plan).
+        reminder_days_before=_int(env, "REMINDER_DAYS_BEFORE", 3, minimum=0, maximum=366),
         reminders_enabled=_bool(env, "REMINDERS_ENABLED", True),
         sms_payer_answer_days=_int(env, "SMS_PAYER_ANSWER_DAYS", 90, minimum=0, maximum=36500),
         recorded_payment_max_age_days=_int(env, "RECORDED_PAYMENT_MAX_AGE_DAYS", 400, minimum=1, maximum=36500),

@@ -16,7 +16,7 @@ from core.db import utcnow
 from core.models import OutboxJob, Payment, ProviderEvent, SmsMessage, UssdSession, WebhookDelivery, WebhookEndpoint
 from core.payments import UNMATCHED, UNMATCHED_REFUND
 from core.ports import ProviderOutcome
-from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SmsStatus
+from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SKIPPED, SmsStatus
 
 log = logging.getLogger("gateway.ops")
 
@@ -79,9 +79,12 @@ async def _funnel_if_reachable(redis: Any, cooperative_id: str | None, now: date
 
 
 # SMS states an operator must tell apart (channels.sms.jobs): sent but never confirmed by the aggregator (not
-# resent, to send nothing twice), and waiting after an outage used up its retries (its job parked: replay it).
+# resent, to send nothing twice), waiting after an outage used up its retries (its job parked: replay it), and
+# never handed to the aggregator (a reminder dropped at its turn: her payment since the scan, STOP; a queued message
+# of a member erased): not a failed send, so not in the delivery rate either.
 _SMS_SHOWN = {(SmsStatus.SENT.value, SENT_UNCONFIRMED): "SENT_UNCONFIRMED",
-              (SmsStatus.QUEUED.value, RETRIES_EXHAUSTED): "QUEUED_PARKED"}
+              (SmsStatus.QUEUED.value, RETRIES_EXHAUSTED): "QUEUED_PARKED",
+              (SmsStatus.FAILED.value, SKIPPED): "SKIPPED"}
 
 
 def _minute(session: AsyncSession, column: Any) -> Any:
@@ -150,8 +153,9 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
         key = _SMS_SHOWN.get((status, provider_status), status)
         sms[key] = sms.get(key, 0) + count
     # Delivered out of those whose delivery can be known: not the queued ones, nor those sent without an
-    # answer from the aggregator (no message id: no delivery report will ever name them).
-    sent = sum(sms.values()) - sms.get("QUEUED", 0) - sms.get("QUEUED_PARKED", 0) - sms.get("SENT_UNCONFIRMED", 0)
+    # answer from the aggregator (no message id: no delivery report will ever name them), nor those never sent.
+    unsent = ("QUEUED", "QUEUED_PARKED", "SENT_UNCONFIRMED", "SKIPPED")
+    sent = sum(sms.values()) - sum(sms.get(key, 0) for key in unsent)
     # Live statuses named (not != DONE): the (status, run_at) index finds them without the DONE history. Due:
     # the claim's test (PENDING past run_at, RUNNING past its lease), by the database's clock on PostgreSQL.
     postgres = session.get_bind().dialect.name == "postgresql"

@@ -47,3 +47,21 @@ def test_an_upgrade_logs_the_revisions_it_applied_and_only_those(migrated_databa
     assert [(line["level"], line["logger"], line["msg"].split(",")[0]) for line in lines] == [
         ("INFO", "alembic.runtime.migration", f"Running upgrade {head.down_revision} -> {head.revision}")]
     assert _main("migrate").stderr == ""
+
+
+@requires_pg
+def test_seed_demo_on_a_database_behind_the_code_says_run_migrate(migrated_database):
+    # As serve, worker and the admin commands: not a "cannot start: ProgrammingError: column ... does not exist"
+    # (the exit code of a database that cannot be reached) from the first query the seed makes.
+    from alembic import command
+
+    from main import _alembic_config
+
+    command.downgrade(_alembic_config(make_settings()), "0025")  # before cooperatives.language (0026)
+    try:
+        seeded = _main("seed-demo")
+        assert seeded.returncode == 3, seeded.stderr
+        assert seeded.stderr.strip().startswith("refusing to start: database is at ['0025'], code expects ")
+        assert seeded.stderr.strip().endswith("run `.venv/bin/python main.py migrate`")
+    finally:
+        assert _main("migrate").returncode == 0

@@ -165,3 +165,13 @@ async def test_a_since_without_its_offset_is_refused(rt):
     # Before the first instant UTC can hold: an argument error, not a traceback.
     early = _run("--since", "0001-01-01T00:00:00+01:00")
     assert early.returncode == 2 and "is out of range" in early.stderr and "Traceback" not in early.stderr
+
+
+async def test_a_bare_date_is_refused_with_an_example_the_command_takes(rt):
+    # The day `migrate` ran, as an operator may first give it: the example it is shown must itself be taken
+    # ("2026-12-02Z" is no ISO 8601 time: refused again).
+    refused = _run("--since", "2026-12-02")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "has no offset: give it in UTC, e.g. 2026-12-02T00:00:00Z" in refused.stderr
+    taken = _run("--since", "2026-12-02T00:00:00Z")
+    assert taken.returncode == 0, taken.stderr

@@ -149,6 +149,19 @@ def test_how_far_back_money_is_recorded_from_a_statement():
         assert raised.value.variable == "RECORDED_PAYMENT_MAX_AGE_DAYS"
 
 
+def test_how_many_days_before_a_due_date_reminders_go():
+    """Past a year there is no due date to remind of earlier, and a number of days a date cannot step back by
+    (800000) made every daily scan fail at its first cooperative (OverflowError), parked: no reminder, no start-up
+    error."""
+    assert load_settings({}).reminder_days_before == 3
+    assert load_settings({"REMINDER_DAYS_BEFORE": "366"}).reminder_days_before == 366
+    for bad, says in (("-1", "must be at least 0"), ("367", "must be at most 366"), ("800000", "must be at most 366"),
+                      ("a week", "an integer")):
+        with pytest.raises(ConfigError, match=says) as raised:
+            load_settings({"REMINDER_DAYS_BEFORE": bad})
+        assert raised.value.variable == "REMINDER_DAYS_BEFORE"
+
+
 @pytest.mark.parametrize("port", ["0", "-1"])
 def test_a_port_out_of_range_is_reported_as_port(port: str) -> None:
     """PORT=0 was taken, and reported as an invalid port of PUBLIC_BASE_URL, a variable the operator never set."""

@@ -300,3 +300,27 @@ async def test_ops_data_tells_unconfirmed_and_parked_sms_apart(pages: Any, rt: A
                                      "QUEUED": 1}
     # Delivered of those whose delivery can be known (no report will ever name an unconfirmed one).
     assert (body["sms"]["delivered"], body["sms"]["sent"], body["sms"]["deliveryRate"]) == (1, 2, 0.5)
+
+
+async def test_ops_data_does_not_count_reminders_dropped_at_their_turn_as_sent(pages: Any, rt: Any,
+                                                                             demo: dict[str, Any]) -> None:
+    """A reminder dropped at its turn (the member paid since the scan, sent STOP: FAILED `Skipped`) never reached the
+    aggregator: a morning when members paid before their reminder went out is no delivery failure."""
+    from core.db import utcnow
+    from core.models import SmsMessage
+
+    reminder = "payment_reminder"
+    rows = [("DELIVERED", "Success", "ATX1", reminder), ("DELIVERED", "Success", "ATX2", reminder),
+            ("FAILED", "Skipped", None, reminder), ("FAILED", "Skipped", None, reminder),
+            ("FAILED", "Skipped", None, reminder), ("FAILED", "InsufficientCredit", "ATX3", "payment_receipt")]
+    async with rt.sessionmaker.begin() as s:
+        for n, (status, provider_status, message_id, template) in enumerate(rows):
+            s.add(SmsMessage(cooperative_id=demo["cooperative_id"], phone_enc=rt.cipher.encrypt("+250788000001",
+                             context="sms"), phone_index=rt.cipher.blind_index("+250788000001"),
+                             phone_masked="+25078****001", template=template, language="en", body="x",
+                             encoding="GSM-7", length=1, segments=1, status=status, provider_status=provider_status,
+                             provider_message_id=message_id, idempotency_key=f"ops-skipped-{n}", sent_at=utcnow()))
+    token = await _token(pages, *demo["admin"])
+    body = await (await pages.get("/ops/data", headers={"Authorization": f"Bearer {token}"})).json()
+    assert body["sms"]["counts"] == {"DELIVERED": 2, "SKIPPED": 3, "FAILED": 1}
+    assert (body["sms"]["delivered"], body["sms"]["sent"], body["sms"]["deliveryRate"]) == (2, 3, 0.6667)
