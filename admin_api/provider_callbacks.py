@@ -9,7 +9,8 @@ cooperative, so only a super admin sees them: the routes take the `admin` scope 
 cooperative's caller is scoped as everywhere (Principal.scope: rows of no cooperative are none of theirs), so its
 list is empty and an id answers 404 as a missing one. Resolving one (after checking the provider's statement and
 crediting, refunding or booking it by hand) records the note with it and in the audit log; `main.py prune` keeps
-an unresolved money-moved one whatever its age (core.retention). A collection's money is credited with
+an unresolved one under which money may have moved (SUCCEEDED, AMBIGUOUS, PENDING) whatever its age
+(core.retention). A collection's money is credited with
 POST /v1/payments/recorded, which resolves the callback it names (callbackId) in the same transaction, and the
 resolution then names the payment (paymentId)."""
 

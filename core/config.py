@@ -176,6 +176,17 @@ class Settings:
 
 
 _SERVICE_CODE = re.compile(r"^\*[0-9]+(\*[0-9]+)*#$")
+# Upper bounds of the duration and count variables (each refused above its bound at start-up, naming it): far past
+# what a deployment sets, and below where a value overflows where it is used (utcnow() + timedelta(seconds=...)
+# past year 9999: an OverflowError, a 500 to the payer or a job parked; a Redis expiry out of its range; int() of
+# an infinite rate limit).
+DAY_SECONDS = 86400
+MAX_COUNT = 10_000  # OUTBOX_BATCH_SIZE, USSD_MAX_HOPS_IN_FLIGHT, SMS_RATE_PER_SECOND
+# JWT_TTL_SECONDS: the refresh token's life (core.auth.REFRESH_TTL_SECONDS, 7 days), which a JWT_SECRET rotation
+# waits out: an access token outliving it would outlive the rotation's wait.
+MAX_JWT_TTL_SECONDS = 7 * DAY_SECONDS
+MAX_CALL_TIMEOUT_SECONDS = 300.0  # <PROVIDER>_CONNECT_TIMEOUT, <PROVIDER>_READ_TIMEOUT
+MAX_RATE_LIMIT_MULTIPLIER = 1_000_000.0
 
 
 def _service_code(env: Mapping[str, str], name: str, default: str) -> str:
@@ -245,7 +256,7 @@ def _float(env: Mapping[str, str], name: str, default: float, *, zero_means: str
     if value < 0 or (value == 0 and zero_means is None):
         raise ConfigError(name, f"must not be negative (0 {zero_means})" if zero_means else "must be positive")
     if maximum is not None and value > maximum:
-        raise ConfigError(name, f"must be at most {maximum:g}")
+        raise ConfigError(name, f"must be at most {maximum:.15g}")
     return value
 
 
@@ -772,7 +783,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             _account_currency(name, options)
         for opt in ("CONNECT_TIMEOUT", "READ_TIMEOUT"):  # seconds; read by providers.calls.timeout_from
             if env.get(f"{prefix}_{opt}"):
-                options[opt.lower()] = str(_float(env, f"{prefix}_{opt}", 1.0))
+                options[opt.lower()] = str(_float(env, f"{prefix}_{opt}", 1.0, maximum=MAX_CALL_TIMEOUT_SECONDS))
         providers[name] = ProviderConfig(base_url=base, credentials=creds, options=options)
 
     if production and not env.get("PUBLIC_BASE_URL", "").strip():
@@ -807,7 +818,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if production and len(blind_index_key.get().encode()) < 32:
         # The phone lookups' HMAC key: a short one can be searched for, and every member's phone with it.
         raise ConfigError("BLIND_INDEX_KEY", "must be at least 32 bytes in production")
-    rate_multiplier = _float(env, "RATE_LIMIT_MULTIPLIER", 1.0, zero_means="turns rate limits off")
+    rate_multiplier = _float(env, "RATE_LIMIT_MULTIPLIER", 1.0, zero_means="turns rate limits off",
+                             maximum=MAX_RATE_LIMIT_MULTIPLIER)
     phone_page = _bool(env, "PHONE_SIMULATOR_ENABLED", False)
     if production and phone_page:
         raise ConfigError("PHONE_SIMULATOR_ENABLED", "must be off in production (it exposes payment lookups)")
@@ -849,7 +861,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         blind_index_key=blind_index_key,
         jwt_secret=jwt_secret,
         jwt_previous_secrets=jwt_previous,
-        jwt_ttl_seconds=_int(env, "JWT_TTL_SECONDS", 900, minimum=60),
+        jwt_ttl_seconds=_int(env, "JWT_TTL_SECONDS", 900, minimum=60, maximum=MAX_JWT_TTL_SECONDS),
         callback_secrets=callback_secrets,
         callback_previous_secrets=callback_previous,
         unused_provider_variables=_unused_provider_variables(env, used),
@@ -859,18 +871,21 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sms_username=_sms_username(env, production),
         sms_api_key=secret("SMS_API_KEY"),
         sms_sender_id=env.get("SMS_SENDER_ID", "COOPPAY"),
-        sms_rate_per_second=_float(env, "SMS_RATE_PER_SECOND", 50.0),
+        sms_rate_per_second=_float(env, "SMS_RATE_PER_SECOND", 50.0, maximum=MAX_COUNT),
         sms_shortcode_keywords=_shortcode_keywords(env),
         simulators_in_process=simulators,
-        outbox_batch_size=_int(env, "OUTBOX_BATCH_SIZE", 50, minimum=1),
-        outbox_lease_seconds=_int(env, "OUTBOX_LEASE_SECONDS", 60, minimum=1),
-        poll_after_seconds=_int(env, "POLL_AFTER_SECONDS", 30, minimum=1),
-        payment_timeout_seconds=_int(env, "PAYMENT_TIMEOUT_SECONDS", 300, minimum=1),
-        bank_payment_timeout_seconds=_int(env, "BANK_PAYMENT_TIMEOUT_SECONDS", 3600, minimum=60),
+        outbox_batch_size=_int(env, "OUTBOX_BATCH_SIZE", 50, minimum=1, maximum=MAX_COUNT),
+        outbox_lease_seconds=_int(env, "OUTBOX_LEASE_SECONDS", 60, minimum=1, maximum=DAY_SECONDS),
+        poll_after_seconds=_int(env, "POLL_AFTER_SECONDS", 30, minimum=1, maximum=DAY_SECONDS),
+        payment_timeout_seconds=_int(env, "PAYMENT_TIMEOUT_SECONDS", 300, minimum=1, maximum=30 * DAY_SECONDS),
+        bank_payment_timeout_seconds=_int(env, "BANK_PAYMENT_TIMEOUT_SECONDS", 3600, minimum=60,
+                                          maximum=90 * DAY_SECONDS),
         payment_url_wait_seconds=_float(env, "PAYMENT_URL_WAIT_SECONDS", 5.0, zero_means="answers at once",
                                         maximum=20.0),
-        payment_settle_grace_seconds=_int(env, "PAYMENT_SETTLE_GRACE_SECONDS", 86400, minimum=60),
-        payment_pending_grace_seconds=_int(env, "PAYMENT_PENDING_GRACE_SECONDS", 600, minimum=1),
+        payment_settle_grace_seconds=_int(env, "PAYMENT_SETTLE_GRACE_SECONDS", 86400, minimum=60,
+                                          maximum=30 * DAY_SECONDS),
+        payment_pending_grace_seconds=_int(env, "PAYMENT_PENDING_GRACE_SECONDS", 600, minimum=1,
+                                           maximum=30 * DAY_SECONDS),
         ussd_service_code=service_code,
         ussd_service_codes=service_codes,
         log_level=log_level,
@@ -880,14 +895,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         reminders_enabled=_bool(env, "REMINDERS_ENABLED", True),
         sms_payer_answer_days=_int(env, "SMS_PAYER_ANSWER_DAYS", 90, minimum=0, maximum=36500),
         recorded_payment_max_age_days=_int(env, "RECORDED_PAYMENT_MAX_AGE_DAYS", 400, minimum=1, maximum=36500),
-        db_pool_size=_int(env, "DB_POOL_SIZE", 20, minimum=1),
+        db_pool_size=_int(env, "DB_POOL_SIZE", 20, minimum=1, maximum=1000),
         # A bound, not a wait: past about 30 s the caller (an aggregator, a provider) has given up anyway.
         db_pool_timeout_seconds=_float(env, "DB_POOL_TIMEOUT_SECONDS", 5.0, maximum=30.0),
         redis_timeout_seconds=_float(env, "REDIS_TIMEOUT_SECONDS", 1.0, maximum=30.0),
         redis_cluster=redis_cluster,
         ussd_hop_budget_seconds=_float(env, "USSD_HOP_BUDGET_SECONDS", 3.0, maximum=8.0),
-        ussd_max_hops_in_flight=_int(env, "USSD_MAX_HOPS_IN_FLIGHT", 32, minimum=1),
-        worker_stale_seconds=_int(env, "WORKER_STALE_SECONDS", 120, minimum=1),
+        ussd_max_hops_in_flight=_int(env, "USSD_MAX_HOPS_IN_FLIGHT", 32, minimum=1, maximum=MAX_COUNT),
+        worker_stale_seconds=_int(env, "WORKER_STALE_SECONDS", 120, minimum=1, maximum=DAY_SECONDS),
         ussd_ip_allowlists=allowlists,
         trusted_proxies=trusted_proxies,
         metrics_token=metrics_token,

@@ -1686,7 +1686,8 @@ def report_unmatched(event: ProviderEventData) -> None:
     say); a refund SUCCEEDED: money left the cooperative's account to a member with no refund of ours to account
     for it. The provider's ids only, never the payer's number (the body, kept on the row, may hold it). A person
     lists and resolves them over the API (GET /v1/provider-callbacks, admin_api.provider_callbacks); `main.py
-    prune` keeps an unresolved money-moved one whatever its age (core.retention)."""
+    prune` keeps an unresolved one under which money may have moved (SUCCEEDED, AMBIGUOUS, PENDING) whatever its
+    age (core.retention)."""
     metrics.CALLBACKS_UNMATCHED.labels(provider=event.provider, kind=event.kind.value,
                                        outcome=event.outcome.value).inc()
     fields = {"provider": event.provider, "kind": event.kind.value, "event_id": event.event_id[:200],

@@ -9,10 +9,13 @@ What goes, and what stays (each period an environment variable; 0 keeps that kin
   never reported ended counts from its start: a USSD session lasts minutes).
 - provider_events: only callbacks for an unknown payment or refund (outcome "unknown_payment" or
   "unknown_refund", no payment; see core.payments.store_unmatched) received more than
-  RETENTION_UNKNOWN_CALLBACKS_DAYS (30) ago, and not one that says money moved (status SUCCEEDED) until a person
-  has resolved it (outcome "unknown_payment_resolved" or "unknown_refund_resolved",
-  POST /v1/provider-callbacks/{id}/resolve): that is a member's money at the provider that no payment records, or
-  money paid out of the cooperative's account that no refund records.
+  RETENTION_UNKNOWN_CALLBACKS_DAYS (30) ago, and not one under which money may have moved until a person has
+  resolved it (outcome "unknown_payment_resolved" or "unknown_refund_resolved",
+  POST /v1/provider-callbacks/{id}/resolve): unresolved, only one whose final word is that no money moved (status
+  FAILED, EXPIRED or CANCELLED) goes. A SUCCEEDED one is a member's money at the provider that no payment records,
+  or money paid out of the cooperative's account that no refund records; an AMBIGUOUS or PENDING one may be (the
+  provider could not tell yet, or the member may approve after it), and nothing of ours asks the provider again
+  about a callback that named no payment or refund.
   The others stay: they are the provider's own word on a payment or refund, the money trail a dispute or a
   reconciliation goes back to years later, and they number a few per payment (the payments themselves are kept).
 - webhook_deliveries: DELIVERED or FAILED (given up) deliveries created and last changed more than
@@ -145,19 +148,20 @@ def _old_sessions(cutoff: datetime) -> ColumnElement[bool]:
 
 _EVENTS = table_of(ProviderEvent)
 # The outcomes core.payments gives a callback no payment or refund matched (UNMATCHED, UNMATCHED_REFUND), and one
-# a person resolved since (UNMATCHED_RESOLVED, UNMATCHED_REFUND_RESOLVED); and the status of one saying money moved
-# (taken from a member, or paid out to one).
+# a person resolved since (UNMATCHED_RESOLVED, UNMATCHED_REFUND_RESOLVED); and the statuses of one saying, for
+# good, that no money moved (none taken from a member, none paid out to one). Any other (SUCCEEDED, AMBIGUOUS,
+# PENDING, one unknown) may be money moved: kept until resolved.
 UNKNOWN_CALLBACKS = tuple(RESOLVED_OF)
 UNKNOWN_CALLBACKS_RESOLVED = tuple(RESOLVED_OF.values())
-MONEY_MOVED = ProviderOutcome.SUCCEEDED.value
+NO_MONEY_MOVED = tuple(o.value for o in (ProviderOutcome.FAILED, ProviderOutcome.EXPIRED, ProviderOutcome.CANCELLED))
 
 
 def _old_unknown_callbacks(cutoff: datetime) -> ColumnElement[bool]:
-    # payment_id IS NULL first: ix_provider_events_payment_id holds the NULLs too (PostgreSQL). One that says money
-    # moved stays, however old, until a person resolves it: it is the only record of that money.
+    # payment_id IS NULL first: ix_provider_events_payment_id holds the NULLs too (PostgreSQL). One under which
+    # money may have moved stays, however old, until a person resolves it: it is the only record of that money.
     return and_(_EVENTS.c.payment_id.is_(None), _EVENTS.c.received_at < cutoff,
                 or_(_EVENTS.c.outcome.in_(UNKNOWN_CALLBACKS_RESOLVED),
-                    and_(_EVENTS.c.outcome.in_(UNKNOWN_CALLBACKS), _EVENTS.c.status != MONEY_MOVED)))
+                    and_(_EVENTS.c.outcome.in_(UNKNOWN_CALLBACKS), _EVENTS.c.status.in_(NO_MONEY_MOVED))))
 
 
 _DELIVERIES = table_of(WebhookDelivery)
@@ -220,7 +224,7 @@ KINDS = (
           "sessions ended before {cutoff}", _SESSIONS.c.started_at),
     _Kind(_EVENTS, "RETENTION_UNKNOWN_CALLBACKS_DAYS", lambda p: p.unknown_callbacks_days, _old_unknown_callbacks,
           "callbacks for unknown payments or refunds received before {cutoff}, but not unresolved ones saying "
-          "money was taken or paid out; the others are kept"),
+          "money was taken or paid out, or may have been (AMBIGUOUS, PENDING); the others are kept"),
     _Kind(_DELIVERIES, "RETENTION_WEBHOOK_DELIVERIES_DAYS", lambda p: p.webhook_deliveries_days, _old_deliveries,
           "delivered or given up, last changed before {cutoff}", _DELIVERIES.c.created_at, _finished_deliveries),
     _Kind(_USED_REFRESH, "", lambda p: USED_REFRESH_TOKENS_DAYS, _expired_refresh_uses,

@@ -145,6 +145,17 @@ def test_a_misspelt_per_aggregator_or_callback_variable_is_refused():
         assert names in line
 
 
+def test_a_duration_past_its_bound_is_refused_at_start_not_at_its_first_use():
+    # POLL_AFTER_SECONDS=400000000000 started: every payment's first poll, utcnow() + that, overflowed (a 500 to the
+    # payer); RATE_LIMIT_MULTIPLIER=1e308 made every API request a 500 (int(inf)).
+    for variable, value, says in (("POLL_AFTER_SECONDS", "400000000000", "must be at most 86400"),
+                                  ("JWT_TTL_SECONDS", "99999999999", "must be at most 604800"),
+                                  ("RATE_LIMIT_MULTIPLIER", "1e308", "must be at most 1000000")):
+        result = _main("serve", **{variable: value})
+        assert result.returncode == 2, (variable, result.stderr)
+        assert _one_line(result) == f"configuration error: {variable}: {says}"
+
+
 def test_a_redis_database_that_is_not_a_number_is_refused():
     result = _main("worker", REDIS_URL="redis://127.0.0.1:6379/abc")
     assert result.returncode == 2

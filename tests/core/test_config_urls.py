@@ -200,3 +200,56 @@ def test_every_per_aggregator_and_callback_variable_the_gateway_reads_is_accepte
     assert settings.ussd_ip_allowlists["nalo"] == ("10.2.0.1",)
     assert settings.ussd_service_codes["hubtel"] == "*713*45#"
     assert [s.get() for s in settings.callback_previous_secrets["mtn_momo"]] == ["o" * 24]
+
+
+DAY = 86400
+# Every duration and count variable's upper bound (and its lowest value): past it an absurd value overflowed where
+# it was used (utcnow() + timedelta(seconds=POLL_AFTER_SECONDS): OverflowError, a 500 to the payer's request; a
+# lease or a poll's run_at past year 9999: the job parked; int(limit * RATE_LIMIT_MULTIPLIER) of inf: every API
+# request a 500; a Redis expiry out of its range: sign-out a 500) instead of being refused at start-up.
+BOUNDED = [
+    ("JWT_TTL_SECONDS", 60, 7 * DAY),  # the refresh token's life: an access token outliving it is a mistake
+    ("OUTBOX_BATCH_SIZE", 1, 10_000),
+    ("OUTBOX_LEASE_SECONDS", 1, DAY),
+    ("POLL_AFTER_SECONDS", 1, DAY),
+    ("PAYMENT_TIMEOUT_SECONDS", 1, 30 * DAY),
+    ("BANK_PAYMENT_TIMEOUT_SECONDS", 60, 90 * DAY),
+    ("PAYMENT_SETTLE_GRACE_SECONDS", 60, 30 * DAY),
+    ("PAYMENT_PENDING_GRACE_SECONDS", 1, 30 * DAY),
+    ("DB_POOL_SIZE", 1, 1000),
+    ("USSD_MAX_HOPS_IN_FLIGHT", 1, 10_000),
+    ("WORKER_STALE_SECONDS", 1, DAY),
+]
+
+
+@pytest.mark.parametrize(("variable", "lowest", "highest"), BOUNDED)
+def test_a_duration_or_count_past_its_bound_is_refused_at_start(variable: str, lowest: int, highest: int) -> None:
+    attribute = variable.lower()
+    assert getattr(load_settings({variable: str(highest)}), attribute) == highest
+    assert getattr(load_settings({variable: str(lowest)}), attribute) == lowest
+    for bad in (str(highest + 1), "400000000000", str(10 ** 30)):
+        with pytest.raises(ConfigError, match=f"must be at most {highest}$") as raised:
+            load_settings({variable: bad})
+        assert raised.value.variable == variable
+
+
+def test_the_defaults_are_within_the_bounds() -> None:
+    from core.auth import REFRESH_TTL_SECONDS
+
+    assert dict((v, h) for v, _, h in BOUNDED)["JWT_TTL_SECONDS"] == REFRESH_TTL_SECONDS
+    settings = load_settings({})
+    for variable, lowest, highest in BOUNDED:
+        assert lowest <= getattr(settings, variable.lower()) <= highest, variable
+
+
+@pytest.mark.parametrize(("variable", "highest"), [
+    ("RATE_LIMIT_MULTIPLIER", "1000000"), ("SMS_RATE_PER_SECOND", "10000"),
+    ("MTN_MOMO_CONNECT_TIMEOUT", "300"), ("AIRTEL_READ_TIMEOUT", "300"),
+])
+def test_a_rate_or_call_timeout_past_its_bound_is_refused_at_start(variable: str, highest: str) -> None:
+    # RATE_LIMIT_MULTIPLIER=1e308 made every limit int(count * 1e308): int(inf), a 500 on every API request.
+    load_settings({variable: str(float(highest))})
+    for bad in (str(float(highest) * 1.5), "1e308"):
+        with pytest.raises(ConfigError, match=f"must be at most {highest}$") as raised:
+            load_settings({variable: bad})
+        assert raised.value.variable == variable
