@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 from redis.exceptions import RedisError
-from sqlalchemy import or_, select
+from sqlalchemy import select
 
 from admin_api.common import DATETIME, ID, NULL_STRING, iso, json_response, obj, one, out, out_plus, page_of, paged
 from admin_api.errors import ApiError
@@ -21,7 +21,7 @@ from admin_api.routing import Ctx, Route, end_sessions
 from admin_api.validation import LIMIT, PAGE, Param, read_body
 from channels.ussd.jobs import queue_forget_phone
 from channels.ussd.records import LONGEST_SESSION
-from channels.ussd.sessions import SESSION_TTL, forget_phone, phone_keys, session_key
+from channels.ussd.sessions import SESSION_TTL, decode, forget_phone, phone_keys, session_key
 from core import auth
 from core import members as service
 from core.db import unaccent_lower, unaccent_lower_text, utcnow
@@ -319,32 +319,58 @@ async def erase_member(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     again changes nothing."""
     member = await one(ctx, Member, request.match_info["id"], "member")
     index = member.phone_index
-    sessions = await _recent_sessions(ctx, member, index)
+    sessions, unsure = await _recent_sessions(ctx, member)
     member = await service.erase_member(ctx.session, member, actor=ctx.who.actor)
     answer = await _saved(ctx, member, member.status, forget=(index,))
-    await _forget_sessions(ctx, member, sessions)
+    await _forget_sessions(ctx, member, sessions, unsure)
     return answer
 
 
-async def _recent_sessions(ctx: Ctx, member: Member, index: str | None) -> list[str]:
+async def _recent_sessions(ctx: Ctx, member: Member) -> tuple[list[str], list[str]]:
     """The Redis keys of the member's USSD sessions that may still be there: their saved state holds what she typed
     and was shown (her name as she registered, her payments). A state lives SESSION_TTL after its last hop, which
-    comes up to LONGEST_SESSION after the session opened (its row's started_at)."""
+    comes up to LONGEST_SESSION after the session opened (its row's started_at). Hers as the erasure's rows are
+    (core.members.whose_records): another cooperative's session of her number (her other membership's) is not
+    hers. The second list: sessions whose row names no cooperative yet (a member of several, opened before she
+    was suspended: the row learns the one she chose when it ends), which her state tells (_forget_sessions)."""
     since = utcnow() - LONGEST_SESSION - timedelta(seconds=SESSION_TTL)
-    hers = UssdSession.member_id == member.id
-    if index is not None:
-        hers = or_(hers, UssdSession.phone_index == index)
-    rows = (await ctx.session.execute(select(UssdSession.aggregator, UssdSession.session_id).where(
-        UssdSession.started_at >= since, hers))).all()
-    return [session_key(aggregator, session_id) for aggregator, session_id in rows]
+    hers = await service.whose_records(ctx.session, member)
+    rows = (await ctx.session.execute(select(
+        UssdSession.aggregator, UssdSession.session_id, UssdSession.cooperative_id, UssdSession.member_id).where(
+        UssdSession.started_at >= since, hers.rows(UssdSession.member_id, UssdSession.cooperative_id,
+                                                   UssdSession.phone_index, UssdSession.started_at,
+                                                   no_cooperative=True)))).all()
+    keys: tuple[list[str], list[str]] = ([], [])
+    for aggregator, session_id, cooperative_id, member_id in rows:
+        keys[cooperative_id is None and member_id is None].append(session_key(aggregator, session_id))
+    return keys
 
 
-async def _forget_sessions(ctx: Ctx, member: Member, keys: list[str]) -> None:
-    """After the erasure's commit, her recent sessions' keys deleted (Redis down: they expire within SESSION_TTL)."""
-    if not keys:
-        return
+def _of_another(raw: bytes | str | None, member: Member) -> bool:
+    """Whether a session's saved state went on in another membership of the number (her other cooperative's
+    chosen, or a registration there) and not in this one: kept by her erasure."""
+    if not raw:
+        return False
     try:
-        await ctx.rt.redis.delete(*keys)
+        data = decode(raw.encode() if isinstance(raw, str) else raw).state.data
+    except (ValueError, KeyError, TypeError):
+        return False
+    cooperatives = {data.get(key) for key in ("c", "rc", "ic")} - {None}
+    members = {data.get("mb")} - {None}
+    if member.cooperative_id in cooperatives or member.id in members:
+        return False
+    return bool(cooperatives or members)
+
+
+async def _forget_sessions(ctx: Ctx, member: Member, keys: list[str], unsure: list[str]) -> None:
+    """After the erasure's commit, her recent sessions' keys deleted (Redis down: they expire within SESSION_TTL);
+    of those whose row names no cooperative, the ones whose state did not go on in another membership of hers."""
+    try:
+        for key in unsure:
+            if not _of_another(await ctx.rt.redis.get(key), member):
+                keys.append(key)
+        if keys:
+            await ctx.rt.redis.delete(*keys)
     except RedisError:
         log.warning("USSD sessions of an erased member not cleared: Redis unavailable; they expire within "
                     "SESSION_TTL (300 s)", extra={"member_id": member.id, "cooperative_id": member.cooperative_id})

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, bindparam, delete, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, bindparam, case, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -601,8 +601,7 @@ async def erase_member(session: AsyncSession, member: Member, *, actor: Actor) -
     locked = await _locked_suspended(session, member, "erasing it")
     if (locked.name, locked.unit, locked.phone_masked, locked.phone_enc) == (ERASED_NAME, None, ERASED_MASK, None):
         return locked  # erased already (a name typed since is cleared again)
-    hers = _Hers(locked.id, locked.cooperative_id, locked.phone_index,
-                 await holds_number_since(session, locked) - NUMBER_MARGIN)
+    hers = await whose_records(session, locked)
     await _refuse_open_money(session, hers)
     await _let_number_go(session, locked, ERASED_MASK)
     await session.execute(update(Member).where(Member.id == locked.id).values(name=ERASED_NAME, unit=None))
@@ -615,6 +614,12 @@ async def erase_member(session: AsyncSession, member: Member, *, actor: Actor) -
                         "users": logins},
                  cooperative_id=locked.cooperative_id)
     return locked
+
+
+async def whose_records(session: AsyncSession, member: Member) -> _Hers:
+    """What an erasure of the member reaches (_Hers): admin_api.members chooses her USSD sessions' Redis keys by it."""
+    return _Hers(member.id, member.cooperative_id, member.phone_index,
+                 await holds_number_since(session, member) - NUMBER_MARGIN)
 
 
 # How long before she registered her number (or had it corrected to it) what it left with no member attached
@@ -703,12 +708,43 @@ async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
                        "erase the member once they have settled", code=INVALID_STATE)
 
 
+# What is left of a person's note (a review's, and one after a failure reason's own words: a cancellation, a void, a
+# refund recorded or withdrawn by an admin) once the member it was about is erased (_erase_payments).
+NOTE_ERASED = "[note erased]"
+
+
+def _without_note(column: Any, prefixes: Sequence[str]) -> Any:
+    """A failure reason that is the gateway's words and a person's note after them (`prefixes`): the words kept (they
+    say what happened; channels.sms.templates reads them), the note replaced by NOTE_ERASED; any other as it is."""
+    return case(*((column.startswith(prefix, autoescape=True), prefix + NOTE_ERASED) for prefix in prefixes),
+                else_=column)
+
+
 async def _erase_payments(session: AsyncSession, hers: _Hers) -> int:
+    """Her payments: the account, and the free text people wrote on them, which may name her (the cooperative's
+    system's `description`, shown in her PIN prompt: "Rent Jeanne M. D-707"; a review's note; the note of a
+    cancellation or a void in `failure_reason`), and on their refunds the cooperative's `reason` and an admin's note
+    in `failure_reason`. What the gateway wrote (statuses, flags and what a review cleared, who and when), amounts,
+    references and provider transaction ids stay: the reconciliation reads those, never the text."""
+    from core.payments import CANCELLED_BY_COOPERATIVE, VOIDED_RECORDING
+    from core.refunds import BY_A_PERSON
+
+    of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at)
+    # First: the refunds are found by their payments' account, which the next statement clears. Their updated_at
+    # kept: a COMPLETED refund changed after its period's end is one recorded later (core.reports._recorded_later).
+    await session.execute(
+        update(Refund).where(Refund.payment_id.in_(select(Payment.id).where(of_hers)))
+        .values(reason=None, failure_reason=_without_note(Refund.failure_reason, BY_A_PERSON),
+                updated_at=Refund.updated_at)
+        .execution_options(synchronize_session=False))
     done = await session.execute(
         update(Payment)
-        .where(hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at))
+        .where(of_hers)
         .values(payment_account_enc="", payment_account_index="", payment_account_masked=ERASED_MASK,
-                request_hash="", updated_at=utcnow())  # changed: a cooperative's sync picks the mask up
+                request_hash="", description=None,
+                review_note=case((Payment.review_note.is_(None), None), else_=NOTE_ERASED),  # the API's review has one
+                failure_reason=_without_note(Payment.failure_reason, (CANCELLED_BY_COOPERATIVE, VOIDED_RECORDING)),
+                updated_at=utcnow())  # changed: a cooperative's sync picks the mask up
         .execution_options(synchronize_session=False))
     return int(done.rowcount)  # type: ignore[attr-defined]
 

@@ -9,10 +9,10 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from channels.ussd.sessions import phone_keys
-from core.models import AuditEvent, Member, OutboxJob, Payment, PhoneOptOut, SmsMessage, UssdSession
+from core.models import AuditEvent, Member, OutboxJob, Payment, PhoneOptOut, Refund, SmsMessage, UssdSession
 from core.notify import SMS_PHONE_CONTEXT
 from core.retention import RetentionPolicy, prune
 from tests.admin_api.conftest import Caller, idem
@@ -337,3 +337,41 @@ async def test_a_corrected_number_counts_from_its_correction(rt: Any, admin: Cal
     await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
     async with rt.sessionmaker() as s:
         assert (await s.get(Payment, earlier.id)).payment_account_index == rt.cipher.blind_index(PHONE)
+
+
+async def test_free_text_on_her_payments_and_refunds_goes_with_the_erasure(rt: Any, admin: Caller, demo: Any) -> None:
+    """The cooperative's system wrote her name and unit in her payment's description (her PIN prompt showed it), and
+    its desk her name and number in a review's note, a cancellation's note and a refund's reason: all of it was left
+    on the money records, read by the API, the payment sync and the CSV export. What the gateway itself wrote (the
+    flag a review cleared, who reviewed it and when), the amounts and the references stay."""
+    jeanne = await _jeanne(admin)
+    about = f"{NAME} {UNIT} {PHONE}"
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    cancelled = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"],
+                                   status="CANCELLED", failure_reason=f"cancelled by the cooperative: {about}")
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == paid.id).values(
+            description=f"Rent {about}", mismatch=True, mismatch_detail="provider reported 60000, expected 50000"))
+    await admin.json("POST", f"/v1/payments/{paid.id}/review", 200, json={"note": f"called {about}"})
+    refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201, json={
+        "idempotencyKey": idem(), "amount": 1000, "reason": f"overpaid by {about}",
+        "returnedByProvider": {"providerTransactionId": "MTN-REV-9"}})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+
+    seen = json.dumps([await admin.json("GET", f"/v1/payments/{paid.id}", 200),
+                       await admin.json("GET", f"/v1/payments/{cancelled.id}", 200),
+                       await admin.json("GET", f"/v1/refunds/{refund['id']}", 200)])
+    for personal in (NAME, UNIT, PHONE, PHONE[1:]):
+        assert personal not in seen, seen
+    async with rt.sessionmaker() as s:
+        kept = await s.get(Payment, paid.id)
+        assert (kept.description, kept.review_note) == (None, "[note erased]")
+        assert (kept.reviewed_detail, kept.reviewed_by is not None, kept.reviewed_at is not None) == (
+            "provider reported 60000, expected 50000", True, True)
+        assert (kept.amount_minor, kept.refunded_minor, kept.reference) == (50000, 1000, paid.reference)
+        gone = await s.get(Payment, cancelled.id)
+        assert (gone.status, gone.failure_reason) == ("CANCELLED", "cancelled by the cooperative: [note erased]")
+        back = await s.get(Refund, refund["id"])
+        assert (back.reason, back.status, back.amount_minor) == (None, "COMPLETED", 1000)

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from channels.ussd.sessions import session_key
 from core.db import utcnow
 from core.models import OutboxJob, SmsMessage, UssdSession
 from tests.admin_api.conftest import Caller
@@ -101,3 +102,42 @@ async def test_her_session_opened_over_five_minutes_ago_and_still_going_goes_wit
     await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
     left = {key: await rt.redis.get(key) for key in await rt.redis.keys("ussd:*")}
     assert not [key for key, value in left.items() if value and NAME.encode() in value], left
+
+
+async def test_her_live_ussd_session_in_another_cooperative_is_kept_when_one_erases_her(
+        rt: Any, client: Any, admin: Caller, demo: Any, coop_b: Any) -> None:
+    """A member of two cooperatives, erased from one, keeps the other's: her session there, live in Redis, was
+    deleted (the recent sessions were chosen by her number alone), ending her payment to the other cooperative."""
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    in_b = await coop_b["admin"].json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    phone = AtPhone(client, PHONE)  # her one active membership now: the other cooperative's
+    menu = await phone.dial()
+    assert menu.startswith("CON Welcome to Other Coop"), menu
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    assert await rt.redis.exists(session_key("africastalking", phone.session_id)) == 1
+    async with rt.sessionmaker() as s:
+        row = (await s.execute(select(UssdSession).where(UssdSession.session_id == phone.session_id))).scalar_one()
+    assert (row.cooperative_id, row.member_id, row.phone_index) == (
+        coop_b["cooperative_id"], in_b["id"], rt.cipher.blind_index(PHONE))
+
+
+async def test_her_session_that_chose_another_cooperative_before_she_was_suspended_is_kept(
+        rt: Any, client: Any, admin: Caller, demo: Any, coop_b: Any) -> None:
+    """Opened while both memberships were active, the session's row names no cooperative until it ends; its state
+    says which she chose: the other cooperative's session is kept, one in the erased membership goes."""
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    await coop_b["admin"].json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    sessions = {}
+    for coop_name in ("Other Coop", "Kigali Heights"):
+        phone = AtPhone(client, PHONE)
+        if "Continue where you left off" in await phone.dial():  # the first session left a route to resume
+            await phone.send("2")  # start again
+        picker = await phone.send("1")
+        [item] = [line.split(".")[0] for line in picker.splitlines() if coop_name in line]
+        await phone.send(item)
+        sessions[coop_name] = phone.session_id
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    assert await rt.redis.exists(session_key("africastalking", sessions["Other Coop"])) == 1
+    assert await rt.redis.exists(session_key("africastalking", sessions["Kigali Heights"])) == 0
