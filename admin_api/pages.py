@@ -98,9 +98,12 @@ async def ops_page(_request: web.Request) -> web.Response:
 
 def _phones() -> list[dict[str, str]]:
     from core.demo import DEMO_MEMBERS
+    from core.phone import network_code_of
 
+    # Each phone's network as Africa's Talking reports it (the USSD menu offers the method of the network's operator).
     return [
-        {"phone": phone, "name": name, "unit": unit, "language": language, "does": what}
+        {"phone": phone, "name": name, "unit": unit, "language": language, "does": what,
+         "network": network_code_of(phone)}
         for name, phone, unit, language, what in DEMO_MEMBERS
     ]
 

@@ -45,7 +45,7 @@ from core.money import Money
 from core.notify import changed_at, emit_event, event_job, notice_jobs
 from core.outbox import NewJob, db_now, enqueue_many
 from core.payment_statements import CONTEXT, create_statement, stored_and_locked
-from core.phone import Phone, PhoneError, normalize
+from core.phone import Phone, PhoneError, normalize, operator_of
 from core.ports import (
     MONEY_REFERENCE,
     REQUEST_UNKNOWN,
@@ -128,6 +128,10 @@ class NewPayment:
     # The balance of a fixed-amount type's period the USSD offered her (core.reminders.balance_owed: the provider
     # took part of its price): paid as well as the price. Never from a request: an API payment states its amount.
     balance_minor: int | None = None
+    # The operator the USSD aggregator reports `account` on now (core.phone.operator_on_network): a number ported to
+    # another operator keeps its first operator's range. Only a USSD session sets it, and only for its own number
+    # (the account); the account check then takes it over the range. None: the range decides (an API payment).
+    account_operator: str | None = None
 
 
 def account_context(cooperative_id: str) -> str:
@@ -288,7 +292,8 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     amount = new.amount or Money(ptype.amount_minor, ptype.currency)
     if new.amount is not None and not amount.is_positive():
         raise ValidationError("amount must be a positive number", field="amount")
-    account, account_refused = _normalise_account(new.method, new.account, coop.country)
+    account, account_refused = _normalise_account(new.method, new.account, coop.country,
+                                                  on_network=new.account_operator if new.channel == "ussd" else None)
     digest = _request_digest(new, amount, account)
     request_hash = keyed_request_hash(rt.cipher, digest)
     refused = _refusal(rt, new, context, ptype, amount, account_refused)
@@ -352,6 +357,11 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         "completed_at": None,
     }
     audit_after = {"status": "PENDING", "amount": amount.minor, "currency": amount.currency, "method": new.method}
+    if new.channel == "ussd" and new.method in METHOD_OPERATOR and new.account_operator is not None \
+            and new.account_operator != operator_of(account):
+        # A ported number: the network the aggregator reported, not the range, let it pay with this method (support
+        # reads here why MTN was asked to collect from a number of Telecel's range).
+        audit_after["operatorFrom"] = "network"
     jobs = [
         NewJob("payment.collect", {"payment_id": payment_id}, dedupe_key=f"collect:{payment_id}",
                cooperative_id=coop.id, run_at=now),
@@ -792,10 +802,12 @@ def approval_window(settings: Any, method: str) -> int:
     return int(settings.payment_timeout_seconds)
 
 
-def _normalise_account(method: str, account: str, country: str) -> tuple[str, ValidationError | None]:
+def _normalise_account(method: str, account: str, country: str, *,
+                       on_network: str | None = None) -> tuple[str, ValidationError | None]:
     """The account as stored (E.164 for a wallet), and why this method cannot collect from it, if so: a number
     of another country than the cooperative's, or of another operator than the method's. A malformed one
-    raises."""
+    raises. `on_network`: the operator the USSD aggregator reports the number on now (NewPayment.account_operator),
+    which decides over the number's range (a ported number)."""
     account = (account or "").strip()
     operator = METHOD_OPERATOR.get(method)
     if operator is None:  # bank payments: an account number or an e-mail for the invoice
@@ -814,9 +826,11 @@ def _normalise_account(method: str, account: str, country: str) -> tuple[str, Va
                                            field="paymentAccount", code=PAYMENT_ACCOUNT_NOT_ACCEPTED)
     # An unknown operator (a range neither phonenumbers' carrier data nor core.phone's table names) is let
     # through: the provider refuses a number not on its network; a known other one is refused here.
-    if phone.operator is not None and phone.operator != operator:
+    # The network's operator is spelt as ours (or by its code): the carrier data names the range's, not the network's.
+    current, spelt_by = (on_network, None) if on_network is not None else (phone.operator, phone.e164)
+    if current is not None and current != operator:
         return phone.e164, ValidationError(f"paymentAccount {phone.masked()} is "
-                                           f"{_a(_operator_name(phone.operator, phone.e164))} "
+                                           f"{_a(_operator_name(current, spelt_by))} "
                                            f"number; {METHOD_NAMES[method]} needs {_a(_operator_name(operator))} "
                                            "number", field="paymentAccount", code=PAYMENT_ACCOUNT_NOT_ACCEPTED)
     return phone.e164, None

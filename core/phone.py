@@ -193,6 +193,58 @@ def operator_of(e164: str) -> str | None:
     return None
 
 
+# The network a USSD aggregator says the subscriber is on now (mobile number portability: a number ported from
+# Telecel to MTN keeps its Telecel range, and operator_of names the range's first operator). Africa's Talking sends
+# the MCC-MNC (networkCode); each code is one country's, and counts only for a number of that country.
+# Sources: ITU-T E.212 list of mobile network codes; the networks merged since answer as the operator that runs them
+# now (Tigo Rwanda and Warid Uganda as Airtel, yu as Airtel Kenya, Airtel and Tigo Ghana as AT).
+_NETWORK_CODES: dict[str, tuple[str, str]] = {
+    # Rwanda
+    "63510": ("RW", "MTN"), "63513": ("RW", "AIRTEL"), "63514": ("RW", "AIRTEL"),
+    # Kenya
+    "63902": ("KE", "SAFARICOM"), "63903": ("KE", "AIRTEL"), "63905": ("KE", "AIRTEL"), "63907": ("KE", "TELKOM"),
+    # Uganda
+    "64101": ("UG", "AIRTEL"), "64110": ("UG", "MTN"), "64122": ("UG", "AIRTEL"), "64111": ("UG", "UTL"),
+    "64114": ("UG", "AFRICELL"),
+    # Tanzania
+    "64002": ("TZ", "YAS"), "64003": ("TZ", "ZANTEL"), "64004": ("TZ", "VODACOM"), "64005": ("TZ", "AIRTEL"),
+    "64007": ("TZ", "TTCL"), "64009": ("TZ", "HALOTEL"),
+    # Ghana
+    "62001": ("GH", "MTN"), "62002": ("GH", "TELECEL"), "62003": ("GH", "AIRTELTIGO"), "62006": ("GH", "AIRTELTIGO"),
+    "62007": ("GH", "GLO"),
+    # Zambia
+    "64501": ("ZM", "AIRTEL"), "64502": ("ZM", "MTN"), "64503": ("ZM", "ZAMTEL"),
+}
+# Hubtel's Operator ("mtn", "vodafone", "airteltigo") and Nalo's NETWORK ("MTN", "VODAFONE", "AIRTELTIGO"): names, and
+# both aggregators are Ghana's, so a name counts only for a Ghanaian number. Vodafone Ghana is Telecel now; Airtel and
+# Tigo Ghana became AirtelTigo, now AT: neither is Airtel's wallet.
+_GHANA_NETWORK_NAMES = {"mtn": "MTN", "mtnghana": "MTN", "vodafone": "TELECEL", "voda": "TELECEL",
+                        "telecel": "TELECEL", "airteltigo": "AIRTELTIGO", "at": "AIRTELTIGO", "tigo": "AIRTELTIGO",
+                        "airtel": "AIRTELTIGO", "glo": "GLO", "globacom": "GLO"}
+
+
+def operator_on_network(network: str | None, e164: str) -> str | None:
+    """The operator the aggregator reports the number `e164` on now (its USSD hop's network), when it is one we
+    know for the number's country; None for a missing, unknown or other country's value (the caller then reads the
+    range: operator_of). Never a reason to collect from another number: it only names the network of the number
+    that dialled."""
+    if not network:
+        return None
+    key = re.sub(r"[^a-z0-9]", "", network.lower())
+    region = region_of(e164)
+    if key.isdigit():
+        found = _NETWORK_CODES.get(key)
+        return found[1] if found is not None and found[0] == region else None
+    return _GHANA_NETWORK_NAMES.get(key) if region == "GH" else None
+
+
+def network_code_of(e164: str) -> str:
+    """The MCC-MNC Africa's Talking would send for `e164` still on its range's operator (an unported number): what
+    the simulators send as networkCode. "" when no code is known for that operator."""
+    found = (region_of(e164), operator_of(e164))
+    return next((code for code, known in _NETWORK_CODES.items() if known == found), "")
+
+
 @functools.lru_cache(maxsize=10_000)
 def region_of(e164: str) -> str:
     """The country (ISO code) a number belongs to, "" when none: a parse each time cost about 40 us, and a USSD pay

@@ -308,9 +308,11 @@
 
     async hop() {
       this.show("busy");
+      // A demo phone's own network; a number typed in is sent with none (the gateway then reads its range).
+      const demo = config.phones.find((p) => p.phone === this.number);
       const body = new URLSearchParams({
         sessionId: this.sessionId, serviceCode: this.code, phoneNumber: this.number,
-        networkCode: config.networkCode, text: this.answers.join("*"),
+        networkCode: demo ? demo.network : "", text: this.answers.join("*"),
       });
       let text;
       try {

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import httpx
 
-from core.phone import normalize
+from core.phone import network_code_of, normalize
 
 
 def _read_line(prompt: str) -> str | None:
@@ -34,7 +34,7 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
     async with httpx.AsyncClient(timeout=20.0, transport=transport) as http:
         while True:
             form = {"sessionId": session_id, "serviceCode": service_code, "phoneNumber": number,
-                    "networkCode": "63510", "text": "*".join(inputs)}
+                    "networkCode": network_code_of(number), "text": "*".join(inputs)}
             try:
                 resp = await http.post(url, data=form, params=params)
             except httpx.HTTPError as exc:

@@ -7,6 +7,7 @@ reads with no core helper (cooperative by code or extension) are small private q
 from __future__ import annotations
 
 import calendar
+import logging
 import re
 from dataclasses import dataclass, replace
 from datetime import date, datetime
@@ -27,12 +28,15 @@ from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import NUMBER_MARKS, Money, MoneyError, exponent
 from core.notify import SMS_KEY_SIZE
 from core.payments import wallets_by_operator
+from core.phone import operator_on_network
 from core.ports import refusal_for
 from core.state.payment import OPEN, PaymentStatus, holds_money, shown_status
 from core.text import is_number
 
 if TYPE_CHECKING:
     from core.payments import NewPayment, PaymentContext
+
+log = logging.getLogger("gateway.ussd")
 
 COLLECTED = ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED")
 REASONS = ("CHARGED_NOT_RECORDED", "WRONG_AMOUNT", "NOT_AUTHORISED", "OTHER")
@@ -747,7 +751,7 @@ def _number_methods(ctx: Ctx, country: str, currency: str | None) -> list[str]:
     MTN or Airtel Money account of another country): counted, they let her type an amount no method could take,
     then blamed her number or asked for cents they never collect."""
     phone = ctx.hop.phone
-    usable = methods_for(country, phone.operator, ctx.rt.routes, number_country=phone.region)
+    usable = methods_for(country, payer_operator(ctx)[0], ctx.rt.routes, number_country=phone.region)
     if currency is None:
         return usable
     probe = Money(0, currency)
@@ -757,6 +761,20 @@ def _number_methods(ctx: Ctx, country: str, currency: str | None) -> list[str]:
 async def amount_entered(ctx: Ctx, minor: str) -> str:
     ctx.data["amt"] = int(minor)
     return await _method_step(ctx)
+
+
+def payer_operator(ctx: Ctx) -> tuple[str | None, str]:
+    """The operator the caller's number is on, and what said so: "network" when the aggregator's network for this
+    hop (UssdTurn.network) names one we know for her number's country (mobile number portability: a number ported
+    from Telecel to MTN keeps its Telecel range), else "range" (core.phone.operator_of, as for an API payment).
+
+    A forged or odd network value can at worst offer a method whose provider then refuses the number: the account
+    collected from is always the session's own number (confirmed)."""
+    phone = ctx.hop.phone
+    operator = operator_on_network(ctx.hop.network, phone.e164)
+    if operator is not None:
+        return operator, "network"
+    return phone.operator, "range"
 
 
 def methods_for(country: str, operator: str | None, routed: Any, *, number_country: str | None = None,
@@ -791,8 +809,15 @@ async def _method_step(ctx: Ctx) -> str:
     coop = await cooperative(ctx, ctx.data["c"])
     phone = ctx.hop.phone
     amount = Money(ctx.data["amt"], ctx.data["cur"]) if ctx.data.get("cur") else None
-    options = methods_for(coop.country if coop else "", phone.operator, ctx.rt.routes,
+    operator, source = payer_operator(ctx)
+    options = methods_for(coop.country if coop else "", operator, ctx.rt.routes,
                           number_country=phone.region, amount=amount, providers=ctx.rt.providers)
+    if source == "network" and operator != phone.operator:
+        # A ported number (or a network value that says so): support reads here why she was offered what her
+        # number's range would not give her (the session row keeps the network_code the aggregator sent).
+        log.info("ussd pay methods by the network the aggregator reports, not the number's range",
+                 extra={"session_id": ctx.hop.session_id, "network": ctx.hop.network, "operator": operator,
+                        "range_operator": phone.operator, "offered": ",".join(options)})
     if not options:
         return _no_method(ctx, coop.country if coop else "", amount)
     if len(options) == 1:
@@ -893,6 +918,9 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
         account=turn.phone.e164, idempotency_key=f"ussd:{turn.aggregator}:{turn.session_id}"[:128],
         channel="ussd", amount=Money(ctx.data["amt"], ctx.data["cur"]), member_id=ctx.data["mb"],
         reference=reference, balance_minor=ctx.data["amt"] if ctx.data.get("full") else None,
+        # The operator the network reports her number on, for create_payment's account check (payer_operator):
+        # the account is this session's own number, so the network can name only the operator she pays from.
+        account_operator=operator_on_network(turn.network, turn.phone.e164),
     )
     side_effect_started()
     try:

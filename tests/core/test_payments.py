@@ -491,3 +491,23 @@ async def test_money_taken_after_a_failure_is_flagged_with_what_finds_it(rt, dem
                  ).scalar_one()
     assert audit.after == {"providerTransactionId": "MTN-LATE-9", "mismatch": True, "collected": 50000,
                            "currency": "RWF", "completedAt": iso_z(stored.completed_at), "first": True}
+
+
+async def test_the_network_a_ussd_session_reports_decides_its_own_numbers_operator(rt, demo, provider):
+    """Mobile number portability: an Airtel-range number the USSD aggregator reports on MTN is paid with MTN MoMo
+    (channels.ussd.flows.confirmed sets account_operator for the session's own number). An API payment names no
+    network: the range decides, as before, whatever the field says."""
+    member = demo["members"]["+250733000001"]
+    ussd = _new(demo, key="ussd:africastalking:ported-1", account="+250733000001", channel="ussd",
+                member_id=member, account_operator="MTN")
+    payment, created = await _create(rt, ussd)
+    assert created and (payment.method, payment.payment_account_masked) == ("MOBILE_MONEY_MTN", "+25073****001")
+    async with rt.sessionmaker() as s:
+        after = (await s.execute(select(AuditEvent.after).where(AuditEvent.entity_id == payment.id))).scalar_one()
+    assert after["operatorFrom"] == "network"
+    with pytest.raises(ValidationError, match="is an Airtel number; MTN MoMo needs an MTN number"):
+        await _create(rt, replace(ussd, idempotency_key="key-api-ported", channel="api"))
+    # Reported on Airtel: an MTN-range number is not MTN's to collect from.
+    away = _new(demo, key="ussd:africastalking:ported-2", channel="ussd", account_operator="AIRTEL")
+    with pytest.raises(ValidationError, match=r"\+25078\*\*\*\*001 is an Airtel number; MTN MoMo needs an MTN"):
+        await _create(rt, away)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from core.phone import PhoneError, has_country_code, mask, normalize
+from core.phone import PhoneError, has_country_code, mask, network_code_of, normalize, operator_on_network
 
 
 @pytest.mark.parametrize(
@@ -67,3 +67,45 @@ def test_letters_in_a_number_are_refused_not_read_as_a_keypad(raw):
 @pytest.mark.parametrize("raw", ["tel:+250788123456", "Tel: 0788123456", "O788123456"])
 def test_a_tel_link_or_a_word_before_the_number_is_still_read(raw):
     assert normalize(raw, "RW").e164 == "+250788123456"
+
+
+@pytest.mark.parametrize(("network", "e164", "operator"), [
+    ("62001", "+233201234567", "MTN"),  # a Telecel range ported to MTN Ghana
+    ("mtn", "+233201234567", "MTN"),  # Hubtel's Operator
+    ("MTN", "+233201234567", "MTN"),  # Nalo's NETWORK
+    ("vodafone", "+233244123456", "TELECEL"),
+    ("VODAFONE", "+233244123456", "TELECEL"),
+    ("telecel", "+233244123456", "TELECEL"),
+    ("AIRTELTIGO", "+233244123456", "AIRTELTIGO"),
+    ("airtel", "+233244123456", "AIRTELTIGO"),  # Airtel Ghana is AT's now, not Airtel Money
+    ("at", "+233244123456", "AIRTELTIGO"),
+    ("63510", "+250733000001", "MTN"),
+    ("63513", "+250788000001", "AIRTEL"),
+    ("63514", "+250788000001", "AIRTEL"),
+    ("63902", "+254733123456", "SAFARICOM"),
+    ("63903", "+254712345678", "AIRTEL"),
+    ("64110", "+256752123456", "MTN"),
+    ("64101", "+256772123456", "AIRTEL"),
+    ("64122", "+256772123456", "AIRTEL"),
+    ("64005", "+255754123456", "AIRTEL"),
+    ("64004", "+255784123456", "VODACOM"),
+    # Nothing we know for the number's country: the range decides (None).
+    (None, "+233244123456", None),
+    ("", "+233244123456", None),
+    ("99999", "+250788000001", None),
+    ("62001", "+250733000001", None),  # MTN Ghana's code for a Rwandan number
+    ("63510", "+233201234567", None),
+    ("mtn", "+250733000001", None),  # a name, from Ghana's aggregators only
+    ("orange", "+233244123456", None),
+    ("6200", "+233244123456", None),
+])
+def test_operator_on_network(network, e164, operator):
+    assert operator_on_network(network, e164) == operator
+
+
+def test_network_code_of_a_number_on_its_ranges_operator():
+    assert network_code_of("+250788000001") == "63510"
+    assert network_code_of("+250733000001") == "63513"
+    assert network_code_of("+233201234567") == "62002"
+    assert network_code_of("+254712345678") == "63902"
+    assert operator_on_network(network_code_of("+256752123456"), "+256752123456") == "AIRTEL"

@@ -91,7 +91,10 @@ async def test_simulator_phones_lists_the_demo_numbers(sim: Any) -> None:
     assert [p["phone"] for p in body["phones"]] == [m[1] for m in DEMO_MEMBERS]
     first = body["phones"][1]
     assert first == {"phone": "+250788000002", "name": "Jean Bosco Habimana", "unit": "A-102",
-                     "language": "en", "does": "MTN MoMo: payment fails"}
+                     "language": "en", "does": "MTN MoMo: payment fails", "network": "63510"}
+    # Each phone dials on its own network (the menu offers the method of the network's operator): Airtel's for
+    # the Airtel number, not MTN Rwanda's for every phone.
+    assert {p["phone"]: p["network"] for p in body["phones"]}["+250733000001"] == "63513"
 
 
 async def test_simulator_config_without_a_callback_secret(sim: Any) -> None:

@@ -11,8 +11,9 @@ EN_MTN = "250788000002"
 
 
 class HubtelPhone:
-    def __init__(self, client: Any, mobile: str, session_id: str) -> None:
+    def __init__(self, client: Any, mobile: str, session_id: str, operator: str = "mtn") -> None:
         self.client, self.mobile, self.session_id, self.sequence = client, mobile, session_id, 0
+        self.operator = operator  # Hubtel's Operator: the network the subscriber is on
 
     async def post(self, kind: str, message: str, *, sequence: int | None = None) -> dict[str, Any]:
         if sequence is None:
@@ -20,7 +21,7 @@ class HubtelPhone:
             sequence = self.sequence
         resp = await self.client.post("/ussd/hubtel", json={
             "Mobile": self.mobile, "SessionId": self.session_id, "ServiceCode": "384*123", "Type": kind,
-            "Message": message, "Operator": "mtn", "Sequence": sequence, "ClientState": f"s{sequence}"})
+            "Message": message, "Operator": self.operator, "Sequence": sequence, "ClientState": f"s{sequence}"})
         assert resp.status == 200, await resp.text()
         assert resp.content_type == "application/json"
         return await resp.json()
@@ -62,11 +63,22 @@ async def test_hubtel_release_marks_the_session_incomplete_and_offers_resume(cli
     assert resumed["Message"].startswith("Choose what to pay:")
 
 
+# Nalo's NETWORK for a number never ported: the name of its range's operator as Nalo spells it.
+_NALO_NETWORKS = {"MTN": "MTN", "TELECEL": "VODAFONE", "AIRTELTIGO": "AIRTELTIGO"}
+
+
+def nalo_network(msisdn: str) -> str:
+    from core.phone import normalize
+
+    operator = normalize(msisdn, "GH").operator or ""
+    return _NALO_NETWORKS.get(operator, operator or "MTN")
+
+
 async def nalo(client: Any, session_id: str, userdata: str, first: bool,
-               msisdn: str = FR_AIRTEL) -> dict[str, Any]:
+               msisdn: str = FR_AIRTEL, network: str | None = None) -> dict[str, Any]:
     resp = await client.post("/ussd/nalo", json={
-        "USERID": "NALOTest", "MSISDN": msisdn, "USERDATA": userdata, "MSGTYPE": first, "NETWORK": "AIRTEL",
-        "SESSIONID": session_id})
+        "USERID": "NALOTest", "MSISDN": msisdn, "USERDATA": userdata, "MSGTYPE": first,
+        "NETWORK": nalo_network(msisdn) if network is None else network, "SESSIONID": session_id})
     assert resp.status == 200, await resp.text()
     body = await resp.json()
     assert body["USERID"] == "NALOTest" and body["MSISDN"] == msisdn
