@@ -292,8 +292,8 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     amount = new.amount or Money(ptype.amount_minor, ptype.currency)
     if new.amount is not None and not amount.is_positive():
         raise ValidationError("amount must be a positive number", field="amount")
-    account, account_refused = _normalise_account(new.method, new.account, coop.country,
-                                                  on_network=new.account_operator if new.channel == "ussd" else None)
+    on_network = new.account_operator if new.channel == "ussd" else None  # only a session's own number's
+    account, account_refused = _normalise_account(new.method, new.account, coop.country, on_network=on_network)
     digest = _request_digest(new, amount, account)
     request_hash = keyed_request_hash(rt.cipher, digest)
     refused = _refusal(rt, new, context, ptype, amount, account_refused)
@@ -357,8 +357,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         "completed_at": None,
     }
     audit_after = {"status": "PENDING", "amount": amount.minor, "currency": amount.currency, "method": new.method}
-    if new.channel == "ussd" and new.method in METHOD_OPERATOR and new.account_operator is not None \
-            and new.account_operator != operator_of(account):
+    if on_network is not None and new.method in METHOD_OPERATOR and on_network != operator_of(account):
         # A ported number: the network the aggregator reported, not the range, let it pay with this method (support
         # reads here why MTN was asked to collect from a number of Telecel's range).
         audit_after["operatorFrom"] = "network"

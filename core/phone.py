@@ -193,9 +193,9 @@ def operator_of(e164: str) -> str | None:
     return None
 
 
-# The network a USSD aggregator says the subscriber is on now (mobile number portability: a number ported from
-# Telecel to MTN keeps its Telecel range, and operator_of names the range's first operator). Africa's Talking sends
-# the MCC-MNC (networkCode); each code is one country's, and counts only for a number of that country.
+# The network a number's subscriber is on now, as a USSD hop names it (mobile number portability: a number ported
+# from Telecel to MTN keeps its Telecel range, and operator_of names the range's first operator). By its MCC-MNC:
+# each code is one country's, and counts only for a number of that country.
 # Sources: ITU-T E.212 list of mobile network codes; the networks merged since answer as the operator that runs them
 # now (Tigo Rwanda and Warid Uganda as Airtel, yu as Airtel Kenya, Airtel and Tigo Ghana as AT).
 _NETWORK_CODES: dict[str, tuple[str, str]] = {
@@ -215,19 +215,21 @@ _NETWORK_CODES: dict[str, tuple[str, str]] = {
     # Zambia
     "64501": ("ZM", "AIRTEL"), "64502": ("ZM", "MTN"), "64503": ("ZM", "ZAMTEL"),
 }
-# Hubtel's Operator ("mtn", "vodafone", "airteltigo") and Nalo's NETWORK ("MTN", "VODAFONE", "AIRTELTIGO"): names, and
-# both aggregators are Ghana's, so a name counts only for a Ghanaian number. Vodafone Ghana is Telecel now; Airtel and
-# Tigo Ghana became AirtelTigo, now AT: neither is Airtel's wallet.
-_GHANA_NETWORK_NAMES = {"mtn": "MTN", "mtnghana": "MTN", "vodafone": "TELECEL", "voda": "TELECEL",
-                        "telecel": "TELECEL", "airteltigo": "AIRTELTIGO", "at": "AIRTELTIGO", "tigo": "AIRTELTIGO",
-                        "airtel": "AIRTELTIGO", "glo": "GLO", "globacom": "GLO"}
+# By the network's name ("mtn", "VODAFONE", "AirtelTigo"), per country: a name counts only for a number of a
+# country it is listed for (only Ghana's aggregators send names). Vodafone Ghana is Telecel now; Airtel and Tigo Ghana
+# became AirtelTigo, now AT: neither is Airtel's wallet.
+_NETWORK_NAMES: dict[str, dict[str, str]] = {
+    "GH": {"mtn": "MTN", "mtnghana": "MTN", "vodafone": "TELECEL", "voda": "TELECEL", "telecel": "TELECEL",
+           "airteltigo": "AIRTELTIGO", "at": "AIRTELTIGO", "tigo": "AIRTELTIGO", "airtel": "AIRTELTIGO",
+           "glo": "GLO", "globacom": "GLO"},
+}
 
 
 def operator_on_network(network: str | None, e164: str) -> str | None:
-    """The operator the aggregator reports the number `e164` on now (its USSD hop's network), when it is one we
-    know for the number's country; None for a missing, unknown or other country's value (the caller then reads the
-    range: operator_of). Never a reason to collect from another number: it only names the network of the number
-    that dialled."""
+    """The operator `network` (an MCC-MNC or a network's name, as a USSD hop reports the number `e164` on now) is,
+    when it is one we know for the number's country; None for a missing, unknown or other country's value (the
+    caller then reads the range: operator_of). Never a reason to collect from another number: it only names the
+    network of the number that dialled."""
     if not network:
         return None
     key = re.sub(r"[^a-z0-9]", "", network.lower())
@@ -235,7 +237,7 @@ def operator_on_network(network: str | None, e164: str) -> str | None:
     if key.isdigit():
         found = _NETWORK_CODES.get(key)
         return found[1] if found is not None and found[0] == region else None
-    return _GHANA_NETWORK_NAMES.get(key) if region == "GH" else None
+    return _NETWORK_NAMES.get(region, {}).get(key)
 
 
 def network_code_of(e164: str) -> str:

@@ -1056,7 +1056,7 @@ async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
         # route asks the provider to send the callback again.
         status = await rt.providers[event.provider].refund_status(known.provider_reference, known.currency)
         outcome, txn, reason = status.outcome, status.provider_transaction_id or txn, status.reason or reason
-        occurred, amount = status.occurred_at or occurred, status.amount or amount
+        occurred, amount = status.occurred_at or occurred, status.amount  # the callback's own: unconfirmed
     for attempt in range(3):
         try:
             async with rt.sessionmaker.begin() as session:

@@ -347,16 +347,16 @@ def endpoint_host(url: str) -> str:
         return ""
 
 
+def _status_of_domain(cooperative_id: str, host: str) -> Any:
+    return select(ApprovedDomain.status).where(
+        ApprovedDomain.cooperative_id == cooperative_id, ApprovedDomain.domain == host
+    )
+
+
 async def domain_status(session: AsyncSession, cooperative_id: str, url: str) -> str | None:
     """The status of the cooperative's request for the domain `url` is on (APPROVED, PENDING, REJECTED), None
     when there is none."""
-    return (
-        await session.execute(
-            select(ApprovedDomain.status).where(
-                ApprovedDomain.cooperative_id == cooperative_id, ApprovedDomain.domain == endpoint_host(url)
-            )
-        )
-    ).scalar_one_or_none()
+    return (await session.execute(_status_of_domain(cooperative_id, endpoint_host(url)))).scalar_one_or_none()
 
 
 async def held_reason(session: AsyncSession, endpoint: WebhookEndpoint) -> str | None:
@@ -1266,25 +1266,14 @@ async def _hold_for_domain(rt: Runtime, job: Job, endpoint: WebhookEndpoint, eve
             await session.execute(
                 select(WebhookEndpoint.url).where(WebhookEndpoint.id == endpoint.id).with_for_update(read=True)
             )
+        ).scalar_one_or_none() or endpoint.url
+        host = endpoint_host(url)
+        status = (
+            await session.execute(_status_of_domain(endpoint.cooperative_id, host).with_for_update(read=True))
         ).scalar_one_or_none()
-        host = endpoint_host(url or endpoint.url)
-        domain_id = (
-            await session.execute(
-                select(ApprovedDomain.id).where(
-                    ApprovedDomain.cooperative_id == endpoint.cooperative_id, ApprovedDomain.domain == host
-                )
-            )
-        ).scalar_one_or_none()
-        status = None
-        if domain_id is not None:
-            status = (
-                await session.execute(
-                    select(ApprovedDomain.status).where(ApprovedDomain.id == domain_id).with_for_update(read=True)
-                )
-            ).scalar_one_or_none()
-            if status == "APPROVED":
-                return url or endpoint.url
-        state = f"{status.lower()}" if status else "not requested"
+        if status == "APPROVED":
+            return url
+        state = status.lower() if status else "not requested"
         await finish_unsent(
             await session.connection(), job,
             f"held: domain {host} is {state}, not approved; sent when a super admin approves it",

@@ -41,12 +41,7 @@ def _body(refund: Refund, status: str) -> dict[str, Any]:
 
 async def test_unsigned_mtn_refund_callback_is_confirmed_by_the_refund_status(rt, demo, worker, client):
     wire = mtn_wire().on("POST", "/disbursement/v1_0/refund", 202)
-    mtn_adapter(rt, wire)
-    async with rt.sessionmaker.begin() as s:
-        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
-    await completed(rt, payment)
-    refund = await _refund(rt, demo, payment)
-    await drain(worker)  # submitted: PROCESSING
+    refund, payment = await _sent_refund(rt, demo, worker, wire)  # submitted: PROCESSING
     # MTN itself says the refund failed; a forged (or stale) callback says it succeeded.
     wire.on("GET", STATUS_PATH.format(refund.provider_reference), 200, {
         "amount": "50000", "currency": "RWF", "externalId": refund.provider_reference, "status": "FAILED",
@@ -70,12 +65,7 @@ async def test_unsigned_mtn_refund_callback_is_confirmed_by_the_refund_status(rt
 
 async def test_confirmed_mtn_refund_callback_completes_the_refund(rt, demo, worker, client):
     wire = mtn_wire().on("POST", "/disbursement/v1_0/refund", 202)
-    mtn_adapter(rt, wire)
-    async with rt.sessionmaker.begin() as s:
-        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
-    await completed(rt, payment)
-    refund = await _refund(rt, demo, payment)
-    await drain(worker)
+    refund, payment = await _sent_refund(rt, demo, worker, wire)
     wire.on("GET", STATUS_PATH.format(refund.provider_reference), 200,
             {**_body(refund, "SUCCESSFUL"), "financialTransactionId": "RF-1"})
     resp = await client.post(f"/webhooks/payments/mtn_momo?ref={refund.provider_reference}&kind=refund",
