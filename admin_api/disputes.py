@@ -151,7 +151,7 @@ LIST_QUERY = {
     "reason": Param(enum=tuple(REASONS)),
     "paymentId": Param("uuid", "Disputes of one payment"),
     "member": Param("uuid", "Disputes of one member"),
-    "reference": Param(description="The dispute's reference as its SMS gives it (DSP_20261201_001)"),
+    "reference": Param(description="The dispute's reference as its SMS gives it (DSP_20261201_001)", nonempty=True),
     **period_params("created"),
 }
 

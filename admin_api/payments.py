@@ -312,15 +312,16 @@ LIST_QUERY = {
     "paymentMethod": Param(enum=METHODS, description="Filter by payment method"),
     "paymentTypeId": Param("uuid", "Filter by payment type"),
     "member": Param("uuid", "Filter by member id"),
-    "reference": Param(description="The payment's reference as its receipt gives it (PAY_20261201_001)"),
+    "reference": Param(description="The payment's reference as its receipt gives it (PAY_20261201_001)",
+                       nonempty=True),
     "gatewayTransactionId": Param(description="The provider's id of the money, exact, as the payment's "
                                   "`gatewayTransactionId` and the provider's statement give it (MTN's "
                                   "financialTransactionId, an M-Pesa receipt number): the payment(s) holding it; "
                                   "more than one is flagged (`mismatch`: the same money recorded twice)",
-                                  max_length=128),
+                                  max_length=128, nonempty=True),
     "paymentAccount": Param(description="Exact paying account: a phone number, a bank account or an e-mail (as "
                                         "given: with paymentMethod a bank's, never read as a phone number). "
-                                        f"{SEARCHED_NUMBER_RULE}"),
+                                        f"{SEARCHED_NUMBER_RULE}", nonempty=True),
     **period_params("createdAt, or completedAt with basis=completed"),
     "basis": basis_param("payments"),
     "cooperativeId": Param("uuid", "Super admin: one cooperative"),
@@ -497,9 +498,6 @@ async def filtered(ctx: Ctx) -> Any:
     if q.get("reference") is not None:
         query = query.where(Payment.reference == q["reference"].strip().upper())
     if q.get("gatewayTransactionId") is not None:
-        if not q["gatewayTransactionId"]:
-            raise ValidationError("gatewayTransactionId must not be empty: the provider's id of the money",
-                                  field="gatewayTransactionId")
         # Exact, as stored (providers' ids are case-sensitive): ix_payments_transaction_id, the id first.
         query = query.where(Payment.provider_transaction_id == q["gatewayTransactionId"])
     for flag, marked in (("mismatch", Payment.mismatch), ("late", Payment.late)):

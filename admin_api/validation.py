@@ -250,6 +250,9 @@ class Param:
     enum: tuple[str, ...] | None = None
     max_length: int = 200
     required: bool = False  # 400 when left out (the OpenAPI document says so)
+    # 400 when given empty: an exact search whose empty value would list nothing (or, read as "no filter", all), as
+    # if the reference or account typed had no payment.
+    nonempty: bool = False
 
     def schema(self) -> dict[str, Any]:
         schema: dict[str, Any]
@@ -269,6 +272,8 @@ class Param:
             schema["maximum"] = self.maximum
         if self.default is not None:
             schema["default"] = self.default
+        if self.nonempty:
+            schema["minLength"] = 1
         return schema
 
 
@@ -368,6 +373,9 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
             continue
         if len(raw) > param.max_length:
             errors.append(f"{name} is too long")
+            continue
+        if param.nonempty and not raw:
+            errors.append(f"{name} must not be empty")
             continue
         try:
             if param.type == "integer":

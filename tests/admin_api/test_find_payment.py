@@ -33,3 +33,17 @@ async def test_a_bank_payment_is_found_by_its_account(admin: Any, demo: Any) -> 
     listed = await admin.json("GET", "/v1/payments?paymentAccount=aline@example.rw", 200)
     assert [p["id"] for p in listed["data"]] == [made["id"]]
     assert (await admin.json("GET", "/v1/payments?paymentAccount=nobody@example.rw", 200))["data"] == []
+
+
+async def test_an_empty_exact_search_is_refused_not_answered_with_nothing(admin: Any, demo: Any) -> None:
+    """`reference=` (a form submitted blank, a variable left unset) was a 200 listing nothing: "no such payment" for
+    a search never made. Refused as an empty gatewayTransactionId is; the OpenAPI document says minLength 1."""
+    await make_payment(admin, demo["payment_types"]["Monthly Rent"], paymentAccount="+250788123456")
+    for path, name in (("/v1/payments", "reference"), ("/v1/payments", "paymentAccount"),
+                       ("/v1/payments", "gatewayTransactionId"), ("/v1/disputes", "reference")):
+        for blank in ("", "%20"):
+            refused = await admin.json("GET", f"{path}?{name}={blank}", 400)
+            assert f"{name} must not be empty" in str(refused), (path, name, refused)
+    spec = await admin.json("GET", "/v1/openapi.json", 200)
+    listed = {p["name"]: p["schema"] for p in spec["paths"]["/v1/payments"]["get"]["parameters"] if "schema" in p}
+    assert listed["reference"].get("minLength") == listed["paymentAccount"].get("minLength") == 1
