@@ -9,14 +9,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from sqlalchemy import String, and_, bindparam, cast, func, insert, literal, literal_column, null, select, union_all
+from sqlalchemy import String, and_, bindparam, cast, func, insert, literal, null, select, union_all
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import aliased
 
 from core.db import table_of
 from core.models import AuditEvent, Cooperative, Member, OutboxJob, Payment, PaymentType, ProviderEvent
 from core.outbox import NewJob
-from core.references import sql_reference
+from core.references import next_number, sql_reference
 
 
 @functools.cache
@@ -30,7 +30,7 @@ def create_statement(reserved: bool, job_count: int) -> Any:
     source: list[Any] = []
     number = None
     if not reserved:
-        number = select(func.nextval(literal_column("'human_reference_seq'")).label("v")).cte("n")
+        number = select(next_number().label("v")).cte("n")
     for name in columns:
         if name == "reference" and number is not None:
             source.append(sql_reference(bindparam("ref_prefix", type_=String), number.c.v))

@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
-from sqlalchemy import Text, case, cast, func, select, text
+from sqlalchemy import Text, case, cast, func, literal_column, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from core import pgraw
@@ -38,6 +38,17 @@ async def next_reference(session: AsyncSession | AsyncConnection, prefix: str, z
                  "ON CONFLICT (key) DO UPDATE SET value = reference_counters.value + 1 RETURNING value"),
             {"k": start.rstrip("_")})).scalar_one()
     return f"{start}{number:03d}"
+
+
+def next_number() -> Any:
+    """The sequence's next number as a column of another statement (PostgreSQL only): a read that precedes a
+    reference's use takes the number with it (numbered_reference) instead of a round trip of its own."""
+    return func.nextval(literal_column("'human_reference_seq'"))
+
+
+def numbered_reference(prefix: str, zone: tzinfo, number: int) -> str:
+    """The reference next_reference makes of a number next_number() took (on PostgreSQL), dated today in `zone`."""
+    return f"{reference_prefix(prefix, zone)}{number:03d}"
 
 
 async def cooperative_reference(session: AsyncSession, prefix: str, cooperative_id: str) -> str:

@@ -52,6 +52,7 @@ from core.members import number_opted_out
 from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType, SmsMessage
 from core.notify import sms_job
 from core.outbox import Handler, Job, NewJob, enqueue
+from core.references import next_number
 from core.state.payment import OPEN_VALUES
 from core.state.sms import SKIPPED
 
@@ -717,6 +718,12 @@ def _period_kept_open() -> Any:
             approvable_by(bindparam("m"), bindparam("payer"))).scalar_subquery())
 
 
+@functools.cache
+def _period_kept_numbered() -> Any:
+    """_PERIOD_KEPT and the reference sequence's next number (owed_now_numbered). Built once, on first use."""
+    return _PERIOD_KEPT.add_columns(next_number())
+
+
 async def balance_owed(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, due: date,
                        period: PaidFor) -> int | None:
     """What the member still owes of a fixed-amount type (`ptype`: its id, currency, amount_minor and
@@ -748,12 +755,27 @@ async def owed_now(conn: AsyncConnection | AsyncSession, member_id: str, ptype: 
     balance (balance_owed) when part was, 0 when it is paid in full. What the USSD offers when she picks the type
     (create_payment._balance_refusal reads the same period itself); None for a type that is not recurring or whose
     member chooses the amount. One query."""
+    return (await owed_now_numbered(conn, member_id, ptype, timezone, number=False))[0]
+
+
+async def owed_now_numbered(conn: AsyncConnection | AsyncSession, member_id: str, ptype: Any, timezone: str | None,
+                            *, number: bool) -> tuple[tuple[date, int] | None, int | None]:
+    """owed_now, and with `number` (on PostgreSQL) the reference sequence's next number taken by the same statement
+    (core.references.next_number): the USSD shows the payment's reference on the screen after the one that reads
+    the balance, and its own nextval was a round trip of its own. None for the number when not asked, elsewhere
+    than on PostgreSQL, or when owed_now makes no query (then None too)."""
     period = current_period(ptype, utcnow(), zone_of(timezone))
     owed = amount_owed(ptype.allow_custom_amount, ptype.amount_minor)
     if period is None or owed is None:
-        return None
-    kept = await _period_kept(conn, member_id, ptype, *period)
-    return period[0], left_to_pay(owed, kept)
+        return None, None
+    params = _period_params(member_id, ptype, *period)
+    dialect = conn.dialect if isinstance(conn, AsyncConnection) else conn.get_bind().dialect
+    if number and dialect.name == "postgresql":
+        kept, taken = (await conn.execute(_period_kept_numbered(), params)).one()
+    else:
+        kept, taken = (await conn.execute(_PERIOD_KEPT, params)).scalar_one(), None
+    # PostgreSQL sums integers as numeric
+    return (period[0], left_to_pay(owed, int(kept))), None if taken is None else int(taken)
 
 
 def left_to_pay(owed: int, kept: Any) -> Any:

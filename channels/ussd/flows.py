@@ -665,11 +665,18 @@ async def _owed(ctx: Ctx, pt: TypeRow) -> tuple[date, int] | None:
     (none on the opening hop)."""
     if not pt.is_recurring or pt.allow_custom_amount or not pt.amount_minor:
         return None
-    from core.reminders import owed_now
+    from core.reminders import owed_now_numbered
 
     coop = await cooperative(ctx, ctx.data["c"])
+    # The reference's number rides on the query (data["nr"]: reserved_reference makes the reference of it), unless
+    # the session has one already: the confirmation follows, and its nextval was a round trip of its own.
+    fresh = not (ctx.data.get("rr") or ctx.data.get("nr"))
     async with cache.autocommit(ctx.rt) as conn:
-        return await owed_now(conn, ctx.data["mb"], pt, coop.timezone if coop else None)
+        owed, number = await owed_now_numbered(conn, ctx.data["mb"], pt, coop.timezone if coop else None,
+                                               number=fresh)
+    if number is not None:
+        ctx.data["nr"] = number
+    return owed
 
 
 async def amount_args(ctx: Ctx) -> dict[str, Any]:
@@ -869,15 +876,19 @@ async def reserved_reference(ctx: Ctx) -> str:
     ref = ctx.data.get("rr")
     if not ref:
         from core.cooperatives import zone_of
-        from core.references import next_reference
+        from core.references import next_reference, numbered_reference
 
         # Dated by the cooperative's day, as the receipt and "My payments" date the payment (its row is cached
         # by the memberships' read of this process; else read once).
         coop = await cooperative(ctx, ctx.data["c"])
         zone = zone_of(coop.timezone if coop else None)
-        # nextval() needs no transaction around it: BEGIN and COMMIT were two of its four round trips.
-        async with cache.autocommit(ctx.rt) as conn:
-            ref = await next_reference(conn, "PAY", zone)
+        number = ctx.data.pop("nr", None)  # taken by the balance's query (_owed), dated now
+        if number is not None:
+            ref = numbered_reference("PAY", zone, number)
+        else:
+            # nextval() needs no transaction around it: BEGIN and COMMIT were two of its four round trips.
+            async with cache.autocommit(ctx.rt) as conn:
+                ref = await next_reference(conn, "PAY", zone)
         ctx.data["rr"] = ref
     return ref
 
