@@ -18,6 +18,8 @@ from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType, Re
 from core.money import Money
 from core.outbox import (
     CALL_SENT,
+    CALL_STARTED,
+    INTERRUPTED,
     Handler,
     Job,
     PermanentJobError,
@@ -210,16 +212,22 @@ def _refund_not_sent(job: Job, refund: Refund, payment: Payment) -> str:
 IN_FLIGHT_POLL_SECONDS = 15.0
 
 
-async def _collect_in_flight(session: AsyncSession, payment_id: str, *, retry_before: datetime | None = None
-                             ) -> bool:
+async def _collect_in_flight(session: AsyncSession, payment_id: str, *, retry_before: datetime | None = None,
+                             closed_at: datetime | None = None) -> bool:
     """A collect job of this payment (its first, or a resend after NOT_FOUND) is held by a worker: it may be
     sending the request now. With `retry_before` (the end of the payment's window), also one waiting to try again
     before then (a retry after a failed call, or not run yet): it will send the request itself, and a resend
-    beside it would only double the calls to a provider already failing. RUNNING jobs are a few (ix_outbox_due:
-    status first); PENDING ones are the whole backlog, largest in an outage (a few ms more per poll then, read by
-    the dedupe key's prefix)."""
+    beside it would only double the calls to a provider already failing. With `closed_at` (the end of the
+    window, once it is over), not one a worker took up at or after it that has not stamped a call (a first claim:
+    no earlier attempt's worker lost while running it): the collect job reads the window by the same clock the
+    claim stamped updated_at with, and sends nothing then. RUNNING jobs are a few (ix_outbox_due: status first);
+    PENDING ones are the whole backlog, largest in an outage (a few ms more per poll then, read by the dedupe key's
+    prefix)."""
     key = OutboxJob.dedupe_key
     live = OutboxJob.status == "RUNNING"
+    if closed_at is not None:
+        live = live & ((OutboxJob.updated_at < closed_at) | (OutboxJob.last_error == CALL_STARTED)
+                       | OutboxJob.last_error.startswith(INTERRUPTED, autoescape=True))
     if retry_before is not None:
         live = live | ((OutboxJob.status == "PENDING") & (OutboxJob.run_at < retry_before))
     return (await session.execute(select(OutboxJob.id).where(
@@ -483,9 +491,10 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                             break
                         if fresh.status != PaymentStatus.PENDING.value:
                             return  # settled meanwhile (a callback): nothing to end
-                        if await _collect_in_flight(session, payment.id):
+                        if await _collect_in_flight(session, payment.id, closed_at=payment.expires_at):
                             # A collect job is sending it now (claimed inside the window): the provider may
-                            # have it in a moment. Asked again once that call has ended.
+                            # have it in a moment. Asked again once that call has ended. One taken up after the
+                            # window sends nothing: it holds back no FAILED.
                             ask_again = "its collection request is being sent: asked again after"
                             break
                         log.warning("payment failed: its collection never reached the provider",

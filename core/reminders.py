@@ -10,7 +10,9 @@ for the aggregator), or one is still waiting to go (queued or being sent, before
 reminder's dedupe key (and its message's) names the member, the type, the due date and the scan's day, so a
 re-run, a second worker or a late scan the same day never queues it twice, and one that did not go out (dropped
 at its turn: the member suspended, STOP, the day over after an aggregator outage; or parked) is queued again by
-the next morning's scan while the due date is still within the days before. Never two sent for one due date.
+the next morning's scan while the due date is still within the days before. Never two sent for one due date: one
+sent counts for it whatever scan day its key names (read by the key's prefix), also one sent before
+REMINDER_DAYS_BEFORE was lowered, on a day no longer among the days before.
 
 No job's work grows with the number of members: the daily job fans out one `reminders.cooperative` job per
 cooperative with a type due (dedupe-keyed by day and cooperative), and each of those queues the reminders of
@@ -42,8 +44,10 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, bindparam, case, exists, false, func, literal, or_, select, true
+from sqlalchemy import Boolean, ColumnElement, and_, bindparam, case, exists, false, func, literal, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from core.cooperatives import zone_of
 from core.db import UTCDateTime, parse_aware, row_insert, utcnow
@@ -264,12 +268,47 @@ def _kept(payment: Any) -> Any:
     return func.coalesce(payment.c.collected_minor, payment.c.amount_minor) - func.coalesce(payment.c.refunded_minor, 0)
 
 
-def _sent(keys: Any) -> Any:
-    """SQL condition: a reminder message with one of `keys` (SQL expressions, or an expanding bindparam) left for
-    the aggregator: anything but QUEUED (not yet sent, or parked) and FAILED SKIPPED (dropped at its turn). One the
-    aggregator refused (REJECTED: this number) counts too: sending it again would only be refused again."""
-    return exists().where(_SMS.c.idempotency_key.in_(keys), _SMS.c.status != "QUEUED",
-                          func.coalesce(_SMS.c.provider_status, "") != SKIPPED)
+class _KeyOf(ColumnElement[bool]):
+    """SQL condition: `key` (a text column) is a key of the due date whose reminder_key without a day is `prefix`
+    (a SQL expression): that key itself (the releases before the day was in it) or it followed by ":<day>", any day.
+    A range in byte order (after the due date comes nothing or ":", below ";"), read from an index: on PostgreSQL by
+    the text_pattern_ops operators (ix_sms_messages_key_prefix: the unique index's collation is not byte order),
+    on SQLite by its BINARY order."""
+
+    type = Boolean()
+    _is_implicitly_boolean = True  # a condition: no "= 1" after it where booleans are integers (SQLite)
+    inherit_cache = True
+    _traverse_internals = [("key", InternalTraversal.dp_clauseelement),
+                           ("prefix", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, key: Any, prefix: Any) -> None:
+        self.key, self.prefix = key, prefix
+
+
+def _compile_key_of(element: _KeyOf, compiler: Any, at_least: str, below: str, **kw: Any) -> str:
+    key = compiler.process(element.key, **kw)
+    return (f"({key} {at_least} ({compiler.process(element.prefix, **kw)}) AND "
+            f"{key} {below} ({compiler.process(element.prefix + literal(';'), **kw)}))")
+
+
+@compiles(_KeyOf)
+def _key_of_default(element: _KeyOf, compiler: Any, **kw: Any) -> str:
+    return _compile_key_of(element, compiler, ">=", "<", **kw)
+
+
+@compiles(_KeyOf, "postgresql")
+def _key_of_postgresql(element: _KeyOf, compiler: Any, **kw: Any) -> str:
+    return _compile_key_of(element, compiler, "~>=~", "~<~", **kw)
+
+
+def _sent(prefix: Any, *others: Any) -> Any:
+    """SQL condition: a reminder message of the due date whose key without a day is `prefix` (a SQL expression),
+    whatever scan day its key names (_KeyOf: the days that remind of a due date move with REMINDER_DAYS_BEFORE, the
+    reminder sent before it was lowered is one of them all the same), left for the aggregator: anything but QUEUED
+    (not yet sent, or parked) and FAILED SKIPPED (dropped at its turn). One the aggregator refused (REJECTED: this
+    number) counts too: sending it again would only be refused again. `others`: conditions on _SMS besides."""
+    return exists().where(_KeyOf(_SMS.c.idempotency_key, prefix), _SMS.c.status != "QUEUED",
+                          func.coalesce(_SMS.c.provider_status, "") != SKIPPED, *others)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,8 +327,9 @@ class _Due:
         return reminder_key(member_id, self.type_id, self.due, self.day)
 
     def earlier(self) -> list[date | None]:
-        """The days an earlier reminder of this due date may be keyed by: the scan days before this one, and
-        None (the key of the releases before the day was in it)."""
+        """The days an earlier reminder of this due date still waiting to go may be keyed by: the scan days before
+        this one (from REMINDER_DAYS_BEFORE before the due date as it is set now), and None (the key of the
+        releases before the day was in it). One sent is found by any day (_sent)."""
         return [None, *_scan_days(self.first_day, self.day - timedelta(days=1))]
 
 
@@ -412,11 +452,12 @@ def _settled(plan: _Plan, due: _Due) -> Any:
 
 def _reminded(due: _Due, now: datetime) -> Any:
     """SQL condition on _MEMBER: she is reminded of `due`'s date already, or will be. Today's reminder is queued
-    (whatever became of it: the key is taken until tomorrow), one of an earlier scan day was sent (see _sent), or
-    one of an earlier day is still waiting to go: being sent, or due to run (pending) before its day's cut-off
-    (`send_before`, real time, as ISO text in UTC: compared as text, it orders as the instants do). One dropped at
-    its turn, parked (an aggregator outage) or still pending past its cut-off (dropped when it runs) is not:
-    this scan queues a new one. A few unique-key probes per member, whatever the tables' size."""
+    (whatever became of it: the key is taken until tomorrow), one of any earlier scan day was sent (see _sent:
+    also one of a day before REMINDER_DAYS_BEFORE was lowered), or one of an earlier day is still waiting to go:
+    being sent, or due to run (pending) before its day's cut-off (`send_before`, real time, as ISO text in UTC:
+    compared as text, it orders as the instants do). One dropped at its turn, parked (an aggregator outage) or still
+    pending past its cut-off (dropped when it runs) is not: this scan queues a new one. A few index probes per
+    member (unique keys; the sent one by the key's prefix), whatever the tables' size."""
     member = _MEMBER.c.id
     earlier = [_key_of(member, due.type_id, due.due, day) for day in due.earlier()]
     send_before = _OUTBOX.c.payload["send_before"].as_string()
@@ -427,7 +468,7 @@ def _reminded(due: _Due, now: datetime) -> Any:
                    else_=false())
     return or_(exists().where(_OUTBOX.c.dedupe_key == literal("sms:") + _key_of(member, due.type_id, due.due,
                                                                                due.day)),
-               _sent(earlier),
+               _sent(_key_of(member, due.type_id, due.due, None)),
                exists().where(_OUTBOX.c.dedupe_key.in_([literal("sms:") + key for key in earlier]), waiting))
 
 
@@ -584,7 +625,7 @@ def _reminder_state(of_period: Any) -> Any:
         _TYPE.c.is_recurring, _TYPE.c.recurring_interval, _TYPE.c.due_day, _TYPE.c.created_at,
         _TYPE.c.allow_custom_amount, _TYPE.c.amount_minor,
         paid.label("paid"), kept.label("kept"), still_open.label("open"),
-        _sent(bindparam("others", expanding=True)).label("sent"),
+        _sent(bindparam("prefix"), _SMS.c.idempotency_key != bindparam("own")).label("sent"),
     ).select_from(
         _MEMBER.join(_COOP, _COOP.c.id == _MEMBER.c.cooperative_id)
         .outerjoin(_TYPE, _TYPE.c.id == bindparam("t"))
@@ -604,15 +645,16 @@ def _day(value: Any) -> date | None:
     return date.fromisoformat(str(value)[:10]) if value else None
 
 
-def _others(payload: dict[str, Any], due: date | None, day: date | None) -> list[str]:
-    """The keys of the other reminders of the payload's due date (the other scan days that remind of it, and the
-    key of the releases before the day was in it); none for a reminder queued by such a release."""
+def _others(payload: dict[str, Any], due: date | None, day: date | None) -> dict[str, Any]:
+    """The parameters of _REMINDER_STATE's `sent`: the key without a day of the payload's due date (`prefix`: the
+    other reminders of it are those of its keys, whatever scan day they name, and the key of the releases before the
+    day was in it), and this reminder's own key (`own`, not another's); none (NULL: nothing matches) for a reminder
+    queued by such a release."""
     context = payload.get("context") or {}
     if due is None or day is None:
-        return []
-    first = _day(payload.get("first_day")) or day
-    return [reminder_key(payload["member_id"], str(context.get("payment_type_id")), due, other)
-            for other in (None, *_scan_days(first, due)) if other != day]
+        return {"prefix": None, "own": None}
+    return {"prefix": reminder_key(payload["member_id"], str(context.get("payment_type_id")), due, None),
+            "own": reminder_key(payload["member_id"], str(context.get("payment_type_id")), due, day)}
 
 
 def _falls_due(state: Any, due: date, day: date | None) -> bool:
@@ -640,7 +682,7 @@ async def why_not_send(conn: AsyncConnection, payload: dict[str, Any]) -> str | 
     # A job queued before paid_since existed: nothing is paid after now, so only the member is checked.
     params: dict[str, Any] = {"m": payload["member_id"], "t": context.get("payment_type_id"),
                               "since": parse_aware(payload.get("paid_since")) or utcnow(),
-                              "others": _others(payload, due, day)}
+                              **_others(payload, due, day)}
     due_from, due_until = parse_aware(payload.get("due_from")), parse_aware(payload.get("due_until"))
     if due_from is not None and due_until is not None:
         named = due_from if due is None else utc_midnight(due)

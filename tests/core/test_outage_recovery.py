@@ -21,7 +21,7 @@ from core.db import utcnow
 from core.jobs import PROVIDER_UNREACHABLE
 from core.metrics import REGISTRY
 from core.models import OutboxJob, Payment
-from core.outbox import replay_job
+from core.outbox import CALL_STARTED, UNSTAMPED, replay_job
 from core.payments import create_payment
 from tests.conftest import drain
 from tests.providers.wires import ADMIN, Routes, due_now, mtn_adapter, mtn_payment, mtn_wire
@@ -203,7 +203,8 @@ async def test_the_poll_waits_for_a_collect_still_sending_before_calling_it_unre
     wire, payment, collect = await outage_payment(rt, demo, worker)
     async with rt.sessionmaker.begin() as s:  # what a worker sending the request right now looks like
         await s.execute(update(OutboxJob).where(OutboxJob.id == collect.id).values(
-            status="RUNNING", locked_by="worker-elsewhere", run_at=utcnow() + timedelta(minutes=1)))
+            status="RUNNING", locked_by="worker-elsewhere", run_at=utcnow() + timedelta(minutes=1),
+            last_error=CALL_STARTED))
     await due_now(rt, "payment.poll")
     asked = utcnow()  # before the poll runs (as above)
     await drain(worker, rounds=2)
@@ -223,3 +224,30 @@ async def test_the_poll_waits_for_a_collect_still_sending_before_calling_it_unre
         p = await s.get(Payment, payment.id)
     assert (p.status, p.failure_reason) == ("FAILED", PROVIDER_UNREACHABLE)
     assert len(wire.sent("GET", RTP + "/*")) == 2
+
+
+@pytest.mark.parametrize("claimed_inside", [False, True])
+async def test_a_collect_taken_up_after_the_window_does_not_hold_back_the_failure(rt, demo, worker, claimed_inside):
+    """A collect job a worker took up once the window was over (a retry after the outage, due as it closed) sends
+    nothing (its window check): the poll finding MTN has no such request ends the payment FAILED "unreachable" at
+    once, not a poll later. One taken up inside the window and not yet calling may still send: asked again."""
+    wire, payment, collect = await outage_payment(rt, demo, worker)
+    async with rt.sessionmaker() as s:
+        closed = (await s.get(Payment, payment.id)).expires_at
+    async with rt.sessionmaker.begin() as s:  # claimed (updated_at: the claim's time), its call not stamped
+        await s.execute(update(OutboxJob).where(OutboxJob.id == collect.id).values(
+            status="RUNNING", locked_by="worker-elsewhere", run_at=utcnow() + timedelta(minutes=1),
+            last_error=UNSTAMPED, updated_at=closed - timedelta(seconds=1) if claimed_inside else closed))
+    await due_now(rt, "payment.poll")
+    await drain(worker, rounds=2)
+    async with rt.sessionmaker() as s:
+        p = await s.get(Payment, payment.id)
+        poll = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "payment.poll"))).scalar_one()
+    if claimed_inside:
+        assert (p.status, poll.status) == ("PENDING", "PENDING")
+        assert await sms_jobs(rt, payment.id) == []
+        return
+    assert (p.status, p.failure_reason) == ("FAILED", PROVIDER_UNREACHABLE)
+    assert poll.status == "DONE"
+    assert [j.payload["template"] for j in await sms_jobs(rt, payment.id)] == ["payment_failed"]
+    assert len(wire.sent("GET", RTP + "/*")) == 1

@@ -407,3 +407,39 @@ async def test_a_bare_date_due_date_pays_that_day_in_a_zone_west_of_utc(rt: Any)
         await scan(s, rt, now=NOW, cooperative_id=coop.id)
     # The one naming 1 November (the last period) is reminded; the one naming 1 December is not.
     assert {j.payload["member_id"] for j in await _reminder_jobs(rt)} == {ids[1]}
+
+
+# REMINDER_DAYS_BEFORE lowered while a due date is inside its reminder window: one reminder per due date still.
+
+
+async def test_a_reminder_sent_before_the_days_before_were_lowered_is_not_sent_again(
+        rt: Any, demo: dict[str, Any], sender: Any, aiohttp_server: Any) -> None:
+    """Reminded on 24 November (7 days before 1 December), then REMINDER_DAYS_BEFORE lowered to 3 (a deploy): the
+    scan of the 28th, now the first day that reminds of the 1st, finds the reminder of the 24th all the same."""
+    rt.settings = replace(rt.settings, reminder_days_before=7)
+    assert await _scan(rt, -4) == 5
+    _server, sim = await start_simulator(aiohttp_server, rt)
+    await drain(sender)
+    assert len(await _sent(rt)) == 5
+    rt.settings = replace(rt.settings, reminder_days_before=3)
+    for days in (0, 1, 2, 3):
+        assert await _planned(rt, days) == 0 and await _scan(rt, days) == 0
+    await drain(sender)
+    assert all(len(keys) == 1 for keys in (await _sent(rt)).values())
+    assert all(len(_texts(sim, phone)) == 1 for phone in demo["members"])
+
+
+async def test_at_its_turn_a_reminder_finds_one_sent_before_its_first_day(
+        rt: Any, demo: dict[str, Any], sender: Any, aiohttp_server: Any) -> None:
+    """The send-time check reads every reminder of the due date, whatever day its scan first reminded of it: one of
+    the 28th (first day the 28th: 3 days before) is dropped when one of the 24th was sent."""
+    rt.settings = replace(rt.settings, reminder_days_before=7)
+    assert await _scan(rt, -4) == 5
+    _server, _sim = await start_simulator(aiohttp_server, rt)
+    await drain(sender)
+    [job] = [j for j in await _reminder_jobs(rt) if j.payload["member_id"] == demo["members"][ALINE]]
+    day = NOW.date().isoformat()
+    payload = {**job.payload, "key": job.payload["key"].rsplit(":", 1)[0] + f":{day}", "day": day, "first_day": day,
+               "send_before": (utcnow() + DAY).isoformat()}
+    async with rt.engine.connect() as conn:
+        assert await why_not_send(conn, payload) == "reminded"

@@ -310,9 +310,10 @@ async def test_provider_500_hang_and_silence_every_open_payment_ends_final_throu
                      + final["hanging"].reference, worker_logs)
     # The window is 10 s: the FAILED is declared when it closes, not a poll interval later; MTN still saying
     # PENDING (its prompt may be open) keeps the payment open for the 3 s grace, then TIMEOUT as it ends.
-    # Unless Airtel's collect job, retrying after its 500s, ran just as the window closed (its retry delays are
-    # jittered; it then sends nothing): the poll that found it running asks again IN_FLIGHT_POLL_SECONDS later,
-    # as it must while a collect may be sending (a CI run met this once: FAILED 15.1 s after the window).
+    # Unless Airtel's collect job, retrying after its 500s, was taken up just inside the window and read it over
+    # (its retry delays are jittered; it then sends nothing): the poll that found it running asks again
+    # IN_FLIGHT_POLL_SECONDS later, as it must while a collect may be sending (a CI run met this once: FAILED 15.1 s
+    # after the window). One taken up after the window holds nothing back.
     collect_at_close = re.search(r'"collection not sent: the payment\'s approval window is over","payment":"'
                                  + final["airtel"].reference, worker_logs) is not None
     for name, graces in (("airtel", (0, IN_FLIGHT_POLL_SECONDS) if collect_at_close else (0,)), ("silent", (3,))):
