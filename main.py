@@ -435,6 +435,11 @@ async def _worker_metrics(rt: Runtime, worker: Any, host: str, port: int) -> web
     return runner
 
 
+# The most jobs `worker --concurrency` runs at once (each a task, holding a database connection while it runs): a
+# larger number is a mistake, refused rather than taken; run more workers instead.
+MAX_CONCURRENCY = 1000
+
+
 async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0, *,
                   accept_references_behind: bool = False) -> None:
     from app import create_worker, open_runtime, refuse_redis_misconfigured, schedule_periodic, stop_background
@@ -539,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run outbox jobs (provider calls, SMS, webhooks) and payment status polling")
     for starting in (v, w):
         _accept_references_flag(starting)
-    w.add_argument("--concurrency", type=_at_least(1), default=16, help="jobs run at once (default 16)")
+    w.add_argument("--concurrency", type=_between(1, MAX_CONCURRENCY), default=16,
+                   help=f"jobs run at once (default 16, at most {MAX_CONCURRENCY})")
     w.add_argument("--metrics-port", type=_port(0), default=None,
                    help="serve this worker's /metrics and /healthz on HOST:PORT (default WORKER_METRICS_PORT; "
                         "0 = off)")
@@ -566,9 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("advance-references", help="after restoring PostgreSQL from a backup: move the payment and "
                                                   "refund reference sequence past the references issued since the "
                                                   "restore point, so none is handed out twice (safe while running)")
-    r.add_argument("--by", type=_at_least(1), default=REFERENCE_MARGIN,
+    r.add_argument("--by", type=_between(1, REFERENCE_MAX), default=REFERENCE_MARGIN,
                    help=f"how far to move it (default {REFERENCE_MARGIN:,}: more than were issued since the "
-                        "restore point)")
+                        f"restore point; at most {REFERENCE_MAX:,})")
     o = sub.add_parser("sync-opt-outs", help="after the deploy of the release with migration 0016, once the last "
                                              "process of the previous release is restarted: replay the STOP and "
                                              "START those processes took onto the numbers' opt-outs (safe while "
@@ -598,6 +604,19 @@ def _at_least(lowest: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < lowest:
             raise argparse.ArgumentTypeError(f"must be at least {lowest}")
+        return value
+
+    return parse
+
+
+def _between(lowest: int, highest: int) -> Callable[[str], int]:
+    """A whole number from `lowest` to `highest`: a huge one is refused naming its option, not taken."""
+    at_least = _at_least(lowest)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > highest:
+            raise argparse.ArgumentTypeError(f"must be at most {highest}")
         return value
 
     return parse

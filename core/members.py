@@ -724,8 +724,9 @@ async def _erase_payments(session: AsyncSession, hers: _Hers) -> int:
     """Her payments: the account, and the free text people wrote on them, which may name her (the cooperative's
     system's `description`, shown in her PIN prompt: "Rent Jeanne M. D-707"; a review's note; the note of a
     cancellation or a void in `failure_reason`), and on their refunds the cooperative's `reason` and an admin's note
-    in `failure_reason`. What the gateway wrote (statuses, flags and what a review cleared, who and when), amounts,
-    references and provider transaction ids stay: the reconciliation reads those, never the text."""
+    in `failure_reason`; on both, the request's hash (a payment's covers the account, a refund's the reason). What
+    the gateway wrote (statuses, flags and what a review cleared, who and when), amounts, references and provider
+    transaction ids stay: the reconciliation reads those, never the text."""
     from core.payments import CANCELLED_BY_COOPERATIVE, VOIDED_RECORDING
     from core.refunds import BY_A_PERSON
 
@@ -735,6 +736,7 @@ async def _erase_payments(session: AsyncSession, hers: _Hers) -> int:
     await session.execute(
         update(Refund).where(Refund.payment_id.in_(select(Payment.id).where(of_hers)))
         .values(reason=None, failure_reason=_without_note(Refund.failure_reason, BY_A_PERSON),
+                request_hash=None,  # a digest of the request, its reason among the fields: as a payment's
                 updated_at=Refund.updated_at)
         .execution_options(synchronize_session=False))
     done = await session.execute(

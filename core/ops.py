@@ -15,8 +15,9 @@ from core import reference_mark
 from core.db import utcnow
 from core.models import OutboxJob, Payment, ProviderEvent, SmsMessage, UssdSession, WebhookDelivery, WebhookEndpoint
 from core.payments import UNMATCHED, UNMATCHED_REFUND
-from core.ports import ProviderOutcome
+from core.retention import NO_MONEY_MOVED
 from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SKIPPED, SmsStatus
+from core.webhooks import held_reason
 
 log = logging.getLogger("gateway.ops")
 
@@ -176,16 +177,34 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
     hooks = dict((await session.execute(scoped(
         select(WebhookDelivery.status, func.count()).where(WebhookDelivery.created_at >= day)
         .group_by(WebhookDelivery.status), WebhookDelivery))).all())
+    # PENDING ones held, not sent (their endpoint switched off after failures, or its domain not approved: the
+    # deliveries list's heldReason) are shown apart, as HELD: no retry of theirs is coming until a person acts.
+    held = 0
+    if hooks.get("PENDING"):
+        waiting = await session.execute(scoped(
+            select(WebhookDelivery.endpoint_id, func.count())
+            .where(WebhookDelivery.created_at >= day, WebhookDelivery.status == "PENDING")
+            .group_by(WebhookDelivery.endpoint_id), WebhookDelivery))
+        for endpoint_id, count in waiting.all():
+            endpoint = await session.get(WebhookEndpoint, endpoint_id)
+            if endpoint is not None and await held_reason(session, endpoint) is not None:
+                held += count
+    if held:
+        hooks["PENDING"] -= held
+        if not hooks["PENDING"]:
+            del hooks["PENDING"]
+        hooks["HELD"] = held
     disabled = (await session.execute(scoped(
         select(func.count()).select_from(WebhookEndpoint).where(WebhookEndpoint.status == "DISABLED"),
         WebhookEndpoint))).scalar_one()
-    # Callbacks saying money was taken for a payment the gateway does not have, or paid out for a refund it does
-    # not have, not yet accounted for (GET /v1/provider-callbacks?unmatched=true&resolved=false): they name no
-    # cooperative, so across all only.
+    # Callbacks for a payment the gateway does not have, or a refund it does not have, under which money may have
+    # moved (taken, or paid out), not yet accounted for (GET /v1/provider-callbacks?unmatched=true&resolved=false):
+    # every one a person must resolve, as prune keeps them (any status but one saying no money moved: SUCCEEDED,
+    # AMBIGUOUS, PENDING). They name no cooperative, so across all only.
     unmatched = None if cooperative_id else dict((await session.execute(
         select(ProviderEvent.outcome, func.count())
         .where(ProviderEvent.payment_id.is_(None), ProviderEvent.outcome.in_((UNMATCHED, UNMATCHED_REFUND)),
-               ProviderEvent.status == ProviderOutcome.SUCCEEDED.value)
+               ProviderEvent.status.not_in(NO_MONEY_MOVED))
         .group_by(ProviderEvent.outcome))).all())
     # The reference sequence behind its mark: PostgreSQL restored without `advance-references` (across all only).
     references = None if cooperative_id else await reference_mark.shown(session, redis)
@@ -207,7 +226,8 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
                    "running": sum(outbox.get("RUNNING", {}).values()),
                    "parked": sum(outbox.get("PARKED", {}).values()), "byStatus": outbox,
                    "due": due_jobs, "oldestDueSeconds": round(oldest_due, 1)},
-        "webhooks": {"deliveries": hooks, "failed": hooks.get("FAILED", 0), "disabledEndpoints": disabled},
+        "webhooks": {"deliveries": hooks, "failed": hooks.get("FAILED", 0), "held": held,
+                     "disabledEndpoints": disabled},
         "unmatchedCallbacks": None if unmatched is None else {
             "moneyTakenUnresolved": unmatched.get(UNMATCHED, 0),
             "refundsPaidUnresolved": unmatched.get(UNMATCHED_REFUND, 0)},

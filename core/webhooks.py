@@ -897,7 +897,10 @@ async def _resume_held(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
             .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
         )
     ).scalars().all()
-    queued = await _queue_resumed(session, endpoint, list(event_ids), f"resumed:{_stamp(utcnow())}")
+    # Each enable its own key: another in the same second (after a switch-off between them) must not find
+    # its jobs dropped as duplicates of the earlier enable's, which it has just superseded.
+    tag = f"resumed:{_stamp(utcnow())}:{secrets.token_hex(6)}"
+    queued = await _queue_resumed(session, endpoint, list(event_ids), tag)
     if queued:
         log.info("held webhook deliveries resumed", extra={"endpoint_id": endpoint.id, "count": queued,
                                                            "superseded": superseded})

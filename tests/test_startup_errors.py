@@ -201,6 +201,19 @@ def test_a_port_past_65535_is_refused_not_taken_modulo_65536():
         assert "Traceback" not in result.stderr
 
 
+def test_a_huge_worker_concurrency_or_reference_margin_is_refused_naming_the_option():
+    # `worker --concurrency 100000000` started a worker with that many slots; `advance-references --by` took any
+    # number, and refused one too large only after reading (and moving) the database's sequence.
+    for args, says in ((("worker", "--concurrency", "1001"), "argument --concurrency: must be at most 1000"),
+                       (("worker", "--concurrency", "99999999999999999999"),
+                        "argument --concurrency: must be at most 1000"),
+                       (("advance-references", "--by", "1000000000"), "argument --by: must be at most 999999999")):
+        result = _main(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.splitlines()[-1].endswith(says), result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_a_simulator_on_a_port_taken_says_so_in_one_line():
     import socket
 

@@ -375,8 +375,9 @@
     kpi("kpi-outbox", String(ob.pending + ob.running),
         (ob.due ? ob.due + " due, oldest waiting " + duration(ob.oldestDueSeconds) : "none due") + " · " +
         ob.running + " running, " + ob.parked + " parked", ob.parked > 0 || ob.oldestDueSeconds > 300);
-    kpi("kpi-webhooks", String(data.webhooks.failed), data.webhooks.disabledEndpoints + " endpoint(s) disabled",
-        data.webhooks.failed > 0 || data.webhooks.disabledEndpoints > 0);
+    kpi("kpi-webhooks", String(data.webhooks.failed), data.webhooks.held + " held · " +
+        data.webhooks.disabledEndpoints + " endpoint(s) disabled",
+        data.webhooks.failed > 0 || data.webhooks.held > 0 || data.webhooks.disabledEndpoints > 0);
 
     drawPerMinute(data);
 
@@ -430,7 +431,9 @@
 
     const hooks = Object.entries(data.webhooks.deliveries);
     const hookMax = Math.max(1, ...hooks.map(([, c]) => c));
-    fillBars("webhooks", hooks.map(([s, c]) => barRow(s, c, hookMax, String(c), s === "FAILED" ? "#c9372c" : "#2f8a3a")));
+    // HELD: pending, but not sent until a person acts (the endpoint enabled, its domain approved).
+    const hookColor = (s) => (s === "FAILED" ? "#c9372c" : s === "HELD" ? "#e0a030" : "#2f8a3a");
+    fillBars("webhooks", hooks.map(([s, c]) => barRow(s, c, hookMax, String(c), hookColor(s))));
   }
 
   document.addEventListener("DOMContentLoaded", () => {

@@ -353,8 +353,9 @@ async def test_free_text_on_her_payments_and_refunds_goes_with_the_erasure(rt: A
         await s.execute(update(Payment).where(Payment.id == paid.id).values(
             description=f"Rent {about}", mismatch=True, mismatch_detail="provider reported 60000, expected 50000"))
     await admin.json("POST", f"/v1/payments/{paid.id}/review", 200, json={"note": f"called {about}"})
+    refund_key = idem()
     refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201, json={
-        "idempotencyKey": idem(), "amount": 1000, "reason": f"overpaid by {about}",
+        "idempotencyKey": refund_key, "amount": 1000, "reason": f"overpaid by {about}",
         "returnedByProvider": {"providerTransactionId": "MTN-REV-9"}})
     await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
 
@@ -375,3 +376,9 @@ async def test_free_text_on_her_payments_and_refunds_goes_with_the_erasure(rt: A
         assert (gone.status, gone.failure_reason) == ("CANCELLED", "cancelled by the cooperative: [note erased]")
         back = await s.get(Refund, refund["id"])
         assert (back.reason, back.status, back.amount_minor) == (None, "COMPLETED", 1000)
+        # Its request's hash (which covers the reason) goes as a payment's does: the key alone answers with it.
+        assert back.request_hash is None
+    again = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201, json={
+        "idempotencyKey": refund_key, "amount": 1000, "reason": "overpaid",
+        "returnedByProvider": {"providerTransactionId": "MTN-REV-9"}})
+    assert again["id"] == refund["id"]

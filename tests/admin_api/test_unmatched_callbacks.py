@@ -171,6 +171,20 @@ async def test_newest_first_and_filtered(rt: Any, client: Any, superadmin: Calle
     assert (await superadmin.json("GET", "/v1/provider-callbacks?provider=mpesa", 200))["data"] == []
 
 
+async def test_the_ops_page_counts_every_unresolved_callback_a_person_must_resolve(
+        rt: Any, superadmin: Caller) -> None:
+    """As prune keeps them: any status but one saying no money moved (an AMBIGUOUS or PENDING one may be money
+    taken or paid out), not only SUCCEEDED ones."""
+    for kind, answer in ((EventKind.COLLECTION, "unknown_payment"), (EventKind.REFUND, "unknown_refund")):
+        for outcome in ProviderOutcome:
+            event = Event(provider="airtel", kind=kind, event_id=f"ops-{kind.value}-{outcome.value}",
+                          reference=f"ref-{kind.value}-{outcome.value}", outcome=outcome, raw={})
+            assert await handle_provider_event(rt, event) == answer
+    assert (await _ops(superadmin))["unmatchedCallbacks"] == {"moneyTakenUnresolved": 3, "refundsPaidUnresolved": 3}
+    listed = await superadmin.json("GET", "/v1/provider-callbacks?unmatched=true&resolved=false&kind=collection", 200)
+    assert listed["meta"]["total"] == len(ProviderOutcome)
+
+
 PAYEE = "250788000001"
 REFUND_STATUS = "/disbursement/v1_0/refund/*"
 LOGGERS = ("gateway.payments", "gateway.refunds")

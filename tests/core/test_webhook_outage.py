@@ -253,3 +253,56 @@ async def test_deleting_an_endpoint_switched_off_after_failures_stops_recording(
     async with rt.sessionmaker.begin() as session:
         await webhooks.enable_endpoint(session, endpoint_id=endpoint.id, cooperative_id=coop, actor=ADMIN)
     assert [j for j in await jobs_of(rt, "webhook.deliver") if j.status == "PENDING"] == []
+
+
+async def test_enabling_twice_in_one_second_still_resumes_what_is_held(
+    rt: Any, demo: dict[str, Any], outage: Any, worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _hook, url = outage
+    coop = demo["cooperative_id"]
+    endpoint, _ = await approved_endpoint(rt, coop, url, events=["payment.completed"])
+    await _switched_off_after_failures(rt, endpoint.id)
+    await emit(rt, coop, event_id="evt_held")
+    await drain(worker)
+    assert (await _deliveries(rt))["evt_held"].status == "PENDING"
+    # Enabled, switched off again and enabled again, all within one second.
+    moment = utcnow()
+    monkeypatch.setattr(webhooks, "utcnow", lambda: moment)
+    async with rt.sessionmaker.begin() as session:
+        await webhooks.enable_endpoint(session, endpoint_id=endpoint.id, cooperative_id=coop, actor=ADMIN)
+    await _switched_off_after_failures(rt, endpoint.id)
+    async with rt.sessionmaker.begin() as session:
+        await webhooks.enable_endpoint(session, endpoint_id=endpoint.id, cooperative_id=coop, actor=ADMIN)
+    # The second enable's resume is not dropped as a duplicate of the first's (which it superseded).
+    [waiting] = [j for j in await jobs_of(rt, "webhook.deliver") if j.status == "PENDING"]
+    assert waiting.payload["event_id"] == "evt_held"
+
+
+async def test_the_ops_page_counts_held_deliveries_apart_from_pending_ones(
+    rt: Any, demo: dict[str, Any], outage: Any, worker: Any
+) -> None:
+    from core.models import ApprovedDomain
+    from core.ops import dashboard
+
+    _hook, url = outage  # down: every attempt answers 500
+    coop = demo["cooperative_id"]
+    off, _ = await approved_endpoint(rt, coop, url, events=["payment.completed"])
+    await _switched_off_after_failures(rt, off.id)
+    await approved_endpoint(rt, coop, url.replace("/hook", "/other"), events=["payment.completed"])
+    await emit(rt, coop, event_id="evt_1")
+    await drain(worker)  # the switched-off one's held, the other's failed once and waits for its retry
+    assert {d.status for d in (await _deliveries(rt)).values()} == {"PENDING"}
+
+    async def hooks() -> dict[str, Any]:
+        async with rt.sessionmaker() as session:
+            figures = await dashboard(session, coop)
+        return dict(figures["webhooks"])
+
+    shown = await hooks()
+    assert (shown["deliveries"], shown["held"]) == ({"PENDING": 1, "HELD": 1}, 1)
+    # Its domain rejected: the other one's is held too.
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(ApprovedDomain).where(ApprovedDomain.cooperative_id == coop)
+                              .values(status="REJECTED"))
+    shown = await hooks()
+    assert (shown["deliveries"], shown["held"]) == ({"HELD": 2}, 2)
