@@ -17,7 +17,7 @@ from admin_api.common import DATETIME, ID, NULL_DATETIME, NULL_STRING, iso, json
 from admin_api.errors import ApiError
 from admin_api.routing import Ctx, Route
 from admin_api.validation import LIMIT, PAGE, Param
-from channels.sms.routes import REPLY_PREFIX, payment_reply, reply_key
+from channels.sms.routes import REPLY_PREFIX, STATUS_REPLY_TEMPLATES, payment_reply, reply_key
 from channels.sms.templates import TEMPLATES, is_payment_template
 from core.audit import record
 from core.db import lock_row, utcnow
@@ -117,8 +117,8 @@ def payment_of(message: SmsMessage, notices: Mapping[str, str]) -> str | None:
     id>")."""
     if message.template in NOTICE_TEMPLATES:
         return notices.get(refund_of(message) or dispute_of(message) or "")
-    if not is_payment_template(message.template):
-        return None
+    if not is_payment_template(message.template) and message.template not in STATUS_REPLY_TEMPLATES:
+        return None  # (a refund's or dispute's status asked by keyword is keyed as a payment's reply)
     head, _, rest = message.idempotency_key.partition(":")
     found = rest.split(":", 1)[0]
     return found if (head == message.template or head in ASKED_PREFIXES) and is_uuid(found) else None

@@ -25,6 +25,7 @@ from core.models import (
     OutboxJob,
     Payment,
     PhoneOptOut,
+    PhoneOptOutWord,
     Refund,
     SmsMessage,
     UssdSession,
@@ -89,15 +90,33 @@ def number_opted_out(phone_index: Any) -> Any:
     return exists().where(PhoneOptOut.phone_index == phone_index)
 
 
-async def set_number_opt_out(session: AsyncSession, phone_index: str, opt_out: bool) -> None:
+async def set_number_opt_out(session: AsyncSession, phone_index: str, opt_out: bool,
+                             said_at: datetime | None = None) -> bool:
     """Remember (STOP) or forget (START) the number's opt-out, in the caller's transaction; idempotent. The
-    caller also sets the flag on the number's memberships (channels.sms.routes)."""
+    caller also sets the flag on the number's memberships (channels.sms.routes).
+
+    `said_at`: when the number sent this STOP or START (the aggregator's date of the text). A word sent before the
+    latest one taken for the number (phone_opt_out_words) changes nothing, and False is returned: her STOP and
+    START texted seconds apart are taken by two handlers at once, or the second first, and must end as she sent
+    them. The number's row there is written first and stays locked until the caller commits, so a second word of
+    the number waits for the first, then is judged against it (the caller reads the memberships' flags again after
+    this: they may have changed while it waited)."""
+    if said_at is not None:
+        insert = insert_ignore(session.get_bind().dialect.name, PhoneOptOutWord).values(
+            phone_index=phone_index, said_at=said_at)
+        latest = PhoneOptOutWord.__table__.c.said_at
+        taken = (await session.execute(insert.on_conflict_do_update(
+            index_elements=["phone_index"], set_={"said_at": insert.excluded.said_at},
+            where=latest <= insert.excluded.said_at).returning(PhoneOptOutWord.phone_index))).first()
+        if taken is None:
+            return False  # she sent a later STOP or START, taken already: this older one changes nothing
     if opt_out:
         await session.execute(insert_ignore(session.get_bind().dialect.name, PhoneOptOut)
                               .values(phone_index=phone_index, created_at=utcnow())
                               .on_conflict_do_nothing(index_elements=["phone_index"]))
     else:
         await session.execute(delete(PhoneOptOut).where(PhoneOptOut.phone_index == phone_index))
+    return True
 
 
 # The audit row every STOP or START that changed a membership's flag leaves, one per membership, written alike by
@@ -490,6 +509,7 @@ async def _forget_opt_out_if_unheld(session: AsyncSession, phone_index: str) -> 
     if (await session.execute(
             select(Member.id).where(Member.phone_index == phone_index).limit(1))).first() is None:
         await set_number_opt_out(session, phone_index, False)
+        await session.execute(delete(PhoneOptOutWord).where(PhoneOptOutWord.phone_index == phone_index))
 
 
 async def _released(session: AsyncSession, member_id: str) -> bool:

@@ -528,3 +528,16 @@ class PhoneOptOut(Base):
 
     phone_index: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = _created()
+
+
+class PhoneOptOutWord(Base):
+    """When a number's latest STOP or START taken was sent (channels.sms.routes: the aggregator's `date` of the text),
+    by its blind index: a STOP and a START sent seconds apart are taken by two handlers at once, or out of order, and
+    one sent before the word this row holds changes nothing (core.members.set_number_opt_out). Its row is locked by
+    the word taken, so the number's words are written one after another. Forgotten with the number's opt-out when
+    the number leaves its last membership."""
+
+    __tablename__ = "phone_opt_out_words"
+
+    phone_index: Mapped[str] = mapped_column(String(64), primary_key=True)
+    said_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)

@@ -32,7 +32,7 @@ from sqlalchemy import DateTime, String, and_, bindparam, case, func, literal, n
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from channels.sms.encoding import measure
-from channels.sms.routes import apply_parked_reports, parked_key
+from channels.sms.routes import STATUS_REPLY_TEMPLATES, apply_parked_reports, parked_key
 from channels.sms.sender import SmsTemporaryError, SmsUnconfirmedError
 from channels.sms.templates import (
     OPTIONAL_TEMPLATES,
@@ -712,7 +712,8 @@ async def _receipt_void(conn: AsyncConnection, payload: dict[str, Any]) -> str |
 # audited); a payment's is judged here only, whenever it was queued: asked at the callback it would be a round trip
 # more on every payment of no member's outcome, under its row lock, for what this check, a first attempt's in the
 # query that reads the receipt's rows, catches anyway.
-PAYER_TEMPLATES = frozenset((*REFUND_TEMPLATES, *DISPUTE_TEMPLATES, *filter(is_payment_template, TEMPLATES)))
+PAYER_TEMPLATES = frozenset((*REFUND_TEMPLATES, *DISPUTE_TEMPLATES, *STATUS_REPLY_TEMPLATES,
+                             *filter(is_payment_template, TEMPLATES)))
 NUMBER_WENT_TO_A_MEMBER = "number_went_to_a_member"
 # The reasons a message is not sent that its job says (GET /v1/jobs): about the cooperative's own records (a reminder's
 # or member SMS's are not: shown_reason).

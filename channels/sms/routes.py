@@ -9,7 +9,7 @@ import logging
 import re
 import unicodedata
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, NamedTuple, cast
 
@@ -25,7 +25,7 @@ from core.config import ConfigError
 from core.cooperatives import COUNTRY_CURRENCY
 from core.db import autocommit, utcnow
 from core.members import number_came_since, number_history, set_number_opt_out
-from core.models import Cooperative, Member, Payment, SmsMessage
+from core.models import Cooperative, Dispute, Member, Payment, Refund, SmsMessage
 from core.notify import SMS_KEY_SIZE, send_sms
 from core.phone import Phone, PhoneError, normalize
 from core.ratelimit import Limit, RateLimiter
@@ -420,7 +420,7 @@ async def inbound(request: web.Request) -> web.Response:
     # Without an id or a date, every STOP of the number reads alike: each is taken (her STOP after a START is no retry).
     retried = switch and bool(given_id or date) and await _taken_before(rt, index, inbound_id)
     if phone.region not in SERVED_COUNTRIES and not await _has_membership(rt, index):
-        return await _unserved(rt, phone, index, command, inbound_id, retried)
+        return await _unserved(rt, phone, index, command, inbound_id, retried, date)
     # Checked before, and outside, the transaction that records a STOP or START: Redis failing costs the
     # reply, never the opt-out (a STOP rolled back keeps the reminders coming).
     reply_allowed = await _reply_allowed(rt, index, phone, command, inbound_id)
@@ -449,28 +449,34 @@ async def inbound(request: web.Request) -> web.Response:
             or "en"
         )
         reply: tuple[str, dict[str, Any], str | None] | None = None  # template, context, cooperative
+        stale = False  # a STOP or START sent before the number's latest one taken
         dedupe = f"inbound:{inbound_id}"  # one reply per inbound text (an aggregator's retry sends none)
         if command in ("STOP", "START"):
             opt_out = command == "STOP"
-            # The number's, for the memberships it does not have yet (core.members), and each one it has.
-            if not retried:
-                await set_number_opt_out(session, index, opt_out)
-            for member in members if not retried else ():
-                if member.reminders_opt_out != opt_out:
-                    await session.execute(
-                        update(Member)
-                        .where(Member.id == member.id)
-                        .values(reminders_opt_out=opt_out, updated_at=utcnow())
-                    )
+            # The number's, for the memberships it does not have yet (core.members), and each one it has; unless she
+            # sent a later STOP or START, taken already (two texts taken at once, or out of order): then this one
+            # changes nothing (`stale`). The number's row stays locked to the commit: her other word waits for this.
+            stale = not retried and not await set_number_opt_out(session, index, opt_out, _said_at(date))
+            if members and not (retried or stale):
+                # The flags as they are now, not as read above: a STOP of hers committed while this waited for the
+                # number's row has set them since.
+                changed = (await session.execute(
+                    update(Member)
+                    .where(Member.id.in_([member.id for member in members]), Member.reminders_opt_out != opt_out)
+                    .values(reminders_opt_out=opt_out, updated_at=utcnow())
+                    .returning(Member.id, Member.cooperative_id)
+                    .execution_options(synchronize_session=False)
+                )).all()
+                for changed_id, member_cooperative in sorted(changed):
                     await record(
                         session,
                         actor=actor,
                         action="member.reminders_opt_out",
                         entity_type="member",
-                        entity_id=member.id,
+                        entity_id=changed_id,
                         before={"remindersOptOut": not opt_out},
                         after={"remindersOptOut": opt_out},
-                        cooperative_id=member.cooperative_id,
+                        cooperative_id=member_cooperative,
                     )
             reply = ("opted_out" if opt_out else "opted_in", {}, None)
         elif command in ("RECEIPT", "STATUS") and not (argument and (REFERENCE_SHAPE.match(argument)
@@ -478,6 +484,18 @@ async def inbound(request: web.Request) -> web.Response:
             # The keyword alone, or words that are no reference ("Hali gani"): how to ask, in her language, with
             # its keyword; never "no payment GANI" or "no payment -".
             reply = (f"no_reference_{command.lower()}", {}, None)
+        elif command in ("RECEIPT", "STATUS") and reference_of(cast(str, argument)) is not None:
+            # A refund's or a dispute's reference (RFD_..., DSP_...: their SMS gave it to her): its status, when the
+            # payment it is of is hers (_owns), as a payment's; anyone else's gets what a made-up one gets.
+            reference = cast(str, argument)
+            model, template = cast(tuple[Any, str], reference_of(reference))
+            row = (await session.execute(select(model).where(model.reference == reference))).scalar_one_or_none()
+            payment = None if row is None else await session.get(Payment, row.payment_id)
+            if row is not None and payment is not None and await _owns(session, rt, payment, phone):
+                reply = (template, {f"{template.partition('_')[0]}_id": row.id}, payment.cooperative_id)
+                dedupe = reply_key(payment.id, f"in:{inbound_id}")  # the payment's messages list it (admin_api)
+            else:
+                reply = ("not_found", {"reference": reference}, None)
         elif command in ("RECEIPT", "STATUS"):
             reference = cast(str, argument)
             # A reference, or a receipt (ix_payments_transaction_id leads with the id).
@@ -514,8 +532,8 @@ async def inbound(request: web.Request) -> web.Response:
         template, context, cooperative_id = reply
         # Else what the keyword changed commits, without a reply. A retried STOP or START gets none either: its first
         # try's reply went (the same dedupe key), or was skipped, and she may have switched since: "opted in" then
-        # told her the opposite of what holds.
-        if reply_allowed and not retried:
+        # told her the opposite of what holds. Nor does one sent before her latest word, taken already (stale).
+        if reply_allowed and not retried and not stale:
             context = {**context, "language": language}
             prefix = shortcode_prefix(text, rt.settings.sms_shortcode_keywords)
             if prefix:
@@ -590,6 +608,20 @@ def payment_reply(payment: Payment, command: str) -> tuple[str, dict[str, Any], 
     return template, {"payment_id": payment.id}, payment.cooperative_id
 
 
+# The reply to STATUS (or RECEIPT) with a refund's or a dispute's reference: its status (keyed as a payment's reply,
+# reply_key with the payment's id, and judged at send time as a refund's or dispute's notice: channels.sms.jobs).
+STATUS_REPLY_TEMPLATES = ("refund_status", "dispute_status")
+_REFERENCE_KINDS: dict[str, tuple[Any, str]] = {"RFD": (Refund, "refund_status"), "DSP": (Dispute, "dispute_status")}
+
+
+def reference_of(argument: str) -> tuple[Any, str] | None:
+    """(model, reply template) of a refund's or a dispute's reference (core.references: RFD_..., DSP_...), None
+    for any other argument (a payment's reference, an M-Pesa receipt, words)."""
+    if not REFERENCE_SHAPE.match(argument):
+        return None
+    return _REFERENCE_KINDS.get(argument.partition("_")[0])
+
+
 def reply_key(payment_id: str, origin: str) -> str:
     """The dedupe key of a reply about the payment asked for from `origin` (one inbound text, one resend by the
     desk): the same origin gives the same key, so one SMS. Kept within the message's idempotency key
@@ -650,6 +682,21 @@ async def _reply_allowed(rt: Runtime, index: str, phone: Phone, command: str | N
         return False
 
 
+def _said_at(date: str) -> datetime:
+    """When the number sent a text: the aggregator's `date` of it (Africa's Talking's "2026-01-15 10:00:00", read as
+    UTC; an ISO 8601 time with its offset too), by which her STOP and START are put in the order she sent them
+    (core.members.set_number_opt_out); the time it reached us when it has none, or none that reads as a time. Never
+    later than now: a date ahead of our clock (an aggregator writing local time, or a clock gone wrong) would make
+    every word she sends after it, until that time, change nothing; those are taken in the order they arrive."""
+    now = utcnow()
+    try:
+        moment = datetime.fromisoformat(date)
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):  # not a time; or one an offset takes past year 1 or 9999
+        return now
+    return min(moment, now)
+
+
 # How long a STOP or START taken is remembered by its inbound id (_taken_before): past the aggregator's retries of it.
 TAKEN_SECONDS = 2 * 86_400
 
@@ -690,13 +737,13 @@ async def _has_membership(rt: Runtime, index: str) -> bool:
 
 
 async def _unserved(rt: Runtime, phone: Phone, index: str, command: str | None, inbound_id: str,
-                    retried: bool) -> web.Response:
+                    retried: bool, date: str) -> web.Response:
     """A text from a number outside the served countries that no member has: no reply (an international SMS
     each, not counted either). Its STOP is still kept (and START: the number might be registered one day), but for
     the aggregator's retry of one taken already (`retried`); anything else is logged, masked, and dropped."""
     if command in ("STOP", "START") and not retried:
         async with rt.sessionmaker.begin() as session:
-            await set_number_opt_out(session, index, command == "STOP")
+            await set_number_opt_out(session, index, command == "STOP", _said_at(date))
         await _mark_taken(rt, index, inbound_id)
     log.info("keyword SMS from a number outside the served countries: no reply",
              extra={"phone": phone.masked(), "command": command or "unknown"})

@@ -271,7 +271,7 @@ class PaymentFacts(NamedTuple):
     provider: str  # the payment's provider, asked whether its transaction id is one the payer sees
 
 
-def amount_text(facts: PaymentFacts, language: str) -> str:
+def amount_text(facts: PaymentFacts | Payment, language: str) -> str:
     """The payment's amount as the payer is told it, as her language writes numbers (Money.format: in French
     50 000 RWF): what was taken once money is, and, when the provider took less or more than was asked, both
     ("40,000 RWF of 50,000 RWF"): never the amount asked as if received. A voided recording (VOIDED: collected 0,
@@ -390,6 +390,7 @@ async def build_message(
             payment_ref=payment.reference,
             coop=coop.name,
             reason=catalog.REFUND_REASONS[refund_reason_key(refund.failure_reason)],
+            status=catalog.REFUND_STATUS.get(refund.status, refund.status),
         )
     elif template.startswith("dispute_"):
         dispute = await _one(session, Dispute, context.get("dispute_id"), "dispute")
@@ -403,6 +404,7 @@ async def build_message(
             payment_ref=payment.reference,
             coop=coop.name,
             status=catalog.DISPUTE_STATUS.get(status, status),
+            amount=amount_text(payment, language),  # dispute_status: the payment's, as its own messages say it
         )
     elif template == "payment_reminder":
         ptype = await _one(session, PaymentType, context.get("payment_type_id"), "payment type")

@@ -106,6 +106,31 @@ async def test_every_reply_to_a_members_number_is_in_her_messages(
     assert {e["actor"] for e in events} == {"phone:+25078****001"}
 
 
+async def test_the_status_of_her_refund_or_dispute_is_listed_with_the_payment_it_is_of(
+    rt: Any, demo: dict[str, Any], admin: Caller, client: Any, sim: Any, worker: Any
+) -> None:
+    """STATUS RFD_... / DSP_... (her refund's, her dispute's): the reply is hers and the payment's, naming it."""
+    from core.models import Dispute, Refund
+
+    aline, coop = demo["members"][ALINE], demo["cooperative_id"]
+    payment = await make_payment(rt, coop, account=ALINE, member_id=aline)
+    async with rt.sessionmaker.begin() as s:
+        s.add(Refund(payment_id=payment.id, cooperative_id=coop, reference="RFD_20260115_801", amount_minor=5_000,
+                     currency="RWF", status="PENDING", reason="test", idempotency_key="rfd-listed-1",
+                     provider_reference="prov-rfd-listed-1"))
+        s.add(Dispute(payment_id=payment.id, cooperative_id=coop, member_id=aline, reference="DSP_20260115_802",
+                      reason="WRONG_AMOUNT", status="OPEN", channel="sms"))
+    for number, (text, template) in enumerate((("STATUS RFD_20260115_801", "refund_status"),
+                                               ("imimerere DSP 20260115 802", "dispute_status"))):
+        reply = await _texted(rt, client, worker, ALINE, text, f"in-status-{number}")
+        assert (reply.template, reply.member_id, reply.cooperative_id) == (template, aline, coop)
+    listed = await _listed(admin, aline)
+    assert [(m["template"], m["paymentId"]) for m in listed] == [("dispute_status", payment.id),
+                                                                  ("refund_status", payment.id)]
+    about = (await admin.json("GET", f"/v1/payments/{payment.id}/messages", 200))["data"]
+    assert [m["template"] for m in about] == ["dispute_status", "refund_status"]
+
+
 async def test_a_number_in_two_cooperatives_has_each_reply_in_the_cooperative_it_is_for(
     rt: Any, demo: dict[str, Any], admin: Caller, coop_b: dict[str, Any], client: Any, sim: Any, worker: Any
 ) -> None:

@@ -38,6 +38,10 @@ MESSAGES = {
     "We will keep you informed.",
     "dispute_updated": "Dispute {ref} about payment {payment_ref}: {status}.",
     "dispute_resolved": "Dispute {ref} about payment {payment_ref} is closed: {status}. Thank you.",
+    # STATUS <ref> of one of her refunds or disputes (the references their SMS gave her): its status, the payment it
+    # is of and its amount (a dispute's: the payment's). One SMS with seven-digit references and the longest status.
+    "refund_status": "Refund {ref} of {amount} for payment {payment_ref} ({coop}): {status}.",
+    "dispute_status": "Dispute {ref} about payment {payment_ref} of {amount} ({coop}): {status}.",
     "payment_reminder": "Reminder: {type} ({amount}) for {coop} is due on {due}. Dial {dial} to pay.",
     "member_approved": "Welcome! You are now a member of {coop}. To pay, dial {dial}.",
     "webhook_disabled": "{coop}: webhook to {host} was disabled after {failures} failed deliveries. "
@@ -84,6 +88,14 @@ PAYMENT_STATUS = {
     "VOIDED": "not paid: recorded in error",
     "UNCONFIRMED": "not confirmed by the provider; if money was taken it will be confirmed or refunded",
     "TAKEN_AFTER_FAILURE": "failed, but the money was taken: your cooperative will count it or refund it",
+}
+
+# A refund's {status} in refund_status (STATUS <its reference>).
+REFUND_STATUS = {
+    "PENDING": "waiting to be sent",
+    "PROCESSING": "being sent",
+    "COMPLETED": "completed",
+    "FAILED": "failed",
 }
 
 DISPUTE_STATUS = {

@@ -36,6 +36,8 @@ MESSAGES = {
     "Nous vous tiendrons informé.",
     "dispute_updated": "Réclamation {ref} sur le paiement {payment_ref}: {status}.",
     "dispute_resolved": "Réclamation {ref} sur le paiement {payment_ref} close: {status}. Merci.",
+    "refund_status": "Remboursement {ref} de {amount} pour le paiement {payment_ref} ({coop}): {status}.",
+    "dispute_status": "Réclamation {ref} sur le paiement {payment_ref} de {amount} ({coop}): {status}.",
     "payment_reminder": (
         "Rappel: {type} ({amount}) pour {coop}, échéance le {due}. Composez {dial} pour payer."
     ),
@@ -79,6 +81,13 @@ PAYMENT_STATUS = {
     "VOIDED": "non payé: enregistré par erreur",
     "UNCONFIRMED": "non confirmé par l'opérateur; si l'argent a été prélevé, il sera confirmé ou remboursé",
     "TAKEN_AFTER_FAILURE": "échoué, mais l'argent a été prélevé: votre coopérative le comptera ou vous le remboursera",
+}
+
+REFUND_STATUS = {
+    "PENDING": "en attente d'envoi",
+    "PROCESSING": "en cours",
+    "COMPLETED": "effectué",
+    "FAILED": "échoué",
 }
 
 DISPUTE_STATUS = {

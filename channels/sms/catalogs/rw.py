@@ -33,6 +33,10 @@ MESSAGES = {
     "dispute_opened": "Ikirego cyawe {ref} ku kwishyura {payment_ref} ({coop}) cyakiriwe. Tuzakumenyesha.",
     "dispute_updated": "Ikirego {ref} ku kwishyura {payment_ref}: {status}.",
     "dispute_resolved": "Ikirego {ref} ku kwishyura {payment_ref} cyarangiye: {status}. Murakoze.",
+    # As refund_completed and refund_failed: the refund's reference last; the amounts in brackets, as no connective
+    # after them then has to agree with anything.
+    "refund_status": "Gusubizwa {amount} yo kwishyura {payment_ref} ({coop}): {status}. Nimero: {ref}.",
+    "dispute_status": "Ikirego {ref} ku kwishyura {payment_ref} ({amount}, {coop}): {status}.",
     # No verb or connective agrees with the type's or the cooperative's name: their noun class is any.
     "payment_reminder": "Kwibutsa: kwishyura {type} ({amount}) muri {coop} bitarenze ku wa {due}. "
     "Kanda {dial} wishyure.",
@@ -77,6 +81,13 @@ PAYMENT_STATUS = {
     "VOIDED": "ntibyishyuwe: byanditswe ku makosa",
     "UNCONFIRMED": "ntibiremezwa; niba amafaranga yavuyeho, tuzabyemeza cyangwa tuyagusubize",
     "TAKEN_AFTER_FAILURE": "ntibyakunze ariko amafaranga yavuyeho: koperative yawe izayabara cyangwa izayagusubiza",
+}
+
+REFUND_STATUS = {
+    "PENDING": "bitegereje koherezwa",
+    "PROCESSING": "biri gukorwa",
+    "COMPLETED": "byarangiye",
+    "FAILED": "ntibyakunze",
 }
 
 DISPUTE_STATUS = {

@@ -31,6 +31,9 @@ MESSAGES = {
     "Tutakujulisha.",
     "dispute_updated": "Malalamiko {ref} kuhusu malipo {payment_ref}: {status}.",
     "dispute_resolved": "Malalamiko {ref} kuhusu malipo {payment_ref} yamefungwa: {status}. Asante.",
+    # As refund_completed and refund_failed: the refund's reference last.
+    "refund_status": "Kurudisha {amount} ya malipo {payment_ref} ({coop}): {status}. Kumb: {ref}.",
+    "dispute_status": "Malalamiko {ref} kuhusu malipo {payment_ref} ({amount}, {coop}): {status}.",
     # The verb agrees with "malipo", not with the type's or the cooperative's name: their noun class is any.
     "payment_reminder": "Kumbusho: malipo ya {type} ({amount}) kwa {coop} yanadaiwa tarehe {due}. "
     "Piga {dial} kulipa.",
@@ -72,6 +75,13 @@ PAYMENT_STATUS = {
     "VOIDED": "haijalipwa: iliandikwa kimakosa",
     "UNCONFIRMED": "haijathibitishwa; ikiwa pesa zilikatwa, itathibitishwa au utarudishiwa",
     "TAKEN_AFTER_FAILURE": "imeshindikana lakini pesa zilikatwa: chama chako kitazihesabu au kitakurudishia",
+}
+
+REFUND_STATUS = {
+    "PENDING": "inasubiri kutumwa",
+    "PROCESSING": "inashughulikiwa",
+    "COMPLETED": "imekamilika",
+    "FAILED": "imeshindwa",
 }
 
 DISPUTE_STATUS = {

@@ -47,7 +47,8 @@ def worst_case(template: str, language: str) -> dict[str, Any]:
     phrases of that language it can say (a dispute's status is one of DISPUTE_STATUS, templates.build_message; a
     payment's one of PAYMENT_STATUS)."""
     catalog = CATALOGS[language]
-    statuses = catalog.DISPUTE_STATUS if template.startswith("dispute_") else catalog.PAYMENT_STATUS
+    statuses = (catalog.DISPUTE_STATUS if template.startswith("dispute_")
+                else catalog.REFUND_STATUS if template == "refund_status" else catalog.PAYMENT_STATUS)
     return {
         **WORST_CASE,
         "ref": _own_reference(template),
@@ -98,6 +99,8 @@ def test_catalogs_have_the_same_templates_and_placeholders() -> None:
         assert set(catalog.MESSAGES) == set(english.MESSAGES), language
         assert set(catalog.PAYMENT_STATUS) == set(english.PAYMENT_STATUS), language
         assert set(catalog.DISPUTE_STATUS) == set(english.DISPUTE_STATUS), language
+        assert set(catalog.REFUND_STATUS) == set(english.REFUND_STATUS) == {"PENDING", "PROCESSING", "COMPLETED",
+                                                                             "FAILED"}, language
         assert set(catalog.REASONS) == set(english.REASONS), language
         assert set(catalog.KEYWORDS) == set(english.KEYWORDS), language
         assert set(catalog.AMOUNT_TAKEN) == set(english.AMOUNT_TAKEN) == {"less", "more"}, language
@@ -429,7 +432,8 @@ def test_a_receipt_of_a_usual_payment_is_one_sms_in_every_language(language: str
 def _texts(catalog: Any) -> dict[str, str]:
     """Every phrase of a catalog that goes into an SMS: its messages and the phrases filled into them."""
     texts = {}
-    for name in ("MESSAGES", "AMOUNT_TAKEN", "PAYMENT_STATUS", "DISPUTE_STATUS", "REASONS", "REFUND_REASONS"):
+    for name in ("MESSAGES", "AMOUNT_TAKEN", "PAYMENT_STATUS", "DISPUTE_STATUS", "REFUND_STATUS", "REASONS",
+                 "REFUND_REASONS"):
         texts.update({f"{name}.{key}": text for key, text in getattr(catalog, name).items()})
     for name in ("ANY_AMOUNT", "BALANCE", "BALANCE_PAID", "BALANCE_MORE", "BALANCE_NONE", "BALANCE_WAITING",
                  "BALANCE_ALL_WAITING"):

@@ -1,0 +1,125 @@
+"""STOP and START follow the order she sent them in, not the order the gateway happened to take them in.
+
+Africa's Talking posts each text on its own request: a STOP and a START sent seconds apart (she changed her mind)
+are taken by two handlers at once, or the second one first (a retry of the first after a late answer). The later
+one taken used to win: she sent STOP then START, and ended opted out. Each text carries the aggregator's `date` (when
+it was received): a text older than the last STOP or START taken for the number changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, text
+
+from channels.sms.templates import render
+from core.models import Member, PhoneOptOut
+from tests.channels.sms.test_routes import ALINE
+from tests.conftest import drain, requires_pg, waiting_for_locks
+
+
+async def _text(client: Any, text: str, message_id: str, date: str) -> None:
+    response = await client.post("/sms/africastalking/inbound", data={
+        "date": date, "from": ALINE, "id": message_id, "linkId": "L1", "text": text, "to": "12345",
+        "networkCode": "63510"})
+    assert response.status == 200
+
+
+async def _state(rt: Any, demo: dict[str, Any]) -> tuple[bool, bool]:
+    """(her membership's flag, the number's opt-out)."""
+    async with rt.sessionmaker() as s:
+        member = await s.get(Member, demo["members"][ALINE])
+        number = await s.get(PhoneOptOut, rt.cipher.blind_index(ALINE))
+    return member.reminders_opt_out, number is not None
+
+
+async def test_a_start_taken_before_the_stop_she_sent_first_leaves_reminders_on(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
+    await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")  # sent first, taken second
+    assert await _state(rt, demo) == (False, False)
+    await drain(worker)
+    # One reply, the START's: the STOP's "no more reminders" would tell her the opposite of what holds.
+    assert [m["message"] for m in sim.messages(ALINE)] == [render("opted_in", "rw", {})]
+
+
+async def test_a_stop_taken_before_the_start_she_sent_first_leaves_reminders_off(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    await _text(sms_client, "STOP", "at-2", "2026-01-15 10:00:05")
+    await _text(sms_client, "START", "at-1", "2026-01-15 10:00:00")  # sent first, taken second
+    assert await _state(rt, demo) == (True, True)
+    # A later START still turns them on again.
+    await _text(sms_client, "START", "at-3", "2026-01-15 10:01:00")
+    assert await _state(rt, demo) == (False, False)
+
+
+@requires_pg
+async def test_a_stop_and_a_start_taken_at_once_end_in_the_later_ones_state(
+    rt: Any, demo: dict[str, Any], sms_client: Any
+) -> None:
+    """Her STOP is taken first and held before its commit (here: her membership's row locked by another
+    transaction); her START, sent after it, comes in meanwhile and reads her memberships before the STOP commits.
+    Once the STOP commits, the START must still turn her reminders on: on her membership too, though it read it
+    before the STOP set its flag."""
+    holder = rt.sessionmaker()
+    try:
+        await holder.begin()
+        await holder.execute(select(Member).where(Member.id == demo["members"][ALINE]).with_for_update())
+        stop = asyncio.create_task(_text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00"))
+        await waiting_for_locks(rt, 1)
+        start = asyncio.create_task(_text(sms_client, "START", "at-2", "2026-01-15 10:00:02"))
+        for _ in range(200):  # the START waits for the STOP (or, unordered, went through meanwhile)
+            if start.done():
+                break
+            async with rt.engine.connect() as probe:
+                waiting = (await probe.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"))).scalar_one()
+            if waiting >= 2:
+                break
+            await asyncio.sleep(0.02)
+        await holder.rollback()
+    finally:
+        await holder.close()
+    await asyncio.gather(stop, start)
+    assert await _state(rt, demo) == (False, False)
+
+
+@requires_pg
+async def test_a_stop_sent_after_a_start_taken_at_once_ends_opted_out(
+    rt: Any, demo: dict[str, Any], sms_client: Any
+) -> None:
+    """The other way round: her START (sent first) is held before its commit, her STOP sent after it waits for it,
+    and ends it opted out."""
+    await _text(sms_client, "STOP", "at-0", "2026-01-15 09:00:00")
+    holder = rt.sessionmaker()
+    try:
+        await holder.begin()
+        await holder.execute(select(Member).where(Member.id == demo["members"][ALINE]).with_for_update())
+        start = asyncio.create_task(_text(sms_client, "START", "at-1", "2026-01-15 10:00:00"))
+        await waiting_for_locks(rt, 1)
+        stop = asyncio.create_task(_text(sms_client, "STOP", "at-2", "2026-01-15 10:00:02"))
+        await asyncio.sleep(0.3)
+        await holder.rollback()
+    finally:
+        await holder.close()
+    await asyncio.gather(stop, start)
+    assert await _state(rt, demo) == (True, True)
+
+
+async def test_a_word_dated_ahead_of_our_clock_does_not_silence_the_ones_after_it(
+    rt: Any, demo: dict[str, Any], sms_client: Any
+) -> None:
+    """An aggregator writing its local time as the date (or a clock gone wrong) dates her STOP hours ahead: taken as
+    sent now, not then, so her START a minute later still turns reminders back on."""
+    from core.db import utcnow
+
+    now = utcnow()
+    ahead = (now + timedelta(hours=3)).strftime("%Y-%m-%d %H:%M:%S")
+    await _text(sms_client, "STOP", "at-1", ahead)
+    assert await _state(rt, demo) == (True, True)
+    await _text(sms_client, "START", "at-2", (now + timedelta(seconds=1)).strftime("%Y-%m-%d %H:%M:%S"))
+    assert await _state(rt, demo) == (False, False)
