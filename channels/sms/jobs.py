@@ -57,7 +57,8 @@ from core.ratelimit import Limit, RateLimiter
 from core.refunds import OLDER_THAN_ANSWER_DAYS, REFUND_TEMPLATES
 from core.reminders import why_not_send
 from core.state import StaleTransition, transition_alone
-from core.state.payment import PaymentStatus
+from core.state.payment import COLLECTED, PaymentStatus
+from core.state.refund import RefundStatus
 from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SKIPPED, SMS, SmsStatus
 
 if TYPE_CHECKING:
@@ -209,10 +210,12 @@ class SmsJobs:
                     void = await why_not_send(conn, payload) if self.rt.settings.reminders_enabled else "reminders_off"
                 elif template in MEMBER_TEMPLATES:
                     void = await _member_void(conn, payload)
-                elif existing is not None and template in RECEIPT_TEMPLATES:
+                elif existing is not None and template in STALE_TEMPLATES:
                     # Built by an earlier attempt (a first one's build checks it: _build), and retried through an
-                    # aggregator outage: its payment may have been voided since.
+                    # aggregator outage: its payment may have been voided (a receipt), or paid (a failure), since.
                     void = await _receipt_void(conn, payload)
+                elif template == REFUND_FAILED:
+                    void = await _refund_void(conn, payload)
             elif template in PAYER_TEMPLATES and (existing is not None or not is_payment_template(template)):
                 # To the number that paid a payment of no member: a member may have got it since it was queued, or
                 # the payment turned older than SMS_PAYER_ANSWER_DAYS (and a receipt's payment may have been voided
@@ -454,8 +457,9 @@ class SmsJobs:
             if facts is not None:
                 if sent:
                     pass  # it went out then: its row is stored as it went, whatever would stop it now
-                elif payload["template"] in RECEIPT_TEMPLATES and facts.payment.status == PaymentStatus.VOIDED.value:
-                    raise _NotSent(PAYMENT_VOIDED)
+                elif stale := _stale(payload["template"], facts.payment.status, facts.payment.completed_at,
+                                     facts.payment.collected_minor):
+                    raise _NotSent(stale)
                 elif facts.payer_gone:  # the number that paid a payment of no member: too old, or a member's since
                     raise _NotSent(facts.payer_gone)
                 phone, language = recipient(rt.cipher, payload, facts.member, facts.coop_language)
@@ -679,7 +683,49 @@ async def _member_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | 
 # after a failure is told too: the payment stays FAILED, which is never voided, but the text says money is held.)
 RECEIPT_TEMPLATES = frozenset({"payment_receipt", "payment_late_receipt", "payment_taken_after_failure"})
 PAYMENT_VOIDED = "payment_voided"  # why such a receipt is not sent: the job's last word is "not sent: <this>"
-_PAYMENT_STATUS = select(Payment.__table__.c.status).where(Payment.__table__.c.id == bindparam("p", type_=String))
+# Failure SMS ("failed ... dial to try again", "not approved in time", "could not confirm") worth sending only while
+# no money of the payment came: one queued before the provider reported the money taken after all (the payment
+# completed late, or FAILED holds it) and sent after (the worker or the aggregator was down) told her to pay again
+# for a payment made, maybe after the receipt that said not to (its job is younger, its backoff shorter). Her late
+# receipt (or payment_taken_after_failure) says what happened.
+FAILURE_TEMPLATES = frozenset({"payment_failed", "payment_timeout", "payment_unconfirmed"})
+PAYMENT_PAID_SINCE = "payment_paid_since"
+STALE_TEMPLATES = RECEIPT_TEMPLATES | FAILURE_TEMPLATES
+_PAYMENT_STATUS = select(Payment.__table__.c.status, Payment.__table__.c.completed_at,
+                         Payment.__table__.c.collected_minor).where(
+    Payment.__table__.c.id == bindparam("p", type_=String))
+_COLLECTED_VALUES = frozenset(s.value for s in COLLECTED)
+
+
+# "Refund ... failed: your cooperative will contact you" worth sending only while the refund has not gone through: one
+# queued before the provider reported it sent back after all (its late answer, or a person correcting a FAILED
+# recorded too soon) and sent after (the worker or the aggregator was down), after "refund completed" maybe, told her
+# the money she has back was not sent.
+REFUND_FAILED = "refund_failed"
+REFUND_SENT_SINCE = "refund_sent_since"
+_REFUND_STATUS = select(Refund.__table__.c.status).where(Refund.__table__.c.id == bindparam("r", type_=String))
+
+
+async def _refund_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
+    """Why a refund_failed message to a member must not go out any more, None to send it: refund_sent_since (the
+    refund COMPLETED since). A refund that does not exist is left to the build, which parks the job."""
+    refund_id = (payload.get("context") or {}).get("refund_id")
+    if not isinstance(refund_id, str):
+        return None
+    found = await pgraw.first(conn, _REFUND_STATUS, {"r": refund_id})
+    return REFUND_SENT_SINCE if found is not None and found[0] == RefundStatus.COMPLETED.value else None
+
+
+def _stale(template: Any, status: str, completed_at: datetime | None, collected_minor: int | None) -> str | None:
+    """Why a payment's SMS no longer tells the truth, None while it does: PAYMENT_VOIDED for a receipt of a payment
+    voided since, PAYMENT_PAID_SINCE for a failure whose money came since (completed late, or held by the FAILED
+    payment: core.state.payment.taken_after_failure)."""
+    if template in RECEIPT_TEMPLATES and status == PaymentStatus.VOIDED.value:
+        return PAYMENT_VOIDED
+    if template in FAILURE_TEMPLATES and (status in _COLLECTED_VALUES or (
+            status == PaymentStatus.FAILED.value and completed_at is not None and bool(collected_minor))):
+        return PAYMENT_PAID_SINCE
+    return None
 
 
 class _NotSent(Exception):
@@ -691,13 +737,14 @@ class _NotSent(Exception):
 
 
 async def _receipt_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
-    """Why a RECEIPT_TEMPLATES message stored by an earlier attempt must not go out any more, None to send it:
-    payment_voided. (A first attempt's build reads the payment's status with the rest of its facts: _build.)"""
+    """Why a STALE_TEMPLATES message stored by an earlier attempt must not go out any more, None to send it:
+    payment_voided, payment_paid_since (_stale). (A first attempt's build reads the payment's status with the rest
+    of its facts: _build.)"""
     payment_id = (payload.get("context") or {}).get("payment_id")
     if not isinstance(payment_id, str):
         return None
-    status = await pgraw.first(conn, _PAYMENT_STATUS, {"p": payment_id})
-    return PAYMENT_VOIDED if status is not None and status[0] == PaymentStatus.VOIDED.value else None
+    found = await pgraw.first(conn, _PAYMENT_STATUS, {"p": payment_id})
+    return _stale(payload.get("template"), *found) if found is not None else None
 
 
 # The SMS to the number that paid a payment of no member (its receipt, "your payment failed", a refund's, a dispute's:
@@ -717,7 +764,8 @@ PAYER_TEMPLATES = frozenset((*REFUND_TEMPLATES, *DISPUTE_TEMPLATES, *STATUS_REPL
 NUMBER_WENT_TO_A_MEMBER = "number_went_to_a_member"
 # The reasons a message is not sent that its job says (GET /v1/jobs): about the cooperative's own records (a reminder's
 # or member SMS's are not: shown_reason).
-SAID_ON_THE_JOB = frozenset({PAYMENT_VOIDED, NUMBER_WENT_TO_A_MEMBER, OLDER_THAN_ANSWER_DAYS})
+SAID_ON_THE_JOB = frozenset({PAYMENT_VOIDED, PAYMENT_PAID_SINCE, REFUND_SENT_SINCE, NUMBER_WENT_TO_A_MEMBER,
+                             OLDER_THAN_ANSWER_DAYS})
 _R, _D = Refund.__table__, Dispute.__table__
 _P = Payment.__table__
 # Payments made before this are past SMS_PAYER_ANSWER_DAYS (None: no limit, and `created_at < NULL` holds for none).
@@ -744,11 +792,12 @@ def _payer_gone(*also: Any) -> Any:
 # The payment a PAYER_TEMPLATES message is about (its context names it, or its refund or dispute): its status and
 # why its number is no longer texted about it, in one probe.
 _PAYER_PROBES = {
-    "payment_id": select(_P.c.status, _payer_gone()).where(_P.c.id == bindparam("i", type_=String)),
-    "refund_id": select(_P.c.status, _payer_gone()).select_from(_R.join(_P, _P.c.id == _R.c.payment_id))
-    .where(_R.c.id == bindparam("i", type_=String)),
-    "dispute_id": select(_P.c.status, _payer_gone()).select_from(_D.join(_P, _P.c.id == _D.c.payment_id))
-    .where(_D.c.id == bindparam("i", type_=String)),
+    "payment_id": select(_P.c.status, _P.c.completed_at, _P.c.collected_minor, null(), _payer_gone())
+    .where(_P.c.id == bindparam("i", type_=String)),
+    "refund_id": select(_P.c.status, _P.c.completed_at, _P.c.collected_minor, _R.c.status, _payer_gone())
+    .select_from(_R.join(_P, _P.c.id == _R.c.payment_id)).where(_R.c.id == bindparam("i", type_=String)),
+    "dispute_id": select(_P.c.status, _P.c.completed_at, _P.c.collected_minor, null(), _payer_gone())
+    .select_from(_D.join(_P, _P.c.id == _D.c.payment_id)).where(_D.c.id == bindparam("i", type_=String)),
 }
 
 
@@ -767,9 +816,12 @@ async def _payer_void(conn: AsyncConnection, payload: dict[str, Any], answer_day
         return None
     if found is None:
         return None  # left to the build, which names what is missing
-    status, gone = found
-    if payload.get("template") in RECEIPT_TEMPLATES and status == PaymentStatus.VOIDED.value:
-        return PAYMENT_VOIDED
+    status, completed_at, collected_minor, refund_status, gone = found
+    stale = _stale(payload.get("template"), status, completed_at, collected_minor)
+    if stale is not None:
+        return stale
+    if payload.get("template") == REFUND_FAILED and refund_status == RefundStatus.COMPLETED.value:
+        return REFUND_SENT_SINCE
     return str(gone) if gone else None
 
 

@@ -275,11 +275,16 @@ def amount_text(facts: PaymentFacts | Payment, language: str) -> str:
     """The payment's amount as the payer is told it, as her language writes numbers (Money.format: in French
     50 000 RWF): what was taken once money is, and, when the provider took less or more than was asked, both
     ("40,000 RWF of 50,000 RWF"): never the amount asked as if received. A voided recording (VOIDED: collected 0,
-    its completed_at kept) took nothing: the amount asked, as a failed payment's, never "0 RWF of 50,000 RWF"."""
+    its completed_at kept) took nothing: the amount asked, as a failed payment's, never "0 RWF of 50,000 RWF".
+    Money reported taken that is counted as nothing (collected 0: taken in another currency, a negative or zero
+    amount, or the money another payment holds; a person looks) was taken from her wallet all the same: received
+    and under her cooperative's review (AMOUNT_IN_REVIEW), no figure, never "0 RWF of 50,000 RWF"."""
     asked = Money(facts.amount_minor, facts.currency)
     taken = None if facts.status == PaymentStatus.VOIDED.value else collected_amount(facts)
     if taken is None or taken == asked:
         return asked.format(language)
+    if taken.minor == 0:
+        return str(CATALOGS.get(language, en).AMOUNT_IN_REVIEW)
     phrase = CATALOGS.get(language, en).AMOUNT_TAKEN["less" if taken < asked else "more"]
     return str(phrase.format(collected=taken.format(language), amount=asked.format(language)))
 

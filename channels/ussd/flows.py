@@ -1191,11 +1191,13 @@ async def detail_args(ctx: Ctx) -> dict[str, Any]:
 
 def _amount(ctx: Ctx, payment: Payment) -> str:
     """What was taken once money is (a provider may take less or more than asked: the receipt says both),
-    else the amount asked (also for a voided recording: it took nothing, and "0 RWF" reads as a payment of 0)."""
+    else the amount asked (also for a voided recording: it took nothing, and "0 RWF" reads as a payment of 0; and
+    for money taken that counts as nothing, in another currency or of no amount: her wallet was charged, a person
+    looks, and her receipt says it is under review)."""
     from core.payments import collected_amount
 
     taken = None if payment.status == PaymentStatus.VOIDED.value else collected_amount(payment)
-    return ctx.money(taken or Money(payment.amount_minor, payment.currency))
+    return ctx.money(taken if taken is not None and taken.minor else Money(payment.amount_minor, payment.currency))
 
 
 def _shown(payment: Any) -> str:

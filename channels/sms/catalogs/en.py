@@ -75,6 +75,11 @@ AMOUNT_TAKEN = {
     "more": "{collected} ({amount} due)",  # "asked": the receipt was 162 septets with a seven-digit reference
 }
 
+# A payment's {amount} when the provider reported money taken that cannot be counted as the amount asked (another
+# currency, a negative or zero amount: collected 0, flagged for a person, templates.amount_text): received, and
+# her cooperative reviews it, with no figure ("0 RWF of 50,000 RWF" said nothing was taken from a charged wallet).
+AMOUNT_IN_REVIEW = "an amount (under review by your cooperative)"
+
 
 PAYMENT_STATUS = {
     "PENDING": "waiting for your approval",

@@ -68,6 +68,9 @@ AMOUNT_TAKEN = {
     "more": "{collected} et non {amount}",  # "({amount} demandés)": the receipt was two SMS
 }
 
+# A payment's {amount} when the provider reported money taken that cannot be counted (en.py AMOUNT_IN_REVIEW).
+AMOUNT_IN_REVIEW = "un montant (à vérifier par votre coopérative)"
+
 
 PAYMENT_STATUS = {
     "PENDING": "en attente de votre approbation",

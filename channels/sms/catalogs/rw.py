@@ -68,6 +68,10 @@ AMOUNT_TAKEN = {
     "more": "{collected} aho kuba {amount}",
 }
 
+# A payment's {amount} when the provider reported money taken that cannot be counted (en.py AMOUNT_IN_REVIEW):
+# "amafaranga" (class 6), as "izayabara" in payment_taken_after_failure; "ya {type}" agrees with it.
+AMOUNT_IN_REVIEW = "amafaranga (koperative yawe izayasuzuma)"
+
 
 PAYMENT_STATUS = {
     "PENDING": "dutegereje ko wemeza",

@@ -62,6 +62,9 @@ AMOUNT_TAKEN = {
     "more": "{collected} (ombi {amount})",  # "ombi" (request), as USSD's pay.done; "badala ya": two SMS
 }
 
+# A payment's {amount} when the provider reported money taken that cannot be counted (en.py AMOUNT_IN_REVIEW).
+AMOUNT_IN_REVIEW = "pesa (zitachunguzwa na chama chako)"
+
 
 PAYMENT_STATUS = {
     "PENDING": "inasubiri uthibitisho wako",

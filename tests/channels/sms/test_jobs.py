@@ -372,7 +372,7 @@ async def test_payment_messages_from_the_one_query_match_the_row_by_row_build(
     stays the reference: same phone, language and body, in every language the demo members speak."""
     from datetime import UTC, datetime
 
-    from channels.sms.jobs import _payment_facts
+    from channels.sms.jobs import FAILURE_TEMPLATES, _NotSent, _payment_facts
     from channels.sms.templates import build_message
     from core.db import autocommit
     from core.models import Payment
@@ -402,6 +402,11 @@ async def test_payment_messages_from_the_one_query_match_the_row_by_row_build(
         ):
             async with autocommit(rt.engine) as conn:
                 assert await _payment_facts(conn, payload, 90) is not None  # the fast path is the one taken
+                if template in FAILURE_TEMPLATES and status == "COMPLETED":
+                    # A failure told of a payment whose money came since: not sent (jobs._stale).
+                    with pytest.raises(_NotSent, match="payment_paid_since"):
+                        await jobs._build(conn, payload)
+                    continue
                 fast = await jobs._build(conn, payload)
             async with rt.sessionmaker() as session:
                 reference = await build_message(session, rt.cipher, payload,
@@ -415,6 +420,8 @@ async def test_payment_messages_from_the_one_query_match_the_row_by_row_build(
             seen_languages.add(fast[1])
             seen_dates.update(day for day in ("15/01", "17/01", "16/01") if day in fast[2])
     assert len(seen_languages) >= 2, seen_languages
+    if template in FAILURE_TEMPLATES:
+        return  # no money taken in what is sent
     assert seen_taken == {(language, taken) for language in seen_languages for taken in (40_000, 60_000)}, seen_taken
     if template == "payment_receipt":  # the template that shows the date: both dates were used
         assert seen_dates == {"15/01", "17/01"}, seen_dates

@@ -106,6 +106,7 @@ def test_catalogs_have_the_same_templates_and_placeholders() -> None:
         assert set(catalog.AMOUNT_TAKEN) == set(english.AMOUNT_TAKEN) == {"less", "more"}, language
         for phrase in catalog.AMOUNT_TAKEN.values():
             assert templates._placeholders(phrase) == {"collected", "amount"}, (language, phrase)
+        assert not templates._placeholders(catalog.AMOUNT_IN_REVIEW), language  # no figure: none is true
         for name, text in catalog.MESSAGES.items():
             assert templates._placeholders(text) <= templates._placeholders(english.MESSAGES[name]) | {
                 "dial"
@@ -435,8 +436,8 @@ def _texts(catalog: Any) -> dict[str, str]:
     for name in ("MESSAGES", "AMOUNT_TAKEN", "PAYMENT_STATUS", "DISPUTE_STATUS", "REFUND_STATUS", "REASONS",
                  "REFUND_REASONS"):
         texts.update({f"{name}.{key}": text for key, text in getattr(catalog, name).items()})
-    for name in ("ANY_AMOUNT", "BALANCE", "BALANCE_PAID", "BALANCE_MORE", "BALANCE_NONE", "BALANCE_WAITING",
-                 "BALANCE_ALL_WAITING"):
+    for name in ("AMOUNT_IN_REVIEW", "ANY_AMOUNT", "BALANCE", "BALANCE_PAID", "BALANCE_MORE", "BALANCE_NONE",
+                 "BALANCE_WAITING", "BALANCE_ALL_WAITING"):
         texts[name] = getattr(catalog, name)
     return texts
 

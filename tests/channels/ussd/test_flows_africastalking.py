@@ -1086,3 +1086,22 @@ async def test_my_payments_show_the_amount_asked_of_a_voided_recording(client: A
     assert "50,000 RWF" in listing and "Voided" in listing and " 0 RWF" not in listing
     detail = await phone.send("1")
     assert "Monthly Rent: 50,000 RWF\nStatus: Voided" in detail
+
+
+async def test_my_payments_never_show_0_for_money_taken_that_counts_as_nothing(client: Any, demo: Any, db: Any,
+                                                                             rt: Any) -> None:
+    """Money the provider reported taken in another currency (or a zero or negative amount) completes the payment
+    with collected 0, flagged for a person: her wallet was charged, so "my payments" says the amount asked (as her
+    receipt says the payment was received, under review), never "0 RWF"."""
+    from sqlalchemy import update
+
+    await _pay(client, EN_MTN)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).values(status="COMPLETED", collected_minor=0, completed_at=Payment.created_at,
+                                               mismatch=True))
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    listing = await phone.send("2")
+    assert "50,000 RWF" in listing and " 0 RWF" not in listing, listing
+    detail = await phone.send("1")
+    assert "Monthly Rent: 50,000 RWF\n" in detail, detail
