@@ -65,3 +65,70 @@ def test_seed_demo_on_a_database_behind_the_code_says_run_migrate(migrated_datab
         assert seeded.stderr.strip().endswith("run `.venv/bin/python main.py migrate`")
     finally:
         assert _main("migrate").returncode == 0
+
+
+@requires_pg
+async def test_two_migrates_at_once_apply_each_revision_once_and_both_succeed(migrated_database):
+    """A deploy tool that runs `migrate` on every machine at once: the second waits for the first (an advisory
+    lock) and then finds nothing left to do. Without it both ran 0027: the second found the first's index build
+    in progress (INVALID, as an interrupted build leaves it), dropped it to build it again, and one of them died
+    with "cannot start: Error: deadlock detected" (exit 4), or the other's version stamp found no row to move."""
+    import asyncio
+
+    import asyncpg
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from main import _alembic_config, migrate
+
+    settings = make_settings()
+    config = _alembic_config(settings)
+    head = ScriptDirectory.from_config(config).get_current_head()
+    dsn = migrated_database.replace("postgresql+asyncpg://", "postgresql://")
+
+    async def start() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "main.py", "migrate", cwd=ROOT, env=_base_env(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    async def building() -> bool:
+        return bool(await watcher.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'CREATE INDEX%' AND datname = current_database()"))
+
+    await asyncio.to_thread(command.downgrade, config, "0026")  # before 0027's index, built CONCURRENTLY
+    writer, watcher = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    processes = []
+    try:
+        in_flight = writer.transaction()  # a payment's transaction: the first build waits for it
+        await in_flight.start()
+        await writer.execute("UPDATE payments SET status = status WHERE false")
+        processes.append(await start())
+        for _ in range(300):
+            if await building():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the first migrate never started its index build")
+        processes.append(await start())
+        await asyncio.sleep(3)  # the second migrate reaches what the first is building
+        await in_flight.commit()
+        outputs = [await asyncio.wait_for(process.communicate(), 120) for process in processes]
+        said = [(process.returncode, [json.loads(line)["msg"].split(",")[0] for line in err.decode().splitlines()
+                                      if line.startswith("{")], err.decode().splitlines()[-1:] if err else [])
+                for process, (_out, err) in zip(processes, outputs, strict=True)]
+        steps = [f"Running upgrade {r.down_revision} -> {r.revision}" for r in reversed(list(
+            ScriptDirectory.from_config(config).iterate_revisions(head, "0026")))]
+        assert steps[0] == "Running upgrade 0026 -> 0027" and steps[-1].endswith(f"-> {head}"), steps
+        assert said[0] == (0, steps, said[0][2]), said
+        assert said[1][0] == 0 and not any(line.startswith("Running upgrade") for line in said[1][1]), said
+        assert await watcher.fetchval("SELECT version_num FROM alembic_version") == head
+        assert await watcher.fetchval("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                                      "WHERE c.relname = 'ix_payments_coop_type_due'") is True
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        await writer.close()
+        await watcher.close()
+        await asyncio.to_thread(migrate, settings)

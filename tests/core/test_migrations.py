@@ -154,3 +154,72 @@ def test_0004_downgrades_and_upgrades_again_on_sqlite(tmp_path):
     command.downgrade(_alembic_config(settings), "0003")
     migrate(settings)
     assert _diff(url) == []
+
+
+T0 = "2026-01-01 00:00:00.000000"
+# A cooperative with a member who paid, and a webhook endpoint with a delivery, as revision 0005 stores them: rows
+# that refer to members and webhook_endpoints, the two tables 0006 and 0007 copy on SQLite (batch migrations).
+ROWS_AT_0005 = [
+    "INSERT INTO cooperatives (id, name, short_code, country, currency, timezone, status, self_registration, "
+    f"created_at, updated_at) VALUES ('c1', 'Coop', 'C1', 'RW', 'RWF', 'Africa/Kigali', 'ACTIVE', 0, '{T0}', '{T0}')",
+    "INSERT INTO payment_types (id, cooperative_id, name, amount_minor, currency, allow_custom_amount, is_recurring, "
+    f"is_active, created_at, updated_at) VALUES ('t1', 'c1', 'Rent', 100, 'RWF', 0, 0, 1, '{T0}', '{T0}')",
+    "INSERT INTO members (id, cooperative_id, name, phone_enc, phone_index, phone_masked, language, status, "
+    f"reminders_opt_out, created_at, updated_at) VALUES ('m1', 'c1', 'Ann', 'e', 'i1', '+2507****01', 'en', 'ACTIVE', "
+    f"0, '{T0}', '{T0}')",
+    "INSERT INTO payments (id, cooperative_id, member_id, payment_type_id, reference, amount_minor, currency, "
+    "fee_minor, refunded_minor, status, method, provider, provider_reference, payment_account_enc, "
+    "payment_account_index, payment_account_masked, idempotency_key, request_hash, channel, mismatch, late, "
+    "expires_at, created_at, updated_at) VALUES ('p1', 'c1', 'm1', 't1', 'PAY_1', 100, 'RWF', 0, 0, 'COMPLETED', "
+    f"'MOBILE_MONEY_MTN', 'mtn_momo', 'pr1', 'e', 'i1', '+2507****01', 'k1', 'h', 'api', 0, 0, '{T0}', '{T0}', "
+    f"'{T0}')",
+    "INSERT INTO webhook_endpoints (id, cooperative_id, url, secret_enc, events, status, consecutive_failures, "
+    f"created_at, updated_at) VALUES ('w1', 'c1', 'https://erp.example/hook', 's', '[]', 'ACTIVE', 0, '{T0}', '{T0}')",
+    "INSERT INTO webhook_deliveries (id, cooperative_id, endpoint_id, event_id, event_type, payload, status, "
+    f"attempts, created_at, updated_at) VALUES ('d1', 'c1', 'w1', 'e1', 'payment.completed', '{{}}', 'DELIVERED', "
+    f"'[]', '{T0}', '{T0}')",
+]
+
+
+def _sqlite_rows(path: str) -> dict[str, object]:
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        return {"version": conn.execute("SELECT version_num FROM alembic_version").fetchone()[0],
+                **{table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                   for table in ("members", "payments", "webhook_endpoints", "webhook_deliveries")},
+                "leftovers": conn.execute("SELECT name FROM sqlite_master WHERE name LIKE '_alembic_tmp_%'").fetchall(),
+                "broken references": conn.execute("PRAGMA foreign_key_check").fetchall()}
+
+
+def test_sqlite_migrates_up_and_down_a_database_whose_rows_refer_to_the_copied_tables(tmp_path):
+    """The embedded default upgraded from a release before 0007 with its members' payments and its webhooks'
+    deliveries in it: 0006 and 0007 copy webhook_endpoints and members (batch migrations) and drop the
+    originals, which SQLite's foreign keys refused while rows referred to them ("FOREIGN KEY constraint failed",
+    every `migrate` and `run` after it too). The same for a downgrade past them, and for a database a failed
+    `migrate` left with the copy of members (`_alembic_tmp_members`) beside it."""
+    import sqlite3
+
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from main import _alembic_config, migrate
+
+    path = f"{tmp_path}/m.db"
+    settings = make_settings(DATABASE_URL=f"sqlite+aiosqlite:///{path}")
+    head = ScriptDirectory.from_config(_alembic_config(settings)).get_current_head()
+    command.upgrade(_alembic_config(settings), "0005")
+    with sqlite3.connect(path) as conn:
+        for statement in ROWS_AT_0005:
+            conn.execute(statement)
+        conn.execute("CREATE TABLE _alembic_tmp_members (id VARCHAR(36) NOT NULL)")  # a failed 0007's leftover
+    migrate(settings)
+    at_head = {"members": 1, "payments": 1, "webhook_endpoints": 1, "webhook_deliveries": 1, "leftovers": [],
+               "broken references": []}
+    assert _sqlite_rows(path) == {"version": head, **at_head}
+    assert _diff(settings.database_url) == []
+    command.downgrade(_alembic_config(settings), "0005")
+    assert _sqlite_rows(path) == {"version": "0005", **at_head}
+    migrate(settings)
+    assert _sqlite_rows(path) == {"version": head, **at_head}
+    assert _diff(settings.database_url) == []
