@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core.audit import Actor, record
 from core.db import iso_ms, iso_z, lock_row, parse_aware, serialise_on_sqlite, utcnow
 from core.errors import DISPUTE_ALREADY_OPEN, INVALID_STATE, BusinessRuleError, Conflict, NotFound, ValidationError
-from core.models import Dispute, OutboxJob, Payment
+from core.models import Dispute, Member, OutboxJob, Payment
 from core.money import Money
 from core.notify import changed_at, notice_jobs, sms_dedupe
 from core.outbox import enqueue_many
@@ -102,6 +102,11 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
     # Two opens at once: the payment's row lock makes the second wait, then see the first one's dispute.
     # (FOR NO KEY UPDATE: serialises with every other locker, not with inserts whose key points here.)
     await serialise_on_sqlite(session, Payment, payment.id)
+    if payment.member_id:
+        # Her row first (FOR KEY SHARE, which the dispute's insert takes for its member_id anyway): an erasure
+        # (core.members.erase_member) locks her, then her payments; taken after the payment, the two deadlocked.
+        await session.execute(select(Member.id).where(Member.id == payment.member_id)
+                              .with_for_update(read=True, key_share=True))
     await session.execute(select(Payment.id).where(Payment.id == payment.id).with_for_update(key_share=True))
     already = (await session.execute(
         select(Dispute).where(Dispute.payment_id == payment.id, Dispute.status.in_(OPEN_VALUES))

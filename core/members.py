@@ -711,9 +711,14 @@ class _Hers:
 async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
     """A Conflict if a payment of the member, or a refund of one, is still open: an open payment still moves money
     (the provider may yet take it, a job still sends), an open refund's job pays out to the payment's account,
-    which must be known. Her payments are locked first:
+    which must be known. Her payments' refunds are locked first, then her payments:
     a refund asked for meanwhile (core.refunds locks its payment) waits, and then finds the account erased."""
     of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at)
+    # Their refunds before them (_erase_payments writes both): a refund's outcome (its callback, an admin recording
+    # it) locks the refund, then its payment; taken the other way, a late word on a settled refund of hers (failed
+    # after all, sent back after all) and the erasure deadlocked, and one was rolled back.
+    await session.execute(select(Refund.id).join(Payment, Payment.id == Refund.payment_id).where(of_hers)
+                          .order_by(Refund.id).with_for_update(of=Refund))
     statuses = (await session.execute(select(Payment.status).where(of_hers)
                                       .order_by(Payment.id).with_for_update())).scalars().all()
     open_payments = sum(status in OPEN_PAYMENT_VALUES for status in statuses)

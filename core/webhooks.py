@@ -758,6 +758,11 @@ async def delete_endpoint(
         .values(status="FAILED", updated_at=utcnow())
     )
     dropped = int(result.rowcount)  # type: ignore[attr-defined]
+    # Read again under its lock, after the deliveries: an enable committed meanwhile (it locks the row) is seen and
+    # undone. Read once before, unlocked, a DELETE racing an enable of an endpoint switched off after failures
+    # changed nothing on it and answered DISABLED, and the enable left it ACTIVE, sent every event.
+    endpoint = await lock_row(session, WebhookEndpoint, endpoint.id)
+    before = endpoint.status
     if before == "ACTIVE":
         endpoint.status, endpoint.disabled_at = "DISABLED", utcnow()
         await session.flush()

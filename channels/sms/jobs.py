@@ -494,14 +494,21 @@ class SmsJobs:
             "created_at": now,
             "updated_at": now,
         }
-        row = await _first(conn, _insert(conn.dialect.name), values, tuple(values))
+        held = not sent and bool(payload.get("member_id")) and not payload.get("phone_enc")
+        if held:
+            # To her own number, read by the build: stored only while she still holds it (_insert_held).
+            row = await _first(conn, _insert_held(conn.dialect.name, tuple(values)), values)
+        else:
+            row = await _first(conn, _insert(conn.dialect.name), values, tuple(values))
         if row is not None:
             metrics.SMS.labels(status="QUEUED").inc()  # by the run whose insert stored it: once a message
             return row
-        # Another run inserted it first (ON CONFLICT DO NOTHING returns no row), and counted it.
+        # Another run inserted it first (ON CONFLICT DO NOTHING returns no row), and counted it; or her number is
+        # no longer hers (erased, released or corrected since the build read it): built again, from what is now.
         row = await _first(conn, _BY_KEY, {"k": key})
         if row is None:
-            raise RetryLater(1, "message row neither inserted nor found")
+            raise RetryLater(1, "the member's number changed as the message was built: built again" if held
+                             else "message row neither inserted nor found")
         return row
 
     async def _apply_parked(self, message_id: str, provider_message_id: str, moved: bool,
@@ -643,6 +650,23 @@ def _insert(dialect_name: str) -> Any:
     """INSERT ... ON CONFLICT (idempotency_key) DO NOTHING RETURNING the send's columns, built once."""
     return (insert_ignore(dialect_name, _SMS).on_conflict_do_nothing(index_elements=["idempotency_key"])
             .returning(*_COLUMNS))
+
+
+@functools.cache
+def _insert_held(dialect_name: str, columns: tuple[str, ...]) -> Any:
+    """_insert for a message to the number of the member it names, read by the build: INSERT ... SELECT, stored
+    only while she still holds that number (her row's blind index), her row locked FOR KEY SHARE (as a key pointing
+    at it would). An erasure or a release (core.members) that committed since the build is seen, and one under way
+    is waited for (it locks her row first) and then seen: the message is not stored, and the job builds it again
+    from what is now (PhoneReleased: not sent). Before, a message built just before her erasure was stored after
+    it cleared her texts, with her number and its text, and sent."""
+    given = {name: bindparam(name, type_=_SMS.c[name].type) for name in columns}
+    members = Member.__table__
+    held = (select(members.c.id)
+            .where(members.c.id == given["member_id"], members.c.phone_index == given["phone_index"])
+            .with_for_update(read=True, key_share=True))
+    return (insert_ignore(dialect_name, _SMS).from_select(list(columns), select(*given.values()).where(held.exists()))
+            .on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(*_COLUMNS))
 
 
 # What a stored message skipped at a retry says (GET /v1/members/{id}/messages shows it to the cooperative):

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from core import webhooks
 from core.models import ApprovedDomain, AuditEvent, WebhookEndpoint
 from core.webhooks import endpoint_secret
+from tests.conftest import requires_pg, waiting_for_locks
 
 
 async def test_domain_approval_then_endpoint(admin, superadmin, rt, demo):
@@ -214,3 +215,42 @@ async def test_deliveries_held_for_a_rejected_domain_say_so(admin, superadmin, r
         audit = (await s.execute(select(AuditEvent).where(AuditEvent.action == "webhook_domain.approved")
                                  .order_by(AuditEvent.id.desc()).limit(1))).scalar_one()
     assert audit.after["resumedDeliveries"] == 1
+
+
+
+@requires_pg
+async def test_an_endpoint_deleted_while_it_is_enabled_ends_deleted(admin, rt, demo):
+    """Two admins at once: one enables an endpoint the worker switched off after failures, the other deletes it.
+    Before, the DELETE read it switched off (the enable not yet committed), changed nothing on it and answered
+    DISABLED: the enable then left it ACTIVE, sent the events it held and every one after."""
+    from datetime import timedelta
+
+    from core.audit import Actor
+    from core.db import utcnow
+    from core.models import WebhookDelivery
+    from tests.core.test_webhooks import approved_endpoint
+
+    actor = Actor("admin:test", "admin")
+    coop = demo["cooperative_id"]
+    endpoint, _ = await approved_endpoint(rt, coop, "http://127.0.0.1:9/hook", events=["payment.completed"])
+    async with rt.sessionmaker.begin() as s:
+        await webhooks._disable(rt, s, endpoint.id, webhooks.DISABLE_AFTER, utcnow() - timedelta(days=1))
+    event = {"event_type": "payment.completed", "cooperative_id": coop, "event_id": "evt_held"}
+    assert await webhooks.fan_out(rt, event) == 1  # held while switched off
+
+    async def deleted() -> WebhookEndpoint:
+        async with rt.sessionmaker.begin() as s:
+            return await webhooks.delete_endpoint(s, endpoint_id=endpoint.id, cooperative_id=coop, actor=actor)
+
+    async with rt.sessionmaker.begin() as s:
+        await webhooks.enable_endpoint(s, endpoint_id=endpoint.id, cooperative_id=coop, actor=actor)
+        deletion = asyncio.create_task(deleted())
+        waiting = asyncio.create_task(waiting_for_locks(rt, 1))  # the DELETE waits for the enable, or is done
+        await asyncio.wait({deletion, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+    answer = await deletion
+    assert answer.status == "DISABLED"
+    async with rt.sessionmaker() as s:
+        assert (await s.get(WebhookEndpoint, endpoint.id)).status == "DISABLED"
+        assert [d.status for d in (await s.execute(select(WebhookDelivery))).scalars()] == ["FAILED"]
+    assert await webhooks.fan_out(rt, {**event, "event_id": "evt_after"}) == 0

@@ -1,0 +1,179 @@
+"""An erasure (POST /v1/members/{id}/erase) racing the desk's work on the member's payments, on PostgreSQL: the
+erasure locks the member, then her payments; what locks one of her payments and then writes a row naming her
+must not take them in the other order, or PostgreSQL ends the deadlock by rolling one back (503 to the admin)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+
+from core.audit import Actor
+from core.disputes import open_dispute
+from core.members import erase_member
+from core.models import Dispute, Member, Payment, Refund
+from tests.admin_api.conftest import Caller, idem
+from tests.channels.sms.helpers import make_payment
+from tests.conftest import requires_pg, waiting_for_locks
+
+NAME, PHONE = "Jeanne Mukeshimana", "+250788777111"
+ADMIN = Actor("admin:test", "admin")
+
+
+@requires_pg
+async def test_a_dispute_opened_on_her_payment_while_she_is_erased_never_deadlocks(
+        rt: Any, admin: Caller, demo: Any) -> None:
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)  # suspended: she may be erased
+
+    async def opened() -> Dispute:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            payment = await s.get(Payment, paid.id)
+            return await open_dispute(s, payment=payment, reason="OTHER", channel="api", actor=ADMIN,
+                                      cipher=rt.cipher, answer_days=90)
+
+    async def erased() -> Member:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await erase_member(s, await s.get(Member, jeanne["id"]), actor=ADMIN)
+
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()  # holds the payment while both line up for it: the dispute's opening first
+        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
+        dispute = asyncio.create_task(opened())
+        await waiting_for_locks(rt, 1)
+        erasure = asyncio.create_task(erased())
+        await waiting_for_locks(rt, 2)
+        await blocker.commit()
+        results = await asyncio.gather(dispute, erasure, return_exceptions=True)
+    finally:
+        await blocker.close()
+    assert not any(isinstance(r, BaseException) for r in results), results
+    async with rt.sessionmaker() as s:
+        member = await s.get(Member, jeanne["id"])
+        assert (member.name, member.phone_enc) == ("Erased member", None)
+        [stored] = (await s.execute(select(Dispute).where(Dispute.payment_id == paid.id))).scalars().all()
+        assert stored.status == "OPEN"
+
+
+@requires_pg
+async def test_a_refunds_late_word_while_she_is_erased_never_deadlocks_the_erasure(
+        rt: Any, admin: Caller, demo: Any) -> None:
+    """A refund of hers, settled, that its provider (or an admin from the statement) speaks of again: the provider
+    says a COMPLETED one failed (core.refunds._failed_after_completion), a FAILED one went through after all. Its
+    callback locks the refund, then the payment (handle_refund_event, record_refund_outcome); the erasure locked
+    the payment, then its refunds (to clear their notes), and one of the two was rolled back in a deadlock."""
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                              json={"amount": 10000, "reason": "paid twice", "idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:  # the provider sent it back
+        await s.execute(text("UPDATE refunds SET status = 'COMPLETED' WHERE id = :id"), {"id": refund["id"]})
+        await s.execute(text("UPDATE outbox_jobs SET status = 'DONE' WHERE dedupe_key = :k"),
+                        {"k": f"refund:{refund['id']}"})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def erased() -> Member:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await erase_member(s, await s.get(Member, jeanne["id"]), actor=ADMIN)
+
+    # The refund's callback, as it takes its locks: the refund (FOR UPDATE OF refunds), then its payment.
+    async with rt.engine.connect() as callback:
+        await callback.begin()
+        await callback.execute(text("SET LOCAL lock_timeout = '10s'"))
+        await callback.execute(select(Refund.id).where(Refund.id == refund["id"]).with_for_update())
+        erasure = asyncio.create_task(erased())
+        await waiting_for_locks(rt, 1)
+        await callback.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
+        await callback.rollback()
+    member = await erasure
+    assert (member.name, member.phone_enc) == ("Erased member", None)
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Refund, refund["id"])).reason is None  # its note went with her
+
+
+async def test_a_receipt_built_as_she_is_erased_is_neither_stored_with_her_number_nor_sent(
+        rt: Any, admin: Caller, demo: Any, aiohttp_server: Any, monkeypatch: Any) -> None:
+    """Her payment's late success came in (its receipt queued) as the desk erased her: the worker read her number
+    and the receipt's text before the erasure committed, and stored the message after it, past the erasure's
+    clearing of her texts. Her number and the text stayed on an SMS row of hers, and the receipt went out."""
+    from channels.sms.jobs import SmsJobs
+    from core.models import SmsMessage
+    from core.notify import send_sms
+    from core.outbox import OutboxWorker, RetryLater
+    from tests.channels.sms.helpers import start_simulator
+
+    _, sim = await start_simulator(aiohttp_server, rt)
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    async with rt.sessionmaker.begin() as s:
+        await send_sms(s, template="payment_receipt", cooperative_id=demo["cooperative_id"], cipher=rt.cipher,
+                       context={"payment_id": paid.id}, member_id=jeanne["id"], dedupe=f"late-receipt:{paid.id}")
+    [job] = await OutboxWorker(rt.sessionmaker, {}, lease_seconds=30).claim()
+    jobs = SmsJobs(rt)
+    built = jobs._build
+
+    async def erased_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        message = await built(*args, **kwargs)  # her number and the text, read before the erasure
+        await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+        return message
+
+    monkeypatch.setattr(jobs, "_build", erased_meanwhile)
+    with pytest.raises(RetryLater, match="number changed as the message was built"):
+        await jobs.send(job)  # not stored: built again at its next attempt
+    monkeypatch.setattr(jobs, "_build", built)
+    await jobs.send(job)  # her number is gone: not sent
+    assert sim.requests == []
+    async with rt.sessionmaker() as s:
+        rows = (await s.execute(select(SmsMessage).where(SmsMessage.member_id == jeanne["id"]))).scalars().all()
+    assert all((row.phone_enc, row.body) == ("", "") for row in rows), [(r.status, r.body) for r in rows]
+
+
+@requires_pg
+async def test_a_receipt_stored_while_her_erasure_is_under_way_waits_for_it(
+        rt: Any, admin: Caller, demo: Any, aiohttp_server: Any, monkeypatch: Any) -> None:
+    """The same, the message stored while the erasure is still under way (past the clearing of her texts, not yet
+    committed): the store waits for it, then finds her number gone."""
+    from channels.sms.jobs import SmsJobs
+    from core.models import SmsMessage
+    from core.notify import send_sms
+    from core.outbox import OutboxWorker, RetryLater
+    from tests.channels.sms.helpers import start_simulator
+
+    _, sim = await start_simulator(aiohttp_server, rt)
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    async with rt.sessionmaker.begin() as s:
+        await send_sms(s, template="payment_receipt", cooperative_id=demo["cooperative_id"], cipher=rt.cipher,
+                       context={"payment_id": paid.id}, member_id=jeanne["id"], dedupe=f"late-receipt:{paid.id}")
+    [job] = await OutboxWorker(rt.sessionmaker, {}, lease_seconds=30).claim()
+    jobs = SmsJobs(rt)
+    built, erasing = jobs._build, asyncio.Event()
+
+    async def erased_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        message = await built(*args, **kwargs)
+        await erasing.wait()
+        return message
+
+    monkeypatch.setattr(jobs, "_build", erased_meanwhile)
+    send = asyncio.create_task(jobs.send(job))
+    async with rt.sessionmaker.begin() as s:
+        await erase_member(s, await s.get(Member, jeanne["id"]), actor=ADMIN)  # her texts cleared, not committed
+        erasing.set()
+        await waiting_for_locks(rt, 1)  # the store waits for her row
+    with pytest.raises(RetryLater):
+        await send
+    monkeypatch.setattr(jobs, "_build", built)
+    await jobs.send(job)
+    assert sim.requests == []
+    async with rt.sessionmaker() as s:
+        rows = (await s.execute(select(SmsMessage).where(SmsMessage.member_id == jeanne["id"]))).scalars().all()
+    assert all((row.phone_enc, row.body) == ("", "") for row in rows)
