@@ -591,9 +591,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dial", help="terminal phone: drive USSD menus through the Africa's Talking endpoint")
     d.add_argument("code", help="USSD code, e.g. '*384*123#'")
     d.add_argument("phone", type=_phone, help="caller's phone number, e.g. +250788000001")
-    d.add_argument("--url", default="http://127.0.0.1:8080", help="base URL of a running gateway")
+    d.add_argument("--url", default=None, help="base URL of a running gateway (default http://127.0.0.1:$PORT, "
+                                               "as `run` serves it: 8080 when PORT is unset)")
     d.add_argument("--secret", default=None, help="callback secret, if the gateway requires one")
     return parser
+
+
+def _local_url() -> str:
+    """The gateway `run` (or `serve`) serves here by default: on PORT (scripts/run.sh's `PORT=8090`), else 8080.
+    A PORT that is no port is left to the dial's URL error."""
+    return f"http://127.0.0.1:{os.environ.get('PORT', '').strip() or 8080}"
 
 
 def _at_least(lowest: int) -> Callable[[str], int]:
@@ -663,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dial":
         from channels.ussd.dial import dial
 
-        return asyncio.run(dial(args.code, args.phone, args.url, args.secret))
+        return asyncio.run(dial(args.code, args.phone, args.url or _local_url(), args.secret))
     if args.command == "simulate":
         from core import logs
 

@@ -397,3 +397,10 @@ def test_the_readme_lists_every_command():
     table = readme.split("| command | what it does |", 1)[1].split("\n\n", 1)[0]
     listed = {match.group(1) for match in re.finditer(r"^\| `([a-z-]+)", table, re.MULTILINE)}
     assert listed == set(sub.choices), set(sub.choices) ^ listed
+
+
+def test_dial_calls_the_port_the_gateway_was_started_on():
+    # `PORT=8090 bash scripts/run.sh` serves on 8090; `dial` without --url called 8080 all the same.
+    result = _main("dial", "*384*123#", "+250788000001", PORT="1")
+    assert result.returncode == 1, result.stderr
+    assert "[network error calling http://127.0.0.1:1/ussd/africastalking" in result.stdout, result.stdout

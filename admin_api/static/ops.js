@@ -16,6 +16,8 @@
     COMPLETED: "#2f8a3a", PARTIALLY_REFUNDED: "#5aa36a", REFUNDED: "#7e57c2", PROCESSING: "#1f78c8",
     PENDING: "#e0a030", FAILED: "#c9372c", TIMEOUT: "#8a8f96", CANCELLED: "#4e5660", VOIDED: "#b07aa1",
   };
+  // Paid, the money taken: refunded since too (in part or in full), as core/ops.py's success rate per provider counts.
+  const PAID = ["COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED"];
   const METHOD_LABELS = { MOBILE_MONEY_MTN: "MTN MoMo", MOBILE_MONEY_AIRTEL: "Airtel Money", MPESA: "M-Pesa",
                           BANK_BK: "Bank of Kigali", BANK_IM: "I&M Bank", BANK_ECOBANK: "Ecobank" };
   const SMS_COLORS = { DELIVERED: "#2f8a3a", SENT: "#1f78c8", SENT_UNCONFIRMED: "#7aa7d6", QUEUED: "#e0a030",
@@ -384,7 +386,7 @@
     const methodTotals = Object.entries(byMethod).map(([m, s]) => [m, Object.values(s).reduce((a, b) => a + b, 0), s]);
     const methodMax = Math.max(1, ...methodTotals.map(([, t]) => t));
     fillBars("methods", methodTotals.sort((a, b) => b[1] - a[1]).map(([m, t, s]) =>
-      barRow(m, t, methodMax, t + " (" + (s.COMPLETED || 0) + " ok)", "#1f78c8", undefined,
+      barRow(m, t, methodMax, t + " (" + PAID.reduce((a, k) => a + (s[k] || 0), 0) + " ok)", "#1f78c8", undefined,
              (name) => METHOD_LABELS[name] || name)));
 
     fillBars("providers", providers.sort((a, b) => a[0].localeCompare(b[0])).map(([name, p]) =>

@@ -38,7 +38,7 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
             try:
                 resp = await http.post(url, data=form, params=params)
             except httpx.HTTPError as exc:
-                write(f"[network error: {type(exc).__name__}: {exc}]")
+                write(f"[network error calling {url}: {type(exc).__name__}: {exc}]")
                 return 1
             body = resp.text
             if resp.status_code != 200 or not body.startswith(("CON ", "END ")):

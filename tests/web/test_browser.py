@@ -398,3 +398,27 @@ def test_ops_page_renews_its_session_with_the_refresh_token(server: str, page: P
     assert renewals[-1] == 401
     assert page.evaluate(stored) == [None, None]
     assert page.evaluate("sessionStorage.getItem('ops.renewAt')") is None
+
+
+def test_ops_page_counts_refunded_payments_as_paid_by_method(server: str, page: Page) -> None:
+    """A payment refunded since (in part or in full) was paid: its method's bar counts it "ok", as the success
+    rate per provider counts it succeeded. The bar said "3 (1 ok)" for MTN MoMo beside "mtn_momo 66.7% of 3"."""
+    token = httpx.post(f"{server}/v1/auth/token", json={"username": "admin@kigali-heights.rw",
+                                                        "password": "demo-admin-password"}, timeout=10)
+    real = httpx.get(f"{server}/ops/data", headers={"Authorization": f"Bearer {token.json()['accessToken']}"},
+                     timeout=10).json()
+    minute = real["generatedAt"][:16]
+    rows = [("COMPLETED", 1), ("PARTIALLY_REFUNDED", 1), ("REFUNDED", 1), ("FAILED", 1)]
+    data = {**real, "paymentsPerMinute": [{"minute": minute, "status": status, "method": "MOBILE_MONEY_MTN",
+                                           "count": count} for status, count in rows],
+            "providers": {"mtn_momo": {"settled": 4, "succeeded": 3, "rate": 0.75,
+                                       "counts": {"COMPLETED": 1, "PARTIALLY_REFUNDED": 1, "REFUNDED": 1,
+                                                  "FAILED": 1}}}}
+    page.route("**/ops/data", lambda route: route.fulfill(status=200, json=data))
+    page.goto(f"{server}/ops")
+    page.fill("#username", "admin@kigali-heights.rw")
+    page.fill("#password", "demo-admin-password")
+    page.click("#login-submit")
+    expect(page.locator("#dashboard")).to_be_visible()
+    expect(page.locator('#providers .bar-row[data-name="mtn_momo"]')).to_contain_text("75.0% of 4", timeout=WAIT_MS)
+    expect(page.locator('#methods .bar-row[data-name="MOBILE_MONEY_MTN"] .num')).to_have_text("4 (3 ok)")
