@@ -115,7 +115,9 @@ async def suspend_cooperative(request: web.Request, ctx: Ctx) -> web.StreamRespo
 
 
 async def _update(ctx: Ctx, coop_id: str, changes: dict[str, Any]) -> web.StreamResponse:
-    coop = await one(ctx, Cooperative, coop_id, "cooperative")
+    # Held, read fresh (service.hold): what it was (`was_active`, the audit row's before) is what this change
+    # replaces, not what another change at once is replacing.
+    coop = await service.hold(ctx.session, (await one(ctx, Cooperative, coop_id, "cooperative")).id)
     was_active = coop.status == "ACTIVE"
     coop = await service.update_cooperative(ctx.session, coop, changes=changes, actor=ctx.who.actor)
     if was_active and coop.status != "ACTIVE":

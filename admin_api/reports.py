@@ -503,8 +503,9 @@ DUES_QUERY = {
                            "the amount owes nothing per period: 400), and the caller's cooperative's (another's: "
                            "404)", required=True),
     "period": Param("date", "The period, by its due date (YYYY-MM-DD, the cooperative's local day): one of the "
-                    "type's due dates (another day: 400 naming the due dates either side). Default: the period a "
-                    "payment made now pays (the USSD's and the BALANCE SMS's: the next due date once past the "
+                    "type's due dates from its first, the first on or after the day it was created (another "
+                    "day: 400 naming the due dates either side). Default: the period a payment made now pays "
+                    "(the USSD's and the BALANCE SMS's: the next due date once past the "
                     "midpoint before it, else the last one)"),
     "status": Param(enum=reports.DUES_STATUSES, description="Only the lines in this status (`status` of a line)"),
 }

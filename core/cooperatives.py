@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.config import USSD_AGGREGATORS
-from core.db import utcnow
+from core.db import serialise_on_sqlite, utcnow
 from core.errors import NAME_TAKEN, Conflict, NotFound, ValidationError
 from core.members import LANGUAGES
 from core.models import Cooperative
@@ -220,6 +220,21 @@ async def create_cooperative(session: AsyncSession, *, values: dict[str, Any], a
 
 async def get_cooperative(session: AsyncSession, cooperative_id: str) -> Cooperative:
     coop = await session.get(Cooperative, cooperative_id)
+    if coop is None:
+        raise NotFound("cooperative not found")
+    return coop
+
+
+async def hold(session: AsyncSession, cooperative_id: str) -> Cooperative:
+    """The cooperative read fresh, its row locked until the caller commits (FOR NO KEY UPDATE, as its UPDATE takes
+    anyway: inserts pointing at it are not held; on SQLite the database's write lock), before a change reads it.
+    Two changes at once take turns, the second seeing the first: unheld, a suspension that read it SUSPENDED while
+    a reactivation was written set nothing, ended no session and answered SUSPENDED, the cooperative left ACTIVE;
+    an audit row's `before` was what another change had just replaced. Taken first, as payment types' and webhook
+    endpoints' writes take it (then their own rows), and a suspension then its accounts (record_sessions_ended)."""
+    await serialise_on_sqlite(session, Cooperative, cooperative_id)
+    query = select(Cooperative).where(Cooperative.id == cooperative_id).with_for_update(key_share=True)
+    coop = (await session.execute(query.execution_options(populate_existing=True))).scalar_one_or_none()
     if coop is None:
         raise NotFound("cooperative not found")
     return coop

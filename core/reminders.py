@@ -189,6 +189,15 @@ def due_dates(ptype: PaymentType, today: date, zone: tzinfo = UTC) -> tuple[date
     return _on_day(prev_year, prev_month, ptype.due_day), due
 
 
+def first_due_date(ptype: Any, zone: tzinfo = UTC) -> date | None:
+    """A recurring type's first due date: the first of its schedule on or after the local day it was made (None for
+    a type that is not recurring). One earlier in the month it was made (rent due the 1st, made on the 5th) had passed
+    when it was made: no one was asked for it (the USSD's period then was the next, paid from that day: period_of),
+    reminded of it or can pay it by paying now, so it is none of the type's periods (the dues report refuses it)."""
+    window = due_dates(ptype, (ptype.created_at or utcnow()).astimezone(zone).date(), zone)
+    return None if window is None else window[1]
+
+
 def due_dates_around(ptype: Any, day: date, zone: tzinfo = UTC) -> tuple[date | None, date | None] | None:
     """(the last due date before `day`, the first on or after it) of a recurring type on its schedule (due_dates'
     months), also before the type was made (due_dates starts at its first); None for a type that is not recurring.

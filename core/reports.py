@@ -830,7 +830,8 @@ def dues_of(ptype: PaymentType, timezone: str | None, day: date | None, now: dat
     """The period of `ptype` ending on the due date `day` (None: the period a payment made `now` pays, as the USSD
     and the BALANCE SMS read it: reminders.current_period), read at `now` (`grace`: Dues.grace). ValidationError
     (field paymentTypeId) for a type that is not recurring or whose member chooses the amount, (field period) for a
-    day that is not one of its due dates (its due dates either side are named)."""
+    day that is not one of its due dates, or is one before its first (reminders.first_due_date; its due dates
+    either side are named, from the first)."""
     zone = zone_of(timezone)
     owed = reminders.amount_owed(ptype.allow_custom_amount, ptype.amount_minor)
     if reminders.due_dates(ptype, now.astimezone(zone).date(), zone) is None:
@@ -851,13 +852,14 @@ def dues_of(ptype: PaymentType, timezone: str | None, day: date | None, now: dat
         raise ValidationError(f"period must be a due date of {ptype.name!r} before the last of year 9999",
                               field="period") from None
     assert window is not None
-    if window[1] != day:
-        # Before the type's first period (due_dates' earliest window ends on its first due date), the due date
-        # before is none of its periods (refused too): that period's only.
-        first = reminders.due_dates(ptype, date.min, zone)
-        assert first is not None
-        around = " or ".join(d.isoformat() for d in window if d < day and d >= first[1]) or None
-        after = window[1].isoformat()
+    first = reminders.first_due_date(ptype, zone)
+    assert first is not None
+    if window[1] != day or day < first:
+        # Before the type's first period (reminders.first_due_date: a due date earlier in the month it was made had
+        # passed when it was made, nobody was asked for it and every member would read UNPAID), the due dates
+        # before it are none of its periods (refused too): that period's only.
+        around = " or ".join(d.isoformat() for d in window if first <= d < day) or None
+        after = max(window[1], first).isoformat()
         raise ValidationError(f"period must be a due date of {ptype.name!r}: {around + ' or ' if around else ''}"
                               f"{after}", field="period")
     assert following is not None and following[0] == day

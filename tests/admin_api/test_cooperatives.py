@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from sqlalchemy import func, select
+
+from core.audit import Actor
+from core.cooperatives import update_cooperative
+from core.models import AuditEvent, Cooperative
+from tests.conftest import requires_pg, waiting_for_locks
+
 NEW = {
     "name": "Musanze Farmers SACCO",
     "shortCode": "MFS",
@@ -52,3 +61,42 @@ async def test_admin_sees_only_own_cooperative(admin, coop_b, demo):
     await admin.json("GET", f"/v1/cooperatives/{coop_b['cooperative_id']}", 404)
     await admin.json("PATCH", f"/v1/cooperatives/{demo['cooperative_id']}", 403, json={"name": "Mine now"})
     await admin.json("DELETE", f"/v1/cooperatives/{demo['cooperative_id']}", 403)
+
+
+@requires_pg
+async def test_a_suspension_sent_while_it_is_made_active_again_suspends_it(rt, superadmin, demo):
+    """A super admin suspends a cooperative while another makes it active again (not yet committed). The DELETE
+    read it SUSPENDED, so it set nothing (the status was already that), ended no session and wrote an audit row
+    from SUSPENDED to SUSPENDED: it answered 200 SUSPENDED, and the cooperative stayed ACTIVE, its admins signed
+    in. Now it waits for the reactivation, reads the cooperative ACTIVE and suspends it as any suspension does."""
+    coop = demo["cooperative_id"]
+    await superadmin.json("DELETE", f"/v1/cooperatives/{coop}", 200)
+
+    async def ended() -> int:
+        async with rt.sessionmaker() as s:
+            return (await s.execute(select(func.count()).select_from(AuditEvent).where(
+                AuditEvent.action == "user.sessions_ended", AuditEvent.cooperative_id == coop))).scalar_one()
+
+    ended_before = await ended()
+    assert ended_before > 0
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()  # the reactivation, written and not yet committed
+        await update_cooperative(blocker, await blocker.get(Cooperative, coop), changes={"status": "ACTIVE"},
+                                 actor=Actor("user:other-super", "super_admin"))
+        suspension = asyncio.create_task(superadmin.req("DELETE", f"/v1/cooperatives/{coop}"))
+        await waiting_for_locks(rt, 1)
+        await blocker.commit()
+        answer = await suspension
+    finally:
+        await blocker.close()
+    assert answer.status == 200 and (await answer.json())["status"] == "SUSPENDED"
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Cooperative, coop)).status == "SUSPENDED"
+        last = (await s.execute(select(AuditEvent).where(AuditEvent.action == "cooperative.updated")
+                                .order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(1))).scalar_one()
+        assert (last.before["status"], last.after["status"]) == ("ACTIVE", "SUSPENDED")
+    assert await ended() == 2 * ended_before  # its accounts' sessions ended again
+    signin = await superadmin.client.post("/v1/auth/token", json=dict(zip(("username", "password"), demo["admin"],
+                                                                          strict=True)))
+    assert signin.status == 401

@@ -224,11 +224,12 @@ async def test_what_cannot_be_reported_is_refused(admin, tenant, rt, demo):
     refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period=2026-11-15", 400)
     assert refused["field"] == "period"
     assert refused["message"][0] == "period must be a due date of 'Monthly Rent': 2026-11-01 or 2026-12-01"
-    # Before the type's first period (made on 5 January 2026, due the 1st: January's is its first), the message
-    # names that period only: 1 December 2025, before it, is refused too.
-    for before in ("2025-12-20", "2025-12-01"):
+    # Before the type's first period (made on 5 January 2026, due the 1st: February's is its first, January's had
+    # fallen due before it was made), the message names that period only: 1 December 2025 and 1 January 2026,
+    # before it, are refused too.
+    for before in ("2025-12-20", "2025-12-01", "2026-01-01", "2026-01-20"):
         refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={before}", 400)
-        assert refused["message"][0] == "period must be a due date of 'Monthly Rent': 2026-01-01"
+        assert refused["message"][0] == "period must be a due date of 'Monthly Rent': 2026-02-01"
     refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period=2026-11-31", 400)
     assert "period must be a date (YYYY-MM-DD)" in refused["message"][0]
     # A period at the calendar's end (its next due date would be in year 10000): refused, not a 500.
@@ -565,3 +566,38 @@ async def test_a_prompt_left_on_a_lost_sim_is_not_awaiting_approval(admin, rt, d
     rows = {row["memberId"]: row for row in csv.DictReader(io.StringIO(await resp.text()))}
     assert (rows[m["+250788000001"]]["status"], rows[m["+250788000001"]]["amountAwaitingApproval"]) == ("UNPAID", "0")
     assert rows[m["+250788000002"]]["status"] == "AWAITING_APPROVAL"
+
+
+async def test_a_period_that_fell_due_before_the_type_was_made_is_refused(admin, rt, demo):
+    """A levy made on 5 November 2026 (Kigali), due the 1st, in a cooperative whose members are older: its periods
+    start with December's, the one paid from the day it was made (README: "A type's first period is paid from the
+    day it was created"). 1 November, the due date of its creation month, had passed when it was made: the USSD
+    never asked for it, no reminder went out, nothing made since pays it. The report took it, every member UNPAID
+    for a period the levy never had; it is refused naming the first period, as a day before it is. A type made on
+    its due day has that day's period: payments made that day pay it."""
+    await _registered(rt, demo["cooperative_id"])
+    levy = await admin.json("POST", "/v1/payment-types", 201, json={
+        "name": "Security levy", "amount": 5000, "isRecurring": True, "recurringInterval": "MONTHLY", "dueDay": 1})
+    on_due_day = await admin.json("POST", "/v1/payment-types", 201, json={
+        "name": "Garden levy", "amount": 5000, "isRecurring": True, "recurringInterval": "MONTHLY", "dueDay": 1})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(PaymentType).where(PaymentType.id == levy["id"]).values(
+            created_at=datetime(2026, 11, 5, 8, tzinfo=UTC)))
+        await s.execute(update(PaymentType).where(PaymentType.id == on_due_day["id"]).values(
+            created_at=datetime(2026, 10, 31, 22, 30, tzinfo=UTC)))  # 00:30 on 1 November in Kigali
+
+    for path in ("/v1/reports/dues", "/v1/reports/dues.csv"):
+        for before in ("2026-11-01", "2026-10-01", "2026-11-20"):
+            refused = await admin.json("GET", f"{path}?paymentTypeId={levy['id']}&period={before}", 400)
+            assert refused["field"] == "period", before
+            assert refused["message"][0] == "period must be a due date of 'Security levy': 2026-12-01", before
+    december = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={levy['id']}&period=2026-12-01&limit=100",
+                                200)
+    assert december["period"]["paidFrom"] == "2026-11-04T22:00:00Z"  # from the day it was made
+    assert len(december["data"]) == 5 and {line["status"] for line in december["data"]} == {"UNPAID"}
+
+    november = await admin.json(
+        "GET", f"/v1/reports/dues?paymentTypeId={on_due_day['id']}&period={NOVEMBER}&limit=100", 200)
+    assert november["period"]["dueDate"] == NOVEMBER and len(november["data"]) == 5
+    refused = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={on_due_day['id']}&period=2026-10-01", 400)
+    assert refused["message"][0] == "period must be a due date of 'Garden levy': 2026-11-01"
