@@ -64,6 +64,8 @@ def _alembic_config(settings: Settings):  # type: ignore[no-untyped-def]
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(ROOT / "migrations"))
     cfg.attributes["database_url"] = settings.database_url
+    cfg.attributes["lock_timeout_seconds"] = settings.migrate_lock_timeout_seconds
+    cfg.attributes["lock_retries"] = settings.migrate_lock_retries
     return cfg
 
 

@@ -116,6 +116,12 @@ class Settings:
     # at once itself when no worker has taken it (core.collect_now); 0: answered at once, the URL comes on GET.
     payment_url_wait_seconds: float = 5.0
     db_pool_size: int = 20
+    # `migrate` on PostgreSQL: seconds a migration's statement waits for a table lock (its lock_timeout) before it
+    # gives up, and how many times the migration is tried again after such a give-up (migrations/env.py). An ALTER
+    # TABLE waiting behind a long transaction (an export) queues every later read and write of the table behind
+    # it: the gateway stalls no longer than this each try. 0: waits without a limit.
+    migrate_lock_timeout_seconds: float = 5.0
+    migrate_lock_retries: int = 5
     # Seconds a request waits for a free pooled connection before it is answered 503 (core.db.POOL_TIMEOUT_SECONDS).
     db_pool_timeout_seconds: float = 5.0
     # Seconds the Redis client waits to connect and for each answer (app._connect_redis): past it the USSD hop is
@@ -896,6 +902,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sms_payer_answer_days=_int(env, "SMS_PAYER_ANSWER_DAYS", 90, minimum=0, maximum=36500),
         recorded_payment_max_age_days=_int(env, "RECORDED_PAYMENT_MAX_AGE_DAYS", 400, minimum=1, maximum=36500),
         db_pool_size=_int(env, "DB_POOL_SIZE", 20, minimum=1, maximum=1000),
+        migrate_lock_timeout_seconds=_float(env, "MIGRATE_LOCK_TIMEOUT_SECONDS", 5.0,
+                                            zero_means="waits for locks without a limit", maximum=60.0),
+        migrate_lock_retries=_int(env, "MIGRATE_LOCK_RETRIES", 5, minimum=0, maximum=100),
         # A bound, not a wait: past about 30 s the caller (an aggregator, a provider) has given up anyway.
         db_pool_timeout_seconds=_float(env, "DB_POOL_TIMEOUT_SECONDS", 5.0, maximum=30.0),
         redis_timeout_seconds=_float(env, "REDIS_TIMEOUT_SECONDS", 1.0, maximum=30.0),

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import context
+from alembic.runtime.migration import MigrationContext
+from alembic.util.exc import CommandError
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import core.models  # noqa: F401 - registers every table on Base.metadata
@@ -36,7 +41,7 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
-def _run(connection: Connection) -> None:
+def _run(connection: Connection, lock_timeout_ms: int = 0) -> None:
     sqlite = connection.dialect.name == "sqlite"
     if sqlite:
         _sqlite_before(connection)
@@ -46,6 +51,8 @@ def _run(connection: Connection) -> None:
         # and recorded, so the next `migrate` resumes from it.
         context.configure(connection=connection, target_metadata=target_metadata,
                           render_as_batch=sqlite, compare_type=True, transaction_per_migration=True)
+        if lock_timeout_ms:
+            _autocommit_blocks_wait(context.get_context(), lock_timeout_ms)
         with context.begin_transaction():
             context.run_migrations()
     finally:
@@ -78,13 +85,149 @@ async def run_migrations_online() -> None:
     engine = make_engine(_url(), command_timeout=None)  # a migration may wait on locks or build an index
     try:
         async with AsyncExitStack() as stack:
+            lock_timeout, retries = 0.0, 0
             if engine.dialect.name == "postgresql":
                 await stack.enter_async_context(_one_migrate_at_a_time(engine))
-            async with engine.connect() as conn:
-                await conn.run_sync(_run)
-                await conn.commit()
+                lock_timeout, retries = _lock_limits()
+            if not lock_timeout:
+                async with engine.connect() as conn:
+                    await conn.run_sync(_run)
+                    await conn.commit()
+            else:
+                await _run_in_short_lock_waits(engine, lock_timeout, retries)
     finally:
         await engine.dispose()
+
+
+def _lock_limits() -> tuple[float, int]:
+    """MIGRATE_LOCK_TIMEOUT_SECONDS and MIGRATE_LOCK_RETRIES (main passes them; `alembic` run by hand reads them)."""
+    if "lock_timeout_seconds" in config.attributes:
+        return float(config.attributes["lock_timeout_seconds"]), int(config.attributes.get("lock_retries", 0))
+    from core.config import load_settings
+
+    settings = load_settings()
+    return settings.migrate_lock_timeout_seconds, settings.migrate_lock_retries
+
+
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a statement that gave up at its lock_timeout
+BACKOFF_SECONDS, MAX_BACKOFF_SECONDS = 1.0, 30.0
+# What the migration's connection waits for (an ungranted lock) and who holds it or is queued before it.
+_LOCK_WAITS = sa.text("""
+SELECT coalesce(w.relation::regclass::text, w.locktype || ' lock') AS waited_for, w.mode, blocker.pid,
+       b.application_name, b.state, extract(epoch FROM now() - b.xact_start)::bigint AS age
+FROM pg_locks w
+CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS blocker(pid)
+LEFT JOIN pg_stat_activity b ON b.pid = blocker.pid
+WHERE w.pid = :pid AND NOT w.granted
+ORDER BY b.xact_start NULLS LAST, blocker.pid""")
+
+
+async def _run_in_short_lock_waits(engine: AsyncEngine, lock_timeout: float, retries: int) -> None:
+    """PostgreSQL: the migrations run with a lock_timeout. An ALTER TABLE waiting for its ACCESS EXCLUSIVE lock
+    behind a long transaction (a CSV export, an admin's session left open) queues every later read and write of
+    that table behind it: the gateway stalled for as long as that transaction lasted. A statement that waited
+    `lock_timeout` gives up; its migration is rolled back (the ones before it stay applied) and tried again after a
+    pause (1 s, doubling, at most 30 s), with a WARNING naming the lock and the transactions it waited for; after
+    `retries` such tries, `migrate` stops (a CommandError: exit 3) naming them. The autocommit blocks
+    (CREATE INDEX CONCURRENTLY, 0020's backfill) wait without a limit, as before: they hold up no reads or writes
+    while they wait for the transactions open when they started, and a build given up there would leave an
+    INVALID index. Runs under _one_migrate_at_a_time: the advisory lock is kept across the tries."""
+    timeout_ms = max(1, round(lock_timeout * 1000))
+    step = _RunningStep()
+    log.addFilter(step)
+    try:
+        for attempt in range(retries + 1):
+            waits: list[Any] = []
+            async with engine.connect() as conn:
+                pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+                await conn.execute(sa.text(f"SET lock_timeout = {timeout_ms}"))
+                await conn.commit()
+                watch = asyncio.create_task(_watch_lock_waits(engine, pid, lock_timeout, waits))
+                try:
+                    await conn.run_sync(_run, timeout_ms)
+                    await conn.commit()
+                    return
+                except DBAPIError as exc:
+                    if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                        raise
+                    failed = exc
+                finally:
+                    watch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch
+            what = f"migration {step.step or '(step unknown)'}"
+            lock = f"{waits[0].mode} on {waits[0].waited_for}" if waits else "its lock"
+            if attempt == retries:
+                # One line (main prints at most 300 characters of it): the oldest blocker; the WARNINGs name more.
+                raise CommandError(
+                    f"{what} never got {lock} ({attempt + 1} tries of {lock_timeout:g} s, "
+                    f"MIGRATE_LOCK_TIMEOUT_SECONDS): blocked by {_blockers(waits, 1)}; end it or wait, then run "
+                    "migrate again") from failed
+            pause = min(BACKOFF_SECONDS * 2 ** attempt, MAX_BACKOFF_SECONDS)
+            log.warning("%s waited %g s (MIGRATE_LOCK_TIMEOUT_SECONDS) for %s, blocked by %s (statement: %s): gave up "
+                        "so as not to hold up the gateway's queries queued behind it; trying again in %g s "
+                        "(try %d of %d)", what, lock_timeout, lock, _blockers(waits, 3),
+                        " ".join(str(failed.statement or "").split())[:200], pause, attempt + 2, retries + 1)
+            await asyncio.sleep(pause)
+    finally:
+        log.removeFilter(step)
+
+
+def _blockers(waits: list[Any], most: int) -> str:
+    """The transactions the migration waited for, the oldest first, at most `most` of them by name."""
+    if not waits:
+        return "a transaction not seen in time (look in pg_stat_activity for an old xact_start)"
+    named = [
+        f"pid {row.pid} (application_name {row.application_name!r}, state {row.state!r}, transaction open "
+        f"{row.age} s)" if row.state is not None else f"pid {row.pid} (a prepared transaction: pg_prepared_xacts)"
+        for row in waits[:most]]
+    more = f" and {len(waits) - most} more" if len(waits) > most else ""
+    return ", ".join(named) + more
+
+
+async def _watch_lock_waits(engine: AsyncEngine, pid: int, lock_timeout: float, waits: list[Any]) -> None:
+    """Keeps in `waits` what the migration's connection `pid` last waited for and who held it: once its statement
+    gave up, its backend waits for nothing any more. Short queries on a connection of its own, committed at once
+    (no snapshot held for a CREATE INDEX CONCURRENTLY to wait for)."""
+    every = min(max(lock_timeout / 4, 0.05), 1.0)
+    try:
+        async with engine.connect() as watcher:
+            while True:
+                await asyncio.sleep(every)
+                rows = (await watcher.execute(_LOCK_WAITS, {"pid": pid})).all()
+                await watcher.commit()
+                if rows:
+                    waits[:] = rows
+    except (DBAPIError, OSError) as exc:  # only the messages lose their detail: the migration goes on
+        log.warning("cannot watch the migration's lock waits: %s", exc.__class__.__name__)
+
+
+class _RunningStep(logging.Filter):
+    """The migration step running, from alembic's "Running upgrade 0023 -> 0024, ..." line (logged at INFO)."""
+
+    step = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Running "):
+            self.step = message.removeprefix("Running ").split(",")[0]
+        return True
+
+
+def _autocommit_blocks_wait(migration: MigrationContext, lock_timeout_ms: int) -> None:
+    """The migration's autocommit blocks run without the lock_timeout (see _run_in_short_lock_waits): CREATE INDEX
+    CONCURRENTLY waits, by design, for the transactions open when it starts."""
+    block = migration.autocommit_block
+
+    @contextmanager
+    def waiting_block() -> Iterator[None]:
+        with block():
+            assert migration.connection is not None
+            migration.connection.exec_driver_sql("SET lock_timeout = 0")
+            yield
+            migration.connection.exec_driver_sql(f"SET lock_timeout = {lock_timeout_ms}")
+
+    setattr(migration, "autocommit_block", waiting_block)  # noqa: B010 - an instance's method, for this run only
 
 
 # Session-level advisory lock that `migrate` (and `alembic upgrade`/`downgrade`) holds on PostgreSQL while it runs.

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import _base_env, make_settings, requires_pg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,3 +134,187 @@ async def test_two_migrates_at_once_apply_each_revision_once_and_both_succeed(mi
         await writer.close()
         await watcher.close()
         await asyncio.to_thread(migrate, settings)
+
+
+def _dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def _start_migrate(**env: str):  # type: ignore[no-untyped-def]
+    import asyncio
+
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "main.py", "migrate", cwd=ROOT, env={**_base_env(), **env}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+async def _an_export_holding_payments(dsn: str):  # type: ignore[no-untyped-def]
+    """A CSV export streaming in one transaction: it holds its lock on payments until it ends."""
+    import asyncpg
+
+    export = await asyncpg.connect(dsn, server_settings={"application_name": "csv-export"})
+    in_flight = export.transaction()
+    await in_flight.start()
+    await export.fetchval("SELECT count(*) FROM payments")
+    return export, in_flight
+
+
+@requires_pg
+async def test_migrate_behind_a_long_transaction_retries_short_lock_waits_and_then_succeeds(migrated_database):
+    """An ALTER TABLE waiting for its ACCESS EXCLUSIVE lock behind an export queues every later read and write of
+    the table behind it: the whole gateway stalled for as long as the export ran. With MIGRATE_LOCK_TIMEOUT_SECONDS
+    it gives up the wait after that long, logs a WARNING naming the table and the transaction it waited for, and
+    tries again (payments are served in between); once the export ends, the migration goes through."""
+    import asyncio
+    import time
+
+    import asyncpg
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from main import _alembic_config, migrate
+
+    settings = make_settings()
+    config = _alembic_config(settings)
+    head = ScriptDirectory.from_config(config).get_current_head()
+    dsn = _dsn(migrated_database)
+    await asyncio.to_thread(command.downgrade, config, "0023")  # before 0024's ALTER TABLE payments
+    export, in_flight = await _an_export_holding_payments(dsn)
+    payer = await asyncpg.connect(dsn)
+    process = None
+    try:
+        export_pid = await export.fetchval("SELECT pg_backend_pid()")
+        process = await _start_migrate(MIGRATE_LOCK_TIMEOUT_SECONDS="0.5", MIGRATE_LOCK_RETRIES="20")
+        assert process.stderr is not None
+        warnings: list[str] = []
+        while len(warnings) < 2:
+            line = await asyncio.wait_for(process.stderr.readline(), 30)
+            assert line, "migrate ended before it retried"
+            record = json.loads(line)
+            if record["level"] == "WARNING":
+                warnings.append(record["msg"])
+        for warning in warnings:
+            assert "payments" in warning and f"pid {export_pid}" in warning, warning
+            assert "csv-export" in warning and "idle in transaction" in warning, warning
+        # Meanwhile a payment is written: it waits at most the migration's lock timeout, not the export's length.
+        started = time.monotonic()
+        await payer.execute("UPDATE payments SET status = status WHERE false", timeout=10)
+        assert time.monotonic() - started < 3
+        await in_flight.commit()
+        _out, err = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 0, err.decode()
+        assert await payer.fetchval("SELECT version_num FROM alembic_version") == head
+        assert await payer.fetchval("SELECT count(*) FROM information_schema.columns "
+                                    "WHERE table_name = 'payments' AND column_name = 'reviewed_at'") == 1
+    finally:
+        if process is not None and process.returncode is None:
+            process.kill()
+            await process.wait()
+        if not export.is_closed():
+            await export.close()
+        await payer.close()
+        await asyncio.to_thread(migrate, settings)
+
+
+@requires_pg
+async def test_migrate_behind_a_transaction_that_never_ends_fails_naming_it(migrated_database):
+    import asyncio
+
+    import asyncpg
+    from alembic import command
+
+    from main import _alembic_config, migrate
+
+    settings = make_settings()
+    dsn = _dsn(migrated_database)
+    await asyncio.to_thread(command.downgrade, _alembic_config(settings), "0023")
+    export, _in_flight = await _an_export_holding_payments(dsn)
+    watcher = await asyncpg.connect(dsn)
+    try:
+        export_pid = await export.fetchval("SELECT pg_backend_pid()")
+        process = await _start_migrate(MIGRATE_LOCK_TIMEOUT_SECONDS="0.2", MIGRATE_LOCK_RETRIES="2")
+        _out, err = await asyncio.wait_for(process.communicate(), 60)
+        lines = err.decode().splitlines()
+        assert process.returncode == 3, lines
+        warnings = [json.loads(line)["msg"] for line in lines if line.startswith("{")
+                    and json.loads(line)["level"] == "WARNING"]
+        assert len(warnings) == 2, lines  # the two retries
+        last = lines[-1]
+        assert last.startswith("refusing to migrate: "), last
+        for words in ("0024", "payments", f"pid {export_pid}", "csv-export", "idle in transaction",
+                      "MIGRATE_LOCK_TIMEOUT_SECONDS"):
+            assert words in last, (words, last)
+        assert await watcher.fetchval("SELECT version_num FROM alembic_version") == "0023"
+        assert await watcher.fetchval("SELECT count(*) FROM information_schema.columns "
+                                      "WHERE table_name = 'payments' AND column_name = 'reviewed_at'") == 0
+    finally:
+        await export.close()
+        await watcher.close()
+        await asyncio.to_thread(migrate, settings)
+
+
+@requires_pg
+async def test_migrate_with_a_lock_timeout_still_lets_a_concurrent_index_build_wait(migrated_database):
+    """CREATE INDEX CONCURRENTLY waits for the transactions open when it starts, by design and without holding up
+    writes: the lock timeout is for the migrations' transactions, not for their autocommit blocks."""
+    import asyncio
+
+    import asyncpg
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from main import _alembic_config, migrate
+
+    settings = make_settings()
+    config = _alembic_config(settings)
+    head = ScriptDirectory.from_config(config).get_current_head()
+    dsn = _dsn(migrated_database)
+    await asyncio.to_thread(command.downgrade, config, "0026")  # before 0027's index, built CONCURRENTLY
+    writer, watcher = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    process = None
+    try:
+        in_flight = writer.transaction()
+        await in_flight.start()
+        await writer.execute("UPDATE payments SET status = status WHERE false")
+        process = await _start_migrate(MIGRATE_LOCK_TIMEOUT_SECONDS="0.2", MIGRATE_LOCK_RETRIES="0")
+        for _ in range(300):
+            if await watcher.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'CREATE INDEX%' "
+                                      "AND wait_event_type = 'Lock' AND datname = current_database()"):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the index build never waited")
+        await asyncio.sleep(1.5)  # far past the lock timeout
+        assert process.returncode is None
+        await in_flight.commit()
+        _out, err = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 0, err.decode()
+        assert "WARNING" not in err.decode()
+        assert await watcher.fetchval("SELECT version_num FROM alembic_version") == head
+        assert await watcher.fetchval("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                                      "WHERE c.relname = 'ix_payments_coop_type_due'") is True
+    finally:
+        if process is not None and process.returncode is None:
+            process.kill()
+            await process.wait()
+        await writer.close()
+        await watcher.close()
+        await asyncio.to_thread(migrate, settings)
+
+
+@pytest.mark.parametrize(("name", "raw", "said"), [
+    ("MIGRATE_LOCK_TIMEOUT_SECONDS", "61", "must be at most 60"),
+    ("MIGRATE_LOCK_TIMEOUT_SECONDS", "nan", "must be a finite number"),
+    ("MIGRATE_LOCK_TIMEOUT_SECONDS", "-1", "must not be negative"),
+    ("MIGRATE_LOCK_RETRIES", "101", "must be at most 100"),
+    ("MIGRATE_LOCK_RETRIES", "-1", "must be at least 0"),
+])
+def test_migrate_lock_settings_out_of_range_are_refused(name: str, raw: str, said: str) -> None:
+    from core.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as refused:
+        load_settings({name: raw})
+    assert name in str(refused.value) and said in str(refused.value)
+    unlimited = load_settings({"MIGRATE_LOCK_TIMEOUT_SECONDS": "0", "MIGRATE_LOCK_RETRIES": "0"})
+    assert (unlimited.migrate_lock_timeout_seconds, unlimited.migrate_lock_retries) == (0.0, 0)
+    assert (load_settings({}).migrate_lock_timeout_seconds, load_settings({}).migrate_lock_retries) == (5.0, 5)
