@@ -456,13 +456,19 @@ async def inbound(request: web.Request) -> web.Response:
             # The number's, for the memberships it does not have yet (core.members), and each one it has; unless she
             # sent a later STOP or START, taken already (two texts taken at once, or out of order): then this one
             # changes nothing (`stale`). The number's row stays locked to the commit: her other word waits for this.
+            # Her memberships are locked before it (in id order), as a release or an erasure locks her membership
+            # before it forgets the number's row: taken the other way, the two deadlocked.
+            held = [] if retried else (await session.execute(
+                select(Member.id).where(Member.phone_index == index).order_by(Member.id)
+                .with_for_update(key_share=True))).scalars().all()
             stale = not retried and not await set_number_opt_out(session, index, opt_out, _said_at(date))
-            if members and not (retried or stale):
+            if held and not (retried or stale):
                 # The flags as they are now, not as read above: a STOP of hers committed while this waited for the
-                # number's row has set them since.
+                # number's row has set them since (and of the memberships holding the number now: one released
+                # meanwhile is no longer hers).
                 changed = (await session.execute(
                     update(Member)
-                    .where(Member.id.in_([member.id for member in members]), Member.reminders_opt_out != opt_out)
+                    .where(Member.id.in_(held), Member.reminders_opt_out != opt_out)
                     .values(reminders_opt_out=opt_out, updated_at=utcnow())
                     .returning(Member.id, Member.cooperative_id)
                     .execution_options(synchronize_session=False)

@@ -37,7 +37,8 @@ MESSAGES = {
     "dispute_updated": "Réclamation {ref} sur le paiement {payment_ref}: {status}.",
     "dispute_resolved": "Réclamation {ref} sur le paiement {payment_ref} close: {status}. Merci.",
     "refund_status": "Remboursement {ref} de {amount} pour le paiement {payment_ref} ({coop}): {status}.",
-    "dispute_status": "Réclamation {ref} sur le paiement {payment_ref} de {amount} ({coop}): {status}.",
+    # The amount in brackets, as rw and sw: "de {amount}" read "de un montant" for AMOUNT_IN_REVIEW.
+    "dispute_status": "Réclamation {ref} sur le paiement {payment_ref} ({amount}, {coop}): {status}.",
     "payment_reminder": (
         "Rappel: {type} ({amount}) pour {coop}, échéance le {due}. Composez {dial} pour payer."
     ),

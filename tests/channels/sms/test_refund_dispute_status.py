@@ -67,7 +67,7 @@ async def test_status_of_her_own_refund_tells_its_status_in_her_language(
 @pytest.mark.parametrize(("phone", "keyword", "expected"), [
     (JEAN, "STATUS", "Dispute {ref} about payment {pay} of 50,000 RWF (Kigali Heights Housing Cooperative): "
                      "under review."),
-    (CLAUDINE, "ETAT", "Réclamation {ref} sur le paiement {pay} de 50 000 RWF (Kigali Heights Housing "
+    (CLAUDINE, "ETAT", "Réclamation {ref} sur le paiement {pay} (50 000 RWF, Kigali Heights Housing "
                        "Cooperative): en cours d'examen."),
     (ALINE, "IMIMERERE", "Ikirego {ref} ku kwishyura {pay} (50,000 RWF, Kigali Heights Housing Cooperative): "
                          "kiri gusuzumwa."),

@@ -123,3 +123,42 @@ async def test_a_word_dated_ahead_of_our_clock_does_not_silence_the_ones_after_i
     assert await _state(rt, demo) == (True, True)
     await _text(sms_client, "START", "at-2", (now + timedelta(seconds=1)).strftime("%Y-%m-%d %H:%M:%S"))
     assert await _state(rt, demo) == (False, False)
+
+
+@requires_pg
+async def test_a_stop_while_her_number_is_released_never_deadlocks(
+    rt: Any, demo: dict[str, Any], sms_client: Any
+) -> None:
+    """Her number released (POST /v1/members/{id}/release-phone, or an erasure) as her STOP comes in: the release
+    locks her membership, then forgets the number's STOP and its latest word (phone_opt_out_words); the STOP must not
+    take the word's row first and then wait for her membership, or PostgreSQL rolls one of them back (a 500 to the
+    aggregator, or to the admin)."""
+    from core.audit import Actor
+    from core.members import release_phone
+
+    member_id = demo["members"][ALINE]
+    await _text(sms_client, "START", "at-0", "2026-01-15 09:00:00")  # the number's latest word: its row exists
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(text("UPDATE members SET status = 'SUSPENDED' WHERE id = :id"), {"id": member_id})
+
+    async def released() -> Member:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await release_phone(s, await s.get(Member, member_id), actor=Actor("admin:test", "admin"))
+
+    holder = rt.sessionmaker()
+    try:
+        await holder.begin()  # holds her membership while both line up for it: the release first
+        await holder.execute(select(Member.id).where(Member.id == member_id).with_for_update())
+        release = asyncio.create_task(released())
+        await waiting_for_locks(rt, 1)
+        stop = asyncio.create_task(_text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00"))
+        await waiting_for_locks(rt, 2)
+        await holder.rollback()
+    finally:
+        await holder.close()
+    results = await asyncio.gather(release, stop, return_exceptions=True)
+    assert not any(isinstance(r, BaseException) for r in results), results
+    async with rt.sessionmaker() as s:
+        member = await s.get(Member, member_id)
+    assert (member.phone_enc, member.phone_index) == (None, None)

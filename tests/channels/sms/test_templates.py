@@ -610,3 +610,11 @@ def test_a_receipt_without_a_transaction_id_shows_no_empty_brackets(template: st
         assert "Txn: -." in body
     else:
         assert body == with_txn.replace(" (8419567321)", ""), (body, with_txn)
+
+
+def test_a_dispute_status_of_money_under_review_reads_as_french_writes_it() -> None:
+    """dispute_status states the payment's amount as its messages do, AMOUNT_IN_REVIEW too (money taken that counts
+    as nothing): French elides "de" before "un montant" ("de un montant" is a mistake any reader sees)."""
+    body = render("dispute_status", "fr", {**worst_case("dispute_status", "fr"),
+                                           "amount": CATALOGS["fr"].AMOUNT_IN_REVIEW})
+    assert "de un " not in body, body
