@@ -164,6 +164,8 @@ async def ready_to_send(provider: object, operation: str, deadline: float) -> No
 
 # Why a payment whose member was suspended before its request left ends CANCELLED (nothing sent, nothing taken).
 MEMBER_NOT_ACTIVE = "membership not active: not sent to the provider, nothing was taken"
+# Why a payment whose cooperative was suspended before its request left ends CANCELLED: it takes no payments then.
+COOPERATIVE_NOT_ACTIVE = "cooperative not active: not sent to the provider, nothing was taken"
 
 # Why a payment whose provider refused the gateway's own credentials (core.ports.CredentialsRefused: a rotated key)
 # ended FAILED at once: its payer is waiting on her phone, and is told the service could not be reached (its words sort
@@ -242,21 +244,22 @@ async def refund_note(session: AsyncSession, payment: Payment) -> str:
     return " ".join(("Refund", payment.reference, name or ""))
 
 
-async def collect_description(session: AsyncSession, payment: Payment) -> tuple[str, str | None]:
+async def collect_description(session: AsyncSession, payment: Payment) -> tuple[str, str | None, str | None]:
     """What a collection request tells the payer it is for (CollectionRequest.description; her PIN prompt, MTN's
     payerMessage): the description the cooperative's system gave, else the payment type, the payment's reference and
-    the cooperative's name ("Monthly Rent PAY_20261203_001 Kigali Heights"), never an internal id; and the
-    cooperative's language (None: its row is gone). One query."""
+    the cooperative's name ("Monthly Rent PAY_20261203_001 Kigali Heights"), never an internal id; the
+    cooperative's language and its status (None: its row is gone). One query."""
     names = (await session.execute(
-        select(PaymentType.name, Cooperative.name, Cooperative.language)
+        select(PaymentType.name, Cooperative.name, Cooperative.language, Cooperative.status)
         .select_from(Cooperative)
         .outerjoin(PaymentType, PaymentType.id == payment.payment_type_id)
         .where(Cooperative.id == payment.cooperative_id))).first()
-    if payment.description:
-        return payment.description, names.language if names else None
     if names is None:
-        return payment.reference, None
-    return " ".join(part for part in (names[0], payment.reference, names[1]) if part), names.language
+        return payment.description or payment.reference, None, None
+    if payment.description:
+        return payment.description, names.language, names.status
+    return (" ".join(part for part in (names[0], payment.reference, names[1]) if part), names.language,
+            names.status)
 
 
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
@@ -275,7 +278,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             if payment is None or payment.status != PaymentStatus.PENDING.value:
                 return  # already moved on: running twice is harmless
             member = await session.get(Member, payment.member_id) if payment.member_id else None
-            description, coop_language = await collect_description(session, payment)
+            description, coop_language, coop_status = await collect_description(session, payment)
             # A payer who is none of its members (an API payment for her number or account): the cooperative's
             # language (IremboPay's invoice page is in it).
             language = member.language if member is not None else coop_language
@@ -309,22 +312,25 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             log.warning("collection not sent: its provider is not in PROVIDERS",
                         extra={"payment": payment.reference, "payment_id": payment.id, "provider": payment.provider})
             return
-        if member is not None and member.status != "ACTIVE":
-            # Suspended (or set back to pending) after the payment was made, perhaps while its USSD hop ran:
-            # a member who left is never prompted to pay.
+        # Suspended (or set back to pending) after the payment was made, perhaps while its USSD hop ran: a member who
+        # left is never prompted to pay; nor is anyone for a cooperative suspended since (it takes no payments).
+        inactive = ("the cooperative" if coop_status is not None and coop_status != "ACTIVE"
+                    else "the member" if member is not None and member.status != "ACTIVE" else None)
+        if inactive is not None:
             if job.attempts > 1:
                 # An earlier attempt may have reached the provider (one answered 5xx may still be stored there):
                 # nothing more is sent, and the status poll settles what the provider has.
-                log.warning("collection not sent again: the member is no longer active",
+                log.warning(f"collection not sent again: {inactive} is no longer active",
                             extra={"payment": payment.reference, "payment_id": payment.id})
                 return
             # This job's first attempt, after the cut-off case above: nothing was ever sent, nothing taken.
             async with rt.sessionmaker.begin() as session:
                 fresh = await session.get(Payment, payment.id, with_for_update=True)
                 if fresh is not None and fresh.status == PaymentStatus.PENDING.value:
-                    await apply_collection_outcome(session, rt, fresh, ProviderOutcome.CANCELLED, actor=WORKER,
-                                                   reason=MEMBER_NOT_ACTIVE)
-            log.warning("collection not sent: the member is no longer active",
+                    await apply_collection_outcome(
+                        session, rt, fresh, ProviderOutcome.CANCELLED, actor=WORKER,
+                        reason=COOPERATIVE_NOT_ACTIVE if inactive == "the cooperative" else MEMBER_NOT_ACTIVE)
+            log.warning(f"collection not sent: {inactive} is no longer active",
                         extra={"payment": payment.reference, "payment_id": payment.id})
             return
         provider = rt.providers[payment.provider]

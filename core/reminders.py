@@ -466,8 +466,16 @@ def _reminded(due: _Due, now: datetime) -> Any:
     being sent, or due to run (pending) before its day's cut-off (`send_before`, real time, as ISO text in UTC:
     compared as text, it orders as the instants do). One dropped at its turn, parked (an aggregator outage) or still
     pending past its cut-off (dropped when it runs) is not: this scan queues a new one. A few index probes per
-    member (unique keys; the sent one by the key's prefix), whatever the tables' size."""
+    member (unique keys; the sent one by the key's prefix), whatever the tables' size.
+    One being sent (RUNNING: its worker may have been lost mid-send, the lease not lapsed yet) is found whatever scan
+    day its key names, as one sent is: of a day before REMINDER_DAYS_BEFORE was lowered, no longer among the days
+    before (a job pending of such a day is past its day's cut-off). Read once per statement (an uncorrelated
+    subquery, hashed), from the few running jobs (ix_outbox_due), not per member."""
     member = _MEMBER.c.id
+    job_member = _OUTBOX.c.payload["member_id"].as_string()
+    being_sent = select(job_member).where(
+        _OUTBOX.c.status == "RUNNING",
+        _KeyOf(_OUTBOX.c.dedupe_key, literal("sms:") + _key_of(job_member, due.type_id, due.due, None)))
     earlier = [_key_of(member, due.type_id, due.due, day) for day in due.earlier()]
     send_before = _OUTBOX.c.payload["send_before"].as_string()
     # A CASE, not a condition on status the planner could look up by ix_outbox_due: with the statistics behind
@@ -478,7 +486,8 @@ def _reminded(due: _Due, now: datetime) -> Any:
     return or_(exists().where(_OUTBOX.c.dedupe_key == literal("sms:") + _key_of(member, due.type_id, due.due,
                                                                                due.day)),
                _sent(_key_of(member, due.type_id, due.due, None)),
-               exists().where(_OUTBOX.c.dedupe_key.in_([literal("sms:") + key for key in earlier]), waiting))
+               exists().where(_OUTBOX.c.dedupe_key.in_([literal("sms:") + key for key in earlier]), waiting),
+               member.in_(being_sent.scalar_subquery()))
 
 
 def _to_remind(plan: _Plan, due: _Due, now: datetime) -> Any:

@@ -433,6 +433,26 @@ async def test_a_member_suspended_after_the_payment_was_made_is_not_prompted(rt,
     assert [j.status for j in await _jobs(rt, "payment.collect")] == ["DONE"]
 
 
+async def test_a_payment_whose_cooperative_was_suspended_after_it_was_made_is_not_collected(rt, demo, worker):
+    """The cooperative was suspended (PATCH /v1/cooperatives/{id}) between the payment's making and its collect job:
+    it takes no payments (README), so no PIN prompt is sent; the payment ends CANCELLED saying nothing was taken."""
+    from core import jobs
+    from core.cooperatives import get_cooperative, update_cooperative
+
+    wire = mtn_wire().on("POST", "/collection/v1_0/requesttopay", 202)
+    mtn_adapter(rt, wire)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    async with rt.sessionmaker.begin() as s:
+        await update_cooperative(s, await get_cooperative(s, payment.cooperative_id), actor=ADMIN,
+                                 changes={"status": "SUSPENDED"})
+    await drain(worker)
+    assert wire.sent("POST", "/collection/v1_0/requesttopay") == []
+    stored = await _get(rt, Payment, payment.id)
+    assert (stored.status, stored.failure_reason) == ("CANCELLED", jobs.COOPERATIVE_NOT_ACTIVE)
+    assert [j.status for j in await _jobs(rt, "payment.collect")] == ["DONE"]
+
+
 async def test_a_member_suspended_after_a_push_that_may_have_arrived_is_left_to_the_poll(rt, demo, worker,
                                                                                          monkeypatch):
     """The collect's first push was cut off mid-call (the PIN prompt may be on her phone), or answered 5xx (MTN

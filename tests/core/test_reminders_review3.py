@@ -443,3 +443,21 @@ async def test_at_its_turn_a_reminder_finds_one_sent_before_its_first_day(
                "send_before": (utcnow() + DAY).isoformat()}
     async with rt.engine.connect() as conn:
         assert await why_not_send(conn, payload) == "reminded"
+
+
+async def test_a_reminder_being_sent_since_before_the_days_before_were_lowered_is_not_queued_again(
+        rt: Any, demo: dict[str, Any]) -> None:
+    """Queued on 24 November (7 days before 1 December) and still being sent (RUNNING: its worker lost mid-send,
+    the lease not lapsed yet) when REMINDER_DAYS_BEFORE is lowered to 3: the scan of the 28th, whose window no longer
+    has the 24th, finds it all the same, as it would one of a day inside it; the others are reminded."""
+    rt.settings = replace(rt.settings, reminder_days_before=7)
+    assert await _scan(rt, -4) == 5
+    aline = demo["members"][ALINE]
+    [job] = [j for j in await _reminder_jobs(rt) if j.payload["member_id"] == aline]
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "sms.send").values(status="DONE"))
+        await s.execute(update(OutboxJob).where(OutboxJob.id == job.id).values(status="RUNNING"))
+    rt.settings = replace(rt.settings, reminder_days_before=3)
+    assert await _planned(rt) == 4 and await _scan(rt) == 4
+    today = [j for j in await _reminder_jobs(rt) if j.payload["day"] == NOW.date().isoformat()]
+    assert len(today) == 4 and aline not in {j.payload["member_id"] for j in today}
