@@ -76,7 +76,7 @@ class ReferencesBehind(Exception):
         super().__init__(
             f"the reference sequence (human_reference_seq) is at {at.issued}, behind {at.mark}, the highest number "
             f"it was seen at (Redis key {HIGH_WATER_KEY}): PostgreSQL was restored from a backup, and new payments "
-            "and refunds would be given references already on members' receipts; run `python main.py "
+            "and refunds would be given references already on members' receipts; run `.venv/bin/python main.py "
             f"advance-references` first (or start with {ACCEPT_FLAG} if no reference past {at.issued} was ever "
             "handed out)")
 
@@ -201,8 +201,8 @@ class ReferenceWatch:
         self.behind = at.behind
         if at.behind:
             log.error("the reference sequence is behind its high-water mark: PostgreSQL was restored from a backup "
-                      "and `python main.py advance-references` was not run; new payments and refunds are being "
-                      "given references already on members' receipts: run it now",
+                      "and `.venv/bin/python main.py advance-references` was not run; new payments and refunds are "
+                      "being given references already on members' receipts: run it now",
                       extra={"sequence": at.issued, "high_water": at.mark})
         else:
             log.info("the reference sequence is past its high-water mark again", extra={"sequence": at.issued})

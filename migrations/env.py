@@ -114,7 +114,7 @@ BACKOFF_SECONDS, MAX_BACKOFF_SECONDS = 1.0, 30.0
 # What the migration's connection waits for (an ungranted lock) and who holds it or is queued before it.
 _LOCK_WAITS = sa.text("""
 SELECT coalesce(w.relation::regclass::text, w.locktype || ' lock') AS waited_for, w.mode, blocker.pid,
-       b.application_name, b.state, extract(epoch FROM now() - b.xact_start)::bigint AS age
+       b.usename, b.application_name, b.state, extract(epoch FROM now() - b.xact_start)::bigint AS age
 FROM pg_locks w
 CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS blocker(pid)
 LEFT JOIN pg_stat_activity b ON b.pid = blocker.pid
@@ -177,12 +177,24 @@ def _blockers(waits: list[Any], most: int) -> str:
     """The transactions the migration waited for, the oldest first, at most `most` of them by name."""
     if not waits:
         return "a transaction not seen in time (look in pg_stat_activity for an old xact_start)"
-    named = [
-        f"pid {row.pid} (application_name {row.application_name!r}, state {row.state!r}, transaction open "
-        f"{row.age} s)" if row.state is not None else f"pid {row.pid} (a prepared transaction: pg_prepared_xacts)"
-        for row in waits[:most]]
+    named = [_blocker(row) for row in waits[:most]]
     more = f" and {len(waits) - most} more" if len(waits) > most else ""
     return ", ".join(named) + more
+
+
+def _blocker(row: Any) -> str:
+    """pg_blocking_pids names a prepared transaction pid 0. A session of another role than the migrating one (an
+    admin's psql as postgres, while migrate runs as the database's owner) shows its user and application_name but
+    not its state or age, unless the role is a superuser or has pg_read_all_stats."""
+    if row.pid == 0:
+        return "a prepared transaction (pg_prepared_xacts)"
+    if row.state is not None:
+        return (f"pid {row.pid} (application_name {row.application_name!r}, state {row.state!r}, transaction open "
+                f"{row.age} s)")
+    if row.usename is not None:
+        return (f"pid {row.pid} (user {row.usename!r}, application_name {row.application_name!r}; its state and age "
+                "are hidden from this role: see pg_stat_activity as a superuser)")
+    return f"pid {row.pid} (no longer in pg_stat_activity)"
 
 
 async def _watch_lock_waits(engine: AsyncEngine, pid: int, lock_timeout: float, waits: list[Any]) -> None:

@@ -254,6 +254,53 @@ async def test_migrate_behind_a_transaction_that_never_ends_fails_naming_it(migr
 
 
 @requires_pg
+async def test_migrate_as_the_databases_owner_names_another_roles_transaction_as_it_is(migrated_database):
+    """The README has `migrate` run as the database's owner (`createuser gateway`), not a superuser. PostgreSQL hides
+    the state and age of another role's session (an admin's psql as `postgres`) from such a role: the blocker was
+    then named "a prepared transaction: pg_prepared_xacts", sending the operator to look for one that is not there."""
+    import asyncio
+    import uuid
+
+    import asyncpg
+    from alembic import command
+    from sqlalchemy.engine import make_url
+
+    from main import _alembic_config, migrate
+
+    settings = make_settings()
+    dsn = _dsn(migrated_database)
+    await asyncio.to_thread(command.downgrade, _alembic_config(settings), "0023")
+    admin = await asyncpg.connect(dsn)
+    role = f"owner_{uuid.uuid4().hex[:10]}"
+    owner = await admin.fetchval("SELECT tableowner FROM pg_tables WHERE tablename = 'payments'")
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'pw'")
+    await admin.execute(f"ALTER TABLE payments OWNER TO {role}")  # what 0024 alters
+    await admin.execute(f"GRANT ALL ON alembic_version TO {role}")
+    await admin.execute(f"GRANT ALL ON SCHEMA public TO {role}")
+    export, _in_flight = await _an_export_holding_payments(dsn)  # as the superuser: another role's session
+    try:
+        export_pid = await export.fetchval("SELECT pg_backend_pid()")
+        as_owner = make_url(migrated_database).set(username=role, password="pw")
+        process = await _start_migrate(DATABASE_URL=as_owner.render_as_string(hide_password=False),
+                                       MIGRATE_LOCK_TIMEOUT_SECONDS="0.2", MIGRATE_LOCK_RETRIES="0")
+        _out, err = await asyncio.wait_for(process.communicate(), 60)
+        lines = err.decode().splitlines()
+        assert process.returncode == 3, lines
+        last = lines[-1]
+        assert last.startswith("refusing to migrate: "), last
+        assert "prepared transaction" not in last, last
+        for words in (f"pid {export_pid}", "csv-export", repr(owner)):
+            assert words in last, (words, last)
+    finally:
+        await export.close()
+        await admin.execute(f"ALTER TABLE payments OWNER TO {owner}")
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+        await asyncio.to_thread(migrate, settings)
+
+
+@requires_pg
 async def test_migrate_with_a_lock_timeout_still_lets_a_concurrent_index_build_wait(migrated_database):
     """CREATE INDEX CONCURRENTLY waits for the transactions open when it starts, by design and without holding up
     writes: the lock timeout is for the migrations' transactions, not for their autocommit blocks."""

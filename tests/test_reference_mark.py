@@ -77,7 +77,7 @@ def _refusal(result: subprocess.CompletedProcess[str], sequence: int, mark: int)
     assert lines == [f"refusing to start: the reference sequence (human_reference_seq) is at {sequence}, behind "
                      f"{mark}, the highest number it was seen at (Redis key {HIGH_WATER_KEY}): PostgreSQL was "
                      "restored from a backup, and new payments and refunds would be given references already on "
-                     "members' receipts; run `python main.py advance-references` first (or start with "
+                     "members' receipts; run `.venv/bin/python main.py advance-references` first (or start with "
                      f"--accept-references-behind if no reference past {sequence} was ever handed out)"]
 
 
