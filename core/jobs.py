@@ -314,23 +314,24 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             return
         # Suspended (or set back to pending) after the payment was made, perhaps while its USSD hop ran: a member who
         # left is never prompted to pay; nor is anyone for a cooperative suspended since (it takes no payments).
-        inactive = ("the cooperative" if coop_status is not None and coop_status != "ACTIVE"
-                    else "the member" if member is not None and member.status != "ACTIVE" else None)
+        inactive = (("the cooperative", COOPERATIVE_NOT_ACTIVE) if coop_status is not None and coop_status != "ACTIVE"
+                    else ("the member", MEMBER_NOT_ACTIVE) if member is not None and member.status != "ACTIVE"
+                    else None)
         if inactive is not None:
+            who, reason = inactive
             if job.attempts > 1:
                 # An earlier attempt may have reached the provider (one answered 5xx may still be stored there):
                 # nothing more is sent, and the status poll settles what the provider has.
-                log.warning(f"collection not sent again: {inactive} is no longer active",
+                log.warning(f"collection not sent again: {who} is no longer active",
                             extra={"payment": payment.reference, "payment_id": payment.id})
                 return
             # This job's first attempt, after the cut-off case above: nothing was ever sent, nothing taken.
             async with rt.sessionmaker.begin() as session:
                 fresh = await session.get(Payment, payment.id, with_for_update=True)
                 if fresh is not None and fresh.status == PaymentStatus.PENDING.value:
-                    await apply_collection_outcome(
-                        session, rt, fresh, ProviderOutcome.CANCELLED, actor=WORKER,
-                        reason=COOPERATIVE_NOT_ACTIVE if inactive == "the cooperative" else MEMBER_NOT_ACTIVE)
-            log.warning(f"collection not sent: {inactive} is no longer active",
+                    await apply_collection_outcome(session, rt, fresh, ProviderOutcome.CANCELLED, actor=WORKER,
+                                                   reason=reason)
+            log.warning(f"collection not sent: {who} is no longer active",
                         extra={"payment": payment.reference, "payment_id": payment.id})
             return
         provider = rt.providers[payment.provider]

@@ -57,7 +57,7 @@ from core.ratelimit import Limit, RateLimiter
 from core.refunds import OLDER_THAN_ANSWER_DAYS, REFUND_TEMPLATES
 from core.reminders import why_not_send
 from core.state import StaleTransition, transition_alone
-from core.state.payment import COLLECTED, PaymentStatus
+from core.state.payment import MoneyState, PaymentStatus, holds_money
 from core.state.refund import RefundStatus
 from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SKIPPED, SMS, SmsStatus
 
@@ -457,8 +457,7 @@ class SmsJobs:
             if facts is not None:
                 if sent:
                     pass  # it went out then: its row is stored as it went, whatever would stop it now
-                elif stale := _stale(payload["template"], facts.payment.status, facts.payment.completed_at,
-                                     facts.payment.collected_minor):
+                elif stale := _stale(payload["template"], facts.payment):
                     raise _NotSent(stale)
                 elif facts.payer_gone:  # the number that paid a payment of no member: too old, or a member's since
                     raise _NotSent(facts.payer_gone)
@@ -718,7 +717,6 @@ STALE_TEMPLATES = RECEIPT_TEMPLATES | FAILURE_TEMPLATES
 _PAYMENT_STATUS = select(Payment.__table__.c.status, Payment.__table__.c.completed_at,
                          Payment.__table__.c.collected_minor).where(
     Payment.__table__.c.id == bindparam("p", type_=String))
-_COLLECTED_VALUES = frozenset(s.value for s in COLLECTED)
 
 
 # "Refund ... failed: your cooperative will contact you" worth sending only while the refund has not gone through: one
@@ -740,14 +738,21 @@ async def _refund_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | 
     return REFUND_SENT_SINCE if found is not None and found[0] == RefundStatus.COMPLETED.value else None
 
 
-def _stale(template: Any, status: str, completed_at: datetime | None, collected_minor: int | None) -> str | None:
+class _MoneyRead(NamedTuple):
+    """A payment's status, completed_at and collected_minor as a probe read them (core.state.payment.MoneyState)."""
+
+    status: str
+    completed_at: datetime | None
+    collected_minor: int | None
+
+
+def _stale(template: Any, payment: MoneyState) -> str | None:
     """Why a payment's SMS no longer tells the truth, None while it does: PAYMENT_VOIDED for a receipt of a payment
     voided since, PAYMENT_PAID_SINCE for a failure whose money came since (completed late, or held by the FAILED
-    payment: core.state.payment.taken_after_failure)."""
-    if template in RECEIPT_TEMPLATES and status == PaymentStatus.VOIDED.value:
+    payment: core.state.payment.holds_money)."""
+    if template in RECEIPT_TEMPLATES and payment.status == PaymentStatus.VOIDED.value:
         return PAYMENT_VOIDED
-    if template in FAILURE_TEMPLATES and (status in _COLLECTED_VALUES or (
-            status == PaymentStatus.FAILED.value and completed_at is not None and bool(collected_minor))):
+    if template in FAILURE_TEMPLATES and holds_money(payment):
         return PAYMENT_PAID_SINCE
     return None
 
@@ -768,7 +773,7 @@ async def _receipt_void(conn: AsyncConnection, payload: dict[str, Any]) -> str |
     if not isinstance(payment_id, str):
         return None
     found = await pgraw.first(conn, _PAYMENT_STATUS, {"p": payment_id})
-    return _stale(payload.get("template"), *found) if found is not None else None
+    return _stale(payload.get("template"), _MoneyRead(*found)) if found is not None else None
 
 
 # The SMS to the number that paid a payment of no member (its receipt, "your payment failed", a refund's, a dispute's:
@@ -841,7 +846,7 @@ async def _payer_void(conn: AsyncConnection, payload: dict[str, Any], answer_day
     if found is None:
         return None  # left to the build, which names what is missing
     status, completed_at, collected_minor, refund_status, gone = found
-    stale = _stale(payload.get("template"), status, completed_at, collected_minor)
+    stale = _stale(payload.get("template"), _MoneyRead(status, completed_at, collected_minor))
     if stale is not None:
         return stale
     if payload.get("template") == REFUND_FAILED and refund_status == RefundStatus.COMPLETED.value:

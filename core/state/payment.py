@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
+from typing import Protocol
 
 from sqlalchemy import and_, or_
 
@@ -54,13 +56,24 @@ PAYMENT = StateMachine(
 )
 
 
-def taken_after_failure(payment: Payment) -> bool:
+class MoneyState(Protocol):
+    """What taken_after_failure and holds_money read of a payment: its row, or the three columns a query read."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def completed_at(self) -> datetime | None: ...
+    @property
+    def collected_minor(self) -> int | None: ...
+
+
+def taken_after_failure(payment: MoneyState) -> bool:
     """A FAILED payment whose money the provider then reported taken: it stays FAILED (never reopened) but
     the money is held, counted in the reconciliation's `settled` and refundable (core.payments)."""
     return payment.status == P.FAILED.value and payment.completed_at is not None and bool(payment.collected_minor)
 
 
-def holds_money(payment: Payment) -> bool:
+def holds_money(payment: MoneyState) -> bool:
     """The cooperative holds money from this payment: collected, or taken after it failed."""
     return PaymentStatus(payment.status) in COLLECTED or taken_after_failure(payment)
 
