@@ -211,7 +211,9 @@ async def _advance_references(settings: Settings, by: int) -> int:
         if engine.dialect.name != "postgresql":
             raise InputError("the reference sequence is PostgreSQL's; SQLite numbers references per day")
         async with engine.begin() as conn:
-            current = int((await conn.execute(text("SELECT nextval('human_reference_seq')"))).scalar_one())
+            # nextval's number is this command's own (burnt, so one taken meanwhile is below the new start): the
+            # sequence was at the one before it, the last handed out.
+            current = int((await conn.execute(text("SELECT nextval('human_reference_seq')"))).scalar_one()) - 1
             if current + by > REFERENCE_MAX:
                 raise InputError(f"the sequence is at {current}: {by} more would pass {REFERENCE_MAX}, the largest "
                                  "number a reference may carry; give a smaller --by")

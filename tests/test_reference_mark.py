@@ -114,7 +114,7 @@ async def test_a_worker_restored_behind_the_mark_refuses_to_start_until_advance_
     assert await read_mark(rt.redis) == mark  # a refusal changes nothing
 
     assert await _advance_references(rt.settings, 5000) == 0
-    advanced = sequence + 1 + 5000
+    advanced = sequence + 5000  # moved by --by from where it was
     assert await read_mark(rt.redis) == advanced  # raised: a second restore is caught too
     _worker_starts()
 
@@ -240,5 +240,5 @@ async def test_advance_references_short_of_the_mark_says_so(rt: Any, capsys: pyt
     await rt.redis.set(HIGH_WATER_KEY, str(sequence + 100))  # more were handed out than --by 10 skips
     assert await _advance_references(rt.settings, 10) == 1
     err = capsys.readouterr().err
-    assert f"still behind its high-water mark {sequence + 100}" in err and "--by 89 or more" in err
+    assert f"still behind its high-water mark {sequence + 100}" in err and "--by 90 or more" in err
     assert await read_mark(rt.redis) == sequence + 100
