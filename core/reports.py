@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import re
+import unicodedata
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -498,10 +499,19 @@ _FORMULA_STARTS = frozenset("=+-@|\t\r\n\uff1d\uff0b\uff0d\uff20")
 _INERT = re.compile(r"^[+-]?[0-9*., ]+$")
 
 
+def _first_seen(value: str) -> str:
+    """The first character a reader sees: past blanks of any kind (no-break and ideographic spaces too) and the
+    invisible ones (zero-width spaces and joiners, a byte-order mark, controls), which a spreadsheet may drop."""
+    for char in value:
+        if not char.isspace() and unicodedata.category(char) not in ("Cf", "Cc"):
+            return char
+    return ""
+
+
 def _cell(value: Any) -> Any:
     """Neutralise spreadsheet formulas in free text (CSV injection)."""
     if isinstance(value, str) and not _INERT.match(value) and (
-            value[:1] in _FORMULA_STARTS or value.lstrip(" \t\r\n")[:1] in _FORMULA_STARTS):
+            value[:1] in _FORMULA_STARTS or _first_seen(value) in _FORMULA_STARTS):
         return "'" + value
     return value
 

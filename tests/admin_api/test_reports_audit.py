@@ -198,6 +198,10 @@ async def test_an_export_whose_query_fails_is_an_error_not_an_empty_file(admin, 
     ("\n=1+1", "'\n=1+1"),  # a line break first: some spreadsheets trim it
     (" @SUM(A1)", "' @SUM(A1)"),
     ("\uff1d1+1", "'\uff1d1+1"),  # full-width equals sign
+    ("\u00a0=1+1", "'\u00a0=1+1"),  # a no-break space first
+    ("\u200b=1+1", "'\u200b=1+1"),  # a zero-width space: nothing shows before the '='
+    ("\ufeff\u3000@SUM(A1)", "'\ufeff\u3000@SUM(A1)"),  # a byte-order mark, an ideographic space
+    ("\u00a0Rent", "\u00a0Rent"),  # blanks before plain text change nothing
     ("|cmd /c calc", "'|cmd /c calc"),
     ("+25078****001", "+25078****001"),  # a masked phone: nothing to run, left as scripts expect it
     ("-5.00", "-5.00"),
