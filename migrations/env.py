@@ -133,44 +133,39 @@ async def _run_in_short_lock_waits(engine: AsyncEngine, lock_timeout: float, ret
     while they wait for the transactions open when they started, and a build given up there would leave an
     INVALID index. Runs under _one_migrate_at_a_time: the advisory lock is kept across the tries."""
     timeout_ms = max(1, round(lock_timeout * 1000))
-    step = _RunningStep()
-    log.addFilter(step)
-    try:
-        for attempt in range(retries + 1):
-            waits: list[Any] = []
-            async with engine.connect() as conn:
-                pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
-                await conn.execute(sa.text(f"SET lock_timeout = {timeout_ms}"))
+    for attempt in range(retries + 1):
+        waits: list[Any] = []
+        async with engine.connect() as conn:
+            pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+            await conn.execute(sa.text(f"SET lock_timeout = {timeout_ms}"))
+            await conn.commit()
+            watch = asyncio.create_task(_watch_lock_waits(engine, pid, lock_timeout, waits))
+            try:
+                await conn.run_sync(_run, timeout_ms)
                 await conn.commit()
-                watch = asyncio.create_task(_watch_lock_waits(engine, pid, lock_timeout, waits))
-                try:
-                    await conn.run_sync(_run, timeout_ms)
-                    await conn.commit()
-                    return
-                except DBAPIError as exc:
-                    if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
-                        raise
-                    failed = exc
-                finally:
-                    watch.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await watch
-            what = f"migration {step.step or '(step unknown)'}"
-            lock = f"{waits[0].mode} on {waits[0].waited_for}" if waits else "its lock"
-            if attempt == retries:
-                # One line (main prints at most 300 characters of it): the oldest blocker; the WARNINGs name more.
-                raise CommandError(
-                    f"{what} never got {lock} ({attempt + 1} tries of {lock_timeout:g} s, "
-                    f"MIGRATE_LOCK_TIMEOUT_SECONDS): blocked by {_blockers(waits, 1)}; end it or wait, then run "
-                    "migrate again") from failed
-            pause = min(BACKOFF_SECONDS * 2 ** attempt, MAX_BACKOFF_SECONDS)
-            log.warning("%s waited %g s (MIGRATE_LOCK_TIMEOUT_SECONDS) for %s, blocked by %s (statement: %s): gave up "
-                        "so as not to hold up the gateway's queries queued behind it; trying again in %g s "
-                        "(try %d of %d)", what, lock_timeout, lock, _blockers(waits, 3),
-                        " ".join(str(failed.statement or "").split())[:200], pause, attempt + 2, retries + 1)
-            await asyncio.sleep(pause)
-    finally:
-        log.removeFilter(step)
+                return
+            except DBAPIError as exc:
+                if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                    raise
+                failed = exc
+            finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+        what = f"migration {await _failed_step(engine)}"
+        lock = f"{waits[0].mode} on {waits[0].waited_for}" if waits else "its lock"
+        if attempt == retries:
+            # One line (main prints at most 300 characters of it): the oldest blocker; the WARNINGs name more.
+            raise CommandError(
+                f"{what} never got {lock} ({attempt + 1} tries of {lock_timeout:g} s, "
+                f"MIGRATE_LOCK_TIMEOUT_SECONDS): blocked by {_blockers(waits, 1)}; end it or wait, then run "
+                "migrate again") from failed
+        pause = min(BACKOFF_SECONDS * 2 ** attempt, MAX_BACKOFF_SECONDS)
+        log.warning("%s waited %g s (MIGRATE_LOCK_TIMEOUT_SECONDS) for %s, blocked by %s (statement: %s): gave up "
+                    "so as not to hold up the gateway's queries queued behind it; trying again in %g s "
+                    "(try %d of %d)", what, lock_timeout, lock, _blockers(waits, 3),
+                    " ".join(str(failed.statement or "").split())[:200], pause, attempt + 2, retries + 1)
+        await asyncio.sleep(pause)
 
 
 def _blockers(waits: list[Any], most: int) -> str:
@@ -214,16 +209,20 @@ async def _watch_lock_waits(engine: AsyncEngine, pid: int, lock_timeout: float, 
         log.warning("cannot watch the migration's lock waits: %s", exc.__class__.__name__)
 
 
-class _RunningStep(logging.Filter):
-    """The migration step running, from alembic's "Running upgrade 0023 -> 0024, ..." line (logged at INFO)."""
+async def _failed_step(engine: AsyncEngine) -> str:
+    """The migration that gave up, as alembic names it ("upgrade 0023 -> 0024"): the one after the database's
+    version, its own transaction rolled back (transaction_per_migration). Read from the database, as alembic's
+    "Running upgrade" line is not logged below LOG_LEVEL=INFO."""
+    from alembic.script import ScriptDirectory
 
-    step = ""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.startswith("Running "):
-            self.step = message.removeprefix("Running ").split(",")[0]
-        return True
+    async with engine.connect() as conn:
+        there = await conn.scalar(sa.text("SELECT to_regclass('alembic_version') IS NOT NULL"))
+        version = await conn.scalar(sa.text("SELECT version_num FROM alembic_version")) if there else None
+    for revision in ScriptDirectory.from_config(config).walk_revisions():
+        down = revision.down_revision
+        if down == version or (isinstance(down, tuple) and version in down):
+            return f"upgrade {version or '<base>'} -> {revision.revision}"
+    return "(step unknown)"
 
 
 def _autocommit_blocks_wait(migration: MigrationContext, lock_timeout_ms: int) -> None:
