@@ -163,7 +163,9 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, ValidationError):
         return error_response(request, exc.status, list(exc.errors), field=field, code=exc.code)
     if isinstance(exc, DomainError):
-        return error_response(request, exc.status, exc.message, field=field, code=exc.code)
+        # A 503 says when to send it again, as an outage's does (below): nothing was changed.
+        retry = {"Retry-After": "1"} if exc.status == 503 else None
+        return error_response(request, exc.status, exc.message, retry, field=field, code=exc.code)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc

@@ -210,6 +210,10 @@ def _operation(route: Route) -> dict[str, Any]:
             "description": f"{_ERRORS[status]} (code: {', '.join(_CODES_OF[status])})",
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
         }
+    if "503" in responses:  # an outage, nothing changed (admin_api.errors._error_answer)
+        responses["503"]["headers"] = {"Retry-After": {
+            "description": "whole seconds to wait before sending the same request again (with the same "
+                           "idempotency key it never doubles a payment)", "schema": {"type": "integer", "minimum": 1}}}
     if "429" in responses:  # the rate limit's refusal (admin_api.errors.apply_rate_headers)
         responses["429"]["headers"] = {**headers, "Retry-After": {
             "description": "whole seconds to wait: the next request is allowed then if nothing more is sent (a "

@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 from sqlalchemy import or_, select
 
+from admin_api.errors import timestamp
 from core import auth
 from core.errors import DomainError, status_code
 from core.models import Cooperative, Payment, PaymentType
@@ -192,8 +193,6 @@ async def simulator_payment(request: web.Request) -> web.Response:
 
 def _error(request: web.Request, status: int, message: str, code: str | None = None) -> web.Response:
     """The API's error shape, with `code`: the refusal's (an expired token's TOKEN_EXPIRED), else its status's."""
-    from datetime import UTC, datetime
-
     reason = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}.get(
         status, "Error"
     )
@@ -204,7 +203,7 @@ def _error(request: web.Request, status: int, message: str, code: str | None = N
             "message": message,
             "error": reason,
             "code": code or status_code(status),
-            "timestamp": datetime.now(UTC).isoformat(),
+            "timestamp": timestamp(),
             "path": request.path,
         },
         status=status,

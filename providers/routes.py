@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlencode
@@ -18,7 +17,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from core.audit import Actor
 from core.auth import callback_secret_ok
 from core.config import Settings
-from core.db import lock_row
+from core.db import iso_ms, lock_row, utcnow
 from core.errors import status_code
 from core.inbound import JSON_ERRORS, client_address, limit_key, read_capped
 from core.logs import scrub
@@ -52,7 +51,7 @@ def callback_url(settings: Settings, provider: str) -> str:
 def _error(request: web.Request, status: int, message: str) -> web.Response:
     """The API's error shape, with its status's `code` (core.errors.status_code) as every API error has."""
     return web.json_response({"statusCode": status, "message": message, "error": HTTPStatus(status).phrase,
-                              "code": status_code(status), "timestamp": datetime.now(UTC).isoformat(),
+                              "code": status_code(status), "timestamp": iso_ms(utcnow()),
                               "path": request.path},
                              status=status)
 

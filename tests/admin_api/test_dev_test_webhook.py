@@ -58,3 +58,19 @@ async def test_a_payment_of_a_real_provider_is_not_moved(admin, rt, demo, aiohtt
     assert resp.status == 403, await resp.text()
     async with rt.sessionmaker() as s:
         assert (await s.get(Payment, payment["id"])).status == "PENDING"
+
+
+async def test_its_refusals_write_the_timestamp_as_the_api_does(admin, rt, demo, aiohttp_client):
+    """The seed's error shape, `timestamp` included, as every /v1 error writes it (UTC, milliseconds, `Z`:
+    admin_api.errors.timestamp): an integration parsing the API's errors parses these too."""
+    import re
+
+    client = await _client(rt, aiohttp_client, simulators_in_process=True)
+    api = await (await client.get("/v1/payments")).json()
+    refusals = [await client.post("/webhooks/payments/test", json={"status": "COMPLETED"}),
+                await client.post("/webhooks/payments/mtn_momo", data=b"{}")]
+    for resp in refusals:
+        body = await resp.json()
+        assert resp.status in (400, 401), body
+        for stamp in (api["timestamp"], body["timestamp"]):
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp

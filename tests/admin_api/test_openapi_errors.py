@@ -110,3 +110,17 @@ async def test_every_schema_in_the_document_is_valid_json_schema(client):
                     count += 1
     Draft202012Validator.check_schema(doc["components"]["schemas"]["Error"])
     assert count > 100
+
+
+def test_every_503_documents_its_retry_after():
+    """Every 503 of the API carries Retry-After (admin_api.errors: an outage, or Redis unavailable to end sessions):
+    the document says so wherever it lists a 503, as it does for the 429's."""
+    from admin_api import all_routes
+    from admin_api.openapi import build_document
+
+    doc = build_document(all_routes())
+    unavailable = [op["responses"]["503"] for item in doc["paths"].values() for op in item.values()
+                   if "503" in op["responses"]]
+    assert unavailable
+    for response in unavailable:
+        assert response["headers"]["Retry-After"]["schema"] == {"type": "integer", "minimum": 1}

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from core import auth
 from core.models import AdminUser
-from tests.admin_api.conftest import Caller, bearer, login, redis_fallbacks, redis_unreachable
+from tests.admin_api.conftest import Caller, bearer, check_shape, login, redis_fallbacks, redis_unreachable
 
 
 async def test_super_admin_creates_a_cooperative_admin_who_can_sign_in(client, superadmin, coop_b, monkeypatch):
@@ -282,8 +282,12 @@ async def test_with_redis_down_a_token_is_checked_against_its_account(rt, client
             assert len(redis_fallbacks(caplog)) == 2  # judged on the rows, not on a mark a live client read
             # Deactivating needs the mark: refused whole, the account stays active.
             other = await _new_admin(admin, "staying@kh.rw")
-            refused = await admin.json("DELETE", f"/v1/users/{other['id']}", 503)
-            assert "nothing was changed" in refused["message"]
+            resp = await admin.req("DELETE", f"/v1/users/{other['id']}")
+            refused = await resp.json()
+            assert resp.status == 503 and "nothing was changed" in refused["message"]
+            check_shape("DELETE", f"/v1/users/{other['id']}", 503, refused)
+            # As every 503 of the API (README "API errors"; the document's 503 says so): when to send it again.
+            assert resp.headers.get("Retry-After") == "1", dict(resp.headers)
     async with rt.sessionmaker() as s:
         assert (await s.get(AdminUser, other["id"])).is_active is True
         assert (await s.get(AdminUser, made["id"])).is_active is False

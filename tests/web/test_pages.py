@@ -167,6 +167,8 @@ async def test_ops_data_refuses_missing_and_bad_tokens(pages: Any, rt: Any, demo
     body = await resp.json()
     assert set(body) == {"statusCode", "message", "error", "code", "timestamp", "path"}
     assert (body["path"], body["code"]) == ("/ops/data", "UNAUTHORIZED")
+    # UTC to the millisecond with `Z`, as the API's errors write it (admin_api.errors.timestamp).
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", body["timestamp"]), body["timestamp"]
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     secret = rt.settings.jwt_secret.get()
     now = utcnow()
