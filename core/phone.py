@@ -224,6 +224,9 @@ _NETWORK_NAMES: dict[str, dict[str, str]] = {
            "glo": "GLO", "globacom": "GLO"},
 }
 
+# The country a network name may end with, per country of _NETWORK_NAMES (its name, then its ISO code).
+_COUNTRY_SUFFIX = {"GH": re.compile(r"(?:ghana|gh)$")}
+
 
 def operator_on_network(network: str | None, e164: str) -> str | None:
     """The operator `network` (an MCC-MNC or a network's name, as a USSD hop reports the number `e164` on now) is,
@@ -237,7 +240,10 @@ def operator_on_network(network: str | None, e164: str) -> str | None:
     if key.isdigit():
         found = _NETWORK_CODES.get(key)
         return found[1] if found is not None and found[0] == region else None
-    return _NETWORK_NAMES.get(region, {}).get(key)
+    names = _NETWORK_NAMES.get(region, {})
+    # A name may carry its country ("mtn-gh", as Hubtel's channel names write them; "Telecel Ghana"): read without it.
+    suffix = _COUNTRY_SUFFIX.get(region)
+    return names.get(key) or (names.get(suffix.sub("", key)) if suffix else None)
 
 
 def network_code_of(e164: str) -> str:

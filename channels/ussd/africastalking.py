@@ -7,7 +7,7 @@ from typing import Any
 
 from channels.ussd.i18n import translate
 from channels.ussd.types import UssdReply, UssdTurn, extension_of
-from channels.ussd.wire import MalformedRequest, Parsed, Rendered, phone_field, text_field
+from channels.ussd.wire import MalformedRequest, Parsed, Rendered, network_field, phone_field, text_field
 from core.phone import Phone
 from core.text import is_number
 
@@ -36,7 +36,7 @@ def parse(form: Mapping[str, Any], base_code: str) -> Parsed:
         session_id = text_field(form, "sessionId", max_len=128)
         service_code = text_field(form, "serviceCode", max_len=32)
         text = text_field(form, "text", required=False, max_len=MAX_TEXT)
-        network = text_field(form, "networkCode", required=False, max_len=16) or None
+        network = network_field(form, "networkCode")
     except MalformedRequest as exc:
         raise MalformedHop(str(exc), phone) from None
     turn = UssdTurn(
@@ -77,7 +77,7 @@ def parse_event(form: Mapping[str, Any]) -> dict[str, Any]:
         "session_id": text_field(form, "sessionId", max_len=128),
         "phone": phone,
         "service_code": text_field(form, "serviceCode", required=False, max_len=32),
-        "network": text_field(form, "networkCode", required=False, max_len=16) or None,
+        "network": network_field(form, "networkCode"),
         "status": status,
         "hops": number("hopsCount"),
         "duration_ms": number("durationInMillis"),

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from channels.ussd.types import UssdReply, UssdTurn, extends, extension_of
-from channels.ussd.wire import MalformedRequest, Parsed, Rendered, phone_field, text_field
+from channels.ussd.wire import MalformedRequest, Parsed, Rendered, network_field, phone_field, text_field
 from core.text import is_number
 
 # Ghana's: a number sent in local form (0244123456) is a Ghanaian one, not one of the default region.
@@ -20,9 +20,11 @@ _TYPES = ("Initiation", "Response", "Release", "Timeout")
 def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
     if not isinstance(body, Mapping):
         raise MalformedRequest("body must be a JSON object")
-    kind = text_field(body, "Type", max_len=16)
-    if kind not in _TYPES:
-        raise MalformedRequest(f"Type {kind!r} is not one of {', '.join(_TYPES)}")
+    given = text_field(body, "Type", max_len=16)
+    # In any case: Hubtel's programmable services write Type in lower case ("response", "release").
+    kind = next((known for known in _TYPES if known.lower() == given.strip().lower()), None)
+    if kind is None:
+        raise MalformedRequest(f"Type {given!r} is not one of {', '.join(_TYPES)}")
     session_id = text_field(body, "SessionId", max_len=128)
     phone = phone_field(body, "Mobile", region=REGION)
     service_code = text_field(body, "ServiceCode", required=False, max_len=32)
@@ -47,7 +49,7 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
     turn = UssdTurn(
         aggregator=NAME, session_id=session_id, phone=phone, service_code=dialled or code,
         input=message if kind == "Response" else None, is_new=kind == "Initiation",
-        network=text_field(body, "Operator", required=False, max_len=16) or None,
+        network=network_field(body, "Operator"),
         hop_key=f"{kind}:{sequence}" if sequence is not None else None,
         sequence=number if number is not None and 0 <= number < 2**31 else None,
         extension=extension,

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from channels.ussd.types import UssdReply, UssdTurn, extension_of
-from channels.ussd.wire import MalformedRequest, Parsed, Rendered, phone_field, text_field
+from channels.ussd.wire import MalformedRequest, Parsed, Rendered, network_field, phone_field, text_field
 
 # Ghana's: a number sent in local form (0244123456) is a Ghanaian one, not one of the default region.
 REGION = "GH"
@@ -39,7 +39,7 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
         aggregator=NAME, session_id=session_id, phone=phone,
         service_code=userdata if first and userdata.startswith("*") else base_code,
         input=None if first else userdata, is_new=first,
-        network=text_field(body, "NETWORK", required=False, max_len=16) or None,
+        network=network_field(body, "NETWORK"),
         # Nalo sends nothing that tells a retry from the same key pressed twice.
         hop_key=None,
         extension=extension_of(userdata, base_code) if first else None,

@@ -48,6 +48,17 @@ def text_field(data: Mapping[str, Any], name: str, *, required: bool = True, max
     return text
 
 
+def network_field(data: Mapping[str, Any], name: str) -> str | None:
+    """The network the aggregator names for the caller (an MCC-MNC or a name), None when absent or unusable. Only a
+    hint (the number's range decides without it: core.phone.operator_on_network): a value too long, of another type
+    or with control characters is read as no network rather than refusing the hop, which ended her session (a
+    name longer than 16 characters answered Hubtel and Nalo 400). The session row keeps its first 16 characters."""
+    try:
+        return text_field(data, name, required=False, max_len=64) or None
+    except MalformedRequest:
+        return None
+
+
 def phone_field(data: Mapping[str, Any], name: str, *, region: str = DEFAULT_REGION) -> Phone:
     """The caller's number; `region` reads a number in its country's local form (`0244123456`), which an
     aggregator serving one country may send instead of the international form."""

@@ -20,6 +20,7 @@ from core.inbound import JSON_ERRORS
 from core.logs import scrub
 from core.metrics import PROVIDER_ERRORS
 from core.money import Money, MoneyError
+from core.phone import Phone, PhoneError, normalize
 from core.ports import (
     MONEY_REFERENCE,
     REFUND_UNSUPPORTED,
@@ -226,8 +227,9 @@ class IremboPayAdapter:
         """The invoice for the request, made now or found under our transactionId, and whether it is this payment's
         own (its expiryAt is the payment's): only then may the payer be pushed for it (see request_collection)."""
         customer: dict[str, str] = {}
-        if request.payer is not None:
-            customer["phoneNumber"] = request.payer.national
+        phone = _customer_phone(request.payer)
+        if phone:
+            customer["phoneNumber"] = phone
         if "@" in request.payer_account:
             customer["email"] = request.payer_account
         if request.payer_name:
@@ -363,7 +365,8 @@ class IremboPayAdapter:
         if not is_number(t) or len(t) > 15 or not s:  # ms since 1970: 13 digits
             raise CallbackRejected("malformed irembopay-signature header")
         expected = sign(self._config.secret("secret_key"), int(t), callback.body)
-        if not hmac.compare_digest(expected, s.lower()):
+        # As bytes: a header byte outside ASCII (read as a surrogate escape) made compare_digest raise TypeError.
+        if not hmac.compare_digest(expected.encode(), s.lower().encode("utf-8", "surrogateescape")):
             raise CallbackRejected("irembopay signature does not match")
         # The timestamp is in milliseconds (PROTOCOLS.md); a skew either way beyond the tolerance fails.
         now_ms = int(self._clock().timestamp() * 1000)
@@ -465,6 +468,19 @@ class IremboPayAdapter:
         PROVIDER_ERRORS.labels(self.name, operation).inc()
         log.warning("irembopay %s: %s", operation, message)
         return ProviderError(f"IremboPay {operation}: {message}", retryable=False, code="BAD_ANSWER")
+
+
+def _customer_phone(payer: Phone | None) -> str | None:
+    """The payer's number as an invoice's customer.phoneNumber (07xxxxxxxx), for a Rwandan mobile number only. A bank
+    payment's account is any text, taken for a number when it starts with "+": one that is none crashed the collect
+    job, and another country's in local form reads as someone else's Rwandan number (+254788123456 as 0788123456)."""
+    if payer is None:
+        return None
+    try:
+        phone = normalize(payer.e164, "RW")
+    except PhoneError:
+        return None
+    return phone.national if phone.region == "RW" else None
 
 
 def _first_error(answer: Mapping[str, Any]) -> Mapping[str, Any]:

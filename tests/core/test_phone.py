@@ -79,6 +79,9 @@ def test_a_tel_link_or_a_word_before_the_number_is_still_read(raw):
     ("AIRTELTIGO", "+233244123456", "AIRTELTIGO"),
     ("airtel", "+233244123456", "AIRTELTIGO"),  # Airtel Ghana is AT's now, not Airtel Money
     ("at", "+233244123456", "AIRTELTIGO"),
+    ("mtn-gh", "+233201234567", "MTN"),  # named with the country, as Hubtel's channel names are
+    ("Telecel Ghana", "+233244123456", "TELECEL"),
+    ("vodafone-gh", "+233244123456", "TELECEL"),
     ("63510", "+250733000001", "MTN"),
     ("63513", "+250788000001", "AIRTEL"),
     ("63514", "+250788000001", "AIRTEL"),
@@ -98,6 +101,8 @@ def test_a_tel_link_or_a_word_before_the_number_is_still_read(raw):
     ("mtn", "+250733000001", None),  # a name, from Ghana's aggregators only
     ("orange", "+233244123456", None),
     ("6200", "+233244123456", None),
+    ("gh", "+233244123456", None),  # the country alone names no network
+    ("mtn-rw", "+250733000001", None),
 ])
 def test_operator_on_network(network, e164, operator):
     assert operator_on_network(network, e164) == operator

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from core.config import ProviderConfig, Secret
 from core.logs import JsonFormatter
 from core.money import Money
-from core.phone import normalize
+from core.phone import Phone, normalize
 from core.ports import (
     CallbackRejected,
     CollectionRequest,
@@ -142,6 +142,25 @@ async def test_bank_invoice_carries_payment_url(method: str, provider: str | Non
     else:
         assert body_of(wire.requests[0]) == rec["bank_invoice_request"]
         assert accepted.payment_url == rec["invoice_answer"]["data"]["paymentLinkUrl"]
+
+
+@pytest.mark.parametrize(("account", "customer_phone"), [
+    ("+250788000001", "0788000001"),  # a Rwandan number: in IremboPay's local form
+    ("+254788123456", None),  # Kenyan: its local form 0788123456 is another person's MTN Rwanda number
+    ("+256772123456", None),
+    ("+12", None),  # a bank account that is no number at all: it crashed the collect job (NumberParseException)
+])
+async def test_bank_invoice_names_only_a_rwandan_customer_phone(account: str, customer_phone: str | None) -> None:
+    """A bank payment's account is any text (an account number, an e-mail; one starting with "+" is taken for a
+    number): IremboPay's customer.phoneNumber is a Rwandan 07xxxxxxxx, so only a Rwandan mobile number goes there."""
+    rec = fixture("invoice.json")
+    wire = Wire().on("POST", "/payments/invoices", 201, rec["invoice_answer"])
+    request = collection("BANK_BK", None, payer=Phone(account), payer_account=account)
+    async with wire.client() as http:
+        accepted = await IremboPayAdapter(http, config()).request_collection(request)
+    wire.done()
+    assert body_of(wire.requests[0])["customer"].get("phoneNumber") == customer_phone
+    assert accepted.payment_url == rec["invoice_answer"]["data"]["paymentLinkUrl"]
 
 
 @pytest.mark.parametrize("case", fixture("invoice.json")["push_errors"], ids=lambda c: c["name"])

@@ -302,3 +302,27 @@ async def test_a_provider_callback_is_applied_with_redis_down_its_rate_limit_ski
     skipped = [r for r in caplog.records if r.name == "gateway.providers.callbacks"
                and r.getMessage() == "callback rate limit unavailable; letting the callback through"]
     assert len(skipped) == 1
+
+
+async def test_irembopay_signature_with_bytes_outside_ascii_is_refused_not_a_500(srt: Any, sclient: Any,
+                                                                                sdemo: Any) -> None:
+    """A header byte outside ASCII in `s` (aiohttp reads it as a surrogate escape) is a forgery like any other:
+    401, counted, nothing changed; hmac.compare_digest refuses such strings with a TypeError, which was a 500."""
+    import asyncio
+
+    payment = await pending_payment(srt, sdemo, provider="irembopay", method="MOBILE_MONEY_MTN")
+    body = irembo_body(payment)
+    before_rows, before_metric = await snapshot(srt), rejected("irembopay")
+    for signature in (f"t={now_ms()},s=".encode() + b"\xe9" * 64, f"t={now_ms()},s=ab".encode() + b"\xc3\xa9"):
+        reader, writer = await asyncio.open_connection(sclient.server.host, sclient.server.port)
+        head = (f"POST {url('irembopay')} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n").encode()
+        try:
+            writer.write(head + b"irembopay-signature: " + signature + b"\r\n\r\n" + body)
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+        assert int(answer.split(b" ", 2)[1]) == 401, answer[:300]
+    assert rejected("irembopay") == before_metric + 2
+    assert await snapshot(srt) == before_rows

@@ -143,3 +143,36 @@ async def test_an_unknown_network_code_falls_back_to_the_range(client: Any, demo
     await phone.send("1")
     confirm = await phone.send("1")
     assert "Airtel" in confirm and "MTN" not in confirm, confirm
+
+
+@pytest.mark.parametrize("network", ["Vodafone Ghana Limited", "AIRTELTIGO GHANA LTD.", "x" * 40])
+async def test_a_long_network_name_is_not_a_reason_to_end_her_session(operator: Caller, client: Any, db: Any,
+                                                                      network: str) -> None:
+    """The network is a hint (the range decides without it): a name longer than we keep (16 characters on the
+    session row) answered 400 on Hubtel and Nalo, which ended her session before the menu."""
+    await with_ported_member(operator)
+    *_, end = await hubtel(client, "0201234567", "hub-long", network, "1", "1")
+    assert end == NO_METHOD  # her Telecel range decides
+    *_, end = await nalo(client, "233201234567", "nalo-long", network, "1", "1")
+    assert end == NO_METHOD[:120]
+    assert {row.network_code for row in await db.all(UssdSession)} == {network[:16]}
+    phone = AtPhone(client, "+250733000001", network="6" * 40)
+    assert (await phone.dial()).startswith("CON ")
+
+
+@pytest.mark.parametrize(("network", "offered"), [("mtn-gh", True), ("MTN GH", True), ("vodafone-gh", False),
+                                                  ("Telecel Ghana", False), ("AirtelTigo Ghana", False)])
+async def test_a_network_named_with_its_country_is_read(operator: Caller, client: Any, db: Any,
+                                                        network: str, offered: bool) -> None:
+    """Ghana's networks named with the country (as Hubtel's own channel names write them: mtn-gh, vodafone-gh):
+    the network, not the range, decides. Read as unknown, an MTN range ported away was offered MTN MoMo."""
+    await with_ported_member(operator)  # a Telecel range
+    *_, end = await hubtel(client, "0201234567", "hub-gh", network, "1", "1")
+    assert ("Via MTN MoMo" in end) is offered, end
+    await kejetia_member_on_mtn_range_checked(client, network, offered)
+
+
+async def kejetia_member_on_mtn_range_checked(client: Any, network: str, offered: bool) -> None:
+    """The MTN range (Akosua's) on the network named: MTN MoMo only when it says MTN."""
+    *_, end = await hubtel(client, "0244123456", "hub-gh-mtn", network, "1", "1")
+    assert (end == NO_METHOD) is not offered, end

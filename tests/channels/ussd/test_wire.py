@@ -96,3 +96,17 @@ def test_hubtel_finds_the_extension_wherever_the_dialled_code_is(service_code: s
     parsed = hubtel.parse({"Type": "Initiation", "SessionId": "s-1", "Mobile": "233244000001",
                            "ServiceCode": service_code, "Message": message, "Operator": "mtn"}, "*384*123#")
     assert parsed.turn.extension == extension
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("initiation", "Initiation"), ("RESPONSE", "Response"),
+                                                ("release", "Release"), ("timeout", "Timeout")])
+def test_hubtel_reads_the_type_in_any_case(kind: str, expected: str) -> None:
+    """Hubtel's programmable services write their own Type in lower case ("response", "release"): a request Type in
+    another case than PROTOCOLS.md's is the same hop, not a 400 that ends the member's session."""
+    body = {"Type": kind, "SessionId": "s-1", "Mobile": "233244000001", "ServiceCode": "384*123", "Message": "1",
+            "Sequence": 2}
+    turn = hubtel.parse(body, "*384*123#").turn
+    same = hubtel.parse({**body, "Type": expected}, "*384*123#").turn
+    assert turn == same
+    assert (turn.is_new, turn.closed, turn.hop_key) == (expected == "Initiation", expected in ("Release", "Timeout"),
+                                                        f"{expected}:2")
