@@ -348,6 +348,26 @@ async def test_failures_are_retried_with_backoff_and_recorded(
     assert [r["headers"]["X-Gateway-Delivery-Attempt"] for r in hook.requests] == ["1", "2", "3"]
 
 
+async def test_a_redirect_is_not_a_delivery(rt: Any, demo: dict[str, Any], receiver: Any, worker: Any) -> None:
+    """Only a 2xx delivers: a receiver that answers 301/302 (moved, or a login page in front of it) has not taken the
+    event, and redirects are not followed (the new place's domain was never approved). Retried, recorded as failed."""
+    hook, url = receiver
+    hook.answers = [302, 301]
+    await approved_endpoint(rt, demo["cooperative_id"], url)
+    await emit(rt, demo["cooperative_id"])
+    await drain(worker)
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
+    await drain(worker)
+    async with rt.sessionmaker() as session:
+        [delivery] = (await session.execute(select(WebhookDelivery))).scalars().all()
+    assert [(a["status_code"], a["error"]) for a in delivery.attempts] == [(302, "HTTP 302"), (301, "HTTP 301")]
+    assert delivery.status == "PENDING" and delivery.delivered_at is None
+    assert len(hook.requests) == 2
+    [job] = await jobs_of(rt, "webhook.deliver")
+    assert job.status == "PENDING" and job.run_at > utcnow()  # a third try waits its backoff
+
+
 def test_retry_schedule_covers_three_days() -> None:
     delays = [webhooks.retry_delay(n) for n in range(1, 30)]
     assert 27 <= delays[0] <= 33
@@ -376,6 +396,27 @@ async def test_given_up_after_three_days(rt: Any, demo: dict[str, Any], receiver
     # A later run of the same job does nothing.
     assert await webhooks.deliver(rt, as_job(job)) == "failed"
     assert len(hook.requests) == 1
+
+
+async def test_no_retry_is_scheduled_past_the_three_days(
+    rt: Any, demo: dict[str, Any], receiver: Any, worker: Any
+) -> None:
+    """A failure seconds before the three days end is the last attempt: the next retry (30 s on) would fall after
+    them, so the delivery is given up now rather than tried once more past the promised window."""
+    hook, url = receiver
+    hook.answers = [500]
+    await approved_endpoint(rt, demo["cooperative_id"], url)
+    await emit(rt, demo["cooperative_id"])
+    await worker.run_once()  # fan-out
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(
+            update(WebhookDelivery).values(created_at=utcnow() - webhooks.RETRY_FOR + timedelta(seconds=10)))
+    [job] = await jobs_of(rt, "webhook.deliver")
+    with pytest.raises(PermanentJobError, match="within 3 days"):
+        await webhooks.deliver(rt, as_job(job))
+    async with rt.sessionmaker() as session:
+        [delivery] = (await session.execute(select(WebhookDelivery))).scalars().all()
+    assert delivery.status == "FAILED" and [a["error"] for a in delivery.attempts] == ["HTTP 500"]
 
 
 async def test_endpoint_disabled_after_threshold_and_admin_told_by_sms(

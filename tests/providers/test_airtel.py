@@ -213,7 +213,23 @@ async def test_status_answers(
     assert fake.seen[-1].headers["X-Country"] == "RW" and fake.seen[-1].headers["X-Currency"] == "RWF"
 
 
-@pytest.mark.parametrize(("status", "outcome"), sorted(STATUS.items()))
+# What each Airtel status means, written out: parametrized from the adapter's own STATUS, the row test followed any
+# entry changed there (TA, ambiguous, read as a failure: a member told "nothing was taken" and paying again; TE,
+# expired, told as a failure) instead of catching it.
+MEANING = {
+    "TS": ProviderOutcome.SUCCEEDED,
+    "TF": ProviderOutcome.FAILED,
+    "TA": ProviderOutcome.AMBIGUOUS,
+    "TIP": ProviderOutcome.PENDING,
+    "TE": ProviderOutcome.EXPIRED,
+}
+
+
+def test_every_status_the_adapter_knows_is_pinned_here() -> None:
+    assert set(STATUS) == set(MEANING)
+
+
+@pytest.mark.parametrize(("status", "outcome"), sorted(MEANING.items()))
 async def test_status_table_row(fake: FakeProvider, status: str, outcome: ProviderOutcome) -> None:
     answer = load("airtel", "status_tip.json")
     answer["data"]["transaction"]["status"] = status

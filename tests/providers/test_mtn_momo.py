@@ -276,7 +276,24 @@ async def test_status_answers(
     assert "***" in result.raw["payer"]["partyId"]  # the number is masked in what is kept
 
 
-@pytest.mark.parametrize(("status", "outcome"), sorted(STATUS.items()))
+# What each MTN status means, written out: parametrized from the adapter's own STATUS, the row test followed any
+# entry changed there (TIMEOUT read as a failure rather than "not approved in time") instead of catching it.
+MEANING = {
+    "PENDING": ProviderOutcome.PENDING,
+    "CREATED": ProviderOutcome.PENDING,
+    "ONGOING": ProviderOutcome.PENDING,
+    "SUCCESSFUL": ProviderOutcome.SUCCEEDED,
+    "FAILED": ProviderOutcome.FAILED,
+    "REJECTED": ProviderOutcome.CANCELLED,
+    "TIMEOUT": ProviderOutcome.EXPIRED,
+}
+
+
+def test_every_status_the_adapter_knows_is_pinned_here() -> None:
+    assert set(STATUS) == set(MEANING)
+
+
+@pytest.mark.parametrize(("status", "outcome"), sorted(MEANING.items()))
 async def test_status_table_row(fake: FakeProvider, status: str, outcome: ProviderOutcome) -> None:
     body = {**load("mtn_momo", "status_pending.json"), "status": status}
     fake.expect("POST", "/collection/token/", 200, load("mtn_momo", "token.json"))

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 
 from channels.sms.jobs import SmsJobs, message_key, send_limit
 from core.db import utcnow
-from core.models import Member, OutboxJob, SmsMessage
+from core.models import Cooperative, Member, OutboxJob, SmsMessage
 from core.notify import send_sms
 from core.outbox import RetryLater
 from core.phone import Phone
@@ -68,6 +68,22 @@ async def test_receipt_goes_out_through_the_simulator(
     assert (row.encoding, row.segments, row.length) == ("GSM-7", inbox[0]["segments"], len(row.body))
     assert row.idempotency_key == "receipt-1" and row.language == "rw" and row.phone_masked == "+25078****001"
     assert row.sent_at is not None
+
+
+async def test_a_message_of_two_parts_is_recorded_as_two(rt: Any, demo: dict[str, Any], sim: Any, worker: Any) -> None:
+    """The row says how many parts the SMS took (GET /v1/messages `segments`: what the cooperative pays for). A receipt
+    naming a long cooperative goes past 160 septets: two parts of 153, recorded as two, as the aggregator counted."""
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(Cooperative).where(Cooperative.id == demo["cooperative_id"]).values(
+            name="Koperative y'Abahinzi n'Aborozi b'Inka n'Ihene ba Kigali Heights na Nyarutarama Bishyize Hamwe"))
+    payment = await make_payment(rt, demo["cooperative_id"], account=ALINE, member_id=demo["members"][ALINE])
+    await queue_receipt(rt, demo, payment.id)
+    assert await drain(worker) == 1
+    [row] = await sms_rows(rt)
+    [sent] = sim.messages(ALINE)
+    assert sent["message"] == row.body and 160 < len(row.body) <= 306
+    assert (row.status, row.encoding, row.length, row.segments) == ("SENT", "GSM-7", len(row.body), 2)
+    assert sent["segments"] == 2
 
 
 async def test_duplicate_events_send_one_sms(rt: Any, demo: dict[str, Any], sim: Any, worker: Any) -> None:
