@@ -135,3 +135,12 @@ def test_an_amount_is_written_as_its_readers_language_writes_numbers() -> None:
     assert Money(5000, "BIF").format("fr") == "5 000 BIF"
     assert Money(150050, "KES").format("fr") == "1 500,50 KES"
     assert [Money(150050, "KES").format(lang) for lang in (None, "en", "rw", "sw")] == ["1,500.50 KES"] * 4
+
+
+def test_amounts_of_two_currencies_are_never_ordered() -> None:
+    """5 KES is neither more nor less than 3 RWF: every comparison refuses, as adding them does."""
+    kes, rwf = Money(500, "KES"), Money(3, "RWF")
+    for compare in (lambda: kes < rwf, lambda: kes <= rwf, lambda: kes > rwf, lambda: kes >= rwf):
+        with pytest.raises(MoneyError, match="cannot combine KES with RWF"):
+            compare()
+    assert Money(3, "RWF") < Money(4, "RWF") <= Money(4, "RWF")
