@@ -1,7 +1,7 @@
 """What the providers said about a payment or a refund, for the support desk and disputes ("MTN says she paid at
 10:02": did its callback come, and what did the gateway do with it?).
 
-Each provider callback is kept as received (core.payments, one row per provider and event id): a collection's
+Each provider callback is kept as received (core.provider_events, one row per provider and event id): a collection's
 callback with its payment, a refund's with its refund and that refund's payment (core.refunds._link_event). These
 routes list a payment's (its collection's and its refunds') and a refund's, newest first: who sent it, what it
 reported (`status`), what the gateway made of it (`outcome`: completed, duplicate, already_completed, late_completed,

@@ -58,22 +58,24 @@ from core.money import Money
 from core.payments import (
     METHOD_OPERATOR,
     METHODS,
-    RECORDED,
     NewPayment,
-    StatementLine,
-    cancel_payment,
     collected_to_credit,
     create_payment,
     load_context,
     payer_index_guess,
+    review_flags,
+)
+from core.phone import PhoneError, normalize
+from core.provider_events import cancel_payment
+from core.ratelimit import Limit
+from core.recorded_payments import (
+    RECORDED,
+    StatementLine,
     record_collected,
     record_payment,
-    review_flags,
     set_gateway_reference,
     void_recording,
 )
-from core.phone import PhoneError, normalize
-from core.ratelimit import Limit
 from core.state.payment import HELD, PaymentStatus
 
 STATUSES = tuple(s.value for s in PaymentStatus)
@@ -197,7 +199,7 @@ COLLECTED_OUTCOME = obj(
     ["status", "providerTransactionId", "note"],
 )
 # Our request id at a provider, as an admin copies it (a recorded payment's, given with it or after it): a UUID, as
-# core.payments checks it again (_request_reference).
+# core.recorded_payments checks it again (_request_reference).
 GATEWAY_REFERENCE = {"type": "string", "format": "uuid"}
 REVIEW = obj(
     {"note": {"type": "string", "minLength": 3, "maxLength": 300,
@@ -387,8 +389,8 @@ def _review(p: Payment) -> dict[str, Any] | None:
 
 
 def _collected(p: Payment) -> int | str:
-    # Formatted as `amount` is; the webhook's `collectedAmount` (core.payments.event_data) and payments.csv's read
-    # the same.
+    # Formatted as `amount` is; the webhook's `collectedAmount` (core.provider_events.event_data) and payments.csv's
+    # read the same.
     taken = collected_to_credit(p)
     return money_out(taken.minor, taken.currency)
 
@@ -556,7 +558,7 @@ async def get_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 async def record_payment_outcome(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     """Money the provider's statement shows taken, for a payment the gateway gave up on (TIMEOUT, CANCELLED) or
-    one still open past its approval window (core.payments.record_collected)."""
+    one still open past its approval window (core.recorded_payments.record_collected)."""
     payment = await one(ctx, Payment, request.match_info["id"], "payment")
     body = ctx.body
     amount = Money.from_api(body["amount"], payment.currency) if body.get("amount") is not None else None
@@ -581,7 +583,7 @@ async def review_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 async def record_statement_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     """Money a provider's statement shows taken that no payment holds (a payment lost with a restore of PostgreSQL,
-    or money no request of ours asked for), recorded as a COMPLETED payment (core.payments.record_payment). The
+    or money no request of ours asked for), recorded as a COMPLETED payment (core.recorded_payments.record_payment). The
     same callers as recording a payment's outcome; a callback to resolve with it only a super admin's (none is a
     cooperative's: admin_api.provider_callbacks)."""
     body, who = ctx.body, ctx.who
@@ -621,7 +623,8 @@ async def record_statement_payment(request: web.Request, ctx: Ctx) -> web.Stream
 
 async def give_gateway_reference(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     """The request that took a recorded payment's money, found after it was recorded without it
-    (core.payments.set_gateway_reference): its MTN refund can then be sent. The same callers as recording it."""
+    (core.recorded_payments.set_gateway_reference): its MTN refund can then be sent. The same callers as recording
+    it."""
     payment = await one(ctx, Payment, request.match_info["id"], "payment")
     payment = await set_gateway_reference(ctx.session, payment_id=payment.id, cooperative_id=payment.cooperative_id,
                                           gateway_reference=ctx.body["gatewayReference"], actor=ctx.who.actor)
@@ -630,7 +633,7 @@ async def give_gateway_reference(request: web.Request, ctx: Ctx) -> web.StreamRe
 
 
 async def cancel_open_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    """The support desk cancels an open payment (core.payments.cancel_payment). Admins only: a member declines
+    """The support desk cancels an open payment (core.provider_events.cancel_payment). Admins only: a member declines
     the prompt on her phone, the provider's own cancel, which a cancel here cannot replace (the prompt stays
     payable at the provider)."""
     payment = await one(ctx, Payment, request.match_info["id"], "payment")
@@ -641,7 +644,7 @@ async def cancel_open_payment(request: web.Request, ctx: Ctx) -> web.StreamRespo
 
 
 async def void_recorded_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    """The support desk voids a recording of money taken made in error (core.payments.void_recording). The same
+    """The support desk voids a recording of money taken made in error (core.recorded_payments.void_recording). The same
     callers as recording it; another cooperative's payment is not found, as for the reads."""
     payment = await one(ctx, Payment, request.match_info["id"], "payment")
     payment = await void_recording(ctx.session, payment_id=payment.id, cooperative_id=payment.cooperative_id,

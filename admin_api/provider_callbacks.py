@@ -1,7 +1,7 @@
 """Provider callbacks that matched no payment or no refund, for a super admin: list them, and mark one resolved
 with a note.
 
-Such a callback (core.payments.store_unmatched, keep_unmatched) is answered "unknown_payment" (a refund's
+Such a callback (core.unmatched_callbacks.store_unmatched, keep_unmatched) is answered "unknown_payment" (a refund's
 "unknown_refund") so that the provider stops sending it, and is kept here: after PostgreSQL was restored to an
 earlier point, a SUCCEEDED collection is a member's money taken with no payment of ours to credit, and a SUCCEEDED
 refund is money paid out of the cooperative's account with no refund of ours to account for it. It names no
@@ -27,8 +27,8 @@ from admin_api.validation import LIMIT, PAGE, Param, check_path_id
 from core.db import iso_z
 from core.errors import NotFound, ValidationError
 from core.models import ProviderEvent
-from core.payments import RESOLUTION, RESOLVED_OF, UNMATCHED_OF, bounded_body, resolve_unmatched
 from core.ports import EventKind, ProviderOutcome
+from core.unmatched_callbacks import RESOLUTION, RESOLVED_OF, UNMATCHED_OF, bounded_body, resolve_unmatched
 
 CALLBACK = out(
     {
@@ -67,7 +67,7 @@ _UNMATCHED_ONLY = "only callbacks that matched no payment or refund are listed h
 
 def present(row: ProviderEvent) -> dict[str, Any]:
     payload = dict(row.payload) if isinstance(row.payload, dict) else {"body": row.payload}
-    # Ours only once resolved (core.payments.resolve_unmatched): before, a key of that name is the sender's.
+    # Ours only once resolved (core.unmatched_callbacks.resolve_unmatched): before, a key of that name is the sender's.
     resolution = payload.pop(RESOLUTION, None) if row.outcome in RESOLVED_OF.values() else None
     return {
         "id": row.id,
@@ -77,7 +77,7 @@ def present(row: ProviderEvent) -> dict[str, Any]:
         "status": row.status,
         "receivedAt": iso_z(row.received_at),
         # Bounded here too: a signed callback for no payment was stored whole (up to the 64 KiB body limit) before
-        # core.payments.keep_unmatched bounded it.
+        # core.unmatched_callbacks.keep_unmatched bounded it.
         "payload": bounded_body(payload),
         "outcome": row.outcome,
         "resolution": resolution if isinstance(resolution, dict) else None,

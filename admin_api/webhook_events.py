@@ -1,10 +1,10 @@
 """The webhook events the gateway sends to cooperatives' systems, described for the OpenAPI document (its 3.1
 `webhooks`): one entry per type core.webhooks.EVENTS lists (fan_out parks any other as a bad payload, so no
 other is ever sent), its body the envelope core.webhooks.envelope builds, its `data` the one the event's subject
-builds (core.payments.event_data, core.refunds.refund_data, core.disputes.dispute_data; the subject is the type's
+builds (core.provider_events.event_data, core.refunds.refund_data, core.disputes.dispute_data; the subject is the type's
 first word, as core.webhooks.event_subject reads it), with `reportedPayment` for the events about money a provider
-reported (core.payments._emit_reported's, which core.webhooks.MAY_FOLLOW lists: one it left out would be given up).
-The data's fields are each required and no other is allowed: a field added to a builder and not here fails the
+reported (core.provider_events._emit_reported's, which core.webhooks.MAY_FOLLOW lists: one it left out would be given
+up). The data's fields are each required and no other is allowed: a field added to a builder and not here fails the
 tests that validate real deliveries against this (tests/admin_api/test_webhook_events_documented.py)."""
 
 from __future__ import annotations

@@ -29,14 +29,7 @@ from core.outbox import (
     enqueue,
     handler_timeout,
 )
-from core.payments import (
-    CONTESTED_JOB,
-    WATCH_AFTER_CANCEL,
-    WATCH_JOB,
-    apply_collection_outcome,
-    flag_contested,
-    payment_account,
-)
+from core.payments import payment_account
 from core.phone import Phone
 from core.ports import (
     AWAITING_CONFIGURATION,
@@ -51,11 +44,13 @@ from core.ports import (
     RefundRequest,
     StatusResult,
 )
+from core.provider_events import WATCH_AFTER_CANCEL, WATCH_JOB, apply_collection_outcome
 from core.reference_mark import ReferenceWatch
 from core.refunds import apply_kept_refusal, apply_refund_outcome, collected, paying_number_changed
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN, PAYMENT, UNCONFIRMED, PaymentStatus
 from core.state.refund import REFUND, RefundStatus
+from core.transaction_ids import CONTESTED_JOB, flag_contested
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
@@ -378,7 +373,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 metrics.PAYMENTS.labels(status="PROCESSING", method=payment.method).inc()
             except StaleTransition:
                 # A callback already settled it, or its cooperative cancelled it while this request was on its way
-                # (core.payments.cancel_payment): the provider may still take the money, so its ids are kept for
+                # (core.provider_events.cancel_payment): the provider may still take the money, so its ids are kept for
                 # the status queries after the cancel and for a callback to find it (M-Pesa's CheckoutRequestID),
                 # never over one stored meanwhile.
                 if given:
@@ -523,7 +518,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             raise RetryLater(IN_FLIGHT_POLL_SECONDS, ask_again)
 
     async def watch_after_cancel(job: Job) -> None:
-        """A payment its cooperative cancelled (core.payments.cancel_payment) while the provider may hold its
+        """A payment its cooperative cancelled (core.provider_events.cancel_payment) while the provider may hold its
         request: the member may still approve the prompt (or pay the bank invoice), and MTN tells that once, by a
         callback that may be lost. Asked as an open payment is (poll), until the provider's answer is final; a
         success then completes it late (CANCELLED -> COMPLETED, its receipt and webhook event). Still waiting for

@@ -752,7 +752,8 @@ async def _erase_payments(session: AsyncSession, hers: _Hers) -> int:
     in `failure_reason`; on both, the request's hash (a payment's covers the account, a refund's the reason). What
     the gateway wrote (statuses, flags and what a review cleared, who and when), amounts, references and provider
     transaction ids stay: the reconciliation reads those, never the text."""
-    from core.payments import CANCELLED_BY_COOPERATIVE, VOIDED_RECORDING
+    from core.provider_events import CANCELLED_BY_COOPERATIVE
+    from core.recorded_payments import VOIDED_RECORDING
     from core.refunds import BY_A_PERSON
 
     of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at)

@@ -122,8 +122,8 @@ SYNC_HELD_BACK = Gauge("gateway_payment_sync_held_back_seconds", "Seconds the pa
                        "by the oldest transaction writing payments, at the last sync page served", registry=REGISTRY)
 REMINDERS_SKIPPED = Counter("gateway_reminders_skipped_total", "Queued reminders not sent, by reason", ["reason"],
                             registry=REGISTRY)
-# A provider callback about a payment or refund the gateway does not have (core.payments.report_unmatched): with
-# outcome SUCCEEDED money moved that nothing of ours records (PostgreSQL restored to an earlier point, say): kind
+# A provider callback about a payment or refund the gateway does not have (core.unmatched_callbacks.report_unmatched):
+# with outcome SUCCEEDED money moved that nothing of ours records (PostgreSQL restored to an earlier point, say): kind
 # "collection", a member's money taken with no payment to credit; kind "refund", money paid out of the
 # cooperative's account with no refund to account for it. Alert on any increase; a person lists them with
 # GET /v1/provider-callbacks?unmatched=true&resolved=false. Labels bounded: a configured provider's name, the

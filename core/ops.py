@@ -14,9 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core import reference_mark
 from core.db import utcnow
 from core.models import OutboxJob, Payment, ProviderEvent, SmsMessage, UssdSession, WebhookDelivery, WebhookEndpoint
-from core.payments import UNMATCHED, UNMATCHED_REFUND
 from core.retention import NO_MONEY_MOVED
 from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SKIPPED, SmsStatus
+from core.unmatched_callbacks import UNMATCHED, UNMATCHED_REFUND
 from core.webhooks import held_reason
 
 log = logging.getLogger("gateway.ops")

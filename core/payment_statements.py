@@ -1,7 +1,8 @@
 """PostgreSQL statements that do a payment's several writes in one round trip (data-modifying CTEs).
 
 Each is built once per shape and reused: SQLAlchemy then compiles it once, and asyncpg prepares it once
-per connection. SQLite has no data-modifying CTEs; core.payments runs the same writes one by one there.
+per connection. SQLite has no data-modifying CTEs; core.payments and core.provider_events run the same writes one by one
+there.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def stored_and_locked(by_transaction: bool, lock_id: bool = False) -> Any:
     reference, or its provider transaction id when `by_transaction`).
 
     `lock_id`: the payment's row locked first, then the transaction id's lock (parameter id_key, the key of
-    core.payments' _ID_LOCK), taken only when a payment is found: WITH ..., p AS MATERIALIZED (SELECT ... FOR
+    core.transaction_ids' _ID_LOCK), taken only when a payment is found: WITH ..., p AS MATERIALIZED (SELECT ... FOR
     UPDATE) SELECT p.*, pg_advisory_xact_lock(hashtext(:id_key)) FROM p. The outer projection runs on the rows
     the CTE gives, each locked already: the order every path takes the two locks in (see _held_elsewhere)."""
     table = table_of(ProviderEvent)

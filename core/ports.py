@@ -34,7 +34,7 @@ class EventKind(StrEnum):
 # The provider's id of the money a success reports, in a callback's raw body (set by the adapter when the payment's
 # provider_transaction_id names the request, not the money: IremboPay's paymentReference, one per payment of an
 # invoice) and in every stored success (the core writes the final id there otherwise): a success naming another
-# one than an earlier success of the payment is a second payment (core.payments._second_payment).
+# one than an earlier success of the payment is a second payment (core.provider_events._second_payment).
 MONEY_REFERENCE = "money_reference"
 
 
@@ -121,7 +121,7 @@ class StatusResult:
 REFUND_UNSUPPORTED = "REFUND_UNSUPPORTED"
 
 # How the provider reference of a payment recorded from a provider's statement starts when the request that took its
-# money is not known (core.payments.record_payment): no provider was ever sent it, so a refund that names that
+# money is not known (core.recorded_payments.record_payment): no provider was ever sent it, so a refund that names that
 # request (MTN's referenceIdToRefund) is refused before it is sent (core.refunds; the MTN adapter too).
 REQUEST_UNKNOWN = "recorded:"
 

@@ -307,9 +307,9 @@ def _request_to_refund_known(payment: Payment, provider: PaymentProvider) -> Non
     """A Conflict, before anything is queued, for a refund its provider cannot be sent: one its provider's optional
     `refund_rule` refuses for the payment's transaction id (M-Pesa: no receipt number yet), and one whose refund names
     the request that took the money (`refund_names_request`: MTN's referenceIdToRefund), of a payment recorded from
-    the statement without that request's reference (core.payments.request_unknown). Sent, the provider would refuse
-    it (it never had the value the payment holds) and the refund would fail at the provider."""
-    from core.payments import request_unknown  # local: core.payments reaches back into this module
+    the statement without that request's reference (core.recorded_payments.request_unknown). Sent, the provider would
+    refuse it (it never had the value the payment holds) and the refund would fail at the provider."""
+    from core.recorded_payments import request_unknown  # local: the payment modules reach back into this module
 
     rule = getattr(provider, "refund_rule", None)
     problem = rule(payment.provider_transaction_id) if callable(rule) else None
@@ -342,7 +342,7 @@ async def _paying_number_change(session: AsyncSession, payment: Payment) -> str 
     her, or the number a TYPO correction replaced: its holder paid) gets its money back as before, as does one no
     correction has given to anyone since. Her own: the payment's masked number is one of those she held
     (core.members.number_history; two numbers masked alike are asked about, the safe side)."""
-    from core.payments import METHOD_NAMES  # local: core.payments reaches back into this module
+    from core.payments import METHOD_NAMES  # local: the payment modules reach back into this module
 
     if payment.method not in METHOD_NAMES or payment.payment_account_index is None:
         return None
@@ -362,7 +362,7 @@ async def _paying_number_still_hers(session: AsyncSession, payment: Payment) -> 
     """A Conflict, before anything is queued, for a refund that would go to a number no longer its payer's
     (_paying_number_change). The admin says it goes there all the same (`toPayingNumber`), or pays her another way
     and records that."""
-    from core.payments import METHOD_NAMES  # local: core.payments reaches back into this module
+    from core.payments import METHOD_NAMES  # local: the payment modules reach back into this module
 
     change = await _paying_number_change(session, payment)
     if change is None:
@@ -420,7 +420,7 @@ async def payer_to_tell(session: AsyncSession, cipher: PiiCipher, payment: Payme
     not who holds the number now (the cooperative's records say who does). One probe of the number's corrections
     (none past the age limit), for a payment of no member only (None for any other: a member's SMS goes to her, a
     bank payment has no number). `kind`: what `about` is, the audit row's entity type."""
-    from core.payments import payer_phone  # local: core.payments reaches back into this module
+    from core.payments import payer_phone  # local: the payment modules reach back into this module
 
     phone = payer_phone(cipher, payment)
     if phone is None:
@@ -440,11 +440,12 @@ async def payer_to_tell(session: AsyncSession, cipher: PiiCipher, payment: Payme
 
 async def _recording_not_contested(session: AsyncSession, payment: Payment) -> None:
     """A Conflict, before anything is queued, for a refund sent to the provider of a payment recorded from the
-    statement whose transaction id a payment of another cooperative holds too (core.payments._contest): the provider
-    reported that id for the other cooperative's own request, so the money is not this recording's, and a refund
-    naming it (Airtel's, M-Pesa's reversal) would give the other cooperative's member her money back while her
+    statement whose transaction id a payment of another cooperative holds too (core.transaction_ids._contest): the
+    provider reported that id for the other cooperative's own request, so the money is not this recording's, and a
+    refund naming it (Airtel's, M-Pesa's reversal) would give the other cooperative's member her money back while her
     payment keeps counting it. One probe of ix_payments_transaction_id; refunds are no hot path."""
-    from core.payments import RECORDED, held_by_another_cooperative  # local: core.payments imports this module
+    from core.recorded_payments import RECORDED
+    from core.transaction_ids import held_by_another_cooperative  # local: the payment modules import this module
 
     txn = payment.provider_transaction_id
     if payment.channel != RECORDED or not txn or not await held_by_another_cooperative(session, payment, txn):
@@ -504,7 +505,7 @@ def _checked_return(returned: ReturnedByProvider, payment: Payment) -> ReturnedB
     if not 1 <= len(txn) <= 128 or not txn.isprintable():
         raise ValidationError("returnedByProvider.providerTransactionId must be 1 to 128 printable characters: the "
                               "provider's id of the reversal", field="returnedByProvider")
-    from core.payments import check_statement_time  # local: core.payments reaches back into this module
+    from core.recorded_payments import check_statement_time  # local: the payment modules reach back into this module
 
     check_statement_time(returned.completed_at, payment.completed_at or payment.created_at,
                          "the payment's money was taken", "returnedByProvider.completedAt")
@@ -518,13 +519,13 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
                                amount: Money | None = None) -> str:
     """`occurred_at`: when the provider (or an admin, from its statement) says the money went back; the refund's
     completion is dated so, within its request (`not_before`: another floor, as a chargeback recorded after it
-    happened) and now (core.payments.money_moved_at). `tell_paying_number`: False when the number that paid is no
+    happened) and now (core.provider_events.money_moved_at). `tell_paying_number`: False when the number that paid is no
     longer its payer's (paying_number_changed): a payment of no member's SMS is not sent to its new holder.
     `amount`: what the provider says it sent back, when it says: a success for another amount (or currency) than
     the refund's completes it all the same (the provider says the money moved) with the payment flagged, audited
     and logged for a person (_amount_differs); the refund's amount is what is counted until that person corrects
     it with the provider."""
-    from core.payments import money_moved_at  # local: core.payments reaches back into this module
+    from core.provider_events import money_moved_at  # local: the payment modules reach back into this module
 
     current = R(refund.status)
     final = current in (R.COMPLETED, R.FAILED)
@@ -577,8 +578,8 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
             # Money taken after the payment failed, given back: the payment stays FAILED (a final state is
             # never reopened); what went back is counted on it. (Or a payment already REFUNDED whose failed
             # refund went through after all: the member was paid back twice; flagged by _sent_after_failure.
-            # Or a voided recording's (core.payments.void_recording, allowed once its refunds had FAILED): it stays
-            # VOIDED, the money that left is counted on it, flagged by _sent_after_failure.)
+            # Or a voided recording's (core.recorded_payments.void_recording, allowed once its refunds had FAILED): it
+            # stays VOIDED, the money that left is counted on it, flagged by _sent_after_failure.)
             await session.execute(update(Payment).where(Payment.id == payment.id)
                                   .values(refunded_minor=refunded, updated_at=utcnow()))
             action = ("payment.refunded_after_failure" if taken_after_failure(payment)
@@ -700,7 +701,7 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
 async def _flag(session: AsyncSession, payment: Payment, detail: str) -> None:
     """Flag the payment for a person (`mismatch`), keeping what an earlier flag said (an amount mismatch, a refund
     paid twice): the newest last, within the column (core.payments.add_flag)."""
-    from core.payments import add_flag  # local: core.payments reaches back into this module
+    from core.payments import add_flag  # local: the payment modules reach back into this module
 
     detail = add_flag(payment.mismatch_detail, detail)
     payment.mismatch_detail = detail
@@ -809,7 +810,7 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
                                      field="providerTransactionId")
     if completed_at is not None and not succeeded:
         raise ValidationError("completedAt is for a refund that went through (status COMPLETED)", field="completedAt")
-    from core.payments import check_statement_time  # local: core.payments reaches back into this module
+    from core.recorded_payments import check_statement_time  # local: the payment modules reach back into this module
 
     check_statement_time(completed_at, refund.created_at, "the refund was asked for")
     await record(session, actor=actor, action="refund.outcome_recorded", entity_type="refund", entity_id=refund.id,
@@ -963,7 +964,7 @@ async def _find_refund(session: AsyncSession, event: ProviderEventData, outcome:
 async def _link_event(session: AsyncSession, event_row_id: str, refund: Refund, outcome: str,
                       payload: dict[str, Any] | None = None) -> None:
     """The stored callback names its refund and the refund's payment, with what applying it did (`outcome`), in the
-    transaction that applied it, as a payment's callback does (core.payments._set_outcome): a refund's callbacks
+    transaction that applied it, as a payment's callback does (core.provider_events._set_outcome): a refund's callbacks
     are found from it (by payment_id's index, then refund_id). Before, all three stayed NULL: nothing led from a
     refund to its callbacks."""
     events = table_of(ProviderEvent)
@@ -1035,10 +1036,11 @@ async def apply_kept_refusal(session: AsyncSession, refund: Refund, provider_tra
 async def handle_refund_event(rt: Runtime, event: ProviderEventData) -> str:
     """Store a refund callback once, confirm it by the provider's refund status query when it is unsigned
     (as collection callbacks are), and apply it. Returns the outcome. One that matches no refund of ours is kept
-    (outcome "unknown_refund", its body bounded), counted and logged as a payment's is (core.payments.
+    (outcome "unknown_refund", its body bounded), counted and logged as a payment's is (core.unmatched_callbacks.
     report_unmatched), for a super admin to list and resolve (GET /v1/provider-callbacks)."""
-    # local: core.payments reaches back into this module
-    from core.payments import UNMATCHED_REFUND, already_stored, keep_unmatched, report_unmatched, store_unmatched
+    # local: the payment modules reach back into this module
+    from core.provider_events import already_stored
+    from core.unmatched_callbacks import UNMATCHED_REFUND, keep_unmatched, report_unmatched, store_unmatched
 
     actor = Actor(f"provider:{event.provider}", "provider")
     outcome, txn, reason = event.outcome, event.provider_transaction_id, event.reason

@@ -43,7 +43,7 @@ FLAGGED_IN = (*BASES, "refunded")
 TAKEN = func.coalesce(Payment.collected_minor, Payment.amount_minor)
 # A payment whose money `collected` counts: `collectedCount` counts those, one a line of the provider's statement. Not
 # one that holds nothing: its money taken in another currency, or the same statement line as another payment's (a
-# transaction id held twice, core.payments._flag_held_twice: counted on the other).
+# transaction id held twice, core.transaction_ids._flag_held_twice: counted on the other).
 COUNTED = func.count(Payment.id).filter(TAKEN > 0)
 # The audit actions that record a payment's money moving (its completed_at set, once): the move to COMPLETED
 # (core.state.transition audits it as <machine>.<target>: a provider's answer, or an admin's statement line through
@@ -280,7 +280,7 @@ async def _recorded_later(session: AsyncSession, scope: Scope, start: datetime |
     recorded later and dated by the provider's statement (created after the end), or a refund asked for in time
     whose completion an admin or the provider's late answer dated back into it (it became COMPLETED, its
     updated_at, after the end: a COMPLETED refund is never changed again). The period's `settled` figures changed
-    after it closed (core.payments.money_moved_at); these are the refunds that changed them. None while the
+    after it closed (core.provider_events.money_moved_at); these are the refunds that changed them. None while the
     period is open-ended."""
     if end is None:
         return [], 0
@@ -316,7 +316,7 @@ async def _payments_recorded_later(session: AsyncSession, scope: Scope, start: d
     """Payments collected in the period (in its `settled` lines: completed_at in it, money held) whose completion
     was recorded at or after its end: a bank payment paid at 23:59:59 on the 31st whose webhook came after midnight
     (the provider's paidAt dates it), a provider's late answer, or an admin's statement line recorded with a
-    `completedAt` in the period (core.payments.money_moved_at). The period's `settled` collections grew after it
+    `completedAt` in the period (core.provider_events.money_moved_at). The period's `settled` collections grew after it
     closed; these are the payments that grew them, with when and by whom the completion was recorded (the first of
     COMPLETION_ACTIONS in the audit log: a payment's updated_at cannot tell, a refund or a flag changes it later).
     A recording voided since stays named (VOIDED, with what it counted and the id it held until the void):
@@ -382,7 +382,7 @@ async def _payments_recorded_later(session: AsyncSession, scope: Scope, start: d
     return listed, int(count)
 
 
-# The audit action of a recording voided (core.payments.void_recording: the move to VOIDED, audited as
+# The audit action of a recording voided (core.recorded_payments.void_recording: the move to VOIDED, audited as
 # <machine>.<target> with the note, and the collected figure and transaction id it cleared in its before).
 VOID_ACTION = f"{PAYMENT.name}.{PaymentStatus.VOIDED.value.lower()}"
 
@@ -390,8 +390,8 @@ VOID_ACTION = f"{PAYMENT.name}.{PaymentStatus.VOIDED.value.lower()}"
 async def _payments_voided_later(session: AsyncSession, scope: Scope, start: datetime | None,
                                  end: datetime | None) -> tuple[list[dict[str, Any]], int]:
     """Recordings of money taken dated in the period (their completed_at in it, which a void keeps) and voided at
-    or after its end (core.payments.void_recording): the period's `settled` collections shrank after it closed (a
-    VOIDED payment holds nothing), and nothing else in the report says so (a void is not flagged, and the payment
+    or after its end (core.recorded_payments.void_recording): the period's `settled` collections shrank after it closed
+    (a VOIDED payment holds nothing), and nothing else in the report says so (a void is not flagged, and the payment
     may have been asked for in another period). These are the payments that shrank them, with what each counted
     (`collected`, the void's audit row's before), when and by whom it was voided and why. None while the period is
     open-ended. A payment is voided once (VOIDED is final): one audit row each."""
@@ -441,7 +441,7 @@ async def _settled(session: AsyncSession, scope: Scope, start: datetime | None, 
     in; a refund goes back through its payment's provider). A method routed through another provider part-way
     through a period (PAYMENT_ROUTES) has a line per provider. A period that has ended keeps these figures (a refund
     made later is in the later period's, not this one's), except for money the provider dates in it and the
-    gateway learns of later (core.payments.money_moved_at)."""
+    gateway learns of later (core.provider_events.money_moved_at)."""
     collected_rows = (
         await session.execute(
             _in_period(
@@ -637,7 +637,7 @@ async def _stream(
     once, and completed_at once, when the money moves (from NULL, never moved or cleared after). The file is no
     longer one snapshot, which is accepted: a row committed during the download is in it if it sorts after the rows
     already read (a payment asked for meanwhile; for basis=completed, money that moved meanwhile, unless the
-    provider dated it back before them, core.payments.money_moved_at), and a row is as its batch found it (a
+    provider dated it back before them, core.provider_events.money_moved_at), and a row is as its batch found it (a
     status changed meanwhile shows, and a row that no longer matches status= or basis=completed's money held is
     left out). On a quiet database the file is the one a single snapshot gave, byte for byte.
 

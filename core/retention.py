@@ -8,7 +8,7 @@ What goes, and what stays (each period an environment variable; 0 keeps that kin
 - ussd_sessions: sessions started and ended more than RETENTION_USSD_SESSIONS_DAYS (90) ago (one the aggregator
   never reported ended counts from its start: a USSD session lasts minutes).
 - provider_events: only callbacks for an unknown payment or refund (outcome "unknown_payment" or
-  "unknown_refund", no payment; see core.payments.store_unmatched) received more than
+  "unknown_refund", no payment; see core.unmatched_callbacks.store_unmatched) received more than
   RETENTION_UNKNOWN_CALLBACKS_DAYS (30) ago, and not one under which money may have moved until a person has
   resolved it (outcome "unknown_payment_resolved" or "unknown_refund_resolved",
   POST /v1/provider-callbacks/{id}/resolve): unresolved, only one whose final word is that no money moved (status
@@ -53,8 +53,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from core.config import ConfigError
 from core.db import align_clock, table_of, utcnow
 from core.models import OutboxJob, ProviderEvent, SmsMessage, UsedRefreshToken, UssdSession, WebhookDelivery
-from core.payments import RESOLVED_OF
 from core.ports import ProviderOutcome
+from core.unmatched_callbacks import RESOLVED_OF
 
 DEFAULT_DAYS = {
     "RETENTION_OUTBOX_DONE_DAYS": 30,
@@ -147,8 +147,8 @@ def _old_sessions(cutoff: datetime) -> ColumnElement[bool]:
 
 
 _EVENTS = table_of(ProviderEvent)
-# The outcomes core.payments gives a callback no payment or refund matched (UNMATCHED, UNMATCHED_REFUND), and one
-# a person resolved since (UNMATCHED_RESOLVED, UNMATCHED_REFUND_RESOLVED); and the statuses of one saying, for
+# The outcomes core.unmatched_callbacks gives a callback no payment or refund matched (UNMATCHED, UNMATCHED_REFUND), and
+# one a person resolved since (UNMATCHED_RESOLVED, UNMATCHED_REFUND_RESOLVED); and the statuses of one saying, for
 # good, that no money moved (none taken from a member, none paid out to one). Any other (SUCCEEDED, AMBIGUOUS,
 # PENDING, one unknown) may be money moved: kept until resolved.
 UNKNOWN_CALLBACKS = tuple(RESOLVED_OF)

@@ -389,7 +389,7 @@ async def resume_for_domain(session: AsyncSession, domain: ApprovedDomain) -> in
 
 # An event also sent to the endpoints of the event it follows: a system told a payment failed is told when the
 # provider took the money after all, and one told a payment completed when that recording was voided
-# (core.payments.void_recording) (it was never told, unless it had asked for an event it did not know of).
+# (core.recorded_payments.void_recording) (it was never told, unless it had asked for an event it did not know of).
 FOLLOWS = {"payment.taken_after_failure": "payment.failed", "payment.voided": "payment.completed"}
 
 
@@ -404,8 +404,8 @@ def subscribed(events: list[str], event_type: str, told: tuple[str, ...] = ()) -
     return not wanted.isdisjoint(events)
 
 
-# What an event's `follows` can name (core.payments._told: the outcome a system was last told of the payment), for
-# the events queued with one (core.payments._emit_reported). A delivery does not keep its event's `follows`.
+# What an event's `follows` can name (core.provider_events._told: the outcome a system was last told of the payment),
+# for the events queued with one (core.provider_events._emit_reported). A delivery does not keep its event's `follows`.
 TOLD = ("payment.completed", "payment.taken_after_failure", "payment.failed", "payment.voided", "payment.timeout")
 # Every event _emit_reported queues: one left out here is given up at delivery (deliver) and by any change of events.
 # payment.taken_after_void is only ever queued for a VOIDED payment, which _told names payment.voided.

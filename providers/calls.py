@@ -274,7 +274,7 @@ _COMPACT = "%Y%m%d%H%M%S"  # M-Pesa's TransactionDate and TransCompletedTime: 20
 def provider_time(value: object, zone: tzinfo = UTC) -> datetime | None:
     """When a provider says something happened, in UTC: an ISO 8601 date-time (without an offset: in `zone`) or
     M-Pesa's compact YYYYMMDDHHMMSS (a number or a string, in `zone`). None for anything else: the time only
-    dates the money in the reports (core.payments.money_moved_at), so a provider writing it oddly costs the
+    dates the money in the reports (core.provider_events.money_moved_at), so a provider writing it oddly costs the
     exact time, never the callback."""
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
         return None

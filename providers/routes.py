@@ -162,7 +162,7 @@ async def provider_callback(request: web.Request) -> web.Response:
         response.headers["Retry-After"] = "5"
         return response
 
-    from core.payments import handle_provider_event  # core imports providers' callers, not the reverse
+    from core.provider_events import handle_provider_event  # core imports providers' callers, not the reverse
 
     try:
         outcome = await handle_provider_event(rt, event)
@@ -170,7 +170,7 @@ async def provider_callback(request: web.Request) -> web.Response:
         # An unsigned callback could not be confirmed by a status query (provider unreachable): nothing
         # was recorded, so the provider must send it again. 503 tells it to, where a 500 says we broke.
         # (A provider that never resends, M-Pesa, has its callback kept for the poll instead and gets its 200:
-        # core.payments._unconfirmed.)
+        # core.provider_events._unconfirmed.)
         log.warning("provider callback not confirmed; asked to retry",
                     extra={"provider": name, "event_id": event.event_id, "error": str(exc)})
         await _release(adapter, callback)
@@ -210,7 +210,7 @@ async def test_callback(request: web.Request) -> web.Response:
 
     `{"gatewayReference", "status": COMPLETED|FAILED|CANCELLED|TIMEOUT, "gatewayTransactionId"?,
     "failureReason"?, "gatewayData": {"amount"?}}`; gatewayReference is the payment's (GET /v1/payments/{id})."""
-    from core.payments import apply_collection_outcome  # core imports providers' callers, not the reverse
+    from core.provider_events import apply_collection_outcome  # core imports providers' callers, not the reverse
 
     rt = request.config_dict[RUNTIME]
     limited = await _rate_limited(request, rt)

@@ -19,8 +19,9 @@ from admin_api.webhooks import ENDPOINT_CREATE
 from core import webhooks
 from core.audit import Actor
 from core.models import AuditEvent, OutboxJob, Payment, ProviderEvent, WebhookDelivery
-from core.payments import KEPT_TRANSACTION_ID, UNCONFIRMED, UNCONFIRMED_FLAG, apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import KEPT_TRANSACTION_ID, UNCONFIRMED_FLAG, apply_collection_outcome
+from core.state.payment import UNCONFIRMED
 from tests.core.test_provider_faults_mpesa import QUERY, RECEIPT, _payment, _pushed, _stk_callback
 from tests.core.test_webhooks import approved_endpoint
 from tests.providers.test_irembopay_ambiguous import INVOICE

@@ -701,7 +701,7 @@ async def _member_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | 
 
 
 # Receipts worth sending only while the payment still holds the money they say was received: one queued before
-# its recording was voided (core.payments.void_recording) and sent after it (the worker or the aggregator was
+# its recording was voided (core.recorded_payments.void_recording) and sent after it (the worker or the aggregator was
 # down meanwhile) would tell the member she paid what the cooperative has just taken off her record. (Money taken
 # after a failure is told too: the payment stays FAILED, which is never voided, but the text says money is held.)
 RECEIPT_TEMPLATES = frozenset({"payment_receipt", "payment_late_receipt", "payment_taken_after_failure"})

@@ -94,8 +94,8 @@ def reason_key(reason: str | None) -> str:
     # The providers' codes and the adapters' own words for them (providers/*/adapter.py REASON_WORDS, REASONS),
     # which are what a payment stores: tests/channels/sms/test_reason_words.py feeds every one of them through.
     rules = (
-        # Its cooperative's support desk cancelled it (core.payments.CANCELLED_BY_COOPERATIVE): first, as the admin's
-        # note after it is free text ("the prompt never reached her") that the rules below would misread.
+        # Its cooperative's support desk cancelled it (core.provider_events.CANCELLED_BY_COOPERATIVE): first, as the
+        # admin's note after it is free text ("the prompt never reached her") that the rules below would misread.
         ("cancelled_by_cooperative", ("cancelled by the cooperative",)),
         # Our outage, not the payer's doing: the request never reached the provider (core.jobs.PROVIDER_UNREACHABLE).
         ("provider_unreachable", ("provider unreachable", "never reached the provider")),
@@ -266,7 +266,7 @@ class PaymentFacts(NamedTuple):
     coop_name: str
     coop_timezone: str
     coop_ussd_extension: str | None
-    collected_minor: int | None  # set when the provider reported taking another amount (core.payments)
+    collected_minor: int | None  # set when the provider reported taking another amount (core.provider_events)
     coop_ussd_aggregator: str | None  # the aggregator whose code the member dials (None: the default code)
     provider: str  # the payment's provider, asked whether its transaction id is one the payer sees
 

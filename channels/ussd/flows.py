@@ -1047,7 +1047,7 @@ async def _waiting(ctx: Ctx, reference: str) -> str:
     her phone, or the provider may be down with its collect job retrying (no prompt yet); a second payment would be
     collected too once the provider answers. She is told which payment waits, not to pay again, and that an SMS
     comes if it cannot be completed (every payment that fails, is cancelled or times out sends one:
-    core.payments._FAILED_TARGET; one that completes sends the receipt).
+    core.provider_events._FAILED_TARGET; one that completes sends the receipt).
 
     The open payment is the one this route reserved ("rr": a resumed confirmation whose payment was made by the
     session it resumes): shown as before (_earlier_payment), as the one she made. Refused a balance, she is told the

@@ -22,7 +22,7 @@ class PaymentStatus(StrEnum):
     PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
     REFUNDED = "REFUNDED"
     # An admin's recording of money taken (POST /v1/payments/recorded, /outcome) made in error and voided
-    # (core.payments.void_recording): nothing collected, final.
+    # (core.recorded_payments.void_recording): nothing collected, final.
     VOIDED = "VOIDED"
 
 
@@ -46,7 +46,7 @@ PAYMENT = StateMachine(
         P.REFUNDED: frozenset(),
         P.FAILED: frozenset(),
         # Final: a provider's success reported afterwards is flagged for a person, never completes it
-        # (core.payments._apply_outcome), and the right statement line is recorded as a payment of its own.
+        # (core.provider_events._apply_outcome), and the right statement line is recorded as a payment of its own.
         P.VOIDED: frozenset(),
         # Money reported taken after we gave up: recorded, flagged late, audited.
         P.CANCELLED: frozenset({P.COMPLETED}),
@@ -69,7 +69,7 @@ class MoneyState(Protocol):
 
 def taken_after_failure(payment: MoneyState) -> bool:
     """A FAILED payment whose money the provider then reported taken: it stays FAILED (never reopened) but
-    the money is held, counted in the reconciliation's `settled` and refundable (core.payments)."""
+    the money is held, counted in the reconciliation's `settled` and refundable (core.provider_events)."""
     return payment.status == P.FAILED.value and payment.completed_at is not None and bool(payment.collected_minor)
 
 

@@ -1,8 +1,8 @@
 """A provider's transaction id finds its payment, and its refund: the provider's own id (MTN's financialTransactionId,
 Airtel's transaction id, M-Pesa's CheckoutRequestID then its receipt number, IremboPay's invoice number) had no index,
-yet every M-Pesa callback finds its payment by it (core.payments._find_payment), a refund's callback its refund
+yet every M-Pesa callback finds its payment by it (core.provider_events._find_payment), a refund's callback its refund
 (core.refunds._refund_of_event), a statement line recorded (POST /v1/payments/recorded, /outcome) and every completion
-probe it (core.payments.transaction_id_free, _held_elsewhere), a recorded reversal its refund
+probe it (core.transaction_ids.transaction_id_free, _held_elsewhere), a recorded reversal its refund
 (core.refunds), and the support desk searches it (GET /v1/payments?gatewayTransactionId=): each read the whole
 table (50 to 115 ms at 200,000 payments, EXPLAIN ANALYZE; 0.1 ms with these).
 

@@ -49,8 +49,8 @@ async def _body(rt: Any, template: str) -> str:
 async def test_the_sms_of_a_nalo_cooperative_name_nalos_code(rt: Any, aiohttp_client: Any, demo: Any,
                                                             superadmin: Any) -> None:
     from app import create_app
-    from core.payments import apply_collection_outcome
     from core.ports import ProviderOutcome
+    from core.provider_events import apply_collection_outcome
 
     made = await _ghana(superadmin)
     rt.settings = dataclasses.replace(rt.settings, ussd_service_codes={"nalo": NALO_CODE})

@@ -97,8 +97,8 @@ async def test_a_stranger_on_its_menu_is_greeted_in_its_language(operator: Calle
 async def test_a_payer_who_is_no_member_is_texted_in_its_language(operator: Caller, rt: Any) -> None:
     from channels.sms.jobs import SmsJobs
     from channels.sms.templates import build_message
-    from core.payments import apply_collection_outcome
     from core.ports import ProviderOutcome
+    from core.provider_events import apply_collection_outcome
 
     tz = await _tanzania(operator)
     [ptype] = (await operator.json("GET", f"/v1/payment-types?cooperativeId={tz['id']}", 200))["data"]

@@ -130,8 +130,8 @@ async def test_the_list_by_completion_holds_the_payments_the_export_holds(admin,
     since, and a payment that failed and was then reported taken in another currency or for nothing, keep their
     completedAt but hold nothing, and are in neither; money taken after a failure is in both."""
     from core.money import Money
-    from core.payments import apply_collection_outcome
     from core.ports import ProviderOutcome
+    from core.provider_events import apply_collection_outcome
     from tests.admin_api.test_payment_void import _line
 
     async def failed_then_taken(taken: Money) -> str:

@@ -877,8 +877,8 @@ async def test_a_refund_sms_queued_before_its_number_moved_is_not_sent_after(
 async def _settled(rt: Any, paid: Payment, outcome: str) -> None:
     """The provider's outcome of `paid` applied (as its callback or a status poll does): its notices queued."""
     from core.audit import Actor
-    from core.payments import apply_collection_outcome
     from core.ports import ProviderOutcome
+    from core.provider_events import apply_collection_outcome
 
     async with rt.sessionmaker.begin() as s:
         payment = await s.get(Payment, paid.id, with_for_update=True)

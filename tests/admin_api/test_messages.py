@@ -17,8 +17,8 @@ from sqlalchemy import text as sql
 from admin_api import messages
 from core.db import utcnow
 from core.models import AuditEvent, OutboxJob, Refund, SmsMessage
-from core.payments import handle_provider_event
 from core.ports import EventKind, ProviderEvent, ProviderOutcome
+from core.provider_events import handle_provider_event
 from tests.admin_api.conftest import Caller, bearer
 from tests.channels.sms.helpers import make_payment, start_simulator
 from tests.channels.sms.test_routes import inbound

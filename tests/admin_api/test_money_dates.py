@@ -44,8 +44,8 @@ def _irembopay_paid(ours: str, paid_at: str | None) -> InboundCallback:
 
 async def test_a_bank_payment_paid_at_2359_is_octobers_though_its_webhook_came_in_november(
         admin: Any, rt: Any, demo: dict[str, Any], monkeypatch: Any) -> None:
-    import core.payments as payments
-    from core.payments import handle_provider_event
+    import core.provider_events as provider_events
+    from core.provider_events import handle_provider_event
 
     bank = await make_payment(admin, demo["payment_types"]["Monthly Rent"], paymentMethod="BANK_BK",
                               paymentAccount="treasurer@kigali-heights.rw")
@@ -54,7 +54,7 @@ async def test_a_bank_payment_paid_at_2359_is_octobers_though_its_webhook_came_i
         ours = (await s.get(Payment, bank["id"])).provider_reference
     event = rt.providers["irembopay"].parse_callback(_irembopay_paid(ours, "2026-10-31T23:59:59+02:00"))
     assert event.occurred_at == _at("2026-10-31T21:59:59")
-    monkeypatch.setattr(payments, "utcnow", lambda: _at("2026-10-31T22:00:05"))  # 00:00:05 on 1 November
+    monkeypatch.setattr(provider_events, "utcnow", lambda: _at("2026-10-31T22:00:05"))  # 00:00:05 on 1 November
     assert await handle_provider_event(rt, event) == "completed"
 
     assert (await admin.json("GET", f"/v1/payments/{bank['id']}", 200))["completedAt"] == "2026-10-31T21:59:59Z"
@@ -66,7 +66,7 @@ async def test_a_providers_time_is_kept_between_the_request_and_now(rt: Any, dem
                                                                     admin: Any) -> None:
     """A provider's clock running behind never dates money before it was asked for, one running ahead never
     in the future; a paidAt without an offset is Kigali time; one written oddly costs only the exact time."""
-    from core.payments import handle_provider_event
+    from core.provider_events import handle_provider_event
 
     adapter = rt.providers["irembopay"]
     assert adapter.parse_callback(_irembopay_paid("x", "2026-10-31T23:59:59")).occurred_at == \

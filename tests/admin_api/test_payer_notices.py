@@ -190,7 +190,7 @@ async def test_money_taken_after_failure_from_an_erased_payer_is_told_to_the_coo
     provider's report failed for good)."""
     from core.models import Payment as P
     from core.money import Money
-    from core.payments import apply_collection_outcome
+    from core.provider_events import apply_collection_outcome
 
     provider = Actor("provider:test", "provider")
     paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"], paymentAccount=PAYER)

@@ -17,8 +17,9 @@ from core.db import utcnow
 from core.jobs import job_handlers
 from core.models import AuditEvent, OutboxJob, Payment
 from core.outbox import Job
-from core.payments import UNCONFIRMED, UNCONFIRMED_FLAG, apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import UNCONFIRMED_FLAG, apply_collection_outcome
+from core.state.payment import UNCONFIRMED
 from tests.admin_api.conftest import complete_payment, idem, make_payment
 
 PROVIDER = Actor("provider:test", "provider")

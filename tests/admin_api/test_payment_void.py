@@ -20,8 +20,8 @@ from core.audit import Actor
 from core.db import utcnow
 from core.models import AuditEvent, OutboxJob, Payment, Refund, SmsMessage, WebhookDelivery
 from core.money import Money
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from core.webhooks import subscribed
 from tests.admin_api.conftest import Caller, complete_payment, idem, make_payment
 from tests.admin_api.test_chargeback_visibility import _last_month, _z

@@ -11,9 +11,9 @@ from typing import Any
 from sqlalchemy import select, update
 
 from core.models import AuditEvent, OutboxJob, Payment, Refund
-from core.payments import handle_provider_event
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as Event
+from core.provider_events import handle_provider_event
 from tests.admin_api.conftest import complete_payment, idem, make_payment
 
 

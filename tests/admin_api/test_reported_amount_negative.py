@@ -12,8 +12,8 @@ from sqlalchemy import select
 from core.audit import Actor
 from core.models import Payment
 from core.money import Money
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from tests.admin_api.conftest import complete_payment, idem, make_payment
 
 PROVIDER = Actor("provider:t", "provider")

@@ -11,8 +11,8 @@ from sqlalchemy import select
 from core.audit import Actor
 from core.models import AuditEvent, Payment
 from core.money import Money
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from tests.admin_api.conftest import Caller, idem, make_payment
 
 PROVIDER = Actor("provider:test", "provider")

@@ -9,8 +9,8 @@ import io
 from core.audit import Actor
 from core.models import Payment
 from core.money import Money
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from tests.admin_api.conftest import complete_payment, idem, make_payment, payment_body
 
 
@@ -79,7 +79,7 @@ async def test_payments_csv_has_the_collected_amount(admin, rt, demo):
 async def test_the_json_the_csv_and_the_webhook_state_the_same_collected_amount(admin, rt, demo):
     """One figure (what the provider took and the payment still holds, 0 if none) in the three places a cooperative
     reads it, in every state: the JSON and the webhook said null where the CSV wrote 0 (nothing taken yet, failed)."""
-    from core.payments import event_data
+    from core.provider_events import event_data
 
     short = await _short_paid(admin, rt, demo)
     pending = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)

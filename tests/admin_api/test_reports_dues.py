@@ -17,8 +17,9 @@ from core.cooperatives import zone_of
 from core.db import utcnow
 from core.models import Member, Payment, PaymentType, Refund
 from core.money import Money
-from core.payments import apply_collection_outcome, open_window
+from core.payments import open_window
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from core.refunds import apply_refund_outcome
 from tests.admin_api.conftest import Caller, complete_payment, idem, make_payment
 from tests.conftest import make_settings

@@ -14,8 +14,8 @@ from core import auth
 from core.audit import Actor
 from core.models import Payment
 from core.money import Money
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from tests.admin_api.conftest import bearer, complete_payment, idem, make_payment
 from tests.admin_api.test_reports_settled import _dated
 

@@ -12,8 +12,8 @@ from sqlalchemy import update
 
 from core.audit import Actor
 from core.models import Dispute, Payment
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from tests.admin_api.conftest import complete_payment, make_payment
 from tests.admin_api.test_reports_payer import PAYER, _rows
 from tests.admin_api.test_reports_treasurer import ADDED, OCTOBER, PAYMENT_COLUMNS_BEFORE, SEPTEMBER

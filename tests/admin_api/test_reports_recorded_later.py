@@ -18,8 +18,8 @@ from core.audit import Actor
 from core.db import utcnow
 from core.models import AuditEvent, Payment
 from core.money import Money
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from tests.admin_api.conftest import bearer, idem, make_payment
 from tests.admin_api.test_chargeback_visibility import _last_month, _z
 from tests.conftest import requires_pg

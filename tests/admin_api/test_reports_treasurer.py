@@ -13,8 +13,8 @@ from sqlalchemy import update
 
 from core.audit import Actor
 from core.models import Cooperative, Payment, Refund
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from core.refunds import apply_refund_outcome
 from tests.admin_api.conftest import complete_payment, idem, make_payment
 

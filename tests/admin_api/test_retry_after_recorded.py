@@ -13,8 +13,8 @@ from sqlalchemy import func, select
 from core.audit import Actor
 from core.db import utcnow
 from core.models import OutboxJob, Payment
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from providers.mtn_momo.simulator import TRANSACTIONS
 from providers.simulation import STATE
 from tests.admin_api.conftest import Caller, idem, make_payment, payment_body

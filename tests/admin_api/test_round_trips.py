@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 from core.db import utcnow
 from core.models import AuditEvent, OutboxJob, Payment
 from core.models import ProviderEvent as ProviderEventRow
-from core.payments import event_data, handle_provider_event
 from core.ports import EventKind, ProviderEvent, ProviderOutcome
+from core.provider_events import event_data, handle_provider_event
 from tests.admin_api.conftest import payment_body
 from tests.conftest import requires_pg, sql_sent
 
@@ -73,7 +73,7 @@ async def test_a_callback_is_three_statements_in_one_transaction(client: Any, de
     sent.clear()
     assert await handle_provider_event(rt, callback) == "completed"
     # The event stored, the payment locked and then the transaction id's lock (core.payment_statements'
-    # stored_and_locked); the id's one probe (no other payment holds it: core.payments._held_elsewhere); the move
+    # stored_and_locked); the id's one probe (no other payment holds it: core.transaction_ids._held_elsewhere); the move
     # with its audit row, the receipt and webhook jobs and the event's outcome.
     assert sent == ["BEGIN", "WITH e AS (INSERT",
                     "SELECT payments.id, payments.reference, payments.cooperative_id", "WITH moved AS (UPDATE",

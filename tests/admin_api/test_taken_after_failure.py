@@ -15,8 +15,8 @@ from channels.sms.encoding import GSM7, measure
 from core.audit import Actor
 from core.models import AuditEvent, OutboxJob, Payment, Refund, SmsMessage
 from core.money import Money
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from core.refunds import apply_refund_outcome
 from tests.admin_api.conftest import idem, make_payment
 from tests.admin_api.test_payment_review import _mtn_says

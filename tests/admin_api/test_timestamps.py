@@ -36,8 +36,8 @@ async def test_an_early_due_date_and_a_period_from_year_one_are_written_with_fou
 
 async def test_webhook_event_data_write_timestamps_as_the_api_does(admin, rt, demo):
     made = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)
-    from core.payments import handle_provider_event
     from core.ports import EventKind, ProviderEvent, ProviderOutcome
+    from core.provider_events import handle_provider_event
 
     async with rt.sessionmaker() as s:
         p = await s.get(Payment, made["id"])

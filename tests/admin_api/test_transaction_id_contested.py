@@ -18,8 +18,9 @@ from sqlalchemy import select
 from core.db import utcnow
 from core.models import AuditEvent, OutboxJob, Payment
 from core.money import Money
-from core.payments import CONTESTED_JOB, apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
+from core.transaction_ids import CONTESTED_JOB
 from providers.simulation import STATE
 from tests.admin_api.conftest import Caller, idem, make_payment, payment_body
 from tests.admin_api.test_chargeback_visibility import _z
@@ -127,7 +128,7 @@ async def test_another_cooperatives_recording_of_the_id_leaves_a_genuine_payment
         assert of_a not in seen
     # The job again (a repeat) flags nothing twice.
     async with rt.sessionmaker.begin() as s:
-        from core.payments import flag_contested
+        from core.transaction_ids import flag_contested
 
         await flag_contested(s, theirs["id"], X)
     assert (await _row(rt, theirs["id"])).mismatch_detail == _theirs(X)

@@ -17,8 +17,8 @@ from sqlalchemy import select
 
 from core.db import utcnow
 from core.models import OutboxJob, Payment, Refund
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from tests.admin_api.conftest import Caller, idem, make_payment
 from tests.admin_api.test_chargeback_visibility import _z
 from tests.admin_api.test_transaction_id_held_twice import PROVIDER
@@ -68,7 +68,7 @@ async def test_a_repeat_of_the_contested_job_after_the_review_does_not_flag_agai
     reviews the flag; the job's lease runs out and another worker runs it again: the same contest, reviewed
     already, must not set mismatch again (flag_contested's repeat check reads only mismatch_detail, which the
     review emptied)."""
-    from core.payments import flag_contested
+    from core.transaction_ids import flag_contested
 
     b = coop_b["admin"]
     theirs = await b.json("POST", "/v1/payments/recorded", 201, json={

@@ -21,8 +21,8 @@ from core.audit import Actor
 from core.db import utcnow
 from core.models import AuditEvent, OutboxJob, Payment
 from core.money import Money
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from providers.mtn_momo.simulator import TRANSACTIONS
 from providers.simulation import STATE
 from tests.admin_api.conftest import Caller, idem, make_payment, payment_body
@@ -314,8 +314,8 @@ async def test_a_callback_takes_the_ids_lock_after_its_payments_row_and_probes_a
     fewer): its row first, then the id's lock, the order every path takes them in (a completion under the id's
     lock never waits for a row). The probe for another payment holding the id runs after both: it sees the payment
     that completed with the id while the callback waited."""
-    from core.payments import handle_provider_event
     from core.ports import EventKind, ProviderEvent
+    from core.provider_events import handle_provider_event
 
     one = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
     two = await _row(rt, (await make_payment(admin, demo["payment_types"]["Monthly Rent"]))["id"])
@@ -325,7 +325,7 @@ async def test_a_callback_takes_the_ids_lock_after_its_payments_row_and_probes_a
     async with rt.engine.connect() as other:
         await other.begin()
         await other.execute(text("SET LOCAL lock_timeout = '5s'"))
-        # Another completion of the id holds its lock (core.payments._ID_LOCK's key).
+        # Another completion of the id holds its lock (core.transaction_ids._ID_LOCK's key).
         await other.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
                             {"key": f"collected:{two.provider}:MTN-RACE-2"})
         task = asyncio.create_task(handle_provider_event(rt, callback))

@@ -11,8 +11,8 @@ from sqlalchemy import select
 
 from core.audit import Actor
 from core.models import Member, OutboxJob, Payment
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from tests.admin_api.conftest import Caller, bearer
 from tests.channels.ussd.helpers import AtPhone
 

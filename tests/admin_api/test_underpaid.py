@@ -14,8 +14,8 @@ from channels.sms.jobs import SmsJobs
 from core.audit import Actor
 from core.models import OutboxJob, Payment
 from core.money import Money
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from tests.admin_api.conftest import complete_payment, make_payment
 from tests.channels.sms.helpers import as_job, start_simulator
 

@@ -19,9 +19,10 @@ from sqlalchemy import select, text
 
 from core import metrics
 from core.models import AuditEvent, ProviderEvent
-from core.payments import create_payment, handle_provider_event
+from core.payments import create_payment
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as Event
+from core.provider_events import handle_provider_event
 from core.refunds import request_refund
 from tests.admin_api.conftest import Caller, make_payment
 from tests.conftest import drain

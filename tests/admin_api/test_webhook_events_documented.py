@@ -16,7 +16,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from core import payments, webhooks
+from core import provider_events, webhooks
 from core.models import Payment
 from core.money import Money
 from core.notify import emit_event
@@ -105,10 +105,10 @@ async def test_delivered_events_validate_against_the_document(
         row = await s.get(Payment, failed["id"])
         assert row is not None
         await emit_event(s, cooperative_id=row.cooperative_id, event_type="payment.taken_after_failure",
-                         event_id=f"evt_payment_taken_after_failure_{row.id}", data=payments.event_data(row))
+                         event_id=f"evt_payment_taken_after_failure_{row.id}", data=provider_events.event_data(row))
         for event_type in webhooks.MAY_FOLLOW:
-            await payments._emit_reported(s, row, event_type, f"MONEY-{event_type}", Money(50000, "RWF"))
-        await payments._emit_reported(s, row, "payment.paid_twice", None, None)  # nothing known of the money
+            await provider_events._emit_reported(s, row, event_type, f"MONEY-{event_type}", Money(50000, "RWF"))
+        await provider_events._emit_reported(s, row, "payment.paid_twice", None, None)  # nothing known of the money
     await drain(worker)
 
     received: dict[str, int] = {}

@@ -171,7 +171,7 @@ async def test_an_open_payment_of_a_provider_left_out_parks_its_poll(rt: Any, be
     assert len(await _jobs(rt, "payment.poll")) == 1
     # Cancelled by its cooperative while Airtel held its request: its watch for a late approval parks the same way.
     from core.outbox import enqueue
-    from core.payments import WATCH_AFTER_CANCEL, WATCH_JOB
+    from core.provider_events import WATCH_AFTER_CANCEL, WATCH_JOB
 
     async with rt.sessionmaker.begin() as s:
         await transition(s, PAYMENT, paid["id"], PaymentStatus.PROCESSING, PaymentStatus.CANCELLED,

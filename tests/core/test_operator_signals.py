@@ -19,8 +19,8 @@ from core.audit import Actor
 from core.db import utcnow
 from core.models import OutboxJob, Payment
 from core.outbox import OutboxWorker, enqueue, job_subject
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from tests.admin_api.conftest import bearer, make_payment, redis_unreachable
 from tests.conftest import drain, readiness
 

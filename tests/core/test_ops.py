@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from core.audit import Actor
 from core.ops import dashboard
-from core.payments import NewPayment, create_payment, handle_provider_event
+from core.payments import NewPayment, create_payment
 from core.ports import EventKind, ProviderEvent, ProviderOutcome
+from core.provider_events import handle_provider_event
 from tests.conftest import requires_pg
 
 
@@ -32,7 +33,7 @@ async def test_dashboard_counts_payments_providers_and_outbox(rt, demo):
     # 3 collect + 3 poll jobs, one receipt and one failure SMS, two webhook events, all still pending
     assert figures["outbox"]["pending"] == 10
     assert other["openPayments"]["count"] == 0 and other["providers"] == {}
-    # A recording an admin voided (core.payments.void_recording) is no provider's outcome: not in its rate.
+    # A recording an admin voided (core.recorded_payments.void_recording) is no provider's outcome: not in its rate.
     from sqlalchemy import update
 
     from core.models import Payment

@@ -15,9 +15,10 @@ from core.db import iso_z, utcnow
 from core.errors import BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import AuditEvent, Cooperative, OutboxJob, Payment, PaymentType, ProviderEvent, Refund
 from core.money import Money
-from core.payments import NewPayment, create_payment, handle_provider_event
+from core.payments import NewPayment, create_payment
 from core.ports import CollectionAccepted, EventKind, ProviderError, ProviderOutcome, StatusResult
 from core.ports import ProviderEvent as Event
+from core.provider_events import handle_provider_event
 from core.refunds import request_refund
 from tests.conftest import drain, requires_pg
 

@@ -24,7 +24,8 @@ from channels.sms.templates import CATALOGS, build_message
 from core.db import utcnow
 from core.jobs import SETTLE_GRACE
 from core.models import OutboxJob, Payment
-from core.payments import UNCONFIRMED_FLAG, create_payment
+from core.payments import create_payment
+from core.provider_events import UNCONFIRMED_FLAG
 from core.state.payment import UNCONFIRMED
 from tests.conftest import drain
 from tests.core.test_poll_unsettled import _payment, _processing, _window_over

@@ -14,8 +14,9 @@ from sqlalchemy import select, update
 from core.db import utcnow
 from core.jobs import SETTLE_GRACE, SETTLE_POLL_CAP, settle_poll_in, sweep_open_payments
 from core.models import OutboxJob, Payment
-from core.payments import UNCONFIRMED_FLAG, create_payment
+from core.payments import create_payment
 from core.ports import ProviderOutcome, StatusResult
+from core.provider_events import UNCONFIRMED_FLAG
 from core.state.payment import UNCONFIRMED
 from tests.conftest import drain
 from tests.providers.wires import ADMIN, due_now, mtn_adapter, mtn_payment, mtn_wire

@@ -231,13 +231,13 @@ async def test_reversal_result_naming_another_refunds_id_is_not_applied_by_refer
 
 async def test_late_callback_of_a_voided_recording_flags_it_and_takes_back_no_id(rt, demo, worker, client):
     """A push given up (TIMEOUT), its money recorded by an admin from the statement (the receipt replaces the
-    CheckoutRequestID), then the recording voided (core.payments.void_recording: its id released). Daraja's late
-    callback finds it by our reference (no payment holds the CheckoutRequestID any more): flagged for a person, and
+    CheckoutRequestID), then the recording voided (core.recorded_payments.void_recording: its id released). Daraja's
+    late callback finds it by our reference (no payment holds the CheckoutRequestID any more): flagged for a person, and
     the voided payment holds no id again (it would be found by it, and shown with it)."""
     from sqlalchemy import update
 
     from core.audit import Actor
-    from core.payments import record_collected, void_recording
+    from core.recorded_payments import record_collected, void_recording
 
     wire, payment = await _pushed(rt, demo, worker)
     async with rt.sessionmaker.begin() as s:

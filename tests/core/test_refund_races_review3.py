@@ -21,9 +21,10 @@ from core.errors import Conflict
 from core.jobs import REFUND_POLL_LIMIT
 from core.models import OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
-from core.payments import create_payment, handle_provider_event
+from core.payments import create_payment
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as Event
+from core.provider_events import handle_provider_event
 from core.refunds import record_refund_outcome, request_refund
 from tests.conftest import drain, requires_pg, waiting_for_locks
 from tests.providers.wires import ADMIN, completed, due_now, mtn_adapter, mtn_payment, mtn_wire

@@ -34,7 +34,7 @@ def test_tables_cover_every_state():
 
 def test_final_states():
     assert PAYMENT.final == {PaymentStatus.FAILED, PaymentStatus.REFUNDED, PaymentStatus.VOIDED}
-    # A voided recording is never reopened (a provider's success afterwards is flagged: core.payments).
+    # A voided recording is never reopened (a provider's success afterwards is flagged: core.provider_events).
     assert PAYMENT.allowed(PaymentStatus.COMPLETED, PaymentStatus.VOIDED)
     assert not PAYMENT.allowed(PaymentStatus.VOIDED, PaymentStatus.COMPLETED)
     # TIMEOUT and CANCELLED are final except for money reported taken late, which is flagged.

@@ -95,7 +95,7 @@ async def test_the_lookups_by_the_providers_id_read_the_indexes(rt: Any, demo: d
                 .where(Payment.provider == "mpesa", Refund.provider_transaction_id == "RTX990").limit(1))
     search = select(Payment).where(Payment.cooperative_id == demo["cooperative_id"],
                                    Payment.provider_transaction_id == "TX7").order_by(Payment.created_at.desc())
-    # core.payments._find_payment's, and stored_and_locked's WHERE (an M-Pesa callback's payment).
+    # core.provider_events._find_payment's, and stored_and_locked's WHERE (an M-Pesa callback's payment).
     found = select(Payment).where(Payment.provider == "mpesa", Payment.provider_transaction_id == "TX9")
     async with rt.engine.connect() as conn:
         for query, index in ((probe, "ix_payments_transaction_id"), (search, "ix_payments_transaction_id"),

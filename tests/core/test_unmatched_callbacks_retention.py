@@ -16,8 +16,8 @@ from sqlalchemy import insert, select
 
 from core.audit import Actor
 from core.models import ProviderEvent
-from core.payments import RESOLVED_OF, UNMATCHED_OF, resolve_unmatched
 from core.retention import UNKNOWN_CALLBACKS, UNKNOWN_CALLBACKS_RESOLVED, RetentionPolicy, prune
+from core.unmatched_callbacks import RESOLVED_OF, UNMATCHED_OF, resolve_unmatched
 from tests.core.test_retention import _ago
 
 

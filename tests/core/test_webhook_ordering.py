@@ -20,8 +20,9 @@ from core.db import utcnow
 from core.disputes import move_dispute, open_dispute
 from core.models import Dispute, OutboxJob, Payment, Refund
 from core.money import Money
-from core.payments import NewPayment, apply_collection_outcome, create_payment
+from core.payments import NewPayment, create_payment
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from core.refunds import apply_refund_outcome, refund_data, request_refund
 from core.state import machine
 from tests.core.test_webhooks import approved_endpoint

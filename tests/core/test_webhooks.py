@@ -539,11 +539,11 @@ def test_readme_verification_function_agrees() -> None:
 @pytest.mark.parametrize("taken", [False, True])
 def test_every_event_a_payment_was_last_told_is_one_a_report_may_follow(status: str, taken: bool) -> None:
     """core.webhooks.TOLD (what payment.paid_twice and payment.unconfirmed_success may follow, checked again when
-    they are sent) lists every answer of core.payments._told: one it lacked would mark those deliveries FAILED as
+    they are sent) lists every answer of core.provider_events._told: one it lacked would mark those deliveries FAILED as
     "no longer subscribed" at their send."""
     from types import SimpleNamespace
 
-    from core.payments import _told
+    from core.provider_events import _told
 
     payment = SimpleNamespace(status=status, completed_at=datetime.now(UTC) if taken else None,
                               collected_minor=5000 if taken else 0)

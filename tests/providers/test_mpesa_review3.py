@@ -14,9 +14,9 @@ from sqlalchemy import select
 from core.config import ProviderConfig, Secret
 from core.models import OutboxJob, ProviderEvent
 from core.money import Money
-from core.payments import KEPT_TRANSACTION_ID
 from core.phone import normalize
 from core.ports import CollectionRequest, ProviderError, ProviderOutcome, ProviderTimeout
+from core.provider_events import KEPT_TRANSACTION_ID
 from providers.mpesa.adapter import REASONS, MpesaAdapter
 from providers.mpesa.simulator import create_simulator
 from providers.simulation import SimulatorOptions

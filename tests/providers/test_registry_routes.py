@@ -148,7 +148,7 @@ def test_simulator_options_from_command_line(monkeypatch: pytest.MonkeyPatch) ->
 
 
 class Recorder:
-    """Stands in for core.payments.handle_provider_event: these tests are about the edge, not the core."""
+    """Stands in for core.provider_events.handle_provider_event: these tests are about the edge, not the core."""
 
     def __init__(self) -> None:
         self.events: list[ProviderEvent] = []
@@ -171,10 +171,10 @@ class Recorder:
 
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
-    import core.payments
+    import core.provider_events
 
     rec = Recorder()
-    monkeypatch.setattr(core.payments, "handle_provider_event", rec)
+    monkeypatch.setattr(core.provider_events, "handle_provider_event", rec)
     return rec
 
 

@@ -13,9 +13,10 @@ from core.audit import Actor
 from core.config import ProviderConfig, Secret
 from core.db import utcnow
 from core.models import Cooperative, OutboxJob, Payment, PaymentType
-from core.payments import NewPayment, create_payment, handle_provider_event
+from core.payments import NewPayment, create_payment
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as Event
+from core.provider_events import handle_provider_event
 from providers.mpesa import MpesaAdapter
 from providers.mtn_momo.adapter import MtnMomoAdapter
 from tests.providers.conftest import load

@@ -37,7 +37,7 @@ pytestmark = requires_pg
 
 COLLECT = "/collection/v1_0/requesttopay"
 REFUND = "/disbursement/v1_0/refund"
-# What MTN's decision makes of a payment (core.payments._FAILED_TARGET through the adapter's reason codes).
+# What MTN's decision makes of a payment (core.provider_events._FAILED_TARGET through the adapter's reason codes).
 DECIDED = {("SUCCESSFUL", None): "COMPLETED", ("FAILED", "NOT_ENOUGH_FUNDS"): "FAILED",
            ("FAILED", "APPROVAL_REJECTED"): "CANCELLED"}
 # What a payer does with the prompt, most often paying (a program must reach money taken to test refunds).
@@ -538,8 +538,8 @@ async def test_the_model_checks_money_taken_after_a_failure(rt: Any, demo: Any, 
     MTN can do) stays FAILED with its one text and one event saying the money is held, and the checks hold."""
     from core.audit import Actor
     from core.money import Money
-    from core.payments import apply_collection_outcome
     from core.ports import ProviderOutcome
+    from core.provider_events import apply_collection_outcome
 
     mtn = Mtn()
     mtn_adapter(rt, mtn.wire())

@@ -5,15 +5,15 @@ MESSAGES = {
     # said "Transaction:" and "Date:"): "Txn", and a date that needs no label. "We received", no closing thanks: one
     # SMS too when the provider took another amount than asked (AMOUNT_TAKEN, both amounts: 175 septets before).
     "payment_receipt": "We received {amount} for {type}, {coop}. Ref: {ref}. Txn: {txn}. {date}.",
-    # A payment told failed, cancelled or not approved in time whose money was taken after all (core.payments: late).
-    # One SMS (248 septets before): "after all" says the earlier message was wrong; no cooperative's name (the type,
-    # amount and reference say which payment, and RECEIPT <ref> gives the full receipt); "Txn" and the date as the
+    # A payment told failed, cancelled or not approved in time whose money was taken after all (core.provider_events:
+    # late). One SMS (248 septets before): "after all" says the earlier message was wrong; no cooperative's name (the
+    # type, amount and reference say which payment, and RECEIPT <ref> gives the full receipt); "Txn" and the date as the
     # receipt says them. Worded as the receipt ("We received"), for one SMS too with a seven-digit reference and
     # both amounts (AMOUNT_TAKEN: 175 septets as "Your payment of ... went through after all").
     "payment_late_receipt": "We received {amount} for {type} after all: do not pay again. Ref: {ref}. Txn: {txn}. "
     "{date}.",
-    # A FAILED payment whose money the provider then reported taken (core.payments, success after a failure): it stays
-    # FAILED, the money held until her cooperative counts it or refunds it. Two SMS, rare (tests/channels/sms/
+    # A FAILED payment whose money the provider then reported taken (core.provider_events, success after a failure): it
+    # stays FAILED, the money held until her cooperative counts it or refunds it. Two SMS, rare (tests/channels/sms/
     # test_templates.py TWO_SMS): one would lose the type, the transaction and its date. "Txn" and the date as the
     # receipt says them, for two SMS and not three with a seven-digit reference and both amounts.
     "payment_taken_after_failure": "We said your payment of {amount} for {type} ({coop}) failed, but the money was "

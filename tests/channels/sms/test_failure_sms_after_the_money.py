@@ -15,8 +15,8 @@ from core.audit import Actor
 from core.db import utcnow
 from core.models import OutboxJob, Payment, SmsMessage
 from core.money import Money
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from tests.channels.sms.helpers import make_payment, start_simulator
 from tests.conftest import drain
 

@@ -16,8 +16,8 @@ from channels.sms.encoding import GSM7, measure
 from core.audit import Actor
 from core.models import Member, Payment, SmsMessage
 from core.money import Money
-from core.payments import apply_collection_outcome
 from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
 from tests.channels.sms.helpers import make_payment
 from tests.channels.sms.test_routes import inbound
 from tests.conftest import drain

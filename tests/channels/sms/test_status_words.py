@@ -14,8 +14,8 @@ from channels.sms.catalogs import en, fr, rw, sw
 from channels.ussd import i18n
 from core.db import utcnow
 from core.models import Payment
-from core.payments import UNCONFIRMED, UNCONFIRMED_FLAG
-from core.state.payment import PaymentStatus, shown_status
+from core.provider_events import UNCONFIRMED_FLAG
+from core.state.payment import UNCONFIRMED, PaymentStatus, shown_status
 from tests.channels.sms.helpers import make_payment
 from tests.channels.sms.test_routes import JEAN, inbound
 from tests.conftest import drain

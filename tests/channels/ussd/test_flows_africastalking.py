@@ -1034,8 +1034,8 @@ async def test_my_payments_show_what_was_taken_when_the_provider_took_less(clien
                                                                           rt: Any) -> None:
     """The provider took 40,000 of the 50,000 RWF asked: "my payments" says 40,000, as the receipt does."""
     from core.audit import Actor
-    from core.payments import apply_collection_outcome
     from core.ports import ProviderOutcome
+    from core.provider_events import apply_collection_outcome
 
     await _pay(client, EN_MTN)
     async with rt.sessionmaker.begin() as s:
@@ -1072,8 +1072,9 @@ async def test_a_due_day_past_the_months_end_is_shown_as_this_months_last_day(
 
 async def test_my_payments_show_the_amount_asked_of_a_voided_recording(client: Any, demo: Any, db: Any,
                                                                        rt: Any) -> None:
-    """A recording of money taken voided by the desk (core.payments.void_recording: collected 0, its completedAt
-    kept): nothing was taken, so "my payments" says the amount asked, as for a failed payment, never "0 RWF"."""
+    """A recording of money taken voided by the desk (core.recorded_payments.void_recording: collected 0, its
+    completedAt kept): nothing was taken, so "my payments" says the amount asked, as for a failed payment, never "0
+    RWF"."""
     from sqlalchemy import update
 
     await _pay(client, EN_MTN)

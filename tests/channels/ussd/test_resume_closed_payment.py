@@ -42,7 +42,8 @@ async def _confirm_and_lose_the_end(client: Any, rt: Any, number: str) -> tuple[
 
 async def _outcome(rt: Any, reference: str, outcome: ProviderOutcome) -> str:
     """The provider's answer about the payment (the member declined or missed the PIN prompt, or paid)."""
-    from core.payments import apply_collection_outcome, get_by_reference
+    from core.payments import get_by_reference
+    from core.provider_events import apply_collection_outcome
 
     async with rt.sessionmaker.begin() as s:
         payment = await get_by_reference(s, reference)
