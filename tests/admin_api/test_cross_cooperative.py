@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from admin_api import all_routes
-from core.models import AuditEvent, OutboxJob, ProviderEvent
+from core.models import AdminUser, AuditEvent, OutboxJob, Payment, ProviderEvent
 from tests.admin_api.conftest import complete_payment, idem, make_payment
 from tests.admin_api.test_recorded_payments import _line
 
@@ -171,3 +171,52 @@ async def test_every_list_route_shows_nothing_of_other_cooperatives(admin, super
     assert {t["cooperativeId"] for t in types["data"]} == {coop_b["cooperative_id"]}
     coops = await b.json("GET", "/v1/cooperatives", 200)
     assert [c["id"] for c in coops["data"]] == [coop_b["cooperative_id"]]
+
+
+async def test_user_list_shows_only_the_callers_cooperatives_accounts(admin, coop_b):
+    await admin.json("POST", "/v1/users", 201,
+                     json={"username": "clerk@a.rw", "password": "clerk-password-1", "role": "COOP_ADMIN"})
+    page = await coop_b["admin"].json("GET", "/v1/users", 200)
+    assert [(u["username"], u["cooperativeId"]) for u in page["data"]] == [("admin@b.rw", coop_b["cooperative_id"])]
+    assert page["meta"]["total"] == 1
+
+
+async def test_reports_naming_another_cooperative_show_nothing_of_it(admin, superadmin, rt, demo, coop_b):
+    """cooperativeId narrows a report within what the caller sees: B's admin naming A gets none of A's money."""
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    await complete_payment(rt, payment["id"])
+    await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                     json={"amount": 100, "idempotencyKey": idem()})
+    a, b = demo["cooperative_id"], coop_b["admin"]
+    seen = await superadmin.json("GET", f"/v1/reports/reconciliation?cooperativeId={a}", 200)
+    assert seen["totals"][0]["collected"] == 50000  # there is something of A's to leak
+    summary = await b.json("GET", f"/v1/reports/reconciliation?cooperativeId={a}", 200)
+    assert summary["payments"]["byStatus"] == [] and summary["totals"] == [] and summary["refunds"] == []
+    for export in ("payments.csv", "refunds.csv"):
+        resp = await b.req("GET", f"/v1/reports/{export}?cooperativeId={a}")
+        assert resp.status == 200
+        assert len((await resp.text()).strip().splitlines()) == 1, export  # the header alone
+
+
+async def test_a_recorded_payment_takes_only_its_cooperatives_type_and_member(superadmin, rt, demo, coop_b):
+    async with rt.sessionmaker() as s:
+        before = len((await s.execute(select(Payment.id))).all())
+    # B's admin naming A's payment type (no member: the payer's number would find one).
+    refused = await coop_b["admin"].json("POST", "/v1/payments/recorded", 404,
+                                         json=_line(demo, memberId=None, paymentAccount="+250788999001"))
+    assert refused["field"] == "paymentTypeId"
+    # A super admin recording B's payment naming A's member.
+    refused = await superadmin.json("POST", "/v1/payments/recorded", 404, json=_line(
+        demo, cooperativeId=coop_b["cooperative_id"], paymentTypeId=coop_b["payment_type_id"], amount=1000))
+    assert refused["field"] == "memberId"
+    async with rt.sessionmaker() as s:
+        assert len((await s.execute(select(Payment.id))).all()) == before
+
+
+async def test_a_tenant_login_is_for_a_member_of_its_own_cooperative(superadmin, rt, demo, coop_b):
+    refused = await superadmin.json("POST", "/v1/users", 404, json={
+        "username": "tenant@b.rw", "password": "tenant-password-1", "role": "TENANT",
+        "cooperativeId": coop_b["cooperative_id"], "memberId": demo["members"]["+250788000001"]})
+    assert refused["field"] == "memberId"
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(AdminUser.id).where(AdminUser.username == "tenant@b.rw"))).first() is None

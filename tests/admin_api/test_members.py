@@ -363,3 +363,10 @@ async def test_activating_a_pending_member_by_patch_is_an_approval(admin, rt, de
     # Already active: a PATCH with the same status tells nobody again.
     await admin.json("PATCH", f"/v1/members/{made['id']}", 200, json={"status": "ACTIVE"})
     assert len(await _sms_jobs(rt)) == 1
+
+
+async def test_a_super_admin_lists_one_cooperatives_members(superadmin, coop_b, demo):
+    everyone = await superadmin.json("GET", "/v1/members?limit=100", 200)
+    assert {m["cooperativeId"] for m in everyone["data"]} == {demo["cooperative_id"], coop_b["cooperative_id"]}
+    only_b = await superadmin.json("GET", f"/v1/members?cooperativeId={coop_b['cooperative_id']}", 200)
+    assert [m["id"] for m in only_b["data"]] == [coop_b["member_id"]] and only_b["meta"]["total"] == 1

@@ -44,3 +44,17 @@ async def test_expiry_and_issue_time_are_judged_on_the_databases_clock(client: A
     with pytest.raises(auth.Unauthorized, match="invalid token"):
         auth.decode_token(token, secret=secret, expected_type="access")
     auth._VERIFIED.clear()
+
+
+async def test_a_token_used_before_still_expires(client: Any, demo: Any, monkeypatch: Any) -> None:
+    """An access token verified once (and kept verified for the next calls) is refused, 401 TOKEN_EXPIRED, once its
+    life is over: used every minute, it did not live on."""
+    token = (await login(client, *demo["admin"]))["accessToken"]
+    claims = jwt.decode(token, options={"verify_signature": False})
+    headers = {"Authorization": f"Bearer {token}"}
+    assert (await client.get("/v1/payments", headers=headers)).status == 200
+    monkeypatch.setattr(auth, "wall", lambda: claims["exp"] + auth.LEEWAY + 1)
+    late = await client.get("/v1/payments", headers=headers)
+    assert late.status == 401
+    body = await late.json()
+    assert (body["code"], body["message"]) == ("TOKEN_EXPIRED", "token has expired")

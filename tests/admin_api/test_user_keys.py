@@ -100,3 +100,26 @@ async def test_a_key_reads_what_it_writes_and_acts_on(client, admin, demo):
     # The key keeps the scopes it was given: the listing shows those, not what they let it read.
     keys = {k["id"]: k["scopes"] for k in (await admin.json("GET", "/v1/api-keys", 200))["data"]}
     assert keys[writer["id"]] == ["payments:write"] and keys[back_office["id"]] == ["admin"]
+
+
+async def test_a_key_manages_no_keys_and_no_accounts(rt, client, admin, demo):
+    """A key with every scope still cannot mint, list or revoke keys, nor list, make, change or remove accounts: a
+    leaked key could otherwise make itself permanent, or an account to sign in with."""
+    made = await admin.json("POST", "/v1/api-keys", 201, json={"name": "ours", "scopes": ["admin"]})
+    key = Caller(client, {"X-API-Key": made["key"]})
+    user = (await admin.json("GET", "/v1/users", 200))["data"][0]["id"]
+    for method, path, body in (
+        ("POST", "/v1/api-keys", {"name": "forever", "scopes": ["admin"]}),
+        ("GET", "/v1/api-keys", None),
+        ("DELETE", f"/v1/api-keys/{made['id']}", None),
+        ("POST", "/v1/users", {"username": "mole@kh.rw", "password": "a-long-password-1", "role": "COOP_ADMIN"}),
+        ("GET", "/v1/users", None),
+        ("PATCH", f"/v1/users/{user}", {"password": "taken-over-password"}),
+        ("DELETE", f"/v1/users/{user}", None),
+    ):
+        refused = await key.json(method, path, 403, **({"json": body} if body else {}))
+        assert refused["message"].endswith("are managed by signed-in administrators"), (method, path)
+    async with rt.sessionmaker() as s:
+        assert [k.id for k in (await s.execute(select(ApiKey))).scalars()] == [made["id"]]
+        assert (await s.get(ApiKey, made["id"])).revoked_at is None
+        assert (await s.execute(select(AdminUser).where(AdminUser.username == "mole@kh.rw"))).first() is None

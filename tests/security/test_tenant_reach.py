@@ -190,3 +190,16 @@ async def test_a_suspension_ends_her_refresh_token_for_good(
     assert resp.status == 401, await resp.text()
     tenant = await bearer(client, *demo["tenant"])
     await tenant.json("GET", "/v1/payments", 200)
+
+
+async def test_a_tenant_lists_only_the_payment_types_she_can_pay(admin: Caller, tenant: Caller,
+                                                                   demo: dict[str, Any]) -> None:
+    """includeInactive is the staff's: a retired payment type stays out of her list even when she asks for it."""
+    water = demo["payment_types"]["Water"]
+    await admin.json("DELETE", f"/v1/payment-types/{water}", 200)
+    staff = await admin.json("GET", "/v1/payment-types?includeInactive=true", 200)
+    assert water in [t["id"] for t in staff["data"]]
+    for query in ("", "?includeInactive=true"):
+        listed = await tenant.json("GET", f"/v1/payment-types{query}", 200)
+        assert listed["data"] and all(t["isActive"] for t in listed["data"]), query
+        assert water not in [t["id"] for t in listed["data"]], query

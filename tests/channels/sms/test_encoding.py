@@ -39,3 +39,10 @@ def test_escape_pair_is_not_split_across_parts() -> None:
 def test_is_gsm7() -> None:
     assert is_gsm7("Hello {world} [1] ~ ^ | \\ €")
     assert not is_gsm7("Muraho ✓")
+
+
+def test_surrogate_pair_is_not_split_across_parts() -> None:
+    # 67 emoji are 134 UTF-16 units, two parts' 2 x 67 exactly, but a pair never straddles a part: 33 fit in each
+    # (66 units), so the 67th takes a third part, as the handset and the SMSC bill it.
+    assert (measure("😀" * 67).length, measure("😀" * 67).segments) == (134, 3)
+    assert measure("ê" + "😀" * 33 + "ê" * 67).segments == 2  # 67 units exactly in part one, pair not split

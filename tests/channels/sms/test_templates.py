@@ -179,6 +179,21 @@ def test_names_outside_gsm7_do_not_turn_a_message_into_ucs2(language: str) -> No
 
 
 @pytest.mark.parametrize(
+    ("typed", "sent"),
+    [
+        ("Aline\u2019s Coop", "Aline's Coop"),  # a phone's or a word processor's apostrophe
+        ("Coope\u0301rative", "Coopérative"),  # é typed as e and a combining accent: the é GSM-7 has
+        ("Adébáyọ\u0300 Coop", "Adébayo Coop"),  # a mark no precomposed letter holds: dropped, not a '?'
+    ],
+)
+def test_names_are_transliterated_as_a_member_would_write_them(typed: str, sent: str) -> None:
+    body = render("payment_receipt", "en", {**WORST_CASE, "coop": typed})
+    assert body == render("payment_receipt", "en", {**WORST_CASE, "coop": sent})
+    assert sent in body and "?" not in body
+    assert measure(body).encoding == GSM7
+
+
+@pytest.mark.parametrize(
     ("reason", "key"),
     [
         ("Payer has insufficient funds", "insufficient_funds"),
