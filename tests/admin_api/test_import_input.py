@@ -45,6 +45,17 @@ async def test_import_refuses_control_characters_like_the_json_api(admin, rt, de
     assert await _count(rt, demo["cooperative_id"]) == before  # nothing imported
 
 
+async def test_a_unit_longer_than_its_column_is_named_on_its_row(admin, rt, demo):
+    """The unit holds 64 characters (as POST /members allows): a longer one is that row's error, named, and nothing
+    of the file is imported."""
+    before = await _count(rt, demo["cooperative_id"])
+    status, body = await _import(admin, b"name,phone,unit\nFine Name,0788100041,A-1\nLong Unit,0788100042,"
+                                 + b"U" * 65 + b"\nEdge Unit,0788100043," + b"U" * 64 + b"\n")
+    assert status == 400, body
+    assert body["message"] == ["row 3: unit: must be at most 64 characters"]
+    assert await _count(rt, demo["cooperative_id"]) == before
+
+
 async def test_a_nul_alone_is_a_bad_row_not_an_outage(admin, rt, demo):
     status, body = await _import(admin, b"name,phone\nNul\x00 Name,0788100023\n")
     assert status == 400 and body["message"] == ["row 2: name: contains characters that are not allowed"]

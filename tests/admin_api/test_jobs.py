@@ -76,3 +76,28 @@ async def test_a_replay_is_audited_with_the_payment_it_is_about(admin, rt, demo)
     async with rt.sessionmaker() as s:
         [audit] = (await s.execute(select(AuditEvent).where(AuditEvent.action == "job.replayed"))).scalars().all()
     assert audit.after == {"kind": "payment.collect", "subject": {"type": "payment", "id": payment.id}}
+
+
+async def test_only_a_parked_job_is_replayed_never_one_running_or_done(admin, rt, demo):
+    """A replay of a job a worker is running (its lease held) or has finished is refused and leaves the row as it
+    is: put back PENDING, a running collect or refund would be run a second time beside the first, and a sent
+    receipt sent again."""
+    async with rt.sessionmaker.begin() as s:
+        for key in ("running", "done"):
+            await enqueue(s, "no.such.kind", {"n": 1}, dedupe_key=f"replay-{key}",
+                          cooperative_id=demo["cooperative_id"])
+        lease_end = utcnow() + timedelta(seconds=60)
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == "replay-running").values(
+            status="RUNNING", locked_by="worker-1", attempts=1, run_at=lease_end))
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == "replay-done").values(
+            status="DONE", attempts=1, done_at=utcnow()))
+    async with rt.sessionmaker() as s:
+        ids = {j.dedupe_key: j.id for j in (await s.execute(select(OutboxJob))).scalars()}
+    for key, status in (("running", "RUNNING"), ("done", "DONE")):
+        body = await admin.json("POST", f"/v1/jobs/{ids[f'replay-{key}']}/replay", 409)
+        assert f"is {status}" in body["message"], body
+    async with rt.sessionmaker() as s:
+        running = await s.get(OutboxJob, ids["replay-running"])
+        done = await s.get(OutboxJob, ids["replay-done"])
+    assert (running.status, running.locked_by, running.attempts) == ("RUNNING", "worker-1", 1)
+    assert (done.status, done.attempts) == ("DONE", 1)

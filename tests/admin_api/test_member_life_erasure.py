@@ -85,6 +85,28 @@ async def test_a_keyword_reply_not_yet_sent_when_she_is_erased_is_not_sent_nor_s
         assert (await s.execute(select(SmsMessage))).scalars().all() == []
 
 
+async def test_a_parked_reply_that_stored_no_text_loses_her_number_when_she_is_erased(
+        rt: Any, client: Any, admin: Caller, demo: Any, worker: Any, aiohttp_server: Any) -> None:
+    """Her reply's job parked before it stored its text (its tries failing, or a person parked it): no SMS row to
+    erase, and a parked job is kept until replayed, so its payload kept her number for ever; and replayed after the
+    erasure, it sent to her."""
+    _, sim = await start_simulator(aiohttp_server, rt)
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    texted = await client.post("/sms/africastalking/inbound", data={
+        "from": PHONE, "to": "COOPPAY", "text": "STATUS PAY_20260115_000001", "id": "in-1", "date": "2026-01-15"})
+    assert texted.status == 200
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "sms.send").values(status="PARKED"))
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    async with rt.sessionmaker() as s:
+        [job] = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars().all()
+    assert job.payload["phone_enc"] is None, job.payload
+    await admin.json("POST", f"/v1/jobs/{job.id}/replay", 200)
+    await drain(worker)
+    assert sim.requests == []
+
+
 async def test_her_session_opened_over_five_minutes_ago_and_still_going_goes_with_the_erasure(
         rt: Any, client: Any, admin: Caller, demo: Any) -> None:
     """A session's Redis state lives SESSION_TTL after its last hop, not after its first: one opened six minutes

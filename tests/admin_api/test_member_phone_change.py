@@ -273,3 +273,22 @@ async def test_a_text_held_by_an_outage_goes_to_the_corrected_number(
     async with rt.sessionmaker() as s:
         row = await s.get(SmsMessage, message)
     assert (row.status, row.phone_index, row.phone_masked) == ("SENT", rt.cipher.blind_index(NEW), "+25078****010")
+
+
+async def test_a_text_already_sent_still_says_the_number_it_went_to(rt: Any, admin: Caller, demo: Any) -> None:
+    """Only texts still waiting follow the corrected number: a receipt already sent to the old one keeps that number
+    on its row (the SMS log says where each text went, for the desk and for a dispute)."""
+    diane = await admin.json("POST", "/v1/members", 201, json={"name": "Diane Keza", "phone": OLD})
+    async with rt.sessionmaker.begin() as s:
+        sent = SmsMessage(cooperative_id=demo["cooperative_id"], member_id=diane["id"],
+                          phone_enc=rt.cipher.encrypt(OLD, context="sms"), phone_index=rt.cipher.blind_index(OLD),
+                          phone_masked="+25078****001", template="payment_receipt", language="en", body="x",
+                          encoding="GSM-7", length=1, segments=1, status="SENT", idempotency_key="sent-before-fix")
+        s.add(sent)
+        await s.flush()
+        sent_id = sent.id
+    await admin.json("PATCH", f"/v1/members/{diane['id']}", 200, json={"phone": NEW})
+    async with rt.sessionmaker() as s:
+        row = await s.get(SmsMessage, sent_id)
+    assert (row.phone_index, row.phone_masked) == (rt.cipher.blind_index(OLD), "+25078****001")
+    assert rt.cipher.decrypt(row.phone_enc, context="sms") == OLD

@@ -4,9 +4,12 @@ request it accepted): money taken after the cancel is never dropped."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +30,27 @@ from tests.providers.wires import due_now
 PREVIOUS_RELEASE = "b0e66c7"  # the release this one is deployed over
 
 
-def _previous_jobs_module(tmp_path: Path) -> Any:
+# core.payments as the previous release had it, before it was split by concept: its names now live in these.
+_PAYMENTS_THEN = ("core.payments", "core.transaction_ids", "core.unmatched_callbacks", "core.provider_events",
+                  "core.recorded_payments")
+
+
+def _previous_jobs_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """core/jobs.py as the previous release has it, loaded beside this release's modules (what an old worker
-    still running during a rolling deploy executes)."""
+    still running during a rolling deploy executes). Its `core.payments` imports (at the top and inside
+    functions) are served one module holding every name the split modules hold."""
     root = Path(__file__).resolve().parents[2]
     try:
         source = subprocess.run(["git", "show", f"{PREVIOUS_RELEASE}:core/jobs.py"], cwd=root, check=True,
                                 capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip(f"the previous release {PREVIOUS_RELEASE} is not in this checkout")
+    then = types.ModuleType("previous_release_payments")
+    for name in _PAYMENTS_THEN:
+        then.__dict__.update({k: v for k, v in vars(importlib.import_module(name)).items() if not k.startswith("__")})
+    monkeypatch.setitem(sys.modules, then.__name__, then)
     path = tmp_path / "previous_jobs.py"
-    path.write_text(source)
+    path.write_text(re.sub(r"\bcore\.payments\b", then.__name__, source))
     spec = importlib.util.spec_from_file_location("previous_release_jobs", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -50,13 +63,14 @@ def _previous_jobs_module(tmp_path: Path) -> Any:
 
 
 async def test_a_worker_of_the_previous_release_does_not_end_the_watch_after_a_cancel(
-        admin: Caller, rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any, tmp_path: Path) -> None:
+        admin: Caller, rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """During a rolling deploy a worker of the previous release claims the watch job (its kind is payment.poll,
     which that worker handles, and its `cancelled` payload key means nothing to it): it finds the payment
     CANCELLED, not open, and returns; the job is DONE, nobody asks MTN again, and the member's approval (MTN's
     callback lost) is never recorded. The watch job must be one the previous release hands back (a kind it has
     no handler for: core.outbox hands those back for a worker that has it), or its handler must not finish it."""
-    previous = _previous_jobs_module(tmp_path)
+    previous = _previous_jobs_module(tmp_path, monkeypatch)
     async with interactive_mtn(rt, aiohttp_server) as (app, base), httpx.AsyncClient() as http:
         made = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
         await drain(worker)  # the collect job: MTN prompts the member

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from core import ratelimit
-from tests.admin_api.conftest import payment_body
+from tests.admin_api.conftest import Caller, payment_body
 
 T0 = 1_800_000_000 - (1_800_000_000 % 60)  # the start of a minute
 
@@ -49,3 +49,23 @@ async def test_waiting_retry_after_gets_the_next_payment_through(admin: Any, dem
     through = await pay()
     assert through.status == 201, await through.json()
     assert _rate_headers(through)["X-RateLimit-Remaining"] == "0"  # 9 of the ten still weigh in, and this one
+
+
+async def test_each_api_key_has_its_own_limit(admin: Any, client: Any, demo: Any, coop_b: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """One cooperative's integration using up its payments:create limit does not refuse another cooperative's:
+    the limit is counted per API key, not for API keys as a whole."""
+    monkeypatch.setattr(ratelimit, "time", types.SimpleNamespace(time=lambda: T0 + 5.0))
+    scopes = {"scopes": ["payments:read", "payments:write"]}
+    ours = Caller(client, {"X-API-Key": (await admin.json("POST", "/v1/api-keys", 201,
+                                                          json={"name": "ERP", **scopes}))["key"]})
+    theirs = Caller(client, {"X-API-Key": (await coop_b["admin"].json("POST", "/v1/api-keys", 201,
+                                                                      json={"name": "ERP", **scopes}))["key"]})
+    rent = demo["payment_types"]["Monthly Rent"]
+    for _ in range(10):
+        assert (await ours.req("POST", "/v1/payments", json=payment_body(rent))).status == 201
+    assert (await ours.req("POST", "/v1/payments", json=payment_body(rent))).status == 429
+    levy = payment_body(coop_b["payment_type_id"], amount=1000, paymentAccount="+250788999001")
+    resp = await theirs.req("POST", "/v1/payments", json=levy)
+    assert resp.status == 201, await resp.json()
+    assert resp.headers["X-RateLimit-Remaining"] == "9"

@@ -274,3 +274,29 @@ async def test_an_embedded_database_in_a_folder_not_made_yet(tmp_path):
         assert (await conn.execute(text("SELECT 1"))).scalar() == 1
     await engine.dispose()
     assert (tmp_path / "not" / "yet" / "gateway.db").exists()
+
+
+def test_what_one_cooperative_sealed_does_not_open_as_anothers():
+    """A member's phone number, a payment's account and a webhook endpoint's secret are bound to their cooperative:
+    a row's ciphertext copied onto another cooperative's row (a bad restore, a tampered database) does not open
+    there."""
+    from types import SimpleNamespace
+
+    from core.members import member_phone, phone_context
+    from core.payments import account_context, payment_account
+    from core.webhooks import endpoint_secret, endpoint_secret_context
+
+    cipher = PiiCipher({"k1": K1}, "k1", "index-key")
+    phone = cipher.encrypt("+250788000001", context=phone_context("coop-a"))
+    assert member_phone(cipher, SimpleNamespace(phone_enc=phone, cooperative_id="coop-a")).e164 == "+250788000001"
+    with pytest.raises(CryptoError):
+        member_phone(cipher, SimpleNamespace(phone_enc=phone, cooperative_id="coop-b"))
+    account = cipher.encrypt("+250788000001", context=account_context("coop-a"))
+    rt = SimpleNamespace(cipher=cipher)
+    assert payment_account(rt, SimpleNamespace(payment_account_enc=account, cooperative_id="coop-a")) == "+250788000001"
+    with pytest.raises(CryptoError):
+        payment_account(rt, SimpleNamespace(payment_account_enc=account, cooperative_id="coop-b"))
+    secret = cipher.encrypt("whsec_a", context=endpoint_secret_context("coop-a"))
+    assert endpoint_secret(cipher, SimpleNamespace(secret_enc=secret, cooperative_id="coop-a")) == "whsec_a"
+    with pytest.raises(CryptoError):
+        endpoint_secret(cipher, SimpleNamespace(secret_enc=secret, cooperative_id="coop-b"))

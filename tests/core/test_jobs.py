@@ -473,7 +473,10 @@ async def test_a_member_suspended_after_a_push_that_may_have_arrived_is_left_to_
             await asyncio.sleep(30)  # cut off long before: the token and the reads before the call fit in the budget
             return httpx.Response(202)
 
-        wire.on("POST", rtp, slow if first_answer == "cut off" else httpx.Response(500, json={}))
+        if first_answer == "cut off":
+            wire.on("POST", rtp, slow)
+        else:
+            wire.on("POST", rtp, 500, {})
         async with rt.sessionmaker.begin() as s:
             payment, _ = await create_payment(s, rt, mtn_payment(demo, key=f"key-suspended-{first_answer}"),
                                               actor=ADMIN)

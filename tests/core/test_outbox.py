@@ -125,6 +125,32 @@ async def test_a_claimed_job_never_runs_past_its_lease_nor_twice(sm, monkeypatch
     assert attempts == [1] * 6  # the jobs handed back did not count an attempt
 
 
+async def test_a_job_whose_lease_is_nearly_out_before_it_starts_is_handed_back_not_run(sm):
+    """A worker that stalled between its claim and the job's start (a long GC pause, a starved CPU) until less than
+    MIN_HANDLER_SECONDS of the handler's time is left does not start it (another worker could claim it while it
+    ran): handed back as found, its attempt given back, due at once for a claim of its own."""
+    import dataclasses
+    import time
+
+    from core.outbox import handler_timeout
+
+    ran: list[int] = []
+
+    async def record(job) -> None:
+        ran.append(job.payload["n"])
+
+    await _add_jobs(sm, 1)
+    worker = OutboxWorker(sm, {"test.record": record}, worker_id="w1", lease_seconds=60)
+    [job] = await worker.claim()
+    stalled = dataclasses.replace(job, claimed=time.monotonic() - handler_timeout(60) + 1.0)
+    await worker.run_job(stalled)
+    assert ran == []
+    async with sm() as session:
+        row = (await session.execute(select(OutboxJob))).scalar_one()
+    assert (row.status, row.attempts, row.locked_by) == ("PENDING", 0, None)
+    assert row.run_at <= utcnow()
+
+
 async def test_a_stopping_worker_hands_back_the_jobs_it_has_not_started(sm):
     started: list[int] = []
     release = asyncio.Event()

@@ -171,3 +171,20 @@ async def test_airtel_in_progress_at_the_window_end_is_asked_again_and_completes
     assert (done.status, done.late, done.provider_transaction_id) == ("COMPLETED", False, "MP210603.1234.A12345")
     assert [r.url.path for r in wire.sent("GET", "/standard/v1/payments/*")] == [
         f"/standard/v1/payments/{payment.provider_reference}"] * 2
+
+
+async def test_pending_near_the_window_end_is_asked_again_at_the_window_end_not_later(rt, demo, worker):
+    """A payment ten minutes old (its polls backed off to two minutes) with 20 s of its window left: the poll after
+    MTN's PENDING is due at the window's end, so its outcome (or the grace after it) starts on time, not up to two
+    minutes late."""
+    _, payment = await _mtn_processing(rt, demo, worker)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == payment.id).values(
+            created_at=utcnow() - timedelta(minutes=10), expires_at=utcnow() + timedelta(seconds=20)))
+    await due_now(rt, "payment.poll")
+    await drain(worker)
+    held = await _payment(rt, payment.id)
+    [poll] = await _polls(rt)
+    assert (held.status, poll.status) == ("PROCESSING", "PENDING")
+    assert poll.run_at <= held.expires_at + timedelta(seconds=1)
+    assert held.next_poll_at <= held.expires_at + timedelta(seconds=1)

@@ -4,8 +4,10 @@ in-memory one used while Redis is down, which must decide alike. The clock is pa
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
+import time
 from typing import Any
 
 import pytest
@@ -176,6 +178,20 @@ async def test_uncount_takes_back_one_in_the_window_it_was_counted_in(rt: Any, w
     assert await rt.redis.get("rl:{user:u1}:replay:test:" + str(start)) == b"2"
     await limiter.uncount(limit, "user:u1", now=start + 600)
     assert await rt.redis.get("rl:{user:u1}:replay:test:" + str(start + 600)) is None
+
+
+@clients
+async def test_a_full_window_still_weighs_in_through_the_next_one(rt: Any, which: str) -> None:
+    """On the real clock (the keys' expiry is Redis's): a window's count is kept while it still weighs in, the
+    whole of the next window, so a client that used its whole limit at the start of one window gets only what
+    the sliding share leaves in the next, not the full limit again (a count expired one window after it was made)."""
+    limiter = RateLimiter(_client(rt, which))
+    limit = Limit("t:short", 3, window=2)
+    start = (math.floor(time.time() / 2) + 1) * 2  # the next window's start
+    await asyncio.sleep(start + 0.1 - time.time())
+    assert not (await _fill(limiter, limit, "u", time.time())).allowed  # 3 at the start of a window
+    await asyncio.sleep(start + 3.0 - time.time())  # 1 s into the next window: half of the 3 still counts (1)
+    assert [(await limiter.hit(limit, "u", now=time.time())).allowed for _ in range(3)] == [True, True, False]
 
 
 async def _every_method(limiter: RateLimiter, redis: Any, prefix: str) -> list[Any]:

@@ -94,6 +94,22 @@ async def test_rotation_then_the_old_key_removed(migrated_database):
         assert rt.cipher.decrypt(job.payload["phone_enc"], context="sms") == "+250788000001"
 
 
+async def test_a_parked_sms_is_sealed_again_too_so_its_replay_still_reaches_the_member(migrated_database):
+    """An SMS job parked (its aggregator refusing it for hours) keeps the member's number in its payload: rotated
+    with the rest, so once the old key is removed, replaying it (POST /v1/jobs/{id}/replay) can still read where to
+    send it."""
+    await _data_under_the_old_key(migrated_database)
+    async with open_runtime(make_settings(**BEFORE)) as rt, rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "sms.send").values(status="PARKED"))
+    async with open_runtime(make_settings(**BOTH)) as rt:
+        report = await reencrypt(rt.sessionmaker, rt.cipher)
+        assert report.unreadable == {} and report.rewritten["outbox_jobs.payload.phone_enc"] >= 1
+    async with open_runtime(make_settings(**AFTER)) as rt, rt.sessionmaker() as s:
+        job = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars().first()
+        assert job.status == "PARKED"
+        assert rt.cipher.decrypt(job.payload["phone_enc"], context="sms") == "+250788000001"
+
+
 async def test_a_value_no_key_opens_is_reported_and_the_command_fails(migrated_database, capsys):
     made = await _data_under_the_old_key(migrated_database)
     async with open_runtime(make_settings(**BEFORE)) as rt, rt.sessionmaker.begin() as s:

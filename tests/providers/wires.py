@@ -46,8 +46,10 @@ class Routes:
             status = answer
             self.routes[(method, path)] = (lambda _r: httpx.Response(status, json=body)) if body is not None \
                 else (lambda _r: httpx.Response(status))
-        else:
+        elif callable(answer) and not isinstance(answer, httpx.Response):
             self.routes[(method, path)] = answer
+        else:  # (an httpx.Response given as the answer raised TypeError at the call: a test of nothing)
+            raise TypeError(f"answer for {method} {path} must be a status code or a function, not {answer!r}")
         return self
 
     @staticmethod
