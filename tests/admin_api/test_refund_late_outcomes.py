@@ -98,6 +98,26 @@ async def test_a_failure_reported_after_the_refund_completed_is_flagged_not_appl
     assert await _provider_says(rt, refund["id"], ProviderOutcome.SUCCEEDED) == "ignored"
 
 
+async def test_the_same_failure_delivered_again_is_a_duplicate_flagged_once(admin: Any, rt: Any,
+                                                                          demo: dict[str, Any]) -> None:
+    """A provider's retry of one refund callback (the same event id; a signed one, applied without a status query)
+    is stored once: the failure reported after completion is audited and flagged once, not once per delivery."""
+    paid, refund = await _parked_refund(admin, rt, demo)
+    await admin.json("POST", f"/v1/refunds/{refund['id']}/outcome", 200,
+                     json={"status": "COMPLETED", "note": "looks sent", "providerTransactionId": "MTN-RF-1"})
+    async with rt.sessionmaker() as s:
+        ours = (await s.get(Refund, refund["id"])).provider_reference
+    failed = Event(provider="mtn_momo", kind=EventKind.REFUND, event_id=f"{ours}:FAILED", reference=ours,
+                   outcome=ProviderOutcome.FAILED, reason="reversal declined")
+    assert await handle_provider_event(rt, failed) == "flagged_failed_after_completion"
+    assert await handle_provider_event(rt, failed) == "duplicate"
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert payment["mismatchDetail"] == (f"refund {refund['reference']} reported failed after it was completed: "
+                                         "reversal declined")
+    [entry] = await _audit(rt, "refund.failed_after_completion")
+    assert entry.after == {"reported": "reversal declined"}
+
+
 async def test_paid_twice_is_flagged_when_the_second_refund_completes_after_the_first_came_back(
         admin: Any, rt: Any, demo: dict[str, Any]) -> None:
     """Refund A recorded FAILED, refund B asked for at once; A is reported sent back while B is with the provider,

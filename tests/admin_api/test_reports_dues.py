@@ -424,6 +424,39 @@ async def test_last_payment_at_is_that_of_a_payment_counted_in_amount_paid(admin
     assert rows["Jean Bosco Habimana"]["lastPaymentAt"] == ""
 
 
+async def test_a_member_who_paid_twice_owes_nothing_and_offsets_no_one_elses_debt(admin, rt, demo):
+    """Aline paid November's rent twice (100,000 kept of 50,000): PAID, nothing outstanding (not -50,000), and the
+    totals' outstanding is what the others owe, not lowered by her overpayment."""
+    rent = demo["payment_types"]["Monthly Rent"]
+    await _registered(rt, demo["cooperative_id"])
+    await _pay(admin, rt, rent, "+250788000001")
+    await _pay(admin, rt, rent, "+250788000001")
+    query = f"paymentTypeId={rent}&period={NOVEMBER}"
+    report = await admin.json("GET", f"/v1/reports/dues?{query}&limit=100", 200)
+    by_name = {line["name"]: line for line in report["data"]}
+    assert _short(by_name["Aline Uwase"]) == ("Aline Uwase", "PAID", 50000, 100000, 0, 0)
+    others = [line for line in report["data"] if line["name"] != "Aline Uwase"]
+    assert others and all(line["amountOutstanding"] == 50000 for line in others)
+    assert report["totals"]["amountOutstanding"] == 50000 * len(others)
+    rows = {row["name"]: row for row in csv.DictReader(io.StringIO(
+        await (await admin.req("GET", f"/v1/reports/dues.csv?{query}")).text()))}
+    assert rows["Aline Uwase"]["amountOutstanding"] == "0"
+
+
+async def test_a_part_paid_member_with_a_payment_awaiting_her_pin_is_awaiting_approval(admin, rt, demo):
+    """Jean's provider took 30,000 of the rent, and another payment of November's awaits her PIN: AWAITING_APPROVAL
+    (DUES_STATUSES: before PARTIAL), with the 30,000 paid and the 20,000 still outstanding."""
+    rent = demo["payment_types"]["Monthly Rent"]
+    await _registered(rt, demo["cooperative_id"])
+    await _pay(admin, rt, rent, "+250788000002", taken=30000)
+    await _pay(admin, rt, rent, "+250788000002", taken=0)
+    report = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={NOVEMBER}&limit=100", 200)
+    by_name = {line["name"]: line for line in report["data"]}
+    assert _short(by_name["Jean Bosco Habimana"]) == (
+        "Jean Bosco Habimana", "AWAITING_APPROVAL", 50000, 30000, 50000, 20000)
+    assert report["totals"]["byStatus"]["AWAITING_APPROVAL"] == 1 and report["totals"]["byStatus"]["PARTIAL"] == 0
+
+
 async def test_a_due_date_that_is_none_of_the_types_is_refused_not_counted_nowhere(admin, rt, demo):
     """An API payment's dueDate names the period it pays by its due date. One that is no due date of a recurring type
     (the 15th of rent due the 1st; the day before the due day in the cooperative's zone) paid no period: the member

@@ -165,6 +165,22 @@ async def test_a_refund_mtn_reports_for_another_amount_completes_flagged_for_a_p
     assert metrics.REFUND_ANOMALIES.labels(kind="amount_mismatch")._value.get() == before + 1
 
 
+async def test_an_unsigned_callbacks_own_amount_is_never_taken_for_the_providers(rt, demo, worker, client):
+    """An MTN refund callback claims another amount; MTN's status confirms the success but names none: the claim,
+    unconfirmed (forged or stale), neither flags the payment nor is audited. Only the status query's amount counts."""
+    wire = mtn_wire().on("POST", "/disbursement/v1_0/refund", 202)
+    refund, payment = await _sent_refund(rt, demo, worker, wire)
+    answer = {k: v for k, v in _body(refund, "SUCCESSFUL").items() if k not in ("amount", "currency")}
+    wire.on("GET", STATUS_PATH.format(refund.provider_reference), 200, {**answer, "financialTransactionId": "RF-4"})
+    resp = await client.put(f"/webhooks/payments/mtn_momo?ref={refund.provider_reference}&kind=refund",
+                            json={**_body(refund, "SUCCESSFUL"), "amount": "30000"})
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["result"] == "completed"
+    stored, paid, _ = await _rows(rt, refund.id, payment.id)
+    assert (stored.status, stored.provider_transaction_id) == ("COMPLETED", "RF-4")
+    assert (paid.status, paid.refunded_minor, paid.mismatch) == ("REFUNDED", 50_000, False)
+
+
 @pytest.mark.parametrize("reported", ["50000", "60000"])
 async def test_a_refund_polled_complete_is_flagged_only_for_another_amount(rt, demo, worker, reported):
     wire = mtn_wire().on("POST", "/disbursement/v1_0/refund", 202)

@@ -104,6 +104,20 @@ async def test_scan_outside_the_window_and_for_inactive_types_sends_nothing(rt: 
     assert await _reminder_jobs(rt) == []
 
 
+async def test_the_first_day_reminded_is_exactly_the_days_before(rt: Any, demo: dict[str, Any]) -> None:
+    """REMINDER_DAYS_BEFORE=3: nobody is reminded of the rent due 1 December on the 27th (4 days before); on the
+    28th (3 days before) each unpaid active member is, once."""
+    assert rt.settings.reminder_days_before == 3
+    async with rt.sessionmaker.begin() as s:
+        assert await scan(s, rt, now=NOW - timedelta(days=1)) == 0
+    assert await _reminder_jobs(rt) == []
+    async with rt.sessionmaker.begin() as s:
+        queued = await scan(s, rt, now=NOW)
+    jobs = await _reminder_jobs(rt)
+    assert queued == len(jobs) > 0
+    assert {j.payload["context"]["due_date"] for j in jobs} == {"2026-12-01"}
+
+
 async def test_the_daily_scan_schedules_itself_once(rt: Any, demo: dict[str, Any], worker: Any) -> None:
     today = utcnow().date()
     started = datetime.combine(today, time(5), tzinfo=UTC)  # before the hour (after it: test_reminder_schedule)

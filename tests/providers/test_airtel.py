@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -110,6 +111,23 @@ async def test_collection_sends_exact_request(fake: FakeProvider) -> None:
     assert pay_req.headers["Authorization"] == f"Bearer {TOKEN}"
     assert pay_req.headers["X-Country"] == "RW" and pay_req.headers["X-Currency"] == "RWF"
     assert json.loads(pay_req.content) == load("airtel", "collection_request.json")
+
+
+async def test_tanzanian_shillings_go_as_the_whole_number(fake: FakeProvider) -> None:
+    # TZS has cents on paper, none in an Airtel wallet: TZS 25,000 goes as 25000, never as "25000.00".
+    expect_token(fake)
+    fake.expect("POST", "/merchant/v1/payments/", 200, load("airtel", "collection_accepted.json"))
+    ask = replace(collection(payer="+255754123456"), amount=Money(2_500_000, "TZS"))
+    async with fake.client() as http:
+        adapter = AirtelAdapter(http, config(country="TZ", currency="TZS"))
+        assert await adapter.request_collection(ask) == CollectionAccepted()
+    _, pay_req = fake.seen
+    assert pay_req.headers["X-Country"] == "TZ" and pay_req.headers["X-Currency"] == "TZS"
+    assert json.loads(pay_req.content) == {
+        "reference": "PAY_8K2M4Q",
+        "subscriber": {"country": "TZ", "currency": "TZS", "msisdn": "754123456"},
+        "transaction": {"amount": 25000, "country": "TZ", "currency": "TZS", "id": REF},
+    }
 
 
 @pytest.mark.parametrize("status", [200, 400])

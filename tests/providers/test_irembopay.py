@@ -292,6 +292,18 @@ async def test_status(case: dict[str, Any]) -> None:
     assert_headers(wire.requests[0])
 
 
+async def test_status_amount_is_read_in_the_currency_the_invoice_names() -> None:
+    """An invoice the status answers in another currency than the payment's is reported so (the core flags a paid
+    amount it did not ask for), never read as that many francs."""
+    paid = fixture("status.json")["cases"][1]["json"]
+    answer = {**paid, "data": {**paid["data"], "amount": 40, "currency": "USD"}}
+    wire = Wire().on("GET", "/payments/invoices/880123456789", 200, answer)
+    async with wire.client() as http:
+        result = await IremboPayAdapter(http, config()).collection_status(TX, "880123456789", "RWF")
+    wire.done()
+    assert (result.outcome, result.amount) == (ProviderOutcome.SUCCEEDED, Money(4000, "USD"))
+
+
 def test_every_status_row_has_a_recorded_case() -> None:
     cases = fixture("status.json")["cases"]
     recorded = {c["json"]["data"]["paymentStatus"] for c in cases if "data" in c["json"]}

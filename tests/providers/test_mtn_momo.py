@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -360,6 +361,23 @@ async def test_refund_uses_disbursement_product(fake: FakeProvider) -> None:
     assert status.amount == Money(5000, "RWF") and status.provider_transaction_id == "1843299911"
 
 
+@pytest.mark.parametrize(
+    ("failure", "unanswered"),
+    [(httpx.ReadTimeout("no answer"), True), (httpx.ConnectError("connection refused"), False)],
+)
+async def test_unanswered_refund_is_in_doubt_not_failed(fake: FakeProvider, failure: Exception,
+                                                        unanswered: bool) -> None:
+    # A refund sent with no answer may have paid the member: its status is asked under the same reference, never
+    # a retry as if nothing left; one that never connected is retried (nothing reached MTN).
+    fake.expect("POST", "/disbursement/token/", 200, load("mtn_momo", "token.json"))
+    fake.expect("POST", "/disbursement/v1_0/refund", raises=failure)
+    async with fake.client() as http:
+        with pytest.raises(ProviderError) as err:
+            await MtnMomoAdapter(http, config()).request_refund(refund())
+    assert isinstance(err.value, ProviderTimeout) is unanswered
+    assert err.value.retryable is not unanswered
+
+
 async def test_refund_refused(fake: FakeProvider) -> None:
     fake.expect("POST", "/disbursement/token/", 200, load("mtn_momo", "token.json"))
     fake.expect("POST", "/disbursement/v1_0/refund", 400, {"code": "NOT_ALLOWED", "message": "Not allowed"})
@@ -367,6 +385,30 @@ async def test_refund_refused(fake: FakeProvider) -> None:
         with pytest.raises(ProviderError, match="Not allowed") as err:
             await MtnMomoAdapter(http, config()).request_refund(refund())
     assert err.value.retryable is False
+
+
+async def test_amounts_of_a_currency_with_cents_go_and_come_in_major_units(fake: FakeProvider) -> None:
+    # MTN Ghana (GHS, Zambia's ZMW too) has pesewas: GHS 12.50 goes as "12.50", never as "1250" (a hundred times
+    # the money asked of the payer, or sent back), and a callback's "12.50" GHS is read in its own currency.
+    fake.expect("POST", "/collection/token/", 200, load("mtn_momo", "token.json"))
+    fake.expect("POST", "/collection/v1_0/requesttopay", 202)
+    fake.expect("POST", "/disbursement/token/", 200, load("mtn_momo", "token.json"))
+    fake.expect("POST", "/disbursement/v1_0/refund", 202)
+    ask = replace(collection(payer="+233241234567"), amount=Money(1250, "GHS"))
+    give = replace(refund(), amount=Money(1250, "GHS"), payer=Phone("+233241234567"))
+    async with fake.client() as http:
+        adapter = MtnMomoAdapter(http, config(target_environment="mtnghana"))
+        assert adapter.currencies == {"GHS"}
+        assert await adapter.request_collection(ask) == CollectionAccepted()
+        assert await adapter.request_refund(give) == CollectionAccepted()
+    _, pay_req, _, refund_req = fake.seen
+    pay_body, refund_body = json.loads(pay_req.content), json.loads(refund_req.content)
+    assert (pay_body["amount"], pay_body["currency"]) == ("12.50", "GHS")
+    assert pay_body["payer"] == {"partyIdType": "MSISDN", "partyId": "233241234567"}
+    assert (refund_body["amount"], refund_body["currency"]) == ("12.50", "GHS")
+    body = {**load("mtn_momo", "callback_successful.json"), "amount": "12.50", "currency": "GHS"}
+    event = adapter.parse_callback(callback(body, {"ref": REF}))
+    assert event.amount == Money(1250, "GHS")
 
 
 # --- callbacks ---------------------------------------------------------------------------------------

@@ -197,6 +197,21 @@ async def test_custom_amount_is_validated(client: Any, demo: Any, db: Any, rt: A
     assert (await db.one(Payment)).amount_minor == 20_000
 
 
+async def test_custom_amount_of_exactly_the_maximum_is_taken(client: Any, demo: Any, db: Any, rt: Any) -> None:
+    """The screen says "the maximum is 5,000,000 RWF": that amount itself is payable, and charged as typed."""
+    async with rt.sessionmaker.begin() as s:
+        s.add(PaymentType(cooperative_id=demo["cooperative_id"], name="Donation", amount_minor=10_000,
+                          currency="RWF", is_active=True, allow_custom_amount=True))
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    types = await phone.send("1")
+    await phone.send(option(types, "Donation"))
+    confirm = await phone.send("5000000")
+    assert "Amount: 5,000,000 RWF" in confirm, confirm
+    await phone.send("1")
+    assert (await db.one(Payment)).amount_minor == 5_000_000
+
+
 async def test_resume_after_a_dropped_session(client: Any, demo: Any, db: Any) -> None:
     dropped = AtPhone(client, EN_MTN)
     await dropped.dial()
@@ -449,6 +464,28 @@ async def test_member_without_payments(client: Any, demo: Any) -> None:
     phone = AtPhone(client, EN_MTN)
     await phone.dial()
     assert await phone.send("3") == "END You have no payments yet."
+
+
+async def test_my_payments_list_only_her_own_not_her_cooperatives(client: Any, demo: Any, db: Any) -> None:
+    """Another member of the same cooperative has paid: her "My payments" and "Problem" list none of that (nor
+    its reference, to complain about or get a receipt of); the payer's list has hers only."""
+    await _pay(client, EN_MTN, "Water")
+    theirs = await db.one(Payment)
+    assert theirs.member_id == demo["members"][EN_MTN]
+    phone = AtPhone(client, SW_AIRTEL)
+    await phone.dial()
+    listing = await phone.send("2")
+    assert listing.startswith("END") and theirs.reference not in listing, listing
+    phone = AtPhone(client, SW_AIRTEL)
+    await phone.dial()
+    problem = await phone.send("3")
+    assert problem.startswith("END") and theirs.reference not in problem, problem
+    await _pay(client, SW_AIRTEL, "Monthly Rent")
+    hers = await db.one(Payment, Payment.member_id == demo["members"][SW_AIRTEL])
+    payer = AtPhone(client, EN_MTN)
+    await payer.dial()
+    mine = await payer.send("2")
+    assert theirs.reference in mine and hers.reference not in mine, mine
 
 
 async def test_help_shows_the_cooperative_contact(client: Any, demo: Any) -> None:

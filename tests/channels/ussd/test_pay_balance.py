@@ -272,3 +272,27 @@ async def test_the_paid_screen_is_never_stored_where_a_previous_release_shows_it
     assert route is not None and {route.screen, *route.stack} <= previous, route
     back = await phone.send("0")
     assert back.startswith("CON Choose what to pay:"), back
+
+
+async def test_back_from_a_balance_to_another_type_offers_that_types_price(client: Any, demo: Any, rt: Any) -> None:
+    """Shown the Monthly Rent balance, she goes Back and picks Water (nothing of it paid): its price, not said to be
+    the balance of the rent's 50,000, and that is what is charged."""
+    await _kept(rt, demo, EN_MTN)
+    phone, confirm = await _confirmation(client, EN_MTN)
+    assert "Amount: 20,000 RWF (balance of 50,000 RWF)\n" in confirm, confirm
+    types = await phone.send("0")
+    water = await phone.send(option(types, "Water"))
+    assert water.startswith("CON Pay Water\nAmount: 5,000 RWF\nFee: 0 RWF\n"), water
+    done = await phone.send("1")
+    assert done.startswith("END Approve the prompt on your phone to pay 5,000 RWF."), done
+    payment = await _new_payment(rt, demo["members"][EN_MTN])
+    assert (payment.amount_minor, payment.payment_type_id) == (5_000, demo["payment_types"]["Water"])
+
+
+async def test_a_period_overpaid_is_said_paid_not_offered_a_negative_balance(client: Any, demo: Any, rt: Any) -> None:
+    """The provider took 60,000 of the 50,000 RWF rent: the period is paid (nothing owed), not a balance of
+    -10,000 RWF to confirm."""
+    due = await _due_now(rt, demo)
+    await _kept(rt, demo, EN_MTN, collected=60_000)
+    _phone, paid = await _confirmation(client, EN_MTN)
+    assert paid.startswith(f"CON You have already paid Monthly Rent for {due}.\n1. Pay again\n"), paid

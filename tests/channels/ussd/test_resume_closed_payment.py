@@ -102,6 +102,24 @@ async def test_resuming_a_confirmation_already_paid_says_so(client: Any, demo: A
     assert (await AtPhone(client, EN_MTN).dial()).startswith("CON Welcome to")
 
 
+async def test_already_paid_says_what_the_provider_took(client: Any, demo: Any, rt: Any) -> None:
+    """The provider took 4,000 of the 5,000 RWF asked: "already paid" says the 4,000 her wallet paid (as her receipt
+    and "My payments" do), not the 5,000 asked."""
+    from core.money import Money
+    from core.payments import get_by_reference
+    from core.provider_events import apply_collection_outcome
+
+    _dropped, _confirm, ref = await _confirm_and_lose_the_end(client, rt, EN_MTN)
+    async with rt.sessionmaker.begin() as s:
+        payment = await get_by_reference(s, ref)
+        assert payment is not None
+        await apply_collection_outcome(s, rt, payment, ProviderOutcome.SUCCEEDED, actor=Actor("provider:test",
+                                       "provider"), amount=Money(4_000, "RWF"), provider_transaction_id="TX-1")
+    again = AtPhone(client, EN_MTN)
+    assert (await again.dial()).startswith("CON You did not finish your last session.")
+    assert await again.send("1") == f"END You have already paid 4,000 RWF. Ref {ref}"
+
+
 async def test_already_paid_in_the_members_language(client: Any, demo: Any, rt: Any) -> None:
     _dropped, _confirm, ref = await _confirm_and_lose_the_end(client, rt, FR_AIRTEL)
     await _outcome(rt, ref, ProviderOutcome.SUCCEEDED)
