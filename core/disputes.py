@@ -231,13 +231,3 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
                   "dispute.updated", target.value.lower(), actor=actor,
                   answer_days=rt.settings.sms_payer_answer_days)
     return updated
-
-
-async def get_payment_for_dispute(session: AsyncSession, payment_id: str, cooperative_id: str | None) -> Payment:
-    query = select(Payment).where(Payment.id == payment_id)
-    if cooperative_id is not None:
-        query = query.where(Payment.cooperative_id == cooperative_id)
-    payment = (await session.execute(query)).scalar_one_or_none()
-    if payment is None:
-        raise NotFound("payment not found", field="paymentId")
-    return payment
