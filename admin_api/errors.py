@@ -155,6 +155,10 @@ def _not_stored(response: web.StreamResponse) -> None:
         response.headers["Cache-Control"] = "no-store"
 
 
+# Every 503: nothing was changed, and the same request may be sent again in a second.
+_SEND_AGAIN_SOON = {"Retry-After": "1"}
+
+
 def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     """The error in the API's shape, when nothing of a response was written yet."""
     if isinstance(exc, ApiError):
@@ -164,7 +168,7 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
         return error_response(request, exc.status, list(exc.errors), field=field, code=exc.code)
     if isinstance(exc, DomainError):
         # A 503 says when to send it again, as an outage's does (below): nothing was changed.
-        retry = {"Retry-After": "1"} if exc.status == 503 else None
+        retry = _SEND_AGAIN_SOON if exc.status == 503 else None
         return error_response(request, exc.status, exc.message, retry, field=field, code=exc.code)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
@@ -194,6 +198,6 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
         # again. One line, no traceback: an outage is not a bug.
         log.warning("dependency unavailable on %s %s: %s", request.method, request.path, _what_failed(exc))
         return error_response(request, 503, "A dependency is unavailable; nothing was changed, send it again",
-                              {"Retry-After": "1"})
+                              _SEND_AGAIN_SOON)
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
     return error_response(request, 500, "Internal server error")
