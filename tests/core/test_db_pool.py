@@ -88,3 +88,26 @@ async def test_checkouts_reuse_the_connection_returned_last(settings: Any) -> No
         assert seen == {pids[2]} and len(set(pids)) == 3
     finally:
         await engine.dispose()
+
+
+async def test_a_burst_past_db_pool_size_keeps_its_connections_for_the_next(settings: Any) -> None:
+    """Up to twice DB_POOL_SIZE connections, each kept once opened: a process under steady load above DB_POOL_SIZE
+    requests in flight reuses them. Closing the extra ones on their return (SQLAlchemy's overflow) had the bench's
+    32 connections against the default 20 open and close about 7 PostgreSQL backends a second (a process forked
+    on the server for each): 0.87 against 1.2 ms of CPU an API payment, 630 against 300-400 payments/s."""
+    engine = db.make_engine(settings.database_url, pool_size=2)
+    try:
+        async def burst() -> set[int]:
+            held = [await engine.connect() for _ in range(4)]  # twice DB_POOL_SIZE, all in use at once
+            try:
+                return {int((await c.execute(text("SELECT pg_backend_pid()"))).scalar_one()) for c in held}
+            finally:
+                for c in held:
+                    await c.close()
+
+        first = await burst()
+        assert len(first) == 4
+        assert await burst() == first  # the same four backends: none closed on return, none opened
+        assert engine.pool.checkedin() == 4
+    finally:
+        await engine.dispose()
