@@ -121,7 +121,9 @@ def _cost(number: str, segments: int) -> str:
 
 async def _messaging(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    if not hmac.compare_digest(request.headers.get("apiKey", ""), state.api_key):
+    # As bytes: compare_digest refuses a str that is not ASCII, and a header arrives as Latin-1 text.
+    given = request.headers.get("apiKey", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given, state.api_key.encode()):
         return web.Response(status=401, text="The supplied authentication is invalid")
     form = await request.post()
     username = str(form.get("username", ""))

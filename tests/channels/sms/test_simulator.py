@@ -64,6 +64,10 @@ async def test_wrong_credentials(aiohttp_server: Any, http: httpx.AsyncClient) -
         data={"username": "coop", "to": "", "message": ""},
     )
     assert raw.status_code == 400
+    # A key that is not ASCII (a header is read as Latin-1) is a wrong key too, not the simulator's 500.
+    garbled = await http.post(f"{base}/version1/messaging", headers={"apiKey": "k-sim\u00e9".encode("latin-1")},
+                              data={"username": "coop", "to": "+250788000001", "message": "x"})
+    assert garbled.status_code == 401 and garbled.text == "The supplied authentication is invalid"
 
 
 @pytest.mark.parametrize(

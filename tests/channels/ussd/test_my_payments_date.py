@@ -61,3 +61,42 @@ async def test_the_detail_hop_reads_the_zone_from_the_cooperative_it_already_has
         detail = await member.send(option(listing, ref))
     assert "Date:" in detail
     assert sum(q.startswith("BEGIN") for q in seen) <= 1 and not any("cooperatives" in q for q in seen), seen
+
+
+async def test_my_payments_lists_her_five_newest(client: Any, demo: Any, rt: Any) -> None:
+    """'My payments' is her last five payments, newest first: a sixth and seventh, older, are not listed."""
+    from datetime import timedelta
+    from uuid import uuid4
+
+    from sqlalchemy import insert
+
+    phone = AtPhone(client, EN_MTN)
+    await phone.dial()
+    types = await phone.send("1")
+    await phone.send(option(types, "Monthly Rent"))
+    await phone.send("1")
+    base = datetime(2026, 10, 1, 8, 0, tzinfo=UTC)
+    async with rt.sessionmaker.begin() as s:
+        first = (await s.execute(select(Payment))).scalar_one()
+        row = {c.key: getattr(first, c.key) for c in Payment.__table__.columns}
+        refs = []
+        for n in range(7):
+            at = base + timedelta(days=n)
+            ref = f"PAY-T{n}"
+            refs.append(ref)
+            await s.execute(insert(Payment).values({**row, "id": str(uuid4()), "reference": ref,
+                                                    "idempotency_key": f"k-{n}", "status": "COMPLETED",
+                                                    "provider_reference": str(uuid4()),
+                                                    "created_at": at, "updated_at": at, "completed_at": at}))
+        await s.execute(update(Payment).where(Payment.id == first.id).values(created_at=base - timedelta(days=30),
+                                                                              status="FAILED"))
+    member = AtPhone(client, EN_MTN)
+    await member.dial()
+    screen = await member.send("2")
+    pages = [screen]
+    while "98. More" in screen and len(pages) < 5:
+        screen = await member.send("98")
+        pages.append(screen)
+    listing = "\n".join(pages)
+    shown = [line.rsplit(" ", 1)[-1] for line in listing.split("\n") if " PAY-T" in line]
+    assert shown == ["PAY-T6", "PAY-T5", "PAY-T4", "PAY-T3", "PAY-T2"], listing  # newest first, five
