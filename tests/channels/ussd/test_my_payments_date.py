@@ -23,12 +23,17 @@ def option(screen: str, label: str) -> str:
     raise AssertionError(f"{label!r} not offered in {screen!r}")
 
 
-async def test_my_payment_detail_date_is_the_local_day(client: Any, demo: Any, rt: Any) -> None:
+async def pay_rent(client: Any) -> None:
+    """EN_MTN pays Monthly Rent on USSD: its payment row is made (PENDING)."""
     phone = AtPhone(client, EN_MTN)
     await phone.dial()
     types = await phone.send("1")
     await phone.send(option(types, "Monthly Rent"))
     await phone.send("1")
+
+
+async def test_my_payment_detail_date_is_the_local_day(client: Any, demo: Any, rt: Any) -> None:
+    await pay_rent(client)
     # 00:30 on 1 November in Kigali (UTC+2) is still 31 October in UTC.
     at = datetime(2026, 10, 31, 22, 30, tzinfo=UTC)
     async with rt.sessionmaker.begin() as s:
@@ -46,11 +51,7 @@ async def test_my_payment_detail_date_is_the_local_day(client: Any, demo: Any, r
 async def test_the_detail_hop_reads_the_zone_from_the_cooperative_it_already_has(client: Any, demo: Any,
                                                                                  rt: Any) -> None:
     """The date's zone comes with the cooperative's row the session already read: no transaction of its own."""
-    phone = AtPhone(client, EN_MTN)
-    await phone.dial()
-    types = await phone.send("1")
-    await phone.send(option(types, "Monthly Rent"))
-    await phone.send("1")
+    await pay_rent(client)
     async with rt.sessionmaker.begin() as s:
         await s.execute(update(Payment).values(status="COMPLETED"))
         ref = (await s.execute(select(Payment.reference))).scalar_one()
@@ -70,11 +71,7 @@ async def test_my_payments_lists_her_five_newest(client: Any, demo: Any, rt: Any
 
     from sqlalchemy import insert
 
-    phone = AtPhone(client, EN_MTN)
-    await phone.dial()
-    types = await phone.send("1")
-    await phone.send(option(types, "Monthly Rent"))
-    await phone.send("1")
+    await pay_rent(client)
     base = datetime(2026, 10, 1, 8, 0, tzinfo=UTC)
     async with rt.sessionmaker.begin() as s:
         first = (await s.execute(select(Payment))).scalar_one()
