@@ -94,7 +94,7 @@ def _bad_value(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and _sqlstate(exc).startswith("22")
 
 
-def _outage(exc: BaseException) -> bool:
+def is_outage(exc: BaseException) -> bool:
     """A failure to reach the database or Redis (refused, reset, timed out, restarting), not a bug: a
     database error other than a constraint, a malformed statement or bad data (see _bad_value)."""
     # PoolTimeout: no pooled connection came free within DB_POOL_TIMEOUT_SECONDS (every one busy or held): the
@@ -105,7 +105,7 @@ def _outage(exc: BaseException) -> bool:
             and not _bad_value(exc))
 
 
-def _what_failed(exc: BaseException) -> str:
+def what_failed(exc: BaseException) -> str:
     return "no database connection free (pool exhausted)" if isinstance(exc, PoolTimeout) else type(exc).__name__
 
 
@@ -121,15 +121,15 @@ def _cut_short(request: web.Request, exc: BaseException) -> web.StreamResponse:
     first's body would be read as CSV rows, or as a garbled chunk. The connection is closed instead (what was
     written is still delivered first), so the body ends without its last chunk and the client reports an
     incomplete transfer. The response returned is never sent: aiohttp finds the connection closing and drops it."""
-    if _outage(exc):
+    if is_outage(exc):
         log.warning("dependency unavailable on %s %s after the response began; connection closed: %s",
-                    request.method, request.path, _what_failed(exc))
+                    request.method, request.path, what_failed(exc))
     else:
         log.error("error on %s %s after the response began; connection closed", request.method, request.path,
                   exc_info=exc)
     if request.transport is not None:
         request.transport.close()
-    return web.Response(status=503 if _outage(exc) else 500)
+    return web.Response(status=503 if is_outage(exc) else 500)
 
 
 @web.middleware
@@ -156,7 +156,7 @@ def _not_stored(response: web.StreamResponse) -> None:
 
 
 # Every 503: nothing was changed, and the same request may be sent again in a second.
-_SEND_AGAIN_SOON = {"Retry-After": "1"}
+SEND_AGAIN_SOON = {"Retry-After": "1"}
 
 
 def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
@@ -168,7 +168,7 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
         return error_response(request, exc.status, list(exc.errors), field=field, code=exc.code)
     if isinstance(exc, DomainError):
         # A 503 says when to send it again, as an outage's does (below): nothing was changed.
-        retry = _SEND_AGAIN_SOON if exc.status == 503 else None
+        retry = SEND_AGAIN_SOON if exc.status == 503 else None
         return error_response(request, exc.status, exc.message, retry, field=field, code=exc.code)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
@@ -192,12 +192,12 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
                   _sqlstate(exc))
         return error_response(request, 400, "a value in the request cannot be stored (for example a "
                               "control character, or a number out of range)")
-    if _outage(exc):
+    if is_outage(exc):
         # The database or Redis is down or restarting, or every pooled connection is busy: the transaction
         # did not commit, so nothing was changed, and the same request (same idempotency key) can be sent
         # again. One line, no traceback: an outage is not a bug.
-        log.warning("dependency unavailable on %s %s: %s", request.method, request.path, _what_failed(exc))
+        log.warning("dependency unavailable on %s %s: %s", request.method, request.path, what_failed(exc))
         return error_response(request, 503, "A dependency is unavailable; nothing was changed, send it again",
-                              _SEND_AGAIN_SOON)
+                              SEND_AGAIN_SOON)
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
     return error_response(request, 500, "Internal server error")

@@ -508,3 +508,22 @@ async def test_bad_inbound(rt: Any, sms_client: Any, form: dict[str, str], messa
     response = await sms_client.post("/sms/africastalking/inbound", data=form)
     assert response.status == 400 and message in await response.text()
     assert await jobs_of(rt, "sms.send") == []
+
+
+async def test_a_report_that_cannot_be_parked_is_refused_503_to_come_again(rt: Any, sms_client: Any,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis restarting when a report for an id not yet stored arrives: the aggregator is told to send it again
+    (503 with Retry-After, as every outage is answered), and it applies once the id is stored."""
+    import redis
+
+    async def down(*_args: Any, **_kwargs: Any) -> Any:
+        raise redis.exceptions.ConnectionError("Error 111 connecting to redis: Connection refused")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(routes, "park_report", down)
+        answer = await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_R", "status": "Success"})
+        assert answer.status == 503 and answer.headers["Retry-After"] == "1"
+    sms_id = await sent_message(rt, "ATXid_R")
+    again = await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_R", "status": "Success"})
+    assert again.status == 200 and await again.text() == "delivered"
+    assert (await status_of(rt, sms_id)).status == "DELIVERED"
