@@ -171,8 +171,14 @@ async def test_a_refund_recorded_from_octobers_statement_is_octobers(admin: Any,
         "status": "COMPLETED", "providerTransactionId": "AIR-RF-31OCT", "completedAt": "2026-10-31T12:00:00Z",
         "note": "Airtel statement 31 Oct: refunded"})
     assert (done["status"], done["completedAt"]) == ("COMPLETED", "2026-10-31T12:00:00Z")
-    assert _settled(await admin.json("GET", f"/v1/reports/reconciliation?{OCTOBER}", 200), "refunded") == \
-        [("MOBILE_MONEY_AIRTEL", 5000)]
+    october = await admin.json("GET", f"/v1/reports/reconciliation?{OCTOBER}", 200)
+    assert _settled(october, "refunded") == [("MOBILE_MONEY_AIRTEL", 5000)]
+    # Asked for in October, recorded COMPLETED in December: October's `settled` changed after it closed, and its
+    # report names the refund that changed it.
+    assert [(r["id"], r["completedAt"], r["returnedByProvider"], r["providerTransactionId"])
+            for r in october["refundsRecordedLater"]] == [
+        (refund["id"], "2026-10-31T12:00:00Z", False, "AIR-RF-31OCT")]
+    assert october["refundsRecordedLaterCount"] == 1
 
 
 async def test_a_statement_time_without_an_offset_is_the_cooperatives_local_time(admin: Any, rt: Any,

@@ -568,3 +568,32 @@ async def test_a_repeat_report_after_the_flag_was_reviewed_flags_nothing_again(r
     assert (shown["status"], shown["mismatch"], shown["mismatchDetail"]) == ("VOIDED", False, None)
     assert shown["review"] == reviewed["review"]
     assert len(await _audit(rt, payment["id"], "payment.success_after_void")) == 2
+
+
+async def test_a_short_recording_in_a_closed_month_then_voided_names_what_it_counted(
+        rt: Any, admin: Caller, demo: dict[str, Any]) -> None:
+    """A given-up payment of last month whose statement line shows less taken than asked (30,000 of 50,000),
+    recorded this month into last month, then voided: both lists name the 30,000 `settled` counted, not the amount
+    asked."""
+    start, end = _last_month()
+    period = f"from={_z(start)}&to={_z(end)}"
+    payment = await _given_up(admin, rt, demo)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == payment["id"]).values(
+            created_at=start + timedelta(days=8), expires_at=start + timedelta(days=8, minutes=5)))
+    await admin.json("POST", f"/v1/payments/{payment['id']}/outcome", 200, json={
+        **RECORD, "amount": 30000, "completedAt": _z(start + timedelta(days=9))})
+    grown = await admin.json("GET", f"/v1/reports/reconciliation?{period}", 200)
+    assert _money(grown)["settled"] == [("mtn_momo", 1, 30000, 30000)]
+    assert [(p["id"], p["status"], p["amount"], p["collected"]) for p in grown["paymentsRecordedLater"]] == [
+        (payment["id"], "COMPLETED", 50000, 30000)]
+
+    await admin.json("POST", f"/v1/payments/{payment['id']}/void", 200, json={"note": NOTE})
+    row = await _row(rt, payment["id"])
+    assert (row.status, row.collected_minor, row.provider_transaction_id) == ("VOIDED", 0, None)
+    reread = await admin.json("GET", f"/v1/reports/reconciliation?{period}", 200)
+    assert _money(reread)["settled"] == []
+    assert [(p["id"], p["status"], p["amount"], p["collected"], p["providerTransactionId"])
+            for p in reread["paymentsRecordedLater"]] == [(payment["id"], "VOIDED", 50000, 30000, "MP-7781")]
+    assert [(p["id"], p["amount"], p["collected"], p["providerTransactionId"])
+            for p in reread["paymentsVoidedLater"]] == [(payment["id"], 50000, 30000, "MP-7781")]

@@ -123,6 +123,12 @@ async def test_refunds_csv(admin, rt, demo, coop_b):
     resp = await admin.req("GET", "/v1/reports/refunds.csv")
     rows = list(csv.DictReader(io.StringIO(await resp.text())))
     assert len(rows) == 1 and rows[0]["amount"] == "1000" and rows[0]["paymentReference"].startswith("PAY_")
+    # status= keeps the refunds in that status only.
+    for status, expected in ((rows[0]["status"], [rows[0]["id"]]), ("FAILED" if rows[0]["status"] != "FAILED"
+                                                                      else "COMPLETED", [])):
+        resp = await admin.req("GET", f"/v1/reports/refunds.csv?status={status}")
+        assert resp.status == 200
+        assert [r["id"] for r in csv.DictReader(io.StringIO(await resp.text()))] == expected, status
     b = await coop_b["admin"].req("GET", "/v1/reports/refunds.csv")
     assert (await b.text()).strip().splitlines() == [
         "id,reference,paymentId,paymentReference,createdAt,completedAt,status,amount,currency,reason,"

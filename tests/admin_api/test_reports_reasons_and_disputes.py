@@ -83,6 +83,9 @@ async def test_dispute_figures_say_which_moment_they_count(admin: Any, rt: Any, 
     await _dispute(admin, rt, demo, opened="2026-09-30T23:00:00", closed="2026-10-31T22:00:00")  # 1 Oct local; open
     # at October's end (closed on its first instant after)
     await _dispute(admin, rt, demo, opened=None)  # opened now, in December: no period of these has it
+    # Opened on the instant September ends (00:00 on 1 October in Kigali), closed days later: October's alone, not
+    # open at September's end.
+    await _dispute(admin, rt, demo, opened="2026-09-30T22:00:00", closed="2026-10-04T08:00:00")
 
     september = await admin.json("GET", f"/v1/reports/reconciliation?{SEPTEMBER}", 200)
     october = await admin.json("GET", f"/v1/reports/reconciliation?{OCTOBER}", 200)
@@ -90,8 +93,8 @@ async def test_dispute_figures_say_which_moment_they_count(admin: Any, rt: Any, 
     figures = ("openDisputes", "disputesOpened", "disputesOpenAtEnd")
     # openDisputes: open now, the same whatever the period (October's and December's open ones).
     assert [september[f] for f in figures] == [2, 1, 1]
-    assert [october[f] for f in figures] == [2, 3, 2]
-    assert [ever[f] for f in figures] == [2, 5, 2]  # open-ended: its end is now
+    assert [october[f] for f in figures] == [2, 4, 2]
+    assert [ever[f] for f in figures] == [2, 6, 2]  # open-ended: its end is now
     other = await coop_b["admin"].json("GET", f"/v1/reports/reconciliation?{OCTOBER}", 200)
     assert [other[f] for f in figures] == [0, 0, 0]  # another cooperative's report counts none of these
 

@@ -238,3 +238,62 @@ async def test_the_list_reads_the_months_completions_and_each_ones_audit_rows(
             assert "ix_audit_entity" in plan, plan
             assert "ix_payments_coop_completed" in plan or "ix_payments_completed" in plan, plan
             assert "ix_audit_events_action" not in plan and "Seq Scan" not in plan, plan
+
+
+async def test_a_completion_recorded_on_the_instant_the_month_ended_is_named(admin: Any, rt: Any,
+                                                                            demo: dict[str, Any]) -> None:
+    """The month ends at `to` (excluded): a completion recorded at that very instant was recorded after it, one a
+    microsecond before it in time."""
+    start, end = _last_month()
+    on_end = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)
+    in_time = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)
+    for p, recorded in ((on_end, end), (in_time, end - timedelta(microseconds=1))):
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(update(Payment).where(Payment.id == p["id"]).values(
+                status="COMPLETED", created_at=end - timedelta(hours=2), completed_at=end - timedelta(hours=1),
+                provider_transaction_id=f"TX-{p['id'][:8]}"))
+            s.add(AuditEvent(cooperative_id=p["cooperativeId"], actor="provider:mtn_momo", channel="provider",
+                             action="payment.completed", entity_type="payment", entity_id=p["id"], before=None,
+                             after=None, at=recorded))
+
+    report = await _report(admin, start, end)
+    assert sum(line["collected"] for line in report["settled"]) == 10000
+    assert [(p["id"], p["recordedAt"], p["recordedBy"]) for p in report["paymentsRecordedLater"]] == [
+        (on_end["id"], _z(end), "provider:mtn_momo")]
+    assert report["paymentsRecordedLaterCount"] == 1
+
+    # So with a void: one on the instant the month ended was after it, one a microsecond before in time.
+    for p, voided in ((on_end, end), (in_time, end - timedelta(microseconds=1))):
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(update(Payment).where(Payment.id == p["id"]).values(
+                status="VOIDED", collected_minor=0, provider_transaction_id=None))
+            s.add(AuditEvent(cooperative_id=p["cooperativeId"], actor="admin:treasurer", channel="api",
+                             action="payment.voided", entity_type="payment", entity_id=p["id"],
+                             before={"status": "COMPLETED", "collected": 5000,
+                                     "providerTransactionId": f"TX-{p['id'][:8]}"},
+                             after={"status": "VOIDED", "note": "wrong line"}, at=voided))
+    report = await _report(admin, start, end)
+    assert report["settled"] == []
+    assert [(p["id"], p["voidedAt"], p["collected"], p["note"]) for p in report["paymentsVoidedLater"]] == [
+        (on_end["id"], _z(end), 5000, "wrong line")]
+    assert report["paymentsVoidedLaterCount"] == 1
+
+
+async def test_recorded_by_is_who_recorded_the_money_first(admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """Money taken after a failure reported after the month ended by the provider's callback, then again by its
+    status poll: recordedAt and recordedBy are the first report's."""
+    start, end = _last_month()
+    failed = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == failed["id"]).values(
+            status="FAILED", created_at=end - timedelta(hours=2), completed_at=end - timedelta(hours=1),
+            collected_minor=5000, mismatch=True, provider_transaction_id=f"TX-{failed['id'][:8]}"))
+        for actor, recorded in (("provider:mtn_momo", end + timedelta(hours=1)),
+                                ("provider:mtn_momo:poll", end + timedelta(hours=2))):
+            s.add(AuditEvent(cooperative_id=failed["cooperativeId"], actor=actor, channel="provider",
+                             action="payment.success_after_failure", entity_type="payment", entity_id=failed["id"],
+                             before=None, after=None, at=recorded))
+
+    report = await _report(admin, start, end)
+    assert [(p["id"], p["status"], p["recordedAt"], p["recordedBy"]) for p in report["paymentsRecordedLater"]] == [
+        (failed["id"], "FAILED", _z(end + timedelta(hours=1)), "provider:mtn_momo")]

@@ -236,3 +236,19 @@ async def test_a_payment_flagged_by_a_refund_a_month_later_is_in_that_months_fla
     assert [(f["id"], f["flaggedIn"]) for f in september["flagged"]] == [(paid["id"], ["created", "completed"])]
     november = await admin.json("GET", f"/v1/reports/reconciliation?{NOVEMBER}", 200)
     assert november["flagged"] == []
+
+
+async def test_a_late_payment_refunded_a_month_later_is_not_in_that_months_flagged(admin, rt, demo):
+    """Only a mismatched payment is flagged by its refund going back (`refunded`): a late one is flagged where it was
+    asked for and where its money landed, not again in the month a refund of it went back."""
+    late = await _late(admin, rt, demo, created="2026-09-10T08:00:00", completed="2026-09-10T09:00:00")
+    await _refund(admin, rt, late["id"], 50_000, completed="2026-10-03T09:00:00")
+    async with rt.sessionmaker() as s:
+        row = await s.get(Payment, late["id"])
+        assert row is not None and (row.late, row.mismatch, row.status) == (True, False, "REFUNDED")
+
+    october = await admin.json("GET", f"/v1/reports/reconciliation?{OCTOBER}", 200)
+    assert [(x["refundedCount"], x["refunded"]) for x in october["settled"]] == [(1, 50_000)]
+    assert (october["flagged"], october["flaggedCount"]) == ([], 0)
+    september = await admin.json("GET", f"/v1/reports/reconciliation?{SEPTEMBER}", 200)
+    assert [(f["id"], f["flaggedIn"]) for f in september["flagged"]] == [(late["id"], ["created", "completed"])]
