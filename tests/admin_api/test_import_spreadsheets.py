@@ -222,3 +222,21 @@ async def test_a_name_is_found_whatever_the_case_of_its_accented_letters(admin, 
                         ("NYIRAHABIMANA", "Élise Nyirahabimana")):
         found = await admin.json("GET", "/v1/members", 200, params={"name": typed})
         assert [m["name"] for m in found["data"]] == [name], typed
+
+
+async def test_the_list_sent_again_updates_only_this_cooperatives_members(admin, rt, demo, coop_b):
+    """existing=update with a number that is a member of another cooperative (not of this one): a new member here,
+    and the other cooperative's member is left exactly as she was (name, unit, language), with no audit row."""
+    coop = demo["cooperative_id"]
+    before = await _members(rt, coop_b["cooperative_id"])
+    data = b"name,phone,unit,language\nBeatrice Here,0788999001,Z-9,fr\n"
+    status, body = await _import(admin, data, "?existing=update")
+    assert status == 201, body
+    assert (body["imported"], body["updated"], body["unchanged"]) == (1, 0, 0), body
+    assert await _members(rt, coop_b["cooperative_id"]) == before
+    async with rt.sessionmaker() as s:
+        [here] = (await s.execute(select(Member).where(Member.id.in_(body["memberIds"])))).scalars().all()
+        assert (here.cooperative_id, here.name, here.unit, here.language) == (coop, "Beatrice Here", "Z-9", "fr")
+        updated = (await s.execute(select(func.count()).select_from(AuditEvent).where(
+            AuditEvent.action == "member.updated"))).scalar_one()
+    assert updated == 0

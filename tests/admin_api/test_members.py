@@ -173,6 +173,21 @@ async def test_import_csv_creates_every_row(admin, rt, demo):
     assert found["data"][0]["name"] == "Bob Kamanzi" and found["data"][0]["language"] == "en"
 
 
+async def test_import_as_pending_creates_pending_members(admin, rt, demo):
+    """status=PENDING (a list of applicants the admin approves one by one): every member is PENDING, and so say their
+    member.created audit rows; none can pay until approved."""
+    resp = await admin.req("POST", "/v1/members/import?status=PENDING", data=GOOD_CSV.encode(),
+                           headers={"Content-Type": "text/csv"})
+    body = await resp.json()
+    assert resp.status == 201, body
+    async with rt.sessionmaker() as s:
+        statuses = set((await s.execute(select(Member.status).where(Member.id.in_(body["memberIds"])))).scalars())
+        created = (await s.execute(select(AuditEvent).where(
+            AuditEvent.action == "member.created", AuditEvent.entity_id.in_(body["memberIds"])))).scalars().all()
+    assert statuses == {"PENDING"}
+    assert len(created) == 3 and {a.after["status"] for a in created} == {"PENDING"}
+
+
 async def test_import_with_a_bad_row_imports_nothing_and_names_every_problem(admin, rt, demo):
     before = await _count(rt, demo["cooperative_id"])
     csv_text = (

@@ -155,3 +155,36 @@ async def test_rate_limit_on_payment_type_creation(admin):
     resp = await admin.req("POST", "/v1/payment-types", json={**NEW, "name": "One too many"})
     assert resp.status == 429
     assert resp.headers["X-RateLimit-Remaining"] == "0" and "X-RateLimit-Reset" in resp.headers
+
+
+async def test_a_type_renamed_to_its_own_name_in_other_letters_is_not_taken(admin, rt, demo):
+    """Fixing a type's capitals ("Water" -> "WATER ") is no clash with itself; another type's name, whatever its
+    case, still is (409, nothing changed, no audit row)."""
+    water = demo["payment_types"]["Water"]
+    renamed = await admin.json("PATCH", f"/v1/payment-types/{water}", 200, json={"name": "WATER "})
+    assert renamed["name"] == "WATER"
+    taken = await admin.json("PATCH", f"/v1/payment-types/{water}", 409, json={"name": "monthly rent"})
+    assert taken["code"] == "NAME_TAKEN", taken
+    async with rt.sessionmaker() as s:
+        assert (await s.get(PaymentType, water)).name == "WATER"
+        audits = (await s.execute(select(AuditEvent.after).where(
+            AuditEvent.action == "payment_type.updated", AuditEvent.entity_id == water))).scalars().all()
+    assert [a["name"] for a in audits] == ["WATER"]
+
+
+async def test_the_service_finds_no_type_of_another_cooperative(rt, demo, coop_b):
+    """core.payment_types.update_payment_type names the cooperative: another cooperative's type is not found there,
+    and is left as it was."""
+    import pytest
+
+    from core.audit import Actor
+    from core.errors import NotFound
+    from core.payment_types import update_payment_type
+
+    rent = demo["payment_types"]["Monthly Rent"]
+    async with rt.sessionmaker.begin() as s:
+        with pytest.raises(NotFound):
+            await update_payment_type(s, cooperative_id=coop_b["cooperative_id"], payment_type_id=rent,
+                                      changes={"name": "Taken over"}, actor=Actor("system", "system"))
+    async with rt.sessionmaker() as s:
+        assert (await s.get(PaymentType, rent)).name == "Monthly Rent"

@@ -88,6 +88,9 @@ async def _seed(rt: Any) -> None:
                    payload={"endpoint_id": endpoint.id, "event_id": "wd-failed-parked"})
         await _job(s, "job-done-delivery", "DONE", done_days=10, run_days=10, kind="webhook.deliver",
                    payload={"endpoint_id": endpoint.id, "event_id": "wd-failed-done-job"})
+        # A replayed one: its job waits again (PENDING), the delivery not reopened until the job runs.
+        await _job(s, "job-replayed-delivery", "PENDING", done_days=None, run_days=0, kind="webhook.deliver",
+                   payload={"endpoint_id": endpoint.id, "event_id": "wd-failed-replayed"})
 
         await _session(s, "us-ended-old", started_days=91, ended_days=91)
         await _session(s, "us-never-ended-old", started_days=120, ended_days=None)
@@ -104,6 +107,7 @@ async def _seed(rt: Any) -> None:
         await _delivery(s, endpoint, "wd-failed-old", "FAILED", days=40)
         await _delivery(s, endpoint, "wd-failed-done-job", "FAILED", days=40)
         await _delivery(s, endpoint, "wd-failed-parked", "FAILED", days=60)
+        await _delivery(s, endpoint, "wd-failed-replayed", "FAILED", days=60)
         await _delivery(s, endpoint, "wd-pending-old", "PENDING", days=60)
         await _delivery(s, endpoint, "wd-delivered-new", "DELIVERED", days=20)
 
@@ -147,7 +151,8 @@ async def test_exactly_the_old_eligible_rows_go(rt: Any) -> None:
     assert before["provider_events"] - left["provider_events"] == {"pe-unknown-old"}
     # A used refresh token's row stays until a day after the token expired (until then it refuses a replay).
     assert before["used_refresh_tokens"] - left["used_refresh_tokens"] == {"rt-expired-2d"}
-    # The delivery a parked job names stays (a replay reopens it); the one named only by a DONE job goes.
+    # The delivery a parked job names stays (a replay reopens it), as does one a waiting job names (replayed: the job
+    # reopens it when it runs); the one named only by a DONE job goes.
     assert before["webhook_deliveries"] - left["webhook_deliveries"] == {
         "wd-delivered-old", "wd-failed-old", "wd-failed-done-job"}
     # Every SMS row stays; the old ones no longer QUEUED lose their text.

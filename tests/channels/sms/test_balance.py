@@ -436,3 +436,13 @@ async def test_a_member_of_two_cooperatives_is_answered_in_the_language_of_the_o
                                      )).all()
     assert [tuple(row) for row in languages] == [
         ("help", "fr"), ("unknown", "fr"), ("balance", "fr"), ("help", "en")], languages
+
+
+async def test_a_pending_member_gets_no_balance(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any,
+) -> None:
+    """A membership still PENDING (registered by USSD, not yet approved) cannot pay: BALANCE tells her so, as it tells
+    a suspended one, rather than listing dues she cannot pay by phone."""
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Member).where(Member.id == demo["members"][ERIC]).values(status="PENDING"))
+    assert await ask(sms_client, sim, worker, ERIC, "SALIO", "bal-pending") == render("help_suspended", "sw", {})

@@ -331,3 +331,34 @@ async def test_a_french_reminder_and_refund_state_amounts_with_spaces(rt: Any, d
     assert language == "fr"
     assert body.startswith("Rappel: Monthly Rent (50 000 RWF) pour "), body
     assert refund_body.startswith("Remboursement de 12 500 RWF effectué"), refund_body
+
+
+async def test_help_offers_receipts_to_a_number_that_is_a_member_somewhere_it_is_not_suspended(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    """Jean is an active member of a cooperative that is suspended, and a suspended member of another: he can pay at
+    neither, and HELP says so; but he is still a member of the first (not suspended himself), so RECEIPT and STATUS
+    answer him there and HELP offers them. Offering them only when every membership is not suspended took them from
+    him."""
+    from sqlalchemy import update
+
+    from core.audit import Actor
+    from core.members import create_member
+    from core.models import Cooperative, Member
+    from core.phone import normalize
+
+    paid = await make_payment(rt, demo["cooperative_id"], account=JEAN, member_id=demo["members"][JEAN])
+    async with rt.sessionmaker.begin() as s:
+        other = Cooperative(name="Musanze Farmers", short_code="MSZF", country="RW", currency="RWF",
+                            timezone="Africa/Kigali", ussd_extension="77", status="ACTIVE")
+        s.add(other)
+        await s.flush()
+        there = await create_member(s, rt.cipher, cooperative_id=other.id, name="Jean Bosco", phone=normalize(JEAN),
+                                    actor=Actor("system", "system"))
+        await s.execute(update(Member).where(Member.id == there.id).values(status="SUSPENDED"))
+        await s.execute(update(Cooperative).where(Cooperative.id == demo["cooperative_id"]).values(
+            status="SUSPENDED"))
+    help_ = await ask(sms_client, sim, worker, JEAN, "HELP", "help-two-memberships")
+    assert help_ == render("help_inactive", "en", {}), help_
+    receipt = await ask(sms_client, sim, worker, JEAN, f"RECEIPT {paid.reference}", "receipt-two-memberships")
+    assert paid.reference in receipt and "No payment" not in receipt, receipt

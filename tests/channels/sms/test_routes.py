@@ -72,7 +72,7 @@ async def test_delivery_report(rt: Any, sms_client: Any, case: dict[str, Any]) -
         assert row.delivered_at is not None
     # The same report again (aggregators retry): still 200, nothing changes.
     again = await sms_client.post("/sms/africastalking/delivery", data=case["form"])
-    assert again.status == 200
+    assert again.status == 200 and await again.text() == "duplicate"
     assert (await status_of(rt, sms_id)).status == case["expect"]
 
 
@@ -130,6 +130,20 @@ async def test_parked_reports_apply_in_order_once_the_id_is_stored(rt: Any, sms_
     assert row.status == "DELIVERED" and row.provider_status == "Success" and row.delivered_at is not None
     assert await rt.redis.exists(routes.parked_key("ATXid_E")) == 0
     assert await routes.apply_parked_reports(rt, "ATXid_E") == []  # taken once
+
+
+async def test_the_latest_reports_are_kept_when_more_come_ahead_of_the_send(rt: Any, sms_client: Any) -> None:
+    """An aggregator that reports more than PARKED_MAX times before the send is recorded: the latest are kept, so its
+    final word (Success, last) is applied once the id is stored, not dropped for the first Buffered ones."""
+    statuses = ["Submitted"] + ["Buffered"] * routes.PARKED_MAX + ["Success"]
+    for status in statuses:
+        answer = await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_M", "status": status})
+        assert await answer.text() == "unknown"
+    sms_id = await sent_message(rt, "ATXid_M")
+    outcomes = await routes.apply_parked_reports(rt, "ATXid_M")
+    assert len(outcomes) == routes.PARKED_MAX and outcomes[-1] == "delivered"
+    row = await status_of(rt, sms_id)
+    assert row.status == "DELIVERED" and row.provider_status == "Success" and row.delivered_at is not None
 
 
 async def test_parked_report_for_a_message_already_final_does_nothing(rt: Any, sms_client: Any) -> None:

@@ -410,3 +410,31 @@ async def test_a_retry_of_a_text_not_understood_gets_the_help_its_first_try_coun
     assert [j.payload["template"] for j in await jobs_of(rt, "sms.send")] == ["unknown"]
     await inbound(sms_client, ALINE, "Hello??", "in-garbled-2")  # a new text: the day's help is used
     assert [j.payload["template"] for j in await jobs_of(rt, "sms.send")] == ["unknown"]
+
+
+async def test_stop_audits_only_the_memberships_it_changed(rt: Any, demo: dict[str, Any], sms_client: Any) -> None:
+    """A number in two cooperatives whose membership in one was opted out already (by its admin): her STOP turns off
+    the other's reminders and audits that one alone; an audit row saying the first went from false to true would be
+    untrue (its admin set it). Her START then turns both on, each audited once."""
+    other = await _second_coop(rt)
+    async with rt.sessionmaker.begin() as s:
+        elsewhere = await create_member(s, rt.cipher, cooperative_id=other.id, name="Aline Uwase",
+                                        phone=normalize(ALINE), actor=Actor("system", "system"))
+        await s.execute(update(Member).where(Member.id == elsewhere.id).values(reminders_opt_out=True))
+    here = demo["members"][ALINE]
+
+    async def audits() -> list[tuple[str, str, Any, Any]]:
+        async with rt.sessionmaker() as s:
+            rows = (await s.execute(select(AuditEvent).where(AuditEvent.action == "member.reminders_opt_out")
+                                    .order_by(AuditEvent.at, AuditEvent.entity_id))).scalars()
+            return [(a.entity_id, a.cooperative_id, a.before, a.after) for a in rows]
+
+    await inbound(sms_client, ALINE, "STOP", "in-stop-two-coops")
+    assert {m.id: m.reminders_opt_out for m in await _memberships(rt, ALINE)} == {here: True, elsewhere.id: True}
+    assert await audits() == [(here, demo["cooperative_id"], {"remindersOptOut": False}, {"remindersOptOut": True})]
+
+    await inbound(sms_client, ALINE, "START", "in-start-two-coops")
+    assert {m.id: m.reminders_opt_out for m in await _memberships(rt, ALINE)} == {here: False, elsewhere.id: False}
+    assert sorted((await audits())[1:]) == sorted([
+        (here, demo["cooperative_id"], {"remindersOptOut": True}, {"remindersOptOut": False}),
+        (elsewhere.id, other.id, {"remindersOptOut": True}, {"remindersOptOut": False})])
