@@ -27,7 +27,7 @@ except ImportError:  # redis-py before it: raised nowhere
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from admin_api.errors import SEND_AGAIN_SOON, is_outage, what_failed
+from admin_api.errors import SEND_AGAIN_SOON, error_response, is_outage, what_failed
 from core import metrics
 from core.config import ConfigError, Settings
 from core.crypto import PiiCipher
@@ -355,15 +355,16 @@ async def request_context(request: web.Request,
         return response
     except Exception as exc:
         # The database or Redis out of reach under a route outside the API (whose own middleware answers it): an
-        # SMS delivery report or keyword, an ops page. 503 and Retry-After, as the API answers it, so the
+        # SMS delivery report or keyword, an ops page. 503 and Retry-After in the API's shape, so the
         # aggregator sends it again, rather than a 500 and a traceback for what is not a bug. Sending it again
         # is safe: a report or a keyword taken twice changes nothing more than taken once.
         if not is_outage(exc):
             raise
         status = 503
         log.warning("dependency unavailable on %s %s: %s", request.method, request.path, what_failed(exc))
-        return web.Response(status=503, text="service unavailable, send it again",
-                            headers={**SEND_AGAIN_SOON, "X-Request-Id": rid})
+        response = error_response(request, 503, "A dependency is unavailable; send it again", SEND_AGAIN_SOON)
+        response.headers["X-Request-Id"] = rid
+        return response
     finally:
         # A method a client invents counts as OTHER (before the cache: made-up words must not evict real series).
         count, latency = _http_series(route, request.method if request.method in _METHODS else "OTHER", status)

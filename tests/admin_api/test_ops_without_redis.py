@@ -46,3 +46,26 @@ async def test_the_ops_page_says_the_funnel_is_unavailable(aiohttp_client: Any, 
     client = await page_client(aiohttp_client, rt, rt.settings)
     script = await (await client.get("/static/ops.js")).text()
     assert "data.funnelUnavailable" in script and "Unavailable: Redis cannot be reached." in script
+
+
+async def test_ops_data_while_the_database_is_away_is_a_503_to_ask_again(aiohttp_client: Any, rt: Any, demo: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The page's figures come from the database: while it cannot be reached the page is told 503, in the API's
+    shape with Retry-After (its script asks again), and the log has one warning, not a 500 and a traceback."""
+    from core import ops
+
+    client = await page_client(aiohttp_client, rt, rt.settings)
+    token = (await login(client, *demo["admin"]))["accessToken"]
+
+    async def away(*_args: Any, **_kwargs: Any) -> Any:
+        raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
+
+    monkeypatch.setattr(ops, "dashboard", away)
+    with caplog.at_level(logging.WARNING):
+        resp = await client.get("/ops/data", headers={"Authorization": f"Bearer {token}"})
+        body = await resp.json()
+    assert (resp.status, resp.headers["Retry-After"], body["code"], body["path"]) == (
+        503, "1", "SERVICE_UNAVAILABLE", "/ops/data")
+    assert "dependency unavailable on GET /ops/data: ConnectionRefusedError" in [r.getMessage() for r in caplog.records]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

@@ -537,6 +537,8 @@ async def test_a_report_that_cannot_be_parked_is_refused_503_to_come_again(rt: A
         patched.setattr(routes, "park_report", down)
         answer = await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_R", "status": "Success"})
         assert answer.status == 503 and answer.headers["Retry-After"] == "1"
+        body = await answer.json()
+        assert (body["code"], body["path"]) == ("SERVICE_UNAVAILABLE", "/sms/africastalking/delivery")
     sms_id = await sent_message(rt, "ATXid_R")
     again = await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_R", "status": "Success"})
     assert again.status == 200 and await again.text() == "delivered"
