@@ -177,7 +177,7 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False,
         # Up to twice `pool_size` connections, each kept once opened (no overflow). SQLAlchemy closes an
         # overflow connection as soon as it is given back, so a process with more requests in flight than
         # `pool_size` for a while opened and closed connections all along, PostgreSQL forking a backend for
-        # each (the bench's 32 connections against the default 20: about 7 a second, 1.2 against 0.87 ms of
+        # each (the bench's 32 connections against the default 20: 7 to 40 a second, 1.2 against 0.87 ms of
         # CPU an API payment). The ceiling is what it was (DB_POOL_SIZE and as many again); a process keeps
         # the connections its busiest moment needed, recycled after pool_recycle.
         pool_size=2 * pool_size,
