@@ -205,7 +205,14 @@ async def test_a_sync_held_back_by_an_open_transaction_says_so(admin, client, rt
 
 
 async def test_a_cursor_not_returned_by_the_list_is_a_400(admin):
-    for bad in ("nonsense", "MTox", "eyJpZCI6MX0", "MTpub3Q6YS11dWlk", "%00"):
+    import base64
+
+    made = [f"{version}:{micros}:{row_id}" for version, micros, row_id in (
+        ("2", "1000", "6f1c3a52-2b7e-4c1a-9d3e-0a1b2c3d4e5f"),  # another version
+        ("1", "-1000", "6f1c3a52-2b7e-4c1a-9d3e-0a1b2c3d4e5f"),  # not a count of microseconds
+        ("1", "1000", "not-a-payment-id"))]
+    forged = [base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=") for raw in made]
+    for bad in ("nonsense", "MTox", "eyJpZCI6MX0", "MTpub3Q6YS11dWlk", "%00", *forged):
         body = await admin.json("GET", f"/v1/payments?after={bad}", 400)
         assert body["message"] in (["after must be a nextCursor returned by this list, passed back unchanged"],
                                    ["after contains characters that are not allowed"]), (bad, body)
@@ -237,6 +244,9 @@ async def test_updated_from_is_read_as_from_is(admin, rt, demo, no_lag):
     assert [p["id"] for p in (await admin.json("GET", "/v1/payments?updatedFrom=2025-11-01", 200))["data"]] == [
         paid["id"]]
     assert (await admin.json("GET", "/v1/payments?updatedFrom=2025-10-31T23:00:00Z", 200))["data"] == []
+    # Inclusive, as `from` is: a change made at the very instant asked from is listed.
+    assert [p["id"] for p in (await admin.json("GET", "/v1/payments?updatedFrom=2025-10-31T22:30:00Z", 200))[
+        "data"]] == [paid["id"]]
 
 
 async def test_the_document_declares_the_sync(client):

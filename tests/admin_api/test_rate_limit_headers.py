@@ -69,3 +69,30 @@ async def test_each_api_key_has_its_own_limit(admin: Any, client: Any, demo: Any
     resp = await theirs.req("POST", "/v1/payments", json=levy)
     assert resp.status == 201, await resp.json()
     assert resp.headers["X-RateLimit-Remaining"] == "9"
+
+
+async def test_a_route_that_answers_no_replays_is_refused_past_its_limit(admin: Any, rt: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Creating payment types (20 a minute, no idempotency key to replay): the 21st is a 429 and makes nothing;
+    a read on another route's default bucket says its own limit (100 a minute for reads)."""
+    from sqlalchemy import func, select
+
+    from core.models import PaymentType
+
+    monkeypatch.setattr(ratelimit, "time", types.SimpleNamespace(time=lambda: T0 + 5.0))
+    async with rt.sessionmaker() as s:
+        before = (await s.execute(select(func.count()).select_from(PaymentType))).scalar_one()
+    for i in range(20):
+        resp = await admin.req("POST", "/v1/payment-types", json={"name": f"Levy {i}", "amount": 1000})
+        assert resp.status == 201, await resp.json()
+        assert resp.headers["X-RateLimit-Limit"] == "20" and resp.headers["X-RateLimit-Remaining"] == str(19 - i)
+    refused = await admin.req("POST", "/v1/payment-types", json={"name": "Levy 20", "amount": 1000})
+    body = await refused.json()
+    assert (refused.status, body["code"]) == (429, "RATE_LIMITED")
+    assert (refused.headers["X-RateLimit-Limit"], refused.headers["X-RateLimit-Remaining"]) == ("20", "0")
+    assert int(refused.headers["Retry-After"]) >= 1
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(func.count()).select_from(PaymentType))).scalar_one() == before + 20
+    read = await admin.req("GET", "/v1/payment-types")
+    assert read.status == 200 and read.headers["X-RateLimit-Limit"] == "100"
+    assert read.headers["X-RateLimit-Remaining"] == "99"
