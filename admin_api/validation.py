@@ -97,7 +97,9 @@ def _describe(error: SchemaError) -> list[str]:
             ]
         case "additionalProperties":
             allowed = set(error.schema.get("properties", {}))
-            extra = sorted(k for k in instance if k not in allowed) if isinstance(instance, dict) else []
+            # A name with characters that are not allowed is refused without being repeated back (_bad_text).
+            extra = sorted(k for k in instance if k not in allowed and not NOT_ALLOWED.search(k)) \
+                if isinstance(instance, dict) else []
             prefix = "" if where == "body" else f"{where}."
             return [f"property {prefix}{name} should not exist" for name in extra]
         case "type":

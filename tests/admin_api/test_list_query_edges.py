@@ -97,7 +97,8 @@ async def test_a_field_name_with_a_control_character_is_refused_saying_so(admin:
                                                                           demo: dict[str, Any]) -> None:
     body = {**payment_body(demo["payment_types"]["Monthly Rent"]), "note\u0000x": 1}
     refused = await admin.json("POST", "/v1/payments", 400, json=body)
-    assert refused["message"][0] == "body has a field name with characters that are not allowed"
+    # Said once, and the name is not repeated back (a control character in an answer a client may log or show).
+    assert refused["message"] == ["body has a field name with characters that are not allowed"]
     assert (await admin.json("GET", "/v1/payments", 200))["meta"]["total"] == 0
 
 
