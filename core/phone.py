@@ -128,7 +128,8 @@ def _normalize(raw: str, region: str) -> Phone:
         raise PhoneError("not a phone number", field="phone") from None
     if not phonenumbers.is_valid_number(parsed):
         if not text.startswith("+") and region:
-            # 0772123456, a Ugandan tenant's number typed into a Rwandan cooperative's list: read as a Rwandan one.
+            # 0701234567, a Ugandan tenant's number typed into a Rwandan cooperative's list without +256: no
+            # Rwandan number. (One in a range Rwanda's plan also has, 0772..., reads as Rwandan and is taken.)
             raise PhoneError(f"not a valid phone number of {region} (a number of another country is written with + "
                              "and its country code, as +256772123456)", field="phone")
         raise PhoneError("not a valid phone number", field="phone")

@@ -114,3 +114,43 @@ def test_network_code_of_a_number_on_its_ranges_operator():
     assert network_code_of("+233201234567") == "62002"
     assert network_code_of("+254712345678") == "63902"
     assert operator_on_network(network_code_of("+256752123456"), "+256752123456") == "AIRTEL"
+
+
+@pytest.mark.parametrize(("raw", "region", "e164"), [
+    ("00254712345678", "RW", "+254712345678"),  # a Kenyan number dialled the international way, in a Rwandan list
+    ("00256772123456", "KE", "+256772123456"),
+    ("00250788000001", "RW", "+250788000001"),
+])
+def test_a_number_with_00_and_its_country_code_is_that_countrys_number(raw, region, e164):
+    """00 is how a phone dials abroad: 00254... is Kenya's number whichever cooperative's region reads it, not a
+    local number of the region (refused as "not a valid phone number of RW")."""
+    assert has_country_code(raw)
+    assert normalize(raw, region).e164 == e164
+
+
+def test_two_numbers_in_one_cell_are_refused_not_read_as_the_first():
+    """phonenumbers reads "0788123456;0722123456" as +250788123456 (what follows ";" as a parameter): a member
+    list's cell holding two numbers would register the first and drop the second without a word. Too long."""
+    with pytest.raises(PhoneError) as refused:
+        normalize("0788123456;0722123456", "RW")
+    assert refused.value.message == "phone number is too long"
+
+
+def test_a_number_too_short_to_mask_is_all_stars():
+    """What is kept (country and operator prefix, last three digits) would be the whole of a value this short."""
+    assert mask("") == ""
+    assert mask("+25078845") == "*********"
+    assert mask("+250788456") == "+25078*456"
+
+
+def test_a_local_number_says_no_country_and_is_refused_naming_the_region():
+    """0701234567 (a Ugandan Airtel number typed in local form into a Rwandan list) carries no country: it is read as
+    the region's, and refused saying how a number of another country is written; one written with + is just
+    invalid."""
+    assert not has_country_code("0701234567")
+    with pytest.raises(PhoneError) as local:
+        normalize("0701234567", "RW")
+    assert local.value.message.startswith("not a valid phone number of RW (")
+    with pytest.raises(PhoneError) as international:
+        normalize("+250701234567", "RW")
+    assert international.value.message == "not a valid phone number"

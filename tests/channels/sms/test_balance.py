@@ -154,6 +154,19 @@ async def test_long_names_are_cut_between_words(rt: Any, demo: dict[str, Any], s
         "Dial *384*123*123# to pay.")
 
 
+async def test_a_name_whose_word_ends_at_the_limit_keeps_that_word(rt: Any, demo: dict[str, Any], sms_client: Any,
+                                                                    sim: Any, worker: Any) -> None:
+    """"Garbage and security levy": its first BALANCE_NAME characters end with a whole word ("Garbage and
+    security"), which is kept, not cut back to "Garbage and"."""
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(PaymentType).where(PaymentType.cooperative_id == demo["cooperative_id"]).values(
+            is_active=False))
+        s.add(PaymentType(cooperative_id=demo["cooperative_id"], name="Garbage and security levy", amount_minor=1_000,
+                          currency="RWF", is_recurring=True, recurring_interval="MONTHLY", due_day=5, is_active=True))
+    assert await ask(sms_client, sim, worker, JEAN, "BAL", "bal-word-at-limit") == (
+        "Still to pay this period (KHHC): Garbage and security 1,000 RWF. Dial *384*123*123# to pay.")
+
+
 async def test_names_cut_alike_are_told_apart(rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any,
                                              worker: Any) -> None:
     """Two names that differ in their first BALANCE_NAME characters but not before their last space there: cut

@@ -204,6 +204,14 @@ def test_names_are_transliterated_as_a_member_would_write_them(typed: str, sent:
         ("Daily limit exceeded", "limit"),
         ("Payee not found", "invalid_account"),
         ("Internal error", "provider_error"),
+        # A PIN typed wrong, however a provider words it: never "account not valid" (its "invalid").
+        ("Invalid PIN", "wrong_pin"),
+        ("Incorrect Pin has been entered", "wrong_pin"),
+        # M-Pesa's own words for its 1001: another prompt open on her phone, not a provider fault.
+        ("A transaction is already in process for the current subscriber", "other_transaction"),
+        # A provider's code stored as it came: its words are read across the underscores.
+        ("PAYER_NOT_FOUND", "invalid_account"),
+        ("WRONG_PIN", "wrong_pin"),
         (None, "unknown"),
     ],
 )
@@ -329,6 +337,37 @@ async def test_build_for_a_phone_without_member(rt: Any, demo: dict[str, Any]) -
         )
     assert phone == Phone("+250788999999") and language == "sw"
     assert body.startswith("Piga *384*123# kulipa")
+
+
+@pytest.mark.parametrize("language", ["de", "", None])
+async def test_a_language_without_a_catalog_is_sent_in_english(rt: Any, demo: dict[str, Any],
+                                                               language: str | None) -> None:
+    """A job's language the gateway has no catalog of (a member row or an API caller's "de"): the message goes in
+    English, never not at all."""
+    payload = {"template": "help", "phone_enc": rt.cipher.encrypt("+250788999999", context="sms"),
+               "context": {"language": language}}
+    async with rt.sessionmaker() as session:
+        _phone, sent_in, body = await templates.build_message(session, rt.cipher, payload, service_code="*384*123#")
+    assert sent_in == "en"
+    assert body == render("help", "en", {"dial": "*384*123#"})
+
+
+async def test_a_disabled_webhook_is_named_by_its_host_not_its_url(rt: Any, demo: dict[str, Any]) -> None:
+    """The admin's SMS names the endpoint's host: its path and query (a token some receivers put there) stay out of
+    an SMS, which would also run to more parts."""
+    from core.models import WebhookEndpoint
+
+    async with rt.sessionmaker.begin() as session:
+        endpoint = WebhookEndpoint(cooperative_id=demo["cooperative_id"], secret_enc="x", events=["payment.completed"],
+                                   url="https://hooks.kigali-heights.example.rw/gateway/in?token=s3cr3t-t0ken")
+        session.add(endpoint)
+    payload = {"template": "webhook_disabled", "cooperative_id": demo["cooperative_id"],
+               "phone_enc": rt.cipher.encrypt("+250788000003", context="sms"),
+               "context": {"endpoint_id": endpoint.id, "failures": 20, "language": "en"}}
+    async with rt.sessionmaker() as session:
+        _phone, _language, body = await templates.build_message(session, rt.cipher, payload)
+    assert body == ("Kigali Heights Housing Cooperative: webhook to hooks.kigali-heights.example.rw was disabled "
+                    "after 20 failed deliveries. Re-enable it in the API.")
 
 
 async def test_build_refuses_missing_rows(rt: Any, demo: dict[str, Any]) -> None:
