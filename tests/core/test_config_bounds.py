@@ -9,6 +9,14 @@ from core.config import ConfigError, load_settings
 from tests.core.test_crypto_config import _production_env
 
 
+def _refused(env: dict[str, str], variable: str, reason: str) -> None:
+    """load_settings(env) refuses the configuration, naming `variable`, for exactly `reason`."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings(env)
+    assert raised.value.variable == variable
+    assert str(raised.value) == f"configuration error: {variable}: {reason}"
+
+
 @pytest.mark.parametrize(("raw", "expected"), [
     ("1", True), ("true", True), ("TRUE", True), ("yes", True), ("Yes", True), ("on", True), ("ON", True),
     ("0", False), ("false", False), ("False", False), ("no", False), ("NO", False), ("off", False), ("Off", False),
@@ -20,18 +28,12 @@ def test_a_boolean_takes_every_usual_spelling(raw: str, expected: bool) -> None:
 
 @pytest.mark.parametrize("raw", ["2", "enabled", "y", "nope"])
 def test_a_boolean_it_cannot_read_is_refused_naming_it(raw: str) -> None:
-    with pytest.raises(ConfigError) as raised:
-        load_settings({"REMINDERS_ENABLED": raw})
-    assert raised.value.variable == "REMINDERS_ENABLED"
-    assert str(raised.value) == f"configuration error: REMINDERS_ENABLED: must be a boolean, got {raw.lower()!r}"
+    _refused({"REMINDERS_ENABLED": raw}, "REMINDERS_ENABLED", f"must be a boolean, got {raw.lower()!r}")
 
 
 def test_the_highest_port_is_taken_and_the_next_refused() -> None:
     assert load_settings({"PORT": "65535"}).port == 65535
-    with pytest.raises(ConfigError) as raised:
-        load_settings({"PORT": "65536"})
-    assert raised.value.variable == "PORT"
-    assert str(raised.value) == "configuration error: PORT: must be at most 65535"
+    _refused({"PORT": "65536"}, "PORT", "must be at most 65535")
 
 
 @pytest.mark.parametrize("variable", ["JWT_SECRET", "BLIND_INDEX_KEY"])
@@ -49,10 +51,7 @@ def test_production_takes_a_32_byte_secret_and_refuses_31(variable: str) -> None
 def test_a_log_level_is_taken_in_any_case_and_an_unknown_one_refused() -> None:
     assert load_settings({"LOG_LEVEL": "debug"}).log_level == "DEBUG"
     assert load_settings({}).log_level == "INFO"
-    with pytest.raises(ConfigError) as raised:
-        load_settings({"LOG_LEVEL": "verbose"})
-    assert raised.value.variable == "LOG_LEVEL"
-    assert str(raised.value) == "configuration error: LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR"
+    _refused({"LOG_LEVEL": "verbose"}, "LOG_LEVEL", "must be DEBUG, INFO, WARNING or ERROR")
 
 
 @pytest.mark.parametrize("size", [16, 24, 31, 33, 48, 64])
@@ -62,10 +61,7 @@ def test_an_encryption_key_of_other_than_32_bytes_is_refused(size: int) -> None:
     import base64
 
     key = base64.b64encode(b"k" * size).decode()
-    with pytest.raises(ConfigError) as raised:
-        load_settings({"PII_ENCRYPTION_KEYS": f"k1:{key}"})
-    assert raised.value.variable == "PII_ENCRYPTION_KEYS"
-    assert str(raised.value) == "configuration error: PII_ENCRYPTION_KEYS: must decode to 32 bytes (AES-256)"
+    _refused({"PII_ENCRYPTION_KEYS": f"k1:{key}"}, "PII_ENCRYPTION_KEYS", "must decode to 32 bytes (AES-256)")
     assert load_settings({"PII_ENCRYPTION_KEYS": f"k1:{base64.b64encode(b'k' * 32).decode()}"}).pii_keys == {
         "k1": b"k" * 32}
 
@@ -83,7 +79,4 @@ def test_a_ussd_code_of_more_than_32_characters_is_refused_naming_it() -> None:
 def test_a_pool_of_no_connection_is_refused() -> None:
     """DB_POOL_SIZE=0 would leave every request waiting for a connection that never comes, each answered 503."""
     assert load_settings({"DB_POOL_SIZE": "1"}).db_pool_size == 1
-    with pytest.raises(ConfigError) as raised:
-        load_settings({"DB_POOL_SIZE": "0"})
-    assert raised.value.variable == "DB_POOL_SIZE"
-    assert str(raised.value) == "configuration error: DB_POOL_SIZE: must be at least 1"
+    _refused({"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE", "must be at least 1")
