@@ -66,9 +66,11 @@ def stored_and_locked(by_transaction: bool, lock_id: bool = False) -> Any:
     reference, or its provider transaction id when `by_transaction`).
 
     `lock_id`: the payment's row locked first, then the transaction id's lock (parameter id_key, the key of
-    core.transaction_ids' _ID_LOCK), taken only when a payment is found: WITH ..., p AS MATERIALIZED (SELECT ... FOR
-    UPDATE) SELECT p.*, pg_advisory_xact_lock(hashtext(:id_key)) FROM p. The outer projection runs on the rows
-    the CTE gives, each locked already: the order every path takes the two locks in (see _held_elsewhere)."""
+    core.transaction_ids' _ID_LOCK), taken only when a payment is found, and another payment of the provider holding
+    the id (parameter id_txn) looked for under it: WITH ..., p AS MATERIALIZED (SELECT ... FOR UPDATE) SELECT p.*,
+    gateway_id_holder(:id_key, :provider, :id_txn, p.id) FROM p (migration 0029: the lock, then the probe with a
+    snapshot of its own, which sees what the lock waited for). The outer projection runs on the rows the CTE gives,
+    each locked already: the order every path takes the two locks in (see _held_elsewhere)."""
     table = table_of(ProviderEvent)
     columns = ["id", "provider", "event_id", "kind", "status", "payload", "received_at"]
     stored = (postgresql.insert(table)
@@ -83,7 +85,8 @@ def stored_and_locked(by_transaction: bool, lock_id: bool = False) -> Any:
         return locked
     rows = locked.cte("p").prefix_with("MATERIALIZED", dialect="postgresql")
     return select(aliased(Payment, rows), rows.c.event_row_id,
-                  func.pg_advisory_xact_lock(func.hashtext(bindparam("id_key", type_=String))).label("id_lock"))
+                  func.gateway_id_holder(bindparam("id_key", type_=String), bindparam("provider", type_=String),
+                                         bindparam("id_txn", type_=String), rows.c.id, type_=String).label("id_holder"))
 
 
 # The cooperative, its payment type (only if it is the cooperative's), the member (only if theirs, with their

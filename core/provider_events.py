@@ -28,7 +28,7 @@ from core.ports import ProviderEvent as ProviderEventData
 from core.state import StaleTransition, transition
 from core.state.payment import COLLECTED, OPEN, PAYMENT, UNCONFIRMED, PaymentStatus, holds_money, taken_after_failure
 from core.text import admin_note
-from core.transaction_ids import _flag_held_twice, _held_elsewhere, _id_lock_key, _same_money
+from core.transaction_ids import IdLocked, _flag_held_twice, _held_elsewhere, _id_lock_key, _same_money
 from core.unmatched_callbacks import UNMATCHED, keep_unmatched, report_unmatched, store_unmatched
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class _Settle:
 
     event_row_id: str
     payment_id: str
-    id_locked: str | None = None  # the transaction id whose lock the callback's first statement took (_ID_LOCK)
+    id_locked: IdLocked | None = None  # the transaction id the callback's first statement locked and probed
     done: bool = False
 
     def write(self, result: str) -> tuple[Any, dict[str, Any]]:
@@ -81,7 +81,7 @@ class _Settle:
         self.done = True
 
 
-def _locked(settle: _Settle | None) -> str | None:
+def _locked(settle: _Settle | None) -> IdLocked | None:
     return None if settle is None else settle.id_locked
 
 
@@ -139,7 +139,7 @@ async def apply_collection_outcome(
     provisional_transaction_id: str | None = None,
     occurred_at: datetime | None = None,
     audit: dict[str, Any] | None = None,
-    id_locked: str | None = None,
+    id_locked: IdLocked | None = None,
 ) -> str:
     """Apply what the provider says to a payment; returns what happened, in one word.
 
@@ -151,7 +151,8 @@ async def apply_collection_outcome(
     `occurred_at`: when the provider says the money moved (see money_moved_at).
     `audit`: more for the audit row of a move to a failed state (an admin's note: cancel_payment).
     `id_locked`: a transaction id whose lock (_ID_LOCK) this transaction holds already, taken with the payment's
-    row by the callback's first statement (_store_event_and_lock): not taken again."""
+    row by the callback's first statement (_store_event_and_lock), with what that statement's probe found under it:
+    the lock not taken again, the id not probed again when it was free."""
     settle = None if event_row_id is None else _Settle(event_row_id, payment.id, id_locked)
     result = await _apply_outcome(session, rt, payment, outcome, actor=actor, amount=amount,
                                   provider_transaction_id=provider_transaction_id, reason=reason, settle=settle,
@@ -428,7 +429,8 @@ async def handle_provider_event(rt: Runtime, event: ProviderEventData) -> str:
     if outcome is ProviderOutcome.SUCCEEDED and not payload.get(MONEY_REFERENCE) and txn and txn != provisional:
         payload[MONEY_REFERENCE] = txn
     # A success under the provider's final id: that id's lock (which the completion's probe for another payment
-    # holding it takes: _held_elsewhere) is taken in the statement that locks the payment, one round trip fewer.
+    # holding it takes: _held_elsewhere) is taken in the statement that locks the payment, and the probe made under
+    # it there: two round trips fewer.
     id_lock = txn if outcome is ProviderOutcome.SUCCEEDED and txn and txn != provisional else None
     for _ in range(3):
         try:
@@ -661,14 +663,15 @@ async def _kept_transaction_id(session: AsyncSession, payment: Payment) -> str |
 async def _store_event_and_lock(
     session: AsyncSession, event: ProviderEventData, stored: dict[str, Any], found: Payment | None = None,
     id_lock: str | None = None,
-) -> tuple[str | None, Payment | None, str | None]:
+) -> tuple[str | None, Payment | None, IdLocked | None]:
     """Store the callback once and lock its payment: (the stored row's id or None for a duplicate, the
-    payment or None, the transaction id locked or None). On PostgreSQL one statement: WITH e AS (INSERT ... ON
-    CONFLICT DO NOTHING RETURNING id) SELECT payment, (SELECT id FROM e) ... FOR UPDATE OF payments.
+    payment or None, the transaction id locked and probed, or None). On PostgreSQL one statement: WITH e AS (INSERT
+    ... ON CONFLICT DO NOTHING RETURNING id) SELECT payment, (SELECT id FROM e) ... FOR UPDATE OF payments.
 
     `found`: the payment a confirmation already identified; it is locked by our reference.
     `id_lock`: a provider transaction id whose lock (_ID_LOCK) the same statement takes once the payment's row is
-    locked (PostgreSQL, a payment found: else none is taken and None is returned for it)."""
+    locked, then probes for another payment holding it (the database's gateway_id_holder; PostgreSQL, a payment
+    found: else none is taken and None is returned for it)."""
     by_transaction = _by_transaction(event) if found is None else False
     reference = event.reference if found is None else found.provider_reference
     if session.get_bind().dialect.name != "postgresql":
@@ -682,11 +685,13 @@ async def _store_event_and_lock(
     params = {f"e_{k}": v for k, v in stored.items()}
     params.update(provider=event.provider, reference=reference)
     if id_lock is not None:
-        params["id_key"] = _id_lock_key(event.provider, id_lock)
+        params.update(id_key=_id_lock_key(event.provider, id_lock), id_txn=id_lock)
     row = (await session.execute(stored_and_locked(by_transaction, id_lock is not None), params)).first()
     if row is not None:
         # (A duplicate's statement took the id's lock too: it is held to the rollback, which follows at once.)
-        return (row[1], row[0], id_lock) if row[1] is not None else (None, None, None)
+        if row[1] is None:
+            return None, None, None
+        return row[1], row[0], None if id_lock is None else IdLocked(id_lock, row[2])
     # No such payment: the event row (if it is new) is found by its id, which only this call knows.
     event_row_id = (await session.execute(select(ProviderEvent.id).where(ProviderEvent.id == stored["id"])
                                           )).scalar_one_or_none()

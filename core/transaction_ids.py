@@ -74,17 +74,30 @@ async def _holder(session: AsyncSession, provider: str, txn: str, exclude: str |
     return None if row is None else _Holder(*row)
 
 
+@dataclass(frozen=True)
+class IdLocked:
+    """A transaction id whose lock (_ID_LOCK) a callback's transaction took with its payment's row, and what the probe
+    run under that lock by the same statement found (core.payment_statements.stored_and_locked, the database's
+    gateway_id_holder): the id of another payment of the provider holding it, or None."""
+
+    txn: str
+    holder_id: str | None
+
+
 async def _held_elsewhere(session: AsyncSession, payment: Payment, txn: str,
-                          locked: str | None = None) -> _Holder | None:
+                          locked: IdLocked | None = None) -> _Holder | None:
     """The other payment of `payment`'s provider that holds `txn` already (_holder), as `payment` completes with it
     (or is reported paid after a failure): one index probe per completion. Under the id's lock (_lock_transaction_id,
     held to the commit, as a statement line's recording takes it): two completions of one id at once take turns,
     and the second's probe (its own snapshot, READ COMMITTED) sees the first's payment, so that one of them is
     flagged; the payment's row lock, taken before, is never waited for under this one (nothing takes them in the
     other order: a recording takes the id's lock, then only inserts its payment). `locked`: the id whose lock the
-    transaction took already (with the payment's row: _store_event_and_lock), not taken again."""
+    transaction took already (with the payment's row: _store_event_and_lock), not taken again; and probed then,
+    under that lock: found free, it is not probed again (held, the holder is read in full here)."""
+    if locked is not None and locked.txn == txn and locked.holder_id is None:
+        return None
     if session.get_bind().dialect.name == "postgresql" and await pgraw.in_transaction(session):
-        if txn != locked:
+        if locked is None or txn != locked.txn:
             await pgraw.fetchrow(session, pgraw.compiled(_ID_LOCK), {"key": _id_lock_key(payment.provider, txn)})
         row = await pgraw.fetchrow(session, pgraw.compiled(_HOLDER),
                                    {"provider": payment.provider, "txn": txn, "exclude": payment.id})

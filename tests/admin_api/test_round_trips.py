@@ -66,18 +66,16 @@ async def _notices(s: Any) -> dict[str, tuple[str, dict[str, Any]]]:
     return {kind: (key, payload) for kind, key, payload in rows.all()}
 
 
-async def test_a_callback_is_three_statements_in_one_transaction(client: Any, demo: Any, rt: Any,
-                                                                 admin: Any, sent: list[str]) -> None:
+async def test_a_callback_is_two_statements_in_one_transaction(client: Any, demo: Any, rt: Any,
+                                                               admin: Any, sent: list[str]) -> None:
     payment = await _api_payment(admin, demo, rt)
     callback = _callback(payment, "cb-1", ProviderOutcome.SUCCEEDED, provider_transaction_id="TX-1")
     sent.clear()
     assert await handle_provider_event(rt, callback) == "completed"
-    # The event stored, the payment locked and then the transaction id's lock (core.payment_statements'
-    # stored_and_locked); the id's one probe (no other payment holds it: core.transaction_ids._held_elsewhere); the move
+    # The event stored, the payment locked, then the transaction id's lock and its probe (no other payment holds it)
+    # in the same statement (core.payment_statements' stored_and_locked; the database's gateway_id_holder); the move
     # with its audit row, the receipt and webhook jobs and the event's outcome.
-    assert sent == ["BEGIN", "WITH e AS (INSERT",
-                    "SELECT payments.id, payments.reference, payments.cooperative_id", "WITH moved AS (UPDATE",
-                    "COMMIT"], sent
+    assert sent == ["BEGIN", "WITH e AS (INSERT", "WITH moved AS (UPDATE", "COMMIT"], sent
     async with rt.sessionmaker() as s:
         stored = (await s.execute(select(ProviderEventRow.outcome, ProviderEventRow.payment_id)
                                   .where(ProviderEventRow.event_id == "cb-1"))).one()
