@@ -17,7 +17,7 @@ from core.models import OutboxJob, Payment, ProviderEvent, SmsMessage, UssdSessi
 from core.retention import NO_MONEY_MOVED
 from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SKIPPED, SmsStatus
 from core.unmatched_callbacks import UNMATCHED, UNMATCHED_REFUND
-from core.webhooks import held_reason
+from core.webhooks import held_reasons
 
 log = logging.getLogger("gateway.ops")
 
@@ -185,10 +185,11 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
             select(WebhookDelivery.endpoint_id, func.count())
             .where(WebhookDelivery.created_at >= day, WebhookDelivery.status == "PENDING")
             .group_by(WebhookDelivery.endpoint_id), WebhookDelivery))
-        for endpoint_id, count in waiting.all():
-            endpoint = await session.get(WebhookEndpoint, endpoint_id)
-            if endpoint is not None and await held_reason(session, endpoint) is not None:
-                held += count
+        counts = dict(waiting.all())
+        endpoints = (await session.execute(select(WebhookEndpoint).where(WebhookEndpoint.id.in_(counts)))
+                     ).scalars().all()
+        reasons = await held_reasons(session, list(endpoints))
+        held = sum(counts[endpoint_id] for endpoint_id, reason in reasons.items() if reason is not None)
     if held:
         hooks["PENDING"] -= held
         if not hooks["PENDING"]:

@@ -306,3 +306,36 @@ async def test_the_ops_page_counts_held_deliveries_apart_from_pending_ones(
                               .values(status="REJECTED"))
     shown = await hooks()
     assert (shown["deliveries"], shown["held"]) == ({"HELD": 2}, 2)
+
+
+async def test_the_ops_page_reads_held_deliveries_in_as_many_queries_for_five_endpoints_as_for_two(
+    rt: Any, demo: dict[str, Any], outage: Any, worker: Any
+) -> None:
+    """Each endpoint with deliveries pending was read, and its held reason looked up, one by one: two or three queries
+    an endpoint, on a page an operator keeps open over every cooperative's endpoints."""
+    from core.ops import dashboard
+    from tests.conftest import sql_sent
+
+    _hook, url = outage
+    coop = demo["cooperative_id"]
+    off, _ = await approved_endpoint(rt, coop, url, events=["payment.completed"])
+    await _switched_off_after_failures(rt, off.id)
+    await approved_endpoint(rt, coop, url.replace("/hook", "/other"), events=["payment.completed"])
+    await emit(rt, coop, event_id="evt_1")
+    await drain(worker)
+
+    async def hooks() -> tuple[dict[str, Any], int]:
+        with sql_sent(rt) as sent:
+            async with rt.sessionmaker() as session:
+                figures = await dashboard(session, coop)
+        return dict(figures["webhooks"]), len(sent)
+
+    two, queries = await hooks()
+    assert (two["deliveries"], two["held"]) == ({"PENDING": 1, "HELD": 1}, 1)
+    for n in range(3):
+        await approved_endpoint(rt, coop, url.replace("/hook", f"/more{n}"), events=["payment.completed"])
+    await emit(rt, coop, event_id="evt_2")
+    await drain(worker)
+    five, queries_for_five = await hooks()
+    assert (five["deliveries"], five["held"]) == ({"PENDING": 5, "HELD": 2}, 2)
+    assert queries_for_five == queries
