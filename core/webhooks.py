@@ -362,17 +362,14 @@ async def domain_status(session: AsyncSession, cooperative_id: str, url: str) ->
 async def held_reason(session: AsyncSession, endpoint: WebhookEndpoint) -> str | None:
     """Why the endpoint's PENDING deliveries are held, not sent (as deliver finds it): HELD_SWITCHED_OFF,
     HELD_DOMAIN_NOT_APPROVED, or None (sent, or retried, when due; a deleted endpoint holds nothing)."""
-    if endpoint.status != "ACTIVE":
-        return HELD_SWITCHED_OFF if await disabled_for_failures(session, endpoint.id) else None
-    if await domain_status(session, endpoint.cooperative_id, endpoint.url) != "APPROVED":
-        return HELD_DOMAIN_NOT_APPROVED
-    return None
+    return (await held_reasons(session, [endpoint]))[endpoint.id]
 
 
 async def held_reasons(session: AsyncSession, endpoints: list[WebhookEndpoint]) -> dict[str, str | None]:
     """held_reason of each of `endpoints`, by id, in at most two queries whatever their number (the ops page counts
     the held deliveries of every endpoint with some pending: one held_reason each was two or three queries an
-    endpoint)."""
+    endpoint). A switched-off endpoint holds them when its last `webhook_endpoint.disabled` row is the worker's
+    (disabled_for_failures); an active one, when its domain is not APPROVED for its cooperative (domain_status)."""
     reasons: dict[str, str | None] = {e.id: None for e in endpoints}
     off = [e.id for e in endpoints if e.status != "ACTIVE"]
     if off:

@@ -263,7 +263,7 @@ class CallbackPoster:
     It waits up to `timeout` seconds for the gateway's answer. It was 5 s: a full test run on a loaded 2-CPU CI
     machine once saw a callback's handler take longer (the CI try of 4dc4e93), the simulator gave up, the test
     server cancelled the handler, and a callback the test was about was lost to the machine's stall. No test or
-    benchmark counts on the gateway being given up on; a lost callback is a simulator option (callbacks)."""
+    benchmark counts on the gateway being given up on; a callback never sent is an option (drop_callback)."""
 
     def __init__(self, timeout: float = 30.0) -> None:
         self._timeout = timeout
