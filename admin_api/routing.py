@@ -21,7 +21,7 @@ from admin_api.validation import Param, parse_json, parse_query, read_body, vali
 from core import auth
 from core.auth import Principal, Unauthorized
 from core.cooperatives import zone_of
-from core.db import autocommit
+from core.db import Held, autocommit
 from core.errors import SCOPE_MISSING, DomainError, Forbidden, ServiceUnavailable, ValidationError
 from core.inbound import client_address, limit_key
 from core.models import Cooperative
@@ -333,7 +333,7 @@ def _wrap(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
         request[REQUEST_FIELDS] = fields  # what an error's `field` may name (admin_api.errors)
         rt = request.config_dict[RUNTIME]
         raw = await _read_raw_body(request, route)
-        async with rt.sessionmaker() as session:
+        async with Held(rt.sessionmaker) as session:
             principal: Principal | None = None
             claims: dict[str, Any] | None = None
             if route.scope is not None:

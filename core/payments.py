@@ -16,6 +16,7 @@ from sqlalchemy import BigInteger, String, and_, bindparam, exists, func, or_, s
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased, make_transient_to_detached
+from sqlalchemy.orm.instrumentation import manager_of_class
 
 from core import metrics, pgraw
 from core.audit import Actor, phone_changes, record
@@ -368,7 +369,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
         return _replay(rt.cipher, existing, new, account)
     values["reference"] = reference
     metrics.PAYMENTS.labels(status="PENDING", method=new.method).inc()
-    return _persistent(session, Payment(**values)), True
+    return _persistent(session, values), True
 
 
 def _refusal(rt: Runtime, new: NewPayment, context: PaymentContext, ptype: TypeFacts, amount: Money,
@@ -731,8 +732,20 @@ async def paying_member(session: AsyncSession, context: PaymentContext, cooperat
     )).scalar_one_or_none()
 
 
-def _persistent(session: AsyncSession, payment: Payment) -> Payment:
-    """The row just inserted, as a loaded instance in the session, without reading it back."""
+_PAYMENTS = manager_of_class(Payment)
+_PAYMENT_KEYS = frozenset(attribute.key for attribute in Payment.__mapper__.column_attrs)
+
+
+def _persistent(session: AsyncSession, values: dict[str, Any]) -> Payment:
+    """The row just inserted (every column's value), as a loaded instance in the session, without reading it back.
+    Built as the ORM builds a row it loads: the values go in as the instance's committed state, with none of the
+    change events Payment(**values) fires per attribute (a fifth of the cost: about 6 us against 36 for the 39
+    columns), which make_transient_to_detached then threw away."""
+    if values.keys() != _PAYMENT_KEYS:  # a column left out would be loaded on access: I/O the caller did not await
+        raise ValueError(f"payment row without {sorted(_PAYMENT_KEYS - values.keys())}, "
+                         f"or with unknown {sorted(values.keys() - _PAYMENT_KEYS)}")
+    payment: Payment = _PAYMENTS.new_instance()
+    payment.__dict__.update(values)
     make_transient_to_detached(payment)
     session.add(payment)
     return payment

@@ -380,7 +380,7 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
                        "look it up (GET /v1/payments)",
                        field="id" if line.payment_id else "reference" if new.reference else "gatewayReference",
                        code=DUPLICATE_REFERENCE)
-    payment = _persistent(session, Payment(**values))
+    payment = _persistent(session, values)
     await _audit_recorded(session, payment, line, note, actor)
     await enqueue_many(session, _recorded_notices(rt, payment, line.send_receipt))
     if line.callback_id is not None:

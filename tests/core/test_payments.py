@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, inspect, select, text
 
 from core.audit import Actor
 from core.cooperatives import zone_of
@@ -108,6 +108,8 @@ async def test_same_key_same_body_returns_first_payment_and_other_body_conflicts
 async def test_returned_payment_is_the_stored_row_and_the_audit_names_its_reference(rt, demo, provider):
     async with rt.sessionmaker.begin() as session:
         payment, created = await create_payment(session, rt, _new(demo), actor=ADMIN)
+        state = inspect(payment)
+        assert state.persistent and not state.unloaded and not state.modified  # every column, nothing to flush
         payment.description = "changed in the same transaction"  # a loaded, persistent instance
     assert created
     async with rt.sessionmaker() as s:

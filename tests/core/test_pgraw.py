@@ -102,3 +102,49 @@ async def test_first_on_a_core_connection_by_position(sm: Any) -> None:
         gone = await pgraw.first(conn, _T.delete().where(_T.c.dedupe_key == bindparam("key")), {"key": "nope"})
         assert gone is None
     assert [k for k, _ in await _jobs(sm)] == ["first-1"]
+
+
+async def test_the_sessions_connection_is_kept_for_its_transaction_only(sm: Any, monkeypatch: Any) -> None:
+    """driver() finds the session's connection once per transaction: the second raw statement of a request does
+    not go through the session again, and after a commit (the connection back in the pool, where another session
+    takes it) the next call checks one out as the first did, never the one the other session now holds."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    asked: list[int] = []
+    through_session = AsyncSession.connection
+
+    async def counted(self: Any, *args: Any, **kw: Any) -> Any:
+        asked.append(1)
+        return await through_session(self, *args, **kw)
+
+    monkeypatch.setattr(AsyncSession, "connection", counted)
+    async with sm() as first:
+        one = await pgraw.driver(first)
+        assert await pgraw.driver(first) is one and len(asked) == 1
+        await pgraw.fetchrow(first, ADD, _params("kept-1"))
+        await first.commit()  # the connection goes back to the pool (LIFO: the next checkout takes it)
+        async with sm() as other:
+            held = await pgraw.driver(other)
+            assert held is one
+            await pgraw.fetchrow(other, ADD, _params("other"))
+            again = await pgraw.driver(first)  # a new transaction of the first session: its own checkout
+            assert again is not held and len(asked) == 3
+            await pgraw.fetchrow(first, ADD, _params("kept-2"))
+            await other.rollback()  # (the INSERT ran alone: committed already)
+        await first.rollback()
+        await pgraw.driver(first)  # after a rollback too
+        assert len(asked) == 4
+    assert sorted(k for k, _ in await _jobs(sm)) == ["kept-1", "kept-2", "other"]
+
+
+async def test_a_kept_connection_follows_the_sessions_transaction(sm: Any) -> None:
+    """A raw statement after SQLAlchemy opened the transaction still joins it when the connection was kept from
+    before the BEGIN: rolled back with it."""
+    async with sm() as session:
+        await pgraw.driver(session)
+        await session.execute(select(func.count()).select_from(_T))  # BEGIN sent by SQLAlchemy
+        await pgraw.fetchrow(session, ADD, _params("rolled-back"))
+        assert await pgraw.in_transaction(session)
+        await session.rollback()
+        assert not await pgraw.in_transaction(session)  # checked out again, outside any transaction
+    assert await _jobs(sm) == []
