@@ -202,7 +202,11 @@ def start_simulators(b: Bench) -> None:
 
 
 def start_serve(b: Bench, name: str = "serve") -> Proc:
-    return b.cluster.start(name, [python(), "main.py", "serve"], b.env, ready_url=f"{b.url}/readyz")
+    if b.args.cprofile and name == "serve":  # the first process only (a second serve is not profiled)
+        command = [python(), "bench/cprofile_serve.py", str(b.cluster.workdir / "cprofile-serve.prof"), "serve"]
+    else:
+        command = [python(), "main.py", "serve"]
+    return b.cluster.start(name, command, b.env, ready_url=f"{b.url}/readyz")
 
 
 TWO_PROCESSES = ("two serve processes on one port (reuse_port), one per core, as the scale-out guide deploys "
@@ -1001,6 +1005,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO", help="the service's LOG_LEVEL (INFO, as in production)")
     parser.add_argument("--profile", action="store_true",
                         help="sample the serve process with py-spy during each scenario (profile-*.txt in the logs)")
+    parser.add_argument("--cprofile", action="store_true",
+                        help="run the first serve under cProfile on its CPU clock (cprofile-serve.prof in the logs: "
+                             "written when it stops; see bench/cprofile_serve.py)")
     parser.add_argument("--json", default="", help="also write the results as JSON to this file")
     parser.add_argument("--hold", type=float, default=0, help="after set-up, wait this long (to poke by hand)")
     parser.add_argument("--clean", action="store_true", help="remove the logs folder after a successful run")
