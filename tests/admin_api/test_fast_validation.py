@@ -25,8 +25,8 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | s
                     | st.text(max_size=12),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
                     max_leaves=8)
-UUIDS = st.uuids().flatmap(lambda u: st.sampled_from([str(u), str(u).upper(), u.hex, f"{{{u}}}", f"{u}-", f"urn:uuid:{u}",
-                                                       f" {u}"]))
+UUIDS = st.uuids().flatmap(lambda u: st.sampled_from([str(u), str(u).upper(), u.hex, f"{{{u}}}", f"{u}-",
+                                                       f"urn:uuid:{u}", f" {u}"]))
 MOMENTS = st.sampled_from(["2026-11-01", "2026-11-01T00:00:00Z", "2026-02-30T25:00:00Z", "yesterday", ""])
 
 
