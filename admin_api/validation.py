@@ -176,7 +176,7 @@ def _fast_valid(instance: Any, schema: Mapping[str, Any]) -> bool:
     if check is _MISSING:
         try:
             # use_default=False: the check must not write a schema's defaults into the body.
-            check = fastjsonschema.compile(schema, formats=_Formats(), use_default=False, use_formats=True)
+            check = fastjsonschema.compile(dict(schema), formats=_Formats(), use_default=False, use_formats=True)
         except Exception:  # a keyword it does not compile: jsonschema alone, as before
             check = None
         _FAST[key] = check
