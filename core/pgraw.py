@@ -77,23 +77,25 @@ async def driver(session: AsyncSession | AsyncConnection) -> asyncpg.Connection:
     """The asyncpg connection under the session (checked out from the pool if it had none yet), or under
     a Core connection (core.db.autocommit's: raw statements on it run in autocommit too).
 
-    A session's is kept in its `info` with the SessionTransaction it was found in, and handed out again while
-    that transaction is the session's and active: a request's second raw statement does not go through the
-    session and its greenlets again (about 20 us of CPU). A commit, a rollback or a close ends that transaction
-    (the connection goes back to the pool), and the next call checks one out as the first did; an invalidated
-    connection (a disconnect SQLAlchemy saw) goes through the session too, to raise as it does."""
+    A session's is kept in its `info` with the SessionTransaction it was found in (the innermost: a
+    begin_nested()'s, whose SAVEPOINT SQLAlchemy sends only when the session is asked for its connection), and
+    handed out again while that transaction is the session's innermost and active: a request's second raw statement
+    does not go through the session and its greenlets again (about 20 us of CPU). A commit, a rollback or a close
+    ends that transaction (the connection goes back to the pool), a begin_nested() opens another, and a failed
+    flush deactivates it: the next call goes through the session as the first did, which checks a connection out,
+    sends the SAVEPOINT, or raises. So does an invalidated connection (a disconnect SQLAlchemy saw)."""
     if isinstance(session, AsyncConnection):
         return await _under(session)
     sync = session.sync_session
     held = sync.info.get(_HELD)
     if held is not None:
-        transaction = sync.get_transaction()
+        transaction = sync.get_nested_transaction() or sync.get_transaction()
         if (held[0] is transaction and transaction is not None and transaction.is_active
                 and not held[1].invalidated):
             return held[2]  # type: ignore[no-any-return]
     connection = await session.connection()
     found = await _under(connection)
-    sync.info[_HELD] = (sync.get_transaction(), connection.sync_connection, found)
+    sync.info[_HELD] = (sync.get_nested_transaction() or sync.get_transaction(), connection.sync_connection, found)
     return found
 
 

@@ -320,7 +320,9 @@ def _refresh_loaded(session: AsyncSession, model: Any, entity_id: str, returned:
     if instance is None:
         return SimpleNamespace(**dict(zip(keys, returned, strict=True)))
     state = instance_state(instance)
-    if state.modified:  # changes not flushed: each column's committed value set, and its change dropped, as before
+    if state.modified or state.expired or state.expired_attributes:
+        # Changes not flushed (each column's committed value set, its change dropped), or an instance expired whole
+        # or in part (a rollback, session.expire): column by column as before, which also clears its expired flag.
         for key, value in zip(keys, returned, strict=True):
             set_committed_value(instance, key, value)
     else:  # nothing pending: the values go straight into its state, as a load does (a seventh of the time)

@@ -148,3 +148,21 @@ async def test_a_kept_connection_follows_the_sessions_transaction(sm: Any) -> No
         await session.rollback()
         assert not await pgraw.in_transaction(session)  # checked out again, outside any transaction
     assert await _jobs(sm) == []
+
+
+async def test_a_kept_connection_does_not_skip_a_savepoint(sm: Any) -> None:
+    """begin_nested() sends its SAVEPOINT only when the session is asked for its connection: a raw statement that is
+    the first inside it still goes through the session (the connection kept for the outer transaction is not handed
+    out), so the savepoint's rollback takes the raw write back with it."""
+    async with sm() as session:
+        await session.execute(select(func.count()).select_from(_T))  # the outer transaction (BEGIN)
+        outer = await pgraw.driver(session)
+        await pgraw.fetchrow(session, ADD, _params("outer"))
+        with pytest.raises(RuntimeError):
+            async with session.begin_nested():
+                assert await pgraw.driver(session) is outer  # the same connection, found through the session
+                await pgraw.fetchrow(session, ADD, _params("inside-the-savepoint"))
+                raise RuntimeError("rolled back to the savepoint")
+        await pgraw.fetchrow(session, ADD, _params("after"))
+        await session.commit()
+    assert sorted(k for k, _ in await _jobs(sm)) == ["after", "outer"]

@@ -162,24 +162,30 @@ def test_any_walk_through_the_table_only_uses_declared_moves(walk):
     assert state in PaymentStatus
 
 
-@pytest.mark.parametrize("change", [None, "flushed", "not flushed"])
+@pytest.mark.parametrize("change", [None, "flushed", "not flushed", "expired", "one column expired"])
 async def test_the_loaded_instance_holds_the_moved_row_after_the_move(sm, change):
     """The session's instance of the moved row is refreshed from what the move returned: every column as stored,
-    nothing left to flush. A change it held when the move began is written first by the move's transaction
-    (autoflush); with autoflush off it is dropped, each column set to what the move returned."""
+    nothing left to flush, nothing expired. A change it held when the move began is written first by the move's
+    transaction (autoflush); with autoflush off it is dropped, each column set to what the move returned. An
+    instance expired whole or in part (as a rollback or session.expire leaves it) is loaded and no longer expired."""
     from sqlalchemy import inspect
 
     async with sm.begin() as session:
         row = await row_in_state(session, "payment", "PENDING")
     async with sm.begin() as session:
         loaded = await session.get(PAYMENT.model, row.id)
-        if change is not None:
+        if change in ("flushed", "not flushed"):
             loaded.failure_reason = "typed in by hand"
+        elif change == "expired":
+            session.expire(loaded)  # as a rollback leaves it
+        elif change == "one column expired":
+            session.expire(loaded, ["failure_reason"])
         session.sync_session.autoflush = change != "not flushed"
         moved = await transition(session, PAYMENT, row.id, PaymentStatus.PENDING, PaymentStatus.FAILED, actor=ACTOR)
         assert moved is loaded
         state = inspect(loaded)
-        assert not state.expired_attributes and not any(a.history.has_changes() for a in state.attrs)
+        assert not state.expired and not state.expired_attributes
+        assert not any(a.history.has_changes() for a in state.attrs)
         seen = {c.key: getattr(loaded, c.key) for c in PAYMENT.model.__table__.c}
     async with sm() as session:
         stored = await session.get(PAYMENT.model, row.id)
