@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator
+import operator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -43,16 +44,30 @@ class RawStatement:
     json_names: frozenset[str]  # JSON parameters: sent as text (the dialect's jsonb codec takes text)
     fixed: dict[str, Any]  # values the statement carries itself (literal() binds)
 
+    def __post_init__(self) -> None:
+        # The values in order in one C call (operator.itemgetter), then the JSON ones encoded by position: a
+        # payment's 70 parameters in a Python loop were a tenth of its statement's client CPU.
+        object.__setattr__(self, "_pick", _picker(self.names))
+        object.__setattr__(self, "_json_at", tuple(i for i, name in enumerate(self.names) if name in self.json_names))
+
     def args(self, params: dict[str, Any]) -> list[Any]:
-        out = []
-        for name in self.names:
-            value = params.get(name, _MISSING)
-            if value is _MISSING:
-                value = self.fixed[name]  # KeyError: the caller forgot a parameter
-            if name in self.json_names and value is not None:
-                value = json.dumps(value)
-            out.append(value)
+        """The parameters in the statement's order: `params` over the statement's own values; KeyError names one the
+        caller forgot. JSON ones (not None) as text."""
+        out = list(self._pick({**self.fixed, **params} if self.fixed else params))  # type: ignore[attr-defined]
+        for i in self._json_at:  # type: ignore[attr-defined]
+            if out[i] is not None:
+                out[i] = json.dumps(out[i])
         return out
+
+
+def _picker(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """The values of `names` from a mapping, in order, as a tuple (KeyError for a missing one)."""
+    if not names:
+        return lambda _values: ()
+    get = operator.itemgetter(*names)
+    if len(names) == 1:
+        return lambda values: (get(values),)
+    return get
 
 
 @functools.lru_cache(maxsize=256)

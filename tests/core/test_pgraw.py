@@ -42,6 +42,16 @@ def test_compiled_once_with_positional_parameters() -> None:
         ADD.args({"kind": "k"})
 
 
+def test_arguments_in_order_with_the_statements_own_values_and_json_as_text() -> None:
+    raw = pgraw.RawStatement("-", ("a", "doc", "own", "b"), frozenset({"doc"}), {"own": "literal"})
+    assert raw.args({"b": 2, "a": 1, "doc": {"k": [1]}}) == [1, '{"k": [1]}', "literal", 2]
+    assert raw.args({"a": 1, "doc": None, "own": "given", "b": 2}) == [1, None, "given", 2]  # the caller's wins
+    with pytest.raises(KeyError, match="'b'"):
+        raw.args({"a": 1, "doc": None})
+    assert pgraw.RawStatement("-", ("only",), frozenset(), {}).args({"only": 5}) == [5]
+    assert pgraw.RawStatement("-", (), frozenset(), {}).args({"unused": 1}) == []
+
+
 def test_a_column_sqlalchemy_would_fill_in_must_be_passed() -> None:
     # payments.updated_at has a Python-side onupdate: SQLAlchemy computes it, asyncpg alone cannot. A raw
     # UPDATE without it must fail loudly, not write NULL.
