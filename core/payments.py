@@ -15,7 +15,7 @@ from phonenumbers import carrier
 from sqlalchemy import BigInteger, String, and_, bindparam, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased, make_transient_to_detached
+from sqlalchemy.orm import aliased, configure_mappers, make_transient_to_detached
 from sqlalchemy.orm.instrumentation import manager_of_class
 
 from core import metrics, pgraw
@@ -744,6 +744,10 @@ def _persistent(session: AsyncSession, values: dict[str, Any]) -> Payment:
     if values.keys() != _PAYMENT_KEYS:  # a column left out would be loaded on access: I/O the caller did not await
         raise ValueError(f"payment row without {sorted(_PAYMENT_KEYS - values.keys())}, "
                          f"or with unknown {sorted(values.keys() - _PAYMENT_KEYS)}")
+    if not Payment.__mapper__.configured:
+        # What the instrumented __init__ does on a process's first instance, done here as the instance is built
+        # without it. (Importing core.payment_statements configures the mappers already; this keeps it so if not.)
+        configure_mappers()
     payment: Payment = _PAYMENTS.new_instance()
     payment.__dict__.update(values)
     make_transient_to_detached(payment)
