@@ -189,8 +189,6 @@ def _fast_valid(instance: Any, schema: Mapping[str, Any]) -> bool:
     return True
 
 
-
-
 def _bad_text(value: Any, where: str) -> list[str]:
     """NUL, other control characters and lone surrogates: no database column or SMS can hold them."""
     if isinstance(value, str):

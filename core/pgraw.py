@@ -28,7 +28,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql import sqltypes
 
 _DIALECT = PGDialect_asyncpg()
-_MISSING = object()
 
 
 def _is_json(type_: Any) -> bool:
@@ -45,8 +44,8 @@ class RawStatement:
     fixed: dict[str, Any]  # values the statement carries itself (literal() binds)
 
     def __post_init__(self) -> None:
-        # The values in order in one C call (operator.itemgetter), then the JSON ones encoded by position: a
-        # payment's 70 parameters in a Python loop were a tenth of its statement's client CPU.
+        # The values in order in one C call (operator.itemgetter), then the JSON ones encoded by position, instead
+        # of a Python loop over the names (70 parameters with one JSON value: 4.8 us against 6.1).
         object.__setattr__(self, "_pick", _picker(self.names))
         object.__setattr__(self, "_json_at", tuple(i for i, name in enumerate(self.names) if name in self.json_names))
 
