@@ -103,14 +103,19 @@ async def driver(session: AsyncSession | AsyncConnection) -> asyncpg.Connection:
     sync = session.sync_session
     held = sync.info.get(_HELD)
     if held is not None:
-        transaction = sync.get_nested_transaction() or sync.get_transaction()
+        transaction = _innermost(sync)
         if (held[0] is transaction and transaction is not None and transaction.is_active
                 and not held[1].invalidated):
             return held[2]  # type: ignore[no-any-return]
     connection = await session.connection()
     found = await _under(connection)
-    sync.info[_HELD] = (sync.get_nested_transaction() or sync.get_transaction(), connection.sync_connection, found)
+    sync.info[_HELD] = (_innermost(sync), connection.sync_connection, found)
     return found
+
+
+def _innermost(sync: Any) -> Any:
+    """The session's innermost transaction: its begin_nested()'s if one is open, else its own (None: none)."""
+    return sync.get_nested_transaction() or sync.get_transaction()
 
 
 async def _under(connection: AsyncConnection) -> asyncpg.Connection:

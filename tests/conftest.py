@@ -265,6 +265,19 @@ def worker(rt: Any) -> Any:
     return create_worker(rt)
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[int]:
+    """Counts the calls of the coroutine method `owner.name` (one 1 a call), which still runs as before."""
+    calls: list[int] = []
+    original = getattr(owner, name)
+
+    async def counted(self: Any, *args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return await original(self, *args, **kw)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 async def drain(worker: Any, *, rounds: int = 50) -> int:
     """Run due outbox jobs until none are due; returns how many ran."""
     total = 0

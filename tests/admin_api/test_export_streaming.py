@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core import reports
 from core.db import autocommit, new_id
 from core.models import Payment, Refund
+from tests.conftest import count_calls
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 
@@ -84,15 +85,7 @@ async def _ids_in_order(rt: Any, model: Any, moment: str, where: Any = None) -> 
 
 def _count_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Each batch's read (its query goes through AsyncSession.stream)."""
-    reads: list[int] = []
-    stream = AsyncSession.stream
-
-    async def counted(self: AsyncSession, *args: Any, **kw: Any) -> Any:
-        reads.append(1)
-        return await stream(self, *args, **kw)
-
-    monkeypatch.setattr(AsyncSession, "stream", counted)
-    return reads
+    return count_calls(monkeypatch, AsyncSession, "stream")
 
 
 @pytest.mark.parametrize(("path", "model", "moment"), [

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import Held
 from core.models import OutboxJob
+from tests.conftest import count_calls
 from tests.core.test_pgraw import _params
 
 
@@ -27,15 +28,7 @@ async def _count(sm: Any) -> int:
 @pytest.fixture
 def shielded(monkeypatch: Any) -> list[int]:
     """Counts the closes that go through AsyncSession's own (shielded) exit."""
-    calls: list[int] = []
-    own = AsyncSession.__aexit__
-
-    async def counted(self: Any, *exc: Any) -> None:
-        calls.append(1)
-        await own(self, *exc)
-
-    monkeypatch.setattr(AsyncSession, "__aexit__", counted)
-    return calls
+    return count_calls(monkeypatch, AsyncSession, "__aexit__")
 
 
 async def test_a_committed_session_is_closed_without_the_task(sm: Any, shielded: list[int]) -> None:

@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from core import pgraw
 from core.db import utcnow
 from core.models import OutboxJob
-from tests.conftest import requires_pg
+from tests.conftest import count_calls, requires_pg
 
 pytestmark = requires_pg
 
@@ -120,14 +120,7 @@ async def test_the_sessions_connection_is_kept_for_its_transaction_only(sm: Any,
     takes it) the next call checks one out as the first did, never the one the other session now holds."""
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    asked: list[int] = []
-    through_session = AsyncSession.connection
-
-    async def counted(self: Any, *args: Any, **kw: Any) -> Any:
-        asked.append(1)
-        return await through_session(self, *args, **kw)
-
-    monkeypatch.setattr(AsyncSession, "connection", counted)
+    asked = count_calls(monkeypatch, AsyncSession, "connection")
     async with sm() as first:
         one = await pgraw.driver(first)
         assert await pgraw.driver(first) is one and len(asked) == 1
