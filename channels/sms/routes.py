@@ -693,14 +693,18 @@ def _said_at(date: str) -> datetime:
     UTC; an ISO 8601 time with its offset too), by which her STOP and START are put in the order she sent them
     (core.members.set_number_opt_out); the time it reached us when it has none, or none that reads as a time. Never
     later than now: a date ahead of our clock (an aggregator writing local time, or a clock gone wrong) would make
-    every word she sends after it, until that time, change nothing; those are taken in the order they arrive."""
+    every word she sends after it, until that time, change nothing; those are taken in the order they arrive.
+
+    Such a date is taken as the start of our current second, not our microsecond: the aggregator dates in whole
+    seconds, so the START she sends right after it, dated this same second, ties with it and is taken (a tie is;
+    core.members.set_number_opt_out). Taken to the microsecond, it read as sent before her STOP and changed nothing."""
     now = utcnow()
     try:
         moment = datetime.fromisoformat(date)
         moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except (ValueError, OverflowError):  # not a time; or one an offset takes past year 1 or 9999
         return now
-    return min(moment, now)
+    return moment if moment <= now else now.replace(microsecond=0)
 
 
 # How long a STOP or START taken is remembered by its inbound id (_taken_before): past the aggregator's retries of it.

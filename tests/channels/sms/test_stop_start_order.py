@@ -8,7 +8,7 @@ it was received): a text older than the last STOP or START taken for the number 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, text
@@ -114,15 +114,26 @@ async def test_a_word_dated_ahead_of_our_clock_does_not_silence_the_ones_after_i
     rt: Any, demo: dict[str, Any], sms_client: Any
 ) -> None:
     """An aggregator writing its local time as the date (or a clock gone wrong) dates her STOP hours ahead: taken as
-    sent now, not then, so her START a minute later still turns reminders back on."""
+    sent now, not then, so her START sent right after it, dated by a right clock, still turns reminders back on:
+    though it is dated (in whole seconds, as Africa's Talking dates) the same second the STOP was taken in."""
     from core.db import utcnow
 
-    now = utcnow()
-    ahead = (now + timedelta(hours=3)).strftime("%Y-%m-%d %H:%M:%S")
+    ahead = (utcnow() + timedelta(hours=3)).strftime("%Y-%m-%d %H:%M:%S")
     await _text(sms_client, "STOP", "at-1", ahead)
     assert await _state(rt, demo) == (True, True)
-    await _text(sms_client, "START", "at-2", (now + timedelta(seconds=1)).strftime("%Y-%m-%d %H:%M:%S"))
+    await _text(sms_client, "START", "at-2", utcnow().strftime("%Y-%m-%d %H:%M:%S"))
     assert await _state(rt, demo) == (False, False)
+
+
+def test_a_date_ahead_is_taken_as_the_current_second_and_one_behind_as_it_is() -> None:
+    from channels.sms.routes import _said_at
+    from core.db import utcnow
+
+    before = utcnow().replace(microsecond=0)
+    taken = _said_at((before + timedelta(hours=3)).strftime("%Y-%m-%d %H:%M:%S"))
+    assert taken.microsecond == 0 and before <= taken <= utcnow()
+    assert _said_at("2026-01-15 10:00:00.250000+02:00") == datetime(2026, 1, 15, 8, 0, 0, 250_000, tzinfo=UTC)
+    assert _said_at("not a date") >= before
 
 
 @requires_pg
