@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from sqlalchemy import select
 
+from channels.sms.simulator import SimulatorState
 from core.config import ProviderConfig, Secret
 from core.metrics import REGISTRY
 from core.models import OutboxJob, Payment
@@ -25,14 +26,15 @@ from providers.mtn_momo.simulator import create_simulator
 from providers.simulation import SimulatorOptions
 from tests.admin_api.conftest import Caller, idem, make_payment
 from tests.admin_api.test_support_desk_refunds import Mtn, audit, events, settle, sms_of
+from tests.channels.sms.helpers import start_simulator
 from tests.conftest import drain
 from tests.providers.test_mtn_momo import CREDS as SIM_CREDS
 from tests.providers.wires import due_now
 
 
 class Sim(Mtn):
-    def __init__(self, app: web.Application, base: str) -> None:
-        super().__init__(app)
+    def __init__(self, app: web.Application, sms: SimulatorState, base: str) -> None:
+        super().__init__(app, sms)
         self.base = base
         self.collect_bodies: list[dict[str, Any]] = []
 
@@ -52,7 +54,8 @@ def adapter(http: httpx.AsyncClient, base: str, **creds: str) -> MtnMomoAdapter:
 async def mtn(rt: Any, aiohttp_server: Any) -> AsyncIterator[tuple[Sim, httpx.AsyncClient]]:
     app = create_simulator(SimulatorOptions(delay=0.01, drop_callback=True, credentials=SIM_CREDS))
     server = await aiohttp_server(app, host="127.0.0.1")
-    sim = Sim(app, str(server.make_url("")).rstrip("/"))
+    _sms_server, sms = await start_simulator(aiohttp_server, rt)  # the member's SMS leave (as in Mtn's module)
+    sim = Sim(app, sms, str(server.make_url("")).rstrip("/"))
     async with httpx.AsyncClient(event_hooks={"request": [sim.record]}) as http:
         rt.providers = {**rt.providers, "mtn_momo": adapter(http, sim.base)}
         yield sim, http

@@ -1,6 +1,6 @@
 """The support desk's refunds and disputes of MTN MoMo payments, end to end against the MTN simulator over HTTP
-(its callbacks dropped: the worker's status polls learn every outcome): what the member's SMS say, what the
-cooperative's system is told, what MTN was sent."""
+(its callbacks dropped: the worker's status polls learn every outcome), the member's SMS sent to the Africa's
+Talking simulator: what the member's SMS say, what the cooperative's system is told, what MTN was sent."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ import httpx
 from aiohttp import web
 from sqlalchemy import select
 
+from channels.sms.simulator import SimulatorState
 from core.config import ProviderConfig, Secret
 from core.models import AuditEvent, OutboxJob, SmsMessage
 from providers.mtn_momo.adapter import MtnMomoAdapter
 from providers.mtn_momo.simulator import REFUNDS, TRANSACTIONS, create_simulator
 from providers.simulation import STATE, SimulatorOptions
 from tests.admin_api.conftest import Caller, idem, make_payment
+from tests.channels.sms.helpers import start_simulator
 from tests.conftest import drain
 from tests.providers.test_mtn_momo import CREDS as SIM_CREDS
 from tests.providers.wires import due_now
@@ -29,8 +31,9 @@ UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 
 
 class Mtn:
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, sms: SimulatorState) -> None:
         self.app = app
+        self.sms = sms  # Africa's Talking's: the SMS that left
         self.refund_bodies: list[dict[str, Any]] = []
 
     async def record(self, request: httpx.Request) -> None:
@@ -46,7 +49,11 @@ async def mtn(rt: Any, aiohttp_server: Any, **options: str) -> AsyncIterator[Mtn
     base = str(server.make_url("")).rstrip("/")
     config = ProviderConfig(base_url=base, credentials={k: Secret(v) for k, v in SIM_CREDS.items()},
                             options={"target_environment": "mtnrwanda", **options})
-    sim = Mtn(app)
+    # The member's SMS leave, each at its first attempt. Failing (no Africa's Talking to reach), every one was
+    # retried at each settle: enough attempts to reach the sender's send rate, so that an SMS the test counts could
+    # still be waiting for its slot, its row not yet stored, when the test counted them.
+    _sms_server, sms = await start_simulator(aiohttp_server, rt)
+    sim = Mtn(app, sms)
     async with httpx.AsyncClient(event_hooks={"request": [sim.record]}) as http:
         rt.providers = {**rt.providers, "mtn_momo": MtnMomoAdapter(http, config)}
         yield sim
@@ -219,6 +226,8 @@ async def test_disputes_won_lost_withdrawn_and_refunds_while_open(
     assert (shown["status"], shown["refundedAmount"]) == ("REFUNDED", 50000), shown
     texts = [(m.template, m.body) for m in await sms_of(rt, "dispute_")]
     assert len(texts) == 6, texts
+    left = [m["message"] for inbox in sim.sms.inbox.values() for m in inbox]
+    assert all(left.count(body) == 1 for _, body in texts), (texts, left)  # each sent, once
     assert not any(UUID.search(t) for _, t in texts)
     told = [(e["event_type"], e["data"]["status"]) for e in await events(rt, "dispute.")]
     assert sorted(told) == sorted([("dispute.opened", "OPEN")] * 3 + [
