@@ -113,6 +113,28 @@ async def driver(session: AsyncSession | AsyncConnection) -> asyncpg.Connection:
     return found
 
 
+async def begin(session: AsyncSession) -> asyncpg.Connection:
+    """The session's asyncpg connection with its transaction open on the server, for a transaction whose first
+    statement is raw: BEGIN sent now, as SQLAlchemy's asyncpg adapter sends it before the first statement that goes
+    through it (its _start_transaction), and tracked by that adapter, so that the session's commit or rollback, or
+    the pool's reset of the connection, ends it as it ends one SQLAlchemy began. A transaction already open is
+    joined. Raises DBAPIError when BEGIN fails (the server gone), and RuntimeError when the adapter sent none (a
+    connection in autocommit, or an adapter without the method: a SQLAlchemy this was not written for)."""
+    conn = await driver(session)
+    if conn.is_in_transaction():
+        return conn
+    adapted = session.sync_session.info[_HELD][1].connection.dbapi_connection
+    start = getattr(adapted, "_start_transaction", None)
+    if start is not None:
+        try:
+            await start()
+        except Exception as exc:  # the adapter's own error for a failed BEGIN: SQLAlchemy's, as callers expect
+            raise DBAPIError("BEGIN", None, exc) from exc
+    if not conn.is_in_transaction():
+        raise RuntimeError("no transaction could be begun on the session's connection")
+    return conn
+
+
 def _innermost(sync: Any) -> Any:
     """The session's innermost transaction: its begin_nested()'s if one is open, else its own (None: none)."""
     return sync.get_nested_transaction() or sync.get_transaction()

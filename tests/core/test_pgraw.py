@@ -169,3 +169,53 @@ async def test_a_kept_connection_does_not_skip_a_savepoint(sm: Any) -> None:
         await pgraw.fetchrow(session, ADD, _params("after"))
         await session.commit()
     assert sorted(k for k, _ in await _jobs(sm)) == ["after", "outer"]
+
+
+async def test_a_transaction_begun_raw_is_the_sessions_to_commit_or_roll_back(sm: Any) -> None:
+    """pgraw.begin: BEGIN sent before a raw first statement, so the statement is inside the session's transaction
+    (it would otherwise run alone, in autocommit): the session's rollback takes it back, its commit keeps it, and
+    the connection goes back to the pool with no transaction left open on it."""
+    async with sm() as session:
+        conn = await pgraw.begin(session)
+        assert conn.is_in_transaction()
+        await pgraw.fetchrow(session, ADD, _params("begun-rolled-back"))
+        await session.rollback()
+        assert not conn.is_in_transaction()
+    assert await _jobs(sm) == []
+    async with sm.begin() as session:
+        conn = await pgraw.begin(session)
+        await pgraw.fetchrow(session, ADD, _params("begun-committed"))
+        assert await pgraw.begin(session) is conn  # open already: joined, no second BEGIN
+    assert not conn.is_in_transaction()
+    assert [k for k, _ in await _jobs(sm)] == ["begun-committed"]
+    with pytest.raises(RuntimeError):
+        async with sm.begin() as session:
+            await pgraw.begin(session)
+            await pgraw.fetchrow(session, ADD, _params("begun-raised"))
+            raise RuntimeError("the caller failed: rolled back on the way out")
+    assert [k for k, _ in await _jobs(sm)] == ["begun-committed"]
+
+
+async def test_a_transaction_sqlalchemy_opened_is_joined(sm: Any) -> None:
+    async with sm() as session:
+        await session.execute(select(func.count()).select_from(_T))  # BEGIN sent by SQLAlchemy
+        conn = await pgraw.begin(session)
+        await pgraw.fetchrow(session, ADD, _params("joined"))
+        await session.rollback()
+        assert not conn.is_in_transaction()
+    assert await _jobs(sm) == []
+
+
+async def test_a_failed_begin_is_sqlalchemys_error(sm: Any) -> None:
+    """The server gone between checkout and BEGIN: DBAPIError (a callback answers 503 and is sent again)."""
+    async with sm() as session:
+        conn = await pgraw.driver(session)
+        await conn.close()  # as a restart would: the socket ends
+        with pytest.raises(DBAPIError):
+            await pgraw.begin(session)
+        await session.rollback()
+        await session.close()
+    async with sm.begin() as session:  # the pool carries on with a working connection
+        await pgraw.begin(session)
+        await pgraw.fetchrow(session, ADD, _params("after-the-failure"))
+    assert [k for k, _ in await _jobs(sm)] == ["after-the-failure"]
