@@ -75,6 +75,10 @@ def compiled(stmt: Any, column_keys: tuple[str, ...] | None = None) -> RawStatem
     constants, or from a cached builder), not one built per call. `column_keys`: for an INSERT without
     values, the columns it sets (the others keep their defaults)."""
     done = stmt.compile(dialect=_DIALECT, column_keys=list(column_keys) if column_keys else None)
+    if "__[POSTCOMPILE_" in str(done):
+        # An expanding parameter (IN of a list, even a fixed one) is rendered per execution by SQLAlchemy: sent as it
+        # is, the placeholder would be a syntax error at the server.
+        raise ValueError("a statement with an expanding IN parameter cannot run raw: run it through SQLAlchemy")
     json_names = frozenset(name for name, bind in done.binds.items() if _is_json(bind.type))
     # Columns whose Python-side default or onupdate SQLAlchemy would compute (updated_at): nothing here
     # computes them, so the caller must pass them (a KeyError in args) instead of NULL being written.

@@ -52,6 +52,12 @@ def test_arguments_in_order_with_the_statements_own_values_and_json_as_text() ->
     assert pgraw.RawStatement("-", (), frozenset(), {}).args({"unused": 1}) == []
 
 
+def test_an_expanding_in_is_refused_at_compile_time() -> None:
+    """IN of a list is rendered by SQLAlchemy at each execution: raw, its placeholder would reach the server."""
+    with pytest.raises(ValueError, match="expanding IN"):
+        pgraw.compiled(select(_T.c.id).where(_T.c.status.in_(["PENDING", "RUNNING"])))
+
+
 def test_a_column_sqlalchemy_would_fill_in_must_be_passed() -> None:
     # payments.updated_at has a Python-side onupdate: SQLAlchemy computes it, asyncpg alone cannot. A raw
     # UPDATE without it must fail loudly, not write NULL.
