@@ -125,15 +125,27 @@ async def begin(session: AsyncSession) -> asyncpg.Connection:
     joined. Raises DBAPIError when BEGIN fails (the server gone), and RuntimeError when the adapter sent none (a
     connection in autocommit, or an adapter without the method: a SQLAlchemy this was not written for)."""
     conn = await driver(session)
+    connection = session.sync_session.info[_HELD][1]
+    adapted = connection.connection.dbapi_connection
+    if getattr(adapted, "_transaction", None) is not None:
+        return conn  # SQLAlchemy's adapter began it (or this did): the session's to end
     if conn.is_in_transaction():
-        return conn
-    adapted = session.sync_session.info[_HELD][1].connection.dbapi_connection
+        # Open on the server, yet not the adapter's: the session's commit would send no COMMIT, and every write made
+        # here would be lost with the connection. Never handed on.
+        connection.invalidate()
+        raise RuntimeError("the session's connection holds a transaction the session does not track")
     start = getattr(adapted, "_start_transaction", None)
     if start is not None:
         try:
             await start()
         except Exception as exc:  # the adapter's own error for a failed BEGIN: SQLAlchemy's, as callers expect
             raise DBAPIError("BEGIN", None, exc) from exc
+        except BaseException:
+            # Cancelled with BEGIN sent and its answer not read: asyncpg holds a transaction the adapter never
+            # recorded, so no rollback would end it, and the pool would hand the connection on inside it. Closed
+            # instead, as SQLAlchemy closes a connection whose statement was cancelled.
+            connection.invalidate()
+            raise
     if not conn.is_in_transaction():
         raise RuntimeError("no transaction could be begun on the session's connection")
     return conn

@@ -695,16 +695,20 @@ def _said_at(date: str) -> datetime:
     later than now: a date ahead of our clock (an aggregator writing local time, or a clock gone wrong) would make
     every word she sends after it, until that time, change nothing; those are taken in the order they arrive.
 
-    Such a date is taken as the start of our current second, not our microsecond: the aggregator dates in whole
-    seconds, so the START she sends right after it, dated this same second, ties with it and is taken (a tie is;
-    core.members.set_number_opt_out). Taken to the microsecond, it read as sent before her STOP and changed nothing."""
+    A date in whole seconds (Africa's Talking's) that is ahead, and a text without a date, are taken as the start of
+    our current second, not our microsecond: the START she sends right after her STOP, dated this same second, ties
+    with it and is taken (a tie is; core.members.set_number_opt_out). Taken to the microsecond, it read as sent
+    before her STOP and changed nothing. A date with a fraction of a second that is ahead is taken as now, to the
+    microsecond, as the dates it is ordered with are."""
     now = utcnow()
     try:
         moment = datetime.fromisoformat(date)
         moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except (ValueError, OverflowError):  # not a time; or one an offset takes past year 1 or 9999
-        return now
-    return moment if moment <= now else now.replace(microsecond=0)
+        return now.replace(microsecond=0)
+    if moment <= now:
+        return moment
+    return now.replace(microsecond=0) if moment.microsecond == 0 else now
 
 
 # How long a STOP or START taken is remembered by its inbound id (_taken_before): past the aggregator's retries of it.

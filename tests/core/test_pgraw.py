@@ -225,3 +225,51 @@ async def test_a_failed_begin_is_sqlalchemys_error(sm: Any) -> None:
         await pgraw.begin(session)
         await pgraw.fetchrow(session, ADD, _params("after-the-failure"))
     assert [k for k, _ in await _jobs(sm)] == ["after-the-failure"]
+
+
+async def _visible_elsewhere(sm: Any) -> list[str]:
+    """The jobs' keys as another connection (straight asyncpg, outside the pool) sees them: committed ones only."""
+    import asyncpg
+
+    url = sm.kw["bind"].url.set(drivername="postgresql")
+    other = await asyncpg.connect(url.render_as_string(hide_password=False))
+    try:
+        return sorted(r[0] for r in await other.fetch("SELECT dedupe_key FROM outbox_jobs"))
+    finally:
+        await other.close()
+
+
+async def test_a_begin_cancelled_in_flight_never_hands_its_connection_on(sm: Any) -> None:
+    """Cancelled with BEGIN sent and its answer unread (a shutdown cutting the request): asyncpg holds a transaction
+    the adapter never recorded, which no rollback would end. The connection is closed, not given back to the pool
+    inside it, where the next session's commits would silently be lost."""
+    import asyncio
+
+    async with sm() as session:
+        conn = await pgraw.driver(session)
+        begin = asyncio.create_task(pgraw.begin(session))
+        await asyncio.sleep(0)  # BEGIN written, its answer not read yet
+        begin.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await begin
+    assert conn.is_closed()
+    async with sm.begin() as session:
+        again = await pgraw.begin(session)
+        assert again is not conn
+        await pgraw.fetchrow(session, ADD, _params("after-a-cancelled-begin"))
+    assert await _visible_elsewhere(sm) == ["after-a-cancelled-begin"]
+
+
+async def test_a_transaction_the_session_does_not_track_is_refused(sm: Any) -> None:
+    """A transaction open on the server that SQLAlchemy's adapter did not begin is never joined: the session's commit
+    would send no COMMIT. Refused, and the connection closed."""
+    async with sm() as session:
+        conn = await pgraw.driver(session)
+        await conn.execute("BEGIN")  # behind the adapter's back
+        with pytest.raises(RuntimeError, match="does not track"):
+            await pgraw.begin(session)
+    assert conn.is_closed()
+    async with sm.begin() as session:
+        await pgraw.begin(session)
+        await pgraw.fetchrow(session, ADD, _params("on-a-clean-connection"))
+    assert await _visible_elsewhere(sm) == ["on-a-clean-connection"]
