@@ -93,11 +93,17 @@ def _authorized(request: web.Request, product: str) -> web.Response | None:
 
 
 def _reference(request: web.Request) -> str | web.Response:
+    """The request's X-Reference-Id: a UUID version 4 (RFC 4122's variant), written as one (36 characters, hex
+    and hyphens; either case), as MTN takes it. Braces, a urn: prefix, no hyphens or another version are refused as
+    MTN refuses them, so a request id of ours in another form fails here, not at MTN."""
     raw = request.headers.get("X-Reference-Id", "")
     try:
-        return str(uuid.UUID(raw))
+        parsed = uuid.UUID(raw)
     except ValueError:
-        return _error(400, "INVALID_REFERENCE_ID", "X-Reference-Id must be a UUID.")
+        parsed = None
+    if parsed is None or str(parsed) != raw.lower() or parsed.version != 4 or parsed.variant != uuid.RFC_4122:
+        return _error(400, "INVALID_REFERENCE_ID", "X-Reference-Id must be a UUID version 4.")
+    return str(parsed)
 
 
 async def _body(request: web.Request, required: tuple[str, ...]) -> dict[str, Any] | web.Response:

@@ -652,7 +652,11 @@ async def test_sim_refuses_bad_credentials_and_requests(start_sim: Any) -> None:
         assert (await http.post(url, headers=headers, json=body)).status_code == 401
         auth = {**headers, "Authorization": f"Bearer {token}"}
         assert (await http.post(url, headers=auth, content=b"{nope")).status_code == 400
-        assert (await http.post(url, headers={**auth, "X-Reference-Id": "12"}, json=body)).status_code == 400
+        for bad_reference in ("12", REF.replace("-4c1e-", "-1c1e-"), REF.replace("-9d0b-", "-cd0b-"),
+                              REF.replace("-", ""), "{" + REF + "}", "urn:uuid:" + REF):
+            # not a UUID; version 1; not RFC 4122's variant; not written as MTN takes it (three ways)
+            refused = await http.post(url, headers={**auth, "X-Reference-Id": bad_reference}, json=body)
+            assert refused.status_code == 400 and refused.json()["code"] == "INVALID_REFERENCE_ID", bad_reference
         assert (await http.post(url, headers=auth, json={**body, "amount": 15000})).status_code == 400
         assert (
             await http.post(url, headers=auth, json={**body, "payer": {"partyId": "x"}})
