@@ -675,6 +675,11 @@ async def test_simulator_checks_secret_and_validates() -> None:
                                          "customer": {"phoneNumber": "+250788000001"}})
             assert resp.status_code == 400
             assert resp.json()["errors"][0]["code"] == "BAD_PHONE_NUMBER"
+            for phone in ("0701234567", "0750000000", "078800000", "07880000011"):
+                # ten digits from 07 that no Rwandan operator gives out, and numbers a digit short or long
+                resp = await http.post(f"{base}/payments/transactions/initiate", headers=headers,
+                                       json={**fixture("invoice.json")["push_request"], "accountIdentifier": phone})
+                assert resp.status_code == 400 and resp.json()["errors"][0]["code"] == "BAD_PHONE_NUMBER", phone
             resp = await http.post(f"{base}/payments/transactions/initiate", headers=headers,
                                    json={**fixture("invoice.json")["push_request"], "invoiceNumber": "nope"})
             assert resp.status_code == 404
