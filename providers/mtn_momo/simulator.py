@@ -93,9 +93,9 @@ def _authorized(request: web.Request, product: str) -> web.Response | None:
 
 
 def _reference(request: web.Request) -> str | web.Response:
-    """The request's X-Reference-Id: a UUID version 4 (RFC 4122's variant), written as one (36 characters, hex
-    and hyphens; either case), as MTN takes it. Braces, a urn: prefix, no hyphens or another version are refused as
-    MTN refuses them, so a request id of ours in another form fails here, not at MTN."""
+    """The request's X-Reference-Id: a UUID version 4 (RFC 4122's variant), as MTN's API asks for, written as one
+    (36 characters, hex and hyphens; either case). Braces, a urn: prefix, no hyphens or another version are refused,
+    so a request id of ours in another form fails against the simulator, not first at MTN."""
     raw = request.headers.get("X-Reference-Id", "")
     try:
         parsed = uuid.UUID(raw)
