@@ -26,6 +26,7 @@ from core.payments import _by_transaction, _locked_payment, _persistent, add_fla
 from core.ports import MONEY_REFERENCE, EventKind, ProviderError, ProviderOutcome, StatusResult
 from core.ports import ProviderEvent as ProviderEventData
 from core.state import StaleTransition, transition
+from core.state.machine import _attr_keys
 from core.state.payment import COLLECTED, OPEN, PAYMENT, UNCONFIRMED, PaymentStatus, holds_money, taken_after_failure
 from core.text import admin_note
 from core.transaction_ids import IdLocked, _flag_held_twice, _held_elsewhere, _id_lock_key, _same_money
@@ -693,21 +694,19 @@ async def _store_event_and_lock(
     row = await pgraw.fetchrow(session, pgraw.compiled(stored_and_locked(by_transaction, id_lock is not None)), params)
     if row is not None:
         # (A duplicate's statement took the id's lock too: it is held to the rollback, which follows at once.)
-        event_row_id = row[_EVENT_ROW_AT]
+        # The payment's columns in the table's order (as its SELECT lists them), then the stored event's id, then
+        # (with the id's lock) the payment holding the id.
+        keys = _attr_keys(Payment)
+        event_row_id = row[len(keys)]
         if event_row_id is None:
             return None, None, None
-        payment = _persistent(session, dict(zip(_PAYMENT_COLUMNS, row, strict=False)))
-        return event_row_id, payment, None if id_lock is None else IdLocked(id_lock, row[_EVENT_ROW_AT + 1])
+        payment = _persistent(session, dict(zip(keys, row, strict=False)))
+        return event_row_id, payment, None if id_lock is None else IdLocked(id_lock, row[len(keys) + 1])
     # No such payment: the event row (if it is new) is found by its id, which only this call knows.
     event_row_id = (await session.execute(select(ProviderEvent.id).where(ProviderEvent.id == stored["id"])
                                           )).scalar_one_or_none()
     return event_row_id, None, None
 
-
-# stored_and_locked's row: the payment's columns in the order of the model's Table, as its SELECT lists them (their
-# keys are their names), then the stored event's id, then (with the id's lock) the payment holding the id.
-_PAYMENT_COLUMNS = tuple(column.name for column in table_of(Payment).c)
-_EVENT_ROW_AT = len(_PAYMENT_COLUMNS)
 
 _SET_OUTCOME = (update(table_of(ProviderEvent))
                 .where(table_of(ProviderEvent).c.id == bindparam("b_id"))
