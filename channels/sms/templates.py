@@ -346,6 +346,16 @@ def is_payment_template(template: Any) -> bool:
     return isinstance(template, str) and template.startswith("payment_") and template != "payment_reminder"
 
 
+def _name_or_code(template: str, language: str, values: dict[str, Any], coop: Cooperative) -> str:
+    """The cooperative as a refund's or dispute's text names it: by its name, unless the name makes the text more
+    SMS than its short code does (a long name, an amount under review in French: two SMS, each paid for, where the
+    code the cooperative's texts begin with keeps it at one)."""
+    parts = measure(render(template, language, {**values, "coop": coop.name})).segments
+    if parts > 1 and measure(render(template, language, {**values, "coop": coop.short_code})).segments < parts:
+        return coop.short_code
+    return coop.name
+
+
 async def build_message(
     session: AsyncSession,
     cipher: PiiCipher,
@@ -397,6 +407,7 @@ async def build_message(
             reason=catalog.REFUND_REASONS[refund_reason_key(refund.failure_reason)],
             status=catalog.REFUND_STATUS.get(refund.status, refund.status),
         )
+        values["coop"] = _name_or_code(template, language, values, coop)
     elif template.startswith("dispute_"):
         dispute = await _one(session, Dispute, context.get("dispute_id"), "dispute")
         payment = await _one(session, Payment, dispute.payment_id, "payment")
@@ -411,6 +422,7 @@ async def build_message(
             status=catalog.DISPUTE_STATUS.get(status, status),
             amount=amount_text(payment, language),  # dispute_status: the payment's, as its own messages say it
         )
+        values["coop"] = _name_or_code(template, language, values, coop)
     elif template == "payment_reminder":
         ptype = await _one(session, PaymentType, context.get("payment_type_id"), "payment type")
         coop = coop or await _one(session, Cooperative, ptype.cooperative_id, "cooperative")

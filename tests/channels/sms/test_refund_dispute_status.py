@@ -84,6 +84,41 @@ async def test_status_of_her_own_dispute_tells_its_status_in_her_language(
     assert job.payload["template"] == "dispute_status"
 
 
+# A cooperative's full name as registered (up to 200 characters): its refunds' and disputes' replies were two SMS.
+LONG_NAME = "Kigali Heights Housing Cooperative of Nyarutarama, Kacyiru and Kimihurura Sectors"
+
+
+@pytest.mark.parametrize(("phone", "keyword", "expected"), [
+    (JEAN, "STATUS", "Dispute {ref} about payment {pay} of 50,000 RWF (KHHC): under review."),
+    (CLAUDINE, "ETAT", "Réclamation {ref} sur le paiement {pay} (50 000 RWF, KHHC): en cours d'examen."),
+])
+async def test_a_status_reply_too_long_with_the_cooperatives_name_names_its_short_code(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, phone: str, keyword: str, expected: str,
+) -> None:
+    """Two SMS (paid for twice) with the name; one with the short code its texts begin with. A refund's reply that
+    fits with the name keeps it."""
+    from sqlalchemy import update
+
+    from core.models import Cooperative
+
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(Cooperative).where(Cooperative.id == demo["cooperative_id"])
+                              .values(name=LONG_NAME))
+    dispute, payment_ref = await _dispute(rt, demo, phone)
+    reply = await ask(sms_client, sim, worker, phone, f"{keyword} {dispute.reference}", "dsp-long")
+    assert reply == expected.format(ref=DSP_REF, pay=payment_ref)
+    assert measure(reply).segments == 1
+    assert measure(reply.replace("KHHC", LONG_NAME)).segments == 2  # what she was sent before
+    refund, refund_payment = await _refund(rt, demo, phone)
+    reply = await ask(sms_client, sim, worker, phone, f"{keyword} {refund.reference}", "rfd-long")
+    assert LONG_NAME not in reply and "(KHHC)" in reply and measure(reply).segments == 1, reply
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(Cooperative).where(Cooperative.id == demo["cooperative_id"])
+                              .values(name="Kigali Heights"))
+    reply = await ask(sms_client, sim, worker, phone, f"{keyword} {refund.reference}", "rfd-short")
+    assert "(Kigali Heights)" in reply and refund_payment in reply, reply
+
+
 async def test_a_refund_or_dispute_of_someone_elses_payment_is_not_found_as_a_made_up_one(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
 ) -> None:
