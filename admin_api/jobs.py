@@ -199,7 +199,7 @@ async def replay_many(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         query = query.where(OutboxJob.last_error.startswith(body["lastErrorPrefix"], autoescape=True))
     if body.get("afterId") is not None:
         query = query.where(OutboxJob.id > int(body["afterId"]))
-    if body.get("parkedSince"):
+    if body.get("parkedSince") is not None:  # "" is no instant (400), not "no filter": every parked job
         # A parked job's row is last written when it parks (core.outbox: _finish stamps updated_at).
         query = query.where(OutboxJob.updated_at >= body_datetime(body["parkedSince"], "parkedSince"))
     ids = list((await ctx.session.execute(query.order_by(OutboxJob.id).limit(limit + 1))).scalars())

@@ -69,7 +69,7 @@ def formatted(value: Any) -> Any:
     if isinstance(value, str) and _INSTANT.fullmatch(value):
         try:
             return iso_z(datetime.fromisoformat(value.replace("Z", "+00:00")))
-        except ValueError:
+        except (ValueError, OverflowError):  # no date, or one UTC cannot hold (9999-12-31T23:59:59-01:00): as given
             return value
     return value
 

@@ -83,3 +83,23 @@ async def test_rows_written_before_read_in_the_one_format(admin, rt, demo):
     async with rt.sessionmaker() as s:
         stored = (await s.execute(select(AuditEvent.after).where(AuditEvent.entity_id == "old-row"))).scalar_one()
     assert stored["refunded_minor"] == 1000
+
+
+async def test_text_that_reads_as_an_instant_out_of_utcs_range_is_kept_as_given(admin, rt, demo):
+    """A name or description that looks like an instant UTC cannot hold (9999-12-31T23:59:59-01:00 is in year 10000
+    there) is free text: its audit row keeps it as written, where the formatting failed the request with a 500."""
+    odd = "9999-12-31T23:59:59-01:00"
+    made = await admin.json("POST", "/v1/payment-types", 201,
+                            json={"name": odd, "description": "0001-01-01T00:00:00+01:00", "amount": 1000})
+    assert made["name"] == odd
+    renamed = await admin.json("PATCH", f"/v1/payment-types/{made['id']}", 200, json={"description": odd})
+    assert renamed["description"] == odd
+    async with rt.sessionmaker() as s:
+        rows = (await s.execute(select(AuditEvent).where(AuditEvent.entity_id == made["id"])
+                                .order_by(AuditEvent.id))).scalars().all()
+    assert [r.action for r in rows] == ["payment_type.created", "payment_type.updated"]
+    assert (rows[0].after["name"], rows[0].after["description"]) == (odd, "0001-01-01T00:00:00+01:00")
+    assert rows[1].after["description"] == odd
+    listed = await admin.json("GET", f"/v1/audit-events?entityId={made['id']}", 200)
+    assert odd in {e["after"].get("name") for e in listed["data"]} | {e["after"].get("description")
+                                                                       for e in listed["data"]}

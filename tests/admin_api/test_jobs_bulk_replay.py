@@ -123,3 +123,17 @@ async def test_jobs_skipped_for_good_do_not_keep_the_next_call_from_the_rest(adm
     second = await admin.json("POST", "/v1/jobs/replay", 200, json={"limit": 1, "afterId": first["lastId"]})
     assert (second["replayed"], second["more"]) == ([later], False)
     assert (await _statuses(rt))[later] == "PENDING"
+
+
+async def test_an_empty_parked_since_is_refused_not_read_as_no_filter(admin, rt, demo):
+    """`parkedSince: ""` (a script's unset variable) is no instant: refused, where it was read as no filter and every
+    parked job of the cooperative was put back, the old ones meant to stay parked too."""
+    old = await _park(rt, "no.such.kind", "bulk-empty-since", demo["cooperative_id"])
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.id == old).values(updated_at=utcnow() - timedelta(days=30)))
+    for empty in ("", " "):
+        refused = await admin.json("POST", "/v1/jobs/replay", 400, json={"parkedSince": empty})
+        assert (refused["field"], refused["message"]) == ("parkedSince", ["parkedSince must be a valid date-time"])
+    assert (await _statuses(rt))[old] == "PARKED"
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(AuditEvent.id).where(AuditEvent.action == "job.replayed"))).all() == []
