@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import unicodedata
@@ -12,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import orjson
 from sqlalchemy import JSON, DateTime, MetaData, String, Table, TypeDecorator, event, func, select, update
 from sqlalchemy import exc as exc_module
 from sqlalchemy.dialects import postgresql, sqlite
@@ -19,6 +21,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.sql.expression import literal_column
 from sqlalchemy.util import await_
+
+_JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+def json_text(value: Any) -> str:
+    """A JSON column's value as the text sent to the database: orjson (a tenth of the json module's time: a callback
+    sends two job payloads, an API payment three rows' worth), or json.dumps for what orjson refuses (a lone
+    surrogate, an integer past 64 bits), so that both take and refuse the same values (a datetime is refused, as
+    json.dumps refuses it, not written in orjson's own way). The spelling differs (no spaces, UTF-8 rather than
+    \\u escapes); the value read back does not."""
+    try:
+        return orjson.dumps(value, option=_JSON_OPTIONS).decode()
+    except TypeError:  # (orjson.JSONEncodeError is one)
+        return json.dumps(value)
+
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -158,7 +175,7 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False,
     admin_api.errors)."""
     if url.startswith("sqlite"):
         _make_parent_folder(url)
-        engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
+        engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30}, json_serializer=json_text)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -174,6 +191,7 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False,
     engine = create_async_engine(
         url,
         echo=echo,
+        json_serializer=json_text,
         # Up to twice `pool_size` connections, each kept once opened (no overflow). SQLAlchemy closes an
         # overflow connection as soon as it is given back, so a process with more requests in flight than
         # `pool_size` for a while opened and closed connections all along, PostgreSQL forking a backend for

@@ -27,6 +27,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.sql import sqltypes
 
+from core.db import json_text
+
 _DIALECT = PGDialect_asyncpg()
 
 
@@ -55,7 +57,7 @@ class RawStatement:
         out = list(self._pick({**self.fixed, **params} if self.fixed else params))  # type: ignore[attr-defined]
         for i in self._json_at:  # type: ignore[attr-defined]
             if out[i] is not None:
-                out[i] = json.dumps(out[i])
+                out[i] = json_text(out[i])
         return out
 
 

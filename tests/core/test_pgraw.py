@@ -37,14 +37,14 @@ def test_compiled_once_with_positional_parameters() -> None:
     assert "$1" in ADD.sql and ":kind" not in ADD.sql
     assert set(ADD.names) >= {"kind", "payload", "key", "at"} and "payload" in ADD.json_names
     args = ADD.args({"kind": "k", "payload": {"a": 1}, "key": None, "at": "t"})
-    assert '{"a": 1}' in args and "PENDING" in args  # JSON sent as text; literal() values carried along
+    assert '{"a":1}' in args and "PENDING" in args  # JSON sent as text (core.db.json_text); literal() values too
     with pytest.raises(KeyError):
         ADD.args({"kind": "k"})
 
 
 def test_arguments_in_order_with_the_statements_own_values_and_json_as_text() -> None:
     raw = pgraw.RawStatement("-", ("a", "doc", "own", "b"), frozenset({"doc"}), {"own": "literal"})
-    assert raw.args({"b": 2, "a": 1, "doc": {"k": [1]}}) == [1, '{"k": [1]}', "literal", 2]
+    assert raw.args({"b": 2, "a": 1, "doc": {"k": [1]}}) == [1, '{"k":[1]}', "literal", 2]
     assert raw.args({"a": 1, "doc": None, "own": "given", "b": 2}) == [1, None, "given", 2]  # the caller's wins
     with pytest.raises(KeyError, match="'b'"):
         raw.args({"a": 1, "doc": None})
