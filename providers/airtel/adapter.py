@@ -70,12 +70,16 @@ TOKEN_LIFETIME = 180.0
 _WHOLE_UNITS = frozenset({"TZS"})
 
 
-def _wire_amount(amount: Money) -> int | str:
-    """The amount as Airtel's body carries it: a whole number in a currency of whole units here (25000 TZS, not
-    "25000.00"), else as the API writes it."""
-    if amount.currency in _WHOLE_UNITS:
-        return amount.minor // 10 ** exponent(amount.currency)
-    return amount.to_api()
+def _wire_amount(amount: Money) -> int | float:
+    """The amount as Airtel's body carries it: a JSON number, as Airtel's own examples and clients send it
+    (`"amount": 1000`; a string, "1500.00", is not what it documents). A whole number when there are no cents
+    (KES 1,500.00 as 1500; always in a currency of whole units here: 25000 TZS), else the number with its cents
+    (1500.5): the float nearest the decimal amount, which JSON writes back as exactly that decimal (the shortest
+    text that reads back as it), never rounded elsewhere."""
+    scale = 10 ** exponent(amount.currency)
+    if amount.currency in _WHOLE_UNITS or amount.minor % scale == 0:
+        return amount.minor // scale
+    return float(str(amount.to_api()))
 
 
 class UnknownStatus(ValueError):

@@ -110,8 +110,9 @@ async def _collect(request: web.Request) -> web.Response:
     if msisdn.startswith(str(calling_code)) and len(msisdn) > 9:
         return _refusal(400, "subscriber.msisdn must not include the country code", "ESB000001")
     amount = tx.get("amount")
-    if isinstance(amount, bool) or not isinstance(amount, int | float | str) \
-            or not _AMOUNT.match(str(amount)) or float(amount) <= 0:
+    # A JSON number, as Airtel documents it (`"amount": 1000`): a string ("1500.00") is refused.
+    if isinstance(amount, bool) or not isinstance(amount, int | float) \
+            or not _AMOUNT.match(str(amount)) or amount <= 0:
         return _refusal(400, "transaction.amount must be a positive number", "ESB000001")
     tx_id = tx.get("id")
     if not isinstance(tx_id, str) or not tx_id:

@@ -50,6 +50,12 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"code": code, "message": message}, status=status)
 
 
+def _internal_error() -> web.Response:
+    """MTN's own 500, in its error shape ({code, message}, as every other answer here): the shared fault's
+    {message} alone gave the adapter words MTN never sends."""
+    return _error(500, "INTERNAL_PROCESSING_ERROR", "An internal error occurred while processing.")
+
+
 def _public(tx: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in tx.items() if not k.startswith("_")}
 
@@ -124,7 +130,7 @@ async def _body(request: web.Request, required: tuple[str, ...]) -> dict[str, An
     for name in ("payerMessage", "payeeNote"):
         text = body.get(name)
         if not isinstance(text, str) or not text.strip():
-            return _error(500, "INTERNAL_PROCESSING_ERROR", "An internal error occurred while processing.")
+            return _internal_error()
         if _NOTE_REFUSED.search(text):
             return _error(400, "BAD_REQUEST", f"{name} holds characters that are not allowed.")
     return body
@@ -141,9 +147,8 @@ async def _request_to_pay(request: web.Request) -> web.Response:
     body = await _body(request, ("amount", "currency", "externalId", "payer"))
     if isinstance(body, web.Response):
         return body
-    fault = state.fail_now()
-    if fault:
-        return fault
+    if state.fail_now() is not None:
+        return _internal_error()
     payer = body["payer"]
     if not isinstance(payer, dict) or payer.get("partyIdType") != "MSISDN" \
             or not _PARTY.match(str(payer.get("partyId", ""))):
@@ -198,9 +203,8 @@ async def _refund(request: web.Request) -> web.Response:
     body = await _body(request, ("amount", "currency", "externalId", "referenceIdToRefund"))
     if isinstance(body, web.Response):
         return body
-    fault = state.fail_now()
-    if fault:
-        return fault
+    if state.fail_now() is not None:
+        return _internal_error()
     refunds = request.app[REFUNDS]
     if reference in refunds:
         return _error(409, "RESOURCE_ALREADY_EXIST", "Duplicated reference id. Creation of resource failed.")

@@ -130,6 +130,22 @@ async def test_tanzanian_shillings_go_as_the_whole_number(fake: FakeProvider) ->
     }
 
 
+@pytest.mark.parametrize(("minor", "wire"), [(150_000, 1500), (150_050, 1500.5), (150_001, 1500.01),
+                                              (123_456_789, 1234567.89)])
+async def test_an_amount_with_cents_goes_as_a_json_number(fake: FakeProvider, minor: int, wire: Any) -> None:
+    # Airtel documents the amount as a number ("amount": 1000); it went as the string "1500.00" in Kenya or Zambia.
+    expect_token(fake)
+    fake.expect("POST", "/merchant/v1/payments/", 200, load("airtel", "collection_accepted.json"))
+    ask = replace(collection(payer="+254733123456"), amount=Money(minor, "KES"))
+    async with fake.client() as http:
+        assert await AirtelAdapter(http, config(country="KE", currency="KES")).request_collection(ask) \
+            == CollectionAccepted()
+    _, pay_req = fake.seen
+    sent = json.loads(pay_req.content)["transaction"]["amount"]
+    assert sent == wire and type(sent) is type(wire)
+    assert f'"amount":{wire}' in pay_req.content.decode().replace(" ", "")  # the decimal as written, not 1500.0099
+
+
 @pytest.mark.parametrize("status", [200, 400])
 async def test_duplicate_transaction_id_means_already_sent(fake: FakeProvider, status: int) -> None:
     expect_token(fake)
@@ -555,6 +571,9 @@ async def test_sim_checks_token_headers_and_body(start_sim: Any) -> None:
                 url, json={**good, "transaction": {**good["transaction"], "amount": -5}}, headers=auth
             )
         ).status_code == 400
+        as_text = await http.post(url, json={**good, "transaction": {**good["transaction"], "amount": "15000"}},
+                                  headers=auth)
+        assert as_text.status_code == 400 and "amount" in as_text.json()["status"]["message"]
         bad_grant = await http.post(f"{base}/auth/oauth2/token", json={"client_id": "x"})
         assert bad_grant.status_code == 400
 

@@ -617,6 +617,31 @@ async def test_sim_500_then_recovery_with_same_reference(start_sim: Any) -> None
     assert (await adapter.collection_status(REF, None, "RWF")).outcome is ProviderOutcome.SUCCEEDED
 
 
+async def test_sim_500_answers_in_mtns_error_shape(start_sim: Any) -> None:
+    # A simulated outage answers as MTN does, {code, message}, for a request to pay and a refund alike: the error
+    # the payment or refund keeps is MTN's words, not the simulator's own, and nothing is stored.
+    adapter, state, base = await start_sim(fail_request_500=True)
+    for call in (adapter.request_collection(collection(callback="")), adapter.request_refund(refund(callback=""))):
+        with pytest.raises(ProviderError) as err:
+            await call
+        assert err.value.retryable is True and err.value.code == "HTTP_500"
+        assert str(err.value).endswith("(HTTP 500): An internal error occurred while processing.")
+    async with httpx.AsyncClient() as http:
+        token = await http.post(f"{base}/collection/token/", auth=(CREDS["api_user"], CREDS["api_key"]),
+                                headers={"Ocp-Apim-Subscription-Key": CREDS["subscription_key"]})
+        answer = await http.post(f"{base}/collection/v1_0/requesttopay", json={
+            "amount": "100", "currency": "RWF", "externalId": REF, "payerMessage": "Rent", "payeeNote": "Rent",
+            "payer": {"partyIdType": "MSISDN", "partyId": "250788000001"}}, headers={
+            "Authorization": f"Bearer {token.json()['access_token']}", "X-Reference-Id": REF,
+            "Ocp-Apim-Subscription-Key": CREDS["subscription_key"], "X-Target-Environment": "mtnrwanda"})
+    assert answer.status_code == 500
+    assert answer.json() == {"code": "INTERNAL_PROCESSING_ERROR",
+                             "message": "An internal error occurred while processing."}
+    assert state.requests == 3
+    state.options.fail_request_500 = False  # nothing was stored: the same reference is taken afresh (no 409)
+    assert await adapter.request_collection(collection(callback="")) == CollectionAccepted()
+
+
 async def test_sim_hang_times_out_then_status_and_409(start_sim: Any) -> None:
     # The answer is 0.5 s later than the read timeout, and the read timeout is the file's usual 2 s: it is the
     # adapter's for every call, and the token fetch and the status query must not time out on a loaded machine
