@@ -713,6 +713,11 @@ def _missing_in_production(env: Mapping[str, str], used: tuple[str, ...] = PROVI
     return missing
 
 
+# Words Safaricom's Daraja refuses in a URL it is to call (providers.routes.CALLBACK_PATH_NAMES keeps them out of the
+# path; the base URL is the deployment's).
+_DARAJA_REFUSES = re.compile(r"m-?pesa|safaricom", re.IGNORECASE)
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every variable; raise ConfigError naming the first bad one (in production, first every
     required variable that is not set, one line each)."""
@@ -734,6 +739,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("PORT", "must be at most 65535")
     host = _get(env, "HOST", "127.0.0.1")
     public_base_url = _url(env, "PUBLIC_BASE_URL", f"http://127.0.0.1:{port}", ("http", "https"))
+    if "mpesa" in used and (word := _DARAJA_REFUSES.search(public_base_url)):
+        # Every STK push would be refused ("Invalid CallBackURL"): its callback URL starts with this one.
+        raise ConfigError("PUBLIC_BASE_URL", f"must not contain {word.group()!r} while M-Pesa is in PROVIDERS "
+                                             "(Daraja refuses callback URLs with 'mpesa' or 'safaricom' in them)")
     def base_url(name: str, simulator: str) -> str:
         # The default is the in-process simulator, which production never mounts: every call would fail.
         if production and not env.get(name, "").strip():

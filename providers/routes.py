@@ -41,9 +41,17 @@ PATH = "/webhooks/payments/{provider}"
 CALLBACK_LIMIT = Limit("webhooks", 1000)
 
 
+# The word in a provider's callback path where it is not the provider's name. Safaricom's Daraja refuses a URL with
+# "mpesa" or "safaricom" in it (its URL rules: also exe, exec, cmd, sql and query, in any case; reported for the STK
+# push's CallBackURL as "400.002.02 Bad Request - Invalid CallBackURL"): M-Pesa is told /webhooks/payments/daraja.
+# /webhooks/payments/mpesa is still taken (callbacks of requests sent before this name).
+CALLBACK_PATH_NAMES = {"mpesa": "daraja"}
+_BY_PATH_NAME = {word: provider for provider, word in CALLBACK_PATH_NAMES.items()}
+
+
 def callback_url(settings: Settings, provider: str) -> str:
     """Where `provider` should call us back, with the per-provider secret when one is configured."""
-    url = f"{settings.public_base_url}/webhooks/payments/{provider}"
+    url = f"{settings.public_base_url}/webhooks/payments/{CALLBACK_PATH_NAMES.get(provider, provider)}"
     secret = settings.callback_secrets.get(provider)
     return f"{url}?{urlencode({'secret': secret.get()})}" if secret else url
 
@@ -126,6 +134,7 @@ async def _rate_limited(request: web.Request, rt: Any) -> web.Response | None:
 async def provider_callback(request: web.Request) -> web.Response:
     rt = request.config_dict[RUNTIME]
     name = request.match_info["provider"]
+    name = _BY_PATH_NAME.get(name, name)
     adapter = rt.providers.get(name)
     if adapter is None:
         return _error(request, 404, f"unknown payment provider {name!r}")

@@ -8,6 +8,7 @@ import base64
 import binascii
 import logging
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -97,6 +98,16 @@ def _bad(field_name: str) -> web.Response:
     return _error(400, "400.002.02", f"Bad Request - Invalid {field_name}")
 
 
+# Words Daraja refuses in a URL it is given to call, in any case (its URL rules; "exe", "cmd", "sql" and "query"
+# too, not checked here: "exe" is in every example.com).
+_URL_REFUSED = re.compile(r"m-?pesa|safaricom", re.IGNORECASE)
+
+
+def _callback_refused(url: Any) -> bool:
+    """A URL Daraja would not call: not http(s), or holding a word its rules refuse."""
+    return not isinstance(url, str) or not url.startswith(("http://", "https://")) or bool(_URL_REFUSED.search(url))
+
+
 async def _token(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if request.query.get("grant_type") != "client_credentials":
@@ -182,7 +193,7 @@ async def _stk_push(request: web.Request) -> web.Response:
     if str(body.get("PartyB", "")) != str(body.get("BusinessShortCode")):
         return _bad("PartyB")
     callback = body.get("CallBackURL")
-    if not isinstance(callback, str) or not callback.startswith(("http://", "https://")):
+    if not isinstance(callback, str) or _callback_refused(callback):
         return _bad("CallBackURL")
     account, desc = body.get("AccountReference"), body.get("TransactionDesc")
     if not isinstance(account, str) or not 1 <= len(account) <= 12:
@@ -284,6 +295,9 @@ async def _reversal(request: web.Request) -> web.Response:
         return _bad("Amount")
     for name in ("TransactionID", "ReceiverParty", "ResultURL", "QueueTimeOutURL", "Remarks"):
         if not isinstance(body.get(name), str | int) or not str(body.get(name)):
+            return _bad(name)
+    for name in ("ResultURL", "QueueTimeOutURL"):
+        if _callback_refused(body[name]):
             return _bad(name)
     originator, conversation = f"{new_id(5)}-{new_id(8)}-1", f"AG_{datetime.now(UTC):%Y%m%d}_{new_id(20)}"
     refused = ("21" if initiator == INITIATOR_NOT_ALLOWED

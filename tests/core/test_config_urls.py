@@ -253,3 +253,14 @@ def test_a_rate_or_call_timeout_past_its_bound_is_refused_at_start(variable: str
         with pytest.raises(ConfigError, match=f"must be at most {highest}$") as raised:
             load_settings({variable: bad})
         assert raised.value.variable == variable
+
+
+@pytest.mark.parametrize("base", ["https://mpesa.coop.example.ke", "https://pay.example.ke/M-Pesa",
+                                  "https://safaricom-pay.example.ke"])
+def test_a_base_url_daraja_would_refuse_stops_the_start_while_mpesa_is_used(base):
+    """Every STK push's CallBackURL starts with PUBLIC_BASE_URL, and Daraja refuses one with "mpesa" or "safaricom"
+    in it: every M-Pesa payment would fail. Said at start, naming the variable and the word."""
+    with pytest.raises(ConfigError) as err:
+        load_settings({"PUBLIC_BASE_URL": base})
+    assert "PUBLIC_BASE_URL" in str(err.value) and "Daraja" in str(err.value)
+    assert load_settings({"PUBLIC_BASE_URL": base, "PROVIDERS": "mtn_momo,airtel"}).public_base_url == base

@@ -144,7 +144,7 @@ async def test_push_whose_answer_was_lost_completes_when_the_payer_approves(rt, 
             stored = await _payment(rt, payment.id)
             [stk] = sim[STORE].stk.values()
             assert (stored.status, stored.provider_transaction_id) == ("COMPLETED", stk.receipt)
-            assert stk.callback_url.endswith(f"/webhooks/payments/mpesa?ref={payment.provider_reference}")
+            assert stk.callback_url.endswith(f"/webhooks/payments/daraja?ref={payment.provider_reference}")
             assert sim[STATE].requests == 1  # one push: never sent again
             async with rt.sessionmaker() as s:
                 [event] = (await s.execute(select(ProviderEvent))).scalars().all()
@@ -185,7 +185,7 @@ async def test_reversal_whose_answer_was_lost_completes_when_its_result_comes(rt
     assert (refund.status, refund.provider_transaction_id) == ("PROCESSING", None)
     # Our reference rides on both URLs Daraja may call.
     for name in ("ResultURL", "QueueTimeOutURL"):
-        assert body[name].endswith(f"/webhooks/payments/mpesa?ref={refund.provider_reference}"), body[name]
+        assert body[name].endswith(f"/webhooks/payments/daraja?ref={refund.provider_reference}"), body[name]
 
     # A Result for another reference of ours that names an unknown ConversationID changes nothing.
     resp = await client.post("/webhooks/payments/mpesa?ref=not-ours", json=_reversal_result("AG_20261201_other"))
@@ -193,7 +193,7 @@ async def test_reversal_whose_answer_was_lost_completes_when_its_result_comes(rt
     async with rt.sessionmaker() as s:
         assert (await s.get(Refund, refund.id)).status == "PROCESSING"
 
-    resp = await client.post(f"/webhooks/payments/mpesa?ref={refund.provider_reference}",
+    resp = await client.post(f"/webhooks/payments/daraja?ref={refund.provider_reference}",
                              json=_reversal_result("AG_20261201_lost"))
     assert resp.status == 200
     async with rt.sessionmaker() as s:

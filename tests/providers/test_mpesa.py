@@ -44,7 +44,7 @@ BASE = "https://sandbox.safaricom.test"
 PASSKEY = "test-passkey-0f3c9a1e7b2d4c6a8e0f1a2b3c4d5e6f"
 CONSUMER_SECRET = "cs-test-secret"
 SECURITY_CREDENTIAL = "sec-cred-test"
-CALLBACK = "https://gateway.test/webhooks/payments/mpesa?s=cb"
+CALLBACK = "https://gateway.test/webhooks/payments/daraja?s=cb"
 NOW = datetime(2026, 11, 22, 5, 0, 0, tzinfo=UTC)  # 08:00 in Nairobi
 
 
@@ -531,10 +531,10 @@ class Receiver:
 async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     rec = Receiver()
     app = web.Application()
-    app.router.add_post("/webhooks/payments/mpesa", rec.handle)
+    app.router.add_post("/webhooks/payments/daraja", rec.handle)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    yield rec, str(server.make_url("/webhooks/payments/mpesa"))
+    yield rec, str(server.make_url("/webhooks/payments/daraja"))
     await server.close()
 
 
@@ -686,7 +686,11 @@ async def test_simulator_validates_fields() -> None:
             good = fixture("stk_push.json")["request"]
             for field, value in [("AccountReference", "X" * 13), ("TransactionDesc", "Y" * 14),
                                  ("PhoneNumber", "250788000001"), ("Amount", 1.5),
-                                 ("TransactionType", "Other")]:
+                                 ("TransactionType", "Other"),
+                                 # Words Daraja refuses in a URL (the gateway's own path once had "mpesa" in it)
+                                 ("CallBackURL", "https://gateway.test/webhooks/payments/mpesa?s=cb"),
+                                 ("CallBackURL", "https://pay.example/SAFARICOM/cb"),
+                                 ("CallBackURL", "https://gateway.test/cb/M-Pesa")]:
                 resp = await http.post(f"{base}/mpesa/stkpush/v1/processrequest", json={**good, field: value},
                                        headers={"Authorization": f"Bearer {token}"})
                 assert resp.status_code == 400, field

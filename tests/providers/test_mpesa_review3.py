@@ -201,7 +201,7 @@ def _request(phone: str) -> CollectionRequest:
     return CollectionRequest(provider_reference="5b0c1c3e-8f3e-4a57-9c1e-2f8d7a6b5c4d",
                              payment_reference="PAY_20261122_001", amount=Money(15000, "KES"), payer=normalize(phone),
                              payer_account=phone, description="Rent",
-                             callback_url="http://127.0.0.1:9/webhooks/payments/mpesa", method="MPESA")
+                             callback_url="http://127.0.0.1:9/webhooks/payments/daraja", method="MPESA")
 
 
 async def test_simulator_refuses_a_locked_subscriber_and_reports_1001(aiohttp_client):

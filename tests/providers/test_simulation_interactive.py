@@ -121,7 +121,7 @@ async def test_mpesa_approval_keeps_the_numbers_scripted_refusal(
     base = str((await aiohttp_server(app, host="127.0.0.1")).make_url("")).rstrip("/")
     adapter = MpesaAdapter(http, mpesa.config(base))
     assert (await hold(http, base, phone)).status_code == 200
-    await adapter.request_collection(mpesa.collection(phone, callback_url=f"{url}/mpesa"))
+    await adapter.request_collection(mpesa.collection(phone, callback_url=f"{url}/daraja"))
     prompt = await prompt_for(http, base, phone)
     await http.post(f"{base}/_control/decide", json={"reference": prompt["reference"], "approve": True})
     (call,) = await recv.wait_for(1)
