@@ -9,8 +9,8 @@ Correctness: a cooperative renamed, suspended, given a new contact or closed to 
 a payment type deactivated or repriced, may still be shown (and, for self-registration, acted on) for
 at most TTL seconds in this process. A payment is never created from a cached row: create_payment
 reads the cooperative and the type again in its own transaction and refuses an inactive type, a
-changed price or a suspended cooperative (the user then hears the generic failure, as when the
-change lands between the confirmation and the answer).
+changed price or a suspended cooperative (the user is then told the type was closed or its amount
+changed, that nothing was charged and, for a new amount, to dial again: flows.TypeChanged).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from channels.ussd.i18n import LANGUAGES
 from channels.ussd.types import side_effect_started
 from core.audit import Actor
 from core.db import utcnow
-from core.errors import BusinessRuleError, Conflict, DomainError, NotFound
+from core.errors import BusinessRuleError, Conflict, DomainError, NotFound, ValidationError
 from core.models import Cooperative, Member, Payment, PaymentType
 from core.money import NUMBER_MARKS, Money, MoneyError, exponent
 from core.notify import SMS_KEY_SIZE
@@ -530,6 +530,11 @@ async def coop_args(ctx: Ctx) -> dict[str, Any]:
     return {"coop": ctx.data.get("cn", "CoopPay")}
 
 
+async def type_changed_args(ctx: Ctx) -> dict[str, Any]:
+    """The type a confirmation was refused for (TypeChanged), by its name then, and the cooperative."""
+    return {**await coop_args(ctx), "type": ctx.data.get("tn") or await _type_name(ctx, await payment_type(ctx))}
+
+
 # -- registration of a non-member -----------------------------------------------------------------
 
 def _registration(ctx: Ctx, coop: CoopRow) -> str:
@@ -940,6 +945,9 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
         return await _waiting(ctx, found.reference)
     except NotActive:
         return "member_inactive"
+    except TypeChanged as changed:
+        ctx.data["tn"] = whole(changed.name) if changed.name else ""
+        return "pay_type_gone" if changed.gone else "pay_type_changed"
     except IntegrityError:
         # The reserved reference is taken: a resumed session carried it from a session whose
         # confirmation was committed but whose answer was lost. That payment is this one: shown as
@@ -1017,11 +1025,37 @@ async def _create(ctx: Ctx, new: NewPayment) -> tuple[Payment, bool]:
             raise OpenPayment(context.open_reference)
         try:
             return await create_payment(session, ctx.rt, new, actor=actor(ctx), context=context)
-        except (BusinessRuleError, NotFound):
+        except (BusinessRuleError, NotFound, ValidationError):
             # Refused after its key's payment was looked for (a copy of a confirmation that paid still finds it).
             if _not_active(context):
                 raise NotActive() from None
+            changed = _type_changed(context, new)
+            if changed is not None:
+                raise changed from None
             raise
+
+
+class TypeChanged(Exception):
+    """The payment type confirmed changed since the session showed it: closed (`gone`), repriced, or what she owes
+    of its period is no longer the balance offered (paid meanwhile from elsewhere, a refund). create_payment
+    refuses the amount shown; she is told so and that nothing was charged, not "try again later" (the generic
+    error), which cannot help: the same confirmation is refused again."""
+
+    def __init__(self, name: str | None, *, gone: bool) -> None:
+        super().__init__(name)
+        self.name, self.gone = name, gone
+
+
+def _type_changed(context: PaymentContext, new: NewPayment) -> TypeChanged | None:
+    """Whether create_payment refused `new` because its type changed since the session read it (TypeChanged)."""
+    pt = context.ptype
+    if pt is None or not pt.is_active:
+        return TypeChanged(pt.name if pt else None, gone=True)
+    if new.balance_minor is not None:  # the period's balance: refused only when it is no longer what she owes
+        return TypeChanged(pt.name, gone=False)
+    if new.amount is not None and not pt.allow_custom_amount and new.amount != Money(pt.amount_minor, pt.currency):
+        return TypeChanged(pt.name, gone=False)
+    return None
 
 
 async def _period_now(ctx: Ctx) -> tuple[date, Any] | None:

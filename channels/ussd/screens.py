@@ -60,6 +60,9 @@ _SCREENS: tuple[Screen, ...] = (
     # Confirmed while an open payment of the same type and amount waits for her (or for the provider): none made.
     End("pay_waiting", "pay.waiting", args=f.waiting_args),
     End("pay_cancelled", "pay.cancelled"),
+    # The type confirmed was closed, repriced, or its balance paid meanwhile (flows.TypeChanged): nothing charged.
+    End("pay_type_gone", "pay.type_gone", args=f.type_changed_args),
+    End("pay_type_changed", "pay.type_changed", args=f.type_changed_args),
     # My payments.
     Menu("my_list", "my.title", items=f.payment_items, on_item=f.payment_chosen),
     End("my_none", "my.none"),

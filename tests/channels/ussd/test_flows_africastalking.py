@@ -626,7 +626,8 @@ async def test_a_refusal_from_the_core_ends_cleanly(client: Any, demo: Any, db: 
         ptype = await s.get(PaymentType, demo["payment_types"]["Monthly Rent"])
         ptype.is_active = False
     answer = await phone.send("1")
-    assert answer == "END Sorry, we could not complete your request. Please try again later."
+    assert answer == ("END Monthly Rent can no longer be paid to Kigali Heights Housing Cooperative. Nothing was "
+                      "charged.")
     assert await db.count(Payment) == 0
 
 

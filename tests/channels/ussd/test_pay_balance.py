@@ -139,7 +139,9 @@ async def test_the_underpayment_of_another_type_leaves_this_ones_price(client: A
 
 
 # Confirm refused (core.payments._balance_refusal): she dials again, and is offered what is owed then.
-REFUSED = "END Sorry, we could not complete your request. Please try again later."
+# Told what changed and that nothing was charged (flows.TypeChanged), not "Sorry, we could not complete your request.
+# Please try again later.": the same confirmation would be refused again.
+REFUSED = "END The amount of Monthly Rent has changed. Nothing was charged. Dial again to see it."
 
 
 async def test_a_balance_paid_meanwhile_is_not_charged_again(client: Any, demo: Any, rt: Any) -> None:
