@@ -1025,11 +1025,11 @@ async def _create(ctx: Ctx, new: NewPayment) -> tuple[Payment, bool]:
             raise OpenPayment(context.open_reference)
         try:
             return await create_payment(session, ctx.rt, new, actor=actor(ctx), context=context)
-        except (BusinessRuleError, NotFound, ValidationError):
+        except (BusinessRuleError, NotFound, ValidationError) as refused:
             # Refused after its key's payment was looked for (a copy of a confirmation that paid still finds it).
             if _not_active(context):
                 raise NotActive() from None
-            changed = _type_changed(context, new)
+            changed = _type_changed(context, new, refused)
             if changed is not None:
                 raise changed from None
             raise
@@ -1046,12 +1046,12 @@ class TypeChanged(Exception):
         self.name, self.gone = name, gone
 
 
-def _type_changed(context: PaymentContext, new: NewPayment) -> TypeChanged | None:
-    """Whether create_payment refused `new` because its type changed since the session read it (TypeChanged)."""
+def _type_changed(context: PaymentContext, new: NewPayment, refused: DomainError) -> TypeChanged | None:
+    """Whether create_payment `refused` `new` because its type changed since the session read it (TypeChanged)."""
     pt = context.ptype
     if pt is None or not pt.is_active:
         return TypeChanged(pt.name if pt else None, gone=True)
-    if new.balance_minor is not None:  # the period's balance: refused only when it is no longer what she owes
+    if new.balance_minor is not None and refused.field == "amount":  # no longer the balance she owes
         return TypeChanged(pt.name, gone=False)
     if new.amount is not None and not pt.allow_custom_amount and new.amount != Money(pt.amount_minor, pt.currency):
         return TypeChanged(pt.name, gone=False)
