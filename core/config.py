@@ -811,6 +811,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     # M-Pesa signs nothing: in production its callback URL must carry a secret.
     if production and "mpesa" in used and not callback_secrets["mpesa"]:
         raise ConfigError("CALLBACK_SECRET_MPESA", "is required in production (M-Pesa callbacks are unsigned)")
+    if "mpesa" in used and (word := _DARAJA_REFUSES.search(callback_secrets["mpesa"].get())):
+        # It is in every CallBackURL (?secret=...): Daraja refuses the whole URL, as for PUBLIC_BASE_URL above.
+        raise ConfigError("CALLBACK_SECRET_MPESA", f"must not contain {word.group()!r} while M-Pesa is in PROVIDERS "
+                                                   "(Daraja refuses callback URLs with 'mpesa' or 'safaricom' in "
+                                                   "them; the secret is in the URL)")
     if production and "mtn_momo" in used and not callback_secrets["mtn_momo"]:
         # MTN signs nothing either: a forged callback changes nothing (each is confirmed by a status query), but
         # without the secret anyone could make us store and query for every made-up reference.

@@ -133,11 +133,11 @@ async def _rate_limited(request: web.Request, rt: Any) -> web.Response | None:
 
 async def provider_callback(request: web.Request) -> web.Response:
     rt = request.config_dict[RUNTIME]
-    name = request.match_info["provider"]
-    name = _BY_PATH_NAME.get(name, name)
+    word = request.match_info["provider"]
+    name = _BY_PATH_NAME.get(word, word)
     adapter = rt.providers.get(name)
     if adapter is None:
-        return _error(request, 404, f"unknown payment provider {name!r}")
+        return _error(request, 404, f"unknown payment provider {word!r}")
     limited = await _rate_limited(request, rt)
     if limited is not None:
         return limited

@@ -1051,8 +1051,8 @@ def _type_changed(context: PaymentContext, new: NewPayment, refused: DomainError
     pt = context.ptype
     if pt is None or not pt.is_active:
         return TypeChanged(pt.name if pt else None, gone=True)
-    if new.balance_minor is not None and refused.field == "amount":  # no longer the balance she owes
-        return TypeChanged(pt.name, gone=False)
+    if new.balance_minor is not None:  # the balance, not the price: refused for its amount only when it changed
+        return TypeChanged(pt.name, gone=False) if refused.field == "amount" else None
     if new.amount is not None and not pt.allow_custom_amount and new.amount != Money(pt.amount_minor, pt.currency):
         return TypeChanged(pt.name, gone=False)
     return None

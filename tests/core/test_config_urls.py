@@ -264,3 +264,23 @@ def test_a_base_url_daraja_would_refuse_stops_the_start_while_mpesa_is_used(base
         load_settings({"PUBLIC_BASE_URL": base})
     assert "PUBLIC_BASE_URL" in str(err.value) and "Daraja" in str(err.value)
     assert load_settings({"PUBLIC_BASE_URL": base, "PROVIDERS": "mtn_momo,airtel"}).public_base_url == base
+
+
+@pytest.mark.parametrize("secret", ["mpesa-callbacks-2026", "CoopMPESA_s3cret", "safaricom.k3y", "my-M-Pesa-key"])
+def test_an_mpesa_callback_secret_daraja_would_refuse_stops_the_start(secret):
+    """The secret is in every CallBackURL M-Pesa is sent (providers.routes.callback_url: ?secret=...), and Daraja
+    refuses a URL with "mpesa" or "safaricom" anywhere in it, as the simulator does: every STK push would be
+    refused ("Invalid CallBackURL") with a PUBLIC_BASE_URL that is fine. Said at start, not by every payment failing;
+    the secret itself is not repeated, only the word."""
+    from core.config import load_settings as load
+    from providers.routes import callback_url
+
+    with pytest.raises(ConfigError) as err:
+        load({"CALLBACK_SECRET_MPESA": secret})
+    assert err.value.variable == "CALLBACK_SECRET_MPESA" and "Daraja" in str(err.value)
+    assert secret not in str(err.value)
+    # Without M-Pesa the variable is not used at all: no reason to stop.
+    assert load({"CALLBACK_SECRET_MPESA": secret, "PROVIDERS": "mtn_momo,airtel"}).public_base_url
+    # A secret without those words is taken, and goes in the URL M-Pesa is told.
+    fine = load({"CALLBACK_SECRET_MPESA": "k3y-for-callbacks"})
+    assert callback_url(fine, "mpesa").endswith("/webhooks/payments/daraja?secret=k3y-for-callbacks")

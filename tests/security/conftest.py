@@ -22,7 +22,7 @@ SECRETS = {
     "CALLBACK_SECRET_NALO": "cb-nalo-5ecret-03be",
     "CALLBACK_SECRET_MTN_MOMO": "cb-mtn-5ecret-4d11",
     "CALLBACK_SECRET_AIRTEL": "cb-airtel-5ecret-8e02",
-    "CALLBACK_SECRET_MPESA": "cb-mpesa-5ecret-6c9d",
+    "CALLBACK_SECRET_MPESA": "cb-daraja-5ecret-6c9d",
     "CALLBACK_SECRET_IREMBOPAY": "cb-irembo-5ecret-2b7e",
     "CALLBACK_SECRET_SMS": "cb-sms-5ecret-5a40",
     "AIRTEL_CALLBACK_KEY": "airtel-hash-key-c0ffee-1234",

@@ -298,3 +298,22 @@ async def test_a_period_overpaid_is_said_paid_not_offered_a_negative_balance(cli
     await _kept(rt, demo, EN_MTN, collected=60_000)
     _phone, paid = await _confirmation(client, EN_MTN)
     assert paid.startswith(f"CON You have already paid Monthly Rent for {due}.\n1. Pay again\n"), paid
+
+
+async def test_a_balance_refused_for_another_reason_than_its_amount_is_not_told_the_amount_changed(
+        client: Any, demo: Any, rt: Any, monkeypatch: Any) -> None:
+    """The balance (20,000 of 50,000) is what she owes still, but the confirmation is refused for something else: here
+    MTN MoMo no longer served (a restart with another PROVIDERS while her session, kept in Redis, was on its
+    confirmation; create_payment: "payment method 'MOBILE_MONEY_MTN' is not available", field paymentMethod). She was
+    told "The amount of Monthly Rent has changed ... Dial again to see it": it has not, and dialling again shows the
+    same 20,000. The generic answer, as the whole price's confirmation refused the same way gets."""
+    await _kept(rt, demo, EN_MTN)
+    phone, confirm = await _confirmation(client, EN_MTN)
+    assert "20,000 RWF (balance of 50,000 RWF)" in confirm, confirm
+    monkeypatch.setattr(rt, "routes", {m: p for m, p in rt.routes.items() if m != "MOBILE_MONEY_MTN"})
+    done = await phone.send("1")
+    assert done == "END Sorry, we could not complete your request. Please try again later.", done
+    async with rt.sessionmaker() as s:
+        made = (await s.execute(select(Payment).where(Payment.member_id == demo["members"][EN_MTN],
+                                                      Payment.status == "PENDING"))).scalars().all()
+    assert made == []
