@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import math
 import re
@@ -21,7 +20,7 @@ from admin_api.routing import Ctx
 from admin_api.validation import Param
 from core import metrics
 from core.cooperatives import zone_of
-from core.db import iso_z, utcnow
+from core.db import iso_z, json_text, utcnow
 from core.errors import CODES, NotFound, ValidationError
 from core.models import Cooperative
 from core.money import Money
@@ -129,7 +128,7 @@ def money_out(minor: int, currency: str) -> int | str:
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda v: json.dumps(v, separators=(",", ":")))
+    return web.json_response(data, status=status, dumps=json_text)
 
 
 def meta(page: int, limit: int, total: int, *, capped: bool = False) -> dict[str, Any]:

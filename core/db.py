@@ -26,15 +26,18 @@ _JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjs
 
 
 def json_text(value: Any) -> str:
-    """A JSON column's value as the text sent to the database: orjson (a tenth of the json module's time: a callback
-    sends two job payloads, an API payment three rows' worth), or json.dumps for what orjson refuses (a lone
-    surrogate, an integer past 64 bits), so that both take and refuse the same values (a datetime is refused, as
-    json.dumps refuses it, not written in orjson's own way). The spelling differs (no spaces, UTF-8 rather than
-    \\u escapes); the value read back does not."""
+    """JSON text of `value`, compact: a JSON column's value as sent to the database, an API answer's body. orjson (a
+    tenth of the json module's time: a callback sends two job payloads, an API payment three rows' worth), or the
+    json module for what orjson refuses (a lone surrogate, written \\ud800; an integer past 64 bits). A datetime, a
+    set or a dataclass is refused, as json.dumps refuses it, not written in orjson's own way. orjson takes a few
+    values json.dumps refused: a plain Enum (its value), a UUID (its text), such keys; and writes NaN and infinities
+    as null, where json.dumps wrote NaN, which PostgreSQL refused (the API refuses them in a body: only a
+    provider's raw JSON can hold one). Characters are UTF-8 where json.dumps wrote \\u escapes: the value read
+    back is the same."""
     try:
         return orjson.dumps(value, option=_JSON_OPTIONS).decode()
     except TypeError:  # (orjson.JSONEncodeError is one)
-        return json.dumps(value)
+        return json.dumps(value, separators=(",", ":"))
 
 
 NAMING = {

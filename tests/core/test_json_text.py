@@ -40,3 +40,7 @@ def test_what_json_dumps_refuses_is_refused(value: Any) -> None:
 
 def test_compact_and_utf8() -> None:
     assert json_text({"a": [1, "é"]}) == '{"a":[1,"é"]}'
+
+
+def test_what_orjson_refuses_is_written_compact_too() -> None:
+    assert json_text({"s": "\ud800", "n": [2**70]}) == '{"s":"\\ud800","n":[1180591620717411303424]}'
