@@ -7,6 +7,7 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -185,4 +186,28 @@ async def test_callback_strings_the_database_cannot_store_are_a_400(srt: Any, sc
         status, raw = await send(sclient, "POST", f"/webhooks/payments/{name}?secret={secret_for(name)}",
                                  json.dumps(body).encode(), "application/json")
         assert status == 400, (name, status, raw[:200])
+    # The same strings written otherwise: a surrogate as its raw bytes (json.loads reads them as one), the body in
+    # UTF-16 (json.loads reads that too). Neither has a "\u" escape in its bytes.
+    mtn = f"/webhooks/payments/mtn_momo?secret={secret_for('mtn_momo')}"
+    cesu = json.dumps({**MTN, "externalId": "ref-3", "reason": "SURROGATE"}).encode().replace(
+        b"SURROGATE", b"\xed\xa0\x80")
+    utf16 = json.dumps({**MTN, "externalId": "ref-4", "reason": "a\u0000b"}).encode("utf-16")
+    for body in (cesu, utf16):
+        status, raw = await send(sclient, "POST", mtn, body, "application/json")
+        assert status == 400, (status, raw[:200], body[:60])
     assert await snapshot(srt) == before
+
+
+@pytest.mark.parametrize(("body", "unstorable"), [
+    (b'{"a":"x\\u0000y"}', True), (b'{"a":"\\ud800"}', True), (b'{"a":"\\uDC00"}', True),
+    (b'{"a":"\xed\xa0\x80"}', True),  # a surrogate as its bytes: json.loads reads it as one
+    ('{"a":"\\u0000"}'.encode("utf-16"), True), ('{"a":"\\u0000"}'.encode("utf-32"), True),
+    (b'{"a":"ok"}', False), ('{"a":"Kigali é 🙏"}'.encode(), False), (b'{"a":"\\u00e9\\ud83d\\ude4f"}', False),
+    ('{"a":"ok"}'.encode("utf-16"), False), (b'not json', False),
+])
+def test_unstorable_strings_are_found_however_the_body_writes_them(body: bytes, unstorable: bool) -> None:
+    """routes._unstorable_json skips its parse for a body with no escape, no byte ED and no NUL: no such body can
+    hold a NUL or a lone surrogate. Every way of writing one is still found."""
+    from providers.routes import _unstorable_json
+
+    assert _unstorable_json(body) is unstorable
