@@ -52,6 +52,12 @@ def _refusal(http_status: int, message: str, result_code: str, response_code: st
                              status=http_status)
 
 
+def _internal_error() -> web.Response:
+    """A simulated 500 (fail_request_500) in Airtel's envelope, as its other errors: ESB000001 is "Something went
+    wrong" in Airtel's code list (the shared fault's {message} alone is no answer Airtel gives). Nothing is stored."""
+    return _refusal(500, "Something went wrong", "ESB000001", response_code="DP00800001000")
+
+
 def _authorized(request: web.Request) -> web.Response | None:
     state = request.app[STATE]
     if not state.bearer_valid(request, "airtel"):
@@ -96,9 +102,8 @@ async def _collect(request: web.Request) -> web.Response:
     if denied:
         return denied
     body = await _json(request) or {}
-    fault = state.fail_now()
-    if fault:
-        return fault
+    if state.fail_now() is not None:
+        return _internal_error()
     subscriber, tx = body.get("subscriber"), body.get("transaction")
     if not (isinstance(subscriber, dict) and isinstance(tx, dict) and isinstance(body.get("reference"), str)):
         return _refusal(400, "reference, subscriber and transaction are required", "ESB000001")
@@ -177,9 +182,8 @@ async def _refund(request: web.Request) -> web.Response:
     if denied:
         return denied
     body = await _json(request)
-    fault = state.fail_now()
-    if fault:
-        return fault
+    if state.fail_now() is not None:
+        return _internal_error()
     tx = body.get("transaction") if body else None
     money_id = tx.get("airtel_money_id") if isinstance(tx, dict) else None
     if not isinstance(money_id, str) or not money_id:

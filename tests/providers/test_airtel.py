@@ -534,6 +534,7 @@ async def test_sim_duplicate_id_500_and_hang(start_sim: Any) -> None:
     with pytest.raises(ProviderError) as err:
         await adapter.request_collection(collection(ref="other-ref-1"))
     assert err.value.retryable is True
+    assert "Something went wrong" in str(err.value), err.value  # Airtel's envelope, as its other errors
 
     # The read timeout is the adapter's for the token fetch and the status query too: 2 s, not 0.05 s, so that
     # only the hung answer (0.5 s later still) runs into it on a loaded machine.
