@@ -713,9 +713,19 @@ def _missing_in_production(env: Mapping[str, str], used: tuple[str, ...] = PROVI
     return missing
 
 
-# Words Safaricom's Daraja refuses in a URL it is to call (providers.routes.CALLBACK_PATH_NAMES keeps them out of the
-# path; the base URL is the deployment's).
-_DARAJA_REFUSES = re.compile(r"m-?pesa|safaricom", re.IGNORECASE)
+# Words Safaricom's Daraja refuses in a URL it is to call, in any case (its URL rules; the M-Pesa simulator refuses
+# them too). providers.routes.CALLBACK_PATH_NAMES keeps them out of the path; the base URL and the callback secret,
+# also in every such URL, are the deployment's (_daraja_accepts).
+DARAJA_REFUSED_IN_URLS = re.compile(r"m-?pesa|safaricom", re.IGNORECASE)
+
+
+def _daraja_accepts(variable: str, value: str) -> None:
+    """Raise ConfigError naming `variable` when its value, part of every URL M-Pesa is given to call back on, holds a
+    word Daraja refuses: every STK push and reversal would be refused ("Invalid CallBackURL")."""
+    word = DARAJA_REFUSED_IN_URLS.search(value)
+    if word:
+        raise ConfigError(variable, f"must not contain {word.group()!r} while M-Pesa is in PROVIDERS (Daraja refuses "
+                                    "callback URLs with 'mpesa' or 'safaricom' in them, and it is in the URL)")
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -739,10 +749,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("PORT", "must be at most 65535")
     host = _get(env, "HOST", "127.0.0.1")
     public_base_url = _url(env, "PUBLIC_BASE_URL", f"http://127.0.0.1:{port}", ("http", "https"))
-    if "mpesa" in used and (word := _DARAJA_REFUSES.search(public_base_url)):
-        # Every STK push would be refused ("Invalid CallBackURL"): its callback URL starts with this one.
-        raise ConfigError("PUBLIC_BASE_URL", f"must not contain {word.group()!r} while M-Pesa is in PROVIDERS "
-                                             "(Daraja refuses callback URLs with 'mpesa' or 'safaricom' in them)")
+    if "mpesa" in used:
+        _daraja_accepts("PUBLIC_BASE_URL", public_base_url)
     def base_url(name: str, simulator: str) -> str:
         # The default is the in-process simulator, which production never mounts: every call would fail.
         if production and not env.get(name, "").strip():
@@ -811,11 +819,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     # M-Pesa signs nothing: in production its callback URL must carry a secret.
     if production and "mpesa" in used and not callback_secrets["mpesa"]:
         raise ConfigError("CALLBACK_SECRET_MPESA", "is required in production (M-Pesa callbacks are unsigned)")
-    if "mpesa" in used and (word := _DARAJA_REFUSES.search(callback_secrets["mpesa"].get())):
-        # It is in every CallBackURL (?secret=...): Daraja refuses the whole URL, as for PUBLIC_BASE_URL above.
-        raise ConfigError("CALLBACK_SECRET_MPESA", f"must not contain {word.group()!r} while M-Pesa is in PROVIDERS "
-                                                   "(Daraja refuses callback URLs with 'mpesa' or 'safaricom' in "
-                                                   "them; the secret is in the URL)")
+    if "mpesa" in used:
+        _daraja_accepts("CALLBACK_SECRET_MPESA", callback_secrets["mpesa"].get())  # (?secret=... in every URL)
     if production and "mtn_momo" in used and not callback_secrets["mtn_momo"]:
         # MTN signs nothing either: a forged callback changes nothing (each is confirmed by a status query), but
         # without the secret anyone could make us store and query for every made-up reference.

@@ -333,15 +333,14 @@ class SimulatorState:
         return expected is None or secrets.compare_digest(expected.encode(), given.encode())
 
     # faults -----------------------------------------------------------------
-    def fail_now(self) -> web.Response | None:
-        """Count a collection or refund request; answer 500 (storing nothing) when told to fail.
+    def fail_now(self) -> bool:
+        """Count a collection or refund request; True when told to fail: the caller answers its provider's own 500
+        (its error shape) and stores nothing.
 
         Call it before storing, and hang() after: a hung request that the provider did receive is the
         realistic case (and test servers cancel a handler whose client gave up)."""
         self.requests += 1
-        if self.options.fail_request_500:
-            return web.json_response({"message": "simulated internal error"}, status=500)
-        return None
+        return self.options.fail_request_500
 
     async def hang(self) -> None:
         """Delay the answer. Called after the request is stored: the provider has it, we just never

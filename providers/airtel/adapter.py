@@ -74,12 +74,12 @@ def _wire_amount(amount: Money) -> int | float:
     """The amount as Airtel's body carries it: a JSON number, as Airtel's own examples and clients send it
     (`"amount": 1000`; a string, "1500.00", is not what it documents). A whole number when there are no cents
     (KES 1,500.00 as 1500; always in a currency of whole units here: 25000 TZS), else the number with its cents
-    (1500.5): the float nearest the decimal amount, which JSON writes back as exactly that decimal (the shortest
-    text that reads back as it), never rounded elsewhere."""
+    (1500.5): a float only on the wire, the one nearest the decimal amount (a division is correctly rounded), which
+    JSON writes back as exactly that decimal (the shortest text that reads back as it)."""
     scale = 10 ** exponent(amount.currency)
     if amount.currency in _WHOLE_UNITS or amount.minor % scale == 0:
         return amount.minor // scale
-    return float(str(amount.to_api()))
+    return amount.minor / scale
 
 
 class UnknownStatus(ValueError):

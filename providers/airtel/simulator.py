@@ -102,7 +102,7 @@ async def _collect(request: web.Request) -> web.Response:
     if denied:
         return denied
     body = await _json(request) or {}
-    if state.fail_now() is not None:
+    if state.fail_now():
         return _internal_error()
     subscriber, tx = body.get("subscriber"), body.get("transaction")
     if not (isinstance(subscriber, dict) and isinstance(tx, dict) and isinstance(body.get("reference"), str)):
@@ -182,7 +182,7 @@ async def _refund(request: web.Request) -> web.Response:
     if denied:
         return denied
     body = await _json(request)
-    if state.fail_now() is not None:
+    if state.fail_now():
         return _internal_error()
     tx = body.get("transaction") if body else None
     money_id = tx.get("airtel_money_id") if isinstance(tx, dict) else None

@@ -146,7 +146,7 @@ def _local_phone(value: object) -> bool:
     if not (isinstance(value, str) and len(value) == 10 and value.isdigit() and value.startswith("07")):
         return False
     try:
-        normalize("+250" + value[1:])
+        normalize(value, "RW")
     except PhoneError:
         return False
     return True
@@ -193,7 +193,7 @@ async def _create_invoice(request: web.Request) -> web.Response:
     if isinstance(body, web.Response):
         return body
     assert body is not None
-    if state.fail_now() is not None:
+    if state.fail_now():
         return _error(500, "INTERNAL_SERVER_ERROR", "simulated internal error")
     problem = _validate_invoice(body)
     if problem:
@@ -239,7 +239,7 @@ async def _initiate(request: web.Request) -> web.Response:
     if isinstance(body, web.Response):
         return body
     assert body is not None
-    if state.fail_now() is not None:
+    if state.fail_now():
         return _error(500, "INTERNAL_SERVER_ERROR", "simulated internal error")
     if not _local_phone(body.get("accountIdentifier")):
         return _error(400, "BAD_PHONE_NUMBER", "accountIdentifier must look like 07xxxxxxxx")

@@ -8,7 +8,6 @@ import base64
 import binascii
 import logging
 import os
-import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -16,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from core.config import DARAJA_REFUSED_IN_URLS
 from core.phone import mask
 from core.text import is_number
 from providers.simulation import (
@@ -98,14 +98,11 @@ def _bad(field_name: str) -> web.Response:
     return _error(400, "400.002.02", f"Bad Request - Invalid {field_name}")
 
 
-# Words Daraja refuses in a URL it is given to call, in any case (its URL rules; "exe", "cmd", "sql" and "query"
-# too, not checked here: "exe" is in every example.com).
-_URL_REFUSED = re.compile(r"m-?pesa|safaricom", re.IGNORECASE)
-
-
 def _callback_refused(url: Any) -> bool:
-    """A URL Daraja would not call: not http(s), or holding a word its rules refuse."""
-    return not isinstance(url, str) or not url.startswith(("http://", "https://")) or bool(_URL_REFUSED.search(url))
+    """A URL Daraja would not call: not http(s), or holding a word its rules refuse (core.config's list; "exe", "cmd",
+    "sql" and "query" are in its rules too, not checked here: "exe" is in every example.com)."""
+    return (not isinstance(url, str) or not url.startswith(("http://", "https://"))
+            or bool(DARAJA_REFUSED_IN_URLS.search(url)))
 
 
 async def _token(request: web.Request) -> web.Response:
@@ -175,7 +172,7 @@ async def _stk_push(request: web.Request) -> web.Response:
     body = await _body(request)
     if isinstance(body, web.Response):
         return body
-    if state.fail_now() is not None:
+    if state.fail_now():
         return _error(500, "500.003.02", "System is busy. Please try again in few minutes.")
     if not str(body.get("BusinessShortCode", "")).isdigit():
         return _bad("BusinessShortCode")
@@ -279,7 +276,7 @@ async def _reversal(request: web.Request) -> web.Response:
     body = await _body(request)
     if isinstance(body, web.Response):
         return body
-    if state.fail_now() is not None:
+    if state.fail_now():
         return _error(500, "500.003.02", "System is busy. Please try again in few minutes.")
     initiator = body.get("Initiator")
     if not isinstance(initiator, str) or not initiator:

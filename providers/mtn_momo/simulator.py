@@ -147,7 +147,7 @@ async def _request_to_pay(request: web.Request) -> web.Response:
     body = await _body(request, ("amount", "currency", "externalId", "payer"))
     if isinstance(body, web.Response):
         return body
-    if state.fail_now() is not None:
+    if state.fail_now():
         return _internal_error()
     payer = body["payer"]
     if not isinstance(payer, dict) or payer.get("partyIdType") != "MSISDN" \
@@ -203,7 +203,7 @@ async def _refund(request: web.Request) -> web.Response:
     body = await _body(request, ("amount", "currency", "externalId", "referenceIdToRefund"))
     if isinstance(body, web.Response):
         return body
-    if state.fail_now() is not None:
+    if state.fail_now():
         return _internal_error()
     refunds = request.app[REFUNDS]
     if reference in refunds:
