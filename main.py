@@ -504,23 +504,36 @@ def _banner(settings: Settings, demo: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _simulator_app(name: str, argv: list[str]) -> web.Application:
+    """The simulator `simulate NAME` runs, configured as the gateway's own settings expect it (as the in-process one
+    is): the provider's credentials, which it checks on the gateway's requests and signs its callbacks with
+    (IremboPay's signature, Airtel's hash), and the callback URL the provider is given (`PUBLIC_BASE_URL` and the
+    path, with its `CALLBACK_SECRET_<NAME>`); SIM_* variables and the command's flags over them. Started without
+    them, a simulator signed IremboPay's webhooks with the development key: every webhook to a gateway with its own
+    IREMBOPAY_SECRET_KEY was refused (401), the payment settled only by the poll."""
+    from providers.registry import SIMULATORS, simulator_options
+    from providers.simulation import options_from_args
+
+    settings = load_settings()
+    if name == "africastalking":
+        from channels.sms.simulator import simulator_from_settings
+
+        return simulator_from_settings(settings)
+    base = simulator_options(settings, name) if name in settings.providers else None
+    return SIMULATORS[name](options_from_args(argv, base))
+
+
 def _simulate(name: str, host: str, port: int, argv: list[str]) -> None:
     from aiohttp import web
 
     from providers.registry import SIMULATORS
-    from providers.simulation import options_from_args
 
     if name not in (*SIMULATORS, "africastalking"):
         print(f"unknown simulator {name!r}; choose from {', '.join([*SIMULATORS, 'africastalking'])}",
               file=sys.stderr)
         raise SystemExit(2)
     try:  # a SIM_* variable or an option mistake: one line and exit 2, as for the service's variables
-        if name == "africastalking":
-            from channels.sms.simulator import simulator_from_settings
-
-            app = simulator_from_settings(load_settings())
-        else:
-            app = SIMULATORS[name](options_from_args(argv))
+        app = _simulator_app(name, argv)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(2) from None

@@ -192,12 +192,18 @@ def _first_close(table: Any) -> Any:
     return table.c.status == "OPEN"
 
 
+# What a session went through (its hops, its last screen, what it chose): a close that read the session's state before
+# another close's hop finished knows less of it (knows_less).
+_PROGRESS = ("hops", "last_screen", "cooperative_id", "member_id", "payment_id")
+
+
 @functools.cache
-def _close_statement(columns: tuple[str, ...], first: bool, young: bool) -> Any:
+def _close_statement(columns: tuple[str, ...], first: bool, young: bool, knows_less: bool = False) -> Any:
     """One UPDATE per set of columns, built once and run with the values as parameters, RETURNING the id of the row
     it wrote. `first`: only an OPEN row (the session's first close); else the row whatever it is, an aggregator's own
     end-of-session status, if it came first, not overwritten (the CASE), the sweep's guess (TIMED_OUT) replaced.
-    `young`: only a row started since `w_since`."""
+    `young`: only a row started since `w_since`. `knows_less`: what the session went through (_PROGRESS) is written
+    as how it ended is, only on a row still OPEN or the sweep's guess (and where the row has none)."""
     table = table_of(UssdSession)
     # The sweep's Incomplete (close_abandoned) was a guess: a session whose state outlived it ended here.
     guessed = _guessed(table)
@@ -218,7 +224,8 @@ def _close_statement(columns: tuple[str, ...], first: bool, young: bool) -> Any:
         # with its offset, unlike every other time)
         return case((written, bindparam(f"v_{c}", type_=table.c[c].type)), else_=table.c[c])
 
-    values: dict[Any, Any] = {table.c[c]: ending(c) if c in _ENDING else bindparam(f"v_{c}") for c in columns}
+    values: dict[Any, Any] = {table.c[c]: ending(c) if c in _ENDING or (knows_less and c in _PROGRESS)
+                              else bindparam(f"v_{c}") for c in columns}
     values[table.c.status] = case((ends, bindparam("v_status", type_=String)), else_=table.c.status)
     if "error" not in columns:
         values[table.c.error] = case((guessed, null()), else_=table.c.error)
@@ -228,7 +235,7 @@ def _close_statement(columns: tuple[str, ...], first: bool, young: bool) -> Any:
 async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Success", hops: int | None = None,
                  last_screen: str | None = None, data: dict[str, Any] | None = None,
                  duration_ms: int | None = None, stateless: bool = False, error: str | None = None,
-                 opening: bool = False) -> bool:
+                 opening: bool = False, knows_less: bool = False) -> bool:
     """Record the session ended (by its END hop, or Hubtel's Timeout; what the hop does not know, None, is left as
     it is). Returns whether its row was closed before (by the sweep, the aggregator's notice, another hop): that
     close counted the session, so the caller counts no outcome of its own (see _first_close).
@@ -245,6 +252,11 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
 
     `error`: why the session ended so, when the gateway ended it itself (the hop answered busy, unavailable or
     unsettled: UssdService.ended_unanswered), written with the status as the row's end.
+
+    `knows_less`: the closer read the session's state at its start, before a hop of the session running at once on
+    another process may have moved it on and closed the row itself (Hubtel's Release or Timeout sent while her last
+    hop runs): the hops, screen and choices it read are written as its end is, only on a row no other close wrote.
+    Written over the END's, a session that paid said it stopped at its confirmation.
 
     One statement, atomic on its own, so no transaction around it; a second only for a row closed before (which,
     failing, is logged, not raised: the first told the answer). The first failing raises: the row is left as it
@@ -274,7 +286,7 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
             before = await pgraw.first(conn, _close_statement(tuple(values), True, stateless), params) is None
             if before:
                 # No row at all (its opening write failed) was not closed before either: the caller counts it.
-                before = await pgraw.first(conn, _close_statement(tuple(values), False, stateless),
+                before = await pgraw.first(conn, _close_statement(tuple(values), False, stateless, knows_less),
                                            params) is not None
                 if not before and stateless and not opening:  # no young row: an older one is left, counted
                     before = await pgraw.first(conn, _any_row_statement(), params) is not None

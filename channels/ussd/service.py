@@ -354,7 +354,9 @@ class UssdService:
             return
         # Its state gone (lost), the row is closed all the same, with what the Timeout says: left OPEN, the sweep
         # would count the session a second time.
-        if not await self._closed(rt, turn, stored, status="Incomplete"):
+        # What it read of the session may be older than a hop of it running at once on another process, whose END
+        # may close the row first: that close's hops and screen stand (knows_less).
+        if not await self._closed(rt, turn, stored, status="Incomplete", knows_less=True):
             metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome="abandoned").inc()
 
     async def ended_unanswered(self, rt: Any, turn: UssdTurn, outcome: str,
@@ -372,7 +374,7 @@ class UssdService:
 
     @staticmethod
     async def _closed(rt: Any, turn: UssdTurn, stored: sessions.Stored | None, *, status: str,
-                      error: str | None = None, opening: bool = False) -> bool:
+                      error: str | None = None, opening: bool = False, knows_less: bool = False) -> bool:
         """The session's row recorded ended; whether it was closed before. A session is counted once in
         gateway_ussd_sessions, by the first close of its row (records._first_close): the sweep's timed_out, the
         aggregator's notice (its outcome), or this hop's; a counter cannot take the first back, so a later close
@@ -387,7 +389,8 @@ class UssdService:
                                             status=status, stateless=True, error=error, opening=opening)
             return await records.closed(rt, aggregator=turn.aggregator, session_id=turn.session_id,
                                         hops=stored.hops, last_screen=stored.state.screen, data=stored.state.data,
-                                        status=status, duration_ms=int((time.time() - stored.started) * 1000))
+                                        status=status, duration_ms=int((time.time() - stored.started) * 1000),
+                                        knows_less=knows_less)
         except Exception:  # the user's answer matters more than the bookkeeping row
             log.exception("ussd session record not updated", extra={"session_id": turn.session_id})
             return turn.aggregator != africastalking.NAME

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from channels.ussd import records
+from channels.ussd import records, sessions
 from core.models import UssdSession
 from core.phone import normalize
 from tests.channels.ussd.helpers import AtPhone
@@ -562,3 +562,26 @@ async def test_past_the_cap_on_background_closes_nothing_is_written_and_counted_
     assert added == ({"busy": counted} if counted else {})
     for f in held:
         f.cancel()
+
+
+@pytest.mark.parametrize("kind", ["Timeout", "Release"])
+async def test_hubtels_close_that_read_the_session_before_its_end_leaves_the_ends_hops_and_screen(
+        kind: str, client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
+    """Hubtel's Release (or Timeout) sent while her last hop runs on another serve process: it read the session as it
+    was before that hop (the confirmation), and its close came after the hop's END closed the row. It wrote its older
+    hops and screen over the END's: the row of a session that paid said 3 hops, last screen pay_confirm (the ops
+    page's USSD funnel counted a payment's session as left at its confirmation)."""
+    phone = await _hubtel_to_confirm(client, f"hubtel-read-before-{kind}")
+    before_end = await sessions.load(rt.hot_redis, "hubtel", phone.session_id)
+    assert before_end is not None and before_end.state.screen == "pay_confirm"
+    assert (await phone.post("Response", "2"))["Type"] == "Release"
+    ended = await _row(db, phone.session_id)
+    assert (ended.status, ended.last_screen, ended.hops) == ("Success", "pay_cancelled", 4)
+
+    async def as_read_before_the_end(*_args: Any) -> Any:
+        return before_end
+
+    monkeypatch.setattr(sessions, "load", as_read_before_the_end)
+    assert (await phone.post(kind, ""))["Type"] == "Release"
+    row = await _row(db, phone.session_id)
+    assert (row.status, row.last_screen, row.hops, row.ended_at) == ("Success", "pay_cancelled", 4, ended.ended_at)
