@@ -527,7 +527,7 @@ async def inbound(request: web.Request) -> web.Response:
             # On a shared code, the membership of the cooperative whose short code her text begins with.
             if named is None:
                 reply = ("not_member", {}, None)
-            elif named[1] >= _INACTIVE_RANK or named[0].status != "ACTIVE":
+            elif _cannot_pay(named):
                 reply = ("help_suspended", {}, named[0].cooperative_id)
             else:
                 reply = ("balance", {}, named[0].cooperative_id)
@@ -578,10 +578,11 @@ async def _named_membership(session: Any, ranked: Sequence[Any], prefix: str | N
 
 def _cannot_pay(named: Any) -> bool:
     """Whether the (member, rank) a reply speaks for (_named_membership) is a membership that cannot pay: suspended,
-    or of a suspended cooperative. USSD tells her it is not active (channels.ussd.flows.enter), and so do HELP and
-    the reply to a word not understood, rather than "Dial <her cooperative's code> to pay" or "Send HELP or dial
-    <it>". Without a short code's word that is the first of `ranked`, which can pay if any of hers can."""
-    return named is not None and named[1] >= _INACTIVE_RANK
+    still awaiting approval (PENDING: a registration on USSD), or of a suspended cooperative. USSD tells her it is
+    not active, or awaiting approval (channels.ussd.flows.enter), and so do HELP and the reply to a word not
+    understood, rather than "Dial <her cooperative's code> to pay" or "Send HELP or dial <it>" (as BALANCE does).
+    Without a short code's word that is the first of `ranked`, which can pay if any of hers can."""
+    return named is not None and (named[1] >= _INACTIVE_RANK or named[0].status != "ACTIVE")
 
 
 def _reply_membership(members: list[Member], cooperative_id: str | None) -> tuple[str | None, str | None]:

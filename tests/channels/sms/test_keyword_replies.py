@@ -218,15 +218,15 @@ async def test_help_says_stop_ends_the_reminders(
 
 
 @pytest.mark.parametrize(("text", "template"), [("HELP", "help_inactive"), ("what now", "unknown_inactive")])
-@pytest.mark.parametrize("suspended", ["cooperative", "member"])
+@pytest.mark.parametrize("suspended", ["cooperative", "member", "pending"])
 @pytest.mark.parametrize(("phone", "language"), [(JEAN, "en"), (ALINE, "rw"), (CLAUDINE, "fr"), (ERIC, "sw")])
 async def test_help_to_a_member_who_cannot_pay_names_no_code_and_says_why(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, phone: str, language: str, suspended: str,
     text: str, template: str,
 ) -> None:
-    """Her cooperative suspended (or she): HELP told her "Dial *384*123# to pay", and a word not understood "Send
-    HELP or dial *384*123#", and dialling it cannot pay (USSD tells her that her membership is not active). Each
-    reply says so, in her language, and names no code."""
+    """Her cooperative suspended (or she, or she is still awaiting approval): HELP told her "Dial *384*123# to pay",
+    and a word not understood "Send HELP or dial *384*123#", and dialling it cannot pay (USSD tells her that her
+    membership is not active, or awaits approval). Each reply says so, in her language, and names no code."""
     from sqlalchemy import update
 
     from core.models import Cooperative, Member
@@ -235,8 +235,9 @@ async def test_help_to_a_member_who_cannot_pay_names_no_code_and_says_why(
         if suspended == "cooperative":
             await s.execute(update(Cooperative).where(Cooperative.id == demo["cooperative_id"]).values(
                 status="SUSPENDED"))
-        else:
-            await s.execute(update(Member).where(Member.id == demo["members"][phone]).values(status="SUSPENDED"))
+        else:  # pending: her registration (USSD) not approved yet; USSD tells her it awaits approval
+            await s.execute(update(Member).where(Member.id == demo["members"][phone]).values(
+                status="SUSPENDED" if suspended == "member" else "PENDING"))
     reply = await ask(sms_client, sim, worker, phone, text, "help-inactive")
     if text == "HELP" and suspended == "member":
         # A suspended member's RECEIPT and STATUS are not answered (channels.sms.routes._owns): HELP offers her none.
