@@ -240,13 +240,17 @@ def short_names(names: list[str]) -> list[str]:
 
 
 def balance_text(owed: list[tuple[str, str]], language: str, shown: int = BALANCE_TYPES) -> str:
-    """The BALANCE reply's {items}: the first `shown` of balance_items, then "+N more" for the rest."""
+    """The BALANCE reply's {items}: the first `shown` of balance_items, then "+N more" for the rest that may still
+    be owed: a type paid for the period is not counted (balance_items puts those last), for "Still to pay ...: ...,
+    +1 more" told her of something more to pay where nothing was; a type past BALANCE_READ, unread, is."""
     catalog = CATALOGS.get(language, en)
     if not owed:
         return str(catalog.BALANCE_NONE)
     items = [f"{name} {amount}" for name, amount in owed[:shown] if name]
-    if len(owed) > len(items):
-        items.append(catalog.BALANCE_MORE.format(count=len(owed) - len(items)))
+    more = sum(1 for name, amount in owed[shown:] if not name or amount != catalog.BALANCE_PAID)
+    more += sum(1 for name, _amount in owed[:shown] if not name)
+    if more:
+        items.append(catalog.BALANCE_MORE.format(count=more))
     return ", ".join(items)
 
 

@@ -68,13 +68,13 @@ async def _types(rt: Any, demo: dict[str, Any]) -> None:
 
 EXPECTED = {
     JEAN: "Still to pay this period (KHHC): Garbage 1,000 RWF, Monthly Rent 30,000 RWF, "
-          "Security 2,000 RWF, +1 more. Dial *384*123*123# to pay.",
+          "Security 2,000 RWF. Dial *384*123*123# to pay.",
     ALINE: "Ibyo usigaje kwishyura (KHHC): Garbage 1,000 RWF, Monthly Rent 30,000 RWF, "
-           "Security 2,000 RWF, +1 ibindi. Kanda *384*123*123# wishyure.",
+           "Security 2,000 RWF. Kanda *384*123*123# wishyure.",
     CLAUDINE: "Reste à payer (KHHC): Garbage 1 000 RWF, Monthly Rent 30 000 RWF, "
-              "Security 2 000 RWF, +1 autre(s). Composez *384*123*123#.",
+              "Security 2 000 RWF. Composez *384*123*123#.",
     ERIC: "Kiasi cha kulipa (KHHC): Garbage 1,000 RWF, Monthly Rent 30,000 RWF, "
-          "Security 2,000 RWF, +1 zaidi. Piga *384*123*123# kulipa.",
+          "Security 2,000 RWF. Piga *384*123*123# kulipa.",
 }
 
 
@@ -83,8 +83,9 @@ EXPECTED = {
 async def test_she_is_told_what_she_still_owes_this_period(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any, phone: str, text: str,
 ) -> None:
-    """Rent taken 20,000 of 50,000 (30,000 left), water paid: the three owed, in one GSM-7 SMS, "+1 more" for the
-    paid one; another member's full payment of the rent changes nothing of hers."""
+    """Rent taken 20,000 of 50,000 (30,000 left), water paid: the three owed, in one GSM-7 SMS, no "+1 more" for the
+    paid one (it said "+1 more", though nothing more was owed); another member's full payment of the rent changes
+    nothing of hers."""
     await _types(rt, demo)
     await _pay(rt, demo, phone, "Monthly Rent", 20_000)
     await _pay(rt, demo, phone, "Water", 5_000)
