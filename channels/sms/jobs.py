@@ -704,7 +704,8 @@ async def _member_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | 
 # its recording was voided (core.recorded_payments.void_recording) and sent after it (the worker or the aggregator was
 # down meanwhile) would tell the member she paid what the cooperative has just taken off her record. (Money taken
 # after a failure is told too: the payment stays FAILED, which is never voided, but the text says money is held.)
-RECEIPT_TEMPLATES = frozenset({"payment_receipt", "payment_late_receipt", "payment_taken_after_failure"})
+RECEIPT_TEMPLATES = frozenset({"payment_receipt", "payment_receipt_refunded", "payment_late_receipt",
+                               "payment_taken_after_failure"})
 PAYMENT_VOIDED = "payment_voided"  # why such a receipt is not sent: the job's last word is "not sent: <this>"
 # Failure SMS ("failed ... dial to try again", "not approved in time", "could not confirm") worth sending only while
 # no money of the payment came: one queued before the provider reported the money taken after all (the payment
@@ -896,7 +897,8 @@ _PAYMENT_FACTS = (
     select(
         _P.c.amount_minor, _P.c.currency, _P.c.reference, _P.c.provider_transaction_id, _P.c.completed_at,
         _P.c.updated_at, _P.c.status, _P.c.failure_reason, _T.c.name, _C.c.name, _C.c.timezone,
-        _C.c.ussd_extension, _P.c.collected_minor, _C.c.ussd_aggregator, _P.c.provider, _M.c.phone_enc,
+        _C.c.ussd_extension, _P.c.collected_minor, _C.c.ussd_aggregator, _P.c.provider, _P.c.refunded_minor,
+        _M.c.phone_enc,
         _M.c.cooperative_id, _M.c.language, _C.c.language, _payer_gone(bindparam("m", type_=String).is_(None)),
     )
     .select_from(_P)

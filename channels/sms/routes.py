@@ -17,7 +17,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 from sqlalchemy import Table, bindparam, case, func, select, update
 
-from channels.sms.templates import CATALOGS
+from channels.sms.templates import CATALOGS, asked_receipt
 from core import metrics, pgraw
 from core.audit import Actor, record
 from core.auth import callback_secret_ok
@@ -32,7 +32,6 @@ from core.ratelimit import Limit, RateLimiter
 from core.references import REFERENCE_SHAPE
 from core.runtime import RUNTIME, Runtime
 from core.state import StaleTransition, transition_alone
-from core.state.payment import COLLECTED
 from core.state.sms import SMS, SmsStatus
 
 log = logging.getLogger("gateway.sms.routes")
@@ -610,8 +609,9 @@ REPLY_PREFIX = "reply"
 def payment_reply(payment: Payment, command: str) -> tuple[str, dict[str, Any], str]:
     """What answers a request for a payment's receipt or status (the RECEIPT and STATUS keywords, the support
     desk's resend): (template, context, cooperative id). RECEIPT of a payment whose money was collected
-    (COLLECTED) is its receipt; STATUS, or RECEIPT of one that holds none, its status."""
-    template = "payment_receipt" if command == "RECEIPT" and payment.status in COLLECTED else "payment_status"
+    (COLLECTED) is its receipt, with what was refunded since (templates.asked_receipt); STATUS, or RECEIPT of one
+    that holds none, its status."""
+    template = asked_receipt(payment.status, payment.refunded_minor) if command == "RECEIPT" else "payment_status"
     return template, {"payment_id": payment.id}, payment.cooperative_id
 
 

@@ -25,7 +25,7 @@ from core.payments import approvable_by, collected_amount, open_window, still_op
 from core.phone import Phone
 from core.refunds import BY_A_PERSON
 from core.reminders import balance_now, reminder_balance
-from core.state.payment import OPEN_VALUES, PaymentStatus, shown_status
+from core.state.payment import COLLECTED, OPEN_VALUES, PaymentStatus, shown_status
 from providers.registry import payer_sees
 
 CATALOGS: dict[str, ModuleType] = {"en": en, "rw": rw, "fr": fr, "sw": sw}
@@ -273,6 +273,7 @@ class PaymentFacts(NamedTuple):
     collected_minor: int | None  # set when the provider reported taking another amount (core.provider_events)
     coop_ussd_aggregator: str | None  # the aggregator whose code the member dials (None: the default code)
     provider: str  # the payment's provider, asked whether its transaction id is one the payer sees
+    refunded_minor: int = 0  # refunds completed (payment_receipt_refunded)
 
 
 def amount_text(facts: PaymentFacts | Payment, language: str) -> str:
@@ -320,6 +321,7 @@ def payment_values(facts: PaymentFacts, language: str, service_code: ServiceCode
         "ref": facts.reference,
         "txn": payer_transaction_id(facts.provider, facts.provider_transaction_id),
         "date": local_time(facts.completed_at or facts.updated_at, facts.coop_timezone),
+        "refunded": Money(facts.refunded_minor or 0, facts.currency).format(language),
         "status": catalog.PAYMENT_STATUS.get(shown_status(facts.status, facts.failure_reason, facts.completed_at),
                                               facts.status),
         "reason": catalog.REASONS[reason_key(facts.failure_reason)],
@@ -343,6 +345,16 @@ def recipient(cipher: PiiCipher, payload: dict[str, Any], member: Any, default: 
         raise TemplateError("SMS payload names neither a member nor a phone number")
     language = context.get("language") or (member.language if member is not None else default) or "en"
     return phone, language if language in CATALOGS else "en"
+
+
+def asked_receipt(status: str, refunded_minor: int | None) -> str:
+    """The template that answers a request for a payment's receipt (RECEIPT, the USSD's "send me the receipt", the
+    support desk's resend): its receipt once its money was collected, saying what was refunded since when any was
+    (the plain receipt of a refunded payment read as proof of money the cooperative no longer holds), else its
+    status."""
+    if status not in COLLECTED:
+        return "payment_status"
+    return "payment_receipt_refunded" if refunded_minor else "payment_receipt"
 
 
 def is_payment_template(template: Any) -> bool:
@@ -396,7 +408,7 @@ async def build_message(
             payment.amount_minor, payment.currency, payment.reference, payment.provider_transaction_id,
             payment.completed_at, payment.updated_at, payment.status, payment.failure_reason,
             ptype.name if ptype else None, coop.name, coop.timezone, coop.ussd_extension, payment.collected_minor,
-            coop.ussd_aggregator, payment.provider,
+            coop.ussd_aggregator, payment.provider, payment.refunded_minor or 0,
         )
         values.update(payment_values(facts, language, service_code))
     elif template.startswith("refund_"):

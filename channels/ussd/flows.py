@@ -1239,6 +1239,7 @@ def _shown(payment: Any) -> str:
 
 
 async def send_receipt(ctx: Ctx, _key: str) -> str:
+    from channels.sms.templates import asked_receipt
     from core.notify import send_sms
 
     side_effect_started()
@@ -1248,13 +1249,13 @@ async def send_receipt(ctx: Ctx, _key: str) -> str:
         payment = next((p for p in await _her_payments(ctx, session) if p.id == ctx.data.get("py")), None)
         if payment is None:
             raise Invalid("error.invalid_choice")
-        template = "payment_receipt" if payment.status in COLLECTED else "payment_status"
+        template = asked_receipt(payment.status, payment.refunded_minor)  # with what was refunded since
         await send_sms(session, template=template, cooperative_id=payment.cooperative_id,
                        context={"payment_id": payment.id}, cipher=ctx.rt.cipher, member_id=ctx.data["mb"],
                        dedupe=dedupe)
     ctx.data["ref"] = payment.reference
     # What is on its way, as read in this transaction (a payment completed since the detail was shown: its receipt).
-    return "my_receipt_sent" if template == "payment_receipt" else "my_status_sent"
+    return "my_status_sent" if template == "payment_status" else "my_receipt_sent"
 
 
 async def _receipt_key(ctx: Ctx, payment_id: str) -> str:

@@ -327,6 +327,28 @@ async def test_a_resend_queues_one_job_and_one_more_sms_and_is_audited(
     assert ALINE not in json.dumps(audit.after)
 
 
+async def test_a_resend_of_a_refunded_payments_receipt_says_what_was_refunded(
+    rt: Any, demo: dict[str, Any], admin: Caller, sim: Any, worker: Any
+) -> None:
+    """The desk's resend of a payment refunded in part sent the plain receipt, proof of money the cooperative no
+    longer holds: it is the receipt that says the refund (payment_receipt_refunded), in her language."""
+    from core.models import Payment
+
+    payment = await _paid(rt, demo)
+    await drain(worker)
+    async with rt.sessionmaker.begin() as s:  # as a refund's completion leaves it (core.refunds)
+        await s.execute(update(Payment).where(Payment.id == payment.id).values(status="PARTIALLY_REFUNDED",
+                                                                               refunded_minor=20_000))
+    resent = await admin.json("POST", f"/v1/payments/{payment.id}/receipt", 202, json={})
+    assert resent["template"] == "payment_receipt_refunded"
+    await drain(worker)
+    [_receipt, again] = sim.messages(ALINE)
+    assert again["message"].startswith("Twakiriye 50,000 RWF ya ") and "Byasubijwe nyuma: 20,000 RWF." in \
+        again["message"], again["message"]
+    [audit] = await _resend_audits(rt, payment.id)
+    assert audit.after["template"] == "payment_receipt_refunded"
+
+
 async def test_the_fourth_resend_in_24_hours_is_refused_until_the_first_leaves_the_window(
     rt: Any, demo: dict[str, Any], admin: Caller, sim: Any, monkeypatch: Any
 ) -> None:

@@ -5,6 +5,11 @@ MESSAGES = {
     # said "Transaction:" and "Date:"): "Txn", and a date that needs no label. "We received", no closing thanks: one
     # SMS too when the provider took another amount than asked (AMOUNT_TAKEN, both amounts: 175 septets before).
     "payment_receipt": "We received {amount} for {type}, {coop}. Ref: {ref}. Txn: {txn}. {date}.",
+    # The receipt she (or her cooperative's desk) asks for once part or all of the money went back: what was received
+    # and what was refunded since, so the SMS is never proof of money the cooperative no longer holds. No cooperative's
+    # name, as the late receipt: one SMS with both amounts.
+    "payment_receipt_refunded": "We received {amount} for {type}. Refunded since: {refunded}. Ref: {ref}. "
+    "Txn: {txn}. {date}.",
     # A payment told failed, cancelled or not approved in time whose money was taken after all (core.provider_events:
     # late). One SMS (248 septets before): "after all" says the earlier message was wrong; no cooperative's name (the
     # type, amount and reference say which payment, and RECEIPT <ref> gives the full receipt); "Txn" and the date as the

@@ -7,6 +7,8 @@ MESSAGES = {
     # The provider's transaction beside the reference, as in Kinyarwanda, not after "Transaction:": one SMS with a
     # seven-digit reference and both amounts (164 septets).
     "payment_receipt": "Payé: {amount} pour {type}, {coop}. Réf: {ref} ({txn}). {date}.",
+    "payment_receipt_refunded": "Payé: {amount} pour {type}. Remboursé depuis: {refunded}. Réf: {ref} ({txn}). "
+    "{date}.",
     # One SMS (261 septets before), as in English: no cooperative's name; "finalement" says the earlier message was
     # wrong. "Finalement payé:" as the receipt's "Payé:", for one SMS with both amounts (182 septets as "Paiement de
     # ... a finalement abouti").

@@ -6,6 +6,8 @@ MESSAGES = {
     # reference, not after "Nimero y'ihererekanya:", for one SMS too when the provider took another amount than asked
     # (AMOUNT_TAKEN, both amounts: 177 septets before).
     "payment_receipt": "Twakiriye {amount} ya {type}, {coop}. Nimero: {ref} ({txn}). {date}.",
+    "payment_receipt_refunded": "Twakiriye {amount} ya {type}. Byasubijwe nyuma: {refunded}. Nimero: {ref} ({txn}). "
+    "{date}.",
     # One SMS (261 septets before), as in English: no cooperative's name, "nyuma" (after all) for "ignore our earlier
     # message". "Twakiriye" as the receipt, for one SMS with a seven-digit reference and both amounts (186 septets as
     # "Kwishyura ... byakunze nyuma: amafaranga yavuyeho").

@@ -6,6 +6,8 @@ MESSAGES = {
     # provider's transaction beside the reference, as in Kinyarwanda, not after "Muamala:": one SMS with a seven-digit
     # reference and both amounts (164 septets).
     "payment_receipt": "Tumepokea {amount} kwa {type}, {coop}. Kumb: {ref} ({txn}). {date}",
+    "payment_receipt_refunded": "Tumepokea {amount} kwa {type}. Imerudishwa baadaye: {refunded}. Kumb: {ref} ({txn}). "
+    "{date}",
     # One SMS (235 septets before), as in English: no cooperative's name, "hatimaye" says the earlier message was wrong.
     # "Tumepokea" as the receipt, for one SMS with both amounts (174 septets as "Malipo yako ya ... yamefanikiwa").
     "payment_late_receipt": "Tumepokea {amount} kwa {type} hatimaye: usilipe tena. Kumb: {ref} ({txn}). {date}",

@@ -32,6 +32,7 @@ WORST_CASE: dict[str, Any] = {
     "due": "01/02/2026",
     "host": "hooks.kigali-heights.example.rw",
     "failures": 20,
+    "refunded": "1,250,000 RWF",
     # The BALANCE list at its longest: three names cut to templates.BALANCE_NAME, and the rest counted.
     "items": "Monthly Rent and Serv 1,250,000 RWF, Security and Garbage 1,250,000 RWF, Water and Electricit "
              "1,250,000 RWF, +9 more",
@@ -586,6 +587,22 @@ def test_a_refund_is_one_sms_in_every_language(language: str, currency: str) -> 
 
 @pytest.mark.parametrize("currency", CURRENCIES)
 @pytest.mark.parametrize("language", sorted(CATALOGS))
+def test_a_receipt_asked_for_after_a_refund_says_the_refund_in_one_sms(language: str, currency: str) -> None:
+    """RECEIPT of a payment refunded in part or in full sent the plain receipt ("We received 50,000 RWF ..."), proof
+    of money the cooperative no longer holds. The receipt asked for then says what was refunded since, with the
+    receipt's facts, in one SMS; with the amount taken beside the amount asked too."""
+    values = {**_usual(language, currency), "refunded": _usual(language, currency)["amount"]}
+    for amount in (values["amount"], *(_other_amount(language, *case)[2] for case in OTHER_AMOUNTS
+                                       if case[0] == currency)):
+        body = render("payment_receipt_refunded", language, {**values, "amount": amount})
+        _one_sms(body)
+        for name in ("type", "ref", "txn", "date", "refunded"):
+            assert values[name] in body, (name, body)
+        assert body.count(values["refunded"]) >= 1 and amount in body
+
+
+@pytest.mark.parametrize("currency", CURRENCIES)
+@pytest.mark.parametrize("language", sorted(CATALOGS))
 @pytest.mark.parametrize(("template", "facts"), [
     # Not confirmed by the provider (197 to 219 septets; 161 to 163 in French and Swahili with a seven-digit
     # reference): which payment, and that money taken is confirmed or refunded.
@@ -649,16 +666,18 @@ def test_the_texts_left_at_two_sms_are_two_and_no_more(template: str, language: 
 
 
 @pytest.mark.parametrize("language", sorted(CATALOGS))
-@pytest.mark.parametrize("template", ["payment_receipt", "payment_late_receipt", "payment_taken_after_failure"])
+@pytest.mark.parametrize("template", ["payment_receipt", "payment_receipt_refunded", "payment_late_receipt",
+                                      "payment_taken_after_failure"])
 def test_a_receipt_without_a_transaction_id_shows_no_empty_brackets(template: str, language: str) -> None:
     """A payment confirmed without an id the payer can find (M-Pesa confirmed by its status query, whose
     CheckoutRequestID she finds nowhere): French, Kinyarwanda and Swahili put the id in brackets after the reference,
     and showed "(-)"; the brackets go with it. English labels it ("Txn: -"), which says there is none."""
-    values = {**_usual(language, "RWF"), "txn": templates.payer_transaction_id("mpesa", None)}
+    usual = {**_usual(language, "RWF"), "refunded": "5,000 RWF"}  # (payment_receipt_refunded's)
+    values = {**usual, "txn": templates.payer_transaction_id("mpesa", None)}
     body = render(template, language, values)
     assert "(-)" not in body and "()" not in body, body
     assert PAY_REF in body and values["amount"] in body
-    with_txn = render(template, language, _usual(language, "RWF"))
+    with_txn = render(template, language, usual)
     assert "8419567321" in with_txn
     if language == "en":
         assert "Txn: -." in body
