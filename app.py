@@ -237,8 +237,42 @@ async def refuse_redis_misconfigured(redis: Redis, settings: Settings) -> None:
         db = getattr(getattr(redis, "connection_pool", None), "connection_kwargs", {}).get("db", 0)
         raise ConfigError("REDIS_URL", f"Redis refuses its database {db} ({exc}): give one below Redis's "
                                        "`databases` setting (16 by default), such as redis://host:6379/0") from None
-    except (RedisError, OSError, TimeoutError):
+    except (RedisError, OSError, TimeoutError) as exc:
+        if settings.redis_cluster and _cluster_mode_disabled(exc):
+            # The node answered, as a plain Redis: it never will as a cluster, and the start went degraded for good
+            # ("error: ConnectionError" on /readyz, every USSD hop "unavailable") with Redis up all along.
+            raise ConfigError("REDIS_CLUSTER", "is on, but the Redis at REDIS_URL is not in cluster mode (it "
+                                               "answers: cluster support disabled): turn REDIS_CLUSTER off, or name "
+                                               "a node of the cluster") from None
         return
+    if not settings.redis_cluster and await _is_cluster_node(redis, settings):
+        # A plain client on a cluster node is answered MOVED for every key another node holds (and the scripts'
+        # keys): /readyz said ok (PING is no key) while every USSD hop answered "service unavailable".
+        raise ConfigError("REDIS_CLUSTER", "is off, but the Redis at REDIS_URL is a node of a Redis Cluster (INFO "
+                                           "cluster: cluster_enabled:1): set REDIS_CLUSTER=1")
+
+
+async def _is_cluster_node(redis: Redis, settings: Settings) -> bool:
+    """INFO cluster's cluster_enabled; False when it cannot be read (INFO renamed or refused by a managed Redis, or
+    Redis gone since the PING): nothing to go on, so nothing refused."""
+    try:
+        info = await asyncio.wait_for(redis.info("cluster"), timeout=settings.redis_timeout_seconds + 1)
+    except (RedisError, OSError, TimeoutError):
+        return False
+    return str(info.get("cluster_enabled", 0)) == "1"
+
+
+def _cluster_mode_disabled(exc: BaseException) -> bool:
+    """Whether the cluster client's failure (wrapped as out of reach by _Cluster) is a node's own answer that it is
+    no cluster node ("This instance has cluster support disabled")."""
+    seen: set[int] = set()
+    at: BaseException | None = exc
+    while at is not None and id(at) not in seen:
+        seen.add(id(at))
+        if isinstance(at, ResponseError) and "cluster support disabled" in str(at):
+            return True
+        at = at.__cause__ or at.__context__
+    return False
 
 
 STOP_GRACE_SECONDS = 3.0

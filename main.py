@@ -330,6 +330,7 @@ async def _create_admin(settings: Settings, username: str, role: str, cooperativ
     from core.errors import Conflict, DomainError
 
     # Checked before the password is asked for; users.create_admin checks them again, with the rest.
+    cooperative_id = (cooperative_id or "").strip() or None  # `--cooperative ""`: none named
     try:
         users.check_username(username)
         if role == "SUPER_ADMIN" and cooperative_id:
@@ -378,9 +379,12 @@ async def _serve(settings: Settings, *, with_worker: bool, banner: str | None = 
     _stop_on_signals(stop)  # first: a SIGTERM during start-up still shuts down cleanly
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    settle_heap()
     try:
+        # Inside the try: a resource that fails to open (a PAYMENT_ROUTES mistake found as the runtime is assembled)
+        # has those opened before it closed by runner.cleanup(), not left to asyncio's shutdown, which logged each
+        # one's traceback at ERROR after the configuration error's one line.
+        await runner.setup()
+        settle_heap()
         rt = app[RUNTIME]
         await refuse_redis_misconfigured(rt.redis, settings)
         # Before the port opens: not one reference handed out by a database restored without advance-references.
@@ -682,7 +686,9 @@ def _metrics_port(given: int | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "simulate":
+    if extra and (args.command != "simulate" or args.name == "africastalking"):
+        # The provider simulators take their options (--delay, ...); the SMS simulator has none: `simulate
+        # africastalking --port 9004 --delay 2` ran without the delay, saying nothing.
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "dial":
         from channels.ussd.dial import dial

@@ -21,7 +21,7 @@ from sqlalchemy.orm.instrumentation import manager_of_class
 from core import metrics, pgraw
 from core.audit import Actor, phone_changes, record
 from core.cooperatives import zone_of
-from core.db import iso_z, lock_row, row_insert, utcnow
+from core.db import iso_z, lock_row, row_insert, serialise_on_sqlite, utcnow
 from core.errors import (
     IDEMPOTENCY_KEY_IN_FLIGHT,
     IDEMPOTENCY_KEY_REUSED,
@@ -658,6 +658,24 @@ def _context_with_open(any_amount: bool) -> Any:
 
 _CONTEXT_WITH_OPEN = _context_with_open(any_amount=False)
 _CONTEXT_WITH_ANY_OPEN = _context_with_open(any_amount=True)
+
+
+# One member's confirmations of one payment type take turns (take_turns_paying): pg_advisory_xact_lock on this key.
+_PAYING_LOCK = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("key", type_=String))))
+
+
+async def take_turns_paying(session: AsyncSession, cooperative_id: str, member_id: str, payment_type_id: str) -> None:
+    """Make the rest of this transaction wait for any other confirmation of the member's payment of this type (on
+    PostgreSQL a transaction-scoped advisory lock, on SQLite the database's write lock), before load_context looks
+    for her open payment (OpenLike). Without it the check and the insert that follows were check-then-act: two
+    confirmations at the same moment (two USSD sessions: her husband paying for her from his phone while she pays
+    from hers, or she dialled again while her first confirmation was still being answered), each on its own serve
+    process, both found no open payment and both made one, two PIN prompts and two payments for one. Taken, the
+    second reads the first's payment (committed with the lock's release) and is told it awaits her approval."""
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(_PAYING_LOCK, {"key": f"paying:{cooperative_id}:{member_id}:{payment_type_id}"})
+    else:
+        await serialise_on_sqlite(session, Member, member_id)
 
 
 async def load_context(session: AsyncSession, cooperative_id: str, payment_type_id: str,

@@ -208,6 +208,9 @@ async def _apply_outcome(
                         payment.collected_minor = 0
                     payment.mismatch = True
                     payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
+            elif (provider_transaction_id and stored is not None and provider_transaction_id != stored
+                  and provider_transaction_id != provisional_transaction_id):
+                await _flag_other_transaction_id(session, payment, provider_transaction_id, actor=actor)
             return "already_completed"
         if current is P.VOIDED:
             return await _flag_success_after_void(session, payment, provider_transaction_id, amount, actor=actor)
@@ -352,6 +355,30 @@ async def _apply_outcome(
         settle.moved()
     metrics.PAYMENTS.labels(status=target.value, method=payment.method).inc()
     return result
+
+
+async def _flag_other_transaction_id(session: AsyncSession, payment: Payment, reported: str, *, actor: Actor) -> None:
+    """The provider reports the money of a payment that holds money already under another final transaction id than
+    the one it holds: an admin recorded it from the statement (POST /v1/payments/{id}/outcome, after a TIMEOUT) with
+    another line's id before the provider's late word came, or it completed by a status query and this is another
+    payment of the same request. Dropped as "already completed", nothing said it: the payment kept a transaction id
+    the provider never gave it (a refund naming it, Airtel's or M-Pesa's, goes to that line), and the provider's own
+    line matched no payment in the reconciliation. Nothing is changed (which line is right is a person's call, from
+    the statement): flagged (mismatch) and audited, once per id reported."""
+    stored = payment.provider_transaction_id or ""
+    said = (f"provider reported this payment's money under transaction {reported[:64]}, not {stored[:64]}, the one "
+            "it holds: check the provider's statement")
+    if said in (payment.mismatch_detail or "") or said in (payment.reviewed_detail or ""):
+        return  # said already (a repeat of the report), or reviewed since
+    await record(session, actor=actor, action="payment.transaction_id_differs", entity_type="payment",
+                 entity_id=payment.id, before={"providerTransactionId": stored},
+                 after={"reportedTransactionId": reported[:128], "status": payment.status},
+                 cooperative_id=payment.cooperative_id)
+    payment.mismatch = True
+    payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
+    payment.updated_at = changed_at(payment.updated_at)
+    log.error("provider reported a collected payment's money under another transaction id than it holds",
+              extra={"payment_id": payment.id, "provider": payment.provider})
 
 
 async def _find_payment(session: AsyncSession, event: ProviderEventData, *, lock: bool = False,

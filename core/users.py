@@ -18,7 +18,7 @@ from core.audit import Actor, record
 from core.crypto import hash_password, verify_password
 from core.errors import NAME_TAKEN, Conflict, NotFound, ValidationError
 from core.models import AdminUser, ApiKey, AuditEvent, Cooperative
-from core.text import is_uuid
+from core.text import has_bad_characters, is_uuid
 
 # The one set of rules for a password, whoever sets it (the API's schemas are built from these).
 PASSWORD_MIN, PASSWORD_MAX = 12, 256
@@ -38,6 +38,15 @@ def username_taken(asked: str, held: str | None = None) -> str:
 def check_password(password: str, *, field: str = "password") -> None:
     if not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
         raise ValidationError(f"{field} must be {PASSWORD_MIN} to {PASSWORD_MAX} characters long", field=field)
+    _signable(password, field)
+
+
+def _signable(value: str, field: str) -> None:
+    # What sign-in refuses (a control character, core.text.NOT_ALLOWED, as every API text is checked): an account
+    # made with one by `create-admin` (stdin, ADMIN_PASSWORD, --username) could never sign in.
+    if has_bad_characters(value):
+        raise ValidationError(f"{field} contains characters that are not allowed (sign-in refuses them)",
+                              field=field)
 
 
 def check_username(username: str) -> str:
@@ -47,6 +56,7 @@ def check_username(username: str) -> str:
     if not USERNAME_MIN <= len(name) <= USERNAME_MAX:
         raise ValidationError(f"username must be {USERNAME_MIN} to {USERNAME_MAX} characters long",
                               field="username")
+    _signable(name, "username")
     return name
 
 
@@ -62,6 +72,9 @@ async def create_admin(session: AsyncSession, *, username: str, password: str, r
     An existing username is a Conflict, never an update: running it twice cannot reset someone's password."""
     if role not in ADMIN_ROLES:
         raise ValidationError(f"role must be one of {', '.join(ADMIN_ROLES)}", field="role")
+    # An empty id (`--cooperative "$COOP"` with the variable unset) names no cooperative: stored as given, a super
+    # admin's '' broke the foreign key ("cannot start: ForeignKeyViolationError", exit 4).
+    cooperative_id = (cooperative_id or "").strip() or None
     name = check_username(username)
     check_password(password)
     if role == auth.SUPER_ADMIN and cooperative_id:

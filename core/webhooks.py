@@ -291,8 +291,23 @@ async def request_domain(
     ).scalar_one()
     if inserted is None:  # asked before: the same request
         if row.status == "REJECTED":
-            row.status, row.decided_by, row.decided_at = "PENDING", None, None
-            await session.flush()
+            # Asked again after a rejection: PENDING again, for a super admin to decide anew. Under the row's lock,
+            # read fresh (an approval at this moment locks it: that decision stands, never overwritten with PENDING),
+            # and audited as the move it is (REJECTED -> PENDING), as a decision is.
+            row = await lock_row(session, ApprovedDomain, row.id)
+            if row.status == "REJECTED":
+                row.status, row.decided_by, row.decided_at = "PENDING", None, None
+                await session.flush()
+                await record(
+                    session,
+                    actor=actor,
+                    action="webhook_domain.requested",
+                    entity_type="approved_domain",
+                    entity_id=row.id,
+                    before={"status": "REJECTED"},
+                    after={"domain": host, "status": "PENDING"},
+                    cooperative_id=cooperative_id,
+                )
         return row
     await record(
         session,
@@ -312,7 +327,9 @@ async def approve_domain(
     """Only a super admin approves or rejects a cooperative's webhook domain."""
     if not is_super_admin:
         raise Forbidden("only a super admin can approve webhook domains")
-    row = await session.get(ApprovedDomain, domain_id)
+    # Locked and read fresh: an approval and a rejection at once (two super admins, two serve processes) take turns,
+    # and the second's audit row says what it replaced (the first's decision, not the PENDING both had read).
+    row = await lock_row(session, ApprovedDomain, domain_id)
     if row is None:
         raise NotFound("domain request not found")
     before = row.status

@@ -129,7 +129,13 @@ def _route_overrides(settings: Settings, env: Mapping[str, str]) -> dict[str, st
         method, sep, provider = (s.strip() for s in part.partition("="))
         if not sep or not method or not provider:
             raise ConfigError("PAYMENT_ROUTES", f"expected METHOD=provider, got {part.strip()!r}")
-        overrides[method.upper()] = provider
+        # Any case, as the method and PROVIDERS are read (`MOBILE_MONEY_MTN=IremboPay` was "not configured").
+        method, provider = method.upper(), provider.lower()
+        if overrides.get(method, provider) != provider:
+            # The last one silently won: a method routed twice is a slip made while editing the list.
+            raise ConfigError("PAYMENT_ROUTES", f"routes {method} twice (to {overrides[method]} and {provider}): "
+                                                "give each method once")
+        overrides[method] = provider
     return overrides
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import time
@@ -66,6 +67,10 @@ def _parse_float(name: str, raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(name, f"must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        # nan passes the check below and inf is no delay: either made every simulated payer's decision (its
+        # asyncio.sleep) fail, each payment PENDING for ever with a traceback in the simulator's log.
+        raise ConfigError(name, f"must be a finite number, got {raw!r}")
     if value < 0:
         raise ConfigError(name, "must not be negative")
     return value
@@ -133,8 +138,8 @@ def options_from_args(args: argparse.Namespace | Sequence[str],
             continue
         if f.name == "pending_forever":
             value = _numbers(value)
-        elif f.name in _FLOAT_OPTIONS and value < 0:
-            raise ConfigError(f"--{f.name.replace('_', '-')}", "must not be negative")
+        elif f.name in _FLOAT_OPTIONS:
+            value = _parse_float(f"--{f.name.replace('_', '-')}", str(value))
         values[f.name] = value
     return replace(base or SimulatorOptions(), **values)
 
@@ -484,7 +489,7 @@ async def _set_options(request: web.Request) -> web.Response:
                                  status=400)
     for key, value in body.items():
         ok = isinstance(value, bool) if key in _BOOL_OPTIONS else (
-            isinstance(value, int | float) and not isinstance(value, bool) and value >= 0)
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0)
         if not ok:
             return web.json_response({"error": f"{key} has the wrong type"}, status=400)
     for key, value in body.items():

@@ -99,6 +99,11 @@ async def test_refused_inputs_exit_2_and_create_nothing(rt, demo):
          "cooperative nope not found"),
         (("--username", "a@b.rw", "--role", "ADMIN", "--cooperative", "00000000-0000-0000-0000-000000000000"),
          PASSWORD + "\n", "cooperative 00000000-0000-0000-0000-000000000000 not found"),
+        # Control characters sign-in refuses: the account was made (exit 0) and could never sign in.
+        (("--username", "a\x01b@b.rw"), PASSWORD + "\n",
+         "username contains characters that are not allowed (sign-in refuses them)"),
+        (("--username", "a@b.rw"), "first-admin-\x00password\n",
+         "password contains characters that are not allowed (sign-in refuses them)"),
     ]
     for args, stdin, message in cases:
         result = _run(*args, stdin=stdin)
@@ -108,6 +113,19 @@ async def test_refused_inputs_exit_2_and_create_nothing(rt, demo):
     assert _run("--username", "a@b.rw", "--password", PASSWORD).returncode == 2
     assert _run("--username", "a@b.rw", "--role", "TENANT", stdin=PASSWORD + "\n").returncode == 2
     assert await _users(rt) == before
+
+
+async def test_an_empty_cooperative_names_none(rt, demo):
+    # `--cooperative "$COOP"` with the variable empty: a super admin was refused by the foreign key (exit 4,
+    # "cannot start: ForeignKeyViolationError"); a cooperative admin is told it needs one.
+    made = _run("--username", "root@coop.rw", "--cooperative", "", stdin=PASSWORD + "\n")
+    assert made.returncode == 0, made.stderr
+    async with rt.sessionmaker() as s:
+        user = await s.get(AdminUser, made.stdout.strip())
+    assert user.role == "SUPER_ADMIN" and user.cooperative_id is None
+    refused = _run("--username", "chair@kh.rw", "--role", "ADMIN", "--cooperative", " ", stdin=PASSWORD + "\n")
+    assert refused.returncode == 2
+    assert _one_line(refused) == "refusing to create-admin: a cooperative admin needs --cooperative ID"
 
 
 def test_a_database_not_at_the_migration_head_is_refused(tmp_path):

@@ -6,8 +6,11 @@ kind of key lands on the node its slot says."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Generator, Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -32,6 +35,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary"),
 ]
 
+ROOT = Path(__file__).resolve().parent.parent  # where main.py is
 EN_MTN = "+250788000002"  # Jean Bosco, English, MTN (core.demo)
 
 
@@ -321,3 +325,21 @@ async def test_an_erasure_deletes_her_sessions_held_by_several_nodes(client: Any
     erased = await client.post(f"/v1/members/{member}/erase", headers=headers)
     assert erased.status == 200, await erased.text()
     assert [key for key in keys if cluster.held_by(cluster.port_of(key), key) is not None] == []
+
+
+def test_a_cluster_node_without_redis_cluster_stops_the_start(cluster: Cluster, settings: Any) -> None:
+    # REDIS_CLUSTER forgotten: a plain client on a node is answered MOVED for every key another node holds. /readyz
+    # said ok (PING names no key) while every USSD hop answered "service unavailable". Refused at start, as Redis
+    # refusing REDIS_URL's database is.
+    from tests.conftest import _base_env
+    from tests.integration.procs import free_port
+
+    env = {**_base_env(), "REDIS_URL": cluster.url, "PORT": str(free_port())}
+    env.pop("REDIS_CLUSTER", None)
+    for command in ("serve", "worker"):
+        result = subprocess.run([sys.executable, "main.py", command], cwd=ROOT, capture_output=True, text=True,
+                                env=env, timeout=120, check=False, stdin=subprocess.DEVNULL)
+        assert result.returncode == 2, (command, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+        assert lines == ["configuration error: REDIS_CLUSTER: is off, but the Redis at REDIS_URL is a node of a "
+                         "Redis Cluster (INFO cluster: cluster_enabled:1): set REDIS_CLUSTER=1"], result.stderr

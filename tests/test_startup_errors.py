@@ -288,6 +288,36 @@ def test_a_redis_that_refuses_the_urls_database_or_user_stops_the_start(migrated
             assert "wrong-password" not in result.stderr
 
 
+@requires_pg
+def test_a_payment_routes_mistake_stops_serve_in_one_line(migrated_database):
+    # PAYMENT_ROUTES is read as the runtime is assembled, after the database, Redis and HTTP clients opened: those
+    # were left to asyncio's shutdown, which logged three ERROR lines with tracebacks after the one line.
+    for command in ("serve", "worker"):
+        result = _main(command, PAYMENT_ROUTES="MOBILE_MONEY_MTN", PORT=str(free_port()))
+        assert result.returncode == 2, (command, result.stderr)
+        assert _one_line(result) == ("configuration error: PAYMENT_ROUTES: expected METHOD=provider, got "
+                                     "'MOBILE_MONEY_MTN'"), result.stderr
+        assert '"level":"ERROR"' not in result.stderr, result.stderr
+
+
+@requires_pg
+def test_redis_cluster_on_a_redis_without_cluster_mode_stops_the_start(migrated_database):
+    # The node answers "This instance has cluster support disabled": the cluster client's failure was taken for an
+    # outage, and serve and worker started degraded for good (/readyz "error: ConnectionError", every USSD hop
+    # "unavailable") with Redis up.
+    redis_url = _base_env()["REDIS_URL"]
+    if not redis_url.startswith("redis://"):
+        import pytest
+
+        pytest.skip("needs a Redis over TCP (REDIS_URL)")
+    for command in ("serve", "worker"):
+        result = _main(command, REDIS_CLUSTER="1", REDIS_URL=_redis_url_with(redis_url, db="0"),
+                       PORT=str(free_port()))
+        assert result.returncode == 2, (command, result.stderr)
+        assert _one_line(result).startswith("configuration error: REDIS_CLUSTER: is on, but the Redis at REDIS_URL "
+                                            "is not in cluster mode"), result.stderr
+
+
 def test_a_simulator_option_mistake_is_one_line():
     # A negative --delay or an unreadable SIM_* variable was a traceback (exit 1); an unknown simulator exit 1
     # while every other argument mistake is 2.
@@ -295,12 +325,24 @@ def test_a_simulator_option_mistake_is_one_line():
                              "configuration error: --delay: must not be negative"),
                             (("simulate", "airtel", "--port", "1"), {"SIM_DELAY": "abc"},
                              "configuration error: SIM_DELAY: "),
+                            # nan and inf were taken: each payer's decision then failed in the simulator (a
+                            # traceback logged), every payment PENDING for ever.
+                            (("simulate", "mtn_momo", "--port", "1"), {"SIM_DELAY": "nan"},
+                             "configuration error: SIM_DELAY: must be a finite number, got 'nan'"),
+                            (("simulate", "airtel", "--port", "1"), {"SIM_HANG_REQUEST": "inf"},
+                             "configuration error: SIM_HANG_REQUEST: must be a finite number, got 'inf'"),
+                            (("simulate", "mpesa", "--port", "1", "--prompt-timeout", "nan"), {},
+                             "configuration error: --prompt-timeout: must be a finite number, got 'nan'"),
                             (("simulate", "mtn", "--port", "1"), {},
                              "unknown simulator 'mtn'; choose from mtn_momo, airtel, mpesa, irembopay, "
                              "africastalking")):
         result = _main(*args, **env)
         assert result.returncode == 2, (args, result.stderr)
         assert _one_line(result).startswith(says), result.stderr
+    # The SMS simulator takes no option: one given was dropped without a word and the simulator served.
+    result = _main("simulate", "africastalking", "--port", "1", "--delay", "2")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == "main.py: error: unrecognized arguments: --delay 2", result.stderr
 
 
 def test_a_url_with_an_unclosed_ipv6_bracket_is_a_configuration_error():
@@ -404,3 +446,17 @@ def test_dial_calls_the_port_the_gateway_was_started_on():
     result = _main("dial", "*384*123#", "+250788000001", PORT="1")
     assert result.returncode == 1, result.stderr
     assert "[network error calling http://127.0.0.1:1/ussd/africastalking" in result.stdout, result.stdout
+
+
+def test_dial_to_a_url_it_cannot_call_says_so_in_one_line():
+    # A PORT or --url whose port is no number (httpx's InvalidURL is no HTTPError) or past 65535 (an OverflowError
+    # in the connection) was a traceback, exit 1; `_local_url` meant it for the dial's own URL error.
+    for env, args, says in (({"PORT": "abc"}, (),
+                             "[cannot call http://127.0.0.1:abc/ussd/africastalking: Invalid port"),
+                            ({}, ("--url", "http://127.0.0.1:99999"),
+                             "[cannot call http://127.0.0.1:99999/ussd/africastalking: invalid port 99999"),
+                            ({}, ("--url", "127.0.0.1:8080"), "[cannot call 127.0.0.1:8080/ussd/africastalking: ")):
+        result = _main("dial", "*384*123#", "+250788000001", *args, **env)
+        assert result.returncode == 2, (env, args, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+        assert result.stdout.startswith(says), result.stdout

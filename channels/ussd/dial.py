@@ -29,6 +29,10 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
     number = normalize(phone).e164
     session_id = f"ATUid_dial_{uuid.uuid4().hex[:16]}"
     url = base_url.rstrip("/") + "/ussd/africastalking"
+    problem = _url_problem(url)
+    if problem:
+        write(f"[cannot call {url}: {problem}]")
+        return 2
     params = {"secret": secret} if secret else None
     inputs: list[str] = []
     async with httpx.AsyncClient(timeout=20.0, transport=transport) as http:
@@ -54,6 +58,21 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
                 write("[cancelled]")
                 return 1
             inputs.append(answer.strip())
+
+
+def _url_problem(url: str) -> str | None:
+    """Why `url` cannot be called, or None. httpx's InvalidURL (a port that is no number: `PORT=abc`, `--url
+    http://host:x`) is no HTTPError, and a port past 65535 failed inside the connection (an OverflowError): both
+    were tracebacks."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return str(exc)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return "give a URL such as http://127.0.0.1:8080"
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        return f"invalid port {parsed.port} (a number from 1 to 65535)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1004,9 +1004,13 @@ class OpenPayment(Exception):
 
 
 async def _create(ctx: Ctx, new: NewPayment) -> tuple[Payment, bool]:
-    from core.payments import create_payment, like_open, load_context
+    from core.payments import create_payment, like_open, load_context, take_turns_paying
 
     async with ctx.rt.sessionmaker.begin() as session:
+        if new.member_id is not None:
+            # Before her open payment is looked for: a confirmation of hers at the same moment (another session,
+            # another serve process) is waited for, and its payment found below.
+            await take_turns_paying(session, new.cooperative_id, new.member_id, new.payment_type_id)
         # The member as create_payment reads her, with the cooperative's active member of this number and her
         # open payment like this one (unless this key has made its payment already) in the same query: the
         # checks below cost no extra round trip. For the balance of the period, one of the type of any amount that

@@ -133,3 +133,38 @@ async def test_an_open_payment_past_its_window_is_recorded_and_its_polls_stop(ad
         provider.collection_status = original
     async with rt.sessionmaker() as s:
         assert (await s.get(Payment, payment["id"])).status == "COMPLETED"
+
+
+async def test_the_providers_late_word_naming_another_transaction_than_the_one_recorded_is_flagged(admin, rt, demo):
+    """The treasurer recorded a TIMEOUT payment's money with a line of the statement (MP-7781); the provider's late
+    success then named the payment's money under another transaction (its own line). It was dropped as "already
+    completed": the payment kept a transaction id the provider never gave it (a refund naming it goes to that line),
+    the provider's line matched nothing, and no one was told. Now it is flagged for a person and audited; nothing
+    else changes."""
+    payment = await _given_up(admin, rt, demo)
+    await admin.json("POST", f"/v1/payments/{payment['id']}/outcome", 200, json=RECORD)
+    for _report in range(2):  # the same report again flags nothing more
+        async with rt.sessionmaker.begin() as s:
+            row = await s.get(Payment, payment["id"])
+            result = await apply_collection_outcome(s, rt, row, ProviderOutcome.SUCCEEDED, actor=PROVIDER,
+                                                    provider_transaction_id="MP-9001")
+        assert result == "already_completed"
+    shown = await admin.json("GET", f"/v1/payments/{payment['id']}", 200)
+    assert (shown["status"], shown["gatewayTransactionId"], shown["collectedAmount"]) == ("COMPLETED", "MP-7781", 50000)
+    assert shown["mismatch"] is True
+    assert "transaction MP-9001, not MP-7781" in shown["mismatchDetail"], shown["mismatchDetail"]
+    async with rt.sessionmaker() as s:
+        audits = (await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == payment["id"],
+            AuditEvent.action == "payment.transaction_id_differs"))).scalars().all()
+    assert [(a.before, a.after["reportedTransactionId"]) for a in audits] == [
+        ({"providerTransactionId": "MP-7781"}, "MP-9001")]
+    # The report of the id it holds says nothing new.
+    async with rt.sessionmaker.begin() as s:
+        row = await s.get(Payment, payment["id"])
+        await apply_collection_outcome(s, rt, row, ProviderOutcome.SUCCEEDED, actor=PROVIDER,
+                                       provider_transaction_id="MP-7781")
+    async with rt.sessionmaker() as s:
+        assert len((await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == payment["id"],
+            AuditEvent.action == "payment.transaction_id_differs"))).scalars().all()) == 1

@@ -18,12 +18,12 @@ from core import webhooks
 from core.audit import Actor
 from core.db import utcnow
 from core.errors import Conflict, Forbidden, NotFound, ValidationError
-from core.models import ApprovedDomain, OutboxJob, WebhookDelivery, WebhookEndpoint
+from core.models import ApprovedDomain, AuditEvent, OutboxJob, WebhookDelivery, WebhookEndpoint
 from core.notify import emit_event
 from core.outbox import PermanentJobError, RetryLater
 from core.state.payment import PaymentStatus
 from tests.channels.sms.helpers import as_job, jobs_of, start_simulator
-from tests.conftest import drain
+from tests.conftest import drain, requires_pg, waiting_for_locks
 
 ADMIN = Actor("admin:1", "api")
 SUPER = Actor("admin:super", "api")
@@ -85,6 +85,59 @@ async def approved_endpoint(
             actor=ADMIN,
             embedded=embedded,
         )
+
+
+@requires_pg
+async def test_an_approval_and_a_rejection_at_once_take_turns_and_audit_what_they_replaced(
+        rt: Any, demo: dict[str, Any]) -> None:
+    """Two super admins decide one domain at the same moment: each read PENDING before the other's write, so the
+    later one's audit row said PENDING -> REJECTED while it replaced the APPROVED just committed."""
+    async with rt.sessionmaker.begin() as session:
+        domain = await webhooks.request_domain(session, cooperative_id=demo["cooperative_id"],
+                                               domain="hooks.turns.rw", actor=ADMIN)
+    first = rt.sessionmaker()
+    try:
+        await webhooks.approve_domain(first, domain_id=domain.id, actor=SUPER, is_super_admin=True)
+
+        async def reject() -> None:
+            async with rt.sessionmaker.begin() as session:
+                await webhooks.approve_domain(session, domain_id=domain.id, actor=SUPER, is_super_admin=True,
+                                              approve=False)
+
+        second = asyncio.ensure_future(reject())
+        await waiting_for_locks(rt, 1)  # the rejection waits for the approval's row lock
+        await first.commit()
+    finally:
+        await first.close()
+    await second
+    async with rt.sessionmaker() as session:
+        rows = (await session.execute(select(AuditEvent.action, AuditEvent.before).where(
+            AuditEvent.entity_id == domain.id).order_by(AuditEvent.id))).all()
+        assert (await session.get(ApprovedDomain, domain.id)).status == "REJECTED"
+    assert [(action, before) for action, before in rows] == [
+        ("webhook_domain.requested", None), ("webhook_domain.approved", {"status": "PENDING"}),
+        ("webhook_domain.rejected", {"status": "APPROVED"})]
+
+
+async def test_a_domain_asked_for_again_after_its_rejection_is_audited_pending_again(
+        rt: Any, demo: dict[str, Any]) -> None:
+    """Asked for again after a super admin rejected it, the domain was PENDING again with no audit row: the log said
+    it was REJECTED (its last row) while the list showed it waiting for a decision."""
+    coop = demo["cooperative_id"]
+    async with rt.sessionmaker.begin() as session:
+        domain = await webhooks.request_domain(session, cooperative_id=coop, domain="hooks.again.rw", actor=ADMIN)
+        await webhooks.approve_domain(session, domain_id=domain.id, actor=SUPER, is_super_admin=True, approve=False)
+    async with rt.sessionmaker.begin() as session:
+        again = await webhooks.request_domain(session, cooperative_id=coop, domain="hooks.again.rw", actor=ADMIN)
+    assert (again.id, again.status) == (domain.id, "PENDING")
+    async with rt.sessionmaker.begin() as session:  # asked once more while PENDING: nothing changes, nothing audited
+        await webhooks.request_domain(session, cooperative_id=coop, domain="hooks.again.rw", actor=ADMIN)
+    async with rt.sessionmaker() as session:
+        rows = (await session.execute(select(AuditEvent.action, AuditEvent.before, AuditEvent.after).where(
+            AuditEvent.entity_id == domain.id).order_by(AuditEvent.id))).all()
+    assert [(action, before, after["status"]) for action, before, after in rows] == [
+        ("webhook_domain.requested", None, "PENDING"), ("webhook_domain.rejected", {"status": "PENDING"}, "REJECTED"),
+        ("webhook_domain.requested", {"status": "REJECTED"}, "PENDING")]
 
 
 async def test_registration_rules(rt: Any, demo: dict[str, Any]) -> None:

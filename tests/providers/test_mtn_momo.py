@@ -612,6 +612,10 @@ async def test_sim_500_then_recovery_with_same_reference(start_sim: Any) -> None
         assert answer.status_code == 200 and answer.json()["fail_request_500"] is False
         bad = await http.post(f"{base}/_control/options", json={"fail_request_500": "yes"})
         assert bad.status_code == 400
+        # 1e999 is read as infinity: taken, every later payer's decision (its sleep) failed.
+        endless = await http.post(f"{base}/_control/options", content=b'{"delay": 1e999}',
+                                  headers={"Content-Type": "application/json"})
+        assert endless.status_code == 400
     assert await adapter.request_collection(collection(callback="")) == CollectionAccepted()
     await state.idle()
     assert (await adapter.collection_status(REF, None, "RWF")).outcome is ProviderOutcome.SUCCEEDED

@@ -77,7 +77,7 @@ async def test_routes_overridden_by_payment_routes() -> None:
     s = settings()
     async with httpx.AsyncClient() as http:
         providers = build_providers(s, http)
-    env = {"PAYMENT_ROUTES": "mobile_money_mtn=irembopay, MOBILE_MONEY_AIRTEL=irembopay"}
+    env = {"PAYMENT_ROUTES": "mobile_money_mtn=irembopay, MOBILE_MONEY_AIRTEL=IremboPay"}
     routes_ = build_routes(s, providers, env=env)
     assert routes_["MOBILE_MONEY_MTN"] == "irembopay" and routes_["MOBILE_MONEY_AIRTEL"] == "irembopay"
     assert routes_["MPESA"] == "mpesa"
@@ -95,6 +95,8 @@ async def test_routes_overridden_by_payment_routes() -> None:
         ("MOBILE_MONEY_MTN=nobody", "not configured"),
         ("MOBILE_MONEY_MTN", "expected METHOD=provider"),
         ("=mtn_momo", "expected METHOD=provider"),
+        ("MOBILE_MONEY_MTN=irembopay,MOBILE_MONEY_MTN=mtn_momo",
+         "routes MOBILE_MONEY_MTN twice \\(to irembopay and mtn_momo\\)"),
     ],
 )
 async def test_bad_payment_routes(value: str, words: str) -> None:

@@ -9,6 +9,8 @@ her which payment waits, not to pay again, and that an SMS comes if it cannot be
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from datetime import timedelta
 from typing import Any
 
@@ -194,3 +196,43 @@ async def test_an_open_api_payment_stops_a_ussd_one(client: Any, demo: Any, db: 
     _phone, _confirm, refused = await pay(client, EN_MTN)
     assert refused == WAITING_EN.format(ref=reference, amount="50,000 RWF", type="Monthly Rent")
     assert await db.count(Payment) == 1
+
+
+
+
+async def test_two_confirmations_at_the_same_moment_make_one_payment(client: Any, demo: Any, db: Any,
+                                                                     monkeypatch: Any) -> None:
+    """Two sessions of one member confirm the same type at once (her husband paying for her from his phone while
+    she pays from hers, or she dialled again while her first confirmation was still being answered; each hop on its
+    own serve process): the open-payment check and the insert took no turns, both found nothing open and both made
+    a payment, two PIN prompts for one rent. Now the second waits for the first and is told its payment awaits her."""
+    import core.payments
+
+    create = core.payments.create_payment
+    arrived: list[int] = []
+    both = asyncio.Event()
+
+    async def after_the_check(*args: Any, **kwargs: Any) -> Any:
+        # Each confirmation that found nothing open waits (a second at most) for the other to have checked too: the
+        # moment the two were both past the check. One kept waiting at its turn never gets here.
+        arrived.append(1)
+        if len(arrived) == 2:
+            both.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(both.wait(), 1.0)
+        return await create(*args, **kwargs)
+
+    monkeypatch.setattr(core.payments, "create_payment", after_the_check)
+    phones = [AtPhone(client, EN_MTN), AtPhone(client, EN_MTN)]
+    for phone in phones:  # (side by side: a session opened after the other one went quiet would offer to resume it)
+        assert (await phone.dial()).startswith("CON Welcome")
+    for types in [await phone.send("1") for phone in phones]:
+        assert "Monthly Rent" in types, types
+    for phone in phones:
+        assert (await phone.send(option(types, "Monthly Rent"))).startswith("CON Pay Monthly Rent")
+    answers = await asyncio.gather(*(phone.send("1") for phone in phones))
+    payment = await db.one(Payment)  # the only one
+    assert sorted(answers) == sorted([
+        f"END Approve the prompt on your phone to pay 50,000 RWF. Ref {payment.reference}",
+        WAITING_EN.format(ref=payment.reference, amount="50,000 RWF", type="Monthly Rent")]), answers
+    assert await collect_jobs(db) == 1
