@@ -673,7 +673,11 @@ async def take_turns_paying(session: AsyncSession, cooperative_id: str, member_i
     process, both found no open payment and both made one, two PIN prompts and two payments for one. Taken, the
     second reads the first's payment (committed with the lock's release) and is told it awaits her approval."""
     if session.get_bind().dialect.name == "postgresql":
-        await session.execute(_PAYING_LOCK, {"key": f"paying:{cooperative_id}:{member_id}:{payment_type_id}"})
+        # The transaction's first statement, straight on asyncpg (BEGIN sent first: pgraw.begin); through the ORM it
+        # cost the confirmation hop about a quarter of a millisecond more of CPU.
+        await pgraw.begin(session)
+        await pgraw.fetchrow(session, pgraw.compiled(_PAYING_LOCK),
+                             {"key": f"paying:{cooperative_id}:{member_id}:{payment_type_id}"})
     else:
         await serialise_on_sqlite(session, Member, member_id)
 
