@@ -289,32 +289,26 @@ async def request_domain(
             .execution_options(populate_existing=True)
         )
     ).scalar_one()
+    before = None
     if inserted is None:  # asked before: the same request
-        if row.status == "REJECTED":
-            # Asked again after a rejection: PENDING again, for a super admin to decide anew. Under the row's lock,
-            # read fresh (an approval at this moment locks it: that decision stands, never overwritten with PENDING),
-            # and audited as the move it is (REJECTED -> PENDING), as a decision is.
-            row = await lock_row(session, ApprovedDomain, row.id)
-            if row.status == "REJECTED":
-                row.status, row.decided_by, row.decided_at = "PENDING", None, None
-                await session.flush()
-                await record(
-                    session,
-                    actor=actor,
-                    action="webhook_domain.requested",
-                    entity_type="approved_domain",
-                    entity_id=row.id,
-                    before={"status": "REJECTED"},
-                    after={"domain": host, "status": "PENDING"},
-                    cooperative_id=cooperative_id,
-                )
-        return row
+        if row.status != "REJECTED":
+            return row
+        # Asked again after a rejection: PENDING again, for a super admin to decide anew. Under the row's lock, read
+        # fresh (an approval at this moment locks it: that decision stands, never overwritten with PENDING), and
+        # audited as the move it is (REJECTED -> PENDING), as a decision is.
+        row = await lock_row(session, ApprovedDomain, row.id)
+        if row.status != "REJECTED":
+            return row
+        row.status, row.decided_by, row.decided_at = "PENDING", None, None
+        await session.flush()
+        before = {"status": "REJECTED"}
     await record(
         session,
         actor=actor,
         action="webhook_domain.requested",
         entity_type="approved_domain",
         entity_id=row.id,
+        before=before,
         after={"domain": host, "status": "PENDING"},
         cooperative_id=cooperative_id,
     )
