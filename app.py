@@ -253,13 +253,35 @@ async def refuse_redis_misconfigured(redis: Redis, settings: Settings) -> None:
 
 
 async def _is_cluster_node(redis: Redis, settings: Settings) -> bool:
-    """INFO cluster's cluster_enabled; False when it cannot be read (INFO renamed or refused by a managed Redis, or
-    Redis gone since the PING): nothing to go on, so nothing refused."""
+    """Whether the Redis is a node of a cluster of more than one node: INFO cluster's cluster_enabled, then CLUSTER
+    INFO's cluster_known_nodes. A cluster of one node holding every slot answers every key itself, never MOVED: a
+    plain client works there, and it is not refused. False when INFO cannot be read (renamed or refused by a managed
+    Redis, or Redis gone since the PING): nothing to go on, so nothing refused; a cluster node whose CLUSTER INFO
+    cannot be read counts as one of several."""
+    timeout = settings.redis_timeout_seconds + 1
     try:
-        info = await asyncio.wait_for(redis.info("cluster"), timeout=settings.redis_timeout_seconds + 1)
+        info = await asyncio.wait_for(redis.info("cluster"), timeout=timeout)
     except (RedisError, OSError, TimeoutError):
         return False
-    return str(info.get("cluster_enabled", 0)) == "1"
+    if str(info.get("cluster_enabled", 0)) != "1":
+        return False
+    try:
+        answer = await asyncio.wait_for(redis.execute_command("CLUSTER INFO"), timeout=timeout)
+    except (RedisError, OSError, TimeoutError):
+        return True
+    return _known_nodes(answer) != 1
+
+
+def _known_nodes(answer: Any) -> int | None:
+    """cluster_known_nodes from a CLUSTER INFO answer (redis-py's parsed dict, or the raw text), None without it."""
+    if isinstance(answer, bytes):
+        answer = answer.decode("utf-8", "replace")
+    if isinstance(answer, str):
+        answer = dict(line.partition(":")[::2] for line in answer.splitlines())
+    try:
+        return int(str(answer.get("cluster_known_nodes", "")).strip())
+    except (AttributeError, ValueError):
+        return None
 
 
 def _cluster_mode_disabled(exc: BaseException) -> bool:

@@ -327,6 +327,24 @@ async def test_an_erasure_deletes_her_sessions_held_by_several_nodes(client: Any
     assert [key for key in keys if cluster.held_by(cluster.port_of(key), key) is not None] == []
 
 
+async def test_a_one_node_cluster_without_redis_cluster_is_taken() -> None:
+    """A cluster of one node that holds every slot answers every key itself (never MOVED): a plain client works
+    there, so REDIS_CLUSTER off is not refused, while the same check refuses a node of the three-node cluster (the
+    test below). It refused it, telling the operator to set REDIS_CLUSTER=1 for a setup that worked."""
+    from redis.asyncio import Redis
+
+    from app import refuse_redis_misconfigured
+
+    for one in start_cluster(masters=1):
+        client = Redis.from_url(one.url)
+        try:
+            await client.set("probe:{x}", b"1")  # any slot: this node's
+            assert await client.get("probe:{y}") is None
+            await refuse_redis_misconfigured(client, make_settings(REDIS_URL=one.url))  # no ConfigError
+        finally:
+            await client.aclose()
+
+
 def test_a_cluster_node_without_redis_cluster_stops_the_start(cluster: Cluster, settings: Any) -> None:
     # REDIS_CLUSTER forgotten: a plain client on a node is answered MOVED for every key another node holds. /readyz
     # said ok (PING names no key) while every USSD hop answered "service unavailable". Refused at start, as Redis
