@@ -330,7 +330,7 @@ async def _create_admin(settings: Settings, username: str, role: str, cooperativ
     from core.errors import Conflict, DomainError
 
     # Checked before the password is asked for; users.create_admin checks them again, with the rest.
-    cooperative_id = (cooperative_id or "").strip() or None  # `--cooperative ""`: none named
+    cooperative_id = users.named_cooperative(cooperative_id)  # `--cooperative ""`: none named
     try:
         users.check_username(username)
         if role == "SUPER_ADMIN" and cooperative_id:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import orjson
-from sqlalchemy import JSON, DateTime, MetaData, String, Table, TypeDecorator, event, func, select, update
+from sqlalchemy import JSON, DateTime, MetaData, String, Table, TypeDecorator, bindparam, event, func, select, update
 from sqlalchemy import exc as exc_module
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -281,6 +281,12 @@ def parse_aware(value: Any) -> datetime | None:
     except ValueError:
         return None
     return moment if moment.tzinfo is not None else None
+
+
+# PostgreSQL's transaction-scoped advisory lock on a text key (parameter `key`, hashed by the server): the lock two
+# writers that must take turns without a row to lock take (a transaction id being recorded, a chargeback's
+# reversal, a member's confirmation of a type), released at the commit or rollback. Built once (pgraw.compiled).
+ADVISORY_XACT_LOCK = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("key", type_=String))))
 
 
 async def serialise_on_sqlite(session: AsyncSession, model: Any, row_id: str) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy.orm.instrumentation import manager_of_class
 from core import metrics, pgraw
 from core.audit import Actor, phone_changes, record
 from core.cooperatives import zone_of
-from core.db import iso_z, lock_row, row_insert, serialise_on_sqlite, utcnow
+from core.db import ADVISORY_XACT_LOCK, iso_z, lock_row, row_insert, serialise_on_sqlite, utcnow
 from core.errors import (
     IDEMPOTENCY_KEY_IN_FLIGHT,
     IDEMPOTENCY_KEY_REUSED,
@@ -660,10 +660,6 @@ _CONTEXT_WITH_OPEN = _context_with_open(any_amount=False)
 _CONTEXT_WITH_ANY_OPEN = _context_with_open(any_amount=True)
 
 
-# One member's confirmations of one payment type take turns (take_turns_paying): pg_advisory_xact_lock on this key.
-_PAYING_LOCK = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("key", type_=String))))
-
-
 async def take_turns_paying(session: AsyncSession, cooperative_id: str, member_id: str, payment_type_id: str) -> None:
     """Make the rest of this transaction wait for any other confirmation of the member's payment of this type (on
     PostgreSQL a transaction-scoped advisory lock, on SQLite the database's write lock), before load_context looks
@@ -676,7 +672,7 @@ async def take_turns_paying(session: AsyncSession, cooperative_id: str, member_i
         # The transaction's first statement, straight on asyncpg (BEGIN sent first: pgraw.begin); through the ORM it
         # cost the confirmation hop about a quarter of a millisecond more of CPU.
         await pgraw.begin(session)
-        await pgraw.fetchrow(session, pgraw.compiled(_PAYING_LOCK),
+        await pgraw.fetchrow(session, pgraw.compiled(ADVISORY_XACT_LOCK),
                              {"key": f"paying:{cooperative_id}:{member_id}:{payment_type_id}"})
     else:
         await serialise_on_sqlite(session, Member, member_id)
@@ -917,6 +913,12 @@ def collected_to_credit(payment: Any) -> Money:
     and 0 while nothing is taken: one number to credit, never null."""
     taken = collected_amount(payment)
     return Money(0, payment.currency) if taken is None else taken
+
+
+def flagged_before(payment: Payment, said: str) -> bool:
+    """Whether `said` is among the payment's flags already, or among those a person reviewed: a repeat of the same
+    report (a provider's retry) is not flagged again."""
+    return said in (payment.mismatch_detail or "") or said in (payment.reviewed_detail or "")
 
 
 def add_flag(earlier: str | None, said: str) -> str:

@@ -22,7 +22,15 @@ from core.money import Money
 from core.notify import changed_at, emit_event, notice_jobs
 from core.outbox import NewJob, enqueue_many
 from core.payment_statements import stored_and_locked
-from core.payments import _by_transaction, _locked_payment, _persistent, add_flag, collected_to_credit, payer_phone
+from core.payments import (
+    _by_transaction,
+    _locked_payment,
+    _persistent,
+    add_flag,
+    collected_to_credit,
+    flagged_before,
+    payer_phone,
+)
 from core.ports import MONEY_REFERENCE, EventKind, ProviderError, ProviderOutcome, StatusResult
 from core.ports import ProviderEvent as ProviderEventData
 from core.state import StaleTransition, transition
@@ -368,7 +376,7 @@ async def _flag_other_transaction_id(session: AsyncSession, payment: Payment, re
     stored = payment.provider_transaction_id or ""
     said = (f"provider reported this payment's money under transaction {reported[:64]}, not {stored[:64]}, the one "
             "it holds: check the provider's statement")
-    if said in (payment.mismatch_detail or "") or said in (payment.reviewed_detail or ""):
+    if flagged_before(payment, said):
         return  # said already (a repeat of the report), or reviewed since
     await record(session, actor=actor, action="payment.transaction_id_differs", entity_type="payment",
                  entity_id=payment.id, before={"providerTransactionId": stored},
@@ -823,7 +831,7 @@ async def _flag_success_after_void(session: AsyncSession, payment: Payment, prov
             f"{f', transaction {provider_transaction_id[:64]}' if provider_transaction_id else ''} after the "
             f"recording was voided: check the statement, {_AFTER_VOID}")
     # The same report again (a provider's retry): audited only, also once a person reviewed its flag.
-    repeat = said in (payment.mismatch_detail or "") or said in (payment.reviewed_detail or "")
+    repeat = flagged_before(payment, said)
     await record(session, actor=actor, action="payment.success_after_void", entity_type="payment",
                  entity_id=payment.id, before={"status": payment.status, "mismatch": payment.mismatch},
                  after={"providerTransactionId": provider_transaction_id,

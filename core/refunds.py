@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import metrics
 from core.audit import Actor, record
-from core.db import insert_ignore, iso_ms, iso_z, lock_row, table_of, utcnow
+from core.db import ADVISORY_XACT_LOCK, insert_ignore, iso_ms, iso_z, lock_row, table_of, utcnow
 from core.errors import (
     CONCURRENT_CHANGE,
     DUPLICATE_REFERENCE,
@@ -483,8 +483,7 @@ async def _reversal_not_recorded(session: AsyncSession, payment: Payment, return
     transaction); the embedded default has one writer at a time."""
     txn = returned.provider_transaction_id
     if session.get_bind().dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-                              {"key": f"reversal:{payment.provider}:{txn}"})
+        await session.execute(ADVISORY_XACT_LOCK, {"key": f"reversal:{payment.provider}:{txn}"})
     taken = (await session.execute(
         select(Refund.reference, Refund.cooperative_id).join(Payment, Payment.id == Refund.payment_id)
         .where(Payment.provider == payment.provider, Refund.provider_transaction_id == txn,

@@ -6,12 +6,12 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import String, bindparam, func, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import pgraw
 from core.audit import Actor, record
-from core.db import lock_row
+from core.db import ADVISORY_XACT_LOCK, lock_row
 from core.errors import DUPLICATE_REFERENCE, Conflict
 from core.models import Payment
 from core.notify import changed_at
@@ -60,7 +60,7 @@ _HOLDER = (select(Payment.id, Payment.reference, Payment.cooperative_id)
            .where(Payment.provider == bindparam("provider"), Payment.provider_transaction_id == bindparam("txn"),
                   Payment.id != bindparam("exclude"))
            .order_by(Payment.created_at, Payment.id).limit(1))
-_ID_LOCK = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("key", type_=String))))
+_ID_LOCK = ADVISORY_XACT_LOCK
 
 
 def _id_lock_key(provider: str, txn: str) -> str:

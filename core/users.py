@@ -49,6 +49,13 @@ def _signable(value: str, field: str) -> None:
                               field=field)
 
 
+def named_cooperative(cooperative_id: str | None) -> str | None:
+    """The cooperative id an account is made for: an empty one (`--cooperative "$COOP"` with the variable unset)
+    names none. Stored as given, a super admin's '' broke the foreign key ("cannot start: ForeignKeyViolationError",
+    exit 4)."""
+    return (cooperative_id or "").strip() or None
+
+
 def check_username(username: str) -> str:
     """The username as stored (surrounding spaces dropped, as the API does; its case kept, for display: it is
     unique, and signed in with, whatever its case, see auth.username_is)."""
@@ -72,9 +79,7 @@ async def create_admin(session: AsyncSession, *, username: str, password: str, r
     An existing username is a Conflict, never an update: running it twice cannot reset someone's password."""
     if role not in ADMIN_ROLES:
         raise ValidationError(f"role must be one of {', '.join(ADMIN_ROLES)}", field="role")
-    # An empty id (`--cooperative "$COOP"` with the variable unset) names no cooperative: stored as given, a super
-    # admin's '' broke the foreign key ("cannot start: ForeignKeyViolationError", exit 4).
-    cooperative_id = (cooperative_id or "").strip() or None
+    cooperative_id = named_cooperative(cooperative_id)
     name = check_username(username)
     check_password(password)
     if role == auth.SUPER_ADMIN and cooperative_id:

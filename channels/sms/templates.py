@@ -408,7 +408,7 @@ async def build_message(
             payment.amount_minor, payment.currency, payment.reference, payment.provider_transaction_id,
             payment.completed_at, payment.updated_at, payment.status, payment.failure_reason,
             ptype.name if ptype else None, coop.name, coop.timezone, coop.ussd_extension, payment.collected_minor,
-            coop.ussd_aggregator, payment.provider, payment.refunded_minor or 0,
+            coop.ussd_aggregator, payment.provider, payment.refunded_minor,
         )
         values.update(payment_values(facts, language, service_code))
     elif template.startswith("refund_"):
