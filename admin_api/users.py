@@ -52,7 +52,8 @@ CREATE = obj(
     {
         "username": {"type": "string", "minLength": accounts.USERNAME_MIN, "maxLength": accounts.USERNAME_MAX,
                      "description": "kept as given (surrounding spaces dropped) and shown so; taken when an "
-                                    "account has it in any case (409), and signed in with in any case"},
+                                    "account has it in any case (409), and signed in with in any case; no tabs, "
+                                    "line breaks, spaces but the plain one, or invisible characters (400)"},
         "password": PASSWORD,
         "role": {"enum": list(auth.ROLES)},
         "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"},
@@ -113,7 +114,7 @@ async def create_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
             raise NotFound("member not found", field="memberId", code=MEMBER_NOT_FOUND)
     elif member_id:
         raise ValidationError("memberId is only for a TENANT", field="memberId")
-    username = body["username"].strip()
+    username = accounts.check_username(body["username"])
     await _refuse_taken(ctx, username)
     user = await auth.create_user(
         ctx.session,

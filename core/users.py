@@ -9,6 +9,7 @@ command line may run where Redis is not reachable; refresh tokens are refused on
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -64,7 +65,20 @@ def check_username(username: str) -> str:
         raise ValidationError(f"username must be {USERNAME_MIN} to {USERNAME_MAX} characters long",
                               field="username")
     _signable(name, "username")
+    if any(_unseen(c) for c in name):
+        # Shown in the users list and in the audit log, where "ana" and "ana<zero-width space>" or "ana\tb" and
+        # "ana b" look the same: an account could pass for another one.
+        raise ValidationError("username may not contain tabs, line breaks, spaces other than a plain one, or "
+                              "invisible characters", field="username")
     return name
+
+
+def _unseen(c: str) -> bool:
+    """A character that shows as nothing or as a plain space: controls (tab, line feed too), format characters
+    (zero-width space and joiners, direction marks, soft hyphen), line and paragraph separators, and every space
+    but U+0020 (no-break, ideographic...)."""
+    kind = unicodedata.category(c)
+    return kind[0] == "C" or kind in ("Zl", "Zp") or (kind == "Zs" and c != " ")
 
 
 async def password_matches(user: AdminUser, password: str) -> bool:

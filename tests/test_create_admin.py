@@ -104,6 +104,9 @@ async def test_refused_inputs_exit_2_and_create_nothing(rt, demo):
          "username contains characters that are not allowed (sign-in refuses them)"),
         (("--username", "a@b.rw"), "first-admin-\x00password\n",
          "password contains characters that are not allowed (sign-in refuses them)"),
+        # Names that look like another's in the users list and the audit log.
+        *((("--username", name), PASSWORD + "\n", "username may not contain tabs, line breaks, spaces other than "
+           "a plain one, or invisible characters") for name in ("ana\u200b@b.rw", "ana\tb@b.rw", "ana\u00a0b")),
     ]
     for args, stdin, message in cases:
         result = _run(*args, stdin=stdin)

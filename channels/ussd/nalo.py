@@ -44,7 +44,9 @@ def parse(body: Mapping[str, Any], base_code: str) -> Parsed:
         hop_key=None,
         extension=extension_of(userdata, base_code) if first else None,
     )
-    echo = {"USERID": text_field(body, "USERID", required=False, max_len=64), "MSISDN": body.get("MSISDN")}
+    # USERID goes back as Nalo sent it: a number stays a number, as MSISDN does (checked, never rewritten).
+    userid = body.get("USERID") if text_field(body, "USERID", required=False, max_len=64) else ""
+    echo = {"USERID": userid, "MSISDN": body.get("MSISDN")}
     return Parsed(turn, echo)
 
 

@@ -160,6 +160,29 @@ async def test_a_username_in_another_case_is_taken(superadmin: Caller, rt: Any, 
     assert await _usernames(rt, "wanjiru@nsg.co.ke") == ["Wanjiru@NSG.co.ke"]
 
 
+async def test_a_username_that_looks_like_another_is_refused(superadmin: Caller, rt: Any,
+                                                             demo: dict[str, Any]) -> None:
+    """'Wanjiru@NSG.co.ke' with a zero-width space, a tab or a no-break space in it was made (201): in the users
+    list and the audit log it passed for the real Wanjiru."""
+    await superadmin.json("POST", "/v1/users", 201, json={**WANJIRU, "cooperativeId": demo["cooperative_id"]})
+    for look_alike in ("Wanjiru\u200b@NSG.co.ke", "Wanjiru@NSG.co.ke\u2060", "Wanjiru\t@NSG.co.ke",
+                       "Wanjiru\u00a0Kamau", "Wanjiru\u2028Kamau", "\u202eWanjiru@NSG.co.ke"):
+        refused = await superadmin.json("POST", "/v1/users", 400, json={
+            **WANJIRU, "username": look_alike, "cooperativeId": demo["cooperative_id"]})
+        assert (refused["code"], refused["message"]) == ("VALIDATION_FAILED", [
+            "username may not contain tabs, line breaks, spaces other than a plain one, or invisible characters"]), \
+            repr(look_alike)
+    # A plain space inside, and letters of any script, are names.
+    await superadmin.json("POST", "/v1/users", 201, json={
+        **WANJIRU, "username": "Wanjiru Kamau", "cooperativeId": demo["cooperative_id"]})
+    await superadmin.json("POST", "/v1/users", 201, json={
+        **WANJIRU, "username": "Amélie Uwase", "cooperativeId": demo["cooperative_id"]})
+    async with rt.sessionmaker() as s:
+        names = set((await s.execute(select(AdminUser.username))).scalars())
+    assert {"Wanjiru@NSG.co.ke", "Wanjiru Kamau", "Amélie Uwase"} <= names
+    assert not any("\u200b" in n or "\t" in n or "\u00a0" in n for n in names)
+
+
 async def test_two_usernames_differing_only_in_case_at_once_one_is_refused(
         superadmin: Caller, rt: Any, demo: dict[str, Any], monkeypatch: Any) -> None:
     """Both pass the check before either writes: the unique index on lower(username) refuses the second, which
