@@ -781,7 +781,12 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     except (OSError, DBAPIError, RedisError) as exc:  # the database or Redis unreachable, the port taken, ...
-        print(f"cannot start: {_unresolved_database(settings, exc) or _reason(exc)}", file=sys.stderr)
+        if isinstance(exc, BrokenPipeError) and _reader_gone():
+            # `prune | head -1`: the work is done and the reader left before the last lines. Not "cannot start"
+            # (exit 4); what a Unix tool killed by SIGPIPE exits with, and nothing more written there.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
+        print(f"cannot start: {_database_not_found(settings, exc) or _reason(exc)}", file=sys.stderr)
         return 4
     except (ValueError, TypeError, OverflowError) as exc:
         # A DATABASE_URL that load_settings let through but the driver refuses when it connects.
@@ -793,6 +798,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe nothing reads any more (poll says POLLERR for its writer then)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here, or stdout closed or replaced
+        return False
 
 
 # Where the database URL is turned into a connection: SQLAlchemy's engine and URL, the asyncpg dialect, asyncpg.
@@ -815,17 +832,27 @@ def _from_database_url(exc: BaseException) -> bool:
     return inside
 
 
-def _unresolved_database(settings: Settings, exc: BaseException) -> str | None:
-    """The one name resolved before anything listens is the database's: say so, since the resolver's own words
-    ("Name or service not known") name neither the host nor the variable."""
+def _database_not_found(settings: Settings, exc: BaseException) -> str | None:
+    """The database's host not found, said with its name and variable: the one name resolved before anything
+    listens (the resolver's "Name or service not known" names neither), or a Unix-socket folder without the
+    server's socket ("No such file or directory" names no path)."""
     import socket
 
-    if not isinstance(getattr(exc, "orig", None) or exc, socket.gaierror):
-        return None
     from sqlalchemy.engine import make_url
 
-    host = make_url(settings.database_url).host or "?"
-    return f"the database host {host} in DATABASE_URL cannot be resolved ({_reason(exc)})"
+    inner = getattr(exc, "orig", None) or exc
+    url = make_url(settings.database_url)
+    if isinstance(inner, socket.gaierror):
+        return f"the database host {url.host or '?'} in DATABASE_URL cannot be resolved ({_reason(exc)})"
+    if isinstance(inner, FileNotFoundError) and url.get_backend_name() == "postgresql":
+        # A Unix-socket folder (?host=/run/postgresql, /cloudsql/...) without the server's socket in it: the error
+        # names no path ("[Errno 2] No such file or directory").
+        hosts = url.query.get("host", ())
+        folders = [h for h in ((hosts,) if isinstance(hosts, str) else hosts) if h.startswith("/")]
+        if folders:
+            return (f"no PostgreSQL socket in {', '.join(folders)} (the host= of DATABASE_URL): is the server "
+                    f"running, and is that its socket folder? ({_reason(exc)})")
+    return None
 
 
 def _reason(exc: BaseException) -> str:

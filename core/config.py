@@ -747,7 +747,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     port = _int(env, "PORT", 8080, minimum=1)
     if port > 65535:
         raise ConfigError("PORT", "must be at most 65535")
-    host = _get(env, "HOST", "127.0.0.1")
+    host = _get(env, "HOST", "127.0.0.1").strip() or "127.0.0.1"  # HOST=' ' is unset, as an empty one is
+    if any(c.isspace() or c in "/@" for c in host):  # a URL or two addresses: it is an address or a name
+        raise ConfigError("HOST", f"must be one address or host name to listen on, such as 127.0.0.1 or 0.0.0.0, "
+                                  f"not {host!r}")
     public_base_url = _url(env, "PUBLIC_BASE_URL", f"http://127.0.0.1:{port}", ("http", "https"))
     if "mpesa" in used:
         _daraja_accepts("PUBLIC_BASE_URL", public_base_url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,22 @@ async def test_a_bad_period_is_refused_with_exit_2(rt: Any) -> None:
     refused = _run(RETENTION_OUTBOX_DONE_DAYS="thirty")
     assert refused.returncode == 2 and refused.stdout == ""
     assert "configuration error: RETENTION_OUTBOX_DONE_DAYS: must be a whole number" in refused.stderr
+
+
+async def test_a_reader_that_leaves_early_ends_it_quietly_after_the_work(rt: Any) -> None:
+    """`prune | head -1` from cron: the rows were deleted, then the first line past what head read ended it with
+    "cannot start: BrokenPipeError" and exit 4, as if it had not run. It exits as a Unix tool killed by SIGPIPE
+    does (141), saying nothing, with the work done."""
+    await _seed(rt)
+    before = await _left(rt)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "main.py", "prune"], cwd=ROOT, stdout=write, stderr=subprocess.PIPE,
+                              text=True, env={**_base_env(), "RETENTION_SMS_BODY_DAYS": "0"}, timeout=120,
+                              check=False)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, ""), done.stderr
+    left = await _left(rt)
+    assert len(left["outbox_jobs"]) == len(before["outbox_jobs"]) - 2

@@ -370,6 +370,17 @@ def test_a_host_name_that_does_not_resolve_says_which_variable_holds_it():
                            "resolved"), line
 
 
+def test_a_socket_folder_without_the_server_says_which_folder(tmp_path):
+    # "cannot start: FileNotFoundError: [Errno 2] No such file or directory": no path, no variable.
+    folder = tmp_path / "run-postgresql"
+    folder.mkdir()
+    result = _main("prune", "--dry-run", DATABASE_URL=f"postgresql+asyncpg://gw@/gw?host={folder}")
+    assert result.returncode == 4, result.stderr
+    assert _one_line(result) == (
+        f"cannot start: no PostgreSQL socket in {folder} (the host= of DATABASE_URL): is the server running, and is "
+        "that its socket folder? (FileNotFoundError: [Errno 2] No such file or directory)")
+
+
 @requires_pg
 def test_serve_on_an_address_it_cannot_listen_on_names_host_and_port(migrated_database):
     port = free_port()

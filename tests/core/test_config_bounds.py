@@ -36,6 +36,18 @@ def test_the_highest_port_is_taken_and_the_next_refused() -> None:
     _refused({"PORT": "65536"}, "PORT", "must be at most 65535")
 
 
+def test_host_is_one_address_or_name() -> None:
+    """HOST=' ' (a blank from a template) reached the listener: "cannot listen on :8080", exit 4; a value with a
+    space, a scheme or a path the same, after the database and Redis were opened."""
+    assert load_settings({"HOST": " "}).host == "127.0.0.1"
+    assert load_settings({"HOST": " 0.0.0.0 "}).host == "0.0.0.0"
+    assert load_settings({"HOST": "::"}).host == "::"
+    assert load_settings({"HOST": "gateway-1.internal"}).host == "gateway-1.internal"
+    for bad in ("0.0.0.0 127.0.0.1", "http://0.0.0.0", "10.0.0.1/24", "user@host"):
+        _refused({"HOST": bad}, "HOST", "must be one address or host name to listen on, such as 127.0.0.1 or "
+                                        f"0.0.0.0, not {bad!r}")
+
+
 @pytest.mark.parametrize("variable", ["JWT_SECRET", "BLIND_INDEX_KEY"])
 def test_production_takes_a_32_byte_secret_and_refuses_31(variable: str) -> None:
     assert load_settings({**_production_env(), variable: "s" * 32})
