@@ -19,6 +19,16 @@ def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
                           env={**_base_env(), **env}, timeout=120, check=False)
 
 
+def _run_into_a_closed_pipe(**env: str) -> subprocess.CompletedProcess[str]:
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        return subprocess.run([sys.executable, "main.py", "prune"], cwd=ROOT, stdout=write, stderr=subprocess.PIPE,
+                              text=True, env={**_base_env(), **env}, timeout=120, check=False)
+    finally:
+        os.close(write)
+
+
 async def test_prune_prints_one_line_per_table_and_exits_0(rt: Any) -> None:
     await _seed(rt)
     before = await _left(rt)
@@ -54,14 +64,7 @@ async def test_a_reader_that_leaves_early_ends_it_quietly_after_the_work(rt: Any
     does (141), saying nothing, with the work done."""
     await _seed(rt)
     before = await _left(rt)
-    read, write = os.pipe()
-    os.close(read)  # the reader is gone before the first line
-    try:
-        done = subprocess.run([sys.executable, "main.py", "prune"], cwd=ROOT, stdout=write, stderr=subprocess.PIPE,
-                              text=True, env={**_base_env(), "RETENTION_SMS_BODY_DAYS": "0"}, timeout=120,
-                              check=False)
-    finally:
-        os.close(write)
+    done = _run_into_a_closed_pipe(RETENTION_SMS_BODY_DAYS="0")
     assert (done.returncode, done.stderr) == (141, ""), done.stderr
     left = await _left(rt)
     assert len(left["outbox_jobs"]) == len(before["outbox_jobs"]) - 2
