@@ -211,18 +211,25 @@ async def _advance_references(settings: Settings, by: int) -> int:
         if engine.dialect.name != "postgresql":
             raise InputError("the reference sequence is PostgreSQL's; SQLite numbers references per day")
         async with engine.begin() as conn:
+            # Refused before a number is taken (nextval is never rolled back): a refused --by burnt one.
+            last, called = (await conn.execute(text("SELECT last_value, is_called FROM human_reference_seq"))).one()
+            _refuse_past_reference_max(int(last) if called else int(last) - 1, by)
             # nextval's number is this command's own (burnt, so one taken meanwhile is below the new start): the
             # sequence was at the one before it, the last handed out.
             current = int((await conn.execute(text("SELECT nextval('human_reference_seq')"))).scalar_one()) - 1
-            if current + by > REFERENCE_MAX:
-                raise InputError(f"the sequence is at {current}: {by} more would pass {REFERENCE_MAX}, the largest "
-                                 "number a reference may carry; give a smaller --by")
+            _refuse_past_reference_max(current, by)  # references taken since the look above
             await conn.execute(text("SELECT setval('human_reference_seq', :value)"), {"value": current + by})
         print(f"human_reference_seq: was at {current}, now at {current + by}; the next reference number is "
               f"{current + by + 1}")
         return await _raise_reference_mark(settings, engine)
     finally:
         await engine.dispose()
+
+
+def _refuse_past_reference_max(current: int, by: int) -> None:
+    if current + by > REFERENCE_MAX:
+        raise InputError(f"the sequence is at {current}: {by} more would pass {REFERENCE_MAX}, the largest "
+                         "number a reference may carry; give a smaller --by")
 
 
 async def _raise_reference_mark(settings: Settings, engine: Any) -> int:

@@ -44,10 +44,15 @@ async def test_references_issued_before_a_restore_are_not_handed_out_again(rt: A
 
 @requires_pg
 async def test_a_margin_past_the_nine_digits_of_a_reference_is_refused(rt: Any) -> None:
-    refused = _run("--by", "999999999")
-    assert refused.returncode == 2 and refused.stdout == ""
-    assert "refusing to advance-references: the sequence is at" in refused.stderr
-    assert "the largest number a reference may carry" in refused.stderr
+    async with rt.engine.connect() as conn:
+        before = _number(await next_reference(conn, "PAY"))
+        refused = _run("--by", "999999999")
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert refused.stderr.startswith(f"refusing to advance-references: the sequence is at {before}: 999999999 "
+                                         "more would pass 999999999, the largest number a reference may carry"), \
+            refused.stderr
+        # Refused before a number was taken: the next reference follows the last one (one was burnt).
+        assert _number(await next_reference(conn, "PAY")) == before + 1
     assert _run("--by", "0").returncode == 2  # argparse: must be at least 1
 
 
