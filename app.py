@@ -546,6 +546,20 @@ async def _close_collect_now(app: web.Application) -> None:
         await collect_now.close(rt)
 
 
+def _warn_unserved_simulators(settings: Settings) -> None:
+    """Development on PostgreSQL without SIMULATORS_IN_PROCESS: the provider and SMS URLs left at their defaults
+    name this service's /_sim/..., which it does not serve then. Every payment ended FAILED and every SMS was
+    retried until parked, with nothing said at start."""
+    unserved = [f"{name.upper()}_BASE_URL" for name, provider in settings.providers.items()
+                if provider.base_url.startswith(f"{settings.public_base_url}/_sim/")]
+    if settings.sms_base_url.startswith(f"{settings.public_base_url}/_sim/"):
+        unserved.append("SMS_BASE_URL")
+    if unserved:
+        log.warning("%s left at the in-process simulators' address, but SIMULATORS_IN_PROCESS is off: nothing "
+                    "answers there, so payments fail and SMS are not sent. Set SIMULATORS_IN_PROCESS=1, or run "
+                    "`main.py simulate NAME --port N` and point the variable at it", ", ".join(unserved))
+
+
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.Application:
     """Build the service. With `runtime` given (tests, `run`), the caller owns the resources."""
     app = web.Application(middlewares=[request_context], client_max_size=MAX_BODY)
@@ -610,6 +624,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
 
         mount_simulators(app, settings)
         app.add_subapp("/_sim/africastalking", simulator_from_settings(settings))
+    else:
+        _warn_unserved_simulators(settings)
     from admin_api.pages import setup_pages
 
     setup_pages(app)

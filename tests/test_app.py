@@ -42,3 +42,23 @@ async def test_request_metrics_keep_their_labels_bounded(client: Any) -> None:
         or 'gateway_http_requests_total{route="/healthz",method="GET",status="200"}' in text
     # A method a client makes up is counted, as OTHER: a label set per invented word would grow forever.
     assert 'method="OTHER"' in text and "PROPFIND" not in text
+
+
+def test_development_without_the_simulators_says_which_urls_nothing_answers(caplog: Any) -> None:
+    """On PostgreSQL in development SIMULATORS_IN_PROCESS is off unless set, and the provider and SMS URLs left at
+    their defaults name this service's /_sim/...: every payment failed and every SMS was parked, nothing said."""
+    from core.config import load_settings
+
+    pg = {"DATABASE_URL": "postgresql+asyncpg://gw@127.0.0.1:5432/gw", "PROVIDERS": "mtn_momo,airtel"}
+    with caplog.at_level("WARNING", logger="gateway"):
+        create_app(load_settings({**pg, "AIRTEL_BASE_URL": "http://127.0.0.1:9002"}))
+    said = [r.getMessage() for r in caplog.records if "SIMULATORS_IN_PROCESS" in r.getMessage()]
+    assert said == ["MTN_MOMO_BASE_URL, SMS_BASE_URL left at the in-process simulators' address, but "
+                    "SIMULATORS_IN_PROCESS is off: nothing answers there, so payments fail and SMS are not sent. Set "
+                    "SIMULATORS_IN_PROCESS=1, or run `main.py simulate NAME --port N` and point the variable at it"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gateway"):
+        create_app(load_settings({**pg, "SIMULATORS_IN_PROCESS": "1"}))
+        create_app(load_settings({**pg, "MTN_MOMO_BASE_URL": "http://127.0.0.1:9001",
+                                  "AIRTEL_BASE_URL": "http://127.0.0.1:9002", "SMS_BASE_URL": "http://127.0.0.1:9004"}))
+    assert not [r for r in caplog.records if "SIMULATORS_IN_PROCESS" in r.getMessage()]
