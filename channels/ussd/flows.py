@@ -30,7 +30,7 @@ from core.notify import SMS_KEY_SIZE
 from core.payments import wallets_by_operator
 from core.phone import operator_on_network
 from core.ports import refusal_for
-from core.state.payment import OPEN, PaymentStatus, holds_money, shown_status
+from core.state.payment import COLLECTED, OPEN, PaymentStatus, holds_money, shown_status
 from core.text import is_number
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.ussd")
 
-COLLECTED = ("COMPLETED", "PARTIALLY_REFUNDED", "REFUNDED")
 REASONS = ("CHARGED_NOT_RECORDED", "WRONG_AMOUNT", "NOT_AUTHORISED", "OTHER")
 # Above these (major units) a USSD payment is refused: mobile-money wallets cap single transfers.
 MAX_AMOUNT = {"RWF": 5_000_000, "UGX": 5_000_000, "TZS": 5_000_000, "KES": 250_000, "GHS": 10_000,
