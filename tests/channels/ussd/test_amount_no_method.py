@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from channels.ussd import cache
 from channels.ussd.i18n import translate
 from core.models import Payment, PaymentType
 from tests.admin_api.conftest import Caller, bearer
@@ -84,3 +85,26 @@ async def test_whole_shillings_go_on_to_the_confirmation(operator: Caller, clien
 def test_every_language_names_the_amount_and_the_method(lang: str) -> None:
     text = translate(lang, "pay.amount_no_method", amount="1,500.50 KES", method="M-Pesa", coop="NSG")
     assert "1,500.50 KES" in text and "M-Pesa" in text and "NSG" in text
+
+
+async def test_a_fixed_price_over_the_ussd_cap_is_not_offered_for_a_pin_prompt(operator: Caller, client: Any, rt: Any,
+                                                                                db: Any, demo: dict[str, Any]) -> None:
+    """A type priced 6,000,000 RWF (the API takes it: a bank can collect it) over the 5,000,000 a USSD payment may
+    be, which a typed amount is refused past: it was confirmed, sent to MTN, and failed by the wallet's limit after
+    her PIN. She is told the amount is the problem before anything is made."""
+    rent = f"/v1/payment-types/{demo['payment_types']['Monthly Rent']}"
+    await operator.json("PATCH", rent, 200, json={"amount": 6_000_000})
+    p = AtPhone(client, "+250788000002")  # Jean Bosco, English, MTN
+    await p.dial()
+    assert "Monthly Rent 6,000,000 RWF" in await p.send("1")
+    answer = await p.send("1")
+    assert answer == ("END This amount (6,000,000 RWF) cannot be paid by MTN MoMo. Please contact Kigali Heights "
+                      "Housing Cooperative.")
+    assert await db.count(Payment) == 0
+    # The cap itself is still payable.
+    await operator.json("PATCH", rent, 200, json={"amount": 5_000_000})
+    cache.of(rt).types.clear()  # what its TTL_SECONDS (5 s) does before she dials again
+    p = AtPhone(client, "+250788000002")
+    await p.dial()
+    await p.send("1")
+    assert (await p.send("1")).startswith("CON Pay Monthly Rent\nAmount: 5,000,000 RWF")
