@@ -40,8 +40,8 @@ import httpx
 
 from bench.harness import ROOT, Cluster, LoadResult, Proc, free_port, python, wait_ready, wrk
 
-SCENARIOS = ("ussd_hop", "ussd_hop_2proc", "ussd_pay", "ussd_pay_2proc", "payments", "payments_2proc", "callbacks",
-             "callbacks_2proc", "sms", "memory")
+SCENARIOS = ("ussd_hop", "ussd_hop_2proc", "ussd_pay", "ussd_pay_2proc", "ussd_pay_rate", "payments", "payments_2proc",
+             "callbacks", "callbacks_2proc", "sms", "memory")
 PROVIDERS = ("mtn_momo", "airtel", "mpesa", "irembopay")
 SERVICE_CODE = "*384*123#"
 HOP_PHONE = "+250788000001"  # demo member: one membership, so the home menu needs no choice
@@ -56,6 +56,8 @@ CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 # connection's 101st session was a member's second while her first was open, an END with no payment, and the
 # run's check (ENDs <= payments) failed. 300 holds up to 960 sessions/s for 10 s.
 PAY_MEMBERS_PER_CONNECTION = 300
+# The pay session's target rate (sessions/s), offered on schedule by bench/paced.py (scenario ussd_pay_rate).
+PACED_RATE = 200.0
 
 
 @dataclass
@@ -533,6 +535,50 @@ def pay_sessions(b: Bench, label: str, name: str, second: Proc | None = None, no
                        result))
 
 
+def scenario_ussd_pay_rate(b: Bench) -> None:
+    """The pay session at the rate its target names, started on schedule (bench/paced.py), one `serve`: what a
+    member waits a hop when 200 sessions a second come, where the 32-connection runs above measure the most the
+    service takes, each hop's latency then mostly the queue of the other 31 connections' hops."""
+    label = f"Full USSD pay session at {PACED_RATE:g} sessions/s (1 process, paced)"
+    b.log(f"{label}: sessions started on schedule, 4 hops each")
+    run = b.run_id + secrets.token_hex(2)
+
+    def paced(seconds: float, run: str) -> LoadResult:
+        return _python_load("paced.py", ussd_path(b), "--rate", f"{PACED_RATE:g}", "--seconds", f"{seconds:g}",
+                            "--phone-first", b.phones[0], "--phones", str(len(b.phones)), "--run", run)
+
+    if not b.args.quick:
+        # Warm-up, not measured, as for the runs above (when this one runs alone, its first confirmations open the
+        # database pool).
+        _close_pool_payments(b)
+        paced(2.0, run + "w")
+    forget_resume_routes(b)
+    _close_pool_payments(b)
+    started = datetime.now(UTC)
+    with RssSampler(b.serve, b.profile_path("ussd_pay_rate")) as rss:
+        result = paced(b.seconds() if b.args.quick else max(3.0, b.seconds()), run)
+    b.rss_peak["ussd_pay_rate"] = rss.peak
+    ends, late = int(result.extra.get("ends", 0)), int(result.extra.get("late_starts", 0))
+    settle(b, "SELECT count(*) FROM payments WHERE channel = 'ussd' AND created_at >= $1", started)
+    payments, jobs = db(b, """
+        SELECT (SELECT count(*) FROM payments WHERE channel = 'ussd' AND created_at >= $1),
+               (SELECT count(*) FROM outbox_jobs j JOIN payments p ON p.id = j.payload->>'payment_id'
+                 WHERE j.kind = 'payment.collect' AND p.channel = 'ussd' AND p.created_at >= $1)""", started)[0]
+    errors = _load_errors(result) + int(result.extra.get("bad", 0))
+    sessions = ends / max(result.seconds, 1e-9)
+    consistent = ends == payments == jobs == int(result.extra.get("sessions", -1))
+    b.rows.append(_lat(Row(label, "sessions/s", sessions, "/s", target=">=200 sessions/s; p99 per hop <=50 ms",
+                           met=errors == 0 and consistent and sessions >= 0.98 * PACED_RATE and result.p99_ms <= 50,
+                           checks={"errors": errors, "hops": result.requests, "sessions_started": result.extra.get(
+                                       "sessions"), "sessions_ended": ends, "late_starts": late,
+                                   "serve_cpu_ms_per_hop": cpu_per_op(result.requests, rss),
+                                   "loadgen_cpu_ms_per_hop": result.extra.get("loadgen_cpu_ms"),
+                                   "payments_in_db": payments, "collect_jobs": jobs, "consistent": consistent},
+                           notes="open loop: session i starts at i/200 s whatever the others are doing, its first "
+                                 "hop timed from then; latency columns are per hop; each session another member"),
+                       result))
+
+
 def insert_baseline(b: Bench) -> LoadResult:
     port = free_port()
     dsn = b.dsn
@@ -646,16 +692,21 @@ def write_callbacks(b: Bench, payments: list[asyncpg.Record]) -> Path:
 
 
 def loadgen(url: str, path: Path, *, connections: int) -> LoadResult:
-    """bench/loadgen.py in its own process: each body once (wrk runs for a duration, not a count). Its own CPU time
-    a request is kept (loadgen_cpu_ms): it shares the machine's CPUs with the service."""
+    """bench/loadgen.py in its own process: each body once (wrk runs for a duration, not a count)."""
+    return _python_load("loadgen.py", url, str(path), "--connections", str(connections))
+
+
+def _python_load(script: str, *args: str) -> LoadResult:
+    """One of the benchmark's Python load generators in its own process, read from its 'BENCH {json}' line. Its own
+    CPU time a request is kept (loadgen_cpu_ms): it shares the machine's CPUs with the service."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run([python(), str(ROOT / "bench" / "loadgen.py"), url, str(path), "--connections",
-                          str(connections)], capture_output=True, text=True, check=False, timeout=900)
+    out = subprocess.run([python(), str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                         check=False, timeout=900)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH ")), None)
     if line is None:
-        raise RuntimeError(f"loadgen gave no summary: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+        raise RuntimeError(f"{script} gave no summary: {out.stdout[-2000:]} {out.stderr[-2000:]}")
     data = json.loads(line[len("BENCH "):])
     extra = {k: float(v) for k, v in data.items()
              if k not in ("requests", "seconds", "p50", "p95", "p99", "errors", "non2xx")}
