@@ -915,10 +915,17 @@ def collected_to_credit(payment: Any) -> Money:
     return Money(0, payment.currency) if taken is None else taken
 
 
-def flagged_before(payment: Payment, said: str) -> bool:
-    """Whether `said` is among the payment's flags already, or among those a person reviewed: a repeat of the same
-    report (a provider's retry) is not flagged again."""
-    return said in (payment.mismatch_detail or "") or said in (payment.reviewed_detail or "")
+async def flagged_before(session: AsyncSession, payment: Payment, said: str, action: str,
+                         report: Mapping[str, Any]) -> bool:
+    """Whether this report was made before (a provider's retry), so it is not flagged again: `said` among the
+    payment's flags or those a person reviewed, or else its audit row (`action`, with `report` in its after). The
+    text alone missed a report whose flag fit_detail had cut from the middle of a long mismatch_detail: it was
+    flagged, audited and logged again at each retry, and set mismatch again on a payment a person had reviewed."""
+    if said in (payment.mismatch_detail or "") or said in (payment.reviewed_detail or ""):
+        return True
+    rows = await session.execute(select(AuditEvent.after).where(
+        AuditEvent.entity_type == "payment", AuditEvent.entity_id == payment.id, AuditEvent.action == action))
+    return any(after and all(after.get(k) == v for k, v in report.items()) for after in rows.scalars())
 
 
 def add_flag(earlier: str | None, said: str) -> str:

@@ -376,11 +376,12 @@ async def _flag_other_transaction_id(session: AsyncSession, payment: Payment, re
     stored = payment.provider_transaction_id or ""
     said = (f"provider reported this payment's money under transaction {reported[:64]}, not {stored[:64]}, the one "
             "it holds: check the provider's statement")
-    if flagged_before(payment, said):
+    report = {"reportedTransactionId": reported[:128]}
+    if await flagged_before(session, payment, said, "payment.transaction_id_differs", report):
         return  # said already (a repeat of the report), or reviewed since
     await record(session, actor=actor, action="payment.transaction_id_differs", entity_type="payment",
                  entity_id=payment.id, before={"providerTransactionId": stored},
-                 after={"reportedTransactionId": reported[:128], "status": payment.status},
+                 after={**report, "status": payment.status},
                  cooperative_id=payment.cooperative_id)
     payment.mismatch = True
     payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
@@ -831,13 +832,12 @@ async def _flag_success_after_void(session: AsyncSession, payment: Payment, prov
             f"{f', transaction {provider_transaction_id[:64]}' if provider_transaction_id else ''} after the "
             f"recording was voided: check the statement, {_AFTER_VOID}")
     # The same report again (a provider's retry): audited only, also once a person reviewed its flag.
-    repeat = flagged_before(payment, said)
+    report = {"providerTransactionId": provider_transaction_id, "amount": None if amount is None else amount.minor,
+              "currency": None if amount is None else amount.currency}
+    repeat = await flagged_before(session, payment, said, "payment.success_after_void", report)
     await record(session, actor=actor, action="payment.success_after_void", entity_type="payment",
                  entity_id=payment.id, before={"status": payment.status, "mismatch": payment.mismatch},
-                 after={"providerTransactionId": provider_transaction_id,
-                        "mismatch": bool(payment.mismatch) or not repeat,
-                        "amount": None if amount is None else amount.minor,
-                        "currency": None if amount is None else amount.currency},
+                 after={**report, "mismatch": bool(payment.mismatch) or not repeat},
                  cooperative_id=payment.cooperative_id)
     if not repeat:
         payment.mismatch = True

@@ -135,6 +135,45 @@ async def test_an_open_payment_past_its_window_is_recorded_and_its_polls_stop(ad
         assert (await s.get(Payment, payment["id"])).status == "COMPLETED"
 
 
+async def test_a_report_whose_flag_was_cut_from_a_long_detail_is_not_flagged_again(admin, rt, demo):
+    """Three reports of other transaction ids fill mismatch_detail past its 300 characters: fit_detail keeps the
+    first flag's start and the last's end, so the first two were no longer whole in it. Each retry of those was
+    taken for a new report: flagged, audited and logged again, and after a person's review the payment was flagged
+    once more for what she had just reviewed."""
+    payment = await _given_up(admin, rt, demo)
+    await admin.json("POST", f"/v1/payments/{payment['id']}/outcome", 200, json=RECORD)
+
+    async def report(transaction_id: str) -> None:
+        async with rt.sessionmaker.begin() as s:
+            row = await s.get(Payment, payment["id"])
+            await apply_collection_outcome(s, rt, row, ProviderOutcome.SUCCEEDED, actor=PROVIDER,
+                                           provider_transaction_id=transaction_id)
+
+    async def audited() -> list[str]:
+        async with rt.sessionmaker() as s:
+            return [a.after["reportedTransactionId"] for a in (await s.execute(select(AuditEvent).where(
+                AuditEvent.entity_id == payment["id"], AuditEvent.action == "payment.transaction_id_differs")
+                .order_by(AuditEvent.id))).scalars()]
+
+    for transaction_id in ("MP-9001", "MP-9002", "MP-9003"):
+        await report(transaction_id)
+    detail = (await admin.json("GET", f"/v1/payments/{payment['id']}", 200))["mismatchDetail"]
+    said = ("provider reported this payment's money under transaction {}, not MP-7781, the one it holds: check the "
+            "provider's statement")
+    # The premise: the first two flags cut, the last one whole.
+    assert (len(detail), said.format("MP-9001") in detail, said.format("MP-9002") in detail,
+            said.format("MP-9003") in detail) == (300, False, False, True), detail
+    for transaction_id in ("MP-9001", "MP-9002", "MP-9003"):  # the provider's retries
+        await report(transaction_id)
+    assert await audited() == ["MP-9001", "MP-9002", "MP-9003"]
+    assert (await admin.json("GET", f"/v1/payments/{payment['id']}", 200))["mismatchDetail"] == detail
+    # Reviewed by a person, then retried again: nothing to review anew.
+    await admin.json("POST", f"/v1/payments/{payment['id']}/review", 200, json={"note": "MP-7781 is ours"})
+    await report("MP-9001")
+    shown = await admin.json("GET", f"/v1/payments/{payment['id']}", 200)
+    assert shown["mismatch"] is False and await audited() == ["MP-9001", "MP-9002", "MP-9003"]
+
+
 async def test_the_providers_late_word_naming_another_transaction_than_the_one_recorded_is_flagged(admin, rt, demo):
     """The treasurer recorded a TIMEOUT payment's money with a line of the statement (MP-7781); the provider's late
     success then named the payment's money under another transaction (its own line). It was dropped as "already
