@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,12 @@ SECURITY_HEADERS = {
 }
 OPS_ROLES = frozenset({auth.SUPER_ADMIN, auth.COOP_ADMIN})
 PAGES_ENABLED = web.AppKey("phone_simulator_enabled", bool)
+# How many /ops/data reads one process makes at once; the others wait their turn. Each reads a day of payments, SMS,
+# sessions, jobs and deliveries on a pooled connection, and the page is outside /v1's rate limits: one admin's token
+# sending a few hundred at once took every connection, and USSD hops, provider callbacks and the API waiting for one
+# were answered "unavailable". An open page asks every 4 s: a few tabs of many admins still read at once.
+OPS_READS_AT_ONCE = 4
+OPS_READS = web.AppKey("ops_reads", asyncio.Semaphore)
 # Query values are checked before any query: PostgreSQL refuses a NUL in text outright (asyncpg raises, a
 # 500), and an id that is not a UUID cannot exist. The same checks as /v1 (admin_api.validation).
 MAX_REFERENCE = 128
@@ -52,6 +59,7 @@ def setup_pages(app: web.Application) -> None:
     settings = app[SETTINGS]
     enabled = simulator_enabled(settings)
     app[PAGES_ENABLED] = enabled
+    app[OPS_READS] = asyncio.Semaphore(OPS_READS_AT_ONCE)
     app.router.add_get("/ops", ops_page)
     app.router.add_get("/ops/", ops_page)
     app.router.add_get("/ops/data", ops_data)
@@ -254,7 +262,7 @@ async def ops_data(request: web.Request) -> web.Response:
     # The length first: int() of thousands of digits raises (Python's conversion limit) rather than answer.
     if len(minutes_raw) > 4 or not is_number(minutes_raw) or not 1 <= int(minutes_raw) <= 1440:
         return _error(request, 400, "minutes must be an integer from 1 to 1440")
-    async with rt.sessionmaker() as session:
+    async with request.app[OPS_READS], rt.sessionmaker() as session:
         figures = await dashboard(session, cooperative_id, minutes=int(minutes_raw), redis=rt.redis)
         scope = "all cooperatives"
         if cooperative_id:

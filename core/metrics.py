@@ -216,9 +216,34 @@ def _providers(rt: Runtime, read: dict[str, tuple[int, int]] | None = None) -> s
     return set(_providers_shown)
 
 
+# The refresh a process is running, by (runtime, event loop): scrapes that come while it runs wait for it and answer
+# with its figures (one flight). Each scrape read the database on connections of its own, so a burst of scrapes
+# (anyone who reaches the port while METRICS_TOKEN is unset) took every pooled connection, and USSD hops, provider
+# callbacks and the API waiting for one were answered "unavailable". Nothing is kept once it ends: the next scrape
+# reads again.
+_refreshing: dict[tuple[int, int], asyncio.Future[None]] = {}
+
+
 async def refresh_gauges(rt: Runtime) -> None:
     """Set the gauges read at each scrape: from the database (refresh_database_gauges), Redis's PING and the
-    reference sequence against its mark (core.reference_mark), at once."""
+    reference sequence against its mark (core.reference_mark), at once; a scrape that comes while another's
+    refresh runs waits for that one (see _refreshing)."""
+    key = (id(rt), id(asyncio.get_running_loop()))
+    running = _refreshing.get(key)
+    if running is None:
+        running = asyncio.ensure_future(_refresh_gauges(rt))
+        _refreshing[key] = running
+
+        def done(finished: asyncio.Future[None]) -> None:
+            if _refreshing.get(key) is finished:
+                del _refreshing[key]
+
+        running.add_done_callback(done)
+    # Shielded: a scrape whose client went away does not cancel the refresh the others wait for.
+    await asyncio.shield(running)
+
+
+async def _refresh_gauges(rt: Runtime) -> None:
     from core.reference_mark import refresh_gauge as refresh_reference_gauge
 
     await asyncio.gather(refresh_database_gauges(rt), refresh_redis_gauge(rt), refresh_reference_gauge(rt))

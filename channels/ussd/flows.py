@@ -270,10 +270,13 @@ async def cooperative_by_code(conn: Any, code: str) -> CoopRow | None:
 
 
 async def cooperative_by_extension(rt: Any, extension: str) -> CoopRow | None:
+    """The cooperative whose own code was dialled, active or not: a suspended one's code names it all the same (its
+    members are told their membership there is not active, a stranger that it takes no payments now: enter). Read
+    among the active ones only, a suspended cooperative's code was the shared code, and a member of another
+    cooperative went on to that one's menu and paid it."""
     async with cache.autocommit(rt) as conn:
         row = (await conn.execute(
-            select(*_COOP_COLUMNS).where(Cooperative.ussd_extension == extension,
-                                         Cooperative.status == "ACTIVE"))).first()
+            select(*_COOP_COLUMNS).where(Cooperative.ussd_extension == extension))).first()
     return _coop_row(row) if row is not None else None
 
 
@@ -429,6 +432,10 @@ async def enter(ctx: Ctx, flow: str) -> str:
             if coop is None:
                 return "help_general"
             return "help" if coop.contact_phone else "help_office"
+        if coop is not None and coop.status != "ACTIVE":
+            # Its own code dialled while it is suspended: it takes no payments or members now, as its code typed
+            # at the registration prompt says (code_entered), not "register here" or a name prompt.
+            return "reg_suspended"
         if flow != "pay":
             if coop is not None:
                 # The dialled extension's cooperative: this phone may well be a member of another one. Pay

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from datetime import timedelta
@@ -119,3 +120,29 @@ async def test_ops_dashboard_shows_the_oldest_due_job(rt):
     assert (stuck["pending"], stuck["due"]) == (4, 4)
     assert 1190 < stuck["oldestDueSeconds"] < 1260
     assert (other["due"], other["oldestDueSeconds"]) == (0, 0)
+
+
+async def test_scrapes_at_once_share_one_read_of_the_database(rt, client, monkeypatch):
+    # Each scrape read the database on a connection of its own: a burst of them (anyone, while METRICS_TOKEN is
+    # unset) took every pooled connection, and USSD hops waiting for one were answered "service unavailable".
+    await _jobs(rt, utcnow() - timedelta(minutes=5), n=3)
+    reads = 0
+    read_database = metrics._read_database
+
+    async def counted(runtime):
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.2)  # a slow read: the other scrapes come while it runs
+        return await read_database(runtime)
+
+    monkeypatch.setattr(metrics, "_read_database", counted)
+    scraped = await asyncio.gather(*(_scrape(client) for _ in range(40)))
+    assert reads == 1
+    for one in scraped:  # every scrape got the figures that read gave
+        assert _get(one, "gateway_outbox_due_jobs", status="PENDING") == 3
+        assert _get(one, "gateway_outbox_gauges_ok") == 1
+    # One after the others: read again, its own figures (nothing kept between scrapes).
+    await _jobs(rt, utcnow() - timedelta(minutes=5), n=5, status="PARKED")
+    later = await _scrape(client)
+    assert reads == 2
+    assert _get(later, "gateway_outbox_depth", status="PARKED") == 5

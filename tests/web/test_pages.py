@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import timedelta
 from typing import Any
@@ -252,6 +253,37 @@ async def test_ops_data_refuses_tenants(pages: Any, demo: dict[str, Any]) -> Non
     resp = await pages.get("/ops/data", headers={"Authorization": f"Bearer {token}"})
     assert resp.status == 403
     assert (await resp.json())["error"] == "Forbidden"
+
+
+async def test_ops_data_read_at_once_by_many_takes_few_connections(pages: Any, rt: Any, demo: dict[str, Any],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each /ops/data read its figures on a pooled connection of its own, with no limit outside /v1's: one
+    admin's token sending a few hundred at once took every connection, and USSD hops, provider callbacks and the
+    API waiting for one were answered "unavailable". At most OPS_READS_AT_ONCE are read at once per process; the
+    others wait their turn, and each still gets its figures."""
+    import core.ops
+    from admin_api.pages import OPS_READS_AT_ONCE
+
+    token = await _token(pages, *demo["admin"])
+    running = most = 0
+    dashboard = core.ops.dashboard
+
+    async def watched(*args: Any, **kwargs: Any) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.05)  # a dashboard over a busy day's rows takes a while
+            return await dashboard(*args, **kwargs)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(core.ops, "dashboard", watched)
+    answers = await asyncio.gather(*(pages.get("/ops/data", headers={"Authorization": f"Bearer {token}"})
+                                     for _ in range(30)))
+    assert [resp.status for resp in answers] == [200] * 30
+    assert {(await resp.json())["scope"]["cooperativeId"] for resp in answers} == {demo["cooperative_id"]}
+    assert most <= OPS_READS_AT_ONCE
 
 
 async def test_ops_data_reports_the_ussd_funnel(pages: Any, rt: Any, demo: dict[str, Any],

@@ -17,12 +17,17 @@ from typing import Any
 
 import pytest
 
+from channels.ussd.i18n import translate
 from core import gsm
+from core.audit import Actor
+from core.members import create_member
 from core.models import Cooperative, Member, Payment
+from core.phone import normalize
 from tests.admin_api.conftest import Caller, bearer
 from tests.channels.sms.helpers import make_payment
 from tests.channels.ussd.helpers import AtPhone
 from tests.channels.ussd.test_flows_africastalking import EN_MTN, FR_AIRTEL, RW_MTN, STRANGER, SW_AIRTEL, option
+from tests.channels.ussd.test_language_across_cooperatives import add_cooperative
 
 LOCALE = Path(__file__).resolve().parents[3] / "channels" / "ussd" / "locale"
 NOT_TAKING = {
@@ -129,3 +134,45 @@ async def test_back_to_her_payments_from_the_old_number_ends_saying_the_number_c
     await admin.json("PATCH", f"/v1/members/{member}", 200, json={"phone": "+250788999881"})
     told = await live.send("0")  # Back: the list again
     assert told == NUMBER_CHANGED["en"], told
+
+
+# ------------------------------------------------------------------- a suspended cooperative's own code dialled
+
+DEMO = "Kigali Heights Housing Cooperative"
+
+
+@pytest.mark.parametrize("key", ["1", "2", "3"])  # Pay, My payments, Problem with a payment
+async def test_a_suspended_cooperatives_extension_never_opens_her_other_cooperatives_menu(
+        rt: Any, client: Any, demo: dict[str, Any], db: Any, key: str) -> None:
+    """A member of the demo cooperative and of Remera dials the demo cooperative's own code while the demo
+    cooperative is suspended: its extension was looked up among active cooperatives only, found none, and the
+    session went on as if she had dialled the shared code, on her one usable membership: Remera's menu, Remera's
+    types, a payment to Remera, when she had dialled to pay the demo cooperative. She is told her membership
+    there is not active, as when she alone is suspended there; Remera's own code still takes her to Remera."""
+    remera = await add_cooperative(rt, "Remera Teachers SACCO", "7")
+    async with rt.sessionmaker.begin() as s:
+        await create_member(s, rt.cipher, cooperative_id=remera, name="Jean Bosco", phone=normalize(EN_MTN),
+                            actor=Actor("system", "system"), language="en", status="ACTIVE")
+    await _suspend(rt, demo["cooperative_id"])
+    phone = AtPhone(client, EN_MTN, service_code="*384*123*123#")
+    home = await phone.dial()
+    assert "Remera" not in home, home
+    told = await phone.send(key)
+    assert told == "END " + translate("en", "member.inactive", coop=DEMO), told
+    assert await db.count(Payment) == 0
+
+    remera_code = AtPhone(client, EN_MTN, service_code="*384*123*7#")
+    await remera_code.dial()
+    assert "Savings" in await remera_code.send("1")  # Remera's own code: Remera's types
+
+
+async def test_a_stranger_dialling_a_suspended_cooperatives_extension_is_told_it_takes_no_payments(
+        rt: Any, client: Any, demo: dict[str, Any], db: Any) -> None:
+    """A stranger dialling a suspended cooperative's own code was greeted as on the shared code and, at Pay, asked
+    for her cooperative's code (typed, it says the cooperative is not taking payments now): she is told that at
+    once, as the typed code tells her, in her language; no registration is made."""
+    await _suspend(rt, demo["cooperative_id"])
+    phone = AtPhone(client, STRANGER, service_code="*384*123*123#")
+    await phone.dial()
+    assert await phone.send("1") == NOT_TAKING["en"]
+    assert await db.count(Member, Member.phone_index == rt.cipher.blind_index(STRANGER)) == 0
