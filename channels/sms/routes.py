@@ -411,6 +411,12 @@ async def inbound(request: web.Request) -> web.Response:
     inbound_id = given_id or hashlib.sha256(f"{sender}|{date}|{text}".encode()).hexdigest()[:32]
     command, keyword_language, argument = parse_keyword(text, rt.settings.sms_shortcode_keywords)
     named_code = shortcode_prefix(text, rt.settings.sms_shortcode_keywords)  # a cooperative's short code, perhaps
+    if named_code is None and command in ("BALANCE", "HELP") and argument and " " not in argument:
+        # "BALANCE TWISU": a member of two cooperatives names the one she asks about after the keyword, as she can
+        # before it on a shared code ("TWISU BALANCE"); without this the word was dropped and she was answered for
+        # her first membership, with no way to ask about the other. A word that is none of her cooperatives' codes
+        # changes nothing (_named_membership).
+        named_code = argument
     index = rt.cipher.blind_index(phone.e164)
     actor = Actor(f"phone:{phone.masked()}", "sms")
     # A STOP or START the aggregator posts again (our answer was late, though we took it) changes nothing again: her

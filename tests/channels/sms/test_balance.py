@@ -277,6 +277,23 @@ async def test_a_member_of_two_cooperatives_gets_the_balance_of_the_one_her_text
     assert khhc.startswith("Still to pay this period (KHHC): Monthly Rent 50,000 RWF"), khhc
 
 
+async def test_a_member_of_two_cooperatives_names_the_one_she_asks_about_after_the_keyword(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any,
+) -> None:
+    """Without a shared code's keywords (SMS_SHORTCODE_KEYWORDS) "BAL OTHER" was KHHC's balance, the word dropped:
+    she had no way to ask about her second cooperative. A word that is none of her cooperatives' codes is her
+    first membership's, as before."""
+    await _second_membership(rt, JEAN)
+    other = await ask(sms_client, sim, worker, JEAN, "BAL other", "bal-after-1")
+    assert other == "Still to pay this period (OTHER): Shares 7,000 RWF. Dial *384*123*77# to pay."
+    khhc = await ask(sms_client, sim, worker, JEAN, "BALANCE KHHC", "bal-after-2")
+    assert khhc.startswith("Still to pay this period (KHHC): Monthly Rent 50,000 RWF"), khhc
+    nobody = await ask(sms_client, sim, worker, JEAN, "BAL NOPE", "bal-after-3")
+    assert nobody.startswith("Still to pay this period (KHHC): "), nobody
+    helped = await ask(sms_client, sim, worker, JEAN, "HELP OTHER", "bal-after-4")
+    assert helped.startswith("Dial *384*123*77# to pay."), helped
+
+
 async def test_a_balance_is_not_sent_to_a_number_she_no_longer_holds(
     rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any,
 ) -> None:
