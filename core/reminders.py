@@ -57,7 +57,7 @@ from core.models import Cooperative, Member, OutboxJob, Payment, PaymentType, Sm
 from core.notify import sms_job
 from core.outbox import Handler, Job, NewJob, enqueue
 from core.references import next_number
-from core.state.payment import OPEN_VALUES
+from core.state.payment import OPEN_VALUES, taken_after_failure_where
 from core.state.sms import SKIPPED
 
 if TYPE_CHECKING:
@@ -277,6 +277,18 @@ def _kept(payment: Any) -> Any:
     return func.coalesce(payment.c.collected_minor, payment.c.amount_minor) - func.coalesce(payment.c.refunded_minor, 0)
 
 
+def _in_statuses(payment: Any, statuses: tuple[str, ...]) -> Any:
+    """SQL: the payment (a table) is in one of `statuses`; with PAID, also a FAILED one whose money the provider then
+    reported taken (core.state.payment.taken_after_failure: held, in the reconciliation and the member's statement,
+    refundable). She was texted that the money was taken after all and not to pay again: it pays its period as a
+    completed payment does (what it keeps, _kept), or the dues report listed her UNPAID, the reminders and the BALANCE
+    SMS asked her for the whole price and the USSD charged it again."""
+    found = payment.c.status.in_(statuses)
+    if statuses != PAID:
+        return found
+    return or_(found, taken_after_failure_where(payment.c))
+
+
 class _KeyOf(ColumnElement[bool]):
     """SQL condition: `key` (a text column) is a key of the due date whose reminder_key without a day is `prefix`
     (a SQL expression): that key itself (the releases before the day was in it) or it followed by ":<day>", any day.
@@ -389,7 +401,7 @@ def of_period(cooperative_id: str, type_id: str, due: date, period: PaidFor, sta
     """SQL condition on _PAYMENT: a payment of the member (the caller's _MEMBER row), of the type's period ending
     on `due` (`period`: PaidFor.of it), in one of `statuses`."""
     return and_(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.cooperative_id == cooperative_id,
-                _PAYMENT.c.payment_type_id == type_id, _PAYMENT.c.status.in_(statuses),
+                _PAYMENT.c.payment_type_id == type_id, _in_statuses(_PAYMENT, statuses),
                 paid_clause(_PAYMENT, period.since, period.due_from, period.due_until, utc_midnight(due),
                             period.until))
 
@@ -432,7 +444,7 @@ def period_money(cooperative_id: str, type_id: str, currency: str, due: date, pe
 
     # Her number now, by the payment's member: correlated on payments only (members is also the outer query's).
     number = select(_MEMBER.c.phone_index).where(_MEMBER.c.id == _PAYMENT.c.member_id).correlate(_PAYMENT)
-    kept_now = _PAYMENT.c.status.in_(PAID)
+    kept_now = _in_statuses(_PAYMENT, PAID)
     open_now = and_(still_open(now, now - grace), approvable_by(_PAYMENT.c.member_id, number.scalar_subquery()))
     same = _PAYMENT.c.currency == currency
     query = select(
@@ -631,7 +643,7 @@ def _reminder_state(of_period: Any) -> Any:
 
     def payments(statuses: tuple[str, ...]) -> Any:
         return and_(_PAYMENT.c.member_id == _MEMBER.c.id, _PAYMENT.c.payment_type_id == bindparam("t"),
-                    _PAYMENT.c.status.in_(statuses), of_period)
+                    _in_statuses(_PAYMENT, statuses), of_period)
 
     paid, kept, still_open = _period_money(payments, _TYPE.c.currency)
     return select(
@@ -751,7 +763,7 @@ def current_period(ptype: Any, now: datetime, zone: tzinfo) -> tuple[date, PaidF
 
 def _paid_in_period(statuses: tuple[str, ...]) -> Any:
     return and_(_PAYMENT.c.member_id == bindparam("m"), _PAYMENT.c.payment_type_id == bindparam("t"),
-                _PAYMENT.c.status.in_(statuses),
+                _in_statuses(_PAYMENT, statuses),
                 paid_clause(_PAYMENT, _SINCE, bindparam("due_from", type_=UTCDateTime()),
                             bindparam("due_until", type_=UTCDateTime()), bindparam("named", type_=UTCDateTime())))
 

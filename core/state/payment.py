@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import and_, or_
 
@@ -78,9 +78,13 @@ def holds_money(payment: MoneyState) -> bool:
     return PaymentStatus(payment.status) in COLLECTED or taken_after_failure(payment)
 
 
+def taken_after_failure_where(columns: Any) -> Any:
+    """taken_after_failure() as a SQL condition on `columns` (the Payment entity, or a payments table's `.c`)."""
+    return and_(columns.status == P.FAILED.value, columns.completed_at.is_not(None), columns.collected_minor > 0)
+
+
 # holds_money() as a SQL condition on payments (the reconciliation and its exports).
-HELD = or_(Payment.status.in_([s.value for s in COLLECTED]),
-           and_(Payment.status == P.FAILED.value, Payment.completed_at.is_not(None), Payment.collected_minor > 0))
+HELD = or_(Payment.status.in_([s.value for s in COLLECTED]), taken_after_failure_where(Payment))
 
 
 def shown_status(status: str, failure_reason: str | None, completed_at: object) -> str:

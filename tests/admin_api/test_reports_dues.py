@@ -443,6 +443,48 @@ async def test_a_member_who_paid_twice_owes_nothing_and_offsets_no_one_elses_deb
     assert rows["Aline Uwase"]["amountOutstanding"] == "0"
 
 
+async def test_money_taken_after_the_payment_failed_pays_its_period(admin, rt, demo):
+    """Jean's rent FAILED, then the provider reported the money taken after all: the payment stays FAILED but the money
+    is held (the reconciliation counts it, payments.csv?member= lists it collected) and she is texted not to pay
+    again. It pays its period as a completed payment does: November's dues list her PAID, and for the period a
+    payment made now pays, the USSD and the BALANCE SMS (owed_now) ask her for nothing; part of it refunded, the
+    rest is owed."""
+    from core.reminders import owed_now
+
+    rent = demo["payment_types"]["Monthly Rent"]
+    await _registered(rt, demo["cooperative_id"])
+    jean = demo["members"]["+250788000002"]
+    november = await _pay(admin, rt, rent, "+250788000002", taken=0)
+    now = await _pay(admin, rt, rent, "+250788000002", due=None, taken=0)
+    for made in (november, now):
+        async with rt.sessionmaker.begin() as s:
+            await apply_collection_outcome(s, rt, await s.get(Payment, made["id"]), ProviderOutcome.FAILED,
+                                           actor=PROVIDER, reason="payer declined")
+        async with rt.sessionmaker.begin() as s:
+            assert await apply_collection_outcome(
+                s, rt, await s.get(Payment, made["id"]), ProviderOutcome.SUCCEEDED, actor=PROVIDER,
+                amount=Money(50000, "RWF"), provider_transaction_id=f"MTN-LATE-{made['id'][:8]}",
+            ) == "flagged_success_after_failure"
+    shown = await admin.json("GET", f"/v1/payments/{november['id']}", 200)
+    assert (shown["status"], shown["collectedAmount"]) == ("FAILED", 50000)
+    totals = (await admin.json("GET", "/v1/reports/reconciliation", 200))["totals"]
+    assert totals[0]["collected"] == 100000
+
+    report = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={NOVEMBER}&limit=100", 200)
+    line = next(line for line in report["data"] if line["memberId"] == jean)
+    assert _short(line) == ("Jean Bosco Habimana", "PAID", 50000, 50000, 0, 0)
+    assert line["lastPaymentAt"] == shown["completedAt"]
+    async with rt.sessionmaker() as s:
+        ptype = await s.get(PaymentType, rent)
+        _due, left = await owed_now(s, jean, ptype, "Africa/Kigali")
+    assert left == 0
+
+    await _refund(admin, rt, november["id"], 20000)  # part of it given back: the rest is what she kept
+    report = await admin.json("GET", f"/v1/reports/dues?paymentTypeId={rent}&period={NOVEMBER}&limit=100", 200)
+    line = next(line for line in report["data"] if line["memberId"] == jean)
+    assert _short(line) == ("Jean Bosco Habimana", "PARTIAL", 50000, 30000, 0, 20000)
+
+
 async def test_a_part_paid_member_with_a_payment_awaiting_her_pin_is_awaiting_approval(admin, rt, demo):
     """Jean's provider took 30,000 of the rent, and another payment of November's awaits her PIN: AWAITING_APPROVAL
     (DUES_STATUSES: before PARTIAL), with the 30,000 paid and the 20,000 still outstanding."""
