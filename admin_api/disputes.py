@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from admin_api.common import (
     AMOUNT_IN,
@@ -28,9 +28,10 @@ from admin_api.routing import Ctx, Route, refusal
 from admin_api.validation import ID_KEYWORD, LIMIT, PAGE, Param, check_path_id, period_params
 from core.disputes import STAFF_LABEL, move_dispute, open_dispute, present_note
 from core.errors import NotFound, ValidationError
-from core.models import Dispute, Payment
+from core.models import Dispute, Payment, Refund
 from core.money import Money
 from core.state.dispute import DisputeReason, DisputeStatus
+from core.state.refund import RefundStatus
 
 STATUSES = [s.value for s in DisputeStatus]
 REASONS = [r.value for r in DisputeReason]
@@ -152,6 +153,9 @@ LIST_QUERY = {
     "paymentId": Param("uuid", "Disputes of one payment"),
     "member": Param("uuid", "Disputes of one member"),
     "reference": Param(description="The dispute's reference as its SMS gives it (DSP_20261201_001)", nonempty=True),
+    "refundFailed": Param("boolean", "true: only disputes resolved with a refund that then FAILED (the member was "
+                          "not paid back: a RESOLVED dispute, out of ?open=true; send another refund, POST "
+                          "/v1/refunds); false: all others"),
     **period_params("created"),
 }
 
@@ -167,6 +171,9 @@ async def list_disputes(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         query = query.where(Dispute.status.in_(UNSETTLED) if q["open"] else Dispute.status.not_in(UNSETTLED))
     if q.get("reference") is not None:
         query = query.where(Dispute.reference == q["reference"].strip().upper())
+    if q.get("refundFailed") is not None:
+        failed = Dispute.refund_id.in_(select(Refund.id).where(Refund.status == RefundStatus.FAILED.value))
+        query = query.where(failed if q["refundFailed"] else or_(Dispute.refund_id.is_(None), ~failed))
     return await paged(ctx, query.order_by(Dispute.created_at.desc(), Dispute.id.desc()), presenter(ctx))
 
 

@@ -302,6 +302,18 @@ async def test_a_dispute_resolved_with_a_refund_that_fails_says_so(admin, rt, de
     assert dispute["status"] == "RESOLVED"
     assert dispute["notes"][-1]["text"] == (f"refund {refund['reference']} failed: recorded by an admin: MTN "
                                            "rejected the reversal; the member has not been paid back")
+    # RESOLVED, so out of the desk's ?open=true queue: ?refundFailed=true finds it (a note alone was found by no one).
+    settled = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": (await _paid(admin, rt, demo))["id"],
+                                                                  "reason": "OTHER"})
+    await admin.json("POST", f"/v1/disputes/{settled['id']}/transitions", 200,
+                     json={"status": "REJECTED", "note": "the statement shows one payment"})
+
+    async def ids(query: str) -> list[str]:
+        return [d["id"] for d in (await admin.json("GET", f"/v1/disputes?{query}", 200))["data"]]
+
+    assert await ids("open=true") == []
+    assert await ids("refundFailed=true") == [opened["id"]]
+    assert await ids("refundFailed=false") == [settled["id"]]
 
 
 async def test_the_desk_finds_disputes_by_what_is_left_to_answer_reason_member_reference_and_period(
