@@ -409,7 +409,9 @@ _DUES_LINE = {
         "amountDue": {**AMOUNT_OUT, "description": "The payment type's price: what pays the period"},
         "amountPaid": {**AMOUNT_OUT, "description": "What her payments of the period keep: what the provider took "
                        "(less when it took less than asked) less what was refunded, in the type's currency, of "
-                       "those COMPLETED or PARTIALLY_REFUNDED. A fully refunded payment (REFUNDED) keeps nothing and "
+                       "those COMPLETED or PARTIALLY_REFUNDED, and of a FAILED one whose money the provider then "
+                       "reported taken (held: she was told not to pay again). A fully refunded payment (REFUNDED) "
+                       "keeps nothing and "
                        "counts for nothing, as the reminders, the USSD and the BALANCE SMS count it. More than "
                        "amountDue when she paid more"},
         "amountAwaitingApproval": {**AMOUNT_OUT, "description": "What her payments of the period still open (PENDING "
@@ -428,7 +430,8 @@ _DUES_LINE = {
                               "is not taken off"},
         "lastPaymentAt": {**NULL_DATETIME, "description": "When the money of her last payment of the period that "
                           "counts in amountPaid moved (its completedAt, UTC): of the payments amountPaid adds money "
-                          "of (COMPLETED or PARTIALLY_REFUNDED, keeping more than 0 in the type's currency). One the "
+                          "of (COMPLETED, PARTIALLY_REFUNDED or FAILED then reported taken, keeping more than 0 in "
+                          "the type's currency). One the "
                           "provider completed in another currency, or that keeps nothing, is left out, as amountPaid "
                           "leaves it; null when none (amountPaid 0)"},
     },
