@@ -380,9 +380,15 @@ async def _plan(session: AsyncSession, rt: Runtime, coop: Cooperative, now: date
     dues = []
     for ptype in types:
         window = due_dates(ptype, today, zone)
-        if window is not None and 0 <= (window[1] - today).days <= before:
-            dues.append(_Due(ptype.id, window[1], period_of(ptype, window, zone), today,
-                             window[1] - timedelta(days=before),
+        if window is None:
+            continue
+        period = period_of(ptype, window, zone)
+        # Not before the period's midpoint, from which a payment pays it (PaidFor.since): with REMINDER_DAYS_BEFORE
+        # at 15 or more, a monthly type's reminder of 1 December went out on 11 November, while the USSD and the
+        # BALANCE SMS still asked for November's, and her payment then paid November.
+        first_day = max(window[1] - timedelta(days=before), period.since.astimezone(zone).date())
+        if first_day <= today <= window[1]:
+            dues.append(_Due(ptype.id, window[1], period, today, first_day,
                              amount_owed(ptype.allow_custom_amount, ptype.amount_minor), ptype.currency))
     # The local cut-off as real time (a scan run for another `now`, in tests, keeps the same window).
     send_before = start + (datetime.combine(today, SEND_UNTIL_LOCAL, tzinfo=zone) - now)

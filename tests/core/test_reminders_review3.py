@@ -412,6 +412,18 @@ async def test_a_bare_date_due_date_pays_that_day_in_a_zone_west_of_utc(rt: Any)
 # REMINDER_DAYS_BEFORE lowered while a due date is inside its reminder window: one reminder per due date still.
 
 
+async def test_a_long_reminder_window_waits_for_the_periods_midpoint(rt: Any, demo: dict[str, Any]) -> None:
+    """REMINDER_DAYS_BEFORE=20: 1 December's rent was reminded on 11 November, while a payment made then pays
+    November's (a period is paid from its midpoint, 16 November: PaidFor.since), as the USSD and BALANCE said. The
+    first reminder of 1 December now goes on the 16th."""
+    rt.settings = replace(rt.settings, reminder_days_before=20)
+    assert await _scan(rt, -17) == 0  # 11 November
+    assert await _scan(rt, -13) == 0  # 15 November
+    assert await _scan(rt, -12) == 5  # 16 November: the midpoint
+    assert {(j.payload["context"]["due_date"], j.payload["first_day"]) for j in await _reminder_jobs(rt)} == {
+        ("2026-12-01", "2026-11-16")}
+
+
 async def test_a_reminder_sent_before_the_days_before_were_lowered_is_not_sent_again(
         rt: Any, demo: dict[str, Any], sender: Any, aiohttp_server: Any) -> None:
     """Reminded on 24 November (7 days before 1 December), then REMINDER_DAYS_BEFORE lowered to 3 (a deploy): the
