@@ -459,6 +459,9 @@ async def build_message(
             due=due_text,
             dial=dial_code(code_of(service_code, coop.ussd_aggregator), coop.ussd_extension),
         )
+        # A balance beside the price in Kinyarwanda or Swahili took two SMS with the cooperative's name (each paid
+        # for, to every member reminded): its short code then, as the refund and dispute texts do.
+        values["coop"] = _name_or_code(template, language, values, coop)
     elif template == "balance":
         # The cooperative by its short code (the word texts begin with on a shared code): its name would take a
         # quarter of the one SMS the list should fit.
