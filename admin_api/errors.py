@@ -106,7 +106,16 @@ def is_outage(exc: BaseException) -> bool:
 
 
 def what_failed(exc: BaseException) -> str:
-    return "no database connection free (pool exhausted)" if isinstance(exc, PoolTimeout) else type(exc).__name__
+    """The outage in a few words for the log line: a database error with the server's or driver's own first line
+    ("DBAPIError: sorry, too many clients already"), which alone tells max_connections reached from a server
+    restarting, a statement cut by a timeout or a connection dropped mid-query; the bare class said none of that."""
+    if isinstance(exc, PoolTimeout):
+        return "no database connection free (pool exhausted)"
+    if isinstance(exc, DBAPIError):
+        said = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
+        if said and said[0]:
+            return f"{type(exc).__name__}: {said[0][:200]}"
+    return type(exc).__name__
 
 
 def _answer_begun(request: web.Request) -> bool:

@@ -20,14 +20,21 @@ What a failed send leaves, so that a message is neither lost nor doubled:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import math
+import random
+import time
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from redis.exceptions import AuthenticationError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import DateTime, String, and_, bindparam, case, func, literal, null, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -75,6 +82,48 @@ SEND_LOCK_SECONDS = 30
 # answer, not resent). ~380 bytes of Redis a message: ~27 MB at 10,000 messages a day. Without it a retry still
 # does not send (the job is interrupted): Unconfirmed.
 ANSWER_SECONDS = 7 * 24 * 3600
+# While Redis cannot be used before a send (down, restarting, loading its data, failing over, or full and refusing
+# writes), a message is not sent (its send rate's slot and send lock live there) and its job is tried again this many
+# seconds later (a random value between the two) without using an attempt, as a worker whose database is away claims
+# nothing. Its 10 attempts (core.notify: ~8 to 17 minutes of backoff) bound Africa's Talking refusing a message; spent
+# on a Redis outage as long, they parked every receipt of its first minutes, sent only when an operator replayed them.
+REDIS_AWAY_RETRY_SECONDS = (10.0, 30.0)
+# The warning that sends wait for Redis: at most once in this many seconds per process.
+REDIS_AWAY_LOG_SECONDS = 60.0
+_redis_away_said = -math.inf
+
+
+def redis_away(exc: BaseException) -> bool:
+    """Is `exc` Redis out of reach or refusing writes for now (an outage, not a fault of the message or of our
+    code)? A refused password is not: it does not pass by waiting, and parks as before."""
+    if isinstance(exc, AuthenticationError):
+        return False
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | ReadOnlyError | OutOfMemoryError):
+        return True
+    # The multiplexed client (core.redis_mux) answers a full Redis's "OOM command not allowed ..." as a ResponseError.
+    return isinstance(exc, ResponseError) and str(exc).startswith("OOM ")
+
+
+@contextlib.asynccontextmanager
+async def _waits_for_redis(job: Job) -> AsyncIterator[None]:
+    """Around everything before the send: Redis away (redis_away) is RetryLater, not a failed attempt. Nothing was
+    sent then (the send comes after), so trying again later can double nothing. Not for an attempt after one cut off
+    mid-send (Job.interrupted), which fails as before: its failure hands the doubt on as interrupted, whereas a
+    RetryLater's last error (core.outbox._doubt_kept) is no longer read as interrupted, and the attempt after the
+    outage would have sent AT the message again."""
+    global _redis_away_said
+    try:
+        yield
+    except RedisError as exc:
+        if not redis_away(exc) or job.interrupted:
+            raise
+        now = time.monotonic()
+        if now - _redis_away_said >= REDIS_AWAY_LOG_SECONDS:
+            _redis_away_said = now
+            log.warning("SMS sends wait for Redis: not sent, tried again without using their attempts",
+                        extra={"job_id": job.id, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        raise RetryLater(random.uniform(*REDIS_AWAY_RETRY_SECONDS),
+                         f"waiting for Redis ({type(exc).__name__}): not sent") from exc
 
 
 def message_key(payload: dict[str, Any]) -> str:
@@ -189,7 +238,7 @@ class SmsJobs:
         # One connection, in autocommit, for everything before the send: each statement is its own
         # transaction (as each read was under READ COMMITTED) without a BEGIN and a ROLLBACK/COMMIT
         # around it, and without a pool checkout (a ping) per step. It is released before the HTTP call.
-        async with autocommit(rt.engine) as conn:
+        async with _waits_for_redis(job), autocommit(rt.engine) as conn:
             existing = await _first(conn, _BY_KEY, {"k": key})
             if existing is not None and existing.status != SmsStatus.QUEUED.value:
                 return  # sent (or refused) already: a duplicate job or a re-run after a crash

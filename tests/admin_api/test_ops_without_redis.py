@@ -69,3 +69,38 @@ async def test_ops_data_while_the_database_is_away_is_a_503_to_ask_again(aiohttp
         503, "1", "SERVICE_UNAVAILABLE", "/ops/data")
     assert "dependency unavailable on GET /ops/data: ConnectionRefusedError" in [r.getMessage() for r in caplog.records]
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_database_refusing_connections_is_logged_with_its_reason(aiohttp_client: Any, rt: Any, demo: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL refusing the connection (here: a database it does not have; in production max_connections
+    reached, "sorry, too many clients already") is a 503, and the warning names the server's reason: "DBAPIError"
+    alone told an operator nothing of what to fix."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from core import ops
+    from core.db import make_engine
+
+    client = await page_client(aiohttp_client, rt, rt.settings)
+    token = (await login(client, *demo["admin"]))["accessToken"]
+    url = make_url(str(rt.engine.url.render_as_string(hide_password=False)))
+    if not url.drivername.startswith("postgresql"):
+        pytest.skip("a PostgreSQL server's refusal")
+    refusing = make_engine(url.set(database="gateway_no_such_database").render_as_string(hide_password=False))
+
+    async def refused(*_args: Any, **_kwargs: Any) -> Any:
+        async with refusing.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    monkeypatch.setattr(ops, "dashboard", refused)
+    try:
+        with caplog.at_level(logging.WARNING):
+            resp = await client.get("/ops/data", headers={"Authorization": f"Bearer {token}"})
+    finally:
+        await refusing.dispose()
+    assert resp.status == 503 and (await resp.json())["code"] == "SERVICE_UNAVAILABLE"
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dependency unavailable")]
+    assert said == ['dependency unavailable on GET /ops/data: DBAPIError: database "gateway_no_such_database" '
+                    'does not exist'], said

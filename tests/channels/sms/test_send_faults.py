@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from datetime import timedelta
 from typing import Any
 
@@ -294,6 +295,67 @@ async def test_an_empty_balance_waits_and_the_receipt_goes_out_after_the_top_up(
     await drain(worker)
     assert len(sim.messages(ALINE)) == 1
     assert (await the_row(rt)).status == "SENT"
+
+
+async def test_a_redis_outage_longer_than_the_attempts_parks_no_receipt(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis down (its send rate's slot and send lock cannot be taken) is no failed attempt: the receipt waits
+    for Redis, not sent, and goes out once when it is back. Counted as attempts, an outage of ~10 minutes parked
+    every receipt queued in its first minutes (its last attempt here), sent only if an operator replayed it."""
+    from app import create_worker
+    from channels.sms import jobs
+    from tests.admin_api.conftest import redis_unreachable
+
+    monkeypatch.setattr(jobs, "_redis_away_said", -math.inf, raising=False)  # said once a minute
+    await queue_receipt(rt, demo)
+    await last_attempt(rt)
+    async with redis_unreachable(rt):
+        with caplog.at_level(logging.WARNING, logger="gateway.sms.jobs"):
+            await drain(create_worker(rt))  # a worker of the outage: its rate limiter's client is the dead one
+    job = await the_job(rt)
+    assert (job.status, job.attempts) == ("PENDING", 9), (job.status, job.attempts, job.last_error)
+    assert job.last_error.startswith("waiting for Redis (ConnectionError)"), job.last_error
+    assert job.run_at >= utcnow() + timedelta(seconds=5)  # not a busy loop against a dead Redis
+    assert sim.messages(ALINE) == [] and len(sim.requests) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.sms.jobs"] == [
+        "SMS sends wait for Redis: not sent, tried again without using their attempts"]
+
+    await make_due(rt)  # Redis is back
+    await drain(worker)
+    [sent] = sim.messages(ALINE)
+    row = await the_row(rt)
+    assert (row.status, row.provider_message_id) == ("SENT", sent["id"])
+    assert (await the_job(rt)).status == "DONE"
+
+
+async def test_a_send_in_doubt_stays_in_doubt_through_a_redis_outage(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any
+) -> None:
+    """An attempt cut off mid-send (AT may have the message) followed by one that meets Redis down: the doubt is
+    handed on whole, and the attempt after the outage records the message Unconfirmed rather than sending it again."""
+    from app import create_worker
+    from tests.admin_api.conftest import redis_unreachable
+
+    await queue_receipt(rt, demo)
+    sim.set_failure("http500", times=1)  # the row is stored, AT refuses: QUEUED, to be retried
+    await drain(worker)
+    assert (await the_row(rt)).status == "QUEUED" and len(sim.requests) == 1
+    async with rt.sessionmaker.begin() as session:  # ...as if that attempt had been cut off waiting for AT instead
+        await session.execute(update(OutboxJob).values(
+            last_error="handler interrupted: still running after 5s and cancelled",
+            run_at=utcnow() - timedelta(seconds=1)))
+    async with redis_unreachable(rt):
+        await drain(create_worker(rt))
+    assert (await the_job(rt)).last_error.startswith("handler interrupted"), (await the_job(rt)).last_error
+
+    await make_due(rt)  # Redis is back
+    await drain(worker)
+    assert sim.messages(ALINE) == [] and len(sim.requests) == 1, "sent a second time"
+    row = await the_row(rt)
+    assert (row.status, row.provider_status) == ("SENT", "Unconfirmed")
+    assert (await the_job(rt)).status == "DONE"
 
 
 @pytest.mark.parametrize("failure", ["RiskHold", "InvalidSenderId", "InsufficientBalance"])
