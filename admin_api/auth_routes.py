@@ -443,6 +443,7 @@ ROUTES = [
         # The sign-in buckets' 10 a minute (they count only wrong current passwords), for every call.
         limit=Limit("auth:password", 10),
         tenants=True,
+        keys=False,
     ),
     Route(
         "POST",
@@ -454,6 +455,7 @@ ROUTES = [
         status=201,
         body=API_KEY_CREATE,
         response=API_KEY_CREATED,
+        keys=False,
     ),
     Route(
         "GET",
@@ -464,8 +466,10 @@ ROUTES = [
         "admin",
         query={"page": PAGE, "limit": LIMIT},
         response=page_of(API_KEY),
+        keys=False,
     ),
     Route(
-        "DELETE", "/api-keys/{id}", revoke_api_key, "Revoke an API key", "api-keys", "admin", response=API_KEY
+        "DELETE", "/api-keys/{id}", revoke_api_key, "Revoke an API key", "api-keys", "admin", response=API_KEY,
+        keys=False,
     ),
 ]

@@ -45,6 +45,20 @@ _SCOPE_TEXT = {
     "payments:write": "payments:write",
 }
 
+# The Access line of a route no API key may call (Route.keys False), whatever the key's scopes.
+_SIGNED_IN_TEXT = {
+    "admin": "cooperative admin or super admin, signed in (an API key is refused, 403, whatever its scopes)",
+    "payments:read": "a signed-in user (an API key is refused, 403)",
+}
+
+
+def _access_text(route: Route) -> str:
+    scope = route.scope or ""
+    if not route.keys:
+        return _SIGNED_IN_TEXT[scope]
+    return _SCOPE_TEXT.get(scope, "public")
+
+
 # What a route's one-line summary cannot say, added to its description (by operationId).
 _NOTES = {
     "update_member": "phone corrects the member's number (read in the cooperative's country, as on create): her "
@@ -225,12 +239,12 @@ def _operation(route: Route) -> dict[str, Any]:
         "parameters": params,
         "responses": responses,
         "description": (
-            f"Access: {_SCOPE_TEXT.get(route.scope or '', 'public')}"
+            f"Access: {_access_text(route)}"
             f"{'; tenants see only their own' if route.tenants else ''}. "
             f"Rate limit: {rate.count}/{rate.window}s per caller."
             f"{' ' + _NOTES[route.name] if route.name in _NOTES else ''}"
         ),
-        "security": [] if route.scope is None else [{"bearerAuth": []}, {"apiKey": []}],
+        "security": [] if route.scope is None else [{"bearerAuth": []}] + ([{"apiKey": []}] if route.keys else []),
     }
     if route.body is not None:
         op["requestBody"] = {"required": not route.body_optional,

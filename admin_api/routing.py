@@ -82,6 +82,9 @@ class Route:
     raw_body: str | None = None  # media type when the handler reads the body itself (CSV import)
     produces: str = "application/json"
     tenants: bool = False  # may a TENANT call it at all
+    # May an API key call it at all, whatever its scopes (False: signed-in users only; the handler refuses a key,
+    # and the OpenAPI document's Access line says so).
+    keys: bool = True
     body_optional: bool = False  # the JSON body may be left out (the schema's defaults apply)
     # An idempotent create (its handler marks a replay IDEMPOTENT_REPLAYED): whether the request's key names a
     # row already made. A replay is answered with what its key made without consuming the limit, even past it:

@@ -232,6 +232,7 @@ ROUTES = [
         status=201,
         body=CREATE,
         response=USER,
+        keys=False,
     ),
     Route(
         "GET",
@@ -242,6 +243,7 @@ ROUTES = [
         "admin",
         response=page_of(USER),
         query={"page": PAGE, "limit": LIMIT, "role": Param(enum=auth.ROLES)},
+        keys=False,
     ),
     Route(
         "PATCH",
@@ -252,6 +254,7 @@ ROUTES = [
         "admin",
         body=UPDATE,
         response=DEACTIVATED,
+        keys=False,
     ),
     Route(
         "DELETE",
@@ -261,5 +264,6 @@ ROUTES = [
         "users",
         "admin",
         response=DEACTIVATED,
+        keys=False,
     ),
 ]

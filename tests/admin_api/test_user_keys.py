@@ -102,6 +102,30 @@ async def test_a_key_reads_what_it_writes_and_acts_on(client, admin, demo):
     assert keys[writer["id"]] == ["payments:write"] and keys[back_office["id"]] == ["admin"]
 
 
+async def test_the_document_says_which_routes_refuse_a_key(rt, client, admin):
+    """The OpenAPI document's Access line of a route no key may call does not offer keys: it said "or API key with
+    admin", and an integrator whose key had admin got 403 "are managed by signed-in administrators"."""
+    made = await admin.json("POST", "/v1/api-keys", 201,
+                            json={"name": "all", "scopes": ["admin", "payments:read", "payments:write"]})
+    key = Caller(client, {"X-API-Key": made["key"]})
+    document = await (await client.get("/v1/openapi.json")).json()
+    signed_in = {("post", "/v1/api-keys"), ("get", "/v1/api-keys"), ("delete", "/v1/api-keys/{id}"),
+                 ("post", "/v1/users"), ("get", "/v1/users"), ("patch", "/v1/users/{id}"),
+                 ("delete", "/v1/users/{id}"), ("post", "/v1/auth/password")}
+    for method, path in signed_in:
+        operation = document["paths"][path][method]
+        assert "API key is refused" in operation["description"], (method, path)
+        assert "API key with" not in operation["description"], (method, path)
+        assert operation["security"] == [{"bearerAuth": []}], (method, path)
+    # Every other route that takes credentials still offers a key, and the ones named here do refuse one.
+    offered = {(m, p) for p, ops in document["paths"].items() for m, op in ops.items() if {"apiKey": []} in
+               op.get("security", [])}
+    assert not offered & signed_in and ("post", "/v1/payments") in offered
+    await key.json("POST", "/v1/auth/password", 403,
+                   json={"currentPassword": "whatever-it-is", "newPassword": "a-new-long-password"})
+    await key.json("GET", "/v1/api-keys", 403)
+
+
 async def test_a_key_manages_no_keys_and_no_accounts(rt, client, admin, demo):
     """A key with every scope still cannot mint, list or revoke keys, nor list, make, change or remove accounts: a
     leaked key could otherwise make itself permanent, or an account to sign in with."""
