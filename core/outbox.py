@@ -520,9 +520,12 @@ class OutboxWorker:
             for job in jobs if job.before is not None
             for status, run_at, last_error, locked_by in [job.before]])
 
-    async def _finish(self, job: Job, *, run_in: float | None = None, **values: Any) -> None:
+    async def _finish(self, job: Job, *, run_in: float | None = None, **values: Any) -> bool:
         """End this worker's run of `job` with `values`; `run_in`: due again that many seconds from now (the
-        database's now on PostgreSQL, as the claim reads it)."""
+        database's now on PostgreSQL, as the claim reads it). False, changing nothing, when the job is no longer
+        this worker's (its lease lapsed while it ran, a worker stopped past it, and another worker claimed it):
+        said once, at INFO, and its caller says nothing of this run's outcome ("job parked after retries" was
+        logged for a job another worker then finished)."""
         values.setdefault("updated_at", utcnow())
         values.update(b_id=job.id, b_worker=self.worker_id)
         engine = self._engine()
@@ -534,7 +537,12 @@ class OutboxWorker:
                 values["run_at"] = utcnow() + timedelta(seconds=run_in)
         # One UPDATE is its own transaction: run it in autocommit, as a Core statement built once per set of
         # columns.
-        await self._execute(statement, values)
+        async with autocommit(engine) as conn:
+            ours = (await conn.execute(statement, values)).rowcount != 0
+        if not ours:
+            log.info("job's lease lapsed while it ran and another worker has it: this run's outcome is dropped",
+                     extra={"job_id": job.id, "kind": job.kind, **_subject(job), "status": values.get("status")})
+        return ours
 
     async def _execute(self, statement: Any, values: Any) -> None:
         """One statement (or one statement with several rows of parameters) in autocommit, without the BEGIN and
@@ -585,8 +593,9 @@ class OutboxWorker:
                                run_in=later.delay, last_error=_doubt_kept(job, str(later))[:2000], **progress)
         except PermanentJobError as exc:
             outcome = "parked"
-            log.error("job parked", extra={"job_id": job.id, "kind": job.kind, **_subject(job), "error": str(exc)})
-            await self._finish(job, status="PARKED", locked_by=None, last_error=str(exc)[:2000])
+            if await self._finish(job, status="PARKED", locked_by=None, last_error=str(exc)[:2000]):
+                log.error("job parked", extra={"job_id": job.id, "kind": job.kind, **_subject(job),
+                                               "error": str(exc)})
         except Exception as exc:
             if schema_mismatch(exc):
                 outcome = "later"
@@ -604,20 +613,20 @@ class OutboxWorker:
             error = _doubt_kept(job, error, exc)[:2000]
             if job.attempts >= job.max_attempts:
                 outcome = "parked"
-                log.error("job parked after retries",
-                          extra={"job_id": job.id, "kind": job.kind, **_subject(job), "attempts": job.attempts,
-                                 "error": error})
-                await self._finish(job, status="PARKED", locked_by=None, last_error=error)
+                if await self._finish(job, status="PARKED", locked_by=None, last_error=error):
+                    log.error("job parked after retries",
+                              extra={"job_id": job.id, "kind": job.kind, **_subject(job), "attempts": job.attempts,
+                                     "error": error})
             else:
                 outcome = "retry"
                 delay = backoff(job.attempts)
                 asked = getattr(exc, "retry_after", None)  # e.g. a provider's Retry-After
                 if isinstance(asked, int | float) and asked > delay:
                     delay = min(float(asked), MAX_RETRY_AFTER)
-                log.warning("job failed, will retry",
-                            extra={"job_id": job.id, "kind": job.kind, **_subject(job), "attempts": job.attempts,
-                                   "delay_s": round(delay, 1), "error": error})
-                await self._finish(job, status="PENDING", locked_by=None, last_error=error, run_in=delay)
+                if await self._finish(job, status="PENDING", locked_by=None, last_error=error, run_in=delay):
+                    log.warning("job failed, will retry",
+                                extra={"job_id": job.id, "kind": job.kind, **_subject(job),
+                                       "attempts": job.attempts, "delay_s": round(delay, 1), "error": error})
         else:
             if not job.finished:  # the handler did not mark it DONE in its own transaction
                 await self._finish(job, **_done(utcnow()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -350,10 +351,38 @@ async def test_late_finish_by_a_worker_that_lost_its_lease_is_ignored(sm):
     other = OutboxWorker(sm, {}, lease_seconds=30)
     [again] = await other.claim()
     assert again.id == job.id
-    await slow._finish(job, status="DONE")  # the first worker wakes up late
+    assert await slow._finish(job, status="DONE") is False  # the first worker wakes up late
     async with sm() as session:
         row = (await session.execute(select(OutboxJob))).scalar_one()
     assert row.status == "RUNNING" and row.locked_by == other.worker_id
+
+
+@requires_pg
+@pytest.mark.parametrize("attempts", [1, 8])
+async def test_a_worker_that_lost_its_lease_says_nothing_of_its_runs_outcome(sm, caplog, attempts):
+    """A worker stopped past its lease (SIGSTOP, a long GC pause) and resumed: its handler's failure logged "job
+    failed, will retry" (or, at the last attempt, the ERROR "job parked after retries") for a job another worker
+    had taken and finished. Its write changed nothing; now its log says so instead."""
+    await _add_jobs(sm, 1)
+
+    async def fails(_job):
+        raise RuntimeError("provider said no")
+
+    slow = OutboxWorker(sm, {"test.record": fails}, lease_seconds=30)
+    [job] = await slow.claim()
+    job = dataclasses.replace(job, attempts=attempts)  # 8: its last (max_attempts), which parks
+    async with sm.begin() as session:
+        await session.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
+    other = OutboxWorker(sm, {}, lease_seconds=30)
+    assert [j.id for j in await other.claim()] == [job.id]
+    with caplog.at_level("INFO", logger="gateway"):
+        await slow.run_job(job)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("gateway")]
+    assert "job failed, will retry" not in said and "job parked after retries" not in said, said
+    assert said.count("job's lease lapsed while it ran and another worker has it: this run's outcome is dropped") == 1
+    async with sm() as session:
+        row = (await session.execute(select(OutboxJob))).scalar_one()
+    assert (row.status, row.locked_by) == ("RUNNING", other.worker_id)
 
 
 async def _queued_sms(sm) -> str:
