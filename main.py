@@ -691,6 +691,11 @@ def _metrics_port(given: int | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with contextlib.suppress(AttributeError, ValueError):
+        # Each line written as it is printed, also into a pipe (`prune | head`, cron): buffered, it was written at
+        # the interpreter's exit, where a reader gone already cost "Exception ignored ... BrokenPipeError" and exit
+        # 120, past the handling of it below.
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command != "simulate" or args.name == "africastalking"):

@@ -286,7 +286,9 @@ def _in_statuses(payment: Any, statuses: tuple[str, ...]) -> Any:
     found = payment.c.status.in_(statuses)
     if statuses != PAID:
         return found
-    return or_(found, taken_after_failure_where(payment.c))
+    # Refunded in full it keeps nothing and stays FAILED: it counts for nothing, as a REFUNDED one (a type whose
+    # member chooses the amount is paid by any payment counted here: _period_money's first).
+    return or_(found, and_(taken_after_failure_where(payment.c), _kept(payment) > 0))
 
 
 class _KeyOf(ColumnElement[bool]):

@@ -23,8 +23,10 @@ def _run_into_a_closed_pipe(**env: str) -> subprocess.CompletedProcess[str]:
     read, write = os.pipe()
     os.close(read)  # the reader is gone before the first line
     try:
+        # Without PYTHONUNBUFFERED, as cron runs it: its stdout, a pipe, is then buffered to the exit.
+        plain = {k: v for k, v in _base_env().items() if k != "PYTHONUNBUFFERED"}
         return subprocess.run([sys.executable, "main.py", "prune"], cwd=ROOT, stdout=write, stderr=subprocess.PIPE,
-                              text=True, env={**_base_env(), **env}, timeout=120, check=False)
+                              text=True, env={**plain, **env}, timeout=120, check=False)
     finally:
         os.close(write)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core import reminders
 from core.audit import Actor
@@ -38,6 +38,15 @@ async def _failed_then_taken(admin: Any, rt: Any, rent: str, account: str) -> st
     return str(made["id"])
 
 
+async def _refunded_in_full(admin: Any, rt: Any, payment_id: str) -> None:
+    """Its 50,000 sent back to the member, the provider reporting the refund done."""
+    refund = await admin.json("POST", f"/v1/payments/{payment_id}/refunds", 201,
+                              json={"amount": 50000, "idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:
+        await apply_refund_outcome(s, rt, await s.get(Refund, refund["id"]), ProviderOutcome.SUCCEEDED,
+                                   actor=PROVIDER)
+
+
 async def _reminded(rt: Any) -> dict[str, dict[str, Any]]:
     async with rt.sessionmaker() as s:
         jobs = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars().all()
@@ -58,12 +67,7 @@ async def test_money_taken_after_a_failure_pays_its_period(admin: Any, rt: Any, 
         conn = await s.connection()
         assert await reminders.why_not_send(conn, queued[aline]) == "paid"
     # Jean's was taken after failing too, then refunded in full: nothing kept, she owes the rent.
-    back = await _failed_then_taken(admin, rt, rent, "+250788000002")
-    refund = await admin.json("POST", f"/v1/payments/{back}/refunds", 201,
-                              json={"amount": 50000, "idempotencyKey": idem()})
-    async with rt.sessionmaker.begin() as s:
-        await apply_refund_outcome(s, rt, await s.get(Refund, refund["id"]), ProviderOutcome.SUCCEEDED,
-                                   actor=PROVIDER)
+    await _refunded_in_full(admin, rt, await _failed_then_taken(admin, rt, rent, "+250788000002"))
     async with rt.sessionmaker() as s:
         conn = await s.connection()
         assert await reminders.why_not_send(conn, queued[jean]) is None
@@ -94,3 +98,25 @@ async def test_money_taken_after_a_failure_pays_its_period(admin: Any, rt: Any, 
             found = await reminders.balance_now(s, member_id, ptype, "Africa/Kigali", payer=member.phone_index,
                                                 grace=timedelta(minutes=5))
             assert found is not None and (found.left, found.waiting) == (left, 0)
+
+
+async def test_money_taken_after_a_failure_then_refunded_in_full_pays_no_period_of_a_free_amount(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """A type whose member chooses the amount is paid by any payment that keeps money: one taken after failing and
+    then refunded in full keeps none (as a REFUNDED one), so she is still reminded."""
+    await _registered(rt, demo["cooperative_id"])
+    rent, jean = demo["payment_types"]["Monthly Rent"], demo["members"]["+250788000002"]
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(PaymentType).where(PaymentType.id == rent).values(allow_custom_amount=True))
+        assert await reminders.scan(s, rt, now=NOW) == 5
+    queued = await _reminded(rt)
+    back = await _failed_then_taken(admin, rt, rent, "+250788000002")
+    async with rt.sessionmaker() as s:
+        assert await reminders.why_not_send(await s.connection(), queued[jean]) == "paid"  # the money held
+    await _refunded_in_full(admin, rt, back)
+    async with rt.sessionmaker() as s:
+        assert await reminders.why_not_send(await s.connection(), queued[jean]) is None
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(OutboxJob.__table__.delete().where(OutboxJob.kind == "sms.send"))
+        assert await reminders.scan(s, rt, now=NOW + timedelta(days=1)) == 5
+    assert jean in await _reminded(rt)
