@@ -6,7 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import aliased
 
 from admin_api.common import (
     AMOUNT_IN,
@@ -155,7 +156,8 @@ LIST_QUERY = {
     "reference": Param(description="The dispute's reference as its SMS gives it (DSP_20261201_001)", nonempty=True),
     "refundFailed": Param("boolean", "true: only disputes resolved with a refund that then FAILED (the member was "
                           "not paid back: a RESOLVED dispute, out of ?open=true; send another refund, POST "
-                          "/v1/refunds); false: all others"),
+                          "/v1/payments/{id}/refunds), until a refund of the payment made since is not FAILED; "
+                          "false: all others"),
     **period_params("created"),
 }
 
@@ -172,7 +174,14 @@ async def list_disputes(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     if q.get("reference") is not None:
         query = query.where(Dispute.reference == q["reference"].strip().upper())
     if q.get("refundFailed") is not None:
-        failed = Dispute.refund_id.in_(select(Refund.id).where(Refund.status == RefundStatus.FAILED.value))
+        # Until the member is paid back another way: a refund of the payment made since (not FAILED: sent, or
+        # recorded as the provider's chargeback), which a refund asked for now cannot link to a settled dispute.
+        since = aliased(Refund)
+        paid_back = select(since.id).where(since.payment_id == Dispute.payment_id,
+                                           since.status != RefundStatus.FAILED.value,
+                                           since.created_at > Dispute.resolved_at).exists()
+        failed = and_(Dispute.refund_id.in_(select(Refund.id).where(Refund.status == RefundStatus.FAILED.value)),
+                      ~paid_back)
         query = query.where(failed if q["refundFailed"] else or_(Dispute.refund_id.is_(None), ~failed))
     return await paged(ctx, query.order_by(Dispute.created_at.desc(), Dispute.id.desc()), presenter(ctx))
 

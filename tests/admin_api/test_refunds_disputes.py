@@ -314,6 +314,11 @@ async def test_a_dispute_resolved_with_a_refund_that_fails_says_so(admin, rt, de
     assert await ids("open=true") == []
     assert await ids("refundFailed=true") == [opened["id"]]
     assert await ids("refundFailed=false") == [settled["id"]]
+    # Paid back another way (a refund of the payment since, which cannot name the settled dispute): off the list.
+    await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                     json={"amount": 10000, "idempotencyKey": "dispute-refund-again"})
+    assert await ids("refundFailed=true") == []
+    assert sorted(await ids("refundFailed=false")) == sorted([opened["id"], settled["id"]])
 
 
 async def test_the_desk_finds_disputes_by_what_is_left_to_answer_reason_member_reference_and_period(
