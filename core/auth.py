@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import logging
 import math
+import unicodedata
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -885,8 +886,12 @@ def username_is(username: str) -> ColumnElement[bool]:
     """Where an account's username is `username`, as it is signed in with: surrounding spaces dropped (as they are when
     an account is made) and whatever the case of either (a phone keyboard capitalises an e-mail address, an
     invitation may not). The unique index on lower(username) (migration 0017) holds one account per such name;
-    the name is stored, and shown, as it was typed."""
-    return func.lower(AdminUser.username) == func.lower(username.strip())
+    the name is stored, and shown, as it was typed (its accented letters composed: core.users.check_username), and
+    found typed either way ("José" with é as one character, or as e and a combining accent: a phone's keyboard and a
+    desktop's differ), an account of a release before that by the form it was stored in too."""
+    typed = username.strip()
+    return or_(*(func.lower(AdminUser.username) == func.lower(name)
+                 for name in dict.fromkeys((unicodedata.normalize("NFC", typed), typed))))
 
 
 async def login(session: AsyncSession, username: str, password: str) -> tuple[AdminUser, float]:

@@ -60,7 +60,9 @@ def named_cooperative(cooperative_id: str | None) -> str | None:
 def check_username(username: str) -> str:
     """The username as stored (surrounding spaces dropped, as the API does; its case kept, for display: it is
     unique, and signed in with, whatever its case, see auth.username_is)."""
-    name = username.strip()
+    # Accented letters composed (NFC): "José" typed as e and a combining accent is the same name as with é, which the
+    # unique index on lower(username) would otherwise let in beside it.
+    name = unicodedata.normalize("NFC", username.strip())
     if not USERNAME_MIN <= len(name) <= USERNAME_MAX:
         raise ValidationError(f"username must be {USERNAME_MIN} to {USERNAME_MAX} characters long",
                               field="username")

@@ -183,6 +183,26 @@ async def test_a_username_that_looks_like_another_is_refused(superadmin: Caller,
     assert not any("\u200b" in n or "\t" in n or "\u00a0" in n for n in names)
 
 
+async def test_a_username_with_its_accents_typed_another_way_is_the_same_name(superadmin: Caller, client: Any,
+                                                                               rt: Any, demo: dict[str, Any]) -> None:
+    """'José' with é as one character and 'José' as e and a combining accent look the same and were two accounts
+    (the unique index on lower(username) tells them apart); and she could sign in only as her keyboard first typed
+    it."""
+    composed, decomposed = "Jos\u00e9@kigali.rw", "Jose\u0301@kigali.rw"
+    made = await superadmin.json("POST", "/v1/users", 201, json={**WANJIRU, "username": decomposed,
+                                                                 "cooperativeId": demo["cooperative_id"]})
+    assert made["username"] == composed  # stored composed
+    refused = await superadmin.json("POST", "/v1/users", 409, json={**WANJIRU, "username": composed,
+                                                                    "cooperativeId": demo["cooperative_id"]})
+    assert refused["code"] == "NAME_TAKEN"
+    for typed in (composed, decomposed, "JOSE\u0301@KIGALI.RW"):
+        tokens = await login(client, typed, WANJIRU["password"])
+        assert tokens["role"] == "COOP_ADMIN", typed
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(func.count()).select_from(AdminUser).where(
+            AdminUser.username.in_([composed, decomposed])))).scalar_one() == 1
+
+
 async def test_two_usernames_differing_only_in_case_at_once_one_is_refused(
         superadmin: Caller, rt: Any, demo: dict[str, Any], monkeypatch: Any) -> None:
     """Both pass the check before either writes: the unique index on lower(username) refuses the second, which
