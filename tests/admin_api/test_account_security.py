@@ -192,6 +192,30 @@ async def test_only_a_super_admin_turns_on_again_an_account_a_super_admin_turned
     assert (await admin.json("PATCH", f"/v1/users/{made['id']}", 200, json={"isActive": True}))["isActive"] is True
 
 
+async def test_an_account_turned_off_by_no_administrator_is_turned_on_again_by_a_super_admin_only(
+        rt, client, admin, superadmin, demo):
+    """Turned off by no administrator's hand (the operator in the database: no user.deactivated row; or by an API
+    key): the platform's decision until a super admin says otherwise, not the cooperative admin's to undo."""
+    from sqlalchemy import update
+
+    from core.audit import Actor, record
+    from core.models import AdminUser
+
+    made = await _clerk(admin)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(AdminUser).where(AdminUser.id == made["id"]).values(is_active=False))
+    refused = await admin.json("PATCH", f"/v1/users/{made['id']}", 403, json={"isActive": True})
+    assert refused["message"] == "only a super admin can turn this account on again: a super admin turned it off"
+    await superadmin.json("PATCH", f"/v1/users/{made['id']}", 200, json={"isActive": True})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(AdminUser).where(AdminUser.id == made["id"]).values(is_active=False))
+        await record(s, actor=Actor("apikey:k1", "api"), action="user.deactivated", entity_type="user",
+                     entity_id=made["id"], after={"apiKeysRevoked": []}, cooperative_id=demo["cooperative_id"])
+    await admin.json("PATCH", f"/v1/users/{made['id']}", 403, json={"isActive": True})
+    assert len(await _audit(rt, made["id"], "user.reactivated")) == 1
+    assert (await client.post("/v1/auth/token", json={"username": CLERK, "password": CLERK_PASSWORD})).status == 401
+
+
 async def test_a_coop_admin_sets_a_tenants_password_but_not_a_fellow_admins(rt, client, admin, superadmin, demo):
     made = await _clerk(admin)
     refused = await admin.json("PATCH", f"/v1/users/{made['id']}", 403, json={"password": "i-now-own-this-1"})

@@ -213,3 +213,21 @@ async def test_with_redis_down_a_new_password_is_refused_whole(rt, client, admin
         assert "nothing was changed" in refused["message"]
     assert verify_password(CLERK_PASSWORD, (await _row(rt, made["id"])).password_hash)
     assert await _audit(rt, made["id"], "user.password_reset") == []
+
+
+async def test_a_password_of_exactly_the_shortest_length_is_taken_and_one_shorter_is_not(rt, client, admin, superadmin):
+    """PASSWORD_MIN (12) characters is a password the rules allow (the 400 says "at least 12 characters"): set by a
+    super admin, or by the account's owner, it is stored and signs in; 11 is refused, nothing changed."""
+    made = await _clerk(admin)
+    eleven, twelve, other = "aa-pass-789", "bb-pass-7890", "cc-pass-7890"
+    assert (len(eleven), len(twelve), len(other)) == (11, 12, 12)
+    refused = await superadmin.json("PATCH", f"/v1/users/{made['id']}", 400, json={"password": eleven})
+    assert refused["message"] == ["password must be at least 12 characters"]
+    assert verify_password(CLERK_PASSWORD, (await _row(rt, made["id"])).password_hash)
+    await superadmin.json("PATCH", f"/v1/users/{made['id']}", 200, json={"password": twelve})
+    assert verify_password(twelve, (await _row(rt, made["id"])).password_hash)
+    me = _caller(client, await login(client, CLERK, twelve))
+    await me.json("POST", "/v1/auth/password", 200, json={"currentPassword": twelve, "newPassword": other})
+    assert await _sign_in_status(client, CLERK, other) == 200
+    assert len(await _audit(rt, made["id"], "user.password_reset")) == 1
+    assert len(await _audit(rt, made["id"], "user.password_changed")) == 1

@@ -330,6 +330,31 @@ async def test_a_redis_outage_longer_than_the_attempts_parks_no_receipt(
     assert (await the_job(rt)).status == "DONE"
 
 
+async def test_a_redis_refusing_our_password_parks_the_receipt_rather_than_waiting_for_ever(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis refusing the password (REDIS_URL's rotated, not the server's) is no outage: it does not pass by
+    waiting. The receipt's attempts are used as for any failure and its last one parks it, where the operator sees
+    it, rather than being tried again every half minute for ever without a word."""
+    from redis.exceptions import AuthenticationError
+
+    from channels.sms import jobs
+
+    async def refused(*_args: Any, **_kwargs: Any) -> None:
+        raise AuthenticationError("invalid username-password pair or user is disabled.")
+
+    monkeypatch.setattr(jobs.SmsJobs, "throttle_and_lock", refused)
+    await queue_receipt(rt, demo)
+    await last_attempt(rt)
+    await drain(worker)
+    job = await the_job(rt)
+    assert (job.status, job.attempts) == ("PARKED", 10), (job.status, job.attempts, job.last_error)
+    assert job.last_error.startswith("AuthenticationError"), job.last_error
+    assert sim.messages(ALINE) == [] and len(sim.requests) == 0
+    async with rt.sessionmaker() as session:  # refused before it was built: nothing stored, nothing sent
+        assert (await session.execute(select(SmsMessage))).first() is None
+
+
 async def test_a_send_in_doubt_stays_in_doubt_through_a_redis_outage(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any
 ) -> None:
