@@ -539,12 +539,16 @@ def scenario_ussd_pay_rate(b: Bench) -> None:
     """The pay session at the rate its target names, started on schedule (bench/paced.py), one `serve`: what a
     member waits a hop when 200 sessions a second come, where the 32-connection runs above measure the most the
     service takes, each hop's latency then mostly the queue of the other 31 connections' hops."""
-    label = f"Full USSD pay session at {PACED_RATE:g} sessions/s (1 process, paced)"
+    # The smoke run (--quick) offers a tenth of it: it checks that the scenario works, and an open loop at the
+    # target's rate overloads a busy CI machine (sessions shed, "END service unavailable"), where wrk's closed loop
+    # only slows down.
+    rate = PACED_RATE / 10 if b.args.quick else PACED_RATE
+    label = f"Full USSD pay session at {rate:g} sessions/s (1 process, paced)"
     b.log(f"{label}: sessions started on schedule, 4 hops each")
     run = b.run_id + secrets.token_hex(2)
 
     def paced(seconds: float, run: str) -> LoadResult:
-        return _python_load("paced.py", ussd_path(b), "--rate", f"{PACED_RATE:g}", "--seconds", f"{seconds:g}",
+        return _python_load("paced.py", ussd_path(b), "--rate", f"{rate:g}", "--seconds", f"{seconds:g}",
                             "--phone-first", b.phones[0], "--phones", str(len(b.phones)), "--run", run)
 
     if not b.args.quick:
@@ -568,14 +572,15 @@ def scenario_ussd_pay_rate(b: Bench) -> None:
     sessions = ends / max(result.seconds, 1e-9)
     consistent = ends == payments == jobs == int(result.extra.get("sessions", -1))
     b.rows.append(_lat(Row(label, "sessions/s", sessions, "/s", target=">=200 sessions/s; p99 per hop <=50 ms",
-                           met=errors == 0 and consistent and sessions >= 0.98 * PACED_RATE and result.p99_ms <= 50,
+                           met=(rate == PACED_RATE and errors == 0 and consistent and sessions >= 0.98 * rate
+                                and result.p99_ms <= 50),
                            checks={"errors": errors, "hops": result.requests, "sessions_started": result.extra.get(
                                        "sessions"), "sessions_ended": ends, "late_starts": late,
                                    "serve_cpu_ms_per_hop": cpu_per_op(result.requests, rss),
                                    "loadgen_cpu_ms_per_hop": result.extra.get("loadgen_cpu_ms"),
                                    "payments_in_db": payments, "collect_jobs": jobs, "consistent": consistent},
-                           notes="open loop: session i starts at i/200 s whatever the others are doing, its first "
-                                 "hop timed from then; latency columns are per hop; each session another member"),
+                           notes=f"open loop: session i starts at i/{rate:g} s whatever the others are doing, its "
+                                 "first hop timed from then; latency columns are per hop; each session another member"),
                        result))
 
 
