@@ -308,17 +308,23 @@ async def test_a_dispute_resolved_with_a_refund_that_fails_says_so(admin, rt, de
     await admin.json("POST", f"/v1/disputes/{settled['id']}/transitions", 200,
                      json={"status": "REJECTED", "note": "the statement shows one payment"})
 
+    # Resolved with a refund still on its way (not FAILED): not one to send again (the member would be paid twice).
+    sending = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": (await _paid(admin, rt, demo))["id"],
+                                                                  "reason": "OTHER"})
+    await admin.json("POST", f"/v1/disputes/{sending['id']}/transitions", 200,
+                     json={"status": "RESOLVED", "note": "refunding", "refundAmount": 10000})
+
     async def ids(query: str) -> list[str]:
         return [d["id"] for d in (await admin.json("GET", f"/v1/disputes?{query}", 200))["data"]]
 
     assert await ids("open=true") == []
     assert await ids("refundFailed=true") == [opened["id"]]
-    assert await ids("refundFailed=false") == [settled["id"]]
+    assert await ids("refundFailed=false") == [sending["id"], settled["id"]]
     # Paid back another way (a refund of the payment since, which cannot name the settled dispute): off the list.
     await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
                      json={"amount": 10000, "idempotencyKey": "dispute-refund-again"})
     assert await ids("refundFailed=true") == []
-    assert sorted(await ids("refundFailed=false")) == sorted([opened["id"], settled["id"]])
+    assert sorted(await ids("refundFailed=false")) == sorted([opened["id"], sending["id"], settled["id"]])
 
 
 async def test_the_desk_finds_disputes_by_what_is_left_to_answer_reason_member_reference_and_period(
