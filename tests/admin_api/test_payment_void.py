@@ -199,22 +199,19 @@ async def test_a_confirmed_success_after_the_void_is_told_to_the_cooperatives_sy
     # MTN sends the callback again: a duplicate. Then the same money reported under another event id (a retry):
     # audited, nothing more queued.
     assert await _mtn_says(client, wire, payment["gatewayReference"], "50000", "MTN-LATE-1") == "duplicate"
-    async with rt.sessionmaker.begin() as s:
-        again = await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED,
-                                               actor=Actor("provider:mtn_momo", "provider"),
-                                               provider_transaction_id="MTN-LATE-1",
-                                               amount=Money(50000, "RWF"))
-    assert again == "flagged_success_after_void"
+    async def reported(transaction_id: str) -> str:
+        async with rt.sessionmaker.begin() as s:
+            return await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]),
+                                                  ProviderOutcome.SUCCEEDED,
+                                                  actor=Actor("provider:mtn_momo", "provider"),
+                                                  provider_transaction_id=transaction_id, amount=Money(50000, "RWF"))
+
+    assert await reported("MTN-LATE-1") == "flagged_success_after_void"
     assert len(await _audit(rt, payment["id"], "payment.success_after_void")) == 2
     assert [j.payload["event_id"] for j in await _jobs(rt, "webhook.event")
             if j.payload["event_type"] == "payment.taken_after_void"] == [told["event_id"]]
     # Another payment of the same amount under another transaction id is other money: flagged and told too.
-    async with rt.sessionmaker.begin() as s:
-        other = await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED,
-                                               actor=Actor("provider:mtn_momo", "provider"),
-                                               provider_transaction_id="MTN-LATE-2",
-                                               amount=Money(50000, "RWF"))
-    assert other == "flagged_success_after_void"
+    assert await reported("MTN-LATE-2") == "flagged_success_after_void"
     assert "transaction MTN-LATE-2 after the recording was voided" in (await _row(rt, payment["id"])).mismatch_detail
     assert len([j for j in await _jobs(rt, "webhook.event")
                 if j.payload["event_type"] == "payment.taken_after_void"]) == 2
