@@ -3,13 +3,15 @@
 1. a payer who paid twice (a second payment of an IremboPay invoice) is flagged and the cooperative's system gets
    `payment.paid_twice` (the second payment's money reference and amount), once per money reference;
 2. an M-Pesa success callback (sent once) whose confirming status query failed, for a payment already given up
-   (TIMEOUT, CANCELLED) or FAILED, flags the payment (mismatch, audit `payment.unconfirmed_success`) without
-   moving it, and the cooperative's system gets `payment.unconfirmed_success`; a repeat of the callback flags
-   and queues nothing more. An open payment's callback is still left to its poll, unflagged."""
+   (TIMEOUT, CANCELLED), FAILED or VOIDED (its recording voided), flags the payment (mismatch, audit
+   `payment.unconfirmed_success`) without moving it, and the cooperative's system gets
+   `payment.unconfirmed_success`; a repeat of the callback flags and queues nothing more. An open payment's
+   callback is still left to its poll, unflagged."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import pytest
@@ -21,12 +23,14 @@ from core.audit import Actor
 from core.models import AuditEvent, OutboxJob, Payment, ProviderEvent, WebhookDelivery
 from core.ports import ProviderOutcome
 from core.provider_events import KEPT_TRANSACTION_ID, UNCONFIRMED_FLAG, apply_collection_outcome
+from core.recorded_payments import record_collected, void_recording
 from core.state.payment import UNCONFIRMED
-from tests.core.test_provider_faults_mpesa import QUERY, RECEIPT, _payment, _pushed, _stk_callback
+from tests.core.test_provider_faults_mpesa import CHECKOUT, QUERY, RECEIPT, _payment, _pushed, _stk_callback
 from tests.core.test_webhooks import approved_endpoint
 from tests.providers.test_irembopay_ambiguous import INVOICE
 from tests.providers.test_irembopay_review3 import _invoiced, _paid
 from tests.providers.test_mpesa_review3 import SPIKE_ARREST
+from tests.providers.wires import ADMIN
 
 PROVIDER = Actor("provider:mpesa", "provider")
 
@@ -179,6 +183,69 @@ async def test_unconfirmed_success_for_a_payment_that_is_over_is_flagged_and_tol
     assert (url, event_id, event_type) == ("http://127.0.0.1:9/told", webhooks.stored_event_id(event["event_id"]),
                                            "payment.unconfirmed_success")
     assert (body["type"], body["data"]) == ("payment.unconfirmed_success", data)
+
+
+async def test_unconfirmed_success_for_a_voided_payment_is_flagged_and_told(rt, demo, worker, client):
+    """A support desk recorded the given-up payment's money from a statement line, then voided that recording (the
+    wrong line): VOIDED, its transaction id released, the cooperative's system told payment.voided. M-Pesa's callback
+    then says the payer approved the request after all, once, and its status query is rate-limited: the payment is
+    not moved (still VOIDED, nothing collected, no id taken back), but flagged for a person with what to do for a
+    voided payment, audited, and told to the cooperative's system after its payment.voided."""
+    wire, payment = await _pushed(rt, demo, worker)
+    async with rt.sessionmaker.begin() as s:
+        await apply_collection_outcome(s, rt, await s.get(Payment, payment.id), ProviderOutcome.EXPIRED,
+                                       actor=PROVIDER)
+    async with rt.sessionmaker.begin() as s:
+        await record_collected(s, rt, payment_id=payment.id, cooperative_id=demo["cooperative_id"],
+                               provider_transaction_id="SKL9WRONG01", note="M-Pesa statement line 4", actor=ADMIN)
+    async with rt.sessionmaker.begin() as s:
+        await void_recording(s, payment_id=payment.id, cooperative_id=demo["cooperative_id"],
+                             note="line 4 is another member's", actor=ADMIN)
+    before = await _payment(rt, payment.id)
+    assert (before.status, before.collected_minor, before.provider_transaction_id) == ("VOIDED", 0, None)
+    [voided] = await _events_queued(rt, "payment.voided")
+
+    wire.on("POST", QUERY, *SPIKE_ARREST)
+    resp = await client.post(f"/webhooks/payments/mpesa?ref={payment.provider_reference}",
+                             json=_stk_callback(0, RECEIPT))
+    assert resp.status == 200, await resp.text()
+    [queried] = wire.sent("POST", QUERY)
+    assert json.loads(queried.content)["CheckoutRequestID"] == CHECKOUT  # the callback's own id was asked about
+
+    async with rt.sessionmaker() as s:
+        [event_row] = (await s.execute(select(ProviderEvent))).scalars().all()
+    assert (event_row.status, event_row.outcome, event_row.payment_id) == ("PENDING", "pending", payment.id)
+    assert event_row.payload[KEPT_TRANSACTION_ID] == RECEIPT
+    flagged = await _payment(rt, payment.id)
+    said = (f"provider says money was taken (receipt {RECEIPT}) but its status query failed: check the statement, "
+            "record the statement line as a payment (POST /v1/payments/recorded)")
+    # Not moved, nothing collected, no transaction id taken back (nor the request's, adopted): flagged only.
+    assert (flagged.status, flagged.collected_minor, flagged.provider_transaction_id, flagged.failure_reason) == (
+        "VOIDED", 0, None, before.failure_reason)
+    assert (flagged.mismatch, flagged.mismatch_detail) == (True, said)
+    assert flagged.updated_at > before.updated_at
+    [(audit_before, audit_after, actor)] = await _audit(rt, payment.id, "payment.unconfirmed_success")
+    assert (audit_before, actor) == ({"status": "VOIDED"}, "provider:mpesa")
+    assert {k: audit_after[k] for k in ("providerTransactionId", "amount", "currency")} == {
+        "providerTransactionId": RECEIPT, "amount": 15000, "currency": "KES"}
+    assert "Spike Arrest" in audit_after["error"]
+    [event] = await _events_queued(rt, "payment.unconfirmed_success")
+    assert (event["event_id"], event["follows"]) == (
+        _event_id("payment.unconfirmed_success", payment.id, RECEIPT), ["payment.voided"])
+    data = event["data"]
+    assert (data["id"], data["status"], data["mismatch"], data["mismatchDetail"]) == (payment.id, "VOIDED", True, said)
+    assert data["reportedPayment"] == {"moneyReference": RECEIPT, "amount": "150.00", "currency": "KES"}
+    assert data["updatedAt"] > voided["data"]["updatedAt"]
+    assert await _audit(rt, payment.id, "payment.success_after_void") == []  # (that is for a confirmed success)
+
+    # A repeat of the callback is a duplicate: no query, no second flag, nothing more queued.
+    again = await client.post(f"/webhooks/payments/mpesa?ref={payment.provider_reference}",
+                              json=_stk_callback(0, RECEIPT))
+    assert again.status == 200
+    assert len(wire.sent("POST", QUERY)) == 1
+    assert (await _payment(rt, payment.id)).mismatch_detail == said
+    assert len(await _audit(rt, payment.id, "payment.unconfirmed_success")) == 1
+    assert len(await _events_queued(rt, "payment.unconfirmed_success")) == 1
 
 
 async def test_unconfirmed_success_for_an_open_payment_is_left_to_its_poll(rt, demo, worker, client):

@@ -959,6 +959,8 @@ async def confirmed(ctx: Ctx, _key: str) -> str:
         payment = await _pay(ctx, new)
     except OpenPayment as found:
         return await _waiting(ctx, found.reference)
+    except SessionsPayment as found:
+        return _earlier_payment(ctx, found.payment)
     except NotActive:
         return "member_inactive"
     except TypeChanged as changed:
@@ -993,8 +995,17 @@ async def _pay(ctx: Ctx, new: NewPayment) -> Payment:
     try:
         payment, created = await _create(ctx, new)
     except Conflict as exc:
-        # Another request under the key: this session's refused as before; a previous session's is no answer.
-        if exc.field != "idempotencyKey" or not await _previous_sessions_payment(ctx, new):
+        # Another request under the key. A previous session's payment is no answer: this session's is keyed anew
+        # below. This session's own, of the type and still open, is (SessionsPayment); else refused as before.
+        if exc.field != "idempotencyKey":
+            raise
+        found = await _keys_payment(ctx, new)
+        if found is None:
+            raise
+        if found.created_at >= records.previous_before():
+            if (found.member_id == new.member_id and found.payment_type_id == new.payment_type_id
+                    and PaymentStatus(found.status) in OPEN):
+                raise SessionsPayment(found) from None
             raise
     else:
         if created or payment.created_at >= records.previous_before():
@@ -1009,6 +1020,18 @@ async def _pay(ctx: Ctx, new: NewPayment) -> Payment:
 class NotActive(Exception):
     """The member or her cooperative was suspended since the session chose them (memberships()): create_payment
     refuses her. Told as such, not as "try again later" (the generic error), which cannot help."""
+
+
+class SessionsPayment(Exception):
+    """This session's payment, still open, found under its key by a confirmation of the same type for another
+    amount: the session was lost from Redis after its confirmation was committed and walked to Confirm again, the
+    type repriced meanwhile (the new price shown, a new reference reserved). That payment, whose prompt is on her
+    phone, is the answer (_earlier_payment): never "could not complete, try again later", after which a new session
+    paid the new price beside it (another amount is not an open payment like it: core.payments.OpenLike)."""
+
+    def __init__(self, payment: Payment) -> None:
+        super().__init__(payment.reference)
+        self.payment = payment
 
 
 class OpenPayment(Exception):
@@ -1126,13 +1149,12 @@ async def waiting_args(ctx: Ctx) -> dict[str, Any]:
     return {"ref": data.get("ref", ""), "amount": data.get("amtf", ""), "type": data.get("tn", "")}
 
 
-async def _previous_sessions_payment(ctx: Ctx, new: NewPayment) -> bool:
-    """Whether the payment a refused key names was made by a previous session of the id (not this session's)."""
+async def _keys_payment(ctx: Ctx, new: NewPayment) -> Payment | None:
+    """The payment a refused key names (None while the request that holds it is in flight)."""
     from core.payments import find_by_key
 
     async with ctx.rt.sessionmaker() as session:
-        found = await find_by_key(session, new.cooperative_id, new.idempotency_key)
-    return found is not None and found.created_at < records.previous_before()
+        return await find_by_key(session, new.cooperative_id, new.idempotency_key)
 
 
 async def _this_sessions_key(ctx: Ctx, key: str, size: int) -> str:

@@ -107,6 +107,67 @@ async def test_late_callback_brings_the_receipt_to_a_payment_the_poll_completed(
     assert (await _refund_sends(rt, demo, worker, wire, payment))["TransactionID"] == RECEIPT
 
 
+async def _completed_without_an_id(rt: Any, demo: dict[str, Any]) -> tuple[Any, Payment]:
+    """An M-Pesa payment whose push answer (the CheckoutRequestID) never reached us, completed on a word that names no
+    transaction id (as the in-process simulators' test webhook completes one without gatewayTransactionId):
+    COMPLETED, provider_transaction_id NULL. Its other jobs put aside."""
+    from core.audit import Actor
+    from core.ports import ProviderOutcome
+    from core.provider_events import apply_collection_outcome
+
+    wire = mpesa_wire()
+    mpesa_adapter(rt, MPESA_BASE, wire.client())
+    payment = await mpesa_payment(rt, demo)
+    await jobs_done(rt)
+    async with rt.sessionmaker.begin() as s:
+        assert await apply_collection_outcome(s, rt, await s.get(Payment, payment.id), ProviderOutcome.SUCCEEDED,
+                                              actor=Actor("provider:test", "provider")) == "completed"
+    stored = await _payment(rt, payment.id)
+    assert (stored.status, stored.provider_transaction_id) == ("COMPLETED", None)
+    return wire, stored
+
+
+async def test_late_callback_brings_the_receipt_to_a_payment_completed_without_an_id(rt, demo, worker, client):
+    """A completed payment without a transaction id takes the late callback's receipt number (found by our reference
+    on its URL, confirmed by the STK query, which names no receipt): audited, and the refund's reversal names it."""
+    wire, payment = await _completed_without_an_id(rt, demo)
+    wire.on("POST", QUERY, *_query_answer("0"))
+    resp = await client.post(f"/webhooks/payments/mpesa?ref={payment.provider_reference}",
+                             json=_stk_callback(0, RECEIPT))
+    assert resp.status == 200
+    stored = await _payment(rt, payment.id)
+    assert (stored.status, stored.provider_transaction_id, stored.mismatch) == ("COMPLETED", RECEIPT, False)
+    async with rt.sessionmaker() as s:
+        audit = (await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == payment.id, AuditEvent.action == "payment.transaction_id_recorded"))).scalar_one()
+        [event] = (await s.execute(select(ProviderEvent))).scalars().all()
+    assert (audit.after, audit.actor) == ({"providerTransactionId": RECEIPT}, "provider:mpesa")
+    assert (event.payment_id, event.outcome) == (payment.id, "already_completed")
+    assert (await _refund_sends(rt, demo, worker, wire, payment))["TransactionID"] == RECEIPT
+
+
+async def test_a_completed_payment_without_an_id_takes_the_final_id_of_a_callback_matched_by_a_provisional_one(
+        rt, demo):
+    """apply_collection_outcome's contract: a completed payment holding the callback's provisional id, or none, takes
+    the callback's final id (audited from none)."""
+    from core.audit import Actor
+    from core.ports import ProviderOutcome
+    from core.provider_events import apply_collection_outcome
+
+    _wire, payment = await _completed_without_an_id(rt, demo)
+    async with rt.sessionmaker.begin() as s:
+        said = await apply_collection_outcome(s, rt, await s.get(Payment, payment.id), ProviderOutcome.SUCCEEDED,
+                                              actor=Actor("provider:mpesa", "provider"),
+                                              provider_transaction_id=RECEIPT, provisional_transaction_id=CHECKOUT)
+    assert said == "already_completed"
+    stored = await _payment(rt, payment.id)
+    assert (stored.provider_transaction_id, stored.mismatch) == (RECEIPT, False)
+    async with rt.sessionmaker() as s:
+        audit = (await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == payment.id, AuditEvent.action == "payment.transaction_id_recorded"))).scalar_one()
+    assert (audit.before, audit.after) == ({"providerTransactionId": None}, {"providerTransactionId": RECEIPT})
+
+
 async def test_receipt_of_a_callback_the_query_could_not_confirm_yet_is_kept(rt, demo, worker, client):
     wire, payment = await _pushed(rt, demo, worker)
     wire.on("POST", QUERY, *_query_answer(None))  # Daraja still processing when the callback comes
