@@ -232,9 +232,17 @@ def amount_refusal(provider: object, amount: Money, method: str) -> tuple[str, s
     if currencies is not None and amount.currency not in currencies:
         return "paymentMethod", (f"{method} collects {', '.join(sorted(currencies))} only; this payment is in "
                                  f"{amount.currency}")
+    problem = amount_rule_refusal(provider, amount)
+    return ("amount", problem) if problem else None
+
+
+def amount_rule_refusal(provider: object, amount: Money) -> str | None:
+    """Why `provider` never moves `amount` (its optional `amount_rule`: M-Pesa's whole shillings, a wallet's
+    ceiling), or None. Also checked of amounts recorded from a statement (a payment's outcome, a reversal the
+    provider made): one the provider cannot move is a typo, and recorded it would leave money no refund sends back."""
     rule = getattr(provider, "amount_rule", None)
     problem = rule(amount) if callable(rule) else None
-    return ("amount", str(problem)) if problem else None
+    return str(problem) if problem else None
 
 
 def refusal_for(routes: Mapping[str, str], providers: Mapping[str, object], method: str,

@@ -18,7 +18,7 @@ from core import metrics
 from core.audit import Actor, record
 from core.cooperatives import zone_of
 from core.db import insert_ignore, iso_ms, iso_z, table_of, utcnow
-from core.errors import DUPLICATE_REFERENCE, INVALID_STATE, Conflict, NotFound, ValidationError
+from core.errors import DUPLICATE_REFERENCE, INVALID_STATE, PROVIDER_REFUSED, Conflict, NotFound, ValidationError
 from core.models import AuditEvent, Dispute, Member, Payment, ProviderEvent, ReferenceCounter, Refund
 from core.money import Money
 from core.notify import changed_at, event_job, notice_jobs
@@ -45,7 +45,7 @@ from core.payments import (
     payer_index_guess,
     paying_member,
 )
-from core.ports import REQUEST_UNKNOWN, EventKind, ProviderOutcome
+from core.ports import REQUEST_UNKNOWN, EventKind, ProviderOutcome, amount_rule_refusal
 from core.provider_events import _AFTER_VOID, GIVEN_UP, _apply_outcome, _closed_hint, _Moved, _notices, event_data
 from core.reference_mark import ISSUED
 from core.references import REFERENCE_SHAPE, next_reference
@@ -121,6 +121,12 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
             raise ValidationError(f"amount must be in {payment.currency}", field="amount")
         if not amount.is_positive():
             raise ValidationError("amount must be a positive number", field="amount")
+        # An amount its provider never takes (M-Pesa: cents) is no statement's line but a typo, as record_payment
+        # refuses it: recorded, the payment held money no refund could send back (the worker's M-Pesa reversal
+        # refused the cents after the refund was accepted).
+        problem = amount_rule_refusal(rt.providers.get(payment.provider), amount)
+        if problem:
+            raise ValidationError(str(problem), field="amount", code=PROVIDER_REFUSED)
     check_statement_time(completed_at, payment.created_at, "the payment was asked for")
     await _lock_transaction_id(session, payment.provider, txn)
     await transaction_id_free(session, payment.provider, txn, payment.cooperative_id, exclude=payment.id)

@@ -38,7 +38,13 @@ from core.models import AuditEvent, Dispute, Member, OutboxJob, Payment, Provide
 from core.money import Money
 from core.notify import notice_jobs
 from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, end_waiting, enqueue, enqueue_many, raised_sqlstate
-from core.ports import AWAITING_CONFIGURATION, AWAITING_CONFIGURATION_NOTE, PaymentProvider, ProviderOutcome
+from core.ports import (
+    AWAITING_CONFIGURATION,
+    AWAITING_CONFIGURATION_NOTE,
+    PaymentProvider,
+    ProviderOutcome,
+    amount_rule_refusal,
+)
 from core.ports import ProviderEvent as ProviderEventData
 from core.references import cooperative_reference
 from core.state import StaleTransition, transition
@@ -198,6 +204,11 @@ async def request_refund(
     if reason is not None and len(reason) > 300:
         raise ValidationError("reason must be at most 300 characters", field="reason")
     if returned is not None:
+        # An amount its provider never moves (M-Pesa: cents) is no reversal's but a typo, as a recorded payment's
+        # (core.recorded_payments): recorded, it left a balance of cents to pay that no M-Pesa payment could take.
+        problem = amount_rule_refusal(provider, amount)
+        if problem:
+            raise ValidationError(f"returnedByProvider: {problem}", field="amount", code=PROVIDER_REFUSED)
         await _reversal_not_recorded(session, payment, returned)
     elif not to_paying_number:  # last: asked where the money goes only of a refund that can be made
         await _paying_number_still_hers(session, payment)

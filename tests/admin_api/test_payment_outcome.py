@@ -207,3 +207,32 @@ async def test_the_providers_late_word_naming_another_transaction_than_the_one_r
         assert len((await s.execute(select(AuditEvent).where(
             AuditEvent.entity_id == payment["id"],
             AuditEvent.action == "payment.transaction_id_differs"))).scalars().all()) == 1
+
+
+async def test_an_amount_the_providers_statement_cannot_show_is_refused(superadmin, rt):
+    """M-Pesa takes whole shillings: a statement line of 1,300.50 KES is a typo. Recorded, the payment held cents no
+    reversal can send back (the full refund it allows was accepted, then failed in the worker: "M-Pesa takes whole
+    shillings"), as POST /v1/payments/recorded already refuses."""
+    coop = await superadmin.json("POST", "/v1/cooperatives", 201, json={
+        "name": "Nairobi Coop", "shortCode": "NRB", "country": "KE"})
+    ptype = await superadmin.json("POST", "/v1/payment-types", 201, json={
+        "name": "Levy", "amount": "1300.00", "cooperativeId": coop["id"]})
+    payment = await superadmin.json("POST", "/v1/payments", 201, json={
+        "paymentTypeId": ptype["id"], "amount": "1300.00", "paymentMethod": "MPESA", "paymentAccount": "0712345678",
+        "idempotencyKey": idem(), "cooperativeId": coop["id"]})
+    async with rt.sessionmaker.begin() as s:
+        await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.EXPIRED,
+                                       actor=PROVIDER, reason=UNCONFIRMED)
+    url = f"/v1/payments/{payment['id']}/outcome"
+    refused = await superadmin.json("POST", url, 400, json={**RECORD, "providerTransactionId": "SKA1B2C3D4",
+                                                            "amount": "1300.50"})
+    assert refused["message"] == ["M-Pesa takes whole shillings; 1,300.50 KES has cents"]
+    assert (refused["field"], refused["code"]) == ("amount", "PROVIDER_REFUSED")
+    async with rt.sessionmaker() as s:
+        row = await s.get(Payment, payment["id"])
+        assert (row.status, row.collected_minor, row.provider_transaction_id) == ("TIMEOUT", None, None)
+        assert (await s.execute(select(AuditEvent).where(
+            AuditEvent.entity_id == payment["id"], AuditEvent.action == "payment.outcome_recorded"))).first() is None
+    done = await superadmin.json("POST", url, 200, json={**RECORD, "providerTransactionId": "SKA1B2C3D4",
+                                                         "amount": "1300"})
+    assert (done["status"], done["collectedAmount"]) == ("COMPLETED", "1300.00")

@@ -168,15 +168,15 @@ async def test_a_nairobi_november_in_shillings(superadmin: Any, rt: Any, client:
         await complete_payment(rt, made[name]["id"])
         await _dated(rt, made[name]["id"], at, at.replace(":30:00", ":31:00"))
     await ke.json("POST", f"/v1/payments/{made['last']['id']}/refunds", 201, json={
-        "amount": "100.50", "idempotencyKey": idem(),
+        "amount": "100.00", "idempotencyKey": idem(),  # M-Pesa moves whole shillings only
         "returnedByProvider": {"providerTransactionId": "SKE-REV-2", "completedAt": "2026-12-02T10:00:00Z"}})
     report = await ke.json("GET", f"/v1/reports/reconciliation?{NOVEMBER}", 200)
     assert report["period"] == {"from": "2026-10-31T21:00:00Z", "to": "2026-11-30T21:00:00Z"}
-    assert [(t["collected"], t["refunded"], t["net"]) for t in report["totals"]] == [("1500.00", "100.50", "1399.50")]
+    assert [(t["collected"], t["refunded"], t["net"]) for t in report["totals"]] == [("1500.00", "100.00", "1400.00")]
     [line] = report["payments"]["byPaymentType"]
-    assert (line["completedAmount"], line["refundedAmount"]) == ("1500.00", "100.50")
+    assert (line["completedAmount"], line["refundedAmount"]) == ("1500.00", "100.00")
     _, rows = await _rows(ke, f"/v1/reports/payments.csv?{NOVEMBER}&paymentTypeId={ptype['id']}")
     assert [(r["id"], r["createdAt"], r["createdLocalDate"], r["amount"], r["refundedAmount"], r["currency"])
-            for r in rows] == [(made["last"]["id"], "2026-11-30T20:30:00Z", "2026-11-30", "1500.00", "100.50", "KES")]
+            for r in rows] == [(made["last"]["id"], "2026-11-30T20:30:00Z", "2026-11-30", "1500.00", "100.00", "KES")]
     _, december = await _rows(ke, f"/v1/reports/payments.csv?{DECEMBER}")
     assert [(r["id"], r["createdLocalDate"]) for r in december] == [(made["first"]["id"], "2026-12-01")]
