@@ -890,8 +890,10 @@ def username_is(username: str) -> ColumnElement[bool]:
     found typed either way ("José" with é as one character, or as e and a combining accent: a phone's keyboard and a
     desktop's differ), an account of a release before that by the form it was stored in too."""
     typed = username.strip()
-    return or_(*(func.lower(AdminUser.username) == func.lower(name)
-                 for name in dict.fromkeys((unicodedata.normalize("NFC", typed), typed))))
+    names = dict.fromkeys((unicodedata.normalize("NFC", typed), typed))
+    # Lowered by the database and by Python too: SQLite's lower() folds ASCII letters only ("JOSÉ" stays "josÉ").
+    return or_(*(func.lower(AdminUser.username) == folded
+                 for name in names for folded in dict.fromkeys((func.lower(name), name.lower()))))
 
 
 async def login(session: AsyncSession, username: str, password: str) -> tuple[AdminUser, float]:
