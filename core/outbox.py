@@ -274,11 +274,32 @@ async def enqueue_many(
             await session.execute(row_insert(dialect, OutboxJob, ignore_conflict=("dedupe_key",)),
                                   [job.row() for job in jobs])
         return
-    params = job_params(jobs)
-    if alongside is not None:
-        params.update(alongside[1])
-    statement = _rows_insert(len(jobs), None if alongside is None else alongside[0])
-    await pgraw.fetchrow(session, pgraw.compiled(statement), params)
+    start = 0
+    for size in _insert_sizes(len(jobs)):
+        params = job_params(jobs[start:start + size])
+        if alongside is not None and start == 0:  # the other write goes with the first statement
+            params.update(alongside[1])
+        statement = _rows_insert(size, None if alongside is None or start else alongside[0])
+        await pgraw.fetchrow(session, pgraw.compiled(statement), params)
+        start += size
+
+
+# Each row count gets an INSERT built and compiled once and kept for the process's life (_rows_insert, pgraw.compiled):
+# about 3 KB a row, so a statement per count seen grew a process by hundreds of MB over the counts a resume of held
+# webhook deliveries makes (core.webhooks: any number up to 500 a batch). Counts up to _ONE_STATEMENT go in one
+# statement (a state change's few jobs: one round trip); larger ones in powers of two up to _LARGEST, then the rest.
+_ONE_STATEMENT = 16
+_LARGEST = 256
+
+
+def _insert_sizes(count: int) -> list[int]:
+    """The row counts of the INSERTs that write `count` jobs: one of 1 to _ONE_STATEMENT, or powers of two."""
+    sizes = []
+    while count > _ONE_STATEMENT:
+        size = min(_LARGEST, 1 << (count.bit_length() - 1))
+        sizes.append(size)
+        count -= size
+    return [*sizes, count] if count else sizes
 
 
 @functools.cache

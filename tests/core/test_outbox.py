@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
+from core import outbox
 from core.db import utcnow
 from core.models import OutboxJob
 from core.outbox import (
@@ -63,6 +64,26 @@ async def test_enqueue_many_writes_every_job_once_and_skips_known_keys(sm):
         jobs = {j.dedupe_key: j for j in (await session.execute(select(OutboxJob))).scalars()}
     assert {k: j.payload for k, j in jobs.items()} == {"known": {"a": 0}, "new": {"a": 2}}
     assert (jobs["new"].run_at, jobs["new"].max_attempts, jobs["new"].status) == (later, 3, "PENDING")
+
+
+@requires_pg
+async def test_enqueue_many_keeps_a_bounded_set_of_statements_whatever_the_counts(sm):
+    """A statement is built and compiled once per row count and kept for the process's life (about 3 KB a row):
+    one per count seen grew serve by hundreds of MB over the counts a resume of held webhook deliveries enqueues
+    (core.webhooks, any number up to 500 a batch). Every job is still written once, in the caller's transaction."""
+    outbox._rows_insert.cache_clear()
+    counts = [*range(17, 61), 255, 500]
+    async with sm.begin() as session:
+        n = 0
+        for count in counts:
+            await enqueue_many(session, [NewJob("k", {"n": n + i}, dedupe_key=f"many-{n + i}") for i in range(count)])
+            n += count
+        await enqueue_many(session, [NewJob("k", {"n": 0}, dedupe_key="many-0")])  # a known key: skipped
+    async with sm() as session:
+        written = sorted((await session.execute(select(OutboxJob.payload["n"].as_integer()))).scalars())
+    assert written == list(range(sum(counts)))
+    # 1 to 16 rows, and powers of two up to 256: never more statements than that, whatever the counts.
+    assert outbox._rows_insert.cache_info().currsize <= 16 + 4
 
 
 async def test_claim_leases_the_oldest_due_jobs_up_to_the_batch(sm):
