@@ -488,7 +488,8 @@ BANK_METHODS = tuple(m for m in METHODS if m not in METHOD_OPERATOR)
 def foreign_number_warning(phone: Phone, country: str, currency: str, routes: Mapping[str, str],
                            providers: Mapping[str, object]) -> str | None:
     """What an admin registering `phone` as a member of a `country` cooperative (paid in `currency`) is told
-    when it is another country's number, or one of its country on a network none of its wallets collects from:
+    when it is another country's number, or one of its country on a network none of its wallets collects from, or
+    on one whose wallet this deployment's account of it does not collect `currency` with (AIRTEL_COUNTRY):
     registered all the same (she may live abroad, or change SIM), but no wallet method takes her number
     (methods_for, _not_the_countrys_wallet) and USSD offers her none; she can pay only by a bank method whose
     provider collects `currency` (`routes` and `providers` as Runtime's), or never. None for any other number of
@@ -501,8 +502,22 @@ def foreign_number_warning(phone: Phone, country: str, currency: str, routes: Ma
         # A number of the country on a network none of its wallets collects from (Telecel or AT in Ghana, Telkom in
         # Kenya): USSD offers her no method either (methods_for). One of a range nobody names may be any wallet's.
         operator = phone.operator
-        if operator is None or operator in by_operator:
+        if operator is None:
             return None
+        if operator in by_operator:
+            # Her network's wallet, unless this deployment has no account of it that collects the currency (Airtel
+            # Money set up for Rwanda, AIRTEL_COUNTRY, and a Kenyan cooperative): USSD offers her no method then.
+            method = by_operator[operator]
+            refused = refusal_for(routes, providers, method, Money(1, currency))
+            if refused is None or refused[0] != "paymentMethod":
+                return None
+            provider = providers.get(routes.get(method, ""))
+            takes = sorted(getattr(provider, "currencies", None) or ())
+            account = (f"this deployment's {METHOD_NAMES[method]} account collects {', '.join(takes)} only, not "
+                       f"{currency}" if provider is not None and takes
+                       else f"this deployment has no {METHOD_NAMES[method]} account")
+            head = f"{phone.masked()} is {_a(_operator_name(operator, phone.e164))} number, and {account}"
+            return _how_else(head, currency, routes, providers)
         wallets = " or ".join(f"{METHOD_NAMES[m]} (from {_a(_operator_name(o))} number)"
                               for o, m in by_operator.items())
         head = (f"{phone.masked()} is {_a(_operator_name(operator, phone.e164))} number: this {country} cooperative's "
@@ -511,6 +526,11 @@ def foreign_number_warning(phone: Phone, country: str, currency: str, routes: Ma
         wallets = " or ".join(dict.fromkeys(METHOD_NAMES[m] for m in by_operator.values()))
         head = (f"{phone.masked()} is a {region or 'foreign'} number, not {country}: this {country} cooperative's "
                 f"members pay with {wallets} from a {country} number")
+    return _how_else(head, currency, routes, providers)
+
+
+def _how_else(head: str, currency: str, routes: Mapping[str, str], providers: Mapping[str, object]) -> str:
+    """foreign_number_warning's `head` (why no wallet takes her number), and how she can pay all the same."""
     # A bank the deployment routes to a provider that collects the currency (an amount rule is no matter here).
     banks = [m for m in BANK_METHODS
              if (refused := refusal_for(routes, providers, m, Money(1, currency))) is None
