@@ -155,6 +155,25 @@ async def test_duplicate_transaction_id_means_already_sent(fake: FakeProvider, s
         assert await AirtelAdapter(http, config()).request_collection(collection()) == CollectionAccepted()
 
 
+async def test_success_written_as_a_string_is_an_acceptance_not_a_refusal(fake: FakeProvider) -> None:
+    """status.success is read as a JSON boolean or as the string "true" (the adapter takes both): a
+    collection taken with "true" read as a refusal failed a payment whose payer was at the PIN prompt, and a
+    refund Airtel made was recorded as refused (the member refunded a second time)."""
+    taken = {"code": "200", "message": "Success.", "result_code": "ESB000010", "response_code": "DP00800001001",
+             "success": "true"}
+    expect_token(fake)
+    fake.expect("POST", "/merchant/v1/payments/", 200,
+                {"data": {"transaction": {"id": REF, "status": "Success."}}, "status": taken})
+    fake.expect("POST", "/standard/v1/payments/refund", 200,
+                {"data": {"transaction": {"airtel_money_id": "RF0000000001", "status": "SUCCESS"}}, "status": taken})
+    async with fake.client() as http:
+        adapter = AirtelAdapter(http, config())
+        assert await adapter.request_collection(collection()) == CollectionAccepted()
+        refunded = await adapter.request_refund(refund())
+    assert isinstance(refunded, SettledRefund)
+    assert (refunded.outcome, refunded.provider_transaction_id) == (ProviderOutcome.SUCCEEDED, "RF0000000001")
+
+
 async def test_rate_limited_collection_and_status_are_retryable(fake: FakeProvider) -> None:
     expect_token(fake)
     busy = {"status": {"message": "Too many requests", "success": False}}

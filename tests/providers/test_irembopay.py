@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -445,6 +447,62 @@ async def test_forged_signature_does_not_use_up_the_nonce() -> None:
     assert seen == []
     await adapter.verify_callback(signed(PAID))
     assert len(seen) == 1 and seen[0].startswith("nonce:{irembopay}:")
+
+
+async def test_signature_is_hmac_of_the_timestamp_a_hash_sign_and_the_raw_body_in_either_hex_case() -> None:
+    """PROTOCOLS.md: s = hex HMAC_SHA256(secretKey, t + "#" + rawBody), t in milliseconds. Computed here, not by the
+    adapter's sign(): the simulator signs with that same function, so a formula of ours that IremboPay does not use
+    (another separator, seconds) passed every test and refused every real webhook. Hex is hex in either case."""
+    raw = json.dumps(PAID).encode()
+    digest = hmac.new(SECRET.encode(), str(NOW_MS).encode() + b"#" + raw, hashlib.sha256).hexdigest()
+    assert signature_header(SECRET, NOW_MS, raw) == f"t={NOW_MS},s={digest}"
+    for given in (digest, digest.upper()):
+        await adapter_at().verify_callback(
+            InboundCallback("POST", {"irembopay-signature": f"t={NOW_MS},s={given}"}, {}, raw))
+
+
+async def test_one_time_key_outlives_every_moment_the_timestamp_is_accepted() -> None:
+    """A timestamp up to the tolerance (300 s) ahead of our clock is accepted until the tolerance after it: 600 s
+    from its first arrival. Its one-time key must last that long, else the same signed request replays inside the
+    window (a key kept 30 s let a captured webhook through again at 31 s)."""
+    ttls: list[int] = []
+
+    async def store(key: str, ttl: int) -> bool:
+        ttls.append(ttl)
+        return True
+
+    await adapter_at(nonce_store=store).verify_callback(signed(PAID, t=NOW_MS + 299_000))
+    assert len(ttls) == 1 and ttls[0] >= 2 * 300
+
+
+async def test_an_invoice_answered_success_false_is_refused_and_nobody_is_prompted() -> None:
+    """IremboPay's envelope says whether the call worked (`success`), whatever the HTTP status: an invoice answered
+    2xx with success false is its refusal (its errors say why), even with a data object, and no push follows."""
+    wire = Wire().on("POST", "/payments/invoices", 200, {
+        "success": False, "message": "Payment item not found",
+        "errors": [{"code": "VALIDATION_ERROR", "detail": "Payment item not found"}],
+        "data": {"invoiceNumber": "880000000001", "paymentStatus": "NEW", "amount": 50000, "currency": "RWF"}})
+    async with wire.client() as http:
+        with pytest.raises(ProviderError) as err:
+            await IremboPayAdapter(http, config()).request_collection(collection())
+    assert err.value.code == "VALIDATION_ERROR" and not isinstance(err.value, ProviderTimeout)
+    assert [r.url.path for r in wire.requests] == ["/payments/invoices"]
+    wire.done()
+
+
+async def test_a_replay_with_the_signature_in_upper_case_is_still_a_replay() -> None:
+    """The signature is accepted in either hex case: its one-time key is the same for both, else a captured webhook
+    replays once more with its hex in capitals."""
+    adapter = adapter_at()
+    callback = signed(PAID)
+    await adapter.verify_callback(callback)
+    header = callback.headers["irembopay-signature"]
+    t, s = header.split(",")
+    shouted = InboundCallback("POST", {"irembopay-signature": f"{t},{s.upper().replace('S=', 's=')}"}, {},
+                              callback.body)
+    with pytest.raises(CallbackRejected) as err:
+        await adapter.verify_callback(shouted)
+    assert err.value.status == 409
 
 
 async def test_memory_nonce_store_expires() -> None:

@@ -572,18 +572,26 @@ async def test_simulator_success_callback_and_query(receiver: tuple[Receiver, st
             status = await adapter.collection_status("ref", accepted.provider_transaction_id, "KES")
             assert status.outcome is ProviderOutcome.SUCCEEDED
 
-            # Reversal of that payment: accepted now, reported by the Result callback.
+            # A reversal naming the receipt with another amount is refused as Daraja does (R000002): the
+            # simulator checks what a real reversal is checked for, and the receipt stays reversible.
             receipt = event.provider_transaction_id
-            await adapter.request_refund(refund(original_provider_transaction_id=receipt, callback_url=url))
+            await adapter.request_refund(refund(original_provider_transaction_id=receipt, callback_url=url,
+                                                amount=Money(10000, "KES")))
             await rec.wait(2)
-            result = adapter.parse_callback(inbound(None, rec.bodies[1].decode()))
+            wrong = adapter.parse_callback(inbound(None, rec.bodies[1].decode()))
+            assert (wrong.raw["ResultCode"], wrong.outcome) == ("R000002", ProviderOutcome.FAILED)
+
+            # Reversal of that payment: accepted now, reported by the Result callback.
+            await adapter.request_refund(refund(original_provider_transaction_id=receipt, callback_url=url))
+            await rec.wait(3)
+            result = adapter.parse_callback(inbound(None, rec.bodies[2].decode()))
             assert (result.kind, result.outcome) == (EventKind.REFUND, ProviderOutcome.SUCCEEDED)
             assert result.amount == Money(15000, "KES")
             # A second reversal of the same receipt is refused by M-Pesa: "already reversed", which is no
             # failure of the refund (the money went back), nor its success on that word alone.
             await adapter.request_refund(refund(original_provider_transaction_id=receipt, callback_url=url))
-            await rec.wait(3)
-            again = adapter.parse_callback(inbound(None, rec.bodies[2].decode()))
+            await rec.wait(4)
+            again = adapter.parse_callback(inbound(None, rec.bodies[3].decode()))
             assert again.outcome is ProviderOutcome.AMBIGUOUS
             assert "already been reversed" in (again.reason or "")
     finally:

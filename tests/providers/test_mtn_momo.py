@@ -387,6 +387,18 @@ async def test_refund_refused(fake: FakeProvider) -> None:
     assert err.value.retryable is False
 
 
+async def test_reused_refund_reference_409_means_already_sent(fake: FakeProvider) -> None:
+    """A refund sent again under its X-Reference-Id (the first one's answer was lost) is answered 409: the first
+    stands, and its status is asked, never a failure (that would tell the member her refund failed while MTN pays
+    it, and invite a second refund)."""
+    fake.expect("POST", "/disbursement/token/", 200, load("mtn_momo", "token.json"))
+    fake.expect("POST", "/disbursement/v1_0/refund", 409, load("mtn_momo", "error_409.json"))
+    async with fake.client() as http:
+        assert await MtnMomoAdapter(http, config()).request_refund(refund()) == CollectionAccepted()
+    [_token, sent] = fake.seen
+    assert sent.headers["X-Reference-Id"] == REFUND_REF
+
+
 async def test_amounts_of_a_currency_with_cents_go_and_come_in_major_units(fake: FakeProvider) -> None:
     # MTN Ghana (GHS, Zambia's ZMW too) has pesewas: GHS 12.50 goes as "12.50", never as "1250" (a hundred times
     # the money asked of the payer, or sent back), and a callback's "12.50" GHS is read in its own currency.
@@ -441,6 +453,25 @@ def test_failed_callback_carries_reason() -> None:
     assert event.reason == "the payer declined the payment"
     assert event.event_id == f"{REF}:FAILED"
 
+
+
+def test_a_successful_callback_carries_no_failure_reason_whatever_it_holds() -> None:
+    """A reason is words for a payment that did not go through: a SUCCESSFUL body that carries a `reason` anyway
+    gives none (a completed payment never says why it failed)."""
+    adapter = MtnMomoAdapter(httpx.AsyncClient(), config())
+    body = {**load("mtn_momo", "callback_successful.json"), "reason": "APPROVAL_REJECTED"}
+    event = adapter.parse_callback(callback(body, {"ref": REF}))
+    assert (event.outcome, event.reason) == (ProviderOutcome.SUCCEEDED, None)
+
+
+def test_a_callback_without_currency_is_taken_without_its_amount() -> None:
+    """MTN calls back once: a body that names no currency is still the payer's answer (its amount unread; the
+    status query confirms it), not a 400 that loses the only callback."""
+    adapter = MtnMomoAdapter(httpx.AsyncClient(), config())
+    body = {k: v for k, v in load("mtn_momo", "callback_successful.json").items() if k != "currency"}
+    event = adapter.parse_callback(callback(body, {"ref": REF}))
+    assert (event.outcome, event.amount, event.reference) == (ProviderOutcome.SUCCEEDED, None, REF)
+    assert event.needs_confirmation is True
 
 @pytest.mark.parametrize(
     "body",

@@ -412,6 +412,18 @@ async def test_a_retry_of_a_text_not_understood_gets_the_help_its_first_try_coun
     assert [j.payload["template"] for j in await jobs_of(rt, "sms.send")] == ["unknown"]
 
 
+
+async def test_a_retry_of_a_text_refused_a_reply_is_refused_it_again(
+    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
+) -> None:
+    """A text's reply verdict is kept by its inbound id, a refusal as much as a consent: the retry of a text the
+    limits refused a reply (the day's one help used by an earlier text) gets none either, else every text the
+    aggregator posted twice got around the limits."""
+    await inbound(sms_client, ALINE, "Helo?", "in-first")
+    await inbound(sms_client, ALINE, "Hello??", "in-second")  # the day's help is used: no reply
+    await inbound(sms_client, ALINE, "Hello??", "in-second")  # the aggregator's retry of it
+    assert [j.payload["template"] for j in await jobs_of(rt, "sms.send")] == ["unknown"]
+
 async def test_stop_audits_only_the_memberships_it_changed(rt: Any, demo: dict[str, Any], sms_client: Any) -> None:
     """A number in two cooperatives whose membership in one was opted out already (by its admin): her STOP turns off
     the other's reminders and audits that one alone; an audit row saying the first went from false to true would be

@@ -110,3 +110,36 @@ def test_hubtel_reads_the_type_in_any_case(kind: str, expected: str) -> None:
     assert turn == same
     assert (turn.is_new, turn.closed, turn.hop_key) == (expected == "Initiation", expected in ("Release", "Timeout"),
                                                         f"{expected}:2")
+
+
+@pytest.mark.parametrize(("sequence", "kept"), [(2, 2), ("7", 7), (2**31 - 1, 2**31 - 1), (2**31, None), (-1, None),
+                                                ("999999999", 999_999_999)])
+def test_hubtel_sequence_is_kept_only_as_a_hop_counter_can_be(sequence: Any, kept: int | None) -> None:
+    """Sequence orders a session's hops (a hop at or below the latest one is answered as a retry): a value no hop
+    counter reaches (negative, past 32 bits) is not kept, else every later hop of the session read as a retry."""
+    body = {"Type": "Response", "SessionId": "s-1", "Mobile": "233244000001", "ServiceCode": "384*123",
+            "Message": "1", "Sequence": sequence}
+    assert hubtel.parse(body, "*384*123#").turn.sequence == kept
+
+
+def test_a_field_of_exactly_its_limit_is_read_and_a_boolean_is_no_text() -> None:
+    """A field as long as its limit is taken (Hubtel's SessionId of 128 characters), one character more is not; a
+    JSON true is no text (Nalo's USERDATA: true is refused, never read as the input "True")."""
+    body = {"Type": "Initiation", "SessionId": "s" * 128, "Mobile": "233244000001", "ServiceCode": "384*123",
+            "Message": "*384*123#"}
+    assert hubtel.parse(body, "*384*123#").turn.session_id == "s" * 128
+    with pytest.raises(MalformedRequest, match="SessionId is too long"):
+        hubtel.parse({**body, "SessionId": "s" * 129}, "*384*123#")
+    with pytest.raises(MalformedRequest, match="USERDATA must be a string"):
+        nalo.parse({"USERID": "u", "MSISDN": "233244000001", "USERDATA": True, "MSGTYPE": False,
+                    "SESSIONID": "n-1", "NETWORK": "MTN"}, "*384*123#")
+
+
+def test_a_network_name_of_up_to_64_characters_is_kept() -> None:
+    """The network is a hint, kept as the aggregator names it up to 64 characters (the session row keeps 16): a
+    longer name than 16 is no reason to drop it; one past 64 is read as no network, never a 400."""
+    name = "Vodafone Ghana (Telecel) prepaid"
+    body = {"Type": "Initiation", "SessionId": "s-1", "Mobile": "233244000001", "ServiceCode": "384*123",
+            "Message": "*384*123#", "Operator": name}
+    assert hubtel.parse(body, "*384*123#").turn.network == name
+    assert hubtel.parse({**body, "Operator": "x" * 65}, "*384*123#").turn.network is None
