@@ -340,6 +340,7 @@ def assemble(settings: Settings, engine: AsyncEngine, redis: Redis, http: httpx.
     rt.providers = build_providers(settings, http, redis=redis)
     rt.routes = build_routes(settings, rt.providers)
     rt.sms = build_sender(settings, http)
+    metrics.expose_alert_series(settings.providers)
     return rt
 
 

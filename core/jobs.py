@@ -20,12 +20,14 @@ from core.outbox import (
     CALL_SENT,
     CALL_STARTED,
     INTERRUPTED,
+    PAYMENT_KINDS,
     Handler,
     Job,
     PermanentJobError,
     RetryLater,
     call_starting,
     db_now,
+    end_waiting,
     enqueue,
     handler_timeout,
 )
@@ -855,6 +857,9 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         count = await sweep_open_payments(rt)
         if count:
             log.warning("open payments without a live poll re-queued", extra={"count": count})
+        settled = await settle_parked_of_ended_payments(rt)
+        if settled:
+            log.info("parked jobs of ended payments settled", extra={"count": settled})
         # Every 5 minutes, off every payment's path: raise the reference sequence's mark, or say it fell behind it.
         await references.check(rt)
 
@@ -901,6 +906,24 @@ async def sweep_open_payments(rt: Runtime, *, now: datetime | None = None) -> in
             await session.execute(update(Payment).where(Payment.id == payment_id)
                                   .values(next_poll_at=now, updated_at=Payment.updated_at))
     return len(stuck)
+
+
+# A payment's own job (its collect, a poll) parked while the payment was open, the payment ended since (its poll or
+# an admin settled it). Replayed, it would send nothing (admin_api.jobs refuses it, 409), and no one else ends it.
+_PAYMENT_ENDED = exists().where(Payment.id == OutboxJob.payload["payment_id"].as_string(),
+                                Payment.status.not_in([s.value for s in OPEN]))
+PARKED_SETTLED = "settled: its payment ended; replayed, it would send nothing"
+
+
+async def settle_parked_of_ended_payments(rt: Runtime) -> int:
+    """End (DONE, with PARKED_SETTLED as its last word) the parked collects and polls of payments no longer open, at
+    each payment sweep; how many. Left PARKED they read as work for a person for good: a provider's outage that
+    outlasted a collect's attempts kept gateway_outbox_depth{status="PARKED"} (the README's alert) and the ops
+    page's parked count up after the outage ended and every payment was settled, with nothing to do about it. The
+    parked jobs are a few (ix_outbox_due: status first), however many the table holds."""
+    async with rt.sessionmaker.begin() as session:
+        return await end_waiting(session, OutboxJob.kind.in_(PAYMENT_KINDS), _PAYMENT_ENDED, status="PARKED",
+                                 reason=PARKED_SETTLED)
 
 
 async def schedule_sweep(session: AsyncSession, *, now: datetime | None = None) -> None:

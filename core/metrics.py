@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -132,6 +133,24 @@ CALLBACKS_UNMATCHED = Counter("gateway_callbacks_unmatched_total", "Provider cal
                               "(kind collection) or no refund (kind refund), by the outcome they report "
                               "(SUCCEEDED: money taken, or paid out)", ["provider", "kind", "outcome"],
                               registry=REGISTRY)
+
+# The kinds of REFUND_ANOMALIES, each counted by core.refunds.
+REFUND_ANOMALY_KINDS = ("sent_after_failure", "failed_after_completion", "beyond_collected", "amount_mismatch",
+                        "withdrawn_unsent")
+
+
+def expose_alert_series(providers: Iterable[str]) -> None:
+    """Show at 0 the counters the README asks to alert on "any increase" of, before their first event.
+
+    A labelled series is born at its first inc(): scraped at 1 with no sample before, increase() and rate() read no
+    increase, so the alert on the first refund paid back beyond what was collected, or the first callback saying
+    money was taken for no payment of ours (rare events: the first is often the only one of a process's life),
+    never fired."""
+    for kind in REFUND_ANOMALY_KINDS:
+        REFUND_ANOMALIES.labels(kind=kind)
+    for provider in providers:
+        for event_kind in ("collection", "refund"):
+            CALLBACKS_UNMATCHED.labels(provider=provider, kind=event_kind, outcome="SUCCEEDED")
 
 
 def observe_job(kind: str, outcome: str, seconds: float) -> None:

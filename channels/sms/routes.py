@@ -78,9 +78,13 @@ _MPESA_RECEIPT = re.compile(r"\b(?=[A-Z0-9]*[0-9])(?=[A-Z0-9]*[A-Z])[A-Z0-9]{10}
 _NOT_WORD = re.compile(r"[^\w]+")
 
 
-def _check_secret(request: web.Request, rt: Runtime) -> None:
+def _check_secret(request: web.Request, rt: Runtime, route: str) -> None:
     if not callback_secret_ok(rt.settings, "sms", request.query.get("secret", "")):
         metrics.CALLBACK_REJECTED.labels(source="sms").inc()
+        # Said as USSD's and the providers' refusals are: refused silently, a CALLBACK_SECRET_SMS that differs from
+        # the URL registered at Africa's Talking lost every inbound text (STOP, BALANCE) and delivery report with
+        # nothing in the log.
+        log.warning("sms callback refused: wrong or missing secret", extra={"route": route})
         raise web.HTTPForbidden(text="bad callback secret")
 
 
@@ -105,7 +109,7 @@ async def _form(request: web.Request) -> Any:
 
 async def delivery_report(request: web.Request) -> web.Response:
     rt = request.config_dict[RUNTIME]
-    _check_secret(request, rt)
+    _check_secret(request, rt, "delivery")
     form = await _form(request)
     message_id, status = _field(form, "id", 128), _field(form, "status", 32)
     if not message_id or not status:
@@ -397,7 +401,7 @@ async def _owns(session: Any, rt: Runtime, payment: Payment, phone: Phone) -> bo
 
 async def inbound(request: web.Request) -> web.Response:
     rt = request.config_dict[RUNTIME]
-    _check_secret(request, rt)
+    _check_secret(request, rt, "inbound")
     form = await _form(request)
     sender, text = _field(form, "from", 32), _field(form, "text", 480)
     if not sender:

@@ -17,14 +17,11 @@ from typing import Any
 from urllib.parse import parse_qsl  # (here, not in the hop: urllib.parse's __getattr__ raised for __path__ each time)
 
 from aiohttp import web
-from redis.exceptions import RedisError
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from channels.ussd import africastalking, hubtel, nalo, records
 from channels.ussd.screens import build_engine
 from channels.ussd.service import UssdService
-from channels.ussd.types import HOP_PROGRESS, HopProgress, HopUnsettled, UssdReply, UssdTurn
+from channels.ussd.types import EXPECTED_OUTAGES, HOP_PROGRESS, HopProgress, HopUnsettled, UssdReply, UssdTurn
 from channels.ussd.wire import MalformedRequest, Parsed, Rendered
 from core import metrics
 from core.auth import callback_secret_ok
@@ -53,8 +50,6 @@ CLOSE_WAIT_SECONDS = 0.5
 # not written, and counted or not as a close that failed is (UssdService._closed). Few: each waits for one of the
 # pool's connections, ahead of the hops admitted after it, when the process is already past what it can serve.
 MAX_PENDING_CLOSES = 8
-# Outages expected in production: logged without a traceback.
-EXPECTED_OUTAGES: tuple[type[BaseException], ...] = (OSError, RedisError, DBAPIError, PoolTimeout)  # OSError: timeouts
 
 
 class UssdChannel:

@@ -13,7 +13,7 @@ from typing import Any
 from channels.ussd import africastalking, cache, flows, funnel, records, sessions
 from channels.ussd.engine import Ctx, Engine, State
 from channels.ussd.i18n import language, translate
-from channels.ussd.types import UssdReply, UssdTurn, extension_of, side_effect_began
+from channels.ussd.types import EXPECTED_OUTAGES, UssdReply, UssdTurn, extension_of, side_effect_began
 from core import metrics
 from core.cooperatives import COUNTRY_LANGUAGE
 from core.phone import Phone
@@ -391,8 +391,12 @@ class UssdService:
                                         hops=stored.hops, last_screen=stored.state.screen, data=stored.state.data,
                                         status=status, duration_ms=int((time.time() - stored.started) * 1000),
                                         knows_less=knows_less)
-        except Exception:  # the user's answer matters more than the bookkeeping row
-            log.exception("ussd session record not updated", extra={"session_id": turn.session_id})
+        except Exception as exc:  # the user's answer matters more than the bookkeeping row
+            # The database away (restarting, its pool exhausted): the hop's own line says so, and this one names the
+            # row in a line, not a traceback per hop; anything else is a bug, told in full.
+            expected = isinstance(exc, EXPECTED_OUTAGES)
+            log.log(logging.WARNING if expected else logging.ERROR, "ussd session record not updated",
+                    extra={"session_id": turn.session_id, "error": type(exc).__name__}, exc_info=not expected)
             return turn.aggregator != africastalking.NAME
 
     def unavailable(self, rt: Any, turn: UssdTurn | None) -> UssdReply:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass
 
+from redis.exceptions import RedisError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
 from core.phone import Phone
+
+# Outages expected in production (Redis or PostgreSQL away, restarting, or slow): logged without a traceback.
+EXPECTED_OUTAGES: tuple[type[BaseException], ...] = (OSError, RedisError, DBAPIError, PoolTimeout)  # OSError: timeouts
 
 
 @dataclass(frozen=True, slots=True)

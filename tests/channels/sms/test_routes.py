@@ -310,7 +310,7 @@ async def test_a_status_the_gateway_does_not_know_parked_before_the_send_is_reco
     assert (row.status, row.provider_status) == ("SENT", "AbsentSubscriber")
 
 
-async def test_callback_secret(rt: Any, aiohttp_client: Any) -> None:
+async def test_callback_secret(rt: Any, aiohttp_client: Any, caplog: Any) -> None:
     guarded = dataclasses.replace(
         rt,
         settings=dataclasses.replace(
@@ -326,8 +326,15 @@ async def test_callback_secret(rt: Any, aiohttp_client: Any) -> None:
         await client.post("/sms/africastalking/inbound", data={"from": ALINE, "text": "HELP"})
     ).status == 403
     assert (await status_of(rt, sms_id)).status == "SENT"
+    # Each refusal is logged, naming the route, as USSD's and the providers' are: a CALLBACK_SECRET_SMS that differs
+    # from the URL registered at Africa's Talking loses every inbound text and delivery report, and said nothing.
+    refused = [r for r in caplog.records if r.getMessage() == "sms callback refused: wrong or missing secret"]
+    assert [(r.levelname, r.route) for r in refused] == [  # type: ignore[attr-defined]
+        ("WARNING", "delivery"), ("WARNING", "delivery"), ("WARNING", "inbound")]
+    caplog.clear()
     assert (await client.post("/sms/africastalking/delivery?secret=s3cret", data=form)).status == 200
     assert (await status_of(rt, sms_id)).status == "DELIVERED"
+    assert not [r for r in caplog.records if "refused" in r.getMessage()]
 
 
 async def test_full_loop_simulator_posts_reports_to_the_gateway(

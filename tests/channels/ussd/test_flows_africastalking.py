@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from typing import Any
 
@@ -296,6 +297,33 @@ async def test_database_down_answers_end(client: Any, demo: Any, rt: Any) -> Non
         rt.sessionmaker = original
         await dead.dispose()
     assert answer == "END Service unavailable, please try again later."
+
+
+async def test_database_down_is_one_warning_per_hop_without_a_traceback(client: Any, demo: Any, rt: Any,
+                                                                        caplog: Any) -> None:
+    """PostgreSQL restarting: every hop answers "unavailable" and says why in one WARNING ("ussd hop failed"). The
+    session's row, which cannot be written either, added an ERROR with a full traceback to each hop: at 2 a.m. the
+    log was a wall of tracebacks (and an alert on ERROR lines) for an outage already told, hop by hop."""
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    from core.db import make_engine
+
+    caplog.set_level("WARNING", logger="gateway.ussd")
+    dead = make_engine("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")
+    original = rt.sessionmaker
+    rt.sessionmaker = async_sessionmaker(dead, expire_on_commit=False)
+    try:
+        answers = [await AtPhone(client, EN_MTN).dial() for _ in range(3)]
+    finally:
+        rt.sessionmaker = original
+        await dead.dispose()
+    assert answers == ["END Service unavailable, please try again later."] * 3
+    assert _hop_failures(caplog) == ["ConnectionRefusedError"] * 3
+    ussd = [r for r in caplog.records if r.name == "gateway.ussd"]
+    assert not [r for r in ussd if r.levelno >= logging.ERROR or r.exc_info], [r.getMessage() for r in ussd]
+    unrecorded = [r for r in ussd if r.getMessage().startswith("ussd session record not updated")]
+    assert [(r.levelname, r.error) for r in unrecorded] == [  # type: ignore[attr-defined]
+        ("WARNING", "ConnectionRefusedError")] * 3
 
 
 async def test_non_member_registers_as_pending(client: Any, demo: Any, db: Any) -> None:
