@@ -89,7 +89,9 @@ UPDATE = obj(
 )
 FOREIGN_NUMBER = ("A new member whose number is another country's than the cooperative's is registered all the same "
                   "(she may live abroad) with a warning, as is one of its country on a network none of its wallets "
-                  "collects from (Telecel or AT in Ghana): no mobile-money method of the cooperative takes her number "
+                  "collects from (Telecel or AT in Ghana), or on one whose wallet this deployment has no account of "
+                  "in the cooperative's currency (Airtel Money set up for Rwanda, a Kenyan cooperative's Airtel "
+                  "number): no mobile-money method of the cooperative takes her number "
                   "and its USSD menus offer her none, so she can pay only by a bank method that collects the "
                   "cooperative's currency, or never (the message says which). Empty: nothing to look at.")
 WARNING = out({"field": {"type": "string"}, "message": {"type": "string"}})

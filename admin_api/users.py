@@ -141,7 +141,7 @@ async def create_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 async def _refuse_taken(ctx: Ctx, username: str) -> None:
     """409 when an account has this username in any case (sign-in does not tell them apart: auth.username_is)."""
-    taken = (await ctx.session.execute(select(AdminUser).where(auth.username_is(username)))).scalar_one_or_none()
+    taken = (await ctx.session.execute(select(AdminUser).where(auth.username_is(username)))).scalars().first()
     if taken is None:
         return
     # A deactivated account keeps its username (its audit trail names it): say how to have it back, to a

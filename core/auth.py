@@ -20,14 +20,16 @@ import jwt
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
-from sqlalchemy import ColumnElement, and_, bindparam, false, func, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, bindparam, false, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from core.audit import Actor, record
 from core.config import Settings
 from core.crypto import hash_api_key, hash_password, new_api_key, verify_password
-from core.db import insert_ignore, row_insert, serialise_on_sqlite, utcnow, wall
+from core.db import UNICODE_LOWER, insert_ignore, row_insert, serialise_on_sqlite, utcnow, wall
 from core.errors import (
     NAME_TAKEN,
     TOKEN_EXPIRED,
@@ -882,18 +884,40 @@ async def _mark_all(redis: Redis, user_ids: list[str], *, ttl_seconds: int) -> N
         await pipe.execute()
 
 
+class _FoldedName(FunctionElement[str]):
+    """A username folded to lower case: PostgreSQL's lower(), as its unique index on lower(username) (migration 0017)
+    folds it, which is then used; SQLite's UNICODE_LOWER (Python's lower()), whose own lower() folds A-Z only: the
+    stored "ÉRIC" stayed "Éric", and typed "éric" did not find it (the typed name only was lowered by Python)."""
+
+    type = String()
+    name = "folded_name"
+    inherit_cache = True
+
+
+@compiles(_FoldedName)
+def _folded_name(element: _FoldedName, compiler: Any, **kw: Any) -> str:
+    return f"lower({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(_FoldedName, "sqlite")
+def _folded_name_sqlite(element: _FoldedName, compiler: Any, **kw: Any) -> str:
+    return f"{UNICODE_LOWER}({compiler.process(element.clauses, **kw)})"
+
+
 def username_is(username: str) -> ColumnElement[bool]:
     """Where an account's username is `username`, as it is signed in with: surrounding spaces dropped (as they are when
     an account is made) and whatever the case of either (a phone keyboard capitalises an e-mail address, an
     invitation may not). The unique index on lower(username) (migration 0017) holds one account per such name;
     the name is stored, and shown, as it was typed (its accented letters composed: core.users.check_username), and
     found typed either way ("José" with é as one character, or as e and a combining accent: a phone's keyboard and a
-    desktop's differ), an account of a release before that by the form it was stored in too."""
+    desktop's differ), an account of a release before that by the form it was stored in too. Where the index folds A-Z
+    only (SQLite; PostgreSQL under a plain C LC_CTYPE) two accounts may differ only in the case of other letters
+    ("ÉRIC", "éric", made before this check): both match, and sign-in takes the one spelled as typed (login)."""
     typed = username.strip()
     names = dict.fromkeys((unicodedata.normalize("NFC", typed), typed))
-    # Lowered by the database and by Python too: SQLite's lower() folds ASCII letters only ("JOSÉ" stays "josÉ").
-    return or_(*(func.lower(AdminUser.username) == folded
-                 for name in names for folded in dict.fromkeys((func.lower(name), name.lower()))))
+    # Lowered by Python too: a PostgreSQL database whose LC_CTYPE is plain C folds A-Z only, as SQLite's lower() does.
+    return or_(*(_FoldedName(AdminUser.username) == folded
+                 for name in names for folded in dict.fromkeys((_FoldedName(name), name.lower()))))
 
 
 async def login(session: AsyncSession, username: str, password: str) -> tuple[AdminUser, float]:
@@ -908,7 +932,8 @@ async def login(session: AsyncSession, username: str, password: str) -> tuple[Ad
     password changed since the read (the password checked is no longer the account's) or an account no longer
     usable is refused as a wrong password is; otherwise the pair is dated after the hold, and a change from
     then on waits for this transaction and is dated after it (see admin_api.routing.end_sessions)."""
-    query = select(AdminUser).where(username_is(username))
+    exact = AdminUser.username == unicodedata.normalize("NFC", username.strip())
+    query = select(AdminUser).where(username_is(username)).order_by(exact.desc(), AdminUser.created_at).limit(1)
     user = (await session.execute(query)).scalar_one_or_none()
     # scrypt takes tens of milliseconds of CPU: keep it off the event loop.
     stored = user.password_hash if user else None
@@ -1051,7 +1076,7 @@ async def create_user(
         # Two requests for one username at once: the callers' check saw it free, the unique index did not.
         from core.users import username_taken  # core.users builds on this module
 
-        taken = await session.execute(select(AdminUser.id).where(username_is(username)))
+        taken = await session.execute(select(AdminUser.id).where(username_is(username)).limit(1))
         if taken.scalar_one_or_none() is not None:
             raise Conflict(username_taken(username), field="username", code=NAME_TAKEN) from None
         raise

@@ -189,6 +189,7 @@ def make_engine(url: str, *, pool_size: int = 10, echo: bool = False,
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
             dbapi_conn.create_function(UNACCENT_LOWER, 1, unaccent_lower_text, deterministic=True)
+            dbapi_conn.create_function(UNICODE_LOWER, 1, unicode_lower_text, deterministic=True)
 
         return engine
     engine = create_async_engine(
@@ -365,6 +366,16 @@ _LETTERS = {"Ø": "o", "ø": "o", "Ł": "l", "ł": "l", "Đ": "d", "đ": "d", "�
 _LETTERS_TABLE = str.maketrans(_LETTERS)
 _ONE_FOR_ONE = {letter: plain for letter, plain in _LETTERS.items() if len(plain) == 1}
 _ONE_FOR_TWO = {letter: plain for letter, plain in _LETTERS.items() if len(plain) > 1}
+
+
+# A username's fold on SQLite (core.auth.username_is): Python's lower(), every letter of every script, where SQLite's
+# lower() folds A-Z only ("JOSÉ" stays "josÉ"). A function of its own, as UNACCENT_LOWER is, not lower() overridden.
+UNICODE_LOWER = "unicode_lower"
+
+
+def unicode_lower_text(value: Any) -> Any:
+    """`value` lower-cased by Python (a str; anything else as it is): SQLite's UNICODE_LOWER."""
+    return value.lower() if isinstance(value, str) else value
 
 
 def unaccent_lower_text(value: Any) -> Any:

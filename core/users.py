@@ -105,7 +105,7 @@ async def create_admin(session: AsyncSession, *, username: str, password: str, r
             raise ValidationError("a cooperative admin needs its cooperative's id", field="cooperativeId")
         if not is_uuid(cooperative_id) or await session.get(Cooperative, cooperative_id) is None:
             raise NotFound(f"cooperative {cooperative_id} not found")
-    held = (await session.execute(select(AdminUser.username).where(auth.username_is(name)))).scalar_one_or_none()
+    held = (await session.execute(select(AdminUser.username).where(auth.username_is(name)))).scalars().first()
     if held is not None:
         # The command line is the operator's: it may name the other spelling, which the API does not show.
         case = "" if held == name else f" (as {held}: {_SAME_IN_ANY_CASE})"

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from admin_api import users as user_routes
 from core import cooperatives
@@ -201,6 +202,60 @@ async def test_a_username_with_its_accents_typed_another_way_is_the_same_name(su
     async with rt.sessionmaker() as s:
         assert (await s.execute(select(func.count()).select_from(AdminUser).where(
             AdminUser.username.in_([composed, decomposed])))).scalar_one() == 1
+
+
+async def test_a_username_with_capital_accented_letters_is_one_name_in_any_case(superadmin: Caller, client: Any,
+                                                                               rt: Any, demo: dict[str, Any]) -> None:
+    """'ÉRIC@kigali.rw' typed 'éric@kigali.rw': on SQLite (the embedded default), whose lower() folds A-Z only, the
+    stored name was folded by it ('Éric@kigali.rw') and the typed one by Python too ('éric@kigali.rw'): 401, and a
+    second account 'éric@kigali.rw' was made beside hers (201)."""
+    made = await superadmin.json("POST", "/v1/users", 201, json={**WANJIRU, "username": "ÉRIC@kigali.rw",
+                                                                 "cooperativeId": demo["cooperative_id"]})
+    for typed in ("ÉRIC@kigali.rw", "éric@kigali.rw", "Éric@KIGALI.rw"):
+        tokens = await login(client, typed, WANJIRU["password"])
+        assert tokens["role"] == "COOP_ADMIN", typed
+    refused = await superadmin.json("POST", "/v1/users", 409, json={
+        **WANJIRU, "username": "éric@kigali.rw", "password": "other-password-123",
+        "cooperativeId": demo["cooperative_id"]})
+    assert refused["code"] == "NAME_TAKEN"
+    async with rt.sessionmaker() as s:
+        assert list((await s.execute(select(AdminUser.id).where(
+            AdminUser.username.in_(["ÉRIC@kigali.rw", "éric@kigali.rw"])))).scalars()) == [made["id"]]
+
+
+def test_two_sqlite_accounts_differing_only_in_the_case_of_accented_letters_each_sign_in(tmp_path: Any) -> None:
+    """Made before the fold above, on SQLite (its index on lower(username) folds A-Z only and let both in): 'ÉRIC' and
+    'éric'. Each signs in as spelled; sign-in as 'ÉRIC' matched both (500), a third spelling's check too."""
+    from core import auth
+    from core.crypto import hash_password
+    from core.db import make_engine
+    from main import migrate
+
+    url = f"sqlite+aiosqlite:///{tmp_path}/m.db"
+    migrate(make_settings(DATABASE_URL=url))
+
+    async def run() -> None:
+        engine = make_engine(url)
+        maker = async_sessionmaker(engine, expire_on_commit=False)
+        try:
+            async with maker.begin() as s:
+                for user_id, name, password in [("u1", "ÉRIC@kigali.rw", "first-password-123"),
+                                                ("u2", "éric@kigali.rw", "other-password-123")]:
+                    await s.execute(AdminUser.__table__.insert().values(
+                        id=user_id, username=name, password_hash=hash_password(password), role="SUPER_ADMIN"))
+            for typed, password, user_id in [("ÉRIC@kigali.rw", "first-password-123", "u1"),
+                                             ("éric@kigali.rw", "other-password-123", "u2")]:
+                async with maker.begin() as s:
+                    user, _ = await auth.login(s, typed, password)
+                    assert user.id == user_id, typed
+            with pytest.raises(Conflict):
+                async with maker.begin() as s:
+                    await accounts.create_admin(s, username="Éric@kigali.rw", password="third-password-123",
+                                                role="SUPER_ADMIN", cooperative_id=None, actor=Actor("system", "cli"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
 
 
 async def test_two_usernames_differing_only_in_case_at_once_one_is_refused(
