@@ -917,7 +917,7 @@ def username_is(username: str) -> ColumnElement[bool]:
     names = dict.fromkeys((unicodedata.normalize("NFC", typed), typed))
     # Lowered by Python too: a PostgreSQL database whose LC_CTYPE is plain C folds A-Z only, as SQLite's lower() does.
     return or_(*(_FoldedName(AdminUser.username) == folded
-                 for name in names for folded in dict.fromkeys((_FoldedName(name), name.lower()))))
+                 for name in names for folded in (_FoldedName(name), name.lower())))
 
 
 async def login(session: AsyncSession, username: str, password: str) -> tuple[AdminUser, float]:

@@ -50,7 +50,7 @@ from core.provider_events import WATCH_AFTER_CANCEL, WATCH_JOB, apply_collection
 from core.reference_mark import ReferenceWatch
 from core.refunds import apply_kept_refusal, apply_refund_outcome, collected, paying_number_changed
 from core.state import StaleTransition, transition
-from core.state.payment import OPEN, PAYMENT, UNCONFIRMED, PaymentStatus
+from core.state.payment import OPEN, OPEN_VALUES, PAYMENT, UNCONFIRMED, PaymentStatus
 from core.state.refund import REFUND, RefundStatus
 from core.transaction_ids import CONTESTED_JOB, flag_contested
 
@@ -405,7 +405,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         async with rt.sessionmaker.begin() as session:
             await session.connection()  # held before updated_at is stamped (see core.state.machine.transition)
             await session.execute(update(Payment).where(
-                Payment.id == payment_id, Payment.status.in_([s.value for s in OPEN]),
+                Payment.id == payment_id, Payment.status.in_(OPEN_VALUES),
                 Payment.provider_transaction_id.is_(None)).values(
                 provider_transaction_id=provider_transaction_id, updated_at=utcnow()))
 
@@ -897,7 +897,7 @@ async def sweep_open_payments(rt: Runtime, *, now: datetime | None = None) -> in
         slot = int(now.timestamp() // SWEEP_EVERY.total_seconds())
         stuck = (await session.execute(
             select(Payment.id, Payment.cooperative_id).where(
-                Payment.status.in_([s.value for s in OPEN]), Payment.provider.in_(list(rt.providers)),
+                Payment.status.in_(OPEN_VALUES), Payment.provider.in_(list(rt.providers)),
                 Payment.next_poll_at < now - STUCK_AFTER, ~_LIVE_POLL).limit(1000))).all()
         for payment_id, cooperative_id in stuck:
             await enqueue(session, "payment.poll", {"payment_id": payment_id},
@@ -911,7 +911,7 @@ async def sweep_open_payments(rt: Runtime, *, now: datetime | None = None) -> in
 # A payment's own job (its collect, a poll) parked while the payment was open, the payment ended since (its poll or
 # an admin settled it). Replayed, it would send nothing (admin_api.jobs refuses it, 409), and no one else ends it.
 _PAYMENT_ENDED = exists().where(Payment.id == OutboxJob.payload["payment_id"].as_string(),
-                                Payment.status.not_in([s.value for s in OPEN]))
+                                Payment.status.not_in(OPEN_VALUES))
 PARKED_SETTLED = "settled: its payment ended; replayed, it would send nothing"
 
 

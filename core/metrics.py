@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from sqlalchemy import func, null, select
 
 from core.db import utcnow
+from core.ports import EventKind, ProviderOutcome
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -149,8 +150,9 @@ def expose_alert_series(providers: Iterable[str]) -> None:
     for kind in REFUND_ANOMALY_KINDS:
         REFUND_ANOMALIES.labels(kind=kind)
     for provider in providers:
-        for event_kind in ("collection", "refund"):
-            CALLBACKS_UNMATCHED.labels(provider=provider, kind=event_kind, outcome="SUCCEEDED")
+        for event_kind in EventKind:
+            CALLBACKS_UNMATCHED.labels(provider=provider, kind=event_kind.value,
+                                       outcome=ProviderOutcome.SUCCEEDED.value)
 
 
 def observe_job(kind: str, outcome: str, seconds: float) -> None:

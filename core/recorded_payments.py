@@ -126,7 +126,7 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
         # refused the cents after the refund was accepted).
         problem = amount_rule_refusal(rt.providers.get(payment.provider), amount)
         if problem:
-            raise ValidationError(str(problem), field="amount", code=PROVIDER_REFUSED)
+            raise ValidationError(problem, field="amount", code=PROVIDER_REFUSED)
     check_statement_time(completed_at, payment.created_at, "the payment was asked for")
     await _lock_transaction_id(session, payment.provider, txn)
     await transaction_id_free(session, payment.provider, txn, payment.cooperative_id, exclude=payment.id)

@@ -165,6 +165,17 @@ async def make_payment(caller: Caller, payment_type_id: str, **over: Any) -> dic
     return await caller.json("POST", "/v1/payments", 201, json=payment_body(payment_type_id, **over))
 
 
+async def kenyan_mpesa_payment(superadmin: Caller, amount: str) -> dict[str, Any]:
+    """A payment of `amount` KES by M-Pesa, PENDING, of a new Kenyan cooperative's type of that price."""
+    coop = await superadmin.json("POST", "/v1/cooperatives", 201, json={
+        "name": "Nairobi Coop", "shortCode": "NRB", "country": "KE"})
+    ptype = await superadmin.json("POST", "/v1/payment-types", 201, json={
+        "name": "Levy", "amount": amount, "cooperativeId": coop["id"]})
+    return await superadmin.json("POST", "/v1/payments", 201, json={
+        "paymentTypeId": ptype["id"], "amount": amount, "paymentMethod": "MPESA", "paymentAccount": "0712345678",
+        "idempotencyKey": idem(), "cooperativeId": coop["id"]})
+
+
 def _unused_port() -> int:
     import socket
 

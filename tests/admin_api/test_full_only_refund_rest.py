@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from core import auth
 from core.models import Refund
-from tests.admin_api.conftest import Caller, bearer, complete_payment, idem
+from tests.admin_api.conftest import Caller, bearer, complete_payment, idem, kenyan_mpesa_payment
 
 
 async def test_the_rest_of_a_partly_reversed_mpesa_payment(superadmin: Caller, rt: Any, client: Any) -> None:
@@ -46,13 +46,7 @@ async def test_the_rest_of_a_partly_reversed_mpesa_payment(superadmin: Caller, r
 async def test_a_reversal_of_cents_mpesa_never_makes_is_refused(superadmin: Caller, rt: Any, client: Any) -> None:
     """M-Pesa moves whole shillings: a reversal recorded as 500.50 KES is a typo. Taken, it left 999.50 KES of the
     payment refundable and, for a recurring type, a balance of cents that no M-Pesa payment could take."""
-    coop = await superadmin.json("POST", "/v1/cooperatives", 201, json={
-        "name": "Nairobi Coop", "shortCode": "NRB", "country": "KE"})
-    ptype = await superadmin.json("POST", "/v1/payment-types", 201, json={
-        "name": "Levy", "amount": "1500.00", "cooperativeId": coop["id"]})
-    paid = await superadmin.json("POST", "/v1/payments", 201, json={
-        "paymentTypeId": ptype["id"], "amount": "1500.00", "paymentMethod": "MPESA", "paymentAccount": "0712345678",
-        "idempotencyKey": idem(), "cooperativeId": coop["id"]})
+    paid = await kenyan_mpesa_payment(superadmin, "1500.00")
     await complete_payment(rt, paid["id"])
     refused = await superadmin.json("POST", f"/v1/payments/{paid['id']}/refunds", 400, json={
         "amount": "500.50", "idempotencyKey": idem(), "returnedByProvider": {"providerTransactionId": "QKR1REV500"}})

@@ -20,7 +20,7 @@ from core.outbox import Job
 from core.ports import ProviderOutcome
 from core.provider_events import UNCONFIRMED_FLAG, apply_collection_outcome
 from core.state.payment import UNCONFIRMED
-from tests.admin_api.conftest import complete_payment, idem, make_payment
+from tests.admin_api.conftest import complete_payment, idem, kenyan_mpesa_payment, make_payment
 
 PROVIDER = Actor("provider:test", "provider")
 RECORD = {"status": "COMPLETED", "providerTransactionId": "MP-7781", "note": "on MTN's statement of 30 November"}
@@ -213,13 +213,7 @@ async def test_an_amount_the_providers_statement_cannot_show_is_refused(superadm
     """M-Pesa takes whole shillings: a statement line of 1,300.50 KES is a typo. Recorded, the payment held cents no
     reversal can send back (the full refund it allows was accepted, then failed in the worker: "M-Pesa takes whole
     shillings"), as POST /v1/payments/recorded already refuses."""
-    coop = await superadmin.json("POST", "/v1/cooperatives", 201, json={
-        "name": "Nairobi Coop", "shortCode": "NRB", "country": "KE"})
-    ptype = await superadmin.json("POST", "/v1/payment-types", 201, json={
-        "name": "Levy", "amount": "1300.00", "cooperativeId": coop["id"]})
-    payment = await superadmin.json("POST", "/v1/payments", 201, json={
-        "paymentTypeId": ptype["id"], "amount": "1300.00", "paymentMethod": "MPESA", "paymentAccount": "0712345678",
-        "idempotencyKey": idem(), "cooperativeId": coop["id"]})
+    payment = await kenyan_mpesa_payment(superadmin, "1300.00")
     async with rt.sessionmaker.begin() as s:
         await apply_collection_outcome(s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.EXPIRED,
                                        actor=PROVIDER, reason=UNCONFIRMED)
