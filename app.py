@@ -602,7 +602,17 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
             yield
             await stop_background(guard, stop, name="revocation guard")
 
-        app.cleanup_ctx.extend([database_ctx, redis_ctx, http_ctx, runtime_ctx, revocations_ctx])
+        async def provider_health_ctx(app: web.Application) -> AsyncIterator[None]:
+            # This process's view of the providers (its calls: bank payments' collect, callbacks' credentials), in
+            # Redis where /ops reads every serve's and worker's (core.provider_health).
+            from core.provider_health import publish
+
+            stop = asyncio.Event()
+            task = asyncio.create_task(publish(app[RUNTIME].redis, stop=stop, role="serve"))
+            yield
+            await stop_background(task, stop, name="provider health")
+
+        app.cleanup_ctx.extend([database_ctx, redis_ctx, http_ctx, runtime_ctx, revocations_ctx, provider_health_ctx])
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -459,6 +459,7 @@ async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0, *
                   accept_references_behind: bool = False) -> None:
     from app import create_worker, open_runtime, refuse_redis_misconfigured, schedule_periodic, stop_background
     from core.auth import watch_redis
+    from core.provider_health import publish as publish_health
     from core.reference_mark import check_at_start
 
     stop = asyncio.Event()
@@ -473,12 +474,18 @@ async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0, *
         # Redis evicting keys or refusing writes, reported by the worker too (a serve's revocation guard does it).
         watch_stop = asyncio.Event()
         watcher = asyncio.create_task(watch_redis(rt.redis, stop=watch_stop))
+        # Its view of the providers, where every serve's /ops reads it (its calls are in its memory only), under
+        # its worker_id, as its log lines and its claimed jobs name it.
+        health_stop = asyncio.Event()
+        health = asyncio.create_task(publish_health(rt.redis, stop=health_stop, role="worker",
+                                                    process=worker.worker_id))
         task = asyncio.create_task(worker.run_forever())
         log.info("worker started", extra={"worker_id": worker.worker_id})
         await stop.wait()
         log.info("worker stopping: finishing running jobs")
         await _stop_worker(worker, task, settings)
         await stop_background(watcher, watch_stop, name="Redis watch")
+        await stop_background(health, health_stop, name="provider health")
         if runner is not None:
             await runner.cleanup()
     log.info("worker stopped")

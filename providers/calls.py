@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -14,7 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 
 from core.config import ProviderConfig
-from core.db import iso_z, utcnow
+from core.db import iso_ms, iso_z, utcnow
 from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS, PROVIDER_FAILING
 from core.ports import CredentialsRefused, ProviderError, ProviderTimeout
 
@@ -47,8 +48,64 @@ class Outage:
 _outages: dict[str, Outage] = {}
 
 
-def call_failed(provider: str, started: float) -> None:
-    """A call to `provider` sent at `started` (time.perf_counter()) got no answer, or a 5xx."""
+@dataclass
+class Seen:
+    """What this process last saw of a provider's calls, for the record all processes read (core.provider_health):
+    when one was last answered, when one last failed and how. `error` is a class (UNREACHABLE, TIMEOUT, HTTP_503,
+    CREDENTIALS_REFUSED) and `summary` words of ours around the operation, an exception's class name or a status
+    code: never a URL (a secret may ride in its query), a provider's text or a phone number."""
+
+    last_success: str | None = None
+    last_failure: str | None = None
+    error: str | None = None
+    summary: str | None = None
+
+
+_seen: dict[str, Seen] = {}
+# Events set at each change of _seen or _outages: core.provider_health's publisher waits on one (its own loop's)
+# instead of writing to Redis from the call path.
+_listeners: set[asyncio.Event] = set()
+
+
+def listen(event: asyncio.Event) -> None:
+    """Have `event` set whenever this process's view of a provider changes (ignore() undoes it)."""
+    _listeners.add(event)
+
+
+def ignore(event: asyncio.Event) -> None:
+    _listeners.discard(event)
+
+
+def _changed() -> None:
+    for event in _listeners:
+        event.set()
+
+
+def _failure_seen(provider: str, error: str, summary: str) -> None:
+    seen = _seen.setdefault(provider, Seen())
+    seen.last_failure, seen.error, seen.summary = iso_ms(utcnow()), error, summary
+    _changed()
+
+
+def health_view() -> dict[str, dict[str, Any]]:
+    """This process's view of each provider it has called since it started: failing (an outage reported, as
+    gateway_provider_failing says) since when, its failures in a row, the last failure's class and summary and
+    when, the last answered call, and the operations whose credentials it refuses."""
+    view: dict[str, dict[str, Any]] = {}
+    for provider in sorted(set(_seen) | set(_outages)):
+        seen = _seen.get(provider, Seen())
+        outage = _outages.get(provider, Outage())
+        view[provider] = {"failing": outage.reported, "failingSince": outage.since if outage.reported else None,
+                          "failuresInARow": outage.failures, "lastFailureAt": seen.last_failure,
+                          "lastError": seen.error, "lastErrorSummary": seen.summary,
+                          "lastSuccessAt": seen.last_success, "credentialsRefused": sorted(outage.refused)}
+    return view
+
+
+def call_failed(provider: str, started: float, *, error: str = "FAILED", summary: str = "call failed") -> None:
+    """A call to `provider` sent at `started` (time.perf_counter()) got no answer, or a 5xx: `error` and `summary`
+    say which (Seen: no URL, provider text or phone number)."""
+    _failure_seen(provider, error, summary)
     outage = _outages.setdefault(provider, Outage())
     if not outage.failures:
         ago = time.perf_counter() - started
@@ -65,7 +122,8 @@ def call_failed(provider: str, started: float) -> None:
 def credentials_refused(provider: str, operation: str, detail: str) -> None:
     """`provider` refused the gateway's own credentials (HTTP 401 after a fresh token): our configuration, which
     no retry mends. Reported at once, not after FAILING_AFTER: one error line, gateway_provider_failing 1, until a
-    call is answered again (the configuration fixed)."""
+    call is answered again (the configuration fixed). `detail`, the provider's words, goes to the log line only."""
+    _failure_seen(provider, "CREDENTIALS_REFUSED", f"{operation.replace('_', ' ')}: credentials refused")
     outage = _outages.setdefault(provider, Outage())
     if not outage.failures:
         outage.since = iso_z(utcnow())
@@ -84,9 +142,15 @@ def call_answered(provider: str, operation: str | None = None) -> None:
     """A call to `provider` (its `operation`) got an answer that is not a 5xx (a 4xx is the provider's answer too):
     an outage this process reported is over, unless the provider still refuses our credentials for another
     operation (Outage.refused)."""
+    seen = _seen.setdefault(provider, Seen())
+    first = seen.last_success is None
+    seen.last_success = iso_ms(utcnow())
     outage = _outages.get(provider)
     if outage is None or not outage.failures:
+        if first:
+            _changed()
         return
+    _changed()
     if operation is not None and outage.refused - {operation}:
         outage.refused.discard(operation)
         return
@@ -164,12 +228,14 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
                                       params=params, timeout=timeouts)
     except (httpx.ConnectTimeout, httpx.ConnectError) as exc:
         PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
-        call_failed(provider, started)
+        call_failed(provider, started, error="UNREACHABLE",
+                    summary=f"{operation}: cannot connect ({type(exc).__name__})")
         raise ProviderError(f"{name} {operation}: cannot connect ({type(exc).__name__})", retryable=True,
                             code="UNREACHABLE") from None
     except (httpx.TimeoutException, httpx.TransportError) as exc:
         PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
-        call_failed(provider, started)
+        call_failed(provider, started, error="TIMEOUT",
+                    summary=f"{operation}: no answer in time ({type(exc).__name__})")
         if creates:
             raise ProviderTimeout(f"{name} {operation}: no answer in time ({type(exc).__name__}); ask the "
                                   "status, do not send again") from None
@@ -181,7 +247,8 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
     if response.status_code >= 500 and (answered is None or not answered(response)):
         if count_5xx:
             PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
-        call_failed(provider, started)
+        call_failed(provider, started, error=f"HTTP_{response.status_code}",
+                    summary=f"{operation}: HTTP {response.status_code}")
     elif response.status_code != 401:
         # A 401 says nothing of the provider's health: a token revoked early (sent again with a new one), or our
         # credentials refused (credentials_refused, which keeps an outage reported until an answer ends it).

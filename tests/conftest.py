@@ -298,6 +298,7 @@ def _no_provider_outage_carried_over() -> Iterator[None]:
     from providers import calls
 
     calls._outages.clear()
+    calls._seen.clear()
     PROVIDER_FAILING.clear()
     yield
 

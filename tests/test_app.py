@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from app import ENGINE, HTTP, REDIS, create_app
@@ -13,8 +14,8 @@ from tests.conftest import make_settings, readiness
 
 async def test_app_opens_and_closes_each_resource(aiohttp_client: Any, rt: Any) -> None:
     app = create_app(make_settings())
-    # database, Redis, httpx, the runtime over them, then the revocation marks' guard
-    assert len(app.cleanup_ctx) == 5
+    # database, Redis, httpx, the runtime over them, then the revocation marks' guard and the provider health record
+    assert len(app.cleanup_ctx) == 6
     await rt.redis.delete(MARKS_RESTORED)
     client = await aiohttp_client(app)
     status, ready = await readiness(client)
@@ -26,9 +27,20 @@ async def test_app_opens_and_closes_each_resource(aiohttp_client: Any, rt: Any) 
             break
         await asyncio.sleep(0.02)
     assert await runtime.redis.exists(MARKS_RESTORED)
+    # This serve's view of the providers, recorded at start where every process's /ops reads it...
+    from core import provider_health
+
+    for _ in range(250):
+        if await runtime.redis.exists(provider_health.process_key(provider_health.PROCESS)):
+            break
+        await asyncio.sleep(0.02)
+    assert json.loads(await runtime.redis.get(provider_health.process_key(provider_health.PROCESS)))["role"] == "serve"
+    redis = runtime.redis
     http = app[HTTP]
     await client.close()  # runs the cleanup contexts in reverse
     assert http.is_closed
+    # ...and taken away as it stops (rt's client: the app's is closed).
+    assert not await rt.redis.exists(provider_health.process_key(provider_health.PROCESS)) and redis is not rt.redis
 
 
 async def test_request_metrics_keep_their_labels_bounded(client: Any) -> None:

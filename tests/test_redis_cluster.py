@@ -172,6 +172,23 @@ async def test_callback_replay_key_is_used_once(rt: Any, cluster: Cluster) -> No
     assert cluster.held_by(cluster.port_of(key), key) == b"1"
 
 
+async def test_provider_health_records_are_written_and_read_on_one_node(rt: Any, cluster: Cluster) -> None:
+    """Each process's record and the index of them share a hash tag: the pipeline that writes them and the MGET
+    that reads them work on a cluster (one slot, one node)."""
+    from core import provider_health
+    from providers import calls
+
+    calls.call_answered("airtel")
+    await provider_health.record(rt.redis, process="cluster-worker-1")
+    await provider_health.record(rt.redis, process="cluster-worker-2")
+    [airtel] = provider_health.summarize(await provider_health.views(rt.redis), ["airtel"])
+    assert (airtel["status"], airtel["processesReporting"]) == ("OK", 2)
+    key = provider_health.process_key("cluster-worker-1")
+    assert cluster.port_of(key) == cluster.port_of(provider_health.INDEX_KEY)
+    await provider_health.forget(rt.redis, process="cluster-worker-1")
+    assert len(await provider_health.views(rt.redis)) == 1
+
+
 async def test_reference_high_water_mark_and_readiness(client: Any, rt: Any, demo: Any, cluster: Cluster) -> None:
     from core.references import next_reference
 

@@ -345,6 +345,38 @@
     return new Date(key + ":00Z").toTimeString().slice(0, 5);
   }
 
+  // Provider health from every serve and worker (core/provider_health.py): OK, FAILING since when with the last
+  // error, or UNKNOWN (no process has had an answer from it since it started). Null providers: Redis, where the
+  // processes keep it, cannot be read now; nothing is known, so nothing is drawn as OK.
+  const PROVIDER_LABELS = { mtn_momo: "MTN MoMo", airtel: "Airtel Money", mpesa: "M-Pesa", irembopay: "IremboPay",
+                            africastalking: "SMS (Africa's Talking)" };
+  const when = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
+
+  function drawHealth(health) {
+    const body = $("health").querySelector("tbody");
+    if (!health || !health.providers) {
+      const tr = el("tr");
+      const td = el("td", "empty unavailable", "Unknown: Redis, where the processes report, cannot be reached.");
+      td.colSpan = 4;
+      tr.append(td);
+      body.replaceChildren(tr);
+      $("redis-health").textContent = health ? "Redis: cannot be reached." : "";
+      return;
+    }
+    body.replaceChildren(...health.providers.map((p) => {
+      const tr = el("tr");
+      tr.dataset.provider = p.provider;
+      tr.dataset.status = p.status;
+      const status = p.status === "FAILING" ? "Failing since " + when(p.failingSince)
+        : p.status === "OK" ? "OK" : "Unknown: no answer since the processes started";
+      const error = p.lastError ? (p.lastError.summary || p.lastError.class) + " (" + when(p.lastError.at) + ")" : "–";
+      tr.append(el("td", "", PROVIDER_LABELS[p.provider] || p.provider), el("td", p.status.toLowerCase(), status),
+                el("td", "", error), el("td", "", when(p.lastSuccessAt)));
+      return tr;
+    }));
+    $("redis-health").textContent = "Redis: reachable · " + health.processesReporting + " process(es) reporting";
+  }
+
   function render(data) {
     const scope = data.scope || {};
     $("scope").textContent = scope.name ? scope.name + (scope.role === "SUPER_ADMIN" ? " (super admin)" : "") : "";
@@ -381,6 +413,7 @@
         data.webhooks.disabledEndpoints + " endpoint(s) disabled",
         data.webhooks.failed > 0 || data.webhooks.held > 0 || data.webhooks.disabledEndpoints > 0);
 
+    drawHealth(data.providerHealth);
     drawPerMinute(data);
 
     const methodTotals = Object.entries(byMethod).map(([m, s]) => [m, Object.values(s).reduce((a, b) => a + b, 0), s]);

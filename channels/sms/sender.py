@@ -138,14 +138,15 @@ class AfricasTalkingSender:
             )
         except _NOT_SENT as exc:
             metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.send").inc()
-            call_failed(NAME, started)
+            call_failed(NAME, started, error="UNREACHABLE", summary=f"sms.send: cannot connect ({type(exc).__name__})")
             raise SmsTemporaryError(
                 f"network error talking to Africa's Talking: {type(exc).__name__}"
             ) from exc
         except httpx.HTTPError as exc:
             # ReadTimeout, ReadError, RemoteProtocolError, ...: the request was out, the answer was not read.
             metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.send").inc()
-            call_failed(NAME, started)
+            call_failed(NAME, started, error="TIMEOUT",
+                        summary=f"sms.send: no answer read ({type(exc).__name__})")
             raise SmsUnconfirmedError(f"{type(exc).__name__} after the send") from exc
         finally:
             metrics.PROVIDER_CALLS.labels(provider="africastalking", operation="sms.send").observe(
@@ -154,7 +155,8 @@ class AfricasTalkingSender:
         # An outage (5xx, no connection, no answer: several in a row) is reported once, as a payment provider's is
         # (providers.calls): one error line and gateway_provider_failing, not only a warning per message.
         if response.status_code >= 500:
-            call_failed(NAME, started)
+            call_failed(NAME, started, error=f"HTTP_{response.status_code}",
+                        summary=f"sms.send: HTTP {response.status_code}")
         else:
             call_answered(NAME)
         return self._parse(phone, response)

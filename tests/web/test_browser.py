@@ -330,6 +330,11 @@ def test_ops_page_logs_in_and_shows_the_figures(server: str, page: Page) -> None
     expect(page.locator("#kpi-open .value")).to_have_text("0")
     expect(page.locator("#funnel .bar-row").first).to_be_visible()
     expect(page.locator("#kpi-sms .detail")).to_contain_text(f"of {len(settled)} sent")
+    # MTN answered the phones' payments: OK as the process that called it recorded it in Redis.
+    health = page.locator('#health tr[data-provider="mtn_momo"]')
+    expect(health).to_have_attribute("data-status", "OK")
+    expect(health).to_contain_text("MTN MoMo")
+    expect(page.locator("#redis-health")).to_contain_text("Redis: reachable")
     page.wait_for_timeout(500)
     page.screenshot(path=str(SHOTS / "ops.png"), full_page=True)
 
