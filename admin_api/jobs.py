@@ -1,4 +1,5 @@
-"""Outbox jobs over the API: see what is queued or parked, and replay a parked job after fixing its cause."""
+"""Outbox jobs over the API: see what is queued or parked, replay a parked job after fixing its cause, or discard
+one that can never succeed (a poison job, whose replay could only park again)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,26 @@ from core import webhooks
 from core.audit import Actor, record
 from core.errors import CODES, INVALID_STATE, Conflict, NotFound, ValidationError
 from core.jobs import payment_and_now
-from core.models import OutboxJob
-from core.outbox import job_lane, job_subject, replay_job, subject_filter
+from core.models import OutboxJob, Payment, Refund
+from core.outbox import (
+    DISCARDED,
+    PAYMENT_KINDS,
+    REFUND_KINDS,
+    job_lane,
+    job_subject,
+    lock_parked,
+    mark_discarded,
+    replay_job,
+    subject_filter,
+)
+from core.state.payment import OPEN_VALUES as OPEN_PAYMENT_VALUES
+from core.state.refund import OPEN_VALUES as OPEN_REFUND_VALUES
 from core.text import is_number
 
-STATUSES = ("PENDING", "RUNNING", "DONE", "PARKED")
-# The jobs a subject filter searches: those not DONE (see list_jobs).
-LIVE = ("PENDING", "RUNNING", "PARKED")
+STATUSES = ("PENDING", "RUNNING", "DONE", "PARKED", DISCARDED)
+# The jobs a subject filter searches: those not DONE (see list_jobs); DISCARDED ones too, a few (each ended by a
+# person), found by the same (status, run_at) index.
+SEARCHED = ("PENDING", "RUNNING", "PARKED", DISCARDED)
 SUBJECT_PARAMS = {"payment": "paymentId", "refund": "refundId"}
 # What a replay of a job of this kind must also do, in the replay's transaction, for the job to do its
 # work again: a handler that finds its subject already given up on ends without doing anything.
@@ -32,11 +46,30 @@ ON_REPLAY: dict[str, Callable[[AsyncSession, OutboxJob, Actor], Awaitable[None]]
     "payment.collect": lambda session, job, actor: _collect_still_open(session, job),
     "sms.send": lambda session, job, actor: sms_jobs.reopen_for_replay(session, job.payload or {}),
 }
+# What a discard of a job of this kind must also do, in the discard's transaction, so that what the job is about does
+# not look as if it were still on its way: its subject given up on as the job is (an SMS FAILED, a webhook delivery
+# FAILED), or the discard refused (409) where the job is the only thing that would still settle money (a refund's:
+# see _refund_settled_otherwise). Given the error the job parked with. A kind not named changes nothing else: a
+# payment's collect and poll (_payment_still_asked), a webhook event's fan-out (no delivery stored yet), the sweeps.
+ON_DISCARD: dict[str, Callable[[Ctx, OutboxJob, str | None, str], Awaitable[None]]] = {
+    "webhook.deliver": lambda ctx, job, parked_with, reason: webhooks.give_up_for_discard(
+        ctx.session, job, actor=ctx.who.actor),
+    "sms.send": lambda ctx, job, parked_with, reason: _sms_not_sent(ctx, job, parked_with, reason),
+    **{kind: lambda ctx, job, parked_with, reason: _payment_still_asked(ctx, job) for kind in PAYMENT_KINDS},
+    **{kind: lambda ctx, job, parked_with, reason: _refund_settled_otherwise(ctx, job) for kind in REFUND_KINDS},
+}
+REASON = {"type": "string", "minLength": 3, "maxLength": 300,
+          "description": "why the job is given up on (kept in the audit log and the job's lastError)"}
+DISCARD = {
+    **obj({"reason": REASON}, ["reason"]),
+    "description": "Why the parked job is discarded: it will never run again (a replay of it is refused).",
+}
 JOB = out(
     {
         "id": {"type": "integer"},
         "kind": {"type": "string"},
-        "status": {"type": "string", "enum": list(STATUSES)},
+        "status": {"type": "string", "enum": list(STATUSES),
+                   "description": "DISCARDED: parked, then given up on by an admin (POST /v1/jobs/{id}/discard)"},
         "cooperativeId": {"type": ["string", "null"]},
         "attempts": {"type": "integer"},
         "maxAttempts": {"type": "integer"},
@@ -96,6 +129,32 @@ BULK_REPLAYED = out({
 })
 
 
+# POST /v1/jobs/discard: the parked jobs one call discards, chosen as POST /v1/jobs/replay chooses them.
+BULK_DISCARD = {
+    **obj({**BULK_REPLAY["properties"], "reason": REASON}, ["reason"]),
+    "description": "Which of the caller's cooperative's PARKED jobs (a super admin's: every cooperative's) to discard, "
+                   "and why: every filter given must match (none: all of them, up to `limit`), as for "
+                   "POST /v1/jobs/replay.",
+}
+BULK_DISCARDED = out({
+    "discarded": {"type": "array", "items": {"type": "integer"}, "description": "the jobs discarded (DISCARDED)"},
+    "skipped": {"type": "array",
+                "items": obj({"id": {"type": "integer"},
+                              "code": {"type": "string", "enum": sorted(CODES),
+                                       "description": "why, to branch on: INVALID_STATE (no longer PARKED, a "
+                                                      "refund's job while its refund is open, a payment's that "
+                                                      "nothing else would ask about)"},
+                              "reason": {"type": "string"}},
+                             ["id", "code", "reason"]),
+                "description": "the jobs left PARKED, each with why (as a single discard's 409 says it: its code "
+                               "and message)"},
+    "discardedCount": {"type": "integer"},
+    "skippedCount": {"type": "integer"},
+    "more": BULK_REPLAYED["properties"]["more"],
+    "lastId": {"type": ["integer", "null"], "description": "the last job this call discarded or skipped"},
+})
+
+
 def subject_of(kind: str, payload: dict[str, Any] | None) -> dict[str, str] | None:
     """The payment or refund the job is about (core.outbox.job_subject: an opaque id, nothing personal; a
     receipt SMS's and a webhook's too), or None: never anything else from its payload."""
@@ -151,7 +210,7 @@ async def list_jobs(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     if subject is not None:
         # Its JSON paths are not indexed: tested on the jobs not DONE only, which the (status, run_at) index finds
         # without reading the DONE history (a month of every payment's jobs, more with a longer retention).
-        query = query.where(OutboxJob.status.in_(LIVE), subject_filter(*subject))
+        query = query.where(OutboxJob.status.in_(SEARCHED), subject_filter(*subject))
     if ctx.query.get("status"):
         query = query.where(OutboxJob.status == ctx.query["status"])
     if ctx.query.get("kind"):
@@ -164,8 +223,8 @@ def _subject_asked(ctx: Ctx) -> tuple[str, str] | None:
     asked = [(subject, ctx.query[param]) for subject, param in SUBJECT_PARAMS.items() if ctx.query.get(param)]
     if len(asked) > 1:
         raise ValidationError("give paymentId or refundId, not both", field="refundId")
-    if asked and ctx.query.get("status") and ctx.query["status"] not in LIVE:
-        raise ValidationError(f"paymentId and refundId search the jobs not done ({', '.join(LIVE)}): the history "
+    if asked and ctx.query.get("status") and ctx.query["status"] not in SEARCHED:
+        raise ValidationError(f"paymentId and refundId search the jobs not DONE ({', '.join(SEARCHED)}): the history "
                               "of finished jobs is not searched by what they are about", field="status")
     return asked[0] if asked else None
 
@@ -183,6 +242,25 @@ async def replay_many(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     """The parked jobs matching the body's filters, in the caller's cooperative, each replayed as replay does (its
     ON_REPLAY hook, its audit entry), in a savepoint of its own: one refused (a collect whose payment ended) is
     left PARKED and named with its reason, and the others still go back."""
+    done, skipped, more, last = await _each_parked(ctx, lambda job_id: _replay_one(ctx, job_id))
+    return json_response({"replayed": done, "skipped": skipped, "replayedCount": len(done),
+                          "skippedCount": len(skipped), "more": more, "lastId": last})
+
+
+async def discard_many(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    """The parked jobs matching the body's filters (replay_many's), each discarded as discard does, in a savepoint of
+    its own: one refused (a refund's while its refund is open) is left PARKED and named with its reason."""
+    reason = _reason(ctx)
+    done, skipped, more, last = await _each_parked(ctx, lambda job_id: _discard_one(ctx, job_id, reason))
+    return json_response({"discarded": done, "skipped": skipped, "discardedCount": len(done),
+                          "skippedCount": len(skipped), "more": more, "lastId": last})
+
+
+async def _each_parked(ctx: Ctx, act: Callable[[int], Awaitable[OutboxJob]]
+                       ) -> tuple[list[int], list[dict[str, Any]], bool, int | None]:
+    """`act` on each PARKED job the caller may see that matches the body's filters (BULK_REPLAY's), the oldest first,
+    up to its `limit`, each in a savepoint: (the jobs acted on, those skipped with the Conflict's code and reason,
+    whether more matched, the last job's id)."""
     body = ctx.body or {}
     limit = int(body.get("limit", BULK_REPLAY_DEFAULT))
     query = ctx.who.scope(select(OutboxJob.id).where(OutboxJob.status == "PARKED"), OutboxJob)
@@ -203,19 +281,17 @@ async def replay_many(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         # A parked job's row is last written when it parks (core.outbox: _finish stamps updated_at).
         query = query.where(OutboxJob.updated_at >= body_datetime(body["parkedSince"], "parkedSince"))
     ids = list((await ctx.session.execute(query.order_by(OutboxJob.id).limit(limit + 1))).scalars())
-    replayed: list[int] = []
+    done: list[int] = []
     skipped: list[dict[str, Any]] = []
     for job_id in ids[:limit]:
         try:
             async with ctx.session.begin_nested():
-                await _replay_one(ctx, job_id)
+                await act(job_id)
         except Conflict as exc:
             skipped.append({"id": job_id, "code": exc.code, "reason": str(exc)})
         else:
-            replayed.append(job_id)
-    return json_response({"replayed": replayed, "skipped": skipped, "replayedCount": len(replayed),
-                          "skippedCount": len(skipped), "more": len(ids) > limit,
-                          "lastId": ids[:limit][-1] if ids else None})
+            done.append(job_id)
+    return done, skipped, len(ids) > limit, ids[:limit][-1] if ids else None
 
 
 async def _replay_one(ctx: Ctx, job_id: int) -> OutboxJob:
@@ -236,19 +312,97 @@ async def _replay_one(ctx: Ctx, job_id: int) -> OutboxJob:
     return job
 
 
+async def discard(request: web.Request, ctx: Ctx) -> web.StreamResponse:
+    job_id = _job_id(request.match_info["id"])
+    reason = _reason(ctx)
+    visible = (await ctx.session.execute(
+        ctx.who.scope(select(OutboxJob.id).where(OutboxJob.id == job_id), OutboxJob))).scalar_one_or_none()
+    if visible is None:
+        raise NotFound("job not found")
+    return json_response(present(await _discard_one(ctx, job_id, reason)))
+
+
+def _reason(ctx: Ctx) -> str:
+    reason = str((ctx.body or {}).get("reason") or "").strip()
+    if not 3 <= len(reason) <= 300:
+        raise ValidationError("reason must be 3 to 300 characters: why the job is given up on", field="reason")
+    return reason
+
+
+async def _discard_one(ctx: Ctx, job_id: int, reason: str) -> OutboxJob:
+    """End one PARKED job the caller may see for good, as POST /v1/jobs/{id}/discard does (its ON_DISCARD hook, its
+    audit entry); Conflict when it cannot be."""
+    job = await lock_parked(ctx.session, job_id)
+    if job is None:
+        current = await ctx.session.get(OutboxJob, job_id)  # the row lock_parked read and locked
+        raise Conflict(f"job {job_id} is {current.status if current else 'gone'}: only a PARKED job can be "
+                       "discarded", code=INVALID_STATE)
+    parked_with, attempts = job.last_error, job.attempts
+    on_discard = ON_DISCARD.get(job.kind)
+    if on_discard is not None:
+        await on_discard(ctx, job, parked_with, reason)
+    mark_discarded(job, reason)
+    await record(ctx.session, actor=ctx.who.actor, action="job.discarded", entity_type="outbox_job",
+                 entity_id=str(job.id), before={"status": "PARKED", "attempts": attempts},
+                 after={"status": DISCARDED, "kind": job.kind, "subject": subject_of(job.kind, job.payload),
+                        "reason": reason},
+                 cooperative_id=job.cooperative_id)
+    await ctx.session.flush()
+    return job
+
+
+async def _sms_not_sent(ctx: Ctx, job: OutboxJob, parked_with: str | None, reason: str) -> None:
+    await sms_jobs.fail_for_discard(ctx.session, job.payload or {}, parked_with, reason=reason, actor=ctx.who.actor)
+
+
+async def _payment_still_asked(ctx: Ctx, job: OutboxJob) -> None:
+    """A payment's collect or poll is discarded with the payment left as it is: only the provider's word (or an
+    admin's record of it) ends a payment, never a job given up on. While the payment is open its status is still
+    asked: its poll settles it (a request that never reached the provider fails once its window is over), and
+    the payment sweep queues a new poll of an open payment whose polls stopped (a discarded one too) within about
+    15 minutes. Not when its provider is left out of PROVIDERS: nothing would ask about it any more, so the
+    discard is refused (409) for a record of its outcome, which ends the job itself (the next sweep settles it)."""
+    payment = await ctx.session.get(Payment, str((job.payload or {}).get("payment_id") or ""))
+    if payment is None or payment.status not in OPEN_PAYMENT_VALUES or payment.provider in ctx.rt.providers:
+        return
+    raise Conflict(f"payment {payment.id} is {payment.status} and its provider {payment.provider} is not in "
+                   "PROVIDERS, so nothing else would ask about it: add it back and replay this job, or check the "
+                   f"provider's statement and record its outcome with POST /v1/payments/{payment.id}/outcome (the "
+                   "job is then settled)", code=INVALID_STATE)
+
+
+async def _refund_settled_otherwise(ctx: Ctx, job: OutboxJob) -> None:
+    """A refund's submission or poll is the only thing that would still settle an open refund (no sweep asks about
+    refunds), and an open refund holds its amount: discarded, it would look on its way for ever. Refused (409)
+    while the refund is open, for the routes that settle it, and its parked jobs with it: its outcome recorded from
+    the provider's statement, or, never sent, its withdrawal."""
+    refund = await ctx.session.get(Refund, str((job.payload or {}).get("refund_id") or ""))
+    if refund is None or refund.status not in OPEN_REFUND_VALUES:
+        return
+    raise Conflict(f"refund {refund.id} is {refund.status}: discarding its job would leave it open for ever. Check "
+                   f"with the provider and record its outcome with POST /v1/refunds/{refund.id}/outcome, or withdraw "
+                   f"one never sent with POST /v1/refunds/{refund.id}/cancel: either settles this job",
+                   code=INVALID_STATE)
+
+
 ROUTES = [
-    Route("GET", "/jobs", list_jobs, "Outbox jobs (queued, running, done, parked)", "jobs", "admin",
+    Route("GET", "/jobs", list_jobs, "Outbox jobs (queued, running, done, parked, discarded)", "jobs", "admin",
           response=page_of(JOB),
           query={"page": PAGE, "limit": LIMIT, "status": Param(enum=STATUSES, description="Job status"),
                  "kind": Param(description="e.g. sms.send, payment.collect, webhook.deliver"),
-                 "paymentId": Param("uuid", "The jobs still to run, running or parked about one payment: its "
-                                    "collect and polls, its SMS and webhooks (the jobs whose subject it is). DONE "
-                                    "jobs are not searched (with status DONE: 400)"),
+                 "paymentId": Param("uuid", "The jobs still to run, running, parked or discarded about one "
+                                    "payment: its collect and polls, its SMS and webhooks (the jobs whose subject it "
+                                    "is). DONE jobs are not searched (with status DONE: 400)"),
                  "refundId": Param("uuid", "As paymentId, for one refund")}),
     Route("POST", "/jobs/{id}/replay", replay, "Replay a parked job", "jobs", "admin", response=JOB),
+    Route("POST", "/jobs/{id}/discard", discard, "Discard a parked job that can never succeed", "jobs", "admin",
+          body=DISCARD, response=JOB),
     Route("POST", "/jobs/replay", replay_many,
           f"Replay the parked jobs matching filters (at most {BULK_REPLAY_MAX} a call), each as a single replay: "
           "put back PENDING with a fresh attempt budget and audited (job.replayed), or skipped with its reason "
           "(a collect whose payment ended or whose approval window is over)", "jobs", "admin",
           body=BULK_REPLAY, body_optional=True, response=BULK_REPLAYED),
+    Route("POST", "/jobs/discard", discard_many,
+          f"Discard the parked jobs matching filters (at most {BULK_REPLAY_MAX} a call), each as a single discard",
+          "jobs", "admin", body=BULK_DISCARD, response=BULK_DISCARDED),
 ]

@@ -61,6 +61,25 @@ def _access_text(route: Route) -> str:
 
 # What a route's one-line summary cannot say, added to its description (by operationId).
 _NOTES = {
+    "replay": "409 naming the job's status when it is not PARKED (PENDING: an earlier replay took; DISCARDED: "
+              "given up on, never run again).",
+    "discard": "For a job whose replay could only park again (a poison job: an SMS whose template is gone, a "
+               "payload no release reads). It becomes DISCARDED: never run again (a replay is refused), no longer "
+               "counted as parked (gateway_outbox_depth{status=\"PARKED\"}, the ops page), pruned as long after "
+               "as DONE jobs (RETENTION_OUTBOX_DONE_DAYS); lastError starts \"discarded by an admin: <reason>\". "
+               "Audited (job.discarded: the reason, the status and attempts before). What the job is about is "
+               "given up with it: a still-QUEUED SMS becomes FAILED (Skipped, never sent), a still-PENDING webhook "
+               "delivery FAILED (audited, webhook_delivery.discarded). A payment is never ended by a discard: its "
+               "polls go on asking its provider (the payment sweep queues a new poll while it is open), so a "
+               "payment's collect or poll is refused (409) only when nothing would ask any more (its provider not "
+               "in PROVIDERS): record its outcome instead. A refund's submission or poll is refused (409) while "
+               "the refund is PENDING or PROCESSING: record its outcome or withdraw it, which settles its jobs. "
+               "409 naming the job's status when it is not PARKED. Who may: as for a replay (the caller's "
+               "cooperative's jobs; a job of no cooperative, a super admin).",
+    "discard_many": "The parked jobs POST /v1/jobs/replay's filters choose, each discarded as POST "
+                    "/v1/jobs/{id}/discard does (one job.discarded line each), in turn: one refused stays PARKED and "
+                    "is listed in skipped with the 409's code and reason (a refund's while its refund is open). "
+                    "more: true says call again, with afterId the answer's lastId.",
     "update_member": "phone corrects the member's number (read in the cooperative's country, as on create): her "
                      "history stays, the old number's STOP is forgotten once no membership holds it and the new "
                      "one keeps its own (held at send time, not shown); 409 if another member of the cooperative "

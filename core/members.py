@@ -31,7 +31,7 @@ from core.models import (
     UssdSession,
 )
 from core.notify import SMS_PHONE_CONTEXT, send_sms
-from core.outbox import SMS_KIND
+from core.outbox import DISCARDED, SMS_KIND
 from core.phone import Phone
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN_VALUES as OPEN_PAYMENT_VALUES
@@ -799,12 +799,13 @@ _JOBS_AT_ONCE = 500
 async def _erase_jobs_numbers(session: AsyncSession, keys: Sequence[str], member_id: str) -> None:
     """The number her texts' outbox jobs carry (notify.sms_job's phone_enc: a keyword's reply, a text to a payer
     who is none of the members) goes with the row's: a DONE job is kept RETENTION_OUTBOX_DONE_DAYS, a parked one
-    until replayed. Found by their unique dedupe key ("sms:" and the text's key); the rows are FAILED or sent by now,
+    until replayed, a discarded one (which may have stored no row: found by her id) as long as a DONE one. Found by
+    their unique dedupe key ("sms:" and the text's key); the rows are FAILED or sent by now,
     so a job run again finds its text finished and sends nothing. A job of hers that has stored no row yet (not
     run: the worker behind, the send rate reached) is found by her id: without the number it is built for hers,
     released, and nothing is stored or sent (PhoneReleased)."""
     waiting = select(OutboxJob).where(OutboxJob.kind == SMS_KIND,
-                                      OutboxJob.status.in_(("PENDING", "RUNNING", "PARKED")),
+                                      OutboxJob.status.in_(("PENDING", "RUNNING", "PARKED", DISCARDED)),
                                       OutboxJob.payload["member_id"].as_string() == member_id)
     found = [*(await session.execute(waiting)).scalars().all()]
     for start in range(0, len(keys), _JOBS_AT_ONCE):

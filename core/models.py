@@ -357,7 +357,7 @@ class OutboxJob(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
     dedupe_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     cooperative_id: Mapped[str | None] = mapped_column(UUIDStr)
-    status: Mapped[str] = mapped_column(String(12), default="PENDING")  # PENDING|RUNNING|DONE|PARKED
+    status: Mapped[str] = mapped_column(String(12), default="PENDING")  # PENDING|RUNNING|DONE|PARKED|DISCARDED
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=8)
     run_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -43,6 +43,14 @@ from core.models import OutboxJob, Payment, Refund
 log = logging.getLogger("gateway.outbox")
 
 
+# A job a person ended for good while it was PARKED (discard_job): it never runs again (a replay is refused) and, as
+# DONE, it is no work left: neither live (the gauges, the ops page) nor kept by prune past the DONE jobs' retention.
+DISCARDED = "DISCARDED"
+DISCARDED_BY = "discarded by an admin: "
+# The statuses of a job that has ended (no worker or person will run it again).
+ENDED = ("DONE", DISCARDED)
+
+
 class PermanentJobError(Exception):
     """A failure that retrying will not fix: the job is parked at once."""
 
@@ -1051,7 +1059,7 @@ def finished(job: Job) -> None:
 async def queue_depth(session: AsyncSession) -> dict[str, int]:
     rows = await session.execute(
         select(OutboxJob.status, func.count()).where(
-            or_(OutboxJob.status != "DONE")).group_by(OutboxJob.status))
+            OutboxJob.status.not_in(ENDED)).group_by(OutboxJob.status))
     return {status: count for status, count in rows.all()}
 
 
@@ -1061,9 +1069,26 @@ async def replay_job(session: AsyncSession, job_id: int) -> OutboxJob | None:
     Handlers are idempotent, so running a parked job again can finish what it started but never
     does a side effect twice.
     """
-    job = (await session.execute(select(OutboxJob).where(OutboxJob.id == job_id).with_for_update())
-           ).scalar_one_or_none()
-    if job is None or job.status != "PARKED":
+    job = await lock_parked(session, job_id)
+    if job is None:
         return None
     job.status, job.attempts, job.run_at, job.locked_by = "PENDING", 0, utcnow(), None
     return job
+
+
+async def lock_parked(session: AsyncSession, job_id: int) -> OutboxJob | None:
+    """The job, its row locked (FOR UPDATE), while it is PARKED; None when it is not (or is gone). A replay and a
+    discard of the same job take turns on the lock, and the second finds it no longer PARKED."""
+    job = (await session.execute(select(OutboxJob).where(OutboxJob.id == job_id).with_for_update()
+                                 .execution_options(populate_existing=True))).scalar_one_or_none()
+    return job if job is not None and job.status == "PARKED" else None
+
+
+def mark_discarded(job: OutboxJob, reason: str) -> None:
+    """End a PARKED job (locked by lock_parked) for good: a person has decided it is never to run again (a poison
+    job, whose replay could only park again). It ends as a DONE job does (done_at, no lease; pruned as long after as
+    a DONE one), under a status of its own so that it never reads as work done; its last_error keeps the error it
+    parked with after the person's reason."""
+    now = utcnow()
+    said = f"{DISCARDED_BY}{reason}" + (f"; parked with: {job.last_error}" if job.last_error else "")
+    job.status, job.locked_by, job.done_at, job.updated_at, job.last_error = DISCARDED, None, now, now, said[:2000]

@@ -2,8 +2,9 @@
 
 What goes, and what stays (each period an environment variable; 0 keeps that kind forever):
 
-- outbox_jobs: DONE jobs finished more than RETENTION_OUTBOX_DONE_DAYS (30) ago. Never PENDING, RUNNING or
-  PARKED ones (PARKED wait for a person). Their dedupe keys go with them: every key is of one event (a payment,
+- outbox_jobs: DONE jobs finished more than RETENTION_OUTBOX_DONE_DAYS (30) ago, and DISCARDED ones (parked jobs a
+  person ended for good, POST /v1/jobs/{id}/discard) discarded as long ago. Never PENDING, RUNNING or PARKED ones
+  (PARKED wait for a person). Their dedupe keys go with them: every key is of one event (a payment,
   a refund, an SMS, a sweep slot), and the SMS and the webhook delivery of an event dedupe again on their own rows.
 - ussd_sessions: sessions started and ended more than RETENTION_USSD_SESSIONS_DAYS (90) ago (one the aggregator
   never reported ended counts from its start: a USSD session lasts minutes).
@@ -19,7 +20,7 @@ What goes, and what stays (each period an environment variable; 0 keeps that kin
   The others stay: they are the provider's own word on a payment or refund, the money trail a dispute or a
   reconciliation goes back to years later, and they number a few per payment (the payments themselves are kept).
 - webhook_deliveries: DELIVERED or FAILED (given up) deliveries created and last changed more than
-  RETENTION_WEBHOOK_DELIVERIES_DAYS (30) ago, unless a job not DONE still names them (a PARKED webhook.deliver
+  RETENTION_WEBHOOK_DELIVERIES_DAYS (30) ago, unless a job not ended still names them (a PARKED webhook.deliver
   job an admin may replay reopens its delivery). PENDING ones never.
 - sms_messages: the row stays (status, provider status, cost, dates, the masked number: the evidence of what was
   sent); the text of one no longer QUEUED, created more than RETENTION_SMS_BODY_DAYS (180) ago, is emptied, and
@@ -53,6 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from core.config import ConfigError
 from core.db import align_clock, table_of, utcnow
 from core.models import OutboxJob, ProviderEvent, SmsMessage, UsedRefreshToken, UssdSession, WebhookDelivery
+from core.outbox import ENDED
 from core.ports import ProviderOutcome
 from core.unmatched_callbacks import RESOLVED_OF
 
@@ -133,8 +135,9 @@ _LIVE_JOB_STATES = ("PENDING", "RUNNING", "PARKED")
 
 def _old_jobs(cutoff: datetime) -> ColumnElement[bool]:
     # run_at first: ix_outbox_due (status, run_at) finds them. A DONE job's run_at is before its end, except a
-    # waiting job ended early (superseded), which goes once its run_at has passed too.
-    return and_(_JOBS.c.status == "DONE", _JOBS.c.run_at < cutoff,
+    # waiting job ended early (superseded), which goes once its run_at has passed too. A DISCARDED job's done_at is
+    # when a person discarded it: kept as long after that as a DONE job after its end.
+    return and_(_JOBS.c.status.in_(ENDED), _JOBS.c.run_at < cutoff,
                 or_(_JOBS.c.done_at < cutoff, and_(_JOBS.c.done_at.is_(None), _JOBS.c.updated_at < cutoff)))
 
 
@@ -219,7 +222,7 @@ class _Kind:
 
 KINDS = (
     _Kind(_JOBS, "RETENTION_OUTBOX_DONE_DAYS", lambda p: p.outbox_done_days, _old_jobs,
-          "DONE jobs finished before {cutoff}", _JOBS.c.run_at),
+          "DONE or DISCARDED jobs finished before {cutoff}", _JOBS.c.run_at),
     _Kind(_SESSIONS, "RETENTION_USSD_SESSIONS_DAYS", lambda p: p.ussd_sessions_days, _old_sessions,
           "sessions ended before {cutoff}", _SESSIONS.c.started_at),
     _Kind(_EVENTS, "RETENTION_UNKNOWN_CALLBACKS_DAYS", lambda p: p.unknown_callbacks_days, _old_unknown_callbacks,

@@ -1334,17 +1334,13 @@ async def _hold_for_domain(rt: Runtime, job: Job, endpoint: WebhookEndpoint, eve
 
 
 REPLAYED = "webhook_delivery.replayed"  # audit action: an admin replayed the delivery's parked job
+DISCARDED = "webhook_delivery.discarded"  # audit action: an admin discarded it, giving it up (give_up_for_discard)
 
 
-async def reopen_for_replay(session: AsyncSession, job: OutboxJob, *, actor: Actor) -> None:
-    """An admin replays a parked 'webhook.deliver' job (the receiver is fixed), in the replay's transaction.
-
-    The job parked because its delivery was given up on (FAILED after three days, see deliver), and a job
-    finds a delivery that is not PENDING done. So the delivery is made PENDING again, and the replay recorded
-    in the audit log: its three days of retries, and its backoff, start again from now (_retries_from).
-    A delivery that was DELIVERED is left so: the job finds it done and sends nothing."""
+async def _delivery_of(session: AsyncSession, job: OutboxJob) -> WebhookDelivery | None:
+    """The delivery a 'webhook.deliver' job sends (by its endpoint and event id), its row locked."""
     payload = job.payload or {}
-    delivery = (
+    return (
         await session.execute(
             select(WebhookDelivery)
             .where(
@@ -1355,6 +1351,16 @@ async def reopen_for_replay(session: AsyncSession, job: OutboxJob, *, actor: Act
             .execution_options(populate_existing=True)
         )
     ).scalar_one_or_none()
+
+
+async def reopen_for_replay(session: AsyncSession, job: OutboxJob, *, actor: Actor) -> None:
+    """An admin replays a parked 'webhook.deliver' job (the receiver is fixed), in the replay's transaction.
+
+    The job parked because its delivery was given up on (FAILED after three days, see deliver), and a job
+    finds a delivery that is not PENDING done. So the delivery is made PENDING again, and the replay recorded
+    in the audit log: its three days of retries, and its backoff, start again from now (_retries_from).
+    A delivery that was DELIVERED is left so: the job finds it done and sends nothing."""
+    delivery = await _delivery_of(session, job)
     if delivery is None or delivery.status == "DELIVERED":
         return  # the job parks again (not found) or ends at once (delivered already)
     before = delivery.status
@@ -1372,6 +1378,21 @@ async def reopen_for_replay(session: AsyncSession, job: OutboxJob, *, actor: Act
     )
     log.info("parked webhook delivery replayed", extra={"endpoint_id": delivery.endpoint_id,
                                                          "event_id": delivery.event_id, "jobId": job.id})
+
+
+async def give_up_for_discard(session: AsyncSession, job: OutboxJob, *, actor: Actor) -> None:
+    """An admin discards a parked 'webhook.deliver' job (admin_api.jobs), in the discard's transaction: its delivery,
+    if still PENDING (parked before its three days were up, e.g. a payload the worker could not send), is given up
+    on as one past its three days is (FAILED), so the deliveries list and the ops page stop showing it as still to
+    go, audited beside the discard. One already FAILED or DELIVERED says so already and is left as it is."""
+    delivery = await _delivery_of(session, job)
+    if delivery is None or delivery.status != "PENDING":
+        return
+    delivery.status = "FAILED"
+    await session.flush()
+    await record(session, actor=actor, action=DISCARDED, entity_type="webhook_delivery", entity_id=delivery.id,
+                 before={"status": "PENDING"}, after={"status": "FAILED", "jobId": job.id},
+                 cooperative_id=delivery.cooperative_id)
 
 
 def _client(rt: Runtime) -> httpx.AsyncClient:

@@ -59,11 +59,21 @@ from core.disputes import DISPUTE_TEMPLATES
 from core.members import PhoneReleased, number_came_since_rows
 from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, SmsMessage
 from core.notify import SMS_KEY_SIZE, SMS_PHONE_CONTEXT
-from core.outbox import Handler, Job, PermanentJobError, RetryLater, finish_unsent
+from core.outbox import (
+    CALL_SENT,
+    CALL_STARTED,
+    DISCARDED_BY,
+    INTERRUPTED,
+    Handler,
+    Job,
+    PermanentJobError,
+    RetryLater,
+    finish_unsent,
+)
 from core.ratelimit import Limit, RateLimiter
 from core.refunds import OLDER_THAN_ANSWER_DAYS, REFUND_TEMPLATES
 from core.reminders import why_not_send
-from core.state import StaleTransition, transition_alone
+from core.state import StaleTransition, transition, transition_alone
 from core.state.payment import MoneyState, PaymentStatus, holds_money
 from core.state.refund import RefundStatus
 from core.state.sms import RETRIES_EXHAUSTED, SENT_UNCONFIRMED, SKIPPED, SMS, SmsStatus
@@ -691,6 +701,32 @@ async def reopen_for_replay(session: AsyncSession, payload: dict[str, Any]) -> N
                SmsMessage.provider_status == RETRIES_EXHAUSTED)
         .values(provider_status=None, updated_at=utcnow())
     )
+
+
+async def fail_for_discard(session: AsyncSession, payload: dict[str, Any], parked_with: str | None, *, reason: str,
+                           actor: Actor) -> str | None:
+    """A parked 'sms.send' job is being discarded (admin_api.jobs), in the discard's transaction: its still-QUEUED
+    message will never go, so it is FAILED ("discarded by an admin: <reason>", cut to the column's 64 characters:
+    the whole reason is in the audit log and the job's lastError; the move audited as any is),
+    no longer QUEUED_PARKED on the ops page, and prune may empty its text as any sent one's. Marked SKIPPED (never
+    handed to the aggregator: not in the delivery rate; a reminder so marked is not counted as sent), unless the
+    job's last try may have reached Africa's Talking (`parked_with`: cut off mid-send), which is then a plain failed
+    send. The message's id, or None when no QUEUED message is stored for it (a job parked before it stored one: an
+    unknown template, a payload the build refused)."""
+    message_id = (await session.execute(select(SmsMessage.id).where(
+        SmsMessage.idempotency_key == message_key(payload), SmsMessage.status == SmsStatus.QUEUED.value)
+    )).scalar_one_or_none()
+    if message_id is None:
+        return None
+    error = parked_with or ""
+    may_have_gone = error.startswith((INTERRUPTED, CALL_SENT)) or error == CALL_STARTED
+    try:
+        await transition(session, SMS, message_id, SmsStatus.QUEUED, SmsStatus.FAILED, actor=actor, values={
+            "failure_reason": _fit("failure_reason", f"{DISCARDED_BY}{reason}"),
+            "provider_status": None if may_have_gone else SKIPPED})
+    except StaleTransition:
+        return None  # sent meanwhile (its job ran it after all): nothing to fail
+    return message_id
 
 
 @functools.cache

@@ -19,6 +19,7 @@ BODIES = {
     ("POST", "/disputes/{id}/transitions"): {"status": "REJECTED"},
     ("POST", "/refunds/{id}/outcome"): {"status": "COMPLETED", "note": "taken over"},
     ("POST", "/refunds/{id}/cancel"): {"note": "taken over"},
+    ("POST", "/jobs/{id}/discard"): {"reason": "taken over"},
     ("POST", "/payments/{id}/outcome"): {"status": "COMPLETED", "providerTransactionId": "TX-B", "note": "taken"},
     ("POST", "/payments/{id}/review"): {"note": "taken over"},
     ("POST", "/webhook-endpoints/{id}/rotate-secret"): {"overlapHours": 0},
@@ -75,6 +76,7 @@ async def _resources_of_a(admin, superadmin, rt, demo):
         s.add(unmatched)
     return {
         "/jobs/{id}/replay": str(job_id),
+        "/jobs/{id}/discard": str(job_id),
         "/provider-callbacks/{id}/resolve": unmatched.id,
         "/users/{id}": user["id"],
         "/payments/{id}": payment["id"],

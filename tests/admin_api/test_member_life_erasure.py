@@ -107,6 +107,26 @@ async def test_a_parked_reply_that_stored_no_text_loses_her_number_when_she_is_e
     assert sim.requests == []
 
 
+async def test_a_discarded_reply_that_stored_no_text_loses_her_number_when_she_is_erased(
+        rt: Any, client: Any, admin: Caller, demo: Any) -> None:
+    """Her reply's job parked before it stored its text and was then discarded (POST /v1/jobs/{id}/discard): no SMS
+    row to erase, and a discarded job is kept RETENTION_OUTBOX_DONE_DAYS; found by her id, as a parked one is."""
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    texted = await client.post("/sms/africastalking/inbound", data={
+        "from": PHONE, "to": "COOPPAY", "text": "STATUS PAY_20260115_000001", "id": "in-1", "date": "2026-01-15"})
+    assert texted.status == 200
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "sms.send").values(status="PARKED"))
+        job_id = (await s.execute(select(OutboxJob.id).where(OutboxJob.kind == "sms.send"))).scalar_one()
+    await admin.json("POST", f"/v1/jobs/{job_id}/discard", 200, json={"reason": "reply template broken"})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+    async with rt.sessionmaker() as s:
+        job = await s.get(OutboxJob, job_id)
+    assert job is not None and job.status == "DISCARDED"
+    assert job.payload["phone_enc"] is None, job.payload
+
+
 async def test_her_session_opened_over_five_minutes_ago_and_still_going_goes_with_the_erasure(
         rt: Any, client: Any, admin: Caller, demo: Any) -> None:
     """A session's Redis state lives SESSION_TTL after its last hop, not after its first: one opened six minutes

@@ -159,7 +159,7 @@ async def test_exactly_the_old_eligible_rows_go(rt: Any) -> None:
     assert left["sms_messages"] == {"sms-sent-old": "", "sms-failed-old": "",
                                     "sms-queued-old": "text of sms-queued-old", "sms-sent-new": "text of sms-sent-new"}
     lines = [p.line(dry_run=False) for p in done]
-    assert lines[0].startswith("outbox_jobs: 2 deleted (DONE jobs finished before ")
+    assert lines[0].startswith("outbox_jobs: 2 deleted (DONE or DISCARDED jobs finished before ")
     assert lines[-1].startswith("sms_messages: 2 cleared (texts of SMS created before ")
 
     # Run again: nothing more.
