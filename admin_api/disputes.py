@@ -82,8 +82,8 @@ TRANSITION = obj(
         "refundAmount": {**AMOUNT_IN, "description": "with RESOLVED: refund this much in the same step"},
         "returnedByProvider": {**RETURNED, "description": "with refundAmount: the provider already sent it back "
                                                           "(a chargeback): recorded, nothing sent"},
-        "toPayingNumber": {**TO_PAYING_NUMBER, "description": "with refundAmount: "
-                                                              + TO_PAYING_NUMBER["description"]},
+        "toPayingNumber": {**TO_PAYING_NUMBER, "description": "with refundAmount (true without it: 400, nothing "
+                                                              "changed): " + TO_PAYING_NUMBER["description"]},
     },
     ["status"],
 )

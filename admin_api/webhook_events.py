@@ -55,9 +55,11 @@ PAYMENT_DATA = _data(
 )
 REFUND_DATA = _data(
     REFUND,
-    ("id", "reference", "paymentId", "amount", "currency", "status", "reason", "failureReason", "createdAt",
-     "completedAt"),
-    "The refund as GET /v1/refunds/{id} shows these fields; told once it ends, COMPLETED or FAILED",
+    ("id", "reference", "paymentId", "amount", "currency", "status", "reason", "failureReason", "disputeId",
+     "providerTransactionId", "returnedByProvider", "createdAt", "completedAt"),
+    "The refund as GET /v1/refunds/{id} shows these fields; told once it ends, COMPLETED or FAILED. disputeId: the "
+    "dispute it was made during or resolved with (its failure is noted there); returnedByProvider: a chargeback "
+    "recorded, never sent; providerTransactionId: the statement's line",
     updatedAt=_UPDATED,
 )
 DISPUTE_DATA = _data(

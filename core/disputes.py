@@ -16,7 +16,7 @@ from core.errors import DISPUTE_ALREADY_OPEN, INVALID_STATE, BusinessRuleError, 
 from core.models import Dispute, Member, OutboxJob, Payment
 from core.money import Money
 from core.notify import changed_at, notice_jobs, sms_dedupe
-from core.outbox import enqueue_many
+from core.outbox import NewJob, enqueue_many
 from core.references import cooperative_reference
 from core.refunds import payer_to_tell
 from core.state import transition
@@ -55,13 +55,21 @@ async def _notify(session: AsyncSession, cipher: PiiCipher, dispute: Dispute, te
         template=template, event_type=event_type, cooperative_id=dispute.cooperative_id, key=dispute.id, step=step,
         context={"dispute_id": dispute.id, "status": dispute.status}, data=dispute_data(dispute), cipher=cipher,
         member_id=dispute.member_id or None, phone=phone)
-    after = await _last_unsent_sms(session, dispute.id)
-    if after is not None:
-        # An earlier change's SMS is not sent yet (three moves in a second): this one goes after it, or the
-        # worker's parallel sends may deliver "resolved" before "under review".
-        at = max(utcnow(), after + SMS_SPACING)
-        jobs = [replace(j, run_at=at) if j.kind == "sms.send" else j for j in jobs]
-    await enqueue_many(session, jobs)  # the SMS and the webhook event in one round trip
+    # An earlier change's SMS is not sent yet (three moves in a second): this one goes after it, or the worker's
+    # parallel sends may deliver "resolved" before "under review".
+    await enqueue_many(session, await after_dispute_sms(session, dispute.id, jobs))  # SMS and event in one trip
+
+
+async def after_dispute_sms(session: AsyncSession, dispute_id: str, jobs: list[NewJob]) -> list[NewJob]:
+    """`jobs` with their SMS due after the dispute's SMS still waiting, if any (SMS_SPACING after the latest): a
+    change of the dispute's, or the outcome of a refund made for it (core.refunds), is told after what came before.
+    (A resolution's SMS waits for an earlier move's: without this, its refund, failed within seconds, reached the
+    member first, "refund failed", then "resolved in your favour. Thank you.".)"""
+    after = await _last_unsent_sms(session, dispute_id)
+    if after is None:
+        return jobs
+    at = max(utcnow(), after + SMS_SPACING)
+    return [replace(j, run_at=at) if j.kind == "sms.send" else j for j in jobs]
 
 
 SMS_SPACING = timedelta(seconds=3)
@@ -162,7 +170,10 @@ async def add_note(session: AsyncSession, dispute: Dispute, *, actor: Actor, tex
     """A note on a dispute that keeps its status (evidence gathered, a refund that failed), and its audit
     entry. The caller holds the dispute's row lock."""
     dispute.notes = [*(dispute.notes or []), _note(actor, text, evidence, dispute.status)]
-    dispute.updated_at = utcnow()
+    # Never earlier than the change before (changed_at): a note written by a host whose clock is behind the one that
+    # moved the dispute set updated_at back, and the next move's event (at least a millisecond after it) then read
+    # older than the move before, which a receiver applying only later events dropped (a RESOLVED never applied).
+    dispute.updated_at = changed_at(dispute.updated_at)
     await record(session, actor=actor, action=action, entity_type="dispute", entity_id=dispute.id, after=audit,
                  cooperative_id=dispute.cooperative_id)
 
@@ -187,6 +198,11 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
     if returned is not None and refund_amount is None:
         raise ValidationError("returnedByProvider needs refundAmount: how much the provider sent back",
                               field="returnedByProvider")
+    if to_paying_number and refund_amount is None:
+        # The officer meant a refund (to the number that paid) and gave no amount: resolved without one, the
+        # dispute was closed for good, the member told "resolved in your favour", and nothing went back.
+        raise ValidationError("toPayingNumber needs refundAmount: how much to send back to the number that paid",
+                              field="toPayingNumber")
     if refund_amount is not None and target is not D.RESOLVED:
         raise BusinessRuleError("a refund can only come with a resolution in the customer's favour",
                                 field="refundAmount")

@@ -62,6 +62,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.payments")
 P = PaymentStatus
+# A FAILED payment whose money a statement shows taken (the member's "MoMo took it, you say FAILED"): the provider said
+# it failed, so it is not completed here (the provider's own late success holds the money on it:
+# core.provider_events); what the desk does instead, or its refusal was a dead end.
+_FAILED_NOT_REOPENED = ("a final payment is not reopened: have the provider send the money back, or record its "
+                        "statement line as a payment (POST /v1/payments/recorded)")
 
 
 def check_statement_time(when: datetime | None, since: datetime | None, what: str = "",
@@ -112,7 +117,7 @@ async def record_collected(session: AsyncSession, rt: Runtime, *, payment_id: st
         raise Conflict("payment is still open inside its approval window: the payer may be approving it and the "
                        "provider will answer; record it once the window is over", code=INVALID_STATE)
     if current not in GIVEN_UP and current not in OPEN:
-        why = ("the provider said it failed; a final payment is not reopened" if current is P.FAILED
+        why = (f"the provider said it failed; {_FAILED_NOT_REOPENED}" if current is P.FAILED
                else f"its recording was voided; {_AFTER_VOID}" if current is P.VOIDED
                else "its money is recorded already")
         raise Conflict(f"payment is {current.value}: {why}", code=INVALID_STATE)

@@ -618,10 +618,15 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
     # its payer's (payer_to_tell).
     phone = await payer_to_tell(session, rt.cipher, paid, about=updated, kind="refund", template=template, actor=actor,
                                 answer_days=rt.settings.sms_payer_answer_days) if tell_paying_number else None
-    await enqueue_many(session, notice_jobs(  # the SMS and the webhook event in one round trip
-        template=template, event_type=event_type, cooperative_id=refund.cooperative_id, key=refund.id,
-        context={"refund_id": refund.id}, data=refund_data(updated), cipher=rt.cipher,
-        member_id=paid.member_id or None, phone=phone))
+    jobs = notice_jobs(template=template, event_type=event_type, cooperative_id=refund.cooperative_id, key=refund.id,
+                       context={"refund_id": refund.id}, data=refund_data(updated), cipher=rt.cipher,
+                       member_id=paid.member_id or None, phone=phone)
+    if refund.dispute_id:
+        from core.disputes import after_dispute_sms  # local: core.disputes asks this module for refunds
+
+        # After the dispute's SMS still waiting (its resolution's, spaced after an earlier move's).
+        jobs = await after_dispute_sms(session, refund.dispute_id, jobs)
+    await enqueue_many(session, jobs)  # the SMS and the webhook event in one round trip
     return updated.status.lower()
 
 
@@ -932,6 +937,11 @@ def refund_data(refund: Refund) -> dict[str, object]:
     return {"id": refund.id, "reference": refund.reference, "paymentId": refund.payment_id,
             "amount": Money(refund.amount_minor, refund.currency).to_api(), "currency": refund.currency,
             "status": refund.status, "reason": refund.reason, "failureReason": refund.failure_reason,
+            # What a cooperative's system needs to apply it: the dispute it belongs to (a refund made while the
+            # payment was disputed is named by no dispute event), and, to match the provider's statement, its
+            # line and whether the provider made it itself (a chargeback: the gateway sent nothing).
+            "disputeId": refund.dispute_id, "providerTransactionId": refund.provider_transaction_id,
+            "returnedByProvider": bool(refund.returned_by_provider),
             "createdAt": iso_z(refund.created_at), "completedAt": iso_z(refund.completed_at),
             "updatedAt": iso_ms(refund.updated_at)}
 
