@@ -101,7 +101,8 @@ async def _current_revisions(settings: Settings) -> set[str]:
 def _ahead_of_code(settings: Settings, current: set[str]) -> str | None:
     """What to do when the database is at a revision this code does not know: a newer release migrated it
     (this one was rolled back to). `migrate` cannot help (alembic cannot go down from a revision it has not got);
-    the newer release's code can."""
+    the newer release's code can, once its processes are stopped: they fail on the older schema (README "Rolling back
+    the code after a migration")."""
     from alembic.script import ScriptDirectory
 
     script = ScriptDirectory.from_config(_alembic_config(settings))
@@ -111,7 +112,8 @@ def _ahead_of_code(settings: Settings, current: set[str]) -> str | None:
         return None
     head = ", ".join(sorted(script.get_heads()))
     return (f"the database is at revision {', '.join(unknown)}, newer than this code (head {head}): deploy the "
-            f"newer release, or downgrade with it (`.venv/bin/alembic downgrade {head}` run from the newer release)")
+            "newer release, or stop its serve and worker processes and downgrade with it "
+            f"(`.venv/bin/alembic downgrade {head}` run from the newer release)")
 
 
 async def check_migrations(settings: Settings) -> None:

@@ -87,7 +87,8 @@ def test_a_database_newer_than_the_code_says_how_to_roll_back(tmp_path):
     [head] = ScriptDirectory.from_config(config).get_heads()
     url = _database_at(tmp_path / "ahead.db", "0099")
     advice = (f"the database is at revision 0099, newer than this code (head {head}): deploy the newer release, "
-              f"or downgrade with it (`.venv/bin/alembic downgrade {head}` run from the newer release)")
+              "or stop its serve and worker processes and downgrade with it "
+              f"(`.venv/bin/alembic downgrade {head}` run from the newer release)")
     for command, verb in (("serve", "start"), ("worker", "start"), ("migrate", "migrate")):
         result = _main(command, DATABASE_URL=url)
         assert result.returncode == 3, (command, result.stderr)

@@ -4,7 +4,8 @@ the operator's next holder of it can be registered. The member row, its payments
 masked form stays for the record.
 
 Downgrading gives a released member placeholders the old NOT NULL columns accept and nothing matches: an
-empty ciphertext and 'released:<member id>' as its blind index.
+empty ciphertext and 'released:<member id>' as its blind index. Upgrading again turns them back into NULL: left,
+the member read as holding a number (phoneReleased false) whose empty ciphertext no key opens.
 
 Revision ID: 0007
 Revises: 0006
@@ -30,6 +31,9 @@ def upgrade() -> None:
     with op.batch_alter_table('members') as batch:
         batch.alter_column('phone_enc', existing_type=sa.String(length=255), nullable=True)
         batch.alter_column('phone_index', existing_type=sa.String(length=64), nullable=True)
+    # A downgrade's placeholders (below), on a database that went down past this revision and comes back up.
+    op.get_bind().execute(members.update().where(members.c.phone_index == sa.literal('released:') + members.c.id)
+                          .values(phone_enc=None, phone_index=None))
 
 
 def downgrade() -> None:
