@@ -449,14 +449,9 @@ async def inbound(request: web.Request) -> web.Response:
         members = [member for member, _rank in ranked]
         # The membership the reply speaks for: on a shared code the one whose short code her text begins with, else
         # the first. A language is a membership's (Jean is English at one cooperative, French at another): the
-        # reply is in that membership's, unless she wrote her keyword in another language than English.
+        # reply is in that membership's (of a payment's, refund's or dispute's cooperative, that cooperative's: see
+        # below), unless she wrote her keyword in another language than English.
         named = await _named_membership(session, ranked, named_code)
-        language = (
-            (keyword_language if keyword_language not in (None, "en") else None)
-            or (named[0].language if named else None)
-            or keyword_language
-            or "en"
-        )
         reply: tuple[str, dict[str, Any], str | None] | None = None  # template, context, cooperative
         stale = False  # a STOP or START sent before the number's latest one taken
         dedupe = f"inbound:{inbound_id}"  # one reply per inbound text (an aggregator's retry sends none)
@@ -549,11 +544,22 @@ async def inbound(request: web.Request) -> web.Response:
         # try's reply went (the same dedupe key), or was skipped, and she may have switched since: "opted in" then
         # told her the opposite of what holds. Nor does one sent before her latest word, taken already (stale).
         if reply_allowed and not retried and not stale:
+            cooperative_id, member_id = _reply_membership(members, cooperative_id)
+            # The reply's own membership first: STATUS of her savings cooperative's payment, texted by a member of a
+            # housing cooperative too (her first membership), was answered in the housing cooperative's language
+            # while listed with her savings membership, whose language is another (each membership has its own).
+            own = next((member for member in members if member.id == member_id), None)
+            language = (
+                (keyword_language if keyword_language not in (None, "en") else None)
+                or (own.language if own is not None else None)
+                or (named[0].language if named else None)
+                or keyword_language
+                or "en"
+            )
             context = {**context, "language": language}
             prefix = shortcode_prefix(text, rt.settings.sms_shortcode_keywords)
             if prefix:
                 context["keyword_prefix"] = prefix
-            cooperative_id, member_id = _reply_membership(members, cooperative_id)
             await send_sms(
                 session,
                 template=template,

@@ -317,7 +317,12 @@ class UssdService:
         if saved is None:
             return False
         theirs = saved.data.get("c") or saved.data.get("rc") or saved.data.get("x")
-        return theirs is None or theirs == coop_id
+        if theirs is None:
+            # A route of no cooperative yet. Left at the shared code's "Choose your cooperative", it is not continued
+            # from a cooperative's own code either: Continue showed that list, and she paid the other cooperative
+            # from this one's code (the session's row, the funnel and the menu she dialled were this one's).
+            return saved.screen != "coop_pick"
+        return theirs == coop_id
 
     async def _lost(self, rt: Any, turn: UssdTurn) -> str | None:
         """The code a session was opened with when a hop with text and no saved session continues it after

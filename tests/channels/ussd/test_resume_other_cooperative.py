@@ -80,3 +80,31 @@ async def test_the_same_cooperatives_code_through_another_aggregator_still_resum
     assert offer["MSG"].startswith(OFFER), offer
     resumed = await nalo(client, "nalo-resume-41", "1", False, MEMBER[1:])
     assert "Stall levy" in resumed["MSG"] and resumed["MSG"].startswith(types[4:].split("\n")[0]), resumed
+
+
+async def test_a_session_left_at_choose_your_cooperative_is_not_continued_from_one_cooperatives_code(
+        client: Any, two_coops: dict[str, str], db: Any) -> None:
+    """Left at the shared code's "Choose your cooperative" (the network dropped it), she dialled Nyamirambo Traders'
+    own code: "Continue where you left off" showed both cooperatives again, and she paid Remera Drivers from
+    Nyamirambo Traders' code. That code opens its own menu; the shared code still offers to continue."""
+    left = AtPhone(client, MEMBER)
+    await left.dial()
+    chooser = await left.send("1")
+    assert chooser.startswith("CON Choose your cooperative:"), chooser
+
+    other = AtPhone(client, MEMBER, service_code="*384*123*41#")
+    home = await other.dial()
+    assert home.startswith("CON Welcome to Nyamirambo Traders\n1. Pay"), home
+    types = await other.send("1")
+    assert "Stall levy" in types and "Parking fee" not in types, types
+    await other.send("1")
+    await other.send("1")  # Confirm
+    payment = await db.one(Payment)
+    assert payment.cooperative_id == two_coops["41"]
+
+    again = AtPhone(client, MEMBER)
+    await again.dial()
+    await again.send("1")  # the chooser, left again
+    shared = AtPhone(client, MEMBER)
+    assert (await shared.dial()).startswith(f"CON {OFFER}")
+    assert await shared.send("1") == chooser
