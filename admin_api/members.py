@@ -26,12 +26,14 @@ from core import auth
 from core import members as service
 from core.db import unaccent_lower, unaccent_lower_text, utcnow
 from core.errors import NotFound, ValidationError
-from core.member_import import EXISTING, import_members
+from core.member_import import EXISTING, MAX_ROWS, import_members
 from core.models import Cooperative, Member, UssdSession
 from core.payments import foreign_number_warning
 from core.phone import DEFAULT_REGION, Phone, PhoneError, has_country_code, normalize
 
 IMPORT_LIMIT = 5 * 1024 * 1024
+TOO_LARGE = (f"the file is larger than {IMPORT_LIMIT // (1024 * 1024)} MB: an import takes at most "
+             f"{MAX_ROWS:,} members a file; import the list in several files, each with the header row")
 MEMBER = out(
     {
         "id": ID,
@@ -110,7 +112,10 @@ IMPORTED = out({"imported": {"type": "integer"}, "memberIds": {"type": "array", 
                "encoding": {"enum": ["utf-8", "utf-16", "windows-1252"]},
                "warnings": {"type": "array", "items": out({"row": {"type": "integer"}, "field": {"type": "string"},
                                                            "message": {"type": "string"}}),
-                            "description": f"{FOREIGN_NUMBER} Each names its row (the header is row 1)"}})
+                            "description": f"{FOREIGN_NUMBER} Each names its row (the header is row 1). With "
+                                           "existing=update also (field status) each row whose member is "
+                                           "SUSPENDED or PENDING: updated all the same, never reactivated or "
+                                           "approved; the message says how"}})
 
 log = logging.getLogger("gateway.api")
 
@@ -410,11 +415,17 @@ async def _uploaded_file(request: web.Request) -> bytes:
     browser form): the first part that carries a file. The whole body counts against IMPORT_LIMIT (chunked
     too, every part and header), and it is parsed in a thread: a form of many small parts must not hold the
     event loop."""
-    if request.content_type in CSV_TYPES:
-        return await read_body(request, IMPORT_LIMIT)
-    if request.content_type != "multipart/form-data":
+    if request.content_type not in (*CSV_TYPES, "multipart/form-data"):
         raise ApiError(415, "Content-Type must be text/csv, or multipart/form-data with the file in a field")
-    raw = await read_body(request, IMPORT_LIMIT)
+    try:
+        raw = await read_body(request, IMPORT_LIMIT)
+    except ApiError as exc:
+        if exc.status != 413:
+            raise
+        # "request body is larger than 5242880 bytes" told a clerk neither the limit she can read nor what to do.
+        raise ApiError(413, TOO_LARGE) from None
+    if request.content_type in CSV_TYPES:
+        return raw
     found = await asyncio.to_thread(_file_in_form, request.headers.get("Content-Type", ""), raw)
     if found is None:
         raise ApiError(400, "the form has no file: send the CSV in a file field (-F file=@members.csv)")

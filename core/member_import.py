@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import functools
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,12 +28,31 @@ from core.text import has_bad_characters
 COLUMNS = ("name", "phone", "unit", "language")
 REQUIRED = ("name", "phone")
 MAX_ROWS = 10_000
+# Said of the row past the limit: the number alone did not tell a clerk with a longer list what to do.
+TOO_MANY = (f"more than {MAX_ROWS} rows: an import takes at most {MAX_ROWS:,} members a file; import the list in "
+            "several files, each with the header row")
 MAX_COLUMNS = 50  # the four stored and what a spreadsheet export carries beside them
 CHUNK = 500  # rows per INSERT: 12 parameters a row, well under SQLite's 32,766 and PostgreSQL's 65,535
 # What a row whose number is already a member's does (the import's `existing`): refuse the file (the default,
 # naming the row), or update that member's name, unit and language from it (the clerk's whole list sent again).
 EXISTING = ("refuse", "update")
 ALREADY_A_MEMBER = "already a member of this cooperative"
+# A number whose member is not ACTIVE: "already a member" alone let a clerk adding back a tenant who left believe
+# she was in again (and existing=update answered her row "unchanged"), while she stays unable to pay. An import
+# never changes a member's status (README): it says which, and how to change it.
+NOT_ACTIVE = {
+    "SUSPENDED": "suspended (member {id}): an import never reactivates a member; to have her back, set her "
+                 "status ACTIVE (PATCH /v1/members/{id})",
+    "PENDING": "pending approval (member {id}): an import never approves a member; approve her "
+               "(POST /v1/members/{id}/approve)",
+}
+
+
+def not_active(member_id: str, status: str) -> str | None:
+    """Her status and what to do about it, for a row whose number is a member's who cannot pay (None: an ACTIVE
+    one)."""
+    said = NOT_ACTIVE.get(status)
+    return None if said is None else said.format(id=member_id)
 
 
 def already_members(errors: list[RowError]) -> list[RowError]:
@@ -164,6 +184,17 @@ def _refuse_mixed(data: bytes) -> None:
                                                   "import that file") for n in other])
 
 
+# A line break typed inside a cell (Alt+Enter, to wrap a long name or "Block A / Floor 2" in its column) is kept in
+# the CSV as a quoted cell over two lines: stored so, "Uwimana<line break>Grace" was not found as "uwimana grace"
+# and her name ran over two lines in every list and text.
+_LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
+
+
+def _one_line(cell: str) -> str:
+    """A cell trimmed, its line breaks (and the spaces around them) read as one space."""
+    return _LINE_BREAKS.sub(" ", cell.strip())
+
+
 def parse_rows(data: bytes, *, region: str) -> ParsedFile:
     """Decode and check the whole file; raise ImportRejected listing every problem found."""
     text, encoding = decode(data)
@@ -212,7 +243,7 @@ def parse_rows(data: bytes, *, region: str) -> ParsedFile:
                 continue
             count += 1
             if count > MAX_ROWS:
-                errors.append(RowError(start, "file", f"more than {MAX_ROWS} rows"))
+                errors.append(RowError(start, "file", TOO_MANY))
                 break
             if len(cells) != len(header):
                 over = "" if line == start else (f" (it runs from line {start} to line {line}: a quote opening a "
@@ -226,7 +257,7 @@ def parse_rows(data: bytes, *, region: str) -> ParsedFile:
             if bad:
                 errors.extend(bad)
                 continue
-            values = {h: c.strip() for h, c in zip(header, cells, strict=True) if h in COLUMNS}
+            values = {h: _one_line(c) for h, c in zip(header, cells, strict=True) if h in COLUMNS}
             row_errors: list[RowError] = []
             name = values.get("name", "")
             if not 2 <= len(name) <= 200:
@@ -269,7 +300,8 @@ class Imported:
     encoding: str
     updated_ids: list[str] = dataclasses.field(default_factory=list)  # existing=update: members the file changed
     unchanged: int = 0  # existing=update: rows whose member already had the file's name, unit and language
-    # New members imported all the same whose number the admin should look at (phone_warning: another country's)
+    # New members imported all the same whose number the admin should look at (phone_warning: another country's),
+    # and (existing=update) members updated who are not ACTIVE (not_active), in the file's order
     warnings: list[RowError] = dataclasses.field(default_factory=list)
 
 
@@ -310,11 +342,14 @@ async def import_members(
     rows = parsed.rows
     updated: list[str] = []
     unchanged = 0
+    inactive: list[RowError] = []
     if existing == "update":
         members = await _members_of(session, cipher, cooperative.id, rows)
-        updated = await _update_rows(session, [(r, members[i]) for r in rows
-                                               if (i := cipher.blind_index(r.phone.e164)) in members],
-                                     parsed.columns, actor=actor)
+        pairs = [(r, members[i]) for r in rows if (i := cipher.blind_index(r.phone.e164)) in members]
+        updated = await _update_rows(session, pairs, parsed.columns, actor=actor)
+        # Updated (or unchanged) all the same, as the file says, but she still cannot pay: said beside the rows.
+        inactive = [RowError(r.row, "status", f"this number's member is {said}")
+                    for r, m in pairs if (said := not_active(m.id, m.status))]
         unchanged = len(members) - len(updated)
         rows = [r for r in rows if cipher.blind_index(r.phone.e164) not in members]
     else:
@@ -337,24 +372,27 @@ async def import_members(
     )
     warnings = [RowError(r.row, "phone", said) for r in rows
                 if phone_warning is not None and (said := phone_warning(r.phone)) is not None]
+    warnings = sorted(warnings + inactive, key=lambda w: w.row)
     return Imported(ids, parsed.ignored_columns, parsed.encoding, updated, unchanged, warnings)
 
 
 async def _already_members(session: AsyncSession, cipher: PiiCipher, cooperative_id: str,
-                           rows: list[ImportRow]) -> list[RowError]:
-    """A RowError, in the file's order, for each row whose number is already a member's of the cooperative."""
+                           rows: list[ImportRow], *, ours: set[str] | frozenset[str] = frozenset()) -> list[RowError]:
+    """A RowError, in the file's order, for each row whose number is already a member's of the cooperative (not
+    one of `ours`: the members this import has inserted so far)."""
     by_index = {cipher.blind_index(r.phone.e164): r for r in rows}
-    existing: set[str] = set()
+    existing: dict[str, str] = {}  # blind index -> what to say of its row
     keys = list(by_index)
     for start in range(0, len(keys), 500):
         chunk = keys[start : start + 500]
         found = await session.execute(
-            select(Member.phone_index).where(
+            select(Member.phone_index, Member.id, Member.status).where(
                 Member.cooperative_id == cooperative_id, Member.phone_index.in_(chunk)
             )
         )
-        existing.update(i for i in found.scalars() if i is not None)
-    return already_members(sorted((RowError(by_index[i].row, "phone", ALREADY_A_MEMBER) for i in existing),
+        existing.update((i, ALREADY_A_MEMBER + (f", {said}" if (said := not_active(member_id, status)) else ""))
+                        for i, member_id, status in found.all() if i is not None and member_id not in ours)
+    return already_members(sorted((RowError(by_index[i].row, "phone", said) for i, said in existing.items()),
                                   key=lambda e: e.row))
 
 
@@ -440,9 +478,11 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
         # ("insertmanyvalues") without compiling a statement per chunk.
         written = set((await session.execute(_insert_members(dialect), values)).scalars())
         if len(written) != len(values):
-            raise ImportRejected(already_members([RowError(r.row, "phone", ALREADY_A_MEMBER)
-                                                  for r, v in zip(chunk, values, strict=True)
-                                                  if v["id"] not in written]))
+            # Read again for the whole file, not this chunk alone: the same file sent again after a timeout while
+            # the first upload was still being written was told "500 row(s) already a member's" of its 5,000 (the
+            # first chunk to meet the other's rows), and the clerk who left those out was refused again.
+            raise ImportRejected(await _already_members(session, cipher, cooperative_id, rows,
+                                                        ours={*ids, *written}))
         await session.execute(row_insert(dialect, AuditEvent), [{
             "cooperative_id": cooperative_id, "actor": actor.id, "channel": actor.channel,
             "action": "member.created", "entity_type": "member", "entity_id": v["id"], "before": None,

@@ -127,6 +127,7 @@ def _normalize(raw: str, region: str) -> Phone:
     except NumberParseException:
         raise PhoneError("not a phone number", field="phone") from None
     if not phonenumbers.is_valid_number(parsed):
+        _refuse_length(parsed)
         if not text.startswith("+") and region:
             # 0701234567, a Ugandan tenant's number typed into a Rwandan cooperative's list without +256: no
             # Rwandan number. (One in a range Rwanda's plan also has, 0772..., reads as Rwandan and is taken.)
@@ -137,6 +138,24 @@ def _normalize(raw: str, region: str) -> Phone:
     if kind not in (PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE):
         raise PhoneError("not a mobile phone number", field="phone")
     return Phone(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+
+
+_LENGTH = {phonenumbers.ValidationResult.TOO_SHORT: "too short", phonenumbers.ValidationResult.TOO_LONG: "too long"}
+
+
+def _refuse_length(parsed: phonenumbers.PhoneNumber) -> None:
+    """A mobile number of its country with a digit left out or one too many (078812345, 07881234567) is refused
+    saying so: "not a valid phone number of RW (a number of another country is written with +...)" sent a clerk
+    looking for a country code where a digit was missing."""
+    said = _LENGTH.get(phonenumbers.is_possible_number_for_type_with_reason(parsed, PhoneNumberType.MOBILE))
+    country = phonenumbers.region_code_for_country_code(parsed.country_code or 0)
+    example = phonenumbers.example_number_for_type(country, PhoneNumberType.MOBILE)
+    if said is None or example is None:
+        return
+    national = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.NATIONAL)
+    international = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
+    raise PhoneError(f"{said} for a mobile number of {country}: one is written as {national} or {international}",
+                     field="phone")
 
 
 _COUNTRY_PREFIXES = {"250", "254", "256", "255", "233", "260", "257", "265", "234", "27"}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from core.member_import import ImportRejected, parse_rows
+from core.member_import import TOO_MANY, ImportRejected, parse_rows
 
 UTF8_ROW = "Nabukeera Zoë Akéllo,0772000456".encode()
 CP1252_ROW = "Namuli Bénédicte,0772000458".encode("cp1252")
@@ -45,4 +45,4 @@ def test_a_list_over_the_row_limit_is_refused_at_its_first_row_past_it() -> None
     rows = [f"Member {n},07720{n:05d}" for n in range(10_001)]
     with pytest.raises(ImportRejected) as refused:
         parse_rows(("name,phone\n" + "\n".join(rows) + "\n").encode(), region="UG")
-    assert [e.text() for e in refused.value.row_errors] == ["row 10002: file: more than 10000 rows"]
+    assert [e.text() for e in refused.value.row_errors] == [f"row 10002: file: {TOO_MANY}"]

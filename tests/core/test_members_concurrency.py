@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from core import member_import
 from core.audit import Actor
@@ -75,6 +76,31 @@ async def test_an_import_racing_a_create_of_one_of_its_numbers_names_the_row(rt:
             "update those members' name, unit and language from the file",
             "row 3: phone: already a member of this cooperative"]
         await second.rollback()
+
+
+async def test_the_same_file_sent_again_while_the_first_is_written_names_every_row(rt: Any) -> None:
+    """A clerk whose upload timed out sends the file again while the first is still being written: nothing is
+    doubled, and the answer names all its rows, as it would a second later. It named the first chunk's alone
+    ("500 row(s)" of 1,200), and the clerk who left those out was refused again."""
+    coop = await _coop(rt)
+    csv = ("name,phone\n" + "".join(f"Member {n:04d},07881{n:05d}\n" for n in range(1_200))).encode()
+    first = rt.sessionmaker()
+    await import_members(first, rt.cipher, cooperative=coop, data=csv, actor=ADMIN)
+    async with rt.sessionmaker() as second:
+        racing = asyncio.create_task(import_members(second, rt.cipher, cooperative=coop, data=csv, actor=ADMIN))
+        await asyncio.sleep(0.3)
+        assert not racing.done()
+        await first.commit()
+        await first.close()
+        with pytest.raises(ImportRejected) as refused:
+            await racing
+        assert refused.value.errors[0].startswith("file: 1200 row(s) with a number already a member's")
+        assert refused.value.errors[1:] == [f"row {n}: phone: already a member of this cooperative"
+                                            for n in range(2, 1_202)]
+        await second.rollback()
+    async with rt.sessionmaker() as s:
+        count = await s.scalar(select(func.count()).select_from(Member).where(Member.cooperative_id == coop.id))
+    assert count == 1_200
 
 
 async def test_an_import_with_an_unknown_status_is_refused_before_reading_the_file(rt: Any) -> None:
