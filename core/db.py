@@ -290,7 +290,7 @@ def parse_aware(value: Any) -> datetime | None:
 ADVISORY_XACT_LOCK = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("key", type_=String))))
 
 
-async def serialise_on_sqlite(session: AsyncSession, model: Any, row_id: str) -> None:
+async def serialise_on_sqlite(session: AsyncSession, model: Any, row_id: str | int) -> None:
     """Make the rest of this transaction wait for any other that did the same on this row, on SQLite.
 
     PostgreSQL callers lock the row (SELECT ... FOR UPDATE); SQLite ignores FOR UPDATE, and the driver
@@ -308,7 +308,7 @@ async def serialise_on_sqlite(session: AsyncSession, model: Any, row_id: str) ->
     await session.execute(update(table).where(table.c.id == row_id).values(id=table.c.id, **keep))
 
 
-async def lock_row(session: AsyncSession, model: Any, row_id: str, cooperative_id: str | None = None) -> Any:
+async def lock_row(session: AsyncSession, model: Any, row_id: str | int, cooperative_id: str | None = None) -> Any:
     """The row, locked for the rest of the transaction and read fresh (None when it does not exist, or belongs
     to another cooperative than `cooperative_id`): SELECT ... FOR UPDATE, and on SQLite the write lock first
     (serialise_on_sqlite). For check-then-write paths: two at once wait for each other, the second sees the

@@ -187,12 +187,19 @@ def _refuse_mixed(data: bytes) -> None:
 # A line break typed inside a cell (Alt+Enter, to wrap a long name or "Block A / Floor 2" in its column) is kept in
 # the CSV as a quoted cell over two lines: stored so, "Uwimana<line break>Grace" was not found as "uwimana grace"
 # and her name ran over two lines in every list and text.
-_LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
+# Each run of white space is matched once, and only one holding a line break becomes a space: a pattern that looks
+# for the break inside the run (\s*[\r\n]+\s*) tries every space of a long run of spaces from every start, which
+# is quadratic: a cell of 100,000 spaces (a column padded by an export) held the CPU, and the interpreter's lock
+# with it, for minutes, while every USSD hop of that serve waited.
+_SPACES = re.compile(r"\s+")
 
 
 def _one_line(cell: str) -> str:
     """A cell trimmed, its line breaks (and the spaces around them) read as one space."""
-    return _LINE_BREAKS.sub(" ", cell.strip())
+    cell = cell.strip()
+    if "\n" not in cell and "\r" not in cell:
+        return cell
+    return _SPACES.sub(lambda run: " " if "\n" in run[0] or "\r" in run[0] else run[0], cell)
 
 
 def parse_rows(data: bytes, *, region: str) -> ParsedFile:

@@ -37,7 +37,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from core import pgraw
-from core.db import autocommit, row_insert, utcnow
+from core.db import autocommit, lock_row, row_insert, utcnow
 from core.models import OutboxJob, Payment, Refund
 
 log = logging.getLogger("gateway.outbox")
@@ -1077,10 +1077,11 @@ async def replay_job(session: AsyncSession, job_id: int) -> OutboxJob | None:
 
 
 async def lock_parked(session: AsyncSession, job_id: int) -> OutboxJob | None:
-    """The job, its row locked (FOR UPDATE), while it is PARKED; None when it is not (or is gone). A replay and a
-    discard of the same job take turns on the lock, and the second finds it no longer PARKED."""
-    job = (await session.execute(select(OutboxJob).where(OutboxJob.id == job_id).with_for_update()
-                                 .execution_options(populate_existing=True))).scalar_one_or_none()
+    """The job, its row locked (core.db.lock_row: FOR UPDATE, on SQLite the write lock first), while it is PARKED;
+    None when it is not (or is gone). A replay and a discard of the same job take turns on the lock, and the second
+    finds it no longer PARKED. (FOR UPDATE alone is nothing on SQLite: both read PARKED, and the later write won, a
+    discarded job put back PENDING or a replayed one, claimed since, marked DISCARDED under its worker.)"""
+    job = await lock_row(session, OutboxJob, job_id)
     return job if job is not None and job.status == "PARKED" else None
 
 

@@ -127,12 +127,12 @@ def _normalize(raw: str, region: str) -> Phone:
     except NumberParseException:
         raise PhoneError("not a phone number", field="phone") from None
     if not phonenumbers.is_valid_number(parsed):
-        _refuse_length(parsed)
-        if not text.startswith("+") and region:
+        local = not text.startswith("+") and bool(region)
+        _refuse_length(parsed, local=local)
+        if local:
             # 0701234567, a Ugandan tenant's number typed into a Rwandan cooperative's list without +256: no
             # Rwandan number. (One in a range Rwanda's plan also has, 0772..., reads as Rwandan and is taken.)
-            raise PhoneError(f"not a valid phone number of {region} (a number of another country is written with + "
-                             "and its country code, as +256772123456)", field="phone")
+            raise PhoneError(f"not a valid phone number of {region} ({_FOREIGN})", field="phone")
         raise PhoneError("not a valid phone number", field="phone")
     kind = phonenumbers.number_type(parsed)
     if kind not in (PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE):
@@ -143,10 +143,15 @@ def _normalize(raw: str, region: str) -> Phone:
 _LENGTH = {phonenumbers.ValidationResult.TOO_SHORT: "too short", phonenumbers.ValidationResult.TOO_LONG: "too long"}
 
 
-def _refuse_length(parsed: phonenumbers.PhoneNumber) -> None:
+_FOREIGN = "a number of another country is written with + and its country code, as +256772123456"
+
+
+def _refuse_length(parsed: phonenumbers.PhoneNumber, *, local: bool) -> None:
     """A mobile number of its country with a digit left out or one too many (078812345, 07881234567) is refused
     saying so: "not a valid phone number of RW (a number of another country is written with +...)" sent a clerk
-    looking for a country code where a digit was missing."""
+    looking for a country code where a digit was missing. Typed `local`ly (no +), it may as well be another
+    country's number of another length (a Burundian 79123456, eight digits, in a Rwandan list; a Nigerian
+    08031234567): that is said too, or the clerk told "too short" adds a digit and registers someone else's number."""
     said = _LENGTH.get(phonenumbers.is_possible_number_for_type_with_reason(parsed, PhoneNumberType.MOBILE))
     country = phonenumbers.region_code_for_country_code(parsed.country_code or 0)
     example = phonenumbers.example_number_for_type(country, PhoneNumberType.MOBILE)
@@ -154,8 +159,8 @@ def _refuse_length(parsed: phonenumbers.PhoneNumber) -> None:
         return
     national = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.NATIONAL)
     international = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
-    raise PhoneError(f"{said} for a mobile number of {country}: one is written as {national} or {international}",
-                     field="phone")
+    raise PhoneError(f"{said} for a mobile number of {country}: one is written as {national} or {international}"
+                     + (f"; {_FOREIGN}" if local else ""), field="phone")
 
 
 _COUNTRY_PREFIXES = {"250", "254", "256", "255", "233", "260", "257", "265", "234", "27"}

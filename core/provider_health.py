@@ -154,9 +154,10 @@ def summarize(records: list[dict[str, Any]], providers: Iterable[str]) -> list[d
         entries = reported.get(provider, [])
         successes = [e["lastSuccessAt"] for e in entries if e.get("lastSuccessAt")]
         last_success = max(successes) if successes else None
-        # A process's own answers all came before its outage (one ends it): only the others' can supersede it.
+        # A process's own answers all came before its outage (one ends it): only the others' can supersede it. One
+        # in the same millisecond as its last failure does too: the provider answered someone then.
         failing = [e for e in entries if e.get("failing") and (e.get("credentialsRefused") or not any(
-            other is not e and (other.get("lastSuccessAt") or "") > (e.get("lastFailureAt") or "")
+            other is not e and other.get("lastSuccessAt") and other["lastSuccessAt"] >= (e.get("lastFailureAt") or "")
             for other in entries))]
         failures = [e for e in entries if e.get("lastFailureAt")]
         last = max(failures, key=lambda e: e["lastFailureAt"]) if failures else None

@@ -292,17 +292,24 @@ async def test_a_line_break_typed_in_a_cell_is_read_as_a_space(admin, rt, demo):
 
 async def test_a_number_a_digit_short_or_long_says_so(admin, rt, demo):
     """078812345 (a digit left out) was refused as "not a valid phone number of RW (a number of another country is
-    written with +...)": the clerk looked for a country code where a digit was missing."""
+    written with +...)": the clerk looked for a country code where a digit was missing. Typed without +, a number of
+    the wrong length may as well be another country's (a Burundian tenant's 79123456, eight digits): told "too short"
+    alone, the clerk added a digit and registered someone else's number. Both are said."""
     before = len(await _members(rt, demo["cooperative_id"]))
     status, body = await _import(admin, b"name,phone\nShort Number,078812345\nLong Number,07881234567\n"
-                                        b"Kenyan Short,+2547123456\nUgandan Local,0701234567\n")
+                                        b"Kenyan Short,+2547123456\nUgandan Local,0701234567\n"
+                                        b"Burundian Local,79123456\n")
     assert status == 400
+    foreign = "a number of another country is written with + and its country code, as +256772123456"
     assert body["message"] == [
-        "row 2: phone: too short for a mobile number of RW: one is written as 0720 123 456 or +250 720 123 456",
-        "row 3: phone: too long for a mobile number of RW: one is written as 0720 123 456 or +250 720 123 456",
+        "row 2: phone: too short for a mobile number of RW: one is written as 0720 123 456 or +250 720 123 456; "
+        + foreign,
+        "row 3: phone: too long for a mobile number of RW: one is written as 0720 123 456 or +250 720 123 456; "
+        + foreign,
         "row 4: phone: too short for a mobile number of KE: one is written as 0712 123456 or +254 712 123456",
-        "row 5: phone: not a valid phone number of RW (a number of another country is written with + and its "
-        "country code, as +256772123456)",
+        f"row 5: phone: not a valid phone number of RW ({foreign})",
+        "row 6: phone: too short for a mobile number of RW: one is written as 0720 123 456 or +250 720 123 456; "
+        + foreign,
     ]
     assert len(await _members(rt, demo["cooperative_id"])) == before
 

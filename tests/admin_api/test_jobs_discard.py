@@ -6,6 +6,7 @@ is never left looking on its way, and no money is decided by a discard."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -16,7 +17,7 @@ from core.db import utcnow
 from core.jobs import STUCK_AFTER, sweep_open_payments
 from core.models import AuditEvent, OutboxJob, Payment, Refund
 from core.ops import dashboard
-from core.outbox import enqueue
+from core.outbox import enqueue, lock_parked, mark_discarded, replay_job
 from core.payments import create_payment
 from core.retention import RetentionPolicy, prune
 from tests.providers.wires import ADMIN, completed, mtn_adapter, mtn_payment, mtn_wire
@@ -197,6 +198,28 @@ async def test_a_refund_job_is_not_discarded_while_its_refund_is_open(admin, rt,
         await s.execute(update(Refund).where(Refund.id == refund["id"]).values(status="FAILED"))
     await admin.json("POST", f"/v1/jobs/{submit}/discard", 200, json={"reason": REASON})
     assert (await _row(rt, submit)).status == "DISCARDED"
+
+
+async def test_a_replay_of_a_job_being_discarded_waits_and_finds_it_discarded(rt, demo):
+    """A discard and a replay of one parked job at once (two admins, or a double click on both buttons) take turns:
+    the second finds the job no longer PARKED. On SQLite, where FOR UPDATE is nothing, both read PARKED and both
+    wrote: the replay said done and put the job back PENDING while the discard's audit said DISCARDED (or the
+    discard's later write ended a replayed job a worker had claimed since)."""
+    job_id = await _job(rt, "raced", demo["cooperative_id"])
+
+    async def replay() -> OutboxJob | None:
+        async with rt.sessionmaker.begin() as s:
+            return await replay_job(s, job_id)
+
+    async with rt.sessionmaker.begin() as discarding:
+        job = await lock_parked(discarding, job_id)
+        assert job is not None
+        replaying = asyncio.create_task(replay())
+        await asyncio.sleep(0.3)  # time for the replay to reach the row: it waits there, however long this is
+        assert not replaying.done()
+        mark_discarded(job, REASON)
+    assert await replaying is None
+    assert (await _row(rt, job_id)).status == "DISCARDED"
 
 
 async def test_parked_jobs_are_discarded_in_bulk(admin, rt, demo):

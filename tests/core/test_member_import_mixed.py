@@ -46,3 +46,22 @@ def test_a_list_over_the_row_limit_is_refused_at_its_first_row_past_it() -> None
     with pytest.raises(ImportRejected) as refused:
         parse_rows(("name,phone\n" + "\n".join(rows) + "\n").encode(), region="UG")
     assert [e.text() for e in refused.value.row_errors] == [f"row 10002: file: {TOO_MANY}"]
+
+
+def test_a_long_run_of_spaces_in_a_cell_is_read_in_linear_time() -> None:
+    """Line breaks typed in a cell are read as a space (core.member_import._one_line). Looked for inside each run of
+    white space, a long run of spaces with no break in it (a column padded by an export) was tried from each of its
+    spaces: 40,000 of them took some 20 s of CPU, the interpreter's lock held all along (the serve's USSD hops
+    waiting), and the 128 KiB a cell may hold took minutes. Measured in CPU time, which a loaded machine does not
+    stretch: the quadratic reading is far above the bound, the linear one far below it."""
+    import time
+
+    padded = "Grace" + " " * 40_000 + "Uwimana"
+    data = f'name,phone,unit\n"{padded}",0772000456,A\n"Okello\r\n  Jane",0772000457,"Block A \nFloor 2"\n'.encode()
+    started = time.process_time()
+    with pytest.raises(ImportRejected) as refused:
+        parse_rows(data, region="UG")
+    assert time.process_time() - started < 3.0
+    assert [e.text() for e in refused.value.row_errors] == ["row 2: name: must be 2 to 200 characters"]
+    [row] = refused.value.rows
+    assert (row.name, row.unit) == ("Okello Jane", "Block A Floor 2")

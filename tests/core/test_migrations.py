@@ -223,3 +223,31 @@ def test_sqlite_migrates_up_and_down_a_database_whose_rows_refer_to_the_copied_t
     migrate(settings)
     assert _sqlite_rows(path) == {"version": head, **at_head}
     assert _diff(settings.database_url) == []
+
+
+def test_sqlite_0007_down_and_up_again_gives_a_released_number_back_its_nulls(tmp_path):
+    """The embedded default's side of test_migration_round_trip (PostgreSQL only): a downgrade past 0007 writes a
+    released member's placeholders ('' and 'released:<id>'), and the upgrade turns them back into NULL; left, she
+    read as holding a number (phoneReleased false) whose empty ciphertext no key opens. 0007 is a batch migration
+    here (the table copied), and its UPDATE concatenates with SQLite's ||."""
+    import sqlite3
+
+    from alembic import command
+
+    from main import _alembic_config
+
+    path = f"{tmp_path}/m.db"
+    settings = make_settings(DATABASE_URL=f"sqlite+aiosqlite:///{path}")
+    command.upgrade(_alembic_config(settings), "0005")
+    with sqlite3.connect(path) as conn:
+        for statement in ROWS_AT_0005:
+            conn.execute(statement)
+    command.upgrade(_alembic_config(settings), "0007")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE members SET phone_enc = NULL, phone_index = NULL WHERE id = 'm1'")  # released
+    command.downgrade(_alembic_config(settings), "0006")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT phone_enc, phone_index FROM members").fetchall() == [("", "released:m1")]
+    command.upgrade(_alembic_config(settings), "0007")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT phone_enc, phone_index FROM members").fetchall() == [(None, None)]

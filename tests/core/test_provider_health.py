@@ -236,7 +236,11 @@ async def test_recording_works_again_once_redis_is_back(rt: Any, caplog: pytest.
     stop = asyncio.Event()
     publisher = asyncio.create_task(provider_health.publish(Switch(), stop=stop, role="serve", every=0.2,
                                                             process="serve-back"))
-    await asyncio.sleep(0.8)
+
+    async def warned() -> bool:  # the publisher has tried, and failed, at least once (not a time guessed for it)
+        return any(r.name == "gateway.provider_health" for r in caplog.records)
+
+    assert await until(warned)
     target["redis"] = rt.redis
     calls.call_answered("irembopay")  # a change: recorded at the next turn
 
@@ -250,3 +254,18 @@ async def test_recording_works_again_once_redis_is_back(rt: Any, caplog: pytest.
     assert [r.getMessage() for r in caplog.records if r.name == "gateway.provider_health"] == [
         "could not record provider health in Redis (said once until it works again)",
         "recording provider health in Redis works again"]
+
+
+def test_another_process_answered_in_the_same_millisecond_as_a_failure_ends_it() -> None:
+    """Timestamps are to the millisecond: a serve's answer in the same millisecond as the worker's last failure
+    (a test doing both at once, or two busy processes) says the provider answered then. Read as older, the row
+    stayed FAILING, and the test above failed now and then on a fast machine."""
+    at = "2026-12-06T10:00:00.123Z"
+    worker = {"process": "worker-1", "providers": {"mpesa": {
+        "failing": True, "failingSince": "2026-12-06T09:59:00Z", "lastFailureAt": at, "lastError": "HTTP_503",
+        "lastErrorSummary": "stk_push: HTTP 503", "lastSuccessAt": None, "credentialsRefused": []}}}
+    serve = {"process": "serve-1", "providers": {"mpesa": {
+        "failing": False, "failingSince": None, "lastFailureAt": None, "lastError": None, "lastErrorSummary": None,
+        "lastSuccessAt": at, "credentialsRefused": []}}}
+    [mpesa] = provider_health.summarize([worker, serve], ["mpesa"])
+    assert (mpesa["status"], mpesa["processesFailing"], mpesa["lastSuccessAt"]) == ("OK", 0, at)
