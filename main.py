@@ -145,7 +145,9 @@ async def _reencrypt(settings: Settings) -> int:
         report = await reencrypt(rt.sessionmaker, rt.cipher)
     for where, count in sorted(report.rewritten.items()):
         print(f"{where}: {count} re-encrypted under {rt.cipher.active_key_id}")
-    if not report.rewritten and not report.changed_meanwhile and not report.unreadable:
+    for where, count in sorted(report.dropped.items()):
+        print(f"{where}: {count} of ended jobs dropped (no configured key opens them; never sent again)")
+    if not report.rewritten and not report.dropped and not report.changed_meanwhile and not report.unreadable:
         print(f"nothing stored under another key than {rt.cipher.active_key_id}")
     if report.changed_meanwhile:
         print(f"{report.changed_meanwhile} changed while this ran and may still be under the old key: run it again",

@@ -1,9 +1,10 @@
 """Re-encrypting stored PII under the active key, so an old key (a leaked one, or one past its life) can be
 removed from PII_ENCRYPTION_KEYS.
 
-Rotation: add the new key to PII_ENCRYPTION_KEYS and make it PII_ACTIVE_KEY_ID (new rows use it, old rows still
-read with the old key), restart every process, run `python main.py reencrypt` until it reports nothing left
-under another key, then remove the old key and restart again. The command is safe to run while the service
+Rotation (README, "PII keys rotate without downtime"): add the new key to PII_ENCRYPTION_KEYS everywhere and restart
+every process, then make it PII_ACTIVE_KEY_ID and restart them again (in one step, a restarted process seals under a
+key one not yet restarted cannot open), run `python main.py reencrypt` until it reports nothing left under another
+key, then remove the old key and restart again. The command is safe to run while the service
 runs and to run again: each row is rewritten by a compare-and-set on its old ciphertext (a row changed
 meanwhile is left for the next run), in batches of one short transaction each. The blind indexes
 (BLIND_INDEX_KEY) do not depend on these keys and are left alone.
@@ -30,6 +31,7 @@ from core.db import utcnow
 from core.members import phone_context
 from core.models import Member, OutboxJob, Payment, SmsMessage, WebhookEndpoint
 from core.notify import SMS_PHONE_CONTEXT
+from core.outbox import ENDED
 from core.payments import REQUEST_HASH_VERSION, account_context, keyed_request_hash
 from core.webhooks import endpoint_secret_context, secret_expiry
 
@@ -52,7 +54,9 @@ COLUMNS = (
     Column(SmsMessage, "phone_enc", lambda row: SMS_PHONE_CONTEXT),
     Column(WebhookEndpoint, "secret_enc", lambda row: endpoint_secret_context(row.cooperative_id)),
 )
-# Jobs not yet done carry the recipient's phone in their payload (core.notify).
+# SMS jobs carry the recipient's phone in their payload (core.notify), those ended (DONE, DISCARDED) too: they are
+# kept RETENTION_OUTBOX_DONE_DAYS, and one left under the old key (a leaked one) would give a backup's numbers to
+# whoever holds it, and keep `reencrypt` from meaning "nothing left under another key".
 PAYLOAD_KEY = "phone_enc"
 
 
@@ -60,6 +64,7 @@ PAYLOAD_KEY = "phone_enc"
 class Report:
     rewritten: dict[str, int] = field(default_factory=dict)
     unreadable: dict[str, list[str]] = field(default_factory=dict)  # where -> ids (none decrypts them)
+    dropped: dict[str, int] = field(default_factory=dict)  # where -> how many (ended jobs' numbers none decrypts)
     changed_meanwhile: int = 0
 
     def add(self, where: str) -> None:
@@ -183,22 +188,29 @@ async def _payloads(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiC
     while True:
         async with sessionmaker.begin() as session:
             jobs = (await session.execute(
-                select(OutboxJob).where(OutboxJob.status.in_(("PENDING", "RUNNING", "PARKED")), OutboxJob.id > after)
-                .order_by(OutboxJob.id).limit(batch))).scalars().all()
+                select(OutboxJob).where(OutboxJob.id > after).order_by(OutboxJob.id).limit(batch))).scalars().all()
             for job in jobs:
                 old = (job.payload or {}).get(PAYLOAD_KEY)
                 if not isinstance(old, str) or not _stale(cipher, old):
                     continue
                 new = _sealed_again(cipher, old, SMS_PHONE_CONTEXT)
-                if new is None:
+                if new is None and job.status not in ENDED:
                     report.lost(where, job.id)
                     continue
+                # An ended job is never sent again (only a parked one is replayed): a number no configured key opens
+                # (a key removed after a rotation before ended jobs were sealed again) is dropped, not a failure.
                 payload = {**job.payload, PAYLOAD_KEY: new}
+                # On the number itself too: a member's erasure that emptied it meanwhile (core.members
+                # ._erase_jobs_numbers, the job's status unchanged) must not get it back, sealed anew.
                 done = await session.execute(update(OutboxJob).where(OutboxJob.id == job.id,
-                                                                     OutboxJob.status == job.status)
+                                                                     OutboxJob.status == job.status,
+                                                                     OutboxJob.payload[PAYLOAD_KEY].as_string() == old)
                                              .values(payload=payload, updated_at=OutboxJob.updated_at)
                                              .execution_options(synchronize_session=False))
-                report.tally(where, done.rowcount)  # type: ignore[attr-defined]
+                if new is None and done.rowcount:  # type: ignore[attr-defined]
+                    report.dropped[where] = report.dropped.get(where, 0) + 1
+                else:
+                    report.tally(where, done.rowcount)  # type: ignore[attr-defined]
         if len(jobs) < batch:
             return
         after = jobs[-1].id

@@ -166,3 +166,82 @@ async def test_rows_changed_while_it_ran_make_it_exit_2(migrated_database, monke
     out = capsys.readouterr()
     assert "1 changed while this ran and may still be under the old key: run it again" in out.err
     assert "nothing stored under another key" not in out.out
+
+
+@pytest.mark.parametrize("ended", ["DONE", "DISCARDED"])
+async def test_an_ended_sms_job_is_sealed_again_too_so_nothing_is_left_under_the_old_key(migrated_database, ended):
+    """A sent SMS's job is kept RETENTION_OUTBOX_DONE_DAYS (30) with the payer's number in its payload: left under
+    the old key, a leaked key still opened a backup's numbers after the rotation the leak called for, and
+    `reencrypt` exited 0 ("nothing left under another key") with them there."""
+    await _data_under_the_old_key(migrated_database)
+    async with open_runtime(make_settings(**BEFORE)) as rt, rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "sms.send").values(status=ended))
+    async with open_runtime(make_settings(**BOTH)) as rt:
+        report = await reencrypt(rt.sessionmaker, rt.cipher)
+        assert report.unreadable == {} and report.rewritten["outbox_jobs.payload.phone_enc"] >= 1
+        await _all_sealed_with(rt, "new")
+    async with open_runtime(make_settings(**AFTER)) as rt, rt.sessionmaker() as s:
+        job = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars().first()
+        assert job.status == ended
+        assert rt.cipher.decrypt(job.payload["phone_enc"], context="sms") == "+250788000001"
+
+
+async def test_a_number_erased_while_it_ran_is_not_written_back(migrated_database, monkeypatch):
+    """A member's erasure empties the number her queued texts' jobs carry without changing their status: a job read
+    by reencrypt just before got the number back, sealed under the new key, after she was told it was gone."""
+    import asyncio
+    import threading
+
+    import asyncpg  # type: ignore[import-untyped]
+
+    import core.rekey as rekey
+
+    await _data_under_the_old_key(migrated_database)
+    sealed_again = rekey._sealed_again
+    dsn = migrated_database.replace("postgresql+asyncpg://", "postgresql://")
+    if not dsn.startswith("postgresql://"):
+        pytest.skip("the erasure runs on its own connection meanwhile: PostgreSQL")
+
+    async def erase() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("UPDATE outbox_jobs SET payload = jsonb_set(payload, '{phone_enc}', 'null') "
+                               "WHERE kind = 'sms.send'")
+        finally:
+            await conn.close()
+
+    carried: set[str] = set()
+
+    def racing(cipher: PiiCipher, value: str, context: str) -> str | None:
+        if value in carried:  # a job's number, between reencrypt's read of the job and its write
+            worker = threading.Thread(target=lambda: asyncio.run(erase()))
+            worker.start()
+            worker.join()
+        return sealed_again(cipher, value, context)
+
+    async with open_runtime(make_settings(**BOTH)) as rt:
+        async with rt.sessionmaker() as s:
+            carried |= {j.payload["phone_enc"] for j in (await s.execute(select(OutboxJob))).scalars()
+                       if (j.payload or {}).get("phone_enc")}
+        monkeypatch.setattr(rekey, "_sealed_again", racing)
+        report = await reencrypt(rt.sessionmaker, rt.cipher)
+        assert report.changed_meanwhile >= 1
+        async with rt.sessionmaker() as s:
+            jobs = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars().all()
+    assert jobs and all(job.payload["phone_enc"] is None for job in jobs)
+
+
+async def test_an_ended_job_no_key_opens_loses_its_number_and_fails_nothing(migrated_database, capsys):
+    """A key removed after a rotation that left ended jobs alone (releases before they were sealed again): those
+    jobs' numbers are sent nowhere again, so they are dropped, and the next rotation's command still exits 0
+    rather than listing them as unreadable (exit 1) for 30 days."""
+    await _data_under_the_old_key(migrated_database)
+    async with open_runtime(make_settings(**BEFORE)) as rt, rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "sms.send").values(status="DONE"))
+    assert await _reencrypt(make_settings(**AFTER)) == 1  # the members' numbers: no configured key opens them
+    out = capsys.readouterr()
+    assert "outbox_jobs.payload.phone_enc: 1 of ended jobs dropped (no configured key opens them" in out.out
+    assert "outbox_jobs" not in out.err and "members.phone_enc" in out.err
+    async with open_runtime(make_settings(**AFTER)) as rt, rt.sessionmaker() as s:
+        job = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars().one()
+        assert job.status == "DONE" and job.payload["phone_enc"] is None
