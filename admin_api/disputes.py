@@ -81,7 +81,9 @@ TRANSITION = obj(
         "evidence": {"type": ["string", "null"], "maxLength": 2000},
         "refundAmount": {**AMOUNT_IN, "description": "with RESOLVED: refund this much in the same step"},
         "returnedByProvider": {**RETURNED, "description": "with refundAmount: the provider already sent it back "
-                                                          "(a chargeback): recorded, nothing sent"},
+                                                          "(a chargeback): recorded, nothing sent; whatever the "
+                                                          "payment's refunds hold, up to what was collected (see "
+                                                          "POST /v1/payments/{id}/refunds)"},
         "toPayingNumber": {**TO_PAYING_NUMBER, "description": "with refundAmount (true without it: 400, nothing "
                                                               "changed): " + TO_PAYING_NUMBER["description"]},
     },

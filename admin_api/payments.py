@@ -122,7 +122,10 @@ PAYMENT = out(
         "memberId": {"type": ["string", "null"]},
         "cooperativeId": ID,
         "fee": AMOUNT_OUT,
-        "refundedAmount": AMOUNT_OUT,
+        "refundedAmount": {**AMOUNT_OUT, "description": "refunds completed so far, chargebacks (returnedByProvider) "
+                                                        "included: more than collectedAmount when the member got a "
+                                                        "refund and the provider took the payment back too "
+                                                        "(flagged: mismatchDetail)"},
         "channel": {"type": "string", "description": "how it was made: ussd, api, sms, or recorded (an admin "
                     "recorded money a provider's statement shows taken, POST /v1/payments/recorded)"},
         "failureReason": NULL_STRING,

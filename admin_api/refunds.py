@@ -74,7 +74,12 @@ RETURNED = {
                            "description": "when the statement shows the money sent back (default: now; without an "
                                           "offset, the cooperative's local time)"}},
           ["providerTransactionId"]),
-    "description": "the provider already sent this money back (a chargeback): record it, send nothing",
+    "description": "the provider already sent this money back (a chargeback): record it, send nothing. Its "
+                   "statement is not a request: recorded whatever the payment's refunds hold (one at the provider, "
+                   "or completed), up to what the provider collected on the payment with its chargebacks recorded "
+                   "before (422 beyond); refunds not yet sent that would then give back more than was collected are "
+                   "withdrawn; what goes back beyond it is flagged on the payment (mismatchDetail) to recover from "
+                   "the member. The same providerTransactionId twice: 409",
 }
 TO_PAYING_NUMBER = {
     "type": "boolean",
@@ -93,7 +98,8 @@ TO_PAYING_NUMBER = {
 CREATE = obj(
     {
         "amount": {**AMOUNT_IN, "description": "major units, more than zero (400 otherwise); omitted = everything "
-                                               "still refundable (422 when nothing is; so is more than is left)"},
+                                               "still refundable (422 when nothing is; so is more than is left, "
+                                               "except with returnedByProvider: up to what was collected)"},
         "reason": {"type": ["string", "null"], "maxLength": 300},
         "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128},
         "returnedByProvider": RETURNED,
@@ -134,8 +140,8 @@ CANCEL = {
                     "description": "why it is withdrawn (kept in the audit log and the refund's failureReason)"}},
           ["note"]),
     "description": "Withdraw a refund not yet sent to the provider (PENDING: queued, e.g. while the provider is "
-                   "down), before it goes: one the provider has meanwhile made itself (record that as a refund "
-                   "with returnedByProvider afterwards), or one asked for by mistake. It becomes FAILED (failureReason "
+                   "down), before it goes: one asked for by mistake (one the provider has meanwhile made itself is "
+                   "withdrawn by recording that as a refund with returnedByProvider). It becomes FAILED (failureReason "
                    "\"withdrawn by an admin: <note>\"), its amount is refundable again, the refund.failed webhook "
                    "event is sent (no SMS: the member was never told of it). 409 when it is no longer PENDING, or "
                    "may already have reached the provider (its submission is being sent, or a try of it may have "

@@ -69,7 +69,9 @@ _SETTLED = _lines(
         "fees": AMOUNT_OUT,
         "refundedCount": _COUNT,
         "refunded": AMOUNT_OUT,
-        "net": {**AMOUNT_OUT, "description": "collected less fees and refunded"},
+        "net": {**AMOUNT_OUT, "description": "collected less fees and refunded (below zero when more went back "
+                                             "than was collected, as the statement shows: a chargeback beyond the "
+                                             "refunds, flagged)"},
     },
 )
 _FLAGGED = {

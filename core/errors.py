@@ -125,7 +125,8 @@ CODES: dict[str, str] = {
                    "payment's open dispute); message names the state. 422: a refund of a payment whose money "
                    "was not collected, or a move its state machine does not allow (a dispute to a disallowed "
                    "status, or to its own); 409 otherwise",
-    REFUND_EXCEEDS_REFUNDABLE: "422: the refund's amount exceeds what is left to refund of the payment",
+    REFUND_EXCEEDS_REFUNDABLE: "422: the refund's amount exceeds what is left to refund of the payment (a "
+                               "chargeback's, returnedByProvider: what was collected on it)",
     PARTIAL_REFUND_UNSUPPORTED: "422: the payment's provider refunds only the full amount",
     DUPLICATE_REFERENCE: "409: the id, reference, gatewayReference or provider transaction id is held already by "
                          "another payment or refund (field names which)",

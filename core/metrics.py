@@ -116,9 +116,11 @@ REFERENCE_SEQUENCE_BEHIND = Gauge("gateway_reference_sequence_behind", "1 if the
 SMS = Counter("gateway_sms_total", "SMS messages by status", ["status"], registry=REGISTRY)
 # A refund the provider contradicted after it was final, each flagged on its payment for a person (README).
 REFUND_ANOMALIES = Counter("gateway_refund_anomalies_total", "Refunds flagged for a person: sent_after_failure, "
-                           "failed_after_completion, beyond_collected (the member paid back more than collected), "
+                           "failed_after_completion, beyond_collected (the member paid back more than collected, or "
+                           "a chargeback recorded beyond what the refunds left), "
                            "amount_mismatch (the provider reported another amount sent back), "
-                           "withdrawn_unsent (a refund not sent: an earlier one went through after all)",
+                           "withdrawn_unsent (a refund not sent: an earlier one went through after all, or the "
+                           "provider sent the money back itself)",
                            ["kind"], registry=REGISTRY)
 # How far behind now the payment sync lists changes (a transaction writing payments holds it back; SYNC_LAG aside).
 SYNC_HELD_BACK = Gauge("gateway_payment_sync_held_back_seconds", "Seconds the payment sync's horizon was held back "

@@ -1,4 +1,6 @@
-"""Refunds: never more than was collected, checked under a row lock; sent through the outbox."""
+"""Refunds: never more than was collected, checked under a row lock; sent through the outbox. A chargeback (money
+the provider sent back itself) is recorded whatever the refunds hold, up to what was collected; what then goes back
+beyond it is flagged for a person."""
 
 from __future__ import annotations
 
@@ -145,7 +147,11 @@ async def request_refund(
     # A refund while the payment is disputed is noted on the dispute (_note_refund_on_disputes), whose lock comes
     # first: a resolution locks its dispute, then the payment (core.disputes.move_dispute), so the other order
     # deadlocks against it. The dispute's own refund (dispute_id) comes with its dispute locked already.
-    disputes = [] if dispute_id is not None else await _lock_open_disputes(session, payment_id, cooperative_id)
+    # A chargeback may withdraw the payment's refunds not yet sent (_withdraw_unsent), noting their disputes: those
+    # are locked now too, in the same id order.
+    locked = [] if dispute_id is not None and returned is None else await _lock_open_disputes(
+        session, payment_id, cooperative_id, waiting=returned is not None)
+    disputes = [] if dispute_id is not None else locked
     payment = await lock_row(session, Payment, payment_id, cooperative_id)
     if payment is None:
         raise NotFound("payment not found")
@@ -181,13 +187,23 @@ async def request_refund(
         _request_to_refund_known(payment, provider)
     if returned is None:
         await _recording_not_contested(session, payment)
+    else:
+        # First: one reversal recorded twice is that (409), whatever is left to record of the payment.
+        await _reversal_not_recorded(session, payment, returned)
     available = await refundable(session, payment)
     amount = amount or available
     if amount.currency != payment.currency:
         raise ValidationError(f"refund must be in {payment.currency}", field="amount")
     if not amount.is_positive():  # (everything still refundable, asked for when nothing is)
-        raise BusinessRuleError("nothing left to refund", field="amount", code=REFUND_EXCEEDS_REFUNDABLE)
-    if amount.minor > available.minor:
+        raise BusinessRuleError("nothing left to refund" + ("" if returned is None else
+                                                            ": give the amount the provider sent back"),
+                                field="amount", code=REFUND_EXCEEDS_REFUNDABLE)
+    if returned is not None:
+        # A chargeback is the provider's statement, not a request: recorded even beyond what the refunds leave (one
+        # at the provider, or made already: the money then left twice, flagged by apply_refund_outcome), never
+        # beyond what the provider took, which is all it can take back.
+        await _within_collected(session, payment, amount)
+    elif amount.minor > available.minor:
         raise BusinessRuleError(f"refund of {amount} exceeds the refundable {available}"
                                 f"{await _held_by_unsettled(session, payment)}", field="amount",
                                 code=REFUND_EXCEEDS_REFUNDABLE)
@@ -209,7 +225,6 @@ async def request_refund(
         problem = amount_rule_refusal(provider, amount)
         if problem:
             raise ValidationError(f"returnedByProvider: {problem}", field="amount", code=PROVIDER_REFUSED)
-        await _reversal_not_recorded(session, payment, returned)
     elif not to_paying_number:  # last: asked where the money goes only of a refund that can be made
         await _paying_number_still_hers(session, payment)
     if dispute_id is None:
@@ -255,14 +270,22 @@ async def request_refund(
     return refund, True
 
 
-async def _lock_open_disputes(session: AsyncSession, payment_id: str, cooperative_id: str | None) -> list[Dispute]:
+async def _lock_open_disputes(session: AsyncSession, payment_id: str, cooperative_id: str | None, *,
+                              waiting: bool = False) -> list[Dispute]:
     """The payment's open disputes, locked (in id order) before the payment is: one indexed probe, nothing
-    locked when there is none. One being resolved is waited for, then left out once it is closed."""
-    query = (select(Dispute).where(Dispute.payment_id == payment_id, Dispute.status.in_(OPEN_DISPUTES))
-             .order_by(Dispute.id).with_for_update())
+    locked when there is none. One being resolved is waited for, then left out once it is closed. `waiting`: also
+    the disputes of the payment's refunds not yet sent (a chargeback may withdraw them: _withdraw_unsent notes
+    them), in the same statement and order, as a late success locks them (_lock_disputes_noted); only the open ones
+    are returned."""
+    mine = and_(Dispute.payment_id == payment_id, Dispute.status.in_(OPEN_DISPUTES))
+    if waiting:
+        mine = or_(mine, Dispute.id.in_(select(Refund.dispute_id).where(
+            Refund.payment_id == payment_id, Refund.status == R.PENDING.value, Refund.dispute_id.is_not(None))))
+    query = select(Dispute).where(mine).order_by(Dispute.id).with_for_update()
     if cooperative_id is not None:
         query = query.where(Dispute.cooperative_id == cooperative_id)
-    return list((await session.execute(query.execution_options(populate_existing=True))).scalars().all())
+    found = (await session.execute(query.execution_options(populate_existing=True))).scalars().all()
+    return [d for d in found if d.payment_id == payment_id and d.status in OPEN_DISPUTES]
 
 
 async def _still_open_disputes(session: AsyncSession, payment: Payment, locked: list[Dispute]) -> list[Dispute]:
@@ -312,6 +335,26 @@ async def _held_by_unsettled(session: AsyncSession, payment: Payment) -> str:
     named = ", ".join(reference for reference, _ in rows[:5]) + (", ..." if len(rows) > 5 else "")
     return (f"; refunds not settled yet hold {held} ({named}): withdraw one not yet sent with "
             "POST /v1/refunds/{id}/cancel")
+
+
+async def _within_collected(session: AsyncSession, payment: Payment, amount: Money) -> None:
+    """A chargeback (and those recorded before it: each a reversal of the same payment) takes back at most what the
+    provider took: more is a typo, or another payment's reversal. What the payment's refunds hold does not limit it
+    (request_refund)."""
+    rows = (await session.execute(
+        select(Refund.reference, Refund.amount_minor)
+        .where(Refund.payment_id == payment.id, Refund.returned_by_provider.is_(True), Refund.status.in_(HOLDING))
+        .order_by(Refund.created_at, Refund.id))).all()
+    before = sum(int(minor) for _, minor in rows)
+    if before + amount.minor <= collected(payment):
+        return
+    whole = Money(collected(payment), payment.currency)
+    named = ", ".join(reference for reference, _ in rows[:5]) + (", ..." if len(rows) > 5 else "")
+    recorded = "" if not rows else (f", and {Money(before, payment.currency)} of it is recorded as sent back by "
+                                    f"the provider already ({named})")
+    raise BusinessRuleError(f"returnedByProvider: {amount} is more than the provider can have sent back: it "
+                            f"collected {whole} on this payment{recorded}", field="amount",
+                            code=REFUND_EXCEEDS_REFUNDABLE)
 
 
 def _request_to_refund_known(payment: Payment, provider: PaymentProvider) -> None:
@@ -573,7 +616,14 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         if current is R.FAILED:
             await _sent_after_failure(session, refund, payment, refunded, actor=actor)
             await _withdraw_unsent(session, rt, payment, refund, actor=actor)
-        elif refunded > collected(payment):
+        elif refund.returned_by_provider:
+            # A chargeback, recorded whatever the payment's refunds hold (request_refund): those not yet sent that
+            # would now give back more than was collected are not sent; what is left beyond it is flagged once.
+            await _withdraw_unsent(session, rt, payment, refund, actor=actor,
+                                   reason=f"not sent: the provider sent the money back itself (refund "
+                                          f"{refund.reference}, its chargeback)")
+            await _returned_beyond_collected(session, refund, payment, refunded, actor=actor)
+        elif refunded > collected(payment) and not await _over_return_flagged(session, refund, payment):
             # Another refund of this payment went through after failing while this one was in flight: with this
             # one the member has been paid back more than was collected.
             await _flag(session, payment, f"refund {refund.reference} completed: "
@@ -612,6 +662,8 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
             await _note_on_dispute(session, refund, actor=actor, action="dispute.refund_failed",
                                    text=f"refund {refund.reference} failed: {why}; the member has not been paid back",
                                    audit={"refundId": refund.id, "reason": why})
+        # After its dispute is noted (locked before the payment, as a resolution locks them).
+        await _over_return_failed(session, refund, actor=actor)
     paid = await session.get(Payment, refund.payment_id)
     assert paid is not None
     # Without a member, the phone that paid is told (a mobile-money payment's), as of the receipt: while it is still
@@ -669,9 +721,10 @@ async def _sent_after_failure(session: AsyncSession, refund: Refund, payment: Pa
 
 
 async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment, sent: Refund, *,
-                           actor: Actor) -> None:
-    """`sent` (FAILED) went through after all, and the refunds asked for since would now give back more than was
-    collected: those not yet sent are withdrawn, newest first, until the rest fit. Each FAILED ("not sent"),
+                           actor: Actor, reason: str | None = None) -> None:
+    """`sent` (FAILED) went through after all, or is a chargeback just recorded (`reason` says so), and the refunds
+    asked for since would now give back more than was collected: those not yet sent are withdrawn, newest first,
+    until the rest fit. Each FAILED ("not sent"),
     audited, its submission ended and the cooperative's system told (refund.failed); the member, paid back by
     `sent`, gets no SMS about it. One whose submission has started (or was tried: a try may have reached the
     provider) is left to go; if it completes, the member has more back than collected and it is flagged then.
@@ -687,7 +740,7 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
     waiting = (await session.execute(
         select(Refund).where(Refund.payment_id == payment.id, Refund.status == R.PENDING.value, Refund.id != sent.id)
         .order_by(Refund.created_at.desc(), Refund.id.desc()).with_for_update(skip_locked=True))).scalars().all()
-    reason = f"not sent: refund {sent.reference} went through after all"
+    reason = reason or f"not sent: refund {sent.reference} went through after all"
     for refund in waiting:
         if over <= 0:
             break
@@ -702,7 +755,9 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
                      before={"status": R.PENDING.value}, after={"status": R.FAILED.value, "sentRefundId": sent.id},
                      cooperative_id=refund.cooperative_id)
         metrics.REFUND_ANOMALIES.labels(kind="withdrawn_unsent").inc()
-        log.warning("refund withdrawn before it was sent: an earlier one went through after all",
+        log.warning("refund withdrawn before it was sent: " + ("the provider sent the money back itself"
+                                                               if sent.returned_by_provider else
+                                                               "an earlier one went through after all"),
                     extra={"refund": refund.reference, "sent_refund": sent.reference, "payment": payment.reference,
                            "actor": actor.id})
         await enqueue_many(session, notice_jobs(  # the webhook only: the member has her money back
@@ -711,6 +766,77 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
         await _note_on_dispute(session, refund, actor=actor, action="dispute.refund_withdrawn",
                                text=f"refund {refund.reference} {reason}: the member has been paid back by it",
                                audit={"refundId": refund.id, "sentRefundId": sent.id})
+
+
+# The audit action of a chargeback that took what the payment's refunds give back beyond what was collected
+# (_returned_beyond_collected); its `inFlight` names the refunds at the provider it counted.
+RETURNED_BEYOND_COLLECTED = "refund.returned_beyond_collected"
+
+
+async def _returned_beyond_collected(session: AsyncSession, refund: Refund, payment: Payment, refunded: int, *,
+                                     actor: Actor) -> None:
+    """A chargeback (`refund`, just COMPLETED) recorded beyond what the payment's refunds left: with the refunds made
+    (`refunded` counts them and it) and those still at the provider, which can no longer be withdrawn (sent, or a try
+    of them may have arrived: _withdraw_unsent left them), more than was collected goes back to the payer. The
+    provider's statement stands, and so do the refunds: the payment is flagged for a person to recover the rest from
+    the member (or to see the refund at the provider fail), audited, counted (beyond_collected) and logged ERROR,
+    once: that refund's completion is not flagged again (_over_return_flagged)."""
+    over = await refunds_holding(session, payment) - collected(payment)
+    if over <= 0:
+        return
+    in_flight = (await session.execute(
+        select(Refund.id, Refund.reference).where(Refund.payment_id == payment.id, Refund.status.in_(OPEN_VALUES))
+        .order_by(Refund.created_at, Refund.id))).all()
+    gone = max(0, refunded - collected(payment))
+    pending = ", ".join(reference for _, reference in in_flight)
+    # Short: the column keeps 300 characters of every flag together (core.payments.fit_detail).
+    detail = f"chargeback {refund.reference} of {Money(refund.amount_minor, refund.currency)}: " + (
+        f"{Money(over, payment.currency)} more than collected has gone back to the payer" if gone >= over
+        else (f"{Money(gone, payment.currency)} more than collected has gone back, {Money(over, payment.currency)} "
+              if gone else f"{Money(over, payment.currency)} more than collected goes back ")
+        + f"if refund {pending} completes") + ": recover it from the member"
+    await record(session, actor=actor, action=RETURNED_BEYOND_COLLECTED, entity_type="refund", entity_id=refund.id,
+                 after={"paymentId": payment.id, "overReturned": over, "alreadyReturned": gone,
+                        "inFlight": [refund_id for refund_id, _ in in_flight]},
+                 cooperative_id=refund.cooperative_id)
+    await _flag(session, payment, detail)
+    metrics.REFUND_ANOMALIES.labels(kind="beyond_collected").inc()
+    log.error("chargeback recorded beyond what the refunds left: the member is paid back more than was collected",
+              extra={"refund": refund.reference, "payment": payment.reference, "over_refunded_minor": over,
+                     "in_flight": [reference for _, reference in in_flight], "actor": actor.id})
+
+
+async def _over_return_failed(session: AsyncSession, refund: Refund, *, actor: Actor) -> None:
+    """`refund` (just FAILED) was one a chargeback's flag counted as at the provider (_returned_beyond_collected): the
+    flag said what to recover from the member if it completed, and it did not. Said on the payment, with what goes
+    back beyond what was collected now, so that nobody recovers money the member never got. One probe of the
+    payment's chargebacks' audit rows when it has any (_over_return_flagged); the payment is locked only then."""
+    if not await _over_return_flagged(session, refund, None):
+        return
+    payment = await lock_row(session, Payment, refund.payment_id)
+    assert payment is not None
+    if not payment.mismatch:
+        return  # dealt with already
+    over = await refunds_holding(session, payment) - collected(payment)
+    await _flag(session, payment, f"refund {refund.reference} failed: " + (
+        f"{Money(over, payment.currency)} more than collected goes back" if over > 0 else "nothing to recover"))
+    log.warning("a refund counted in a chargeback's over-return failed", extra={
+        "refund": refund.reference, "payment": payment.reference, "over_refunded_minor": max(over, 0),
+        "actor": actor.id})
+
+
+async def _over_return_flagged(session: AsyncSession, refund: Refund, payment: Payment | None) -> bool:
+    """Whether `refund`, completing beyond what was collected, was one a chargeback's flag already counted as at the
+    provider (_returned_beyond_collected) while the payment (when given) is still flagged: the same money, flagged
+    once. One probe of the payment's chargebacks' audit rows; rare (the member paid back more than collected)."""
+    if payment is not None and not payment.mismatch:
+        return False  # the flag was dealt with (reviewed) since: the money now gone is said again
+    chargebacks = select(Refund.id).where(Refund.payment_id == refund.payment_id,
+                                          Refund.returned_by_provider.is_(True))
+    rows = (await session.execute(select(AuditEvent.after).where(
+        AuditEvent.entity_type == "refund", AuditEvent.action == RETURNED_BEYOND_COLLECTED,
+        AuditEvent.entity_id.in_(chargebacks)))).scalars().all()
+    return any(isinstance(after, dict) and refund.id in (after.get("inFlight") or []) for after in rows)
 
 
 async def _flag(session: AsyncSession, payment: Payment, detail: str) -> None:
@@ -847,8 +973,8 @@ async def record_refund_outcome(session: AsyncSession, rt: Runtime, *, refund_id
 async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, cooperative_id: str | None,
                         note: str, actor: Actor) -> Refund:
     """An admin withdraws a refund not yet sent: one queued while the provider is down (its submission waits to be
-    tried again), which the provider has meanwhile made itself (a chargeback, which could not be recorded while
-    this one held the amount), or which was asked for by mistake. FAILED ("withdrawn by an admin"), its submission
+    tried again), or which was asked for by mistake (one the provider has meanwhile made itself is withdrawn by
+    recording its chargeback: request_refund, _withdraw_unsent). FAILED ("withdrawn by an admin"), its submission
     ended, audited with the admin's note, the cooperative's system told (refund.failed) and the dispute resolved
     with it noted. The member gets no SMS: she was never told of a refund not sent.
 
@@ -898,6 +1024,7 @@ async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, c
                            text=f"refund {refund.reference} withdrawn before it was sent: {note}; the member has "
                                 "not been paid back by it",
                            audit={"refundId": refund.id})
+    await _over_return_failed(session, refund, actor=actor)  # (one a chargeback's flag counted: parked, unsent)
     await session.flush()
     await session.refresh(refund)
     return refund

@@ -339,7 +339,7 @@ async def test_a_refund_raced_by_a_dispute_being_opened_says_send_it_again(admin
     await complete_payment(rt, paid["id"])
     opened = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
 
-    async def read_before_it_was_opened(*args: Any) -> list[Any]:
+    async def read_before_it_was_opened(*args: Any, **kwargs: Any) -> list[Any]:
         return []
 
     body = {"amount": 1000, "idempotencyKey": idem()}

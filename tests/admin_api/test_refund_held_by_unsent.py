@@ -3,7 +3,9 @@
 Found walking a Kampala cooperative's refunds while MTN was down: a full refund queued (PENDING, its submission
 waiting for MTN); meanwhile MTN's customer care reversed the payment itself; recording that reversal
 (returnedByProvider) answered "refund of 20,000 UGX exceeds the refundable 0 UGX", which reads as if the member had
-been paid back already. Nothing has reached her: the queued refund holds the amount, and must be withdrawn first."""
+been paid back already. Nothing has reached her: the queued refund holds the amount. A refund to send is refused
+so, naming it; the reversal itself is the provider's statement, recorded whatever the refunds hold, and withdraws
+the queued refund (test_chargeback_beyond_refunds)."""
 
 from __future__ import annotations
 
@@ -29,12 +31,12 @@ async def test_the_refusal_names_the_refund_not_yet_sent(superadmin: Caller, rt:
     queued = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
                               json={"amount": 15000, "idempotencyKey": idem()})  # MTN down: PENDING
     refused = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 422, json={
-        "amount": 20000, "idempotencyKey": idem(), "returnedByProvider": {"providerTransactionId": "MTN-REV-9"}})
+        "amount": 20000, "idempotencyKey": idem()})
     assert refused["message"] == (
         f"refund of 20,000 UGX exceeds the refundable 5,000 UGX; refunds not settled yet hold 15,000 UGX "
         f"({queued['reference']}): withdraw one not yet sent with POST /v1/refunds/{{id}}/cancel")
     # Nothing held: the refusal as before.
-    await admin.json("POST", f"/v1/refunds/{queued['id']}/cancel", 200, json={"note": "MTN reversed it itself"})
+    await admin.json("POST", f"/v1/refunds/{queued['id']}/cancel", 200, json={"note": "asked for by mistake"})
     over = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 422,
                             json={"amount": 20001, "idempotencyKey": idem()})
     assert over["message"] == "refund of 20,001 UGX exceeds the refundable 20,000 UGX"

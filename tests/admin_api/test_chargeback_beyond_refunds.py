@@ -1,0 +1,253 @@
+"""A chargeback is the provider's statement, not a request: recorded even while a refund of the payment is at the
+provider, or beyond what a refund made already left.
+
+Found walking refunds and chargebacks: a full refund sent to MTN (PROCESSING, no longer withdrawable), then MTN
+reversed the payment itself. Recording that reversal (returnedByProvider) was refused, "exceeds the refundable 0":
+the refund at the provider held the amount. Once the refund completed, the reversal could never be recorded: the
+money had left twice (the member got the refund AND the provider clawed the payment back) and the books could not
+match the statement. Now it is recorded, up to what the provider collected, and what goes back beyond that is
+flagged once for the cooperative to recover from the member."""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+
+from core.db import utcnow
+from core.models import AuditEvent, OutboxJob, Payment, Refund
+from core.ports import EventKind, ProviderOutcome
+from core.ports import ProviderEvent as Event
+from core.provider_events import handle_provider_event
+from core.refunds import refundable
+from tests.admin_api.conftest import complete_payment, idem, make_payment
+
+
+def _anomalies(kind: str) -> float:
+    from core.metrics import REFUND_ANOMALIES
+
+    return REFUND_ANOMALIES.labels(kind=kind)._value.get()
+
+
+async def _collected(admin: Any, rt: Any, demo: dict[str, Any]) -> dict[str, Any]:
+    """A 50,000 RWF MTN payment collected an hour ago."""
+    paid = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    await complete_payment(rt, paid["id"])
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == paid["id"]).values(
+            created_at=utcnow() - timedelta(hours=1, minutes=1), completed_at=utcnow() - timedelta(hours=1)))
+    return paid
+
+
+async def _at_the_provider(admin: Any, rt: Any, paid: dict[str, Any], amount: int = 50_000) -> dict[str, Any]:
+    """A refund sent to MTN whose outcome has not come (PROCESSING: it can no longer be withdrawn)."""
+    refund = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                              json={"idempotencyKey": idem(), "amount": amount})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Refund).where(Refund.id == refund["id"]).values(status="PROCESSING"))
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{refund['id']}")
+                        .values(status="DONE"))
+    await admin.json("POST", f"/v1/refunds/{refund['id']}/cancel", 409, json={"note": "MTN reversed it"})
+    return refund
+
+
+async def _mtn_says_sent(rt: Any, refund_id: str, outcome: ProviderOutcome = ProviderOutcome.SUCCEEDED) -> str:
+    async with rt.sessionmaker() as s:
+        ours = (await s.get(Refund, refund_id)).provider_reference
+    sent = outcome is ProviderOutcome.SUCCEEDED
+    return await handle_provider_event(rt, Event(
+        provider="mtn_momo", kind=EventKind.REFUND, event_id=uuid.uuid4().hex, reference=ours, outcome=outcome,
+        provider_transaction_id=f"MTN-RF-{refund_id[:8]}" if sent else None,
+        reason=None if sent else "reversal declined"))
+
+
+async def _chargeback(admin: Any, paid: dict[str, Any], amount: int, txn: str, status: int = 201) -> dict[str, Any]:
+    return await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", status, json={
+        "amount": amount, "idempotencyKey": idem(), "returnedByProvider": {"providerTransactionId": txn}})
+
+
+async def _audit(rt: Any, action: str) -> list[AuditEvent]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(AuditEvent).where(AuditEvent.action == action))).scalars())
+
+
+async def test_a_chargeback_while_a_refund_is_at_the_provider_is_recorded_and_flagged(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    paid = await _collected(admin, rt, demo)
+    sent = await _at_the_provider(admin, rt, paid)
+    before = _anomalies("beyond_collected")
+    recorded = await _chargeback(admin, paid, 50_000, "MTN-REV-1")
+    assert (recorded["status"], recorded["amount"], recorded["returnedByProvider"]) == ("COMPLETED", 50_000, True)
+    assert (await admin.json("GET", f"/v1/refunds/{sent['id']}", 200))["status"] == "PROCESSING"  # left to go
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["status"], payment["refundedAmount"], payment["mismatch"]) == ("REFUNDED", 50_000, True)
+    assert payment["mismatchDetail"] == (
+        f"chargeback {recorded['reference']} of 50,000 RWF: 50,000 RWF more than collected goes back if refund "
+        f"{sent['reference']} completes: recover it from the member")
+    assert _anomalies("beyond_collected") == before + 1
+    [entry] = await _audit(rt, "refund.returned_beyond_collected")
+    assert (entry.entity_id, entry.after) == (recorded["id"], {
+        "paymentId": paid["id"], "overReturned": 50_000, "alreadyReturned": 0, "inFlight": [sent["id"]]})
+    flagged = await admin.json("GET", "/v1/payments?mismatch=true", 200)
+    assert [p["id"] for p in flagged["data"]] == [paid["id"]]
+    # Ordinary refunds keep their limits: nothing is left to send.
+    refused = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 422,
+                               json={"amount": 1, "idempotencyKey": idem()})
+    assert refused["message"].startswith("refund of 1 RWF exceeds the refundable 0 RWF")
+
+
+async def test_a_dispute_resolved_by_a_chargeback_while_a_refund_is_at_the_provider(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    paid = await _collected(admin, rt, demo)
+    sent = await _at_the_provider(admin, rt, paid, amount=30_000)
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
+    resolved = await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200, json={
+        "status": "RESOLVED", "note": "MTN reversed it", "refundAmount": 50000,
+        "returnedByProvider": {"providerTransactionId": "MTN-REV-2"}})
+    assert resolved["status"] == "RESOLVED"
+    refund = await admin.json("GET", f"/v1/refunds/{resolved['refundId']}", 200)
+    assert (refund["status"], refund["amount"]) == ("COMPLETED", 50_000)
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert payment["mismatch"] and (f"30,000 RWF more than collected goes back if refund {sent['reference']} "
+                                    "completes" in payment["mismatchDetail"])
+
+
+async def test_the_refund_at_the_provider_then_completes_both_stand_flagged_once(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    paid = await _collected(admin, rt, demo)
+    sent = await _at_the_provider(admin, rt, paid)
+    before = _anomalies("beyond_collected")
+    recorded = await _chargeback(admin, paid, 50_000, "MTN-REV-3")
+    assert await _mtn_says_sent(rt, sent["id"]) == "completed"
+    assert (await admin.json("GET", f"/v1/refunds/{sent['id']}", 200))["status"] == "COMPLETED"
+    assert (await admin.json("GET", f"/v1/refunds/{recorded['id']}", 200))["status"] == "COMPLETED"
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["status"], payment["refundedAmount"], payment["collectedAmount"]) == ("REFUNDED", 100_000, 50_000)
+    assert payment["mismatchDetail"].count("more than collected") == 1  # the same money, flagged once
+    assert _anomalies("beyond_collected") == before + 1
+    async with rt.sessionmaker() as s:
+        stored = await s.get(Payment, paid["id"])
+        assert (await refundable(s, stored)).minor == 0  # never negative
+    nothing = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 422, json={"idempotencyKey": idem()})
+    assert nothing["message"] == "nothing left to refund"
+    # The reconciliation shows both as the statement does: 100,000 back on 50,000 collected.
+    report = await admin.json("GET", "/v1/reports/reconciliation", 200)
+    assert [(line["collected"], line["refundedCount"], line["refunded"], line["net"])
+            for line in report["settled"]] == [(50_000, 2, 100_000, -50_000)]
+    [total] = report["totals"]
+    assert (total["collected"], total["refunded"], total["net"]) == (50_000, 100_000, -50_000)
+    assert [f["id"] for f in report["flagged"]] == [paid["id"]]
+    rows = list(csv.DictReader(io.StringIO(await (await admin.req("GET", "/v1/reports/refunds.csv")).text())))
+    assert sorted((r["reference"], r["status"], r["returnedByProvider"]) for r in rows) == sorted(
+        [(sent["reference"], "COMPLETED", "false"), (recorded["reference"], "COMPLETED", "true")])
+    payments = list(csv.DictReader(io.StringIO(await (await admin.req("GET", "/v1/reports/payments.csv")).text())))
+    assert [r["refundedAmount"] for r in payments if r["reference"] == paid["reference"]] == ["100000"]
+
+
+async def test_the_refund_at_the_provider_failing_says_there_is_nothing_to_recover(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    paid = await _collected(admin, rt, demo)
+    sent = await _at_the_provider(admin, rt, paid)
+    await _chargeback(admin, paid, 50_000, "MTN-REV-11")
+    assert await _mtn_says_sent(rt, sent["id"], ProviderOutcome.FAILED) == "failed"
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["status"], payment["refundedAmount"], payment["mismatch"]) == ("REFUNDED", 50_000, True)
+    assert payment["mismatchDetail"].endswith(
+        f"recover it from the member; refund {sent['reference']} failed: nothing to recover")
+    # Its failure alone flags nothing: a payment with no chargeback is left as it was.
+    other = await _collected(admin, rt, demo)
+    failed = await _at_the_provider(admin, rt, other)
+    assert await _mtn_says_sent(rt, failed["id"], ProviderOutcome.FAILED) == "failed"
+    assert (await admin.json("GET", f"/v1/payments/{other['id']}", 200))["mismatch"] is False
+
+
+async def test_a_chargeback_beyond_what_a_completed_refund_left_is_recorded_and_flagged(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    paid = await _collected(admin, rt, demo)
+    sent = await _at_the_provider(admin, rt, paid, amount=30_000)
+    assert await _mtn_says_sent(rt, sent["id"]) == "completed"
+    before = _anomalies("beyond_collected")
+    recorded = await _chargeback(admin, paid, 50_000, "MTN-REV-4")
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["status"], payment["refundedAmount"]) == ("REFUNDED", 80_000)
+    assert payment["mismatchDetail"] == (
+        f"chargeback {recorded['reference']} of 50,000 RWF: 30,000 RWF more than collected has gone back to the "
+        "payer: recover it from the member")
+    assert _anomalies("beyond_collected") == before + 1
+    # The ordinary refund's limit is unchanged.
+    await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 422, json={"amount": 1, "idempotencyKey": idem()})
+
+
+async def test_chargebacks_never_take_back_more_than_was_collected(admin: Any, rt: Any,
+                                                                   demo: dict[str, Any]) -> None:
+    paid = await _collected(admin, rt, demo)
+    sent = await _at_the_provider(admin, rt, paid)
+    assert await _mtn_says_sent(rt, sent["id"]) == "completed"
+    first = await _chargeback(admin, paid, 30_000, "MTN-REV-5")
+    second = await _chargeback(admin, paid, 20_000, "MTN-REV-6")
+    over = await _chargeback(admin, paid, 1, "MTN-REV-7", status=422)
+    assert over["message"] == (
+        "returnedByProvider: 1 RWF is more than the provider can have sent back: it collected 50,000 RWF on this "
+        f"payment, and 50,000 RWF of it is recorded as sent back by the provider already ({first['reference']}, "
+        f"{second['reference']})")
+    other = await _collected(admin, rt, demo)
+    above = await _chargeback(admin, other, 50_001, "MTN-REV-8", status=422)
+    assert above["message"] == ("returnedByProvider: 50,001 RWF is more than the provider can have sent back: it "
+                                "collected 50,000 RWF on this payment")
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, paid["id"])).refunded_minor == 100_000
+        assert [r.provider_transaction_id for r in (await s.execute(
+            select(Refund).where(Refund.payment_id == other["id"]))).scalars()] == []
+
+
+async def test_the_same_reversal_twice_is_a_conflict_even_when_nothing_is_left(admin: Any, rt: Any,
+                                                                               demo: dict[str, Any]) -> None:
+    paid = await _collected(admin, rt, demo)
+    first = await _chargeback(admin, paid, 50_000, "MTN-REV-9")
+    again = await _chargeback(admin, paid, 50_000, "MTN-REV-9", status=409)
+    assert again["message"] == f"the provider's reversal MTN-REV-9 is already recorded, by refund {first['reference']}"
+
+
+async def test_a_chargeback_withdraws_a_refund_not_yet_sent_instead_of_paying_twice(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """A refund still queued (MTN down) would pay the member a second time: it is withdrawn, as when a failed
+    refund went through after all; nothing is flagged (the money went back once)."""
+    paid = await _collected(admin, rt, demo)
+    queued = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                              json={"amount": 20_000, "idempotencyKey": idem()})
+    recorded = await _chargeback(admin, paid, 50_000, "MTN-REV-10")
+    withdrawn = await admin.json("GET", f"/v1/refunds/{queued['id']}", 200)
+    assert (withdrawn["status"], withdrawn["failureReason"]) == (
+        "FAILED", f"not sent: the provider sent the money back itself (refund {recorded['reference']}, its chargeback)")
+    async with rt.sessionmaker() as s:
+        submit = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{queued['id']}")
+                                  )).scalar_one()
+    assert submit.status == "DONE"
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["status"], payment["refundedAmount"], payment["mismatch"]) == ("REFUNDED", 50_000, False)
+    assert await _audit(rt, "refund.returned_beyond_collected") == []
+
+
+async def test_a_refund_parked_unsent_then_withdrawn_says_there_is_nothing_to_recover(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """A refund whose submission was parked for the gateway's credentials (nothing sent) is not withdrawn by the
+    chargeback (only a queued, untried one is): counted in its flag; the admin withdrawing it later is said there."""
+    paid = await _collected(admin, rt, demo)
+    parked = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                              json={"amount": 50_000, "idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{parked['id']}").values(
+            status="PARKED", attempts=1, last_error="AWAITING_CONFIGURATION: the provider refused the credentials"))
+    recorded = await _chargeback(admin, paid, 50_000, "MTN-REV-12")
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert f"goes back if refund {parked['reference']} completes" in payment["mismatchDetail"]
+    await admin.json("POST", f"/v1/refunds/{parked['id']}/cancel", 200, json={"note": "MTN reversed it itself"})
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert payment["mismatchDetail"] == (
+        f"chargeback {recorded['reference']} of 50,000 RWF: 50,000 RWF more than collected goes back if refund "
+        f"{parked['reference']} completes: recover it from the member; refund {parked['reference']} failed: "
+        "nothing to recover")
