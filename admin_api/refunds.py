@@ -78,8 +78,9 @@ RETURNED = {
                    "statement is not a request: recorded whatever the payment's refunds hold (one at the provider, "
                    "or completed), up to what the provider collected on the payment with its chargebacks recorded "
                    "before (422 beyond); refunds not yet sent that would then give back more than was collected are "
-                   "withdrawn; what goes back beyond it is flagged on the payment (mismatchDetail) to recover from "
-                   "the member. The same providerTransactionId twice: 409",
+                   "withdrawn (one withdrawn whole when less of it had to go flags the payment with what is still "
+                   "the member's, to refund again); what goes back beyond it is flagged on the payment "
+                   "(mismatchDetail) to recover from the member. The same providerTransactionId twice: 409",
 }
 TO_PAYING_NUMBER = {
     "type": "boolean",

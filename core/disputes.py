@@ -223,11 +223,7 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
     # Before any refund is asked for: a closed dispute's answer is that it is closed, not a refund's refusal (more
     # than is left, or the key of the refund it was resolved with).
     DISPUTE.check(current, target)
-    notes = list(dispute.notes or [])
-    if note or evidence:
-        notes.append(_note(actor, note, evidence, target.value))
-    # At least a millisecond after the last change (read under the lock): its event orders after the one before.
-    values: dict[str, Any] = {"notes": notes, "updated_at": changed_at(dispute.updated_at)}
+    values: dict[str, Any] = {}
     if target in (D.RESOLVED, D.REJECTED, D.WITHDRAWN):
         values["resolved_at"] = utcnow()
         values["resolution"] = (note or target.value.lower())[:500]
@@ -240,6 +236,14 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
                                          idempotency_key=f"dispute:{dispute.id}", actor=actor, dispute_id=dispute.id,
                                          returned=returned, to_paying_number=to_paying_number)
         values["refund_id"] = refund.id
+    # The notes as they stand after the refund: a chargeback resolving it withdraws the refunds of the payment not
+    # yet sent (core.refunds._withdraw_unsent), noting on this dispute those made while it was open; read before,
+    # the notes written back here dropped that one.
+    notes = list(dispute.notes or [])
+    if note or evidence:
+        notes.append(_note(actor, note, evidence, target.value))
+    # At least a millisecond after the last change (read under the lock): its event orders after the one before.
+    values.update(notes=notes, updated_at=changed_at(dispute.updated_at))
     updated = await transition(session, DISPUTE, dispute.id, DisputeStatus(dispute.status), target, actor=actor,
                                values=values, audit={"note": note} if note else None)
     final = target in (D.RESOLVED, D.REJECTED, D.WITHDRAWN)

@@ -744,12 +744,23 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
     for refund in waiting:
         if over <= 0:
             break
+        # Untried by its marks too (_untried_or_refused), as an admin's withdrawal is: a parked submission replayed
+        # (POST /v1/jobs/replay), or one handed back uncounted, starts again at 0 attempts with its try's CALL_SENT
+        # (a 504) kept, and that try may have been carried out: withdrawn, the member was paid back twice unflagged.
         if not await end_waiting(session, OutboxJob.kind == "refund.submit",
                                  OutboxJob.dedupe_key == f"refund:{refund.id}", OutboxJob.attempts == 0,
-                                 status="PENDING", reason=f"withdrawn: {reason}"):
+                                 _untried_or_refused(), status="PENDING", reason=f"withdrawn: {reason}"):
             continue  # being sent, or tried already
         updated = await transition(session, REFUND, refund.id, R.PENDING, R.FAILED, actor=actor,
                                    values={"failure_reason": reason})
+        # Withdrawn whole, though only `over` of it had to go (a partial chargeback, a late success smaller than
+        # it): the rest was the member's, decided by an officer, and nobody but the cooperative's system (the
+        # webhook) heard it was not sent. Flagged, so that it is refunded again rather than lost.
+        short = refund.amount_minor - over
+        if short > 0:
+            await _flag(session, payment, f"refund {refund.reference} of {Money(refund.amount_minor, refund.currency)}"
+                                          f" withdrawn unsent: {Money(short, refund.currency)} of it is still the "
+                                          "member's: refund it again")
         over -= refund.amount_minor
         await record(session, actor=actor, action="refund.withdrawn", entity_type="refund", entity_id=refund.id,
                      before={"status": R.PENDING.value}, after={"status": R.FAILED.value, "sentRefundId": sent.id},
@@ -764,7 +775,9 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
             template="refund_failed", event_type="refund.failed", cooperative_id=refund.cooperative_id,
             key=refund.id, context={"refund_id": refund.id}, data=refund_data(updated), cipher=rt.cipher))
         await _note_on_dispute(session, refund, actor=actor, action="dispute.refund_withdrawn",
-                               text=f"refund {refund.reference} {reason}: the member has been paid back by it",
+                               text=f"refund {refund.reference} {reason}: the member has been paid back by it"
+                                    + ("" if short <= 0 else f", but for {Money(short, refund.currency)}: refund "
+                                                             "that again"),
                                audit={"refundId": refund.id, "sentRefundId": sent.id})
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.crypto import CryptoError, PiiCipher
@@ -31,7 +31,7 @@ from core.db import utcnow
 from core.members import phone_context
 from core.models import Member, OutboxJob, Payment, SmsMessage, WebhookEndpoint
 from core.notify import SMS_PHONE_CONTEXT
-from core.outbox import ENDED
+from core.outbox import ENDED, SMS_KIND
 from core.payments import REQUEST_HASH_VERSION, account_context, keyed_request_hash
 from core.webhooks import endpoint_secret_context, secret_expiry
 
@@ -184,11 +184,22 @@ def _resealed_previous(cipher: PiiCipher, entries: list[Any], context: str,
 async def _payloads(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiCipher, batch: int,
                     report: Report) -> None:
     where = f"{OutboxJob.__tablename__}.payload.{PAYLOAD_KEY}"
+    # Only SMS jobs carry a number (core.notify.sms_job), and only one not under the active key is work: picked by
+    # the query. Ended jobs being read too, the table holds millions (every webhook delivery, refund submission and
+    # text, kept their retention): read whole and judged here, every one of them crossed to this process on every
+    # run. Each statement covers `window` ids of the primary key, whatever matches: bounded where nothing does (a
+    # second run), not one scan of the whole table.
+    phone = OutboxJob.payload[PAYLOAD_KEY].as_string()
+    stale = (OutboxJob.kind == SMS_KIND, phone.is_not(None), phone != "",
+             ~phone.startswith(f"{cipher.active_key_id}:", autoescape=True))
+    window = batch * 20
     after = 0
-    while True:
+    top = await _last_job_id(sessionmaker)
+    while after < top:
         async with sessionmaker.begin() as session:
             jobs = (await session.execute(
-                select(OutboxJob).where(OutboxJob.id > after).order_by(OutboxJob.id).limit(batch))).scalars().all()
+                select(OutboxJob).where(OutboxJob.id > after, OutboxJob.id <= after + window, *stale)
+                .order_by(OutboxJob.id).limit(batch))).scalars().all()
             for job in jobs:
                 old = (job.payload or {}).get(PAYLOAD_KEY)
                 if not isinstance(old, str) or not _stale(cipher, old):
@@ -211,9 +222,14 @@ async def _payloads(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiC
                     report.dropped[where] = report.dropped.get(where, 0) + 1
                 else:
                     report.tally(where, done.rowcount)  # type: ignore[attr-defined]
-        if len(jobs) < batch:
-            return
-        after = jobs[-1].id
+        after = jobs[-1].id if len(jobs) == batch else min(after + window, top)
+        if after >= top:
+            top = await _last_job_id(sessionmaker)  # jobs queued while this ran: sealed by a process not restarted
+
+
+async def _last_job_id(sessionmaker: async_sessionmaker[AsyncSession]) -> int:
+    async with sessionmaker() as session:
+        return int((await session.execute(select(func.max(OutboxJob.id)))).scalar() or 0)
 
 
 async def rehash_requests(sessionmaker: async_sessionmaker[AsyncSession], cipher: PiiCipher, *,

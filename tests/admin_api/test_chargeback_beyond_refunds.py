@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from core.db import utcnow
-from core.models import AuditEvent, OutboxJob, Payment, Refund
+from core.models import AuditEvent, Dispute, OutboxJob, Payment, Refund
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as Event
 from core.provider_events import handle_provider_event
@@ -251,3 +251,72 @@ async def test_a_refund_parked_unsent_then_withdrawn_says_there_is_nothing_to_re
         f"chargeback {recorded['reference']} of 50,000 RWF: 50,000 RWF more than collected goes back if refund "
         f"{parked['reference']} completes: recover it from the member; refund {parked['reference']} failed: "
         "nothing to recover")
+
+
+async def test_a_partial_chargeback_withdrawing_a_larger_queued_refund_flags_what_is_still_hers(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """A 50,000 refund queued (MTN down), then MTN reverses 20,000 of the payment itself: the queued refund is
+    withdrawn whole (sent, 70,000 would go back on 50,000), and the 30,000 the officer decided to give back besides
+    was lost without a word (only the cooperative's system heard refund.failed): now flagged on the payment and
+    noted on its dispute, to refund again."""
+    paid = await _collected(admin, rt, demo)
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
+    queued = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                              json={"amount": 50_000, "idempotencyKey": idem()})
+    recorded = await _chargeback(admin, paid, 20_000, "MTN-REV-13")
+    assert (await admin.json("GET", f"/v1/refunds/{queued['id']}", 200))["status"] == "FAILED"
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["status"], payment["refundedAmount"], payment["mismatch"]) == ("PARTIALLY_REFUNDED", 20_000, True)
+    assert payment["mismatchDetail"] == (f"refund {queued['reference']} of 50,000 RWF withdrawn unsent: 30,000 RWF "
+                                         "of it is still the member's: refund it again")
+    async with rt.sessionmaker() as s:
+        notes = [n["text"] for n in (await s.get(Dispute, dispute["id"])).notes or [] if "not sent" in n["text"]]
+    assert notes == [f"refund {queued['reference']} not sent: the provider sent the money back itself (refund "
+                     f"{recorded['reference']}, its chargeback): the member has been paid back by it, but for "
+                     "30,000 RWF: refund that again"]
+    # What is left is refundable again: the rest goes to her.
+    again = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201, json={"idempotencyKey": idem()})
+    assert again["amount"] == 30_000
+    assert recorded["status"] == "COMPLETED" and dispute["status"] == "OPEN"
+
+
+async def test_a_resolution_by_chargeback_keeps_the_note_of_the_refund_it_withdrew(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """A refund asked for while the dispute was open, still queued (MTN down), is withdrawn by the chargeback the
+    dispute is resolved with, and noted on the dispute: the resolution then wrote back the notes it had read before
+    the refund was recorded, and that note was lost (the officer saw her refund FAILED with no word on why)."""
+    paid = await _collected(admin, rt, demo)
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
+    queued = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                              json={"amount": 50_000, "idempotencyKey": idem()})
+    resolved = await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200, json={
+        "status": "RESOLVED", "note": "MTN reversed it", "refundAmount": 50000,
+        "returnedByProvider": {"providerTransactionId": "MTN-REV-14"}})
+    assert (await admin.json("GET", f"/v1/refunds/{queued['id']}", 200))["status"] == "FAILED"
+    texts = [n["text"] for n in (await admin.json("GET", f"/v1/disputes/{dispute['id']}", 200))["notes"]]
+    refund = await admin.json("GET", f"/v1/refunds/{resolved['refundId']}", 200)
+    assert texts[-2:] == [
+        f"refund {queued['reference']} not sent: the provider sent the money back itself (refund "
+        f"{refund['reference']}, its chargeback): the member has been paid back by it", "MTN reversed it"], texts
+
+
+async def test_a_chargeback_leaves_a_replayed_refund_whose_earlier_try_may_have_arrived(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """A refund whose try MTN answered 504 (it may carry it out) parked, then replayed: its submission is PENDING at
+    0 attempts again, its try's mark kept. A chargeback withdrew it as never sent; had MTN carried the try out, the
+    member was paid back twice with nothing flagged. Now it is left to go (as an admin's withdrawal leaves it) and
+    counted in the chargeback's flag."""
+    from core.outbox import CALL_SENT
+
+    paid = await _collected(admin, rt, demo)
+    tried = await admin.json("POST", f"/v1/payments/{paid['id']}/refunds", 201,
+                             json={"amount": 50_000, "idempotencyKey": idem()})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{tried['id']}").values(
+            status="PENDING", attempts=0, last_error=f"{CALL_SENT}: HTTP 504"))
+    await admin.json("POST", f"/v1/refunds/{tried['id']}/cancel", 409, json={"note": "MTN reversed it"})
+    await _chargeback(admin, paid, 50_000, "MTN-REV-15")
+    assert (await admin.json("GET", f"/v1/refunds/{tried['id']}", 200))["status"] == "PENDING"
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert payment["mismatch"] and (f"50,000 RWF more than collected goes back if refund {tried['reference']} "
+                                    "completes" in payment["mismatchDetail"])

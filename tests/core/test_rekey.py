@@ -245,3 +245,41 @@ async def test_an_ended_job_no_key_opens_loses_its_number_and_fails_nothing(migr
     async with open_runtime(make_settings(**AFTER)) as rt, rt.sessionmaker() as s:
         job = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars().one()
         assert job.status == "DONE" and job.payload["phone_enc"] is None
+
+
+async def test_only_sms_jobs_under_another_key_are_read_and_far_apart_ids_are_all_reached(migrated_database):
+    """Since ended jobs are sealed again too, every outbox job was read whole into the command, of every kind (a
+    webhook delivery's event, a refund's submission) and every number already under the active key, each run: on a
+    table of millions kept their retention, all of them crossed to the process. Now only the SMS jobs still under
+    another key are read; and the walk by windows of ids still reaches a job whose id lies far past a gap."""
+    from sqlalchemy import event
+
+    from core.outbox import NewJob
+
+    await _data_under_the_old_key(migrated_database)
+    async with open_runtime(make_settings(**BEFORE)) as rt, rt.sessionmaker.begin() as s:
+        await enqueue_many(s, [NewJob("webhook.deliver", {"event_id": f"evt-{n}", "body": "x" * 200},
+                                      dedupe_key=f"rekey-other-{n}") for n in range(60)])
+        await enqueue_many(s, [sms_job(template="payment_receipt", cooperative_id=None, context={}, cipher=rt.cipher,
+                                       phone=Phone("+250788000002"), dedupe=f"rekey-more-{n}") for n in range(3)])
+        far = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == "sms:rekey-more-2"))).scalar_one()
+        far.id = far.id + 100_000  # past a gap of many windows (jobs pruned)
+    async with open_runtime(make_settings(**BOTH)) as rt:
+        async with rt.sessionmaker.begin() as s:  # one more SMS already under the new key: nothing to do for it
+            await enqueue_many(s, [sms_job(template="payment_receipt", cooperative_id=None, context={},
+                                           cipher=rt.cipher, phone=Phone("+250788000003"), dedupe="rekey-new")])
+        read: list[int] = []
+
+        def loaded(target: OutboxJob, _context: Any) -> None:
+            read.append(target.id)
+
+        event.listen(OutboxJob, "load", loaded)
+        try:
+            report = await reencrypt(rt.sessionmaker, rt.cipher, batch=2)
+        finally:
+            event.remove(OutboxJob, "load", loaded)
+        assert report.rewritten["outbox_jobs.payload.phone_enc"] == 4 and report.unreadable == {}
+        assert len(read) == 4, f"{len(read)} jobs read for 4 to seal again"
+        await _all_sealed_with(rt, "new")
+        again = await reencrypt(rt.sessionmaker, rt.cipher, batch=2)
+        assert "outbox_jobs.payload.phone_enc" not in again.rewritten
