@@ -78,7 +78,7 @@ async def test_a_payments_jobs_are_listed_by_its_id_with_their_subject(rt, clien
     parked = await admin.json("GET", f"/v1/jobs?paymentId={mine['id']}&status=PARKED", 200)
     assert parked["data"] == []
     body = await admin.json("GET", f"/v1/jobs?paymentId={mine['id']}&status=DONE", 400)
-    assert "not done" in body["message"][0]
+    assert "search the jobs not DONE" in body["message"][0]
     await admin.json("GET", f"/v1/jobs?paymentId={mine['id']}&refundId={other['id']}", 400)
     await admin.json("GET", "/v1/jobs?paymentId=not-a-uuid", 400)
 
