@@ -143,7 +143,21 @@ def _normalize(raw: str, region: str) -> Phone:
 _LENGTH = {phonenumbers.ValidationResult.TOO_SHORT: "too short", phonenumbers.ValidationResult.TOO_LONG: "too long"}
 
 
-_FOREIGN = "a number of another country is written with + and its country code, as +256772123456"
+# The examples are shapes (+256 7XX XXX XXX), never whole numbers: these words reach logs (a USSD callback's
+# malformed phoneNumber is logged with them), where a whole number, even a made-up one, reads as a member's.
+_FOREIGN = "a number of another country is written with + and its country code, as +256 7XX XXX XXX"
+
+
+def _shape(formatted: str, keep: int) -> str:
+    """`formatted` (a number as its country writes it) with every digit after the first `keep` an X."""
+    digits = 0
+    out = []
+    for ch in formatted:
+        if ch.isdigit():
+            digits += 1
+            ch = ch if digits <= keep else "X"
+        out.append(ch)
+    return "".join(out)
 
 
 def _refuse_length(parsed: phonenumbers.PhoneNumber, *, local: bool) -> None:
@@ -157,8 +171,9 @@ def _refuse_length(parsed: phonenumbers.PhoneNumber, *, local: bool) -> None:
     example = phonenumbers.example_number_for_type(country, PhoneNumberType.MOBILE)
     if said is None or example is None:
         return
-    national = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.NATIONAL)
-    international = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
+    national = _shape(phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.NATIONAL), 2)
+    international = _shape(phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.INTERNATIONAL),
+                           len(str(example.country_code)) + 1)
     raise PhoneError(f"{said} for a mobile number of {country}: one is written as {national} or {international}"
                      + (f"; {_FOREIGN}" if local else ""), field="phone")
 

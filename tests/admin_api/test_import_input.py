@@ -126,8 +126,8 @@ async def test_a_row_is_named_by_the_line_it_starts_on(admin, rt, demo):
         b'Good Name,0788100053,D-1\n'
     ))
     assert status == 400 and body["message"] == [
-        "row 4: phone: too short for a mobile number of RW: one is written as 0720 123 456 or +250 720 123 456; a "
-        "number of another country is written with + and its country code, as +256772123456"], body
+        "row 4: phone: too short for a mobile number of RW: one is written as 07XX XXX XXX or +250 7XX XXX XXX; a "
+        "number of another country is written with + and its country code, as +256 7XX XXX XXX"], body
     status, body = await _import(admin, (
         b'name,phone\n'
         b'Amina Uwase,0788100061\n'

@@ -208,7 +208,7 @@ async def test_another_countrys_number_without_its_code_says_how_to_write_it(adm
     status, body = await _import(admin, b"name,phone\nOkello Ugandan,0701234567\nKenyan Tenant,+254 712 345 678\n")
     assert (status, body["message"]) == (400, [
         "row 2: phone: not a valid phone number of RW (a number of another country is written with + and its "
-        "country code, as +256772123456)"])
+        "country code, as +256 7XX XXX XXX)"])
     status, body = await _import(admin, b"name,phone\nOkello Ugandan,+256772123456\nKenyan Tenant,+254 712 345 678\n")
     assert (status, body["imported"]) == (201, 2), body
     members = await _members(rt, demo["cooperative_id"])
@@ -300,15 +300,15 @@ async def test_a_number_a_digit_short_or_long_says_so(admin, rt, demo):
                                         b"Kenyan Short,+2547123456\nUgandan Local,0701234567\n"
                                         b"Burundian Local,79123456\n")
     assert status == 400
-    foreign = "a number of another country is written with + and its country code, as +256772123456"
+    foreign = "a number of another country is written with + and its country code, as +256 7XX XXX XXX"
     assert body["message"] == [
-        "row 2: phone: too short for a mobile number of RW: one is written as 0720 123 456 or +250 720 123 456; "
+        "row 2: phone: too short for a mobile number of RW: one is written as 07XX XXX XXX or +250 7XX XXX XXX; "
         + foreign,
-        "row 3: phone: too long for a mobile number of RW: one is written as 0720 123 456 or +250 720 123 456; "
+        "row 3: phone: too long for a mobile number of RW: one is written as 07XX XXX XXX or +250 7XX XXX XXX; "
         + foreign,
-        "row 4: phone: too short for a mobile number of KE: one is written as 0712 123456 or +254 712 123456",
+        "row 4: phone: too short for a mobile number of KE: one is written as 07XX XXXXXX or +254 7XX XXXXXX",
         f"row 5: phone: not a valid phone number of RW ({foreign})",
-        "row 6: phone: too short for a mobile number of RW: one is written as 0720 123 456 or +250 720 123 456; "
+        "row 6: phone: too short for a mobile number of RW: one is written as 07XX XXX XXX or +250 7XX XXX XXX; "
         + foreign,
     ]
     assert len(await _members(rt, demo["cooperative_id"])) == before

@@ -255,8 +255,8 @@ async def test_import_names_numbers_already_members_beside_the_rows_bad_in_thems
     assert body["message"] == [
         already(1),
         "row 3: phone: already a member of this cooperative",
-        "row 4: phone: too short for a mobile number of RW: one is written as 0720 123 456 or +250 720 123 456; a "
-        "number of another country is written with + and its country code, as +256772123456",
+        "row 4: phone: too short for a mobile number of RW: one is written as 07XX XXX XXX or +250 7XX XXX XXX; a "
+        "number of another country is written with + and its country code, as +256 7XX XXX XXX",
         "row 5: language: must be one of en, rw, fr, sw",
     ]
     assert await _count(rt, demo["cooperative_id"]) == before

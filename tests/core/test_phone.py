@@ -154,3 +154,14 @@ def test_a_local_number_says_no_country_and_is_refused_naming_the_region():
     with pytest.raises(PhoneError) as international:
         normalize("+250701234567", "RW")
     assert international.value.message == "not a valid phone number"
+
+
+@pytest.mark.parametrize("typed", ["078812345", "07881234567", "+2547123456", "79123456", "0701234567"])
+def test_a_refusals_examples_are_shapes_never_whole_numbers(typed: str) -> None:
+    """The words of a refused number reach logs (a USSD callback's malformed phoneNumber is logged with them): their
+    examples are shapes (07XX XXX XXX, +256 7XX XXX XXX), never a whole number the log scan reads as a member's."""
+    from tests.logscan import find_leaks
+
+    with pytest.raises(PhoneError) as refused:
+        normalize(typed, "RW")
+    assert "XX" in str(refused.value) and find_leaks(str(refused.value)) == [], str(refused.value)
