@@ -604,8 +604,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
 
         async def provider_health_ctx(app: web.Application) -> AsyncIterator[None]:
             # This process's view of the providers (its calls: bank payments' collect, callbacks' credentials), in
-            # Redis where /ops reads every serve's and worker's (core.provider_health).
-            from core.provider_health import publish
+            # Redis where /ops reads every serve's and worker's (providers.health).
+            from providers.health import publish
 
             stop = asyncio.Event()
             task = asyncio.create_task(publish(app[RUNTIME].redis, stop=stop, role="serve"))

@@ -463,8 +463,8 @@ async def _worker(settings: Settings, concurrency: int, metrics_port: int = 0, *
                   accept_references_behind: bool = False) -> None:
     from app import create_worker, open_runtime, refuse_redis_misconfigured, schedule_periodic, stop_background
     from core.auth import watch_redis
-    from core.provider_health import publish as publish_health
     from core.reference_mark import check_at_start
+    from providers.health import publish as publish_health
 
     stop = asyncio.Event()
     _stop_on_signals(stop)  # first: a SIGTERM during start-up still shuts down cleanly

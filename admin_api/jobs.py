@@ -21,6 +21,7 @@ from core.jobs import payment_and_now
 from core.models import OutboxJob, Payment, Refund
 from core.outbox import (
     DISCARDED,
+    LIVE,
     PAYMENT_KINDS,
     REFUND_KINDS,
     job_lane,
@@ -37,7 +38,7 @@ from core.text import is_number
 STATUSES = ("PENDING", "RUNNING", "DONE", "PARKED", DISCARDED)
 # The jobs a subject filter searches: those not DONE (see list_jobs); DISCARDED ones too, a few (each ended by a
 # person), found by the same (status, run_at) index.
-SEARCHED = ("PENDING", "RUNNING", "PARKED", DISCARDED)
+SEARCHED = (*LIVE, DISCARDED)
 SUBJECT_PARAMS = {"payment": "paymentId", "refund": "refundId"}
 # What a replay of a job of this kind must also do, in the replay's transaction, for the job to do its
 # work again: a handler that finds its subject already given up on ends without doing anything.

@@ -234,8 +234,9 @@ def principal_from_request(request: web.Request) -> tuple[auth.Principal, dict[s
 
 async def ops_data(request: web.Request) -> web.Response:
     """core.ops.dashboard for an admin: a cooperative admin sees only their cooperative."""
+    from channels.sms.sender import NAME as SMS_AGGREGATOR
     from core.ops import dashboard
-    from core.provider_health import SMS_AGGREGATOR
+    from providers.health import shown
 
     rt = request.app[RUNTIME]
     try:
@@ -264,8 +265,9 @@ async def ops_data(request: web.Request) -> web.Response:
     if len(minutes_raw) > 4 or not is_number(minutes_raw) or not 1 <= int(minutes_raw) <= 1440:
         return _error(request, 400, "minutes must be an integer from 1 to 1440")
     async with request.app[OPS_READS], rt.sessionmaker() as session:
+        health = await shown(rt.redis, [*rt.providers, *([SMS_AGGREGATOR] if rt.sms is not None else [])])
         figures = await dashboard(session, cooperative_id, minutes=int(minutes_raw), redis=rt.redis,
-                                  provider_names=[*rt.providers, *([SMS_AGGREGATOR] if rt.sms is not None else [])])
+                                  provider_health=health)
         scope = "all cooperatives"
         if cooperative_id:
             coop = await session.get(Cooperative, cooperative_id)

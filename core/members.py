@@ -31,7 +31,7 @@ from core.models import (
     UssdSession,
 )
 from core.notify import SMS_PHONE_CONTEXT, send_sms
-from core.outbox import DISCARDED, SMS_KIND
+from core.outbox import DISCARDED, LIVE, SMS_KIND
 from core.phone import Phone
 from core.state import StaleTransition, transition
 from core.state.payment import OPEN_VALUES as OPEN_PAYMENT_VALUES
@@ -805,7 +805,7 @@ async def _erase_jobs_numbers(session: AsyncSession, keys: Sequence[str], member
     run: the worker behind, the send rate reached) is found by her id: without the number it is built for hers,
     released, and nothing is stored or sent (PhoneReleased)."""
     waiting = select(OutboxJob).where(OutboxJob.kind == SMS_KIND,
-                                      OutboxJob.status.in_(("PENDING", "RUNNING", "PARKED", DISCARDED)),
+                                      OutboxJob.status.in_((*LIVE, DISCARDED)),
                                       OutboxJob.payload["member_id"].as_string() == member_id)
     found = [*(await session.execute(waiting)).scalars().all()]
     for start in range(0, len(keys), _JOBS_AT_ONCE):

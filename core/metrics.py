@@ -53,7 +53,7 @@ PROVIDER_ERRORS = Counter("gateway_provider_errors_total", "Provider call errors
 # A provider in an outage as this process sees it (providers.calls.FAILING_AFTER): 1 from the call that made its
 # failures in a row (a 5xx, a timeout, no connection) that many, 0 again from the first call it answers. Per
 # process (each worker and serve sees its own calls): alert on the max across them. Each process also records its
-# view in Redis (core.provider_health), which the ops page shows across them.
+# view in Redis (providers.health), which the ops page shows across them.
 PROVIDER_FAILING = Gauge("gateway_provider_failing", "1 while this process's calls to the provider keep failing "
                          "(a 5xx, a timeout or no connection, several in a row), 0 once one is answered",
                          ["provider"], registry=REGISTRY)

@@ -4,7 +4,6 @@ callbacks for payments the gateway does not have."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -12,7 +11,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import case, func, literal_column, null, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core import provider_health, reference_mark
+from core import reference_mark
 from core.db import utcnow
 from core.models import OutboxJob, Payment, ProviderEvent, SmsMessage, UssdSession, WebhookDelivery, WebhookEndpoint
 from core.retention import NO_MONEY_MOVED
@@ -96,16 +95,16 @@ def _minute(session: AsyncSession, column: Any) -> Any:
 
 
 async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *, minutes: int = 60,
-                    redis: Any = None, provider_names: Iterable[str] = ()) -> dict[str, Any]:
+                    redis: Any = None, provider_health: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the ops page draws, scoped to one cooperative unless a super admin asks.
 
     `redis` holds the USSD funnel counters; without it the funnel steps are left out (an empty list). With
     Redis down, the funnel is null and `funnelUnavailable` true: the rest comes from the database, and an
     outage is when an operator watches the outbox and the SMS figures most.
 
-    `providerHealth` (with `redis`): each of `provider_names` (the configured ones and the SMS aggregator) as the
-    serves and workers report it in Redis (core.provider_health): OK, FAILING since when and the last error, or
-    UNKNOWN; and whether Redis answered. The same for every cooperative: an outage of MTN is everyone's.
+    `providerHealth`: `provider_health` as given, the caller's read of the providers' health as the serves and
+    workers report it in Redis (providers.health.shown: OK, FAILING since when and the last error, or UNKNOWN; and
+    whether Redis answered), the same for every cooperative: an outage of MTN is everyone's.
     """
     now = utcnow()
     since = now - timedelta(minutes=minutes)
@@ -214,7 +213,6 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
         .group_by(ProviderEvent.outcome))).all())
     # The reference sequence behind its mark: PostgreSQL restored without `advance-references` (across all only).
     references = None if cooperative_id else await reference_mark.shown(session, redis)
-    health = None if redis is None else await provider_health.shown(redis, provider_names)
 
     return {
         "generatedAt": now.isoformat(),
@@ -239,5 +237,5 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
             "moneyTakenUnresolved": unmatched.get(UNMATCHED, 0),
             "refundsPaidUnresolved": unmatched.get(UNMATCHED_REFUND, 0)},
         "referenceSequence": references,
-        "providerHealth": health,
+        "providerHealth": provider_health,
     }

@@ -47,8 +47,15 @@ log = logging.getLogger("gateway.outbox")
 # DONE, it is no work left: neither live (the gauges, the ops page) nor kept by prune past the DONE jobs' retention.
 DISCARDED = "DISCARDED"
 DISCARDED_BY = "discarded by an admin: "
-# The statuses of a job that has ended (no worker or person will run it again).
+# The statuses of a job that has ended (no worker or person will run it again), and of one that has not.
 ENDED = ("DONE", DISCARDED)
+LIVE = ("PENDING", "RUNNING", "PARKED")
+
+
+def process_id() -> str:
+    """A name for this process, unique per start (a restarted process on the same host and pid is another): a
+    worker's id, and each process's key in the provider health record (providers.health)."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{random.getrandbits(24):06x}"
 
 
 class PermanentJobError(Exception):
@@ -420,7 +427,7 @@ class OutboxWorker:
         self._idle = idle_sleep
         # Stored in locked_by (64 characters): a long host name (a Kubernetes pod, an FQDN) is cut so the id
         # still fits, keeping the pid and the random part that make it unique.
-        self.worker_id = worker_id or f"{socket.gethostname()[:40]}:{os.getpid()}:{random.getrandbits(24):06x}"
+        self.worker_id = worker_id or process_id()
         self._on_job = on_job
         self._stopping = asyncio.Event()
         # Schema mismatches (schema_mismatch) handed back since the last log line, and when that was written.

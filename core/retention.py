@@ -54,7 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from core.config import ConfigError
 from core.db import align_clock, table_of, utcnow
 from core.models import OutboxJob, ProviderEvent, SmsMessage, UsedRefreshToken, UssdSession, WebhookDelivery
-from core.outbox import ENDED
+from core.outbox import ENDED, LIVE
 from core.ports import ProviderOutcome
 from core.unmatched_callbacks import RESOLVED_OF
 
@@ -130,7 +130,7 @@ class Pruned:
 # The conditions of each kind, for a cut-off.
 
 _JOBS = table_of(OutboxJob)
-_LIVE_JOB_STATES = ("PENDING", "RUNNING", "PARKED")
+_LIVE_JOB_STATES = LIVE
 
 
 def _old_jobs(cutoff: datetime) -> ColumnElement[bool]:

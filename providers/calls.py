@@ -50,7 +50,7 @@ _outages: dict[str, Outage] = {}
 
 @dataclass
 class Seen:
-    """What this process last saw of a provider's calls, for the record all processes read (core.provider_health):
+    """What this process last saw of a provider's calls, for the record all processes read (providers.health):
     when one was last answered, when one last failed and how. `error` is a class (UNREACHABLE, TIMEOUT, HTTP_503,
     CREDENTIALS_REFUSED) and `summary` words of ours around the operation, an exception's class name or a status
     code: never a URL (a secret may ride in its query), a provider's text or a phone number."""
@@ -62,7 +62,7 @@ class Seen:
 
 
 _seen: dict[str, Seen] = {}
-# Events set at each change of _seen or _outages: core.provider_health's publisher waits on one (its own loop's)
+# Events set at each change of _seen or _outages: providers.health's publisher waits on one (its own loop's)
 # instead of writing to Redis from the call path.
 _listeners: set[asyncio.Event] = set()
 

@@ -28,7 +28,7 @@ async def test_app_opens_and_closes_each_resource(aiohttp_client: Any, rt: Any) 
         await asyncio.sleep(0.02)
     assert await runtime.redis.exists(MARKS_RESTORED)
     # This serve's view of the providers, recorded at start where every process's /ops reads it...
-    from core import provider_health
+    from providers import health as provider_health
 
     for _ in range(250):
         if await runtime.redis.exists(provider_health.process_key(provider_health.PROCESS)):

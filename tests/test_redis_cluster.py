@@ -175,8 +175,8 @@ async def test_callback_replay_key_is_used_once(rt: Any, cluster: Cluster) -> No
 async def test_provider_health_records_are_written_and_read_on_one_node(rt: Any, cluster: Cluster) -> None:
     """Each process's record and the index of them share a hash tag: the pipeline that writes them and the MGET
     that reads them work on a cluster (one slot, one node)."""
-    from core import provider_health
     from providers import calls
+    from providers import health as provider_health
 
     calls.call_answered("airtel")
     await provider_health.record(rt.redis, process="cluster-worker-1")

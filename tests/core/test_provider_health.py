@@ -1,4 +1,4 @@
-"""A provider's outage seen by a worker is shown by any serve's /ops/data (core.provider_health).
+"""A provider's outage seen by a worker is shown by any serve's /ops/data (providers.health).
 
 gateway_provider_failing and the "calls failing" line live in the memory of the process that made the calls: the
 ops page, answered by a serve, said nothing of MTN down while every worker's collect failed. Each process now
@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from core import provider_health
 from core.models import Payment
 from core.payments import create_payment
 from providers import calls
+from providers import health as provider_health
 from providers.simulation import STATE
 from tests.admin_api.conftest import login, redis_unreachable, unreachable_redis
 from tests.admin_api.test_retried_key_after_restore import mtn_simulator

@@ -17,15 +17,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import random
-import socket
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from redis.exceptions import RedisError
 
+from core.outbox import process_id
 from providers import calls
 
 log = logging.getLogger("gateway.provider_health")
@@ -37,10 +35,8 @@ HEALTH_TTL = 45  # seconds a record outlives its process: several heartbeats, so
 MIN_GAP = 1.0  # seconds between two records of one process: an outage changes the view at every failed call
 RECORD_TIMEOUT = 2.0  # seconds: a hung Redis must not hold the publisher past a few heartbeats
 MAX_PROCESSES = 500  # records read at most (the index is cleaned as it is written; this bounds a page's read)
-# The SMS aggregator's name in the view (channels.sms.sender.NAME): shown beside the payment providers.
-SMS_AGGREGATOR = "africastalking"
 # Who this process is, in its key: unique per start (a restarted process on the same host and pid is another).
-PROCESS = f"{socket.gethostname()[:40]}:{os.getpid()}:{random.getrandbits(24):06x}"
+PROCESS = process_id()
 
 
 def process_key(process: str) -> str:
