@@ -119,6 +119,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--callback-url", help="where to call back when requests carry no callback URL")
 
 
+def run_standalone(description: str, default_port: int, create: Callable[[SimulatorOptions], web.Application],
+                   argv: list[str] | None = None) -> None:
+    """`python -m providers.<name>.simulator [--port P] [flags]`: one simulator on its own (`main.py simulate NAME`
+    is the usual way), its options from SIM_* overridden by the flags."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=default_port)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    options = options_from_args(args, options_from_env(os.environ))
+    logging.basicConfig(level=logging.INFO)
+    web.run_app(create(options), host=args.host, port=args.port)
+
+
 def options_from_args(args: argparse.Namespace | Sequence[str],
                       base: SimulatorOptions | None = None) -> SimulatorOptions:
     """Flags given on the command line override `base`.

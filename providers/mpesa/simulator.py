@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
 import logging
-import os
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -23,11 +21,9 @@ from providers.simulation import (
     Outcome,
     SimulatorOptions,
     SimulatorState,
-    add_arguments,
     new_id,
     new_simulator_app,
-    options_from_args,
-    options_from_env,
+    run_standalone,
 )
 
 log = logging.getLogger("gateway.simulator.mpesa")
@@ -349,14 +345,7 @@ def create_simulator(options: SimulatorOptions | None = None) -> web.Application
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="M-Pesa Daraja simulator")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8092)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    options = options_from_args(args, options_from_env(os.environ))
-    logging.basicConfig(level=logging.INFO)
-    web.run_app(create_simulator(options), host=args.host, port=args.port)
+    run_standalone("M-Pesa Daraja simulator", 8092, create_simulator, argv)
 
 
 if __name__ == "__main__":
