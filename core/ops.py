@@ -104,7 +104,8 @@ async def dashboard(session: AsyncSession, cooperative_id: str | None = None, *,
 
     `providerHealth`: `provider_health` as given, the caller's read of the providers' health as the serves and
     workers report it in Redis (providers.health.shown: OK, FAILING since when and the last error, or UNKNOWN; and
-    whether Redis answered), the same for every cooperative: an outage of MTN is everyone's.
+    whether Redis answered), the same for every cooperative: an outage of MTN is everyone's. While Redis cannot be
+    read, the serving process's own view, `source` "this process only".
     """
     now = utcnow()
     since = now - timedelta(minutes=minutes)

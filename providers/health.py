@@ -8,7 +8,10 @@ second) and every HEALTH_EVERY seconds besides, so a process that dies leaves no
 and one that stops cleanly takes its record away at once. An index of the processes (a sorted set, scored by when
 each record lapses) is read, then the records in one MGET: one hash tag for every key, so both work on Redis
 Cluster too (one slot). Redis down costs the provider calls nothing: they only note what they saw in memory; the
-publisher says once that it cannot record, and once that it can again.
+publisher says once that it cannot record, and once that it can again. While Redis cannot be read the page shows
+the serving process's own view, marked as this process's only (SOURCE_THIS_PROCESS): an outage it saw (its own
+calls: all of them under `run`, whose worker is in the serve) still shows as FAILING, rather than every provider
+UNKNOWN at the hour an operator most needs to know.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ RECORD_TIMEOUT = 2.0  # seconds: a hung Redis must not hold the publisher past a
 MAX_PROCESSES = 500  # records read at most (the index is cleaned as it is written; this bounds a page's read)
 # Who this process is, in its key: unique per start (a restarted process on the same host and pid is another).
 PROCESS = process_id()
+# Where /ops/data's rows come from (its `source`): every live process's record in Redis, or, while Redis cannot be
+# read, the serving process's memory alone (the other serves' and the workers' views are not known then).
+SOURCE_ALL = "all processes"
+SOURCE_THIS_PROCESS = "this process only"
 
 
 def process_key(process: str) -> str:
@@ -174,11 +181,16 @@ def summarize(records: list[dict[str, Any]], providers: Iterable[str]) -> list[d
 
 
 async def shown(redis: Any, providers: Iterable[str]) -> dict[str, Any]:
-    """What /ops/data shows: whether Redis answered, how many processes report, and a row per provider (null while
-    Redis cannot be read: nothing is known then, not "OK")."""
+    """What /ops/data shows: whether Redis answered, how many processes report in it, where the rows come from
+    (`source`), and a row per provider. While Redis cannot be read: the rows of this process's own view
+    (providers.calls.health_view), `source` SOURCE_THIS_PROCESS and `processesReporting` null (how many report is
+    not known). A provider failing for this process shows FAILING; one it has not called is UNKNOWN, not "OK"."""
     try:
         records = await views(redis)
     except (RedisError, OSError, TimeoutError) as exc:
         log.warning("provider health unavailable: Redis unreachable", extra={"error": type(exc).__name__})
-        return {"redisReachable": False, "processesReporting": None, "providers": None}
-    return {"redisReachable": True, "processesReporting": len(records), "providers": summarize(records, providers)}
+        own = {"process": PROCESS, "providers": calls.health_view()}
+        return {"redisReachable": False, "processesReporting": None, "source": SOURCE_THIS_PROCESS,
+                "providers": summarize([own], providers)}
+    return {"redisReachable": True, "processesReporting": len(records), "source": SOURCE_ALL,
+            "providers": summarize(records, providers)}

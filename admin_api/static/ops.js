@@ -345,15 +345,21 @@
     return new Date(key + ":00Z").toTimeString().slice(0, 5);
   }
 
-  // Provider health from every serve and worker (core/provider_health.py): OK, FAILING since when with the last
-  // error, or UNKNOWN (no process has had an answer from it since it started). Null providers: Redis, where the
-  // processes keep it, cannot be read now; nothing is known, so nothing is drawn as OK.
+  // Provider health from every serve and worker (providers/health.py): OK, FAILING since when with the last
+  // error, or UNKNOWN (no process has had an answer from it since it started). Redis, where the processes keep
+  // it, cannot be read now: the rows are the view of the process that answered this page alone (source "this
+  // process only"), said so above and below the table, so an outage it saw still shows. No rows at all (a server
+  // before that fallback): nothing is known, so nothing is drawn as OK.
   const PROVIDER_LABELS = { mtn_momo: "MTN MoMo", airtel: "Airtel Money", mpesa: "M-Pesa", irembopay: "IremboPay",
                             africastalking: "SMS (Africa's Talking)" };
+  const THIS_PROCESS_ONLY = "this process only";
   const when = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
 
   function drawHealth(health) {
-    const body = $("health").querySelector("tbody");
+    const table = $("health");
+    const body = table.querySelector("tbody");
+    const own = !!health && !health.redisReachable && health.source === THIS_PROCESS_ONLY;
+    table.dataset.source = own ? "this-process" : "all-processes";
     if (!health || !health.providers) {
       const tr = el("tr");
       const td = el("td", "empty unavailable", "Unknown: Redis, where the processes report, cannot be reached.");
@@ -363,18 +369,31 @@
       $("redis-health").textContent = health ? "Redis: cannot be reached." : "";
       return;
     }
-    body.replaceChildren(...health.providers.map((p) => {
+    const rows = health.providers.map((p) => {
       const tr = el("tr");
       tr.dataset.provider = p.provider;
       tr.dataset.status = p.status;
+      const unknown = own ? "Unknown: not called by this process since it started"
+        : "Unknown: no answer since the processes started";
       const status = p.status === "FAILING" ? "Failing since " + when(p.failingSince)
-        : p.status === "OK" ? "OK" : "Unknown: no answer since the processes started";
+        : p.status === "OK" ? "OK" : unknown;
       const error = p.lastError ? (p.lastError.summary || p.lastError.class) + " (" + when(p.lastError.at) + ")" : "–";
       tr.append(el("td", "", PROVIDER_LABELS[p.provider] || p.provider), el("td", p.status.toLowerCase(), status),
                 el("td", "", error), el("td", "", when(p.lastSuccessAt)));
       return tr;
-    }));
-    $("redis-health").textContent = "Redis: reachable · " + health.processesReporting + " process(es) reporting";
+    });
+    if (own) {
+      const tr = el("tr");
+      const td = el("td", "empty unavailable", "This server's own calls only: Redis, where the other servers " +
+                    "and the workers report, cannot be reached.");
+      td.colSpan = 4;
+      tr.append(td);
+      rows.unshift(tr);
+    }
+    body.replaceChildren(...rows);
+    $("redis-health").textContent = own
+      ? "Redis: cannot be reached · showing this process only (other servers' and workers' views unknown)"
+      : "Redis: reachable · " + health.processesReporting + " process(es) reporting";
   }
 
   function render(data) {

@@ -106,6 +106,7 @@ async def test_mtn_failing_for_the_worker_shows_on_another_serve_then_ok_after_r
             assert mtn["lastError"]["class"] == "HTTP_500"
             assert mtn["lastError"]["summary"] == "request_to_pay: HTTP 500"
             assert body["providerHealth"]["redisReachable"] is True
+            assert body["providerHealth"]["source"] == "all processes"
             # No phone number, credential or URL in what the page is given.
             shown = json.dumps(body["providerHealth"])
             assert "788000001" not in shown and "mtn-api-key" not in shown and "://" not in shown
@@ -184,12 +185,13 @@ async def test_a_serves_later_answer_supersedes_a_workers_stale_failing_view(rt:
     assert "Initiator" not in json.dumps(mpesa)  # the provider's own words stay in the log line
 
 
-async def test_with_redis_down_a_collect_goes_through_and_the_page_says_unknown(
+async def test_with_redis_down_a_collect_goes_through_and_the_page_says_this_process_only(
         rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any, aiohttp_client: Any,
         caplog: pytest.LogCaptureFixture) -> None:
     """Recording is the publisher's, not the call's: with Redis down the worker's collect reaches MTN and is
     taken, the publisher says once that it cannot record (no traceback, not once a cycle), and the page says
-    Redis cannot be reached and knows no provider's health, rather than calling them OK."""
+    Redis cannot be reached and shows only what this process saw, said so: MTN answered it, the providers it
+    never called are not known (not OK)."""
     stop = asyncio.Event()
     dead = unreachable_redis()
     client = await page_client(aiohttp_client, rt, rt.settings)
@@ -220,7 +222,44 @@ async def test_with_redis_down_a_collect_goes_through_and_the_page_says_unknown(
         resp = await client.get("/ops/data", headers={"Authorization": f"Bearer {token}"})
         body = await resp.json()
     assert resp.status == 200, body
-    assert body["providerHealth"] == {"redisReachable": False, "processesReporting": None, "providers": None}
+    health = body["providerHealth"]
+    assert (health["redisReachable"], health["processesReporting"], health["source"]) == (
+        False, None, "this process only")
+    mtn = row(body, "mtn_momo")
+    assert (mtn["status"], mtn["processesReporting"], mtn["lastError"]) == ("OK", 1, None)
+    assert {r["status"] for r in health["providers"] if r["provider"] != "mtn_momo"} == {"UNKNOWN"}
+
+
+async def test_with_redis_down_mtn_failing_in_this_process_shows_failing(
+        rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any, aiohttp_client: Any) -> None:
+    """Redis down and MTN answering 500 to this process's collects: /ops/data said every provider was unknown
+    (providers null) though this process knew MTN was failing. It now shows this process's own view, marked
+    "this process only", with Redis not answering: MTN FAILING since its first failure, and its last error."""
+    client = await page_client(aiohttp_client, rt, rt.settings)
+    token = (await login(client, *demo["admin"]))["accessToken"]
+    async with mtn_simulator(rt, aiohttp_server) as sim:
+        sim[STATE].options.fail_request_500 = True
+        await pay(rt, demo, calls.FAILING_AFTER)
+        async with redis_unreachable(rt):
+            await drain(worker)  # five collects, each answered 500, with no Redis to record them in
+            assert sim[STATE].requests == calls.FAILING_AFTER
+            resp = await client.get("/ops/data", headers={"Authorization": f"Bearer {token}"})
+            body = await resp.json()
+    assert resp.status == 200, body
+    health = body["providerHealth"]
+    mtn = row(body, "mtn_momo")
+    assert (mtn["status"], mtn["processesFailing"], mtn["processesReporting"]) == ("FAILING", 1, 1)
+    assert (health["redisReachable"], health["processesReporting"], health["source"]) == (
+        False, None, "this process only")
+    assert mtn["failingSince"] == calls.health_view()["mtn_momo"]["failingSince"]
+    assert mtn["lastError"]["class"] == "HTTP_500" and mtn["lastError"]["summary"] == "request_to_pay: HTTP 500"
+    assert "://" not in json.dumps(health) and "788000001" not in json.dumps(health)
+
+    # Redis back: the rows are every live process's records again (none here: no publisher ran), said so.
+    resp = await client.get("/ops/data", headers={"Authorization": f"Bearer {token}"})
+    health = (await resp.json())["providerHealth"]
+    assert (health["redisReachable"], health["processesReporting"], health["source"]) == (True, 0, "all processes")
+    assert {r["status"] for r in health["providers"]} == {"UNKNOWN"}
 
 
 async def test_recording_works_again_once_redis_is_back(rt: Any, caplog: pytest.LogCaptureFixture) -> None:

@@ -427,3 +427,41 @@ def test_ops_page_counts_refunded_payments_as_paid_by_method(server: str, page: 
     expect(page.locator("#dashboard")).to_be_visible()
     expect(page.locator('#providers .bar-row[data-name="mtn_momo"]')).to_contain_text("75.0% of 4", timeout=WAIT_MS)
     expect(page.locator('#methods .bar-row[data-name="MOBILE_MONEY_MTN"] .num')).to_have_text("4 (3 ok)")
+
+
+def test_ops_page_shows_this_process_only_while_redis_is_down(server: str, page: Page) -> None:
+    """Redis down: /ops/data's providerHealth is the answering process's own view (source "this process only",
+    redisReachable false). The page drew every provider as unknown; it now draws the rows, MTN failing, and says
+    whose view they are. A server before that fallback (providers null) still gets the "unknown" row."""
+    token = httpx.post(f"{server}/v1/auth/token", json={"username": "admin@kigali-heights.rw",
+                                                        "password": "demo-admin-password"}, timeout=10)
+    real = httpx.get(f"{server}/ops/data", headers={"Authorization": f"Bearer {token.json()['accessToken']}"},
+                     timeout=10).json()
+    failing = {"provider": "mtn_momo", "status": "FAILING", "failingSince": "2026-12-06T10:00:00Z",
+               "processesFailing": 1, "processesReporting": 1, "lastSuccessAt": None, "credentialsRefused": [],
+               "lastError": {"class": "HTTP_500", "summary": "request_to_pay: HTTP 500",
+                             "at": "2026-12-06T10:05:00.000Z"}}
+    unknown = {"provider": "airtel", "status": "UNKNOWN", "failingSince": None, "processesFailing": 0,
+               "processesReporting": 0, "lastError": None, "lastSuccessAt": None, "credentialsRefused": []}
+    answers = [{"redisReachable": False, "processesReporting": None, "source": "this process only",
+                "providers": [unknown, failing]}]
+    page.route("**/ops/data", lambda route: route.fulfill(status=200, json={**real, "providerHealth": answers[0]}))
+    page.goto(f"{server}/ops")
+    page.fill("#username", "admin@kigali-heights.rw")
+    page.fill("#password", "demo-admin-password")
+    page.click("#login-submit")
+    expect(page.locator("#dashboard")).to_be_visible()
+    mtn = page.locator('#health tr[data-provider="mtn_momo"]')
+    expect(mtn).to_have_attribute("data-status", "FAILING", timeout=WAIT_MS)
+    expect(mtn).to_contain_text("Failing since")
+    expect(mtn).to_contain_text("request_to_pay: HTTP 500")
+    expect(page.locator('#health tr[data-provider="airtel"]')).to_contain_text("not called by this process")
+    expect(page.locator("#health")).to_have_attribute("data-source", "this-process")
+    expect(page.locator("#health")).to_contain_text("This server's own calls only")
+    expect(page.locator("#redis-health")).to_contain_text("Redis: cannot be reached · showing this process only")
+
+    answers[0] = {"redisReachable": False, "processesReporting": None, "providers": None}  # the earlier shape
+    expect(page.locator("#health")).to_contain_text("Unknown: Redis, where the processes report, cannot be reached.",
+                                                    timeout=WAIT_MS)
+    expect(page.locator("#health tr[data-provider]")).to_have_count(0)
+    expect(page.locator("#redis-health")).to_have_text("Redis: cannot be reached.")
