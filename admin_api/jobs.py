@@ -1,5 +1,6 @@
-"""Outbox jobs over the API: see what is queued or parked, replay a parked job after fixing its cause, or discard
-one that can never succeed (a poison job, whose replay could only park again)."""
+"""Outbox jobs over the API: see what is queued or parked, replay a parked job after fixing its cause (or run one
+waiting for its retry now), or discard one that can never succeed (a poison job, whose replay could only park
+again)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from admin_api.validation import LIMIT, PAGE, Param, body_datetime
 from channels.sms import jobs as sms_jobs
 from core import webhooks
 from core.audit import Actor, record
+from core.db import utcnow
 from core.errors import CODES, INVALID_STATE, Conflict, NotFound, ValidationError
 from core.jobs import payment_and_now
 from core.models import OutboxJob, Payment, Refund
@@ -29,7 +31,9 @@ from core.outbox import (
     lock_parked,
     mark_discarded,
     replay_job,
+    run_waiting_now,
     subject_filter,
+    waiting,
 )
 from core.state.payment import OPEN_VALUES as OPEN_PAYMENT_VALUES
 from core.state.refund import OPEN_VALUES as OPEN_REFUND_VALUES
@@ -46,6 +50,11 @@ ON_REPLAY: dict[str, Callable[[AsyncSession, OutboxJob, Actor], Awaitable[None]]
     "webhook.deliver": lambda session, job, actor: webhooks.reopen_for_replay(session, job, actor=actor),
     "payment.collect": lambda session, job, actor: _collect_still_open(session, job),
     "sms.send": lambda session, job, actor: sms_jobs.reopen_for_replay(session, job.payload or {}),
+}
+# The same for a job waiting for its retry, run now: nothing was given up on (its SMS is QUEUED, its webhook delivery
+# PENDING, and reopening the delivery would start its three days again), so only the check that it still has work.
+ON_RUN_NOW: dict[str, Callable[[AsyncSession, OutboxJob, Actor], Awaitable[None]]] = {
+    "payment.collect": ON_REPLAY["payment.collect"],
 }
 # What a discard of a job of this kind must also do, in the discard's transaction, so that what the job is about does
 # not look as if it were still on its way: its subject given up on as the job is (an SMS FAILED, a webhook delivery
@@ -103,6 +112,11 @@ BULK_REPLAY = {
                             "description": "the jobs whose last error starts so (e.g. \"ProviderError: mtn_momo\")"},
         "parkedSince": {"type": "string", "format": "date-time",
                         "description": "the jobs parked at or after this instant (without an offset: UTC)"},
+        "waiting": {"type": "boolean", "default": False,
+                    "description": "true: the PENDING jobs waiting for their retry after a failed attempt (their "
+                                   "runAt later than now) instead of the PARKED ones, each made due now (e.g. "
+                                   "{\"waiting\": true, \"kind\": \"sms.send\"} once the SMS API key is fixed); "
+                                   "not with parkedSince"},
         "afterId": {"type": "integer", "minimum": 0,
                     "description": "the jobs after this id: the previous call's lastId, to go on past the jobs it "
                                    "skipped (they stay PARKED and would come first again)"},
@@ -110,29 +124,34 @@ BULK_REPLAY = {
                   "description": f"at most this many jobs (default {BULK_REPLAY_DEFAULT})"},
     }),
     "description": "Which of the caller's cooperative's PARKED jobs (a super admin's: every cooperative's) to "
-                   "replay: every filter given must match (none: all of them, up to `limit`).",
+                   "replay, or with `waiting` its jobs waiting for their retry: every filter given must match (none: "
+                   "all of them, up to `limit`).",
 }
 BULK_REPLAYED = out({
-    "replayed": {"type": "array", "items": {"type": "integer"}, "description": "the jobs put back (PENDING)"},
+    "replayed": {"type": "array", "items": {"type": "integer"},
+                 "description": "the jobs put back (PENDING, due now; a waiting one keeps its attempts)"},
     "skipped": {"type": "array", "items": obj({"id": {"type": "integer"},
                                                "code": {"type": "string", "enum": sorted(CODES),
                                                         "description": "why, to branch on: INVALID_STATE (no longer "
-                                                                       "PARKED, or a collect whose payment ended)"},
+                                                                       "PARKED or waiting, or a collect whose "
+                                                                       "payment ended)"},
                                                "reason": {"type": "string"}},
                                               ["id", "code", "reason"]),
-                "description": "the jobs left PARKED, each with why (as a single replay's 409 says it: its code and "
-                               "message)"},
+                "description": "the jobs left as they were (PARKED, or waiting), each with why (as a single "
+                               "replay's 409 says it: its code and message)"},
     "replayedCount": {"type": "integer"},
     "skippedCount": {"type": "integer"},
     "more": {"type": "boolean",
-             "description": "more parked jobs matched than `limit`: call again for them, with afterId lastId"},
+             "description": "more jobs matched than `limit`: call again for them, with afterId lastId"},
     "lastId": {"type": ["integer", "null"], "description": "the last job this call replayed or skipped"},
 })
 
 
 # POST /v1/jobs/discard: the parked jobs one call discards, chosen as POST /v1/jobs/replay chooses them.
 BULK_DISCARD = {
-    **obj({**BULK_REPLAY["properties"], "reason": REASON}, ["reason"]),
+    # Not `waiting`: a job still being retried is not given up on (only a PARKED one is discarded).
+    **obj({**{name: spec for name, spec in BULK_REPLAY["properties"].items() if name != "waiting"},
+           "reason": REASON}, ["reason"]),
     "description": "Which of the caller's cooperative's PARKED jobs (a super admin's: every cooperative's) to discard, "
                    "and why: every filter given must match (none: all of them, up to `limit`), as for "
                    "POST /v1/jobs/replay.",
@@ -214,6 +233,8 @@ async def list_jobs(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         query = query.where(OutboxJob.status.in_(SEARCHED), subject_filter(*subject))
     if ctx.query.get("status"):
         query = query.where(OutboxJob.status == ctx.query["status"])
+    if ctx.query.get("waiting"):
+        query = query.where(waiting(utcnow()))
     if ctx.query.get("kind"):
         query = query.where(OutboxJob.kind == ctx.query["kind"])
     return await paged(ctx, query.order_by(OutboxJob.id.desc()), present)
@@ -240,10 +261,16 @@ async def replay(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 async def replay_many(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    """The parked jobs matching the body's filters, in the caller's cooperative, each replayed as replay does (its
-    ON_REPLAY hook, its audit entry), in a savepoint of its own: one refused (a collect whose payment ended) is
-    left PARKED and named with its reason, and the others still go back."""
-    done, skipped, more, last = await _each_parked(ctx, lambda job_id: _replay_one(ctx, job_id))
+    """The parked jobs matching the body's filters, in the caller's cooperative (with `waiting`, its jobs waiting for
+    their retry), each replayed as replay does (its ON_REPLAY or ON_RUN_NOW hook, its audit entry), in a savepoint of
+    its own: one refused (a collect whose payment ended) is left as it was and named with its reason, and the others
+    still go back."""
+    body = ctx.body or {}
+    if body.get("waiting") and body.get("parkedSince") is not None:
+        raise ValidationError("parkedSince chooses parked jobs: a job waiting for its retry is not parked (use "
+                              "lastErrorPrefix, kind or provider)", field="parkedSince")
+    done, skipped, more, last = await _each_parked(ctx, lambda job_id: _replay_one(ctx, job_id),
+                                                   waiting_jobs=bool(body.get("waiting")))
     return json_response({"replayed": done, "skipped": skipped, "replayedCount": len(done),
                           "skippedCount": len(skipped), "more": more, "lastId": last})
 
@@ -257,14 +284,16 @@ async def discard_many(request: web.Request, ctx: Ctx) -> web.StreamResponse:
                           "skippedCount": len(skipped), "more": more, "lastId": last})
 
 
-async def _each_parked(ctx: Ctx, act: Callable[[int], Awaitable[OutboxJob]]
+async def _each_parked(ctx: Ctx, act: Callable[[int], Awaitable[OutboxJob]], *, waiting_jobs: bool = False
                        ) -> tuple[list[int], list[dict[str, Any]], bool, int | None]:
-    """`act` on each PARKED job the caller may see that matches the body's filters (BULK_REPLAY's), the oldest first,
-    up to its `limit`, each in a savepoint: (the jobs acted on, those skipped with the Conflict's code and reason,
-    whether more matched, the last job's id)."""
+    """`act` on each PARKED job (`waiting_jobs`: each job waiting for its retry, core.outbox.is_waiting) the caller
+    may see that matches the body's filters (BULK_REPLAY's), the oldest first, up to its `limit`, each in a
+    savepoint: (the jobs acted on, those skipped with the Conflict's code and reason, whether more matched, the last
+    job's id)."""
     body = ctx.body or {}
     limit = int(body.get("limit", BULK_REPLAY_DEFAULT))
-    query = ctx.who.scope(select(OutboxJob.id).where(OutboxJob.status == "PARKED"), OutboxJob)
+    chosen = waiting(utcnow()) if waiting_jobs else OutboxJob.status == "PARKED"
+    query = ctx.who.scope(select(OutboxJob.id).where(chosen), OutboxJob)
     asked = [(subject, body[param]) for subject, param in SUBJECT_PARAMS.items() if body.get(param)]
     if len(asked) > 1:
         raise ValidationError("give paymentId or refundId, not both", field="refundId")
@@ -296,18 +325,32 @@ async def _each_parked(ctx: Ctx, act: Callable[[int], Awaitable[OutboxJob]]
 
 
 async def _replay_one(ctx: Ctx, job_id: int) -> OutboxJob:
-    """Put back one job the caller may see, as POST /v1/jobs/{id}/replay does; Conflict when it cannot be."""
+    """Put back one job the caller may see, as POST /v1/jobs/{id}/replay does; Conflict when it cannot be. A PARKED
+    job goes back with a fresh attempt budget (ON_REPLAY); one waiting for its retry after a failed attempt is made
+    due now, its attempts kept (ON_RUN_NOW), its audit entry saying so (before: PENDING, its attempts, when it was
+    due). A RUNNING one (a worker has it) or one ended (DONE, DISCARDED) is refused, and so is one PENDING and due
+    or never tried (nothing to hurry: it is claimed as soon as a worker is free, or runs at its planned time)."""
     job = await replay_job(ctx.session, job_id)
+    before: dict[str, Any] | None = None
+    hooks = ON_REPLAY
     if job is None:
-        # Named, so a replay sent again (its answer lost) reads as the first one taken: PENDING, back in the queue.
-        current = await ctx.session.get(OutboxJob, job_id)  # the row replay_job read and locked
-        raise Conflict(f"job {job_id} is {current.status if current else 'gone'}: only a PARKED job can be replayed",
-                       code=INVALID_STATE)
-    reopen = ON_REPLAY.get(job.kind)
+        ran = await run_waiting_now(ctx.session, job_id)  # the row replay_job read and locked
+        if ran is None:
+            # Named, so a replay sent again (its answer lost) reads as the first one taken: PENDING, back in the queue.
+            current = await ctx.session.get(OutboxJob, job_id)
+            status = current.status if current else "gone"
+            if status == "PENDING":
+                status = "PENDING and not waiting for a retry (due now, or not tried yet)"
+            raise Conflict(f"job {job_id} is {status}: only a PARKED job, or a PENDING one waiting for its retry "
+                           "after a failed attempt, can be replayed", code=INVALID_STATE)
+        job, due = ran
+        before, hooks = {"status": "PENDING", "attempts": job.attempts, "runAt": iso(due)}, ON_RUN_NOW
+    reopen = hooks.get(job.kind)
     if reopen is not None:
         await reopen(ctx.session, job, ctx.who.actor)
     await record(ctx.session, actor=ctx.who.actor, action="job.replayed", entity_type="outbox_job",
-                 entity_id=str(job.id), after={"kind": job.kind, "subject": subject_of(job.kind, job.payload)},
+                 entity_id=str(job.id), before=before,
+                 after={"kind": job.kind, "subject": subject_of(job.kind, job.payload)},
                  cooperative_id=job.cooperative_id)
     await ctx.session.flush()
     return job
@@ -394,14 +437,21 @@ ROUTES = [
                  "paymentId": Param("uuid", "The jobs still to run, running, parked or discarded about one "
                                     "payment: its collect and polls, its SMS and webhooks (the jobs whose subject it "
                                     "is). DONE jobs are not searched (with status DONE: 400)"),
-                 "refundId": Param("uuid", "As paymentId, for one refund")}),
-    Route("POST", "/jobs/{id}/replay", replay, "Replay a parked job", "jobs", "admin", response=JOB),
+                 "refundId": Param("uuid", "As paymentId, for one refund"),
+                 "waiting": Param("boolean", "true: only the jobs waiting for their retry after a failed attempt "
+                                  "(PENDING, runAt later than now): those POST /v1/jobs/replay with waiting: true "
+                                  "runs now")}),
+    Route("POST", "/jobs/{id}/replay", replay,
+          "Replay a parked job (a fresh attempt budget), or run now a PENDING job waiting for its retry after a failed "
+          "attempt (its attempts kept); 409 for a job running, ended, or PENDING without a failed attempt to hurry",
+          "jobs", "admin", response=JOB),
     Route("POST", "/jobs/{id}/discard", discard, "Discard a parked job that can never succeed", "jobs", "admin",
           body=DISCARD, response=JOB),
     Route("POST", "/jobs/replay", replay_many,
           f"Replay the parked jobs matching filters (at most {BULK_REPLAY_MAX} a call), each as a single replay: "
           "put back PENDING with a fresh attempt budget and audited (job.replayed), or skipped with its reason "
-          "(a collect whose payment ended or whose approval window is over)", "jobs", "admin",
+          "(a collect whose payment ended or whose approval window is over). With waiting: true, the jobs waiting "
+          "for their retry after a failed attempt instead, each made due now (its attempts kept)", "jobs", "admin",
           body=BULK_REPLAY, body_optional=True, response=BULK_REPLAYED),
     Route("POST", "/jobs/discard", discard_many,
           f"Discard the parked jobs matching filters (at most {BULK_REPLAY_MAX} a call), each as a single discard",

@@ -338,15 +338,18 @@ def _decode(token: str, *, secret: str, previous: tuple[str, ...],
 _PREVIOUS_LOGGED: set[str] = set()
 
 
-def previous_secret_used(name: str) -> None:
+def previous_secret_used(name: str, variable: str | None = None) -> None:
     """Count a token (name "jwt") or a callback (its name) accepted with a rotated-out secret, and say so at INFO
     the first time in this process for the name: an operator removes the previous secret once the counter
-    (gateway_previous_secret_used_total) stops growing. Once, not per request: a busy overlap would flood the log."""
+    (gateway_previous_secret_used_total) stops growing. Once, not per request: a busy overlap would flood the log.
+    `variable`: the list it came from, when not the name's JWT_PREVIOUS_SECRETS or CALLBACK_SECRET_<NAME>_PREVIOUS (a
+    provider's signing key: name "airtel_callback_key", variable AIRTEL_CALLBACK_KEY_PREVIOUS)."""
     PREVIOUS_SECRET_USED.labels(name=name).inc()
     if name in _PREVIOUS_LOGGED:
         return
     _PREVIOUS_LOGGED.add(name)
-    variable = "JWT_PREVIOUS_SECRETS" if name == "jwt" else f"CALLBACK_SECRET_{name.upper()}_PREVIOUS"
+    if variable is None:
+        variable = "JWT_PREVIOUS_SECRETS" if name == "jwt" else f"CALLBACK_SECRET_{name.upper()}_PREVIOUS"
     log.info("a previous secret was used; remove it once gateway_previous_secret_used_total stops growing",
              extra={"secret_for": name, "variable": variable})
 

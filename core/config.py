@@ -60,10 +60,18 @@ class ProviderConfig:
     base_url: str
     credentials: Mapping[str, Secret] = field(default_factory=dict)
     options: Mapping[str, str] = field(default_factory=dict)
+    # A rotation's overlap for the keys that sign what the provider sends us (<PREFIX>_<NAME>_PREVIOUS, by credential
+    # name: Airtel's callback_key, IremboPay's secret_key): a callback signed with one still verifies. Only the
+    # verification reads them; every request the gateway sends uses the current credential.
+    previous: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
 
     def secret(self, name: str) -> str:
         value = self.credentials.get(name)
         return value.get() if value else ""
+
+    def previous_secrets(self, name: str) -> tuple[str, ...]:
+        """The values the credential `name` replaced (its _PREVIOUS list), in the order listed; none: ()."""
+        return tuple(secret.get() for secret in self.previous.get(name, ()))
 
 
 @dataclass(frozen=True)
@@ -446,6 +454,9 @@ _PROVIDER_CREDENTIALS: dict[str, tuple[str, ...]] = {
     "mpesa": ("CONSUMER_KEY", "CONSUMER_SECRET", "PASSKEY", "INITIATOR", "SECURITY_CREDENTIAL"),
     "irembopay": ("SECRET_KEY",),
 }
+# The credentials that check what a provider sends us (Airtel's callback hash, IremboPay's webhook signature) and so
+# take a rotation's previous list, <PREFIX>_<NAME>_PREVIOUS (_provider_previous_secrets).
+_ROTATED_CREDENTIALS: dict[str, tuple[str, ...]] = {"airtel": ("CALLBACK_KEY",), "irembopay": ("SECRET_KEY",)}
 _PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
     # CURRENCY: the account's; defaulted from the MTN market / the Airtel country (_account_currency).
     "mtn_momo": {"TARGET_ENVIRONMENT": "sandbox", "CURRENCY": ""},
@@ -604,7 +615,8 @@ def _check_per_name_variables(env: Mapping[str, str]) -> None:
 
 def _previous_secrets(env: Mapping[str, str], name: str, current: Secret, *,
                       minimum_bytes: int = 0) -> tuple[Secret, ...]:
-    """A rotation's previous secrets (`name`: JWT_PREVIOUS_SECRETS, CALLBACK_SECRET_<NAME>_PREVIOUS), a comma list,
+    """A rotation's previous secrets (`name`: JWT_PREVIOUS_SECRETS, CALLBACK_SECRET_<NAME>_PREVIOUS,
+    AIRTEL_CALLBACK_KEY_PREVIOUS, IREMBOPAY_SECRET_KEY_PREVIOUS), a comma list,
     each item stripped of surrounding spaces. Unset or blank: none. Refused, as slips made while editing the list:
     an empty item (a comma too many), the current secret itself (the old one not moved out of the current
     variable, or the new one pasted twice), a secret listed twice, and one shorter than `minimum_bytes` (a
@@ -639,6 +651,24 @@ def _callback_previous_secrets(env: Mapping[str, str],
             raise ConfigError(variable, f"is set but CALLBACK_SECRET_{name.upper()} is not: a previous secret is "
                                         "accepted beside the current one, which must be set")
         previous[name] = _previous_secrets(env, variable, current)
+    return previous
+
+
+def _provider_previous_secrets(env: Mapping[str, str], name: str,
+                               creds: Mapping[str, Secret]) -> dict[str, tuple[Secret, ...]]:
+    """<PREFIX>_<NAME>_PREVIOUS for the provider's credentials that verify its callbacks (_ROTATED_CREDENTIALS), as
+    CALLBACK_SECRET_<NAME>_PREVIOUS is read (_previous_secrets: the same list rules, no length rule). One set where its
+    current variable is not is refused: Airtel's callbacks go unchecked without AIRTEL_CALLBACK_KEY, and IremboPay's
+    would be checked against the development placeholder, so the previous key would guard nothing."""
+    previous: dict[str, tuple[Secret, ...]] = {}
+    for cred in _ROTATED_CREDENTIALS.get(name, ()):
+        current, variable = f"{name.upper()}_{cred}", f"{name.upper()}_{cred}_PREVIOUS"
+        if not env.get(variable, "").strip():
+            continue
+        if not env.get(current, ""):
+            raise ConfigError(variable, f"is set but {current} is not: a previous key is accepted beside the current "
+                                        "one, which must be set")
+        previous[cred.lower()] = _previous_secrets(env, variable, creds[cred.lower()])
     return previous
 
 
@@ -810,7 +840,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         for opt in ("CONNECT_TIMEOUT", "READ_TIMEOUT"):  # seconds; read by providers.calls.timeout_from
             if env.get(f"{prefix}_{opt}"):
                 options[opt.lower()] = str(_float(env, f"{prefix}_{opt}", 1.0, maximum=MAX_CALL_TIMEOUT_SECONDS))
-        providers[name] = ProviderConfig(base_url=base, credentials=creds, options=options)
+        providers[name] = ProviderConfig(base_url=base, credentials=creds, options=options,
+                                         previous=_provider_previous_secrets(env, name, creds))
 
     if production and not env.get("PUBLIC_BASE_URL", "").strip():
         # Providers and the SMS aggregator call back here: the default (this machine's loopback) reaches nobody.

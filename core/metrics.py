@@ -60,9 +60,10 @@ PROVIDER_FAILING = Gauge("gateway_provider_failing", "1 while this process's cal
 CALLBACK_REJECTED = Counter("gateway_callback_verification_failures_total", "Callbacks refused",
                             ["source"], registry=REGISTRY)
 # A rotated-out secret still in use (core.auth.previous_secret_used): a token signed with one of JWT_PREVIOUS_SECRETS
-# (name "jwt") or a callback carrying one of CALLBACK_SECRET_<NAME>_PREVIOUS (name: the callback's, e.g. mtn_momo).
-# Once it stops growing on every process, the previous secret can be removed (README). Labels: "jwt" and the
-# configured callback names, a fixed set.
+# (name "jwt") or a callback carrying one of CALLBACK_SECRET_<NAME>_PREVIOUS (name: the callback's, e.g. mtn_momo), or
+# signed with one of AIRTEL_CALLBACK_KEY_PREVIOUS or IREMBOPAY_SECRET_KEY_PREVIOUS (names "airtel_callback_key",
+# "irembopay_secret_key"). Once it stops growing on every process, the previous secret can be removed (README).
+# Labels: "jwt", the configured callback names and those two, a fixed set.
 PREVIOUS_SECRET_USED = Counter("gateway_previous_secret_used_total", "Tokens and callbacks accepted with a previous "
                                "(rotated-out) secret, by name: jwt or the callback's", ["name"], registry=REGISTRY)
 JOBS = Counter("gateway_outbox_jobs_total", "Outbox jobs run", ["kind", "outcome"], registry=REGISTRY)

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    ColumnElement,
     Float,
     String,
     Table,
@@ -1081,6 +1082,33 @@ async def replay_job(session: AsyncSession, job_id: int) -> OutboxJob | None:
         return None
     job.status, job.attempts, job.run_at, job.locked_by = "PENDING", 0, utcnow(), None
     return job
+
+
+def waiting(now: datetime) -> ColumnElement[bool]:
+    """The jobs waiting for their retry after a failed attempt (is_waiting), as a query's condition: by the
+    (status, run_at) index."""
+    return and_(OutboxJob.status == "PENDING", OutboxJob.run_at > now, OutboxJob.attempts > 0)
+
+
+def is_waiting(job: OutboxJob, now: datetime) -> bool:
+    """Whether `job` is PENDING, not due before a later instant, after at least one failed attempt: its backoff (up
+    to an hour, or a failure's own retry_after: 30 minutes for an SMS the aggregator refused for our account). Not a
+    job never tried (queued for later on purpose: a poll's or a reminder scan's time), nor one claimed (RUNNING)."""
+    return job.status == "PENDING" and job.attempts > 0 and job.run_at > now
+
+
+async def run_waiting_now(session: AsyncSession, job_id: int) -> tuple[OutboxJob, datetime] | None:
+    """Make a job waiting for its retry (is_waiting) due now, its row locked (lock_row) as a replay's is: the job and
+    when it was due. None, changing nothing, when it is not waiting (claimed since, finished, parked, or due already).
+    Its cause fixed (an SMS API key corrected), its next try need not wait out the backoff. Its attempts so far are
+    kept (not a fresh budget, as a replay of a parked job is), and so is its last error, which tells its next try
+    whether its call may have arrived (Job.interrupted, CALL_SENT)."""
+    job = await lock_row(session, OutboxJob, job_id)
+    now = utcnow()
+    if job is None or not is_waiting(job, now):
+        return None
+    due, job.run_at = job.run_at, now
+    return job, due
 
 
 async def lock_parked(session: AsyncSession, job_id: int) -> OutboxJob | None:

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from core import config as core_config
+from core.auth import previous_secret_used
 from core.config import ProviderConfig
 from core.cooperatives import COUNTRY_CURRENCY
 from core.inbound import JSON_ERRORS
@@ -99,6 +100,15 @@ def callback_hash(transaction: Mapping[str, Any], key: str) -> str:
     return base64.b64encode(hmac.new(key.encode(), message, hashlib.sha256).digest()).decode()
 
 
+def _hash_matches(given: str, transaction: Mapping[str, Any], key: str) -> bool:
+    """Whether `given` is the transaction's hash under `key`. The serialisation Airtel hashes is not documented
+    precisely: compact or spaced JSON is accepted (the spaced one built only when the compact one does not match)."""
+    if hmac.compare_digest(given.encode(), callback_hash(transaction, key).encode()):
+        return True
+    spaced = base64.b64encode(hmac.new(key.encode(), json.dumps(transaction).encode(), hashlib.sha256).digest())
+    return hmac.compare_digest(given.encode(), spaced)
+
+
 def _status_block(body: Mapping[str, Any]) -> Mapping[str, Any]:
     block = body.get("status")
     return block if isinstance(block, Mapping) else {}
@@ -179,6 +189,9 @@ class AirtelAdapter:
         # The development placeholder means "callback authentication not set up": callbacks are then
         # treated as unsigned hints and confirmed by a status query.
         self._callback_key = key if key and key != core_config.DEV_CREDENTIAL else ""
+        # AIRTEL_CALLBACK_KEY_PREVIOUS (a rotation's overlap): callbacks Airtel still hashes with a key the current one
+        # replaced verify too. Nothing the gateway sends uses the callback key.
+        self._previous_keys = config.previous_secrets("callback_key") if self._callback_key else ()
 
     async def _fetch_token(self) -> tuple[str, float]:
         body = {"client_id": self._config.secret("client_id"),
@@ -356,14 +369,12 @@ class AirtelAdapter:
         if not isinstance(given, str) or not given:
             raise CallbackRejected("Airtel Money callback carries no hash")
         tx = body["transaction"]
-        # The serialisation Airtel hashes is not documented precisely: accept compact or spaced JSON (the spaced
-        # one built only when the compact one does not match).
-        if hmac.compare_digest(given.encode(), callback_hash(tx, self._callback_key).encode()):
+        if _hash_matches(given, tx, self._callback_key):
             return
-        spaced = base64.b64encode(hmac.new(self._callback_key.encode(), json.dumps(tx).encode(),
-                                           hashlib.sha256).digest()).decode()
-        if not hmac.compare_digest(given.encode(), spaced.encode()):
-            raise CallbackRejected("Airtel Money callback hash does not match")
+        if any(_hash_matches(given, tx, key) for key in self._previous_keys):
+            previous_secret_used("airtel_callback_key", "AIRTEL_CALLBACK_KEY_PREVIOUS")
+            return
+        raise CallbackRejected("Airtel Money callback hash does not match")
 
     def parse_callback(self, callback: InboundCallback) -> ProviderEvent:
         body = self._body(callback)

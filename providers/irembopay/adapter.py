@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
+from core.auth import previous_secret_used
 from core.config import ProviderConfig
 from core.inbound import JSON_ERRORS
 from core.logs import scrub
@@ -364,9 +365,15 @@ class IremboPayAdapter:
         t, s = parts.get("t", ""), parts.get("s", "")
         if not is_number(t) or len(t) > 15 or not s:  # ms since 1970: 13 digits
             raise CallbackRejected("malformed irembopay-signature header")
-        expected = sign(self._config.secret("secret_key"), int(t), callback.body)
         # As bytes: a header byte outside ASCII (read as a surrogate escape) made compare_digest raise TypeError.
-        if not hmac.compare_digest(expected.encode(), s.lower().encode("utf-8", "surrogateescape")):
+        given = s.lower().encode("utf-8", "surrogateescape")
+        # The current key first, then each IREMBOPAY_SECRET_KEY_PREVIOUS (a rotation's overlap: IremboPay signs with
+        # the key it holds until it is changed there). Only this check falls back; every call to IremboPay sends the
+        # current key (_send).
+        keys = (self._config.secret("secret_key"), *self._config.previous_secrets("secret_key"))
+        signed_with = next((n for n, key in enumerate(keys)
+                            if hmac.compare_digest(sign(key, int(t), callback.body).encode(), given)), None)
+        if signed_with is None:
             raise CallbackRejected("irembopay signature does not match")
         # The timestamp is in milliseconds (PROTOCOLS.md); a skew either way beyond the tolerance fails.
         now_ms = int(self._clock().timestamp() * 1000)
@@ -375,6 +382,8 @@ class IremboPayAdapter:
         # Checked last, so only a genuine signature can use up its one-time key.
         if not await self._nonce_store(_nonce_key(s), 2 * self._tolerance):
             raise CallbackRejected("irembopay webhook already received (replay)", status=409)
+        if signed_with:
+            previous_secret_used("irembopay_secret_key", "IREMBOPAY_SECRET_KEY_PREVIOUS")
 
     async def release_callback(self, callback: InboundCallback) -> None:
         """We could not process a verified webhook (database down): let IremboPay's retry through."""

@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
+from admin_api.common import iso
 from core.db import utcnow
 from core.models import AuditEvent, OutboxJob
 from core.outbox import UNKNOWN_KIND_PARK_AFTER, enqueue
@@ -101,3 +102,57 @@ async def test_only_a_parked_job_is_replayed_never_one_running_or_done(admin, rt
         done = await s.get(OutboxJob, ids["replay-done"])
     assert (running.status, running.locked_by, running.attempts) == ("RUNNING", "worker-1", 1)
     assert (done.status, done.attempts) == ("DONE", 1)
+
+
+async def _job(rt, key: str, cooperative_id: str, **values) -> int:
+    async with rt.sessionmaker.begin() as s:
+        await enqueue(s, "no.such.kind", {"n": key}, dedupe_key=key, cooperative_id=cooperative_id)
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == key).values(**values))
+        return (await s.execute(select(OutboxJob.id).where(OutboxJob.dedupe_key == key))).scalar_one()
+
+
+async def test_a_job_waiting_for_its_retry_is_run_now_by_a_replay(admin, rt, demo, coop_b):
+    """Its cause fixed (the SMS API key corrected), a job failed once waits out its backoff (an SMS refused for our
+    account: 30 minutes) unless an admin runs it now: a replay makes it due at once, its attempts kept, audited."""
+    coop = demo["cooperative_id"]
+    later = utcnow() + timedelta(minutes=29)
+    job_id = await _job(rt, "run-now-waiting", coop, attempts=2, run_at=later,
+                        last_error="SmsAccountError: Africa's Talking refused the credentials (HTTP 401)")
+    listed = await admin.json("GET", "/v1/jobs?waiting=true", 200)
+    assert [j["id"] for j in listed["data"]] == [job_id]
+
+    await coop_b["admin"].json("POST", f"/v1/jobs/{job_id}/replay", 404)  # another cooperative's: not found
+    answer = await admin.json("POST", f"/v1/jobs/{job_id}/replay", 200)
+    assert (answer["status"], answer["attempts"]) == ("PENDING", 2)
+    async with rt.sessionmaker() as s:
+        row = await s.get(OutboxJob, job_id)
+        [audit] = (await s.execute(select(AuditEvent).where(AuditEvent.action == "job.replayed"))).scalars().all()
+    assert row.status == "PENDING" and row.run_at <= utcnow() and row.attempts == 2
+    assert row.last_error.startswith("SmsAccountError")  # kept: its next try reads it
+    assert (audit.entity_id, audit.cooperative_id) == (str(job_id), coop)
+    assert audit.before == {"status": "PENDING", "attempts": 2, "runAt": iso(later)}  # when it would have run
+    assert audit.after == {"kind": "no.such.kind", "subject": None}
+    assert (await admin.json("GET", "/v1/jobs?waiting=true", 200))["data"] == []
+    # Sent again (its answer lost): the job is due now, nothing left to hurry.
+    again = await admin.json("POST", f"/v1/jobs/{job_id}/replay", 409)
+    assert again["message"] == (f"job {job_id} is PENDING and not waiting for a retry (due now, or not tried yet): "
+                                "only a PARKED job, or a PENDING one waiting for its retry after a failed attempt, "
+                                "can be replayed")
+
+
+async def test_a_job_never_tried_or_running_is_not_run_now(admin, rt, demo):
+    """Only a job that failed is hurried: one queued for later on purpose (never tried: a poll's or a scan's planned
+    time) keeps its time, and one a worker holds (RUNNING, its run_at the lease's end) is left to it."""
+    coop = demo["cooperative_id"]
+    later = utcnow() + timedelta(minutes=10)
+    planned = await _job(rt, "run-now-planned", coop, attempts=0, run_at=later)
+    running = await _job(rt, "run-now-running", coop, status="RUNNING", locked_by="worker-1", attempts=1,
+                         run_at=later)
+    body = await admin.json("POST", f"/v1/jobs/{planned}/replay", 409)
+    assert body["message"].startswith(f"job {planned} is PENDING and not waiting for a retry")
+    assert "is RUNNING: only a PARKED job" in (await admin.json("POST", f"/v1/jobs/{running}/replay", 409))["message"]
+    async with rt.sessionmaker() as s:
+        rows = {j.id: (j.status, j.attempts, j.run_at) for j in (await s.execute(select(OutboxJob))).scalars()}
+    assert rows[planned] == ("PENDING", 0, later) and rows[running] == ("RUNNING", 1, later)
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(AuditEvent.id).where(AuditEvent.action == "job.replayed"))).all() == []

@@ -137,3 +137,59 @@ async def test_an_empty_parked_since_is_refused_not_read_as_no_filter(admin, rt,
     assert (await _statuses(rt))[old] == "PARKED"
     async with rt.sessionmaker() as s:
         assert (await s.execute(select(AuditEvent.id).where(AuditEvent.action == "job.replayed"))).all() == []
+
+
+async def _waiting(rt, kind: str, key: str, cooperative_id: str, *, attempts: int = 1,
+                   in_minutes: float = 29, status: str = "PENDING") -> int:
+    async with rt.sessionmaker.begin() as s:
+        await enqueue(s, kind, {"n": key}, dedupe_key=key, cooperative_id=cooperative_id)
+        await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == key).values(
+            status=status, attempts=attempts, run_at=utcnow() + timedelta(minutes=in_minutes),
+            last_error="SmsAccountError: Africa's Talking refused the credentials (HTTP 401)"))
+        return (await s.execute(select(OutboxJob.id).where(OutboxJob.dedupe_key == key))).scalar_one()
+
+
+async def _due(rt) -> dict[int, bool]:
+    async with rt.sessionmaker() as s:
+        return {j.id: j.run_at <= utcnow() for j in (await s.execute(select(OutboxJob))).scalars()}
+
+
+async def test_bulk_replay_of_waiting_jobs_runs_them_now_and_leaves_the_rest(admin, rt, demo, coop_b):
+    """After the SMS API key is fixed, `waiting: true` makes the cooperative's jobs waiting for their retry due now,
+    each audited as a replay, its attempts kept; parked, never-tried, running and other cooperatives' jobs are not
+    touched, and the parked ones are still replayed without it."""
+    coop_a = demo["cooperative_id"]
+    texts = [await _waiting(rt, "no.such.sms", f"wait-a-{n}", coop_a, attempts=n + 1) for n in range(3)]
+    other_kind = await _waiting(rt, "no.such.kind", "wait-a-other", coop_a)
+    planned = await _waiting(rt, "no.such.sms", "wait-a-planned", coop_a, attempts=0)
+    running = await _waiting(rt, "no.such.sms", "wait-a-running", coop_a, status="RUNNING")
+    parked = await _park(rt, "no.such.sms", "wait-a-parked", coop_a)
+    theirs = await _waiting(rt, "no.such.sms", "wait-b", coop_b["cooperative_id"])
+
+    page = await admin.json("POST", "/v1/jobs/replay", 200, json={"waiting": True, "kind": "no.such.sms", "limit": 2})
+    assert (page["replayed"], page["skipped"], page["more"], page["lastId"]) == (texts[:2], [], True, texts[1])
+    rest = await admin.json("POST", "/v1/jobs/replay", 200,
+                            json={"waiting": True, "kind": "no.such.sms", "afterId": page["lastId"]})
+    assert (rest["replayed"], rest["more"]) == (texts[2:], False)
+
+    due, statuses = await _due(rt), await _statuses(rt)
+    assert sorted(j for j in due if due[j] and j != parked) == texts  # (the parked one was due when it parked)
+    assert (statuses[parked], statuses[running], statuses[planned]) == ("PARKED", "RUNNING", "PENDING")
+    assert not due[other_kind] and not due[theirs]
+    async with rt.sessionmaker() as s:
+        assert [(await s.get(OutboxJob, j)).attempts for j in texts] == [1, 2, 3]
+    assert sorted((int(e), c) for e, c, _ in await _replayed_audit(rt)) == [(j, coop_a) for j in texts]
+    # Without `waiting`, a bulk replay is still about the parked jobs only.
+    assert (await admin.json("POST", "/v1/jobs/replay", 200, json={"kind": "no.such.sms"}))["replayed"] == [parked]
+
+
+async def test_waiting_is_refused_with_parked_since_and_by_a_discard(admin, rt, demo, tenant):
+    job = await _waiting(rt, "no.such.sms", "wait-refused", demo["cooperative_id"])
+    refused = await admin.json("POST", "/v1/jobs/replay", 400,
+                               json={"waiting": True, "parkedSince": utcnow().isoformat()})
+    assert refused["field"] == "parkedSince"
+    await admin.json("POST", "/v1/jobs/discard", 400, json={"waiting": True, "reason": "a job still retried"})
+    await admin.json("POST", f"/v1/jobs/{job}/discard", 409, json={"reason": "a job still retried"})
+    await tenant.json("POST", "/v1/jobs/replay", 403, json={"waiting": True})
+    await admin.json("POST", "/v1/jobs/replay", 400, json={"waiting": "yes"})
+    assert not (await _due(rt))[job] and (await _statuses(rt))[job] == "PENDING"

@@ -1,4 +1,5 @@
-"""The service's own secrets rotated with an overlap: JWT_PREVIOUS_SECRETS and CALLBACK_SECRET_<NAME>_PREVIOUS.
+"""The service's own secrets rotated with an overlap: JWT_PREVIOUS_SECRETS and CALLBACK_SECRET_<NAME>_PREVIOUS, and
+the providers' signing keys: AIRTEL_CALLBACK_KEY_PREVIOUS, IREMBOPAY_SECRET_KEY_PREVIOUS.
 
 Start-up refuses the mistakes of editing those lists. A callback carrying a previous secret (a payment requested
 before the deploy calls back with the URL it was given then) is accepted as with the current one, through the real
@@ -7,7 +8,9 @@ the rotation carries the current secret."""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from typing import Any
 
 import httpx
@@ -18,12 +21,16 @@ from core import auth, metrics
 from core.config import ConfigError, Settings, load_settings
 from core.models import Payment, ProviderEvent, SmsMessage, UssdSession
 from core.payments import create_payment
+from providers.airtel.adapter import callback_hash
+from providers.irembopay.adapter import signature_header
+from providers.registry import build_providers
 from providers.routes import callback_url
 from tests.channels.sms.test_routes import sent_message, status_of
 from tests.channels.ussd.helpers import AtPhone
 from tests.conftest import make_settings
 from tests.core.test_crypto_config import _production_env
 from tests.providers.wires import ADMIN, mtn_adapter, mtn_payment, mtn_wire
+from tests.security.conftest import pending_payment
 from tests.web.conftest import page_client
 
 OLD, NEW, WRONG = "callback-old-0123456789abcdef", "callback-new-fedcba9876543210", "callback-guess-00000000000"
@@ -68,6 +75,54 @@ def test_start_up_refuses_a_bad_previous_secret(change: dict[str, str], variable
     for value in change.values():  # no message shows a secret
         for item in filter(None, (part.strip() for part in value.split(","))):
             assert item not in str(info.value)
+
+
+def test_previous_provider_keys_are_read_for_verification_only() -> None:
+    settings = load_settings({**_production_env(), "AIRTEL_CALLBACK_KEY_PREVIOUS": " old-airtel-1 ,old-airtel-2",
+                              "IREMBOPAY_SECRET_KEY_PREVIOUS": "old-irembo"})
+    airtel, irembo = settings.providers["airtel"], settings.providers["irembopay"]
+    assert airtel.previous_secrets("callback_key") == ("old-airtel-1", "old-airtel-2")
+    assert irembo.previous_secrets("secret_key") == ("old-irembo",)
+    # The current keys are what the gateway sends and signs with; the previous ones are not credentials.
+    assert (airtel.secret("callback_key"), irembo.secret("secret_key")) == ("airtel-callback_key-value",
+                                                                            "irembopay-secret_key-value")
+    assert "callback_key_previous" not in airtel.credentials and "secret_key_previous" not in irembo.credentials
+    unset = load_settings(_production_env())
+    assert unset.providers["airtel"].previous == {} and unset.providers["irembopay"].previous == {}
+    # A provider left out of PROVIDERS: its variables are not read, only named as unused.
+    left_out = load_settings({**_production_env(), "PROVIDERS": "mtn_momo,airtel,mpesa",
+                              "IREMBOPAY_SECRET_KEY_PREVIOUS": "irembopay-secret_key-value"})
+    assert "IREMBOPAY_SECRET_KEY_PREVIOUS" in left_out.unused_provider_variables
+
+
+@pytest.mark.parametrize(("change", "variable", "problem"), [
+    ({"AIRTEL_CALLBACK_KEY_PREVIOUS": "airtel-callback_key-value"}, "AIRTEL_CALLBACK_KEY_PREVIOUS",
+     "holds the current secret"),
+    ({"AIRTEL_CALLBACK_KEY_PREVIOUS": "old-airtel,"}, "AIRTEL_CALLBACK_KEY_PREVIOUS", "has an empty item"),
+    ({"AIRTEL_CALLBACK_KEY_PREVIOUS": "old-airtel, old-airtel"}, "AIRTEL_CALLBACK_KEY_PREVIOUS",
+     "lists a secret twice"),
+    ({"AIRTEL_CALLBACK_KEY": "", "CALLBACK_SECRET_AIRTEL": "c" * 24, "AIRTEL_CALLBACK_KEY_PREVIOUS": "old-airtel"},
+     "AIRTEL_CALLBACK_KEY_PREVIOUS", "is set but AIRTEL_CALLBACK_KEY is not"),
+    ({"IREMBOPAY_SECRET_KEY_PREVIOUS": " irembopay-secret_key-value "}, "IREMBOPAY_SECRET_KEY_PREVIOUS",
+     "holds the current secret"),
+    ({"IREMBOPAY_SECRET_KEY_PREVIOUS": "old-irembo,,older-irembo"}, "IREMBOPAY_SECRET_KEY_PREVIOUS",
+     "has an empty item"),
+])
+def test_start_up_refuses_a_bad_previous_provider_key(change: dict[str, str], variable: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({**_production_env(), **change})
+    assert info.value.variable == variable
+    assert str(info.value).startswith(f"configuration error: {variable}: {problem}")
+    for item in filter(None, (part.strip() for part in change[variable].split(","))):
+        assert item not in str(info.value)  # no message shows a key
+
+
+def test_outside_production_a_previous_irembopay_key_needs_a_current_one() -> None:
+    with pytest.raises(ConfigError) as info:  # the current would be the development placeholder
+        make_settings(IREMBOPAY_SECRET_KEY_PREVIOUS="old-irembo")
+    assert info.value.variable == "IREMBOPAY_SECRET_KEY_PREVIOUS"
+    assert make_settings(IREMBOPAY_SECRET_KEY="new-irembo", IREMBOPAY_SECRET_KEY_PREVIOUS="old-irembo").providers[
+        "irembopay"].previous_secrets("secret_key") == ("old-irembo",)
 
 
 def test_outside_production_a_short_previous_jwt_secret_is_taken_and_the_rest_refused() -> None:
@@ -219,3 +274,119 @@ async def test_ussd_hops_take_the_previous_secret_and_the_phone_page_is_given_th
     assert _used("africastalking") == used + 1
     body = await (await client.get("/simulator/config")).json()
     assert body["ussdUrl"] == f"/ussd/africastalking?secret={NEW}"
+
+
+# --- the providers' signing keys: Airtel's callback hash, IremboPay's webhook signature ---------------------------
+
+OLD_KEY, NEW_KEY, WRONG_KEY = "provider-key-old-0123456789", "provider-key-new-9876543210", "provider-key-guess-000000"
+
+
+async def _with_keys(rt: Any, aiohttp_client: Any, **env: str) -> Any:
+    """The service restarted with `env` (its providers built from it, as a start does): its test client."""
+    from app import create_app
+
+    rt.settings = make_settings(**env)
+    rt.providers = {**rt.providers, **build_providers(rt.settings, rt.http, rt.redis)}
+    return await aiohttp_client(create_app(rt.settings, runtime=rt))
+
+
+def _airtel_callback(payment: Payment, key: str) -> dict[str, Any]:
+    """Airtel's callback for the payment, hashed with `key` as Airtel (and its simulator) hashes it."""
+    tx = {"id": payment.provider_reference, "message": "Paid", "status_code": "TS",
+          "airtel_money_id": f"MP{payment.provider_reference[:8]}"}
+    return {"transaction": tx, "hash": callback_hash(tx, key)}
+
+
+def _irembo_webhook(payment: Payment, key: str) -> tuple[bytes, dict[str, str]]:
+    """IremboPay's webhook that the payment was paid, signed with `key` as IremboPay (and its simulator) signs it."""
+    body = json.dumps({"success": True, "message": "ok", "data": {
+        "transactionId": payment.provider_reference, "invoiceNumber": f"88{payment.provider_reference[:8]}",
+        "paymentStatus": "PAID", "amount": payment.amount_minor, "currency": "RWF",
+        "paymentReference": f"MTN-{payment.provider_reference[:8]}"}}).encode()
+    header = signature_header(key, int(time.time() * 1000), body)
+    return body, {"Content-Type": "application/json", "irembopay-signature": header}
+
+
+async def test_an_airtel_callback_hashed_with_the_previous_key_completes_the_payment(
+        rt: Any, demo: dict[str, Any], aiohttp_client: Any, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: AIRTEL_CALLBACK_KEY changed, Airtel still hashed with the old key until it was changed there, and
+    every callback in between was refused (401), its payment left to the status polls."""
+    monkeypatch.setattr(auth, "_PREVIOUS_LOGGED", set())
+    client = await _with_keys(rt, aiohttp_client, AIRTEL_CALLBACK_KEY=NEW_KEY, AIRTEL_CALLBACK_KEY_PREVIOUS=OLD_KEY)
+    before, after = [await pending_payment(rt, demo, provider="airtel", method="MOBILE_MONEY_AIRTEL") for _ in range(2)]
+    url = "/webhooks/payments/airtel"
+
+    # Hashed with neither key (or a key rotated out and then some): refused, nothing stored.
+    used, events = _used("airtel_callback_key"), await _events(rt)
+    for key in (WRONG_KEY, OLD_KEY[:-1], NEW_KEY + "x"):
+        resp = await client.post(url, json=_airtel_callback(before, key))
+        assert resp.status == 401, key
+        assert (await resp.json())["message"] == "Airtel Money callback hash does not match"
+    assert (await _payment(rt, before.id)).status == "PENDING"
+    assert await _events(rt) == events and _used("airtel_callback_key") == used
+
+    # Hashed with the previous key: taken as with the current one (no status query: a verified hash), and counted.
+    with caplog.at_level(logging.INFO, logger="gateway.auth"):
+        resp = await client.post(url, json=_airtel_callback(before, OLD_KEY))
+        assert resp.status == 200, await resp.text()
+    done = await _payment(rt, before.id)
+    assert (done.status, done.provider_transaction_id) == ("COMPLETED", f"MP{before.provider_reference[:8]}")
+    assert _used("airtel_callback_key") == used + 1
+    [line] = [r for r in caplog.records if r.name == "gateway.auth" and "previous secret" in r.getMessage()]
+    assert (line.__dict__["secret_for"], line.__dict__["variable"]) == (
+        "airtel_callback_key", "AIRTEL_CALLBACK_KEY_PREVIOUS")
+    assert OLD_KEY not in caplog.text and NEW_KEY not in caplog.text
+
+    # The current key: as before, not counted.
+    assert (await client.post(url, json=_airtel_callback(after, NEW_KEY))).status == 200
+    assert (await _payment(rt, after.id)).status == "COMPLETED"
+    assert _used("airtel_callback_key") == used + 1
+
+    # Without AIRTEL_CALLBACK_KEY_PREVIOUS (the overlap over), the old key is refused again.
+    late = await pending_payment(rt, demo, provider="airtel", method="MOBILE_MONEY_AIRTEL")
+    client = await _with_keys(rt, aiohttp_client, AIRTEL_CALLBACK_KEY=NEW_KEY)
+    assert (await client.post(url, json=_airtel_callback(late, OLD_KEY))).status == 401
+    assert (await _payment(rt, late.id)).status == "PENDING"
+
+
+async def test_an_irembopay_webhook_signed_with_the_previous_key_completes_the_payment(
+        rt: Any, demo: dict[str, Any], aiohttp_client: Any, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth, "_PREVIOUS_LOGGED", set())
+    client = await _with_keys(rt, aiohttp_client, IREMBOPAY_SECRET_KEY=NEW_KEY, IREMBOPAY_SECRET_KEY_PREVIOUS=OLD_KEY)
+    before, after = [await pending_payment(rt, demo, provider="irembopay", method="MOBILE_MONEY_MTN") for _ in range(2)]
+    url = "/webhooks/payments/irembopay"
+
+    used, events = _used("irembopay_secret_key"), await _events(rt)
+    for key in (WRONG_KEY, OLD_KEY[:-1]):
+        body, headers = _irembo_webhook(before, key)
+        resp = await client.post(url, data=body, headers=headers)
+        assert resp.status == 401, key
+        assert (await resp.json())["message"] == "irembopay signature does not match"
+    assert (await _payment(rt, before.id)).status == "PENDING"
+    assert await _events(rt) == events and _used("irembopay_secret_key") == used
+
+    body, headers = _irembo_webhook(before, OLD_KEY)
+    with caplog.at_level(logging.INFO, logger="gateway.auth"):
+        resp = await client.post(url, data=body, headers=headers)
+        assert resp.status == 200, await resp.text()
+    done = await _payment(rt, before.id)
+    assert (done.status, done.provider_transaction_id) == ("COMPLETED", f"88{before.provider_reference[:8]}")
+    assert _used("irembopay_secret_key") == used + 1
+    [line] = [r for r in caplog.records if r.name == "gateway.auth" and "previous secret" in r.getMessage()]
+    assert line.__dict__["variable"] == "IREMBOPAY_SECRET_KEY_PREVIOUS"
+    # The same signed webhook again is still a replay (409), counted once only: the one-time check is the same.
+    assert (await client.post(url, data=body, headers=headers)).status == 409
+    assert _used("irembopay_secret_key") == used + 1
+
+    body, headers = _irembo_webhook(after, NEW_KEY)
+    assert (await client.post(url, data=body, headers=headers)).status == 200
+    assert (await _payment(rt, after.id)).status == "COMPLETED"
+    assert _used("irembopay_secret_key") == used + 1
+
+    late = await pending_payment(rt, demo, provider="irembopay", method="MOBILE_MONEY_MTN")
+    client = await _with_keys(rt, aiohttp_client, IREMBOPAY_SECRET_KEY=NEW_KEY)
+    body, headers = _irembo_webhook(late, OLD_KEY)
+    assert (await client.post(url, data=body, headers=headers)).status == 401
+    assert (await _payment(rt, late.id)).status == "PENDING"

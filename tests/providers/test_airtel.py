@@ -633,3 +633,22 @@ async def test_sim_out_of_order_after_failure_never_claims_success(start_sim: An
     await state.idle()
     outcomes = [adapter.parse_callback(inbound(c)).outcome for c in recv.calls]
     assert outcomes == [ProviderOutcome.FAILED, ProviderOutcome.PENDING]
+
+
+async def test_sim_callback_hashed_with_the_previous_key_verifies_during_a_rotation(start_sim: Any) -> None:
+    """Airtel (its simulator) still hashes with the key the gateway's AIRTEL_CALLBACK_KEY replaced: verified with
+    AIRTEL_CALLBACK_KEY_PREVIOUS, refused without it. The calls the adapter makes never carry a callback key."""
+    adapter, _state, base, recv = await start_sim()  # the simulator hashes with KEY
+    await adapter.request_collection(collection())
+    (call,) = await recv.wait_for(1)
+
+    def rotated(previous: tuple[str, ...]) -> AirtelAdapter:
+        return AirtelAdapter(adapter._http, ProviderConfig(  # the same client, another key
+            base_url=base, credentials={k: Secret(v) for k, v in {**CREDS, "callback_key": "airtel-new-key-1"}.items()},
+            options={"country": "RW", "currency": "RWF"}, previous={"callback_key": tuple(map(Secret, previous))}))
+
+    await rotated((KEY,)).verify_callback(inbound(call))
+    await rotated(("airtel-older-key", KEY)).verify_callback(inbound(call))
+    for previous in ((), ("airtel-older-key",)):
+        with pytest.raises(CallbackRejected):
+            await rotated(previous).verify_callback(inbound(call))

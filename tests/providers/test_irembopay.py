@@ -789,3 +789,32 @@ async def test_push_whose_answer_is_lost_still_prompts_the_payer(receiver: tuple
             assert sim[STATE].requests == 3  # invoice, invoice again, one push
     finally:
         await server.close()
+
+
+async def test_a_previous_key_verifies_webhooks_only_and_every_call_sends_the_current_one(
+        receiver: tuple[Receiver, str]) -> None:
+    """IREMBOPAY_SECRET_KEY is both the key every call sends (irembopay-secretKey) and the webhooks' signing key: during
+    a rotation only the signature check falls back on IREMBOPAY_SECRET_KEY_PREVIOUS, never a call."""
+    rec, url = receiver
+    server, _sim, base = await start_sim(url)  # IremboPay holds SECRET: it takes calls with it and signs with it
+
+    def rotated(current: str, *previous: str) -> ProviderConfig:
+        return ProviderConfig(base_url=base, credentials={"secret_key": Secret(current)},
+                              options={"payment_account": "PI-test", "payment_item_code": "PC-test"},
+                              previous={"secret_key": tuple(map(Secret, previous))})
+    try:
+        async with httpx.AsyncClient() as http:
+            # The gateway switched before IremboPay did: its calls carry the new key, refused, never the previous one.
+            with pytest.raises(ProviderError) as err:
+                await IremboPayAdapter(http, rotated("irembo-new-key-0001", SECRET)).request_collection(collection())
+            assert (err.value.code, err.value.retryable) == ("UNAUTHORIZED", False)
+            assert rec.calls == []
+            # IremboPay switched as well but still signs a webhook with the key it held: the new key's adapter,
+            # with the old key as previous, takes it; without the previous key it is refused.
+            await IremboPayAdapter(http, config(base)).request_collection(collection(expires_at=None))
+            await rec.wait()
+            await IremboPayAdapter(http, rotated("irembo-new-key-0001", SECRET)).verify_callback(rec.inbound(0))
+            with pytest.raises(CallbackRejected):
+                await IremboPayAdapter(http, rotated("irembo-new-key-0001")).verify_callback(rec.inbound(0))
+    finally:
+        await server.close()

@@ -297,6 +297,41 @@ async def test_an_empty_balance_waits_and_the_receipt_goes_out_after_the_top_up(
     assert (await the_row(rt)).status == "SENT"
 
 
+async def test_texts_held_by_a_refused_api_key_go_out_at_once_when_an_admin_runs_them(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, client: Any
+) -> None:
+    """SMS_API_KEY wrong: Africa's Talking refuses it (HTTP 401) and the receipt waits 30 minutes for its next try.
+    Once the key is fixed, the admin runs the waiting texts now (POST /v1/jobs/replay with waiting: true) rather
+    than the members waiting out the backoff; before, the replay took parked jobs only and refused this one (409)."""
+    right = rt.sms
+    rt.sms = AfricasTalkingSender(rt.http, AfricasTalkingConfig(
+        base_url=right._config.base_url, username="coop-test", api_key=Secret("a-revoked-key"), sender_id="COOPPAY"))
+    await queue_receipt(rt, demo)
+    await drain(worker)
+    job = await the_job(rt)
+    assert (job.status, job.attempts) == ("PENDING", 1) and "credentials" in job.last_error
+    assert job.run_at >= utcnow() + timedelta(seconds=ACCOUNT_RETRY_SECONDS - 60)
+    assert (await the_row(rt)).status == "QUEUED" and sim.messages(ALINE) == []
+
+    rt.sms = right  # the key fixed (every worker restarted with it)
+    await drain(worker)
+    assert sim.messages(ALINE) == []  # still waiting out its 30 minutes
+
+    username, password = demo["admin"]
+    token = await client.post("/v1/auth/token", json={"username": username, "password": password})
+    headers = {"Authorization": f"Bearer {(await token.json())['accessToken']}"}
+    waiting = await (await client.get("/v1/jobs?waiting=true&kind=sms.send", headers=headers)).json()
+    assert [j["id"] for j in waiting["data"]] == [job.id]
+    ran = await client.post("/v1/jobs/replay", json={"waiting": True, "kind": "sms.send"}, headers=headers)
+    assert ran.status == 200, await ran.text()
+    assert (await ran.json())["replayed"] == [job.id]
+    await drain(worker)
+    [sent] = sim.messages(ALINE)
+    row = await the_row(rt)
+    assert (row.status, row.provider_message_id) == ("SENT", sent["id"])
+    assert (await the_job(rt)).status == "DONE"
+
+
 async def test_a_redis_outage_longer_than_the_attempts_parks_no_receipt(
     rt: Any, demo: dict[str, Any], sim: Any, worker: Any, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
