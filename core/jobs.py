@@ -36,6 +36,7 @@ from core.phone import Phone
 from core.ports import (
     AWAITING_CONFIGURATION,
     AWAITING_CONFIGURATION_NOTE,
+    NOT_SENT,
     REFUND_UNSUPPORTED,
     CollectionAccepted,
     CollectionRequest,
@@ -45,6 +46,7 @@ from core.ports import (
     ProviderTimeout,
     RefundRequest,
     StatusResult,
+    watch_departures,
 )
 from core.provider_events import WATCH_AFTER_CANCEL, WATCH_JOB, apply_collection_outcome
 from core.reference_mark import ReferenceWatch
@@ -153,10 +155,33 @@ async def ready_to_send(provider: object, operation: str, deadline: float) -> No
             await prepare(operation)
     except TimeoutError:
         raise ProviderError(f"{name} {operation}: its token was not obtained in time; nothing was sent, "
-                            "sent later", retryable=True, code="NOT_SENT") from None
+                            "sent later", retryable=True, code=NOT_SENT) from None
     except ProviderTimeout as exc:  # a token request creates nothing at the provider: unanswered is not sent
         raise ProviderError(f"{name} {operation}: {exc}; nothing was sent, sent later", retryable=True,
-                            code="NOT_SENT") from exc
+                            code=NOT_SENT) from exc
+
+
+async def _until_it_leaves(name: str, operation: str, call):  # type: ignore[no-untyped-def]
+    """`call` (the adapter's request_collection or request_refund, after the job's stamp), with an exception of the
+    adapter's own raised before its request that moves money left made what it is: a retryable NOT_SENT
+    (providers.calls.not_sent), sent again later. A bad amount or a credential found wanting while the adapter
+    makes its request sent nothing; taken for a call that may have arrived (what any other exception after the
+    stamp is: core.outbox's run_job), the payment would only be asked about, never sent (M-Pesa's and IremboPay's
+    cannot even be asked without their own id), and an Airtel refund left to a person. Whether it left is
+    watched, not guessed (core.ports.watch_departures): providers.calls.send counts a request gone as it hands it
+    to the transport, so anything raised from then on (a timeout, a reset connection, the adapter failing on the
+    answer) stays in doubt and is asked about."""
+    with watch_departures() as watch:
+        try:
+            return await call
+        except (ProviderError, TimeoutError):
+            raise  # the transport's and the adapter's own words; a timeout may follow a request that arrived
+        except Exception as exc:
+            if watch.left:
+                raise
+            from providers.calls import not_sent
+
+            raise not_sent(name, operation, exc) from exc
 
 
 # Why a payment whose member was suspended before its request left ends CANCELLED (nothing sent, nothing taken).
@@ -351,7 +376,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         await call_starting(rt.sessionmaker, job)
         try:
             async with asyncio.timeout_at(deadline):
-                accepted = await _timed(provider.name, "collect", provider.request_collection(request))
+                accepted = await _timed(provider.name, "collect", _until_it_leaves(
+                    provider.name, "collect", provider.request_collection(request)))
         except (ProviderTimeout, TimeoutError) as exc:
             # The provider may have the request: ask its status (poll job) instead of sending it again.
             # A call still running at our own deadline is the same case: it may have arrived.
@@ -684,7 +710,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             return
         await call_starting(rt.sessionmaker, job)  # a worker lost before this line never sent it
         try:
-            accepted = await _timed(provider.name, "refund", provider.request_refund(request))
+            accepted = await _timed(provider.name, "refund", _until_it_leaves(
+                provider.name, "refund", provider.request_refund(request)))
         except ProviderTimeout:
             accepted = None
         except CredentialsRefused as exc:

@@ -103,8 +103,9 @@ CALL_IN_DOUBT = f"{CALL_SENT}, its outcome unknown (ask, never send it again)"
 # provider processed anything: a connection never made (providers.calls.send), a rate limit's HTTP 429
 # (providers.calls.ProviderBusy). A stamped call that failed so is as one never sent. Anything else counts as
 # arrived: a list of what is safe, so an error nobody thought of errs on the side of "may have arrived".
-# AWAITING_CONFIGURATION: the provider refused the gateway's credentials (core.ports.CredentialsRefused).
-NOTHING_PROCESSED = frozenset({"UNREACHABLE", "HTTP_429", "AWAITING_CONFIGURATION"})
+# AWAITING_CONFIGURATION: the provider refused the gateway's credentials (core.ports.CredentialsRefused). NOT_SENT:
+# the request never left this process (core.ports.NOT_SENT: it could not be made).
+NOTHING_PROCESSED = frozenset({"UNREACHABLE", "HTTP_429", "AWAITING_CONFIGURATION", "NOT_SENT"})
 # What a claim leaves on a job it starts for the first time (no last_error yet): claimed, its provider call not
 # started. Empty, so it reads as no error (and an older worker, which never wrote it, is never taken for one
 # whose call had not started). Found still there on a job whose worker was lost, it says the lost attempt

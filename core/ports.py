@@ -5,7 +5,9 @@ Nothing in here knows a provider's or an aggregator's field names or status stri
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -163,6 +165,44 @@ AWAITING_CONFIGURATION = "AWAITING_CONFIGURATION"
 # How such a refusal's message ends (core.jobs.awaiting_configuration), so its job's last_error, once its retries
 # run out and it is parked, still says what parked it (core.refunds.cancel_refund).
 AWAITING_CONFIGURATION_NOTE = "; waits for the provider's configuration to be fixed"
+
+
+# ProviderError.code of a request that never left this process (retryable): the token it needed was not obtained
+# (core.jobs.ready_to_send), or the request could not be made (providers.calls.not_sent: a credential a header cannot
+# carry, a body that is not JSON, an adapter's exception before its request left). Nothing was processed
+# (core.outbox.NOTHING_PROCESSED): a try that failed so, after its stamp, is still one never sent.
+NOT_SENT = "NOT_SENT"
+
+
+@dataclass
+class Departures:
+    """Whether a request that moves money (a payment's or a refund's: providers.calls.send's `creates`) has been
+    handed to the transport while it was watched (watch_departures): from then on it may have arrived."""
+
+    left: bool = False
+
+
+_DEPARTURES: ContextVar[Departures | None] = ContextVar("provider_departures", default=None)
+
+
+@contextmanager
+def watch_departures() -> Iterator[Departures]:
+    """Watch one adapter call (core.jobs: a collection's or a refund's request): what it returns says whether a
+    request that moves money left during it. Set in this task's context: the adapter's calls see it."""
+    watch = Departures()
+    token = _DEPARTURES.set(watch)
+    try:
+        yield watch
+    finally:
+        _DEPARTURES.reset(token)
+
+
+def departing() -> None:
+    """A request that moves money is being handed to the transport now (providers.calls.send): the watch in force,
+    if any, counts it as left, whatever happens to it next."""
+    watch = _DEPARTURES.get()
+    if watch is not None:
+        watch.left = True
 
 
 class CallbackRejected(Exception):

@@ -17,7 +17,7 @@ import httpx
 from core.config import ProviderConfig
 from core.db import iso_ms, iso_z, utcnow
 from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS, PROVIDER_FAILING
-from core.ports import CredentialsRefused, ProviderError, ProviderTimeout
+from core.ports import NOT_SENT, CredentialsRefused, ProviderError, ProviderTimeout, departing
 
 log = logging.getLogger("gateway.providers")
 
@@ -216,16 +216,35 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
     time, or was answered 5xx, unless `answered` says that 5xx is the provider's answer (Daraja's
     "still processing"). `label`: the provider as its errors name it ("M-Pesa"; its key by default).
 
+    A request that could not be made, or whose URL httpx refuses before connecting, never left: not_sent (a
+    retryable NOT_SENT, its own class), never a timeout or an unreachable provider. A request that `creates` is
+    counted as gone (core.ports.departing) as it is handed to the transport: whatever fails after that may follow
+    a request that arrived.
+
     gateway_provider_errors_total is counted here (a transport failure, a 5xx unless `count_5xx` is off: an
-    adapter that counts its errors as it reads them) and in http_error (a 4xx), once per failed HTTP call: the
-    jobs above (core.jobs) time operations but count no errors. Nothing is logged per call: in an outage every
-    job fails, and the outage line (call_failed) says it once.
+    adapter that counts its errors as it reads them, a request not made) and in http_error (a 4xx), once per
+    failed HTTP call: the jobs above (core.jobs) time operations but count no errors (but for an adapter's
+    exception before its request left: not_sent). Nothing is logged per call: in an outage every job fails, and
+    the outage line (call_failed) says it once.
     """
     name = label or provider
-    started = time.perf_counter()
     try:
-        response = await http.request(method, url, headers=dict(headers or {}), json=json, auth=auth,
-                                      params=params, timeout=timeouts)
+        # Made before anything is sent: one that cannot be made (a credential a header cannot carry, a body that is
+        # not JSON, a URL httpx refuses) never left. No call then: not timed, no outage line, never "no answer".
+        request = http.build_request(method, url, headers=dict(headers or {}), json=json, params=params,
+                                     timeout=timeouts)
+    except Exception as exc:
+        raise not_sent(provider, operation, exc, label=name) from exc
+    if creates:
+        departing()  # from here on it may arrive, whatever happens next (core.ports.watch_departures)
+    started = time.perf_counter()
+    timed = True
+    try:
+        response = await http.send(request, auth=auth)
+    except httpx.UnsupportedProtocol as exc:
+        # The URL's scheme is refused before a connection is even looked for: nothing left.
+        timed = False
+        raise not_sent(provider, operation, exc, label=name) from exc
     except (httpx.ConnectTimeout, httpx.ConnectError) as exc:
         PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
         call_failed(provider, started, error="UNREACHABLE",
@@ -243,7 +262,8 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
         raise ProviderError(f"{name} {operation}: no answer in time ({type(exc).__name__})", retryable=True,
                             code="TIMEOUT") from None
     finally:
-        PROVIDER_CALLS.labels(provider=provider, operation=operation).observe(time.perf_counter() - started)
+        if timed:
+            PROVIDER_CALLS.labels(provider=provider, operation=operation).observe(time.perf_counter() - started)
     if response.status_code >= 500 and (answered is None or not answered(response)):
         if count_5xx:
             PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
@@ -254,6 +274,22 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
         # credentials refused (credentials_refused, which keeps an outage reported until an answer ends it).
         call_answered(provider, operation)
     return response
+
+
+def not_sent(provider: str, operation: str, exc: BaseException, *, label: str | None = None) -> ProviderError:
+    """`operation`'s request to `provider` failed before it left this process (`exc`: raised while it was being
+    made, by httpx or by the adapter): nothing reached the provider, so it is a retryable NOT_SENT - sent again
+    later, as a token not obtained is (core.jobs.ready_to_send) - never a call that may have arrived. Counted in
+    gateway_provider_errors_total; no call is timed, and the provider's health (call_failed, Seen) is untouched:
+    the provider did nothing wrong. One error line with the traceback: it is our configuration or our code, which
+    a retry alone does not mend. Its message names the exception's class only (its text may hold a URL or a
+    credential)."""
+    PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
+    log.error("%s %s: the request could not be made, nothing was sent (%s)", label or provider,
+              operation.replace("_", " "), type(exc).__name__, exc_info=exc,
+              extra={"provider": provider, "operation": operation, "error": type(exc).__name__})
+    return ProviderError(f"{label or provider} {operation.replace('_', ' ')}: the request could not be made "
+                         f"({type(exc).__name__}); nothing was sent, sent later", retryable=True, code=NOT_SENT)
 
 
 def retry_after(response: httpx.Response, *, now: datetime | None = None) -> float | None:

@@ -15,10 +15,11 @@ from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
+from phonenumbers import NumberParseException
 
 from channels.sms.encoding import measure
 from core.config import Settings
-from core.phone import mask
+from core.phone import mask, network_code_of
 
 log = logging.getLogger("gateway.sms.simulator")
 
@@ -44,6 +45,9 @@ DELIVERY_FAILURES: dict[str, tuple[str, str | None]] = {
     "UserDoesNotExist": ("Rejected", "UserDoesNotExist"),
     "Expired": ("Expired", None),
 }
+# The networkCode of a report for a number whose network the simulator cannot name (no MCC-MNC known for its range's
+# operator: core.phone.network_code_of): Africa's Talking's own code for its sandbox network, "Athena".
+UNKNOWN_NETWORK_CODE = "99999"
 # Whole-request failures: the HTTP status the API answers with.
 HTTP_FAILURES = {"http500": 500, "http502": 502, "http503": 503}
 ALL_FAILURES = frozenset(SEND_FAILURES) | frozenset(DELIVERY_FAILURES) | frozenset(HTTP_FAILURES)
@@ -195,6 +199,15 @@ def _schedule_report(app: web.Application, entry: dict[str, Any], status: str, r
     task.add_done_callback(state.tasks.discard)
 
 
+def _network_code(number: str) -> str:
+    """The MCC-MNC Africa's Talking reports for `number` (core.phone.network_code_of: its range's operator's), or
+    UNKNOWN_NETWORK_CODE for one it cannot name (no operator known, or a country code nobody has)."""
+    try:
+        return network_code_of(number) or UNKNOWN_NETWORK_CODE
+    except NumberParseException:
+        return UNKNOWN_NETWORK_CODE
+
+
 async def _post_report(state: SimulatorState, entry: dict[str, Any], status: str, reason: str | None) -> None:
     await asyncio.sleep(state.delivery_delay)
     entry["status"] = status
@@ -202,7 +215,9 @@ async def _post_report(state: SimulatorState, entry: dict[str, Any], status: str
         "id": entry["id"],
         "status": status,
         "phoneNumber": entry["to"],
-        "networkCode": "63510",
+        # The recipient's network as Africa's Talking reports it (its MCC-MNC: 63902 for a Safaricom number),
+        # read from the number's range (a ported number is reported on its range's operator here).
+        "networkCode": _network_code(entry["to"]),
         "retryCount": "0",
     }
     if reason:

@@ -140,3 +140,39 @@ async def test_delivery_reports_are_posted(aiohttp_server: Any, http: httpx.Asyn
     assert by_id[ids["+250788000002"]]["failureReason"] == "InsufficientCredit"
     assert by_id[ids["+250788000003"]]["status"] == "Expired"
     assert by_id[ids["+250788000001"]]["phoneNumber"] == "+250788000001"
+
+
+async def test_delivery_reports_name_the_recipients_network(aiohttp_server: Any, http: httpx.AsyncClient) -> None:
+    """Africa's Talking reports the network of the number it delivered to (its MCC-MNC), not MTN Rwanda's 63510 for
+    every recipient: a Safaricom number's report says 63902, an MTN Uganda one's 64110. A number whose network the
+    simulator cannot name gets AT's sandbox code, 99999."""
+    received: list[dict[str, str]] = []
+
+    async def receiver(request: web.Request) -> web.Response:
+        received.append(dict(await request.post()))
+        return web.Response(text="ok")
+
+    hook = web.Application()
+    hook.router.add_post("/dlr", receiver)
+    hook_server = await aiohttp_server(hook)
+    base, _ = await serve(aiohttp_server, delivery_url=str(hook_server.make_url("/dlr")), delivery_delay=0.01)
+    networks = {
+        "+250788000001": "63510",  # MTN Rwanda
+        "+250733000001": "63513",  # Airtel Rwanda (Tigo's code before)
+        "+254712345678": "63902",  # Safaricom
+        "+254733123456": "63903",  # Airtel Kenya
+        "+256772123456": "64110",  # MTN Uganda
+        "+256752123456": "64101",  # Airtel Uganda
+        "+255754123456": "64004",  # Vodacom Tanzania
+        "+255784123456": "64005",  # Airtel Tanzania
+        "+255713123456": "64002",  # Yas (Tigo) Tanzania
+        "+12025550123": "99999",  # no network the simulator knows
+        "+99912345678": "99999",  # no country at all
+    }
+    for number in networks:
+        assert (await sender(http, base).send(Phone(number), "x")).accepted
+    for _ in range(100):
+        if len(received) == len(networks):
+            break
+        await asyncio.sleep(0.02)
+    assert {r["phoneNumber"]: r["networkCode"] for r in received} == networks
