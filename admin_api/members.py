@@ -527,9 +527,11 @@ ROUTES = [
             "status": Param(enum=("ACTIVE", "PENDING"), default="ACTIVE"),
             "existing": Param(enum=EXISTING, default="refuse",
                               description="a row whose number is already a member's: refuse the file (naming the "
-                                          "row), or update that member's name, and unit and language where the "
-                                          "file has those columns (an empty language cell keeps hers); her status "
-                                          "and number stay"),
+                                          "row; the same list sent again, each row a member with its name, unit "
+                                          "and language, is one error saying it was already imported, when and "
+                                          "how many members it matched), or update that member's name, and unit "
+                                          "and language where the file has those columns (an empty language cell "
+                                          "keeps hers); her status and number stay"),
         },
     ),
     Route(

@@ -9,9 +9,10 @@ import dataclasses
 import functools
 import io
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -63,6 +64,22 @@ def already_members(errors: list[RowError]) -> list[RowError]:
     return [RowError(0, "file", f"{len(errors)} row(s) with a number already a member's: leave them out, or import "
                                 "with existing=update to update those members' name, unit and language from the "
                                 "file"), *errors]
+
+
+# Rows worked through on the event loop before other requests get a turn (turns, read_rows): about 1 ms of parsing
+# (50 us a row). A USSD hop waits for the network several times, and for one such stretch each time: at 100 rows a
+# turn, hops during a 10,000-row import still took up to 0.3 s on a busy machine; at 20, 30-120 ms (as busy).
+TURN = 20
+
+T = TypeVar("T")
+
+
+async def turns(items: Iterable[T], size: int = TURN) -> AsyncIterator[T]:
+    """`items`, giving the event loop a turn (other requests run) after each `size` of them."""
+    for count, item in enumerate(items, start=1):
+        yield item
+        if count % size == 0:
+            await asyncio.sleep(0)
 
 
 @dataclass(frozen=True)
@@ -204,6 +221,30 @@ def _one_line(cell: str) -> str:
 
 def parse_rows(data: bytes, *, region: str) -> ParsedFile:
     """Decode and check the whole file; raise ImportRejected listing every problem found."""
+    steps = _parse(data, region=region)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+async def read_rows(data: bytes, *, region: str) -> ParsedFile:
+    """parse_rows on the event loop, giving it a turn after each TURN rows. Parsing 10,000 rows (phonenumbers) is
+    about half a second of CPU: in one stretch every USSD hop of this serve waited for it, and in a thread (as it
+    was) the hops still waited, each time they came back from the network, for the interpreter's lock the thread
+    held (hops 7-15 ms, the worst 0.4-0.7 s, while an import ran)."""
+    steps = _parse(data, region=region)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        await asyncio.sleep(0)
+
+
+def _parse(data: bytes, *, region: str) -> Generator[None, None, ParsedFile]:
+    """parse_rows, stopping (yield) after each TURN rows."""
     text, encoding = decode(data)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter_of(text))
     try:
@@ -249,6 +290,8 @@ def parse_rows(data: bytes, *, region: str) -> ParsedFile:
             if not any(c.strip() for c in cells):
                 continue
             count += 1
+            if count % TURN == 0:
+                yield
             if count > MAX_ROWS:
                 errors.append(RowError(start, "file", TOO_MANY))
                 break
@@ -335,10 +378,8 @@ async def import_members(
         raise ValidationError(f"status must be one of {', '.join(MEMBER_STATUSES)}", field="status")
     if existing not in EXISTING:
         raise ValidationError(f"existing must be one of {', '.join(EXISTING)}", field="existing")
-    # Parsing 10,000 rows (phonenumbers) is about half a second of CPU: in a thread, so the event loop keeps
-    # serving other requests between its turns.
     try:
-        parsed = await asyncio.to_thread(parse_rows, data, region=cooperative.country)
+        parsed = await read_rows(data, region=cooperative.country)
     except ImportRejected as exc:
         if not exc.rows or existing == "update":
             raise
@@ -352,15 +393,16 @@ async def import_members(
     inactive: list[RowError] = []
     if existing == "update":
         members = await _members_of(session, cipher, cooperative.id, rows)
-        pairs = [(r, members[i]) for r in rows if (i := cipher.blind_index(r.phone.e164)) in members]
+        indexes = [cipher.blind_index(r.phone.e164) async for r in turns(rows)]
+        pairs = [(r, members[i]) for r, i in zip(rows, indexes, strict=True) if i in members]
         updated = await _update_rows(session, pairs, parsed.columns, actor=actor)
         # Updated (or unchanged) all the same, as the file says, but she still cannot pay: said beside the rows.
         inactive = [RowError(r.row, "status", f"this number's member is {said}")
-                    for r, m in pairs if (said := not_active(m.id, m.status))]
+                    async for r, m in turns(pairs) if (said := not_active(m.id, m.status))]
         unchanged = len(members) - len(updated)
-        rows = [r for r in rows if cipher.blind_index(r.phone.e164) not in members]
+        rows = [r for r, i in zip(rows, indexes, strict=True) if i not in members]
     else:
-        known = await _already_members(session, cipher, cooperative.id, rows)
+        known = await _already_members(session, cipher, cooperative.id, rows, whole=status)
         if known:
             raise ImportRejected(known)
     ids = await _insert_rows(session, cipher, cooperative.id, rows, actor=actor, status=status,
@@ -377,30 +419,68 @@ async def import_members(
         after=after,
         cooperative_id=cooperative.id,
     )
-    warnings = [RowError(r.row, "phone", said) for r in rows
+    # About 40 us a row (the number's country and operator, read by phonenumbers): 0.4 s of a 10,000-row file in
+    # one stretch held the event loop, and every USSD hop of this serve waited for it.
+    warnings = [RowError(r.row, "phone", said) async for r in turns(rows)
                 if phone_warning is not None and (said := phone_warning(r.phone)) is not None]
     warnings = sorted(warnings + inactive, key=lambda w: w.row)
     return Imported(ids, parsed.ignored_columns, parsed.encoding, updated, unchanged, warnings)
 
 
 async def _already_members(session: AsyncSession, cipher: PiiCipher, cooperative_id: str,
-                           rows: list[ImportRow], *, ours: set[str] | frozenset[str] = frozenset()) -> list[RowError]:
+                           rows: list[ImportRow], *, ours: set[str] | frozenset[str] = frozenset(),
+                           whole: str | None = None) -> list[RowError]:
     """A RowError, in the file's order, for each row whose number is already a member's of the cooperative (not
-    one of `ours`: the members this import has inserted so far)."""
-    by_index = {cipher.blind_index(r.phone.e164): r for r in rows}
-    existing: dict[str, str] = {}  # blind index -> what to say of its row
+    one of `ours`: the members this import has inserted so far). `whole`: `rows` are the whole file, to be
+    imported with that status; when each of them is a member with its row's details, the file was imported
+    already, and one error says so (already_imported)."""
+    by_index = {cipher.blind_index(r.phone.e164): r async for r in turns(rows)}
+    existing: dict[str, Any] = {}  # blind index -> its member (id, status, name, unit, language, created_at)
     keys = list(by_index)
     for start in range(0, len(keys), 500):
         chunk = keys[start : start + 500]
         found = await session.execute(
-            select(Member.phone_index, Member.id, Member.status).where(
+            select(Member.phone_index, Member.id, Member.status, Member.name, Member.unit, Member.language,
+                   Member.created_at).where(
                 Member.cooperative_id == cooperative_id, Member.phone_index.in_(chunk)
             )
         )
-        existing.update((i, ALREADY_A_MEMBER + (f", {said}" if (said := not_active(member_id, status)) else ""))
-                        for i, member_id, status in found.all() if i is not None and member_id not in ours)
-    return already_members(sorted((RowError(by_index[i].row, "phone", said) for i, said in existing.items()),
+        existing.update((m.phone_index, m) for m in found.all() if m.phone_index is not None and m.id not in ours)
+    if whole is not None and len(existing) == len(by_index) and all(
+            _same(by_index[i], m) for i, m in existing.items()):
+        return already_imported(existing, by_index, status=whole)
+    return already_members(sorted([RowError(by_index[i].row, "phone", ALREADY_A_MEMBER + (
+        f", {said}" if (said := not_active(m.id, m.status)) else "")) async for i, m in turns(existing.items())],
                                   key=lambda e: e.row))
+
+
+def _same(row: ImportRow, member: Any) -> bool:
+    """Whether the member has the row's name, unit and language (a row without a language: any)."""
+    return (member.name == row.name and member.unit == ((row.unit or "").strip() or None)
+            and row.language in (None, member.language))
+
+
+def already_imported(members: dict[str, Any], rows: dict[str, ImportRow], *, status: str) -> list[RowError]:
+    """The same list sent again (`members`: each row's, by blind index, with its details): one error saying so,
+    where it was "already a member" for each of its rows, thousands of lines hiding that nothing in it was new (a
+    clerk unsure whether her upload went through sends it again). Then the rows whose member is no longer in the
+    status this import gives (suspended since): they still cannot pay, and the list sent again will not change
+    that (NOT_ACTIVE)."""
+    added = [m.created_at for m in members.values()]
+    first, last = _minute(min(added)), _minute(max(added))
+    when = f"on {last}" if first == last else f"between {first} and {last}"
+    said = RowError(0, "file", f"this list was already imported: its {len(members):,} rows match {len(members):,} "
+                               f"members of this cooperative with the same name, unit and language, added {when}; "
+                               "nothing was imported. To change members' details, correct the file and import it with "
+                               "existing=update")
+    others = [RowError(rows[i].row, "phone", f"{ALREADY_A_MEMBER}, {text}") for i, m in members.items()
+              if m.status != status and (text := not_active(m.id, m.status))]
+    return [said, *sorted(others, key=lambda e: e.row)]
+
+
+def _minute(moment: datetime) -> str:
+    """A time as the import's messages give it: UTC, to the minute (SQLite hands back a naive UTC one)."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 async def _members_of(session: AsyncSession, cipher: PiiCipher, cooperative_id: str,
@@ -411,7 +491,7 @@ async def _members_of(session: AsyncSession, cipher: PiiCipher, cooperative_id: 
     await serialise_on_sqlite(session, Cooperative, cooperative_id)
     # Locked in one order whatever the file's (its numbers' blind indexes, across the chunks too): two imports of
     # overlapping lists at once take turns instead of deadlocking.
-    keys = sorted({cipher.blind_index(r.phone.e164) for r in rows})
+    keys = sorted({cipher.blind_index(r.phone.e164) async for r in turns(rows)})
     members: dict[str, Member] = {}
     for start in range(0, len(keys), 500):
         found = await session.execute(
@@ -427,11 +507,21 @@ async def _update_rows(session: AsyncSession, pairs: list[tuple[ImportRow, Membe
     """Each member whose row says otherwise gets the row's name, and its unit and language where the file has
     those columns (an empty language cell keeps hers; an empty unit cell clears it, as the file says); her status
     and number are not the file's to change. Audited as PATCH /members/{id} audits (member.updated), the audit
-    rows in one batched insert. The ids of the members changed, in the file's order."""
+    rows in batched inserts. The ids of the members changed, in the file's order.
+
+    Written CHUNK members at a time: the flush of 10,000 changed members (the ORM comparing each) and their audit
+    rows' insert each held the event loop for 0.1-0.3 s in one stretch, and the USSD hops of this serve waited."""
     changed: list[Member] = []
     audits: list[dict[str, Any]] = []
+    dialect = session.get_bind().dialect.name
     now = utcnow()
-    for row, member in pairs:
+
+    async def write() -> None:
+        await session.flush()  # one UPDATE per set of columns changed, its rows sent together
+        await session.execute(row_insert(dialect, AuditEvent), audits)
+        audits.clear()
+
+    async for row, member in turns(pairs):
         was = {field: getattr(member, field) for field in PERSONAL_FIELDS}
         before = {"language": member.language, "status": member.status}
         member.name = row.name
@@ -447,9 +537,10 @@ async def _update_rows(session: AsyncSession, pairs: list[tuple[ImportRow, Membe
         audits.append({"cooperative_id": member.cooperative_id, "actor": actor.id, "channel": actor.channel,
                        "action": "member.updated", "entity_type": "member", "entity_id": member.id,
                        "before": before, "after": after, "at": now})
-    if changed:
-        await session.flush()  # one UPDATE per set of columns changed, its rows sent together
-        await session.execute(row_insert(session.get_bind().dialect.name, AuditEvent), audits)
+        if len(audits) == CHUNK:
+            await write()
+    if audits:
+        await write()
     return [m.id for m in changed]
 
 
@@ -477,7 +568,7 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
                          language=r.language or language,
                          unit=r.unit, status=status),
             "id": new_id(), "created_at": now, "updated_at": now,
-        } for r in chunk]
+        } async for r in turns(chunk)]
         # A number that sent STOP (before the import, or as a member elsewhere) gets no reminders here either,
         # as with create_member, without its membership's flag or audit row saying so: the send-time check reads
         # the number (core.members, a number's opt-out). A file of numbers does not read the STOP list.
@@ -489,7 +580,7 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
             # the first upload was still being written was told "500 row(s) already a member's" of its 5,000 (the
             # first chunk to meet the other's rows), and the clerk who left those out was refused again.
             raise ImportRejected(await _already_members(session, cipher, cooperative_id, rows,
-                                                        ours={*ids, *written}))
+                                                        ours={*ids, *written}, whole=status))
         await session.execute(row_insert(dialect, AuditEvent), [{
             "cooperative_id": cooperative_id, "actor": actor.id, "channel": actor.channel,
             "action": "member.created", "entity_type": "member", "entity_id": v["id"], "before": None,

@@ -83,6 +83,71 @@ async def test_the_whole_list_sent_again_updates_names_units_and_languages(admin
     assert (status, body["updated"], body["unchanged"]) == (201, 0, 1), body
 
 
+def imported(count: int, added: str) -> str:
+    return (f"file: this list was already imported: its {count:,} rows match {count:,} members of this cooperative "
+            f"with the same name, unit and language, added {added}; nothing was imported. To change members' "
+            "details, correct the file and import it with existing=update")
+
+
+async def _added(rt: Any, ids: list[str]) -> str:
+    """When the members `ids` were added, as the refusal of their list sent again says it (to the minute, UTC)."""
+    async with rt.sessionmaker() as s:
+        added = sorted({m.strftime("%Y-%m-%d %H:%M UTC") for m in (await s.execute(
+            select(Member.created_at).where(Member.id.in_(ids)))).scalars()})
+    return f"on {added[0]}" if len(added) == 1 else f"between {added[0]} and {added[-1]}"
+
+
+async def test_the_same_list_sent_again_is_told_it_was_imported_once(admin, rt, demo):
+    """Every row a member with its name, unit and language: the list was imported already (a clerk unsure her
+    upload went through sends it again). It was told "already a member" for each of its rows."""
+    coop = demo["cooperative_id"]
+    rows = "".join(f"Member {n:03d},07881{n:05d},A-{n},{('en', 'rw', '')[n % 3]}\r\n" for n in range(120))
+    data = ("Name,Phone,Unit,Language\r\n" + rows).encode()
+    status, body = await _import(admin, data)
+    assert status == 201 and body["imported"] == 120, body
+    ids = body["memberIds"]
+    before = await _members(rt, coop)
+
+    status, body = await _import(admin, data)
+    assert status == 400, body
+    assert (body["code"], body["message"]) == ("VALIDATION_FAILED", [imported(120, await _added(rt, ids))])
+    assert await _members(rt, coop) == before
+
+    # Saved again by the spreadsheet (semicolons, Windows-1252), with a column more: the same list.
+    again = ("Nom;Name;Phone;Unit;Language\r\n" + "".join(f"x;{line.replace(',', ';')}\r\n"
+                                                           for line in rows.splitlines())).encode("cp1252")
+    status, body = await _import(admin, again)
+    assert (status, body["message"]) == (400, [imported(120, await _added(rt, ids))])
+
+    # A member suspended since: she is named, with what to do, after the one line.
+    await admin.json("DELETE", f"/v1/members/{ids[5]}", 200)
+    status, body = await _import(admin, data)
+    assert status == 400
+    assert body["message"] == [
+        imported(120, await _added(rt, ids)),
+        f"row 7: phone: already a member of this cooperative, suspended (member {ids[5]}): an import never "
+        f"reactivates a member; to have her back, set her status ACTIVE (PATCH /v1/members/{ids[5]})"]
+
+    # One row changed, or one new: not the same list; each row already a member's is named, as before.
+    status, body = await _import(admin, data.replace(b"Member 010,0788100010,A-10", b"Member 010,0788100010,B-10"))
+    assert status == 400 and body["message"][0] == already(120) and len(body["message"]) == 121, body["message"][:2]
+    status, body = await _import(admin, data + b"Someone New,0788100999,A-999,\r\n")
+    assert status == 400 and body["message"][0] == already(120) and len(body["message"]) == 121, body["message"][:2]
+    assert await _members(rt, coop) == {**before, "+25078****005": (*before["+25078****005"][:3], "SUSPENDED")}
+
+
+async def test_a_pending_list_sent_again_is_told_it_was_imported_once(admin, rt, demo):
+    """Imported with status=PENDING, sent again with it: its members are pending as that import makes them, which
+    is not said row by row; one approved since is ACTIVE, which needs no word."""
+    data = b"name,phone\nLeft Once,0788100601\nNot Yet,0788100602\n"
+    status, body = await _import(admin, data, "?status=PENDING")
+    assert status == 201, body
+    ids = body["memberIds"]
+    await admin.json("POST", f"/v1/members/{ids[0]}/approve", 200)
+    status, body = await _import(admin, data, "?status=PENDING")
+    assert (status, body["message"]) == (400, [imported(2, await _added(rt, ids))])
+
+
 async def test_an_erased_members_number_in_the_list_is_a_new_member_and_she_stays_erased(admin, rt, demo):
     status, body = await _import(admin, b"name,phone\nLeft Already,0788100201\n")
     gone = body["memberIds"][0]

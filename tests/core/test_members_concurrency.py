@@ -7,6 +7,7 @@ first commits it is told the number is taken, as it would be a second later.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -78,29 +79,44 @@ async def test_an_import_racing_a_create_of_one_of_its_numbers_names_the_row(rt:
         await second.rollback()
 
 
-async def test_the_same_file_sent_again_while_the_first_is_written_names_every_row(rt: Any) -> None:
-    """A clerk whose upload timed out sends the file again while the first is still being written: nothing is
-    doubled, and the answer names all its rows, as it would a second later. It named the first chunk's alone
-    ("500 row(s)" of 1,200), and the clerk who left those out was refused again."""
+async def _sent_again_while_the_first_is_written(rt: Any, again: Callable[[bytes], bytes]) -> list[str]:
+    """A 1,200-row file imported, and `again(file)` imported while the first is still being written (a clerk whose
+    upload timed out sends it again): what the second is refused with. Nothing is doubled."""
     coop = await _coop(rt)
     csv = ("name,phone\n" + "".join(f"Member {n:04d},07881{n:05d}\n" for n in range(1_200))).encode()
     first = rt.sessionmaker()
     await import_members(first, rt.cipher, cooperative=coop, data=csv, actor=ADMIN)
     async with rt.sessionmaker() as second:
-        racing = asyncio.create_task(import_members(second, rt.cipher, cooperative=coop, data=csv, actor=ADMIN))
+        racing = asyncio.create_task(import_members(second, rt.cipher, cooperative=coop, data=again(csv),
+                                                    actor=ADMIN))
         await asyncio.sleep(0.3)
         assert not racing.done()
         await first.commit()
         await first.close()
         with pytest.raises(ImportRejected) as refused:
             await racing
-        assert refused.value.errors[0].startswith("file: 1200 row(s) with a number already a member's")
-        assert refused.value.errors[1:] == [f"row {n}: phone: already a member of this cooperative"
-                                            for n in range(2, 1_202)]
         await second.rollback()
     async with rt.sessionmaker() as s:
         count = await s.scalar(select(func.count()).select_from(Member).where(Member.cooperative_id == coop.id))
     assert count == 1_200
+    return refused.value.errors
+
+
+async def test_the_same_file_sent_again_while_the_first_is_written_is_told_it_was_imported(rt: Any) -> None:
+    """Its every row met the first upload's: one error says the list was imported, as it would a second later,
+    where "already a member" was said 1,200 times."""
+    errors = await _sent_again_while_the_first_is_written(rt, lambda csv: csv)
+    assert len(errors) == 1, errors[:3]
+    assert errors[0].startswith("file: this list was already imported: its 1,200 rows match 1,200 members of this "
+                                "cooperative with the same name, unit and language, added "), errors[0]
+
+
+async def test_an_edited_file_sent_while_the_first_is_written_names_every_row(rt: Any) -> None:
+    """The answer names all its rows, as it would a second later. It named the first chunk's alone ("500 row(s)" of
+    1,200), and the clerk who left those out was refused again."""
+    errors = await _sent_again_while_the_first_is_written(rt, lambda csv: csv.replace(b"Member 0007", b"Membre 0007"))
+    assert errors[0].startswith("file: 1200 row(s) with a number already a member's")
+    assert errors[1:] == [f"row {n}: phone: already a member of this cooperative" for n in range(2, 1_202)]
 
 
 async def test_an_import_with_an_unknown_status_is_refused_before_reading_the_file(rt: Any) -> None:
