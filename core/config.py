@@ -654,21 +654,39 @@ def _callback_previous_secrets(env: Mapping[str, str],
     return previous
 
 
-def _provider_previous_secrets(env: Mapping[str, str], name: str,
-                               creds: Mapping[str, Secret]) -> dict[str, tuple[Secret, ...]]:
+def _provider_previous_secrets(env: Mapping[str, str], name: str, creds: Mapping[str, Secret],
+                               production: bool) -> dict[str, tuple[Secret, ...]]:
     """<PREFIX>_<NAME>_PREVIOUS for the provider's credentials that verify its callbacks (_ROTATED_CREDENTIALS), as
     CALLBACK_SECRET_<NAME>_PREVIOUS is read (_previous_secrets: the same list rules, no length rule). One set where its
     current variable is not is refused: Airtel's callbacks go unchecked without AIRTEL_CALLBACK_KEY, and IremboPay's
-    would be checked against the development placeholder, so the previous key would guard nothing."""
+    would be checked against the development placeholder, so the previous key would guard nothing. The current
+    variable set to that placeholder is as unset (Airtel's adapter reads it as callback authentication off, and
+    ignores the list). In production the placeholder is refused in the list: it is published (core.config,
+    the simulators), so anyone could sign a callback the gateway would take as verified (an Airtel one completes its
+    payment without a status query)."""
     previous: dict[str, tuple[Secret, ...]] = {}
+    read = {f"{name.upper()}_{cred}_PREVIOUS" for cred in _ROTATED_CREDENTIALS.get(name, ())}
+    for variable in sorted(env):
+        # Another <PREFIX>_..._PREVIOUS (a credential the gateway sends, e.g. MTN_MOMO_API_KEY_PREVIOUS, or a slip:
+        # IREMBOPAY_SECRET_PREVIOUS) is read by nothing: the operator would believe the rotation covered.
+        if (variable.startswith(f"{name.upper()}_") and variable.endswith("_PREVIOUS") and variable not in read
+                and env[variable].strip()):
+            takes = ", ".join(sorted(f"{p.upper()}_{c}_PREVIOUS" for p, names in _ROTATED_CREDENTIALS.items()
+                                     for c in names))
+            raise ConfigError(variable, f"is not a variable the gateway reads (misspelt?): only {takes} take a "
+                                        "previous list; a credential the gateway sends has none (README: rotation)")
     for cred in _ROTATED_CREDENTIALS.get(name, ()):
         current, variable = f"{name.upper()}_{cred}", f"{name.upper()}_{cred}_PREVIOUS"
         if not env.get(variable, "").strip():
             continue
-        if not env.get(current, ""):
-            raise ConfigError(variable, f"is set but {current} is not: a previous key is accepted beside the current "
-                                        "one, which must be set")
-        previous[cred.lower()] = _previous_secrets(env, variable, creds[cred.lower()])
+        if not env.get(current, "") or env[current] == DEV_CREDENTIAL:
+            raise ConfigError(variable, f"is set but {current} is not (or holds the development placeholder): a "
+                                        "previous key is accepted beside the current one, which must be set")
+        keys = _previous_secrets(env, variable, creds[cred.lower()])
+        if production and any(key.get() == DEV_CREDENTIAL for key in keys):
+            raise ConfigError(variable, "holds the development placeholder, which is published: anyone could sign "
+                                        "a callback with it; list only keys the provider was given")
+        previous[cred.lower()] = keys
     return previous
 
 
@@ -841,7 +859,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             if env.get(f"{prefix}_{opt}"):
                 options[opt.lower()] = str(_float(env, f"{prefix}_{opt}", 1.0, maximum=MAX_CALL_TIMEOUT_SECONDS))
         providers[name] = ProviderConfig(base_url=base, credentials=creds, options=options,
-                                         previous=_provider_previous_secrets(env, name, creds))
+                                         previous=_provider_previous_secrets(env, name, creds, production))
 
     if production and not env.get("PUBLIC_BASE_URL", "").strip():
         # Providers and the SMS aggregator call back here: the default (this machine's loopback) reaches nobody.

@@ -1085,17 +1085,30 @@ async def replay_job(session: AsyncSession, job_id: int) -> OutboxJob | None:
     return job
 
 
+# How the last_error of a try that failed starts, for a kind whose handler retries its failures through RetryLater
+# (its attempt given back, so its attempts stay 0): a webhook delivery's (core.webhooks.deliver), bounded by its
+# delivery's three days rather than by the job's attempts, and retried up to 6 hours apart. waiting() counts such a
+# job as one waiting after a failed attempt; its other RetryLater waits (a delivery held for its domain) are not.
+RETRIED_FAILURE = {"webhook.deliver": "webhook attempt "}
+
+
 def waiting(now: datetime) -> ColumnElement[bool]:
     """The jobs waiting for their retry after a failed attempt (is_waiting), as a query's condition: by the
     (status, run_at) index."""
-    return and_(OutboxJob.status == "PENDING", OutboxJob.run_at > now, OutboxJob.attempts > 0)
+    failed = or_(OutboxJob.attempts > 0,
+                 *(and_(OutboxJob.kind == kind, OutboxJob.last_error.startswith(prefix, autoescape=True))
+                   for kind, prefix in RETRIED_FAILURE.items()))
+    return and_(OutboxJob.status == "PENDING", OutboxJob.run_at > now, failed)
 
 
 def is_waiting(job: OutboxJob, now: datetime) -> bool:
     """Whether `job` is PENDING, not due before a later instant, after at least one failed attempt: its backoff (up
-    to an hour, or a failure's own retry_after: 30 minutes for an SMS the aggregator refused for our account). Not a
-    job never tried (queued for later on purpose: a poll's or a reminder scan's time), nor one claimed (RUNNING)."""
-    return job.status == "PENDING" and job.attempts > 0 and job.run_at > now
+    to an hour, or a failure's own retry_after: 30 minutes for an SMS the aggregator refused for our account; a
+    webhook delivery's, RETRIED_FAILURE, up to 6 hours). Not a job never tried (queued for later on purpose: a poll's
+    or a reminder scan's time), nor one claimed (RUNNING)."""
+    prefix = RETRIED_FAILURE.get(job.kind)
+    failed = job.attempts > 0 or (prefix is not None and (job.last_error or "").startswith(prefix))
+    return job.status == "PENDING" and failed and job.run_at > now
 
 
 async def run_waiting_now(session: AsyncSession, job_id: int) -> tuple[OutboxJob, datetime] | None:

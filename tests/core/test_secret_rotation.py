@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import func, select
 
 from core import auth, metrics
-from core.config import ConfigError, Settings, load_settings
+from core.config import DEV_CREDENTIAL, ConfigError, Settings, load_settings
 from core.models import Payment, ProviderEvent, SmsMessage, UssdSession
 from core.payments import create_payment
 from providers.airtel.adapter import callback_hash
@@ -107,6 +107,16 @@ def test_previous_provider_keys_are_read_for_verification_only() -> None:
      "holds the current secret"),
     ({"IREMBOPAY_SECRET_KEY_PREVIOUS": "old-irembo,,older-irembo"}, "IREMBOPAY_SECRET_KEY_PREVIOUS",
      "has an empty item"),
+    # The published development placeholder: a callback hashed with it (anyone can) completed its payment.
+    ({"AIRTEL_CALLBACK_KEY_PREVIOUS": f"old-airtel, {DEV_CREDENTIAL}"}, "AIRTEL_CALLBACK_KEY_PREVIOUS",
+     "holds the development placeholder"),
+    ({"IREMBOPAY_SECRET_KEY_PREVIOUS": DEV_CREDENTIAL}, "IREMBOPAY_SECRET_KEY_PREVIOUS",
+     "holds the development placeholder"),
+    # The current key the placeholder (Airtel: callback authentication off, the list ignored): as unset.
+    ({"AIRTEL_CALLBACK_KEY": DEV_CREDENTIAL, "AIRTEL_CALLBACK_KEY_PREVIOUS": "old-airtel"},
+     "AIRTEL_CALLBACK_KEY_PREVIOUS", "is set but AIRTEL_CALLBACK_KEY is not"),
+    ({"IREMBOPAY_SECRET_KEY": DEV_CREDENTIAL, "IREMBOPAY_SECRET_KEY_PREVIOUS": "old-irembo"},
+     "IREMBOPAY_SECRET_KEY_PREVIOUS", "is set but IREMBOPAY_SECRET_KEY is not"),
 ])
 def test_start_up_refuses_a_bad_previous_provider_key(change: dict[str, str], variable: str, problem: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -115,6 +125,21 @@ def test_start_up_refuses_a_bad_previous_provider_key(change: dict[str, str], va
     assert str(info.value).startswith(f"configuration error: {variable}: {problem}")
     for item in filter(None, (part.strip() for part in change[variable].split(","))):
         assert item not in str(info.value)  # no message shows a key
+
+
+@pytest.mark.parametrize("variable", ["MTN_MOMO_API_KEY_PREVIOUS", "AIRTEL_CLIENT_SECRET_PREVIOUS",
+                                      "IREMBOPAY_SECRET_PREVIOUS", "AIRTEL_CALLBACK_KEYS_PREVIOUS"])
+def test_start_up_refuses_a_previous_list_the_gateway_does_not_read(variable: str) -> None:
+    """A provider credential the gateway sends has no previous list, and a slip in the name of one that has was
+    read by nothing: the start went on, the operator believing the old key still took callbacks (refused, 401)."""
+    with pytest.raises(ConfigError) as info:
+        load_settings({**_production_env(), variable: "old-key-value"})
+    assert info.value.variable == variable
+    assert str(info.value).startswith(f"configuration error: {variable}: is not a variable the gateway reads")
+    assert "old-key-value" not in str(info.value)
+    # A provider left out of PROVIDERS: its variables are not read, only named as unused.
+    left_out = load_settings({**_production_env(), "PROVIDERS": "mpesa", variable: "old-key-value"})
+    assert variable in left_out.unused_provider_variables
 
 
 def test_outside_production_a_previous_irembopay_key_needs_a_current_one() -> None:

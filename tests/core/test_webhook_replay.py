@@ -153,3 +153,35 @@ async def test_replaying_another_kind_of_job_leaves_deliveries_alone(
     [delivery] = await _deliveries(rt)
     assert delivery.status == "FAILED" and len(hook.requests) == 1
     assert await _replays(rt) == []
+
+
+async def test_a_delivery_waiting_for_its_retry_is_run_now_once_the_receiver_is_fixed(
+    rt: Any, demo: dict[str, Any], receiver: Any, worker: Any, client: Any
+) -> None:
+    """A failed delivery waits for its retry (30 s doubling up to 6 hours) with its job's attempt given back
+    (RetryLater: its three days bound it), so its attempts stay 0. Once the receiver is fixed, the admin runs it now
+    as any job waiting after a failed attempt; before, it was not listed as waiting and its replay was refused (409
+    "not tried yet") while its lastError said the attempt failed. Its three days are not restarted."""
+    hook, url = receiver
+    hook.answers = [500]
+    await approved_endpoint(rt, demo["cooperative_id"], url)
+    await emit(rt, demo["cooperative_id"], event_id="evt_waiting")
+    await drain(worker)
+    [job] = await jobs_of(rt, "webhook.deliver")
+    assert (job.status, job.attempts, job.last_error) == ("PENDING", 0, "webhook attempt 1 failed: HTTP 500")
+    assert job.run_at > utcnow() and len(hook.requests) == 1
+
+    hook.answers = [200]  # the receiver fixed
+    admin = await _admin(client, demo)
+    listed = await admin.json("GET", "/v1/jobs?waiting=true&kind=webhook.deliver", 200)
+    assert [j["id"] for j in listed["data"]] == [job.id]
+    ran = await admin.json("POST", "/v1/jobs/replay", 200, json={"waiting": True, "kind": "webhook.deliver"})
+    assert ran["replayed"] == [job.id]
+    await drain(worker)
+    assert len(hook.requests) == 2 and hook.requests[1]["headers"]["X-Gateway-Delivery-Attempt"] == "2"
+    [delivery] = await _deliveries(rt)
+    assert delivery.status == "DELIVERED"
+    # Not a replay of a given-up delivery: nothing reopened, its three days still count from its creation.
+    assert await _replays(rt) == []
+    [job] = await jobs_of(rt, "webhook.deliver")
+    assert job.status == "DONE"
