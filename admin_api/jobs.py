@@ -234,6 +234,11 @@ async def list_jobs(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     if ctx.query.get("status"):
         query = query.where(OutboxJob.status == ctx.query["status"])
     if ctx.query.get("waiting"):
+        if ctx.query.get("status") not in (None, "PENDING"):
+            # A job waiting for its retry is PENDING: another status with it would only ever list nothing.
+            raise ValidationError(f"waiting chooses PENDING jobs waiting for their retry: status "
+                                  f"{ctx.query['status']} lists none of them (leave status out, or use it alone)",
+                                  field="status")
         query = query.where(waiting(utcnow()))
     if ctx.query.get("kind"):
         query = query.where(OutboxJob.kind == ctx.query["kind"])

@@ -120,6 +120,10 @@ async def test_a_job_waiting_for_its_retry_is_run_now_by_a_replay(admin, rt, dem
                         last_error="SmsAccountError: Africa's Talking refused the credentials (HTTP 401)")
     listed = await admin.json("GET", "/v1/jobs?waiting=true", 200)
     assert [j["id"] for j in listed["data"]] == [job_id]
+    assert [j["id"] for j in (await admin.json("GET", "/v1/jobs?waiting=true&status=PENDING", 200))["data"]] == [job_id]
+    # Another status with it would list nothing, whatever waits: said, not an empty page.
+    refused = await admin.json("GET", "/v1/jobs?waiting=true&status=PARKED", 400)
+    assert "status PARKED lists none of them" in refused["message"][0], refused
 
     await coop_b["admin"].json("POST", f"/v1/jobs/{job_id}/replay", 404)  # another cooperative's: not found
     answer = await admin.json("POST", f"/v1/jobs/{job_id}/replay", 200)
