@@ -210,10 +210,13 @@ def awaiting_configuration(exc: CredentialsRefused) -> ProviderError:
     return ProviderError(f"{exc}{AWAITING_CONFIGURATION_NOTE}", retryable=True, code=AWAITING_CONFIGURATION)
 
 
-def _not_asked(payment: Payment) -> str:
+def _not_asked(payment: Payment, job: Job | None = None) -> str:
     """Why the job of an open payment whose provider was left out of PROVIDERS is parked, and what a person does:
-    its status cannot be asked, and nothing is guessed about money."""
-    return (f"payment {payment.reference}: {left_out(payment.provider)}, so its status cannot be asked; add "
+    its status cannot be asked, and nothing is guessed about money. A collect `job` an earlier try of which may have
+    reached the provider (CALL_SENT) keeps saying so, so that its replay (its attempts back at 0) never takes its
+    next try for a first one (Job.tried_before)."""
+    sent = f"{CALL_SENT}: " if job is not None and (job.last_error or "").startswith(CALL_SENT) else ""
+    return (f"{sent}payment {payment.reference}: {left_out(payment.provider)}, so its status cannot be asked; add "
             f"{payment.provider} back to PROVIDERS (with its variables) and replay this job, or check the provider's "
             f"statement and record its outcome with POST /v1/payments/{payment.id}/outcome")
 
@@ -324,8 +327,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             return
         if payment.provider not in rt.providers:
             # Its provider was left out of PROVIDERS after the payment was made (its request still queued).
-            if job.attempts > 1:  # an earlier attempt may have reached it: a person settles what it holds
-                raise PermanentJobError(_not_asked(payment))
+            if job.tried_before:  # an earlier attempt may have reached it: a person settles what it holds
+                raise PermanentJobError(_not_asked(payment, job))
             async with rt.sessionmaker.begin() as session:  # never sent, nothing taken: its payer is told so
                 fresh = await session.get(Payment, payment.id, with_for_update=True)
                 if fresh is not None and fresh.status == PaymentStatus.PENDING.value:
@@ -341,13 +344,13 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                     else None)
         if inactive is not None:
             who, reason = inactive
-            if job.attempts > 1:
-                # An earlier attempt may have reached the provider (one answered 5xx may still be stored there):
-                # nothing more is sent, and the status poll settles what the provider has.
+            if job.tried_before:
+                # An earlier attempt may have reached the provider (one answered 5xx may still be stored there, a
+                # replayed job's too): nothing more is sent, and the status poll settles what the provider has.
                 log.warning(f"collection not sent again: {who} is no longer active",
                             extra={"payment": payment.reference, "payment_id": payment.id})
                 return
-            # This job's first attempt, after the cut-off case above: nothing was ever sent, nothing taken.
+            # No earlier try of this job may have sent it (nor was one cut off, above): nothing sent, nothing taken.
             async with rt.sessionmaker.begin() as session:
                 fresh = await session.get(Payment, payment.id, with_for_update=True)
                 if fresh is not None and fresh.status == PaymentStatus.PENDING.value:

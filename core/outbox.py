@@ -216,6 +216,16 @@ class Job:
         return ((self.interrupted and not self.lost_before_call)
                 or (self.last_error or "").startswith(CALL_IN_DOUBT))
 
+    @property
+    def tried_before(self) -> bool:
+        """An earlier try of this job may have sent its request (its handler then never ends what it was to send as
+        "never sent"): this is not its first attempt, or an earlier try's CALL_SENT (a 5xx after its call) is on it.
+        Not by its attempts alone: a replay of a parked job (replay_job) starts them again at 0, and its first claim
+        read as a first try though the tries before it may have reached the provider (an MTN push answered 500 and
+        parked, replayed after its member was suspended: CANCELLED "nothing was taken" while she could still approve
+        it). Its last_error is what the replay and the claim keep."""
+        return self.attempts > 1 or (self.last_error or "").startswith(CALL_SENT)
+
 
 Handler = Callable[[Job], Awaitable[None]]
 
@@ -1076,7 +1086,8 @@ async def replay_job(session: AsyncSession, job_id: int) -> OutboxJob | None:
     """Put a PARKED job back in the queue with a fresh attempt budget; None when it is not parked.
 
     Handlers are idempotent, so running a parked job again can finish what it started but never
-    does a side effect twice.
+    does a side effect twice. Its last_error is kept: with its attempts back at 0, it is what tells the next try
+    that an earlier one may have reached the provider (Job.call_may_have_arrived, Job.tried_before).
     """
     job = await lock_parked(session, job_id)
     if job is None:
