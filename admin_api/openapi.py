@@ -123,11 +123,18 @@ _NOTES = {
                                 "money was taken (409). The same request under its idempotencyKey answers the "
                                 "payment it recorded (201, Idempotent-Replayed); another request under it, or under "
                                 "a key a POST /v1/payments used, is a 409.",
+    "transition_dispute": "A dispute closed already (RESOLVED, REJECTED, WITHDRAWN; another admin's resolution "
+                          "that got there first) takes no further move or note: 409 INVALID_STATE saying who closed "
+                          "it, when and how (its resolution, the refund it was resolved with), nothing changed; a "
+                          "payment contested again gets a new dispute. 422 for a dispute under review sent back to "
+                          "OPEN, or sent its own status without a note or evidence.",
     "give_gateway_reference": "Only for a payment recorded with POST /v1/payments/recorded without the request "
                               "that took its money (channel recorded, gatewayReference starting recorded:): 409 for "
                               "any other payment, and for one whose gatewayReference is known already (it is not "
                               "changed). 409 if a payment of the provider holds the reference (another "
-                              "cooperative's is not named). Nothing is sent to the provider; audited "
+                              "cooperative's is not named; one of the cooperative is, with its status and what that "
+                              "makes true of the request's money: recorded there, or, for a FAILED, VOIDED, "
+                              "timed-out or open one, not, and what to do). Nothing is sent to the provider; audited "
                               "payment.gateway_reference_set by the caller. A refund through MTN MoMo, refused "
                               "before (409), can then be sent.",
     "update_endpoint": "url and events (at least one) are checked as at registration: the event list; https, no "

@@ -255,7 +255,9 @@ RECORDED_PAYMENT = obj(
                                             "it) a refund of the payment through MTN is refused: record the money "
                                             "MTN sends back with returnedByProvider instead (or give it later: "
                                             "POST /v1/payments/{id}/gateway-reference). 409 if a payment of the "
-                                            "provider has it"},
+                                            "provider has it (the message says what that payment's status makes "
+                                            "true of the request's money: a FAILED one's is not recorded, so the "
+                                            "line is recorded without gatewayReference)"},
         "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128,
                            "description": "as for POST /v1/payments: the same request again answers the payment it "
                                           "recorded, another request under it is a 409"},

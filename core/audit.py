@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import iso_z, row_insert, utcnow
-from core.models import AuditEvent
+from core.models import AdminUser, ApiKey, AuditEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,3 +102,24 @@ async def record(
             "at": utcnow(),
         },
     )
+
+
+async def done_by(session: AsyncSession, entity_type: str, entity_id: str,
+                  actions: tuple[str, ...]) -> tuple[str, datetime] | None:
+    """Who did the latest of `actions` to the entity, as a staff member reads it in a refusal (another admin got
+    there first), and when: a staff login by its username, an API key by its name, anyone else as the audit log
+    names them; None without such a row. Told only to staff."""
+    row = (await session.execute(
+        select(AuditEvent.actor, AuditEvent.at).where(
+            AuditEvent.entity_type == entity_type, AuditEvent.entity_id == entity_id,
+            AuditEvent.action.in_(actions)).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(1))).first()
+    if row is None:
+        return None
+    kind, _, ident = row.actor.partition(":")
+    name = None
+    if kind == "admin":
+        name = (await session.execute(select(AdminUser.username).where(AdminUser.id == ident))).scalar_one_or_none()
+    elif kind == "apikey":
+        found = (await session.execute(select(ApiKey.name).where(ApiKey.id == ident))).scalar_one_or_none()
+        name = None if found is None else f"API key {found}"
+    return name or row.actor, row.at

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.audit import Actor, record
+from core.audit import Actor, done_by, record
 from core.db import iso_ms, iso_z, lock_row, parse_aware, serialise_on_sqlite, utcnow
 from core.errors import DISPUTE_ALREADY_OPEN, INVALID_STATE, BusinessRuleError, Conflict, NotFound, ValidationError
-from core.models import Dispute, Member, OutboxJob, Payment
+from core.models import Dispute, Member, OutboxJob, Payment, Refund
 from core.money import Money
 from core.notify import changed_at, notice_jobs, sms_dedupe
 from core.outbox import NewJob, enqueue_many
@@ -138,6 +138,33 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
     return dispute
 
 
+# How a closed dispute was closed, as a refusal says it (_closed_already).
+_CLOSED_AS = {D.RESOLVED: "resolved in the payer's favour", D.REJECTED: "rejected", D.WITHDRAWN: "withdrawn"}
+
+
+async def _closed_already(session: AsyncSession, dispute: Dispute, current: DisputeStatus) -> Conflict:
+    """The refusal of a change to a closed dispute (RESOLVED, REJECTED, WITHDRAWN: final): 409, as every change
+    that another admin's got ahead of (a refund withdrawn, a payment voided already), saying who closed it and when
+    (its move's audit row), how (its resolution, the refund it was resolved with) and what is left to do: a payment
+    contested again gets a new dispute (open_dispute refuses only while one is open). One answer for a move and for
+    a note (the same status again): the same request is both (a second admin's RESOLVED with her note)."""
+    by = await done_by(session, DISPUTE.name, dispute.id, (f"{DISPUTE.name}.{current.value.lower()}",))
+    who = "" if by is None else f" by {by[0]}"
+    when = dispute.resolved_at or (None if by is None else by[1])  # (the time its API shows: resolvedAt)
+    who += "" if when is None else f" at {iso_z(when)}"
+    how = ""
+    if dispute.resolution and dispute.resolution != current.value.lower():
+        how = f' ("{dispute.resolution}")'
+    if dispute.refund_id is not None:
+        refund = await session.get(Refund, dispute.refund_id)
+        if refund is not None:
+            how += (f" with refund {refund.reference} of {Money(refund.amount_minor, refund.currency)} "
+                    f"({refund.status})")
+    return Conflict(f"dispute {dispute.reference} was {_CLOSED_AS[current]} already{who}{how}: a closed dispute "
+                    "takes no further move or note; if the payment is contested again, open a new dispute of it "
+                    "(POST /v1/disputes)", field="status", code=INVALID_STATE)
+
+
 def _note(actor: Actor, text: str | None, evidence: str | None, status: str) -> dict[str, Any]:
     """A note as stored: `at` written as the API writes every time (iso_z). Notes stored before were Python's
     isoformat (`…T07:03:17.960057+00:00`); present_note shows those the same way."""
@@ -210,6 +237,11 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
         if text is not None and len(text) > 2000:
             raise ValidationError(f"{name} must be at most 2000 characters", field=name)
     current = DisputeStatus(dispute.status)
+    if current in DISPUTE.final:
+        # Another admin closed it first (two resolving at once: this one waited on the lock above), or it was closed
+        # long ago: what is true is that it is closed, by whom and how, not the state machine's "RESOLVED ->
+        # RESOLVED is not allowed".
+        raise await _closed_already(session, dispute, current)
     if target is current and current in (D.OPEN, D.UNDER_REVIEW):
         # The same status again: evidence gathered while the dispute stays where it is (a note, a statement
         # line), kept on the dispute and in the audit log; the member is not messaged about it.
@@ -220,9 +252,12 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
                        audit={"note": note, "evidence": evidence})
         await session.flush()
         return dispute
-    # Before any refund is asked for: a closed dispute's answer is that it is closed, not a refund's refusal (more
-    # than is left, or the key of the refund it was resolved with).
-    DISPUTE.check(current, target)
+    # (A closed dispute's answer is that it is closed, above: before any refund is asked for, not a refund's refusal
+    # (more than is left, or the key of the refund it was resolved with).)
+    if not DISPUTE.allowed(current, target):  # UNDER_REVIEW -> OPEN: the one move left that the table refuses
+        raise BusinessRuleError(f"dispute {dispute.reference} is {current.value}: it does not go back to "
+                                f"{target.value}; send a note or evidence to add to it, or close it (RESOLVED, "
+                                "REJECTED or WITHDRAWN)", field="status", code=INVALID_STATE)
     values: dict[str, Any] = {}
     if target in (D.RESOLVED, D.REJECTED, D.WITHDRAWN):
         values["resolved_at"] = utcnow()

@@ -123,8 +123,9 @@ CODES: dict[str, str] = {
     INVALID_STATE: "409 or 422: the payment, refund, dispute, member, job or webhook endpoint is in a state that "
                    "does not allow the operation, or one it depends on is (a member's payment still open, a "
                    "payment's open dispute); message names the state. 422: a refund of a payment whose money "
-                   "was not collected, or a move its state machine does not allow (a dispute to a disallowed "
-                   "status, or to its own); 409 otherwise",
+                   "was not collected, or a dispute move its states do not allow (one under review back to OPEN, "
+                   "or to its own status without a note); 409 otherwise (a dispute closed already: the message "
+                   "says by whom, when and how)",
     REFUND_EXCEEDS_REFUNDABLE: "422: the refund's amount exceeds what is left to refund of the payment (a "
                                "chargeback's, returnedByProvider: what was collected on it)",
     PARTIAL_REFUND_UNSUPPORTED: "422: the payment's provider refunds only the full amount",

@@ -1016,8 +1016,10 @@ async def review_flags(session: AsyncSession, payment_id: str, cooperative_id: s
 
 
 async def _reference_holder(session: AsyncSession, provider: str, reference: str) -> Any:
-    """The payment (reference, cooperative_id) holding `reference` as its request id at `provider`, or None: one
-    probe of the (provider, provider_reference) unique index."""
+    """The payment (reference, cooperative_id, status, completed_at, collected_minor: what its money is) holding
+    `reference` as its request id at `provider`, or None: one probe of the (provider, provider_reference) unique
+    index."""
     return (await session.execute(
-        select(Payment.reference, Payment.cooperative_id)
+        select(Payment.reference, Payment.cooperative_id, Payment.status, Payment.completed_at,
+               Payment.collected_minor)
         .where(Payment.provider == provider, Payment.provider_reference == reference))).first()

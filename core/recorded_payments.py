@@ -51,7 +51,7 @@ from core.reference_mark import ISSUED
 from core.references import REFERENCE_SHAPE, next_reference
 from core.state import transition
 from core.state.dispute import DisputeStatus
-from core.state.payment import OPEN, PAYMENT, PaymentStatus
+from core.state.payment import OPEN, PAYMENT, PaymentStatus, holds_money
 from core.state.refund import RefundStatus
 from core.text import admin_note, is_uuid
 from core.transaction_ids import _lock_transaction_id, transaction_id_free
@@ -225,16 +225,61 @@ def _known_request(given: str | None, callback_reference: str | None) -> str | N
     return given or callback_reference
 
 
-async def _request_free(session: AsyncSession, provider: str, reference: str, cooperative_id: str) -> None:
+async def _request_free(session: AsyncSession, provider: str, reference: str, cooperative_id: str, *,
+                        given: bool = False) -> None:
     """A Conflict when a payment of `provider` holds `reference` as its provider reference ((provider, provider
-    reference) is unique): that request's money is on that payment. Another cooperative's payment is not named."""
+    reference) is unique: a request is one payment's), saying what that payment's status makes true of the request's
+    money and what to do (_held_request): for a line being recorded (record_payment), or given to a payment recorded
+    already (`given`: set_gateway_reference). Another cooperative's payment is neither named nor described."""
     held = await _reference_holder(session, provider, reference)
-    if held is not None:
-        where = f"by payment {held.reference}" if held.cooperative_id == cooperative_id \
-            else "by another cooperative's payment"
-        raise Conflict(f"gatewayReference {reference} is held already {where}: that request's money is recorded "
-                       "(check it against the provider's statement)", field="gatewayReference",
-                       code=DUPLICATE_REFERENCE)
+    if held is None:
+        return
+    said = f"gatewayReference {reference} is held already "
+    if held.cooperative_id != cooperative_id:
+        said += ("by another cooperative's payment: a request is one payment's (check it against the provider's "
+                 "statement)")
+    else:
+        said += f"by payment {held.reference}, which is {held.status}: {_held_request(held, given)}"
+    raise Conflict(said, field="gatewayReference", code=DUPLICATE_REFERENCE)
+
+
+# A refund through a provider that names the request that took the money (MTN's referenceIdToRefund) of a payment
+# that keeps no request (core.refunds._request_to_refund_known), said where a payment is left without one.
+_NO_REQUEST_REFUND = ("an MTN refund of it, which names the request, is then refused: have the provider send the "
+                      "money back and record that with returnedByProvider")
+
+
+def _held_request(held: Any, given: bool) -> str:
+    """What is true of the money of a request a payment holds (`held`: _reference_holder's row), and what to do,
+    when the same request is named for a statement line: recorded as a new payment (POST /v1/payments/recorded),
+    or, `given`, for a payment recorded already (POST /v1/payments/{id}/gateway-reference), whose money is then
+    recorded here. A request's money is recorded there only when that payment holds money (collected, or taken after
+    it failed: holds_money); a FAILED or VOIDED one keeps its request but holds none, and a given-up or open one is
+    the gateway's own request whose outcome has not been recorded (POST /v1/payments/{id}/outcome records it)."""
+    status = P(held.status)
+    if holds_money(held):
+        where = "that request's money is recorded there" + (
+            " (taken after the payment had failed)" if status is P.FAILED else "")
+        return (f"{where}, and this payment records money too: if both are the same statement line, void this "
+                "recording (POST /v1/payments/{id}/void)" if given else
+                f"{where}, and is not recorded twice (check that payment against the provider's statement)")
+    if status in (P.FAILED, P.VOIDED):
+        why = ("the provider said that request failed" if status is P.FAILED
+               else "that payment's recording was voided")
+        return (f"{why}, so its money is recorded only here; the request stays that payment's, and this one keeps "
+                f"none ({_NO_REQUEST_REFUND})" if given else
+                f"{why}, so its money is not recorded there; the request stays that payment's: record the statement "
+                f"line without gatewayReference ({_NO_REQUEST_REFUND})")
+    if status in GIVEN_UP:
+        return ("its outcome never reached the gateway, so its money is recorded only here; the request stays that "
+                f"payment's: to refund by it, void this recording (POST /v1/payments/{{id}}/void) and record the "
+                f"money on payment {held.reference} instead (POST /v1/payments/{{id}}/outcome)" if given else
+                "its outcome never reached the gateway, so its money is not recorded: record it on that payment "
+                "(POST /v1/payments/{id}/outcome), not as a new one")
+    return ("the provider has not answered for it yet: if it answers paid, this payment and that one record the same "
+            "money: void this recording then (POST /v1/payments/{id}/void)" if given else
+            "the provider has not answered for it yet, and its money is recorded there when it does (or, once its "
+            "approval window is over, with POST /v1/payments/{id}/outcome): it is not recorded as a new payment")
 
 
 async def set_gateway_reference(session: AsyncSession, *, payment_id: str, cooperative_id: str | None,
@@ -267,7 +312,7 @@ async def set_gateway_reference(session: AsyncSession, *, payment_id: str, coope
     assert reference is not None  # the body requires it; _request_reference answers None only for None
     provider, coop_id, unknown = payment.provider, payment.cooperative_id, payment.provider_reference  # (a rollback
     # below expires the row)
-    await _request_free(session, provider, reference, coop_id)
+    await _request_free(session, provider, reference, coop_id, given=True)
     payment.provider_reference = reference
     payment.updated_at = changed_at(payment.updated_at)  # changed: a cooperative's sync lists it again
     try:
@@ -276,7 +321,7 @@ async def set_gateway_reference(session: AsyncSession, *, payment_id: str, coope
         if "provider_reference" not in str(exc.orig):
             raise
         await session.rollback()
-        await _request_free(session, provider, reference, coop_id)
+        await _request_free(session, provider, reference, coop_id, given=True)
         raise Conflict(f"gatewayReference {reference} was taken by another payment at the same moment: look it up "
                        "(GET /v1/payments)", field="gatewayReference", code=DUPLICATE_REFERENCE) from None
     await record(session, actor=actor, action="payment.gateway_reference_set", entity_type="payment",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core import metrics
-from core.audit import Actor, record
+from core.audit import Actor, done_by, record
 from core.db import ADVISORY_XACT_LOCK, insert_ignore, iso_ms, iso_z, lock_row, table_of, utcnow
 from core.errors import (
     CONCURRENT_CHANGE,
@@ -782,7 +783,8 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
 
 
 # The audit action of a chargeback that took what the payment's refunds give back beyond what was collected
-# (_returned_beyond_collected); its `inFlight` names the refunds at the provider it counted.
+# (_returned_beyond_collected); its `inFlight` names the refunds at the provider it counted, `chargebacks` those its
+# flag names, `flag` the flag's text and `updated` the chargeback whose open flag it replaced (None: a new flag).
 RETURNED_BEYOND_COLLECTED = "refund.returned_beyond_collected"
 
 
@@ -792,9 +794,20 @@ async def _returned_beyond_collected(session: AsyncSession, refund: Refund, paym
     (`refunded` counts them and it) and those still at the provider, which can no longer be withdrawn (sent, or a try
     of them may have arrived: _withdraw_unsent left them), more than was collected goes back to the payer. The
     provider's statement stands, and so do the refunds: the payment is flagged for a person to recover the rest from
-    the member (or to see the refund at the provider fail), audited, counted (beyond_collected) and logged ERROR,
-    once: that refund's completion is not flagged again (_over_return_flagged)."""
-    over = await refunds_holding(session, payment) - collected(payment)
+    the member (or to see the refund at the provider fail), audited and logged ERROR; that refund's completion is not
+    flagged again (_over_return_flagged).
+
+    One flag per payment, stating what is beyond collected now: a chargeback while an earlier one's flag is still
+    open (not reviewed, and the payment still beyond collected before this one) replaces that flag, with the
+    chargebacks together, the total beyond collected and the refunds still at the provider (_open_flag), rather than
+    adding a second whose sum overlaps the first (30,000 then 50,000 "more than collected" read as 80,000 to recover
+    when 50,000 is). Counted (gateway_refund_anomalies_total{kind="beyond_collected"}) when the payment newly goes
+    beyond collected, once per open flag: the alert a person acts on is the payment, and one already flagged is
+    already hers to deal with (its flag now says the new total); a chargeback after the flag was reviewed, or after
+    nothing was left to recover (a counted refund failed: _over_return_failed), counts again. Each chargeback is
+    audited (RETURNED_BEYOND_COLLECTED, with the flag it wrote and the one it replaced)."""
+    holding = await refunds_holding(session, payment)
+    over = holding - collected(payment)
     if over <= 0:
         return
     in_flight = (await session.execute(
@@ -802,21 +815,75 @@ async def _returned_beyond_collected(session: AsyncSession, refund: Refund, paym
         .order_by(Refund.created_at, Refund.id))).all()
     gone = max(0, refunded - collected(payment))
     pending = ", ".join(reference for _, reference in in_flight)
+    # Beyond collected before this chargeback too: the excess an open flag states still stands.
+    earlier = await _open_flag(session, payment) if over - refund.amount_minor > 0 else None
+    ids = [*((earlier.after.get("chargebacks") or [earlier.entity_id]) if earlier is not None else []), refund.id]
+    named = (await session.execute(select(Refund.reference, Refund.amount_minor).where(Refund.id.in_(ids))
+                                   .order_by(Refund.created_at, Refund.id))).all()
+    total = Money(sum(amount for _, amount in named), refund.currency)
     # Short: the column keeps 300 characters of every flag together (core.payments.fit_detail).
-    detail = f"chargeback {refund.reference} of {Money(refund.amount_minor, refund.currency)}: " + (
+    said = (f"chargeback {refund.reference} of {total}: " if len(named) == 1 else
+            f"chargebacks {', '.join(reference for reference, _ in named)} of {total} in all: ")
+    detail = said + (
         f"{Money(over, payment.currency)} more than collected has gone back to the payer" if gone >= over
         else (f"{Money(gone, payment.currency)} more than collected has gone back, {Money(over, payment.currency)} "
               if gone else f"{Money(over, payment.currency)} more than collected goes back ")
         + f"if refund {pending} completes") + ": recover it from the member"
     await record(session, actor=actor, action=RETURNED_BEYOND_COLLECTED, entity_type="refund", entity_id=refund.id,
                  after={"paymentId": payment.id, "overReturned": over, "alreadyReturned": gone,
-                        "inFlight": [refund_id for refund_id, _ in in_flight]},
+                        "inFlight": [refund_id for refund_id, _ in in_flight], "chargebacks": ids, "flag": detail,
+                        "updated": None if earlier is None else earlier.entity_id},
                  cooperative_id=refund.cooperative_id)
+    if earlier is not None:
+        payment.mismatch_detail = await _without_flag(session, payment.mismatch_detail, earlier.after)
+    else:
+        metrics.REFUND_ANOMALIES.labels(kind="beyond_collected").inc()
     await _flag(session, payment, detail)
-    metrics.REFUND_ANOMALIES.labels(kind="beyond_collected").inc()
     log.error("chargeback recorded beyond what the refunds left: the member is paid back more than was collected",
               extra={"refund": refund.reference, "payment": payment.reference, "over_refunded_minor": over,
-                     "in_flight": [reference for _, reference in in_flight], "actor": actor.id})
+                     "in_flight": [reference for _, reference in in_flight], "actor": actor.id,
+                     "flag_updated": earlier is not None})
+
+
+async def _open_flag(session: AsyncSession, payment: Payment) -> Any:
+    """The audit row (entity_id, after) of the payment's latest chargeback flag beyond collected
+    (_returned_beyond_collected) while it is open: the payment still flagged and not reviewed since (a review clears
+    every flag: core.payments.review_flags). None otherwise. One probe of the payment's chargebacks' rows, rare."""
+    if not payment.mismatch:
+        return None
+    chargebacks = select(Refund.id).where(Refund.payment_id == payment.id, Refund.returned_by_provider.is_(True))
+    row = (await session.execute(
+        select(AuditEvent.entity_id, AuditEvent.after, AuditEvent.at).where(
+            AuditEvent.entity_type == "refund", AuditEvent.action == RETURNED_BEYOND_COLLECTED,
+            AuditEvent.entity_id.in_(chargebacks)).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(1)
+    )).first()
+    if row is None or not isinstance(row.after, dict):
+        return None
+    reviewed = (await session.execute(select(AuditEvent.id).where(
+        AuditEvent.entity_type == "payment", AuditEvent.entity_id == payment.id,
+        AuditEvent.action == "payment.reviewed", AuditEvent.at >= row.at).limit(1))).first()
+    return None if reviewed is not None else row
+
+
+async def _without_flag(session: AsyncSession, detail: str | None, after: dict[str, Any]) -> str | None:
+    """`detail` (a payment's mismatch_detail) without an open chargeback flag a new one replaces (`after`: its audit
+    row's): its text, and what _over_return_failed added since about the refunds it counted (the new flag states what
+    is beyond collected now, and which refunds are still at the provider). A text the column's limit cut
+    (fit_detail), or a row written before it kept its flag's text, leaves the detail as it is: the new flag follows."""
+    if not detail:
+        return detail
+    if isinstance(after.get("flag"), str):
+        detail = _cut(detail, re.escape(after["flag"]))
+    counted = [i for i in after.get("inFlight") or [] if isinstance(i, str)]
+    if counted:
+        for reference in (await session.execute(select(Refund.reference).where(Refund.id.in_(counted)))).scalars():
+            detail = _cut(detail, re.escape(f"refund {reference} failed: ") + r"[^;]*")
+    return detail or None
+
+
+def _cut(detail: str, pattern: str) -> str:
+    """`detail` without the flags matching `pattern` (flags are joined by "; ": core.payments.add_flag)."""
+    return re.sub(rf"(?:^|; ){pattern}(?=;|$)", "", detail).removeprefix("; ")
 
 
 async def _over_return_failed(session: AsyncSession, refund: Refund, *, actor: Actor) -> None:
@@ -1000,6 +1067,14 @@ async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, c
     refund = await lock_row(session, Refund, refund_id, cooperative_id)
     if refund is None:
         raise NotFound("refund not found")
+    if R(refund.status) is R.FAILED and (refund.failure_reason or "").startswith(WITHDRAWN_BY_ADMIN):
+        # Another admin withdrew it first (two at once: this one waited on the lock above): said so, with who and
+        # when, not "only one not yet sent can be withdrawn", which reads as if it had been sent.
+        by = await done_by(session, "refund", refund.id, ("refund.cancelled",))
+        who = "" if by is None else f" by {by[0]} at {iso_z(by[1])}"
+        raise Conflict(f"refund {refund.reference} was withdrawn already{who} ("
+                       f"{refund.failure_reason.removeprefix(WITHDRAWN_BY_ADMIN)}): nothing of it was sent",
+                       field="status", code=INVALID_STATE)
     if R(refund.status) is not R.PENDING:
         raise Conflict(f"refund is already {refund.status}: only one not yet sent to the provider can be withdrawn"
                        + ("" if R(refund.status) is not R.PROCESSING else

@@ -91,7 +91,8 @@ async def test_a_chargeback_while_a_refund_is_at_the_provider_is_recorded_and_fl
     assert _anomalies("beyond_collected") == before + 1
     [entry] = await _audit(rt, "refund.returned_beyond_collected")
     assert (entry.entity_id, entry.after) == (recorded["id"], {
-        "paymentId": paid["id"], "overReturned": 50_000, "alreadyReturned": 0, "inFlight": [sent["id"]]})
+        "paymentId": paid["id"], "overReturned": 50_000, "alreadyReturned": 0, "inFlight": [sent["id"]],
+        "chargebacks": [recorded["id"]], "flag": payment["mismatchDetail"], "updated": None})
     flagged = await admin.json("GET", "/v1/payments?mismatch=true", 200)
     assert [p["id"] for p in flagged["data"]] == [paid["id"]]
     # Ordinary refunds keep their limits: nothing is left to send.
@@ -320,3 +321,83 @@ async def test_a_chargeback_leaves_a_replayed_refund_whose_earlier_try_may_have_
     payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
     assert payment["mismatch"] and (f"50,000 RWF more than collected goes back if refund {tried['reference']} "
                                     "completes" in payment["mismatchDetail"])
+
+
+async def _review(admin: Any, paid: dict[str, Any]) -> None:
+    await admin.json("POST", f"/v1/payments/{paid['id']}/review", 200, json={"note": "asked the member to repay"})
+
+
+async def test_chargebacks_beyond_collected_on_one_payment_keep_one_flag_stating_the_total(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """MTN reverses a payment in two parts while its full refund is at MTN. Each part added its own flag, "30,000 RWF
+    more than collected goes back", then "50,000 RWF more than collected goes back" (read together: 80,000 to recover,
+    when 50,000 is), and counted again in gateway_refund_anomalies_total{kind="beyond_collected"}. Now one flag states
+    the total, naming both chargebacks; the payment is counted once, when it went beyond collected; each chargeback is
+    audited."""
+    paid = await _collected(admin, rt, demo)
+    sent = await _at_the_provider(admin, rt, paid)
+    before = _anomalies("beyond_collected")
+    first = await _chargeback(admin, paid, 30_000, "MTN-REV-21")
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert payment["mismatchDetail"] == (
+        f"chargeback {first['reference']} of 30,000 RWF: 30,000 RWF more than collected goes back if refund "
+        f"{sent['reference']} completes: recover it from the member")
+    second = await _chargeback(admin, paid, 20_000, "MTN-REV-22")
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["status"], payment["refundedAmount"], payment["mismatch"]) == ("REFUNDED", 50_000, True)
+    assert payment["mismatchDetail"] == (
+        f"chargebacks {first['reference']}, {second['reference']} of 50,000 RWF in all: 50,000 RWF more than "
+        f"collected goes back if refund {sent['reference']} completes: recover it from the member")
+    assert _anomalies("beyond_collected") == before + 1
+    entries = sorted(await _audit(rt, "refund.returned_beyond_collected"), key=lambda e: e.at)
+    assert [(e.entity_id, e.after["overReturned"], e.after["chargebacks"], e.after["updated"]) for e in entries] == [
+        (first["id"], 30_000, [first["id"]], None),
+        (second["id"], 50_000, [first["id"], second["id"]], first["id"])]
+    # The refund at MTN then completes: the money its flag counted, flagged and counted no more.
+    assert await _mtn_says_sent(rt, sent["id"]) == "completed"
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["refundedAmount"], payment["mismatchDetail"].count("more than collected")) == (100_000, 1)
+    assert _anomalies("beyond_collected") == before + 1
+
+
+async def test_the_refund_counted_by_both_chargebacks_failing_leaves_nothing_to_recover(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    paid = await _collected(admin, rt, demo)
+    sent = await _at_the_provider(admin, rt, paid)
+    first = await _chargeback(admin, paid, 30_000, "MTN-REV-23")
+    second = await _chargeback(admin, paid, 20_000, "MTN-REV-24")
+    assert await _mtn_says_sent(rt, sent["id"], ProviderOutcome.FAILED) == "failed"
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["refundedAmount"], payment["mismatch"], payment["mismatchDetail"]) == (50_000, True, (
+        f"chargebacks {first['reference']}, {second['reference']} of 50,000 RWF in all: 50,000 RWF more than "
+        f"collected goes back if refund {sent['reference']} completes: recover it from the member; refund "
+        f"{sent['reference']} failed: nothing to recover"))
+
+
+async def test_going_beyond_collected_again_is_a_new_flag_and_counted_again(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """Once nothing is left to recover (the refund a chargeback's flag counted failed), or once a person reviewed the
+    flag, a chargeback that takes the payment beyond collected again is a new flag, counted again."""
+    paid = await _collected(admin, rt, demo)
+    sent = await _at_the_provider(admin, rt, paid)
+    before = _anomalies("beyond_collected")
+    first = await _chargeback(admin, paid, 20_000, "MTN-REV-25")
+    assert await _mtn_says_sent(rt, sent["id"], ProviderOutcome.FAILED) == "failed"  # nothing to recover
+    again = await _at_the_provider(admin, rt, paid, amount=30_000)  # what is left, refunded
+    second = await _chargeback(admin, paid, 20_000, "MTN-REV-26")
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    # (The oldest flag's middle cut to the column's 300 characters: core.payments.fit_detail.)
+    assert payment["mismatchDetail"].startswith(f"chargeback {first['reference']} of 20,000 RWF: ")
+    assert payment["mismatchDetail"].endswith(
+        f" failed: nothing to recover; chargeback {second['reference']} of 20,000 RWF: "
+        f"20,000 RWF more than collected goes back if refund {again['reference']} completes: recover it from the "
+        "member")
+    assert _anomalies("beyond_collected") == before + 2
+    # Reviewed: the next chargeback's flag is a new one (the reviewed one is no longer open), counted.
+    await _review(admin, paid)
+    third = await _chargeback(admin, paid, 10_000, "MTN-REV-27")
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["mismatch"], payment["mismatchDetail"]) == (True, (
+        f"chargeback {third['reference']} of 10,000 RWF: 30,000 RWF more than collected goes back if refund "
+        f"{again['reference']} completes: recover it from the member"))
+    assert _anomalies("beyond_collected") == before + 3

@@ -27,11 +27,14 @@ async def test_a_closed_dispute_is_never_reopened(admin: Caller, rt: Any, demo: 
                             json={"status": closed, "note": "decided"})
     assert done["resolvedAt"] is not None and done["resolution"] == "decided"
     sent = await _sms_jobs(rt)
+    how = {"RESOLVED": "resolved in the payer's favour", "REJECTED": "rejected", "WITHDRAWN": "withdrawn"}[closed]
     for again in ("OPEN", "UNDER_REVIEW"):
-        refused = await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 422,
+        refused = await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 409,
                                    json={"status": again, "note": "looking again"})
-        assert (refused["code"], refused["message"]) == ("INVALID_STATE",
-                                                         f"dispute: {closed} -> {again} is not allowed")
+        assert (refused["code"], refused["message"]) == ("INVALID_STATE", (
+            f"dispute {dispute['reference']} was {how} already by admin@kigali-heights.rw at {done['resolvedAt']} "
+            '("decided"): a closed dispute takes no further move or note; if the payment is contested again, open '
+            "a new dispute of it (POST /v1/disputes)"))
     shown = await admin.json("GET", f"/v1/disputes/{dispute['id']}", 200)
     assert (shown["status"], shown["resolvedAt"]) == (closed, done["resolvedAt"])
     assert await _sms_jobs(rt) == sent  # the member is told nothing more
@@ -65,3 +68,17 @@ async def test_the_audit_log_says_what_a_dispute_was_opened_for(admin: Caller, r
     events = await admin.json("GET", f"/v1/audit-events?entityType=dispute&entityId={dispute['id']}", 200)
     [opened] = [e for e in events["data"] if e["action"] == "dispute.opened"]
     assert opened["after"] == {"paymentId": payment["id"], "reason": "NOT_AUTHORISED"}
+
+
+async def test_a_dispute_under_review_is_told_it_does_not_go_back_to_open(admin: Caller, rt: Any,
+                                                                         demo: dict[str, Any]) -> None:
+    """The one move the table refuses of a dispute still open was answered in the state machine's words ("dispute:
+    UNDER_REVIEW -> OPEN is not allowed"); now what is true and what the officer can do instead."""
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    await complete_payment(rt, payment["id"])
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": payment["id"], "reason": "OTHER"})
+    await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 200, json={"status": "UNDER_REVIEW"})
+    refused = await admin.json("POST", f"/v1/disputes/{dispute['id']}/transitions", 422, json={"status": "OPEN"})
+    assert (refused["code"], refused["message"]) == ("INVALID_STATE", (
+        f"dispute {dispute['reference']} is UNDER_REVIEW: it does not go back to OPEN; send a note or evidence to add "
+        "to it, or close it (RESOLVED, REJECTED or WITHDRAWN)"))

@@ -79,7 +79,8 @@ async def test_refunds_and_states(admin: Caller, rt: Any, demo: dict[str, Any]) 
                               json={"amount": 1000, "idempotencyKey": idem()})
     await admin.json("POST", f"/v1/refunds/{refund['id']}/cancel", 200, json={"note": "asked twice"})
     withdrawn = await admin.json("POST", f"/v1/refunds/{refund['id']}/cancel", 409, json={"note": "asked twice"})
-    assert withdrawn["code"] == "INVALID_STATE" and withdrawn["message"].startswith("refund is already")
+    assert withdrawn["code"] == "INVALID_STATE" and withdrawn["message"].startswith(
+        f"refund {refund['reference']} was withdrawn already")
 
     # Airtel refunds only the whole payment.
     airtel = await admin.json("POST", "/v1/payments", 201, json=payment_body(

@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 
 from core.models import AuditEvent, Payment
 from providers.mtn_momo.simulator import REFUNDS, TRANSACTIONS
@@ -200,3 +200,75 @@ async def test_a_voided_recording_is_given_no_request(admin: Caller, rt: Any, de
     right = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(
         demo, gatewayReference=request, providerTransactionId="MTN-RIGHT"))
     assert right["gatewayReference"] == request
+
+
+# A payment of the gateway's own holding a request, moved to each status (values written on its row), and what each
+# route's refusal must say of that request's money: recording the line as a new payment (POST /v1/payments/recorded)
+# or giving the request to a payment recorded already (this route), whose money is recorded there.
+_HELD_BY = {
+    "FAILED": ({"status": "FAILED", "failure_reason": "declined"},
+               "the provider said that request failed, so its money is not recorded there; the request stays that "
+               "payment's: record the statement line without gatewayReference (an MTN refund of it, which names "
+               "the request, is then refused: have the provider send the money back and record that with "
+               "returnedByProvider)",
+               "the provider said that request failed, so its money is recorded only here; the request stays that "
+               "payment's, and this one keeps none (an MTN refund of it, which names the request, is then refused: "
+               "have the provider send the money back and record that with returnedByProvider)"),
+    "FAILED, money taken after": ({"status": "FAILED", "failure_reason": "declined", "collected_minor": 50000,
+                                   "completed_at": "now"},
+                                  "that request's money is recorded there (taken after the payment had failed), and "
+                                  "is not recorded twice",
+                                  "that request's money is recorded there (taken after the payment had failed), and "
+                                  "this payment records money too: if both are the same statement line, void this "
+                                  "recording (POST /v1/payments/{id}/void)"),
+    "COMPLETED": ({"status": "COMPLETED", "collected_minor": 50000, "completed_at": "now"},
+                  "that request's money is recorded there, and is not recorded twice",
+                  "that request's money is recorded there, and this payment records money too"),
+    "TIMEOUT": ({"status": "TIMEOUT"},
+                "its outcome never reached the gateway, so its money is not recorded: record it on that payment "
+                "(POST /v1/payments/{id}/outcome), not as a new one",
+                "its outcome never reached the gateway, so its money is recorded only here; the request stays that "
+                "payment's: to refund by it, void this recording (POST /v1/payments/{id}/void) and record the money "
+                "on payment {held} instead (POST /v1/payments/{id}/outcome)"),
+    "VOIDED": ({"status": "VOIDED"}, "that payment's recording was voided, so its money is not recorded there",
+               "that payment's recording was voided, so its money is recorded only here"),
+    "PENDING": ({}, "the provider has not answered for it yet, and its money is recorded there when it does",
+                "the provider has not answered for it yet: if it answers paid, this payment and that one record the "
+                "same money: void this recording then (POST /v1/payments/{id}/void)"),
+}
+
+
+@pytest.mark.parametrize("held_by", list(_HELD_BY))
+async def test_a_request_a_payment_holds_is_refused_saying_what_its_status_makes_true(
+        admin: Caller, rt: Any, demo: dict[str, Any], held_by: str) -> None:
+    """A FAILED payment's request named for a statement line was refused "that request's money is recorded": untrue,
+    the provider said it failed and nothing of it is recorded (and /outcome, refusing that FAILED payment, sends the
+    admin to POST /v1/payments/recorded). Each route now says what the holder's status makes true: recording a new
+    line, that the money is not recorded there and to record the line without the request; giving the request to a
+    payment recorded already, that its money is recorded only on that payment, which keeps no request."""
+    from datetime import UTC, datetime
+
+    values, recording, giving = _HELD_BY[held_by]
+    holder = await admin.json("POST", "/v1/payments", 201, json=payment_body(demo["payment_types"]["Monthly Rent"]))
+    if values:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(update(Payment).where(Payment.id == holder["id"]).values(
+                {k: datetime.now(UTC) if v == "now" else v for k, v in values.items()}))
+    request = holder["gatewayReference"]
+    start = f"gatewayReference {request} is held already by payment {holder['reference']}, which is "
+    status = values.get("status", "PENDING")
+
+    refused = await admin.json("POST", "/v1/payments/recorded", 409, json=_line(
+        demo, gatewayReference=request, providerTransactionId="MTN-LINE-1"))
+    assert (refused["code"], refused["field"]) == ("DUPLICATE_REFERENCE", "gatewayReference")
+    assert _said(refused).startswith(f"{start}{status}: {recording}"), _said(refused)
+    assert ("request's money is recorded there" in _said(refused)) is bool(values.get("collected_minor"))
+
+    recorded = await admin.json("POST", "/v1/payments/recorded", 201, json=_line(
+        demo, providerTransactionId="MTN-LINE-2"))
+    refused = await admin.json("POST", _url(recorded), 409, json={"gatewayReference": request})
+    assert (refused["code"], refused["field"]) == ("DUPLICATE_REFERENCE", "gatewayReference")
+    assert _said(refused).startswith(f"{start}{status}: {giving.replace('{held}', holder['reference'])}"), \
+        _said(refused)
+    row = await _row(rt, recorded["id"])
+    assert row.provider_reference == recorded["gatewayReference"] and await _audited(rt, recorded["id"]) == []

@@ -149,3 +149,21 @@ async def test_the_route_is_in_the_openapi_document(client: Any) -> None:
     operation = doc["paths"]["/v1/refunds/{id}/cancel"]["post"]
     assert operation["requestBody"]["content"]["application/json"]["schema"]["required"] == ["note"]
     assert "409" in operation["responses"]
+
+
+async def test_a_refund_withdrawn_twice_is_told_who_withdrew_it(admin: Any, rt: Any, demo: dict[str, Any],
+                                                                worker: Any) -> None:
+    """Two admins withdrawing the same queued refund (MTN down): the second, after the first, was answered "refund is
+    already FAILED: only one not yet sent to the provider can be withdrawn", as if it had been sent. Now: withdrawn
+    already, by whom, when and why, nothing of it sent."""
+    _wire, _payment, refund = await _queued_while_mtn_is_down(admin, rt, demo, worker)
+    url = f"/v1/refunds/{refund['id']}/cancel"
+    await admin.json("POST", url, 200, json={"note": "MTN reversed it itself"})
+    again = await admin.json("POST", url, 409, json={"note": "MTN reversed it, per its statement"})
+    async with rt.sessionmaker() as s:
+        [audit] = (await s.execute(select(AuditEvent).where(AuditEvent.action == "refund.cancelled"))).scalars()
+    assert (again["code"], again["message"]) == ("INVALID_STATE", (
+        f"refund {refund['reference']} was withdrawn already by admin@kigali-heights.rw at "
+        f"{audit.at.strftime('%Y-%m-%dT%H:%M:%SZ')} (MTN reversed it itself): nothing of it was sent"))
+    assert (await admin.json("GET", f"/v1/refunds/{refund['id']}", 200))["failureReason"] == \
+        "withdrawn by an admin: MTN reversed it itself"  # the first withdrawal's note stands
