@@ -71,6 +71,10 @@ def already_members(errors: list[RowError]) -> list[RowError]:
 # turn, hops during a 10,000-row import still took up to 0.3 s on a busy machine; at 20, 30-120 ms (as busy).
 TURN = 20
 
+# Lines read past (empty, or looked at for their encoding alone: _refuse_mixed) before the event loop gets a turn:
+# about a microsecond or two each, so again about 1 ms.
+LINES = 500
+
 T = TypeVar("T")
 
 
@@ -147,11 +151,11 @@ WORKBOOK = "is a spreadsheet workbook ({kind}), not a CSV file: save it as CSV (
 _WORKBOOKS = ((b"PK\x03\x04", ".xlsx or .ods"), (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", ".xls"))
 
 
-def decode(data: bytes) -> tuple[str, str]:
+def decode(data: bytes) -> Generator[None, None, tuple[str, str]]:
     """The file's text and the encoding it was read in: UTF-8 (with or without a BOM); UTF-16 with its BOM
     (Excel's "Unicode Text"); else Windows-1252 (Excel's "CSV (Comma delimited)" on a Windows set to English or
     French: "Amélie" is one byte é). A file that is none of these is refused; a workbook is told how to save it as
-    CSV."""
+    CSV. Stops (yield) as _refuse_mixed does."""
     for magic, kind in _WORKBOOKS:
         if data.startswith(magic):
             raise ImportRejected([RowError(0, "file", WORKBOOK.format(kind=kind))])
@@ -169,7 +173,7 @@ def decode(data: bytes) -> tuple[str, str]:
             except UnicodeDecodeError:
                 pass
             else:
-                _refuse_mixed(data)
+                yield from _refuse_mixed(data)
                 return text, "windows-1252"
     raise ImportRejected([RowError(0, "file", "must be text: UTF-8, UTF-16 or Windows-1252")])
 
@@ -179,26 +183,39 @@ def decode(data: bytes) -> tuple[str, str]:
 _CP1252_LOOKALIKE = ("\u0180", "\u07ff")
 
 
-def _refuse_mixed(data: bytes) -> None:
+def _refuse_mixed(data: bytes) -> Generator[None, None, None]:
     """A file not UTF-8 as a whole whose lines beyond ASCII are partly UTF-8 (a list saved as CSV UTF-8, then rows
     pasted in from an older Windows export): read as Windows-1252, its UTF-8 names were stored as "ZoÃ« AkÃ©llo".
-    Refused naming the lines that are not UTF-8, beside the first that is."""
-    utf8, other = [], []
+    Refused naming the lines that are not UTF-8 (the first MAX_ROWS of them), beside the first that is.
+
+    Stops (yield) after each LINES lines: a 5 MB file of short lines is 2.6 million of them, 2-5 s read in one
+    stretch while every USSD hop of this serve waited (and, all named, an answer of 2.6 million lines)."""
+    utf8 = 0  # the first UTF-8 line
+    other: list[int] = []
+    more = 0  # lines not UTF-8 past the first MAX_ROWS, counted, not named
     # Lines as the CSV reader counts them (parse_rows' row numbers): LF, CRLF or a bare CR (Excel for Mac).
     for number, line in enumerate(data.splitlines(), start=1):
+        if number % LINES == 0:
+            yield
         if line.isascii():
             continue
         try:
             read = line.decode("utf-8")
         except UnicodeDecodeError:
-            other.append(number)
+            if len(other) < MAX_ROWS:
+                other.append(number)
+            else:
+                more += 1
         else:
-            if not any(_CP1252_LOOKALIKE[0] <= char <= _CP1252_LOOKALIKE[1] for char in read):
-                utf8.append(number)
+            if not utf8 and not any(_CP1252_LOOKALIKE[0] <= char <= _CP1252_LOOKALIKE[1] for char in read):
+                utf8 = number
     if utf8 and other:
-        raise ImportRejected([RowError(n, "file", f"is not UTF-8 while row {utf8[0]} is: its letters beyond A-Z "
-                                                  "would be read wrong; save the whole list again as CSV UTF-8 and "
-                                                  "import that file") for n in other])
+        errors = [RowError(n, "file", f"is not UTF-8 while row {utf8} is: its letters beyond A-Z would be read "
+                                      "wrong; save the whole list again as CSV UTF-8 and import that file")
+                  for n in other]
+        if more:
+            errors.append(RowError(0, "file", f"{more:,} more lines are not UTF-8; {TOO_MANY}"))
+        raise ImportRejected(errors)
 
 
 # A line break typed inside a cell (Alt+Enter, to wrap a long name or "Block A / Floor 2" in its column) is kept in
@@ -245,7 +262,7 @@ async def read_rows(data: bytes, *, region: str) -> ParsedFile:
 
 def _parse(data: bytes, *, region: str) -> Generator[None, None, ParsedFile]:
     """parse_rows, stopping (yield) after each TURN rows."""
-    text, encoding = decode(data)
+    text, encoding = yield from decode(data)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter_of(text))
     try:
         cells = next(reader)
@@ -282,12 +299,18 @@ def _parse(data: bytes, *, region: str) -> Generator[None, None, ParsedFile]:
     seen: dict[str, int] = {}
     line = head
     count = 0  # the file's rows so far (not its problems: a row may have several)
+    empty = 0  # empty lines read past
     try:
         for cells in reader:
             # A row is named by the line it starts on: a quoted cell may hold line breaks, and the reader's count
             # is of the row's last line.
             start, line = line + 1, reader.line_num
             if not any(c.strip() for c in cells):
+                # Empty lines are not rows (count), and a turn is not given after TURN of them: a 5 MB file of
+                # them (separators only, ",,,") held the event loop 2-4 s in one stretch.
+                empty += 1
+                if empty % LINES == 0:
+                    yield
                 continue
             count += 1
             if count % TURN == 0:
@@ -405,8 +428,10 @@ async def import_members(
         known = await _already_members(session, cipher, cooperative.id, rows, whole=status)
         if known:
             raise ImportRejected(known)
+    # `whole`: existing=update inserts only the rows with no member, and a race it loses (a number registered
+    # meanwhile) is not the same list sent again.
     ids = await _insert_rows(session, cipher, cooperative.id, rows, actor=actor, status=status,
-                             language=cooperative.language or "en")
+                             language=cooperative.language or "en", whole=None if existing == "update" else status)
     after: dict[str, Any] = {"count": len(ids), "ignoredColumns": parsed.ignored_columns, "encoding": parsed.encoding}
     if existing == "update":
         after.update(updated=len(updated), unchanged=unchanged)
@@ -487,8 +512,17 @@ async def _members_of(session: AsyncSession, cipher: PiiCipher, cooperative_id: 
                       rows: list[ImportRow]) -> dict[str, Member]:
     """The cooperative's members holding the file's numbers, by blind index, locked (FOR UPDATE): an erasure or a
     release running meanwhile waits for the import, or the import for it, so a name is never written back onto an
-    erased member. (SQLite has no row locks: the database's write lock, taken before the read, serialise_on_sqlite.)"""
+    erased member. (SQLite has no row locks: the database's write lock, taken before the read, serialise_on_sqlite.)
+
+    The cooperative's row is locked first (FOR NO KEY UPDATE: inserts pointing at it, payments, USSD registrations,
+    are not held), as SQLite's write lock does: two existing=update imports of one list (a clerk's upload sent
+    twice) take turns, the second reading every member the first added. Unheld, the second read the first's
+    members in part (those its chunks of numbers read after the first committed), tried to add the others again,
+    and a 1,201-row list sent with existing=update was refused "this list was already imported: its 499 rows
+    match 499 members ... import it with existing=update"."""
     await serialise_on_sqlite(session, Cooperative, cooperative_id)
+    await session.execute(
+        select(Cooperative.id).where(Cooperative.id == cooperative_id).with_for_update(key_share=True))
     # Locked in one order whatever the file's (its numbers' blind indexes, across the chunks too): two imports of
     # overlapping lists at once take turns instead of deadlocking.
     keys = sorted({cipher.blind_index(r.phone.e164) async for r in turns(rows)})
@@ -552,16 +586,24 @@ def _insert_members(dialect: str) -> Any:
 
 
 async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id: str, rows: list[ImportRow], *,
-                       actor: Actor, status: str, language: str) -> list[str]:
+                       actor: Actor, status: str, language: str, whole: str | None) -> list[str]:
     """Every row as create_member would write it (the member and its "member.created" audit row), CHUNK
     rows to a statement: a 10,000-row file is 20 member INSERTs and a batched audit insert, where a row at
     a time was 20,000 round trips (25-34 s in one request). The unique (cooperative, phone) index still
     decides: a number added by another request since the check above inserts nothing, and the file is
-    refused naming its row."""
+    refused naming its row.
+
+    Written in the order of the numbers' blind indexes, whatever the file's (the ids are still returned in the
+    file's order): two imports of overlapping lists at once take turns on PostgreSQL's unique index, the second
+    told which rows the first added. In the file's order, a list and the same list sorted otherwise (by name,
+    by unit) each waited for a number the other had written first, and one was answered 503 (a deadlock)."""
     dialect = session.get_bind().dialect.name
-    ids: list[str] = []
+    keys = [cipher.blind_index(r.phone.e164) async for r in turns(rows)]
+    order = sorted(range(len(rows)), key=keys.__getitem__)
+    ids = [""] * len(rows)  # by the row's place in the file
     for start in range(0, len(rows), CHUNK):
-        chunk = rows[start : start + CHUNK]
+        places = order[start : start + CHUNK]
+        chunk = [rows[n] for n in places]
         now = utcnow()
         values = [{
             **member_row(cipher, cooperative_id=cooperative_id, name=r.name, phone=r.phone,
@@ -580,11 +622,12 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
             # the first upload was still being written was told "500 row(s) already a member's" of its 5,000 (the
             # first chunk to meet the other's rows), and the clerk who left those out was refused again.
             raise ImportRejected(await _already_members(session, cipher, cooperative_id, rows,
-                                                        ours={*ids, *written}, whole=status))
+                                                        ours={*filter(None, ids), *written}, whole=whole))
         await session.execute(row_insert(dialect, AuditEvent), [{
             "cooperative_id": cooperative_id, "actor": actor.id, "channel": actor.channel,
             "action": "member.created", "entity_type": "member", "entity_id": v["id"], "before": None,
             "after": created_audit(status, v["phone_masked"]), "at": now,
         } for v in values])
-        ids.extend(str(v["id"]) for v in values)
+        for n, v in zip(places, values, strict=True):
+            ids[n] = str(v["id"])
     return ids

@@ -2,7 +2,7 @@
 
 import pytest
 
-from core.member_import import TOO_MANY, ImportRejected, parse_rows
+from core.member_import import LINES, MAX_ROWS, TOO_MANY, ImportRejected, _parse, parse_rows
 
 UTF8_ROW = "Nabukeera Zoë Akéllo,0772000456".encode()
 CP1252_ROW = "Namuli Bénédicte,0772000458".encode("cp1252")
@@ -65,3 +65,36 @@ def test_a_long_run_of_spaces_in_a_cell_is_read_in_linear_time() -> None:
     assert [e.text() for e in refused.value.row_errors] == ["row 2: name: must be 2 to 200 characters"]
     [row] = refused.value.rows
     assert (row.name, row.unit) == ("Okello Jane", "Block A Floor 2")
+
+
+def _stops(data: bytes) -> int:
+    """How many times reading `data` gives the event loop a turn (core.member_import._parse's yields), to the end
+    of the file or its refusal."""
+    steps = _parse(data, region="UG")
+    stops = 0
+    try:
+        while True:
+            next(steps)
+            stops += 1
+    except (StopIteration, ImportRejected):
+        return stops
+
+
+def test_empty_lines_and_a_windows_1252_files_lines_give_the_event_loop_turns() -> None:
+    """Turns were given after each TURN rows only: a file of empty lines (",,," separators, 5 MB of them), and the
+    look at each line of a Windows-1252 file for UTF-8 ones (_refuse_mixed, 2.6 million lines in 5 MB), were each
+    read in one stretch (2-5 s, 16 s for a mixed one) while every USSD hop of the serve waited."""
+    assert _stops(b"name,phone\n" + b",\n" * (10 * LINES) + b"Okello Jane,0772000457\n") >= 10
+    mixed = b"name,phone\n" + UTF8_ROW + b"\n" + b"\xe9\n" * (10 * LINES)  # refused before its rows are read
+    assert _stops(mixed) >= 10
+
+
+def test_a_mixed_list_of_more_lines_than_an_import_takes_names_the_first_of_them() -> None:
+    """Each line not UTF-8 was named: a 5 MB file of short lines was an answer of 2.6 million lines."""
+    data = b"name,phone\n" + UTF8_ROW + b"\n" + (CP1252_ROW + b"\n") * (MAX_ROWS + 5)
+    with pytest.raises(ImportRejected) as refused:
+        parse_rows(data, region="UG")
+    errors = refused.value.row_errors
+    assert len(errors) == MAX_ROWS + 1
+    assert [e.row for e in errors[:MAX_ROWS]] == list(range(3, MAX_ROWS + 3))
+    assert errors[-1].text() == f"file: 5 more lines are not UTF-8; {TOO_MANY}"

@@ -20,6 +20,7 @@ from core.member_import import ImportRejected, import_members
 from core.members import DUPLICATE_PHONE, ERASED_NAME, create_member, erase_member, update_member
 from core.models import Cooperative, Member
 from core.phone import normalize
+from tests.conftest import requires_pg
 from tests.core import factories
 
 ADMIN = Actor("admin:test", "api")
@@ -166,3 +167,81 @@ async def test_an_update_import_racing_an_erasure_never_writes_her_name_back(rt:
     async with rt.sessionmaker() as s:
         erased = await s.get(Member, member.id)
         assert erased is not None and (erased.name, erased.phone_index) == (ERASED_NAME, None)
+
+
+async def test_a_list_sent_twice_with_existing_update_at_once_is_answered_as_a_second_later(rt: Any) -> None:
+    """Two existing=update imports of one list (a clerk's upload sent twice): the second waits for the first and
+    finds every member it added, unchanged. On PostgreSQL it read the first's members in part (the chunks of
+    numbers it read after the first committed), tried to add the others again, and the clerk who asked for an
+    update was refused "this list was already imported: its 499 rows match 499 members ... import it with
+    existing=update"."""
+    coop = await _coop(rt)
+    async with rt.sessionmaker.begin() as s:
+        await import_members(s, rt.cipher, cooperative=coop, data=b"name,phone\nOld One,0788199999\n", actor=ADMIN)
+    csv = ("name,phone\nOld One Renamed,0788199999\n"
+           + "".join(f"Member {n:04d},07881{n:05d}\n" for n in range(1_200))).encode()
+    first = rt.sessionmaker()
+    await import_members(first, rt.cipher, cooperative=coop, data=csv, actor=ADMIN, existing="update")
+    async with rt.sessionmaker() as second:
+        racing = asyncio.create_task(import_members(second, rt.cipher, cooperative=coop, data=csv, actor=ADMIN,
+                                                    existing="update"))
+        await asyncio.sleep(0.3)
+        assert not racing.done()
+        await first.commit()
+        await first.close()
+        done = await racing
+        assert (done.member_ids, done.updated_ids, done.unchanged) == ([], [], 1_201)
+        await second.commit()
+    async with rt.sessionmaker() as s:
+        names = set((await s.execute(select(Member.name).where(Member.cooperative_id == coop.id))).scalars())
+    assert len(names) == 1_201 and "Old One Renamed" in names
+
+
+@requires_pg  # SQLite: the import waits for the create's write lock, then finds her and updates her
+async def test_an_update_import_racing_a_create_of_its_only_number_is_not_told_it_was_imported(rt: Any) -> None:
+    """existing=update adds the rows with no member: one whose number was registered meanwhile (USSD, the API)
+    is named, not taken for the whole list sent again (an update, imported already, "nothing was imported")."""
+    coop = await _coop(rt)
+    first = await _first_holds_the_number(rt, coop)
+    async with rt.sessionmaker() as second:
+        racing = asyncio.create_task(import_members(second, rt.cipher, cooperative=coop, actor=ADMIN,
+                                                    data=f"name,phone\nFirst,{PHONE}\n".encode(), existing="update"))
+        await asyncio.sleep(0.3)
+        assert not racing.done()
+        await first.commit()
+        await first.close()
+        with pytest.raises(ImportRejected) as refused:
+            await racing
+        assert refused.value.errors[1:] == ["row 2: phone: already a member of this cooperative"]
+        await second.rollback()
+
+
+async def test_a_list_and_the_same_list_sorted_otherwise_imported_at_once_take_turns(rt: Any) -> None:
+    """Two clerks import the list at once, one as it came, one sorted the other way: the second waits for the
+    first and is told the list was imported. Each wrote in its file's order and waited for a number the other had
+    written first: PostgreSQL found the deadlock and one was answered 503. The new members' ids are still given
+    in the file's order."""
+    coop = await _coop(rt)
+    lines = [f"Member {n:04d},07881{n:05d}\n" for n in range(1_200)]
+    ids: dict[int, list[str]] = {}
+
+    async def upload(rows: list[str]) -> list[str] | int:
+        async with rt.sessionmaker() as s:
+            try:
+                done = await import_members(s, rt.cipher, cooperative=coop, actor=ADMIN,
+                                            data=("name,phone\n" + "".join(rows)).encode())
+            except ImportRejected as refused:
+                await s.rollback()
+                return refused.errors
+            await s.commit()
+            ids[len(ids)] = done.member_ids
+            return 1 if rows == lines else -1  # which file was imported
+
+    answers = await asyncio.gather(upload(lines), upload(lines[::-1]))
+    [imported] = [a for a in answers if isinstance(a, int)]
+    [refused] = [a for a in answers if isinstance(a, list)]
+    assert len(refused) == 1
+    assert refused[0].startswith("file: this list was already imported: its 1,200 rows match 1,200 members")
+    async with rt.sessionmaker() as s:
+        names = dict((await s.execute(select(Member.id, Member.name).where(Member.cooperative_id == coop.id))).all())
+    assert [names[i] for i in ids[0]] == [line.split(",")[0] for line in lines[::imported]]
