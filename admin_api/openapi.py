@@ -125,9 +125,11 @@ _NOTES = {
                                 "a key a POST /v1/payments used, is a 409.",
     "transition_dispute": "A dispute closed already (RESOLVED, REJECTED, WITHDRAWN; another admin's resolution "
                           "that got there first) takes no further move or note: 409 INVALID_STATE saying who closed "
-                          "it, when and how (its resolution, the refund it was resolved with), nothing changed; a "
-                          "payment contested again gets a new dispute. 422 for a dispute under review sent back to "
-                          "OPEN, or sent its own status without a note or evidence.",
+                          "it (a super admin's login reads 'a super admin' to a cooperative's admin; a staff login "
+                          "or key reads 'gateway staff' to an API key), when and how (its resolution, the refund it "
+                          "was resolved with), nothing changed; a payment contested again gets a new dispute. 422 "
+                          "for a dispute under review sent back to OPEN, or sent its own status without a note or "
+                          "evidence.",
     "give_gateway_reference": "Only for a payment recorded with POST /v1/payments/recorded without the request "
                               "that took its money (channel recorded, gatewayReference starting recorded:): 409 for "
                               "any other payment, and for one whose gatewayReference is known already (it is not "

@@ -104,11 +104,20 @@ async def record(
     )
 
 
-async def done_by(session: AsyncSession, entity_type: str, entity_id: str,
-                  actions: tuple[str, ...]) -> tuple[str, datetime] | None:
-    """Who did the latest of `actions` to the entity, as a staff member reads it in a refusal (another admin got
-    there first), and when: a staff login by its username, an API key by its name, anyone else as the audit log
-    names them; None without such a row. Told only to staff."""
+# What a caller who is not staff (a tenant, an API key) reads as the writer of a staff member's act or note
+# (core.disputes.present_note, done_by).
+STAFF_LABEL = "gateway staff"
+
+
+async def done_by(session: AsyncSession, entity_type: str, entity_id: str, actions: tuple[str, ...], *,
+                  viewer: Actor) -> tuple[str, datetime] | None:
+    """Who did the latest of `actions` to the entity, as `viewer` (the caller being refused: another admin got there
+    first) may read it, and when; None without such a row. A staff login (admin:) reads a staff login of her
+    cooperative by its username and an API key by its name; a super admin every one. A super admin's login is "a
+    super admin" to a cooperative's admin (her GET /v1/users lists none), and any other account she may not see "an
+    administrator". A caller who is not staff (an API key, an integrator's; a tenant) reads a staff login's or a
+    key's act as STAFF_LABEL, as a dispute's notes name them to it (core.disputes.present_note). Anyone else (a
+    member, the system, a provider) as the audit log names them."""
     row = (await session.execute(
         select(AuditEvent.actor, AuditEvent.at).where(
             AuditEvent.entity_type == entity_type, AuditEvent.entity_id == entity_id,
@@ -116,10 +125,24 @@ async def done_by(session: AsyncSession, entity_type: str, entity_id: str,
     if row is None:
         return None
     kind, _, ident = row.actor.partition(":")
-    name = None
+    if kind not in ("admin", "apikey"):
+        return row.actor, row.at
+    seer_kind, _, seer_id = viewer.id.partition(":")
+    seer = None if seer_kind != "admin" else (await session.execute(
+        select(AdminUser.role, AdminUser.cooperative_id).where(AdminUser.id == seer_id))).first()
+    if seer is None:
+        return STAFF_LABEL, row.at
+    sees_all = seer.role == "SUPER_ADMIN"
     if kind == "admin":
-        name = (await session.execute(select(AdminUser.username).where(AdminUser.id == ident))).scalar_one_or_none()
-    elif kind == "apikey":
-        found = (await session.execute(select(ApiKey.name).where(ApiKey.id == ident))).scalar_one_or_none()
-        name = None if found is None else f"API key {found}"
-    return name or row.actor, row.at
+        user = (await session.execute(select(AdminUser.username, AdminUser.role, AdminUser.cooperative_id)
+                                      .where(AdminUser.id == ident))).first()
+        if user is None:
+            return row.actor, row.at
+        if sees_all or (user.cooperative_id is not None and user.cooperative_id == seer.cooperative_id):
+            return user.username, row.at
+        return ("a super admin" if user.role == "SUPER_ADMIN" else "an administrator"), row.at
+    key = (await session.execute(select(ApiKey.name, ApiKey.cooperative_id).where(ApiKey.id == ident))).first()
+    if key is None:
+        return row.actor, row.at
+    return (f"API key {key.name}" if sees_all or key.cooperative_id == seer.cooperative_id
+            else "an API key"), row.at

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.audit import Actor, done_by, record
+from core.audit import STAFF_LABEL, Actor, done_by, record
 from core.db import iso_ms, iso_z, lock_row, parse_aware, serialise_on_sqlite, utcnow
 from core.errors import DISPUTE_ALREADY_OPEN, INVALID_STATE, BusinessRuleError, Conflict, NotFound, ValidationError
 from core.models import Dispute, Member, OutboxJob, Payment, Refund
@@ -142,13 +142,16 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
 _CLOSED_AS = {D.RESOLVED: "resolved in the payer's favour", D.REJECTED: "rejected", D.WITHDRAWN: "withdrawn"}
 
 
-async def _closed_already(session: AsyncSession, dispute: Dispute, current: DisputeStatus) -> Conflict:
+async def _closed_already(session: AsyncSession, dispute: Dispute, current: DisputeStatus, *,
+                          viewer: Actor) -> Conflict:
     """The refusal of a change to a closed dispute (RESOLVED, REJECTED, WITHDRAWN: final): 409, as every change
-    that another admin's got ahead of (a refund withdrawn, a payment voided already), saying who closed it and when
-    (its move's audit row), how (its resolution, the refund it was resolved with) and what is left to do: a payment
-    contested again gets a new dispute (open_dispute refuses only while one is open). One answer for a move and for
-    a note (the same status again): the same request is both (a second admin's RESOLVED with her note)."""
-    by = await done_by(session, DISPUTE.name, dispute.id, (f"{DISPUTE.name}.{current.value.lower()}",))
+    that another admin's got ahead of (a refund withdrawn, a payment voided already), saying who closed it (its
+    move's audit row, named as the caller, `viewer`, may see them: done_by) and when, how (its resolution, the
+    refund it was resolved with) and what is left to do: a payment contested again gets a new dispute (open_dispute
+    refuses only while one is open). One answer for a move and for a note (the same status again): the same request
+    is both (a second admin's RESOLVED with her note)."""
+    by = await done_by(session, DISPUTE.name, dispute.id, (f"{DISPUTE.name}.{current.value.lower()}",),
+                       viewer=viewer)
     who = "" if by is None else f" by {by[0]}"
     when = dispute.resolved_at or (None if by is None else by[1])  # (the time its API shows: resolvedAt)
     who += "" if when is None else f" at {iso_z(when)}"
@@ -171,10 +174,10 @@ def _note(actor: Actor, text: str | None, evidence: str | None, status: str) -> 
     return {"at": iso_z(utcnow()), "actor": actor.id, "text": text, "evidence": evidence, "status": status}
 
 
-# What a caller who is not staff (a tenant, an API key) sees as the writer of a staff member's note.
-STAFF_LABEL = "gateway staff"
 # The actors (core.audit.Actor) whose id is the gateway's own business: a staff login's user id, an API key's id.
 _STAFF_KINDS = ("admin", "apikey")
+# What a caller who is not staff (a tenant, an API key) sees as the writer of a staff member's note, STAFF_LABEL,
+# is core.audit's: a refusal names them so too (done_by).
 
 
 def present_note(note: Any, *, staff: bool = True) -> Any:
@@ -241,7 +244,7 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
         # Another admin closed it first (two resolving at once: this one waited on the lock above), or it was closed
         # long ago: what is true is that it is closed, by whom and how, not the state machine's "RESOLVED ->
         # RESOLVED is not allowed".
-        raise await _closed_already(session, dispute, current)
+        raise await _closed_already(session, dispute, current, viewer=actor)
     if target is current and current in (D.OPEN, D.UNDER_REVIEW):
         # The same status again: evidence gathered while the dispute stays where it is (a note, a statement
         # line), kept on the dispute and in the audit log; the member is not messaged about it.

@@ -1070,7 +1070,7 @@ async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, c
     if R(refund.status) is R.FAILED and (refund.failure_reason or "").startswith(WITHDRAWN_BY_ADMIN):
         # Another admin withdrew it first (two at once: this one waited on the lock above): said so, with who and
         # when, not "only one not yet sent can be withdrawn", which reads as if it had been sent.
-        by = await done_by(session, "refund", refund.id, ("refund.cancelled",))
+        by = await done_by(session, "refund", refund.id, ("refund.cancelled",), viewer=actor)
         who = "" if by is None else f" by {by[0]} at {iso_z(by[1])}"
         raise Conflict(f"refund {refund.reference} was withdrawn already{who} ("
                        f"{refund.failure_reason.removeprefix(WITHDRAWN_BY_ADMIN)}): nothing of it was sent",
