@@ -33,7 +33,7 @@ from core import metrics
 from core.config import Secret, Settings
 from core.phone import Phone
 from core.ports import SendResult, SmsSender
-from providers.calls import call_answered, call_failed
+from providers.calls import call_answered, call_failed, credentials_refused
 
 log = logging.getLogger("gateway.sms.sender")
 NAME = "africastalking"  # its label in the provider metrics and outage lines (providers.calls)
@@ -157,6 +157,10 @@ class AfricasTalkingSender:
         if response.status_code >= 500:
             call_failed(NAME, started, error=f"HTTP_{response.status_code}",
                         summary=f"sms.send: HTTP {response.status_code}")
+        elif response.status_code == 401:
+            # SMS_API_KEY or SMS_USERNAME refused, as a payment provider's credentials are: the ops page's "Providers
+            # now" said Africa's Talking was OK (an answered call) while every text waited on the key.
+            credentials_refused(NAME, "sms.send", response.text)
         else:
             call_answered(NAME)
         return self._parse(phone, response)

@@ -508,6 +508,34 @@ async def test_an_aggregator_outage_is_reported_once_as_the_providers_are(caplog
     assert lines[1] == "africastalking calls succeed again"
 
 
+async def test_a_refused_api_key_is_shown_as_refused_credentials_not_ok(caplog: Any) -> None:
+    """SMS_API_KEY refused (HTTP 401): the ops page's "Providers now" (this process's view, as recorded in Redis)
+    said Africa's Talking was OK, an answered call, while every text waited on the key. Now it is reported as a
+    payment provider refusing the gateway's credentials is: at once, CREDENTIALS_REFUSED, gateway_provider_failing
+    1 and one error line, until a text is accepted again (the key fixed)."""
+    from core.metrics import REGISTRY
+    from providers.calls import health_view
+
+    answers = [httpx.Response(401, text="The supplied authentication is invalid")] * 2 + [ACCEPTED_ANSWER]
+    sender, _ = sender_over(lambda _r: answers.pop(0))
+    with caplog.at_level(logging.INFO, logger="gateway.providers"):
+        for _ in range(2):
+            with pytest.raises(SmsAccountError):
+                await sender.send(Phone(ALINE), "Hello")
+        view = health_view()["africastalking"]
+        assert (view["failing"], view["lastError"], view["credentialsRefused"]) == (True, "CREDENTIALS_REFUSED",
+                                                                                   ["sms.send"])
+        assert view["lastErrorSummary"] == "sms.send: credentials refused"
+        assert REGISTRY.get_sample_value("gateway_provider_failing", {"provider": "africastalking"}) == 1
+        assert (await sender.send(Phone(ALINE), "Hello")).accepted
+    view = health_view()["africastalking"]
+    assert (view["failing"], view["credentialsRefused"]) == (False, [])
+    assert REGISTRY.get_sample_value("gateway_provider_failing", {"provider": "africastalking"}) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.providers"]
+    assert lines == ["africastalking refuses the gateway's credentials (sms.send): fix its configuration",
+                     "africastalking calls succeed again"]
+
+
 ACCEPTED_ANSWER = httpx.Response(201, json={"SMSMessageData": {"Message": "Sent to 1/1", "Recipients": [
     {"statusCode": 101, "number": ALINE, "status": "Success", "cost": "RWF 20", "messageId": "ATXid_1"}]}})
 
