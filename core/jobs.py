@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -161,7 +162,10 @@ async def ready_to_send(provider: object, operation: str, deadline: float) -> No
                             code=NOT_SENT) from exc
 
 
-async def _until_it_leaves(name: str, operation: str, call):  # type: ignore[no-untyped-def]
+_T = TypeVar("_T")
+
+
+async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T]) -> _T:
     """`call` (the adapter's request_collection or request_refund, after the job's stamp), with an exception of the
     adapter's own raised before its request that moves money left made what it is: a retryable NOT_SENT
     (providers.calls.not_sent), sent again later. A bad amount or a credential found wanting while the adapter
