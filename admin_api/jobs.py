@@ -17,7 +17,7 @@ from admin_api.validation import LIMIT, PAGE, Param, body_datetime
 from channels.sms import jobs as sms_jobs
 from core import webhooks
 from core.audit import Actor, record
-from core.db import utcnow
+from core.db import lock_row, utcnow
 from core.errors import CODES, INVALID_STATE, Conflict, NotFound, ValidationError
 from core.jobs import payment_and_now
 from core.models import OutboxJob, Payment, Refund
@@ -26,6 +26,7 @@ from core.outbox import (
     LIVE,
     PAYMENT_KINDS,
     REFUND_KINDS,
+    is_waiting,
     job_lane,
     job_subject,
     lock_parked,
@@ -133,12 +134,14 @@ BULK_REPLAYED = out({
     "skipped": {"type": "array", "items": obj({"id": {"type": "integer"},
                                                "code": {"type": "string", "enum": sorted(CODES),
                                                         "description": "why, to branch on: INVALID_STATE (no longer "
-                                                                       "PARKED or waiting, or a collect whose "
-                                                                       "payment ended)"},
+                                                                       "matching the call: PARKED, or waiting, "
+                                                                       "with its filters, when its turn came; or a "
+                                                                       "collect whose payment ended)"},
                                                "reason": {"type": "string"}},
                                               ["id", "code", "reason"]),
-                "description": "the jobs left as they were (PARKED, or waiting), each with why (as a single "
-                               "replay's 409 says it: its code and message)"},
+                "description": "the jobs left as they were, each with why (as a single replay's 409 says it: its "
+                               "code and message; a job that changed since the call listed them, checked again "
+                               "under its row lock: \"job N no longer matches this call (it is PARKED now)\")"},
     "replayedCount": {"type": "integer"},
     "skippedCount": {"type": "integer"},
     "more": {"type": "boolean",
@@ -161,12 +164,13 @@ BULK_DISCARDED = out({
     "skipped": {"type": "array",
                 "items": obj({"id": {"type": "integer"},
                               "code": {"type": "string", "enum": sorted(CODES),
-                                       "description": "why, to branch on: INVALID_STATE (no longer PARKED, a "
+                                       "description": "why, to branch on: INVALID_STATE (no longer PARKED or "
+                                                      "matching the call's filters when its turn came, a "
                                                       "refund's job while its refund is open, a payment's that "
                                                       "nothing else would ask about)"},
                               "reason": {"type": "string"}},
                              ["id", "code", "reason"]),
-                "description": "the jobs left PARKED, each with why (as a single discard's 409 says it: its code "
+                "description": "the jobs left as they were, each with why (as a single discard's 409 says it: its code "
                                "and message)"},
     "discardedCount": {"type": "integer"},
     "skippedCount": {"type": "integer"},
@@ -294,9 +298,42 @@ async def _each_parked(ctx: Ctx, act: Callable[[int], Awaitable[OutboxJob]], *, 
     """`act` on each PARKED job (`waiting_jobs`: each job waiting for its retry, core.outbox.is_waiting) the caller
     may see that matches the body's filters (BULK_REPLAY's), the oldest first, up to its `limit`, each in a
     savepoint: (the jobs acted on, those skipped with the Conflict's code and reason, whether more matched, the last
-    job's id)."""
+    job's id).
+
+    Each job is chosen again under its row lock, by the same filters, before `act`: a job that changed since the
+    list was read (a waiting one claimed and parked by its last attempt, a parked one replayed by hand and now
+    waiting after a failed try, one parked again with another error) is skipped, never given the other call's
+    treatment (a fresh attempt budget for a run-now of the waiting, a run-now for a replay of the parked)."""
     body = ctx.body or {}
     limit = int(body.get("limit", BULK_REPLAY_DEFAULT))
+    query = _bulk_query(ctx, waiting_jobs)
+    ids = list((await ctx.session.execute(query.order_by(OutboxJob.id).limit(limit + 1))).scalars())
+    done: list[int] = []
+    skipped: list[dict[str, Any]] = []
+    for job_id in ids[:limit]:
+        try:
+            async with ctx.session.begin_nested():
+                job = await lock_row(ctx.session, OutboxJob, job_id)
+                # The query again, with its `now`, against the row as it is now that it is locked (the statement
+                # after the lock reads what was committed before it).
+                again = _bulk_query(ctx, waiting_jobs).where(OutboxJob.id == job_id)
+                if job is None or (await ctx.session.execute(again)).first() is None:
+                    state = "gone" if job is None else (
+                        "PENDING and waiting for its retry" if is_waiting(job, utcnow()) else job.status)
+                    raise Conflict(f"job {job_id} no longer matches this call (it is {state} now): left as it is",
+                                   code=INVALID_STATE)
+                await act(job_id)
+        except Conflict as exc:
+            skipped.append({"id": job_id, "code": exc.code, "reason": str(exc)})
+        else:
+            done.append(job_id)
+    return done, skipped, len(ids) > limit, ids[:limit][-1] if ids else None
+
+
+def _bulk_query(ctx: Ctx, waiting_jobs: bool) -> Any:
+    """The ids of the jobs a bulk call chooses (_each_parked): PARKED, or `waiting_jobs` waiting for their retry
+    as of now, the caller may see, matching the body's filters."""
+    body = ctx.body or {}
     chosen = waiting(utcnow()) if waiting_jobs else OutboxJob.status == "PARKED"
     query = ctx.who.scope(select(OutboxJob.id).where(chosen), OutboxJob)
     asked = [(subject, body[param]) for subject, param in SUBJECT_PARAMS.items() if body.get(param)]
@@ -315,18 +352,7 @@ async def _each_parked(ctx: Ctx, act: Callable[[int], Awaitable[OutboxJob]], *, 
     if body.get("parkedSince") is not None:  # "" is no instant (400), not "no filter": every parked job
         # A parked job's row is last written when it parks (core.outbox: _finish stamps updated_at).
         query = query.where(OutboxJob.updated_at >= body_datetime(body["parkedSince"], "parkedSince"))
-    ids = list((await ctx.session.execute(query.order_by(OutboxJob.id).limit(limit + 1))).scalars())
-    done: list[int] = []
-    skipped: list[dict[str, Any]] = []
-    for job_id in ids[:limit]:
-        try:
-            async with ctx.session.begin_nested():
-                await act(job_id)
-        except Conflict as exc:
-            skipped.append({"id": job_id, "code": exc.code, "reason": str(exc)})
-        else:
-            done.append(job_id)
-    return done, skipped, len(ids) > limit, ids[:limit][-1] if ids else None
+    return query
 
 
 async def _replay_one(ctx: Ctx, job_id: int) -> OutboxJob:

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -241,6 +241,9 @@ def _refund_not_sent(job: Job, refund: Refund, payment: Payment) -> str:
 # A payment the provider has never heard of after its window, while a collect job is still sending its request:
 # asked again this much later, when that call has been answered (or cut off at the job's deadline).
 IN_FLIGHT_POLL_SECONDS = 15.0
+# A payment poll's payload key: how many collect jobs it queued to send a request the provider had not got (NOT_FOUND
+# inside the window), each keyed collect:<payment id>:resent:<n>. In the payload, which a replay keeps.
+RESENT = "resent"
 
 
 async def _collect_in_flight(session: AsyncSession, payment_id: str, *, retry_before: datetime | None = None,
@@ -453,12 +456,14 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         expired = now >= payment.expires_at
         status: StatusResult | None = None
         unknown: str | None = None  # why we cannot tell what the provider did with the payment
+        failed = False  # the status query failed (no answer): run now once its cause is fixed (RetryLater's failed)
+        resent: dict[str, Any] | None = None  # the poll's payload once it queued a resend (its count of them)
         try:
             status = await _timed(provider.name, "status", provider.collection_status(
                 payment.provider_reference, payment.provider_transaction_id, payment.currency))
         except ProviderError as exc:
             if exc.code != "NOT_FOUND":
-                unknown = f"status query failed: {exc}"
+                unknown, failed = f"status query failed: {exc}", True
             elif payment.status != PaymentStatus.PENDING.value:
                 # The provider accepted this request (its answer moved the payment to PROCESSING) and now says
                 # it has none: its status lookup is wrong or behind (MTN's, degraded, answers 404 for requests
@@ -470,11 +475,18 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 # The collection never reached the provider (e.g. a timeout on send): send it again with
                 # the same reference, which the provider deduplicates; unless a collect job of it is still to
                 # try inside the window (the first, retrying through an outage): that one sends it.
+                # Keyed by this poll's count of its resends (its payload, kept by a replay), not by its attempts: a
+                # replay starts those again, and a resend after it was taken for an earlier try's (its key's job
+                # DONE), so never queued. The key is what makes two runs of the same state one resend: a try cut
+                # off after queuing it (its count not yet written) and run again, or the poll the payment sweep
+                # queued beside this one, each finding none in flight.
                 async with rt.sessionmaker.begin() as session:
                     if not await _collect_in_flight(session, payment.id, retry_before=payment.expires_at):
+                        count = int(job.payload.get(RESENT, 0)) + 1
                         await enqueue(session, "payment.collect", {"payment_id": payment.id},
-                                      dedupe_key=f"collect:{payment.id}:{job.attempts}",
+                                      dedupe_key=f"collect:{payment.id}:{RESENT}:{count}",
                                       cooperative_id=payment.cooperative_id)
+                        resent = {**job.payload, RESENT: count}
                 unknown = str(exc)
             # NOT_FOUND once the window is over, for a request no attempt ever got accepted, is an answer: the
             # provider never got it, so nothing was taken (FAILED PROVIDER_UNREACHABLE below).
@@ -482,14 +494,18 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             # Not a provider answer we understand (an unknown status, a bug): never guess about money.
             log.error("status query failed", extra={"payment": payment.reference, "error": type(exc).__name__},
                       exc_info=True)
-            unknown = f"status query failed: {type(exc).__name__}"
+            unknown, failed = f"status query failed: {type(exc).__name__}", True
         if status is not None and status.outcome is ProviderOutcome.AMBIGUOUS:
             unknown = status.reason or "the provider cannot tell yet"
         reason: str | None
         if unknown is not None:
             # Only the provider's own word ends a payment: while it cannot be asked, the money may have
             # been taken (and a callback lost), so the payment stays open, asked about ever less often.
-            await wait_for_an_answer(payment, now, unknown)  # RetryLater until the settling grace is over
+            try:
+                await wait_for_an_answer(payment, now, unknown, failed=failed)  # RetryLater until the grace is over
+            except RetryLater as later:
+                later.payload = resent if later.payload is None else later.payload
+                raise
             outcome, status, reason = ProviderOutcome.EXPIRED, None, UNCONFIRMED
         elif status is None or status.outcome is ProviderOutcome.PENDING:
             if not expired:
@@ -570,6 +586,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             raise PermanentJobError(_not_asked(payment))
         status: StatusResult | None = None
         unknown: str | None = None
+        failed = False  # the status query failed, as in poll
         try:
             status = await _timed(provider.name, "status", provider.collection_status(
                 payment.provider_reference, payment.provider_transaction_id, payment.currency))
@@ -580,11 +597,11 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                         return  # never sent, and never will be: nothing can be taken
                 unknown = "its collection request was being sent when it was cancelled"
             else:
-                unknown = f"status query failed: {exc}"
+                unknown, failed = f"status query failed: {exc}", True
         except Exception as exc:
             log.error("status query failed", extra={"payment": payment.reference, "error": type(exc).__name__},
                       exc_info=True)
-            unknown = f"status query failed: {type(exc).__name__}"
+            unknown, failed = f"status query failed: {type(exc).__name__}", True
         if status is not None and status.outcome is ProviderOutcome.SUCCEEDED:
             async with rt.sessionmaker.begin() as session:
                 fresh = await lock_row(session, Payment, payment.id)
@@ -605,7 +622,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                "last_answer": unknown or (status.reason if status else None) or "pending"})
             return
         delay = next_poll_in(payment, now) if now < payment.expires_at else settle_poll_in(payment, now, grace)
-        raise RetryLater(delay, unknown or "cancelled, still pending at the provider: its prompt may be open")
+        raise RetryLater(delay, unknown or "cancelled, still pending at the provider: its prompt may be open",
+                         failed=failed)
 
     async def wait_for_the_payer(payment: Payment, now: datetime) -> None:
         """The provider says the payer has not decided yet (MTN PENDING, Airtel TIP), after our approval window.
@@ -618,26 +636,28 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                           "payment still pending at the provider after its approval window; asked again",
                           "still pending at the provider after the approval window: its prompt may be open")
 
-    async def wait_for_an_answer(payment: Payment, now: datetime, unknown: str) -> None:
-        """The provider did not say what became of the payment: poll again (RetryLater), and once the
-        settling grace after the window is over, return, to give it up as TIMEOUT."""
+    async def wait_for_an_answer(payment: Payment, now: datetime, unknown: str, *, failed: bool = False) -> None:
+        """The provider did not say what became of the payment: poll again (RetryLater, `failed` when its status
+        query failed rather than answered), and once the settling grace after the window is over, return, to give
+        it up as TIMEOUT."""
         if now < payment.expires_at:
             delay = next_poll_in(payment, now)
             await schedule_poll(payment.id, now, delay)
-            raise RetryLater(delay, unknown)
+            raise RetryLater(delay, unknown, failed=failed)
         overdue = await poll_within(payment, now, rt.settings.payment_settle_grace_seconds, logging.WARNING,
                                     "payment outcome unknown after its approval window; kept open and asked again",
-                                    f"outcome unknown after the approval window: {unknown}", error=unknown[:200])
+                                    f"outcome unknown after the approval window: {unknown}", failed=failed,
+                                    error=unknown[:200])
         metrics.PROVIDER_ERRORS.labels(provider=payment.provider, operation="status_unsettled").inc()
         log.error("payment given up as TIMEOUT: the provider never confirmed its outcome",
                   extra={"payment": payment.reference, "provider": payment.provider,
                          "overdue_hours": round(overdue.total_seconds() / 3600, 1), "error": unknown[:200]})
 
     async def poll_within(payment: Payment, now: datetime, grace_seconds: int, level: int, said: str, why: str,
-                          **extra: str) -> timedelta:
+                          *, failed: bool = False, **extra: str) -> timedelta:
         """A payment past its approval window: while within `grace_seconds` after it, logged (`said`) and polled
-        again (settle_poll_in's cadence; RetryLater `why`); once the grace is over, how long past the window it
-        is, for the caller to end it."""
+        again (settle_poll_in's cadence; RetryLater `why`, `failed` as wait_for_an_answer's); once the grace is
+        over, how long past the window it is, for the caller to end it."""
         overdue = now - payment.expires_at
         grace = timedelta(seconds=grace_seconds)
         if overdue >= grace:
@@ -647,7 +667,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                     "overdue_seconds": int(overdue.total_seconds()), "delay_s": round(delay),
                                     **extra})
         await schedule_poll(payment.id, now, delay)
-        raise RetryLater(delay, why)
+        raise RetryLater(delay, why, failed=failed)
 
     async def schedule_poll(payment_id: str, now: datetime, delay: float) -> None:
         """Record when the payment is asked about next, so the sweep does not take it for a stalled poll. Not a

@@ -68,13 +68,20 @@ class LeaseLost(Exception):
 
 
 class RetryLater(Exception):
-    """Not a failure: run the job again after `delay` seconds (e.g. a payment still pending); `payload`: the job's
-    payload from then on (a long job's progress, which its next run goes on from), unchanged when None."""
+    """Run the job again after `delay` seconds, its attempt given back (e.g. a payment still pending); `payload`: the
+    job's payload from then on (a long job's progress, which its next run goes on from), unchanged when None.
+    `failed`: this try failed (a webhook receiver answered 500, a status query failed), and the handler retries it
+    this way rather than through the job's attempts (a webhook delivery is bounded by its three days): recorded on
+    the job (after_failure), so it is listed and run now as any job waiting after a failed attempt (waiting). Not for
+    a planned wait (still pending, a rate limit's pacing, another worker's lock, a long job's next batch): nothing
+    was wrong, and running it sooner fixes nothing."""
 
-    def __init__(self, delay: float, reason: str = "", payload: dict[str, Any] | None = None) -> None:
+    def __init__(self, delay: float, reason: str = "", payload: dict[str, Any] | None = None, *,
+                 failed: bool = False) -> None:
         super().__init__(reason or f"retry in {delay:.0f}s")
         self.delay = delay
         self.payload = payload
+        self.failed = failed
 
 
 # How last_error starts when the worker cancelled a handler that ran past its time (see Job.interrupted).
@@ -635,10 +642,12 @@ class OutboxWorker:
             raise
         except RetryLater as later:
             outcome = "later"
-            # Waiting is not failing: give the attempt back.
+            # Its attempt given back (a wait, or a failure its handler bounds otherwise); whether this try failed
+            # is written either way, so a planned wait after a failed one no longer reads as waiting (is_waiting).
             progress = {} if later.payload is None else {"payload": later.payload}
             await self._finish(job, status="PENDING", locked_by=None, attempts=job.attempts - 1,
-                               run_in=later.delay, last_error=_doubt_kept(job, str(later))[:2000], **progress)
+                               run_in=later.delay, last_error=_doubt_kept(job, str(later))[:2000],
+                               after_failure=later.failed, **progress)
         except PermanentJobError as exc:
             outcome = "parked"
             if await self._finish(job, status="PARKED", locked_by=None, last_error=str(exc)[:2000]):
@@ -1093,33 +1102,24 @@ async def replay_job(session: AsyncSession, job_id: int) -> OutboxJob | None:
     if job is None:
         return None
     job.status, job.attempts, job.run_at, job.locked_by = "PENDING", 0, utcnow(), None
+    job.after_failure = False  # a fresh start: its tries from now on say whether they failed
     return job
-
-
-# How the last_error of a try that failed starts, for a kind whose handler retries its failures through RetryLater
-# (its attempt given back, so its attempts stay 0): a webhook delivery's (core.webhooks.deliver), bounded by its
-# delivery's three days rather than by the job's attempts, and retried up to 6 hours apart. waiting() counts such a
-# job as one waiting after a failed attempt; its other RetryLater waits (a delivery held for its domain) are not.
-RETRIED_FAILURE = {"webhook.deliver": "webhook attempt "}
 
 
 def waiting(now: datetime) -> ColumnElement[bool]:
     """The jobs waiting for their retry after a failed attempt (is_waiting), as a query's condition: by the
     (status, run_at) index."""
-    failed = or_(OutboxJob.attempts > 0,
-                 *(and_(OutboxJob.kind == kind, OutboxJob.last_error.startswith(prefix, autoescape=True))
-                   for kind, prefix in RETRIED_FAILURE.items()))
-    return and_(OutboxJob.status == "PENDING", OutboxJob.run_at > now, failed)
+    return and_(OutboxJob.status == "PENDING", OutboxJob.run_at > now,
+                or_(OutboxJob.attempts > 0, OutboxJob.after_failure.is_(True)))
 
 
 def is_waiting(job: OutboxJob, now: datetime) -> bool:
     """Whether `job` is PENDING, not due before a later instant, after at least one failed attempt: its backoff (up
-    to an hour, or a failure's own retry_after: 30 minutes for an SMS the aggregator refused for our account; a
-    webhook delivery's, RETRIED_FAILURE, up to 6 hours). Not a job never tried (queued for later on purpose: a poll's
-    or a reminder scan's time), nor one claimed (RUNNING)."""
-    prefix = RETRIED_FAILURE.get(job.kind)
-    failed = job.attempts > 0 or (prefix is not None and (job.last_error or "").startswith(prefix))
-    return job.status == "PENDING" and failed and job.run_at > now
+    to an hour, or a failure's own retry_after: 30 minutes for an SMS the aggregator refused for our account), or a
+    failure its handler retries with the attempt given back (RetryLater's `failed`, after_failure: a webhook
+    delivery's, up to 6 hours; a poll whose status query failed). Not a job never tried, nor one whose last try only
+    planned its wait (queued for later on purpose: a poll's or a reminder scan's time), nor one claimed (RUNNING)."""
+    return job.status == "PENDING" and (job.attempts > 0 or bool(job.after_failure)) and job.run_at > now
 
 
 async def run_waiting_now(session: AsyncSession, job_id: int) -> tuple[OutboxJob, datetime] | None:

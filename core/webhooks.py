@@ -67,7 +67,6 @@ from core.errors import INVALID_STATE, WEBHOOK_URL_TAKEN, Conflict, Forbidden, N
 from core.http import STATUS_ONLY, not_public
 from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
 from core.outbox import (
-    RETRIED_FAILURE,
     Job,
     NewJob,
     PermanentJobError,
@@ -1296,9 +1295,9 @@ async def deliver(rt: Runtime, job: Job) -> str:
     )
     if give_up:
         raise PermanentJobError(f"webhook {delivery.event_id} not delivered within {RETRY_FOR.days} days")
-    # Its attempt given back (RetryLater): RETRIED_FAILURE's prefix tells a run-now (POST /v1/jobs/{id}/replay) it
-    # failed, once its receiver is fixed.
-    raise RetryLater(delay, f"{RETRIED_FAILURE['webhook.deliver']}{failed_attempts} failed: {error}")
+    # Its attempt given back (RetryLater), as a failed one (failed): listed as waiting and run now (POST
+    # /v1/jobs/{id}/replay) once its receiver is fixed.
+    raise RetryLater(delay, f"webhook attempt {failed_attempts} failed: {error}", failed=True)
 
 
 async def _hold_for_domain(rt: Runtime, job: Job, endpoint: WebhookEndpoint, event_id: str) -> str | None:

@@ -58,10 +58,11 @@ ROWS = [
     "INSERT INTO webhook_deliveries (id, cooperative_id, endpoint_id, event_id, event_type, payload, status, "
     "attempts, created_at, updated_at) VALUES ('rt-d1', 'rt-c1', 'rt-w1', 'rt-e1', 'payment.completed', '{}', "
     f"'PENDING', '[]', '{T0}', '{T0}')",
-    # An unfinished job of a provider's lane (0020's trigger writes it; its backfill fills it again).
+    # An unfinished job of a provider's lane (0020's trigger writes it; its backfill fills it again), waiting after a
+    # failed try its handler retried with its attempt given back (0031).
     "INSERT INTO outbox_jobs (id, kind, payload, cooperative_id, status, attempts, max_attempts, run_at, created_at, "
-    "updated_at) VALUES (990001, 'payment.poll', '{\"payment_id\": \"rt-p2\"}', 'rt-c1', 'PENDING', 0, 25, "
-    f"'{T0}', '{T0}', '{T0}')",
+    "updated_at, after_failure) VALUES (990001, 'payment.poll', '{\"payment_id\": \"rt-p2\"}', 'rt-c1', 'PENDING', "
+    f"0, 25, '{T0}', '{T0}', '{T0}', true)",
     f"INSERT INTO phone_opt_outs (phone_index, created_at) VALUES ('rt-i1', '{T0}')",  # Ann's STOP (opted out above)
     f"INSERT INTO phone_opt_out_words (phone_index, said_at) VALUES ('rt-i1', '{T0}')",
     f"INSERT INTO used_refresh_tokens (id, expires_at) VALUES ('rt-jti', '{T0}')",
@@ -89,6 +90,7 @@ LOST: dict[tuple[str, str | None], Any] = {
     ("payments", "review_note"): None,
     ("cooperatives", "language"): "en",  # 0026
     ("phone_opt_out_words", None): [],  # 0028
+    ("outbox_jobs", "after_failure"): False,  # 0031
 }
 
 
