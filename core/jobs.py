@@ -21,6 +21,7 @@ from core.outbox import (
     CALL_SENT,
     CALL_STARTED,
     INTERRUPTED,
+    NOTHING_PROCESSED,
     PAYMENT_KINDS,
     Handler,
     Job,
@@ -165,27 +166,55 @@ async def ready_to_send(provider: object, operation: str, deadline: float) -> No
 _T = TypeVar("_T")
 
 
-async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T]) -> _T:
-    """`call` (the adapter's request_collection or request_refund, after the job's stamp), with an exception of the
-    adapter's own raised before its request that moves money left made what it is: a retryable NOT_SENT
-    (providers.calls.not_sent), sent again later. A bad amount or a credential found wanting while the adapter
-    makes its request sent nothing; taken for a call that may have arrived (what any other exception after the
-    stamp is: core.outbox's run_job), the payment would only be asked about, never sent (M-Pesa's and IremboPay's
-    cannot even be asked without their own id), and an Airtel refund left to a person. Whether it left is
-    watched, not guessed (core.ports.watch_departures): providers.calls.send counts a request gone as it hands it
-    to the transport, so anything raised from then on (a timeout, a reset connection, the adapter failing on the
-    answer) stays in doubt and is asked about."""
+async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T], deadline: float | None = None) -> _T:
+    """`call` (the adapter's request_collection or request_refund, after the job's stamp), by `deadline` (the event
+    loop's clock; None: the worker's own cut-off alone), with what failed before its request that moves money left
+    made what it is: a retryable NOT_SENT, sent again later. Whether it left is watched, not guessed
+    (core.ports.watch_departures): providers.calls.send counts a request gone as it hands it to the transport, and
+    turns it back only when it cannot have been taken (no connection was had; answered 401).
+
+    Before it left: an exception of the adapter's own (a bad amount, a credential a header cannot carry:
+    providers.calls.not_sent), the deadline (a token fetched again inside the call: its cached one had lapsed, or was
+    refused 401), or a retryable failure of another call (the token's request unanswered or answered 5xx, an
+    IremboPay invoice's): taken for a call that may have arrived (what any other exception after the stamp is:
+    core.outbox's run_job), the payment would only be asked about, never sent (M-Pesa's and IremboPay's cannot even
+    be asked without their own id), and an Airtel refund left to a person. A definite refusal (not retryable:
+    CredentialsRefused, a number the provider cannot pay) and a failure that already says nothing was processed
+    (core.outbox.NOTHING_PROCESSED: a 429 keeps its Retry-After) are raised as they are.
+
+    Once it left, anything raised (a timeout, a reset connection, the adapter failing on the answer) stays in doubt
+    and is asked about; a NOT_SENT or UNREACHABLE then speaks of another request than the one that left (none does
+    today), so it is made a ProviderTimeout, never sent again blind. A ProviderTimeout is the adapter's own word that
+    its request may have arrived: raised as it is, left or not."""
     with watch_departures() as watch:
         try:
-            return await call
-        except (ProviderError, TimeoutError):
-            raise  # the transport's and the adapter's own words; a timeout may follow a request that arrived
+            async with asyncio.timeout_at(deadline):
+                return await call
+        except ProviderTimeout:
+            raise
+        except TimeoutError:
+            if watch.left:
+                raise  # the deadline with a request out: it may have arrived
+            raise ProviderError(f"{name} {operation}: not sent by the call's deadline (its token not obtained in "
+                                "time); nothing was sent, sent later", retryable=True, code=NOT_SENT) from None
+        except ProviderError as exc:
+            if watch.left and exc.code in _NOTHING_LEFT:
+                raise ProviderTimeout(f"{exc}; but a request that moves money had left before it: it may have "
+                                      "arrived; ask the status, do not send again") from exc
+            if watch.left or not exc.retryable or exc.code in NOTHING_PROCESSED:
+                raise
+            raise ProviderError(f"{exc}; nothing was sent, sent later", retryable=True, code=NOT_SENT) from exc
         except Exception as exc:
             if watch.left:
                 raise
             from providers.calls import not_sent
 
             raise not_sent(name, operation, exc) from exc
+
+
+# What a ProviderError's code says of the request that failed: it never left this process (a request not made, a
+# connection never had). Raised after a request that moves money left (and was not turned back), it is about another.
+_NOTHING_LEFT = frozenset({NOT_SENT, "UNREACHABLE"})
 
 
 # Why a payment whose member was suspended before its request left ends CANCELLED (nothing sent, nothing taken).
@@ -385,9 +414,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         # Outside the call's deadline: a stamp that fails or times out means the call was not made.
         await call_starting(rt.sessionmaker, job)
         try:
-            async with asyncio.timeout_at(deadline):
-                accepted = await _timed(provider.name, "collect", _until_it_leaves(
-                    provider.name, "collect", provider.request_collection(request)))
+            accepted = await _timed(provider.name, "collect", _until_it_leaves(
+                provider.name, "collect", provider.request_collection(request), deadline))
         except (ProviderTimeout, TimeoutError) as exc:
             # The provider may have the request: ask its status (poll job) instead of sending it again.
             # A call still running at our own deadline is the same case: it may have arrived.

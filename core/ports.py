@@ -168,7 +168,8 @@ AWAITING_CONFIGURATION_NOTE = "; waits for the provider's configuration to be fi
 
 
 # ProviderError.code of a request that never left this process (retryable): the token it needed was not obtained
-# (core.jobs.ready_to_send), or the request could not be made (providers.calls.not_sent: a credential a header cannot
+# (core.jobs.ready_to_send; or, fetched again inside the call, it failed or came after the call's deadline:
+# core.jobs._until_it_leaves), or the request could not be made (providers.calls.not_sent: a credential a header cannot
 # carry, a body that is not JSON, an adapter's exception before its request left). Nothing was processed
 # (core.outbox.NOTHING_PROCESSED): a try that failed so, after its stamp, is still one never sent.
 NOT_SENT = "NOT_SENT"
@@ -176,10 +177,18 @@ NOT_SENT = "NOT_SENT"
 
 @dataclass
 class Departures:
-    """Whether a request that moves money (a payment's or a refund's: providers.calls.send's `creates`) has been
-    handed to the transport while it was watched (watch_departures): from then on it may have arrived."""
+    """How many requests that move money (a payment's or a refund's: providers.calls.send's `creates`) were handed to
+    the transport while watched (watch_departures), and how many of those are known to have reached nothing that acts
+    on them (turned_back): the transport failed before it wrote a byte (no connection), or the provider refused the
+    gateway's token (HTTP 401: nothing was processed, and the adapter may send it again with a new one)."""
 
-    left: bool = False
+    handed: int = 0
+    turned_back: int = 0
+
+    @property
+    def left(self) -> bool:
+        """A request that moves money may have arrived: from then on, nothing raised says it was not sent."""
+        return self.handed > self.turned_back
 
 
 _DEPARTURES: ContextVar[Departures | None] = ContextVar("provider_departures", default=None)
@@ -199,10 +208,21 @@ def watch_departures() -> Iterator[Departures]:
 
 def departing() -> None:
     """A request that moves money is being handed to the transport now (providers.calls.send): the watch in force,
-    if any, counts it as left, whatever happens to it next."""
+    if any, counts it as left, whatever happens to it next, unless it is turned back."""
     watch = _DEPARTURES.get()
     if watch is not None:
-        watch.left = True
+        watch.handed += 1
+
+
+def turned_back() -> None:
+    """The request that moves money last handed over (departing) is known to have reached nothing that acts on it: the
+    transport could not connect (providers.calls.send: httpx's ConnectError, ConnectTimeout, PoolTimeout and
+    UnsupportedProtocol are raised before a byte of the request is written), or the provider refused the gateway's
+    token (HTTP 401, or M-Pesa's "Invalid Access Token"). Only for those: a failure that may follow a byte written (a
+    write or read timeout, a reset, a malformed answer) never turns one back."""
+    watch = _DEPARTURES.get()
+    if watch is not None and watch.left:
+        watch.turned_back += 1
 
 
 class CallbackRejected(Exception):

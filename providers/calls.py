@@ -17,7 +17,7 @@ import httpx
 from core.config import ProviderConfig
 from core.db import iso_ms, iso_z, utcnow
 from core.metrics import PROVIDER_CALLS, PROVIDER_ERRORS, PROVIDER_FAILING
-from core.ports import NOT_SENT, CredentialsRefused, ProviderError, ProviderTimeout, departing
+from core.ports import NOT_SENT, CredentialsRefused, ProviderError, ProviderTimeout, departing, turned_back
 
 log = logging.getLogger("gateway.providers")
 
@@ -208,9 +208,12 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
                count_5xx: bool = True) -> httpx.Response:
     """Send once. `creates`: the request starts a payment or refund, so an unanswered one is ambiguous.
 
-    A failure to connect is retryable (nothing reached the provider). A request that may have
-    reached the provider but got no answer raises ProviderTimeout when it `creates`: the caller must
-    ask the status of the same reference rather than send it again.
+    A failure to connect is retryable (nothing reached the provider): httpx raises ConnectError, ConnectTimeout and
+    PoolTimeout before a byte of the request is written (no connection was had; core.http keeps that true of the
+    gateway's own transport), so they are UNREACHABLE, and a request that `creates` is turned back
+    (core.ports.turned_back). A request that may have reached the provider but got no answer (a read or write
+    timeout, a reset, a malformed answer) raises ProviderTimeout when it `creates`: the caller must ask the status of
+    the same reference rather than send it again.
 
     For the outage line (call_failed / call_answered) a call fails when it could not connect, got no answer in
     time, or was answered 5xx, unless `answered` says that 5xx is the provider's answer (Daraja's
@@ -219,7 +222,8 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
     A request that could not be made, or whose URL httpx refuses before connecting, never left: not_sent (a
     retryable NOT_SENT, its own class), never a timeout or an unreachable provider. A request that `creates` is
     counted as gone (core.ports.departing) as it is handed to the transport: whatever fails after that may follow
-    a request that arrived.
+    a request that arrived, but for a failure to connect and an answer 401 (nothing was processed under a refused
+    token: the adapters send it again with a new one), which turn it back.
 
     gateway_provider_errors_total is counted here (a transport failure, a 5xx unless `count_5xx` is off: an
     adapter that counts its errors as it reads them, a request not made) and in http_error (a 4xx), once per
@@ -244,8 +248,14 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
     except httpx.UnsupportedProtocol as exc:
         # The URL's scheme is refused before a connection is even looked for: nothing left.
         timed = False
+        if creates:
+            turned_back()
         raise not_sent(provider, operation, exc, label=name) from exc
-    except (httpx.ConnectTimeout, httpx.ConnectError) as exc:
+    except (httpx.ConnectTimeout, httpx.ConnectError, httpx.PoolTimeout) as exc:
+        # No connection was had (refused, DNS, TLS handshake, none within the connect or pool timeout): not a byte of
+        # the request was written. (A WriteTimeout may follow part of it written: it stays in doubt, below.)
+        if creates:
+            turned_back()
         PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
         call_failed(provider, started, error="UNREACHABLE",
                     summary=f"{operation}: cannot connect ({type(exc).__name__})")
@@ -264,6 +274,8 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
     finally:
         if timed:
             PROVIDER_CALLS.labels(provider=provider, operation=operation).observe(time.perf_counter() - started)
+    if creates and response.status_code == 401:
+        turned_back()  # refused unprocessed for the gateway's token: sent again with a new one, or our credentials
     if response.status_code >= 500 and (answered is None or not answered(response)):
         if count_5xx:
             PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
@@ -279,17 +291,25 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
 def not_sent(provider: str, operation: str, exc: BaseException, *, label: str | None = None) -> ProviderError:
     """`operation`'s request to `provider` failed before it left this process (`exc`: raised while it was being
     made, by httpx or by the adapter): nothing reached the provider, so it is a retryable NOT_SENT - sent again
-    later, as a token not obtained is (core.jobs.ready_to_send) - never a call that may have arrived. Counted in
-    gateway_provider_errors_total; no call is timed, and the provider's health (call_failed, Seen) is untouched:
-    the provider did nothing wrong. One error line with the traceback: it is our configuration or our code, which
-    a retry alone does not mend. Its message names the exception's class only (its text may hold a URL or a
+    later, as a token not obtained is (core.jobs.ready_to_send) - never a call that may have arrived. Counted and
+    logged by request_not_made. Its message names the exception's class only (its text may hold a URL or a
     credential)."""
+    request_not_made(provider, operation, exc, label=label)
+    return ProviderError(f"{label or provider} {operation.replace('_', ' ')}: the request could not be made "
+                         f"({type(exc).__name__}); nothing was sent, sent later", retryable=True, code=NOT_SENT)
+
+
+def request_not_made(provider: str, operation: str, exc: BaseException, *, label: str | None = None) -> None:
+    """A request to `provider` that could not be made (`exc`), nothing sent: counted in
+    gateway_provider_errors_total; no call is timed, and the provider's health (call_failed, Seen) is untouched: the
+    provider did nothing wrong (the ops page shows it as its calls left it: UNKNOWN when none was ever made, never
+    FAILING nor CREDENTIALS_REFUSED for a setting it never saw). One error line with the traceback: it is our
+    configuration or our code, which a retry alone does not mend. For the payment providers (not_sent) and the SMS
+    sender (channels.sms.sender: an SMS_API_KEY a header cannot carry)."""
     PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()
     log.error("%s %s: the request could not be made, nothing was sent (%s)", label or provider,
               operation.replace("_", " "), type(exc).__name__, exc_info=exc,
               extra={"provider": provider, "operation": operation, "error": type(exc).__name__})
-    return ProviderError(f"{label or provider} {operation.replace('_', ' ')}: the request could not be made "
-                         f"({type(exc).__name__}); nothing was sent, sent later", retryable=True, code=NOT_SENT)
 
 
 def retry_after(response: httpx.Response, *, now: datetime | None = None) -> float | None:

@@ -33,7 +33,7 @@ from core import metrics
 from core.config import Secret, Settings
 from core.phone import Phone
 from core.ports import SendResult, SmsSender
-from providers.calls import call_answered, call_failed, credentials_refused
+from providers.calls import call_answered, call_failed, credentials_refused, request_not_made
 
 log = logging.getLogger("gateway.sms.sender")
 NAME = "africastalking"  # its label in the provider metrics and outage lines (providers.calls)
@@ -131,11 +131,20 @@ class AfricasTalkingSender:
         if self._config.sender_id:
             form["from"] = self._config.sender_id
         headers = {"apiKey": self._config.api_key.get(), "Accept": "application/json"}
+        try:
+            # Made before anything is sent: one that cannot be made (an SMS_API_KEY a header cannot carry, an
+            # SMS_BASE_URL httpx refuses) never left. Our configuration, the same for every message: it waits as an
+            # account problem does, counted and logged as a provider's request not made (providers.calls), with no
+            # call timed and Africa's Talking's health untouched (it never saw the request).
+            request = self._http.build_request("POST", self._url, data=form, headers=headers,
+                                               timeout=self._config.timeout)
+        except Exception as exc:
+            request_not_made(NAME, "sms.send", exc, label="Africa's Talking")
+            raise SmsAccountError(f"the request to Africa's Talking could not be made ({type(exc).__name__}): check "
+                                  "SMS_API_KEY and SMS_BASE_URL; nothing was sent") from None
         started = time.perf_counter()
         try:
-            response = await self._http.post(
-                self._url, data=form, headers=headers, timeout=self._config.timeout
-            )
+            response = await self._http.send(request)
         except _NOT_SENT as exc:
             metrics.PROVIDER_ERRORS.labels(provider="africastalking", operation="sms.send").inc()
             call_failed(NAME, started, error="UNREACHABLE", summary=f"sms.send: cannot connect ({type(exc).__name__})")

@@ -32,6 +32,7 @@ from core.ports import (
     ProviderTimeout,
     RefundRequest,
     StatusResult,
+    turned_back,
 )
 from providers.calls import credentials_accepted, credentials_refused, provider_time, send, timeout_from, with_query
 from providers.tokens import TokenCache
@@ -565,7 +566,10 @@ class MpesaAdapter:
                                     headers={"Authorization": f"Bearer {token}"})
             if resp.status_code != 401 and self._json(resp).get("errorCode") != _INVALID_TOKEN:
                 return resp
-            # A revoked or expired token was refused before anything ran: fetch a new one once.
+            # A revoked or expired token was refused before anything ran: fetch a new one once. (providers.calls.send
+            # turned a push or reversal answered 401 back; Daraja's "Invalid Access Token" under another status too.)
+            if resp.status_code != 401 and operation in _CREATES:
+                turned_back()
             self._tokens.invalidate(token)
         assert resp is not None
         return resp

@@ -26,6 +26,7 @@ from core.money import Money
 from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, WORKER_LOST
 from core.phone import Phone
 from core.ports import NOT_SENT, ProviderError, ProviderTimeout, departing, watch_departures
+from providers import calls
 from providers.irembopay import IremboPayAdapter
 from providers.mpesa import MpesaAdapter
 from providers.mtn_momo.adapter import MtnMomoAdapter
@@ -40,7 +41,16 @@ from tests.providers.test_irembopay_duplicate import DUPLICATE, INVOICES, LOOKUP
 from tests.providers.test_irembopay_duplicate import PUSH as IREMBO_PUSH
 from tests.providers.test_refund_ambiguous import ACCEPTED as REVERSAL_ACCEPTED
 from tests.providers.test_refund_ambiguous import AIRTEL_REFUND, _ask_refund, _rows, airtel_collected
-from tests.providers.wires import MPESA_BASE, MPESA_CREDS, completed, due_now, mpesa_adapter, mpesa_payment, mpesa_wire
+from tests.providers.wires import (
+    MPESA_BASE,
+    MPESA_CREDS,
+    Routes,
+    completed,
+    due_now,
+    mpesa_adapter,
+    mpesa_payment,
+    mpesa_wire,
+)
 
 TOKEN = "/oauth/v1/generate"
 
@@ -345,3 +355,205 @@ async def test_over_the_real_client_a_push_the_server_hung_up_on_is_in_doubt_and
 def mpesa_adapter_at(base: str, http: httpx.AsyncClient) -> MpesaAdapter:
     return MpesaAdapter(http, ProviderConfig(base_url=base, credentials={k: Secret(v) for k, v in MPESA_CREDS.items()},
                                              options={"shortcode": "174379"}))
+
+
+# --- A request that never left, wherever its attempt ended; one that left, whatever is raised after it ---------------
+
+MTN_PAY = "/collection/v1_0/requesttopay"
+MTN_TOKEN = "/collection/token/"
+INVALID_TOKEN = {"errorCode": "404.001.03", "errorMessage": "Invalid Access Token"}
+
+
+async def test_a_push_whose_token_refresh_outlasts_the_deadline_is_sent_later_once(
+        rt: Any, demo: dict[str, Any], worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Daraja refused the first push's token (401: nothing ran) and the token fetched again inside the call took longer
+    than the call's deadline: the push the payer would see never left. Before: taken for one that may have arrived
+    (the deadline's TimeoutError), asked about by a status poll that cannot ask without a CheckoutRequestID: the payer
+    was never prompted. Now NOT_SENT, and the next attempt pushes once."""
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 1.0)
+    tokens: list[str] = []
+
+    async def token(_request: httpx.Request) -> httpx.Response:
+        tokens.append("asked")
+        if len(tokens) == 2:
+            await asyncio.sleep(2.0)  # past the call's deadline (it ends, so the next attempt is not held by it)
+        return httpx.Response(200, json={"access_token": f"tok-{len(tokens)}", "expires_in": "3599"})
+
+    pushes = [httpx.Response(401, json=INVALID_TOKEN)]
+    wire = mpesa_wire().on("GET", TOKEN, token).on(
+        "POST", PUSH, lambda _r: pushes.pop() if pushes else httpx.Response(200, json=ACCEPTED))
+    mpesa_adapter(rt, MPESA_BASE, wire.client())
+    payment = await mpesa_payment(rt, demo)
+    await drain(worker)
+    collect = await _job(rt, "payment.collect")
+    assert collect.status == "PENDING" and "nothing was sent" in (collect.last_error or ""), collect.last_error
+    assert not (collect.last_error or "").startswith((INTERRUPTED, CALL_SENT))
+    assert len(wire.sent("POST", PUSH)) == 1
+    await asyncio.sleep(1.5)  # the slow token arrives, and is kept for the next attempt
+    await due_now(rt, "payment.collect")
+    await drain(worker)
+    assert len(wire.sent("POST", PUSH)) == 2 and len(tokens) == 2
+    async with rt.sessionmaker() as s:
+        stored = await s.get(Payment, payment.id)
+    assert (stored.status, stored.provider_transaction_id) == ("PROCESSING", "ws_CO_1")
+
+
+async def test_a_request_to_pay_whose_token_is_not_fetched_by_the_deadline_is_not_sent() -> None:
+    """The token had lapsed between the job's prepare and the call (none in hand here): fetched inside the call, it
+    takes past the deadline. Nothing reached MTN's request-to-pay: NOT_SENT, not a TimeoutError (in doubt)."""
+    async def slow(_request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        raise AssertionError("cut off by the deadline")
+
+    wire = Routes(test_mtn_momo.BASE).on("POST", MTN_TOKEN, slow)  # a request to pay would fail the test
+    adapter = MtnMomoAdapter(wire.client(), test_mtn_momo.config())
+    deadline = asyncio.get_running_loop().time() + 0.3
+    with pytest.raises(ProviderError) as err:
+        await _until_it_leaves("mtn_momo", "collect", adapter.request_collection(test_mtn_momo.collection()), deadline)
+    assert not isinstance(err.value, ProviderTimeout)
+    assert (err.value.code, err.value.retryable) == (NOT_SENT, True)
+    assert [r.url.path for r in wire.seen] == [MTN_TOKEN]
+
+
+@pytest.mark.parametrize("token_answer", [503, 200])
+async def test_a_request_to_pay_refused_401_whose_new_token_fails_is_not_sent(token_answer: int) -> None:
+    """MTN refused the request to pay's token (401: nothing processed) and the new token's request failed (a 5xx, an
+    answer without a token): the request to pay was not taken. Before: a retryable HTTP_503 (or code-less) error after
+    the job's stamp, which the outbox marks "may have arrived" (CALL_SENT). Now NOT_SENT."""
+    token = load("mtn_momo", "token.json")
+    answers = [httpx.Response(token_answer, json={}), httpx.Response(200, json=token)]
+    wire = (Routes(test_mtn_momo.BASE).on("POST", MTN_TOKEN, lambda _r: answers.pop())
+            .on("POST", MTN_PAY, 401, {"code": "INVALID_TOKEN"}))
+    adapter = MtnMomoAdapter(wire.client(), test_mtn_momo.config())
+    await adapter.prepare("collect")
+    with watch_departures() as watch, pytest.raises(ProviderError) as err:
+        await _until_it_leaves("mtn_momo", "collect", adapter.request_collection(test_mtn_momo.collection()))
+    assert (err.value.code, err.value.retryable) == (NOT_SENT, True), err.value
+    assert not watch.left
+    assert [r.url.path for r in wire.seen] == [MTN_TOKEN, MTN_PAY, MTN_TOKEN]
+
+
+async def test_a_push_refused_as_invalid_token_under_another_status_then_no_token_is_not_sent() -> None:
+    """Daraja's "Invalid Access Token" under a status other than 401: the adapter takes it as nothing run (it fetches a
+    new token and pushes again), so it is turned back too; the new token's request failing is NOT_SENT."""
+    answers = [httpx.Response(503, json={}), httpx.Response(200, json={"access_token": "tok-1", "expires_in": "3599"})]
+    wire = Routes(MPESA_BASE).on("GET", TOKEN, lambda _r: answers.pop()).on("POST", PUSH, 400, INVALID_TOKEN)
+    adapter = mpesa_adapter_at(MPESA_BASE, wire.client())
+    await adapter.prepare("collect")
+    request = dataclasses.replace(collection(), method="MPESA", amount=Money(15_000, "KES"),
+                                  payer=Phone("+254708000001"), payer_account="+254708000001")
+    with pytest.raises(ProviderError) as err:
+        await _until_it_leaves("mpesa", "collect", adapter.request_collection(request))
+    assert (err.value.code, err.value.retryable) == (NOT_SENT, True), err.value
+    assert len(wire.sent("POST", PUSH)) == 1
+
+
+async def test_a_request_to_pay_refused_401_whose_new_token_cannot_be_sent_is_still_not_sent() -> None:
+    """After a 401 (nothing processed), a new token a header cannot carry: NOT_SENT is honoured, the 401 having turned
+    the first request to pay back; it is not taken for a request that left."""
+    answers = [httpx.Response(200, json={"access_token": "tök-2", "expires_in": 3600}),
+               httpx.Response(200, json={"access_token": "tok-1", "expires_in": 3600})]
+    wire = (Routes(test_mtn_momo.BASE).on("POST", MTN_TOKEN, lambda _r: answers.pop())
+            .on("POST", MTN_PAY, 401, {"code": "INVALID_TOKEN"}))
+    adapter = MtnMomoAdapter(wire.client(), test_mtn_momo.config())
+    await adapter.prepare("collect")
+    with pytest.raises(ProviderError) as err:
+        await _until_it_leaves("mtn_momo", "collect", adapter.request_collection(test_mtn_momo.collection()))
+    assert (err.value.code, err.value.retryable) == (NOT_SENT, True), err.value
+    assert len(wire.sent("POST", MTN_PAY)) == 1
+
+
+@pytest.mark.parametrize("code", [NOT_SENT, "UNREACHABLE"])
+async def test_a_not_sent_raised_after_a_money_request_left_is_in_doubt(code: str) -> None:
+    """A request that moves money left and was answered (not turned back), then another request failed before it
+    left: "nothing was sent" speaks of that other one. Before, _until_it_leaves trusted any NOT_SENT, and the job
+    would send the money request again. Now in doubt: asked about, never sent again blind."""
+    wire = Routes(test_mtn_momo.BASE).on("POST", MTN_PAY, 500).on("GET", "/after", lambda _r: (_ for _ in ()).throw(
+        httpx.ConnectError("refused")))
+
+    async def call() -> None:
+        async with wire.client() as http:
+            common: dict[str, Any] = {"provider": "mtn_momo", "timeouts": httpx.Timeout(1.0)}
+            await calls.send(http, operation="request_to_pay", method="POST", url=test_mtn_momo.BASE + MTN_PAY,
+                             creates=True, json={"amount": "100"}, **common)
+            if code == NOT_SENT:  # a header the next request cannot carry
+                await calls.send(http, operation="request_to_pay_status", method="GET", creates=False,
+                                 url=test_mtn_momo.BASE + "/after", headers={"X-Note": "é"}, **common)
+            await calls.send(http, operation="request_to_pay_status", method="GET", creates=False,
+                             url=test_mtn_momo.BASE + "/after", **common)
+
+    with pytest.raises(ProviderTimeout) as err:
+        await _until_it_leaves("mtn_momo", "collect", call())
+    assert isinstance(err.value.__cause__, ProviderError) and err.value.__cause__.code == code
+    assert len(wire.sent("POST", MTN_PAY)) == 1
+
+
+@pytest.mark.parametrize("fault", [httpx.ConnectError("connection refused"), httpx.ConnectTimeout("no connection"),
+                                   httpx.PoolTimeout("no free connection in the pool")])
+async def test_a_money_request_that_got_no_connection_is_turned_back_and_sent_later(fault: Exception) -> None:
+    """httpx raises these before a byte of the request is written (no connection was had): UNREACHABLE (retryable,
+    nothing processed), and the watch does not count the request as gone. A PoolTimeout was, before, "no answer in
+    time": a ProviderTimeout, the payment only asked about."""
+    def fails(_request: httpx.Request) -> httpx.Response:
+        raise fault
+
+    wire = Routes(test_mtn_momo.BASE).on("POST", MTN_PAY, fails)
+    with watch_departures() as watch, pytest.raises(ProviderError) as err:
+        await calls.send(wire.client(), provider="mtn_momo", operation="request_to_pay", method="POST",
+                         url=test_mtn_momo.BASE + MTN_PAY, timeouts=httpx.Timeout(1.0), creates=True,
+                         json={"amount": "100"})
+    assert not isinstance(err.value, ProviderTimeout)
+    assert (err.value.code, err.value.retryable) == ("UNREACHABLE", True)
+    assert not watch.left and len(wire.seen) == 1
+
+
+@pytest.mark.parametrize("fault", [httpx.WriteTimeout("part of the body written"), httpx.WriteError("broken pipe"),
+                                   httpx.LocalProtocolError("body longer than its Content-Length"),
+                                   httpx.ProxyError("the proxy failed")])
+async def test_a_money_request_that_failed_once_it_may_have_been_written_stays_in_doubt(fault: Exception) -> None:
+    """A write that timed out or broke may follow part of the request written (a server may act on a request whose
+    body it has, or an intermediary on its own); a protocol error of ours can follow the headers: in doubt."""
+    def fails(_request: httpx.Request) -> httpx.Response:
+        raise fault
+
+    wire = Routes(test_mtn_momo.BASE).on("POST", MTN_PAY, fails)
+    with watch_departures() as watch, pytest.raises(ProviderTimeout):
+        await calls.send(wire.client(), provider="mtn_momo", operation="request_to_pay", method="POST",
+                         url=test_mtn_momo.BASE + MTN_PAY, timeouts=httpx.Timeout(1.0), creates=True,
+                         json={"amount": "100"})
+    assert watch.left
+
+
+async def test_over_the_real_client_a_refused_connection_is_turned_back() -> None:
+    """The gateway's own client (core.http) to a port on 127.0.0.1 nobody listens on: ConnectError, UNREACHABLE,
+    nothing counted as gone."""
+    server = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    async with make_client() as http:
+        with watch_departures() as watch, pytest.raises(ProviderError) as err:
+            await calls.send(http, provider="mtn_momo", operation="request_to_pay", method="POST",
+                             url=f"http://127.0.0.1:{port}{MTN_PAY}", timeouts=httpx.Timeout(1.0), creates=True,
+                             json={"amount": "100"})
+    assert (err.value.code, err.value.retryable) == ("UNREACHABLE", True)
+    assert not watch.left
+
+
+async def test_an_airtel_refund_refused_401_whose_new_token_fails_is_a_refund_never_sent(
+        rt: Any, demo: dict[str, Any], worker: Any) -> None:
+    """Airtel refused the refund's token (401: nothing processed) and the new token's request was answered 503: the
+    refund never reached Airtel. Before: a retryable HTTP_503 after the job's stamp, marked "may have arrived"
+    (CALL_SENT), so the refund could no longer be withdrawn as unsent. Now NOT_SENT: still a refund never sent."""
+    wire, payment = await airtel_collected(rt, demo, "key-airtel-401-then-503")
+    tokens = [httpx.Response(200, json={"access_token": "t1", "expires_in": "180"}), httpx.Response(503, json={})]
+    wire.on("POST", "/auth/oauth2/token", lambda _r: tokens.pop(0))
+    wire.on("POST", AIRTEL_REFUND, 401, {"status": {"message": "Invalid token", "success": False}})
+    refund = await _ask_refund(rt, demo, payment, key="refund-401-then-503")
+    await drain(worker)
+    submit = await _job(rt, "refund.submit")
+    assert submit.status == "PENDING" and "nothing was sent" in (submit.last_error or ""), submit.last_error
+    assert not (submit.last_error or "").startswith((INTERRUPTED, CALL_SENT))
+    assert len(wire.sent("POST", AIRTEL_REFUND)) == 1 and tokens == []
+    stored, _, _ = await _rows(rt, refund.id, payment.id)
+    assert stored.status == "PENDING"
