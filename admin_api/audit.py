@@ -21,7 +21,8 @@ ACTORS = ("admin:<user id> (a staff login: super or cooperative admin), member:<
           "system")
 
 FORMAT = ("What the act changed, in one format for every action: keys camelCase, times as the API writes them "
-          "(UTC to the second, Z), amounts integer minor units (with `currency` where the row names it); never a "
+          "(UTC to the second, Z), amounts integer minor units (with `currency` where the row names it); free text "
+          "(a note, a name, a description) exactly as written, even one that reads like a time; never a "
           "secret, password hash, API key, full phone number or a member's name")
 
 AUDIT_EVENT = out(

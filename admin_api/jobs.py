@@ -36,9 +36,12 @@ from core.outbox import (
     subject_filter,
     waiting,
 )
+from core.provider_events import WATCH_JOB
 from core.state.payment import OPEN_VALUES as OPEN_PAYMENT_VALUES
+from core.state.payment import PaymentStatus
 from core.state.refund import OPEN_VALUES as OPEN_REFUND_VALUES
 from core.text import is_number
+from core.transaction_ids import CONTESTED_JOB, flag_contested
 
 STATUSES = ("PENDING", "RUNNING", "DONE", "PARKED", DISCARDED)
 # The jobs a subject filter searches: those not DONE (see list_jobs); DISCARDED ones too, a few (each ended by a
@@ -60,20 +63,28 @@ ON_RUN_NOW: dict[str, Callable[[AsyncSession, OutboxJob, Actor], Awaitable[None]
 # What a discard of a job of this kind must also do, in the discard's transaction, so that what the job is about does
 # not look as if it were still on its way: its subject given up on as the job is (an SMS FAILED, a webhook delivery
 # FAILED), or the discard refused (409) where the job is the only thing that would still settle money (a refund's:
-# see _refund_settled_otherwise). Given the error the job parked with. A kind not named changes nothing else: a
-# payment's collect and poll (_payment_still_asked), a webhook event's fan-out (no delivery stored yet), the sweeps.
+# see _refund_settled_otherwise, _cancelled_still_watched), or the job's work done by the discard itself (a contested
+# transaction id's flag: _contested_flagged). Given the error the job parked with. A kind not named changes nothing
+# else: a payment's collect and poll (_payment_still_asked), a webhook event's fan-out (no delivery stored yet), the
+# sweeps.
 ON_DISCARD: dict[str, Callable[[Ctx, OutboxJob, str | None, str], Awaitable[None]]] = {
     "webhook.deliver": lambda ctx, job, parked_with, reason: webhooks.give_up_for_discard(
         ctx.session, job, actor=ctx.who.actor),
     "sms.send": lambda ctx, job, parked_with, reason: _sms_not_sent(ctx, job, parked_with, reason),
     **{kind: lambda ctx, job, parked_with, reason: _payment_still_asked(ctx, job) for kind in PAYMENT_KINDS},
     **{kind: lambda ctx, job, parked_with, reason: _refund_settled_otherwise(ctx, job) for kind in REFUND_KINDS},
+    WATCH_JOB: lambda ctx, job, parked_with, reason: _cancelled_still_watched(ctx, job),
+    CONTESTED_JOB: lambda ctx, job, parked_with, reason: _contested_flagged(ctx, job),
 }
 REASON = {"type": "string", "minLength": 3, "maxLength": 300,
           "description": "why the job is given up on (kept in the audit log and the job's lastError)"}
 DISCARD = {
     **obj({"reason": REASON}, ["reason"]),
-    "description": "Why the parked job is discarded: it will never run again (a replay of it is refused).",
+    "description": "Why the parked job is discarded: it will never run again (a replay of it is refused). Refused "
+                   "(409 INVALID_STATE, saying what to do instead) where the job is the only thing still settling "
+                   "money: an open refund's submission or poll, an open payment's poll whose provider is not in "
+                   "PROVIDERS, a cancelled payment's payment.watch (replay it, or record the payment's outcome). A "
+                   "payment.contested job's flag is set on its payment by the discard itself.",
 }
 JOB = out(
     {
@@ -458,6 +469,40 @@ async def _refund_settled_otherwise(ctx: Ctx, job: OutboxJob) -> None:
                    f"with the provider and record its outcome with POST /v1/refunds/{refund.id}/outcome, or withdraw "
                    f"one never sent with POST /v1/refunds/{refund.id}/cancel: either settles this job",
                    code=INVALID_STATE)
+
+
+async def _cancelled_still_watched(ctx: Ctx, job: OutboxJob) -> None:
+    """A payment.watch job is the only thing that still asks the provider about a payment its cooperative cancelled
+    (core.provider_events.cancel_payment): no provider can withdraw the prompt or invoice, so the member may still
+    pay it, and the payment sweep asks only about open payments. Discarded, money taken after the cancel (a callback
+    lost) would never be found: the payment would stay CANCELLED while the member paid. Refused (409) while it is
+    CANCELLED, for a replay (the job asks the provider again, completes the payment late if it was paid, and ends by
+    itself once the answer is final or the grace after its window is over: one answer says whether money was taken,
+    however late) or the money recorded from the provider's statement (POST /v1/payments/{id}/outcome), after which
+    the job can be discarded."""
+    payment = await ctx.session.get(Payment, str((job.payload or {}).get("payment_id") or ""))
+    if payment is None or payment.status != PaymentStatus.CANCELLED.value:
+        return  # completed late since (or gone): nothing left to watch
+    ask = ("replay this job" if payment.provider in ctx.rt.providers
+           else f"add {payment.provider} back to PROVIDERS and replay this job")
+    raise Conflict(f"payment {payment.id} is CANCELLED but its provider may still take the money (the prompt or "
+                   "invoice cannot be withdrawn), and this job is the only thing that asks: discarded, a payment made "
+                   f"after the cancel would never be found. Instead {ask}: it asks the provider, completes the "
+                   "payment late if it was paid, and ends by itself once nothing more can be taken. If the "
+                   "provider's statement shows the money taken, record it with "
+                   f"POST /v1/payments/{payment.id}/outcome; the job can then be discarded", code=INVALID_STATE)
+
+
+async def _contested_flagged(ctx: Ctx, job: OutboxJob) -> None:
+    """A payment.contested job flags (mismatch) a payment whose provider transaction id another cooperative's payment
+    completed with (core.transaction_ids._contest): discarded unflagged, the cooperative would count money that may
+    be the other's with nothing telling it to check the statement. The discard flags it, as the job would have, in
+    its own transaction (flag_contested: the payment's row lock alone; nothing when it no longer holds the id or
+    says so already)."""
+    payload = job.payload or {}
+    payment_id, txn = payload.get("payment_id"), payload.get("provider_transaction_id")
+    if isinstance(payment_id, str) and isinstance(txn, str):
+        await flag_contested(ctx.session, payment_id, txn)
 
 
 ROUTES = [

@@ -165,7 +165,7 @@ PAYMENT_CREATE = obj(
         "paymentMethod": {"enum": list(METHODS)},
         "paymentAccount": {"type": "string", "minLength": 3, "maxLength": 120},
         "description": {"type": ["string", "null"], "maxLength": 500},
-        "dueDate": {"type": ["string", "null"], "format": "date-time",
+        "dueDate": {"type": ["string", "null"], "format": "date-time", "minLength": 1,
                     "description": "The due date of the period the payment pays, for a recurring payment type: one "
                                    "of its due dates (its dueDay, every month, quarter or year), as the bare date "
                                    "(2026-11-01, 2026-11-01T00:00:00Z) or an instant on that day in the "
@@ -173,8 +173,9 @@ PAYMENT_CREATE = obj(
                                    "dueDate, naming the due dates either side): it would pay no period, and the "
                                    "member would still be reminded and listed UNPAID in the dues report "
                                    "(GET /v1/reports/dues). Without it, the payment pays the period a payment made "
-                                   "at that moment pays, as the USSD's do. Any day for a type that is not "
-                                   "recurring"},
+                                   "at that moment pays, as the USSD's do (null is the same). An empty string is "
+                                   "refused (400 VALIDATION_FAILED, field dueDate), not read as none. Any day for a "
+                                   "type that is not recurring"},
         "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128},
         "memberId": {"type": "string", "format": "uuid",
                      "description": "admins: the member paying. Without it, a mobile-money payment is the "
@@ -456,7 +457,7 @@ async def initiate_payment(request: web.Request, ctx: Ctx) -> web.StreamResponse
         amount=Money.from_api(body["amount"], ptype.currency),
         member_id=member_id,
         description=body.get("description"),
-        due_date=_parse_due(due) if due else None,
+        due_date=_parse_due(due) if due is not None else None,  # ("": refused by the schema, never "none")
         member_from_account=by_account,
     )
     payment, created = await create_payment(ctx.session, ctx.rt, new, actor=who.actor, context=context)

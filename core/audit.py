@@ -34,7 +34,8 @@ class Actor:
 SYSTEM = Actor.system()
 
 # An instant as Python's isoformat wrote it (rows of state moves and some admin acts before this release:
-# `2026-12-03T14:41:39.447999+00:00`), read again to write it as the API does (iso_z).
+# `2026-12-03T14:41:39.447999+00:00`), read again to write it as the API does (iso_z). Only under a key naming an
+# instant (_instant_key): the same shape under any other key (a note, a description) is what someone wrote.
 _INSTANT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:\d\d)")
 
 _COLUMN = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)+")
@@ -58,18 +59,28 @@ def _key(name: str) -> str:
     return head + "".join(part[:1].upper() + part[1:] for part in rest)
 
 
-def formatted(value: Any) -> Any:
+def _instant_key(key: Any) -> bool:
+    """Whether an audit key (camelCase, as _key makes it) names an instant: `at`, `completedAt`, `runAt`,
+    `previousSecretValidUntil`, `failingSince`. Every instant the code has written as text went under such a key (a
+    state move's `*_at` column, a webhook attempt's `at`, a rotated secret's end); free text (a note, a name, a
+    description, a reason, an error) never does."""
+    return isinstance(key, str) and (key == "at" or key.endswith(("At", "Until", "Since")))
+
+
+def formatted(value: Any, key: Any = None) -> Any:
     """An audit row's before or after in the log's one format: keys camelCase (the API's), instants as the API
     writes them (iso_z: UTC to the second, `Z`), amounts integer minor units with no `_minor` suffix. Applied to
     every row written (record, core.state's moves) and, by the reader, to rows written before it was (their
-    stored JSON is never rewritten: the log is append-only); idempotent."""
+    stored JSON is never rewritten: the log is append-only); idempotent. An instant is a datetime, or text shaped
+    like one under a key naming one (`key`, _instant_key: an older row's isoformat time); any other text is kept
+    exactly as written, whatever it looks like (a note "2026-01-01T10:00:00+02:00" is not a time to convert)."""
     if isinstance(value, dict):
-        return {_key(k) if isinstance(k, str) else k: formatted(v) for k, v in value.items()}
+        return {(name := _key(k) if isinstance(k, str) else k): formatted(v, name) for k, v in value.items()}
     if isinstance(value, list):
-        return [formatted(v) for v in value]
+        return [formatted(v, key) for v in value]
     if isinstance(value, datetime):
         return iso_z(value)
-    if isinstance(value, str) and _INSTANT.fullmatch(value):
+    if isinstance(value, str) and _instant_key(key) and _INSTANT.fullmatch(value):
         try:
             return iso_z(datetime.fromisoformat(value.replace("Z", "+00:00")))
         except (ValueError, OverflowError):  # no date, or one UTC cannot hold (9999-12-31T23:59:59-01:00): as given

@@ -1002,9 +1002,16 @@ async def settle_parked_of_ended_payments(rt: Runtime) -> int:
     each payment sweep; how many. Left PARKED they read as work for a person for good: a provider's outage that
     outlasted a collect's attempts kept gateway_outbox_depth{status="PARKED"} (the README's alert) and the ops
     page's parked count up after the outage ended and every payment was settled, with nothing to do about it. The
-    parked jobs are a few (ix_outbox_due: status first), however many the table holds."""
+    parked jobs are a few (ix_outbox_due: status first), however many the table holds.
+
+    Taken in id order, skipping a job a person holds (SKIP LOCKED): a bulk replay or discard (admin_api.jobs) locks
+    its jobs one by one in id order and holds them to its end, and the UPDATE alone locked them in its scan's order
+    (run_at's, or the heap's): two jobs met in opposite orders deadlocked, and PostgreSQL rolled one back (the admin's
+    request answered 503, or this sweep). One skipped is settled by a later sweep if the person left it parked."""
+    free = (select(OutboxJob.id).where(OutboxJob.status == "PARKED", OutboxJob.kind.in_(PAYMENT_KINDS), _PAYMENT_ENDED)
+            .order_by(OutboxJob.id).with_for_update(skip_locked=True))
     async with rt.sessionmaker.begin() as session:
-        return await end_waiting(session, OutboxJob.kind.in_(PAYMENT_KINDS), _PAYMENT_ENDED, status="PARKED",
+        return await end_waiting(session, OutboxJob.id.in_(free.scalar_subquery()), status="PARKED",
                                  reason=PARKED_SETTLED)
 
 

@@ -494,10 +494,11 @@ def already_imported(members: dict[str, Any], rows: dict[str, ImportRow], *, sta
     added = [m.created_at for m in members.values()]
     first, last = _minute(min(added)), _minute(max(added))
     when = f"on {last}" if first == last else f"between {first} and {last}"
-    said = RowError(0, "file", f"this list was already imported: its {len(members):,} rows match {len(members):,} "
-                               f"members of this cooperative with the same name, unit and language, added {when}; "
-                               "nothing was imported. To change members' details, correct the file and import it with "
-                               "existing=update")
+    count = len(members)
+    matches = f"its {count:,} rows match {count:,} members" if count != 1 else "its 1 row matches 1 member"
+    said = RowError(0, "file", f"this list was already imported: {matches} of this cooperative with the same name, "
+                               f"unit and language, added {when}; nothing was imported. To change members' details, "
+                               "correct the file and import it with existing=update")
     others = [RowError(rows[i].row, "phone", f"{ALREADY_A_MEMBER}, {text}") for i, m in members.items()
               if m.status != status and (text := not_active(m.id, m.status))]
     return [said, *sorted(others, key=lambda e: e.row)]

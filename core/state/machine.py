@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from types import SimpleNamespace
 from typing import Any, Generic, TypeVar
@@ -339,6 +340,8 @@ def _attr_keys(model: Any) -> tuple[str, ...]:
 
 
 def _jsonable(value: Any) -> Any:
-    if hasattr(value, "isoformat"):
+    """A moved column's value for the audit row: a datetime as it is (core.audit.formatted writes it as the API
+    does, whatever its key), a date or a time as its ISO text."""
+    if hasattr(value, "isoformat") and not isinstance(value, datetime):
         return value.isoformat()
     return value

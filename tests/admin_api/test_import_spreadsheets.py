@@ -84,7 +84,8 @@ async def test_the_whole_list_sent_again_updates_names_units_and_languages(admin
 
 
 def imported(count: int, added: str) -> str:
-    return (f"file: this list was already imported: its {count:,} rows match {count:,} members of this cooperative "
+    matches = f"its {count:,} rows match {count:,} members" if count != 1 else "its 1 row matches 1 member"
+    return (f"file: this list was already imported: {matches} of this cooperative "
             f"with the same name, unit and language, added {added}; nothing was imported. To change members' "
             "details, correct the file and import it with existing=update")
 
@@ -146,6 +147,19 @@ async def test_a_pending_list_sent_again_is_told_it_was_imported_once(admin, rt,
     await admin.json("POST", f"/v1/members/{ids[0]}/approve", 200)
     status, body = await _import(admin, data, "?status=PENDING")
     assert (status, body["message"]) == (400, [imported(2, await _added(rt, ids))])
+
+
+async def test_a_one_row_list_sent_again_is_told_so_in_the_singular(admin, rt, demo):
+    """A one-row list sent again was told "its 1 rows match 1 members"."""
+    data = b"name,phone\nOnly One,0788100701\n"
+    status, body = await _import(admin, data)
+    assert status == 201, body
+    added = await _added(rt, body["memberIds"])
+    status, body = await _import(admin, data)
+    assert (status, body["message"]) == (400, [
+        f"file: this list was already imported: its 1 row matches 1 member of this cooperative with the same name, "
+        f"unit and language, added {added}; nothing was imported. To change members' details, correct the file and "
+        "import it with existing=update"])
 
 
 async def test_an_erased_members_number_in_the_list_is_a_new_member_and_she_stays_erased(admin, rt, demo):

@@ -242,3 +242,46 @@ async def test_parked_jobs_are_discarded_in_bulk(admin, rt, demo):
         audited = (await s.execute(select(AuditEvent.entity_id).where(AuditEvent.action == "job.discarded"))
                    ).scalars().all()
     assert sorted(audited) == sorted(str(i) for i in (first, second, other))
+
+
+async def test_the_watch_of_a_cancelled_payment_is_not_discarded_while_it_may_still_be_paid(admin, rt, demo):
+    """payment.watch is what asks the provider about a payment its cooperative cancelled (the prompt cannot be
+    withdrawn: the member may still pay). Discarded, money taken after the cancel was never found: the payment
+    stayed CANCELLED for good. Refused (409) while it is CANCELLED, for a replay or the money recorded from the
+    statement; once the payment completed late, discarded."""
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    await admin.json("POST", f"/v1/payments/{payment.id}/cancel", 200, json={"note": "asked for by mistake"})
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "payment.watch").values(
+            status="PARKED", last_error="attempts exhausted: cancelled, still pending at the provider"))
+        watch = (await s.execute(select(OutboxJob.id).where(OutboxJob.kind == "payment.watch"))).scalar_one()
+    body = await admin.json("POST", f"/v1/jobs/{watch}/discard", 409, json={"reason": REASON})
+    assert (body["code"], f"payment {payment.id} is CANCELLED" in body["message"]) == ("INVALID_STATE", True)
+    assert "replay this job" in body["message"] and f"POST /v1/payments/{payment.id}/outcome" in body["message"]
+    bulk = await admin.json("POST", "/v1/jobs/discard", 200, json={"reason": REASON, "kind": "payment.watch"})
+    assert (bulk["discarded"], [j["id"] for j in bulk["skipped"]]) == ([], [watch])
+    assert (await _row(rt, watch)).status == "PARKED"
+
+    await admin.json("POST", f"/v1/payments/{payment.id}/outcome", 200,
+                     json={"status": "COMPLETED", "providerTransactionId": "MTN-STATEMENT-1",
+                           "note": "on the statement after the cancel"})
+    await admin.json("POST", f"/v1/jobs/{watch}/discard", 200, json={"reason": REASON})
+    assert (await _row(rt, watch)).status == "DISCARDED"
+
+
+async def test_a_discarded_contested_job_flags_its_payment_as_the_job_would_have(admin, rt, demo):
+    """payment.contested flags a payment whose transaction id another cooperative's payment completed with.
+    Discarded, the flag was never set: the cooperative counted money that may be the other's with nothing telling
+    it to check. The discard flags it (once: a payment flagged already is left as it is)."""
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+    await completed(rt, payment)
+    async with rt.sessionmaker() as s:
+        txn = (await s.get(Payment, payment.id)).provider_transaction_id
+    job_id = await _job(rt, "contested", demo["cooperative_id"], kind="payment.contested",
+                        payload={"payment_id": payment.id, "provider_transaction_id": txn})
+    shown = await admin.json("POST", f"/v1/jobs/{job_id}/discard", 200, json={"reason": REASON})
+    assert shown["status"] == "DISCARDED"
+    flagged = await admin.json("GET", f"/v1/payments/{payment.id}", 200)
+    assert flagged["mismatch"] is True and "recorded by another cooperative's payment too" in flagged["mismatchDetail"]
