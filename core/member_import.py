@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
-from core.db import insert_ignore, new_id, row_insert, serialise_on_sqlite, utcnow
+from core.db import ADVISORY_XACT_LOCK, insert_ignore, new_id, row_insert, serialise_on_sqlite, utcnow
 from core.errors import ValidationError
 from core.members import CHANGED, LANGUAGES, MEMBER_STATUSES, PERSONAL_FIELDS, created_audit, member_row
 from core.models import AuditEvent, Cooperative, Member
@@ -237,20 +237,24 @@ def _one_line(cell: str) -> str:
 
 
 def parse_rows(data: bytes, *, region: str) -> ParsedFile:
-    """Decode and check the whole file; raise ImportRejected listing every problem found."""
-    steps = _parse(data, region=region)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    """Decode and check the whole file; raise ImportRejected listing every problem found. read_rows run to its end
+    in one go, where no event loop runs (a script, a test): the turns it gives (asyncio.sleep(0), a bare yield to
+    the task running it) are passed straight over."""
+    reading = read_rows(data, region=region).__await__()
+    try:
+        while True:
+            next(reading)
+    except StopIteration as done:
+        parsed: ParsedFile = done.value
+        return parsed
 
 
 async def read_rows(data: bytes, *, region: str) -> ParsedFile:
-    """parse_rows on the event loop, giving it a turn after each TURN rows. Parsing 10,000 rows (phonenumbers) is
-    about half a second of CPU: in one stretch every USSD hop of this serve waited for it, and in a thread (as it
-    was) the hops still waited, each time they came back from the network, for the interpreter's lock the thread
-    held (hops 7-15 ms, the worst 0.4-0.7 s, while an import ran)."""
+    """The file decoded and checked (parse_rows) on the event loop, giving it a turn after each TURN rows. Parsing
+    10,000 rows (phonenumbers) is about half a second of CPU: in one stretch every USSD hop of this serve waited for
+    it, and in a thread (as it was) the hops still waited, each time they came back from the network, for the
+    interpreter's lock the thread held (hops 7-15 ms, the worst 0.4-0.7 s, while an import ran). It awaits nothing
+    else: parse_rows runs it where no event loop runs."""
     steps = _parse(data, region=region)
     while True:
         try:
@@ -414,9 +418,10 @@ async def import_members(
     updated: list[str] = []
     unchanged = 0
     inactive: list[RowError] = []
+    # Each number's blind index, read once for the whole import (the members it finds, the order it writes in).
+    indexes = [cipher.blind_index(r.phone.e164) async for r in turns(rows)]
     if existing == "update":
-        members = await _members_of(session, cipher, cooperative.id, rows)
-        indexes = [cipher.blind_index(r.phone.e164) async for r in turns(rows)]
+        members = await _members_of(session, cooperative.id, indexes)
         pairs = [(r, members[i]) for r, i in zip(rows, indexes, strict=True) if i in members]
         updated = await _update_rows(session, pairs, parsed.columns, actor=actor)
         # Updated (or unchanged) all the same, as the file says, but she still cannot pay: said beside the rows.
@@ -424,14 +429,28 @@ async def import_members(
                     async for r, m in turns(pairs) if (said := not_active(m.id, m.status))]
         unchanged = len(members) - len(updated)
         rows = [r for r, i in zip(rows, indexes, strict=True) if i not in members]
+        indexes = [i for i in indexes if i not in members]
     else:
         known = await _already_members(session, cipher, cooperative.id, rows, whole=status)
         if known:
             raise ImportRejected(known)
+    # Everything a new member's row needs worked out before the first of them is written: on SQLite the first write
+    # takes the database's write lock, held to the commit, and every other writer of this serve (a member
+    # confirming a payment by USSD) waits for it. Encrypted between the inserts, and the warnings read after them,
+    # a 10,000-row import held it 1.8-2.5 s (of 2.8-3.9 s, on a busy 2-CPU machine); its writes alone, 1.0-1.7 s.
+    # Committed a chunk at a time it would hold it less, but a failure past the first chunk (a number registered
+    # meanwhile, the serve stopped) would leave part of a file imported, and another import of the list would
+    # read that part: the import is all or nothing (README).
+    new = await _member_values(cipher, cooperative.id, rows, indexes, actor=actor, status=status,
+                               language=cooperative.language or "en")
+    # About 40 us a row (the number's country and operator, read by phonenumbers): 0.4 s of a 10,000-row file in
+    # one stretch held the event loop, and every USSD hop of this serve waited for it.
+    warnings = [RowError(r.row, "phone", said) async for r in turns(rows)
+                if phone_warning is not None and (said := phone_warning(r.phone)) is not None]
     # `whole`: existing=update inserts only the rows with no member, and a race it loses (a number registered
     # meanwhile) is not the same list sent again.
-    ids = await _insert_rows(session, cipher, cooperative.id, rows, actor=actor, status=status,
-                             language=cooperative.language or "en", whole=None if existing == "update" else status)
+    ids = await _insert_rows(session, cipher, cooperative.id, rows, new,
+                             whole=None if existing == "update" else status)
     after: dict[str, Any] = {"count": len(ids), "ignoredColumns": parsed.ignored_columns, "encoding": parsed.encoding}
     if existing == "update":
         after.update(updated=len(updated), unchanged=unchanged)
@@ -444,10 +463,6 @@ async def import_members(
         after=after,
         cooperative_id=cooperative.id,
     )
-    # About 40 us a row (the number's country and operator, read by phonenumbers): 0.4 s of a 10,000-row file in
-    # one stretch held the event loop, and every USSD hop of this serve waited for it.
-    warnings = [RowError(r.row, "phone", said) async for r in turns(rows)
-                if phone_warning is not None and (said := phone_warning(r.phone)) is not None]
     warnings = sorted(warnings + inactive, key=lambda w: w.row)
     return Imported(ids, parsed.ignored_columns, parsed.encoding, updated, unchanged, warnings)
 
@@ -509,32 +524,61 @@ def _minute(moment: datetime) -> str:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-async def _members_of(session: AsyncSession, cipher: PiiCipher, cooperative_id: str,
-                      rows: list[ImportRow]) -> dict[str, Member]:
-    """The cooperative's members holding the file's numbers, by blind index, locked (FOR UPDATE): an erasure or a
-    release running meanwhile waits for the import, or the import for it, so a name is never written back onto an
-    erased member. (SQLite has no row locks: the database's write lock, taken before the read, serialise_on_sqlite.)
+async def _members_of(session: AsyncSession, cooperative_id: str, indexes: list[str]) -> dict[str, Member]:
+    """The cooperative's members holding the file's numbers (`indexes`: their blind indexes), by blind index, locked
+    (FOR UPDATE): an erasure or a release running meanwhile waits for the import, or the import for it, so a name is
+    never written back onto an erased member. (SQLite has no row locks: the database's write lock, _read_locked.)
 
-    The cooperative's row is locked first (FOR NO KEY UPDATE: inserts pointing at it, payments, USSD registrations,
-    are not held), as SQLite's write lock does: two existing=update imports of one list (a clerk's upload sent
-    twice) take turns, the second reading every member the first added. Unheld, the second read the first's
-    members in part (those its chunks of numbers read after the first committed), tried to add the others again,
-    and a 1,201-row list sent with existing=update was refused "this list was already imported: its 499 rows
-    match 499 members ... import it with existing=update"."""
-    await serialise_on_sqlite(session, Cooperative, cooperative_id)
-    await session.execute(
-        select(Cooperative.id).where(Cooperative.id == cooperative_id).with_for_update(key_share=True))
+    Two existing=update imports into one cooperative (a clerk's upload sent twice) take turns first, as SQLite's
+    write lock makes them: on PostgreSQL a transaction-scoped advisory lock of the cooperative's imports, so the
+    second reads every member the first added. Unheld, the second read the first's members in part (those its
+    chunks of numbers read after the first committed), tried to add the others again, and a 1,201-row list sent
+    with existing=update was refused "this list was already imported: its 499 rows match 499 members ... import it
+    with existing=update". It was the cooperative's row, locked FOR NO KEY UPDATE to the import's commit: every
+    change of the cooperative's own (PATCH /v1/cooperatives/{id}, its settings) waited for the whole import, a few
+    seconds of 10,000 rows, and past the statement timeout was answered 503."""
     # Locked in one order whatever the file's (its numbers' blind indexes, across the chunks too): two imports of
     # overlapping lists at once take turns instead of deadlocking.
-    keys = sorted({cipher.blind_index(r.phone.e164) async for r in turns(rows)})
+    keys = sorted(set(indexes))
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(ADVISORY_XACT_LOCK, {"key": f"member-import:{cooperative_id}"})
+        return await _read_members(session, cooperative_id, keys, lock=True)
+    return await _read_locked(session, cooperative_id, keys)
+
+
+async def _read_members(session: AsyncSession, cooperative_id: str, keys: list[str], *,
+                        lock: bool) -> dict[str, Member]:
+    """The members holding the numbers `keys` (sorted blind indexes), by blind index: read fresh, and `lock`ed
+    FOR UPDATE (PostgreSQL)."""
     members: dict[str, Member] = {}
     for start in range(0, len(keys), 500):
-        found = await session.execute(
-            select(Member).where(Member.cooperative_id == cooperative_id,
-                                 Member.phone_index.in_(keys[start : start + 500]))
-            .order_by(Member.phone_index).with_for_update())
+        query = (select(Member).where(Member.cooperative_id == cooperative_id,
+                                      Member.phone_index.in_(keys[start : start + 500]))
+                 .order_by(Member.phone_index).execution_options(populate_existing=True))
+        found = await session.execute(query.with_for_update() if lock else query)
         members.update((m.phone_index, m) for m in found.scalars() if m.phone_index is not None)
     return members
+
+
+_AS_READ = (Member.phone_index, Member.id, Member.updated_at, Member.status, Member.name, Member.unit,
+            Member.language)
+
+
+async def _read_locked(session: AsyncSession, cooperative_id: str, keys: list[str]) -> dict[str, Member]:
+    """_members_of on SQLite: the members read, then the database's write lock taken (serialise_on_sqlite: another
+    import, an erasure, a payment's confirmation wait for this import's commit from here on) and what was read
+    checked against the database, a few columns of each; read again when anything changed in between (a member
+    erased, suspended or added). Read under the lock, as PostgreSQL does, the 10,000 members of a list sent again
+    (0.6-0.7 s of the ORM's work) were that much more that every other writer of the serve waited for."""
+    members = await _read_members(session, cooperative_id, keys, lock=False)
+    seen = {(i, m.id, m.updated_at, m.status, m.name, m.unit, m.language) for i, m in members.items()}
+    await serialise_on_sqlite(session, Cooperative, cooperative_id)
+    now: set[tuple[Any, ...]] = set()
+    for start in range(0, len(keys), 500):
+        found = await session.execute(select(*_AS_READ).where(Member.cooperative_id == cooperative_id,
+                                                              Member.phone_index.in_(keys[start : start + 500])))
+        now.update(tuple(row) for row in found.all())
+    return members if now == seen else await _read_members(session, cooperative_id, keys, lock=False)
 
 
 async def _update_rows(session: AsyncSession, pairs: list[tuple[ImportRow, Member]], columns: frozenset[str], *,
@@ -586,32 +630,51 @@ def _insert_members(dialect: str) -> Any:
             .returning(Member.__table__.c.id))
 
 
-async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id: str, rows: list[ImportRow], *,
-                       actor: Actor, status: str, language: str, whole: str | None) -> list[str]:
-    """Every row as create_member would write it (the member and its "member.created" audit row), CHUNK
-    rows to a statement: a 10,000-row file is 20 member INSERTs and a batched audit insert, where a row at
-    a time was 20,000 round trips (25-34 s in one request). The unique (cooperative, phone) index still
-    decides: a number added by another request since the check above inserts nothing, and the file is
-    refused naming its row.
+@dataclass(frozen=True)
+class _NewMembers:
+    """The rows' members as they are written (member_row, with their ids and creation audit rows), in the order of
+    their numbers' blind indexes (`places`: each one's row in the file)."""
+    places: list[int]
+    members: list[dict[str, Any]]
+    audits: list[dict[str, Any]]
+
+
+async def _member_values(cipher: PiiCipher, cooperative_id: str, rows: list[ImportRow], indexes: list[str], *,
+                         actor: Actor, status: str, language: str) -> _NewMembers:
+    """Every row's member as create_member would write it (the member and its "member.created" audit row),
+    worked out row by row between turns of the event loop, in the order of the numbers' blind indexes
+    (`indexes`, the rows')."""
+    places = sorted(range(len(rows)), key=indexes.__getitem__)
+    now = utcnow()
+    members: list[dict[str, Any]] = []
+    audits: list[dict[str, Any]] = []
+    async for r in turns([rows[n] for n in places]):
+        member = {**member_row(cipher, cooperative_id=cooperative_id, name=r.name, phone=r.phone,
+                               language=r.language or language, unit=r.unit, status=status),
+                  "id": new_id(), "created_at": now, "updated_at": now}
+        members.append(member)
+        audits.append({"cooperative_id": cooperative_id, "actor": actor.id, "channel": actor.channel,
+                       "action": "member.created", "entity_type": "member", "entity_id": member["id"],
+                       "before": None, "after": created_audit(status, member["phone_masked"]), "at": now})
+    return _NewMembers(places, members, audits)
+
+
+async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id: str, rows: list[ImportRow],
+                       new: _NewMembers, *, whole: str | None) -> list[str]:
+    """The rows' members and their "member.created" audit rows (`new`, _member_values) written, CHUNK rows to a
+    statement: a 10,000-row file is 20 member INSERTs and a batched audit insert, where a row at a time was
+    20,000 round trips (25-34 s in one request). The unique (cooperative, phone) index still decides: a number
+    added by another request since the check above inserts nothing, and the file is refused naming its row.
 
     Written in the order of the numbers' blind indexes, whatever the file's (the ids are still returned in the
     file's order): two imports of overlapping lists at once take turns on PostgreSQL's unique index, the second
     told which rows the first added. In the file's order, a list and the same list sorted otherwise (by name,
     by unit) each waited for a number the other had written first, and one was answered 503 (a deadlock)."""
     dialect = session.get_bind().dialect.name
-    keys = [cipher.blind_index(r.phone.e164) async for r in turns(rows)]
-    order = sorted(range(len(rows)), key=keys.__getitem__)
     ids = [""] * len(rows)  # by the row's place in the file
     for start in range(0, len(rows), CHUNK):
-        places = order[start : start + CHUNK]
-        chunk = [rows[n] for n in places]
-        now = utcnow()
-        values = [{
-            **member_row(cipher, cooperative_id=cooperative_id, name=r.name, phone=r.phone,
-                         language=r.language or language,
-                         unit=r.unit, status=status),
-            "id": new_id(), "created_at": now, "updated_at": now,
-        } async for r in turns(chunk)]
+        places = new.places[start : start + CHUNK]
+        values = new.members[start : start + CHUNK]
         # A number that sent STOP (before the import, or as a member elsewhere) gets no reminders here either,
         # as with create_member, without its membership's flag or audit row saying so: the send-time check reads
         # the number (core.members, a number's opt-out). A file of numbers does not read the STOP list.
@@ -624,11 +687,7 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
             # first chunk to meet the other's rows), and the clerk who left those out was refused again.
             raise ImportRejected(await _already_members(session, cipher, cooperative_id, rows,
                                                         ours={*filter(None, ids), *written}, whole=whole))
-        await session.execute(row_insert(dialect, AuditEvent), [{
-            "cooperative_id": cooperative_id, "actor": actor.id, "channel": actor.channel,
-            "action": "member.created", "entity_type": "member", "entity_id": v["id"], "before": None,
-            "after": created_audit(status, v["phone_masked"]), "at": now,
-        } for v in values])
+        await session.execute(row_insert(dialect, AuditEvent), new.audits[start : start + CHUNK])
         for n, v in zip(places, values, strict=True):
             ids[n] = str(v["id"])
     return ids

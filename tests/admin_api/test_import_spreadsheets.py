@@ -4,6 +4,7 @@ notation, a header named otherwise; and finds a member again by part of her name
 
 from __future__ import annotations
 
+import asyncio
 import io
 import zipfile
 from typing import Any
@@ -11,8 +12,10 @@ from urllib.parse import quote
 
 from sqlalchemy import func, select
 
+from core import member_import
 from core.models import AuditEvent, Member
 from core.phone import SCIENTIFIC
+from tests.conftest import requires_pg
 
 
 def already(count: int) -> str:
@@ -410,3 +413,34 @@ async def test_a_list_over_the_limits_is_told_to_split_it(admin, rt, demo):
         assert (resp.status, (await resp.json())["message"]) == (413, (
             "the file is larger than 5 MB: an import takes at most 10,000 members a file; import the list in "
             "several files, each with the header row")), headers
+
+
+@requires_pg  # SQLite has one writer at a time: a change waits for the import's writes (test_member_import_turns)
+async def test_the_cooperative_is_changed_while_its_list_is_imported_with_existing_update(admin, superadmin, rt, demo,
+                                                                                        monkeypatch):
+    """existing=update held the cooperative's row (FOR NO KEY UPDATE) to the import's commit, so that two such
+    imports take turns: a change of the cooperative meanwhile (PATCH /v1/cooperatives/{id}, a super admin renaming
+    it) waited for the whole import, and past the statement timeout was answered 503. The imports take turns on a
+    lock of their own now (test_members_concurrency: a list sent twice with existing=update at once)."""
+    coop = demo["cooperative_id"]
+    data = ("name,phone\n" + "".join(f"Member {n:03d},07881{n:05d}\n" for n in range(50))).encode()
+    assert (await _import(admin, data))[0] == 201
+    reached, go_on = asyncio.Event(), asyncio.Event()
+    original = member_import._update_rows
+
+    async def paused(*args, **kwargs):
+        reached.set()  # the members read and locked, the import not yet committed
+        await go_on.wait()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(member_import, "_update_rows", paused)
+    importing = asyncio.create_task(_import(admin, data.replace(b"Member", b"Membre"), "?existing=update"))
+    try:
+        await asyncio.wait_for(reached.wait(), 60)
+        renamed = await superadmin.json("PATCH", f"/v1/cooperatives/{coop}", 200, json={"name": "Renamed Coop"})
+        assert renamed["name"] == "Renamed Coop"
+        assert not importing.done()  # answered while the import was still under way
+    finally:
+        go_on.set()
+    status, body = await importing
+    assert (status, body["updated"]) == (201, 50), body

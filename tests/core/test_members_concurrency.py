@@ -20,7 +20,7 @@ from core.member_import import ImportRejected, import_members
 from core.members import DUPLICATE_PHONE, ERASED_NAME, create_member, erase_member, update_member
 from core.models import Cooperative, Member
 from core.phone import normalize
-from tests.conftest import requires_pg
+from tests.conftest import is_postgres, requires_pg
 from tests.core import factories
 
 ADMIN = Actor("admin:test", "api")
@@ -245,3 +245,31 @@ async def test_a_list_and_the_same_list_sorted_otherwise_imported_at_once_take_t
     async with rt.sessionmaker() as s:
         names = dict((await s.execute(select(Member.id, Member.name).where(Member.cooperative_id == coop.id))).all())
     assert [names[i] for i in ids[0]] == [line.split(",")[0] for line in lines[::imported]]
+
+
+@pytest.mark.skipif(is_postgres(), reason="SQLite: the members are read before the write lock (PostgreSQL: locked)")
+async def test_a_member_erased_while_the_update_import_takes_the_write_lock_keeps_her_erasure(
+        rt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """existing=update on SQLite reads the file's members, then takes the write lock and checks them: one erased in
+    between is read again, not updated by her id from what was read before (her name written back onto her erased
+    row). Her number, released, is a new member's, as the same list imported a moment later makes it."""
+    coop = await _coop(rt)
+    async with rt.sessionmaker.begin() as s:
+        member = await create_member(s, rt.cipher, cooperative_id=coop.id, name="Mutesi Beatrice",
+                                     phone=normalize(PHONE), actor=ADMIN)
+        await update_member(s, member, actor=ADMIN, status="SUSPENDED")
+    original = member_import.serialise_on_sqlite
+
+    async def erased_first(*args: Any, **kwargs: Any) -> None:
+        async with rt.sessionmaker.begin() as erasing:
+            await erase_member(erasing, await erasing.get(Member, member.id), actor=ADMIN)
+        await original(*args, **kwargs)
+
+    monkeypatch.setattr(member_import, "serialise_on_sqlite", erased_first)
+    async with rt.sessionmaker.begin() as s:
+        done = await import_members(s, rt.cipher, cooperative=coop, actor=ADMIN, existing="update",
+                                    data=f"name,phone\nMutesi Béatrice,{PHONE}\n".encode())
+    assert (done.updated_ids, len(done.member_ids)) == ([], 1)
+    async with rt.sessionmaker() as s:
+        erased = await s.get(Member, member.id)
+        assert erased is not None and (erased.name, erased.phone_index) == (ERASED_NAME, None)
