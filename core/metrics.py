@@ -118,7 +118,8 @@ SMS = Counter("gateway_sms_total", "SMS messages by status", ["status"], registr
 # A refund the provider contradicted after it was final, each flagged on its payment for a person (README).
 REFUND_ANOMALIES = Counter("gateway_refund_anomalies_total", "Refunds flagged for a person: sent_after_failure, "
                            "failed_after_completion, beyond_collected (the member paid back more than collected, or "
-                           "a chargeback recorded beyond what the refunds left), "
+                           "a chargeback recorded beyond what the refunds left: once per payment while its flag "
+                           "is open), "
                            "amount_mismatch (the provider reported another amount sent back), "
                            "withdrawn_unsent (a refund not sent: an earlier one went through after all, or the "
                            "provider sent the money back itself)",

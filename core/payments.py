@@ -956,12 +956,25 @@ def add_flag(earlier: str | None, said: str) -> str:
 
 def fit_detail(detail: str) -> str:
     """A payment's `mismatch_detail` within its column (300 characters): the oldest flag's start and the newest
-    flags' end, which say what happened first and what a person must do now."""
-    limit = int(getattr(Payment.__table__.c.mismatch_detail.type, "length", 300))
-    if len(detail) <= limit:
+    flags' end (detail_tail), which say what happened first and what a person must do now."""
+    if len(detail) <= _detail_limit():
         return detail
-    head = limit // 3
-    return f"{detail[:head]} … {detail[-(limit - head - 3):]}"
+    return f"{detail[:detail_head()]} … {detail[-detail_tail():]}"
+
+
+def _detail_limit() -> int:
+    return int(getattr(Payment.__table__.c.mismatch_detail.type, "length", 300))
+
+
+def detail_head() -> int:
+    """How much of a long `mismatch_detail`'s start fit_detail keeps (100 characters), before " … "."""
+    return _detail_limit() // 3
+
+
+def detail_tail() -> int:
+    """How much of a long `mismatch_detail`'s end fit_detail keeps (197 characters), after " … ": a flag that long
+    or shorter, added last, is kept whole."""
+    return _detail_limit() - detail_head() - 3
 
 
 def _by_transaction(event: ProviderEventData) -> bool:

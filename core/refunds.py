@@ -617,6 +617,10 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
         if current is R.FAILED:
             await _sent_after_failure(session, refund, payment, refunded, actor=actor)
             await _withdraw_unsent(session, rt, payment, refund, actor=actor)
+            # What still goes back beyond what was collected (made, or at the provider and no longer withdrawable):
+            # the payment's one flag for it, after that one. (FAILED, it held nothing: all of it is added.)
+            await _beyond_collected(session, refund, payment, refunded, actor=actor, added=refund.amount_minor,
+                                    said=None)  # (_sent_after_failure logged it)
         elif refund.returned_by_provider:
             # A chargeback, recorded whatever the payment's refunds hold (request_refund): those not yet sent that
             # would now give back more than was collected are not sent; what is left beyond it is flagged once.
@@ -626,14 +630,10 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
             await _returned_beyond_collected(session, refund, payment, refunded, actor=actor)
         elif refunded > collected(payment) and not await _over_return_flagged(session, refund, payment):
             # Another refund of this payment went through after failing while this one was in flight: with this
-            # one the member has been paid back more than was collected.
-            await _flag(session, payment, f"refund {refund.reference} completed: "
-                                          f"{Money(refunded - collected(payment), payment.currency)} more than "
-                                          "collected has gone back to the payer")
-            metrics.REFUND_ANOMALIES.labels(kind="beyond_collected").inc()
-            log.error("member paid back more than was collected", extra={
-                "refund": refund.reference, "payment": payment.reference,
-                "over_refunded_minor": refunded - collected(payment), "actor": actor.id})
+            # one the member has been paid back more than was collected. (It was held while in flight: it adds
+            # nothing to what the refunds hold, so an open flag beyond collected is replaced.)
+            await _beyond_collected(session, refund, payment, refunded, actor=actor, added=0,
+                                    said="member paid back more than was collected")
         voided = payment.status == PaymentStatus.VOIDED.value
         if taken_after_failure(payment) or payment.status == PaymentStatus.REFUNDED.value or voided:
             # Money taken after the payment failed, given back: the payment stays FAILED (a final state is
@@ -697,20 +697,16 @@ async def _lock_disputes_noted(session: AsyncSession, refund: Refund) -> None:
 async def _sent_after_failure(session: AsyncSession, refund: Refund, payment: Payment, refunded: int, *,
                               actor: Actor) -> None:
     """A FAILED refund the provider now reports sent back (its late answer, or a person recorded FAILED too soon):
-    audited, the payment flagged for a person, and, when another refund has been made since, said plainly: the
-    member has been paid back more than was collected."""
+    audited, the payment flagged for a person; when another refund has been made since, the member is paid back
+    more than was collected, which the payment's flag beyond collected says (_beyond_collected, once the refunds
+    not yet sent are withdrawn)."""
     over = refunded - collected(payment)
-    detail = f"refund {refund.reference} reported sent back after it had failed"
-    if over > 0:
-        detail += f"; {Money(over, payment.currency)} more than collected has gone back to the payer"
     await record(session, actor=actor, action="refund.sent_after_failure", entity_type="refund", entity_id=refund.id,
                  before={"status": R.FAILED.value}, after={"status": R.COMPLETED.value, "refunded": refunded,
                                                              "overRefunded": max(over, 0)},
                  cooperative_id=refund.cooperative_id)
-    await _flag(session, payment, detail)
+    await _flag(session, payment, f"refund {refund.reference} reported sent back after it had failed")
     metrics.REFUND_ANOMALIES.labels(kind="sent_after_failure").inc()
-    if over > 0:
-        metrics.REFUND_ANOMALIES.labels(kind="beyond_collected").inc()
     # ERROR when the member now has more back than was collected (a person must act); else a WARNING: the money
     # went back once, as asked (an admin correcting a FAILED refund from the statement is this case).
     log.log(logging.ERROR if over > 0 else logging.WARNING, "refund reported sent back after it had failed",
@@ -783,9 +779,15 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
 
 
 # The audit action of a chargeback that took what the payment's refunds give back beyond what was collected
-# (_returned_beyond_collected); its `inFlight` names the refunds at the provider it counted, `chargebacks` those its
-# flag names, `flag` the flag's text and `updated` the chargeback whose open flag it replaced (None: a new flag).
+# (_returned_beyond_collected); its `inFlight` names the refunds at the provider it counted, `chargebacks` and
+# `refunds` those its flag names (chargebacks, and other refunds that went through beyond it), `flag` the flag's
+# text, `detail` the payment's mismatch_detail as it wrote it, `replaced` the open flag it replaced (None: a new flag)
+# and `updated` that flag's latest chargeback (None: a new flag, or one no chargeback wrote).
 RETURNED_BEYOND_COLLECTED = "refund.returned_beyond_collected"
+# The same for another refund of the payment that went through beyond what was collected (one that failed and
+# went through after all, or one completing that no flag counted): audited on the payment (`refundId`: that refund),
+# its flag the same one open flag (_beyond_collected).
+PAYMENT_BEYOND_COLLECTED = "payment.beyond_collected"
 
 
 async def _returned_beyond_collected(session: AsyncSession, refund: Refund, payment: Payment, refunded: int, *,
@@ -794,68 +796,142 @@ async def _returned_beyond_collected(session: AsyncSession, refund: Refund, paym
     (`refunded` counts them and it) and those still at the provider, which can no longer be withdrawn (sent, or a try
     of them may have arrived: _withdraw_unsent left them), more than was collected goes back to the payer. The
     provider's statement stands, and so do the refunds: the payment is flagged for a person to recover the rest from
-    the member (or to see the refund at the provider fail), audited and logged ERROR; that refund's completion is not
-    flagged again (_over_return_flagged).
+    the member (or to see the refund at the provider fail), audited (RETURNED_BEYOND_COLLECTED) and logged ERROR;
+    that refund's completion is not flagged again (_over_return_flagged). Counted once per open flag
+    (_beyond_collected)."""
+    await _beyond_collected(session, refund, payment, refunded, actor=actor, added=refund.amount_minor,
+                            said="chargeback recorded beyond what the refunds left: the member is paid back more "
+                                 "than was collected")
 
-    One flag per payment, stating what is beyond collected now: a chargeback while an earlier one's flag is still
-    open (not reviewed, and the payment still beyond collected before this one) replaces that flag, with the
-    chargebacks together, the total beyond collected and the refunds still at the provider (_open_flag), rather than
-    adding a second whose sum overlaps the first (30,000 then 50,000 "more than collected" read as 80,000 to recover
-    when 50,000 is). Counted (gateway_refund_anomalies_total{kind="beyond_collected"}) when the payment newly goes
-    beyond collected, once per open flag: the alert a person acts on is the payment, and one already flagged is
-    already hers to deal with (its flag now says the new total); a chargeback after the flag was reviewed, or after
-    nothing was left to recover (a counted refund failed: _over_return_failed), counts again. Each chargeback is
-    audited (RETURNED_BEYOND_COLLECTED, with the flag it wrote and the one it replaced)."""
-    holding = await refunds_holding(session, payment)
-    over = holding - collected(payment)
+
+async def _beyond_collected(session: AsyncSession, refund: Refund, payment: Payment, refunded: int, *,
+                            actor: Actor, added: int, said: str | None) -> bool:
+    """`refund` (just COMPLETED: a chargeback, a refund that failed and went through after all, or one completing
+    that no flag counted) leaves the payment's refunds (made, and at the provider) giving back more than was
+    collected: flagged for a person, with the total beyond collected now and what to do, and logged ERROR (`said`;
+    None: the caller logs it). False when they do not, or when another refund than a chargeback has sent nothing
+    beyond collected yet and no such flag is open (a refund at the provider would: its completion is flagged).
+
+    One flag per payment, stating what is beyond collected now: while an earlier such flag is open (not reviewed,
+    and the payment already beyond collected before `added`, what this refund adds to what its refunds hold) it is
+    replaced, naming the chargebacks and refunds together (_flag_text), rather than adding a second whose sum overlaps
+    the first (30,000 then 50,000 "more than collected" read as 80,000 to recover when 50,000 is). Counted
+    (gateway_refund_anomalies_total{kind="beyond_collected"}) when the payment newly goes beyond collected, once per
+    open flag: the alert a person acts on is the payment, and one already flagged is already hers to deal with (its
+    flag now says the new total); after the flag was reviewed, or after nothing was left to recover (a counted refund
+    failed: _over_return_failed), it is a new flag, counted again. Each is audited (RETURNED_BEYOND_COLLECTED for a
+    chargeback, else PAYMENT_BEYOND_COLLECTED), with the flag it wrote and the one it replaced."""
+    over = await refunds_holding(session, payment) - collected(payment)
     if over <= 0:
-        return
+        return False
     in_flight = (await session.execute(
         select(Refund.id, Refund.reference).where(Refund.payment_id == payment.id, Refund.status.in_(OPEN_VALUES))
         .order_by(Refund.created_at, Refund.id))).all()
     gone = max(0, refunded - collected(payment))
-    pending = ", ".join(reference for _, reference in in_flight)
-    # Beyond collected before this chargeback too: the excess an open flag states still stands.
-    earlier = await _open_flag(session, payment) if over - refund.amount_minor > 0 else None
-    ids = [*((earlier.after.get("chargebacks") or [earlier.entity_id]) if earlier is not None else []), refund.id]
-    named = (await session.execute(select(Refund.reference, Refund.amount_minor).where(Refund.id.in_(ids))
-                                   .order_by(Refund.created_at, Refund.id))).all()
-    total = Money(sum(amount for _, amount in named), refund.currency)
-    # Short: the column keeps 300 characters of every flag together (core.payments.fit_detail).
-    said = (f"chargeback {refund.reference} of {total}: " if len(named) == 1 else
-            f"chargebacks {', '.join(reference for reference, _ in named)} of {total} in all: ")
-    detail = said + (
-        f"{Money(over, payment.currency)} more than collected has gone back to the payer" if gone >= over
-        else (f"{Money(gone, payment.currency)} more than collected has gone back, {Money(over, payment.currency)} "
-              if gone else f"{Money(over, payment.currency)} more than collected goes back ")
-        + f"if refund {pending} completes") + ": recover it from the member"
-    await record(session, actor=actor, action=RETURNED_BEYOND_COLLECTED, entity_type="refund", entity_id=refund.id,
-                 after={"paymentId": payment.id, "overReturned": over, "alreadyReturned": gone,
-                        "inFlight": [refund_id for refund_id, _ in in_flight], "chargebacks": ids, "flag": detail,
-                        "updated": None if earlier is None else earlier.entity_id},
-                 cooperative_id=refund.cooperative_id)
-    if earlier is not None:
-        payment.mismatch_detail = await _without_flag(session, payment.mismatch_detail, earlier.after)
+    # Beyond collected before this refund too: the excess an open flag states still stands.
+    earlier = await _open_flag(session, payment) if over - added > 0 else None
+    if earlier is None and gone <= 0 and not refund.returned_by_provider:
+        # Another refund (not the provider's statement) with none gone beyond yet: flagged if a refund at the
+        # provider completes beyond it (apply_refund_outcome), as before there was one flag.
+        return False
+    before = earlier.after if earlier is not None else {}
+    chargebacks = [i for i in before.get("chargebacks") or [] if isinstance(i, str)]
+    others = [i for i in before.get("refunds") or [] if isinstance(i, str)]
+    if earlier is not None and not chargebacks and earlier.action == RETURNED_BEYOND_COLLECTED:
+        chargebacks = [earlier.entity_id]  # (a row written before it named its chargebacks)
+    if refund.returned_by_provider:
+        chargebacks.append(refund.id)
+    elif refund.id not in others:
+        others.append(refund.id)
+    detail = await _flag_text(session, payment, chargebacks, others, over, gone,
+                              [reference for _, reference in in_flight])
+    kept = (await _without_flag(session, payment.mismatch_detail, before)) if earlier is not None \
+        else payment.mismatch_detail
+    from core.payments import add_flag  # local: the payment modules reach back into this module
+
+    written = add_flag(kept, detail)
+    after = {"overReturned": over, "alreadyReturned": gone, "inFlight": [refund_id for refund_id, _ in in_flight],
+             "chargebacks": chargebacks, "refunds": others, "flag": detail, "detail": written,
+             "replaced": before.get("flag") if earlier is not None else None}
+    if refund.returned_by_provider:
+        prior = [i for i in before.get("chargebacks") or [] if isinstance(i, str)] or (
+            [earlier.entity_id] if earlier is not None and earlier.action == RETURNED_BEYOND_COLLECTED else [])
+        await record(session, actor=actor, action=RETURNED_BEYOND_COLLECTED, entity_type="refund",
+                     entity_id=refund.id, after={"paymentId": payment.id, **after,
+                                                 "updated": prior[-1] if prior else None},
+                     cooperative_id=refund.cooperative_id)
     else:
+        await record(session, actor=actor, action=PAYMENT_BEYOND_COLLECTED, entity_type="payment",
+                     entity_id=payment.id, after={"refundId": refund.id, **after},
+                     cooperative_id=payment.cooperative_id)
+    if earlier is None:
         metrics.REFUND_ANOMALIES.labels(kind="beyond_collected").inc()
-    await _flag(session, payment, detail)
-    log.error("chargeback recorded beyond what the refunds left: the member is paid back more than was collected",
-              extra={"refund": refund.reference, "payment": payment.reference, "over_refunded_minor": over,
-                     "in_flight": [reference for _, reference in in_flight], "actor": actor.id,
-                     "flag_updated": earlier is not None})
+    payment.mismatch_detail = written
+    await session.execute(update(Payment).where(Payment.id == payment.id)
+                          .values(mismatch=True, mismatch_detail=written, updated_at=utcnow()))
+    if said:
+        log.error(said, extra={"refund": refund.reference, "payment": payment.reference, "over_refunded_minor": over,
+                               "in_flight": [reference for _, reference in in_flight], "actor": actor.id,
+                               "flag_updated": earlier is not None})
+    return True
+
+
+async def _flag_text(session: AsyncSession, payment: Payment, chargebacks: list[str], others: list[str], over: int,
+                     gone: int, pending: list[str]) -> str:
+    """The one open flag beyond collected (_beyond_collected): who sent the money back (the chargebacks, with their
+    total, and the other refunds that went through beyond it), what is beyond collected now (gone back, or going
+    back if the refunds at the provider complete) and what to do. Short, however many there are: it must fit whole
+    at the end of the column (core.payments.detail_tail), where fit_detail keeps the newest flag, so the latest are
+    named and the rest counted (the audit rows name them all); counted only, when even that is too long."""
+    from core.payments import detail_tail  # local: the payment modules reach back into this module
+
+    ids = [*chargebacks, *others]
+    rows = {i: (reference, amount) for i, reference, amount in (await session.execute(
+        select(Refund.id, Refund.reference, Refund.amount_minor).where(Refund.id.in_(ids)))).all()}
+    back = [rows[i] for i in chargebacks if i in rows]
+    went = [rows[i][0] for i in others if i in rows]
+    total = Money(sum(amount for _, amount in back), payment.currency)
+
+    def named(latest: bool) -> str:
+        said = []
+        if len(back) == 1:
+            said.append(f"chargeback {back[0][0]} of {total}")
+        elif len(back) == 2 and latest:
+            said.append(f"chargebacks {back[0][0]}, {back[1][0]} of {total} in all")
+        elif back:
+            said.append(f"{len(back)} chargebacks of {total} in all"
+                        + (f", the latest {back[-1][0]}" if latest else ""))
+        if len(went) == 1 or (len(went) == 2 and latest):
+            said.append(f"refund{'s' if len(went) == 2 else ''} {', '.join(went)} completed")
+        elif went:
+            said.append(f"{len(went)} refunds completed" + (f", the latest {went[-1]}" if latest else ""))
+        at_provider = (f"refund {', '.join(pending)} completes" if len(pending) <= 1 or (len(pending) == 2 and latest)
+                       else f"the {len(pending)} refunds at the provider" + (
+                           f", the latest {pending[-1]}," if latest else "") + " complete")
+        return " and ".join(said) + ": " + (
+            f"{Money(over, payment.currency)} more than collected has gone back to the payer" if gone >= over
+            else (f"{Money(gone, payment.currency)} more than collected has gone back, "
+                  f"{Money(over, payment.currency)} " if gone else
+                  f"{Money(over, payment.currency)} more than collected goes back ") + f"if {at_provider}"
+        ) + ": recover it from the member"
+
+    text = named(True)
+    return text if len(text) <= detail_tail() else named(False)
 
 
 async def _open_flag(session: AsyncSession, payment: Payment) -> Any:
-    """The audit row (entity_id, after) of the payment's latest chargeback flag beyond collected
-    (_returned_beyond_collected) while it is open: the payment still flagged and not reviewed since (a review clears
-    every flag: core.payments.review_flags). None otherwise. One probe of the payment's chargebacks' rows, rare."""
+    """The audit row (action, entity_id, after) of the payment's latest flag beyond collected (_beyond_collected)
+    while it is open: the payment still flagged and not reviewed since (a review clears every flag:
+    core.payments.review_flags). None otherwise. One probe of the payment's rows of them, rare."""
     if not payment.mismatch:
         return None
     chargebacks = select(Refund.id).where(Refund.payment_id == payment.id, Refund.returned_by_provider.is_(True))
     row = (await session.execute(
-        select(AuditEvent.entity_id, AuditEvent.after, AuditEvent.at).where(
-            AuditEvent.entity_type == "refund", AuditEvent.action == RETURNED_BEYOND_COLLECTED,
-            AuditEvent.entity_id.in_(chargebacks)).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(1)
+        select(AuditEvent.action, AuditEvent.entity_id, AuditEvent.after, AuditEvent.at).where(or_(
+            and_(AuditEvent.entity_type == "refund", AuditEvent.action == RETURNED_BEYOND_COLLECTED,
+                 AuditEvent.entity_id.in_(chargebacks)),
+            and_(AuditEvent.entity_type == "payment", AuditEvent.action == PAYMENT_BEYOND_COLLECTED,
+                 AuditEvent.entity_id == payment.id))).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(1)
     )).first()
     if row is None or not isinstance(row.after, dict):
         return None
@@ -866,19 +942,63 @@ async def _open_flag(session: AsyncSession, payment: Payment) -> Any:
 
 
 async def _without_flag(session: AsyncSession, detail: str | None, after: dict[str, Any]) -> str | None:
-    """`detail` (a payment's mismatch_detail) without an open chargeback flag a new one replaces (`after`: its audit
-    row's): its text, and what _over_return_failed added since about the refunds it counted (the new flag states what
-    is beyond collected now, and which refunds are still at the provider). A text the column's limit cut
-    (fit_detail), or a row written before it kept its flag's text, leaves the detail as it is: the new flag follows."""
+    """`detail` (a payment's mismatch_detail) without the open flag beyond collected a new one replaces (`after`:
+    its audit row's), and what _over_return_failed added since about the refunds it counted (the new flag states
+    what is beyond collected now, and which refunds are still at the provider): the other flags, in their order.
+
+    Found by where it was written, not by its words (_other_flags): its row keeps the detail as it wrote it. Only for
+    a row written before it kept the detail is the flag's text looked for (left when the column's cut took part of
+    it)."""
     if not detail:
         return detail
-    if isinstance(after.get("flag"), str):
-        detail = _cut(detail, re.escape(after["flag"]))
+    flag, written = after.get("flag"), after.get("detail")
+    others = _other_flags(detail, written, flag) if isinstance(flag, str) and isinstance(written, str) else None
+    if others is not None:
+        detail = others
+    elif isinstance(flag, str):
+        detail = _cut(detail, re.escape(flag))
     counted = [i for i in after.get("inFlight") or [] if isinstance(i, str)]
-    if counted:
+    if counted and detail:
         for reference in (await session.execute(select(Refund.reference).where(Refund.id.in_(counted)))).scalars():
             detail = _cut(detail, re.escape(f"refund {reference} failed: ") + r"[^;]*")
     return detail or None
+
+
+def _other_flags(detail: str, written: str, flag: str) -> str | None:
+    """`detail` without `flag`, which ended `written` (the detail as it was once the flag was added): the flags before
+    it, and those added since, which follow it. None when `detail` did not grow from `written` (not expected: every
+    flag is added after the others, core.payments.add_flag, and a review clears them all).
+
+    Flags added since may have passed the column's 300 characters: fit_detail then kept the start (the first 100
+    characters: `written`'s) and the last 197 of everything written since `written` began, " … " between. The flag's
+    place is known in that whole (it ends where `written` ends), so it is taken out of both kept parts; the end part
+    is placed in the whole by how much of `written`'s end it starts with. " … " stays only where something else than
+    the flag was cut."""
+    from core.payments import detail_head, detail_tail  # local: the payment modules reach back into this module
+
+    end = len(written)
+    start = end - len(flag)
+    if not flag or not written.endswith(flag):
+        return None
+    # What goes with the flag: the "; " before it, or, first, the one after it.
+    cut_from, cut_to = (start - 2, end) if start >= 2 else (start, end + 2)
+    if detail == written or detail.startswith(written + "; "):
+        return (detail[:cut_from] + detail[cut_to:]).removeprefix("; ") or ""
+    head, tail = detail_head(), detail_tail()
+    shown = min(head, end)
+    if len(detail) != head + 3 + tail or detail[head:head + 3] != " … " or detail[:shown] != written[:shown]:
+        return None
+    first, last = detail[:head], detail[head + 3:]
+    # Where the kept end starts in the whole: after as much of `written`'s end as it starts with, then "; ".
+    at = next((end - n for n in range(min(len(last), end), -1, -1)
+               if written.endswith(last[:n]) and last[n:n + 2] == "; "), None)
+    first = (first[:cut_from] + first[cut_to:]).removeprefix("; ")
+    if at is not None:
+        last = last[:max(0, cut_from - at)] + last[max(0, cut_to - at):]
+    last = last.removeprefix("; ")
+    if at is not None and cut_from <= head and at <= cut_to:  # nothing but the flag was cut between the two parts
+        return "; ".join(part for part in (first, last) if part)
+    return f"{first} … {last}".strip()
 
 
 def _cut(detail: str, pattern: str) -> str:
@@ -913,9 +1033,11 @@ async def _over_return_flagged(session: AsyncSession, refund: Refund, payment: P
         return False  # the flag was dealt with (reviewed) since: the money now gone is said again
     chargebacks = select(Refund.id).where(Refund.payment_id == refund.payment_id,
                                           Refund.returned_by_provider.is_(True))
-    rows = (await session.execute(select(AuditEvent.after).where(
-        AuditEvent.entity_type == "refund", AuditEvent.action == RETURNED_BEYOND_COLLECTED,
-        AuditEvent.entity_id.in_(chargebacks)))).scalars().all()
+    rows = (await session.execute(select(AuditEvent.after).where(or_(
+        and_(AuditEvent.entity_type == "refund", AuditEvent.action == RETURNED_BEYOND_COLLECTED,
+             AuditEvent.entity_id.in_(chargebacks)),
+        and_(AuditEvent.entity_type == "payment", AuditEvent.action == PAYMENT_BEYOND_COLLECTED,
+             AuditEvent.entity_id == refund.payment_id))))).scalars().all()
     return any(isinstance(after, dict) and refund.id in (after.get("inFlight") or []) for after in rows)
 
 

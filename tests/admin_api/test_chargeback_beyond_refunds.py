@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 
 from core.db import utcnow
 from core.models import AuditEvent, Dispute, OutboxJob, Payment, Refund
+from core.payments import fit_detail
 from core.ports import EventKind, ProviderOutcome
 from core.ports import ProviderEvent as Event
 from core.provider_events import handle_provider_event
@@ -92,7 +93,8 @@ async def test_a_chargeback_while_a_refund_is_at_the_provider_is_recorded_and_fl
     [entry] = await _audit(rt, "refund.returned_beyond_collected")
     assert (entry.entity_id, entry.after) == (recorded["id"], {
         "paymentId": paid["id"], "overReturned": 50_000, "alreadyReturned": 0, "inFlight": [sent["id"]],
-        "chargebacks": [recorded["id"]], "flag": payment["mismatchDetail"], "updated": None})
+        "chargebacks": [recorded["id"]], "refunds": [], "flag": payment["mismatchDetail"],
+        "detail": payment["mismatchDetail"], "replaced": None, "updated": None})
     flagged = await admin.json("GET", "/v1/payments?mismatch=true", 200)
     assert [p["id"] for p in flagged["data"]] == [paid["id"]]
     # Ordinary refunds keep their limits: nothing is left to send.
@@ -401,3 +403,108 @@ async def test_going_beyond_collected_again_is_a_new_flag_and_counted_again(
         f"chargeback {third['reference']} of 10,000 RWF: 30,000 RWF more than collected goes back if refund "
         f"{again['reference']} completes: recover it from the member"))
     assert _anomalies("beyond_collected") == before + 3
+
+
+async def test_many_chargebacks_keep_one_flag_within_the_column_stating_the_total(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """MTN reverses a payment in fifteen parts while its full refund is at MTN. The combined flag named every
+    chargeback: past the column's 300 characters its middle was cut, the next chargeback no longer found it, and its
+    flag was added after the cut one (two totals, counted again). Now it names the count and the latest, and each
+    chargeback still replaces it: one flag, the total now, what to do, within the column, counted once."""
+    paid = await _collected(admin, rt, demo)
+    sent = await _at_the_provider(admin, rt, paid)
+    before = _anomalies("beyond_collected")
+    backs = [await _chargeback(admin, paid, 3_000, f"MTN-REV-4{n:02}") for n in range(15)]
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["refundedAmount"], payment["mismatch"]) == (45_000, True)
+    assert payment["mismatchDetail"] == (
+        f"15 chargebacks of 45,000 RWF in all, the latest {backs[-1]['reference']}: 45,000 RWF more than collected "
+        f"goes back if refund {sent['reference']} completes: recover it from the member")
+    assert _anomalies("beyond_collected") == before + 1
+    entries = sorted(await _audit(rt, "refund.returned_beyond_collected"), key=lambda e: e.at)
+    assert [(e.after["chargebacks"], e.after["updated"]) for e in entries[-2:]] == [
+        ([b["id"] for b in backs[:-1]], backs[-3]["id"]), ([b["id"] for b in backs], backs[-2]["id"])]
+    assert entries[-1].after["flag"] == entries[-1].after["detail"] == payment["mismatchDetail"]
+    assert entries[-1].after["replaced"] == entries[-2].after["flag"]
+    # The refund at MTN then completes: counted in the flag already.
+    assert await _mtn_says_sent(rt, sent["id"]) == "completed"
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert payment["mismatchDetail"] == entries[-1].after["flag"]
+    assert _anomalies("beyond_collected") == before + 1
+
+
+async def test_a_chargeback_replaces_its_open_flag_keeping_the_flags_written_before_and_after_it(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """The open flag is found where it was written (its audit row keeps the detail it wrote), not by its words: the
+    flags before and after it (completed refunds MTN then says failed) stay, in their order, and the new one states
+    the total after them."""
+    paid = await _collected(admin, rt, demo)
+    done = [await _at_the_provider(admin, rt, paid, amount=10_000) for _ in range(2)]
+    for refund in done:
+        assert await _mtn_says_sent(rt, refund["id"]) == "completed"
+    sent = await _at_the_provider(admin, rt, paid, amount=20_000)
+    contradicted = [f"refund {refund['reference']} reported failed after it was completed: reversal declined"
+                    for refund in done]
+    assert await _mtn_says_sent(rt, done[0]["id"], ProviderOutcome.FAILED) == "flagged_failed_after_completion"
+    before = _anomalies("beyond_collected")
+    first = await _chargeback(admin, paid, 30_000, "MTN-REV-31")
+    assert (await admin.json("GET", f"/v1/payments/{paid['id']}", 200))["mismatchDetail"] == (
+        f"{contradicted[0]}; chargeback {first['reference']} of 30,000 RWF: 20,000 RWF more than collected goes back "
+        f"if refund {sent['reference']} completes: recover it from the member")
+    assert await _mtn_says_sent(rt, done[1]["id"], ProviderOutcome.FAILED) == "flagged_failed_after_completion"
+    # Past the column's 300 characters: the open flag's start was kept in the detail's first part, its end cut.
+    cut = (await admin.json("GET", f"/v1/payments/{paid['id']}", 200))["mismatchDetail"]
+    assert cut.startswith(f"{contradicted[0]}; chargeback {first['reference'][:6]}") and " … " in cut
+    second = await _chargeback(admin, paid, 20_000, "MTN-REV-32")
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    flag = (f"chargebacks {first['reference']}, {second['reference']} of 50,000 RWF in all: 20,000 RWF more than "
+            f"collected has gone back, 40,000 RWF if refund {sent['reference']} completes: recover it from the member")
+    # Nothing of the replaced flag is left (its start had stayed before the new flag); the flags of other kinds are
+    # there, in their order, the middle cut to the column's 300 characters as fit_detail cuts any.
+    assert payment["mismatchDetail"] == fit_detail(f"{contradicted[0]}; {contradicted[1]}; {flag}")
+    assert payment["mismatchDetail"].count("chargeback") == 1 and len(payment["mismatchDetail"]) == 300
+    assert _anomalies("beyond_collected") == before + 1
+    latest = max(await _audit(rt, "refund.returned_beyond_collected"), key=lambda e: e.at)
+    assert (latest.after["replaced"], latest.after["detail"]) == (
+        f"chargeback {first['reference']} of 30,000 RWF: 20,000 RWF more than collected goes back if refund "
+        f"{sent['reference']} completes: recover it from the member", payment["mismatchDetail"])
+
+
+async def test_a_failed_refund_going_through_replaces_the_open_chargeback_flag_with_the_total(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """A chargeback's flag beyond collected is open when a refund recorded FAILED is reported sent back after all:
+    it added its own "… more than collected has gone back" (20,000, then 40,000: read as 60,000 to recover when
+    40,000 is) and was counted again. Now the one open flag is replaced with the total, after the refund's own flag
+    (sent back after it had failed, which stays); the payment is counted once; a later chargeback replaces it too."""
+    paid = await _collected(admin, rt, demo)
+    failed = await _at_the_provider(admin, rt, paid, amount=20_000)
+    await admin.json("POST", f"/v1/refunds/{failed['id']}/outcome", 200, json={"status": "FAILED", "note": "failed"})
+    done = await _at_the_provider(admin, rt, paid, amount=30_000)
+    assert await _mtn_says_sent(rt, done["id"]) == "completed"
+    before = _anomalies("beyond_collected")
+    first = await _chargeback(admin, paid, 40_000, "MTN-REV-33")
+    opened = (f"chargeback {first['reference']} of 40,000 RWF: 20,000 RWF more than collected has gone back to the "
+              "payer: recover it from the member")
+    assert (await admin.json("GET", f"/v1/payments/{paid['id']}", 200))["mismatchDetail"] == opened
+    await admin.json("POST", f"/v1/refunds/{failed['id']}/outcome", 200, json={
+        "status": "COMPLETED", "note": "on the statement after all", "providerTransactionId": "MTN-RF-33"})
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert (payment["refundedAmount"], payment["mismatchDetail"]) == (90_000, (
+        f"refund {failed['reference']} reported sent back after it had failed; chargeback {first['reference']} of "
+        f"40,000 RWF and refund {failed['reference']} completed: 40,000 RWF more than collected has gone back to the "
+        "payer: recover it from the member"))
+    assert _anomalies("beyond_collected") == before + 1
+    [entry] = await _audit(rt, "payment.beyond_collected")
+    assert (entry.entity_id, entry.after["refundId"], entry.after["overReturned"], entry.after["chargebacks"],
+            entry.after["refunds"], entry.after["replaced"]) == (
+        paid["id"], failed["id"], 40_000, [first["id"]], [failed["id"]], opened)
+    second = await _chargeback(admin, paid, 10_000, "MTN-REV-34")
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    assert payment["mismatchDetail"] == (
+        f"refund {failed['reference']} reported sent back after it had failed; chargebacks {first['reference']}, "
+        f"{second['reference']} of 50,000 RWF in all and refund {failed['reference']} completed: 50,000 RWF more "
+        "than collected has gone back to the payer: recover it from the member")
+    assert _anomalies("beyond_collected") == before + 1
+    latest = max(await _audit(rt, "refund.returned_beyond_collected"), key=lambda e: e.at)
+    assert (latest.entity_id, latest.after["updated"], latest.after["chargebacks"]) == (
+        second["id"], first["id"], [first["id"], second["id"]])

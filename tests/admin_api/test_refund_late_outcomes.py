@@ -76,7 +76,9 @@ async def test_a_failed_refund_that_went_through_after_a_second_one_says_the_mem
     async with rt.sessionmaker() as s:
         payment = await s.get(Payment, paid["id"])
     assert (payment.status, payment.refunded_minor, payment.mismatch) == ("REFUNDED", 100_000, True)
-    assert payment.mismatch_detail.endswith("; 50,000 RWF more than collected has gone back to the payer")
+    assert payment.mismatch_detail == (
+        f"refund {first['reference']} reported sent back after it had failed; refund {first['reference']} completed: "
+        "50,000 RWF more than collected has gone back to the payer: recover it from the member")
     [entry] = await _audit(rt, "refund.sent_after_failure")
     assert entry.after["overRefunded"] == 50_000
 
@@ -132,7 +134,7 @@ async def test_paid_twice_is_flagged_when_the_second_refund_completes_after_the_
     assert (payment.status, payment.refunded_minor) == ("REFUNDED", 100_000)
     assert payment.mismatch_detail == (
         f"refund {first['reference']} reported sent back after it had failed; refund {second['reference']} "
-        "completed: 50,000 RWF more than collected has gone back to the payer")
+        "completed: 50,000 RWF more than collected has gone back to the payer: recover it from the member")
     [entry] = await _audit(rt, "payment.refunded_beyond_collected")
     assert entry.after == {"refundId": second["id"], "refunded": 100_000}
 
