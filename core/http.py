@@ -15,6 +15,10 @@ server may say so.
 - no answer within the read timeout -> `httpx.ReadTimeout`
 - anything after the request may have been written (the server closed the connection, a reset, a broken
   body) -> `httpx.ReadError` or `httpx.RemoteProtocolError`: ambiguous, never "not sent".
+- aiohttp's second try of a request of an idempotent method after its connection broke is turned off: a
+  `ConnectError` never follows a request written once already.
+- a header aiohttp would refuse (a control character) -> refused as the request is built
+  (`GatewayClient.build_request`), before anything connects: a request that could not be made.
 (The `httpx-aiohttp` package maps a server that disconnects after the request to `ConnectTimeout`, which
 would let a payment request be sent twice; hence this module.)
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import re
 import socket
 import ssl
 from typing import Any
@@ -112,6 +117,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         # httpx owns cookies, redirects, decompression and auth; aiohttp only moves the bytes.
         self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
                                               auto_decompress=False, trust_env=False)
+        # Each request is sent once, as httpx's own transport sends it. aiohttp sends a request of a method it deems
+        # idempotent (GET, PUT, DELETE, ...) again, on a new connection, when the first one broke mid-request (the
+        # server read it and hung up): that second try's failure to connect came out as a ConnectError ("nothing was
+        # sent", providers.calls.send) for a request the server had. No public setting; its own test client sets it.
+        self._session._retry_connection = False
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -188,10 +198,28 @@ class _NoCookies(httpx.Cookies):
         return None
 
 
+# What aiohttp refuses in a header's name or value (aiohttp.http_writer): a control character other than a tab. httpx
+# builds such a request; aiohttp raises ValueError only as it serialises it, once connected.
+_FORBIDDEN_IN_HEADER = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 class GatewayClient(httpx.AsyncClient):
     """httpx.AsyncClient over AiohttpTransport, keeping no cookies between calls."""
 
     _NO_COOKIES = _NoCookies()
+
+    def build_request(self, *args: Any, **kwargs: Any) -> httpx.Request:
+        """httpx's request, refused here if its transport would refuse it (a header carrying a control character: a
+        credential read from a file with its line break). Refused as it is built, it is a request that could not be
+        made (providers.calls.send, channels.sms.sender: "nothing was sent", sent later); refused by aiohttp inside
+        the call, once a payment's request counts as gone (core.ports.departing), it was taken for one that may have
+        arrived, and an SMS send failed with an error of no known kind. Neither the name nor the value is in the
+        message (it may be a secret)."""
+        request = super().build_request(*args, **kwargs)
+        for name, value in request.headers.raw:
+            if _FORBIDDEN_IN_HEADER.search(name) or _FORBIDDEN_IN_HEADER.search(value):
+                raise ValueError("a header carries a control character (a line break?): the request cannot be sent")
+        return request
 
     @property  # type: ignore[override]
     def cookies(self) -> httpx.Cookies:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable
@@ -174,18 +175,27 @@ async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T], deadl
     turns it back only when it cannot have been taken (no connection was had; answered 401).
 
     Before it left: an exception of the adapter's own (a bad amount, a credential a header cannot carry:
-    providers.calls.not_sent), the deadline (a token fetched again inside the call: its cached one had lapsed, or was
-    refused 401), or a retryable failure of another call (the token's request unanswered or answered 5xx, an
-    IremboPay invoice's): taken for a call that may have arrived (what any other exception after the stamp is:
-    core.outbox's run_job), the payment would only be asked about, never sent (M-Pesa's and IremboPay's cannot even
-    be asked without their own id), and an Airtel refund left to a person. A definite refusal (not retryable:
-    CredentialsRefused, a number the provider cannot pay) and a failure that already says nothing was processed
-    (core.outbox.NOTHING_PROCESSED: a 429 keeps its Retry-After) are raised as they are.
+    providers.calls.not_sent), the deadline (passed before the call started; a token fetched again inside the call:
+    its cached one had lapsed, or was refused 401), or a retryable failure of another call (the token's request
+    unanswered or answered 5xx, an IremboPay invoice's): taken for a call that may have arrived (what any other
+    exception after the stamp is: core.outbox's run_job), the payment would only be asked about, never sent
+    (M-Pesa's and IremboPay's cannot even be asked without their own id), and an Airtel refund left to a person. A
+    definite refusal (not retryable: CredentialsRefused, a number the provider cannot pay) and a failure that
+    already says nothing was processed (core.outbox.NOTHING_PROCESSED: a 429 keeps its Retry-After) are raised as
+    they are.
 
     Once it left, anything raised (a timeout, a reset connection, the adapter failing on the answer) stays in doubt
     and is asked about; a NOT_SENT or UNREACHABLE then speaks of another request than the one that left (none does
     today), so it is made a ProviderTimeout, never sent again blind. A ProviderTimeout is the adapter's own word that
     its request may have arrived: raised as it is, left or not."""
+    if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+        # Passed before the call starts (the job waited for a slot, its stamp was slow): nothing is handed over.
+        # Started, its request would be cut off wherever the transport first waits, connecting or after writing it
+        # (over a kept-alive connection): in doubt, where it was certain nothing had left.
+        if inspect.iscoroutine(call):
+            call.close()
+        raise ProviderError(f"{name} {operation}: not sent, the call's deadline had passed before it started; nothing "
+                            "was sent, sent later", retryable=True, code=NOT_SENT)
     with watch_departures() as watch:
         try:
             async with asyncio.timeout_at(deadline):
@@ -195,8 +205,9 @@ async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T], deadl
         except TimeoutError:
             if watch.left:
                 raise  # the deadline with a request out: it may have arrived
-            raise ProviderError(f"{name} {operation}: not sent by the call's deadline (its token not obtained in "
-                                "time); nothing was sent, sent later", retryable=True, code=NOT_SENT) from None
+            raise ProviderError(f"{name} {operation}: not sent by the call's deadline (a request it needs first, "
+                                "its token or an invoice, not answered in time); nothing was sent, sent later",
+                                retryable=True, code=NOT_SENT) from None
         except ProviderError as exc:
             if watch.left and exc.code in _NOTHING_LEFT:
                 raise ProviderTimeout(f"{exc}; but a request that moves money had left before it: it may have "
@@ -273,6 +284,12 @@ IN_FLIGHT_POLL_SECONDS = 15.0
 # A payment poll's payload key: how many collect jobs it queued to send a request the provider had not got (NOT_FOUND
 # inside the window), each keyed collect:<payment id>:resent:<n>. In the payload, which a replay keeps.
 RESENT = "resent"
+# At most this many of them a payment (n from 1 to it: the keys are the payment's, so a poll the sweep queued beside
+# its own, counting from 0, finds them taken): a request the provider never got, sent again with the same reference
+# (which it deduplicates), as a refund's (REFUND_RESENDS). Uncapped, a provider that swallowed every request (each one
+# unanswered, ProviderTimeout, its status lookup NOT_FOUND) was sent one more at every poll of the window, 15 to 30 s
+# apart, each holding a slot of its lane for the whole call budget ahead of other payers' first requests.
+PAYMENT_RESENDS = 3
 
 
 async def _collect_in_flight(session: AsyncSession, payment_id: str, *, retry_before: datetime | None = None,
@@ -508,13 +525,23 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 # DONE), so never queued. The key is what makes two runs of the same state one resend: a try cut
                 # off after queuing it (its count not yet written) and run again, or the poll the payment sweep
                 # queued beside this one, each finding none in flight.
-                async with rt.sessionmaker.begin() as session:
-                    if not await _collect_in_flight(session, payment.id, retry_before=payment.expires_at):
-                        count = int(job.payload.get(RESENT, 0)) + 1
-                        await enqueue(session, "payment.collect", {"payment_id": payment.id},
-                                      dedupe_key=f"collect:{payment.id}:{RESENT}:{count}",
-                                      cooperative_id=payment.cooperative_id)
+                # At most PAYMENT_RESENDS times a payment: after that, asked until its window is over, and then
+                # ended as never reached (below) while the provider still has none.
+                count = int(job.payload.get(RESENT, 0)) + 1
+                if count > PAYMENT_RESENDS:
+                    if count == PAYMENT_RESENDS + 1:  # said once (counted on, so the next polls say nothing)
+                        log.warning("collection unknown to the provider not sent again: sent again "
+                                    f"{PAYMENT_RESENDS} times already", extra={
+                                        "payment": payment.reference, "payment_id": payment.id,
+                                        "provider": payment.provider})
                         resent = {**job.payload, RESENT: count}
+                else:
+                    async with rt.sessionmaker.begin() as session:
+                        if not await _collect_in_flight(session, payment.id, retry_before=payment.expires_at):
+                            await enqueue(session, "payment.collect", {"payment_id": payment.id},
+                                          dedupe_key=f"collect:{payment.id}:{RESENT}:{count}",
+                                          cooperative_id=payment.cooperative_id)
+                            resent = {**job.payload, RESENT: count}
                 unknown = str(exc)
             # NOT_FOUND once the window is over, for a request no attempt ever got accepted, is an answer: the
             # provider never got it, so nothing was taken (FAILED PROVIDER_UNREACHABLE below).

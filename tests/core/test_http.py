@@ -115,6 +115,40 @@ async def test_disconnect_after_the_request_is_not_a_connect_error() -> None:
     assert isinstance(caught.value, httpx.ReadError)
 
 
+@pytest.mark.parametrize("method", ["PUT", "GET", "DELETE"])
+async def test_a_request_sent_and_hung_up_on_is_never_sent_again_nor_called_a_connect_error(method: str) -> None:
+    """A request the server read whole and then hung up on (its connection kept alive from an earlier answer), the
+    server then refusing connections (it is going down). aiohttp sent a request of a method it deems idempotent (PUT,
+    GET, DELETE...) a second time, on a new connection, and that one's refusal came out: a ConnectError ("nothing was
+    sent") for a request the server had, which providers.calls.send turns back and sends again. The gateway's client
+    sends each request once, as httpx's own transport does: a ReadError, in doubt."""
+    seen: list[bytes] = []
+    server: asyncio.Server | None = None
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            seen.append(head.split(b" ", 2)[1])
+            if head.split(b" ", 1)[1].startswith(b"/pay"):
+                assert server is not None
+                server.close()  # no new connection from here on
+                writer.close()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with make_client() as http:
+        assert (await http.get(f"http://127.0.0.1:{port}/token")).status_code == 200
+        with pytest.raises(httpx.TransportError) as caught:
+            await http.request(method, f"http://127.0.0.1:{port}/pay", json={"amount": "100"})
+    assert seen == [b"/token", b"/pay"]
+    assert isinstance(caught.value, httpx.ReadError), repr(caught.value)
+
+
 async def test_no_answer_within_the_read_timeout_is_a_read_timeout() -> None:
     done = asyncio.Event()
 

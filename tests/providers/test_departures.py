@@ -36,6 +36,7 @@ from tests.core.test_lost_before_call import ACCEPTED, PUSH, _lease_lapses
 from tests.core.test_provider_faults_mpesa import RECEIPT, REVERSAL, _pushed
 from tests.providers import test_mtn_momo
 from tests.providers.conftest import FakeProvider, load
+from tests.providers.test_irembopay import BASE as IREMBO_BASE
 from tests.providers.test_irembopay import RECORDED_EXPIRY, Wire, collection, config, fixture
 from tests.providers.test_irembopay_duplicate import DUPLICATE, INVOICES, LOOKUP, held
 from tests.providers.test_irembopay_duplicate import PUSH as IREMBO_PUSH
@@ -352,6 +353,33 @@ async def test_over_the_real_client_a_push_the_server_hung_up_on_is_in_doubt_and
                                                        [b"POST", PUSH.encode()]]
 
 
+async def test_over_the_real_client_a_push_whose_deadline_passed_before_its_call_is_not_sent() -> None:
+    """The job waited for a slot until its call's deadline had passed (its token in hand, its stamp written). The push
+    was handed over all the same and cut off where the transport first waited (connecting, here): a TimeoutError,
+    taken for a push that may have arrived, asked about by a poll that cannot ask M-Pesa without the CheckoutRequestID
+    its answer brings: the payer never prompted. (Over a kept-alive connection the push is even written before that
+    first wait.) A call whose deadline has passed is not started: NOT_SENT, sent later, nothing reached Daraja."""
+    received: list[bytes] = []
+
+    async def daraja(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read(65536))
+        writer.close()
+
+    server = await asyncio.start_server(daraja, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    request = dataclasses.replace(collection(), method="MPESA", amount=Money(15_000, "KES"),
+                                  payer=Phone("+254708000001"), payer_account="+254708000001")
+    async with server, make_client() as http:
+        adapter = mpesa_adapter_at(f"http://127.0.0.1:{port}", http)
+        adapter._tokens._token, adapter._tokens._expires = "tok-test-0001", float("inf")  # its token in hand
+        deadline = asyncio.get_running_loop().time() - 0.5
+        with pytest.raises(ProviderError) as err:
+            await _until_it_leaves("mpesa", "collect", adapter.request_collection(request), deadline)
+        assert (err.value.code, err.value.retryable) == (NOT_SENT, True)
+        await asyncio.sleep(0.1)
+    assert received == []
+
+
 def mpesa_adapter_at(base: str, http: httpx.AsyncClient) -> MpesaAdapter:
     return MpesaAdapter(http, ProviderConfig(base_url=base, credentials={k: Secret(v) for k, v in MPESA_CREDS.items()},
                                              options={"shortcode": "174379"}))
@@ -413,6 +441,24 @@ async def test_a_request_to_pay_whose_token_is_not_fetched_by_the_deadline_is_no
     assert not isinstance(err.value, ProviderTimeout)
     assert (err.value.code, err.value.retryable) == (NOT_SENT, True)
     assert [r.url.path for r in wire.seen] == [MTN_TOKEN]
+
+
+async def test_an_irembopay_invoice_unanswered_by_the_deadline_is_not_sent_and_says_so() -> None:
+    """IremboPay has no token: what the deadline cut off was the invoice's request, before any push. NOT_SENT, and its
+    error (the job's last_error, on the ops page) names what was late rather than a token IremboPay never issues."""
+    async def slow(_request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        raise AssertionError("cut off by the deadline")
+
+    wire = Routes(IREMBO_BASE).on("POST", INVOICES, slow)  # a push would fail the test
+    adapter = IremboPayAdapter(wire.client(), config())
+    deadline = asyncio.get_running_loop().time() + 0.3
+    with pytest.raises(ProviderError) as err:
+        await _until_it_leaves("irembopay", "collect", adapter.request_collection(
+            collection(expires_at=RECORDED_EXPIRY)), deadline)
+    assert (err.value.code, err.value.retryable) == (NOT_SENT, True)
+    assert "an invoice, not answered in time" in str(err.value)
+    assert [r.url.path for r in wire.seen] == [INVOICES]
 
 
 @pytest.mark.parametrize("token_answer", [503, 200])
@@ -538,6 +584,30 @@ async def test_over_the_real_client_a_refused_connection_is_turned_back() -> Non
                              json={"amount": "100"})
     assert (err.value.code, err.value.retryable) == ("UNREACHABLE", True)
     assert not watch.left
+
+
+async def test_over_the_real_client_a_money_request_whose_header_carries_a_line_break_is_not_sent() -> None:
+    """A header value with a control character (a credential or token with its line break): httpx builds the request,
+    and aiohttp refused it only once connected, as it wrote its head, with a ValueError, after the request to pay was
+    counted as gone: taken for one that may have arrived (asked about, never sent; an M-Pesa payer never prompted).
+    The gateway's client refuses it as it is built: NOT_SENT, nothing connected, nothing counted as gone."""
+    connected: list[bool] = []
+
+    async def provider(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.append(True)
+        writer.close()
+
+    server = await asyncio.start_server(provider, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, make_client() as http:
+        with pytest.raises(ProviderError) as err:
+            await _until_it_leaves("mtn_momo", "collect", calls.send(
+                http, provider="mtn_momo", operation="request_to_pay", method="POST",
+                url=f"http://127.0.0.1:{port}{MTN_PAY}", timeouts=httpx.Timeout(1.0), creates=True,
+                headers={"X-Reference-Id": "ref-1", "Ocp-Apim-Subscription-Key": "sub-key\n"}, json={"amount": "100"}))
+    assert (err.value.code, err.value.retryable) == (NOT_SENT, True)
+    assert "could not be made (ValueError)" in str(err.value)
+    assert connected == []
 
 
 async def test_an_airtel_refund_refused_401_whose_new_token_fails_is_a_refund_never_sent(
