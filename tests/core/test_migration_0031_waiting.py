@@ -13,12 +13,13 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from core.db import make_engine
 from core.models import OutboxJob
 from core.outbox import waiting
 from tests.conftest import make_settings, requires_pg
+from tests.core.test_migration_round_trip import _execute
 
 LATER = (datetime.now(UTC) + timedelta(hours=5)).strftime("%Y-%m-%d %H:%M:%S.000000")
 T0 = "2026-01-01 00:00:00.000000"
@@ -48,16 +49,6 @@ async def _after_upgrade(url: str) -> tuple[dict[int, bool], list[int]]:
             listed = list((await conn.execute(select(OutboxJob.id).where(
                 OutboxJob.id.in_(list(JOBS)), waiting(datetime.now(UTC))).order_by(OutboxJob.id))).scalars())
             return marked, listed
-    finally:
-        await engine.dispose()
-
-
-async def _execute(url: str, statements: list[str]) -> None:
-    engine = make_engine(url)
-    try:
-        async with engine.begin() as conn:
-            for statement in statements:
-                await conn.execute(text(statement))
     finally:
         await engine.dispose()
 
