@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import aliased
 
 from admin_api.common import DATETIME, iso, out, page_of, paged
 from admin_api.routing import Ctx, Route
@@ -65,9 +66,27 @@ def _canonical(value: str) -> str:
     return f"{kind}{colon}{rest.lower()}" if is_uuid(rest) else value
 
 
+async def _entity_types(ctx: Ctx) -> list[str]:
+    """The entity types the log holds, one index probe each (ix_audit_entity: the next type after the one found,
+    a recursive CTE, as PostgreSQL has no skip scan). An entityId given without its entityType is looked up under
+    each of them, a list of values the index leads with: the id alone walked all of it (EXPLAIN ANALYZE, 1,172,000
+    rows: 150 ms for a page and 245 ms for its count; 0.2 and 0.1 ms with the types, read in 0.4 ms). Read first,
+    as values: a subquery in the filter left the planner free to walk the index for the id and join the types
+    after. Read from the log, not a list in the code: a type no release writes any more still has its rows found."""
+    after = aliased(AuditEvent)
+    found = select(func.min(AuditEvent.entity_type).label("entity_type")).cte("entity_types", recursive=True)
+    following = select(select(func.min(after.entity_type)).where(after.entity_type > found.c.entity_type)
+                       .scalar_subquery()).where(found.c.entity_type.is_not(None))
+    types = found.union_all(following)
+    read = await ctx.session.execute(select(types.c.entity_type).where(types.c.entity_type.is_not(None)))
+    return list(read.scalars())
+
+
 async def list_audit_events(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     q = ctx.query
     query = ctx.who.scope(select(AuditEvent), AuditEvent)
+    if q.get("entityId") and not q.get("entityType"):
+        query = query.where(AuditEvent.entity_type.in_(await _entity_types(ctx)))
     for param, column in (
         ("entityType", AuditEvent.entity_type),
         ("entityId", AuditEvent.entity_id),

@@ -174,6 +174,10 @@ class Payment(Base):
         # those naming none are read through ix_payments_coop_created.
         Index("ix_payments_coop_type_due", "cooperative_id", "payment_type_id", "due_date",
               **_where("due_date IS NOT NULL")),
+        # Migration 0032: the list filtered by a bank method (a few payments in a hundred: the count and the page read
+        # them alone); partial, so a wallet payment (USSD's, most API ones) is no entry. core.payments.BANK_METHODS.
+        Index("ix_payments_bank_method", "method", "cooperative_id", "created_at",
+              **_where("method IN ('BANK_BK', 'BANK_IM', 'BANK_ECOBANK')")),
     )
 
     id: Mapped[str] = _id()

@@ -51,6 +51,12 @@ COUNTED = func.count(Payment.id).filter(TAKEN > 0)
 # and money reported taken after a definite failure (the payment stays FAILED; repeated if reported again).
 # COMPLETED is reached once (no move leads back to it), so the first of these is when the completion was recorded.
 COMPLETION_ACTIONS = (f"{PAYMENT.name}.{PaymentStatus.COMPLETED.value.lower()}", "payment.success_after_failure")
+# How long before its completion's audit row a payment's updated_at may have been stamped. The move (or a success
+# after a failure) stamps the row's updated_at and then its audit row's at, in one transaction: microseconds apart,
+# at most a lock wait or a statement timeout's seconds on the way (changed_at also rounds down to the millisecond);
+# updated_at never goes back after. So a completion recorded at or after a period's end is on a payment updated no
+# earlier than this before it (_payments_recorded_later); a day is far more than any transaction lasts.
+RECORDED_SLACK = timedelta(days=1)
 
 
 def _amount(minor: int | None, currency: str) -> int | str:
@@ -323,8 +329,11 @@ async def _payments_recorded_later(session: AsyncSession, scope: Scope, start: d
     _payments_voided_later names the void, and the two lists net out as `settled` does. None while the period is
     open-ended.
 
-    Read from the payments completed in the period (the completion indexes, as `settled`), each probing its own
-    audit rows (the (entity_type, entity_id) index): the period's size, however long ago it ended."""
+    Read from the payments completed in the period and updated since shortly before its end (RECORDED_SLACK: a
+    completion recorded after the end updated its payment then, and updated_at never goes back), each probing its
+    own audit rows (the (entity_type, entity_id) index). Probing every payment completed in the period instead read
+    a year's report in seconds (EXPLAIN ANALYZE, 372,000 payments completed in the year: 5.6 to 6.6 s, one index
+    probe each; 0.1 ms with the updated_at bound, through ix_payments_updated or ix_payments_coop_updated)."""
     if end is None:
         return [], 0
     completions = select(AuditEvent).where(
@@ -338,7 +347,7 @@ async def _payments_recorded_later(session: AsyncSession, scope: Scope, start: d
     # it here the void alone would read as money taken off a figure that, when the period ended, never counted it.
     voided = Payment.status == PaymentStatus.VOIDED.value
     later = and_(or_(HELD, voided), Payment.completed_at.is_not(None), _within(Payment.completed_at, start, end),
-                 recorded >= end)
+                 Payment.updated_at >= end - RECORDED_SLACK, recorded >= end)
     rows = (
         await session.execute(
             scope(select(Payment, recorded.label("recorded_at"), recorded_by.label("recorded_by")), Payment)

@@ -1,0 +1,164 @@
+"""Lists filtered by something a few rows have read those rows through an index, not the table: the audit log by an
+entityId given without its entityType (under each entity type the log holds: ix_audit_entity leads with the type),
+and the payments of a bank method (ix_payments_bank_method, migration 0032, partial: bank payments only). The rows
+answered are the ones the filter names, as before (SQLite and PostgreSQL); on PostgreSQL the plans are pinned on
+data enough for the planner to choose (a page and its count), even in a plan cached for a prepared statement."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import event, select, text, update
+
+from core.db import utcnow
+from core.models import AuditEvent, Payment
+from tests.admin_api.conftest import Caller, make_payment
+from tests.conftest import requires_pg
+
+
+@contextlib.contextmanager
+def _statements(rt: Any) -> Iterator[list[tuple[str, Any]]]:
+    seen: list[tuple[str, Any]] = []
+
+    def before(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
+        seen.append((statement, parameters))
+
+    event.listen(rt.engine.sync_engine, "before_cursor_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(rt.engine.sync_engine, "before_cursor_execute", before)
+
+
+async def _plans(rt: Any, statements: list[tuple[str, Any]]) -> list[str]:
+    """Each statement's plan as PostgreSQL would cache it for a prepared statement (generic: its parameters
+    unknown), sequential scans ruled out so that a missing index shows on a small table."""
+    plans = []
+    async with rt.engine.connect() as conn:
+        await conn.exec_driver_sql("SET enable_seqscan = off")
+        await conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        for n, (statement, parameters) in enumerate(statements):
+            # A generic plan holds for any values: EXECUTE takes no bound ones, so NULLs stand for them.
+            await conn.exec_driver_sql(f"PREPARE read_{n} AS {statement}")
+            nulls = ", ".join(["NULL"] * len(parameters))
+            execute = f"EXECUTE read_{n}({nulls})" if parameters else f"EXECUTE read_{n}"
+            plans.append("\n".join((await conn.exec_driver_sql(f"EXPLAIN {execute}")).scalars().all()))
+            await conn.exec_driver_sql(f"DEALLOCATE read_{n}")  # session-wide: the pooled connection is used again
+        await conn.rollback()
+    return plans
+
+
+async def _ids(caller: Caller, query: str) -> tuple[list[Any], int]:
+    page = await caller.json("GET", query, 200)
+    return [row["id"] for row in page["data"]], page["meta"]["total"]
+
+
+# --- the audit log by entityId ----------------------------------------------------------------------------------------
+
+async def test_an_entity_id_alone_finds_its_rows_of_every_type_and_no_other(
+        admin: Caller, superadmin: Caller, rt: Any, demo: dict[str, Any], coop_b: dict[str, Any]) -> None:
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    pid = payment["id"]
+    async with rt.sessionmaker.begin() as s:
+        s.add_all([
+            # A type no release writes any more, under the same id; another cooperative's row of it; another id.
+            AuditEvent(cooperative_id=demo["cooperative_id"], actor="system", channel="system", action="legacy.noted",
+                       entity_type="legacy_thing", entity_id=pid, at=utcnow()),
+            AuditEvent(cooperative_id=coop_b["cooperative_id"], actor="system", channel="system",
+                       action="zz.noted", entity_type="zz_last", entity_id=pid, at=utcnow()),
+            AuditEvent(cooperative_id=demo["cooperative_id"], actor="system", channel="system", action="aa.noted",
+                       entity_type="aa_first", entity_id="not-the-payment", at=utcnow()),
+        ])
+    async with rt.sessionmaker() as s:
+        rows = (await s.execute(select(AuditEvent.id, AuditEvent.cooperative_id, AuditEvent.entity_type)
+                                .where(AuditEvent.entity_id == pid)
+                                .order_by(AuditEvent.at.desc(), AuditEvent.id.desc()))).all()
+    assert {t for _, _, t in rows} == {"payment", "legacy_thing", "zz_last"}
+
+    assert await _ids(superadmin, f"/v1/audit-events?entityId={pid}&limit=100") == ([r[0] for r in rows], len(rows))
+    ours = [r[0] for r in rows if r[1] == demo["cooperative_id"]]
+    assert await _ids(admin, f"/v1/audit-events?entityId={pid.upper()}&limit=100") == (ours, len(ours))
+    assert await _ids(superadmin, f"/v1/audit-events?entityId={pid}&entityType=legacy_thing") == (
+        [r[0] for r in rows if r[2] == "legacy_thing"], 1)
+    assert await _ids(superadmin, "/v1/audit-events?entityId=nothing-has-this-id") == ([], 0)
+
+
+@requires_pg
+async def test_an_entity_id_alone_is_looked_up_by_the_entity_index_under_each_type(
+        rt: Any, admin: Caller, superadmin: Caller, demo: dict[str, Any]) -> None:
+    async with rt.engine.begin() as conn:
+        await conn.execute(text(
+            "INSERT INTO audit_events (cooperative_id, actor, channel, action, entity_type, entity_id, at)"
+            " SELECT :coop, 'system', 'system', 'x.noted', (ARRAY['payment', 'member', 'sms', 'user'])[1 + i % 4],"
+            " 'e-' || (i % 5000), now() - i * interval '1 minute' FROM generate_series(1, 20000) i"),
+            {"coop": demo["cooperative_id"]})
+        await conn.execute(text("ANALYZE audit_events"))
+    for caller in (admin, superadmin):
+        with _statements(rt) as sent:
+            page = await caller.json("GET", "/v1/audit-events?entityId=e-42", 200)
+        assert page["meta"]["total"] == 4
+        ours = [(s, p) for s, p in sent if "audit_events.entity_id =" in s]
+        plans = await _plans(rt, ours)
+        assert len(plans) == 2, plans  # the count and the page (the types are read before: one probe each)
+        for plan in plans:
+            by_id = [line for line in plan.splitlines() if "Index Cond" in line and "entity_id" in line]
+            # The id is looked up under a type (the index's leading column), never across the whole index.
+            assert by_id and all("entity_type" in line for line in by_id), plan
+
+
+# --- payments by method -----------------------------------------------------------------------------------------------
+
+async def test_a_bank_methods_payments_are_listed_newest_first_and_no_other(
+        admin: Caller, superadmin: Caller, rt: Any, demo: dict[str, Any], coop_b: dict[str, Any]) -> None:
+    rent = demo["payment_types"]["Monthly Rent"]
+    made = [(await make_payment(admin, rent))["id"] for _ in range(5)]
+    theirs = (await make_payment(coop_b["admin"], coop_b["payment_type_id"], amount=1000))["id"]
+    banks = {made[0]: "BANK_BK", made[2]: "BANK_BK", made[3]: "BANK_ECOBANK", theirs: "BANK_BK"}
+    async with rt.sessionmaker.begin() as s:
+        for pid, method in banks.items():
+            await s.execute(update(Payment).where(Payment.id == pid).values(method=method))
+    assert await _ids(admin, "/v1/payments?paymentMethod=BANK_BK") == ([made[2], made[0]], 2)
+    assert await _ids(admin, "/v1/payments?paymentMethod=BANK_ECOBANK") == ([made[3]], 1)
+    assert await _ids(admin, "/v1/payments?paymentMethod=BANK_IM") == ([], 0)
+    assert await _ids(superadmin, "/v1/payments?paymentMethod=BANK_BK") == ([theirs, made[2], made[0]], 3)
+    assert await _ids(superadmin, f"/v1/payments?paymentMethod=BANK_BK&cooperativeId={coop_b['cooperative_id']}") == (
+        [theirs], 1)
+    async with rt.sessionmaker() as s:
+        wallet = list((await s.execute(select(Payment.id).where(
+            Payment.cooperative_id == demo["cooperative_id"], Payment.method == "MOBILE_MONEY_MTN")
+            .order_by(Payment.created_at.desc(), Payment.id.desc()))).scalars())
+    assert {made[1], made[4]} <= set(wallet)
+    assert await _ids(admin, "/v1/payments?paymentMethod=MOBILE_MONEY_MTN&limit=100") == (wallet, len(wallet))
+
+
+@requires_pg
+async def test_a_bank_methods_list_reads_its_partial_index(
+        rt: Any, admin: Caller, superadmin: Caller, demo: dict[str, Any], coop_b: dict[str, Any]) -> None:
+    """Two cooperatives' 4,000 payments, one in two hundred by BANK_ECOBANK: the count reads the bank payments'
+    index alone, for a cooperative admin and a super admin, and so does the cooperative's page. The method is
+    inline in the SQL: a plan cached for the statement (generic) proves the index's predicate as well."""
+    async with rt.engine.begin() as conn:
+        await conn.execute(text(
+            "INSERT INTO payments (id, cooperative_id, payment_type_id, reference, amount_minor, currency, fee_minor,"
+            " refunded_minor, status, method, provider, provider_reference, payment_account_enc,"
+            " payment_account_index, payment_account_masked, idempotency_key, request_hash, channel, mismatch, late,"
+            " expires_at, created_at, updated_at)"
+            " SELECT md5('pm-' || i)::uuid::text, CASE WHEN i % 2 = 0 THEN :coop ELSE :other END,"
+            " CASE WHEN i % 2 = 0 THEN :ptype ELSE :other_type END, 'PAY_PM_' || i, 50000, 'RWF', 0, 0, 'COMPLETED',"
+            " CASE WHEN i % 200 < 2 THEN 'BANK_ECOBANK' WHEN i % 3 = 0 THEN 'MOBILE_MONEY_AIRTEL'"
+            " ELSE 'MOBILE_MONEY_MTN' END, 'mtn_momo', 'pm-' || i, 'x', 'acct' || (i % 50), '+25078****000',"
+            " 'idem-pm-' || i, 'h', 'ussd', false, false, t, t, t"
+            " FROM (SELECT i, now() - (4000 - i) * interval '2 hours' AS t FROM generate_series(1, 4000) i) s"),
+            {"coop": demo["cooperative_id"], "other": coop_b["cooperative_id"],
+             "ptype": demo["payment_types"]["Monthly Rent"], "other_type": coop_b["payment_type_id"]})
+        await conn.execute(text("ANALYZE payments"))
+    for caller, theirs in ((admin, 20), (superadmin, 40)):
+        with _statements(rt) as sent:
+            assert (await caller.json("GET", "/v1/payments?paymentMethod=BANK_ECOBANK", 200))["meta"]["total"] == theirs
+        ours = [(s, p) for s, p in sent if "FROM payments" in s]
+        count, page = await _plans(rt, ours)
+        assert "ix_payments_bank_method" in count, count
+        if caller is admin:
+            assert "ix_payments_bank_method" in page, page
