@@ -5,6 +5,7 @@ again)."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +18,7 @@ from admin_api.validation import LIMIT, PAGE, Param, body_datetime
 from channels.sms import jobs as sms_jobs
 from core import webhooks
 from core.audit import Actor, record
-from core.db import lock_row, utcnow
+from core.db import iso_z, lock_row, utcnow
 from core.errors import CODES, INVALID_STATE, Conflict, NotFound, ValidationError
 from core.jobs import payment_and_now
 from core.models import OutboxJob, Payment, Refund
@@ -83,7 +84,8 @@ DISCARD = {
     "description": "Why the parked job is discarded: it will never run again (a replay of it is refused). Refused "
                    "(409 INVALID_STATE, saying what to do instead) where the job is the only thing still settling "
                    "money: an open refund's submission or poll, an open payment's poll whose provider is not in "
-                   "PROVIDERS, a cancelled payment's payment.watch (replay it, or record the payment's outcome). A "
+                   "PROVIDERS, a cancelled payment's payment.watch (replay it, or record the payment's outcome; "
+                   "its provider not in PROVIDERS, only until the approval window and its grace are over). A "
                    "payment.contested job's flag is set on its payment by the discard itself.",
 }
 JOB = out(
@@ -479,18 +481,34 @@ async def _cancelled_still_watched(ctx: Ctx, job: OutboxJob) -> None:
     CANCELLED, for a replay (the job asks the provider again, completes the payment late if it was paid, and ends by
     itself once the answer is final or the grace after its window is over: one answer says whether money was taken,
     however late) or the money recorded from the provider's statement (POST /v1/payments/{id}/outcome), after which
-    the job can be discarded."""
+    the job can be discarded. Its provider left out of PROVIDERS (nothing can ask, a replay parks again): refused
+    only until the approval window and the longest grace after it are over, no prompt or invoice left to pay; then
+    discarded, the provider's statement the only word (money taken recorded as above, none needing nothing)."""
     payment = await ctx.session.get(Payment, str((job.payload or {}).get("payment_id") or ""))
     if payment is None or payment.status != PaymentStatus.CANCELLED.value:
         return  # completed late since (or gone): nothing left to watch
-    ask = ("replay this job" if payment.provider in ctx.rt.providers
-           else f"add {payment.provider} back to PROVIDERS and replay this job")
+    settings, outcome = ctx.rt.settings, f"POST /v1/payments/{payment.id}/outcome"
+    if payment.provider not in ctx.rt.providers:
+        # Nothing can ask any more (the job parks again at once, replayed), and once the approval window and the
+        # longest grace the job gives it after are over, no prompt or invoice is left to pay: the provider's
+        # statement says all there is. Refused for good, the job stayed PARKED for ever (the PARKED alert up)
+        # where the provider is gone for good and its statement shows nothing taken: nothing records "not paid".
+        settled = payment.expires_at + timedelta(seconds=max(settings.payment_pending_grace_seconds,
+                                                             settings.payment_settle_grace_seconds))
+        if utcnow() >= settled:
+            return
+        raise Conflict(f"payment {payment.id} is CANCELLED but its provider may still take the money until "
+                       f"{iso_z(settled)} (the prompt or invoice cannot be withdrawn), and {payment.provider} is not "
+                       "in PROVIDERS, so nothing asks: add it back and replay this job (it asks the provider, "
+                       "completes the payment late if it was paid, and ends by itself once nothing more can be "
+                       f"taken), or after {iso_z(settled)} check the provider's statement: money taken, record it "
+                       f"with {outcome}; none, discard this job then", code=INVALID_STATE)
     raise Conflict(f"payment {payment.id} is CANCELLED but its provider may still take the money (the prompt or "
                    "invoice cannot be withdrawn), and this job is the only thing that asks: discarded, a payment made "
-                   f"after the cancel would never be found. Instead {ask}: it asks the provider, completes the "
-                   "payment late if it was paid, and ends by itself once nothing more can be taken. If the "
-                   "provider's statement shows the money taken, record it with "
-                   f"POST /v1/payments/{payment.id}/outcome; the job can then be discarded", code=INVALID_STATE)
+                   "after the cancel would never be found. Instead replay this job: it asks the provider, completes "
+                   "the payment late if it was paid, and ends by itself once nothing more can be taken. If the "
+                   f"provider's statement shows the money taken, record it with {outcome}; the job can then be "
+                   "discarded", code=INVALID_STATE)
 
 
 async def _contested_flagged(ctx: Ctx, job: OutboxJob) -> None:

@@ -288,6 +288,9 @@ def parse_aware(value: Any) -> datetime | None:
 # writers that must take turns without a row to lock take (a transaction id being recorded, a chargeback's
 # reversal, a member's confirmation of a type), released at the commit or rollback. Built once (pgraw.compiled).
 ADVISORY_XACT_LOCK = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("key", type_=String))))
+# Its shared form: its holders do not wait for each other, only for a holder of ADVISORY_XACT_LOCK on the same key,
+# and it for them (create-only member imports of a cooperative beside an existing=update one: core.member_import).
+ADVISORY_XACT_LOCK_SHARED = select(func.pg_advisory_xact_lock_shared(func.hashtext(bindparam("key", type_=String))))
 
 
 async def serialise_on_sqlite(session: AsyncSession, model: Any, row_id: str | int) -> None:

@@ -19,7 +19,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import Actor, record
 from core.crypto import PiiCipher
-from core.db import ADVISORY_XACT_LOCK, insert_ignore, new_id, row_insert, serialise_on_sqlite, utcnow
+from core.db import (
+    ADVISORY_XACT_LOCK,
+    ADVISORY_XACT_LOCK_SHARED,
+    insert_ignore,
+    new_id,
+    row_insert,
+    serialise_on_sqlite,
+    utcnow,
+)
 from core.errors import ValidationError
 from core.members import CHANGED, LANGUAGES, MEMBER_STATUSES, PERSONAL_FIELDS, created_audit, member_row
 from core.models import AuditEvent, Cooperative, Member
@@ -420,33 +428,39 @@ async def import_members(
     inactive: list[RowError] = []
     # Each number's blind index, read once for the whole import (the members it finds, the order it writes in).
     indexes = [cipher.blind_index(r.phone.e164) async for r in turns(rows)]
+    dialect = session.get_bind().dialect.name
+    prepared: tuple[dict[str, Member], _NewMembers, list[RowError]] | None = None
     if existing == "update":
-        members = await _members_of(session, cooperative.id, indexes)
+        keys = sorted(set(indexes))
+        if dialect != "postgresql":
+            # The members read before SQLite's write lock (_read_locked), and the new rows' members worked out from
+            # that read, before it too: taken first, the lock was held while half a list grown since was encrypted.
+            read = await _read_members(session, cooperative.id, keys, lock=False)
+            prepared = (read, *await _prepare(cipher, cooperative, *_new_rows(rows, indexes, read), actor=actor,
+                                              status=status, phone_warning=phone_warning))
+        members = await _members_of(session, cooperative.id, keys, read=prepared[0] if prepared else None)
         pairs = [(r, members[i]) for r, i in zip(rows, indexes, strict=True) if i in members]
         updated = await _update_rows(session, pairs, parsed.columns, actor=actor)
         # Updated (or unchanged) all the same, as the file says, but she still cannot pay: said beside the rows.
         inactive = [RowError(r.row, "status", f"this number's member is {said}")
                     async for r, m in turns(pairs) if (said := not_active(m.id, m.status))]
         unchanged = len(members) - len(updated)
-        rows = [r for r, i in zip(rows, indexes, strict=True) if i not in members]
-        indexes = [i for i in indexes if i not in members]
+        rows, indexes = _new_rows(rows, indexes, members)
+        if prepared is not None and prepared[0].keys() != members.keys():
+            prepared = None  # a member added, erased or released between the read and the lock: worked out again
     else:
+        if dialect == "postgresql":
+            # Create-only imports of the cooperative do not wait for each other (the unique index decides between
+            # them), but an existing=update import waits for them, and they for it (_members_of): unheld, the list
+            # sent again with existing=update while its first upload was still being written read none of its
+            # members, tried to add them, and was refused "50 row(s) with a number already a member's: leave them
+            # out, or import with existing=update", the option it was sent with.
+            await session.execute(ADVISORY_XACT_LOCK_SHARED, {"key": _imports_key(cooperative.id)})
         known = await _already_members(session, cipher, cooperative.id, rows, whole=status)
         if known:
             raise ImportRejected(known)
-    # Everything a new member's row needs worked out before the first of them is written: on SQLite the first write
-    # takes the database's write lock, held to the commit, and every other writer of this serve (a member
-    # confirming a payment by USSD) waits for it. Encrypted between the inserts, and the warnings read after them,
-    # a 10,000-row import held it 1.8-2.5 s (of 2.8-3.9 s, on a busy 2-CPU machine); its writes alone, 1.0-1.7 s.
-    # Committed a chunk at a time it would hold it less, but a failure past the first chunk (a number registered
-    # meanwhile, the serve stopped) would leave part of a file imported, and another import of the list would
-    # read that part: the import is all or nothing (README).
-    new = await _member_values(cipher, cooperative.id, rows, indexes, actor=actor, status=status,
-                               language=cooperative.language or "en")
-    # About 40 us a row (the number's country and operator, read by phonenumbers): 0.4 s of a 10,000-row file in
-    # one stretch held the event loop, and every USSD hop of this serve waited for it.
-    warnings = [RowError(r.row, "phone", said) async for r in turns(rows)
-                if phone_warning is not None and (said := phone_warning(r.phone)) is not None]
+    new, warnings = prepared[1:] if prepared is not None else await _prepare(
+        cipher, cooperative, rows, indexes, actor=actor, status=status, phone_warning=phone_warning)
     # `whole`: existing=update inserts only the rows with no member, and a race it loses (a number registered
     # meanwhile) is not the same list sent again.
     ids = await _insert_rows(session, cipher, cooperative.id, rows, new,
@@ -465,6 +479,32 @@ async def import_members(
     )
     warnings = sorted(warnings + inactive, key=lambda w: w.row)
     return Imported(ids, parsed.ignored_columns, parsed.encoding, updated, unchanged, warnings)
+
+
+def _new_rows(rows: list[ImportRow], indexes: list[str],
+              members: dict[str, Member]) -> tuple[list[ImportRow], list[str]]:
+    """The rows (and their numbers' blind indexes, `indexes`) whose number is none of `members`'."""
+    new = [(r, i) for r, i in zip(rows, indexes, strict=True) if i not in members]
+    return [r for r, _ in new], [i for _, i in new]
+
+
+async def _prepare(cipher: PiiCipher, cooperative: Cooperative, rows: list[ImportRow], indexes: list[str], *,
+                   actor: Actor, status: str,
+                   phone_warning: Callable[[Phone], str | None] | None) -> tuple[_NewMembers, list[RowError]]:
+    """Everything the new members' rows need worked out before the first of them is written, and their warnings:
+    on SQLite the first write takes the database's write lock, held to the commit, and every other writer of this
+    serve (a member confirming a payment by USSD) waits for it. Encrypted between the inserts, and the warnings
+    read after them, a 10,000-row import held it 1.8-2.5 s (of 2.8-3.9 s, on a busy 2-CPU machine); its writes
+    alone, 1.0-1.7 s. Committed a chunk at a time it would hold it less, but a failure past the first chunk (a
+    number registered meanwhile, the serve stopped) would leave part of a file imported, and another import of the
+    list would read that part: the import is all or nothing (README)."""
+    new = await _member_values(cipher, cooperative.id, rows, indexes, actor=actor, status=status,
+                               language=cooperative.language or "en")
+    # About 40 us a row (the number's country and operator, read by phonenumbers): 0.4 s of a 10,000-row file in
+    # one stretch held the event loop, and every USSD hop of this serve waited for it.
+    warnings = [RowError(r.row, "phone", said) async for r in turns(rows)
+                if phone_warning is not None and (said := phone_warning(r.phone)) is not None]
+    return new, warnings
 
 
 async def _already_members(session: AsyncSession, cipher: PiiCipher, cooperative_id: str,
@@ -524,26 +564,36 @@ def _minute(moment: datetime) -> str:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-async def _members_of(session: AsyncSession, cooperative_id: str, indexes: list[str]) -> dict[str, Member]:
-    """The cooperative's members holding the file's numbers (`indexes`: their blind indexes), by blind index, locked
-    (FOR UPDATE): an erasure or a release running meanwhile waits for the import, or the import for it, so a name is
-    never written back onto an erased member. (SQLite has no row locks: the database's write lock, _read_locked.)
+def _imports_key(cooperative_id: str) -> str:
+    """The advisory lock's key on which the cooperative's imports take turns: an existing=update one holds it alone
+    (_members_of), create-only ones shared (import_members)."""
+    return f"member-import:{cooperative_id}"
+
+
+async def _members_of(session: AsyncSession, cooperative_id: str, keys: list[str], *,
+                      read: dict[str, Member] | None = None) -> dict[str, Member]:
+    """The cooperative's members holding the file's numbers (`keys`: their blind indexes, sorted), by blind index,
+    locked (FOR UPDATE): an erasure or a release running meanwhile waits for the import, or the import for it, so a
+    name is never written back onto an erased member. (SQLite has no row locks: the database's write lock,
+    _read_locked, after `read`: the members read before it.)
 
     Two existing=update imports into one cooperative (a clerk's upload sent twice) take turns first, as SQLite's
     write lock makes them: on PostgreSQL a transaction-scoped advisory lock of the cooperative's imports, so the
-    second reads every member the first added. Unheld, the second read the first's members in part (those its
-    chunks of numbers read after the first committed), tried to add the others again, and a 1,201-row list sent
-    with existing=update was refused "this list was already imported: its 499 rows match 499 members ... import it
-    with existing=update". It was the cooperative's row, locked FOR NO KEY UPDATE to the import's commit: every
-    change of the cooperative's own (PATCH /v1/cooperatives/{id}, its settings) waited for the whole import, a few
-    seconds of 10,000 rows, and past the statement timeout was answered 503."""
+    second reads every member the first added (create-only imports hold it shared: import_members). Unheld, the
+    second read the first's members in part (those its chunks of numbers read after the first committed), tried to
+    add the others again, and a 1,201-row list sent with existing=update was refused "this list was already
+    imported: its 499 rows match 499 members ... import it with existing=update". It was the cooperative's row,
+    locked FOR NO KEY UPDATE to the import's commit: every change of the cooperative's own (PATCH
+    /v1/cooperatives/{id}, its settings) waited for the whole import, a few seconds of 10,000 rows, and past the
+    statement timeout was answered 503."""
     # Locked in one order whatever the file's (its numbers' blind indexes, across the chunks too): two imports of
     # overlapping lists at once take turns instead of deadlocking.
-    keys = sorted(set(indexes))
     if session.get_bind().dialect.name == "postgresql":
-        await session.execute(ADVISORY_XACT_LOCK, {"key": f"member-import:{cooperative_id}"})
+        await session.execute(ADVISORY_XACT_LOCK, {"key": _imports_key(cooperative_id)})
         return await _read_members(session, cooperative_id, keys, lock=True)
-    return await _read_locked(session, cooperative_id, keys)
+    if read is None:
+        read = await _read_members(session, cooperative_id, keys, lock=False)
+    return await _read_locked(session, cooperative_id, keys, read)
 
 
 async def _read_members(session: AsyncSession, cooperative_id: str, keys: list[str], *,
@@ -564,13 +614,14 @@ _AS_READ = (Member.phone_index, Member.id, Member.updated_at, Member.status, Mem
             Member.language)
 
 
-async def _read_locked(session: AsyncSession, cooperative_id: str, keys: list[str]) -> dict[str, Member]:
-    """_members_of on SQLite: the members read, then the database's write lock taken (serialise_on_sqlite: another
-    import, an erasure, a payment's confirmation wait for this import's commit from here on) and what was read
-    checked against the database, a few columns of each; read again when anything changed in between (a member
-    erased, suspended or added). Read under the lock, as PostgreSQL does, the 10,000 members of a list sent again
-    (0.6-0.7 s of the ORM's work) were that much more that every other writer of the serve waited for."""
-    members = await _read_members(session, cooperative_id, keys, lock=False)
+async def _read_locked(session: AsyncSession, cooperative_id: str, keys: list[str],
+                       members: dict[str, Member]) -> dict[str, Member]:
+    """_members_of on SQLite: the members read before (`members`, _read_members), then the database's write lock
+    taken (serialise_on_sqlite: another import, an erasure, a payment's confirmation wait for this import's commit
+    from here on) and what was read checked against the database, a few columns of each; read again when anything
+    changed in between (a member erased, suspended or added). Read under the lock, as PostgreSQL does, the 10,000
+    members of a list sent again (0.6-0.7 s of the ORM's work) were that much more that every other writer of the
+    serve waited for."""
     seen = {(i, m.id, m.updated_at, m.status, m.name, m.unit, m.language) for i, m in members.items()}
     await serialise_on_sqlite(session, Cooperative, cooperative_id)
     now: set[tuple[Any, ...]] = set()
@@ -685,8 +736,15 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
             # Read again for the whole file, not this chunk alone: the same file sent again after a timeout while
             # the first upload was still being written was told "500 row(s) already a member's" of its 5,000 (the
             # first chunk to meet the other's rows), and the clerk who left those out was refused again.
-            raise ImportRejected(await _already_members(session, cipher, cooperative_id, rows,
-                                                        ours={*filter(None, ids), *written}, whole=whole))
+            known = await _already_members(session, cipher, cooperative_id, rows,
+                                           ours={*filter(None, ids), *written}, whole=whole)
+            if whole is None and known:
+                # An existing=update import (the rows it read as having no member): "import with existing=update",
+                # said to one, was the option it was sent with. The file, sent again, updates them.
+                known[0] = RowError(0, "file", f"{len(known) - 1} row(s) with a number registered while this import "
+                                               "ran (by USSD or another request): nothing was imported; send the "
+                                               "file again to update those members too")
+            raise ImportRejected(known)
         await session.execute(row_insert(dialect, AuditEvent), new.audits[start : start + CHUNK])
         for n, v in zip(places, values, strict=True):
             ids[n] = str(v["id"])

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from core import member_import
 from core.models import AuditEvent, Member
 from core.phone import SCIENTIFIC
-from tests.conftest import requires_pg
+from tests.conftest import requires_pg, waiting_for_locks
 
 
 def already(count: int) -> str:
@@ -444,3 +444,37 @@ async def test_the_cooperative_is_changed_while_its_list_is_imported_with_existi
         go_on.set()
     status, body = await importing
     assert (status, body["updated"]) == (201, 50), body
+
+
+@requires_pg  # SQLite: the update import reads its members again under the write lock, after the other's commit
+async def test_a_list_sent_with_existing_update_while_the_same_list_is_imported_updates_its_members(
+        admin, rt, demo, monkeypatch):
+    """A clerk imports a list, and (unsure it went through) sends it again with existing=update while the first is
+    still writing. The update import read none of the first's members (not yet committed), tried to add them, waited
+    for the first's commit on the unique index and was refused: "50 row(s) with a number already a member's: leave
+    them out, or import with existing=update", the very option it was sent with. It waits for the first import
+    before reading its members now, and finds them."""
+    data = ("name,phone\n" + "".join(f"Member {n:03d},07882{n:05d}\n" for n in range(50))).encode()
+    written, go_on = asyncio.Event(), asyncio.Event()
+    original = member_import._insert_rows
+
+    async def paused(*args, **kwargs):
+        ids = await original(*args, **kwargs)
+        if not written.is_set():  # the first import: its members written, not yet committed
+            written.set()
+            await go_on.wait()
+        return ids
+
+    monkeypatch.setattr(member_import, "_insert_rows", paused)
+    first = asyncio.create_task(_import(admin, data))
+    try:
+        await asyncio.wait_for(written.wait(), 60)
+        again = asyncio.create_task(_import(admin, data.replace(b"Member 007", b"Membre 007"), "?existing=update"))
+        await asyncio.wait_for(waiting_for_locks(rt, 1), 60)  # the update import waits for the first
+    finally:
+        go_on.set()
+    assert (await first)[0] == 201
+    status, body = await again
+    assert status == 201, body
+    assert (body["imported"], body["updated"], body["unchanged"]) == (0, 1, 49), body
+    assert (await _members(rt, demo["cooperative_id"]))["+25078****007"][0] == "Membre 007"

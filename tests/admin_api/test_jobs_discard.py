@@ -13,14 +13,15 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, update
 
-from core.db import utcnow
+from core.db import iso_z, utcnow
 from core.jobs import STUCK_AFTER, sweep_open_payments
 from core.models import AuditEvent, OutboxJob, Payment, Refund
 from core.ops import dashboard
 from core.outbox import enqueue, lock_parked, mark_discarded, replay_job
 from core.payments import create_payment
 from core.retention import RetentionPolicy, prune
-from tests.providers.wires import ADMIN, completed, mtn_adapter, mtn_payment, mtn_wire
+from tests.conftest import drain
+from tests.providers.wires import ADMIN, completed, due_now, jobs_done, mtn_adapter, mtn_payment, mtn_wire
 
 REASON = "template removed in release 41; the receipt went by hand"
 
@@ -285,3 +286,43 @@ async def test_a_discarded_contested_job_flags_its_payment_as_the_job_would_have
     assert shown["status"] == "DISCARDED"
     flagged = await admin.json("GET", f"/v1/payments/{payment.id}", 200)
     assert flagged["mismatch"] is True and "recorded by another cooperative's payment too" in flagged["mismatchDetail"]
+
+
+async def test_the_watch_of_a_cancelled_payment_whose_provider_is_gone_is_discarded_once_nothing_can_be_paid(
+        admin, rt, demo, worker):
+    """A payment of a provider left out of PROVIDERS for good (its contract ended), cancelled by the support desk:
+    its watch parks at once (nothing can ask), and a replay parks it again. Refused for good, it stayed PARKED
+    for ever (the PARKED alert up) where the statement showed nothing taken: POST /outcome records only money
+    taken. Refused only while a prompt or invoice may still be paid (the window and its grace), saying until when;
+    discarded after."""
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo), actor=ADMIN)
+        await s.execute(update(Payment).where(Payment.id == payment.id).values(status="PROCESSING"))
+    await jobs_done(rt)
+    providers = rt.providers
+    rt.providers = {name: p for name, p in providers.items() if name != "mtn_momo"}
+    try:
+        await admin.json("POST", f"/v1/payments/{payment.id}/cancel", 200, json={"note": "MTN contract ended"})
+        await due_now(rt, "payment.watch")
+        await drain(worker)
+        async with rt.sessionmaker() as s:
+            watch = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "payment.watch"))).scalar_one()
+        assert watch.status == "PARKED" and "mtn_momo" in (watch.last_error or "")
+        body = await admin.json("POST", f"/v1/jobs/{watch.id}/discard", 409, json={"reason": REASON})
+        until = iso_z(payment.expires_at + timedelta(seconds=rt.settings.payment_settle_grace_seconds))
+        assert f"until {until}" in body["message"] and "add it back and replay" in body["message"]
+
+        async with rt.sessionmaker.begin() as s:  # the window and its grace over: nothing can be paid any more
+            await s.execute(update(Payment).where(Payment.id == payment.id).values(
+                expires_at=utcnow() - timedelta(seconds=rt.settings.payment_settle_grace_seconds + 1)))
+        await admin.json("POST", f"/v1/jobs/{watch.id}/replay", 200)
+        await due_now(rt, "payment.watch")
+        await drain(worker)
+        assert (await _row(rt, watch.id)).status == "PARKED"  # replayed, it parks again: nothing can ask
+        bulk = await admin.json("POST", "/v1/jobs/discard", 200, json={"reason": REASON, "kind": "payment.watch"})
+        assert (bulk["discarded"], bulk["skipped"]) == ([watch.id], [])
+    finally:
+        rt.providers = providers
+    assert (await _row(rt, watch.id)).status == "DISCARDED"
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, payment.id)).status == "CANCELLED"

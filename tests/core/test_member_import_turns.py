@@ -205,3 +205,36 @@ async def test_other_writers_are_not_held_while_the_list_sent_again_reads_its_me
         other.db.close()
     assert (loaded[0], other.locked) == (ROWS, 0)
     assert (len(done.updated_ids), done.unchanged) == (1, ROWS - 1)
+
+
+@SQLITE_ONLY
+async def test_other_writers_are_not_held_while_the_list_sent_again_works_its_new_rows_out(
+        rt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list sent again with existing=update, grown since (half of its rows new members): the import took SQLite's
+    write lock to check the members it had read, then encrypted its new rows and read their warnings under it, every
+    other writer of the serve waiting. They are worked out from the members read before the lock now."""
+    async with rt.sessionmaker.begin() as s:
+        coop = await factories.cooperative(s)
+    lines = [f"Member {n:04d},07881{n:05d},A-{n}\n" for n in range(ROWS)]
+    async with rt.sessionmaker.begin() as s:
+        await import_members(s, rt.cipher, cooperative=coop, actor=ADMIN,
+                             data=("name,phone,unit\n" + "".join(lines[::2])).encode())
+    other = OtherWriter(rt)
+    encrypt = rt.cipher.encrypt
+
+    def encrypting(*args: Any, **kwargs: Any) -> Any:  # each new member's number (member_row)
+        other.write()
+        return encrypt(*args, **kwargs)
+
+    def warning(phone: Phone) -> None:  # each new member's warning
+        other.write()
+
+    monkeypatch.setattr(rt.cipher, "encrypt", encrypting)
+    try:
+        async with rt.sessionmaker.begin() as s:
+            done = await import_members(s, rt.cipher, cooperative=coop, actor=ADMIN, existing="update",
+                                        data=("name,phone,unit\n" + "".join(lines)).encode(), phone_warning=warning)
+    finally:
+        other.db.close()
+    assert (other.tried, other.locked) == (ROWS, 0)
+    assert (len(done.member_ids), done.updated_ids, done.unchanged) == (ROWS // 2, [], ROWS // 2)
