@@ -120,6 +120,38 @@ async def test_an_edited_file_sent_while_the_first_is_written_names_every_row(rt
     assert errors[1:] == [f"row {n}: phone: already a member of this cooperative" for n in range(2, 1_202)]
 
 
+async def test_an_import_committing_while_the_list_sent_again_is_checked_is_named_for_every_row(rt: Any) -> None:
+    """The first upload commits while the second's check of its numbers is reading them: the answer still names all
+    1,200 rows. Read 500 numbers at a time, the check saw the first 500 as no one's and the rest as members: "700
+    row(s)", and the clerk who left those out was refused again."""
+    coop = await _coop(rt)
+    csv = ("name,phone\n" + "".join(f"Member {n:04d},07881{n:05d}\n" for n in range(1_200))).encode()
+    first = rt.sessionmaker()
+    await import_members(first, rt.cipher, cooperative=coop, data=csv, actor=ADMIN)
+    committed = False
+    async with rt.sessionmaker() as second:
+        execute = second.execute
+
+        async def checked_then_committed(statement: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal committed
+            result = await execute(statement, *args, **kwargs)
+            if not committed and "members.phone_index IN" in str(statement):
+                committed = True  # the first upload commits right after the check's first read
+                await first.commit()
+                await first.close()
+            return result
+
+        second.execute = checked_then_committed  # type: ignore[method-assign]
+        with pytest.raises(ImportRejected) as refused:
+            await import_members(second, rt.cipher, cooperative=coop, data=csv.replace(b"Member 0007", b"Membre 0007"),
+                                 actor=ADMIN)
+        await second.rollback()
+    assert committed
+    assert refused.value.errors[0].startswith("file: 1200 row(s) with a number already a member's"), \
+        refused.value.errors[0]
+    assert len(refused.value.errors) == 1_201
+
+
 async def test_an_import_with_an_unknown_status_is_refused_before_reading_the_file(rt: Any) -> None:
     coop = await _coop(rt)
     async with rt.sessionmaker() as s:
