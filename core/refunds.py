@@ -882,7 +882,7 @@ async def _flag_text(session: AsyncSession, payment: Payment, chargebacks: list[
     total, and the other refunds that went through beyond it), what is beyond collected now (gone back, or going
     back if the refunds at the provider complete) and what to do. Short, however many there are: it must fit whole
     at the end of the column (core.payments.detail_tail), where fit_detail keeps the newest flag, so the latest are
-    named and the rest counted (the audit rows name them all); counted only, when even that is too long."""
+    named and the rest counted (the audit rows name them all); none named, when even that is too long."""
     from core.payments import detail_tail  # local: the payment modules reach back into this module
 
     ids = [*chargebacks, *others]
@@ -892,20 +892,23 @@ async def _flag_text(session: AsyncSession, payment: Payment, chargebacks: list[
     went = [rows[i][0] for i in others if i in rows]
     total = Money(sum(amount for _, amount in back), payment.currency)
 
-    def named(latest: bool) -> str:
+    def named(latest: bool, by_reference: bool = True) -> str:
         said = []
         if len(back) == 1:
-            said.append(f"chargeback {back[0][0]} of {total}")
+            said.append(f"chargeback {back[0][0]} of {total}" if by_reference else f"a chargeback of {total}")
         elif len(back) == 2 and latest:
             said.append(f"chargebacks {back[0][0]}, {back[1][0]} of {total} in all")
         elif back:
             said.append(f"{len(back)} chargebacks of {total} in all"
                         + (f", the latest {back[-1][0]}" if latest else ""))
-        if len(went) == 1 or (len(went) == 2 and latest):
+        if len(went) == 1 and not by_reference:
+            said.append("a refund completed")
+        elif len(went) == 1 or (len(went) == 2 and latest):
             said.append(f"refund{'s' if len(went) == 2 else ''} {', '.join(went)} completed")
         elif went:
             said.append(f"{len(went)} refunds completed" + (f", the latest {went[-1]}" if latest else ""))
-        at_provider = (f"refund {', '.join(pending)} completes" if len(pending) <= 1 or (len(pending) == 2 and latest)
+        at_provider = ("the refund at the provider completes" if len(pending) == 1 and not by_reference else
+                       f"refund {', '.join(pending)} completes" if len(pending) <= 1 or (len(pending) == 2 and latest)
                        else f"the {len(pending)} refunds at the provider" + (
                            f", the latest {pending[-1]}," if latest else "") + " complete")
         return " and ".join(said) + ": " + (
@@ -915,8 +918,12 @@ async def _flag_text(session: AsyncSession, payment: Payment, chargebacks: list[
                   f"{Money(over, payment.currency)} more than collected goes back ") + f"if {at_provider}"
         ) + ": recover it from the member"
 
-    text = named(True)
-    return text if len(text) <= detail_tail() else named(False)
+    # Counted, the single ones still named, then none named: one chargeback, one refund completed and one at the
+    # provider, each named, with part of it gone back, said 202 characters in RWF (211 in KES), and fit_detail, past
+    # the column's 300, cut the flag's start ("… eback RFD_… of 40,000 RWF"); the next flag then found nothing whole
+    # to replace and the cut one's end stayed before it.
+    return next((text for text in (named(True), named(False)) if len(text) <= detail_tail()),
+                named(False, by_reference=False))
 
 
 async def _open_flag(session: AsyncSession, payment: Payment) -> Any:
@@ -982,9 +989,14 @@ def _other_flags(detail: str, written: str, flag: str) -> str | None:
         return None
     # What goes with the flag: the "; " before it, or, first, the one after it.
     cut_from, cut_to = (start - 2, end) if start >= 2 else (start, end + 2)
-    if detail == written or detail.startswith(written + "; "):
-        return (detail[:cut_from] + detail[cut_to:]).removeprefix("; ") or ""
     head, tail = detail_head(), detail_tail()
+    if detail == written or detail.startswith(written + "; "):
+        if len(written) == head + 3 + tail and written[head:head + 3] == " … " and cut_from <= head + 3:
+            # `written` was cut and the flag (195 to 197 characters) began right after its " … ": the "; " before
+            # it, or the " … " itself, was taken with it ("<start>  ; <next flag>", or the start's cut end read as
+            # whole). The " … " stays: what was between is cut.
+            return f"{written[:head]} … {detail[cut_to:].removeprefix('; ')}".strip()
+        return (detail[:cut_from] + detail[cut_to:]).removeprefix("; ") or ""
     shown = min(head, end)
     if len(detail) != head + 3 + tail or detail[head:head + 3] != " … " or detail[:shown] != written[:shown]:
         return None

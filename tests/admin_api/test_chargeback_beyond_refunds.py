@@ -508,3 +508,37 @@ async def test_a_failed_refund_going_through_replaces_the_open_chargeback_flag_w
     latest = max(await _audit(rt, "refund.returned_beyond_collected"), key=lambda e: e.at)
     assert (latest.entity_id, latest.after["updated"], latest.after["chargebacks"]) == (
         second["id"], first["id"], [first["id"], second["id"]])
+
+
+async def test_a_flag_naming_a_chargeback_a_refund_and_one_at_the_provider_is_kept_whole(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """One chargeback, one refund that went through after failing and one at the provider, each named, with part of
+    the money gone back: the flag said 200 characters, more than the column's end keeps (197), and past the 300
+    fit_detail cut its start ("… back RFD_… of 30,000 RWF and refund …"); the next chargeback found nothing whole to
+    replace and the cut one's end stayed before the new one. Now none is named when the counted form is too long: the
+    flag is whole, and replaced whole."""
+    paid = await _collected(admin, rt, demo)
+    done = await _at_the_provider(admin, rt, paid, amount=5_000)
+    assert await _mtn_says_sent(rt, done["id"]) == "completed"
+    assert await _mtn_says_sent(rt, done["id"], ProviderOutcome.FAILED) == "flagged_failed_after_completion"
+    contradicted = f"refund {done['reference']} reported failed after it was completed: reversal declined"
+    failed = await _at_the_provider(admin, rt, paid, amount=20_000)
+    await admin.json("POST", f"/v1/refunds/{failed['id']}/outcome", 200, json={"status": "FAILED", "note": "failed"})
+    sent = await _at_the_provider(admin, rt, paid, amount=20_000)
+    first = await _chargeback(admin, paid, 30_000, "MTN-REV-41")
+    await admin.json("POST", f"/v1/refunds/{failed['id']}/outcome", 200, json={
+        "status": "COMPLETED", "note": "on the statement after all", "providerTransactionId": "MTN-RF-41"})
+    again = f"refund {failed['reference']} reported sent back after it had failed"
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    opened = ("a chargeback of 30,000 RWF and a refund completed: 5,000 RWF more than collected has gone back, "
+              "25,000 RWF if the refund at the provider completes: recover it from the member")
+    assert payment["mismatchDetail"] == fit_detail(f"{contradicted}; {again}; {opened}")
+    assert payment["mismatchDetail"].endswith(f"; {opened}") and len(payment["mismatchDetail"]) == 300
+    second = await _chargeback(admin, paid, 5_000, "MTN-REV-42")
+    payment = await admin.json("GET", f"/v1/payments/{paid['id']}", 200)
+    flag = (f"2 chargebacks of 35,000 RWF in all and refund {failed['reference']} completed: 10,000 RWF more than "
+            f"collected has gone back, 30,000 RWF if refund {sent['reference']} completes: recover it from the member")
+    assert payment["mismatchDetail"] == fit_detail(f"{contradicted}; {again}; {flag}")
+    assert payment["mismatchDetail"].endswith(f"; {flag}") and payment["mismatchDetail"].count("collected") == 1
+    latest = max(await _audit(rt, "refund.returned_beyond_collected"), key=lambda e: e.at)
+    assert (latest.entity_id, latest.after["chargebacks"]) == (second["id"], [first["id"], second["id"]])
