@@ -54,8 +54,11 @@ COMPLETION_ACTIONS = (f"{PAYMENT.name}.{PaymentStatus.COMPLETED.value.lower()}",
 # How long before its completion's audit row a payment's updated_at may have been stamped. The move (or a success
 # after a failure) stamps the row's updated_at and then its audit row's at, in one transaction: microseconds apart,
 # at most a lock wait or a statement timeout's seconds on the way (changed_at also rounds down to the millisecond);
-# updated_at never goes back after. So a completion recorded at or after a period's end is on a payment updated no
-# earlier than this before it (_payments_recorded_later); a day is far more than any transaction lasts.
+# updated_at never goes back after (a later change's changed_at is past it; a plain utcnow() stamp, a refund's, from
+# another host may be behind it by the hosts' clock alignment, under a second: core.db.align_clock). So a completion
+# recorded at or after a period's end is on a payment updated no earlier than this before it
+# (_payments_recorded_later); a day is far more than any transaction lasts. Every way of recording money taken
+# stamps it (test_every_way_of_recording_money_later_names_a_payment_untouched_for_weeks).
 RECORDED_SLACK = timedelta(days=1)
 
 

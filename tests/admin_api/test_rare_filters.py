@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import event, select, text, update
@@ -162,3 +163,50 @@ async def test_a_bank_methods_list_reads_its_partial_index(
         assert "ix_payments_bank_method" in count, count
         if caller is admin:
             assert "ix_payments_bank_method" in page, page
+
+
+# --- pages, counts and what the filters refuse --------------------------------------------------------------------
+
+async def test_an_entity_ids_pages_and_count_agree_for_each_caller(
+        admin: Caller, superadmin: Caller, rt: Any, demo: dict[str, Any], coop_b: dict[str, Any]) -> None:
+    """An id under three types and two cooperatives, paged one row at a time: the pages hold the rows of the whole
+    list once each, in its order, and every page's total is the same, for a super admin and a cooperative's admin
+    (who reads her cooperative's rows alone). With `entityType=` empty the id is still looked up under every type."""
+    pid = (await make_payment(admin, demo["payment_types"]["Monthly Rent"]))["id"]
+    async with rt.sessionmaker.begin() as s:
+        s.add_all([AuditEvent(cooperative_id=coop, actor="system", channel="system", action=f"{kind}.noted",
+                              entity_type=kind, entity_id=pid, at=utcnow())
+                   for coop in (demo["cooperative_id"], coop_b["cooperative_id"]) for kind in ("member", "zz_last")])
+    for caller, count in ((superadmin, 5), (admin, 3)):  # the payment's creation, and two types per cooperative
+        whole = await _ids(caller, f"/v1/audit-events?entityId={pid}&limit=100")
+        assert whole[1] == count == len(whole[0]), whole
+        pages = [await _ids(caller, f"/v1/audit-events?entityId={pid}&limit=1&page={n}") for n in range(1, count + 2)]
+        assert [i for ids, _ in pages for i in ids] == whole[0]
+        assert {total for _, total in pages} == {count}
+        assert await _ids(caller, f"/v1/audit-events?entityId={pid}&entityType=&limit=100") == whole
+
+
+async def test_a_payment_method_outside_the_list_is_refused_and_a_sync_reads_a_bank_methods_rows(
+        admin: Caller, rt: Any, demo: dict[str, Any]) -> None:
+    """The method goes into the SQL as a literal: only one of METHODS gets there (400 for anything else, a quote
+    included, with nothing listed). A sync by method (updatedFrom, then its cursor) lists that method's payments
+    alone, each once, and pages through them as the plain list counts them."""
+    for bad in ("BANK_BK'--", "bank_bk", "BANK_BK' OR '1'='1", ""):
+        refused = await admin.req("GET", "/v1/payments", params={"paymentMethod": bad})
+        assert refused.status == 400, (bad, refused.status, await refused.text())
+    rent = demo["payment_types"]["Monthly Rent"]
+    made = [(await make_payment(admin, rent))["id"] for _ in range(4)]
+    async with rt.sessionmaker.begin() as s:
+        for n, pid in enumerate(made):
+            await s.execute(update(Payment).where(Payment.id == pid).values(
+                method="BANK_IM" if n != 1 else "MOBILE_MONEY_MTN", updated_at=utcnow() - timedelta(minutes=10 - n)))
+    banks = [pid for n, pid in enumerate(made) if n != 1]
+    assert await _ids(admin, "/v1/payments?paymentMethod=BANK_IM&limit=100") == (banks[::-1], 3)
+    seen, path = [], "/v1/payments?paymentMethod=BANK_IM&updatedFrom=2000-01-01T00:00:00Z&limit=2"
+    while True:
+        page = await admin.json("GET", path, 200)
+        if not page["data"]:
+            break
+        seen += [row["id"] for row in page["data"]]
+        path = f"/v1/payments?paymentMethod=BANK_IM&after={page['nextCursor']}&limit=2"
+    assert seen == banks

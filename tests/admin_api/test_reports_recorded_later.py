@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import event, text, update
+from sqlalchemy import event, select, text, update
 
 from core.audit import Actor
 from core.db import utcnow
@@ -322,3 +322,48 @@ async def test_recorded_by_is_who_recorded_the_money_first(admin: Any, rt: Any, 
     report = await _report(admin, start, end)
     assert [(p["id"], p["status"], p["recordedAt"], p["recordedBy"]) for p in report["paymentsRecordedLater"]] == [
         (failed["id"], "FAILED", _z(end + timedelta(hours=1)), "provider:mtn_momo")]
+
+
+async def test_every_way_of_recording_money_later_names_a_payment_untouched_for_weeks(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """The list reads only the payments updated since a day before the end (reports.RECORDED_SLACK), on the premise
+    that whatever records a completion stamps its payment's updated_at then. Each way money is recorded taken, on a
+    payment last changed three weeks before the end (given up on, cancelled, failed), its money dated in the month:
+    an admin's statement line (POST /v1/payments/{id}/outcome) for a TIMEOUT and a CANCELLED payment, the provider's
+    late answer (a callback, a poll or a cancelled payment's watch: apply_collection_outcome) for both, money taken
+    after a failure, and a lost payment recorded from the statement (POST /v1/payments/recorded). Each is named."""
+    from tests.admin_api.test_recorded_payments import _line
+
+    start, end = _last_month()
+    asked, paid = end - timedelta(days=21), end - timedelta(days=21) + timedelta(minutes=2)
+    made = {}
+    for way, status in (("outcome_timeout", "TIMEOUT"), ("outcome_cancelled", "CANCELLED"),
+                        ("late_timeout", "TIMEOUT"), ("late_cancelled", "CANCELLED"), ("after_failure", "FAILED")):
+        p = await make_payment(admin, demo["payment_types"]["Water"], amount=5000)
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(update(Payment).where(Payment.id == p["id"]).values(
+                status=status, created_at=asked, expires_at=asked + timedelta(minutes=1), updated_at=asked,
+                failure_reason="declined" if status == "FAILED" else None))
+        made[way] = p["id"]
+    assert (await _report(admin, start, end))["paymentsRecordedLater"] == []
+
+    for way in ("outcome_timeout", "outcome_cancelled"):
+        await admin.json("POST", f"/v1/payments/{made[way]}/outcome", 200, json={
+            "status": "COMPLETED", "providerTransactionId": f"MTN-{way}", "note": "on MTN statement",
+            "completedAt": paid.isoformat()})
+    for way in ("late_timeout", "late_cancelled"):
+        assert await _provider_says(rt, made[way], ProviderOutcome.SUCCEEDED, provider="mtn_momo",
+                                    when=paid) == "late_completed"
+    assert await _provider_says(rt, made["after_failure"], ProviderOutcome.SUCCEEDED, provider="mtn_momo",
+                                when=paid, amount=5000) == "flagged_success_after_failure"
+    made["recorded"] = (await admin.json("POST", "/v1/payments/recorded", 201, json=_line(
+        demo, completedAt=_z(paid), providerTransactionId="MTN-STMT-LOST")))["id"]
+
+    async with rt.sessionmaker() as s:
+        stamped = dict((await s.execute(select(Payment.id, Payment.updated_at)
+                                        .where(Payment.id.in_(list(made.values()))))).all())
+    assert all(at >= end for at in stamped.values()), stamped
+    report = await _report(admin, start, end)
+    assert sorted(p["id"] for p in report["paymentsRecordedLater"]) == sorted(made.values())
+    assert report["paymentsRecordedLaterCount"] == len(made)
+    assert all(p["recordedAt"] >= _z(end) and p["completedAt"] == _z(paid) for p in report["paymentsRecordedLater"])
