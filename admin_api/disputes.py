@@ -28,7 +28,7 @@ from admin_api.refunds import RETURNED, TO_PAYING_NUMBER, returned_from
 from admin_api.routing import Ctx, Route, refusal
 from admin_api.validation import ID_KEYWORD, LIMIT, PAGE, Param, check_path_id, period_params
 from core.disputes import STAFF_LABEL, move_dispute, open_dispute, present_note
-from core.errors import NotFound, ValidationError
+from core.errors import DomainError, NotFound, ValidationError
 from core.models import Dispute, Payment, Refund
 from core.money import Money
 from core.state.dispute import DisputeReason, DisputeStatus
@@ -202,19 +202,27 @@ async def transition_dispute(request: web.Request, ctx: Ctx) -> web.StreamRespon
         refund_amount = Money.from_api(body["refundAmount"], payment.currency, "refundAmount")
         if not refund_amount.is_positive():  # (400 as for a refund's own amount: core.refunds.request_refund)
             raise ValidationError("refundAmount must be a positive number", field="refundAmount")
-    updated = await move_dispute(
-        ctx.session,
-        ctx.rt,
-        dispute_id=dispute.id,
-        cooperative_id=dispute.cooperative_id,
-        target=body["status"],
-        actor=ctx.who.actor,
-        note=body.get("note"),
-        evidence=body.get("evidence"),
-        refund_amount=refund_amount,
-        returned=await returned_from(ctx, body, dispute.cooperative_id),
-        to_paying_number=bool(body.get("toPayingNumber")),
-    )
+    try:
+        updated = await move_dispute(
+            ctx.session,
+            ctx.rt,
+            dispute_id=dispute.id,
+            cooperative_id=dispute.cooperative_id,
+            target=body["status"],
+            actor=ctx.who.actor,
+            note=body.get("note"),
+            evidence=body.get("evidence"),
+            refund_amount=refund_amount,
+            returned=await returned_from(ctx, body, dispute.cooperative_id),
+            to_paying_number=bool(body.get("toPayingNumber")),
+        )
+    except DomainError as exc:
+        # The resolution's refund is refused as POST /v1/payments/{id}/refunds refuses one, about its `amount`:
+        # here the request names that amount `refundAmount` (the 422 "exceeds the refundable" had no `field`).
+        if exc.field == "amount":
+            exc.field = "refundAmount"
+        raise
+
     await ctx.session.commit()
     return json_response(presenter(ctx)(updated))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, tzinfo
 from decimal import Decimal, InvalidOperation
@@ -189,15 +190,17 @@ def _fast_valid(instance: Any, schema: Mapping[str, Any]) -> bool:
     return True
 
 
-def _bad_text(value: Any, where: str) -> list[str]:
-    """NUL, other control characters and lone surrogates: no database column or SMS can hold them."""
+def _bad_text(value: Any, where: str) -> list[tuple[str, str | None]]:
+    """NUL, other control characters and lone surrogates: no database column or SMS can hold them. Each message
+    with the body's field it is about (None: the body's own, a field name that cannot be repeated back)."""
     if isinstance(value, str):
-        return [f"{where} contains characters that are not allowed"] if NOT_ALLOWED.search(value) else []
+        return [(f"{where} contains characters that are not allowed", _top(where))] \
+            if NOT_ALLOWED.search(value) else []
     if isinstance(value, dict):
-        found = []
+        found: list[tuple[str, str | None]] = []
         for key, item in value.items():
             if isinstance(key, str) and NOT_ALLOWED.search(key):
-                found.append("body has a field name with characters that are not allowed")
+                found.append(("body has a field name with characters that are not allowed", None))
                 continue
             found += _bad_text(item, key if where == "body" else f"{where}.{key}")
         return found
@@ -206,19 +209,50 @@ def _bad_text(value: Any, where: str) -> list[str]:
     return []
 
 
+def _top(where: str) -> str | None:
+    """The body's field a path names ("returnedByProvider.completedAt": returnedByProvider; "body": none)."""
+    return None if where == "body" else where.split(".", 1)[0]
+
+
+def _fields_of(error: SchemaError) -> set[str | None]:
+    """The body's fields a schema error is about, as _describe words it: a missing field, each field not allowed,
+    or the field its path starts with; None for the body itself (not an object, no field at all)."""
+    if error.absolute_path:
+        return {str(error.absolute_path[0])}
+    instance = error.instance
+    if error.validator == "required" and isinstance(instance, dict):
+        return {name for name in error.validator_value if name not in instance}
+    if error.validator == "additionalProperties" and isinstance(instance, dict):
+        allowed = set(error.schema.get("properties", {}))
+        return {k if not NOT_ALLOWED.search(k) else None for k in instance if k not in allowed}
+    return {None}
+
+
+def _one_field(about: AbstractSet[str | None]) -> str | None:
+    """The field a refusal names in `field`: the one every message is about (none when they are about several, or
+    one about none: README "API errors"). The error answer keeps it only when the route takes such a field."""
+    return next(iter(about)) if len(about) == 1 else None
+
+
 def validate(instance: Any, schema: Mapping[str, Any]) -> None:
-    """Raise a ValidationError whose message list names every bad field, not just the first."""
-    messages: list[str] = _bad_text(instance, "body")
+    """Raise a ValidationError whose message list names every bad field, not just the first; `field` when they
+    are all about one (`"dueDate": ""`, a missing idempotencyKey), as a refusal by the handler names it."""
+    bad = _bad_text(instance, "body")
+    messages = [text for text, _ in bad]
+    about = {field for _, field in bad}
     if messages or not _fast_valid(instance, schema):
         for error in sorted(validator_for(schema).iter_errors(instance), key=lambda e: list(e.absolute_path)):
-            for text in _describe(error):
-                if text not in messages:
-                    messages.append(text)
+            texts = [text for text in _describe(error) if text not in messages]
+            if texts:
+                messages += texts
+                about |= _fields_of(error)
     if messages:
-        raise ValidationError(messages[0], errors=messages)
-    messages = normalised(instance, schema, "body")
-    if messages:
-        raise ValidationError(messages[0], errors=messages)
+        raise ValidationError(messages[0], errors=messages, field=_one_field(about))
+    found = normalised(instance, schema, "body")
+    if found:
+        # Each is "<path> must be an integer", its path starting with the body's field.
+        field = _one_field({_top(text.split(" ", 1)[0]) for text in found})
+        raise ValidationError(found[0], errors=found, field=field)
 
 
 def _whole(schema: Mapping[str, Any]) -> bool:
@@ -395,37 +429,43 @@ def statement_time(text: str | None, zone: tzinfo, field: str = "completedAt") -
 def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[str, Any]:
     """Typed values for every declared parameter; unknown or bad parameters are all reported."""
     errors: list[str] = []
+    about: set[str] = set()  # the parameters refused: `field` when it is one (as validate's)
+
+    def refuse(name: str, text: str) -> None:
+        errors.append(text)
+        about.add(name)
+
     values: dict[str, Any] = {name: p.default for name, p in params.items()}
     for name in dict.fromkeys(query):
         if name not in params:
-            errors.append(f"query parameter {name} is not allowed")
+            refuse(name, f"query parameter {name} is not allowed")
         elif len(getattr(query, "getall", lambda _: [None])(name)) > 1:
             # Read as its first value, `status=PENDING&status=PROCESSING` answered half of what was asked.
-            errors.append(f"query parameter {name} is given more than once")
+            refuse(name, f"query parameter {name} is given more than once")
     for name, param in params.items():
         raw = query.get(name)
         if raw is None:
             if param.required:
-                errors.append(f"query parameter {name} is required")
+                refuse(name, f"query parameter {name} is required")
             continue
         raw = raw.strip()
         if NOT_ALLOWED.search(raw):
-            errors.append(f"{name} contains characters that are not allowed")
+            refuse(name, f"{name} contains characters that are not allowed")
             continue
         if len(raw) > param.max_length:
-            errors.append(f"{name} is too long")
+            refuse(name, f"{name} is too long")
             continue
         if param.nonempty and not raw:
-            errors.append(f"{name} must not be empty")
+            refuse(name, f"{name} must not be empty")
             continue
         try:
             if param.type == "integer":
                 number = int(raw)
                 if param.minimum is not None and number < param.minimum:
-                    errors.append(f"{name} must not be less than {param.minimum}")
+                    refuse(name, f"{name} must not be less than {param.minimum}")
                     continue
                 if param.maximum is not None and number > param.maximum:
-                    errors.append(f"{name} must not be greater than {param.maximum}")
+                    refuse(name, f"{name} must not be greater than {param.maximum}")
                     continue
                 values[name] = number
             elif param.type == "boolean":
@@ -436,7 +476,7 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
                 try:
                     values[name] = parse_datetime(raw)
                 except DateOutOfRange:
-                    errors.append(f"{name} must be a date-time {DateOutOfRange.RANGE}")
+                    refuse(name, f"{name} must be a date-time {DateOutOfRange.RANGE}")
                     continue
             elif param.type == "date":
                 if not _DATE.fullmatch(raw):
@@ -448,7 +488,7 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
                 values[name] = raw.lower()
             else:
                 if param.enum and raw not in param.enum:
-                    errors.append(f"{name} must be one of: {', '.join(param.enum)}")
+                    refuse(name, f"{name} must be one of: {', '.join(param.enum)}")
                     continue
                 values[name] = raw
         except ValueError:
@@ -459,9 +499,9 @@ def parse_query(query: Mapping[str, str], params: Mapping[str, Param]) -> dict[s
                 "date": "a date (YYYY-MM-DD)",
                 "uuid": "a UUID",
             }.get(param.type, "valid")
-            errors.append(f"{name} must be {kind}")
+            refuse(name, f"{name} must be {kind}")
     if errors:
-        raise ValidationError(errors[0], errors=errors)
+        raise ValidationError(errors[0], errors=errors, field=_one_field(about))
     return values
 
 

@@ -612,9 +612,16 @@ async def _check_approved(session: AsyncSession, cooperative_id: str, host: str)
             )
         )
     ).scalar_one_or_none()
+    # What is left to do, said for each: a pending domain was told "request it", which its admin had done (asking
+    # again answers the same PENDING request): what it waits for is a super admin's approval.
+    if approved == "PENDING":
+        raise Forbidden(f"domain {host} is pending approval: it was requested; have a super admin approve it "
+                        "(POST /v1/webhook-domains/{id}/approve) first")
+    if approved == "REJECTED":
+        raise Forbidden(f"domain {host} was rejected: request it again (POST /v1/webhook-domains) and have a super "
+                        "admin approve it first")
     if approved != "APPROVED":
-        state = "pending approval" if approved == "PENDING" else "not approved"
-        raise Forbidden(f"domain {host} is {state}: request it and have a super admin approve it first")
+        raise Forbidden(f"domain {host} is not approved: request it and have a super admin approve it first")
 
 
 async def update_endpoint(
