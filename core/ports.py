@@ -169,9 +169,12 @@ AWAITING_CONFIGURATION_NOTE = "; waits for the provider's configuration to be fi
 
 # ProviderError.code of a request that never left this process (retryable): the token it needed was not obtained
 # (core.jobs.ready_to_send; or, fetched again inside the call, it failed or came after the call's deadline:
-# core.jobs._until_it_leaves), or the request could not be made (providers.calls.not_sent: a credential a header cannot
-# carry, a body that is not JSON, an adapter's exception before its request left). Nothing was processed
-# (core.outbox.NOTHING_PROCESSED): a try that failed so, after its stamp, is still one never sent.
+# core.jobs._until_it_leaves), the call's deadline had passed before it started (_until_it_leaves), another request
+# it needs first failed retryably (a token's, an IremboPay invoice's: _until_it_leaves), or the request could not be
+# made (providers.calls.not_sent: a credential a header cannot carry, a header with a control character refused by
+# core.http.GatewayClient.build_request, a body that is not JSON, an adapter's exception before its request left).
+# Nothing was processed (core.outbox.NOTHING_PROCESSED): a try that failed so, after its stamp, is still one never
+# sent.
 NOT_SENT = "NOT_SENT"
 
 

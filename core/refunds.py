@@ -1019,10 +1019,11 @@ def _cut(detail: str, pattern: str) -> str:
 
 
 async def _over_return_failed(session: AsyncSession, refund: Refund, *, actor: Actor) -> None:
-    """`refund` (just FAILED) was one a chargeback's flag counted as at the provider (_returned_beyond_collected): the
-    flag said what to recover from the member if it completed, and it did not. Said on the payment, with what goes
-    back beyond what was collected now, so that nobody recovers money the member never got. One probe of the
-    payment's chargebacks' audit rows when it has any (_over_return_flagged); the payment is locked only then."""
+    """`refund` (just FAILED) was one a flag beyond collected counted as at the provider (_beyond_collected: a
+    chargeback's, or a refund's that went through beyond it): the flag said what to recover from the member if it
+    completed, and it did not. Said on the payment, with what goes back beyond what was collected now, so that nobody
+    recovers money the member never got. One probe of the payment's audit rows of such flags (_over_return_flagged);
+    the payment is locked only when one counted it."""
     if not await _over_return_flagged(session, refund, None):
         return
     payment = await lock_row(session, Payment, refund.payment_id)
@@ -1038,9 +1039,10 @@ async def _over_return_failed(session: AsyncSession, refund: Refund, *, actor: A
 
 
 async def _over_return_flagged(session: AsyncSession, refund: Refund, payment: Payment | None) -> bool:
-    """Whether `refund`, completing beyond what was collected, was one a chargeback's flag already counted as at the
-    provider (_returned_beyond_collected) while the payment (when given) is still flagged: the same money, flagged
-    once. One probe of the payment's chargebacks' audit rows; rare (the member paid back more than collected)."""
+    """Whether `refund`, completing beyond what was collected, was one a flag beyond collected already counted as at
+    the provider (_beyond_collected: RETURNED_BEYOND_COLLECTED on a chargeback, PAYMENT_BEYOND_COLLECTED on the
+    payment) while the payment (when given) is still flagged: the same money, flagged once. One probe of those audit
+    rows; rare (the member paid back more than collected)."""
     if payment is not None and not payment.mismatch:
         return False  # the flag was dealt with (reviewed) since: the money now gone is said again
     chargebacks = select(Refund.id).where(Refund.payment_id == refund.payment_id,
@@ -1246,7 +1248,7 @@ async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, c
                            text=f"refund {refund.reference} withdrawn before it was sent: {note}; the member has "
                                 "not been paid back by it",
                            audit={"refundId": refund.id})
-    await _over_return_failed(session, refund, actor=actor)  # (one a chargeback's flag counted: parked, unsent)
+    await _over_return_failed(session, refund, actor=actor)  # (one a flag beyond collected counted: parked, unsent)
     await session.flush()
     await session.refresh(refund)
     return refund

@@ -60,7 +60,10 @@ ACCOUNT_RETRY_SECONDS = 1800.0
 IN_DOUBT_STATUSES = frozenset({504})
 
 # Raised before the request was all written: AT cannot have read a whole message, so sending it again
-# cannot double it. (A write cut off mid-body leaves AT an incomplete request, which it does not act on.)
+# cannot double it. (A write cut off mid-body leaves AT an incomplete request, which it does not act on.) A payment's
+# or refund's request stays in doubt after one (providers.calls.send), the stricter rule for money. The gateway's
+# own transport (core.http) raises no Write* nor LocalProtocolError: a write that fails comes out of it as a
+# ReadError or ReadTimeout, and the SMS is recorded unconfirmed, not resent.
 _NOT_SENT = (
     httpx.ConnectError,
     httpx.ConnectTimeout,
