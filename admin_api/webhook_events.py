@@ -14,6 +14,7 @@ from typing import Any
 from admin_api.disputes import DISPUTE
 from admin_api.payments import PAYMENT
 from admin_api.refunds import REFUND
+from core.provider_events import FLAG_KINDS, FLAGGED
 from core.webhooks import (
     ATTEMPT_HEADER,
     DELIVERY_TIMEOUT,
@@ -86,10 +87,30 @@ PAYMENT_REPORTED_DATA = {
     "properties": {**PAYMENT_DATA["properties"], "reportedPayment": {"$ref": "#/components/schemas/ReportedPayment"}},
     "required": [*PAYMENT_DATA["required"], "reportedPayment"],
 }
+PAYMENT_FLAG = {
+    "type": "object",
+    "description": "the flag just added to the payment (mismatch), for a person to check and then clear with POST "
+                   "/v1/payments/{id}/review",
+    "properties": {
+        "kind": {"type": "string", "enum": list(FLAG_KINDS),
+                 "description": "what was found: " + "; ".join(f"{k}: {v}" for k, v in FLAG_KINDS.items())},
+        "detail": {"type": "string", "description": "what the flag says, as mismatchDetail ends with it (that one "
+                                                    "also keeps the flags not yet reviewed before it)"},
+    },
+    "required": ["kind", "detail"],
+    "additionalProperties": False,
+}
+PAYMENT_FLAGGED_DATA = {
+    **PAYMENT_DATA,
+    "description": PAYMENT_DATA["description"] + "; flag is the flag just added",
+    "properties": {**PAYMENT_DATA["properties"], "flag": {"$ref": "#/components/schemas/PaymentFlag"}},
+    "required": [*PAYMENT_DATA["required"], "flag"],
+}
 # The data of each kind of subject (an event type's first word: SUBJECT_TYPES).
 _SUBJECT_DATA = {"payment": "PaymentEventData", "refund": "RefundEventData", "dispute": "DisputeEventData"}
 SCHEMAS = {"PaymentEventData": PAYMENT_DATA, "PaymentReportedEventData": PAYMENT_REPORTED_DATA,
-           "RefundEventData": REFUND_DATA, "DisputeEventData": DISPUTE_DATA, "ReportedPayment": REPORTED_PAYMENT}
+           "RefundEventData": REFUND_DATA, "DisputeEventData": DISPUTE_DATA, "ReportedPayment": REPORTED_PAYMENT,
+           "PaymentFlaggedEventData": PAYMENT_FLAGGED_DATA, "PaymentFlag": PAYMENT_FLAG}
 
 _SAYS = {
     "payment.completed": "The payment's money was taken (COMPLETED; late: true when it was given up first, TIMEOUT "
@@ -108,6 +129,11 @@ _SAYS = {
                                 "unchanged, nothing collected, flagged; reportedPayment is the transaction id and "
                                 "amount (record the statement line with POST /v1/payments/recorded). Once per "
                                 "transaction id.",
+    "payment.flagged": "The payment was flagged (mismatch) for a person: flag says why. Sent for each flag with no "
+                       "event of its own (those, payment.taken_after_failure, payment.paid_twice, "
+                       "payment.unconfirmed_success and payment.taken_after_void, are sent instead, to this event's "
+                       "endpoints too); the status is unchanged unless payment.completed, failed or timeout tells "
+                       "the same change. Once per flag.",
     "refund.completed": "The refund's money went back to the payer (COMPLETED).",
     "refund.failed": "The refund failed (FAILED); told again as refund.completed if the provider later reports the "
                      "money sent back.",
@@ -152,7 +178,8 @@ def event_schema(event_type: str) -> dict[str, Any]:
     subject = event_type.partition(".")[0]
     if subject not in SUBJECT_TYPES:
         raise ValueError(f"{event_type}: no subject of {SUBJECT_TYPES}")
-    name = "PaymentReportedEventData" if event_type in MAY_FOLLOW else _SUBJECT_DATA[subject]
+    name = ("PaymentReportedEventData" if event_type in MAY_FOLLOW else
+            "PaymentFlaggedEventData" if event_type == FLAGGED else _SUBJECT_DATA[subject])
     return {
         "type": "object",
         "properties": {

@@ -19,8 +19,8 @@ from core.db import iso_ms, iso_z, row_insert, table_of, utcnow
 from core.errors import INVALID_STATE, Conflict
 from core.models import Payment, ProviderEvent
 from core.money import Money
-from core.notify import changed_at, emit_event, notice_jobs
-from core.outbox import NewJob, enqueue_many
+from core.notify import changed_at, emit_event, event_job, notice_jobs
+from core.outbox import NewJob, enqueue_job, enqueue_many
 from core.payment_statements import stored_and_locked
 from core.payments import (
     _by_transaction,
@@ -216,6 +216,8 @@ async def _apply_outcome(
                         payment.collected_minor = 0
                     payment.mismatch = True
                     payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
+                    payment.updated_at = changed_at(payment.updated_at)
+                    await emit_flagged(session, payment, "transaction_id_held_twice", said)
             elif (provider_transaction_id and stored is not None and provider_transaction_id != stored
                   and provider_transaction_id != provisional_transaction_id):
                 await _flag_other_transaction_id(session, payment, provider_transaction_id, actor=actor)
@@ -279,6 +281,9 @@ async def _apply_outcome(
                     if not taken_after_failure(payment):
                         notices = [job for job in notices if job.kind != "sms.send"]
                     await enqueue_many(session, notices)
+                else:
+                    # No payment.taken_after_failure (nothing held): the flag is told on its own.
+                    await emit_flagged(session, payment, "success_after_failure", said)
             # Written after the fields it reports: from the audit log alone an auditor rebuilds what this FAILED
             # payment holds and in which period it counts (a repeat report's row shows them unchanged).
             await record(session, actor=actor, action="payment.success_after_failure", entity_type="payment",
@@ -308,9 +313,10 @@ async def _apply_outcome(
         if payment.mismatch_detail == UNCONFIRMED_FLAG:
             values.update(mismatch=False, mismatch_detail=None)  # the outcome is known now (late says the rest)
         expected = Money(payment.amount_minor, payment.currency)
+        flags: dict[str, str] = {}  # kind -> what each flag written with the completion says (payment.flagged)
         if amount is not None and amount != expected:
             values["mismatch"] = True
-            values["mismatch_detail"] = f"provider reported {amount}, expected {expected}"
+            values["mismatch_detail"] = flags["amount_mismatch"] = f"provider reported {amount}, expected {expected}"
             # Another currency, or a negative amount (a reversal's sign, the provider's bug): nothing we can count or
             # refund automatically (a negative one would be subtracted from what other payments collected); a person
             # must look.
@@ -332,12 +338,16 @@ async def _apply_outcome(
                                           collected=values.get("collected_minor", payment.collected_minor))
             earlier = values.get("mismatch_detail", payment.mismatch_detail if payment.mismatch else None)
             values.update(mismatch=True, mismatch_detail=add_flag(earlier, said))
+            flags["transaction_id_held_twice"] = said
         result = "late_completed" if values.get("late") else "completed"
         # The receipt, the webhook event and the stored callback's outcome are written with the move.
         # Late (after a cancel or a timeout), the payer was told it failed and to pay again: her receipt says the
         # money was taken after all, so that she does not.
-        notices = _notices(rt, _Moved(payment, {"status": P.COMPLETED.value, **values}),
-                           "payment_late_receipt" if values.get("late") else "payment_receipt", "payment.completed")
+        moved = _Moved(payment, {"status": P.COMPLETED.value, **values})
+        notices = _notices(rt, moved, "payment_late_receipt" if values.get("late") else "payment_receipt",
+                           "payment.completed")
+        # Each flag told too, in the move's statement (none on an unflagged completion).
+        notices += [flagged_job(moved, kind, said) for kind, said in flags.items()]
         if counted_there:
             # Her money is the other payment's (its receipt is hers): no second receipt for one payment. The
             # cooperative's system is told (payment.completed, flagged, collected 0).
@@ -356,9 +366,12 @@ async def _apply_outcome(
     if reason == UNCONFIRMED:
         template = "payment_unconfirmed"
         values.update(mismatch=True, mismatch_detail=UNCONFIRMED_FLAG)
+    moved = _Moved(payment, {"status": target.value, **values})
+    jobs = _notices(rt, moved, template, event_type)
+    if reason == UNCONFIRMED:
+        jobs.append(flagged_job(moved, "unconfirmed", UNCONFIRMED_FLAG))
     await transition(session, PAYMENT, payment.id, current, target, actor=actor, values=values, audit=audit,
-                     jobs=_notices(rt, _Moved(payment, {"status": target.value, **values}), template, event_type),
-                     alongside=settle.write(result) if settle else None)
+                     jobs=jobs, alongside=settle.write(result) if settle else None)
     if settle is not None:
         settle.moved()
     metrics.PAYMENTS.labels(status=target.value, method=payment.method).inc()
@@ -386,6 +399,7 @@ async def _flag_other_transaction_id(session: AsyncSession, payment: Payment, re
     payment.mismatch = True
     payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
     payment.updated_at = changed_at(payment.updated_at)
+    await emit_flagged(session, payment, "transaction_id_differs", said)
     log.error("provider reported a collected payment's money under another transaction id than it holds",
               extra={"payment_id": payment.id, "provider": payment.provider})
 
@@ -601,6 +615,42 @@ async def _emit_reported(session: AsyncSession, payment: Payment, event_type: st
     await emit_event(session, cooperative_id=payment.cooperative_id, event_type=event_type,
                      event_id=reported_event_id(event_type, payment.id, reference),
                      data={**event_data(payment), "reportedPayment": reported}, follows=(_told(payment),))
+
+
+FLAGGED = "payment.flagged"
+# payment.flagged's `flag.kind`: what each flag with no event of its own says was found.
+FLAG_KINDS = {
+    "amount_mismatch": "the provider reported another amount (or currency) taken than was asked",
+    "success_after_failure": "the provider reported success for a FAILED payment, nothing held (zero or less taken)",
+    "transaction_id_held_twice": "the provider's transaction id is held by another payment too",
+    "transaction_id_differs": "the provider reported the payment's money under another transaction id than it holds",
+    "transaction_id_contested": "another cooperative's payment completed with the transaction id this one holds",
+    "unconfirmed": "given up without the provider ever confirming the outcome: money may have been taken",
+    "beyond_collected": "more has gone back to the payer (chargebacks, refunds) than was collected",
+    "refund_sent_after_failure": "a refund reported sent back after it had failed",
+    "refund_withdrawn_unsent": "a refund withdrawn unsent, part of it still the member's",
+    "refund_failed_beyond_collected": "a refund counted in an over-return failed",
+    "refund_amount_mismatch": "a refund reported sent back for another amount than asked",
+    "refund_failed_after_completion": "a refund reported failed after it was completed",
+}
+
+
+def flagged_job(payment: Any, kind: str, said: str) -> NewJob:
+    """payment.flagged: `payment` (or a _Moved one) as webhooks show it once flagged, and `flag`, the flag just added
+    (`detail`, as mismatchDetail ends with it) and its `kind`. For the flags with no event of their own (core.webhooks
+    FLAG_EVENTS have theirs, and go to payment.flagged's endpoints too). Queued in the flag's transaction, with the
+    flag's updatedAt; one event per payment, flag and change (the outbox's dedupe key), so a repeat queues nothing
+    and the same flag raised again after a review is another event. The id is digested as reported_event_id's."""
+    assert kind in FLAG_KINDS, kind
+    digest = hashlib.sha256(f"{kind}\n{said}\n{iso_ms(payment.updated_at)}".encode()).hexdigest()[:16]
+    return event_job(cooperative_id=payment.cooperative_id, event_type=FLAGGED,
+                     event_id=f"evt_payment_flagged_{payment.id}_{digest}",
+                     data={**event_data(payment), "flag": {"kind": kind, "detail": said}})
+
+
+async def emit_flagged(session: AsyncSession, payment: Any, kind: str, said: str) -> None:
+    """Queue payment.flagged (flagged_job) in the caller's transaction, after the flag is written on `payment`."""
+    await enqueue_job(session, flagged_job(payment, kind, said))
 
 
 def _told(payment: Payment) -> str:

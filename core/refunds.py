@@ -39,7 +39,7 @@ from core.errors import (
 from core.members import number_came_since, number_history
 from core.models import AuditEvent, Dispute, Member, OutboxJob, Payment, ProviderEvent, Refund
 from core.money import Money
-from core.notify import notice_jobs
+from core.notify import changed_at, notice_jobs
 from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, end_waiting, enqueue, enqueue_many, raised_sqlstate
 from core.ports import (
     AWAITING_CONFIGURATION,
@@ -588,6 +588,7 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
     if current is R.COMPLETED:
         if outcome is not ProviderOutcome.SUCCEEDED:
             await _failed_after_completion(session, refund, reason or outcome.value.lower(), actor=actor)
+            await _tell_flags(session)
             return "flagged_failed_after_completion"
         return "ignored"
     if current is R.FAILED and outcome is not ProviderOutcome.SUCCEEDED:
@@ -665,6 +666,7 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
                                    audit={"refundId": refund.id, "reason": why})
         # After its dispute is noted (locked before the payment, as a resolution locks them).
         await _over_return_failed(session, refund, actor=actor)
+    await _tell_flags(session)  # after the payment's move: the events show it as committed
     paid = await session.get(Payment, refund.payment_id)
     assert paid is not None
     # Without a member, the phone that paid is told (a mobile-money payment's), as of the receipt: while it is still
@@ -705,7 +707,8 @@ async def _sent_after_failure(session: AsyncSession, refund: Refund, payment: Pa
                  before={"status": R.FAILED.value}, after={"status": R.COMPLETED.value, "refunded": refunded,
                                                              "overRefunded": max(over, 0)},
                  cooperative_id=refund.cooperative_id)
-    await _flag(session, payment, f"refund {refund.reference} reported sent back after it had failed")
+    await _flag(session, payment, f"refund {refund.reference} reported sent back after it had failed",
+                "refund_sent_after_failure")
     metrics.REFUND_ANOMALIES.labels(kind="sent_after_failure").inc()
     # ERROR when the member now has more back than was collected (a person must act); else a WARNING: the money
     # went back once, as asked (an admin correcting a FAILED refund from the statement is this case).
@@ -757,7 +760,7 @@ async def _withdraw_unsent(session: AsyncSession, rt: Runtime, payment: Payment,
         if short > 0:
             await _flag(session, payment, f"refund {refund.reference} of {Money(refund.amount_minor, refund.currency)}"
                                           f" withdrawn unsent: {Money(short, refund.currency)} of it is still the "
-                                          "member's: refund it again")
+                                          "member's: refund it again", "refund_withdrawn_unsent")
         over -= refund.amount_minor
         await record(session, actor=actor, action="refund.withdrawn", entity_type="refund", entity_id=refund.id,
                      before={"status": R.PENDING.value}, after={"status": R.FAILED.value, "sentRefundId": sent.id},
@@ -868,7 +871,8 @@ async def _beyond_collected(session: AsyncSession, refund: Refund, payment: Paym
         metrics.REFUND_ANOMALIES.labels(kind="beyond_collected").inc()
     payment.mismatch_detail = written
     await session.execute(update(Payment).where(Payment.id == payment.id)
-                          .values(mismatch=True, mismatch_detail=written, updated_at=utcnow()))
+                          .values(mismatch=True, mismatch_detail=written, updated_at=changed_at(payment.updated_at)))
+    _to_tell(session, payment.id, "beyond_collected", detail)
     if said:
         log.error(said, extra={"refund": refund.reference, "payment": payment.reference, "over_refunded_minor": over,
                                "in_flight": [reference for _, reference in in_flight], "actor": actor.id,
@@ -1032,7 +1036,8 @@ async def _over_return_failed(session: AsyncSession, refund: Refund, *, actor: A
         return  # dealt with already
     over = await refunds_holding(session, payment) - collected(payment)
     await _flag(session, payment, f"refund {refund.reference} failed: " + (
-        f"{Money(over, payment.currency)} more than collected goes back" if over > 0 else "nothing to recover"))
+        f"{Money(over, payment.currency)} more than collected goes back" if over > 0 else "nothing to recover"),
+        "refund_failed_beyond_collected")
     log.warning("a refund counted in a chargeback's over-return failed", extra={
         "refund": refund.reference, "payment": payment.reference, "over_refunded_minor": max(over, 0),
         "actor": actor.id})
@@ -1055,15 +1060,39 @@ async def _over_return_flagged(session: AsyncSession, refund: Refund, payment: P
     return any(isinstance(after, dict) and refund.id in (after.get("inFlight") or []) for after in rows)
 
 
-async def _flag(session: AsyncSession, payment: Payment, detail: str) -> None:
+async def _flag(session: AsyncSession, payment: Payment, detail: str, kind: str) -> None:
     """Flag the payment for a person (`mismatch`), keeping what an earlier flag said (an amount mismatch, a refund
-    paid twice): the newest last, within the column (core.payments.add_flag)."""
+    paid twice): the newest last, within the column (core.payments.add_flag). Told as payment.flagged (`kind`)."""
     from core.payments import add_flag  # local: the payment modules reach back into this module
 
-    detail = add_flag(payment.mismatch_detail, detail)
-    payment.mismatch_detail = detail
+    written = add_flag(payment.mismatch_detail, detail)
+    payment.mismatch_detail = written
     await session.execute(update(Payment).where(Payment.id == payment.id)
-                          .values(mismatch=True, mismatch_detail=detail, updated_at=utcnow()))
+                          .values(mismatch=True, mismatch_detail=written, updated_at=changed_at(payment.updated_at)))
+    _to_tell(session, payment.id, kind, detail)
+
+
+# Where a transaction keeps the flags written on payments (payment id, kind, text) until they are told (_tell_flags).
+_FLAGS_TO_TELL = "gateway_payment_flags_to_tell"
+
+
+def _to_tell(session: AsyncSession, payment_id: str, kind: str, detail: str) -> None:
+    """A flag to tell as payment.flagged once the refund's outcome has moved the payment (_tell_flags): written before
+    that move (refunded_minor, REFUNDED), an event built now would show the payment as it never was committed."""
+    session.info.setdefault(_FLAGS_TO_TELL, []).append((payment_id, kind, detail))
+
+
+async def _tell_flags(session: AsyncSession) -> None:
+    """Queue payment.flagged for each flag this transaction wrote (_to_tell), the payment read fresh under its lock
+    (held already): nothing, no statement, when none was written."""
+    flags = session.info.pop(_FLAGS_TO_TELL, None)
+    if not flags:
+        return
+    from core.provider_events import emit_flagged  # local: core.provider_events reaches back into this module
+
+    for payment_id, kind, detail in flags:
+        payment = await lock_row(session, Payment, payment_id)
+        await emit_flagged(session, payment, kind, detail)
 
 
 async def _amount_differs(session: AsyncSession, refund: Refund, payment: Payment, reported: Money, *,
@@ -1076,7 +1105,7 @@ async def _amount_differs(session: AsyncSession, refund: Refund, payment: Paymen
                  after={"reported": reported.minor, "reportedCurrency": reported.currency,
                         "expected": expected.minor}, cooperative_id=refund.cooperative_id)
     await _flag(session, payment, f"refund {refund.reference}: provider reported {reported} sent back, "
-                                  f"expected {expected}")
+                                  f"expected {expected}", "refund_amount_mismatch")
     metrics.REFUND_ANOMALIES.labels(kind="amount_mismatch").inc()
     log.error("provider reported a refund for another amount", extra={
         "refund": refund.reference, "payment": payment.reference, "reported_minor": reported.minor,
@@ -1092,7 +1121,8 @@ async def _failed_after_completion(session: AsyncSession, refund: Refund, reason
                  cooperative_id=refund.cooperative_id)
     payment = await session.get(Payment, refund.payment_id, with_for_update=True, populate_existing=True)
     assert payment is not None
-    await _flag(session, payment, f"refund {refund.reference} reported failed after it was completed: {reason}")
+    await _flag(session, payment, f"refund {refund.reference} reported failed after it was completed: {reason}",
+                "refund_failed_after_completion")
     metrics.REFUND_ANOMALIES.labels(kind="failed_after_completion").inc()
     log.error("refund reported failed after it was completed", extra={"refund": refund.reference,
                                                                       "payment": payment.reference, "actor": actor.id})
@@ -1249,6 +1279,7 @@ async def cancel_refund(session: AsyncSession, rt: Runtime, *, refund_id: str, c
                                 "not been paid back by it",
                            audit={"refundId": refund.id})
     await _over_return_failed(session, refund, actor=actor)  # (one a flag beyond collected counted: parked, unsent)
+    await _tell_flags(session)
     await session.flush()
     await session.refresh(refund)
     return refund

@@ -195,5 +195,8 @@ async def flag_contested(session: AsyncSession, payment_id: str, txn: str) -> No
     payment.mismatch = True
     payment.mismatch_detail = add_flag(payment.mismatch_detail, said)
     payment.updated_at = changed_at(payment.updated_at)
+    from core.provider_events import emit_flagged  # local: core.provider_events imports this module
+
+    await emit_flagged(session, payment, "transaction_id_contested", said)
     log.warning("a payment's provider transaction id was reported for another cooperative's payment too (flagged)",
                 extra={"payment_id": payment.id, "provider": payment.provider})

@@ -92,6 +92,7 @@ EVENTS = (
     "payment.timeout",
     "payment.voided",
     "payment.taken_after_void",
+    "payment.flagged",
     "refund.completed",
     "refund.failed",
     "dispute.opened",
@@ -430,14 +431,23 @@ async def resume_for_domain(session: AsyncSession, domain: ApprovedDomain) -> in
 FOLLOWS = {"payment.taken_after_failure": "payment.failed", "payment.voided": "payment.completed"}
 
 
+# The events that tell a flag of their own (the payment flagged `mismatch` for a person, with what the provider
+# reported): the flag is not told again as payment.flagged (one alert for one flag to a receiver asking for both), and
+# they go to the endpoints that asked for payment.flagged too, so that those hear of every flag.
+FLAG_EVENTS = ("payment.taken_after_failure", "payment.paid_twice", "payment.unconfirmed_success",
+               "payment.taken_after_void")
+
+
 def subscribed(events: list[str], event_type: str, told: tuple[str, ...] = ()) -> bool:
     """Whether an endpoint asking for `events` gets `event_type`: it asked for it, or for an event it follows
     (FOLLOWS), or for one the event says its system was told of the same payment (`told`, the job's "follows":
     payment.paid_twice follows the payment.completed or payment.taken_after_failure of its payment,
     payment.unconfirmed_success its payment.failed or payment.timeout, payment.taken_after_void its
-    payment.voided), with what those follow."""
+    payment.voided), with what those follow; or for payment.flagged, an event telling a flag (FLAG_EVENTS)."""
     wanted = {event_type, *told}
     wanted.update(FOLLOWS[event] for event in tuple(wanted) if event in FOLLOWS)
+    if event_type in FLAG_EVENTS:
+        wanted.add("payment.flagged")
     return not wanted.isdisjoint(events)
 
 

@@ -116,9 +116,15 @@ async def test_the_webhook_data_built_before_the_move_reads_as_the_stored_row(
     assert await handle_provider_event(rt, callback) == ("late_completed" if case == "late" else "completed")
     async with rt.sessionmaker() as s:
         stored = await s.get(Payment, payment.id)
-        [data] = (await s.execute(select(OutboxJob.payload["data"]).where(OutboxJob.kind == "webhook.event"))
-                  ).scalars().all()
+        events = {p["event_type"]: p["data"] for p in (await s.execute(
+            select(OutboxJob.payload).where(OutboxJob.kind == "webhook.event"))).scalars()}
+    data = events.pop("payment.completed")
     assert data == event_data(stored), (data, event_data(stored))
+    # A flag written with the move is told with it (payment.flagged), its payment read as the stored row too.
+    flagged = events.pop("payment.flagged", None)
+    assert (flagged is not None, events) == (case in ("mismatch", "other_currency"), {})
+    if flagged is not None:
+        assert flagged == {**event_data(stored), "flag": {"kind": "amount_mismatch", "detail": data["mismatchDetail"]}}
     assert (data["late"], data["mismatch"]) == (case == "late", case in ("mismatch", "other_currency"))
     assert stored.collected_minor == {"mismatch": payment.amount_minor - 100, "other_currency": 0}.get(
         case, stored.collected_minor)

@@ -23,7 +23,7 @@ async def test_nothing_taken_is_not_told_as_money_held(admin: Caller, rt: Any, d
         events = [p["event_type"] for p in (await s.execute(select(OutboxJob.payload).where(
             OutboxJob.kind == "webhook.event").order_by(OutboxJob.id))).scalars()]
         row = await s.get(Payment, payment["id"])
-    assert events == ["payment.failed"]
+    assert events == ["payment.failed", "payment.flagged"]  # the flag told as such, not as money held
     assert (row.status, row.collected_minor, row.mismatch) == ("FAILED", 0, True)
     shown = await admin.json("GET", f"/v1/payments/{payment['id']}", 200)
     assert shown["status"] == "FAILED"

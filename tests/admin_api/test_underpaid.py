@@ -59,11 +59,12 @@ async def test_the_api_the_webhook_and_the_receipt_say_what_was_taken(
     [listed] = (await admin.json("GET", "/v1/payments", 200))["data"]
     assert (listed["collectedAmount"], listed["mismatchDetail"]) == (taken, detail)
 
-    [event] = await _queued(rt, "webhook.event")
-    assert event.payload["event_type"] == "payment.completed"
+    event, flagged = sorted(await _queued(rt, "webhook.event"), key=lambda j: j.payload["event_type"])
+    assert (event.payload["event_type"], flagged.payload["event_type"]) == ("payment.completed", "payment.flagged")
     data = event.payload["data"]
     assert (data["amount"], data["collectedAmount"], data["mismatch"], data["mismatchDetail"]) == (
         50000, taken, True, detail)
+    assert flagged.payload["data"] == {**data, "flag": {"kind": "amount_mismatch", "detail": detail}}
 
     [receipt] = [j for j in await _queued(rt, "sms.send") if j.payload["template"] == "payment_receipt"]
     await SmsJobs(rt).send(as_job(receipt))

@@ -109,6 +109,7 @@ async def test_delivered_events_validate_against_the_document(
         for event_type in webhooks.MAY_FOLLOW:
             await provider_events._emit_reported(s, row, event_type, f"MONEY-{event_type}", Money(50000, "RWF"))
         await provider_events._emit_reported(s, row, "payment.paid_twice", None, None)  # nothing known of the money
+        await provider_events.emit_flagged(s, row, "amount_mismatch", "provider reported 1 RWF, expected 50,000 RWF")
     await drain(worker)
 
     received: dict[str, int] = {}

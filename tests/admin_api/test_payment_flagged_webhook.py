@@ -1,0 +1,171 @@
+"""A payment flagged for a person (mismatch) is told to the cooperative's system as it happens: payment.flagged, with
+the payment and the flag (its kind and what it says), queued in the flag's transaction. Before, the flags with no
+event of their own (an amount mismatch, a transaction id held twice or contested, money gone back beyond what was
+collected...) reached it only through the payment sync (GET /v1/payments?updatedSince=...), however urgent. The
+flags that have an event of their own (payment.paid_twice...) are not told twice: those go to payment.flagged's
+endpoints instead."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from sqlalchemy import select
+
+from core import webhooks
+from core.db import iso_ms
+from core.models import OutboxJob, Payment, WebhookDelivery
+from core.money import Money
+from core.ports import ProviderOutcome
+from core.provider_events import apply_collection_outcome
+from tests.admin_api.conftest import Caller, make_payment
+from tests.admin_api.test_chargeback_beyond_refunds import _at_the_provider, _chargeback, _collected, _mtn_says_sent
+from tests.admin_api.test_transaction_id_contested import _b_records, _ours, _theirs
+from tests.admin_api.test_transaction_id_held_twice import PROVIDER
+from tests.conftest import drain
+from tests.core.test_webhooks import approved_endpoint, receiver  # noqa: F401 (the receiver fixture)
+
+
+async def _deliveries(rt: Any, endpoint_id: str) -> list[WebhookDelivery]:
+    async with rt.sessionmaker() as s:
+        return list((await s.execute(select(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint_id)
+                                     .order_by(WebhookDelivery.created_at))).scalars())
+
+
+async def _flagged_jobs(rt: Any, payment_id: str) -> list[OutboxJob]:
+    async with rt.sessionmaker() as s:
+        jobs = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "webhook.event"))).scalars()
+        return [j for j in jobs if j.payload["event_type"] == "payment.flagged"
+                and j.payload["data"]["id"] == payment_id]
+
+
+def _received(hook: Any, secret: str, coop: str | None = None) -> list[dict[str, Any]]:
+    """The events the receiver got (of cooperative `coop`, all when None), each signed with the endpoint's secret
+    and named in its headers."""
+    events = []
+    for request in hook.requests:
+        event = json.loads(request["body"])
+        if coop is not None and event["cooperativeId"] != coop:
+            continue
+        headers = request["headers"]
+        assert webhooks.verify_signature(secret, headers["X-Gateway-Signature"], request["body"])
+        assert (headers["X-Gateway-Event"], headers["X-Gateway-Event-Id"]) == (event["type"], event["id"])
+        events.append(event)
+    return events
+
+
+async def _row(rt: Any, payment_id: str) -> Payment:
+    async with rt.sessionmaker() as s:
+        row = await s.get(Payment, payment_id)
+        assert row is not None
+        return row
+
+
+async def test_a_chargeback_beyond_collected_is_told_as_payment_flagged(
+        admin: Caller, rt: Any, demo: dict[str, Any], receiver: Any, worker: Any) -> None:  # noqa: F811
+    hook, url = receiver
+    coop = demo["cooperative_id"]
+    flagged, secret = await approved_endpoint(rt, coop, url, events=["payment.flagged"])
+    others, _ = await approved_endpoint(rt, coop, url.replace("/hook", "/other"),
+                                        events=[e for e in webhooks.EVENTS if e != "payment.flagged"])
+    paid = await _collected(admin, rt, demo)
+    sent = await _at_the_provider(admin, rt, paid, amount=30_000)
+    assert await _mtn_says_sent(rt, sent["id"]) == "completed"
+    recorded = await _chargeback(admin, paid, 50_000, "MTN-REV-FLAG")
+    said = (f"chargeback {recorded['reference']} of 50,000 RWF: 30,000 RWF more than collected has gone back to the "
+            "payer: recover it from the member")
+    # Queued with the flag, in its transaction.
+    [job] = await _flagged_jobs(rt, paid["id"])
+    assert job.payload["data"]["flag"] == {"kind": "beyond_collected", "detail": said}
+    await drain(worker)
+
+    [delivery] = await _deliveries(rt, flagged.id)
+    assert (delivery.event_type, delivery.status) == ("payment.flagged", "DELIVERED")
+    [event] = _received(hook, secret)
+    row = await _row(rt, paid["id"])
+    assert (event["type"], event["cooperativeId"], event["data"]["id"]) == ("payment.flagged", coop, paid["id"])
+    assert event["data"]["flag"] == {"kind": "beyond_collected", "detail": said}
+    assert (event["data"]["mismatch"], event["data"]["mismatchDetail"], event["data"]["status"]) == (
+        True, row.mismatch_detail, "REFUNDED")
+    assert event["data"]["updatedAt"] == iso_ms(row.updated_at)  # as the refund's outcome left it
+    # The endpoint that asked for every other event is sent none of it.
+    assert "payment.flagged" not in [d.event_type for d in await _deliveries(rt, others.id)]
+
+
+async def test_a_transaction_id_held_by_another_cooperative_flags_both_and_tells_each_its_own(
+        admin: Caller, rt: Any, demo: dict[str, Any], coop_b: dict[str, Any], receiver: Any,  # noqa: F811
+        worker: Any) -> None:
+    hook, url = receiver
+    _ours_hook, secret_a = await approved_endpoint(rt, demo["cooperative_id"], url, events=["payment.flagged"])
+    completed_only, _ = await approved_endpoint(rt, demo["cooperative_id"], url.replace("/hook", "/done"),
+                                                events=["payment.completed"])
+    theirs_hook, secret_b = await approved_endpoint(rt, coop_b["cooperative_id"], url, events=["payment.flagged"])
+    theirs = await _b_records(coop_b, "MTN-XC-FLAG")
+    payment = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    async with rt.sessionmaker.begin() as s:
+        assert await apply_collection_outcome(
+            s, rt, await s.get(Payment, payment["id"]), ProviderOutcome.SUCCEEDED, actor=PROVIDER,
+            amount=Money(50_000, "RWF"), provider_transaction_id="MTN-XC-FLAG") == "completed"
+    await drain(worker)  # A's events; the job flagging B's payment, and B's event
+
+    [event] = _received(hook, secret_a, demo["cooperative_id"])
+    assert (event["type"], event["data"]["id"], event["data"]["status"]) == ("payment.flagged", payment["id"],
+                                                                            "COMPLETED")
+    assert event["data"]["flag"] == {"kind": "transaction_id_held_twice", "detail": _ours("MTN-XC-FLAG")}
+    assert event["data"]["mismatchDetail"] == _ours("MTN-XC-FLAG")
+    assert [d.event_type for d in await _deliveries(rt, completed_only.id)] == ["payment.completed"]
+    # B's system is told of its own payment's flag, naming nothing of A's.
+    [delivery] = await _deliveries(rt, theirs_hook.id)
+    assert (delivery.event_type, delivery.cooperative_id, delivery.status) == (
+        "payment.flagged", coop_b["cooperative_id"], "DELIVERED")
+    [body] = _received(hook, secret_b, coop_b["cooperative_id"])
+    assert (body["type"], body["data"]["id"], body["data"]["flag"]) == (
+        "payment.flagged", theirs["id"], {"kind": "transaction_id_contested", "detail": _theirs("MTN-XC-FLAG")})
+    assert payment["id"] not in json.dumps(body) and demo["cooperative_id"] not in json.dumps(body)
+    assert (await _row(rt, theirs["id"])).mismatch_detail == _theirs("MTN-XC-FLAG")
+
+
+async def test_an_amount_mismatch_in_a_provider_callback_is_told_as_payment_flagged(
+        admin: Caller, rt: Any, demo: dict[str, Any], aiohttp_client: Any, receiver: Any,  # noqa: F811
+        worker: Any) -> None:
+    from app import create_app
+
+    hook, url = receiver
+    coop = demo["cooperative_id"]
+    _endpoint, secret = await approved_endpoint(rt, coop, url, events=["payment.flagged", "payment.completed"])
+    client = await aiohttp_client(create_app(dataclasses.replace(rt.settings, simulators_in_process=True),
+                                             runtime=rt))
+    rent = demo["payment_types"]["Monthly Rent"]
+    short = await make_payment(admin, rent)
+    exact = await make_payment(admin, rent)
+    for payment, amount, txn in ((short, 40_000, "TEST-SHORT"), (exact, 50_000, "TEST-EXACT")):
+        resp = await client.post("/webhooks/payments/test", json={
+            "gatewayReference": payment["gatewayReference"], "status": "COMPLETED", "gatewayTransactionId": txn,
+            "gatewayData": {"amount": amount}})
+        assert resp.status == 200, await resp.text()
+    assert await _flagged_jobs(rt, exact["id"]) == []  # an unflagged completion queues no payment.flagged
+    await drain(worker)
+
+    events = _received(hook, secret)
+    assert sorted((e["type"], e["data"]["id"]) for e in events) == sorted([
+        ("payment.completed", short["id"]), ("payment.flagged", short["id"]), ("payment.completed", exact["id"])])
+    [flag] = [e for e in events if e["type"] == "payment.flagged"]
+    said = "provider reported 40,000 RWF, expected 50,000 RWF"
+    assert flag["data"]["flag"] == {"kind": "amount_mismatch", "detail": said}
+    [done] = [e for e in events if e["type"] == "payment.completed" and e["data"]["id"] == short["id"]]
+    # One change: the completion and its flag carry the same payment.
+    assert {k: v for k, v in flag["data"].items() if k != "flag"} == done["data"]
+    assert (done["data"]["mismatch"], done["data"]["mismatchDetail"], done["data"]["collectedAmount"]) == (
+        True, said, 40_000)
+
+
+async def test_a_flag_with_an_event_of_its_own_is_told_once_to_payment_flagged_endpoints_too() -> None:
+    """payment.paid_twice (and the other events telling a flag) go to an endpoint that asked for payment.flagged,
+    and no payment.flagged is queued with them: a receiver asking for both gets one alert for one flag."""
+    for event_type in webhooks.FLAG_EVENTS:
+        assert webhooks.subscribed(["payment.flagged"], event_type)
+        assert webhooks.still_subscribed(["payment.flagged"], event_type)
+    assert not webhooks.subscribed(["payment.flagged"], "payment.completed")
+    assert not webhooks.subscribed(["payment.completed"], "payment.flagged")
+    assert webhooks.check_events(["payment.flagged"]) == ["payment.flagged"]
