@@ -308,6 +308,7 @@ async def test_the_search_is_exact_and_combines_with_other_filters(admin: Caller
     assert "provider's id of the money" in params["gatewayTransactionId"]["description"]
 
 
+@requires_pg  # PostgreSQL's advisory locks and lock_timeout
 async def test_a_callback_takes_the_ids_lock_after_its_payments_row_and_probes_after_both(
         admin: Caller, rt: Any, demo: dict[str, Any]) -> None:
     """A success callback takes the transaction id's lock in the statement that locks its payment (one round trip
