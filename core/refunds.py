@@ -642,8 +642,9 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
             # refund went through after all: the member was paid back twice; flagged by _sent_after_failure.
             # Or a voided recording's (core.recorded_payments.void_recording, allowed once its refunds had FAILED): it
             # stays VOIDED, the money that left is counted on it, flagged by _sent_after_failure.)
+            # Stamped as a told change (changed_at): a flag written here is told as payment.flagged with it.
             await session.execute(update(Payment).where(Payment.id == payment.id)
-                                  .values(refunded_minor=refunded, updated_at=utcnow()))
+                                  .values(refunded_minor=refunded, updated_at=changed_at(payment.updated_at)))
             action = ("payment.refunded_after_failure" if taken_after_failure(payment)
                       else "payment.refunded_after_void" if voided else "payment.refunded_beyond_collected")
             await record(session, actor=actor, action=action, entity_type="payment",
@@ -651,8 +652,12 @@ async def apply_refund_outcome(session: AsyncSession, rt: Runtime, refund: Refun
                          cooperative_id=payment.cooperative_id)
         else:
             target = PaymentStatus.REFUNDED if refunded >= collected(payment) else PaymentStatus.PARTIALLY_REFUNDED
+            # updated_at as a told change's (changed_at): the payment.flagged of a flag written above carries it, and
+            # it must read later than the payment's last event (its completion's, stamped ahead of this host's clock
+            # by another host's, or in the same millisecond), or a receiver ignores it as older.
             await transition(session, PAYMENT, payment.id, PaymentStatus(payment.status), target, actor=actor,
-                             values={"refunded_minor": refunded}, audit={"refundId": refund.id})
+                             values={"refunded_minor": refunded, "updated_at": changed_at(payment.updated_at)},
+                             audit={"refundId": refund.id})
         template, event_type = "refund_completed", "refund.completed"
     else:
         updated = await transition(session, REFUND, refund.id, current, R.FAILED, actor=actor,

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core import webhooks
-from core.db import iso_ms
+from core.db import iso_ms, utcnow
 from core.models import OutboxJob, Payment, WebhookDelivery
 from core.money import Money
 from core.ports import ProviderOutcome
@@ -91,6 +92,25 @@ async def test_a_chargeback_beyond_collected_is_told_as_payment_flagged(
     assert event["data"]["updatedAt"] == iso_ms(row.updated_at)  # as the refund's outcome left it
     # The endpoint that asked for every other event is sent none of it.
     assert "payment.flagged" not in [d.event_type for d in await _deliveries(rt, others.id)]
+
+
+async def test_a_refund_flag_is_told_later_than_the_payment_event_before_it(
+        admin: Caller, rt: Any, demo: dict[str, Any]) -> None:
+    """The refund's move of the payment is what payment.flagged tells (its updatedAt): stamped as every told change is
+    (changed_at), strictly after the payment's last event, even when that one was stamped ahead of this host's clock
+    (another host's, a little ahead; or a change in the same millisecond). Stamped with this host's clock alone, the
+    flag read as older than the payment.completed before it, and a receiver keeping the latest updatedAt dropped it."""
+    paid = await _collected(admin, rt, demo)
+    sent = await _at_the_provider(admin, rt, paid, amount=30_000)
+    assert await _mtn_says_sent(rt, sent["id"]) == "completed"
+    ahead = utcnow().replace(microsecond=0) + timedelta(seconds=2)  # the last event's updatedAt, from a host ahead
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == paid["id"]).values(updated_at=ahead))
+    await _chargeback(admin, paid, 50_000, "MTN-REV-AHEAD")
+    [job] = await _flagged_jobs(rt, paid["id"])
+    row = await _row(rt, paid["id"])
+    assert (row.status, job.payload["data"]["updatedAt"]) == ("REFUNDED", iso_ms(row.updated_at))
+    assert job.payload["data"]["updatedAt"] > iso_ms(ahead)
 
 
 async def test_a_transaction_id_held_by_another_cooperative_flags_both_and_tells_each_its_own(
