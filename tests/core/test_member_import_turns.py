@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import sqlite3
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -130,6 +131,23 @@ class OtherWriter:
         self.db = sqlite3.connect(rt.engine.url.database, timeout=0, isolation_level=None)
         self.tried = self.locked = 0
 
+    @classmethod
+    def at_each_new_row(cls, rt: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[OtherWriter, Callable[[Phone], None]]:
+        """A writer that tries a write as each new member's number is encrypted (member_row), and the import's
+        phone_warning that tries one at each new member's warning."""
+        other = cls(rt)
+        encrypt = rt.cipher.encrypt
+
+        def encrypting(*args: Any, **kwargs: Any) -> Any:
+            other.write()
+            return encrypt(*args, **kwargs)
+
+        def warning(phone: Phone) -> None:
+            other.write()
+
+        monkeypatch.setattr(rt.cipher, "encrypt", encrypting)
+        return other, warning
+
     def write(self) -> None:
         self.tried += 1
         try:
@@ -151,17 +169,7 @@ async def test_other_writers_are_not_held_while_the_import_works_its_rows_out(rt
     async with rt.sessionmaker.begin() as s:
         coop = await factories.cooperative(s)
     csv = ("name,phone,unit\n" + "".join(f"Member {n:04d},07881{n:05d},A-{n}\n" for n in range(ROWS))).encode()
-    other = OtherWriter(rt)
-    encrypt = rt.cipher.encrypt
-
-    def encrypting(*args: Any, **kwargs: Any) -> Any:  # each new member's number (member_row)
-        other.write()
-        return encrypt(*args, **kwargs)
-
-    def warning(phone: Phone) -> None:  # each new member's warning
-        other.write()
-
-    monkeypatch.setattr(rt.cipher, "encrypt", encrypting)
+    other, warning = OtherWriter.at_each_new_row(rt, monkeypatch)
     try:
         async with rt.sessionmaker() as s:
             imported = await import_members(s, rt.cipher, cooperative=coop, data=csv, actor=ADMIN,
@@ -219,17 +227,7 @@ async def test_other_writers_are_not_held_while_the_list_sent_again_works_its_ne
     async with rt.sessionmaker.begin() as s:
         await import_members(s, rt.cipher, cooperative=coop, actor=ADMIN,
                              data=("name,phone,unit\n" + "".join(lines[::2])).encode())
-    other = OtherWriter(rt)
-    encrypt = rt.cipher.encrypt
-
-    def encrypting(*args: Any, **kwargs: Any) -> Any:  # each new member's number (member_row)
-        other.write()
-        return encrypt(*args, **kwargs)
-
-    def warning(phone: Phone) -> None:  # each new member's warning
-        other.write()
-
-    monkeypatch.setattr(rt.cipher, "encrypt", encrypting)
+    other, warning = OtherWriter.at_each_new_row(rt, monkeypatch)
     try:
         async with rt.sessionmaker.begin() as s:
             done = await import_members(s, rt.cipher, cooperative=coop, actor=ADMIN, existing="update",
