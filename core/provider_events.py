@@ -39,6 +39,7 @@ from core.state.payment import COLLECTED, OPEN, PAYMENT, UNCONFIRMED, PaymentSta
 from core.text import admin_note
 from core.transaction_ids import IdLocked, _flag_held_twice, _held_elsewhere, _id_lock_key, _same_money
 from core.unmatched_callbacks import UNMATCHED, keep_unmatched, report_unmatched, store_unmatched
+from core.webhooks import FLAGGED
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
@@ -617,7 +618,6 @@ async def _emit_reported(session: AsyncSession, payment: Payment, event_type: st
                      data={**event_data(payment), "reportedPayment": reported}, follows=(_told(payment),))
 
 
-FLAGGED = "payment.flagged"
 # payment.flagged's `flag.kind`: what each flag with no event of its own says was found.
 FLAG_KINDS = {
     "amount_mismatch": "the provider reported another amount (or currency) taken than was asked",

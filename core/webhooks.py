@@ -83,6 +83,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.webhooks")
 
+# A flag on a payment told on its own (core.provider_events.flagged_job), and the event FLAG_EVENTS also reach.
+FLAGGED = "payment.flagged"
 EVENTS = (
     "payment.completed",
     "payment.failed",
@@ -92,7 +94,7 @@ EVENTS = (
     "payment.timeout",
     "payment.voided",
     "payment.taken_after_void",
-    "payment.flagged",
+    FLAGGED,
     "refund.completed",
     "refund.failed",
     "dispute.opened",
@@ -447,7 +449,7 @@ def subscribed(events: list[str], event_type: str, told: tuple[str, ...] = ()) -
     wanted = {event_type, *told}
     wanted.update(FOLLOWS[event] for event in tuple(wanted) if event in FOLLOWS)
     if event_type in FLAG_EVENTS:
-        wanted.add("payment.flagged")
+        wanted.add(FLAGGED)
     return not wanted.isdisjoint(events)
 
 

@@ -75,6 +75,12 @@ async def _twice(rt: Any, worker: Any, kind: str) -> None:
     await drain(worker)
 
 
+
+def _mpesa_collection() -> Any:
+    """A collection of 15,000 KES from a Safaricom number, as the Daraja tests below push it."""
+    return dataclasses.replace(collection(), method="MPESA", amount=Money(15_000, "KES"),
+                               payer=Phone("+254708000001"), payer_account="+254708000001")
+
 async def test_an_stk_push_that_reached_the_wire_is_never_pushed_again(rt: Any, demo: dict[str, Any],
                                                                       worker: Any) -> None:
     wire = mpesa_wire().on("POST", PUSH, _arrives_then_breaks)
@@ -337,8 +343,7 @@ async def test_over_the_real_client_a_push_the_server_hung_up_on_is_in_doubt_and
 
     server = await asyncio.start_server(daraja, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    request = dataclasses.replace(collection(), method="MPESA", amount=Money(15_000, "KES"),
-                                  payer=Phone("+254708000001"), payer_account="+254708000001")
+    request = _mpesa_collection()
     async with server, make_client() as http:
         adapter = mpesa_adapter_at(f"http://127.0.0.1:{port}", http)
         await adapter.prepare("collect")  # as core.jobs.ready_to_send does, before the job's stamp
@@ -367,8 +372,7 @@ async def test_over_the_real_client_a_push_whose_deadline_passed_before_its_call
 
     server = await asyncio.start_server(daraja, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    request = dataclasses.replace(collection(), method="MPESA", amount=Money(15_000, "KES"),
-                                  payer=Phone("+254708000001"), payer_account="+254708000001")
+    request = _mpesa_collection()
     async with server, make_client() as http:
         adapter = mpesa_adapter_at(f"http://127.0.0.1:{port}", http)
         adapter._tokens._token, adapter._tokens._expires = "tok-test-0001", float("inf")  # its token in hand
@@ -486,8 +490,7 @@ async def test_a_push_refused_as_invalid_token_under_another_status_then_no_toke
     wire = Routes(MPESA_BASE).on("GET", TOKEN, lambda _r: answers.pop()).on("POST", PUSH, 400, INVALID_TOKEN)
     adapter = mpesa_adapter_at(MPESA_BASE, wire.client())
     await adapter.prepare("collect")
-    request = dataclasses.replace(collection(), method="MPESA", amount=Money(15_000, "KES"),
-                                  payer=Phone("+254708000001"), payer_account="+254708000001")
+    request = _mpesa_collection()
     with pytest.raises(ProviderError) as err:
         await _until_it_leaves("mpesa", "collect", adapter.request_collection(request))
     assert (err.value.code, err.value.retryable) == (NOT_SENT, True), err.value
