@@ -64,12 +64,17 @@ def not_active(member_id: str, status: str) -> str | None:
     return None if said is None else said.format(id=member_id)
 
 
+def _rows(count: int) -> str:
+    """"1 row", "1,200 rows": a count of the file's rows as a clerk reads it (not "1 row(s)")."""
+    return "1 row" if count == 1 else f"{count:,} rows"
+
+
 def already_members(errors: list[RowError]) -> list[RowError]:
     """The rows whose number is already a member's, after one line saying what to do about them (said once: the
     whole list sent again names every row)."""
     if not errors:
         return errors
-    return [RowError(0, "file", f"{len(errors)} row(s) with a number already a member's: leave them out, or import "
+    return [RowError(0, "file", f"{_rows(len(errors))} with a number already a member's: leave them out, or import "
                                 "with existing=update to update those members' name, unit and language from the "
                                 "file"), *errors]
 
@@ -741,7 +746,7 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
             if whole is None and known:
                 # An existing=update import (the rows it read as having no member): "import with existing=update",
                 # said to one, was the option it was sent with. The file, sent again, updates them.
-                known[0] = RowError(0, "file", f"{len(known) - 1} row(s) with a number registered while this import "
+                known[0] = RowError(0, "file", f"{_rows(len(known) - 1)} with a number registered while this import "
                                                "ran (by USSD or another request): nothing was imported; send the "
                                                "file again to update those members too")
             raise ImportRejected(known)

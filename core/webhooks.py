@@ -37,6 +37,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import random
 import re
 import secrets
@@ -126,6 +127,11 @@ REASON_DELETED = "deleted"  # DELETE by an admin: nothing new recorded, held del
 # asked for again and pending: sent when a super admin approves it).
 HELD_SWITCHED_OFF = "endpoint_switched_off"
 HELD_DOMAIN_NOT_APPROVED = "domain_not_approved"
+# The warning that an endpoint's domain is not approved, its new events not recorded (fan_out): at most once in
+# this many seconds per endpoint and process, saying how many events it skipped since (a busy cooperative's
+# rejected domain was a warning per payment). The endpoint's domainStatus and the ops page say it all along.
+DOMAIN_SKIP_LOG_SECONDS = 3600.0
+_domain_skip_said: dict[str, tuple[float, int]] = {}  # endpoint id -> (time.monotonic() of the line, skipped since)
 # Held deliveries sent again when an endpoint is enabled: this many a second, oldest first, so that a day's
 # backlog neither floods the receiver that just came back nor holds up the outbox's other jobs.
 RESUME_PER_SECOND = 20
@@ -1058,6 +1064,20 @@ def event_subject(event_type: str, payload: Any) -> tuple[str | None, str | None
     return kind, subject_id
 
 
+def _say_domain_skipped(endpoint_id: str, event_id: str) -> None:
+    """Warn that the endpoint's domain is no longer approved (its event `event_id` skipped), at most once a
+    DOMAIN_SKIP_LOG_SECONDS per endpoint: `skipped` counts the events since the last line, this one included."""
+    now = time.monotonic()
+    said, skipped = _domain_skip_said.get(endpoint_id, (-math.inf, 0))
+    skipped += 1
+    if now - said < DOMAIN_SKIP_LOG_SECONDS:
+        _domain_skip_said[endpoint_id] = (said, skipped)
+        return
+    _domain_skip_said[endpoint_id] = (now, 0)
+    log.warning("webhook endpoint skipped: domain no longer approved",
+                extra={"endpoint_id": endpoint_id, "event_id": event_id, "skipped": skipped})
+
+
 def body_bytes(payload: dict[str, Any]) -> bytes:
     # The stored envelope serialised the same way on every attempt: retries send identical bytes.
     return json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
@@ -1103,11 +1123,9 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
             if not subscribed(endpoint.events or [], event_type, tuple(payload.get("follows") or ())):
                 continue
             if endpoint_host(endpoint.url) not in approved:
-                log.warning(
-                    "webhook endpoint skipped: domain no longer approved",
-                    extra={"endpoint_id": endpoint.id, "event_id": event_id},
-                )
+                _say_domain_skipped(endpoint.id, event_id)
                 continue
+            _domain_skip_said.pop(endpoint.id, None)  # approved again: a later rejection is warned about at once
             if endpoint.status != "ACTIVE" and not (
                     _still_held(endpoint.disabled_at) and await disabled_for_failures(session, endpoint.id)):
                 continue  # deleted by an admin, or switched off for longer than a delivery is ever retried

@@ -19,7 +19,8 @@ from tests.conftest import requires_pg, waiting_for_locks
 
 
 def already(count: int) -> str:
-    return (f"file: {count} row(s) with a number already a member's: leave them out, or import with existing=update "
+    rows = "1 row" if count == 1 else f"{count:,} rows"  # never "1 row(s)"
+    return (f"file: {rows} with a number already a member's: leave them out, or import with existing=update "
             "to update those members' name, unit and language from the file")
 
 

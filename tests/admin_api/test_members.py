@@ -19,7 +19,8 @@ GOOD_CSV = (
 
 def already(count: int) -> str:
     """The line an import refused for numbers already registered starts with: what to do about them."""
-    return (f"file: {count} row(s) with a number already a member's: leave them out, or import with existing=update "
+    rows = "1 row" if count == 1 else f"{count:,} rows"  # never "1 row(s)"
+    return (f"file: {rows} with a number already a member's: leave them out, or import with existing=update "
             "to update those members' name, unit and language from the file")
 
 

@@ -97,6 +97,8 @@ def test_redis_cluster_is_off_unless_asked_and_takes_a_node_url():
     ("https://pay.example.rw/?key=1", "must not have a query"),
     ("https://pay.example.rw/base#top", "must not have a query"),
     ("https://pay.example.rw:84430", "invalid port"),
+    ("ftp://pay.example.rw", "with scheme http/https"),  # refused at start, never a provider "unreachable"
+    ("127.0.0.1:8080", "with scheme http/https"),
 ])
 def test_production_base_urls_need_a_host_and_nothing_after_the_path(variable, value, says):
     with pytest.raises(ConfigError) as info:

@@ -74,7 +74,7 @@ async def test_an_import_racing_a_create_of_one_of_its_numbers_names_the_row(rt:
         with pytest.raises(ImportRejected) as refused:
             await racing
         assert refused.value.errors == [
-            "file: 1 row(s) with a number already a member's: leave them out, or import with existing=update to "
+            "file: 1 row with a number already a member's: leave them out, or import with existing=update to "
             "update those members' name, unit and language from the file",
             "row 3: phone: already a member of this cooperative"]
         await second.rollback()
@@ -116,7 +116,7 @@ async def test_an_edited_file_sent_while_the_first_is_written_names_every_row(rt
     """The answer names all its rows, as it would a second later. It named the first chunk's alone ("500 row(s)" of
     1,200), and the clerk who left those out was refused again."""
     errors = await _sent_again_while_the_first_is_written(rt, lambda csv: csv.replace(b"Member 0007", b"Membre 0007"))
-    assert errors[0].startswith("file: 1200 row(s) with a number already a member's")
+    assert errors[0].startswith("file: 1,200 rows with a number already a member's")
     assert errors[1:] == [f"row {n}: phone: already a member of this cooperative" for n in range(2, 1_202)]
 
 
@@ -147,7 +147,7 @@ async def test_an_import_committing_while_the_list_sent_again_is_checked_is_name
                                  actor=ADMIN)
         await second.rollback()
     assert committed
-    assert refused.value.errors[0].startswith("file: 1200 row(s) with a number already a member's"), \
+    assert refused.value.errors[0].startswith("file: 1,200 rows with a number already a member's"), \
         refused.value.errors[0]
     assert len(refused.value.errors) == 1_201
 
@@ -247,7 +247,7 @@ async def test_an_update_import_racing_a_create_of_its_only_number_is_not_told_i
         with pytest.raises(ImportRejected) as refused:
             await racing
         assert refused.value.errors == [
-            "file: 1 row(s) with a number registered while this import ran (by USSD or another request): nothing "
+            "file: 1 row with a number registered while this import ran (by USSD or another request): nothing "
             "was imported; send the file again to update those members too",
             "row 2: phone: already a member of this cooperative"]
         await second.rollback()

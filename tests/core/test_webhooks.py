@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -347,6 +348,39 @@ async def test_fan_out_skips_unapproved_and_disabled(
     await drain(worker)
     assert hook.requests == []
     assert await jobs_of(rt, "webhook.deliver") == []
+
+
+async def test_an_unapproved_domains_skipped_events_are_warned_about_once_an_hour(
+    rt: Any, demo: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A busy cooperative's rejected domain: one warning per endpoint an hour, counting the events skipped, not one
+    per payment."""
+    coop = demo["cooperative_id"]
+    endpoint, _ = await approved_endpoint(rt, coop, "http://127.0.0.1:9/hook")
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(ApprovedDomain).values(status="REJECTED"))
+
+    def skipped() -> list[Any]:
+        return [r for r in caplog.records if r.getMessage() == "webhook endpoint skipped: domain no longer approved"]
+
+    event = {"event_type": "payment.completed", "cooperative_id": coop, "data": {"id": "p1"}}
+    with caplog.at_level(logging.WARNING, logger="gateway.webhooks"):
+        for n in range(3):
+            assert await webhooks.fan_out(rt, {**event, "event_id": f"evt_{n}"}) == 0
+        [first] = skipped()
+        assert (first.endpoint_id, first.event_id, first.skipped) == (endpoint.id, "evt_0", 1)
+        said, unsaid = webhooks._domain_skip_said[endpoint.id]  # an hour later
+        webhooks._domain_skip_said[endpoint.id] = (said - webhooks.DOMAIN_SKIP_LOG_SECONDS, unsaid)
+        assert await webhooks.fan_out(rt, {**event, "event_id": "evt_3"}) == 0
+        async with rt.sessionmaker.begin() as session:  # approved again, then rejected again: said at once
+            await session.execute(update(ApprovedDomain).values(status="APPROVED"))
+        assert await webhooks.fan_out(rt, {**event, "event_id": "evt_4"}) == 1
+        async with rt.sessionmaker.begin() as session:
+            await session.execute(update(ApprovedDomain).values(status="REJECTED"))
+        assert await webhooks.fan_out(rt, {**event, "event_id": "evt_5"}) == 0
+    [_, later, again] = skipped()
+    assert (later.event_id, later.skipped) == ("evt_3", 3)  # evt_1, evt_2 and this one
+    assert (again.event_id, again.skipped) == ("evt_5", 1)
 
 
 async def test_money_taken_after_a_failure_reaches_the_endpoints_told_of_the_failure(
