@@ -743,7 +743,8 @@ ROUTES = [
         review_payment,
         "Clear a payment's flag (mismatch) once a person has checked it against the provider's statement and dealt "
         "with it: what the flag said is kept as the payment's review, with who, when and the note. 409 for a "
-        "payment not flagged; no money figure changes; a later flag sets mismatch again",
+        "payment not flagged; no money figure changes; a later flag sets mismatch again. Told as the webhook event "
+        "payment.flag_cleared",
         "payments",
         "admin",
         body=REVIEW,

@@ -21,6 +21,7 @@ from core.webhooks import (
     EVENT_HEADER,
     EVENT_ID_HEADER,
     EVENTS,
+    FLAG_CLEARED,
     MAY_FOLLOW,
     RETRY_FOR,
     SIGNATURE_HEADER,
@@ -106,11 +107,22 @@ PAYMENT_FLAGGED_DATA = {
     "properties": {**PAYMENT_DATA["properties"], "flag": {"$ref": "#/components/schemas/PaymentFlag"}},
     "required": [*PAYMENT_DATA["required"], "flag"],
 }
+PAYMENT_FLAG_CLEARED_DATA = {
+    **PAYMENT_DATA,
+    "description": PAYMENT_DATA["description"] + "; review is what a person just cleared",
+    "properties": {**PAYMENT_DATA["properties"], "review": {
+        **PAYMENT["properties"]["review"], "type": "object",
+        "description": "the flags just cleared (POST /v1/payments/{id}/review), as the payment's review shows them: "
+                       "what they said (mismatchDetail), who cleared them (by), when (at) and their note",
+        "additionalProperties": False}},
+    "required": [*PAYMENT_DATA["required"], "review"],
+}
 # The data of each kind of subject (an event type's first word: SUBJECT_TYPES).
 _SUBJECT_DATA = {"payment": "PaymentEventData", "refund": "RefundEventData", "dispute": "DisputeEventData"}
 SCHEMAS = {"PaymentEventData": PAYMENT_DATA, "PaymentReportedEventData": PAYMENT_REPORTED_DATA,
            "RefundEventData": REFUND_DATA, "DisputeEventData": DISPUTE_DATA, "ReportedPayment": REPORTED_PAYMENT,
-           "PaymentFlaggedEventData": PAYMENT_FLAGGED_DATA, "PaymentFlag": PAYMENT_FLAG}
+           "PaymentFlaggedEventData": PAYMENT_FLAGGED_DATA, "PaymentFlag": PAYMENT_FLAG,
+           "PaymentFlagClearedEventData": PAYMENT_FLAG_CLEARED_DATA}
 
 _SAYS = {
     "payment.completed": "The payment's money was taken (COMPLETED; late: true when it was given up first, TIMEOUT "
@@ -134,6 +146,10 @@ _SAYS = {
                        "payment.unconfirmed_success and payment.taken_after_void, are sent instead, to this event's "
                        "endpoints too); the status is unchanged unless payment.completed, failed or timeout tells "
                        "the same change. Once per flag.",
+    "payment.flag_cleared": "A person cleared the payment's flags (POST /v1/payments/{id}/review) once they were "
+                            "checked and dealt with: mismatch false, mismatchDetail null; review says what they said, "
+                            "who cleared them, when and the note. Nothing else changed (status, money). Once per "
+                            "review; a later flag is told again (payment.flagged...).",
     "refund.completed": "The refund's money went back to the payer (COMPLETED).",
     "refund.failed": "The refund failed (FAILED); told again as refund.completed if the provider later reports the "
                      "money sent back.",
@@ -179,7 +195,8 @@ def event_schema(event_type: str) -> dict[str, Any]:
     if subject not in SUBJECT_TYPES:
         raise ValueError(f"{event_type}: no subject of {SUBJECT_TYPES}")
     name = ("PaymentReportedEventData" if event_type in MAY_FOLLOW else
-            "PaymentFlaggedEventData" if event_type == FLAGGED else _SUBJECT_DATA[subject])
+            "PaymentFlaggedEventData" if event_type == FLAGGED else
+            "PaymentFlagClearedEventData" if event_type == FLAG_CLEARED else _SUBJECT_DATA[subject])
     return {
         "type": "object",
         "properties": {

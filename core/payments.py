@@ -40,7 +40,7 @@ from core.errors import (
 from core.models import AuditEvent, Member, Payment, PaymentType
 from core.money import Money
 from core.notify import changed_at
-from core.outbox import NewJob, enqueue_many
+from core.outbox import NewJob, enqueue_job, enqueue_many
 from core.payment_statements import CONTEXT, create_statement
 from core.phone import Phone, PhoneError, normalize, operator_of
 from core.ports import ProviderEvent as ProviderEventData
@@ -1003,9 +1003,10 @@ async def review_flags(session: AsyncSession, payment_id: str, cooperative_id: s
     Under the payment's lock, read fresh, as every flag is written under it: the review clears the flags written
     before it, and a flag written after it (a new provider event) sets `mismatch` again with only what it says
     (`mismatch_detail` is empty from here). Nothing else changes: no money figure (collected, refunded: refunds are
-    capped by what was collected, never by the flag), no status, no webhook event (the flag's events told the
-    cooperative's system of the money; the payment sync lists the change by its updatedAt). NotFound for no such
-    payment of `cooperative_id` (None: any cooperative's, a super admin); Conflict for a payment not flagged."""
+    capped by what was collected, never by the flag), no status. The cooperative's system that was told of the flags
+    (payment.flagged...) is told they were cleared: payment.flag_cleared, queued in the review's transaction
+    (core.provider_events.flag_cleared_job). NotFound for no such payment of `cooperative_id` (None: any
+    cooperative's, a super admin); Conflict for a payment not flagged, which queues nothing."""
     note = admin_note(note, "what was checked and done, e.g. what the provider's statement shows")
     payment = await _locked_payment(session, payment_id, cooperative_id)
     if not payment.mismatch:
@@ -1025,6 +1026,9 @@ async def review_flags(session: AsyncSession, payment_id: str, cooperative_id: s
         detail, actor.id, at, note)
     payment.updated_at = at
     await session.flush()
+    from core.provider_events import flag_cleared_job  # local: it builds on this module
+
+    await enqueue_job(session, flag_cleared_job(payment))
     return payment
 
 

@@ -39,7 +39,7 @@ from core.state.payment import COLLECTED, OPEN, PAYMENT, UNCONFIRMED, PaymentSta
 from core.text import admin_note
 from core.transaction_ids import IdLocked, _flag_held_twice, _held_elsewhere, _id_lock_key, _same_money
 from core.unmatched_callbacks import UNMATCHED, keep_unmatched, report_unmatched, store_unmatched
-from core.webhooks import FLAGGED
+from core.webhooks import FLAG_CLEARED, FLAGGED
 
 if TYPE_CHECKING:
     from core.runtime import Runtime
@@ -651,6 +651,20 @@ def flagged_job(payment: Any, kind: str, said: str) -> NewJob:
 async def emit_flagged(session: AsyncSession, payment: Any, kind: str, said: str) -> None:
     """Queue payment.flagged (flagged_job) in the caller's transaction, after the flag is written on `payment`."""
     await enqueue_job(session, flagged_job(payment, kind, said))
+
+
+def flag_cleared_job(payment: Payment) -> NewJob:
+    """payment.flag_cleared: `payment` as webhooks show it once a person cleared its flags (core.payments.review_flags:
+    mismatch false, mismatchDetail null, its updatedAt the review's) and `review`, as GET /v1/payments/{id} shows it:
+    what the flags said, who cleared them, when, and the note. So a system told payment.flagged learns the flag was
+    dealt with. Queued in the review's transaction; one event per review (the outbox's dedupe key: the payment flagged
+    and reviewed again is another). The id is digested as flagged_job's."""
+    digest = hashlib.sha256(f"{iso_ms(payment.updated_at)}".encode()).hexdigest()[:16]
+    review = {"mismatchDetail": payment.reviewed_detail, "note": payment.review_note, "by": payment.reviewed_by,
+              "at": iso_z(payment.reviewed_at)}
+    return event_job(cooperative_id=payment.cooperative_id, event_type=FLAG_CLEARED,
+                     event_id=f"evt_payment_flag_cleared_{payment.id}_{digest}",
+                     data={**event_data(payment), "review": review})
 
 
 def _told(payment: Payment) -> str:

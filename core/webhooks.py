@@ -86,6 +86,9 @@ log = logging.getLogger("gateway.webhooks")
 
 # A flag on a payment told on its own (core.provider_events.flagged_job), and the event FLAG_EVENTS also reach.
 FLAGGED = "payment.flagged"
+# A payment's flags cleared by a person (core.payments.review_flags, core.provider_events.flag_cleared_job): sent only
+# to the endpoints that asked for it.
+FLAG_CLEARED = "payment.flag_cleared"
 EVENTS = (
     "payment.completed",
     "payment.failed",
@@ -96,6 +99,7 @@ EVENTS = (
     "payment.voided",
     "payment.taken_after_void",
     FLAGGED,
+    FLAG_CLEARED,
     "refund.completed",
     "refund.failed",
     "dispute.opened",

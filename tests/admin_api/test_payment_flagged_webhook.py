@@ -189,3 +189,66 @@ async def test_a_flag_with_an_event_of_its_own_is_told_once_to_payment_flagged_e
     assert not webhooks.subscribed(["payment.flagged"], "payment.completed")
     assert not webhooks.subscribed(["payment.completed"], "payment.flagged")
     assert webhooks.check_events(["payment.flagged"]) == ["payment.flagged"]
+    # payment.flag_cleared goes only to the endpoints that asked for it.
+    assert webhooks.check_events(["payment.flag_cleared", "payment.flagged"]) == ["payment.flagged",
+                                                                                 "payment.flag_cleared"]
+    assert [e for e in webhooks.EVENTS if webhooks.still_subscribed([e], "payment.flag_cleared")] == [
+        "payment.flag_cleared"]
+
+
+async def test_clearing_a_flag_is_told_as_payment_flag_cleared_to_the_endpoints_that_asked_for_it(
+        admin: Caller, rt: Any, demo: dict[str, Any], aiohttp_client: Any, receiver: Any,  # noqa: F811
+        worker: Any) -> None:
+    """A cooperative's system told payment.flagged was never told the flag was dealt with: clearing it (POST
+    /v1/payments/{id}/review) sent no event. Now payment.flag_cleared, queued with the review, carries the payment as
+    it left it and the review (what was cleared, by whom, when, the note); only to the endpoints that asked for it,
+    and nothing for a review refused (nothing flagged)."""
+    from app import create_app
+
+    hook, url = receiver
+    coop = demo["cooperative_id"]
+    cleared_hook, secret = await approved_endpoint(rt, coop, url, events=["payment.flag_cleared"])
+    others, _ = await approved_endpoint(rt, coop, url.replace("/hook", "/other"),
+                                        events=[e for e in webhooks.EVENTS if e != "payment.flag_cleared"])
+    client = await aiohttp_client(create_app(dataclasses.replace(rt.settings, simulators_in_process=True),
+                                             runtime=rt))
+    short = await make_payment(admin, demo["payment_types"]["Monthly Rent"])
+    resp = await client.post("/webhooks/payments/test", json={
+        "gatewayReference": short["gatewayReference"], "status": "COMPLETED", "gatewayTransactionId": "TEST-CLEAR",
+        "gatewayData": {"amount": 40_000}})
+    assert resp.status == 200, await resp.text()
+    await drain(worker)
+    assert _received(hook, secret, coop) == []  # the completion and its flag: not asked for
+    said = "provider reported 40,000 RWF, expected 50,000 RWF"
+    note = "MTN statement shows 40,000 taken; the member paid the rest in cash"
+
+    reviewed = await admin.json("POST", f"/v1/payments/{short['id']}/review", 200, json={"note": note})
+    # Queued with the review, in its transaction.
+    async with rt.sessionmaker() as s:
+        [job] = [j for j in (await s.execute(select(OutboxJob).where(OutboxJob.kind == "webhook.event"))).scalars()
+                 if j.payload["event_type"] == "payment.flag_cleared"]
+    assert job.status == "PENDING" and job.payload["data"]["id"] == short["id"]
+    await drain(worker)
+
+    [delivery] = await _deliveries(rt, cleared_hook.id)
+    assert (delivery.event_type, delivery.status) == ("payment.flag_cleared", "DELIVERED")
+    [event] = _received(hook, secret, coop)  # signed with the endpoint's secret, named in its headers
+    row = await _row(rt, short["id"])
+    assert (event["type"], event["cooperativeId"], event["id"]) == ("payment.flag_cleared", coop, delivery.event_id)
+    review = {"mismatchDetail": said, "note": note, "by": row.reviewed_by, "at": reviewed["review"]["at"]}
+    assert row.reviewed_by.startswith("admin:") and event["data"]["review"] == review == reviewed["review"]
+    data = event["data"]
+    assert (data["id"], data["status"], data["mismatch"], data["mismatchDetail"], data["collectedAmount"]) == (
+        short["id"], "COMPLETED", False, None, 40_000)
+    assert data["updatedAt"] == iso_ms(row.updated_at)  # the review's change
+    # The endpoint that asked for every other event (payment.flagged included) is sent none of it.
+    assert "payment.flag_cleared" not in [d.event_type for d in await _deliveries(rt, others.id)]
+
+    # Nothing left to clear: refused, and nothing queued nor sent.
+    await admin.json("POST", f"/v1/payments/{short['id']}/review", 409, json={"note": note})
+    async with rt.sessionmaker() as s:
+        events = [j.payload["event_type"] for j in (await s.execute(
+            select(OutboxJob).where(OutboxJob.kind == "webhook.event"))).scalars()]
+    assert events.count("payment.flag_cleared") == 1
+    await drain(worker)
+    assert len(_received(hook, secret, coop)) == 1 and len(await _deliveries(rt, cleared_hook.id)) == 1

@@ -103,10 +103,11 @@ async def test_a_reviewed_flag_leaves_the_lists_and_stays_readable(rt: Any, clie
     assert (listed["id"], listed["review"]) == (payment["id"], review)
     after = await admin.json("GET", "/v1/reports/reconciliation", 200)
     assert (after["flagged"], after["flaggedCount"]) == ([], 0) and _money(after) == _money(report)
-    # A refund is still capped at what was taken; no webhook event for the review.
+    # A refund is still capped at what was taken; one webhook event for the review (payment.flag_cleared, told in
+    # tests/admin_api/test_payment_flagged_webhook.py).
     refused = await admin.json("POST", f"{url}/refunds", 422, json={"amount": 50000, "idempotencyKey": idem()})
     assert "exceeds the refundable 40,000 RWF" in refused["message"]
-    assert await _events(rt) == events
+    assert await _events(rt) == events + 1
 
     again = await admin.json("POST", f"{url}/review", 409, json={"note": NOTE})
     assert again["message"] == ("payment is not flagged (mismatch is false), so there is nothing to review: its last "
@@ -135,6 +136,13 @@ async def test_a_flag_raised_after_the_review_shows_again_alone(rt: Any, client:
     assert (second["mismatch"], second["review"]["mismatchDetail"]) == (False, flagged["mismatchDetail"])
     assert [a.before["mismatchDetail"] for a in await _reviews(rt, payment["id"])] == [
         ASKED_40K, flagged["mismatchDetail"]]
+    # Each review told on its own (payment.flag_cleared, one event per review), saying what it cleared.
+    async with rt.sessionmaker() as s:
+        told = [j.payload for j in (await s.execute(select(OutboxJob).where(OutboxJob.kind == "webhook.event")
+                                                    .order_by(OutboxJob.id))).scalars()
+                if j.payload["event_type"] == "payment.flag_cleared"]
+    assert [t["data"]["review"] for t in told] == [first, second["review"]]
+    assert len({t["event_id"] for t in told}) == 2
 
 
 async def test_only_a_flagged_payment_is_reviewed(rt: Any, admin: Caller, demo: dict[str, Any]) -> None:

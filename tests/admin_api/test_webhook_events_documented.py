@@ -63,9 +63,10 @@ async def test_every_event_type_is_described_and_no_other_is_sent(client: Any, r
                                     "cooperative_id": demo["cooperative_id"], "data": {}})
 
 
-async def _test_callback(client: Any, payment: dict[str, Any], status: str, txn: str | None = None) -> None:
+async def _test_callback(client: Any, payment: dict[str, Any], status: str, txn: str | None = None,
+                         amount: int = 50000) -> None:
     body = {"gatewayReference": payment["gatewayReference"], "status": status, "gatewayTransactionId": txn,
-            "failureReason": None if status == "COMPLETED" else "declined", "gatewayData": {"amount": 50000}}
+            "failureReason": None if status == "COMPLETED" else "declined", "gatewayData": {"amount": amount}}
     resp = await client.post("/webhooks/payments/test", json=body)
     assert resp.status == 200, await resp.text()
 
@@ -87,6 +88,10 @@ async def test_delivered_events_validate_against_the_document(
     failed = await make_payment(admin, rent)
     await _test_callback(client, failed, "FAILED")  # payment.failed
     await _test_callback(client, await make_payment(admin, rent), "TIMEOUT")  # payment.timeout
+    short = await make_payment(admin, rent)
+    await _test_callback(client, short, "COMPLETED", "TEST_TXN_SHORT", amount=40000)  # flagged: another amount
+    await admin.json("POST", f"/v1/payments/{short['id']}/review", 200,
+                     json={"note": "statement checked, the rest paid in cash"})  # payment.flag_cleared
 
     refunds = f"/v1/payments/{paid['id']}/refunds"
     sent = await admin.json("POST", refunds, 201, json={"amount": 10000, "idempotencyKey": idem()})
