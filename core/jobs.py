@@ -82,7 +82,7 @@ REFUND_RESENDS = 3
 
 
 def collect_call_budget(lease_seconds: float) -> float:
-    """Seconds the collect job gives its provider call: the worker's handler timeout less a margin to
+    """Seconds a collect or refund job gives its provider call: the worker's handler timeout less a margin to
     record the answer. Past it the call counts as unanswered (ask the status), never as failed."""
     limit = handler_timeout(lease_seconds)
     return limit - min(5.0, limit / 5)
@@ -185,7 +185,8 @@ async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T], deadl
     they are.
 
     Once it left, anything raised (a timeout, a reset connection, the adapter failing on the answer) stays in doubt
-    and is asked about; a NOT_SENT or UNREACHABLE then speaks of another request than the one that left (none does
+    and is asked about (the deadline, with the provider's id for the request known, as a ProviderTimeout carrying
+    it: core.ports.known_as); a NOT_SENT or UNREACHABLE then speaks of another request than the one that left (none does
     today), so it is made a ProviderTimeout, never sent again blind. A ProviderTimeout is the adapter's own word that
     its request may have arrived: raised as it is, left or not."""
     if deadline is not None and asyncio.get_running_loop().time() >= deadline:
@@ -203,6 +204,11 @@ async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T], deadl
         except ProviderTimeout:
             raise
         except TimeoutError:
+            if watch.left and watch.provider_transaction_id:
+                # The deadline with a request out, the provider's id for it known (IremboPay's invoice number):
+                # carried, so it is stored and any process asks by it (core.ports.known_as).
+                raise ProviderTimeout(f"{name} {operation}: no answer by the call's deadline; ask the status, do not "
+                                      "send again", provider_transaction_id=watch.provider_transaction_id) from None
             if watch.left:
                 raise  # the deadline with a request out: it may have arrived
             raise ProviderError(f"{name} {operation}: not sent by the call's deadline (a request it needs first, "
@@ -742,7 +748,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             callback_url=_callback_url(rt, payment.provider), note=note)
 
     async def submit_refund(job: Job) -> None:
-        deadline = call_deadline(job)  # for its token (the refund call itself keeps the worker's)
+        deadline = call_deadline(job)
         async with rt.sessionmaker() as session:
             refund = await session.get(Refund, job.payload["refund_id"])
             payment = await session.get(Payment, refund.payment_id) if refund else None
@@ -793,8 +799,11 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         await call_starting(rt.sessionmaker, job)  # a worker lost before this line never sent it
         try:
             accepted = await _timed(provider.name, "refund", _until_it_leaves(
-                provider.name, "refund", provider.request_refund(request)))
-        except ProviderTimeout:
+                provider.name, "refund", provider.request_refund(request), deadline))
+        except (ProviderTimeout, TimeoutError):
+            # The provider may have the refund (unanswered, or its request still out at the call's deadline): its
+            # outcome is waited for, never sent again. (One whose request never left by then is NOT_SENT:
+            # _until_it_leaves.)
             accepted = None
         except CredentialsRefused as exc:
             raise awaiting_configuration(exc) from exc

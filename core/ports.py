@@ -182,11 +182,14 @@ NOT_SENT = "NOT_SENT"
 class Departures:
     """How many requests that move money (a payment's or a refund's: providers.calls.send's `creates`) were handed to
     the transport while watched (watch_departures), and how many of those are known to have reached nothing that acts
-    on them (turned_back): the transport failed before it wrote a byte (no connection), or the provider refused the
-    gateway's token (HTTP 401: nothing was processed, and the adapter may send it again with a new one)."""
+    on them (turned_back): the transport failed before it wrote a byte (no connection), the provider refused the
+    gateway's token (HTTP 401: nothing was processed, and the adapter may send it again with a new one), or its rate
+    limit refused the request (HTTP 429: nothing was processed, sent again after its Retry-After)."""
 
     handed: int = 0
     turned_back: int = 0
+    # The provider's id for the request, learnt before its request that moves money left (known_as).
+    provider_transaction_id: str | None = None
 
     @property
     def left(self) -> bool:
@@ -220,12 +223,22 @@ def departing() -> None:
 def turned_back() -> None:
     """The request that moves money last handed over (departing) is known to have reached nothing that acts on it: the
     transport could not connect (providers.calls.send: httpx's ConnectError, ConnectTimeout, PoolTimeout and
-    UnsupportedProtocol are raised before a byte of the request is written), or the provider refused the gateway's
-    token (HTTP 401, or M-Pesa's "Invalid Access Token"). Only for those: a failure that may follow a byte written (a
-    write or read timeout, a reset, a malformed answer) never turns one back."""
+    UnsupportedProtocol are raised before a byte of the request is written), the provider refused the gateway's
+    token (HTTP 401, or M-Pesa's "Invalid Access Token"), or the provider's rate limit refused it (an HTTP 429 answer:
+    providers.calls.ProviderBusy). Only for those: a failure that may follow a byte written (a write or read timeout,
+    a reset, a malformed answer) never turns one back."""
     watch = _DEPARTURES.get()
     if watch is not None and watch.left:
         watch.turned_back += 1
+
+
+def known_as(provider_transaction_id: str) -> None:
+    """The adapter learnt the provider's id for the request before its request that moves money leaves (IremboPay's
+    invoice number, made before its push): the watch in force, if any, keeps it, so a call still out at the job's
+    deadline is stored with it (core.jobs._until_it_leaves), as one a ProviderTimeout carries is."""
+    watch = _DEPARTURES.get()
+    if watch is not None:
+        watch.provider_transaction_id = provider_transaction_id
 
 
 class CallbackRejected(Exception):

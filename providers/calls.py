@@ -222,8 +222,9 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
     A request that could not be made, or whose URL httpx refuses before connecting, never left: not_sent (a
     retryable NOT_SENT, its own class), never a timeout or an unreachable provider. A request that `creates` is
     counted as gone (core.ports.departing) as it is handed to the transport: whatever fails after that may follow
-    a request that arrived, but for a failure to connect and an answer 401 (nothing was processed under a refused
-    token: the adapters send it again with a new one), which turn it back.
+    a request that arrived, but for a failure to connect, an answer 401 (nothing was processed under a refused
+    token: the adapters send it again with a new one) and an answer 429 (the provider's rate limit refused it, nothing
+    processed: ProviderBusy, sent again after its Retry-After), which turn it back.
 
     gateway_provider_errors_total is counted here (a transport failure, a 5xx unless `count_5xx` is off: an
     adapter that counts its errors as it reads them, a request not made) and in http_error (a 4xx), once per
@@ -274,8 +275,10 @@ async def send(http: httpx.AsyncClient, *, provider: str, operation: str, method
     finally:
         if timed:
             PROVIDER_CALLS.labels(provider=provider, operation=operation).observe(time.perf_counter() - started)
-    if creates and response.status_code == 401:
-        turned_back()  # refused unprocessed for the gateway's token: sent again with a new one, or our credentials
+    if creates and response.status_code in (401, 429):
+        # Refused unprocessed: for the gateway's token (sent again with a new one, or our credentials), or by the
+        # provider's rate limit (http_error's ProviderBusy: sent again after its Retry-After, as never arrived).
+        turned_back()
     if response.status_code >= 500 and (answered is None or not answered(response)):
         if count_5xx:
             PROVIDER_ERRORS.labels(provider=provider, operation=operation).inc()

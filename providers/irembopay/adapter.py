@@ -37,9 +37,10 @@ from core.ports import (
     ProviderTimeout,
     RefundRequest,
     StatusResult,
+    known_as,
 )
 from core.text import is_number
-from providers.calls import credentials_refused, provider_time, send, timeout_from
+from providers.calls import ProviderBusy, credentials_refused, provider_time, retry_after, send, timeout_from
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,9 @@ class IremboPayAdapter:
 
     async def _push(self, body: Mapping[str, Any], invoice_number: str) -> None:
         """Prompt the payer. Whenever it may have reached them without our knowing, raise ProviderTimeout
-        carrying the invoice number, which the core stores for the status query of any process."""
+        carrying the invoice number, which the core stores for the status query of any process (and so it does
+        should the job's deadline cut the push off: known_as)."""
+        known_as(invoice_number)
         try:
             resp = await self._send("push", "POST", "/payments/transactions/initiate", json=body)
         except ProviderTimeout as exc:
@@ -470,6 +473,12 @@ class IremboPayAdapter:
             credentials_refused(self.name, operation, message)
             return CredentialsRefused(f"IremboPay refused the gateway's credentials for {operation} "
                                       f"({resp.status_code} {code}): {message}", code=code)
+        if resp.status_code == 429 and code not in ERRORS:
+            # Its rate limit refused it, nothing processed (providers.calls.send turned a push back): as
+            # http_error's, HTTP_429 (core.outbox.NOTHING_PROCESSED) with its Retry-After. (One of its own codes
+            # keeps what it says: PAYMENT_PROVIDER_ERROR's push is asked about.)
+            return ProviderBusy(f"IremboPay is rate limiting {operation} ({resp.status_code} {code}): {message}",
+                                code="HTTP_429", retry_after=retry_after(resp))
         return ProviderError(f"IremboPay {operation} refused ({resp.status_code} {code}): {message}",
                              retryable=retryable, code=code)
 

@@ -34,7 +34,16 @@ from core.ports import (
     StatusResult,
     turned_back,
 )
-from providers.calls import credentials_accepted, credentials_refused, provider_time, send, timeout_from, with_query
+from providers.calls import (
+    ProviderBusy,
+    credentials_accepted,
+    credentials_refused,
+    provider_time,
+    retry_after,
+    send,
+    timeout_from,
+    with_query,
+)
 from providers.tokens import TokenCache
 
 log = logging.getLogger(__name__)
@@ -602,6 +611,12 @@ class MpesaAdapter:
             credentials_refused(self.name, operation, message)
             return CredentialsRefused(f"M-Pesa refused the gateway's credentials for {operation} "
                                       f"({resp.status_code} {code}): {message}", code=str(code))
+        if resp.status_code == 429:
+            # Daraja's rate limit refused it, nothing processed (providers.calls.send turned a push or reversal
+            # back): as http_error's, HTTP_429 (core.outbox.NOTHING_PROCESSED) with its Retry-After. Under its own
+            # errorCode it was taken for a push or reversal that may have arrived (CALL_SENT), its Retry-After unread.
+            return ProviderBusy(f"M-Pesa is rate limiting {operation} ({resp.status_code} {code}): {message}",
+                                code="HTTP_429", retry_after=retry_after(resp))
         return ProviderError(f"M-Pesa {operation} refused ({resp.status_code} {code}): {message}",
                              retryable=retryable, code=str(code))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from sqlalchemy import select
 import providers.mpesa.adapter as mpesa_module
 from app import create_worker
 from core.config import ProviderConfig, Secret
+from core.db import utcnow
 from core.http import make_client
 from core.jobs import _until_it_leaves
 from core.models import OutboxJob, Payment
@@ -31,6 +33,7 @@ from providers.irembopay import IremboPayAdapter
 from providers.mpesa import MpesaAdapter
 from providers.mtn_momo.adapter import MtnMomoAdapter
 from tests import logscan
+from tests.admin_api.conftest import bearer
 from tests.conftest import drain
 from tests.core.test_lost_before_call import ACCEPTED, PUSH, _lease_lapses
 from tests.core.test_provider_faults_mpesa import RECEIPT, REVERSAL, _pushed
@@ -630,3 +633,167 @@ async def test_an_airtel_refund_refused_401_whose_new_token_fails_is_a_refund_ne
     assert len(wire.sent("POST", AIRTEL_REFUND)) == 1 and tokens == []
     stored, _, _ = await _rows(rt, refund.id, payment.id)
     assert stored.status == "PENDING"
+
+
+# --- A money request the provider's rate limit refused (HTTP 429: nothing processed) ---------------------------------
+
+BUSY = {"requestId": "8574-1234570-1", "errorCode": "500.003.03", "errorMessage": "Quota Violation"}  # Daraja's
+
+
+def _busy(retry_after: str = "120", body: Any = None) -> Any:
+    return lambda _r: httpx.Response(429, json=BUSY if body is None else body, headers={"Retry-After": retry_after})
+
+
+async def test_a_money_request_answered_429_is_turned_back() -> None:
+    """A 429 is the provider's rate limit refusing the request unprocessed (http_error's ProviderBusy,
+    core.outbox.NOTHING_PROCESSED), as a 401 is: the watch does not count it as gone, so a failure of the call after it
+    (here a request that could not be made) is what it says, NOT_SENT. Before: the 429'd request counted as gone, and
+    that failure was made a ProviderTimeout, the payment only asked about."""
+    wire = Routes(test_mtn_momo.BASE).on("POST", MTN_PAY, _busy())
+
+    async def call() -> None:
+        async with wire.client() as http:
+            common: dict[str, Any] = {"provider": "mtn_momo", "timeouts": httpx.Timeout(1.0)}
+            await calls.send(http, operation="request_to_pay", method="POST", url=test_mtn_momo.BASE + MTN_PAY,
+                             creates=True, json={"amount": "100"}, **common)
+            await calls.send(http, operation="request_to_pay", method="POST", creates=True,
+                             url=test_mtn_momo.BASE + MTN_PAY, headers={"X-Note": "é"}, **common)
+
+    with watch_departures() as watch, pytest.raises(ProviderError) as err:
+        await _until_it_leaves("mtn_momo", "collect", call())
+    assert not isinstance(err.value, ProviderTimeout)
+    assert (err.value.code, err.value.retryable) == (NOT_SENT, True)
+    assert not watch.left and len(wire.sent("POST", MTN_PAY)) == 1
+
+
+async def test_an_stk_push_rate_limited_is_pushed_again_after_its_retry_after(rt: Any, demo: dict[str, Any],
+                                                                             worker: Any) -> None:
+    """Daraja answered the push 429 (nothing processed) with Retry-After: 120. The job waits that long and pushes again
+    under the same reference, a try never processed. Before: Daraja's errorCode as the error's code, so the job was
+    marked "provider call sent, may have arrived" (CALL_SENT: a later try took the push for one M-Pesa may hold) and
+    retried on its own backoff (seconds), the Retry-After unread."""
+    wire = mpesa_wire().on("POST", PUSH, _busy())
+    mpesa_adapter(rt, MPESA_BASE, wire.client())
+    payment = await mpesa_payment(rt, demo)
+    before = utcnow()
+    await drain(worker)
+    collect = await _job(rt, "payment.collect")
+    assert collect.status == "PENDING" and "rate limiting stk_push (429 500.003.03)" in (collect.last_error or "")
+    assert not (collect.last_error or "").startswith((INTERRUPTED, CALL_SENT)), collect.last_error
+    assert collect.run_at >= before + timedelta(seconds=119)
+    wire.on("POST", PUSH, 200, ACCEPTED)
+    await due_now(rt, "payment.collect")
+    await drain(worker)
+    assert len(wire.sent("POST", PUSH)) == 2
+    async with rt.sessionmaker() as s:
+        stored = await s.get(Payment, payment.id)
+    assert (stored.status, stored.provider_transaction_id) == ("PROCESSING", "ws_CO_1")
+
+
+async def test_an_mpesa_reversal_rate_limited_is_still_a_refund_never_sent(client: Any, rt: Any, demo: dict[str, Any],
+                                                                          worker: Any) -> None:
+    """A reversal answered 429: nothing processed, so the refund is still one never sent, which an admin may withdraw.
+    Before: CALL_SENT ("may have arrived"), and its withdrawal refused 409."""
+    wire, payment = await _pushed(rt, demo, worker)
+    await completed(rt, payment, RECEIPT)
+    wire.on("POST", REVERSAL, _busy("60"))
+    refund = await _ask_refund(rt, demo, payment, key="reversal-rate-limited-1")
+    before = utcnow()
+    await drain(worker)
+    submit = await _job(rt, "refund.submit")
+    assert submit.status == "PENDING" and "rate limiting reversal" in (submit.last_error or "")
+    assert not (submit.last_error or "").startswith((INTERRUPTED, CALL_SENT)), submit.last_error
+    assert submit.run_at >= before + timedelta(seconds=59) and len(wire.sent("POST", REVERSAL)) == 1
+    admin = await bearer(client, *demo["admin"])
+    cancelled = await admin.json("POST", f"/v1/refunds/{refund.id}/cancel", 200, json={"note": "asked by mistake"})
+    assert cancelled["status"] == "FAILED"
+
+
+async def test_an_irembopay_push_rate_limited_is_sent_again_after_its_retry_after() -> None:
+    """IremboPay refused the push 429: nothing processed, no prompt can be live. As http_error's: HTTP_429 with its
+    Retry-After (core.outbox.NOTHING_PROCESSED), the push not counted as gone. Before: code "429", which the outbox took
+    for a push that may have arrived (CALL_SENT), its Retry-After unread."""
+    rec = fixture("invoice.json")
+    wire = Routes(IREMBO_BASE).on("POST", INVOICES, 201, rec["invoice_answer"]).on(
+        "POST", IREMBO_PUSH, _busy("30", {"success": False, "message": "Too many"}))
+    adapter = IremboPayAdapter(wire.client(), config())
+    with watch_departures() as watch, pytest.raises(ProviderError) as err:
+        await _until_it_leaves("irembopay", "collect", adapter.request_collection(
+            collection(expires_at=RECORDED_EXPIRY)))
+    assert not isinstance(err.value, ProviderTimeout)
+    assert (err.value.code, err.value.retryable, getattr(err.value, "retry_after", None)) == ("HTTP_429", True, 30.0)
+    assert not watch.left and len(wire.sent("POST", IREMBO_PUSH)) == 1
+
+
+async def test_an_irembopay_push_refused_429_for_the_provider_behind_it_is_still_asked_about() -> None:
+    """Only IremboPay's own rate limit is a push never processed: a 429 naming PAYMENT_PROVIDER_ERROR (MTN or Airtel
+    behind it failing part-way) may have prompted the payer, and stays in doubt, carrying the invoice number."""
+    rec = fixture("invoice.json")
+    behind = {"success": False, "errors": [{"code": "PAYMENT_PROVIDER_ERROR", "detail": "MTN is busy"}]}
+    wire = Routes(IREMBO_BASE).on("POST", INVOICES, 201, rec["invoice_answer"]).on(
+        "POST", IREMBO_PUSH, _busy("30", behind))
+    adapter = IremboPayAdapter(wire.client(), config())
+    with pytest.raises(ProviderTimeout) as err:
+        await _until_it_leaves("irembopay", "collect", adapter.request_collection(
+            collection(expires_at=RECORDED_EXPIRY)))
+    assert err.value.provider_transaction_id == rec["invoice_answer"]["data"]["invoiceNumber"]
+
+
+# --- A refund's call, by the job's call deadline as a collection's ---------------------------------------------------
+
+
+async def test_an_airtel_refund_whose_token_refresh_outlasts_the_deadline_is_sent_later_once(
+        rt: Any, demo: dict[str, Any], worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Airtel refused the refund's token (401: nothing processed) and the token fetched again inside the call took
+    past the worker's cut-off. Before: the refund's call had no deadline of its own, the worker cancelled it
+    (INTERRUPTED), and the next try took it for a refund that may have arrived: PROCESSING, parked for a person (Airtel
+    cannot be asked). Now the call's deadline (inside the worker's) makes it NOT_SENT; the next try sends it once."""
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 1.0)
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 2.0)
+    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
+    wire, payment = await airtel_collected(rt, demo, "key-airtel-refund-deadline")
+    tokens: list[str] = []
+
+    async def token(_request: httpx.Request) -> httpx.Response:
+        tokens.append("asked")
+        if len(tokens) == 2:
+            await asyncio.sleep(3.0)  # past the call's deadline and the worker's cut-off
+        return httpx.Response(200, json={"access_token": f"t{len(tokens)}", "expires_in": "180"})
+
+    refunds = [httpx.Response(401, json={"status": {"message": "Invalid token", "success": False}})]
+    settled = load("airtel", "refund_success.json")
+    wire.on("POST", "/auth/oauth2/token", token).on(
+        "POST", AIRTEL_REFUND, lambda _r: refunds.pop() if refunds else httpx.Response(200, json=settled))
+    refund = await _ask_refund(rt, demo, payment, key="refund-deadline-1")
+    await drain(worker)
+    submit = await _job(rt, "refund.submit")
+    assert submit.status == "PENDING" and "nothing was sent" in (submit.last_error or ""), submit.last_error
+    assert not (submit.last_error or "").startswith((INTERRUPTED, CALL_SENT))
+    assert len(wire.sent("POST", AIRTEL_REFUND)) == 1
+    await asyncio.sleep(2.5)  # the slow token arrives, and is kept for the next try
+    await due_now(rt, "refund.submit")
+    await drain(worker)
+    assert len(wire.sent("POST", AIRTEL_REFUND)) == 2 and len(tokens) == 2
+    stored, _, _ = await _rows(rt, refund.id, payment.id)
+    assert stored.status == "COMPLETED"
+
+
+async def test_an_airtel_refund_still_out_at_the_deadline_waits_for_its_outcome_never_sent_again(
+        rt: Any, demo: dict[str, Any], worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refund itself was handed over and not answered by the call's deadline: it may have been carried out, so
+    it waits for its outcome (PROCESSING; Airtel, which cannot be asked, to a person) and is never sent again."""
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.5)
+    wire, payment = await airtel_collected(rt, demo, "key-airtel-refund-out")
+
+    async def slow(_request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(1.0)  # past the call's deadline (it ends, so nothing is left running)
+        return httpx.Response(200, json=load("airtel", "refund_success.json"))
+
+    wire.on("POST", AIRTEL_REFUND, slow)
+    refund = await _ask_refund(rt, demo, payment, key="refund-out-at-deadline-1")
+    await _twice(rt, worker, "refund.submit")
+    submit = await _job(rt, "refund.submit")
+    assert (submit.status, submit.attempts) == ("DONE", 1)
+    assert len(wire.sent("POST", AIRTEL_REFUND)) == 1
+    stored, _, _ = await _rows(rt, refund.id, payment.id)
+    assert stored.status == "PROCESSING"

@@ -255,7 +255,7 @@ async def test_push_refused_with_a_rate_limit_may_be_sent_again() -> None:
         with pytest.raises(ProviderError) as err:
             await IremboPayAdapter(http, config()).request_collection(collection())
     assert not isinstance(err.value, ProviderTimeout)
-    assert (err.value.code, err.value.retryable) == ("429", True)
+    assert (err.value.code, err.value.retryable) == ("HTTP_429", True)  # core.outbox.NOTHING_PROCESSED
 
 
 async def test_status_timeout_is_retryable() -> None:

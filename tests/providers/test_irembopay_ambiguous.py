@@ -4,6 +4,7 @@ poll in any worker process (or after a restart) can ask about it."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -110,4 +111,27 @@ async def test_push_refused_for_good_fails_the_payment_without_a_second_push(rt,
     await drain(worker)
     failed = await _get(rt, payment.id)
     assert failed.status == "FAILED" and "BAD_PHONE_NUMBER" in failed.failure_reason
+    assert len(wire.sent("POST", PUSH)) == 1
+
+
+async def test_push_still_out_at_the_collects_deadline_stores_the_invoice_number(rt, demo, worker, monkeypatch):
+    """The invoice was made, and its push was still out when the job's call deadline fired: the payer may be prompted.
+    The invoice number, known before the push, is stored as for a push left unanswered (ProviderTimeout), so the poll
+    of any process asks by it. Before: the deadline's TimeoutError carried nothing, and the payment kept no number
+    until an answer brought it (a poll in another process asked by our transactionId)."""
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.5)
+
+    async def slow(_request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(1.0)  # past the call's deadline (it ends, so nothing is left running)
+        return httpx.Response(200, json={"success": True, "data": {}})
+
+    wire = Routes(BASE).on("POST", "/payments/invoices", 201, ANSWER).on("POST", PUSH, slow)
+    irembopay(rt, wire)
+    payment = await _payment(rt, demo)
+    await worker.run_once()  # the collect job
+    async with rt.sessionmaker() as s:
+        [collect] = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "payment.collect"))).scalars()
+    assert collect.status == "DONE"  # never pushed again: asked about
+    held = await _get(rt, payment.id)
+    assert (held.status, held.provider_transaction_id) == ("PENDING", INVOICE)
     assert len(wire.sent("POST", PUSH)) == 1
