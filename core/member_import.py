@@ -461,14 +461,14 @@ async def import_members(
             # members, tried to add them, and was refused "50 row(s) with a number already a member's: leave them
             # out, or import with existing=update", the option it was sent with.
             await session.execute(ADVISORY_XACT_LOCK_SHARED, {"key": _imports_key(cooperative.id)})
-        known = await _already_members(session, cipher, cooperative.id, rows, whole=status)
+        known = await _already_members(session, cipher, cooperative.id, rows, indexes=indexes, whole=status)
         if known:
             raise ImportRejected(known)
     new, warnings = prepared[1:] if prepared is not None else await _prepare(
         cipher, cooperative, rows, indexes, actor=actor, status=status, phone_warning=phone_warning)
     # `whole`: existing=update inserts only the rows with no member, and a race it loses (a number registered
     # meanwhile) is not the same list sent again.
-    ids = await _insert_rows(session, cipher, cooperative.id, rows, new,
+    ids = await _insert_rows(session, cipher, cooperative.id, rows, indexes, new,
                              whole=None if existing == "update" else status)
     after: dict[str, Any] = {"count": len(ids), "ignoredColumns": parsed.ignored_columns, "encoding": parsed.encoding}
     if existing == "update":
@@ -513,13 +513,17 @@ async def _prepare(cipher: PiiCipher, cooperative: Cooperative, rows: list[Impor
 
 
 async def _already_members(session: AsyncSession, cipher: PiiCipher, cooperative_id: str,
-                           rows: list[ImportRow], *, ours: set[str] | frozenset[str] = frozenset(),
+                           rows: list[ImportRow], *, indexes: list[str] | None = None,
+                           ours: set[str] | frozenset[str] = frozenset(),
                            whole: str | None = None) -> list[RowError]:
     """A RowError, in the file's order, for each row whose number is already a member's of the cooperative (not
-    one of `ours`: the members this import has inserted so far). `whole`: `rows` are the whole file, to be
-    imported with that status; when each of them is a member with its row's details, the file was imported
-    already, and one error says so (already_imported)."""
-    by_index = {cipher.blind_index(r.phone.e164): r async for r in turns(rows)}
+    one of `ours`: the members this import has inserted so far). `indexes`: the rows' numbers' blind indexes, when
+    the import has them (import_members): computed here again, they were an HMAC a row more, 10,000 of a full file.
+    `whole`: `rows` are the whole file, to be imported with that status; when each of them is a member with its
+    row's details, the file was imported already, and one error says so (already_imported)."""
+    if indexes is None:
+        indexes = [cipher.blind_index(r.phone.e164) async for r in turns(rows)]
+    by_index = dict(zip(indexes, rows, strict=True))
     # One statement for the whole file (at most MAX_ROWS numbers: within asyncpg's 32,767 parameters and SQLite's
     # 32,766), so one snapshot: read 500 at a time, an import of the same list committing between two reads was
     # named for the numbers read after it alone ("200 row(s) ... already a member's" of 1,200), and the clerk who
@@ -716,11 +720,12 @@ async def _member_values(cipher: PiiCipher, cooperative_id: str, rows: list[Impo
 
 
 async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id: str, rows: list[ImportRow],
-                       new: _NewMembers, *, whole: str | None) -> list[str]:
+                       indexes: list[str], new: _NewMembers, *, whole: str | None) -> list[str]:
     """The rows' members and their "member.created" audit rows (`new`, _member_values) written, CHUNK rows to a
     statement: a 10,000-row file is 20 member INSERTs and a batched audit insert, where a row at a time was
     20,000 round trips (25-34 s in one request). The unique (cooperative, phone) index still decides: a number
-    added by another request since the check above inserts nothing, and the file is refused naming its row.
+    added by another request since the check above inserts nothing, and the file is refused naming its row
+    (`indexes`: the rows' numbers' blind indexes, to read which).
 
     Written in the order of the numbers' blind indexes, whatever the file's (the ids are still returned in the
     file's order): two imports of overlapping lists at once take turns on PostgreSQL's unique index, the second
@@ -741,7 +746,7 @@ async def _insert_rows(session: AsyncSession, cipher: PiiCipher, cooperative_id:
             # Read again for the whole file, not this chunk alone: the same file sent again after a timeout while
             # the first upload was still being written was told "500 row(s) already a member's" of its 5,000 (the
             # first chunk to meet the other's rows), and the clerk who left those out was refused again.
-            known = await _already_members(session, cipher, cooperative_id, rows,
+            known = await _already_members(session, cipher, cooperative_id, rows, indexes=indexes,
                                            ours={*filter(None, ids), *written}, whole=whole)
             if whole is None and known:
                 # An existing=update import (the rows it read as having no member): "import with existing=update",
