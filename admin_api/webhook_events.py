@@ -145,11 +145,14 @@ _SAYS = {
                        "event of its own (those, payment.taken_after_failure, payment.paid_twice, "
                        "payment.unconfirmed_success and payment.taken_after_void, are sent instead, to this event's "
                        "endpoints too); the status is unchanged unless payment.completed, failed or timeout tells "
-                       "the same change. Once per flag.",
+                       "the same change. Once per flag. Its updatedAt is its change's (payment.completed... written "
+                       "with it share it): read the flag even if not later than the last applied, unless earlier than "
+                       "a payment.flag_cleared's, which cleared it.",
     "payment.flag_cleared": "A person cleared the payment's flags (POST /v1/payments/{id}/review) once they were "
                             "checked and dealt with: mismatch false, mismatchDetail null; review says what they said, "
                             "who cleared them, when and the note. Nothing else changed (status, money). Once per "
-                            "review; a later flag is told again (payment.flagged...).",
+                            "review; a later flag is told again (payment.flagged...). It cleared every flag told "
+                            "with an earlier updatedAt, also one arriving after it (a delivery retried).",
     "refund.completed": "The refund's money went back to the payer (COMPLETED).",
     "refund.failed": "The refund failed (FAILED); told again as refund.completed if the provider later reports the "
                      "money sent back.",

@@ -1082,6 +1082,15 @@ def _say_domain_skipped(endpoint_id: str, event_id: str) -> None:
                 extra={"endpoint_id": endpoint_id, "event_id": event_id, "skipped": skipped})
 
 
+def _say_domain_approved(endpoint_id: str) -> None:
+    """The endpoint's domain is approved again (an event of it recorded): its next rejection is warned about at
+    once, and the events skipped since the last warning, which no later one would count, are said now."""
+    said = _domain_skip_said.pop(endpoint_id, None)
+    if said is not None and said[1]:
+        log.warning("webhook endpoint approved again: events skipped since the last warning",
+                    extra={"endpoint_id": endpoint_id, "skipped": said[1]})
+
+
 def body_bytes(payload: dict[str, Any]) -> bytes:
     # The stored envelope serialised the same way on every attempt: retries send identical bytes.
     return json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
@@ -1129,7 +1138,7 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
             if endpoint_host(endpoint.url) not in approved:
                 _say_domain_skipped(endpoint.id, event_id)
                 continue
-            _domain_skip_said.pop(endpoint.id, None)  # approved again: a later rejection is warned about at once
+            _say_domain_approved(endpoint.id)
             if endpoint.status != "ACTIVE" and not (
                     _still_held(endpoint.disabled_at) and await disabled_for_failures(session, endpoint.id)):
                 continue  # deleted by an admin, or switched off for longer than a delivery is ever retried

@@ -225,3 +225,68 @@ async def test_a_receiver_keeping_the_newest_ends_where_the_gateway_does(
         truth = await session.get(Payment, payment.id)
     assert truth is not None and truth.status == "COMPLETED"
     assert receiver.held[payment.id][1] == truth.status
+
+
+class OpenFlags:
+    """A receiver keeping each payment's open flags as README.md tells one to: a flag (payment.flagged, or a flag's
+    own event) is read even when its updatedAt is not later than the last applied, unless it is earlier than that of
+    a payment.flag_cleared applied for the payment, which cleared every flag told before it. Its first answer to an
+    event type in `fail_first` is a 500 (a blip)."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, dict[str, str]] = {}  # payment id -> {event id: the flag's updatedAt}
+        self.cleared: dict[str, str] = {}  # payment id -> the updatedAt of the last payment.flag_cleared
+        self.arrivals: list[str] = []
+        self.fail_first: set[str] = set()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        event = json.loads(await request.read())
+        if event["type"] in self.fail_first:
+            self.fail_first.discard(event["type"])
+            return web.Response(status=500)
+        self.arrivals.append(event["type"])
+        data = event["data"]
+        flags = self.open.setdefault(data["id"], {})
+        if event["type"] == "payment.flag_cleared":
+            self.cleared[data["id"]] = max(self.cleared.get(data["id"], ""), data["updatedAt"])
+            for told in [e for e, at in flags.items() if at < data["updatedAt"]]:
+                del flags[told]
+        elif data["updatedAt"] >= self.cleared.get(data["id"], ""):
+            flags[event["id"]] = data["updatedAt"]
+        return web.Response(status=200)
+
+
+async def test_a_flag_retried_after_its_review_is_read_as_cleared_and_a_later_one_as_open(
+    rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any, clock: dict[str, timedelta]
+) -> None:
+    """payment.flagged's first attempt meets a 500; a person reviews the flag and payment.flag_cleared is delivered;
+    then the flag's retry arrives: earlier than the review's updatedAt, it is not open again. A flag raised after the
+    review (on a host whose clock is behind) reads later than it, and is."""
+    from core.payments import review_flags
+
+    receiver = OpenFlags()
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    server = await aiohttp_server(app)
+    await approved_endpoint(rt, demo["cooperative_id"], str(server.make_url("/hook")),
+                            events=["payment.flagged", "payment.flag_cleared"])
+    payment = await _payment(rt, demo)
+    receiver.fail_first.add("payment.flagged")
+    await _outcome(rt, payment.id, ProviderOutcome.SUCCEEDED, provider_transaction_id="MTN-SHORT-1",
+                   amount=Money(40_000, "RWF"))  # flagged: another amount taken
+    await _run_webhooks(rt, worker, due=False)  # the flag: 500, its retry in ~30 s
+    async with rt.sessionmaker.begin() as session:
+        await review_flags(session, payment.id, None, "statement shows 40,000; the rest paid in cash", actor=ADMIN)
+    await _run_webhooks(rt, worker, due=False)  # the review, at once
+    await _run_webhooks(rt, worker, due=True)  # the flag's retry, last
+    assert receiver.arrivals == ["payment.flag_cleared", "payment.flagged"]
+    assert receiver.open[payment.id] == {}
+
+    clock["by"] = -timedelta(seconds=5)
+    await _outcome(rt, payment.id, ProviderOutcome.SUCCEEDED, provider_transaction_id="MTN-OTHER-2")
+    await _run_webhooks(rt, worker, due=True)
+    assert receiver.arrivals[2:] == ["payment.flagged"]
+    async with rt.sessionmaker() as session:
+        truth = await session.get(Payment, payment.id)
+    assert truth is not None and truth.mismatch and "MTN-OTHER-2" in (truth.mismatch_detail or "")
+    assert list(receiver.open[payment.id].values()) == [_ms(truth.updated_at)]

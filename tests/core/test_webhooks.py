@@ -383,6 +383,35 @@ async def test_an_unapproved_domains_skipped_events_are_warned_about_once_an_hou
     assert (again.event_id, again.skipped) == ("evt_5", 1)
 
 
+async def test_the_events_a_domain_skipped_before_it_is_approved_again_are_counted(
+    rt: Any, demo: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Approved again within the hour: the events skipped since the warning were said nowhere (the next warning,
+    after a later rejection, counts from one), so the log's count of what its receiver never got fell short."""
+    coop = demo["cooperative_id"]
+    endpoint, _ = await approved_endpoint(rt, coop, "http://127.0.0.1:9/hook")
+    event = {"event_type": "payment.completed", "cooperative_id": coop, "data": {"id": "p1"}}
+
+    async def domain(status: str) -> None:
+        async with rt.sessionmaker.begin() as session:
+            await session.execute(update(ApprovedDomain).values(status=status))
+
+    with caplog.at_level(logging.WARNING, logger="gateway.webhooks"):
+        await domain("REJECTED")
+        for n in range(4):
+            assert await webhooks.fan_out(rt, {**event, "event_id": f"evt_{n}"}) == 0
+        await domain("APPROVED")
+        assert await webhooks.fan_out(rt, {**event, "event_id": "evt_4"}) == 1
+        assert await webhooks.fan_out(rt, {**event, "event_id": "evt_5"}) == 1  # said once
+        await domain("REJECTED")
+        assert await webhooks.fan_out(rt, {**event, "event_id": "evt_6"}) == 0
+    said = [(r.getMessage(), r.skipped) for r in caplog.records if getattr(r, "endpoint_id", None) == endpoint.id]
+    assert said == [("webhook endpoint skipped: domain no longer approved", 1),
+                    ("webhook endpoint approved again: events skipped since the last warning", 3),  # evt_1-3
+                    ("webhook endpoint skipped: domain no longer approved", 1)]
+    assert sum(skipped for _, skipped in said) == 5  # every event it skipped
+
+
 async def test_money_taken_after_a_failure_reaches_the_endpoints_told_of_the_failure(
     rt: Any, demo: dict[str, Any], receiver: Any, worker: Any
 ) -> None:
