@@ -99,6 +99,13 @@ JOB = out(
         "maxAttempts": {"type": "integer"},
         "runAt": DATETIME,
         "lastError": {"type": ["string", "null"]},
+        "afterFailure": {"type": "boolean",
+                         "description": "its last try failed, using an attempt or retried with its attempt given "
+                                        "back (a webhook delivery; a payment's status poll or watch whose status "
+                                        "query failed, its attempts 0): PENDING with a later runAt, it waits for "
+                                        "its retry after a failure (waiting=true). false: never tried, its last "
+                                        "try only planned its wait (a poll told still pending; its attempts may "
+                                        "still count earlier failures), or replayed and not tried since"},
         "subject": {
             "type": ["object", "null"],
             "description": "What the job is about (a payment or a refund, by id); null for other kinds",
@@ -229,6 +236,7 @@ def present(job: OutboxJob) -> dict[str, Any]:
         "maxAttempts": job.max_attempts,
         "runAt": iso(job.run_at),
         "lastError": job.last_error or None,  # "" is the claim's own mark (core.outbox.UNSTAMPED): no error
+        "afterFailure": bool(job.after_failure),
         "subject": subject_of(job.kind, job.payload),
         "createdAt": iso(job.created_at),
         "doneAt": iso(job.done_at),
@@ -533,8 +541,8 @@ ROUTES = [
                                     "is). DONE jobs are not searched (with status DONE: 400)"),
                  "refundId": Param("uuid", "As paymentId, for one refund"),
                  "waiting": Param("boolean", "true: only the jobs waiting for their retry after a failed attempt "
-                                  "(PENDING, runAt later than now): those POST /v1/jobs/replay with waiting: true "
-                                  "runs now")}),
+                                  "(PENDING, runAt later than now, afterFailure): those POST /v1/jobs/replay with "
+                                  "waiting: true runs now")}),
     Route("POST", "/jobs/{id}/replay", replay,
           "Replay a parked job (a fresh attempt budget), or run now a PENDING job waiting for its retry after a failed "
           "attempt (its attempts kept); 409 for a job running, ended, or PENDING without a failed attempt to hurry",

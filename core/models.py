@@ -374,9 +374,11 @@ class OutboxJob(Base):
     # database when the job is inserted (migration 0020's trigger), whichever code inserts it; NULL for a job
     # that calls none. Compared in byte order ("C" on PostgreSQL, SQLite's own), as the claim's ranges are built.
     lane: Mapped[str | None] = mapped_column(String(24).with_variant(String(24, collation="C"), "postgresql"))
-    # Migration 0031: its PENDING wait (run_at) is a retry after a try that failed, which its handler retried with its
-    # attempt given back (core.outbox.RetryLater's `failed`: a webhook delivery, a poll whose status query failed), so
-    # its attempts alone do not show it; written by every RetryLater (core.outbox.waiting reads it).
+    # Migration 0031: its last try failed, so its PENDING wait (run_at) is a retry after a failure: an attempt used, or
+    # a failure its handler retried with its attempt given back (core.outbox.RetryLater's `failed`: a webhook delivery,
+    # a poll whose status query failed); false after a try that only planned its wait. Its attempts show neither (a
+    # RetryLater gives its attempt back; they count earlier failures too). Written at every retry and RetryLater
+    # (core.outbox.waiting reads it alone).
     after_failure: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 

@@ -643,7 +643,8 @@ class OutboxWorker:
         except RetryLater as later:
             outcome = "later"
             # Its attempt given back (a wait, or a failure its handler bounds otherwise); whether this try failed
-            # is written either way, so a planned wait after a failed one no longer reads as waiting (is_waiting).
+            # is written either way, so a planned wait after a failed one (one that used an attempt too) no longer
+            # reads as waiting (is_waiting).
             progress = {} if later.payload is None else {"payload": later.payload}
             await self._finish(job, status="PENDING", locked_by=None, attempts=job.attempts - 1,
                                run_in=later.delay, last_error=_doubt_kept(job, str(later))[:2000],
@@ -680,7 +681,9 @@ class OutboxWorker:
                 asked = getattr(exc, "retry_after", None)  # e.g. a provider's Retry-After
                 if isinstance(asked, int | float) and asked > delay:
                     delay = min(float(asked), MAX_RETRY_AFTER)
-                if await self._finish(job, status="PENDING", locked_by=None, last_error=error, run_in=delay):
+                # This try failed (after_failure), whatever an earlier one said: waiting, until a try plans its wait.
+                if await self._finish(job, status="PENDING", locked_by=None, last_error=error, run_in=delay,
+                                      after_failure=True):
                     log.warning("job failed, will retry",
                                 extra={"job_id": job.id, "kind": job.kind, **_subject(job),
                                        "attempts": job.attempts, "delay_s": round(delay, 1), "error": error})
@@ -1109,17 +1112,18 @@ async def replay_job(session: AsyncSession, job_id: int) -> OutboxJob | None:
 def waiting(now: datetime) -> ColumnElement[bool]:
     """The jobs waiting for their retry after a failed attempt (is_waiting), as a query's condition: by the
     (status, run_at) index."""
-    return and_(OutboxJob.status == "PENDING", OutboxJob.run_at > now,
-                or_(OutboxJob.attempts > 0, OutboxJob.after_failure.is_(True)))
+    return and_(OutboxJob.status == "PENDING", OutboxJob.run_at > now, OutboxJob.after_failure.is_(True))
 
 
 def is_waiting(job: OutboxJob, now: datetime) -> bool:
-    """Whether `job` is PENDING, not due before a later instant, after at least one failed attempt: its backoff (up
-    to an hour, or a failure's own retry_after: 30 minutes for an SMS the aggregator refused for our account), or a
-    failure its handler retries with the attempt given back (RetryLater's `failed`, after_failure: a webhook
-    delivery's, up to 6 hours; a poll whose status query failed). Not a job never tried, nor one whose last try only
-    planned its wait (queued for later on purpose: a poll's or a reminder scan's time), nor one claimed (RUNNING)."""
-    return job.status == "PENDING" and (job.attempts > 0 or bool(job.after_failure)) and job.run_at > now
+    """Whether `job` is PENDING, not due before a later instant, after a try that failed (after_failure, which the
+    worker writes at every retry): its backoff (up to an hour, or a failure's own retry_after: 30 minutes for an SMS
+    the aggregator refused for our account), or a failure its handler retries with the attempt given back
+    (RetryLater's `failed`: a webhook delivery's, up to 6 hours; a poll whose status query failed). Not a job never
+    tried, nor one whose last try only planned its wait (queued for later on purpose: a poll's or a reminder scan's
+    time; a refund's poll told "still pending" after a failed attempt, its attempts above 0), nor one claimed
+    (RUNNING). (Its attempts are no sign: they count every failed attempt, not only the last try's.)"""
+    return job.status == "PENDING" and bool(job.after_failure) and job.run_at > now
 
 
 async def run_waiting_now(session: AsyncSession, job_id: int) -> tuple[OutboxJob, datetime] | None:

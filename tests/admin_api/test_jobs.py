@@ -116,7 +116,7 @@ async def test_a_job_waiting_for_its_retry_is_run_now_by_a_replay(admin, rt, dem
     account: 30 minutes) unless an admin runs it now: a replay makes it due at once, its attempts kept, audited."""
     coop = demo["cooperative_id"]
     later = utcnow() + timedelta(minutes=29)
-    job_id = await _job(rt, "run-now-waiting", coop, attempts=2, run_at=later,
+    job_id = await _job(rt, "run-now-waiting", coop, attempts=2, run_at=later, after_failure=True,
                         last_error="SmsAccountError: Africa's Talking refused the credentials (HTTP 401)")
     listed = await admin.json("GET", "/v1/jobs?waiting=true", 200)
     assert [j["id"] for j in listed["data"]] == [job_id]

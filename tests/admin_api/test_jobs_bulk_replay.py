@@ -145,6 +145,7 @@ async def _waiting(rt, kind: str, key: str, cooperative_id: str, *, attempts: in
         await enqueue(s, kind, {"n": key}, dedupe_key=key, cooperative_id=cooperative_id)
         await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == key).values(
             status=status, attempts=attempts, run_at=utcnow() + timedelta(minutes=in_minutes),
+            after_failure=attempts > 0,  # as the worker writes a failed attempt's retry
             last_error="SmsAccountError: Africa's Talking refused the credentials (HTTP 401)"))
         return (await s.execute(select(OutboxJob.id).where(OutboxJob.dedupe_key == key))).scalar_one()
 

@@ -88,6 +88,59 @@ async def test_a_poll_whose_status_query_failed_is_waiting_and_run_now_a_pending
     assert poll.status == "DONE"
 
 
+async def test_a_poll_waiting_after_a_failed_query_shows_it_and_is_no_longer_waiting_once_told_still_pending(
+        rt: Any, demo: dict[str, Any], worker: Any, admin: Any) -> None:
+    """Each job says why it is (or is not) waiting: afterFailure. A poll's failed status query (its attempt given back,
+    attempts 0) shows true; its next try, told "still pending" (a planned wait), clears it, and the poll is no longer
+    listed as waiting nor run now (its attempts are still 0: no try of it used one)."""
+    wire, payment = await _processing(rt, demo, worker)
+    ref = payment.provider_reference
+    wire.on("GET", RTP + "/*", 500, {"message": "Internal error"})
+    await due_now(rt, "payment.poll")
+    await drain(worker)
+    [listed] = (await admin.json("GET", "/v1/jobs?waiting=true", 200))["data"]
+    assert (listed["kind"], listed["attempts"], listed["afterFailure"]) == ("payment.poll", 0, True)
+    assert listed["lastError"].startswith("status query failed")
+
+    wire.on("GET", RTP + "/*", 200, _status(ref, "PENDING"))
+    await due_now(rt, "payment.poll")
+    await drain(worker)
+    assert (await admin.json("GET", "/v1/jobs?waiting=true", 200))["data"] == []
+    [poll] = (await admin.json("GET", "/v1/jobs?kind=payment.poll&status=PENDING", 200))["data"]
+    assert (poll["id"], poll["attempts"], poll["afterFailure"], poll["lastError"]) == (
+        listed["id"], 0, False, "still pending")
+    await admin.json("POST", f"/v1/jobs/{poll['id']}/replay", 409)
+
+
+async def test_a_job_whose_failed_attempt_was_followed_by_a_planned_wait_is_no_longer_waiting(
+        rt: Any, demo: dict[str, Any], worker: Any, admin: Any) -> None:
+    """Waiting is what the last try said, not what an earlier one did. As a refund's poll: its status query fails
+    (an exception: an attempt used), then it is told "still pending" (RetryLater: its wait planned, its attempts still
+    1). Before, its attempts kept it listed as waiting (and run now by {"waiting": true}) for the rest of its polls."""
+    from core.outbox import RetryLater, enqueue
+
+    async with rt.sessionmaker.begin() as s:
+        await enqueue(s, "test.poll", {"n": 1}, dedupe_key="test-poll", cooperative_id=demo["cooperative_id"])
+    said: list[BaseException] = [RuntimeError("provider HTTP 500"), RetryLater(600, "still pending")]
+
+    async def poll(job: Any) -> None:
+        raise said.pop(0)
+
+    worker._handlers["test.poll"] = poll
+    await drain(worker)
+    [listed] = (await admin.json("GET", "/v1/jobs?waiting=true", 200))["data"]
+    assert (listed["kind"], listed["attempts"], listed["afterFailure"]) == ("test.poll", 1, True)
+
+    await due_now(rt, "test.poll")
+    await drain(worker)
+    assert said == [] and (await admin.json("GET", "/v1/jobs?waiting=true", 200))["data"] == []
+    [job] = (await admin.json("GET", "/v1/jobs?kind=test.poll", 200))["data"]
+    assert (job["status"], job["attempts"], job["afterFailure"], job["lastError"]) == (
+        "PENDING", 1, False, "still pending")
+    assert (await admin.json("POST", "/v1/jobs/replay", 200, json={"waiting": True}))["replayed"] == []
+    await admin.json("POST", f"/v1/jobs/{job['id']}/replay", 409)
+
+
 async def test_a_replayed_poll_sends_a_request_the_provider_never_got_again(
         rt: Any, demo: dict[str, Any], worker: Any, admin: Any) -> None:
     wire = mtn_wire().on("POST", RTP, 503, {"message": "Service unavailable"}).on("GET", RTP + "/*", 404, NOT_FOUND)
@@ -157,7 +210,8 @@ async def _waiting_job(rt: Any, cooperative_id: str, key: str) -> int:
     async with rt.sessionmaker.begin() as s:
         await enqueue(s, "no.such.kind", {"n": key}, dedupe_key=key, cooperative_id=cooperative_id)
         await s.execute(update(OutboxJob).where(OutboxJob.dedupe_key == key).values(
-            attempts=2, last_error="ProviderError: HTTP 503", run_at=utcnow() + timedelta(minutes=30)))
+            attempts=2, last_error="ProviderError: HTTP 503", run_at=utcnow() + timedelta(minutes=30),
+            after_failure=True))
         return (await s.execute(select(OutboxJob.id).where(OutboxJob.dedupe_key == key))).scalar_one()
 
 
@@ -210,7 +264,7 @@ async def test_a_bulk_replay_skips_a_parked_job_waiting_again_since_it_was_liste
 
     async def replayed_by_hand_and_failed(s: Any) -> None:  # another admin replayed it; its try failed again
         await s.execute(update(OutboxJob).where(OutboxJob.id == second).values(
-            status="PENDING", attempts=1, run_at=retry_at))
+            status="PENDING", attempts=1, run_at=retry_at, after_failure=True))
 
     _meanwhile(monkeypatch, rt, replayed_by_hand_and_failed)
     ran = await admin.json("POST", "/v1/jobs/replay", 200, json={"kind": "no.such.kind"})

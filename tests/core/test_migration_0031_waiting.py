@@ -39,15 +39,16 @@ def _rows() -> list[str]:
             for job_id, (kind, status, error) in JOBS.items()]
 
 
-async def _after_upgrade(url: str) -> tuple[dict[int, bool], list[int]]:
+async def _after_upgrade(url: str, seeded: list[int] | None = None) -> tuple[dict[int, bool], list[int]]:
     """Each seeded job's after_failure, and those GET /v1/jobs?waiting=true lists (its condition, core.outbox)."""
+    seeded = list(JOBS) if seeded is None else seeded
     engine = make_engine(url)
     try:
         async with engine.begin() as conn:
             marked = dict((await conn.execute(select(OutboxJob.id, OutboxJob.after_failure).where(
-                OutboxJob.id.in_(list(JOBS))))).tuples().all())
+                OutboxJob.id.in_(seeded)))).tuples().all())
             listed = list((await conn.execute(select(OutboxJob.id).where(
-                OutboxJob.id.in_(list(JOBS)), waiting(datetime.now(UTC))).order_by(OutboxJob.id))).scalars())
+                OutboxJob.id.in_(seeded), waiting(datetime.now(UTC))).order_by(OutboxJob.id))).scalars())
             return marked, listed
     finally:
         await engine.dispose()
