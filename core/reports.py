@@ -44,7 +44,7 @@ TAKEN = func.coalesce(Payment.collected_minor, Payment.amount_minor)
 # A payment whose money `collected` counts: `collectedCount` counts those, one a line of the provider's statement. Not
 # one that holds nothing: its money taken in another currency, or the same statement line as another payment's (a
 # transaction id held twice, core.transaction_ids._flag_held_twice: counted on the other).
-COUNTED = func.count(Payment.id).filter(TAKEN > 0)
+COUNTED = TAKEN > 0
 # The audit actions that record a payment's money moving (its completed_at set, once): the move to COMPLETED
 # (core.state.transition audits it as <machine>.<target>: a provider's answer, or an admin's statement line through
 # POST /v1/payments/{id}/outcome, which is audited payment.outcome_recorded just before it, in the same transaction),
@@ -81,6 +81,12 @@ def _within(column: Any, start: datetime | None, end: datetime | None) -> Column
     return and_(*bounds) if bounds else true()
 
 
+def _add(lines: dict[Any, list[int]], key: Any, values: list[int]) -> None:
+    """Adds `values` to the line `key` of `lines` (created at 0 the first time: the lines keep the order first seen)."""
+    line = lines.setdefault(key, [0] * len(values))
+    line[:] = [a + b for a, b in zip(line, values, strict=True)]
+
+
 def _inside(moment: datetime | None, start: datetime | None, end: datetime | None) -> bool:
     return moment is not None and (start is None or moment >= start) and (end is None or moment < end)
 
@@ -90,29 +96,60 @@ async def reconciliation(
 ) -> dict[str, Any]:
     """Counts and sums by status, method and payment type; fees, refunds, disputes, flagged payments."""
 
-    def payments(*columns: Any) -> Select[Any]:
-        return _in_period(scope(select(*columns), Payment), Payment.created_at, start, end)
-
-    amount, fee, refunded, taken_sum = (
-        func.coalesce(func.sum(c), 0)
-        for c in (Payment.amount_minor, Payment.fee_minor, Payment.refunded_minor, TAKEN)
-    )
-    count = func.count(Payment.id)
-
+    # One read of the payments for the five figures made of them: byStatus, byMethod, byPaymentType and totals (the
+    # payments asked for in the period) and the collections of `settled` (money held whose completion is dated in
+    # it, whenever asked for). They are summed by every key any of them groups by, and by whether each payment was
+    # asked for in the period, moved money in it and holds money, and added up here into each figure's lines. Five
+    # queries read a year's payments five times, one each (EXPLAIN ANALYZE in README: 2.1-2.7 s, now 0.5-0.7 s).
+    created = _within(Payment.created_at, start, end)
+    completed = and_(Payment.completed_at.is_not(None), _within(Payment.completed_at, start, end))
+    keys = [Payment.status, Payment.method, Payment.payment_type_id, Payment.currency, Payment.provider,
+            completed.label("moved"), HELD.label("held")]
+    sums = scope(select(
+        *keys,
+        created.label("asked"),
+        func.count(Payment.id).label("n"),
+        func.coalesce(func.sum(Payment.amount_minor), 0).label("amount"),
+        # What was taken, and by how many (COUNTED: collectedCount), fees, and what has been refunded so far.
+        func.count(Payment.id).filter(COUNTED).label("counted"),
+        func.coalesce(func.sum(TAKEN), 0).label("taken"),
+        func.coalesce(func.sum(Payment.fee_minor), 0).label("fee"),
+        func.coalesce(func.sum(Payment.refunded_minor), 0).label("refunded"),
+    ), Payment).where(or_(created, and_(completed, HELD))).group_by(
+        # (Open at both ends, the period holds every payment: `asked` is then a constant, grouped by nothing.)
+        *keys, *([created] if start is not None or end is not None else [])).subquery()
+    figures = (
+        await session.execute(
+            select(sums, PaymentType.name.label("type_name"))
+            .join(PaymentType, PaymentType.id == sums.c.payment_type_id)
+            # byPaymentType's order (its lines first seen in it); the other figures' keys are codes, sorted here.
+            .order_by(PaymentType.name, sums.c.currency, sums.c.payment_type_id)
+        )
+    ).all()
+    status_lines: dict[tuple[str, str], list[int]] = {}
+    method_lines: dict[tuple[str, str], list[int]] = {}
+    type_lines: dict[tuple[str, str, str], list[int]] = {}
+    total_lines: dict[str, list[int]] = {}
+    collected: dict[tuple[str, str, str], list[int]] = {}
+    for row in figures:
+        c = row.currency
+        n, amount, counted, taken, fee, refunded = (int(row.n), int(row.amount), int(row.counted), int(row.taken),
+                                                    int(row.fee), int(row.refunded))
+        if row.asked:
+            # (What has been refunded so far of those whose money is held, as `totals` counts it: the lines by
+            # method and by type add up to it.)
+            held = [n, taken, refunded] if row.held else [0, 0, 0]
+            _add(status_lines, (row.status, c), [n, amount])
+            _add(method_lines, (row.method, c), [n, amount, *held])
+            _add(type_lines, (row.payment_type_id, row.type_name, c), [n, amount, *held])
+            if row.held:
+                _add(total_lines, c, [counted, taken, fee, refunded])
+        if row.moved and row.held:
+            _add(collected, (row.method, row.provider, c), [counted, taken, fee])
     by_status = [
         {"status": s, "currency": c, "count": n, "amount": _amount(a, c)}
-        for s, c, n, a in (
-            await session.execute(
-                payments(Payment.status, Payment.currency, count, amount)
-                .group_by(Payment.status, Payment.currency)
-                .order_by(Payment.status, Payment.currency)
-            )
-        ).all()
+        for (s, c), (n, a) in sorted(status_lines.items())
     ]
-    collected_amount = func.coalesce(func.sum(TAKEN).filter(HELD), 0)
-    collected_count = func.count(Payment.id).filter(HELD)
-    # What has been refunded so far of those whose money is held, as `totals` counts it: its lines add up to it.
-    refunded_amount = func.coalesce(func.sum(Payment.refunded_minor).filter(HELD), 0)
     by_method = [
         {
             "paymentMethod": m,
@@ -123,14 +160,7 @@ async def reconciliation(
             "completedAmount": _amount(ca, c),
             "refundedAmount": _amount(ra, c),
         }
-        for m, c, n, a, cn, ca, ra in (
-            await session.execute(
-                payments(Payment.method, Payment.currency, count, amount, collected_count, collected_amount,
-                         refunded_amount)
-                .group_by(Payment.method, Payment.currency)
-                .order_by(Payment.method, Payment.currency)
-            )
-        ).all()
+        for (m, c), (n, a, cn, ca, ra) in sorted(method_lines.items())
     ]
     by_type = [
         {
@@ -143,23 +173,7 @@ async def reconciliation(
             "completedAmount": _amount(ca, c),
             "refundedAmount": _amount(ra, c),
         }
-        for t, name, c, n, a, cn, ca, ra in (
-            await session.execute(
-                payments(
-                    Payment.payment_type_id,
-                    PaymentType.name,
-                    Payment.currency,
-                    count,
-                    amount,
-                    collected_count,
-                    collected_amount,
-                    refunded_amount,
-                )
-                .join(PaymentType, PaymentType.id == Payment.payment_type_id)
-                .group_by(Payment.payment_type_id, PaymentType.name, Payment.currency)
-                .order_by(PaymentType.name, Payment.currency)
-            )
-        ).all()
+        for (t, name, c), (n, a, cn, ca, ra) in type_lines.items()
     ]
     totals = [
         {
@@ -168,16 +182,9 @@ async def reconciliation(
             "collected": _amount(a, c),
             "fees": _amount(f, c),
             "refunded": _amount(r, c),
-            "net": _amount(int(a) - int(f) - int(r), c),
+            "net": _amount(a - f - r, c),
         }
-        for c, n, a, f, r in (
-            await session.execute(
-                payments(Payment.currency, COUNTED, taken_sum, fee, refunded)
-                .where(HELD)
-                .group_by(Payment.currency)
-                .order_by(Payment.currency)
-            )
-        ).all()
+        for c, (n, a, f, r) in sorted(total_lines.items())
     ]
     refund_rows = (
         await session.execute(
@@ -202,7 +209,7 @@ async def reconciliation(
     refunds = [
         {"status": s, "currency": c, "count": n, "amount": _amount(a, c)} for s, c, n, a in refund_rows
     ]
-    settled = await _settled(session, scope, start, end)
+    settled = await _settled(session, scope, start, end, collected)
     # Disputes open now, whatever the period (`openDisputes`: September's report read in December counts December's);
     # opened in the period; and open at its end (opened before it ended, not closed by then: resolved_at is set when a
     # dispute closes, and a closed one is never reopened; open-ended, its end is now).
@@ -445,27 +452,16 @@ async def _payments_voided_later(session: AsyncSession, scope: Scope, start: dat
     return listed, int(count)
 
 
-async def _settled(session: AsyncSession, scope: Scope, start: datetime | None, end: datetime | None
-                   ) -> list[dict[str, Any]]:
+async def _settled(session: AsyncSession, scope: Scope, start: datetime | None, end: datetime | None,
+                   collected: dict[tuple[str, str, str], list[int]]) -> list[dict[str, Any]]:
     """Money that moved in the period, per provider account (the provider that carried it, and the method) and
     currency, as the provider's statement lists it: payments collected (completed_at in the period, whatever
-    became of them since) and refunds paid back (completed_at in the period, whichever period their payment was
-    in; a refund goes back through its payment's provider). A method routed through another provider part-way
-    through a period (PAYMENT_ROUTES) has a line per provider. A period that has ended keeps these figures (a refund
-    made later is in the later period's, not this one's), except for money the provider dates in it and the
-    gateway learns of later (core.provider_events.money_moved_at)."""
-    collected_rows = (
-        await session.execute(
-            _in_period(
-                scope(select(Payment.provider, Payment.method, Payment.currency, COUNTED,
-                             func.coalesce(func.sum(TAKEN), 0), func.coalesce(func.sum(Payment.fee_minor), 0)),
-                      Payment),
-                Payment.completed_at, start, end,
-            )
-            .where(HELD, Payment.completed_at.is_not(None))
-            .group_by(Payment.provider, Payment.method, Payment.currency)
-        )
-    ).all()
+    became of them since: `collected`, [count, amount, fees] by (method, provider, currency), read with the
+    period's other payment figures by reconciliation()) and refunds paid back (completed_at in the period, whichever
+    period their payment was in; a refund goes back through its payment's provider). A method routed
+    through another provider part-way through a period (PAYMENT_ROUTES) has a line per provider. A period that has
+    ended keeps these figures (a refund made later is in the later period's, not this one's), except for money the
+    provider dates in it and the gateway learns of later (core.provider_events.money_moved_at)."""
     refunded_rows = (
         await session.execute(
             _in_period(
@@ -480,8 +476,8 @@ async def _settled(session: AsyncSession, scope: Scope, start: datetime | None, 
     ).all()
     # Keyed method first: the lines keep the order they had when there was one per method.
     lines: dict[tuple[str, str, str], list[int]] = {}
-    for provider, method, currency, n, amount, fees in collected_rows:
-        lines.setdefault((method, provider, currency), [0, 0, 0, 0, 0])[:3] = [int(n), int(amount), int(fees)]
+    for key, values in collected.items():
+        lines.setdefault(key, [0, 0, 0, 0, 0])[:3] = values
     for provider, method, currency, n, amount in refunded_rows:
         lines.setdefault((method, provider, currency), [0, 0, 0, 0, 0])[3:] = [int(n), int(amount)]
     return [
