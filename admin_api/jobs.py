@@ -105,7 +105,7 @@ JOB = out(
                                         "query failed, its attempts 0): PENDING with a later runAt, it waits for "
                                         "its retry after a failure (waiting=true). false: never tried, its last "
                                         "try only planned its wait (a poll told still pending; its attempts may "
-                                        "still count earlier failures), or replayed and not tried since"},
+                                        "still count earlier failures), replayed and not tried since, or done"},
         "subject": {
             "type": ["object", "null"],
             "description": "What the job is about (a payment or a refund, by id); null for other kinds",

@@ -864,7 +864,10 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                 await session.execute(update(OutboxJob).where(
                     OutboxJob.kind == "refund.poll", OutboxJob.dedupe_key == f"refund-poll:{refund.id}",
                     OutboxJob.status == "DONE").values(status="PENDING", attempts=0, run_at=run_at, locked_by=None,
-                                                       done_at=None, last_error=None, updated_at=utcnow()))
+                                                       done_at=None, last_error=None, updated_at=utcnow(),
+                                                       # its polls start afresh (ended waiting after a failed
+                                                       # query, it was not waiting for this sending's)
+                                                       after_failure=False))
 
     async def poll_refund(job: Job) -> None:
         async with rt.sessionmaker() as session:

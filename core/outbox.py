@@ -1012,8 +1012,10 @@ def _subject(job: Job) -> dict[str, str]:
 
 
 def _done(now: datetime) -> dict[str, Any]:
-    """The columns _FINISH sets: the job DONE, its lease released."""
-    return {"status": "DONE", "locked_by": None, "done_at": now, "last_error": None, "updated_at": now}
+    """The columns _FINISH sets: the job DONE, its lease released, its last try not a failure (after_failure: a job
+    that failed once and then succeeded no longer shows afterFailure, nor is waiting when it is queued again)."""
+    return {"status": "DONE", "locked_by": None, "done_at": now, "last_error": None, "after_failure": False,
+            "updated_at": now}
 
 
 def finish_values(job: Job) -> dict[str, Any]:

@@ -141,6 +141,34 @@ async def test_a_job_whose_failed_attempt_was_followed_by_a_planned_wait_is_no_l
     await admin.json("POST", f"/v1/jobs/{job['id']}/replay", 409)
 
 
+async def test_a_job_done_after_a_failed_attempt_no_longer_shows_its_failure(
+        rt: Any, demo: dict[str, Any], worker: Any, admin: Any) -> None:
+    """afterFailure is what the job's last try said: one that failed once (an attempt used, listed as waiting) and
+    then succeeded is DONE, its last try no failure. Before, the failed try's mark stayed on the DONE job (true),
+    and a job queued again from DONE under its key (a replayed refund's poll) was listed as waiting at once."""
+    from core.outbox import enqueue
+
+    async with rt.sessionmaker.begin() as s:
+        await enqueue(s, "test.once", {"n": 1}, dedupe_key="test-once", cooperative_id=demo["cooperative_id"])
+    said: list[BaseException | None] = [RuntimeError("provider HTTP 500"), None]
+
+    async def once(job: Any) -> None:
+        error = said.pop(0)
+        if error is not None:
+            raise error
+
+    worker._handlers["test.once"] = once
+    await drain(worker)
+    [listed] = (await admin.json("GET", "/v1/jobs?waiting=true", 200))["data"]
+    assert (listed["kind"], listed["attempts"], listed["afterFailure"]) == ("test.once", 1, True)
+
+    await due_now(rt, "test.once")
+    await drain(worker)
+    assert said == []
+    [job] = (await admin.json("GET", "/v1/jobs?kind=test.once&status=DONE", 200))["data"]
+    assert (job["id"], job["attempts"], job["afterFailure"], job["lastError"]) == (listed["id"], 2, False, None)
+
+
 async def test_a_replayed_poll_sends_a_request_the_provider_never_got_again(
         rt: Any, demo: dict[str, Any], worker: Any, admin: Any) -> None:
     wire = mtn_wire().on("POST", RTP, 503, {"message": "Service unavailable"}).on("GET", RTP + "/*", 404, NOT_FOUND)

@@ -15,12 +15,13 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core.config import ProviderConfig, Secret
+from core.db import utcnow
 from core.metrics import REGISTRY
 from core.models import OutboxJob, ProviderEvent, Refund, SmsMessage
-from core.outbox import replay_job
+from core.outbox import replay_job, waiting
 from core.ports import ProviderTimeout
 from core.refunds import cancel_refund
 from providers.mpesa import MpesaAdapter
@@ -178,6 +179,45 @@ async def test_a_replayed_reversal_is_polled_again(rt: Any, demo: dict[str, Any]
                      ).scalars().all()
         assert refund.status == "PROCESSING"
         assert "PENDING" in polls, polls
+
+
+async def test_a_replayed_reversal_s_poll_is_not_waiting_after_its_first_sending_s_failure(
+        rt: Any, demo: dict[str, Any], worker: Any, client: Any) -> None:
+    """The first sending's poll, waiting after a failed status query (asked with the same refused initiator) when the
+    refusal ended it, is queued again for the replayed reversal: a fresh poll at its planned time, not a job waiting
+    after a failure. Before, it kept that mark: listed by GET /v1/jobs?waiting=true (afterFailure true, lastError
+    null, attempts 0) and run now by POST /v1/jobs/replay {"waiting": true}."""
+    async with _simulator(rt, client) as (sim, base):
+        async with httpx.AsyncClient() as http:
+            _mpesa(rt, base, http)
+            payment = await mpesa_payment(rt, demo)
+            await worker.run_once()
+            await sim[STATE].idle()
+            _mpesa(rt, base, http, initiator="an-old-initiator")
+            refund_id = await _refund(rt, demo, payment.id)
+            await due_now(rt, "refund.submit")
+            await drain(worker)
+            await sim[STATE].idle()
+            await drain(worker)
+            polls = (OutboxJob.kind == "refund.poll", OutboxJob.dedupe_key == f"refund-poll:{refund_id}")
+            async with rt.sessionmaker.begin() as s:
+                # Its status query had failed before the Result came (the refusal ended it waiting for its retry).
+                ended = await s.execute(update(OutboxJob).where(*polls, OutboxJob.status == "DONE").values(
+                    after_failure=True))
+                assert ended.rowcount == 1  # type: ignore[attr-defined]
+            _mpesa(rt, base, http)  # fixed
+            sim[STATE].options.drop_callback = True  # the replayed reversal's Result is lost
+            async with rt.sessionmaker.begin() as s:
+                job = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{refund_id}"))
+                       ).scalar_one()
+                assert await replay_job(s, job.id) is not None
+            await drain(worker)
+            await sim[STATE].idle()
+        async with rt.sessionmaker() as s:
+            poll = (await s.execute(select(OutboxJob).where(*polls))).scalar_one()
+            listed = (await s.execute(select(OutboxJob.id).where(*polls, waiting(utcnow())))).scalars().all()
+        assert (poll.status, poll.attempts, poll.after_failure, poll.run_at > utcnow()) == ("PENDING", 0, False, True)
+        assert listed == []
 
 
 async def test_a_refusal_before_the_worker_commits_its_sending_is_applied(
