@@ -186,9 +186,9 @@ async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T], deadl
 
     Once it left, anything raised (a timeout, a reset connection, the adapter failing on the answer) stays in doubt
     and is asked about (the deadline, with the provider's id for the request known, as a ProviderTimeout carrying
-    it: core.ports.known_as); a NOT_SENT or UNREACHABLE then speaks of another request than the one that left (none does
-    today), so it is made a ProviderTimeout, never sent again blind. A ProviderTimeout is the adapter's own word that
-    its request may have arrived: raised as it is, left or not."""
+    it: core.ports.known_as); a NOT_SENT, UNREACHABLE or HTTP_429 then speaks of another request than the one that
+    left (none does today), so it is made a ProviderTimeout, never sent again blind. A ProviderTimeout is the adapter's
+    own word that its request may have arrived: raised as it is, left or not."""
     if deadline is not None and asyncio.get_running_loop().time() >= deadline:
         # Passed before the call starts (the job waited for a slot, its stamp was slow): nothing is handed over.
         # Started, its request would be cut off wherever the transport first waits, connecting or after writing it
@@ -230,8 +230,11 @@ async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T], deadl
 
 
 # What a ProviderError's code says of the request that failed: it never left this process (a request not made, a
-# connection never had). Raised after a request that moves money left (and was not turned back), it is about another.
-_NOTHING_LEFT = frozenset({NOT_SENT, "UNREACHABLE"})
+# connection never had), or the provider's rate limit refused it unprocessed (HTTP_429: providers.calls.send turns a
+# money request so answered back). Raised after a request that moves money left (and was not turned back), it is
+# about another: as it is, the outbox would take the try for one nothing processed (NOTHING_PROCESSED) and send the
+# money request again.
+_NOTHING_LEFT = frozenset({NOT_SENT, "UNREACHABLE", "HTTP_429"})
 
 
 # Why a payment whose member was suspended before its request left ends CANCELLED (nothing sent, nothing taken).

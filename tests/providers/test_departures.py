@@ -515,13 +515,15 @@ async def test_a_request_to_pay_refused_401_whose_new_token_cannot_be_sent_is_st
     assert len(wire.sent("POST", MTN_PAY)) == 1
 
 
-@pytest.mark.parametrize("code", [NOT_SENT, "UNREACHABLE"])
+@pytest.mark.parametrize("code", [NOT_SENT, "UNREACHABLE", "HTTP_429"])
 async def test_a_not_sent_raised_after_a_money_request_left_is_in_doubt(code: str) -> None:
     """A request that moves money left and was answered (not turned back), then another request failed before it
-    left: "nothing was sent" speaks of that other one. Before, _until_it_leaves trusted any NOT_SENT, and the job
-    would send the money request again. Now in doubt: asked about, never sent again blind."""
-    wire = Routes(test_mtn_momo.BASE).on("POST", MTN_PAY, 500).on("GET", "/after", lambda _r: (_ for _ in ()).throw(
-        httpx.ConnectError("refused")))
+    left, or was refused by the provider's rate limit (HTTP_429, which the outbox reads as nothing processed):
+    "nothing was sent" speaks of that other one. Before, _until_it_leaves trusted any NOT_SENT (and any 429), and the
+    job would send the money request again. Now in doubt: asked about, never sent again blind."""
+    after = ((lambda _r: httpx.Response(429, headers={"Retry-After": "30"})) if code == "HTTP_429"
+             else (lambda _r: (_ for _ in ()).throw(httpx.ConnectError("refused"))))
+    wire = Routes(test_mtn_momo.BASE).on("POST", MTN_PAY, 500).on("GET", "/after", after)
 
     async def call() -> None:
         async with wire.client() as http:
@@ -531,8 +533,9 @@ async def test_a_not_sent_raised_after_a_money_request_left_is_in_doubt(code: st
             if code == NOT_SENT:  # a header the next request cannot carry
                 await calls.send(http, operation="request_to_pay_status", method="GET", creates=False,
                                  url=test_mtn_momo.BASE + "/after", headers={"X-Note": "é"}, **common)
-            await calls.send(http, operation="request_to_pay_status", method="GET", creates=False,
-                             url=test_mtn_momo.BASE + "/after", **common)
+            answer = await calls.send(http, operation="request_to_pay_status", method="GET", creates=False,
+                                      url=test_mtn_momo.BASE + "/after", **common)
+            raise calls.http_error("mtn_momo", "request_to_pay_status", answer, "rate limited")
 
     with pytest.raises(ProviderTimeout) as err:
         await _until_it_leaves("mtn_momo", "collect", call())
