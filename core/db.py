@@ -18,9 +18,32 @@ from sqlalchemy import JSON, DateTime, MetaData, String, Table, TypeDecorator, b
 from sqlalchemy import exc as exc_module
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.sql.expression import literal_column
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.util import await_
+
+
+class event_data_id(FunctionElement[str]):
+    """The id in a stored webhook event's `data` (the payment, refund or dispute it tells of), from a JSON column
+    holding one (webhook_deliveries.payload, a webhook.event job's outbox_jobs.payload): the expression of the
+    indexes that find them by it (migration 0034), written the same in every query so that they are used."""
+
+    type = String()
+    inherit_cache = True
+    name = "event_data_id"
+
+
+@compiles(event_data_id, "postgresql")
+def _event_data_id_postgresql(element: event_data_id, compiler: Any, **kw: Any) -> str:
+    return f"({compiler.process(element.clauses, **kw)} #>> '{{data,id}}')"
+
+
+@compiles(event_data_id)
+def _event_data_id_sqlite(element: event_data_id, compiler: Any, **kw: Any) -> str:
+    return f"json_extract({compiler.process(element.clauses, **kw)}, '$.data.id')"
+
 
 _JSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 

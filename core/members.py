@@ -8,14 +8,27 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, bindparam, case, delete, exists, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core import users
 from core.audit import Actor, formatted, phone_changes, record
 from core.crypto import PiiCipher
-from core.db import insert_ignore, lock_row, utcnow
+from core.db import event_data_id, insert_ignore, lock_row, utcnow
 from core.errors import INVALID_STATE, MEMBER_PHONE_TAKEN, Conflict, NotFound, ValidationError
 from core.models import (
     AdminUser,
@@ -29,6 +42,7 @@ from core.models import (
     Refund,
     SmsMessage,
     UssdSession,
+    WebhookDelivery,
 )
 from core.notify import SMS_PHONE_CONTEXT, send_sms
 from core.outbox import DISCARDED, LIVE, SMS_KIND
@@ -625,6 +639,7 @@ async def erase_member(session: AsyncSession, member: Member, *, actor: Actor) -
     await _refuse_open_money(session, hers)
     await _let_number_go(session, locked, ERASED_MASK)
     await session.execute(update(Member).where(Member.id == locked.id).values(name=ERASED_NAME, unit=None))
+    await _erase_events(session, hers)  # before _erase_payments: it finds her payments by her number's index too
     payments = await _erase_payments(session, hers)
     messages = await _erase_messages(session, hers, actor=actor)
     sessions = await _erase_ussd_sessions(session, hers)
@@ -775,6 +790,83 @@ async def _erase_payments(session: AsyncSession, hers: _Hers) -> int:
                 updated_at=utcnow())  # changed: a cooperative's sync picks the mask up
         .execution_options(synchronize_session=False))
     return int(done.rowcount)  # type: ignore[attr-defined]
+
+
+def _note_erased(text: Any, prefixes: Sequence[str]) -> Any:
+    """_without_note on a stored webhook event's failureReason."""
+    for prefix in prefixes:
+        if isinstance(text, str) and text.startswith(prefix):
+            return prefix + NOTE_ERASED
+    return text
+
+
+def _erased_event_data(event_type: str, data: Any) -> Any:
+    """A stored webhook event's `data` about her payment or refund as _erase_payments leaves the row it was built
+    from: the payment's account mask "erased", a person's note in failureReason and a review's note
+    NOTE_ERASED; a refund's reason null and an admin's note in failureReason NOTE_ERASED. Anything else as sent."""
+    from core.provider_events import CANCELLED_BY_COOPERATIVE
+    from core.recorded_payments import VOIDED_RECORDING
+    from core.refunds import BY_A_PERSON
+
+    if not isinstance(data, dict):
+        return data
+    erased = dict(data)
+    if event_type.startswith("payment."):
+        if "paymentAccount" in erased:
+            erased["paymentAccount"] = ERASED_MASK
+        if "failureReason" in erased:
+            erased["failureReason"] = _note_erased(erased["failureReason"],
+                                                   (CANCELLED_BY_COOPERATIVE, VOIDED_RECORDING))
+        review = erased.get("review")
+        if isinstance(review, dict) and review.get("note") is not None:
+            erased["review"] = {**review, "note": NOTE_ERASED}
+    elif event_type.startswith("refund."):
+        if "reason" in erased:
+            erased["reason"] = None
+        if "failureReason" in erased:
+            erased["failureReason"] = _note_erased(erased["failureReason"], BY_A_PERSON)
+    return erased
+
+
+async def _erase_events(session: AsyncSession, hers: _Hers) -> None:
+    """The webhook events told of her payments and their refunds, as stored until retention prunes them: each
+    delivery's body (webhook_deliveries.payload, sent as it is, a retry or an admin's replay too) and each
+    webhook.event job's (outbox_jobs.payload, fanned out as it is), scrubbed as the rows are (_erased_event_data).
+    So a delivery still waiting is sent scrubbed, under the same event id (a receiver that had it drops the
+    repeat). Found by the id in their data (ix_webhook_deliveries_subject, ix_outbox_jobs_event_subject), a
+    bounded batch at a time; their updated_at kept (retention reads it). A dispute's events are left, as its row
+    is (README)."""
+    of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at)
+    payment_ids = (await session.execute(select(Payment.id).where(of_hers))).scalars().all()
+    refund_ids: list[str] = []
+    for start in range(0, len(payment_ids), _JOBS_AT_ONCE):
+        refund_ids += (await session.execute(select(Refund.id).where(
+            Refund.payment_id.in_(payment_ids[start:start + _JOBS_AT_ONCE])))).scalars().all()
+    ids = [*payment_ids, *refund_ids]
+    # Inline: a cached generic plan proves ix_outbox_jobs_event_subject's predicate too.
+    webhook_event: ColumnElement[str] = literal_column("'webhook.event'")
+    for start in range(0, len(ids), _JOBS_AT_ONCE):
+        some = ids[start:start + _JOBS_AT_ONCE]
+        deliveries = [
+            {"id": row.id, "payload": {**row.payload, "data": _erased_event_data(row.event_type, row.payload["data"])},
+             "updated_at": row.updated_at}
+            for row in (await session.execute(
+                select(WebhookDelivery.id, WebhookDelivery.event_type, WebhookDelivery.payload,
+                       WebhookDelivery.updated_at)
+                .where(event_data_id(WebhookDelivery.payload).in_(some)))).all()
+            if isinstance(row.payload, dict) and "data" in row.payload]
+        jobs = [
+            {"id": row.id, "payload": {**row.payload, "data": _erased_event_data(str(row.payload.get("event_type")),
+                                                                                row.payload["data"])},
+             "updated_at": row.updated_at}
+            for row in (await session.execute(
+                select(OutboxJob.id, OutboxJob.payload, OutboxJob.updated_at)
+                .where(OutboxJob.kind == webhook_event, event_data_id(OutboxJob.payload).in_(some)))).all()
+            if isinstance(row.payload, dict) and "data" in row.payload]
+        if deliveries:
+            await session.execute(update(WebhookDelivery), deliveries)
+        if jobs:
+            await session.execute(update(OutboxJob), jobs)
 
 
 async def _erase_messages(session: AsyncSession, hers: _Hers, *, actor: Actor) -> int:

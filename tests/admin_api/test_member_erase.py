@@ -9,15 +9,28 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from aiohttp import web
 from sqlalchemy import insert, select, update
 
 from channels.ussd.sessions import phone_keys
-from core.models import AuditEvent, Member, OutboxJob, Payment, PhoneOptOut, Refund, SmsMessage, UssdSession
-from core.notify import SMS_PHONE_CONTEXT
+from core.models import (
+    AuditEvent,
+    Member,
+    OutboxJob,
+    Payment,
+    PhoneOptOut,
+    Refund,
+    SmsMessage,
+    UssdSession,
+    WebhookDelivery,
+)
+from core.notify import SMS_PHONE_CONTEXT, emit_event
+from core.provider_events import event_data
 from core.retention import RetentionPolicy, prune
 from tests.admin_api.conftest import Caller, idem
 from tests.channels.sms.helpers import make_payment, start_simulator
 from tests.conftest import drain
+from tests.core.test_webhooks import approved_endpoint
 
 NAME, PHONE, UNIT, EMAIL = "Jeanne Mukeshimana", "+250788777111", "D-707", "jeanne.m@example.rw"
 
@@ -382,3 +395,77 @@ async def test_free_text_on_her_payments_and_refunds_goes_with_the_erasure(rt: A
         "idempotencyKey": refund_key, "amount": 1000, "reason": "overpaid",
         "returnedByProvider": {"providerTransactionId": "MTN-REV-9"}})
     assert again["id"] == refund["id"]
+
+
+async def test_her_payments_stored_webhook_events_are_scrubbed_and_a_waiting_one_is_sent_scrubbed(
+        rt: Any, admin: Caller, demo: Any, worker: Any, aiohttp_server: Any) -> None:
+    """The events told of her payments and refunds stay stored after they are sent (delivery rows and webhook.event
+    jobs, until retention prunes them) and a waiting one is sent from its row: her number's mask on each payment's
+    event, her name and number in the notes the desk wrote (a cancellation's, a review's, a refund's reason) stayed
+    readable in them after her erasure, and a delivery retried after it sent them to the receiver."""
+    received: list[dict[str, Any]] = []
+    up = {"now": False}
+
+    async def hook(request: web.Request) -> web.Response:
+        if not up["now"]:
+            return web.Response(status=503)
+        received.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app)
+    await approved_endpoint(rt, demo["cooperative_id"], f"http://127.0.0.1:{server.port}/hook")
+    jeanne = await _jeanne(admin)
+    about = f"{NAME} {UNIT} {PHONE}"
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    cancelled = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"],
+                                   status="CANCELLED", failure_reason=f"cancelled by the cooperative: {about}")
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(Payment).where(Payment.id == paid.id).values(
+            mismatch=True, mismatch_detail="provider reported 60000, expected 50000"))
+    await admin.json("POST", f"/v1/payments/{paid.id}/review", 200, json={"note": f"called {about}"})
+    refund = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201, json={
+        "idempotencyKey": idem(), "amount": 1000, "reason": f"overpaid by {about}",
+        "returnedByProvider": {"providerTransactionId": "MTN-REV-9"}})
+    await drain(worker)  # fanned out; each delivery's first try refused (503): waiting for its retry
+    async with rt.sessionmaker.begin() as s:  # and one event not fanned out yet (the worker behind)
+        await emit_event(s, cooperative_id=demo["cooperative_id"], event_type="payment.failed",
+                         event_id=f"evt_payment_failed_{cancelled.id}",
+                         data=event_data(await s.get(Payment, cancelled.id)))
+
+    async def stored() -> str:
+        async with rt.sessionmaker() as s:
+            return json.dumps([*(await s.execute(select(WebhookDelivery.payload))).scalars(),
+                               *(await s.execute(select(OutboxJob.payload).where(
+                                   OutboxJob.kind == "webhook.event"))).scalars()], ensure_ascii=False)
+
+    before = await stored()
+    assert NAME in before and paid.payment_account_masked in before
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+
+    after = await stored()
+    for personal in (NAME, UNIT, PHONE, PHONE[1:], paid.payment_account_masked):
+        assert personal not in after, after
+    # Sent scrubbed, under the same event ids: the waiting deliveries' retries and the event fanned out late.
+    up["now"] = True
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.kind.like("webhook.%"), OutboxJob.status == "PENDING")
+                        .values(run_at=datetime.now(UTC)))
+    await drain(worker)
+    sent = {body["type"]: body for body in received}
+    assert set(sent) == {"payment.flag_cleared", "refund.completed", "payment.failed"}, sent
+    for personal in (NAME, UNIT, PHONE, PHONE[1:], paid.payment_account_masked):
+        assert personal not in json.dumps(received, ensure_ascii=False)
+    cleared, back, failed = sent["payment.flag_cleared"]["data"], sent["refund.completed"]["data"], \
+        sent["payment.failed"]["data"]
+    assert (cleared["id"], cleared["paymentAccount"], cleared["review"]["note"]) == (paid.id, "erased",
+                                                                                      "[note erased]")
+    assert cleared["review"]["mismatchDetail"] == "provider reported 60000, expected 50000"  # the gateway's words
+    assert (back["id"], back["reason"], back["amount"]) == (refund["id"], None, 1000)
+    assert (failed["id"], failed["paymentAccount"], failed["failureReason"]) == (
+        cancelled.id, "erased", "cancelled by the cooperative: [note erased]")
+    async with rt.sessionmaker() as s:
+        assert set((await s.execute(select(WebhookDelivery.status))).scalars()) == {"DELIVERED"}
