@@ -63,18 +63,8 @@ async def test_reversal_refused_for_the_initiator_waits_for_the_configuration(
     recorder = Recorder()
     async with _simulator(rt, client) as (sim, base):
         async with httpx.AsyncClient(event_hooks={"request": [recorder]}) as http:
-            _mpesa(rt, base, http)
-            payment = await mpesa_payment(rt, demo)
-            await worker.run_once()  # the STK push; the payer approves, the callback brings the receipt
-            await sim[STATE].idle()
-            assert (await _payment(rt, payment.id)).status == "COMPLETED"
-
-            _mpesa(rt, base, http, initiator=initiator)  # the initiator rotated away at Safaricom
-            refund_id = await _refund(rt, demo, payment.id)
-            await due_now(rt, "refund.submit")
-            await drain(worker)  # Daraja takes the reversal (ResponseCode 0)...
-            await sim[STATE].idle()  # ...and refuses it in its Result
-            await drain(worker)
+            # The initiator rotated away at Safaricom: Daraja takes the reversal, and refuses it in its Result.
+            refund_id = await _reversal_refused(rt, demo, worker, sim, base, http, initiator)
             assert len(recorder.bodies(REVERSAL)) == 1
             async with rt.sessionmaker() as s:
                 refund = await s.get(Refund, refund_id)
@@ -111,6 +101,35 @@ async def test_reversal_refused_for_the_initiator_waits_for_the_configuration(
         assert texts == ["refund_completed"]
 
 
+async def _reversal_refused(rt: Any, demo: dict[str, Any], worker: Any, sim: Any, base: str, http: Any,
+                            initiator: str) -> str:
+    """An M-Pesa payment completed (the payer approves, the callback brings the receipt), then a refund of it whose
+    reversal Daraja takes (ResponseCode 0) and refuses in its Result, `initiator` being refused; its id."""
+    _mpesa(rt, base, http)
+    payment = await mpesa_payment(rt, demo)
+    await worker.run_once()
+    await sim[STATE].idle()
+    assert (await _payment(rt, payment.id)).status == "COMPLETED"
+    _mpesa(rt, base, http, initiator=initiator)
+    refund_id = await _refund(rt, demo, payment.id)
+    await due_now(rt, "refund.submit")
+    await drain(worker)
+    await sim[STATE].idle()
+    await drain(worker)
+    return refund_id
+
+
+async def _replayed_fixed(rt: Any, worker: Any, sim: Any, base: str, http: Any, refund_id: str) -> None:
+    """The initiator fixed, the refund replayed; the replayed reversal's Result is lost."""
+    _mpesa(rt, base, http)
+    sim[STATE].options.drop_callback = True
+    async with rt.sessionmaker.begin() as s:
+        job = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{refund_id}"))).scalar_one()
+        assert await replay_job(s, job.id) is not None
+    await drain(worker)
+    await sim[STATE].idle()
+
+
 async def test_a_reversal_refused_for_the_initiator_can_be_withdrawn(
         rt: Any, demo: dict[str, Any], worker: Any, client: Any) -> None:
     """Nothing reached the member, so an admin may withdraw the refund instead of waiting for the configuration
@@ -119,16 +138,7 @@ async def test_a_reversal_refused_for_the_initiator_can_be_withdrawn(
     recorder = Recorder()
     async with _simulator(rt, client) as (sim, base):
         async with httpx.AsyncClient(event_hooks={"request": [recorder]}) as http:
-            _mpesa(rt, base, http)
-            payment = await mpesa_payment(rt, demo)
-            await worker.run_once()
-            await sim[STATE].idle()
-            _mpesa(rt, base, http, initiator="an-old-initiator")
-            refund_id = await _refund(rt, demo, payment.id)
-            await due_now(rt, "refund.submit")
-            await drain(worker)
-            await sim[STATE].idle()
-            await drain(worker)
+            refund_id = await _reversal_refused(rt, demo, worker, sim, base, http, "an-old-initiator")
             async with rt.sessionmaker.begin() as s:
                 withdrawn = await cancel_refund(s, rt, refund_id=refund_id, cooperative_id=demo["cooperative_id"],
                                                 note="the member was paid back by hand", actor=ADMIN)
@@ -154,24 +164,8 @@ async def test_a_replayed_reversal_is_polled_again(rt: Any, demo: dict[str, Any]
     PROCESSING for good, never put before anyone."""
     async with _simulator(rt, client) as (sim, base):
         async with httpx.AsyncClient() as http:
-            _mpesa(rt, base, http)
-            payment = await mpesa_payment(rt, demo)
-            await worker.run_once()
-            await sim[STATE].idle()
-            _mpesa(rt, base, http, initiator="an-old-initiator")
-            refund_id = await _refund(rt, demo, payment.id)
-            await due_now(rt, "refund.submit")
-            await drain(worker)
-            await sim[STATE].idle()
-            await drain(worker)
-            _mpesa(rt, base, http)  # fixed
-            sim[STATE].options.drop_callback = True  # the replayed reversal's Result is lost
-            async with rt.sessionmaker.begin() as s:
-                job = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{refund_id}"))
-                       ).scalar_one()
-                assert await replay_job(s, job.id) is not None
-            await drain(worker)
-            await sim[STATE].idle()
+            refund_id = await _reversal_refused(rt, demo, worker, sim, base, http, "an-old-initiator")
+            await _replayed_fixed(rt, worker, sim, base, http, refund_id)  # its Result lost
         async with rt.sessionmaker() as s:
             refund = await s.get(Refund, refund_id)
             polls = (await s.execute(select(OutboxJob.status).where(
@@ -189,30 +183,14 @@ async def test_a_replayed_reversal_s_poll_is_not_waiting_after_its_first_sending
     null, attempts 0) and run now by POST /v1/jobs/replay {"waiting": true}."""
     async with _simulator(rt, client) as (sim, base):
         async with httpx.AsyncClient() as http:
-            _mpesa(rt, base, http)
-            payment = await mpesa_payment(rt, demo)
-            await worker.run_once()
-            await sim[STATE].idle()
-            _mpesa(rt, base, http, initiator="an-old-initiator")
-            refund_id = await _refund(rt, demo, payment.id)
-            await due_now(rt, "refund.submit")
-            await drain(worker)
-            await sim[STATE].idle()
-            await drain(worker)
+            refund_id = await _reversal_refused(rt, demo, worker, sim, base, http, "an-old-initiator")
             polls = (OutboxJob.kind == "refund.poll", OutboxJob.dedupe_key == f"refund-poll:{refund_id}")
             async with rt.sessionmaker.begin() as s:
                 # Its status query had failed before the Result came (the refusal ended it waiting for its retry).
                 ended = await s.execute(update(OutboxJob).where(*polls, OutboxJob.status == "DONE").values(
                     after_failure=True))
                 assert ended.rowcount == 1  # type: ignore[attr-defined]
-            _mpesa(rt, base, http)  # fixed
-            sim[STATE].options.drop_callback = True  # the replayed reversal's Result is lost
-            async with rt.sessionmaker.begin() as s:
-                job = (await s.execute(select(OutboxJob).where(OutboxJob.dedupe_key == f"refund:{refund_id}"))
-                       ).scalar_one()
-                assert await replay_job(s, job.id) is not None
-            await drain(worker)
-            await sim[STATE].idle()
+            await _replayed_fixed(rt, worker, sim, base, http, refund_id)  # its Result lost
         async with rt.sessionmaker() as s:
             poll = (await s.execute(select(OutboxJob).where(*polls))).scalar_one()
             listed = (await s.execute(select(OutboxJob.id).where(*polls, waiting(utcnow())))).scalars().all()
