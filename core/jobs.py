@@ -187,8 +187,10 @@ async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T], deadl
     Once it left, anything raised (a timeout, a reset connection, the adapter failing on the answer) stays in doubt
     and is asked about (the deadline, with the provider's id for the request known, as a ProviderTimeout carrying
     it: core.ports.known_as); a NOT_SENT, UNREACHABLE or HTTP_429 then speaks of another request than the one that
-    left (none does today), so it is made a ProviderTimeout, never sent again blind. A ProviderTimeout is the adapter's
-    own word that its request may have arrived: raised as it is, left or not."""
+    left (none does today), and so does a CredentialsRefused (a refusal of the money request itself turned it back:
+    providers.calls.send, the M-Pesa adapter's), so it is made a ProviderTimeout, never sent again blind nor ended as
+    nothing taken. A ProviderTimeout is the adapter's own word that its request may have arrived: raised as it is, left
+    or not."""
     if deadline is not None and asyncio.get_running_loop().time() >= deadline:
         # Passed before the call starts (the job waited for a slot, its stamp was slow): nothing is handed over.
         # Started, its request would be cut off wherever the transport first waits, connecting or after writing it
@@ -215,7 +217,7 @@ async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T], deadl
                                 "its token or an invoice, not answered in time); nothing was sent, sent later",
                                 retryable=True, code=NOT_SENT) from None
         except ProviderError as exc:
-            if watch.left and exc.code in _NOTHING_LEFT:
+            if watch.left and (exc.code in _NOTHING_LEFT or isinstance(exc, CredentialsRefused)):
                 raise ProviderTimeout(f"{exc}; but a request that moves money had left before it: it may have "
                                       "arrived; ask the status, do not send again") from exc
             if watch.left or not exc.retryable or exc.code in NOTHING_PROCESSED:
@@ -233,7 +235,7 @@ async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T], deadl
 # connection never had), or the provider's rate limit refused it unprocessed (HTTP_429: providers.calls.send turns a
 # money request so answered back). Raised after a request that moves money left (and was not turned back), it is
 # about another: as it is, the outbox would take the try for one nothing processed (NOTHING_PROCESSED) and send the
-# money request again.
+# money request again. (A CredentialsRefused raised then is about another too: _until_it_leaves.)
 _NOTHING_LEFT = frozenset({NOT_SENT, "UNREACHABLE", "HTTP_429"})
 
 
@@ -943,9 +945,14 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         log.warning("refund unknown to the provider; sending it again with the same reference",
                     extra={"refund": refund.reference, "provider": provider.name, "resend": resent + 1})
         try:
-            accepted = await _timed(provider.name, "refund", provider.request_refund(refund_request(refund, payment,
-                                                                                                  note)))
-        except ProviderTimeout:
+            # As submit_refund sends it, by the call's deadline (from the claim: the status lookup's time counts), so
+            # one still out then counts as a resend that may have arrived (REFUND_RESENDS), not a poll the worker cut
+            # off and tried again, resending uncounted at each try. No stamp, so no token first (ready_to_send): every
+            # try of a poll asks the status before it sends anything.
+            accepted = await _timed(provider.name, "refund", _until_it_leaves(
+                provider.name, "refund", provider.request_refund(refund_request(refund, payment, note)),
+                call_deadline(job)))
+        except (ProviderTimeout, TimeoutError):
             accepted = None  # it may have arrived this time: the next poll tells
         except CredentialsRefused as exc:
             raise awaiting_configuration(exc) from exc

@@ -183,8 +183,9 @@ class Departures:
     """How many requests that move money (a payment's or a refund's: providers.calls.send's `creates`) were handed to
     the transport while watched (watch_departures), and how many of those are known to have reached nothing that acts
     on them (turned_back): the transport failed before it wrote a byte (no connection), the provider refused the
-    gateway's token (HTTP 401: nothing was processed, and the adapter may send it again with a new one), or its rate
-    limit refused the request (HTTP 429: nothing was processed, sent again after its Retry-After)."""
+    gateway's token (HTTP 401: nothing was processed, and the adapter may send it again with a new one) or its
+    credentials (CredentialsRefused: nothing was processed), or its rate limit refused the request (HTTP 429: nothing
+    was processed, sent again after its Retry-After)."""
 
     handed: int = 0
     turned_back: int = 0
@@ -224,7 +225,8 @@ def turned_back() -> None:
     """The request that moves money last handed over (departing) is known to have reached nothing that acts on it: the
     transport could not connect (providers.calls.send: httpx's ConnectError, ConnectTimeout, PoolTimeout and
     UnsupportedProtocol are raised before a byte of the request is written), the provider refused the gateway's
-    token (HTTP 401, or M-Pesa's "Invalid Access Token"), or the provider's rate limit refused it (an HTTP 429 answer:
+    token (HTTP 401, or M-Pesa's "Invalid Access Token") or its credentials (M-Pesa's push refused for its Password, a
+    reversal for its Initiator: a CredentialsRefused), or the provider's rate limit refused it (an HTTP 429 answer:
     providers.calls.ProviderBusy). Only for those: a failure that may follow a byte written (a write or read timeout,
     a reset, a malformed answer) never turns one back."""
     watch = _DEPARTURES.get()

@@ -609,6 +609,12 @@ class MpesaAdapter:
         if resp.status_code == 401 or code in (_BAD_AUTHENTICATION, _INVALID_TOKEN) or (
                 resp.status_code == 400 and any(f"Invalid {name}" in message for name in _OUR_CREDENTIALS)):
             credentials_refused(self.name, operation, message)
+            if operation in _CREATES and resp.status_code not in (401, 429) and resp.status_code < 500 and (
+                    code != _INVALID_TOKEN):
+                # A push or reversal refused for our credentials (its Password, our shortcode, its Initiator) was
+                # processed by nothing: turned back, as one answered 401 (providers.calls.send) or "Invalid Access
+                # Token" (_post) is, so core.jobs ends it at once as never processed, not as one that may have arrived.
+                turned_back()
             return CredentialsRefused(f"M-Pesa refused the gateway's credentials for {operation} "
                                       f"({resp.status_code} {code}): {message}", code=str(code))
         if resp.status_code == 429:

@@ -26,8 +26,9 @@ from core.jobs import _until_it_leaves
 from core.models import OutboxJob, Payment
 from core.money import Money
 from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, WORKER_LOST
+from core.payments import create_payment
 from core.phone import Phone
-from core.ports import NOT_SENT, ProviderError, ProviderTimeout, departing, watch_departures
+from core.ports import NOT_SENT, CredentialsRefused, ProviderError, ProviderTimeout, departing, watch_departures
 from providers import calls
 from providers.irembopay import IremboPayAdapter
 from providers.mpesa import MpesaAdapter
@@ -44,8 +45,9 @@ from tests.providers.test_irembopay import RECORDED_EXPIRY, Wire, collection, co
 from tests.providers.test_irembopay_duplicate import DUPLICATE, INVOICES, LOOKUP, held
 from tests.providers.test_irembopay_duplicate import PUSH as IREMBO_PUSH
 from tests.providers.test_refund_ambiguous import ACCEPTED as REVERSAL_ACCEPTED
-from tests.providers.test_refund_ambiguous import AIRTEL_REFUND, _ask_refund, _rows, airtel_collected
+from tests.providers.test_refund_ambiguous import AIRTEL_REFUND, MTN_REFUND, _ask_refund, _rows, airtel_collected
 from tests.providers.wires import (
+    ADMIN,
     MPESA_BASE,
     MPESA_CREDS,
     Routes,
@@ -54,6 +56,8 @@ from tests.providers.wires import (
     mpesa_adapter,
     mpesa_payment,
     mpesa_wire,
+    mtn_payment,
+    mtn_wire,
 )
 
 TOKEN = "/oauth/v1/generate"
@@ -543,6 +547,84 @@ async def test_a_not_sent_raised_after_a_money_request_left_is_in_doubt(code: st
     assert len(wire.sent("POST", MTN_PAY)) == 1
 
 
+# --- A refusal of the gateway's credentials after a request that moves money left -----------------------------------
+
+
+class _ConfirmingMtn(MtnMomoAdapter):
+    """An MTN adapter that asks the status of its request to pay or refund as soon as it is accepted (no adapter does
+    today): a second call after the money request left, refused 401 for the gateway's credentials."""
+
+    async def request_collection(self, request: Any) -> Any:
+        accepted = await super().request_collection(request)
+        await self.collection_status(request.provider_reference, None, request.amount.currency)
+        return accepted
+
+    async def request_refund(self, request: Any) -> Any:
+        accepted = await super().request_refund(request)
+        await self.refund_status(request.provider_reference, request.amount.currency)
+        return accepted
+
+
+def _confirming_mtn(rt: Any) -> Routes:
+    """MTN's tokens answered; a request to pay or a refund taken (202), and its status lookup refused 401 (its fresh
+    token too): any other request fails the test."""
+    wire = (mtn_wire().on("POST", MTN_PAY, 202).on("GET", f"{MTN_PAY}/*", 401, {"code": "INVALID_CREDENTIALS"})
+            .on("POST", MTN_REFUND, 202).on("GET", f"{MTN_REFUND}/*", 401, {"code": "INVALID_CREDENTIALS"}))
+    rt.providers = {**rt.providers, "mtn_momo": _ConfirmingMtn(wire.client(), test_mtn_momo.config())}
+    return wire
+
+
+async def test_a_collection_refused_our_credentials_after_its_request_left_is_in_doubt_not_failed(
+        rt: Any, demo: dict[str, Any], worker: Any) -> None:
+    """The request to pay left and was taken (202); a call after it was refused for the gateway's credentials. Before:
+    the payment FAILED at once, "the request never reached the provider; nothing was taken", while the payer could
+    approve the prompt on her phone. Now in doubt, as a NOT_SENT after it is: left to the status poll, never sent
+    again."""
+    wire = _confirming_mtn(rt)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo, "key-refused-after-left"), actor=ADMIN)
+    await _twice(rt, worker, "payment.collect")
+    collect = await _job(rt, "payment.collect")
+    assert (collect.status, collect.attempts) == ("DONE", 1), collect.last_error
+    async with rt.sessionmaker() as s:
+        stored = await s.get(Payment, payment.id)
+    assert (stored.status, stored.failure_reason) == ("PENDING", None)
+    assert len(wire.sent("POST", MTN_PAY)) == 1
+    assert len(wire.sent("GET", f"{MTN_PAY}/*")) == 2  # its status lookup, and once more with a fresh token
+
+
+async def test_a_refund_refused_our_credentials_after_its_request_left_waits_for_its_outcome(
+        rt: Any, demo: dict[str, Any], worker: Any) -> None:
+    """The refund left and was taken (202); a call after it was refused for the gateway's credentials. Before: a
+    refund "awaiting configuration" (nothing processed), sent again at its next try and withdrawable as never sent
+    (then refunded again: paid twice). Now in doubt: PROCESSING, its outcome asked, never sent again."""
+    wire = _confirming_mtn(rt)
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo, "key-refund-refused-after-left"), actor=ADMIN)
+    await completed(rt, payment)
+    refund = await _ask_refund(rt, demo, payment, key="refund-refused-after-left")
+    await _twice(rt, worker, "refund.submit")
+    stored, _, jobs = await _rows(rt, refund.id, payment.id)
+    [submit] = [j for j in jobs if j.kind == "refund.submit"]
+    assert (submit.status, submit.attempts) == ("DONE", 1), submit.last_error
+    assert stored.status == "PROCESSING"
+    assert [j.status for j in jobs if j.kind == "refund.poll"] == ["PENDING"]
+    assert len(wire.sent("POST", MTN_REFUND)) == 1
+
+
+async def test_a_push_refused_for_our_passkey_is_still_failed_at_once_as_nothing_taken() -> None:
+    """Daraja refused the push itself for its Password (400 "Invalid Password": nothing ran): turned back, so the
+    CredentialsRefused stays what it is (the payment fails at once, the payer told the service could not be reached),
+    not taken for a refusal of another call after the push left."""
+    refused = {"requestId": "1-1", "errorCode": "400.002.02", "errorMessage": "Bad Request - Invalid Password"}
+    wire = mpesa_wire().on("POST", PUSH, 400, refused)
+    adapter = mpesa_adapter_at(MPESA_BASE, wire.client())
+    with watch_departures() as watch, pytest.raises(CredentialsRefused) as err:
+        await _until_it_leaves("mpesa", "collect", adapter.request_collection(_mpesa_collection()))
+    assert not isinstance(err.value, ProviderTimeout)
+    assert not watch.left and len(wire.sent("POST", PUSH)) == 1
+
+
 @pytest.mark.parametrize("fault", [httpx.ConnectError("connection refused"), httpx.ConnectTimeout("no connection"),
                                    httpx.PoolTimeout("no free connection in the pool")])
 async def test_a_money_request_that_got_no_connection_is_turned_back_and_sent_later(fault: Exception) -> None:
@@ -800,3 +882,38 @@ async def test_an_airtel_refund_still_out_at_the_deadline_waits_for_its_outcome_
     assert len(wire.sent("POST", AIRTEL_REFUND)) == 1
     stored, _, _ = await _rows(rt, refund.id, payment.id)
     assert stored.status == "PROCESSING"
+
+
+async def test_an_mtn_refund_resent_and_still_out_at_the_deadline_counts_as_a_resend(
+        rt: Any, demo: dict[str, Any], worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MTN took the refund (202), then its status lookup answered 404 (no such refund): it is sent again, same
+    reference, and that resend was not answered by the call's deadline. Before: the resend had no deadline of its own,
+    the worker cut the poll off (INTERRUPTED) and retried it, resending at every try, uncounted (REFUND_RESENDS), until
+    its 30 attempts parked it as "handler interrupted". Now it counts as a resend that may have arrived: the poll is
+    done, and the next one (resent 1) asks the status."""
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.5)
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 2.0)
+    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
+    sent: list[str] = []
+
+    async def refund(_request: httpx.Request) -> httpx.Response:
+        sent.append("refund")
+        if len(sent) > 1:
+            await asyncio.sleep(3.0)  # the resend: past the call's deadline and the worker's cut-off
+        return httpx.Response(202)
+
+    wire = mtn_wire().on("POST", MTN_REFUND, refund).on("GET", f"{MTN_REFUND}/*", 404, {"code": "RESOURCE_NOT_FOUND"})
+    rt.providers = {**rt.providers, "mtn_momo": MtnMomoAdapter(wire.client(), test_mtn_momo.config())}
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo, "key-refund-resent-out"), actor=ADMIN)
+    await completed(rt, payment)
+    refund_row = await _ask_refund(rt, demo, payment, key="refund-resent-out")
+    await drain(worker)
+    assert (await _rows(rt, refund_row.id, payment.id))[0].status == "PROCESSING"
+    await due_now(rt, "refund.poll")
+    await drain(worker)
+    stored, _, jobs = await _rows(rt, refund_row.id, payment.id)
+    polls = [(j.dedupe_key, j.status, j.attempts, j.payload.get("resent")) for j in jobs if j.kind == "refund.poll"]
+    assert polls == [(f"refund-poll:{refund_row.id}", "DONE", 1, None),
+                     (f"refund-poll:{refund_row.id}:resent:1", "PENDING", 0, 1)], polls
+    assert stored.status == "PROCESSING" and len(wire.sent("POST", MTN_REFUND)) == 2
