@@ -833,9 +833,10 @@ async def _erase_events(session: AsyncSession, hers: _Hers) -> None:
     delivery's body (webhook_deliveries.payload, sent as it is, a retry or an admin's replay too) and each
     webhook.event job's (outbox_jobs.payload, fanned out as it is), scrubbed as the rows are (_erased_event_data).
     So a delivery still waiting is sent scrubbed, under the same event id (a receiver that had it drops the
-    repeat). Found by the id in their data (ix_webhook_deliveries_subject, ix_outbox_jobs_event_subject), a
-    bounded batch at a time; their updated_at kept (retention reads it). A dispute's events are left, as its row
-    is (README)."""
+    repeat), and a job being fanned out meanwhile writes its deliveries scrubbed, or before this reads them
+    (core.webhooks.fan_out). One a worker is sending at this moment goes as it read it. Found by the id in their
+    data (ix_webhook_deliveries_subject, ix_outbox_jobs_event_subject), a bounded batch at a time; their updated_at
+    kept (retention reads it). A dispute's events are left, as its row is (README)."""
     of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at)
     payment_ids = (await session.execute(select(Payment.id).where(of_hers))).scalars().all()
     refund_ids: list[str] = []
@@ -845,28 +846,37 @@ async def _erase_events(session: AsyncSession, hers: _Hers) -> None:
     ids = [*payment_ids, *refund_ids]
     # Inline: a cached generic plan proves ix_outbox_jobs_event_subject's predicate too.
     webhook_event: ColumnElement[str] = literal_column("'webhook.event'")
+    deliveries_table, jobs_table = WebhookDelivery.__table__, OutboxJob.__table__
     for start in range(0, len(ids), _JOBS_AT_ONCE):
         some = ids[start:start + _JOBS_AT_ONCE]
-        deliveries = [
-            {"id": row.id, "payload": {**row.payload, "data": _erased_event_data(row.event_type, row.payload["data"])},
-             "updated_at": row.updated_at}
-            for row in (await session.execute(
-                select(WebhookDelivery.id, WebhookDelivery.event_type, WebhookDelivery.payload,
-                       WebhookDelivery.updated_at)
-                .where(event_data_id(WebhookDelivery.payload).in_(some)))).all()
-            if isinstance(row.payload, dict) and "data" in row.payload]
+        # The jobs first: a worker fanning one out holds its row (core.webhooks.fan_out), so their UPDATE waits for
+        # the delivery rows it writes, and the read of the deliveries after it finds them.
         jobs = [
-            {"id": row.id, "payload": {**row.payload, "data": _erased_event_data(str(row.payload.get("event_type")),
-                                                                                row.payload["data"])},
-             "updated_at": row.updated_at}
+            {"b_id": row.id, "b_payload": {**row.payload, "data": _erased_event_data(
+                str(row.payload.get("event_type")), row.payload["data"])}}
             for row in (await session.execute(
-                select(OutboxJob.id, OutboxJob.payload, OutboxJob.updated_at)
+                select(OutboxJob.id, OutboxJob.payload)
                 .where(OutboxJob.kind == webhook_event, event_data_id(OutboxJob.payload).in_(some)))).all()
             if isinstance(row.payload, dict) and "data" in row.payload]
-        if deliveries:
-            await session.execute(update(WebhookDelivery), deliveries)
         if jobs:
-            await session.execute(update(OutboxJob), jobs)
+            await session.execute(_scrubbed(jobs_table), jobs)
+        deliveries = [
+            {"b_id": row.id,
+             "b_payload": {**row.payload, "data": _erased_event_data(row.event_type, row.payload["data"])}}
+            for row in (await session.execute(
+                select(WebhookDelivery.id, WebhookDelivery.event_type, WebhookDelivery.payload)
+                .where(event_data_id(WebhookDelivery.payload).in_(some)))).all()
+            if isinstance(row.payload, dict) and "data" in row.payload]
+        if deliveries:
+            await session.execute(_scrubbed(deliveries_table), deliveries)
+
+
+def _scrubbed(table: Any) -> Any:
+    """The UPDATE of a stored event's payload (executemany: b_id, b_payload), its row's updated_at kept as the row
+    has it then (retention reads it), not as read before: a worker's outcome written meanwhile (a delivery's attempt,
+    a job's end) moved it, and that write's time stays."""
+    return (update(table).where(table.c.id == bindparam("b_id"))
+            .values(payload=bindparam("b_payload", type_=table.c.payload.type), updated_at=table.c.updated_at))
 
 
 async def _erase_messages(session: AsyncSession, hers: _Hers, *, actor: Actor) -> int:

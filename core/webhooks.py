@@ -1096,12 +1096,17 @@ def body_bytes(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
 
 
-async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
+async def fan_out(rt: Runtime, payload: dict[str, Any], job_id: int | None = None) -> int:
     """'webhook.event': one delivery row and one 'webhook.deliver' job per subscribed, approved endpoint.
 
     An endpoint switched off after failures gets its row and job too: the job holds the delivery until
     the endpoint is enabled (and a row committed with its job is never missed by the enabling). An endpoint
-    an admin deleted gets nothing."""
+    an admin deleted gets nothing.
+
+    `job_id`, the job's: its data read again under its row's lock before the rows are written. An erasure
+    (core.members._erase_events) may have scrubbed it since the worker claimed it (a claimed job can wait for a
+    slot), and one scrubbing it now waits for these rows and then scrubs them too; written from the claimed
+    copy, the member's account mask and the notes about her went out in deliveries no erasure reached."""
     event_type = payload.get("event_type")
     cooperative_id = payload.get("cooperative_id")
     if event_type not in EVENTS or not cooperative_id or not payload.get("event_id"):
@@ -1111,6 +1116,9 @@ async def fan_out(rt: Runtime, payload: dict[str, Any]) -> int:
     body = envelope(event_id, event_type, cooperative_id, payload.get("data") or {}, created)
     made = 0
     async with rt.sessionmaker.begin() as session:
+        stored = None if job_id is None else await lock_row(session, OutboxJob, job_id)
+        if stored is not None and isinstance(stored.payload, dict):
+            body["data"] = stored.payload.get("data") or {}
         endpoints = (
             (
                 await session.execute(

@@ -1006,7 +1006,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
     jobs = SmsJobs(rt)
 
     async def webhook_event(job: Job) -> None:
-        await webhooks.fan_out(rt, job.payload)
+        await webhooks.fan_out(rt, job.payload, job.id)
 
     async def webhook_deliver(job: Job) -> None:
         await webhooks.deliver(rt, job)

@@ -5,12 +5,15 @@ and nothing written from now on puts her name or login in the append-only audit 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from aiohttp import web
-from sqlalchemy import insert, select, update
+from sqlalchemy import Update, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from channels.ussd.sessions import phone_keys
 from core.models import (
@@ -29,7 +32,7 @@ from core.provider_events import event_data
 from core.retention import RetentionPolicy, prune
 from tests.admin_api.conftest import Caller, idem
 from tests.channels.sms.helpers import make_payment, start_simulator
-from tests.conftest import drain
+from tests.conftest import drain, is_postgres
 from tests.core.test_webhooks import approved_endpoint
 
 NAME, PHONE, UNIT, EMAIL = "Jeanne Mukeshimana", "+250788777111", "D-707", "jeanne.m@example.rw"
@@ -469,3 +472,119 @@ async def test_her_payments_stored_webhook_events_are_scrubbed_and_a_waiting_one
         cancelled.id, "erased", "cancelled by the cooperative: [note erased]")
     async with rt.sessionmaker() as s:
         assert set((await s.execute(select(WebhookDelivery.status))).scalars()) == {"DELIVERED"}
+
+
+async def test_an_event_a_worker_claimed_before_her_erasure_is_fanned_out_scrubbed(
+        rt: Any, admin: Caller, demo: Any, worker: Any) -> None:
+    """A webhook.event job a worker claimed before her erasure (its payload in the worker's memory; a claimed job
+    can wait for a slot) and fanned out after it: its delivery rows were written from the copy claimed, her account's
+    mask and the desk's note naming her in them, where no erasure reached them, and they were sent so."""
+    await approved_endpoint(rt, demo["cooperative_id"], "http://127.0.0.1:9/hook")
+    jeanne = await _jeanne(admin)
+    cancelled = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"],
+                                   status="CANCELLED", failure_reason=f"cancelled by the cooperative: {NAME}")
+    await drain(worker)
+    async with rt.sessionmaker.begin() as s:
+        await emit_event(s, cooperative_id=demo["cooperative_id"], event_type="payment.failed",
+                         event_id=f"evt_payment_failed_{cancelled.id}",
+                         data=event_data(await s.get(Payment, cancelled.id)))
+    [job] = await worker.claim()
+    assert job.kind == "webhook.event" and job.payload["data"]["paymentAccount"] == cancelled.payment_account_masked
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+
+    await worker.run_job(job)
+
+    async with rt.sessionmaker() as s:
+        [delivery] = (await s.execute(select(WebhookDelivery))).scalars().all()
+        stored = json.dumps([delivery.payload, *(await s.execute(select(OutboxJob.payload).where(
+            OutboxJob.kind == "webhook.event"))).scalars()], ensure_ascii=False)
+    assert (delivery.event_id, delivery.payload["data"]["paymentAccount"], delivery.payload["data"]["failureReason"]) \
+        == (f"evt_payment_failed_{cancelled.id}", "erased", "cancelled by the cooperative: [note erased]")
+    for personal in (NAME, cancelled.payment_account_masked):
+        assert personal not in stored, stored
+
+
+@pytest.mark.skipif(not is_postgres(), reason="a worker's write between the erasure's read and its own: row locks")
+async def test_a_delivery_attempt_recorded_while_she_is_erased_keeps_its_time(
+        rt: Any, admin: Caller, demo: Any, worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker recording a delivery's attempt (core.webhooks._finish) after the erasure read the delivery and
+    before it wrote it back: the erasure's write set updated_at back to what it had read, before the attempt
+    (retention counts a delivery's days from it), as if the attempt's change had not happened."""
+    from core import webhooks
+
+    endpoint, _ = await approved_endpoint(rt, demo["cooperative_id"], "http://127.0.0.1:9/hook")
+    jeanne = await _jeanne(admin)
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    async with rt.sessionmaker() as s:
+        data = event_data(await s.get(Payment, paid.id))
+    await webhooks.fan_out(rt, {"event_type": "payment.completed", "cooperative_id": demo["cooperative_id"],
+                                "event_id": f"evt_payment_completed_{paid.id}", "data": data})
+    async with rt.sessionmaker() as s:
+        [delivery] = (await s.execute(select(WebhookDelivery))).scalars().all()
+    execute, recorded = AsyncSession.execute, []
+
+    async def meanwhile(session: AsyncSession, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        # The erasure's write of the delivery, after its read: the worker records its attempt first.
+        if isinstance(statement, Update) and statement.table.name == "webhook_deliveries" and not recorded:
+            recorded.append(True)
+            await webhooks._finish(rt, delivery.id, status="DELIVERED", endpoint_id=endpoint.id, success=True,
+                                   attempt={"at": datetime.now(UTC).isoformat(), "status_code": 200,
+                                            "latency_ms": 5, "error": None})
+        return await execute(session, statement, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncSession, "execute", meanwhile)
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+
+    async with rt.sessionmaker() as s:
+        after = (await s.execute(select(WebhookDelivery))).scalar_one()
+    assert (after.status, len(after.attempts), after.payload["data"]["paymentAccount"]) == ("DELIVERED", 1, "erased")
+    assert after.delivered_at is not None and after.updated_at >= after.delivered_at > delivery.updated_at
+
+
+@pytest.mark.skipif(not is_postgres(), reason="a fan-out and the erasure at once: row locks")
+async def test_an_event_fanned_out_while_she_is_erased_is_scrubbed_in_its_deliveries(
+        rt: Any, admin: Caller, demo: Any, worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker fanning out an event about her payment (its delivery rows written, not yet committed) while the
+    erasure runs: the erasure read the deliveries before them, found none, and the rows committed after it kept
+    her account's mask; now it waits for the fan-out (the job's row lock) and scrubs them."""
+    from core import webhooks
+
+    await approved_endpoint(rt, demo["cooperative_id"], "http://127.0.0.1:9/hook")
+    jeanne = await _jeanne(admin)
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    await drain(worker)
+    async with rt.sessionmaker.begin() as s:
+        await emit_event(s, cooperative_id=demo["cooperative_id"], event_type="payment.completed",
+                         event_id=f"evt_payment_completed_{paid.id}", data=event_data(await s.get(Payment, paid.id)))
+    [job] = await worker.claim()
+    written, go_on = asyncio.Event(), asyncio.Event()
+    enqueue, execute = webhooks.enqueue, AsyncSession.execute
+
+    async def held(*args: Any, **kwargs: Any) -> Any:  # the fan-out, its delivery row written, not committed
+        written.set()
+        await go_on.wait()
+        return await enqueue(*args, **kwargs)
+
+    async def erasing(session: AsyncSession, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        # The erasure's write of the event's job: the fan-out goes on (and commits) from here.
+        params = args[0] if args else kwargs.get("params")
+        if isinstance(statement, Update) and statement.table.name == "outbox_jobs" and isinstance(params, list):
+            go_on.set()
+        return await execute(session, statement, *args, **kwargs)
+
+    monkeypatch.setattr(webhooks, "enqueue", held)
+    monkeypatch.setattr(AsyncSession, "execute", erasing)
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    fanning = asyncio.create_task(worker.run_job(job))
+    await asyncio.wait_for(written.wait(), 10)
+
+    await asyncio.wait_for(admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200), 20)
+    await asyncio.wait_for(fanning, 10)
+
+    async with rt.sessionmaker() as s:
+        [delivery] = (await s.execute(select(WebhookDelivery))).scalars().all()
+    assert (delivery.event_id, delivery.payload["data"]["paymentAccount"]) == (f"evt_payment_completed_{paid.id}",
+                                                                               "erased")
