@@ -99,7 +99,9 @@ DELIVERY = out(
             "enum": [webhooks.HELD_SWITCHED_OFF, webhooks.HELD_DOMAIN_NOT_APPROVED, None],
             "description": "a PENDING delivery that is not being sent, and why: endpoint_switched_off (sent when "
             "the endpoint is enabled), domain_not_approved (the URL's domain was rejected or is pending: sent when "
-            "a super admin approves it). Held deliveries keep their attempts and are not given up while held. "
+            "a super admin approves it). Held deliveries keep their attempts and are not given up while held, but "
+            "an endpoint switched off for RETENTION_WEBHOOK_HELD_DAYS (30) has those recorded as long ago marked "
+            "FAILED by `prune`. "
             "null: delivered, given up, or sent (or retried) when due",
         },
         "attempts": {"type": "array", "items": ATTEMPT},
@@ -440,7 +442,8 @@ ROUTES = [
         "POST",
         "/webhook-endpoints/{id}/enable",
         enable_endpoint,
-        "Re-enable a webhook endpoint (sends what it held while switched off)",
+        "Re-enable a webhook endpoint (sends what it still held while switched off: not what `prune` gave up, "
+        "see RETENTION_WEBHOOK_HELD_DAYS)",
         "webhooks",
         "admin",
         response=ENDPOINT,

@@ -21,7 +21,12 @@ What goes, and what stays (each period an environment variable; 0 keeps that kin
   reconciliation goes back to years later, and they number a few per payment (the payments themselves are kept).
 - webhook_deliveries: DELIVERED or FAILED (given up) deliveries created and last changed more than
   RETENTION_WEBHOOK_DELIVERIES_DAYS (30) ago, unless a job not ended still names them (a PARKED webhook.deliver
-  job an admin may replay reopens its delivery). PENDING ones never.
+  job an admin may replay reopens its delivery). PENDING ones never: but those held for an endpoint switched off
+  after failures (core.webhooks: kept PENDING, sent when it is enabled) are given up, marked FAILED as a DELETE of
+  the endpoint marks them, once it has been off and they were recorded more than RETENTION_WEBHOOK_HELD_DAYS (30)
+  ago; the rule above then deletes them as long after. An endpoint nobody enables again records new events for
+  three days only (core.webhooks.RETRY_FOR), but what it held would otherwise stay for ever; enabled after that,
+  it sends only those kept. (Those held while a domain is not approved are of an ACTIVE endpoint: not these.)
 - sms_messages: the row stays (status, provider status, cost, dates, the masked number: the evidence of what was
   sent); the text of one no longer QUEUED, created more than RETENTION_SMS_BODY_DAYS (180) ago, is emptied, and
   with it the recipient's number (ciphertext and blind index: no number finds the row any more), all personal
@@ -53,7 +58,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.config import ConfigError
 from core.db import align_clock, table_of, utcnow
-from core.models import OutboxJob, ProviderEvent, SmsMessage, UsedRefreshToken, UssdSession, WebhookDelivery
+from core.models import (
+    OutboxJob,
+    ProviderEvent,
+    SmsMessage,
+    UsedRefreshToken,
+    UssdSession,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 from core.outbox import ENDED, LIVE
 from core.ports import ProviderOutcome
 from core.unmatched_callbacks import RESOLVED_OF
@@ -63,6 +76,7 @@ DEFAULT_DAYS = {
     "RETENTION_USSD_SESSIONS_DAYS": 90,
     "RETENTION_UNKNOWN_CALLBACKS_DAYS": 30,
     "RETENTION_WEBHOOK_DELIVERIES_DAYS": 30,
+    "RETENTION_WEBHOOK_HELD_DAYS": 30,
     "RETENTION_SMS_BODY_DAYS": 180,
 }
 DEFAULT_BATCH = 5000
@@ -79,6 +93,7 @@ class RetentionPolicy:
     ussd_sessions_days: int = DEFAULT_DAYS["RETENTION_USSD_SESSIONS_DAYS"]
     unknown_callbacks_days: int = DEFAULT_DAYS["RETENTION_UNKNOWN_CALLBACKS_DAYS"]
     webhook_deliveries_days: int = DEFAULT_DAYS["RETENTION_WEBHOOK_DELIVERIES_DAYS"]
+    webhook_held_days: int = DEFAULT_DAYS["RETENTION_WEBHOOK_HELD_DAYS"]
     sms_body_days: int = DEFAULT_DAYS["RETENTION_SMS_BODY_DAYS"]
     batch_size: int = DEFAULT_BATCH
 
@@ -104,6 +119,7 @@ def load_policy(env: Mapping[str, str] | None = None) -> RetentionPolicy:
         ussd_sessions_days=days["RETENTION_USSD_SESSIONS_DAYS"],
         unknown_callbacks_days=days["RETENTION_UNKNOWN_CALLBACKS_DAYS"],
         webhook_deliveries_days=days["RETENTION_WEBHOOK_DELIVERIES_DAYS"],
+        webhook_held_days=days["RETENTION_WEBHOOK_HELD_DAYS"],
         sms_body_days=days["RETENTION_SMS_BODY_DAYS"],
         batch_size=_whole(env, "RETENTION_BATCH_SIZE", DEFAULT_BATCH, 1, 50_000),
     )
@@ -118,12 +134,13 @@ class Pruned:
     count: int | None  # None: kept forever (period 0)
     variable: str
     cleared: bool = False  # an UPDATE emptying a column, not a DELETE
+    given_up: bool = False  # an UPDATE marking held deliveries FAILED, not a DELETE
 
     def line(self, *, dry_run: bool) -> str:
         if self.count is None:
             return f"{self.table}: kept ({self.variable}=0)"
-        verb = ("would be cleared" if dry_run else "cleared") if self.cleared else (
-            "would be deleted" if dry_run else "deleted")
+        done = "cleared" if self.cleared else "given up" if self.given_up else "deleted"
+        verb = f"would be {done}" if dry_run else done
         return f"{self.table}: {self.count} {verb} ({self.what})"
 
 
@@ -185,6 +202,21 @@ def _old_deliveries(cutoff: datetime) -> ColumnElement[bool]:
     return and_(_finished_deliveries(cutoff), ~named)
 
 
+_ENDPOINTS = table_of(WebhookEndpoint)
+
+
+def _held_deliveries(cutoff: datetime) -> ColumnElement[bool]:
+    return and_(_DELIVERIES.c.created_at < cutoff, _DELIVERIES.c.status == "PENDING")
+
+
+def _held_too_long(cutoff: datetime) -> ColumnElement[bool]:
+    # A DISABLED endpoint's PENDING deliveries are those held after failures: a DELETE marks its own FAILED. Off
+    # since before the cut-off too: one switched off again just after an enable keeps what that enable resumed.
+    switched_off = exists().where(_ENDPOINTS.c.id == _DELIVERIES.c.endpoint_id, _ENDPOINTS.c.status == "DISABLED",
+                                  _ENDPOINTS.c.disabled_at < cutoff)
+    return and_(_held_deliveries(cutoff), switched_off)
+
+
 _USED_REFRESH = table_of(UsedRefreshToken)
 USED_REFRESH_TOKENS_DAYS = 1  # past the token's expiry (core.auth.LEEWAY is seconds): fixed, not a setting
 
@@ -218,6 +250,8 @@ class _Kind:
     what: str  # with {cutoff}
     order: Any = None  # the indexed column the rows are walked by, oldest first (None: no usable index)
     pick: Condition | None = None  # the part of `condition` that walk reads by that index (None: all of it)
+    label: str = ""  # the report's name, when not the table's
+    gives_up: bool = False  # marks the rows FAILED (held webhook deliveries), not deleted
 
 
 KINDS = (
@@ -230,6 +264,10 @@ KINDS = (
           "money was taken or paid out, or may have been (AMBIGUOUS, PENDING); the others are kept"),
     _Kind(_DELIVERIES, "RETENTION_WEBHOOK_DELIVERIES_DAYS", lambda p: p.webhook_deliveries_days, _old_deliveries,
           "delivered or given up, last changed before {cutoff}", _DELIVERIES.c.created_at, _finished_deliveries),
+    # After the deletion above: those given up now go as long after as the others.
+    _Kind(_DELIVERIES, "RETENTION_WEBHOOK_HELD_DAYS", lambda p: p.webhook_held_days, _held_too_long,
+          "held for endpoints switched off after failures, both before {cutoff}; marked FAILED",
+          _DELIVERIES.c.created_at, _held_deliveries, label="webhook_deliveries held", gives_up=True),
     _Kind(_USED_REFRESH, "", lambda p: USED_REFRESH_TOKENS_DAYS, _expired_refresh_uses,
           "uses of refresh tokens expired before {cutoff}", _USED_REFRESH.c.expires_at),
 )
@@ -280,6 +318,16 @@ def _deleting(table: Any, condition: ColumnElement[bool]) -> Apply:
     return apply
 
 
+def _giving_up(condition: ColumnElement[bool], now: datetime) -> Apply:
+    async def apply(conn: AsyncConnection, ids: list[Any], bound: ColumnElement[bool]) -> int:
+        # As a DELETE of the endpoint gives up what it held (core.webhooks.delete_endpoint): no attempt recorded.
+        statement = (update(_DELIVERIES).where(_DELIVERIES.c.id.in_(ids), bound, condition)
+                     .values(status="FAILED", updated_at=now))
+        return int((await conn.execute(statement)).rowcount)
+
+    return apply
+
+
 def _clearing(condition: ColumnElement[bool]) -> Apply:
     async def apply(conn: AsyncConnection, ids: list[Any], bound: ColumnElement[bool]) -> int:
         # The number goes with the text: kept, it would tie the row to its recipient for ever.
@@ -298,17 +346,19 @@ async def prune(engine: AsyncEngine, policy: RetentionPolicy, *, dry_run: bool =
         now = utcnow()
     report = []
     for kind in KINDS:
+        name = kind.label or kind.table.name
         days = kind.days(policy)
         if not days:
-            report.append(Pruned(kind.table.name, "", None, kind.variable))
+            report.append(Pruned(name, "", None, kind.variable))
             continue
         cutoff = now - timedelta(days=days)
         condition = kind.condition(cutoff)
         pick = condition if kind.pick is None else kind.pick(cutoff)
+        apply = _giving_up(condition, now) if kind.gives_up else _deleting(kind.table, condition)
         count = (await _count(engine, kind.table, condition) if dry_run
-                 else await _walk(engine, kind.table, pick, kind.order, policy.batch_size,
-                                  _deleting(kind.table, condition)))
-        report.append(Pruned(kind.table.name, kind.what.format(cutoff=_day(cutoff)), count, kind.variable))
+                 else await _walk(engine, kind.table, pick, kind.order, policy.batch_size, apply))
+        report.append(Pruned(name, kind.what.format(cutoff=_day(cutoff)), count, kind.variable,
+                             given_up=kind.gives_up))
     if not policy.sms_body_days:
         report.append(Pruned(_SMS.name, "", None, "RETENTION_SMS_BODY_DAYS", cleared=True))
     else:

@@ -12,14 +12,15 @@ secret accepts them while it switches over. Rotating again before that overlap e
 each replaced secret signs until its own overlap ends (`v1=<newest>,v1=<previous>,v1=<the one before>`), so a
 receiver that never learned the middle secret (the first rotation's answer lost) still accepts every event.
 
-An endpoint that has failed every attempt for a day (DISABLE_AFTER_FAILING_FOR, and at least DISABLE_AFTER
-attempts in a row) is switched off and the cooperative's contact told; nothing is lost by it. While it is
-off its deliveries are held PENDING and new events are still recorded for it; enabling it again sends them
-all, oldest first. An endpoint an admin DELETEs is off on purpose: it records nothing new, and what it still
-held is marked FAILED. Both are status DISABLED; which one is read from the endpoint's last
-`webhook_endpoint.disabled` audit event (`after.reason`: "failures" or "deleted"). An endpoint's events and URL
-can be changed (PATCH, update_endpoint): what it held or was retrying of an event it no longer gets is marked
-FAILED the same way; the rest goes to the URL as it is when sent.
+An endpoint that has failed every attempt for a day (DISABLE_AFTER_FAILING_FOR, and at least DISABLE_AFTER attempts
+in a row) is switched off and the cooperative's contact told; nothing is lost by it. While it is off its deliveries
+are held PENDING and new events are still recorded for it (for RETRY_FOR after the switch-off); enabling it again
+sends them all, oldest first. Held for long they are given up: `prune` marks FAILED those of an endpoint off for
+RETENTION_WEBHOOK_HELD_DAYS, recorded as long ago (core.retention). An endpoint an admin DELETEs is off on purpose:
+it records nothing new, and what it still held is marked FAILED. Both are status DISABLED; which one is read from
+the endpoint's last `webhook_endpoint.disabled` audit event (`after.reason`: "failures" or "deleted"). An endpoint's
+events and URL can be changed (PATCH, update_endpoint): what it held or was retrying of an event it no longer gets
+is marked FAILED the same way; the rest goes to the URL as it is when sent.
 
 A delivery is sent only while its endpoint's domain is approved for the cooperative, checked again at each
 send: once a super admin rejects the domain (or it is asked for again, pending), its deliveries are held PENDING

@@ -39,7 +39,8 @@ async def test_prune_prints_one_line_per_table_and_exits_0(rt: Any) -> None:
     assert dry.returncode == 0, dry.stderr
     assert [line.split(" (")[0] for line in dry.stdout.splitlines()] == [
         "outbox_jobs: 2 would be deleted", "ussd_sessions: 2 would be deleted", "provider_events: 1 would be deleted",
-        "webhook_deliveries: 3 would be deleted", "used_refresh_tokens: 1 would be deleted",
+        "webhook_deliveries: 3 would be deleted", "webhook_deliveries held: 0 would be given up",
+        "used_refresh_tokens: 1 would be deleted",
         "sms_messages: 2 would be cleared"]
     assert await _left(rt) == before
 
@@ -47,7 +48,8 @@ async def test_prune_prints_one_line_per_table_and_exits_0(rt: Any) -> None:
     assert done.returncode == 0, done.stderr
     assert [line.split(" (")[0] for line in done.stdout.splitlines()] == [
         "outbox_jobs: 2 deleted", "ussd_sessions: 2 deleted", "provider_events: 1 deleted",
-        "webhook_deliveries: 3 deleted", "used_refresh_tokens: 1 deleted", "sms_messages: kept"]
+        "webhook_deliveries: 3 deleted", "webhook_deliveries held: 0 given up",
+        "used_refresh_tokens: 1 deleted", "sms_messages: kept"]
     assert done.stdout.splitlines()[-1] == "sms_messages: kept (RETENTION_SMS_BODY_DAYS=0)"
     left = await _left(rt)
     assert len(left["outbox_jobs"]) == len(before["outbox_jobs"]) - 2

@@ -141,7 +141,7 @@ async def test_exactly_the_old_eligible_rows_go(rt: Any) -> None:
     assert await _left(rt) == before  # a dry run changes nothing
     counts = {p.table: p.count for p in counted}
     assert counts == {"outbox_jobs": 2, "ussd_sessions": 2, "provider_events": 1, "webhook_deliveries": 3,
-                      "used_refresh_tokens": 1, "sms_messages": 2}
+                      "webhook_deliveries held": 0, "used_refresh_tokens": 1, "sms_messages": 2}
 
     done = await prune(rt.engine, RetentionPolicy())
     assert {p.table: p.count for p in done} == counts
@@ -185,8 +185,9 @@ async def test_small_batches_take_everything_and_zero_keeps_forever(rt: Any) -> 
 def test_the_policy_is_read_from_the_environment() -> None:
     assert load_policy({}) == RetentionPolicy()
     policy = load_policy({"RETENTION_OUTBOX_DONE_DAYS": "7", "RETENTION_SMS_BODY_DAYS": "0",
-                          "RETENTION_BATCH_SIZE": "100"})
+                          "RETENTION_BATCH_SIZE": "100", "RETENTION_WEBHOOK_HELD_DAYS": "90"})
     assert (policy.outbox_done_days, policy.sms_body_days, policy.batch_size) == (7, 0, 100)
+    assert (policy.webhook_held_days, RetentionPolicy().webhook_held_days) == (90, 30)
     for name, value in (("RETENTION_USSD_SESSIONS_DAYS", "-1"), ("RETENTION_USSD_SESSIONS_DAYS", "ninety"),
                         ("RETENTION_BATCH_SIZE", "0")):
         with pytest.raises(ConfigError, match=name):
@@ -197,6 +198,7 @@ async def test_one_row_per_batch_steps_over_the_rows_it_must_keep(rt: Any) -> No
     await _seed(rt)
     report = await prune(rt.engine, RetentionPolicy(batch_size=1))
     assert {p.table: p.count for p in report} == {"outbox_jobs": 2, "ussd_sessions": 2, "provider_events": 1,
-                                                  "webhook_deliveries": 3, "used_refresh_tokens": 1,
+                                                  "webhook_deliveries": 3, "webhook_deliveries held": 0,
+                                                  "used_refresh_tokens": 1,
                                                   "sms_messages": 2}
     assert "wd-failed-parked" in (await _left(rt))["webhook_deliveries"]
