@@ -178,6 +178,9 @@ class Payment(Base):
         # them alone); partial, so a wallet payment (USSD's, most API ones) is no entry. core.payments.BANK_METHODS.
         Index("ix_payments_bank_method", "method", "cooperative_id", "created_at",
               **_where("method IN ('BANK_BK', 'BANK_IM', 'BANK_ECOBANK')")),
+        # Migration 0035: the list filtered by a payment type (its count and page read that type's entries, newest
+        # first); the cooperative last, so that a cooperative admin's count reads the index alone.
+        Index("ix_payments_type_created", "payment_type_id", "created_at", "cooperative_id"),
     )
 
     id: Mapped[str] = _id()

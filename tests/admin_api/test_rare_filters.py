@@ -1,8 +1,9 @@
 """Lists filtered by something a few rows have read those rows through an index, not the table: the audit log by an
 entityId given without its entityType (under each entity type the log holds: ix_audit_entity leads with the type),
-and the payments of a bank method (ix_payments_bank_method, migration 0032, partial: bank payments only). The rows
-answered are the ones the filter names, as before (SQLite and PostgreSQL); on PostgreSQL the plans are pinned on
-data enough for the planner to choose (a page and its count), even in a plan cached for a prepared statement."""
+the payments of a bank method (ix_payments_bank_method, migration 0032, partial: bank payments only) and those of a
+payment type (ix_payments_type_created, migration 0035). The rows answered are the ones the filter names, as before
+(SQLite and PostgreSQL); on PostgreSQL the plans are pinned on data enough for the planner to choose (a page and its
+count), even in a plan cached for a prepared statement."""
 
 from __future__ import annotations
 
@@ -33,18 +34,24 @@ def _statements(rt: Any) -> Iterator[list[tuple[str, Any]]]:
         event.remove(rt.engine.sync_engine, "before_cursor_execute", before)
 
 
-async def _plans(rt: Any, statements: list[tuple[str, Any]]) -> list[str]:
+def _literal(value: Any) -> str:
+    return str(value) if isinstance(value, int) else "'" + str(value).replace("'", "''") + "'"
+
+
+async def _plans(rt: Any, statements: list[tuple[str, Any]], custom: bool = False) -> list[str]:
     """Each statement's plan as PostgreSQL would cache it for a prepared statement (generic: its parameters
-    unknown), sequential scans ruled out so that a missing index shows on a small table."""
+    unknown), or with `custom` as it plans it for the values sent, sequential scans ruled out so that a missing index
+    shows on a small table."""
     plans = []
     async with rt.engine.connect() as conn:
         await conn.exec_driver_sql("SET enable_seqscan = off")
-        await conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        await conn.exec_driver_sql(f"SET plan_cache_mode = force_{'custom' if custom else 'generic'}_plan")
         for n, (statement, parameters) in enumerate(statements):
-            # A generic plan holds for any values: EXECUTE takes no bound ones, so NULLs stand for them.
+            # A generic plan holds for any values: EXECUTE takes no bound ones, so NULLs stand for them (a custom
+            # plan's are the values sent).
             await conn.exec_driver_sql(f"PREPARE read_{n} AS {statement}")
-            nulls = ", ".join(["NULL"] * len(parameters))
-            execute = f"EXECUTE read_{n}({nulls})" if parameters else f"EXECUTE read_{n}"
+            values = ", ".join(_literal(v) if custom else "NULL" for v in parameters)
+            execute = f"EXECUTE read_{n}({values})" if parameters else f"EXECUTE read_{n}"
             plans.append("\n".join((await conn.exec_driver_sql(f"EXPLAIN {execute}")).scalars().all()))
             await conn.exec_driver_sql(f"DEALLOCATE read_{n}")  # session-wide: the pooled connection is used again
         await conn.rollback()
@@ -163,6 +170,50 @@ async def test_a_bank_methods_list_reads_its_partial_index(
         assert "ix_payments_bank_method" in count, count
         if caller is admin:
             assert "ix_payments_bank_method" in page, page
+
+
+# --- payments by type -------------------------------------------------------------------------------------------------
+
+@requires_pg
+async def test_a_payment_types_list_reads_the_type_index(
+        rt: Any, admin: Caller, superadmin: Caller, demo: dict[str, Any], coop_b: dict[str, Any]) -> None:
+    """Two cooperatives' 20,000 payments, one of the cooperative's in five hundred of Monthly Rent: its count reads
+    ix_payments_type_created (migration 0035), for a cooperative admin and a super admin, with a status too, even in
+    a plan cached for the statement (generic); so does its page, as planned for the type asked for (PostgreSQL keeps
+    planning so while a cached plan would cost more). Without it the count read the table and the page walked the
+    payments from the newest until twenty were of the type."""
+    async with rt.engine.begin() as conn:
+        # The other cooperative's payments of twelve types: a cached plan estimates a type's rows by how many the
+        # table names (a deployment's cooperatives have a few each), not by the type asked for.
+        await conn.execute(text(
+            "INSERT INTO payment_types (id, cooperative_id, name, amount_minor, currency, allow_custom_amount,"
+            " is_recurring, is_active, created_at, updated_at) SELECT md5('ptt-' || k)::uuid::text, :other,"
+            " 'Levy ' || k, 50000, 'RWF', true, false, true, now(), now() FROM generate_series(0, 11) k"),
+            {"other": coop_b["cooperative_id"]})
+        await conn.execute(text(
+            "INSERT INTO payments (id, cooperative_id, payment_type_id, reference, amount_minor, currency, fee_minor,"
+            " refunded_minor, status, method, provider, provider_reference, payment_account_enc,"
+            " payment_account_index, payment_account_masked, idempotency_key, request_hash, channel, mismatch, late,"
+            " expires_at, created_at, updated_at)"
+            " SELECT md5('pt-' || i)::uuid::text, CASE WHEN i % 2 = 0 THEN :coop ELSE :other END,"
+            " CASE WHEN i % 1000 = 0 THEN :rent WHEN i % 2 = 0 THEN :water ELSE md5('ptt-' || (i / 2 % 12))::uuid::text"
+            " END, 'PAY_PT_' || i,"
+            " 50000, 'RWF', 0, 0, CASE WHEN i % 3 = 0 THEN 'FAILED' ELSE 'COMPLETED' END, 'MOBILE_MONEY_MTN',"
+            " 'mtn_momo', 'pt-' || i, 'x', 'acct' || (i % 50), '+25078****000', 'idem-pt-' || i, 'h', 'ussd', false,"
+            " false, t, t, t"
+            " FROM (SELECT i, now() - (20000 - i) * interval '24 minutes' AS t FROM generate_series(1, 20000) i) s"),
+            {"coop": demo["cooperative_id"], "other": coop_b["cooperative_id"],
+             "rent": demo["payment_types"]["Monthly Rent"], "water": demo["payment_types"]["Water"]})
+        await conn.execute(text("ANALYZE payments"))
+    rent = demo["payment_types"]["Monthly Rent"]
+    for query, total in ((f"paymentTypeId={rent}", 20), (f"paymentTypeId={rent}&status=COMPLETED", 14)):
+        for caller in (admin, superadmin):
+            with _statements(rt) as sent:
+                page = await caller.json("GET", f"/v1/payments?{query}", 200)
+            assert page["meta"]["total"] == total and {p["paymentTypeId"] for p in page["data"]} == {rent}, query
+            count, listed = [(s, p) for s, p in sent if "FROM payments" in s]
+            assert "ix_payments_type_created" in (await _plans(rt, [count]))[0], query
+            assert "ix_payments_type_created" in (await _plans(rt, [listed], custom=True))[0], query
 
 
 # --- pages, counts and what the filters refuse --------------------------------------------------------------------
