@@ -965,9 +965,12 @@ OWN_SUBJECT = {"payment.collect": "payment", "payment.poll": "payment", "refund.
 # ...an SMS's in its message context (core.notify.sms_job: a receipt's {"payment_id"}, a refund's {"refund_id"})...
 SMS_KIND = "sms.send"
 # ...and a webhook event's (and each of its deliveries') in its event id, as core.notify.notice_jobs makes it:
-# evt_<type with "_">_<the entity's id>. (The payload's event id is the one made, never the stored digest.)
+# evt_<type with "_">_<the entity's id>, or core.provider_events' evt_<type>_<payment id>_<16 hex> (a flag's, a
+# review's, reported money's). The event job's id is the one made, never the stored digest; a delivery's is the
+# stored one, a digest for those longer ids: its job carries the id under SUBJECT_KEYS (core.webhooks.fan_out).
 WEBHOOK_KINDS = ("webhook.event", "webhook.deliver")
-_EVENT_ID = re.compile(r"evt_(payment|refund)_[a-z_]+_([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+_EVENT_ID = re.compile(
+    r"evt_(payment|refund)_[a-z_]+_([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:_[0-9a-f]{16})?")
 
 
 def job_subject(kind: str, payload: Mapping[str, Any] | None) -> tuple[str, str] | None:
@@ -984,6 +987,10 @@ def job_subject(kind: str, payload: Mapping[str, Any] | None) -> tuple[str, str]
                 return subject, value
         return None
     if kind in WEBHOOK_KINDS:
+        for subject, key in SUBJECT_KEYS.items():
+            value = payload.get(key)
+            if isinstance(value, str) and value:
+                return subject, value
         event_id = payload.get("event_id")
         found = _EVENT_ID.fullmatch(event_id) if isinstance(event_id, str) else None
         return (found[1], found[2]) if found else None
@@ -1000,7 +1007,9 @@ def subject_filter(subject: str, subject_id: str) -> Any:
         and_(_TABLE.c.kind.in_(own), _TABLE.c.payload[key].as_string() == subject_id),
         and_(_TABLE.c.kind == SMS_KIND, _TABLE.c.payload[("context", key)].as_string() == subject_id),
         and_(_TABLE.c.kind.in_(WEBHOOK_KINDS), event.startswith(f"evt_{subject}_", autoescape=True),
-             event.endswith(f"_{subject_id}", autoescape=True)),
+             or_(event.endswith(f"_{subject_id}", autoescape=True),
+                 event.contains(f"_{subject_id}_", autoescape=True))),
+        and_(_TABLE.c.kind.in_(WEBHOOK_KINDS), _TABLE.c.payload[key].as_string() == subject_id),
     )
 
 

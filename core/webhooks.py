@@ -69,6 +69,7 @@ from core.errors import INVALID_STATE, WEBHOOK_URL_TAKEN, Conflict, Forbidden, N
 from core.http import STATUS_ONLY, not_public
 from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
 from core.outbox import (
+    SUBJECT_KEYS,
     Job,
     NewJob,
     PermanentJobError,
@@ -1115,6 +1116,10 @@ async def fan_out(rt: Runtime, payload: dict[str, Any], job_id: int | None = Non
     event_id = stored_event_id(str(payload["event_id"]))
     created = str(payload.get("created") or iso_ms(utcnow()))  # queued before events carried it: now
     body = envelope(event_id, event_type, cooperative_id, payload.get("data") or {}, created)
+    # The payment or refund each delivery's job is about (core.outbox.job_subject: GET /v1/jobs shows it and finds
+    # it by paymentId), which a digested event id no longer names (a flag's, a review's, reported money's).
+    kind, subject_id = event_subject(event_type, body)
+    subject = {SUBJECT_KEYS[kind]: subject_id} if kind in SUBJECT_KEYS and subject_id else {}
     made = 0
     async with rt.sessionmaker.begin() as session:
         stored = None if job_id is None else await lock_row(session, OutboxJob, job_id)
@@ -1172,7 +1177,7 @@ async def fan_out(rt: Runtime, payload: dict[str, Any], job_id: int | None = Non
             await enqueue(
                 session,
                 "webhook.deliver",
-                {"endpoint_id": endpoint.id, "event_id": event_id},
+                {"endpoint_id": endpoint.id, "event_id": event_id, **subject},
                 dedupe_key=f"whd:{endpoint.id}:{event_id}",
                 cooperative_id=cooperative_id,
             )

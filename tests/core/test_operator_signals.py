@@ -18,11 +18,13 @@ from channels.sms.sender import SmsTemporaryError
 from core.audit import Actor
 from core.db import utcnow
 from core.models import OutboxJob, Payment
-from core.outbox import OutboxWorker, enqueue, job_subject
+from core.outbox import OutboxWorker, enqueue, enqueue_job, job_subject
 from core.ports import ProviderOutcome
-from core.provider_events import apply_collection_outcome
+from core.provider_events import apply_collection_outcome, flagged_job
+from core.webhooks import fan_out
 from tests.admin_api.conftest import bearer, make_payment, redis_unreachable
 from tests.conftest import drain, readiness
+from tests.core.test_webhooks import approved_endpoint
 
 
 async def _admin(client: Any, demo: dict[str, Any]) -> Any:
@@ -100,6 +102,31 @@ async def test_a_refunds_jobs_are_listed_by_its_id(rt, client, demo):
     assert sorted(j["kind"] for j in page["data"]) == ["refund.submit", "sms.send", "webhook.event"]
     assert {j["subject"]["id"] for j in page["data"]} == {refund_id}
     assert (await admin.json("GET", f"/v1/jobs?paymentId={refund_id}", 200))["data"] == []
+
+
+async def test_a_flags_webhook_jobs_are_listed_by_its_payments_id(rt, client, demo):
+    """payment.flagged's event id ends with a digest after the payment's id, and each delivery's stored id is all a
+    digest (longer than the column): its event job and its delivery jobs named no payment, and ?paymentId= found
+    neither, while a delivery waited for a receiver that was down."""
+    admin = await _admin(client, demo)
+    mine = await _pay(admin, demo)
+    await approved_endpoint(rt, demo["cooperative_id"], "http://127.0.0.1:9/hook", events=["payment.flagged"])
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).values(status="DONE"))  # its collect and poll: not this test's
+        payment = await s.get(Payment, mine["id"])
+        await enqueue_job(s, flagged_job(payment, "amount_mismatch", "provider reported 4,000 RWF, expected 5,000 RWF"))
+    subject = {"type": "payment", "id": mine["id"]}
+    page = await admin.json("GET", f"/v1/jobs?paymentId={mine['id']}", 200)
+    assert [(j["kind"], j["subject"]) for j in page["data"]] == [("webhook.event", subject)]
+
+    async with rt.sessionmaker() as s:
+        event = await s.get(OutboxJob, page["data"][0]["id"])
+        assert event is not None
+    assert await fan_out(rt, event.payload, event.id) == 1
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.id == event.id).values(status="DONE"))
+    page = await admin.json("GET", f"/v1/jobs?paymentId={mine['id']}", 200)
+    assert [(j["kind"], j["subject"]) for j in page["data"]] == [("webhook.deliver", subject)]
 
 
 def test_a_jobs_subject_is_an_opaque_id_only():
