@@ -188,9 +188,9 @@ async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T], deadl
     and is asked about (the deadline, with the provider's id for the request known, as a ProviderTimeout carrying
     it: core.ports.known_as); a NOT_SENT, UNREACHABLE or HTTP_429 then speaks of another request than the one that
     left (none does today), and so does a CredentialsRefused (a refusal of the money request itself turned it back:
-    providers.calls.send, the M-Pesa adapter's), so it is made a ProviderTimeout, never sent again blind nor ended as
-    nothing taken. A ProviderTimeout is the adapter's own word that its request may have arrived: raised as it is, left
-    or not."""
+    providers.calls.send, the M-Pesa adapter's), so it is made a ProviderTimeout (carrying that id too), never sent
+    again blind nor ended as nothing taken. A ProviderTimeout is the adapter's own word that its request may have
+    arrived: raised as it is, left or not."""
     if deadline is not None and asyncio.get_running_loop().time() >= deadline:
         # Passed before the call starts (the job waited for a slot, its stamp was slow): nothing is handed over.
         # Started, its request would be cut off wherever the transport first waits, connecting or after writing it
@@ -219,7 +219,8 @@ async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T], deadl
         except ProviderError as exc:
             if watch.left and (exc.code in _NOTHING_LEFT or isinstance(exc, CredentialsRefused)):
                 raise ProviderTimeout(f"{exc}; but a request that moves money had left before it: it may have "
-                                      "arrived; ask the status, do not send again") from exc
+                                      "arrived; ask the status, do not send again",
+                                      provider_transaction_id=watch.provider_transaction_id) from exc
             if watch.left or not exc.retryable or exc.code in NOTHING_PROCESSED:
                 raise
             raise ProviderError(f"{exc}; nothing was sent, sent later", retryable=True, code=NOT_SENT) from exc

@@ -320,6 +320,17 @@ def _deleting(table: Any, condition: ColumnElement[bool]) -> Apply:
 
 def _giving_up(condition: ColumnElement[bool], now: datetime) -> Apply:
     async def apply(conn: AsyncConnection, ids: list[Any], bound: ColumnElement[bool]) -> int:
+        # Their endpoints read under the lock an enable takes (core.webhooks.enable_endpoint: FOR UPDATE), taken
+        # after the deliveries' (the order a DELETE and a delivery's end take them): an enable under way is waited
+        # for, and the UPDATE below (PostgreSQL: a statement reads what was committed before it) sees it ACTIVE and
+        # leaves what it resumed; one after this commit reads them FAILED. Unlocked, the UPDATE read the endpoint as
+        # DISABLED while an enable was committing and gave up what it had just queued to send. (SQLite: one writer
+        # at a time already.)
+        await conn.execute(select(_DELIVERIES.c.id).where(_DELIVERIES.c.id.in_(ids), bound, condition)
+                           .with_for_update())
+        await conn.execute(select(_ENDPOINTS.c.id).where(
+            _ENDPOINTS.c.id.in_(select(_DELIVERIES.c.endpoint_id).where(_DELIVERIES.c.id.in_(ids))),
+            _ENDPOINTS.c.status == "DISABLED").with_for_update(read=True))
         # As a DELETE of the endpoint gives up what it held (core.webhooks.delete_endpoint): no attempt recorded.
         statement = (update(_DELIVERIES).where(_DELIVERIES.c.id.in_(ids), bound, condition)
                      .values(status="FAILED", updated_at=now))

@@ -4,6 +4,7 @@ after as the others, and an enable then sends only those kept."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -13,8 +14,8 @@ from core import webhooks
 from core.db import utcnow
 from core.models import AuditEvent, OutboxJob, WebhookDelivery, WebhookEndpoint
 from core.retention import RetentionPolicy, prune
-from tests.conftest import drain
-from tests.core.test_webhooks import approved_endpoint
+from tests.conftest import drain, requires_pg
+from tests.core.test_webhooks import ADMIN, approved_endpoint
 
 DAY = timedelta(days=1)
 
@@ -113,3 +114,28 @@ async def test_what_stays_held(rt: Any, demo: dict[str, Any]) -> None:
     assert {p.table: p.count for p in await prune(rt.engine, RetentionPolicy())}["webhook_deliveries held"] == 1
     assert await _statuses(rt, lately.id) == {"evt_old": "FAILED"}
     assert await _statuses(rt, active.id) == {"evt_old_active": "PENDING"}
+
+
+@requires_pg
+async def test_an_enable_under_way_keeps_what_it_resumes(rt: Any, demo: dict[str, Any], worker: Any) -> None:
+    """An admin enables the endpoint while `prune` gives up what it held. Before: prune's UPDATE read the endpoint as
+    DISABLED (the enable not yet committed: it locks the endpoint, not the deliveries), and gave up the deliveries the
+    enable had just queued to send: its audit said 1 resumed, its job found the delivery FAILED and sent nothing. Now
+    prune waits for the endpoint's lock, and sees the enable: what it resumed is sent."""
+    coop = demo["cooperative_id"]
+    endpoint, _ = await approved_endpoint(rt, coop, "http://127.0.0.1:9/hook", events=["payment.completed"])
+    await _recorded(rt, coop, "evt_held", 32)
+    await _switched_off(rt, endpoint.id)
+    await drain(worker)
+    await _off_since(rt, endpoint.id, 31)
+    async with rt.sessionmaker() as s, s.begin():
+        await webhooks.enable_endpoint(s, endpoint_id=endpoint.id, cooperative_id=coop, actor=ADMIN)
+        pruning = asyncio.create_task(prune(rt.engine, RetentionPolicy()))
+        await asyncio.wait({pruning}, timeout=1.0)
+    report = {p.table: p.count for p in await pruning}
+    assert report["webhook_deliveries held"] == 0
+    assert await _statuses(rt, endpoint.id) == {"evt_held": "PENDING"}
+    async with rt.sessionmaker() as s:
+        jobs = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "webhook.deliver",
+                                                        OutboxJob.status == "PENDING"))).scalars().all()
+    assert [j.payload["event_id"] for j in jobs if "resumed_at" in j.payload] == ["evt_held"]

@@ -28,7 +28,15 @@ from core.money import Money
 from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, WORKER_LOST
 from core.payments import create_payment
 from core.phone import Phone
-from core.ports import NOT_SENT, CredentialsRefused, ProviderError, ProviderTimeout, departing, watch_departures
+from core.ports import (
+    NOT_SENT,
+    CredentialsRefused,
+    ProviderError,
+    ProviderTimeout,
+    departing,
+    known_as,
+    watch_departures,
+)
 from providers import calls
 from providers.irembopay import IremboPayAdapter
 from providers.mpesa import MpesaAdapter
@@ -623,6 +631,24 @@ async def test_a_push_refused_for_our_passkey_is_still_failed_at_once_as_nothing
         await _until_it_leaves("mpesa", "collect", adapter.request_collection(_mpesa_collection()))
     assert not isinstance(err.value, ProviderTimeout)
     assert not watch.left and len(wire.sent("POST", PUSH)) == 1
+
+
+@pytest.mark.parametrize("raised", [CredentialsRefused("IremboPay refused the gateway's credentials", code="HTTP_401"),
+                                    ProviderError("a later request not made", retryable=True, code=NOT_SENT)])
+async def test_a_refusal_after_a_money_request_left_keeps_the_providers_id_for_it(raised: ProviderError) -> None:
+    """The provider's id for the request was learnt before it left (IremboPay's invoice number: known_as), then a
+    refusal of another call came after it. Before: in doubt, but without that id (the deadline's ProviderTimeout
+    carries it), so a push the payer may approve was stored with none, and its status could never be asked. Now
+    carried, as the deadline's is."""
+
+    async def call() -> None:
+        known_as("INV-1")
+        departing()
+        raise raised
+
+    with pytest.raises(ProviderTimeout) as err:
+        await _until_it_leaves("irembopay", "collect", call())
+    assert err.value.provider_transaction_id == "INV-1"
 
 
 @pytest.mark.parametrize("fault", [httpx.ConnectError("connection refused"), httpx.ConnectTimeout("no connection"),
