@@ -44,6 +44,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse, urlsplit
@@ -56,6 +57,7 @@ from core.audit import Actor, formatted, record
 from core.crypto import PiiCipher
 from core.db import (
     UTCDateTime,
+    event_data_id,
     insert_ignore,
     iso_ms,
     iso_z,
@@ -966,17 +968,17 @@ async def _resume_held(session: AsyncSession, endpoint: WebhookEndpoint) -> int:
     superseded = await end_waiting(session, OutboxJob.kind == "webhook.deliver",
                                    OutboxJob.dedupe_key.like(f"whd:{endpoint.id}:%"), status="PENDING",
                                    reason="superseded: the endpoint was enabled again")
-    event_ids = (
+    held = (
         await session.execute(
-            select(WebhookDelivery.event_id)
+            select(*_HELD)
             .where(WebhookDelivery.endpoint_id == endpoint.id, WebhookDelivery.status == "PENDING")
             .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
         )
-    ).scalars().all()
+    ).all()
     # Each enable its own key: another in the same second (after a switch-off between them) must not find
     # its jobs dropped as duplicates of the earlier enable's, which it has just superseded.
     tag = f"resumed:{_stamp(utcnow())}:{secrets.token_hex(6)}"
-    queued = await _queue_resumed(session, endpoint, list(event_ids), tag)
+    queued = await _queue_resumed(session, endpoint, held, tag)
     if queued:
         log.info("held webhook deliveries resumed", extra={"endpoint_id": endpoint.id, "count": queued,
                                                            "superseded": superseded})
@@ -998,34 +1000,40 @@ async def _resume_unqueued(session: AsyncSession, endpoint: WebhookEndpoint) -> 
         )
         .exists()
     )
-    event_ids = (
+    held = (
         await session.execute(
-            select(WebhookDelivery.event_id)
+            select(*_HELD)
             .where(WebhookDelivery.endpoint_id == endpoint.id, WebhookDelivery.status == "PENDING", ~live)
             .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
         )
-    ).scalars().all()
+    ).all()
     # Its own key, to the microsecond: an enable's (to the second) in the same second would take the same one.
-    queued = await _queue_resumed(session, endpoint, list(event_ids), f"unheld:{utcnow().strftime('%Y%m%dT%H%M%S%f')}")
+    queued = await _queue_resumed(session, endpoint, held, f"unheld:{utcnow().strftime('%Y%m%dT%H%M%S%f')}")
     if queued:
         log.info("held webhook deliveries resumed: domain approved", extra={"endpoint_id": endpoint.id,
                                                                             "count": queued})
     return queued
 
 
-async def _queue_resumed(session: AsyncSession, endpoint: WebhookEndpoint, event_ids: list[str], tag: str) -> int:
-    """A job for each of `event_ids` (oldest first), RESUME_PER_SECOND a second, each carrying `resumed_at`;
-    `tag` ends their dedupe keys."""
+# A held delivery as a resumed job is queued for it (_queue_resumed): its event id, and what its event is about
+# (its type and its data's id: the job names its payment or refund, as fan_out's do, core.outbox.job_subject).
+_HELD = (WebhookDelivery.event_id, WebhookDelivery.event_type, event_data_id(WebhookDelivery.payload))
+
+
+async def _queue_resumed(session: AsyncSession, endpoint: WebhookEndpoint, held: Sequence[Any], tag: str) -> int:
+    """A job for each of the `held` deliveries (_HELD's rows, oldest first), RESUME_PER_SECOND a second, each
+    carrying `resumed_at` and its subject; `tag` ends their dedupe keys."""
     now = utcnow()
     jobs = [
         NewJob(
             "webhook.deliver",
-            {"endpoint_id": endpoint.id, "event_id": event_id, "resumed_at": now.isoformat()},
+            {"endpoint_id": endpoint.id, "event_id": event_id, "resumed_at": now.isoformat(),
+             **_subject_of(event_type, subject_id)},
             dedupe_key=f"whd:{endpoint.id}:{event_id}:{tag}",
             cooperative_id=endpoint.cooperative_id,
             run_at=now + timedelta(seconds=index // RESUME_PER_SECOND),
         )
-        for index, event_id in enumerate(event_ids)
+        for index, (event_id, event_type, subject_id) in enumerate(held)
     ]
     for start in range(0, len(jobs), _RESUME_BATCH):
         await enqueue_many(session, jobs[start : start + _RESUME_BATCH])
@@ -1068,6 +1076,13 @@ def event_subject(event_type: str, payload: Any) -> tuple[str | None, str | None
     if kind not in SUBJECT_TYPES or not isinstance(subject_id, str) or not subject_id:
         return None, None
     return kind, subject_id
+
+
+def _subject_of(event_type: str, subject_id: Any) -> dict[str, str]:
+    """A delivery job's payment_id or refund_id (core.outbox.SUBJECT_KEYS): what its event (`event_type`, its data's
+    id `subject_id`) is about, which a digested event id no longer names; {} for another (a dispute's)."""
+    key = SUBJECT_KEYS.get(event_type.partition(".")[0])
+    return {key: subject_id} if key and isinstance(subject_id, str) and subject_id else {}
 
 
 def _say_domain_skipped(endpoint_id: str, event_id: str) -> None:
@@ -1118,8 +1133,7 @@ async def fan_out(rt: Runtime, payload: dict[str, Any], job_id: int | None = Non
     body = envelope(event_id, event_type, cooperative_id, payload.get("data") or {}, created)
     # The payment or refund each delivery's job is about (core.outbox.job_subject: GET /v1/jobs shows it and finds
     # it by paymentId), which a digested event id no longer names (a flag's, a review's, reported money's).
-    kind, subject_id = event_subject(event_type, body)
-    subject = {SUBJECT_KEYS[kind]: subject_id} if kind in SUBJECT_KEYS and subject_id else {}
+    subject = _subject_of(event_type, event_subject(event_type, body)[1])
     made = 0
     async with rt.sessionmaker.begin() as session:
         stored = None if job_id is None else await lock_row(session, OutboxJob, job_id)

@@ -17,11 +17,11 @@ import core.outbox as outbox
 from channels.sms.sender import SmsTemporaryError
 from core.audit import Actor
 from core.db import utcnow
-from core.models import OutboxJob, Payment
+from core.models import OutboxJob, Payment, WebhookEndpoint
 from core.outbox import OutboxWorker, enqueue, enqueue_job, job_subject
 from core.ports import ProviderOutcome
 from core.provider_events import apply_collection_outcome, flagged_job
-from core.webhooks import fan_out
+from core.webhooks import enable_endpoint, fan_out
 from tests.admin_api.conftest import bearer, make_payment, redis_unreachable
 from tests.conftest import drain, readiness
 from tests.core.test_webhooks import approved_endpoint
@@ -110,7 +110,8 @@ async def test_a_flags_webhook_jobs_are_listed_by_its_payments_id(rt, client, de
     neither, while a delivery waited for a receiver that was down."""
     admin = await _admin(client, demo)
     mine = await _pay(admin, demo)
-    await approved_endpoint(rt, demo["cooperative_id"], "http://127.0.0.1:9/hook", events=["payment.flagged"])
+    endpoint, _ = await approved_endpoint(rt, demo["cooperative_id"], "http://127.0.0.1:9/hook",
+                                          events=["payment.flagged"])
     async with rt.sessionmaker.begin() as s:
         await s.execute(update(OutboxJob).values(status="DONE"))  # its collect and poll: not this test's
         payment = await s.get(Payment, mine["id"])
@@ -127,6 +128,21 @@ async def test_a_flags_webhook_jobs_are_listed_by_its_payments_id(rt, client, de
         await s.execute(update(OutboxJob).where(OutboxJob.id == event.id).values(status="DONE"))
     page = await admin.json("GET", f"/v1/jobs?paymentId={mine['id']}", 200)
     assert [(j["kind"], j["subject"]) for j in page["data"]] == [("webhook.deliver", subject)]
+
+    # The endpoint switched off after failures and enabled again: the job queued for its held delivery names the
+    # payment too (it was queued with the digest alone).
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == endpoint.id).values(
+            status="DISABLED", disabled_at=utcnow() - timedelta(hours=1)))
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "webhook.deliver").values(status="DONE"))
+    async with rt.sessionmaker.begin() as s:
+        await enable_endpoint(s, endpoint_id=endpoint.id, cooperative_id=demo["cooperative_id"],
+                              actor=Actor("admin:walk", "api"))
+    page = await admin.json("GET", f"/v1/jobs?paymentId={mine['id']}", 200)
+    assert [(j["kind"], j["subject"]) for j in page["data"]] == [("webhook.deliver", subject)]
+    async with rt.sessionmaker() as s:
+        resumed = await s.get(OutboxJob, page["data"][0]["id"])
+    assert resumed is not None and "resumed_at" in resumed.payload
 
 
 def test_a_jobs_subject_is_an_opaque_id_only():
