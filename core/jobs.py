@@ -33,6 +33,7 @@ from core.outbox import (
     end_waiting,
     enqueue,
     handler_timeout,
+    schema_mismatch,
 )
 from core.payments import payment_account
 from core.phone import Phone
@@ -876,6 +877,24 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                                        after_failure=False))
 
     async def poll_refund(job: Job) -> None:
+        """refund.poll. Its last attempt failing as the outbox retries a failure (a status lookup failing, a resend
+        not sent: the call's deadline had passed, the lookup having taken its time) parks it saying what a person
+        does, as every other parked refund poll does, not with the bare error: the refund holds its amount
+        (PROCESSING) until its outcome is recorded."""
+        try:
+            await ask_refund(job)
+        except (PermanentJobError, RetryLater):
+            raise
+        except Exception as exc:
+            if job.attempts < job.max_attempts or schema_mismatch(exc):
+                raise
+            refund_id = job.payload["refund_id"]
+            raise PermanentJobError(
+                f"refund {refund_id} needs manual review: its status was not settled in {job.attempts} tries (last: "
+                f"{type(exc).__name__}: {exc}); replay this job once that is fixed, or check with the provider, then "
+                f"record it with POST /v1/refunds/{refund_id}/outcome") from exc
+
+    async def ask_refund(job: Job) -> None:
         async with rt.sessionmaker() as session:
             refund = await session.get(Refund, job.payload["refund_id"])
             payment = await session.get(Payment, refund.payment_id) if refund else None
@@ -958,14 +977,22 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         except CredentialsRefused as exc:
             raise awaiting_configuration(exc) from exc
         except ProviderError as exc:
-            if exc.retryable:
-                raise
-            async with rt.sessionmaker.begin() as session:
-                fresh = (await session.execute(select(Refund).where(Refund.id == refund.id).with_for_update())
-                         ).scalar_one()
-                await apply_refund_outcome(session, rt, fresh, ProviderOutcome.FAILED, actor=WORKER,
-                                           reason=str(exc)[:200])
-            return
+            if exc.retryable and exc.code in NOTHING_PROCESSED:
+                raise  # it never left, or was refused unprocessed (a 429): not a resend, the poll tries again
+            if not exc.retryable:
+                async with rt.sessionmaker.begin() as session:
+                    fresh = (await session.execute(select(Refund).where(Refund.id == refund.id).with_for_update())
+                             ).scalar_one()
+                    await apply_refund_outcome(session, rt, fresh, ProviderOutcome.FAILED, actor=WORKER,
+                                               reason=str(exc)[:200])
+                return
+            # Answered 5xx (MTN deduplicates by our reference: providers.calls.http_error): it may have been
+            # processed, as a try of submit_refund so answered may (CALL_SENT), so it counts as a resend that may
+            # have arrived and the next poll asks the status. Raised, the poll was tried again and resent uncounted
+            # (REFUND_RESENDS) at every try, until its 30 attempts parked it.
+            log.warning("refund resend failed on the provider's side; it may have arrived, the next poll asks",
+                        extra={"refund": refund.reference, "provider": provider.name, "error": str(exc)})
+            accepted = None
         async with rt.sessionmaker.begin() as session:
             if accepted is not None and accepted.outcome not in (None, ProviderOutcome.PENDING,
                                                                  ProviderOutcome.AMBIGUOUS):

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 import providers.mpesa.adapter as mpesa_module
 from app import create_worker
@@ -943,3 +943,73 @@ async def test_an_mtn_refund_resent_and_still_out_at_the_deadline_counts_as_a_re
     assert polls == [(f"refund-poll:{refund_row.id}", "DONE", 1, None),
                      (f"refund-poll:{refund_row.id}:resent:1", "PENDING", 0, 1)], polls
     assert stored.status == "PROCESSING" and len(wire.sent("POST", MTN_REFUND)) == 2
+
+
+async def _mtn_refund_polled(rt: Any, demo: dict[str, Any], worker: Any, wire: Any, key: str) -> Any:
+    """An MTN payment completed, its refund taken (202) by its submission: PROCESSING, its poll due."""
+    rt.providers = {**rt.providers, "mtn_momo": MtnMomoAdapter(wire.client(), test_mtn_momo.config())}
+    async with rt.sessionmaker.begin() as s:
+        payment, _ = await create_payment(s, rt, mtn_payment(demo, f"key-{key}"), actor=ADMIN)
+    await completed(rt, payment)
+    refund_row = await _ask_refund(rt, demo, payment, key=key)
+    await drain(worker)
+    assert (await _rows(rt, refund_row.id, payment.id))[0].status == "PROCESSING"
+    await due_now(rt, "refund.poll")
+    return refund_row, payment
+
+
+async def test_an_mtn_refund_resent_and_answered_5xx_counts_as_a_resend(
+        rt: Any, demo: dict[str, Any], worker: Any) -> None:
+    """MTN took the refund (202), its status lookup answers 404 (no such refund), and every resend (same reference,
+    which MTN deduplicates) is answered 503: it may have been processed. Before: the poll raised the 503 and was
+    tried again, resending uncounted (REFUND_RESENDS) at every try, until its 30 attempts parked it with the bare
+    error. Now each counts as a resend that may have arrived: after 3, the poll is parked for a person."""
+    sent: list[str] = []
+
+    def refund(_request: httpx.Request) -> httpx.Response:
+        sent.append("refund")
+        return httpx.Response(202 if len(sent) == 1 else 503, json=None if len(sent) == 1 else {"code": "DOWN"})
+
+    wire = mtn_wire().on("POST", MTN_REFUND, refund).on("GET", f"{MTN_REFUND}/*", 404, {"code": "RESOURCE_NOT_FOUND"})
+    refund_row, payment = await _mtn_refund_polled(rt, demo, worker, wire, "refund-resent-5xx")
+    await drain(worker)
+    stored, _, jobs = await _rows(rt, refund_row.id, payment.id)
+    polls = [(j.dedupe_key, j.status, j.attempts, j.payload.get("resent")) for j in jobs if j.kind == "refund.poll"]
+    assert polls == [(f"refund-poll:{refund_row.id}", "DONE", 1, None),
+                     (f"refund-poll:{refund_row.id}:resent:1", "PENDING", 0, 1)], polls
+    for _ in range(3):
+        await due_now(rt, "refund.poll")
+        await drain(worker)
+    stored, _, jobs = await _rows(rt, refund_row.id, payment.id)
+    polls = [(j.dedupe_key, j.status, j.attempts) for j in jobs if j.kind == "refund.poll"]
+    assert polls == [(f"refund-poll:{refund_row.id}", "DONE", 1)] + [
+        (f"refund-poll:{refund_row.id}:resent:{n}", "DONE", 1) for n in (1, 2)] + [
+        (f"refund-poll:{refund_row.id}:resent:3", "PARKED", 1)], polls
+    parked = next(j for j in jobs if j.status == "PARKED")
+    assert "after 3 resends" in (parked.last_error or "") and \
+        f"POST /v1/refunds/{refund_row.id}/outcome" in (parked.last_error or ""), parked.last_error
+    assert stored.status == "PROCESSING" and len(wire.sent("POST", MTN_REFUND)) == len(sent) == 4  # 1 + 3 resends
+
+
+async def test_a_refund_poll_parked_by_resends_not_sent_in_time_says_what_to_do(
+        rt: Any, demo: dict[str, Any], worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status lookup answers 404, but so late that the resend's call deadline has passed before it starts: not
+    sent (NOT_SENT), the poll tried again. Its last attempt so used up, it was parked with that bare error; now it
+    says what a person does (replay it, or record the outcome), as every other parked refund poll does."""
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.3)
+
+    async def late_not_found(_request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.5)  # past the call's deadline, counted from the claim
+        return httpx.Response(404, json={"code": "RESOURCE_NOT_FOUND"})
+
+    wire = mtn_wire().on("POST", MTN_REFUND, 202).on("GET", f"{MTN_REFUND}/*", late_not_found)
+    refund_row, payment = await _mtn_refund_polled(rt, demo, worker, wire, "refund-resend-late")
+    async with rt.sessionmaker.begin() as s:  # its 29 tries before failed so
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.poll").values(attempts=29))
+    await drain(worker)
+    stored, _, jobs = await _rows(rt, refund_row.id, payment.id)
+    [poll] = [j for j in jobs if j.kind == "refund.poll"]
+    assert (poll.status, poll.attempts) == ("PARKED", 30), (poll.status, poll.last_error)
+    assert "the call's deadline had passed" in (poll.last_error or "") and \
+        f"record it with POST /v1/refunds/{refund_row.id}/outcome" in (poll.last_error or ""), poll.last_error
+    assert stored.status == "PROCESSING" and len(wire.sent("POST", MTN_REFUND)) == 1  # never resent
