@@ -13,10 +13,8 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import event
 
-import core.reports
 from core.models import Payment, PaymentType, Refund
 from core.money import total_to_api
 from core.reports import reconciliation
@@ -127,12 +125,8 @@ def _expected(payments: list[Payment], refunds: list[Refund], names: dict[str, s
     }
 
 
-@pytest.mark.parametrize("batch", [None, 7], ids=["one batch", "groups fetched 7 at a time"])
-async def test_every_payment_figure_is_the_rows_own(rt: Any, demo: dict[str, Any], coop_b: dict[str, Any],
-                                                   batch: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
-    if batch is not None:
-        # The groups are streamed (a super admin's year can make many): summed across batches as in one.
-        monkeypatch.setattr(core.reports, "REPORT_GROUPS_BATCH", batch)
+async def test_every_payment_figure_is_the_rows_own(rt: Any, demo: dict[str, Any],
+                                                   coop_b: dict[str, Any]) -> None:
     rng = random.Random(20261206)
     coops: dict[str, list[str]] = {demo["cooperative_id"]: [], coop_b["cooperative_id"]: []}
     names: dict[str, str] = {}
@@ -197,9 +191,12 @@ async def test_the_payments_are_read_once_for_their_figures(rt: Any, demo: dict[
     (a year's payments read five times, about 300 ms each at 400,000 payments)."""
     grouped: list[str] = []
 
-    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    streamed: list[bool] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, *args: Any) -> None:
         if re.search(r"FROM payments\b", statement) and "GROUP BY" in statement:
             grouped.append(statement)
+            streamed.append(bool(context.execution_options.get("stream_results")))
 
     event.listen(rt.engine.sync_engine, "before_cursor_execute", seen)
     try:
@@ -208,3 +205,6 @@ async def test_the_payments_are_read_once_for_their_figures(rt: Any, demo: dict[
     finally:
         event.remove(rt.engine.sync_engine, "before_cursor_execute", seen)
     assert len(grouped) == 1, grouped
+    # Not on a server-side cursor: read a batch at a time, PostgreSQL runs the plan without its parallel workers
+    # (a year's payments scanned by one process: 0.87 s against 0.57 s at 400,000).
+    assert streamed == [False]
