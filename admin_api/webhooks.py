@@ -100,8 +100,8 @@ DELIVERY = out(
             "description": "a PENDING delivery that is not being sent, and why: endpoint_switched_off (sent when "
             "the endpoint is enabled), domain_not_approved (the URL's domain was rejected or is pending: sent when "
             "a super admin approves it). Held deliveries keep their attempts and are not given up while held, but "
-            "an endpoint switched off for RETENTION_WEBHOOK_HELD_DAYS (30) has those recorded as long ago marked "
-            "FAILED by `prune`. "
+            "an endpoint switched off, or whose domain has not been approved, for RETENTION_WEBHOOK_HELD_DAYS (30) "
+            "has those recorded as long ago marked FAILED by `prune`. "
             "null: delivered, given up, or sent (or retried) when due",
         },
         "attempts": {"type": "array", "items": ATTEMPT},

@@ -26,7 +26,11 @@ What goes, and what stays (each period an environment variable; 0 keeps that kin
   the endpoint marks them, once it has been off and they were recorded more than RETENTION_WEBHOOK_HELD_DAYS (30)
   ago; the rule above then deletes them as long after. An endpoint nobody enables again records new events for
   three days only (core.webhooks.RETRY_FOR), but what it held would otherwise stay for ever; enabled after that,
-  it sends only those kept. (Those held while a domain is not approved are of an ACTIVE endpoint: not these.)
+  it sends only those kept. Those an ACTIVE endpoint holds while its URL's domain is not approved (rejected, or
+  asked for again after a rejection; core.webhooks._hold_for_domain: sent when a super admin approves it) are
+  given up the same way once the domain has not been approved since more than RETENTION_WEBHOOK_HELD_DAYS ago
+  (the rejection: approved_domains.decided_at, or, asked for again, its last `webhook_domain.rejected` audit row)
+  and they were recorded as long ago; approved after that, it sends only those kept.
 - sms_messages: the row stays (status, provider status, cost, dates, the masked number: the evidence of what was
   sent); the text of one no longer QUEUED, created more than RETENTION_SMS_BODY_DAYS (180) ago, is emptied, and
   with it the recipient's number (ciphertext and blind index: no number finds the row any more), all personal
@@ -48,7 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -59,6 +63,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from core.config import ConfigError
 from core.db import align_clock, table_of, utcnow
 from core.models import (
+    ApprovedDomain,
+    AuditEvent,
     OutboxJob,
     ProviderEvent,
     SmsMessage,
@@ -70,6 +76,7 @@ from core.models import (
 from core.outbox import ENDED, LIVE
 from core.ports import ProviderOutcome
 from core.unmatched_callbacks import RESOLVED_OF
+from core.webhooks import endpoint_host
 
 DEFAULT_DAYS = {
     "RETENTION_OUTBOX_DONE_DAYS": 30,
@@ -192,14 +199,17 @@ def _finished_deliveries(cutoff: datetime) -> ColumnElement[bool]:
                 _DELIVERIES.c.updated_at < cutoff)
 
 
-def _old_deliveries(cutoff: datetime) -> ColumnElement[bool]:
+def _named_by_a_job() -> ColumnElement[bool]:
     # A webhook.deliver job names its delivery by endpoint and event id (core.webhooks); one not DONE (waiting,
     # running, or parked for an admin's replay, which reopens the delivery) keeps it.
-    named = exists().where(
+    return exists().where(
         _JOBS.c.status.in_(_LIVE_JOB_STATES), _JOBS.c.kind == "webhook.deliver",
         _JOBS.c.payload["endpoint_id"].as_string() == _DELIVERIES.c.endpoint_id,
         _JOBS.c.payload["event_id"].as_string() == _DELIVERIES.c.event_id)
-    return and_(_finished_deliveries(cutoff), ~named)
+
+
+def _old_deliveries(cutoff: datetime) -> ColumnElement[bool]:
+    return and_(_finished_deliveries(cutoff), ~_named_by_a_job())
 
 
 _ENDPOINTS = table_of(WebhookEndpoint)
@@ -215,6 +225,48 @@ def _held_too_long(cutoff: datetime) -> ColumnElement[bool]:
     switched_off = exists().where(_ENDPOINTS.c.id == _DELIVERIES.c.endpoint_id, _ENDPOINTS.c.status == "DISABLED",
                                   _ENDPOINTS.c.disabled_at < cutoff)
     return and_(_held_deliveries(cutoff), switched_off)
+
+
+_DOMAINS = table_of(ApprovedDomain)
+_AUDIT = table_of(AuditEvent)
+
+
+def _held_for_domain(cutoff: datetime, endpoint_ids: Collection[str]) -> ColumnElement[bool]:
+    # Those of the ACTIVE endpoints `endpoint_ids` (_not_approved_for_long) no job waits or runs for: held, their
+    # jobs ended (core.webhooks._hold_for_domain), as an approval finds them to resume (_resume_unqueued).
+    active = exists().where(_ENDPOINTS.c.id == _DELIVERIES.c.endpoint_id, _ENDPOINTS.c.status == "ACTIVE")
+    return and_(_held_deliveries(cutoff), _DELIVERIES.c.endpoint_id.in_(list(endpoint_ids)), active,
+                ~_named_by_a_job())
+
+
+async def _not_approved_for_long(conn: AsyncConnection, cutoff: datetime, among: ColumnElement[bool] | None = None
+                                 ) -> set[str]:
+    """The ACTIVE endpoints (of `among`, locked FOR SHARE with their domains' rows: an approval's lock) whose URL's
+    domain has not been approved for their cooperative since before `cutoff`: REJECTED then (approved_domains
+    .decided_at), or PENDING again after a rejection then (decided_at is emptied by the request: the last
+    `webhook_domain.rejected` audit row says when). One on no domain row, or PENDING with no such row, is kept."""
+    query = select(_ENDPOINTS.c.id, _ENDPOINTS.c.cooperative_id, _ENDPOINTS.c.url).where(
+        _ENDPOINTS.c.status == "ACTIVE")
+    if among is not None:
+        query = query.where(among).with_for_update(read=True)
+    endpoints = [(id_, cooperative_id, endpoint_host(url)) for id_, cooperative_id, url in await conn.execute(query)]
+    if not endpoints:
+        return set()
+    domains = select(_DOMAINS.c.id, _DOMAINS.c.cooperative_id, _DOMAINS.c.domain, _DOMAINS.c.status,
+                     _DOMAINS.c.decided_at).where(_DOMAINS.c.cooperative_id.in_({c for _, c, _ in endpoints}),
+                                                  _DOMAINS.c.domain.in_({h for _, _, h in endpoints}))
+    if among is not None:
+        domains = domains.with_for_update(read=True)
+    rows = (await conn.execute(domains)).all()
+    pending = [row.id for row in rows if row.status == "PENDING"]
+    rejected = dict((await conn.execute(
+        select(_AUDIT.c.entity_id, func.max(_AUDIT.c.at)).where(
+            _AUDIT.c.entity_type == "approved_domain", _AUDIT.c.entity_id.in_(pending),
+            _AUDIT.c.action == "webhook_domain.rejected").group_by(_AUDIT.c.entity_id))).all()) if pending else {}
+    since = {(row.cooperative_id, row.domain): row.decided_at if row.status == "REJECTED" else rejected.get(row.id)
+             for row in rows if row.status != "APPROVED"}
+    return {id_ for id_, cooperative_id, host in endpoints
+            if (moment := since.get((cooperative_id, host))) is not None and moment < cutoff}
 
 
 _USED_REFRESH = table_of(UsedRefreshToken)
@@ -252,6 +304,9 @@ class _Kind:
     pick: Condition | None = None  # the part of `condition` that walk reads by that index (None: all of it)
     label: str = ""  # the report's name, when not the table's
     gives_up: bool = False  # marks the rows FAILED (held webhook deliveries), not deleted
+    # Held while a domain is not approved: `condition` of the endpoints _not_approved_for_long finds (read in
+    # Python: an endpoint's domain is its URL's, core.webhooks.endpoint_host), and read again by each batch.
+    for_domain: Callable[[datetime, Collection[str]], ColumnElement[bool]] | None = None
 
 
 KINDS = (
@@ -268,6 +323,10 @@ KINDS = (
     _Kind(_DELIVERIES, "RETENTION_WEBHOOK_HELD_DAYS", lambda p: p.webhook_held_days, _held_too_long,
           "held for endpoints switched off after failures, both before {cutoff}; marked FAILED",
           _DELIVERIES.c.created_at, _held_deliveries, label="webhook_deliveries held", gives_up=True),
+    _Kind(_DELIVERIES, "RETENTION_WEBHOOK_HELD_DAYS", lambda p: p.webhook_held_days, _held_deliveries,
+          "held while their endpoints' domains were not approved, both since before {cutoff}; marked FAILED",
+          _DELIVERIES.c.created_at, _held_deliveries, label="webhook_deliveries held for a domain", gives_up=True,
+          for_domain=_held_for_domain),
     _Kind(_USED_REFRESH, "", lambda p: USED_REFRESH_TOKENS_DAYS, _expired_refresh_uses,
           "uses of refresh tokens expired before {cutoff}", _USED_REFRESH.c.expires_at),
 )
@@ -318,8 +377,10 @@ def _deleting(table: Any, condition: ColumnElement[bool]) -> Apply:
     return apply
 
 
-def _giving_up(condition: ColumnElement[bool], now: datetime) -> Apply:
+def _giving_up(condition: ColumnElement[bool], now: datetime, cutoff: datetime,
+               for_domain: Callable[[datetime, Collection[str]], ColumnElement[bool]] | None = None) -> Apply:
     async def apply(conn: AsyncConnection, ids: list[Any], bound: ColumnElement[bool]) -> int:
+        held = condition
         # Their endpoints read under the lock an enable takes (core.webhooks.enable_endpoint: FOR UPDATE), taken
         # after the deliveries' (the order a DELETE and a delivery's end take them): an enable under way is waited
         # for, and the UPDATE below (PostgreSQL: a statement reads what was committed before it) sees it ACTIVE and
@@ -328,11 +389,19 @@ def _giving_up(condition: ColumnElement[bool], now: datetime) -> Apply:
         # at a time already.)
         await conn.execute(select(_DELIVERIES.c.id).where(_DELIVERIES.c.id.in_(ids), bound, condition)
                            .with_for_update())
-        await conn.execute(select(_ENDPOINTS.c.id).where(
-            _ENDPOINTS.c.id.in_(select(_DELIVERIES.c.endpoint_id).where(_DELIVERIES.c.id.in_(ids))),
-            _ENDPOINTS.c.status == "DISABLED").with_for_update(read=True))
+        theirs = _ENDPOINTS.c.id.in_(select(_DELIVERIES.c.endpoint_id).where(_DELIVERIES.c.id.in_(ids)))
+        if for_domain is None:
+            await conn.execute(select(_ENDPOINTS.c.id).where(theirs, _ENDPOINTS.c.status == "DISABLED")
+                               .with_for_update(read=True))
+        else:
+            # Held for a domain: their endpoints then their domains' rows read again under those locks, in that
+            # order (the one core.webhooks._hold_for_domain takes them in; an approval locks the domain's row
+            # only, core.webhooks.approve_domain). An approval under way is waited for and read APPROVED: what it
+            # resumed is left (the UPDATE's condition, of the endpoints still found); one after this commit reads
+            # them FAILED (_resume_unqueued: PENDING only). Likewise a PATCH to a URL on an approved domain.
+            held = and_(condition, for_domain(cutoff, await _not_approved_for_long(conn, cutoff, theirs)))
         # As a DELETE of the endpoint gives up what it held (core.webhooks.delete_endpoint): no attempt recorded.
-        statement = (update(_DELIVERIES).where(_DELIVERIES.c.id.in_(ids), bound, condition)
+        statement = (update(_DELIVERIES).where(_DELIVERIES.c.id.in_(ids), bound, held)
                      .values(status="FAILED", updated_at=now))
         return int((await conn.execute(statement)).rowcount)
 
@@ -364,8 +433,12 @@ async def prune(engine: AsyncEngine, policy: RetentionPolicy, *, dry_run: bool =
             continue
         cutoff = now - timedelta(days=days)
         condition = kind.condition(cutoff)
+        if kind.for_domain is not None:
+            async with engine.connect() as conn:
+                condition = kind.for_domain(cutoff, await _not_approved_for_long(conn, cutoff))
         pick = condition if kind.pick is None else kind.pick(cutoff)
-        apply = _giving_up(condition, now) if kind.gives_up else _deleting(kind.table, condition)
+        apply = (_giving_up(condition, now, cutoff, kind.for_domain) if kind.gives_up
+                 else _deleting(kind.table, condition))
         count = (await _count(engine, kind.table, condition) if dry_run
                  else await _walk(engine, kind.table, pick, kind.order, policy.batch_size, apply))
         report.append(Pruned(name, kind.what.format(cutoff=_day(cutoff)), count, kind.variable,

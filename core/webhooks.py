@@ -26,7 +26,9 @@ A delivery is sent only while its endpoint's domain is approved for the cooperat
 send: once a super admin rejects the domain (or it is asked for again, pending), its deliveries are held PENDING
 as a switched-off endpoint's are, whether first tries, retries or resumed: not sent, no attempt recorded, their
 three days not running. Approving the domain again queues them (resume_for_domain), with three fresh days; the
-admin actions that end deliveries (DELETE, a change of events) end them too. One already being sent when the
+admin actions that end deliveries (DELETE, a change of events) end them too, and `prune` gives up (FAILED) those
+recorded more than RETENTION_WEBHOOK_HELD_DAYS ago once the domain has not been approved for as long
+(core.retention). One already being sent when the
 domain is rejected finishes (a 2xx is DELIVERED, never sent again).
 """
 

@@ -40,6 +40,7 @@ async def test_prune_prints_one_line_per_table_and_exits_0(rt: Any) -> None:
     assert [line.split(" (")[0] for line in dry.stdout.splitlines()] == [
         "outbox_jobs: 2 would be deleted", "ussd_sessions: 2 would be deleted", "provider_events: 1 would be deleted",
         "webhook_deliveries: 3 would be deleted", "webhook_deliveries held: 0 would be given up",
+        "webhook_deliveries held for a domain: 0 would be given up",
         "used_refresh_tokens: 1 would be deleted",
         "sms_messages: 2 would be cleared"]
     assert await _left(rt) == before
@@ -49,6 +50,7 @@ async def test_prune_prints_one_line_per_table_and_exits_0(rt: Any) -> None:
     assert [line.split(" (")[0] for line in done.stdout.splitlines()] == [
         "outbox_jobs: 2 deleted", "ussd_sessions: 2 deleted", "provider_events: 1 deleted",
         "webhook_deliveries: 3 deleted", "webhook_deliveries held: 0 given up",
+        "webhook_deliveries held for a domain: 0 given up",
         "used_refresh_tokens: 1 deleted", "sms_messages: kept"]
     assert done.stdout.splitlines()[-1] == "sms_messages: kept (RETENTION_SMS_BODY_DAYS=0)"
     left = await _left(rt)

@@ -141,7 +141,8 @@ async def test_exactly_the_old_eligible_rows_go(rt: Any) -> None:
     assert await _left(rt) == before  # a dry run changes nothing
     counts = {p.table: p.count for p in counted}
     assert counts == {"outbox_jobs": 2, "ussd_sessions": 2, "provider_events": 1, "webhook_deliveries": 3,
-                      "webhook_deliveries held": 0, "used_refresh_tokens": 1, "sms_messages": 2}
+                      "webhook_deliveries held": 0, "webhook_deliveries held for a domain": 0,
+                      "used_refresh_tokens": 1, "sms_messages": 2}
 
     done = await prune(rt.engine, RetentionPolicy())
     assert {p.table: p.count for p in done} == counts
@@ -199,6 +200,7 @@ async def test_one_row_per_batch_steps_over_the_rows_it_must_keep(rt: Any) -> No
     report = await prune(rt.engine, RetentionPolicy(batch_size=1))
     assert {p.table: p.count for p in report} == {"outbox_jobs": 2, "ussd_sessions": 2, "provider_events": 1,
                                                   "webhook_deliveries": 3, "webhook_deliveries held": 0,
+                                                  "webhook_deliveries held for a domain": 0,
                                                   "used_refresh_tokens": 1,
                                                   "sms_messages": 2}
     assert "wd-failed-parked" in (await _left(rt))["webhook_deliveries"]
