@@ -8,7 +8,7 @@ of it is no index's; without these, each erasure read a cooperative's whole reta
 - outbox_jobs ((payload #>> '{data,id}')) WHERE kind = 'webhook.event' (partial: no other job is an entry).
 
 The expression is core.db.event_data_id's (json_extract(payload, '$.data.id') on SQLite), which the queries use.
-Built as migrations.online builds indexes: CREATE INDEX CONCURRENTLY on PostgreSQL, outside the migration's
+Built by migrations.online.build_indexes: CREATE INDEX CONCURRENTLY on PostgreSQL, outside the migration's
 transaction, an INVALID leftover of an interrupted build dropped and built again; SQLite builds them plainly.
 
 Revision ID: 0034
@@ -18,46 +18,27 @@ Revises: 0033
 import sqlalchemy as sa
 from alembic import op
 
-from migrations.online import _index_state
+from migrations.online import build_indexes, drop_indexes
 
 revision = '0034'
 down_revision = '0033'
 branch_labels = None
 depends_on = None
 
-# (name, table, predicate or None), in build order.
-INDEXES = (
-    ('ix_webhook_deliveries_subject', 'webhook_deliveries', None),
-    ('ix_outbox_jobs_event_subject', 'outbox_jobs', "kind = 'webhook.event'"),
-)
+# (name, table), in build order, and the partial one's predicate (no other job is an entry).
+INDEXES = (('ix_webhook_deliveries_subject', 'webhook_deliveries'), ('ix_outbox_jobs_event_subject', 'outbox_jobs'))
+WHERE = {'ix_outbox_jobs_event_subject': "kind = 'webhook.event'"}
 EXPRESSION = {'postgresql': "(payload #>> '{data,id}')", 'sqlite': "json_extract(payload, '$.data.id')"}
 
 
-def _create(name: str, table: str, where: str | None, dialect: str, concurrently: str = '') -> None:
-    op.execute(sa.text(f"CREATE INDEX {concurrently}IF NOT EXISTS {name} ON {table} ({EXPRESSION[dialect]})"
-                       + (f" WHERE {where}" if where else '')))
+def _specs() -> list:
+    expression = sa.text(EXPRESSION['postgresql' if op.get_bind().dialect.name == 'postgresql' else 'sqlite'])
+    return [(name, table, [expression]) for name, table in INDEXES]
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name != 'postgresql':
-        for name, table, where in INDEXES:
-            _create(name, table, where, 'sqlite')
-        return
-    with op.get_context().autocommit_block():
-        for name, table, where in INDEXES:
-            state = _index_state(name)
-            if state is False:  # an interrupted concurrent build's leftover: neither used nor complete
-                op.execute(sa.text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
-            if state is not True:
-                _create(name, table, where, 'postgresql', 'CONCURRENTLY ')
+    build_indexes(_specs(), where=WHERE)
 
 
 def downgrade() -> None:
-    concurrently = 'CONCURRENTLY ' if op.get_bind().dialect.name == 'postgresql' else ''
-    if concurrently:
-        with op.get_context().autocommit_block():
-            for name, _table, _where in reversed(INDEXES):
-                op.execute(sa.text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
-        return
-    for name, _table, _where in reversed(INDEXES):
-        op.execute(sa.text(f"DROP INDEX IF EXISTS {name}"))
+    drop_indexes(_specs())
