@@ -293,7 +293,8 @@ async def _sync_opt_outs(settings: Settings, since: datetime) -> int:
     for c in changed:
         what = "opted out (STOP" if c.opted_out else "opted in again (START"
         print(f"{c.phone_masked}: {what} at {c.at.isoformat()}, audit row {c.audit_id})")
-    print(f"sync-opt-outs: {len(changed)} number(s) changed from the STOP and START since {since.isoformat()}")
+    numbers = "1 number" if len(changed) == 1 else f"{len(changed):,} numbers"
+    print(f"sync-opt-outs: {numbers} changed from the STOP and START since {since.isoformat()}")
     return 0
 
 

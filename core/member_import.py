@@ -125,7 +125,8 @@ class ImportRejected(ValidationError):
 
     def __init__(self, errors: list[RowError], rows: list[ImportRow] | None = None) -> None:
         texts = [e.text() for e in errors]
-        super().__init__(f"{len(errors)} problem(s) in the file; nothing was imported", errors=texts)
+        said = "1 problem" if len(errors) == 1 else f"{len(errors):,} problems"
+        super().__init__(f"{said} in the file; nothing was imported", errors=texts)
         self.row_errors = errors
         self.rows = rows or []
 

@@ -17,6 +17,7 @@ def test_a_mixed_list_is_refused_naming_its_rows_whatever_its_line_ends(newline:
         parse_rows(data, region="UG")
     assert [(e.row, e.field) for e in refused.value.row_errors] == [(4, "file")]
     assert "while row 2 is" in refused.value.row_errors[0].message
+    assert str(refused.value) == "1 problem in the file; nothing was imported"
 
 
 def test_a_windows_1252_list_whose_row_also_reads_as_utf8_is_not_refused() -> None:
