@@ -25,6 +25,7 @@ from core.outbox import (
     NOTHING_PROCESSED,
     PAYMENT_KINDS,
     Handler,
+    Hinted,
     Job,
     PermanentJobError,
     RetryLater,
@@ -351,6 +352,15 @@ async def collect_description(session: AsyncSession, payment: Payment) -> tuple[
         return payment.description, names.language, names.status
     return (" ".join(part for part in (names[0], payment.reference, names[1]) if part), names.language,
             names.status)
+
+
+def refund_poll_parked(job: Job, last: str) -> str:
+    """Why a refund.poll is parked after its last attempt (`last`: how that attempt ended, the worker's cut-off
+    included), and what a person does: the refund holds its amount (PROCESSING) until its outcome is recorded."""
+    refund_id = job.payload["refund_id"]
+    return (f"refund {refund_id} needs manual review: its status was not settled in {job.attempts} tries (last: "
+            f"{last}); replay this job once that is fixed, or check with the provider, then record it with "
+            f"POST /v1/refunds/{refund_id}/outcome")
 
 
 def job_handlers(rt: Runtime) -> dict[str, Handler]:
@@ -877,10 +887,11 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                                        after_failure=False))
 
     async def poll_refund(job: Job) -> None:
-        """refund.poll. Its last attempt failing as the outbox retries a failure (a status lookup failing, a resend
-        not sent: the call's deadline had passed, the lookup having taken its time) parks it saying what a person
-        does, as every other parked refund poll does, not with the bare error: the refund holds its amount
-        (PROCESSING) until its outcome is recorded."""
+        """refund.poll. Its last attempt failing as the outbox retries a failure (a status lookup failing or
+        unanswered by the call's deadline, a resend not sent: the call's deadline had passed, the lookup having taken
+        its time) parks it saying what a person does, as every other parked refund poll does, not with the bare
+        error: the refund holds its amount (PROCESSING) until its outcome is recorded. So does one the worker cut
+        off on its last attempt (refund_poll_parked, its kind's hint: core.outbox.Hinted)."""
         try:
             await ask_refund(job)
         except (PermanentJobError, RetryLater):
@@ -888,11 +899,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         except Exception as exc:
             if job.attempts < job.max_attempts or schema_mismatch(exc):
                 raise
-            refund_id = job.payload["refund_id"]
-            raise PermanentJobError(
-                f"refund {refund_id} needs manual review: its status was not settled in {job.attempts} tries (last: "
-                f"{type(exc).__name__}: {exc}); replay this job once that is fixed, or check with the provider, then "
-                f"record it with POST /v1/refunds/{refund_id}/outcome") from exc
+            raise PermanentJobError(refund_poll_parked(job, f"{type(exc).__name__}: {exc}")) from exc
 
     async def ask_refund(job: Job) -> None:
         async with rt.sessionmaker() as session:
@@ -906,9 +913,18 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                     f"be asked; add {payment.provider} back to PROVIDERS (with its variables) and "
                                     "replay this job, or check with the provider and record its outcome with "
                                     f"POST /v1/refunds/{refund.id}/outcome")
+        # By the call's deadline (from the claim), as a resend after it is: a lookup unanswered then is a failed one
+        # (retried; on the poll's last attempt parked saying what to do), not a poll the worker cuts off.
+        lookup = asyncio.timeout_at(call_deadline(job))
         try:
-            status = await _timed(provider.name, "refund_status",
-                                  provider.refund_status(refund.provider_reference, refund.currency))
+            async with lookup:
+                status = await _timed(provider.name, "refund_status",
+                                      provider.refund_status(refund.provider_reference, refund.currency))
+        except TimeoutError:
+            if not lookup.expired():
+                raise
+            raise ProviderError(f"{provider.name} refund_status: no answer by the call's deadline", retryable=True,
+                                code="TIMEOUT") from None
         except CredentialsRefused as exc:
             raise awaiting_configuration(exc) from exc
         except ProviderError as exc:
@@ -1027,7 +1043,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
             await flag_contested(session, job.payload["payment_id"], job.payload["provider_transaction_id"])
 
     return {"payment.collect": collect, "payment.poll": poll, "refund.submit": submit_refund,
-            "refund.poll": poll_refund, "payments.sweep": sweep, CONTESTED_JOB: contested,
+            "refund.poll": Hinted(poll_refund, refund_poll_parked), "payments.sweep": sweep, CONTESTED_JOB: contested,
             WATCH_JOB: watch_after_cancel}
 
 

@@ -235,6 +235,22 @@ class Job:
 
 
 Handler = Callable[[Job], Awaitable[None]]
+# What a kind says of its job parked by the worker rather than by its handler: cut off on its last attempt (the
+# handler saw only a cancellation, and could not say what a person does). (the job, the worker's own last_error)
+# -> the parked job's last_error.
+ParkedHint = Callable[[Job, str], str]
+
+
+@dataclass(frozen=True)
+class Hinted:
+    """A kind's handler with its ParkedHint: run_job parks its job cut off on its last attempt with what the hint
+    says (a refund poll's "replay it, or record the outcome"), where another kind's says only INTERRUPTED."""
+
+    handler: Handler
+    hint: ParkedHint
+
+    async def __call__(self, job: Job) -> None:
+        await self.handler(job)
 
 
 @dataclass(frozen=True)
@@ -660,7 +676,8 @@ class OutboxWorker:
                 await self._schema_mismatch(job, exc)
                 return
             error = f"{type(exc).__name__}: {exc}"[:2000]
-            if isinstance(exc, TimeoutError) and deadline.expired():
+            cut_off = isinstance(exc, TimeoutError) and deadline.expired()
+            if cut_off:
                 # Cut off by us, not failed: the next attempt can tell (Job.interrupted).
                 error = f"{INTERRUPTED}: still running after {limit:.0f}s and cancelled"
             elif job.call_started and getattr(exc, "retryable", None) is not True:
@@ -671,6 +688,8 @@ class OutboxWorker:
             error = _doubt_kept(job, error, exc)[:2000]
             if job.attempts >= job.max_attempts:
                 outcome = "parked"
+                if cut_off and isinstance(handler, Hinted):  # its handler never saw why: its kind says what to do
+                    error = handler.hint(job, error)[:2000]
                 if await self._finish(job, status="PARKED", locked_by=None, last_error=error):
                     log.error("job parked after retries",
                               extra={"job_id": job.id, "kind": job.kind, **_subject(job), "attempts": job.attempts,

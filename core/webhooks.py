@@ -1137,6 +1137,10 @@ async def fan_out(rt: Runtime, payload: dict[str, Any], job_id: int | None = Non
     # it by paymentId), which a digested event id no longer names (a flag's, a review's, reported money's).
     subject = _subject_of(event_type, event_subject(event_type, body)[1])
     made = 0
+    # The endpoints whose domain is not approved (skipped) and those approved (recorded), said once the rows are
+    # committed: a try rolled back (a database error) and run again counted its skipped event twice.
+    skipped: list[str] = []
+    recorded: list[str] = []
     async with rt.sessionmaker.begin() as session:
         stored = None if job_id is None else await lock_row(session, OutboxJob, job_id)
         if stored is not None and isinstance(stored.payload, dict):
@@ -1166,9 +1170,9 @@ async def fan_out(rt: Runtime, payload: dict[str, Any], job_id: int | None = Non
             if not subscribed(endpoint.events or [], event_type, tuple(payload.get("follows") or ())):
                 continue
             if endpoint_host(endpoint.url) not in approved:
-                _say_domain_skipped(endpoint.id, event_id)
+                skipped.append(endpoint.id)
                 continue
-            _say_domain_approved(endpoint.id)
+            recorded.append(endpoint.id)
             if endpoint.status != "ACTIVE" and not (
                     _still_held(endpoint.disabled_at) and await disabled_for_failures(session, endpoint.id)):
                 continue  # deleted by an admin, or switched off for longer than a delivery is ever retried
@@ -1198,6 +1202,10 @@ async def fan_out(rt: Runtime, payload: dict[str, Any], job_id: int | None = Non
                 cooperative_id=cooperative_id,
             )
             made += 1
+    for endpoint_id in skipped:
+        _say_domain_skipped(endpoint_id, event_id)
+    for endpoint_id in recorded:
+        _say_domain_approved(endpoint_id)
     return made
 
 

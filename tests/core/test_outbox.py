@@ -273,6 +273,41 @@ async def test_permanent_error_parks_at_once_and_retry_later_keeps_attempts(sm):
     assert (jobs["unknown.kind"].status, jobs["unknown.kind"].attempts) == ("PENDING", 0)
 
 
+async def test_a_job_cut_off_on_its_last_attempt_is_parked_with_its_kinds_hint(sm):
+    """A handler the worker cuts off sees only a cancellation, so it cannot say what a person does with its parked
+    job: a kind that has something to say (core.outbox.Hinted: a refund poll's "replay it, or record the outcome")
+    parks so, where it parked with the bare INTERRUPTED. Cut off before its last attempt, it is retried as before;
+    a kind without a hint parks with INTERRUPTED as before."""
+    async def hangs(job):
+        await asyncio.sleep(10)
+
+    def hint(job, error):
+        return f"job {job.payload['n']} needs a person ({job.attempts} tries, last: {error}): replay it"
+
+    async with sm.begin() as session:
+        await enqueue(session, "hinted", {"n": 1}, max_attempts=2)
+        await enqueue(session, "plain", {"n": 2}, max_attempts=1)
+    # lease 5 s: handlers get 2.5 s (core.outbox.handler_timeout)
+    worker = OutboxWorker(sm, {"hinted": outbox.Hinted(hangs, hint), "plain": hangs}, lease_seconds=5)
+    assert await worker.run_once() == 2
+
+    async def jobs():
+        async with sm() as session:
+            return {j.kind: (j.status, j.attempts, j.last_error)
+                    for j in (await session.execute(select(OutboxJob))).scalars()}
+
+    cut = f"{outbox.INTERRUPTED}: still running after "
+    found = await jobs()
+    assert [(kind, status, attempts, error.startswith(cut)) for kind, (status, attempts, error) in sorted(
+        found.items())] == [("hinted", "PENDING", 1, True), ("plain", "PARKED", 1, True)], found
+    async with sm.begin() as session:
+        await session.execute(update(OutboxJob).where(OutboxJob.kind == "hinted").values(run_at=utcnow()))
+    assert await worker.run_once() == 1
+    status, attempts, error = (await jobs())["hinted"]
+    assert (status, attempts) == ("PARKED", 2) and error.startswith(f"job 1 needs a person (2 tries, last: {cut}") \
+        and error.endswith(" and cancelled): replay it"), error
+
+
 def test_backoff_grows_and_is_capped():
     assert 1 <= backoff(1) <= 2
     assert 8 <= backoff(4) <= 16

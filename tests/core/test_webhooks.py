@@ -383,6 +383,41 @@ async def test_an_unapproved_domains_skipped_events_are_warned_about_once_an_hou
     assert (again.event_id, again.skipped) == ("evt_5", 1)
 
 
+async def test_a_fan_out_rolled_back_and_run_again_counts_its_skipped_event_once(
+    rt: Any, demo: dict[str, Any], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event skipped for one endpoint (its domain rejected) whose fan-out then failed on a database error for
+    another, and ran again: the skip was counted by the try rolled back too, so the next warning said one event
+    more than the endpoint missed. Counted once its rows are committed, it is counted once."""
+    from sqlalchemy.exc import OperationalError
+
+    coop = demo["cooperative_id"]
+    rejected, _ = await approved_endpoint(rt, coop, "http://127.0.0.1:9/hook")  # first: skipped before the failure
+    await approved_endpoint(rt, coop, "http://localhost:9/hook")
+    async with rt.sessionmaker.begin() as session:
+        await session.execute(update(ApprovedDomain).where(ApprovedDomain.domain == "127.0.0.1")
+                              .values(status="REJECTED"))
+    enqueue, failures = webhooks.enqueue, [OperationalError("INSERT", {}, Exception("connection lost"))]
+
+    async def fails_once(*args: Any, **kw: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await enqueue(*args, **kw)
+
+    monkeypatch.setattr(webhooks, "enqueue", fails_once)
+    event = {"event_type": "payment.completed", "cooperative_id": coop, "data": {"id": "p1"}}
+    with caplog.at_level(logging.WARNING, logger="gateway.webhooks"):
+        with pytest.raises(OperationalError):
+            await webhooks.fan_out(rt, {**event, "event_id": "evt_0"})
+        assert await webhooks.fan_out(rt, {**event, "event_id": "evt_0"}) == 1  # the worker's retry
+        said, unsaid = webhooks._domain_skip_said[rejected.id]  # an hour later
+        webhooks._domain_skip_said[rejected.id] = (said - webhooks.DOMAIN_SKIP_LOG_SECONDS, unsaid)
+        assert await webhooks.fan_out(rt, {**event, "event_id": "evt_1"}) == 1
+    said_lines = [(r.event_id, r.skipped) for r in caplog.records
+                  if r.getMessage() == "webhook endpoint skipped: domain no longer approved"]
+    assert said_lines == [("evt_0", 1), ("evt_1", 1)]  # evt_0 once, and evt_1
+
+
 async def test_the_events_a_domain_skipped_before_it_is_approved_again_are_counted(
     rt: Any, demo: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
+import core.jobs as core_jobs
 import providers.mpesa.adapter as mpesa_module
 from app import create_worker
 from core.config import ProviderConfig, Secret
@@ -25,7 +26,7 @@ from core.http import make_client
 from core.jobs import _until_it_leaves
 from core.models import OutboxJob, Payment
 from core.money import Money
-from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, WORKER_LOST
+from core.outbox import CALL_SENT, CALL_STARTED, INTERRUPTED, WORKER_LOST, OutboxWorker
 from core.payments import create_payment
 from core.phone import Phone
 from core.ports import (
@@ -993,13 +994,21 @@ async def test_an_mtn_refund_resent_and_answered_5xx_counts_as_a_resend(
 
 async def test_a_refund_poll_parked_by_resends_not_sent_in_time_says_what_to_do(
         rt: Any, demo: dict[str, Any], worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The status lookup answers 404, but so late that the resend's call deadline has passed before it starts: not
-    sent (NOT_SENT), the poll tried again. Its last attempt so used up, it was parked with that bare error; now it
-    says what a person does (replay it, or record the outcome), as every other parked refund poll does."""
-    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.3)
+    """The status lookup answers 404 in time, but so late that the resend's call deadline has passed before it
+    starts: not sent (NOT_SENT), the poll tried again. Its last attempt so used up, it was parked with that bare
+    error; now it says what a person does (replay it, or record the outcome), as every other parked refund poll
+    does."""
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 1.0)
+    note = core_jobs.refund_note
+
+    async def slow_note(*args: Any) -> str:
+        await asyncio.sleep(0.9)  # the lookup's 0.3 s and this: past the call's deadline, counted from the claim
+        return await note(*args)
+
+    monkeypatch.setattr("core.jobs.refund_note", slow_note)
 
     async def late_not_found(_request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(0.5)  # past the call's deadline, counted from the claim
+        await asyncio.sleep(0.3)
         return httpx.Response(404, json={"code": "RESOURCE_NOT_FOUND"})
 
     wire = mtn_wire().on("POST", MTN_REFUND, 202).on("GET", f"{MTN_REFUND}/*", late_not_found)
@@ -1013,3 +1022,66 @@ async def test_a_refund_poll_parked_by_resends_not_sent_in_time_says_what_to_do(
     assert "the call's deadline had passed" in (poll.last_error or "") and \
         f"record it with POST /v1/refunds/{refund_row.id}/outcome" in (poll.last_error or ""), poll.last_error
     assert stored.status == "PROCESSING" and len(wire.sent("POST", MTN_REFUND)) == 1  # never resent
+
+
+async def test_a_refund_polls_status_lookup_has_the_calls_deadline(
+        rt: Any, demo: dict[str, Any], worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status lookup before a resend had no deadline of its own: the worker cut it off (INTERRUPTED), and so
+    parked it on its last attempt. It has the call's deadline now, as the resend after it: unanswered by then, it
+    is a failed lookup, retried, and on the poll's last attempt parked saying what a person does."""
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.3)
+    asked: list[str] = []
+
+    async def unanswered(_request: httpx.Request) -> httpx.Response:
+        asked.append("status")
+        await asyncio.sleep(1.0)  # past the call's deadline, counted from the claim
+        return httpx.Response(404, json={"code": "RESOURCE_NOT_FOUND"})
+
+    wire = mtn_wire().on("POST", MTN_REFUND, 202).on("GET", f"{MTN_REFUND}/*", unanswered)
+    refund_row, payment = await _mtn_refund_polled(rt, demo, worker, wire, "refund-lookup-late")
+    async with rt.sessionmaker.begin() as s:  # its 28 tries before failed so
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.poll").values(attempts=28))
+    await worker.run_once()
+    [poll] = [j for j in (await _rows(rt, refund_row.id, payment.id))[2] if j.kind == "refund.poll"]
+    assert (poll.status, poll.attempts, poll.last_error) == (
+        "PENDING", 29, "ProviderError: mtn_momo refund_status: no answer by the call's deadline"), poll.last_error
+    await due_now(rt, "refund.poll")
+    await worker.run_once()
+    stored, _, jobs = await _rows(rt, refund_row.id, payment.id)
+    [poll] = [j for j in jobs if j.kind == "refund.poll"]
+    assert (poll.status, poll.attempts) == ("PARKED", 30), (poll.status, poll.last_error)
+    assert poll.last_error == (
+        f"refund {refund_row.id} needs manual review: its status was not settled in 30 tries (last: ProviderError: "
+        "mtn_momo refund_status: no answer by the call's deadline); replay this job once that is fixed, or check "
+        f"with the provider, then record it with POST /v1/refunds/{refund_row.id}/outcome")
+    assert stored.status == "PROCESSING" and asked == ["status"] * 2
+    assert len(wire.sent("POST", MTN_REFUND)) == 1  # never resent
+
+
+async def test_a_refund_poll_cut_off_on_its_last_attempt_says_what_to_do(
+        rt: Any, demo: dict[str, Any], worker: Any) -> None:
+    """The worker cuts a refund poll off on its last attempt (here its status lookup, under a worker whose handler
+    time is shorter than the call's deadline): its handler sees only a cancellation, and it was parked with the bare
+    "handler interrupted". Now it says what a person does, as the poll's own last-attempt failures do (its kind's
+    hint: core.outbox.Hinted)."""
+    from app import job_handlers
+
+    async def hangs(_request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(10)
+        return httpx.Response(404, json={"code": "RESOURCE_NOT_FOUND"})
+
+    wire = mtn_wire().on("POST", MTN_REFUND, 202).on("GET", f"{MTN_REFUND}/*", hangs)
+    refund_row, payment = await _mtn_refund_polled(rt, demo, worker, wire, "refund-poll-cut-off")
+    async with rt.sessionmaker.begin() as s:  # its 29 tries before failed
+        await s.execute(update(OutboxJob).where(OutboxJob.kind == "refund.poll").values(attempts=29))
+    short = OutboxWorker(rt.sessionmaker, job_handlers(rt), lease_seconds=5)  # handlers get 2.5 s
+    assert await short.run_once() == 1
+    stored, _, jobs = await _rows(rt, refund_row.id, payment.id)
+    [poll] = [j for j in jobs if j.kind == "refund.poll"]
+    assert (poll.status, poll.attempts) == ("PARKED", 30), (poll.status, poll.last_error)
+    error = poll.last_error or ""
+    assert error.startswith(f"refund {refund_row.id} needs manual review: its status was not settled in 30 tries "
+                            f"(last: {INTERRUPTED}: still running after ") and error.endswith(
+        f"and cancelled); replay this job once that is fixed, or check with the provider, then record it with "
+        f"POST /v1/refunds/{refund_row.id}/outcome"), error
+    assert stored.status == "PROCESSING" and len(wire.sent("POST", MTN_REFUND)) == 1
