@@ -156,7 +156,8 @@ LIST_QUERY = {
     "paymentId": Param("uuid", "Disputes of one payment"),
     "member": Param("uuid", "Disputes of one member"),
     "reference": Param(description="The dispute's reference as its SMS gives it (DSP_20261201_001)", nonempty=True),
-    "refundFailed": Param("boolean", "true: only disputes resolved with a refund that then FAILED (the member was "
+    "refundFailed": Param("boolean", "true: only disputes resolved with a refund that then FAILED, or resolved "
+                          "without one on refunds made while they were open that all FAILED (the member was "
                           "not paid back: a RESOLVED dispute, out of ?open=true; send another refund, POST "
                           "/v1/payments/{id}/refunds), until a refund of the payment made since is not FAILED; "
                           "false: all others"),
@@ -182,9 +183,17 @@ async def list_disputes(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         paid_back = select(since.id).where(since.payment_id == Dispute.payment_id,
                                            since.status != RefundStatus.FAILED.value,
                                            since.created_at > Dispute.resolved_at).exists()
-        failed = and_(Dispute.refund_id.in_(select(Refund.id).where(Refund.status == RefundStatus.FAILED.value)),
-                      ~paid_back)
-        query = query.where(failed if q["refundFailed"] else or_(Dispute.refund_id.is_(None), ~failed))
+        own_failed = select(Refund.id).where(Refund.id == Dispute.refund_id,
+                                             Refund.status == RefundStatus.FAILED.value).exists()
+        # Or resolved in her favour without a refund of its own, on the refunds made while it was open (noted on it:
+        # core.refunds._note_refund_on_disputes; nothing may have been left to refund), every one of which FAILED:
+        # the same member not paid back, whose failure was only a note on a RESOLVED dispute.
+        meanwhile = aliased(Refund)
+        made = select(meanwhile.id).where(meanwhile.dispute_id == Dispute.id)
+        relied_on = and_(Dispute.status == DisputeStatus.RESOLVED.value, Dispute.refund_id.is_(None), made.exists(),
+                         ~made.where(meanwhile.status != RefundStatus.FAILED.value).exists())
+        failed = and_(or_(own_failed, relied_on), ~paid_back)
+        query = query.where(failed if q["refundFailed"] else ~failed)
     return await paged(ctx, query.order_by(Dispute.created_at.desc(), Dispute.id.desc()), presenter(ctx))
 
 

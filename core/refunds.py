@@ -296,6 +296,15 @@ async def _still_open_disputes(session: AsyncSession, payment: Payment, locked: 
     is being moved by an officer right now, and the refund is refused for her to send again."""
     opened = set((await session.execute(select(Dispute.id).where(
         Dispute.payment_id == payment.id, Dispute.status.in_(OPEN_DISPUTES)))).scalars().all())
+    if locked and session.get_bind().dialect.name == "sqlite":
+        # SQLite ignores FOR UPDATE: they were read before this transaction took the write lock (lock_row), and one
+        # may have been resolved or noted since. Read again, those still open: noted as read, the refund was linked
+        # to a dispute just resolved, "while this dispute is OPEN", and its notes written back without the
+        # resolution's. (PostgreSQL holds them locked since: as they are.)
+        locked = list((await session.execute(
+            select(Dispute).where(Dispute.id.in_([dispute.id for dispute in locked]),
+                                  Dispute.status.in_(OPEN_DISPUTES))
+            .execution_options(populate_existing=True))).scalars().all())
     new = opened - {dispute.id for dispute in locked}
     taken = [] if not new else (await session.execute(
         select(Dispute).where(Dispute.id.in_(new), Dispute.status.in_(OPEN_DISPUTES)).order_by(Dispute.id)
