@@ -39,7 +39,7 @@ from core import users as accounts
 from core.audit import Actor, record
 from core.auth import Unauthorized
 from core.db import utcnow, wall
-from core.errors import ACCOUNT_LOCKED, TOKEN_INVALID, Forbidden, ValidationError
+from core.errors import ACCOUNT_LOCKED, TOKEN_INVALID, ValidationError
 from core.models import AdminUser, ApiKey, AuditEvent
 from core.ratelimit import Decision, Flight, Limit, LocalCounts, LocalLimiter, RateLimiter, Tally
 
@@ -314,8 +314,6 @@ async def change_own_password(request: web.Request, ctx: Ctx) -> web.StreamRespo
     """A signed-in user sets a new password, proving they know the current one (a token alone is not enough).
     Every session of theirs ends, this one too, and the API keys they created are revoked; the answer is a new
     pair for this one, issued after the end (to the microsecond: see auth.check_not_revoked)."""
-    if ctx.who.kind != "user":
-        raise Forbidden("an API key has no password; sign in as the account whose password it is")
     user = await ctx.session.get(AdminUser, ctx.who.id)
     if user is None:
         raise Unauthorized("token has been revoked", code=TOKEN_INVALID)
@@ -367,14 +365,11 @@ def present_key(k: ApiKey) -> dict[str, Any]:
     }
 
 
-def _people_only(ctx: Ctx) -> None:
-    # A key must not mint or revoke keys: a leaked key could otherwise make itself permanent.
-    if ctx.who.kind != "user":
-        raise Forbidden("API keys are managed by signed-in administrators")
+# A key must not mint or revoke keys: a leaked key could otherwise make itself permanent (Route.keys).
+KEYS_BY_PEOPLE = "API keys are managed by signed-in administrators"
 
 
 async def create_api_key(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    _people_only(ctx)
     coop_id = (await target_cooperative(ctx, ctx.body.get("cooperativeId"))).id
     # The caller's token claims (verified already, so read from the cache): a password change or deactivation
     # that ends this session while the key is being made refuses it (see auth.create_api_key).
@@ -395,13 +390,11 @@ async def create_api_key(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 async def list_api_keys(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    _people_only(ctx)
     query = ctx.who.scope(select(ApiKey), ApiKey).order_by(ApiKey.created_at.desc(), ApiKey.id)
     return await paged(ctx, query, present_key)
 
 
 async def revoke_api_key(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    _people_only(ctx)
     key = await one(ctx, ApiKey, request.match_info["id"], "API key")
     key = await auth.revoke_api_key(ctx.session, key, actor=ctx.who.actor)
     await ctx.session.commit()
@@ -444,6 +437,7 @@ ROUTES = [
         limit=Limit("auth:password", 10),
         tenants=True,
         keys=False,
+        key_refusal="an API key has no password; sign in as the account whose password it is",
     ),
     Route(
         "POST",
@@ -456,6 +450,7 @@ ROUTES = [
         body=API_KEY_CREATE,
         response=API_KEY_CREATED,
         keys=False,
+        key_refusal=KEYS_BY_PEOPLE,
     ),
     Route(
         "GET",
@@ -467,9 +462,11 @@ ROUTES = [
         query={"page": PAGE, "limit": LIMIT},
         response=page_of(API_KEY),
         keys=False,
+        key_refusal=KEYS_BY_PEOPLE,
     ),
     Route(
         "DELETE", "/api-keys/{id}", revoke_api_key, "Revoke an API key", "api-keys", "admin", response=API_KEY,
         keys=False,
+        key_refusal=KEYS_BY_PEOPLE,
     ),
 ]

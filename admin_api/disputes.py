@@ -25,7 +25,7 @@ from admin_api.common import (
     paged,
 )
 from admin_api.refunds import RETURNED, TO_PAYING_NUMBER, returned_from
-from admin_api.routing import Ctx, Route, refusal
+from admin_api.routing import Ctx, Route
 from admin_api.validation import ID_KEYWORD, LIMIT, PAGE, Param, check_path_id, period_params
 from core.disputes import STAFF_LABEL, move_dispute, open_dispute, present_note
 from core.errors import DomainError, NotFound, ValidationError
@@ -117,10 +117,6 @@ def present(d: Dispute, *, staff: bool = True) -> dict[str, Any]:
 
 
 async def create_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    # The route lets tenants in by payments:write; a key with that scope alone (an integrator's: it creates
-    # payments and reads only their status) does not handle disputes, on its payments or anyone's.
-    if not ctx.who.has("payments:read"):
-        raise refusal(ctx.who, "payments:read")
     try:
         payment_id = check_path_id(ctx.body["paymentId"], "payment")
     except NotFound:
@@ -244,6 +240,9 @@ ROUTES = [
         "Open a dispute on a payment",
         "disputes",
         "payments:write",
+        # A key with payments:write alone (an integrator's: it creates payments and reads only their status) does
+        # not handle disputes, on its payments or anyone's.
+        also_scope="payments:read",
         status=201,
         body=CREATE,
         response=DISPUTE,

@@ -10,6 +10,7 @@ from aiohttp import web
 from admin_api import webhook_events
 from admin_api.common import ERROR
 from admin_api.routing import Ctx, Route
+from core.auth import OWN_PAYMENTS
 from core.errors import CODES
 
 PREFIX = "/v1"
@@ -56,6 +57,10 @@ def _access_text(route: Route) -> str:
     scope = route.scope or ""
     if not route.keys:
         return _SIGNED_IN_TEXT[scope]
+    if route.also_scope:  # both needed (POST /disputes: a key with payments:write alone is refused)
+        return f"{_SCOPE_TEXT[scope]} and {_SCOPE_TEXT[route.also_scope]} (a key needs both)"
+    if route.own_scope == OWN_PAYMENTS:  # what payments:write implies (auth.IMPLIED_SCOPES)
+        return f"{_SCOPE_TEXT[scope]}, or payments:write for the payments that key made (any other is 404)"
     return _SCOPE_TEXT.get(scope, "public")
 
 

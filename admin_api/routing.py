@@ -73,6 +73,9 @@ class Route:
     scope: str | None  # None: public; else a scope the caller needs (payments:read, admin, super...)
     # Another scope that also lets a caller in, for rows of its own only (the handler narrows: auth.OWN_PAYMENTS)
     own_scope: str | None = None
+    # A scope the caller needs as well as `scope` (POST /disputes: payments:read too, so a key that only makes
+    # payments opens no dispute): without it 403 naming it, before the query and body are looked at.
+    also_scope: str | None = None
     status: int = 200
     body: Mapping[str, Any] | None = None  # JSON Schema of the request body
     query: Mapping[str, Param] = field(default_factory=dict)
@@ -82,9 +85,10 @@ class Route:
     raw_body: str | None = None  # media type when the handler reads the body itself (CSV import)
     produces: str = "application/json"
     tenants: bool = False  # may a TENANT call it at all
-    # May an API key call it at all, whatever its scopes (False: signed-in users only; the handler refuses a key,
-    # and the OpenAPI document's Access line says so).
+    # May an API key call it at all, whatever its scopes (False: signed-in users only; a key is refused 403 with
+    # `key_refusal` before its scopes, query or body are looked at, and the OpenAPI document's Access line says so).
     keys: bool = True
+    key_refusal: str = "Forbidden resource: signed-in users only, not an API key"
     body_optional: bool = False  # the JSON body may be left out (the schema's defaults apply)
     # An idempotent create (its handler marks a replay IDEMPOTENT_REPLAYED): whether the request's key names a
     # row already made. A replay is answered with what its key made without consuming the limit, even past it:
@@ -241,13 +245,20 @@ async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route,
 
 
 def _let_in(principal: Principal | None, route: Route) -> None:
-    """Forbidden unless the caller has the route's scope (or its own scope), and, a tenant, the route takes tenants."""
+    """Forbidden unless the caller has the route's scope (or its own scope) and any scope it needs as well, and, a
+    tenant, the route takes tenants; a key, the route takes keys. All of it before the query and body are read: a
+    caller the route refuses is told so (403), not that its body lacks a field (400) it could then never send."""
     if principal is None:
         return
     if principal.is_tenant and not route.tenants:
         raise Forbidden("Forbidden resource: not open to tenants")
+    if principal.kind == "api_key" and not route.keys:
+        # Whatever its scopes: a key lacking admin was told to get it, and then refused all the same.
+        raise Forbidden(route.key_refusal)
     if not (principal.has(route.scope or "") or (route.own_scope and principal.has(route.own_scope))):
         raise refusal(principal, route.scope or "")
+    if route.also_scope and not principal.has(route.also_scope):
+        raise refusal(principal, route.also_scope)
 
 
 def refusal(principal: Principal, scope: str) -> Forbidden:

@@ -85,13 +85,11 @@ def present(u: AdminUser) -> dict[str, Any]:
     }
 
 
-def _people_only(ctx: Ctx) -> None:
-    if ctx.who.kind != "user":
-        raise Forbidden("accounts are managed by signed-in administrators")
+# A key makes, changes and removes no account: a leaked key could otherwise make one to sign in with (Route.keys).
+ACCOUNTS_BY_PEOPLE = "accounts are managed by signed-in administrators"
 
 
 async def create_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    _people_only(ctx)
     body, who = ctx.body, ctx.who
     role = body["role"]
     if role == auth.SUPER_ADMIN and not who.is_super:
@@ -156,7 +154,6 @@ async def _refuse_taken(ctx: Ctx, username: str) -> None:
 
 
 async def list_users(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    _people_only(ctx)
     query = ctx.who.scope(select(AdminUser), AdminUser)
     if ctx.query.get("role"):
         query = query.where(AdminUser.role == ctx.query["role"])
@@ -164,7 +161,6 @@ async def list_users(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 async def deactivate_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
-    _people_only(ctx)
     user = await one(ctx, AdminUser, request.match_info["id"], "user")
     if user.id == ctx.who.id:
         raise Conflict("you cannot deactivate your own account")
@@ -176,7 +172,6 @@ async def deactivate_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 async def update_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     """Turn an account off or on again, or set a new password for someone who forgot theirs."""
-    _people_only(ctx)
     user = await one(ctx, AdminUser, request.match_info["id"], "user")
     body = ctx.body
     if user.id == ctx.who.id:
@@ -233,6 +228,7 @@ ROUTES = [
         body=CREATE,
         response=USER,
         keys=False,
+        key_refusal=ACCOUNTS_BY_PEOPLE,
     ),
     Route(
         "GET",
@@ -244,6 +240,7 @@ ROUTES = [
         response=page_of(USER),
         query={"page": PAGE, "limit": LIMIT, "role": Param(enum=auth.ROLES)},
         keys=False,
+        key_refusal=ACCOUNTS_BY_PEOPLE,
     ),
     Route(
         "PATCH",
@@ -255,6 +252,7 @@ ROUTES = [
         body=UPDATE,
         response=DEACTIVATED,
         keys=False,
+        key_refusal=ACCOUNTS_BY_PEOPLE,
     ),
     Route(
         "DELETE",
@@ -265,5 +263,6 @@ ROUTES = [
         "admin",
         response=DEACTIVATED,
         keys=False,
+        key_refusal=ACCOUNTS_BY_PEOPLE,
     ),
 ]
