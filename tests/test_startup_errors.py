@@ -228,6 +228,43 @@ def test_a_simulator_on_a_port_taken_says_so_in_one_line():
     assert "address already in use" in result.stderr
 
 
+def test_simulate_help_names_the_provider_simulators_options():
+    # `simulate --help` showed --host and --port alone, while README sends operators to --callback-url, --delay, ...
+    # (main() hands them to providers.simulation unparsed). Every option that module takes is named.
+    import argparse
+
+    from providers.simulation import add_arguments
+
+    taken = argparse.ArgumentParser()
+    add_arguments(taken)
+    flags = [flag for action in taken._actions for flag in action.option_strings if flag not in ("-h", "--help")]
+    assert "--callback-url" in flags and "--delay" in flags
+    result = _main("simulate", "--help")
+    assert result.returncode == 0, result.stderr
+    assert [flag for flag in flags if flag not in result.stdout] == [], result.stdout
+
+
+def test_a_simulator_says_when_it_serves():
+    # It logged nothing once its port was bound (aiohttp's banner is silenced): whoever started it could not tell
+    # it was up, where `serve` logs "serving".
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "main.py", "simulate", "mtn_momo", "--port", str(port)], cwd=ROOT,
+                            env=_base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/_control/phone", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert '"msg":"simulator serving"' in out + err, out + err
+    assert f'"listen":"127.0.0.1:{port}"' in out + err, out + err
+
+
 def test_dial_refuses_a_caller_that_is_not_a_phone_number():
     # A traceback from core.phone (exit 1) before: now argparse's usage error, exit 2, and nothing is dialled.
     result = _main("dial", "*384*123#", "notaphone", "--url", "http://127.0.0.1:1")

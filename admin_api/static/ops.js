@@ -458,8 +458,11 @@
     }
     const screens = data.ussdLastScreens || [];
     const screensMax = Math.max(1, ...screens.map((r) => r.sessions));
+    // `paid` counts the sessions that asked for a payment, whatever became of it (declined, failed, still awaiting
+    // the PIN): "5 paid" beside 4 payments collected, one declined, did not add up. It says what it counts.
     fillBars("screens", screens.map((r) =>
-      barRow(r.screen, r.sessions, screensMax, r.sessions + (r.paid ? " · " + r.paid + " paid" : ""), "#7aa6d6", r.paid)));
+      barRow(r.screen, r.sessions, screensMax, r.sessions + (r.paid ? " · " + r.paid + " asked to pay" : ""),
+             "#7aa6d6", r.paid)));
 
     const sms = Object.entries(data.sms.counts);
     const smsMax = Math.max(1, ...sms.map(([, c]) => c));

@@ -46,7 +46,7 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
                 return 1
             body = resp.text
             if resp.status_code != 200 or not body.startswith(("CON ", "END ")):
-                write(f"[HTTP {resp.status_code}] {body[:200]}")
+                write(f"[HTTP {resp.status_code}] {body[:200]}{_refused_hint(resp.status_code, secret)}")
                 return 1
             write("-" * 30)
             write(body[4:])
@@ -58,6 +58,18 @@ async def dial(service_code: str, phone: str, base_url: str, secret: str | None 
                 write("[cancelled]")
                 return 1
             inputs.append(answer.strip())
+
+
+def _refused_hint(status: int, secret: str | None) -> str:
+    """What a 403 means to the one dialling: the gateway's answer is a bare "forbidden" (it tells a caller nothing
+    of its checks), which left an operator dialling a production gateway without knowing what to change."""
+    if status != 403:
+        return ""
+    if secret is None:
+        return (" (the gateway wants its callback secret: --secret with its CALLBACK_SECRET_AFRICASTALKING; "
+                "or this address is outside its USSD_IP_ALLOWLIST)")
+    return (" (--secret is not the gateway's CALLBACK_SECRET_AFRICASTALKING, nor in its "
+            "CALLBACK_SECRET_AFRICASTALKING_PREVIOUS; or this address is outside its USSD_IP_ALLOWLIST)")
 
 
 def _url_problem(url: str) -> str | None:

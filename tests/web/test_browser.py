@@ -429,6 +429,26 @@ def test_ops_page_counts_refunded_payments_as_paid_by_method(server: str, page: 
     expect(page.locator('#methods .bar-row[data-name="MOBILE_MONEY_MTN"] .num')).to_have_text("4 (3 ok)")
 
 
+def test_ops_page_says_the_last_screens_count_payments_asked_not_paid(server: str, page: Page) -> None:
+    """`ussdLastScreens[].paid` counts the sessions that asked for a payment, declined or failed ones too: the bar
+    said "5 · 5 paid" for five confirmations of which one was declined (four collected, as the payments list said)."""
+    token = httpx.post(f"{server}/v1/auth/token", json={"username": "admin@kigali-heights.rw",
+                                                        "password": "demo-admin-password"}, timeout=10)
+    real = httpx.get(f"{server}/ops/data", headers={"Authorization": f"Bearer {token.json()['accessToken']}"},
+                     timeout=10).json()
+    data = {**real, "ussdLastScreens": [{"screen": "pay_done", "sessions": 5, "paid": 5},
+                                        {"screen": "home", "sessions": 2, "paid": 0}]}
+    page.route("**/ops/data", lambda route: route.fulfill(status=200, json=data))
+    page.goto(f"{server}/ops")
+    page.fill("#username", "admin@kigali-heights.rw")
+    page.fill("#password", "demo-admin-password")
+    page.click("#login-submit")
+    expect(page.locator("#dashboard")).to_be_visible()
+    expect(page.locator('#screens .bar-row[data-name="pay_done"] .num')).to_have_text("5 · 5 asked to pay",
+                                                                                     timeout=WAIT_MS)
+    expect(page.locator('#screens .bar-row[data-name="home"] .num')).to_have_text("2")
+
+
 def test_ops_page_shows_this_process_only_while_redis_is_down(server: str, page: Page) -> None:
     """Redis down: /ops/data's providerHealth is the answering process's own view (source "this process only",
     redisReachable false). The page drew every provider as unknown; it now draws the rows, MTN failing, and says

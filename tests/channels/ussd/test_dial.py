@@ -36,3 +36,11 @@ async def test_dial_reports_a_refused_secret(rt: Any, aiohttp_client: Any, setti
     code = await dial("*384*123#", "+250788000002", str(secured.server.make_url("")), secret="wrong",
                       read=lambda _prompt: None, write=printed.append)
     assert code == 1 and printed[-1].startswith("[HTTP 403]")
+    # The gateway's bare "forbidden" told the operator nothing: the line now says what to change.
+    assert "--secret is not the gateway's CALLBACK_SECRET_AFRICASTALKING" in printed[-1]
+    printed.clear()
+    code = await dial("*384*123#", "+250788000002", str(secured.server.make_url("")),
+                      read=lambda _prompt: None, write=printed.append)
+    assert code == 1
+    assert printed[-1] == ("[HTTP 403] forbidden (the gateway wants its callback secret: --secret with its "
+                           "CALLBACK_SECRET_AFRICASTALKING; or this address is outside its USSD_IP_ALLOWLIST)")
