@@ -56,7 +56,7 @@ from core import metrics, pgraw
 from core.audit import Actor
 from core.db import autocommit, insert_ignore, new_id, utcnow
 from core.disputes import DISPUTE_TEMPLATES
-from core.members import PhoneReleased, number_came_since_rows
+from core.members import PhoneReleased, number_came_since_rows, number_opted_out
 from core.models import Cooperative, Dispute, Member, Payment, PaymentType, Refund, SmsMessage
 from core.notify import SMS_KEY_SIZE, SMS_PHONE_CONTEXT
 from core.outbox import (
@@ -281,6 +281,8 @@ class SmsJobs:
                 # since). A payment's own SMS is asked on a retry only: a first attempt's build reads it with the
                 # payment's facts, in the same query (_build).
                 void = await _payer_void(conn, payload, self.rt.settings.sms_payer_answer_days)
+            if void is None and template in SWITCH_REPLIES:
+                void = await _switch_void(rt, conn, payload)
             if void is not None:
                 if existing is None and await self._sent_before_restore(conn, job, payload, key, kept):
                     return  # it went out before a restore lost its row: stored again as sent, whatever stops it now
@@ -783,6 +785,29 @@ async def _member_void(conn: AsyncConnection, payload: dict[str, Any]) -> str | 
     if status is not None and status[0] != "ACTIVE":
         return "member_inactive"
     return None
+
+
+# The reply to STOP or START ("You will no longer get reminders", "Reminders are on again") worth sending only while
+# it still holds: her STOP and START texted seconds apart queue both replies, which the worker sends in any order (a
+# batch runs its jobs at once; a reply whose try failed goes after its backoff), and the STOP's reply sent last told
+# her reminders were off while her START had turned them back on. Judged at its turn by the number's STOP
+# (core.members.number_opted_out, what the reminders read): one the number's state no longer matches is not sent
+# (SWITCHED_SINCE); the reply to her latest word goes. Template -> the state it tells (opted out or not).
+SWITCH_REPLIES = {"opted_out": True, "opted_in": False}
+SWITCHED_SINCE = "switched_since"
+_NUMBER_OPTED_OUT = select(number_opted_out(bindparam("i", type_=String)))
+
+
+async def _switch_void(rt: Runtime, conn: AsyncConnection, payload: dict[str, Any]) -> str | None:
+    """Why a reply to STOP or START must not go out any more, None to send it: SWITCHED_SINCE when the number
+    (the one that texted: the payload's) sent the other word since (SWITCH_REPLIES)."""
+    phone_enc = payload.get("phone_enc")
+    if not phone_enc:
+        return None
+    index = rt.cipher.blind_index(rt.cipher.decrypt(phone_enc, context=SMS_PHONE_CONTEXT))
+    found = await pgraw.first(conn, _NUMBER_OPTED_OUT, {"i": index})
+    opted_out = bool(found is not None and found[0])
+    return None if opted_out == SWITCH_REPLIES[payload["template"]] else SWITCHED_SINCE
 
 
 # Receipts worth sending only while the payment still holds the money they say was received: one queued before

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, cast
 
 from aiohttp import web
 from redis.exceptions import RedisError
-from sqlalchemy import Table, bindparam, case, func, select, update
+from sqlalchemy import Integer, Table, bindparam, case, func, select, update
 
 from channels.sms.templates import CATALOGS, asked_receipt
 from core import metrics, pgraw
@@ -147,10 +147,13 @@ async def apply_delivery_report(
         message = None if found is None else _Known(*found)
         if message is not None and _is_progress(message, target, provider_status):
             # Submitted -> Buffered, ...: the row stays SENT; only the provider's word changes (no audit row).
-            moved_on = await pgraw.first(conn, _PROGRESS, {"i": message.id, "p": provider_status, "u": utcnow()})
+            moved_on = await pgraw.first(conn, _PROGRESS, {"i": message.id, "p": provider_status, "u": utcnow(),
+                                                           "r": PROGRESS_ORDER.get(provider_status, _ANY_RANK)})
             if moved_on is not None:
                 return "progress"
-            return "ignored"  # a final report moved it between the read and the update
+            # A final report moved it between the read and the update, or this report is older than the progress
+            # stored (Sent arriving after Buffered).
+            return "ignored"
     # The connection is back in the pool before the move takes its own.
     outcome = None if message is None else await _apply(rt, message, target, provider_status, reason)
     if outcome is not None:
@@ -186,9 +189,17 @@ _BY_PROVIDER_ID = (
     .where(_SMS.c.provider_message_id == bindparam("m"))
     .limit(1)
 )
+# The order of Africa's Talking's progress reports on a message: its network sent it (Sent), the operator took it
+# (Submitted), the operator holds it for a phone off or out of reach (Buffered). Reports come out of order (two
+# requests at once, a retry of an earlier one): one older than the progress stored (Sent after Buffered) is not
+# written, or the admin API's providerStatus read "Sent" for a message the operator was holding. A status the
+# gateway does not know (_ANY_RANK) is written whatever is stored, as before: its place in the order is unknown.
+PROGRESS_ORDER = {"Sent": 1, "Submitted": 2, "Buffered": 3}
+_ANY_RANK = len(PROGRESS_ORDER) + 1
 _PROGRESS = (
     update(_SMS)
-    .where(_SMS.c.id == bindparam("i"), _SMS.c.status == SmsStatus.SENT.value)
+    .where(_SMS.c.id == bindparam("i"), _SMS.c.status == SmsStatus.SENT.value,
+           case(PROGRESS_ORDER, value=_SMS.c.provider_status, else_=0) < bindparam("r", type_=Integer))
     .values(provider_status=bindparam("p"), updated_at=bindparam("u"))
     .returning(_SMS.c.id)
 )

@@ -297,6 +297,29 @@ async def test_a_delivery_status_the_gateway_does_not_know_is_kept_not_refused(r
     assert (row.status, row.provider_status) == ("DELIVERED", "Success")
 
 
+async def test_a_progress_report_older_than_the_one_stored_does_not_move_it_back(rt: Any, sms_client: Any) -> None:
+    """Reports out of order: Sent arriving after Buffered left the message reading "Sent" (the admin API's
+    providerStatus) while the operator was holding it for a phone out of reach. An older one changes nothing; a
+    later one, a status the gateway does not know, and the final report still apply; parked ones too."""
+    sms_id = await sent_message(rt)
+    said = []
+    for status in ("Submitted", "Buffered", "Sent", "Submitted"):
+        answer = await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_X", "status": status})
+        said.append((await answer.text(), (await status_of(rt, sms_id)).provider_status))
+    assert said == [("progress", "Submitted"), ("progress", "Buffered"), ("ignored", "Buffered"),
+                    ("ignored", "Buffered")]
+    for status, outcome in (("AbsentSubscriber", "progress"), ("Sent", "progress"), ("Success", "delivered")):
+        answer = await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_X", "status": status})
+        assert (await answer.text(), (await status_of(rt, sms_id)).provider_status) == (outcome, status)
+    assert (await status_of(rt, sms_id)).status == "DELIVERED"
+    # Parked ahead of the send's record, in the order they came.
+    for status in ("Buffered", "Sent"):
+        await sms_client.post("/sms/africastalking/delivery", data={"id": "ATXid_O", "status": status})
+    parked_id = await sent_message(rt, "ATXid_O")
+    assert await routes.apply_parked_reports(rt, "ATXid_O") == ["progress", "ignored"]
+    assert (await status_of(rt, parked_id)).provider_status == "Buffered"
+
+
 async def test_a_status_the_gateway_does_not_know_parked_before_the_send_is_recorded_is_kept(
     rt: Any, sms_client: Any
 ) -> None:

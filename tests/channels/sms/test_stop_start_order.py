@@ -11,10 +11,11 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 
 from channels.sms.templates import render
-from core.models import Member, PhoneOptOut
+from core.db import utcnow
+from core.models import Member, OutboxJob, PhoneOptOut, SmsMessage
 from tests.channels.sms.test_routes import ALINE
 from tests.conftest import drain, requires_pg, waiting_for_locks
 
@@ -54,6 +55,35 @@ async def test_a_stop_taken_before_the_start_she_sent_first_leaves_reminders_off
     # A later START still turns them on again.
     await _text(sms_client, "START", "at-3", "2026-01-15 10:01:00")
     assert await _state(rt, demo) == (False, False)
+
+
+async def test_the_reply_to_a_stop_she_undid_since_is_not_sent_after_the_starts(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    """Both taken in order, but their replies go as the worker gets to them: the STOP's first try failed (an
+    aggregator's 500), the START's went, and the STOP's retry told her "no more reminders" last, while her START had
+    turned them back on. Judged at its turn, it is not sent; the row says so."""
+    sim.set_failure("http500", times=1)
+    await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
+    await drain(worker)  # the STOP's reply waits for its retry
+    await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
+    await drain(worker)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
+    await drain(worker)
+    assert await _state(rt, demo) == (False, False)
+    assert [m["message"] for m in sim.messages(ALINE)] == [render("opted_in", "rw", {})]
+    async with rt.sessionmaker() as s:
+        rows = {template: (status, reason) for template, status, reason in (await s.execute(
+            select(SmsMessage.template, SmsMessage.status, SmsMessage.failure_reason))).all()}
+        jobs = {job.payload["template"]: job.status for job in (await s.execute(
+            select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars()}
+    assert rows == {"opted_in": ("SENT", None), "opted_out": ("FAILED", "not sent: switched_since")}
+    assert jobs == {"opted_in": "DONE", "opted_out": "DONE"}
+    # Her next STOP is answered as ever.
+    await _text(sms_client, "STOP", "at-3", "2026-01-15 10:01:00")
+    await drain(worker)
+    assert [m["message"] for m in sim.messages(ALINE)][-1] == render("opted_out", "rw", {})
 
 
 @requires_pg
