@@ -11,13 +11,18 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Select,
+    String,
+    Text,
     and_,
     bindparam,
     case,
+    cast,
     delete,
     exists,
     func,
+    literal,
     literal_column,
+    null,
     or_,
     select,
     update,
@@ -803,7 +808,8 @@ def _note_erased(text: Any, prefixes: Sequence[str]) -> Any:
 def _erased_event_data(event_type: str, data: Any) -> Any:
     """A stored webhook event's `data` about her payment or refund as _erase_payments leaves the row it was built
     from: the payment's account mask "erased", a person's note in failureReason and a review's note
-    NOTE_ERASED; a refund's reason null and an admin's note in failureReason NOTE_ERASED. Anything else as sent."""
+    NOTE_ERASED; a refund's reason null and an admin's note in failureReason NOTE_ERASED. Anything else as sent.
+    What _erased_event_sql writes in the database (_erase_events), said in Python: the tests compare the two."""
     from core.provider_events import CANCELLED_BY_COOPERATIVE
     from core.recorded_payments import VOIDED_RECORDING
     from core.refunds import BY_A_PERSON
@@ -831,12 +837,13 @@ def _erased_event_data(event_type: str, data: Any) -> Any:
 async def _erase_events(session: AsyncSession, hers: _Hers) -> None:
     """The webhook events told of her payments and their refunds, as stored until retention prunes them: each
     delivery's body (webhook_deliveries.payload, sent as it is, a retry or an admin's replay too) and each
-    webhook.event job's (outbox_jobs.payload, fanned out as it is), scrubbed as the rows are (_erased_event_data).
-    So a delivery still waiting is sent scrubbed, under the same event id (a receiver that had it drops the
-    repeat), and a job being fanned out meanwhile writes its deliveries scrubbed, or before this reads them
-    (core.webhooks.fan_out). One a worker is sending at this moment goes as it read it. Found by the id in their
-    data (ix_webhook_deliveries_subject, ix_outbox_jobs_event_subject), a bounded batch at a time; their updated_at
-    kept (retention reads it). A dispute's events are left, as its row is (README)."""
+    webhook.event job's (outbox_jobs.payload, fanned out as it is), scrubbed as the rows are (_erased_event_data,
+    computed by the database: _erased_event_sql). So a delivery still waiting is sent scrubbed, under the same event
+    id (a receiver that had it drops the repeat), and a job being fanned out meanwhile writes its deliveries scrubbed,
+    or before this scrubs them (core.webhooks.fan_out). One a worker is sending at this moment goes as it read it.
+    Found by the id in their data (ix_webhook_deliveries_subject, ix_outbox_jobs_event_subject), a bounded batch at a
+    time, one UPDATE a table for each; their updated_at kept (retention reads it). A dispute's events are left, as
+    its row is (README)."""
     of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at)
     payment_ids = (await session.execute(select(Payment.id).where(of_hers))).scalars().all()
     refund_ids: list[str] = []
@@ -846,37 +853,115 @@ async def _erase_events(session: AsyncSession, hers: _Hers) -> None:
     ids = [*payment_ids, *refund_ids]
     # Inline: a cached generic plan proves ix_outbox_jobs_event_subject's predicate too.
     webhook_event: ColumnElement[str] = literal_column("'webhook.event'")
-    deliveries_table, jobs_table = WebhookDelivery.__table__, OutboxJob.__table__
+    dialect = session.get_bind().dialect.name
     for start in range(0, len(ids), _JOBS_AT_ONCE):
         some = ids[start:start + _JOBS_AT_ONCE]
         # The jobs first: a worker fanning one out holds its row (core.webhooks.fan_out), so their UPDATE waits for
-        # the delivery rows it writes, and the read of the deliveries after it finds them.
-        jobs = [
-            {"b_id": row.id, "b_payload": {**row.payload, "data": _erased_event_data(
-                str(row.payload.get("event_type")), row.payload["data"])}}
-            for row in (await session.execute(
-                select(OutboxJob.id, OutboxJob.payload)
-                .where(OutboxJob.kind == webhook_event, event_data_id(OutboxJob.payload).in_(some)))).all()
-            if isinstance(row.payload, dict) and "data" in row.payload]
-        if jobs:
-            await session.execute(_scrubbed(jobs_table), jobs)
-        deliveries = [
-            {"b_id": row.id,
-             "b_payload": {**row.payload, "data": _erased_event_data(row.event_type, row.payload["data"])}}
-            for row in (await session.execute(
-                select(WebhookDelivery.id, WebhookDelivery.event_type, WebhookDelivery.payload)
-                .where(event_data_id(WebhookDelivery.payload).in_(some)))).all()
-            if isinstance(row.payload, dict) and "data" in row.payload]
-        if deliveries:
-            await session.execute(_scrubbed(deliveries_table), deliveries)
+        # the delivery rows it writes, and the deliveries' UPDATE after it finds them. Each row's updated_at kept as
+        # the row has it then: a worker's outcome written meanwhile (a delivery's attempt, a job's end) moved it.
+        await session.execute(
+            update(OutboxJob).where(OutboxJob.kind == webhook_event, event_data_id(OutboxJob.payload).in_(some))
+            .values(payload=_erased_event_sql(dialect, OutboxJob.payload,
+                                              _json_text_at(dialect, OutboxJob.payload, "event_type")),
+                    updated_at=OutboxJob.updated_at)
+            .execution_options(synchronize_session=False))
+        await session.execute(
+            update(WebhookDelivery).where(event_data_id(WebhookDelivery.payload).in_(some))
+            .values(payload=_erased_event_sql(dialect, WebhookDelivery.payload, WebhookDelivery.event_type),
+                    updated_at=WebhookDelivery.updated_at)
+            .execution_options(synchronize_session=False))
 
 
-def _scrubbed(table: Any) -> Any:
-    """The UPDATE of a stored event's payload (executemany: b_id, b_payload), its row's updated_at kept as the row
-    has it then (retention reads it), not as read before: a worker's outcome written meanwhile (a delivery's attempt,
-    a job's end) moved it, and that write's time stays."""
-    return (update(table).where(table.c.id == bindparam("b_id"))
-            .values(payload=bindparam("b_payload", type_=table.c.payload.type), updated_at=table.c.updated_at))
+def _json_text_at(dialect: str, payload: Any, *path: str) -> Any:
+    """SQL: the value at `path` in a JSON column, as text (a string's own characters); NULL where there is none."""
+    if dialect == "postgresql":
+        return payload.op("#>>")(literal_column(f"'{{{','.join(path)}}}'"))
+    return payload.op("->>")(literal_column(f"'$.{'.'.join(path)}'"))
+
+
+def _starts_with(text: Any, prefix: str) -> Any:
+    """SQL: `text` starts with `prefix`, as str.startswith: case and wildcards as written (LIKE is neither on
+    SQLite)."""
+    return func.substr(text, 1, literal_column(str(len(prefix)))) == literal(prefix, String)
+
+
+def _erased_event_sql(dialect: str, payload: Any, event_type: Any) -> Any:
+    """SQL: a stored event's payload (a JSON column: `payload`, of event `event_type`) with its `data` as
+    _erased_event_data leaves it, in one UPDATE of many rows, none read into Python (an erasure of a member with
+    10,000 payments, 60,000 events: 9.5-12.6 s of the erasure's 10.7-13.7 s were their reads and writes back, row
+    by row). PostgreSQL's JSONB: the data merged (||) with the keys it changes; SQLite's JSON: json_replace, which
+    writes only paths present. tests/core/test_erased_event_sql.py compares both with _erased_event_data."""
+    from core.provider_events import CANCELLED_BY_COOPERATIVE
+    from core.recorded_payments import VOIDED_RECORDING
+    from core.refunds import BY_A_PERSON
+
+    def text(value: str) -> Any:
+        return cast(literal(value, String), Text)
+
+    if dialect == "postgresql":
+        data = payload.op("->")(literal_column("'data'"))
+
+        def at(*keys: str) -> Any:
+            return payload.op("#>")(literal_column(f"'{{data,{','.join(keys)}}}'"))
+
+        def typed(*keys: str) -> Any:
+            return func.jsonb_typeof(at(*keys))
+
+        def changed(*pairs: tuple[ColumnElement[bool], Any]) -> Any:  # the data's keys to write, or none
+            return case(*pairs, else_=literal_column("'{}'::jsonb"))
+
+        def without_note(prefixes: Sequence[str]) -> Any:
+            return changed(*((and_(typed("failureReason") == "string",
+                                   _starts_with(_json_text_at(dialect, payload, "data", "failureReason"), prefix)),
+                              func.jsonb_build_object(literal_column("'failureReason'"), text(prefix + NOTE_ERASED)))
+                             for prefix in prefixes))
+
+        payment = (data.op("||")(changed((at("paymentAccount").is_not(None),
+                                          func.jsonb_build_object(literal_column("'paymentAccount'"),
+                                                                  text(ERASED_MASK)))))
+                   .op("||")(without_note((CANCELLED_BY_COOPERATIVE, VOIDED_RECORDING)))
+                   .op("||")(changed((and_(typed("review") == "object", typed("review", "note") != "null"),
+                                      func.jsonb_build_object(literal_column("'review'"), at("review").op("||")(
+                                          func.jsonb_build_object(literal_column("'note'"), text(NOTE_ERASED))))))))
+        refund = (data.op("||")(changed((at("reason").is_not(None), literal_column("""'{"reason": null}'::jsonb"""))))
+                  .op("||")(without_note(BY_A_PERSON)))
+        is_object = func.jsonb_typeof(data) == "object"
+
+        def scrubbed(new_data: Any) -> Any:
+            return payload.op("||")(func.jsonb_build_object(literal_column("'data'"), new_data))
+    else:
+        def path(*keys: str) -> Any:
+            return literal_column(f"'$.data.{'.'.join(keys)}'")
+
+        def typed_sqlite(*keys: str) -> Any:
+            return func.json_type(payload, path(*keys))
+
+        def kept_or(key: tuple[str, ...], *pairs: tuple[ColumnElement[bool], Any]) -> Any:
+            """The JSON value written at `key`: a pair's, or the one there (json_replace writes only a path present;
+            json(): a JSON value, not a string of its text)."""
+            return func.json(case(*((when, func.json_quote(value)) for when, value in pairs),
+                                  else_=payload.op("->")(path(*key))))
+
+        def without_note_sqlite(prefixes: Sequence[str]) -> tuple[Any, Any]:
+            return path("failureReason"), kept_or(("failureReason",), *(
+                (and_(typed_sqlite("failureReason") == "text",
+                      _starts_with(_json_text_at(dialect, payload, "data", "failureReason"), prefix)),
+                 text(prefix + NOTE_ERASED)) for prefix in prefixes))
+
+        payment = func.json_replace(
+            payload, path("paymentAccount"), text(ERASED_MASK),
+            *without_note_sqlite((CANCELLED_BY_COOPERATIVE, VOIDED_RECORDING)),
+            path("review", "note"), kept_or(("review", "note"), (
+                and_(typed_sqlite("review") == "object", typed_sqlite("review", "note") != "null"),
+                text(NOTE_ERASED))))
+        refund = func.json_replace(payload, path("reason"), null(), *without_note_sqlite(BY_A_PERSON))
+        is_object = func.json_type(payload, literal_column("'$.data'")) == "object"
+
+        def scrubbed(new_data: Any) -> Any:
+            return new_data
+    return case((and_(is_object, _starts_with(event_type, "payment.")), scrubbed(payment)),
+                (and_(is_object, _starts_with(event_type, "refund.")), scrubbed(refund)),
+                else_=payload)
 
 
 async def _erase_messages(session: AsyncSession, hers: _Hers, *, actor: Actor) -> int:

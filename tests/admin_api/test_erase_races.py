@@ -5,6 +5,7 @@ must not take them in the other order, or PostgreSQL ends the deadlock by rollin
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -177,3 +178,52 @@ async def test_a_receipt_stored_while_her_erasure_is_under_way_waits_for_it(
     async with rt.sessionmaker() as s:
         rows = (await s.execute(select(SmsMessage).where(SmsMessage.member_id == jeanne["id"]))).scalars().all()
     assert all((row.phone_enc, row.body) == ("", "") for row in rows)
+
+
+@requires_pg
+@pytest.mark.parametrize("first", ["erasure", "completion"])
+async def test_a_late_completion_racing_her_erasure_tells_of_her_payment_scrubbed(
+        rt: Any, admin: Caller, demo: Any, first: str) -> None:
+    """Money found taken on a payment of hers the cooperative had cancelled (an admin's recording; a provider's late
+    success takes the same way, core.provider_events._apply_outcome), completing it late while the desk erases her:
+    its payment.completed event is built from the payment read under its row lock. Read after the erasure's lock
+    (_refuse_open_money), it waits and reads the erased row; read before, its event is committed before the erasure
+    goes on, which scrubs it with the others. Either way no event of hers keeps her account's mask or the desk's
+    note naming her."""
+    from core.models import OutboxJob
+    from core.money import Money
+    from core.recorded_payments import record_collected
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    cancelled = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"],
+                                   status="CANCELLED", failure_reason=f"cancelled by the cooperative: {NAME}")
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def complete() -> None:
+        async with rt.sessionmaker.begin() as s:
+            await record_collected(s, rt, payment_id=cancelled.id, cooperative_id=None, provider_transaction_id="MTN-9",
+                                   note="on the statement", actor=ADMIN, amount=Money(50_000, "RWF"))
+
+    async def erase() -> None:
+        async with rt.sessionmaker.begin() as s:
+            await erase_member(s, await s.get(Member, jeanne["id"]), actor=ADMIN)
+
+    async with rt.sessionmaker.begin() as s:
+        if first == "erasure":
+            await erase_member(s, await s.get(Member, jeanne["id"]), actor=ADMIN)
+            other = asyncio.create_task(complete())
+        else:
+            await record_collected(s, rt, payment_id=cancelled.id, cooperative_id=None, provider_transaction_id="MTN-9",
+                                   note="on the statement", actor=ADMIN, amount=Money(50_000, "RWF"))
+            other = asyncio.create_task(erase())
+        await waiting_for_locks(rt, 1)  # the other waits for her payment's row
+    await asyncio.wait_for(other, 10)
+
+    async with rt.sessionmaker() as s:
+        assert (await s.get(Payment, cancelled.id)).status == "COMPLETED"
+        events = [job.payload for job in (await s.execute(select(OutboxJob).where(
+            OutboxJob.kind == "webhook.event"))).scalars()]
+    [completed] = [event for event in events if event["event_type"] == "payment.completed"]
+    assert (completed["data"]["id"], completed["data"]["paymentAccount"]) == (cancelled.id, "erased")
+    for personal in (NAME, cancelled.payment_account_masked):
+        assert personal not in json.dumps(events, ensure_ascii=False), events
