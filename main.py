@@ -85,6 +85,16 @@ def migrate(settings: Settings) -> None:
         raise
 
 
+def _migrated(before: set[str], after: set[str]) -> str:
+    """`migrate`'s one line: where the database was and is now (alembic logs each revision it applies, and nothing
+    when there was none: an operator re-running `migrate` on a database at the head saw no output at all)."""
+    def said(revisions: set[str]) -> str:
+        return ", ".join(sorted(revisions)) or "none (an empty database)"
+    if before == after:
+        return f"migrate: the database is at {said(after)}, the head; nothing to do"
+    return f"migrate: the database went from {said(before)} to {said(after)}, the head"
+
+
 async def _current_revisions(settings: Settings) -> set[str]:
     from alembic.runtime.migration import MigrationContext
 
@@ -773,7 +783,9 @@ def main(argv: list[str] | None = None) -> int:
         use_fast_loop()
     try:
         if args.command == "migrate":
+            before = asyncio.run(_current_revisions(settings))
             migrate(settings)
+            print(_migrated(before, asyncio.run(_current_revisions(settings))))
         elif args.command == "seed-demo":
             # The embedded default is migrated here (its first run); any other database must be at the head already.
             migrate(settings) if settings.is_embedded else asyncio.run(check_migrations(settings))

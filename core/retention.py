@@ -450,8 +450,8 @@ async def prune(engine: AsyncEngine, policy: RetentionPolicy, *, dry_run: bool =
         count = (await _count(engine, _SMS, _old_sms_bodies(cutoff)) if dry_run
                  else await _walk(engine, _SMS, _old_sms_bodies(cutoff), _SMS.c.created_at, policy.batch_size,
                                   _clearing(_old_sms_bodies(cutoff))))
-        report.append(Pruned(_SMS.name, f"texts of SMS created before {_day(cutoff)}; the rows are kept", count,
-                             "RETENTION_SMS_BODY_DAYS", cleared=True))
+        report.append(Pruned(_SMS.name, f"texts and numbers of SMS created before {_day(cutoff)}; the rows and masks "
+                                        "are kept", count, "RETENTION_SMS_BODY_DAYS", cleared=True))
     return report
 
 

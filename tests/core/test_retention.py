@@ -161,7 +161,7 @@ async def test_exactly_the_old_eligible_rows_go(rt: Any) -> None:
                                     "sms-queued-old": "text of sms-queued-old", "sms-sent-new": "text of sms-sent-new"}
     lines = [p.line(dry_run=False) for p in done]
     assert lines[0].startswith("outbox_jobs: 2 deleted (DONE or DISCARDED jobs finished before ")
-    assert lines[-1].startswith("sms_messages: 2 cleared (texts of SMS created before ")
+    assert lines[-1].startswith("sms_messages: 2 cleared (texts and numbers of SMS created before ")
 
     # Run again: nothing more.
     assert {p.count for p in await prune(rt.engine, RetentionPolicy())} == {0}
