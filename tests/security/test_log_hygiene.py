@@ -20,6 +20,7 @@ from core.logs import JsonFormatter
 from core.models import Payment, SmsMessage
 from tests import logscan
 from tests.conftest import clean_database, drain, make_settings
+from tests.integration.helpers import wait_for
 from tests.security.conftest import SECRETS
 
 DEMO_NUMBERS = ["+250788000001", "+250788000002", "+250733000001", "+250733000002", "+250788000003"]
@@ -134,15 +135,18 @@ async def test_a_full_flow_logs_no_phone_number_and_no_secret(live: Any) -> None
             r = await http.post(f"/sms/africastalking/inbound?secret={SECRETS['CALLBACK_SECRET_SMS']}",
                                 data={"from": "+250788000001", "text": f"RECEIPT {reference}", "id": "in-1"})
             assert r.status_code == 200
-            for _ in range(30):
+
+            async def delivered() -> list[str]:
+                # The refund settled and every SMS sent, its delivery report taken: all of it is in the capture.
                 await drain(worker)
                 async with rt.sessionmaker() as s:
-                    sent = (await s.execute(select(SmsMessage.status))).scalars().all()
-                if sent and all(x != "QUEUED" for x in sent):
-                    break
-                await asyncio.sleep(0.1)
-            assert sent, "the flow sent no SMS"
-            await asyncio.sleep(0.6)  # the SMS simulator's delivery reports
+                    sent = (await s.execute(select(SmsMessage.template, SmsMessage.status))).all()
+                templates = sorted(template for template, status in sent if status == "DELIVERED")
+                return templates if len(templates) == len(sent) == 5 else []
+
+            # A receipt each for the two payments and one asked for by SMS, the failed one's, the refund's.
+            assert await wait_for(delivered, timeout=15, interval=0.1, what="every SMS delivered") == [
+                "payment_failed", "payment_receipt", "payment_receipt", "payment_receipt", "refund_completed"]
     finally:
         root.removeHandler(capture)
         root.setLevel(old_level)
