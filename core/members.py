@@ -876,7 +876,7 @@ def _json_text_at(dialect: str, payload: Any, *path: str) -> Any:
     """SQL: the value at `path` in a JSON column, as text (a string's own characters); NULL where there is none."""
     if dialect == "postgresql":
         return payload.op("#>>")(literal_column(f"'{{{','.join(path)}}}'"))
-    return payload.op("->>")(literal_column(f"'$.{'.'.join(path)}'"))
+    return func.json_extract(payload, literal_column(f"'$.{'.'.join(path)}'"))  # ->> is SQLite 3.38's
 
 
 def _starts_with(text: Any, prefix: str) -> Any:
@@ -938,9 +938,12 @@ def _erased_event_sql(dialect: str, payload: Any, event_type: Any) -> Any:
 
         def kept_or(key: tuple[str, ...], *pairs: tuple[ColumnElement[bool], Any]) -> Any:
             """The JSON value written at `key`: a pair's, or the one there (json_replace writes only a path present;
-            json(): a JSON value, not a string of its text)."""
-            return func.json(case(*((when, func.json_quote(value)) for when, value in pairs),
-                                  else_=payload.op("->")(path(*key))))
+            json(): a JSON value, not a string of its text). The one there as JSON text without SQLite 3.38's ->
+            (Debian 11, Ubuntu 22.04: 3.34, 3.37): json_extract gives true and false as 1 and 0."""
+            typed_at = typed_sqlite(*key)
+            there = case((typed_at.in_(("true", "false")), typed_at),
+                         else_=func.json_quote(func.json_extract(payload, path(*key))))
+            return func.json(case(*((when, func.json_quote(value)) for when, value in pairs), else_=there))
 
         def without_note_sqlite(prefixes: Sequence[str]) -> tuple[Any, Any]:
             return path("failureReason"), kept_or(("failureReason",), *(

@@ -11,8 +11,10 @@ finished jobs of every kind. webhook_deliveries' ix_webhook_deliveries_subject i
 expression's statistics, and its plan was the index's already.
 
 CREATE STATISTICS and ANALYZE take SHARE UPDATE EXCLUSIVE on the table: reads and writes go on meanwhile; ANALYZE
-reads a sample (30,000 rows). PostgreSQL only (statistics on an expression: PostgreSQL 14 and later): SQLite has no
-such statistics (and plans these queries by its own rules).
+reads a sample (30,000 rows). PostgreSQL 14 and later only: PostgreSQL 13 (which the gateway runs on) has no
+statistics on an expression (its CREATE STATISTICS is a syntax error there, and `migrate` stopped at this revision),
+so nothing is done there and the erasure reads as before it; SQLite has no such statistics (and plans these queries
+by its own rules).
 
 Revision ID: 0037
 Revises: 0036
@@ -29,7 +31,8 @@ NAME = 'st_outbox_jobs_event_subject'
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name != 'postgresql':
+    dialect = op.get_bind().dialect
+    if dialect.name != 'postgresql' or (dialect.server_version_info or (14,)) < (14,):
         return
     op.execute(f"CREATE STATISTICS IF NOT EXISTS {NAME} ON ((payload #>> '{{data,id}}')) FROM outbox_jobs")
     op.execute('ANALYZE outbox_jobs')

@@ -54,3 +54,33 @@ async def test_an_erasures_batch_finds_its_webhook_event_jobs_by_the_index(rt: A
     finally:
         await asyncio.to_thread(migrate, settings)
     assert "ix_outbox_jobs_event_subject" in await _plan(rt), await _plan(rt)
+
+
+async def _statistics(rt: Any) -> list[str]:
+    async with rt.engine.connect() as conn:
+        return list((await conn.execute(text(
+            "SELECT stxname FROM pg_statistic_ext WHERE stxname = 'st_outbox_jobs_event_subject'"))).scalars())
+
+
+@requires_pg
+async def test_on_postgresql_13_the_upgrade_past_0037_goes_on_without_the_statistics(
+        rt: Any, migrated_database: str, monkeypatch: Any) -> None:
+    """PostgreSQL 13 (README: the gateway runs on it) has no statistics on an expression: CREATE STATISTICS ON
+    ((payload #>> ...)) is a syntax error there, and `migrate` stopped at 0037. There it creates nothing (the erasure
+    reads as before it); the downgrade drops nothing it lacks."""
+    from sqlalchemy.dialects.postgresql.base import PGDialect
+
+    from main import _alembic_config, migrate
+
+    settings = make_settings()
+    try:
+        await asyncio.to_thread(command.downgrade, _alembic_config(settings), "0036")
+        assert await _statistics(rt) == []
+        with monkeypatch.context() as patched:
+            patched.setattr(PGDialect, "_get_server_version_info", lambda self, connection: (13, 16))
+            await asyncio.to_thread(migrate, settings)
+            assert await _statistics(rt) == []
+            await asyncio.to_thread(command.downgrade, _alembic_config(settings), "0036")
+    finally:
+        await asyncio.to_thread(migrate, settings)
+    assert await _statistics(rt) == ["st_outbox_jobs_event_subject"]
