@@ -13,7 +13,7 @@ from typing import Any
 from channels.ussd import africastalking, cache, flows, funnel, records, sessions
 from channels.ussd.engine import Ctx, Engine, State
 from channels.ussd.i18n import language, translate
-from channels.ussd.types import EXPECTED_OUTAGES, UssdReply, UssdTurn, extension_of, side_effect_began
+from channels.ussd.types import EXPECTED_OUTAGES, UssdReply, UssdTurn, extends, extension_of, side_effect_began
 from core import metrics
 from core.cooperatives import COUNTRY_LANGUAGE
 from core.phone import Phone
@@ -243,6 +243,15 @@ class UssdService:
                 extension, dialled = turn.accumulated, dialled_code(turn.service_code, turn.accumulated)
             else:
                 extension = extension_of(lost, turn.service_code)
+        elif not turn.is_new and turn.accumulated is None:
+            # Hubtel and Nalo: a later hop (her latest key only) of a session lost from Redis mid-way. The code she
+            # dialled is the one its row kept: read as its opening hop read it (after our code for this aggregator,
+            # else after the aggregator's), it names her cooperative again. Without it she was on the menu of no
+            # cooperative: Pay asked a stranger who had dialled a cooperative's code to type that code.
+            lost = await self._lost(rt, turn)
+            if lost is not None:
+                ours = rt.settings.service_code_for(turn.aggregator)
+                extension = extension_of(lost, ours if extends(lost, ours) else turn.service_code)
         # Either way the text is consumed: the next hop's key is what follows it (as Hubtel and Nalo, which
         # send only the latest input, drop the key pressed on a lost session).
         stored.acc = turn.accumulated
@@ -325,9 +334,9 @@ class UssdService:
         return theirs == coop_id
 
     async def _lost(self, rt: Any, turn: UssdTurn) -> str | None:
-        """The code a session was opened with when a hop with text and no saved session continues it after
-        it was lost from Redis (restart, failover, eviction); None when the hop opens one with a dialled
-        code in its text.
+        """The code a session was opened with when a hop with text (on Hubtel and Nalo, any later hop) and no saved
+        session continues it after it was lost from Redis (restart, failover, eviction); None when the hop opens
+        one with a dialled code in its text.
 
         Africa's Talking sends every input so far, so after a loss the member's next key arrives as "4*1":
         read as a dialled code, her first key ("4", also a cooperative's one-digit code) would switch her

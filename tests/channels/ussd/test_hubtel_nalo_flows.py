@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from core.models import Cooperative, OutboxJob, Payment, UssdSession
 
 FR_AIRTEL = "250733000001"
@@ -187,3 +189,49 @@ async def test_a_cooperatives_extension_on_an_aggregators_own_code(rt: Any, aioh
     home = await nalo(client, "nalo-ghana-2", "*920*44#", True)
     assert home["MSG"].startswith("Bienvenue")
     assert settings.service_code_for("africastalking") == "*384*123#"
+
+
+@pytest.mark.parametrize(("aggregator", "ours", "dialled"), [
+    ("hubtel", "*713*45#", "*713*45*7#"),  # our code a sub-code of Hubtel's 713: read after ours, not after 713
+    ("hubtel", "*713*45#", "*713*7#"),     # not our code: after Hubtel's ServiceCode, as the opening hop reads it
+    ("nalo", "*920*44#", "*920*44*7#"),
+])
+async def test_a_session_lost_mid_way_keeps_the_cooperative_its_code_named(
+        rt: Any, aiohttp_client: Any, db: Any, aggregator: str, ours: str, dialled: str) -> None:
+    """A later hop of a session Redis lost (a restart, a failover) shows the opening screen again, her key dropped,
+    as before; the cooperative the code she dialled named is kept, as on Africa's Talking. It was lost: a stranger
+    who dialled a cooperative's code to join it was told at Pay "You are not registered yet. Enter your
+    cooperative's code" (and the one whose extension is our sub-code's last part, 45, is not read from *713*45*7#)."""
+    import dataclasses
+
+    from app import create_app
+
+    async with rt.sessionmaker.begin() as s:
+        accra = Cooperative(name="Accra Traders Union", short_code="ATU", country="GH", currency="GHS",
+                            timezone="Africa/Accra", status="ACTIVE", ussd_extension="7", self_registration=True)
+        s.add_all([accra, Cooperative(name="Tema Fishers Cooperative", short_code="TFC", country="GH",
+                                      currency="GHS", timezone="Africa/Accra", status="ACTIVE",
+                                      ussd_extension="45", self_registration=True)])
+    settings = dataclasses.replace(rt.settings, ussd_service_codes={aggregator: ours})
+    client = await aiohttp_client(create_app(settings, runtime=dataclasses.replace(rt, settings=settings)))
+    stranger, sequence = "233244555124", 0
+
+    async def post(first: bool, text: str) -> str:
+        nonlocal sequence
+        sequence += 1
+        if aggregator == "nalo":
+            return (await nalo(client, "lost-1", text, first, stranger, "MTN"))["MSG"]
+        resp = await client.post("/ussd/hubtel", json={
+            "Mobile": stranger, "SessionId": "lost-1", "ServiceCode": "713", "Type": "Initiation" if first else
+            "Response", "Message": text, "Operator": "mtn", "Sequence": sequence, "ClientState": ""})
+        assert resp.status == 200, await resp.text()
+        return str((await resp.json())["Message"])
+
+    home = await post(True, dialled)
+    assert "Accra Traders Union" in await post(False, "1")
+    await rt.redis.flushdb()  # the session is lost
+    assert await post(False, "1") == home  # the opening screen again: her key is dropped
+    join = await post(False, "1")
+    assert "Accra Traders Union" in join, join
+    row = await db.one(UssdSession)
+    assert (row.cooperative_id, row.service_code, row.hops) == (accra.id, dialled, 1)
