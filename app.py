@@ -320,12 +320,18 @@ async def stop_background(task: asyncio.Task[Any], stop: asyncio.Event, *, name:
 
 
 @contextlib.asynccontextmanager
-async def http_client(*, public_only: bool = False) -> AsyncIterator[httpx.AsyncClient]:
-    http = make_client(max_connections=200, public_only=public_only)
+async def http_client(*, public_only: bool = False, allowed: tuple[str, ...] = ()) -> AsyncIterator[httpx.AsyncClient]:
+    http = make_client(max_connections=200, public_only=public_only, allowed=allowed)
     try:
         yield http
     finally:
         await http.aclose()
+
+
+def webhook_client(settings: Settings) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:
+    """The client for cooperatives' webhook URLs: public addresses only outside the embedded default, and those
+    of the operator's WEBHOOK_PRIVATE_NETWORKS."""
+    return http_client(public_only=not settings.is_embedded, allowed=settings.webhook_private_networks)
 
 
 def assemble(settings: Settings, engine: AsyncEngine, redis: Redis, http: httpx.AsyncClient,
@@ -348,7 +354,7 @@ def assemble(settings: Settings, engine: AsyncEngine, redis: Redis, http: httpx.
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     """Open every resource in order and close them in reverse, whatever happens (CLI, tests, worker)."""
     async with (database(settings) as engine, redis_client(settings) as redis, redis_mux_client(settings) as mux,
-                http_client() as http, http_client(public_only=not settings.is_embedded) as webhook_http):
+                http_client() as http, webhook_client(settings) as webhook_http):
         yield assemble(settings, engine, redis, http, webhook_http, mux)
 
 
@@ -582,7 +588,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> web.App
                 yield
 
         async def http_ctx(app: web.Application) -> AsyncIterator[None]:
-            async with http_client() as http, http_client(public_only=not settings.is_embedded) as webhooks:
+            async with http_client() as http, webhook_client(settings) as webhooks:
                 app[HTTP], app[WEBHOOK_HTTP] = http, webhooks
                 yield
 

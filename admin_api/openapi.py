@@ -146,8 +146,9 @@ _NOTES = {
                               "timed-out or open one, not, and what to do). Nothing is sent to the provider; audited "
                               "payment.gateway_reference_set by the caller. A refund through MTN MoMo, refused "
                               "before (409), can then be sent.",
-    "update_endpoint": "url and events (at least one) are checked as at registration: the event list; https, no "
-                       "credentials, a domain approved for the cooperative (403 otherwise). Deliveries still "
+    "update_endpoint": "url and events (at least one) are checked as at registration: the event list; https (or http "
+                       "to an address of the operator's WEBHOOK_PRIVATE_NETWORKS), no credentials, a domain "
+                       "approved for the cooperative (403 otherwise). Deliveries still "
                        "pending (retrying, or held while the endpoint is switched off after failures) of an event "
                        "it no longer gets (neither asked for nor following one asked for) are given up: FAILED, "
                        "as DELETE gives up all of them, and not sent again if the event is added back. The others "

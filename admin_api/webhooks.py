@@ -205,6 +205,7 @@ async def request_domain(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         domain=ctx.body["domain"],
         actor=ctx.who.actor,
         embedded=ctx.rt.settings.is_embedded,
+        private=ctx.rt.settings.webhook_private_networks,
     )
     await ctx.session.commit()
     return json_response(present_domain(row), status=201)
@@ -246,6 +247,7 @@ async def create_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         events=ctx.body["events"],
         actor=ctx.who.actor,
         embedded=ctx.rt.settings.is_embedded,
+        private=ctx.rt.settings.webhook_private_networks,
     )
     await ctx.session.commit()
     response = json_response({**await endpoint_out(ctx, endpoint), "secret": secret}, status=201)
@@ -292,6 +294,7 @@ async def update_endpoint(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         url=ctx.body.get("url"),
         events=ctx.body.get("events"),
         embedded=ctx.rt.settings.is_embedded,
+        private=ctx.rt.settings.webhook_private_networks,
     )
     await ctx.session.commit()
     return json_response(await endpoint_out(ctx, endpoint))

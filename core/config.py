@@ -146,6 +146,10 @@ class Settings:
     ussd_max_hops_in_flight: int = 32
     ussd_ip_allowlists: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     trusted_proxies: tuple[str, ...] = ()
+    # WEBHOOK_PRIVATE_NETWORKS: networks that are not public which webhook endpoints may reach all the same (a
+    # cooperative's accounting system on the gateway's LAN); checked at registration and at each delivery's
+    # resolution (core.webhooks.refused_destination, core.http.PublicOnlyResolver). Empty: public addresses only.
+    webhook_private_networks: tuple[str, ...] = ()
     # Per aggregator, where its members dial another code (Ghana's aggregators are not Rwanda's): a cooperative's
     # extension is what follows that aggregator's code.
     ussd_service_codes: Mapping[str, str] = field(default_factory=dict)
@@ -911,6 +915,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if production:
         _check_ussd_callbacks_guarded(callback_secrets, allowlist, allowlists)
     trusted_proxies = _networks(env, "TRUSTED_PROXIES")
+    webhook_private_networks = _networks(env, "WEBHOOK_PRIVATE_NETWORKS")
     service_code = _service_code(env, "USSD_SERVICE_CODE", "*384*123#")
     service_codes = {name: _service_code(env, f"USSD_SERVICE_CODE_{name.upper()}", service_code)
                      for name in USSD_AGGREGATORS if env.get(f"USSD_SERVICE_CODE_{name.upper()}", "").strip()}
@@ -985,6 +990,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         worker_stale_seconds=_int(env, "WORKER_STALE_SECONDS", 120, minimum=1, maximum=DAY_SECONDS),
         ussd_ip_allowlists=allowlists,
         trusted_proxies=trusted_proxies,
+        webhook_private_networks=webhook_private_networks,
         metrics_token=metrics_token,
         extra={"rate_limit_multiplier": rate_multiplier, "phone_simulator_enabled": phone_page},
     )

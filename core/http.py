@@ -69,23 +69,38 @@ def not_public(text: str) -> bool:
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
+def refused_address(text: str, allowed: tuple[str, ...] = ()) -> bool:
+    """True for an address a webhook may not reach: one not public (not_public), unless it lies in one of the
+    operator's `allowed` networks (WEBHOOK_PRIVATE_NETWORKS: a cooperative's own LAN). Only what is listed
+    passes: listing 10.0.0.0/8 lets no loopback, link-local (metadata) or other private address through."""
+    return not_public(text) and not in_networks(text, allowed)
+
+
+def in_networks(text: str, networks: tuple[str, ...]) -> bool:
+    """Whether the address lies in one of `networks` (addresses or CIDR networks, as the settings list them)."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    return any(address in ipaddress.ip_network(network, strict=False) for network in networks)
+
+
 class PublicOnlyResolver(AbstractResolver):
     """The system resolver, refusing a name that resolves to any address that is not public.
 
     Checking a name before the request and letting the client resolve it again to connect leaves a window
     in which the name can be repointed inward (DNS rebinding); here the addresses checked are the ones the
     connection uses. A refusal is an OSError, which aiohttp reports as a DNS failure: nothing is sent.
-    IP literals never reach a resolver (aiohttp connects to them as they are).
+    IP literals never reach a resolver (aiohttp connects to them as they are). `allowed`: the networks
+    WEBHOOK_PRIVATE_NETWORKS lets through (refused_address).
     """
 
-    def __init__(self, inner: AbstractResolver | None = None) -> None:
+    def __init__(self, inner: AbstractResolver | None = None, allowed: tuple[str, ...] = ()) -> None:
         self._inner = inner if inner is not None else DefaultResolver()
+        self._allowed = allowed
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
         for result in results:
-            if not_public(result["host"]):
+            if refused_address(result["host"], self._allowed):
                 # With an errno, so aiohttp's error text carries the reason (it shows the strerror).
                 raise OSError(errno.EACCES, f"{host} resolves to {result['host']}, which is not a public address")
         return results
@@ -98,9 +113,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     """httpx requests sent by one aiohttp.ClientSession (opened on first use, inside the running loop)."""
 
     def __init__(self, *, max_connections: int = 200, keepalive_seconds: float = 5.0,
-                 verify: ssl.SSLContext | None = None, public_only: bool = False) -> None:
+                 verify: ssl.SSLContext | None = None, public_only: bool = False,
+                 allowed: tuple[str, ...] = ()) -> None:
         self._max_connections = max_connections
         self._public_only = public_only
+        self._allowed = allowed
         self._keepalive = keepalive_seconds
         self._ssl = verify if verify is not None else ssl.create_default_context(cafile=certifi.where())
         self._session: aiohttp.ClientSession | None = None
@@ -111,7 +128,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._closed:
             raise RuntimeError("the HTTP client has been closed")
         # aiohttp does not close a resolver it was given: aclose() does.
-        self._resolver = PublicOnlyResolver() if self._public_only else None
+        self._resolver = PublicOnlyResolver(allowed=self._allowed) if self._public_only else None
         connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=self._keepalive,
                                          ssl=self._ssl, resolver=self._resolver)
         # httpx owns cookies, redirects, decompression and auth; aiohttp only moves the bytes.
@@ -231,7 +248,10 @@ class GatewayClient(httpx.AsyncClient):
             raise ValueError("this client keeps no cookies")
 
 
-def make_client(*, max_connections: int = 200, public_only: bool = False) -> httpx.AsyncClient:
-    """`public_only`: connect only to public addresses (the client that calls customers' webhook URLs)."""
+def make_client(*, max_connections: int = 200, public_only: bool = False,
+                allowed: tuple[str, ...] = ()) -> httpx.AsyncClient:
+    """`public_only`: connect only to public addresses (the client that calls customers' webhook URLs), and to
+    those of the `allowed` networks (WEBHOOK_PRIVATE_NETWORKS)."""
     return GatewayClient(timeout=httpx.Timeout(10.0, connect=3.0),
-                         transport=AiohttpTransport(max_connections=max_connections, public_only=public_only))
+                         transport=AiohttpTransport(max_connections=max_connections, public_only=public_only,
+                                                    allowed=allowed))

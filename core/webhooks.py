@@ -70,7 +70,7 @@ from core.db import (
     utcnow,
 )
 from core.errors import INVALID_STATE, WEBHOOK_URL_TAKEN, Conflict, Forbidden, NotFound, ValidationError
-from core.http import STATUS_ONLY, not_public
+from core.http import STATUS_ONLY, in_networks, refused_address
 from core.models import ApprovedDomain, AuditEvent, Cooperative, OutboxJob, WebhookDelivery, WebhookEndpoint
 from core.outbox import (
     SUBJECT_KEYS,
@@ -208,8 +208,10 @@ def _inet_aton(host: str) -> bool:
     return True
 
 
-def normalize_domain(domain: str, *, embedded: bool = False) -> str:
-    """Lower-case host name; IP literals and localhost only in the embedded default (no SSRF into a LAN)."""
+def normalize_domain(domain: str, *, embedded: bool = False, private: tuple[str, ...] = ()) -> str:
+    """Lower-case host name; IP literals and localhost only in the embedded default (no SSRF into a LAN), and
+    outside it an IP address in one of the operator's `private` networks (WEBHOOK_PRIVATE_NETWORKS: a
+    cooperative's system on the gateway's own LAN; localhost stays refused, its address may be listed)."""
     host = (domain or "").strip().lower().rstrip(".")
     if "://" in host:
         try:
@@ -224,9 +226,10 @@ def normalize_domain(domain: str, *, embedded: bool = False) -> str:
     except ValueError:
         is_ip = False
     if is_ip or host == "localhost":
-        if not embedded:
+        if not embedded and not (is_ip and in_networks(host, private)):
+            listed = ", except an address of the networks the operator allows" if private else ""
             raise ValidationError(
-                "webhook domains must be public host names, not IP addresses or localhost", field="domain"
+                f"webhook domains must be public host names, not IP addresses or localhost{listed}", field="domain"
             )
         return host
     if not _HOSTNAME.match(host) or "." not in host:
@@ -286,10 +289,11 @@ def new_secret() -> str:
 
 
 async def request_domain(
-    session: AsyncSession, *, cooperative_id: str, domain: str, actor: Actor, embedded: bool = False
+    session: AsyncSession, *, cooperative_id: str, domain: str, actor: Actor, embedded: bool = False,
+    private: tuple[str, ...] = (),
 ) -> ApprovedDomain:
     """A cooperative asks for a domain; a super admin decides. Asking again returns the same request."""
-    host = normalize_domain(domain, embedded=embedded)
+    host = normalize_domain(domain, embedded=embedded, private=private)
     # ON CONFLICT DO NOTHING, then read the row: of two requests for one domain at once (a call retried on a
     # timeout) the second gets the first's row, where a read-then-insert failed on the unique constraint (a 500).
     table = ApprovedDomain.__table__
@@ -496,8 +500,9 @@ def check_events(events: Any) -> list[str]:
     return [e for e in EVENTS if e in events]
 
 
-def check_url(url: str, *, embedded: bool = False) -> tuple[str, str]:
-    """Returns (url, host). https is required outside the embedded default."""
+def check_url(url: str, *, embedded: bool = False, private: tuple[str, ...] = ()) -> tuple[str, str]:
+    """Returns (url, host). https is required outside the embedded default, except to an IP address of one of
+    the `private` networks (WEBHOOK_PRIVATE_NETWORKS: a LAN's receiver seldom has a certificate for it)."""
     if not isinstance(url, str) or not url.strip() or len(url) > 500:
         raise ValidationError("url is required (at most 500 characters)", field="url")
     try:
@@ -510,14 +515,16 @@ def check_url(url: str, *, embedded: bool = False) -> tuple[str, str]:
         raise ValidationError(f"webhook url is not a valid URL: {exc}", field="url") from None
     if port == 0:
         raise ValidationError("webhook url port must be 1-65535", field="url")
-    allowed = ("https", "http") if embedded else ("https",)
+    allowed = ("https", "http") if embedded or private else ("https",)
     if parsed.scheme not in allowed:
         raise ValidationError("webhook url must use https", field="url")
     if parsed.username or parsed.password:
         raise ValidationError("webhook url must not carry credentials", field="url")
     if parsed.fragment:
         raise ValidationError("webhook url must not have a #fragment", field="url")
-    host = normalize_domain(parsed.hostname or "", embedded=embedded)
+    host = normalize_domain(parsed.hostname or "", embedded=embedded, private=private)
+    if parsed.scheme == "http" and not embedded and not _is_ip(host):  # a name: https, wherever it resolves
+        raise ValidationError("webhook url must use https", field="url")
     return url.strip(), host
 
 
@@ -601,9 +608,10 @@ async def register_endpoint(
     events: list[str],
     actor: Actor,
     embedded: bool = False,
+    private: tuple[str, ...] = (),
 ) -> tuple[WebhookEndpoint, str]:
     """Create an endpoint on an approved domain; the signing secret is returned once and stored encrypted."""
-    url, host = check_url(url, embedded=embedded)
+    url, host = check_url(url, embedded=embedded, private=private)
     chosen = check_events(events)
     await _check_approved(session, cooperative_id, host)
     await _check_room(session, cooperative_id)
@@ -661,6 +669,7 @@ async def update_endpoint(
     url: str | None = None,
     events: list[str] | None = None,
     embedded: bool = False,
+    private: tuple[str, ...] = (),
 ) -> WebhookEndpoint:
     """PATCH: change which events an endpoint is sent, or where, keeping its secret, its status and its
     deliveries. Both are checked as at registration (the event list; https, no credentials, a domain approved
@@ -680,7 +689,7 @@ async def update_endpoint(
         raise ValidationError("send url or events (or both)")
     host = None
     if url is not None:
-        url, host = check_url(url, embedded=embedded)
+        url, host = check_url(url, embedded=embedded, private=private)
     chosen = check_events(events) if events is not None else None
     exists = (
         await session.execute(
@@ -1215,14 +1224,18 @@ async def resolve(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
-async def refused_destination(url: str, *, embedded: bool) -> str | None:
+async def refused_destination(url: str, *, embedded: bool, private: tuple[str, ...] = ()) -> str | None:
     """Why nothing may be sent to `url` (None: send it): its host name resolves to an address that is not
-    public (loopback, private, link-local such as 169.254.169.254, ...). An approved domain is a name; what
-    it resolves to can change after approval (or point inward from the start).
+    public (loopback, private, link-local such as 169.254.169.254, ...), nor in one of the operator's `private`
+    networks (WEBHOOK_PRIVATE_NETWORKS). An approved domain is a name; what it resolves to can change after
+    approval (or point inward from the start): a name on the LAN repointed to another private address, or to
+    loopback or the metadata service, is refused as any other.
 
     Mirrors the registration check (normalize_domain): an IP literal or localhost host was only ever
-    accepted under the embedded default's allowance, so it was approved as that address and is not
-    resolved again; in the embedded default (one machine, trying it out) names may resolve anywhere.
+    accepted under the embedded default's allowance or, an IP literal, in a listed network, so it was approved
+    as that address and is not resolved again (nor checked against the list again: taking its network off the list
+    stops new endpoints there, not those already registered; README says to reject the domain too); in the embedded
+    default (one machine, trying it out) names may resolve anywhere.
     The address is checked just before sending, for a clear reason in the attempt; the webhook client
     (core.http.PublicOnlyResolver) checks again the addresses it connects to, so repointing the name in
     between (DNS rebinding) gets nothing sent either.
@@ -1240,7 +1253,7 @@ async def refused_destination(url: str, *, embedded: bool) -> str | None:
     except (OSError, ValueError) as exc:
         return f"cannot resolve {host}: {exc}"[:300]
     for text in addresses:
-        if not_public(text):
+        if refused_address(text, private):
             return f"{host} resolves to {text.split('%', 1)[0]}, which is not a public address: not sent"
     return None if addresses else f"cannot resolve {host}: no address"
 
@@ -1321,7 +1334,8 @@ async def deliver(rt: Runtime, job: Job) -> str:
     }
     started = time.perf_counter()
     status_code: int | None = None
-    error = await refused_destination(url, embedded=rt.settings.is_embedded)
+    error = await refused_destination(url, embedded=rt.settings.is_embedded,
+                                      private=rt.settings.webhook_private_networks)
     if error is None:
         try:
             # The status line is the answer (a 2xx delivers), within DELIVERY_TIMEOUT in all: the body is not

@@ -509,3 +509,10 @@ def test_dial_to_a_url_it_cannot_call_says_so_in_one_line():
         assert result.returncode == 2, (env, args, result.stderr)
         assert "Traceback" not in result.stderr, result.stderr
         assert result.stdout.startswith(says), result.stdout
+
+
+def test_a_webhook_private_network_mistake_is_a_configuration_error():
+    result = _main("serve", WEBHOOK_PRIVATE_NETWORKS="10.20.0.0/16,10.30.0.0/33")
+    assert result.returncode == 2, result.stderr
+    assert _one_line(result) == ("configuration error: WEBHOOK_PRIVATE_NETWORKS: '10.30.0.0/33' is not an IP address "
+                                 "or network")

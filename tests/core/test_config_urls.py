@@ -286,3 +286,14 @@ def test_an_mpesa_callback_secret_daraja_would_refuse_stops_the_start(secret):
     # A secret without those words is taken, and goes in the URL M-Pesa is told.
     fine = load({"CALLBACK_SECRET_MPESA": "k3y-for-callbacks"})
     assert callback_url(fine, "mpesa").endswith("/webhooks/payments/daraja?secret=k3y-for-callbacks")
+
+
+def test_webhook_private_networks_are_read_and_a_bad_one_stops_the_start():
+    assert load_settings({}).webhook_private_networks == ()  # public receivers only, unless the operator lists some
+    settings = load_settings({"WEBHOOK_PRIVATE_NETWORKS": " 10.20.0.0/16, 192.168.1.40 ,fd00::/8"})
+    assert settings.webhook_private_networks == ("10.20.0.0/16", "192.168.1.40", "fd00::/8")
+    for bad in ("10.20.0.0/33", "10.20.0.0/16,lan", "192.168.1"):
+        with pytest.raises(ConfigError) as info:
+            load_settings({"WEBHOOK_PRIVATE_NETWORKS": bad})
+        assert info.value.variable == "WEBHOOK_PRIVATE_NETWORKS"
+        assert "is not an IP address or network" in str(info.value)

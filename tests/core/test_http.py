@@ -363,3 +363,46 @@ async def test_runtime_webhook_client_is_public_only_outside_the_embedded_defaul
         with pytest.raises(httpx.ConnectError):
             await rt.webhook_http.post(url, content=b"{}")
         assert hits == []
+
+
+@pytest.mark.parametrize("inward", ["127.0.0.1", "192.168.1.1", "10.1.0.7", "169.254.169.254", "::1",
+                                    "::ffff:10.0.0.7"])
+async def test_public_only_resolver_lets_through_only_the_listed_private_networks(inward: str) -> None:
+    """WEBHOOK_PRIVATE_NETWORKS: an address of a listed network is reached; any other that is not public (another
+    private network, loopback, the metadata service) is refused as before."""
+    listed = core_http.PublicOnlyResolver(_Answers("10.0.0.7", "93.184.216.34"),  # type: ignore[arg-type]
+                                          allowed=("10.0.0.0/24", "fd00::/8"))
+    assert [r["host"] for r in await listed.resolve("erp.coop.lan", 443)] == ["10.0.0.7", "93.184.216.34"]
+    rebound = core_http.PublicOnlyResolver(_Answers("10.0.0.7", inward), allowed=("10.0.0.0/24",))  # type: ignore[arg-type]
+    with pytest.raises(OSError, match=f"resolves to {inward}, which is not a public address"):
+        await rebound.resolve("erp.coop.lan", 443)
+
+
+async def test_the_webhook_client_reaches_a_listed_network_by_name(aiohttp_server: Any) -> None:
+    """The runtime's webhook client (app.webhook_client) outside the embedded default: a name on the LAN (here
+    localhost) is connected to when its addresses are listed, and refused when they are not."""
+    import dataclasses
+
+    from app import webhook_client
+    from core.config import load_settings
+    from tests.admin_api.test_webhook_private_networks import receiver_port
+
+    hits: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    server = await aiohttp_server(app, host="127.0.0.1", port=receiver_port())
+    deployed = dataclasses.replace(load_settings({}), database_url="postgresql+asyncpg://gw@db/gw")
+    url = f"http://localhost:{server.port}/hook"
+    async with webhook_client(dataclasses.replace(deployed, webhook_private_networks=("10.0.0.0/8",))) as unlisted:
+        with pytest.raises(httpx.ConnectError, match="not a public address"):
+            await unlisted.post(url, content=b"{}")
+    assert hits == []
+    lan = ("127.0.0.0/8", "::1")  # localhost may resolve to both
+    async with webhook_client(dataclasses.replace(deployed, webhook_private_networks=lan)) as listed:
+        assert (await listed.post(url, content=b"{}")).status_code == 200
+    assert hits == ["/hook"]

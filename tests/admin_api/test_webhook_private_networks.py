@@ -1,0 +1,141 @@
+"""WEBHOOK_PRIVATE_NETWORKS: an operator lets webhooks reach a cooperative's system on its own network (an on-premises
+install beside its accounting system, a staging receiver on the same machine). Only the listed networks: at
+registration (an IP address outside them is refused, loopback and link-local included) and at each delivery's
+resolution (a name repointed to another private address gets nothing)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import socket
+from typing import Any
+
+import httpx
+from aiohttp import web
+from sqlalchemy import select
+
+from core import webhooks
+from core.audit import Actor
+from core.models import WebhookDelivery
+from core.notify import emit_event
+from tests.conftest import drain
+
+DEPLOYED = "postgresql+asyncpg://gw@db.example.rw/gw"  # as deployed: not the embedded default's allowance
+IP_REFUSED = "webhook domains must be public host names, not IP addresses or localhost"
+
+
+def receiver_port() -> int:
+    """A free port for a local receiver, below Linux's ephemeral range (see tests.integration.procs.free_port)."""
+    for _ in range(200):
+        port = random.randrange(22000, 23000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 22000-22999")
+
+
+def _deployed(rt: Any, monkeypatch: Any, *networks: str) -> None:
+    monkeypatch.setattr(rt, "settings", dataclasses.replace(rt.settings, database_url=DEPLOYED,
+                                                            webhook_private_networks=networks))
+
+
+async def test_a_receiver_on_a_listed_network_is_registered_and_sent_signed_events(
+        rt, demo, admin, superadmin, worker, aiohttp_server, monkeypatch):
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((dict(request.headers), await request.read()))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app, host="127.0.0.1", port=receiver_port())
+    url = f"http://127.0.0.1:{server.port}/hook"
+
+    # Not listed: refused as before; listing a LAN lets no loopback or metadata address through.
+    for networks in ((), ("10.0.0.0/8", "192.168.0.0/16")):
+        _deployed(rt, monkeypatch, *networks)
+        for address in ("127.0.0.1", "169.254.169.254", "172.16.0.9", "93.184.216.34"):
+            refused = await admin.json("POST", "/v1/webhook-domains", 400, json={"domain": address})
+            assert refused["message"][0].startswith(IP_REFUSED)
+        refused = await admin.json("POST", "/v1/webhook-endpoints", 400, json={"url": url,
+                                                                               "events": ["payment.completed"]})
+        # Not without a listed network (http included); with one, not to an address outside it.
+        listed = f"{IP_REFUSED}, except an address of the networks the operator allows"
+        assert refused["message"] == [listed if networks else "webhook url must use https"]
+
+    _deployed(rt, monkeypatch, "127.0.0.1/32")
+    domain = await admin.json("POST", "/v1/webhook-domains", 201, json={"domain": "127.0.0.1"})
+    await superadmin.json("POST", f"/v1/webhook-domains/{domain['id']}/approve", 200)
+    endpoint = await admin.json("POST", "/v1/webhook-endpoints", 201, json={"url": url,
+                                                                            "events": ["payment.completed"]})
+    # A name stays https, wherever it resolves: only an address of a listed network is called over http.
+    named = await admin.json("POST", "/v1/webhook-endpoints", 400, json={"url": "http://erp.coop.lan/h",
+                                                                         "events": ["payment.completed"]})
+    assert named["message"] == ["webhook url must use https"]
+
+    async with rt.sessionmaker.begin() as s:
+        await emit_event(s, cooperative_id=demo["cooperative_id"], event_type="payment.completed",
+                         event_id="evt_lan", data={"id": "p1"})
+    await drain(worker)
+    [(headers, body)] = received
+    assert webhooks.verify_signature(endpoint["secret"], headers["X-Gateway-Signature"], body)
+    assert json.loads(body)["id"] == "evt_lan" and headers["X-Gateway-Event-Id"] == "evt_lan"
+    async with rt.sessionmaker() as s:
+        delivery = (await s.execute(select(WebhookDelivery))).scalar_one()
+    assert delivery.status == "DELIVERED" and delivery.attempts[0]["status_code"] == 200
+
+
+async def test_a_name_resolving_to_an_unlisted_private_address_gets_nothing(rt, demo, worker, monkeypatch):
+    """Registration does not resolve a name: the delivery does, each time, and only a listed network passes."""
+    sent: list[str] = []
+    answers = {"address": "192.168.1.5"}
+
+    async def resolve(host: str, port: int) -> list[str]:
+        assert (host, port) == ("erp.coop.lan", 443)
+        return [answers["address"]]
+
+    async def post(url: str, **_kw: Any) -> httpx.Response:
+        sent.append(url)
+        return httpx.Response(200, request=httpx.Request("POST", url))
+
+    monkeypatch.setattr(webhooks, "resolve", resolve)
+    monkeypatch.setattr(rt.webhook_http, "post", post)
+    _deployed(rt, monkeypatch, "10.0.0.0/8")
+    coop, actor = demo["cooperative_id"], Actor("system", "system")
+    private = rt.settings.webhook_private_networks
+    async with rt.sessionmaker.begin() as s:
+        domain = await webhooks.request_domain(s, cooperative_id=coop, domain="erp.coop.lan", actor=actor,
+                                               private=private)
+        await webhooks.approve_domain(s, domain_id=domain.id, actor=actor, is_super_admin=True)
+        await webhooks.register_endpoint(s, rt.cipher, cooperative_id=coop, url="https://erp.coop.lan/h",
+                                         events=["payment.completed"], actor=actor, private=private)
+        await emit_event(s, cooperative_id=coop, event_type="payment.completed", event_id="evt_rebound",
+                         data={"id": "p1"})
+    await drain(worker)
+    async with rt.sessionmaker() as s:
+        delivery = (await s.execute(select(WebhookDelivery))).scalar_one()
+    assert sent == [] and delivery.status == "PENDING"
+    assert delivery.attempts[-1]["error"] == ("erp.coop.lan resolves to 192.168.1.5, which is not a public address: "
+                                              "not sent")
+
+    for address in ("127.0.0.1", "169.254.169.254"):  # loopback and the metadata service: never, unless listed
+        answers["address"] = address
+        assert await webhooks.refused_destination("https://erp.coop.lan/h", embedded=False, private=private) == (
+            f"erp.coop.lan resolves to {address}, which is not a public address: not sent")
+
+    answers["address"] = "10.4.0.20"  # back on the listed network: sent
+    await webhooks.deliver(rt, _job(delivery))
+    assert sent == ["https://erp.coop.lan/h"]
+    async with rt.sessionmaker() as s:
+        assert (await s.get(WebhookDelivery, delivery.id)).status == "DELIVERED"
+
+
+def _job(delivery: WebhookDelivery) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(payload={"endpoint_id": delivery.endpoint_id, "event_id": delivery.event_id})
