@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import aliased
 
 from admin_api.common import (
@@ -183,11 +183,15 @@ async def list_disputes(request: web.Request, ctx: Ctx) -> web.StreamResponse:
                                              Refund.status == RefundStatus.FAILED.value).exists()
         # Or resolved in her favour without a refund of its own, on the refunds made while it was open (noted on it:
         # core.refunds._note_refund_on_disputes; nothing may have been left to refund), every one of which FAILED:
-        # the same member not paid back, whose failure was only a note on a RESOLVED dispute.
+        # the same member not paid back, whose failure was only a note on a RESOLVED dispute. The disputes whose
+        # linked refunds all FAILED, read once (hashed): refunds.dispute_id has no index, and an EXISTS per dispute
+        # read every refund for each RESOLVED one without its own (minutes on 100,000 disputes, 400,000 refunds).
         meanwhile = aliased(Refund)
-        made = select(meanwhile.id).where(meanwhile.dispute_id == Dispute.id)
-        relied_on = and_(Dispute.status == DisputeStatus.RESOLVED.value, Dispute.refund_id.is_(None), made.exists(),
-                         ~made.where(meanwhile.status != RefundStatus.FAILED.value).exists())
+        not_failed = func.sum(case((meanwhile.status != RefundStatus.FAILED.value, 1), else_=0))
+        all_failed = select(meanwhile.dispute_id).where(meanwhile.dispute_id.is_not(None)).group_by(
+            meanwhile.dispute_id).having(not_failed == 0)
+        relied_on = and_(Dispute.status == DisputeStatus.RESOLVED.value, Dispute.refund_id.is_(None),
+                         Dispute.id.in_(all_failed))
         failed = and_(or_(own_failed, relied_on), ~paid_back)
         query = query.where(failed if q["refundFailed"] else ~failed)
     return await paged(ctx, query.order_by(Dispute.created_at.desc(), Dispute.id.desc()), presenter(ctx))

@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from core.models import AuditEvent, Dispute, OutboxJob, Payment, Refund
 from core.ports import EventKind, ProviderOutcome
@@ -342,3 +342,56 @@ async def test_a_refund_made_as_the_dispute_is_resolved_neither_names_it_nor_dro
     assert stored.status == "RESOLVED"
     assert [n["text"] for n in stored.notes] == ["settled with the member at the office"], stored.notes
     assert made.dispute_id is None and made.amount_minor == 5000
+
+
+async def _plans(rt: Any, statements: list[tuple[str, Any]]) -> list[str]:
+    """Each statement's plan for the values it was sent with, as PostgreSQL plans it (its sequential scans allowed:
+    on a few rows a subquery asked per row is the cheaper plan, and shows)."""
+    from tests.admin_api.test_rare_filters import _literal
+
+    plans = []
+    async with rt.engine.connect() as conn:
+        # The hash of every refund's dispute_id a correlated EXISTS may be run as instead, over its memory here as
+        # it is over 4 MB (the default work_mem) on a large table: asked per dispute then.
+        await conn.exec_driver_sql("SET work_mem = '64kB'")
+        await conn.exec_driver_sql("SET plan_cache_mode = force_custom_plan")
+        for n, (statement, parameters) in enumerate(statements):
+            await conn.exec_driver_sql(f"PREPARE read_{n} AS {statement}")
+            values = ", ".join(_literal(v) for v in parameters)
+            plans.append("\n".join((await conn.exec_driver_sql(f"EXPLAIN EXECUTE read_{n}({values})")).scalars().all()))
+            await conn.exec_driver_sql(f"DEALLOCATE read_{n}")
+        await conn.rollback()
+    return plans
+
+
+@requires_pg
+async def test_refund_failed_reads_the_refunds_made_while_disputes_were_open_once_not_per_dispute(admin, rt, demo):
+    """?refundFailed= asks of each RESOLVED dispute without a refund of its own whether the refunds made while it was
+    open all FAILED. refunds.dispute_id has no index: asked per dispute (a correlated EXISTS), each read every refund,
+    and the list (its count and its page) ran for minutes on 100,000 disputes and 400,000 refunds (a refund's read
+    per dispute). Read once, as a hashed set of the disputes whose linked refunds all FAILED: the plan has no
+    condition tying a refund's dispute_id to the dispute at hand."""
+    from tests.admin_api.test_rare_filters import _statements
+
+    payment = await _paid(admin, rt, demo)
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": payment["id"], "reason": "OTHER"})
+    refund = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201, json={"idempotencyKey": idem()})
+    await _move(admin, dispute, 200, status="RESOLVED", note="refunded in full already")
+    await _refused(rt, refund["id"])
+    async with rt.engine.begin() as conn:  # refunds of the payment before it, FAILED, of no dispute
+        await conn.execute(text(
+            "INSERT INTO refunds (id, cooperative_id, payment_id, reference, amount_minor, currency, status, "
+            "idempotency_key, provider_reference, created_at, updated_at, returned_by_provider) SELECT "
+            "md5('r' || g), :coop, :payment, 'RFD_OLD_' || g, 100, 'RWF', 'FAILED', 'old-' || g, 'old-' || g, "
+            "TIMESTAMPTZ '2026-01-01', TIMESTAMPTZ '2026-01-01', false FROM generate_series(1, 3000) AS g"),
+            {"coop": demo["cooperative_id"], "payment": payment["id"]})
+        await conn.exec_driver_sql("ANALYZE refunds")
+    for flag, found in (("true", [dispute["id"]]), ("false", [])):
+        with _statements(rt) as seen:
+            page = await admin.json("GET", f"/v1/disputes?refundFailed={flag}", 200)
+        assert [d["id"] for d in page["data"]] == found
+        lists = [(sql, parameters) for sql, parameters in seen if "FROM disputes" in sql and "refunds" in sql]
+        assert len(lists) == 2, seen  # its count and its page
+        for plan in await _plans(rt, lists):
+            assert "SubPlan" in plan and not [line for line in plan.splitlines()
+                                              if "dispute_id" in line and "disputes.id" in line], plan
