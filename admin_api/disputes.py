@@ -25,9 +25,9 @@ from admin_api.common import (
     paged,
 )
 from admin_api.refunds import RETURNED, TO_PAYING_NUMBER, returned_from
-from admin_api.routing import Ctx, Route
-from admin_api.validation import ID_KEYWORD, LIMIT, PAGE, Param, check_path_id, period_params
-from core.disputes import STAFF_LABEL, move_dispute, open_dispute, present_note
+from admin_api.routing import IDEMPOTENT_REPLAYED, Ctx, Route
+from admin_api.validation import ID_KEYWORD, LIMIT, PAGE, Param, check_path_id, own_idempotency_key, period_params
+from core.disputes import STAFF_LABEL, move_dispute, open_dispute, open_keyed_dispute, present_note
 from core.errors import DomainError, NotFound, ValidationError
 from core.models import Dispute, Payment, Refund
 from core.money import Money
@@ -71,6 +71,13 @@ CREATE = obj(
         "paymentId": {"type": "string", "minLength": 1, "maxLength": 64, ID_KEYWORD: True},
         "reason": {"enum": REASONS},
         "note": {"type": ["string", "null"], "maxLength": 1000},
+        "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128,
+                           "description": "optional, the client's own (unique in the cooperative): the same request "
+                                          "sent again under it answers the dispute it opened (201, "
+                                          "Idempotent-Replayed), whatever its status since; another request "
+                                          "under it is 409 IDEMPOTENCY_KEY_REUSED. Without it, a second request "
+                                          "is 409 DISPUTE_ALREADY_OPEN while the first's dispute is open, and "
+                                          "opens another once it is closed"},
     },
     ["paymentId", "reason"],
 )
@@ -126,18 +133,38 @@ async def create_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     ).scalar_one_or_none()
     if payment is None:
         raise NotFound("payment not found", field="paymentId")
-    dispute = await open_dispute(
-        ctx.session,
-        payment=payment,
-        reason=ctx.body["reason"],
-        channel="api",
-        actor=ctx.who.actor,
-        cipher=ctx.rt.cipher,
-        answer_days=ctx.rt.settings.sms_payer_answer_days,
-        note=ctx.body.get("note"),
-    )
+    key = ctx.body.get("idempotencyKey")
+    opening: dict[str, Any] = {
+        "payment": payment,
+        "reason": ctx.body["reason"],
+        "channel": "api",
+        "actor": ctx.who.actor,
+        "cipher": ctx.rt.cipher,
+        "answer_days": ctx.rt.settings.sms_payer_answer_days,
+        "note": ctx.body.get("note"),
+    }
+    created = True
+    if key is None:
+        dispute = await open_dispute(ctx.session, **opening)
+    else:
+        own_idempotency_key(key)  # (the gateway keys no dispute, but one rule for every key a client gives)
+        dispute, created = await open_keyed_dispute(ctx.session, idempotency_key=key, **opening)
     await ctx.session.commit()
-    return json_response(presenter(ctx)(dispute), status=201)
+    # A replay answers as the first request did (201), marked as payments' and refunds' replays are.
+    response = json_response(presenter(ctx)(dispute), status=201)
+    if not created:
+        response.headers[IDEMPOTENT_REPLAYED] = "true"
+    return response
+
+
+async def dispute_key_used(ctx: Ctx) -> bool:
+    """Route.replay: whether a dispute the caller sees was opened under the request's key."""
+    key = ctx.body.get("idempotencyKey")
+    if not isinstance(key, str):
+        return False
+    made = await ctx.session.execute(ctx.who.scope(
+        select(Dispute.id).where(Dispute.idempotency_key == key.strip()), Dispute).limit(1))
+    return made.first() is not None
 
 
 # What the desk still has to answer: a dispute neither resolved, rejected nor withdrawn.
@@ -251,6 +278,7 @@ ROUTES = [
         body=CREATE,
         response=DISPUTE,
         tenants=True,
+        replay=dispute_key_used,
     ),
     Route(
         "GET",

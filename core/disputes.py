@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.audit import STAFF_LABEL, Actor, done_by, record
 from core.db import iso_ms, iso_z, lock_row, parse_aware, serialise_on_sqlite, utcnow
-from core.errors import DISPUTE_ALREADY_OPEN, INVALID_STATE, BusinessRuleError, Conflict, NotFound, ValidationError
+from core.errors import (
+    DISPUTE_ALREADY_OPEN,
+    IDEMPOTENCY_KEY_IN_FLIGHT,
+    IDEMPOTENCY_KEY_REUSED,
+    INVALID_STATE,
+    BusinessRuleError,
+    Conflict,
+    NotFound,
+    ValidationError,
+)
 from core.models import Dispute, Member, OutboxJob, Payment, Refund
 from core.money import Money
 from core.notify import changed_at, notice_jobs, sms_dedupe
@@ -96,19 +108,9 @@ async def _last_unsent_sms(session: AsyncSession, dispute_id: str) -> datetime |
     return max((utcnow() if status == "RUNNING" else run_at for status, run_at in rows), default=None)
 
 
-async def open_dispute(session: AsyncSession, *, payment: Payment, reason: DisputeReason | str, channel: str,
-                       actor: Actor, cipher: PiiCipher, answer_days: int, note: str | None = None) -> Dispute:
-    """Open a dispute of `payment` and tell its member, or without one the number that paid it (`answer_days`:
-    SMS_PAYER_ANSWER_DAYS, core.refunds.payer_to_tell), and the cooperative's system."""
-    try:
-        reason = DisputeReason(reason)
-    except ValueError:
-        raise ValidationError(f"reason must be one of {', '.join(r.value for r in DisputeReason)}",
-                              field="reason") from None
-    if note is not None and len(note) > 1000:
-        raise ValidationError("note must be at most 1000 characters", field="note")
-    # Two opens at once: the payment's row lock makes the second wait, then see the first one's dispute.
-    # (FOR NO KEY UPDATE: serialises with every other locker, not with inserts whose key points here.)
+async def _lock_payment(session: AsyncSession, payment: Payment) -> None:
+    """Two opens of one payment at once: the payment's row lock makes the second wait, then see the first one's
+    dispute. (FOR NO KEY UPDATE: serialises with every other locker, not with inserts whose key points here.)"""
     await serialise_on_sqlite(session, Payment, payment.id)
     if payment.member_id:
         # Her row first (FOR KEY SHARE, which the dispute's insert takes for its member_id anyway): an erasure
@@ -116,6 +118,75 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
         await session.execute(select(Member.id).where(Member.id == payment.member_id)
                               .with_for_update(read=True, key_share=True))
     await session.execute(select(Payment.id).where(Payment.id == payment.id).with_for_update(key_share=True))
+
+
+def _request_hash(payment_id: str, reason: DisputeReason | str, note: str | None) -> str:
+    """The digest of a POST /v1/disputes request, which a retry under its idempotency key must match."""
+    fields = {"paymentId": payment_id, "reason": getattr(reason, "value", reason), "note": note}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+async def _by_key(session: AsyncSession, cooperative_id: str, key: str) -> Dispute | None:
+    return (await session.execute(select(Dispute).where(Dispute.cooperative_id == cooperative_id,
+                                                        Dispute.idempotency_key == key))).scalar_one_or_none()
+
+
+def _same_or_refused(existing: Dispute, digest: str) -> Dispute:
+    if existing.request_hash != digest:  # another payment, reason or note: not a retry
+        raise Conflict("Dispute with this idempotency key already exists with a different request",
+                       field="idempotencyKey", code=IDEMPOTENCY_KEY_REUSED)
+    return existing
+
+
+async def open_keyed_dispute(session: AsyncSession, *, payment: Payment, reason: DisputeReason | str, channel: str,
+                             actor: Actor, cipher: PiiCipher, answer_days: int, idempotency_key: str,
+                             note: str | None = None) -> tuple[Dispute, bool]:
+    """open_dispute under the client's idempotency key, unique in the payment's cooperative, as a payment's is
+    (core.payments): (the dispute, True) when opened now; (the one the key opened, False) when this request is the
+    same again (the same payment, reason and note), whatever that dispute's status since. A cooperative's system
+    retrying after a lost answer got 409 DISPUTE_ALREADY_OPEN while its dispute was open, and a second dispute once
+    it was closed. Another request under the key: 409 IDEMPOTENCY_KEY_REUSED. Two at once with one key: the
+    payment's lock makes the second find the first's dispute; for two payments, the unique index refuses the
+    second (uq_disputes_cooperative_key)."""
+    key = (idempotency_key or "").strip()
+    if not 8 <= len(key) <= 128 or not key.isprintable():
+        raise ValidationError("idempotencyKey must be 8 to 128 printable characters", field="idempotencyKey")
+    digest = _request_hash(payment.id, reason, note)
+    await _lock_payment(session, payment)
+    existing = await _by_key(session, payment.cooperative_id, key)
+    if existing is not None:
+        return _same_or_refused(existing, digest), False
+    cooperative_id = payment.cooperative_id
+    try:
+        return await open_dispute(session, payment=payment, reason=reason, channel=channel, actor=actor,
+                                  cipher=cipher, answer_days=answer_days, note=note, idempotency_key=key,
+                                  request_hash=digest), True
+    except IntegrityError as exc:
+        # PostgreSQL names the index, SQLite its columns.
+        if not any(name in str(exc.orig) for name in ("uq_disputes_cooperative_key", "disputes.idempotency_key")):
+            raise
+        await session.rollback()  # (another payment's dispute took the key meanwhile)
+        existing = await _by_key(session, cooperative_id, key)
+        if existing is None:
+            raise Conflict("a request with this idempotency key is in flight", field="idempotencyKey",
+                           code=IDEMPOTENCY_KEY_IN_FLIGHT) from None
+        return _same_or_refused(existing, digest), False
+
+
+async def open_dispute(session: AsyncSession, *, payment: Payment, reason: DisputeReason | str, channel: str,
+                       actor: Actor, cipher: PiiCipher, answer_days: int, note: str | None = None,
+                       idempotency_key: str | None = None, request_hash: str | None = None) -> Dispute:
+    """Open a dispute of `payment` and tell its member, or without one the number that paid it (`answer_days`:
+    SMS_PAYER_ANSWER_DAYS, core.refunds.payer_to_tell), and the cooperative's system. `idempotency_key` and
+    `request_hash`: kept on it, from open_keyed_dispute."""
+    try:
+        reason = DisputeReason(reason)
+    except ValueError:
+        raise ValidationError(f"reason must be one of {', '.join(r.value for r in DisputeReason)}",
+                              field="reason") from None
+    if note is not None and len(note) > 1000:
+        raise ValidationError("note must be at most 1000 characters", field="note")
+    await _lock_payment(session, payment)
     already = (await session.execute(
         select(Dispute).where(Dispute.payment_id == payment.id, Dispute.status.in_(OPEN_VALUES))
         .order_by(Dispute.created_at, Dispute.id).limit(1)  # several, left by an earlier race: name the first
@@ -128,6 +199,7 @@ async def open_dispute(session: AsyncSession, *, payment: Payment, reason: Dispu
         reason=reason.value,
         status=D.OPEN.value, channel=channel,
         notes=[{"at": iso_z(utcnow()), "actor": actor.id, "text": note}] if note else [],
+        idempotency_key=idempotency_key, request_hash=request_hash,
     )
     session.add(dispute)
     await session.flush()

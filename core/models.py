@@ -287,6 +287,10 @@ class Dispute(Base):
     __table_args__ = (
         # Migration 0025: a member's disputes (GET /v1/disputes?member=); partial: one of no member is no entry.
         Index("ix_disputes_member", "member_id", **_where("member_id IS NOT NULL")),
+        # Migration 0038: a cooperative's keys of POST /v1/disputes (core.disputes.open_keyed_dispute); partial: a
+        # dispute opened without one (USSD, SMS, an API request without a key) is no entry.
+        Index("uq_disputes_cooperative_key", "cooperative_id", "idempotency_key", unique=True,
+              **_where("idempotency_key IS NOT NULL")),
     )
 
     id: Mapped[str] = _id()
@@ -303,6 +307,9 @@ class Dispute(Base):
     created_at: Mapped[datetime] = _created()
     updated_at: Mapped[datetime] = _updated()
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The client's idempotency key of the request that opened it, and that request's digest (None without a key).
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
 
 
 class SmsMessage(Base):

@@ -52,6 +52,10 @@ ROWS = [
     "idempotency_key, provider_reference, provider_transaction_id, created_at, updated_at, completed_at, "
     "request_hash, returned_by_provider) VALUES ('rt-r1', 'rt-c1', 'rt-p1', 'RT_RFD_1', 50, 'TZS', 'COMPLETED', "
     f"'chargeback', 'rt-rk1', 'rt-rpr1', 'RT-RTXN-1', '{T0}', '{T0}', '{T0}', 'rh', true)",
+    # A dispute opened over the API under the client's idempotency key (0038).
+    "INSERT INTO disputes (id, cooperative_id, payment_id, member_id, reference, reason, status, channel, notes, "
+    "created_at, updated_at, idempotency_key, request_hash) VALUES ('rt-s1', 'rt-c1', 'rt-p2', 'rt-m1', "
+    f"'RT_DSP_1', 'OTHER', 'OPEN', 'api', '[]', '{T0}', '{T0}', 'rt-dk1', 'dh')",
     "INSERT INTO webhook_endpoints (id, cooperative_id, url, secret_enc, events, status, consecutive_failures, "
     "previous_secrets, created_at, updated_at) VALUES ('rt-w1', 'rt-c1', 'https://erp.example/hook', 's', "
     f"'[\"payment.completed\"]', 'ACTIVE', 0, '[]', '{T0}', '{T0}')",
@@ -70,9 +74,9 @@ ROWS = [
 # Each table's seeded rows, by primary key. An opted-out number's row is compared by the number alone: 0016 builds it
 # again from the memberships' flags, dated when it runs.
 TABLES = {"cooperatives": "id LIKE 'rt-%'", "payment_types": "id LIKE 'rt-%'", "members": "id LIKE 'rt-%'",
-          "payments": "id LIKE 'rt-%'", "refunds": "id LIKE 'rt-%'", "webhook_endpoints": "id LIKE 'rt-%'",
-          "webhook_deliveries": "id LIKE 'rt-%'", "outbox_jobs": "id = 990001", "phone_opt_outs": "true",
-          "phone_opt_out_words": "true", "used_refresh_tokens": "true"}
+          "payments": "id LIKE 'rt-%'", "refunds": "id LIKE 'rt-%'", "disputes": "id LIKE 'rt-%'",
+          "webhook_endpoints": "id LIKE 'rt-%'", "webhook_deliveries": "id LIKE 'rt-%'", "outbox_jobs": "id = 990001",
+          "phone_opt_outs": "true", "phone_opt_out_words": "true", "used_refresh_tokens": "true"}
 COLUMNS = {"phone_opt_outs": "phone_index"}
 KEYS = {"phone_opt_outs": "phone_index", "phone_opt_out_words": "phone_index", "outbox_jobs": "id"}
 
@@ -91,6 +95,8 @@ LOST: dict[tuple[str, str | None], Any] = {
     ("cooperatives", "language"): "en",  # 0026
     ("phone_opt_out_words", None): [],  # 0028
     ("outbox_jobs", "after_failure"): False,  # 0031
+    ("disputes", "idempotency_key"): None,  # 0038 (a retry of its request then opens another once it is closed)
+    ("disputes", "request_hash"): None,
 }
 
 
@@ -154,5 +160,5 @@ async def test_every_migration_downgrades_and_upgrades_again_with_rows_and_loses
     finally:
         await asyncio.to_thread(command.upgrade, config, "head")
         await _execute(migrated_database, [f"DELETE FROM {table} WHERE {TABLES[table]}" for table in reversed(
-            ["cooperatives", "payment_types", "members", "payments", "refunds", "webhook_endpoints",
+            ["cooperatives", "payment_types", "members", "payments", "refunds", "disputes", "webhook_endpoints",
              "webhook_deliveries", "outbox_jobs", "phone_opt_outs", "phone_opt_out_words", "used_refresh_tokens"])])
