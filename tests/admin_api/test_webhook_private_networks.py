@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
-import socket
 from typing import Any
 
 import httpx
@@ -20,22 +18,10 @@ from core.audit import Actor
 from core.models import WebhookDelivery
 from core.notify import emit_event
 from tests.conftest import drain
+from tests.integration.procs import free_port
 
 DEPLOYED = "postgresql+asyncpg://gw@db.example.rw/gw"  # as deployed: not the embedded default's allowance
 IP_REFUSED = "webhook domains must be public host names, not IP addresses or localhost"
-
-
-def receiver_port() -> int:
-    """A free port for a local receiver, below Linux's ephemeral range (see tests.integration.procs.free_port)."""
-    for _ in range(200):
-        port = random.randrange(22000, 23000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 22000-22999")
 
 
 def _deployed(rt: Any, monkeypatch: Any, *networks: str) -> None:
@@ -53,7 +39,7 @@ async def test_a_receiver_on_a_listed_network_is_registered_and_sent_signed_even
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    server = await aiohttp_server(app, host="127.0.0.1", port=receiver_port())
+    server = await aiohttp_server(app, host="127.0.0.1", port=free_port())
     url = f"http://127.0.0.1:{server.port}/hook"
 
     # Not listed: refused as before; listing a LAN lets no loopback or metadata address through.
