@@ -89,7 +89,10 @@ class SimulatorState:
     def set_failure(self, name: str | None, *, number: str | None = None, times: int | None = None) -> None:
         if name is not None and name not in ALL_FAILURES:
             raise ValueError(f"unknown failure {name!r}; one of {sorted(ALL_FAILURES)}")
-        failure = Failure(name, times) if name else None
+        if times is not None and times < 0:
+            raise ValueError("times must be 0 or more (0: none; leave it out: every message)")
+        # "times": 0 is no failure at all (it failed the next message: a count taken down only after one was failed).
+        failure = Failure(name, times) if name and times != 0 else None
         if number is None:
             self.global_failure = failure
         elif failure is None:

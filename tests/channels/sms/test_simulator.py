@@ -109,6 +109,12 @@ async def test_http_failures_through_the_control_endpoint(
     assert (await sender(http, base).send(Phone("+250788000001"), "x")).accepted
     bad = await http.post(f"{base}/_control", json={"failure": "Nope"})
     assert bad.status_code == 400 and "unknown failure" in bad.json()["error"]
+    # "times": 0 fails nothing (it failed one message), and a count below it is refused.
+    assert (await http.post(f"{base}/_control", json={"failure": "http500", "times": 0})).status_code == 200
+    assert (await sender(http, base).send(Phone("+250788000001"), "x")).accepted
+    negative = await http.post(f"{base}/_control", json={"failure": "http500", "times": -1})
+    assert negative.status_code == 400 and "times must be 0 or more" in negative.json()["error"]
+    assert (await sender(http, base).send(Phone("+250788000001"), "x")).accepted
 
 
 async def test_delivery_reports_are_posted(aiohttp_server: Any, http: httpx.AsyncClient) -> None:
