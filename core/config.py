@@ -540,6 +540,27 @@ def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return entries
 
 
+def _webhook_private_networks(env: Mapping[str, str]) -> tuple[str, ...]:
+    """WEBHOOK_PRIVATE_NETWORKS (_networks), each wholly outside public space. Public addresses are reached without
+    being listed; an entry taking some in ("0.0.0.0/0" or "::/0" for "any receiver", "172.0.0.0/8" for 172.16.0.0/12)
+    would also let through every address under it that is not public: loopback, the metadata service
+    (169.254.169.254), the other private networks, their NAT64 and 6to4 forms. Nor IPv4-mapped IPv6 addresses
+    (::ffff:a.b.c.d, which ipaddress counts private): "::ffff:0:0/96" would let ::ffff:169.254.169.254 through."""
+    import ipaddress
+
+    name = "WEBHOOK_PRIVATE_NETWORKS"
+    entries = _networks(env, name)
+    for entry in entries:
+        network = ipaddress.ip_network(entry, strict=False)
+        if network.is_global:
+            raise ConfigError(name, f"{entry!r} takes in public addresses, which need no listing: list only the "
+                                    "private networks the receivers are on (e.g. 192.168.10.0/24)")
+        if network.version == 6 and network.overlaps(ipaddress.IPv6Network("::ffff:0:0/96")):
+            raise ConfigError(name, f"{entry!r} holds IPv4-mapped addresses: list the IPv4 network itself "
+                                    "(e.g. 192.168.10.0/24)")
+    return entries
+
+
 def _check_mtn_environment(env: Mapping[str, str], production: bool) -> None:
     """MTN_MOMO_TARGET_ENVIRONMENT names a known environment; in production a live one, set explicitly (the
     default, `sandbox`, is refused by MTN's production API: every call would fail)."""
@@ -915,7 +936,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if production:
         _check_ussd_callbacks_guarded(callback_secrets, allowlist, allowlists)
     trusted_proxies = _networks(env, "TRUSTED_PROXIES")
-    webhook_private_networks = _networks(env, "WEBHOOK_PRIVATE_NETWORKS")
+    webhook_private_networks = _webhook_private_networks(env)
     service_code = _service_code(env, "USSD_SERVICE_CODE", "*384*123#")
     service_codes = {name: _service_code(env, f"USSD_SERVICE_CODE_{name.upper()}", service_code)
                      for name in USSD_AGGREGATORS if env.get(f"USSD_SERVICE_CODE_{name.upper()}", "").strip()}

@@ -520,3 +520,11 @@ def test_a_webhook_private_network_mistake_is_a_configuration_error():
     assert result.returncode == 2, result.stderr
     assert _one_line(result) == ("configuration error: WEBHOOK_PRIVATE_NETWORKS: '10.30.0.0/33' is not an IP address "
                                  "or network")
+
+
+def test_a_webhook_private_network_of_all_addresses_is_a_configuration_error():
+    result = _main("serve", WEBHOOK_PRIVATE_NETWORKS="0.0.0.0/0")
+    assert result.returncode == 2, result.stderr
+    assert _one_line(result) == ("configuration error: WEBHOOK_PRIVATE_NETWORKS: '0.0.0.0/0' takes in public "
+                                 "addresses, which need no listing: list only the private networks the receivers "
+                                 "are on (e.g. 192.168.10.0/24)")

@@ -297,3 +297,22 @@ def test_webhook_private_networks_are_read_and_a_bad_one_stops_the_start():
             load_settings({"WEBHOOK_PRIVATE_NETWORKS": bad})
         assert info.value.variable == "WEBHOOK_PRIVATE_NETWORKS"
         assert "is not an IP address or network" in str(info.value)
+
+
+@pytest.mark.parametrize("wide, says", [
+    ("0.0.0.0/0", "takes in public addresses"),  # "any receiver": loopback and 169.254.169.254 with the rest
+    ("192.168.10.0/24,::/0", "takes in public addresses"),
+    ("172.0.0.0/8", "takes in public addresses"),  # meant 172.16.0.0/12
+    ("64:ff9b::/96", "takes in public addresses"),  # NAT64: 64:ff9b::a9fe:a9fe is 169.254.169.254
+    ("::ffff:0:0/96", "holds IPv4-mapped addresses"),  # ::ffff:169.254.169.254 is 169.254.169.254
+])
+def test_a_webhook_private_network_taking_in_public_or_mapped_space_stops_the_start(wide: str, says: str) -> None:
+    """Such an entry let through, with what it was meant for, every address under it that is not public: the
+    metadata service among them (core.http.refused_address took 169.254.169.254 under 0.0.0.0/0)."""
+    with pytest.raises(ConfigError) as info:
+        load_settings({"WEBHOOK_PRIVATE_NETWORKS": wide})
+    assert info.value.variable == "WEBHOOK_PRIVATE_NETWORKS"
+    assert says in str(info.value)
+    # Private networks, loopback, carrier-grade NAT and IPv6 ones are taken as before.
+    fine = "192.168.10.0/24,10.0.0.0/8,100.64.0.0/10,127.0.0.1/32,fd00::/8,::1"
+    assert load_settings({"WEBHOOK_PRIVATE_NETWORKS": fine}).webhook_private_networks == tuple(fine.split(","))

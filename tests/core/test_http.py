@@ -385,7 +385,7 @@ async def test_the_webhook_client_reaches_a_listed_network_by_name(aiohttp_serve
 
     from app import webhook_client
     from core.config import load_settings
-    from tests.admin_api.test_webhook_private_networks import receiver_port
+    from tests.integration.procs import free_port
 
     hits: list[str] = []
 
@@ -395,7 +395,7 @@ async def test_the_webhook_client_reaches_a_listed_network_by_name(aiohttp_serve
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    server = await aiohttp_server(app, host="127.0.0.1", port=receiver_port())
+    server = await aiohttp_server(app, host="127.0.0.1", port=free_port())
     deployed = dataclasses.replace(load_settings({}), database_url="postgresql+asyncpg://gw@db/gw")
     url = f"http://localhost:{server.port}/hook"
     async with webhook_client(dataclasses.replace(deployed, webhook_private_networks=("10.0.0.0/8",))) as unlisted:
