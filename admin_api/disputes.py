@@ -158,12 +158,16 @@ async def create_dispute(request: web.Request, ctx: Ctx) -> web.StreamResponse:
 
 
 async def dispute_key_used(ctx: Ctx) -> bool:
-    """Route.replay: whether a dispute the caller sees was opened under the request's key."""
+    """Route.replay: whether a dispute the caller sees was opened under the request's key in the cooperative of its
+    payment (one the caller sees), where open_keyed_dispute looks for it. Not in any the caller sees: a super admin's
+    request under a key another cooperative's dispute holds went past the limit and opened a dispute."""
     key = ctx.body.get("idempotencyKey")
     if not isinstance(key, str):
         return False
-    made = await ctx.session.execute(ctx.who.scope(
-        select(Dispute.id).where(Dispute.idempotency_key == key.strip()), Dispute).limit(1))
+    payment_id = check_path_id(ctx.body["paymentId"], "payment")  # (NotFound: no replay, _names_earlier)
+    coop = ctx.who.scope(select(Payment.cooperative_id).where(Payment.id == payment_id), Payment).scalar_subquery()
+    made = await ctx.session.execute(ctx.who.scope(select(Dispute.id).where(
+        Dispute.cooperative_id == coop, Dispute.idempotency_key == key.strip()), Dispute).limit(1))
     return made.first() is not None
 
 

@@ -150,3 +150,37 @@ async def test_a_replay_takes_no_room_of_the_rate_limit(admin: Caller, rt: Any, 
     other = await _paid(admin, rt, demo["payment_types"]["Monthly Rent"])
     fresh = await admin.req("POST", "/v1/disputes", json={**body, "paymentId": other["id"], "idempotencyKey": idem()})
     assert fresh.status == 201 and int(fresh.headers["X-RateLimit-Remaining"]) == int(room) - 1
+
+
+async def test_past_the_limit_a_key_used_in_another_cooperative_opens_nothing(
+        admin: Caller, superadmin: Caller, rt: Any, demo: dict[str, Any], coop_b: dict[str, Any],
+        monkeypatch: Any) -> None:
+    """Route.replay looks for the key where the handler does, in the cooperative of the request's payment. A super
+    admin sees every cooperative's disputes: the key of one opened in another cooperative let the request past the
+    limit, and the handler, finding no dispute under it in its payment's, opened a new one (201, not a replay)."""
+    monkeypatch.setattr(ratelimit, "time", types.SimpleNamespace(time=lambda: T0))  # one window throughout
+    key = idem()
+    ours = await _paid(admin, rt, demo["payment_types"]["Monthly Rent"])
+    await admin.json("POST", "/v1/disputes", 201, json={"paymentId": ours["id"], "reason": "OTHER",
+                                                        "idempotencyKey": key})
+    theirs = await _paid(coop_b["admin"], rt, coop_b["payment_type_id"], paymentAccount="+250788999001", amount=1000)
+    for _ in range(60):  # disputes:write, 60 a minute: a request the body check refuses counts too
+        assert (await superadmin.req("POST", "/v1/disputes", json={"paymentId": theirs["id"],
+                                                                    "reason": "BOGUS"})).status == 400
+    past = await superadmin.req("POST", "/v1/disputes", json={"paymentId": theirs["id"], "reason": "OTHER",
+                                                              "idempotencyKey": key})
+    assert past.status == 429, await past.json()
+    assert await _disputes(rt, theirs["id"]) == []
+    # Its own retry, once opened under the key, is still answered past the limit.
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(Dispute.__table__.update().where(Dispute.payment_id == ours["id"]).values(
+            idempotency_key=None))  # (the key free in the demo cooperative, so only coop B holds it next)
+    monkeypatch.setattr(ratelimit, "time", types.SimpleNamespace(time=lambda: T0 + 120))
+    opened = await superadmin.json("POST", "/v1/disputes", 201, json={"paymentId": theirs["id"], "reason": "OTHER",
+                                                                      "idempotencyKey": key})
+    for _ in range(60):
+        await superadmin.req("POST", "/v1/disputes", json={"paymentId": theirs["id"], "reason": "BOGUS"})
+    retry = await superadmin.req("POST", "/v1/disputes", json={"paymentId": theirs["id"], "reason": "OTHER",
+                                                               "idempotencyKey": key})
+    assert (retry.status, retry.headers.get("Idempotent-Replayed"), (await retry.json())["id"]) == (
+        201, "true", opened["id"])
