@@ -27,7 +27,16 @@ from admin_api.validation import LIMIT, PAGE, Param
 from core import auth
 from core import users as accounts
 from core.audit import record
-from core.errors import MEMBER_NOT_FOUND, NAME_TAKEN, Conflict, Forbidden, NotFound, ValidationError
+from core.errors import (
+    INVALID_STATE,
+    MEMBER_NOT_FOUND,
+    NAME_TAKEN,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ValidationError,
+)
+from core.members import PHONE_RELEASED
 from core.models import AdminUser, ApiKey, Member
 
 USER = out(
@@ -57,14 +66,17 @@ CREATE = obj(
         "password": PASSWORD,
         "role": {"enum": list(auth.ROLES)},
         "cooperativeId": {"type": "string", "format": "uuid", "description": "super admin only"},
-        "memberId": {"type": "string", "format": "uuid", "description": "required for TENANT"},
+        "memberId": {"type": "string", "format": "uuid",
+                     "description": "required for TENANT: the member whose login it is; one whose number was "
+                                    "released (she left, or was erased) is 409 INVALID_STATE, she can never sign in"},
     },
     ["username", "password", "role"],
 )
 UPDATE = obj(
     {
         "isActive": {"type": "boolean", "description": "false: as DELETE (tokens end, its API keys are revoked); "
-                     "true: turn a deactivated account on again"},
+                     "true: turn a deactivated account on again (a tenant login of a member whose number was "
+                     "released, who left or was erased, is 409 INVALID_STATE: it could never sign in)"},
         "password": {**PASSWORD, "description": "a new password (not your own: POST /auth/password); the "
                      "account's tokens and refresh tokens stop working and the API keys it created are revoked. "
                      "A cooperative admin sets tenants' passwords; another admin's, only a super admin"},
@@ -105,11 +117,14 @@ async def create_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
             raise ValidationError("memberId is required for a TENANT", field="memberId")
         found = await ctx.session.execute(
             who.scope(
-                select(Member.id).where(Member.id == member_id, Member.cooperative_id == coop_id), Member
-            )
+                select(Member.phone_enc).where(Member.id == member_id, Member.cooperative_id == coop_id), Member
+            ).with_for_update()
         )
-        if found.scalar_one_or_none() is None:
+        member = found.first()
+        if member is None:
             raise NotFound("member not found", field="memberId", code=MEMBER_NOT_FOUND)
+        if member.phone_enc is None:
+            raise _never_signs_in("memberId")
     elif member_id:
         raise ValidationError("memberId is only for a TENANT", field="memberId")
     username = accounts.check_username(body["username"])
@@ -135,6 +150,16 @@ async def create_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     )
     await ctx.session.commit()
     return json_response(present(user), status=201)
+
+
+def _never_signs_in(field: str) -> Conflict:
+    """A tenant login for a member whose number was released (she left, or was erased: core.members.erase_member)
+    would never sign in: her membership cannot be made active again (core.members.REGISTER_AGAIN). Made or turned on
+    anyway, it answered 201 or isActive true, and a new one tied her e-mail to her erased record again. The member's
+    row is read under a lock: an erasure committing meanwhile comes first (refused here) or finds the login."""
+    return Conflict(f"{PHONE_RELEASED} (the member left, or was erased): a login of hers could never sign in; "
+                    "register the person again as a new member and give that member a login", field=field,
+                    code=INVALID_STATE)
 
 
 async def _refuse_taken(ctx: Ctx, username: str) -> None:
@@ -184,6 +209,9 @@ async def update_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     if body.get("isActive") is False:
         keys = await accounts.deactivate(ctx.session, user, actor=ctx.who.actor)
     elif body.get("isActive") is True:
+        if not user.is_active and user.member_id is not None and (await ctx.session.execute(
+                select(Member.phone_enc).where(Member.id == user.member_id).with_for_update())).scalar() is None:
+            raise _never_signs_in("isActive")
         await accounts.reactivate(ctx.session, user, actor=ctx.who.actor)
     if "password" in body:
         # The keys it created go too (a repeated call finds none left): listed in the answer, as DELETE does.

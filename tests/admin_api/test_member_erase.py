@@ -136,6 +136,35 @@ async def test_only_a_suspended_member_with_no_open_payment_is_erased_and_only_o
     assert "released" in back["message"]
 
 
+async def test_no_login_is_made_or_turned_on_for_an_erased_or_departed_member(
+        client: Any, admin: Caller, demo: Any) -> None:
+    """Her membership can never be active again (released: REGISTER_AGAIN), so a login of hers could never sign in:
+    one made for her answered 201 and tied her e-mail to her erased record again; one turned on, isActive true."""
+    jeanne = await _jeanne(admin)
+    login = await admin.json("POST", "/v1/users", 201, json={"username": EMAIL, "password": "tenant-password-1",
+                                                              "role": "TENANT", "memberId": jeanne["id"]})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+
+    made = await admin.json("POST", "/v1/users", 409, json={"username": EMAIL, "password": "tenant-password-1",
+                                                             "role": "TENANT", "memberId": jeanne["id"]})
+    assert (made["code"], made["field"]) == ("INVALID_STATE", "memberId")
+    assert made["message"].startswith("the member's phone number was released (the member left, or was erased)")
+    on = await admin.json("PATCH", f"/v1/users/{login['id']}", 409, json={"isActive": True})
+    assert (on["code"], on["field"]) == ("INVALID_STATE", "isActive")
+    users = await admin.json("GET", "/v1/users?limit=100", 200)
+    assert EMAIL not in json.dumps(users)
+    assert [u["isActive"] for u in users["data"] if u["memberId"] == jeanne["id"]] == [False]
+    # A member who left with her number released (not erased) likewise; one merely suspended still gets one.
+    bosco = demo["members"]["+250788000002"]
+    await admin.json("DELETE", f"/v1/members/{bosco}", 200)
+    await admin.json("POST", "/v1/users", 201, json={"username": "bosco@kh.rw", "password": "bosco-password-1",
+                                                      "role": "TENANT", "memberId": bosco})
+    await admin.json("POST", f"/v1/members/{bosco}/release-phone", 200)
+    await admin.json("POST", "/v1/users", 409, json={"username": "bosco2@kh.rw", "password": "bosco-password-1",
+                                                      "role": "TENANT", "memberId": bosco})
+
+
 async def test_a_message_still_queued_is_not_sent_and_her_numbers_stop_goes(
         rt: Any, admin: Caller, demo: Any, worker: Any, aiohttp_server: Any) -> None:
     _, sim = await start_simulator(aiohttp_server, rt)
