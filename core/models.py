@@ -363,6 +363,8 @@ class OutboxJob(Base):
         Index("ix_outbox_due_lane", "lane", "run_at", **_where("status IN ('PENDING', 'RUNNING')")),
         # Migration 0023: the plain claim (core.outbox._claim) reads the live jobs in run_at order, no sort of them all.
         Index("ix_outbox_live_due", "run_at", **_where("status IN ('PENDING', 'RUNNING')")),
+        # Migration 0039: retention (core.retention) walks the ended jobs in (run_at, id) order, a batch at a time.
+        Index("ix_outbox_jobs_ended", "run_at", "id", **_where("status IN ('DONE', 'DISCARDED')")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,

@@ -6,6 +6,7 @@ What goes, and what stays (each period an environment variable; 0 keeps that kin
   person ended for good, POST /v1/jobs/{id}/discard) discarded as long ago. Never PENDING, RUNNING or PARKED ones
   (PARKED wait for a person). Their dedupe keys go with them: every key is of one event (a payment,
   a refund, an SMS, a sweep slot), and the SMS and the webhook delivery of an event dedupe again on their own rows.
+  The walk reads ix_outbox_jobs_ended (migration 0039), which holds the ended jobs in (run_at, id) order.
 - ussd_sessions: sessions started and ended more than RETENTION_USSD_SESSIONS_DAYS (90) ago (one the aggregator
   never reported ended counts from its start: a USSD session lasts minutes).
 - provider_events: only callbacks for an unknown payment or refund (outcome "unknown_payment" or
@@ -57,7 +58,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, exists, func, literal, literal_column, or_, select, true, update
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    delete,
+    exists,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    true,
+    tuple_,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.config import ConfigError
@@ -155,13 +169,17 @@ class Pruned:
 
 _JOBS = table_of(OutboxJob)
 _LIVE_JOB_STATES = LIVE
+# The predicate of ix_outbox_jobs_ended (migration 0039), written out rather than bound (as _TEXT_KEPT below): the
+# walk reads that index in (run_at, id) order; ix_outbox_due (status, run_at) cannot give two statuses' rows in
+# run_at order, and PostgreSQL read the whole table and sorted every old job at each batch.
+_ENDED_JOB = _JOBS.c.status.in_([literal_column(f"'{status}'") for status in ENDED])
 
 
 def _old_jobs(cutoff: datetime) -> ColumnElement[bool]:
-    # run_at first: ix_outbox_due (status, run_at) finds them. A DONE job's run_at is before its end, except a
-    # waiting job ended early (superseded), which goes once its run_at has passed too. A DISCARDED job's done_at is
-    # when a person discarded it: kept as long after that as a DONE job after its end.
-    return and_(_JOBS.c.status.in_(ENDED), _JOBS.c.run_at < cutoff,
+    # A DONE job's run_at is before its end, except a waiting job ended early (superseded), which goes once its
+    # run_at has passed too. A DISCARDED job's done_at is when a person discarded it: kept as long after that as a
+    # DONE job after its end.
+    return and_(_ENDED_JOB, _JOBS.c.run_at < cutoff,
                 or_(_JOBS.c.done_at < cutoff, and_(_JOBS.c.done_at.is_(None), _JOBS.c.updated_at < cutoff)))
 
 
@@ -347,17 +365,19 @@ async def _walk(engine: AsyncEngine, table: Any, pick: ColumnElement[bool], orde
     comes short.
 
     With `order`, the rows are walked once, oldest first by (order, id) from where the last batch ended: its
-    index finds them, a row `apply` leaves is not read again, and `apply` is also given the batch's upper bound
-    on `order` so that PostgreSQL's DELETE reads that index over the batch's range only (with the whole period
-    it read every old row at every batch). Without `order` (no usable index), each batch searches again.
+    index finds them, a row `apply` leaves is not read again (the row comparison `(order, id) > (last)` is an
+    index condition; written `order > last OR (order = last AND id > last id)`, it was a filter, and each batch
+    read the index again from the period's start, over the rows the batches before had deleted or emptied), and
+    `apply` is also given the batch's upper bound on `order` so that PostgreSQL's DELETE reads that index over
+    the batch's range only (with the whole period it read every old row at every batch). Without `order` (no
+    usable index), each batch searches again.
     The ids are sent as a list: a DELETE ... IN (subquery) scanned every eligible row per batch."""
     total, after = 0, None
     while True:
         if order is None:
             query = select(table.c.id, literal(None)).where(pick).limit(batch)
         else:
-            where = pick if after is None else and_(
-                pick, or_(order > after[0], and_(order == after[0], table.c.id > after[1])))
+            where = pick if after is None else and_(pick, tuple_(order, table.c.id) > after)
             query = select(table.c.id, order).where(where).order_by(order, table.c.id).limit(batch)
         async with engine.begin() as conn:
             rows = (await conn.execute(query)).all()
