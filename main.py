@@ -69,13 +69,15 @@ def _alembic_config(settings: Settings):  # type: ignore[no-untyped-def]
     return cfg
 
 
-def migrate(settings: Settings) -> None:
-    """Apply every alembic revision up to head (blocking; call outside the event loop)."""
+def migrate(settings: Settings) -> set[str]:
+    """Apply every alembic revision up to head (blocking; call outside the event loop); the revisions the database
+    was at when it began (after any other migrate running on it)."""
     from alembic import command
     from alembic.util.exc import CommandError
 
+    config = _alembic_config(settings)
     try:
-        command.upgrade(_alembic_config(settings), "head")
+        command.upgrade(config, "head")
     except CommandError:
         # The usual cause: the database was migrated by a newer release (this one was rolled back to).
         current = asyncio.run(_current_revisions(settings))
@@ -83,6 +85,7 @@ def migrate(settings: Settings) -> None:
         if ahead:
             raise MigrationStateError(ahead) from None
         raise
+    return set(config.attributes.get("revisions_before", ()))
 
 
 def _migrated(before: set[str], after: set[str]) -> str:
@@ -783,8 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         use_fast_loop()
     try:
         if args.command == "migrate":
-            before = asyncio.run(_current_revisions(settings))
-            migrate(settings)
+            before = migrate(settings)
             print(_migrated(before, asyncio.run(_current_revisions(settings))))
         elif args.command == "seed-demo":
             # The embedded default is migrated here (its first run); any other database must be at the head already.

@@ -51,6 +51,10 @@ def _run(connection: Connection, lock_timeout_ms: int = 0) -> None:
         # and recorded, so the next `migrate` resumes from it.
         context.configure(connection=connection, target_metadata=target_metadata,
                           render_as_batch=sqlite, compare_type=True, transaction_per_migration=True)
+        # Where the database was when this migrate began (main's one line says it went from there): read here, once
+        # any other migrate is done (the advisory lock), and at its first try. Read before it, a migrate that waited
+        # for another said it went from where the other began, having applied nothing.
+        config.attributes.setdefault("revisions_before", set(context.get_context().get_current_heads()))
         if lock_timeout_ms:
             _autocommit_blocks_wait(context.get_context(), lock_timeout_ms)
         with context.begin_transaction():

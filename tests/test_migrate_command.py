@@ -131,6 +131,11 @@ async def test_two_migrates_at_once_apply_each_revision_once_and_both_succeed(mi
         assert steps[0] == "Running upgrade 0026 -> 0027" and steps[-1].endswith(f"-> {head}"), steps
         assert said[0] == (0, steps, said[0][2]), said
         assert said[1][0] == 0 and not any(line.startswith("Running upgrade") for line in said[1][1]), said
+        # Each says what it did: the second found the database at the head once the first was done (it said "went
+        # from 0026" as the first did, having read where the database was before it waited).
+        assert [out.decode() for out, _err in outputs] == [
+            f"migrate: the database went from 0026 to {head}, the head\n",
+            f"migrate: the database is at {head}, the head; nothing to do\n"]
         assert await watcher.fetchval("SELECT version_num FROM alembic_version") == head
         assert await watcher.fetchval("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
                                       "WHERE c.relname = 'ix_payments_coop_type_due'") is True
