@@ -246,7 +246,7 @@ async def _limit_and_revocation(request: web.Request, rt: Runtime, route: Route,
 
 def _let_in(principal: Principal | None, route: Route) -> None:
     """Forbidden unless the caller has the route's scope (or its own scope) and any scope it needs as well, and, a
-    tenant, the route takes tenants; a key, the route takes keys. All of it before the query and body are read: a
+    tenant, the route takes tenants; a key, the route takes keys. All of it before the query and body are checked: a
     caller the route refuses is told so (403), not that its body lacks a field (400) it could then never send."""
     if principal is None:
         return
