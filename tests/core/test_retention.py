@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from core.config import ConfigError
 from core.db import utcnow
@@ -181,6 +181,25 @@ async def test_small_batches_take_everything_and_zero_keeps_forever(rt: Any) -> 
     left = await _left(rt)
     assert left["outbox_jobs"] == set() and set(left["sms_messages"].values()) == {""}
     assert len(left["ussd_sessions"]) == 7
+
+
+async def test_rows_of_one_moment_across_batches_all_go(rt: Any) -> None:
+    """Rows with the very same order value (run_at, started_at, created_at) over several batches: each batch goes on
+    after the last one's (value, id), not past the value, and steps over those it keeps; the texts cleared, the
+    rows kept."""
+    moment = _ago(400)
+    async with rt.sessionmaker.begin() as s:
+        for n in range(7):
+            await _job(s, f"job-{n}", "DONE" if n != 3 else "PENDING", done_days=400, run_days=400)
+            await _session(s, f"us-{n}", started_days=400, ended_days=400 if n != 2 else 1)
+            await _sms(s, f"sms-{n}", "SENT" if n != 4 else "QUEUED", days=400)
+        for table, column in ((OutboxJob, "run_at"), (UssdSession, "started_at"), (SmsMessage, "created_at")):
+            await s.execute(update(table).values({column: moment}))
+    report = {p.table: p.count for p in await prune(rt.engine, RetentionPolicy(batch_size=2))}
+    assert (report["outbox_jobs"], report["ussd_sessions"], report["sms_messages"]) == (6, 6, 6)
+    left = await _left(rt)
+    assert left["outbox_jobs"] == {"job-3"} and left["ussd_sessions"] == {"us-2"}
+    assert {k for k, body in left["sms_messages"].items() if body} == {"sms-4"} and len(left["sms_messages"]) == 7
 
 
 def test_the_policy_is_read_from_the_environment() -> None:
