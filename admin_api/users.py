@@ -27,6 +27,7 @@ from admin_api.validation import LIMIT, PAGE, Param
 from core import auth
 from core import users as accounts
 from core.audit import record
+from core.db import lock_row
 from core.errors import (
     INVALID_STATE,
     MEMBER_NOT_FOUND,
@@ -115,12 +116,7 @@ async def create_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     if role == auth.TENANT:
         if not member_id:
             raise ValidationError("memberId is required for a TENANT", field="memberId")
-        found = await ctx.session.execute(
-            who.scope(
-                select(Member.phone_enc).where(Member.id == member_id, Member.cooperative_id == coop_id), Member
-            ).with_for_update()
-        )
-        member = found.first()
+        member = await lock_row(ctx.session, Member, member_id, coop_id)  # (SQLite: the write lock too)
         if member is None:
             raise NotFound("member not found", field="memberId", code=MEMBER_NOT_FOUND)
         if member.phone_enc is None:
@@ -156,7 +152,9 @@ def _never_signs_in(field: str) -> Conflict:
     """A tenant login for a member whose number was released (she left, or was erased: core.members.erase_member)
     would never sign in: her membership cannot be made active again (core.members.REGISTER_AGAIN). Made or turned on
     anyway, it answered 201 or isActive true, and a new one tied her e-mail to her erased record again. The member's
-    row is read under a lock: an erasure committing meanwhile comes first (refused here) or finds the login."""
+    row is read under a lock (core.db.lock_row: on SQLite the write lock, where FOR UPDATE alone locked nothing and
+    a read saw the number an erasure under way had not yet cleared): an erasure committing meanwhile comes first
+    (refused here) or finds the login."""
     return Conflict(f"{PHONE_RELEASED} (the member left, or was erased): a login of hers could never sign in; "
                     "register the person again as a new member and give that member a login", field=field,
                     code=INVALID_STATE)
@@ -209,8 +207,8 @@ async def update_user(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     if body.get("isActive") is False:
         keys = await accounts.deactivate(ctx.session, user, actor=ctx.who.actor)
     elif body.get("isActive") is True:
-        if not user.is_active and user.member_id is not None and (await ctx.session.execute(
-                select(Member.phone_enc).where(Member.id == user.member_id).with_for_update())).scalar() is None:
+        if not user.is_active and user.member_id is not None and (
+                await lock_row(ctx.session, Member, user.member_id)).phone_enc is None:
             raise _never_signs_in("isActive")
         await accounts.reactivate(ctx.session, user, actor=ctx.who.actor)
     if "password" in body:

@@ -16,7 +16,10 @@ from sqlalchemy import Update, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from channels.ussd.sessions import phone_keys
+from core.audit import Actor
+from core.members import erase_member
 from core.models import (
+    AdminUser,
     AuditEvent,
     Member,
     OutboxJob,
@@ -32,7 +35,7 @@ from core.provider_events import event_data
 from core.retention import RetentionPolicy, prune
 from tests.admin_api.conftest import Caller, idem
 from tests.channels.sms.helpers import make_payment, start_simulator
-from tests.conftest import drain, is_postgres
+from tests.conftest import drain, is_postgres, waiting_for_locks
 from tests.core.test_webhooks import approved_endpoint
 
 NAME, PHONE, UNIT, EMAIL = "Jeanne Mukeshimana", "+250788777111", "D-707", "jeanne.m@example.rw"
@@ -163,6 +166,40 @@ async def test_no_login_is_made_or_turned_on_for_an_erased_or_departed_member(
     await admin.json("POST", f"/v1/members/{bosco}/release-phone", 200)
     await admin.json("POST", "/v1/users", 409, json={"username": "bosco2@kh.rw", "password": "bosco-password-1",
                                                       "role": "TENANT", "memberId": bosco})
+
+
+async def test_a_login_made_or_turned_on_while_she_is_erased_waits_for_the_erasure_and_is_refused(
+        rt: Any, admin: Caller, demo: Any) -> None:
+    """The member's row is read under her lock, which an erasure holds to its commit (on SQLite the write lock:
+    serialise_on_sqlite). Read without it on SQLite, the number an erasure under way had not yet committed was
+    there: the login was made (201, her e-mail tied to her erased record) or turned on (isActive true) once it had."""
+    jeanne = await _jeanne(admin)
+    login = await admin.json("POST", "/v1/users", 201, json={"username": EMAIL, "password": "tenant-password-1",
+                                                              "role": "TENANT", "memberId": jeanne["id"]})
+    await admin.json("DELETE", f"/v1/users/{login['id']}", 200)
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+    erasing = rt.sessionmaker()
+    try:
+        await erasing.begin()
+        await erase_member(erasing, await erasing.get(Member, jeanne["id"]), actor=Actor("admin:test", "admin"))
+        made = asyncio.create_task(admin.req("POST", "/v1/users", json={
+            "username": "jeanne.new@example.rw", "password": "tenant-password-1", "role": "TENANT",
+            "memberId": jeanne["id"]}))
+        on = asyncio.create_task(admin.req("PATCH", f"/v1/users/{login['id']}", json={"isActive": True}))
+        if is_postgres():
+            await waiting_for_locks(rt, 2)
+        else:
+            await asyncio.sleep(1)
+        await erasing.commit()
+        answers = await asyncio.gather(made, on)
+    finally:
+        await erasing.close()
+    bodies = [(a.status, await a.json()) for a in answers]
+    assert [(status, body.get("code"), body.get("field")) for status, body in bodies] == [
+        (409, "INVALID_STATE", "memberId"), (409, "INVALID_STATE", "isActive")], bodies
+    async with rt.sessionmaker() as s:
+        logins = (await s.execute(select(AdminUser).where(AdminUser.member_id == jeanne["id"]))).scalars().all()
+    assert [(u.username, u.is_active) for u in logins] == [(f"erased-{login['id']}", False)]
 
 
 async def test_a_message_still_queued_is_not_sent_and_her_numbers_stop_goes(
