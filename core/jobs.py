@@ -234,6 +234,23 @@ async def _until_it_leaves(name: str, operation: str, call: Awaitable[_T], deadl
             raise not_sent(name, operation, exc) from exc
 
 
+async def _status_by(deadline: float, name: str, operation: str, call: Awaitable[_T]) -> _T:
+    """A status query (`operation`: a payment's "status", a refund's "refund_status"), timed (_timed), answered by
+    the call's `deadline` (the event loop's clock, from the job's claim: job_handlers' call_deadline). It moves no
+    money, so one unanswered then is a failed query (a retryable ProviderError TIMEOUT: its job asks again, as after
+    any failed query), not a job the worker cuts off (INTERRUPTED: an attempt used and, on the last, the job parked
+    with no word of what failed). A TimeoutError of the call's own (not this deadline's) is raised as it is."""
+    lookup = asyncio.timeout_at(deadline)
+    try:
+        async with lookup:
+            return await _timed(name, operation, call)
+    except TimeoutError:
+        if not lookup.expired():
+            raise
+        raise ProviderError(f"{name} {operation}: no answer by the call's deadline", retryable=True,
+                            code="TIMEOUT") from None
+
+
 # What a ProviderError's code says of the request that failed: it never left this process (a request not made, a
 # connection never had), or the provider's rate limit refused it unprocessed (HTTP_429: providers.calls.send turns a
 # money request so answered back). Raised after a request that moves money left (and was not turned back), it is
@@ -527,7 +544,8 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         failed = False  # the status query failed (no answer): run now once its cause is fixed (RetryLater's failed)
         resent: dict[str, Any] | None = None  # the poll's payload once it queued a resend (its count of them)
         try:
-            status = await _timed(provider.name, "status", provider.collection_status(
+            # By the call's deadline: unanswered then, a failed query (below), not a poll the worker cuts off.
+            status = await _status_by(call_deadline(job), provider.name, "status", provider.collection_status(
                 payment.provider_reference, payment.provider_transaction_id, payment.currency))
         except ProviderError as exc:
             if exc.code != "NOT_FOUND":
@@ -666,7 +684,7 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
         unknown: str | None = None
         failed = False  # the status query failed, as in poll
         try:
-            status = await _timed(provider.name, "status", provider.collection_status(
+            status = await _status_by(call_deadline(job), provider.name, "status", provider.collection_status(
                 payment.provider_reference, payment.provider_transaction_id, payment.currency))
         except ProviderError as exc:
             if exc.code == "NOT_FOUND" and job.payload[WATCH_AFTER_CANCEL] == PaymentStatus.PENDING.value:
@@ -915,16 +933,9 @@ def job_handlers(rt: Runtime) -> dict[str, Handler]:
                                     f"POST /v1/refunds/{refund.id}/outcome")
         # By the call's deadline (from the claim), as a resend after it is: a lookup unanswered then is a failed one
         # (retried; on the poll's last attempt parked saying what to do), not a poll the worker cuts off.
-        lookup = asyncio.timeout_at(call_deadline(job))
         try:
-            async with lookup:
-                status = await _timed(provider.name, "refund_status",
+            status = await _status_by(call_deadline(job), provider.name, "refund_status",
                                       provider.refund_status(refund.provider_reference, refund.currency))
-        except TimeoutError:
-            if not lookup.expired():
-                raise
-            raise ProviderError(f"{provider.name} refund_status: no answer by the call's deadline", retryable=True,
-                                code="TIMEOUT") from None
         except CredentialsRefused as exc:
             raise awaiting_configuration(exc) from exc
         except ProviderError as exc:

@@ -228,6 +228,40 @@ async def test_an_mpesa_push_answered_after_the_cancel_keeps_its_checkout_id_and
     assert (done["status"], done["late"], done["collectedAmount"]) == ("COMPLETED", True, "150.00")
 
 
+async def test_the_watch_after_a_cancel_has_the_calls_deadline(
+        admin: Caller, rt: Any, demo: dict[str, Any], worker: Any, monkeypatch: Any) -> None:
+    """Daraja took the push, the payment was cancelled, and its status query then hangs. The watch's query had no
+    deadline of its own: the worker cut it off (INTERRUPTED), each try using an attempt (30, then parked with no
+    word of what failed). It has the call's deadline now: unanswered by then, a failed query, asked again on the
+    payment's cadence (its attempt given back) with TIMEOUT's reason."""
+    wire = mpesa_wire().on("POST", PUSH, 200, {"MerchantRequestID": "29115-34620561-1", "CheckoutRequestID": CHECKOUT,
+                                               "ResponseCode": "0", "ResponseDescription": "Success."})
+    mpesa_adapter(rt, MPESA_BASE, wire.client())
+    payment = await mpesa_payment(rt, demo)
+    await drain(worker)  # the push, answered
+    await admin.json("POST", f"/v1/payments/{payment.id}/cancel", 200, json={"note": NOTE})
+    await drain(worker)  # its notices
+    asked: list[str] = []
+
+    async def hangs(_request: httpx.Request) -> httpx.Response:
+        asked.append("status")
+        await asyncio.sleep(30)
+        return httpx.Response(200, json={})
+
+    wire.on("POST", QUERY, hangs)
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: 4.0)  # the worker's cut-off
+    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.5)  # the call's deadline, inside it
+    await due_now(rt, "payment.watch")
+    await worker.run_once()
+    [watch] = await _watch_jobs(rt, payment.id)
+    assert (watch.status, watch.attempts, watch.after_failure) == ("PENDING", 0, True), watch.last_error
+    assert watch.last_error == "status query failed: mpesa status: no answer by the call's deadline"
+    assert asked == ["status"]
+    shown = await admin.json("GET", f"/v1/payments/{payment.id}", 200)
+    assert (shown["status"], shown["late"]) == ("CANCELLED", False)
+
+
 async def test_cancelled_while_the_prompt_stays_open_is_asked_again_then_left_once_declined(
         admin: Caller, rt: Any, demo: dict[str, Any], worker: Any, aiohttp_server: Any) -> None:
     async with interactive_mtn(rt, aiohttp_server) as (app, base), httpx.AsyncClient() as http:

@@ -233,6 +233,34 @@ async def test_collect_cut_off_by_the_worker_is_not_sent_again(rt, demo, worker,
     assert (await _get(rt, Payment, payment.id)).status == "PENDING"
 
 
+async def test_a_payment_polls_status_query_has_the_calls_deadline(rt, demo, worker, monkeypatch):
+    """M-Pesa takes the push, then its status query hangs. It had no deadline of its own: the worker cut the poll
+    off (INTERRUPTED), each try using an attempt (30, then parked) and never reaching the settling grace. It has the
+    call's deadline now, as a refund poll's lookup: unanswered by then, it is a failed query, asked again on the
+    payment's cadence (its attempt given back) with TIMEOUT's reason."""
+    wire = mpesa_wire().on("POST", PUSH, 200, {"CheckoutRequestID": "ws_CO_1", "ResponseCode": "0"})
+    mpesa_adapter(rt, MPESA_BASE, wire.client())
+    payment = await mpesa_payment(rt, demo)
+    await drain(worker)  # the push, answered
+    asked: list[str] = []
+
+    async def hangs(_request: httpx.Request) -> httpx.Response:
+        asked.append("status")
+        await asyncio.sleep(30)
+        return httpx.Response(200, json={})
+
+    wire.on("POST", "/mpesa/stkpushquery/v1/query", hangs)
+    monkeypatch.setattr("core.outbox.handler_timeout", lambda _lease: CUT)  # the worker's cut-off
+    monkeypatch.setattr("core.outbox.MIN_HANDLER_SECONDS", 0.1)
+    monkeypatch.setattr("core.jobs.collect_call_budget", lambda _lease: 0.5)  # the call's deadline, inside it
+    await due_now(rt, "payment.poll")
+    await worker.run_once()
+    [poll] = await _jobs(rt, "payment.poll")
+    assert (poll.status, poll.attempts, poll.after_failure) == ("PENDING", 0, True), poll.last_error
+    assert poll.last_error == "status query failed: mpesa status: no answer by the call's deadline"
+    assert asked == ["status"] and (await _get(rt, Payment, payment.id)).status == "PROCESSING"
+
+
 def test_job_interrupted_reads_the_previous_attempts_error():
     def job(error: str | None) -> Job:
         return Job(1, "payment.collect", {}, 2, 8, utcnow(), last_error=error)
