@@ -177,11 +177,20 @@ async def test_redis_stopped_and_restarted_in_the_middle_of_ussd_sessions(
     # The restarted Redis is empty: the session that was mid-way (on the payment types, her next key "1" sent as
     # "1*1") is shown its opening menu again, her keys so far taken as consumed, not read as a dialled code.
     assert (await quiet.send("1")).startswith("CON "), quiet.screens
-    said = [line for line in _hop_lines(stack, {quiet.session_id}) if line["msg"] == "ussd hop"]
+
+    # The service's account of that hop (its third: the dial and "1" before the outage), and its one "lost mid-way"
+    # line. Waited for: a hop's line may reach the log file a moment after its answer reached us (a loaded CI
+    # machine read the log first and found only the two hops before the outage).
+    async def told() -> tuple[list[dict[str, Any]], list[str]] | None:
+        said = [line for line in _hop_lines(stack, {quiet.session_id}) if line["msg"] == "ussd hop"]
+        lost = [line for proc in stack.serve_procs for line in proc.log.read_text(errors="replace").splitlines()
+                if "ussd session lost mid-way" in line and quiet.session_id in line]
+        return (said, lost) if len(said) >= 3 and lost else None
+
+    said, lost = await wait_for(told, timeout=10, interval=0.1, what="the serve log's lines of that hop")
+    said.sort(key=lambda line: line["ts"])  # (the hops went to the serve processes in turn: one log each)
     assert [(line["screen"], line["end"]) for line in said][-1] == ("home", False), said
-    lost = [line for proc in stack.serve_procs for line in proc.log.read_text(errors="replace").splitlines()
-            if "ussd session lost mid-way" in line and quiet.session_id in line]
-    assert len(lost) == 1, lost
+    assert len(said) == 3 and len(lost) == 1, (said, lost)
     reference = await UssdPhone(http, urls, MTN_OK).pay_first_type()
     await wait_payment_status(gw, reference, "COMPLETED", timeout=20)
     await _one_message(http, stack, MTN_OK, reference)
