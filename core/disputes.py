@@ -29,6 +29,7 @@ from core.models import Dispute, Member, OutboxJob, Payment, Refund
 from core.money import Money
 from core.notify import changed_at, notice_jobs, sms_dedupe
 from core.outbox import NewJob, enqueue_many
+from core.payments import _check_key
 from core.references import cooperative_reference
 from core.refunds import payer_to_tell
 from core.state import transition
@@ -148,9 +149,7 @@ async def open_keyed_dispute(session: AsyncSession, *, payment: Payment, reason:
     it was closed. Another request under the key: 409 IDEMPOTENCY_KEY_REUSED. Two at once with one key: the
     payment's lock makes the second find the first's dispute; for two payments, the unique index refuses the
     second (uq_disputes_cooperative_key)."""
-    key = (idempotency_key or "").strip()
-    if not 8 <= len(key) <= 128 or not key.isprintable():
-        raise ValidationError("idempotencyKey must be 8 to 128 printable characters", field="idempotencyKey")
+    key = _check_key(idempotency_key)
     digest = _request_hash(payment.id, reason, note)
     await _lock_payment(session, payment)
     existing = await _by_key(session, payment.cooperative_id, key)
@@ -158,9 +157,9 @@ async def open_keyed_dispute(session: AsyncSession, *, payment: Payment, reason:
         return _same_or_refused(existing, digest), False
     cooperative_id = payment.cooperative_id
     try:
-        return await open_dispute(session, payment=payment, reason=reason, channel=channel, actor=actor,
-                                  cipher=cipher, answer_days=answer_days, note=note, idempotency_key=key,
-                                  request_hash=digest), True
+        return await _open_locked(session, payment=payment, reason=_checked_reason(reason, note), channel=channel,
+                                  actor=actor, cipher=cipher, answer_days=answer_days, note=note,
+                                  idempotency_key=key, request_hash=digest), True
     except IntegrityError as exc:
         # PostgreSQL names the index, SQLite its columns.
         if not any(name in str(exc.orig) for name in ("uq_disputes_cooperative_key", "disputes.idempotency_key")):
@@ -174,19 +173,32 @@ async def open_keyed_dispute(session: AsyncSession, *, payment: Payment, reason:
 
 
 async def open_dispute(session: AsyncSession, *, payment: Payment, reason: DisputeReason | str, channel: str,
-                       actor: Actor, cipher: PiiCipher, answer_days: int, note: str | None = None,
-                       idempotency_key: str | None = None, request_hash: str | None = None) -> Dispute:
+                       actor: Actor, cipher: PiiCipher, answer_days: int, note: str | None = None) -> Dispute:
     """Open a dispute of `payment` and tell its member, or without one the number that paid it (`answer_days`:
-    SMS_PAYER_ANSWER_DAYS, core.refunds.payer_to_tell), and the cooperative's system. `idempotency_key` and
-    `request_hash`: kept on it, from open_keyed_dispute."""
+    SMS_PAYER_ANSWER_DAYS, core.refunds.payer_to_tell), and the cooperative's system."""
+    checked = _checked_reason(reason, note)
+    await _lock_payment(session, payment)
+    return await _open_locked(session, payment=payment, reason=checked, channel=channel, actor=actor, cipher=cipher,
+                              answer_days=answer_days, note=note)
+
+
+def _checked_reason(reason: DisputeReason | str, note: str | None) -> DisputeReason:
+    """A dispute's reason and note as its request gave them, or a ValidationError naming the field."""
     try:
-        reason = DisputeReason(reason)
+        checked = DisputeReason(reason)
     except ValueError:
         raise ValidationError(f"reason must be one of {', '.join(r.value for r in DisputeReason)}",
                               field="reason") from None
     if note is not None and len(note) > 1000:
         raise ValidationError("note must be at most 1000 characters", field="note")
-    await _lock_payment(session, payment)
+    return checked
+
+
+async def _open_locked(session: AsyncSession, *, payment: Payment, reason: DisputeReason, channel: str, actor: Actor,
+                       cipher: PiiCipher, answer_days: int, note: str | None, idempotency_key: str | None = None,
+                       request_hash: str | None = None) -> Dispute:
+    """open_dispute once the payment is locked (_lock_payment: open_keyed_dispute took it before looking its key up).
+    `idempotency_key` and `request_hash`: kept on it, from open_keyed_dispute."""
     already = (await session.execute(
         select(Dispute).where(Dispute.payment_id == payment.id, Dispute.status.in_(OPEN_VALUES))
         .order_by(Dispute.created_at, Dispute.id).limit(1)  # several, left by an earlier race: name the first
