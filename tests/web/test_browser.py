@@ -405,13 +405,28 @@ def test_ops_page_renews_its_session_with_the_refresh_token(server: str, page: P
     assert page.evaluate("sessionStorage.getItem('ops.renewAt')") is None
 
 
+def _ops_data(server: str) -> dict[str, Any]:
+    """What /ops/data answers the demo admin now: the base a test changes and serves the page instead."""
+    token = httpx.post(f"{server}/v1/auth/token", json={"username": "admin@kigali-heights.rw",
+                                                        "password": "demo-admin-password"}, timeout=10)
+    headers = {"Authorization": f"Bearer {token.json()['accessToken']}"}
+    data: dict[str, Any] = httpx.get(f"{server}/ops/data", headers=headers, timeout=10).json()
+    return data
+
+
+def _sign_in_to_ops(page: Page, server: str) -> None:
+    """The ops page, signed in as the demo admin, its dashboard drawn."""
+    page.goto(f"{server}/ops")
+    page.fill("#username", "admin@kigali-heights.rw")
+    page.fill("#password", "demo-admin-password")
+    page.click("#login-submit")
+    expect(page.locator("#dashboard")).to_be_visible()
+
+
 def test_ops_page_counts_refunded_payments_as_paid_by_method(server: str, page: Page) -> None:
     """A payment refunded since (in part or in full) was paid: its method's bar counts it "ok", as the success
     rate per provider counts it succeeded. The bar said "3 (1 ok)" for MTN MoMo beside "mtn_momo 66.7% of 3"."""
-    token = httpx.post(f"{server}/v1/auth/token", json={"username": "admin@kigali-heights.rw",
-                                                        "password": "demo-admin-password"}, timeout=10)
-    real = httpx.get(f"{server}/ops/data", headers={"Authorization": f"Bearer {token.json()['accessToken']}"},
-                     timeout=10).json()
+    real = _ops_data(server)
     minute = real["generatedAt"][:16]
     rows = [("COMPLETED", 1), ("PARTIALLY_REFUNDED", 1), ("REFUNDED", 1), ("FAILED", 1)]
     data = {**real, "paymentsPerMinute": [{"minute": minute, "status": status, "method": "MOBILE_MONEY_MTN",
@@ -420,11 +435,7 @@ def test_ops_page_counts_refunded_payments_as_paid_by_method(server: str, page: 
                                        "counts": {"COMPLETED": 1, "PARTIALLY_REFUNDED": 1, "REFUNDED": 1,
                                                   "FAILED": 1}}}}
     page.route("**/ops/data", lambda route: route.fulfill(status=200, json=data))
-    page.goto(f"{server}/ops")
-    page.fill("#username", "admin@kigali-heights.rw")
-    page.fill("#password", "demo-admin-password")
-    page.click("#login-submit")
-    expect(page.locator("#dashboard")).to_be_visible()
+    _sign_in_to_ops(page, server)
     expect(page.locator('#providers .bar-row[data-name="mtn_momo"]')).to_contain_text("75.0% of 4", timeout=WAIT_MS)
     expect(page.locator('#methods .bar-row[data-name="MOBILE_MONEY_MTN"] .num')).to_have_text("4 (3 ok)")
 
@@ -432,18 +443,11 @@ def test_ops_page_counts_refunded_payments_as_paid_by_method(server: str, page: 
 def test_ops_page_says_the_last_screens_count_payments_asked_not_paid(server: str, page: Page) -> None:
     """`ussdLastScreens[].paid` counts the sessions that asked for a payment, declined or failed ones too: the bar
     said "5 · 5 paid" for five confirmations of which one was declined (four collected, as the payments list said)."""
-    token = httpx.post(f"{server}/v1/auth/token", json={"username": "admin@kigali-heights.rw",
-                                                        "password": "demo-admin-password"}, timeout=10)
-    real = httpx.get(f"{server}/ops/data", headers={"Authorization": f"Bearer {token.json()['accessToken']}"},
-                     timeout=10).json()
+    real = _ops_data(server)
     data = {**real, "ussdLastScreens": [{"screen": "pay_done", "sessions": 5, "paid": 5},
                                         {"screen": "home", "sessions": 2, "paid": 0}]}
     page.route("**/ops/data", lambda route: route.fulfill(status=200, json=data))
-    page.goto(f"{server}/ops")
-    page.fill("#username", "admin@kigali-heights.rw")
-    page.fill("#password", "demo-admin-password")
-    page.click("#login-submit")
-    expect(page.locator("#dashboard")).to_be_visible()
+    _sign_in_to_ops(page, server)
     expect(page.locator('#screens .bar-row[data-name="pay_done"] .num')).to_have_text("5 · 5 asked to pay",
                                                                                      timeout=WAIT_MS)
     expect(page.locator('#screens .bar-row[data-name="home"] .num')).to_have_text("2")
@@ -453,10 +457,7 @@ def test_ops_page_shows_this_process_only_while_redis_is_down(server: str, page:
     """Redis down: /ops/data's providerHealth is the answering process's own view (source "this process only",
     redisReachable false). The page drew every provider as unknown; it now draws the rows, MTN failing, and says
     whose view they are. A server before that fallback (providers null) still gets the "unknown" row."""
-    token = httpx.post(f"{server}/v1/auth/token", json={"username": "admin@kigali-heights.rw",
-                                                        "password": "demo-admin-password"}, timeout=10)
-    real = httpx.get(f"{server}/ops/data", headers={"Authorization": f"Bearer {token.json()['accessToken']}"},
-                     timeout=10).json()
+    real = _ops_data(server)
     failing = {"provider": "mtn_momo", "status": "FAILING", "failingSince": "2026-12-06T10:00:00Z",
                "processesFailing": 1, "processesReporting": 1, "lastSuccessAt": None, "credentialsRefused": [],
                "lastError": {"class": "HTTP_500", "summary": "request_to_pay: HTTP 500",
@@ -466,11 +467,7 @@ def test_ops_page_shows_this_process_only_while_redis_is_down(server: str, page:
     answers = [{"redisReachable": False, "processesReporting": None, "source": "this process only",
                 "providers": [unknown, failing]}]
     page.route("**/ops/data", lambda route: route.fulfill(status=200, json={**real, "providerHealth": answers[0]}))
-    page.goto(f"{server}/ops")
-    page.fill("#username", "admin@kigali-heights.rw")
-    page.fill("#password", "demo-admin-password")
-    page.click("#login-submit")
-    expect(page.locator("#dashboard")).to_be_visible()
+    _sign_in_to_ops(page, server)
     mtn = page.locator('#health tr[data-provider="mtn_momo"]')
     expect(mtn).to_have_attribute("data-status", "FAILING", timeout=WAIT_MS)
     expect(mtn).to_contain_text("Failing since")
