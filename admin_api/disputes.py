@@ -184,7 +184,8 @@ LIST_QUERY = {
     "member": Param("uuid", "Disputes of one member"),
     "reference": Param(description="The dispute's reference as its SMS gives it (DSP_20261201_001)", nonempty=True),
     "refundFailed": Param("boolean", "true: only disputes resolved with a refund that then FAILED, or resolved "
-                          "without one on refunds made while they were open that all FAILED (the member was "
+                          "without one on refunds made while they were open, or not yet settled when they were "
+                          "resolved (then linked to them: disputeId), that all FAILED (the member was "
                           "not paid back: a RESOLVED dispute, out of ?open=true; send another refund, POST "
                           "/v1/payments/{id}/refunds), until a refund of the payment made since is not FAILED; "
                           "false: all others"),
@@ -213,7 +214,8 @@ async def list_disputes(request: web.Request, ctx: Ctx) -> web.StreamResponse:
         own_failed = select(Refund.id).where(Refund.id == Dispute.refund_id,
                                              Refund.status == RefundStatus.FAILED.value).exists()
         # Or resolved in her favour without a refund of its own, on the refunds made while it was open (noted on it:
-        # core.refunds._note_refund_on_disputes; nothing may have been left to refund), every one of which FAILED:
+        # core.refunds._note_refund_on_disputes; nothing may have been left to refund), or made before and not settled
+        # when it was resolved (linked then: core.disputes._rely_on_unsettled), every one of which FAILED:
         # the same member not paid back, whose failure was only a note on a RESOLVED dispute. The disputes whose
         # linked refunds all FAILED, read once (hashed): refunds.dispute_id has no index, and an EXISTS per dispute
         # read every refund for each RESOLVED one without its own (minutes on 100,000 disputes, 400,000 refunds).

@@ -60,7 +60,8 @@ REFUND_DATA = _data(
     ("id", "reference", "paymentId", "amount", "currency", "status", "reason", "failureReason", "disputeId",
      "providerTransactionId", "returnedByProvider", "createdAt", "completedAt"),
     "The refund as GET /v1/refunds/{id} shows these fields; told once it ends, COMPLETED or FAILED. disputeId: the "
-    "dispute it was made during or resolved with (its failure is noted there); returnedByProvider: a chargeback "
+    "dispute it was made during or resolved with, or whose resolution without a refund of its own found it not yet "
+    "settled (its failure is noted there); returnedByProvider: a chargeback "
     "recorded, never sent; providerTransactionId: the statement's line",
     updatedAt=_UPDATED,
 )
@@ -158,7 +159,9 @@ _SAYS = {
                      "money sent back.",
     "dispute.opened": "A dispute was opened about a payment.",
     "dispute.updated": "A dispute moved: UNDER_REVIEW, or ended RESOLVED (refundId: the refund it was resolved "
-                       "with, if any), REJECTED or WITHDRAWN.",
+                       "with, if any), REJECTED or WITHDRAWN; or a note or evidence was added to it without a move "
+                       "(once per note; status unchanged, updatedAt the note's; notes are not in the event: read "
+                       "them with GET /v1/disputes/{id}).",
 }
 
 _HEADERS = [

@@ -9,7 +9,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,13 +27,14 @@ from core.errors import (
 )
 from core.models import Dispute, Member, OutboxJob, Payment, Refund
 from core.money import Money
-from core.notify import changed_at, notice_jobs, sms_dedupe
+from core.notify import changed_at, event_job, notice_jobs, sms_dedupe
 from core.outbox import NewJob, enqueue_many
 from core.payments import _check_key
 from core.references import cooperative_reference
 from core.refunds import payer_to_tell
 from core.state import transition
 from core.state.dispute import DISPUTE, OPEN_VALUES, DisputeReason, DisputeStatus
+from core.state.refund import OPEN_VALUES as UNSETTLED_REFUNDS
 
 if TYPE_CHECKING:
     from core.crypto import PiiCipher
@@ -292,6 +293,34 @@ async def add_note(session: AsyncSession, dispute: Dispute, *, actor: Actor, tex
                  cooperative_id=dispute.cooperative_id)
 
 
+def _noted_event(dispute: Dispute) -> NewJob:
+    """dispute.updated for a note (with or without evidence) added without a move: the cooperative's system that
+    mirrors the case file learns of it now, not at the next move. Its data as every dispute event's (dispute_data:
+    no notes; they are free text no event carries, read with GET /v1/disputes/{id}), the status unchanged, its
+    updatedAt the note's (add_note: later than the change before). No SMS: the member is not messaged about a note.
+    One event per note, in its transaction: keyed by the note's place among the dispute's notes (read under its
+    lock; notes are only ever added), so two notes are two events and a job queued again is the same one."""
+    return event_job(cooperative_id=dispute.cooperative_id, event_type="dispute.updated",
+                     event_id=f"evt_dispute_updated_{dispute.id}_note_{len(dispute.notes or [])}",
+                     data=dispute_data(dispute))
+
+
+async def _rely_on_unsettled(session: AsyncSession, dispute: Dispute) -> list[str]:
+    """A resolution in the member's favour without a refund of its own, while refunds of the payment linked to no
+    dispute (made before it was opened) are not settled (PENDING, PROCESSING): the officer resolved it on them
+    ("refunded already, on its way"). Linked to it, as a refund made while it was open is (core.refunds
+    request_refund): one that then fails, or is withdrawn, is noted on it (core.refunds._note_on_dispute) and lists
+    it in ?refundFailed=true (admin_api.disputes) until a refund made since is not FAILED; its disputeId names it.
+    Without the link that failure reached no one who had resolved it. Their updated_at kept: the link is no change
+    of the refund's own (its events tell its end). Returns their ids, for the resolution's audit row."""
+    linked = await session.execute(
+        update(Refund).where(Refund.payment_id == dispute.payment_id, Refund.dispute_id.is_(None),
+                             Refund.status.in_(UNSETTLED_REFUNDS))
+        .values(dispute_id=dispute.id, updated_at=Refund.updated_at).returning(Refund.id)
+        .execution_options(synchronize_session="fetch"))
+    return sorted(linked.scalars().all())
+
+
 async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, cooperative_id: str | None,
                        target: DisputeStatus | str, actor: Actor, note: str | None = None,
                        evidence: str | None = None, refund_amount: Money | None = None,
@@ -337,6 +366,7 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
                                     "to it, or another status", field="status", code=INVALID_STATE)
         await add_note(session, dispute, actor=actor, text=note, evidence=evidence, action="dispute.note_added",
                        audit={"note": note, "evidence": evidence})
+        await enqueue_many(session, [_noted_event(dispute)])
         await session.flush()
         return dispute
     # (A closed dispute's answer is that it is closed, above: before any refund is asked for, not a refund's refusal
@@ -346,6 +376,11 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
                                 f"{target.value}; send a note or evidence to add to it, or close it (RESOLVED, "
                                 "REJECTED or WITHDRAWN)", field="status", code=INVALID_STATE)
     values: dict[str, Any] = {}
+    audit: dict[str, Any] = {"note": note} if note else {}
+    if target is D.RESOLVED and refund_amount is None:
+        relied_on = await _rely_on_unsettled(session, dispute)
+        if relied_on:
+            audit["refundsReliedOn"] = relied_on
     if target in (D.RESOLVED, D.REJECTED, D.WITHDRAWN):
         values["resolved_at"] = utcnow()
         values["resolution"] = (note or target.value.lower())[:500]
@@ -367,7 +402,7 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
     # At least a millisecond after the last change (read under the lock): its event orders after the one before.
     values.update(notes=notes, updated_at=changed_at(dispute.updated_at))
     updated = await transition(session, DISPUTE, dispute.id, DisputeStatus(dispute.status), target, actor=actor,
-                               values=values, audit={"note": note} if note else None)
+                               values=values, audit=audit or None)
     final = target in (D.RESOLVED, D.REJECTED, D.WITHDRAWN)
     await _notify(session, rt.cipher, updated, "dispute_resolved" if final else "dispute_updated",
                   "dispute.updated", target.value.lower(), actor=actor,

@@ -247,6 +247,54 @@ async def test_a_dispute_resolved_on_a_refund_made_while_it_was_open_that_then_f
     assert await ids("refundFailed=false") == [rejected["id"], sent["id"], refused["id"]]
 
 
+async def test_a_dispute_resolved_on_a_refund_still_on_its_way_that_then_fails_is_on_the_desks_list(
+        admin, rt, demo):
+    """A refund asked for before the member disputed the payment ("I was never paid back") was still on its way when
+    the officer resolved her dispute in her favour without a refund of its own (the money was going back); MTN then
+    refused that refund. Linked to no dispute, its failure was noted on none and ?refundFailed=true did not list
+    the RESOLVED dispute: the officer never learnt the member was not paid back. A refund not settled at the
+    resolution is what it relied on: linked to it (its disputeId), noted and listed as one made while it was open.
+    One settled before (sent, or failed already: the officer saw it), or a dispute rejected, relied on nothing."""
+    async def ids(query: str) -> list[str]:
+        return [d["id"] for d in (await admin.json("GET", f"/v1/disputes?{query}", 200))["data"]]
+
+    disputes, refunds, payments = [], [], []
+    for _ in range(4):  # refused after; sent after; refused before the resolution; its dispute rejected
+        payment = await _paid(admin, rt, demo)
+        refund = await admin.json("POST", f"/v1/payments/{payment['id']}/refunds", 201,
+                                  json={"idempotencyKey": idem()})
+        dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": payment["id"], "reason": "OTHER"})
+        assert refund["disputeId"] is None
+        payments.append(payment)
+        disputes.append(dispute)
+        refunds.append(refund)
+    refused, sent, failed_before, rejected = disputes
+    await _refused(rt, refunds[2]["id"])
+    for dispute in (refused, sent, failed_before):
+        await _move(admin, dispute, 200, status="RESOLVED", note="refund on its way")
+    await _move(admin, rejected, 200, status="REJECTED", note="the statement shows one payment")
+    await _refused(rt, refunds[0]["id"])
+    await _sent(rt, refunds[1]["id"])
+    await _refused(rt, refunds[3]["id"])
+    linked = [(await admin.json("GET", f"/v1/refunds/{r['id']}", 200))["disputeId"] for r in refunds]
+    assert linked == [refused["id"], sent["id"], None, None]
+    seen = await admin.json("GET", f"/v1/disputes/{refused['id']}", 200)
+    assert seen["notes"][-1]["text"] == (f"refund {refunds[0]['reference']} failed: reversal declined; the member "
+                                         "has not been paid back") and seen["refundId"] is None
+    for dispute in (sent, failed_before, rejected):
+        assert "not been paid back" not in str((await admin.json("GET", f"/v1/disputes/{dispute['id']}", 200))["notes"])
+    async with rt.sessionmaker() as s:
+        audited = (await s.execute(select(AuditEvent.entity_id, AuditEvent.after).where(
+            AuditEvent.action == "dispute.resolved"))).all()
+    assert {entity: after.get("refundsReliedOn") for entity, after in audited} == {
+        refused["id"]: [refunds[0]["id"]], sent["id"]: [refunds[1]["id"]], failed_before["id"]: None}
+    assert await ids("refundFailed=true") == [refused["id"]]
+    assert await ids("refundFailed=false") == [rejected["id"], failed_before["id"], sent["id"]]
+    # Paid back another way since: off the list.
+    await admin.json("POST", f"/v1/payments/{payments[0]['id']}/refunds", 201, json={"idempotencyKey": idem()})
+    assert await ids("refundFailed=true") == []
+
+
 @requires_pg
 async def test_a_resolution_refund_racing_the_providers_chargeback_never_pays_the_member_twice(admin, rt, demo):
     """Two sessions at once: the officer resolves with a refund of the whole payment, another admin records MTN's

@@ -125,6 +125,44 @@ async def test_a_note_never_sets_the_disputes_clock_back_so_its_next_event_is_ap
     assert rejected["updatedAt"] > ahead.strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
+async def test_each_note_tells_the_cooperatives_system_once_without_texting_the_member(
+        admin: Any, rt: Any, demo: dict[str, Any]) -> None:
+    """A cooperative's system mirrors its disputes' case files: a note or evidence added without a move sent no
+    event, and its copy stayed stale until the next move. Each note (with or without evidence) is dispute.updated,
+    once, queued with it: the status unchanged, updatedAt the note's (later than the move before, earlier than the
+    next); the member is not texted. A note refused (nothing in it, or the dispute closed) tells nothing."""
+    paid = await _paid(admin, rt, demo)
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid["id"], "reason": "OTHER"})
+    url = f"/v1/disputes/{dispute['id']}/transitions"
+    texts = len(await _jobs(rt, "sms.send"))
+
+    async def told() -> list[tuple[str, str, str, str]]:
+        return [(j.dedupe_key, j.payload["event_type"], j.payload["data"]["status"], j.payload["data"]["updatedAt"])
+                for j in await _jobs(rt, "webhook.event") if j.payload["data"]["id"] == dispute["id"]]
+
+    noted = await admin.json("POST", url, 200, json={"status": "OPEN", "note": "called the member back"})
+    reviewed = await admin.json("POST", url, 200, json={"status": "UNDER_REVIEW"})
+    evidence = await admin.json("POST", url, 200, json={"status": "UNDER_REVIEW", "evidence": "MTN statement line 9"})
+    both = await admin.json("POST", url, 200, json={"status": "UNDER_REVIEW", "note": "MTN asked",
+                                                    "evidence": "ticket 4411"})
+    await admin.json("POST", url, 422, json={"status": "UNDER_REVIEW"})  # nothing to add
+    rejected = await admin.json("POST", url, 200, json={"status": "REJECTED", "note": "taken once"})
+    await admin.json("POST", url, 409, json={"status": "REJECTED", "note": "and again"})  # closed
+    key = f"wh:evt_dispute_updated_{dispute['id']}"
+    events = sorted(await told(), key=lambda e: e[3])  # (the API's updatedAt is to the second, the event's to the ms)
+    assert [(e[0], e[1], e[2], e[3][:19]) for e in events[1:]] == [
+        (f"{key}_note_1", "dispute.updated", "OPEN", noted["updatedAt"][:19]),
+        (f"{key}_under_review", "dispute.updated", "UNDER_REVIEW", reviewed["updatedAt"][:19]),
+        (f"{key}_note_2", "dispute.updated", "UNDER_REVIEW", evidence["updatedAt"][:19]),
+        (f"{key}_note_3", "dispute.updated", "UNDER_REVIEW", both["updatedAt"][:19]),
+        (f"{key}_rejected", "dispute.updated", "REJECTED", rejected["updatedAt"][:19])], events
+    assert len({e[3] for e in events}) == len(events)  # each later than the one before
+    assert len(rejected["notes"]) == 4
+    # The member was texted the moves, not the notes.
+    assert [j.dedupe_key for j in await _jobs(rt, "sms.send")][texts:] == [
+        f"sms:dispute_updated:{dispute['id']}:under_review", f"sms:dispute_resolved:{dispute['id']}:rejected"]
+
+
 async def test_the_members_refund_sms_comes_after_the_resolution_it_was_made_for(
         admin: Any, rt: Any, demo: dict[str, Any]) -> None:
     """Opened, then resolved with a refund a moment later: the resolution's SMS waits for the opening's (spaced, so

@@ -134,6 +134,7 @@ class Model:
     refund_asks: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # request_refund kwargs, refund id
     sent: list[ProviderEvent] = field(default_factory=list)  # callbacks given, for duplicates
     recorded: set[str] = field(default_factory=set)  # completed by an admin's recording (void_recording may void)
+    disputes: list[str] = field(default_factory=list)  # opened (dispute_move runs only once there is one)
 
 
 WORLD: World | None = None
@@ -530,7 +531,13 @@ class MoneyCore(RuleBasedStateMachine):
 
         result, refused, _, _ = self.run(self.attempt(opening))
         note(f"dispute open {pid} -> {refused or result.id}")
+        if refused is None:
+            self.m.disputes.append(result.id)
 
+    # Only once a dispute was opened: drawn before, it did nothing, and the derandomized search's dispute moves then
+    # hung on which examples the seed (the class's source) gave: one edit of this file left 2 moves in 51 disputes and
+    # none resolved.
+    @precondition(lambda self: self.m.disputes)
     @rule(i=st.integers(0, 9), to=st.sampled_from(["UNDER_REVIEW", "RESOLVED", "RESOLVED", "REJECTED", "WITHDRAWN"]),
           amount=st.none() | st.integers(1, 60_000), returned=st.booleans())
     def dispute_move(self, i: int, to: str, amount: int | None, returned: bool) -> None:
@@ -662,7 +669,9 @@ class MoneyCore(RuleBasedStateMachine):
         for did, d in disputes.items():
             moves = self._moves(DISPUTE, d, "OPEN", audit, None)
             assert by_subject[("dispute.opened", did)] == 1
-            assert by_subject[("dispute.updated", did)] == len(moves), (did, moves)
+            # A move's event, and a note's added without one (UNDER_REVIEW again with the move's note).
+            notes = sum(1 for a in audit if a.entity_id == did and a.action == "dispute.note_added")
+            assert by_subject[("dispute.updated", did)] == len(moves) + notes, (did, moves, notes)
 
     def _moves(self, machine: StateMachine[Any], row: Any, first: str, audit: list[AuditEvent],
                events: Counter[tuple[str, str]] | None) -> list[tuple[str, str]]:
