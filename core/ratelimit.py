@@ -45,6 +45,17 @@ local n = tonumber(redis.call('GET', KEYS[1]) or '0')
 if n > 0 then redis.call('DECR', KEYS[1]) end
 return n
 """
+# Requests taken back once (`uncount_once`): KEYS[1] marks what was taken back, set only where it is not yet; then
+# each window it was counted in (KEYS[2], ...) loses one, as in _UNCOUNT. A second taking back of the same thing
+# finds the mark and takes nothing. ARGV[1]: the mark's expiry. Returns whether this one took it back.
+_UNCOUNT_ONCE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+for i = 2, #KEYS do
+  local n = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if n > 0 then redis.call('DECR', KEYS[i]) end
+end
+return 1
+"""
 # A request whose outcome decides whether it counts (a sign-in: only a wrong password does) joins its subject's
 # requests in flight, a sorted set of one member per request scored by when its lease ends, if the first
 # limit (the gate) has room for it besides the confirmed count and those in flight; the confirmed counts of
@@ -253,6 +264,17 @@ class RateLimiter:
         key made (admin_api.routing)."""
         base = f"{self._prefix}:{subject_tag(subject)}:{limit.name}"
         await self._redis.eval(_UNCOUNT, 1, f"{base}:{_window_start(limit, now)}")
+
+    async def uncount_once(self, limits: Sequence[Limit], subject: str, token: str, *, now: float) -> bool:
+        """`uncount` in each of `limits`, the first time only for `token` (what was counted: a text's reply), in one
+        command: taking it back again (a job run again, two runs at once) takes nothing more. Whether this one took
+        it back. The mark, tagged as the subject's windows (one node), lasts as long as the longest window counts."""
+        tag = subject_tag(subject)
+        digest = hashlib.sha256(token.encode()).hexdigest()[:32]
+        keys = [f"{self._prefix}:{tag}:{limits[0].name}:back:{digest}"]
+        keys.extend(f"{self._prefix}:{tag}:{limit.name}:{_window_start(limit, now)}" for limit in limits)
+        ttl = 2 * max(limit.window for limit in limits)
+        return bool(await self._redis.eval(_UNCOUNT_ONCE, len(keys), *keys, ttl))
 
     async def peek(self, limit: Limit, subject: str, *, now: float | None = None) -> Decision:
         """Whether one more would be allowed, counting nothing (MGET of the two windows: one tag, one node).

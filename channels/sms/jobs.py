@@ -39,7 +39,7 @@ from sqlalchemy import DateTime, String, and_, bindparam, case, func, literal, n
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from channels.sms.encoding import measure
-from channels.sms.routes import STATUS_REPLY_TEMPLATES, apply_parked_reports, parked_key
+from channels.sms.routes import COUNTED_AT, STATUS_REPLY_TEMPLATES, apply_parked_reports, give_back_reply, parked_key
 from channels.sms.sender import SmsTemporaryError, SmsUnconfirmedError
 from channels.sms.templates import (
     OPTIONAL_TEMPLATES,
@@ -291,10 +291,13 @@ class SmsJobs:
                 log.info("reminder not sent" if reminder else "member SMS not sent",
                          extra={"member_id": payload.get("member_id"), "reason": void,
                                 "template": payload.get("template")})
+                unsent = True
                 if existing is not None:  # an earlier attempt stored it: it ends here, unsent (for a reminder,
                     # SKIPPED: not sent, so the next morning's scan may queue its due date again)
-                    await self._move(existing.id, SmsStatus.FAILED, failure_reason=shown_reason(void),
-                                     provider_status=SKIPPED)
+                    unsent = await self._move(existing.id, SmsStatus.FAILED, failure_reason=shown_reason(void),
+                                              provider_status=SKIPPED)
+                if void == SWITCHED_SINCE and unsent:
+                    await _give_back(rt, payload)
                 if void in SAID_ON_THE_JOB:
                     # Said on the job (GET /v1/jobs). A reminder's or member SMS's reason is not: "opted_out" may be
                     # a STOP the number sent to another cooperative, which this one must not learn (it ends DONE
@@ -804,10 +807,24 @@ async def _switch_void(rt: Runtime, conn: AsyncConnection, payload: dict[str, An
     phone_enc = payload.get("phone_enc")
     if not phone_enc:
         return None
-    index = rt.cipher.blind_index(rt.cipher.decrypt(phone_enc, context=SMS_PHONE_CONTEXT))
-    found = await pgraw.first(conn, _NUMBER_OPTED_OUT, {"i": index})
+    found = await pgraw.first(conn, _NUMBER_OPTED_OUT, {"i": _texted(rt, phone_enc)})
     opted_out = bool(found is not None and found[0])
     return None if opted_out == SWITCH_REPLIES[payload["template"]] else SWITCHED_SINCE
+
+
+def _texted(rt: Runtime, phone_enc: str) -> str:
+    """The blind index of the number a reply to STOP or START goes to: the one that texted."""
+    return rt.cipher.blind_index(rt.cipher.decrypt(phone_enc, context=SMS_PHONE_CONTEXT))
+
+
+async def _give_back(rt: Runtime, payload: dict[str, Any]) -> None:
+    """A reply to STOP or START not sent (SWITCHED_SINCE) gives back its count against the number's reply limits
+    (channels.sms.routes.COUNTED_AT), once whatever the runs of its job. One queued without it (an earlier release's,
+    or a retried text's) stays counted."""
+    counted_at = (payload.get("context") or {}).get(COUNTED_AT)
+    phone_enc = payload.get("phone_enc")
+    if isinstance(counted_at, int | float) and phone_enc:
+        await give_back_reply(rt, _texted(rt, phone_enc), message_key(payload), float(counted_at))
 
 
 # Receipts worth sending only while the payment still holds the money they say was received: one queued before

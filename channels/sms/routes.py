@@ -28,7 +28,7 @@ from core.members import number_came_since, number_history, set_number_opt_out
 from core.models import Cooperative, Dispute, Member, Payment, Refund, SmsMessage
 from core.notify import SMS_KEY_SIZE, send_sms
 from core.phone import Phone, PhoneError, normalize
-from core.ratelimit import Limit, RateLimiter
+from core.ratelimit import Limit, RateLimiter, clock
 from core.references import REFERENCE_SHAPE
 from core.runtime import RUNTIME, Runtime
 from core.state import StaleTransition, transition_alone
@@ -57,6 +57,12 @@ DELIVERY_STATUS: dict[str, SmsStatus] = {
 REPLY_LIMIT = Limit("sms:reply", count=5, window=600)
 REPLY_DAILY_LIMIT = Limit("sms:reply-day", count=20, window=86_400)
 HELP_DAILY_LIMIT = Limit("sms:help", count=1, window=86_400, sliding=False)
+# A reply to STOP or START is counted when her text is taken, and may not be sent after all: her other word, taken
+# since, changed what it would tell (channels.sms.jobs: switched_since), or came first (a stale text gets none). Such
+# a reply gives its count back (give_back_reply), else a member switching a few times found her next keyword refused
+# a reply though she got fewer than the limit. Its context keeps when it was counted (clock()): the windows it
+# counted in. Only a count this text's try made: one kept from an earlier try (the aggregator's retry) is not known.
+COUNTED_AT = "counted_at"
 # Replies go only to numbers of the countries the gateway serves (those a cooperative can be in), or of a member:
 # any other sender would cost an international SMS for each text (a wrong number, a robot, a premium-rate scam).
 SERVED_COUNTRIES = frozenset(COUNTRY_CURRENCY)
@@ -443,7 +449,8 @@ async def inbound(request: web.Request) -> web.Response:
         return await _unserved(rt, phone, index, command, inbound_id, retried, date)
     # Checked before, and outside, the transaction that records a STOP or START: Redis failing costs the
     # reply, never the opt-out (a STOP rolled back keeps the reminders coming).
-    reply_allowed = await _reply_allowed(rt, index, phone, command, inbound_id)
+    counted_at = clock()
+    reply_allowed, counted = await _reply_allowed(rt, index, phone, command, inbound_id, counted_at)
 
     async with rt.sessionmaker.begin() as session:
         # Every membership of the number (STOP and START apply to all), the one the reply speaks for first:
@@ -571,6 +578,8 @@ async def inbound(request: web.Request) -> web.Response:
             prefix = shortcode_prefix(text, rt.settings.sms_shortcode_keywords)
             if prefix:
                 context["keyword_prefix"] = prefix
+            if switch and counted:
+                context[COUNTED_AT] = counted_at
             await send_sms(
                 session,
                 template=template,
@@ -583,6 +592,8 @@ async def inbound(request: web.Request) -> web.Response:
             )
     if switch and not retried:
         await _mark_taken(rt, index, inbound_id)  # once committed: a retry of a text not taken still applies it
+    if switch and counted and (retried or stale):
+        await give_back_reply(rt, index, dedupe, counted_at)  # counted, and no reply queued
     if not reply_allowed:
         return web.Response(text="")
     log.info("keyword SMS", extra={"command": command or "unknown", "reply": template})
@@ -684,10 +695,10 @@ def _reply_limits(command: str | None) -> tuple[Limit, ...]:
 
 
 async def _reply_allowed(rt: Runtime, index: str, phone: Phone, command: str | None,
-                         inbound_id: str) -> bool:
+                         inbound_id: str, at: float) -> tuple[bool, bool]:
     """May this phone get a reply to `command` now (see REPLY_LIMIT)? Each limit is counted in turn, up to the
     first that refuses. When they cannot be checked (Redis down or restarting), no: the reply is skipped and
-    logged, and the keyword itself still takes effect.
+    logged, and the keyword itself still takes effect. With whether it was counted here, at `at` (COUNTED_AT).
 
     Counted once per text: the verdict is kept by its inbound id (TAKEN_SECONDS), and the aggregator's retry of the
     text (our answer was late, or failed after the count) gets it again without counting. Counted again, a retry
@@ -698,22 +709,35 @@ async def _reply_allowed(rt: Runtime, index: str, phone: Phone, command: str | N
     try:
         kept = await rt.redis.get(verdict_key)
         if kept is not None:
-            return kept in (b"1", "1")
+            return kept in (b"1", "1"), False
         allowed = True
         for limit in _reply_limits(command):
-            if not (await limiter.hit(limit, index)).allowed:
+            if not (await limiter.hit(limit, index, now=at)).allowed:
                 log.info("keyword reply suppressed: rate limit",
                          extra={"phone": phone.masked(), "limit": limit.name})
                 allowed = False
                 break
         await rt.redis.set(verdict_key, "1" if allowed else "0", ex=TAKEN_SECONDS)
-        return allowed
+        return allowed, allowed
     except (RedisError, OSError, TimeoutError) as exc:
         log.warning(
             "keyword reply skipped: its rate limit could not be checked",
             extra={"phone": phone.masked(), "error": type(exc).__name__},
         )
-        return False
+        return False, False
+
+
+async def give_back_reply(rt: Runtime, index: str, key: str, counted_at: float) -> None:
+    """A reply to STOP or START counted at `counted_at` against the number's (`index`) reply limits and not sent
+    after all (COUNTED_AT) counts no more: each window it was counted in loses it, once for the reply (`key`, its
+    dedupe key: one per text), however often this is asked (its job run again, two runs at once). Best effort:
+    Redis failing leaves it counted, as before (logged)."""
+    try:
+        limits = _reply_limits("STOP")  # a keyword's: REPLY_LIMIT, REPLY_DAILY_LIMIT
+        await RateLimiter(rt.redis).uncount_once(limits, index, key, now=counted_at)
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("a reply not sent could not give its count back: it stays counted",
+                    extra={"error": type(exc).__name__})
 
 
 def _said_at(date: str) -> datetime:

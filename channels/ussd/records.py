@@ -244,8 +244,12 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
     (the session's state, or its first hop's write, tells a hop that): only a row younger than the longest session
     is (previous_before). An older one is left as it is, and told closed before: a late notice of the session the
     sweep closed and counted (past ABANDONED_AFTER, older than any stateless close reaches), or of a previous
-    session of the id, counted by its own close. (A new session of the id whose first hop could not write its row
-    goes uncounted: rarer than a late notice, which counted it twice.)
+    session of the id, counted by its own close. So is no row at all (not `opening`): the session's opening hop
+    counted it without writing one, shed past the cap on hops in flight (busy) or failed (unavailable), and
+    Hubtel's Release or Timeout after that END counted it a second time (abandoned); or it never reached us (a
+    Timeout while its opening hop still runs: the row it writes then is the sweep's to count). (A new session of
+    the id whose first hop could neither write its row nor close it, the database away, goes uncounted: rarer than
+    a late notice or a shed opening hop, which counted it twice.)
 
     `opening`: the close is of the session's opening hop (no late notice): an older row is a previous session's
     of the id, and this session, which has no row, is counted by the caller.
@@ -285,24 +289,17 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
         async with autocommit(rt) as conn:
             before = await pgraw.first(conn, _close_statement(tuple(values), True, stateless), params) is None
             if before:
-                # No row at all (its opening write failed) was not closed before either: the caller counts it.
+                # No row at all (its opening write failed) was not closed before either: the caller counts it; but
+                # for a close without the session's state that is not of its opening hop (see `stateless`).
                 before = await pgraw.first(conn, _close_statement(tuple(values), False, stateless, knows_less),
                                            params) is not None
-                if not before and stateless and not opening:  # no young row: an older one is left, counted
-                    before = await pgraw.first(conn, _any_row_statement(), params) is not None
+                before = before or (stateless and not opening)
     except Exception:
         if before is None:
             raise  # whether the row was closed before is not known: the caller's to judge
         # The first write told it (closed before, or closed now: counted either way); what the hop knows is lost.
         log.warning("ussd session record not completed", exc_info=True, extra={"session_id": session_id})
     return before
-
-
-@functools.cache
-def _any_row_statement() -> Any:
-    table = table_of(UssdSession)
-    return select(table.c.id).where(table.c.aggregator == bindparam("w_aggregator"),
-                                    table.c.session_id == bindparam("w_session_id"))
 
 
 async def record_event(rt: Any, event: SessionEvent) -> bool:

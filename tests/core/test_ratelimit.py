@@ -181,6 +181,25 @@ async def test_uncount_takes_back_one_in_the_window_it_was_counted_in(rt: Any, w
 
 
 @clients
+async def test_uncount_once_takes_back_a_count_once_in_each_limit(rt: Any, which: str) -> None:
+    """A reply to STOP or START not sent after all gives its count back (channels.sms.routes.give_back_reply) in each
+    limit it was counted in, once for that reply: its job run again, or two runs at once, take nothing more. Never
+    below 0."""
+    limiter = RateLimiter(_client(rt, which))
+    short, day = Limit("back:short", 2, window=600), Limit("back:day", 5, window=86_400)
+    now = T0 + 5
+    for _ in range(2):
+        assert (await limiter.hit(short, "u", now=now)).allowed and (await limiter.hit(day, "u", now=now)).allowed
+    assert not (await limiter.hit(short, "u", now=now + 1)).allowed
+    tries = [limiter.uncount_once((short, day), "u", "inbound:at-1", now=now) for _ in range(3)]
+    assert sorted(await asyncio.gather(*tries)) == [False, False, True]
+    assert [(await limiter.peek(limit, "u", now=now + 2)).used for limit in (short, day)] == [1, 1]
+    assert await limiter.uncount_once((short, day), "u", "inbound:at-2", now=now)
+    assert await limiter.uncount_once((short, day), "u", "inbound:at-3", now=now)
+    assert [(await limiter.peek(limit, "u", now=now + 2)).used for limit in (short, day)] == [0, 0]
+
+
+@clients
 async def test_a_full_window_still_weighs_in_through_the_next_one(rt: Any, which: str) -> None:
     """On the real clock (the keys' expiry is Redis's): a window's count is kept while it still weighs in, the
     whole of the next window, so a client that used its whole limit at the start of one window gets only what

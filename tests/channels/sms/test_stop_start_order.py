@@ -17,7 +17,7 @@ from channels.sms.templates import render
 from core.db import utcnow
 from core.models import Member, OutboxJob, PhoneOptOut, SmsMessage
 from tests.channels.sms.test_routes import ALINE
-from tests.conftest import drain, requires_pg, waiting_for_locks
+from tests.conftest import drain, early_in_window, requires_pg, waiting_for_locks
 
 
 async def _text(client: Any, text: str, message_id: str, date: str) -> None:
@@ -84,6 +84,57 @@ async def test_the_reply_to_a_stop_she_undid_since_is_not_sent_after_the_starts(
     await _text(sms_client, "STOP", "at-3", "2026-01-15 10:01:00")
     await drain(worker)
     assert [m["message"] for m in sim.messages(ALINE)][-1] == render("opted_out", "rw", {})
+
+
+async def _replies_to_status(rt: Any, client: Any, count: int) -> int:
+    """How many of `count` STATUS texts (a reference that is none: "not found") get a reply."""
+    for i in range(count):
+        await _text(client, "STATUS PAY_20260115_999999", f"status-{i}", "2026-01-15 10:02:00")
+    async with rt.sessionmaker() as s:
+        jobs = (await s.execute(select(OutboxJob).where(OutboxJob.kind == "sms.send"))).scalars()
+        return sum(job.payload["template"] == "not_found" for job in jobs)
+
+
+async def test_the_reply_to_a_stop_undone_since_gives_its_count_back(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    """Her STOP's reply, judged at its retry, is not sent (switched_since): it uses none of her 5 replies per 10
+    minutes. Counted still, she got 1 reply (the START's) and 3 of her next 4 keywords were answered."""
+    await early_in_window(600, room=60)
+    sim.set_failure("http500", times=1)
+    await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
+    await drain(worker)  # the STOP's reply waits for its retry
+    await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
+    await drain(worker)
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
+    await drain(worker)
+    async with rt.sessionmaker() as s:
+        assert (await s.execute(select(SmsMessage.failure_reason).where(SmsMessage.template == "opted_out"))
+                ).scalar_one() == "not sent: switched_since"
+    assert await _replies_to_status(rt, sms_client, 5) == 4
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 5
+
+
+async def test_replies_to_stop_and_start_not_sent_count_once_and_only_what_went(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    """A reply dropped at its first turn (her START taken before the worker got to her STOP's reply: nothing stored)
+    gives its count back once, its job run again included; the aggregator's retry of that STOP gets no reply and
+    counts nothing; and her STOP taken after her later START (stale: no reply) counts nothing either."""
+    await early_in_window(600, room=60)
+    await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
+    await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
+    await drain(worker)
+    async with rt.sessionmaker.begin() as s:  # the STOP's reply's job run again (its end lost, say)
+        await s.execute(update(OutboxJob).where(OutboxJob.payload["template"].as_string() == "opted_out")
+                        .values(status="PENDING", run_at=utcnow() - timedelta(seconds=1)))
+    await drain(worker)
+    await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")  # the aggregator's retry
+    await _text(sms_client, "STOP", "at-0", "2026-01-15 09:59:59")  # sent before her START, taken after: stale
+    assert [m["message"] for m in sim.messages(ALINE)] == [render("opted_in", "rw", {})]
+    assert await _replies_to_status(rt, sms_client, 5) == 4  # 1 + 4: the fifth is refused
 
 
 @requires_pg

@@ -174,9 +174,10 @@ async def test_hubtels_timeout_of_a_session_whose_state_is_gone_closes_its_row(c
     assert _added(before, _sessions_counted("hubtel")) == {"timed_out": 1, "abandoned": 1}
     row = await _row(db, "hubtel-previous")
     assert (row.status, row.error, row.ended_at) == ("Incomplete", records.TIMED_OUT, swept)
-    # A Timeout of an id no row holds (its first hop's write failed) still counts the session.
+    # A Timeout of an id no row holds counts nothing: its opening hop, shed or failed before writing the row, counted
+    # the session (busy, unavailable), or it never reached us.
     assert (await HubtelPhone(client, HUBTEL_EN_MTN, "hubtel-no-row").post("Timeout", ""))["Type"] == "Release"
-    assert _added(before, _sessions_counted("hubtel")) == {"timed_out": 1, "abandoned": 2}
+    assert _added(before, _sessions_counted("hubtel")) == {"timed_out": 1, "abandoned": 1}
 
 
 async def test_the_end_hop_and_the_notice_at_once_count_each_session_once(client: Any, demo: Any, db: Any,
@@ -432,6 +433,50 @@ async def test_a_shed_hop_mid_session_closes_its_row_once(capped_client: Any, de
     await _age(rt, "hubtel-shed", 11)
     assert await records.close_abandoned(rt) == 0
     assert _added(before, _counted("hubtel", "busy")) == {"busy": 1}
+
+
+async def test_hubtels_release_of_a_shed_opening_hop_counts_nothing_more(capped_client: Any, demo: Any, db: Any,
+                                                                        rt: Any, monkeypatch: Any) -> None:
+    """A Hubtel opening hop shed past the cap on hops in flight is counted busy, nothing written (no row, no state);
+    Hubtel's Release (or Timeout) of that session after our END finds neither, and used to count it abandoned too:
+    twice. It counts nothing: the session is counted once, busy."""
+    from channels.ussd.routes import USSD
+    from tests.channels.ussd.test_overload import Gate
+
+    before = _counted("hubtel", "busy")
+    gate = Gate()
+    monkeypatch.setattr(sessions_module(), "load_opening", gate.hold(sessions_module().load_opening))
+    held = [asyncio.create_task(AtPhone(capped_client, EN_MTN).dial()) for _ in range(2)]
+    await gate.until(2)
+    phone = HubtelPhone(capped_client, HUBTEL_EN_MTN, "hubtel-shed-opening")
+    answer = await phone.post("Initiation", "*384*123#")
+    assert (answer["Type"], answer["Message"]) == ("Release", "Service unavailable, please try again later.")
+    gate.opened.set()
+    await asyncio.gather(*held)
+    assert (await phone.post("Release", ""))["Type"] == "Release"
+    assert (await phone.post("Timeout", ""))["Type"] == "Release"
+    await capped_client.app[USSD].settled()
+    assert _added(before, _counted("hubtel", "busy")) == {"busy": 1}
+    assert await db.count(UssdSession, UssdSession.session_id == "hubtel-shed-opening") == 0
+
+
+async def test_africas_talkings_success_notice_of_a_shed_opening_hop_counts_nothing_more(
+        capped_client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
+    """Africa's Talking's notice of the END that answered a shed opening hop says Success: it writes the session's row
+    and counts nothing (Nalo reports no end at all). The session is counted once, busy."""
+    from tests.channels.ussd.test_overload import Gate
+
+    before = _counted(AT, "busy")
+    gate = Gate()
+    monkeypatch.setattr(sessions_module(), "load_opening", gate.hold(sessions_module().load_opening))
+    held = [asyncio.create_task(AtPhone(capped_client, RW_MTN).dial()) for _ in range(2)]
+    await gate.until(2)
+    phone = AtPhone(capped_client, EN_MTN)
+    assert (await phone.dial()) == "END Service unavailable, please try again later."
+    gate.opened.set()
+    await asyncio.gather(*held)
+    await _notice(capped_client, phone.session_id, "Success")
+    assert _added(before, _counted(AT, "busy")) == {"busy": 1}
 
 
 def sessions_module() -> Any:
