@@ -33,7 +33,8 @@ DOMAIN = out(
     {
         "id": ID,
         "cooperativeId": ID,
-        "domain": {"type": "string"},
+        "domain": {"type": "string", "description": "a host name in lower case, or an IP address in its canonical "
+                   "form (fd00:0::5 is fd00::5), as an endpoint URL's host is compared with it"},
         "status": {"enum": ["PENDING", "APPROVED", "REJECTED"]},
         "decidedBy": NULL_STRING,
         "decidedAt": NULL_DATETIME,
@@ -80,7 +81,10 @@ ATTEMPT = out(
         "at": DATETIME,
         "statusCode": {"type": ["integer", "null"], "description": "null: no answer (timeout, refused, ...)"},
         "latencyMs": {"type": "integer"},
-        "error": {"type": ["string", "null"], "description": "null: delivered (a 2xx answer)"},
+        "error": {"type": ["string", "null"], "description": "null: delivered (a 2xx answer). Not sent at all "
+                  "(statusCode null, retried as any failure): '<name> resolves to <address>, which is not a public "
+                  "address: not sent', or '<address> is not a public address: not sent' for an endpoint on an IP "
+                  "address outside the operator's WEBHOOK_PRIVATE_NETWORKS"},
     }
 )
 DELIVERY = out(

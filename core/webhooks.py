@@ -208,9 +208,18 @@ def _inet_aton(host: str) -> bool:
     return True
 
 
+def canonical_host(host: str) -> str:
+    """An IP literal in its one written form (ipaddress: `fd00:0::5` and `FD00::0005` are `fd00::5`), so that a
+    domain asked for and an endpoint's URL on it compare equal however each was written; a name as it is."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
 def normalize_domain(domain: str, *, embedded: bool = False, private: tuple[str, ...] = ()) -> str:
-    """Lower-case host name; IP literals and localhost only in the embedded default (no SSRF into a LAN), and
-    outside it an IP address in one of the operator's `private` networks (WEBHOOK_PRIVATE_NETWORKS: a
+    """Lower-case host name; IP literals (canonical_host) and localhost only in the embedded default (no SSRF into a
+    LAN), and outside it an IP address in one of the operator's `private` networks (WEBHOOK_PRIVATE_NETWORKS: a
     cooperative's system on the gateway's own LAN; localhost stays refused, its address may be listed)."""
     host = (domain or "").strip().lower().rstrip(".")
     if "://" in host:
@@ -231,7 +240,7 @@ def normalize_domain(domain: str, *, embedded: bool = False, private: tuple[str,
             raise ValidationError(
                 f"webhook domains must be public host names, not IP addresses or localhost{listed}", field="domain"
             )
-        return host
+        return canonical_host(host)
     if not _HOSTNAME.match(host) or "." not in host:
         raise ValidationError(f"{host!r} is not a valid domain name", field="domain")
     if not embedded and (host.rsplit(".", 1)[1].isdigit() or _inet_aton(host)):
@@ -374,9 +383,9 @@ async def approve_domain(
 
 def endpoint_host(url: str) -> str:
     """The domain an endpoint's URL is on, as check_url read it: lower case, the root's dot ("hooks.example.rw.")
-    dropped, as the domain's was."""
+    dropped, as the domain's was, an IP literal in its canonical form (canonical_host)."""
     try:
-        return (urlparse(url).hostname or "").lower().rstrip(".")
+        return canonical_host((urlparse(url).hostname or "").lower().rstrip("."))
     except ValueError:  # stored before check_url refused it: on no domain
         return ""
 
@@ -1231,11 +1240,10 @@ async def refused_destination(url: str, *, embedded: bool, private: tuple[str, .
     approval (or point inward from the start): a name on the LAN repointed to another private address, or to
     loopback or the metadata service, is refused as any other.
 
-    Mirrors the registration check (normalize_domain): an IP literal or localhost host was only ever
-    accepted under the embedded default's allowance or, an IP literal, in a listed network, so it was approved
-    as that address and is not resolved again (nor checked against the list again: taking its network off the list
-    stops new endpoints there, not those already registered; README says to reject the domain too); in the embedded
-    default (one machine, trying it out) names may resolve anywhere.
+    An IP literal is not resolved: it is held to the same rule as the addresses a name resolves to, so an endpoint
+    on an address of a network the operator has since taken off the list is sent nothing from the next start, as a
+    name resolving there is (it was sent to until an admin rejected its domain). A localhost host is resolved as any
+    name. In the embedded default (one machine, trying it out) names and addresses may be anywhere.
     The address is checked just before sending, for a clear reason in the attempt; the webhook client
     (core.http.PublicOnlyResolver) checks again the addresses it connects to, so repointing the name in
     between (DNS rebinding) gets nothing sent either.
@@ -1246,7 +1254,11 @@ async def refused_destination(url: str, *, embedded: bool, private: tuple[str, .
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
     except ValueError as exc:  # a port past 65535, stored before check_url refused it: a recorded failure
         return f"invalid url: {exc}"
-    if embedded or host == "localhost" or _is_ip(host):
+    if embedded:
+        return None
+    if _is_ip(host):
+        if refused_address(host, private):
+            return f"{host.split('%', 1)[0]} is not a public address: not sent"
         return None
     try:
         addresses = await resolve(host, port)

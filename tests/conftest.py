@@ -57,6 +57,10 @@ def _base_env() -> dict[str, str]:
     # A bank payment's POST answers at once, its collect job left to the test's worker as every other payment's:
     # the tests of the wait (core.collect_now) set their own (tests/admin_api/test_bank_payment_url.py).
     env.setdefault("PAYMENT_URL_WAIT_SECONDS", "0")
+    # The tests' webhook receivers listen on this machine: as deployed (PostgreSQL) they are reached as an operator's
+    # staging receiver is, its address listed (README: WEBHOOK_PRIVATE_NETWORKS). Each delivery checks an endpoint's
+    # IP address against the list, also one registered under the embedded default's allowance (approved_endpoint).
+    env.setdefault("WEBHOOK_PRIVATE_NETWORKS", "127.0.0.1/32")
     return env
 
 

@@ -60,9 +60,14 @@ async def test_names_resolving_inward_are_refused(address, monkeypatch):
     monkeypatch.setattr(webhooks, "resolve", resolve)
     refused = await webhooks.refused_destination(f"https://{DOMAIN}/h", embedded=False)
     assert refused == f"{DOMAIN} resolves to {address.split('%')[0]}, which is not a public address: not sent"
-    # The embedded default (one machine, trying it out) and IP literals approved under it are left alone.
+    # The embedded default (one machine, trying it out) is left alone; outside it an IP address is held to the same
+    # rule, unresolved: sent to only while its network is listed.
     assert await webhooks.refused_destination(f"https://{DOMAIN}/h", embedded=True) is None
-    assert await webhooks.refused_destination("http://127.0.0.1:8080/h", embedded=False) is None
+    assert await webhooks.refused_destination("http://127.0.0.1:8080/h", embedded=True) is None
+    assert await webhooks.refused_destination("http://127.0.0.1:8080/h", embedded=False) == (
+        "127.0.0.1 is not a public address: not sent")
+    assert await webhooks.refused_destination("http://127.0.0.1:8080/h", embedded=False,
+                                              private=("127.0.0.1/32",)) is None
 
 
 async def test_delivery_to_a_name_resolving_inward_sends_nothing(rt, demo, worker, monkeypatch):

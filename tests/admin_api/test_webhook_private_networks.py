@@ -125,3 +125,67 @@ def _job(delivery: WebhookDelivery) -> Any:
     from types import SimpleNamespace
 
     return SimpleNamespace(payload={"endpoint_id": delivery.endpoint_id, "event_id": delivery.event_id})
+
+
+async def test_an_endpoint_on_a_network_taken_off_the_list_is_sent_nothing_from_the_next_start(
+        rt, demo, admin, superadmin, worker, aiohttp_server, monkeypatch):
+    """An IP address is not resolved, but each delivery holds it to the list as it is at the time, as the addresses a
+    name resolves to are: once the operator takes its network off WEBHOOK_PRIVATE_NETWORKS (a new start), its next
+    delivery is not sent, the reason in its attempt (before: sent until an admin rejected the domain)."""
+    received: list[bytes] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app, host="127.0.0.1", port=free_port())
+    url = f"http://127.0.0.1:{server.port}/hook"
+    _deployed(rt, monkeypatch, "127.0.0.1/32")
+    domain = await admin.json("POST", "/v1/webhook-domains", 201, json={"domain": "127.0.0.1"})
+    await superadmin.json("POST", f"/v1/webhook-domains/{domain['id']}/approve", 200)
+    endpoint = await admin.json("POST", "/v1/webhook-endpoints", 201, json={"url": url,
+                                                                            "events": ["payment.completed"]})
+
+    async def emit(event_id: str) -> None:
+        async with rt.sessionmaker.begin() as s:
+            await emit_event(s, cooperative_id=demo["cooperative_id"], event_type="payment.completed",
+                             event_id=event_id, data={"id": event_id})
+        await drain(worker)
+
+    await emit("evt_listed")
+    assert [json.loads(body)["id"] for body in received] == ["evt_listed"]
+
+    _deployed(rt, monkeypatch, "10.0.0.0/8")  # restarted with 127.0.0.1/32 off the list, another network on it
+    await emit("evt_unlisted")
+    assert len(received) == 1
+    deliveries = await admin.json("GET", f"/v1/webhook-endpoints/{endpoint['id']}/deliveries", 200)
+    by_event = {d["eventId"]: d for d in deliveries["data"]}
+    assert by_event["evt_listed"]["status"] == "DELIVERED"
+    unlisted = by_event["evt_unlisted"]
+    assert unlisted["status"] == "PENDING" and unlisted["heldReason"] is None  # retried, as a name resolving there
+    [attempt] = unlisted["attempts"]
+    assert attempt["statusCode"] is None and attempt["error"] == "127.0.0.1 is not a public address: not sent"
+    # Refused at registration as well, now that it is not listed.
+    refused = await admin.json("POST", "/v1/webhook-endpoints", 400, json={"url": url.replace("/hook", "/other"),
+                                                                           "events": ["payment.completed"]})
+    assert refused["message"] == [f"{IP_REFUSED}, except an address of the networks the operator allows"]
+
+
+async def test_an_ipv6_domain_and_an_endpoint_on_it_match_however_each_is_written(
+        rt, demo, admin, superadmin, monkeypatch):
+    """An IP literal is compared in its canonical form (ipaddress) on both sides: the domain asked for `fd00:0::5` is
+    the one an endpoint at `[fd00::5]` is on (before: stored as written, the endpoint refused 403 "not approved")."""
+    _deployed(rt, monkeypatch, "fd00::/8")
+    domain = await admin.json("POST", "/v1/webhook-domains", 201, json={"domain": "FD00:0::5"})
+    assert domain["domain"] == "fd00::5"
+    again = await admin.json("POST", "/v1/webhook-domains", 201, json={"domain": "fd00:0000:0:0::0005"})
+    assert again["id"] == domain["id"]  # the same request, however it is written
+    await superadmin.json("POST", f"/v1/webhook-domains/{domain['id']}/approve", 200)
+    for url in ("http://[fd00::5]:8080/h", "https://[fd00:0:0::0005]/h"):
+        endpoint = await admin.json("POST", "/v1/webhook-endpoints", 201, json={"url": url,
+                                                                                "events": ["payment.completed"]})
+        assert endpoint["url"] == url and endpoint["domainStatus"] == "APPROVED"
+    listed = await admin.json("GET", "/v1/webhook-endpoints", 200)
+    assert [e["domainStatus"] for e in listed["data"]] == ["APPROVED", "APPROVED"]

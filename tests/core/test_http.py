@@ -345,8 +345,12 @@ async def test_public_only_client_never_connects_inward(aiohttp_server: Any) -> 
         assert hits == ["/hook"]
 
 
-async def test_runtime_webhook_client_is_public_only_outside_the_embedded_default(rt: Any,
+async def test_runtime_webhook_client_is_public_only_outside_the_embedded_default(settings: Any,
                                                                                  aiohttp_server: Any) -> None:
+    import dataclasses
+
+    from app import open_runtime
+
     hits: list[str] = []
 
     async def handler(request: web.Request) -> web.Response:
@@ -354,15 +358,17 @@ async def test_runtime_webhook_client_is_public_only_outside_the_embedded_defaul
         return web.Response(text="ok")
 
     server = await _serve(aiohttp_server, handler)
-    assert rt.webhook_http is not None and rt.webhook_http is not rt.http
     url = f"http://localhost:{server.port}/hook"
-    if rt.settings.is_embedded:  # one machine, trying it out: a local receiver is allowed
-        assert (await rt.webhook_http.post(url, content=b"{}")).status_code == 200
-        assert hits == ["/hook"]
-    else:
-        with pytest.raises(httpx.ConnectError):
-            await rt.webhook_http.post(url, content=b"{}")
-        assert hits == []
+    # No WEBHOOK_PRIVATE_NETWORKS (the suite's settings list its receivers' 127.0.0.1/32).
+    async with open_runtime(dataclasses.replace(settings, webhook_private_networks=())) as rt:
+        assert rt.webhook_http is not None and rt.webhook_http is not rt.http
+        if rt.settings.is_embedded:  # one machine, trying it out: a local receiver is allowed
+            assert (await rt.webhook_http.post(url, content=b"{}")).status_code == 200
+            assert hits == ["/hook"]
+        else:
+            with pytest.raises(httpx.ConnectError):
+                await rt.webhook_http.post(url, content=b"{}")
+            assert hits == []
 
 
 @pytest.mark.parametrize("inward", ["127.0.0.1", "192.168.1.1", "10.1.0.7", "169.254.169.254", "::1",

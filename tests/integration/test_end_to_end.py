@@ -40,7 +40,9 @@ pytestmark = [requires_pg, needs_servers]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = start_stack(tmp_path_factory.mktemp("e2e"), os.environ["DATABASE_URL"], os.environ["REDIS_URL"])
+    # The webhook receiver listens on this machine: listed, as an operator lists a staging receiver's address.
+    s = start_stack(tmp_path_factory.mktemp("e2e"), os.environ["DATABASE_URL"], os.environ["REDIS_URL"],
+                    env_overrides={"WEBHOOK_PRIVATE_NETWORKS": "127.0.0.1/32"})
     try:
         yield s
     finally:
@@ -182,19 +184,19 @@ async def test_admin_sees_the_payment_and_refunds_part_of_it(stack: Stack, gw: A
 
 
 async def _register_receiver(gw: Any, demo: dict[str, Any], url: str) -> str:
-    """Register a 127.0.0.1 endpoint the way the embedded default allows (the API refuses IP hosts on
-    PostgreSQL deployments, see the test); returns the signing secret."""
+    """Register a 127.0.0.1 endpoint, its address listed in the stack's WEBHOOK_PRIVATE_NETWORKS (the API refuses
+    any other IP host on PostgreSQL deployments, see the test); returns the signing secret."""
     from core import webhooks
     from core.audit import Actor
 
-    actor = Actor("system", "system")
+    actor, private = Actor("system", "system"), gw.settings.webhook_private_networks
     async with gw.sessionmaker.begin() as s:
         domain = await webhooks.request_domain(s, cooperative_id=demo["cooperative_id"], domain="127.0.0.1",
-                                               actor=actor, embedded=True)
+                                               actor=actor, private=private)
         await webhooks.approve_domain(s, domain_id=domain.id, actor=actor, is_super_admin=True)
         _endpoint, secret = await webhooks.register_endpoint(
             s, gw.cipher, cooperative_id=demo["cooperative_id"], url=url,
-            events=["payment.completed", "payment.failed", "refund.completed"], actor=actor, embedded=True)
+            events=["payment.completed", "payment.failed", "refund.completed"], actor=actor, private=private)
     return secret
 
 
@@ -216,12 +218,13 @@ async def test_registered_webhook_endpoint_receives_signed_events(stack: Stack, 
     await web.TCPSite(runner, "127.0.0.1", port).start()
     url = f"http://127.0.0.1:{port}/hooks/gateway"
     try:
-        # Through the API, outside the embedded default, a LAN/loopback address is refused as such: over https too
-        # (plain http is refused there before its host is looked at).
+        # Through the API, outside the embedded default, a LAN/loopback address not listed is refused as such, over
+        # http and https (127.0.0.2: loopback, but only 127.0.0.1 is listed).
         token = await admin_token(http, stack.serve_url(0), demo["admin"])
-        for refused, why in ((url, "webhook url must use https"),
-                             (url.replace("http://", "https://", 1),
-                              "webhook domains must be public host names, not IP addresses or localhost")):
+        unlisted = url.replace("127.0.0.1", "127.0.0.2", 1)
+        why = ("webhook domains must be public host names, not IP addresses or localhost, except an address of the "
+               "networks the operator allows")
+        for refused in (unlisted, unlisted.replace("http://", "https://", 1)):
             async with http.post(f"{stack.serve_url(0)}/v1/webhook-endpoints", json={
                     "url": refused, "events": ["payment.completed"]},
                     headers={"Authorization": f"Bearer {token}"}) as resp:
