@@ -158,10 +158,10 @@ _NOTES = {
                        "endpoint that was DELETEd (enable it first), or for a url another ACTIVE endpoint of the "
                        "cooperative has (as at registration).",
     "create_endpoint": "409 when an ACTIVE endpoint of the cooperative has the url already (scheme and host in any "
-                       "case, the default port, a trailing slash: the same url), its id in the message: each event "
-                       "goes to every endpoint, so a second one would be sent everything twice. A registration "
-                       "retried after a lost answer gets that 409: rotate the endpoint's secret if it was lost. A "
-                       "DELETEd endpoint's url may be registered again.",
+                       "case, an IP address in any written form, the default port, a trailing slash: the same url), "
+                       "its id in the message: each event goes to every endpoint, so a second one would be sent "
+                       "everything twice. A registration retried after a lost answer gets that 409: rotate the "
+                       "endpoint's secret if it was lost. A DELETEd endpoint's url may be registered again.",
     "rotate_secret": "409 for an endpoint that was DELETEd: enable it first.",
     "enable_endpoint": "409 when another ACTIVE endpoint of the cooperative has its url (registered since it was "
                        "deleted), or no room is left for it.",

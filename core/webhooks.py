@@ -541,13 +541,14 @@ _DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
 def url_key(url: str) -> str:
-    """`url` as two registrations of one receiver compare: scheme and host whatever their case, the scheme's
-    default port as none, a trailing slash of the path as none; the path (case included) and query as typed.
+    """`url` as two registrations of one receiver compare: scheme and host whatever their case (an IP literal in
+    its canonical form, canonical_host: [fd00:0::5] is [fd00::5]), the scheme's default port as none, a trailing
+    slash of the path as none; the path (case included) and query as typed.
     The URL is stored and called as it was given. One stored before check_url refused it (a port past 65535) is
     its own key, as typed: it matches no other, and the cooperative's registrations do not fail on it."""
     # urlsplit: urlparse takes a ";params" off the path, and /hook;tenant=a and /hook;tenant=b compared the same.
     parsed = urlsplit(url.strip())
-    scheme, host = parsed.scheme.lower(), (parsed.hostname or "").rstrip(".")
+    scheme, host = parsed.scheme.lower(), canonical_host((parsed.hostname or "").rstrip("."))
     try:
         port = parsed.port
     except ValueError:

@@ -189,3 +189,21 @@ async def test_an_ipv6_domain_and_an_endpoint_on_it_match_however_each_is_writte
         assert endpoint["url"] == url and endpoint["domainStatus"] == "APPROVED"
     listed = await admin.json("GET", "/v1/webhook-endpoints", 200)
     assert [e["domainStatus"] for e in listed["data"]] == ["APPROVED", "APPROVED"]
+
+
+async def test_a_second_endpoint_at_an_ip_url_written_otherwise_is_a_conflict(rt, demo, admin, superadmin,
+                                                                              monkeypatch):
+    """Two registrations of one receiver on an IPv6 address compare as one (url_key, the address in its canonical
+    form) as its domain does: http://[fd00:0::5]/h after http://[fd00::5]/h is 409 naming the first (before: a
+    second endpoint, 201, and the receiver sent every event twice, one copy signed with a secret it never kept)."""
+    _deployed(rt, monkeypatch, "fd00::/8")
+    domain = await admin.json("POST", "/v1/webhook-domains", 201, json={"domain": "fd00::5"})
+    await superadmin.json("POST", f"/v1/webhook-domains/{domain['id']}/approve", 200)
+    first = await admin.json("POST", "/v1/webhook-endpoints", 201, json={"url": "http://[fd00::5]/h",
+                                                                         "events": ["payment.completed"]})
+    for url in ("http://[fd00:0::5]/h", "http://[FD00:0000::0005]:80/h/"):
+        conflict = await admin.json("POST", "/v1/webhook-endpoints", 409, json={"url": url,
+                                                                                "events": ["payment.completed"]})
+        assert conflict["code"] == "WEBHOOK_URL_TAKEN" and first["id"] in conflict["message"], conflict
+    listed = await admin.json("GET", "/v1/webhook-endpoints", 200)
+    assert [e["id"] for e in listed["data"]] == [first["id"]]
