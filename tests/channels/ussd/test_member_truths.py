@@ -203,9 +203,11 @@ LONG = ("Koperative y'Abahinzi b'Ikawa ba Maraba na Nyamagabe KOAIMA",
 
 
 async def _member_of(rt: Any, names: tuple[str, ...]) -> None:
+    # The cooperatives first (add_cooperative commits its own transaction): made inside the members' one, the second
+    # waited for the write lock that transaction held on SQLite and failed, "database is locked".
+    coops = [await add_cooperative(rt, name, str(n)) for n, name in enumerate(names, start=7)]
     async with rt.sessionmaker.begin() as s:
-        for n, name in enumerate(names, start=7):
-            coop = await add_cooperative(rt, name, str(n))
+        for coop in coops:
             await create_member(s, rt.cipher, cooperative_id=coop, name="Jean Bosco", phone=normalize(MEMBERS["en"]),
                                 actor=Actor("system", "system"), language="en", status="ACTIVE")
 
