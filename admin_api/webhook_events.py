@@ -161,7 +161,9 @@ _SAYS = {
     "dispute.updated": "A dispute moved: UNDER_REVIEW, or ended RESOLVED (refundId: the refund it was resolved "
                        "with, if any), REJECTED or WITHDRAWN; or a note or evidence was added to it without a move "
                        "(once per note; status unchanged, updatedAt the note's; notes are not in the event: read "
-                       "them with GET /v1/disputes/{id}).",
+                       "them with GET /v1/disputes/{id}). The notes the gateway writes itself (a refund made on the "
+                       "payment, or one that failed) send none: the refund's events, once it ends, name the dispute "
+                       "(disputeId).",
 }
 
 _HEADERS = [

@@ -312,13 +312,20 @@ async def _rely_on_unsettled(session: AsyncSession, dispute: Dispute) -> list[st
     request_refund): one that then fails, or is withdrawn, is noted on it (core.refunds._note_on_dispute) and lists
     it in ?refundFailed=true (admin_api.disputes) until a refund made since is not FAILED; its disputeId names it.
     Without the link that failure reached no one who had resolved it. Their updated_at kept: the link is no change
-    of the refund's own (its events tell its end). Returns their ids, for the resolution's audit row."""
-    linked = await session.execute(
-        update(Refund).where(Refund.payment_id == dispute.payment_id, Refund.dispute_id.is_(None),
-                             Refund.status.in_(UNSETTLED_REFUNDS))
-        .values(dispute_id=dispute.id, updated_at=Refund.updated_at).returning(Refund.id)
-        .execution_options(synchronize_session="fetch"))
-    return sorted(linked.scalars().all())
+    of the refund's own (its events tell its end). Returns their ids, for the resolution's audit row.
+
+    Locked in id order first, as a member's erasure locks her refunds (core.members._refuse_open_money): one
+    UPDATE locked them in the order it read them, and with two of them a resolution and an erasure at the same
+    moment deadlocked (one rolled back)."""
+    unsettled = (await session.execute(
+        select(Refund.id).where(Refund.payment_id == dispute.payment_id, Refund.dispute_id.is_(None),
+                                Refund.status.in_(UNSETTLED_REFUNDS))
+        .order_by(Refund.id).with_for_update())).scalars().all()
+    if unsettled:
+        await session.execute(update(Refund).where(Refund.id.in_(unsettled))
+                              .values(dispute_id=dispute.id, updated_at=Refund.updated_at)
+                              .execution_options(synchronize_session="fetch"))
+    return sorted(unsettled)
 
 
 async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, cooperative_id: str | None,

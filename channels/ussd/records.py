@@ -251,8 +251,9 @@ async def closed(rt: Any, *, aggregator: str, session_id: str, status: str = "Su
     the id whose first hop could neither write its row nor close it, the database away, goes uncounted: rarer than
     a late notice or a shed opening hop, which counted it twice.)
 
-    `opening`: the close is of the session's opening hop (no late notice): an older row is a previous session's
-    of the id, and this session, which has no row, is counted by the caller.
+    `opening`: the close is a hop's of the session, no late notice (its opening hop's, or any hop's ended
+    unanswered: UssdService.ended_unanswered): an older row is a previous session's of the id, and this session,
+    which has no row, is counted by the caller.
 
     `error`: why the session ended so, when the gateway ended it itself (the hop answered busy, unavailable or
     unsettled: UssdService.ended_unanswered), written with the status as the row's end.

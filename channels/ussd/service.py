@@ -381,8 +381,14 @@ class UssdService:
         the first close of its row (_closed), as any other. Left OPEN, Hubtel and Nalo, which report no end after
         our END, had the sweep count it a second time (timed_out). Stateless: the hop's answer did not read the
         session's state (shed), or may not have (failed). `counted()`: the hop counted the session itself
-        meanwhile (Africa's Talking, its close not done when answered: routes.UssdChannel.end_unanswered)."""
-        before = await self._closed(rt, turn, None, status="Incomplete", error=outcome, opening=turn.is_new)
+        meanwhile (Africa's Talking, its close not done when answered: routes.UssdChannel.end_unanswered).
+
+        A hop is never a notice after the session's end (`opening`): a session with no row of its own is one this
+        hop opened, as _first_hop takes it (it writes the row), and is counted here. Not only an is_new hop: Africa's
+        Talking's opening hop with a cooperative's code dialled (*384*123*7#, text "7") is not, and one failing
+        before its row was written went uncounted (its close taken for a Hubtel Release after a shed opening hop,
+        the Success notice of our END counting nothing)."""
+        before = await self._closed(rt, turn, None, status="Incomplete", error=outcome, opening=True)
         if not before and not counted():
             metrics.USSD_SESSIONS.labels(aggregator=turn.aggregator, outcome=outcome).inc()
 

@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import select, text
 
 from core.audit import Actor
-from core.disputes import open_dispute
+from core.disputes import move_dispute, open_dispute
+from core.errors import Conflict
 from core.members import erase_member
 from core.models import Dispute, Member, Payment, Refund
 from tests.admin_api.conftest import Caller, idem
@@ -227,3 +228,52 @@ async def test_a_late_completion_racing_her_erasure_tells_of_her_payment_scrubbe
     assert (completed["data"]["id"], completed["data"]["paymentAccount"]) == (cancelled.id, "erased")
     for personal in (NAME, cancelled.payment_account_masked):
         assert personal not in json.dumps(events, ensure_ascii=False), events
+
+
+@requires_pg
+async def test_a_resolution_relying_on_her_refunds_while_she_is_erased_never_deadlocks(
+        rt: Any, admin: Caller, demo: Any) -> None:
+    """Two refunds of her payment on their way (the older with the greater id) when the officer resolves her dispute
+    without a refund of its own (core.disputes._rely_on_unsettled links them) while an admin erases her: the erasure
+    locks her refunds in id order (core.members._refuse_open_money), the resolution's UPDATE locked them as it read
+    them (the older first), and PostgreSQL ended the deadlock by rolling one of the two back. Taken in id order,
+    the resolution waits: the erasure is refused for the refunds still open (409), the dispute resolved on them."""
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    older, newer = ({"id": "0"}, {"id": "1"})
+    while older["id"] < newer["id"]:  # (random ids: tried again, on another payment, until the older has the greater)
+        paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+        older = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                                 json={"amount": 1000, "idempotencyKey": idem()})
+        newer = await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201,
+                                 json={"amount": 1000, "idempotencyKey": idem()})
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid.id, "reason": "OTHER"})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def erased() -> Member:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await erase_member(s, await s.get(Member, jeanne["id"]), actor=ADMIN)
+
+    async def resolved() -> Dispute:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await move_dispute(s, rt, dispute_id=dispute["id"], cooperative_id=None, target="RESOLVED",
+                                      actor=ADMIN, note="refunded already, on its way")
+
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()  # holds the refund of the lower id while both line up for it: the erasure first
+        await blocker.execute(select(Refund.id).where(Refund.id == newer["id"]).with_for_update())
+        erasure = asyncio.create_task(erased())
+        await waiting_for_locks(rt, 1)
+        resolution = asyncio.create_task(resolved())
+        await waiting_for_locks(rt, 2)
+        await blocker.commit()
+        refused, done = await asyncio.gather(erasure, resolution, return_exceptions=True)
+    finally:
+        await blocker.close()
+    assert isinstance(refused, Conflict) and "refund(s) still open" in str(refused), refused
+    assert isinstance(done, Dispute) and done.status == "RESOLVED", done
+    async with rt.sessionmaker() as s:
+        linked = (await s.execute(select(Refund.id).where(Refund.dispute_id == dispute["id"]))).scalars().all()
+    assert sorted(linked) == sorted([older["id"], newer["id"]])

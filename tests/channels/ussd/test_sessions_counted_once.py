@@ -460,6 +460,26 @@ async def test_hubtels_release_of_a_shed_opening_hop_counts_nothing_more(capped_
     assert await db.count(UssdSession, UssdSession.session_id == "hubtel-shed-opening") == 0
 
 
+async def test_africas_talkings_opening_hop_with_its_code_in_the_text_answered_unavailable_is_counted(
+        client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
+    """Africa's Talking sends a cooperative's code dialled (*384*123*7#) as the opening hop's text ("7"): that hop
+    is not is_new. One that fails (Redis away) before writing its row is answered "service unavailable": it opened the
+    session, which has no row, and counts it (unavailable), once: its close, which finds no row, took it for a Hubtel
+    Release after a shed opening hop and counted nothing, and the Success notice of our END counts nothing either."""
+    from channels.ussd import service
+    from channels.ussd.routes import USSD
+
+    before = _counted(AT, "unavailable")
+    phone = AtPhone(client, EN_MTN)
+    phone.inputs.append("7")
+    with monkeypatch.context() as patched:
+        patched.setattr(service.sessions, "load", _redis_down)
+        assert (await phone.dial()) == "END Service unavailable, please try again later."
+    await client.app[USSD].settled()
+    await _notice(client, phone.session_id, "Success")
+    assert _added(before, _counted(AT, "unavailable")) == {"unavailable": 1}
+
+
 async def test_africas_talkings_success_notice_of_a_shed_opening_hop_counts_nothing_more(
         capped_client: Any, demo: Any, db: Any, rt: Any, monkeypatch: Any) -> None:
     """Africa's Talking's notice of the END that answered a shed opening hop says Success: it writes the session's row
