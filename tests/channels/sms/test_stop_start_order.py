@@ -57,12 +57,9 @@ async def test_a_stop_taken_before_the_start_she_sent_first_leaves_reminders_off
     assert await _state(rt, demo) == (False, False)
 
 
-async def test_the_reply_to_a_stop_she_undid_since_is_not_sent_after_the_starts(
-    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
-) -> None:
-    """Both taken in order, but their replies go as the worker gets to them: the STOP's first try failed (an
-    aggregator's 500), the START's went, and the STOP's retry told her "no more reminders" last, while her START had
-    turned them back on. Judged at its turn, it is not sent; the row says so."""
+async def _stop_undone_since(rt: Any, sms_client: Any, sim: Any, worker: Any) -> None:
+    """STOP, its reply's first try failing (an aggregator's 500), then START, whose reply goes; then the STOP's
+    reply's retry, judged at its turn."""
     sim.set_failure("http500", times=1)
     await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
     await drain(worker)  # the STOP's reply waits for its retry
@@ -71,6 +68,15 @@ async def test_the_reply_to_a_stop_she_undid_since_is_not_sent_after_the_starts(
     async with rt.sessionmaker.begin() as s:
         await s.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
     await drain(worker)
+
+
+async def test_the_reply_to_a_stop_she_undid_since_is_not_sent_after_the_starts(
+    rt: Any, demo: dict[str, Any], sms_client: Any, sim: Any, worker: Any
+) -> None:
+    """Both taken in order, but their replies go as the worker gets to them: the STOP's first try failed (an
+    aggregator's 500), the START's went, and the STOP's retry told her "no more reminders" last, while her START had
+    turned them back on. Judged at its turn, it is not sent; the row says so."""
+    await _stop_undone_since(rt, sms_client, sim, worker)
     assert await _state(rt, demo) == (False, False)
     assert [m["message"] for m in sim.messages(ALINE)] == [render("opted_in", "rw", {})]
     async with rt.sessionmaker() as s:
@@ -101,14 +107,7 @@ async def test_the_reply_to_a_stop_undone_since_gives_its_count_back(
     """Her STOP's reply, judged at its retry, is not sent (switched_since): it uses none of her 5 replies per 10
     minutes. Counted still, she got 1 reply (the START's) and 3 of her next 4 keywords were answered."""
     await early_in_window(600, room=60)
-    sim.set_failure("http500", times=1)
-    await _text(sms_client, "STOP", "at-1", "2026-01-15 10:00:00")
-    await drain(worker)  # the STOP's reply waits for its retry
-    await _text(sms_client, "START", "at-2", "2026-01-15 10:00:05")
-    await drain(worker)
-    async with rt.sessionmaker.begin() as s:
-        await s.execute(update(OutboxJob).values(run_at=utcnow() - timedelta(seconds=1)))
-    await drain(worker)
+    await _stop_undone_since(rt, sms_client, sim, worker)
     async with rt.sessionmaker() as s:
         assert (await s.execute(select(SmsMessage.failure_reason).where(SmsMessage.template == "opted_out"))
                 ).scalar_one() == "not sent: switched_since"
