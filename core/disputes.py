@@ -29,7 +29,7 @@ from core.models import Dispute, Member, OutboxJob, Payment, Refund
 from core.money import Money
 from core.notify import changed_at, event_job, notice_jobs, sms_dedupe
 from core.outbox import NewJob, enqueue_many
-from core.payments import _check_key
+from core.payments import check_idempotency_key
 from core.references import cooperative_reference
 from core.refunds import payer_to_tell
 from core.state import transition
@@ -150,7 +150,7 @@ async def open_keyed_dispute(session: AsyncSession, *, payment: Payment, reason:
     it was closed. Another request under the key: 409 IDEMPOTENCY_KEY_REUSED. Two at once with one key: the
     payment's lock makes the second find the first's dispute; for two payments, the unique index refuses the
     second (uq_disputes_cooperative_key)."""
-    key = _check_key(idempotency_key)
+    key = check_idempotency_key(idempotency_key)
     digest = _request_hash(payment.id, reason, note)
     await _lock_payment(session, payment)
     existing = await _by_key(session, payment.cooperative_id, key)

@@ -169,7 +169,8 @@ def _same_request(cipher: PiiCipher, stored: str, digest: str) -> bool:
 KEY_SIZE = 128
 
 
-def _check_key(key: str) -> str:
+def check_idempotency_key(key: str) -> str:
+    """A request's idempotency key, stripped, or a ValidationError: a payment's, a recorded payment's, a dispute's."""
     key = (key or "").strip()
     if not 8 <= len(key) <= KEY_SIZE or not key.isprintable():
         raise ValidationError("idempotencyKey must be 8 to 128 printable characters", field="idempotencyKey")
@@ -248,7 +249,7 @@ async def create_payment(session: AsyncSession, rt: Runtime, new: NewPayment, *,
     `context`: the cooperative, type and member as load_context read them, when the caller already did (with
     payer_index_guess's index when `new.member_from_account`: the paying member is then found in that read).
     """
-    key = _check_key(new.idempotency_key)
+    key = check_idempotency_key(new.idempotency_key)
     if new.method not in METHODS:
         raise ValidationError(f"paymentMethod must be one of {', '.join(METHODS)}", field="paymentMethod")
     if new.channel not in CHANNELS:

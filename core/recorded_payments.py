@@ -28,7 +28,6 @@ from core.payments import (
     METHODS,
     NOT_REVIEWED,
     NewPayment,
-    _check_key,
     _found_by_account,
     _locked_payment,
     _mask_account,
@@ -38,6 +37,7 @@ from core.payments import (
     _refusal,
     _same_or_refused,
     account_context,
+    check_idempotency_key,
     find_by_key,
     get_by_reference,
     keyed_request_hash,
@@ -347,7 +347,7 @@ async def record_payment(session: AsyncSession, rt: Runtime, line: StatementLine
     in the cooperative's time zone, as the payment is (its created_at): the member's receipt and the USSD "My
     payments" show that day, not the day it was recorded."""
     new = line.payment
-    key = _check_key(new.idempotency_key)
+    key = check_idempotency_key(new.idempotency_key)
     note = admin_note(line.note, "what the provider's statement shows")
     txn = _statement_transaction_id(line.provider_transaction_id)
     line = replace(line, gateway_reference=_request_reference(line.gateway_reference))

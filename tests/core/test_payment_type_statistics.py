@@ -6,6 +6,7 @@ ran past its job's time limit at each attempt and no member was reminded."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from itertools import pairwise
 from typing import Any
@@ -85,31 +86,37 @@ async def test_the_reminders_check_of_each_member_reads_the_period_not_the_types
             assert _blind_reads(plan) == [], plan
 
 
-@requires_pg
-async def test_0030_statistics_come_and_go_with_the_revision(migrated_database: str) -> None:
-    """Created at head (filled by the migration's ANALYZE), gone at 0029, created again at 0030."""
-    import asyncio
-
+async def statistics_come_and_go(url: str, name: str, expected: tuple[list[str], list[str]], before: str,
+                                  revision: str) -> None:
+    """Extended statistics `name` ((kinds, columns) as `expected`) are there at head (filled by the migration's
+    ANALYZE), gone once downgraded to `before`, there again at `revision`; the database back at head after."""
     import asyncpg
     from alembic import command
 
     from main import _alembic_config, migrate
 
     settings = make_settings()
-    conn = await asyncpg.connect(migrated_database.replace("postgresql+asyncpg://", "postgresql://"))
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
 
     async def kinds() -> list[Any]:
         return [tuple(r) for r in await conn.fetch(
-            "SELECT stxkind::text[], (SELECT array_agg(attname ORDER BY attname) FROM pg_attribute"
+            "SELECT stxkind::text[], (SELECT array_agg(attname::text ORDER BY attname) FROM pg_attribute"
             " WHERE attrelid = stxrelid AND attnum = ANY(stxkeys)) FROM pg_statistic_ext"
-            " WHERE stxname = 'st_payments_coop_type'")]
+            " WHERE stxname = $1", name)]
 
     try:
-        assert await kinds() == [(["f"], ["cooperative_id", "payment_type_id"])]
-        await asyncio.to_thread(command.downgrade, _alembic_config(settings), "0029")
+        assert await kinds() == [expected]
+        await asyncio.to_thread(command.downgrade, _alembic_config(settings), before)
         assert await kinds() == []
-        await asyncio.to_thread(command.upgrade, _alembic_config(settings), "0030")
-        assert await kinds() == [(["f"], ["cooperative_id", "payment_type_id"])]
+        await asyncio.to_thread(command.upgrade, _alembic_config(settings), revision)
+        assert await kinds() == [expected]
     finally:
         await conn.close()
         await asyncio.to_thread(migrate, settings)
+
+
+@requires_pg
+async def test_0030_statistics_come_and_go_with_the_revision(migrated_database: str) -> None:
+    """Created at head (filled by the migration's ANALYZE), gone at 0029, created again at 0030."""
+    await statistics_come_and_go(migrated_database, "st_payments_coop_type",
+                                 (["f"], ["cooperative_id", "payment_type_id"]), "0029", "0030")

@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 from tests.conftest import make_settings, requires_pg
+from tests.core.test_payment_type_statistics import statistics_come_and_go
 
 KEYS = ["currency", "method", "payment_type_id", "provider", "status"]
 
@@ -15,29 +16,7 @@ KEYS = ["currency", "method", "payment_type_id", "provider", "status"]
 @requires_pg
 async def test_0040_statistics_come_and_go_with_the_revision(migrated_database: str) -> None:
     """Created at head (filled by the migration's ANALYZE), gone at 0039, created again at 0040."""
-    import asyncpg
-    from alembic import command
-
-    from main import _alembic_config, migrate
-
-    settings = make_settings()
-    conn = await asyncpg.connect(migrated_database.replace("postgresql+asyncpg://", "postgresql://"))
-
-    async def kinds() -> list[Any]:
-        return [tuple(r) for r in await conn.fetch(
-            "SELECT stxkind::text[], (SELECT array_agg(attname::text ORDER BY attname) FROM pg_attribute"
-            " WHERE attrelid = stxrelid AND attnum = ANY(stxkeys)) FROM pg_statistic_ext"
-            " WHERE stxname = 'st_payments_report_groups'")]
-
-    try:
-        assert await kinds() == [(["d"], KEYS)]
-        await asyncio.to_thread(command.downgrade, _alembic_config(settings), "0039")
-        assert await kinds() == []
-        await asyncio.to_thread(command.upgrade, _alembic_config(settings), "0040")
-        assert await kinds() == [(["d"], KEYS)]
-    finally:
-        await conn.close()
-        await asyncio.to_thread(migrate, settings)
+    await statistics_come_and_go(migrated_database, "st_payments_report_groups", (["d"], KEYS), "0039", "0040")
 
 
 # Migration 0040's other part: IPv6 webhook domains approved as typed are rewritten in their canonical form, which the
