@@ -144,13 +144,18 @@ async def _messaging(request: web.Request) -> web.Response:
     global_failure = state.take_failure(None)
     if global_failure in HTTP_FAILURES:
         return web.Response(status=HTTP_FAILURES[global_failure], text="Internal Server Error")
+    # A request one of its numbers fails as a whole (a 5xx) reaches nobody, as the API's would: an earlier
+    # recipient must not be inboxed (and sent again on the retry). Only that number's failure is taken.
+    for number in to:
+        pending = state.failures.get(number)
+        if pending is not None and pending.name in HTTP_FAILURES:
+            state.take_failure(number)
+            return web.Response(status=HTTP_FAILURES[pending.name], text="Internal Server Error")
     sender = str(form.get("from", "")) or "AFRICASTKNG"
     size = measure(message)
     recipients = []
     for number in to:
         failure = state.take_failure(number) or global_failure
-        if failure in HTTP_FAILURES:
-            return web.Response(status=HTTP_FAILURES[failure], text="Internal Server Error")
         if not _E164.match(number):
             failure = "InvalidPhoneNumber"
         if failure in SEND_FAILURES:

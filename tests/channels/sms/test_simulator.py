@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from channels.sms.sender import AfricasTalkingConfig, AfricasTalkingSender, SmsAccountError, SmsTemporaryError
-from channels.sms.simulator import create_simulator
+from channels.sms.simulator import STATE, create_simulator
 from core.config import Secret
 from core.phone import Phone
 
@@ -115,6 +115,26 @@ async def test_http_failures_through_the_control_endpoint(
     negative = await http.post(f"{base}/_control", json={"failure": "http500", "times": -1})
     assert negative.status_code == 400 and "times must be 0 or more" in negative.json()["error"]
     assert (await sender(http, base).send(Phone("+250788000001"), "x")).accepted
+
+
+async def test_a_request_failed_by_one_number_reaches_nobody(aiohttp_server: Any, http: httpx.AsyncClient) -> None:
+    """A send to several numbers that one of them fails with a 5xx is refused whole: the numbers before it are not
+    inboxed (the caller sends it again, and each gets it once), and their own failures are not used up."""
+    base, app = await serve(aiohttp_server, delivery_delay=60)
+    state = app[STATE]
+    state.set_failure("UserInBlackList", number="+250788000003", times=1)
+    state.set_failure("http500", number="+250788000002", times=1)
+    form = {"username": "coop", "to": "+250788000001,+250788000003,+250788000002", "message": "x"}
+    refused = await http.post(f"{base}/version1/messaging", headers={"apiKey": KEY}, data=form)
+    assert refused.status_code == 500
+    assert (await http.get(f"{base}/_inbox")).json() == {"inboxes": {}}
+    again = await http.post(f"{base}/version1/messaging", headers={"apiKey": KEY, "Accept": "application/json"},
+                            data=form)
+    assert again.status_code == 201
+    codes = {r["number"]: r["statusCode"] for r in again.json()["SMSMessageData"]["Recipients"]}
+    assert codes == {"+250788000001": 101, "+250788000003": 406, "+250788000002": 101}
+    inboxes = (await http.get(f"{base}/_inbox")).json()["inboxes"]
+    assert {number: len(messages) for number, messages in inboxes.items()} == {"+250788000001": 1, "+250788000002": 1}
 
 
 async def test_delivery_reports_are_posted(aiohttp_server: Any, http: httpx.AsyncClient) -> None:
