@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 
@@ -15,8 +16,20 @@ def is_uuid(value: str | None) -> bool:
 
 def is_number(text: str) -> bool:
     """Only the ASCII digits 0-9, at least one. str.isdigit alone also takes "³" (then int() raises) and
-    other scripts' digits such as "٣" (then int() reads 3): neither is a number a caller meant to send."""
+    other scripts' digits such as "٣" (then int() reads 3): neither is a number a caller meant to send (where a
+    handset may send another script's digits, USSD keys and amounts, ascii_digits reads them first)."""
     return text.isascii() and text.isdigit()
+
+
+def ascii_digits(text: str) -> str:
+    """`text` with each decimal digit of another script written as its ASCII digit (full-width "１", Arabic-Indic
+    "١", Devanagari "१": what a handset set to such a keyboard sends for the key 1), the rest as it is. Decimal
+    digits only (Unicode's Nd): "³" or "①" are no key on a keypad and stay, for is_number to refuse. For USSD
+    keys and amounts, where a number is expected; is_number alone still refuses such digits elsewhere."""
+    if text.isascii():
+        return text
+    return "".join(c if c.isascii() else str(d) if (d := unicodedata.decimal(c, None)) is not None else c
+                   for c in text)
 
 
 def admin_note(note: str | None, what: str) -> str:

@@ -12,7 +12,7 @@ from channels.ussd.types import UssdReply, UssdTurn
 from core import gsm
 from core.errors import DomainError
 from core.money import Money
-from core.text import is_number
+from core.text import ascii_digits, is_number
 
 log = logging.getLogger("gateway.ussd")
 
@@ -252,6 +252,16 @@ def _level(sizes: list[int], over: int) -> int:
     return MIN_NAME
 
 
+def typed_key(text: str) -> str:
+    """A key press as the menus read it: digits of another script as ASCII ones ("１", "١": 1) and a choice
+    typed with leading zeros as its number ("01": 1, "098": More), as a member who pads a choice to two digits
+    means it. "0" (Back) and "00" (Home) are themselves, and zeros only ("000") are no choice."""
+    key = ascii_digits(text)
+    if is_number(key) and key not in (BACK, HOME) and key.strip("0"):
+        return key.lstrip("0")
+    return key
+
+
 def _join(lines: list[str]) -> str:
     return "\n".join(line for line in lines if line)
 
@@ -297,17 +307,20 @@ class Engine:
         if screen is None or isinstance(screen, End):
             state.stack.clear()
             return await self.show(ctx, self.home, push=False)
-        text = text.strip()
-        if text == HOME:
+        # A trailing "#" is the Send key, which some handsets and aggregators leave on the input ("1#"): not
+        # part of what she typed, on a menu or in a name, a code or an amount.
+        text = text.strip().rstrip("#").rstrip()
+        key = typed_key(text)
+        if key == HOME:
             state.stack.clear()
             return await self.show(ctx, self.home, push=False)
-        if text == BACK:
+        if key == BACK:
             if state.page > 0:
                 state.page -= 1
                 return await self.render(ctx)
             previous, _, page = (state.stack.pop() if state.stack else self.home).partition(PAGE)
             return await self.show(ctx, previous, push=False, page=int(page) if is_number(page) else 0)
-        if text == MORE and state.ids and state.data.get("_more"):
+        if key == MORE and state.ids and state.data.get("_more"):
             state.page += 1
             return await self.render(ctx)
         try:
@@ -318,10 +331,10 @@ class Engine:
                     # Without a message of its own, the screen's declared error text is shown.
                     return await self.render(ctx, error=ctx.t(bad.msgid or screen.error, **bad.args_))
                 return await self.show(ctx, await screen.on_valid(ctx, value))
-            key = self._chosen(state, text)
-            if key is None:
+            chosen = self._chosen(state, key)
+            if chosen is None:
                 return await self.render(ctx, error=ctx.t("error.invalid_choice"))
-            return await self.show(ctx, await self._dispatch(ctx, screen, key))
+            return await self.show(ctx, await self._dispatch(ctx, screen, chosen))
         except Invalid as bad:
             return await self.render(ctx, error=ctx.t(bad.msgid or "error.invalid_choice", **bad.args_))
         except DomainError as exc:

@@ -31,7 +31,7 @@ from core.payments import wallets_by_operator
 from core.phone import operator_on_network
 from core.ports import refusal_for
 from core.state.payment import COLLECTED, OPEN, PaymentStatus, holds_money, shown_status
-from core.text import is_number
+from core.text import ascii_digits, is_number
 
 if TYPE_CHECKING:
     from core.payments import NewPayment, PaymentContext
@@ -711,7 +711,9 @@ def _ungrouped(text: str, language: str) -> str:
 async def validate_amount(ctx: Ctx, text: str) -> str:
     currency = ctx.data.get("cur", "RWF")
     places = exponent(currency)
-    text = _ungrouped(text, ctx.state.lang)
+    # Digits of another script as the ASCII ones ("٢٠٠٠٠" is 20000, as on a menu): the confirmation then shows the
+    # amount as the screens write it, before anything is charged.
+    text = _ungrouped(ascii_digits(text), ctx.state.lang)
     if places:
         # A currency with cents (GHS, KES): the amount as the screens write it, "12.50" (French "12,50"). Whole
         # units only refused the usual amount the prompt itself shows ("usual: 20.50 GHS"), and told her to enter

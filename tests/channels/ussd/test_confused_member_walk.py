@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,19 +222,20 @@ async def test_a_confused_members_walk_keeps_every_screen_valid(client: Any, dem
         else:
             key = _random_key(rng, phone.screen)
             on_language = all(w in phone.clean for w in ("Kiswahili", "Ikinyarwanda", "English"))
-            chose = on_language and key.strip() in ("1", "2", "3", "4")
+            meant = _meant(key)
+            chose = on_language and meant in ("1", "2", "3", "4")
             saved = phone.lang
             if chose:
-                phone.lang = {"1": "en", "2": "rw", "3": "fr", "4": "sw"}[key.strip()]
+                phone.lang = {"1": "en", "2": "rw", "3": "fr", "4": "sw"}[meant]
             reply = await walk.hop(phone, key)
             stayed = _same(reply, phone.clean)
             if chose and stayed:
                 phone.lang = saved
-            if key.strip() == "0" and "\n0. " in phone.clean and not reply.startswith("END") and not stayed:
+            if meant == "0" and "\n0. " in phone.clean and not reply.startswith("END") and not stayed:
                 expected = phone.history.pop() if phone.history else reply  # unknown before the walk's start
                 if not _same(reply, expected):
                     walk.fail(phone, f"Back did not return to the previous screen:\n{expected}")
-            elif key.strip() == "00" or chose:
+            elif meant == "00" or chose:
                 phone.history = []
             elif not stayed and reply.startswith("CON") and not _is_offer(phone.clean):
                 # Forward (98. More included: Back from a second page is the first). The offer to continue is
@@ -255,6 +257,13 @@ async def test_a_confused_members_walk_keeps_every_screen_valid(client: Any, dem
     jobs = await db.all(OutboxJob, OutboxJob.kind == "payment.collect")
     assert sorted(j.payload["payment_id"] for j in jobs) == sorted(p.id for p in payments)
     assert walk.confirmed, "the walk never paid: widen it"
+
+
+def _meant(key: str) -> str:
+    """The key as the menus read it: the Send key ("#") left on it dropped, digits of any script ASCII, a choice
+    padded with zeros ("01", "١") its number; "0" and "00" themselves."""
+    typed = "".join(str(unicodedata.decimal(c, c)) for c in key.strip().rstrip("#").rstrip())
+    return typed.lstrip("0") if typed.isascii() and typed.isdigit() and typed.strip("0") else typed
 
 
 def _same(reply: str, screen: str) -> bool:

@@ -182,9 +182,10 @@ async def test_custom_amount_is_validated(client: Any, demo: Any, db: Any, rt: A
     types = await phone.send("1")
     prompt = await phone.send(option(types, "Donation"))
     assert prompt.startswith("CON Enter amount in RWF (usual: 10,000 RWF):")
-    # "²⁰⁰⁰⁰" and "٢٠٠٠٠" are digits to str.isdigit (the first made int() fail, the second read as 20000).
+    # "²⁰⁰⁰⁰" is digits to str.isdigit (and made int() fail), no keys of a keypad (Arabic-Indic "٢٠٠٠٠" is 20000:
+    # test_typed_keys).
     # "1,0000" and "1,00" group no thousands as the screens do ("1,000" is a thousand: test_uganda_tanzania).
-    for bad in ("12.5", "abc", "1,0000", "1,00", "-5", "000", "²⁰⁰⁰⁰", "٢٠٠٠٠"):
+    for bad in ("12.5", "abc", "1,0000", "1,00", "-5", "000", "²⁰⁰⁰⁰"):
         answer = await phone.send(bad)
         assert answer.startswith("CON Enter a whole amount in RWF, e.g. 5000:"), (bad, answer)
     too_big = await phone.send("5000001")
