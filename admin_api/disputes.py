@@ -27,9 +27,16 @@ from admin_api.common import (
 from admin_api.refunds import RETURNED, TO_PAYING_NUMBER, returned_from
 from admin_api.routing import IDEMPOTENT_REPLAYED, Ctx, Route
 from admin_api.validation import ID_KEYWORD, LIMIT, PAGE, Param, check_path_id, own_idempotency_key, period_params
-from core.disputes import STAFF_LABEL, move_dispute, open_dispute, open_keyed_dispute, present_note
+from core.disputes import (
+    STAFF_LABEL,
+    move_dispute,
+    move_keyed_dispute,
+    open_dispute,
+    open_keyed_dispute,
+    present_note,
+)
 from core.errors import DomainError, NotFound, ValidationError
-from core.models import Dispute, Payment, Refund
+from core.models import Dispute, DisputeTransitionKey, Payment, Refund
 from core.money import Money
 from core.state.dispute import DisputeReason, DisputeStatus
 from core.state.refund import RefundStatus
@@ -93,6 +100,15 @@ TRANSITION = obj(
                                                           "POST /v1/payments/{id}/refunds)"},
         "toPayingNumber": {**TO_PAYING_NUMBER, "description": "with refundAmount (true without it: 400, nothing "
                                                               "changed): " + TO_PAYING_NUMBER["description"]},
+        "idempotencyKey": {"type": "string", "minLength": 8, "maxLength": 128,
+                           "description": "optional, the client's own, scoped to the dispute: the same request sent "
+                                          "again under it (the same status, note, evidence, refundAmount, "
+                                          "returnedByProvider and toPayingNumber) answers 200 with the dispute as "
+                                          "it is now, Idempotent-Replayed, whatever happened to it since: no second "
+                                          "note, event, refund, SMS or audit row; another request under it is 409 "
+                                          "IDEMPOTENCY_KEY_REUSED. Without it, a retried note is a second note, and "
+                                          "a retried move that closed the dispute is 409 INVALID_STATE (closed "
+                                          "already)"},
     },
     ["status"],
 )
@@ -244,20 +260,25 @@ async def transition_dispute(request: web.Request, ctx: Ctx) -> web.StreamRespon
         refund_amount = Money.from_api(body["refundAmount"], payment.currency, "refundAmount")
         if not refund_amount.is_positive():  # (400 as for a refund's own amount: core.refunds.request_refund)
             raise ValidationError("refundAmount must be a positive number", field="refundAmount")
+    move: dict[str, Any] = {
+        "dispute_id": dispute.id,
+        "cooperative_id": dispute.cooperative_id,
+        "target": body["status"],
+        "actor": ctx.who.actor,
+        "note": body.get("note"),
+        "evidence": body.get("evidence"),
+        "refund_amount": refund_amount,
+        "returned": await returned_from(ctx, body, dispute.cooperative_id),
+        "to_paying_number": bool(body.get("toPayingNumber")),
+    }
+    key = body.get("idempotencyKey")
+    moved = True
     try:
-        updated = await move_dispute(
-            ctx.session,
-            ctx.rt,
-            dispute_id=dispute.id,
-            cooperative_id=dispute.cooperative_id,
-            target=body["status"],
-            actor=ctx.who.actor,
-            note=body.get("note"),
-            evidence=body.get("evidence"),
-            refund_amount=refund_amount,
-            returned=await returned_from(ctx, body, dispute.cooperative_id),
-            to_paying_number=bool(body.get("toPayingNumber")),
-        )
+        if key is None:
+            updated = await move_dispute(ctx.session, ctx.rt, **move)
+        else:
+            own_idempotency_key(key)  # (one rule for every key a client gives, as POST /v1/disputes)
+            updated, moved = await move_keyed_dispute(ctx.session, ctx.rt, idempotency_key=key, **move)
     except DomainError as exc:
         # The resolution's refund is refused as POST /v1/payments/{id}/refunds refuses one, about its `amount`:
         # here the request names that amount `refundAmount` (the 422 "exceeds the refundable" had no `field`).
@@ -266,7 +287,23 @@ async def transition_dispute(request: web.Request, ctx: Ctx) -> web.StreamRespon
         raise
 
     await ctx.session.commit()
-    return json_response(presenter(ctx)(updated))
+    response = json_response(presenter(ctx)(updated))
+    if not moved:  # a retry under its key: answered as the first was (200), marked as every replay is
+        response.headers[IDEMPOTENT_REPLAYED] = "true"
+    return response
+
+
+async def transition_key_used(ctx: Ctx) -> bool:
+    """Route.replay: whether the request's key was used on this dispute (one the caller sees), where
+    move_keyed_dispute looks for it: a retry is not counted towards the limit, nor refused past it."""
+    key = ctx.body.get("idempotencyKey")
+    if not isinstance(key, str):
+        return False
+    dispute_id = check_path_id(ctx.request.match_info["id"], "dispute")  # (NotFound: no replay, _names_earlier)
+    seen = ctx.who.scope(select(Dispute.id).where(Dispute.id == dispute_id), Dispute).scalar_subquery()
+    used = await ctx.session.execute(select(DisputeTransitionKey.dispute_id).where(
+        DisputeTransitionKey.dispute_id == seen, DisputeTransitionKey.idempotency_key == key.strip()).limit(1))
+    return used.first() is not None
 
 
 ROUTES = [
@@ -316,5 +353,6 @@ ROUTES = [
         "admin",
         body=TRANSITION,
         response=DISPUTE,
+        replay=transition_key_used,
     ),
 ]

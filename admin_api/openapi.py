@@ -136,7 +136,9 @@ _NOTES = {
                           "or key reads 'gateway staff' to an API key), when and how (its resolution, the refund it "
                           "was resolved with), nothing changed; a payment contested again gets a new dispute. 422 "
                           "for a dispute under review sent back to OPEN, or sent its own status without a note or "
-                          "evidence.",
+                          "evidence. The same request sent again under its idempotencyKey (the dispute's) answers "
+                          "200 with the dispute as it is now (Idempotent-Replayed), closed since or not: nothing "
+                          "noted, refunded or told again; another request under it is 409 IDEMPOTENCY_KEY_REUSED.",
     "give_gateway_reference": "Only for a payment recorded with POST /v1/payments/recorded without the request "
                               "that took its money (channel recorded, gatewayReference starting recorded:): 409 for "
                               "any other payment, and for one whose gatewayReference is known already (it is not "

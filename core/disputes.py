@@ -25,7 +25,7 @@ from core.errors import (
     NotFound,
     ValidationError,
 )
-from core.models import Dispute, Member, OutboxJob, Payment, Refund
+from core.models import Dispute, DisputeTransitionKey, Member, OutboxJob, Payment, Refund
 from core.money import Money
 from core.notify import changed_at, event_job, notice_jobs, sms_dedupe
 from core.outbox import NewJob, enqueue_many
@@ -415,3 +415,48 @@ async def move_dispute(session: AsyncSession, rt: Runtime, *, dispute_id: str, c
                   "dispute.updated", target.value.lower(), actor=actor,
                   answer_days=rt.settings.sms_payer_answer_days)
     return updated
+
+
+def _transition_hash(target: DisputeStatus | str, note: str | None, evidence: str | None,
+                     refund_amount: Money | None, returned: ReturnedByProvider | None, to_paying_number: bool) -> str:
+    """The digest of a POST /v1/disputes/{id}/transitions request, which a retry under its idempotency key must
+    match: its fields as the move takes them (an amount in minor units, a chargeback's time as read)."""
+    fields = {"status": getattr(target, "value", target), "note": note, "evidence": evidence,
+              "refundAmount": None if refund_amount is None else [refund_amount.minor, refund_amount.currency],
+              "returnedByProvider": None if returned is None else [returned.provider_transaction_id,
+                                                                   iso_z(returned.completed_at)],
+              "toPayingNumber": to_paying_number}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+async def move_keyed_dispute(session: AsyncSession, rt: Runtime, *, idempotency_key: str, dispute_id: str,
+                             cooperative_id: str | None, target: DisputeStatus | str, actor: Actor,
+                             note: str | None = None, evidence: str | None = None, refund_amount: Money | None = None,
+                             returned: ReturnedByProvider | None = None,
+                             to_paying_number: bool = False) -> tuple[Dispute, bool]:
+    """move_dispute under the client's idempotency key, scoped to the dispute: (the dispute, True) when moved or noted
+    now; (the dispute as it is now, False) when this request is the same again (the same status, note, evidence,
+    refundAmount, returnedByProvider and toPayingNumber), whatever happened to it since: nothing noted, audited,
+    refunded or told again. Without it a retry after a lost answer was a second note and `dispute.updated` event,
+    or, for a move that closed it, a 409 saying it was closed already. Another request under the key: 409
+    IDEMPOTENCY_KEY_REUSED. Two at once with one key: the dispute's row lock, taken before the key is looked up,
+    makes the second find the first's key (its primary key would refuse a second row). The key's row keeps the
+    request's digest, never its note (free text that may name the member)."""
+    key = check_idempotency_key(idempotency_key)
+    digest = _transition_hash(target, note, evidence, refund_amount, returned, to_paying_number)
+    dispute = await lock_row(session, Dispute, dispute_id, cooperative_id)
+    if dispute is None:
+        raise NotFound("dispute not found")
+    done = (await session.execute(select(DisputeTransitionKey.request_hash).where(
+        DisputeTransitionKey.dispute_id == dispute.id, DisputeTransitionKey.idempotency_key == key))).scalar()
+    if done is not None:
+        if done != digest:  # another status, note, evidence or refund: not a retry
+            raise Conflict("Dispute transition with this idempotency key already exists with a different request",
+                           field="idempotencyKey", code=IDEMPOTENCY_KEY_REUSED)
+        return dispute, False
+    moved = await move_dispute(session, rt, dispute_id=dispute.id, cooperative_id=cooperative_id, target=target,
+                               actor=actor, note=note, evidence=evidence, refund_amount=refund_amount,
+                               returned=returned, to_paying_number=to_paying_number)
+    session.add(DisputeTransitionKey(dispute_id=dispute.id, idempotency_key=key, request_hash=digest))
+    await session.flush()
+    return moved, True

@@ -312,6 +312,20 @@ class Dispute(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64))
 
 
+class DisputeTransitionKey(Base):
+    """Migration 0041: a client's idempotency key of POST /v1/disputes/{id}/transitions, scoped to its dispute, and
+    the digest of the request it came with (core.disputes.move_keyed_dispute): a retry after a lost answer is
+    answered with the dispute as it is, not applied again (a second note and event, or a 409 for the resolution it
+    made). The digest only, never the note: free text that may name the member."""
+
+    __tablename__ = "dispute_transition_keys"
+
+    dispute_id: Mapped[str] = mapped_column(UUIDStr, ForeignKey("disputes.id"), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = _created()
+
+
 class SmsMessage(Base):
     __tablename__ = "sms_messages"
     __table_args__ = (

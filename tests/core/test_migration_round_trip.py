@@ -56,6 +56,9 @@ ROWS = [
     "INSERT INTO disputes (id, cooperative_id, payment_id, member_id, reference, reason, status, channel, notes, "
     "created_at, updated_at, idempotency_key, request_hash) VALUES ('rt-s1', 'rt-c1', 'rt-p2', 'rt-m1', "
     f"'RT_DSP_1', 'OTHER', 'OPEN', 'api', '[]', '{T0}', '{T0}', 'rt-dk1', 'dh')",
+    # A note added to it under the client's idempotency key (0041).
+    "INSERT INTO dispute_transition_keys (dispute_id, idempotency_key, request_hash, created_at) VALUES ('rt-s1', "
+    f"'rt-tk1', 'th', '{T0}')",
     "INSERT INTO webhook_endpoints (id, cooperative_id, url, secret_enc, events, status, consecutive_failures, "
     "previous_secrets, created_at, updated_at) VALUES ('rt-w1', 'rt-c1', 'https://erp.example/hook', 's', "
     f"'[\"payment.completed\"]', 'ACTIVE', 0, '[]', '{T0}', '{T0}')",
@@ -75,10 +78,12 @@ ROWS = [
 # again from the memberships' flags, dated when it runs.
 TABLES = {"cooperatives": "id LIKE 'rt-%'", "payment_types": "id LIKE 'rt-%'", "members": "id LIKE 'rt-%'",
           "payments": "id LIKE 'rt-%'", "refunds": "id LIKE 'rt-%'", "disputes": "id LIKE 'rt-%'",
-          "webhook_endpoints": "id LIKE 'rt-%'", "webhook_deliveries": "id LIKE 'rt-%'", "outbox_jobs": "id = 990001",
+          "dispute_transition_keys": "dispute_id LIKE 'rt-%'", "webhook_endpoints": "id LIKE 'rt-%'",
+          "webhook_deliveries": "id LIKE 'rt-%'", "outbox_jobs": "id = 990001",
           "phone_opt_outs": "true", "phone_opt_out_words": "true", "used_refresh_tokens": "true"}
 COLUMNS = {"phone_opt_outs": "phone_index"}
-KEYS = {"phone_opt_outs": "phone_index", "phone_opt_out_words": "phone_index", "outbox_jobs": "id"}
+KEYS = {"phone_opt_outs": "phone_index", "phone_opt_out_words": "phone_index", "outbox_jobs": "id",
+        "dispute_transition_keys": "dispute_id, idempotency_key"}
 
 # What a downgrade past each revision drops (the README's list under "Rolling back the code after a migration"),
 # as (table, column) -> the value it comes back with after upgrading again; a column None: the table's rows.
@@ -97,6 +102,7 @@ LOST: dict[tuple[str, str | None], Any] = {
     ("outbox_jobs", "after_failure"): False,  # 0031
     ("disputes", "idempotency_key"): None,  # 0038 (a retry of its request then opens another once it is closed)
     ("disputes", "request_hash"): None,
+    ("dispute_transition_keys", None): [],  # 0041 (a retry of a transition under its key then applies again)
 }
 
 
@@ -160,5 +166,6 @@ async def test_every_migration_downgrades_and_upgrades_again_with_rows_and_loses
     finally:
         await asyncio.to_thread(command.upgrade, config, "head")
         await _execute(migrated_database, [f"DELETE FROM {table} WHERE {TABLES[table]}" for table in reversed(
-            ["cooperatives", "payment_types", "members", "payments", "refunds", "disputes", "webhook_endpoints",
-             "webhook_deliveries", "outbox_jobs", "phone_opt_outs", "phone_opt_out_words", "used_refresh_tokens"])])
+            ["cooperatives", "payment_types", "members", "payments", "refunds", "disputes", "dispute_transition_keys",
+             "webhook_endpoints", "webhook_deliveries", "outbox_jobs", "phone_opt_outs", "phone_opt_out_words",
+             "used_refresh_tokens"])])
