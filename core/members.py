@@ -39,6 +39,7 @@ from core.models import (
     AdminUser,
     AuditEvent,
     Cooperative,
+    Dispute,
     Member,
     OutboxJob,
     Payment,
@@ -53,6 +54,7 @@ from core.notify import SMS_PHONE_CONTEXT, send_sms
 from core.outbox import DISCARDED, LIVE, SMS_KIND
 from core.phone import Phone
 from core.state import StaleTransition, transition
+from core.state.dispute import DISPUTE
 from core.state.payment import OPEN_VALUES as OPEN_PAYMENT_VALUES
 from core.state.refund import OPEN_VALUES as OPEN_REFUND_VALUES
 from core.state.sms import SKIPPED, SMS, SmsStatus
@@ -645,6 +647,7 @@ async def erase_member(session: AsyncSession, member: Member, *, actor: Actor) -
     await _let_number_go(session, locked, ERASED_MASK)
     await session.execute(update(Member).where(Member.id == locked.id).values(name=ERASED_NAME, unit=None))
     await _erase_events(session, hers)  # before _erase_payments: it finds her payments by her number's index too
+    await _erase_disputes(session, hers)  # (so does this)
     payments = await _erase_payments(session, hers)
     messages = await _erase_messages(session, hers, actor=actor)
     sessions = await _erase_ussd_sessions(session, hers)
@@ -731,14 +734,22 @@ class _Hers:
 async def _refuse_open_money(session: AsyncSession, hers: _Hers) -> None:
     """A Conflict if a payment of the member, or a refund of one, is still open: an open payment still moves money
     (the provider may yet take it, a job still sends), an open refund's job pays out to the payment's account,
-    which must be known. Her payments' refunds are locked first, then her payments:
+    which must be known. Her payments' refunds are locked first, then their disputes, then her payments:
     a refund asked for meanwhile (core.refunds locks its payment) waits, and then finds the account erased."""
     of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at)
     # Their refunds before them (_erase_payments writes both): a refund's outcome (its callback, an admin recording
     # it) locks the refund, then its payment; taken the other way, a late word on a settled refund of hers (failed
     # after all, sent back after all) and the erasure deadlocked, and one was rolled back.
-    await session.execute(select(Refund.id).join(Payment, Payment.id == Refund.payment_id).where(of_hers)
-                          .order_by(Refund.id).with_for_update(of=Refund))
+    refunds = (await session.execute(select(Refund.status).join(Payment, Payment.id == Refund.payment_id)
+                                     .where(of_hers).order_by(Refund.id).with_for_update(of=Refund))).scalars().all()
+    if not any(status in OPEN_REFUND_VALUES for status in refunds):
+        # The disputes of her payments (_erase_disputes writes them) after the refunds, before the payments: a
+        # refund's late outcome locks the refund, its disputes, then the payment (core.refunds), and a resolution
+        # or a refund asked for its dispute, then the payment. A resolution relying on her refunds still open locks
+        # them after its dispute (core.disputes._rely_on_unsettled): with one open the erasure is refused below,
+        # and waiting for the dispute then was a deadlock.
+        await session.execute(select(Dispute.id).join(Payment, Payment.id == Dispute.payment_id).where(of_hers)
+                              .order_by(Dispute.id).with_for_update(of=Dispute))
     statuses = (await session.execute(select(Payment.status).where(of_hers)
                                       .order_by(Payment.id).with_for_update())).scalars().all()
     open_payments = sum(status in OPEN_PAYMENT_VALUES for status in statuses)
@@ -797,6 +808,38 @@ async def _erase_payments(session: AsyncSession, hers: _Hers) -> int:
     return int(done.rowcount)  # type: ignore[attr-defined]
 
 
+# A dispute's resolution as the gateway writes it when the officer closing it typed no note (core.disputes
+# move_dispute: the status it was closed with, in lower case): kept by an erasure, as the gateway's own words.
+_CLOSED_AS_WORDS = tuple(sorted(status.value.lower() for status in DISPUTE.final))
+
+
+def _erased_resolution(resolution: Any) -> Any:
+    """A dispute's resolution once the member is erased: NOTE_ERASED, but none, or the gateway's own word."""
+    return resolution if resolution is None or resolution in _CLOSED_AS_WORDS else NOTE_ERASED
+
+
+async def _erase_disputes(session: AsyncSession, hers: _Hers) -> None:
+    """The disputes of her payments (locked: _refuse_open_money): the free text officers and she wrote on them,
+    which may name her as a review's note may: each note's text and evidence (a statement line, a file's name:
+    typed, as the note is), and the gateway's own notes' text too (it quotes a refund's failure reason or an
+    admin's words on it), become NOTE_ERASED, and the resolution (a closing note; the gateway's own word kept:
+    _erased_resolution). What the gateway wrote stays: each note's time, writer and status, the dispute's status,
+    reason, dates and refund. Their updated_at kept: no move of the dispute's (its next event orders after it)."""
+    of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at)
+    disputes = (await session.execute(select(Dispute.id, Dispute.notes, Dispute.resolution)
+                                      .join(Payment, Payment.id == Dispute.payment_id).where(of_hers)
+                                      .order_by(Dispute.id))).all()
+    for dispute_id, notes, resolution in disputes:
+        erased = [{**note, **{key: NOTE_ERASED for key in ("text", "evidence") if note.get(key) is not None}}
+                  if isinstance(note, dict) else note for note in notes or []]
+        if (erased, _erased_resolution(resolution)) == (notes or [], resolution):
+            continue
+        await session.execute(update(Dispute).where(Dispute.id == dispute_id)
+                              .values(notes=erased, resolution=_erased_resolution(resolution),
+                                      updated_at=Dispute.updated_at)
+                              .execution_options(synchronize_session=False))
+
+
 def _note_erased(text: Any, prefixes: Sequence[str]) -> Any:
     """_without_note on a stored webhook event's failureReason."""
     for prefix in prefixes:
@@ -806,9 +849,10 @@ def _note_erased(text: Any, prefixes: Sequence[str]) -> Any:
 
 
 def _erased_event_data(event_type: str, data: Any) -> Any:
-    """A stored webhook event's `data` about her payment or refund as _erase_payments leaves the row it was built
-    from: the payment's account mask "erased", a person's note in failureReason and a review's note
-    NOTE_ERASED; a refund's reason null and an admin's note in failureReason NOTE_ERASED. Anything else as sent.
+    """A stored webhook event's `data` about her payment, refund or dispute as _erase_payments and _erase_disputes
+    leave the row it was built from: the payment's account mask "erased", a person's note in failureReason and a
+    review's note NOTE_ERASED; a refund's reason null and an admin's note in failureReason NOTE_ERASED; a dispute's
+    resolution NOTE_ERASED but the gateway's own word (_erased_resolution). Anything else as sent.
     What _erased_event_sql writes in the database (_erase_events), said in Python: the tests compare the two."""
     from core.provider_events import CANCELLED_BY_COOPERATIVE
     from core.recorded_payments import VOIDED_RECORDING
@@ -831,6 +875,8 @@ def _erased_event_data(event_type: str, data: Any) -> Any:
             erased["reason"] = None
         if "failureReason" in erased:
             erased["failureReason"] = _note_erased(erased["failureReason"], BY_A_PERSON)
+    elif event_type.startswith("dispute.") and "resolution" in erased:
+        erased["resolution"] = _erased_resolution(erased["resolution"])
     return erased
 
 
@@ -842,15 +888,18 @@ async def _erase_events(session: AsyncSession, hers: _Hers) -> None:
     id (a receiver that had it drops the repeat), and a job being fanned out meanwhile writes its deliveries scrubbed,
     or before this scrubs them (core.webhooks.fan_out). One a worker is sending at this moment goes as it read it.
     Found by the id in their data (ix_webhook_deliveries_subject, ix_outbox_jobs_event_subject), a bounded batch at a
-    time, one UPDATE a table for each; their updated_at kept (retention reads it). A dispute's events are left, as
-    its row is (README)."""
+    time, one UPDATE a table for each; their updated_at kept (retention reads it). The events of their disputes
+    too (dispute.*: their resolution, as _erase_disputes leaves the row)."""
     of_hers = hers.rows(Payment.member_id, Payment.cooperative_id, Payment.payment_account_index, Payment.created_at)
     payment_ids = (await session.execute(select(Payment.id).where(of_hers))).scalars().all()
-    refund_ids: list[str] = []
+    of_payments: list[str] = []  # their refunds' and disputes' ids
     for start in range(0, len(payment_ids), _JOBS_AT_ONCE):
-        refund_ids += (await session.execute(select(Refund.id).where(
-            Refund.payment_id.in_(payment_ids[start:start + _JOBS_AT_ONCE])))).scalars().all()
-    ids = [*payment_ids, *refund_ids]
+        some_payments = payment_ids[start:start + _JOBS_AT_ONCE]
+        of_payments += (await session.execute(select(Refund.id).where(
+            Refund.payment_id.in_(some_payments)))).scalars().all()
+        of_payments += (await session.execute(select(Dispute.id).where(
+            Dispute.payment_id.in_(some_payments)))).scalars().all()
+    ids = [*payment_ids, *of_payments]
     # Inline: a cached generic plan proves ix_outbox_jobs_event_subject's predicate too.
     webhook_event: ColumnElement[str] = literal_column("'webhook.event'")
     dialect = session.get_bind().dialect.name
@@ -898,6 +947,10 @@ def _erased_event_sql(dialect: str, payload: Any, event_type: Any) -> Any:
     def text(value: str) -> Any:
         return cast(literal(value, String), Text)
 
+    # A resolution to erase (_erased_resolution): one that is there and not null (NULL as text, absent or JSON
+    # null), but the gateway's own word (a string: JSON's other values are never one as text).
+    erased_resolution = _json_text_at(dialect, payload, "data", "resolution").not_in(_CLOSED_AS_WORDS)
+
     if dialect == "postgresql":
         data = payload.op("->")(literal_column("'data'"))
 
@@ -925,6 +978,8 @@ def _erased_event_sql(dialect: str, payload: Any, event_type: Any) -> Any:
                                           func.jsonb_build_object(literal_column("'note'"), text(NOTE_ERASED))))))))
         refund = (data.op("||")(changed((at("reason").is_not(None), literal_column("""'{"reason": null}'::jsonb"""))))
                   .op("||")(without_note(BY_A_PERSON)))
+        dispute = data.op("||")(changed((erased_resolution, func.jsonb_build_object(literal_column("'resolution'"),
+                                                                                    text(NOTE_ERASED)))))
         is_object = func.jsonb_typeof(data) == "object"
 
         def scrubbed(new_data: Any) -> Any:
@@ -958,12 +1013,15 @@ def _erased_event_sql(dialect: str, payload: Any, event_type: Any) -> Any:
                 and_(typed_sqlite("review") == "object", typed_sqlite("review", "note") != "null"),
                 text(NOTE_ERASED))))
         refund = func.json_replace(payload, path("reason"), null(), *without_note_sqlite(BY_A_PERSON))
+        dispute = func.json_replace(payload, path("resolution"),
+                                    kept_or(("resolution",), (erased_resolution, text(NOTE_ERASED))))
         is_object = func.json_type(payload, literal_column("'$.data'")) == "object"
 
         def scrubbed(new_data: Any) -> Any:
             return new_data
     return case((and_(is_object, _starts_with(event_type, "payment.")), scrubbed(payment)),
                 (and_(is_object, _starts_with(event_type, "refund.")), scrubbed(refund)),
+                (and_(is_object, _starts_with(event_type, "dispute.")), scrubbed(dispute)),
                 else_=payload)
 
 

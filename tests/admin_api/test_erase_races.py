@@ -277,3 +277,51 @@ async def test_a_resolution_relying_on_her_refunds_while_she_is_erased_never_dea
     async with rt.sessionmaker() as s:
         linked = (await s.execute(select(Refund.id).where(Refund.dispute_id == dispute["id"]))).scalars().all()
     assert sorted(linked) == sorted([older["id"], newer["id"]])
+
+
+@requires_pg
+async def test_a_resolution_with_a_chargeback_while_she_is_erased_never_deadlocks(
+        rt: Any, admin: Caller, demo: Any) -> None:
+    """The erasure writes her payment's disputes too (their notes and resolution: core.members._erase_disputes),
+    and a resolution locks its dispute, then the payment (its refund: core.refunds.request_refund): the erasure
+    locks her disputes before her payments, or, taken after them, the two deadlocked. The resolution waits for the
+    erasure; its chargeback is then recorded (a refund of an erased member's payment can only be that), and what the
+    officer wrote before it is erased."""
+    from core.money import Money
+    from core.refunds import ReturnedByProvider
+
+    jeanne = await admin.json("POST", "/v1/members", 201, json={"name": NAME, "phone": PHONE})
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    dispute = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid.id, "reason": "OTHER",
+                                                                   "note": f"called {NAME}"})
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    async def erased() -> Member:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await erase_member(s, await s.get(Member, jeanne["id"]), actor=ADMIN)
+
+    async def resolved() -> Dispute:
+        async with rt.sessionmaker.begin() as s:
+            await s.execute(text("SET LOCAL lock_timeout = '10s'"))
+            return await move_dispute(s, rt, dispute_id=dispute["id"], cooperative_id=None, target="RESOLVED",
+                                      actor=ADMIN, refund_amount=Money(paid.amount_minor, paid.currency),
+                                      returned=ReturnedByProvider("MTN-CB-1"))
+
+    blocker = rt.sessionmaker()
+    try:
+        await blocker.begin()  # holds the payment while both line up for it: the erasure first
+        await blocker.execute(select(Payment.id).where(Payment.id == paid.id).with_for_update())
+        erasure = asyncio.create_task(erased())
+        await waiting_for_locks(rt, 1)
+        resolution = asyncio.create_task(resolved())
+        await waiting_for_locks(rt, 2)
+        await blocker.commit()
+        results = await asyncio.gather(erasure, resolution, return_exceptions=True)
+    finally:
+        await blocker.close()
+    assert not any(isinstance(r, BaseException) for r in results), results
+    async with rt.sessionmaker() as s:
+        row = await s.get(Dispute, dispute["id"])
+        refund = await s.get(Refund, row.refund_id)
+    assert (row.status, row.notes[0]["text"], refund.status) == ("RESOLVED", "[note erased]", "COMPLETED")

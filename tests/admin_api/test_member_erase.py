@@ -21,6 +21,7 @@ from core.members import erase_member
 from core.models import (
     AdminUser,
     AuditEvent,
+    Dispute,
     Member,
     OutboxJob,
     Payment,
@@ -654,3 +655,87 @@ async def test_an_event_fanned_out_while_she_is_erased_is_scrubbed_in_its_delive
         [delivery] = (await s.execute(select(WebhookDelivery))).scalars().all()
     assert (delivery.event_id, delivery.payload["data"]["paymentAccount"]) == (f"evt_payment_completed_{paid.id}",
                                                                                "erased")
+
+
+async def test_her_disputes_notes_and_resolution_go_with_the_erasure_and_their_events_are_sent_scrubbed(
+        rt: Any, admin: Caller, demo: Any, worker: Any, aiohttp_server: Any) -> None:
+    """The officers handling a dispute of her payment wrote her name and number in its notes (she was called back),
+    in the evidence's file name and in the resolution, as a review's note does: all of it stayed on the dispute
+    (GET /v1/disputes/{id}) after her erasure, and the resolution in its stored dispute.updated event, sent so by a
+    retry after it. Now the text goes ([note erased]) and what the gateway wrote stays (each note's time, writer
+    and status; a resolution that is the gateway's own word); another member's dispute keeps its text."""
+    received: list[dict[str, Any]] = []
+    up = {"now": False}
+
+    async def hook(request: web.Request) -> web.Response:
+        if not up["now"]:
+            return web.Response(status=503)
+        received.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app)
+    await approved_endpoint(rt, demo["cooperative_id"], f"http://127.0.0.1:{server.port}/hook")
+    jeanne = await _jeanne(admin)
+    other_name = "Aline Uwase"
+    aline = await admin.json("POST", "/v1/members", 201, json={"name": other_name, "phone": "+250788777222"})
+    about = f"{NAME} {UNIT} {PHONE}"
+    paid = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    also = await make_payment(rt, demo["cooperative_id"], account=PHONE, member_id=jeanne["id"])
+    hers = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": paid.id, "reason": "WRONG_AMOUNT",
+                                                                "note": f"opened for {about}"})
+    await admin.json("POST", f"/v1/disputes/{hers['id']}/transitions", 200, json={
+        "status": "UNDER_REVIEW", "note": f"called {about}", "evidence": f"statement {NAME}.pdf"})
+    await admin.json("POST", f"/v1/payments/{paid.id}/refunds", 201, json={  # the gateway's note on the dispute
+        "idempotencyKey": idem(), "amount": 1000, "reason": "overpaid",
+        "returnedByProvider": {"providerTransactionId": "MTN-REV-9"}})
+    await admin.json("POST", f"/v1/disputes/{hers['id']}/transitions", 200, json={
+        "status": "RESOLVED", "note": f"paid back to {about}"})
+    plain = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": also.id, "reason": "OTHER"})
+    await admin.json("POST", f"/v1/disputes/{plain['id']}/transitions", 200, json={"status": "REJECTED"})
+    theirs_paid = await make_payment(rt, demo["cooperative_id"], account="+250788777222", member_id=aline["id"])
+    theirs = await admin.json("POST", "/v1/disputes", 201, json={"paymentId": theirs_paid.id, "reason": "OTHER",
+                                                                  "note": f"opened for {other_name}"})
+    theirs = await admin.json("POST", f"/v1/disputes/{theirs['id']}/transitions", 200, json={
+        "status": "REJECTED", "note": f"{other_name} paid it", "evidence": f"{other_name}.pdf"})
+    await drain(worker)  # fanned out; each delivery's first try refused (503): waiting for its retry
+    async with rt.sessionmaker() as s:
+        before = {d.id: (d.notes, d.updated_at, d.resolved_at) for d in (await s.execute(select(Dispute))).scalars()}
+    await admin.json("DELETE", f"/v1/members/{jeanne['id']}", 200)
+
+    await admin.json("POST", f"/v1/members/{jeanne['id']}/erase", 200)
+
+    seen = await admin.json("GET", f"/v1/disputes/{hers['id']}", 200)
+    for personal in (NAME, UNIT, PHONE, PHONE[1:]):
+        assert personal not in json.dumps(seen, ensure_ascii=False), seen
+    assert (seen["status"], seen["reason"], seen["resolution"]) == ("RESOLVED", "WRONG_AMOUNT", "[note erased]")
+    async with rt.sessionmaker() as s:
+        rows = {d.id: d for d in (await s.execute(select(Dispute))).scalars()}
+    notes, updated_at, resolved_at = before[hers["id"]]
+    assert [{key: value for key, value in note.items() if key not in ("text", "evidence")} for note in notes] == [
+        {key: value for key, value in note.items() if key not in ("text", "evidence")}
+        for note in rows[hers["id"]].notes]  # each note's time, writer and status as written
+    assert [(note.get("text"), note.get("evidence")) for note in rows[hers["id"]].notes] == [
+        ("[note erased]", None), ("[note erased]", "[note erased]"), ("[note erased]", None),
+        ("[note erased]", None)]
+    assert (rows[hers["id"]].updated_at, rows[hers["id"]].resolved_at) == (updated_at, resolved_at)
+    assert (rows[plain["id"]].status, rows[plain["id"]].resolution, rows[plain["id"]].notes) == (
+        "REJECTED", "rejected", [])  # the gateway's own word
+    assert (rows[theirs["id"]].notes, rows[theirs["id"]].resolution) == (
+        before[theirs["id"]][0], f"{other_name} paid it")
+
+    # Sent scrubbed, under the same event ids: the waiting deliveries' retries.
+    up["now"] = True
+    async with rt.sessionmaker.begin() as s:
+        await s.execute(update(OutboxJob).where(OutboxJob.kind.like("webhook.%"), OutboxJob.status == "PENDING")
+                        .values(run_at=datetime.now(UTC)))
+    await drain(worker)
+    for personal in (NAME, UNIT, PHONE, PHONE[1:]):
+        assert personal not in json.dumps(received, ensure_ascii=False)
+    closed = {body["data"]["id"]: body["data"] for body in received
+              if body["type"] == "dispute.updated" and body["data"]["status"] in ("RESOLVED", "REJECTED")}
+    assert {key: closed[key]["resolution"] for key in closed} == {
+        hers["id"]: "[note erased]", plain["id"]: "rejected", theirs["id"]: f"{other_name} paid it"}
+    async with rt.sessionmaker() as s:
+        assert set((await s.execute(select(WebhookDelivery.status))).scalars()) == {"DELIVERED"}

@@ -1,6 +1,7 @@
-"""An erasure scrubs her payments' and refunds' stored webhook events in the database, one UPDATE for many rows
-(core.members._erased_event_sql), where it read each row into Python and wrote it back (_erased_event_data): the
-SQL leaves every payload as _erased_event_data does, on PostgreSQL (JSONB) and SQLite (JSON text) alike."""
+"""An erasure scrubs her payments', refunds' and disputes' stored webhook events in the database, one UPDATE for
+many rows (core.members._erased_event_sql), where it read each row into Python and wrote it back
+(_erased_event_data): the SQL leaves every payload as _erased_event_data does, on PostgreSQL (JSONB) and SQLite
+(JSON text) alike."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ REVIEWS = [ABSENT, None, "called her", [1], {}, {"note": None, "mismatchDetail":
            {"note": f"called {NOTE}", "mismatchDetail": "x", "by": "admin:1"}, {"note": 0}, {"note": False},
            {"note": {"n": NOTE}}]
 ACCOUNTS = [ABSENT, None, "078***111"]
+RESOLUTIONS = [ABSENT, None, "resolved", "rejected", "withdrawn", NOTE, "Rejected", "rejected " + NOTE, "", 5, True,
+               False, 0, {"a": NOTE}, ["rejected"]]
 
 
 def _data(**fields: Any) -> dict[str, Any]:
@@ -43,12 +46,15 @@ def _payloads() -> list[tuple[str | None, Any]]:
                for account, reason, review in itertools.product(ACCOUNTS, REASONS, REVIEWS)]
     refund = [_data(reason=reason, failureReason=failure, paymentAccount="078***111", review={"note": NOTE})
               for reason, failure in itertools.product([ABSENT, None, NOTE, 7], REASONS)]
+    dispute = [_data(resolution=resolution, status="REJECTED", reason="OTHER", paymentAccount="078***111",
+                     failureReason=NOTE, review={"note": NOTE}) for resolution in RESOLUTIONS]
     odd = [None, "text", 12, [{"id": "p-1", "paymentAccount": "078***111"}], {}]
     return [*((kind, data) for kind in ("payment.completed", "payment.failed") for data in payment),
             *((kind, data) for kind in ("refund.completed", "refund.failed") for data in refund),
+            *((kind, data) for kind in ("dispute.opened", "dispute.updated") for data in dispute),
             *((kind, data) for kind in ("payment.completed", "refund.failed", "dispute.opened", "Payment.completed",
-                                        "payment_completed", "refunds", None) for data in [*odd, *payment[:20],
-                                                                                           *refund[:10]])]
+                                        "payment_completed", "refunds", "Dispute.updated", "disputes", None)
+              for data in [*odd, *payment[:20], *refund[:10], *dispute])]
 
 
 async def test_the_database_scrubs_stored_events_as_erased_event_data_does(rt: Any, demo: Any) -> None:
@@ -89,6 +95,10 @@ async def test_the_database_scrubs_stored_events_as_erased_event_data_does(rt: A
              if json.dumps(got[key], sort_keys=True) != json.dumps(wanted[key], sort_keys=True)}
     assert not wrong, list(wrong.items())[:3]
     assert members.NOTE_ERASED in str(got)
+    assert {json.dumps(payload["data"]["resolution"]) for payload in got.values()  # a dispute's, as its row's
+            if str(payload.get("type", payload.get("event_type"))).startswith("dispute.")
+            and isinstance(payload["data"], dict) and "resolution" in payload["data"]} == {
+        "null", json.dumps(members.NOTE_ERASED), '"resolved"', '"rejected"', '"withdrawn"'}
 
 
 def test_the_sqlite_statement_runs_on_sqlite_before_3_38() -> None:
