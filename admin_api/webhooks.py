@@ -34,7 +34,8 @@ DOMAIN = out(
         "id": ID,
         "cooperativeId": ID,
         "domain": {"type": "string", "description": "a host name in lower case, or an IP address in its canonical "
-                   "form (fd00:0::5 is fd00::5), as an endpoint URL's host is compared with it"},
+                   "form (fd00:0::5 is fd00::5, an IPv4-mapped one ::ffff:1.2.3.4), as an endpoint URL's host is "
+                   "compared with it"},
         "status": {"enum": ["PENDING", "APPROVED", "REJECTED"]},
         "decidedBy": NULL_STRING,
         "decidedAt": NULL_DATETIME,
@@ -115,7 +116,13 @@ DELIVERY = out(
 )
 COOP = {"type": "string", "format": "uuid", "description": "super admin only"}
 DOMAIN_CREATE = obj(
-    {"domain": {"type": "string", "minLength": 1, "maxLength": 253}, "cooperativeId": COOP}, ["domain"]
+    {
+        "domain": {"type": "string", "minLength": 1, "maxLength": 253,
+                   "description": "a host name, or an IP address where one is allowed (an IPv6 one with or without "
+                   "the brackets of a URL: [fd00::5] is fd00::5)"},
+        "cooperativeId": COOP,
+    },
+    ["domain"],
 )
 ENDPOINT_CREATE = obj(
     {

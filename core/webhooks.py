@@ -210,11 +210,17 @@ def _inet_aton(host: str) -> bool:
 
 def canonical_host(host: str) -> str:
     """An IP literal in its one written form (ipaddress: `fd00:0::5` and `FD00::0005` are `fd00::5`), so that a
-    domain asked for and an endpoint's URL on it compare equal however each was written; a name as it is."""
+    domain asked for and an endpoint's URL on it compare equal however each was written; a name as it is.
+    An IPv4-mapped address is written with its IPv4 address, `::ffff:1.2.3.4` (RFC 5952's form): str() gives it from
+    Python 3.13 on, `::ffff:102:304` before, and the form stored must not depend on the interpreter (migration 0042
+    rewrote the other one)."""
     try:
-        return str(ipaddress.ip_address(host))
+        address = ipaddress.ip_address(host)
     except ValueError:
         return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return f"::ffff:{address.ipv4_mapped}" + (f"%{address.scope_id}" if address.scope_id else "")
+    return str(address)
 
 
 def normalize_domain(domain: str, *, embedded: bool = False, private: tuple[str, ...] = ()) -> str:
@@ -229,6 +235,15 @@ def normalize_domain(domain: str, *, embedded: bool = False, private: tuple[str,
             raise ValidationError(f"{host!r} is not a valid domain name", field="domain") from None
     if not host:
         raise ValidationError("domain is required", field="domain")
+    if host.startswith("[") or host.endswith("]"):
+        # An IPv6 address as a URL writes it ("[fd00::5]", copied from http://[fd00::5]/h): the address, stored
+        # without its brackets, as the endpoint's host is compared. Only an IPv6 address is written so in a URL.
+        bracketed, host = host, host[1:-1] if host.startswith("[") and host.endswith("]") else ""
+        if not _is_ipv6(host):
+            raise ValidationError(
+                f"{bracketed!r} is not a valid domain name: brackets enclose an IPv6 address, as in [fd00::5]",
+                field="domain",
+            )
     try:
         ipaddress.ip_address(host)
         is_ip = True
@@ -1274,6 +1289,14 @@ async def refused_destination(url: str, *, embedded: bool, private: tuple[str, .
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
     except ValueError:
         return False
     return True

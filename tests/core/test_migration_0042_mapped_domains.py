@@ -1,0 +1,96 @@
+"""Migration 0042: a webhook domain that is an IPv4-mapped IPv6 address is written `::ffff:1.2.3.4` on every Python
+(core.webhooks.canonical_host), where the previous release (0040 included) wrote it as str() did on the interpreter:
+`::ffff:102:304` on Python 3.11 and 3.12. A downgrade writes it again as str() does, as the previous release compares
+it on the Python running it."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Any
+
+from tests.conftest import make_settings, requires_pg
+
+COOP, OTHER = "c0000000-0000-4000-8000-000000000042", "c1000000-0000-4000-8000-000000000042"
+# id -> (cooperative, domain as stored by the previous release, after the upgrade)
+DOMAINS = {
+    "a0000000-0000-4000-8000-000000000421": (COOP, "::ffff:7f00:1", "::ffff:127.0.0.1"),  # 3.11's form: rewritten
+    "a0000000-0000-4000-8000-000000000422": (COOP, "::ffff:127.0.0.2", "::ffff:127.0.0.2"),  # 3.13's: kept
+    "a0000000-0000-4000-8000-000000000423": (OTHER, "::ffff:7f00:3", "::ffff:7f00:3"),  # its cooperative has
+    "a0000000-0000-4000-8000-000000000424": (OTHER, "::ffff:127.0.0.3", "::ffff:127.0.0.3"),  # ... this one: kept
+    "a0000000-0000-4000-8000-000000000425": (COOP, "::ffff:0:7f00:1", "::ffff:0:7f00:1"),  # not mapped
+    "a0000000-0000-4000-8000-000000000426": (COOP, "fd00::5", "fd00::5"),
+    "a0000000-0000-4000-8000-000000000427": (COOP, "hooks.example.rw", "hooks.example.rw"),
+    "a0000000-0000-4000-8000-000000000428": (COOP, "127.0.0.1", "127.0.0.1"),
+}
+# After a downgrade: as str() writes a mapped address on this Python, where that is not taken in its cooperative.
+DOWNGRADED = {
+    i: str(ipaddress.ip_address(after)) if ":" in after and ipaddress.IPv6Address(after).ipv4_mapped else after
+    for i, (_, _, after) in DOMAINS.items()
+}
+# OTHER has both forms: each stays (one of them is str()'s, the other's is taken), whatever the Python.
+DOWNGRADED.update({i: before for i, (c, before, _) in DOMAINS.items() if c == OTHER})
+
+
+async def _domains(url: str) -> dict[str, str]:
+    from sqlalchemy import select
+
+    from core.db import make_engine
+    from core.models import ApprovedDomain
+
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return dict((await conn.execute(select(ApprovedDomain.id, ApprovedDomain.domain).where(
+                ApprovedDomain.id.in_(list(DOMAINS))))).all())
+    finally:
+        await engine.dispose()
+
+
+def _domain_rows(postgres: bool) -> list[str]:
+    from tests.core.test_migration_0031_waiting import T0
+
+    rows = ["SET LOCAL session_replication_role = replica"] if postgres else [
+        f"INSERT INTO cooperatives (id, name, short_code, country, currency, timezone, status, self_registration, "
+        f"created_at, updated_at) VALUES ('{c}', 'Coop', 'C042{n}', 'RW', 'RWF', 'Africa/Kigali', 'ACTIVE', 1, "
+        f"'{T0}', '{T0}')" for n, c in enumerate((COOP, OTHER))]
+    rows += [f"INSERT INTO approved_domains (id, cooperative_id, domain, status, created_at) VALUES ('{i}', '{c}', "
+             f"'{d}', 'APPROVED', '{T0}')" for i, (c, d, _) in DOMAINS.items()]
+    return rows
+
+
+def test_0042_writes_ipv4_mapped_domains_one_way_on_sqlite(tmp_path: Any) -> None:
+    from alembic import command
+
+    from main import _alembic_config, migrate
+    from tests.core.test_migration_round_trip import _execute
+
+    url = f"sqlite+aiosqlite:///{tmp_path}/m.db"
+    settings = make_settings(DATABASE_URL=url)
+    command.upgrade(_alembic_config(settings), "0041")
+    asyncio.run(_execute(url, _domain_rows(False)))
+    migrate(settings)
+    assert asyncio.run(_domains(url)) == {i: after for i, (_, _, after) in DOMAINS.items()}
+    command.downgrade(_alembic_config(settings), "0041")
+    assert asyncio.run(_domains(url)) == DOWNGRADED
+
+
+@requires_pg
+async def test_0042_writes_ipv4_mapped_domains_one_way_on_postgres(migrated_database: str) -> None:
+    from alembic import command
+
+    from main import _alembic_config
+    from tests.core.test_migration_round_trip import _execute
+
+    config = _alembic_config(make_settings())
+    await asyncio.to_thread(command.downgrade, config, "0041")
+    try:
+        await _execute(migrated_database, _domain_rows(True))
+        await asyncio.to_thread(command.upgrade, config, "head")
+        assert await _domains(migrated_database) == {i: after for i, (_, _, after) in DOMAINS.items()}
+        await asyncio.to_thread(command.downgrade, config, "0041")
+        assert await _domains(migrated_database) == DOWNGRADED
+    finally:
+        await asyncio.to_thread(command.upgrade, config, "head")
+        await _execute(migrated_database, [f"DELETE FROM approved_domains WHERE id IN "
+                                           f"({', '.join(repr(i) for i in DOMAINS)})"])
