@@ -276,7 +276,8 @@ def _scope(ctx: Ctx) -> reports.Scope:
 
 async def reconciliation(request: web.Request, ctx: Ctx) -> web.StreamResponse:
     start, end = await _period(ctx, request)
-    summary = await reports.reconciliation(ctx.session, scope=_scope(ctx), start=start, end=end)
+    summary = await reports.reconciliation(ctx.session, scope=_scope(ctx), start=start, end=end,
+                                           work_mem_mb=ctx.rt.settings.report_work_mem_mb)
     return web.json_response(summary)
 
 

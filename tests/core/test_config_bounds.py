@@ -92,3 +92,11 @@ def test_a_pool_of_no_connection_is_refused() -> None:
     """DB_POOL_SIZE=0 would leave every request waiting for a connection that never comes, each answered 503."""
     assert load_settings({"DB_POOL_SIZE": "1"}).db_pool_size == 1
     _refused({"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE", "must be at least 1")
+
+
+def test_the_reports_work_mem_is_bounded_and_may_be_the_servers() -> None:
+    """REPORT_WORK_MEM_MB: PostgreSQL's work_mem of a reconciliation's read (64 MB); 0 leaves the server's."""
+    assert load_settings({}).report_work_mem_mb == 64
+    assert load_settings({"REPORT_WORK_MEM_MB": "0"}).report_work_mem_mb == 0
+    _refused({"REPORT_WORK_MEM_MB": "-1"}, "REPORT_WORK_MEM_MB", "must be at least 0")
+    _refused({"REPORT_WORK_MEM_MB": "2049"}, "REPORT_WORK_MEM_MB", "must be at most 2048")
