@@ -86,7 +86,9 @@ DISCARD = {
                    "money: an open refund's submission or poll, an open payment's poll whose provider is not in "
                    "PROVIDERS, a cancelled payment's payment.watch (replay it, or record the payment's outcome; "
                    "its provider not in PROVIDERS, only until the approval window and its grace are over). A "
-                   "payment.contested job's flag is set on its payment by the discard itself.",
+                   "payment.contested job's flag is set on its payment by the discard itself. An sms.send's message "
+                   "is FAILED; a keyword's reply never handed to Africa's Talking gives its count against the "
+                   "number's reply limits back.",
 }
 JOB = out(
     {
@@ -448,7 +450,8 @@ async def _discard_one(ctx: Ctx, job_id: int, reason: str) -> OutboxJob:
 
 
 async def _sms_not_sent(ctx: Ctx, job: OutboxJob, parked_with: str | None, reason: str) -> None:
-    await sms_jobs.fail_for_discard(ctx.session, job.payload or {}, parked_with, reason=reason, actor=ctx.who.actor)
+    await sms_jobs.fail_for_discard(ctx.rt, ctx.session, job.payload or {}, parked_with, reason=reason,
+                                    actor=ctx.who.actor)
 
 
 async def _payment_still_asked(ctx: Ctx, job: OutboxJob) -> None:

@@ -38,6 +38,33 @@ local also = false
 if KEYS[3] then also = redis.call('GET', KEYS[3]) end
 return {n, previous, also}
 """
+# Several limits of one subject checked, then counted, in one command (`hit_all`): counted in each only when every
+# one has room for the request, else in none, so a request one limit refuses uses none of the others (a keyword
+# reply allowed by its 10-minute limit and refused by its daily one kept its 10-minute count: her next replies were
+# refused though none went). KEYS: each limit's current and previous window, all of the subject's tag (one node).
+# ARGV: each limit's expiry, previous-window weight (repr, as for _COUNT) and effective count. Returns each limit's
+# count before this request, current and previous window (the previous one 0 when it does not weigh in).
+_COUNT_ALL = """
+local out = {}
+local room = true
+for i = 1, #KEYS, 2 do
+  local j = (i - 1) / 2 * 3
+  local n = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local weight = tonumber(ARGV[j + 2])
+  local previous = 0
+  if weight > 0 then previous = tonumber(redis.call('GET', KEYS[i + 1]) or '0') end
+  if n + math.floor(previous * weight) >= tonumber(ARGV[j + 3]) then room = false end
+  out[#out + 1] = n
+  out[#out + 1] = previous
+end
+if room then
+  for i = 1, #KEYS, 2 do
+    redis.call('INCR', KEYS[i])
+    redis.call('EXPIRE', KEYS[i], ARGV[(i - 1) / 2 * 3 + 1])
+  end
+end
+return out
+"""
 # A counted request taken back (`uncount`): the window it was counted in loses one, never below 0 (a key that
 # expired meanwhile stays absent: a DECR would create it at -1, without an expiry). DECR keeps the expiry.
 _UNCOUNT = """
@@ -257,6 +284,27 @@ class RateLimiter:
             results, *extra = await pipe.execute()
         decision = _decide(limit, allowed_count, now, int(results[0]), int(results[1] or 0), counted=True)
         return decision, results[2], extra
+
+    async def hit_all(self, limits: Sequence[Limit], subject: str, *, now: float | None = None
+                      ) -> tuple[Decision, ...]:
+        """`hit` in each of `limits` at once (one command): counted in every one when each has room for it, else
+        in none. The decisions in `limits`' order: all allowed, it was counted; else the refused ones refused it,
+        and the others only say there was room (as `peek`)."""
+        now = time.time() if now is None else now
+        keys: list[str] = []
+        args: list[str | int] = []
+        counts: list[int] = []
+        for limit in limits:
+            window_keys, window_args, allowed_count = self._script_args(limit, subject, None, now)
+            keys.extend(window_keys)
+            args.extend(window_args[len(window_keys):])  # the expiry, the previous window's weight, the count
+            counts.append(allowed_count)
+        results = [int(n) for n in await self._redis.eval(_COUNT_ALL, len(keys), *keys, *args)]
+        pairs = [(results[2 * i], results[2 * i + 1]) for i in range(len(limits))]
+        counted = all(_decide(limit, allowed_count, now, current, previous, counted=False).allowed
+                      for limit, allowed_count, (current, previous) in zip(limits, counts, pairs, strict=True))
+        return tuple(_decide(limit, allowed_count, now, current, previous, counted=counted)
+                     for limit, allowed_count, (current, previous) in zip(limits, counts, pairs, strict=True))
 
     async def uncount(self, limit: Limit, subject: str, *, now: float) -> None:
         """Take back one request `hit` counted at `now` (the same `now`: the window it was counted in, even if

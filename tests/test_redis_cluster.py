@@ -233,6 +233,29 @@ async def test_delivery_reports_parked_and_taken_in_a_multi(client: Any, rt: Any
     assert cluster.held_by(cluster.port_of(key), key) is None
 
 
+async def test_a_keyword_reply_is_counted_and_its_verdict_kept_on_their_nodes(client: Any, rt: Any, demo: Any,
+                                                                              cluster: Cluster) -> None:
+    """A keyword's reply is counted in its two windows by one EVAL of four keys of the number's tag
+    (RateLimiter.hit_all), and its verdict kept with when it was counted by one MULTI of two keys of the text's
+    tag, read back by one MGET on the aggregator's retry: each on its node."""
+    from channels.sms import routes
+    from core.ratelimit import RateLimiter
+    from tests.channels.sms.helpers import jobs_of
+    from tests.channels.sms.test_routes import ALINE, inbound
+
+    for _ in range(2):  # the text, then the aggregator's retry of it: one reply, counted once
+        answer = await inbound(client, ALINE, "STATUS PAY_20260115_999999", "in-cluster")
+        assert answer.status == 200
+    assert [job.payload["template"] for job in await jobs_of(rt, "sms.send")] == ["not_found"]
+    index = rt.cipher.blind_index(ALINE)
+    verdict, at = (routes._taken_key(index, "in-cluster", what) for what in ("reply", "reply-at"))
+    port = cluster.port_of(verdict)
+    assert port == cluster.port_of(at) and cluster.held_by(port, verdict) == b"1" and cluster.held_by(port, at)
+    limiter = RateLimiter(rt.redis)
+    assert [(await limiter.peek(limit, index)).used for limit in (routes.REPLY_LIMIT, routes.REPLY_DAILY_LIMIT)
+            ] == [1, 1]
+
+
 async def test_a_cluster_out_of_reach_is_redis_down_not_a_server_error(migrated_database: str,
                                                                       aiohttp_client: Any) -> None:
     """No node answers: the cluster client's own error is a redis ConnectionError, so the API answers without

@@ -708,8 +708,8 @@ async def reopen_for_replay(session: AsyncSession, payload: dict[str, Any]) -> N
     )
 
 
-async def fail_for_discard(session: AsyncSession, payload: dict[str, Any], parked_with: str | None, *, reason: str,
-                           actor: Actor) -> str | None:
+async def fail_for_discard(rt: Runtime, session: AsyncSession, payload: dict[str, Any], parked_with: str | None, *,
+                           reason: str, actor: Actor) -> str | None:
     """A parked 'sms.send' job is being discarded (admin_api.jobs), in the discard's transaction: its still-QUEUED
     message will never go, so it is FAILED ("discarded by an admin: <reason>", cut to the column's 64 characters:
     the whole reason is in the audit log and the job's lastError; the move audited as any is),
@@ -717,7 +717,8 @@ async def fail_for_discard(session: AsyncSession, payload: dict[str, Any], parke
     handed to the aggregator: not in the delivery rate; a reminder so marked is not counted as sent), unless the
     job's last try may have reached Africa's Talking (`parked_with`: cut off mid-send), which is then a plain failed
     send. The message's id, or None when no QUEUED message is stored for it (a job parked before it stored one: an
-    unknown template, a payload the build refused)."""
+    unknown template, a payload the build refused). A keyword's reply so marked gives its count back (_give_back:
+    once, a reply not sent at its turn then discarded included); best effort, before the discard commits."""
     message_id = (await session.execute(select(SmsMessage.id).where(
         SmsMessage.idempotency_key == message_key(payload), SmsMessage.status == SmsStatus.QUEUED.value)
     )).scalar_one_or_none()
@@ -731,6 +732,8 @@ async def fail_for_discard(session: AsyncSession, payload: dict[str, Any], parke
             "provider_status": None if may_have_gone else SKIPPED})
     except StaleTransition:
         return None  # sent meanwhile (its job ran it after all): nothing to fail
+    if not may_have_gone:
+        await _give_back(rt, payload)
     return message_id
 
 
@@ -813,18 +816,20 @@ async def _switch_void(rt: Runtime, conn: AsyncConnection, payload: dict[str, An
 
 
 def _texted(rt: Runtime, phone_enc: str) -> str:
-    """The blind index of the number a reply to STOP or START goes to: the one that texted."""
+    """The blind index of the number a keyword's reply goes to: the one that texted."""
     return rt.cipher.blind_index(rt.cipher.decrypt(phone_enc, context=SMS_PHONE_CONTEXT))
 
 
 async def _give_back(rt: Runtime, payload: dict[str, Any]) -> None:
-    """A reply to STOP or START not sent (SWITCHED_SINCE) gives back its count against the number's reply limits
-    (channels.sms.routes.COUNTED_AT), once whatever the runs of its job. One queued without it (an earlier release's,
-    or a retried text's) stays counted."""
+    """A keyword's reply not sent (a reply to STOP or START: SWITCHED_SINCE; any, discarded by an admin) gives back
+    its count against the number's reply limits (channels.sms.routes.COUNTED_AT), once whatever the runs of its job
+    and the ways it was not sent. One queued without it (an earlier release's, or by the retry of a text an earlier
+    release's try counted) stays counted."""
     counted_at = (payload.get("context") or {}).get(COUNTED_AT)
     phone_enc = payload.get("phone_enc")
     if isinstance(counted_at, int | float) and phone_enc:
-        await give_back_reply(rt, _texted(rt, phone_enc), message_key(payload), float(counted_at))
+        await give_back_reply(rt, _texted(rt, phone_enc), message_key(payload), float(counted_at),
+                              str(payload.get("template")))
 
 
 # Receipts worth sending only while the payment still holds the money they say was received: one queued before

@@ -60,9 +60,13 @@ HELP_DAILY_LIMIT = Limit("sms:help", count=1, window=86_400, sliding=False)
 # A reply to STOP or START is counted when her text is taken, and may not be sent after all: her other word, taken
 # since, changed what it would tell (channels.sms.jobs: switched_since), or came first (a stale text gets none). Such
 # a reply gives its count back (give_back_reply), else a member switching a few times found her next keyword refused
-# a reply though she got fewer than the limit. Its context keeps when it was counted (clock()): the windows it
-# counted in. Only a count this text's try made: one kept from an earlier try (the aggregator's retry) is not known.
+# a reply though she got fewer than the limit; and so does any keyword's reply an admin discards, parked, never handed
+# to the aggregator (channels.sms.jobs.fail_for_discard). Its context keeps when it was counted (clock()): the
+# windows it counted in: this try's count, or an earlier try's (the aggregator's retry after our 503), kept with the
+# text's verdict (_reply_allowed); not one an earlier release's try made, which kept no time.
 COUNTED_AT = "counted_at"
+# The replies to a text not understood: counted in the day's one help too (_reply_limits(None)), and given back there.
+NOT_UNDERSTOOD_REPLIES = frozenset({"unknown", "unknown_inactive"})
 # Replies go only to numbers of the countries the gateway serves (those a cooperative can be in), or of a member:
 # any other sender would cost an international SMS for each text (a wrong number, a robot, a premium-rate scam).
 SERVED_COUNTRIES = frozenset(COUNTRY_CURRENCY)
@@ -449,8 +453,7 @@ async def inbound(request: web.Request) -> web.Response:
         return await _unserved(rt, phone, index, command, inbound_id, retried, date)
     # Checked before, and outside, the transaction that records a STOP or START: Redis failing costs the
     # reply, never the opt-out (a STOP rolled back keeps the reminders coming).
-    counted_at = clock()
-    reply_allowed, counted = await _reply_allowed(rt, index, phone, command, inbound_id, counted_at)
+    reply_allowed, counted_at, counted = await _reply_allowed(rt, index, phone, command, inbound_id, clock())
 
     async with rt.sessionmaker.begin() as session:
         # Every membership of the number (STOP and START apply to all), the one the reply speaks for first:
@@ -578,7 +581,7 @@ async def inbound(request: web.Request) -> web.Response:
             prefix = shortcode_prefix(text, rt.settings.sms_shortcode_keywords)
             if prefix:
                 context["keyword_prefix"] = prefix
-            if switch and counted:
+            if counted_at is not None:
                 context[COUNTED_AT] = counted_at
             await send_sms(
                 session,
@@ -592,8 +595,10 @@ async def inbound(request: web.Request) -> web.Response:
             )
     if switch and not retried:
         await _mark_taken(rt, index, inbound_id)  # once committed: a retry of a text not taken still applies it
-    if switch and counted and (retried or stale):
-        await give_back_reply(rt, index, dedupe, counted_at)  # counted, and no reply queued
+    if switch and counted_at is not None and ((retried and counted) or stale):
+        # Counted, and no reply queued. A retry of a text taken already gives back only a count it made itself: the
+        # count its first try made is that try's reply's (queued, or given back by it).
+        await give_back_reply(rt, index, dedupe, counted_at, template)
     if not reply_allowed:
         return web.Response(text="")
     log.info("keyword SMS", extra={"command": command or "unknown", "reply": template})
@@ -687,53 +692,75 @@ _INACTIVE_RANK = 2  # ranks from which a membership cannot pay: a suspended memb
 
 
 def _reply_limits(command: str | None) -> tuple[Limit, ...]:
-    """The limits a reply to `command` must fit, in the order they are counted: the help to what was not
-    understood (None) first, so a robot's texts refused it use none of the number's other replies."""
+    """The limits a reply to `command` must fit, all counted or none (_reply_allowed): the help to what was not
+    understood (None) first, so a robot's texts refused it use none of the number's other replies (the first
+    refusing is the one logged)."""
     if command is None:
         return HELP_DAILY_LIMIT, REPLY_LIMIT, REPLY_DAILY_LIMIT
     return REPLY_LIMIT, REPLY_DAILY_LIMIT
 
 
 async def _reply_allowed(rt: Runtime, index: str, phone: Phone, command: str | None,
-                         inbound_id: str, at: float) -> tuple[bool, bool]:
-    """May this phone get a reply to `command` now (see REPLY_LIMIT)? Each limit is counted in turn, up to the
-    first that refuses. When they cannot be checked (Redis down or restarting), no: the reply is skipped and
-    logged, and the keyword itself still takes effect. With whether it was counted here, at `at` (COUNTED_AT).
+                         inbound_id: str, at: float) -> tuple[bool, float | None, bool]:
+    """May this phone get a reply to `command` now (see REPLY_LIMIT)? Counted in each of its limits when all have
+    room for it, else in none (RateLimiter.hit_all: one counted in turn up to the first that refused kept the
+    counts before it, so a reply the daily limit refused used one of the 10 minutes' five). When they cannot be
+    checked (Redis down or restarting), no: the reply is skipped and logged, and the keyword itself still takes
+    effect. With when its reply was counted (COUNTED_AT: at `at`, or by an earlier try of the text; None when not,
+    or not known) and whether it was counted here.
 
     Counted once per text: the verdict is kept by its inbound id (TAKEN_SECONDS), and the aggregator's retry of the
     text (our answer was late, or failed after the count) gets it again without counting. Counted again, a retry
     of a text not understood found the day's one help used by its own first try, and she never got it; the reply
-    itself goes once whatever the tries (its dedupe key names the inbound id)."""
+    itself goes once whatever the tries (its dedupe key names the inbound id). When it was counted is kept beside
+    the verdict, under a key of its own ("reply-at", the verdict's slot, written in the same transaction): the
+    verdict stays "1" or "0", as a process of the release before reads it (it tells nothing of the time)."""
     verdict_key = _taken_key(index, inbound_id, "reply")
+    at_key = _taken_key(index, inbound_id, "reply-at")
     limiter = RateLimiter(rt.redis)
     try:
-        kept = await rt.redis.get(verdict_key)
+        kept, kept_at = await rt.redis.mget([verdict_key, at_key])
         if kept is not None:
-            return kept in (b"1", "1"), False
-        allowed = True
-        for limit in _reply_limits(command):
-            if not (await limiter.hit(limit, index, now=at)).allowed:
-                log.info("keyword reply suppressed: rate limit",
-                         extra={"phone": phone.masked(), "limit": limit.name})
-                allowed = False
-                break
-        await rt.redis.set(verdict_key, "1" if allowed else "0", ex=TAKEN_SECONDS)
-        return allowed, allowed
+            allowed = kept in (b"1", "1")
+            return allowed, _counted_at(kept_at) if allowed else None, False
+        limits = _reply_limits(command)
+        decisions = await limiter.hit_all(limits, index, now=at)
+        refused = next((limit for limit, decision in zip(limits, decisions, strict=True) if not decision.allowed),
+                       None)
+        allowed = refused is None
+        if refused is not None:
+            log.info("keyword reply suppressed: rate limit", extra={"phone": phone.masked(), "limit": refused.name})
+        async with rt.redis.pipeline(transaction=True) as pipe:  # one slot: the digest's tag
+            pipe.set(verdict_key, "1" if allowed else "0", ex=TAKEN_SECONDS)
+            if allowed:
+                pipe.set(at_key, repr(at), ex=TAKEN_SECONDS)
+            await pipe.execute()
+        return allowed, at if allowed else None, allowed
     except (RedisError, OSError, TimeoutError) as exc:
         log.warning(
             "keyword reply skipped: its rate limit could not be checked",
             extra={"phone": phone.masked(), "error": type(exc).__name__},
         )
-        return False, False
+        return False, None, False
 
 
-async def give_back_reply(rt: Runtime, index: str, key: str, counted_at: float) -> None:
-    """A reply to STOP or START counted at `counted_at` against the number's (`index`) reply limits and not sent
-    after all (COUNTED_AT) counts no more: each window it was counted in loses it, once for the reply (`key`, its
-    dedupe key: one per text), however often this is asked (its job run again, two runs at once). Best effort:
-    Redis failing leaves it counted, as before (logged)."""
+def _counted_at(kept: bytes | str | None) -> float | None:
+    """When an earlier try of a text counted its reply (_reply_allowed), None when not kept (a try of the release
+    before, which kept none) or not a time."""
     try:
-        limits = _reply_limits("STOP")  # a keyword's: REPLY_LIMIT, REPLY_DAILY_LIMIT
+        return None if kept is None else float(kept)
+    except ValueError:
+        return None
+
+
+async def give_back_reply(rt: Runtime, index: str, key: str, counted_at: float, template: str) -> None:
+    """A reply (`template`) counted at `counted_at` against the number's (`index`) reply limits and not sent after
+    all (COUNTED_AT) counts no more: each window it was counted in loses it, once for the reply (`key`, its dedupe
+    key: one per text), however often this is asked and by whichever way (its job run again, two runs at once, an
+    admin's discard after it). Best effort: Redis failing leaves it counted, as before (logged)."""
+    try:
+        # A keyword's: REPLY_LIMIT, REPLY_DAILY_LIMIT; the help to what was not understood, the day's help as well.
+        limits = _reply_limits(None if template in NOT_UNDERSTOOD_REPLIES else "STOP")
         await RateLimiter(rt.redis).uncount_once(limits, index, key, now=counted_at)
     except (RedisError, OSError, TimeoutError) as exc:
         log.warning("a reply not sent could not give its count back: it stays counted",
@@ -769,7 +796,7 @@ TAKEN_SECONDS = 2 * 86_400
 
 def _taken_key(index: str, inbound_id: str, what: str = "switch") -> str:
     """The key of what was taken of the number's text of this inbound id: its STOP or START ("switch"), its reply's
-    verdict ("reply"). The first keeps its old name."""
+    verdict ("reply") and when that reply was counted ("reply-at"). The first keeps its old name."""
     digest = hashlib.sha256(f"{index}|{inbound_id}".encode()).hexdigest()[:32]
     return f"sms:in:{{{digest}}}" if what == "switch" else f"sms:in:{what}:{{{digest}}}"
 

@@ -200,6 +200,20 @@ async def test_uncount_once_takes_back_a_count_once_in_each_limit(rt: Any, which
 
 
 @clients
+async def test_hit_all_counts_in_every_limit_or_in_none(rt: Any, which: str) -> None:
+    """A keyword's reply is counted in its 10-minute and daily limits in one command (channels.sms.routes
+    ._reply_allowed): one the daily limit refuses is counted in neither, so it uses none of the 10 minutes' room."""
+    limiter = RateLimiter(_client(rt, which))
+    short, day = Limit("all:short", 3, window=600), Limit("all:day", 2, window=86_400)
+    now = T0 + 5
+    decided = [await limiter.hit_all((short, day), "u", now=now) for _ in range(4)]
+    assert [[decision.allowed for decision in decisions] for decisions in decided] == [
+        [True, True], [True, True], [True, False], [True, False]]
+    assert [decision.used for decision in decided[-1]] == [2, 2]
+    assert [(await limiter.peek(limit, "u", now=now)).used for limit in (short, day)] == [2, 2]
+
+
+@clients
 async def test_a_full_window_still_weighs_in_through_the_next_one(rt: Any, which: str) -> None:
     """On the real clock (the keys' expiry is Redis's): a window's count is kept while it still weighs in, the
     whole of the next window, so a client that used its whole limit at the start of one window gets only what

@@ -13,8 +13,10 @@ from core.notify import send_sms
 from core.ops import dashboard
 from core.outbox import INTERRUPTED
 from tests.admin_api.conftest import bearer
+from tests.channels.sms.helpers import jobs_of
+from tests.channels.sms.test_routes import inbound
 from tests.channels.sms.test_send_faults import ALINE, last_attempt, queue_receipt, the_job, the_row
-from tests.conftest import drain
+from tests.conftest import drain, early_in_window
 
 REASON = "the member paid at the office; receipt given by hand"
 
@@ -81,3 +83,46 @@ async def test_a_discarded_send_whose_last_try_was_cut_off_is_a_plain_failure(
     await admin.json("POST", f"/v1/jobs/{job.id}/discard", 200, json={"reason": REASON})
     row = await the_row(rt)
     assert (row.status, row.provider_status) == ("FAILED", None)
+
+
+async def _reply_discarded(rt: Any, demo: dict[str, Any], sim: Any, worker: Any, client: Any, text: str,
+                           message_id: str) -> None:
+    """Aline texts `text`; its reply's last try fails (an aggregator's 503), it parks, and an admin discards it."""
+    await inbound(client, ALINE, text, message_id)
+    await last_attempt(rt)
+    sim.set_failure("http503")
+    await drain(worker)
+    [job] = [job for job in await jobs_of(rt, "sms.send") if job.status == "PARKED"]
+    admin = await bearer(client, *demo["admin"])
+    await admin.json("POST", f"/v1/jobs/{job.id}/discard", 200, json={"reason": REASON})
+    sim.set_failure(None)
+    async with rt.sessionmaker() as session:
+        row = (await session.execute(select(SmsMessage).where(SmsMessage.idempotency_key == job.payload["key"]))
+               ).scalar_one()
+    assert (row.status, row.provider_status) == ("FAILED", "Skipped")
+
+
+async def test_a_discarded_reply_to_stop_gives_its_count_back_once(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any
+) -> None:
+    """Her STOP's reply, parked through an aggregator outage and discarded, never went: it uses none of her 5 replies
+    per 10 minutes (counted still, 4 of her next 6 keywords were answered), given back once (5, not 6)."""
+    await early_in_window(600, room=60)
+    await _reply_discarded(rt, demo, sim, worker, sms_client, "STOP", "at-stop")
+    for i in range(6):
+        await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"status-{i}")
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 5
+
+
+async def test_a_discarded_reply_to_a_text_not_understood_gives_the_days_help_back(
+    rt: Any, demo: dict[str, Any], sim: Any, worker: Any, sms_client: Any
+) -> None:
+    """The day's one help ("not understood, send HELP") discarded unsent: her next text not understood gets it."""
+    await _reply_discarded(rt, demo, sim, worker, sms_client, "Helo?", "in-garbled")
+    await inbound(sms_client, ALINE, "Hello??", "in-garbled-2")
+    await drain(worker)
+    assert len(sim.messages(ALINE)) == 1
+    async with rt.sessionmaker() as session:
+        assert (await session.execute(select(SmsMessage.template).where(SmsMessage.status != "FAILED"))
+                ).scalars().all() == ["unknown"]

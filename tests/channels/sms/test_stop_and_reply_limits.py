@@ -298,6 +298,29 @@ async def test_a_robot_texting_all_day_gets_20_replies_and_one_help(
     assert len(help_replies) == 1
 
 
+async def test_a_reply_the_daily_limit_refuses_uses_none_of_the_ten_minutes(
+    rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
+) -> None:
+    """Texts the daily limit refuses are counted in no window. Counted in the 10-minute one (which allowed them)
+    before the daily one refused them, they refused her next text there, which the daily limit allows: the
+    previous day's 20 replies weigh 19 until 72 minutes past midnight, 18 after."""
+    midnight = 1_799_971_200.0
+    clock["t"] = midnight
+    for i in range(20):  # the day's 20, every 24 minutes: the 10-minute limit never refuses
+        await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"day-{i}")
+        clock["t"] += 24 * 60
+    clock["t"] = midnight + 86_400 + 1
+    await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", "next-day")  # 19 + 0: allowed
+    clock["t"] = midnight + 86_400 + 4_200  # a 10-minute window's start; 19 + 1: refused
+    for i in range(5):
+        await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", f"refused-{i}")
+        clock["t"] += 5
+    assert len(await jobs_of(rt, "sms.send")) == 21
+    clock["t"] = midnight + 86_400 + 4_330  # 18 + 1: the daily limit allows one more, in the same 10 minutes
+    await inbound(sms_client, ALINE, "STATUS PAY_20260115_999999", "allowed")
+    assert len(await jobs_of(rt, "sms.send")) == 22
+
+
 async def test_the_help_refused_uses_none_of_the_numbers_other_replies(
     rt: Any, demo: dict[str, Any], sms_client: Any, clock: dict[str, float]
 ) -> None:
