@@ -256,6 +256,11 @@ class Refund(Base):
         Index("ix_refunds_completed", "completed_at"),
         # Migration 0022: a refund's callback by the provider's id, a recorded reversal's probe (core.refunds).
         Index("ix_refunds_transaction_id", "provider_transaction_id", **_where("provider_transaction_id IS NOT NULL")),
+        # Migration 0043: GET /v1/disputes?refundFailed= (admin_api.disputes), read from these instead of the table:
+        # the refunds linked to disputes, the FAILED ones' ids, and a payment's refunds that did not fail by date.
+        Index("ix_refunds_dispute_status", "dispute_id", "status", **_where("dispute_id IS NOT NULL")),
+        Index("ix_refunds_failed", "id", **_where("status = 'FAILED'")),
+        Index("ix_refunds_payment_unfailed", "payment_id", "created_at", **_where("status <> 'FAILED'")),
     )
 
     id: Mapped[str] = _id()

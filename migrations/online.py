@@ -3,11 +3,11 @@
 CREATE INDEX CONCURRENTLY on PostgreSQL, outside the migration's transaction (`migrate` runs on the live
 database; a plain build blocks every INSERT and UPDATE of the table while it runs); an INVALID leftover of an
 interrupted build is dropped and built again, a valid index of that name is kept. SQLite builds them plainly.
-Used by revisions 0004, 0010, 0011, 0013, 0014, 0017, 0018, 0020 to 0023, 0025, 0027, 0032, 0034, 0035 and 0039 (each
-keeps its own list: a revision's indexes never change once released). A partial index names its predicate in `where`
-(index name -> SQL), the same text on both databases; an index whose columns compare by another operator class on
-PostgreSQL names it in `ops` (index name -> {column: class}, text_pattern_ops for LIKE prefixes), a plain index of the
-columns on SQLite.
+Used by revisions 0004, 0010, 0011, 0013, 0014, 0017, 0018, 0020 to 0023, 0025, 0027, 0032, 0034, 0035, 0039 and
+0043 (each keeps its own list: a revision's indexes never change once released). A partial index names its predicate
+in `where` (index name -> SQL), the same text on both databases; an index whose columns compare by another operator
+class on PostgreSQL names it in `ops` (index name -> {column: class}, text_pattern_ops for LIKE prefixes), a plain
+index of the columns on SQLite.
 """
 
 from collections.abc import Mapping, Sequence
